@@ -1,0 +1,33 @@
+//! The runtime of a Ferry guest: a `#![no_std]` static ELF running in ring 3 of a
+//! Ferry microVM, talking to the host only through the ports in [`ferry_abi::port`].
+//!
+//! A workload is a `#![no_std] #![no_main]` binary that declares its main with
+//! [`entry!`]:
+//!
+//! ```ignore
+//! #![no_std]
+//! #![no_main]
+//! ferry_sdk::entry!(main);
+//! fn main(args: ferry_sdk::Args) -> i32 {
+//!     ferry_sdk::println!("hello");
+//!     0
+//! }
+//! ```
+//!
+//! The SDK provides the entry point, console output ([`print!`], [`println!`]), the
+//! guest clock ([`clock::now_ns`]), [`exit`], a global allocator over the heap the
+//! VMM describes in the boot info, a panic handler, and the `mem*` functions that a
+//! freestanding binary needs.
+#![no_std]
+
+extern crate alloc;
+
+pub mod args;
+pub mod clock;
+pub mod console;
+mod mem;
+pub mod rt;
+
+pub use args::{ArgError, Args};
+pub use ferry_abi as abi;
+pub use rt::{exit, EXIT_BAD_BOOT_INFO, EXIT_PANIC, EXIT_USAGE};
