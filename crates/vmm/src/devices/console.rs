@@ -1,0 +1,112 @@
+//! The console: bytes the guest writes to `port::CONSOLE`, echoed to a sink (stdout for
+//! `ferry run`) and kept in a bounded tail for daemons and tests.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes of console output kept in memory.
+pub const CONSOLE_TAIL_CAPACITY: usize = 64 * 1024;
+
+/// Where console output goes besides the tail.
+pub enum ConsoleSink {
+    /// Only the tail.
+    None,
+    /// Also the host's stdout, as it arrives.
+    Stdout,
+}
+
+/// Saved console state: the tail, so a restored VM's history is whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleState {
+    /// Last bytes written, at most [`CONSOLE_TAIL_CAPACITY`].
+    pub tail: Vec<u8>,
+}
+
+/// The console device.
+pub struct Console {
+    sink: ConsoleSink,
+    tail: Mutex<VecDeque<u8>>,
+}
+
+impl Console {
+    /// A console with an empty tail.
+    pub fn new(sink: ConsoleSink) -> Self {
+        Self {
+            sink,
+            tail: Mutex::new(VecDeque::with_capacity(CONSOLE_TAIL_CAPACITY)),
+        }
+    }
+
+    /// Handles guest output.
+    pub fn write(&self, bytes: &[u8]) {
+        if let ConsoleSink::Stdout = self.sink {
+            let mut out = std::io::stdout().lock();
+            // The guest must not be stopped by a closed stdout; its output is in the tail.
+            let _ = out.write_all(bytes).and_then(|()| out.flush());
+        }
+        let mut tail = self.tail.lock().expect("console lock");
+        let keep = bytes.len().min(CONSOLE_TAIL_CAPACITY);
+        let overflow = (tail.len() + keep).saturating_sub(CONSOLE_TAIL_CAPACITY);
+        tail.drain(..overflow);
+        tail.extend(&bytes[bytes.len() - keep..]);
+    }
+
+    /// The tail as (lossy) text.
+    pub fn tail_text(&self) -> String {
+        let tail = self.tail.lock().expect("console lock");
+        String::from_utf8_lossy(&tail.iter().copied().collect::<Vec<_>>()).into_owned()
+    }
+
+    /// Saves the tail.
+    pub fn save(&self) -> ConsoleState {
+        ConsoleState {
+            tail: self
+                .tail
+                .lock()
+                .expect("console lock")
+                .iter()
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// A console holding a saved tail (cut to capacity: the state came from a file).
+    pub fn restore(sink: ConsoleSink, state: &ConsoleState) -> Self {
+        let console = Self::new(sink);
+        let start = state.tail.len().saturating_sub(CONSOLE_TAIL_CAPACITY);
+        console
+            .tail
+            .lock()
+            .expect("console lock")
+            .extend(&state.tail[start..]);
+        console
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_is_bounded_and_keeps_the_newest_bytes() {
+        let console = Console::new(ConsoleSink::None);
+        console.write(&vec![b'a'; CONSOLE_TAIL_CAPACITY - 2]);
+        console.write(b"xyz");
+        let text = console.tail_text();
+        assert_eq!(text.len(), CONSOLE_TAIL_CAPACITY);
+        assert!(text.ends_with("axyz") && text.starts_with('a'));
+        console.write(&vec![b'b'; CONSOLE_TAIL_CAPACITY + 5]);
+        assert!(console.tail_text().bytes().all(|b| b == b'b'));
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        let console = Console::new(ConsoleSink::None);
+        console.write(b"hello\n");
+        let restored = Console::restore(ConsoleSink::None, &console.save());
+        assert_eq!(restored.tail_text(), "hello\n");
+    }
+}

@@ -1,0 +1,35 @@
+//! One Ferry microVM on KVM.
+//!
+//! The guest runs in 64-bit ring 3 with IOPL 3 (see `ferry_abi` for its contract); the
+//! VMM builds the page tables and descriptor tables itself and enters the guest directly,
+//! so there is no guest boot code. Ring 0 only hosts fault stubs that report to the VMM.
+//!
+//! - [`vm::Microvm`]: lifecycle (boot, run, pause, resume, save, restore, dirty log).
+//! - [`vcpu`]: the vCPU thread, its exits, and its state in KVM's save/restore order.
+//! - [`memory`]: guest RAM and exact dirty-page tracking.
+//! - [`loader`]: guest ELF checks and loading.
+//! - [`devices`]: console, clock and exit ports.
+//! - [`snapshot`]: the versioned, checksummed snapshot file.
+//! - [`arch`]: x86-64 memory map, page tables, GDT/TSS/IDT, entry registers.
+
+pub mod arch;
+pub mod devices;
+pub mod loader;
+pub mod memory;
+pub mod snapshot;
+pub mod vcpu;
+pub mod vm;
+
+pub use devices::console::ConsoleSink;
+pub use memory::DirtyPages;
+pub use vm::{Microvm, MicrovmState, RunState, VmConfig, VmExit};
+
+/// Checks that `/dev/kvm` can be opened; `Err` carries the reason it cannot.
+pub fn check_kvm() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm: {e}"))
+}

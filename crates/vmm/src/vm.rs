@@ -1,0 +1,412 @@
+//! One microVM: KVM VM, guest RAM, port devices and vCPU threads, with its lifecycle
+//! (boot, run, pause, resume, save, restore) as explicit states.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_abi::{
+    encode_args, BootInfo, ABI_VERSION, ARGS_CAPACITY, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, STACK_SIZE,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use crate::arch;
+use crate::devices::console::ConsoleSink;
+use crate::devices::{DeviceStates, PortDevices};
+use crate::loader::{load_image, LoadImageError, LoadedImage};
+use crate::memory::{
+    self, create_guest_ram, register_ram, DirtyLog, DirtyPages, GuestRam, MemoryError,
+};
+use crate::snapshot::{write_snapshot, SnapshotError, SnapshotReader, SnapshotStats};
+use crate::vcpu::{Vcpu, VcpuEvent, VcpuHandle, VcpuRunError, VcpuState, VcpuStateError};
+
+/// Least heap a guest gets; an image leaving less is refused.
+const MIN_HEAP: u64 = 1 << 20;
+
+/// The shape of a VM: what must match between a snapshot and the VM restoring it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Bytes of guest RAM.
+    pub ram_size: u64,
+    /// Number of vCPUs (1 for now).
+    pub vcpus: u8,
+}
+
+/// A whole paused VM, less its RAM: what a snapshot (and later a migration) carries.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// ABI version the guest was started with.
+    pub abi_version: u32,
+    /// VM shape.
+    pub config: VmConfig,
+    /// One state per vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// Port devices.
+    pub devices: DeviceStates,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug)]
+pub enum RunState {
+    /// vCPUs out of `KVM_RUN`, state consistent: can be saved or resumed.
+    Paused,
+    /// vCPUs running the guest.
+    Running,
+    /// The guest ended with this code.
+    Exited(i32),
+    /// The guest cannot continue.
+    Failed,
+}
+
+/// How a guest ended.
+#[derive(Debug)]
+pub enum VmExit {
+    /// The guest wrote this code to the exit port.
+    Exited(i32),
+    /// The guest faulted or KVM failed.
+    Failed(VcpuRunError),
+}
+
+/// Errors creating a VM (boot or restore).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateVmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available, and may this user read and write it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM refused to create a VM.
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// Only single-vCPU VMs exist yet.
+    #[error("{0} vCPUs requested: this version runs single-vCPU VMs only")]
+    UnsupportedVcpus(u8),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The guest image.
+    #[error(transparent)]
+    Image(#[from] LoadImageError),
+    /// Arguments too long for the boot-info page.
+    #[error("guest arguments do not fit the boot-info page ({ARGS_CAPACITY} bytes, NUL-separated) or contain a NUL byte")]
+    ArgsTooLong,
+    /// Writing the system pages or boot info failed.
+    #[error("cannot write the boot pages into guest RAM")]
+    WriteBootPages(#[source] vm_memory::GuestMemoryError),
+    /// Setting up or restoring a vCPU failed.
+    #[error("vCPU setup failed")]
+    Vcpu(#[source] VcpuStateError),
+    /// The vCPU thread could not start.
+    #[error("cannot start the vCPU thread")]
+    SpawnVcpu(#[source] std::io::Error),
+    /// The snapshot could not be read.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The snapshot's state does not describe a VM this VMM can build.
+    #[error("snapshot is incompatible: {0}")]
+    Incompatible(String),
+}
+
+/// Errors pausing, resuming or saving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmControlError {
+    /// The operation needs another run state.
+    #[error("the VM is {state:?}; {op} needs it {needs}")]
+    WrongState {
+        /// The operation.
+        op: &'static str,
+        /// Current state.
+        state: String,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// A vCPU did not cooperate.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuStateError),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Dirty-page tracking failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// A microVM on KVM.
+pub struct Microvm {
+    // Field order is drop order: vCPU threads end before the VM fd and RAM go away.
+    vcpus: Vec<VcpuHandle>,
+    devices: Arc<PortDevices>,
+    vm: VmFd,
+    memory: GuestRam,
+    config: VmConfig,
+    state: RunState,
+    exit: Option<VmExit>,
+}
+
+/// The boot-info page as guest memory sees it.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct BootInfoPage(BootInfo);
+
+// SAFETY: BootInfo is repr(C) with only integer fields and no padding (the abi crate
+// asserts it is exactly one page), so every byte pattern is a valid value.
+unsafe impl ByteValued for BootInfoPage {}
+
+impl Default for BootInfoPage {
+    fn default() -> Self {
+        Self(BootInfo {
+            magic: 0,
+            abi_version: 0,
+            argc: 0,
+            ram_size: 0,
+            heap_start: 0,
+            heap_end: 0,
+            stack_top: 0,
+            accel_ring: 0,
+            args_len: 0,
+            reserved: 0,
+            args: [0; ARGS_CAPACITY],
+        })
+    }
+}
+
+fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmError> {
+    if config.vcpus != 1 {
+        return Err(CreateVmError::UnsupportedVcpus(config.vcpus));
+    }
+    memory::validate_ram_size(config.ram_size)?;
+    let kvm = Kvm::new().map_err(CreateVmError::OpenKvm)?;
+    let vm = kvm.create_vm().map_err(CreateVmError::CreateVm)?;
+    let memory = create_guest_ram(config.ram_size)?;
+    register_ram(&vm, &memory, false)?;
+    Ok((Arc::new(kvm), vm, memory))
+}
+
+impl Microvm {
+    /// Builds a VM running `image` with `args`, paused before its first instruction.
+    pub fn boot(
+        config: VmConfig,
+        image: &[u8],
+        args: &[String],
+        sink: ConsoleSink,
+    ) -> Result<Self, CreateVmError> {
+        let (kvm, vm, memory) = open_vm(&config)?;
+        let stack_top = config.ram_size;
+        let heap_end = stack_top - STACK_SIZE;
+        let LoadedImage { entry, end } = load_image(&memory, image, heap_end - MIN_HEAP)?;
+
+        let mut boot = BootInfoPage::default();
+        let (argc, args_len) = encode_args(args.iter().map(String::as_str), &mut boot.0.args)
+            .ok_or(CreateVmError::ArgsTooLong)?;
+        boot.0.magic = BOOT_INFO_MAGIC;
+        boot.0.abi_version = ABI_VERSION;
+        boot.0.argc = argc;
+        boot.0.args_len = args_len;
+        boot.0.ram_size = config.ram_size;
+        boot.0.heap_start = end;
+        boot.0.heap_end = heap_end;
+        boot.0.stack_top = stack_top;
+        arch::write_system_pages(&memory, config.ram_size)
+            .map_err(CreateVmError::WriteBootPages)?;
+        memory
+            .write_obj(boot, GuestAddress(BOOT_INFO_ADDR))
+            .map_err(CreateVmError::WriteBootPages)?;
+
+        let devices = Arc::new(PortDevices::new(sink, usize::from(config.vcpus)));
+        let vcpu =
+            Vcpu::new(&vm, 0, devices.clone(), memory.clone()).map_err(CreateVmError::Vcpu)?;
+        vcpu.configure_entry(&kvm, entry, stack_top)
+            .map_err(CreateVmError::Vcpu)?;
+        let handle = VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?;
+        Ok(Self {
+            vcpus: vec![handle],
+            devices,
+            vm,
+            memory,
+            config,
+            state: RunState::Paused,
+            exit: None,
+        })
+    }
+
+    /// Rebuilds a VM from a snapshot file, paused. Every check (format, checksum, sizes,
+    /// KVM accepting the vCPU state) happens before the VM can run.
+    pub fn restore(path: &Path, sink: ConsoleSink) -> Result<(Self, SnapshotStats), CreateVmError> {
+        let (reader, state): (_, MicrovmState) = SnapshotReader::open(path)?;
+        if state.abi_version != ABI_VERSION {
+            return Err(CreateVmError::Incompatible(format!(
+                "guest ABI version {} (this ferry runs version {ABI_VERSION})",
+                state.abi_version
+            )));
+        }
+        if state.config.ram_size != reader.ram_size()
+            || state.vcpus.len() != usize::from(state.config.vcpus)
+        {
+            return Err(CreateVmError::Incompatible(
+                "VM state disagrees with the file header".into(),
+            ));
+        }
+        let config = state.config;
+        let (kvm, vm, memory) = open_vm(&config)?;
+        let stats = reader.read_memory_into(&memory)?;
+        let devices = Arc::new(PortDevices::restore(sink, &state.devices));
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+            let vcpu = Vcpu::new(&vm, index, devices.clone(), memory.clone())
+                .map_err(CreateVmError::Vcpu)?;
+            vcpu.restore_state(&kvm, vcpu_state)
+                .map_err(CreateVmError::Vcpu)?;
+            vcpus.push(VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?);
+        }
+        let vm = Self {
+            vcpus,
+            devices,
+            vm,
+            memory,
+            config,
+            state: RunState::Paused,
+            exit: None,
+        };
+        Ok((vm, stats))
+    }
+
+    /// The VM's shape.
+    pub fn config(&self) -> VmConfig {
+        self.config
+    }
+
+    /// Guest RAM (writes through it are tracked as dirty).
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    /// Current run state.
+    pub fn run_state(&self) -> &RunState {
+        &self.state
+    }
+
+    /// Console output kept so far (the last 64 KiB).
+    pub fn console_tail(&self) -> String {
+        self.devices.console.tail_text()
+    }
+
+    /// Guest clock now, in ns.
+    pub fn guest_time_ns(&self) -> u64 {
+        self.devices.clock.now_ns()
+    }
+
+    fn wrong_state(&self, op: &'static str, needs: &'static str) -> VmControlError {
+        VmControlError::WrongState {
+            op,
+            state: format!("{:?}", self.state),
+            needs,
+        }
+    }
+
+    /// Runs a paused VM.
+    pub fn resume(&mut self) -> Result<(), VmControlError> {
+        if !matches!(self.state, RunState::Paused) {
+            return Err(self.wrong_state("resume", "paused"));
+        }
+        self.devices.clock.start();
+        for vcpu in &self.vcpus {
+            vcpu.resume()?;
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Pauses a running VM at whatever instruction it is on; returns how long the vCPUs
+    /// took to stop. If the guest ended meanwhile, the VM is `Exited`/`Failed` instead.
+    pub fn pause(&mut self) -> Result<Duration, VmControlError> {
+        if !matches!(self.state, RunState::Running) {
+            return Err(self.wrong_state("pause", "running"));
+        }
+        let started = Instant::now();
+        for vcpu in &self.vcpus {
+            match vcpu.pause()? {
+                VcpuEvent::Paused => {}
+                event => {
+                    self.record_end(event);
+                    return Err(self.wrong_state("pause", "running"));
+                }
+            }
+        }
+        let took = started.elapsed();
+        self.devices.clock.stop();
+        self.state = RunState::Paused;
+        Ok(took)
+    }
+
+    fn record_end(&mut self, event: VcpuEvent) {
+        self.devices.clock.stop();
+        let exit = match event {
+            VcpuEvent::Exited(code) => VmExit::Exited(code),
+            VcpuEvent::Failed(e) => VmExit::Failed(e),
+            other => unreachable!("not an end event: {other:?}"),
+        };
+        self.state = match exit {
+            VmExit::Exited(code) => RunState::Exited(code),
+            VmExit::Failed(_) => RunState::Failed,
+        };
+        self.exit = Some(exit);
+    }
+
+    /// Waits until the guest ends, at most `timeout` (`None`: forever). Returns how it
+    /// ended, or `None` if it is still running at the timeout.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Option<VmExit> {
+        if let Some(exit) = self.exit.take() {
+            return Some(exit);
+        }
+        if !matches!(self.state, RunState::Running) {
+            return None;
+        }
+        let event = self.vcpus[0].wait_end(timeout)?;
+        self.record_end(event);
+        self.exit.take()
+    }
+
+    /// The complete state of a paused VM, less RAM.
+    pub fn save_state(&self) -> Result<MicrovmState, VmControlError> {
+        if !matches!(self.state, RunState::Paused) {
+            return Err(self.wrong_state("save", "paused"));
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<_, _>>()?;
+        Ok(MicrovmState {
+            abi_version: ABI_VERSION,
+            config: self.config,
+            vcpus,
+            devices: self.devices.save(),
+        })
+    }
+
+    /// Saves a paused VM to a snapshot file.
+    pub fn save(&self, path: &Path) -> Result<SnapshotStats, VmControlError> {
+        let state = self.save_state()?;
+        Ok(write_snapshot(path, &state, &self.memory)?)
+    }
+
+    /// Dirty-page tracking of guest RAM (guest writes and VMM/device writes).
+    pub fn dirty_log(&self) -> DirtyLog<'_> {
+        DirtyLog::new(&self.vm, &self.memory)
+    }
+
+    /// Starts dirty-page tracking.
+    pub fn start_dirty_log(&self) -> Result<(), VmControlError> {
+        Ok(self.dirty_log().start()?)
+    }
+
+    /// Stops dirty-page tracking.
+    pub fn stop_dirty_log(&self) -> Result<(), VmControlError> {
+        Ok(self.dirty_log().stop()?)
+    }
+
+    /// Pages written since the last take (or since tracking started), and clears them.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmControlError> {
+        Ok(self.dirty_log().take()?)
+    }
+}
