@@ -1,0 +1,4 @@
+//! The subcommands.
+
+pub mod bench;
+pub mod run;

@@ -1,0 +1,106 @@
+//! `ferry run`, `ferry restore`, `ferry workloads`: one VM in the foreground.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_vmm::snapshot::SNAPSHOT_FILE;
+use ferry_vmm::{ConsoleSink, Microvm, VmConfig, VmExit};
+
+use crate::{RestoreArgs, RunArgs, EXIT_VM_FAILED};
+
+/// The ELF for `workload`: a built-in name, or a path (anything with a `/` or naming a file).
+pub fn resolve_image(workload: &str) -> anyhow::Result<Cow<'static, [u8]>> {
+    if let Some(image) = ferry_guest_images::find(workload) {
+        return Ok(Cow::Borrowed(image.elf));
+    }
+    let path = Path::new(workload);
+    if workload.contains('/') || path.exists() {
+        let elf =
+            std::fs::read(path).with_context(|| format!("cannot read guest image {workload}"))?;
+        return Ok(Cow::Owned(elf));
+    }
+    let names: Vec<&str> = ferry_guest_images::all().iter().map(|i| i.name).collect();
+    bail!(
+        "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
+        names.join(", ")
+    )
+}
+
+/// Turns how the guest ended into ferry's exit code.
+pub fn exit_code(exit: VmExit) -> ExitCode {
+    match exit {
+        VmExit::Exited(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
+        VmExit::Failed(e) => {
+            eprintln!("ferry: the VM failed: {e}");
+            ExitCode::from(EXIT_VM_FAILED)
+        }
+    }
+}
+
+fn wait_to_end(mut vm: Microvm) -> anyhow::Result<ExitCode> {
+    let exit = vm.wait(None).context("the VM is not running")?;
+    Ok(exit_code(exit))
+}
+
+/// `ferry run`.
+pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let image = resolve_image(&args.workload)?;
+    let config = VmConfig {
+        ram_size: args.memory,
+        vcpus: 1,
+    };
+    let mut vm = Microvm::boot(config, &image, &args.guest_args, ConsoleSink::Stdout)
+        .with_context(|| format!("cannot start a VM for {}", args.workload))?;
+    vm.resume()?;
+    let (Some(at_ms), Some(dir)) = (args.snapshot_at_ms, &args.snapshot_dir) else {
+        return wait_to_end(vm);
+    };
+    if let Some(exit) = vm.wait(Some(Duration::from_millis(at_ms))) {
+        let code = exit_code(exit);
+        bail!("the guest ended before the snapshot point ({at_ms} ms, exit {code:?}); no snapshot was written");
+    }
+    vm.pause().context("cannot pause the VM for the snapshot")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(SNAPSHOT_FILE);
+    let started = Instant::now();
+    let stats = vm.save(&path).context("cannot save the snapshot")?;
+    eprintln!(
+        "ferry: VM paused at {:.1} ms of guest time and saved to {} ({} MiB RAM, {:.1} MiB stored, {} ms); continue it with: ferry restore {}",
+        vm.guest_time_ns() as f64 / 1e6,
+        path.display(),
+        stats.ram_bytes >> 20,
+        stats.file_bytes as f64 / f64::from(1 << 20),
+        started.elapsed().as_millis(),
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The snapshot file named by a `ferry restore` argument: a directory or the file itself.
+fn snapshot_path(arg: &Path) -> PathBuf {
+    if arg.is_dir() {
+        arg.join(SNAPSHOT_FILE)
+    } else {
+        arg.to_owned()
+    }
+}
+
+/// `ferry restore`.
+pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let (mut vm, _) = Microvm::restore(&snapshot_path(&args.dir), ConsoleSink::Stdout)
+        .context("cannot restore the VM")?;
+    vm.resume()?;
+    wait_to_end(vm)
+}
+
+/// `ferry workloads`.
+pub fn list_workloads() -> anyhow::Result<ExitCode> {
+    for image in ferry_guest_images::all() {
+        let kind = if image.test_only { " (test guest)" } else { "" };
+        println!("{:<12} {}{kind}", image.name, image.summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,96 @@
+//! `ferry`: run, snapshot and (later) live-migrate AI virtual machines.
+
+mod cmd;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code when ferry itself fails (bad snapshot, no KVM, ...).
+const EXIT_FERRY_ERROR: u8 = 1;
+/// Exit code when the guest faulted or the VM could not continue.
+pub const EXIT_VM_FAILED: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of AI virtual machines",
+    long_about = "Ferry runs guest workloads in microVMs on KVM and moves them between hosts \
+                  while they run.\n\nExit codes: the guest's own exit code when a VM runs to \
+                  completion; 125 when the guest faulted; 1 when ferry itself failed; 2 for \
+                  usage errors.",
+    after_help = "Logging: set RUST_LOG (e.g. RUST_LOG=debug) for diagnostics on stderr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest workload in a microVM, in the foreground, until it exits.
+    Run(RunArgs),
+    /// Continue a VM from a snapshot directory until it exits.
+    Restore(RestoreArgs),
+    /// List the guest workloads built into this binary.
+    Workloads,
+    /// Measure the microVM: guest speed, start-up, pause latency, snapshot throughput.
+    Bench(cmd::bench::BenchArgs),
+}
+
+/// `ferry run`.
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  ferry run hello -- one two\n  ferry run memtouch -- --mib 64 --passes 4\n  \
+                        ferry run memtouch --snapshot-at-ms 300 --snapshot-dir /tmp/snap -- --passes 50\n  \
+                        ferry restore /tmp/snap"
+)]
+pub struct RunArgs {
+    /// A built-in workload name (see `ferry workloads`) or the path of a guest ELF.
+    pub workload: String,
+    /// Guest RAM: a multiple of 2 MiB, 16M to 64G.
+    #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_size)]
+    pub memory: u64,
+    /// Pause the VM this many ms after it starts, save it to --snapshot-dir, and stop.
+    #[arg(long, value_name = "MS", requires = "snapshot_dir")]
+    pub snapshot_at_ms: Option<u64>,
+    /// Directory for the snapshot (created if missing).
+    #[arg(long, value_name = "DIR", requires = "snapshot_at_ms")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Arguments passed to the guest (after `--`).
+    #[arg(last = true, value_name = "GUEST_ARGS")]
+    pub guest_args: Vec<String>,
+}
+
+/// `ferry restore`.
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Snapshot directory written by `ferry run --snapshot-at-ms`.
+    pub dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => cmd::run::run(&args),
+        Command::Restore(args) => cmd::run::restore(&args),
+        Command::Workloads => cmd::run::list_workloads(),
+        Command::Bench(args) => cmd::bench::bench(&args).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::from(EXIT_FERRY_ERROR)
+        }
+    }
+}
