@@ -20,6 +20,11 @@ const IMAGES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "calibrate",
+        "times the shared compute and memory loops `ferry bench vm` compares with the host",
+        true,
+    ),
+    (
         "faults",
         "faults on purpose: unmapped | null | invalid-opcode | divide-by-zero | panic",
         true,

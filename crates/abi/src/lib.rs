@@ -205,3 +205,34 @@ mod tests {
         assert!(info.args().is_none());
     }
 }
+
+/// The loops `ferry bench vm` runs both inside a guest (ring 3) and on the host, to
+/// measure how fast guest code runs. They live here so both sides compile the same code.
+pub mod calibration {
+    /// An integer-compute loop (xorshift and multiply chains); returns a value that
+    /// depends on every iteration so it cannot be optimised away.
+    pub fn compute(iterations: u64) -> u64 {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut acc = 0u64;
+        for i in 0..iterations {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            acc = acc.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(x ^ i);
+        }
+        acc
+    }
+
+    /// A memory-streaming loop: `passes` read-modify-write sweeps over `words`; returns a
+    /// fold of the result.
+    pub fn memory(words: &mut [u64], passes: u32) -> u64 {
+        for pass in 0..u64::from(passes) {
+            for (i, w) in words.iter_mut().enumerate() {
+                *w = w
+                    .wrapping_mul(0x5851_f42d_4c95_7f2d)
+                    .wrapping_add(i as u64 ^ pass);
+            }
+        }
+        words.iter().fold(0, |h, &w| h.rotate_left(5) ^ w)
+    }
+}

@@ -1,18 +1,302 @@
-//! `ferry bench`: measurements that print figures.
+//! `ferry bench`: measurements that print figures (never pass/fail timings).
 
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
 use clap::Args;
+use ferry_abi::calibration;
+use ferry_vmm::{ConsoleSink, Microvm, VmConfig, VmExit};
+use serde::Serialize;
 
 /// `ferry bench`.
 #[derive(Args)]
+#[command(
+    after_help = "Build with --release for meaningful host-side figures:\n  cargo run --release -- bench vm"
+)]
 pub struct BenchArgs {
-    /// What to measure: `vm` (guest speed, start-up, pause latency, snapshot throughput).
+    /// What to measure: `vm` (guest speed vs host, start-up, pause latency, snapshot
+    /// save/restore throughput of a 1 GiB guest).
     pub what: String,
-    /// Print one JSON object per figure instead of a table.
+    /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Guest RAM for the snapshot figures.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::size::parse_size)]
+    pub snapshot_memory: u64,
+}
+
+/// One measured figure.
+#[derive(Serialize)]
+struct Figure {
+    bench: &'static str,
+    figure: &'static str,
+    value: f64,
+    unit: &'static str,
+    detail: String,
 }
 
 /// Runs a benchmark.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("unknown benchmark '{}' (available: vm)", args.what)
+    match args.what.as_str() {
+        "vm" => bench_vm(args),
+        other => bail!("unknown benchmark '{other}' (available: vm)"),
+    }
+}
+
+fn print(figure: &Figure, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(figure)?);
+    } else {
+        println!(
+            "{:<28} {:>12.3} {:<10} {}",
+            figure.figure, figure.value, figure.unit, figure.detail
+        );
+    }
+    Ok(())
+}
+
+fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {
+    ferry_vmm::check_kvm().map_err(anyhow::Error::msg)?;
+    if cfg!(debug_assertions) {
+        eprintln!("ferry: warning: this is a debug build; host-side figures are not meaningful (use --release)");
+    }
+    if !args.json {
+        println!("{:<28} {:>12} {:<10} detail", "figure", "value", "unit");
+    }
+    let mut emit = |figure: Figure| print(&figure, args.json);
+    guest_speed(&mut emit)?;
+    startup(&mut emit)?;
+    pause_latency(&mut emit)?;
+    snapshot_throughput(args.snapshot_memory, &mut emit)
+}
+
+type Emit<'a> = dyn FnMut(Figure) -> anyhow::Result<()> + 'a;
+
+fn figure(figure: &'static str, value: f64, unit: &'static str, detail: String) -> Figure {
+    Figure {
+        bench: "vm",
+        figure,
+        value,
+        unit,
+        detail,
+    }
+}
+
+/// Boots `name` with `args` in a VM of `ram_size`, running, console kept in memory.
+fn start(name: &str, args: &[&str], ram_size: u64) -> anyhow::Result<Microvm> {
+    let image =
+        ferry_guest_images::find(name).with_context(|| format!("no built-in guest {name}"))?;
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut vm = Microvm::boot(
+        VmConfig { ram_size, vcpus: 1 },
+        image.elf,
+        &args,
+        ConsoleSink::None,
+    )?;
+    vm.resume()?;
+    Ok(vm)
+}
+
+fn run_to_end(name: &str, args: &[&str], ram_size: u64) -> anyhow::Result<String> {
+    let mut vm = start(name, args, ram_size)?;
+    match vm.wait(Some(Duration::from_secs(300))) {
+        Some(VmExit::Exited(0)) => Ok(vm.console_tail()),
+        Some(VmExit::Exited(code)) => bail!("{name} exited with {code}: {}", vm.console_tail()),
+        Some(VmExit::Failed(e)) => Err(e).context(format!("{name} failed")),
+        None => bail!("{name} did not finish in 300 s"),
+    }
+}
+
+/// `key=value` from the console line starting with `prefix`.
+fn field(console: &str, prefix: &str, key: &str) -> anyhow::Result<String> {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .with_context(|| format!("no '{prefix}' line in {console}"))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+        .with_context(|| format!("no {key}= in '{line}'"))
+}
+
+fn guest_speed(emit: &mut Emit) -> anyhow::Result<()> {
+    const ITERATIONS: u64 = 200_000_000;
+    const MIB: usize = 64;
+    const PASSES: u32 = 10;
+    let console = run_to_end(
+        "calibrate",
+        &[
+            "--iterations",
+            &ITERATIONS.to_string(),
+            "--mib",
+            &MIB.to_string(),
+            "--passes",
+            &PASSES.to_string(),
+        ],
+        256 << 20,
+    )?;
+
+    let started = Instant::now();
+    let host_compute = calibration::compute(black_box(ITERATIONS));
+    let host_compute_ns = started.elapsed().as_nanos() as f64;
+    let mut words = vec![1u64; MIB << 17];
+    let started = Instant::now();
+    let host_memory = calibration::memory(black_box(&mut words), PASSES);
+    let host_memory_ns = started.elapsed().as_nanos() as f64;
+
+    for (loop_name, host_ns, host_result) in [
+        ("compute", host_compute_ns, host_compute),
+        ("memory", host_memory_ns, host_memory),
+    ] {
+        let guest_ns: f64 = field(&console, loop_name, "ns")?.parse()?;
+        let guest_result = field(&console, loop_name, "result")?;
+        ensure!(
+            guest_result == format!("{host_result:016x}"),
+            "the {loop_name} loop gave {guest_result} in the guest and {host_result:016x} on the host"
+        );
+        let name = if loop_name == "compute" {
+            "guest_compute_speed"
+        } else {
+            "guest_memory_speed"
+        };
+        emit(figure(
+            name,
+            host_ns / guest_ns,
+            "x host",
+            format!(
+                "same {loop_name} loop: guest {:.1} ms, host {:.1} ms",
+                guest_ns / 1e6,
+                host_ns / 1e6
+            ),
+        ))?;
+    }
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn startup(emit: &mut Emit) -> anyhow::Result<()> {
+    let image = ferry_guest_images::find("hello").context("no hello guest")?;
+    let mut boot_ms = Vec::new();
+    let mut total_ms = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        let mut vm = Microvm::boot(
+            VmConfig {
+                ram_size: 256 << 20,
+                vcpus: 1,
+            },
+            image.elf,
+            &[],
+            ConsoleSink::None,
+        )?;
+        boot_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        vm.resume()?;
+        let exit = vm.wait(Some(Duration::from_secs(30)));
+        ensure!(
+            matches!(exit, Some(VmExit::Exited(0))),
+            "hello did not exit cleanly: {exit:?}"
+        );
+        total_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    emit(figure(
+        "vm_boot",
+        median(&mut boot_ms),
+        "ms",
+        "median of 10: KVM VM, 256 MiB RAM, ELF load, vCPU setup".into(),
+    ))?;
+    emit(figure(
+        "vm_start_to_exit",
+        median(&mut total_ms),
+        "ms",
+        "median of 10: boot + run `hello` to its exit".into(),
+    ))
+}
+
+fn pause_latency(emit: &mut Emit) -> anyhow::Result<()> {
+    let mut vm = start("memtouch", &["--mib", "64", "--seconds", "600"], 256 << 20)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let mut micros = Vec::new();
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(2));
+        micros.push(vm.pause()?.as_secs_f64() * 1e6);
+        vm.resume()?;
+    }
+    let p99 = {
+        micros.sort_by(f64::total_cmp);
+        micros[micros.len() * 99 / 100]
+    };
+    let max = micros[micros.len() - 1];
+    emit(figure(
+        "pause_latency_median",
+        median(&mut micros),
+        "us",
+        "200 pauses of a running memtouch (kick out of KVM_RUN)".into(),
+    ))?;
+    emit(figure(
+        "pause_latency_p99",
+        p99,
+        "us",
+        format!("max {max:.0} us"),
+    ))
+}
+
+fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
+    let gib = ram_size as f64 / f64::from(1 << 30);
+    let working_mib = (ram_size >> 20).saturating_sub(64).max(8);
+    let mut vm = start(
+        "memtouch",
+        &["--mib", &working_mib.to_string(), "--seconds", "600"],
+        ram_size,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !vm.console_tail().contains("memtouch: seed=") {
+        ensure!(
+            Instant::now() < deadline,
+            "memtouch did not fill its working set: {}",
+            vm.console_tail()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.pause()?;
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(ferry_vmm::snapshot::SNAPSHOT_FILE);
+    let started = Instant::now();
+    let saved = vm.save(&path)?;
+    let save_s = started.elapsed().as_secs_f64();
+    drop(vm);
+
+    let started = Instant::now();
+    let (mut restored, _) = Microvm::restore(&path, ConsoleSink::None)?;
+    let restore_s = started.elapsed().as_secs_f64();
+    restored.resume()?;
+    let still_running = restored.wait(Some(Duration::from_millis(100))).is_none();
+    drop(restored);
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(still_running, "the restored VM stopped");
+
+    let stored_mib = saved.file_bytes as f64 / f64::from(1 << 20);
+    emit(figure(
+        "snapshot_save",
+        gib / save_s,
+        "GiB/s",
+        format!(
+            "{gib:.2} GiB guest, {stored_mib:.0} MiB non-zero, {:.0} ms incl. fsync",
+            save_s * 1e3
+        ),
+    ))?;
+    emit(figure(
+        "snapshot_restore",
+        gib / restore_s,
+        "GiB/s",
+        format!(
+            "{gib:.2} GiB guest, {:.0} ms: read, CRC check, RAM fill, vCPU restore",
+            restore_s * 1e3
+        ),
+    ))
 }

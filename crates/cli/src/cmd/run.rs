@@ -59,8 +59,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return wait_to_end(vm);
     };
     if let Some(exit) = vm.wait(Some(Duration::from_millis(at_ms))) {
-        let code = exit_code(exit);
-        bail!("the guest ended before the snapshot point ({at_ms} ms, exit {code:?}); no snapshot was written");
+        let how = match exit {
+            VmExit::Exited(code) => format!("exited with code {code}"),
+            VmExit::Failed(e) => format!("failed: {e}"),
+        };
+        bail!("the guest {how} before the snapshot point ({at_ms} ms); no snapshot was written");
     }
     vm.pause().context("cannot pause the VM for the snapshot")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

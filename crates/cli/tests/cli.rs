@@ -1,0 +1,157 @@
+//! The `ferry` binary as a user runs it: exit codes, messages, snapshot and restore.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .expect("run ferry")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn kvm_available(test: &str) -> bool {
+    match ferry_vmm::check_kvm() {
+        Ok(()) => true,
+        Err(reason) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {test}: KVM is not usable here ({reason}) ***\n"
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn usage_errors_are_clear_without_kvm() {
+    let out = ferry(&["run", "no-such-workload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no workload named 'no-such-workload'") && err.contains("memtouch"),
+        "{err}"
+    );
+
+    let out = ferry(&["run", "hello", "--memory", "3M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("must be a multiple of 2 MiB"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = ferry(&["run", "hello", "--snapshot-at-ms", "5"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--snapshot-at-ms needs --snapshot-dir"
+    );
+
+    let out = ferry(&["restore", "/nonexistent/ferry-snapshot"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("No such file"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = ferry(&["run", "--help"]);
+    assert!(text(&out.stdout).contains("--snapshot-at-ms"));
+}
+
+#[test]
+fn guest_exit_code_and_faults_reach_the_shell() {
+    if !kvm_available("guest_exit_code_and_faults_reach_the_shell") {
+        return;
+    }
+    let out = ferry(&["run", "hello", "--", "first", "--exit-code", "3"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stdout).contains("arg[0]=first"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = ferry(&["run", "faults", "--", "invalid-opcode"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("#UD invalid opcode (vector 6"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn checksum(out: &Output) -> String {
+    let stdout = text(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("checksum="))
+        .unwrap_or_else(|| panic!("no checksum in {stdout}\nstderr: {}", text(&out.stderr)))
+        .to_string()
+}
+
+#[test]
+fn run_snapshot_then_restore_prints_the_same_checksum() {
+    if !kvm_available("run_snapshot_then_restore_prints_the_same_checksum") {
+        return;
+    }
+    let guest = ["--", "--mib", "16", "--passes", "150", "--seed", "9"];
+    let straight = ferry(&[&["run", "memtouch"][..], &guest].concat());
+    assert_eq!(straight.status.code(), Some(0));
+
+    let dir = std::env::temp_dir().join(format!("ferry-cli-snap-{}", std::process::id()));
+    let dir_arg = dir.to_str().unwrap();
+    let snap = ferry(
+        &[
+            &[
+                "run",
+                "memtouch",
+                "--snapshot-at-ms",
+                "60",
+                "--snapshot-dir",
+                dir_arg,
+            ][..],
+            &guest,
+        ]
+        .concat(),
+    );
+    assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
+    assert!(
+        !text(&snap.stdout).contains("checksum="),
+        "snapshot came after the end"
+    );
+    assert!(
+        text(&snap.stderr).contains("ferry restore"),
+        "{}",
+        text(&snap.stderr)
+    );
+
+    let restored = ferry(&["restore", dir_arg]);
+    assert_eq!(
+        restored.status.code(),
+        Some(0),
+        "{}",
+        text(&restored.stderr)
+    );
+    assert_eq!(checksum(&restored), checksum(&straight));
+
+    // A damaged snapshot is refused with the reason and a non-zero exit.
+    let file = dir.join("vm.snap");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let bad = ferry(&["restore", dir_arg]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("checksum mismatch"),
+        "{}",
+        text(&bad.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,330 @@
+//! End-to-end tests of the microVM on real KVM, with the built-in guests.
+//!
+//! Each test returns early when `/dev/kvm` cannot be opened, after writing the reason
+//! straight to stderr (not through the captured `eprintln!`), so a machine without KVM
+//! shows it in the test output instead of passing silently.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_vmm::vcpu::VcpuRunError;
+use ferry_vmm::vm::CreateVmError;
+use ferry_vmm::{ConsoleSink, Microvm, VmConfig, VmExit};
+use vm_memory::{Bytes, GuestAddress};
+
+const CONFIG: VmConfig = VmConfig {
+    ram_size: 128 << 20,
+    vcpus: 1,
+};
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn kvm_available(test: &str) -> bool {
+    match ferry_vmm::check_kvm() {
+        Ok(()) => true,
+        Err(reason) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {test}: KVM is not usable here ({reason}) ***\n"
+            );
+            false
+        }
+    }
+}
+
+fn image(name: &str) -> &'static [u8] {
+    ferry_guest_images::find(name)
+        .unwrap_or_else(|| panic!("no built-in guest {name}"))
+        .elf
+}
+
+fn boot(name: &str, args: &[&str]) -> Microvm {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut vm = Microvm::boot(CONFIG, image(name), &args, ConsoleSink::None).expect("boot");
+    vm.resume().expect("resume");
+    vm
+}
+
+fn run_to_end(name: &str, args: &[&str]) -> (VmExit, String) {
+    let mut vm = boot(name, args);
+    let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end in time");
+    (exit, vm.console_tail())
+}
+
+fn checksum(console: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("checksum="))
+        .unwrap_or_else(|| panic!("no checksum line in:\n{console}"))
+        .to_string()
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-vmm-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn hello_prints_its_arguments_and_exit_code() {
+    if !kvm_available("hello_prints_its_arguments_and_exit_code") {
+        return;
+    }
+    let (exit, console) = run_to_end("hello", &["alpha", "two words", "--exit-code", "7"]);
+    assert!(matches!(exit, VmExit::Exited(7)), "{exit:?}");
+    assert!(console.contains("hello from a ferry guest"), "{console}");
+    assert!(
+        console.contains("arg[0]=alpha\narg[1]=two words\n"),
+        "{console}"
+    );
+}
+
+fn expect_fault(mode: &str, vector: u64, needle: &str) {
+    let (exit, _) = run_to_end("faults", &[mode]);
+    let VmExit::Failed(VcpuRunError::GuestFault(report)) = exit else {
+        panic!("{mode}: expected a guest fault, got {exit:?}");
+    };
+    assert_eq!(report.frame.vector, vector, "{mode}");
+    assert_eq!(
+        report.frame.cs & 3,
+        3,
+        "{mode}: the fault is the workload's, in ring 3"
+    );
+    let text = VcpuRunError::GuestFault(report).to_string();
+    assert!(
+        text.contains(needle) && text.contains("rip 0x") && text.contains("rax="),
+        "{mode}: {text}"
+    );
+}
+
+#[test]
+fn faulting_guests_stop_with_a_report_and_the_host_stays_sound() {
+    if !kvm_available("faulting_guests_stop_with_a_report_and_the_host_stays_sound") {
+        return;
+    }
+    expect_fault(
+        "unmapped",
+        14,
+        "read of address 0x4000000000: page not mapped",
+    );
+    expect_fault("null", 14, "read of address 0x0: page not mapped");
+    expect_fault("invalid-opcode", 6, "#UD invalid opcode");
+    expect_fault("divide-by-zero", 0, "#DE divide error");
+
+    let (exit, console) = run_to_end("faults", &["panic"]);
+    assert!(matches!(exit, VmExit::Exited(101)), "{exit:?}");
+    assert!(
+        console.contains("panicked at") && console.contains("deliberate panic"),
+        "{console}"
+    );
+
+    // The same process still runs VMs normally afterwards.
+    let (exit, _) = run_to_end("hello", &[]);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
+}
+
+const MEMTOUCH: [&str; 6] = ["--mib", "24", "--passes", "120", "--seed", "42"];
+
+/// Runs memtouch, snapshots it `at` after start, restores it in a new VM and returns the
+/// checksum the restored VM prints.
+fn snapshot_and_restore(at: Duration, file: &str) -> String {
+    let mut vm = boot("memtouch", &MEMTOUCH);
+    std::thread::sleep(at);
+    vm.pause()
+        .expect("the guest must still be running at the snapshot point");
+    assert!(
+        !vm.console_tail().contains("checksum="),
+        "snapshot taken after the end"
+    );
+    let saved_at = vm.guest_time_ns();
+    let path = temp_path(file);
+    vm.save(&path).expect("save");
+    drop(vm);
+
+    let (mut restored, stats) = Microvm::restore(&path, ConsoleSink::None).expect("restore");
+    assert!(stats.pages_stored > 0);
+    assert_eq!(
+        restored.guest_time_ns(),
+        saved_at,
+        "the clock continues from the save"
+    );
+    restored.resume().unwrap();
+    let exit = restored
+        .wait(Some(TIMEOUT))
+        .expect("restored guest did not end");
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
+    assert!(
+        restored.guest_time_ns() >= saved_at,
+        "the guest clock went backwards"
+    );
+    std::fs::remove_file(&path).unwrap();
+    checksum(&restored.console_tail())
+}
+
+#[test]
+fn memtouch_snapshotted_and_restored_matches_a_straight_run() {
+    if !kvm_available("memtouch_snapshotted_and_restored_matches_a_straight_run") {
+        return;
+    }
+    let (exit, console) = run_to_end("memtouch", &MEMTOUCH);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
+    let straight = checksum(&console);
+    for (i, ms) in [0u64, 15, 80, 200].into_iter().enumerate() {
+        let restored = snapshot_and_restore(Duration::from_millis(ms), &format!("equiv-{i}.snap"));
+        assert_eq!(restored, straight, "snapshot at {ms} ms");
+    }
+}
+
+#[test]
+fn pausing_and_resuming_repeatedly_changes_nothing() {
+    if !kvm_available("pausing_and_resuming_repeatedly_changes_nothing") {
+        return;
+    }
+    let (_, console) = run_to_end("memtouch", &MEMTOUCH);
+    let straight = checksum(&console);
+    let mut vm = boot("memtouch", &MEMTOUCH);
+    let mut pauses = 0;
+    while pauses < 50 {
+        std::thread::sleep(Duration::from_millis(2));
+        if vm.pause().is_err() {
+            break; // the guest ended between two pauses
+        }
+        pauses += 1;
+        vm.resume().unwrap();
+    }
+    assert!(
+        pauses > 5,
+        "only {pauses} pauses landed while the guest ran"
+    );
+    let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end");
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
+    assert_eq!(checksum(&vm.console_tail()), straight);
+}
+
+/// Polls the console until a line starting with `prefix` appears.
+fn wait_for_line(vm: &Microvm, prefix: &str) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(line) = vm.console_tail().lines().find(|l| l.starts_with(prefix)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no '{prefix}' line: {}",
+            vm.console_tail()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn addresses(line: &str) -> Vec<u64> {
+    line.split_whitespace()
+        .filter_map(|w| w.split('=').next_back())
+        .filter_map(|w| u64::from_str_radix(w.strip_prefix("0x")?, 16).ok())
+        .collect()
+}
+
+#[test]
+fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
+    if !kvm_available("dirty_log_reports_every_written_page_and_only_newer_ones_later") {
+        return;
+    }
+    let args: Vec<String> = ["--pages", "16"].iter().map(|s| s.to_string()).collect();
+    let mut vm = Microvm::boot(CONFIG, image("dirty-pages"), &args, ConsoleSink::None).unwrap();
+    vm.start_dirty_log().unwrap();
+    vm.resume().unwrap();
+
+    let flag = addresses(&wait_for_line(&vm, "waiting flag="))[0];
+    vm.pause().unwrap();
+    let phase1 = addresses(&wait_for_line(&vm, "phase1 "));
+    assert_eq!(phase1.len(), 16);
+    let dirty = vm.take_dirty_pages().unwrap();
+    for addr in &phase1 {
+        assert!(
+            dirty.contains_addr(*addr),
+            "phase-1 page {addr:#x} missing from the dirty log"
+        );
+    }
+    assert!(
+        vm.take_dirty_pages().unwrap().is_empty(),
+        "nothing ran since the last take"
+    );
+
+    // A VMM write (like a device DMA) must be reported too.
+    vm.memory().write_obj(1u64, GuestAddress(flag)).unwrap();
+    vm.resume().unwrap();
+    let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end");
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
+    let phase2 = addresses(&wait_for_line(&vm, "phase2 "));
+    assert_eq!(phase2.len(), 16);
+    let dirty = vm.take_dirty_pages().unwrap();
+    assert!(
+        dirty.contains_addr(flag),
+        "the VMM's write to the flag page is missing"
+    );
+    for addr in &phase2 {
+        assert!(
+            dirty.contains_addr(*addr),
+            "phase-2 page {addr:#x} missing from the dirty log"
+        );
+    }
+    for addr in &phase1 {
+        assert!(
+            !dirty.contains_addr(*addr),
+            "phase-1 page {addr:#x} reported again"
+        );
+    }
+    vm.stop_dirty_log().unwrap();
+}
+
+#[test]
+fn corrupted_snapshots_of_a_real_vm_are_refused() {
+    if !kvm_available("corrupted_snapshots_of_a_real_vm_are_refused") {
+        return;
+    }
+    let mut vm = boot("memtouch", &["--mib", "8", "--passes", "100000"]);
+    std::thread::sleep(Duration::from_millis(20));
+    vm.pause().unwrap();
+    let path = temp_path("corrupt.snap");
+    vm.save(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    let mut flipped = good.clone();
+    let at = good.len() - 10_000;
+    flipped[at] ^= 0x40;
+    std::fs::write(&path, &flipped).unwrap();
+    let err = Microvm::restore(&path, ConsoleSink::None)
+        .err()
+        .expect("flipped byte accepted");
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+
+    std::fs::write(&path, &good[..good.len() / 3]).unwrap();
+    let err = Microvm::restore(&path, ConsoleSink::None)
+        .err()
+        .expect("truncated file accepted");
+    assert!(
+        matches!(err, CreateVmError::Snapshot(_)) && err.to_string().contains("truncated"),
+        "{err}"
+    );
+
+    let mut versioned = good.clone();
+    versioned[8] = 99;
+    std::fs::write(&path, &versioned).unwrap();
+    let err = Microvm::restore(&path, ConsoleSink::None)
+        .err()
+        .expect("wrong version accepted");
+    assert!(
+        err.to_string().contains("version 99 is not supported"),
+        "{err}"
+    );
+
+    // The untouched file still restores and runs.
+    std::fs::write(&path, &good).unwrap();
+    let (mut restored, _) = Microvm::restore(&path, ConsoleSink::None).unwrap();
+    restored.resume().unwrap();
+    assert!(
+        restored.wait(Some(Duration::from_millis(50))).is_none(),
+        "restored VM stopped early"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
