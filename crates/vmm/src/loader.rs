@@ -8,7 +8,9 @@
 use std::io::Cursor;
 
 use ferry_abi::{IMAGE_BASE, PAGE_SIZE};
-use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, EM_X86_64, ET_EXEC, PF_X, PT_LOAD};
+use linux_loader::elf::{
+    Elf64_Ehdr, Elf64_Phdr, EM_X86_64, ET_EXEC, PF_X, PT_DYNAMIC, PT_INTERP, PT_LOAD,
+};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{ByteValued, GuestAddress};
 
@@ -98,6 +100,9 @@ pub fn check_image(image: &[u8], limit: u64) -> Result<LoadedImage, LoadImageErr
     let mut entry_ok = false;
     for i in 0..u64::from(ehdr.e_phnum) {
         let phdr: Elf64_Phdr = read(image, ehdr.e_phoff.saturating_add(i * 56))?;
+        if phdr.p_type == PT_INTERP || phdr.p_type == PT_DYNAMIC {
+            return Err(not_exec("dynamically linked (link with -static)"));
+        }
         if phdr.p_type != PT_LOAD || phdr.p_memsz == 0 {
             continue;
         }
@@ -175,5 +180,37 @@ mod tests {
                 Err(LoadImageError::SegmentOutOfRange { .. })
             ));
         }
+    }
+
+    /// A copy of the hello image with program header `i` passed through `patch`.
+    fn patched_hello(patch: impl Fn(&mut [u8])) -> Vec<u8> {
+        let mut elf = ferry_guest_images::find("hello").unwrap().elf.to_vec();
+        let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
+        patch(&mut elf[phoff..phoff + 56]);
+        elf
+    }
+
+    #[test]
+    fn dynamic_and_inconsistent_images_are_refused() {
+        let dynamic = patched_hello(|ph| ph[..4].copy_from_slice(&PT_INTERP.to_le_bytes()));
+        let err = check_image(&dynamic, 1 << 30).unwrap_err();
+        assert!(err.to_string().contains("dynamically linked"), "{err}");
+
+        // First PT_LOAD claims file bytes beyond the end of the image.
+        let past_end = patched_hello(|ph| ph[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes()));
+        assert!(matches!(
+            check_image(&past_end, 1 << 30),
+            Err(LoadImageError::Truncated { .. })
+        ));
+
+        // First PT_LOAD moved into the VMM's system pages.
+        let low = patched_hello(|ph| {
+            ph[16..24].copy_from_slice(&0x1000u64.to_le_bytes());
+            ph[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+        });
+        assert!(matches!(
+            check_image(&low, 1 << 30),
+            Err(LoadImageError::SegmentOutOfRange { .. })
+        ));
     }
 }
