@@ -93,6 +93,21 @@ pub struct BootInfo {
 const _: () = assert!(core::mem::size_of::<BootInfo>() == PAGE_SIZE as usize);
 
 impl BootInfo {
+    /// An all-zero page, to be filled in by the VMM.
+    pub const EMPTY: BootInfo = BootInfo {
+        magic: 0,
+        abi_version: 0,
+        argc: 0,
+        ram_size: 0,
+        heap_start: 0,
+        heap_end: 0,
+        stack_top: 0,
+        accel_ring: 0,
+        args_len: 0,
+        reserved: 0,
+        args: [0; ARGS_CAPACITY],
+    };
+
     /// The arguments, or `None` if `args_len`/`argc` are inconsistent.
     pub fn args(&self) -> Option<Args<'_>> {
         let len = self.args_len as usize;
@@ -158,15 +173,7 @@ mod tests {
         BootInfo {
             magic: BOOT_INFO_MAGIC,
             abi_version: ABI_VERSION,
-            argc: 0,
-            ram_size: 0,
-            heap_start: 0,
-            heap_end: 0,
-            stack_top: 0,
-            accel_ring: 0,
-            args_len: 0,
-            reserved: 0,
-            args: [0; ARGS_CAPACITY],
+            ..BootInfo::EMPTY
         }
     }
 

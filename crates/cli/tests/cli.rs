@@ -1,6 +1,5 @@
 //! The `ferry` binary as a user runs it: exit codes, messages, snapshot and restore.
 
-use std::io::Write;
 use std::process::{Command, Output};
 
 fn ferry(args: &[&str]) -> Output {
@@ -15,16 +14,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn kvm_available(test: &str) -> bool {
-    match ferry_vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED {test}: KVM is not usable here ({reason}) ***\n"
-            );
-            false
-        }
-    }
+    ferry_vmm::kvm_usable_or_announce_skip(test)
 }
 
 #[test]

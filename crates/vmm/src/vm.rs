@@ -154,19 +154,7 @@ unsafe impl ByteValued for BootInfoPage {}
 
 impl Default for BootInfoPage {
     fn default() -> Self {
-        Self(BootInfo {
-            magic: 0,
-            abi_version: 0,
-            argc: 0,
-            ram_size: 0,
-            heap_start: 0,
-            heap_end: 0,
-            stack_top: 0,
-            accel_ring: 0,
-            args_len: 0,
-            reserved: 0,
-            args: [0; ARGS_CAPACITY],
-        })
+        Self(BootInfo::EMPTY)
     }
 }
 

@@ -4,7 +4,6 @@
 //! straight to stderr (not through the captured `eprintln!`), so a machine without KVM
 //! shows it in the test output instead of passing silently.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,16 +19,7 @@ const CONFIG: VmConfig = VmConfig {
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn kvm_available(test: &str) -> bool {
-    match ferry_vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED {test}: KVM is not usable here ({reason}) ***\n"
-            );
-            false
-        }
-    }
+    ferry_vmm::kvm_usable_or_announce_skip(test)
 }
 
 fn image(name: &str) -> &'static [u8] {
