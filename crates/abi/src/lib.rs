@@ -15,6 +15,8 @@
 //! - The guest talks to the host only through the ports in [`port`] and the boot-info page.
 #![no_std]
 
+pub mod accel;
+
 /// Version of this contract; the VMM writes it into [`BootInfo::abi_version`].
 pub const ABI_VERSION: u32 = 1;
 
@@ -57,6 +59,11 @@ pub mod port {
     /// Reserved for the VMM's ring-0 fault stubs; a guest write here is treated as a
     /// fault report and stops the VM.
     pub const FAULT: u16 = 0x0518;
+    /// 32-bit `out` (any value): new commands are in the accelerator ring.
+    pub const ACCEL_DOORBELL: u16 = 0x0520;
+    /// 32-bit `out` (any value): sleep until the accelerator has completed every submitted
+    /// command or about a millisecond has passed, whichever is first.
+    pub const ACCEL_WAIT: u16 = 0x0524;
 }
 
 /// Capacity of [`BootInfo::args`] in bytes.

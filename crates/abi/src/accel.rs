@@ -1,0 +1,215 @@
+//! The virtual accelerator's contract: command ring, commands, kernels, status codes.
+//!
+//! # Protocol
+//!
+//! The VMM places a ring at [`BootInfo::accel_ring`](crate::BootInfo::accel_ring) (0 when
+//! the VM has no accelerator): one [`RingHeader`] page followed by [`RING_SLOTS`]
+//! [`Command`] slots. The guest is the only producer, the device the only consumer.
+//!
+//! 1. The guest writes a command into slot `head % RING_SLOTS` with `status` =
+//!    [`status::PENDING`], then stores `head + 1` into [`RingHeader::head`] and writes
+//!    [`port::ACCEL_DOORBELL`](crate::port::ACCEL_DOORBELL).
+//! 2. The device executes commands in order, asynchronously to the vCPU. For each it
+//!    writes the slot's `status` (OK or an error) and then advances
+//!    [`RingHeader::tail`]. A slot may be reused once `tail` has passed it.
+//! 3. [`op::FENCE`] writes its value to [`RingHeader::completed_fence`] when every command
+//!    before it has completed. A guest waits with [`port::ACCEL_WAIT`](crate::port::ACCEL_WAIT)
+//!    (the vCPU sleeps in the VMM for at most about a millisecond, or until the device is
+//!    idle) and re-reads the fence.
+//!
+//! A command with a bad id, range, shape or argument completes with an error status and
+//! changes nothing; later commands still run. A header whose `head` is behind `tail` or
+//! more than [`RING_SLOTS`] ahead of it sets [`RingHeader::device_status`] to
+//! [`device_status::RING_INVALID`]; the device then ignores the ring until `head` is sane.
+//!
+//! Device memory is a set of buffers the guest names by id (1..=[`MAX_BUFFERS`]), each
+//! holding little-endian f32 (or u32 for ids and labels) elements. Kernels read and write
+//! whole buffers by element counts given in their arguments, checked against buffer sizes.
+
+/// Version of the accelerator protocol, in [`RingHeader::version`].
+pub const ACCEL_ABI_VERSION: u32 = 1;
+/// [`RingHeader::magic`]: "FRNG".
+pub const RING_MAGIC: u32 = u32::from_le_bytes(*b"FRNG");
+/// Command slots in the ring.
+pub const RING_SLOTS: u64 = 256;
+/// Bytes of one [`Command`].
+pub const COMMAND_SIZE: u64 = 128;
+/// Bytes of the ring region: the header page, then the slots.
+pub const RING_REGION_SIZE: u64 = crate::PAGE_SIZE + RING_SLOTS * COMMAND_SIZE;
+/// Highest buffer id.
+pub const MAX_BUFFERS: u64 = 4096;
+/// Arguments in a command.
+pub const COMMAND_ARGS: usize = 15;
+
+/// The ring header, at the start of the ring region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingHeader {
+    /// [`RING_MAGIC`] (written by the VMM).
+    pub magic: u32,
+    /// [`ACCEL_ABI_VERSION`] (written by the VMM).
+    pub version: u32,
+    /// [`RING_SLOTS`] (written by the VMM).
+    pub slots: u32,
+    /// [`device_status`] code (written by the device).
+    pub device_status: u32,
+    /// Commands submitted so far (written by the guest; only ever increases).
+    pub head: u64,
+    /// Commands completed so far (written by the device).
+    pub tail: u64,
+    /// Value of the last completed [`op::FENCE`] (written by the device).
+    pub completed_fence: u64,
+    /// Device memory capacity in bytes, the VM's profile (written by the VMM).
+    pub capacity: u64,
+    /// Device memory allocated now, in bytes (written by the device).
+    pub used: u64,
+}
+
+/// One command slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Command {
+    /// An [`op`] code.
+    pub opcode: u32,
+    /// [`status::PENDING`] when submitted; the device writes the outcome.
+    pub status: u32,
+    /// Opcode-specific arguments (see [`op`] and [`kernel`]).
+    pub args: [u64; COMMAND_ARGS],
+}
+
+const _: () = assert!(core::mem::size_of::<Command>() as u64 == COMMAND_SIZE);
+const _: () = assert!(core::mem::size_of::<RingHeader>() <= crate::PAGE_SIZE as usize);
+
+/// Command opcodes and their arguments.
+pub mod op {
+    /// `[id, bytes]`: create buffer `id` of `bytes` (a multiple of 4), zero-filled.
+    pub const ALLOC: u32 = 1;
+    /// `[id]`: release buffer `id`.
+    pub const FREE: u32 = 2;
+    /// `[id, offset, guest_addr, len]`: copy guest RAM into buffer bytes `offset..+len`.
+    pub const UPLOAD: u32 = 3;
+    /// `[id, offset, guest_addr, len]`: copy buffer bytes `offset..+len` into guest RAM.
+    pub const DOWNLOAD: u32 = 4;
+    /// `[kernel, kernel args...]`: run a [`kernel`](super::kernel).
+    pub const LAUNCH: u32 = 5;
+    /// `[value]`: once all earlier commands completed, write `value` to `completed_fence`.
+    pub const FENCE: u32 = 6;
+}
+
+/// Command outcomes, in [`Command::status`].
+pub mod status {
+    /// Not executed yet.
+    pub const PENDING: u32 = 0;
+    /// Done.
+    pub const OK: u32 = 1;
+    /// Unknown opcode.
+    pub const BAD_OPCODE: u32 = 2;
+    /// Buffer id out of range, unallocated, or (for ALLOC) already in use.
+    pub const BAD_BUFFER: u32 = 3;
+    /// Offset/length outside the buffer, or element counts larger than a buffer.
+    pub const OUT_OF_BOUNDS: u32 = 4;
+    /// Inconsistent or zero dimensions.
+    pub const BAD_SHAPE: u32 = 5;
+    /// Allocation beyond the device memory capacity.
+    pub const OUT_OF_MEMORY: u32 = 6;
+    /// Guest address range outside guest RAM.
+    pub const BAD_GUEST_RANGE: u32 = 7;
+    /// Unknown kernel id.
+    pub const BAD_KERNEL: u32 = 8;
+    /// Another argument out of range (flags, sizes not a multiple of 4, ids in data...).
+    pub const BAD_ARGUMENT: u32 = 9;
+    /// The backend failed (e.g. the host could not allocate memory).
+    pub const DEVICE_ERROR: u32 = 10;
+
+    /// Name of a status code, for messages.
+    pub fn name(status: u32) -> &'static str {
+        match status {
+            PENDING => "pending",
+            OK => "ok",
+            BAD_OPCODE => "bad opcode",
+            BAD_BUFFER => "bad buffer id",
+            OUT_OF_BOUNDS => "out of bounds",
+            BAD_SHAPE => "bad shape",
+            OUT_OF_MEMORY => "out of device memory",
+            BAD_GUEST_RANGE => "bad guest address range",
+            BAD_KERNEL => "unknown kernel",
+            BAD_ARGUMENT => "bad argument",
+            DEVICE_ERROR => "device error",
+            _ => "unknown status",
+        }
+    }
+}
+
+/// Values of [`RingHeader::device_status`].
+pub mod device_status {
+    /// The ring is being served.
+    pub const OK: u32 = 0;
+    /// `head` is behind `tail` or too far ahead: nothing is executed until it is sane.
+    pub const RING_INVALID: u32 = 1;
+}
+
+/// Kernel ids (the first LAUNCH argument) and their arguments (the rest).
+///
+/// Buffers are ids; `n`, `rows`, `cols`, `m`, `k` are element counts; f32 scalars travel
+/// as their bit pattern in the low 32 bits. Matrices are row major. Unless noted, inputs
+/// and outputs may be the same buffer only where the kernel says "in place".
+pub mod kernel {
+    /// `[a, b, c, m, n, k, flags]`: `c[m×n] = op(a) · op(b)` (`+=` with [`ACCUMULATE`]),
+    /// `op(a)` is `m×k` (`a` stored `k×m` with [`TRANSPOSE_A`]), `op(b)` is `k×n` (`b`
+    /// stored `n×k` with [`TRANSPOSE_B`]).
+    pub const MATMUL: u64 = 1;
+    /// MATMUL flag: `a` is stored transposed.
+    pub const TRANSPOSE_A: u64 = 1;
+    /// MATMUL flag: `b` is stored transposed.
+    pub const TRANSPOSE_B: u64 = 2;
+    /// MATMUL flag: add to `c` instead of overwriting it.
+    pub const ACCUMULATE: u64 = 4;
+    /// `[x, bias, rows, cols]`: in place `x[r][c] += bias[c]`.
+    pub const ADD_BIAS: u64 = 2;
+    /// `[a, b, out, n]`: `out = a + b`.
+    pub const ADD: u64 = 3;
+    /// `[a, b, out, n]`: `out = a * b` (elementwise).
+    pub const MUL: u64 = 4;
+    /// `[x, n, alpha]`: in place `x *= alpha`.
+    pub const SCALE: u64 = 5;
+    /// `[x, y, n, alpha]`: in place `y += alpha * x`.
+    pub const AXPY: u64 = 6;
+    /// `[x, out, n]`: `out = max(x, 0)`.
+    pub const RELU: u64 = 7;
+    /// `[x, grad_out, grad_in, n]`: `grad_in = grad_out * (x > 0)`.
+    pub const RELU_BACKWARD: u64 = 8;
+    /// `[x, out, n]`: `out = gelu(x)` (tanh approximation).
+    pub const GELU: u64 = 9;
+    /// `[x, grad_out, grad_in, n]`: `grad_in = grad_out * gelu'(x)`.
+    pub const GELU_BACKWARD: u64 = 10;
+    /// `[x, out, rows, cols]`: row-wise softmax.
+    pub const SOFTMAX: u64 = 11;
+    /// `[logits, labels(u32), grad, loss, rows, cols]`: mean cross-entropy of row-wise
+    /// softmax into `loss[0]`, and `grad = (softmax - onehot) / rows`.
+    pub const CROSS_ENTROPY: u64 = 12;
+    /// `[x, out, rows, cols]`: `out[r] = Σ_c x[r][c]`.
+    pub const SUM_ROWS: u64 = 13;
+    /// `[x, out, rows, cols]`: `out[c] = Σ_r x[r][c]`.
+    pub const SUM_COLS: u64 = 14;
+    /// `[param, grad, n, lr]`: in place `param -= lr * grad`.
+    pub const SGD: u64 = 15;
+    /// `[param, grad, m, v, n, lr, beta1, beta2, eps, step]`: Adam update in place of
+    /// `param`, `m`, `v`; `step` (an integer, from 1) drives bias correction.
+    pub const ADAM: u64 = 16;
+    /// `[table, ids(u32), out, count, dim, vocab]`: `out[i] = table[ids[i]]` (`dim` wide).
+    pub const EMBEDDING: u64 = 17;
+    /// `[x, gamma, beta, out, rows, cols, eps]`: row-wise layer norm.
+    pub const LAYER_NORM: u64 = 18;
+    /// `[src, src_offset, dst, dst_offset, n]`: copy `n` elements (offsets in elements).
+    pub const COPY: u64 = 19;
+    /// `[out, n, seed, counter, distribution, scale]`: counter-based random fill:
+    /// element `i` depends only on `(seed, counter + i)`; distribution 0 = uniform in
+    /// `[-scale, scale)`, 1 = normal with std-dev `scale`.
+    pub const RNG_FILL: u64 = 20;
+    /// `[q, k_cache, v_cache, out, heads, head_dim, len]`: one decode step of attention:
+    /// for each head, `out = softmax(q · K^T / sqrt(head_dim)) · V` over the first `len`
+    /// cached positions; caches are `[positions × heads × head_dim]`.
+    pub const ATTENTION_DECODE: u64 = 21;
+    /// `[x, out(u32), rows, cols]`: `out[r] = argmax_c x[r][c]` (first maximum).
+    pub const ARGMAX: u64 = 22;
+}
