@@ -1,0 +1,549 @@
+//! The kernels other than MATMUL, on slices.
+//!
+//! Determinism: work is split into fixed blocks (a number of elements or whole rows that
+//! depends only on the shape), each output element is computed entirely inside one block
+//! in a fixed sequential order, and the only cross-block reductions (SUM_COLS over row
+//! chunks, the CROSS_ENTROPY mean) combine per-block results in block order. Thread count
+//! and scheduling only decide which thread runs a block. Reductions accumulate in f64;
+//! transcendental functions come from [`super::math`].
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use super::math;
+use crate::backend::BackendError;
+use crate::kernel::Distribution;
+
+/// Elements per parallel task for elementwise kernels.
+const BLOCK: usize = 1 << 14;
+/// Rows per partial sum in SUM_COLS.
+const SUM_ROW_CHUNK: usize = 256;
+/// Columns per task when combining SUM_COLS partial sums.
+const SUM_COL_BLOCK: usize = 1024;
+
+/// Runs `f(first_element, block)` over fixed blocks of `block` elements of `out`.
+fn blocks<T: Send>(
+    pool: &ThreadPool,
+    out: &mut [T],
+    block: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let block = block.max(1);
+    if out.len() <= block {
+        f(0, out);
+    } else {
+        pool.install(|| {
+            out.par_chunks_mut(block)
+                .enumerate()
+                .for_each(|(i, b)| f(i * block, b))
+        });
+    }
+}
+
+/// Runs `f(row_index, row)` over the rows of width `cols` of `out`, in blocks of rows
+/// of about [`BLOCK`] elements.
+fn rows<T: Send>(
+    pool: &ThreadPool,
+    out: &mut [T],
+    cols: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let per = (BLOCK / cols.max(1)).max(1);
+    blocks(pool, out, per * cols, |start, block| {
+        for (i, row) in block.chunks_mut(cols).enumerate() {
+            f(start / cols + i, row);
+        }
+    });
+}
+
+/// `out[i] = f(i, out[i])` for the first `n` elements.
+fn map(pool: &ThreadPool, out: &mut [f32], n: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
+    blocks(pool, &mut out[..n], BLOCK, |start, block| {
+        for (i, o) in block.iter_mut().enumerate() {
+            *o = f(start + i, *o);
+        }
+    });
+}
+
+/// In place `x[r][c] += bias[c]`.
+pub fn add_bias(pool: &ThreadPool, x: &mut [f32], bias: &[f32], rows_: usize, cols: usize) {
+    let bias = &bias[..cols];
+    rows(pool, &mut x[..rows_ * cols], cols, |_, row| {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    });
+}
+
+/// `out = a + b`.
+pub fn add(pool: &ThreadPool, a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
+    map(pool, out, n, |i, _| a[i] + b[i]);
+}
+
+/// `out = a * b`.
+pub fn mul(pool: &ThreadPool, a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
+    map(pool, out, n, |i, _| a[i] * b[i]);
+}
+
+/// In place `x *= alpha`.
+pub fn scale(pool: &ThreadPool, x: &mut [f32], n: usize, alpha: f32) {
+    map(pool, x, n, |_, v| v * alpha);
+}
+
+/// In place `y += alpha * x`.
+pub fn axpy(pool: &ThreadPool, x: &[f32], y: &mut [f32], n: usize, alpha: f32) {
+    map(pool, y, n, |i, v| v + alpha * x[i]);
+}
+
+/// `out = max(x, 0)`; NaN stays NaN.
+pub fn relu(pool: &ThreadPool, x: &[f32], out: &mut [f32], n: usize) {
+    map(pool, out, n, |i, _| if x[i] < 0.0 { 0.0 } else { x[i] });
+}
+
+/// `grad_in = grad_out * (x > 0)`.
+pub fn relu_backward(
+    pool: &ThreadPool,
+    x: &[f32],
+    grad_out: &[f32],
+    grad_in: &mut [f32],
+    n: usize,
+) {
+    map(
+        pool,
+        grad_in,
+        n,
+        |i, _| if x[i] > 0.0 { grad_out[i] } else { 0.0 },
+    );
+}
+
+/// √(2/π).
+const GELU_C: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of the tanh approximation.
+const GELU_A: f64 = 0.044_715;
+
+/// `0.5x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
+pub fn gelu_scalar(x: f32) -> f32 {
+    let x = f64::from(x);
+    let t = math::tanh(GELU_C * (x + GELU_A * x * x * x));
+    (0.5 * x * (1.0 + t)) as f32
+}
+
+/// The derivative of [`gelu_scalar`].
+pub fn gelu_grad_scalar(x: f32) -> f64 {
+    let x = f64::from(x);
+    let t = math::tanh(GELU_C * (x + GELU_A * x * x * x));
+    let dinner = GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+    let sech2 = 1.0 - t * t;
+    // Beyond |x| ~ 10 the second term is exactly 0 (t = ±1); avoid inf·0 for huge x.
+    let second = if sech2 == 0.0 {
+        0.0
+    } else {
+        0.5 * x * sech2 * dinner
+    };
+    0.5 * (1.0 + t) + second
+}
+
+/// `out = gelu(x)`.
+pub fn gelu(pool: &ThreadPool, x: &[f32], out: &mut [f32], n: usize) {
+    map(pool, out, n, |i, _| gelu_scalar(x[i]));
+}
+
+/// `grad_in = grad_out * gelu'(x)`.
+pub fn gelu_backward(
+    pool: &ThreadPool,
+    x: &[f32],
+    grad_out: &[f32],
+    grad_in: &mut [f32],
+    n: usize,
+) {
+    map(pool, grad_in, n, |i, _| {
+        (f64::from(grad_out[i]) * gelu_grad_scalar(x[i])) as f32
+    });
+}
+
+/// The maximum of a row, ignoring NaN (-inf for a row of NaN).
+fn row_max(row: &[f32]) -> f32 {
+    row.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `e^(x - max)` for each element into `exps`, and their sum.
+fn exps(row: &[f32], exps: &mut Vec<f64>) -> (f64, f64) {
+    let max = f64::from(row_max(row));
+    exps.clear();
+    let mut sum = 0.0;
+    for &v in row {
+        let e = math::exp(f64::from(v) - max);
+        sum += e;
+        exps.push(e);
+    }
+    (max, sum)
+}
+
+/// Row-wise softmax.
+pub fn softmax(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
+    rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
+        let mut e = Vec::with_capacity(cols);
+        let (_, sum) = exps(&x[r * cols..][..cols], &mut e);
+        for (o, e) in o.iter_mut().zip(&e) {
+            *o = (e / sum) as f32;
+        }
+    });
+}
+
+/// Mean cross-entropy into `loss[0]`, `grad = (softmax - onehot) / rows`.
+pub fn cross_entropy(
+    pool: &ThreadPool,
+    logits: &[f32],
+    labels: &[u32],
+    grad: &mut [f32],
+    loss: &mut [f32],
+    rows_: usize,
+    cols: usize,
+) -> Result<(), BackendError> {
+    let labels = &labels[..rows_];
+    if labels.iter().any(|&l| l as usize >= cols) {
+        return Err(BackendError::BadData(
+            "cross-entropy label beyond the classes",
+        ));
+    }
+    let mut row_loss = vec![0.0f64; rows_];
+    let inv_rows = 1.0 / rows_ as f64;
+    let per = (BLOCK / cols).max(1);
+    let grad = &mut grad[..rows_ * cols];
+    let work = |(i, (g, l)): (usize, (&mut [f32], &mut [f64]))| {
+        let mut e = Vec::with_capacity(cols);
+        for (j, (g, l)) in g.chunks_mut(cols).zip(l).enumerate() {
+            let r = i * per + j;
+            let row = &logits[r * cols..][..cols];
+            let (max, sum) = exps(row, &mut e);
+            let label = labels[r] as usize;
+            // -log softmax[label] = max + ln(sum) - x[label].
+            *l = max + math::ln(sum) - f64::from(row[label]);
+            for (c, (g, e)) in g.iter_mut().zip(&e).enumerate() {
+                let p = e / sum - if c == label { 1.0 } else { 0.0 };
+                *g = (p * inv_rows) as f32;
+            }
+        }
+    };
+    if rows_ <= per {
+        grad.chunks_mut(per * cols)
+            .zip(row_loss.chunks_mut(per))
+            .enumerate()
+            .for_each(work);
+    } else {
+        let tasks = grad
+            .par_chunks_mut(per * cols)
+            .zip(row_loss.par_chunks_mut(per));
+        pool.install(|| tasks.enumerate().for_each(work));
+    }
+    // The mean, summed in row order.
+    loss[0] = (row_loss.iter().sum::<f64>() * inv_rows) as f32;
+    Ok(())
+}
+
+/// `out[r] = Σ_c x[r][c]`.
+pub fn sum_rows(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
+    let per = (BLOCK / cols).max(1);
+    blocks(pool, &mut out[..rows_], per, |start, o| {
+        for (i, o) in o.iter_mut().enumerate() {
+            let row = &x[(start + i) * cols..][..cols];
+            *o = row.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+        }
+    });
+}
+
+/// `out[c] = Σ_r x[r][c]`: partial sums over fixed chunks of [`SUM_ROW_CHUNK`] rows, then
+/// added in chunk order.
+pub fn sum_cols(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
+    let chunks = rows_.div_ceil(SUM_ROW_CHUNK);
+    let mut partial = vec![0.0f64; chunks * cols];
+    let fill = |(ch, p): (usize, &mut [f64])| {
+        let first = ch * SUM_ROW_CHUNK;
+        for r in first..rows_.min(first + SUM_ROW_CHUNK) {
+            for (acc, &v) in p.iter_mut().zip(&x[r * cols..][..cols]) {
+                *acc += f64::from(v);
+            }
+        }
+    };
+    if rows_ * cols <= BLOCK {
+        partial.chunks_mut(cols).enumerate().for_each(fill);
+    } else {
+        pool.install(|| partial.par_chunks_mut(cols).enumerate().for_each(fill));
+    }
+    let partial = &partial;
+    blocks(pool, &mut out[..cols], SUM_COL_BLOCK, |start, o| {
+        for (i, o) in o.iter_mut().enumerate() {
+            let c = start + i;
+            let mut acc = 0.0f64;
+            for ch in 0..chunks {
+                acc += partial[ch * cols + c];
+            }
+            *o = acc as f32;
+        }
+    });
+}
+
+/// In place `param -= lr * grad`.
+pub fn sgd(pool: &ThreadPool, param: &mut [f32], grad: &[f32], n: usize, lr: f32) {
+    map(pool, param, n, |i, p| p - lr * grad[i]);
+}
+
+/// Adam's hyper-parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamParams {
+    /// Learning rate.
+    pub lr: f32,
+    /// First moment decay.
+    pub beta1: f32,
+    /// Second moment decay.
+    pub beta2: f32,
+    /// Denominator term.
+    pub eps: f32,
+    /// Step, from 1.
+    pub step: u64,
+}
+
+/// One Adam step: `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²` (stored as f32), then
+/// `param -= lr · m̂ / (√v̂ + eps)` with `m̂ = m / (1-β1^t)`, `v̂ = v / (1-β2^t)`; the
+/// arithmetic is f64 with one rounding to f32 per stored value.
+pub fn adam(
+    pool: &ThreadPool,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    n: usize,
+    h: AdamParams,
+) {
+    let (b1, b2) = (f64::from(h.beta1), f64::from(h.beta2));
+    let (lr, eps) = (f64::from(h.lr), f64::from(h.eps));
+    let bc1 = 1.0 - math::powu(b1, h.step);
+    let bc2 = 1.0 - math::powu(b2, h.step);
+    let (param, m, v) = (&mut param[..n], &mut m[..n], &mut v[..n]);
+    type Task<'a> = (usize, ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
+    let work = |(i, ((p, m), v)): Task<'_>| {
+        let g = &grad[i * BLOCK..];
+        for (j, ((p, m), v)) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).enumerate() {
+            let g = f64::from(g[j]);
+            let m1 = (b1 * f64::from(*m) + (1.0 - b1) * g) as f32;
+            let v1 = (b2 * f64::from(*v) + (1.0 - b2) * g * g) as f32;
+            let mhat = f64::from(m1) / bc1;
+            let vhat = f64::from(v1) / bc2;
+            *p = (f64::from(*p) - lr * mhat / (vhat.sqrt() + eps)) as f32;
+            *m = m1;
+            *v = v1;
+        }
+    };
+    if n <= BLOCK {
+        let chunks = param
+            .chunks_mut(BLOCK)
+            .zip(m.chunks_mut(BLOCK))
+            .zip(v.chunks_mut(BLOCK));
+        chunks.enumerate().for_each(work);
+    } else {
+        let par = param
+            .par_chunks_mut(BLOCK)
+            .zip(m.par_chunks_mut(BLOCK))
+            .zip(v.par_chunks_mut(BLOCK));
+        pool.install(|| par.enumerate().for_each(work));
+    }
+}
+
+/// `out[i] = table[ids[i]]`, `dim` wide.
+pub fn embedding(
+    pool: &ThreadPool,
+    table: &[f32],
+    ids: &[u32],
+    out: &mut [f32],
+    count: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<(), BackendError> {
+    let ids = &ids[..count];
+    if ids.iter().any(|&id| id as usize >= vocab) {
+        return Err(BackendError::BadData("embedding id beyond the vocabulary"));
+    }
+    rows(pool, &mut out[..count * dim], dim, |i, row| {
+        row.copy_from_slice(&table[ids[i] as usize * dim..][..dim]);
+    });
+    Ok(())
+}
+
+/// Row-wise layer norm: `(x - mean) / √(var + eps) · gamma + beta`, statistics in f64
+/// (two passes, population variance).
+pub fn layer_norm(
+    pool: &ThreadPool,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    out: &mut [f32],
+    (rows_, cols): (usize, usize),
+    eps: f32,
+) {
+    let (gamma, beta, eps) = (&gamma[..cols], &beta[..cols], f64::from(eps));
+    rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
+        let row = &x[r * cols..][..cols];
+        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / cols as f64;
+        let var = row
+            .iter()
+            .map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))
+            .sum::<f64>()
+            / cols as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (c, o) in o.iter_mut().enumerate() {
+            let norm = (f64::from(row[c]) - mean) * inv;
+            *o = (norm * f64::from(gamma[c]) + f64::from(beta[c])) as f32;
+        }
+    });
+}
+
+/// Copies `n` elements.
+pub fn copy(src: &[f32], src_offset: usize, dst: &mut [f32], dst_offset: usize, n: usize) {
+    dst[dst_offset..][..n].copy_from_slice(&src[src_offset..][..n]);
+}
+
+/// The splitmix64 finalizer (a bijection of u64).
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Two independent 64-bit words for `(seed, counter)`. For a given seed the first word is
+/// a bijection of the counter, so no two counters of a stream share it.
+pub fn rng_words(seed: u64, counter: u64) -> (u64, u64) {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let key = mix64(seed ^ 0x6a09_e667_f3bc_c909);
+    let h1 = mix64(mix64(counter.wrapping_mul(GOLDEN) ^ key).wrapping_add(key));
+    let h2 = mix64(h1 ^ key.rotate_left(32) ^ GOLDEN);
+    (h1, h2)
+}
+
+/// The value of element `counter` of stream `seed`.
+pub fn rng_value(seed: u64, counter: u64, distribution: Distribution, scale: f32) -> f32 {
+    let (h1, h2) = rng_words(seed, counter);
+    match distribution {
+        Distribution::Uniform => {
+            // u in [0, 1) on a 2^-24 grid: 2u - 1 is exact, and (2u - 1)·scale < scale.
+            let u = (h1 >> 40) as f32 * (1.0 / 16_777_216.0);
+            (2.0 * u - 1.0) * scale
+        }
+        Distribution::Normal => {
+            // Box-Muller: u1 in (0, 1], u2 in [0, 1), both on a 2^-53 grid.
+            let u1 = ((h1 >> 11) + 1) as f64 * (1.0 / 9_007_199_254_740_992.0);
+            let u2 = (h2 >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0);
+            let z = (-2.0 * math::ln(u1)).sqrt() * math::cos_2pi(u2);
+            (z * f64::from(scale)) as f32
+        }
+    }
+}
+
+/// Counter-based random fill: element `i` is `rng_value(seed, counter + i)`.
+pub fn rng_fill(
+    pool: &ThreadPool,
+    out: &mut [f32],
+    n: usize,
+    seed: u64,
+    counter: u64,
+    distribution: Distribution,
+    scale: f32,
+) {
+    map(pool, out, n, |i, _| {
+        rng_value(seed, counter.wrapping_add(i as u64), distribution, scale)
+    });
+}
+
+/// The shape of an attention decode step.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Heads.
+    pub heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Positions attended to.
+    pub len: usize,
+}
+
+/// For each head, `out = softmax(q·Kᵀ/√head_dim)·V` over the first `len` positions of
+/// caches laid out `[positions × heads × head_dim]`.
+pub fn attention_decode(
+    pool: &ThreadPool,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    out: &mut [f32],
+    s: AttentionShape,
+) {
+    let AttentionShape {
+        heads,
+        head_dim: hd,
+        len,
+    } = s;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let stride = heads * hd;
+    let head = |h: usize, o: &mut [f32]| {
+        let q = &q[h * hd..][..hd];
+        let mut scores = Vec::with_capacity(len);
+        let mut max = f64::NEG_INFINITY;
+        for p in 0..len {
+            let k = &kc[p * stride + h * hd..][..hd];
+            let dot: f64 = q
+                .iter()
+                .zip(k)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let s = dot * scale;
+            if s > max {
+                max = s;
+            }
+            scores.push(s);
+        }
+        let mut sum = 0.0;
+        for s in &mut scores {
+            *s = math::exp(*s - max);
+            sum += *s;
+        }
+        let mut acc = vec![0.0f64; hd];
+        for (p, w) in scores.iter().enumerate() {
+            let v = &vc[p * stride + h * hd..][..hd];
+            for (a, &v) in acc.iter_mut().zip(v) {
+                *a += w * f64::from(v);
+            }
+        }
+        for (o, a) in o.iter_mut().zip(&acc) {
+            *o = (a / sum) as f32;
+        }
+    };
+    let out = &mut out[..stride];
+    if heads == 1 || len * stride <= BLOCK {
+        out.chunks_mut(hd).enumerate().for_each(|(h, o)| head(h, o));
+    } else {
+        pool.install(|| {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(h, o)| head(h, o))
+        });
+    }
+}
+
+/// `out[r] = argmax_c x[r][c]`: the first maximum, or the first NaN if the row has one.
+pub fn argmax(pool: &ThreadPool, x: &[f32], out: &mut [u32], rows_: usize, cols: usize) {
+    let per = (BLOCK / cols).max(1);
+    blocks(pool, &mut out[..rows_], per, |start, o| {
+        for (i, o) in o.iter_mut().enumerate() {
+            let row = &x[(start + i) * cols..][..cols];
+            let mut best = 0;
+            for (c, &v) in row.iter().enumerate().skip(1) {
+                if row[best].is_nan() {
+                    break;
+                }
+                if v.is_nan() || v > row[best] {
+                    best = c;
+                }
+            }
+            // Decode checked that cols - 1 fits in a u32.
+            *o = best as u32;
+        }
+    });
+}

@@ -1,0 +1,59 @@
+//! Where device memory lives and kernels run. The device (command processing,
+//! validation, dirty tracking, state) is the same for every backend; a backend only
+//! stores buffers and executes already-validated kernels.
+
+pub mod cpu;
+
+use crate::kernel::Kernel;
+
+/// A buffer id as the guest names it (1..=`MAX_BUFFERS`).
+pub type BufferId = u32;
+
+/// Errors a backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The host could not provide the memory.
+    #[error("cannot allocate {bytes} bytes of device memory")]
+    Alloc {
+        /// Bytes asked for.
+        bytes: u64,
+    },
+    /// A kernel found bad values in its data (e.g. an embedding id beyond the vocabulary).
+    /// Its outputs may be partly written.
+    #[error("kernel rejected its input data: {0}")]
+    BadData(&'static str),
+}
+
+/// Device memory and kernel execution.
+///
+/// The device validates every id, range and shape before calling in, so a backend may
+/// treat a violation of those as a bug (panic is acceptable there, never reachable from
+/// a guest).
+pub trait Backend: Send {
+    /// "cpu", "cuda", ...: part of the migration compatibility check.
+    fn kind(&self) -> &'static str;
+    /// Version of the kernel library: the same kind and version give bit-identical
+    /// results on every host.
+    fn kernel_version(&self) -> u32;
+    /// Creates buffer `id`, zero-filled.
+    fn alloc(&mut self, id: BufferId, bytes: u64) -> Result<(), BackendError>;
+    /// Releases buffer `id`.
+    fn free(&mut self, id: BufferId);
+    /// Copies `data` into buffer `id` at byte `offset`.
+    fn write(&mut self, id: BufferId, offset: u64, data: &[u8]);
+    /// Copies buffer `id` bytes from `offset` into `out`.
+    fn read(&self, id: BufferId, offset: u64, out: &mut [u8]);
+    /// Runs a validated kernel.
+    fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError>;
+}
+
+/// Backend kinds this build provides.
+pub const AVAILABLE: &[&str] = &["cpu"];
+
+/// Creates a backend of `kind` with `threads` worker threads, if this build has it.
+pub fn create(kind: &str, threads: usize) -> Option<Box<dyn Backend>> {
+    match kind {
+        "cpu" => Some(Box::new(cpu::CpuBackend::new(threads.max(1)))),
+        _ => None,
+    }
+}

@@ -1,0 +1,564 @@
+//! The accelerator device: a thread that executes the guest's command ring.
+//!
+//! The vCPU rings the doorbell and goes on; the device thread executes commands in order
+//! and completes them in guest memory. Pausing stops the device at a command boundary
+//! (the command in progress finishes), which is what makes its state consistent for a
+//! snapshot or a migration: buffers, ring position, fence value, nothing half done.
+//!
+//! Every command is validated before it touches anything (ids, ranges, shapes,
+//! capacity, guest addresses); a bad one completes with an error status and the device
+//! goes on with the next.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::backend::{Backend, BackendError, BufferId};
+use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
+use crate::kernel::Kernel;
+use crate::ring::{head_is_sane, GuestRam, Ring};
+
+/// Largest piece copied between guest RAM and a buffer at once (bounds host memory use
+/// for a guest asking to move gigabytes in one command).
+const COPY_PIECE: u64 = 1 << 20;
+
+/// Saved state of one buffer (its contents travel separately, chunk by chunk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferState {
+    /// Guest-chosen id.
+    pub id: BufferId,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Saved state of the device, less buffer contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccelState {
+    /// Backend kind that produced the buffers ("cpu", ...).
+    pub backend_kind: String,
+    /// Kernel library version: results are only bit-identical within one version.
+    pub kernel_version: u32,
+    /// Device memory capacity (the VM's profile).
+    pub capacity: u64,
+    /// Guest address of the ring header.
+    pub ring_gpa: u64,
+    /// Commands completed: the next one to execute is `tail`. Commands the guest had
+    /// submitted but the device had not started stay in the ring (guest RAM) and run
+    /// after restore.
+    pub tail: u64,
+    /// Allocated buffers.
+    pub buffers: Vec<BufferState>,
+}
+
+/// Errors restoring a device or writing its chunks.
+#[derive(Debug, thiserror::Error)]
+pub enum AccelStateError {
+    /// The saved state comes from another backend or kernel version.
+    #[error("accelerator state is from backend {found} (kernel library v{found_version}); this host runs {ours} v{our_version}")]
+    Incompatible {
+        /// Saved backend kind.
+        found: String,
+        /// Saved kernel version.
+        found_version: u32,
+        /// Our backend kind.
+        ours: &'static str,
+        /// Our kernel version.
+        our_version: u32,
+    },
+    /// A buffer in the state is invalid (id, size, total beyond capacity).
+    #[error("accelerator state is corrupt: {0}")]
+    Corrupt(String),
+    /// The backend could not create a buffer.
+    #[error("cannot recreate accelerator buffer {id}")]
+    Alloc {
+        /// The buffer.
+        id: BufferId,
+        /// What the backend said.
+        #[source]
+        source: BackendError,
+    },
+    /// A chunk does not belong to any buffer or has the wrong length.
+    #[error("accelerator chunk {index} of buffer {buffer} does not fit the buffer table")]
+    BadChunk {
+        /// Buffer id.
+        buffer: BufferId,
+        /// Chunk index.
+        index: u64,
+    },
+}
+
+/// What the device thread works on; guarded by one lock, held per command.
+struct Core {
+    backend: Box<dyn Backend>,
+    buffers: BTreeMap<BufferId, u64>,
+    used: u64,
+    capacity: u64,
+    ring: Ring,
+    tail: u64,
+    ring_invalid: bool,
+    dirty: DirtyChunks,
+    mem: GuestRam,
+}
+
+/// Hand-shake between the device thread, the vCPU (doorbell, wait) and the VMM (pause).
+#[derive(Default)]
+struct Control {
+    doorbell: bool,
+    pause_requested: bool,
+    busy: bool,
+    stop: bool,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    control: Mutex<Control>,
+    /// Wakes the device thread.
+    wake: Condvar,
+    /// Wakes those waiting for progress or idleness.
+    progress: Condvar,
+}
+
+/// The virtual accelerator of one VM.
+pub struct Accelerator {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn buffer_id(arg: u64) -> Option<BufferId> {
+    (1..=MAX_BUFFERS).contains(&arg).then_some(arg as BufferId)
+}
+
+fn backend_status(e: &BackendError) -> u32 {
+    match e {
+        BackendError::Alloc { .. } => status::DEVICE_ERROR,
+        BackendError::BadData(_) => status::BAD_ARGUMENT,
+    }
+}
+
+impl Core {
+    fn buffer_range(&self, id: u64, offset: u64, len: u64) -> Result<(BufferId, Range<u64>), u32> {
+        let id = buffer_id(id).ok_or(status::BAD_BUFFER)?;
+        let bytes = *self.buffers.get(&id).ok_or(status::BAD_BUFFER)?;
+        let end = offset.checked_add(len).ok_or(status::OUT_OF_BOUNDS)?;
+        if end > bytes {
+            return Err(status::OUT_OF_BOUNDS);
+        }
+        Ok((id, offset..end))
+    }
+
+    fn guest_range(&self, addr: u64, len: u64) -> Result<(), u32> {
+        let len = usize::try_from(len).map_err(|_| status::BAD_GUEST_RANGE)?;
+        if len == 0 || self.mem.check_range(GuestAddress(addr), len) {
+            Ok(())
+        } else {
+            Err(status::BAD_GUEST_RANGE)
+        }
+    }
+
+    fn mark(&mut self, id: BufferId, range: Range<u64>) {
+        if let Some(&bytes) = self.buffers.get(&id) {
+            self.dirty.mark(id, bytes, range);
+        }
+    }
+
+    fn alloc(&mut self, id: BufferId, bytes: u64) -> Result<(), BackendError> {
+        self.backend.alloc(id, bytes)?;
+        self.buffers.insert(id, bytes);
+        self.used += bytes;
+        self.dirty.mark_all(id, bytes);
+        Ok(())
+    }
+
+    fn execute(&mut self, cmd: &Command) -> Result<(), u32> {
+        let a = &cmd.args;
+        match cmd.opcode {
+            op::ALLOC => {
+                let id = buffer_id(a[0]).ok_or(status::BAD_BUFFER)?;
+                if self.buffers.contains_key(&id) {
+                    return Err(status::BAD_BUFFER);
+                }
+                if a[1] == 0 || !a[1].is_multiple_of(4) {
+                    return Err(status::BAD_ARGUMENT);
+                }
+                if a[1] > self.capacity - self.used {
+                    return Err(status::OUT_OF_MEMORY);
+                }
+                self.alloc(id, a[1]).map_err(|e| backend_status(&e))
+            }
+            op::FREE => {
+                let id = buffer_id(a[0]).ok_or(status::BAD_BUFFER)?;
+                let bytes = self.buffers.remove(&id).ok_or(status::BAD_BUFFER)?;
+                self.backend.free(id);
+                self.used -= bytes;
+                self.dirty.forget(id);
+                Ok(())
+            }
+            op::UPLOAD => {
+                let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
+                self.guest_range(a[2], a[3])?;
+                let mut piece = vec![0u8; COPY_PIECE.min(a[3]) as usize];
+                for start in (range.start..range.end).step_by(COPY_PIECE as usize) {
+                    let len = (range.end - start).min(COPY_PIECE) as usize;
+                    let guest = GuestAddress(a[2] + (start - range.start));
+                    self.mem
+                        .read_slice(&mut piece[..len], guest)
+                        .map_err(|_| status::BAD_GUEST_RANGE)?;
+                    self.backend.write(id, start, &piece[..len]);
+                }
+                self.mark(id, range);
+                Ok(())
+            }
+            op::DOWNLOAD => {
+                let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
+                self.guest_range(a[2], a[3])?;
+                let mut piece = vec![0u8; COPY_PIECE.min(a[3]) as usize];
+                for start in (range.start..range.end).step_by(COPY_PIECE as usize) {
+                    let len = (range.end - start).min(COPY_PIECE) as usize;
+                    self.backend.read(id, start, &mut piece[..len]);
+                    let guest = GuestAddress(a[2] + (start - range.start));
+                    // Written through GuestRam: the pages land in the guest dirty log.
+                    self.mem
+                        .write_slice(&piece[..len], guest)
+                        .map_err(|_| status::BAD_GUEST_RANGE)?;
+                }
+                Ok(())
+            }
+            op::LAUNCH => {
+                let buffers = &self.buffers;
+                let kernel = Kernel::decode(a, |id| buffers.get(&id).copied())?;
+                let result = self.backend.launch(&kernel);
+                // Marked even on failure: a kernel rejecting its data may have written part.
+                for (id, range) in kernel.writes() {
+                    self.mark(id, range);
+                }
+                result.map_err(|e| backend_status(&e))
+            }
+            op::FENCE => self
+                .ring
+                .publish_fence(&self.mem, a[0])
+                .map_err(|_| status::DEVICE_ERROR),
+            _ => Err(status::BAD_OPCODE),
+        }
+    }
+
+    /// Executes the next submitted command, if any. `false` when there is nothing to do
+    /// (ring empty, or its indices are inconsistent).
+    fn step(&mut self) -> bool {
+        let Ok(head) = self.ring.head(&self.mem) else {
+            return false;
+        };
+        let sane = head_is_sane(head, self.tail);
+        if sane == self.ring_invalid {
+            self.ring_invalid = !sane;
+            let code = if sane {
+                device_status::OK
+            } else {
+                device_status::RING_INVALID
+            };
+            let _ = self.ring.publish_device_status(&self.mem, code);
+            if !sane {
+                tracing::warn!(
+                    head,
+                    tail = self.tail,
+                    "guest accelerator ring indices are inconsistent; ring ignored"
+                );
+            }
+        }
+        if !sane || head == self.tail {
+            return false;
+        }
+        let index = self.tail;
+        let outcome = match self.ring.command(&self.mem, index) {
+            Ok(cmd) => self.execute(&cmd).map_or_else(|s| s, |()| status::OK),
+            Err(_) => status::DEVICE_ERROR,
+        };
+        if outcome != status::OK {
+            tracing::debug!(
+                index,
+                outcome = status::name(outcome),
+                "accelerator command failed"
+            );
+        }
+        let _ = self.ring.complete(&self.mem, index, outcome);
+        let _ = self.ring.publish_used(&self.mem, self.used);
+        self.tail += 1;
+        let _ = self.ring.publish_tail(&self.mem, self.tail);
+        true
+    }
+}
+
+fn device_thread(shared: Arc<Shared>) {
+    loop {
+        {
+            let control = shared.control.lock().expect("accel control lock");
+            let mut control = shared
+                .wake
+                .wait_while(control, |c| !c.stop && (c.pause_requested || !c.doorbell))
+                .expect("accel control lock");
+            if control.stop {
+                return;
+            }
+            control.doorbell = false;
+            control.busy = true;
+        }
+        loop {
+            if shared
+                .control
+                .lock()
+                .expect("accel control lock")
+                .pause_requested
+            {
+                break;
+            }
+            let progressed = shared.core.lock().expect("accel core lock").step();
+            shared.progress.notify_all();
+            if !progressed {
+                break;
+            }
+        }
+        shared.control.lock().expect("accel control lock").busy = false;
+        shared.progress.notify_all();
+    }
+}
+
+impl Accelerator {
+    fn start(core: Core) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            control: Mutex::new(Control {
+                pause_requested: true,
+                ..Control::default()
+            }),
+            wake: Condvar::new(),
+            progress: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("accel".into())
+            .spawn(move || device_thread(thread_shared))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A fresh device of `capacity` bytes whose ring is at `ring_gpa` (the header is
+    /// written now). It starts paused, like the vCPUs.
+    pub fn boot(
+        mem: GuestRam,
+        ring_gpa: u64,
+        capacity: u64,
+        backend: Box<dyn Backend>,
+    ) -> std::io::Result<Self> {
+        let ring = Ring::at(ring_gpa);
+        ring.init(&mem, capacity).map_err(std::io::Error::other)?;
+        Self::start(Core {
+            backend,
+            buffers: BTreeMap::new(),
+            used: 0,
+            capacity,
+            ring,
+            tail: 0,
+            ring_invalid: false,
+            dirty: DirtyChunks::default(),
+            mem,
+        })
+    }
+
+    /// A device rebuilt from `state` with empty (zero) buffers; fill them with
+    /// [`Self::write_chunk`] before resuming. Starts paused.
+    pub fn restore(
+        mem: GuestRam,
+        state: &AccelState,
+        backend: Box<dyn Backend>,
+    ) -> Result<Self, AccelStateError> {
+        if state.backend_kind != backend.kind() || state.kernel_version != backend.kernel_version()
+        {
+            return Err(AccelStateError::Incompatible {
+                found: state.backend_kind.clone(),
+                found_version: state.kernel_version,
+                ours: backend.kind(),
+                our_version: backend.kernel_version(),
+            });
+        }
+        let mut core = Core {
+            backend,
+            buffers: BTreeMap::new(),
+            used: 0,
+            capacity: state.capacity,
+            ring: Ring::at(state.ring_gpa),
+            tail: state.tail,
+            ring_invalid: false,
+            dirty: DirtyChunks::default(),
+            mem,
+        };
+        for buffer in &state.buffers {
+            let valid_id =
+                buffer_id(u64::from(buffer.id)).is_some() && !core.buffers.contains_key(&buffer.id);
+            let fits = buffer.bytes > 0
+                && buffer.bytes % 4 == 0
+                && buffer.bytes <= core.capacity - core.used;
+            if !valid_id || !fits {
+                return Err(AccelStateError::Corrupt(format!(
+                    "buffer {} of {} bytes",
+                    buffer.id, buffer.bytes
+                )));
+            }
+            core.alloc(buffer.id, buffer.bytes)
+                .map_err(|source| AccelStateError::Alloc {
+                    id: buffer.id,
+                    source,
+                })?;
+        }
+        Self::start(core).map_err(|e| AccelStateError::Corrupt(e.to_string()))
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.shared.control.lock().expect("accel control lock")
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.shared.core.lock().expect("accel core lock")
+    }
+
+    /// The guest rang the doorbell.
+    pub fn doorbell(&self) {
+        self.control().doorbell = true;
+        self.shared.wake.notify_one();
+    }
+
+    /// The guest waits: returns once the device is idle or after `timeout`, whichever
+    /// comes first (bounded, so a vCPU blocked here still answers a pause request).
+    pub fn wait_idle(&self, timeout: Duration) {
+        let control = self.control();
+        let waited = self
+            .shared
+            .progress
+            .wait_timeout_while(control, timeout, |c| {
+                c.busy || (c.doorbell && !c.pause_requested)
+            });
+        drop(waited);
+    }
+
+    /// Stops the device at a command boundary and waits until it has.
+    pub fn pause(&self) {
+        let mut control = self.control();
+        control.pause_requested = true;
+        drop(
+            self.shared
+                .progress
+                .wait_while(control, |c| c.busy)
+                .expect("accel control lock"),
+        );
+    }
+
+    /// Lets a paused device run again (and look at the ring for work).
+    pub fn resume(&self) {
+        let mut control = self.control();
+        control.pause_requested = false;
+        control.doorbell = true;
+        drop(control);
+        self.shared.wake.notify_one();
+    }
+
+    /// Backend kind ("cpu", ...).
+    pub fn backend_kind(&self) -> &'static str {
+        self.core().backend.kind()
+    }
+
+    /// The device state, less buffer contents. Pause the device first.
+    pub fn save_state(&self) -> AccelState {
+        let core = self.core();
+        AccelState {
+            backend_kind: core.backend.kind().to_string(),
+            kernel_version: core.backend.kernel_version(),
+            capacity: core.capacity,
+            ring_gpa: core.ring.gpa(),
+            tail: core.tail,
+            buffers: core
+                .buffers
+                .iter()
+                .map(|(&id, &bytes)| BufferState { id, bytes })
+                .collect(),
+        }
+    }
+
+    /// Every chunk of every buffer, in (buffer, index) order.
+    pub fn all_chunks(&self) -> Vec<ChunkId> {
+        let core = self.core();
+        core.buffers
+            .iter()
+            .flat_map(|(&buffer, &bytes)| {
+                (0..chunk_count(bytes)).map(move |index| ChunkId { buffer, index })
+            })
+            .collect()
+    }
+
+    /// Starts exact dirty tracking of device memory.
+    pub fn start_dirty_tracking(&self) {
+        self.core().dirty.start();
+    }
+
+    /// Stops dirty tracking.
+    pub fn stop_dirty_tracking(&self) {
+        self.core().dirty.stop();
+    }
+
+    /// Chunks written since the last take (or since tracking started), and clears them.
+    pub fn take_dirty_chunks(&self) -> Vec<ChunkId> {
+        self.core().dirty.take()
+    }
+
+    /// Reads chunk `chunk` into `out` (resized to the chunk's length: the last chunk of a
+    /// buffer may be short). `false` if the chunk does not exist (buffer freed since).
+    pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> bool {
+        let core = self.core();
+        let Some(range) = chunk_range(&core.buffers, chunk) else {
+            return false;
+        };
+        out.resize((range.end - range.start) as usize, 0);
+        core.backend.read(chunk.buffer, range.start, out);
+        true
+    }
+
+    /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
+    pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
+        let mut core = self.core();
+        let bad = AccelStateError::BadChunk {
+            buffer: chunk.buffer,
+            index: chunk.index,
+        };
+        let range = chunk_range(&core.buffers, chunk).ok_or(bad)?;
+        if data.len() as u64 != range.end - range.start {
+            return Err(AccelStateError::BadChunk {
+                buffer: chunk.buffer,
+                index: chunk.index,
+            });
+        }
+        core.backend.write(chunk.buffer, range.start, data);
+        Ok(())
+    }
+}
+
+/// Byte range of `chunk` within its buffer, if both exist.
+fn chunk_range(buffers: &BTreeMap<BufferId, u64>, chunk: ChunkId) -> Option<Range<u64>> {
+    let bytes = *buffers.get(&chunk.buffer)?;
+    let start = chunk.index.checked_mul(CHUNK_SIZE).filter(|&s| s < bytes)?;
+    Some(start..(start + CHUNK_SIZE).min(bytes))
+}
+
+impl Drop for Accelerator {
+    fn drop(&mut self) {
+        self.control().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

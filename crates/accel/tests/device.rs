@@ -1,0 +1,395 @@
+//! The device driven through its ring by a fake guest (plain guest memory, no KVM), so
+//! these run on every machine: command semantics, hostile input, dirty chunks, state.
+
+use std::time::{Duration, Instant};
+
+use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
+use ferry_abi::PAGE_SIZE;
+use ferry_accel::backend;
+use ferry_accel::device::Accelerator;
+use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
+use ferry_accel::ring::GuestRam;
+use vm_memory::{Address, Bytes, GuestAddress};
+
+const RAM: u64 = 64 << 20;
+const RING: u64 = 0x10_0000;
+/// Guest scratch area for upload/download data.
+const DATA: u64 = 0x20_0000;
+const CAPACITY: u64 = 64 << 20;
+
+/// A guest that submits commands the way the SDK does.
+struct FakeGuest {
+    mem: GuestRam,
+    accel: Accelerator,
+    head: u64,
+}
+
+fn field(offset: usize) -> GuestAddress {
+    GuestAddress(RING + offset as u64)
+}
+
+impl FakeGuest {
+    fn new(threads: usize) -> Self {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let accel = Accelerator::boot(
+            mem.clone(),
+            RING,
+            CAPACITY,
+            backend::create("cpu", threads).unwrap(),
+        )
+        .unwrap();
+        accel.resume();
+        Self {
+            mem,
+            accel,
+            head: 0,
+        }
+    }
+
+    fn header(&self, offset: usize) -> u64 {
+        self.mem.read_obj(field(offset)).unwrap()
+    }
+
+    fn tail(&self) -> u64 {
+        self.header(std::mem::offset_of!(RingHeader, tail))
+    }
+
+    fn device_status(&self) -> u32 {
+        self.mem
+            .read_obj(field(std::mem::offset_of!(RingHeader, device_status)))
+            .unwrap()
+    }
+
+    fn slot(index: u64) -> GuestAddress {
+        GuestAddress(RING + PAGE_SIZE + (index % RING_SLOTS) * COMMAND_SIZE)
+    }
+
+    /// Submits without waiting; returns the command's index.
+    fn submit(&mut self, opcode: u32, args: &[u64]) -> u64 {
+        let index = self.head;
+        let mut bytes = vec![0u8; COMMAND_SIZE as usize];
+        bytes[..4].copy_from_slice(&opcode.to_le_bytes());
+        for (i, a) in args.iter().enumerate() {
+            bytes[8 + 8 * i..16 + 8 * i].copy_from_slice(&a.to_le_bytes());
+        }
+        self.mem.write_slice(&bytes, Self::slot(index)).unwrap();
+        self.head += 1;
+        self.set_head(self.head);
+        self.accel.doorbell();
+        index
+    }
+
+    fn set_head(&self, head: u64) {
+        self.mem
+            .write_obj(head, field(std::mem::offset_of!(RingHeader, head)))
+            .unwrap();
+    }
+
+    fn wait_tail(&self, tail: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.tail() < tail {
+            assert!(
+                Instant::now() < deadline,
+                "device stuck at tail {} < {tail}",
+                self.tail()
+            );
+            self.accel.wait_idle(Duration::from_millis(1));
+        }
+    }
+
+    fn status(&self, index: u64) -> u32 {
+        self.mem
+            .read_obj(Self::slot(index).unchecked_add(4))
+            .unwrap()
+    }
+
+    /// Submits, waits for completion, returns the status.
+    fn run(&mut self, opcode: u32, args: &[u64]) -> u32 {
+        let index = self.submit(opcode, args);
+        self.wait_tail(index + 1);
+        self.status(index)
+    }
+
+    fn upload(&mut self, id: u64, values: &[f32]) -> u32 {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
+        self.run(op::UPLOAD, &[id, 0, DATA, bytes.len() as u64])
+    }
+
+    fn download(&mut self, id: u64, n: usize) -> Vec<f32> {
+        assert_eq!(
+            self.run(op::DOWNLOAD, &[id, 0, DATA, 4 * n as u64]),
+            status::OK
+        );
+        let mut bytes = vec![0u8; 4 * n];
+        self.mem.read_slice(&mut bytes, GuestAddress(DATA)).unwrap();
+        bytes
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+#[test]
+fn alloc_upload_launch_download_and_fence() {
+    let mut g = FakeGuest::new(2);
+    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[3, 16]), status::OK);
+    assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
+    assert_eq!(g.upload(2, &[10.0, 20.0, 30.0, 40.0]), status::OK);
+    assert_eq!(g.run(op::LAUNCH, &[kernel::ADD, 1, 2, 3, 4]), status::OK);
+    assert_eq!(g.download(3, 4), vec![11.0, 22.0, 33.0, 44.0]);
+    assert_eq!(g.run(op::FENCE, &[77]), status::OK);
+    assert_eq!(
+        g.header(std::mem::offset_of!(RingHeader, completed_fence)),
+        77
+    );
+    assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 48);
+    assert_eq!(g.run(op::FREE, &[2]), status::OK);
+    assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 32);
+}
+
+#[test]
+fn hostile_commands_fail_with_status_and_change_nothing() {
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, 64]), status::OK);
+    assert_eq!(g.upload(1, &[5.0; 16]), status::OK);
+
+    let cases: &[(u32, &[u64], u32)] = &[
+        (99, &[], status::BAD_OPCODE),
+        (op::ALLOC, &[0, 64], status::BAD_BUFFER),
+        (op::ALLOC, &[1, 64], status::BAD_BUFFER),
+        (op::ALLOC, &[u64::MAX, 64], status::BAD_BUFFER),
+        (op::ALLOC, &[2, 6], status::BAD_ARGUMENT),
+        (op::ALLOC, &[2, CAPACITY], status::OUT_OF_MEMORY),
+        (op::ALLOC, &[2, u64::MAX - 3], status::OUT_OF_MEMORY),
+        (op::FREE, &[9], status::BAD_BUFFER),
+        (op::UPLOAD, &[9, 0, DATA, 4], status::BAD_BUFFER),
+        (op::UPLOAD, &[1, 60, DATA, 8], status::OUT_OF_BOUNDS),
+        (op::UPLOAD, &[1, u64::MAX, DATA, 8], status::OUT_OF_BOUNDS),
+        (op::UPLOAD, &[1, 0, RAM - 4, 8], status::BAD_GUEST_RANGE),
+        (
+            op::UPLOAD,
+            &[1, 0, u64::MAX - 2, 8],
+            status::BAD_GUEST_RANGE,
+        ),
+        (op::DOWNLOAD, &[1, 0, RAM, 4], status::BAD_GUEST_RANGE),
+        (op::DOWNLOAD, &[1, 0, 1 << 50, 64], status::BAD_GUEST_RANGE),
+        (op::LAUNCH, &[12345], status::BAD_KERNEL),
+        (op::LAUNCH, &[kernel::ADD, 1, 7, 1, 16], status::BAD_BUFFER),
+        (
+            op::LAUNCH,
+            &[kernel::SCALE, 1, 17, 1],
+            status::OUT_OF_BOUNDS,
+        ),
+        (
+            op::LAUNCH,
+            &[kernel::MATMUL, 1, 1, 1, u64::MAX, u64::MAX, 2, 0],
+            status::BAD_SHAPE,
+        ),
+    ];
+    for (i, (opcode, args, expected)) in cases.iter().enumerate() {
+        let got = g.run(*opcode, args);
+        assert_eq!(
+            got,
+            *expected,
+            "case {i}: {} instead of {}",
+            status::name(got),
+            status::name(*expected)
+        );
+    }
+    // The buffer is intact and the device still works.
+    assert_eq!(g.download(1, 16), vec![5.0; 16]);
+    assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 64);
+}
+
+#[test]
+fn lying_ring_indices_are_ignored_until_sane() {
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+    let tail = g.tail();
+    // Far ahead: the device must not execute stale slots.
+    g.set_head(tail + RING_SLOTS + 1);
+    g.accel.doorbell();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(g.device_status(), device_status::RING_INVALID);
+    assert_eq!(g.tail(), tail, "nothing executed");
+    // Behind the tail.
+    g.set_head(tail - 1);
+    g.accel.doorbell();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(g.tail(), tail);
+    // Back to sane: work resumes.
+    g.head = tail;
+    g.set_head(tail);
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
+    assert_eq!(g.device_status(), device_status::OK);
+}
+
+#[test]
+fn random_command_words_never_hurt_the_host() {
+    let mut g = FakeGuest::new(2);
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut sent = 0;
+    while Instant::now() < deadline && sent < 20_000 {
+        // Mostly real opcodes and small ids so commands get past the first checks.
+        let opcode = (next() % 8) as u32;
+        let args: Vec<u64> = (0..15)
+            .map(|i| match next() % 4 {
+                0 => next(),
+                1 => next() % 8,
+                2 if i == 0 && opcode == op::LAUNCH => next() % 24,
+                _ => next() % 4096,
+            })
+            .collect();
+        g.submit(opcode, &args);
+        sent += 1;
+        if g.head - g.tail() >= RING_SLOTS - 1 {
+            g.wait_tail(g.head - RING_SLOTS / 2);
+        }
+    }
+    g.wait_tail(g.head);
+    assert!(sent > 100);
+    // Still a working device.
+    for id in 1..=4096u64 {
+        let _ = g.run(op::FREE, &[id]);
+    }
+    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+    assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
+    assert_eq!(g.download(1, 4), vec![1.0, 2.0, 3.0, 4.0]);
+}
+
+#[test]
+fn dirty_chunks_are_exactly_what_commands_wrote() {
+    let mut g = FakeGuest::new(1);
+    let big = 4 * CHUNK_SIZE;
+    assert_eq!(g.run(op::ALLOC, &[1, big]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
+    g.accel.start_dirty_tracking();
+    assert!(g.accel.take_dirty_chunks().is_empty());
+
+    // COPY 4 elements into the middle of chunk 2 of buffer 1.
+    let dst = (2 * CHUNK_SIZE + 64) / 4;
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::COPY, 2, 0, 1, dst, 4]),
+        status::OK
+    );
+    assert_eq!(
+        g.accel.take_dirty_chunks(),
+        vec![ChunkId {
+            buffer: 1,
+            index: 2
+        }]
+    );
+
+    // An upload spanning chunks 0 and 1; a download writes nothing on the device.
+    let data = vec![0u8; 16];
+    g.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        g.run(op::UPLOAD, &[1, CHUNK_SIZE - 8, DATA, 16]),
+        status::OK
+    );
+    assert_eq!(g.run(op::DOWNLOAD, &[1, 0, DATA, 16]), status::OK);
+    assert_eq!(
+        g.accel.take_dirty_chunks(),
+        vec![
+            ChunkId {
+                buffer: 1,
+                index: 0
+            },
+            ChunkId {
+                buffer: 1,
+                index: 1
+            }
+        ]
+    );
+    // A buffer created while tracking is dirty as a whole.
+    assert_eq!(g.run(op::ALLOC, &[3, CHUNK_SIZE + 4]), status::OK);
+    assert_eq!(g.accel.take_dirty_chunks().len(), 2);
+    g.accel.stop_dirty_tracking();
+}
+
+#[test]
+fn paused_device_state_and_chunks_restore_into_a_new_device() {
+    let mut g = FakeGuest::new(2);
+    assert_eq!(g.run(op::ALLOC, &[5, 3 * CHUNK_SIZE]), status::OK);
+    let n = 3 * CHUNK_SIZE / 4;
+    assert_eq!(
+        g.run(
+            op::LAUNCH,
+            &[kernel::RNG_FILL, 5, n, 7, 0, 0, f32::to_bits(1.0) as u64]
+        ),
+        status::OK
+    );
+    g.accel.pause();
+    // Submitted while paused: stays in the ring and runs after the restore.
+    let pending = g.submit(op::LAUNCH, &[kernel::SCALE, 5, n, f32::to_bits(2.0) as u64]);
+    let state = g.accel.save_state();
+    assert_eq!(state.tail, pending, "the pending command was not executed");
+
+    let mem2 = g.mem.clone(); // guest RAM moves with the VM
+    let restored = Accelerator::restore(mem2, &state, backend::create("cpu", 1).unwrap()).unwrap();
+    let mut data = Vec::new();
+    for chunk in g.accel.all_chunks() {
+        assert!(g.accel.read_chunk(chunk, &mut data));
+        restored.write_chunk(chunk, &data).unwrap();
+    }
+    let before: Vec<u8> = {
+        let mut all = Vec::new();
+        for chunk in g.accel.all_chunks() {
+            g.accel.read_chunk(chunk, &mut data);
+            all.extend_from_slice(&data);
+        }
+        all
+    };
+    drop(std::mem::replace(&mut g.accel, restored));
+    g.accel.resume();
+    g.wait_tail(pending + 1);
+    assert_eq!(g.status(pending), status::OK);
+    let after = g.download(5, 16);
+    let expected: Vec<f32> = before[..64]
+        .chunks(4)
+        .map(|c| 2.0 * f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(after, expected);
+    assert!(after.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn restore_refuses_corrupt_state() {
+    let g = FakeGuest::new(1);
+    g.accel.pause();
+    let mut state = g.accel.save_state();
+    state
+        .buffers
+        .push(ferry_accel::device::BufferState { id: 0, bytes: 16 });
+    assert!(
+        Accelerator::restore(g.mem.clone(), &state, backend::create("cpu", 1).unwrap()).is_err()
+    );
+    state.buffers[0] = ferry_accel::device::BufferState {
+        id: 1,
+        bytes: CAPACITY + 4,
+    };
+    assert!(
+        Accelerator::restore(g.mem.clone(), &state, backend::create("cpu", 1).unwrap()).is_err()
+    );
+    let mut other = g.accel.save_state();
+    other.backend_kind = "cuda".into();
+    let err = Accelerator::restore(g.mem.clone(), &other, backend::create("cpu", 1).unwrap())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("cuda"), "{err}");
+    let chunk = ChunkId {
+        buffer: 42,
+        index: 0,
+    };
+    assert!(g.accel.write_chunk(chunk, &[0; 4]).is_err());
+}
