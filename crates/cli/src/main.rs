@@ -46,6 +46,7 @@ enum Command {
 #[command(
     after_help = "Examples:\n  ferry run hello -- one two\n  ferry run memtouch -- --mib 64 --passes 4\n  \
                         ferry run memtouch --snapshot-at-ms 300 --snapshot-dir /tmp/snap -- --passes 50\n  \
+                        ferry run --accel-memory 256M mlp-train -- --steps 200\n  \
                         ferry restore /tmp/snap"
 )]
 pub struct RunArgs {
@@ -54,6 +55,13 @@ pub struct RunArgs {
     /// Guest RAM: a multiple of 2 MiB, 16M to 64G.
     #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_size)]
     pub memory: u64,
+    /// Give the VM a virtual accelerator with this much device memory (e.g. 256M, 4G).
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    pub accel_memory: Option<u64>,
+    /// Host threads for the accelerator's cpu backend (default: all cores). Results are
+    /// bit-identical whatever the count.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub accel_threads: Option<u16>,
     /// Pause the VM this many ms after it starts, save it to --snapshot-dir, and stop.
     #[arg(long, value_name = "MS", requires = "snapshot_dir")]
     pub snapshot_at_ms: Option<u64>,
@@ -70,6 +78,9 @@ pub struct RunArgs {
 pub struct RestoreArgs {
     /// Snapshot directory written by `ferry run --snapshot-at-ms`.
     pub dir: PathBuf,
+    /// Host threads for the accelerator's cpu backend (default: all cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub accel_threads: Option<u16>,
 }
 
 fn main() -> ExitCode {

@@ -22,7 +22,7 @@ pub mod vm;
 
 pub use devices::console::ConsoleSink;
 pub use memory::DirtyPages;
-pub use vm::{Microvm, MicrovmState, RunState, VmConfig, VmExit};
+pub use vm::{HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit};
 
 /// For tests that need KVM: `true` if it is usable; otherwise writes a loud SKIPPED line
 /// naming `test` and the reason straight to stderr (past libtest's output capture, so a

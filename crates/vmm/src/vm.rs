@@ -5,9 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_abi::accel::RING_REGION_SIZE;
 use ferry_abi::{
     encode_args, BootInfo, ABI_VERSION, ARGS_CAPACITY, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, STACK_SIZE,
 };
+use ferry_accel::backend::{self, Backend};
+use ferry_accel::device::{AccelState, AccelStateError, Accelerator};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -24,6 +27,8 @@ use crate::vcpu::{Vcpu, VcpuEvent, VcpuHandle, VcpuRunError, VcpuState, VcpuStat
 
 /// Least heap a guest gets; an image leaving less is refused.
 const MIN_HEAP: u64 = 1 << 20;
+/// Largest accelerator memory profile.
+pub const MAX_ACCEL_MEMORY: u64 = 64 << 30;
 
 /// The shape of a VM: what must match between a snapshot and the VM restoring it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +37,59 @@ pub struct VmConfig {
     pub ram_size: u64,
     /// Number of vCPUs (1 for now).
     pub vcpus: u8,
+    /// Bytes of accelerator memory (the profile); 0 for a VM without an accelerator.
+    pub accel_memory: u64,
+}
+
+impl VmConfig {
+    /// A single-vCPU VM with `ram_size` bytes of RAM and no accelerator.
+    pub const fn new(ram_size: u64) -> Self {
+        Self {
+            ram_size,
+            vcpus: 1,
+            accel_memory: 0,
+        }
+    }
+
+    /// The same VM with an accelerator of `bytes` of device memory.
+    pub const fn with_accel(self, bytes: u64) -> Self {
+        Self {
+            accel_memory: bytes,
+            ..self
+        }
+    }
+}
+
+/// What this host gives a VM, which is not part of its state: where its console goes and
+/// how many threads its accelerator backend may use.
+pub struct HostOptions {
+    /// Console output.
+    pub console: ConsoleSink,
+    /// Accelerator backend threads (results do not depend on it).
+    pub accel_threads: usize,
+}
+
+impl HostOptions {
+    /// Console kept in memory only; accelerator threads = available cores.
+    pub fn quiet() -> Self {
+        Self {
+            console: ConsoleSink::None,
+            accel_threads: default_accel_threads(),
+        }
+    }
+
+    /// Console on stdout; accelerator threads = available cores.
+    pub fn stdout() -> Self {
+        Self {
+            console: ConsoleSink::Stdout,
+            accel_threads: default_accel_threads(),
+        }
+    }
+}
+
+/// Available host cores.
+pub fn default_accel_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A whole paused VM, less its RAM: what a snapshot (and later a migration) carries.
@@ -45,6 +103,8 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     /// Port devices.
     pub devices: DeviceStates,
+    /// The accelerator, if the VM has one (buffer contents travel separately).
+    pub accel: Option<AccelState>,
 }
 
 /// Where a VM is in its life.
@@ -102,6 +162,15 @@ pub enum CreateVmError {
     /// The snapshot could not be read.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The accelerator profile is out of range.
+    #[error("accelerator memory {0} bytes is invalid: it must be a multiple of 4 KiB, at most {max} GiB", max = MAX_ACCEL_MEMORY >> 30)]
+    AccelMemory(u64),
+    /// The accelerator could not be created or restored.
+    #[error("cannot set up the accelerator")]
+    Accel(#[source] AccelStateError),
+    /// The accelerator device thread could not start.
+    #[error("cannot start the accelerator thread")]
+    SpawnAccel(#[source] std::io::Error),
     /// The snapshot's state does not describe a VM this VMM can build.
     #[error("snapshot is incompatible: {0}")]
     Incompatible(String),
@@ -158,11 +227,21 @@ impl Default for BootInfoPage {
     }
 }
 
+fn cpu_backend(threads: usize) -> Result<Box<dyn Backend>, CreateVmError> {
+    backend::create("cpu", threads)
+        .ok_or_else(|| CreateVmError::Incompatible("no cpu backend in this build".into()))
+}
+
 fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmError> {
     if config.vcpus != 1 {
         return Err(CreateVmError::UnsupportedVcpus(config.vcpus));
     }
     memory::validate_ram_size(config.ram_size)?;
+    if !config.accel_memory.is_multiple_of(ferry_abi::PAGE_SIZE)
+        || config.accel_memory > MAX_ACCEL_MEMORY
+    {
+        return Err(CreateVmError::AccelMemory(config.accel_memory));
+    }
     let kvm = Kvm::new().map_err(CreateVmError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(CreateVmError::CreateVm)?;
     let memory = create_guest_ram(config.ram_size)?;
@@ -176,11 +255,17 @@ impl Microvm {
         config: VmConfig,
         image: &[u8],
         args: &[String],
-        sink: ConsoleSink,
+        host: HostOptions,
     ) -> Result<Self, CreateVmError> {
         let (kvm, vm, memory) = open_vm(&config)?;
         let stack_top = config.ram_size;
-        let heap_end = stack_top - STACK_SIZE;
+        // The accelerator ring sits just below the stack; the heap ends below it.
+        let ring_gpa = stack_top - STACK_SIZE - RING_REGION_SIZE;
+        let heap_end = if config.accel_memory > 0 {
+            ring_gpa
+        } else {
+            stack_top - STACK_SIZE
+        };
         let LoadedImage { entry, end } = load_image(&memory, image, heap_end - MIN_HEAP)?;
 
         let mut boot = BootInfoPage::default();
@@ -194,13 +279,26 @@ impl Microvm {
         boot.0.heap_start = end;
         boot.0.heap_end = heap_end;
         boot.0.stack_top = stack_top;
+        let accel = if config.accel_memory > 0 {
+            boot.0.accel_ring = ring_gpa;
+            let backend = cpu_backend(host.accel_threads)?;
+            let accel = Accelerator::boot(memory.clone(), ring_gpa, config.accel_memory, backend)
+                .map_err(CreateVmError::SpawnAccel)?;
+            Some(accel)
+        } else {
+            None
+        };
         arch::write_system_pages(&memory, config.ram_size)
             .map_err(CreateVmError::WriteBootPages)?;
         memory
             .write_obj(boot, GuestAddress(BOOT_INFO_ADDR))
             .map_err(CreateVmError::WriteBootPages)?;
 
-        let devices = Arc::new(PortDevices::new(sink, usize::from(config.vcpus)));
+        let devices = Arc::new(PortDevices::new(
+            host.console,
+            usize::from(config.vcpus),
+            accel,
+        ));
         let vcpu =
             Vcpu::new(&vm, 0, devices.clone(), memory.clone()).map_err(CreateVmError::Vcpu)?;
         vcpu.configure_entry(&kvm, entry, stack_top)
@@ -219,7 +317,7 @@ impl Microvm {
 
     /// Rebuilds a VM from a snapshot file, paused. Every check (format, checksum, sizes,
     /// KVM accepting the vCPU state) happens before the VM can run.
-    pub fn restore(path: &Path, sink: ConsoleSink) -> Result<(Self, SnapshotStats), CreateVmError> {
+    pub fn restore(path: &Path, host: HostOptions) -> Result<(Self, SnapshotStats), CreateVmError> {
         let (reader, state): (_, MicrovmState) = SnapshotReader::open(path)?;
         if state.abi_version != ABI_VERSION {
             return Err(CreateVmError::Incompatible(format!(
@@ -235,9 +333,31 @@ impl Microvm {
             ));
         }
         let config = state.config;
+        if state.accel.as_ref().map_or(0, |a| a.capacity) != config.accel_memory {
+            return Err(CreateVmError::Incompatible(
+                "accelerator state disagrees with the VM shape".into(),
+            ));
+        }
         let (kvm, vm, memory) = open_vm(&config)?;
-        let stats = reader.read_memory_into(&memory)?;
-        let devices = Arc::new(PortDevices::restore(sink, &state.devices));
+        let accel = match &state.accel {
+            Some(saved) => {
+                let backend =
+                    backend::create(&saved.backend_kind, host.accel_threads).ok_or_else(|| {
+                        CreateVmError::Incompatible(format!(
+                            "accelerator backend '{}' is not available here (this build has: {})",
+                            saved.backend_kind,
+                            backend::AVAILABLE.join(", ")
+                        ))
+                    })?;
+                Some(
+                    Accelerator::restore(memory.clone(), saved, backend)
+                        .map_err(CreateVmError::Accel)?,
+                )
+            }
+            None => None,
+        };
+        let stats = reader.read_contents_into(&memory, accel.as_ref())?;
+        let devices = Arc::new(PortDevices::restore(host.console, &state.devices, accel));
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (index, vcpu_state) in state.vcpus.iter().enumerate() {
             let vcpu = Vcpu::new(&vm, index, devices.clone(), memory.clone())
@@ -297,6 +417,9 @@ impl Microvm {
             return Err(self.wrong_state("resume", "paused"));
         }
         self.devices.clock.start();
+        if let Some(accel) = &self.devices.accel {
+            accel.resume();
+        }
         for vcpu in &self.vcpus {
             vcpu.resume()?;
         }
@@ -304,8 +427,9 @@ impl Microvm {
         Ok(())
     }
 
-    /// Pauses a running VM at whatever instruction it is on; returns how long the vCPUs
-    /// took to stop. If the guest ended meanwhile, the VM is `Exited`/`Failed` instead.
+    /// Pauses a running VM: the vCPUs at whatever instruction they are on, then the
+    /// accelerator at a command boundary. Returns how long that took. If the guest ended
+    /// meanwhile, the VM is `Exited`/`Failed` instead.
     pub fn pause(&mut self) -> Result<Duration, VmControlError> {
         if !matches!(self.state, RunState::Running) {
             return Err(self.wrong_state("pause", "running"));
@@ -319,6 +443,9 @@ impl Microvm {
                     return Err(self.wrong_state("pause", "running"));
                 }
             }
+        }
+        if let Some(accel) = &self.devices.accel {
+            accel.pause();
         }
         let took = started.elapsed();
         self.devices.clock.stop();
@@ -369,13 +496,24 @@ impl Microvm {
             config: self.config,
             vcpus,
             devices: self.devices.save(),
+            accel: self.devices.accel.as_ref().map(Accelerator::save_state),
         })
     }
 
     /// Saves a paused VM to a snapshot file.
     pub fn save(&self, path: &Path) -> Result<SnapshotStats, VmControlError> {
         let state = self.save_state()?;
-        Ok(write_snapshot(path, &state, &self.memory)?)
+        Ok(write_snapshot(
+            path,
+            &state,
+            &self.memory,
+            self.devices.accel.as_ref(),
+        )?)
+    }
+
+    /// The VM's accelerator, if it has one (dirty chunks, chunk reads and writes).
+    pub fn accel(&self) -> Option<&Accelerator> {
+        self.devices.accel.as_ref()
     }
 
     /// Dirty-page tracking of guest RAM (guest writes and VMM/device writes).

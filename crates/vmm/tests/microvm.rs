@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 
 use ferry_vmm::vcpu::VcpuRunError;
 use ferry_vmm::vm::CreateVmError;
-use ferry_vmm::{ConsoleSink, Microvm, VmConfig, VmExit};
+use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
-const CONFIG: VmConfig = VmConfig {
-    ram_size: 128 << 20,
-    vcpus: 1,
-};
+const CONFIG: VmConfig = VmConfig::new(128 << 20);
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn kvm_available(test: &str) -> bool {
@@ -30,7 +27,7 @@ fn image(name: &str) -> &'static [u8] {
 
 fn boot(name: &str, args: &[&str]) -> Microvm {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut vm = Microvm::boot(CONFIG, image(name), &args, ConsoleSink::None).expect("boot");
+    let mut vm = Microvm::boot(CONFIG, image(name), &args, HostOptions::quiet()).expect("boot");
     vm.resume().expect("resume");
     vm
 }
@@ -131,7 +128,7 @@ fn snapshot_and_restore(at: Duration, file: &str) -> String {
     vm.save(&path).expect("save");
     drop(vm);
 
-    let (mut restored, stats) = Microvm::restore(&path, ConsoleSink::None).expect("restore");
+    let (mut restored, stats) = Microvm::restore(&path, HostOptions::quiet()).expect("restore");
     assert!(stats.pages_stored > 0);
     assert_eq!(
         restored.guest_time_ns(),
@@ -220,7 +217,7 @@ fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
         return;
     }
     let args: Vec<String> = ["--pages", "16"].iter().map(|s| s.to_string()).collect();
-    let mut vm = Microvm::boot(CONFIG, image("dirty-pages"), &args, ConsoleSink::None).unwrap();
+    let mut vm = Microvm::boot(CONFIG, image("dirty-pages"), &args, HostOptions::quiet()).unwrap();
     vm.start_dirty_log().unwrap();
     vm.resume().unwrap();
 
@@ -283,13 +280,13 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     let at = good.len() - 10_000;
     flipped[at] ^= 0x40;
     std::fs::write(&path, &flipped).unwrap();
-    let err = Microvm::restore(&path, ConsoleSink::None)
+    let err = Microvm::restore(&path, HostOptions::quiet())
         .err()
         .expect("flipped byte accepted");
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
 
     std::fs::write(&path, &good[..good.len() / 3]).unwrap();
-    let err = Microvm::restore(&path, ConsoleSink::None)
+    let err = Microvm::restore(&path, HostOptions::quiet())
         .err()
         .expect("truncated file accepted");
     assert!(
@@ -300,7 +297,7 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     let mut versioned = good.clone();
     versioned[8] = 99;
     std::fs::write(&path, &versioned).unwrap();
-    let err = Microvm::restore(&path, ConsoleSink::None)
+    let err = Microvm::restore(&path, HostOptions::quiet())
         .err()
         .expect("wrong version accepted");
     assert!(
@@ -310,7 +307,7 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
 
     // The untouched file still restores and runs.
     std::fs::write(&path, &good).unwrap();
-    let (mut restored, _) = Microvm::restore(&path, ConsoleSink::None).unwrap();
+    let (mut restored, _) = Microvm::restore(&path, HostOptions::quiet()).unwrap();
     restored.resume().unwrap();
     assert!(
         restored.wait(Some(Duration::from_millis(50))).is_none(),

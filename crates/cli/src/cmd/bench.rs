@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use clap::Args;
 use ferry_abi::calibration;
-use ferry_vmm::{ConsoleSink, Microvm, VmConfig, VmExit};
+use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 use serde::Serialize;
 
 /// `ferry bench`.
@@ -89,10 +89,10 @@ fn start(name: &str, args: &[&str], ram_size: u64) -> anyhow::Result<Microvm> {
         ferry_guest_images::find(name).with_context(|| format!("no built-in guest {name}"))?;
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let mut vm = Microvm::boot(
-        VmConfig { ram_size, vcpus: 1 },
+        VmConfig::new(ram_size),
         image.elf,
         &args,
-        ConsoleSink::None,
+        HostOptions::quiet(),
     )?;
     vm.resume()?;
     Ok(vm)
@@ -186,13 +186,10 @@ fn startup(emit: &mut Emit) -> anyhow::Result<()> {
     for _ in 0..10 {
         let started = Instant::now();
         let mut vm = Microvm::boot(
-            VmConfig {
-                ram_size: 256 << 20,
-                vcpus: 1,
-            },
+            VmConfig::new(256 << 20),
             image.elf,
             &[],
-            ConsoleSink::None,
+            HostOptions::quiet(),
         )?;
         boot_ms.push(started.elapsed().as_secs_f64() * 1e3);
         vm.resume()?;
@@ -272,7 +269,7 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
     drop(vm);
 
     let started = Instant::now();
-    let (mut restored, _) = Microvm::restore(&path, ConsoleSink::None)?;
+    let (mut restored, _) = Microvm::restore(&path, HostOptions::quiet())?;
     let restore_s = started.elapsed().as_secs_f64();
     restored.resume()?;
     let still_running = restored.wait(Some(Duration::from_millis(100))).is_none();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_vmm::snapshot::SNAPSHOT_FILE;
-use ferry_vmm::{ConsoleSink, Microvm, VmConfig, VmExit};
+use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 
 use crate::{RestoreArgs, RunArgs, EXIT_VM_FAILED};
 
@@ -29,6 +29,15 @@ pub fn resolve_image(workload: &str) -> anyhow::Result<Cow<'static, [u8]>> {
     )
 }
 
+/// Console on stdout, and the accelerator thread count asked for (else all cores).
+fn host_options(accel_threads: Option<u16>) -> HostOptions {
+    let mut host = HostOptions::stdout();
+    if let Some(threads) = accel_threads {
+        host.accel_threads = usize::from(threads);
+    }
+    host
+}
+
 /// Turns how the guest ended into ferry's exit code.
 pub fn exit_code(exit: VmExit) -> ExitCode {
     match exit {
@@ -48,12 +57,14 @@ fn wait_to_end(mut vm: Microvm) -> anyhow::Result<ExitCode> {
 /// `ferry run`.
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let image = resolve_image(&args.workload)?;
-    let config = VmConfig {
-        ram_size: args.memory,
-        vcpus: 1,
-    };
-    let mut vm = Microvm::boot(config, &image, &args.guest_args, ConsoleSink::Stdout)
-        .with_context(|| format!("cannot start a VM for {}", args.workload))?;
+    let config = VmConfig::new(args.memory).with_accel(args.accel_memory.unwrap_or(0));
+    let mut vm = Microvm::boot(
+        config,
+        &image,
+        &args.guest_args,
+        host_options(args.accel_threads),
+    )
+    .with_context(|| format!("cannot start a VM for {}", args.workload))?;
     vm.resume()?;
     let (Some(at_ms), Some(dir)) = (args.snapshot_at_ms, &args.snapshot_dir) else {
         return wait_to_end(vm);
@@ -93,7 +104,7 @@ fn snapshot_path(arg: &Path) -> PathBuf {
 
 /// `ferry restore`.
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
-    let (mut vm, _) = Microvm::restore(&snapshot_path(&args.dir), ConsoleSink::Stdout)
+    let (mut vm, _) = Microvm::restore(&snapshot_path(&args.dir), host_options(args.accel_threads))
         .context("cannot restore the VM")?;
     vm.resume()?;
     wait_to_end(vm)

@@ -3,7 +3,10 @@
 pub mod clock;
 pub mod console;
 
+use std::time::Duration;
+
 use ferry_abi::{port, CONSOLE_BUFFER_ADDR, CONSOLE_BUFFER_SIZE};
+use ferry_accel::device::Accelerator;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -32,28 +35,36 @@ pub struct DeviceStates {
     pub clock: ClockState,
 }
 
+/// Longest an `ACCEL_WAIT` keeps the vCPU in the VMM: short enough that a pause request
+/// is answered promptly, long enough that a waiting guest does not spin on exits.
+const ACCEL_WAIT_SLICE: Duration = Duration::from_millis(1);
+
 /// The devices on the port-I/O bus.
 pub struct PortDevices {
     /// Console.
     pub console: Console,
     /// Clock.
     pub clock: GuestClock,
+    /// The virtual accelerator, if the VM has one.
+    pub accel: Option<Accelerator>,
 }
 
 impl PortDevices {
     /// Fresh devices for a VM with `vcpus` vCPUs.
-    pub fn new(sink: ConsoleSink, vcpus: usize) -> Self {
+    pub fn new(sink: ConsoleSink, vcpus: usize, accel: Option<Accelerator>) -> Self {
         Self {
             console: Console::new(sink),
             clock: GuestClock::new(vcpus),
+            accel,
         }
     }
 
     /// Devices continuing from a saved state.
-    pub fn restore(sink: ConsoleSink, state: &DeviceStates) -> Self {
+    pub fn restore(sink: ConsoleSink, state: &DeviceStates, accel: Option<Accelerator>) -> Self {
         Self {
             console: Console::restore(sink, &state.console),
             clock: GuestClock::restore(&state.clock),
+            accel,
         }
     }
 
@@ -74,6 +85,16 @@ impl PortDevices {
                 return PortAction::Exit(i32::from_le_bytes(data.try_into().expect("4 bytes")))
             }
             (port::FAULT, _) => return PortAction::FaultReported,
+            (port::ACCEL_DOORBELL, 4) => {
+                if let Some(accel) = &self.accel {
+                    accel.doorbell();
+                }
+            }
+            (port::ACCEL_WAIT, 4) => {
+                if let Some(accel) = &self.accel {
+                    accel.wait_idle(ACCEL_WAIT_SLICE);
+                }
+            }
             _ => tracing::debug!(port, len = data.len(), "write ignored"),
         }
         PortAction::Continue

@@ -5,6 +5,8 @@
 //! state    postcard-encoded MicrovmState (state_len bytes, at most MAX_STATE_LEN)
 //! memory   runs of non-zero pages: gpa u64 | pages u64 | pages * 4096 bytes   (ascending)
 //! end      gpa = u64::MAX | pages = 0
+//! device   non-zero accelerator chunks: buffer u32 | reserved u32 | index u64 | len u64 | data
+//! end      buffer = u32::MAX | 0 | 0 | 0
 //! trailer  CRC-32 (IEEE) of every byte before it, u32
 //! ```
 //!
@@ -21,12 +23,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
+use ferry_accel::device::Accelerator;
+use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
+
 use crate::memory::{ram_size, GuestRam};
 
 /// File name of the snapshot inside a snapshot directory.
 pub const SNAPSHOT_FILE: &str = "vm.snap";
 /// Format version this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: [u8; 8] = *b"FERRYSNP";
 const HEADER_LEN: usize = 32;
 /// Upper bound on the encoded state, so a corrupt length cannot make us allocate wildly.
@@ -106,9 +111,13 @@ pub struct SnapshotStats {
     pub ram_bytes: u64,
     /// Non-zero pages stored.
     pub pages_stored: u64,
+    /// Non-zero accelerator chunks stored.
+    pub chunks_stored: u64,
     /// Bytes of the file.
     pub file_bytes: u64,
 }
+
+const DEVICE_END: u32 = u32::MAX;
 
 /// Passes bytes through while computing their CRC.
 struct Crc<T> {
@@ -155,6 +164,7 @@ pub fn write_snapshot<S: Serialize>(
     path: &Path,
     state: &S,
     mem: &GuestRam,
+    accel: Option<&Accelerator>,
 ) -> Result<SnapshotStats, SnapshotError> {
     let io_err = |source| SnapshotError::Io {
         path: path.to_owned(),
@@ -166,7 +176,7 @@ pub fn write_snapshot<S: Serialize>(
     let file = File::create(&tmp).map_err(io_err)?;
     let mut out = Crc::new(BufWriter::with_capacity(1 << 20, file));
 
-    let write_all = |out: &mut Crc<BufWriter<File>>| -> io::Result<u64> {
+    let write_all = |out: &mut Crc<BufWriter<File>>| -> io::Result<(u64, u64)> {
         out.write_all(&MAGIC)?;
         out.write_all(&FORMAT_VERSION.to_le_bytes())?;
         out.write_all(&0u32.to_le_bytes())?;
@@ -204,9 +214,27 @@ pub fn write_snapshot<S: Serialize>(
         }
         out.write_all(&END_MARKER.to_le_bytes())?;
         out.write_all(&0u64.to_le_bytes())?;
-        Ok(pages_stored)
+
+        let mut chunks_stored = 0;
+        if let Some(accel) = accel {
+            let mut data = Vec::with_capacity(CHUNK_SIZE as usize);
+            for chunk in accel.all_chunks() {
+                if !accel.read_chunk(chunk, &mut data) || data.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                out.write_all(&chunk.buffer.to_le_bytes())?;
+                out.write_all(&0u32.to_le_bytes())?;
+                out.write_all(&chunk.index.to_le_bytes())?;
+                out.write_all(&(data.len() as u64).to_le_bytes())?;
+                out.write_all(&data)?;
+                chunks_stored += 1;
+            }
+        }
+        out.write_all(&DEVICE_END.to_le_bytes())?;
+        out.write_all(&[0u8; 20])?;
+        Ok((pages_stored, chunks_stored))
     };
-    let pages_stored = write_all(&mut out).map_err(io_err)?;
+    let (pages_stored, chunks_stored) = write_all(&mut out).map_err(io_err)?;
     let crc = out.hasher.clone().finalize();
     let mut file = out.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
     file.write_all(&crc.to_le_bytes()).map_err(io_err)?;
@@ -216,6 +244,7 @@ pub fn write_snapshot<S: Serialize>(
     Ok(SnapshotStats {
         ram_bytes,
         pages_stored,
+        chunks_stored,
         file_bytes,
     })
 }
@@ -298,8 +327,13 @@ impl SnapshotReader {
     }
 
     /// Reads the memory runs into `mem` (fresh, zeroed, of [`Self::ram_size`] bytes) and
-    /// checks the trailer. Until this returns `Ok`, `mem` must not be run.
-    pub fn read_memory_into(mut self, mem: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
+    /// the accelerator chunks into `accel` (restored from the state, paused), and checks
+    /// the trailer. Until this returns `Ok`, neither may run.
+    pub fn read_contents_into(
+        mut self,
+        mem: &GuestRam,
+        accel: Option<&Accelerator>,
+    ) -> Result<SnapshotStats, SnapshotError> {
         if ram_size(mem) != self.ram_size {
             return Err(self.corrupt(format!(
                 "RAM size {} does not match the VM's {}",
@@ -340,6 +374,7 @@ impl SnapshotReader {
             next_free = gpa + pages * PAGE_SIZE;
             pages_stored += pages;
         }
+        let chunks_stored = self.read_chunks_into(accel)?;
         let computed = self.input.hasher.clone().finalize();
         let bytes_before_crc = self.input.bytes;
         let mut rest = self.input.inner;
@@ -364,8 +399,41 @@ impl SnapshotReader {
         Ok(SnapshotStats {
             ram_bytes: self.ram_size,
             pages_stored,
+            chunks_stored,
             file_bytes: bytes_before_crc + 4,
         })
+    }
+
+    /// Reads the device section; every chunk must fit the restored buffer table.
+    fn read_chunks_into(&mut self, accel: Option<&Accelerator>) -> Result<u64, SnapshotError> {
+        let mut data = Vec::with_capacity(CHUNK_SIZE as usize);
+        let mut previous: Option<ChunkId> = None;
+        let mut chunks = 0;
+        loop {
+            let mut record = [0u8; 24];
+            self.input
+                .read_exact(&mut record)
+                .map_err(|e| self.err(e))?;
+            let buffer = u32::from_le_bytes(record[..4].try_into().expect("4 bytes"));
+            let index = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
+            let len = u64::from_le_bytes(record[16..24].try_into().expect("8 bytes"));
+            if buffer == DEVICE_END {
+                return Ok(chunks);
+            }
+            let chunk = ChunkId { buffer, index };
+            let Some(accel) = accel.filter(|_| len <= CHUNK_SIZE && previous < Some(chunk)) else {
+                return Err(self.corrupt(format!(
+                    "accelerator chunk {index} of buffer {buffer} ({len} bytes) is out of order, too long, or the VM has no accelerator"
+                )));
+            };
+            data.resize(len as usize, 0);
+            self.input.read_exact(&mut data).map_err(|e| self.err(e))?;
+            accel
+                .write_chunk(chunk, &data)
+                .map_err(|e| self.corrupt(e.to_string()))?;
+            previous = Some(chunk);
+            chunks += 1;
+        }
     }
 }
 
@@ -396,7 +464,7 @@ mod tests {
         mem.write_obj(0x1234_5678u64, GuestAddress(RAM - 8))
             .unwrap();
         let path = dir.join(SNAPSHOT_FILE);
-        let stats = write_snapshot(&path, &"state".to_string(), &mem).unwrap();
+        let stats = write_snapshot(&path, &"state".to_string(), &mem, None).unwrap();
         assert_eq!(stats.pages_stored, 3, "two pages of 0xab and the last page");
         (path, mem)
     }
@@ -404,7 +472,7 @@ mod tests {
     fn read_back(path: &Path) -> Result<(String, GuestRam), SnapshotError> {
         let (reader, state): (_, String) = SnapshotReader::open(path)?;
         let mem = create_guest_ram(reader.ram_size()).unwrap();
-        reader.read_memory_into(&mem)?;
+        reader.read_contents_into(&mem, None)?;
         Ok((state, mem))
     }
 

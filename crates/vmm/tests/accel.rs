@@ -1,0 +1,138 @@
+//! AI workloads on the virtual accelerator, in real VMs: determinism across backend
+//! thread counts, learning, and snapshot/restore in the middle of training.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
+
+const CONFIG: VmConfig = VmConfig::new(128 << 20).with_accel(256 << 20);
+const TIMEOUT: Duration = Duration::from_secs(120);
+const MLP: [&str; 6] = ["--steps", "300", "--print-every", "50", "--seed", "3"];
+const LLM: [&str; 4] = ["--tokens", "24", "--weights-mib", "8"];
+
+fn kvm_available(test: &str) -> bool {
+    ferry_vmm::kvm_usable_or_announce_skip(test)
+}
+
+fn boot(name: &str, args: &[&str], threads: usize) -> Microvm {
+    let image = ferry_guest_images::find(name).expect("built-in guest").elf;
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let host = HostOptions {
+        accel_threads: threads,
+        ..HostOptions::quiet()
+    };
+    let mut vm = Microvm::boot(CONFIG, image, &args, host).expect("boot");
+    vm.resume().unwrap();
+    vm
+}
+
+fn finish(mut vm: Microvm) -> String {
+    let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end in time");
+    let console = vm.console_tail();
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    console
+}
+
+fn value<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= line in:\n{console}"))
+}
+
+fn losses(console: &str) -> Vec<f64> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("step="))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("loss=")))
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn checksums_are_bit_identical_with_1_2_and_4_backend_threads() {
+    if !kvm_available("checksums_are_bit_identical_with_1_2_and_4_backend_threads") {
+        return;
+    }
+    for (name, args) in [("mlp-train", &MLP[..]), ("llm-decode", &LLM[..])] {
+        let sums: Vec<String> = [1, 2, 4]
+            .iter()
+            .map(|&t| value(&finish(boot(name, args, t)), "checksum").to_string())
+            .collect();
+        assert!(sums.iter().all(|s| *s == sums[0]), "{name}: {sums:?}");
+    }
+}
+
+#[test]
+fn mlp_train_learns() {
+    if !kvm_available("mlp_train_learns") {
+        return;
+    }
+    let console = finish(boot("mlp-train", &MLP, 2));
+    let curve = losses(&console);
+    let first = curve[0];
+    let last: f64 = value(&console, "loss").parse().unwrap();
+    // ln(10) ≈ 2.3 for 10 classes at random; the teacher task is learnable, so 300 Adam
+    // steps must cut the loss to under a quarter of where it started.
+    assert!(first > 1.5, "initial loss {first} is suspiciously low");
+    assert!(
+        last < first / 4.0,
+        "loss went from {first} to {last}: not learning\n{console}"
+    );
+    assert!(last.is_finite());
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-accel-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn snapshot_mid_training_restores_to_the_same_checksum() {
+    if !kvm_available("snapshot_mid_training_restores_to_the_same_checksum") {
+        return;
+    }
+    let straight = value(&finish(boot("mlp-train", &MLP, 2)), "checksum").to_string();
+    for (i, ms) in [30u64, 120].into_iter().enumerate() {
+        let mut vm = boot("mlp-train", &MLP, 2);
+        std::thread::sleep(Duration::from_millis(ms));
+        vm.pause().expect("still training at the snapshot point");
+        assert!(
+            !vm.console_tail().contains("checksum="),
+            "snapshot after the end"
+        );
+        let path = temp_path(&format!("mlp-{i}.snap"));
+        let stats = vm.save(&path).unwrap();
+        assert!(
+            stats.chunks_stored > 0,
+            "device memory must be in the snapshot"
+        );
+        drop(vm);
+        // A different thread count on the restoring side changes nothing.
+        let host = HostOptions {
+            accel_threads: 1,
+            ..HostOptions::quiet()
+        };
+        let (mut restored, _) = Microvm::restore(&path, host).unwrap();
+        restored.resume().unwrap();
+        assert_eq!(
+            value(&finish(restored), "checksum"),
+            straight,
+            "snapshot at {ms} ms"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+#[test]
+fn llm_decode_produces_tokens() {
+    if !kvm_available("llm_decode_produces_tokens") {
+        return;
+    }
+    let console = finish(boot("llm-decode", &LLM, 2));
+    assert_eq!(value(&console, "tokens"), "24", "{console}");
+    assert_eq!(value(&console, "checksum").len(), 16);
+}
