@@ -20,6 +20,16 @@ const IMAGES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "mlp-train",
+        "trains an MLP on a dataset in accelerator memory; prints losses and a weight checksum",
+        false,
+    ),
+    (
+        "llm-decode",
+        "decodes tokens with a small transformer and a KV cache in accelerator memory",
+        false,
+    ),
+    (
         "calibrate",
         "times the shared compute and memory loops `ferry bench vm` compares with the host",
         true,

@@ -53,10 +53,20 @@ mod tests {
         let names: Vec<_> = all().iter().map(|i| i.name).collect();
         assert_eq!(
             names,
-            ["hello", "memtouch", "calibrate", "faults", "dirty-pages"]
+            [
+                "hello",
+                "memtouch",
+                "mlp-train",
+                "llm-decode",
+                "calibrate",
+                "faults",
+                "dirty-pages"
+            ]
         );
         assert!(!find("hello").unwrap().test_only);
         assert!(!find("memtouch").unwrap().test_only);
+        assert!(!find("mlp-train").unwrap().test_only);
+        assert!(!find("llm-decode").unwrap().test_only);
         assert!(find("faults").unwrap().test_only);
         assert!(find("dirty-pages").unwrap().test_only);
         assert!(find("nope").is_none());

@@ -17,11 +17,12 @@
 //! The SDK provides the entry point, console output ([`print!`], [`println!`]), the
 //! guest clock ([`clock::now_ns`]), [`exit`], a global allocator over the heap the
 //! VMM describes in the boot info, a panic handler, and the `mem*` functions that a
-//! freestanding binary needs.
+//! freestanding binary needs; [`accel`] is the tensor API of the virtual accelerator.
 #![no_std]
 
 extern crate alloc;
 
+pub mod accel;
 pub mod args;
 pub mod clock;
 pub mod console;

@@ -4,7 +4,7 @@ use crate::{console, println, Args};
 use alloc::vec::Vec;
 use core::arch::asm;
 use core::panic::PanicInfo;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use ferry_abi::{port, BootInfo, ABI_VERSION, BOOT_INFO_MAGIC, PAGE_SIZE};
 use linked_list_allocator::LockedHeap;
 
@@ -17,6 +17,9 @@ pub const EXIT_USAGE: i32 = 2;
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
+
+/// The validated boot-info page, set once by [`start`] before `main` runs.
+static BOOT_INFO: AtomicPtr<BootInfo> = AtomicPtr::new(core::ptr::null_mut());
 
 extern "C" {
     /// End of the loaded image (after .bss), defined by the workloads' linker script.
@@ -70,7 +73,21 @@ pub unsafe fn start(boot: *const BootInfo, main: fn(Args) -> i32) -> ! {
     }
     // SAFETY: as above; this is the only call, so the heap is not initialised yet.
     unsafe { init_heap(info) };
+    BOOT_INFO.store(boot.cast_mut(), Ordering::Release);
     exit(main(args(info)))
+}
+
+/// The boot-info page the VMM wrote (RAM size, heap, accelerator ring), as validated
+/// before `main` was called.
+///
+/// # Panics
+/// If called before the SDK's entry point ran, which cannot happen in a workload.
+pub fn boot_info() -> &'static BootInfo {
+    let info = BOOT_INFO.load(Ordering::Acquire);
+    assert!(!info.is_null(), "boot_info() called before the SDK started");
+    // SAFETY: `start` stored a pointer it validated, to the boot-info page that nothing
+    // writes while the guest runs.
+    unsafe { &*info }
 }
 
 /// Hands `heap_start..heap_end` to the allocator after checking it is plausible.

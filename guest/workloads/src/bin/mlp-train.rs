@@ -1,0 +1,400 @@
+//! Trains a multi-layer perceptron on the virtual accelerator, on a synthetic dataset
+//! that lives in accelerator memory: every step changes every weight and every optimizer
+//! moment (the hard case for live migration).
+//!
+//! The dataset is generated on the device: inputs drawn with RNG_FILL, labels computed by
+//! a fixed random linear "teacher" (argmax of inputs · W_teacher), so the task is
+//! learnable. Nothing depends on the clock: the same arguments give the same losses and
+//! the same final checksum, migrated or not.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose};
+use ferry_sdk::clock::now_ns;
+use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+
+ferry_sdk::entry!(main);
+
+const HELP: &str = "\
+mlp-train: trains an MLP on a synthetic dataset held in accelerator memory.
+  --seed N         seed of the dataset, the teacher and the initial weights (default 1)
+  --steps N        training steps (default 200)
+  --batch N        rows per step (default 64)
+  --inputs N       input features (default 64)
+  --hidden N       width of each hidden layer (default 128)
+  --layers N       hidden layers (default 2; 0 = a linear classifier)
+  --classes N      output classes (default 10)
+  --samples N      dataset rows (default 4096); the dataset takes --samples x --inputs
+                   x 4 bytes of accelerator memory (1 MiB by default; --samples
+                   1048576 makes it 256 MiB)
+  --lr F           learning rate (default 0.1 with sgd, 0.003 with adam)
+  --optimizer O    sgd | adam (default adam)
+  --print-every N  print the loss every N steps (default 20)
+Prints `step=<n> loss=<value> steps/s=<value>` every N steps, then `loss=<final loss>`
+and `checksum=<16 hex digits>` (FNV-1a of all weights and biases): both depend only on
+the arguments. Needs an accelerator (ferry run --accel-memory ...).";
+
+/// Exit code when the accelerator is missing or fails.
+const EXIT_ACCEL: i32 = 1;
+
+fn main(args: Args) -> i32 {
+    if args.wants_help() {
+        println!("{HELP}");
+        return 0;
+    }
+    let config = match Config::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("mlp-train: error: {e} (see --help)");
+            return EXIT_USAGE;
+        }
+    };
+    match train(&config) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("mlp-train: accelerator error: {e}");
+            EXIT_ACCEL
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Optimizer {
+    Sgd,
+    Adam,
+}
+
+struct Config {
+    seed: u64,
+    steps: u64,
+    batch: usize,
+    inputs: usize,
+    hidden: usize,
+    layers: usize,
+    classes: usize,
+    samples: usize,
+    lr: f32,
+    optimizer: Optimizer,
+    print_every: u64,
+}
+
+impl Config {
+    fn parse(args: &Args) -> Result<Config, ArgError> {
+        args.check(
+            &[
+                "seed",
+                "steps",
+                "batch",
+                "inputs",
+                "hidden",
+                "layers",
+                "classes",
+                "samples",
+                "lr",
+                "optimizer",
+                "print-every",
+            ],
+            &[],
+        )?;
+        let optimizer = match args.value("optimizer")?.unwrap_or("adam") {
+            "sgd" => Optimizer::Sgd,
+            "adam" => Optimizer::Adam,
+            other => {
+                return Err(ArgError::new(alloc::format!(
+                    "--optimizer: {other:?} is not sgd or adam"
+                )))
+            }
+        };
+        let default_lr = match optimizer {
+            Optimizer::Sgd => 0.1,
+            Optimizer::Adam => 0.003,
+        };
+        let c = Config {
+            seed: args.parse_or("seed", 1)?,
+            steps: args.parse_or("steps", 200)?,
+            batch: args.parse_or("batch", 64)?,
+            inputs: args.parse_or("inputs", 64)?,
+            hidden: args.parse_or("hidden", 128)?,
+            layers: args.parse_or("layers", 2)?,
+            classes: args.parse_or("classes", 10)?,
+            samples: args.parse_or("samples", 4096)?,
+            lr: args.parse_or("lr", default_lr)?,
+            optimizer,
+            print_every: args.parse_or("print-every", 20)?,
+        };
+        for (name, value) in [
+            ("steps", c.steps as usize),
+            ("batch", c.batch),
+            ("inputs", c.inputs),
+            ("hidden", c.hidden),
+            ("classes", c.classes),
+            ("samples", c.samples),
+            ("print-every", c.print_every as usize),
+        ] {
+            if value == 0 {
+                return Err(ArgError::new(alloc::format!(
+                    "--{name}: must be at least 1"
+                )));
+            }
+        }
+        if c.classes < 2 {
+            return Err(ArgError::new("--classes: must be at least 2"));
+        }
+        if c.samples < c.batch {
+            return Err(ArgError::new("--samples: must be at least --batch"));
+        }
+        if c.layers > 64 {
+            return Err(ArgError::new("--layers: at most 64"));
+        }
+        if !(c.lr.is_finite() && c.lr > 0.0) {
+            return Err(ArgError::new("--lr: must be a positive number"));
+        }
+        if c.samples
+            .checked_mul(c.inputs.max(c.classes))
+            .is_none_or(|n| n > 1 << 40)
+        {
+            return Err(ArgError::new("--samples x --inputs: too large"));
+        }
+        Ok(c)
+    }
+}
+
+/// One trainable tensor with its gradient and, for Adam, its moments.
+struct Param {
+    value: Tensor,
+    grad: Tensor,
+    moments: Option<(Tensor, Tensor)>,
+}
+
+impl Param {
+    fn new(acc: &mut Accel, rows: usize, cols: usize, opt: Optimizer) -> Result<Param, AccelError> {
+        let moments = match opt {
+            Optimizer::Adam => Some((acc.alloc(rows, cols)?, acc.alloc(rows, cols)?)),
+            Optimizer::Sgd => None,
+        };
+        Ok(Param {
+            value: acc.alloc(rows, cols)?,
+            grad: acc.alloc(rows, cols)?,
+            moments,
+        })
+    }
+
+    fn update(&mut self, acc: &mut Accel, lr: f32, step: u64) {
+        match &mut self.moments {
+            Some((m, v)) => acc.adam(&mut self.value, &self.grad, m, v, &Adam::new(lr), step),
+            None => acc.sgd(&mut self.value, &self.grad, lr),
+        }
+    }
+}
+
+/// A fully connected layer `out = in · w + b`, `w` stored `fan_in × fan_out`.
+struct Linear {
+    w: Param,
+    b: Param,
+}
+
+/// The splitmix64 finaliser, to derive independent RNG streams from the seed.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The RNG seed of stream `tag` (dataset, teacher, layer weights).
+fn stream(seed: u64, tag: u64) -> u64 {
+    mix(seed ^ mix(tag.wrapping_add(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// Square root by Newton's method (core has no `sqrt`); exact enough for init scales.
+fn sqrt(x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    let mut r = if x > 1.0 { x } else { 1.0 };
+    for _ in 0..80 {
+        r = 0.5 * (r + x / r);
+    }
+    r
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn train(c: &Config) -> Result<(), AccelError> {
+    let mut acc = Accel::open()?;
+    let (b, l) = (c.batch, c.layers);
+    println!(
+        "mlp-train: seed={} steps={} batch={b} inputs={} hidden={} layers={l} classes={} \
+         samples={} lr={} optimizer={}",
+        c.seed,
+        c.steps,
+        c.inputs,
+        c.hidden,
+        c.classes,
+        c.samples,
+        c.lr,
+        if c.optimizer == Optimizer::Adam {
+            "adam"
+        } else {
+            "sgd"
+        },
+    );
+
+    // Everything is allocated up front (the commands are only queued), so a run that
+    // does not fit fails before any work.
+    let mut data_x = acc.alloc::<f32>(c.samples, c.inputs)?;
+    let mut data_y = acc.alloc::<u32>(c.samples, 1)?;
+    let dataset_bytes = acc.allocated();
+    let mut teacher = acc.alloc::<f32>(c.inputs, c.classes)?;
+    let mut teacher_logits = acc.alloc::<f32>(c.samples, c.classes)?;
+    let peak_setup = acc.allocated();
+    acc.rng_fill(&mut data_x, stream(c.seed, 1), 0, Distribution::Normal(1.0));
+    acc.rng_fill(
+        &mut teacher,
+        stream(c.seed, 2),
+        0,
+        Distribution::Normal(1.0),
+    );
+    acc.matmul(&data_x, &teacher, &mut teacher_logits, Transpose::None);
+    acc.argmax(&teacher_logits, &mut data_y);
+    acc.free(teacher_logits);
+    acc.free(teacher);
+
+    // Widths: inputs, hidden x layers, classes.
+    let width = |i: usize| match i {
+        0 => c.inputs,
+        i if i <= l => c.hidden,
+        _ => c.classes,
+    };
+    let mut net: Vec<Linear> = Vec::with_capacity(l + 1);
+    for i in 0..=l {
+        let (fan_in, fan_out) = (width(i), width(i + 1));
+        let mut layer = Linear {
+            w: Param::new(&mut acc, fan_in, fan_out, c.optimizer)?,
+            b: Param::new(&mut acc, 1, fan_out, c.optimizer)?,
+        };
+        let scale = (1.0 / sqrt(fan_in as f64)) as f32;
+        let seed = stream(c.seed, 100 + i as u64);
+        acc.rng_fill(&mut layer.w.value, seed, 0, Distribution::Normal(scale));
+        net.push(layer); // biases start at zero (buffers are zero-filled)
+    }
+
+    // Activations of one batch: pre-activations z and outputs h of each hidden layer,
+    // and the gradients flowing back through them.
+    let mut xb = acc.alloc::<f32>(b, c.inputs)?;
+    let mut yb = acc.alloc::<u32>(b, 1)?;
+    let mut z = alloc_n(&mut acc, l, b, c.hidden)?;
+    let mut h = alloc_n(&mut acc, l, b, c.hidden)?;
+    let mut dh = alloc_n(&mut acc, l, b, c.hidden)?;
+    let mut dz = alloc_n(&mut acc, l, b, c.hidden)?;
+    let mut logits = acc.alloc::<f32>(b, c.classes)?;
+    let mut dlogits = acc.alloc::<f32>(b, c.classes)?;
+    let mut loss = acc.alloc::<f32>(1, 1)?;
+    println!(
+        "mlp-train: accelerator memory {:.1} MiB (dataset {:.1} MiB, {:.1} MiB while \
+         labelling) of {:.1} MiB",
+        mib(acc.allocated()),
+        mib(dataset_bytes),
+        mib(peak_setup.max(acc.allocated())),
+        mib(acc.capacity()),
+    );
+
+    // Wait for the dataset and the initial weights, so that steps/s measures steps.
+    acc.sync()?;
+    let batches = c.samples / b;
+    let mut last_loss = [0.0f32];
+    let mut last_print = (0u64, now_ns());
+    for step in 1..=c.steps {
+        // The next batch: a contiguous slice of the dataset, cycling.
+        let row = ((step - 1) as usize % batches) * b;
+        acc.copy(&data_x, row * c.inputs, &mut xb, 0, b * c.inputs);
+        acc.copy(&data_y, row, &mut yb, 0, b);
+
+        // Forward.
+        for i in 0..=l {
+            let input = if i == 0 { &xb } else { &h[i - 1] };
+            let out = if i < l { &mut z[i] } else { &mut logits };
+            acc.matmul(input, &net[i].w.value, out, Transpose::None);
+            acc.add_bias(out, &net[i].b.value);
+            if i < l {
+                acc.relu(&z[i], &mut h[i]);
+            }
+        }
+        acc.cross_entropy(&logits, &yb, &mut dlogits, &mut loss);
+
+        // Backward: layer i's output gradient is dlogits (last) or dz[i].
+        for i in (0..=l).rev() {
+            let input = if i == 0 { &xb } else { &h[i - 1] };
+            let (below, from_here) = dz.split_at_mut(i);
+            let grad_out = if i == l { &dlogits } else { &from_here[0] };
+            let layer = &mut net[i];
+            acc.matmul(input, grad_out, &mut layer.w.grad, Transpose::A);
+            acc.sum_cols(grad_out, &mut layer.b.grad);
+            if i > 0 {
+                acc.matmul(grad_out, &layer.w.value, &mut dh[i - 1], Transpose::B);
+                acc.relu_backward(&z[i - 1], &dh[i - 1], &mut below[i - 1]);
+            }
+        }
+
+        // Update every weight, bias and moment.
+        for layer in &mut net {
+            layer.w.update(&mut acc, c.lr, step);
+            layer.b.update(&mut acc, c.lr, step);
+        }
+
+        if step == 1 || step % c.print_every == 0 || step == c.steps {
+            acc.download(&loss, &mut last_loss)?;
+            let now = now_ns();
+            let secs = (now - last_print.1) as f64 / 1e9;
+            let rate = (step - last_print.0) as f64 / if secs > 0.0 { secs } else { 1e-9 };
+            println!("step={step} loss={:.6} steps/s={rate:.1}", last_loss[0]);
+            last_print = (step, now);
+        }
+    }
+
+    // FNV-1a over the bytes of every weight and bias, layer by layer (w then b).
+    let mut hash = Fnv::new();
+    let mut chunk = vec![0.0f32; 1 << 16];
+    for layer in &net {
+        for t in [&layer.w.value, &layer.b.value] {
+            let mut done = 0;
+            while done < t.len() {
+                let n = chunk.len().min(t.len() - done);
+                acc.download_at(t, done, &mut chunk[..n])?;
+                for x in &chunk[..n] {
+                    hash.write(&x.to_bits().to_le_bytes());
+                }
+                done += n;
+            }
+        }
+    }
+    acc.sync()?;
+    println!("loss={:.6}", last_loss[0]);
+    println!("checksum={:016x}", hash.0);
+    Ok(())
+}
+
+/// `n` zero-filled `rows × cols` buffers.
+fn alloc_n(acc: &mut Accel, n: usize, rows: usize, cols: usize) -> Result<Vec<Tensor>, AccelError> {
+    (0..n).map(|_| acc.alloc(rows, cols)).collect()
+}
+
+/// 64-bit FNV-1a.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
