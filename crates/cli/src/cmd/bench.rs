@@ -16,7 +16,9 @@ use serde::Serialize;
 )]
 pub struct BenchArgs {
     /// What to measure: `vm` (guest speed vs host, start-up, pause latency, snapshot
-    /// save/restore throughput of a 1 GiB guest).
+    /// save/restore throughput of a 1 GiB guest) or `accel` (GEMM vs the GEMM crate
+    /// called directly, mlp-train steps/s, llm-decode tokens/s, dirty-chunk take latency
+    /// with 4 GiB of device memory).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -40,7 +42,8 @@ struct Figure {
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     match args.what.as_str() {
         "vm" => bench_vm(args),
-        other => bail!("unknown benchmark '{other}' (available: vm)"),
+        "accel" => bench_accel(args),
+        other => bail!("unknown benchmark '{other}' (available: vm, accel)"),
     }
 }
 
@@ -56,14 +59,22 @@ fn print(figure: &Figure, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {
+/// Checks KVM, warns about debug builds, prints the table header.
+fn begin(args: &BenchArgs) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(anyhow::Error::msg)?;
     if cfg!(debug_assertions) {
-        eprintln!("ferry: warning: this is a debug build; host-side figures are not meaningful (use --release)");
+        eprintln!(
+            "ferry: warning: this is a debug build; figures are not meaningful (use --release)"
+        );
     }
     if !args.json {
         println!("{:<28} {:>12} {:<10} detail", "figure", "value", "unit");
     }
+    Ok(())
+}
+
+fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {
+    begin(args)?;
     let mut emit = |figure: Figure| print(&figure, args.json);
     guest_speed(&mut emit)?;
     startup(&mut emit)?;
@@ -75,7 +86,11 @@ type Emit<'a> = dyn FnMut(Figure) -> anyhow::Result<()> + 'a;
 
 fn figure(figure: &'static str, value: f64, unit: &'static str, detail: String) -> Figure {
     Figure {
-        bench: "vm",
+        bench: if figure.starts_with("accel") {
+            "accel"
+        } else {
+            "vm"
+        },
         figure,
         value,
         unit,
@@ -83,23 +98,19 @@ fn figure(figure: &'static str, value: f64, unit: &'static str, detail: String) 
     }
 }
 
-/// Boots `name` with `args` in a VM of `ram_size`, running, console kept in memory.
-fn start(name: &str, args: &[&str], ram_size: u64) -> anyhow::Result<Microvm> {
+/// Boots `name` with `args` in a VM shaped by `config`, running, console kept in memory.
+fn start(name: &str, args: &[&str], config: VmConfig) -> anyhow::Result<Microvm> {
     let image =
         ferry_guest_images::find(name).with_context(|| format!("no built-in guest {name}"))?;
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut vm = Microvm::boot(
-        VmConfig::new(ram_size),
-        image.elf,
-        &args,
-        HostOptions::quiet(),
-    )?;
+    let mut vm = Microvm::boot(config, image.elf, &args, HostOptions::quiet())?;
     vm.resume()?;
     Ok(vm)
 }
 
-fn run_to_end(name: &str, args: &[&str], ram_size: u64) -> anyhow::Result<String> {
-    let mut vm = start(name, args, ram_size)?;
+/// Runs `name` to a clean exit; returns its console.
+fn run_to_end(name: &str, args: &[&str], config: VmConfig) -> anyhow::Result<String> {
+    let mut vm = start(name, args, config)?;
     match vm.wait(Some(Duration::from_secs(300))) {
         Some(VmExit::Exited(0)) => Ok(vm.console_tail()),
         Some(VmExit::Exited(code)) => bail!("{name} exited with {code}: {}", vm.console_tail()),
@@ -134,7 +145,7 @@ fn guest_speed(emit: &mut Emit) -> anyhow::Result<()> {
             "--passes",
             &PASSES.to_string(),
         ],
-        256 << 20,
+        VmConfig::new(256 << 20),
     )?;
 
     let started = Instant::now();
@@ -215,7 +226,11 @@ fn startup(emit: &mut Emit) -> anyhow::Result<()> {
 }
 
 fn pause_latency(emit: &mut Emit) -> anyhow::Result<()> {
-    let mut vm = start("memtouch", &["--mib", "64", "--seconds", "600"], 256 << 20)?;
+    let mut vm = start(
+        "memtouch",
+        &["--mib", "64", "--seconds", "600"],
+        VmConfig::new(256 << 20),
+    )?;
     std::thread::sleep(Duration::from_millis(100));
     let mut micros = Vec::new();
     for _ in 0..200 {
@@ -248,7 +263,7 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
     let mut vm = start(
         "memtouch",
         &["--mib", &working_mib.to_string(), "--seconds", "600"],
-        ram_size,
+        VmConfig::new(ram_size),
     )?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !vm.console_tail().contains("memtouch: seed=") {
@@ -295,5 +310,142 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
             "{gib:.2} GiB guest, {:.0} ms: read, CRC check, RAM fill, vCPU restore",
             restore_s * 1e3
         ),
+    ))
+}
+
+/// The last `key=value` printed on any console line.
+fn last_value(console: &str, key: &str) -> anyhow::Result<f64> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        })
+        .with_context(|| format!("no {key}= in {console}"))?
+        .parse()
+        .with_context(|| format!("bad {key}= value"))
+}
+
+fn bench_accel(args: &BenchArgs) -> anyhow::Result<()> {
+    begin(args)?;
+    let mut emit = |figure: Figure| print(&figure, args.json);
+    let threads = ferry_vmm::vm::default_accel_threads();
+    let kernel = ferry_accel::backend::cpu::gemm_microkernel();
+    for n in [512, 1024] {
+        let (backend, direct) = ferry_accel::backend::cpu::bench_gemm(n, threads);
+        emit(figure(
+            if n == 512 { "accel_gemm_512" } else { "accel_gemm_1024" },
+            backend / direct,
+            "x direct",
+            format!("{n}^3 f32 on {threads} threads: backend {backend:.0} GFLOP/s, matrixmultiply direct {direct:.0} GFLOP/s ({kernel})"),
+        ))?;
+    }
+
+    let accel = |mib: u64| VmConfig::new(256 << 20).with_accel(mib << 20);
+    for (figure_name, mlp_args) in [
+        (
+            "accel_mlp_train_small",
+            &["--steps", "3000", "--print-every", "1000"][..],
+        ),
+        (
+            "accel_mlp_train_large",
+            &[
+                "--steps",
+                "300",
+                "--print-every",
+                "100",
+                "--batch",
+                "256",
+                "--inputs",
+                "256",
+                "--hidden",
+                "1024",
+                "--samples",
+                "65536",
+            ][..],
+        ),
+    ] {
+        let console = run_to_end("mlp-train", mlp_args, accel(512))?;
+        emit(figure(
+            figure_name,
+            last_value(&console, "steps/s")?,
+            "steps/s",
+            format!("mlp-train {}", mlp_args.join(" ")),
+        ))?;
+    }
+    for (figure_name, mib) in [
+        ("accel_llm_decode_16mib", "16"),
+        ("accel_llm_decode_128mib", "128"),
+    ] {
+        let llm_args = [
+            "--weights-mib",
+            mib,
+            "--tokens",
+            "128",
+            "--print-every",
+            "64",
+        ];
+        let console = run_to_end("llm-decode", &llm_args, accel(512))?;
+        emit(figure(
+            figure_name,
+            last_value(&console, "tokens/s")?,
+            "tokens/s",
+            format!("llm-decode {}", llm_args.join(" ")),
+        ))?;
+    }
+    dirty_take_latency(&mut emit)
+}
+
+fn dirty_take_latency(emit: &mut Emit) -> anyhow::Result<()> {
+    // 4 GiB of dataset (4 Mi samples x 256 inputs x 4 bytes) plus the model.
+    let config = VmConfig::new(256 << 20).with_accel(4608 << 20);
+    let mlp_args = [
+        "--inputs",
+        "256",
+        "--samples",
+        "4194304",
+        "--steps",
+        "100000000",
+        "--print-every",
+        "100000",
+    ];
+    let vm = start("mlp-train", &mlp_args, config)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !vm.console_tail().contains("step=1 ") {
+        ensure!(
+            Instant::now() < deadline,
+            "mlp-train did not start training: {}",
+            vm.console_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let device = vm.accel().context("VM has no accelerator")?;
+    let started = Instant::now();
+    let all = device.all_chunks().len();
+    let enumerate_us = started.elapsed().as_secs_f64() * 1e6;
+    device.start_dirty_tracking();
+    let mut micros = Vec::new();
+    let mut taken = 0;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(5));
+        let started = Instant::now();
+        taken += device.take_dirty_chunks().len();
+        micros.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    device.stop_dirty_tracking();
+    drop(vm);
+    let gib = all as f64 * ferry_accel::dirty::CHUNK_SIZE as f64 / f64::from(1 << 30);
+    emit(figure(
+        "accel_dirty_take_median",
+        median(&mut micros),
+        "us",
+        format!("{gib:.1} GiB device memory ({all} chunks) while mlp-train runs; {:.0} dirty chunks per take (weights, optimizer state); includes waiting for the command in progress", taken as f64 / 100.0),
+    ))?;
+    emit(figure(
+        "accel_all_chunks",
+        enumerate_us,
+        "us",
+        format!("listing all {all} chunks (what round 0 of a migration sends)"),
     ))
 }
