@@ -22,6 +22,17 @@
 //! more than [`RING_SLOTS`] ahead of it sets [`RingHeader::device_status`] to
 //! [`device_status::RING_INVALID`]; the device then ignores the ring until `head` is sane.
 //!
+//! The device re-reads `head` after every command, so one doorbell may cover several
+//! submissions (the SDK batches them); a guest must ring after its last submission, since
+//! an idle device only looks at the ring when rung.
+//!
+//! Argument rules every kernel applies (violations complete with [`status::BAD_ARGUMENT`]):
+//! an output buffer may not also be an input unless the kernel says "in place"; f32
+//! scalars must be finite with the high 32 bits of their argument zero; `eps > 0`, Adam's
+//! betas in `[0, 1)` and `step >= 1`, RNG `scale >= 0`. Ids found in data (embedding ids
+//! `>= vocab`, labels `>= cols`) are checked before anything is written. Capacity counts
+//! exactly the bytes requested by ALLOC.
+//!
 //! Device memory is a set of buffers the guest names by id (1..=[`MAX_BUFFERS`]), each
 //! holding little-endian f32 (or u32 for ids and labels) elements. Kernels read and write
 //! whole buffers by element counts given in their arguments, checked against buffer sizes.
