@@ -24,6 +24,7 @@ extern crate alloc;
 
 pub mod accel;
 pub mod args;
+pub mod checksum;
 pub mod clock;
 pub mod console;
 mod mem;

@@ -11,6 +11,7 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 use ferry_sdk::accel::{Accel, AccelError, Distribution, Tensor, Transpose};
+use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
 
@@ -274,7 +275,7 @@ fn decode(c: &Config) -> Result<(), AccelError> {
     acc.upload(&mut pos_ids, &ids)?;
     println!("llm-decode: first token id={first}");
 
-    let mut hash = Fnv::new();
+    let mut hash = Fnv1a::new();
     let start = now_ns();
     let mut last_print = (0usize, start);
     let mut next = [0u32];
@@ -320,26 +321,11 @@ fn decode(c: &Config) -> Result<(), AccelError> {
     }
     println!("tokens={}", c.tokens);
     println!("tokens/s={:.1}", rate(c.tokens, now_ns() - start));
-    println!("checksum={:016x}", hash.0);
+    println!("checksum={:016x}", hash.value());
     Ok(())
 }
 
 /// Tokens per second.
 fn rate(tokens: usize, ns: u64) -> f64 {
     tokens as f64 * 1e9 / ns.max(1) as f64
-}
-
-/// 64-bit FNV-1a.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
 }

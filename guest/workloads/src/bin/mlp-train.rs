@@ -14,6 +14,7 @@ extern crate alloc;
 use alloc::vec;
 use alloc::vec::Vec;
 use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose};
+use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
 
@@ -358,7 +359,7 @@ fn train(c: &Config) -> Result<(), AccelError> {
     }
 
     // FNV-1a over the bytes of every weight and bias, layer by layer (w then b).
-    let mut hash = Fnv::new();
+    let mut hash = Fnv1a::new();
     let mut chunk = vec![0.0f32; 1 << 16];
     for layer in &net {
         for t in [&layer.w.value, &layer.b.value] {
@@ -375,26 +376,11 @@ fn train(c: &Config) -> Result<(), AccelError> {
     }
     acc.sync()?;
     println!("loss={:.6}", last_loss[0]);
-    println!("checksum={:016x}", hash.0);
+    println!("checksum={:016x}", hash.value());
     Ok(())
 }
 
 /// `n` zero-filled `rows × cols` buffers.
 fn alloc_n(acc: &mut Accel, n: usize, rows: usize, cols: usize) -> Result<Vec<Tensor>, AccelError> {
     (0..n).map(|_| acc.alloc(rows, cols)).collect()
-}
-
-/// 64-bit FNV-1a.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
 }
