@@ -467,11 +467,6 @@ impl Accelerator {
         self.shared.wake.notify_one();
     }
 
-    /// Backend kind ("cpu", ...).
-    pub fn backend_kind(&self) -> &'static str {
-        self.core().backend.kind()
-    }
-
     /// The device state, less buffer contents. Pause the device first.
     pub fn save_state(&self) -> AccelState {
         let core = self.core();

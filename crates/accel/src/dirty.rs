@@ -41,11 +41,6 @@ pub struct DirtyChunks {
 }
 
 impl DirtyChunks {
-    /// Whether tracking is on.
-    pub fn is_tracking(&self) -> bool {
-        self.tracking
-    }
-
     /// Starts tracking; nothing is dirty until the next write.
     pub fn start(&mut self) {
         self.tracking = true;

@@ -304,15 +304,7 @@ impl Microvm {
         vcpu.configure_entry(&kvm, entry, stack_top)
             .map_err(CreateVmError::Vcpu)?;
         let handle = VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?;
-        Ok(Self {
-            vcpus: vec![handle],
-            devices,
-            vm,
-            memory,
-            config,
-            state: RunState::Paused,
-            exit: None,
-        })
+        Ok(Self::paused(vec![handle], devices, vm, memory, config))
     }
 
     /// Rebuilds a VM from a snapshot file, paused. Every check (format, checksum, sizes,
@@ -366,7 +358,18 @@ impl Microvm {
                 .map_err(CreateVmError::Vcpu)?;
             vcpus.push(VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?);
         }
-        let vm = Self {
+        Ok((Self::paused(vcpus, devices, vm, memory, config), stats))
+    }
+
+    /// A freshly built VM, paused, before its vCPUs first run.
+    fn paused(
+        vcpus: Vec<VcpuHandle>,
+        devices: Arc<PortDevices>,
+        vm: VmFd,
+        memory: GuestRam,
+        config: VmConfig,
+    ) -> Self {
+        Self {
             vcpus,
             devices,
             vm,
@@ -374,8 +377,7 @@ impl Microvm {
             config,
             state: RunState::Paused,
             exit: None,
-        };
-        Ok((vm, stats))
+        }
     }
 
     /// The VM's shape.
