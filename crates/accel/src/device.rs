@@ -175,6 +175,50 @@ impl Core {
         Ok(())
     }
 
+    fn free(&mut self, id: BufferId) -> Option<u64> {
+        let bytes = self.buffers.remove(&id)?;
+        self.backend.free(id);
+        self.used -= bytes;
+        self.dirty.forget(id);
+        Some(bytes)
+    }
+
+    /// Makes the buffer table equal to `table`: buffers missing from it or of another size
+    /// are freed, new ones allocated (zeroed). Every entry is validated first, so a bad
+    /// table changes nothing.
+    fn sync_buffers(&mut self, table: &[BufferState]) -> Result<(), AccelStateError> {
+        let mut wanted = BTreeMap::new();
+        let mut total = 0u64;
+        for buffer in table {
+            let valid_id =
+                buffer_id(u64::from(buffer.id)).is_some() && !wanted.contains_key(&buffer.id);
+            total = total.saturating_add(buffer.bytes);
+            if !valid_id || buffer.bytes == 0 || buffer.bytes % 4 != 0 || total > self.capacity {
+                return Err(AccelStateError::Corrupt(format!(
+                    "buffer {} of {} bytes (capacity {} bytes)",
+                    buffer.id, buffer.bytes, self.capacity
+                )));
+            }
+            wanted.insert(buffer.id, buffer.bytes);
+        }
+        let stale: Vec<BufferId> = self
+            .buffers
+            .iter()
+            .filter(|(id, bytes)| wanted.get(id) != Some(bytes))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            self.free(id);
+        }
+        for (id, bytes) in wanted {
+            if !self.buffers.contains_key(&id) {
+                self.alloc(id, bytes)
+                    .map_err(|source| AccelStateError::Alloc { id, source })?;
+            }
+        }
+        Ok(())
+    }
+
     fn execute(&mut self, cmd: &Command) -> Result<(), u32> {
         let a = &cmd.args;
         match cmd.opcode {
@@ -193,11 +237,7 @@ impl Core {
             }
             op::FREE => {
                 let id = buffer_id(a[0]).ok_or(status::BAD_BUFFER)?;
-                let bytes = self.buffers.remove(&id).ok_or(status::BAD_BUFFER)?;
-                self.backend.free(id);
-                self.used -= bytes;
-                self.dirty.forget(id);
-                Ok(())
+                self.free(id).map(drop).ok_or(status::BAD_BUFFER)
             }
             op::UPLOAD => {
                 let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
@@ -398,24 +438,7 @@ impl Accelerator {
             dirty: DirtyChunks::default(),
             mem,
         };
-        for buffer in &state.buffers {
-            let valid_id =
-                buffer_id(u64::from(buffer.id)).is_some() && !core.buffers.contains_key(&buffer.id);
-            let fits = buffer.bytes > 0
-                && buffer.bytes % 4 == 0
-                && buffer.bytes <= core.capacity - core.used;
-            if !valid_id || !fits {
-                return Err(AccelStateError::Corrupt(format!(
-                    "buffer {} of {} bytes",
-                    buffer.id, buffer.bytes
-                )));
-            }
-            core.alloc(buffer.id, buffer.bytes)
-                .map_err(|source| AccelStateError::Alloc {
-                    id: buffer.id,
-                    source,
-                })?;
-        }
+        core.sync_buffers(&state.buffers)?;
         Self::start(core).map_err(|e| AccelStateError::Corrupt(e.to_string()))
     }
 
@@ -476,11 +499,7 @@ impl Accelerator {
             capacity: core.capacity,
             ring_gpa: core.ring.gpa(),
             tail: core.tail,
-            buffers: core
-                .buffers
-                .iter()
-                .map(|(&id, &bytes)| BufferState { id, bytes })
-                .collect(),
+            buffers: buffer_table(&core),
         }
     }
 
@@ -511,15 +530,55 @@ impl Accelerator {
     }
 
     /// Reads chunk `chunk` into `out` (resized to the chunk's length: the last chunk of a
-    /// buffer may be short). `false` if the chunk does not exist (buffer freed since).
-    pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> bool {
+    /// buffer may be short) and returns the size of its buffer; `None` if the chunk does
+    /// not exist (buffer freed since).
+    pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Option<u64> {
         let core = self.core();
-        let Some(range) = chunk_range(&core.buffers, chunk) else {
-            return false;
-        };
+        let range = chunk_range(&core.buffers, chunk)?;
         out.resize((range.end - range.start) as usize, 0);
         core.backend.read(chunk.buffer, range.start, out);
-        true
+        core.buffers.get(&chunk.buffer).copied()
+    }
+
+    /// Length of chunk `chunk`, if it exists.
+    pub fn chunk_len(&self, chunk: ChunkId) -> Option<u64> {
+        chunk_range(&self.core().buffers, chunk).map(|r| r.end - r.start)
+    }
+
+    /// The buffer table now (it may change while the device runs).
+    pub fn buffer_table(&self) -> Vec<BufferState> {
+        buffer_table(&self.core())
+    }
+
+    /// Receiving side of a migration: makes the buffer table equal to `table` (buffers
+    /// gone or resized are dropped, new ones start zeroed). The device must be paused.
+    pub fn sync_buffers(&self, table: &[BufferState]) -> Result<(), AccelStateError> {
+        self.core().sync_buffers(table)
+    }
+
+    /// Receiving side of a migration, at switchover: takes the final device state, whose
+    /// buffer table must be the one already synced. The device must be paused.
+    pub fn apply_state(&self, state: &AccelState) -> Result<(), AccelStateError> {
+        let mut core = self.core();
+        if state.backend_kind != core.backend.kind()
+            || state.kernel_version != core.backend.kernel_version()
+        {
+            return Err(AccelStateError::Incompatible {
+                found: state.backend_kind.clone(),
+                found_version: state.kernel_version,
+                ours: core.backend.kind(),
+                our_version: core.backend.kernel_version(),
+            });
+        }
+        if state.capacity != core.capacity || state.buffers != buffer_table(&core) {
+            return Err(AccelStateError::Corrupt(
+                "final device state disagrees with the buffers received".into(),
+            ));
+        }
+        core.ring = Ring::at(state.ring_gpa);
+        core.tail = state.tail;
+        core.ring_invalid = false;
+        Ok(())
     }
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
@@ -539,6 +598,13 @@ impl Accelerator {
         core.backend.write(chunk.buffer, range.start, data);
         Ok(())
     }
+}
+
+fn buffer_table(core: &Core) -> Vec<BufferState> {
+    core.buffers
+        .iter()
+        .map(|(&id, &bytes)| BufferState { id, bytes })
+        .collect()
 }
 
 /// Byte range of `chunk` within its buffer, if both exist.

@@ -200,6 +200,118 @@ pub enum VmControlError {
     Memory(#[from] MemoryError),
 }
 
+/// A VM being filled before it first runs (the receiving side of a migration, or a
+/// snapshot restore): RAM and accelerator exist and take contents; the vCPUs and port
+/// devices come from the final state in [`IncomingVm::finish`].
+pub struct IncomingVm {
+    kvm: Arc<Kvm>,
+    vm: VmFd,
+    memory: GuestRam,
+    config: VmConfig,
+    accel: Option<Accelerator>,
+    host: HostOptions,
+}
+
+impl IncomingVm {
+    /// RAM and (if `config` has one) an accelerator on backend `backend_kind`, empty.
+    pub fn new(
+        config: VmConfig,
+        backend_kind: Option<&str>,
+        host: HostOptions,
+    ) -> Result<Self, CreateVmError> {
+        let (kvm, vm, memory) = open_vm(&config)?;
+        let accel = match (config.accel_memory, backend_kind) {
+            (0, None) => None,
+            (capacity, Some(kind)) if capacity > 0 => {
+                let backend = backend::create(kind, host.accel_threads).ok_or_else(|| {
+                    CreateVmError::Incompatible(format!(
+                        "accelerator backend '{kind}' is not available here (this build has: {})",
+                        backend::AVAILABLE.join(", ")
+                    ))
+                })?;
+                let empty = AccelState {
+                    backend_kind: kind.to_string(),
+                    kernel_version: backend.kernel_version(),
+                    capacity,
+                    ring_gpa: 0,
+                    tail: 0,
+                    buffers: Vec::new(),
+                };
+                Some(
+                    Accelerator::restore(memory.clone(), &empty, backend)
+                        .map_err(CreateVmError::Accel)?,
+                )
+            }
+            _ => {
+                return Err(CreateVmError::Incompatible(
+                    "accelerator state disagrees with the VM shape".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            kvm,
+            vm,
+            memory,
+            config,
+            accel,
+            host,
+        })
+    }
+
+    /// Guest RAM to fill.
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    /// The accelerator to fill (paused; sync its buffer table first).
+    pub fn accel(&self) -> Option<&Accelerator> {
+        self.accel.as_ref()
+    }
+
+    /// The VM, paused, with vCPUs and devices from `state`. Every check (ABI, shape, the
+    /// device's buffer table, KVM accepting the vCPU state) happens here.
+    pub fn finish(self, state: &MicrovmState) -> Result<Microvm, CreateVmError> {
+        if state.abi_version != ABI_VERSION {
+            return Err(CreateVmError::Incompatible(format!(
+                "guest ABI version {} (this ferry runs version {ABI_VERSION})",
+                state.abi_version
+            )));
+        }
+        if state.config != self.config || state.vcpus.len() != usize::from(state.config.vcpus) {
+            return Err(CreateVmError::Incompatible(
+                "VM state disagrees with the VM shape".into(),
+            ));
+        }
+        match (&self.accel, &state.accel) {
+            (Some(accel), Some(saved)) => accel.apply_state(saved).map_err(CreateVmError::Accel)?,
+            (None, None) => {}
+            _ => {
+                return Err(CreateVmError::Incompatible(
+                    "accelerator state disagrees with the VM shape".into(),
+                ))
+            }
+        }
+        let Self {
+            kvm,
+            vm,
+            memory,
+            config,
+            accel,
+            host,
+        } = self;
+        let devices = Arc::new(PortDevices::restore(host.console, &state.devices, accel));
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+            let vcpu = Vcpu::new(&vm, index, devices.clone(), memory.clone())
+                .map_err(CreateVmError::Vcpu)?;
+            vcpu.restore_state(&kvm, vcpu_state)
+                .map_err(CreateVmError::Vcpu)?;
+            vcpus.push(VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?);
+        }
+        Ok(Microvm::paused(vcpus, devices, vm, memory, config))
+    }
+}
+
 /// A microVM on KVM.
 pub struct Microvm {
     // Field order is drop order: vCPU threads end before the VM fd and RAM go away.
@@ -311,54 +423,20 @@ impl Microvm {
     /// KVM accepting the vCPU state) happens before the VM can run.
     pub fn restore(path: &Path, host: HostOptions) -> Result<(Self, SnapshotStats), CreateVmError> {
         let (reader, state): (_, MicrovmState) = SnapshotReader::open(path)?;
-        if state.abi_version != ABI_VERSION {
-            return Err(CreateVmError::Incompatible(format!(
-                "guest ABI version {} (this ferry runs version {ABI_VERSION})",
-                state.abi_version
-            )));
-        }
-        if state.config.ram_size != reader.ram_size()
-            || state.vcpus.len() != usize::from(state.config.vcpus)
-        {
+        if state.config.ram_size != reader.ram_size() {
             return Err(CreateVmError::Incompatible(
                 "VM state disagrees with the file header".into(),
             ));
         }
-        let config = state.config;
-        if state.accel.as_ref().map_or(0, |a| a.capacity) != config.accel_memory {
-            return Err(CreateVmError::Incompatible(
-                "accelerator state disagrees with the VM shape".into(),
-            ));
+        let backend_kind = state.accel.as_ref().map(|a| a.backend_kind.as_str());
+        let incoming = IncomingVm::new(state.config, backend_kind, host)?;
+        if let (Some(accel), Some(saved)) = (incoming.accel(), &state.accel) {
+            accel
+                .sync_buffers(&saved.buffers)
+                .map_err(CreateVmError::Accel)?;
         }
-        let (kvm, vm, memory) = open_vm(&config)?;
-        let accel = match &state.accel {
-            Some(saved) => {
-                let backend =
-                    backend::create(&saved.backend_kind, host.accel_threads).ok_or_else(|| {
-                        CreateVmError::Incompatible(format!(
-                            "accelerator backend '{}' is not available here (this build has: {})",
-                            saved.backend_kind,
-                            backend::AVAILABLE.join(", ")
-                        ))
-                    })?;
-                Some(
-                    Accelerator::restore(memory.clone(), saved, backend)
-                        .map_err(CreateVmError::Accel)?,
-                )
-            }
-            None => None,
-        };
-        let stats = reader.read_contents_into(&memory, accel.as_ref())?;
-        let devices = Arc::new(PortDevices::restore(host.console, &state.devices, accel));
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (index, vcpu_state) in state.vcpus.iter().enumerate() {
-            let vcpu = Vcpu::new(&vm, index, devices.clone(), memory.clone())
-                .map_err(CreateVmError::Vcpu)?;
-            vcpu.restore_state(&kvm, vcpu_state)
-                .map_err(CreateVmError::Vcpu)?;
-            vcpus.push(VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?);
-        }
-        Ok((Self::paused(vcpus, devices, vm, memory, config), stats))
+        let stats = reader.read_contents_into(incoming.memory(), incoming.accel())?;
+        Ok((incoming.finish(&state)?, stats))
     }
 
     /// A freshly built VM, paused, before its vCPUs first run.

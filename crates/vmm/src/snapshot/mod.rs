@@ -219,7 +219,7 @@ pub fn write_snapshot<S: Serialize>(
         if let Some(accel) = accel {
             let mut data = Vec::with_capacity(CHUNK_SIZE as usize);
             for chunk in accel.all_chunks() {
-                if !accel.read_chunk(chunk, &mut data) || data.iter().all(|&b| b == 0) {
+                if accel.read_chunk(chunk, &mut data).is_none() || data.iter().all(|&b| b == 0) {
                     continue;
                 }
                 out.write_all(&chunk.buffer.to_le_bytes())?;
