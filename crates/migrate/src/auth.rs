@@ -1,0 +1,261 @@
+//! Mutual shared-secret authentication of every migration connection: each side proves
+//! it knows the secret with an HMAC-SHA256 over both sides' fresh random challenges, so
+//! nothing replayable or secret crosses the wire. The connection role (control or data
+//! stream of a session) is bound into the proof.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::wire::{
+    expect_control, FrameReader, FrameWriter, Message, StreamRole, PROTOCOL_VERSION,
+};
+use crate::MigrationError;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Shortest secret accepted.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The secret shared by the hosts of one cluster.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// A secret from its bytes; at least [`MIN_SECRET_BYTES`].
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, String> {
+        let bytes = bytes.into();
+        if bytes.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "the shared secret must be at least {MIN_SECRET_BYTES} bytes (got {})",
+                bytes.len()
+            ));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// A secret read from a file (surrounding whitespace ignored).
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read(path)
+            .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
+        Self::new(text.trim_ascii().to_vec())
+    }
+
+    /// A fresh random secret, hex encoded (for `ferry host serve` without one).
+    pub fn generate_hex() -> String {
+        nonce().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The bytes, for protocols that send the secret itself (the HTTP bearer token).
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn proof(
+        &self,
+        label: &[u8],
+        first: &[u8; 32],
+        second: &[u8; 32],
+        role: &StreamRole,
+    ) -> [u8; 32] {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(label);
+        mac.update(first);
+        mac.update(second);
+        mac.update(&postcard::to_stdvec(role).expect("role encodes"));
+        mac.finalize().into_bytes().into()
+    }
+
+    fn verify(
+        &self,
+        label: &[u8],
+        first: &[u8; 32],
+        second: &[u8; 32],
+        role: &StreamRole,
+        proof: &[u8; 32],
+    ) -> bool {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(label);
+        mac.update(first);
+        mac.update(second);
+        mac.update(&postcard::to_stdvec(role).expect("role encodes"));
+        mac.verify_slice(proof).is_ok()
+    }
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    getrandom::fill(&mut n).expect("the OS random source");
+    n
+}
+
+const LISTENER: &[u8] = b"ferry-migrate-v1 listener";
+const CONNECTOR: &[u8] = b"ferry-migrate-v1 connector";
+
+/// The connecting side: proves the secret and checks the listener's proof.
+pub fn authenticate_connector<R: Read, W: Write>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    secret: &Secret,
+    role: StreamRole,
+) -> Result<(), MigrationError> {
+    let ours = nonce();
+    writer.send(&Message::Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        nonce: ours,
+    })?;
+    let theirs = match expect_control(reader, "a challenge")? {
+        Message::Challenge { nonce, proof } => {
+            if !secret.verify(LISTENER, &ours, &nonce, &role, &proof) {
+                return Err(MigrationError::Auth(
+                    "the destination does not know the shared secret".into(),
+                ));
+            }
+            nonce
+        }
+        Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected a challenge, got {other:?}"
+            )))
+        }
+    };
+    writer.send(&Message::Proof {
+        proof: secret.proof(CONNECTOR, &theirs, &ours, &role),
+    })?;
+    match expect_control(reader, "the authentication result")? {
+        Message::AuthOk => Ok(()),
+        Message::Refuse { reason } => Err(MigrationError::Auth(reason)),
+        other => Err(MigrationError::Protocol(format!(
+            "expected the authentication result, got {other:?}"
+        ))),
+    }
+}
+
+/// The listening side: answers the challenge, checks the connector's proof, and returns
+/// the role the connection claims. A failure is answered with a refusal before the error
+/// returns.
+pub fn authenticate_listener<R: Read, W: Write>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    secret: &Secret,
+) -> Result<StreamRole, MigrationError> {
+    let (theirs, role) = match expect_control(reader, "a hello")? {
+        Message::Hello {
+            version,
+            role,
+            nonce,
+        } => {
+            if version != PROTOCOL_VERSION {
+                let reason = format!(
+                    "protocol version {version}; this host speaks version {PROTOCOL_VERSION}"
+                );
+                let _ = writer.send(&Message::Refuse {
+                    reason: reason.clone(),
+                });
+                return Err(MigrationError::Refused(reason));
+            }
+            (nonce, role)
+        }
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected a hello, got {other:?}"
+            )))
+        }
+    };
+    let ours = nonce();
+    writer.send(&Message::Challenge {
+        nonce: ours,
+        proof: secret.proof(LISTENER, &theirs, &ours, &role),
+    })?;
+    match expect_control(reader, "a proof")? {
+        Message::Proof { proof } if secret.verify(CONNECTOR, &ours, &theirs, &role, &proof) => {
+            writer.send(&Message::AuthOk)?;
+            Ok(role)
+        }
+        Message::Proof { .. } => {
+            let _ = writer.send(&Message::Refuse {
+                reason: "wrong shared secret".into(),
+            });
+            Err(MigrationError::Auth(
+                "the peer does not know the shared secret".into(),
+            ))
+        }
+        other => Err(MigrationError::Protocol(format!(
+            "expected a proof, got {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn run(
+        listener_secret: &str,
+        connector_secret: &str,
+    ) -> (
+        Result<(), MigrationError>,
+        Result<StreamRole, MigrationError>,
+    ) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ls = Secret::new(listener_secret.as_bytes()).unwrap();
+        let cs = Secret::new(connector_secret.as_bytes()).unwrap();
+        let listener = std::thread::spawn(move || {
+            let mut r = FrameReader::new(b.try_clone().unwrap());
+            let mut w = FrameWriter::new(b, false);
+            authenticate_listener(&mut r, &mut w, &ls)
+        });
+        let mut r = FrameReader::new(a.try_clone().unwrap());
+        let mut w = FrameWriter::new(a, false);
+        let role = StreamRole::Data {
+            session: 7,
+            index: 1,
+        };
+        let c = authenticate_connector(&mut r, &mut w, &cs, role);
+        drop((r, w));
+        (c, listener.join().unwrap())
+    }
+
+    #[test]
+    fn same_secret_passes_both_ways() {
+        let (c, l) = run(
+            "correct horse battery staple",
+            "correct horse battery staple",
+        );
+        c.unwrap();
+        assert_eq!(
+            l.unwrap(),
+            StreamRole::Data {
+                session: 7,
+                index: 1
+            }
+        );
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_on_both_sides() {
+        let (c, l) = run(
+            "correct horse battery staple",
+            "wrong horse battery staple!!",
+        );
+        // The connector sees the listener fail its proof first.
+        assert!(matches!(c, Err(MigrationError::Auth(_))), "{c:?}");
+        assert!(l.is_err());
+    }
+
+    #[test]
+    fn short_secrets_are_rejected() {
+        assert!(Secret::new("short").is_err());
+    }
+}

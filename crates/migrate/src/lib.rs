@@ -1,0 +1,95 @@
+//! Ferry's live-migration engine.
+//!
+//! It moves a VM from a [`MigrationSource`] on one host to a [`MigrationTarget`] on
+//! another without knowing what either is (the host daemon adapts a microVM to both
+//! traits), so the engine never imports KVM:
+//!
+//! - [`wire`]: the framed, checksummed, validated stream format and its messages.
+//! - [`auth`]: shared-secret challenge–response on every connection.
+//! - [`send`]: the source side: pre-copy rounds, convergence, throttling, switchover.
+//! - [`receive`]: the destination side: validates everything off the wire, applies it,
+//!   and restores the VM only when the source's final state is complete.
+//!
+//! The phases are those of ARCHITECTURE.md: handshake, pre-copy, convergence,
+//! switchover; a failure before the destination confirms leaves the VM on the source.
+
+pub mod auth;
+pub mod receive;
+pub mod send;
+pub mod vm;
+pub mod wire;
+
+pub use auth::Secret;
+pub use receive::{serve, ReceiveReport, TargetFactory};
+pub use send::{migrate_vm, MigrationOptions, MigrationReport, Mode, Progress};
+pub use vm::{ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription};
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The peer could not be reached.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The peer's address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed (peer gone, cut, timed out).
+    #[error("connection lost while {what}")]
+    Io {
+        /// What was going on.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer failed authentication, or we did.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The destination refused the VM.
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    /// The peer sent something invalid.
+    #[error("invalid migration stream: {0}")]
+    Protocol(String),
+    /// The peer gave up and said why.
+    #[error("the peer aborted the migration: {0}")]
+    PeerAborted(String),
+    /// The VM being sent failed (paused, read, state).
+    #[error("source VM: {0}")]
+    Source(String),
+    /// The VM being received could not take what was sent.
+    #[error("destination VM: {0}")]
+    Target(String),
+    /// Pre-copy did not reach the downtime target within its bounds.
+    #[error("did not converge after {rounds} rounds in {elapsed_ms} ms: predicted pause {predicted_ms} ms > target {target_ms} ms (dirty rate {dirty_mib_s:.0} MiB/s vs link {link_mib_s:.0} MiB/s, throttle {throttle_pct}%); the VM keeps running on the source")]
+    NotConverged {
+        /// Rounds done.
+        rounds: u32,
+        /// Time spent.
+        elapsed_ms: u64,
+        /// Last predicted pause.
+        predicted_ms: u64,
+        /// The target.
+        target_ms: u64,
+        /// Last dirty rate.
+        dirty_mib_s: f64,
+        /// Last link rate.
+        link_mib_s: f64,
+        /// Throttle reached.
+        throttle_pct: u8,
+    },
+    /// The destination was told to resume but its confirmation never came: the VM stays
+    /// paused on the source so it can never run on both hosts.
+    #[error("switchover outcome unknown: the destination was told to resume but did not confirm ({0}); the VM is kept paused on the source so it never runs twice — check the destination")]
+    InDoubt(String),
+}
+
+impl MigrationError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}

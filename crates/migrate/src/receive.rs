@@ -1,0 +1,449 @@
+//! The destination side: a listener that authenticates every connection, prepares a
+//! paused VM for an acceptable offer, applies rounds from the data streams, restores the
+//! VM from the final state and runs it on the source's word. Until then a failure of any
+//! kind discards what was received.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::auth::{authenticate_listener, Secret};
+use crate::send::MAX_STREAMS;
+use crate::vm::{DeviceBuffer, MigrationTarget, VmDescription, PAGE_SIZE};
+use crate::wire::{expect_control, Frame, FrameReader, FrameWriter, Message, StreamRole};
+use crate::MigrationError;
+
+/// How long the destination waits for the data connections, or for a round's data.
+const STREAM_WAIT: Duration = Duration::from_secs(30);
+/// Read timeout on the control connection (the source sends at least once per round).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest guest RAM accepted in an offer.
+const MAX_RAM: u64 = 1 << 40;
+
+/// The host's side of receiving: make a paused VM for an offer, adopt it when it runs.
+pub trait TargetFactory: Send + Sync + 'static {
+    /// The VM being received.
+    type Target: MigrationTarget + 'static;
+    /// A paused, empty VM for `vm`, or the reason to refuse it (incompatible, no room).
+    fn prepare(&self, vm: &VmDescription) -> Result<Self::Target, String>;
+    /// The VM now runs here: the host owns it.
+    fn adopt(&self, target: Self::Target, report: ReceiveReport);
+}
+
+/// What a received migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiveReport {
+    /// The VM.
+    pub vm: VmDescription,
+    /// Rounds applied.
+    pub rounds: u32,
+    /// Bytes received on all connections.
+    pub bytes_received: u64,
+    /// Offer to resume, ms.
+    pub total_ms: f64,
+}
+
+type Reader = FrameReader<BufReader<TcpStream>>;
+type Writer = FrameWriter<BufWriter<TcpStream>>;
+
+/// Data connections waiting for their session's control connection.
+type Sessions = Arc<Mutex<HashMap<u64, Sender<(u8, Reader, TcpStream)>>>>;
+
+/// Accepts migration connections on `listener` forever, each on its own thread.
+pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: Arc<F>) {
+    let sessions: Sessions = Arc::default();
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let (secret, factory, sessions) = (secret.clone(), factory.clone(), sessions.clone());
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("migrate-in".into())
+            .spawn(move || {
+                if let Err(e) = handle_connection(stream, &secret, &*factory, &sessions) {
+                    tracing::warn!(%peer, "incoming migration connection failed: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a migration thread: {e}");
+        }
+    }
+}
+
+fn handle_connection<F: TargetFactory>(
+    stream: TcpStream,
+    secret: &Secret,
+    factory: &F,
+    sessions: &Sessions,
+) -> Result<(), MigrationError> {
+    stream
+        .set_nodelay(true)
+        .and_then(|()| stream.set_read_timeout(Some(CONTROL_TIMEOUT)))
+        .map_err(MigrationError::io("setting up a connection"))?;
+    let keep = stream
+        .try_clone()
+        .map_err(MigrationError::io("setting up a connection"))?;
+    let mut reader = FrameReader::new(BufReader::with_capacity(
+        1 << 20,
+        keep.try_clone()
+            .map_err(MigrationError::io("setting up a connection"))?,
+    ));
+    let mut writer = FrameWriter::new(BufWriter::new(stream), false);
+    match authenticate_listener(&mut reader, &mut writer, secret)? {
+        StreamRole::Control => {
+            let result = receive_vm(reader, writer, factory, sessions);
+            if let Err(e) = &result {
+                tracing::warn!("incoming migration discarded: {e}");
+            }
+            result.map(drop)
+        }
+        StreamRole::Data { session, index } => {
+            let slot = sessions
+                .lock()
+                .expect("sessions lock")
+                .get(&session)
+                .cloned();
+            match slot {
+                Some(tx) => {
+                    let _ = tx.send((index, reader, keep));
+                    Ok(())
+                }
+                None => Err(MigrationError::Protocol(format!(
+                    "data connection for unknown session {session:#x}"
+                ))),
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct InboundState {
+    round_open: bool,
+    applied: Vec<u64>,
+    failed: Option<String>,
+    done: bool,
+}
+
+#[derive(Default)]
+struct Inbound {
+    state: Mutex<InboundState>,
+    changed: Condvar,
+}
+
+impl Inbound {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboundState> {
+        self.state.lock().expect("inbound lock")
+    }
+
+    fn fail(&self, why: String) {
+        let mut s = self.lock();
+        if s.failed.is_none() && !s.done {
+            s.failed = Some(why);
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+}
+
+/// Applies one data stream's frames until it ends.
+fn apply_stream<T: MigrationTarget>(
+    index: usize,
+    mut reader: Reader,
+    target: &T,
+    ram_size: u64,
+    inbound: &Inbound,
+) -> u64 {
+    loop {
+        let frame = match reader.read() {
+            Ok(f) => f,
+            Err(e) => {
+                inbound.fail(format!("data stream {index}: {e}"));
+                return reader.bytes;
+            }
+        };
+        // Frames belong to the open round; wait for the control stream to open it (and
+        // sync the buffer table) before applying anything.
+        {
+            let s = inbound
+                .changed
+                .wait_while(inbound.lock(), |s| {
+                    !s.round_open && s.failed.is_none() && !s.done
+                })
+                .expect("inbound lock");
+            if s.failed.is_some() || s.done {
+                return reader.bytes;
+            }
+        }
+        let applied = match frame {
+            Frame::Ram { gpa, pages, data } => {
+                let end = gpa.checked_add(pages * PAGE_SIZE);
+                if end.is_none_or(|end| end > ram_size) {
+                    Err(format!(
+                        "RAM record of {pages} pages at {gpa:#x} is outside the VM's {ram_size:#x} bytes"
+                    ))
+                } else {
+                    match data {
+                        Some(data) => target.write_ram(gpa, data),
+                        None => target.write_ram(gpa, &vec![0; (pages * PAGE_SIZE) as usize]),
+                    }
+                }
+            }
+            Frame::Chunk { key, len, data } => {
+                if data.is_some_and(|d| d.len() as u64 != len) {
+                    Err("chunk length mismatch".to_string())
+                } else {
+                    target.write_chunk(key, data)
+                }
+            }
+            Frame::Control(m) => Err(format!("control message {m:?} on a data stream")),
+        };
+        if let Err(e) = applied {
+            inbound.fail(format!("data stream {index}: {e}"));
+            return reader.bytes;
+        }
+        let mut s = inbound.lock();
+        s.applied[index] += 1;
+        drop(s);
+        inbound.changed.notify_all();
+    }
+}
+
+fn refuse(writer: &mut Writer, reason: String) -> MigrationError {
+    let _ = writer.send(&Message::Refuse {
+        reason: reason.clone(),
+    });
+    MigrationError::Refused(reason)
+}
+
+fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), String> {
+    if !(1..=MAX_STREAMS).contains(&streams) {
+        return Err(format!(
+            "{streams} data streams (1 to {MAX_STREAMS} allowed)"
+        ));
+    }
+    if vm.ram_size == 0 || vm.ram_size % PAGE_SIZE != 0 || vm.ram_size > MAX_RAM {
+        return Err(format!("guest RAM of {} bytes", vm.ram_size));
+    }
+    Ok(())
+}
+
+fn collect_streams(
+    rx: &Receiver<(u8, Reader, TcpStream)>,
+    streams: u8,
+) -> Result<Vec<(Reader, TcpStream)>, MigrationError> {
+    let mut slots: Vec<Option<(Reader, TcpStream)>> = (0..streams).map(|_| None).collect();
+    let deadline = Instant::now() + STREAM_WAIT;
+    while slots.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((index, reader, stream)) => {
+                let slot = slots.get_mut(usize::from(index)).ok_or_else(|| {
+                    MigrationError::Protocol(format!("data stream {index} of {streams}"))
+                })?;
+                if slot.is_some() {
+                    return Err(MigrationError::Protocol(format!(
+                        "data stream {index} opened twice"
+                    )));
+                }
+                *slot = Some((reader, stream));
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                return Err(MigrationError::Protocol(format!(
+                    "the source did not open its {streams} data streams within {}s",
+                    STREAM_WAIT.as_secs()
+                )))
+            }
+        }
+    }
+    Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
+}
+
+/// Receives one VM on an authenticated control connection.
+fn receive_vm<F: TargetFactory>(
+    mut reader: Reader,
+    mut writer: Writer,
+    factory: &F,
+    sessions: &Sessions,
+) -> Result<(), MigrationError> {
+    let started = Instant::now();
+    let (vm, streams) = match expect_control(&mut reader, "an offer")? {
+        Message::Offer { vm, streams, .. } => (vm, streams),
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected an offer, got {other:?}"
+            )))
+        }
+    };
+    if let Err(reason) = validate_offer(&vm, streams) {
+        return Err(refuse(&mut writer, format!("invalid offer: {reason}")));
+    }
+    let target = match factory.prepare(&vm) {
+        Ok(t) => t,
+        Err(reason) => return Err(refuse(&mut writer, reason)),
+    };
+    let mut session_bytes = [0u8; 8];
+    getrandom::fill(&mut session_bytes).expect("the OS random source");
+    let session = u64::from_le_bytes(session_bytes);
+    let (tx, rx) = channel();
+    sessions.lock().expect("sessions lock").insert(session, tx);
+    let accepted = writer
+        .send(&Message::Accept { session })
+        .and_then(|()| collect_streams(&rx, streams));
+    sessions.lock().expect("sessions lock").remove(&session);
+    let data = accepted?;
+    let inbound = Inbound::default();
+    inbound.lock().applied = vec![0; usize::from(streams)];
+    let shutdowns: Vec<TcpStream> = data
+        .iter()
+        .filter_map(|(_, s)| s.try_clone().ok())
+        .collect();
+    let result = std::thread::scope(|scope| {
+        let handles: Vec<_> = data
+            .into_iter()
+            .enumerate()
+            .map(|(i, (reader, _stream))| {
+                let (target, inbound) = (&target, &inbound);
+                scope.spawn(move || apply_stream(i, reader, target, vm.ram_size, inbound))
+            })
+            .collect();
+        let result = control_loop(&mut reader, &mut writer, &target, &inbound, streams);
+        {
+            let mut s = inbound.lock();
+            s.done = true;
+        }
+        inbound.changed.notify_all();
+        for stream in &shutdowns {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let data_bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+        result.map(|rounds| (rounds, data_bytes))
+    });
+    match result {
+        Ok((rounds, data_bytes)) => {
+            let report = ReceiveReport {
+                vm,
+                rounds,
+                bytes_received: reader.bytes + data_bytes,
+                total_ms: started.elapsed().as_secs_f64() * 1e3,
+            };
+            tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
+            factory.adopt(target, report);
+            Ok(())
+        }
+        Err(e) => {
+            if !matches!(
+                e,
+                MigrationError::PeerAborted(_) | MigrationError::Io { .. }
+            ) {
+                let _ = writer.send(&Message::Abort {
+                    reason: e.to_string(),
+                });
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The control conversation after the streams are open; returns the rounds applied.
+fn control_loop<T: MigrationTarget>(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    target: &T,
+    inbound: &Inbound,
+    streams: u8,
+) -> Result<u32, MigrationError> {
+    let mut expected_round = 0u32;
+    let mut expected_frames = vec![0u64; usize::from(streams)];
+    let target_err = |e: String| MigrationError::Target(e);
+    loop {
+        match expect_control(reader, "the next round")? {
+            Message::BeginRound { round, buffers } => {
+                if round != expected_round {
+                    return Err(MigrationError::Protocol(format!(
+                        "round {round} began, expected {expected_round}"
+                    )));
+                }
+                sync_buffers(target, &buffers)?;
+                inbound.lock().round_open = true;
+                inbound.changed.notify_all();
+            }
+            Message::EndRound { round, frames } => {
+                if round != expected_round || frames.len() != usize::from(streams) {
+                    return Err(MigrationError::Protocol(format!(
+                        "round {round} ended with {} stream counts (expected round {expected_round}, {streams} streams)",
+                        frames.len()
+                    )));
+                }
+                for (total, n) in expected_frames.iter_mut().zip(&frames) {
+                    *total = total
+                        .checked_add(*n)
+                        .ok_or_else(|| MigrationError::Protocol("frame count overflow".into()))?;
+                }
+                let (s, timeout) = inbound
+                    .changed
+                    .wait_timeout_while(inbound.lock(), STREAM_WAIT, |s| {
+                        s.failed.is_none()
+                            && s.applied.iter().zip(&expected_frames).any(|(a, e)| a < e)
+                    })
+                    .expect("inbound lock");
+                let mut s = s;
+                if let Some(why) = s.failed.take() {
+                    return Err(MigrationError::Protocol(why));
+                }
+                if timeout.timed_out() {
+                    return Err(MigrationError::Protocol(format!(
+                        "round {round}'s data did not arrive within {}s",
+                        STREAM_WAIT.as_secs()
+                    )));
+                }
+                if s.applied != expected_frames {
+                    return Err(MigrationError::Protocol(format!(
+                        "round {round}: more frames than announced"
+                    )));
+                }
+                s.round_open = false;
+                drop(s);
+                writer.send(&Message::RoundApplied { round })?;
+                expected_round += 1;
+            }
+            Message::State { blob } => {
+                if let Some(why) = inbound.lock().failed.take() {
+                    return Err(MigrationError::Protocol(why));
+                }
+                target.restore(&blob).map_err(target_err)?;
+                writer.send(&Message::Ready)?;
+                match expect_control(reader, "go")? {
+                    Message::Go => {}
+                    other => {
+                        return Err(MigrationError::Protocol(format!(
+                            "expected go, got {other:?}"
+                        )))
+                    }
+                }
+                target.resume().map_err(target_err)?;
+                // The VM runs here now; a lost confirmation leaves it running here and
+                // paused at the source, never running on both.
+                let _ = writer.send(&Message::Resumed);
+                return Ok(expected_round);
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected {other:?} during pre-copy"
+                )))
+            }
+        }
+    }
+}
+
+fn sync_buffers<T: MigrationTarget>(
+    target: &T,
+    buffers: &[DeviceBuffer],
+) -> Result<(), MigrationError> {
+    target.sync_buffers(buffers).map_err(MigrationError::Target)
+}

@@ -1,0 +1,638 @@
+//! The source side: handshake, pre-copy rounds, convergence with throttling, and the
+//! switchover. Any failure before the destination confirms resumes the VM here.
+
+use std::io::{BufReader, BufWriter};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::auth::{authenticate_connector, Secret};
+use crate::vm::{ChunkKey, MigrationSource, PageSet, PAGE_SIZE};
+use crate::wire::{
+    expect_control, FrameReader, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES,
+};
+use crate::MigrationError;
+
+pub use crate::wire::Transfer as Mode;
+
+/// Most data streams.
+pub const MAX_STREAMS: u8 = 16;
+/// What restoring and resuming costs beyond the transfer, added to predictions.
+const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
+/// Throttle steps: how much of the time the VM is held paused.
+const THROTTLE_STEPS: [u8; 5] = [0, 30, 50, 70, 90];
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    /// Live (pre-copy) or stop-and-copy.
+    pub mode: Mode,
+    /// Pause to aim for.
+    pub downtime_target: Duration,
+    /// Parallel data connections (1..=[`MAX_STREAMS`]).
+    pub streams: u8,
+    /// LZ4-compress data frames.
+    pub compress: bool,
+    /// Most pre-copy rounds before giving up (or switching over anyway).
+    pub max_rounds: u32,
+    /// Most pre-copy time before giving up (or switching over anyway).
+    pub max_precopy: Duration,
+    /// Throttle the VM when it dirties memory faster than the link sends it.
+    pub throttle: bool,
+    /// When the bounds are reached, switch over anyway with the longer pause instead of
+    /// stopping with an error.
+    pub allow_longer_pause: bool,
+    /// Connection and per-read timeout.
+    pub io_timeout: Duration,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Live,
+            downtime_target: Duration::from_millis(50),
+            streams: 2,
+            compress: false,
+            max_rounds: 30,
+            max_precopy: Duration::from_secs(60),
+            throttle: true,
+            allow_longer_pause: false,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a migration is, reported after each round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    /// "precopy", "switchover" or "done".
+    pub phase: &'static str,
+    /// Round just finished.
+    pub round: u32,
+    /// Bytes sent so far on all connections.
+    pub bytes_sent: u64,
+    /// Bytes the last round sent.
+    pub round_bytes: u64,
+    /// Link rate of the last round, MiB/s.
+    pub rate_mib_s: f64,
+    /// Rate at which the VM dirtied memory during the last round, MiB/s.
+    pub dirty_mib_s: f64,
+    /// Bytes left to send (dirty now).
+    pub dirty_bytes: u64,
+    /// Predicted pause if switching over now, ms.
+    pub predicted_pause_ms: f64,
+    /// Throttle applied, % of time paused.
+    pub throttle_pct: u8,
+    /// Time since the migration started, ms.
+    pub elapsed_ms: f64,
+}
+
+/// One pre-copy round, as measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrecopyRound {
+    /// Round number (0 sends everything).
+    pub round: u32,
+    /// Pages sent with contents.
+    pub pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Device chunks sent with contents.
+    pub chunks: u64,
+    /// Device chunks sent as zero markers.
+    pub zero_chunks: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Duration, ms.
+    pub ms: f64,
+    /// Throttle during the round, %.
+    pub throttle_pct: u8,
+}
+
+/// What a finished migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// "live" or "stop-and-copy".
+    pub mode: &'static str,
+    /// Source pause to destination resume, ms.
+    pub downtime_ms: f64,
+    /// Whole migration, connect to confirmation, ms.
+    pub total_ms: f64,
+    /// Rounds, the final one included.
+    pub rounds: u32,
+    /// Bytes sent on all connections.
+    pub bytes_sent: u64,
+    /// Bytes sent during the pause.
+    pub final_bytes: u64,
+    /// Highest throttle applied, %.
+    pub max_throttle_pct: u8,
+    /// Data connections used.
+    pub streams: u8,
+    /// Each round.
+    pub round_log: Vec<PrecopyRound>,
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Transfer::Live => "live",
+        Transfer::StopAndCopy => "stop-and-copy",
+    }
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    let err = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut last = None;
+    for sock in addr.to_socket_addrs().map_err(err)? {
+        match TcpStream::connect_timeout(&sock, timeout) {
+            Ok(stream) => {
+                stream.set_nodelay(true).map_err(err)?;
+                stream.set_read_timeout(Some(timeout)).map_err(err)?;
+                stream.set_write_timeout(Some(timeout)).map_err(err)?;
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+    })))
+}
+
+type Reader = FrameReader<BufReader<TcpStream>>;
+type Writer = FrameWriter<BufWriter<TcpStream>>;
+
+fn open_stream(
+    addr: &str,
+    secret: &Secret,
+    role: StreamRole,
+    options: &MigrationOptions,
+) -> Result<(Reader, Writer), MigrationError> {
+    let stream = connect(addr, options.io_timeout)?;
+    let read_half = stream
+        .try_clone()
+        .map_err(MigrationError::io("opening a stream"))?;
+    let mut reader = FrameReader::new(BufReader::new(read_half));
+    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, stream), options.compress);
+    authenticate_connector(&mut reader, &mut writer, secret, role)?;
+    Ok((reader, writer))
+}
+
+/// What one round must send.
+struct RoundWork {
+    runs: Vec<(u64, u64)>,
+    chunks: Vec<ChunkKey>,
+    /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
+    skip_zeros: bool,
+}
+
+impl RoundWork {
+    fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.1 * PAGE_SIZE).sum::<u64>()
+            + self.chunks.len() as u64 * crate::vm::MAX_CHUNK_BYTES
+    }
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the
+        // aligned middle of the slice.
+        unsafe { bytes.align_to::<u128>() }
+    };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[derive(Default)]
+struct StreamCounts {
+    pages: u64,
+    zero_pages: u64,
+    chunks: u64,
+    zero_chunks: u64,
+}
+
+/// Sends `items` on one stream: runs of pages (split around zero pages) and chunks.
+fn send_share(
+    source: &dyn MigrationSource,
+    writer: &mut Writer,
+    runs: &[(u64, u64)],
+    chunks: &[ChunkKey],
+    skip_zeros: bool,
+) -> Result<StreamCounts, MigrationError> {
+    let mut counts = StreamCounts::default();
+    let mut buf = vec![0u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
+    for &(first, pages) in runs {
+        let bytes = &mut buf[..(pages * PAGE_SIZE) as usize];
+        source
+            .read_ram(first * PAGE_SIZE, bytes)
+            .map_err(MigrationError::Source)?;
+        // Split the run into maximal sub-runs of non-zero and of zero pages.
+        let page_bytes = PAGE_SIZE as usize;
+        let mut i = 0u64;
+        while i < pages {
+            let zero = is_zero(&bytes[i as usize * page_bytes..][..page_bytes]);
+            let mut j = i + 1;
+            while j < pages && is_zero(&bytes[j as usize * page_bytes..][..page_bytes]) == zero {
+                j += 1;
+            }
+            let gpa = (first + i) * PAGE_SIZE;
+            if zero {
+                if !skip_zeros {
+                    writer.send_ram(gpa, j - i, None)?;
+                    counts.zero_pages += j - i;
+                }
+            } else {
+                let data = &bytes[i as usize * page_bytes..j as usize * page_bytes];
+                writer.send_ram(gpa, j - i, Some(data))?;
+                counts.pages += j - i;
+            }
+            i = j;
+        }
+    }
+    let mut data = Vec::new();
+    for &key in chunks {
+        // A chunk of a buffer freed since the dirty list was taken is skipped; the
+        // next round's buffer table drops it at the destination.
+        if source.read_chunk(key, &mut data).is_none() {
+            continue;
+        }
+        if is_zero(&data) {
+            if !skip_zeros {
+                writer.send_chunk(key, data.len() as u64, None)?;
+                counts.zero_chunks += 1;
+            }
+        } else {
+            writer.send_chunk(key, data.len() as u64, Some(&data))?;
+            counts.chunks += 1;
+        }
+    }
+    writer.flush()?;
+    Ok(counts)
+}
+
+struct Session<'a> {
+    source: &'a dyn MigrationSource,
+    control_reader: Reader,
+    control_writer: Writer,
+    data: Vec<Writer>,
+    /// Kept so the data connections' read halves stay open until the end.
+    _data_readers: Vec<Reader>,
+    started: Instant,
+    round: u32,
+    round_log: Vec<PrecopyRound>,
+}
+
+impl Session<'_> {
+    fn bytes_sent(&self) -> u64 {
+        self.control_writer.bytes + self.data.iter().map(|w| w.bytes).sum::<u64>()
+    }
+
+    /// Sends one round over the data streams in parallel and waits until the destination
+    /// has applied it.
+    fn send_round(
+        &mut self,
+        work: &RoundWork,
+        throttle_pct: u8,
+    ) -> Result<PrecopyRound, MigrationError> {
+        let started = Instant::now();
+        let before = self.bytes_sent();
+        let round = self.round;
+        self.control_writer.send(&Message::BeginRound {
+            round,
+            buffers: self.source.device_buffers(),
+        })?;
+        let n = self.data.len();
+        let frames_before: Vec<u64> = self.data.iter().map(|w| w.frames).collect();
+        let source = self.source;
+        let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .data
+                .iter_mut()
+                .enumerate()
+                .map(|(i, writer)| {
+                    // Interleave so every stream gets a fair share of pages and chunks.
+                    let runs: Vec<_> = work.runs.iter().copied().skip(i).step_by(n).collect();
+                    let chunks: Vec<_> = work.chunks.iter().copied().skip(i).step_by(n).collect();
+                    let skip = work.skip_zeros;
+                    scope.spawn(move || send_share(source, writer, &runs, &chunks, skip))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("stream sender panicked"))
+                .collect()
+        });
+        let mut total = StreamCounts::default();
+        for r in results {
+            let c = r?;
+            total.pages += c.pages;
+            total.zero_pages += c.zero_pages;
+            total.chunks += c.chunks;
+            total.zero_chunks += c.zero_chunks;
+        }
+        let frames = self
+            .data
+            .iter()
+            .zip(frames_before)
+            .map(|(w, before)| w.frames - before)
+            .collect();
+        self.control_writer
+            .send(&Message::EndRound { round, frames })?;
+        match expect_control(&mut self.control_reader, "the round's acknowledgement")? {
+            Message::RoundApplied { round: r } if r == round => {}
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected round {round} applied, got {other:?}"
+                )))
+            }
+        }
+        let log = PrecopyRound {
+            round,
+            pages: total.pages,
+            zero_pages: total.zero_pages,
+            chunks: total.chunks,
+            zero_chunks: total.zero_chunks,
+            bytes: self.bytes_sent() - before,
+            ms: ms(started.elapsed()),
+            throttle_pct,
+        };
+        self.round_log.push(log.clone());
+        self.round += 1;
+        Ok(log)
+    }
+
+    fn progress(
+        &self,
+        phase: &'static str,
+        log: &PrecopyRound,
+        dirty_bytes: u64,
+        rate: f64,
+        dirty_rate: f64,
+        predicted: Duration,
+        throttle_pct: u8,
+    ) -> Progress {
+        Progress {
+            phase,
+            round: log.round,
+            bytes_sent: self.bytes_sent(),
+            round_bytes: log.bytes,
+            rate_mib_s: rate / MIB,
+            dirty_mib_s: dirty_rate / MIB,
+            dirty_bytes,
+            predicted_pause_ms: ms(predicted),
+            throttle_pct,
+            elapsed_ms: ms(self.started.elapsed()),
+        }
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn dirty_work(source: &dyn MigrationSource) -> Result<RoundWork, MigrationError> {
+    let pages: PageSet = source.take_dirty_pages().map_err(MigrationError::Source)?;
+    let mut chunks = source.take_dirty_chunks();
+    chunks.sort_unstable();
+    chunks.dedup();
+    Ok(RoundWork {
+        runs: pages.runs(MAX_RUN_PAGES),
+        chunks,
+        skip_zeros: false,
+    })
+}
+
+/// Migrates the VM `source` to the host listening for migrations at `addr`.
+///
+/// On success the VM runs on the destination and `source` is left paused: the caller
+/// releases it. On error the VM runs on `source` again (unless the error is
+/// [`MigrationError::InDoubt`], where it stays paused) and the destination has discarded
+/// what it received.
+pub fn migrate_vm(
+    source: &dyn MigrationSource,
+    addr: &str,
+    secret: &Secret,
+    options: &MigrationOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    if !(1..=MAX_STREAMS).contains(&options.streams) {
+        return Err(MigrationError::Source(format!(
+            "--streams must be 1 to {MAX_STREAMS}, got {}",
+            options.streams
+        )));
+    }
+    let started = Instant::now();
+    let (mut control_reader, mut control_writer) =
+        open_stream(addr, secret, StreamRole::Control, options)?;
+    control_writer.send(&Message::Offer {
+        vm: source.describe(),
+        streams: options.streams,
+        transfer: options.mode,
+    })?;
+    let session = match expect_control(&mut control_reader, "the destination's answer")? {
+        Message::Accept { session } => session,
+        Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected accept or refuse, got {other:?}"
+            )))
+        }
+    };
+    let mut data = Vec::new();
+    let mut data_readers = Vec::new();
+    for index in 0..options.streams {
+        let (r, w) = open_stream(addr, secret, StreamRole::Data { session, index }, options)?;
+        data_readers.push(r);
+        data.push(w);
+    }
+    let mut s = Session {
+        source,
+        control_reader,
+        control_writer,
+        data,
+        _data_readers: data_readers,
+        started,
+        round: 0,
+        round_log: Vec::new(),
+    };
+    let throttle_max = std::cell::Cell::new(0u8);
+    let outcome = run(&mut s, options, progress, &throttle_max);
+    source.set_throttle(0);
+    source.stop_tracking();
+    match outcome {
+        Ok(Switched {
+            downtime,
+            final_bytes,
+        }) => Ok(MigrationReport {
+            mode: mode_name(options.mode),
+            downtime_ms: ms(downtime),
+            total_ms: ms(started.elapsed()),
+            rounds: s.round,
+            bytes_sent: s.bytes_sent(),
+            final_bytes,
+            max_throttle_pct: throttle_max.get(),
+            streams: options.streams,
+            round_log: s.round_log,
+        }),
+        Err(Failure::InDoubt(e)) => Err(e),
+        Err(Failure::BeforeGo { error, paused }) => {
+            let _ = s.control_writer.send(&Message::Abort {
+                reason: error.to_string(),
+            });
+            if paused {
+                source.resume().map_err(|e| {
+                    MigrationError::Source(format!("{error}; and resuming the VM failed: {e}"))
+                })?;
+            }
+            Err(error)
+        }
+    }
+}
+
+struct Switched {
+    downtime: Duration,
+    final_bytes: u64,
+}
+
+enum Failure {
+    /// Before `Go`: the source may run again.
+    BeforeGo { error: MigrationError, paused: bool },
+    /// After `Go` without confirmation.
+    InDoubt(MigrationError),
+}
+
+fn before_go(paused: bool) -> impl Fn(MigrationError) -> Failure {
+    move |error| Failure::BeforeGo { error, paused }
+}
+
+fn run(
+    s: &mut Session<'_>,
+    options: &MigrationOptions,
+    progress: &mut dyn FnMut(&Progress),
+    throttle_max: &std::cell::Cell<u8>,
+) -> Result<Switched, Failure> {
+    let source = s.source;
+    let ram_pages = source.describe().ram_size / PAGE_SIZE;
+    let round0 = |s: &Session<'_>| RoundWork {
+        runs: PageSet::all(ram_pages).runs(MAX_RUN_PAGES),
+        chunks: s.source.all_chunks(),
+        skip_zeros: true,
+    };
+    let pause_at: Instant;
+    if options.mode == Transfer::StopAndCopy {
+        source
+            .pause()
+            .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+        pause_at = Instant::now();
+        let log = s.send_round(&round0(s), 0).map_err(before_go(true))?;
+        progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+    } else {
+        source
+            .start_tracking()
+            .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+        let mut work = round0(s);
+        let mut throttle_step = 0usize;
+        loop {
+            let throttle_pct = THROTTLE_STEPS[throttle_step];
+            let log = s
+                .send_round(&work, throttle_pct)
+                .map_err(before_go(false))?;
+            work = dirty_work(source).map_err(before_go(false))?;
+            let dirty_bytes = work.bytes();
+            let secs = (log.ms / 1e3).max(1e-6);
+            let rate = log.bytes as f64 / secs;
+            let dirty_rate = dirty_bytes as f64 / secs;
+            // The final round moves what is dirty at the pause, at this round's rate.
+            let predicted =
+                Duration::from_secs_f64(dirty_bytes as f64 / rate.max(1.0)) + SWITCHOVER_OVERHEAD;
+            progress(&s.progress(
+                "precopy",
+                &log,
+                dirty_bytes,
+                rate,
+                dirty_rate,
+                predicted,
+                throttle_pct,
+            ));
+            if predicted <= options.downtime_target {
+                break;
+            }
+            let out_of_bounds =
+                s.round >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
+            if out_of_bounds {
+                if options.allow_longer_pause {
+                    break;
+                }
+                return Err(before_go(false)(MigrationError::NotConverged {
+                    rounds: s.round,
+                    elapsed_ms: s.started.elapsed().as_millis() as u64,
+                    predicted_ms: predicted.as_millis() as u64,
+                    target_ms: options.downtime_target.as_millis() as u64,
+                    dirty_mib_s: dirty_rate / MIB,
+                    link_mib_s: rate / MIB,
+                    throttle_pct,
+                }));
+            }
+            // Dirtying at more than half the link rate will not converge quickly:
+            // slow the VM down a step.
+            if options.throttle
+                && dirty_rate > rate * 0.5
+                && throttle_step + 1 < THROTTLE_STEPS.len()
+            {
+                throttle_step += 1;
+                source.set_throttle(THROTTLE_STEPS[throttle_step]);
+                throttle_max.set(THROTTLE_STEPS[throttle_step]);
+                tracing::info!(
+                    pct = THROTTLE_STEPS[throttle_step],
+                    "throttling the VM to converge"
+                );
+            }
+        }
+        source.set_throttle(0);
+        source
+            .pause()
+            .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+        pause_at = Instant::now();
+        let work = dirty_work(source).map_err(before_go(true))?;
+        let log = s.send_round(&work, 0).map_err(before_go(true))?;
+        progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+    }
+    let final_bytes = s.round_log.last().map_or(0, |r| r.bytes);
+    let blob = source
+        .save_state()
+        .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
+    s.control_writer
+        .send(&Message::State { blob })
+        .map_err(before_go(true))?;
+    match expect_control(&mut s.control_reader, "the destination's restore")
+        .map_err(before_go(true))?
+    {
+        Message::Ready => {}
+        other => {
+            return Err(before_go(true)(MigrationError::Protocol(format!(
+                "expected ready, got {other:?}"
+            ))))
+        }
+    }
+    // From here the destination may run the VM: the source must never resume it.
+    s.control_writer
+        .send(&Message::Go)
+        .map_err(|e| Failure::InDoubt(MigrationError::InDoubt(e.to_string())))?;
+    match expect_control(&mut s.control_reader, "the destination's confirmation") {
+        Ok(Message::Resumed) => {}
+        Ok(other) => {
+            return Err(Failure::InDoubt(MigrationError::InDoubt(format!(
+                "unexpected {other:?}"
+            ))))
+        }
+        Err(e) => return Err(Failure::InDoubt(MigrationError::InDoubt(e.to_string()))),
+    }
+    let downtime = pause_at.elapsed();
+    Ok(Switched {
+        downtime,
+        final_bytes,
+    })
+}

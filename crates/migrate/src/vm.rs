@@ -1,0 +1,221 @@
+//! What the engine needs from a VM on each side, as traits (the host adapts its microVM).
+
+use serde::{Deserialize, Serialize};
+
+/// Guest page size the engine copies in.
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest device chunk (the accelerator's dirty-tracking granule).
+pub const MAX_CHUNK_BYTES: u64 = 256 << 10;
+
+/// What both sides must agree on before anything is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescription {
+    /// Name shown by the hosts (the workload).
+    pub name: String,
+    /// Guest RAM bytes.
+    pub ram_size: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Accelerator memory bytes (0: none).
+    pub accel_memory: u64,
+    /// Guest ABI version.
+    pub abi_version: u32,
+    /// Accelerator backend kind ("cpu", ...), empty without an accelerator.
+    pub backend_kind: String,
+    /// Kernel library version of that backend.
+    pub kernel_version: u32,
+    /// Matmul microkernel (results are bit-identical only between equal ones).
+    pub microkernel: String,
+    /// Anything else the destination needs to start it (e.g. the guest arguments).
+    pub extra: Vec<(String, String)>,
+}
+
+impl VmDescription {
+    /// Why `self` (the VM offered) cannot run where `local` describes the host's
+    /// capabilities (only backend, kernel version, microkernel and ABI are compared).
+    pub fn incompatibility(&self, local: &VmDescription) -> Option<String> {
+        if self.abi_version != local.abi_version {
+            return Some(format!(
+                "guest ABI version {} (this host runs {})",
+                self.abi_version, local.abi_version
+            ));
+        }
+        if self.accel_memory == 0 {
+            return None;
+        }
+        if self.backend_kind != local.backend_kind {
+            return Some(format!(
+                "accelerator backend '{}' (this host runs '{}')",
+                self.backend_kind, local.backend_kind
+            ));
+        }
+        if self.kernel_version != local.kernel_version {
+            return Some(format!(
+                "kernel library v{} (this host runs v{}): results would not be bit-identical",
+                self.kernel_version, local.kernel_version
+            ));
+        }
+        if self.microkernel != local.microkernel {
+            return Some(format!(
+                "matmul microkernel {} (this host uses {}): results would not be bit-identical",
+                self.microkernel, local.microkernel
+            ));
+        }
+        None
+    }
+}
+
+/// One device-memory chunk: `index` of buffer `buffer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ChunkKey {
+    /// Buffer id.
+    pub buffer: u32,
+    /// Chunk index within the buffer.
+    pub index: u64,
+}
+
+/// One device buffer as the destination must allocate it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBuffer {
+    /// Buffer id.
+    pub id: u32,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// A set of guest pages as a bitmap (bit `i` = page `i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageSet {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl PageSet {
+    /// The set whose bit `i` of `words` is page `i`, for `pages` pages.
+    pub fn from_words(mut words: Vec<u64>, pages: u64) -> Self {
+        words.resize(pages.div_ceil(64) as usize, 0);
+        if pages % 64 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1 << (pages % 64)) - 1;
+            }
+        }
+        Self { words, pages }
+    }
+
+    /// Every page.
+    pub fn all(pages: u64) -> Self {
+        Self::from_words(vec![u64::MAX; pages.div_ceil(64) as usize], pages)
+    }
+
+    /// Number of pages in the set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Runs `(first page, pages)` of consecutive pages, each at most `max` long.
+    pub fn runs(&self, max: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, &word) in self.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = i as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                match runs.last_mut() {
+                    Some((first, n)) if *first + *n == page && *n < max => *n += 1,
+                    _ => runs.push((page, 1)),
+                }
+            }
+        }
+        runs
+    }
+}
+
+/// The VM being sent. Methods take `&self`: the engine reads from several threads while
+/// the VM runs.
+pub trait MigrationSource: Sync {
+    /// Shape and compatibility facts.
+    fn describe(&self) -> VmDescription;
+    /// Starts dirty tracking of RAM and device memory.
+    fn start_tracking(&self) -> Result<(), String>;
+    /// Stops dirty tracking.
+    fn stop_tracking(&self);
+    /// RAM pages written since the last call (or since tracking started), cleared.
+    fn take_dirty_pages(&self) -> Result<PageSet, String>;
+    /// Device chunks written since the last call, cleared.
+    fn take_dirty_chunks(&self) -> Vec<ChunkKey>;
+    /// Every chunk of every device buffer now.
+    fn all_chunks(&self) -> Vec<ChunkKey>;
+    /// The device buffer table now.
+    fn device_buffers(&self) -> Vec<DeviceBuffer>;
+    /// Reads guest RAM at `gpa` into `out`.
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String>;
+    /// Reads a chunk into `out` (resized) and returns its buffer's size; `None` if the
+    /// chunk no longer exists.
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
+    /// Slows the VM down to let pre-copy converge: the vCPU and device run only
+    /// `100 - percent` % of the time (0 = full speed).
+    fn set_throttle(&self, percent: u8);
+    /// Pauses the vCPUs, then the device at a command boundary.
+    fn pause(&self) -> Result<(), String>;
+    /// Runs the VM again (a migration that failed before the switchover completed).
+    fn resume(&self) -> Result<(), String>;
+    /// The paused VM's complete state less RAM and chunk contents.
+    fn save_state(&self) -> Result<Vec<u8>, String>;
+}
+
+/// The VM being received, created paused by a [`crate::TargetFactory`]. Each call is
+/// already validated against the VM's shape by the engine; implementations check again
+/// what only they can (e.g. a chunk against the buffer table).
+pub trait MigrationTarget: Send + Sync {
+    /// Writes guest RAM.
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// Makes the device buffer table equal to `table` (new buffers start zeroed).
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String>;
+    /// Writes a chunk (`None`: all zeros).
+    fn write_chunk(&self, chunk: ChunkKey, data: Option<&[u8]>) -> Result<(), String>;
+    /// Builds the VM from the final state, still paused.
+    fn restore(&self, state: &[u8]) -> Result<(), String>;
+    /// Runs the restored VM.
+    fn resume(&self) -> Result<(), String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_gaps_and_at_the_maximum() {
+        let mut words = vec![0u64; 2];
+        words[0] = 0b1110_0111;
+        words[1] = u64::MAX;
+        let set = PageSet::from_words(words, 70);
+        assert_eq!(set.count(), 6 + 6);
+        assert_eq!(set.runs(4), vec![(0, 3), (5, 3), (64, 4), (68, 2)]);
+        assert_eq!(PageSet::all(130).count(), 130);
+    }
+
+    #[test]
+    fn incompatibility_names_the_difference() {
+        let local = VmDescription {
+            name: String::new(),
+            ram_size: 0,
+            vcpus: 1,
+            accel_memory: 0,
+            abi_version: 3,
+            backend_kind: "cpu".into(),
+            kernel_version: 2,
+            microkernel: "avx2+fma".into(),
+            extra: Vec::new(),
+        };
+        let mut offered = VmDescription {
+            accel_memory: 1 << 30,
+            ..local.clone()
+        };
+        assert_eq!(offered.incompatibility(&local), None);
+        offered.backend_kind = "cuda".into();
+        assert!(offered.incompatibility(&local).unwrap().contains("'cuda'"));
+        offered.backend_kind = "cpu".into();
+        offered.microkernel = "sse2".into();
+        assert!(offered.incompatibility(&local).unwrap().contains("sse2"));
+    }
+}

@@ -1,0 +1,545 @@
+//! The migration stream: frames with a fixed header, a CRC-32 of the payload, optional
+//! LZ4, and three kinds: control messages (postcard), RAM page runs and device chunks.
+//!
+//! Everything read is validated before use: magic, kind, flags, lengths against fixed
+//! caps (so a hostile peer cannot make us allocate more than one frame's worth), the
+//! checksum, the decompressed size, and each record's own fields. Addresses are checked
+//! against the VM by the receiver, which knows its size.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::{ChunkKey, DeviceBuffer, VmDescription, MAX_CHUNK_BYTES, PAGE_SIZE};
+use crate::MigrationError;
+
+/// Version of this protocol; peers must speak the same.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Most pages in one RAM record (1 MiB).
+pub const MAX_RUN_PAGES: u64 = 256;
+/// Largest control message.
+pub const MAX_CONTROL_BYTES: usize = 16 << 20;
+/// Largest payload of any frame (a control message).
+const MAX_PAYLOAD: usize = MAX_CONTROL_BYTES;
+
+const MAGIC: [u8; 2] = *b"FY";
+const HEADER_BYTES: usize = 16;
+const KIND_CONTROL: u8 = 1;
+const KIND_RAM: u8 = 2;
+const KIND_CHUNK: u8 = 3;
+const FLAG_COMPRESSED: u8 = 1;
+const RAM_RECORD_BYTES: usize = 16;
+const CHUNK_RECORD_BYTES: usize = 24;
+
+/// Which connection of a migration this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamRole {
+    /// The control connection (handshake, rounds, switchover).
+    Control,
+    /// Data connection `index` of session `session`.
+    Data {
+        /// Session id the destination gave in [`Message::Accept`].
+        session: u64,
+        /// Stream number, from 0.
+        index: u8,
+    },
+}
+
+/// How the VM is moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transfer {
+    /// Pre-copy while the VM runs, then a short pause.
+    Live,
+    /// Pause, copy everything, resume on the destination.
+    StopAndCopy,
+}
+
+/// Control messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message of the connecting side.
+    Hello {
+        /// Protocol version spoken.
+        version: u32,
+        /// Which connection this is.
+        role: StreamRole,
+        /// Challenge for the listener.
+        nonce: [u8; 32],
+    },
+    /// The listener's answer: its challenge, and its proof of the secret.
+    Challenge {
+        /// Challenge for the connecting side.
+        nonce: [u8; 32],
+        /// HMAC proving the listener knows the secret.
+        proof: [u8; 32],
+    },
+    /// The connecting side's proof of the secret.
+    Proof {
+        /// HMAC over both challenges.
+        proof: [u8; 32],
+    },
+    /// Authentication passed.
+    AuthOk,
+    /// The VM on offer and how it will be sent.
+    Offer {
+        /// The VM.
+        vm: VmDescription,
+        /// Data connections that will follow.
+        streams: u8,
+        /// Live or stop-and-copy.
+        transfer: Transfer,
+    },
+    /// The destination prepared a paused VM.
+    Accept {
+        /// Session id for the data connections.
+        session: u64,
+    },
+    /// Refused (authentication, version, compatibility, resources), with the reason.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// A round starts; the device buffer table is as given.
+    BeginRound {
+        /// Round number from 0.
+        round: u32,
+        /// Device buffers now.
+        buffers: Vec<DeviceBuffer>,
+    },
+    /// A round's data is all sent: this many frames on each data stream.
+    EndRound {
+        /// Round number.
+        round: u32,
+        /// Frames per stream.
+        frames: Vec<u64>,
+    },
+    /// The destination applied a whole round.
+    RoundApplied {
+        /// Round number.
+        round: u32,
+    },
+    /// The final state (vCPUs, devices, ring) of the paused VM.
+    State {
+        /// Opaque to the engine; the target validates it.
+        blob: Vec<u8>,
+    },
+    /// The destination restored the VM, paused, and waits for [`Message::Go`].
+    Ready,
+    /// Resume on the destination: from now on the source will not run the VM.
+    Go,
+    /// The destination runs the VM.
+    Resumed,
+    /// Either side gives up, with the reason.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One record read off the wire (borrowing the reader's buffer).
+#[derive(Debug)]
+pub enum Frame<'a> {
+    /// A control message.
+    Control(Message),
+    /// Pages `[gpa, gpa + pages * 4096)`: their contents, or `None` for zeros.
+    Ram {
+        /// First address (page aligned).
+        gpa: u64,
+        /// Page count (1..=[`MAX_RUN_PAGES`]).
+        pages: u64,
+        /// Contents.
+        data: Option<&'a [u8]>,
+    },
+    /// A device chunk: its contents (`len` bytes), or `None` for zeros.
+    Chunk {
+        /// Which chunk.
+        key: ChunkKey,
+        /// Its length (at most [`MAX_CHUNK_BYTES`]).
+        len: u64,
+        /// Contents.
+        data: Option<&'a [u8]>,
+    },
+}
+
+fn protocol(what: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(what.into())
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Reads and validates frames from one connection.
+pub struct FrameReader<R> {
+    input: R,
+    wire: Vec<u8>,
+    raw: Vec<u8>,
+    /// Bytes read so far, headers included.
+    pub bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader over `input`.
+    pub fn new(input: R) -> Self {
+        Self {
+            input,
+            wire: Vec::new(),
+            raw: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The connection.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.input
+    }
+
+    /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
+    /// `UnexpectedEof`, like any other cut.
+    pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
+        let mut header = [0u8; HEADER_BYTES];
+        self.input
+            .read_exact(&mut header)
+            .map_err(MigrationError::io("reading a frame header"))?;
+        if header[..2] != MAGIC {
+            return Err(protocol(format!(
+                "bad frame magic {:02x}{:02x} (not a Ferry migration stream, or out of sync)",
+                header[0], header[1]
+            )));
+        }
+        let kind = header[2];
+        let flags = header[3];
+        let wire_len = u32_at(&header, 4) as usize;
+        let raw_len = u32_at(&header, 8) as usize;
+        let crc = u32_at(&header, 12);
+        if !matches!(kind, KIND_CONTROL | KIND_RAM | KIND_CHUNK) {
+            return Err(protocol(format!("unknown frame kind {kind}")));
+        }
+        if flags & !FLAG_COMPRESSED != 0 {
+            return Err(protocol(format!("unknown frame flags {flags:#x}")));
+        }
+        let compressed = flags & FLAG_COMPRESSED != 0;
+        if wire_len > MAX_PAYLOAD || raw_len > MAX_PAYLOAD || (!compressed && wire_len != raw_len) {
+            return Err(protocol(format!(
+                "frame of {wire_len} bytes ({raw_len} uncompressed) exceeds the {MAX_PAYLOAD}-byte limit or is inconsistent"
+            )));
+        }
+        self.wire.resize(wire_len, 0);
+        self.input
+            .read_exact(&mut self.wire)
+            .map_err(MigrationError::io("reading a frame"))?;
+        self.bytes += (HEADER_BYTES + wire_len) as u64;
+        if crc32fast::hash(&self.wire) != crc {
+            return Err(protocol("frame checksum mismatch (corrupted stream)"));
+        }
+        let payload: &[u8] = if compressed {
+            self.raw.resize(raw_len, 0);
+            let n = lz4_flex::block::decompress_into(&self.wire, &mut self.raw)
+                .map_err(|e| protocol(format!("bad compressed frame: {e}")))?;
+            if n != raw_len {
+                return Err(protocol(format!(
+                    "compressed frame expands to {n} bytes, header says {raw_len}"
+                )));
+            }
+            &self.raw
+        } else {
+            &self.wire
+        };
+        parse(kind, payload)
+    }
+}
+
+fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
+    match kind {
+        KIND_CONTROL => postcard::from_bytes(p)
+            .map(Frame::Control)
+            .map_err(|e| protocol(format!("undecodable control message: {e}"))),
+        KIND_RAM => {
+            if p.len() < RAM_RECORD_BYTES {
+                return Err(protocol("short RAM record"));
+            }
+            let gpa = u64_at(p, 0);
+            let pages = u64::from(u32_at(p, 8));
+            let zero = u32_at(p, 12);
+            let data = &p[RAM_RECORD_BYTES..];
+            let expected = if zero == 0 { pages * PAGE_SIZE } else { 0 };
+            if gpa % PAGE_SIZE != 0
+                || !(1..=MAX_RUN_PAGES).contains(&pages)
+                || zero > 1
+                || data.len() as u64 != expected
+            {
+                return Err(protocol(format!(
+                    "bad RAM record: {pages} pages at {gpa:#x} with {} data bytes",
+                    data.len()
+                )));
+            }
+            Ok(Frame::Ram {
+                gpa,
+                pages,
+                data: (zero == 0).then_some(data),
+            })
+        }
+        _ => {
+            if p.len() < CHUNK_RECORD_BYTES {
+                return Err(protocol("short chunk record"));
+            }
+            let key = ChunkKey {
+                buffer: u32_at(p, 0),
+                index: u64_at(p, 8),
+            };
+            let zero = u32_at(p, 4);
+            let len = u64_at(p, 16);
+            let data = &p[CHUNK_RECORD_BYTES..];
+            let expected = if zero == 0 { len } else { 0 };
+            if !(1..=MAX_CHUNK_BYTES).contains(&len) || zero > 1 || data.len() as u64 != expected {
+                return Err(protocol(format!(
+                    "bad chunk record: {len} bytes for chunk {} of buffer {} with {} data bytes",
+                    key.index,
+                    key.buffer,
+                    data.len()
+                )));
+            }
+            Ok(Frame::Chunk {
+                key,
+                len,
+                data: (zero == 0).then_some(data),
+            })
+        }
+    }
+}
+
+/// Writes frames to one connection.
+pub struct FrameWriter<W> {
+    output: W,
+    compress: bool,
+    raw: Vec<u8>,
+    packed: Vec<u8>,
+    /// Bytes written so far, headers included.
+    pub bytes: u64,
+    /// Frames written so far.
+    pub frames: u64,
+}
+
+impl<W: Write> FrameWriter<W> {
+    /// A writer over `output`; data frames are LZ4-compressed when `compress` (and when
+    /// that makes them smaller).
+    pub fn new(output: W, compress: bool) -> Self {
+        Self {
+            output,
+            compress,
+            raw: Vec::new(),
+            packed: Vec::new(),
+            bytes: 0,
+            frames: 0,
+        }
+    }
+
+    /// The connection.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.output
+    }
+
+    /// Sends a control message (and flushes).
+    pub fn send(&mut self, message: &Message) -> Result<(), MigrationError> {
+        let bytes = postcard::to_stdvec(message)
+            .map_err(|e| protocol(format!("cannot encode a control message: {e}")))?;
+        if bytes.len() > MAX_CONTROL_BYTES {
+            return Err(protocol("control message too large"));
+        }
+        self.raw = bytes;
+        self.emit(KIND_CONTROL, false)?;
+        self.flush()
+    }
+
+    /// Sends pages starting at `gpa` (`data` a whole number of pages), or `pages` zero
+    /// pages when `data` is `None`.
+    pub fn send_ram(
+        &mut self,
+        gpa: u64,
+        pages: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), MigrationError> {
+        debug_assert!(pages <= MAX_RUN_PAGES);
+        self.raw.clear();
+        self.raw.extend_from_slice(&gpa.to_le_bytes());
+        self.raw.extend_from_slice(&(pages as u32).to_le_bytes());
+        self.raw
+            .extend_from_slice(&u32::from(data.is_none()).to_le_bytes());
+        if let Some(data) = data {
+            self.raw.extend_from_slice(data);
+        }
+        self.emit(KIND_RAM, data.is_some())
+    }
+
+    /// Sends a device chunk of `len` bytes (`data`, or zeros when `None`).
+    pub fn send_chunk(
+        &mut self,
+        key: ChunkKey,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), MigrationError> {
+        self.raw.clear();
+        self.raw.extend_from_slice(&key.buffer.to_le_bytes());
+        self.raw
+            .extend_from_slice(&u32::from(data.is_none()).to_le_bytes());
+        self.raw.extend_from_slice(&key.index.to_le_bytes());
+        self.raw.extend_from_slice(&len.to_le_bytes());
+        if let Some(data) = data {
+            self.raw.extend_from_slice(data);
+        }
+        self.emit(KIND_CHUNK, data.is_some())
+    }
+
+    fn emit(&mut self, kind: u8, compressible: bool) -> Result<(), MigrationError> {
+        let mut flags = 0;
+        let mut payload: &[u8] = &self.raw;
+        if self.compress && compressible {
+            self.packed
+                .resize(lz4_flex::block::get_maximum_output_size(self.raw.len()), 0);
+            let n = lz4_flex::block::compress_into(&self.raw, &mut self.packed)
+                .map_err(|e| protocol(format!("compression failed: {e}")))?;
+            if n < self.raw.len() {
+                flags = FLAG_COMPRESSED;
+                payload = &self.packed[..n];
+            }
+        }
+        let mut header = [0u8; HEADER_BYTES];
+        header[..2].copy_from_slice(&MAGIC);
+        header[2] = kind;
+        header[3] = flags;
+        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[8..12].copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.output
+            .write_all(&header)
+            .and_then(|()| self.output.write_all(payload))
+            .map_err(MigrationError::io("sending"))?;
+        self.bytes += (HEADER_BYTES + payload.len()) as u64;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Flushes buffered frames.
+    pub fn flush(&mut self) -> Result<(), MigrationError> {
+        self.output.flush().map_err(MigrationError::io("sending"))
+    }
+}
+
+/// Reads the next frame, which must be a control message.
+pub fn expect_control<R: Read>(
+    reader: &mut FrameReader<R>,
+    what: &str,
+) -> Result<Message, MigrationError> {
+    match reader.read()? {
+        Frame::Control(Message::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
+        Frame::Control(message) => Ok(message),
+        _ => Err(protocol(format!("expected {what}, got a data frame"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(compress: bool) {
+        let mut w = FrameWriter::new(Vec::new(), compress);
+        let page = vec![7u8; PAGE_SIZE as usize * 2];
+        w.send_ram(0x10000, 2, Some(&page)).unwrap();
+        w.send_ram(0x20000, 5, None).unwrap();
+        let key = ChunkKey {
+            buffer: 3,
+            index: 9,
+        };
+        w.send_chunk(key, 100, Some(&[1; 100])).unwrap();
+        w.send(&Message::Go).unwrap();
+        let bytes = w.output;
+        let mut r = FrameReader::new(&bytes[..]);
+        assert!(
+            matches!(r.read().unwrap(), Frame::Ram { gpa: 0x10000, pages: 2, data: Some(d) } if d == page)
+        );
+        assert!(matches!(
+            r.read().unwrap(),
+            Frame::Ram {
+                gpa: 0x20000,
+                pages: 5,
+                data: None
+            }
+        ));
+        assert!(
+            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 100, data: Some(d) } if k == key && d == [1; 100])
+        );
+        assert!(matches!(r.read().unwrap(), Frame::Control(Message::Go)));
+        assert!(matches!(r.read(), Err(MigrationError::Io { .. })));
+    }
+
+    #[test]
+    fn frames_roundtrip_plain_and_compressed() {
+        roundtrip(false);
+        roundtrip(true);
+    }
+
+    fn one_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn read_err(bytes: &[u8]) -> String {
+        match FrameReader::new(bytes).read() {
+            Err(e) => e.to_string(),
+            Ok(f) => panic!("accepted {f:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_with_a_reason() {
+        assert!(read_err(b"GET / HTTP/1.1\r\n\r\n").contains("magic"));
+        let mut huge = one_frame(KIND_CONTROL, 0, b"");
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_err(&huge).contains("limit"));
+        assert!(read_err(&one_frame(9, 0, b"")).contains("kind"));
+        assert!(read_err(&one_frame(KIND_CONTROL, 0x80, b"")).contains("flags"));
+        let mut bad_crc = one_frame(KIND_CONTROL, 0, &[1, 2, 3]);
+        bad_crc[16] ^= 1;
+        assert!(read_err(&bad_crc).contains("checksum"));
+        assert!(read_err(&one_frame(KIND_CONTROL, 0, &[200, 200, 200])).contains("control"));
+        // A RAM record claiming more pages than it carries, or unaligned.
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&0x1000u64.to_le_bytes());
+        rec.extend_from_slice(&2u32.to_le_bytes());
+        rec.extend_from_slice(&0u32.to_le_bytes());
+        rec.extend_from_slice(&[0; 4096]);
+        assert!(read_err(&one_frame(KIND_RAM, 0, &rec)).contains("bad RAM record"));
+        rec[0] = 1;
+        assert!(read_err(&one_frame(KIND_RAM, 0, &rec)).contains("bad RAM record"));
+        // A chunk longer than the largest chunk.
+        let mut chunk = vec![0u8; CHUNK_RECORD_BYTES];
+        chunk[16..24].copy_from_slice(&(MAX_CHUNK_BYTES + 1).to_le_bytes());
+        chunk[4] = 1;
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record"));
+        // Compressed data that does not expand to the announced size.
+        let mut lying = one_frame(KIND_RAM, FLAG_COMPRESSED, &[0x10, 1]);
+        lying[8..12].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(read_err(&lying).contains("compressed"));
+        // Truncated anywhere: a clean I/O error, never a panic.
+        let mut w = FrameWriter::new(Vec::new(), false);
+        w.send_ram(0, 1, Some(&[5; 4096])).unwrap();
+        for cut in 0..w.output.len() {
+            assert!(matches!(
+                FrameReader::new(&w.output[..cut]).read(),
+                Err(MigrationError::Io { .. })
+            ));
+        }
+    }
+}
