@@ -1,5 +1,6 @@
 //! `ferry`: run, snapshot and (later) live-migrate AI virtual machines.
 
+mod client;
 mod cmd;
 mod size;
 
@@ -37,8 +38,17 @@ enum Command {
     Restore(RestoreArgs),
     /// List the guest workloads built into this binary.
     Workloads,
-    /// Measure the microVM: guest speed, start-up, pause latency, snapshot throughput.
+    /// Measure: the microVM (`vm`), the accelerator (`accel`), live migration (`migrate`).
     Bench(cmd::bench::BenchArgs),
+    /// Run the per-host daemon (`ferry host serve`): HTTP/JSON API and migration listener.
+    Host(cmd::host::HostArgs),
+    /// Create, list, show and stop VMs on a host daemon.
+    Vm(cmd::vm::VmArgs),
+    /// Live-migrate a VM from one host daemon to another.
+    Migrate(cmd::migrate::MigrateArgs),
+    /// Two hosts on loopback: migrate a training VM live in mid-run and check its result
+    /// against an unmigrated run.
+    Demo(cmd::demo::DemoArgs),
 }
 
 /// `ferry run`.
@@ -96,6 +106,10 @@ fn main() -> ExitCode {
         Command::Restore(args) => cmd::run::restore(&args),
         Command::Workloads => cmd::run::list_workloads(),
         Command::Bench(args) => cmd::bench::bench(&args).map(|()| ExitCode::SUCCESS),
+        Command::Host(args) => cmd::host::host(&args).map(|()| ExitCode::SUCCESS),
+        Command::Vm(args) => cmd::vm::vm(&args).map(|()| ExitCode::SUCCESS),
+        Command::Migrate(args) => cmd::migrate::migrate(&args).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => cmd::demo::demo(&args),
     };
     match result {
         Ok(code) => code,

@@ -41,6 +41,29 @@ pub fn find(name: &str) -> Option<&'static GuestImage> {
     ALL.iter().find(|image| image.name == name)
 }
 
+/// The ELF for `workload`: a built-in name, or a path (anything with a `/` or naming a
+/// file). The error names the built-in workloads.
+pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String> {
+    if let Some(image) = find(workload) {
+        return Ok(std::borrow::Cow::Borrowed(image.elf));
+    }
+    let path = std::path::Path::new(workload);
+    if workload.contains('/') || path.exists() {
+        return std::fs::read(path)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| format!("cannot read guest image {workload}: {e}"));
+    }
+    let names: Vec<&str> = ALL
+        .iter()
+        .filter(|i| !i.test_only)
+        .map(|i| i.name)
+        .collect();
+    Err(format!(
+        "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
+        names.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -393,16 +393,37 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn dirty_work(source: &dyn MigrationSource) -> Result<RoundWork, MigrationError> {
-    let pages: PageSet = source.take_dirty_pages().map_err(MigrationError::Source)?;
+/// Pages and chunks dirtied since the last take, added to `pending` (what an earlier
+/// take found and no round has sent yet).
+fn take_dirty(
+    source: &dyn MigrationSource,
+    pending: Option<Pending>,
+) -> Result<Pending, MigrationError> {
+    let mut pages: PageSet = source.take_dirty_pages().map_err(MigrationError::Source)?;
     let mut chunks = source.take_dirty_chunks();
+    if let Some(earlier) = pending {
+        pages.union_with(&earlier.pages);
+        chunks.extend(earlier.chunks);
+    }
     chunks.sort_unstable();
     chunks.dedup();
-    Ok(RoundWork {
-        runs: pages.runs(MAX_RUN_PAGES),
-        chunks,
-        skip_zeros: false,
-    })
+    Ok(Pending { pages, chunks })
+}
+
+/// Dirty state found by a take and not yet sent.
+struct Pending {
+    pages: PageSet,
+    chunks: Vec<ChunkKey>,
+}
+
+impl Pending {
+    fn to_work(&self) -> RoundWork {
+        RoundWork {
+            runs: self.pages.runs(MAX_RUN_PAGES),
+            chunks: self.chunks.clone(),
+            skip_zeros: false,
+        }
+    }
 }
 
 /// Migrates the VM `source` to the host listening for migrations at `addr`.
@@ -535,12 +556,13 @@ fn run(
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
         let mut work = round0(s);
         let mut throttle_step = 0usize;
-        loop {
+        let pending = loop {
             let throttle_pct = THROTTLE_STEPS[throttle_step];
             let log = s
                 .send_round(&work, throttle_pct)
                 .map_err(before_go(false))?;
-            work = dirty_work(source).map_err(before_go(false))?;
+            let pending = take_dirty(source, None).map_err(before_go(false))?;
+            work = pending.to_work();
             let dirty_bytes = work.bytes();
             let secs = (log.ms / 1e3).max(1e-6);
             let rate = log.bytes as f64 / secs;
@@ -558,13 +580,13 @@ fn run(
                 throttle_pct,
             ));
             if predicted <= options.downtime_target {
-                break;
+                break pending;
             }
             let out_of_bounds =
                 s.round >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
             if out_of_bounds {
                 if options.allow_longer_pause {
-                    break;
+                    break pending;
                 }
                 return Err(before_go(false)(MigrationError::NotConverged {
                     rounds: s.round,
@@ -590,13 +612,16 @@ fn run(
                     "throttling the VM to converge"
                 );
             }
-        }
+        };
         source.set_throttle(0);
         source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
         pause_at = Instant::now();
-        let work = dirty_work(source).map_err(before_go(true))?;
+        // What the last take found is still unsent: the final round sends it too.
+        let work = take_dirty(source, Some(pending))
+            .map_err(before_go(true))?
+            .to_work();
         let log = s.send_round(&work, 0).map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
     }

@@ -107,6 +107,13 @@ impl PageSet {
         Self::from_words(vec![u64::MAX; pages.div_ceil(64) as usize], pages)
     }
 
+    /// Adds every page of `other` (same size).
+    pub fn union_with(&mut self, other: &PageSet) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()

@@ -152,6 +152,11 @@ impl DirtyPages {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
+    /// The bitmap: bit `i % 64` of word `i / 64` is page `i`.
+    pub fn into_words(self) -> Vec<u64> {
+        self.words
+    }
+
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()

@@ -1,4 +1,8 @@
 //! The subcommands.
 
 pub mod bench;
+pub mod demo;
+pub mod host;
+pub mod migrate;
 pub mod run;
+pub mod vm;

@@ -11,22 +11,9 @@ use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 
 use crate::{RestoreArgs, RunArgs, EXIT_VM_FAILED};
 
-/// The ELF for `workload`: a built-in name, or a path (anything with a `/` or naming a file).
+/// The ELF for `workload`: a built-in name or a path.
 pub fn resolve_image(workload: &str) -> anyhow::Result<Cow<'static, [u8]>> {
-    if let Some(image) = ferry_guest_images::find(workload) {
-        return Ok(Cow::Borrowed(image.elf));
-    }
-    let path = Path::new(workload);
-    if workload.contains('/') || path.exists() {
-        let elf =
-            std::fs::read(path).with_context(|| format!("cannot read guest image {workload}"))?;
-        return Ok(Cow::Owned(elf));
-    }
-    let names: Vec<&str> = ferry_guest_images::all().iter().map(|i| i.name).collect();
-    bail!(
-        "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
-        names.join(", ")
-    )
+    ferry_guest_images::resolve(workload).map_err(anyhow::Error::msg)
 }
 
 /// Console on stdout, and the accelerator thread count asked for (else all cores).

@@ -1,0 +1,111 @@
+//! A small blocking client of the host API (`ferry vm`, `ferry migrate`, `ferry demo`).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Default address of the host API.
+pub const DEFAULT_HOST: &str = "http://127.0.0.1:7070";
+
+/// A host's API.
+pub struct HostClient {
+    base: String,
+    auth: String,
+    agent: ureq::Agent,
+}
+
+impl HostClient {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with the shared secret.
+    pub fn new(base: &str, secret: &[u8]) -> anyhow::Result<Self> {
+        let token = std::str::from_utf8(secret)
+            .context("the shared secret must be text to be used as an API token")?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .new_agent();
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            auth: format!("Bearer {token}"),
+            agent,
+        })
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<T> {
+        let mut response = result
+            .with_context(|| format!("cannot reach the host API at {} ({what})", self.base))?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the answer to {what}"))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or(text);
+            bail!("{what}: {message} (HTTP {})", status.as_u16());
+        }
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer to {what}: {text}"))
+    }
+
+    /// `GET path`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let what = format!("GET {path}");
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call();
+        self.finish(&what, r)
+    }
+
+    /// `GET path` answered with text.
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let what = format!("GET {path}");
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call()
+            .with_context(|| format!("cannot reach the host API at {} ({what})", self.base))?;
+        let status = response.status();
+        let text = response.body_mut().read_to_string()?;
+        if !status.is_success() {
+            bail!("{what}: {text} (HTTP {})", status.as_u16());
+        }
+        Ok(text)
+    }
+
+    /// `POST path` with a JSON body.
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let what = format!("POST {path}");
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .send_json(body);
+        self.finish(&what, r)
+    }
+
+    /// `DELETE path`.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let what = format!("DELETE {path}");
+        let r = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call();
+        self.finish(&what, r)
+    }
+}

@@ -1,0 +1,168 @@
+//! `ferry host serve`: the per-host daemon.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ferry_host::{api, Host, HostConfig};
+use ferry_migrate::Secret;
+
+/// How commands find the shared secret.
+#[derive(Args, Clone)]
+pub struct SecretArgs {
+    /// File holding the cluster's shared secret (at least 16 bytes). Default: the
+    /// FERRY_SECRET environment variable.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    /// The secret from --secret-file or FERRY_SECRET.
+    pub fn secret(&self) -> anyhow::Result<Secret> {
+        if let Some(path) = &self.secret_file {
+            return Secret::from_file(path).map_err(anyhow::Error::msg);
+        }
+        match std::env::var("FERRY_SECRET") {
+            Ok(s) => Secret::new(s.trim().as_bytes().to_vec()).map_err(anyhow::Error::msg),
+            Err(_) => anyhow::bail!(
+                "no shared secret: pass --secret-file FILE or set FERRY_SECRET (e.g. export FERRY_SECRET={})",
+                Secret::generate_hex()
+            ),
+        }
+    }
+}
+
+/// `ferry host`.
+#[derive(Args)]
+pub struct HostArgs {
+    #[command(subcommand)]
+    command: HostCommand,
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// Run the host daemon: the HTTP/JSON API and the migration listener.
+    #[command(after_help = API_HELP)]
+    Serve(ServeArgs),
+}
+
+const API_HELP: &str = "\
+API (every request needs 'Authorization: Bearer <shared secret>'; errors are {\"error\": \"...\"}):
+  GET    /v1/host                 name, migration address, memory capacity and use
+  GET    /v1/vms                  every VM
+  POST   /v1/vms                  create and start: {\"workload\": \"mlp-train\", \"args\": [...],
+                                  \"memory\": bytes, \"accel_memory\": bytes}
+  GET    /v1/vms/ID               state, sizes, uptime, console tail
+  GET    /v1/vms/ID/console       the console's last 64 KiB, as text
+  DELETE /v1/vms/ID               stop the VM
+  POST   /v1/vms/ID/migrate       {\"to\": \"HOST:PORT\", \"mode\": \"live\"|\"stop-and-copy\",
+                                  \"downtime_ms\": 50, \"streams\": 2, \"compress\": false,
+                                  \"throttle\": true, \"allow_longer_pause\": false}
+  GET    /v1/vms/ID/migration     progress while it runs, then the report or the error
+
+Example:
+  export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
+  ferry host serve --listen 127.0.0.1:7070 --migration-listen 127.0.0.1:7071 &
+  ferry host serve --name b --listen 127.0.0.1:7080 --migration-listen 127.0.0.1:7081 &
+  ferry vm create --accel-memory 256M mlp-train -- --steps 20000
+  ferry migrate a-vm1 --to 127.0.0.1:7081";
+
+/// `ferry host serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Host name (prefix of the VM ids created here).
+    #[arg(long, default_value = "a")]
+    pub name: String,
+    /// Address of the HTTP/JSON API.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Address that receives migrations from other hosts.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7071")]
+    pub migration_listen: String,
+    /// VM memory (RAM + accelerator) this host may hand out (default: 3/4 of the host's).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub memory_capacity: Option<u64>,
+    /// Accelerator threads per VM (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub accel_threads: Option<usize>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// Three quarters of the host's memory.
+fn default_capacity() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    total_kib * 1024 / 4 * 3
+}
+
+/// A running daemon: where it listens.
+pub struct Daemon {
+    /// API address actually bound.
+    pub api_addr: std::net::SocketAddr,
+    /// Migration address actually bound.
+    pub migration_addr: std::net::SocketAddr,
+}
+
+/// Starts a daemon's listeners on `runtime` (the API) and a thread (migrations).
+pub fn start(
+    runtime: &tokio::runtime::Runtime,
+    config: HostConfig,
+    listen: &str,
+    migration_listen: &str,
+) -> anyhow::Result<Daemon> {
+    let migration = TcpListener::bind(migration_listen)
+        .with_context(|| format!("cannot listen for migrations on {migration_listen}"))?;
+    let migration_addr = migration.local_addr()?;
+    let api_listener = runtime
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .with_context(|| format!("cannot listen for the API on {listen}"))?;
+    let api_addr = api_listener.local_addr()?;
+    let host = Host::new(config);
+    host.serve_migrations(migration)
+        .context("cannot start the migration listener")?;
+    let router = api::router(host.clone(), migration_addr.to_string());
+    runtime.spawn(async move {
+        if let Err(e) = api::serve(api_listener, router).await {
+            tracing::error!("the API server stopped: {e}");
+        }
+    });
+    Ok(Daemon {
+        api_addr,
+        migration_addr,
+    })
+}
+
+/// `ferry host ...`.
+pub fn host(args: &HostArgs) -> anyhow::Result<()> {
+    match &args.command {
+        HostCommand::Serve(serve) => {
+            let config = HostConfig {
+                name: serve.name.clone(),
+                secret: serve.secret.secret()?,
+                memory_capacity: serve.memory_capacity.unwrap_or_else(default_capacity),
+                accel_threads: serve
+                    .accel_threads
+                    .unwrap_or_else(ferry_vmm::vm::default_accel_threads),
+            };
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let daemon = start(&runtime, config, &serve.listen, &serve.migration_listen)?;
+            println!(
+                "ferry host {}: API on http://{}, migrations on {}",
+                serve.name, daemon.api_addr, daemon.migration_addr
+            );
+            runtime.block_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! `ferry migrate`: move a VM to another host, with progress and a summary.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use ferry_host::MigrateRequest;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::client::HostClient;
+use crate::cmd::vm::HostAddr;
+
+/// `ferry migrate`.
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 2\n\n\
+    With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
+    bytes_sent, final_bytes, max_throttle_pct, streams and the per-round log."
+)]
+pub struct MigrateArgs {
+    /// The VM's id on the source host (--host).
+    pub vm: String,
+    /// The destination's migration address, HOST:PORT (its `--migration-listen`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// `live`: copy while the VM runs, then a short pause; `stop-and-copy`: pause, copy
+    /// everything, resume on the destination.
+    #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
+    pub mode: String,
+    /// Pause to aim for.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Parallel TCP data streams.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub streams: u8,
+    /// LZ4-compress the data on the wire.
+    #[arg(long)]
+    pub compress: bool,
+    /// Never throttle the VM (pre-copy may then fail to converge).
+    #[arg(long)]
+    pub no_throttle: bool,
+    /// When pre-copy does not converge within its bounds, switch over anyway with a
+    /// longer pause instead of failing.
+    #[arg(long)]
+    pub allow_longer_pause: bool,
+    /// Most pre-copy rounds.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Print one JSON object (the report) as the last line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub host: HostAddr,
+}
+
+impl MigrateArgs {
+    /// The API request.
+    pub fn request(&self) -> MigrateRequest {
+        MigrateRequest {
+            to: self.to.clone(),
+            mode: self.mode.clone(),
+            downtime_ms: self.downtime_ms,
+            streams: self.streams,
+            compress: self.compress,
+            throttle: !self.no_throttle,
+            allow_longer_pause: self.allow_longer_pause,
+            max_rounds: self.max_rounds,
+            max_precopy_s: 60,
+        }
+    }
+}
+
+fn mib(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(0.0) / (1024.0 * 1024.0)
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// Starts a migration through `client` and follows it to the end; returns the report.
+/// `bar` shows progress unless hidden.
+pub fn follow(
+    client: &HostClient,
+    vm: &str,
+    request: &MigrateRequest,
+    bar: &ProgressBar,
+) -> anyhow::Result<Value> {
+    let _: Value = client.post(&format!("/v1/vms/{vm}/migrate"), request)?;
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let status: Value = client.get(&format!("/v1/vms/{vm}/migration"))?;
+        if let Some(p) = status.get("progress").filter(|p| !p.is_null()) {
+            bar.set_message(format!(
+                "{} round {} | sent {:.0} MiB | link {:.0} MiB/s | dirty {:.0} MiB/s | predicted pause {:.1} ms | throttle {}%",
+                p.get("phase").and_then(Value::as_str).unwrap_or(""),
+                p.get("round").and_then(Value::as_u64).unwrap_or(0),
+                mib(p, "bytes_sent"),
+                f(p, "rate_mib_s"),
+                f(p, "dirty_mib_s"),
+                f(p, "predicted_pause_ms"),
+                p.get("throttle_pct").and_then(Value::as_u64).unwrap_or(0),
+            ));
+        }
+        bar.tick();
+        match status.get("state").and_then(Value::as_str) {
+            Some("succeeded") => return Ok(status["report"].clone()),
+            Some("failed") => bail!(
+                "migration of {vm} failed: {}",
+                status
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+            ),
+            _ if started.elapsed() > Duration::from_secs(600) => {
+                bail!("migration of {vm} still running after 10 minutes; see GET /v1/vms/{vm}/migration")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A spinner on stderr (hidden when `hidden`).
+pub fn spinner(hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+/// One line summing up a report.
+pub fn summary(report: &Value) -> String {
+    format!(
+        "{} migration: pause {:.1} ms, total {:.0} ms, {} rounds, {:.1} MiB sent ({:.2} MiB during the pause), throttle up to {}%",
+        report.get("mode").and_then(Value::as_str).unwrap_or("?"),
+        f(report, "downtime_ms"),
+        f(report, "total_ms"),
+        report.get("rounds").and_then(Value::as_u64).unwrap_or(0),
+        mib(report, "bytes_sent"),
+        mib(report, "final_bytes"),
+        report.get("max_throttle_pct").and_then(Value::as_u64).unwrap_or(0),
+    )
+}
+
+/// `ferry migrate`.
+pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
+    let client = args.host.client()?;
+    let bar = spinner(args.json);
+    let result = follow(&client, &args.vm, &args.request(), &bar);
+    bar.finish_and_clear();
+    let report = result?;
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{} -> {}: {}", args.vm, args.to, summary(&report));
+    }
+    Ok(())
+}

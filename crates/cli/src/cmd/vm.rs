@@ -1,0 +1,124 @@
+//! `ferry vm ...`: VMs on a host daemon, through its API.
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use crate::client::{HostClient, DEFAULT_HOST};
+use crate::cmd::host::SecretArgs;
+
+/// Which daemon to talk to.
+#[derive(Args, Clone)]
+pub struct HostAddr {
+    /// The host daemon's API.
+    #[arg(long = "host", value_name = "URL", env = "FERRY_HOST", default_value = DEFAULT_HOST, global = true)]
+    pub url: String,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+impl HostAddr {
+    /// A client for it.
+    pub fn client(&self) -> anyhow::Result<HostClient> {
+        HostClient::new(&self.url, self.secret.secret()?.expose())
+    }
+}
+
+/// `ferry vm`.
+#[derive(Args)]
+pub struct VmArgs {
+    #[command(subcommand)]
+    command: VmCommand,
+    #[command(flatten)]
+    host: HostAddr,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Create and start a VM on the host.
+    Create {
+        /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host.
+        workload: String,
+        /// Guest RAM.
+        #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
+        memory: u64,
+        /// Accelerator memory (none by default).
+        #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_size)]
+        accel_memory: u64,
+        /// Guest arguments (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// List the host's VMs.
+    List,
+    /// Show one VM, with its console tail.
+    Show {
+        /// VM id.
+        id: String,
+    },
+    /// Stop a VM.
+    Stop {
+        /// VM id.
+        id: String,
+    },
+}
+
+fn print_vm(vm: &Value) {
+    let s = |k: &str| vm.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let n = |k: &str| vm.get(k).and_then(Value::as_u64).unwrap_or(0);
+    println!(
+        "{:<14} {:<12} {:<14} ram {:>6} MiB  accel {:>6} MiB  up {:>8.1} s",
+        s("id"),
+        s("workload"),
+        s("state"),
+        n("memory") >> 20,
+        n("accel_memory") >> 20,
+        n("uptime_ms") as f64 / 1e3
+    );
+}
+
+/// `ferry vm ...`.
+pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
+    let client = args.host.client()?;
+    let out: Value = match &args.command {
+        VmCommand::Create {
+            workload,
+            memory,
+            accel_memory,
+            args: guest_args,
+        } => client.post(
+            "/v1/vms",
+            &ferry_host::CreateVm {
+                workload: workload.clone(),
+                args: guest_args.clone(),
+                memory: *memory,
+                accel_memory: *accel_memory,
+            },
+        )?,
+        VmCommand::List => client.get("/v1/vms")?,
+        VmCommand::Show { id } => client.get(&format!("/v1/vms/{id}"))?,
+        VmCommand::Stop { id } => client.delete(&format!("/v1/vms/{id}"))?,
+    };
+    if args.json {
+        println!("{out}");
+        return Ok(());
+    }
+    match (&args.command, &out) {
+        (VmCommand::List, Value::Array(vms)) => {
+            if vms.is_empty() {
+                println!("no VMs");
+            }
+            vms.iter().for_each(print_vm);
+        }
+        (VmCommand::Show { .. }, vm) => {
+            print_vm(vm);
+            if let Some(tail) = vm.get("console_tail").and_then(Value::as_str) {
+                println!("--- console (last lines) ---\n{tail}");
+            }
+        }
+        (_, vm) => print_vm(vm),
+    }
+    Ok(())
+}

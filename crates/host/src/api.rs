@@ -1,0 +1,239 @@
+//! The HTTP/JSON API of `ferry host serve`. Every request needs
+//! `Authorization: Bearer <shared secret>`; errors are `{"error": "..."}` with a status
+//! that says what kind they are.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /v1/host` | this host: name, migration address, memory capacity and use |
+//! | `GET /v1/vms` | every VM |
+//! | `POST /v1/vms` | create and start a VM: `{"workload", "args", "memory", "accel_memory"}` |
+//! | `GET /v1/vms/{id}` | one VM: state, sizes, uptime, console tail |
+//! | `GET /v1/vms/{id}/console` | its whole console tail (64 KiB), as text |
+//! | `DELETE /v1/vms/{id}` | stop it |
+//! | `POST /v1/vms/{id}/migrate` | migrate it: `{"to": "HOST:PORT", "mode", "downtime_ms", "streams", ...}` |
+//! | `GET /v1/vms/{id}/migration` | its migration: progress while it runs, then the report or the error |
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::{CreateVm, Host, HostError, MigrateRequest};
+
+/// What `GET /v1/host` answers.
+#[derive(Debug, Serialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub name: String,
+    /// Where it receives migrations.
+    pub migration_addr: String,
+    /// VM memory it may hand out, bytes.
+    pub memory_capacity: u64,
+    /// VM memory in use, bytes.
+    pub memory_used: u64,
+    /// Live VMs.
+    pub vms_running: usize,
+    /// Ferry version.
+    pub version: &'static str,
+}
+
+#[derive(Clone)]
+struct Api {
+    host: Arc<Host>,
+    migration_addr: String,
+    token: Arc<Vec<u8>>,
+}
+
+impl IntoResponse for HostError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            HostError::NotFound(_) => StatusCode::NOT_FOUND,
+            HostError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            HostError::Conflict(_) => StatusCode::CONFLICT,
+            HostError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
+            HostError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, &self.to_string())
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if same(token.as_bytes(), &api.token) => Ok(()),
+        Some(_) => {
+            tracing::warn!("API request with a wrong token refused");
+            Err(error(StatusCode::UNAUTHORIZED, "wrong API token"))
+        }
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing 'Authorization: Bearer <secret>' header",
+        )),
+    }
+}
+
+/// Runs a blocking host operation off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("API task panicked")
+}
+
+async fn host_info(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let host = api.host.clone();
+    let info = blocking(move || HostInfo {
+        name: host.config().name.clone(),
+        migration_addr: String::new(),
+        memory_capacity: host.config().memory_capacity,
+        memory_used: host.memory_used(),
+        vms_running: host.list().iter().filter(|v| v.phase.is_live()).count(),
+        version: env!("CARGO_PKG_VERSION"),
+    })
+    .await;
+    Json(HostInfo {
+        migration_addr: api.migration_addr.clone(),
+        ..info
+    })
+    .into_response()
+}
+
+async fn list_vms(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let host = api.host.clone();
+    Json(blocking(move || host.list()).await).into_response()
+}
+
+async fn create_vm(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Json<CreateVm>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+    };
+    let host = api.host.clone();
+    match blocking(move || host.create_vm(&req)).await {
+        Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn show_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let host = api.host.clone();
+    match blocking(move || host.get(&id).map(|vm| vm.info())).await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn console(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let host = api.host.clone();
+    match blocking(move || host.get(&id).map(|vm| vm.console())).await {
+        Ok(text) => text.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn stop_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let host = api.host.clone();
+    match blocking(move || host.stop(&id)).await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn migrate_vm(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+    };
+    let host = api.host.clone();
+    match blocking(move || host.start_migration(&id, req)).await {
+        Ok(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn migration(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let host = api.host.clone();
+    match blocking(move || host.migration(&id)).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint (see `ferry host serve --help` for the API)",
+    )
+}
+
+/// The API router over `host`; `migration_addr` is what `GET /v1/host` reports.
+pub fn router(host: Arc<Host>, migration_addr: String) -> Router {
+    let token = Arc::new(host.config().secret.expose().to_vec());
+    let api = Api {
+        host,
+        migration_addr,
+        token,
+    };
+    Router::new()
+        .route("/v1/host", get(host_info))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(show_vm).delete(stop_vm))
+        .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/vms/{id}/migrate", post(migrate_vm))
+        .route("/v1/vms/{id}/migration", get(migration))
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(listener, router).await
+}

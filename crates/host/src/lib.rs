@@ -1,0 +1,453 @@
+//! The Ferry host daemon (`ferry host serve`): runs VMs, serves the HTTP/JSON API, sends
+//! VMs to other hosts and receives them.
+//!
+//! - [`Host`]: the VMs of this host and every operation on them.
+//! - [`hosted`]: one running VM, its watcher and throttle.
+//! - [`migration`]: the microVM adapted to the migration engine's traits.
+//! - [`api`]: the HTTP/JSON API over [`Host`].
+
+pub mod api;
+pub mod hosted;
+pub mod migration;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_migrate::{MigrationError, MigrationOptions, MigrationReport, Mode, Progress, Secret};
+use ferry_vmm::{HostOptions, Microvm, VmConfig};
+use serde::{Deserialize, Serialize};
+
+use hosted::{HostedVm, VmInfo, VmPhase};
+use migration::{local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_ID};
+
+/// Errors of host operations, each with the HTTP status the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// No such VM.
+    #[error("no VM with id '{0}' on this host")]
+    NotFound(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The VM is not in a state that allows it.
+    #[error("{0}")]
+    Conflict(String),
+    /// Not enough memory on this host.
+    #[error("{0}")]
+    NoRoom(String),
+    /// Creating or running the VM failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How this host runs.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Name shown in listings.
+    pub name: String,
+    /// Shared secret for migrations and the API.
+    pub secret: Secret,
+    /// Bytes of VM memory (RAM + accelerator) this host may hand out.
+    pub memory_capacity: u64,
+    /// Accelerator threads per VM.
+    pub accel_threads: usize,
+}
+
+/// A request to create a VM.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CreateVm {
+    /// Built-in workload name, or a path to a guest ELF on the host.
+    pub workload: String,
+    /// Guest arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Guest RAM bytes (default 256 MiB).
+    #[serde(default = "default_memory")]
+    pub memory: u64,
+    /// Accelerator memory bytes (default 0: none).
+    #[serde(default)]
+    pub accel_memory: u64,
+}
+
+fn default_memory() -> u64 {
+    256 << 20
+}
+
+/// A request to migrate a VM.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MigrateRequest {
+    /// The destination's migration address (`HOST:PORT`).
+    pub to: String,
+    /// "live" (default) or "stop-and-copy".
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Pause to aim for, ms (default 50).
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Parallel data connections (default 2).
+    #[serde(default = "default_streams")]
+    pub streams: u8,
+    /// LZ4-compress the data.
+    #[serde(default)]
+    pub compress: bool,
+    /// Throttle the VM if it dirties memory faster than the link (default true).
+    #[serde(default = "default_true")]
+    pub throttle: bool,
+    /// Switch over with a longer pause rather than fail after the pre-copy bounds.
+    #[serde(default)]
+    pub allow_longer_pause: bool,
+    /// Most pre-copy rounds (default 30).
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// Most pre-copy seconds (default 60).
+    #[serde(default = "default_precopy_s")]
+    pub max_precopy_s: u64,
+}
+
+fn default_mode() -> String {
+    "live".into()
+}
+fn default_downtime() -> u64 {
+    50
+}
+fn default_streams() -> u8 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+fn default_rounds() -> u32 {
+    30
+}
+fn default_precopy_s() -> u64 {
+    60
+}
+
+impl MigrateRequest {
+    /// The engine's options, validated.
+    pub fn options(&self) -> Result<MigrationOptions, HostError> {
+        let mode = match self.mode.as_str() {
+            "live" => Mode::Live,
+            "stop-and-copy" => Mode::StopAndCopy,
+            other => {
+                return Err(HostError::BadRequest(format!(
+                    "mode '{other}' is not live or stop-and-copy"
+                )))
+            }
+        };
+        if !(1..=ferry_migrate::send::MAX_STREAMS).contains(&self.streams) {
+            return Err(HostError::BadRequest(format!(
+                "streams must be 1 to {}",
+                ferry_migrate::send::MAX_STREAMS
+            )));
+        }
+        if self.downtime_ms == 0 || self.max_rounds == 0 {
+            return Err(HostError::BadRequest(
+                "downtime_ms and max_rounds must be at least 1".into(),
+            ));
+        }
+        Ok(MigrationOptions {
+            mode,
+            downtime_target: Duration::from_millis(self.downtime_ms),
+            streams: self.streams,
+            compress: self.compress,
+            max_rounds: self.max_rounds,
+            max_precopy: Duration::from_secs(self.max_precopy_s),
+            throttle: self.throttle,
+            allow_longer_pause: self.allow_longer_pause,
+            ..MigrationOptions::default()
+        })
+    }
+}
+
+/// A migration out of this host, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationStatus {
+    /// VM id.
+    pub vm: String,
+    /// Destination.
+    pub to: String,
+    /// "running", "succeeded" or "failed".
+    pub state: &'static str,
+    /// Last progress report.
+    pub progress: Option<Progress>,
+    /// The result, once it succeeded.
+    pub report: Option<MigrationReport>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The VMs of this host.
+pub struct Host {
+    config: HostConfig,
+    vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
+    migrations: Mutex<BTreeMap<String, MigrationStatus>>,
+    next_id: Mutex<u64>,
+}
+
+impl Host {
+    /// A host with no VMs.
+    pub fn new(config: HostConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            vms: Mutex::default(),
+            migrations: Mutex::default(),
+            next_id: Mutex::new(1),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<HostedVm>>> {
+        self.vms.lock().expect("vms lock")
+    }
+
+    /// Bytes of VM memory held by live VMs.
+    pub fn memory_used(&self) -> u64 {
+        self.vms()
+            .values()
+            .filter(|vm| vm.phase().is_live())
+            .map(|vm| vm.config.ram_size + vm.config.accel_memory)
+            .sum()
+    }
+
+    fn reserve(&self, config: &VmConfig) -> Result<(), HostError> {
+        let wanted = config.ram_size + config.accel_memory;
+        let used = self.memory_used();
+        if used + wanted > self.config.memory_capacity {
+            return Err(HostError::NoRoom(format!(
+                "not enough memory on host {}: the VM needs {} MiB, {} MiB of {} MiB are free",
+                self.config.name,
+                wanted >> 20,
+                self.config.memory_capacity.saturating_sub(used) >> 20,
+                self.config.memory_capacity >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn new_id(&self) -> String {
+        let mut next = self.next_id.lock().expect("id lock");
+        // Ids stay unique across hosts (VMs keep theirs when they move): host name + n.
+        let id = format!("{}-vm{}", self.config.name, *next);
+        *next += 1;
+        id
+    }
+
+    /// Creates and starts a VM.
+    pub fn create_vm(&self, req: &CreateVm) -> Result<VmInfo, HostError> {
+        let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
+        let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
+        self.reserve(&config)?;
+        let host = HostOptions {
+            accel_threads: self.config.accel_threads,
+            ..HostOptions::quiet()
+        };
+        let vm = Microvm::boot(config, &image, &req.args, host).map_err(|e| {
+            let msg = format!("cannot create the VM: {e}");
+            match e {
+                ferry_vmm::vm::CreateVmError::Memory(_)
+                | ferry_vmm::vm::CreateVmError::AccelMemory(_)
+                | ferry_vmm::vm::CreateVmError::Image(_)
+                | ferry_vmm::vm::CreateVmError::ArgsTooLong => HostError::BadRequest(msg),
+                _ => HostError::Failed(msg),
+            }
+        })?;
+        let id = self.new_id();
+        let hosted = HostedVm::start(id.clone(), req.workload.clone(), req.args.clone(), vm, None)
+            .map_err(HostError::Failed)?;
+        tracing::info!(%id, workload = %req.workload, "VM started");
+        self.vms().insert(id, hosted.clone());
+        Ok(hosted.info())
+    }
+
+    /// Every VM this host knows (including ended and migrated ones).
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<_> = self.vms().values().cloned().collect();
+        vms.iter().map(|vm| vm.info()).collect()
+    }
+
+    /// One VM.
+    pub fn get(&self, id: &str) -> Result<Arc<HostedVm>, HostError> {
+        self.vms()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound(id.to_string()))
+    }
+
+    /// Stops a VM (if live) and forgets it.
+    pub fn stop(&self, id: &str) -> Result<VmInfo, HostError> {
+        let vm = self.get(id)?;
+        if vm.phase() == VmPhase::Migrating || vm.phase() == VmPhase::Paused {
+            return Err(HostError::Conflict(format!(
+                "VM {id} is being migrated; stop it after the migration ends"
+            )));
+        }
+        if vm.phase().is_live() {
+            vm.retire(VmPhase::Stopped);
+        }
+        self.vms().remove(id);
+        tracing::info!(%id, "VM stopped");
+        Ok(vm.info())
+    }
+
+    /// Starts migrating a VM to `req.to` in the background; follow it with
+    /// [`Self::migration`].
+    pub fn start_migration(
+        self: &Arc<Self>,
+        id: &str,
+        req: MigrateRequest,
+    ) -> Result<MigrationStatus, HostError> {
+        let options = req.options()?;
+        let vm = self.get(id)?;
+        if vm.phase() != VmPhase::Running {
+            return Err(HostError::Conflict(format!(
+                "VM {id} is {:?}; only a running VM can be migrated",
+                vm.phase()
+            )));
+        }
+        vm.set_phase(VmPhase::Migrating);
+        let status = MigrationStatus {
+            vm: id.to_string(),
+            to: req.to.clone(),
+            state: "running",
+            progress: None,
+            report: None,
+            error: None,
+        };
+        self.migrations
+            .lock()
+            .expect("migrations lock")
+            .insert(id.to_string(), status.clone());
+        let host = self.clone();
+        let id = id.to_string();
+        std::thread::Builder::new()
+            .name(format!("migrate-{id}"))
+            .spawn(move || host.migrate(&vm, &req.to, &options))
+            .map_err(|e| HostError::Failed(format!("cannot start the migration thread: {e}")))?;
+        Ok(status)
+    }
+
+    fn update_migration(&self, id: &str, f: impl FnOnce(&mut MigrationStatus)) {
+        if let Some(status) = self.migrations.lock().expect("migrations lock").get_mut(id) {
+            f(status);
+        }
+    }
+
+    /// Migrates `vm` now (blocking); the outcome lands in its migration status.
+    fn migrate(&self, vm: &Arc<HostedVm>, to: &str, options: &MigrationOptions) {
+        let source = VmSource::new(vm.clone());
+        let id = vm.id.clone();
+        let mut on_progress = |p: &Progress| {
+            tracing::debug!(vm = %id, round = p.round, phase = p.phase, "migration progress");
+            self.update_migration(&id, |s| s.progress = Some(p.clone()));
+        };
+        let result =
+            ferry_migrate::migrate_vm(&source, to, &self.config.secret, options, &mut on_progress);
+        match result {
+            Ok(report) => {
+                tracing::info!(vm = %id, %to, downtime_ms = report.downtime_ms, "VM migrated");
+                vm.retire(VmPhase::MigratedAway { to: to.to_string() });
+                self.update_migration(&id, |s| {
+                    s.state = "succeeded";
+                    s.report = Some(report);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(vm = %id, %to, "migration failed: {e}");
+                if !matches!(e, MigrationError::InDoubt(_)) && vm.phase() == VmPhase::Migrating {
+                    vm.set_phase(VmPhase::Running);
+                }
+                self.update_migration(&id, |s| {
+                    s.state = "failed";
+                    s.error = Some(e.to_string());
+                });
+            }
+        }
+    }
+
+    /// The last migration of VM `id` from this host.
+    pub fn migration(&self, id: &str) -> Result<MigrationStatus, HostError> {
+        self.migrations
+            .lock()
+            .expect("migrations lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound(format!("{id} (no migration recorded)")))
+    }
+
+    /// Receives migrations on `listener` (runs forever on its own thread).
+    pub fn serve_migrations(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let factory = Arc::new(Receiver { host: self.clone() });
+        let secret = self.config.secret.clone();
+        std::thread::Builder::new()
+            .name("migrate-listener".into())
+            .spawn(move || ferry_migrate::serve(listener, secret, factory))
+            .map(drop)
+    }
+}
+
+/// The host as the engine's [`ferry_migrate::TargetFactory`].
+struct Receiver {
+    host: Arc<Host>,
+}
+
+impl ferry_migrate::TargetFactory for Receiver {
+    type Target = VmTarget;
+
+    fn prepare(&self, vm: &ferry_migrate::VmDescription) -> Result<VmTarget, String> {
+        if let Some(why) = vm.incompatibility(&local_description()) {
+            return Err(format!(
+                "host {} cannot run this VM: {why}",
+                self.host.config.name
+            ));
+        }
+        let config = VmConfig {
+            ram_size: vm.ram_size,
+            vcpus: vm.vcpus,
+            accel_memory: vm.accel_memory,
+        };
+        self.host.reserve(&config).map_err(|e| e.to_string())?;
+        VmTarget::prepare(vm, self.host.config.accel_threads)
+    }
+
+    fn adopt(&self, target: VmTarget, report: ferry_migrate::ReceiveReport) {
+        let Some(vm) = target.take_vm() else {
+            tracing::error!("a received VM vanished before it was adopted");
+            return;
+        };
+        let args: Vec<String> = target
+            .extra(EXTRA_ARGS)
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_default();
+        let mut id = target
+            .extra(EXTRA_ID)
+            .map_or_else(|| self.host.new_id(), str::to_string);
+        if self
+            .host
+            .vms()
+            .get(&id)
+            .is_some_and(|old| old.phase().is_live())
+        {
+            id = self.host.new_id();
+        }
+        match HostedVm::start(
+            id.clone(),
+            report.vm.name.clone(),
+            args,
+            vm,
+            Some("migration".into()),
+        ) {
+            Ok(hosted) => {
+                tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
+                self.host.vms().insert(id, hosted);
+            }
+            Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The microVM as the migration engine sees it: [`VmSource`] adapts a running
+//! [`HostedVm`], [`VmTarget`] a VM being received.
+
+use std::sync::{Arc, Mutex};
+
+use ferry_abi::ABI_VERSION;
+use ferry_accel::backend::{self, cpu::gemm_microkernel};
+use ferry_accel::device::BufferState;
+use ferry_accel::dirty::ChunkId;
+use ferry_migrate::{
+    ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
+};
+use ferry_vmm::memory::GuestRam;
+use ferry_vmm::vm::IncomingVm;
+use ferry_vmm::{HostOptions, Microvm, MicrovmState, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::hosted::HostedVm;
+
+/// Keys of [`VmDescription::extra`].
+pub(crate) const EXTRA_ID: &str = "id";
+pub(crate) const EXTRA_ARGS: &str = "args";
+
+fn to_key(c: ChunkId) -> ChunkKey {
+    ChunkKey {
+        buffer: c.buffer,
+        index: c.index,
+    }
+}
+
+fn to_chunk(k: ChunkKey) -> ChunkId {
+    ChunkId {
+        buffer: k.buffer,
+        index: k.index,
+    }
+}
+
+/// What this host can run: the facts compared at the handshake.
+pub fn local_description() -> VmDescription {
+    let kernel_version = backend::create("cpu", 1).map_or(0, |b| b.kernel_version());
+    VmDescription {
+        name: String::new(),
+        ram_size: 0,
+        vcpus: 1,
+        accel_memory: 0,
+        abi_version: ABI_VERSION,
+        backend_kind: "cpu".into(),
+        kernel_version,
+        microkernel: gemm_microkernel().into(),
+        extra: Vec::new(),
+    }
+}
+
+/// A hosted VM being sent.
+pub struct VmSource {
+    vm: Arc<HostedVm>,
+}
+
+impl VmSource {
+    /// Adapts `vm`.
+    pub fn new(vm: Arc<HostedVm>) -> Self {
+        Self { vm }
+    }
+}
+
+impl MigrationSource for VmSource {
+    fn describe(&self) -> VmDescription {
+        let local = local_description();
+        let backend_kind = self
+            .vm
+            .with_vm(|vm| vm.accel().map(|a| a.save_state().backend_kind))
+            .unwrap_or_default();
+        VmDescription {
+            name: self.vm.workload.clone(),
+            ram_size: self.vm.config.ram_size,
+            vcpus: self.vm.config.vcpus,
+            accel_memory: self.vm.config.accel_memory,
+            backend_kind,
+            extra: vec![
+                (EXTRA_ID.into(), self.vm.id.clone()),
+                (
+                    EXTRA_ARGS.into(),
+                    serde_json::to_string(&self.vm.args).unwrap_or_default(),
+                ),
+            ],
+            ..local
+        }
+    }
+
+    fn start_tracking(&self) -> Result<(), String> {
+        self.vm.with_vm(|vm| {
+            vm.start_dirty_log().map_err(|e| e.to_string())?;
+            if let Some(accel) = vm.accel() {
+                accel.start_dirty_tracking();
+            }
+            Ok(())
+        })
+    }
+
+    fn stop_tracking(&self) {
+        self.vm.with_vm(|vm| {
+            let _ = vm.stop_dirty_log();
+            if let Some(accel) = vm.accel() {
+                accel.stop_dirty_tracking();
+            }
+        });
+    }
+
+    fn take_dirty_pages(&self) -> Result<PageSet, String> {
+        let pages = self.vm.config.ram_size / ferry_abi::PAGE_SIZE;
+        self.vm
+            .with_vm(Microvm::take_dirty_pages)
+            .map(|set| PageSet::from_words(set.into_words(), pages))
+            .map_err(|e| e.to_string())
+    }
+
+    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
+        self.vm.with_vm(|vm| {
+            vm.accel()
+                .map(|a| a.take_dirty_chunks().into_iter().map(to_key).collect())
+                .unwrap_or_default()
+        })
+    }
+
+    fn all_chunks(&self) -> Vec<ChunkKey> {
+        self.vm.with_vm(|vm| {
+            vm.accel()
+                .map(|a| a.all_chunks().into_iter().map(to_key).collect())
+                .unwrap_or_default()
+        })
+    }
+
+    fn device_buffers(&self) -> Vec<DeviceBuffer> {
+        self.vm.with_vm(|vm| {
+            vm.accel()
+                .map(|a| {
+                    a.buffer_table()
+                        .into_iter()
+                        .map(|b| DeviceBuffer {
+                            id: b.id,
+                            bytes: b.bytes,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
+        // Guest RAM is read without the VM lock: it is shared memory, and a page the
+        // guest changes meanwhile is dirty again and sent in the next round.
+        self.vm
+            .memory()
+            .read_slice(out, GuestAddress(gpa))
+            .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))
+    }
+
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+        self.vm
+            .with_vm(|vm| vm.accel().and_then(|a| a.read_chunk(to_chunk(chunk), out)))
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.vm.set_throttle(percent);
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        self.vm.hold()
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.vm.release_hold()
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        let state = self
+            .vm
+            .with_vm(Microvm::save_state)
+            .map_err(|e| e.to_string())?;
+        postcard::to_stdvec(&state).map_err(|e| format!("cannot encode the VM state: {e}"))
+    }
+}
+
+enum Incoming {
+    Filling(IncomingVm),
+    Restored(Microvm),
+    Gone,
+}
+
+/// A VM being received: RAM and device filled round by round, restored at switchover.
+pub struct VmTarget {
+    /// What the source offered.
+    pub description: VmDescription,
+    memory: GuestRam,
+    state: Mutex<Incoming>,
+}
+
+impl VmTarget {
+    /// An empty VM shaped like `description` (compatibility already checked).
+    pub fn prepare(description: &VmDescription, accel_threads: usize) -> Result<Self, String> {
+        let config = VmConfig {
+            ram_size: description.ram_size,
+            vcpus: description.vcpus,
+            accel_memory: description.accel_memory,
+        };
+        let kind = (config.accel_memory > 0).then_some(description.backend_kind.as_str());
+        let host = HostOptions {
+            accel_threads,
+            ..HostOptions::quiet()
+        };
+        let incoming = IncomingVm::new(config, kind, host).map_err(|e| e.to_string())?;
+        Ok(Self {
+            description: description.clone(),
+            memory: incoming.memory().clone(),
+            state: Mutex::new(Incoming::Filling(incoming)),
+        })
+    }
+
+    fn with_filling<R>(
+        &self,
+        f: impl FnOnce(&IncomingVm) -> Result<R, String>,
+    ) -> Result<R, String> {
+        match &*self.state.lock().expect("target lock") {
+            Incoming::Filling(vm) => f(vm),
+            _ => Err("the VM is already restored".into()),
+        }
+    }
+
+    /// The restored VM (after [`MigrationTarget::resume`]).
+    pub fn take_vm(&self) -> Option<Microvm> {
+        match std::mem::replace(
+            &mut *self.state.lock().expect("target lock"),
+            Incoming::Gone,
+        ) {
+            Incoming::Restored(vm) => Some(vm),
+            _ => None,
+        }
+    }
+
+    /// An [`VmDescription::extra`] value.
+    pub fn extra(&self, key: &str) -> Option<&str> {
+        self.description
+            .extra
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl MigrationTarget for VmTarget {
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        self.memory
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| format!("writing guest RAM at {gpa:#x}: {e}"))
+    }
+
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String> {
+        self.with_filling(|vm| match vm.accel() {
+            Some(accel) => {
+                let table: Vec<BufferState> = table
+                    .iter()
+                    .map(|b| BufferState {
+                        id: b.id,
+                        bytes: b.bytes,
+                    })
+                    .collect();
+                accel.sync_buffers(&table).map_err(|e| e.to_string())
+            }
+            None if table.is_empty() => Ok(()),
+            None => Err("device buffers for a VM without an accelerator".into()),
+        })
+    }
+
+    fn write_chunk(&self, chunk: ChunkKey, data: Option<&[u8]>) -> Result<(), String> {
+        self.with_filling(|vm| {
+            let accel = vm
+                .accel()
+                .ok_or("a device chunk for a VM without an accelerator")?;
+            let id = to_chunk(chunk);
+            let zeros;
+            let data = match data {
+                Some(d) => d,
+                None => {
+                    let len = accel.chunk_len(id).ok_or_else(|| {
+                        format!(
+                            "chunk {} of buffer {} does not exist",
+                            chunk.index, chunk.buffer
+                        )
+                    })?;
+                    zeros = vec![0u8; len as usize];
+                    &zeros
+                }
+            };
+            accel.write_chunk(id, data).map_err(|e| e.to_string())
+        })
+    }
+
+    fn restore(&self, blob: &[u8]) -> Result<(), String> {
+        let state: MicrovmState =
+            postcard::from_bytes(blob).map_err(|e| format!("undecodable VM state: {e}"))?;
+        let mut slot = self.state.lock().expect("target lock");
+        match std::mem::replace(&mut *slot, Incoming::Gone) {
+            Incoming::Filling(incoming) => {
+                let vm = incoming.finish(&state).map_err(|e| e.to_string())?;
+                *slot = Incoming::Restored(vm);
+                Ok(())
+            }
+            _ => Err("the VM was already restored".into()),
+        }
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        match &mut *self.state.lock().expect("target lock") {
+            Incoming::Restored(vm) => vm.resume().map_err(|e| e.to_string()),
+            _ => Err("no restored VM to resume".into()),
+        }
+    }
+}
