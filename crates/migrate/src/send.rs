@@ -556,6 +556,7 @@ fn run(
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
         let mut work = round0(s);
         let mut throttle_step = 0usize;
+        let mut best_rate = 0f64;
         let pending = loop {
             let throttle_pct = THROTTLE_STEPS[throttle_step];
             let log = s
@@ -565,9 +566,12 @@ fn run(
             work = pending.to_work();
             let dirty_bytes = work.bytes();
             let secs = (log.ms / 1e3).max(1e-6);
-            let rate = log.bytes as f64 / secs;
+            // Small rounds are dominated by the round trip, so the link's bandwidth is
+            // the best rate seen in any round.
+            best_rate = best_rate.max(log.bytes as f64 / secs);
+            let rate = best_rate;
             let dirty_rate = dirty_bytes as f64 / secs;
-            // The final round moves what is dirty at the pause, at this round's rate.
+            // The final round moves what is dirty at the pause at the link's rate.
             let predicted =
                 Duration::from_secs_f64(dirty_bytes as f64 / rate.max(1.0)) + SWITCHOVER_OVERHEAD;
             progress(&s.progress(

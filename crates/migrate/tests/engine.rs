@@ -215,6 +215,12 @@ impl FakeSource {
         })
     }
 
+    /// The same VM without device buffers.
+    fn without_devices(self: Arc<Self>) -> Arc<Self> {
+        self.lock().buffers.clear();
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, SourceState> {
         self.state.lock().unwrap()
     }
@@ -764,7 +770,6 @@ fn assert_running_again(source: &FakeSource) {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "engine bug: send.rs run() drops the dirty set taken after the last pre-copy round (line 543 `work = dirty_work(..)` is discarded by `break` at 561, and line 599 takes a fresh set after the pause), so pages dirtied during the last pre-copy round never reach the destination"]
 fn live_migration_with_a_running_guest_copies_memory_exactly() {
     let dest = Destination::start();
     let source = FakeSource::new("busy", 16, 1);
@@ -790,17 +795,21 @@ fn live_migration_with_a_running_guest_copies_memory_exactly() {
         report.round_log[1..].iter().any(|r| r.pages > 0),
         "pages dirtied during the copy were resent: {report:?}"
     );
-    // Zero pages are not sent: 16 MiB of mostly zero RAM moves in far fewer bytes.
+    // Zero pages are not sent: round 0 covers all 16 MiB of mostly zero RAM in far
+    // fewer bytes (later rounds resend what the guest keeps rewriting).
     assert!(
-        report.bytes_sent < 16 * MIB / 4,
-        "{} bytes sent",
-        report.bytes_sent
+        report.round_log[0].bytes < 16 * MIB / 4,
+        "round 0 sent {} bytes",
+        report.round_log[0].bytes
+    );
+    assert!(
+        report.bytes_sent < report.rounds as u64 * 4 * MIB,
+        "{report:?}"
     );
     assert_eq!(source.stop_tracking_calls.load(Ordering::SeqCst), 1);
 }
 
 #[test]
-#[ignore = "engine bug: send.rs run() drops the dirty set taken after the last pre-copy round (line 543 `work = dirty_work(..)` is discarded by `break` at 561, and line 599 takes a fresh set after the pause), so pages dirtied during the last pre-copy round never reach the destination"]
 fn pages_dirtied_during_the_last_precopy_round_reach_the_destination() {
     // Deterministic: no thread; every read_ram of round 0 dirties one page, which the
     // next round (here the final one, as the prediction converges at once) must carry.
@@ -1330,8 +1339,10 @@ fn the_final_state_is_refused_while_a_round_is_open() {
 fn a_target_failing_during_precopy_leaves_the_vm_running() {
     let dest = Destination::start();
     dest.faults.fail_ram_after.store(3, Ordering::SeqCst);
+    // Small VMs without device memory: what is still in flight after the failure fits in
+    // the socket buffers (see the next test for when it does not).
     // Live: the failure comes in round 0, before any pause.
-    let source = FakeSource::new("fail-live", 16, 14);
+    let source = FakeSource::new("fail-live", 4, 14).without_devices();
     let before = source.contents();
     let started = Instant::now();
     let err = migrate(&source, &dest, &options(Mode::Live)).expect_err("target failure");
@@ -1349,7 +1360,7 @@ fn a_target_failing_during_precopy_leaves_the_vm_running() {
     assert_eq!(source.contents(), before, "the source's memory changed");
 
     // Stop-and-copy: the VM was paused first and must be resumed.
-    let source = FakeSource::new("fail-stop", 16, 15);
+    let source = FakeSource::new("fail-stop", 4, 15).without_devices();
     let before = source.contents();
     let err = migrate(&source, &dest, &options(Mode::StopAndCopy)).expect_err("target failure");
     assert!(err.to_string().contains("injected"), "{err}");
@@ -1376,29 +1387,27 @@ fn a_target_failing_during_precopy_leaves_the_vm_running() {
 }
 
 #[test]
+#[ignore = "engine bug: receive.rs apply_stream() (lines 206-208) stops reading a data stream when applying a frame fails but neither shuts the socket nor tells the source; control_loop() sees the failure only at the next EndRound (388-398), so a source with more of the round left than the socket buffers hold blocks in send until its io_timeout (or the destination's 120 s CONTROL_TIMEOUT), and gets 'connection lost while sending' instead of the destination's reason"]
 fn a_target_failing_mid_round_with_much_data_in_flight_fails_promptly() {
     // 64 MiB of non-zero RAM: far more than the socket buffers hold once the
     // destination stops reading a data stream.
     let dest = Destination::start();
     dest.faults.fail_ram_after.store(1, Ordering::SeqCst);
-    let source = FakeSource::new("fail-big", 64, 17);
+    let source = FakeSource::new("fail-big", 64, 17).without_devices();
     {
         let mut s = source.lock();
         let mut rng = Rng(99);
         rng.fill(&mut s.ram);
     }
-    let opts = MigrationOptions {
-        io_timeout: Duration::from_secs(60),
-        ..options(Mode::Live)
-    };
     let started = Instant::now();
-    let err = migrate(&source, &dest, &opts).expect_err("target failure");
+    let err = migrate(&source, &dest, &options(Mode::Live)).expect_err("target failure");
     let took = started.elapsed();
     assert_running_again(&source);
     assert!(
         took < PATIENCE,
         "the source noticed the destination's failure only after {took:?}: {err}"
     );
+    assert!(err.to_string().contains("injected"), "{err}");
 }
 
 /// A destination that authenticates, accepts, reads `read_bytes` of the first data

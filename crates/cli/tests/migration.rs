@@ -1,0 +1,506 @@
+//! Live migration between real `ferry host serve` daemons on loopback, driven through
+//! the `ferry vm` and `ferry migrate` commands: results bit-identical to unmigrated runs,
+//! convergence and its failure, and failures that must leave the VM running on the
+//! source (destination killed, connection cut during the switchover).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SECRET: &str = "test-secret-0123456789abcdef";
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_SECRET", SECRET)
+        .output()
+        .expect("run ferry")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn kvm_available(test: &str) -> bool {
+    ferry_vmm::kvm_usable_or_announce_skip(test)
+}
+
+/// A `ferry host serve` child process, killed on drop.
+struct Daemon {
+    child: Child,
+    api: String,
+    migration: String,
+}
+
+impl Daemon {
+    fn start(name: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
+            .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
+            .env("FERRY_SECRET", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferry host serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "ferry host a: API on http://127.0.0.1:P, migrations on 127.0.0.1:Q"
+        let api = line
+            .split("API on ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or_else(|| panic!("no API address in {line:?}"))
+            .to_string();
+        let migration = line.trim().rsplit(' ').next().unwrap().to_string();
+        Self {
+            child,
+            api,
+            migration,
+        }
+    }
+
+    fn vm(&self, args: &[&str]) -> Value {
+        let mut all = vec!["vm", "--host", &self.api, "--json"];
+        all.extend_from_slice(args);
+        let out = ferry(&all);
+        assert!(out.status.success(), "ferry {all:?}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn create(&self, workload: &str, accel: &str, guest_args: &str) -> String {
+        let mut args = vec![
+            "create",
+            workload,
+            "--memory",
+            "64M",
+            "--accel-memory",
+            accel,
+            "--",
+        ];
+        args.extend(guest_args.split_whitespace());
+        self.vm(&args)["id"].as_str().unwrap().to_string()
+    }
+
+    fn show(&self, id: &str) -> Value {
+        self.vm(&["show", id])
+    }
+
+    /// Waits until the console shows `needle`.
+    fn wait_console(&self, id: &str, needle: &str) {
+        let started = Instant::now();
+        while !self.show(id)["console_tail"]
+            .as_str()
+            .unwrap()
+            .contains(needle)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{id} never printed {needle:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the guest to exit and returns its checksum.
+    fn checksum_at_exit(&self, id: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let vm = self.show(id);
+            match vm["state"].as_str().unwrap() {
+                "exited" => {
+                    assert_eq!(vm["code"], 0, "{vm}");
+                    return checksum(vm["console_tail"].as_str().unwrap());
+                }
+                "running" | "migrating" | "paused" => {}
+                other => panic!("{id} ended as {other}: {vm}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "{id} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn migrate(&self, id: &str, to: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["migrate", id, "--to", to, "--host", &self.api, "--json"];
+        args.extend_from_slice(extra);
+        ferry(&args)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn checksum(console: &str) -> String {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("checksum="))
+        .unwrap_or_else(|| panic!("no checksum in {console}"))
+        .to_string()
+}
+
+/// The checksum of an unmigrated run (`ferry run`).
+fn reference(workload: &str, memory: &str, accel: &str, guest_args: &str) -> String {
+    let mut args = vec![
+        "run",
+        workload,
+        "--memory",
+        memory,
+        "--accel-memory",
+        accel,
+        "--",
+    ];
+    args.extend(guest_args.split_whitespace());
+    let out = ferry(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    checksum(&text(&out.stdout))
+}
+
+fn report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "migration failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+const MLP: &str = "--steps 400 --print-every 20";
+
+#[test]
+fn mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum() {
+    if !kvm_available("mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum") {
+        return;
+    }
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let id = a.create("mlp-train", "32M", MLP);
+    a.wait_console(&id, "step=60 ");
+    let there = report(&a.migrate(&id, &b.migration, &[]));
+    assert_eq!(there["mode"], "live");
+    assert!(there["rounds"].as_u64().unwrap() >= 2, "{there}");
+    assert_eq!(a.show(&id)["state"], "migrated-away");
+    b.wait_console(&id, "step=140 ");
+    let back = report(&b.migrate(&id, &a.migration, &["--streams", "3"]));
+    assert!(back["bytes_sent"].as_u64().unwrap() > 0);
+    assert_eq!(b.show(&id)["state"], "migrated-away");
+    let migrated = a.checksum_at_exit(&id);
+    assert_eq!(migrated, reference("mlp-train", "64M", "32M", MLP));
+}
+
+#[test]
+fn llm_decode_moves_with_the_unmigrated_checksum() {
+    if !kvm_available("llm_decode_moves_with_the_unmigrated_checksum") {
+        return;
+    }
+    let args = "--tokens 48 --weights-mib 8 --print-every 4";
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let id = a.create("llm-decode", "32M", args);
+    a.wait_console(&id, "token=8 ");
+    let r = report(&a.migrate(&id, &b.migration, &["--compress"]));
+    // The weights cross (compressed); the 24 MiB of zero device memory and most of
+    // the zero RAM do not.
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    assert!(sent > 1 << 20 && sent < 16 << 20, "{r}");
+    assert!(r["round_log"][0]["chunks"].as_u64().unwrap() >= 32, "{r}");
+    assert_eq!(
+        b.checksum_at_exit(&id),
+        reference("llm-decode", "64M", "32M", args)
+    );
+}
+
+const MEMTOUCH: &str = "--mib 32 --passes 1200";
+
+#[test]
+fn dirtying_faster_than_the_link_fails_cleanly_or_converges_by_throttling() {
+    if !kvm_available("dirtying_faster_than_the_link_fails_cleanly_or_converges_by_throttling") {
+        return;
+    }
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let expected = reference("memtouch", "64M", "0", MEMTOUCH);
+    let id = a.create("memtouch", "0", MEMTOUCH);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = a.migrate(
+        &id,
+        &b.migration,
+        &["--no-throttle", "--downtime-ms", "1", "--max-rounds", "3"],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("did not converge") && err.contains("keeps running"),
+        "{err}"
+    );
+    assert_eq!(a.show(&id)["state"], "running");
+    assert!(
+        b.vm(&["list"]).as_array().unwrap().is_empty(),
+        "nothing left on b"
+    );
+
+    // With throttling allowed, the same VM moves.
+    let r = report(&a.migrate(&id, &b.migration, &["--downtime-ms", "50"]));
+    eprintln!(
+        "memtouch converged: pause {} ms after {} rounds, throttle up to {}%",
+        r["downtime_ms"], r["rounds"], r["max_throttle_pct"]
+    );
+    assert_eq!(b.checksum_at_exit(&id), expected);
+}
+
+#[test]
+fn destination_killed_during_precopy_leaves_the_vm_running_on_the_source() {
+    if !kvm_available("destination_killed_during_precopy_leaves_the_vm_running_on_the_source") {
+        return;
+    }
+    let a = Daemon::start("a");
+    let mut b = Daemon::start("b");
+    let args = "--mib 96 --passes 40 --rate-mib-s 200";
+    let expected = reference("memtouch", "512M", "0", args);
+    let id = a.vm(&[
+        "create",
+        "memtouch",
+        "--memory",
+        "512M",
+        "--",
+        "--mib",
+        "96",
+        "--passes",
+        "40",
+        "--rate-mib-s",
+        "200",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    let to = b.migration.clone();
+    let migrate = std::thread::spawn({
+        let api = a.api.clone();
+        let id = id.clone();
+        move || {
+            ferry(&[
+                "migrate",
+                &id,
+                "--to",
+                &to,
+                "--host",
+                &api,
+                "--json",
+                "--no-throttle",
+                "--downtime-ms",
+                "1",
+                "--max-rounds",
+                "1000",
+            ])
+        }
+    });
+    // Kill b once pre-copy is under way.
+    let started = Instant::now();
+    loop {
+        let status = ferry(&["vm", "--host", &a.api, "show", &id, "--json"]);
+        let vm: Value = serde_json::from_slice(&status.stdout).unwrap();
+        if vm["state"] == "migrating" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    b.child.kill().unwrap();
+    let out = migrate.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "the migration cannot succeed without b"
+    );
+    assert_eq!(a.show(&id)["state"], "running");
+    assert_eq!(a.checksum_at_exit(&id), expected);
+}
+
+/// Forwards connections to `to` until the control stream (the first connection)
+/// carries the source's final `State` message; then cuts every connection.
+struct SwitchoverCutter {
+    addr: String,
+    cut: Arc<AtomicBool>,
+}
+
+/// Index of `Message::State` in the wire enum (postcard encodes the variant first).
+const STATE_VARIANT: u8 = 10;
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    parse_control: bool,
+    cut: Arc<AtomicBool>,
+    all: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if parse_control {
+            pending.extend_from_slice(&buf[..n]);
+            // Forward whole frames, stopping at the State message.
+            while pending.len() >= 16 {
+                let len = u32::from_le_bytes(pending[4..8].try_into().unwrap()) as usize;
+                if pending.len() < 16 + len {
+                    break;
+                }
+                if pending[2] == 1 && len > 0 && pending[16] == STATE_VARIANT {
+                    cut.store(true, Ordering::SeqCst);
+                    for s in all.lock().unwrap().iter() {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    return;
+                }
+                let frame: Vec<u8> = pending.drain(..16 + len).collect();
+                if to.write_all(&frame).is_err() {
+                    return;
+                }
+            }
+        } else if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+impl SwitchoverCutter {
+    fn start(to: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let all: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let thread_cut = cut.clone();
+        std::thread::spawn(move || {
+            for (i, conn) in listener.incoming().enumerate() {
+                let Ok(client) = conn else { return };
+                let Ok(server) = TcpStream::connect(&to) else {
+                    return;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                all.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (cut_a, cut_b) = (thread_cut.clone(), thread_cut.clone());
+                let (all_a, all_b) = (all.clone(), all.clone());
+                std::thread::spawn(move || pump(client, server, i == 0, cut_a, all_a));
+                std::thread::spawn(move || pump(s2, c2, false, cut_b, all_b));
+            }
+        });
+        Self { addr, cut }
+    }
+}
+
+#[test]
+fn connection_cut_during_switchover_leaves_the_vm_running_on_the_source_only() {
+    if !kvm_available("connection_cut_during_switchover_leaves_the_vm_running_on_the_source_only") {
+        return;
+    }
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let cutter = SwitchoverCutter::start(b.migration.clone());
+    let expected = reference("mlp-train", "64M", "32M", MLP);
+    let id = a.create("mlp-train", "32M", MLP);
+    a.wait_console(&id, "step=40 ");
+    let out = a.migrate(&id, &cutter.addr, &[]);
+    assert!(
+        cutter.cut.load(Ordering::SeqCst),
+        "the cut happened at the switchover"
+    );
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(a.show(&id)["state"], "running");
+    // b discarded what it received: nothing runs there.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(b.vm(&["list"]).as_array().unwrap().is_empty());
+    assert_eq!(a.checksum_at_exit(&id), expected);
+}
+
+#[test]
+fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
+    if !kvm_available("wrong_secret_is_refused_by_the_api_and_by_the_migration_listener") {
+        return;
+    }
+    let a = Daemon::start("a");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["vm", "--host", &a.api, "list"])
+        .env("FERRY_SECRET", "not-the-secret-0123456789")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("wrong API token"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A host with another secret cannot push a VM into a.
+    let other = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "host",
+            "serve",
+            "--name",
+            "x",
+            "--listen",
+            "127.0.0.1:0",
+            "--migration-listen",
+            "127.0.0.1:0",
+        ])
+        .env("FERRY_SECRET", "not-the-secret-0123456789")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut x = Daemon {
+        child: other,
+        api: String::new(),
+        migration: String::new(),
+    };
+    let mut line = String::new();
+    BufReader::new(x.child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    x.api = line
+        .split("API on ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    let list = |d: &Daemon, secret: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "vm", "--host", &d.api, "--json", "create", "memtouch", "--", "--passes", "100000",
+            ])
+            .env("FERRY_SECRET", secret)
+            .output()
+            .unwrap()
+    };
+    let created: Value =
+        serde_json::from_slice(&list(&x, "not-the-secret-0123456789").stdout).unwrap();
+    let id = created["id"].as_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", id, "--to", &a.migration, "--host", &x.api])
+        .env("FERRY_SECRET", "not-the-secret-0123456789")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("authentication failed") || err.contains("refused"),
+        "{err}"
+    );
+    assert!(a.vm(&["list"]).as_array().unwrap().is_empty());
+}
