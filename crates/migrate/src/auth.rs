@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::wire::{
-    expect_control, FrameReader, FrameWriter, Message, StreamRole, PROTOCOL_VERSION,
+    expect_control, FrameReader, FrameStream, FrameWriter, Message, StreamRole, PROTOCOL_VERSION,
 };
 use crate::MigrationError;
 
@@ -100,6 +100,35 @@ fn nonce() -> [u8; 32] {
 const LISTENER: &[u8] = b"ferry-migrate-v1 listener";
 const CONNECTOR: &[u8] = b"ferry-migrate-v1 connector";
 
+/// The control conversation of a connection being authenticated, however it is held.
+trait Conversation {
+    fn say(&mut self, message: &Message) -> Result<(), MigrationError>;
+    fn hear(&mut self, what: &str) -> Result<Message, MigrationError>;
+}
+
+/// A connection split into a read half and a write half (plain TCP).
+struct Halves<'a, R, W>(&'a mut FrameReader<R>, &'a mut FrameWriter<W>);
+
+impl<R: Read, W: Write> Conversation for Halves<'_, R, W> {
+    fn say(&mut self, message: &Message) -> Result<(), MigrationError> {
+        self.1.send(message)
+    }
+
+    fn hear(&mut self, what: &str) -> Result<Message, MigrationError> {
+        expect_control(self.0, what)
+    }
+}
+
+impl<S: Read + Write> Conversation for FrameStream<S> {
+    fn say(&mut self, message: &Message) -> Result<(), MigrationError> {
+        self.send(message)
+    }
+
+    fn hear(&mut self, what: &str) -> Result<Message, MigrationError> {
+        self.expect_control(what)
+    }
+}
+
 /// The connecting side: proves the secret and checks the listener's proof.
 pub fn authenticate_connector<R: Read, W: Write>(
     reader: &mut FrameReader<R>,
@@ -107,13 +136,49 @@ pub fn authenticate_connector<R: Read, W: Write>(
     secret: &Secret,
     role: StreamRole,
 ) -> Result<(), MigrationError> {
+    connector(&mut Halves(reader, writer), secret, role)
+}
+
+/// [`authenticate_connector`] on a connection held as one stream (TLS).
+pub fn authenticate_stream_connector<S: Read + Write>(
+    stream: &mut FrameStream<S>,
+    secret: &Secret,
+    role: StreamRole,
+) -> Result<(), MigrationError> {
+    connector(stream, secret, role)
+}
+
+/// The listening side: answers the challenge, checks the connector's proof, and returns
+/// the role the connection claims. A failure is answered with a refusal before the error
+/// returns.
+pub fn authenticate_listener<R: Read, W: Write>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    secret: &Secret,
+) -> Result<StreamRole, MigrationError> {
+    listener(&mut Halves(reader, writer), secret)
+}
+
+/// [`authenticate_listener`] on a connection held as one stream (TLS).
+pub fn authenticate_stream_listener<S: Read + Write>(
+    stream: &mut FrameStream<S>,
+    secret: &Secret,
+) -> Result<StreamRole, MigrationError> {
+    listener(stream, secret)
+}
+
+fn connector(
+    conn: &mut impl Conversation,
+    secret: &Secret,
+    role: StreamRole,
+) -> Result<(), MigrationError> {
     let ours = nonce();
-    writer.send(&Message::Hello {
+    conn.say(&Message::Hello {
         version: PROTOCOL_VERSION,
         role,
         nonce: ours,
     })?;
-    let theirs = match expect_control(reader, "a challenge")? {
+    let theirs = match conn.hear("a challenge")? {
         Message::Challenge { nonce, proof } => {
             if !secret.verify(LISTENER, &ours, &nonce, &role, &proof) {
                 return Err(MigrationError::Auth(
@@ -129,10 +194,10 @@ pub fn authenticate_connector<R: Read, W: Write>(
             )))
         }
     };
-    writer.send(&Message::Proof {
+    conn.say(&Message::Proof {
         proof: secret.proof(CONNECTOR, &theirs, &ours, &role),
     })?;
-    match expect_control(reader, "the authentication result")? {
+    match conn.hear("the authentication result")? {
         Message::AuthOk => Ok(()),
         Message::Refuse { reason } => Err(MigrationError::Auth(reason)),
         other => Err(MigrationError::Protocol(format!(
@@ -141,15 +206,8 @@ pub fn authenticate_connector<R: Read, W: Write>(
     }
 }
 
-/// The listening side: answers the challenge, checks the connector's proof, and returns
-/// the role the connection claims. A failure is answered with a refusal before the error
-/// returns.
-pub fn authenticate_listener<R: Read, W: Write>(
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
-    secret: &Secret,
-) -> Result<StreamRole, MigrationError> {
-    let (theirs, role) = match expect_control(reader, "a hello")? {
+fn listener(conn: &mut impl Conversation, secret: &Secret) -> Result<StreamRole, MigrationError> {
+    let (theirs, role) = match conn.hear("a hello")? {
         Message::Hello {
             version,
             role,
@@ -159,7 +217,7 @@ pub fn authenticate_listener<R: Read, W: Write>(
                 let reason = format!(
                     "protocol version {version}; this host speaks version {PROTOCOL_VERSION}"
                 );
-                let _ = writer.send(&Message::Refuse {
+                let _ = conn.say(&Message::Refuse {
                     reason: reason.clone(),
                 });
                 return Err(MigrationError::Refused(reason));
@@ -173,17 +231,17 @@ pub fn authenticate_listener<R: Read, W: Write>(
         }
     };
     let ours = nonce();
-    writer.send(&Message::Challenge {
+    conn.say(&Message::Challenge {
         nonce: ours,
         proof: secret.proof(LISTENER, &theirs, &ours, &role),
     })?;
-    match expect_control(reader, "a proof")? {
+    match conn.hear("a proof")? {
         Message::Proof { proof } if secret.verify(CONNECTOR, &ours, &theirs, &role, &proof) => {
-            writer.send(&Message::AuthOk)?;
+            conn.say(&Message::AuthOk)?;
             Ok(role)
         }
         Message::Proof { .. } => {
-            let _ = writer.send(&Message::Refuse {
+            let _ = conn.say(&Message::Refuse {
                 reason: "wrong shared secret".into(),
             });
             Err(MigrationError::Auth(

@@ -6,6 +6,7 @@
 //!
 //! - [`wire`]: the framed, checksummed, validated stream format and its messages.
 //! - [`auth`]: shared-secret challenge–response on every connection.
+//! - [`tls`]: optional mutual TLS under that authentication (rustls).
 //! - [`send`]: the source side: pre-copy rounds, convergence, throttling, switchover.
 //! - [`receive`]: the destination side: validates everything off the wire, applies it,
 //!   and restores the VM only when the source's final state is complete.
@@ -14,14 +15,17 @@
 //! switchover; a failure before the destination confirms leaves the VM on the source.
 
 pub mod auth;
+mod link;
 pub mod receive;
 pub mod send;
+pub mod tls;
 pub mod vm;
 pub mod wire;
 
 pub use auth::Secret;
-pub use receive::{serve, ReceiveReport, TargetFactory};
+pub use receive::{serve, serve_with_tls, ReceiveReport, TargetFactory};
 pub use send::{migrate_vm, MigrationOptions, MigrationReport, Mode, Progress};
+pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription};
 
 /// Errors of a migration, on either side.

@@ -6,7 +6,7 @@
 //! checksum, the decompressed size, and each record's own fields. Addresses are checked
 //! against the VM by the receiver, which knows its size.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -176,8 +176,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Reads and validates frames from one connection.
 pub struct FrameReader<R> {
     input: R,
-    wire: Vec<u8>,
-    raw: Vec<u8>,
+    decoder: Decoder,
     /// Bytes read so far, headers included.
     pub bytes: u64,
 }
@@ -187,8 +186,7 @@ impl<R: Read> FrameReader<R> {
     pub fn new(input: R) -> Self {
         Self {
             input,
-            wire: Vec::new(),
-            raw: Vec::new(),
+            decoder: Decoder::default(),
             bytes: 0,
         }
     }
@@ -201,10 +199,72 @@ impl<R: Read> FrameReader<R> {
     /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
     /// `UnexpectedEof`, like any other cut.
     pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
+        self.decoder.read(&mut self.input, &mut self.bytes)
+    }
+}
+
+/// Frames both ways over one connection that is read and written through a single
+/// object, as a TLS session must be (it cannot be split into a read half and a write
+/// half the way a `TcpStream` can). Used from one thread at a time.
+pub struct FrameStream<S> {
+    /// Sends frames; it owns the connection, which [`FrameStream::read`] reads too.
+    pub writer: FrameWriter<S>,
+    decoder: Decoder,
+    /// Bytes read so far, headers included.
+    pub bytes_read: u64,
+}
+
+impl<S: Read + Write> FrameStream<S> {
+    /// Frames over `stream`; data frames are LZ4-compressed when `compress` (see
+    /// [`FrameWriter::new`]).
+    pub fn new(stream: S, compress: bool) -> Self {
+        Self {
+            writer: FrameWriter::new(stream, compress),
+            decoder: Decoder::default(),
+            bytes_read: 0,
+        }
+    }
+
+    /// The connection.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.writer.get_mut()
+    }
+
+    /// The next frame, as [`FrameReader::read`].
+    pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
+        // The writer writes every frame through at once: nothing of ours is pending in
+        // it, so reading the connection under it is in order.
+        self.decoder
+            .read(self.writer.get_mut(), &mut self.bytes_read)
+    }
+
+    /// The next frame, which must be a control message, as [`expect_control`].
+    pub fn expect_control(&mut self, what: &str) -> Result<Message, MigrationError> {
+        control_of(self.read(), what)
+    }
+
+    /// Sends a control message (and flushes).
+    pub fn send(&mut self, message: &Message) -> Result<(), MigrationError> {
+        self.writer.send(message)
+    }
+}
+
+/// Decoding state: the buffers of the last frame, reused.
+#[derive(Default)]
+struct Decoder {
+    wire: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+impl Decoder {
+    /// The next frame from `input`; `bytes` counts what was read.
+    fn read<'a>(
+        &'a mut self,
+        input: &mut impl Read,
+        bytes: &mut u64,
+    ) -> Result<Frame<'a>, MigrationError> {
         let mut header = [0u8; HEADER_BYTES];
-        self.input
-            .read_exact(&mut header)
-            .map_err(MigrationError::io("reading a frame header"))?;
+        read_header(input, &mut header)?;
         if header[..2] != MAGIC {
             return Err(protocol(format!(
                 "bad frame magic {:02x}{:02x} (not a Ferry migration stream, or out of sync)",
@@ -229,10 +289,10 @@ impl<R: Read> FrameReader<R> {
             )));
         }
         self.wire.resize(wire_len, 0);
-        self.input
+        input
             .read_exact(&mut self.wire)
             .map_err(MigrationError::io("reading a frame"))?;
-        self.bytes += (HEADER_BYTES + wire_len) as u64;
+        *bytes += (HEADER_BYTES + wire_len) as u64;
         if crc32fast::hash(&self.wire) != crc {
             return Err(protocol("frame checksum mismatch (corrupted stream)"));
         }
@@ -251,6 +311,38 @@ impl<R: Read> FrameReader<R> {
         };
         parse(kind, payload)
     }
+}
+
+/// Reads a frame header. A peer that sent a TLS record where a frame belongs (a TLS
+/// alert or handshake) is told apart from a cut or from garbage, even when that record
+/// is shorter than a header: the two hosts disagree on TLS.
+fn read_header(
+    input: &mut impl Read,
+    header: &mut [u8; HEADER_BYTES],
+) -> Result<(), MigrationError> {
+    let mut got = 0;
+    while got < HEADER_BYTES {
+        match input.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(MigrationError::io("reading a frame header")(e)),
+        }
+    }
+    // A TLS record starts with its content type (20 to 23) and major version 3.
+    if got >= 2 && (20..=23).contains(&header[0]) && header[1] == 3 {
+        return Err(MigrationError::Auth(
+            "TLS handshake failed: the peer speaks TLS and this host has TLS off; \
+             enable TLS on both hosts or on neither"
+                .into(),
+        ));
+    }
+    if got < HEADER_BYTES {
+        return Err(MigrationError::io("reading a frame header")(
+            std::io::Error::new(ErrorKind::UnexpectedEof, "failed to fill whole buffer"),
+        ));
+    }
+    Ok(())
 }
 
 fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
@@ -434,7 +526,14 @@ pub fn expect_control<R: Read>(
     reader: &mut FrameReader<R>,
     what: &str,
 ) -> Result<Message, MigrationError> {
-    match reader.read()? {
+    control_of(reader.read(), what)
+}
+
+fn control_of(
+    frame: Result<Frame<'_>, MigrationError>,
+    what: &str,
+) -> Result<Message, MigrationError> {
+    match frame? {
         Frame::Control(Message::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
         Frame::Control(message) => Ok(message),
         _ => Err(protocol(format!("expected {what}, got a data frame"))),

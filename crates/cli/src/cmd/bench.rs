@@ -18,7 +18,9 @@ pub struct BenchArgs {
     /// What to measure: `vm` (guest speed vs host, start-up, pause latency, snapshot
     /// save/restore throughput of a 1 GiB guest) or `accel` (GEMM vs the GEMM crate
     /// called directly, mlp-train steps/s, llm-decode tokens/s, dirty-chunk take latency
-    /// with 4 GiB of device memory).
+    /// with 4 GiB of device memory) or `migrate` (live vs stop-and-copy pause, total
+    /// time and bytes for llm-decode and mlp-train at --accel-sizes, vs the loopback's
+    /// raw TCP throughput).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -26,6 +28,9 @@ pub struct BenchArgs {
     /// Guest RAM for the snapshot figures.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::size::parse_size)]
     pub snapshot_memory: u64,
+    /// Accelerator memory sizes for `migrate`.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',', default_value = "256M,1G,4G", value_parser = crate::size::parse_size)]
+    pub accel_sizes: Vec<u64>,
 }
 
 /// One measured figure.
@@ -43,7 +48,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     match args.what.as_str() {
         "vm" => bench_vm(args),
         "accel" => bench_accel(args),
-        other => bail!("unknown benchmark '{other}' (available: vm, accel)"),
+        "migrate" => crate::cmd::bench_migrate::bench_migrate(args.json, &args.accel_sizes),
+        other => bail!("unknown benchmark '{other}' (available: vm, accel, migrate)"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 pub mod bench;
+pub mod bench_migrate;
 pub mod demo;
 pub mod host;
 pub mod migrate;

@@ -1,0 +1,252 @@
+//! `ferry bench migrate`: live migration vs stop-and-copy for a read-mostly (llm-decode)
+//! and an all-dirty (mlp-train) VM at several accelerator memory sizes, between two
+//! daemons on loopback, with the loopback's raw TCP throughput measured in the same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_host::{CreateVm, HostConfig, MigrateRequest};
+use ferry_migrate::Secret;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client::HostClient;
+use crate::cmd::host::start;
+use crate::cmd::migrate::follow;
+
+/// One migration measured.
+#[derive(Debug, Serialize)]
+struct MigrationFigure {
+    workload: &'static str,
+    accel_mib: u64,
+    mode: String,
+    downtime_ms: f64,
+    total_ms: f64,
+    bytes_sent: u64,
+    rounds: u64,
+    max_throttle_pct: u64,
+    /// Workload progress rate during the migration ÷ before it.
+    throughput_during_vs_before: f64,
+    /// Total time ÷ (bytes sent ÷ raw loopback throughput).
+    total_vs_link_time: f64,
+}
+
+/// Raw TCP throughput over loopback: 1 MiB writes for `bytes`, bytes/s.
+fn loopback_throughput(bytes: u64) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+        }
+    });
+    let mut s = TcpStream::connect(addr)?;
+    let buf = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..bytes >> 20 {
+        s.write_all(&buf)?;
+    }
+    drop(s);
+    let got = reader.join().expect("reader thread")?;
+    let secs = started.elapsed().as_secs_f64();
+    if got != bytes >> 20 << 20 {
+        bail!("loopback test lost data ({got} of {bytes} bytes)");
+    }
+    Ok(got as f64 / secs)
+}
+
+/// The workload and its arguments for `accel` bytes of device memory; `progress_key` is
+/// the console field that counts its work.
+fn workload(name: &'static str, accel: u64) -> (Vec<String>, &'static str) {
+    let mib = accel >> 20;
+    let args = match name {
+        // Weights fill 60% of device memory and are only read; the KV cache (room for
+        // 1024 tokens) grows by one position per token.
+        "llm-decode" => format!(
+            "--weights-mib {} --tokens 1024 --print-every 1",
+            mib * 60 / 100
+        ),
+        // Half of device memory is the dataset; parameters and Adam state are rewritten
+        // every step.
+        _ => format!(
+            "--steps 10000000 --hidden 512 --batch 128 --inputs 128 --samples {} --print-every 10",
+            (accel / 2 / (128 * 4)).max(8192)
+        ),
+    };
+    let key = if name == "llm-decode" {
+        "token="
+    } else {
+        "step="
+    };
+    (args.split(' ').map(str::to_string).collect(), key)
+}
+
+fn last_count(console: &str, key: &str) -> Option<u64> {
+    console.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+fn count_now(client: &HostClient, id: &str, key: &str) -> anyhow::Result<Option<u64>> {
+    let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
+    Ok(last_count(vm["console_tail"].as_str().unwrap_or(""), key))
+}
+
+/// Runs the benchmark; `emit` prints each figure.
+pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
+    ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
+    let raw = loopback_throughput(2 << 30)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"figure": "loopback_tcp_throughput", "mib_s": raw / (1 << 20) as f64})
+        );
+    } else {
+        println!(
+            "loopback TCP throughput (one stream, 1 MiB writes): {:.0} MiB/s",
+            raw / (1 << 20) as f64
+        );
+        println!(
+            "{:<11} {:>9} {:<14} {:>11} {:>10} {:>10} {:>7} {:>9} {:>12} {:>10}",
+            "workload",
+            "accel",
+            "mode",
+            "pause ms",
+            "total ms",
+            "MiB sent",
+            "rounds",
+            "throttle",
+            "during/before",
+            "total/link"
+        );
+    }
+    let secret_text = Secret::generate_hex();
+    let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let threads = ferry_vmm::vm::default_accel_threads();
+    let config = |name: &str| HostConfig {
+        name: name.into(),
+        secret: secret.clone(),
+        memory_capacity: 1 << 40,
+        accel_threads: threads,
+    };
+    let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
+    let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;
+    let ca = HostClient::new(&format!("http://{}", a.api_addr), secret_text.as_bytes())?;
+    let cb = HostClient::new(&format!("http://{}", b.api_addr), secret_text.as_bytes())?;
+    for name in ["llm-decode", "mlp-train"] {
+        for &accel in sizes {
+            for mode in ["live", "stop-and-copy"] {
+                let figure = measure(
+                    &ca,
+                    &cb,
+                    &b.migration_addr.to_string(),
+                    name,
+                    accel,
+                    mode,
+                    raw,
+                )
+                .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
+                if json {
+                    println!("{}", serde_json::to_string(&figure)?);
+                } else {
+                    println!(
+                        "{:<11} {:>5} MiB {:<14} {:>11.1} {:>10.0} {:>10.1} {:>7} {:>8}% {:>12.2} {:>10.2}",
+                        figure.workload,
+                        figure.accel_mib,
+                        figure.mode,
+                        figure.downtime_ms,
+                        figure.total_ms,
+                        figure.bytes_sent as f64 / (1 << 20) as f64,
+                        figure.rounds,
+                        figure.max_throttle_pct,
+                        figure.throughput_during_vs_before,
+                        figure.total_vs_link_time
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn measure(
+    ca: &HostClient,
+    cb: &HostClient,
+    to: &str,
+    name: &'static str,
+    accel: u64,
+    mode: &str,
+    raw: f64,
+) -> anyhow::Result<MigrationFigure> {
+    let (args, key) = workload(name, accel);
+    let vm: Value = ca.post(
+        "/v1/vms",
+        &CreateVm {
+            workload: name.into(),
+            args,
+            memory: 256 << 20,
+            accel_memory: accel,
+        },
+    )?;
+    let id = vm["id"].as_str().context("no VM id")?.to_string();
+    // Wait for the workload to be under way (the weights or dataset filled).
+    let started = Instant::now();
+    while count_now(ca, &id, key)?.unwrap_or(0) < 2 {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("{name} did not start working within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Rate before: over a window.
+    let window = Duration::from_millis(1500);
+    let (t0, c0) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
+    std::thread::sleep(window);
+    let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
+    let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+    let request = MigrateRequest {
+        to: to.to_string(),
+        mode: mode.to_string(),
+        downtime_ms: 50,
+        streams: 2,
+        compress: false,
+        throttle: true,
+        allow_longer_pause: true,
+        max_rounds: 30,
+        max_precopy_s: 120,
+    };
+    let c2 = count_now(ca, &id, key)?.unwrap_or(0);
+    let t2 = Instant::now();
+    let report = follow(ca, &id, &request, &ProgressBar::hidden())?;
+    let t3 = Instant::now();
+    let c3 = count_now(cb, &id, key)?.unwrap_or(c2);
+    let during = (c3.saturating_sub(c2)) as f64 / (t3 - t2).as_secs_f64();
+    let _: Value = cb.delete(&format!("/v1/vms/{id}"))?;
+    let _: Value = ca.delete(&format!("/v1/vms/{id}"))?;
+    let f = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let bytes_sent = report["bytes_sent"].as_u64().unwrap_or(0);
+    Ok(MigrationFigure {
+        workload: name,
+        accel_mib: accel >> 20,
+        mode: mode.to_string(),
+        downtime_ms: f("downtime_ms"),
+        total_ms: f("total_ms"),
+        bytes_sent,
+        rounds: report["rounds"].as_u64().unwrap_or(0),
+        max_throttle_pct: report["max_throttle_pct"].as_u64().unwrap_or(0),
+        throughput_during_vs_before: if before > 0.0 { during / before } else { 0.0 },
+        total_vs_link_time: f("total_ms") / 1e3 / (bytes_sent as f64 / raw),
+    })
+}

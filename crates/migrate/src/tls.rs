@@ -1,0 +1,366 @@
+//! Optional mutual TLS on every migration connection (control and data), with rustls.
+//!
+//! Each host has a certificate and key, and trusts one CA (or a few, during a rotation):
+//! the listener requires a client certificate signed by that CA, and the connecting host
+//! checks the listener's certificate against it. The shared-secret authentication of
+//! [`crate::auth`] still runs, inside the TLS session.
+//!
+//! Names: the connecting host does not check the listener's certificate against the
+//! address it dialled (hosts move, and are often reached by IP address) but against the
+//! fixed name [`TLS_SERVER_NAME`], `ferry-host`. Every host certificate must therefore
+//! carry the DNS subject alternative name `ferry-host`; which hosts may migrate to
+//! each other is decided by which CA signed their certificates, not by their names. Each
+//! certificate is used both ways (as server and as client), so if it has an extended key
+//! usage it must allow both `serverAuth` and `clientAuth`.
+//!
+//! Only TLS 1.3 is spoken, with the `ring` crypto provider; no session is resumed, so
+//! every connection verifies the peer's certificate afresh.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{
+    ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
+    StreamOwned,
+};
+
+use crate::MigrationError;
+
+/// The name every host certificate must carry as a DNS subject alternative name: the
+/// connecting host checks the listener's certificate against it, whatever the address.
+pub const TLS_SERVER_NAME: &str = "ferry-host";
+
+/// How long a failed handshake waits for the peer to read the alert saying why.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// This host's TLS identity and the CA its peers must be signed by, for both directions:
+/// [`crate::serve_with_tls`] and [`crate::MigrationOptions::tls`]. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsConfig {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig(TLS 1.3, mutual, server name ")?;
+        f.write_str(TLS_SERVER_NAME)?;
+        f.write_str(")")
+    }
+}
+
+/// One PEM input and where it came from, for messages.
+struct Pem<'a> {
+    bytes: &'a [u8],
+    origin: String,
+}
+
+impl TlsConfig {
+    /// Loads this host's certificate chain (`cert`: PEM, the host certificate first, then
+    /// any intermediates), its private key (`key`: PEM, PKCS#8, PKCS#1 or SEC1) and the CA
+    /// certificate(s) that must have signed the peers' certificates (`ca`: PEM, one or
+    /// more).
+    ///
+    /// The certificate must carry the DNS subject alternative name [`TLS_SERVER_NAME`]
+    /// (`ferry-host`), be valid now, allow use as both TLS server and client, and chain to
+    /// a CA in `ca`, as the peers will check: this is verified here, so a mistake shows
+    /// when the host starts rather than at its first migration.
+    pub fn from_pem_files(cert: &Path, key: &Path, ca: &Path) -> Result<Self, String> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
+        };
+        let (cert_pem, key_pem, ca_pem) = (
+            read(cert, "certificate")?,
+            read(key, "private key")?,
+            read(ca, "CA certificate")?,
+        );
+        Self::build(
+            Pem {
+                bytes: &cert_pem,
+                origin: format!("the TLS certificate {}", cert.display()),
+            },
+            Pem {
+                bytes: &key_pem,
+                origin: format!("the TLS private key {}", key.display()),
+            },
+            Pem {
+                bytes: &ca_pem,
+                origin: format!("the TLS CA certificate {}", ca.display()),
+            },
+        )
+    }
+
+    /// [`TlsConfig::from_pem_files`] with the PEM texts themselves.
+    pub fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Self, String> {
+        Self::build(
+            Pem {
+                bytes: cert,
+                origin: "the TLS certificate".into(),
+            },
+            Pem {
+                bytes: key,
+                origin: "the TLS private key".into(),
+            },
+            Pem {
+                bytes: ca,
+                origin: "the TLS CA certificate".into(),
+            },
+        )
+    }
+
+    fn build(cert: Pem<'_>, key: Pem<'_>, ca: Pem<'_>) -> Result<Self, String> {
+        let chain = certificates(&cert)?;
+        let private_key = PrivateKeyDer::from_pem_slice(key.bytes).map_err(|e| match e {
+            pem::Error::NoItemsFound => format!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                key.origin
+            ),
+            e => format!("{}: {e}", key.origin),
+        })?;
+        let mut roots = RootCertStore::empty();
+        for ca_cert in certificates(&ca)? {
+            roots
+                .add(ca_cert)
+                .map_err(|e| format!("{} is not a usable CA certificate: {e}", ca.origin))?;
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions = &[&rustls::version::TLS13];
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.origin))?;
+        check_own_certificate(&chain, &roots, &client_verifier, &provider).map_err(|why| {
+            format!(
+                "{} is not usable by a Ferry host: {why} (it must be signed by a CA in {}, \
+                 carry the DNS subject alternative name '{TLS_SERVER_NAME}', be valid now, \
+                 and allow both serverAuth and clientAuth)",
+                cert.origin, ca.origin
+            )
+        })?;
+        let key_error = |e: rustls::Error| format!("{} with {}: {e}", key.origin, cert.origin);
+
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), private_key.clone_key())
+            .map_err(key_error)?;
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(NoServerSessionStorage {});
+
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, private_key)
+            .map_err(key_error)?;
+        client.resumption = Resumption::disabled();
+
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+
+    /// The connecting side's handshake on `socket`: the listener must present a
+    /// certificate for [`TLS_SERVER_NAME`] signed by our CA, and gets ours.
+    pub(crate) fn connect(&self, socket: TcpStream) -> Result<TlsStream, String> {
+        let name = ServerName::try_from(TLS_SERVER_NAME).expect("a valid DNS name");
+        let conn = ClientConnection::new(self.client.clone(), name).map_err(|e| e.to_string())?;
+        handshake(Connection::Client(conn), socket)
+    }
+
+    /// The listening side's handshake on `socket`: the peer must present a certificate
+    /// signed by our CA.
+    pub(crate) fn accept(&self, socket: TcpStream) -> Result<TlsStream, String> {
+        let conn = ServerConnection::new(self.server.clone()).map_err(|e| e.to_string())?;
+        handshake(Connection::Server(conn), socket)
+    }
+}
+
+fn certificates(pem: &Pem<'_>) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", pem.origin))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            pem.origin
+        ));
+    }
+    Ok(certs)
+}
+
+/// Checks our own certificate as the peers will: as a server for [`TLS_SERVER_NAME`], and
+/// as a client.
+fn check_own_certificate(
+    chain: &[CertificateDer<'static>],
+    roots: &Arc<RootCertStore>,
+    client_verifier: &Arc<dyn ClientCertVerifier>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<(), String> {
+    let (end_entity, intermediates) = chain.split_first().expect("at least one certificate");
+    let now = UnixTime::now();
+    let server_verifier =
+        WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(TLS_SERVER_NAME).expect("a valid DNS name");
+    server_verifier
+        .verify_server_cert(end_entity, intermediates, &name, &[], now)
+        .map_err(|e| e.to_string())?;
+    client_verifier
+        .verify_client_cert(end_entity, intermediates, now)
+        .map_err(|e| format!("as a client certificate: {e}"))?;
+    Ok(())
+}
+
+/// An established TLS session over TCP, either side.
+pub(crate) enum TlsStream {
+    /// We connected.
+    Client(StreamOwned<ClientConnection, TcpStream>),
+    /// We accepted.
+    Server(StreamOwned<ServerConnection, TcpStream>),
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Client(s) => s.read(buf),
+            Self::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Client(s) => s.write(buf),
+            Self::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Client(s) => s.flush(),
+            Self::Server(s) => s.flush(),
+        }
+    }
+}
+
+/// Completes the handshake of `conn` on `socket` (under the socket's timeouts), or says
+/// why it failed.
+fn handshake(mut conn: Connection, mut socket: TcpStream) -> Result<TlsStream, String> {
+    let mut run = || -> io::Result<()> {
+        while conn.is_handshaking() {
+            let (read, written) = conn.complete_io(&mut socket)?;
+            if read == 0 && written == 0 && conn.is_handshaking() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        // Our last handshake message, if still queued.
+        while conn.wants_write() {
+            conn.write_tls(&mut socket)?;
+        }
+        socket.flush()
+    };
+    if let Err(e) = run() {
+        linger(&socket);
+        return Err(describe(&e));
+    }
+    Ok(match conn {
+        Connection::Client(c) => TlsStream::Client(StreamOwned::new(c, socket)),
+        Connection::Server(s) => TlsStream::Server(StreamOwned::new(s, socket)),
+    })
+}
+
+/// After a failed handshake: stop sending and read what the peer still sends until it
+/// closes (briefly), so the alert saying why reaches it instead of being lost to a reset
+/// (closing a socket with unread data resets the connection). This matters most for a
+/// rejected client certificate: in TLS 1.3 the client learns of it only on its first
+/// read, after it has sent its first message.
+fn linger(socket: &TcpStream) {
+    let _ = socket.shutdown(Shutdown::Write);
+    if socket.set_read_timeout(Some(LINGER)).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut left = 1usize << 20;
+    let mut reader = socket;
+    while left > 0 {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// The rustls error inside an I/O error, if any.
+fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// Why a TLS handshake failed, for a person.
+fn describe(e: &io::Error) -> String {
+    if let Some(tls) = tls_error(e) {
+        return match tls {
+            rustls::Error::AlertReceived(_) => format!(
+                "the peer refused the TLS session ({tls}): it does not accept this host's \
+                 certificate (signed by another CA?); see its log"
+            ),
+            rustls::Error::NoCertificatesPresented => format!(
+                "the peer presented no certificate ({tls}): it must have TLS configured \
+                 with a certificate and key"
+            ),
+            rustls::Error::InvalidCertificate(_) => format!(
+                "the peer's certificate is not acceptable ({tls}): it must be signed by \
+                 this host's CA and carry the DNS name '{TLS_SERVER_NAME}'"
+            ),
+            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+                format!(
+                    "the peer does not speak TLS ({tls}): enable TLS on both hosts or on neither"
+                )
+            }
+            other => other.to_string(),
+        };
+    }
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => format!(
+            "the peer closed the connection during the handshake ({e}): it may have TLS \
+             off, or not accept this host's certificate; see its log"
+        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            "the peer did not complete the handshake in time".to_string()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// The connecting side's view of an error during the first exchange after its handshake:
+/// in TLS 1.3 a listener that rejects our certificate says so only then, with an alert,
+/// which becomes an authentication error naming the TLS handshake.
+pub(crate) fn refused_after_handshake(error: MigrationError, addr: &str) -> MigrationError {
+    match error {
+        MigrationError::Io { source, .. } if tls_error(&source).is_some() => MigrationError::Auth(
+            format!("TLS handshake with {addr} failed: {}", describe(&source)),
+        ),
+        other => other,
+    }
+}
