@@ -540,6 +540,22 @@ impl Accelerator {
         core.buffers.get(&chunk.buffer).copied()
     }
 
+    /// Reads several chunks under one lock (one wait for the command in progress instead
+    /// of one per chunk); like [`Self::read_chunk`] for each.
+    pub fn read_chunks(&self, chunks: &[ChunkId], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
+        let core = self.core();
+        chunks
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&chunk, out)| {
+                let range = chunk_range(&core.buffers, chunk)?;
+                out.resize((range.end - range.start) as usize, 0);
+                core.backend.read(chunk.buffer, range.start, out);
+                core.buffers.get(&chunk.buffer).copied()
+            })
+            .collect()
+    }
+
     /// Length of chunk `chunk`, if it exists.
     pub fn chunk_len(&self, chunk: ChunkId) -> Option<u64> {
         chunk_range(&self.core().buffers, chunk).map(|r| r.end - r.start)

@@ -504,3 +504,19 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
     );
     assert!(a.vm(&["list"]).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn demo_migrates_and_reports_identical_checksums_as_json() {
+    if !kvm_available("demo_migrates_and_reports_identical_checksums_as_json") {
+        return;
+    }
+    let out = ferry(&["demo", "--json", "--steps", "40"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["identical"], true, "{last}");
+    assert_eq!(last["checksum"], last["reference_checksum"]);
+    assert!(last["downtime_ms"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(last["rounds"].as_u64().unwrap() >= 2, "{last}");
+    assert!(last["bytes_sent"].as_u64().unwrap() > 1 << 20, "{last}");
+}

@@ -70,7 +70,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -79,12 +79,12 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Response> {
         Some(token) if same(token.as_bytes(), &api.token) => Ok(()),
         Some(_) => {
             tracing::warn!("API request with a wrong token refused");
-            Err(error(StatusCode::UNAUTHORIZED, "wrong API token"))
+            Err(Box::new(error(StatusCode::UNAUTHORIZED, "wrong API token")))
         }
-        None => Err(error(
+        None => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "missing 'Authorization: Bearer <secret>' header",
-        )),
+        ))),
     }
 }
 
@@ -97,7 +97,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn host_info(State(api): State<Api>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let host = api.host.clone();
     let info = blocking(move || HostInfo {
@@ -118,7 +118,7 @@ async fn host_info(State(api): State<Api>, headers: HeaderMap) -> Response {
 
 async fn list_vms(State(api): State<Api>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let host = api.host.clone();
     Json(blocking(move || host.list()).await).into_response()
@@ -130,7 +130,7 @@ async fn create_vm(
     body: Result<Json<CreateVm>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -145,7 +145,7 @@ async fn create_vm(
 
 async fn show_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let host = api.host.clone();
     match blocking(move || host.get(&id).map(|vm| vm.info())).await {
@@ -156,7 +156,7 @@ async fn show_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<Stri
 
 async fn console(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let host = api.host.clone();
     match blocking(move || host.get(&id).map(|vm| vm.console())).await {
@@ -167,7 +167,7 @@ async fn console(State(api): State<Api>, headers: HeaderMap, Path(id): Path<Stri
 
 async fn stop_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let host = api.host.clone();
     match blocking(move || host.stop(&id)).await {
@@ -183,7 +183,7 @@ async fn migrate_vm(
     body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -198,7 +198,7 @@ async fn migrate_vm(
 
 async fn migration(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let host = api.host.clone();
     match blocking(move || host.migration(&id)).await {

@@ -53,6 +53,8 @@ pub struct HostConfig {
     pub memory_capacity: u64,
     /// Accelerator threads per VM.
     pub accel_threads: usize,
+    /// Mutual TLS on migration connections (both hosts need it on, or both off).
+    pub tls: Option<ferry_migrate::TlsConfig>,
 }
 
 /// A request to create a VM.
@@ -303,7 +305,8 @@ impl Host {
         id: &str,
         req: MigrateRequest,
     ) -> Result<MigrationStatus, HostError> {
-        let options = req.options()?;
+        let mut options = req.options()?;
+        options.tls = self.config.tls.clone();
         let vm = self.get(id)?;
         if vm.phase() != VmPhase::Running {
             return Err(HostError::Conflict(format!(
@@ -385,9 +388,10 @@ impl Host {
     pub fn serve_migrations(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let factory = Arc::new(Receiver { host: self.clone() });
         let secret = self.config.secret.clone();
+        let tls = self.config.tls.clone();
         std::thread::Builder::new()
             .name("migrate-listener".into())
-            .spawn(move || ferry_migrate::serve(listener, secret, factory))
+            .spawn(move || ferry_migrate::serve_with_tls(listener, secret, tls, factory))
             .map(drop)
     }
 }

@@ -160,6 +160,14 @@ impl MigrationSource for VmSource {
             .with_vm(|vm| vm.accel().and_then(|a| a.read_chunk(to_chunk(chunk), out)))
     }
 
+    fn read_chunks(&self, chunks: &[ChunkKey], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
+        let ids: Vec<ChunkId> = chunks.iter().copied().map(to_chunk).collect();
+        self.vm.with_vm(|vm| match vm.accel() {
+            Some(a) => a.read_chunks(&ids, out),
+            None => vec![None; chunks.len()],
+        })
+    }
+
     fn set_throttle(&self, percent: u8) {
         self.vm.set_throttle(percent);
     }

@@ -313,6 +313,37 @@ mod tests {
     }
 
     #[test]
+    fn streams_authenticate_like_split_connections() {
+        for (listener_secret, connector_secret, ok) in [
+            (
+                "correct horse battery staple",
+                "correct horse battery staple",
+                true,
+            ),
+            (
+                "correct horse battery staple",
+                "wrong horse battery staple!!",
+                false,
+            ),
+        ] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let ls = Secret::new(listener_secret.as_bytes()).unwrap();
+            let cs = Secret::new(connector_secret.as_bytes()).unwrap();
+            let listener = std::thread::spawn(move || {
+                authenticate_stream_listener(&mut FrameStream::new(b, false), &ls)
+            });
+            let c = authenticate_stream_connector(
+                &mut FrameStream::new(a, false),
+                &cs,
+                StreamRole::Control,
+            );
+            let l = listener.join().unwrap();
+            assert_eq!(c.is_ok(), ok, "{c:?}");
+            assert_eq!(l.ok(), ok.then_some(StreamRole::Control));
+        }
+    }
+
+    #[test]
     fn short_secrets_are_rejected() {
         assert!(Secret::new("short").is_err());
     }

@@ -4,7 +4,6 @@
 //! kind discards what was received.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::auth::{authenticate_listener, Secret};
+use crate::auth::{authenticate_stream_listener, Secret};
+use crate::link::Link;
 use crate::send::MAX_STREAMS;
+use crate::tls::TlsConfig;
 use crate::vm::{DeviceBuffer, MigrationTarget, VmDescription, PAGE_SIZE};
-use crate::wire::{expect_control, Frame, FrameReader, FrameWriter, Message, StreamRole};
+use crate::wire::{Frame, FrameStream, Message, StreamRole};
 use crate::MigrationError;
 
 /// How long the destination waits for the data connections, or for a round's data.
@@ -48,25 +49,55 @@ pub struct ReceiveReport {
     pub total_ms: f64,
 }
 
-type Reader = FrameReader<BufReader<TcpStream>>;
-type Writer = FrameWriter<BufWriter<TcpStream>>;
+/// One connection from the source.
+type Conn = FrameStream<Link>;
+
+/// Read buffer of a plain connection: the data streams bring up to 1 MiB frames.
+const READ_BUFFER: usize = 1 << 20;
+/// Write buffer of a connection (only answers go out).
+const WRITE_BUFFER: usize = 8 << 10;
+
+/// A data connection, and its socket to shut it down with.
+type DataConn = (Conn, TcpStream);
 
 /// Data connections waiting for their session's control connection.
-type Sessions = Arc<Mutex<HashMap<u64, Sender<(u8, Reader, TcpStream)>>>>;
+type Sessions = Arc<Mutex<HashMap<u64, Sender<(u8, DataConn)>>>>;
 
-/// Accepts migration connections on `listener` forever, each on its own thread.
+/// Accepts migration connections on `listener` forever, each on its own thread, over
+/// plain TCP.
 pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: Arc<F>) {
+    serve_with_tls(listener, secret, None, factory);
+}
+
+/// Accepts migration connections on `listener` forever, each on its own thread. With
+/// `tls`, every connection must first complete a mutual TLS handshake (the peer's
+/// certificate signed by the configured CA; see [`crate::tls`]), and the shared-secret
+/// authentication runs inside it; a connection that fails either is logged and closed,
+/// and the listener goes on.
+pub fn serve_with_tls<F: TargetFactory>(
+    listener: TcpListener,
+    secret: Secret,
+    tls: Option<TlsConfig>,
+    factory: Arc<F>,
+) {
     let sessions: Sessions = Arc::default();
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
-        let (secret, factory, sessions) = (secret.clone(), factory.clone(), sessions.clone());
+        let (secret, tls, factory, sessions) = (
+            secret.clone(),
+            tls.clone(),
+            factory.clone(),
+            sessions.clone(),
+        );
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
         let spawned = std::thread::Builder::new()
             .name("migrate-in".into())
             .spawn(move || {
-                if let Err(e) = handle_connection(stream, &secret, &*factory, &sessions) {
+                if let Err(e) =
+                    handle_connection(stream, &secret, tls.as_ref(), &*factory, &sessions)
+                {
                     tracing::warn!(%peer, "incoming migration connection failed: {e}");
                 }
             });
@@ -79,6 +110,7 @@ pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: A
 fn handle_connection<F: TargetFactory>(
     stream: TcpStream,
     secret: &Secret,
+    tls: Option<&TlsConfig>,
     factory: &F,
     sessions: &Sessions,
 ) -> Result<(), MigrationError> {
@@ -89,15 +121,19 @@ fn handle_connection<F: TargetFactory>(
     let keep = stream
         .try_clone()
         .map_err(MigrationError::io("setting up a connection"))?;
-    let mut reader = FrameReader::new(BufReader::with_capacity(
-        1 << 20,
-        keep.try_clone()
+    let link = match tls {
+        None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
             .map_err(MigrationError::io("setting up a connection"))?,
-    ));
-    let mut writer = FrameWriter::new(BufWriter::new(stream), false);
-    match authenticate_listener(&mut reader, &mut writer, secret)? {
+        Some(tls) => Link::tls(
+            tls.accept(stream)
+                .map_err(|why| MigrationError::Auth(format!("TLS handshake failed: {why}")))?,
+            WRITE_BUFFER,
+        ),
+    };
+    let mut conn = FrameStream::new(link, false);
+    match authenticate_stream_listener(&mut conn, secret)? {
         StreamRole::Control => {
-            let result = receive_vm(reader, writer, factory, sessions);
+            let result = receive_vm(conn, keep, factory, sessions);
             if let Err(e) = &result {
                 tracing::warn!("incoming migration discarded: {e}");
             }
@@ -111,7 +147,7 @@ fn handle_connection<F: TargetFactory>(
                 .cloned();
             match slot {
                 Some(tx) => {
-                    let _ = tx.send((index, reader, keep));
+                    let _ = tx.send((index, (conn, keep)));
                     Ok(())
                 }
                 None => Err(MigrationError::Protocol(format!(
@@ -134,6 +170,10 @@ struct InboundState {
 struct Inbound {
     state: Mutex<InboundState>,
     changed: Condvar,
+    /// Raw sockets: the data streams, then the control stream. A failed data stream
+    /// shuts them so neither the source's senders nor our control thread wait for data
+    /// that will never be applied.
+    sockets: Mutex<Vec<TcpStream>>,
 }
 
 impl Inbound {
@@ -143,18 +183,27 @@ impl Inbound {
 
     fn fail(&self, why: String) {
         let mut s = self.lock();
-        if s.failed.is_none() && !s.done {
-            s.failed = Some(why);
+        if s.failed.is_some() || s.done {
+            return;
         }
+        s.failed = Some(why);
         drop(s);
         self.changed.notify_all();
+        let sockets = self.sockets.lock().expect("sockets lock");
+        if let Some((control, data)) = sockets.split_last() {
+            for socket in data {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+            // The control stream stays writable for the Abort that names the reason.
+            let _ = control.shutdown(Shutdown::Read);
+        }
     }
 }
 
 /// Applies one data stream's frames until it ends.
 fn apply_stream<T: MigrationTarget>(
     index: usize,
-    mut reader: Reader,
+    mut reader: Conn,
     target: &T,
     ram_size: u64,
     inbound: &Inbound,
@@ -164,7 +213,7 @@ fn apply_stream<T: MigrationTarget>(
             Ok(f) => f,
             Err(e) => {
                 inbound.fail(format!("data stream {index}: {e}"));
-                return reader.bytes;
+                return reader.bytes_read;
             }
         };
         // Frames belong to the open round; wait for the control stream to open it (and
@@ -177,7 +226,7 @@ fn apply_stream<T: MigrationTarget>(
                 })
                 .expect("inbound lock");
             if s.failed.is_some() || s.done {
-                return reader.bytes;
+                return reader.bytes_read;
             }
         }
         let applied = match frame {
@@ -205,7 +254,7 @@ fn apply_stream<T: MigrationTarget>(
         };
         if let Err(e) = applied {
             inbound.fail(format!("data stream {index}: {e}"));
-            return reader.bytes;
+            return reader.bytes_read;
         }
         let mut s = inbound.lock();
         s.applied[index] += 1;
@@ -214,8 +263,8 @@ fn apply_stream<T: MigrationTarget>(
     }
 }
 
-fn refuse(writer: &mut Writer, reason: String) -> MigrationError {
-    let _ = writer.send(&Message::Refuse {
+fn refuse(conn: &mut Conn, reason: String) -> MigrationError {
+    let _ = conn.send(&Message::Refuse {
         reason: reason.clone(),
     });
     MigrationError::Refused(reason)
@@ -227,22 +276,22 @@ fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), String> {
             "{streams} data streams (1 to {MAX_STREAMS} allowed)"
         ));
     }
-    if vm.ram_size == 0 || vm.ram_size % PAGE_SIZE != 0 || vm.ram_size > MAX_RAM {
+    if vm.ram_size == 0 || !vm.ram_size.is_multiple_of(PAGE_SIZE) || vm.ram_size > MAX_RAM {
         return Err(format!("guest RAM of {} bytes", vm.ram_size));
     }
     Ok(())
 }
 
 fn collect_streams(
-    rx: &Receiver<(u8, Reader, TcpStream)>,
+    rx: &Receiver<(u8, DataConn)>,
     streams: u8,
-) -> Result<Vec<(Reader, TcpStream)>, MigrationError> {
-    let mut slots: Vec<Option<(Reader, TcpStream)>> = (0..streams).map(|_| None).collect();
+) -> Result<Vec<DataConn>, MigrationError> {
+    let mut slots: Vec<Option<DataConn>> = (0..streams).map(|_| None).collect();
     let deadline = Instant::now() + STREAM_WAIT;
     while slots.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok((index, reader, stream)) => {
+            Ok((index, data)) => {
                 let slot = slots.get_mut(usize::from(index)).ok_or_else(|| {
                     MigrationError::Protocol(format!("data stream {index} of {streams}"))
                 })?;
@@ -251,7 +300,7 @@ fn collect_streams(
                         "data stream {index} opened twice"
                     )));
                 }
-                *slot = Some((reader, stream));
+                *slot = Some(data);
             }
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                 return Err(MigrationError::Protocol(format!(
@@ -266,13 +315,13 @@ fn collect_streams(
 
 /// Receives one VM on an authenticated control connection.
 fn receive_vm<F: TargetFactory>(
-    mut reader: Reader,
-    mut writer: Writer,
+    mut conn: Conn,
+    control_socket: TcpStream,
     factory: &F,
     sessions: &Sessions,
 ) -> Result<(), MigrationError> {
     let started = Instant::now();
-    let (vm, streams) = match expect_control(&mut reader, "an offer")? {
+    let (vm, streams) = match conn.expect_control("an offer")? {
         Message::Offer { vm, streams, .. } => (vm, streams),
         other => {
             return Err(MigrationError::Protocol(format!(
@@ -281,18 +330,18 @@ fn receive_vm<F: TargetFactory>(
         }
     };
     if let Err(reason) = validate_offer(&vm, streams) {
-        return Err(refuse(&mut writer, format!("invalid offer: {reason}")));
+        return Err(refuse(&mut conn, format!("invalid offer: {reason}")));
     }
     let target = match factory.prepare(&vm) {
         Ok(t) => t,
-        Err(reason) => return Err(refuse(&mut writer, reason)),
+        Err(reason) => return Err(refuse(&mut conn, reason)),
     };
     let mut session_bytes = [0u8; 8];
     getrandom::fill(&mut session_bytes).expect("the OS random source");
     let session = u64::from_le_bytes(session_bytes);
     let (tx, rx) = channel();
     sessions.lock().expect("sessions lock").insert(session, tx);
-    let accepted = writer
+    let accepted = conn
         .send(&Message::Accept { session })
         .and_then(|()| collect_streams(&rx, streams));
     sessions.lock().expect("sessions lock").remove(&session);
@@ -303,6 +352,11 @@ fn receive_vm<F: TargetFactory>(
         .iter()
         .filter_map(|(_, s)| s.try_clone().ok())
         .collect();
+    {
+        let mut sockets = inbound.sockets.lock().expect("sockets lock");
+        sockets.extend(shutdowns.iter().filter_map(|s| s.try_clone().ok()));
+        sockets.push(control_socket);
+    }
     let result = std::thread::scope(|scope| {
         let handles: Vec<_> = data
             .into_iter()
@@ -312,7 +366,13 @@ fn receive_vm<F: TargetFactory>(
                 scope.spawn(move || apply_stream(i, reader, target, vm.ram_size, inbound))
             })
             .collect();
-        let result = control_loop(&mut reader, &mut writer, &target, &inbound, streams);
+        let result = control_loop(&mut conn, &target, &inbound, streams).map_err(|e| {
+            // A failed data stream cut the control stream: its reason is the real one.
+            match inbound.lock().failed.take() {
+                Some(why) => MigrationError::Protocol(why),
+                None => e,
+            }
+        });
         {
             let mut s = inbound.lock();
             s.done = true;
@@ -329,7 +389,7 @@ fn receive_vm<F: TargetFactory>(
             let report = ReceiveReport {
                 vm,
                 rounds,
-                bytes_received: reader.bytes + data_bytes,
+                bytes_received: conn.bytes_read + data_bytes,
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
             };
             tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
@@ -341,7 +401,7 @@ fn receive_vm<F: TargetFactory>(
                 e,
                 MigrationError::PeerAborted(_) | MigrationError::Io { .. }
             ) {
-                let _ = writer.send(&Message::Abort {
+                let _ = conn.send(&Message::Abort {
                     reason: e.to_string(),
                 });
             }
@@ -352,8 +412,7 @@ fn receive_vm<F: TargetFactory>(
 
 /// The control conversation after the streams are open; returns the rounds applied.
 fn control_loop<T: MigrationTarget>(
-    reader: &mut Reader,
-    writer: &mut Writer,
+    conn: &mut Conn,
     target: &T,
     inbound: &Inbound,
     streams: u8,
@@ -362,7 +421,7 @@ fn control_loop<T: MigrationTarget>(
     let mut expected_frames = vec![0u64; usize::from(streams)];
     let target_err = |e: String| MigrationError::Target(e);
     loop {
-        match expect_control(reader, "the next round")? {
+        match conn.expect_control("the next round")? {
             Message::BeginRound { round, buffers } => {
                 if round != expected_round {
                     return Err(MigrationError::Protocol(format!(
@@ -409,16 +468,24 @@ fn control_loop<T: MigrationTarget>(
                 }
                 s.round_open = false;
                 drop(s);
-                writer.send(&Message::RoundApplied { round })?;
+                conn.send(&Message::RoundApplied { round })?;
                 expected_round += 1;
             }
             Message::State { blob } => {
-                if let Some(why) = inbound.lock().failed.take() {
-                    return Err(MigrationError::Protocol(why));
+                {
+                    let mut s = inbound.lock();
+                    if let Some(why) = s.failed.take() {
+                        return Err(MigrationError::Protocol(why));
+                    }
+                    if s.round_open || expected_round == 0 {
+                        return Err(MigrationError::Protocol(
+                            "final state sent before the last round was complete".into(),
+                        ));
+                    }
                 }
                 target.restore(&blob).map_err(target_err)?;
-                writer.send(&Message::Ready)?;
-                match expect_control(reader, "go")? {
+                conn.send(&Message::Ready)?;
+                match conn.expect_control("go")? {
                     Message::Go => {}
                     other => {
                         return Err(MigrationError::Protocol(format!(
@@ -429,7 +496,7 @@ fn control_loop<T: MigrationTarget>(
                 target.resume().map_err(target_err)?;
                 // The VM runs here now; a lost confirmation leaves it running here and
                 // paused at the source, never running on both.
-                let _ = writer.send(&Message::Resumed);
+                let _ = conn.send(&Message::Resumed);
                 return Ok(expected_round);
             }
             other => {

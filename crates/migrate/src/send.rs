@@ -1,17 +1,16 @@
 //! The source side: handshake, pre-copy rounds, convergence with throttling, and the
 //! switchover. Any failure before the destination confirms resumes the VM here.
 
-use std::io::{BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::auth::{authenticate_connector, Secret};
+use crate::auth::{authenticate_stream_connector, Secret};
+use crate::link::Link;
+use crate::tls::{self, TlsConfig};
 use crate::vm::{ChunkKey, MigrationSource, PageSet, PAGE_SIZE};
-use crate::wire::{
-    expect_control, FrameReader, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES,
-};
+use crate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use crate::MigrationError;
 
 pub use crate::wire::Transfer as Mode;
@@ -20,6 +19,8 @@ pub use crate::wire::Transfer as Mode;
 pub const MAX_STREAMS: u8 = 16;
 /// What restoring and resuming costs beyond the transfer, added to predictions.
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
+/// Device chunks read per call (4 MiB): one wait for the device per batch.
+const CHUNK_BATCH: usize = 16;
 /// Throttle steps: how much of the time the VM is held paused.
 const THROTTLE_STEPS: [u8; 5] = [0, 30, 50, 70, 90];
 
@@ -45,6 +46,9 @@ pub struct MigrationOptions {
     pub allow_longer_pause: bool,
     /// Connection and per-read timeout.
     pub io_timeout: Duration,
+    /// Mutual TLS on every connection (the destination must serve with TLS too), under
+    /// the shared-secret authentication; `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for MigrationOptions {
@@ -59,6 +63,7 @@ impl Default for MigrationOptions {
             throttle: true,
             allow_longer_pause: false,
             io_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -161,23 +166,41 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
     })))
 }
 
-type Reader = FrameReader<BufReader<TcpStream>>;
-type Writer = FrameWriter<BufWriter<TcpStream>>;
+/// One connection to the destination.
+type Conn = FrameStream<Link>;
+type Writer = FrameWriter<Link>;
+
+/// Write buffer of a connection: the data streams send up to 1 MiB frames.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Read buffer of a plain connection (the destination only answers).
+const READ_BUFFER: usize = 8 << 10;
 
 fn open_stream(
     addr: &str,
     secret: &Secret,
     role: StreamRole,
     options: &MigrationOptions,
-) -> Result<(Reader, Writer), MigrationError> {
+) -> Result<Conn, MigrationError> {
     let stream = connect(addr, options.io_timeout)?;
-    let read_half = stream
-        .try_clone()
-        .map_err(MigrationError::io("opening a stream"))?;
-    let mut reader = FrameReader::new(BufReader::new(read_half));
-    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 20, stream), options.compress);
-    authenticate_connector(&mut reader, &mut writer, secret, role)?;
-    Ok((reader, writer))
+    let link = match &options.tls {
+        None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
+            .map_err(MigrationError::io("opening a stream"))?,
+        Some(tls) => Link::tls(
+            tls.connect(stream).map_err(|why| {
+                MigrationError::Auth(format!("TLS handshake with {addr} failed: {why}"))
+            })?,
+            WRITE_BUFFER,
+        ),
+    };
+    let mut conn = FrameStream::new(link, options.compress);
+    authenticate_stream_connector(&mut conn, secret, role).map_err(|e| {
+        if options.tls.is_some() {
+            tls::refused_after_handshake(e, addr)
+        } else {
+            e
+        }
+    })?;
+    Ok(conn)
 }
 
 /// What one round must send.
@@ -250,21 +273,24 @@ fn send_share(
             i = j;
         }
     }
-    let mut data = Vec::new();
-    for &key in chunks {
-        // A chunk of a buffer freed since the dirty list was taken is skipped; the
-        // next round's buffer table drops it at the destination.
-        if source.read_chunk(key, &mut data).is_none() {
-            continue;
-        }
-        if is_zero(&data) {
-            if !skip_zeros {
-                writer.send_chunk(key, data.len() as u64, None)?;
-                counts.zero_chunks += 1;
+    let mut bufs = vec![Vec::new(); CHUNK_BATCH];
+    for batch in chunks.chunks(CHUNK_BATCH) {
+        let sizes = source.read_chunks(batch, &mut bufs[..batch.len()]);
+        for ((&key, data), size) in batch.iter().zip(&bufs).zip(sizes) {
+            // A chunk of a buffer freed since the dirty list was taken is skipped; the
+            // next round's buffer table drops it at the destination.
+            if size.is_none() {
+                continue;
             }
-        } else {
-            writer.send_chunk(key, data.len() as u64, Some(&data))?;
-            counts.chunks += 1;
+            if is_zero(data) {
+                if !skip_zeros {
+                    writer.send_chunk(key, data.len() as u64, None)?;
+                    counts.zero_chunks += 1;
+                }
+            } else {
+                writer.send_chunk(key, data.len() as u64, Some(data))?;
+                counts.chunks += 1;
+            }
         }
     }
     writer.flush()?;
@@ -273,11 +299,9 @@ fn send_share(
 
 struct Session<'a> {
     source: &'a dyn MigrationSource,
-    control_reader: Reader,
-    control_writer: Writer,
-    data: Vec<Writer>,
-    /// Kept so the data connections' read halves stay open until the end.
-    _data_readers: Vec<Reader>,
+    control: Conn,
+    /// The data connections (only written).
+    data: Vec<Conn>,
     started: Instant,
     round: u32,
     round_log: Vec<PrecopyRound>,
@@ -285,7 +309,7 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn bytes_sent(&self) -> u64 {
-        self.control_writer.bytes + self.data.iter().map(|w| w.bytes).sum::<u64>()
+        self.control.writer.bytes + self.data.iter().map(|c| c.writer.bytes).sum::<u64>()
     }
 
     /// Sends one round over the data streams in parallel and waits until the destination
@@ -298,23 +322,24 @@ impl Session<'_> {
         let started = Instant::now();
         let before = self.bytes_sent();
         let round = self.round;
-        self.control_writer.send(&Message::BeginRound {
+        self.control.send(&Message::BeginRound {
             round,
             buffers: self.source.device_buffers(),
         })?;
         let n = self.data.len();
-        let frames_before: Vec<u64> = self.data.iter().map(|w| w.frames).collect();
+        let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
                 .enumerate()
-                .map(|(i, writer)| {
+                .map(|(i, conn)| {
                     // Interleave so every stream gets a fair share of pages and chunks.
                     let runs: Vec<_> = work.runs.iter().copied().skip(i).step_by(n).collect();
                     let chunks: Vec<_> = work.chunks.iter().copied().skip(i).step_by(n).collect();
                     let skip = work.skip_zeros;
+                    let writer = &mut conn.writer;
                     scope.spawn(move || send_share(source, writer, &runs, &chunks, skip))
                 })
                 .collect();
@@ -335,11 +360,10 @@ impl Session<'_> {
             .data
             .iter()
             .zip(frames_before)
-            .map(|(w, before)| w.frames - before)
+            .map(|(c, before)| c.writer.frames - before)
             .collect();
-        self.control_writer
-            .send(&Message::EndRound { round, frames })?;
-        match expect_control(&mut self.control_reader, "the round's acknowledgement")? {
+        self.control.send(&Message::EndRound { round, frames })?;
+        match self.control.expect_control("the round's acknowledgement")? {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
                 return Err(MigrationError::Protocol(format!(
@@ -362,6 +386,7 @@ impl Session<'_> {
         Ok(log)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn progress(
         &self,
         phase: &'static str,
@@ -446,14 +471,13 @@ pub fn migrate_vm(
         )));
     }
     let started = Instant::now();
-    let (mut control_reader, mut control_writer) =
-        open_stream(addr, secret, StreamRole::Control, options)?;
-    control_writer.send(&Message::Offer {
+    let mut control = open_stream(addr, secret, StreamRole::Control, options)?;
+    control.send(&Message::Offer {
         vm: source.describe(),
         streams: options.streams,
         transfer: options.mode,
     })?;
-    let session = match expect_control(&mut control_reader, "the destination's answer")? {
+    let session = match control.expect_control("the destination's answer")? {
         Message::Accept { session } => session,
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
         other => {
@@ -462,19 +486,13 @@ pub fn migrate_vm(
             )))
         }
     };
-    let mut data = Vec::new();
-    let mut data_readers = Vec::new();
-    for index in 0..options.streams {
-        let (r, w) = open_stream(addr, secret, StreamRole::Data { session, index }, options)?;
-        data_readers.push(r);
-        data.push(w);
-    }
+    let data = (0..options.streams)
+        .map(|index| open_stream(addr, secret, StreamRole::Data { session, index }, options))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut s = Session {
         source,
-        control_reader,
-        control_writer,
+        control,
         data,
-        _data_readers: data_readers,
         started,
         round: 0,
         round_log: Vec::new(),
@@ -499,8 +517,17 @@ pub fn migrate_vm(
             round_log: s.round_log,
         }),
         Err(Failure::InDoubt(e)) => Err(e),
-        Err(Failure::BeforeGo { error, paused }) => {
-            let _ = s.control_writer.send(&Message::Abort {
+        Err(Failure::BeforeGo { mut error, paused }) => {
+            // A destination that fails mid-round cuts the data streams and says why on
+            // the control stream: report its reason rather than the cut.
+            if matches!(error, MigrationError::Io { .. }) {
+                if let Err(MigrationError::PeerAborted(reason)) =
+                    s.control.expect_control("the destination's reason")
+                {
+                    error = MigrationError::PeerAborted(reason);
+                }
+            }
+            let _ = s.control.send(&Message::Abort {
                 reason: error.to_string(),
             });
             if paused {
@@ -633,10 +660,12 @@ fn run(
     let blob = source
         .save_state()
         .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
-    s.control_writer
+    s.control
         .send(&Message::State { blob })
         .map_err(before_go(true))?;
-    match expect_control(&mut s.control_reader, "the destination's restore")
+    match s
+        .control
+        .expect_control("the destination's restore")
         .map_err(before_go(true))?
     {
         Message::Ready => {}
@@ -647,10 +676,10 @@ fn run(
         }
     }
     // From here the destination may run the VM: the source must never resume it.
-    s.control_writer
+    s.control
         .send(&Message::Go)
         .map_err(|e| Failure::InDoubt(MigrationError::InDoubt(e.to_string())))?;
-    match expect_control(&mut s.control_reader, "the destination's confirmation") {
+    match s.control.expect_control("the destination's confirmation") {
         Ok(Message::Resumed) => {}
         Ok(other) => {
             return Err(Failure::InDoubt(MigrationError::InDoubt(format!(

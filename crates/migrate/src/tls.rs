@@ -30,8 +30,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
-    ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
-    StreamOwned,
+    AlertDescription, ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig,
+    ServerConnection, StreamOwned,
 };
 
 use crate::MigrationError;
@@ -150,7 +150,12 @@ impl TlsConfig {
                 cert.origin, ca.origin
             )
         })?;
-        let key_error = |e: rustls::Error| format!("{} with {}: {e}", key.origin, cert.origin);
+        let key_error = |e: rustls::Error| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                format!("{} is not the key of {} ({e})", key.origin, cert.origin)
+            }
+            e => format!("{}: {e}", key.origin),
+        };
 
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
@@ -318,10 +323,23 @@ fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
 fn describe(e: &io::Error) -> String {
     if let Some(tls) = tls_error(e) {
         return match tls {
-            rustls::Error::AlertReceived(_) => format!(
-                "the peer refused the TLS session ({tls}): it does not accept this host's \
-                 certificate (signed by another CA?); see its log"
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => format!(
+                "the peer refused the TLS session ({tls}): it requires a certificate from this \
+                 host"
             ),
+            rustls::Error::AlertReceived(
+                AlertDescription::UnknownCA
+                | AlertDescription::BadCertificate
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::CertificateExpired
+                | AlertDescription::UnsupportedCertificate,
+            ) => format!(
+                "the peer refused the TLS session ({tls}): it does not accept this host's \
+                 certificate (signed by a CA it does not trust?); see its log"
+            ),
+            rustls::Error::AlertReceived(_) => {
+                format!("the peer refused the TLS session ({tls}); see its log")
+            }
             rustls::Error::NoCertificatesPresented => format!(
                 "the peer presented no certificate ({tls}): it must have TLS configured \
                  with a certificate and key"
@@ -362,5 +380,257 @@ pub(crate) fn refused_after_handshake(error: MigrationError, addr: &str) -> Migr
             format!("TLS handshake with {addr} failed: {}", describe(&source)),
         ),
         other => other,
+    }
+}
+
+#[cfg(test)]
+#[path = "../tests/pki/mod.rs"]
+mod test_pki;
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    use rcgen::ExtendedKeyUsagePurpose;
+
+    use super::test_pki::{self, Ca, Identity};
+    use super::*;
+    use crate::auth::{authenticate_stream_connector, authenticate_stream_listener, Secret};
+    use crate::link::Link;
+    use crate::wire::{Frame, FrameStream, Message, StreamRole};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn secret() -> Secret {
+        Secret::new("correct horse battery staple").unwrap()
+    }
+
+    fn config(id: &Identity, ca: &str) -> TlsConfig {
+        TlsConfig::from_pem(id.cert.as_bytes(), id.key.as_bytes(), ca.as_bytes()).unwrap()
+    }
+
+    /// Listens on loopback for one connection, handshakes (with `tls`) and authenticates
+    /// it as the destination does, then takes one RAM frame and answers with the number
+    /// of pages it held.
+    fn serve_one(
+        tls: Option<TlsConfig>,
+    ) -> (String, JoinHandle<Result<StreamRole, MigrationError>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let link = match tls {
+                Some(tls) => Link::tls(
+                    tls.accept(stream).map_err(|why| {
+                        MigrationError::Auth(format!("TLS handshake failed: {why}"))
+                    })?,
+                    8 << 10,
+                ),
+                None => Link::plain(stream, 1 << 20, 8 << 10).unwrap(),
+            };
+            let mut conn = FrameStream::new(link, false);
+            let role = authenticate_stream_listener(&mut conn, &secret())?;
+            let pages = match conn.read()? {
+                Frame::Ram {
+                    pages,
+                    data: Some(data),
+                    ..
+                } => {
+                    assert!(data.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+                    pages
+                }
+                other => panic!("expected RAM, got {other:?}"),
+            };
+            conn.send(&Message::RoundApplied {
+                round: pages as u32,
+            })?;
+            Ok(role)
+        });
+        (addr, server)
+    }
+
+    /// Connects to `addr` as the source does (with `tls`) and authenticates.
+    fn dial(addr: &str, tls: Option<&TlsConfig>) -> Result<FrameStream<Link>, MigrationError> {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let link = match tls {
+            Some(tls) => Link::tls(
+                tls.connect(stream).map_err(|why| {
+                    MigrationError::Auth(format!("TLS handshake with {addr} failed: {why}"))
+                })?,
+                1 << 20,
+            ),
+            None => Link::plain(stream, 8 << 10, 1 << 20).unwrap(),
+        };
+        let mut conn = FrameStream::new(link, false);
+        authenticate_stream_connector(&mut conn, &secret(), StreamRole::Control)
+            .map_err(|e| refused_after_handshake(e, addr))?;
+        Ok(conn)
+    }
+
+    fn auth_error<T>(result: Result<T, MigrationError>) -> String {
+        match result {
+            Err(MigrationError::Auth(why)) => why,
+            Err(e) => panic!("expected an authentication error, got {e:?}"),
+            Ok(_) => panic!("expected an authentication error, got success"),
+        }
+    }
+
+    #[test]
+    fn handshake_and_authentication_round_trip_over_tls() {
+        let ca = Ca::new("Ferry test CA");
+        let dir = test_pki::temp_dir("round-trip");
+        let [cert, key, ca_file] = test_pki::write(&dir, "a", &ca.host(), &ca.cert);
+        let a = TlsConfig::from_pem_files(&cert, &key, &ca_file).unwrap();
+        let [cert, key, ca_file] = test_pki::write(&dir, "b", &ca.host(), &ca.cert);
+        let b = TlsConfig::from_pem_files(&cert, &key, &ca_file).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(format!("{a:?}").contains("ferry-host"));
+
+        let (addr, server) = serve_one(Some(b));
+        let mut conn = dial(&addr, Some(&a)).unwrap();
+        let data: Vec<u8> = (0..256 * 4096).map(|i| (i % 251) as u8).collect();
+        conn.writer.send_ram(0, 256, Some(&data)).unwrap();
+        conn.writer.flush().unwrap();
+        assert!(matches!(
+            conn.expect_control("the answer").unwrap(),
+            Message::RoundApplied { round: 256 }
+        ));
+        assert_eq!(server.join().unwrap().unwrap(), StreamRole::Control);
+    }
+
+    #[test]
+    fn a_client_certificate_from_another_ca_is_refused() {
+        let ca = Ca::new("Ferry test CA");
+        let rogue_ca = Ca::new("Another CA");
+        // The rogue host trusts our CA (so it accepts our certificate) and its own.
+        let rogue = config(&rogue_ca.host(), &format!("{}{}", rogue_ca.cert, ca.cert));
+        let (addr, server) = serve_one(Some(config(&ca.host(), &ca.cert)));
+        let why = auth_error(dial(&addr, Some(&rogue)));
+        assert!(
+            why.contains("TLS handshake") && why.contains("refused"),
+            "{why}"
+        );
+        let why = auth_error(server.join().unwrap());
+        assert!(
+            why.contains("TLS handshake failed") && why.contains("UnknownIssuer"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_server_certificate_from_another_ca_is_refused() {
+        let ca = Ca::new("Ferry test CA");
+        let rogue_ca = Ca::new("Another CA");
+        let rogue = config(&rogue_ca.host(), &format!("{}{}", rogue_ca.cert, ca.cert));
+        let (addr, server) = serve_one(Some(rogue));
+        let why = auth_error(dial(&addr, Some(&config(&ca.host(), &ca.cert))));
+        assert!(
+            why.contains("TLS handshake") && why.contains("UnknownIssuer"),
+            "{why}"
+        );
+        let why = auth_error(server.join().unwrap());
+        assert!(why.contains("TLS handshake failed"), "{why}");
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_is_refused() {
+        let ca = Ca::new("Ferry test CA");
+        let (addr, server) = serve_one(Some(config(&ca.host(), &ca.cert)));
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.cert.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let anonymous = TlsConfig {
+            server: config(&ca.host(), &ca.cert).server,
+            client: Arc::new(client),
+        };
+        let why = auth_error(dial(&addr, Some(&anonymous)));
+        assert!(
+            why.contains("TLS handshake") && why.contains("requires a certificate"),
+            "{why}"
+        );
+        let why = auth_error(server.join().unwrap());
+        assert!(why.contains("no certificate"), "{why}");
+    }
+
+    #[test]
+    fn plain_tcp_to_a_tls_listener_is_refused() {
+        let ca = Ca::new("Ferry test CA");
+        let (addr, server) = serve_one(Some(config(&ca.host(), &ca.cert)));
+        let why = auth_error(dial(&addr, None));
+        assert!(
+            why.contains("speaks TLS") && why.contains("TLS off"),
+            "{why}"
+        );
+        let why = auth_error(server.join().unwrap());
+        assert!(why.contains("does not speak TLS"), "{why}");
+    }
+
+    #[test]
+    fn tls_to_a_plain_listener_is_refused() {
+        let ca = Ca::new("Ferry test CA");
+        let (addr, server) = serve_one(None);
+        let why = auth_error(dial(&addr, Some(&config(&ca.host(), &ca.cert))));
+        assert!(
+            why.contains("TLS handshake with") && why.contains("closed"),
+            "{why}"
+        );
+        let why = auth_error(server.join().unwrap());
+        assert!(
+            why.contains("speaks TLS") && why.contains("TLS off"),
+            "{why}"
+        );
+    }
+
+    fn config_error(id: &Identity, ca: &str) -> String {
+        TlsConfig::from_pem(id.cert.as_bytes(), id.key.as_bytes(), ca.as_bytes())
+            .expect_err("a bad configuration")
+    }
+
+    #[test]
+    fn unusable_certificates_are_explained_at_load() {
+        let ca = Ca::new("Ferry test CA");
+        let other = Ca::new("Another CA");
+        // Not for ferry-host.
+        let why = config_error(&ca.issue(&["host-a.example"], Vec::new()), &ca.cert);
+        assert!(why.contains("not valid for name \"ferry-host\""), "{why}");
+        // Signed by a CA this host does not trust.
+        let why = config_error(&other.host(), &ca.cert);
+        assert!(why.contains("UnknownIssuer"), "{why}");
+        // A server-only certificate cannot serve as a client one.
+        let server_only = ca.issue(&["ferry-host"], vec![ExtendedKeyUsagePurpose::ServerAuth]);
+        let why = config_error(&server_only, &ca.cert);
+        assert!(why.contains("client"), "{why}");
+        // Without an extended key usage it can serve as both.
+        config(&ca.issue(&["ferry-host"], Vec::new()), &ca.cert);
+        // A key that is not the certificate's.
+        let mismatched = Identity {
+            key: ca.host().key,
+            ..ca.host()
+        };
+        let why = config_error(&mismatched, &ca.cert);
+        assert!(why.contains("is not the key of"), "{why}");
+        // Empty or missing files.
+        let host = ca.host();
+        let why = TlsConfig::from_pem(b"", host.key.as_bytes(), ca.cert.as_bytes()).unwrap_err();
+        assert!(why.contains("no PEM certificate"), "{why}");
+        let why = TlsConfig::from_pem(host.cert.as_bytes(), b"", ca.cert.as_bytes()).unwrap_err();
+        assert!(why.contains("no PEM private key"), "{why}");
+        let why = TlsConfig::from_pem(host.cert.as_bytes(), host.key.as_bytes(), b"").unwrap_err();
+        assert!(why.contains("CA certificate"), "{why}");
+        let missing = Path::new("/nonexistent/ferry.crt");
+        let why = TlsConfig::from_pem_files(missing, missing, missing).unwrap_err();
+        assert!(why.contains("/nonexistent/ferry.crt"), "{why}");
     }
 }

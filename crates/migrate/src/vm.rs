@@ -94,7 +94,7 @@ impl PageSet {
     /// The set whose bit `i` of `words` is page `i`, for `pages` pages.
     pub fn from_words(mut words: Vec<u64>, pages: u64) -> Self {
         words.resize(pages.div_ceil(64) as usize, 0);
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1 << (pages % 64)) - 1;
             }
@@ -159,6 +159,15 @@ pub trait MigrationSource: Sync {
     /// Reads a chunk into `out` (resized) and returns its buffer's size; `None` if the
     /// chunk no longer exists.
     fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
+    /// Reads several chunks at once (`out` has one buffer per chunk); a device that
+    /// serializes reads with its work should override this to wait once per batch.
+    fn read_chunks(&self, chunks: &[ChunkKey], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
+        chunks
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&c, o)| self.read_chunk(c, o))
+            .collect()
+    }
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);

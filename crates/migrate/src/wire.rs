@@ -232,8 +232,9 @@ impl<S: Read + Write> FrameStream<S> {
 
     /// The next frame, as [`FrameReader::read`].
     pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
-        // The writer writes every frame through at once: nothing of ours is pending in
-        // it, so reading the connection under it is in order.
+        // The writer keeps nothing back (each frame goes straight to the connection),
+        // so reading the connection under it is in order; a connection that buffers
+        // writes flushes them before it waits for a read (as the engine's do).
         self.decoder
             .read(self.writer.get_mut(), &mut self.bytes_read)
     }
@@ -264,7 +265,7 @@ impl Decoder {
         bytes: &mut u64,
     ) -> Result<Frame<'a>, MigrationError> {
         let mut header = [0u8; HEADER_BYTES];
-        read_header(input, &mut header)?;
+        read_header(input, &mut header, *bytes == 0)?;
         if header[..2] != MAGIC {
             return Err(protocol(format!(
                 "bad frame magic {:02x}{:02x} (not a Ferry migration stream, or out of sync)",
@@ -313,12 +314,13 @@ impl Decoder {
     }
 }
 
-/// Reads a frame header. A peer that sent a TLS record where a frame belongs (a TLS
-/// alert or handshake) is told apart from a cut or from garbage, even when that record
-/// is shorter than a header: the two hosts disagree on TLS.
+/// Reads a frame header. On a connection's `first` frame, a peer that sent a TLS record
+/// instead (a TLS alert or handshake) is told apart from a cut or from garbage, even when
+/// that record is shorter than a header: the two hosts disagree on TLS.
 fn read_header(
     input: &mut impl Read,
     header: &mut [u8; HEADER_BYTES],
+    first: bool,
 ) -> Result<(), MigrationError> {
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -330,7 +332,7 @@ fn read_header(
         }
     }
     // A TLS record starts with its content type (20 to 23) and major version 3.
-    if got >= 2 && (20..=23).contains(&header[0]) && header[1] == 3 {
+    if first && got >= 2 && (20..=23).contains(&header[0]) && header[1] == 3 {
         return Err(MigrationError::Auth(
             "TLS handshake failed: the peer speaks TLS and this host has TLS off; \
              enable TLS on both hosts or on neither"
@@ -359,7 +361,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
             let zero = u32_at(p, 12);
             let data = &p[RAM_RECORD_BYTES..];
             let expected = if zero == 0 { pages * PAGE_SIZE } else { 0 };
-            if gpa % PAGE_SIZE != 0
+            if !gpa.is_multiple_of(PAGE_SIZE)
                 || !(1..=MAX_RUN_PAGES).contains(&pages)
                 || zero > 1
                 || data.len() as u64 != expected
@@ -640,5 +642,40 @@ mod tests {
                 Err(MigrationError::Io { .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_tls_peer_is_told_apart_from_garbage() {
+        // A TLS alert (shorter than a frame header) and the start of a ClientHello.
+        let alert: &[u8] = &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
+        let hello: &[u8] = &[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        for record in [alert, hello] {
+            match FrameReader::new(record).read() {
+                Err(MigrationError::Auth(why)) => assert!(why.contains("speaks TLS"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_stream_reads_and_writes_one_connection() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut a = FrameStream::new(a, true);
+        let mut b = FrameStream::new(b, false);
+        a.writer.send_ram(0x1000, 1, Some(&[9; 4096])).unwrap();
+        a.send(&Message::Go).unwrap();
+        assert!(
+            matches!(b.read().unwrap(), Frame::Ram { gpa: 0x1000, pages: 1, data: Some(d) } if d == [9; 4096])
+        );
+        assert!(matches!(b.expect_control("go").unwrap(), Message::Go));
+        b.send(&Message::Resumed).unwrap();
+        assert!(matches!(
+            a.expect_control("resumed").unwrap(),
+            Message::Resumed
+        ));
+        assert_eq!(a.bytes_read, b.writer.bytes);
+        assert_eq!(b.bytes_read, a.writer.bytes);
     }
 }

@@ -1318,7 +1318,6 @@ fn ram_records_outside_the_vm_are_refused() {
 }
 
 #[test]
-#[ignore = "engine bug: receive.rs control_loop() accepts Message::State (line 415) while a round is open (BeginRound without EndRound): it restores and resumes the VM although the round's data was never confirmed complete, and data frames can still be applied to the running VM until control_loop returns"]
 fn the_final_state_is_refused_while_a_round_is_open() {
     let dest = Destination::start();
     let page = vec![0x11u8; PAGE_SIZE as usize];
@@ -1392,7 +1391,6 @@ fn a_target_failing_during_precopy_leaves_the_vm_running() {
 }
 
 #[test]
-#[ignore = "engine bug: receive.rs apply_stream() (lines 206-208) stops reading a data stream when applying a frame fails but neither shuts the socket nor tells the source; control_loop() sees the failure only at the next EndRound (388-398), so a source with more of the round left than the socket buffers hold blocks in send until its io_timeout (or the destination's 120 s CONTROL_TIMEOUT), and gets 'connection lost while sending' instead of the destination's reason"]
 fn a_target_failing_mid_round_with_much_data_in_flight_fails_promptly() {
     // 64 MiB of non-zero RAM: far more than the socket buffers hold once the
     // destination stops reading a data stream.

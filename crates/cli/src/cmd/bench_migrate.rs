@@ -141,6 +141,7 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
         secret: secret.clone(),
         memory_capacity: 1 << 40,
         accel_threads: threads,
+        tls: None,
     };
     let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
     let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;

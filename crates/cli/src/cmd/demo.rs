@@ -35,8 +35,9 @@ pub struct DemoArgs {
 }
 
 fn guest_args(steps: u64) -> Vec<String> {
+    let every = (steps / 30).max(1);
     format!(
-        "--steps {steps} --hidden 512 --batch 128 --inputs 128 --samples 8192 --print-every 100"
+        "--steps {steps} --hidden 512 --batch 128 --inputs 128 --samples 8192 --print-every {every}"
     )
     .split(' ')
     .map(str::to_string)
@@ -115,6 +116,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         secret: secret.clone(),
         memory_capacity: 4 << 30,
         accel_threads: threads,
+        tls: None,
     };
     let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
     let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;

@@ -86,6 +86,16 @@ pub struct ServeArgs {
     /// Accelerator threads per VM (default: all cores).
     #[arg(long, value_name = "N")]
     pub accel_threads: Option<usize>,
+    /// This host's TLS certificate (PEM, with the SAN `ferry-host`): turns on mutual TLS
+    /// for migrations. Needs --tls-key and --tls-ca; every host must have TLS on.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) that must have signed every peer's certificate.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -151,12 +161,24 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 accel_threads: serve
                     .accel_threads
                     .unwrap_or_else(ferry_vmm::vm::default_accel_threads),
+                tls: match (&serve.tls_cert, &serve.tls_key, &serve.tls_ca) {
+                    (Some(cert), Some(key), Some(ca)) => Some(
+                        ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)
+                            .map_err(anyhow::Error::msg)?,
+                    ),
+                    _ => None,
+                },
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let daemon = start(&runtime, config, &serve.listen, &serve.migration_listen)?;
+            let tls = if serve.tls_cert.is_some() {
+                " (mutual TLS)"
+            } else {
+                ""
+            };
             println!(
-                "ferry host {}: API on http://{}, migrations on {}",
+                "ferry host {}: API on http://{}, migrations on {}{tls}",
                 serve.name, daemon.api_addr, daemon.migration_addr
             );
             runtime.block_on(async {
