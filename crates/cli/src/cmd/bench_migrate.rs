@@ -7,14 +7,13 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_host::{CreateVm, HostConfig, MigrateRequest};
-use ferry_migrate::Secret;
+use ferry_host::{CreateVm, MigrateRequest};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::client::HostClient;
-use crate::cmd::host::start;
+use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
 
 /// One migration measured.
@@ -161,27 +160,14 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
             "total/bound"
         );
     }
-    let secret_text = Secret::generate_hex();
-    let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Runtime::new()?;
-    let threads = ferry_vmm::vm::default_accel_threads();
-    let config = |name: &str| HostConfig {
-        name: name.into(),
-        secret: secret.clone(),
-        memory_capacity: 1 << 40,
-        accel_threads: threads,
-        tls: None,
-    };
-    let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
-    let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;
-    let ca = HostClient::new(&format!("http://{}", a.api_addr), secret_text.as_bytes())?;
-    let cb = HostClient::new(&format!("http://{}", b.api_addr), secret_text.as_bytes())?;
+    let pair = LoopbackPair::start(1 << 40)?;
+    let (b, ca, cb) = (&pair.b, &pair.client_a, &pair.client_b);
     for name in ["llm-decode", "mlp-train"] {
         for &accel in sizes {
             for mode in ["live", "stop-and-copy"] {
                 let figure = measure(
-                    &ca,
-                    &cb,
+                    ca,
+                    cb,
                     &b.migration_addr.to_string(),
                     name,
                     accel,

@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_host::{CreateVm, HostConfig};
-use ferry_migrate::Secret;
+use ferry_host::CreateVm;
 use serde_json::{json, Value};
 
 use crate::client::HostClient;
-use crate::cmd::host::start;
+use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::{follow, spinner, summary};
 
 /// Training steps of the demo VM (about 9 s on a 2-core machine).
@@ -107,21 +106,8 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the demo runs VMs on KVM: {e}"))?;
-    let secret_text = Secret::generate_hex();
-    let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let threads = ferry_vmm::vm::default_accel_threads();
-    let config = |name: &str| HostConfig {
-        name: name.into(),
-        secret: secret.clone(),
-        memory_capacity: 4 << 30,
-        accel_threads: threads,
-        tls: None,
-    };
-    let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
-    let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;
-    let ca = HostClient::new(&format!("http://{}", a.api_addr), secret_text.as_bytes())?;
-    let cb = HostClient::new(&format!("http://{}", b.api_addr), secret_text.as_bytes())?;
+    let pair = LoopbackPair::start(4 << 30)?;
+    let (a, b, ca, cb) = (&pair.a, &pair.b, &pair.client_a, &pair.client_b);
     say(format!(
         "host a: API http://{}, migrations {}\nhost b: API http://{}, migrations {}",
         a.api_addr, a.migration_addr, b.api_addr, b.migration_addr
@@ -144,7 +130,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let migrate_step = (args.steps as f64 * MIGRATE_AT) as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let console = client_console(&ca, &id)?;
+        let console = client_console(ca, &id)?;
         if losses(&console)
             .last()
             .is_some_and(|&(s, _)| s >= migrate_step)
@@ -165,7 +151,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     let bar = spinner(args.json);
     let report = follow(
-        &ca,
+        ca,
         &id,
         &ferry_host::MigrateRequest {
             to: b.migration_addr.to_string(),
@@ -182,7 +168,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
     bar.finish_and_clear();
     let report = report?;
-    let on_a = client_console(&ca, &id)?;
+    let on_a = client_console(ca, &id)?;
     let last_on_a = losses(&on_a).last().map_or(0, |&(s, _)| s);
     say(format!("  {}", summary(&report)));
     let a_state: Value = ca.get(&format!("/v1/vms/{id}"))?;
@@ -191,7 +177,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         vm_state(&a_state)
     ));
 
-    let console = wait_end(&cb, &id, Duration::from_secs(120))?;
+    let console = wait_end(cb, &id, Duration::from_secs(120))?;
     let checksum = value_of(&console, "checksum")
         .context("the migrated run printed no checksum")?
         .to_string();
@@ -215,7 +201,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     say("reference: the same workload without migration, on host a ...".into());
     let reference: Value = ca.post("/v1/vms", &request)?;
     let ref_id = reference["id"].as_str().context("no VM id")?.to_string();
-    let ref_console = wait_end(&ca, &ref_id, Duration::from_secs(120))?;
+    let ref_console = wait_end(ca, &ref_id, Duration::from_secs(120))?;
     let ref_checksum = value_of(&ref_console, "checksum")
         .context("the reference run printed no checksum")?
         .to_string();

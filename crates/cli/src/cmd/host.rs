@@ -150,6 +150,52 @@ pub fn start(
     })
 }
 
+/// Two in-process daemons, `a` and `b`, on loopback with a fresh secret (the demo and
+/// the migration benchmark), and a client of each one's API.
+pub struct LoopbackPair {
+    /// The async runtime serving both APIs: held so they run as long as the pair.
+    _runtime: tokio::runtime::Runtime,
+    /// Host a.
+    pub a: Daemon,
+    /// Host b.
+    pub b: Daemon,
+    /// Client of a's API.
+    pub client_a: crate::client::HostClient,
+    /// Client of b's API.
+    pub client_b: crate::client::HostClient,
+}
+
+impl LoopbackPair {
+    /// Starts both; each may hand out `memory_capacity` bytes of VM memory.
+    pub fn start(memory_capacity: u64) -> anyhow::Result<Self> {
+        let secret_text = Secret::generate_hex();
+        let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        let config = |name: &str| HostConfig {
+            name: name.into(),
+            secret: secret.clone(),
+            memory_capacity,
+            accel_threads: ferry_vmm::vm::default_accel_threads(),
+            tls: None,
+        };
+        let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
+        let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;
+        let client = |d: &Daemon| {
+            crate::client::HostClient::new(
+                &format!("http://{}", d.api_addr),
+                secret_text.as_bytes(),
+            )
+        };
+        Ok(Self {
+            client_a: client(&a)?,
+            client_b: client(&b)?,
+            _runtime: runtime,
+            a,
+            b,
+        })
+    }
+}
+
 /// `ferry host ...`.
 pub fn host(args: &HostArgs) -> anyhow::Result<()> {
     match &args.command {
