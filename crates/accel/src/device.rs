@@ -533,11 +533,7 @@ impl Accelerator {
     /// buffer may be short) and returns the size of its buffer; `None` if the chunk does
     /// not exist (buffer freed since).
     pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Option<u64> {
-        let core = self.core();
-        let range = chunk_range(&core.buffers, chunk)?;
-        out.resize((range.end - range.start) as usize, 0);
-        core.backend.read(chunk.buffer, range.start, out);
-        core.buffers.get(&chunk.buffer).copied()
+        self.read_chunks(&[chunk], std::slice::from_mut(out))[0]
     }
 
     /// Reads several chunks under one lock (one wait for the command in progress instead

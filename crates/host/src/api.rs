@@ -16,7 +16,8 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -70,141 +71,117 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let given = headers
+/// Middleware on every route: the request must carry the API token.
+async fn require_token(
+    State(api): State<Api>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(token) if same(token.as_bytes(), &api.token) => Ok(()),
+        Some(token) if same(token.as_bytes(), &api.token) => next.run(request).await,
         Some(_) => {
             tracing::warn!("API request with a wrong token refused");
-            Err(Box::new(error(StatusCode::UNAUTHORIZED, "wrong API token")))
+            error(StatusCode::UNAUTHORIZED, "wrong API token")
         }
-        None => Err(Box::new(error(
+        None => error(
             StatusCode::UNAUTHORIZED,
             "missing 'Authorization: Bearer <secret>' header",
-        ))),
+        ),
     }
 }
 
-/// Runs a blocking host operation off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
+/// Runs a blocking host operation off the async runtime and answers with its result
+/// (`ok` on success).
+async fn answer<T: Serialize + Send + 'static>(
+    ok: StatusCode,
+    f: impl FnOnce() -> Result<T, HostError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(f)
         .await
         .expect("API task panicked")
-}
-
-async fn host_info(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let host = api.host.clone();
-    let info = blocking(move || HostInfo {
-        name: host.config().name.clone(),
-        migration_addr: String::new(),
-        memory_capacity: host.config().memory_capacity,
-        memory_used: host.memory_used(),
-        vms_running: host.list().iter().filter(|v| v.phase.is_live()).count(),
-        version: env!("CARGO_PKG_VERSION"),
-    })
-    .await;
-    Json(HostInfo {
-        migration_addr: api.migration_addr.clone(),
-        ..info
-    })
-    .into_response()
-}
-
-async fn list_vms(State(api): State<Api>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let host = api.host.clone();
-    Json(blocking(move || host.list()).await).into_response()
-}
-
-async fn create_vm(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    body: Result<Json<CreateVm>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-    };
-    let host = api.host.clone();
-    match blocking(move || host.create_vm(&req)).await {
-        Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
+    {
+        Ok(value) => (ok, Json(value)).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn show_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let host = api.host.clone();
-    match blocking(move || host.get(&id).map(|vm| vm.info())).await {
-        Ok(info) => Json(info).into_response(),
-        Err(e) => e.into_response(),
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
+    error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}"))
+}
+
+async fn host_info(State(api): State<Api>) -> Response {
+    let migration_addr = api.migration_addr.clone();
+    answer(StatusCode::OK, move || {
+        let host = &api.host;
+        Ok(HostInfo {
+            name: host.config().name.clone(),
+            migration_addr,
+            memory_capacity: host.config().memory_capacity,
+            memory_used: host.memory_used(),
+            vms_running: host.list().iter().filter(|v| v.phase.is_live()).count(),
+            version: env!("CARGO_PKG_VERSION"),
+        })
+    })
+    .await
+}
+
+async fn list_vms(State(api): State<Api>) -> Response {
+    answer(StatusCode::OK, move || Ok(api.host.list())).await
+}
+
+async fn create_vm(State(api): State<Api>, body: JsonBody<CreateVm>) -> Response {
+    match body {
+        Ok(Json(req)) => answer(StatusCode::CREATED, move || api.host.create_vm(&req)).await,
+        Err(e) => bad_body(&e),
     }
 }
 
-async fn console(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let host = api.host.clone();
-    match blocking(move || host.get(&id).map(|vm| vm.console())).await {
+async fn show_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    answer(StatusCode::OK, move || {
+        api.host.get(&id).map(|vm| vm.info())
+    })
+    .await
+}
+
+async fn console(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let text = tokio::task::spawn_blocking(move || api.host.get(&id).map(|vm| vm.console()))
+        .await
+        .expect("API task panicked");
+    match text {
         Ok(text) => text.into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn stop_vm(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let host = api.host.clone();
-    match blocking(move || host.stop(&id)).await {
-        Ok(info) => Json(info).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn stop_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    answer(StatusCode::OK, move || api.host.stop(&id)).await
 }
 
 async fn migrate_vm(
     State(api): State<Api>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<MigrateRequest>,
 ) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-    };
-    let host = api.host.clone();
-    match blocking(move || host.start_migration(&id, req)).await {
-        Ok(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
-        Err(e) => e.into_response(),
+    match body {
+        Ok(Json(req)) => {
+            answer(StatusCode::ACCEPTED, move || {
+                api.host.start_migration(&id, req)
+            })
+            .await
+        }
+        Err(e) => bad_body(&e),
     }
 }
 
-async fn migration(State(api): State<Api>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
-        return *r;
-    }
-    let host = api.host.clone();
-    match blocking(move || host.migration(&id)).await {
-        Ok(status) => Json(status).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn migration(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    answer(StatusCode::OK, move || api.host.migration(&id)).await
 }
 
 async fn not_found() -> Response {
@@ -229,6 +206,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/migrate", post(migrate_vm))
         .route("/v1/vms/{id}/migration", get(migration))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
         .fallback(not_found)
         .with_state(api)
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel};
 use ferry_accel::device::BufferState;
-use ferry_accel::dirty::ChunkId;
+use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_migrate::{
     ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
 };
@@ -20,6 +20,9 @@ use crate::hosted::HostedVm;
 /// Keys of [`VmDescription::extra`].
 pub(crate) const EXTRA_ID: &str = "id";
 pub(crate) const EXTRA_ARGS: &str = "args";
+
+/// What a zero-chunk record writes, shared rather than allocated per record.
+static ZERO_CHUNK: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
 
 fn to_key(c: ChunkId) -> ChunkKey {
     ChunkKey {
@@ -285,7 +288,6 @@ impl MigrationTarget for VmTarget {
                 .accel()
                 .ok_or("a device chunk for a VM without an accelerator")?;
             let id = to_chunk(chunk);
-            let zeros;
             let data = match data {
                 Some(d) => d,
                 None => {
@@ -295,8 +297,7 @@ impl MigrationTarget for VmTarget {
                             chunk.index, chunk.buffer
                         )
                     })?;
-                    zeros = vec![0u8; len as usize];
-                    &zeros
+                    &ZERO_CHUNK[..len as usize]
                 }
             };
             accel.write_chunk(id, data).map_err(|e| e.to_string())

@@ -59,6 +59,22 @@ impl Secret {
         &self.0
     }
 
+    /// The HMAC over one side's view of the handshake.
+    fn mac(
+        &self,
+        label: &[u8],
+        first: &[u8; 32],
+        second: &[u8; 32],
+        role: &StreamRole,
+    ) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(label);
+        mac.update(first);
+        mac.update(second);
+        mac.update(&postcard::to_stdvec(role).expect("role encodes"));
+        mac
+    }
+
     fn proof(
         &self,
         label: &[u8],
@@ -66,14 +82,13 @@ impl Secret {
         second: &[u8; 32],
         role: &StreamRole,
     ) -> [u8; 32] {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(label);
-        mac.update(first);
-        mac.update(second);
-        mac.update(&postcard::to_stdvec(role).expect("role encodes"));
-        mac.finalize().into_bytes().into()
+        self.mac(label, first, second, role)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
+    /// Constant-time check of `proof`.
     fn verify(
         &self,
         label: &[u8],
@@ -82,12 +97,9 @@ impl Secret {
         role: &StreamRole,
         proof: &[u8; 32],
     ) -> bool {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(label);
-        mac.update(first);
-        mac.update(second);
-        mac.update(&postcard::to_stdvec(role).expect("role encodes"));
-        mac.verify_slice(proof).is_ok()
+        self.mac(label, first, second, role)
+            .verify_slice(proof)
+            .is_ok()
     }
 }
 

@@ -250,25 +250,21 @@ fn send_share(
         source
             .read_ram(first * PAGE_SIZE, bytes)
             .map_err(MigrationError::Source)?;
-        // Split the run into maximal sub-runs of non-zero and of zero pages.
+        // Split the run into maximal sub-runs of non-zero and of zero pages (each page
+        // is scanned once).
         let page_bytes = PAGE_SIZE as usize;
-        let mut i = 0u64;
-        while i < pages {
-            let zero = is_zero(&bytes[i as usize * page_bytes..][..page_bytes]);
-            let mut j = i + 1;
-            while j < pages && is_zero(&bytes[j as usize * page_bytes..][..page_bytes]) == zero {
-                j += 1;
-            }
-            let gpa = (first + i) * PAGE_SIZE;
-            if zero {
-                if !skip_zeros {
-                    writer.send_ram(gpa, j - i, None)?;
-                    counts.zero_pages += j - i;
-                }
-            } else {
-                let data = &bytes[i as usize * page_bytes..j as usize * page_bytes];
-                writer.send_ram(gpa, j - i, Some(data))?;
-                counts.pages += j - i;
+        let zero: Vec<bool> = bytes.chunks_exact(page_bytes).map(is_zero).collect();
+        let mut i = 0;
+        while i < zero.len() {
+            let j = i + zero[i..].iter().take_while(|&&z| z == zero[i]).count();
+            let gpa = (first + i as u64) * PAGE_SIZE;
+            let n = (j - i) as u64;
+            if !zero[i] {
+                writer.send_ram(gpa, n, Some(&bytes[i * page_bytes..j * page_bytes]))?;
+                counts.pages += n;
+            } else if !skip_zeros {
+                writer.send_ram(gpa, n, None)?;
+                counts.zero_pages += n;
             }
             i = j;
         }
