@@ -16,13 +16,17 @@ use crate::link::Link;
 use crate::send::MAX_STREAMS;
 use crate::tls::TlsConfig;
 use crate::vm::{DeviceBuffer, MigrationTarget, VmDescription, PAGE_SIZE};
-use crate::wire::{Frame, FrameStream, Message, StreamRole};
+use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
 use crate::MigrationError;
 
 /// How long the destination waits for the data connections, or for a round's data.
 const STREAM_WAIT: Duration = Duration::from_secs(30);
 /// Read timeout on the control connection (the source sends at least once per round).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// What a zero-page record writes (the largest run), shared rather than allocated per
+/// record.
+static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
+    [0; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
 /// Largest guest RAM accepted in an offer.
 const MAX_RAM: u64 = 1 << 40;
 
@@ -170,10 +174,9 @@ struct InboundState {
 struct Inbound {
     state: Mutex<InboundState>,
     changed: Condvar,
-    /// Raw sockets: the data streams, then the control stream. A failed data stream
-    /// shuts them so neither the source's senders nor our control thread wait for data
-    /// that will never be applied.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// The control stream's socket: a failed data stream shuts its read side so the
+    /// control thread stops waiting for the round's end and sends the Abort at once.
+    control_socket: Mutex<Option<TcpStream>>,
 }
 
 impl Inbound {
@@ -189,12 +192,8 @@ impl Inbound {
         s.failed = Some(why);
         drop(s);
         self.changed.notify_all();
-        let sockets = self.sockets.lock().expect("sockets lock");
-        if let Some((control, data)) = sockets.split_last() {
-            for socket in data {
-                let _ = socket.shutdown(Shutdown::Both);
-            }
-            // The control stream stays writable for the Abort that names the reason.
+        if let Some(control) = &*self.control_socket.lock().expect("control socket lock") {
+            // It stays writable for the Abort that names the reason.
             let _ = control.shutdown(Shutdown::Read);
         }
     }
@@ -239,7 +238,7 @@ fn apply_stream<T: MigrationTarget>(
                 } else {
                     match data {
                         Some(data) => target.write_ram(gpa, data),
-                        None => target.write_ram(gpa, &vec![0; (pages * PAGE_SIZE) as usize]),
+                        None => target.write_ram(gpa, &ZERO_RUN[..(pages * PAGE_SIZE) as usize]),
                     }
                 }
             }
@@ -352,11 +351,7 @@ fn receive_vm<F: TargetFactory>(
         .iter()
         .filter_map(|(_, s)| s.try_clone().ok())
         .collect();
-    {
-        let mut sockets = inbound.sockets.lock().expect("sockets lock");
-        sockets.extend(shutdowns.iter().filter_map(|s| s.try_clone().ok()));
-        sockets.push(control_socket);
-    }
+    *inbound.control_socket.lock().expect("control socket lock") = Some(control_socket);
     let result = std::thread::scope(|scope| {
         let handles: Vec<_> = data
             .into_iter()
@@ -373,30 +368,8 @@ fn receive_vm<F: TargetFactory>(
                 None => e,
             }
         });
-        {
-            let mut s = inbound.lock();
-            s.done = true;
-        }
-        inbound.changed.notify_all();
-        for stream in &shutdowns {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        let data_bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
-        result.map(|rounds| (rounds, data_bytes))
-    });
-    match result {
-        Ok((rounds, data_bytes)) => {
-            let report = ReceiveReport {
-                vm,
-                rounds,
-                bytes_received: conn.bytes_read + data_bytes,
-                total_ms: started.elapsed().as_secs_f64() * 1e3,
-            };
-            tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
-            factory.adopt(target, report);
-            Ok(())
-        }
-        Err(e) => {
+        if let Err(e) = &result {
+            // Tell the source why before anything else, so it stops sending.
             if !matches!(
                 e,
                 MigrationError::PeerAborted(_) | MigrationError::Io { .. }
@@ -405,9 +378,34 @@ fn receive_vm<F: TargetFactory>(
                     reason: e.to_string(),
                 });
             }
-            Err(e)
         }
-    }
+        inbound.lock().done = true;
+        inbound.changed.notify_all();
+        if result.is_ok() {
+            // The source has sent everything: wake the stream threads blocked in reads.
+            for stream in &shutdowns {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        // On failure the stream threads return at their next frame, or at the source's
+        // close once it has the Abort. Their sockets then close with data unread, which
+        // resets the connection, so a source blocked writing fails at once. (Shutting the
+        // read side instead would leave the source probing a zero window until the
+        // kernel's FIN timeout.)
+        drop(shutdowns);
+        let data_bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+        result.map(|rounds| (rounds, data_bytes))
+    });
+    let (rounds, data_bytes) = result?;
+    let report = ReceiveReport {
+        vm,
+        rounds,
+        bytes_received: conn.bytes_read + data_bytes,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    };
+    tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
+    factory.adopt(target, report);
+    Ok(())
 }
 
 /// The control conversation after the streams are open; returns the rounds applied.

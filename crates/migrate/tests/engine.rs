@@ -1284,20 +1284,19 @@ fn ram_records_outside_the_vm_are_refused() {
     ] {
         for zero in [false, true] {
             let data = vec![0x5au8; (pages * PAGE_SIZE) as usize];
+            // The destination may abort and close before the last sends: a failed
+            // send shows up as the connection error the answer below accepts.
             let answer = hostile_source(&dest, MIB, |w, dw| {
-                w.send(&Message::BeginRound {
+                let _ = w.send(&Message::BeginRound {
                     round: 0,
                     buffers: Vec::new(),
-                })
-                .unwrap();
-                dw.send_ram(gpa, pages, (!zero).then_some(&data[..]))
-                    .unwrap();
-                dw.flush().unwrap();
-                w.send(&Message::EndRound {
+                });
+                let _ = dw.send_ram(gpa, pages, (!zero).then_some(&data[..]));
+                let _ = dw.flush();
+                let _ = w.send(&Message::EndRound {
                     round: 0,
                     frames: vec![1],
-                })
-                .unwrap();
+                });
             });
             match answer {
                 Err(MigrationError::PeerAborted(reason)) => {
