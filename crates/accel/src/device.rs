@@ -11,9 +11,10 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
 use serde::{Deserialize, Serialize};
@@ -122,6 +123,8 @@ struct Shared {
     wake: Condvar,
     /// Wakes those waiting for progress or idleness.
     progress: Condvar,
+    /// Nanoseconds the device thread has spent executing commands (its load).
+    busy_ns: AtomicU64,
 }
 
 /// The virtual accelerator of one VM.
@@ -347,6 +350,7 @@ fn device_thread(shared: Arc<Shared>) {
             control.doorbell = false;
             control.busy = true;
         }
+        let started = Instant::now();
         loop {
             if shared
                 .control
@@ -362,6 +366,8 @@ fn device_thread(shared: Arc<Shared>) {
                 break;
             }
         }
+        let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        shared.busy_ns.fetch_add(busy, Ordering::Relaxed);
         shared.control.lock().expect("accel control lock").busy = false;
         shared.progress.notify_all();
     }
@@ -377,6 +383,7 @@ impl Accelerator {
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
+            busy_ns: AtomicU64::new(0),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -386,6 +393,12 @@ impl Accelerator {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Time the device has spent executing commands since it was created here (its
+    /// load, as the cluster center sees it).
+    pub fn busy_time(&self) -> Duration {
+        Duration::from_nanos(self.shared.busy_ns.load(Ordering::Relaxed))
     }
 
     /// A fresh device of `capacity` bytes whose ring is at `ring_gpa` (the header is

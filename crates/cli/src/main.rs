@@ -1,6 +1,5 @@
 //! `ferry`: run, snapshot and (later) live-migrate AI virtual machines.
 
-mod client;
 mod cmd;
 mod size;
 
@@ -46,6 +45,8 @@ enum Command {
     Vm(cmd::vm::VmArgs),
     /// Live-migrate a VM from one host daemon to another.
     Migrate(cmd::migrate::MigrateArgs),
+    /// The cluster manager: hosts, placement, maintenance, balancing, dashboard.
+    Center(cmd::center::CenterArgs),
     /// Two hosts on loopback: migrate a training VM live in mid-run and check its result
     /// against an unmigrated run.
     Demo(cmd::demo::DemoArgs),
@@ -109,6 +110,7 @@ fn main() -> ExitCode {
         Command::Host(args) => cmd::host::host(&args).map(|()| ExitCode::SUCCESS),
         Command::Vm(args) => cmd::vm::vm(&args).map(|()| ExitCode::SUCCESS),
         Command::Migrate(args) => cmd::migrate::migrate(&args).map(|()| ExitCode::SUCCESS),
+        Command::Center(args) => cmd::center::center(&args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => cmd::demo::demo(&args),
     };
     match result {

@@ -4,7 +4,7 @@
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `GET /v1/host` | this host: name, migration address, memory capacity and use |
+//! | `GET /v1/host` | this host: name, migration address, capacity and load ([`crate::HostInfo`]) |
 //! | `GET /v1/vms` | every VM |
 //! | `POST /v1/vms` | create and start a VM: `{"workload", "args", "memory", "accel_memory"}` |
 //! | `GET /v1/vms/{id}` | one VM: state, sizes, uptime, console tail |
@@ -24,23 +24,6 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::{CreateVm, Host, HostError, MigrateRequest};
-
-/// What `GET /v1/host` answers.
-#[derive(Debug, Serialize)]
-pub struct HostInfo {
-    /// Host name.
-    pub name: String,
-    /// Where it receives migrations.
-    pub migration_addr: String,
-    /// VM memory it may hand out, bytes.
-    pub memory_capacity: u64,
-    /// VM memory in use, bytes.
-    pub memory_used: u64,
-    /// Live VMs.
-    pub vms_running: usize,
-    /// Ferry version.
-    pub version: &'static str,
-}
 
 #[derive(Clone)]
 struct Api {
@@ -62,7 +45,8 @@ impl IntoResponse for HostError {
     }
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+/// An error answer: `{"error": message}` with `status`.
+pub fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
@@ -71,28 +55,34 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Middleware on every route: the request must carry the API token.
-async fn require_token(
-    State(api): State<Api>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
+/// Runs `request` if it carries `Authorization: Bearer <token>`, else refuses it with
+/// 401. The body of the API middlewares here and in the cluster center.
+pub async fn require_bearer(token: &[u8], request: axum::extract::Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(token) if same(token.as_bytes(), &api.token) => next.run(request).await,
+        Some(given) if same(given.as_bytes(), token) => next.run(request).await,
         Some(_) => {
-            tracing::warn!("API request with a wrong token refused");
+            tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
             error(StatusCode::UNAUTHORIZED, "wrong API token")
         }
         None => error(
             StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <secret>' header",
+            "missing 'Authorization: Bearer <token>' header",
         ),
     }
+}
+
+/// Middleware on every route: the request must carry the API token.
+async fn require_token(
+    State(api): State<Api>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    require_bearer(&api.token, request, next).await
 }
 
 /// Runs a blocking host operation off the async runtime and answers with its result
@@ -117,17 +107,8 @@ fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
 }
 
 async fn host_info(State(api): State<Api>) -> Response {
-    let migration_addr = api.migration_addr.clone();
     answer(StatusCode::OK, move || {
-        let host = &api.host;
-        Ok(HostInfo {
-            name: host.config().name.clone(),
-            migration_addr,
-            memory_capacity: host.config().memory_capacity,
-            memory_used: host.memory_used(),
-            vms_running: host.list().iter().filter(|v| v.phase.is_live()).count(),
-            version: env!("CARGO_PKG_VERSION"),
-        })
+        Ok(api.host.info(&api.migration_addr))
     })
     .await
 }

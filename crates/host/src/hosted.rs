@@ -1,21 +1,23 @@
 //! One VM run by the daemon: the microVM behind a lock, a watcher thread that notices
 //! the guest's end and applies the migration throttle, and its status for the API.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_vmm::memory::GuestRam;
 use ferry_vmm::{Microvm, RunState, VmConfig, VmExit};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Throttle duty-cycle period: the VM is held paused for `pct`% of it.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 /// How often the watcher looks for the guest's end.
 const WATCH_PERIOD: Duration = Duration::from_millis(10);
+/// Window over which the accelerator's load is measured.
+const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
 /// Where a hosted VM is in its life, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum VmPhase {
     /// Running its guest.
@@ -51,7 +53,7 @@ impl VmPhase {
 }
 
 /// What the API shows of a VM.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmInfo {
     /// Id, unique across the cluster (kept across migrations).
     pub id: String,
@@ -66,6 +68,9 @@ pub struct VmInfo {
     pub memory: u64,
     /// Accelerator memory, bytes.
     pub accel_memory: u64,
+    /// Share of the last second the accelerator spent executing commands (0 to 1).
+    #[serde(default)]
+    pub accel_load: f64,
     /// Time on this host, ms.
     pub uptime_ms: u64,
     /// Milliseconds since the epoch when it arrived on this host.
@@ -100,6 +105,8 @@ pub struct HostedVm {
     inner: Mutex<Inner>,
     phase: Mutex<VmPhase>,
     throttle_pct: AtomicU8,
+    /// `accel_load` as f64 bits, updated by the watcher.
+    accel_load: AtomicU64,
     retired: AtomicBool,
     arrived: Instant,
     arrived_unix_ms: u64,
@@ -138,6 +145,7 @@ impl HostedVm {
             }),
             phase: Mutex::new(VmPhase::Running),
             throttle_pct: AtomicU8::new(0),
+            accel_load: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             arrived: Instant::now(),
             arrived_unix_ms: unix_ms(),
@@ -190,11 +198,17 @@ impl HostedVm {
             phase: self.phase(),
             memory: self.config.ram_size,
             accel_memory: self.config.accel_memory,
+            accel_load: self.accel_load(),
             uptime_ms: self.arrived.elapsed().as_millis() as u64,
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
             console_tail: console_tail[tail_start..].to_string(),
         }
+    }
+
+    /// Share of the last second the accelerator was busy (0 to 1).
+    pub fn accel_load(&self) -> f64 {
+        f64::from_bits(self.accel_load.load(Ordering::Relaxed))
     }
 
     /// Whole console tail (64 KiB).
@@ -273,7 +287,16 @@ impl HostedVm {
 
     /// The watcher: notices the end of the guest and runs the throttle duty cycle.
     fn watch(self: Arc<Self>) {
+        let mut window = (Instant::now(), self.with_vm(Microvm::accel_busy_time));
         while !self.retired.load(Ordering::SeqCst) {
+            if window.0.elapsed() >= LOAD_WINDOW {
+                let busy = self.with_vm(Microvm::accel_busy_time);
+                let load = (busy.saturating_sub(window.1)).as_secs_f64()
+                    / window.0.elapsed().as_secs_f64();
+                self.accel_load
+                    .store(load.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+                window = (Instant::now(), busy);
+            }
             let pct = self.throttle_pct.load(Ordering::SeqCst);
             if pct == 0 {
                 std::thread::sleep(WATCH_PERIOD);
@@ -306,5 +329,7 @@ impl HostedVm {
                 break;
             }
         }
+        // An ended VM puts no load on the host.
+        self.accel_load.store(0f64.to_bits(), Ordering::Relaxed);
     }
 }

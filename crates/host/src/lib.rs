@@ -5,8 +5,10 @@
 //! - [`hosted`]: one running VM, its watcher and throttle.
 //! - [`migration`]: the microVM adapted to the migration engine's traits.
 //! - [`api`]: the HTTP/JSON API over [`Host`].
+//! - [`heartbeat`]: reports to the cluster center (`ferry host serve --center URL`).
 
 pub mod api;
+pub mod heartbeat;
 pub mod hosted;
 pub mod migration;
 
@@ -51,6 +53,8 @@ pub struct HostConfig {
     pub secret: Secret,
     /// Bytes of VM memory (RAM + accelerator) this host may hand out.
     pub memory_capacity: u64,
+    /// Bytes of accelerator memory (part of `memory_capacity`) this host may hand out.
+    pub accel_capacity: u64,
     /// Accelerator threads per VM.
     pub accel_threads: usize,
     /// Mutual TLS on migration connections (both hosts need it on, or both off).
@@ -165,20 +169,51 @@ impl MigrateRequest {
 }
 
 /// A migration out of this host, as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationStatus {
     /// VM id.
     pub vm: String,
     /// Destination.
     pub to: String,
     /// "running", "succeeded" or "failed".
-    pub state: &'static str,
+    pub state: String,
     /// Last progress report.
     pub progress: Option<Progress>,
     /// The result, once it succeeded.
     pub report: Option<MigrationReport>,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+/// This host's capacity and load: `GET /v1/host`, and the heart of each heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub name: String,
+    /// Where it receives migrations.
+    pub migration_addr: String,
+    /// Ferry version.
+    pub version: String,
+    /// Accelerator backend kind ("cpu").
+    pub backend: String,
+    /// CPU cores.
+    pub cpus: usize,
+    /// Threads each VM's accelerator runs kernels on.
+    pub accel_threads: usize,
+    /// One-minute load average of the machine.
+    pub load_avg: f64,
+    /// VM memory (RAM + accelerator) it may hand out, bytes.
+    pub memory_capacity: u64,
+    /// VM memory in use, bytes.
+    pub memory_used: u64,
+    /// Accelerator memory it may hand out, bytes.
+    pub accel_capacity: u64,
+    /// Accelerator memory in use, bytes.
+    pub accel_used: u64,
+    /// Sum of its VMs' accelerator loads (busy devices' worth, 0 to the VM count).
+    pub accel_load: f64,
+    /// Live VMs.
+    pub vms_running: usize,
 }
 
 /// The VMs of this host.
@@ -209,16 +244,61 @@ impl Host {
         self.vms.lock().expect("vms lock")
     }
 
-    /// Bytes of VM memory held by live VMs.
-    pub fn memory_used(&self) -> u64 {
+    fn live_vms(&self) -> Vec<Arc<HostedVm>> {
         self.vms()
             .values()
             .filter(|vm| vm.phase().is_live())
+            .cloned()
+            .collect()
+    }
+
+    /// Bytes of VM memory held by live VMs.
+    pub fn memory_used(&self) -> u64 {
+        self.live_vms()
+            .iter()
             .map(|vm| vm.config.ram_size + vm.config.accel_memory)
             .sum()
     }
 
+    /// Capacity and load now; `migration_addr` is where this host receives migrations.
+    pub fn info(&self, migration_addr: &str) -> HostInfo {
+        let live = self.live_vms();
+        HostInfo {
+            name: self.config.name.clone(),
+            migration_addr: migration_addr.to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: migration::BACKEND_KIND.into(),
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            accel_threads: self.config.accel_threads,
+            load_avg: heartbeat::load_average().unwrap_or(0.0),
+            memory_capacity: self.config.memory_capacity,
+            memory_used: self.memory_used(),
+            accel_capacity: self.config.accel_capacity,
+            accel_used: live.iter().map(|vm| vm.config.accel_memory).sum(),
+            // A fold, not sum(): an empty f64 sum is -0.0.
+            accel_load: live
+                .iter()
+                .map(|vm| vm.accel_load())
+                .fold(0.0, |a, b| a + b),
+            vms_running: live.len(),
+        }
+    }
+
     fn reserve(&self, config: &VmConfig) -> Result<(), HostError> {
+        let accel_used: u64 = self
+            .live_vms()
+            .iter()
+            .map(|vm| vm.config.accel_memory)
+            .sum();
+        if accel_used + config.accel_memory > self.config.accel_capacity {
+            return Err(HostError::NoRoom(format!(
+                "not enough accelerator memory on host {}: the VM needs {} MiB, {} MiB of {} MiB are free",
+                self.config.name,
+                config.accel_memory >> 20,
+                self.config.accel_capacity.saturating_sub(accel_used) >> 20,
+                self.config.accel_capacity >> 20
+            )));
+        }
         let wanted = config.ram_size + config.accel_memory;
         let used = self.memory_used();
         if used + wanted > self.config.memory_capacity {
@@ -318,7 +398,7 @@ impl Host {
         let status = MigrationStatus {
             vm: id.to_string(),
             to: req.to.clone(),
-            state: "running",
+            state: "running".into(),
             progress: None,
             report: None,
             error: None,
@@ -357,7 +437,7 @@ impl Host {
                 tracing::info!(vm = %id, %to, downtime_ms = report.downtime_ms, "VM migrated");
                 vm.retire(VmPhase::MigratedAway { to: to.to_string() });
                 self.update_migration(&id, |s| {
-                    s.state = "succeeded";
+                    s.state = "succeeded".into();
                     s.report = Some(report);
                 });
             }
@@ -367,7 +447,7 @@ impl Host {
                     vm.set_phase(VmPhase::Running);
                 }
                 self.update_migration(&id, |s| {
-                    s.state = "failed";
+                    s.state = "failed".into();
                     s.error = Some(e.to_string());
                 });
             }

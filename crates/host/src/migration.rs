@@ -38,16 +38,19 @@ fn to_chunk(k: ChunkKey) -> ChunkId {
     }
 }
 
+/// The accelerator backend this host runs VMs on.
+pub const BACKEND_KIND: &str = "cpu";
+
 /// What this host can run: the facts compared at the handshake.
 pub fn local_description() -> VmDescription {
-    let kernel_version = backend::create("cpu", 1).map_or(0, |b| b.kernel_version());
+    let kernel_version = backend::create(BACKEND_KIND, 1).map_or(0, |b| b.kernel_version());
     VmDescription {
         name: String::new(),
         ram_size: 0,
         vcpus: 1,
         accel_memory: 0,
         abi_version: ABI_VERSION,
-        backend_kind: "cpu".into(),
+        backend_kind: BACKEND_KIND.into(),
         kernel_version,
         microkernel: gemm_microkernel().into(),
         extra: Vec::new(),

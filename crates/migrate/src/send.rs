@@ -4,7 +4,7 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{authenticate_stream_connector, Secret};
 use crate::link::Link;
@@ -69,10 +69,10 @@ impl Default for MigrationOptions {
 }
 
 /// Where a migration is, reported after each round.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
     /// "precopy", "switchover" or "done".
-    pub phase: &'static str,
+    pub phase: String,
     /// Round just finished.
     pub round: u32,
     /// Bytes sent so far on all connections.
@@ -94,7 +94,7 @@ pub struct Progress {
 }
 
 /// One pre-copy round, as measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrecopyRound {
     /// Round number (0 sends everything).
     pub round: u32,
@@ -115,10 +115,10 @@ pub struct PrecopyRound {
 }
 
 /// What a finished migration did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationReport {
     /// "live" or "stop-and-copy".
-    pub mode: &'static str,
+    pub mode: String,
     /// Source pause to destination resume, ms.
     pub downtime_ms: f64,
     /// Whole migration, connect to confirmation, ms.
@@ -394,7 +394,7 @@ impl Session<'_> {
         throttle_pct: u8,
     ) -> Progress {
         Progress {
-            phase,
+            phase: phase.into(),
             round: log.round,
             bytes_sent: self.bytes_sent(),
             round_bytes: log.bytes,
@@ -502,7 +502,7 @@ pub fn migrate_vm(
             downtime,
             final_bytes,
         }) => Ok(MigrationReport {
-            mode: mode_name(options.mode),
+            mode: mode_name(options.mode).into(),
             downtime_ms: ms(downtime),
             total_ms: ms(started.elapsed()),
             rounds: s.round,

@@ -687,10 +687,14 @@ fn migrate(
 ) -> Result<MigrationReport, MigrationError> {
     let mut phases = Vec::new();
     let result = migrate_vm(source, &dest.addr, &secret(), options, &mut |p| {
-        phases.push(p.phase)
+        phases.push(p.phase.clone())
     });
     if result.is_ok() {
-        assert_eq!(phases.last(), Some(&"switchover"), "progress: {phases:?}");
+        assert_eq!(
+            phases.last().map(String::as_str),
+            Some("switchover"),
+            "progress: {phases:?}"
+        );
     }
     result
 }

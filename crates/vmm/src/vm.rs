@@ -478,6 +478,14 @@ impl Microvm {
         self.devices.console.tail_text()
     }
 
+    /// Time the accelerator has spent executing commands here (zero without one).
+    pub fn accel_busy_time(&self) -> Duration {
+        self.devices
+            .accel
+            .as_ref()
+            .map_or(Duration::ZERO, Accelerator::busy_time)
+    }
+
     /// Guest clock now, in ns.
     pub fn guest_time_ns(&self) -> u64 {
         self.devices.clock.now_ns()

@@ -12,9 +12,9 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::client::HostClient;
 use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
+use ferry_client::ApiClient;
 
 /// One migration measured.
 #[derive(Debug, Serialize)]
@@ -116,7 +116,7 @@ fn last_count(console: &str, key: &str) -> Option<u64> {
     })
 }
 
-fn count_now(client: &HostClient, id: &str, key: &str) -> anyhow::Result<Option<u64>> {
+fn count_now(client: &ApiClient, id: &str, key: &str) -> anyhow::Result<Option<u64>> {
     let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
     Ok(last_count(vm["console_tail"].as_str().unwrap_or(""), key))
 }
@@ -200,8 +200,8 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
 }
 
 fn measure(
-    ca: &HostClient,
-    cb: &HostClient,
+    ca: &ApiClient,
+    cb: &ApiClient,
     to: &str,
     name: &'static str,
     accel: u64,

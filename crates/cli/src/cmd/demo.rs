@@ -9,9 +9,9 @@ use clap::Args;
 use ferry_host::CreateVm;
 use serde_json::{json, Value};
 
-use crate::client::HostClient;
 use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::{follow, spinner, summary};
+use ferry_client::ApiClient;
 
 /// Training steps of the demo VM (about 9 s on a 2-core machine).
 const STEPS: u64 = 3000;
@@ -74,7 +74,7 @@ fn vm_state(vm: &Value) -> &str {
 }
 
 /// Waits for VM `id` on `client` to end; returns its console.
-fn wait_end(client: &HostClient, id: &str, timeout: Duration) -> anyhow::Result<String> {
+fn wait_end(client: &ApiClient, id: &str, timeout: Duration) -> anyhow::Result<String> {
     let started = Instant::now();
     loop {
         let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
@@ -91,7 +91,7 @@ fn wait_end(client: &HostClient, id: &str, timeout: Duration) -> anyhow::Result<
 }
 
 /// VM `id`'s whole console tail (64 KiB).
-fn client_console(client: &HostClient, id: &str) -> anyhow::Result<String> {
+fn client_console(client: &ApiClient, id: &str) -> anyhow::Result<String> {
     client.get_text(&format!("/v1/vms/{id}/console"))
 }
 

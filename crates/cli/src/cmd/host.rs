@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ferry_host::{api, Host, HostConfig};
+use ferry_host::{api, heartbeat, Host, HostConfig};
 use ferry_migrate::Secret;
 
 /// How commands find the shared secret.
@@ -45,6 +45,9 @@ enum HostCommand {
     /// Run the host daemon: the HTTP/JSON API and the migration listener.
     #[command(after_help = API_HELP)]
     Serve(ServeArgs),
+    /// Take a host out of service (moving its VMs off live) or return it, through the
+    /// cluster center.
+    Maintenance(crate::cmd::center::MaintenanceArgs),
 }
 
 const API_HELP: &str = "\
@@ -83,6 +86,21 @@ pub struct ServeArgs {
     /// VM memory (RAM + accelerator) this host may hand out (default: 3/4 of the host's).
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     pub memory_capacity: Option<u64>,
+    /// Accelerator memory this host may hand out, within --memory-capacity (default: all
+    /// of it; the CPU backend keeps device memory in host RAM).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub accel_capacity: Option<u64>,
+    /// Join the cluster center at URL (e.g. http://10.0.0.1:7000): send it heartbeats
+    /// with this host's capacity, load and VMs, authenticated by the shared secret.
+    #[arg(long, value_name = "URL")]
+    pub center: Option<String>,
+    /// Time between heartbeats to the center.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub heartbeat_ms: u64,
+    /// Address the center and other hosts reach this host at (default: the --listen
+    /// address's IP; set it when listening on 0.0.0.0).
+    #[arg(long, value_name = "HOST")]
+    pub advertise: Option<String>,
     /// Accelerator threads per VM (default: all cores).
     #[arg(long, value_name = "N")]
     pub accel_threads: Option<usize>,
@@ -119,6 +137,31 @@ pub struct Daemon {
     pub api_addr: std::net::SocketAddr,
     /// Migration address actually bound.
     pub migration_addr: std::net::SocketAddr,
+    /// The host.
+    pub host: std::sync::Arc<Host>,
+}
+
+impl Daemon {
+    /// Reports to the center at `center_url` every `interval`, advertising this host at
+    /// `advertise` (default: the addresses it is bound to).
+    pub fn join_center(
+        &self,
+        center_url: &str,
+        advertise: Option<&str>,
+        interval: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let at = |addr: std::net::SocketAddr| match advertise {
+            Some(host) => format!("{host}:{}", addr.port()),
+            None => addr.to_string(),
+        };
+        let link = heartbeat::CenterLink {
+            center_url: center_url.trim_end_matches('/').to_string(),
+            api_url: format!("http://{}", at(self.api_addr)),
+            migration_addr: at(self.migration_addr),
+            interval,
+        };
+        heartbeat::start(self.host.clone(), link).context("cannot start the heartbeat thread")
+    }
 }
 
 /// Starts a daemon's listeners on `runtime` (the API) and a thread (migrations).
@@ -147,6 +190,7 @@ pub fn start(
     Ok(Daemon {
         api_addr,
         migration_addr,
+        host,
     })
 }
 
@@ -160,9 +204,9 @@ pub struct LoopbackPair {
     /// Host b.
     pub b: Daemon,
     /// Client of a's API.
-    pub client_a: crate::client::HostClient,
+    pub client_a: ferry_client::ApiClient,
     /// Client of b's API.
-    pub client_b: crate::client::HostClient,
+    pub client_b: ferry_client::ApiClient,
 }
 
 impl LoopbackPair {
@@ -175,16 +219,14 @@ impl LoopbackPair {
             name: name.into(),
             secret: secret.clone(),
             memory_capacity,
+            accel_capacity: memory_capacity,
             accel_threads: ferry_vmm::vm::default_accel_threads(),
             tls: None,
         };
         let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
         let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;
         let client = |d: &Daemon| {
-            crate::client::HostClient::new(
-                &format!("http://{}", d.api_addr),
-                secret_text.as_bytes(),
-            )
+            ferry_client::ApiClient::new(&format!("http://{}", d.api_addr), secret_text.as_bytes())
         };
         Ok(Self {
             client_a: client(&a)?,
@@ -199,11 +241,14 @@ impl LoopbackPair {
 /// `ferry host ...`.
 pub fn host(args: &HostArgs) -> anyhow::Result<()> {
     match &args.command {
+        HostCommand::Maintenance(m) => crate::cmd::center::maintenance(m),
         HostCommand::Serve(serve) => {
+            let memory_capacity = serve.memory_capacity.unwrap_or_else(default_capacity);
             let config = HostConfig {
                 name: serve.name.clone(),
                 secret: serve.secret.secret()?,
-                memory_capacity: serve.memory_capacity.unwrap_or_else(default_capacity),
+                memory_capacity,
+                accel_capacity: serve.accel_capacity.unwrap_or(memory_capacity),
                 accel_threads: serve
                     .accel_threads
                     .unwrap_or_else(ferry_vmm::vm::default_accel_threads),
@@ -227,6 +272,17 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 "ferry host {}: API on http://{}, migrations on {}{tls}",
                 serve.name, daemon.api_addr, daemon.migration_addr
             );
+            if let Some(center) = &serve.center {
+                daemon.join_center(
+                    center,
+                    serve.advertise.as_deref(),
+                    std::time::Duration::from_millis(serve.heartbeat_ms),
+                )?;
+                println!(
+                    "ferry host {}: reporting to the center at {center}",
+                    serve.name
+                );
+            }
             runtime.block_on(async {
                 let _ = tokio::signal::ctrl_c().await;
             });

@@ -8,8 +8,8 @@ use ferry_host::MigrateRequest;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::client::HostClient;
 use crate::cmd::vm::HostAddr;
+use ferry_client::ApiClient;
 
 /// `ferry migrate`.
 #[derive(Args)]
@@ -82,7 +82,7 @@ fn f(v: &Value, key: &str) -> f64 {
 /// Starts a migration through `client` and follows it to the end; returns the report.
 /// `bar` shows progress unless hidden.
 pub fn follow(
-    client: &HostClient,
+    client: &ApiClient,
     vm: &str,
     request: &MigrateRequest,
     bar: &ProgressBar,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_migrate;
+pub mod center;
 pub mod demo;
 pub mod host;
 pub mod migrate;

@@ -3,8 +3,8 @@
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::client::{HostClient, DEFAULT_HOST};
 use crate::cmd::host::SecretArgs;
+use ferry_client::{ApiClient, DEFAULT_HOST};
 
 /// Which daemon to talk to.
 #[derive(Args, Clone)]
@@ -18,8 +18,8 @@ pub struct HostAddr {
 
 impl HostAddr {
     /// A client for it.
-    pub fn client(&self) -> anyhow::Result<HostClient> {
-        HostClient::new(&self.url, self.secret.secret()?.expose())
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        ApiClient::new(&self.url, self.secret.secret()?.expose())
     }
 }
 
@@ -37,8 +37,17 @@ pub struct VmArgs {
 
 #[derive(Subcommand)]
 enum VmCommand {
-    /// Create and start a VM on the host.
+    /// Create and start a VM on the host, or, with --center, on the host the cluster
+    /// center chooses (the one with the most free accelerator memory that fits it).
     Create {
+        /// Let the cluster center at URL place the VM (instead of --host).
+        #[arg(long, value_name = "URL")]
+        center: Option<String>,
+        /// With --center: put it on this host rather than let the center choose.
+        #[arg(long, value_name = "HOST", requires = "center")]
+        on: Option<String>,
+        #[command(flatten)]
+        token: crate::cmd::center::TokenArgs,
         /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host.
         workload: String,
         /// Guest RAM.
@@ -81,6 +90,37 @@ fn print_vm(vm: &Value) {
 
 /// `ferry vm ...`.
 pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
+    if let VmCommand::Create {
+        center: Some(center),
+        on,
+        token,
+        workload,
+        memory,
+        accel_memory,
+        args: guest_args,
+    } = &args.command
+    {
+        let client = ApiClient::new(center, &token.token()?)?;
+        let placed: ferry_center::Placed = client.post(
+            "/v1/vms",
+            &ferry_center::PlaceVm {
+                vm: ferry_host::CreateVm {
+                    workload: workload.clone(),
+                    args: guest_args.clone(),
+                    memory: *memory,
+                    accel_memory: *accel_memory,
+                },
+                host: on.clone(),
+            },
+        )?;
+        if args.json {
+            println!("{}", serde_json::to_string(&placed)?);
+        } else {
+            print_vm(&serde_json::to_value(&placed.vm)?);
+            println!("placed on host {}", placed.host);
+        }
+        return Ok(());
+    }
     let client = args.host.client()?;
     let out: Value = match &args.command {
         VmCommand::Create {
@@ -88,6 +128,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             memory,
             accel_memory,
             args: guest_args,
+            ..
         } => client.post(
             "/v1/vms",
             &ferry_host::CreateVm {

@@ -1,4 +1,5 @@
-//! A small blocking client of the host API (`ferry vm`, `ferry migrate`, `ferry demo`).
+//! A small blocking client of Ferry's HTTP/JSON APIs: the host daemon's (`ferry vm`,
+//! `ferry migrate`, `ferry demo`) and the cluster center's (`ferry center`, heartbeats).
 
 use std::time::Duration;
 
@@ -9,18 +10,19 @@ use serde::Serialize;
 /// Default address of the host API.
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:7070";
 
-/// A host's API.
-pub struct HostClient {
+/// One API endpoint with its bearer token.
+pub struct ApiClient {
     base: String,
     auth: String,
     agent: ureq::Agent,
 }
 
-impl HostClient {
-    /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with the shared secret.
+impl ApiClient {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with its bearer token
+    /// (the shared secret for hosts, the operator token for the center).
     pub fn new(base: &str, secret: &[u8]) -> anyhow::Result<Self> {
         let token = std::str::from_utf8(secret)
-            .context("the shared secret must be text to be used as an API token")?;
+            .context("the token must be text to be sent as a bearer token")?;
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
@@ -38,8 +40,8 @@ impl HostClient {
         what: &str,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<T> {
-        let mut response = result
-            .with_context(|| format!("cannot reach the host API at {} ({what})", self.base))?;
+        let mut response =
+            result.with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -74,7 +76,7 @@ impl HostClient {
             .get(format!("{}{path}", self.base))
             .header("Authorization", &self.auth)
             .call()
-            .with_context(|| format!("cannot reach the host API at {} ({what})", self.base))?;
+            .with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
         let status = response.status();
         let text = response.body_mut().read_to_string()?;
         if !status.is_success() {

@@ -1,0 +1,240 @@
+//! The center's HTTP/JSON API, dashboard and metrics. Operators send
+//! `Authorization: Bearer <center token>`; hosts send the cluster's shared secret with
+//! their heartbeats. Errors are `{"error": "..."}` with a status that says what kind.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /` | the dashboard (the page asks for the token; data needs it) |
+//! | `GET /v1/cluster` | hosts, VMs, migrations, operations and events at a glance |
+//! | `GET /v1/hosts`, `GET /v1/hosts/{name}` | hosts: status, mode, capacity, load |
+//! | `POST /v1/hosts/{name}/maintenance` | empty the host live and put it in maintenance |
+//! | `DELETE /v1/hosts/{name}/maintenance` | return it to service |
+//! | `GET /v1/vms`, `POST /v1/vms` | VMs; create one where there is room |
+//! | `GET /v1/migrations` | every migration the center ordered |
+//! | `GET /v1/operations/{id}` | a maintenance or balance operation's progress |
+//! | `GET /v1/balance`, `POST /v1/balance` | the balance plan; carry it out (`{"dry_run": true}` only shows it) |
+//! | `GET /v1/events` | recent events |
+//! | `GET /metrics` | Prometheus metrics |
+//! | `POST /v1/heartbeat` | hosts only (shared secret) |
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_host::api::{error, require_bearer};
+use ferry_host::heartbeat::Heartbeat;
+use serde::{Deserialize, Serialize};
+
+use crate::{Center, CenterError, PlaceVm};
+
+/// The dashboard page: static; it fetches `/v1/cluster` with the token the operator
+/// gives it.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+impl IntoResponse for CenterError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            CenterError::NotFound(_) => StatusCode::NOT_FOUND,
+            CenterError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CenterError::Conflict(_) => StatusCode::CONFLICT,
+            CenterError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
+            CenterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CenterError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, &self.to_string())
+    }
+}
+
+/// Runs a blocking center operation off the async runtime and answers with its result.
+async fn answer<T: Serialize + Send + 'static>(
+    ok: StatusCode,
+    f: impl FnOnce() -> Result<T, CenterError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => (ok, Json(value)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("internal error: {e}"),
+        ),
+    }
+}
+
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
+    error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}"))
+}
+
+async fn operator_token(
+    State(center): State<Arc<Center>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    require_bearer(&center.config().token, request, next).await
+}
+
+async fn host_secret(
+    State(center): State<Arc<Center>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    require_bearer(&center.config().secret, request, next).await
+}
+
+async fn heartbeat(State(center): State<Arc<Center>>, body: JsonBody<Heartbeat>) -> Response {
+    match body {
+        Ok(Json(beat)) => {
+            answer(StatusCode::OK, move || {
+                center
+                    .heartbeat(beat)
+                    .map(|()| serde_json::json!({ "ok": true }))
+            })
+            .await
+        }
+        Err(e) => bad_body(&e),
+    }
+}
+
+async fn cluster(State(center): State<Arc<Center>>) -> Response {
+    answer(StatusCode::OK, move || center.cluster()).await
+}
+
+async fn hosts(State(center): State<Arc<Center>>) -> Response {
+    answer(StatusCode::OK, move || Ok(center.hosts())).await
+}
+
+async fn host(State(center): State<Arc<Center>>, Path(name): Path<String>) -> Response {
+    answer(StatusCode::OK, move || center.host(&name)).await
+}
+
+async fn enter_maintenance(
+    State(center): State<Arc<Center>>,
+    Path(name): Path<String>,
+) -> Response {
+    answer(StatusCode::ACCEPTED, move || {
+        center.enter_maintenance(&name)
+    })
+    .await
+}
+
+async fn exit_maintenance(State(center): State<Arc<Center>>, Path(name): Path<String>) -> Response {
+    answer(StatusCode::OK, move || center.exit_maintenance(&name)).await
+}
+
+async fn vms(State(center): State<Arc<Center>>) -> Response {
+    answer(StatusCode::OK, move || Ok(center.vms())).await
+}
+
+async fn create_vm(State(center): State<Arc<Center>>, body: JsonBody<PlaceVm>) -> Response {
+    match body {
+        Ok(Json(req)) => answer(StatusCode::CREATED, move || center.create_vm(&req)).await,
+        Err(e) => bad_body(&e),
+    }
+}
+
+async fn migrations(State(center): State<Arc<Center>>) -> Response {
+    answer(StatusCode::OK, move || Ok(center.migrations())).await
+}
+
+async fn operation(State(center): State<Arc<Center>>, Path(id): Path<u64>) -> Response {
+    answer(StatusCode::OK, move || center.operation(id)).await
+}
+
+async fn balance_plan(State(center): State<Arc<Center>>) -> Response {
+    answer(StatusCode::OK, move || Ok(center.balance_plan())).await
+}
+
+/// Body of `POST /v1/balance`.
+#[derive(Debug, Default, Deserialize)]
+struct BalanceRequest {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn balance(State(center): State<Arc<Center>>, body: JsonBody<BalanceRequest>) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(e) => return bad_body(&e),
+    };
+    answer(StatusCode::OK, move || center.balance(req.dry_run)).await
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    #[serde(default = "default_events")]
+    n: usize,
+}
+
+fn default_events() -> usize {
+    100
+}
+
+async fn events(State(center): State<Arc<Center>>, Query(q): Query<EventsQuery>) -> Response {
+    answer(StatusCode::OK, move || center.events(q.n.min(10_000))).await
+}
+
+async fn metrics(State(center): State<Arc<Center>>) -> Response {
+    let text = tokio::task::spawn_blocking(move || {
+        crate::metrics::render(&center.hosts(), &center.vms(), &center.migrations())
+    })
+    .await;
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("internal error: {e}"),
+        ),
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint (see `ferry center serve --help` for the API)",
+    )
+}
+
+/// The API router over `center`.
+pub fn router(center: Arc<Center>) -> Router {
+    let operators = Router::new()
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/hosts/{name}", get(host))
+        .route(
+            "/v1/hosts/{name}/maintenance",
+            post(enter_maintenance).delete(exit_maintenance),
+        )
+        .route("/v1/vms", get(vms).post(create_vm))
+        .route("/v1/migrations", get(migrations))
+        .route("/v1/operations/{id}", get(operation))
+        .route("/v1/balance", get(balance_plan).post(balance))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            center.clone(),
+            operator_token,
+        ));
+    let hosts = Router::new()
+        .route("/v1/heartbeat", post(heartbeat))
+        .route_layer(middleware::from_fn_with_state(center.clone(), host_secret));
+    Router::new()
+        .route("/", get(dashboard))
+        .merge(operators)
+        .merge(hosts)
+        .fallback(not_found)
+        .with_state(center)
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(listener, router).await
+}

@@ -1,0 +1,493 @@
+//! What the center knows: hosts (from their heartbeats), VMs and where they run,
+//! migrations and events. Plain data; [`crate::Center`] keeps it behind a lock and writes
+//! every change through to the [`crate::store::Store`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_host::heartbeat::Heartbeat;
+use ferry_host::hosted::{VmInfo, VmPhase};
+use ferry_host::HostInfo;
+use ferry_migrate::Progress;
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether a host takes VMs, set by the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum HostMode {
+    /// In service.
+    Active,
+    /// Its VMs are being moved off; nothing new lands here.
+    Evacuating,
+    /// In maintenance and empty: ready to patch.
+    Maintenance,
+    /// In maintenance, but some VMs could not be moved; not ready.
+    MaintenanceIncomplete {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl HostMode {
+    /// Whether new VMs may land here.
+    pub fn accepts_vms(&self) -> bool {
+        *self == Self::Active
+    }
+
+    /// Short name, as shown.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Evacuating => "evacuating",
+            Self::Maintenance => "maintenance",
+            Self::MaintenanceIncomplete { .. } => "maintenance-incomplete",
+        }
+    }
+}
+
+/// A host, as of its last heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Name (unique in the cluster).
+    pub name: String,
+    /// Where the center reaches its API.
+    pub api_url: String,
+    /// Capacity and load.
+    pub info: HostInfo,
+    /// Maintenance state.
+    pub mode: HostMode,
+    /// When its last heartbeat came, ms since the epoch.
+    pub last_heartbeat_ms: u64,
+    /// When it first joined.
+    pub joined_ms: u64,
+}
+
+/// A VM and the host it runs on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Id.
+    pub id: String,
+    /// Host it is on.
+    pub host: String,
+    /// As that host last reported it.
+    pub info: VmInfo,
+}
+
+impl VmRecord {
+    /// Whether it holds its host's resources.
+    pub fn is_live(&self) -> bool {
+        self.info.phase.is_live()
+    }
+}
+
+/// One migration the center ordered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Id (database row).
+    #[serde(default)]
+    pub id: i64,
+    /// VM moved.
+    pub vm: String,
+    /// Source host.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// Why: "maintenance of a", "balance", ...
+    pub reason: String,
+    /// "running", "succeeded" or "failed".
+    pub state: String,
+    /// Started, ms since the epoch.
+    pub started_ms: u64,
+    /// Ended, ms since the epoch.
+    pub finished_ms: Option<u64>,
+    /// Latest progress while it runs.
+    pub progress: Option<Progress>,
+    /// Measured pause, ms.
+    pub downtime_ms: Option<f64>,
+    /// Whole migration, ms.
+    pub total_ms: Option<f64>,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Rounds.
+    pub rounds: u32,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Something that happened, for the operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// "host-joined", "host-down", "host-up", "vm-gone", "maintenance", "migration", ...
+    pub kind: String,
+    /// What.
+    pub message: String,
+}
+
+impl Event {
+    /// An event now.
+    pub fn now(kind: &str, message: String) -> Self {
+        Self {
+            at_ms: unix_ms(),
+            kind: kind.into(),
+            message,
+        }
+    }
+}
+
+/// Room held on a host for a VM that is moving there.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    /// Destination host.
+    pub host: String,
+    /// VM.
+    pub vm: String,
+    /// Accelerator bytes.
+    pub accel: u64,
+    /// RAM + accelerator bytes.
+    pub memory: u64,
+}
+
+/// What a host has free and how loaded it is.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostLoad {
+    /// Host.
+    pub name: String,
+    /// Accelerator memory free, bytes (reservations counted).
+    pub accel_free: u64,
+    /// VM memory free, bytes (reservations counted).
+    pub memory_free: u64,
+    /// Accelerator memory capacity, bytes.
+    pub accel_capacity: u64,
+    /// Accelerator memory used, bytes.
+    pub accel_used: u64,
+    /// Busy devices' worth of accelerator work.
+    pub accel_load: f64,
+    /// Devices' worth of accelerator work it runs at full speed at once.
+    pub accel_slots: f64,
+}
+
+/// The changes a heartbeat made, to write through and log.
+#[derive(Default)]
+pub struct Changes {
+    /// VMs whose records changed.
+    pub vms: Vec<String>,
+    /// VMs no longer anywhere.
+    pub gone: Vec<String>,
+    /// Events to record.
+    pub events: Vec<Event>,
+}
+
+/// The whole inventory.
+#[derive(Default)]
+pub struct Inventory {
+    /// Hosts by name.
+    pub hosts: BTreeMap<String, HostRecord>,
+    /// VMs by id.
+    pub vms: BTreeMap<String, VmRecord>,
+    /// Every migration ordered, oldest first.
+    pub migrations: Vec<MigrationRecord>,
+    /// Room held for moves in flight.
+    pub reservations: Vec<Reservation>,
+    /// Hosts whose going down has been recorded as an event.
+    pub down_noted: BTreeSet<String>,
+}
+
+impl Inventory {
+    /// Whether `host` has sent a heartbeat within `down_after_ms` of `now`.
+    pub fn is_up(&self, host: &str, now: u64, down_after_ms: u64) -> bool {
+        self.hosts
+            .get(host)
+            .is_some_and(|h| now.saturating_sub(h.last_heartbeat_ms) <= down_after_ms)
+    }
+
+    /// Takes a heartbeat: updates the host and the VMs it reports.
+    pub fn apply_heartbeat(&mut self, beat: Heartbeat, now: u64) -> Changes {
+        let mut changes = Changes::default();
+        let name = beat.host.name.clone();
+        match self.hosts.get_mut(&name) {
+            Some(host) => {
+                host.api_url = beat.api_url;
+                host.info = beat.host;
+                host.last_heartbeat_ms = now;
+            }
+            None => {
+                changes.events.push(Event::now(
+                    "host-joined",
+                    format!("host {name} joined ({})", beat.api_url),
+                ));
+                self.hosts.insert(
+                    name.clone(),
+                    HostRecord {
+                        name: name.clone(),
+                        api_url: beat.api_url,
+                        info: beat.host,
+                        mode: HostMode::Active,
+                        last_heartbeat_ms: now,
+                        joined_ms: now,
+                    },
+                );
+            }
+        }
+        if self.down_noted.remove(&name) {
+            changes
+                .events
+                .push(Event::now("host-up", format!("host {name} is back up")));
+        }
+        let reported: BTreeSet<String> = beat.vms.iter().map(|v| v.id.clone()).collect();
+        for info in beat.vms {
+            if self.claims(&name, &info) {
+                let record = VmRecord {
+                    id: info.id.clone(),
+                    host: name.clone(),
+                    info,
+                };
+                changes.vms.push(record.id.clone());
+                self.vms.insert(record.id.clone(), record);
+            }
+        }
+        // VMs this host had but no longer reports were stopped and removed there.
+        let vanished: Vec<String> = self
+            .vms
+            .values()
+            .filter(|vm| vm.host == name && !reported.contains(&vm.id))
+            .map(|vm| vm.id.clone())
+            .collect();
+        for id in vanished {
+            self.vms.remove(&id);
+            changes.events.push(Event::now(
+                "vm-gone",
+                format!("VM {id} is no longer on host {name} (stopped there)"),
+            ));
+            changes.gone.push(id);
+        }
+        changes
+    }
+
+    /// Whether host `name`'s report of a VM is the one to keep. A VM lives on one host
+    /// at a time; the others report it as migrated away (or, briefly, still migrating).
+    fn claims(&self, name: &str, info: &VmInfo) -> bool {
+        let Some(known) = self.vms.get(&info.id) else {
+            return !matches!(info.phase, VmPhase::MigratedAway { .. });
+        };
+        if known.host == name {
+            return true;
+        }
+        let known_runs_elsewhere = known.info.phase == VmPhase::Running;
+        match info.phase {
+            VmPhase::MigratedAway { .. } => false,
+            VmPhase::Migrating | VmPhase::Paused => !known_runs_elsewhere,
+            _ => info.phase.is_live() || !known.is_live(),
+        }
+    }
+
+    /// Records that down hosts went down (once per outage) and returns those events.
+    pub fn note_down_hosts(&mut self, now: u64, down_after_ms: u64) -> Vec<Event> {
+        let down: Vec<String> = self
+            .hosts
+            .keys()
+            .filter(|h| !self.is_up(h, now, down_after_ms) && !self.down_noted.contains(*h))
+            .cloned()
+            .collect();
+        down.into_iter()
+            .map(|host| {
+                let vms: Vec<&str> = self
+                    .vms
+                    .values()
+                    .filter(|vm| vm.host == host && vm.is_live())
+                    .map(|vm| vm.id.as_str())
+                    .collect();
+                let message = format!(
+                    "host {host} is down (no heartbeat for {} ms); its VMs are unreachable: {}",
+                    down_after_ms,
+                    if vms.is_empty() {
+                        "none".to_string()
+                    } else {
+                        vms.join(", ")
+                    }
+                );
+                self.down_noted.insert(host);
+                Event::now("host-down", message)
+            })
+            .collect()
+    }
+
+    /// Free room and load of `host`, counting live VMs and reservations.
+    pub fn load(&self, host: &HostRecord) -> HostLoad {
+        let live = self
+            .vms
+            .values()
+            .filter(|vm| vm.host == host.name && vm.is_live());
+        let (mut accel_used, mut memory_used, mut accel_load) = (0u64, 0u64, 0f64);
+        for vm in live {
+            accel_used += vm.info.accel_memory;
+            memory_used += vm.info.memory + vm.info.accel_memory;
+            accel_load += vm.info.accel_load;
+        }
+        for r in self.reservations.iter().filter(|r| r.host == host.name) {
+            accel_used += r.accel;
+            memory_used += r.memory;
+        }
+        let slots = host.info.cpus as f64 / host.info.accel_threads.max(1) as f64;
+        HostLoad {
+            name: host.name.clone(),
+            accel_free: host.info.accel_capacity.saturating_sub(accel_used),
+            memory_free: host.info.memory_capacity.saturating_sub(memory_used),
+            accel_capacity: host.info.accel_capacity,
+            accel_used,
+            accel_load,
+            accel_slots: slots.max(1.0),
+        }
+    }
+
+    /// Hosts that may take VMs now: up and active, with their room.
+    pub fn open_hosts(&self, now: u64, down_after_ms: u64) -> Vec<HostLoad> {
+        self.hosts
+            .values()
+            .filter(|h| h.mode.accepts_vms() && self.is_up(&h.name, now, down_after_ms))
+            .map(|h| self.load(h))
+            .collect()
+    }
+
+    /// Live VMs on `host`, largest accelerator memory first.
+    pub fn live_vms_on(&self, host: &str) -> Vec<VmRecord> {
+        let mut vms: Vec<VmRecord> = self
+            .vms
+            .values()
+            .filter(|vm| vm.host == host && vm.is_live())
+            .cloned()
+            .collect();
+        vms.sort_by(|a, b| {
+            b.info
+                .accel_memory
+                .cmp(&a.info.accel_memory)
+                .then(a.id.cmp(&b.id))
+        });
+        vms
+    }
+
+    /// The migration with `id`.
+    pub fn migration_mut(&mut self, id: i64) -> Option<&mut MigrationRecord> {
+        self.migrations.iter_mut().find(|m| m.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_info(name: &str) -> HostInfo {
+        HostInfo {
+            name: name.into(),
+            migration_addr: "127.0.0.1:1".into(),
+            version: "0".into(),
+            backend: "cpu".into(),
+            cpus: 2,
+            accel_threads: 2,
+            load_avg: 0.0,
+            memory_capacity: 4 << 30,
+            memory_used: 0,
+            accel_capacity: 2 << 30,
+            accel_used: 0,
+            accel_load: 0.0,
+            vms_running: 0,
+        }
+    }
+
+    fn vm(id: &str, phase: VmPhase) -> VmInfo {
+        VmInfo {
+            id: id.into(),
+            workload: "mlp-train".into(),
+            args: vec![],
+            phase,
+            memory: 256 << 20,
+            accel_memory: 512 << 20,
+            accel_load: 0.5,
+            uptime_ms: 0,
+            since_unix_ms: 0,
+            migrated_from: None,
+            console_tail: String::new(),
+        }
+    }
+
+    fn beat(host: &str, vms: Vec<VmInfo>) -> Heartbeat {
+        Heartbeat {
+            api_url: format!("http://{host}"),
+            host: host_info(host),
+            vms,
+        }
+    }
+
+    #[test]
+    fn a_moved_vm_belongs_to_its_destination_whatever_order_heartbeats_come_in() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 1);
+        assert_eq!(inv.vms["v"].host, "a");
+        // The destination reports it first, then the source, still finishing.
+        inv.apply_heartbeat(beat("b", vec![vm("v", VmPhase::Running)]), 2);
+        assert_eq!(inv.vms["v"].host, "b");
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Migrating)]), 3);
+        assert_eq!(
+            inv.vms["v"].host, "b",
+            "a lagging source must not reclaim it"
+        );
+        let away = VmPhase::MigratedAway { to: "b".into() };
+        inv.apply_heartbeat(beat("a", vec![vm("v", away)]), 4);
+        assert_eq!(inv.vms["v"].host, "b");
+        assert!(inv.vms["v"].is_live());
+    }
+
+    #[test]
+    fn a_vm_a_host_stops_reporting_is_dropped_with_an_event() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 1);
+        let changes = inv.apply_heartbeat(beat("a", vec![]), 2);
+        assert_eq!(changes.gone, vec!["v".to_string()]);
+        assert!(changes.events.iter().any(|e| e.kind == "vm-gone"));
+        assert!(inv.vms.is_empty());
+    }
+
+    #[test]
+    fn a_silent_host_is_down_once_and_keeps_its_vms() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 1000);
+        assert!(inv.is_up("a", 1500, 1000));
+        assert!(inv.note_down_hosts(1500, 1000).is_empty());
+        let events = inv.note_down_hosts(2500, 1000);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].message.contains("v"), "{}", events[0].message);
+        assert!(inv.note_down_hosts(3000, 1000).is_empty(), "noted once");
+        assert!(inv.vms.contains_key("v"), "VMs of a down host are kept");
+        let back = inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 3100);
+        assert!(back.events.iter().any(|e| e.kind == "host-up"));
+    }
+
+    #[test]
+    fn room_counts_live_vms_and_reservations_only() {
+        let mut inv = Inventory::default();
+        let ended = VmPhase::Exited { code: 0 };
+        inv.apply_heartbeat(
+            beat("a", vec![vm("v", VmPhase::Running), vm("w", ended)]),
+            1,
+        );
+        inv.reservations.push(Reservation {
+            host: "a".into(),
+            vm: "x".into(),
+            accel: 256 << 20,
+            memory: 512 << 20,
+        });
+        let load = inv.load(&inv.hosts["a"]);
+        assert_eq!(load.accel_used, (512 + 256) << 20);
+        assert_eq!(load.accel_free, (2048 - 768) << 20);
+        assert_eq!(load.memory_free, (4096 - 768 - 512) << 20);
+        assert_eq!(load.accel_slots, 1.0);
+    }
+}

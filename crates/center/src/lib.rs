@@ -1,0 +1,521 @@
+//! The Ferry cluster manager (`ferry center serve`): hosts join it with heartbeats; it
+//! keeps the inventory in SQLite, places new VMs, empties hosts for maintenance and
+//! balances accelerator load, every move a live migration it verifies.
+//!
+//! - [`inventory`]: what the center knows (hosts, VMs, migrations, events).
+//! - [`store`]: the SQLite database it is written through to.
+//! - [`placement`] and [`balance`]: where VMs go, as pure functions of the inventory.
+//! - [`operations`]: migrations the center orders, maintenance and balancing.
+//! - [`api`]: the HTTP/JSON API, the dashboard and `/metrics`.
+
+pub mod api;
+pub mod balance;
+pub mod inventory;
+pub mod metrics;
+pub mod operations;
+pub mod placement;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ferry_client::ApiClient;
+use ferry_host::heartbeat::Heartbeat;
+use ferry_host::hosted::VmInfo;
+use ferry_host::{CreateVm, HostInfo};
+use serde::{Deserialize, Serialize};
+
+use inventory::{unix_ms, Event, HostMode, HostRecord, Inventory, MigrationRecord, VmRecord};
+use operations::Operation;
+use placement::Need;
+use store::{Store, StoreError};
+
+/// Errors of center operations, each with the HTTP status the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum CenterError {
+    /// No such host, VM or operation.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not possible in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// No host has room.
+    #[error("{0}")]
+    NoRoom(String),
+    /// A host needed for it is down or unreachable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How the center runs.
+#[derive(Debug, Clone)]
+pub struct CenterConfig {
+    /// SQLite database file.
+    pub db: PathBuf,
+    /// Bearer token of operators (API, dashboard, metrics).
+    pub token: Vec<u8>,
+    /// The cluster's shared secret: hosts send it with heartbeats; the center sends it
+    /// to the hosts' APIs.
+    pub secret: Vec<u8>,
+    /// A host silent this long is down.
+    pub down_after: Duration,
+    /// Migrations run at once by maintenance and balancing.
+    pub parallel: usize,
+    /// Pressure spread above which the cluster is imbalanced.
+    pub balance_threshold: f64,
+    /// Balance automatically this often (none: only on request).
+    pub balance_every: Option<Duration>,
+}
+
+/// A request to create a VM through the center.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PlaceVm {
+    /// The VM.
+    #[serde(flatten)]
+    pub vm: CreateVm,
+    /// Put it on this host instead of letting the center choose.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// A VM placed by the center: where, and as its host reported it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Placed {
+    /// Host chosen.
+    pub host: String,
+    /// The VM.
+    pub vm: VmInfo,
+}
+
+/// A host as the API and dashboard show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostView {
+    /// Name.
+    pub name: String,
+    /// "up" or "down" (no heartbeat within the limit).
+    pub status: String,
+    /// "active", "evacuating", "maintenance" or "maintenance-incomplete".
+    pub mode: String,
+    /// Why maintenance is incomplete.
+    pub mode_reason: Option<String>,
+    /// Its API.
+    pub api_url: String,
+    /// Milliseconds since its last heartbeat.
+    pub since_heartbeat_ms: u64,
+    /// Capacity and load, as of its last heartbeat.
+    pub info: HostInfo,
+    /// Live VMs the center places on it.
+    pub vms: usize,
+    /// Balancing pressure (0 idle, 1 full).
+    pub pressure: f64,
+}
+
+/// A VM as the API and dashboard show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmView {
+    /// Id.
+    pub id: String,
+    /// Host it is on.
+    pub host: String,
+    /// State; "unreachable" while its host is down.
+    pub state: String,
+    /// State its host last reported.
+    pub last_state: String,
+    /// Workload.
+    pub workload: String,
+    /// Guest RAM, bytes.
+    pub memory: u64,
+    /// Accelerator memory, bytes.
+    pub accel_memory: u64,
+    /// Accelerator load.
+    pub accel_load: f64,
+    /// Time on its host, ms.
+    pub uptime_ms: u64,
+    /// Where it came from, if it moved.
+    pub migrated_from: Option<String>,
+}
+
+/// The whole cluster at a glance (`GET /v1/cluster`, what the dashboard shows).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// Now, ms since the epoch.
+    pub now_ms: u64,
+    /// Hosts.
+    pub hosts: Vec<HostView>,
+    /// VMs.
+    pub vms: Vec<VmView>,
+    /// Migrations in progress, then the last finished ones, newest first.
+    pub migrations: Vec<MigrationRecord>,
+    /// Recent operations, newest first.
+    pub operations: Vec<Operation>,
+    /// Recent events, newest first.
+    pub events: Vec<Event>,
+}
+
+/// The cluster manager.
+pub struct Center {
+    config: CenterConfig,
+    inventory: Mutex<Inventory>,
+    store: Mutex<Store>,
+    operations: Mutex<BTreeMap<u64, Operation>>,
+}
+
+fn phase_name(info: &VmInfo) -> String {
+    serde_json::to_value(&info.phase)
+        .ok()
+        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl Center {
+    /// Opens the database and loads what it holds. Migrations that were running when the
+    /// center stopped are marked interrupted; so is an evacuation.
+    pub fn open(config: CenterConfig) -> Result<Arc<Self>, CenterError> {
+        let store = Store::open(&config.db)?;
+        let loaded = store.load()?;
+        let mut inventory = Inventory::default();
+        for mut host in loaded.hosts {
+            if host.mode == HostMode::Evacuating {
+                host.mode = HostMode::MaintenanceIncomplete {
+                    reason: "the center restarted during the evacuation; enter maintenance again"
+                        .into(),
+                };
+                store.put_host(&host)?;
+            }
+            inventory.hosts.insert(host.name.clone(), host);
+        }
+        inventory.vms = loaded
+            .vms
+            .into_iter()
+            .map(|vm| (vm.id.clone(), vm))
+            .collect();
+        for mut m in loaded.migrations {
+            if m.state == "running" {
+                m.state = "failed".into();
+                m.error = Some(
+                    "interrupted: the center restarted while it ran (the hosts know the outcome)"
+                        .into(),
+                );
+                m.finished_ms = Some(unix_ms());
+                store.put_migration(&m)?;
+            }
+            inventory.migrations.push(m);
+        }
+        store.add_event(&Event::now(
+            "center-started",
+            format!(
+                "center started with {} host(s), {} VM(s), {} migration(s) on record",
+                inventory.hosts.len(),
+                inventory.vms.len(),
+                inventory.migrations.len()
+            ),
+        ))?;
+        Ok(Arc::new(Self {
+            config,
+            inventory: Mutex::new(inventory),
+            store: Mutex::new(store),
+            operations: Mutex::default(),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CenterConfig {
+        &self.config
+    }
+
+    fn inventory(&self) -> MutexGuard<'_, Inventory> {
+        self.inventory.lock().expect("inventory lock")
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().expect("store lock")
+    }
+
+    fn down_after_ms(&self) -> u64 {
+        self.config.down_after.as_millis() as u64
+    }
+
+    /// Records events (logged too).
+    fn record(&self, events: &[Event]) -> Result<(), StoreError> {
+        let store = self.store();
+        for e in events {
+            tracing::info!(kind = %e.kind, "{}", e.message);
+            store.add_event(e)?;
+        }
+        Ok(())
+    }
+
+    /// A client of `host`'s API.
+    fn host_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
+        ApiClient::new(&host.api_url, &self.config.secret)
+            .map_err(|e| CenterError::BadRequest(e.to_string()))
+    }
+
+    /// Takes a host's heartbeat.
+    pub fn heartbeat(&self, beat: Heartbeat) -> Result<(), CenterError> {
+        if beat.host.name.is_empty() || beat.host.name.len() > 64 {
+            return Err(CenterError::BadRequest(
+                "a host name must be 1 to 64 bytes".into(),
+            ));
+        }
+        let name = beat.host.name.clone();
+        let mut inventory = self.inventory();
+        let changes = inventory.apply_heartbeat(beat, unix_ms());
+        let host = inventory.hosts[&name].clone();
+        let vms: Vec<&VmRecord> = changes
+            .vms
+            .iter()
+            .filter_map(|id| inventory.vms.get(id))
+            .collect();
+        let mut store = self.store();
+        store.put_host(&host)?;
+        store.put_vms(&vms, &changes.gone)?;
+        drop(store);
+        drop(inventory);
+        self.record(&changes.events)?;
+        Ok(())
+    }
+
+    /// Notes hosts that went down; run periodically by [`Self::start_monitor`].
+    pub fn check_hosts(&self) -> Result<(), CenterError> {
+        let events = self
+            .inventory()
+            .note_down_hosts(unix_ms(), self.down_after_ms());
+        self.record(&events)?;
+        Ok(())
+    }
+
+    /// Starts the thread that notices hosts going down and, if configured, balances
+    /// periodically.
+    pub fn start_monitor(self: &Arc<Self>) -> std::io::Result<()> {
+        let center = self.clone();
+        let tick = (self.config.down_after / 4).max(Duration::from_millis(50));
+        std::thread::Builder::new()
+            .name("center-monitor".into())
+            .spawn(move || {
+                let mut last_balance = std::time::Instant::now();
+                loop {
+                    std::thread::sleep(tick);
+                    if let Err(e) = center.check_hosts() {
+                        tracing::error!("checking hosts: {e}");
+                    }
+                    if let Some(every) = center.config.balance_every {
+                        if last_balance.elapsed() >= every {
+                            last_balance = std::time::Instant::now();
+                            match center.balance(false) {
+                                Ok(out) if !out.plan.moves.is_empty() => {
+                                    tracing::info!("periodic balance: {}", out.plan.summary);
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::debug!("periodic balance skipped: {e}"),
+                            }
+                        }
+                    }
+                }
+            })
+            .map(drop)
+    }
+
+    fn host_view(&self, inventory: &Inventory, host: &HostRecord, now: u64) -> HostView {
+        let load = inventory.load(host);
+        HostView {
+            name: host.name.clone(),
+            status: if inventory.is_up(&host.name, now, self.down_after_ms()) {
+                "up".into()
+            } else {
+                "down".into()
+            },
+            mode: host.mode.name().into(),
+            mode_reason: match &host.mode {
+                HostMode::MaintenanceIncomplete { reason } => Some(reason.clone()),
+                _ => None,
+            },
+            api_url: host.api_url.clone(),
+            since_heartbeat_ms: now.saturating_sub(host.last_heartbeat_ms),
+            info: host.info.clone(),
+            vms: inventory.live_vms_on(&host.name).len(),
+            pressure: balance::pressure(&load),
+        }
+    }
+
+    fn vm_view(&self, inventory: &Inventory, vm: &VmRecord, now: u64) -> VmView {
+        let last_state = phase_name(&vm.info);
+        let up = inventory.is_up(&vm.host, now, self.down_after_ms());
+        VmView {
+            id: vm.id.clone(),
+            host: vm.host.clone(),
+            state: if up {
+                last_state.clone()
+            } else {
+                "unreachable".into()
+            },
+            last_state,
+            workload: vm.info.workload.clone(),
+            memory: vm.info.memory,
+            accel_memory: vm.info.accel_memory,
+            accel_load: vm.info.accel_load,
+            uptime_ms: vm.info.uptime_ms,
+            migrated_from: vm.info.migrated_from.clone(),
+        }
+    }
+
+    /// Every host.
+    pub fn hosts(&self) -> Vec<HostView> {
+        let now = unix_ms();
+        let inventory = self.inventory();
+        inventory
+            .hosts
+            .values()
+            .map(|h| self.host_view(&inventory, h, now))
+            .collect()
+    }
+
+    /// One host.
+    pub fn host(&self, name: &str) -> Result<HostView, CenterError> {
+        let now = unix_ms();
+        let inventory = self.inventory();
+        let host = inventory
+            .hosts
+            .get(name)
+            .ok_or_else(|| CenterError::NotFound(format!("no host named '{name}' has joined")))?;
+        Ok(self.host_view(&inventory, host, now))
+    }
+
+    /// Every VM.
+    pub fn vms(&self) -> Vec<VmView> {
+        let now = unix_ms();
+        let inventory = self.inventory();
+        inventory
+            .vms
+            .values()
+            .map(|vm| self.vm_view(&inventory, vm, now))
+            .collect()
+    }
+
+    /// Every migration on record, oldest first.
+    pub fn migrations(&self) -> Vec<MigrationRecord> {
+        self.inventory().migrations.clone()
+    }
+
+    /// The cluster at a glance.
+    pub fn cluster(&self) -> Result<ClusterView, CenterError> {
+        let now = unix_ms();
+        let events = self.store().events(30)?;
+        let inventory = self.inventory();
+        let mut migrations: Vec<MigrationRecord> = inventory
+            .migrations
+            .iter()
+            .filter(|m| m.state == "running")
+            .cloned()
+            .collect();
+        migrations.extend(
+            inventory
+                .migrations
+                .iter()
+                .rev()
+                .filter(|m| m.state != "running")
+                .take(50)
+                .cloned(),
+        );
+        let view = ClusterView {
+            now_ms: now,
+            hosts: inventory
+                .hosts
+                .values()
+                .map(|h| self.host_view(&inventory, h, now))
+                .collect(),
+            vms: inventory
+                .vms
+                .values()
+                .map(|vm| self.vm_view(&inventory, vm, now))
+                .collect(),
+            migrations,
+            operations: self.operations(10),
+            events,
+        };
+        Ok(view)
+    }
+
+    /// Recent events, newest first.
+    pub fn events(&self, n: usize) -> Result<Vec<Event>, CenterError> {
+        Ok(self.store().events(n)?)
+    }
+
+    /// Creates a VM on the host with the most free accelerator memory (or the one
+    /// asked for), and records it.
+    pub fn create_vm(&self, req: &PlaceVm) -> Result<Placed, CenterError> {
+        let need = Need::of(req.vm.memory, req.vm.accel_memory);
+        let host = {
+            let inventory = self.inventory();
+            let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
+            let name = match &req.host {
+                Some(name) => {
+                    let Some(h) = open.iter().find(|h| &h.name == name) else {
+                        return Err(if inventory.hosts.contains_key(name) {
+                            CenterError::Unavailable(format!(
+                                "host {name} is down or in maintenance; it takes no new VMs"
+                            ))
+                        } else {
+                            CenterError::NotFound(format!("no host named '{name}' has joined"))
+                        });
+                    };
+                    placement::choose(std::slice::from_ref(h), need)
+                        .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
+                        .name
+                        .clone()
+                }
+                None => placement::choose(&open, need)
+                    .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
+                    .name
+                    .clone(),
+            };
+            inventory.hosts[&name].clone()
+        };
+        let client = self.host_client(&host)?;
+        let vm: VmInfo = client
+            .post("/v1/vms", &req.vm)
+            .map_err(|e| CenterError::Unavailable(format!("host {}: {e:#}", host.name)))?;
+        let record = VmRecord {
+            id: vm.id.clone(),
+            host: host.name.clone(),
+            info: vm.clone(),
+        };
+        self.inventory()
+            .vms
+            .insert(record.id.clone(), record.clone());
+        self.store().put_vms(&[&record], &[])?;
+        self.record(&[Event::now(
+            "vm-created",
+            format!(
+                "VM {} ({}) placed on host {}",
+                vm.id, vm.workload, host.name
+            ),
+        )])?;
+        Ok(Placed {
+            host: host.name,
+            vm,
+        })
+    }
+
+    /// Sets a host's maintenance mode and writes it through.
+    fn set_mode(&self, host: &str, mode: HostMode) -> Result<(), CenterError> {
+        let record = {
+            let mut inventory = self.inventory();
+            let record = inventory.hosts.get_mut(host).ok_or_else(|| {
+                CenterError::NotFound(format!("no host named '{host}' has joined"))
+            })?;
+            record.mode = mode;
+            record.clone()
+        };
+        self.store().put_host(&record)?;
+        Ok(())
+    }
+}

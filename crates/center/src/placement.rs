@@ -1,0 +1,128 @@
+//! Where a VM goes: the open host with the most free accelerator memory that fits it,
+//! then the most free VM memory, then by name (so plans are reproducible).
+
+use crate::inventory::HostLoad;
+
+/// What a VM needs of a host.
+#[derive(Debug, Clone, Copy)]
+pub struct Need {
+    /// Accelerator memory, bytes.
+    pub accel: u64,
+    /// RAM + accelerator memory, bytes.
+    pub memory: u64,
+}
+
+impl Need {
+    /// What a VM of these sizes needs.
+    pub fn of(ram: u64, accel: u64) -> Self {
+        Self {
+            accel,
+            memory: ram + accel,
+        }
+    }
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+/// The host for a VM needing `need`, among `hosts`; or why none fits.
+pub fn choose(hosts: &[HostLoad], need: Need) -> Result<&HostLoad, String> {
+    hosts
+        .iter()
+        .filter(|h| h.accel_free >= need.accel && h.memory_free >= need.memory)
+        .max_by(|a, b| {
+            a.accel_free
+                .cmp(&b.accel_free)
+                .then(a.memory_free.cmp(&b.memory_free))
+                .then(b.name.cmp(&a.name))
+        })
+        .ok_or_else(|| no_room(hosts, need))
+}
+
+/// Why no host fits: what was needed and what each host has free.
+fn no_room(hosts: &[HostLoad], need: Need) -> String {
+    if hosts.is_empty() {
+        return "no host is up and in service".into();
+    }
+    let free: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {} MiB accel / {} MiB memory",
+                h.name,
+                mib(h.accel_free),
+                mib(h.memory_free)
+            )
+        })
+        .collect();
+    format!(
+        "no host has {} MiB of accelerator memory and {} MiB of VM memory free (free: {})",
+        mib(need.accel),
+        mib(need.memory),
+        free.join(", ")
+    )
+}
+
+/// Takes `need` off `host`'s free room (a placement made in a plan).
+pub fn take(host: &mut HostLoad, need: Need) {
+    host.accel_free -= need.accel;
+    host.memory_free -= need.memory;
+    host.accel_used += need.accel;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn host(name: &str, accel_free_mib: u64, memory_free_mib: u64) -> HostLoad {
+        HostLoad {
+            name: name.into(),
+            accel_free: accel_free_mib << 20,
+            memory_free: memory_free_mib << 20,
+            accel_capacity: 1 << 30,
+            accel_used: (1 << 30) - (accel_free_mib << 20).min(1 << 30),
+            accel_load: 0.0,
+            accel_slots: 1.0,
+        }
+    }
+
+    #[test]
+    fn most_free_accelerator_memory_wins() {
+        let hosts = [
+            host("a", 512, 8000),
+            host("b", 900, 1000),
+            host("c", 700, 9000),
+        ];
+        let need = Need::of(256 << 20, 256 << 20);
+        assert_eq!(choose(&hosts, need).unwrap().name, "b");
+    }
+
+    #[test]
+    fn a_host_without_vm_memory_is_skipped() {
+        let hosts = [host("a", 900, 300), host("b", 600, 9000)];
+        let need = Need::of(256 << 20, 256 << 20);
+        assert_eq!(choose(&hosts, need).unwrap().name, "b");
+    }
+
+    #[test]
+    fn ties_go_to_the_first_name() {
+        let hosts = [host("b", 600, 600), host("a", 600, 600)];
+        assert_eq!(choose(&hosts, Need::of(0, 0)).unwrap().name, "a");
+    }
+
+    #[test]
+    fn no_room_says_what_was_needed_and_what_is_free() {
+        let hosts = [host("a", 100, 8000), host("b", 200, 8000)];
+        let why = choose(&hosts, Need::of(256 << 20, 1 << 30)).unwrap_err();
+        assert!(why.contains("1024 MiB of accelerator memory"), "{why}");
+        assert!(
+            why.contains("a 100 MiB accel") && why.contains("b 200 MiB"),
+            "{why}"
+        );
+        assert_eq!(
+            choose(&[], Need::of(0, 0)).unwrap_err(),
+            "no host is up and in service"
+        );
+    }
+}

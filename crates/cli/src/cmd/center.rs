@@ -1,0 +1,485 @@
+//! `ferry center ...` (the cluster manager and its clients) and
+//! `ferry host maintenance ...`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ferry_center::balance::BalancePlan;
+use ferry_center::inventory::MigrationRecord;
+use ferry_center::operations::{BalanceOutcome, Operation};
+use ferry_center::{Center, CenterConfig, ClusterView};
+use ferry_client::ApiClient;
+
+use crate::cmd::host::SecretArgs;
+use crate::cmd::migrate::spinner;
+
+/// Default address of the center's API.
+pub const DEFAULT_CENTER: &str = "http://127.0.0.1:7000";
+
+/// Which center to talk to, and the operator token.
+#[derive(Args, Clone)]
+pub struct CenterAddr {
+    /// The center's API.
+    #[arg(long = "center", value_name = "URL", env = "FERRY_CENTER", default_value = DEFAULT_CENTER)]
+    pub url: String,
+    #[command(flatten)]
+    pub token: TokenArgs,
+}
+
+impl CenterAddr {
+    /// A client for it.
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        ApiClient::new(&self.url, &self.token.token()?)
+    }
+}
+
+/// How commands find the operator token of the center.
+#[derive(Args, Clone)]
+pub struct TokenArgs {
+    /// File holding the center's operator token. Default: the FERRY_CENTER_TOKEN
+    /// environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    /// The token from --token-file or FERRY_CENTER_TOKEN.
+    pub fn token(&self) -> anyhow::Result<Vec<u8>> {
+        let text = match &self.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+            None => std::env::var("FERRY_CENTER_TOKEN").map_err(|_| {
+                anyhow::anyhow!(
+                    "no center token: pass --token-file FILE or set FERRY_CENTER_TOKEN (e.g. export FERRY_CENTER_TOKEN={})",
+                    ferry_migrate::Secret::generate_hex()
+                )
+            })?,
+        };
+        let token = text.trim();
+        if token.len() < 16 {
+            bail!("the center token must be at least 16 characters");
+        }
+        Ok(token.as_bytes().to_vec())
+    }
+}
+
+/// `ferry center`.
+#[derive(Args)]
+pub struct CenterArgs {
+    #[command(subcommand)]
+    command: CenterCommand,
+}
+
+#[derive(Subcommand)]
+enum CenterCommand {
+    /// Run the cluster manager: inventory, placement, maintenance, balancing, dashboard.
+    #[command(after_help = API_HELP)]
+    Serve(ServeArgs),
+    /// Show hosts, VMs and recent migrations.
+    Status {
+        #[command(flatten)]
+        center: CenterAddr,
+        /// Print the whole cluster view as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Even out accelerator load and memory across hosts with live migrations.
+    #[command(after_help = BALANCE_HELP)]
+    Balance {
+        #[command(flatten)]
+        center: CenterAddr,
+        /// Show the plan; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON: the plan (dry run), or the finished operation.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const BALANCE_HELP: &str = "\
+The rule: each host in service has a pressure, the larger of its accelerator memory use
+(used / capacity) and its accelerator load (busy devices / devices it runs at full speed).
+When the most and least pressured hosts differ by more than the threshold (ferry center
+serve --balance-threshold, default 0.2), the planner takes the busiest host and makes the
+one move of one of its VMs, to a host with room, that narrows the spread most; it repeats
+until the spread is within the threshold or no move narrows it. Every move is a live
+migration, verified on the destination.";
+
+const API_HELP: &str = "\
+API (operators send 'Authorization: Bearer <center token>'; errors are {\"error\": \"...\"}):
+  GET    /                             the dashboard (asks for the token)
+  GET    /v1/cluster                   hosts, VMs, migrations, operations, events
+  GET    /v1/hosts, /v1/hosts/NAME     status (up/down), mode, capacity, load, pressure
+  POST   /v1/hosts/NAME/maintenance    move its VMs off live, then hold it in maintenance
+  DELETE /v1/hosts/NAME/maintenance    return it to service
+  GET    /v1/vms                       VMs and where they run
+  POST   /v1/vms                       create where there is room: {\"workload\", \"args\",
+                                       \"memory\", \"accel_memory\", \"host\" (optional)}
+  GET    /v1/migrations                every migration the center ordered, with its pause
+  GET    /v1/operations/ID             a maintenance or balance operation
+  GET    /v1/balance                   the balance plan now
+  POST   /v1/balance                   {\"dry_run\": false} carries it out
+  GET    /v1/events?n=100              recent events
+  GET    /metrics                      Prometheus metrics (same token)
+  POST   /v1/heartbeat                 hosts only, with the cluster's shared secret
+
+Example:
+  export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
+  export FERRY_CENTER_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
+  ferry center serve --listen 127.0.0.1:7000 &
+  ferry host serve --name a --listen 127.0.0.1:7070 --migration-listen 127.0.0.1:7071 \\
+      --center http://127.0.0.1:7000 &
+  ferry vm create --center http://127.0.0.1:7000 --accel-memory 256M mlp-train
+  ferry host maintenance enter a";
+
+/// `ferry center serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address of the API and dashboard.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
+    pub listen: String,
+    /// SQLite database with the inventory and history (created if missing).
+    #[arg(long, value_name = "FILE", default_value = "ferry-center.db")]
+    pub db: PathBuf,
+    /// A host whose heartbeats stop for this long is marked down.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub down_after_ms: u64,
+    /// Migrations run at once when emptying a host or balancing.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub parallel: u64,
+    /// Pressure spread (0 to 1) above which the cluster counts as imbalanced.
+    #[arg(long, value_name = "X", default_value_t = 0.2)]
+    pub balance_threshold: f64,
+    /// Also balance on its own every this many seconds.
+    #[arg(long, value_name = "S")]
+    pub balance_every_s: Option<u64>,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// A running center: where it listens.
+pub struct RunningCenter {
+    /// API address actually bound.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Starts the center's API on `runtime` and its monitor thread.
+pub fn start(
+    runtime: &tokio::runtime::Runtime,
+    config: CenterConfig,
+    listen: &str,
+) -> anyhow::Result<RunningCenter> {
+    let center = Center::open(config)?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .with_context(|| format!("cannot listen for the center's API on {listen}"))?;
+    let addr = listener.local_addr()?;
+    center
+        .start_monitor()
+        .context("cannot start the center's monitor thread")?;
+    let router = ferry_center::api::router(center);
+    runtime.spawn(async move {
+        if let Err(e) = ferry_center::api::serve(listener, router).await {
+            tracing::error!("the center's API stopped: {e}");
+        }
+    });
+    Ok(RunningCenter { addr })
+}
+
+/// `ferry center ...`.
+pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
+    match &args.command {
+        CenterCommand::Serve(serve) => {
+            if !(0.0..=10.0).contains(&serve.balance_threshold) {
+                bail!("--balance-threshold must be between 0 and 10");
+            }
+            let config = CenterConfig {
+                db: serve.db.clone(),
+                token: serve.token.token()?,
+                secret: serve.secret.secret()?.expose().to_vec(),
+                down_after: Duration::from_millis(serve.down_after_ms),
+                parallel: serve.parallel as usize,
+                balance_threshold: serve.balance_threshold,
+                balance_every: serve.balance_every_s.map(Duration::from_secs),
+            };
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let running = start(&runtime, config, &serve.listen)?;
+            println!(
+                "ferry center: API and dashboard on http://{} (database {})",
+                running.addr,
+                serve.db.display()
+            );
+            runtime.block_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            Ok(())
+        }
+        CenterCommand::Status { center, json } => {
+            let view: ClusterView = center.client()?.get("/v1/cluster")?;
+            if *json {
+                println!("{}", serde_json::to_string(&view)?);
+            } else {
+                print_status(&view);
+            }
+            Ok(())
+        }
+        CenterCommand::Balance {
+            center,
+            dry_run,
+            json,
+        } => {
+            let client = center.client()?;
+            let outcome: BalanceOutcome =
+                client.post("/v1/balance", &serde_json::json!({ "dry_run": dry_run }))?;
+            if !*json || outcome.operation.is_none() {
+                if *json {
+                    println!("{}", serde_json::to_string(&outcome.plan)?);
+                } else {
+                    print_plan(&outcome.plan, *dry_run);
+                }
+            }
+            match outcome.operation {
+                Some(op) => follow_operation(&client, op.id, *json),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+fn print_status(view: &ClusterView) {
+    println!(
+        "{:<10} {:<5} {:<22} {:>5} {:>16} {:>16} {:>6} {:>5}",
+        "HOST", "UP", "MODE", "VMS", "ACCEL MiB", "MEMORY MiB", "LOAD", "PRES"
+    );
+    for h in &view.hosts {
+        println!(
+            "{:<10} {:<5} {:<22} {:>5} {:>16} {:>16} {:>6.2} {:>4.0}%",
+            h.name,
+            h.status,
+            h.mode,
+            h.vms,
+            format!("{}/{}", mib(h.info.accel_used), mib(h.info.accel_capacity)),
+            format!(
+                "{}/{}",
+                mib(h.info.memory_used),
+                mib(h.info.memory_capacity)
+            ),
+            h.info.accel_load,
+            h.pressure * 100.0
+        );
+        if let Some(reason) = &h.mode_reason {
+            println!("           not ready: {reason}");
+        }
+    }
+    println!();
+    println!(
+        "{:<14} {:<12} {:<10} {:<14} {:>10} {:>6}",
+        "VM", "WORKLOAD", "HOST", "STATE", "ACCEL MiB", "LOAD"
+    );
+    for vm in &view.vms {
+        println!(
+            "{:<14} {:<12} {:<10} {:<14} {:>10} {:>6.2}",
+            vm.id,
+            vm.workload,
+            vm.host,
+            vm.state,
+            mib(vm.accel_memory),
+            vm.accel_load
+        );
+    }
+    if !view.migrations.is_empty() {
+        println!();
+        for m in view.migrations.iter().take(10) {
+            println!("{}", migration_line(m));
+        }
+    }
+}
+
+/// One line for a migration.
+fn migration_line(m: &MigrationRecord) -> String {
+    match (m.state.as_str(), m.downtime_ms) {
+        ("succeeded", Some(pause)) => format!(
+            "{} {} -> {}: moved, pause {pause:.1} ms, total {:.0} ms, {} MiB, {} round(s) [{}]",
+            m.vm,
+            m.from,
+            m.to,
+            m.total_ms.unwrap_or(0.0),
+            mib(m.bytes_sent),
+            m.rounds,
+            m.reason
+        ),
+        ("running", _) => format!(
+            "{} {} -> {}: moving{} [{}]",
+            m.vm,
+            m.from,
+            m.to,
+            m.progress
+                .as_ref()
+                .map(|p| format!(
+                    " ({} round {}, {} MiB sent)",
+                    p.phase,
+                    p.round,
+                    mib(p.bytes_sent)
+                ))
+                .unwrap_or_default(),
+            m.reason
+        ),
+        _ => format!(
+            "{} {} -> {}: FAILED, it stays on {}: {} [{}]",
+            m.vm,
+            m.from,
+            m.to,
+            m.from,
+            m.error.as_deref().unwrap_or("unknown"),
+            m.reason
+        ),
+    }
+}
+
+fn print_plan(plan: &BalancePlan, dry_run: bool) {
+    println!("{}", plan.summary);
+    for h in &plan.hosts {
+        println!(
+            "  {:<10} pressure {:>4.0}% -> {:>4.0}%",
+            h.host,
+            h.before * 100.0,
+            h.after * 100.0
+        );
+    }
+    for m in &plan.moves {
+        println!(
+            "  move {} {} -> {} ({} MiB accelerator memory, load {:.2})",
+            m.vm,
+            m.from,
+            m.to,
+            mib(m.accel_memory),
+            m.load
+        );
+    }
+    if dry_run && !plan.moves.is_empty() {
+        println!("dry run: nothing was moved");
+    }
+}
+
+/// Follows operation `id` to its end, printing each migration as it ends; fails if the
+/// operation ends incomplete. `json`: print the operation and its migrations as the
+/// last line instead.
+fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<()> {
+    let bar = spinner(json);
+    let started = Instant::now();
+    let mut printed = std::collections::BTreeSet::new();
+    let (op, migrations) = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let op: Operation = client.get(&format!("/v1/operations/{id}"))?;
+        let all: Vec<MigrationRecord> = client.get("/v1/migrations")?;
+        let mine: Vec<MigrationRecord> = all
+            .into_iter()
+            .filter(|m| op.migrations.contains(&m.id))
+            .collect();
+        let running: Vec<String> = mine
+            .iter()
+            .filter(|m| m.state == "running")
+            .map(migration_line)
+            .collect();
+        for m in mine.iter().filter(|m| m.state != "running") {
+            if printed.insert(m.id) && !json {
+                bar.println(migration_line(m));
+            }
+        }
+        bar.set_message(running.join(" | "));
+        if op.state != "running" {
+            break (op, mine);
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("operation {id} still running after an hour; see GET /v1/operations/{id}");
+        }
+    };
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "operation": op, "migrations": migrations })
+        );
+    } else {
+        println!("{}", op.summary);
+        for p in &op.problems {
+            println!("  problem: {p}");
+        }
+    }
+    if op.state != "done" {
+        bail!("{}", op.summary);
+    }
+    Ok(())
+}
+
+/// `ferry host maintenance`.
+#[derive(Args)]
+pub struct MaintenanceArgs {
+    #[command(subcommand)]
+    command: MaintenanceCommand,
+    #[command(flatten)]
+    center: CenterAddr,
+    /// Print JSON: the operation and its migrations (enter), the host (exit).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCommand {
+    /// Move every VM off HOST live (each to a host with room), then hold it in
+    /// maintenance: nothing new lands there. Refuses, moving nothing, if some VM has
+    /// nowhere to go; exits non-zero if some VM could not move (it keeps running where
+    /// it is).
+    Enter {
+        /// Host name.
+        host: String,
+    },
+    /// Return HOST to service.
+    Exit {
+        /// Host name.
+        host: String,
+    },
+}
+
+/// `ferry host maintenance ...`.
+pub fn maintenance(args: &MaintenanceArgs) -> anyhow::Result<()> {
+    let client = args.center.client()?;
+    match &args.command {
+        MaintenanceCommand::Enter { host } => {
+            let op: Operation = client.post(
+                &format!("/v1/hosts/{host}/maintenance"),
+                &serde_json::json!({}),
+            )?;
+            if !args.json {
+                println!(
+                    "host {host} entering maintenance: {} VM(s) to move",
+                    op.planned.len()
+                );
+                for (vm, from, to) in &op.planned {
+                    println!("  {vm}: {from} -> {to}");
+                }
+            }
+            follow_operation(&client, op.id, args.json)
+        }
+        MaintenanceCommand::Exit { host } => {
+            let view: ferry_center::HostView =
+                client.delete(&format!("/v1/hosts/{host}/maintenance"))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&view)?);
+            } else {
+                println!("host {host} is back in service ({})", view.mode);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Heartbeats to the cluster center: every interval the host posts its capacity, load
+//! and VMs to `POST {center}/v1/heartbeat`, authenticated with the cluster's shared
+//! secret. The center marks a host down when they stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hosted::VmInfo;
+use crate::{Host, HostInfo};
+
+/// One heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Where the center reaches this host's API (`http://HOST:PORT`).
+    pub api_url: String,
+    /// Capacity and load.
+    pub host: HostInfo,
+    /// Every VM the host knows, ended and migrated ones included.
+    pub vms: Vec<VmInfo>,
+}
+
+/// Where and how often a host reports to its center.
+#[derive(Debug, Clone)]
+pub struct CenterLink {
+    /// The center's API (`http://HOST:PORT`).
+    pub center_url: String,
+    /// This host's API as the center reaches it.
+    pub api_url: String,
+    /// This host's migration address as peers reach it.
+    pub migration_addr: String,
+    /// Time between heartbeats.
+    pub interval: Duration,
+}
+
+/// The machine's one-minute load average, from `/proc/loadavg`.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sends heartbeats from a thread of their own, for as long as the process runs. A
+/// center that cannot be reached is logged once per outage, not per beat.
+pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
+    let token = String::from_utf8_lossy(host.config().secret.expose()).into_owned();
+    let client = ferry_client::ApiClient::new(&link.center_url, token.as_bytes())
+        .map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            let mut reachable = None;
+            loop {
+                let beat = Heartbeat {
+                    api_url: link.api_url.clone(),
+                    host: host.info(&link.migration_addr),
+                    vms: host.list(),
+                };
+                let sent = client.post::<_, serde_json::Value>("/v1/heartbeat", &beat);
+                match (&sent, reachable) {
+                    (Ok(_), Some(true)) | (Err(_), Some(false)) => {}
+                    (Ok(_), _) => tracing::info!(center = %link.center_url, "reporting to the center"),
+                    (Err(e), _) => tracing::warn!(center = %link.center_url, "the center is not taking heartbeats: {e:#}"),
+                }
+                reachable = Some(sent.is_ok());
+                std::thread::sleep(link.interval);
+            }
+        })
+        .map(drop)
+}
