@@ -22,7 +22,7 @@ pub const DEFAULT_CENTER: &str = "http://127.0.0.1:7000";
 #[derive(Args, Clone)]
 pub struct CenterAddr {
     /// The center's API.
-    #[arg(long = "center", value_name = "URL", env = "FERRY_CENTER", default_value = DEFAULT_CENTER)]
+    #[arg(long = "center", value_name = "URL", env = "FERRY_CENTER", default_value = DEFAULT_CENTER, global = true)]
     pub url: String,
     #[command(flatten)]
     pub token: TokenArgs,
@@ -40,7 +40,7 @@ impl CenterAddr {
 pub struct TokenArgs {
     /// File holding the center's operator token. Default: the FERRY_CENTER_TOKEN
     /// environment variable.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub token_file: Option<PathBuf>,
 }
 

@@ -268,21 +268,20 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
             } else {
                 ""
             };
-            println!(
-                "ferry host {}: API on http://{}, migrations on {}{tls}",
-                serve.name, daemon.api_addr, daemon.migration_addr
-            );
-            if let Some(center) = &serve.center {
+            let mut center = String::new();
+            if let Some(url) = &serve.center {
                 daemon.join_center(
-                    center,
+                    url,
                     serve.advertise.as_deref(),
                     std::time::Duration::from_millis(serve.heartbeat_ms),
                 )?;
-                println!(
-                    "ferry host {}: reporting to the center at {center}",
-                    serve.name
-                );
+                center = format!(" (reporting to the center at {url})");
             }
+            // One line: scripts read the addresses from it.
+            println!(
+                "ferry host {}{center}: API on http://{}, migrations on {}{tls}",
+                serve.name, daemon.api_addr, daemon.migration_addr
+            );
             runtime.block_on(async {
                 let _ = tokio::signal::ctrl_c().await;
             });

@@ -1,0 +1,472 @@
+//! The cluster manager with real processes on loopback: a `ferry center serve` and three
+//! `ferry host serve --center` daemons, driven by `ferry host maintenance`, `ferry center
+//! balance`, `ferry vm create --center` and `ferry center status`. Results of moved VMs
+//! are compared with unmigrated runs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, reference, text, Daemon};
+use serde_json::Value;
+
+const TOKEN: &str = "operator-token-0123456789";
+/// Heartbeats every 200 ms; a host silent for 1.5 s is down.
+const HEARTBEAT_MS: &str = "200";
+const DOWN_AFTER_MS: &str = "1500";
+/// A training run long enough to still be running when it is moved.
+const MLP: &str = "--steps 400 --print-every 20";
+/// A training run that outlasts any test.
+const MLP_LONG: &str = "--steps 1000000 --print-every 1000";
+
+/// A `ferry center serve` child process, killed on drop.
+struct CenterProc {
+    child: Child,
+    url: String,
+    db: PathBuf,
+}
+
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl CenterProc {
+    fn start(db: PathBuf, listen: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "center",
+                "serve",
+                "--listen",
+                listen,
+                "--down-after-ms",
+                DOWN_AFTER_MS,
+            ])
+            .arg("--db")
+            .arg(&db)
+            .env("FERRY_SECRET", common::SECRET)
+            .env("FERRY_CENTER_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferry center serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
+        let url = line
+            .split(" on ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap_or_else(|| panic!("no API address in {line:?}"))
+            .to_string();
+        Self { child, url, db }
+    }
+
+    /// `ferry ARGS --center URL` (before any guest arguments) with the operator token.
+    fn ferry(&self, args: &[&str]) -> Output {
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(&args[..split])
+            .args(["--center", &self.url])
+            .args(&args[split..])
+            .env("FERRY_SECRET", common::SECRET)
+            .env("FERRY_CENTER_TOKEN", TOKEN)
+            .output()
+            .expect("run ferry")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.ferry(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let stdout = text(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("ferry {args:?} printed no JSON ({e}): {stdout}"))
+    }
+
+    fn status(&self) -> Value {
+        self.json(&["center", "status", "--json"])
+    }
+
+    /// Places a VM on `host` through the center; returns its id.
+    fn create_on(&self, host: &str, accel: &str, guest_args: &str) -> String {
+        let mut args = vec![
+            "vm",
+            "create",
+            "mlp-train",
+            "--json",
+            "--on",
+            host,
+            "--memory",
+            "64M",
+            "--accel-memory",
+            accel,
+            "--",
+        ];
+        args.extend(guest_args.split_whitespace());
+        let placed = self.json(&args);
+        assert_eq!(placed["host"], host, "{placed}");
+        placed["vm"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until `check` holds of the status.
+    fn wait_for(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            let status = self.status();
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {what}: {status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for CenterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn host<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in {status:#}"))
+}
+
+fn vm<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no VM {id} in {status:#}"))
+}
+
+/// A center and hosts a, b, c reporting to it, each with `accel_capacity` of
+/// accelerator memory.
+struct Cluster {
+    center: CenterProc,
+    hosts: Vec<(String, Daemon)>,
+}
+
+impl Cluster {
+    fn start(test: &str, accel_capacity: &str) -> Self {
+        let center = CenterProc::start(scratch_dir(test).join("center.db"), "127.0.0.1:0");
+        let hosts = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let daemon = Daemon::start_with(
+                    name,
+                    &[
+                        "--center",
+                        &center.url,
+                        "--heartbeat-ms",
+                        HEARTBEAT_MS,
+                        "--accel-capacity",
+                        accel_capacity,
+                        "--memory-capacity",
+                        "4G",
+                    ],
+                );
+                (name.to_string(), daemon)
+            })
+            .collect();
+        let cluster = Self { center, hosts };
+        cluster.center.wait_for("three hosts up", |s| {
+            s["hosts"].as_array().unwrap().len() == 3
+                && s["hosts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|h| h["status"] == "up")
+        });
+        cluster
+    }
+
+    fn daemon(&self, name: &str) -> &Daemon {
+        &self.hosts.iter().find(|(n, _)| n == name).unwrap().1
+    }
+}
+
+#[test]
+fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
+    if !kvm_available("maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved") {
+        return;
+    }
+    let seeds = ["--seed 3", "--seed 4"];
+    let expected: Vec<String> = seeds
+        .iter()
+        .map(|s| reference("mlp-train", "64M", "32M", &format!("{MLP} {s}")))
+        .collect();
+    let cluster = Cluster::start("maintenance", "1G");
+    let c = &cluster.center;
+    let other = c.create_on("b", "32M", MLP_LONG);
+    let ids: Vec<String> = seeds
+        .iter()
+        .map(|s| c.create_on("a", "32M", &format!("{MLP} {s}")))
+        .collect();
+    for id in &ids {
+        cluster.daemon("a").wait_console(id, "step=60 ");
+    }
+
+    let done = c.json(&["host", "maintenance", "enter", "a", "--json"]);
+    assert_eq!(done["operation"]["state"], "done", "{done:#}");
+    let moves = done["migrations"].as_array().unwrap();
+    assert_eq!(moves.len(), 2, "{done:#}");
+    for m in moves {
+        assert_eq!(m["state"], "succeeded", "{m}");
+        assert!(m["downtime_ms"].as_f64().unwrap() > 0.0, "{m}");
+        assert_ne!(m["to"], "a");
+    }
+
+    let status = c.wait_for("the VMs' new hosts to report them", |s| {
+        ids.iter().all(|id| vm(s, id)["host"] != "a")
+    });
+    assert_eq!(host(&status, "a")["mode"], "maintenance");
+    assert_eq!(host(&status, "a")["vms"], 0, "host a must end empty");
+    assert_eq!(vm(&status, &other)["host"], "b", "untouched VM stays");
+    for (id, want) in ids.iter().zip(&expected) {
+        let now_on = vm(&status, id)["host"].as_str().unwrap().to_string();
+        assert_eq!(
+            &cluster.daemon(&now_on).checksum_at_exit(id),
+            want,
+            "{id} moved to {now_on}"
+        );
+    }
+
+    // Nothing new lands on a host in maintenance, chosen or asked for.
+    let placed = c.json(&["vm", "create", "hello", "--json", "--memory", "64M"]);
+    assert_ne!(placed["host"], "a", "{placed}");
+    let refused = c.ferry(&["vm", "create", "hello", "--on", "a"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("maintenance"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let metrics = ureq::get(format!("{}/metrics", c.url))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_migrations_total{result=\"succeeded\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_migration_pause_seconds_count 2"),
+        "{metrics}"
+    );
+
+    let back = c.json(&["host", "maintenance", "exit", "a", "--json"]);
+    assert_eq!(back["mode"], "active", "{back}");
+}
+
+#[test]
+fn maintenance_without_room_elsewhere_refuses_and_moves_nothing() {
+    if !kvm_available("maintenance_without_room_elsewhere_refuses_and_moves_nothing") {
+        return;
+    }
+    let cluster = Cluster::start("no-room", "512M");
+    let c = &cluster.center;
+    let on_a = [
+        c.create_on("a", "256M", MLP_LONG),
+        c.create_on("a", "256M", MLP_LONG),
+    ];
+    c.create_on("b", "384M", MLP_LONG);
+    c.create_on("c", "384M", MLP_LONG);
+    c.wait_for("four VMs running", |s| {
+        s["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["state"] == "running")
+            .count()
+            == 4
+    });
+
+    let out = c.ferry(&["host", "maintenance", "enter", "a"]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let why = text(&out.stderr);
+    assert!(
+        why.contains("nowhere to go") && why.contains("nothing was moved"),
+        "{why}"
+    );
+    assert!(why.contains("256 MiB of accelerator memory"), "{why}");
+
+    let status = c.status();
+    assert_eq!(host(&status, "a")["mode"], "active", "{status:#}");
+    for id in &on_a {
+        assert_eq!(vm(&status, id)["host"], "a");
+        assert_eq!(vm(&status, id)["state"], "running");
+        assert_eq!(cluster.daemon("a").show(id)["state"], "running");
+    }
+    assert!(
+        status["migrations"].as_array().unwrap().is_empty(),
+        "{status:#}"
+    );
+}
+
+#[test]
+fn a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable() {
+    if !kvm_available("a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable") {
+        return;
+    }
+    let mut cluster = Cluster::start("host-down", "1G");
+    let c = &cluster.center;
+    let lost = c.create_on("c", "32M", MLP_LONG);
+    c.wait_for("the VM running", |s| vm(s, &lost)["state"] == "running");
+
+    let (_, daemon) = cluster.hosts.iter_mut().find(|(n, _)| n == "c").unwrap();
+    daemon.child.kill().unwrap();
+    // Down at once on reads; the event follows on the center's next check.
+    let status = cluster.center.wait_for("host c down, with an event", |s| {
+        host(s, "c")["status"] == "down"
+            && s["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "host-down")
+    });
+    assert_eq!(vm(&status, &lost)["state"], "unreachable", "{status:#}");
+    assert_eq!(vm(&status, &lost)["host"], "c");
+    assert_eq!(vm(&status, &lost)["last_state"], "running");
+    assert_eq!(host(&status, "a")["status"], "up");
+    let events = status["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "host-down" && e["message"].as_str().unwrap().contains(&lost)),
+        "{events:#?}"
+    );
+    // A down host can be neither a target nor evacuated.
+    let out = cluster.center.ferry(&["host", "maintenance", "enter", "c"]);
+    assert!(text(&out.stderr).contains("down"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn balance_moves_load_off_the_busiest_host_and_dry_run_changes_nothing() {
+    if !kvm_available("balance_moves_load_off_the_busiest_host_and_dry_run_changes_nothing") {
+        return;
+    }
+    let cluster = Cluster::start("balance", "1G");
+    let c = &cluster.center;
+    let ids: Vec<String> = (0..3).map(|_| c.create_on("a", "256M", MLP_LONG)).collect();
+    c.wait_for("three VMs running", |s| {
+        ids.iter().all(|id| vm(s, id)["state"] == "running")
+    });
+
+    let plan = c.json(&["center", "balance", "--dry-run", "--json"]);
+    let moves = plan["moves"].as_array().unwrap();
+    assert!(!moves.is_empty(), "{plan:#}");
+    assert!(moves.iter().all(|m| m["from"] == "a"), "{plan:#}");
+    assert!(
+        plan["spread_after"].as_f64().unwrap() < plan["spread_before"].as_f64().unwrap(),
+        "{plan:#}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let status = c.status();
+    assert!(
+        ids.iter().all(|id| vm(&status, id)["host"] == "a"),
+        "dry run moved: {status:#}"
+    );
+    assert!(status["migrations"].as_array().unwrap().is_empty());
+
+    let done = c.json(&["center", "balance", "--json"]);
+    assert_eq!(done["operation"]["state"], "done", "{done:#}");
+    let made = done["migrations"].as_array().unwrap();
+    assert_eq!(made.len(), moves.len(), "{done:#}");
+    let status = c.wait_for("the moved VMs reported by their new hosts", |s| {
+        s["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["host"] == "a")
+            .count()
+            == 3 - made.len()
+    });
+    for id in &ids {
+        assert_eq!(vm(&status, id)["state"], "running", "{status:#}");
+    }
+    let pressures: Vec<f64> = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["pressure"].as_f64().unwrap())
+        .collect();
+    let spread = pressures.iter().cloned().fold(f64::MIN, f64::max)
+        - pressures.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        spread < plan["spread_before"].as_f64().unwrap(),
+        "{pressures:?}"
+    );
+}
+
+#[test]
+fn a_restarted_center_keeps_its_inventory_and_history() {
+    if !kvm_available("a_restarted_center_keeps_its_inventory_and_history") {
+        return;
+    }
+    let mut cluster = Cluster::start("restart", "1G");
+    let id = cluster.center.create_on("a", "32M", MLP_LONG);
+    cluster.daemon("a").wait_console(&id, "step=");
+    let done = cluster
+        .center
+        .json(&["host", "maintenance", "enter", "a", "--json"]);
+    assert_eq!(done["operation"]["state"], "done", "{done:#}");
+    let moved_to = done["migrations"][0]["to"].as_str().unwrap().to_string();
+    let pause = done["migrations"][0]["downtime_ms"].as_f64().unwrap();
+
+    // Kill it hard and start it again on the same database and address.
+    let addr = cluster.center.url.trim_start_matches("http://").to_string();
+    let db = cluster.center.db.clone();
+    cluster.center.child.kill().unwrap();
+    cluster.center.child.wait().unwrap();
+    cluster.center = CenterProc::start(db, &addr);
+    let status = cluster.center.status();
+    let names: Vec<&str> = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"], "{status:#}");
+    assert_eq!(host(&status, "a")["mode"], "maintenance");
+    assert_eq!(vm(&status, &id)["host"], moved_to.as_str());
+    let history = cluster.center.json(&["center", "status", "--json"])["migrations"].clone();
+    let m = &history[0];
+    assert_eq!(m["vm"], id.as_str(), "{history:#}");
+    assert_eq!(m["state"], "succeeded");
+    assert_eq!(m["downtime_ms"].as_f64().unwrap(), pause);
+    // The hosts' heartbeats find the new center on their own.
+    cluster.center.wait_for("hosts up again", |s| {
+        s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["status"] == "up")
+    });
+}

@@ -1,0 +1,173 @@
+//! What the CLI integration tests share: `ferry` runs, host daemons as child
+//! processes, checksums of unmigrated runs.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The cluster secret of every test daemon.
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_SECRET", SECRET)
+        .output()
+        .expect("run ferry")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn kvm_available(test: &str) -> bool {
+    ferry_vmm::kvm_usable_or_announce_skip(test)
+}
+
+/// A `ferry host serve` child process, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub api: String,
+    pub migration: String,
+}
+
+impl Daemon {
+    pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts one with extra `ferry host serve` flags.
+    pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
+            .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
+            .args(extra)
+            .env("FERRY_SECRET", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferry host serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "ferry host a: API on http://127.0.0.1:P, migrations on 127.0.0.1:Q"
+        let api = line
+            .split("API on ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or_else(|| panic!("no API address in {line:?}"))
+            .to_string();
+        let migration = line.trim().rsplit(' ').next().unwrap().to_string();
+        Self {
+            child,
+            api,
+            migration,
+        }
+    }
+
+    pub fn vm(&self, args: &[&str]) -> Value {
+        let mut all = vec!["vm", "--host", &self.api, "--json"];
+        all.extend_from_slice(args);
+        let out = ferry(&all);
+        assert!(out.status.success(), "ferry {all:?}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn create(&self, workload: &str, accel: &str, guest_args: &str) -> String {
+        let mut args = vec![
+            "create",
+            workload,
+            "--memory",
+            "64M",
+            "--accel-memory",
+            accel,
+            "--",
+        ];
+        args.extend(guest_args.split_whitespace());
+        self.vm(&args)["id"].as_str().unwrap().to_string()
+    }
+
+    pub fn show(&self, id: &str) -> Value {
+        self.vm(&["show", id])
+    }
+
+    /// Waits until the console shows `needle`.
+    pub fn wait_console(&self, id: &str, needle: &str) {
+        let started = Instant::now();
+        while !self.show(id)["console_tail"]
+            .as_str()
+            .unwrap()
+            .contains(needle)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{id} never printed {needle:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the guest to exit and returns its checksum.
+    pub fn checksum_at_exit(&self, id: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let vm = self.show(id);
+            match vm["state"].as_str().unwrap() {
+                "exited" => {
+                    assert_eq!(vm["code"], 0, "{vm}");
+                    return checksum(vm["console_tail"].as_str().unwrap());
+                }
+                "running" | "migrating" | "paused" => {}
+                other => panic!("{id} ended as {other}: {vm}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "{id} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn migrate(&self, id: &str, to: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["migrate", id, "--to", to, "--host", &self.api, "--json"];
+        args.extend_from_slice(extra);
+        ferry(&args)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn checksum(console: &str) -> String {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("checksum="))
+        .unwrap_or_else(|| panic!("no checksum in {console}"))
+        .to_string()
+}
+
+/// The checksum of an unmigrated run (`ferry run`).
+pub fn reference(workload: &str, memory: &str, accel: &str, guest_args: &str) -> String {
+    let mut args = vec![
+        "run",
+        workload,
+        "--memory",
+        memory,
+        "--accel-memory",
+        accel,
+        "--",
+    ];
+    args.extend(guest_args.split_whitespace());
+    let out = ferry(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    checksum(&text(&out.stdout))
+}
