@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::chromium::{self, Browser};
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -469,4 +471,85 @@ fn a_restarted_center_keeps_its_inventory_and_history() {
             .iter()
             .all(|h| h["status"] == "up")
     });
+}
+
+#[test]
+fn the_dashboard_shows_the_cluster_and_its_buttons_work_in_headless_chromium() {
+    let test = "the_dashboard_shows_the_cluster_and_its_buttons_work_in_headless_chromium";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(binary) = chromium::find() else {
+        eprintln!(
+            "!!! SKIPPED {test}: no chromium on PATH (.ci/run installs Debian's chromium) !!!"
+        );
+        return;
+    };
+    let cluster = Cluster::start("dashboard", "1G");
+    let c = &cluster.center;
+    let id = c.create_on("b", "32M", MLP_LONG);
+    c.wait_for("the VM running", |s| vm(s, &id)["state"] == "running");
+    let mut browser = Browser::launch(&binary, &scratch_dir("dashboard-profile"));
+
+    // Without the token the page shows the sign-in form and no data.
+    browser.navigate(&format!("{}/?fresh=1#token=not-the-token-at-all", c.url));
+    browser.wait_text("#login", "the sign-in form after a wrong token", |t| {
+        t.contains("wrong API token")
+    });
+    assert_eq!(browser.eval("document.getElementById('app').hidden"), true);
+
+    browser.navigate(&format!("{}/#token={TOKEN}", c.url));
+    let hosts = browser.wait_text("#hosts", "three hosts", |t| {
+        ["a", "b", "c"].iter().all(|h| t.contains(h)) && t.matches("up").count() >= 3
+    });
+    assert!(hosts.contains("active"), "{hosts}");
+    let row = format!("#vms tr[data-vm=\"{id}\"]");
+    let vm_row = browser.wait_text(&row, "the VM on b", |t| t.contains("running"));
+    assert!(
+        vm_row.contains("mlp-train") && vm_row.contains('b'),
+        "{vm_row}"
+    );
+    assert_eq!(browser.text("#token-input"), "", "the token is not shown");
+
+    // The operator empties b from the dashboard.
+    browser.click("#hosts tr[data-host=\"b\"] .enter-maintenance");
+    browser.wait_text("#message", "the maintenance message", |t| {
+        t.contains("Maintenance of b started: 1 VM(s) to move")
+    });
+    browser.wait_text("#hosts tr[data-host=\"b\"]", "b in maintenance", |t| {
+        t.contains("maintenance") && !t.contains("evacuating")
+    });
+    let done = browser.wait_text("#migrations-done", "the finished move", |t| {
+        t.contains(&id) && t.contains("succeeded")
+    });
+    assert!(done.contains("maintenance of b"), "{done}");
+    let moved = browser.wait_text(&row, "the VM on its new host", |t| {
+        t.contains("running") && !t.contains("\tb\t")
+    });
+    let status = c.status();
+    let new_host = vm(&status, &id)["host"].as_str().unwrap().to_string();
+    assert_ne!(new_host, "b");
+    assert!(moved.contains(&new_host), "{moved}");
+    let pause = status["migrations"][0]["downtime_ms"].as_f64().unwrap();
+    assert!(
+        done.contains(&format!("{pause:.1}")),
+        "pause {pause:.1} not shown: {done}"
+    );
+
+    // Back to service, then a dry-run plan that moves nothing.
+    browser.click("#hosts tr[data-host=\"b\"] .exit-maintenance");
+    browser.wait_text("#hosts tr[data-host=\"b\"]", "b active again", |t| {
+        t.contains("active")
+    });
+    browser.click("#balance-dry-run");
+    let plan = browser.wait_text("#plan", "the plan", |t| !t.trim().is_empty());
+    assert!(
+        plan.contains("balanced") || plan.contains("Dry run"),
+        "{plan}"
+    );
+    assert_eq!(
+        vm(&c.status(), &id)["host"],
+        new_host.as_str(),
+        "a dry run moves nothing"
+    );
 }

@@ -2,6 +2,8 @@
 //! processes, checksums of unmigrated runs.
 #![allow(dead_code)] // each test binary uses its own part
 
+pub mod chromium;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
