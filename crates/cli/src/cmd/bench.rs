@@ -20,7 +20,8 @@ pub struct BenchArgs {
     /// called directly, mlp-train steps/s, llm-decode tokens/s, dirty-chunk take latency
     /// with 4 GiB of device memory) or `migrate` (live vs stop-and-copy pause, total
     /// time and bytes for llm-decode and mlp-train at --accel-sizes, vs the loopback's
-    /// raw TCP throughput).
+    /// raw TCP throughput) or `evacuate` (time to empty a host of N running VMs with
+    /// `maintenance enter` through a center, and each VM's pause, for N in --vms).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -31,6 +32,14 @@ pub struct BenchArgs {
     /// Accelerator memory sizes for `migrate`.
     #[arg(long, value_name = "SIZES", value_delimiter = ',', default_value = "256M,1G,4G", value_parser = crate::size::parse_size)]
     pub accel_sizes: Vec<u64>,
+    /// VM counts for `evacuate`.
+    #[arg(
+        long,
+        value_name = "NS",
+        value_delimiter = ',',
+        default_value = "1,2,4"
+    )]
+    pub vms: Vec<usize>,
 }
 
 /// One measured figure.
@@ -49,7 +58,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "vm" => bench_vm(args),
         "accel" => bench_accel(args),
         "migrate" => crate::cmd::bench_migrate::bench_migrate(args.json, &args.accel_sizes),
-        other => bail!("unknown benchmark '{other}' (available: vm, accel, migrate)"),
+        "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(args.json, &args.vms),
+        other => bail!("unknown benchmark '{other}' (available: vm, accel, migrate, evacuate)"),
     }
 }
 

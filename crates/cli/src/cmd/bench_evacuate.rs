@@ -1,0 +1,245 @@
+//! `ferry bench evacuate`: a center and three hosts in this process, on loopback. For
+//! each N, N training VMs run on host a; `maintenance enter a` empties it live. Prints
+//! the time from the request to the host being empty and in maintenance, and each VM's
+//! pause.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_center::inventory::MigrationRecord;
+use ferry_center::operations::Operation;
+use ferry_center::{CenterConfig, ClusterView, PlaceVm, Placed};
+use ferry_client::ApiClient;
+use ferry_host::{CreateVm, HostConfig};
+use ferry_migrate::Secret;
+use serde::Serialize;
+
+use crate::cmd::host::Daemon;
+
+/// Each VM: a training run that outlasts the measurement.
+const GUEST_ARGS: &str =
+    "--steps 100000000 --hidden 512 --batch 128 --inputs 128 --samples 8192 --print-every 50";
+const VM_RAM: u64 = 64 << 20;
+const VM_ACCEL: u64 = 256 << 20;
+
+/// One evacuation, as measured.
+#[derive(Serialize)]
+struct Evacuation {
+    vms: usize,
+    /// Request to "host empty and in maintenance", ms.
+    evacuate_ms: f64,
+    /// Each VM's pause, ms.
+    pauses_ms: Vec<f64>,
+    /// Each VM's whole migration, ms.
+    totals_ms: Vec<f64>,
+    bytes_sent: u64,
+    parallel: usize,
+}
+
+/// A center and hosts a, b, c in this process, reporting to it.
+struct LoopbackCluster {
+    _runtime: tokio::runtime::Runtime,
+    _db: DbFile,
+    center: ApiClient,
+    hosts: Vec<(String, ApiClient)>,
+}
+
+/// The center's database, removed on drop.
+struct DbFile(std::path::PathBuf);
+
+impl Drop for DbFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+impl LoopbackCluster {
+    fn start(parallel: usize, host_capacity: u64) -> anyhow::Result<Self> {
+        let secret_text = Secret::generate_hex();
+        let token = Secret::generate_hex();
+        let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        let db = DbFile(
+            std::env::temp_dir().join(format!("ferry-bench-evacuate-{}.db", std::process::id())),
+        );
+        let center = crate::cmd::center::start(
+            &runtime,
+            CenterConfig {
+                db: db.0.clone(),
+                token: token.as_bytes().to_vec(),
+                secret: secret_text.as_bytes().to_vec(),
+                down_after: Duration::from_secs(5),
+                parallel,
+                balance_threshold: 0.2,
+                balance_every: None,
+            },
+            "127.0.0.1:0",
+        )?;
+        let center_url = format!("http://{}", center.addr);
+        let mut hosts = Vec::new();
+        for name in ["a", "b", "c"] {
+            let daemon: Daemon = crate::cmd::host::start(
+                &runtime,
+                HostConfig {
+                    name: name.into(),
+                    secret: secret.clone(),
+                    memory_capacity: host_capacity,
+                    accel_capacity: host_capacity,
+                    accel_threads: ferry_vmm::vm::default_accel_threads(),
+                    tls: None,
+                },
+                "127.0.0.1:0",
+                "127.0.0.1:0",
+            )?;
+            daemon.join_center(&center_url, None, Duration::from_millis(200))?;
+            let client = ApiClient::new(
+                &format!("http://{}", daemon.api_addr),
+                secret_text.as_bytes(),
+            )?;
+            hosts.push((name.to_string(), client));
+        }
+        let cluster = Self {
+            _runtime: runtime,
+            _db: db,
+            center: ApiClient::new(&center_url, token.as_bytes())?,
+            hosts,
+        };
+        cluster.wait("three hosts up", |v| {
+            v.hosts.len() == 3 && v.hosts.iter().all(|h| h.status == "up")
+        })?;
+        Ok(cluster)
+    }
+
+    fn host(&self, name: &str) -> &ApiClient {
+        &self.hosts.iter().find(|(n, _)| n == name).expect("host").1
+    }
+
+    fn wait(&self, what: &str, check: impl Fn(&ClusterView) -> bool) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let view: ClusterView = self.center.get("/v1/cluster")?;
+            if check(&view) {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `n` VMs on a, empties a, and cleans up.
+    fn evacuate(&self, n: usize, parallel: usize) -> anyhow::Result<Evacuation> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let placed: Placed = self.center.post(
+                "/v1/vms",
+                &PlaceVm {
+                    vm: CreateVm {
+                        workload: "mlp-train".into(),
+                        args: GUEST_ARGS.split_whitespace().map(str::to_string).collect(),
+                        memory: VM_RAM,
+                        accel_memory: VM_ACCEL,
+                    },
+                    host: Some("a".into()),
+                },
+            )?;
+            ids.push(placed.vm.id);
+        }
+        // Let every VM train for a while first, so each move is of a busy VM.
+        for id in &ids {
+            let started = Instant::now();
+            while !self
+                .host("a")
+                .get_text(&format!("/v1/vms/{id}/console"))?
+                .contains("step=100 ")
+            {
+                if started.elapsed() > Duration::from_secs(120) {
+                    bail!("{id} did not start training");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.wait("the VMs running on a", |v| {
+            ids.iter()
+                .all(|id| v.vms.iter().any(|vm| &vm.id == id && vm.state == "running"))
+        })?;
+        let started = Instant::now();
+        let op: Operation = self
+            .center
+            .post("/v1/hosts/a/maintenance", &serde_json::json!({}))?;
+        let op = loop {
+            let now: Operation = self.center.get(&format!("/v1/operations/{}", op.id))?;
+            if now.state != "running" {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let evacuate_ms = started.elapsed().as_secs_f64() * 1e3;
+        if op.state != "done" {
+            bail!("evacuation of {n} VM(s) failed: {}", op.summary);
+        }
+        let all: Vec<MigrationRecord> = self.center.get("/v1/migrations")?;
+        let mine: Vec<&MigrationRecord> = all
+            .iter()
+            .filter(|m| op.migrations.contains(&m.id))
+            .collect();
+        // Clean up: stop the VMs where they are now, and put a back in service.
+        for m in &mine {
+            let _: serde_json::Value = self.host(&m.to).delete(&format!("/v1/vms/{}", m.vm))?;
+        }
+        let _: serde_json::Value = self.center.delete("/v1/hosts/a/maintenance")?;
+        self.wait("the stopped VMs gone", |v| {
+            !v.vms.iter().any(|vm| ids.contains(&vm.id))
+        })?;
+        Ok(Evacuation {
+            vms: n,
+            evacuate_ms,
+            pauses_ms: mine.iter().filter_map(|m| m.downtime_ms).collect(),
+            totals_ms: mine.iter().filter_map(|m| m.total_ms).collect(),
+            bytes_sent: mine.iter().map(|m| m.bytes_sent).sum(),
+            parallel,
+        })
+    }
+}
+
+/// `ferry bench evacuate`.
+pub fn bench_evacuate(json: bool, counts: &[usize]) -> anyhow::Result<()> {
+    let most = counts.iter().copied().max().unwrap_or(1);
+    if counts.is_empty() || counts.contains(&0) || most > 16 {
+        bail!("--vms takes counts from 1 to 16");
+    }
+    let parallel = 2;
+    // Every host has room for all of them.
+    let capacity = (most as u64) * (VM_RAM + VM_ACCEL);
+    let cluster = LoopbackCluster::start(parallel, capacity)?;
+    if !json {
+        println!(
+            "evacuating host a (mlp-train VMs, {} MiB RAM + {} MiB accelerator each, {parallel} migrations at once, 3 hosts on loopback)",
+            VM_RAM >> 20,
+            VM_ACCEL >> 20
+        );
+        println!(
+            "{:>4} {:>14} {:>10}  pauses (ms)",
+            "VMs", "evacuate (ms)", "MiB sent"
+        );
+    }
+    for &n in counts {
+        let e = cluster.evacuate(n, parallel)?;
+        if json {
+            println!("{}", serde_json::to_string(&e)?);
+        } else {
+            let pauses: Vec<String> = e.pauses_ms.iter().map(|p| format!("{p:.1}")).collect();
+            println!(
+                "{:>4} {:>14.0} {:>10.1}  {}",
+                e.vms,
+                e.evacuate_ms,
+                e.bytes_sent as f64 / (1 << 20) as f64,
+                pauses.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
