@@ -7,9 +7,8 @@ mod common;
 
 use common::chromium::{self, Browser};
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, reference, text, Daemon};
@@ -40,27 +39,14 @@ fn scratch_dir(test: &str) -> PathBuf {
 
 impl CenterProc {
     fn start(db: PathBuf, listen: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "center",
-                "serve",
-                "--listen",
-                listen,
-                "--down-after-ms",
-                DOWN_AFTER_MS,
-            ])
-            .arg("--db")
-            .arg(&db)
-            .env("FERRY_SECRET", common::SECRET)
-            .env("FERRY_CENTER_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ferry center serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = common::serve(
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["center", "serve", "--listen", listen])
+                .args(["--down-after-ms", DOWN_AFTER_MS])
+                .arg("--db")
+                .arg(&db)
+                .env("FERRY_CENTER_TOKEN", TOKEN),
+        );
         // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
         let url = line
             .split(" on ")

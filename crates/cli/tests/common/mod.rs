@@ -29,6 +29,22 @@ pub fn kvm_available(test: &str) -> bool {
     ferry_vmm::kvm_usable_or_announce_skip(test)
 }
 
+/// Starts a `ferry ... serve` command with the test secret and returns it with the
+/// first line it prints (the addresses it listens on).
+pub fn serve(command: &mut Command) -> (Child, String) {
+    let mut child = command
+        .env("FERRY_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a ferry daemon");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
 /// A `ferry host serve` child process, killed on drop.
 pub struct Daemon {
     pub child: Child,
@@ -43,19 +59,12 @@ impl Daemon {
 
     /// Starts one with extra `ferry host serve` flags.
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
-            .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
-            .args(extra)
-            .env("FERRY_SECRET", SECRET)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ferry host serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = serve(
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
+                .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
+                .args(extra),
+        );
         // "ferry host a: API on http://127.0.0.1:P, migrations on 127.0.0.1:Q"
         let api = line
             .split("API on ")
