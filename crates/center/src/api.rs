@@ -25,9 +25,9 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_host::api::{error, require_bearer};
+use ferry_host::api::{answer, bad_body, error, require_bearer, JsonBody};
 use ferry_host::heartbeat::Heartbeat;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::{Center, CenterError, PlaceVm};
 
@@ -47,27 +47,6 @@ impl IntoResponse for CenterError {
         };
         error(status, &self.to_string())
     }
-}
-
-/// Runs a blocking center operation off the async runtime and answers with its result.
-async fn answer<T: Serialize + Send + 'static>(
-    ok: StatusCode,
-    f: impl FnOnce() -> Result<T, CenterError> + Send + 'static,
-) -> Response {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(value)) => (ok, Json(value)).into_response(),
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("internal error: {e}"),
-        ),
-    }
-}
-
-type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
-
-fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
-    error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}"))
 }
 
 async fn operator_token(
@@ -105,7 +84,7 @@ async fn cluster(State(center): State<Arc<Center>>) -> Response {
 }
 
 async fn hosts(State(center): State<Arc<Center>>) -> Response {
-    answer(StatusCode::OK, move || Ok(center.hosts())).await
+    answer(StatusCode::OK, move || Ok::<_, CenterError>(center.hosts())).await
 }
 
 async fn host(State(center): State<Arc<Center>>, Path(name): Path<String>) -> Response {
@@ -127,7 +106,7 @@ async fn exit_maintenance(State(center): State<Arc<Center>>, Path(name): Path<St
 }
 
 async fn vms(State(center): State<Arc<Center>>) -> Response {
-    answer(StatusCode::OK, move || Ok(center.vms())).await
+    answer(StatusCode::OK, move || Ok::<_, CenterError>(center.vms())).await
 }
 
 async fn create_vm(State(center): State<Arc<Center>>, body: JsonBody<PlaceVm>) -> Response {
@@ -138,7 +117,10 @@ async fn create_vm(State(center): State<Arc<Center>>, body: JsonBody<PlaceVm>) -
 }
 
 async fn migrations(State(center): State<Arc<Center>>) -> Response {
-    answer(StatusCode::OK, move || Ok(center.migrations())).await
+    answer(StatusCode::OK, move || {
+        Ok::<_, CenterError>(center.migrations())
+    })
+    .await
 }
 
 async fn operation(State(center): State<Arc<Center>>, Path(id): Path<u64>) -> Response {
@@ -146,7 +128,10 @@ async fn operation(State(center): State<Arc<Center>>, Path(id): Path<u64>) -> Re
 }
 
 async fn balance_plan(State(center): State<Arc<Center>>) -> Response {
-    answer(StatusCode::OK, move || Ok(center.balance_plan())).await
+    answer(StatusCode::OK, move || {
+        Ok::<_, CenterError>(center.balance_plan())
+    })
+    .await
 }
 
 /// Body of `POST /v1/balance`.

@@ -456,27 +456,26 @@ impl Center {
         let host = {
             let inventory = self.inventory();
             let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
-            let name = match &req.host {
-                Some(name) => {
-                    let Some(h) = open.iter().find(|h| &h.name == name) else {
-                        return Err(if inventory.hosts.contains_key(name) {
-                            CenterError::Unavailable(format!(
-                                "host {name} is down or in maintenance; it takes no new VMs"
-                            ))
-                        } else {
-                            CenterError::NotFound(format!("no host named '{name}' has joined"))
-                        });
-                    };
-                    placement::choose(std::slice::from_ref(h), need)
-                        .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
-                        .name
-                        .clone()
-                }
-                None => placement::choose(&open, need)
-                    .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
-                    .name
-                    .clone(),
+            let candidates = match &req.host {
+                None => open,
+                Some(name) => match open.into_iter().find(|h| &h.name == name) {
+                    Some(h) => vec![h],
+                    None if inventory.hosts.contains_key(name) => {
+                        return Err(CenterError::Unavailable(format!(
+                            "host {name} is down or in maintenance; it takes no new VMs"
+                        )))
+                    }
+                    None => {
+                        return Err(CenterError::NotFound(format!(
+                            "no host named '{name}' has joined"
+                        )))
+                    }
+                },
             };
+            let name = placement::choose(&candidates, need)
+                .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
+                .name
+                .clone();
             inventory.hosts[&name].clone()
         };
         let client = self.host_client(&host)?;

@@ -85,36 +85,43 @@ async fn require_token(
     require_bearer(&api.token, request, next).await
 }
 
-/// Runs a blocking host operation off the async runtime and answers with its result
-/// (`ok` on success).
-async fn answer<T: Serialize + Send + 'static>(
+/// Runs a blocking operation off the async runtime and answers with its result (`ok`
+/// on success, the error's own answer otherwise). Shared with the cluster center's API.
+pub async fn answer<T, E>(
     ok: StatusCode,
-    f: impl FnOnce() -> Result<T, HostError> + Send + 'static,
-) -> Response {
-    match tokio::task::spawn_blocking(f)
-        .await
-        .expect("API task panicked")
-    {
-        Ok(value) => (ok, Json(value)).into_response(),
-        Err(e) => e.into_response(),
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Response
+where
+    T: Serialize + Send + 'static,
+    E: IntoResponse + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => (ok, Json(value)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("internal error: {e}"),
+        ),
     }
 }
 
-type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+/// A JSON request body, or why it could not be read.
+pub type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
-fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
+/// The answer to a request body that is not the expected JSON.
+pub fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
     error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}"))
 }
 
 async fn host_info(State(api): State<Api>) -> Response {
     answer(StatusCode::OK, move || {
-        Ok(api.host.info(&api.migration_addr))
+        Ok::<_, HostError>(api.host.info(&api.migration_addr))
     })
     .await
 }
 
 async fn list_vms(State(api): State<Api>) -> Response {
-    answer(StatusCode::OK, move || Ok(api.host.list())).await
+    answer(StatusCode::OK, move || Ok::<_, HostError>(api.host.list())).await
 }
 
 async fn create_vm(State(api): State<Api>, body: JsonBody<CreateVm>) -> Response {

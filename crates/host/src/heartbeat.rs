@@ -47,8 +47,7 @@ pub fn load_average() -> Option<f64> {
 /// Sends heartbeats from a thread of their own, for as long as the process runs. A
 /// center that cannot be reached is logged once per outage, not per beat.
 pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
-    let token = String::from_utf8_lossy(host.config().secret.expose()).into_owned();
-    let client = ferry_client::ApiClient::new(&link.center_url, token.as_bytes())
+    let client = ferry_client::ApiClient::new(&link.center_url, host.config().secret.expose())
         .map_err(std::io::Error::other)?;
     std::thread::Builder::new()
         .name("heartbeat".into())

@@ -252,17 +252,25 @@ impl Host {
             .collect()
     }
 
+    /// Bytes of VM memory (RAM + accelerator) and of accelerator memory held by `live`.
+    fn used_by(live: &[Arc<HostedVm>]) -> (u64, u64) {
+        live.iter().fold((0, 0), |(memory, accel), vm| {
+            (
+                memory + vm.config.ram_size + vm.config.accel_memory,
+                accel + vm.config.accel_memory,
+            )
+        })
+    }
+
     /// Bytes of VM memory held by live VMs.
     pub fn memory_used(&self) -> u64 {
-        self.live_vms()
-            .iter()
-            .map(|vm| vm.config.ram_size + vm.config.accel_memory)
-            .sum()
+        Self::used_by(&self.live_vms()).0
     }
 
     /// Capacity and load now; `migration_addr` is where this host receives migrations.
     pub fn info(&self, migration_addr: &str) -> HostInfo {
         let live = self.live_vms();
+        let (memory_used, accel_used) = Self::used_by(&live);
         HostInfo {
             name: self.config.name.clone(),
             migration_addr: migration_addr.to_string(),
@@ -272,9 +280,9 @@ impl Host {
             accel_threads: self.config.accel_threads,
             load_avg: heartbeat::load_average().unwrap_or(0.0),
             memory_capacity: self.config.memory_capacity,
-            memory_used: self.memory_used(),
+            memory_used,
             accel_capacity: self.config.accel_capacity,
-            accel_used: live.iter().map(|vm| vm.config.accel_memory).sum(),
+            accel_used,
             // A fold, not sum(): an empty f64 sum is -0.0.
             accel_load: live
                 .iter()
@@ -285,11 +293,7 @@ impl Host {
     }
 
     fn reserve(&self, config: &VmConfig) -> Result<(), HostError> {
-        let accel_used: u64 = self
-            .live_vms()
-            .iter()
-            .map(|vm| vm.config.accel_memory)
-            .sum();
+        let (used, accel_used) = Self::used_by(&self.live_vms());
         if accel_used + config.accel_memory > self.config.accel_capacity {
             return Err(HostError::NoRoom(format!(
                 "not enough accelerator memory on host {}: the VM needs {} MiB, {} MiB of {} MiB are free",
@@ -300,7 +304,6 @@ impl Host {
             )));
         }
         let wanted = config.ram_size + config.accel_memory;
-        let used = self.memory_used();
         if used + wanted > self.config.memory_capacity {
             return Err(HostError::NoRoom(format!(
                 "not enough memory on host {}: the VM needs {} MiB, {} MiB of {} MiB are free",

@@ -10,11 +10,9 @@ use ferry_center::inventory::MigrationRecord;
 use ferry_center::operations::Operation;
 use ferry_center::{CenterConfig, ClusterView, PlaceVm, Placed};
 use ferry_client::ApiClient;
-use ferry_host::{CreateVm, HostConfig};
+use ferry_host::CreateVm;
 use ferry_migrate::Secret;
 use serde::Serialize;
-
-use crate::cmd::host::Daemon;
 
 /// Each VM: a training run that outlasts the measurement.
 const GUEST_ARGS: &str =
@@ -80,19 +78,7 @@ impl LoopbackCluster {
         let center_url = format!("http://{}", center.addr);
         let mut hosts = Vec::new();
         for name in ["a", "b", "c"] {
-            let daemon: Daemon = crate::cmd::host::start(
-                &runtime,
-                HostConfig {
-                    name: name.into(),
-                    secret: secret.clone(),
-                    memory_capacity: host_capacity,
-                    accel_capacity: host_capacity,
-                    accel_threads: ferry_vmm::vm::default_accel_threads(),
-                    tls: None,
-                },
-                "127.0.0.1:0",
-                "127.0.0.1:0",
-            )?;
+            let daemon = crate::cmd::host::start_loopback(&runtime, name, &secret, host_capacity)?;
             daemon.join_center(&center_url, None, Duration::from_millis(200))?;
             let client = ApiClient::new(
                 &format!("http://{}", daemon.api_addr),

@@ -194,6 +194,25 @@ pub fn start(
     })
 }
 
+/// Starts an in-process daemon `name` on loopback ports (the demo and benchmarks), with
+/// `memory_capacity` bytes of VM memory, all of it usable as accelerator memory.
+pub fn start_loopback(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    secret: &Secret,
+    memory_capacity: u64,
+) -> anyhow::Result<Daemon> {
+    let config = HostConfig {
+        name: name.into(),
+        secret: secret.clone(),
+        memory_capacity,
+        accel_capacity: memory_capacity,
+        accel_threads: ferry_vmm::vm::default_accel_threads(),
+        tls: None,
+    };
+    start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")
+}
+
 /// Two in-process daemons, `a` and `b`, on loopback with a fresh secret (the demo and
 /// the migration benchmark), and a client of each one's API.
 pub struct LoopbackPair {
@@ -215,16 +234,8 @@ impl LoopbackPair {
         let secret_text = Secret::generate_hex();
         let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-        let config = |name: &str| HostConfig {
-            name: name.into(),
-            secret: secret.clone(),
-            memory_capacity,
-            accel_capacity: memory_capacity,
-            accel_threads: ferry_vmm::vm::default_accel_threads(),
-            tls: None,
-        };
-        let a = start(&runtime, config("a"), "127.0.0.1:0", "127.0.0.1:0")?;
-        let b = start(&runtime, config("b"), "127.0.0.1:0", "127.0.0.1:0")?;
+        let a = start_loopback(&runtime, "a", &secret, memory_capacity)?;
+        let b = start_loopback(&runtime, "b", &secret, memory_capacity)?;
         let client = |d: &Daemon| {
             ferry_client::ApiClient::new(&format!("http://{}", d.api_addr), secret_text.as_bytes())
         };
