@@ -105,6 +105,38 @@ struct Core {
     ring_invalid: bool,
     dirty: DirtyChunks,
     mem: GuestRam,
+    /// Staging for uploads and downloads, reused across commands.
+    scratch: Vec<u8>,
+}
+
+impl Core {
+    fn new(backend: Box<dyn Backend>, mem: GuestRam, ring: Ring, capacity: u64, tail: u64) -> Self {
+        Self {
+            backend,
+            buffers: BTreeMap::new(),
+            used: 0,
+            capacity,
+            ring,
+            tail,
+            ring_invalid: false,
+            dirty: DirtyChunks::default(),
+            mem,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Refuses a saved device state made by another backend or kernel version.
+fn check_compatible(state: &AccelState, backend: &dyn Backend) -> Result<(), AccelStateError> {
+    if state.backend_kind != backend.kind() || state.kernel_version != backend.kernel_version() {
+        return Err(AccelStateError::Incompatible {
+            found: state.backend_kind.clone(),
+            found_version: state.kernel_version,
+            ours: backend.kind(),
+            our_version: backend.kernel_version(),
+        });
+    }
+    Ok(())
 }
 
 /// Hand-shake between the device thread, the vCPU (doorbell, wait) and the VMM (pause).
@@ -245,7 +277,8 @@ impl Core {
             op::UPLOAD => {
                 let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
                 self.guest_range(a[2], a[3])?;
-                let mut piece = vec![0u8; COPY_PIECE.min(a[3]) as usize];
+                let piece = &mut self.scratch;
+                piece.resize(COPY_PIECE.min(a[3]) as usize, 0);
                 for start in (range.start..range.end).step_by(COPY_PIECE as usize) {
                     let len = (range.end - start).min(COPY_PIECE) as usize;
                     let guest = GuestAddress(a[2] + (start - range.start));
@@ -260,7 +293,8 @@ impl Core {
             op::DOWNLOAD => {
                 let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
                 self.guest_range(a[2], a[3])?;
-                let mut piece = vec![0u8; COPY_PIECE.min(a[3]) as usize];
+                let piece = &mut self.scratch;
+                piece.resize(COPY_PIECE.min(a[3]) as usize, 0);
                 for start in (range.start..range.end).step_by(COPY_PIECE as usize) {
                     let len = (range.end - start).min(COPY_PIECE) as usize;
                     self.backend.read(id, start, &mut piece[..len]);
@@ -360,8 +394,8 @@ fn device_thread(shared: Arc<Shared>) {
             {
                 break;
             }
+            // No wake-up per command: waiters only care about `busy`, notified below.
             let progressed = shared.core.lock().expect("accel core lock").step();
-            shared.progress.notify_all();
             if !progressed {
                 break;
             }
@@ -411,17 +445,7 @@ impl Accelerator {
     ) -> std::io::Result<Self> {
         let ring = Ring::at(ring_gpa);
         ring.init(&mem, capacity).map_err(std::io::Error::other)?;
-        Self::start(Core {
-            backend,
-            buffers: BTreeMap::new(),
-            used: 0,
-            capacity,
-            ring,
-            tail: 0,
-            ring_invalid: false,
-            dirty: DirtyChunks::default(),
-            mem,
-        })
+        Self::start(Core::new(backend, mem, ring, capacity, 0))
     }
 
     /// A device rebuilt from `state` with empty (zero) buffers; fill them with
@@ -431,26 +455,9 @@ impl Accelerator {
         state: &AccelState,
         backend: Box<dyn Backend>,
     ) -> Result<Self, AccelStateError> {
-        if state.backend_kind != backend.kind() || state.kernel_version != backend.kernel_version()
-        {
-            return Err(AccelStateError::Incompatible {
-                found: state.backend_kind.clone(),
-                found_version: state.kernel_version,
-                ours: backend.kind(),
-                our_version: backend.kernel_version(),
-            });
-        }
-        let mut core = Core {
-            backend,
-            buffers: BTreeMap::new(),
-            used: 0,
-            capacity: state.capacity,
-            ring: Ring::at(state.ring_gpa),
-            tail: state.tail,
-            ring_invalid: false,
-            dirty: DirtyChunks::default(),
-            mem,
-        };
+        check_compatible(state, backend.as_ref())?;
+        let ring = Ring::at(state.ring_gpa);
+        let mut core = Core::new(backend, mem, ring, state.capacity, state.tail);
         core.sync_buffers(&state.buffers)?;
         Self::start(core).map_err(|e| AccelStateError::Corrupt(e.to_string()))
     }
@@ -557,17 +564,17 @@ impl Accelerator {
             .iter()
             .zip(out.iter_mut())
             .map(|(&chunk, out)| {
-                let range = chunk_range(&core.buffers, chunk)?;
+                let (bytes, range) = chunk_range(&core.buffers, chunk)?;
                 out.resize((range.end - range.start) as usize, 0);
                 core.backend.read(chunk.buffer, range.start, out);
-                core.buffers.get(&chunk.buffer).copied()
+                Some(bytes)
             })
             .collect()
     }
 
     /// Length of chunk `chunk`, if it exists.
     pub fn chunk_len(&self, chunk: ChunkId) -> Option<u64> {
-        chunk_range(&self.core().buffers, chunk).map(|r| r.end - r.start)
+        chunk_range(&self.core().buffers, chunk).map(|(_, r)| r.end - r.start)
     }
 
     /// The buffer table now (it may change while the device runs).
@@ -585,16 +592,7 @@ impl Accelerator {
     /// buffer table must be the one already synced. The device must be paused.
     pub fn apply_state(&self, state: &AccelState) -> Result<(), AccelStateError> {
         let mut core = self.core();
-        if state.backend_kind != core.backend.kind()
-            || state.kernel_version != core.backend.kernel_version()
-        {
-            return Err(AccelStateError::Incompatible {
-                found: state.backend_kind.clone(),
-                found_version: state.kernel_version,
-                ours: core.backend.kind(),
-                our_version: core.backend.kernel_version(),
-            });
-        }
+        check_compatible(state, core.backend.as_ref())?;
         if state.capacity != core.capacity || state.buffers != buffer_table(&core) {
             return Err(AccelStateError::Corrupt(
                 "final device state disagrees with the buffers received".into(),
@@ -609,17 +607,12 @@ impl Accelerator {
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
     pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
         let mut core = self.core();
-        let bad = AccelStateError::BadChunk {
-            buffer: chunk.buffer,
-            index: chunk.index,
-        };
-        let range = chunk_range(&core.buffers, chunk).ok_or(bad)?;
-        if data.len() as u64 != range.end - range.start {
-            return Err(AccelStateError::BadChunk {
+        let (_, range) = chunk_range(&core.buffers, chunk)
+            .filter(|(_, r)| r.end - r.start == data.len() as u64)
+            .ok_or(AccelStateError::BadChunk {
                 buffer: chunk.buffer,
                 index: chunk.index,
-            });
-        }
+            })?;
         core.backend.write(chunk.buffer, range.start, data);
         Ok(())
     }
@@ -633,10 +626,11 @@ fn buffer_table(core: &Core) -> Vec<BufferState> {
 }
 
 /// Byte range of `chunk` within its buffer, if both exist.
-fn chunk_range(buffers: &BTreeMap<BufferId, u64>, chunk: ChunkId) -> Option<Range<u64>> {
+/// The size of `chunk`'s buffer and the chunk's byte range in it, if both exist.
+fn chunk_range(buffers: &BTreeMap<BufferId, u64>, chunk: ChunkId) -> Option<(u64, Range<u64>)> {
     let bytes = *buffers.get(&chunk.buffer)?;
     let start = chunk.index.checked_mul(CHUNK_SIZE).filter(|&s| s < bytes)?;
-    Some(start..(start + CHUNK_SIZE).min(bytes))
+    Some((bytes, start..(start + CHUNK_SIZE).min(bytes)))
 }
 
 impl Drop for Accelerator {
