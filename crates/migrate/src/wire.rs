@@ -289,29 +289,75 @@ impl Decoder {
                 "frame of {wire_len} bytes ({raw_len} uncompressed) exceeds the {MAX_PAYLOAD}-byte limit or is inconsistent"
             )));
         }
-        self.wire.resize(wire_len, 0);
+        // The buffers only grow: shrinking them would zero-fill them again for the next
+        // large frame, and small and large frames alternate.
+        let wire = grown(&mut self.wire, wire_len);
         input
-            .read_exact(&mut self.wire)
+            .read_exact(wire)
             .map_err(MigrationError::io("reading a frame"))?;
         *bytes += (HEADER_BYTES + wire_len) as u64;
-        if crc32fast::hash(&self.wire) != crc {
+        if crc32fast::hash(wire) != crc {
             return Err(protocol("frame checksum mismatch (corrupted stream)"));
         }
         let payload: &[u8] = if compressed {
-            self.raw.resize(raw_len, 0);
-            let n = lz4_flex::block::decompress_into(&self.wire, &mut self.raw)
+            let raw = grown(&mut self.raw, raw_len);
+            let n = lz4_flex::block::decompress_into(wire, raw)
                 .map_err(|e| protocol(format!("bad compressed frame: {e}")))?;
             if n != raw_len {
                 return Err(protocol(format!(
                     "compressed frame expands to {n} bytes, header says {raw_len}"
                 )));
             }
-            &self.raw
+            raw
         } else {
-            &self.wire
+            wire
         };
         parse(kind, payload)
     }
+}
+
+/// A frame header: magic, kind, flags, payload length on the wire and uncompressed,
+/// CRC-32 of the payload on the wire.
+fn frame_header(
+    kind: u8,
+    flags: u8,
+    wire_len: usize,
+    raw_len: usize,
+    crc: u32,
+) -> [u8; HEADER_BYTES] {
+    let mut header = [0u8; HEADER_BYTES];
+    header[..2].copy_from_slice(&MAGIC);
+    header[2] = kind;
+    header[3] = flags;
+    header[4..8].copy_from_slice(&(wire_len as u32).to_le_bytes());
+    header[8..12].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Writes a frame header and its payload's parts; returns the bytes written.
+fn write_frame(
+    output: &mut impl Write,
+    header: &[u8; HEADER_BYTES],
+    parts: &[&[u8]],
+) -> Result<usize, MigrationError> {
+    output
+        .write_all(header)
+        .map_err(MigrationError::io("sending"))?;
+    for part in parts {
+        output
+            .write_all(part)
+            .map_err(MigrationError::io("sending"))?;
+    }
+    Ok(HEADER_BYTES + parts.iter().map(|p| p.len()).sum::<usize>())
+}
+
+/// The first `len` bytes of `buf`, growing it (never shrinking it) to hold them.
+fn grown(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
 }
 
 /// Reads a frame header. On a connection's `first` frame, a peer that sent a TLS record
@@ -444,8 +490,7 @@ impl<W: Write> FrameWriter<W> {
         if bytes.len() > MAX_CONTROL_BYTES {
             return Err(protocol("control message too large"));
         }
-        self.raw = bytes;
-        self.emit(KIND_CONTROL, false)?;
+        self.emit(KIND_CONTROL, &bytes, &[], false)?;
         self.flush()
     }
 
@@ -458,15 +503,11 @@ impl<W: Write> FrameWriter<W> {
         data: Option<&[u8]>,
     ) -> Result<(), MigrationError> {
         debug_assert!(pages <= MAX_RUN_PAGES);
-        self.raw.clear();
-        self.raw.extend_from_slice(&gpa.to_le_bytes());
-        self.raw.extend_from_slice(&(pages as u32).to_le_bytes());
-        self.raw
-            .extend_from_slice(&u32::from(data.is_none()).to_le_bytes());
-        if let Some(data) = data {
-            self.raw.extend_from_slice(data);
-        }
-        self.emit(KIND_RAM, data.is_some())
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&gpa.to_le_bytes());
+        head[8..12].copy_from_slice(&(pages as u32).to_le_bytes());
+        head[12..].copy_from_slice(&u32::from(data.is_none()).to_le_bytes());
+        self.emit(KIND_RAM, &head, data.unwrap_or_default(), data.is_some())
     }
 
     /// Sends a device chunk of `len` bytes (`data`, or zeros when `None`).
@@ -476,43 +517,52 @@ impl<W: Write> FrameWriter<W> {
         len: u64,
         data: Option<&[u8]>,
     ) -> Result<(), MigrationError> {
-        self.raw.clear();
-        self.raw.extend_from_slice(&key.buffer.to_le_bytes());
-        self.raw
-            .extend_from_slice(&u32::from(data.is_none()).to_le_bytes());
-        self.raw.extend_from_slice(&key.index.to_le_bytes());
-        self.raw.extend_from_slice(&len.to_le_bytes());
-        if let Some(data) = data {
-            self.raw.extend_from_slice(data);
-        }
-        self.emit(KIND_CHUNK, data.is_some())
+        let mut head = [0u8; 24];
+        head[..4].copy_from_slice(&key.buffer.to_le_bytes());
+        head[4..8].copy_from_slice(&u32::from(data.is_none()).to_le_bytes());
+        head[8..16].copy_from_slice(&key.index.to_le_bytes());
+        head[16..].copy_from_slice(&len.to_le_bytes());
+        self.emit(KIND_CHUNK, &head, data.unwrap_or_default(), data.is_some())
     }
 
-    fn emit(&mut self, kind: u8, compressible: bool) -> Result<(), MigrationError> {
-        let mut flags = 0;
-        let mut payload: &[u8] = &self.raw;
+    /// Writes one frame whose payload is `head` then `data`. Uncompressed, the parts go
+    /// out as they are (no staging copy of the data); compressed, they are joined first.
+    fn emit(
+        &mut self,
+        kind: u8,
+        head: &[u8],
+        data: &[u8],
+        compressible: bool,
+    ) -> Result<(), MigrationError> {
+        let raw_len = head.len() + data.len();
         if self.compress && compressible {
-            self.packed
-                .resize(lz4_flex::block::get_maximum_output_size(self.raw.len()), 0);
-            let n = lz4_flex::block::compress_into(&self.raw, &mut self.packed)
+            self.raw.clear();
+            self.raw.extend_from_slice(head);
+            self.raw.extend_from_slice(data);
+            let packed = grown(
+                &mut self.packed,
+                lz4_flex::block::get_maximum_output_size(raw_len),
+            );
+            let n = lz4_flex::block::compress_into(&self.raw, packed)
                 .map_err(|e| protocol(format!("compression failed: {e}")))?;
-            if n < self.raw.len() {
-                flags = FLAG_COMPRESSED;
-                payload = &self.packed[..n];
+            if n < raw_len {
+                let crc = crc32fast::hash(&self.packed[..n]);
+                let header = frame_header(kind, FLAG_COMPRESSED, n, raw_len, crc);
+                let written = write_frame(&mut self.output, &header, &[&self.packed[..n]]);
+                return self.count(written);
             }
         }
-        let mut header = [0u8; HEADER_BYTES];
-        header[..2].copy_from_slice(&MAGIC);
-        header[2] = kind;
-        header[3] = flags;
-        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        header[8..12].copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
-        header[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        self.output
-            .write_all(&header)
-            .and_then(|()| self.output.write_all(payload))
-            .map_err(MigrationError::io("sending"))?;
-        self.bytes += (HEADER_BYTES + payload.len()) as u64;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(head);
+        crc.update(data);
+        let header = frame_header(kind, 0, raw_len, raw_len, crc.finalize());
+        let written = write_frame(&mut self.output, &header, &[head, data]);
+        self.count(written)
+    }
+
+    /// Counts a frame written (`written` bytes, header included).
+    fn count(&mut self, written: Result<usize, MigrationError>) -> Result<(), MigrationError> {
+        self.bytes += written? as u64;
         self.frames += 1;
         Ok(())
     }
