@@ -235,25 +235,39 @@ struct StreamCounts {
     zero_chunks: u64,
 }
 
+/// What one data stream reads pages and chunks into, kept across rounds (the final
+/// round, during the pause, allocates nothing).
+#[derive(Default)]
+struct ReadBuffers {
+    pages: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+}
+
 /// Sends `items` on one stream: runs of pages (split around zero pages) and chunks.
 fn send_share(
     source: &dyn MigrationSource,
     writer: &mut Writer,
+    bufs: &mut ReadBuffers,
     runs: &[(u64, u64)],
     chunks: &[ChunkKey],
     skip_zeros: bool,
 ) -> Result<StreamCounts, MigrationError> {
     let mut counts = StreamCounts::default();
-    let mut buf = vec![0u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
+    bufs.pages.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
+    bufs.chunks.resize_with(CHUNK_BATCH, Vec::new);
     for &(first, pages) in runs {
-        let bytes = &mut buf[..(pages * PAGE_SIZE) as usize];
+        let bytes = &mut bufs.pages[..(pages * PAGE_SIZE) as usize];
         source
             .read_ram(first * PAGE_SIZE, bytes)
             .map_err(MigrationError::Source)?;
         // Split the run into maximal sub-runs of non-zero and of zero pages (each page
         // is scanned once).
         let page_bytes = PAGE_SIZE as usize;
-        let zero: Vec<bool> = bytes.chunks_exact(page_bytes).map(is_zero).collect();
+        let mut zero_flags = [false; MAX_RUN_PAGES as usize];
+        let zero = &mut zero_flags[..pages as usize];
+        for (z, page) in zero.iter_mut().zip(bytes.chunks_exact(page_bytes)) {
+            *z = is_zero(page);
+        }
         let mut i = 0;
         while i < zero.len() {
             let j = i + zero[i..].iter().take_while(|&&z| z == zero[i]).count();
@@ -269,10 +283,9 @@ fn send_share(
             i = j;
         }
     }
-    let mut bufs = vec![Vec::new(); CHUNK_BATCH];
     for batch in chunks.chunks(CHUNK_BATCH) {
-        let sizes = source.read_chunks(batch, &mut bufs[..batch.len()]);
-        for ((&key, data), size) in batch.iter().zip(&bufs).zip(sizes) {
+        let sizes = source.read_chunks(batch, &mut bufs.chunks[..batch.len()]);
+        for ((&key, data), size) in batch.iter().zip(&bufs.chunks).zip(sizes) {
             // A chunk of a buffer freed since the dirty list was taken is skipped; the
             // next round's buffer table drops it at the destination.
             if size.is_none() {
@@ -298,6 +311,8 @@ struct Session<'a> {
     control: Conn,
     /// The data connections (only written).
     data: Vec<Conn>,
+    /// One per data connection.
+    read_buffers: Vec<ReadBuffers>,
     started: Instant,
     round: u32,
     round_log: Vec<PrecopyRound>,
@@ -329,14 +344,15 @@ impl Session<'_> {
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
+                .zip(self.read_buffers.iter_mut())
                 .enumerate()
-                .map(|(i, conn)| {
+                .map(|(i, (conn, bufs))| {
                     // Interleave so every stream gets a fair share of pages and chunks.
                     let runs: Vec<_> = work.runs.iter().copied().skip(i).step_by(n).collect();
                     let chunks: Vec<_> = work.chunks.iter().copied().skip(i).step_by(n).collect();
                     let skip = work.skip_zeros;
                     let writer = &mut conn.writer;
-                    scope.spawn(move || send_share(source, writer, &runs, &chunks, skip))
+                    scope.spawn(move || send_share(source, writer, bufs, &runs, &chunks, skip))
                 })
                 .collect();
             handles
@@ -488,6 +504,7 @@ pub fn migrate_vm(
     let mut s = Session {
         source,
         control,
+        read_buffers: data.iter().map(|_| ReadBuffers::default()).collect(),
         data,
         started,
         round: 0,
