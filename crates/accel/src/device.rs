@@ -163,6 +163,8 @@ struct Shared {
 pub struct Accelerator {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Its backend's kind, fixed for its life (read without waiting for the device).
+    backend_kind: &'static str,
 }
 
 fn buffer_id(arg: u64) -> Option<BufferId> {
@@ -409,6 +411,7 @@ fn device_thread(shared: Arc<Shared>) {
 
 impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
+        let backend_kind = core.backend.kind();
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             control: Mutex::new(Control {
@@ -426,7 +429,13 @@ impl Accelerator {
         Ok(Self {
             shared,
             thread: Some(thread),
+            backend_kind,
         })
+    }
+
+    /// Its backend's kind ("cpu").
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend_kind
     }
 
     /// Time the device has spent executing commands since it was created here (its

@@ -1,12 +1,12 @@
 //! The microVM as the migration engine sees it: [`VmSource`] adapts a running
 //! [`HostedVm`], [`VmTarget`] a VM being received.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel};
 use ferry_accel::device::BufferState;
-use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
+use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
     ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
 };
@@ -20,9 +20,6 @@ use crate::hosted::HostedVm;
 /// Keys of [`VmDescription::extra`].
 pub(crate) const EXTRA_ID: &str = "id";
 pub(crate) const EXTRA_ARGS: &str = "args";
-
-/// What a zero-chunk record writes, shared rather than allocated per record.
-static ZERO_CHUNK: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
 
 fn to_key(c: ChunkId) -> ChunkKey {
     ChunkKey {
@@ -43,18 +40,21 @@ pub const BACKEND_KIND: &str = "cpu";
 
 /// What this host can run: the facts compared at the handshake.
 pub fn local_description() -> VmDescription {
-    let kernel_version = backend::create(BACKEND_KIND, 1).map_or(0, |b| b.kernel_version());
-    VmDescription {
-        name: String::new(),
-        ram_size: 0,
-        vcpus: 1,
-        accel_memory: 0,
-        abi_version: ABI_VERSION,
-        backend_kind: BACKEND_KIND.into(),
-        kernel_version,
-        microkernel: gemm_microkernel().into(),
-        extra: Vec::new(),
-    }
+    // Computed once: finding the kernel version builds a backend (and its thread pool).
+    static LOCAL: OnceLock<VmDescription> = OnceLock::new();
+    LOCAL
+        .get_or_init(|| VmDescription {
+            name: String::new(),
+            ram_size: 0,
+            vcpus: 1,
+            accel_memory: 0,
+            abi_version: ABI_VERSION,
+            backend_kind: BACKEND_KIND.into(),
+            kernel_version: backend::create(BACKEND_KIND, 1).map_or(0, |b| b.kernel_version()),
+            microkernel: gemm_microkernel().into(),
+            extra: Vec::new(),
+        })
+        .clone()
 }
 
 /// A hosted VM being sent.
@@ -74,7 +74,7 @@ impl MigrationSource for VmSource {
         let local = local_description();
         let backend_kind = self
             .vm
-            .with_vm(|vm| vm.accel().map(|a| a.save_state().backend_kind))
+            .with_vm(|vm| vm.accel().map(|a| a.backend_kind().to_string()))
             .unwrap_or_default();
         VmDescription {
             name: self.vm.workload.clone(),
@@ -285,25 +285,14 @@ impl MigrationTarget for VmTarget {
         })
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: Option<&[u8]>) -> Result<(), String> {
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String> {
         self.with_filling(|vm| {
             let accel = vm
                 .accel()
                 .ok_or("a device chunk for a VM without an accelerator")?;
-            let id = to_chunk(chunk);
-            let data = match data {
-                Some(d) => d,
-                None => {
-                    let len = accel.chunk_len(id).ok_or_else(|| {
-                        format!(
-                            "chunk {} of buffer {} does not exist",
-                            chunk.index, chunk.buffer
-                        )
-                    })?;
-                    &ZERO_CHUNK[..len as usize]
-                }
-            };
-            accel.write_chunk(id, data).map_err(|e| e.to_string())
+            accel
+                .write_chunk(to_chunk(chunk), data)
+                .map_err(|e| e.to_string())
         })
     }
 

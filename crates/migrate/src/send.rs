@@ -313,6 +313,8 @@ struct Session<'a> {
     data: Vec<Conn>,
     /// One per data connection.
     read_buffers: Vec<ReadBuffers>,
+    /// Pages of guest RAM.
+    ram_pages: u64,
     started: Instant,
     round: u32,
     round_log: Vec<PrecopyRound>,
@@ -484,8 +486,10 @@ pub fn migrate_vm(
     }
     let started = Instant::now();
     let mut control = open_stream(addr, secret, StreamRole::Control, options)?;
+    let vm = source.describe();
+    let ram_pages = vm.ram_size / PAGE_SIZE;
     control.send(&Message::Offer {
-        vm: source.describe(),
+        vm,
         streams: options.streams,
         transfer: options.mode,
     })?;
@@ -505,6 +509,7 @@ pub fn migrate_vm(
         source,
         control,
         read_buffers: data.iter().map(|_| ReadBuffers::default()).collect(),
+        ram_pages,
         data,
         started,
         round: 0,
@@ -576,7 +581,7 @@ fn run(
     throttle_max: &std::cell::Cell<u8>,
 ) -> Result<Switched, Failure> {
     let source = s.source;
-    let ram_pages = source.describe().ram_size / PAGE_SIZE;
+    let ram_pages = s.ram_pages;
     let round0 = |s: &Session<'_>| RoundWork {
         runs: PageSet::all(ram_pages).runs(MAX_RUN_PAGES),
         chunks: s.source.all_chunks(),

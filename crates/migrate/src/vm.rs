@@ -187,8 +187,8 @@ pub trait MigrationTarget: Send + Sync {
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
     /// Makes the device buffer table equal to `table` (new buffers start zeroed).
     fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String>;
-    /// Writes a chunk (`None`: all zeros).
-    fn write_chunk(&self, chunk: ChunkKey, data: Option<&[u8]>) -> Result<(), String>;
+    /// Writes a chunk (zero chunks arrive as zeros).
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String>;
     /// Builds the VM from the final state, still paused.
     fn restore(&self, state: &[u8]) -> Result<(), String>;
     /// Runs the restored VM.

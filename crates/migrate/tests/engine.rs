@@ -542,7 +542,7 @@ impl MigrationTarget for FakeTarget {
         Ok(())
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: Option<&[u8]>) -> Result<(), String> {
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String> {
         let mut buffers = self.buffers.lock().unwrap();
         let buffer = buffers
             .get_mut(&chunk.buffer)
@@ -554,11 +554,10 @@ impl MigrationTarget for FakeTarget {
             .ok_or_else(|| format!("chunk {} past buffer {}", chunk.index, chunk.buffer))?;
         let len = MAX_CHUNK_BYTES.min(buffer.len() as u64 - start) as usize;
         let slot = &mut buffer[start as usize..start as usize + len];
-        match data {
-            Some(d) if d.len() == len => slot.copy_from_slice(d),
-            Some(d) => return Err(format!("chunk of {} bytes, expected {len}", d.len())),
-            None => slot.fill(0),
+        if data.len() != len {
+            return Err(format!("chunk of {} bytes, expected {len}", data.len()));
         }
+        slot.copy_from_slice(data);
         Ok(())
     }
 

@@ -124,7 +124,7 @@ impl MigrationTarget for FakeTarget {
             _ => Err("this VM has no device".into()),
         }
     }
-    fn write_chunk(&self, _: ChunkKey, _: Option<&[u8]>) -> Result<(), String> {
+    fn write_chunk(&self, _: ChunkKey, _: &[u8]) -> Result<(), String> {
         Err("this VM has no device".into())
     }
     fn restore(&self, state: &[u8]) -> Result<(), String> {
