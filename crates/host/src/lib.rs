@@ -132,6 +132,21 @@ fn default_precopy_s() -> u64 {
 }
 
 impl MigrateRequest {
+    /// A request to migrate to `addr` with every other setting at its default.
+    pub fn to(addr: &str) -> Self {
+        Self {
+            to: addr.to_string(),
+            mode: default_mode(),
+            downtime_ms: default_downtime(),
+            streams: default_streams(),
+            compress: false,
+            throttle: default_true(),
+            allow_longer_pause: false,
+            max_rounds: default_rounds(),
+            max_precopy_s: default_precopy_s(),
+        }
+    }
+
     /// The engine's options, validated.
     pub fn options(&self) -> Result<MigrationOptions, HostError> {
         let mode = match self.mode.as_str() {

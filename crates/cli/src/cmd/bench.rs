@@ -329,15 +329,9 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
     ))
 }
 
-/// The last `key=value` printed on any console line.
+/// The last `key=value` printed on any console line, as a number.
 fn last_value(console: &str, key: &str) -> anyhow::Result<f64> {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        })
+    crate::cmd::last_field(console, key)
         .with_context(|| format!("no {key}= in {console}"))?
         .parse()
         .with_context(|| format!("bad {key}= value"))

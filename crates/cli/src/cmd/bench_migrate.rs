@@ -86,42 +86,34 @@ fn first_touch_throughput(bytes: usize) -> f64 {
 /// the console field that counts its work.
 fn workload(name: &'static str, accel: u64) -> (Vec<String>, &'static str) {
     let mib = accel >> 20;
-    let args = match name {
+    let (args, key) = match name {
         // Weights fill 60% of device memory and are only read; the KV cache (room for
         // 1024 tokens) grows by one position per token.
-        "llm-decode" => format!(
-            "--weights-mib {} --tokens 1024 --print-every 1",
-            mib * 60 / 100
+        "llm-decode" => (
+            format!("--weights-mib {} --tokens 1024 --print-every 1", mib * 60 / 100),
+            "token",
         ),
         // Half of device memory is the dataset; parameters and Adam state are rewritten
         // every step.
-        _ => format!(
-            "--steps 10000000 --hidden 512 --batch 128 --inputs 128 --samples {} --print-every 10",
-            (accel / 2 / (128 * 4)).max(8192)
+        "mlp-train" => (
+            format!(
+                "--steps 10000000 --hidden 512 --batch 128 --inputs 128 --samples {} --print-every 10",
+                (accel / 2 / (128 * 4)).max(8192)
+            ),
+            "step",
         ),
-    };
-    let key = if name == "llm-decode" {
-        "token="
-    } else {
-        "step="
+        other => unreachable!("bench migrate has no workload {other}"),
     };
     (args.split(' ').map(str::to_string).collect(), key)
 }
 
-fn last_count(console: &str, key: &str) -> Option<u64> {
-    console.lines().rev().find_map(|l| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-    })
-}
-
 fn count_now(client: &ApiClient, id: &str, key: &str) -> anyhow::Result<Option<u64>> {
     let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
-    Ok(last_count(vm["console_tail"].as_str().unwrap_or(""), key))
+    let console = vm["console_tail"].as_str().unwrap_or("");
+    Ok(crate::cmd::last_field(console, key).and_then(|v| v.parse().ok()))
 }
 
-/// Runs the benchmark; `emit` prints each figure.
+/// Runs the benchmark, printing each figure.
 pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
     let raw = loopback_throughput(2 << 30)?;
@@ -234,15 +226,10 @@ fn measure(
     let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
     let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
     let request = MigrateRequest {
-        to: to.to_string(),
         mode: mode.to_string(),
-        downtime_ms: 50,
-        streams: 2,
-        compress: false,
-        throttle: true,
         allow_longer_pause: true,
-        max_rounds: 30,
         max_precopy_s: 120,
+        ..MigrateRequest::to(to)
     };
     let c2 = count_now(ca, &id, key)?.unwrap_or(0);
     let t2 = Instant::now();
@@ -252,19 +239,18 @@ fn measure(
     let during = (c3.saturating_sub(c2)) as f64 / (t3 - t2).as_secs_f64();
     let _: Value = cb.delete(&format!("/v1/vms/{id}"))?;
     let _: Value = ca.delete(&format!("/v1/vms/{id}"))?;
-    let f = |k: &str| report.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    let bytes_sent = report["bytes_sent"].as_u64().unwrap_or(0);
+    let bytes_sent = report.bytes_sent;
     Ok(MigrationFigure {
         workload: name,
         accel_mib: accel >> 20,
         mode: mode.to_string(),
-        downtime_ms: f("downtime_ms"),
-        total_ms: f("total_ms"),
+        downtime_ms: report.downtime_ms,
+        total_ms: report.total_ms,
         bytes_sent,
-        rounds: report["rounds"].as_u64().unwrap_or(0),
-        max_throttle_pct: report["max_throttle_pct"].as_u64().unwrap_or(0),
+        rounds: report.rounds.into(),
+        max_throttle_pct: report.max_throttle_pct.into(),
         throughput_during_vs_before: if before > 0.0 { during / before } else { 0.0 },
-        total_vs_link_time: f("total_ms") / 1e3 / (bytes_sent as f64 / raw),
-        total_vs_bound_time: f("total_ms") / 1e3 / (bytes_sent as f64 / bound),
+        total_vs_link_time: report.total_ms / 1e3 / (bytes_sent as f64 / raw),
+        total_vs_bound_time: report.total_ms / 1e3 / (bytes_sent as f64 / bound),
     })
 }

@@ -10,6 +10,7 @@ use ferry_host::CreateVm;
 use serde_json::{json, Value};
 
 use crate::cmd::host::LoopbackPair;
+use crate::cmd::last_field;
 use crate::cmd::migrate::{follow, spinner, summary};
 use ferry_client::ApiClient;
 
@@ -60,13 +61,6 @@ fn losses(console: &str) -> Vec<(u64, f64)> {
             Some((step?, loss?))
         })
         .collect()
-}
-
-fn value_of<'a>(console: &'a str, key: &str) -> Option<&'a str> {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
 }
 
 fn vm_state(vm: &Value) -> &str {
@@ -150,17 +144,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let report = follow(
         ca,
         &id,
-        &ferry_host::MigrateRequest {
-            to: b.migration_addr.to_string(),
-            mode: "live".into(),
-            downtime_ms: 50,
-            streams: 2,
-            compress: false,
-            throttle: true,
-            allow_longer_pause: false,
-            max_rounds: 30,
-            max_precopy_s: 60,
-        },
+        &ferry_host::MigrateRequest::to(&b.migration_addr.to_string()),
         &bar,
     );
     bar.finish_and_clear();
@@ -175,7 +159,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let console = wait_end(cb, &id, Duration::from_secs(120))?;
-    let checksum = value_of(&console, "checksum")
+    let checksum = last_field(&console, "checksum")
         .context("the migrated run printed no checksum")?
         .to_string();
     say("loss curve (one run, two hosts):".into());
@@ -199,7 +183,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let reference: Value = ca.post("/v1/vms", &request)?;
     let ref_id = reference["id"].as_str().context("no VM id")?.to_string();
     let ref_console = wait_end(ca, &ref_id, Duration::from_secs(120))?;
-    let ref_checksum = value_of(&ref_console, "checksum")
+    let ref_checksum = last_field(&ref_console, "checksum")
         .context("the reference run printed no checksum")?
         .to_string();
     let identical = checksum == ref_checksum;
@@ -215,10 +199,10 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{}",
             json!({
-                "downtime_ms": report["downtime_ms"],
-                "total_ms": report["total_ms"],
-                "rounds": report["rounds"],
-                "bytes_sent": report["bytes_sent"],
+                "downtime_ms": report.downtime_ms,
+                "total_ms": report.total_ms,
+                "rounds": report.rounds,
+                "bytes_sent": report.bytes_sent,
                 "identical": identical,
                 "checksum": checksum,
                 "reference_checksum": ref_checksum,

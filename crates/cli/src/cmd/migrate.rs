@@ -2,11 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
-use ferry_host::MigrateRequest;
+use ferry_host::{MigrateRequest, MigrationStatus};
+use ferry_migrate::MigrationReport;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
 
 use crate::cmd::vm::HostAddr;
 use ferry_client::ApiClient;
@@ -58,7 +58,6 @@ impl MigrateArgs {
     /// The API request.
     pub fn request(&self) -> MigrateRequest {
         MigrateRequest {
-            to: self.to.clone(),
             mode: self.mode.clone(),
             downtime_ms: self.downtime_ms,
             streams: self.streams,
@@ -66,17 +65,13 @@ impl MigrateArgs {
             throttle: !self.no_throttle,
             allow_longer_pause: self.allow_longer_pause,
             max_rounds: self.max_rounds,
-            max_precopy_s: 60,
+            ..MigrateRequest::to(&self.to)
         }
     }
 }
 
-fn mib(v: &Value, key: &str) -> f64 {
-    v.get(key).and_then(Value::as_f64).unwrap_or(0.0) / (1024.0 * 1024.0)
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// Starts a migration through `client` and follows it to the end; returns the report.
@@ -86,33 +81,34 @@ pub fn follow(
     vm: &str,
     request: &MigrateRequest,
     bar: &ProgressBar,
-) -> anyhow::Result<Value> {
-    let _: Value = client.post(&format!("/v1/vms/{vm}/migrate"), request)?;
+) -> anyhow::Result<MigrationReport> {
+    let _: MigrationStatus = client.post(&format!("/v1/vms/{vm}/migrate"), request)?;
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        let status: Value = client.get(&format!("/v1/vms/{vm}/migration"))?;
-        if let Some(p) = status.get("progress").filter(|p| !p.is_null()) {
+        let status: MigrationStatus = client.get(&format!("/v1/vms/{vm}/migration"))?;
+        if let Some(p) = &status.progress {
             bar.set_message(format!(
                 "{} round {} | sent {:.0} MiB | link {:.0} MiB/s | dirty {:.0} MiB/s | predicted pause {:.1} ms | throttle {}%",
-                p.get("phase").and_then(Value::as_str).unwrap_or(""),
-                p.get("round").and_then(Value::as_u64).unwrap_or(0),
-                mib(p, "bytes_sent"),
-                f(p, "rate_mib_s"),
-                f(p, "dirty_mib_s"),
-                f(p, "predicted_pause_ms"),
-                p.get("throttle_pct").and_then(Value::as_u64).unwrap_or(0),
+                p.phase,
+                p.round,
+                mib(p.bytes_sent),
+                p.rate_mib_s,
+                p.dirty_mib_s,
+                p.predicted_pause_ms,
+                p.throttle_pct,
             ));
         }
         bar.tick();
-        match status.get("state").and_then(Value::as_str) {
-            Some("succeeded") => return Ok(status["report"].clone()),
-            Some("failed") => bail!(
+        match status.state.as_str() {
+            "succeeded" => {
+                return status
+                    .report
+                    .with_context(|| format!("the migration of {vm} succeeded without a report"))
+            }
+            "failed" => bail!(
                 "migration of {vm} failed: {}",
-                status
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error")
+                status.error.as_deref().unwrap_or("unknown error")
             ),
             _ if started.elapsed() > Duration::from_secs(600) => {
                 bail!("migration of {vm} still running after 10 minutes; see GET /v1/vms/{vm}/migration")
@@ -136,16 +132,16 @@ pub fn spinner(hidden: bool) -> ProgressBar {
 }
 
 /// One line summing up a report.
-pub fn summary(report: &Value) -> String {
+pub fn summary(report: &MigrationReport) -> String {
     format!(
         "{} migration: pause {:.1} ms, total {:.0} ms, {} rounds, {:.1} MiB sent ({:.2} MiB during the pause), throttle up to {}%",
-        report.get("mode").and_then(Value::as_str).unwrap_or("?"),
-        f(report, "downtime_ms"),
-        f(report, "total_ms"),
-        report.get("rounds").and_then(Value::as_u64).unwrap_or(0),
-        mib(report, "bytes_sent"),
-        mib(report, "final_bytes"),
-        report.get("max_throttle_pct").and_then(Value::as_u64).unwrap_or(0),
+        report.mode,
+        report.downtime_ms,
+        report.total_ms,
+        report.rounds,
+        mib(report.bytes_sent),
+        mib(report.final_bytes),
+        report.max_throttle_pct,
     )
 }
 
@@ -157,7 +153,7 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = result?;
     if args.json {
-        println!("{report}");
+        println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{} -> {}: {}", args.vm, args.to, summary(&report));
     }

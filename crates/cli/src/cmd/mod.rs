@@ -9,3 +9,12 @@ pub mod host;
 pub mod migrate;
 pub mod run;
 pub mod vm;
+
+/// The value of the last `key=value` word printed on a console (workloads print their
+/// progress and results that way).
+pub fn last_field<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    })
+}

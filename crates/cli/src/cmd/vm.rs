@@ -90,58 +90,52 @@ fn print_vm(vm: &Value) {
 
 /// `ferry vm ...`.
 pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
-    if let VmCommand::Create {
-        center: Some(center),
-        on,
-        token,
-        workload,
-        memory,
-        accel_memory,
-        args: guest_args,
-    } = &args.command
-    {
-        let client = ApiClient::new(center, &token.token()?)?;
-        let placed: ferry_center::Placed = client.post(
-            "/v1/vms",
-            &ferry_center::PlaceVm {
-                vm: ferry_host::CreateVm {
-                    workload: workload.clone(),
-                    args: guest_args.clone(),
-                    memory: *memory,
-                    accel_memory: *accel_memory,
-                },
-                host: on.clone(),
-            },
-        )?;
-        if args.json {
-            println!("{}", serde_json::to_string(&placed)?);
-        } else {
-            print_vm(&serde_json::to_value(&placed.vm)?);
-            println!("placed on host {}", placed.host);
-        }
-        return Ok(());
-    }
-    let client = args.host.client()?;
+    // Made only when needed: creating through the center needs no host secret.
+    let host = || args.host.client();
     let out: Value = match &args.command {
         VmCommand::Create {
+            center,
+            on,
+            token,
             workload,
             memory,
             accel_memory,
             args: guest_args,
-            ..
-        } => client.post(
-            "/v1/vms",
-            &ferry_host::CreateVm {
+        } => {
+            let vm = ferry_host::CreateVm {
                 workload: workload.clone(),
                 args: guest_args.clone(),
                 memory: *memory,
                 accel_memory: *accel_memory,
-            },
-        )?,
-        VmCommand::List => client.get("/v1/vms")?,
-        VmCommand::Show { id } => client.get(&format!("/v1/vms/{id}"))?,
-        VmCommand::Stop { id } => client.delete(&format!("/v1/vms/{id}"))?,
+            };
+            let Some(center) = center else {
+                return finish(args, host()?.post("/v1/vms", &vm)?);
+            };
+            let client = ApiClient::new(center, &token.token()?)?;
+            let placed: ferry_center::Placed = client.post(
+                "/v1/vms",
+                &ferry_center::PlaceVm {
+                    vm,
+                    host: on.clone(),
+                },
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string(&placed)?);
+            } else {
+                print_vm(&serde_json::to_value(&placed.vm)?);
+                println!("placed on host {}", placed.host);
+            }
+            return Ok(());
+        }
+        VmCommand::List => host()?.get("/v1/vms")?,
+        VmCommand::Show { id } => host()?.get(&format!("/v1/vms/{id}"))?,
+        VmCommand::Stop { id } => host()?.delete(&format!("/v1/vms/{id}"))?,
     };
+    finish(args, out)
+}
+
+/// Prints a host's answer to a `ferry vm` command.
+fn finish(args: &VmArgs, out: Value) -> anyhow::Result<()> {
     if args.json {
         println!("{out}");
         return Ok(());
