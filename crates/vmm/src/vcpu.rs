@@ -485,8 +485,6 @@ pub enum VcpuRequest {
 pub enum VcpuEvent {
     /// Out of `KVM_RUN`, waiting.
     Paused,
-    /// Running.
-    Resumed,
     /// The state asked for with [`VcpuRequest::SaveState`].
     State(Box<Result<VcpuState, VcpuStateError>>),
     /// The guest ended with this code; the thread has ended.
@@ -549,7 +547,6 @@ impl VcpuHandle {
         loop {
             self.kick();
             match self.events.recv_timeout(Duration::from_millis(1)) {
-                Ok(VcpuEvent::Resumed) => continue,
                 Ok(event) => return Ok(event),
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuStateError::ThreadGone),
@@ -636,9 +633,10 @@ fn vcpu_thread(
                 running = false;
                 Some(VcpuEvent::Paused)
             }
+            // Nobody waits for a resume: no reply.
             Some(VcpuRequest::Resume) => {
                 running = true;
-                Some(VcpuEvent::Resumed)
+                None
             }
             Some(VcpuRequest::SaveState) if running => {
                 Some(VcpuEvent::State(Box::new(Err(VcpuStateError::NotPaused))))

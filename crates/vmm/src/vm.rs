@@ -605,7 +605,7 @@ impl Microvm {
     }
 
     /// Dirty-page tracking of guest RAM (guest writes and VMM/device writes).
-    pub fn dirty_log(&self) -> DirtyLog<'_> {
+    fn dirty_log(&self) -> DirtyLog<'_> {
         DirtyLog::new(&self.vm, &self.memory)
     }
 

@@ -26,7 +26,6 @@ compile_error!(
 /// Device memory and kernels in host RAM.
 pub struct CpuBackend {
     pool: ThreadPool,
-    threads: usize,
     /// Buffers as f32 words (u32 data shares the storage through bytemuck casts).
     buffers: HashMap<BufferId, Box<[f32]>>,
 }
@@ -34,7 +33,7 @@ pub struct CpuBackend {
 impl core::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("CpuBackend")
-            .field("threads", &self.threads)
+            .field("threads", &self.pool.current_num_threads())
             .field("buffers", &self.buffers.len())
             .finish()
     }
@@ -70,14 +69,8 @@ impl CpuBackend {
             .expect("cannot start the accelerator's kernel threads");
         CpuBackend {
             pool,
-            threads,
             buffers: HashMap::new(),
         }
-    }
-
-    /// Threads in the kernel pool.
-    pub fn threads(&self) -> usize {
-        self.threads
     }
 
     /// Takes the `outputs` buffers out of the map, runs `f` on them with the others
