@@ -316,11 +316,16 @@ struct Session<'a> {
     /// Pages of guest RAM.
     ram_pages: u64,
     started: Instant,
-    round: u32,
+    /// Every round sent so far (its length is the next round's number).
     round_log: Vec<PrecopyRound>,
 }
 
 impl Session<'_> {
+    /// Rounds sent so far.
+    fn rounds(&self) -> u32 {
+        self.round_log.len() as u32
+    }
+
     fn bytes_sent(&self) -> u64 {
         self.control.writer.bytes + self.data.iter().map(|c| c.writer.bytes).sum::<u64>()
     }
@@ -334,7 +339,7 @@ impl Session<'_> {
     ) -> Result<PrecopyRound, MigrationError> {
         let started = Instant::now();
         let before = self.bytes_sent();
-        let round = self.round;
+        let round = self.rounds();
         self.control.send(&Message::BeginRound {
             round,
             buffers: self.source.device_buffers(),
@@ -396,7 +401,6 @@ impl Session<'_> {
             throttle_pct,
         };
         self.round_log.push(log.clone());
-        self.round += 1;
         Ok(log)
     }
 
@@ -512,11 +516,9 @@ pub fn migrate_vm(
         ram_pages,
         data,
         started,
-        round: 0,
         round_log: Vec::new(),
     };
-    let throttle_max = std::cell::Cell::new(0u8);
-    let outcome = run(&mut s, options, progress, &throttle_max);
+    let outcome = run(&mut s, options, progress);
     source.set_throttle(0);
     source.stop_tracking();
     match outcome {
@@ -527,10 +529,16 @@ pub fn migrate_vm(
             mode: mode_name(options.mode).into(),
             downtime_ms: ms(downtime),
             total_ms: ms(started.elapsed()),
-            rounds: s.round,
+            rounds: s.rounds(),
             bytes_sent: s.bytes_sent(),
             final_bytes,
-            max_throttle_pct: throttle_max.get(),
+            // Every throttle step is followed by a round at that step before switchover.
+            max_throttle_pct: s
+                .round_log
+                .iter()
+                .map(|r| r.throttle_pct)
+                .max()
+                .unwrap_or(0),
             streams: options.streams,
             round_log: s.round_log,
         }),
@@ -578,7 +586,6 @@ fn run(
     s: &mut Session<'_>,
     options: &MigrationOptions,
     progress: &mut dyn FnMut(&Progress),
-    throttle_max: &std::cell::Cell<u8>,
 ) -> Result<Switched, Failure> {
     let source = s.source;
     let ram_pages = s.ram_pages;
@@ -632,13 +639,13 @@ fn run(
                 break pending;
             }
             let out_of_bounds =
-                s.round >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
+                s.rounds() >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
             if out_of_bounds {
                 if options.allow_longer_pause {
                     break pending;
                 }
                 return Err(before_go(false)(MigrationError::NotConverged {
-                    rounds: s.round,
+                    rounds: s.rounds(),
                     elapsed_ms: s.started.elapsed().as_millis() as u64,
                     predicted_ms: predicted.as_millis() as u64,
                     target_ms: options.downtime_target.as_millis() as u64,
@@ -655,7 +662,6 @@ fn run(
             {
                 throttle_step += 1;
                 source.set_throttle(THROTTLE_STEPS[throttle_step]);
-                throttle_max.set(THROTTLE_STEPS[throttle_step]);
                 tracing::info!(
                     pct = THROTTLE_STEPS[throttle_step],
                     "throttling the VM to converge"
