@@ -170,16 +170,26 @@ struct InboundState {
     done: bool,
 }
 
-#[derive(Default)]
 struct Inbound {
     state: Mutex<InboundState>,
     changed: Condvar,
     /// The control stream's socket: a failed data stream shuts its read side so the
     /// control thread stops waiting for the round's end and sends the Abort at once.
-    control_socket: Mutex<Option<TcpStream>>,
+    control_socket: TcpStream,
 }
 
 impl Inbound {
+    fn new(streams: u8, control_socket: TcpStream) -> Self {
+        Self {
+            state: Mutex::new(InboundState {
+                applied: vec![0; usize::from(streams)],
+                ..InboundState::default()
+            }),
+            changed: Condvar::new(),
+            control_socket,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, InboundState> {
         self.state.lock().expect("inbound lock")
     }
@@ -192,10 +202,8 @@ impl Inbound {
         s.failed = Some(why);
         drop(s);
         self.changed.notify_all();
-        if let Some(control) = &*self.control_socket.lock().expect("control socket lock") {
-            // It stays writable for the Abort that names the reason.
-            let _ = control.shutdown(Shutdown::Read);
-        }
+        // It stays writable for the Abort that names the reason.
+        let _ = self.control_socket.shutdown(Shutdown::Read);
     }
 }
 
@@ -342,18 +350,14 @@ fn receive_vm<F: TargetFactory>(
         .and_then(|()| collect_streams(&rx, streams));
     sessions.lock().expect("sessions lock").remove(&session);
     let data = accepted?;
-    let inbound = Inbound::default();
-    inbound.lock().applied = vec![0; usize::from(streams)];
-    let shutdowns: Vec<TcpStream> = data
-        .iter()
-        .filter_map(|(_, s)| s.try_clone().ok())
-        .collect();
-    *inbound.control_socket.lock().expect("control socket lock") = Some(control_socket);
+    let inbound = Inbound::new(streams, control_socket);
+    // Each data connection comes with a handle on its socket, to shut it down.
+    let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
     let result = std::thread::scope(|scope| {
-        let handles: Vec<_> = data
+        let handles: Vec<_> = readers
             .into_iter()
             .enumerate()
-            .map(|(i, (reader, _stream))| {
+            .map(|(i, reader)| {
                 let (target, inbound) = (&target, &inbound);
                 scope.spawn(move || apply_stream(i, reader, target, vm.ram_size, inbound))
             })
