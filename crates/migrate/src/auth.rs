@@ -9,9 +9,7 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::wire::{
-    expect_control, FrameReader, FrameStream, FrameWriter, Message, StreamRole, PROTOCOL_VERSION,
-};
+use crate::wire::{FrameStream, Message, StreamRole, PROTOCOL_VERSION};
 use crate::MigrationError;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -112,46 +110,7 @@ fn nonce() -> [u8; 32] {
 const LISTENER: &[u8] = b"ferry-migrate-v1 listener";
 const CONNECTOR: &[u8] = b"ferry-migrate-v1 connector";
 
-/// The control conversation of a connection being authenticated, however it is held.
-trait Conversation {
-    fn say(&mut self, message: &Message) -> Result<(), MigrationError>;
-    fn hear(&mut self, what: &str) -> Result<Message, MigrationError>;
-}
-
-/// A connection split into a read half and a write half (plain TCP).
-struct Halves<'a, R, W>(&'a mut FrameReader<R>, &'a mut FrameWriter<W>);
-
-impl<R: Read, W: Write> Conversation for Halves<'_, R, W> {
-    fn say(&mut self, message: &Message) -> Result<(), MigrationError> {
-        self.1.send(message)
-    }
-
-    fn hear(&mut self, what: &str) -> Result<Message, MigrationError> {
-        expect_control(self.0, what)
-    }
-}
-
-impl<S: Read + Write> Conversation for FrameStream<S> {
-    fn say(&mut self, message: &Message) -> Result<(), MigrationError> {
-        self.send(message)
-    }
-
-    fn hear(&mut self, what: &str) -> Result<Message, MigrationError> {
-        self.expect_control(what)
-    }
-}
-
 /// The connecting side: proves the secret and checks the listener's proof.
-pub fn authenticate_connector<R: Read, W: Write>(
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
-    secret: &Secret,
-    role: StreamRole,
-) -> Result<(), MigrationError> {
-    connector(&mut Halves(reader, writer), secret, role)
-}
-
-/// [`authenticate_connector`] on a connection held as one stream (TLS).
 pub fn authenticate_stream_connector<S: Read + Write>(
     stream: &mut FrameStream<S>,
     secret: &Secret,
@@ -163,15 +122,6 @@ pub fn authenticate_stream_connector<S: Read + Write>(
 /// The listening side: answers the challenge, checks the connector's proof, and returns
 /// the role the connection claims. A failure is answered with a refusal before the error
 /// returns.
-pub fn authenticate_listener<R: Read, W: Write>(
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
-    secret: &Secret,
-) -> Result<StreamRole, MigrationError> {
-    listener(&mut Halves(reader, writer), secret)
-}
-
-/// [`authenticate_listener`] on a connection held as one stream (TLS).
 pub fn authenticate_stream_listener<S: Read + Write>(
     stream: &mut FrameStream<S>,
     secret: &Secret,
@@ -180,17 +130,17 @@ pub fn authenticate_stream_listener<S: Read + Write>(
 }
 
 fn connector(
-    conn: &mut impl Conversation,
+    conn: &mut FrameStream<impl Read + Write>,
     secret: &Secret,
     role: StreamRole,
 ) -> Result<(), MigrationError> {
     let ours = nonce();
-    conn.say(&Message::Hello {
+    conn.send(&Message::Hello {
         version: PROTOCOL_VERSION,
         role,
         nonce: ours,
     })?;
-    let theirs = match conn.hear("a challenge")? {
+    let theirs = match conn.expect_control("a challenge")? {
         Message::Challenge { nonce, proof } => {
             if !secret.verify(LISTENER, &ours, &nonce, &role, &proof) {
                 return Err(MigrationError::Auth(
@@ -206,10 +156,10 @@ fn connector(
             )))
         }
     };
-    conn.say(&Message::Proof {
+    conn.send(&Message::Proof {
         proof: secret.proof(CONNECTOR, &theirs, &ours, &role),
     })?;
-    match conn.hear("the authentication result")? {
+    match conn.expect_control("the authentication result")? {
         Message::AuthOk => Ok(()),
         Message::Refuse { reason } => Err(MigrationError::Auth(reason)),
         other => Err(MigrationError::Protocol(format!(
@@ -218,8 +168,11 @@ fn connector(
     }
 }
 
-fn listener(conn: &mut impl Conversation, secret: &Secret) -> Result<StreamRole, MigrationError> {
-    let (theirs, role) = match conn.hear("a hello")? {
+fn listener(
+    conn: &mut FrameStream<impl Read + Write>,
+    secret: &Secret,
+) -> Result<StreamRole, MigrationError> {
+    let (theirs, role) = match conn.expect_control("a hello")? {
         Message::Hello {
             version,
             role,
@@ -229,7 +182,7 @@ fn listener(conn: &mut impl Conversation, secret: &Secret) -> Result<StreamRole,
                 let reason = format!(
                     "protocol version {version}; this host speaks version {PROTOCOL_VERSION}"
                 );
-                let _ = conn.say(&Message::Refuse {
+                let _ = conn.send(&Message::Refuse {
                     reason: reason.clone(),
                 });
                 return Err(MigrationError::Refused(reason));
@@ -243,17 +196,17 @@ fn listener(conn: &mut impl Conversation, secret: &Secret) -> Result<StreamRole,
         }
     };
     let ours = nonce();
-    conn.say(&Message::Challenge {
+    conn.send(&Message::Challenge {
         nonce: ours,
         proof: secret.proof(LISTENER, &theirs, &ours, &role),
     })?;
-    match conn.hear("a proof")? {
+    match conn.expect_control("a proof")? {
         Message::Proof { proof } if secret.verify(CONNECTOR, &ours, &theirs, &role, &proof) => {
-            conn.say(&Message::AuthOk)?;
+            conn.send(&Message::AuthOk)?;
             Ok(role)
         }
         Message::Proof { .. } => {
-            let _ = conn.say(&Message::Refuse {
+            let _ = conn.send(&Message::Refuse {
                 reason: "wrong shared secret".into(),
             });
             Err(MigrationError::Auth(
@@ -282,18 +235,15 @@ mod tests {
         let ls = Secret::new(listener_secret.as_bytes()).unwrap();
         let cs = Secret::new(connector_secret.as_bytes()).unwrap();
         let listener = std::thread::spawn(move || {
-            let mut r = FrameReader::new(b.try_clone().unwrap());
-            let mut w = FrameWriter::new(b, false);
-            authenticate_listener(&mut r, &mut w, &ls)
+            authenticate_stream_listener(&mut FrameStream::new(b, false), &ls)
         });
-        let mut r = FrameReader::new(a.try_clone().unwrap());
-        let mut w = FrameWriter::new(a, false);
+        let mut conn = FrameStream::new(a, false);
         let role = StreamRole::Data {
             session: 7,
             index: 1,
         };
-        let c = authenticate_connector(&mut r, &mut w, &cs, role);
-        drop((r, w));
+        let c = authenticate_stream_connector(&mut conn, &cs, role);
+        drop(conn);
         (c, listener.join().unwrap())
     }
 

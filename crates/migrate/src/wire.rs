@@ -173,36 +173,6 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Reads and validates frames from one connection.
-pub struct FrameReader<R> {
-    input: R,
-    decoder: Decoder,
-    /// Bytes read so far, headers included.
-    pub bytes: u64,
-}
-
-impl<R: Read> FrameReader<R> {
-    /// A reader over `input`.
-    pub fn new(input: R) -> Self {
-        Self {
-            input,
-            decoder: Decoder::default(),
-            bytes: 0,
-        }
-    }
-
-    /// The connection.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.input
-    }
-
-    /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
-    /// `UnexpectedEof`, like any other cut.
-    pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
-        self.decoder.read(&mut self.input, &mut self.bytes)
-    }
-}
-
 /// Frames both ways over one connection that is read and written through a single
 /// object, as a TLS session must be (it cannot be split into a read half and a write
 /// half the way a `TcpStream` can). Used from one thread at a time.
@@ -230,7 +200,8 @@ impl<S: Read + Write> FrameStream<S> {
         self.writer.get_mut()
     }
 
-    /// The next frame, as [`FrameReader::read`].
+    /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
+    /// `UnexpectedEof`, like any other cut.
     pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
         // The writer keeps nothing back (each frame goes straight to the connection),
         // so reading the connection under it is in order; a connection that buffers
@@ -239,7 +210,7 @@ impl<S: Read + Write> FrameStream<S> {
             .read(self.writer.get_mut(), &mut self.bytes_read)
     }
 
-    /// The next frame, which must be a control message, as [`expect_control`].
+    /// The next frame, which must be a control message (an Abort is the peer's error).
     pub fn expect_control(&mut self, what: &str) -> Result<Message, MigrationError> {
         control_of(self.read(), what)
     }
@@ -573,14 +544,6 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// Reads the next frame, which must be a control message.
-pub fn expect_control<R: Read>(
-    reader: &mut FrameReader<R>,
-    what: &str,
-) -> Result<Message, MigrationError> {
-    control_of(reader.read(), what)
-}
-
 fn control_of(
     frame: Result<Frame<'_>, MigrationError>,
     what: &str,
@@ -595,6 +558,31 @@ fn control_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads and validates frames from a byte slice (a read-only FrameStream).
+    struct FrameReader<R> {
+        input: R,
+        decoder: Decoder,
+        /// Bytes read so far, headers included.
+        bytes: u64,
+    }
+
+    impl<R: Read> FrameReader<R> {
+        /// A reader over `input`.
+        fn new(input: R) -> Self {
+            Self {
+                input,
+                decoder: Decoder::default(),
+                bytes: 0,
+            }
+        }
+
+        /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
+        /// `UnexpectedEof`, like any other cut.
+        fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
+            self.decoder.read(&mut self.input, &mut self.bytes)
+        }
+    }
 
     fn roundtrip(compress: bool) {
         let mut w = FrameWriter::new(Vec::new(), compress);

@@ -3,7 +3,7 @@
 //! memory while it runs, and a [`MigrationTarget`] that records what it receives.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -11,11 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_migrate::auth::{authenticate_connector, authenticate_listener};
+use ferry_migrate::auth::{authenticate_stream_connector, authenticate_stream_listener};
 use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
-use ferry_migrate::wire::{
-    expect_control, FrameReader, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES,
-};
+use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use ferry_migrate::{
     migrate_vm, serve, ChunkKey, DeviceBuffer, MigrationError, MigrationOptions, MigrationReport,
     MigrationSource, MigrationTarget, Mode, PageSet, ReceiveReport, Secret, TargetFactory,
@@ -1053,15 +1051,10 @@ fn frames(build: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
 }
 
 /// An authenticated connection to the destination as `role`.
-fn authenticated(
-    dest: &Destination,
-    role: StreamRole,
-) -> (FrameReader<TcpStream>, FrameWriter<TcpStream>) {
-    let s = raw(dest);
-    let mut r = FrameReader::new(s.try_clone().unwrap());
-    let mut w = FrameWriter::new(s, false);
-    authenticate_connector(&mut r, &mut w, &secret(), role).expect("authentication");
-    (r, w)
+fn authenticated(dest: &Destination, role: StreamRole) -> FrameStream<TcpStream> {
+    let mut c = FrameStream::new(raw(dest), false);
+    authenticate_stream_connector(&mut c, &secret(), role).expect("authentication");
+    c
 }
 
 fn description(ram_size: u64) -> VmDescription {
@@ -1128,7 +1121,7 @@ fn garbage_connections_do_not_disturb_the_listener() {
         .unwrap()
     }))
     .unwrap();
-    match expect_control(&mut FrameReader::new(s.try_clone().unwrap()), "refusal") {
+    match FrameStream::new(s.try_clone().unwrap(), false).expect_control("refusal") {
         Ok(Message::Refuse { reason }) => assert!(reason.contains("version"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -1137,9 +1130,9 @@ fn garbage_connections_do_not_disturb_the_listener() {
     // A hello, then garbage instead of the proof.
     let mut s = raw(&dest);
     s.write_all(&hello).unwrap();
-    let mut r = FrameReader::new(s.try_clone().unwrap());
+    let mut r = FrameStream::new(s.try_clone().unwrap(), false);
     assert!(matches!(
-        expect_control(&mut r, "challenge"),
+        r.expect_control("challenge"),
         Ok(Message::Challenge { .. })
     ));
     s.write_all(&junk).unwrap();
@@ -1159,14 +1152,13 @@ fn garbage_connections_do_not_disturb_the_listener() {
     assert_closed(s);
 
     // Authenticated, but a data stream of a session that does not exist.
-    let (r, _w) = authenticated(
+    let mut r = authenticated(
         &dest,
         StreamRole::Data {
             session: 12345,
             index: 0,
         },
     );
-    let mut r = r;
     assert_closed(r.get_mut().try_clone().unwrap());
 
     // Authenticated offers the engine must refuse: no RAM, unaligned RAM, 0 streams,
@@ -1178,22 +1170,21 @@ fn garbage_connections_do_not_disturb_the_listener() {
         (MIB, 200, "streams"),
         (1 << 50, 1, "RAM"),
     ] {
-        let (mut r, mut w) = authenticated(&dest, StreamRole::Control);
-        w.send(&Message::Offer {
+        let mut c = authenticated(&dest, StreamRole::Control);
+        c.send(&Message::Offer {
             vm: description(ram),
             streams,
             transfer: Transfer::Live,
         })
         .unwrap();
-        match expect_control(&mut r, "refusal") {
+        match c.expect_control("refusal") {
             Ok(Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
             other => panic!("expected a refusal of {ram} bytes / {streams} streams, got {other:?}"),
         }
     }
 
     // Authenticated control connection that hangs up without an offer.
-    let (r, w) = authenticated(&dest, StreamRole::Control);
-    drop((r, w));
+    drop(authenticated(&dest, StreamRole::Control));
 
     // A connection that stalls mid-hello stays open during the real migration.
     let mut stalled = raw(&dest);
@@ -1217,20 +1208,20 @@ fn hostile_source(
     ram_size: u64,
     round: impl FnOnce(&mut FrameWriter<TcpStream>, &mut FrameWriter<TcpStream>),
 ) -> Result<Message, MigrationError> {
-    let (mut r, mut w) = authenticated(dest, StreamRole::Control);
-    w.send(&Message::Offer {
+    let mut c = authenticated(dest, StreamRole::Control);
+    c.send(&Message::Offer {
         vm: description(ram_size),
         streams: 1,
         transfer: Transfer::Live,
     })?;
-    let session = match expect_control(&mut r, "accept")? {
+    let session = match c.expect_control("accept")? {
         Message::Accept { session } => session,
         other => panic!("expected accept, got {other:?}"),
     };
-    let (_data_r, mut data_w) = authenticated(dest, StreamRole::Data { session, index: 0 });
-    round(&mut w, &mut data_w);
-    data_w.flush()?;
-    expect_control(&mut r, "the destination's answer")
+    let mut data = authenticated(dest, StreamRole::Data { session, index: 0 });
+    round(&mut c.writer, &mut data.writer);
+    data.writer.flush()?;
+    c.expect_control("the destination's answer")
 }
 
 #[test]
@@ -1238,37 +1229,37 @@ fn ram_records_outside_the_vm_are_refused() {
     let dest = Destination::start();
     let page = vec![0xabu8; PAGE_SIZE as usize];
     // Control: a record inside the VM is applied, and the session completes.
-    let (mut r, mut w) = authenticated(&dest, StreamRole::Control);
-    w.send(&Message::Offer {
+    let mut c = authenticated(&dest, StreamRole::Control);
+    c.send(&Message::Offer {
         vm: description(MIB),
         streams: 1,
         transfer: Transfer::Live,
     })
     .unwrap();
-    let Ok(Message::Accept { session }) = expect_control(&mut r, "accept") else {
+    let Ok(Message::Accept { session }) = c.expect_control("accept") else {
         panic!("not accepted")
     };
-    let (_dr, mut dw) = authenticated(&dest, StreamRole::Data { session, index: 0 });
-    w.send(&Message::BeginRound {
+    let mut d = authenticated(&dest, StreamRole::Data { session, index: 0 });
+    c.send(&Message::BeginRound {
         round: 0,
         buffers: Vec::new(),
     })
     .unwrap();
-    dw.send_ram(MIB - PAGE_SIZE, 1, Some(&page)).unwrap();
-    dw.flush().unwrap();
-    w.send(&Message::EndRound {
+    d.writer.send_ram(MIB - PAGE_SIZE, 1, Some(&page)).unwrap();
+    d.writer.flush().unwrap();
+    c.send(&Message::EndRound {
         round: 0,
         frames: vec![1],
     })
     .unwrap();
     assert_eq!(
-        expect_control(&mut r, "applied").unwrap(),
+        c.expect_control("applied").unwrap(),
         Message::RoundApplied { round: 0 }
     );
-    w.send(&Message::State { blob: vec![1] }).unwrap();
-    assert_eq!(expect_control(&mut r, "ready").unwrap(), Message::Ready);
-    w.send(&Message::Go).unwrap();
-    assert_eq!(expect_control(&mut r, "resumed").unwrap(), Message::Resumed);
+    c.send(&Message::State { blob: vec![1] }).unwrap();
+    assert_eq!(c.expect_control("ready").unwrap(), Message::Ready);
+    c.send(&Message::Go).unwrap();
+    assert_eq!(c.expect_control("resumed").unwrap(), Message::Resumed);
     let (target, _) = dest.adopted();
     assert_eq!(
         &target.ram.lock().unwrap()[(MIB - PAGE_SIZE) as usize..],
@@ -1425,19 +1416,18 @@ fn dying_destination(read_bytes: u64) -> (String, JoinHandle<()>) {
         let accept = || {
             let (s, _) = listener.accept().unwrap();
             s.set_read_timeout(Some(PATIENCE)).unwrap();
-            let mut r = FrameReader::new(BufReader::new(s.try_clone().unwrap()));
-            let mut w = FrameWriter::new(s, false);
-            authenticate_listener(&mut r, &mut w, &secret).unwrap();
-            (r, w)
+            let mut c = FrameStream::new(s, false);
+            authenticate_stream_listener(&mut c, &secret).unwrap();
+            c
         };
-        let (mut r, mut w) = accept();
-        let Message::Offer { streams, .. } = expect_control(&mut r, "offer").unwrap() else {
+        let mut control = accept();
+        let Message::Offer { streams, .. } = control.expect_control("offer").unwrap() else {
             panic!("expected an offer")
         };
-        w.send(&Message::Accept { session: 42 }).unwrap();
+        control.send(&Message::Accept { session: 42 }).unwrap();
         let mut data: Vec<_> = (0..streams).map(|_| accept()).collect();
-        let (first, _) = &mut data[0];
-        while first.bytes < read_bytes {
+        let first = &mut data[0];
+        while first.bytes_read < read_bytes {
             if first.read().is_err() {
                 break;
             }
