@@ -27,6 +27,7 @@ pub mod args;
 pub mod checksum;
 pub mod clock;
 pub mod console;
+pub mod math;
 mod mem;
 pub mod rt;
 

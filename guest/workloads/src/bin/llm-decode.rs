@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 use ferry_sdk::accel::{Accel, AccelError, Distribution, Tensor, Transpose};
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
+use ferry_sdk::math::{mib, mix, sqrt, stream};
 use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
 
 ferry_sdk::entry!(main);
@@ -147,29 +148,6 @@ struct Block {
     v_cache: Tensor,
 }
 
-/// The splitmix64 finaliser, to derive independent RNG streams from the seed.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Square root by Newton's method (core has no `sqrt`); exact enough for init scales.
-fn sqrt(x: f64) -> f64 {
-    if x <= 0.0 {
-        return 0.0;
-    }
-    let mut r = if x > 1.0 { x } else { 1.0 };
-    for _ in 0..80 {
-        r = 0.5 * (r + x / r);
-    }
-    r
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
 /// Hands out RNG streams for the weights, one per tensor, and fills them.
 struct Init {
     seed: u64,
@@ -187,7 +165,7 @@ impl Init {
     ) -> Result<Tensor, AccelError> {
         let mut t = acc.alloc(rows, cols)?;
         self.next += 1;
-        let stream = mix(self.seed ^ mix(self.next.wrapping_add(0x9e37_79b9_7f4a_7c15)));
+        let stream = stream(self.seed, self.next);
         acc.rng_fill(&mut t, stream, 0, Distribution::Normal(std as f32));
         Ok(t)
     }

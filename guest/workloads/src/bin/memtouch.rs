@@ -10,6 +10,7 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 use ferry_sdk::clock::now_ns;
+use ferry_sdk::math::mix;
 use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
 
 ferry_sdk::entry!(main);
@@ -45,13 +46,6 @@ fn main(args: Args) -> i32 {
             EXIT_USAGE
         }
     }
-}
-
-/// The splitmix64 finaliser: a cheap bijective mix of all 64 bits.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// A word's next value: depends on its old value, the pass and its index, so a lost
