@@ -20,7 +20,7 @@ use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::backend::{Backend, BackendError, BufferId};
+use crate::backend::{Backend, BackendError, BufferId, BufferReader};
 use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
 use crate::kernel::Kernel;
 use crate::ring::{head_is_sane, GuestRam, Ring};
@@ -157,6 +157,8 @@ struct Shared {
     progress: Condvar,
     /// Nanoseconds the device thread has spent executing commands (its load).
     busy_ns: AtomicU64,
+    /// The backend's buffers, readable without the core lock (held for a whole kernel).
+    reader: Arc<dyn BufferReader>,
 }
 
 /// The virtual accelerator of one VM.
@@ -412,6 +414,7 @@ fn device_thread(shared: Arc<Shared>) {
 impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
         let backend_kind = core.backend.kind();
+        let reader = core.backend.reader();
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             control: Mutex::new(Control {
@@ -421,6 +424,7 @@ impl Accelerator {
             wake: Condvar::new(),
             progress: Condvar::new(),
             busy_ns: AtomicU64::new(0),
+            reader,
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -565,25 +569,26 @@ impl Accelerator {
         self.read_chunks(&[chunk], std::slice::from_mut(out))[0]
     }
 
-    /// Reads several chunks under one lock (one wait for the command in progress instead
-    /// of one per chunk); like [`Self::read_chunk`] for each.
+    /// Reads several chunks; like [`Self::read_chunk`] for each. A chunk waits only
+    /// for a kernel that is writing its buffer, not for the device's other work.
     pub fn read_chunks(&self, chunks: &[ChunkId], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
-        let core = self.core();
         chunks
             .iter()
             .zip(out.iter_mut())
             .map(|(&chunk, out)| {
-                let (bytes, range) = chunk_range(&core.buffers, chunk)?;
-                out.resize((range.end - range.start) as usize, 0);
-                core.backend.read(chunk.buffer, range.start, out);
-                Some(bytes)
+                let mut size = None;
+                self.shared.reader.with_buffer(chunk.buffer, &mut |bytes| {
+                    let Some(range) = chunk_range(bytes.len() as u64, chunk.index) else {
+                        return;
+                    };
+                    let range = range.start as usize..range.end as usize;
+                    out.clear();
+                    out.extend_from_slice(&bytes[range]);
+                    size = Some(bytes.len() as u64);
+                });
+                size
             })
             .collect()
-    }
-
-    /// Length of chunk `chunk`, if it exists.
-    pub fn chunk_len(&self, chunk: ChunkId) -> Option<u64> {
-        chunk_range(&self.core().buffers, chunk).map(|(_, r)| r.end - r.start)
     }
 
     /// The buffer table now (it may change while the device runs).
@@ -616,8 +621,11 @@ impl Accelerator {
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
     pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
         let mut core = self.core();
-        let (_, range) = chunk_range(&core.buffers, chunk)
-            .filter(|(_, r)| r.end - r.start == data.len() as u64)
+        let range = core
+            .buffers
+            .get(&chunk.buffer)
+            .and_then(|&bytes| chunk_range(bytes, chunk.index))
+            .filter(|r| r.end - r.start == data.len() as u64)
             .ok_or(AccelStateError::BadChunk {
                 buffer: chunk.buffer,
                 index: chunk.index,
@@ -634,12 +642,10 @@ fn buffer_table(core: &Core) -> Vec<BufferState> {
         .collect()
 }
 
-/// Byte range of `chunk` within its buffer, if both exist.
-/// The size of `chunk`'s buffer and the chunk's byte range in it, if both exist.
-fn chunk_range(buffers: &BTreeMap<BufferId, u64>, chunk: ChunkId) -> Option<(u64, Range<u64>)> {
-    let bytes = *buffers.get(&chunk.buffer)?;
-    let start = chunk.index.checked_mul(CHUNK_SIZE).filter(|&s| s < bytes)?;
-    Some((bytes, start..(start + CHUNK_SIZE).min(bytes)))
+/// Byte range of chunk `index` in a buffer of `bytes` bytes, if it has that chunk.
+fn chunk_range(bytes: u64, index: u64) -> Option<Range<u64>> {
+    let start = index.checked_mul(CHUNK_SIZE).filter(|&s| s < bytes)?;
+    Some(start..(start + CHUNK_SIZE).min(bytes))
 }
 
 impl Drop for Accelerator {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
 use ferry_abi::PAGE_SIZE;
-use ferry_accel::backend;
+use ferry_accel::backend::{self, DeviceMemory};
 use ferry_accel::device::Accelerator;
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_accel::ring::GuestRam;
@@ -35,7 +35,7 @@ impl FakeGuest {
             mem.clone(),
             RING,
             CAPACITY,
-            backend::create("cpu", threads).unwrap(),
+            backend::create("cpu", threads, &DeviceMemory::default()).unwrap(),
         )
         .unwrap();
         accel.resume();
@@ -336,7 +336,12 @@ fn paused_device_state_and_chunks_restore_into_a_new_device() {
     assert_eq!(state.tail, pending, "the pending command was not executed");
 
     let mem2 = g.mem.clone(); // guest RAM moves with the VM
-    let restored = Accelerator::restore(mem2, &state, backend::create("cpu", 1).unwrap()).unwrap();
+    let restored = Accelerator::restore(
+        mem2,
+        &state,
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+    )
+    .unwrap();
     let mut data = Vec::new();
     for chunk in g.accel.all_chunks() {
         assert!(g.accel.read_chunk(chunk, &mut data).is_some());
@@ -371,21 +376,31 @@ fn restore_refuses_corrupt_state() {
     state
         .buffers
         .push(ferry_accel::device::BufferState { id: 0, bytes: 16 });
-    assert!(
-        Accelerator::restore(g.mem.clone(), &state, backend::create("cpu", 1).unwrap()).is_err()
-    );
+    assert!(Accelerator::restore(
+        g.mem.clone(),
+        &state,
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap()
+    )
+    .is_err());
     state.buffers[0] = ferry_accel::device::BufferState {
         id: 1,
         bytes: CAPACITY + 4,
     };
-    assert!(
-        Accelerator::restore(g.mem.clone(), &state, backend::create("cpu", 1).unwrap()).is_err()
-    );
+    assert!(Accelerator::restore(
+        g.mem.clone(),
+        &state,
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap()
+    )
+    .is_err());
     let mut other = g.accel.save_state();
     other.backend_kind = "cuda".into();
-    let err = Accelerator::restore(g.mem.clone(), &other, backend::create("cpu", 1).unwrap())
-        .err()
-        .unwrap();
+    let err = Accelerator::restore(
+        g.mem.clone(),
+        &other,
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("cuda"), "{err}");
     let chunk = ChunkId {
         buffer: 42,

@@ -17,6 +17,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_accel::backend::DeviceMemory;
 use ferry_migrate::{MigrationError, MigrationOptions, MigrationReport, Mode, Progress, Secret};
 use ferry_vmm::{HostOptions, Microvm, VmConfig};
 use serde::{Deserialize, Serialize};
@@ -234,6 +235,9 @@ pub struct HostInfo {
 /// The VMs of this host.
 pub struct Host {
     config: HostConfig,
+    /// Host memory behind the VMs' accelerator buffers: freed buffers' memory stays
+    /// backed, up to the accelerator capacity, like a GPU's memory.
+    device_memory: DeviceMemory,
     vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
     migrations: Mutex<BTreeMap<String, MigrationStatus>>,
     next_id: Mutex<u64>,
@@ -243,6 +247,7 @@ impl Host {
     /// A host with no VMs.
     pub fn new(config: HostConfig) -> Arc<Self> {
         Arc::new(Self {
+            device_memory: DeviceMemory::new(config.accel_capacity),
             config,
             vms: Mutex::default(),
             migrations: Mutex::default(),
@@ -253,6 +258,34 @@ impl Host {
     /// The configuration.
     pub fn config(&self) -> &HostConfig {
         &self.config
+    }
+
+    /// Backs `bytes` of accelerator memory now, so the first VMs created or migrated
+    /// here write into memory the kernel has already backed (a first touch costs a page
+    /// fault and a zeroing each, slower than a fast link).
+    pub fn prefault_accel_memory(&self, bytes: u64) -> Result<(), HostError> {
+        if bytes > self.config.accel_capacity {
+            return Err(HostError::BadRequest(format!(
+                "cannot prefault {} MiB: the accelerator capacity is {} MiB",
+                bytes >> 20,
+                self.config.accel_capacity >> 20
+            )));
+        }
+        self.device_memory.prefault(bytes).map_err(|e| {
+            HostError::Failed(format!(
+                "cannot back {} MiB of accelerator memory: {e}",
+                bytes >> 20
+            ))
+        })
+    }
+
+    /// What a VM here gets from the host: its accelerator threads and device memory.
+    fn vm_host_options(&self) -> HostOptions {
+        HostOptions {
+            accel_threads: self.config.accel_threads,
+            device_memory: self.device_memory.clone(),
+            ..HostOptions::quiet()
+        }
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<HostedVm>>> {
@@ -344,11 +377,7 @@ impl Host {
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
         self.reserve(&config)?;
-        let host = HostOptions {
-            accel_threads: self.config.accel_threads,
-            ..HostOptions::quiet()
-        };
-        let vm = Microvm::boot(config, &image, &req.args, host).map_err(|e| {
+        let vm = Microvm::boot(config, &image, &req.args, self.vm_host_options()).map_err(|e| {
             let msg = format!("cannot create the VM: {e}");
             match e {
                 ferry_vmm::vm::CreateVmError::Memory(_)
@@ -515,7 +544,7 @@ impl ferry_migrate::TargetFactory for Receiver {
             accel_memory: vm.accel_memory,
         };
         self.host.reserve(&config).map_err(|e| e.to_string())?;
-        VmTarget::prepare(vm, self.host.config.accel_threads)
+        VmTarget::prepare(vm, self.host.vm_host_options())
     }
 
     fn adopt(&self, target: VmTarget, report: ferry_migrate::ReceiveReport) {

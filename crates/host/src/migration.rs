@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ferry_abi::ABI_VERSION;
-use ferry_accel::backend::{self, cpu::gemm_microkernel};
+use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
 use ferry_accel::device::BufferState;
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
@@ -50,7 +50,8 @@ pub fn local_description() -> VmDescription {
             accel_memory: 0,
             abi_version: ABI_VERSION,
             backend_kind: BACKEND_KIND.into(),
-            kernel_version: backend::create(BACKEND_KIND, 1).map_or(0, |b| b.kernel_version()),
+            kernel_version: backend::create(BACKEND_KIND, 1, &DeviceMemory::default())
+                .map_or(0, |b| b.kernel_version()),
             microkernel: gemm_microkernel().into(),
             extra: Vec::new(),
         })
@@ -211,17 +212,13 @@ pub struct VmTarget {
 
 impl VmTarget {
     /// An empty VM shaped like `description` (compatibility already checked).
-    pub fn prepare(description: &VmDescription, accel_threads: usize) -> Result<Self, String> {
+    pub fn prepare(description: &VmDescription, host: HostOptions) -> Result<Self, String> {
         let config = VmConfig {
             ram_size: description.ram_size,
             vcpus: description.vcpus,
             accel_memory: description.accel_memory,
         };
         let kind = (config.accel_memory > 0).then_some(description.backend_kind.as_str());
-        let host = HostOptions {
-            accel_threads,
-            ..HostOptions::quiet()
-        };
         let incoming = IncomingVm::new(config, kind, host).map_err(|e| e.to_string())?;
         Ok(Self {
             description: description.clone(),

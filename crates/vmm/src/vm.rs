@@ -9,7 +9,7 @@ use ferry_abi::accel::RING_REGION_SIZE;
 use ferry_abi::{
     encode_args, BootInfo, ABI_VERSION, ARGS_CAPACITY, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, STACK_SIZE,
 };
-use ferry_accel::backend::{self, Backend};
+use ferry_accel::backend::{self, Backend, DeviceMemory};
 use ferry_accel::device::{AccelState, AccelStateError, Accelerator};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,8 @@ pub struct HostOptions {
     pub console: ConsoleSink,
     /// Accelerator backend threads (results do not depend on it).
     pub accel_threads: usize,
+    /// Host memory for the accelerator's buffers, shared by the host's VMs.
+    pub device_memory: DeviceMemory,
 }
 
 impl HostOptions {
@@ -75,6 +77,7 @@ impl HostOptions {
         Self {
             console: ConsoleSink::None,
             accel_threads: default_accel_threads(),
+            device_memory: DeviceMemory::default(),
         }
     }
 
@@ -83,6 +86,7 @@ impl HostOptions {
         Self {
             console: ConsoleSink::Stdout,
             accel_threads: default_accel_threads(),
+            device_memory: DeviceMemory::default(),
         }
     }
 }
@@ -223,12 +227,13 @@ impl IncomingVm {
         let accel = match (config.accel_memory, backend_kind) {
             (0, None) => None,
             (capacity, Some(kind)) if capacity > 0 => {
-                let backend = backend::create(kind, host.accel_threads).ok_or_else(|| {
-                    CreateVmError::Incompatible(format!(
+                let backend = backend::create(kind, host.accel_threads, &host.device_memory)
+                    .ok_or_else(|| {
+                        CreateVmError::Incompatible(format!(
                         "accelerator backend '{kind}' is not available here (this build has: {})",
                         backend::AVAILABLE.join(", ")
                     ))
-                })?;
+                    })?;
                 let empty = AccelState {
                     backend_kind: kind.to_string(),
                     kernel_version: backend.kernel_version(),
@@ -339,8 +344,8 @@ impl Default for BootInfoPage {
     }
 }
 
-fn cpu_backend(threads: usize) -> Result<Box<dyn Backend>, CreateVmError> {
-    backend::create("cpu", threads)
+fn cpu_backend(host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
+    backend::create("cpu", host.accel_threads, &host.device_memory)
         .ok_or_else(|| CreateVmError::Incompatible("no cpu backend in this build".into()))
 }
 
@@ -393,7 +398,7 @@ impl Microvm {
         boot.0.stack_top = stack_top;
         let accel = if config.accel_memory > 0 {
             boot.0.accel_ring = ring_gpa;
-            let backend = cpu_backend(host.accel_threads)?;
+            let backend = cpu_backend(&host)?;
             let accel = Accelerator::boot(memory.clone(), ring_gpa, config.accel_memory, backend)
                 .map_err(CreateVmError::SpawnAccel)?;
             Some(accel)

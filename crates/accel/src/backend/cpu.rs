@@ -6,17 +6,21 @@
 
 mod gemm;
 mod math;
+mod memory;
 mod ops;
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
-use super::{Backend, BackendError, BufferId};
+use super::{Backend, BackendError, BufferId, BufferReader};
 use crate::kernel::{Distribution, Kernel};
+use memory::DeviceBuffer;
+pub use memory::DeviceMemory;
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -26,26 +30,75 @@ compile_error!(
 /// Device memory and kernels in host RAM.
 pub struct CpuBackend {
     pool: ThreadPool,
-    /// Buffers as f32 words (u32 data shares the storage through bytemuck casts).
-    buffers: HashMap<BufferId, Box<[f32]>>,
+    memory: DeviceMemory,
+    buffers: Arc<Buffers>,
 }
 
 impl core::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("CpuBackend")
             .field("threads", &self.pool.current_num_threads())
-            .field("buffers", &self.buffers.len())
+            .field("buffers", &self.buffers.table().len())
             .finish()
     }
 }
 
+/// One buffer, as f32 words (u32 data shares the storage through bytemuck casts). Each
+/// has its own lock so a reader on another thread (a migration's pre-copy) waits only
+/// for a kernel that writes this buffer, not for whatever the device runs.
+type SharedBuffer = Arc<RwLock<DeviceBuffer>>;
+
+/// The buffer table, shared with [`BufferReader`]s. Only the device thread changes it.
+#[derive(Default)]
+struct Buffers(RwLock<HashMap<BufferId, SharedBuffer>>);
+
+// A panic in a kernel leaves the buffers' words as they were written so far, which the
+// device already treats as "partly written": poisoning carries no extra meaning here.
+fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Buffers {
+    fn table(&self) -> RwLockReadGuard<'_, HashMap<BufferId, SharedBuffer>> {
+        read_lock(&self.0)
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, HashMap<BufferId, SharedBuffer>> {
+        write_lock(&self.0)
+    }
+
+    fn get(&self, id: BufferId) -> Option<SharedBuffer> {
+        self.table().get(&id).cloned()
+    }
+
+    fn expect(&self, id: BufferId) -> SharedBuffer {
+        self.get(id).expect("buffer validated by the device")
+    }
+}
+
+impl BufferReader for Buffers {
+    fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool {
+        let Some(buffer) = self.get(id) else {
+            return false;
+        };
+        f(bytemuck::cast_slice(&read_lock(&buffer)));
+        true
+    }
+}
+
 /// Read access to the buffers a kernel does not write.
-struct Inputs<'a>(&'a HashMap<BufferId, Box<[f32]>>);
+struct Inputs<'a>(Vec<(BufferId, RwLockReadGuard<'a, DeviceBuffer>)>);
 
 impl Inputs<'_> {
     fn f32(&self, id: BufferId) -> &[f32] {
         self.0
-            .get(&id)
+            .iter()
+            .find(|(b, _)| *b == id)
+            .map(|(_, guard)| &***guard)
             .expect("kernel input buffer validated by the device")
     }
 
@@ -55,12 +108,13 @@ impl Inputs<'_> {
 }
 
 impl CpuBackend {
-    /// A backend running kernels on `threads` threads (at least 1).
+    /// A backend running kernels on `threads` threads (at least 1), its buffers in
+    /// `memory`.
     ///
     /// # Panics
     ///
     /// If the host cannot start the threads.
-    pub fn new(threads: usize) -> CpuBackend {
+    pub fn new(threads: usize, memory: DeviceMemory) -> CpuBackend {
         let threads = threads.max(1);
         let pool = ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -69,60 +123,36 @@ impl CpuBackend {
             .expect("cannot start the accelerator's kernel threads");
         CpuBackend {
             pool,
-            buffers: HashMap::new(),
+            memory,
+            buffers: Arc::default(),
         }
     }
 
-    /// Takes the `outputs` buffers out of the map, runs `f` on them with the others
-    /// readable, and puts them back (even when `f` fails). The device guarantees that
-    /// outputs are distinct from each other and from the inputs.
+    /// Runs `f` on the `outputs` buffers, locked for writing, with every other buffer
+    /// locked for reading. The device guarantees that outputs are distinct from each
+    /// other and from the inputs.
     fn with_outputs<const N: usize>(
         &mut self,
         outputs: [BufferId; N],
         f: impl FnOnce(&ThreadPool, &Inputs<'_>, [&mut [f32]; N]) -> Result<(), BackendError>,
     ) -> Result<(), BackendError> {
-        let mut taken = outputs.map(|id| {
-            self.buffers
-                .remove(&id)
-                .expect("kernel output buffer validated by the device")
+        // Only this thread changes the table, so holding it for reading blocks nobody.
+        let table = self.buffers.table();
+        let mut written = outputs.map(|id| {
+            write_lock(
+                table
+                    .get(&id)
+                    .expect("kernel output buffer validated by the device"),
+            )
         });
-        let result = f(
-            &self.pool,
-            &Inputs(&self.buffers),
-            taken.each_mut().map(|b| &mut **b),
+        let inputs = Inputs(
+            table
+                .iter()
+                .filter(|(id, _)| !outputs.contains(id))
+                .map(|(&id, buffer)| (id, read_lock(buffer)))
+                .collect(),
         );
-        for (id, buffer) in outputs.into_iter().zip(taken) {
-            self.buffers.insert(id, buffer);
-        }
-        result
-    }
-
-    fn buffer(&self, id: BufferId) -> &[u8] {
-        bytemuck::cast_slice(
-            self.buffers
-                .get(&id)
-                .expect("buffer validated by the device"),
-        )
-    }
-}
-
-/// Asks the kernel to back a large buffer with transparent huge pages. A migration fills
-/// gigabytes of fresh buffers on the destination, and under nested virtualization a page
-/// fault per 4 KiB (rather than per 2 MiB) makes that several times slower than memory.
-fn advise_huge_pages(buffer: &mut [f32]) {
-    const HUGE: usize = 2 << 20;
-    let start = buffer.as_mut_ptr() as usize;
-    let end = start + std::mem::size_of_val(buffer);
-    let aligned = start.next_multiple_of(HUGE);
-    if end < aligned + HUGE {
-        return;
-    }
-    let len = (end - aligned) / HUGE * HUGE;
-    // SAFETY: [aligned, aligned + len) lies inside `buffer`, which is ours and stays
-    // allocated across the call; MADV_HUGEPAGE changes only how the kernel backs those
-    // pages, never their contents. A failure (THP off) leaves small pages: ignored.
-    unsafe {
-        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        f(&self.pool, &inputs, written.each_mut().map(|b| &mut ***b))
     }
 }
 
@@ -136,33 +166,40 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&mut self, id: BufferId, bytes: u64) -> Result<(), BackendError> {
-        let words =
-            usize::try_from(bytes.div_ceil(4)).map_err(|_| BackendError::Alloc { bytes })?;
-        // alloc_zeroed: large buffers come as untouched zero pages from the OS.
-        let mut buffer = bytemuck::allocation::try_zeroed_slice_box::<f32>(words)
-            .map_err(|()| BackendError::Alloc { bytes })?;
-        advise_huge_pages(&mut buffer);
-        self.buffers.insert(id, buffer);
+        let buffer = usize::try_from(bytes.div_ceil(4))
+            .ok()
+            .and_then(|words| self.memory.alloc(words))
+            .ok_or(BackendError::Alloc { bytes })?;
+        self.buffers
+            .table_mut()
+            .insert(id, Arc::new(RwLock::new(buffer)));
         Ok(())
     }
 
     fn free(&mut self, id: BufferId) {
-        self.buffers.remove(&id);
+        // Dropped outside the table lock: a large buffer is cleared as it goes back.
+        let buffer = self.buffers.table_mut().remove(&id);
+        drop(buffer);
     }
 
     fn write(&mut self, id: BufferId, offset: u64, data: &[u8]) {
-        let buffer = self
-            .buffers
-            .get_mut(&id)
-            .expect("buffer validated by the device");
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(buffer);
+        let buffer = self.buffers.expect(id);
+        let mut words = write_lock(&buffer);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
         let start = usize::try_from(offset).expect("offset validated by the device");
         bytes[start..][..data.len()].copy_from_slice(data);
     }
 
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]) {
         let start = usize::try_from(offset).expect("offset validated by the device");
-        out.copy_from_slice(&self.buffer(id)[start..][..out.len()]);
+        let buffer = self.buffers.expect(id);
+        let words = read_lock(&buffer);
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        out.copy_from_slice(&bytes[start..][..out.len()]);
+    }
+
+    fn reader(&self) -> Arc<dyn BufferReader> {
+        self.buffers.clone()
     }
 
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
@@ -422,7 +459,7 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     let gflops = |t: Duration| flops / t.as_secs_f64().max(1e-9) / 1e9;
     let bytes = (n * n * 4) as u64;
 
-    let mut backend = CpuBackend::new(threads);
+    let mut backend = CpuBackend::new(threads, DeviceMemory::default());
     for id in 1..=3 {
         backend.alloc(id, bytes).expect("benchmark buffers");
     }
@@ -450,8 +487,8 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     };
     let backend_time = best_time(budget, || backend.launch(&mm).expect("benchmark matmul"));
 
-    let a = backend.buffers[&1].clone();
-    let b = backend.buffers[&2].clone();
+    let a = read_lock(&backend.buffers.expect(1)).to_vec();
+    let b = read_lock(&backend.buffers.expect(2)).to_vec();
     let mut c = vec![0.0f32; n * n];
     let pool = &backend.pool;
     let direct_time = best_time(budget, || {

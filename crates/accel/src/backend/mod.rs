@@ -4,7 +4,10 @@
 
 pub mod cpu;
 
+use std::sync::Arc;
+
 use crate::kernel::Kernel;
+pub use cpu::DeviceMemory;
 
 /// A buffer id as the guest names it (1..=`MAX_BUFFERS`).
 pub type BufferId = u32;
@@ -45,15 +48,29 @@ pub trait Backend: Send {
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]);
     /// Runs a validated kernel.
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError>;
+    /// A reader of this backend's buffers for other threads.
+    fn reader(&self) -> Arc<dyn BufferReader>;
+}
+
+/// Reads buffers from another thread while the device runs, waiting only for a kernel
+/// that writes the buffer read: a migration's pre-copy must not queue behind every
+/// kernel (one can take tens of milliseconds on gigabytes of weights).
+pub trait BufferReader: Send + Sync {
+    /// Calls `f` with all of buffer `id`'s bytes; `false` if there is no such buffer.
+    fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool;
 }
 
 /// Backend kinds this build provides.
 pub const AVAILABLE: &[&str] = &["cpu"];
 
-/// Creates a backend of `kind` with `threads` worker threads, if this build has it.
-pub fn create(kind: &str, threads: usize) -> Option<Box<dyn Backend>> {
+/// Creates a backend of `kind` with `threads` worker threads, if this build has it;
+/// backends that keep device memory in host RAM take it from `memory`.
+pub fn create(kind: &str, threads: usize, memory: &DeviceMemory) -> Option<Box<dyn Backend>> {
     match kind {
-        "cpu" => Some(Box::new(cpu::CpuBackend::new(threads.max(1)))),
+        "cpu" => Some(Box::new(cpu::CpuBackend::new(
+            threads.max(1),
+            memory.clone(),
+        ))),
         _ => None,
     }
 }

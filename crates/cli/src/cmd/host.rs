@@ -90,6 +90,12 @@ pub struct ServeArgs {
     /// of it; the CPU backend keeps device memory in host RAM).
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     pub accel_capacity: Option<u64>,
+    /// Accelerator memory to back at start, within --accel-capacity, so the first VMs
+    /// created or migrated here do not pay a page fault per page while they fill it.
+    /// Memory freed by VMs stays backed for the next ones either way (up to
+    /// --accel-capacity), as a GPU's memory does.
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub accel_prefault: Option<u64>,
     /// Join the cluster center at URL (e.g. http://10.0.0.1:7000): send it heartbeats
     /// with this host's capacity, load and VMs, authenticated by the shared secret.
     #[arg(long, value_name = "URL")]
@@ -274,6 +280,9 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let daemon = start(&runtime, config, &serve.listen, &serve.migration_listen)?;
+            if let Some(bytes) = serve.accel_prefault {
+                daemon.host.prefault_accel_memory(bytes)?;
+            }
             let tls = if serve.tls_cert.is_some() {
                 " (mutual TLS)"
             } else {

@@ -59,7 +59,7 @@ fn close(what: &str, i: usize, got: f32, want: f64, tol: f64) {
 
 /// A backend with buffers `1..` holding `data` (f32 or u32 words as f32 bits).
 fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
-    let mut b = CpuBackend::new(threads);
+    let mut b = CpuBackend::new(threads, DeviceMemory::default());
     for (i, d) in data.iter().enumerate() {
         let id = i as BufferId + 1;
         b.alloc(id, (d.len().max(1) * 4) as u64).unwrap();
@@ -69,7 +69,7 @@ fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
 }
 
 fn read(b: &CpuBackend, id: BufferId) -> Vec<f32> {
-    b.buffers[&id].to_vec()
+    read_lock(&b.buffers.expect(id)).to_vec()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -529,7 +529,7 @@ fn cross_entropy_rejects_bad_labels() {
     b.write(2, 0, bytemuck::cast_slice(&labels));
     assert!(matches!(b.launch(&k), Err(BackendError::BadData(_))));
     // The buffers are all still there.
-    assert_eq!(b.buffers.len(), 4);
+    assert_eq!(b.buffers.table().len(), 4);
 }
 
 #[test]
@@ -1162,7 +1162,7 @@ fn argmax_first_maximum_and_nan() {
 
 #[test]
 fn buffers_read_write_and_alloc_failure() {
-    let mut b = CpuBackend::new(1);
+    let mut b = CpuBackend::new(1, DeviceMemory::default());
     assert_eq!((b.kind(), b.kernel_version()), ("cpu", 1));
     b.alloc(1, 64).unwrap();
     let mut out = [0xffu8; 64];
@@ -1173,7 +1173,7 @@ fn buffers_read_write_and_alloc_failure() {
     b.read(1, 5, &mut out);
     assert_eq!(out, [0, 1, 2, 3, 0]);
     b.free(1);
-    assert!(b.buffers.is_empty());
+    assert!(b.buffers.table().is_empty());
     // Far beyond any host: an error, not an abort.
     assert!(matches!(
         b.alloc(2, u64::MAX - 3),
@@ -1193,4 +1193,59 @@ fn buffers_read_write_and_alloc_failure() {
 fn bench_gemm_runs() {
     let (backend, direct) = bench_gemm(16, 2);
     assert!(backend > 0.0 && direct > 0.0);
+}
+
+#[test]
+fn readers_wait_only_for_kernels_that_write_the_buffer_they_read() {
+    // A matmul long enough (hundreds of ms in a debug build) to read around.
+    let n = 768;
+    let mut b = CpuBackend::new(1, DeviceMemory::default());
+    for id in 1..=3 {
+        b.alloc(id, (n * n * 4) as u64).unwrap();
+    }
+    b.write(1, 0, &[7; 64]);
+    let reader = b.reader();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mm = Kernel::Matmul {
+        a: 1,
+        b: 2,
+        c: 3,
+        m: n,
+        n,
+        k: n,
+        transpose_a: false,
+        transpose_b: false,
+        accumulate: false,
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            b.launch(&mm).unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        // Buffer 1 is only read by the kernel: no wait for it.
+        let mut first = Vec::new();
+        assert!(reader.with_buffer(1, &mut |bytes| first = bytes[..64].to_vec()));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "the read waited for the kernel"
+        );
+        assert_eq!(first, vec![7; 64]);
+    });
+    assert!(!reader.with_buffer(9, &mut |_| panic!("no buffer 9")));
+}
+
+#[test]
+fn freed_buffers_go_back_to_the_device_memory() {
+    let memory = DeviceMemory::new(64 << 20);
+    let mut b = CpuBackend::new(1, memory.clone());
+    b.alloc(1, 8 << 20).unwrap();
+    b.write(1, 4, &[1, 2, 3, 4]);
+    b.free(1);
+    assert_eq!(memory.kept_bytes(), 8 << 20);
+    b.alloc(2, 8 << 20).unwrap();
+    assert_eq!(memory.kept_bytes(), 0, "reused");
+    let mut out = [9u8; 8];
+    b.read(2, 0, &mut out);
+    assert_eq!(out, [0; 8], "and zeroed");
 }

@@ -1,0 +1,427 @@
+//! Host memory behind the `cpu` backend's device buffers.
+//!
+//! A GPU's memory is there before a buffer is allocated in it; host memory is not: the
+//! kernel backs each page on first touch, with a fault and a zeroing. A migration's
+//! destination writes gigabytes into fresh buffers, and under nested virtualization that
+//! first touch runs slower than the link, so it, not the network, would set the pace.
+//! [`DeviceMemory`] therefore keeps the memory of freed buffers (zeroed, still backed)
+//! for the next ones, up to a limit, and can back memory ahead of time
+//! ([`DeviceMemory::prefault`]), as a host does with its device's memory.
+
+use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// New regions are mapped in multiples of a transparent huge page; what a buffer does
+/// not use of one is kept for the next.
+const GRANULE: usize = 2 << 20;
+/// Buffers take whole pages of a region.
+const PAGE: usize = 4 << 10;
+/// Smaller buffers come from the heap, which recycles its memory itself.
+const POOLED_MIN: usize = 128 << 10;
+
+/// Host memory for device buffers, shared by the accelerators of one host.
+///
+/// The default keeps nothing: freed memory goes back to the operating system at once.
+#[derive(Clone, Default)]
+pub struct DeviceMemory {
+    pool: Arc<Mutex<Pool>>,
+}
+
+impl std::fmt::Debug for DeviceMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pool = self.pool();
+        f.debug_struct("DeviceMemory")
+            .field("kept", &pool.kept)
+            .field("keep_limit", &pool.keep_limit)
+            .finish()
+    }
+}
+
+/// Zeroed regions not in use: address → length, both multiples of [`PAGE`].
+#[derive(Default)]
+struct Pool {
+    free: BTreeMap<usize, usize>,
+    /// Sum of the free lengths.
+    kept: usize,
+    /// Most bytes kept; beyond it freed memory is unmapped.
+    keep_limit: usize,
+}
+
+impl DeviceMemory {
+    /// Memory that keeps up to `keep` bytes of freed buffers backed for reuse.
+    pub fn new(keep: u64) -> Self {
+        let memory = Self::default();
+        memory.pool().keep_limit = usize::try_from(keep).unwrap_or(usize::MAX);
+        memory
+    }
+
+    /// Backs `bytes` (rounded up to 2 MiB) now, for buffers allocated later; raises the
+    /// keep limit to cover it.
+    pub fn prefault(&self, bytes: u64) -> std::io::Result<()> {
+        let len = usize::try_from(bytes)
+            .ok()
+            .and_then(|b| b.checked_next_multiple_of(GRANULE))
+            .ok_or_else(|| std::io::Error::other("prefault size too large"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let addr = map_region(len).ok_or_else(std::io::Error::last_os_error)?;
+        if let Err(e) = populate(addr, len) {
+            unmap(addr, len);
+            return Err(e);
+        }
+        let mut pool = self.pool();
+        pool.keep_limit = pool.keep_limit.max(pool.kept + len);
+        pool.insert(addr, len);
+        Ok(())
+    }
+
+    /// Bytes of freed or prefaulted memory held backed and ready.
+    pub fn kept_bytes(&self) -> u64 {
+        self.pool().kept as u64
+    }
+
+    /// A zeroed buffer of `words` f32 words; `None` if the host has no memory for it.
+    pub(crate) fn alloc(&self, words: usize) -> Option<DeviceBuffer> {
+        let bytes = words.checked_mul(4)?;
+        if bytes < POOLED_MIN {
+            let boxed = bytemuck::allocation::try_zeroed_slice_box::<f32>(words).ok()?;
+            return Some(DeviceBuffer(Storage::Heap(boxed)));
+        }
+        let len = bytes.checked_next_multiple_of(PAGE)?;
+        let reused = self.pool().take(len);
+        let addr = match reused {
+            Some(addr) => addr,
+            None => {
+                let mapped = len.checked_next_multiple_of(GRANULE)?;
+                let addr = map_region(mapped)?;
+                if mapped > len {
+                    self.release(addr + len, mapped - len);
+                }
+                addr
+            }
+        };
+        Some(DeviceBuffer(Storage::Region {
+            addr,
+            len,
+            words,
+            home: self.clone(),
+        }))
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // A panic while holding the lock leaves the pool's maps consistent (each update
+        // is a single insert or remove), so a poisoned lock is still usable.
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes back a region whose buffer was dropped.
+    fn release(&self, addr: usize, len: usize) {
+        let pool = self.pool();
+        if pool.kept + len <= pool.keep_limit {
+            drop(pool);
+            zero_region(addr, len);
+            self.pool().insert(addr, len);
+        } else {
+            drop(pool);
+            unmap(addr, len);
+        }
+    }
+}
+
+impl Pool {
+    /// The smallest free region of at least `len` bytes, split if larger.
+    fn take(&mut self, len: usize) -> Option<usize> {
+        let (&addr, &have) = self
+            .free
+            .iter()
+            .filter(|&(_, &have)| have >= len)
+            .min_by_key(|&(_, &have)| have)?;
+        self.free.remove(&addr);
+        self.kept -= have;
+        if have > len {
+            self.free.insert(addr + len, have - len);
+            self.kept += have - len;
+        }
+        Some(addr)
+    }
+
+    /// Returns a region, merged with free neighbours so large buffers find room later.
+    fn insert(&mut self, mut addr: usize, mut len: usize) {
+        self.kept += len;
+        if let Some((&before, &before_len)) = self.free.range(..addr).next_back() {
+            if before + before_len == addr {
+                self.free.remove(&before);
+                addr = before;
+                len += before_len;
+            }
+        }
+        if let Some(after_len) = self.free.remove(&(addr + len)) {
+            len += after_len;
+        }
+        self.free.insert(addr, len);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for (&addr, &len) in &self.free {
+            unmap(addr, len);
+        }
+    }
+}
+
+/// One device buffer's words.
+pub(crate) struct DeviceBuffer(Storage);
+
+enum Storage {
+    Heap(Box<[f32]>),
+    /// `words` f32 words at the start of a mapped region of `len` bytes, which goes back
+    /// to `home` when dropped.
+    Region {
+        addr: usize,
+        len: usize,
+        words: usize,
+        home: DeviceMemory,
+    },
+}
+
+// SAFETY: a region is owned by exactly one `DeviceBuffer` (the pool hands it out once and
+// takes it back only on drop), so moving the buffer between threads moves sole ownership
+// of plain memory, like a `Box<[f32]>`.
+unsafe impl Send for Storage {}
+// SAFETY: shared references only give `&[f32]`, which is `Sync`.
+unsafe impl Sync for Storage {}
+
+impl Deref for DeviceBuffer {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match &self.0 {
+            Storage::Heap(boxed) => boxed,
+            // SAFETY: the region is mapped readable and writable, at least `words * 4`
+            // bytes long, 2 MiB-aligned (so f32-aligned), owned by this buffer alone,
+            // and stays mapped until the buffer is dropped.
+            Storage::Region { addr, words, .. } => unsafe {
+                std::slice::from_raw_parts(*addr as *const f32, *words)
+            },
+        }
+    }
+}
+
+impl DerefMut for DeviceBuffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match &mut self.0 {
+            Storage::Heap(boxed) => boxed,
+            // SAFETY: as for `deref`; `&mut self` makes this the only reference.
+            Storage::Region { addr, words, .. } => unsafe {
+                std::slice::from_raw_parts_mut(*addr as *mut f32, *words)
+            },
+        }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if let Storage::Region {
+            addr, len, home, ..
+        } = &self.0
+        {
+            home.release(*addr, *len);
+        }
+    }
+}
+
+// The only system calls of the module. Each works on a region this module mapped and
+// owns exclusively at that moment.
+
+/// Maps `len` bytes (a multiple of [`GRANULE`]) of private anonymous memory aligned to
+/// [`GRANULE`], backed by huge pages where the kernel allows.
+fn map_region(len: usize) -> Option<usize> {
+    let over = len.checked_add(GRANULE)?;
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing touches
+    // no existing memory.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let start = raw as usize;
+    let addr = start.next_multiple_of(GRANULE);
+    let head = addr - start;
+    let tail = over - head - len;
+    // SAFETY: the head and tail lie inside the mapping just made and outside the aligned
+    // region returned; MADV_HUGEPAGE only changes how the region is backed (a failure,
+    // THP off, leaves small pages).
+    unsafe {
+        if head > 0 {
+            libc::munmap(start as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((addr + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    Some(addr)
+}
+
+/// Backs every page of a region now.
+fn populate(addr: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: the region is mapped and ours; populating writes nothing visible (the pages
+    // read as zero either way).
+    let ok = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if ok == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        // Out of memory, say: a clear error rather than an OOM kill while touching.
+        return Err(err);
+    }
+    // Kernels before 5.14 do not know MADV_POPULATE_WRITE: touch each page.
+    for page in (addr..addr + len).step_by(PAGE) {
+        // SAFETY: inside the region; writing zero over zero changes nothing.
+        unsafe { std::ptr::write_volatile(page as *mut u8, 0) };
+    }
+    Ok(())
+}
+
+/// Makes a region read as zero again, keeping what is backed backed: resident pages are
+/// cleared, the rest (never touched, or swapped out) dropped so they fault in as zero.
+fn zero_region(addr: usize, len: usize) {
+    let mut resident = vec![0u8; len / PAGE];
+    // SAFETY: the region is mapped and page-aligned; `resident` has a byte per page.
+    let ok = unsafe { libc::mincore(addr as *mut libc::c_void, len, resident.as_mut_ptr()) };
+    if ok != 0 {
+        // Cannot tell: clear it all.
+        // SAFETY: the region is mapped writable and owned by the caller.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
+        return;
+    }
+    let mut page = 0;
+    while page < resident.len() {
+        let is_resident = resident[page] & 1 == 1;
+        let run = resident[page..]
+            .iter()
+            .take_while(|&&r| (r & 1 == 1) == is_resident)
+            .count();
+        let (start, bytes) = (addr + page * PAGE, run * PAGE);
+        // SAFETY: [start, start + bytes) is inside the region, which is mapped writable
+        // and owned by the caller; MADV_DONTNEED on private anonymous memory makes the
+        // pages read as zero.
+        unsafe {
+            if is_resident {
+                std::ptr::write_bytes(start as *mut u8, 0, bytes);
+            } else {
+                libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_DONTNEED);
+            }
+        }
+        page += run;
+    }
+}
+
+fn unmap(addr: usize, len: usize) {
+    // SAFETY: the region was mapped by `map_region` and nothing refers to it any more.
+    unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    fn words(bytes: usize) -> usize {
+        bytes / 4
+    }
+
+    #[test]
+    fn small_buffers_come_from_the_heap_zeroed() {
+        let memory = DeviceMemory::new(64 * MIB as u64);
+        let mut b = memory.alloc(words(POOLED_MIN) - 1).unwrap();
+        assert!(b.iter().all(|&w| w == 0.0));
+        b[3] = 1.0;
+        drop(b);
+        assert_eq!(memory.kept_bytes(), 0, "heap buffers are not kept");
+    }
+
+    #[test]
+    fn freed_memory_is_kept_zeroed_and_reused() {
+        let memory = DeviceMemory::new(64 * MIB as u64);
+        let mut b = memory.alloc(words(5 * MIB)).unwrap();
+        assert_eq!(b.len(), words(5 * MIB));
+        assert_eq!(
+            memory.kept_bytes(),
+            MIB as u64,
+            "the rest of the 6 MiB mapped is kept"
+        );
+        let addr = b.as_ptr() as usize;
+        b.iter_mut().step_by(1000).for_each(|w| *w = 7.0);
+        drop(b);
+        assert_eq!(memory.kept_bytes(), 6 * MIB as u64, "merged back whole");
+        let again = memory.alloc(words(6 * MIB)).unwrap();
+        assert_eq!(again.as_ptr() as usize, addr, "the kept region is reused");
+        assert!(again.iter().all(|&w| w == 0.0), "and reads as zero");
+        assert_eq!(memory.kept_bytes(), 0);
+        // A buffer of a few pages takes just those pages.
+        drop(again);
+        let small = memory.alloc(words(POOLED_MIN)).unwrap();
+        assert_eq!(small.as_ptr() as usize, addr);
+        assert_eq!(memory.kept_bytes(), (6 * MIB - POOLED_MIN) as u64);
+    }
+
+    #[test]
+    fn without_a_keep_limit_nothing_is_kept() {
+        let memory = DeviceMemory::default();
+        drop(memory.alloc(words(4 * MIB)).unwrap());
+        assert_eq!(memory.kept_bytes(), 0);
+    }
+
+    #[test]
+    fn the_keep_limit_bounds_what_is_kept() {
+        let memory = DeviceMemory::new(4 * MIB as u64);
+        let a = memory.alloc(words(4 * MIB)).unwrap();
+        let b = memory.alloc(words(4 * MIB)).unwrap();
+        assert_eq!(memory.kept_bytes(), 0);
+        drop(a);
+        drop(b);
+        assert_eq!(memory.kept_bytes(), 4 * MIB as u64);
+    }
+
+    #[test]
+    fn prefaulted_memory_is_split_and_merged_back() {
+        let memory = DeviceMemory::new(0);
+        memory.prefault(10 * MIB as u64).unwrap();
+        assert_eq!(memory.kept_bytes(), 10 * MIB as u64);
+        let a = memory.alloc(words(4 * MIB)).unwrap();
+        let b = memory.alloc(words(6 * MIB)).unwrap();
+        assert_eq!(memory.kept_bytes(), 0);
+        assert_eq!(
+            b.as_ptr() as usize,
+            a.as_ptr() as usize + 4 * MIB,
+            "both come from the one prefaulted region"
+        );
+        drop(a);
+        drop(b);
+        // Merged again: one buffer of the whole size fits without a new mapping.
+        let whole = memory.alloc(words(10 * MIB)).unwrap();
+        assert_eq!(memory.kept_bytes(), 0);
+        assert!(whole.iter().all(|&w| w == 0.0));
+    }
+
+    #[test]
+    fn a_buffer_the_host_cannot_map_is_refused() {
+        // 4 EiB: beyond any address space.
+        assert!(DeviceMemory::default().alloc(1 << 60).is_none());
+        assert!(DeviceMemory::default().alloc(usize::MAX / 2).is_none());
+    }
+}
