@@ -153,6 +153,17 @@ impl MigrationSource for VmSource {
         })
     }
 
+    fn populated_pages(&self) -> Option<PageSet> {
+        let pages = self.vm.config.ram_size / ferry_abi::PAGE_SIZE;
+        match self.vm.with_vm(Microvm::populated_pages) {
+            Ok(set) => Some(PageSet::from_words(set.into_words(), pages)),
+            Err(e) => {
+                tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
+                None
+            }
+        }
+    }
+
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
         // Guest RAM is read without the VM lock: it is shared memory, and a page the
         // guest changes meanwhile is dirty again and sent in the next round.

@@ -154,13 +154,18 @@ pub trait MigrationSource: Sync {
     fn all_chunks(&self) -> Vec<ChunkKey>;
     /// The device buffer table now.
     fn device_buffers(&self) -> Vec<DeviceBuffer>;
+    /// RAM pages that may hold data now; the others are known to read as zero, and the
+    /// first round skips them without reading. `None`: not known, read every page.
+    fn populated_pages(&self) -> Option<PageSet> {
+        None
+    }
     /// Reads guest RAM at `gpa` into `out`.
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String>;
     /// Reads a chunk into `out` (resized) and returns its buffer's size; `None` if the
     /// chunk no longer exists.
     fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
     /// Reads several chunks at once (`out` has one buffer per chunk); a device that
-    /// serializes reads with its work should override this to wait once per batch.
+    /// has a cheaper way to read a batch overrides it.
     fn read_chunks(&self, chunks: &[ChunkKey], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
         chunks
             .iter()
