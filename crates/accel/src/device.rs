@@ -161,6 +161,26 @@ struct Shared {
     reader: Arc<dyn BufferReader>,
 }
 
+/// Reads an accelerator's memory chunk by chunk, in place, from any thread.
+#[derive(Clone)]
+pub struct ChunkReader(Arc<dyn BufferReader>);
+
+impl ChunkReader {
+    /// Calls `f` with chunk `chunk`'s bytes and its buffer's size; `None` if the chunk
+    /// does not exist.
+    pub fn with_chunk<R>(&self, chunk: ChunkId, f: impl FnOnce(&[u8], u64) -> R) -> Option<R> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.0.with_buffer(chunk.buffer, &mut |bytes| {
+            let size = bytes.len() as u64;
+            if let (Some(range), Some(f)) = (chunk_range(size, chunk.index), f.take()) {
+                out = Some(f(&bytes[range.start as usize..range.end as usize], size));
+            }
+        });
+        out
+    }
+}
+
 /// The virtual accelerator of one VM.
 pub struct Accelerator {
     shared: Arc<Shared>,
@@ -566,29 +586,17 @@ impl Accelerator {
     /// buffer may be short) and returns the size of its buffer; `None` if the chunk does
     /// not exist (buffer freed since).
     pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Option<u64> {
-        self.read_chunks(&[chunk], std::slice::from_mut(out))[0]
+        self.chunk_reader().with_chunk(chunk, |data, buffer_bytes| {
+            out.clear();
+            out.extend_from_slice(data);
+            buffer_bytes
+        })
     }
 
-    /// Reads several chunks; like [`Self::read_chunk`] for each. A chunk waits only
-    /// for a kernel that is writing its buffer, not for the device's other work.
-    pub fn read_chunks(&self, chunks: &[ChunkId], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
-        chunks
-            .iter()
-            .zip(out.iter_mut())
-            .map(|(&chunk, out)| {
-                let mut size = None;
-                self.shared.reader.with_buffer(chunk.buffer, &mut |bytes| {
-                    let Some(range) = chunk_range(bytes.len() as u64, chunk.index) else {
-                        return;
-                    };
-                    let range = range.start as usize..range.end as usize;
-                    out.clear();
-                    out.extend_from_slice(&bytes[range]);
-                    size = Some(bytes.len() as u64);
-                });
-                size
-            })
-            .collect()
+    /// A reader of device memory for other threads (a migration's pre-copy), which waits
+    /// only for a kernel writing the buffer it reads, not for the device's other work.
+    pub fn chunk_reader(&self) -> ChunkReader {
+        ChunkReader(self.shared.reader.clone())
     }
 
     /// The buffer table now (it may change while the device runs).

@@ -576,7 +576,10 @@ impl ferry_migrate::TargetFactory for Receiver {
         ) {
             Ok(hosted) => {
                 tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
-                self.host.vms().insert(id, hosted);
+                // An entry this one replaces (the VM's earlier stay here) is dropped
+                // outside the lock: freeing its memory takes a while.
+                let replaced = self.host.vms().insert(id, hosted);
+                drop(replaced);
             }
             Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
         }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
-use ferry_accel::device::BufferState;
+use ferry_accel::device::{Accelerator, BufferState, ChunkReader};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
     ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
@@ -61,12 +61,15 @@ pub fn local_description() -> VmDescription {
 /// A hosted VM being sent.
 pub struct VmSource {
     vm: Arc<HostedVm>,
+    /// The accelerator's memory, read without the VM's lock.
+    chunks: Option<ChunkReader>,
 }
 
 impl VmSource {
     /// Adapts `vm`.
     pub fn new(vm: Arc<HostedVm>) -> Self {
-        Self { vm }
+        let chunks = vm.with_vm(|v| v.accel().map(Accelerator::chunk_reader));
+        Self { vm, chunks }
     }
 }
 
@@ -173,17 +176,11 @@ impl MigrationSource for VmSource {
             .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))
     }
 
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
-        self.vm
-            .with_vm(|vm| vm.accel().and_then(|a| a.read_chunk(to_chunk(chunk), out)))
-    }
-
-    fn read_chunks(&self, chunks: &[ChunkKey], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
-        let ids: Vec<ChunkId> = chunks.iter().copied().map(to_chunk).collect();
-        self.vm.with_vm(|vm| match vm.accel() {
-            Some(a) => a.read_chunks(&ids, out),
-            None => vec![None; chunks.len()],
-        })
+    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool {
+        self.chunks
+            .as_ref()
+            .and_then(|reader| reader.with_chunk(to_chunk(chunk), |data, _| f(data)))
+            .is_some()
     }
 
     fn set_throttle(&self, percent: u8) {

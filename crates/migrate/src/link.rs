@@ -3,7 +3,7 @@
 //! control connection request/response, a data connection one way after its
 //! authentication), so it needs no lock.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, IoSlice, Read, Write};
 use std::net::TcpStream;
 
 use crate::tls::TlsStream;
@@ -65,6 +65,13 @@ impl Write for Link {
         match self {
             Self::Plain { output, .. } => output.write(buf),
             Self::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Plain { output, .. } => output.write_vectored(bufs),
+            Self::Tls(tls) => tls.write_vectored(bufs),
         }
     }
 

@@ -19,8 +19,6 @@ pub use crate::wire::Transfer as Mode;
 pub const MAX_STREAMS: u8 = 16;
 /// What restoring and resuming costs beyond the transfer, added to predictions.
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
-/// Device chunks read per call (4 MiB): one wait for the device per batch.
-const CHUNK_BATCH: usize = 16;
 /// Throttle steps: how much of the time the VM is held paused.
 const THROTTLE_STEPS: [u8; 5] = [0, 30, 50, 70, 90];
 
@@ -170,8 +168,12 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
 type Conn = FrameStream<Link>;
 type Writer = FrameWriter<Link>;
 
-/// Write buffer of a connection: the data streams send up to 1 MiB frames.
-const WRITE_BUFFER: usize = 1 << 20;
+/// Write buffer of a connection: it gathers small frames (control messages, short page
+/// runs); a frame at least this large (a device chunk) goes straight to the socket.
+const WRITE_BUFFER: usize = 64 << 10;
+/// Write buffer of a TLS connection: frames up to 1 MiB are gathered so each becomes a
+/// few full records rather than one per part.
+const TLS_WRITE_BUFFER: usize = 1 << 20;
 /// Read buffer of a plain connection (the destination only answers).
 const READ_BUFFER: usize = 8 << 10;
 
@@ -189,7 +191,7 @@ fn open_stream(
             tls.connect(stream).map_err(|why| {
                 MigrationError::Auth(format!("TLS handshake with {addr} failed: {why}"))
             })?,
-            WRITE_BUFFER,
+            TLS_WRITE_BUFFER,
         ),
     };
     let mut conn = FrameStream::new(link, options.compress);
@@ -235,12 +237,11 @@ struct StreamCounts {
     zero_chunks: u64,
 }
 
-/// What one data stream reads pages and chunks into, kept across rounds (the final
-/// round, during the pause, allocates nothing).
+/// What one data stream reads pages into, kept across rounds (the final round, during
+/// the pause, allocates nothing). Chunks are sent from device memory in place.
 #[derive(Default)]
 struct ReadBuffers {
     pages: Vec<u8>,
-    chunks: Vec<Vec<u8>>,
 }
 
 /// Sends `items` on one stream: runs of pages (split around zero pages) and chunks.
@@ -254,7 +255,6 @@ fn send_share(
 ) -> Result<StreamCounts, MigrationError> {
     let mut counts = StreamCounts::default();
     bufs.pages.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
-    bufs.chunks.resize_with(CHUNK_BATCH, Vec::new);
     for &(first, pages) in runs {
         let bytes = &mut bufs.pages[..(pages * PAGE_SIZE) as usize];
         source
@@ -283,24 +283,22 @@ fn send_share(
             i = j;
         }
     }
-    for batch in chunks.chunks(CHUNK_BATCH) {
-        let sizes = source.read_chunks(batch, &mut bufs.chunks[..batch.len()]);
-        for ((&key, data), size) in batch.iter().zip(&bufs.chunks).zip(sizes) {
-            // A chunk of a buffer freed since the dirty list was taken is skipped; the
-            // next round's buffer table drops it at the destination.
-            if size.is_none() {
-                continue;
-            }
-            if is_zero(data) {
-                if !skip_zeros {
-                    writer.send_chunk(key, data.len() as u64, None)?;
-                    counts.zero_chunks += 1;
-                }
-            } else {
-                writer.send_chunk(key, data.len() as u64, Some(data))?;
+    for &key in chunks {
+        let mut sent = Ok(());
+        // A chunk of a buffer freed since the dirty list was taken is skipped; the next
+        // round's buffer table drops it at the destination.
+        source.with_chunk(key, &mut |data| {
+            sent = if !is_zero(data) {
                 counts.chunks += 1;
-            }
-        }
+                writer.send_chunk(key, data.len() as u64, Some(data))
+            } else if !skip_zeros {
+                counts.zero_chunks += 1;
+                writer.send_chunk(key, data.len() as u64, None)
+            } else {
+                Ok(())
+            };
+        });
+        sent?;
     }
     writer.flush()?;
     Ok(counts)

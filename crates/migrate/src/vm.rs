@@ -161,18 +161,9 @@ pub trait MigrationSource: Sync {
     }
     /// Reads guest RAM at `gpa` into `out`.
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String>;
-    /// Reads a chunk into `out` (resized) and returns its buffer's size; `None` if the
-    /// chunk no longer exists.
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
-    /// Reads several chunks at once (`out` has one buffer per chunk); a device that
-    /// has a cheaper way to read a batch overrides it.
-    fn read_chunks(&self, chunks: &[ChunkKey], out: &mut [Vec<u8>]) -> Vec<Option<u64>> {
-        chunks
-            .iter()
-            .zip(out.iter_mut())
-            .map(|(&c, o)| self.read_chunk(c, o))
-            .collect()
-    }
+    /// Calls `f` with chunk `chunk`'s bytes, read in place (no copy on the way to the
+    /// connection); `false` if the chunk no longer exists (its buffer freed since).
+    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool;
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);

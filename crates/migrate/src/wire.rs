@@ -6,7 +6,7 @@
 //! checksum, the decompressed size, and each record's own fields. Addresses are checked
 //! against the VM by the receiver, which knows its size.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -306,21 +306,32 @@ fn frame_header(
     header
 }
 
-/// Writes a frame header and its payload's parts; returns the bytes written.
+/// Writes a frame header and its payload's parts (at most two) in one vectored write,
+/// so a connection's buffer can pass large payloads straight to the socket instead of
+/// copying them; returns the bytes written.
 fn write_frame(
     output: &mut impl Write,
     header: &[u8; HEADER_BYTES],
     parts: &[&[u8]],
 ) -> Result<usize, MigrationError> {
-    output
-        .write_all(header)
-        .map_err(MigrationError::io("sending"))?;
-    for part in parts {
-        output
-            .write_all(part)
-            .map_err(MigrationError::io("sending"))?;
+    debug_assert!(parts.len() <= 2);
+    let part = |i: usize| IoSlice::new(parts.get(i).copied().unwrap_or_default());
+    let mut slices = [IoSlice::new(header), part(0), part(1)];
+    let total = slices.iter().map(|s| s.len()).sum::<usize>();
+    let mut left: &mut [IoSlice<'_>] = &mut slices;
+    while !left.is_empty() {
+        match output.write_vectored(left) {
+            Ok(0) => {
+                return Err(MigrationError::io("sending")(std::io::Error::from(
+                    ErrorKind::WriteZero,
+                )))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(MigrationError::io("sending")(e)),
+        }
     }
-    Ok(HEADER_BYTES + parts.iter().map(|p| p.len()).sum::<usize>())
+    Ok(total)
 }
 
 /// The first `len` bytes of `buf`, growing it (never shrinking it) to hold them.
@@ -619,6 +630,52 @@ mod tests {
     fn frames_roundtrip_plain_and_compressed() {
         roundtrip(false);
         roundtrip(true);
+    }
+
+    /// A connection that takes a few bytes per write, and sometimes is interrupted.
+    struct Trickle {
+        out: Vec<u8>,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 5 == 0 {
+                return Err(ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(7);
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn frames_survive_short_and_interrupted_writes() {
+        let mut w = FrameWriter::new(
+            Trickle {
+                out: Vec::new(),
+                calls: 0,
+            },
+            false,
+        );
+        let key = ChunkKey {
+            buffer: 1,
+            index: 2,
+        };
+        let data: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        w.send_chunk(key, 1000, Some(&data)).unwrap();
+        w.send(&Message::Go).unwrap();
+        let bytes = w.output.out;
+        let mut r = FrameReader::new(&bytes[..]);
+        assert!(
+            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 1000, data: Some(d) } if k == key && d == data)
+        );
+        assert!(matches!(r.read().unwrap(), Frame::Control(Message::Go)));
     }
 
     fn one_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {

@@ -364,17 +364,18 @@ impl MigrationSource for FakeSource {
         Ok(())
     }
 
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool {
         let s = self.lock();
-        let data = s.buffers.get(&chunk.buffer)?;
-        let start = chunk.index.checked_mul(MAX_CHUNK_BYTES)?;
+        let Some(data) = s.buffers.get(&chunk.buffer) else {
+            return false;
+        };
+        let start = chunk.index.saturating_mul(MAX_CHUNK_BYTES);
         if start >= data.len() as u64 {
-            return None;
+            return false;
         }
         let end = (start + MAX_CHUNK_BYTES).min(data.len() as u64);
-        out.clear();
-        out.extend_from_slice(&data[start as usize..end as usize]);
-        Some(data.len() as u64)
+        f(&data[start as usize..end as usize]);
+        true
     }
 
     fn set_throttle(&self, percent: u8) {

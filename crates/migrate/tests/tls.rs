@@ -88,8 +88,8 @@ impl MigrationSource for FakeSource {
         out.copy_from_slice(&self.ram[gpa as usize..gpa as usize + out.len()]);
         Ok(())
     }
-    fn read_chunk(&self, _: ChunkKey, _: &mut Vec<u8>) -> Option<u64> {
-        None
+    fn with_chunk(&self, _: ChunkKey, _: &mut dyn FnMut(&[u8])) -> bool {
+        false
     }
     fn set_throttle(&self, _: u8) {}
     fn pause(&self) -> Result<(), String> {
