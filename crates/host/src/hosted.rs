@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_vmm::memory::GuestRam;
 use ferry_vmm::{Microvm, RunState, VmConfig, VmExit};
 use serde::{Deserialize, Serialize};
 
@@ -82,7 +81,10 @@ pub struct VmInfo {
 }
 
 struct Inner {
-    vm: Microvm,
+    /// `None` once retired: its memory and threads went back to the host.
+    vm: Option<Microvm>,
+    /// The console's end, kept when the VM is released.
+    last_console: String,
     /// A migration holds the VM paused: the throttle must not resume it.
     held: bool,
     /// The throttle holds it paused for now.
@@ -101,7 +103,6 @@ pub struct HostedVm {
     pub config: VmConfig,
     /// Host it came from.
     pub migrated_from: Option<String>,
-    memory: GuestRam,
     inner: Mutex<Inner>,
     phase: Mutex<VmPhase>,
     throttle_pct: AtomicU8,
@@ -137,9 +138,9 @@ impl HostedVm {
             args,
             config: vm.config(),
             migrated_from,
-            memory: vm.memory().clone(),
             inner: Mutex::new(Inner {
-                vm,
+                vm: Some(vm),
+                last_console: String::new(),
                 held: false,
                 throttled: false,
             }),
@@ -172,19 +173,15 @@ impl HostedVm {
         *self.phase.lock().expect("phase lock") = phase;
     }
 
-    /// Guest RAM.
-    pub fn memory(&self) -> &GuestRam {
-        &self.memory
-    }
-
-    /// Runs `f` with the microVM locked.
-    pub fn with_vm<R>(&self, f: impl FnOnce(&Microvm) -> R) -> R {
-        f(&self.inner().vm)
+    /// Runs `f` with the microVM locked; `None` once it was released (stopped or
+    /// migrated away).
+    pub fn with_vm<R>(&self, f: impl FnOnce(&Microvm) -> R) -> Option<R> {
+        self.inner().vm.as_ref().map(f)
     }
 
     /// What the API shows.
     pub fn info(&self) -> VmInfo {
-        let console_tail = self.with_vm(Microvm::console_tail);
+        let console_tail = self.console();
         let tail_start = console_tail
             .char_indices()
             .rev()
@@ -213,19 +210,30 @@ impl HostedVm {
 
     /// Whole console tail (64 KiB).
     pub fn console(&self) -> String {
-        self.with_vm(Microvm::console_tail)
+        let inner = self.inner();
+        match &inner.vm {
+            Some(vm) => vm.console_tail(),
+            None => inner.last_console.clone(),
+        }
     }
 
-    /// Stops the VM for good (operator stop, or released after migrating away).
+    /// Stops the VM for good (operator stop, or after migrating away) and gives its
+    /// RAM, device memory and threads back to the host; its console stays readable.
     pub fn retire(&self, phase: VmPhase) {
         self.retired.store(true, Ordering::SeqCst);
         let mut inner = self.inner();
-        if matches!(inner.vm.run_state(), RunState::Running) {
-            let _ = inner.vm.pause();
+        let mut released = inner.vm.take();
+        if let Some(vm) = &mut released {
+            if matches!(vm.run_state(), RunState::Running) {
+                let _ = vm.pause();
+            }
+            inner.last_console = vm.console_tail();
         }
         inner.held = true;
         drop(inner);
         self.set_phase(phase);
+        // Dropped outside the lock: freeing gigabytes takes a while.
+        drop(released);
     }
 
     /// Holds the VM paused for a switchover (the throttle lets go of it first).
@@ -235,7 +243,10 @@ impl HostedVm {
         if inner.throttled {
             inner.throttled = false;
         } else {
-            match inner.vm.pause() {
+            let Some(vm) = inner.vm.as_mut() else {
+                return Err("the VM was released".into());
+            };
+            match vm.pause() {
                 Ok(_) => {}
                 Err(e) => {
                     drop(inner);
@@ -253,11 +264,12 @@ impl HostedVm {
     /// Lets a held VM run again (its migration failed).
     pub fn release_hold(&self) -> Result<(), String> {
         let mut inner = self.inner();
-        if inner.held && matches!(inner.vm.run_state(), RunState::Paused) {
-            inner
-                .vm
-                .resume()
-                .map_err(|e| format!("cannot resume the VM: {e}"))?;
+        let held = inner.held;
+        if let Some(vm) = inner.vm.as_mut() {
+            if held && matches!(vm.run_state(), RunState::Paused) {
+                vm.resume()
+                    .map_err(|e| format!("cannot resume the VM: {e}"))?;
+            }
         }
         inner.held = false;
         drop(inner);
@@ -274,7 +286,11 @@ impl HostedVm {
 
     fn note_end(&self) {
         let mut inner = self.inner();
-        if let Some(exit) = inner.vm.wait(Some(Duration::ZERO)) {
+        let exit = inner
+            .vm
+            .as_mut()
+            .and_then(|vm| vm.wait(Some(Duration::ZERO)));
+        if let Some(exit) = exit {
             drop(inner);
             self.set_phase(match exit {
                 VmExit::Exited(code) => VmPhase::Exited { code },
@@ -287,10 +303,11 @@ impl HostedVm {
 
     /// The watcher: notices the end of the guest and runs the throttle duty cycle.
     fn watch(self: Arc<Self>) {
-        let mut window = (Instant::now(), self.with_vm(Microvm::accel_busy_time));
+        let busy_time = || self.with_vm(Microvm::accel_busy_time).unwrap_or_default();
+        let mut window = (Instant::now(), busy_time());
         while !self.retired.load(Ordering::SeqCst) {
             if window.0.elapsed() >= LOAD_WINDOW {
-                let busy = self.with_vm(Microvm::accel_busy_time);
+                let busy = busy_time();
                 let load = (busy.saturating_sub(window.1)).as_secs_f64()
                     / window.0.elapsed().as_secs_f64();
                 self.accel_load
@@ -304,10 +321,11 @@ impl HostedVm {
                 let held_for = THROTTLE_PERIOD * u32::from(pct) / 100;
                 {
                     let mut inner = self.inner();
-                    if !inner.held
-                        && matches!(inner.vm.run_state(), RunState::Running)
-                        && inner.vm.pause().is_ok()
-                    {
+                    let held = inner.held;
+                    let paused = inner.vm.as_mut().is_some_and(|vm| {
+                        !held && matches!(vm.run_state(), RunState::Running) && vm.pause().is_ok()
+                    });
+                    if paused {
                         inner.throttled = true;
                     }
                 }
@@ -315,13 +333,17 @@ impl HostedVm {
                 {
                     let mut inner = self.inner();
                     if inner.throttled && !inner.held {
-                        let _ = inner.vm.resume();
+                        if let Some(vm) = inner.vm.as_mut() {
+                            let _ = vm.resume();
+                        }
                     }
                     inner.throttled = false;
                 }
                 std::thread::sleep(THROTTLE_PERIOD - held_for);
             }
-            let running = matches!(self.inner().vm.run_state(), RunState::Running);
+            let running = self
+                .with_vm(|vm| matches!(vm.run_state(), RunState::Running))
+                .unwrap_or(false);
             if running {
                 self.note_end();
             }

@@ -471,14 +471,23 @@ impl Host {
 
     /// Migrates `vm` now (blocking); the outcome lands in its migration status.
     fn migrate(&self, vm: &Arc<HostedVm>, to: &str, options: &MigrationOptions) {
-        let source = VmSource::new(vm.clone());
         let id = vm.id.clone();
         let mut on_progress = |p: &Progress| {
             tracing::debug!(vm = %id, round = p.round, phase = p.phase, "migration progress");
             self.update_migration(&id, |s| s.progress = Some(p.clone()));
         };
-        let result =
-            ferry_migrate::migrate_vm(&source, to, &self.config.secret, options, &mut on_progress);
+        let result = match VmSource::new(vm.clone()) {
+            Some(source) => ferry_migrate::migrate_vm(
+                &source,
+                to,
+                &self.config.secret,
+                options,
+                &mut on_progress,
+            ),
+            None => Err(MigrationError::Source(format!(
+                "VM {id} was stopped before its migration began"
+            ))),
+        };
         match result {
             Ok(report) => {
                 tracing::info!(vm = %id, %to, downtime_ms = report.downtime_ms, "VM migrated");

@@ -61,15 +61,25 @@ pub fn local_description() -> VmDescription {
 /// A hosted VM being sent.
 pub struct VmSource {
     vm: Arc<HostedVm>,
-    /// The accelerator's memory, read without the VM's lock.
+    /// Guest RAM and the accelerator's memory, read without the VM's lock: a page or
+    /// chunk changed meanwhile is dirty again and sent in the next round.
+    memory: GuestRam,
     chunks: Option<ChunkReader>,
 }
 
 impl VmSource {
-    /// Adapts `vm`.
-    pub fn new(vm: Arc<HostedVm>) -> Self {
-        let chunks = vm.with_vm(|v| v.accel().map(Accelerator::chunk_reader));
-        Self { vm, chunks }
+    /// Adapts `vm`; `None` if it was released.
+    pub fn new(vm: Arc<HostedVm>) -> Option<Self> {
+        let (memory, chunks) =
+            vm.with_vm(|v| (v.memory().clone(), v.accel().map(Accelerator::chunk_reader)))?;
+        Some(Self { vm, memory, chunks })
+    }
+
+    /// Runs `f` on the VM; an error once it was released.
+    fn vm<R>(&self, f: impl FnOnce(&Microvm) -> R) -> Result<R, String> {
+        self.vm
+            .with_vm(f)
+            .ok_or_else(|| format!("VM {} was released", self.vm.id))
     }
 }
 
@@ -77,8 +87,9 @@ impl MigrationSource for VmSource {
     fn describe(&self) -> VmDescription {
         let local = local_description();
         let backend_kind = self
-            .vm
-            .with_vm(|vm| vm.accel().map(|a| a.backend_kind().to_string()))
+            .vm(|vm| vm.accel().map(|a| a.backend_kind().to_string()))
+            .ok()
+            .flatten()
             .unwrap_or_default();
         VmDescription {
             name: self.vm.workload.clone(),
@@ -98,17 +109,17 @@ impl MigrationSource for VmSource {
     }
 
     fn start_tracking(&self) -> Result<(), String> {
-        self.vm.with_vm(|vm| {
+        self.vm(|vm| {
             vm.start_dirty_log().map_err(|e| e.to_string())?;
             if let Some(accel) = vm.accel() {
                 accel.start_dirty_tracking();
             }
             Ok(())
-        })
+        })?
     }
 
     fn stop_tracking(&self) {
-        self.vm.with_vm(|vm| {
+        let _ = self.vm(|vm| {
             let _ = vm.stop_dirty_log();
             if let Some(accel) = vm.accel() {
                 accel.stop_dirty_tracking();
@@ -118,60 +129,62 @@ impl MigrationSource for VmSource {
 
     fn take_dirty_pages(&self) -> Result<PageSet, String> {
         let pages = self.vm.config.ram_size / ferry_abi::PAGE_SIZE;
-        self.vm
-            .with_vm(Microvm::take_dirty_pages)
+        self.vm(Microvm::take_dirty_pages)?
             .map(|set| PageSet::from_words(set.into_words(), pages))
             .map_err(|e| e.to_string())
     }
 
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        self.vm.with_vm(|vm| {
+        self.vm(|vm| {
             vm.accel()
                 .map(|a| a.take_dirty_chunks().into_iter().map(to_key).collect())
-                .unwrap_or_default()
         })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
     }
 
     fn all_chunks(&self) -> Vec<ChunkKey> {
-        self.vm.with_vm(|vm| {
+        self.vm(|vm| {
             vm.accel()
                 .map(|a| a.all_chunks().into_iter().map(to_key).collect())
-                .unwrap_or_default()
         })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
     }
 
     fn device_buffers(&self) -> Vec<DeviceBuffer> {
-        self.vm.with_vm(|vm| {
-            vm.accel()
-                .map(|a| {
-                    a.buffer_table()
-                        .into_iter()
-                        .map(|b| DeviceBuffer {
-                            id: b.id,
-                            bytes: b.bytes,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
+        self.vm(|vm| {
+            vm.accel().map(|a| {
+                a.buffer_table()
+                    .into_iter()
+                    .map(|b| DeviceBuffer {
+                        id: b.id,
+                        bytes: b.bytes,
+                    })
+                    .collect()
+            })
         })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
     }
 
     fn populated_pages(&self) -> Option<PageSet> {
         let pages = self.vm.config.ram_size / ferry_abi::PAGE_SIZE;
-        match self.vm.with_vm(Microvm::populated_pages) {
-            Ok(set) => Some(PageSet::from_words(set.into_words(), pages)),
-            Err(e) => {
+        match self.vm(Microvm::populated_pages) {
+            Ok(Ok(set)) => Some(PageSet::from_words(set.into_words(), pages)),
+            Ok(Err(e)) => {
                 tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
                 None
             }
+            Err(_) => None,
         }
     }
 
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
-        // Guest RAM is read without the VM lock: it is shared memory, and a page the
-        // guest changes meanwhile is dirty again and sent in the next round.
-        self.vm
-            .memory()
+        self.memory
             .read_slice(out, GuestAddress(gpa))
             .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))
     }
@@ -196,10 +209,7 @@ impl MigrationSource for VmSource {
     }
 
     fn save_state(&self) -> Result<Vec<u8>, String> {
-        let state = self
-            .vm
-            .with_vm(Microvm::save_state)
-            .map_err(|e| e.to_string())?;
+        let state = self.vm(Microvm::save_state)?.map_err(|e| e.to_string())?;
         postcard::to_stdvec(&state).map_err(|e| format!("cannot encode the VM state: {e}"))
     }
 }
