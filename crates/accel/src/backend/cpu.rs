@@ -446,6 +446,21 @@ fn best_time(budget: Duration, mut run: impl FnMut()) -> Duration {
     best
 }
 
+/// Buffer 3 = buffer 1 × buffer 2, all `n×n`.
+fn square_matmul(n: usize) -> Kernel {
+    Kernel::Matmul {
+        a: 1,
+        b: 2,
+        c: 3,
+        m: n,
+        n,
+        k: n,
+        transpose_a: false,
+        transpose_b: false,
+        accumulate: false,
+    }
+}
+
 /// Measures an `n×n×n` MATMUL with `threads` threads, in GFLOP/s (2n³ flops per
 /// multiplication, best of several runs): through [`CpuBackend::launch`] (fixed tiles,
 /// deterministic) and calling `matrixmultiply::sgemm` directly on `threads` equal row
@@ -474,17 +489,7 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     for (id, seed) in [(1, 1), (2, 2)] {
         backend.launch(&fill(id, seed)).expect("benchmark fill");
     }
-    let mm = Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m: n,
-        n,
-        k: n,
-        transpose_a: false,
-        transpose_b: false,
-        accumulate: false,
-    };
+    let mm = square_matmul(n);
     let backend_time = best_time(budget, || backend.launch(&mm).expect("benchmark matmul"));
 
     let a = read_lock(&backend.buffers.expect(1)).to_vec();

@@ -1206,17 +1206,7 @@ fn readers_wait_only_for_kernels_that_write_the_buffer_they_read() {
     b.write(1, 0, &[7; 64]);
     let reader = b.reader();
     let done = std::sync::atomic::AtomicBool::new(false);
-    let mm = Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m: n,
-        n,
-        k: n,
-        transpose_a: false,
-        transpose_b: false,
-        accumulate: false,
-    };
+    let mm = square_matmul(n);
     std::thread::scope(|s| {
         s.spawn(|| {
             b.launch(&mm).unwrap();
