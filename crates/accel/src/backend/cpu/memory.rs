@@ -97,7 +97,8 @@ impl DeviceMemory {
                 let mapped = len.checked_next_multiple_of(GRANULE)?;
                 let addr = map_region(mapped)?;
                 if mapped > len {
-                    self.release(addr + len, mapped - len);
+                    // Fresh from the kernel: already zero.
+                    self.keep(addr + len, mapped - len, false);
                 }
                 addr
             }
@@ -116,17 +117,21 @@ impl DeviceMemory {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes back a region whose buffer was dropped.
-    fn release(&self, addr: usize, len: usize) {
-        let pool = self.pool();
-        if pool.kept + len <= pool.keep_limit {
-            drop(pool);
-            zero_region(addr, len);
-            self.pool().insert(addr, len);
-        } else {
-            drop(pool);
+    /// Keeps a region for later buffers (zeroing it first if `used`), or unmaps it
+    /// when the keep limit is reached.
+    fn keep(&self, addr: usize, len: usize, used: bool) {
+        let fits = {
+            let pool = self.pool();
+            pool.kept + len <= pool.keep_limit
+        };
+        if !fits {
             unmap(addr, len);
+            return;
         }
+        if used {
+            zero_region(addr, len);
+        }
+        self.pool().insert(addr, len);
     }
 }
 
@@ -228,7 +233,7 @@ impl Drop for DeviceBuffer {
             addr, len, home, ..
         } = &self.0
         {
-            home.release(*addr, *len);
+            home.keep(*addr, *len, true);
         }
     }
 }
