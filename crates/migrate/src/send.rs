@@ -237,26 +237,19 @@ struct StreamCounts {
     zero_chunks: u64,
 }
 
-/// What one data stream reads pages into, kept across rounds (the final round, during
-/// the pause, allocates nothing). Chunks are sent from device memory in place.
-#[derive(Default)]
-struct ReadBuffers {
-    pages: Vec<u8>,
-}
-
 /// Sends `items` on one stream: runs of pages (split around zero pages) and chunks.
 fn send_share(
     source: &dyn MigrationSource,
     writer: &mut Writer,
-    bufs: &mut ReadBuffers,
+    page_buffer: &mut Vec<u8>,
     runs: &[(u64, u64)],
     chunks: &[ChunkKey],
     skip_zeros: bool,
 ) -> Result<StreamCounts, MigrationError> {
     let mut counts = StreamCounts::default();
-    bufs.pages.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
+    page_buffer.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
     for &(first, pages) in runs {
-        let bytes = &mut bufs.pages[..(pages * PAGE_SIZE) as usize];
+        let bytes = &mut page_buffer[..(pages * PAGE_SIZE) as usize];
         source
             .read_ram(first * PAGE_SIZE, bytes)
             .map_err(MigrationError::Source)?;
@@ -309,8 +302,9 @@ struct Session<'a> {
     control: Conn,
     /// The data connections (only written).
     data: Vec<Conn>,
-    /// One per data connection.
-    read_buffers: Vec<ReadBuffers>,
+    /// What each data stream reads pages into, kept across rounds (the final round,
+    /// during the pause, allocates nothing); chunks are sent from device memory in place.
+    page_buffers: Vec<Vec<u8>>,
     /// Pages of guest RAM.
     ram_pages: u64,
     started: Instant,
@@ -349,15 +343,17 @@ impl Session<'_> {
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
-                .zip(self.read_buffers.iter_mut())
+                .zip(self.page_buffers.iter_mut())
                 .enumerate()
-                .map(|(i, (conn, bufs))| {
+                .map(|(i, (conn, page_buffer))| {
                     // Interleave so every stream gets a fair share of pages and chunks.
                     let runs: Vec<_> = work.runs.iter().copied().skip(i).step_by(n).collect();
                     let chunks: Vec<_> = work.chunks.iter().copied().skip(i).step_by(n).collect();
                     let skip = work.skip_zeros;
                     let writer = &mut conn.writer;
-                    scope.spawn(move || send_share(source, writer, bufs, &runs, &chunks, skip))
+                    scope.spawn(move || {
+                        send_share(source, writer, page_buffer, &runs, &chunks, skip)
+                    })
                 })
                 .collect();
             handles
@@ -510,7 +506,7 @@ pub fn migrate_vm(
     let mut s = Session {
         source,
         control,
-        read_buffers: data.iter().map(|_| ReadBuffers::default()).collect(),
+        page_buffers: vec![Vec::new(); data.len()],
         ram_pages,
         data,
         started,
