@@ -10,7 +10,7 @@ use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
     ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
 };
-use ferry_vmm::memory::GuestRam;
+use ferry_vmm::memory::{populated_pages, DirtyPages, GuestRam};
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{HostOptions, Microvm, MicrovmState, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -81,16 +81,28 @@ impl VmSource {
             .with_vm(f)
             .ok_or_else(|| format!("VM {} was released", self.vm.id))
     }
+
+    /// Runs `f` on the VM's accelerator; the default if it has none (or was released).
+    fn accel<R: Default>(&self, f: impl FnOnce(&Accelerator) -> R) -> R {
+        self.vm(|vm| vm.accel().map(f))
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// A page set of this VM's RAM.
+    fn page_set(&self, set: DirtyPages) -> PageSet {
+        PageSet::from_words(
+            set.into_words(),
+            self.vm.config.ram_size / ferry_abi::PAGE_SIZE,
+        )
+    }
 }
 
 impl MigrationSource for VmSource {
     fn describe(&self) -> VmDescription {
         let local = local_description();
-        let backend_kind = self
-            .vm(|vm| vm.accel().map(|a| a.backend_kind().to_string()))
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let backend_kind = self.accel(|a| a.backend_kind().to_string());
         VmDescription {
             name: self.vm.workload.clone(),
             ram_size: self.vm.config.ram_size,
@@ -128,58 +140,39 @@ impl MigrationSource for VmSource {
     }
 
     fn take_dirty_pages(&self) -> Result<PageSet, String> {
-        let pages = self.vm.config.ram_size / ferry_abi::PAGE_SIZE;
         self.vm(Microvm::take_dirty_pages)?
-            .map(|set| PageSet::from_words(set.into_words(), pages))
+            .map(|set| self.page_set(set))
             .map_err(|e| e.to_string())
     }
 
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        self.vm(|vm| {
-            vm.accel()
-                .map(|a| a.take_dirty_chunks().into_iter().map(to_key).collect())
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+        self.accel(|a| a.take_dirty_chunks().into_iter().map(to_key).collect())
     }
 
     fn all_chunks(&self) -> Vec<ChunkKey> {
-        self.vm(|vm| {
-            vm.accel()
-                .map(|a| a.all_chunks().into_iter().map(to_key).collect())
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+        self.accel(|a| a.all_chunks().into_iter().map(to_key).collect())
     }
 
     fn device_buffers(&self) -> Vec<DeviceBuffer> {
-        self.vm(|vm| {
-            vm.accel().map(|a| {
-                a.buffer_table()
-                    .into_iter()
-                    .map(|b| DeviceBuffer {
-                        id: b.id,
-                        bytes: b.bytes,
-                    })
-                    .collect()
-            })
+        self.accel(|a| {
+            a.buffer_table()
+                .into_iter()
+                .map(|b| DeviceBuffer {
+                    id: b.id,
+                    bytes: b.bytes,
+                })
+                .collect()
         })
-        .ok()
-        .flatten()
-        .unwrap_or_default()
     }
 
     fn populated_pages(&self) -> Option<PageSet> {
-        let pages = self.vm.config.ram_size / ferry_abi::PAGE_SIZE;
-        match self.vm(Microvm::populated_pages) {
-            Ok(Ok(set)) => Some(PageSet::from_words(set.into_words(), pages)),
-            Ok(Err(e)) => {
+        // From the page map of the RAM this source holds: no VM lock needed.
+        match populated_pages(&self.memory) {
+            Ok(set) => Some(self.page_set(set)),
+            Err(e) => {
                 tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
                 None
             }
-            Err(_) => None,
         }
     }
 

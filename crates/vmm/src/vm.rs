@@ -628,9 +628,4 @@ impl Microvm {
     pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmControlError> {
         Ok(self.dirty_log().take()?)
     }
-
-    /// Pages of RAM ever backed by the host; the others read as zero.
-    pub fn populated_pages(&self) -> std::io::Result<DirtyPages> {
-        crate::memory::populated_pages(&self.memory)
-    }
 }
