@@ -94,16 +94,38 @@ pub enum AccelStateError {
     },
 }
 
+/// The buffer table and the chunks written since the last take: what a migration reads
+/// while kernels run. It has its own lock, held briefly, where the core lock is held for
+/// a whole command (so a pre-copy round never waits for a kernel to see them).
+#[derive(Default)]
+struct BufferMap {
+    sizes: BTreeMap<BufferId, u64>,
+    dirty: DirtyChunks,
+}
+
+impl BufferMap {
+    fn table(&self) -> Vec<BufferState> {
+        self.sizes
+            .iter()
+            .map(|(&id, &bytes)| BufferState { id, bytes })
+            .collect()
+    }
+}
+
+fn lock_map(map: &Mutex<BufferMap>) -> MutexGuard<'_, BufferMap> {
+    map.lock().expect("accel buffer map lock")
+}
+
 /// What the device thread works on; guarded by one lock, held per command.
 struct Core {
     backend: Box<dyn Backend>,
-    buffers: BTreeMap<BufferId, u64>,
+    /// Shared with [`Shared::map`]; the core lock is taken first where both are.
+    map: Arc<Mutex<BufferMap>>,
     used: u64,
     capacity: u64,
     ring: Ring,
     tail: u64,
     ring_invalid: bool,
-    dirty: DirtyChunks,
     mem: GuestRam,
     /// Staging for uploads and downloads, reused across commands.
     scratch: Vec<u8>,
@@ -113,13 +135,12 @@ impl Core {
     fn new(backend: Box<dyn Backend>, mem: GuestRam, ring: Ring, capacity: u64, tail: u64) -> Self {
         Self {
             backend,
-            buffers: BTreeMap::new(),
+            map: Arc::default(),
             used: 0,
             capacity,
             ring,
             tail,
             ring_invalid: false,
-            dirty: DirtyChunks::default(),
             mem,
             scratch: Vec::new(),
         }
@@ -159,6 +180,8 @@ struct Shared {
     busy_ns: AtomicU64,
     /// The backend's buffers, readable without the core lock (held for a whole kernel).
     reader: Arc<dyn BufferReader>,
+    /// The buffer table and dirty chunks, also without the core lock.
+    map: Arc<Mutex<BufferMap>>,
 }
 
 /// Reads an accelerator's memory chunk by chunk, in place, from any thread.
@@ -203,7 +226,10 @@ fn backend_status(e: &BackendError) -> u32 {
 impl Core {
     fn buffer_range(&self, id: u64, offset: u64, len: u64) -> Result<(BufferId, Range<u64>), u32> {
         let id = buffer_id(id).ok_or(status::BAD_BUFFER)?;
-        let bytes = *self.buffers.get(&id).ok_or(status::BAD_BUFFER)?;
+        let bytes = *lock_map(&self.map)
+            .sizes
+            .get(&id)
+            .ok_or(status::BAD_BUFFER)?;
         let end = offset.checked_add(len).ok_or(status::OUT_OF_BOUNDS)?;
         if end > bytes {
             return Err(status::OUT_OF_BOUNDS);
@@ -220,25 +246,39 @@ impl Core {
         }
     }
 
-    fn mark(&mut self, id: BufferId, range: Range<u64>) {
-        if let Some(&bytes) = self.buffers.get(&id) {
-            self.dirty.mark(id, bytes, range);
+    fn has_buffer(&self, id: BufferId) -> bool {
+        lock_map(&self.map).sizes.contains_key(&id)
+    }
+
+    /// Records writes (made before: a take between the write and this mark finds them
+    /// at the next take, and the chunk is sent again).
+    fn mark(&self, writes: impl IntoIterator<Item = (BufferId, Range<u64>)>) {
+        let mut map = lock_map(&self.map);
+        for (id, range) in writes {
+            if let Some(&bytes) = map.sizes.get(&id) {
+                map.dirty.mark(id, bytes, range);
+            }
         }
     }
 
     fn alloc(&mut self, id: BufferId, bytes: u64) -> Result<(), BackendError> {
         self.backend.alloc(id, bytes)?;
-        self.buffers.insert(id, bytes);
+        let mut map = lock_map(&self.map);
+        map.sizes.insert(id, bytes);
+        map.dirty.mark_all(id, bytes);
         self.used += bytes;
-        self.dirty.mark_all(id, bytes);
         Ok(())
     }
 
     fn free(&mut self, id: BufferId) -> Option<u64> {
-        let bytes = self.buffers.remove(&id)?;
-        self.backend.free(id);
+        let bytes = {
+            let mut map = lock_map(&self.map);
+            let bytes = map.sizes.remove(&id)?;
+            map.dirty.forget(id);
+            bytes
+        };
         self.used -= bytes;
-        self.dirty.forget(id);
+        self.backend.free(id);
         Some(bytes)
     }
 
@@ -260,8 +300,8 @@ impl Core {
             }
             wanted.insert(buffer.id, buffer.bytes);
         }
-        let stale: Vec<BufferId> = self
-            .buffers
+        let stale: Vec<BufferId> = lock_map(&self.map)
+            .sizes
             .iter()
             .filter(|(id, bytes)| wanted.get(id) != Some(bytes))
             .map(|(&id, _)| id)
@@ -270,7 +310,7 @@ impl Core {
             self.free(id);
         }
         for (id, bytes) in wanted {
-            if !self.buffers.contains_key(&id) {
+            if !self.has_buffer(id) {
                 self.alloc(id, bytes)
                     .map_err(|source| AccelStateError::Alloc { id, source })?;
             }
@@ -283,7 +323,7 @@ impl Core {
         match cmd.opcode {
             op::ALLOC => {
                 let id = buffer_id(a[0]).ok_or(status::BAD_BUFFER)?;
-                if self.buffers.contains_key(&id) {
+                if self.has_buffer(id) {
                     return Err(status::BAD_BUFFER);
                 }
                 if a[1] == 0 || !a[1].is_multiple_of(4) {
@@ -311,7 +351,7 @@ impl Core {
                         .map_err(|_| status::BAD_GUEST_RANGE)?;
                     self.backend.write(id, start, &piece[..len]);
                 }
-                self.mark(id, range);
+                self.mark([(id, range)]);
                 Ok(())
             }
             op::DOWNLOAD => {
@@ -331,13 +371,13 @@ impl Core {
                 Ok(())
             }
             op::LAUNCH => {
-                let buffers = &self.buffers;
-                let kernel = Kernel::decode(a, |id| buffers.get(&id).copied())?;
+                let kernel = {
+                    let map = lock_map(&self.map);
+                    Kernel::decode(a, |id| map.sizes.get(&id).copied())?
+                };
                 let result = self.backend.launch(&kernel);
                 // Marked even on failure: a kernel rejecting its data may have written part.
-                for (id, range) in kernel.writes() {
-                    self.mark(id, range);
-                }
+                self.mark(kernel.writes());
                 result.map_err(|e| backend_status(&e))
             }
             op::FENCE => self
@@ -435,6 +475,7 @@ impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
         let backend_kind = core.backend.kind();
         let reader = core.backend.reader();
+        let map = core.map.clone();
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             control: Mutex::new(Control {
@@ -445,6 +486,7 @@ impl Accelerator {
             progress: Condvar::new(),
             busy_ns: AtomicU64::new(0),
             reader,
+            map,
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -503,6 +545,10 @@ impl Accelerator {
         self.shared.core.lock().expect("accel core lock")
     }
 
+    fn map(&self) -> MutexGuard<'_, BufferMap> {
+        lock_map(&self.shared.map)
+    }
+
     /// The guest rang the doorbell.
     pub fn doorbell(&self) {
         self.control().doorbell = true;
@@ -552,14 +598,14 @@ impl Accelerator {
             capacity: core.capacity,
             ring_gpa: core.ring.gpa(),
             tail: core.tail,
-            buffers: buffer_table(&core),
+            buffers: self.map().table(),
         }
     }
 
     /// Every chunk of every buffer, in (buffer, index) order.
     pub fn all_chunks(&self) -> Vec<ChunkId> {
-        let core = self.core();
-        core.buffers
+        self.map()
+            .sizes
             .iter()
             .flat_map(|(&buffer, &bytes)| {
                 (0..chunk_count(bytes)).map(move |index| ChunkId { buffer, index })
@@ -569,17 +615,17 @@ impl Accelerator {
 
     /// Starts exact dirty tracking of device memory.
     pub fn start_dirty_tracking(&self) {
-        self.core().dirty.start();
+        self.map().dirty.start();
     }
 
     /// Stops dirty tracking.
     pub fn stop_dirty_tracking(&self) {
-        self.core().dirty.stop();
+        self.map().dirty.stop();
     }
 
     /// Chunks written since the last take (or since tracking started), and clears them.
     pub fn take_dirty_chunks(&self) -> Vec<ChunkId> {
-        self.core().dirty.take()
+        self.map().dirty.take()
     }
 
     /// Reads chunk `chunk` into `out` (resized to the chunk's length: the last chunk of a
@@ -601,7 +647,7 @@ impl Accelerator {
 
     /// The buffer table now (it may change while the device runs).
     pub fn buffer_table(&self) -> Vec<BufferState> {
-        buffer_table(&self.core())
+        self.map().table()
     }
 
     /// Receiving side of a migration: makes the buffer table equal to `table` (buffers
@@ -615,7 +661,7 @@ impl Accelerator {
     pub fn apply_state(&self, state: &AccelState) -> Result<(), AccelStateError> {
         let mut core = self.core();
         check_compatible(state, core.backend.as_ref())?;
-        if state.capacity != core.capacity || state.buffers != buffer_table(&core) {
+        if state.capacity != core.capacity || state.buffers != self.map().table() {
             return Err(AccelStateError::Corrupt(
                 "final device state disagrees with the buffers received".into(),
             ));
@@ -629,8 +675,9 @@ impl Accelerator {
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
     pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
         let mut core = self.core();
-        let range = core
-            .buffers
+        let range = self
+            .map()
+            .sizes
             .get(&chunk.buffer)
             .and_then(|&bytes| chunk_range(bytes, chunk.index))
             .filter(|r| r.end - r.start == data.len() as u64)
@@ -641,13 +688,6 @@ impl Accelerator {
         core.backend.write(chunk.buffer, range.start, data);
         Ok(())
     }
-}
-
-fn buffer_table(core: &Core) -> Vec<BufferState> {
-    core.buffers
-        .iter()
-        .map(|(&id, &bytes)| BufferState { id, bytes })
-        .collect()
 }
 
 /// Byte range of chunk `index` in a buffer of `bytes` bytes, if it has that chunk.

@@ -318,6 +318,36 @@ fn dirty_chunks_are_exactly_what_commands_wrote() {
 }
 
 #[test]
+fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
+    let mut g = FakeGuest::new(1);
+    // A matmul long enough (hundreds of ms) to look around, in either build profile.
+    let n: u64 = if cfg!(debug_assertions) { 768 } else { 2048 };
+    for id in 1..=3 {
+        assert_eq!(g.run(op::ALLOC, &[id, n * n * 4]), status::OK);
+    }
+    g.accel.start_dirty_tracking();
+    let index = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.tail() <= index, "the matmul is still running");
+    // What a pre-copy round asks the device for, while the kernel holds the core.
+    assert!(g.accel.take_dirty_chunks().is_empty());
+    assert_eq!(g.accel.buffer_table().len(), 3);
+    assert_eq!(
+        g.accel.all_chunks().len() as u64,
+        3 * (n * n * 4).div_ceil(CHUNK_SIZE)
+    );
+    assert!(
+        g.tail() <= index,
+        "the questions were answered before the kernel finished"
+    );
+    g.wait_tail(index + 1);
+    assert_eq!(g.status(index), status::OK);
+    let written = g.accel.take_dirty_chunks();
+    assert_eq!(written.len() as u64, (n * n * 4).div_ceil(CHUNK_SIZE));
+    assert!(written.iter().all(|c| c.buffer == 3), "only the output");
+}
+
+#[test]
 fn paused_device_state_and_chunks_restore_into_a_new_device() {
     let mut g = FakeGuest::new(2);
     assert_eq!(g.run(op::ALLOC, &[5, 3 * CHUNK_SIZE]), status::OK);
