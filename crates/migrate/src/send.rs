@@ -2,6 +2,7 @@
 //! switchover. Any failure before the destination confirms resumes the VM here.
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -220,6 +221,35 @@ impl RoundWork {
     }
 }
 
+/// A round's work as the data streams share it: each takes the next run, then the next
+/// chunk, until none is left, so a stream that gets less CPU than the others does not
+/// hold up the round with a backlog of its own.
+struct WorkQueue<'a> {
+    work: &'a RoundWork,
+    next_run: AtomicUsize,
+    next_chunk: AtomicUsize,
+}
+
+impl<'a> WorkQueue<'a> {
+    fn new(work: &'a RoundWork) -> Self {
+        Self {
+            work,
+            next_run: AtomicUsize::new(0),
+            next_chunk: AtomicUsize::new(0),
+        }
+    }
+
+    fn next_run(&self) -> Option<(u64, u64)> {
+        let i = self.next_run.fetch_add(1, Ordering::Relaxed);
+        self.work.runs.get(i).copied()
+    }
+
+    fn next_chunk(&self) -> Option<ChunkKey> {
+        let i = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+        self.work.chunks.get(i).copied()
+    }
+}
+
 fn is_zero(bytes: &[u8]) -> bool {
     let (head, body, tail) = {
         // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the
@@ -237,18 +267,18 @@ struct StreamCounts {
     zero_chunks: u64,
 }
 
-/// Sends `items` on one stream: runs of pages (split around zero pages) and chunks.
+/// Sends what it takes from `queue` on one stream: runs of pages (split around zero
+/// pages), then chunks.
 fn send_share(
     source: &dyn MigrationSource,
     writer: &mut Writer,
     page_buffer: &mut Vec<u8>,
-    runs: &[(u64, u64)],
-    chunks: &[ChunkKey],
-    skip_zeros: bool,
+    queue: &WorkQueue<'_>,
 ) -> Result<StreamCounts, MigrationError> {
+    let skip_zeros = queue.work.skip_zeros;
     let mut counts = StreamCounts::default();
     page_buffer.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
-    for &(first, pages) in runs {
+    while let Some((first, pages)) = queue.next_run() {
         let bytes = &mut page_buffer[..(pages * PAGE_SIZE) as usize];
         source
             .read_ram(first * PAGE_SIZE, bytes)
@@ -276,7 +306,7 @@ fn send_share(
             i = j;
         }
     }
-    for &key in chunks {
+    while let Some(key) = queue.next_chunk() {
         let mut sent = Ok(());
         // A chunk of a buffer freed since the dirty list was taken is skipped; the next
         // round's buffer table drops it at the destination.
@@ -336,7 +366,7 @@ impl Session<'_> {
             round,
             buffers: self.source.device_buffers(),
         })?;
-        let n = self.data.len();
+        let queue = WorkQueue::new(work);
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
@@ -344,16 +374,9 @@ impl Session<'_> {
                 .data
                 .iter_mut()
                 .zip(self.page_buffers.iter_mut())
-                .enumerate()
-                .map(|(i, (conn, page_buffer))| {
-                    // Interleave so every stream gets a fair share of pages and chunks.
-                    let runs: Vec<_> = work.runs.iter().copied().skip(i).step_by(n).collect();
-                    let chunks: Vec<_> = work.chunks.iter().copied().skip(i).step_by(n).collect();
-                    let skip = work.skip_zeros;
-                    let writer = &mut conn.writer;
-                    scope.spawn(move || {
-                        send_share(source, writer, page_buffer, &runs, &chunks, skip)
-                    })
+                .map(|(conn, page_buffer)| {
+                    let (writer, queue) = (&mut conn.writer, &queue);
+                    scope.spawn(move || send_share(source, writer, page_buffer, queue))
                 })
                 .collect();
             handles
