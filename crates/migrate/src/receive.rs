@@ -342,6 +342,8 @@ fn receive_vm<F: TargetFactory>(
         Ok(t) => t,
         Err(reason) => return Err(refuse(&mut conn, reason)),
     };
+    let ms = |since: Instant| since.elapsed().as_secs_f64() * 1e3;
+    tracing::debug!(ms = ms(started), "destination VM prepared");
     let mut session_bytes = [0u8; 8];
     getrandom::fill(&mut session_bytes).expect("the OS random source");
     let session = u64::from_le_bytes(session_bytes);
@@ -352,6 +354,7 @@ fn receive_vm<F: TargetFactory>(
         .and_then(|()| collect_streams(&rx, streams));
     sessions.lock().expect("sessions lock").remove(&session);
     let data = accepted?;
+    tracing::debug!(ms = ms(started), "data streams collected");
     let inbound = Inbound::new(streams, control_socket);
     // Each data connection comes with a handle on its socket, to shut it down.
     let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
@@ -484,7 +487,12 @@ fn control_loop<T: MigrationTarget>(
                         ));
                     }
                 }
+                let restoring = Instant::now();
                 target.restore(&blob).map_err(target_err)?;
+                tracing::debug!(
+                    ms = restoring.elapsed().as_secs_f64() * 1e3,
+                    "state restored"
+                );
                 conn.send(&Message::Ready)?;
                 match conn.expect_control("go")? {
                     Message::Go => {}
@@ -494,7 +502,9 @@ fn control_loop<T: MigrationTarget>(
                         )))
                     }
                 }
+                let resuming = Instant::now();
                 target.resume().map_err(target_err)?;
+                tracing::debug!(ms = resuming.elapsed().as_secs_f64() * 1e3, "resumed");
                 // The VM runs here now; a lost confirmation leaves it running here and
                 // paused at the source, never running on both.
                 let _ = conn.send(&Message::Resumed);

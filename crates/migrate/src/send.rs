@@ -407,6 +407,12 @@ impl Session<'_> {
                 )))
             }
         }
+        tracing::debug!(
+            round,
+            ms = ms(self.started.elapsed()),
+            round_ms = ms(started.elapsed()),
+            "round applied"
+        );
         let log = PrecopyRound {
             round,
             pages: total.pages,
@@ -523,9 +529,11 @@ pub fn migrate_vm(
             )))
         }
     };
+    tracing::debug!(ms = ms(started.elapsed()), "offer accepted");
     let data = (0..options.streams)
         .map(|index| open_stream(addr, secret, StreamRole::Data { session, index }, options))
         .collect::<Result<Vec<_>, _>>()?;
+    tracing::debug!(ms = ms(started.elapsed()), "data streams open");
     let mut s = Session {
         source,
         control,
@@ -638,6 +646,7 @@ fn run(
                 .send_round(&work, throttle_pct)
                 .map_err(before_go(false))?;
             let pending = take_dirty(source, None).map_err(before_go(false))?;
+            tracing::debug!(ms = ms(s.started.elapsed()), "dirty state taken");
             work = pending.to_work();
             let dirty_bytes = work.bytes();
             let secs = (log.ms / 1e3).max(1e-6);
@@ -696,10 +705,16 @@ fn run(
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
         pause_at = Instant::now();
+        tracing::debug!(ms = ms(s.started.elapsed()), "paused");
         // What the last take found is still unsent: the final round sends it too.
         let work = take_dirty(source, Some(pending))
             .map_err(before_go(true))?
             .to_work();
+        tracing::debug!(
+            ms = ms(s.started.elapsed()),
+            bytes = work.bytes(),
+            "final dirty state taken"
+        );
         let log = s.send_round(&work, 0).map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
     }
@@ -707,6 +722,11 @@ fn run(
     let blob = source
         .save_state()
         .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
+    tracing::debug!(
+        ms = ms(s.started.elapsed()),
+        bytes = blob.len(),
+        "state saved"
+    );
     s.control
         .send(&Message::State { blob })
         .map_err(before_go(true))?;
@@ -715,7 +735,7 @@ fn run(
         .expect_control("the destination's restore")
         .map_err(before_go(true))?
     {
-        Message::Ready => {}
+        Message::Ready => tracing::debug!(ms = ms(s.started.elapsed()), "destination ready"),
         other => {
             return Err(before_go(true)(MigrationError::Protocol(format!(
                 "expected ready, got {other:?}"
