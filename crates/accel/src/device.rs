@@ -94,13 +94,26 @@ pub enum AccelStateError {
     },
 }
 
-/// The buffer table and the chunks written since the last take: what a migration reads
-/// while kernels run. It has its own lock, held briefly, where the core lock is held for
-/// a whole command (so a pre-copy round never waits for a kernel to see them).
-#[derive(Default)]
+/// The buffer table and which chunks were written: what a migration reads while kernels
+/// run. It has its own lock, held briefly, where the core lock is held for a whole
+/// command (so a pre-copy round never waits for a kernel to see them).
 struct BufferMap {
     sizes: BTreeMap<BufferId, u64>,
+    /// Written since the last take, while a migration tracks them.
     dirty: DirtyChunks,
+    /// Written since their buffer was created, by any path (commands, restore): the
+    /// other chunks are still zero, and a migration's first round skips them unread.
+    written: DirtyChunks,
+}
+
+impl Default for BufferMap {
+    fn default() -> Self {
+        Self {
+            sizes: BTreeMap::new(),
+            dirty: DirtyChunks::default(),
+            written: DirtyChunks::started(),
+        }
+    }
 }
 
 impl BufferMap {
@@ -256,7 +269,8 @@ impl Core {
         let mut map = lock_map(&self.map);
         for (id, range) in writes {
             if let Some(&bytes) = map.sizes.get(&id) {
-                map.dirty.mark(id, bytes, range);
+                map.dirty.mark(id, bytes, range.clone());
+                map.written.mark(id, bytes, range);
             }
         }
     }
@@ -275,6 +289,7 @@ impl Core {
             let mut map = lock_map(&self.map);
             let bytes = map.sizes.remove(&id)?;
             map.dirty.forget(id);
+            map.written.forget(id);
             bytes
         };
         self.used -= bytes;
@@ -602,6 +617,12 @@ impl Accelerator {
         }
     }
 
+    /// Every chunk written since its buffer was created, in (buffer, index) order: the
+    /// others read as zero.
+    pub fn written_chunks(&self) -> Vec<ChunkId> {
+        self.map().written.marked()
+    }
+
     /// Every chunk of every buffer, in (buffer, index) order.
     pub fn all_chunks(&self) -> Vec<ChunkId> {
         self.map()
@@ -686,6 +707,7 @@ impl Accelerator {
                 index: chunk.index,
             })?;
         core.backend.write(chunk.buffer, range.start, data);
+        core.mark([(chunk.buffer, range)]);
         Ok(())
     }
 }

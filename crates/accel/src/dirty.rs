@@ -41,6 +41,14 @@ pub struct DirtyChunks {
 }
 
 impl DirtyChunks {
+    /// Tracking from the start (for a set that is never taken: what was ever written).
+    pub fn started() -> Self {
+        Self {
+            tracking: true,
+            bitmaps: BTreeMap::new(),
+        }
+    }
+
     /// Starts tracking; nothing is dirty until the next write.
     pub fn start(&mut self) {
         self.tracking = true;
@@ -81,10 +89,17 @@ impl DirtyChunks {
     /// The chunks written since the last take (or start), in (buffer, index) order, and
     /// clears them.
     pub fn take(&mut self) -> Vec<ChunkId> {
+        let chunks = self.marked();
+        self.bitmaps.values_mut().for_each(|bitmap| bitmap.fill(0));
+        chunks
+    }
+
+    /// The chunks written since the last take (or start), in (buffer, index) order.
+    pub fn marked(&self) -> Vec<ChunkId> {
         let mut chunks = Vec::new();
-        for (&buffer, bitmap) in &mut self.bitmaps {
-            for (w, word) in bitmap.iter_mut().enumerate() {
-                let mut bits = std::mem::take(word);
+        for (&buffer, bitmap) in &self.bitmaps {
+            for (w, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
                 while bits != 0 {
                     let bit = bits.trailing_zeros();
                     bits &= bits - 1;

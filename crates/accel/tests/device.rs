@@ -348,6 +348,39 @@ fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
 }
 
 #[test]
+fn written_chunks_are_those_any_path_wrote_since_their_buffer_was_created() {
+    let mut g = FakeGuest::new(1);
+    let chunk = |buffer, index| ChunkId { buffer, index };
+    assert_eq!(g.run(op::ALLOC, &[1, 4 * CHUNK_SIZE]), status::OK);
+    assert!(g.accel.written_chunks().is_empty(), "a new buffer is zero");
+    let dst = (2 * CHUNK_SIZE + 64) / 4;
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::COPY, 2, 0, 1, dst, 4]),
+        status::OK
+    );
+    g.mem.write_slice(&[1u8; 8], GuestAddress(DATA)).unwrap();
+    assert_eq!(g.run(op::UPLOAD, &[1, 8, DATA, 8]), status::OK);
+    // Dirty tracking (off here) does not matter, nor does a take.
+    assert!(g.accel.take_dirty_chunks().is_empty());
+    assert_eq!(g.accel.written_chunks(), vec![chunk(1, 0), chunk(1, 2)]);
+    // A migration's destination writes chunks directly.
+    g.accel.pause();
+    g.accel
+        .write_chunk(chunk(1, 3), &vec![5u8; CHUNK_SIZE as usize])
+        .unwrap();
+    g.accel.resume();
+    assert_eq!(
+        g.accel.written_chunks(),
+        vec![chunk(1, 0), chunk(1, 2), chunk(1, 3)]
+    );
+    // A buffer freed and created again under its id starts zero.
+    assert_eq!(g.run(op::FREE, &[1]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[1, 4 * CHUNK_SIZE]), status::OK);
+    assert!(g.accel.written_chunks().is_empty());
+}
+
+#[test]
 fn paused_device_state_and_chunks_restore_into_a_new_device() {
     let mut g = FakeGuest::new(2);
     assert_eq!(g.run(op::ALLOC, &[5, 3 * CHUNK_SIZE]), status::OK);

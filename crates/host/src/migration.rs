@@ -149,8 +149,8 @@ impl MigrationSource for VmSource {
         self.accel(|a| a.take_dirty_chunks().into_iter().map(to_key).collect())
     }
 
-    fn all_chunks(&self) -> Vec<ChunkKey> {
-        self.accel(|a| a.all_chunks().into_iter().map(to_key).collect())
+    fn populated_chunks(&self) -> Vec<ChunkKey> {
+        self.accel(|a| a.written_chunks().into_iter().map(to_key).collect())
     }
 
     fn device_buffers(&self) -> Vec<DeviceBuffer> {

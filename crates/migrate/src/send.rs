@@ -614,15 +614,15 @@ fn run(
 ) -> Result<Switched, Failure> {
     let source = s.source;
     let ram_pages = s.ram_pages;
-    // Called once dirty tracking runs (or the VM is paused), so a page populated after
-    // the query is in a later round's dirty set.
+    // Called once dirty tracking runs (or the VM is paused), so a page or chunk populated
+    // after the query is in a later round's dirty set.
     let round0 = |s: &Session<'_>| RoundWork {
         runs: s
             .source
             .populated_pages()
             .unwrap_or_else(|| PageSet::all(ram_pages))
             .runs(MAX_RUN_PAGES),
-        chunks: s.source.all_chunks(),
+        chunks: s.source.populated_chunks(),
         skip_zeros: true,
     };
     let pause_at: Instant;

@@ -150,8 +150,9 @@ pub trait MigrationSource: Sync {
     fn take_dirty_pages(&self) -> Result<PageSet, String>;
     /// Device chunks written since the last call, cleared.
     fn take_dirty_chunks(&self) -> Vec<ChunkKey>;
-    /// Every chunk of every device buffer now.
-    fn all_chunks(&self) -> Vec<ChunkKey>;
+    /// Device chunks that may hold data now (at most every chunk of every buffer); the
+    /// others are known to read as zero, and the first round skips them without reading.
+    fn populated_chunks(&self) -> Vec<ChunkKey>;
     /// The device buffer table now.
     fn device_buffers(&self) -> Vec<DeviceBuffer>;
     /// RAM pages that may hold data now; the others are known to read as zero, and the

@@ -323,7 +323,7 @@ impl MigrationSource for FakeSource {
         std::mem::take(&mut s.dirty_chunks).into_iter().collect()
     }
 
-    fn all_chunks(&self) -> Vec<ChunkKey> {
+    fn populated_chunks(&self) -> Vec<ChunkKey> {
         let s = self.lock();
         s.buffers
             .iter()

@@ -78,7 +78,7 @@ impl MigrationSource for FakeSource {
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
         Vec::new()
     }
-    fn all_chunks(&self) -> Vec<ChunkKey> {
+    fn populated_chunks(&self) -> Vec<ChunkKey> {
         Vec::new()
     }
     fn device_buffers(&self) -> Vec<DeviceBuffer> {

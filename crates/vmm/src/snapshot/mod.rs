@@ -218,7 +218,8 @@ pub fn write_snapshot<S: Serialize>(
         let mut chunks_stored = 0;
         if let Some(accel) = accel {
             let mut data = Vec::with_capacity(CHUNK_SIZE as usize);
-            for chunk in accel.all_chunks() {
+            // A chunk never written is zero, like a restored device's fresh buffers.
+            for chunk in accel.written_chunks() {
                 if accel.read_chunk(chunk, &mut data).is_none() || data.iter().all(|&b| b == 0) {
                     continue;
                 }
