@@ -1,6 +1,9 @@
 //! `ferry bench migrate`: live migration vs stop-and-copy for a read-mostly (llm-decode)
 //! and an all-dirty (mlp-train) VM at several accelerator memory sizes, between two
 //! daemons on loopback, with the loopback's raw TCP throughput measured in the same run.
+//! Each figure is the median over several migrations of one VM back and forth, and the
+//! link's rate the median of several samples: single runs on a shared machine vary by
+//! tens of percent.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,7 +19,13 @@ use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
 use ferry_client::ApiClient;
 
-/// One migration measured.
+/// Migrations measured per figure (back and forth between the two hosts).
+const REPEATS: usize = 3;
+/// Samples of the loopback's rate.
+const LINK_SAMPLES: usize = 3;
+
+/// One kind of migration measured: medians over [`REPEATS`] migrations (each field on
+/// its own), and every migration's total and pause.
 #[derive(Debug, Serialize)]
 struct MigrationFigure {
     workload: &'static str,
@@ -26,6 +35,7 @@ struct MigrationFigure {
     total_ms: f64,
     bytes_sent: u64,
     rounds: u64,
+    /// Highest throttle any of the migrations needed.
     max_throttle_pct: u64,
     /// Workload progress rate during the migration ÷ before it.
     throughput_during_vs_before: f64,
@@ -33,6 +43,21 @@ struct MigrationFigure {
     total_vs_link_time: f64,
     /// Total time ÷ (bytes sent ÷ the slower of the link and first-touch memory).
     total_vs_bound_time: f64,
+    /// Each migration's total time, in order.
+    total_ms_each: Vec<f64>,
+    /// Each migration's pause, in order.
+    downtime_ms_each: Vec<f64>,
+}
+
+/// One migration of the VM.
+struct Run {
+    report: ferry_migrate::MigrationReport,
+    during_vs_before: f64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// Raw TCP throughput over loopback: 1 MiB writes for `bytes`, bytes/s.
@@ -116,13 +141,17 @@ fn count_now(client: &ApiClient, id: &str, key: &str) -> anyhow::Result<Option<u
 /// Runs the benchmark, printing each figure.
 pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
-    let raw = loopback_throughput(2 << 30)?;
+    let samples = (0..LINK_SAMPLES)
+        .map(|_| loopback_throughput(1 << 30))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let raw = median(samples.clone());
     let touch = first_touch_throughput(1 << 30);
     let bound = raw.min(touch);
     if json {
+        let mib_s: Vec<f64> = samples.iter().map(|s| s / (1 << 20) as f64).collect();
         println!(
             "{}",
-            serde_json::json!({"figure": "loopback_tcp_throughput", "mib_s": raw / (1 << 20) as f64})
+            serde_json::json!({"figure": "loopback_tcp_throughput", "mib_s": raw / (1 << 20) as f64, "samples_mib_s": mib_s})
         );
         println!(
             "{}",
@@ -133,10 +162,16 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
             "first-touch memory fill (fresh pages): {:.0} MiB/s",
             touch / (1 << 20) as f64
         );
+        let (lo, hi) = samples
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &s| (lo.min(s), hi.max(s)));
         println!(
-            "loopback TCP throughput (one stream, 1 MiB writes): {:.0} MiB/s",
-            raw / (1 << 20) as f64
+            "loopback TCP throughput (one stream, 1 MiB writes; median of {LINK_SAMPLES}): {:.0} MiB/s (samples {:.0}-{:.0})",
+            raw / (1 << 20) as f64,
+            lo / (1 << 20) as f64,
+            hi / (1 << 20) as f64
         );
+        println!("each row: medians over {REPEATS} migrations of one VM, back and forth");
         println!(
             "{:<11} {:>9} {:<14} {:>11} {:>10} {:>10} {:>7} {:>9} {:>12} {:>10} {:>11}",
             "workload",
@@ -160,20 +195,11 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
         .host
         .prefault_accel_memory(largest + (64 << 20))
         .context("backing the destination's accelerator memory")?;
-    let (b, ca, cb) = (&pair.b, &pair.client_a, &pair.client_b);
     for name in ["llm-decode", "mlp-train"] {
         for &accel in sizes {
             for mode in ["live", "stop-and-copy"] {
-                let figure = measure(
-                    ca,
-                    cb,
-                    &b.migration_addr.to_string(),
-                    name,
-                    accel,
-                    mode,
-                    (raw, bound),
-                )
-                .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
+                let figure = measure(&pair, name, accel, mode, (raw, bound))
+                    .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
                 if json {
                     println!("{}", serde_json::to_string(&figure)?);
                 } else {
@@ -199,14 +225,13 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
 }
 
 fn measure(
-    ca: &ApiClient,
-    cb: &ApiClient,
-    to: &str,
+    pair: &LoopbackPair,
     name: &'static str,
     accel: u64,
     mode: &str,
     (raw, bound): (f64, f64),
 ) -> anyhow::Result<MigrationFigure> {
+    let (ca, cb) = (&pair.client_a, &pair.client_b);
     let (args, key) = workload(name, accel);
     let vm: Value = ca.post(
         "/v1/vms",
@@ -232,32 +257,57 @@ fn measure(
     std::thread::sleep(window);
     let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
     let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
-    let request = MigrateRequest {
-        mode: mode.to_string(),
-        allow_longer_pause: true,
-        max_precopy_s: 120,
-        ..MigrateRequest::to(to)
-    };
-    let c2 = count_now(ca, &id, key)?.unwrap_or(0);
-    let t2 = Instant::now();
-    let report = follow(ca, &id, &request, &ProgressBar::hidden())?;
-    let t3 = Instant::now();
-    let c3 = count_now(cb, &id, key)?.unwrap_or(c2);
-    let during = (c3.saturating_sub(c2)) as f64 / (t3 - t2).as_secs_f64();
+    let mut runs = Vec::with_capacity(REPEATS);
+    for i in 0..REPEATS {
+        let (from, to, to_addr) = if i % 2 == 0 {
+            (ca, cb, pair.b.migration_addr)
+        } else {
+            (cb, ca, pair.a.migration_addr)
+        };
+        if i > 0 {
+            // Let the VM settle into its pace on the host it arrived at.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let request = MigrateRequest {
+            mode: mode.to_string(),
+            allow_longer_pause: true,
+            max_precopy_s: 120,
+            ..MigrateRequest::to(&to_addr.to_string())
+        };
+        let c2 = count_now(from, &id, key)?.unwrap_or(0);
+        let t2 = Instant::now();
+        let report = follow(from, &id, &request, &ProgressBar::hidden())
+            .with_context(|| format!("migration {} of {REPEATS}", i + 1))?;
+        let t3 = Instant::now();
+        let c3 = count_now(to, &id, key)?.unwrap_or(c2);
+        let during = (c3.saturating_sub(c2)) as f64 / (t3 - t2).as_secs_f64();
+        runs.push(Run {
+            report,
+            during_vs_before: if before > 0.0 { during / before } else { 0.0 },
+        });
+    }
     let _: Value = cb.delete(&format!("/v1/vms/{id}"))?;
     let _: Value = ca.delete(&format!("/v1/vms/{id}"))?;
-    let bytes_sent = report.bytes_sent;
+    let each = |f: &dyn Fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let link_time = |r: &Run| r.report.bytes_sent as f64 / raw * 1e3;
+    let bound_time = |r: &Run| r.report.bytes_sent as f64 / bound * 1e3;
     Ok(MigrationFigure {
         workload: name,
         accel_mib: accel >> 20,
         mode: mode.to_string(),
-        downtime_ms: report.downtime_ms,
-        total_ms: report.total_ms,
-        bytes_sent,
-        rounds: report.rounds.into(),
-        max_throttle_pct: report.max_throttle_pct.into(),
-        throughput_during_vs_before: if before > 0.0 { during / before } else { 0.0 },
-        total_vs_link_time: report.total_ms / 1e3 / (bytes_sent as f64 / raw),
-        total_vs_bound_time: report.total_ms / 1e3 / (bytes_sent as f64 / bound),
+        downtime_ms: median(each(&|r| r.report.downtime_ms)),
+        total_ms: median(each(&|r| r.report.total_ms)),
+        bytes_sent: median(each(&|r| r.report.bytes_sent as f64)) as u64,
+        rounds: median(each(&|r| f64::from(r.report.rounds))) as u64,
+        max_throttle_pct: runs
+            .iter()
+            .map(|r| u64::from(r.report.max_throttle_pct))
+            .max()
+            .unwrap_or(0),
+        throughput_during_vs_before: median(each(&|r| r.during_vs_before)),
+        total_vs_link_time: median(each(&|r| r.report.total_ms / link_time(r))),
+        total_vs_bound_time: median(each(&|r| r.report.total_ms / bound_time(r))),
+        total_ms_each: each(&|r| r.report.total_ms),
+        downtime_ms_each: each(&|r| r.report.downtime_ms),
     })
 }
