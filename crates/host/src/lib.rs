@@ -58,9 +58,16 @@ pub struct HostConfig {
     pub accel_capacity: u64,
     /// Accelerator threads per VM.
     pub accel_threads: usize,
+    /// Nice value of the VMs' threads (vCPUs, accelerators), below the daemon's own.
+    pub guest_nice: i32,
     /// Mutual TLS on migration connections (both hosts need it on, or both off).
     pub tls: Option<ferry_migrate::TlsConfig>,
 }
+
+/// Default nice value of a host's VM threads: under contention the daemon's own work
+/// (API, heartbeats, migrations) gets about ten times their share of a core, so busy
+/// guests cannot starve it; VMs keep equal shares among themselves.
+pub const DEFAULT_GUEST_NICE: i32 = 10;
 
 /// A request to create a VM.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -284,6 +291,7 @@ impl Host {
         HostOptions {
             accel_threads: self.config.accel_threads,
             device_memory: self.device_memory.clone(),
+            guest_nice: self.config.guest_nice,
             ..HostOptions::quiet()
         }
     }

@@ -60,8 +60,8 @@ impl VmConfig {
     }
 }
 
-/// What this host gives a VM, which is not part of its state: where its console goes and
-/// how many threads its accelerator backend may use.
+/// What this host gives a VM, which is not part of its state: where its console goes,
+/// how many threads its accelerator backend may use and at what priority its threads run.
 pub struct HostOptions {
     /// Console output.
     pub console: ConsoleSink,
@@ -69,6 +69,10 @@ pub struct HostOptions {
     pub accel_threads: usize,
     /// Host memory for the accelerator's buffers, shared by the host's VMs.
     pub device_memory: DeviceMemory,
+    /// Nice value (0-19) of the VM's threads: vCPUs, the accelerator's device and
+    /// compute threads. A host daemon runs them below its own threads, so busy guests
+    /// cannot starve its API or a migration's copy.
+    pub guest_nice: i32,
 }
 
 impl HostOptions {
@@ -78,6 +82,7 @@ impl HostOptions {
             console: ConsoleSink::None,
             accel_threads: default_accel_threads(),
             device_memory: DeviceMemory::default(),
+            guest_nice: 0,
         }
     }
 
@@ -85,10 +90,35 @@ impl HostOptions {
     pub fn stdout() -> Self {
         Self {
             console: ConsoleSink::Stdout,
-            accel_threads: default_accel_threads(),
-            device_memory: DeviceMemory::default(),
+            ..Self::quiet()
         }
     }
+}
+
+/// Runs `f` on a short-lived thread at nice value `nice`. A Linux thread starts at its
+/// creator's nice value, so every thread `f` starts (vCPUs, an accelerator's device and
+/// compute threads) runs at `nice` for its whole life, whoever creates the VM.
+fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send) -> T {
+    if nice == 0 {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        let builder = scope.spawn(|| {
+            // SAFETY: setpriority on the calling thread (who = 0) changes only its nice
+            // value; it touches no memory of ours.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+                tracing::warn!(
+                    nice,
+                    error = %std::io::Error::last_os_error(),
+                    "cannot lower the VM's thread priority; its threads run at the host's"
+                );
+            }
+            f()
+        });
+        builder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// Available host cores.
@@ -227,25 +257,25 @@ impl IncomingVm {
         let accel = match (config.accel_memory, backend_kind) {
             (0, None) => None,
             (capacity, Some(kind)) if capacity > 0 => {
-                let backend = backend::create(kind, host.accel_threads, &host.device_memory)
-                    .ok_or_else(|| {
-                        CreateVmError::Incompatible(format!(
+                Some(at_guest_priority(host.guest_nice, || {
+                    let backend = backend::create(kind, host.accel_threads, &host.device_memory)
+                        .ok_or_else(|| {
+                            CreateVmError::Incompatible(format!(
                         "accelerator backend '{kind}' is not available here (this build has: {})",
                         backend::AVAILABLE.join(", ")
                     ))
-                    })?;
-                let empty = AccelState {
-                    backend_kind: kind.to_string(),
-                    kernel_version: backend.kernel_version(),
-                    capacity,
-                    ring_gpa: 0,
-                    tail: 0,
-                    buffers: Vec::new(),
-                };
-                Some(
+                        })?;
+                    let empty = AccelState {
+                        backend_kind: kind.to_string(),
+                        kernel_version: backend.kernel_version(),
+                        capacity,
+                        ring_gpa: 0,
+                        tail: 0,
+                        buffers: Vec::new(),
+                    };
                     Accelerator::restore(memory.clone(), &empty, backend)
-                        .map_err(CreateVmError::Accel)?,
-                )
+                        .map_err(CreateVmError::Accel)
+                })?)
             }
             _ => {
                 return Err(CreateVmError::Incompatible(
@@ -311,7 +341,9 @@ impl IncomingVm {
                 .map_err(CreateVmError::Vcpu)?;
             vcpu.restore_state(&kvm, vcpu_state)
                 .map_err(CreateVmError::Vcpu)?;
-            vcpus.push(VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?);
+            let handle =
+                at_guest_priority(host.guest_nice, || VcpuHandle::spawn(vcpu, kvm.clone()));
+            vcpus.push(handle.map_err(CreateVmError::SpawnVcpu)?);
         }
         Ok(Microvm::paused(vcpus, devices, vm, memory, config))
     }
@@ -398,9 +430,11 @@ impl Microvm {
         boot.0.stack_top = stack_top;
         let accel = if config.accel_memory > 0 {
             boot.0.accel_ring = ring_gpa;
-            let backend = cpu_backend(&host)?;
-            let accel = Accelerator::boot(memory.clone(), ring_gpa, config.accel_memory, backend)
-                .map_err(CreateVmError::SpawnAccel)?;
+            let accel = at_guest_priority(host.guest_nice, || {
+                let backend = cpu_backend(&host)?;
+                Accelerator::boot(memory.clone(), ring_gpa, config.accel_memory, backend)
+                    .map_err(CreateVmError::SpawnAccel)
+            })?;
             Some(accel)
         } else {
             None
@@ -420,7 +454,8 @@ impl Microvm {
             Vcpu::new(&vm, 0, devices.clone(), memory.clone()).map_err(CreateVmError::Vcpu)?;
         vcpu.configure_entry(&kvm, entry, stack_top)
             .map_err(CreateVmError::Vcpu)?;
-        let handle = VcpuHandle::spawn(vcpu, kvm.clone()).map_err(CreateVmError::SpawnVcpu)?;
+        let handle = at_guest_priority(host.guest_nice, || VcpuHandle::spawn(vcpu, kvm.clone()))
+            .map_err(CreateVmError::SpawnVcpu)?;
         Ok(Self::paused(vec![handle], devices, vm, memory, config))
     }
 
@@ -627,5 +662,29 @@ impl Microvm {
     /// Pages written since the last take (or since tracking started), and clears them.
     pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmControlError> {
         Ok(self.dirty_log().take()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> i32 {
+        // SAFETY: getpriority on the calling thread only reads its nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+
+    #[test]
+    fn threads_started_at_guest_priority_keep_it_and_the_caller_does_not() {
+        let before = own_nice();
+        let nice = (before + 5).min(19);
+        let (builder, started) = at_guest_priority(nice, || {
+            let builder = own_nice();
+            let started = std::thread::spawn(own_nice).join().unwrap();
+            (builder, started)
+        });
+        assert_eq!((builder, started), (nice, nice));
+        assert_eq!(own_nice(), before, "the caller's priority is unchanged");
+        assert_eq!(at_guest_priority(0, own_nice), before, "0: run in place");
     }
 }

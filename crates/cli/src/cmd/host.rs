@@ -44,7 +44,7 @@ pub struct HostArgs {
 enum HostCommand {
     /// Run the host daemon: the HTTP/JSON API and the migration listener.
     #[command(after_help = API_HELP)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Take a host out of service (moving its VMs off live) or return it, through the
     /// cluster center.
     Maintenance(crate::cmd::center::MaintenanceArgs),
@@ -110,6 +110,11 @@ pub struct ServeArgs {
     /// Accelerator threads per VM (default: all cores).
     #[arg(long, value_name = "N")]
     pub accel_threads: Option<usize>,
+    /// Nice value (0-19) of the VMs' threads: vCPUs and accelerators run below the
+    /// daemon's own threads (API, heartbeats, migrations), so busy guests cannot starve a
+    /// migration's copy. 0 runs them at the daemon's priority.
+    #[arg(long, value_name = "N", default_value_t = ferry_host::DEFAULT_GUEST_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub guest_nice: i32,
     /// This host's TLS certificate (PEM, with the SAN `ferry-host`): turns on mutual TLS
     /// for migrations. Needs --tls-key and --tls-ca; every host must have TLS on.
     #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
@@ -214,6 +219,7 @@ pub fn start_loopback(
         memory_capacity,
         accel_capacity: memory_capacity,
         accel_threads: ferry_vmm::vm::default_accel_threads(),
+        guest_nice: ferry_host::DEFAULT_GUEST_NICE,
         tls: None,
     };
     start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")
@@ -269,6 +275,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 accel_threads: serve
                     .accel_threads
                     .unwrap_or_else(ferry_vmm::vm::default_accel_threads),
+                guest_nice: serve.guest_nice,
                 tls: match (&serve.tls_cert, &serve.tls_key, &serve.tls_ca) {
                     (Some(cert), Some(key), Some(ca)) => Some(
                         ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)
