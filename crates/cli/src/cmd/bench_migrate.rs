@@ -41,8 +41,6 @@ struct MigrationFigure {
     throughput_during_vs_before: f64,
     /// Total time ÷ (bytes sent ÷ raw loopback throughput).
     total_vs_link_time: f64,
-    /// Total time ÷ (bytes sent ÷ the slower of the link and first-touch memory).
-    total_vs_bound_time: f64,
     /// Each migration's total time, in order.
     total_ms_each: Vec<f64>,
     /// Each migration's pause, in order.
@@ -91,22 +89,6 @@ fn loopback_throughput(bytes: u64) -> anyhow::Result<f64> {
     Ok(got as f64 / secs)
 }
 
-/// Rate at which this host can fill memory it has never touched (bytes/s): a migration's
-/// destination writes into fresh memory, and under nested virtualization each first touch
-/// of a page costs the outer hypervisor a fault, which can bound a migration below the
-/// link's rate.
-fn first_touch_throughput(bytes: usize) -> f64 {
-    let src = vec![0x5au8; 1 << 20];
-    let started = Instant::now();
-    let mut fresh: Vec<u8> = Vec::with_capacity(bytes);
-    while fresh.len() < bytes {
-        fresh.extend_from_slice(&src);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    std::hint::black_box(&fresh);
-    fresh.len() as f64 / secs
-}
-
 /// The workload and its arguments for `accel` bytes of device memory; `progress_key` is
 /// the console field that counts its work.
 fn workload(name: &'static str, accel: u64) -> (Vec<String>, &'static str) {
@@ -145,23 +127,13 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
         .map(|_| loopback_throughput(1 << 30))
         .collect::<anyhow::Result<Vec<f64>>>()?;
     let raw = median(samples.clone());
-    let touch = first_touch_throughput(1 << 30);
-    let bound = raw.min(touch);
     if json {
         let mib_s: Vec<f64> = samples.iter().map(|s| s / (1 << 20) as f64).collect();
         println!(
             "{}",
             serde_json::json!({"figure": "loopback_tcp_throughput", "mib_s": raw / (1 << 20) as f64, "samples_mib_s": mib_s})
         );
-        println!(
-            "{}",
-            serde_json::json!({"figure": "first_touch_memory_throughput", "mib_s": touch / (1 << 20) as f64})
-        );
     } else {
-        println!(
-            "first-touch memory fill (fresh pages): {:.0} MiB/s",
-            touch / (1 << 20) as f64
-        );
         let (lo, hi) = samples
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), &s| (lo.min(s), hi.max(s)));
@@ -173,7 +145,7 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
         );
         println!("each row: medians over {REPEATS} migrations of one VM, back and forth");
         println!(
-            "{:<11} {:>9} {:<14} {:>11} {:>10} {:>10} {:>7} {:>9} {:>12} {:>10} {:>11}",
+            "{:<11} {:>9} {:<14} {:>11} {:>10} {:>10} {:>7} {:>9} {:>12} {:>10}",
             "workload",
             "accel",
             "mode",
@@ -183,8 +155,7 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
             "rounds",
             "throttle",
             "during/before",
-            "total/link",
-            "total/bound"
+            "total/link"
         );
     }
     let pair = LoopbackPair::start(1 << 40)?;
@@ -198,13 +169,13 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     for name in ["llm-decode", "mlp-train"] {
         for &accel in sizes {
             for mode in ["live", "stop-and-copy"] {
-                let figure = measure(&pair, name, accel, mode, (raw, bound))
+                let figure = measure(&pair, name, accel, mode, raw)
                     .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
                 if json {
                     println!("{}", serde_json::to_string(&figure)?);
                 } else {
                     println!(
-                        "{:<11} {:>5} MiB {:<14} {:>11.1} {:>10.0} {:>10.1} {:>7} {:>8}% {:>12.2} {:>10.2} {:>11.2}",
+                        "{:<11} {:>5} MiB {:<14} {:>11.1} {:>10.0} {:>10.1} {:>7} {:>8}% {:>12.2} {:>10.2}",
                         figure.workload,
                         figure.accel_mib,
                         figure.mode,
@@ -214,8 +185,7 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
                         figure.rounds,
                         figure.max_throttle_pct,
                         figure.throughput_during_vs_before,
-                        figure.total_vs_link_time,
-                        figure.total_vs_bound_time
+                        figure.total_vs_link_time
                     );
                 }
             }
@@ -229,7 +199,7 @@ fn measure(
     name: &'static str,
     accel: u64,
     mode: &str,
-    (raw, bound): (f64, f64),
+    raw: f64,
 ) -> anyhow::Result<MigrationFigure> {
     let (ca, cb) = (&pair.client_a, &pair.client_b);
     let (args, key) = workload(name, accel);
@@ -290,7 +260,6 @@ fn measure(
     let _: Value = ca.delete(&format!("/v1/vms/{id}"))?;
     let each = |f: &dyn Fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
     let link_time = |r: &Run| r.report.bytes_sent as f64 / raw * 1e3;
-    let bound_time = |r: &Run| r.report.bytes_sent as f64 / bound * 1e3;
     Ok(MigrationFigure {
         workload: name,
         accel_mib: accel >> 20,
@@ -306,7 +275,6 @@ fn measure(
             .unwrap_or(0),
         throughput_during_vs_before: median(each(&|r| r.during_vs_before)),
         total_vs_link_time: median(each(&|r| r.report.total_ms / link_time(r))),
-        total_vs_bound_time: median(each(&|r| r.report.total_ms / bound_time(r))),
         total_ms_each: each(&|r| r.report.total_ms),
         downtime_ms_each: each(&|r| r.report.downtime_ms),
     })
