@@ -37,7 +37,8 @@ struct MigrationFigure {
     rounds: u64,
     /// Highest throttle any of the migrations needed.
     max_throttle_pct: u64,
-    /// Workload progress rate during the migration ÷ before it.
+    /// Workload progress rate during the migrations (their windows together: one is
+    /// often shorter than a step or token) ÷ before them.
     throughput_during_vs_before: f64,
     /// Total time ÷ (bytes sent ÷ raw loopback throughput).
     total_vs_link_time: f64,
@@ -50,7 +51,10 @@ struct MigrationFigure {
 /// One migration of the VM.
 struct Run {
     report: ferry_migrate::MigrationReport,
-    during_vs_before: f64,
+    /// Steps or tokens the workload made from just before the migration to just after.
+    progress: u64,
+    /// That window.
+    window: Duration,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -250,10 +254,10 @@ fn measure(
             .with_context(|| format!("migration {} of {REPEATS}", i + 1))?;
         let t3 = Instant::now();
         let c3 = count_now(to, &id, key)?.unwrap_or(c2);
-        let during = (c3.saturating_sub(c2)) as f64 / (t3 - t2).as_secs_f64();
         runs.push(Run {
             report,
-            during_vs_before: if before > 0.0 { during / before } else { 0.0 },
+            progress: c3.saturating_sub(c2),
+            window: t3 - t2,
         });
     }
     let _: Value = cb.delete(&format!("/v1/vms/{id}"))?;
@@ -273,7 +277,16 @@ fn measure(
             .map(|r| u64::from(r.report.max_throttle_pct))
             .max()
             .unwrap_or(0),
-        throughput_during_vs_before: median(each(&|r| r.during_vs_before)),
+        throughput_during_vs_before: {
+            let progress: u64 = runs.iter().map(|r| r.progress).sum();
+            let window: Duration = runs.iter().map(|r| r.window).sum();
+            let during = progress as f64 / window.as_secs_f64();
+            if before > 0.0 {
+                during / before
+            } else {
+                0.0
+            }
+        },
         total_vs_link_time: median(each(&|r| r.report.total_ms / link_time(r))),
         total_ms_each: each(&|r| r.report.total_ms),
         downtime_ms_each: each(&|r| r.report.downtime_ms),
