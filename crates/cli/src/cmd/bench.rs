@@ -201,7 +201,8 @@ fn guest_speed(emit: &mut Emit) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(values: &mut [f64]) -> f64 {
+/// The middle value (the upper one of an even count); sorts `values`.
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

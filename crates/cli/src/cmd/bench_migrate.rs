@@ -15,6 +15,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::cmd::bench::median;
 use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
 use ferry_client::ApiClient;
@@ -55,11 +56,6 @@ struct Run {
     progress: u64,
     /// That window.
     window: Duration,
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// Raw TCP throughput over loopback: 1 MiB writes for `bytes`, bytes/s.
@@ -130,7 +126,7 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     let samples = (0..LINK_SAMPLES)
         .map(|_| loopback_throughput(1 << 30))
         .collect::<anyhow::Result<Vec<f64>>>()?;
-    let raw = median(samples.clone());
+    let raw = median(&mut samples.clone());
     if json {
         let mib_s: Vec<f64> = samples.iter().map(|s| s / (1 << 20) as f64).collect();
         println!(
@@ -268,10 +264,10 @@ fn measure(
         workload: name,
         accel_mib: accel >> 20,
         mode: mode.to_string(),
-        downtime_ms: median(each(&|r| r.report.downtime_ms)),
-        total_ms: median(each(&|r| r.report.total_ms)),
-        bytes_sent: median(each(&|r| r.report.bytes_sent as f64)) as u64,
-        rounds: median(each(&|r| f64::from(r.report.rounds))) as u64,
+        downtime_ms: median(&mut each(&|r| r.report.downtime_ms)),
+        total_ms: median(&mut each(&|r| r.report.total_ms)),
+        bytes_sent: median(&mut each(&|r| r.report.bytes_sent as f64)) as u64,
+        rounds: median(&mut each(&|r| f64::from(r.report.rounds))) as u64,
         max_throttle_pct: runs
             .iter()
             .map(|r| u64::from(r.report.max_throttle_pct))
@@ -287,7 +283,7 @@ fn measure(
                 0.0
             }
         },
-        total_vs_link_time: median(each(&|r| r.report.total_ms / link_time(r))),
+        total_vs_link_time: median(&mut each(&|r| r.report.total_ms / link_time(r))),
         total_ms_each: each(&|r| r.report.total_ms),
         downtime_ms_each: each(&|r| r.report.downtime_ms),
     })
