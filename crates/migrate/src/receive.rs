@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::auth::{authenticate_stream_listener, Secret};
 use crate::link::Link;
-use crate::send::MAX_STREAMS;
+use crate::send::{ms, MAX_STREAMS};
 use crate::tls::TlsConfig;
 use crate::vm::{DeviceBuffer, MigrationTarget, VmDescription, PAGE_SIZE};
 use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
@@ -342,8 +342,7 @@ fn receive_vm<F: TargetFactory>(
         Ok(t) => t,
         Err(reason) => return Err(refuse(&mut conn, reason)),
     };
-    let ms = |since: Instant| since.elapsed().as_secs_f64() * 1e3;
-    tracing::debug!(ms = ms(started), "destination VM prepared");
+    tracing::debug!(ms = ms(started.elapsed()), "destination VM prepared");
     let mut session_bytes = [0u8; 8];
     getrandom::fill(&mut session_bytes).expect("the OS random source");
     let session = u64::from_le_bytes(session_bytes);
@@ -354,7 +353,7 @@ fn receive_vm<F: TargetFactory>(
         .and_then(|()| collect_streams(&rx, streams));
     sessions.lock().expect("sessions lock").remove(&session);
     let data = accepted?;
-    tracing::debug!(ms = ms(started), "data streams collected");
+    tracing::debug!(ms = ms(started.elapsed()), "data streams collected");
     let inbound = Inbound::new(streams, control_socket);
     // Each data connection comes with a handle on its socket, to shut it down.
     let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
@@ -407,7 +406,7 @@ fn receive_vm<F: TargetFactory>(
         vm,
         rounds,
         bytes_received: conn.bytes_read + data_bytes,
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        total_ms: ms(started.elapsed()),
     };
     tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
     factory.adopt(target, report);
@@ -489,10 +488,7 @@ fn control_loop<T: MigrationTarget>(
                 }
                 let restoring = Instant::now();
                 target.restore(&blob).map_err(target_err)?;
-                tracing::debug!(
-                    ms = restoring.elapsed().as_secs_f64() * 1e3,
-                    "state restored"
-                );
+                tracing::debug!(ms = ms(restoring.elapsed()), "state restored");
                 conn.send(&Message::Ready)?;
                 match conn.expect_control("go")? {
                     Message::Go => {}
@@ -504,7 +500,7 @@ fn control_loop<T: MigrationTarget>(
                 }
                 let resuming = Instant::now();
                 target.resume().map_err(target_err)?;
-                tracing::debug!(ms = resuming.elapsed().as_secs_f64() * 1e3, "resumed");
+                tracing::debug!(ms = ms(resuming.elapsed()), "resumed");
                 // The VM runs here now; a lost confirmation leaves it running here and
                 // paused at the source, never running on both.
                 let _ = conn.send(&Message::Resumed);

@@ -455,7 +455,8 @@ impl Session<'_> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds, as reports and logs give them.
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
