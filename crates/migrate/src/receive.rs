@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -193,7 +193,9 @@ impl Inbound {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InboundState> {
-        self.state.lock().expect("inbound lock")
+        // A stream thread that panicked holding the lock leaves flags that are still
+        // whole (each update is one store), and `fail` must still reach the others.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn fail(&self, why: String) {
@@ -209,6 +211,25 @@ impl Inbound {
     }
 }
 
+/// Fails the migration at once when a data stream's thread panics (a bug, in the engine
+/// or the target), instead of leaving the control stream to wait out its timeout for
+/// frames that will never be applied.
+struct FailOnPanic<'a> {
+    index: usize,
+    inbound: &'a Inbound,
+}
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.inbound.fail(format!(
+                "data stream {}: internal error: its thread panicked (a bug; see the log)",
+                self.index
+            ));
+        }
+    }
+}
+
 /// Applies one data stream's frames until it ends.
 fn apply_stream<T: MigrationTarget>(
     index: usize,
@@ -217,6 +238,7 @@ fn apply_stream<T: MigrationTarget>(
     ram_size: u64,
     inbound: &Inbound,
 ) -> u64 {
+    let _fail_on_panic = FailOnPanic { index, inbound };
     loop {
         let frame = match reader.read() {
             Ok(f) => f,

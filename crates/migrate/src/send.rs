@@ -379,9 +379,17 @@ impl Session<'_> {
                     scope.spawn(move || send_share(source, writer, page_buffer, queue))
                 })
                 .collect();
+            // A panic (a bug, here or in the source) fails the round like any error, so
+            // the VM runs on here.
             handles
                 .into_iter()
-                .map(|h| h.join().expect("stream sender panicked"))
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(MigrationError::Source(
+                            "a data stream's sender thread panicked (a bug; see the log)".into(),
+                        ))
+                    })
+                })
                 .collect()
         });
         let mut total = StreamCounts::default();

@@ -159,6 +159,8 @@ struct FakeSource {
     /// The first `take_dirty_chunks` while running frees buffer 9, shrinks buffer 2 and
     /// allocates buffer 10 (the device buffer table changes during pre-copy).
     churn_buffers: AtomicBool,
+    /// `with_chunk` panics (a bug in the VM being sent).
+    panic_on_chunk: AtomicBool,
 }
 
 impl FakeSource {
@@ -210,6 +212,7 @@ impl FakeSource {
             dirty_on_read: AtomicU64::new(0),
             hot: AtomicBool::new(false),
             churn_buffers: AtomicBool::new(false),
+            panic_on_chunk: AtomicBool::new(false),
         })
     }
 
@@ -365,6 +368,10 @@ impl MigrationSource for FakeSource {
     }
 
     fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool {
+        assert!(
+            !self.panic_on_chunk.load(Ordering::SeqCst),
+            "injected: reading a chunk panicked"
+        );
         let s = self.lock();
         let Some(data) = s.buffers.get(&chunk.buffer) else {
             return false;
@@ -487,6 +494,8 @@ struct Faults {
     fail_ram_after: AtomicUsize,
     fail_restore: AtomicBool,
     fail_resume: AtomicBool,
+    /// `write_chunk` panics (a bug in the VM being received).
+    panic_on_chunk: AtomicBool,
     /// `write_ram` calls outside the VM's RAM that reached the target.
     out_of_range: AtomicUsize,
 }
@@ -542,6 +551,10 @@ impl MigrationTarget for FakeTarget {
     }
 
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String> {
+        assert!(
+            !self.faults.panic_on_chunk.load(Ordering::SeqCst),
+            "injected: writing a chunk panicked"
+        );
         let mut buffers = self.buffers.lock().unwrap();
         let buffer = buffers
             .get_mut(&chunk.buffer)
@@ -1405,6 +1418,51 @@ fn a_target_failing_mid_round_with_much_data_in_flight_fails_promptly() {
         "the source noticed the destination's failure only after {took:?}: {err}"
     );
     assert!(err.to_string().contains("injected"), "{err}");
+}
+
+#[test]
+fn a_panic_in_a_data_stream_fails_the_migration_promptly_and_the_vm_runs_on() {
+    // Well under the destination's wait for a round's data (30 s), which a panicked
+    // stream thread used to leave the control stream in.
+    let prompt = Duration::from_secs(5);
+    let dest = Destination::start();
+
+    // The destination's stream thread panics applying a chunk.
+    dest.faults.panic_on_chunk.store(true, Ordering::SeqCst);
+    let source = FakeSource::new("panic-dest", 4, 18);
+    let before = source.contents();
+    let started = Instant::now();
+    let err = migrate(&source, &dest, &options(Mode::Live)).expect_err("panicking target");
+    let took = started.elapsed();
+    assert!(took < prompt, "failed only after {took:?}: {err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert_running_again(&source);
+    assert_eq!(source.contents(), before, "the source's memory changed");
+    dest.assert_nothing_adopted();
+    dest.faults.panic_on_chunk.store(false, Ordering::SeqCst);
+
+    // The source's sender thread panics reading a chunk, in the paused stop-and-copy
+    // round: the VM is resumed, not left paused.
+    let source = FakeSource::new("panic-source", 4, 19);
+    source.panic_on_chunk.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let err = migrate(&source, &dest, &options(Mode::StopAndCopy)).expect_err("panicking source");
+    let took = started.elapsed();
+    assert!(took < prompt, "failed only after {took:?}: {err}");
+    assert!(
+        matches!(&err, MigrationError::Source(why) if why.contains("panicked")),
+        "{err:?}"
+    );
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert_running_again(&source);
+    dest.assert_nothing_adopted();
+    dest.assert_alive();
+
+    // Both hosts still migrate.
+    let source = FakeSource::new("after-panics", 4, 20);
+    migrate(&source, &dest, &options(Mode::Live)).expect("a migration after the panics");
+    let (target, _) = dest.adopted();
+    assert_received(&source, &target);
 }
 
 /// A destination that authenticates, accepts, reads `read_bytes` of the first data
