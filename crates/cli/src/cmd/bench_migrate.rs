@@ -2,8 +2,10 @@
 //! and an all-dirty (mlp-train) VM at several accelerator memory sizes, between two
 //! daemons on loopback, with the loopback's raw TCP throughput measured in the same run.
 //! Each figure is the median over several migrations of one VM back and forth, and the
-//! link's rate the median of several samples: single runs on a shared machine vary by
-//! tens of percent.
+//! link's rate the median of samples taken just before and just after that figure's VM
+//! runs: single runs on a shared machine vary by tens of percent, and its slow spells
+//! last seconds, so a rate measured once at the start can be far from the one a later
+//! figure ran at.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,9 +23,13 @@ use crate::cmd::migrate::follow;
 use ferry_client::ApiClient;
 
 /// Migrations measured per figure (back and forth between the two hosts).
-const REPEATS: usize = 3;
-/// Samples of the loopback's rate.
-const LINK_SAMPLES: usize = 3;
+const REPEATS: usize = 5;
+/// Samples of the loopback's rate taken before each figure's VM starts, and after it is
+/// gone (with no VM running).
+const LINK_SAMPLES_BEFORE: usize = 2;
+const LINK_SAMPLES_AFTER: usize = 1;
+/// Bytes per link sample.
+const LINK_SAMPLE_BYTES: u64 = 1 << 30;
 
 /// One kind of migration measured: medians over [`REPEATS`] migrations (each field on
 /// its own), and every migration's total and pause.
@@ -41,12 +47,29 @@ struct MigrationFigure {
     /// Workload progress rate during the migrations (their windows together: one is
     /// often shorter than a step or token) ÷ before them.
     throughput_during_vs_before: f64,
-    /// Total time ÷ (bytes sent ÷ raw loopback throughput).
+    /// Raw loopback throughput for this figure: median of its samples, MiB/s.
+    link_mib_s: f64,
+    /// Those samples, MiB/s, in order (before the VM, then after).
+    link_samples_mib_s: Vec<f64>,
+    /// Total time ÷ (bytes sent ÷ raw loopback throughput), median over the migrations.
     total_vs_link_time: f64,
+    /// Raw loopback throughput with the VM running (its workload competes with both
+    /// ends of a migration for the same cores), one sample before the migrations, MiB/s.
+    /// Not used for `total_vs_link_time`: it shows what the workload leaves of the link.
+    busy_link_mib_s: f64,
     /// Each migration's total time, in order.
     total_ms_each: Vec<f64>,
     /// Each migration's pause, in order.
     downtime_ms_each: Vec<f64>,
+}
+
+/// What [`measure`] saw of one VM.
+struct Measured {
+    runs: Vec<Run>,
+    /// The workload's steps or tokens per second before the migrations.
+    before: f64,
+    /// Raw loopback throughput with the VM running, bytes/s.
+    busy_link: f64,
 }
 
 /// One migration of the VM.
@@ -120,32 +143,27 @@ fn count_now(client: &ApiClient, id: &str, key: &str) -> anyhow::Result<Option<u
     Ok(crate::cmd::last_field(console, key).and_then(|v| v.parse().ok()))
 }
 
+/// `n` samples of the loopback's raw throughput, bytes/s.
+fn link_samples(n: usize) -> anyhow::Result<Vec<f64>> {
+    (0..n)
+        .map(|_| loopback_throughput(LINK_SAMPLE_BYTES))
+        .collect()
+}
+
 /// Runs the benchmark, printing each figure.
 pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
-    let samples = (0..LINK_SAMPLES)
-        .map(|_| loopback_throughput(1 << 30))
-        .collect::<anyhow::Result<Vec<f64>>>()?;
-    let raw = median(&mut samples.clone());
-    if json {
-        let mib_s: Vec<f64> = samples.iter().map(|s| s / (1 << 20) as f64).collect();
+    if !json {
         println!(
-            "{}",
-            serde_json::json!({"figure": "loopback_tcp_throughput", "mib_s": raw / (1 << 20) as f64, "samples_mib_s": mib_s})
+            "each row: medians over {REPEATS} migrations of one VM, back and forth; link: raw \
+             loopback TCP (one stream, 1 MiB writes), median of {} samples of {} MiB taken \
+             just before and after the row's VM runs; busy link: one sample with the VM \
+             running",
+            LINK_SAMPLES_BEFORE + LINK_SAMPLES_AFTER,
+            LINK_SAMPLE_BYTES >> 20
         );
-    } else {
-        let (lo, hi) = samples
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), &s| (lo.min(s), hi.max(s)));
         println!(
-            "loopback TCP throughput (one stream, 1 MiB writes; median of {LINK_SAMPLES}): {:.0} MiB/s (samples {:.0}-{:.0})",
-            raw / (1 << 20) as f64,
-            lo / (1 << 20) as f64,
-            hi / (1 << 20) as f64
-        );
-        println!("each row: medians over {REPEATS} migrations of one VM, back and forth");
-        println!(
-            "{:<11} {:>9} {:<14} {:>11} {:>10} {:>10} {:>7} {:>9} {:>12} {:>10}",
+            "{:<11} {:>9} {:<14} {:>9} {:>9} {:>9} {:>7} {:>9} {:>13} {:>10} {:>11} {:>10}",
             "workload",
             "accel",
             "mode",
@@ -155,7 +173,9 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
             "rounds",
             "throttle",
             "during/before",
-            "total/link"
+            "link MiB/s",
+            "total/link",
+            "busy link"
         );
     }
     let pair = LoopbackPair::start(1 << 40)?;
@@ -169,13 +189,16 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     for name in ["llm-decode", "mlp-train"] {
         for &accel in sizes {
             for mode in ["live", "stop-and-copy"] {
-                let figure = measure(&pair, name, accel, mode, raw)
+                let mut link = link_samples(LINK_SAMPLES_BEFORE)?;
+                let measured = measure(&pair, name, accel, mode)
                     .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
+                link.extend(link_samples(LINK_SAMPLES_AFTER)?);
+                let figure = figure(name, accel, mode, &measured, &link);
                 if json {
                     println!("{}", serde_json::to_string(&figure)?);
                 } else {
                     println!(
-                        "{:<11} {:>5} MiB {:<14} {:>11.1} {:>10.0} {:>10.1} {:>7} {:>8}% {:>12.2} {:>10.2}",
+                        "{:<11} {:>5} MiB {:<14} {:>9.1} {:>9.0} {:>9.1} {:>7} {:>8}% {:>13.2} {:>10.0} {:>11.2} {:>10.0}",
                         figure.workload,
                         figure.accel_mib,
                         figure.mode,
@@ -185,7 +208,9 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
                         figure.rounds,
                         figure.max_throttle_pct,
                         figure.throughput_during_vs_before,
-                        figure.total_vs_link_time
+                        figure.link_mib_s,
+                        figure.total_vs_link_time,
+                        figure.busy_link_mib_s
                     );
                 }
             }
@@ -194,13 +219,14 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the workload on host a, measures its rate and the link's beside it, migrates
+/// it [`REPEATS`] times and deletes it.
 fn measure(
     pair: &LoopbackPair,
     name: &'static str,
     accel: u64,
     mode: &str,
-    raw: f64,
-) -> anyhow::Result<MigrationFigure> {
+) -> anyhow::Result<Measured> {
     let (ca, cb) = (&pair.client_a, &pair.client_b);
     let (args, key) = workload(name, accel);
     let vm: Value = ca.post(
@@ -227,6 +253,7 @@ fn measure(
     std::thread::sleep(window);
     let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
     let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+    let busy_link = loopback_throughput(LINK_SAMPLE_BYTES)?;
     let mut runs = Vec::with_capacity(REPEATS);
     for i in 0..REPEATS {
         let (from, to, to_addr) = if i % 2 == 0 {
@@ -258,9 +285,28 @@ fn measure(
     }
     let _: Value = cb.delete(&format!("/v1/vms/{id}"))?;
     let _: Value = ca.delete(&format!("/v1/vms/{id}"))?;
+    Ok(Measured {
+        runs,
+        before,
+        busy_link,
+    })
+}
+
+/// The figure for what was `measured` of `name` with `accel` bytes of device memory,
+/// given the link's samples around it (bytes/s).
+fn figure(
+    name: &'static str,
+    accel: u64,
+    mode: &str,
+    measured: &Measured,
+    link: &[f64],
+) -> MigrationFigure {
+    let (runs, before) = (&measured.runs, measured.before);
+    let raw = median(&mut link.to_vec());
     let each = |f: &dyn Fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
     let link_time = |r: &Run| r.report.bytes_sent as f64 / raw * 1e3;
-    Ok(MigrationFigure {
+    let mib_s = |bytes_s: f64| bytes_s / (1 << 20) as f64;
+    MigrationFigure {
         workload: name,
         accel_mib: accel >> 20,
         mode: mode.to_string(),
@@ -283,8 +329,11 @@ fn measure(
                 0.0
             }
         },
+        link_mib_s: mib_s(raw),
+        link_samples_mib_s: link.iter().map(|&s| mib_s(s)).collect(),
         total_vs_link_time: median(&mut each(&|r| r.report.total_ms / link_time(r))),
+        busy_link_mib_s: mib_s(measured.busy_link),
         total_ms_each: each(&|r| r.report.total_ms),
         downtime_ms_each: each(&|r| r.report.downtime_ms),
-    })
+    }
 }
