@@ -583,6 +583,12 @@ impl Accelerator {
         drop(waited);
     }
 
+    /// Asks the device to stop at its next command boundary, without waiting; a waiting
+    /// vCPU is let go once the command in flight ends. [`Accelerator::pause`] waits.
+    pub fn request_pause(&self) {
+        self.control().pause_requested = true;
+    }
+
     /// Stops the device at a command boundary and waits until it has.
     pub fn pause(&self) {
         let mut control = self.control();

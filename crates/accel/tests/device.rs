@@ -348,6 +348,45 @@ fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
 }
 
 #[test]
+fn a_pause_request_stops_the_device_after_the_command_in_flight_and_lets_waiters_go() {
+    let mut g = FakeGuest::new(1);
+    // Matmuls long enough (hundreds of ms) to ask while one runs, in either profile.
+    let n: u64 = if cfg!(debug_assertions) { 768 } else { 2048 };
+    for id in 1..=3 {
+        assert_eq!(g.run(op::ALLOC, &[id, n * n * 4]), status::OK);
+    }
+    let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    for _ in 0..2 {
+        g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.tail() <= first, "the first matmul is still running");
+    // What a VM's pause does first: it returns at once, the kernel still running.
+    g.accel.request_pause();
+    assert!(g.tail() <= first, "the request did not wait for the kernel");
+    // A vCPU waiting on the device is let go when the command in flight ends, not
+    // when its wait runs out or the ring is empty.
+    let waited = Instant::now();
+    g.accel.wait_idle(Duration::from_secs(60));
+    assert!(
+        waited.elapsed() < Duration::from_secs(50),
+        "the wait ran out"
+    );
+    let stopped_at = g.tail();
+    assert!(
+        stopped_at < first + 3,
+        "the device ran every command queued (tail {stopped_at})"
+    );
+    // It stays stopped until resumed.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.tail(), stopped_at, "a command ran after the pause");
+    g.accel.pause();
+    g.accel.resume();
+    g.wait_tail(first + 3);
+    assert!((first..first + 3).all(|i| g.status(i) == status::OK));
+}
+
+#[test]
 fn written_chunks_are_those_any_path_wrote_since_their_buffer_was_created() {
     let mut g = FakeGuest::new(1);
     let chunk = |buffer, index| ChunkId { buffer, index };

@@ -555,14 +555,20 @@ impl Microvm {
         Ok(())
     }
 
-    /// Pauses a running VM: the vCPUs at whatever instruction they are on, then the
-    /// accelerator at a command boundary. Returns how long that took. If the guest ended
+    /// Pauses a running VM: the accelerator at a command boundary, and the vCPUs at
+    /// whatever instruction they are on. Returns how long that took. If the guest ended
     /// meanwhile, the VM is `Exited`/`Failed` instead.
     pub fn pause(&mut self) -> Result<Duration, VmControlError> {
         if !matches!(self.state, RunState::Running) {
             return Err(self.wrong_state("pause", "running"));
         }
         let started = Instant::now();
+        // The device first stops taking commands, so the one in flight ends while the
+        // vCPUs stop (a vCPU waiting on the device is let go as it ends) rather than
+        // after them, with maybe another begun meanwhile.
+        if let Some(accel) = &self.devices.accel {
+            accel.request_pause();
+        }
         for vcpu in &self.vcpus {
             match vcpu.pause()? {
                 VcpuEvent::Paused => {}
