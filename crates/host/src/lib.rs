@@ -127,7 +127,7 @@ fn default_downtime() -> u64 {
     50
 }
 fn default_streams() -> u8 {
-    2
+    ferry_migrate::DEFAULT_STREAMS
 }
 fn default_true() -> bool {
     true

@@ -24,7 +24,7 @@ pub mod wire;
 
 pub use auth::Secret;
 pub use receive::{serve, serve_with_tls, ReceiveReport, TargetFactory};
-pub use send::{migrate_vm, MigrationOptions, MigrationReport, Mode, Progress};
+pub use send::{migrate_vm, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription};
 

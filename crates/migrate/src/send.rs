@@ -18,6 +18,10 @@ pub use crate::wire::Transfer as Mode;
 
 /// Most data streams.
 pub const MAX_STREAMS: u8 = 16;
+/// Data streams unless asked otherwise. With both ends and the workload sharing few
+/// cores, four streams' threads get the copy more of the CPU than two: round 0 of a live
+/// migration at 256 MiB ran 5-20% faster on 2 cores, and eight gained nothing more.
+pub const DEFAULT_STREAMS: u8 = 4;
 /// What restoring and resuming costs beyond the transfer, added to predictions.
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
 /// Throttle steps: how much of the time the VM is held paused.
@@ -55,7 +59,7 @@ impl Default for MigrationOptions {
         Self {
             mode: Mode::Live,
             downtime_target: Duration::from_millis(50),
-            streams: 2,
+            streams: DEFAULT_STREAMS,
             compress: false,
             max_rounds: 30,
             max_precopy: Duration::from_secs(60),

@@ -1465,16 +1465,19 @@ fn a_panic_in_a_data_stream_fails_the_migration_promptly_and_the_vm_runs_on() {
     assert_received(&source, &target);
 }
 
-/// A destination that authenticates, accepts, reads `read_bytes` of the first data
-/// stream and then dies (every connection closes).
+/// A destination that authenticates, accepts, reads `read_bytes` of data (over all its
+/// data streams, however the source shares the work among them) and then dies: every
+/// connection is shut down at once.
 fn dying_destination(read_bytes: u64) -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let handle = std::thread::spawn(move || {
         let secret = secret();
-        let accept = || {
+        let mut sockets = Vec::new();
+        let mut accept = || {
             let (s, _) = listener.accept().unwrap();
             s.set_read_timeout(Some(PATIENCE)).unwrap();
+            sockets.push(s.try_clone().unwrap());
             let mut c = FrameStream::new(s, false);
             authenticate_stream_listener(&mut c, &secret).unwrap();
             c
@@ -1484,14 +1487,29 @@ fn dying_destination(read_bytes: u64) -> (String, JoinHandle<()>) {
             panic!("expected an offer")
         };
         control.send(&Message::Accept { session: 42 }).unwrap();
-        let mut data: Vec<_> = (0..streams).map(|_| accept()).collect();
-        let first = &mut data[0];
-        while first.bytes_read < read_bytes {
-            if first.read().is_err() {
-                break;
+        let data: Vec<_> = (0..streams).map(|_| accept()).collect();
+        let read = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for mut stream in data {
+                let read = &read;
+                scope.spawn(move || {
+                    let mut counted = 0;
+                    while stream.read().is_ok() {
+                        read.fetch_add(stream.bytes_read - counted, Ordering::SeqCst);
+                        counted = stream.bytes_read;
+                    }
+                });
             }
-        }
-        // Dropping everything is the destination process dying.
+            let deadline = Instant::now() + PATIENCE;
+            while read.load(Ordering::SeqCst) < read_bytes && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The destination process dying: every connection goes at once (which also
+            // ends the readers above).
+            for s in &sockets {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        });
     });
     (addr, handle)
 }

@@ -14,7 +14,7 @@ use ferry_client::ApiClient;
 /// `ferry migrate`.
 #[derive(Args)]
 #[command(
-    after_help = "Example:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 2\n\n\
+    after_help = "Example:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 4\n\n\
     With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
     bytes_sent, final_bytes, max_throttle_pct, streams and the per-round log."
 )]
@@ -32,7 +32,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS", default_value_t = 50)]
     pub downtime_ms: u64,
     /// Parallel TCP data streams.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = ferry_migrate::DEFAULT_STREAMS)]
     pub streams: u8,
     /// LZ4-compress the data on the wire.
     #[arg(long)]
