@@ -110,6 +110,16 @@ impl FakeGuest {
         self.status(index)
     }
 
+    /// Allocates buffers 1 to 3 for an n×n×n MATMUL that takes hundreds of milliseconds
+    /// in either build profile (long enough to look around while it runs); returns n.
+    fn alloc_long_matmul(&mut self) -> u64 {
+        let n: u64 = if cfg!(debug_assertions) { 768 } else { 2048 };
+        for id in 1..=3 {
+            assert_eq!(self.run(op::ALLOC, &[id, n * n * 4]), status::OK);
+        }
+        n
+    }
+
     fn upload(&mut self, id: u64, values: &[f32]) -> u32 {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
@@ -320,11 +330,7 @@ fn dirty_chunks_are_exactly_what_commands_wrote() {
 #[test]
 fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
     let mut g = FakeGuest::new(1);
-    // A matmul long enough (hundreds of ms) to look around, in either build profile.
-    let n: u64 = if cfg!(debug_assertions) { 768 } else { 2048 };
-    for id in 1..=3 {
-        assert_eq!(g.run(op::ALLOC, &[id, n * n * 4]), status::OK);
-    }
+    let n = g.alloc_long_matmul();
     g.accel.start_dirty_tracking();
     let index = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
     std::thread::sleep(Duration::from_millis(20));
@@ -350,11 +356,7 @@ fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
 #[test]
 fn a_pause_request_stops_the_device_after_the_command_in_flight_and_lets_waiters_go() {
     let mut g = FakeGuest::new(1);
-    // Matmuls long enough (hundreds of ms) to ask while one runs, in either profile.
-    let n: u64 = if cfg!(debug_assertions) { 768 } else { 2048 };
-    for id in 1..=3 {
-        assert_eq!(g.run(op::ALLOC, &[id, n * n * 4]), status::OK);
-    }
+    let n = g.alloc_long_matmul();
     let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
     for _ in 0..2 {
         g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
