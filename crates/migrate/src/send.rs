@@ -543,9 +543,23 @@ pub fn migrate_vm(
         }
     };
     tracing::debug!(ms = ms(started.elapsed()), "offer accepted");
-    let data = (0..options.streams)
-        .map(|index| open_stream(addr, secret, StreamRole::Data { session, index }, options))
-        .collect::<Result<Vec<_>, _>>()?;
+    // In parallel: each costs a connection and an authentication's round trips.
+    let data = std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..options.streams)
+            .map(|index| {
+                scope.spawn(move || {
+                    open_stream(addr, secret, StreamRole::Data { session, index }, options)
+                })
+            })
+            .collect();
+        opening
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams open");
     let mut s = Session {
         source,
