@@ -778,6 +778,7 @@ fn assert_running_again(source: &FakeSource) {
         0,
         "the throttle must be lifted"
     );
+    assert!(!source.lock().tracking, "dirty tracking must stop");
 }
 
 // ---------------------------------------------------------------------------------------
