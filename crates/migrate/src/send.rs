@@ -254,6 +254,19 @@ impl<'a> WorkQueue<'a> {
     }
 }
 
+/// The result of a data stream's thread, `what` it was doing. A panic (a bug, here or in
+/// the source) fails the migration like any error, so the VM runs on here.
+fn joined<T>(
+    handle: std::thread::ScopedJoinHandle<'_, Result<T, MigrationError>>,
+    what: &str,
+) -> Result<T, MigrationError> {
+    handle.join().unwrap_or_else(|_| {
+        Err(MigrationError::Source(format!(
+            "a data stream's thread panicked {what} (a bug; see the log)"
+        )))
+    })
+}
+
 fn is_zero(bytes: &[u8]) -> bool {
     let (head, body, tail) = {
         // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the
@@ -383,18 +396,7 @@ impl Session<'_> {
                     scope.spawn(move || send_share(source, writer, page_buffer, queue))
                 })
                 .collect();
-            // A panic (a bug, here or in the source) fails the round like any error, so
-            // the VM runs on here.
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(MigrationError::Source(
-                            "a data stream's sender thread panicked (a bug; see the log)".into(),
-                        ))
-                    })
-                })
-                .collect()
+            handles.into_iter().map(|h| joined(h, "sending")).collect()
         });
         let mut total = StreamCounts::default();
         for r in results {
@@ -554,10 +556,7 @@ pub fn migrate_vm(
             .collect();
         opening
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
+            .map(|h| joined(h, "opening"))
             .collect::<Result<Vec<_>, _>>()
     })?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams open");
