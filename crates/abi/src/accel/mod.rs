@@ -37,6 +37,8 @@
 //! holding little-endian f32 (or u32 for ids and labels) elements. Kernels read and write
 //! whole buffers by element counts given in their arguments, checked against buffer sizes.
 
+pub mod dtype;
+
 /// Version of the accelerator protocol, in [`RingHeader::version`].
 pub const ACCEL_ABI_VERSION: u32 = 1;
 /// [`RingHeader::magic`]: "FRNG".
