@@ -386,13 +386,13 @@ impl Core {
                 Ok(())
             }
             op::LAUNCH => {
-                let kernel = {
+                let (kernel, access) = {
                     let map = lock_map(&self.map);
                     Kernel::decode(a, |id| map.sizes.get(&id).copied())?
                 };
                 let result = self.backend.launch(&kernel);
                 // Marked even on failure: a kernel rejecting its data may have written part.
-                self.mark(kernel.writes());
+                self.mark(access.writes());
                 result.map_err(|e| backend_status(&e))
             }
             op::FENCE => self

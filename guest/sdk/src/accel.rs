@@ -42,9 +42,10 @@
 //!   every later [`Accel::sync`], [`Accel::upload`] and [`Accel::download`]: results
 //!   computed after a failed command cannot be trusted.
 
+use crate::abi::accel::kernel::{self, Kernel, MatmulFlags};
 use crate::abi::accel::{
-    device_status, kernel, op, status, Command, RingHeader, ACCEL_ABI_VERSION, COMMAND_ARGS,
-    MAX_BUFFERS, RING_MAGIC, RING_REGION_SIZE, RING_SLOTS,
+    device_status, op, status, Command, RingHeader, ACCEL_ABI_VERSION, COMMAND_ARGS, MAX_BUFFERS,
+    RING_MAGIC, RING_REGION_SIZE, RING_SLOTS,
 };
 use crate::abi::{port, PAGE_SIZE};
 use crate::rt;
@@ -147,13 +148,12 @@ pub enum Transpose {
 }
 
 impl Transpose {
-    fn flags(self) -> u64 {
-        match self {
-            Transpose::None => 0,
-            Transpose::A => kernel::TRANSPOSE_A,
-            Transpose::B => kernel::TRANSPOSE_B,
-            Transpose::Both => kernel::TRANSPOSE_A | kernel::TRANSPOSE_B,
-        }
+    fn a(self) -> bool {
+        matches!(self, Transpose::A | Transpose::Both)
+    }
+
+    fn b(self) -> bool {
+        matches!(self, Transpose::B | Transpose::Both)
     }
 }
 
@@ -288,35 +288,7 @@ pub fn op_name(opcode: u32) -> &'static str {
 
 /// Name of a [`kernel`] id, for messages.
 pub fn kernel_name(id: u64) -> &'static str {
-    const NAMES: [&str; 23] = [
-        "?",
-        "matmul",
-        "add_bias",
-        "add",
-        "mul",
-        "scale",
-        "axpy",
-        "relu",
-        "relu_backward",
-        "gelu",
-        "gelu_backward",
-        "softmax",
-        "cross_entropy",
-        "sum_rows",
-        "sum_cols",
-        "sgd",
-        "adam",
-        "embedding",
-        "layer_norm",
-        "copy",
-        "rng_fill",
-        "attention_decode",
-        "argmax",
-    ];
-    match usize::try_from(id) {
-        Ok(i @ 1..) if i < NAMES.len() => NAMES[i],
-        _ => "unknown kernel",
-    }
+    kernel::name(id).unwrap_or("unknown kernel")
 }
 
 /// Commands written before [`Accel::flush`] publishes them: one doorbell (a VM exit,
@@ -734,11 +706,8 @@ impl Accel {
         }
     }
 
-    fn launch(&mut self, kernel_id: u64, args: &[u64]) {
-        let mut all = [0u64; COMMAND_ARGS];
-        all[0] = kernel_id;
-        all[1..=args.len()].copy_from_slice(args);
-        self.submit(op::LAUNCH, &all[..=args.len()]);
+    fn launch(&mut self, kernel: Kernel) {
+        self.submit(op::LAUNCH, &kernel.encode());
     }
 
     // ---- kernels (queued; see the module docs for errors) ---------------------------
@@ -746,24 +715,30 @@ impl Accel {
     /// `c = op(a) · op(b)`, with `op` transposing the operands `t` names.
     #[track_caller]
     pub fn matmul(&mut self, a: &Tensor, b: &Tensor, c: &mut Tensor, t: Transpose) {
-        self.matmul_flags(a, b, c, t, 0);
+        self.matmul_flags(a, b, c, t, false);
     }
 
     /// `c += op(a) · op(b)`.
     #[track_caller]
     pub fn matmul_accumulate(&mut self, a: &Tensor, b: &Tensor, c: &mut Tensor, t: Transpose) {
-        self.matmul_flags(a, b, c, t, kernel::ACCUMULATE);
+        self.matmul_flags(a, b, c, t, true);
     }
 
     #[track_caller]
-    fn matmul_flags(&mut self, a: &Tensor, b: &Tensor, c: &mut Tensor, t: Transpose, acc: u64) {
-        let flags = t.flags() | acc;
-        let (m, ka) = if flags & kernel::TRANSPOSE_A != 0 {
+    fn matmul_flags(
+        &mut self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &mut Tensor,
+        t: Transpose,
+        accumulate: bool,
+    ) {
+        let (m, ka) = if t.a() {
             (a.cols, a.rows)
         } else {
             (a.rows, a.cols)
         };
-        let (kb, n) = if flags & kernel::TRANSPOSE_B != 0 {
+        let (kb, n) = if t.b() {
             (b.cols, b.rows)
         } else {
             (b.rows, b.cols)
@@ -778,10 +753,19 @@ impl Accel {
                 shape(c)
             ),
         );
-        self.launch(
-            kernel::MATMUL,
-            &[id(a), id(b), id(c), m as u64, n as u64, ka as u64, flags],
-        );
+        self.launch(Kernel::Matmul {
+            a: a.id,
+            b: b.id,
+            c: c.id,
+            m,
+            n,
+            k: ka,
+            flags: MatmulFlags {
+                transpose_a: t.a(),
+                transpose_b: t.b(),
+                accumulate,
+            },
+        });
     }
 
     /// In place `x[r][c] += bias[c]`.
@@ -792,76 +776,115 @@ impl Accel {
             "add_bias",
             format_args!("bias {} for x {}", shape(bias), shape(x)),
         );
-        let (rows, cols) = dims(x);
-        self.launch(kernel::ADD_BIAS, &[id(x), id(bias), rows, cols]);
+        self.launch(Kernel::AddBias {
+            x: x.id,
+            bias: bias.id,
+            rows: x.rows,
+            cols: x.cols,
+        });
     }
 
     /// `out = a + b` (elementwise).
     #[track_caller]
     pub fn add(&mut self, a: &Tensor, b: &Tensor, out: &mut Tensor) {
         same_len("add", &[a, b, out]);
-        self.launch(kernel::ADD, &[id(a), id(b), id(out), a.len() as u64]);
+        self.launch(Kernel::Add {
+            a: a.id,
+            b: b.id,
+            out: out.id,
+            n: a.len(),
+        });
     }
 
     /// `out = a * b` (elementwise).
     #[track_caller]
     pub fn mul(&mut self, a: &Tensor, b: &Tensor, out: &mut Tensor) {
         same_len("mul", &[a, b, out]);
-        self.launch(kernel::MUL, &[id(a), id(b), id(out), a.len() as u64]);
+        self.launch(Kernel::Mul {
+            a: a.id,
+            b: b.id,
+            out: out.id,
+            n: a.len(),
+        });
     }
 
     /// In place `x *= alpha`.
     pub fn scale(&mut self, x: &mut Tensor, alpha: f32) {
-        self.launch(kernel::SCALE, &[id(x), x.len() as u64, bits(alpha)]);
+        self.launch(Kernel::Scale {
+            x: x.id,
+            n: x.len(),
+            alpha,
+        });
     }
 
     /// In place `y += alpha * x`.
     #[track_caller]
     pub fn axpy(&mut self, alpha: f32, x: &Tensor, y: &mut Tensor) {
         same_len("axpy", &[x, y]);
-        self.launch(kernel::AXPY, &[id(x), id(y), x.len() as u64, bits(alpha)]);
+        self.launch(Kernel::Axpy {
+            x: x.id,
+            y: y.id,
+            n: x.len(),
+            alpha,
+        });
     }
 
     /// `out = max(x, 0)`.
     #[track_caller]
     pub fn relu(&mut self, x: &Tensor, out: &mut Tensor) {
         same_len("relu", &[x, out]);
-        self.launch(kernel::RELU, &[id(x), id(out), x.len() as u64]);
+        self.launch(Kernel::Relu {
+            x: x.id,
+            out: out.id,
+            n: x.len(),
+        });
     }
 
     /// `grad_in = grad_out * (x > 0)`.
     #[track_caller]
     pub fn relu_backward(&mut self, x: &Tensor, grad_out: &Tensor, grad_in: &mut Tensor) {
         same_len("relu_backward", &[x, grad_out, grad_in]);
-        self.launch(
-            kernel::RELU_BACKWARD,
-            &[id(x), id(grad_out), id(grad_in), x.len() as u64],
-        );
+        self.launch(Kernel::ReluBackward {
+            x: x.id,
+            grad_out: grad_out.id,
+            grad_in: grad_in.id,
+            n: x.len(),
+        });
     }
 
     /// `out = gelu(x)` (tanh approximation).
     #[track_caller]
     pub fn gelu(&mut self, x: &Tensor, out: &mut Tensor) {
         same_len("gelu", &[x, out]);
-        self.launch(kernel::GELU, &[id(x), id(out), x.len() as u64]);
+        self.launch(Kernel::Gelu {
+            x: x.id,
+            out: out.id,
+            n: x.len(),
+        });
     }
 
     /// `grad_in = grad_out * gelu'(x)`.
     #[track_caller]
     pub fn gelu_backward(&mut self, x: &Tensor, grad_out: &Tensor, grad_in: &mut Tensor) {
         same_len("gelu_backward", &[x, grad_out, grad_in]);
-        self.launch(
-            kernel::GELU_BACKWARD,
-            &[id(x), id(grad_out), id(grad_in), x.len() as u64],
-        );
+        self.launch(Kernel::GeluBackward {
+            x: x.id,
+            grad_out: grad_out.id,
+            grad_in: grad_in.id,
+            n: x.len(),
+        });
     }
 
     /// Row-wise softmax of `x` into `out` (same shape).
     #[track_caller]
     pub fn softmax(&mut self, x: &Tensor, out: &mut Tensor) {
         same_shape("softmax", x, out);
-        let (rows, cols) = dims(x);
-        self.launch(kernel::SOFTMAX, &[id(x), id(out), rows, cols]);
+        self.launch(Kernel::Softmax {
+            x: x.id,
+            out: out.id,
+            rows: x.rows,
+            cols: x.cols,
+        });
     }
 
     /// Mean cross-entropy of the row-wise softmax of `logits` against `labels` (one per
@@ -880,11 +903,14 @@ impl Accel {
             "cross_entropy",
             format_args!("labels {} for logits {}", shape(labels), shape(logits)),
         );
-        let (rows, cols) = dims(logits);
-        self.launch(
-            kernel::CROSS_ENTROPY,
-            &[id(logits), id(labels), id(grad), id(loss), rows, cols],
-        );
+        self.launch(Kernel::CrossEntropy {
+            logits: logits.id,
+            labels: labels.id,
+            grad: grad.id,
+            loss: loss.id,
+            rows: logits.rows,
+            cols: logits.cols,
+        });
     }
 
     /// `out[r] = Σ_c x[r][c]` (`out` has `x.rows()` elements).
@@ -895,8 +921,12 @@ impl Accel {
             "sum_rows",
             format_args!("x {} into out {}", shape(x), shape(out)),
         );
-        let (rows, cols) = dims(x);
-        self.launch(kernel::SUM_ROWS, &[id(x), id(out), rows, cols]);
+        self.launch(Kernel::SumRows {
+            x: x.id,
+            out: out.id,
+            rows: x.rows,
+            cols: x.cols,
+        });
     }
 
     /// `out[c] = Σ_r x[r][c]` (`out` has `x.cols()` elements; the bias gradient).
@@ -907,18 +937,24 @@ impl Accel {
             "sum_cols",
             format_args!("x {} into out {}", shape(x), shape(out)),
         );
-        let (rows, cols) = dims(x);
-        self.launch(kernel::SUM_COLS, &[id(x), id(out), rows, cols]);
+        self.launch(Kernel::SumCols {
+            x: x.id,
+            out: out.id,
+            rows: x.rows,
+            cols: x.cols,
+        });
     }
 
     /// In place `param -= lr * grad`.
     #[track_caller]
     pub fn sgd(&mut self, param: &mut Tensor, grad: &Tensor, lr: f32) {
         same_len("sgd", &[param, grad]);
-        self.launch(
-            kernel::SGD,
-            &[id(param), id(grad), param.len() as u64, bits(lr)],
-        );
+        self.launch(Kernel::Sgd {
+            param: param.id,
+            grad: grad.id,
+            n: param.len(),
+            lr,
+        });
     }
 
     /// Adam update in place of `param` and its moments `m` and `v`; `step` counts from 1.
@@ -938,21 +974,18 @@ impl Accel {
             "adam",
             format_args!("step {step} (counts from 1)"),
         );
-        self.launch(
-            kernel::ADAM,
-            &[
-                id(param),
-                id(grad),
-                id(m),
-                id(v),
-                param.len() as u64,
-                bits(hp.lr),
-                bits(hp.beta1),
-                bits(hp.beta2),
-                bits(hp.eps),
-                step,
-            ],
-        );
+        self.launch(Kernel::Adam {
+            param: param.id,
+            grad: grad.id,
+            m: m.id,
+            v: v.id,
+            n: param.len(),
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            step,
+        });
     }
 
     /// `out[i] = table[ids[i]]`: one `table.cols()`-wide row per id; `out` is
@@ -969,17 +1002,14 @@ impl Accel {
                 shape(out)
             ),
         );
-        self.launch(
-            kernel::EMBEDDING,
-            &[
-                id(table),
-                id(ids),
-                id(out),
-                ids.len() as u64,
-                table.cols as u64,
-                table.rows as u64,
-            ],
-        );
+        self.launch(Kernel::Embedding {
+            table: table.id,
+            ids: ids.id,
+            out: out.id,
+            count: ids.len(),
+            dim: table.cols,
+            vocab: table.rows,
+        });
     }
 
     /// Row-wise layer norm of `x` into `out` (same shape), with per-column `gamma`, `beta`.
@@ -1003,11 +1033,15 @@ impl Accel {
                 shape(x)
             ),
         );
-        let (rows, cols) = dims(x);
-        self.launch(
-            kernel::LAYER_NORM,
-            &[id(x), id(gamma), id(beta), id(out), rows, cols, bits(eps)],
-        );
+        self.launch(Kernel::LayerNorm {
+            x: x.id,
+            gamma: gamma.id,
+            beta: beta.id,
+            out: out.id,
+            rows: x.rows,
+            cols: x.cols,
+            eps,
+        });
     }
 
     /// Copies `n` elements from `src` (from element `src_offset`) into `dst` (from
@@ -1024,29 +1058,30 @@ impl Accel {
         check(n > 0, "copy", format_args!("zero elements"));
         check_range(src, src_offset, n, "copy from");
         check_range(dst, dst_offset, n, "copy into");
-        self.launch(
-            kernel::COPY,
-            &[
-                id(src),
-                src_offset as u64,
-                id(dst),
-                dst_offset as u64,
-                n as u64,
-            ],
-        );
+        self.launch(Kernel::Copy {
+            src: src.id,
+            src_offset,
+            dst: dst.id,
+            dst_offset,
+            n,
+        });
     }
 
     /// Fills `out` with counter-based random numbers: element `i` depends only on
     /// `(seed, counter + i)`.
     pub fn rng_fill(&mut self, out: &mut Tensor, seed: u64, counter: u64, dist: Distribution) {
-        let (kind, scale) = match dist {
-            Distribution::Uniform(s) => (0, s),
-            Distribution::Normal(s) => (1, s),
+        let (distribution, scale) = match dist {
+            Distribution::Uniform(s) => (kernel::Distribution::Uniform, s),
+            Distribution::Normal(s) => (kernel::Distribution::Normal, s),
         };
-        self.launch(
-            kernel::RNG_FILL,
-            &[id(out), out.len() as u64, seed, counter, kind, bits(scale)],
-        );
+        self.launch(Kernel::RngFill {
+            out: out.id,
+            n: out.len(),
+            seed,
+            counter,
+            distribution,
+            scale,
+        });
     }
 
     /// One decode step of multi-head attention: for each of `heads` heads of `q` (one
@@ -1082,18 +1117,15 @@ impl Accel {
                 ),
             );
         }
-        self.launch(
-            kernel::ATTENTION_DECODE,
-            &[
-                id(q),
-                id(k_cache),
-                id(v_cache),
-                id(out),
-                heads as u64,
-                (width / heads) as u64,
-                len as u64,
-            ],
-        );
+        self.launch(Kernel::AttentionDecode {
+            q: q.id,
+            k_cache: k_cache.id,
+            v_cache: v_cache.id,
+            out: out.id,
+            heads,
+            head_dim: width / heads,
+            len,
+        });
     }
 
     /// `out[r] = argmax_c x[r][c]` (the first maximum; `out` has `x.rows()` elements).
@@ -1104,25 +1136,16 @@ impl Accel {
             "argmax",
             format_args!("x {} into out {}", shape(x), shape(out)),
         );
-        let (rows, cols) = dims(x);
-        self.launch(kernel::ARGMAX, &[id(x), id(out), rows, cols]);
+        self.launch(Kernel::Argmax {
+            x: x.id,
+            out: out.id,
+            rows: x.rows,
+            cols: x.cols,
+        });
     }
 }
 
 // ---- helpers ----------------------------------------------------------------------------
-
-fn id<T: Element>(t: &Tensor<T>) -> u64 {
-    u64::from(t.id)
-}
-
-fn dims<T: Element>(t: &Tensor<T>) -> (u64, u64) {
-    (t.rows as u64, t.cols as u64)
-}
-
-/// An f32 argument: its bit pattern in the low 32 bits.
-fn bits(x: f32) -> u64 {
-    u64::from(x.to_bits())
-}
 
 /// A tensor's `rows×cols dtype #id`, for messages.
 struct Shape {

@@ -105,7 +105,7 @@ impl DType {
     /// Bytes of a row of `cols` elements; `None` if `cols` is not a whole number of
     /// blocks or the size overflows.
     pub const fn row_bytes(self, cols: u64) -> Option<u64> {
-        if cols % self.block_elems() != 0 {
+        if !cols.is_multiple_of(self.block_elems()) {
             return None;
         }
         (cols / self.block_elems()).checked_mul(self.block_bytes())

@@ -5,9 +5,12 @@
 //! IEEE operations, so they do not depend on the host's libm either.
 
 mod gemm;
+#[cfg(test)]
+mod llama_tests;
 mod math;
 mod memory;
 mod ops;
+mod quant;
 #[cfg(test)]
 mod tests;
 
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{Backend, BackendError, BufferId, BufferReader};
-use crate::kernel::{Distribution, Kernel};
+use crate::kernel::{Distribution, Kernel, MatmulFlags};
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
 
@@ -105,6 +108,10 @@ impl Inputs<'_> {
     fn u32(&self, id: BufferId) -> &[u32] {
         bytemuck::cast_slice(self.f32(id))
     }
+
+    fn bytes(&self, id: BufferId) -> &[u8] {
+        bytemuck::cast_slice(self.f32(id))
+    }
 }
 
 impl CpuBackend {
@@ -128,11 +135,12 @@ impl CpuBackend {
         }
     }
 
-    /// Runs `f` on the `outputs` buffers, locked for writing, with every other buffer
-    /// locked for reading. The device guarantees that outputs are distinct from each
-    /// other and from the inputs.
+    /// Runs `f` on the `outputs` buffers, locked for writing, with the other buffers
+    /// `kernel` reads locked for reading. The device guarantees that outputs are distinct
+    /// from each other and from the inputs.
     fn with_outputs<const N: usize>(
         &mut self,
+        kernel: &Kernel,
         outputs: [BufferId; N],
         f: impl FnOnce(&ThreadPool, &Inputs<'_>, [&mut [f32]; N]) -> Result<(), BackendError>,
     ) -> Result<(), BackendError> {
@@ -145,11 +153,17 @@ impl CpuBackend {
                     .expect("kernel output buffer validated by the device"),
             )
         });
+        let access = kernel.access().expect("kernel validated by the device");
         let inputs = Inputs(
-            table
-                .iter()
-                .filter(|(id, _)| !outputs.contains(id))
-                .map(|(&id, buffer)| (id, read_lock(buffer)))
+            access
+                .reads()
+                .filter(|id| !outputs.contains(id))
+                .map(|id| {
+                    let buffer = table
+                        .get(&id)
+                        .expect("kernel input buffer validated by the device");
+                    (id, read_lock(buffer))
+                })
                 .collect(),
         );
         f(&self.pool, &inputs, written.each_mut().map(|b| &mut ***b))
@@ -211,19 +225,17 @@ impl Backend for CpuBackend {
                 m,
                 n,
                 k,
-                transpose_a,
-                transpose_b,
-                accumulate,
+                flags,
             } => {
                 let g = gemm::Gemm {
                     m,
                     n,
                     k,
-                    transpose_a,
-                    transpose_b,
-                    accumulate,
+                    transpose_a: flags.transpose_a,
+                    transpose_b: flags.transpose_b,
+                    accumulate: flags.accumulate,
                 };
-                self.with_outputs([c], |pool, inp, [c]| {
+                self.with_outputs(kernel, [c], |pool, inp, [c]| {
                     g.run(pool, inp.f32(a), inp.f32(b), c);
                     Ok(())
                 })
@@ -233,27 +245,27 @@ impl Backend for CpuBackend {
                 bias,
                 rows,
                 cols,
-            } => self.with_outputs([x], |pool, inp, [x]| {
+            } => self.with_outputs(kernel, [x], |pool, inp, [x]| {
                 ops::add_bias(pool, x, inp.f32(bias), rows, cols);
                 Ok(())
             }),
-            Kernel::Add { a, b, out, n } => self.with_outputs([out], |pool, inp, [out]| {
+            Kernel::Add { a, b, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::add(pool, inp.f32(a), inp.f32(b), out, n);
                 Ok(())
             }),
-            Kernel::Mul { a, b, out, n } => self.with_outputs([out], |pool, inp, [out]| {
+            Kernel::Mul { a, b, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::mul(pool, inp.f32(a), inp.f32(b), out, n);
                 Ok(())
             }),
-            Kernel::Scale { x, n, alpha } => self.with_outputs([x], |pool, _, [x]| {
+            Kernel::Scale { x, n, alpha } => self.with_outputs(kernel, [x], |pool, _, [x]| {
                 ops::scale(pool, x, n, alpha);
                 Ok(())
             }),
-            Kernel::Axpy { x, y, n, alpha } => self.with_outputs([y], |pool, inp, [y]| {
+            Kernel::Axpy { x, y, n, alpha } => self.with_outputs(kernel, [y], |pool, inp, [y]| {
                 ops::axpy(pool, inp.f32(x), y, n, alpha);
                 Ok(())
             }),
-            Kernel::Relu { x, out, n } => self.with_outputs([out], |pool, inp, [out]| {
+            Kernel::Relu { x, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::relu(pool, inp.f32(x), out, n);
                 Ok(())
             }),
@@ -262,11 +274,11 @@ impl Backend for CpuBackend {
                 grad_out,
                 grad_in,
                 n,
-            } => self.with_outputs([grad_in], |pool, inp, [gi]| {
+            } => self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
                 ops::relu_backward(pool, inp.f32(x), inp.f32(grad_out), gi, n);
                 Ok(())
             }),
-            Kernel::Gelu { x, out, n } => self.with_outputs([out], |pool, inp, [out]| {
+            Kernel::Gelu { x, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::gelu(pool, inp.f32(x), out, n);
                 Ok(())
             }),
@@ -275,12 +287,12 @@ impl Backend for CpuBackend {
                 grad_out,
                 grad_in,
                 n,
-            } => self.with_outputs([grad_in], |pool, inp, [gi]| {
+            } => self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
                 ops::gelu_backward(pool, inp.f32(x), inp.f32(grad_out), gi, n);
                 Ok(())
             }),
             Kernel::Softmax { x, out, rows, cols } => {
-                self.with_outputs([out], |pool, inp, [out]| {
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::softmax(pool, inp.f32(x), out, rows, cols);
                     Ok(())
                 })
@@ -292,7 +304,7 @@ impl Backend for CpuBackend {
                 loss,
                 rows,
                 cols,
-            } => self.with_outputs([grad, loss], |pool, inp, [grad, loss]| {
+            } => self.with_outputs(kernel, [grad, loss], |pool, inp, [grad, loss]| {
                 ops::cross_entropy(
                     pool,
                     inp.f32(logits),
@@ -304,21 +316,23 @@ impl Backend for CpuBackend {
                 )
             }),
             Kernel::SumRows { x, out, rows, cols } => {
-                self.with_outputs([out], |pool, inp, [out]| {
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::sum_rows(pool, inp.f32(x), out, rows, cols);
                     Ok(())
                 })
             }
             Kernel::SumCols { x, out, rows, cols } => {
-                self.with_outputs([out], |pool, inp, [out]| {
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::sum_cols(pool, inp.f32(x), out, rows, cols);
                     Ok(())
                 })
             }
-            Kernel::Sgd { param, grad, n, lr } => self.with_outputs([param], |pool, inp, [p]| {
-                ops::sgd(pool, p, inp.f32(grad), n, lr);
-                Ok(())
-            }),
+            Kernel::Sgd { param, grad, n, lr } => {
+                self.with_outputs(kernel, [param], |pool, inp, [p]| {
+                    ops::sgd(pool, p, inp.f32(grad), n, lr);
+                    Ok(())
+                })
+            }
             Kernel::Adam {
                 param,
                 grad,
@@ -338,7 +352,7 @@ impl Backend for CpuBackend {
                     eps,
                     step,
                 };
-                self.with_outputs([param, m, v], |pool, inp, [p, m, v]| {
+                self.with_outputs(kernel, [param, m, v], |pool, inp, [p, m, v]| {
                     ops::adam(pool, p, inp.f32(grad), m, v, n, h);
                     Ok(())
                 })
@@ -350,7 +364,7 @@ impl Backend for CpuBackend {
                 count,
                 dim,
                 vocab,
-            } => self.with_outputs([out], |pool, inp, [out]| {
+            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::embedding(pool, inp.f32(table), inp.u32(ids), out, count, dim, vocab)
             }),
             Kernel::LayerNorm {
@@ -361,7 +375,7 @@ impl Backend for CpuBackend {
                 rows,
                 cols,
                 eps,
-            } => self.with_outputs([out], |pool, inp, [out]| {
+            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::layer_norm(
                     pool,
                     inp.f32(x),
@@ -379,7 +393,7 @@ impl Backend for CpuBackend {
                 dst,
                 dst_offset,
                 n,
-            } => self.with_outputs([dst], |_, inp, [dst]| {
+            } => self.with_outputs(kernel, [dst], |_, inp, [dst]| {
                 ops::copy(inp.f32(src), src_offset, dst, dst_offset, n);
                 Ok(())
             }),
@@ -390,7 +404,7 @@ impl Backend for CpuBackend {
                 counter,
                 distribution,
                 scale,
-            } => self.with_outputs([out], |pool, _, [out]| {
+            } => self.with_outputs(kernel, [out], |pool, _, [out]| {
                 ops::rng_fill(pool, out, n, seed, counter, distribution, scale);
                 Ok(())
             }),
@@ -408,14 +422,101 @@ impl Backend for CpuBackend {
                     head_dim,
                     len,
                 };
-                self.with_outputs([out], |pool, inp, [out]| {
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     let (q, kc, vc) = (inp.f32(q), inp.f32(k_cache), inp.f32(v_cache));
                     ops::attention_decode(pool, q, kc, vc, out, shape);
                     Ok(())
                 })
             }
+            Kernel::QMatmul {
+                w,
+                x,
+                out,
+                n,
+                k,
+                m,
+                dtype,
+            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                ops::qmatmul(pool, dtype, inp.bytes(w), inp.f32(x), out, n, k, m);
+                Ok(())
+            }),
+            Kernel::QEmbedding {
+                table,
+                ids,
+                out,
+                count,
+                dim,
+                vocab,
+                dtype,
+            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                let (table, ids) = (inp.bytes(table), inp.u32(ids));
+                ops::qembedding(pool, dtype, table, ids, out, count, dim, vocab)
+            }),
+            Kernel::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                cols,
+                eps,
+            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                ops::rms_norm(pool, inp.f32(x), inp.f32(weight), out, (rows, cols), eps);
+                Ok(())
+            }),
+            Kernel::Rope {
+                x,
+                rows,
+                heads,
+                head_dim,
+                pos,
+                base,
+                style,
+            } => {
+                let shape = ops::RopeShape {
+                    rows,
+                    heads,
+                    head_dim,
+                    pos,
+                    base,
+                    style,
+                };
+                self.with_outputs(kernel, [x], |pool, _, [x]| {
+                    ops::rope(pool, x, shape);
+                    Ok(())
+                })
+            }
+            Kernel::Swiglu { gate, up, out, n } => {
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                    ops::swiglu(pool, inp.f32(gate), inp.f32(up), out, n);
+                    Ok(())
+                })
+            }
+            Kernel::Attention {
+                q,
+                k_cache,
+                v_cache,
+                out,
+                rows,
+                heads,
+                kv_heads,
+                head_dim,
+                pos,
+            } => {
+                let shape = ops::GqaShape {
+                    rows,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    pos,
+                };
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                    let (q, kc, vc) = (inp.f32(q), inp.f32(k_cache), inp.f32(v_cache));
+                    ops::attention(pool, q, kc, vc, out, shape);
+                    Ok(())
+                })
+            }
             Kernel::Argmax { x, out, rows, cols } => {
-                self.with_outputs([out], |pool, inp, [out]| {
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::argmax(pool, inp.f32(x), bytemuck::cast_slice_mut(out), rows, cols);
                     Ok(())
                 })
@@ -455,9 +556,7 @@ fn square_matmul(n: usize) -> Kernel {
         m: n,
         n,
         k: n,
-        transpose_a: false,
-        transpose_b: false,
-        accumulate: false,
+        flags: MatmulFlags::default(),
     }
 }
 

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use crate::kernel::Kernel;
 pub use cpu::DeviceMemory;
 
-/// A buffer id as the guest names it (1..=`MAX_BUFFERS`).
-pub type BufferId = u32;
+pub use ferry_abi::accel::kernel::BufferId;
 
 /// Errors a backend reports.
 #[derive(Debug, thiserror::Error)]

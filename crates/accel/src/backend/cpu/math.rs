@@ -145,7 +145,7 @@ pub fn tanh(x: f64) -> f64 {
     }
 }
 
-/// `cos(2π·u)` for `u` in `[0, 1)`.
+/// `cos(2π·u)` for a finite `u` (exact argument reduction while `4u` is below 2^52).
 pub fn cos_2pi(u: f64) -> f64 {
     // 4u = q + r exactly, |r| <= 1/2; then 2πu = qπ/2 + rπ/2 with |rπ/2| <= π/4.
     let t = 4.0 * u;

@@ -10,9 +10,9 @@
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use super::math;
+use super::{math, quant};
 use crate::backend::BackendError;
-use crate::kernel::Distribution;
+use crate::kernel::{DType, Distribution, RopeStyle};
 
 /// Elements per parallel task for elementwise kernels.
 const BLOCK: usize = 1 << 14;
@@ -546,4 +546,241 @@ pub fn argmax(pool: &ThreadPool, x: &[f32], out: &mut [u32], rows_: usize, cols:
             *o = best as u32;
         }
     });
+}
+
+/// Weight bytes one QMATMUL task reads: enough to outweigh the cost of a task, small
+/// enough that a matrix–vector product spreads over every thread.
+const QMATMUL_TASK_BYTES: usize = 32 << 10;
+
+/// `out[m×n] = x[m×k]·Wᵀ` for `w` holding `n` rows of `k` elements in `dtype` (see
+/// [`super::quant`] for why the bits do not depend on the thread count: each output is
+/// one row's dot product, computed whole by one task).
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul(
+    pool: &ThreadPool,
+    dtype: DType,
+    w: &[u8],
+    x: &[f32],
+    out: &mut [f32],
+    n: usize,
+    k: usize,
+    m: usize,
+) {
+    let row_bytes = dtype
+        .row_bytes(k as u64)
+        .expect("k validated by the device") as usize;
+    let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
+    let task = |(r, c, o): (usize, usize, &mut [f32])| {
+        quant::dot_rows(dtype, w, row_bytes, c * per, &x[r * k..][..k], o);
+    };
+    let out = &mut out[..m * n];
+    if n * m <= per {
+        for (r, o) in out.chunks_mut(n).enumerate() {
+            task((r, 0, o));
+        }
+    } else {
+        pool.install(|| {
+            out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
+                o.par_chunks_mut(per)
+                    .enumerate()
+                    .for_each(|(c, o)| task((r, c, o)));
+            })
+        });
+    }
+}
+
+/// `out[i] = table[ids[i]]` dequantized, `dim` wide, from a `vocab`-row table in `dtype`.
+#[allow(clippy::too_many_arguments)]
+pub fn qembedding(
+    pool: &ThreadPool,
+    dtype: DType,
+    table: &[u8],
+    ids: &[u32],
+    out: &mut [f32],
+    count: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<(), BackendError> {
+    let ids = &ids[..count];
+    if ids.iter().any(|&id| id as usize >= vocab) {
+        return Err(BackendError::BadData("embedding id beyond the vocabulary"));
+    }
+    let row_bytes = dtype
+        .row_bytes(dim as u64)
+        .expect("dim validated by the device") as usize;
+    rows(pool, &mut out[..count * dim], dim, |i, row| {
+        quant::dequant_row(
+            dtype,
+            &table[ids[i] as usize * row_bytes..][..row_bytes],
+            row,
+        );
+    });
+    Ok(())
+}
+
+/// Row-wise `out = x / √(mean(x²) + eps) · weight`, the mean in f64.
+pub fn rms_norm(
+    pool: &ThreadPool,
+    x: &[f32],
+    weight: &[f32],
+    out: &mut [f32],
+    (rows_, cols): (usize, usize),
+    eps: f32,
+) {
+    let (weight, eps) = (&weight[..cols], f64::from(eps));
+    rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
+        let row = &x[r * cols..][..cols];
+        let mean = row
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            / cols as f64;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = (f64::from(v) * inv * f64::from(w)) as f32;
+        }
+    });
+}
+
+/// The shape of a ROPE launch.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    /// Rows (consecutive positions).
+    pub rows: usize,
+    /// Heads per row.
+    pub heads: usize,
+    /// Width of a head (even).
+    pub head_dim: usize,
+    /// Position of row 0.
+    pub pos: usize,
+    /// Frequency base.
+    pub base: f32,
+    /// Which elements pair up.
+    pub style: RopeStyle,
+}
+
+/// In place rotary embedding: pair `i` of a head at position `p` turns by
+/// `p · base^(-2i/head_dim)`, with sine and cosine from [`math`] in f64.
+pub fn rope(pool: &ThreadPool, x: &mut [f32], s: RopeShape) {
+    let half = s.head_dim / 2;
+    let ln_base = math::ln(f64::from(s.base));
+    // Turns (angle / 2π) per position of each pair.
+    let turns: Vec<f64> = (0..half)
+        .map(|i| {
+            math::exp(-((2 * i) as f64) / s.head_dim as f64 * ln_base)
+                / (2.0 * core::f64::consts::PI)
+        })
+        .collect();
+    let width = s.heads * s.head_dim;
+    rows(pool, &mut x[..s.rows * width], width, |r, row| {
+        let p = (s.pos + r) as f64;
+        let rot: Vec<(f64, f64)> = turns
+            .iter()
+            .map(|&t| (math::cos_2pi(p * t), math::cos_2pi(p * t - 0.25)))
+            .collect();
+        for head in row.chunks_exact_mut(s.head_dim) {
+            for (i, &(cos, sin)) in rot.iter().enumerate() {
+                let (a, b) = match s.style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::HalfSplit => (i, i + half),
+                };
+                let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
+                head[a] = (x0 * cos - x1 * sin) as f32;
+                head[b] = (x0 * sin + x1 * cos) as f32;
+            }
+        }
+    });
+}
+
+/// `out = gate / (1 + e^-gate) · up`, in f64.
+pub fn swiglu(pool: &ThreadPool, gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
+    map(pool, out, n, |i, _| {
+        let g = f64::from(gate[i]);
+        (g / (1.0 + math::exp(-g)) * f64::from(up[i])) as f32
+    });
+}
+
+/// The shape of an ATTENTION launch.
+#[derive(Clone, Copy, Debug)]
+pub struct GqaShape {
+    /// Query rows (consecutive positions).
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Position of query row 0.
+    pub pos: usize,
+}
+
+/// Causal grouped-query attention: row `r`, head `h` attends to positions `0..=pos+r` of
+/// KV head `h / (heads / kv_heads)`. Scores `q·k` are f32 dot products in eight lanes
+/// (as [`super::quant`]), softmax in f64, the weighted sum of values in f32 per element
+/// in position order; each (row, head) is computed whole by one task.
+pub fn attention(
+    pool: &ThreadPool,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    out: &mut [f32],
+    s: GqaShape,
+) {
+    let hd = s.head_dim;
+    let group = s.heads / s.kv_heads;
+    let kv_stride = s.kv_heads * hd;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let head = |i: usize, o: &mut [f32]| {
+        let (r, h) = (i / s.heads, i % s.heads);
+        let len = s.pos + r + 1;
+        let kvh = h / group;
+        let q = &q[i * hd..][..hd];
+        let mut scores = Vec::with_capacity(len);
+        let mut max = f64::NEG_INFINITY;
+        for p in 0..len {
+            let k = &kc[p * kv_stride + kvh * hd..][..hd];
+            let score = f64::from(dot8(q, k)) * scale;
+            max = if score > max { score } else { max };
+            scores.push(score);
+        }
+        let mut sum = 0.0;
+        for score in &mut scores {
+            *score = math::exp(*score - max);
+            sum += *score;
+        }
+        let mut acc = vec![0.0f32; hd];
+        for (p, &w) in scores.iter().enumerate() {
+            let w = (w / sum) as f32;
+            let v = &vc[p * kv_stride + kvh * hd..][..hd];
+            for (a, &v) in acc.iter_mut().zip(v) {
+                *a += w * v;
+            }
+        }
+        o.copy_from_slice(&acc);
+    };
+    let out = &mut out[..s.rows * s.heads * hd];
+    let work = s.rows * s.heads * (s.pos + s.rows) * hd;
+    if work <= BLOCK {
+        out.chunks_mut(hd).enumerate().for_each(|(i, o)| head(i, o));
+    } else {
+        pool.install(|| {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, o)| head(i, o))
+        });
+    }
+}
+
+/// `a · b` in eight f32 lanes, summed in a fixed order (the tail after them last).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let done = a.len() / 8 * 8;
+    let tail: f32 = a[done..].iter().zip(&b[done..]).map(|(x, y)| x * y).sum();
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }

@@ -18,10 +18,10 @@
 use super::*;
 
 /// Deterministic test data.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -30,22 +30,22 @@ impl Rng {
     }
 
     /// Uniform in `[-scale, scale)`.
-    fn f32(&mut self, scale: f32) -> f32 {
+    pub(super) fn f32(&mut self, scale: f32) -> f32 {
         ((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale
     }
 
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.f32(scale)).collect()
     }
 
-    fn below(&mut self, n: u32) -> u32 {
+    pub(super) fn below(&mut self, n: u32) -> u32 {
         (self.next() % u64::from(n)) as u32
     }
 }
 
 /// Fails unless `got` is finite and within `tol` of `want`.
 #[track_caller]
-fn close(what: &str, i: usize, got: f32, want: f64, tol: f64) {
+pub(super) fn close(what: &str, i: usize, got: f32, want: f64, tol: f64) {
     assert!(
         got.is_finite() && want.is_finite(),
         "{what}[{i}]: non-finite {got} (want {want})"
@@ -58,7 +58,7 @@ fn close(what: &str, i: usize, got: f32, want: f64, tol: f64) {
 }
 
 /// A backend with buffers `1..` holding `data` (f32 or u32 words as f32 bits).
-fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
+pub(super) fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
     let mut b = CpuBackend::new(threads, DeviceMemory::default());
     for (i, d) in data.iter().enumerate() {
         let id = i as BufferId + 1;
@@ -68,17 +68,17 @@ fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
     b
 }
 
-fn read(b: &CpuBackend, id: BufferId) -> Vec<f32> {
+pub(super) fn read(b: &CpuBackend, id: BufferId) -> Vec<f32> {
     read_lock(&b.buffers.expect(id)).to_vec()
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
+pub(super) fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Runs `kernel` on fresh copies of `data` with 1, 2 and 4 threads; checks that every
 /// buffer ends bit-identical and returns the final buffers.
-fn run_all(data: &[&[f32]], kernel: &Kernel) -> Vec<Vec<f32>> {
+pub(super) fn run_all(data: &[&[f32]], kernel: &Kernel) -> Vec<Vec<f32>> {
     let mut first: Option<Vec<Vec<f32>>> = None;
     for threads in [1, 2, 4] {
         let mut b = backend(threads, data);
@@ -150,9 +150,11 @@ fn matmul_matches_reference() {
                 m,
                 n,
                 k,
-                transpose_a: ta,
-                transpose_b: tb,
-                accumulate: acc,
+                flags: MatmulFlags {
+                    transpose_a: ta,
+                    transpose_b: tb,
+                    accumulate: acc,
+                },
             };
             let out = run_all(&[&a, &b, &c0], &kernel);
             let (want, mag) = matmul_ref(&a, &b, m, n, k, ta, tb);
@@ -178,9 +180,11 @@ fn matmul_ignores_garbage_in_c_when_overwriting() {
         m,
         n,
         k,
-        transpose_a: false,
-        transpose_b: false,
-        accumulate: false,
+        flags: MatmulFlags {
+            transpose_a: false,
+            transpose_b: false,
+            accumulate: false,
+        },
     };
     let out = run_all(&[&a, &b, &c0], &kernel);
     let (want, mag) = matmul_ref(&a, &b, m, n, k, false, false);
@@ -812,9 +816,11 @@ fn golden_outputs() -> Vec<(&'static str, u64)> {
                     m: r,
                     n: r,
                     k: c,
-                    transpose_a: false,
-                    transpose_b: true,
-                    accumulate: true,
+                    flags: MatmulFlags {
+                        transpose_a: false,
+                        transpose_b: true,
+                        accumulate: true,
+                    },
                 },
                 &[&x, &y, &z],
                 2,

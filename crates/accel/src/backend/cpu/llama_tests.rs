@@ -1,0 +1,450 @@
+//! The GGML block formats and the llama operators against f64 references written from
+//! the formats' definitions, bit-identical across thread counts.
+//!
+//! Error bounds (per output element):
+//! - QMATMUL: `(k/4 + 16) · 2^-24 · Σ_i mag_i·|x_i|`, where `mag_i` is the size of the
+//!   terms weight `i` is made of (`|d·q| + |m|` for formats with a minimum, `|w_i|`
+//!   otherwise): f32 lanes accumulate block sums, so cancellation between a block's scaled
+//!   sum and its minimum's term is the worst case;
+//! - QEMBEDDING (dequantization): `2 · 2^-24 · mag_i` (one or two f32 roundings);
+//! - RMS_NORM, SWIGLU: `1e-6` relative (+`1e-30` absolute);
+//! - ROPE: `1e-6 · (|x_a| + |x_b|)` for each rotated pair;
+//! - ATTENTION: `1e-5 · max|v|` (f32 sums of at most a few hundred positions).
+
+use super::quant::f16_to_f32;
+use super::tests::{backend, close, read, run_all, Rng};
+use super::*;
+use crate::kernel::{DType, RopeStyle};
+
+/// The bytes of a buffer holding `bytes` (padded to whole f32 words).
+fn words(bytes: &[u8]) -> Vec<f32> {
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().div_ceil(4) * 4, 0);
+    bytemuck::cast_slice(&padded).to_vec()
+}
+
+/// A random normal half float of magnitude 2^-10 .. 2^-2 and random sign.
+fn scale_f16(rng: &mut Rng) -> [u8; 2] {
+    let exp = 5 + rng.below(9) as u16; // biased 5..=13
+    let bits = ((rng.below(2) as u16) << 15) | (exp << 10) | rng.below(1024) as u16;
+    bits.to_le_bytes()
+}
+
+/// `rows` random rows of `cols` elements in `dtype`, with sane scales.
+fn random_rows(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+    let bytes = dtype.bytes(rows as u64, cols as u64).unwrap() as usize;
+    let mut out: Vec<u8> = (0..bytes).map(|_| rng.below(256) as u8).collect();
+    let block = dtype.block_bytes() as usize;
+    for b in out.chunks_exact_mut(block) {
+        match dtype {
+            DType::F32 => b.copy_from_slice(&rng.f32(2.0).to_le_bytes()),
+            DType::F16 => b.copy_from_slice(&scale_f16(rng)),
+            DType::Q4_0 | DType::Q8_0 => b[0..2].copy_from_slice(&scale_f16(rng)),
+            DType::Q4_1 | DType::Q4K => {
+                b[0..2].copy_from_slice(&scale_f16(rng));
+                b[2..4].copy_from_slice(&scale_f16(rng));
+            }
+            DType::Q6K => b[208..210].copy_from_slice(&scale_f16(rng)),
+        }
+    }
+    out
+}
+
+fn h(b: &[u8], at: usize) -> f64 {
+    f64::from(f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]])))
+}
+
+/// One row dequantized in f64 from the GGML definitions: each element's value and the
+/// size of the terms it is made of.
+fn reference_row(dtype: DType, row: &[u8], cols: usize) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(cols);
+    let plain = |v: f64| (v, v.abs());
+    for e in 0..cols {
+        let be = dtype.block_elems() as usize;
+        let b = &row[e / be * dtype.block_bytes() as usize..];
+        let j = e % be;
+        out.push(match dtype {
+            DType::F32 => plain(f64::from(f32::from_le_bytes(
+                row[4 * e..4 * e + 4].try_into().unwrap(),
+            ))),
+            DType::F16 => plain(h(row, 2 * e)),
+            DType::Q8_0 => plain(h(b, 0) * f64::from(b[2 + j] as i8)),
+            DType::Q4_0 => {
+                let q = if j < 16 {
+                    b[2 + j] & 15
+                } else {
+                    b[2 + j - 16] >> 4
+                };
+                plain(h(b, 0) * (f64::from(q) - 8.0))
+            }
+            DType::Q4_1 => {
+                let q = if j < 16 {
+                    b[4 + j] & 15
+                } else {
+                    b[4 + j - 16] >> 4
+                };
+                let (dq, m) = (h(b, 0) * f64::from(q), h(b, 2));
+                (dq + m, dq.abs() + m.abs())
+            }
+            DType::Q4K => {
+                // Sub-block `sb` of 32; 64-element chunk `sb / 2`, low then high nibbles.
+                let sb = j / 32;
+                let s = &b[4..16];
+                let (sc, mn) = if sb < 4 {
+                    (s[sb] & 63, s[sb + 4] & 63)
+                } else {
+                    (
+                        (s[sb + 4] & 15) | ((s[sb - 4] >> 6) << 4),
+                        (s[sb + 4] >> 4) | ((s[sb] >> 6) << 4),
+                    )
+                };
+                let byte = b[16 + 32 * (sb / 2) + j % 32];
+                let q = if sb.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
+                let dq = h(b, 0) * f64::from(sc) * f64::from(q);
+                let m = h(b, 2) * f64::from(mn);
+                (dq - m, dq.abs() + m.abs())
+            }
+            DType::Q6K => {
+                let (half, within) = (j / 128, j % 128);
+                let (quarter, l) = (within / 32, within % 32);
+                let ql = &b[64 * half..];
+                let qh = b[128 + 32 * half + l];
+                let low = match quarter {
+                    0 => ql[l] & 15,
+                    1 => ql[l + 32] & 15,
+                    2 => ql[l] >> 4,
+                    _ => ql[l + 32] >> 4,
+                };
+                let q = i32::from(low | (((qh >> (2 * quarter)) & 3) << 4)) - 32;
+                let sc = b[192 + 8 * half + l / 16 + 2 * quarter] as i8;
+                plain(h(b, 208) * f64::from(sc) * f64::from(q))
+            }
+        });
+    }
+    out
+}
+
+/// Runs QMATMUL of `n×k` random weights in `dtype` with `m` input rows, checks it against
+/// the f64 reference and returns the output.
+fn check_qmatmul(rng: &mut Rng, dtype: DType, n: usize, k: usize, m: usize) -> Vec<f32> {
+    let w = random_rows(rng, dtype, n, k);
+    let x = rng.vec(m * k, 1.0);
+    let kernel = Kernel::QMatmul {
+        w: 1,
+        x: 2,
+        out: 3,
+        n,
+        k,
+        m,
+        dtype,
+    };
+    let out = run_all(&[&words(&w), &x, &vec![f32::NAN; m * n]], &kernel)[2].clone();
+    let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
+    let refs: Vec<_> = (0..n)
+        .map(|i| reference_row(dtype, &w[i * row_bytes..][..row_bytes], k))
+        .collect();
+    for r in 0..m {
+        for (i, row) in refs.iter().enumerate() {
+            let xr = &x[r * k..][..k];
+            let want: f64 = row.iter().zip(xr).map(|(w, &x)| w.0 * f64::from(x)).sum();
+            let mag: f64 = row
+                .iter()
+                .zip(xr)
+                .map(|(w, &x)| w.1 * f64::from(x).abs())
+                .sum();
+            let tol = (k as f64 / 4.0 + 16.0) * 2f64.powi(-24) * mag;
+            close(dtype.name(), r * n + i, out[r * n + i], want, tol);
+        }
+    }
+    out
+}
+
+#[test]
+fn qmatmul_matches_the_formats_definitions() {
+    let mut rng = Rng(21);
+    for dtype in DType::ALL {
+        let be = dtype.block_elems() as usize;
+        // One block, several blocks, a matrix large enough to split over threads, and
+        // rows of inputs (a prompt).
+        for (n, k, m) in [
+            (1, be, 1),
+            (7, 3 * be.max(32), 1),
+            (300, 2 * be.max(64), 1),
+            (5, be.max(32), 3),
+        ] {
+            check_qmatmul(&mut rng, dtype, n, k, m);
+        }
+    }
+}
+
+#[test]
+fn qmatmul_rows_of_a_batch_equal_single_rows() {
+    // A prompt's rows give bit for bit what decoding them one at a time gives.
+    let mut rng = Rng(5);
+    let (n, k, m) = (96, 256, 4);
+    let w = random_rows(&mut rng, DType::Q4K, n, k);
+    let x = rng.vec(m * k, 1.0);
+    let batch = {
+        let mut b = backend(2, &[&words(&w), &x, &vec![0.0; m * n]]);
+        b.launch(&Kernel::QMatmul {
+            w: 1,
+            x: 2,
+            out: 3,
+            n,
+            k,
+            m,
+            dtype: DType::Q4K,
+        })
+        .unwrap();
+        read(&b, 3)
+    };
+    for r in 0..m {
+        let mut b = backend(1, &[&words(&w), &x[r * k..][..k], &vec![0.0; n]]);
+        b.launch(&Kernel::QMatmul {
+            w: 1,
+            x: 2,
+            out: 3,
+            n,
+            k,
+            m: 1,
+            dtype: DType::Q4K,
+        })
+        .unwrap();
+        let single = read(&b, 3);
+        assert!(
+            super::tests::bits(&single) == super::tests::bits(&batch[r * n..][..n]),
+            "row {r}"
+        );
+    }
+}
+
+#[test]
+fn half_floats_convert_exactly() {
+    assert_eq!(f16_to_f32(0x3c00), 1.0);
+    assert_eq!(f16_to_f32(0xc000), -2.0);
+    assert_eq!(f16_to_f32(0x7bff), 65504.0);
+    assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+    assert_eq!(f16_to_f32(0x03ff), 1023.0 * 2f32.powi(-24));
+    assert_eq!(f16_to_f32(0x0400), 2f32.powi(-14));
+    assert_eq!(f16_to_f32(0x8000).to_bits(), 0x8000_0000);
+    assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    assert!(f16_to_f32(0x7e00).is_nan());
+    // Positive finite halves are strictly increasing in their bits.
+    for b in 1..0x7c00u16 {
+        assert!(f16_to_f32(b) > f16_to_f32(b - 1), "{b:#x}");
+    }
+}
+
+#[test]
+fn qembedding_dequantizes_the_rows_asked_for() {
+    let mut rng = Rng(8);
+    for dtype in DType::ALL {
+        let dim = dtype.block_elems().max(32) as usize * 2;
+        let vocab = 11;
+        let table = random_rows(&mut rng, dtype, vocab, dim);
+        let ids: Vec<u32> = vec![3, 0, 10, 3];
+        let kernel = Kernel::QEmbedding {
+            table: 1,
+            ids: 2,
+            out: 3,
+            count: ids.len(),
+            dim,
+            vocab,
+            dtype,
+        };
+        let id_words: Vec<f32> = ids.iter().map(|&i| f32::from_bits(i)).collect();
+        let out = run_all(&[&words(&table), &id_words, &vec![0.0; 4 * dim]], &kernel)[2].clone();
+        let row_bytes = dtype.row_bytes(dim as u64).unwrap() as usize;
+        for (r, &id) in ids.iter().enumerate() {
+            let want = reference_row(dtype, &table[id as usize * row_bytes..][..row_bytes], dim);
+            for (c, (v, mag)) in want.iter().enumerate() {
+                close(
+                    dtype.name(),
+                    r * dim + c,
+                    out[r * dim + c],
+                    *v,
+                    2.0 * 2f64.powi(-24) * mag,
+                );
+            }
+        }
+        // An id beyond the vocabulary is the data's fault, found while running.
+        let mut b = backend(1, &[&words(&table), &[f32::from_bits(11)], &vec![0.0; dim]]);
+        let bad = Kernel::QEmbedding {
+            table: 1,
+            ids: 2,
+            out: 3,
+            count: 1,
+            dim,
+            vocab,
+            dtype,
+        };
+        assert!(matches!(b.launch(&bad), Err(BackendError::BadData(_))));
+    }
+}
+
+#[test]
+fn rms_norm_and_swiglu_match() {
+    let mut rng = Rng(3);
+    let (rows, cols) = (5, 576);
+    let x = rng.vec(rows * cols, 3.0);
+    let w = rng.vec(cols, 1.0);
+    let out = run_all(
+        &[&x, &w, &vec![0.0; rows * cols]],
+        &Kernel::RmsNorm {
+            x: 1,
+            weight: 2,
+            out: 3,
+            rows,
+            cols,
+            eps: 1e-5,
+        },
+    )[2]
+    .clone();
+    for r in 0..rows {
+        let row = &x[r * cols..][..cols];
+        let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            let want = f64::from(row[c]) / (ms + 1e-5).sqrt() * f64::from(w[c]);
+            close(
+                "rms_norm",
+                r * cols + c,
+                out[r * cols + c],
+                want,
+                1e-6 * want.abs() + 1e-30,
+            );
+        }
+    }
+    let n = 40_000;
+    let (g, u) = (rng.vec(n, 12.0), rng.vec(n, 2.0));
+    let out = run_all(
+        &[&g, &u, &vec![0.0; n]],
+        &Kernel::Swiglu {
+            gate: 1,
+            up: 2,
+            out: 3,
+            n,
+        },
+    )[2]
+    .clone();
+    for i in 0..n {
+        let (gv, uv) = (f64::from(g[i]), f64::from(u[i]));
+        let want = gv / (1.0 + (-gv).exp()) * uv;
+        close("swiglu", i, out[i], want, 1e-6 * want.abs() + 1e-30);
+    }
+}
+
+#[test]
+fn rope_rotates_the_pairs_of_each_style() {
+    let mut rng = Rng(4);
+    let (rows, heads, hd, pos, base) = (3, 4, 64, 4093, 100_000.0f32);
+    let x = rng.vec(rows * heads * hd, 2.0);
+    for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
+        let kernel = Kernel::Rope {
+            x: 1,
+            rows,
+            heads,
+            head_dim: hd,
+            pos,
+            base,
+            style,
+        };
+        let out = run_all(&[&x], &kernel)[0].clone();
+        for r in 0..rows {
+            for head in 0..heads {
+                let at = (r * heads + head) * hd;
+                for i in 0..hd / 2 {
+                    let (a, b) = match style {
+                        RopeStyle::Adjacent => (at + 2 * i, at + 2 * i + 1),
+                        RopeStyle::HalfSplit => (at + i, at + i + hd / 2),
+                    };
+                    let theta =
+                        (pos + r) as f64 * f64::from(base).powf(-((2 * i) as f64) / hd as f64);
+                    let (x0, x1) = (f64::from(x[a]), f64::from(x[b]));
+                    let tol = 1e-6 * (x0.abs() + x1.abs());
+                    close("rope", a, out[a], x0 * theta.cos() - x1 * theta.sin(), tol);
+                    close("rope", b, out[b], x0 * theta.sin() + x1 * theta.cos(), tol);
+                }
+            }
+        }
+    }
+}
+
+/// Causal GQA attention in f64.
+fn attention_ref(q: &[f32], kc: &[f32], vc: &[f32], s: ops::GqaShape) -> Vec<f64> {
+    let hd = s.head_dim;
+    let mut out = vec![0.0; s.rows * s.heads * hd];
+    for r in 0..s.rows {
+        for h in 0..s.heads {
+            let kvh = h / (s.heads / s.kv_heads);
+            let qv = &q[(r * s.heads + h) * hd..][..hd];
+            let len = s.pos + r + 1;
+            let scores: Vec<f64> = (0..len)
+                .map(|p| {
+                    let k = &kc[(p * s.kv_heads + kvh) * hd..][..hd];
+                    qv.iter()
+                        .zip(k)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (p, w) in e.iter().enumerate() {
+                let v = &vc[(p * s.kv_heads + kvh) * hd..][..hd];
+                for d in 0..hd {
+                    out[(r * s.heads + h) * hd + d] += w / sum * f64::from(v[d]);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_is_causal_grouped_query_attention() {
+    let mut rng = Rng(6);
+    let s = ops::GqaShape {
+        rows: 4,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        pos: 37,
+    };
+    let positions = s.pos + s.rows + 5; // the cache holds more than is attended to
+    let q = rng.vec(s.rows * s.heads * s.head_dim, 2.0);
+    let kc = rng.vec(positions * s.kv_heads * s.head_dim, 2.0);
+    let vc = rng.vec(positions * s.kv_heads * s.head_dim, 1.0);
+    let kernel = |rows, pos| Kernel::Attention {
+        q: 1,
+        k_cache: 2,
+        v_cache: 3,
+        out: 4,
+        rows,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+        pos,
+    };
+    let width = s.heads * s.head_dim;
+    let out = run_all(
+        &[&q, &kc, &vc, &vec![0.0; s.rows * width]],
+        &kernel(s.rows, s.pos),
+    )[3]
+    .clone();
+    let want = attention_ref(&q, &kc, &vc, s);
+    for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+        close("attention", i, o, w, 1e-5);
+    }
+    // Row r of the batch equals a single query at position pos + r, bit for bit: the
+    // positions after it (in the cache already) are masked.
+    for r in 0..s.rows {
+        let mut b = backend(2, &[&q[r * width..][..width], &kc, &vc, &vec![0.0; width]]);
+        b.launch(&kernel(1, s.pos + r)).unwrap();
+        assert!(
+            super::tests::bits(&read(&b, 4)) == super::tests::bits(&out[r * width..][..width]),
+            "row {r}"
+        );
+    }
+}
