@@ -1,0 +1,576 @@
+//! The llama architecture: hyper-parameters from GGUF metadata (`llama.*`) and the tensor
+//! table, every shape checked against them.
+//!
+//! Tensors (`ne[0]`, the contiguous row length, first): `token_embd.weight` `[dim, rows]`
+//! with `rows` >= the vocabulary, `output_norm.weight` `[dim]` (f32), `output.weight`
+//! `[dim, rows]` (absent: tied to `token_embd`), and per layer `blk.N.` `attn_norm` `[dim]`,
+//! `attn_q` `[dim, dim]`, `attn_k` and `attn_v` `[dim, kv_heads·head_dim]`, `attn_output`
+//! `[dim, dim]`, `ffn_norm` `[dim]`, `ffn_gate` and `ffn_up` `[dim, ffn_dim]`, `ffn_down`
+//! `[ffn_dim, dim]` (`.weight` each). Any other tensor is refused, as is metadata asking
+//! for features the llama layout lacks (rope scaling, a head size other than dim/heads).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use ferry_abi::accel::dtype::DType;
+
+use crate::gguf::{Gguf, TensorInfo, MAX_DIMS};
+
+/// How rotary position embedding pairs up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: llama.cpp's "normal" rope, used by GGUF llama models (the
+    /// converter permutes the Q and K weights to match).
+    Adjacent,
+    /// Pairs `(i, i + rope_dim/2)`: the "neox" layout.
+    HalfSplit,
+}
+
+/// The hyper-parameters of a llama-family model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Transformer blocks (`block_count`).
+    pub layers: usize,
+    /// Embedding width (`embedding_length`).
+    pub dim: usize,
+    /// Hidden width of the feed-forward network (`feed_forward_length`).
+    pub ffn_dim: usize,
+    /// Query heads (`attention.head_count`).
+    pub heads: usize,
+    /// Key/value heads (`attention.head_count_kv`, default `heads`).
+    pub kv_heads: usize,
+    /// Width of a head: `dim / heads`.
+    pub head_dim: usize,
+    /// Vocabulary size: the tokenizer's token count (else `vocab_size`, else the
+    /// embedding rows); at most the embedding rows.
+    pub vocab: usize,
+    /// Training context length (`context_length`).
+    pub context_len: usize,
+    /// Rope frequency base (`rope.freq_base`, default 10000).
+    pub rope_base: f32,
+    /// Dimensions of a head that rope rotates (`rope.dimension_count`, default `head_dim`).
+    pub rope_dim: usize,
+    /// RMS norm epsilon (`attention.layer_norm_rms_epsilon`).
+    pub rms_eps: f32,
+    /// Rope pairing, from the architecture.
+    pub rope_style: RopeStyle,
+}
+
+/// Where a weight tensor is in the file and what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Weight {
+    /// Absolute file offset of its data.
+    pub offset: u64,
+    /// Bytes of its data.
+    pub size: u64,
+    /// Element format.
+    pub dtype: DType,
+    /// Rows (`ne[1]`; 1 for a vector).
+    pub rows: u64,
+    /// Row length (`ne[0]`).
+    pub cols: u64,
+}
+
+impl Weight {
+    fn of(t: &TensorInfo<'_>) -> Weight {
+        Weight {
+            offset: t.offset,
+            size: t.size,
+            dtype: t.dtype,
+            rows: t.rows(),
+            cols: t.cols(),
+        }
+    }
+}
+
+/// The weights of one transformer block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layer {
+    /// `attn_norm.weight`: `[dim]`, f32.
+    pub attn_norm: Weight,
+    /// `attn_q.weight`: dim rows of dim.
+    pub attn_q: Weight,
+    /// `attn_k.weight`: kv_heads·head_dim rows of dim.
+    pub attn_k: Weight,
+    /// `attn_v.weight`: kv_heads·head_dim rows of dim.
+    pub attn_v: Weight,
+    /// `attn_output.weight`: dim rows of dim.
+    pub attn_output: Weight,
+    /// `ffn_norm.weight`: `[dim]`, f32.
+    pub ffn_norm: Weight,
+    /// `ffn_gate.weight`: ffn_dim rows of dim.
+    pub ffn_gate: Weight,
+    /// `ffn_up.weight`: ffn_dim rows of dim.
+    pub ffn_up: Weight,
+    /// `ffn_down.weight`: dim rows of ffn_dim.
+    pub ffn_down: Weight,
+}
+
+impl Layer {
+    /// Its weights, in the order of the fields.
+    pub fn weights(&self) -> [Weight; 9] {
+        [
+            self.attn_norm,
+            self.attn_q,
+            self.attn_k,
+            self.attn_v,
+            self.attn_output,
+            self.ffn_norm,
+            self.ffn_gate,
+            self.ffn_up,
+            self.ffn_down,
+        ]
+    }
+}
+
+/// Names of a layer's tensors, without `blk.N.` and `.weight`, in [`Layer`] field order.
+pub const LAYER_TENSORS: [&str; 9] = [
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// A llama model's configuration and tensor table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaModel {
+    /// Hyper-parameters.
+    pub config: LlamaConfig,
+    /// `token_embd.weight`: one row of dim per token.
+    pub token_embd: Weight,
+    /// `output_norm.weight`: `[dim]`, f32.
+    pub output_norm: Weight,
+    /// `output.weight`, or `None` when the output projection is tied to `token_embd`.
+    pub output: Option<Weight>,
+    /// The transformer blocks.
+    pub layers: Vec<Layer>,
+}
+
+/// Why a GGUF file is not a llama model we can run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LlamaError {
+    /// `general.architecture` is missing or not `llama`.
+    UnsupportedArchitecture {
+        /// Its value, if it is a string.
+        arch: Option<String>,
+    },
+    /// A required key is missing or has the wrong type.
+    Missing {
+        /// The key.
+        key: String,
+        /// The type it should have.
+        expected: &'static str,
+    },
+    /// A hyper-parameter out of range or inconsistent with another.
+    BadValue {
+        /// The key.
+        key: String,
+        /// What is wrong, with the values.
+        why: String,
+    },
+    /// Metadata asking for something this layout does not do.
+    Unsupported {
+        /// What, with the key.
+        what: String,
+    },
+    /// A required tensor is not in the file.
+    MissingTensor {
+        /// Its name.
+        tensor: String,
+    },
+    /// A tensor the llama layout does not have.
+    UnexpectedTensor {
+        /// Its name.
+        tensor: String,
+    },
+    /// A tensor whose shape does not match the configuration.
+    Shape {
+        /// Its name.
+        tensor: String,
+        /// The shape it should have, `ne[0]` first.
+        expected: Vec<u64>,
+        /// Its shape.
+        found: Vec<u64>,
+    },
+    /// A tensor whose element type is not allowed for it.
+    Type {
+        /// Its name.
+        tensor: String,
+        /// The type it should have.
+        expected: DType,
+        /// Its type.
+        found: DType,
+    },
+    /// More tokens in the vocabulary than rows in the embedding (or output) matrix.
+    VocabTooLarge {
+        /// The matrix.
+        tensor: String,
+        /// Tokens.
+        vocab: u64,
+        /// Its rows.
+        rows: u64,
+    },
+}
+
+impl fmt::Display for LlamaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LlamaError::UnsupportedArchitecture { arch: Some(a) } => write!(
+                f,
+                "model architecture {a:?} is not supported (only \"llama\" is)"
+            ),
+            LlamaError::UnsupportedArchitecture { arch: None } => {
+                write!(f, "general.architecture is missing or not a string")
+            }
+            LlamaError::Missing { key, expected } => {
+                write!(f, "GGUF metadata {key} is missing or not {expected}")
+            }
+            LlamaError::BadValue { key, why } => write!(f, "bad {key}: {why}"),
+            LlamaError::Unsupported { what } => write!(f, "unsupported: {what}"),
+            LlamaError::MissingTensor { tensor } => write!(f, "tensor {tensor:?} is missing"),
+            LlamaError::UnexpectedTensor { tensor } => {
+                write!(f, "tensor {tensor:?} is not part of the llama layout")
+            }
+            LlamaError::Shape {
+                tensor,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor {tensor:?} has shape {found:?}, expected {expected:?} (ne[0] first)"
+            ),
+            LlamaError::Type {
+                tensor,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor {tensor:?} has type {}, expected {}",
+                found.name(),
+                expected.name()
+            ),
+            LlamaError::VocabTooLarge {
+                tensor,
+                vocab,
+                rows,
+            } => write!(
+                f,
+                "vocabulary of {vocab} tokens is larger than the {rows} rows of {tensor:?}"
+            ),
+        }
+    }
+}
+
+/// Reads the hyper-parameters of architecture `arch`.
+struct Meta<'g, 'a> {
+    gguf: &'g Gguf<'a>,
+    arch: &'a str,
+}
+
+impl Meta<'_, '_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    /// A positive integer that fits a usize; `default` when absent.
+    fn count(&self, k: &str, default: Option<usize>) -> Result<usize, LlamaError> {
+        let key = self.key(k);
+        let Some(v) = self.gguf.get(&key) else {
+            return default.ok_or(LlamaError::Missing {
+                key,
+                expected: "an integer",
+            });
+        };
+        let Some(n) = v.as_u64() else {
+            return Err(LlamaError::Missing {
+                key,
+                expected: "a non-negative integer",
+            });
+        };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 && n <= u32::MAX as usize => Ok(n),
+            _ => Err(LlamaError::BadValue {
+                key,
+                why: format!("{n} is not in 1..=2^32-1"),
+            }),
+        }
+    }
+
+    /// A positive finite float; `default` when absent.
+    fn positive(&self, k: &str, default: Option<f32>) -> Result<f32, LlamaError> {
+        let key = self.key(k);
+        let Some(v) = self.gguf.get(&key) else {
+            return default.ok_or(LlamaError::Missing {
+                key,
+                expected: "a float",
+            });
+        };
+        match v.as_f32() {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+            Some(x) => Err(LlamaError::BadValue {
+                key,
+                why: format!("{x} is not a positive finite number"),
+            }),
+            None => Err(LlamaError::Missing {
+                key,
+                expected: "a float",
+            }),
+        }
+    }
+}
+
+fn bad(key: String, why: String) -> LlamaError {
+    LlamaError::BadValue { key, why }
+}
+
+impl LlamaConfig {
+    /// Reads and checks the hyper-parameters (without the tensor table).
+    pub fn from_gguf(gguf: &Gguf<'_>) -> Result<LlamaConfig, LlamaError> {
+        let arch = match gguf.get_str("general.architecture") {
+            Some("llama") => "llama",
+            other => {
+                return Err(LlamaError::UnsupportedArchitecture {
+                    arch: other.map(String::from),
+                })
+            }
+        };
+        let rope_style = RopeStyle::Adjacent;
+        let m = Meta { gguf, arch };
+        let layers = m.count("block_count", None)?;
+        let dim = m.count("embedding_length", None)?;
+        let ffn_dim = m.count("feed_forward_length", None)?;
+        let heads = m.count("attention.head_count", None)?;
+        let kv_heads = m.count("attention.head_count_kv", Some(heads))?;
+        let context_len = m.count("context_length", None)?;
+        if dim % heads != 0 {
+            return Err(bad(
+                m.key("attention.head_count"),
+                format!("{heads} heads do not divide the embedding length {dim}"),
+            ));
+        }
+        if heads % kv_heads != 0 {
+            return Err(bad(
+                m.key("attention.head_count_kv"),
+                format!("{kv_heads} key/value heads do not divide the {heads} heads"),
+            ));
+        }
+        let head_dim = dim / heads;
+        if head_dim % 2 != 0 {
+            return Err(bad(
+                m.key("attention.head_count"),
+                format!("head size {dim}/{heads} = {head_dim} is odd"),
+            ));
+        }
+        for k in ["attention.key_length", "attention.value_length"] {
+            if let Some(v) = gguf.get(&m.key(k)) {
+                if v.as_u64() != Some(head_dim as u64) {
+                    return Err(LlamaError::Unsupported {
+                        what: format!("{} {v:?} differs from dim/heads = {head_dim}", m.key(k)),
+                    });
+                }
+            }
+        }
+        let rope_dim = m.count("rope.dimension_count", Some(head_dim))?;
+        if rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(bad(
+                m.key("rope.dimension_count"),
+                format!("{rope_dim} is odd or larger than the head size {head_dim}"),
+            ));
+        }
+        let rope_base = m.positive("rope.freq_base", Some(10000.0))?;
+        let rms_eps = m.positive("attention.layer_norm_rms_epsilon", None)?;
+        match gguf.get(&m.key("rope.scaling.type")) {
+            None => {}
+            Some(v) if v.as_str() == Some("none") => {}
+            Some(v) => {
+                return Err(LlamaError::Unsupported {
+                    what: format!("{} {:?} (rope scaling)", m.key("rope.scaling.type"), v),
+                })
+            }
+        }
+        if let Some(factor) = gguf.get_f32(&m.key("rope.scaling.factor")) {
+            if factor != 0.0 && factor != 1.0 {
+                return Err(LlamaError::Unsupported {
+                    what: format!("{} {factor} (rope scaling)", m.key("rope.scaling.factor")),
+                });
+            }
+        }
+        let vocab = match gguf.get_str_array("tokenizer.ggml.tokens") {
+            Some(tokens) => tokens.len(),
+            None => match gguf.get(&m.key("vocab_size")) {
+                Some(_) => m.count("vocab_size", None)?,
+                // Without either, the embedding decides (filled in by LlamaModel).
+                None => 0,
+            },
+        };
+        Ok(LlamaConfig {
+            layers,
+            dim,
+            ffn_dim,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            context_len,
+            rope_base,
+            rope_dim,
+            rms_eps,
+            rope_style,
+        })
+    }
+}
+
+/// Looks up tensor `name` and checks its shape (`ne[0]` first; unlisted dimensions 1)
+/// and, if given, its type.
+fn tensor(
+    gguf: &Gguf<'_>,
+    name: &str,
+    shape: &[u64],
+    dtype: Option<DType>,
+) -> Result<Weight, LlamaError> {
+    let t = gguf.tensor(name).ok_or_else(|| LlamaError::MissingTensor {
+        tensor: name.into(),
+    })?;
+    let mut want = [1u64; MAX_DIMS];
+    for (w, &s) in want.iter_mut().zip(shape) {
+        *w = s;
+    }
+    if t.ne != want {
+        return Err(LlamaError::Shape {
+            tensor: name.into(),
+            expected: shape.into(),
+            found: t.dims().into(),
+        });
+    }
+    if let Some(expected) = dtype {
+        if t.dtype != expected {
+            return Err(LlamaError::Type {
+                tensor: name.into(),
+                expected,
+                found: t.dtype,
+            });
+        }
+    }
+    Ok(Weight::of(t))
+}
+
+/// A `[dim, rows]` matrix whose rows are at least the vocabulary.
+fn vocab_matrix(gguf: &Gguf<'_>, name: &str, dim: u64, vocab: u64) -> Result<Weight, LlamaError> {
+    let rows = match gguf.tensor(name) {
+        Some(t) if t.n_dims == 2 => t.ne[1],
+        _ => vocab.max(1),
+    };
+    let w = tensor(gguf, name, &[dim, rows], None)?;
+    if vocab > w.rows {
+        return Err(LlamaError::VocabTooLarge {
+            tensor: name.into(),
+            vocab,
+            rows: w.rows,
+        });
+    }
+    Ok(w)
+}
+
+/// True for the tensor names of the llama layout with `layers` blocks.
+fn expected_tensor(name: &str, layers: usize) -> bool {
+    if matches!(
+        name,
+        "token_embd.weight" | "output_norm.weight" | "output.weight"
+    ) {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return false;
+    };
+    let Some((n, part)) = rest.split_once('.') else {
+        return false;
+    };
+    let layer_ok = n
+        .parse::<usize>()
+        .is_ok_and(|l| l < layers && format!("{l}") == n);
+    layer_ok
+        && part
+            .strip_suffix(".weight")
+            .is_some_and(|p| LAYER_TENSORS.contains(&p))
+}
+
+impl LlamaModel {
+    /// Reads the configuration and the tensor table, checking every shape.
+    pub fn from_gguf(gguf: &Gguf<'_>) -> Result<LlamaModel, LlamaError> {
+        let mut config = LlamaConfig::from_gguf(gguf)?;
+        let c = config;
+        let (dim, ffn, kv) = (
+            c.dim as u64,
+            c.ffn_dim as u64,
+            (c.kv_heads * c.head_dim) as u64,
+        );
+        let token_embd = vocab_matrix(gguf, "token_embd.weight", dim, c.vocab as u64)?;
+        if config.vocab == 0 {
+            config.vocab = usize::try_from(token_embd.rows).unwrap_or(usize::MAX);
+        }
+        let vocab = config.vocab as u64;
+        let output_norm = tensor(gguf, "output_norm.weight", &[dim], Some(DType::F32))?;
+        let output = match gguf.tensor("output.weight") {
+            None => None,
+            Some(_) => Some(vocab_matrix(gguf, "output.weight", dim, vocab)?),
+        };
+        let mut layers = Vec::new();
+        for l in 0..c.layers {
+            let t = |part: &str, shape: &[u64], dtype| {
+                tensor(gguf, &format!("blk.{l}.{part}.weight"), shape, dtype)
+            };
+            layers.push(Layer {
+                attn_norm: t("attn_norm", &[dim], Some(DType::F32))?,
+                attn_q: t("attn_q", &[dim, dim], None)?,
+                attn_k: t("attn_k", &[dim, kv], None)?,
+                attn_v: t("attn_v", &[dim, kv], None)?,
+                attn_output: t("attn_output", &[dim, dim], None)?,
+                ffn_norm: t("ffn_norm", &[dim], Some(DType::F32))?,
+                ffn_gate: t("ffn_gate", &[dim, ffn], None)?,
+                ffn_up: t("ffn_up", &[dim, ffn], None)?,
+                ffn_down: t("ffn_down", &[ffn, dim], None)?,
+            });
+        }
+        if let Some(t) = gguf
+            .tensors()
+            .iter()
+            .find(|t| !expected_tensor(t.name, c.layers))
+        {
+            return Err(LlamaError::UnexpectedTensor {
+                tensor: t.name.into(),
+            });
+        }
+        Ok(LlamaModel {
+            config,
+            token_embd,
+            output_norm,
+            output,
+            layers,
+        })
+    }
+
+    /// The output projection: `output.weight`, or `token_embd.weight` when tied.
+    pub fn output_weight(&self) -> Weight {
+        self.output.unwrap_or(self.token_embd)
+    }
+
+    /// Every weight tensor: embedding, each layer's, final norm, output if not tied.
+    pub fn weights(&self) -> impl Iterator<Item = Weight> + '_ {
+        core::iter::once(self.token_embd)
+            .chain(self.layers.iter().flat_map(|l| l.weights()))
+            .chain(core::iter::once(self.output_norm))
+            .chain(self.output)
+    }
+
+    /// Bytes of all weights.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights().map(|w| w.size).fold(0, u64::saturating_add)
+    }
+}

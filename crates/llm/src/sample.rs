@@ -1,0 +1,218 @@
+//! A seeded, deterministic token sampler: greedy, or temperature with top-k and top-p.
+//!
+//! The same configuration, seed and logits give the same tokens on every machine: the
+//! softmax runs in f64 with our own `exp` (basic IEEE operations only), candidates are
+//! ordered by logit with ties broken by token id, and draw `n` uses the counter-based
+//! random number `splitmix64(seed + (n+1)·γ)`, so a sampler's whole state is its
+//! configuration and step count.
+
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+use core::fmt;
+
+use crate::math::exp;
+
+/// How to pick tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerConfig {
+    /// Softmax temperature; 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the most likely tokens whose probabilities add up to `top_p` (1: all).
+    pub top_p: f32,
+    /// Random seed.
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> SamplerConfig {
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// A configuration value out of range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SamplerError {
+    /// The temperature is negative, infinite or NaN.
+    Temperature(f32),
+    /// `top_p` is not in (0, 1].
+    TopP(f32),
+}
+
+impl fmt::Display for SamplerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SamplerError::Temperature(t) => {
+                write!(f, "temperature {t} is not a finite number >= 0")
+            }
+            SamplerError::TopP(p) => write!(f, "top_p {p} is not in (0, 1]"),
+        }
+    }
+}
+
+/// splitmix64's increment (the golden ratio).
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Picks tokens from logits.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    config: SamplerConfig,
+    step: u64,
+    /// Scratch: candidate (token, logit), then (token, probability) pairs.
+    cand: Vec<(u32, f32)>,
+    probs: Vec<f64>,
+}
+
+impl Sampler {
+    /// A sampler at step 0, if `config` is valid.
+    pub fn new(config: SamplerConfig) -> Result<Sampler, SamplerError> {
+        if !(config.temperature.is_finite() && config.temperature >= 0.0) {
+            return Err(SamplerError::Temperature(config.temperature));
+        }
+        if !(config.top_p > 0.0 && config.top_p <= 1.0) {
+            return Err(SamplerError::TopP(config.top_p));
+        }
+        Ok(Sampler {
+            config,
+            step: 0,
+            cand: Vec::new(),
+            probs: Vec::new(),
+        })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> SamplerConfig {
+        self.config
+    }
+
+    /// Random draws made so far (greedy picks draw nothing).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the draw counter (to resume a sequence).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// The next token for `logits` (one per vocabulary entry). NaN logits never win; an
+    /// empty slice gives 0.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let Some(best) = argmax(logits) else {
+            return 0;
+        };
+        let max = logits.get(best as usize).copied().unwrap_or(0.0);
+        // Greedy, and the cases a softmax cannot weigh: +inf or all -inf.
+        if self.config.temperature <= 0.0 || !max.is_finite() {
+            return best;
+        }
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (i as u32, l)),
+        );
+        // Most likely first, then lowest id: a total order, so the result does not
+        // depend on the sort algorithm.
+        let order = |a: &(u32, f32), b: &(u32, f32)| -> Ordering {
+            b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+        };
+        let k = self.config.top_k;
+        if k > 0 && k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, order);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(order);
+
+        let t = f64::from(self.config.temperature);
+        let top = f64::from(max);
+        let probs = &mut self.probs;
+        probs.clear();
+        probs.extend(cand.iter().map(|&(_, l)| exp((f64::from(l) - top) / t)));
+        let total: f64 = probs.iter().sum();
+        // Nucleus: the shortest prefix whose probability reaches top_p.
+        let mut keep = probs.len();
+        if self.config.top_p < 1.0 {
+            let target = f64::from(self.config.top_p) * total;
+            let mut acc = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let kept = probs.get(..keep).unwrap_or(probs);
+        let mass: f64 = kept.iter().sum();
+        self.step = self.step.wrapping_add(1);
+        let r = mix(self.config.seed.wrapping_add(self.step.wrapping_mul(GAMMA)));
+        let u = (r >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        let target = u * mass;
+        let mut acc = 0.0;
+        for (i, p) in kept.iter().enumerate() {
+            acc += p;
+            if target < acc {
+                return cand.get(i).map_or(best, |c| c.0);
+            }
+        }
+        // Rounding left the target at the very end: the last kept candidate.
+        cand.get(keep.saturating_sub(1)).map_or(best, |c| c.0)
+    }
+}
+
+/// The index of the first maximum of `logits`, ignoring NaN (NaN-only: 0).
+fn argmax(logits: &[f32]) -> Option<u32> {
+    if logits.is_empty() {
+        return None;
+    }
+    let mut best = 0usize;
+    let mut max = f32::NAN;
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_nan() && (max.is_nan() || l > max) {
+            best = i;
+            max = l;
+        }
+    }
+    Some(best as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_splitmix64() {
+        // The first outputs of splitmix64 seeded with 1234567 (reference values).
+        let seed = 1234567u64;
+        assert_eq!(mix(seed.wrapping_add(GAMMA)), 6457827717110365317);
+        assert_eq!(
+            mix(seed.wrapping_add(GAMMA.wrapping_mul(2))),
+            3203168211198807973
+        );
+    }
+
+    #[test]
+    fn argmax_first_and_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), Some(1));
+        assert_eq!(argmax(&[f32::NAN, -1.0, f32::NAN]), Some(1));
+        assert_eq!(argmax(&[f32::NAN]), Some(0));
+        assert_eq!(argmax(&[]), None);
+    }
+}

@@ -1,0 +1,1018 @@
+//! GPT-2-style byte-level BPE, as llama.cpp implements it for GGUF files whose
+//! `tokenizer.ggml.model` is `"gpt2"`.
+//!
+//! Token strings are spelled in GPT-2's byte-to-unicode alphabet (each byte of the
+//! UTF-8 text is one printable character: `Ġ` is a space). Encoding splits off special
+//! tokens, pre-tokenizes the rest with the regex of `tokenizer.ggml.pre` (a hand-written
+//! scanner here, no regex engine), and merges each piece's bytes by merge rank.
+//!
+//! Pre-tokenizers: `"smollm"` (each `\p{N}` is its own piece, then the GPT-2 pattern) and
+//! `"gpt2"`/`"default"`/absent (the GPT-2 pattern
+//! `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`). Any other
+//! value is refused ([`TokenizerError::UnsupportedPre`]) rather than tokenized with a
+//! pattern the model was not trained with.
+
+use alloc::collections::BinaryHeap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cmp::Reverse;
+use core::fmt;
+
+use crate::gguf::Gguf;
+use crate::unicode::{is_letter, is_number, is_space};
+
+/// What kind of token an id is (`tokenizer.ggml.token_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenType {
+    /// Code 0: no type given; treated as normal.
+    Undefined,
+    /// Code 1: an ordinary vocabulary entry.
+    Normal,
+    /// Code 2: the unknown token.
+    Unknown,
+    /// Code 3: a control token such as `<|im_start|>`.
+    Control,
+    /// Code 4: a user-defined token, matched in text like llama.cpp does.
+    UserDefined,
+    /// Code 5: an unused slot.
+    Unused,
+    /// Code 6: a raw byte.
+    Byte,
+}
+
+impl TokenType {
+    /// The type with GGUF code `code`.
+    pub const fn from_code(code: i64) -> Option<TokenType> {
+        Some(match code {
+            0 => TokenType::Undefined,
+            1 => TokenType::Normal,
+            2 => TokenType::Unknown,
+            3 => TokenType::Control,
+            4 => TokenType::UserDefined,
+            5 => TokenType::Unused,
+            6 => TokenType::Byte,
+            _ => return None,
+        })
+    }
+}
+
+/// The pre-tokenizer regex family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreTokenizer {
+    /// The GPT-2 pattern (`tokenizer.ggml.pre` `"gpt2"`, `"default"` or absent).
+    Gpt2,
+    /// Every `\p{N}` alone, then the GPT-2 pattern (`"smollm"`).
+    SmolLm,
+}
+
+/// Why a tokenizer could not be built from a GGUF file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenizerError {
+    /// A required key is missing or has the wrong type.
+    Missing {
+        /// The key.
+        key: &'static str,
+        /// The type it should have.
+        expected: &'static str,
+    },
+    /// `tokenizer.ggml.model` is not `"gpt2"`.
+    UnsupportedModel {
+        /// Its value.
+        model: String,
+    },
+    /// `tokenizer.ggml.pre` names a pre-tokenizer we do not implement.
+    UnsupportedPre {
+        /// Its value.
+        pre: String,
+    },
+    /// An empty vocabulary, or one with more than `u32::MAX` tokens.
+    BadVocabularySize {
+        /// Its size.
+        tokens: usize,
+    },
+    /// A token string that is not UTF-8.
+    InvalidToken {
+        /// The token id.
+        id: u32,
+    },
+    /// `tokenizer.ggml.token_type` does not have one entry per token.
+    TokenTypeCount {
+        /// Tokens.
+        tokens: usize,
+        /// Token types.
+        types: usize,
+    },
+    /// A token type code that is not one of [`TokenType`].
+    BadTokenType {
+        /// The token id.
+        id: u32,
+        /// The code (`None` if it does not fit an i64).
+        code: Option<i64>,
+    },
+    /// A merge that is not UTF-8 or not two strings separated by a space.
+    BadMerge {
+        /// Its index (rank).
+        index: usize,
+    },
+    /// A special token id (bos, eos, ...) outside the vocabulary.
+    BadSpecialId {
+        /// The key.
+        key: &'static str,
+        /// Its value.
+        id: u64,
+    },
+}
+
+impl fmt::Display for TokenizerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenizerError::Missing { key, expected } => {
+                write!(f, "GGUF metadata {key} is missing or not {expected}")
+            }
+            TokenizerError::UnsupportedModel { model } => write!(
+                f,
+                "tokenizer model {model:?} is not supported (only \"gpt2\" byte-level BPE is)"
+            ),
+            TokenizerError::UnsupportedPre { pre } => write!(
+                f,
+                "pre-tokenizer {pre:?} is not supported (\"smollm\", \"gpt2\" and \"default\" are)"
+            ),
+            TokenizerError::BadVocabularySize { tokens } => {
+                write!(f, "vocabulary of {tokens} tokens (1 to 2^32-1 are allowed)")
+            }
+            TokenizerError::InvalidToken { id } => write!(f, "token {id} is not valid UTF-8"),
+            TokenizerError::TokenTypeCount { tokens, types } => write!(
+                f,
+                "tokenizer.ggml.token_type has {types} entries for {tokens} tokens"
+            ),
+            TokenizerError::BadTokenType { id, code } => match code {
+                Some(code) => write!(f, "token {id} has unknown token type {code}"),
+                None => write!(f, "token {id} has an unknown token type"),
+            },
+            TokenizerError::BadMerge { index } => write!(
+                f,
+                "merge {index} is not two UTF-8 strings separated by a space"
+            ),
+            TokenizerError::BadSpecialId { key, id } => {
+                write!(f, "{key} is {id}, outside the vocabulary")
+            }
+        }
+    }
+}
+
+/// A merge rule: the pair `(left, right)` becomes `result`; lower rank merges first.
+#[derive(Clone, Copy, Debug)]
+struct Merge {
+    left: u32,
+    right: u32,
+    rank: u32,
+    result: u32,
+}
+
+/// No token.
+const NONE: u32 = u32::MAX;
+
+/// A byte-level BPE tokenizer built from a GGUF file; owns its tables.
+#[derive(Clone, Debug)]
+pub struct Tokenizer {
+    /// Token strings back to back, as in the file; token `i` is `text[text_at[i]..text_at[i+1]]`.
+    text: Vec<u8>,
+    text_at: Vec<usize>,
+    /// Decoded bytes of each token, laid out the same way.
+    bytes: Vec<u8>,
+    bytes_at: Vec<usize>,
+    types: Vec<TokenType>,
+    /// Ids by text; for a string given twice the last id wins (as in llama.cpp).
+    by_text: TextIndex,
+    /// Sorted by `(left, right)`.
+    merges: Vec<Merge>,
+    /// The token of each single byte, or `NONE`.
+    byte_token: [u32; 256],
+    /// Special tokens matched in text: longest text first, then lowest id.
+    specials: Vec<u32>,
+    pre: PreTokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eot: Option<u32>,
+    unk: Option<u32>,
+    add_bos: bool,
+}
+
+/// Bytes GPT-2's alphabet spells as themselves.
+const fn printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The character of each byte: itself if printable, else U+0100 onwards in byte order.
+const BYTE_CHAR: [u32; 256] = {
+    let mut t = [0; 256];
+    let (mut b, mut n) = (0, 0);
+    while b < 256 {
+        if printable(b as u8) {
+            t[b] = b as u32;
+        } else {
+            t[b] = 0x100 + n;
+            n += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The bytes that are not printable, in order: U+0100 + i stands for `HIGH_BYTE[i]`.
+const HIGH_BYTE: [u8; 68] = {
+    let mut t = [0; 68];
+    let (mut b, mut n) = (0, 0);
+    while b < 256 {
+        if !printable(b as u8) {
+            t[n] = b as u8;
+            n += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// GPT-2's printable stand-in for byte `b`.
+pub fn byte_to_char(b: u8) -> char {
+    char::from_u32(BYTE_CHAR[b as usize]).unwrap_or('\u{FFFD}')
+}
+
+/// The byte GPT-2's alphabet spells with `c`, if any.
+pub fn char_to_byte(c: char) -> Option<u8> {
+    let u = c as u32;
+    if let Ok(b) = u8::try_from(u) {
+        return printable(b).then_some(b);
+    }
+    HIGH_BYTE
+        .get(usize::try_from(u.checked_sub(0x100)?).ok()?)
+        .copied()
+}
+
+/// Byte-level decoding of a token string: each character of the alphabet becomes its
+/// byte; a character outside it (not in a well-formed vocabulary) is kept as UTF-8.
+fn decode_byte_level(s: &str, out: &mut Vec<u8>) {
+    for c in s.chars() {
+        match char_to_byte(c) {
+            Some(b) => out.push(b),
+            None => {
+                let mut buf = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+}
+
+/// The byte of a `<0xHH>` token.
+fn hex_byte_token(s: &str) -> Option<u8> {
+    let hex = s.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by the GGUF metadata `tokenizer.ggml.*`.
+    pub fn from_gguf(gguf: &Gguf<'_>) -> Result<Tokenizer, TokenizerError> {
+        let model = gguf
+            .get_str("tokenizer.ggml.model")
+            .ok_or(TokenizerError::Missing {
+                key: "tokenizer.ggml.model",
+                expected: "a string",
+            })?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel {
+                model: model.into(),
+            });
+        }
+        let pre = match gguf.get("tokenizer.ggml.pre") {
+            None => PreTokenizer::Gpt2,
+            Some(v) => match v.as_str() {
+                Some("gpt2" | "default") => PreTokenizer::Gpt2,
+                Some("smollm") => PreTokenizer::SmolLm,
+                Some(other) => return Err(TokenizerError::UnsupportedPre { pre: other.into() }),
+                None => {
+                    return Err(TokenizerError::Missing {
+                        key: "tokenizer.ggml.pre",
+                        expected: "a string",
+                    })
+                }
+            },
+        };
+        let tokens =
+            gguf.get_str_array("tokenizer.ggml.tokens")
+                .ok_or(TokenizerError::Missing {
+                    key: "tokenizer.ggml.tokens",
+                    expected: "an array of strings",
+                })?;
+        let n = tokens.len();
+        if n == 0 || u32::try_from(n).map_or(true, |n| n == NONE) {
+            return Err(TokenizerError::BadVocabularySize { tokens: n });
+        }
+        let types: Vec<TokenType> = match gguf.get("tokenizer.ggml.token_type") {
+            None => alloc::vec![TokenType::Normal; n],
+            Some(v) => {
+                let ints = v
+                    .as_array()
+                    .and_then(|a| a.ints())
+                    .ok_or(TokenizerError::Missing {
+                        key: "tokenizer.ggml.token_type",
+                        expected: "an array of integers",
+                    })?;
+                if ints.len() != n {
+                    return Err(TokenizerError::TokenTypeCount {
+                        tokens: n,
+                        types: ints.len(),
+                    });
+                }
+                ints.iter()
+                    .enumerate()
+                    .map(|(id, code)| {
+                        code.and_then(TokenType::from_code)
+                            .ok_or(TokenizerError::BadTokenType {
+                                id: id as u32,
+                                code,
+                            })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+
+        let mut text = Vec::new();
+        let mut text_at = Vec::with_capacity(n + 1);
+        let mut bytes = Vec::new();
+        let mut bytes_at = Vec::with_capacity(n + 1);
+        text_at.push(0);
+        bytes_at.push(0);
+        for (id, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+            let s = core::str::from_utf8(t)
+                .map_err(|_| TokenizerError::InvalidToken { id: id as u32 })?;
+            text.extend_from_slice(t);
+            text_at.push(text.len());
+            match ty {
+                TokenType::Control | TokenType::UserDefined | TokenType::Unknown => {
+                    bytes.extend_from_slice(t)
+                }
+                TokenType::Byte => match hex_byte_token(s) {
+                    Some(b) => bytes.push(b),
+                    None => decode_byte_level(s, &mut bytes),
+                },
+                _ => decode_byte_level(s, &mut bytes),
+            }
+            bytes_at.push(bytes.len());
+        }
+        if text_at.len() != n + 1 {
+            // The iterator ended early: cannot happen for a parsed file.
+            return Err(TokenizerError::BadVocabularySize {
+                tokens: text_at.len() - 1,
+            });
+        }
+
+        let mut tok = Tokenizer {
+            text,
+            text_at,
+            bytes,
+            bytes_at,
+            types,
+            by_text: TextIndex::default(),
+            merges: Vec::new(),
+            byte_token: [NONE; 256],
+            specials: Vec::new(),
+            pre,
+            bos: None,
+            eos: None,
+            eot: None,
+            unk: None,
+            add_bos: gguf
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(false),
+        };
+
+        // Lookup by text; while building, over the strings borrowed from the file.
+        let strs: Vec<&[u8]> = tokens.iter().collect();
+        let str_of = |id: u32| strs.get(id as usize).copied().unwrap_or(&[]);
+        let index = TextIndex::new(n, str_of);
+        let find = |text: &[u8]| index.find(text, str_of);
+
+        for b in 0..=255u8 {
+            let mut buf = [0; 4];
+            let s = byte_to_char(b).encode_utf8(&mut buf);
+            tok.byte_token[b as usize] = find(s.as_bytes()).unwrap_or(NONE);
+        }
+
+        let merges =
+            gguf.get_str_array("tokenizer.ggml.merges")
+                .ok_or(TokenizerError::Missing {
+                    key: "tokenizer.ggml.merges",
+                    expected: "an array of strings",
+                })?;
+        let mut joined = Vec::new();
+        let mut rules = Vec::new();
+        for (index, m) in merges.iter().enumerate() {
+            // Split at the first space after the first byte, like llama.cpp.
+            let parts = m.iter().skip(1).position(|&b| b == b' ').and_then(|sp| {
+                let l = m.get(..sp + 1)?;
+                let r = m.get(sp + 2..)?;
+                core::str::from_utf8(l).ok()?;
+                core::str::from_utf8(r).ok()?;
+                Some((l, r))
+            });
+            let Some((l, r)) = parts else {
+                return Err(TokenizerError::BadMerge { index });
+            };
+            joined.clear();
+            joined.extend_from_slice(l);
+            joined.extend_from_slice(r);
+            // A merge whose parts or result are not tokens can never apply to token ids.
+            let (Some(left), Some(right), Some(result)) = (find(l), find(r), find(&joined)) else {
+                continue;
+            };
+            let Ok(rank) = u32::try_from(index) else {
+                break;
+            };
+            rules.push(Merge {
+                left,
+                right,
+                rank,
+                result,
+            });
+        }
+        tok.by_text = index;
+        // For a pair given twice, the first (lowest) rank wins.
+        rules.sort_unstable_by_key(|m| (m.left, m.right, m.rank));
+        rules.dedup_by_key(|m| (m.left, m.right));
+        tok.merges = rules;
+
+        let mut specials: Vec<u32> = (0..n as u32)
+            .filter(|&id| {
+                matches!(
+                    tok.token_type(id),
+                    Some(TokenType::Control | TokenType::UserDefined | TokenType::Unknown)
+                ) && !tok.text_of(id).is_empty()
+            })
+            .collect();
+        specials.sort_by(|&a, &b| {
+            (tok.text_of(b).len())
+                .cmp(&tok.text_of(a).len())
+                .then(a.cmp(&b))
+        });
+        tok.specials = specials;
+
+        let special = |key: &'static str| -> Result<Option<u32>, TokenizerError> {
+            match gguf.get(key) {
+                None => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(id) if id < n as u64 => Ok(Some(id as u32)),
+                    Some(id) => Err(TokenizerError::BadSpecialId { key, id }),
+                    None => Err(TokenizerError::Missing {
+                        key,
+                        expected: "a token id",
+                    }),
+                },
+            }
+        };
+        tok.bos = special("tokenizer.ggml.bos_token_id")?;
+        tok.eos = special("tokenizer.ggml.eos_token_id")?;
+        tok.eot = special("tokenizer.ggml.eot_token_id")?;
+        tok.unk = special("tokenizer.ggml.unknown_token_id")?;
+        Ok(tok)
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn len(&self) -> usize {
+        self.types.len()
+    }
+
+    /// True if the vocabulary is empty (never, for a built tokenizer).
+    pub fn is_empty(&self) -> bool {
+        self.types.is_empty()
+    }
+
+    /// The pre-tokenizer in use.
+    pub fn pre_tokenizer(&self) -> PreTokenizer {
+        self.pre
+    }
+
+    /// Beginning-of-sequence token (`tokenizer.ggml.bos_token_id`).
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// End-of-sequence token (`tokenizer.ggml.eos_token_id`).
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// End-of-turn token (`tokenizer.ggml.eot_token_id`).
+    pub fn eot(&self) -> Option<u32> {
+        self.eot
+    }
+
+    /// Unknown token (`tokenizer.ggml.unknown_token_id`).
+    pub fn unk(&self) -> Option<u32> {
+        self.unk
+    }
+
+    /// Whether a prompt should start with [`Tokenizer::bos`]
+    /// (`tokenizer.ggml.add_bos_token`, default false); [`Tokenizer::encode`] never adds it.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Token `id`'s type.
+    pub fn token_type(&self, id: u32) -> Option<TokenType> {
+        self.types.get(id as usize).copied()
+    }
+
+    /// True for control tokens (which a chat front end does not print).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.token_type(id) == Some(TokenType::Control)
+    }
+
+    fn text_of(&self, id: u32) -> &[u8] {
+        let i = id as usize;
+        match (self.text_at.get(i), self.text_at.get(i + 1)) {
+            (Some(&a), Some(&b)) => self.text.get(a..b).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    /// Token `id`'s string as the file spells it (GPT-2 alphabet for normal tokens).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        if id as usize >= self.len() {
+            return None;
+        }
+        core::str::from_utf8(self.text_of(id)).ok()
+    }
+
+    fn id_of_bytes(&self, text: &[u8]) -> Option<u32> {
+        self.by_text.find(text, |id| self.text_of(id))
+    }
+
+    /// The token whose string (as the file spells it) is `text`.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.id_of_bytes(text.as_bytes())
+    }
+
+    /// The bytes token `id` stands for: byte-level decoded for normal tokens, the text
+    /// itself for control, user-defined and unknown tokens (so a rendered chat prompt
+    /// decodes back to itself; skip [`Tokenizer::is_control`] tokens when printing).
+    /// Empty for an id outside the vocabulary.
+    pub fn decode_token(&self, id: u32) -> &[u8] {
+        let i = id as usize;
+        match (self.bytes_at.get(i), self.bytes_at.get(i + 1)) {
+            (Some(&a), Some(&b)) => self.bytes.get(a..b).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    /// The bytes of `ids`, concatenated (see [`Tokenizer::decode_token`]).
+    pub fn decode_bytes(&self, ids: &[u32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend_from_slice(self.decode_token(id));
+        }
+        out
+    }
+
+    /// The text of `ids`; invalid UTF-8 becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids)).into_owned()
+    }
+
+    /// Token ids of `text` (no BOS is added: see [`Tokenizer::add_bos`]).
+    ///
+    /// As in llama.cpp, user-defined tokens are always matched in the text, and control
+    /// and unknown tokens (e.g. `<|im_start|>`) only when `parse_special`; where special
+    /// tokens overlap, the longer one wins. The rest is pre-tokenized and BPE-merged.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        // Fragments: (start, end, Some(special id)) or raw text (None).
+        let mut frags: Vec<(usize, usize, Option<u32>)> = alloc::vec![(0, text.len(), None)];
+        let mut next = Vec::new();
+        for &sid in &self.specials {
+            let ty = self.token_type(sid);
+            if !parse_special && ty != Some(TokenType::UserDefined) {
+                continue;
+            }
+            let Some(pat) = self.token_text(sid) else {
+                continue;
+            };
+            if pat.is_empty() || !text.contains(pat) {
+                continue;
+            }
+            next.clear();
+            for &(start, end, id) in &frags {
+                let (Some(s), None) = (text.get(start..end), id) else {
+                    next.push((start, end, id));
+                    continue;
+                };
+                let mut at = 0;
+                while let Some(found) = s.get(at..).and_then(|rest| rest.find(pat)) {
+                    let m = at + found;
+                    if m > at {
+                        next.push((start + at, start + m, None));
+                    }
+                    next.push((start + m, start + m + pat.len(), Some(sid)));
+                    at = m + pat.len();
+                }
+                if at < s.len() {
+                    next.push((start + at, end, None));
+                }
+            }
+            core::mem::swap(&mut frags, &mut next);
+        }
+
+        let mut out = Vec::new();
+        let mut words = Vec::new();
+        let mut heap = BinaryHeap::new();
+        let mut syms = Vec::new();
+        for (start, end, id) in frags {
+            if let Some(id) = id {
+                out.push(id);
+                continue;
+            }
+            let Some(s) = text.get(start..end) else {
+                continue;
+            };
+            words.clear();
+            pre_tokenize(self.pre, s, &mut words);
+            for &(a, b) in &words {
+                if let Some(w) = s.get(a..b) {
+                    self.bpe(w.as_bytes(), &mut out, &mut heap, &mut syms);
+                }
+            }
+        }
+        out
+    }
+
+    /// The merge rule for the pair `(left, right)`.
+    fn merge(&self, left: u32, right: u32) -> Option<Merge> {
+        let i = self
+            .merges
+            .binary_search_by(|m| (m.left, m.right).cmp(&(left, right)))
+            .ok()?;
+        self.merges.get(i).copied()
+    }
+
+    /// Byte-level BPE of one pre-tokenized piece: repeatedly merges the adjacent pair of
+    /// lowest rank (the leftmost among equals), appending the resulting ids to `out`.
+    fn bpe(
+        &self,
+        word: &[u8],
+        out: &mut Vec<u32>,
+        heap: &mut BinaryHeap<Reverse<(u32, usize, u32, u32)>>,
+        syms: &mut Vec<Sym>,
+    ) {
+        syms.clear();
+        heap.clear();
+        for (i, &b) in word.iter().enumerate() {
+            syms.push(Sym {
+                id: self.byte_token[b as usize],
+                prev: i.checked_sub(1),
+                next: (i + 1 < word.len()).then_some(i + 1),
+                alive: true,
+            });
+        }
+        let push = |heap: &mut BinaryHeap<_>, syms: &[Sym], left: usize| {
+            let Some(l) = syms.get(left) else { return };
+            let Some(r) = l.next.and_then(|r| syms.get(r)) else {
+                return;
+            };
+            if l.id == NONE || r.id == NONE {
+                return;
+            }
+            if let Some(m) = self.merge(l.id, r.id) {
+                heap.push(Reverse((m.rank, left, l.id, r.id)));
+            }
+        };
+        for i in 0..syms.len() {
+            push(heap, syms, i);
+        }
+        while let Some(Reverse((_, left, lid, rid))) = heap.pop() {
+            let Some(l) = syms.get(left).copied() else {
+                continue;
+            };
+            let Some(r_at) = l.next else { continue };
+            let Some(r) = syms.get(r_at).copied() else {
+                continue;
+            };
+            if !l.alive || l.id != lid || r.id != rid {
+                continue; // stale: one side has merged since
+            }
+            let Some(m) = self.merge(lid, rid) else {
+                continue;
+            };
+            if let Some(s) = syms.get_mut(left) {
+                s.id = m.result;
+                s.next = r.next;
+            }
+            if let Some(s) = syms.get_mut(r_at) {
+                s.alive = false;
+            }
+            if let Some(s) = r.next.and_then(|n| syms.get_mut(n)) {
+                s.prev = Some(left);
+            }
+            if let Some(p) = l.prev {
+                push(heap, syms, p);
+            }
+            push(heap, syms, left);
+        }
+        let mut at = if syms.is_empty() { None } else { Some(0) };
+        while let Some(i) = at {
+            let Some(s) = syms.get(i) else { break };
+            if s.id != NONE {
+                out.push(s.id);
+            } else if let Some(unk) = self.unk {
+                // A byte the vocabulary lacks (not in a well-formed GPT-2 vocabulary).
+                out.push(unk);
+            }
+            at = s.next;
+        }
+    }
+}
+
+/// A hash table from token text to id (open addressing, linear probing, FNV-1a); the
+/// texts stay wherever the caller keeps them.
+#[derive(Clone, Debug, Default)]
+struct TextIndex {
+    /// Token ids, `NONE` for an empty slot; a power-of-two length at least twice the
+    /// number of tokens.
+    slots: Vec<u32>,
+}
+
+impl TextIndex {
+    fn hash(text: &[u8]) -> usize {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in text {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        h as usize
+    }
+
+    /// Indexes ids `0..n` (n < `NONE`); for equal texts the last id wins.
+    fn new<'t>(n: usize, text_of: impl Fn(u32) -> &'t [u8]) -> TextIndex {
+        let size = n.saturating_mul(2).max(16).next_power_of_two();
+        let mut slots = alloc::vec![NONE; size];
+        let mask = size - 1;
+        for id in 0..n as u32 {
+            let text = text_of(id);
+            let mut at = TextIndex::hash(text) & mask;
+            // Terminates: at most n of the 2n slots are full.
+            while let Some(slot) = slots.get_mut(at) {
+                if *slot == NONE || text_of(*slot) == text {
+                    *slot = id;
+                    break;
+                }
+                at = (at + 1) & mask;
+            }
+        }
+        TextIndex { slots }
+    }
+
+    fn find<'t>(&self, text: &[u8], text_of: impl Fn(u32) -> &'t [u8]) -> Option<u32> {
+        let mask = self.slots.len().checked_sub(1)?;
+        let mut at = TextIndex::hash(text) & mask;
+        loop {
+            match *self.slots.get(at)? {
+                NONE => return None,
+                id if text_of(id) == text => return Some(id),
+                _ => at = (at + 1) & mask,
+            }
+        }
+    }
+}
+
+/// A symbol during BPE: a token id in a doubly linked list.
+#[derive(Clone, Copy, Debug)]
+struct Sym {
+    id: u32,
+    prev: Option<usize>,
+    next: Option<usize>,
+    alive: bool,
+}
+
+/// Splits `s` into pieces (byte ranges of `s`) with the pre-tokenizer `pre`.
+pub(crate) fn pre_tokenize(pre: PreTokenizer, s: &str, out: &mut Vec<(usize, usize)>) {
+    match pre {
+        PreTokenizer::Gpt2 => gpt2_split(s, 0, out),
+        PreTokenizer::SmolLm => {
+            // `\p{N}`: each number character is a piece, and so is each run between.
+            let mut run = 0;
+            for (i, c) in s.char_indices() {
+                if is_number(c) {
+                    if let Some(piece) = s.get(run..i) {
+                        gpt2_split(piece, run, out);
+                    }
+                    out.push((i, i + c.len_utf8()));
+                    run = i + c.len_utf8();
+                }
+            }
+            if let Some(piece) = s.get(run..) {
+                gpt2_split(piece, run, out);
+            }
+        }
+    }
+}
+
+/// The GPT-2 pattern `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+/// over `s` (whose pieces are pushed offset by `base`), with regex semantics: at each
+/// position the first alternative that matches, greedily. The lookahead sees only `s`.
+fn gpt2_split(s: &str, base: usize, out: &mut Vec<(usize, usize)>) {
+    let at = |i: usize| s.get(i..).and_then(|r| r.chars().next());
+    let is_other = |c: char| !(is_space(c) || is_letter(c) || is_number(c));
+    let mut i = 0;
+    while let Some(c) = at(i) {
+        let start = i;
+        // Consumes characters satisfying `f` from byte `j`, returning the end.
+        let run = |mut j: usize, f: &dyn Fn(char) -> bool| {
+            while let Some(c) = at(j).filter(|&c| f(c)) {
+                j += c.len_utf8();
+            }
+            j
+        };
+        let end = 'm: {
+            if c == '\'' {
+                let rest = s.get(i + 1..).unwrap_or("");
+                for suffix in ["s", "t", "re", "ve", "m", "ll", "d"] {
+                    if rest.starts_with(suffix) {
+                        break 'm i + 1 + suffix.len();
+                    }
+                }
+            }
+            let (j, c2) = if c == ' ' {
+                (i + 1, at(i + 1))
+            } else {
+                (i, Some(c))
+            };
+            if let Some(c2) = c2 {
+                if is_letter(c2) {
+                    break 'm run(j, &is_letter);
+                }
+                if is_number(c2) {
+                    break 'm run(j, &is_number);
+                }
+                if is_other(c2) {
+                    break 'm run(j, &is_other);
+                }
+            }
+            // Whitespace: `\s+(?!\S)` leaves the last space before a non-space to the
+            // next piece (if the run has more than one); otherwise `\s+`.
+            let end = run(i, &is_space);
+            match at(end) {
+                Some(_) if end > i => {
+                    let last = s.get(i..end).and_then(|w| w.chars().next_back());
+                    let cut = end - last.map_or(0, char::len_utf8);
+                    if cut > i {
+                        cut
+                    } else {
+                        end
+                    }
+                }
+                // Not whitespace after all (cannot happen: every class is covered).
+                _ if end == i => i + c.len_utf8(),
+                _ => end,
+            }
+        };
+        out.push((base + start, base + end));
+        i = end;
+    }
+}
+
+/// Reassembles UTF-8 text from token bytes arriving one token at a time: a character
+/// split across tokens is held back until it is complete; invalid bytes become U+FFFD.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Utf8Stream {
+    pending: [u8; 4],
+    len: usize,
+}
+
+impl Utf8Stream {
+    /// An empty stream.
+    pub fn new() -> Utf8Stream {
+        Utf8Stream::default()
+    }
+
+    /// Appends the complete characters of the bytes so far to `out`.
+    pub fn push(&mut self, bytes: &[u8], out: &mut String) {
+        if self.len == 0 {
+            self.feed(bytes, out);
+        } else {
+            let mut v = Vec::with_capacity(self.len + bytes.len());
+            v.extend_from_slice(self.pending.get(..self.len).unwrap_or(&[]));
+            v.extend_from_slice(bytes);
+            self.len = 0;
+            self.feed(&v, out);
+        }
+    }
+
+    /// Flushes an incomplete trailing character as U+FFFD.
+    pub fn finish(&mut self, out: &mut String) {
+        if self.len > 0 {
+            out.push('\u{FFFD}');
+            self.len = 0;
+        }
+    }
+
+    /// True if an incomplete character is held back.
+    pub fn has_pending(&self) -> bool {
+        self.len > 0
+    }
+
+    fn feed(&mut self, mut b: &[u8], out: &mut String) {
+        loop {
+            match core::str::from_utf8(b) {
+                Ok(s) => {
+                    out.push_str(s);
+                    return;
+                }
+                Err(e) => {
+                    let (good, rest) = b.split_at(e.valid_up_to());
+                    out.push_str(core::str::from_utf8(good).unwrap_or(""));
+                    match e.error_len() {
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            b = rest.get(n..).unwrap_or(&[]);
+                        }
+                        None => {
+                            // An incomplete character at the end: at most 3 bytes.
+                            for (d, s) in self.pending.iter_mut().zip(rest) {
+                                *d = *s;
+                            }
+                            self.len = rest.len().min(4);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn split(pre: PreTokenizer, s: &str) -> Vec<&str> {
+        let mut v = Vec::new();
+        pre_tokenize(pre, s, &mut v);
+        v.iter().map(|&(a, b)| &s[a..b]).collect()
+    }
+
+    #[test]
+    fn gpt2_pattern() {
+        let g = PreTokenizer::Gpt2;
+        assert_eq!(split(g, "Hello world"), vec!["Hello", " world"]);
+        assert_eq!(split(g, "it's  x"), vec!["it", "'s", " ", " x"]);
+        assert_eq!(split(g, "a \n\n b"), vec!["a", " \n\n", " b"]);
+        assert_eq!(split(g, "a\nb"), vec!["a", "\n", "b"]);
+        assert_eq!(split(g, "x   "), vec!["x", "   "]);
+        assert_eq!(split(g, "12 345?!"), vec!["12", " 345", "?!"]);
+        assert_eq!(split(g, "''s 'S"), vec!["''", "s", " '", "S"]);
+        assert_eq!(
+            split(g, "héllo wörld 中文"),
+            vec!["héllo", " wörld", " 中文"]
+        );
+        assert_eq!(split(g, ""), Vec::<&str>::new());
+        assert_eq!(split(g, " "), vec![" "]);
+        assert_eq!(split(g, "a  !"), vec!["a", " ", " !"]);
+    }
+
+    #[test]
+    fn smollm_splits_digits() {
+        let s = PreTokenizer::SmolLm;
+        assert_eq!(
+            split(s, "In 2024, x"),
+            vec!["In", " ", "2", "0", "2", "4", ",", " x"]
+        );
+        assert_eq!(split(s, "a1b"), vec!["a", "1", "b"]);
+    }
+
+    #[test]
+    fn byte_alphabet_round_trips() {
+        for b in 0..=255u8 {
+            assert_eq!(char_to_byte(byte_to_char(b)), Some(b));
+        }
+        assert_eq!(byte_to_char(b' '), 'Ġ');
+        assert_eq!(byte_to_char(b'\n'), 'Ċ');
+        assert_eq!(char_to_byte('\u{200}'), None);
+    }
+
+    #[test]
+    fn utf8_stream() {
+        let mut st = Utf8Stream::new();
+        let mut out = String::new();
+        let e = "é€😀".as_bytes();
+        for b in e {
+            st.push(core::slice::from_ref(b), &mut out);
+        }
+        assert_eq!(out, "é€😀");
+        assert!(!st.has_pending());
+        st.push(&[0xF0, 0x9F], &mut out);
+        st.push(&[0xFF, b'a'], &mut out);
+        st.push(&[0xE2], &mut out);
+        st.finish(&mut out);
+        assert_eq!(out, "é€😀\u{FFFD}\u{FFFD}a\u{FFFD}");
+    }
+}

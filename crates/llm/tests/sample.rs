@@ -1,0 +1,130 @@
+//! The sampler: greedy, determinism, top-k/top-p, distribution, validation.
+
+use ferry_llm::{Sampler, SamplerConfig, SamplerError};
+
+fn cfg(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplerConfig {
+    SamplerConfig {
+        temperature,
+        top_k,
+        top_p,
+        seed,
+    }
+}
+
+fn logits(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_takes_the_first_maximum() {
+    let mut s = Sampler::new(SamplerConfig::default()).unwrap();
+    assert_eq!(s.sample(&[0.0, 2.0, 1.0, 2.0]), 1);
+    assert_eq!(s.sample(&[f32::NAN, -5.0, f32::NAN]), 1);
+    assert_eq!(s.sample(&[]), 0);
+    assert_eq!(s.step(), 0);
+    // Temperature sampling falls back to greedy where a softmax cannot weigh.
+    let mut s = Sampler::new(cfg(1.0, 0, 1.0, 1)).unwrap();
+    assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0, f32::INFINITY]), 1);
+    assert_eq!(s.sample(&[f32::NEG_INFINITY; 3]), 0);
+    assert_eq!(s.sample(&[f32::NAN, f32::NAN]), 0);
+    // top_k 1 and a tiny top_p are greedy too (ties broken by the lower id).
+    let l = logits(1000, 7);
+    let best = Sampler::new(SamplerConfig::default()).unwrap().sample(&l);
+    let mut k1 = Sampler::new(cfg(1.5, 1, 1.0, 3)).unwrap();
+    let mut p0 = Sampler::new(cfg(1.5, 0, 1e-9, 3)).unwrap();
+    for _ in 0..20 {
+        assert_eq!(k1.sample(&l), best);
+        assert_eq!(p0.sample(&l), best);
+    }
+    let mut tie = Sampler::new(cfg(1.0, 1, 1.0, 9)).unwrap();
+    assert_eq!(tie.sample(&[0.0, 3.0, 1.0, 3.0]), 1);
+}
+
+#[test]
+fn same_seed_same_tokens() {
+    let l = logits(49152, 11);
+    let run = |seed| {
+        let mut s = Sampler::new(cfg(0.8, 40, 0.95, seed)).unwrap();
+        (0..50).map(|_| s.sample(&l)).collect::<Vec<_>>()
+    };
+    let a = run(42);
+    assert_eq!(a, run(42));
+    assert_ne!(a, run(43));
+    // Resuming from a step gives the same continuation.
+    let mut s = Sampler::new(cfg(0.8, 40, 0.95, 42)).unwrap();
+    s.set_step(25);
+    let tail: Vec<_> = (0..25).map(|_| s.sample(&l)).collect();
+    assert_eq!(tail, a[25..]);
+    // Only the top 40 ever come out.
+    let mut order: Vec<u32> = (0..l.len() as u32).collect();
+    order.sort_by(|&x, &y| l[y as usize].total_cmp(&l[x as usize]).then(x.cmp(&y)));
+    assert!(a.iter().all(|t| order[..40].contains(t)));
+}
+
+#[test]
+fn follows_the_softmax() {
+    // Probabilities 1/2, 1/4, 1/8, 1/8 at temperature 1.
+    let l = [
+        0.0f32,
+        -std::f32::consts::LN_2,
+        -2.0 * std::f32::consts::LN_2,
+        -2.0 * std::f32::consts::LN_2,
+    ];
+    let mut s = Sampler::new(cfg(1.0, 0, 1.0, 5)).unwrap();
+    let n = 40000;
+    let mut count = [0usize; 4];
+    for _ in 0..n {
+        count[s.sample(&l) as usize] += 1;
+    }
+    for (c, p) in count.iter().zip([0.5, 0.25, 0.125, 0.125]) {
+        let f = *c as f64 / n as f64;
+        assert!((f - p).abs() < 0.01, "{count:?}");
+    }
+    // top_p 0.7 keeps the first two (0.5 < 0.7 <= 0.75): 2/3 and 1/3.
+    let mut s = Sampler::new(cfg(1.0, 0, 0.7, 5)).unwrap();
+    let mut count = [0usize; 4];
+    for _ in 0..30000 {
+        count[s.sample(&l) as usize] += 1;
+    }
+    assert_eq!(count[2] + count[3], 0, "{count:?}");
+    assert!(
+        (count[0] as f64 / 30000.0 - 2.0 / 3.0).abs() < 0.015,
+        "{count:?}"
+    );
+    // A high temperature flattens it.
+    let mut s = Sampler::new(cfg(1000.0, 0, 1.0, 5)).unwrap();
+    let mut count = [0usize; 4];
+    for _ in 0..20000 {
+        count[s.sample(&l) as usize] += 1;
+    }
+    assert!(
+        count
+            .iter()
+            .all(|&c| (c as f64 / 20000.0 - 0.25).abs() < 0.02),
+        "{count:?}"
+    );
+}
+
+#[test]
+fn validates_the_config() {
+    for t in [-0.1f32, f32::NAN, f32::INFINITY] {
+        let e = Sampler::new(cfg(t, 0, 1.0, 0)).unwrap_err();
+        assert!(matches!(e, SamplerError::Temperature(_)));
+        assert!(e.to_string().contains("temperature"));
+    }
+    for p in [0.0f32, -1.0, 1.01, f32::NAN] {
+        assert!(matches!(
+            Sampler::new(cfg(1.0, 0, p, 0)),
+            Err(SamplerError::TopP(_))
+        ));
+    }
+    assert!(Sampler::new(cfg(0.0, 0, 1.0, 0)).is_ok());
+}

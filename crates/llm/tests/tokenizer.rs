@@ -1,0 +1,230 @@
+//! The tokenizer and chat template on the tiny synthetic vocabulary.
+
+mod common;
+
+use common::*;
+use ferry_llm::gguf::Gguf;
+use ferry_llm::tokenizer::PreTokenizer;
+use ferry_llm::{
+    ChatError, ChatTemplate, Message, TokenType, Tokenizer, TokenizerError, Utf8Stream,
+};
+
+fn tokenizer(w: &Writer) -> Result<Tokenizer, TokenizerError> {
+    let bytes = w.build();
+    let g = Gguf::parse(&bytes, bytes.len() as u64).expect("valid GGUF");
+    Tokenizer::from_gguf(&g)
+}
+
+fn id(tok: &Tokenizer, text: &str) -> u32 {
+    tok.token_id(&spell(text))
+        .unwrap_or_else(|| panic!("no token {text:?}"))
+}
+
+#[test]
+fn encodes_with_merges_and_specials() {
+    let tok = tokenizer(&tiny_llama()).unwrap();
+    assert_eq!(tok.len(), tiny_vocab().tokens.len());
+    assert_eq!(
+        (tok.bos(), tok.eos(), tok.eot(), tok.unk()),
+        (Some(1), Some(2), None, None)
+    );
+    assert!(!tok.add_bos());
+    assert_eq!(tok.pre_tokenizer(), PreTokenizer::SmolLm);
+    assert_eq!(tok.token_type(1), Some(TokenType::Control));
+    assert_eq!(tok.token_type(3), Some(TokenType::UserDefined));
+    assert!(tok.is_control(2) && !tok.is_control(3) && !tok.is_control(100));
+    assert_eq!(tok.token_text(1), Some("<|im_start|>"));
+    assert_eq!(tok.token_text(100_000), None);
+
+    // "hello": h e l l o -> he ll -> hell -> hello; " the" -> Ġt he -> Ġthe;
+    // " world": Ġw or -> Ġwor, then "l", "d" ("Ġwor ld" has no token "ld").
+    let ids = tok.encode("hello the world", false);
+    let want = [
+        id(&tok, "hello"),
+        id(&tok, " the"),
+        id(&tok, " wor"),
+        id(&tok, "l"),
+        id(&tok, "d"),
+    ];
+    assert_eq!(ids, want);
+    assert_eq!(tok.decode(&ids), "hello the world");
+    // Equal-rank ties merge leftmost first: "aaa" -> "aa" "a".
+    assert_eq!(tok.encode("aaa", false), [id(&tok, "aa"), id(&tok, "a")]);
+    // Whitespace runs: "  x" -> " " then " x" (ĠĠ merges inside the first piece only).
+    assert_eq!(
+        tok.encode("x   y", false),
+        [id(&tok, "x"), id(&tok, "  "), id(&tok, " "), id(&tok, "y")]
+    );
+    // Digits are pieces of their own (smollm).
+    assert_eq!(
+        tok.encode("a12", false),
+        [id(&tok, "a"), id(&tok, "1"), id(&tok, "2")]
+    );
+    // Multi-byte characters are byte tokens here, and decode back.
+    let text = "é😀 中";
+    let ids = tok.encode(text, false);
+    assert_eq!(ids.len(), text.len());
+    assert_eq!(tok.decode(&ids), text);
+
+    // Special tokens: control ones only with parse_special, user-defined always.
+    let text = "<|im_start|>user\nhi<tool><|im_end|>";
+    let special = tok.encode(text, true);
+    assert_eq!(special[0], 1);
+    assert_eq!(*special.last().unwrap(), 2);
+    assert!(special.contains(&3));
+    assert_eq!(tok.decode(&special), text);
+    let plain = tok.encode(text, false);
+    assert!(!plain.contains(&1) && !plain.contains(&2) && plain.contains(&3));
+    assert_eq!(tok.decode(&plain), text);
+    assert_eq!(tok.encode("", true), Vec::<u32>::new());
+    assert_eq!(tok.encode("<|im_end|><|im_end|>", true), [2, 2]);
+    // Out-of-range ids decode to nothing.
+    assert_eq!(tok.decode_token(u32::MAX), b"");
+}
+
+#[test]
+fn chat_template_of_the_tiny_model() {
+    let bytes = tiny_llama().build();
+    let g = Gguf::parse(&bytes, bytes.len() as u64).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let t = ChatTemplate::from_gguf(&g).unwrap();
+    let m = [Message {
+        role: "user",
+        content: "hello",
+    }];
+    let text = t.render(&m, true);
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tok.encode(&text, true);
+    assert_eq!(ids[0], 1);
+    assert_eq!(tok.decode(&ids), text);
+    assert_eq!(t.stop_tokens(&tok), [2]);
+
+    let mut w = tiny_llama();
+    w.remove("tokenizer.chat_template");
+    let bytes = w.build();
+    let g = Gguf::parse(&bytes, bytes.len() as u64).unwrap();
+    let e = ChatTemplate::from_gguf(&g).unwrap_err();
+    assert_eq!(e, ChatError::NoTemplate);
+    assert!(e.to_string().contains("no chat template"));
+    w.set("tokenizer.chat_template", s("{{ messages }}"));
+    let bytes = w.build();
+    let g = Gguf::parse(&bytes, bytes.len() as u64).unwrap();
+    assert!(matches!(
+        ChatTemplate::from_gguf(&g),
+        Err(ChatError::UnknownTemplate { .. })
+    ));
+}
+
+#[test]
+fn refuses_bad_tokenizers() {
+    let err = |f: &dyn Fn(&mut Writer)| {
+        let mut w = tiny_llama();
+        f(&mut w);
+        tokenizer(&w).unwrap_err()
+    };
+    let e = err(&|w| w.set("tokenizer.ggml.model", s("llama")));
+    assert_eq!(
+        e,
+        TokenizerError::UnsupportedModel {
+            model: "llama".into()
+        }
+    );
+    let e = err(&|w| w.set("tokenizer.ggml.pre", s("llama-bpe")));
+    assert_eq!(
+        e,
+        TokenizerError::UnsupportedPre {
+            pre: "llama-bpe".into()
+        }
+    );
+    assert!(e.to_string().contains("llama-bpe"));
+    let e = err(&|w| w.remove("tokenizer.ggml.tokens"));
+    assert!(matches!(
+        e,
+        TokenizerError::Missing {
+            key: "tokenizer.ggml.tokens",
+            ..
+        }
+    ));
+    let e = err(&|w| w.set("tokenizer.ggml.tokens", V::Strs(vec![])));
+    assert_eq!(e, TokenizerError::BadVocabularySize { tokens: 0 });
+    let e = err(&|w| w.set("tokenizer.ggml.token_type", V::I32s(vec![1; 3])));
+    assert!(matches!(e, TokenizerError::TokenTypeCount { types: 3, .. }));
+    let e = err(&|w| {
+        let mut types = tiny_vocab().types;
+        types[7] = 9;
+        w.set("tokenizer.ggml.token_type", V::I32s(types));
+    });
+    assert_eq!(
+        e,
+        TokenizerError::BadTokenType {
+            id: 7,
+            code: Some(9)
+        }
+    );
+    let e = err(&|w| {
+        w.set(
+            "tokenizer.ggml.merges",
+            V::Strs(vec!["h e".into(), "nospace".into()]),
+        )
+    });
+    assert_eq!(e, TokenizerError::BadMerge { index: 1 });
+    let e = err(&|w| w.set("tokenizer.ggml.merges", V::Strs(vec![" x".into()])));
+    assert_eq!(e, TokenizerError::BadMerge { index: 0 });
+    let e = err(&|w| w.set("tokenizer.ggml.eos_token_id", V::U32(100_000)));
+    assert_eq!(
+        e,
+        TokenizerError::BadSpecialId {
+            key: "tokenizer.ggml.eos_token_id",
+            id: 100_000
+        }
+    );
+    let e = err(&|w| {
+        let mut tokens = tiny_vocab().tokens;
+        tokens[5] = String::new();
+        let mut v = Vec::new();
+        for t in &tokens {
+            v.push(t.clone());
+        }
+        w.set(
+            "tokenizer.ggml.tokens",
+            V::Raw(9, {
+                let mut raw = 8u32.to_le_bytes().to_vec();
+                raw.extend((v.len() as u64).to_le_bytes());
+                for (i, t) in v.iter().enumerate() {
+                    let b: &[u8] = if i == 5 { &[0xff] } else { t.as_bytes() };
+                    raw.extend((b.len() as u64).to_le_bytes());
+                    raw.extend(b);
+                }
+                raw
+            }),
+        );
+    });
+    assert_eq!(e, TokenizerError::InvalidToken { id: 5 });
+    // Plain GPT-2 pre-tokenization keeps digit runs together; no token types = normal.
+    let mut w = tiny_llama();
+    w.set("tokenizer.ggml.pre", s("gpt2"));
+    w.remove("tokenizer.ggml.token_type");
+    let tok = tokenizer(&w).unwrap();
+    assert_eq!(tok.pre_tokenizer(), PreTokenizer::Gpt2);
+    assert_eq!(tok.encode("<|im_end|>", true).len(), "<|im_end|>".len());
+}
+
+#[test]
+fn utf8_stream_across_tokens() {
+    let tok = tokenizer(&tiny_llama()).unwrap();
+    let text = "naïve 😀 ok";
+    let ids = tok.encode(text, false);
+    let mut out = String::new();
+    let mut stream = Utf8Stream::new();
+    let mut seen = Vec::new();
+    for &id in &ids {
+        stream.push(tok.decode_token(id), &mut out);
+        seen.push(out.clone()); // every prefix is valid text
+    }
+    stream.finish(&mut out);
+    assert_eq!(out, text);
+    assert!(seen.iter().any(|s| s.ends_with("na")));
+}
