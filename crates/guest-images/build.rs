@@ -44,6 +44,11 @@ const IMAGES: &[(&str, &str, bool)] = &[
         "dirties pages before and after a flag the host sets; prints their addresses",
         true,
     ),
+    (
+        "files",
+        "reads its attached files through the file port and the device; tries hostile reads",
+        true,
+    ),
 ];
 
 /// Must match `[build] target` in guest/.cargo/config.toml (it names the output folder).

@@ -8,7 +8,8 @@
 //! - 64-bit long mode, ring 3, IOPL 3 (port I/O exits straight to the VMM), SSE enabled,
 //!   interrupts disabled. Guest RAM is identity mapped (virtual = physical) up to
 //!   `ram_size`. Page 0, the VMM's system pages below [`IMAGE_BASE`] (except the boot-info
-//!   and console buffer pages) and everything at or above `ram_size` are not accessible: touching them faults.
+//!   console buffer and attached-file pages) and everything at or above `ram_size` are not
+//!   accessible: touching them faults.
 //! - The guest image is a static ELF linked at [`IMAGE_BASE`]. Its entry point is called
 //!   with `rdi` = [`BOOT_INFO_ADDR`] and `rsp` 8 bytes below a 16-byte boundary, exactly as
 //!   if `call` had just pushed a return address (System V). It must never return.
@@ -16,9 +17,11 @@
 #![no_std]
 
 pub mod accel;
+pub mod file;
 
 /// Version of this contract; the VMM writes it into [`BootInfo::abi_version`].
-pub const ABI_VERSION: u32 = 1;
+/// 2: attached files ([`file`]).
+pub const ABI_VERSION: u32 = 2;
 
 /// Size of a guest page, and the granularity of guest RAM dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
@@ -64,6 +67,10 @@ pub mod port {
     /// 32-bit `out` (any value): sleep until the accelerator has completed every submitted
     /// command or about a millisecond has passed, whichever is first.
     pub const ACCEL_WAIT: u16 = 0x0524;
+    /// 32-bit `out` (any value): execute the [`FileRequest`](crate::file::FileRequest) at
+    /// [`FILE_REQUEST_ADDR`](crate::file::FILE_REQUEST_ADDR); its status is written before
+    /// the `out` returns.
+    pub const FILE_READ: u16 = 0x0528;
 }
 
 /// Capacity of [`BootInfo::args`] in bytes.

@@ -17,11 +17,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
+use ferry_abi::file::MAX_READ;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::backend::{Backend, BackendError, BufferId, BufferReader};
 use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
+use crate::files::FileSource;
 use crate::kernel::Kernel;
 use crate::ring::{head_is_sane, GuestRam, Ring};
 
@@ -140,12 +142,21 @@ struct Core {
     tail: u64,
     ring_invalid: bool,
     mem: GuestRam,
-    /// Staging for uploads and downloads, reused across commands.
+    /// The VM's attached files, for LOAD_FILE.
+    files: Arc<dyn FileSource>,
+    /// Staging for uploads, downloads and file loads, reused across commands.
     scratch: Vec<u8>,
 }
 
 impl Core {
-    fn new(backend: Box<dyn Backend>, mem: GuestRam, ring: Ring, capacity: u64, tail: u64) -> Self {
+    fn new(
+        backend: Box<dyn Backend>,
+        mem: GuestRam,
+        ring: Ring,
+        capacity: u64,
+        tail: u64,
+        files: Arc<dyn FileSource>,
+    ) -> Self {
         Self {
             backend,
             map: Arc::default(),
@@ -155,6 +166,7 @@ impl Core {
             tail,
             ring_invalid: false,
             mem,
+            files,
             scratch: Vec::new(),
         }
     }
@@ -385,6 +397,33 @@ impl Core {
                 }
                 Ok(())
             }
+            op::LOAD_FILE => {
+                let (id, range) = self.buffer_range(a[0], a[1], a[4])?;
+                let file = u32::try_from(a[2]).map_err(|_| status::BAD_FILE)?;
+                let file_len = self.files.file_len(file).ok_or(status::BAD_FILE)?;
+                let (start, len) = (a[3], a[4]);
+                if len > MAX_READ || start.checked_add(len).is_none_or(|end| end > file_len) {
+                    return Err(status::BAD_FILE);
+                }
+                let piece = &mut self.scratch;
+                piece.resize(COPY_PIECE.min(len) as usize, 0);
+                let mut done = 0;
+                let result = loop {
+                    if done == len {
+                        break Ok(());
+                    }
+                    let n = (len - done).min(COPY_PIECE) as usize;
+                    if let Err(e) = self.files.read_file(file, start + done, &mut piece[..n]) {
+                        tracing::warn!(file, "accelerator cannot read an attached file: {e}");
+                        break Err(status::DEVICE_ERROR);
+                    }
+                    self.backend.write(id, range.start + done, &piece[..n]);
+                    done += n as u64;
+                };
+                // What was copied before a failure is written: mark it.
+                self.mark([(id, range.start..range.start + done)]);
+                result
+            }
             op::LAUNCH => {
                 let (kernel, access) = {
                     let map = lock_map(&self.map);
@@ -532,10 +571,11 @@ impl Accelerator {
         ring_gpa: u64,
         capacity: u64,
         backend: Box<dyn Backend>,
+        files: Arc<dyn FileSource>,
     ) -> std::io::Result<Self> {
         let ring = Ring::at(ring_gpa);
         ring.init(&mem, capacity).map_err(std::io::Error::other)?;
-        Self::start(Core::new(backend, mem, ring, capacity, 0))
+        Self::start(Core::new(backend, mem, ring, capacity, 0, files))
     }
 
     /// A device rebuilt from `state` with empty (zero) buffers; fill them with
@@ -544,10 +584,11 @@ impl Accelerator {
         mem: GuestRam,
         state: &AccelState,
         backend: Box<dyn Backend>,
+        files: Arc<dyn FileSource>,
     ) -> Result<Self, AccelStateError> {
         check_compatible(state, backend.as_ref())?;
         let ring = Ring::at(state.ring_gpa);
-        let mut core = Core::new(backend, mem, ring, state.capacity, state.tail);
+        let mut core = Core::new(backend, mem, ring, state.capacity, state.tail, files);
         core.sync_buffers(&state.buffers)?;
         Self::start(core).map_err(|e| AccelStateError::Corrupt(e.to_string()))
     }
@@ -562,6 +603,12 @@ impl Accelerator {
 
     fn map(&self) -> MutexGuard<'_, BufferMap> {
         lock_map(&self.shared.map)
+    }
+
+    /// Replaces the attached files LOAD_FILE reads (a VM restored or received gets them
+    /// once they are all on this host). The device must be paused.
+    pub fn set_files(&self, files: Arc<dyn FileSource>) {
+        self.core().files = files;
     }
 
     /// The guest rang the doorbell.

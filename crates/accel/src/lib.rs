@@ -9,10 +9,12 @@
 //! - [`dirty`]: exact dirty tracking of device memory in [`dirty::CHUNK_SIZE`] chunks,
 //!   driven by what each command declares it writes.
 //! - [`kernel`]: the typed, validated kernel launches.
+//! - [`files`]: the VM's attached files as LOAD_FILE reads them.
 //! - [`backend`]: where buffers live and kernels run (`cpu` today).
 
 pub mod backend;
 pub mod device;
 pub mod dirty;
+pub mod files;
 pub mod kernel;
 pub mod ring;

@@ -1,6 +1,7 @@
 //! The device driven through its ring by a fake guest (plain guest memory, no KVM), so
 //! these run on every machine: command semantics, hostile input, dirty chunks, state.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
@@ -8,6 +9,7 @@ use ferry_abi::PAGE_SIZE;
 use ferry_accel::backend::{self, DeviceMemory};
 use ferry_accel::device::Accelerator;
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
+use ferry_accel::files::{no_files, FileSource};
 use ferry_accel::ring::GuestRam;
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -30,12 +32,17 @@ fn field(offset: usize) -> GuestAddress {
 
 impl FakeGuest {
     fn new(threads: usize) -> Self {
+        Self::with_files(threads, no_files())
+    }
+
+    fn with_files(threads: usize, files: Arc<dyn FileSource>) -> Self {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
         let accel = Accelerator::boot(
             mem.clone(),
             RING,
             CAPACITY,
             backend::create("cpu", threads, &DeviceMemory::default()).unwrap(),
+            files,
         )
         .unwrap();
         accel.resume();
@@ -444,6 +451,7 @@ fn paused_device_state_and_chunks_restore_into_a_new_device() {
         mem2,
         &state,
         backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+        no_files(),
     )
     .unwrap();
     let mut data = Vec::new();
@@ -483,7 +491,8 @@ fn restore_refuses_corrupt_state() {
     assert!(Accelerator::restore(
         g.mem.clone(),
         &state,
-        backend::create("cpu", 1, &DeviceMemory::default()).unwrap()
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+        no_files()
     )
     .is_err());
     state.buffers[0] = ferry_accel::device::BufferState {
@@ -493,7 +502,8 @@ fn restore_refuses_corrupt_state() {
     assert!(Accelerator::restore(
         g.mem.clone(),
         &state,
-        backend::create("cpu", 1, &DeviceMemory::default()).unwrap()
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+        no_files()
     )
     .is_err());
     let mut other = g.accel.save_state();
@@ -502,6 +512,7 @@ fn restore_refuses_corrupt_state() {
         g.mem.clone(),
         &other,
         backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+        no_files(),
     )
     .err()
     .unwrap();
@@ -511,4 +522,86 @@ fn restore_refuses_corrupt_state() {
         index: 0,
     };
     assert!(g.accel.write_chunk(chunk, &[0; 4]).is_err());
+}
+
+/// Attached files held in memory; file 1 shrinks to `shrunk` bytes once asked.
+struct MemFiles {
+    files: Vec<Vec<u8>>,
+}
+
+impl FileSource for MemFiles {
+    fn file_len(&self, file: u32) -> Option<u64> {
+        self.files.get(file as usize).map(|f| f.len() as u64)
+    }
+
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let f = &self.files[file as usize];
+        let end = offset as usize + out.len();
+        if file == 1 {
+            // A file truncated behind the host's back.
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        out.copy_from_slice(&f[offset as usize..end]);
+        Ok(())
+    }
+}
+
+#[test]
+fn load_file_copies_attached_files_into_buffers_and_refuses_bad_ranges() {
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i * 7 + i / 4099) as u8)
+        .collect();
+    let files = MemFiles {
+        files: vec![data.clone(), vec![1; 64]],
+    };
+    let mut g = FakeGuest::with_files(2, Arc::new(files));
+    let size = 2 << 20;
+    assert_eq!(g.run(op::ALLOC, &[1, size]), status::OK);
+    g.accel.start_dirty_tracking();
+    // 1.5 MiB from file offset 12345 into buffer offset 4096 (several copy pieces).
+    let (off, foff, len) = (4096u64, 12345u64, 3 << 19);
+    assert_eq!(g.run(op::LOAD_FILE, &[1, off, 0, foff, len]), status::OK);
+    let mut chunk = Vec::new();
+    let mut got = vec![0u8; size as usize];
+    for (i, piece) in got.chunks_mut(CHUNK_SIZE as usize).enumerate() {
+        let id = ChunkId {
+            buffer: 1,
+            index: i as u64,
+        };
+        g.accel.read_chunk(id, &mut chunk).unwrap();
+        piece.copy_from_slice(&chunk);
+    }
+    assert!(got[..off as usize].iter().all(|&b| b == 0));
+    assert_eq!(
+        &got[off as usize..(off + len) as usize],
+        &data[foff as usize..(foff + len) as usize]
+    );
+    assert!(got[(off + len) as usize..].iter().all(|&b| b == 0));
+    // What was loaded is dirty, exactly: chunks 0..=6 of 256 KiB cover bytes 4096..+1.5 MiB.
+    let dirty: Vec<u64> = g
+        .accel
+        .take_dirty_chunks()
+        .iter()
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(dirty, (0..=6).collect::<Vec<_>>());
+    // Hostile ranges: past the file, past the buffer, an unknown file, too long, overflow.
+    let file_len = data.len() as u64;
+    for (args, want) in [
+        ([1, 0, 0, file_len - 8, 16], status::BAD_FILE),
+        ([1, 0, 0, u64::MAX, 2], status::BAD_FILE),
+        ([1, size - 8, 0, 0, 16], status::OUT_OF_BOUNDS),
+        ([1, 0, 2, 0, 16], status::BAD_FILE),
+        ([1, 0, u64::from(u32::MAX) + 1, 0, 16], status::BAD_FILE),
+        ([7, 0, 0, 0, 16], status::BAD_BUFFER),
+    ] {
+        assert_eq!(g.run(op::LOAD_FILE, &args), want, "{args:?}");
+    }
+    assert_eq!(g.run(op::ALLOC, &[2, 65 << 20]), status::OUT_OF_MEMORY);
+    // A file that can no longer be read fails the command; the device goes on.
+    assert_eq!(
+        g.run(op::LOAD_FILE, &[1, 0, 1, 0, 64]),
+        status::DEVICE_ERROR
+    );
+    assert_eq!(g.run(op::LOAD_FILE, &[1, 0, 0, 0, 64]), status::OK);
 }

@@ -1,5 +1,6 @@
 //! `ferry`: run, snapshot and (later) live-migrate AI virtual machines.
 
+mod attach;
 mod cmd;
 mod size;
 
@@ -58,6 +59,7 @@ enum Command {
     after_help = "Examples:\n  ferry run hello -- one two\n  ferry run memtouch -- --mib 64 --passes 4\n  \
                         ferry run memtouch --snapshot-at-ms 300 --snapshot-dir /tmp/snap -- --passes 50\n  \
                         ferry run --accel-memory 256M mlp-train -- --steps 200\n  \
+                        ferry run --accel-memory 512M --attach model=./model.gguf llm-chat -- --prompt 'Hi'\n  \
                         ferry restore /tmp/snap"
 )]
 pub struct RunArgs {
@@ -79,6 +81,11 @@ pub struct RunArgs {
     /// Directory for the snapshot (created if missing).
     #[arg(long, value_name = "DIR", requires = "snapshot_at_ms")]
     pub snapshot_dir: Option<PathBuf>,
+    /// Attach a read-only file the guest finds by NAME (repeatable), e.g.
+    /// `--attach model=./SmolLM2-135M-Instruct.Q4_1.gguf`. Snapshots record its path and
+    /// SHA-256; a restore refuses a file that changed.
+    #[arg(long, value_name = "NAME=PATH", value_parser = attach::parse_attach)]
+    pub attach: Vec<(String, PathBuf)>,
     /// Arguments passed to the guest (after `--`).
     #[arg(last = true, value_name = "GUEST_ARGS")]
     pub guest_args: Vec<String>,

@@ -83,7 +83,8 @@ mod tests {
                 "llm-decode",
                 "calibrate",
                 "faults",
-                "dirty-pages"
+                "dirty-pages",
+                "files"
             ]
         );
         assert!(!find("hello").unwrap().test_only);
@@ -92,6 +93,7 @@ mod tests {
         assert!(!find("llm-decode").unwrap().test_only);
         assert!(find("faults").unwrap().test_only);
         assert!(find("dirty-pages").unwrap().test_only);
+        assert!(find("files").unwrap().test_only);
         assert!(find("nope").is_none());
         assert!(all().iter().all(|i| i.elf.starts_with(b"\x7fELF")));
     }

@@ -8,12 +8,14 @@
 //! - [`vcpu`]: the vCPU thread, its exits, and its state in KVM's save/restore order.
 //! - [`memory`]: guest RAM and exact dirty-page tracking.
 //! - [`loader`]: guest ELF checks and loading.
-//! - [`devices`]: console, clock and exit ports.
+//! - [`devices`]: console, clock, exit and file-read ports.
+//! - [`files`]: attached read-only files (models, datasets).
 //! - [`snapshot`]: the versioned, checksummed snapshot file.
 //! - [`arch`]: x86-64 memory map, page tables, GDT/TSS/IDT, entry registers.
 
 pub mod arch;
 pub mod devices;
+pub mod files;
 pub mod loader;
 pub mod memory;
 pub mod snapshot;
@@ -21,6 +23,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use devices::console::ConsoleSink;
+pub use files::{AttachedFiles, FileInfo};
 pub use memory::DirtyPages;
 pub use vm::{HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit};
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::RING_REGION_SIZE;
+use ferry_abi::file::{FileTable, FILE_TABLE_ADDR};
 use ferry_abi::{
     encode_args, BootInfo, ABI_VERSION, ARGS_CAPACITY, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, STACK_SIZE,
 };
@@ -18,6 +19,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use crate::arch;
 use crate::devices::console::ConsoleSink;
 use crate::devices::{DeviceStates, PortDevices};
+use crate::files::{AttachError, AttachedFiles, FileInfo};
 use crate::loader::{load_image, LoadImageError, LoadedImage};
 use crate::memory::{
     self, create_guest_ram, register_ram, DirtyLog, DirtyPages, GuestRam, MemoryError,
@@ -73,6 +75,9 @@ pub struct HostOptions {
     /// compute threads. A host daemon runs them below its own threads, so busy guests
     /// cannot starve its API or a migration's copy.
     pub guest_nice: i32,
+    /// The read-only files attached to the VM (its state records their names, sizes and
+    /// hashes; a restored VM must be given the same content).
+    pub files: AttachedFiles,
 }
 
 impl HostOptions {
@@ -83,6 +88,7 @@ impl HostOptions {
             accel_threads: default_accel_threads(),
             device_memory: DeviceMemory::default(),
             guest_nice: 0,
+            files: AttachedFiles::default(),
         }
     }
 
@@ -139,6 +145,8 @@ pub struct MicrovmState {
     pub devices: DeviceStates,
     /// The accelerator, if the VM has one (buffer contents travel separately).
     pub accel: Option<AccelState>,
+    /// The attached files (their contents are the host's to provide).
+    pub files: Vec<FileInfo>,
 }
 
 /// Where a VM is in its life.
@@ -208,6 +216,12 @@ pub enum CreateVmError {
     /// The snapshot's state does not describe a VM this VMM can build.
     #[error("snapshot is incompatible: {0}")]
     Incompatible(String),
+    /// The attached files could not be opened, or are not the VM's.
+    #[error("attached files")]
+    Files(#[source] AttachError),
+    /// The files given are not the ones the VM was started with.
+    #[error("the attached files do not match the VM's: {0}")]
+    FilesDiffer(String),
 }
 
 /// Errors pausing, resuming or saving a VM.
@@ -273,8 +287,13 @@ impl IncomingVm {
                         tail: 0,
                         buffers: Vec::new(),
                     };
-                    Accelerator::restore(memory.clone(), &empty, backend)
-                        .map_err(CreateVmError::Accel)
+                    Accelerator::restore(
+                        memory.clone(),
+                        &empty,
+                        backend,
+                        Arc::new(host.files.clone()),
+                    )
+                    .map_err(CreateVmError::Accel)
                 })?)
             }
             _ => {
@@ -303,6 +322,15 @@ impl IncomingVm {
         self.accel.as_ref()
     }
 
+    /// Gives the VM its attached files, once they are all on this host (before
+    /// [`Self::finish`], which checks them against the VM's state).
+    pub fn attach_files(&mut self, files: AttachedFiles) {
+        if let Some(accel) = &self.accel {
+            accel.set_files(Arc::new(files.clone()));
+        }
+        self.host.files = files;
+    }
+
     /// The VM, paused, with vCPUs and devices from `state`. Every check (ABI, shape, the
     /// device's buffer table, KVM accepting the vCPU state) happens here.
     pub fn finish(self, state: &MicrovmState) -> Result<Microvm, CreateVmError> {
@@ -316,6 +344,9 @@ impl IncomingVm {
             return Err(CreateVmError::Incompatible(
                 "VM state disagrees with the VM shape".into(),
             ));
+        }
+        if let Some(why) = self.host.files.mismatch(&state.files) {
+            return Err(CreateVmError::FilesDiffer(why));
         }
         match (&self.accel, &state.accel) {
             (Some(accel), Some(saved)) => accel.apply_state(saved).map_err(CreateVmError::Accel)?,
@@ -334,7 +365,12 @@ impl IncomingVm {
             accel,
             host,
         } = self;
-        let devices = Arc::new(PortDevices::restore(host.console, &state.devices, accel));
+        let devices = Arc::new(PortDevices::restore(
+            host.console,
+            &state.devices,
+            accel,
+            host.files,
+        ));
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (index, vcpu_state) in state.vcpus.iter().enumerate() {
             let vcpu = Vcpu::new(&vm, index, devices.clone(), memory.clone())
@@ -373,6 +409,21 @@ unsafe impl ByteValued for BootInfoPage {}
 impl Default for BootInfoPage {
     fn default() -> Self {
         Self(BootInfo::EMPTY)
+    }
+}
+
+/// The attached-file table as guest memory sees it.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct FileTablePage(FileTable);
+
+// SAFETY: FileTable is repr(C) with only integer fields and byte arrays and no padding
+// (u64, u32, u32, then entries of 56 bytes and a u64), so every byte pattern is valid.
+unsafe impl ByteValued for FileTablePage {}
+
+impl Default for FileTablePage {
+    fn default() -> Self {
+        Self(FileTable::EMPTY)
     }
 }
 
@@ -432,8 +483,15 @@ impl Microvm {
             boot.0.accel_ring = ring_gpa;
             let accel = at_guest_priority(host.guest_nice, || {
                 let backend = cpu_backend(&host)?;
-                Accelerator::boot(memory.clone(), ring_gpa, config.accel_memory, backend)
-                    .map_err(CreateVmError::SpawnAccel)
+                let files = Arc::new(host.files.clone());
+                Accelerator::boot(
+                    memory.clone(),
+                    ring_gpa,
+                    config.accel_memory,
+                    backend,
+                    files,
+                )
+                .map_err(CreateVmError::SpawnAccel)
             })?;
             Some(accel)
         } else {
@@ -444,11 +502,18 @@ impl Microvm {
         memory
             .write_obj(boot, GuestAddress(BOOT_INFO_ADDR))
             .map_err(CreateVmError::WriteBootPages)?;
+        memory
+            .write_obj(
+                FileTablePage(host.files.table()),
+                GuestAddress(FILE_TABLE_ADDR),
+            )
+            .map_err(CreateVmError::WriteBootPages)?;
 
         let devices = Arc::new(PortDevices::new(
             host.console,
             usize::from(config.vcpus),
             accel,
+            host.files,
         ));
         let vcpu =
             Vcpu::new(&vm, 0, devices.clone(), memory.clone()).map_err(CreateVmError::Vcpu)?;
@@ -460,9 +525,17 @@ impl Microvm {
     }
 
     /// Rebuilds a VM from a snapshot file, paused. Every check (format, checksum, sizes,
-    /// KVM accepting the vCPU state) happens before the VM can run.
-    pub fn restore(path: &Path, host: HostOptions) -> Result<(Self, SnapshotStats), CreateVmError> {
+    /// KVM accepting the vCPU state, the attached files' content) happens before the VM
+    /// can run. Attached files come from `host.files`, or when that is empty from the
+    /// paths the snapshot recorded.
+    pub fn restore(
+        path: &Path,
+        mut host: HostOptions,
+    ) -> Result<(Self, SnapshotStats), CreateVmError> {
         let (reader, state): (_, MicrovmState) = SnapshotReader::open(path)?;
+        if host.files.files().is_empty() && !state.files.is_empty() {
+            host.files = AttachedFiles::reopen(&state.files).map_err(CreateVmError::Files)?;
+        }
         if state.config.ram_size != reader.ram_size() {
             return Err(CreateVmError::Incompatible(
                 "VM state disagrees with the file header".into(),
@@ -631,6 +704,7 @@ impl Microvm {
             vcpus,
             devices: self.devices.save(),
             accel: self.devices.accel.as_ref().map(Accelerator::save_state),
+            files: self.devices.files.infos(),
         })
     }
 

@@ -42,12 +42,16 @@
 //!   every later [`Accel::sync`], [`Accel::upload`] and [`Accel::download`]: results
 //!   computed after a failed command cannot be trusted.
 
+use crate::abi::accel::dtype::DType;
+pub use crate::abi::accel::kernel::RopeStyle;
 use crate::abi::accel::kernel::{self, Kernel, MatmulFlags};
 use crate::abi::accel::{
     device_status, op, status, Command, RingHeader, ACCEL_ABI_VERSION, COMMAND_ARGS, MAX_BUFFERS,
     RING_MAGIC, RING_REGION_SIZE, RING_SLOTS,
 };
+use crate::abi::file::MAX_READ;
 use crate::abi::{port, PAGE_SIZE};
+use crate::files::File;
 use crate::rt;
 use alloc::format;
 use alloc::string::String;
@@ -90,6 +94,41 @@ pub struct Tensor<T: Element = f32> {
 
 /// A device buffer of `u32` (token ids, labels, argmax results).
 pub type U32Tensor = Tensor<u32>;
+
+/// Device weights in a block format: `rows` rows of `cols` elements in `dtype`, as a GGUF
+/// file stores a weight matrix (`cols` is the tensor's first dimension).
+///
+/// Freed only by [`Accel::free_weights`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Weights {
+    id: u32,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    bytes: u64,
+}
+
+impl Weights {
+    /// Rows (output features of a matrix, tokens of an embedding table).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Elements per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The element format.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of the data.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
 
 impl<T: Element> Tensor<T> {
     /// The device buffer id.
@@ -282,6 +321,7 @@ pub fn op_name(opcode: u32) -> &'static str {
         op::DOWNLOAD => "download",
         op::LAUNCH => "launch",
         op::FENCE => "fence",
+        op::LOAD_FILE => "load_file",
         _ => "unknown opcode",
     }
 }
@@ -456,7 +496,17 @@ impl Accel {
             "alloc",
             format_args!("bad shape {rows}×{cols}"),
         );
-        let bytes = bytes.unwrap_or(0);
+        let id = self.alloc_bytes(bytes.unwrap_or(0))?;
+        Ok(Tensor {
+            id,
+            rows,
+            cols,
+            elem: PhantomData,
+        })
+    }
+
+    /// Allocates a zero-filled buffer of `bytes` (a multiple of 4) and returns its id.
+    fn alloc_bytes(&mut self, bytes: u64) -> Result<u32, AccelError> {
         if bytes > self.capacity - self.allocated.min(self.capacity) {
             return Err(AccelError::OutOfMemory {
                 requested: bytes,
@@ -474,19 +524,106 @@ impl Accel {
         };
         self.submit(op::ALLOC, &[u64::from(id), bytes]);
         self.allocated += bytes;
-        Ok(Tensor {
-            id,
-            rows,
-            cols,
-            elem: PhantomData,
-        })
+        Ok(id)
     }
 
     /// Releases a buffer; its id may be handed out again.
     pub fn free<T: Element>(&mut self, t: Tensor<T>) {
-        self.submit(op::FREE, &[u64::from(t.id)]);
-        self.allocated -= t.bytes();
-        self.free_ids.push(t.id);
+        self.release(t.id, t.bytes());
+    }
+
+    fn release(&mut self, id: u32, bytes: u64) {
+        self.submit(op::FREE, &[u64::from(id)]);
+        self.allocated -= bytes;
+        self.free_ids.push(id);
+    }
+
+    /// Allocates zero-filled weights of `rows` rows of `cols` elements in `dtype` (a GGUF
+    /// tensor's shape: `cols` is its first dimension).
+    ///
+    /// # Panics
+    /// If a dimension is zero, `cols` is not a whole number of `dtype` blocks, or the size
+    /// overflows.
+    #[track_caller]
+    pub fn alloc_weights(
+        &mut self,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Result<Weights, AccelError> {
+        let bytes = dtype.bytes(rows as u64, cols as u64);
+        check(
+            rows > 0 && cols > 0 && bytes.is_some_and(|b| b <= u64::MAX - 3),
+            "alloc_weights",
+            format_args!("bad shape {rows}×{cols} for {}", dtype.name()),
+        );
+        let bytes = bytes.unwrap_or(0);
+        // Buffers are whole 4-byte words.
+        let id = self.alloc_bytes(bytes.next_multiple_of(4))?;
+        Ok(Weights {
+            id,
+            rows,
+            cols,
+            dtype,
+            bytes,
+        })
+    }
+
+    /// Releases weights.
+    pub fn free_weights(&mut self, w: Weights) {
+        self.release(w.id, w.bytes.next_multiple_of(4));
+    }
+
+    /// Queues loading `w` whole from `file` at byte `offset` (a GGUF tensor's data), in
+    /// commands of at most [`MAX_READ`] bytes. Errors come with the next sync.
+    pub fn load_weights(&mut self, w: &mut Weights, file: &File, offset: u64) {
+        self.load(w.id, 0, w.bytes, file, offset);
+    }
+
+    /// Queues loading all of `t`'s bytes from `file` at byte `offset` (f32 or u32 data in
+    /// the file's byte order, little endian). Errors come with the next sync.
+    pub fn load_file<T: Element>(&mut self, t: &mut Tensor<T>, file: &File, offset: u64) {
+        self.load(t.id, 0, t.bytes(), file, offset);
+    }
+
+    /// Queues loading `len` bytes of `file` from byte `offset` into `t` from byte
+    /// `at`. Errors come with the next sync.
+    ///
+    /// # Panics
+    /// If the bytes do not fit in `t`.
+    #[track_caller]
+    pub fn load_file_at<T: Element>(
+        &mut self,
+        t: &mut Tensor<T>,
+        at: u64,
+        file: &File,
+        offset: u64,
+        len: u64,
+    ) {
+        check(
+            at.checked_add(len).is_some_and(|end| end <= t.bytes()),
+            "load_file_at",
+            format_args!("bytes {at}..+{len} outside {}", shape(t)),
+        );
+        self.load(t.id, at, len, file, offset);
+    }
+
+    fn load(&mut self, id: u32, at: u64, len: u64, file: &File, offset: u64) {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_READ);
+            self.submit(
+                op::LOAD_FILE,
+                &[
+                    u64::from(id),
+                    at + done,
+                    u64::from(file.index()),
+                    offset.saturating_add(done),
+                    n,
+                ],
+            );
+            done += n;
+        }
     }
 
     /// Copies `data` (exactly `t.len()` elements) into `t`, and waits until the device has
@@ -1125,6 +1262,154 @@ impl Accel {
             heads,
             head_dim: width / heads,
             len,
+        });
+    }
+
+    /// `out = x · wᵀ`: each row of `x` (`m × w.cols()`) times the weights' rows, into
+    /// `out` (`m × w.rows()`). With the token embedding table as `w`, the tied output
+    /// projection.
+    #[track_caller]
+    pub fn qmatmul(&mut self, w: &Weights, x: &Tensor, out: &mut Tensor) {
+        check(
+            x.cols == w.cols && out.rows == x.rows && out.cols == w.rows,
+            "qmatmul",
+            format_args!(
+                "x {} times weights {}×{} {} into out {}",
+                shape(x),
+                w.rows,
+                w.cols,
+                w.dtype.name(),
+                shape(out)
+            ),
+        );
+        self.launch(Kernel::QMatmul {
+            w: w.id,
+            x: x.id,
+            out: out.id,
+            n: w.rows,
+            k: w.cols,
+            m: x.rows,
+            dtype: w.dtype,
+        });
+    }
+
+    /// `out[i] = table[ids[i]]` dequantized: `out` is `ids.len() × table.cols()`.
+    #[track_caller]
+    pub fn qembedding(&mut self, table: &Weights, ids: &U32Tensor, out: &mut Tensor) {
+        check(
+            out.len() == ids.len() * table.cols,
+            "qembedding",
+            format_args!(
+                "{} ids of a {}×{} table into out {}",
+                ids.len(),
+                table.rows,
+                table.cols,
+                shape(out)
+            ),
+        );
+        self.launch(Kernel::QEmbedding {
+            table: table.id,
+            ids: ids.id,
+            out: out.id,
+            count: ids.len(),
+            dim: table.cols,
+            vocab: table.rows,
+            dtype: table.dtype,
+        });
+    }
+
+    /// Row-wise RMS norm of `x` into `out` (same shape), scaled by `weight` (`x.cols()`).
+    #[track_caller]
+    pub fn rms_norm(&mut self, x: &Tensor, weight: &Tensor, out: &mut Tensor, eps: f32) {
+        same_shape("rms_norm", x, out);
+        check(
+            weight.len() == x.cols,
+            "rms_norm",
+            format_args!("weight {} for x {}", shape(weight), shape(x)),
+        );
+        self.launch(Kernel::RmsNorm {
+            x: x.id,
+            weight: weight.id,
+            out: out.id,
+            rows: x.rows,
+            cols: x.cols,
+            eps,
+        });
+    }
+
+    /// In place rotary embedding of `x`: one row per token (row `r` at position
+    /// `pos + r`), `heads` heads per row.
+    #[track_caller]
+    pub fn rope(&mut self, x: &mut Tensor, heads: usize, pos: usize, base: f32, style: RopeStyle) {
+        check(
+            heads > 0 && x.cols % heads == 0 && (x.cols / heads) % 2 == 0,
+            "rope",
+            format_args!("x {} with {heads} heads", shape(x)),
+        );
+        self.launch(Kernel::Rope {
+            x: x.id,
+            rows: x.rows,
+            heads,
+            head_dim: x.cols / heads,
+            pos,
+            base,
+            style,
+        });
+    }
+
+    /// `out = silu(gate) · up`, elementwise.
+    #[track_caller]
+    pub fn swiglu(&mut self, gate: &Tensor, up: &Tensor, out: &mut Tensor) {
+        same_len("swiglu", &[gate, up, out]);
+        self.launch(Kernel::Swiglu {
+            gate: gate.id,
+            up: up.id,
+            out: out.id,
+            n: gate.len(),
+        });
+    }
+
+    /// Causal grouped-query attention of the queries `q` (one row per token, row `r` at
+    /// position `pos + r`, `heads` heads) over the first `pos + q.rows()` positions of the
+    /// caches (one row per position, `kv_heads` heads), into `out` (shaped as `q`).
+    #[track_caller]
+    pub fn attention(
+        &mut self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        out: &mut Tensor,
+        (heads, kv_heads): (usize, usize),
+        pos: usize,
+    ) {
+        let ok = heads > 0
+            && kv_heads > 0
+            && q.cols % heads == 0
+            && heads % kv_heads == 0
+            && k_cache.cols == kv_heads * (q.cols / heads)
+            && v_cache.cols == k_cache.cols
+            && pos + q.rows <= k_cache.rows.min(v_cache.rows);
+        check(
+            ok,
+            "attention",
+            format_args!(
+                "q {} ({heads} heads) at {pos} over caches {} and {} ({kv_heads} heads)",
+                shape(q),
+                shape(k_cache),
+                shape(v_cache)
+            ),
+        );
+        same_shape("attention", q, out);
+        self.launch(Kernel::Attention {
+            q: q.id,
+            k_cache: k_cache.id,
+            v_cache: v_cache.id,
+            out: out.id,
+            rows: q.rows,
+            heads,
+            kv_heads,
+            head_dim: q.cols / heads,
+            pos,
         });
     }
 

@@ -17,7 +17,8 @@
 //! The SDK provides the entry point, console output ([`print!`], [`println!`]), the
 //! guest clock ([`clock::now_ns`]), [`exit`], a global allocator over the heap the
 //! VMM describes in the boot info, a panic handler, and the `mem*` functions that a
-//! freestanding binary needs; [`accel`] is the tensor API of the virtual accelerator.
+//! freestanding binary needs; [`accel`] is the tensor API of the virtual accelerator and
+//! [`files`] reads the VM's attached files.
 #![no_std]
 
 extern crate alloc;
@@ -27,6 +28,7 @@ pub mod args;
 pub mod checksum;
 pub mod clock;
 pub mod console;
+pub mod files;
 pub mod math;
 mod mem;
 pub mod rt;

@@ -107,6 +107,10 @@ pub mod op {
     pub const LAUNCH: u32 = 5;
     /// `[value]`: once all earlier commands completed, write `value` to `completed_fence`.
     pub const FENCE: u32 = 6;
+    /// `[id, offset, file, file_offset, len]`: copy bytes `file_offset..+len` of attached
+    /// file `file` (its index in the [`FileTable`](crate::file::FileTable)) into buffer
+    /// bytes `offset..+len`; `len` at most [`MAX_READ`](crate::file::MAX_READ).
+    pub const LOAD_FILE: u32 = 7;
 }
 
 /// Command outcomes, in [`Command::status`].
@@ -131,8 +135,12 @@ pub mod status {
     pub const BAD_KERNEL: u32 = 8;
     /// Another argument out of range (flags, sizes not a multiple of 4, ids in data...).
     pub const BAD_ARGUMENT: u32 = 9;
-    /// The backend failed (e.g. the host could not allocate memory).
+    /// The backend failed (e.g. the host could not allocate memory), or reading an
+    /// attached file did.
     pub const DEVICE_ERROR: u32 = 10;
+    /// No attached file with that index, a range outside the file, or a LOAD_FILE longer
+    /// than [`MAX_READ`](crate::file::MAX_READ).
+    pub const BAD_FILE: u32 = 11;
 
     /// Name of a status code, for messages.
     pub fn name(status: u32) -> &'static str {
@@ -148,6 +156,7 @@ pub mod status {
             BAD_KERNEL => "unknown kernel",
             BAD_ARGUMENT => "bad argument",
             DEVICE_ERROR => "device error",
+            BAD_FILE => "bad attached file or range",
             _ => "unknown status",
         }
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_vmm::snapshot::SNAPSHOT_FILE;
-use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
 
 use crate::{RestoreArgs, RunArgs, EXIT_VM_FAILED};
 
@@ -45,13 +45,10 @@ fn wait_to_end(mut vm: Microvm) -> anyhow::Result<ExitCode> {
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let image = resolve_image(&args.workload)?;
     let config = VmConfig::new(args.memory).with_accel(args.accel_memory.unwrap_or(0));
-    let mut vm = Microvm::boot(
-        config,
-        &image,
-        &args.guest_args,
-        host_options(args.accel_threads),
-    )
-    .with_context(|| format!("cannot start a VM for {}", args.workload))?;
+    let mut host = host_options(args.accel_threads);
+    host.files = AttachedFiles::open(&args.attach).context("cannot attach the files")?;
+    let mut vm = Microvm::boot(config, &image, &args.guest_args, host)
+        .with_context(|| format!("cannot start a VM for {}", args.workload))?;
     vm.resume()?;
     let (Some(at_ms), Some(dir)) = (args.snapshot_at_ms, &args.snapshot_dir) else {
         return wait_to_end(vm);

@@ -9,10 +9,13 @@
 //! 0x0000_5000  boot-info page       user read-only (abi::BOOT_INFO_ADDR)
 //! 0x0000_6000  ring-0 stack         supervisor only, 8 KiB, for the fault stubs
 //! 0x0000_9000  console buffer       user read/write (abi::CONSOLE_BUFFER_ADDR)
+//! 0x0000_a000  attached-file table  user read-only (abi::file::FILE_TABLE_ADDR)
+//! 0x0000_b000  file read request    user read/write (abi::file::FILE_REQUEST_ADDR)
 //! 0x0001_0000  page tables          supervisor only: PML4, PDPT, low PT, PDs
 //! 0x0010_0000  guest image          (abi::IMAGE_BASE), then heap, stack at the top of RAM
 //! ```
 
+use ferry_abi::file::{FILE_REQUEST_ADDR, FILE_TABLE_ADDR};
 use ferry_abi::{BOOT_INFO_ADDR, CONSOLE_BUFFER_ADDR, IMAGE_BASE, PAGE_SIZE};
 
 /// Global descriptor table.
@@ -45,6 +48,7 @@ pub const RAM_ALIGN: u64 = 2 << 20;
 
 const _: () = assert!(PD_BASE_ADDR + (MAX_RAM_SIZE >> 30) * PAGE_SIZE <= IMAGE_BASE);
 const _: () = assert!(BOOT_INFO_ADDR == 0x5000 && CONSOLE_BUFFER_ADDR == 0x9000);
+const _: () = assert!(FILE_TABLE_ADDR == 0xa000 && FILE_REQUEST_ADDR == 0xb000);
 
 /// What ring 3 may do with a page in the first 2 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +67,8 @@ pub enum LowPageAccess {
 pub fn low_page_access(addr: u64) -> LowPageAccess {
     match addr {
         0 => LowPageAccess::None,
-        BOOT_INFO_ADDR => LowPageAccess::UserReadOnly,
-        CONSOLE_BUFFER_ADDR => LowPageAccess::UserReadWrite,
+        BOOT_INFO_ADDR | FILE_TABLE_ADDR => LowPageAccess::UserReadOnly,
+        CONSOLE_BUFFER_ADDR | FILE_REQUEST_ADDR => LowPageAccess::UserReadWrite,
         a if a < IMAGE_BASE => LowPageAccess::Supervisor,
         _ => LowPageAccess::UserReadWrite,
     }

@@ -5,11 +5,13 @@ pub mod console;
 
 use std::time::Duration;
 
-use ferry_abi::{port, CONSOLE_BUFFER_ADDR, CONSOLE_BUFFER_SIZE};
+use ferry_abi::file::{self, FileRequest, FILE_REQUEST_ADDR, MAX_READ};
+use ferry_abi::{port, CONSOLE_BUFFER_ADDR, CONSOLE_BUFFER_SIZE, IMAGE_BASE};
 use ferry_accel::device::Accelerator;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::files::AttachedFiles;
 use crate::memory::GuestRam;
 
 use self::clock::{ClockState, GuestClock};
@@ -47,24 +49,50 @@ pub struct PortDevices {
     pub clock: GuestClock,
     /// The virtual accelerator, if the VM has one.
     pub accel: Option<Accelerator>,
+    /// The attached files ([`port::FILE_READ`]).
+    pub files: AttachedFiles,
 }
+
+/// Largest piece of a file read copied at once (bounds the staging buffer).
+const FILE_PIECE: u64 = 1 << 20;
+
+/// The guest-visible form of a [`FileRequest`] in guest memory.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct FileRequestPage(FileRequest);
+
+// SAFETY: FileRequest is repr(C) with only integer fields and no padding (u32, u32, then
+// three u64), so every byte pattern is a valid value.
+unsafe impl vm_memory::ByteValued for FileRequestPage {}
 
 impl PortDevices {
     /// Fresh devices for a VM with `vcpus` vCPUs.
-    pub fn new(sink: ConsoleSink, vcpus: usize, accel: Option<Accelerator>) -> Self {
+    pub fn new(
+        sink: ConsoleSink,
+        vcpus: usize,
+        accel: Option<Accelerator>,
+        files: AttachedFiles,
+    ) -> Self {
         Self {
             console: Console::new(sink),
             clock: GuestClock::new(vcpus),
             accel,
+            files,
         }
     }
 
     /// Devices continuing from a saved state.
-    pub fn restore(sink: ConsoleSink, state: &DeviceStates, accel: Option<Accelerator>) -> Self {
+    pub fn restore(
+        sink: ConsoleSink,
+        state: &DeviceStates,
+        accel: Option<Accelerator>,
+        files: AttachedFiles,
+    ) -> Self {
         Self {
             console: Console::restore(sink, &state.console),
             clock: GuestClock::restore(&state.clock),
             accel,
+            files,
         }
     }
 
@@ -95,6 +123,7 @@ impl PortDevices {
                     accel.wait_idle(ACCEL_WAIT_SLICE);
                 }
             }
+            (port::FILE_READ, 4) => self.file_read(mem),
             _ => tracing::debug!(port, len = data.len(), "write ignored"),
         }
         PortAction::Continue
@@ -112,6 +141,66 @@ impl PortDevices {
             Ok(()) => self.console.write(&bytes[..len]),
             Err(e) => tracing::debug!(%e, "console buffer unreadable"),
         }
+    }
+
+    /// Executes the guest's [`FileRequest`] and writes its status back.
+    fn file_read(&self, mem: &GuestRam) {
+        let Ok(FileRequestPage(mut req)) = mem.read_obj(GuestAddress(FILE_REQUEST_ADDR)) else {
+            return;
+        };
+        req.status = self.execute_file_read(mem, &req);
+        if req.status != file::status::OK {
+            tracing::debug!(
+                file = req.file,
+                offset = req.offset,
+                len = req.len,
+                status = file::status::name(req.status),
+                "guest file read failed"
+            );
+        }
+        let status_at =
+            GuestAddress(FILE_REQUEST_ADDR + core::mem::offset_of!(FileRequest, status) as u64);
+        let _ = mem.write_obj(req.status, status_at);
+    }
+
+    /// Validates a file read (every field comes from the guest) and copies.
+    fn execute_file_read(&self, mem: &GuestRam, req: &FileRequest) -> u32 {
+        let Some(file) = self.files.files().get(req.file as usize) else {
+            return file::status::BAD_FILE;
+        };
+        if req.len > MAX_READ {
+            return file::status::TOO_LONG;
+        }
+        if req
+            .offset
+            .checked_add(req.len)
+            .is_none_or(|end| end > file.info().size)
+        {
+            return file::status::OUT_OF_BOUNDS;
+        }
+        let in_ram = usize::try_from(req.len)
+            .is_ok_and(|len| len == 0 || mem.check_range(GuestAddress(req.addr), len));
+        if req.addr < IMAGE_BASE || !in_ram {
+            return file::status::BAD_GUEST_RANGE;
+        }
+        let mut piece = vec![0u8; FILE_PIECE.min(req.len) as usize];
+        let mut done = 0;
+        while done < req.len {
+            let n = (req.len - done).min(FILE_PIECE) as usize;
+            if let Err(e) = file.read_at(req.offset + done, &mut piece[..n]) {
+                tracing::warn!(file = %file.info().name, "cannot read an attached file: {e}");
+                return file::status::IO_ERROR;
+            }
+            // Written through GuestRam: the pages land in the dirty log.
+            if mem
+                .write_slice(&piece[..n], GuestAddress(req.addr + done))
+                .is_err()
+            {
+                return file::status::BAD_GUEST_RANGE;
+            }
+            done += n as u64;
+        }
+        file::status::OK
     }
 
     /// Guest `in` from `port` by vCPU `vcpu`. Unknown ports and widths read all-ones.

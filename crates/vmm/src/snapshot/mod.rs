@@ -31,7 +31,7 @@ use crate::memory::{ram_size, GuestRam};
 /// File name of the snapshot inside a snapshot directory.
 pub const SNAPSHOT_FILE: &str = "vm.snap";
 /// Format version this VMM writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const MAGIC: [u8; 8] = *b"FERRYSNP";
 const HEADER_LEN: usize = 32;
 /// Upper bound on the encoded state, so a corrupt length cannot make us allocate wildly.

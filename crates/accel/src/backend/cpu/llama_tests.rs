@@ -99,7 +99,11 @@ fn reference_row(dtype: DType, row: &[u8], cols: usize) -> Vec<(f64, f64)> {
                     )
                 };
                 let byte = b[16 + 32 * (sb / 2) + j % 32];
-                let q = if sb.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
+                let q = if sb.is_multiple_of(2) {
+                    byte & 15
+                } else {
+                    byte >> 4
+                };
                 let dq = h(b, 0) * f64::from(sc) * f64::from(q);
                 let m = h(b, 2) * f64::from(mn);
                 (dq - m, dq.abs() + m.abs())

@@ -1,0 +1,393 @@
+//! Attached files: read-only host files a VM finds by name and reads by index (see
+//! [`ferry_abi::file`]).
+//!
+//! A file is opened once, its SHA-256 taken, and read with positioned reads for the rest
+//! of its life (no mapping: a file truncated behind our back gives a read error, never a
+//! SIGBUS). The hash travels with the VM's state, so a snapshot restore or a migration
+//! refuses a file whose content is not the one the VM was started with. Files must not
+//! be changed while attached; a change of size is caught by every read, a change of
+//! content in place is caught at the next restore or migration.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ferry_abi::file::{valid_name, FileEntry, FileTable, MAX_FILES, NAME_BYTES};
+use ferry_accel::files::FileSource;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a VM's state records of an attached file: enough to find it again and to know it
+/// is the same content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Name the guest finds it by.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content, lowercase hex.
+    pub sha256: String,
+    /// Where it was on the host that attached it (a hint for a restore on that host).
+    pub path: PathBuf,
+}
+
+/// Errors attaching files.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The name is not 1-55 ASCII letters, digits, `.`, `_` or `-`.
+    #[error("invalid attached file name '{0}': use 1 to {max} ASCII letters, digits, '.', '_' or '-'", max = NAME_BYTES - 1)]
+    InvalidName(String),
+    /// Two files with one name.
+    #[error("two attached files are named '{0}'")]
+    DuplicateName(String),
+    /// More than [`MAX_FILES`] files.
+    #[error("{0} attached files: at most {MAX_FILES} are allowed")]
+    TooMany(usize),
+    /// The file cannot be opened or read.
+    #[error("cannot read attached file '{name}' at {}", path.display())]
+    Read {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path is not a regular file.
+    #[error("attached file '{name}': {} is not a regular file", path.display())]
+    NotAFile {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// The file is not the one the VM was started with.
+    #[error("attached file '{name}' at {} has changed: the VM was started with {expected_size} bytes, sha256 {expected_sha256}; the file has {found_size} bytes, sha256 {found_sha256}", path.display())]
+    Changed {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+        /// Size recorded.
+        expected_size: u64,
+        /// Hash recorded.
+        expected_sha256: String,
+        /// Size found.
+        found_size: u64,
+        /// Hash found (empty when the size already differs).
+        found_sha256: String,
+    },
+}
+
+/// One attached file, open.
+#[derive(Debug)]
+pub struct AttachedFile {
+    info: FileInfo,
+    file: File,
+}
+
+/// A file's identity and change times: device, inode, size, modification and change
+/// times (seconds, nanoseconds).
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+/// The hashes of files hashed in this process, by [`FileStamp`], so a file attached to
+/// many VMs (or checked at each migration) is read once.
+fn hash_cache() -> &'static Mutex<HashMap<FileStamp, String>> {
+    static CACHE: OnceLock<Mutex<HashMap<FileStamp, String>>> = OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of `file` (whose metadata is `meta`), from the cache when the file is
+/// unchanged since it was last hashed (same device, inode, size, modification and change
+/// times: the change time cannot be set back by anyone but the kernel).
+fn sha256_of(file: &File, meta: &std::fs::Metadata) -> std::io::Result<String> {
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    );
+    if let Some(hash) = hash_cache().lock().expect("hash cache lock").get(&key) {
+        return Ok(hash.clone());
+    }
+    let mut hasher = Sha256::new();
+    let mut reader = file;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hash = hex(&hasher.finalize());
+    hash_cache()
+        .lock()
+        .expect("hash cache lock")
+        .insert(key, hash.clone());
+    Ok(hash)
+}
+
+impl AttachedFile {
+    /// Opens `path` as the file `name` and takes its hash.
+    pub fn open(name: &str, path: &Path) -> Result<Self, AttachError> {
+        if !valid_name(name) {
+            return Err(AttachError::InvalidName(name.to_string()));
+        }
+        let read_err = |source| AttachError::Read {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(AttachError::NotAFile {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        let sha256 = sha256_of(&file, &meta).map_err(read_err)?;
+        Ok(Self {
+            info: FileInfo {
+                name: name.to_string(),
+                size: meta.size(),
+                sha256,
+                path: path.to_path_buf(),
+            },
+            file,
+        })
+    }
+
+    /// Opens the file `expected` describes at `path`, refusing other content.
+    pub fn open_expecting(expected: &FileInfo, path: &Path) -> Result<Self, AttachError> {
+        let file = Self::open(&expected.name, path)?;
+        if file.info.size != expected.size || file.info.sha256 != expected.sha256 {
+            return Err(AttachError::Changed {
+                name: expected.name.clone(),
+                path: path.to_path_buf(),
+                expected_size: expected.size,
+                expected_sha256: expected.sha256.clone(),
+                found_size: file.info.size,
+                found_sha256: file.info.sha256,
+            });
+        }
+        Ok(file)
+    }
+
+    /// Its record.
+    pub fn info(&self) -> &FileInfo {
+        &self.info
+    }
+
+    /// Fills `out` from byte `offset`; an error if the file no longer has those bytes.
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(out, offset)
+    }
+}
+
+/// A VM's attached files, in attach order (an index names a file); cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct AttachedFiles(Arc<[AttachedFile]>);
+
+impl AttachedFiles {
+    /// The files `files`, checked: at most [`MAX_FILES`], names unique.
+    pub fn new(files: Vec<AttachedFile>) -> Result<Self, AttachError> {
+        if files.len() > MAX_FILES {
+            return Err(AttachError::TooMany(files.len()));
+        }
+        for (i, f) in files.iter().enumerate() {
+            if files[..i].iter().any(|o| o.info.name == f.info.name) {
+                return Err(AttachError::DuplicateName(f.info.name.clone()));
+            }
+        }
+        Ok(Self(files.into()))
+    }
+
+    /// Opens each `(name, path)`.
+    pub fn open(specs: &[(String, PathBuf)]) -> Result<Self, AttachError> {
+        let files = specs
+            .iter()
+            .map(|(name, path)| AttachedFile::open(name, path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(files)
+    }
+
+    /// Reopens the files a VM's state records, each at its recorded path, refusing any
+    /// whose content changed.
+    pub fn reopen(infos: &[FileInfo]) -> Result<Self, AttachError> {
+        let files = infos
+            .iter()
+            .map(|info| AttachedFile::open_expecting(info, &info.path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(files)
+    }
+
+    /// The files.
+    pub fn files(&self) -> &[AttachedFile] {
+        &self.0
+    }
+
+    /// Their records.
+    pub fn infos(&self) -> Vec<FileInfo> {
+        self.0.iter().map(|f| f.info.clone()).collect()
+    }
+
+    /// Total bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.0.iter().map(|f| f.info.size).sum()
+    }
+
+    /// The table the guest finds at [`ferry_abi::file::FILE_TABLE_ADDR`].
+    pub fn table(&self) -> FileTable {
+        let mut table = FileTable::EMPTY;
+        table.count = self.0.len() as u32;
+        for (entry, file) in table.files.iter_mut().zip(self.0.iter()) {
+            let name = file.info.name.as_bytes();
+            *entry = FileEntry {
+                size: file.info.size,
+                ..FileEntry::EMPTY
+            };
+            // `valid_name` keeps names shorter than the field.
+            entry.name[..name.len()].copy_from_slice(name);
+        }
+        table
+    }
+
+    /// Why these files are not the ones `expected` records (by position), if they are not.
+    pub fn mismatch(&self, expected: &[FileInfo]) -> Option<String> {
+        let ours = self.infos();
+        if ours.len() != expected.len() {
+            return Some(format!(
+                "the VM has {} attached files, {} were given",
+                expected.len(),
+                ours.len()
+            ));
+        }
+        ours.iter().zip(expected).enumerate().find_map(|(i, (o, e))| {
+            (o.name != e.name || o.size != e.size || o.sha256 != e.sha256).then(|| {
+                format!(
+                    "attached file {i} is '{}' ({} bytes, sha256 {}), but '{}' ({} bytes, sha256 {}) was given",
+                    e.name,
+                    e.size,
+                    e.sha256,
+                    o.name,
+                    o.size,
+                    o.sha256
+                )
+            })
+        })
+    }
+}
+
+impl FileSource for AttachedFiles {
+    fn file_len(&self, file: u32) -> Option<u64> {
+        self.0.get(file as usize).map(|f| f.info.size)
+    }
+
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        match self.0.get(file as usize) {
+            Some(f) => f.read_at(offset, out),
+            None => Err(std::io::Error::other(format!("no attached file {file}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(tag: &str, content: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "ferry-files-{}-{tag}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    #[test]
+    fn attach_hash_read_and_refuse_changes() {
+        let path = temp_file("a", b"hello, attached world");
+        let file = AttachedFile::open("greeting", &path).unwrap();
+        assert_eq!(file.info().size, 22);
+        // sha256("hello, attached world"), as `sha256sum` prints it.
+        assert_eq!(
+            file.info().sha256,
+            hex(&Sha256::digest(b"hello, attached world"))
+        );
+        let mut buf = [0u8; 8];
+        file.read_at(7, &mut buf).unwrap();
+        assert_eq!(&buf, b"attached");
+        assert!(
+            file.read_at(20, &mut buf).is_err(),
+            "reads past the end fail"
+        );
+
+        let files = AttachedFiles::new(vec![file]).unwrap();
+        let table = files.table();
+        assert_eq!(table.files()[0].name(), b"greeting");
+        assert_eq!(table.files()[0].size, 22);
+        let infos = files.infos();
+        assert_eq!(files.mismatch(&infos), None);
+
+        // Same size, other content: the reopen is refused, naming both hashes.
+        std::fs::write(&path, b"HELLO, attached world").unwrap();
+        let err = AttachedFiles::reopen(&infos).unwrap_err();
+        assert!(matches!(err, AttachError::Changed { .. }), "{err}");
+        assert!(err.to_string().contains(&infos[0].sha256), "{err}");
+        // A file that shrank is refused too; one that is gone says it cannot be read.
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            AttachedFiles::reopen(&infos).unwrap_err(),
+            AttachError::Changed { found_size: 5, .. }
+        ));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            AttachedFiles::reopen(&infos).unwrap_err(),
+            AttachError::Read { .. }
+        ));
+    }
+
+    #[test]
+    fn names_counts_and_kinds_are_checked() {
+        let path = temp_file("b", b"x");
+        assert!(matches!(
+            AttachedFile::open("bad name", &path),
+            Err(AttachError::InvalidName(_))
+        ));
+        assert!(matches!(
+            AttachedFile::open("dir", &std::env::temp_dir()),
+            Err(AttachError::NotAFile { .. })
+        ));
+        let two = vec![
+            AttachedFile::open("same", &path).unwrap(),
+            AttachedFile::open("same", &path).unwrap(),
+        ];
+        assert!(matches!(
+            AttachedFiles::new(two),
+            Err(AttachError::DuplicateName(_))
+        ));
+        let many: Vec<_> = (0..=MAX_FILES)
+            .map(|i| AttachedFile::open(&format!("f{i}"), &path).unwrap())
+            .collect();
+        assert!(matches!(
+            AttachedFiles::new(many),
+            Err(AttachError::TooMany(64))
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,141 @@
+//! Attached files seen from inside a VM on real KVM: the `files` guest reads each file
+//! through the file port and the accelerator and prints checksums, makes hostile
+//! requests, and a snapshot of a VM with files restores only with the same content.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_vmm::vm::CreateVmError;
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-vmm-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// FNV-1a, as the guest prints it.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn write(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+fn run_files_guest(files: AttachedFiles) -> (VmExit, String) {
+    let host = HostOptions {
+        files,
+        ..HostOptions::quiet()
+    };
+    let config = VmConfig::new(128 << 20).with_accel(32 << 20);
+    let image = ferry_guest_images::find("files").unwrap().elf;
+    let mut vm = Microvm::boot(config, image, &[], host).expect("boot");
+    vm.resume().unwrap();
+    let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end in time");
+    (exit, vm.console_tail())
+}
+
+#[test]
+fn the_guest_reads_attached_files_and_hostile_reads_are_refused() {
+    if !ferry_vmm::kvm_usable_or_announce_skip(
+        "the_guest_reads_attached_files_and_hostile_reads_are_refused",
+    ) {
+        return;
+    }
+    let d = dir();
+    // 9 MiB + 5 bytes: more than two of the guest's pieces, not a whole number of pages.
+    let big = write(&d.join("big"), (9 << 20) + 5, 1);
+    let small = write(&d.join("small"), 3, 2);
+    let files = AttachedFiles::open(&[
+        ("weights.bin".into(), d.join("big")),
+        ("tiny".into(), d.join("small")),
+    ])
+    .unwrap();
+    let (exit, console) = run_files_guest(files);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    for (name, data) in [("weights.bin", &big), ("tiny", &small)] {
+        let h = fnv(data);
+        let line = format!("file {name} {} read={h:016x} device={h:016x}", data.len());
+        assert!(console.contains(&line), "missing '{line}' in:\n{console}");
+    }
+    for (what, status) in [
+        ("no-such-file", "no such file"),
+        ("past-the-end", "range outside the file"),
+        ("offset-overflow", "range outside the file"),
+        ("too-long", "read too long"),
+        ("system-page", "bad guest address range"),
+        ("beyond-ram", "bad guest address range"),
+        ("in-bounds", "ok"),
+    ] {
+        let line = format!("hostile {what} {status}\n");
+        assert!(console.contains(&line), "missing '{line}' in:\n{console}");
+    }
+}
+
+#[test]
+fn a_snapshot_restores_only_with_the_same_file_content() {
+    if !ferry_vmm::kvm_usable_or_announce_skip(
+        "a_snapshot_restores_only_with_the_same_file_content",
+    ) {
+        return;
+    }
+    let d = dir();
+    let path = d.join("data");
+    write(&path, 1 << 20, 3);
+    let host = HostOptions {
+        files: AttachedFiles::open(&[("data".into(), path.clone())]).unwrap(),
+        ..HostOptions::quiet()
+    };
+    // A guest that runs long enough to be snapshotted with its file attached.
+    let image = ferry_guest_images::find("memtouch").unwrap().elf;
+    let args: Vec<String> = ["--mib", "8", "--passes", "100000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut vm = Microvm::boot(VmConfig::new(64 << 20), image, &args, host).unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    vm.pause().unwrap();
+    let snap = d.join("vm.snap");
+    vm.save(&snap).unwrap();
+    drop(vm);
+
+    // The same content (the path recorded in the snapshot is reopened): restores.
+    let (vm, _) = Microvm::restore(&snap, HostOptions::quiet()).expect("restore");
+    drop(vm);
+    // Changed in place, same size: refused before the VM can run, naming the hashes.
+    write(&path, 1 << 20, 4);
+    let err = Microvm::restore(&snap, HostOptions::quiet())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, CreateVmError::Files(_)), "{err:?}");
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains("has changed"), "{chain}");
+    // Other files given explicitly: refused too.
+    let other = AttachedFiles::open(&[("other".into(), path.clone())]).unwrap();
+    let err = Microvm::restore(
+        &snap,
+        HostOptions {
+            files: other,
+            ..HostOptions::quiet()
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(matches!(err, CreateVmError::FilesDiffer(_)), "{err:?}");
+}

@@ -1,0 +1,106 @@
+//! Test guest for attached files: lists them, reads each whole through the file port
+//! and loads it into device memory, and prints FNV-1a checksums of both (the host
+//! compares them with the files' own); then makes hostile requests and prints the status
+//! each got.
+//!
+//! Output: `file <name> <size> read=<hex> device=<hex>` per file (device only with an
+//! accelerator), then `hostile <what> <status>` lines, then `done`.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec;
+use ferry_sdk::abi::file::{self, FileRequest, FILE_REQUEST_ADDR, MAX_READ};
+use ferry_sdk::abi::port;
+use ferry_sdk::accel::Accel;
+use ferry_sdk::checksum::Fnv1a;
+use ferry_sdk::{files, println, Args};
+
+ferry_sdk::entry!(main);
+
+/// A raw request, to send what the SDK never would.
+fn raw(file: u32, offset: u64, addr: u64, len: u64) -> u32 {
+    let page = FILE_REQUEST_ADDR as *mut FileRequest;
+    // SAFETY: the request page is mapped user read/write at this fixed address; the `out`
+    // has the VMM execute the request (it validates every field) and write the status.
+    unsafe {
+        page.write_volatile(FileRequest {
+            file,
+            status: file::status::PENDING,
+            offset,
+            addr,
+            len,
+        });
+        core::arch::asm!("out dx, eax", in("dx") port::FILE_READ, in("eax") 0u32,
+                         options(nostack, preserves_flags));
+        (&raw const (*page).status).read_volatile()
+    }
+}
+
+fn main(_args: Args) -> i32 {
+    let mut accel = Accel::open().ok();
+    for f in files::list() {
+        let mut hash = Fnv1a::new();
+        // Odd-sized pieces, so reads start and end off page boundaries.
+        let mut buf = vec![0u8; 3 << 20 | 123];
+        let mut at = 0;
+        while at < f.size() {
+            let n = (f.size() - at).min(buf.len() as u64) as usize;
+            if let Err(e) = f.read_at(at, &mut buf[..n]) {
+                println!("files: error: {e}");
+                return 1;
+            }
+            hash.write(&buf[..n]);
+            at += n as u64;
+        }
+        let device = match &mut accel {
+            Some(acc) if f.size() > 0 => {
+                let words = (f.size() as usize).div_ceil(4);
+                let mut t = match acc.alloc::<u32>(1, words) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        println!("files: error: {e}");
+                        return 1;
+                    }
+                };
+                acc.load_file_at(&mut t, 0, &f, 0, f.size());
+                let mut out = vec![0u32; words];
+                if let Err(e) = acc.download(&t, &mut out) {
+                    println!("files: error: device load of {}: {e}", f.name());
+                    return 1;
+                }
+                acc.free(t);
+                let bytes: alloc::vec::Vec<u8> = out.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let mut dh = Fnv1a::new();
+                dh.write(&bytes[..f.size() as usize]);
+                dh.value()
+            }
+            _ => 0,
+        };
+        println!(
+            "file {} {} read={:016x} device={:016x}",
+            f.name(),
+            f.size(),
+            hash.value(),
+            device
+        );
+    }
+    let mut scratch = vec![0u8; 4096];
+    let addr = scratch.as_mut_ptr() as u64;
+    let count = files::list().count() as u32;
+    let size = files::list().next().map_or(0, |f| f.size());
+    for (what, status) in [
+        ("no-such-file", raw(count, 0, addr, 1)),
+        ("past-the-end", raw(0, size, addr, 1)),
+        ("offset-overflow", raw(0, u64::MAX, addr, 2)),
+        ("too-long", raw(0, 0, addr, MAX_READ + 1)),
+        ("system-page", raw(0, 0, 0x1000, 1)),
+        ("beyond-ram", raw(0, 0, u64::MAX - 8, 1)),
+        ("in-bounds", raw(0, 0, addr, 1)),
+    ] {
+        println!("hostile {what} {}", file::status::name(status));
+    }
+    println!("done");
+    0
+}
