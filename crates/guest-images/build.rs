@@ -30,6 +30,11 @@ const IMAGES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "llm-chat",
+        "answers a prompt with a GGUF language model attached as 'model' (SmolLM2, llama family)",
+        false,
+    ),
+    (
         "calibrate",
         "times the shared compute and memory loops `ferry bench vm` compares with the host",
         true,
@@ -73,6 +78,7 @@ fn main() {
         "guest/sdk",
         "guest/workloads",
         "crates/abi",
+        "crates/llm",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }

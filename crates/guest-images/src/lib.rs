@@ -81,6 +81,7 @@ mod tests {
                 "memtouch",
                 "mlp-train",
                 "llm-decode",
+                "llm-chat",
                 "calibrate",
                 "faults",
                 "dirty-pages",

@@ -15,18 +15,12 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use ferry_abi::accel::dtype::DType;
+/// How rotary position embedding pairs up the dimensions of a head: GGUF llama models
+/// use [`RopeStyle::Adjacent`] (llama.cpp's converter permutes the Q and K weights to
+/// match). The accelerator's ROPE kernel takes the same value.
+pub use ferry_abi::accel::kernel::RopeStyle;
 
 use crate::gguf::{Gguf, TensorInfo, MAX_DIMS};
-
-/// How rotary position embedding pairs up the dimensions of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Pairs `(2i, 2i+1)`: llama.cpp's "normal" rope, used by GGUF llama models (the
-    /// converter permutes the Q and K weights to match).
-    Adjacent,
-    /// Pairs `(i, i + rope_dim/2)`: the "neox" layout.
-    HalfSplit,
-}
 
 /// The hyper-parameters of a llama-family model.
 #[derive(Clone, Copy, Debug, PartialEq)]

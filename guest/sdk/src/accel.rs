@@ -89,6 +89,8 @@ pub struct Tensor<T: Element = f32> {
     id: u32,
     rows: usize,
     cols: usize,
+    /// Elements allocated (at least `rows × cols`).
+    allocated: usize,
     elem: PhantomData<T>,
 }
 
@@ -170,6 +172,25 @@ impl<T: Element> Tensor<T> {
             format_args!("{} cannot be seen as {rows}×{cols}", shape(&self)),
         );
         Self { rows, cols, ..self }
+    }
+
+    /// Uses the first `rows` rows of the buffer (at most as many as it was allocated
+    /// with): one buffer for batches of varying size.
+    #[track_caller]
+    pub fn set_rows(&mut self, rows: usize) {
+        check(
+            rows > 0
+                && rows
+                    .checked_mul(self.cols)
+                    .is_some_and(|n| n <= self.allocated),
+            "set_rows",
+            format_args!(
+                "{rows} rows of {} (allocated {} elements)",
+                shape(self),
+                self.allocated
+            ),
+        );
+        self.rows = rows;
     }
 }
 
@@ -501,6 +522,7 @@ impl Accel {
             id,
             rows,
             cols,
+            allocated: rows * cols,
             elem: PhantomData,
         })
     }
@@ -529,7 +551,7 @@ impl Accel {
 
     /// Releases a buffer; its id may be handed out again.
     pub fn free<T: Element>(&mut self, t: Tensor<T>) {
-        self.release(t.id, t.bytes());
+        self.release(t.id, t.allocated as u64 * 4);
     }
 
     fn release(&mut self, id: u32, bytes: u64) {
