@@ -452,3 +452,35 @@ fn attention_is_causal_grouped_query_attention() {
         );
     }
 }
+
+#[test]
+fn avx2_and_portable_dot_products_give_the_same_bits() {
+    if !super::quant::has_avx2() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "*** SKIPPED avx2_and_portable_dot_products_give_the_same_bits: no AVX2 here ***"
+        );
+        return;
+    }
+    let mut rng = Rng(13);
+    for dtype in DType::ALL {
+        let k = dtype.block_elems().max(32) as usize * 4;
+        let n = 64;
+        let w = random_rows(&mut rng, dtype, n, k);
+        // Inputs with zeros and signed zeros, where a differing order of operations
+        // would show in the sign of a zero.
+        let mut x = rng.vec(k, 3.0);
+        for v in x.iter_mut().step_by(5) {
+            *v = -0.0;
+        }
+        let sums = super::quant::x_sums(&x);
+        let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
+        let run = |avx2| {
+            let mut out = vec![0.0f32; n];
+            super::quant::dot_rows_with(dtype, &w, row_bytes, (&x, &sums), &mut out, avx2);
+            super::tests::bits(&out)
+        };
+        assert_eq!(run(true), run(false), "{}", dtype.name());
+    }
+}

@@ -64,16 +64,6 @@ fn add_scaled_offset(acc: &mut Lanes, scale: f32, s: &Lanes, offset: f32, t: &La
     }
 }
 
-/// `s[l] += q(l)·x[l]` and `t[l] += x[l]` for one group of eight elements.
-#[inline(always)]
-fn group(s: &mut Lanes, t: &mut Lanes, x: &[f32], q: impl Fn(usize) -> f32) {
-    let x: &[f32; LANES] = x[..LANES].try_into().expect("eight elements");
-    for l in 0..LANES {
-        s[l] += q(l) * x[l];
-        t[l] += x[l];
-    }
-}
-
 /// `s[l] += q(l)·x[l]` for one group of eight elements.
 #[inline(always)]
 fn group_q(s: &mut Lanes, x: &[f32], q: impl Fn(usize) -> f32) {
@@ -83,15 +73,33 @@ fn group_q(s: &mut Lanes, x: &[f32], q: impl Fn(usize) -> f32) {
     }
 }
 
+/// The lane sums of each block of 32 elements of `x`: lane `l` of block `b` is
+/// `((x[32b+l] + x[32b+8+l]) + x[32b+16+l]) + x[32b+24+l]` (from zero), the term that the
+/// formats with a minimum multiply by it. Computed once per input row: every weight row
+/// shares it.
+pub fn x_sums(x: &[f32]) -> Vec<Lanes> {
+    x.chunks_exact(32)
+        .map(|b| {
+            let mut t = [0.0; LANES];
+            for g in 0..4 {
+                for l in 0..LANES {
+                    t[l] += b[8 * g + l];
+                }
+            }
+            t
+        })
+        .collect()
+}
+
 #[inline(always)]
-fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+fn dot_f32(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
     for (w, x) in row.chunks_exact(4 * LANES).zip(x.chunks_exact(LANES)) {
         group_q(&mut acc, x, |l| {
             f32::from_le_bytes([w[4 * l], w[4 * l + 1], w[4 * l + 2], w[4 * l + 3]])
         });
     }
-    // The tail (fewer than eight elements), in order, into lane 0's partner sum.
+    // The tail (fewer than eight elements), in order, added after the lanes.
     let done = x.len() / LANES * LANES;
     let mut tail = 0.0;
     for (i, &xv) in x[done..].iter().enumerate() {
@@ -102,7 +110,7 @@ fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+fn dot_f16(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
     for (w, x) in row.chunks_exact(2 * LANES).zip(x.chunks_exact(LANES)) {
         group_q(&mut acc, x, |l| half(w, 2 * l));
@@ -116,7 +124,7 @@ fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+fn dot_q8_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
     for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
         let d = half(b, 0);
@@ -131,7 +139,7 @@ fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_q4_0(row: &[u8], x: &[f32]) -> f32 {
+fn dot_q4_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
     for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
         let d = half(b, 0);
@@ -151,23 +159,19 @@ fn dot_q4_0(row: &[u8], x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_q4_1(row: &[u8], x: &[f32]) -> f32 {
+fn dot_q4_1(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
-    for (b, x) in row.chunks_exact(20).zip(x.chunks_exact(32)) {
+    for ((b, x), t) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(sums) {
         let (d, m) = (half(b, 0), half(b, 2));
         let q = &b[4..20];
-        let (mut s, mut t) = ([0.0; LANES], [0.0; LANES]);
+        let mut s = [0.0; LANES];
         for g in 0..2 {
-            group(&mut s, &mut t, &x[8 * g..], |l| {
-                f32::from(q[8 * g + l] & 0xf)
-            });
+            group_q(&mut s, &x[8 * g..], |l| f32::from(q[8 * g + l] & 0xf));
         }
         for g in 0..2 {
-            group(&mut s, &mut t, &x[16 + 8 * g..], |l| {
-                f32::from(q[8 * g + l] >> 4)
-            });
+            group_q(&mut s, &x[16 + 8 * g..], |l| f32::from(q[8 * g + l] >> 4));
         }
-        add_scaled_offset(&mut acc, d, &s, m, &t);
+        add_scaled_offset(&mut acc, d, &s, m, t);
     }
     lane_sum(acc)
 }
@@ -186,9 +190,13 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 #[inline(always)]
-fn dot_q4k(row: &[u8], x: &[f32]) -> f32 {
+fn dot_q4k(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
-    for (b, x) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+    for ((b, x), sums) in row
+        .chunks_exact(144)
+        .zip(x.chunks_exact(256))
+        .zip(sums.chunks_exact(8))
+    {
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
         for j in 0..4 {
@@ -196,13 +204,14 @@ fn dot_q4k(row: &[u8], x: &[f32]) -> f32 {
             let x = &x[64 * j..];
             for (sub, shift) in [(0, 0), (1, 4)] {
                 let (sc, mn) = q4k_scale_min(2 * j + sub, scales);
-                let (mut s, mut t) = ([0.0; LANES], [0.0; LANES]);
+                let mut s = [0.0; LANES];
                 for g in 0..4 {
-                    group(&mut s, &mut t, &x[32 * sub + 8 * g..], |l| {
+                    group_q(&mut s, &x[32 * sub + 8 * g..], |l| {
                         f32::from((q[8 * g + l] >> shift) & 0xf)
                     });
                 }
-                add_scaled_offset(&mut acc, d * f32::from(sc), &s, -(dmin * f32::from(mn)), &t);
+                let t = &sums[2 * j + sub];
+                add_scaled_offset(&mut acc, d * f32::from(sc), &s, -(dmin * f32::from(mn)), t);
             }
         }
     }
@@ -223,7 +232,7 @@ fn q6k_value(ql: &[u8], qh: &[u8], quarter: usize, l: usize) -> f32 {
 }
 
 #[inline(always)]
-fn dot_q6k(row: &[u8], x: &[f32]) -> f32 {
+fn dot_q6k(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
     let mut acc = [0.0; LANES];
     for (b, x) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
         let d = half(b, 208);
@@ -251,61 +260,232 @@ fn dot_q6k(row: &[u8], x: &[f32]) -> f32 {
     lane_sum(acc)
 }
 
-/// `out[i] = row(first + i) · x` for the rows of `w` (rows of `row_bytes` in `dtype`).
+/// The hot formats with AVX2 intrinsics: the very operations of the portable code above
+/// (multiplies and adds, never fused, in the same order per lane), so the same bits, but
+/// with the integer-to-float conversions done eight at a time, which LLVM does not do
+/// from the portable code.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::{lane_sum, Lanes};
+
+    /// The half float at `b[at..at + 2]`, broadcast (F16C converts exactly, as
+    /// `f16_to_f32` does, without its branches).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scale(b: &[u8], at: usize) -> __m256 {
+        let h = u16::from_le_bytes([b[at], b[at + 1]]);
+        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h)))))
+    }
+
+    /// Eight f32 from `x[at..at + 8]`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn load(x: &[f32], at: usize) -> __m256 {
+        let x: &[f32; 8] = x[at..at + 8].try_into().expect("eight elements");
+        // SAFETY: `x` is eight readable f32; the load has no alignment requirement.
+        unsafe { _mm256_loadu_ps(x.as_ptr()) }
+    }
+
+    /// Eight u8 (`b[at..at + 8]`) widened to i32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn bytes8(b: &[u8], at: usize) -> __m128i {
+        let b: &[u8; 8] = b[at..at + 8].try_into().expect("eight bytes");
+        // SAFETY: `b` is eight readable bytes; _mm_loadl_epi64 reads exactly eight.
+        unsafe { _mm_loadl_epi64(b.as_ptr().cast()) }
+    }
+
+    /// Sixteen bytes `b[at..at + 16]`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn bytes16(b: &[u8], at: usize) -> __m128i {
+        let b: &[u8; 16] = b[at..at + 16].try_into().expect("sixteen bytes");
+        // SAFETY: `b` is sixteen readable bytes; the load has no alignment requirement.
+        unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn lanes(v: __m256) -> Lanes {
+        let mut out = [0.0f32; 8];
+        // SAFETY: `out` holds eight f32; the store has no alignment requirement.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+        out
+    }
+
+    /// `s + q·x` for eight elements: the portable `group_q` step.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn step(s: __m256, q: __m256, x: __m256) -> __m256 {
+        _mm256_add_ps(s, _mm256_mul_ps(q, x))
+    }
+
+    /// The low eight bytes of `v`, signed, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn i8_to_f32(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+    }
+
+    /// The four groups of eight 4-bit values of a 16-byte block (low nibbles, then high),
+    /// less `bias`, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn nibbles(q: __m128i, bias: i32) -> [__m256; 4] {
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        let b = _mm256_set1_epi32(bias);
+        [
+            unsigned_less(lo, b),
+            unsigned_less(_mm_srli_si128(lo, 8), b),
+            unsigned_less(hi, b),
+            unsigned_less(_mm_srli_si128(hi, 8), b),
+        ]
+    }
+
+    /// The low eight bytes of `v`, unsigned, less `bias` (eight i32), as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn unsigned_less(v: __m128i, bias: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), bias))
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q8_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+            let d = scale(b, 0);
+            let mut s = _mm256_setzero_ps();
+            for g in 0..4 {
+                s = step(s, i8_to_f32(bytes8(b, 2 + 8 * g)), load(x, 8 * g));
+            }
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(d, s));
+        }
+        lane_sum(lanes(acc))
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
+            let d = scale(b, 0);
+            let q = nibbles(bytes16(b, 2), 8);
+            let mut s = _mm256_setzero_ps();
+            for (g, q) in q.into_iter().enumerate() {
+                s = step(s, q, load(x, 8 * g));
+            }
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(d, s));
+        }
+        lane_sum(lanes(acc))
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4_1(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for ((b, x), t) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(sums) {
+            let (d, m) = (scale(b, 0), scale(b, 2));
+            let q = nibbles(bytes16(b, 4), 0);
+            let mut s = _mm256_setzero_ps();
+            for (g, q) in q.into_iter().enumerate() {
+                s = step(s, q, load(x, 8 * g));
+            }
+            let t = load(t, 0);
+            let block = _mm256_add_ps(_mm256_mul_ps(d, s), _mm256_mul_ps(m, t));
+            acc = _mm256_add_ps(acc, block);
+        }
+        lane_sum(lanes(acc))
+    }
+}
+
+/// `out[i] = row(first + i) · x` for the rows of `w` (rows of `row_bytes` in `dtype`),
+/// `sums` being [`x_sums`] of `x`: with the AVX2 code for the formats that have it when
+/// `avx2`, else the portable code (each format's loop calls its dot product directly so
+/// that it inlines).
 #[inline(always)]
 fn dot_rows_inline(
     dtype: DType,
     w: &[u8],
     row_bytes: usize,
     first: usize,
-    x: &[f32],
+    (x, sums): (&[f32], &[Lanes]),
     out: &mut [f32],
+    avx2: bool,
 ) {
-    let dot: fn(&[u8], &[f32]) -> f32 = match dtype {
-        DType::F32 => dot_f32,
-        DType::F16 => dot_f16,
-        DType::Q4_0 => dot_q4_0,
-        DType::Q4_1 => dot_q4_1,
-        DType::Q8_0 => dot_q8_0,
-        DType::Q4K => dot_q4k,
-        DType::Q6K => dot_q6k,
-    };
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = dot(&w[(first + i) * row_bytes..][..row_bytes], x);
+    macro_rules! rows {
+        ($dot:expr) => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = $dot(&w[(first + i) * row_bytes..][..row_bytes], x, sums);
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        type Dot = unsafe fn(&[u8], &[f32], &[Lanes]) -> f32;
+        let fast: Option<Dot> = match dtype {
+            DType::Q4_0 => Some(avx2::dot_q4_0),
+            DType::Q4_1 => Some(avx2::dot_q4_1),
+            DType::Q8_0 => Some(avx2::dot_q8_0),
+            _ => None,
+        };
+        if let Some(dot) = fast {
+            for (i, o) in out.iter_mut().enumerate() {
+                let row = &w[(first + i) * row_bytes..][..row_bytes];
+                // SAFETY: the caller checked that the CPU has AVX2 and F16C, all these need.
+                *o = unsafe { dot(row, x, sums) };
+            }
+            return;
+        }
+    }
+    let _ = avx2;
+    match dtype {
+        DType::F32 => rows!(dot_f32),
+        DType::F16 => rows!(dot_f16),
+        DType::Q4_0 => rows!(dot_q4_0),
+        DType::Q4_1 => rows!(dot_q4_1),
+        DType::Q8_0 => rows!(dot_q8_0),
+        DType::Q4K => rows!(dot_q4k),
+        DType::Q6K => rows!(dot_q6k),
     }
 }
 
-/// [`dot_rows_inline`] compiled for AVX2: the same operations, eight lanes at once.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dot_rows_avx2(
-    dtype: DType,
-    w: &[u8],
-    row_bytes: usize,
-    first: usize,
-    x: &[f32],
-    out: &mut [f32],
-) {
-    dot_rows_inline(dtype, w, row_bytes, first, x, out);
-}
-
 /// `out[i] = dot(row first + i of w, x)`: rows of `x.len()` elements in `dtype`, each
-/// `row_bytes` long (the caller checked the sizes). Same bits on every x86-64 CPU.
+/// `row_bytes` long (the caller checked the sizes), `sums` being [`x_sums`] of `x`. Same
+/// bits on every x86-64 CPU, with or without AVX2.
 pub fn dot_rows(
     dtype: DType,
     w: &[u8],
     row_bytes: usize,
     first: usize,
-    x: &[f32],
+    x: (&[f32], &[Lanes]),
     out: &mut [f32],
 ) {
+    dot_rows_inline(dtype, w, row_bytes, first, x, out, has_avx2());
+}
+
+/// Whether this CPU runs the [`avx2`] code (AVX2 and F16C).
+pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above); the function is otherwise safe.
-        unsafe { dot_rows_avx2(dtype, w, row_bytes, first, x, out) };
-        return;
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
     }
-    dot_rows_inline(dtype, w, row_bytes, first, x, out);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`dot_rows`] with the AVX2 code on or off: the tests check both give the same bits.
+#[cfg(test)]
+pub fn dot_rows_with(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    x: (&[f32], &[Lanes]),
+    out: &mut [f32],
+    avx2: bool,
+) {
+    dot_rows_inline(dtype, w, row_bytes, 0, x, out, avx2 && has_avx2());
 }
 
 /// Dequantizes one row of `out.len()` elements in `dtype` (GGML's definitions, in f32
