@@ -414,6 +414,7 @@ mod tests {
             uptime_ms: 0,
             since_unix_ms: 0,
             migrated_from: None,
+            files: Vec::new(),
             console_tail: String::new(),
         }
     }

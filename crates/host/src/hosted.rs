@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_vmm::{Microvm, RunState, VmConfig, VmExit};
+use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit};
 use serde::{Deserialize, Serialize};
 
 /// Throttle duty-cycle period: the VM is held paused for `pct`% of it.
@@ -76,6 +76,9 @@ pub struct VmInfo {
     pub since_unix_ms: u64,
     /// The host it came from, if it was migrated here.
     pub migrated_from: Option<String>,
+    /// Its attached files (name, size, SHA-256, path on this host).
+    #[serde(default)]
+    pub files: Vec<FileInfo>,
     /// The console's last lines.
     pub console_tail: String,
 }
@@ -103,6 +106,8 @@ pub struct HostedVm {
     pub config: VmConfig,
     /// Host it came from.
     pub migrated_from: Option<String>,
+    /// Its attached files.
+    pub files: Vec<FileInfo>,
     inner: Mutex<Inner>,
     phase: Mutex<VmPhase>,
     throttle_pct: AtomicU8,
@@ -138,6 +143,7 @@ impl HostedVm {
             args,
             config: vm.config(),
             migrated_from,
+            files: vm.files().infos(),
             inner: Mutex::new(Inner {
                 vm: Some(vm),
                 last_console: String::new(),
@@ -199,6 +205,7 @@ impl HostedVm {
             uptime_ms: self.arrived.elapsed().as_millis() as u64,
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
+            files: self.files.clone(),
             console_tail: console_tail[tail_start..].to_string(),
         }
     }

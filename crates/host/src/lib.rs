@@ -3,25 +3,31 @@
 //!
 //! - [`Host`]: the VMs of this host and every operation on them.
 //! - [`hosted`]: one running VM, its watcher and throttle.
+//! - [`files`]: where attached files of VMs migrated here come from (the file store).
 //! - [`migration`]: the microVM adapted to the migration engine's traits.
 //! - [`api`]: the HTTP/JSON API over [`Host`].
 //! - [`heartbeat`]: reports to the cluster center (`ferry host serve --center URL`).
 
 pub mod api;
+pub mod files;
 pub mod heartbeat;
 pub mod hosted;
 pub mod migration;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_accel::backend::DeviceMemory;
-use ferry_migrate::{MigrationError, MigrationOptions, MigrationReport, Mode, Progress, Secret};
-use ferry_vmm::{HostOptions, Microvm, VmConfig};
+use ferry_migrate::{
+    FileTransfer, MigrationError, MigrationOptions, MigrationReport, Mode, Progress, Secret,
+};
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 use serde::{Deserialize, Serialize};
 
+use files::FileStore;
 use hosted::{HostedVm, VmInfo, VmPhase};
 use migration::{local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_ID};
 
@@ -62,6 +68,8 @@ pub struct HostConfig {
     pub guest_nice: i32,
     /// Mutual TLS on migration connections (both hosts need it on, or both off).
     pub tls: Option<ferry_migrate::TlsConfig>,
+    /// Where attached files received with migrated VMs are kept.
+    pub file_store: PathBuf,
 }
 
 /// Default nice value of a host's VM threads: under contention the daemon's own work
@@ -83,6 +91,18 @@ pub struct CreateVm {
     /// Accelerator memory bytes (default 0: none).
     #[serde(default)]
     pub accel_memory: u64,
+    /// Read-only files to attach, in the order the guest sees them.
+    #[serde(default)]
+    pub attach: Vec<Attachment>,
+}
+
+/// A file on the host given to a VM (`--attach NAME=PATH`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// Name the guest finds it by.
+    pub name: String,
+    /// Path on the host.
+    pub path: PathBuf,
 }
 
 fn default_memory() -> u64 {
@@ -118,6 +138,10 @@ pub struct MigrateRequest {
     /// Most pre-copy seconds (default 60).
     #[serde(default = "default_precopy_s")]
     pub max_precopy_s: u64,
+    /// Attached files: "reuse" (default: send only those the destination lacks),
+    /// "send" (send all) or "require" (send none; the destination must have them).
+    #[serde(default = "default_files")]
+    pub files: String,
 }
 
 fn default_mode() -> String {
@@ -138,6 +162,9 @@ fn default_rounds() -> u32 {
 fn default_precopy_s() -> u64 {
     60
 }
+fn default_files() -> String {
+    "reuse".into()
+}
 
 impl MigrateRequest {
     /// A request to migrate to `addr` with every other setting at its default.
@@ -152,6 +179,7 @@ impl MigrateRequest {
             allow_longer_pause: false,
             max_rounds: default_rounds(),
             max_precopy_s: default_precopy_s(),
+            files: default_files(),
         }
     }
 
@@ -172,6 +200,16 @@ impl MigrateRequest {
                 ferry_migrate::send::MAX_STREAMS
             )));
         }
+        let files = match self.files.as_str() {
+            "reuse" => FileTransfer::Reuse,
+            "send" => FileTransfer::Send,
+            "require" => FileTransfer::Require,
+            other => {
+                return Err(HostError::BadRequest(format!(
+                    "files '{other}' is not reuse, send or require"
+                )))
+            }
+        };
         if self.downtime_ms == 0 || self.max_rounds == 0 {
             return Err(HostError::BadRequest(
                 "downtime_ms and max_rounds must be at least 1".into(),
@@ -186,6 +224,7 @@ impl MigrateRequest {
             max_precopy: Duration::from_secs(self.max_precopy_s),
             throttle: self.throttle,
             allow_longer_pause: self.allow_longer_pause,
+            files,
             ..MigrationOptions::default()
         })
     }
@@ -380,12 +419,38 @@ impl Host {
         id
     }
 
+    /// Opens the files of a create request (absolute paths, so a migration's destination
+    /// can look for the same path).
+    fn attach(&self, attach: &[Attachment]) -> Result<AttachedFiles, HostError> {
+        let specs = attach
+            .iter()
+            .map(|a| {
+                std::fs::canonicalize(&a.path)
+                    .map(|path| (a.name.clone(), path))
+                    .map_err(|e| {
+                        HostError::BadRequest(format!(
+                            "cannot attach '{}': {}: {e}",
+                            a.name,
+                            a.path.display()
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AttachedFiles::open(&specs)
+            .map_err(|e| HostError::BadRequest(format!("cannot attach the files: {e}")))
+    }
+
     /// Creates and starts a VM.
     pub fn create_vm(&self, req: &CreateVm) -> Result<VmInfo, HostError> {
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
+        let files = self.attach(&req.attach)?;
         self.reserve(&config)?;
-        let vm = Microvm::boot(config, &image, &req.args, self.vm_host_options()).map_err(|e| {
+        let host = HostOptions {
+            files,
+            ..self.vm_host_options()
+        };
+        let vm = Microvm::boot(config, &image, &req.args, host).map_err(|e| {
             let msg = format!("cannot create the VM: {e}");
             match e {
                 ferry_vmm::vm::CreateVmError::Memory(_)
@@ -561,7 +626,11 @@ impl ferry_migrate::TargetFactory for Receiver {
             accel_memory: vm.accel_memory,
         };
         self.host.reserve(&config).map_err(|e| e.to_string())?;
-        VmTarget::prepare(vm, self.host.vm_host_options())
+        VmTarget::prepare(
+            vm,
+            self.host.vm_host_options(),
+            FileStore::new(self.host.config.file_store.clone()),
+        )
     }
 
     fn adopt(&self, target: VmTarget, report: ferry_migrate::ReceiveReport) {

@@ -8,13 +8,15 @@ use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
 use ferry_accel::device::{Accelerator, BufferState, ChunkReader};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
-    ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
+    ChunkKey, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
 };
+use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, DirtyPages, GuestRam};
 use ferry_vmm::vm::IncomingVm;
-use ferry_vmm::{HostOptions, Microvm, MicrovmState, VmConfig};
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, MicrovmState, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::files::{FileStore, IncomingFile};
 use crate::hosted::HostedVm;
 
 /// Keys of [`VmDescription::extra`].
@@ -54,6 +56,7 @@ pub fn local_description() -> VmDescription {
                 .map_or(0, |b| b.kernel_version()),
             microkernel: gemm_microkernel().into(),
             extra: Vec::new(),
+            files: Vec::new(),
         })
         .clone()
 }
@@ -65,14 +68,26 @@ pub struct VmSource {
     /// chunk changed meanwhile is dirty again and sent in the next round.
     memory: GuestRam,
     chunks: Option<ChunkReader>,
+    /// The attached files (read-only: read without the VM's lock).
+    files: AttachedFiles,
 }
 
 impl VmSource {
     /// Adapts `vm`; `None` if it was released.
     pub fn new(vm: Arc<HostedVm>) -> Option<Self> {
-        let (memory, chunks) =
-            vm.with_vm(|v| (v.memory().clone(), v.accel().map(Accelerator::chunk_reader)))?;
-        Some(Self { vm, memory, chunks })
+        let (memory, chunks, files) = vm.with_vm(|v| {
+            (
+                v.memory().clone(),
+                v.accel().map(Accelerator::chunk_reader),
+                v.files().clone(),
+            )
+        })?;
+        Some(Self {
+            vm,
+            memory,
+            chunks,
+            files,
+        })
     }
 
     /// Runs `f` on the VM; an error once it was released.
@@ -116,8 +131,29 @@ impl MigrationSource for VmSource {
                     serde_json::to_string(&self.vm.args).unwrap_or_default(),
                 ),
             ],
+            files: self
+                .files
+                .infos()
+                .into_iter()
+                .map(|f| FileOffer {
+                    name: f.name,
+                    size: f.size,
+                    sha256: f.sha256,
+                    path: f.path.display().to_string(),
+                })
+                .collect(),
             ..local
         }
+    }
+
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        let f = self
+            .files
+            .files()
+            .get(file as usize)
+            .ok_or_else(|| format!("no attached file {file}"))?;
+        f.read_at(offset, out)
+            .map_err(|e| format!("reading attached file '{}': {e}", f.info().name))
     }
 
     fn start_tracking(&self) -> Result<(), String> {
@@ -213,17 +249,37 @@ enum Incoming {
     Gone,
 }
 
+/// Where each offered file comes from on this host.
+enum FileSlot {
+    /// This host has the content already.
+    Present(AttachedFile),
+    /// Being received.
+    Receiving(IncomingFile),
+    /// Received and checked.
+    Received(AttachedFile),
+    /// Neither found nor asked for (yet).
+    Missing,
+}
+
 /// A VM being received: RAM and device filled round by round, restored at switchover.
 pub struct VmTarget {
     /// What the source offered.
     pub description: VmDescription,
     memory: GuestRam,
     state: Mutex<Incoming>,
+    store: FileStore,
+    /// By offer index.
+    files: Mutex<Vec<FileSlot>>,
 }
 
 impl VmTarget {
-    /// An empty VM shaped like `description` (compatibility already checked).
-    pub fn prepare(description: &VmDescription, host: HostOptions) -> Result<Self, String> {
+    /// An empty VM shaped like `description` (compatibility already checked); its
+    /// attached files are looked for on this host, or received into `store`.
+    pub fn prepare(
+        description: &VmDescription,
+        host: HostOptions,
+        store: FileStore,
+    ) -> Result<Self, String> {
         let config = VmConfig {
             ram_size: description.ram_size,
             vcpus: description.vcpus,
@@ -231,11 +287,26 @@ impl VmTarget {
         };
         let kind = (config.accel_memory > 0).then_some(description.backend_kind.as_str());
         let incoming = IncomingVm::new(config, kind, host).map_err(|e| e.to_string())?;
+        let files = description
+            .files
+            .iter()
+            .map(|offer| {
+                store
+                    .find(offer)
+                    .map_or(FileSlot::Missing, FileSlot::Present)
+            })
+            .collect();
         Ok(Self {
             description: description.clone(),
             memory: incoming.memory().clone(),
             state: Mutex::new(Incoming::Filling(incoming)),
+            store,
+            files: Mutex::new(files),
         })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<FileSlot>> {
+        self.files.lock().expect("target files lock")
     }
 
     fn with_filling<R>(
@@ -304,12 +375,62 @@ impl MigrationTarget for VmTarget {
         })
     }
 
+    fn has_file(&self, file: u32) -> bool {
+        matches!(self.slots().get(file as usize), Some(FileSlot::Present(_)))
+    }
+
+    fn receive_files(&self, files: &[u32]) -> Result<(), String> {
+        let offers: Vec<&FileOffer> = files
+            .iter()
+            .map(|&f| &self.description.files[f as usize])
+            .collect();
+        let incoming = self.store.receive(&offers)?;
+        let mut slots = self.slots();
+        for (&f, file) in files.iter().zip(incoming) {
+            slots[f as usize] = FileSlot::Receiving(file);
+        }
+        Ok(())
+    }
+
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        match self.slots().get(file as usize) {
+            Some(FileSlot::Receiving(incoming)) => incoming.write_at(offset, data),
+            _ => Err(format!("attached file {file} is not being received")),
+        }
+    }
+
+    fn files_received(&self) -> Result<(), String> {
+        let mut slots = self.slots();
+        for slot in slots.iter_mut() {
+            if let FileSlot::Receiving(_) = slot {
+                let FileSlot::Receiving(incoming) = std::mem::replace(slot, FileSlot::Missing)
+                else {
+                    unreachable!("matched just above");
+                };
+                *slot = FileSlot::Received(self.store.finish(incoming)?);
+            }
+        }
+        Ok(())
+    }
+
     fn restore(&self, blob: &[u8]) -> Result<(), String> {
         let state: MicrovmState =
             postcard::from_bytes(blob).map_err(|e| format!("undecodable VM state: {e}"))?;
+        let files = {
+            let mut slots = self.slots();
+            let mut files = Vec::with_capacity(slots.len());
+            for (i, slot) in slots.iter_mut().enumerate() {
+                match std::mem::replace(slot, FileSlot::Missing) {
+                    FileSlot::Present(f) | FileSlot::Received(f) => files.push(f),
+                    _ => return Err(format!("attached file {i} is not on this host")),
+                }
+            }
+            AttachedFiles::new(files).map_err(|e| e.to_string())?
+        };
         let mut slot = self.state.lock().expect("target lock");
         match std::mem::replace(&mut *slot, Incoming::Gone) {
-            Incoming::Filling(incoming) => {
+            Incoming::Filling(mut incoming) => {
+                incoming.attach_files(files);
                 let vm = incoming.finish(&state).map_err(|e| e.to_string())?;
                 *slot = Incoming::Restored(vm);
                 Ok(())

@@ -50,6 +50,7 @@ fn description() -> VmDescription {
         kernel_version: 1,
         microkernel: String::new(),
         extra: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -26,7 +26,10 @@ pub use auth::Secret;
 pub use receive::{serve, serve_with_tls, ReceiveReport, TargetFactory};
 pub use send::{migrate_vm, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
-pub use vm::{ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription};
+pub use vm::{
+    ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationSource, MigrationTarget, PageSet,
+    VmDescription,
+};
 
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use crate::auth::{authenticate_stream_listener, Secret};
 use crate::link::Link;
 use crate::send::{ms, MAX_STREAMS};
 use crate::tls::TlsConfig;
-use crate::vm::{DeviceBuffer, MigrationTarget, VmDescription, PAGE_SIZE};
+use crate::vm::{DeviceBuffer, FileTransfer, MigrationTarget, VmDescription, PAGE_SIZE};
 use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
 use crate::MigrationError;
 
@@ -29,6 +29,8 @@ static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
     [0; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
 /// Largest guest RAM accepted in an offer.
 const MAX_RAM: u64 = 1 << 40;
+/// Most attached files accepted in an offer (a guest can see 63).
+const MAX_OFFERED_FILES: usize = 64;
 
 /// The host's side of receiving: make a paused VM for an offer, adopt it when it runs.
 pub trait TargetFactory: Send + Sync + 'static {
@@ -167,9 +169,13 @@ fn handle_connection<F: TargetFactory>(
 #[derive(Default)]
 struct InboundState {
     round_open: bool,
+    /// The round open or last open.
+    round: u32,
     applied: Vec<u64>,
     failed: Option<String>,
     done: bool,
+    /// Bytes received of each attached file being sent (by offer index).
+    file_bytes: Vec<u64>,
 }
 
 struct Inbound {
@@ -178,18 +184,61 @@ struct Inbound {
     /// The control stream's socket: a failed data stream shuts its read side so the
     /// control thread stops waiting for the round's end and sends the Abort at once.
     control_socket: TcpStream,
+    /// Size of each offered file that is being sent (`None`: not sent, the destination
+    /// has it), by offer index.
+    files: Vec<Option<u64>>,
 }
 
 impl Inbound {
-    fn new(streams: u8, control_socket: TcpStream) -> Self {
+    fn new(streams: u8, control_socket: TcpStream, files: Vec<Option<u64>>) -> Self {
         Self {
             state: Mutex::new(InboundState {
                 applied: vec![0; usize::from(streams)],
+                file_bytes: vec![0; files.len()],
                 ..InboundState::default()
             }),
             changed: Condvar::new(),
             control_socket,
+            files,
         }
+    }
+
+    /// Checks a file piece against the offer and what was sent already, and counts it.
+    fn take_file_piece(&self, file: u32, offset: u64, len: u64) -> Result<(), String> {
+        let size = self
+            .files
+            .get(file as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("data for attached file {file}, which is not being sent"))?;
+        let mut s = self.lock();
+        if s.round != 0 {
+            return Err(format!("data for attached file {file} after round 0"));
+        }
+        let received = &mut s.file_bytes[file as usize];
+        if offset.saturating_add(len) > size || *received + len > size {
+            return Err(format!(
+                "{len} bytes at {offset} of attached file {file} exceed its {size} bytes"
+            ));
+        }
+        *received += len;
+        Ok(())
+    }
+
+    /// Whether every byte of the files being sent has arrived (by count; the target
+    /// checks the content).
+    fn files_complete(&self) -> Result<(), String> {
+        let s = self.lock();
+        for (i, (size, got)) in self.files.iter().zip(&s.file_bytes).enumerate() {
+            if let Some(size) = size {
+                if got != size {
+                    return Err(format!(
+                        "attached file {i}: {got} of its {size} bytes arrived in round 0"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InboundState> {
@@ -278,6 +327,9 @@ fn apply_stream<T: MigrationTarget>(
             Frame::Chunk { key, len, data } => {
                 target.write_chunk(key, data.unwrap_or(&ZERO_RUN[..len as usize]))
             }
+            Frame::File { file, offset, data } => inbound
+                .take_file_piece(file, offset, data.len() as u64)
+                .and_then(|()| target.write_file(file, offset, data)),
             Frame::Control(m) => Err(format!("control message {m:?} on a data stream")),
         };
         if let Err(e) = applied {
@@ -307,7 +359,45 @@ fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), String> {
     if vm.ram_size == 0 || !vm.ram_size.is_multiple_of(PAGE_SIZE) || vm.ram_size > MAX_RAM {
         return Err(format!("guest RAM of {} bytes", vm.ram_size));
     }
+    if vm.files.len() > MAX_OFFERED_FILES {
+        return Err(format!(
+            "{} attached files (at most {MAX_OFFERED_FILES})",
+            vm.files.len()
+        ));
+    }
     Ok(())
+}
+
+/// The offered files the source must send: by `transfer`, the ones this host lacks, all
+/// of them, or none (refused if this host lacks one).
+fn files_to_send<T: MigrationTarget>(
+    vm: &VmDescription,
+    target: &T,
+    transfer: FileTransfer,
+) -> Result<Vec<u32>, String> {
+    let all = 0..vm.files.len() as u32;
+    let missing: Vec<u32> = all.clone().filter(|&i| !target.has_file(i)).collect();
+    match transfer {
+        FileTransfer::Reuse => Ok(missing),
+        FileTransfer::Send => Ok(all.collect()),
+        FileTransfer::Require if missing.is_empty() => Ok(Vec::new()),
+        FileTransfer::Require => {
+            let names: Vec<String> = missing
+                .iter()
+                .map(|&i| {
+                    let f = &vm.files[i as usize];
+                    format!(
+                        "'{}' ({} bytes, sha256 {}, at {} on the source)",
+                        f.name, f.size, f.sha256, f.path
+                    )
+                })
+                .collect();
+            Err(format!(
+                "this host does not have the attached files {} (missing, or with other content), and the migration asked not to send files",
+                names.join(", ")
+            ))
+        }
+    }
 }
 
 fn collect_streams(
@@ -349,8 +439,10 @@ fn receive_vm<F: TargetFactory>(
     sessions: &Sessions,
 ) -> Result<(), MigrationError> {
     let started = Instant::now();
-    let (vm, streams) = match conn.expect_control("an offer")? {
-        Message::Offer { vm, streams, .. } => (vm, streams),
+    let (vm, streams, file_transfer) = match conn.expect_control("an offer")? {
+        Message::Offer {
+            vm, streams, files, ..
+        } => (vm, streams, files),
         other => {
             return Err(MigrationError::Protocol(format!(
                 "expected an offer, got {other:?}"
@@ -364,6 +456,17 @@ fn receive_vm<F: TargetFactory>(
         Ok(t) => t,
         Err(reason) => return Err(refuse(&mut conn, reason)),
     };
+    let send_files = match files_to_send(&vm, &target, file_transfer) {
+        Ok(files) => files,
+        Err(reason) => return Err(refuse(&mut conn, reason)),
+    };
+    if let Err(reason) = target.receive_files(&send_files) {
+        return Err(refuse(&mut conn, reason));
+    }
+    let mut file_sizes = vec![None; vm.files.len()];
+    for &f in &send_files {
+        file_sizes[f as usize] = Some(vm.files[f as usize].size);
+    }
     tracing::debug!(ms = ms(started.elapsed()), "destination VM prepared");
     let mut session_bytes = [0u8; 8];
     getrandom::fill(&mut session_bytes).expect("the OS random source");
@@ -371,12 +474,15 @@ fn receive_vm<F: TargetFactory>(
     let (tx, rx) = channel();
     sessions.lock().expect("sessions lock").insert(session, tx);
     let accepted = conn
-        .send(&Message::Accept { session })
+        .send(&Message::Accept {
+            session,
+            send_files,
+        })
         .and_then(|()| collect_streams(&rx, streams));
     sessions.lock().expect("sessions lock").remove(&session);
     let data = accepted?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams collected");
-    let inbound = Inbound::new(streams, control_socket);
+    let inbound = Inbound::new(streams, control_socket, file_sizes);
     // Each data connection comes with a handle on its socket, to shut it down.
     let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
     let result = std::thread::scope(|scope| {
@@ -454,7 +560,10 @@ fn control_loop<T: MigrationTarget>(
                     )));
                 }
                 sync_buffers(target, &buffers)?;
-                inbound.lock().round_open = true;
+                let mut s = inbound.lock();
+                s.round_open = true;
+                s.round = round;
+                drop(s);
                 inbound.changed.notify_all();
             }
             Message::EndRound { round, frames } => {
@@ -493,6 +602,12 @@ fn control_loop<T: MigrationTarget>(
                 }
                 s.round_open = false;
                 drop(s);
+                if round == 0 {
+                    // The attached files were all sent with round 0: check they are whole
+                    // (before the pause, while the VM still runs on the source).
+                    inbound.files_complete().map_err(MigrationError::Protocol)?;
+                    target.files_received().map_err(target_err)?;
+                }
                 conn.send(&Message::RoundApplied { round })?;
                 expected_round += 1;
             }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{authenticate_stream_connector, Secret};
 use crate::link::Link;
 use crate::tls::{self, TlsConfig};
-use crate::vm::{ChunkKey, MigrationSource, PageSet, PAGE_SIZE};
+use crate::vm::{ChunkKey, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE, PAGE_SIZE};
 use crate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use crate::MigrationError;
 
@@ -52,6 +52,8 @@ pub struct MigrationOptions {
     /// Mutual TLS on every connection (the destination must serve with TLS too), under
     /// the shared-secret authentication; `None`: plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Whether attached files the destination already has are sent anyway.
+    pub files: FileTransfer,
 }
 
 impl Default for MigrationOptions {
@@ -67,6 +69,7 @@ impl Default for MigrationOptions {
             allow_longer_pause: false,
             io_timeout: Duration::from_secs(30),
             tls: None,
+            files: FileTransfer::default(),
         }
     }
 }
@@ -136,6 +139,12 @@ pub struct MigrationReport {
     pub max_throttle_pct: u8,
     /// Data connections used.
     pub streams: u8,
+    /// Attached files sent (the destination lacked them, or `--files send`).
+    pub files_sent: u32,
+    /// Attached files the destination already had, not sent.
+    pub files_reused: u32,
+    /// Bytes of attached files sent.
+    pub file_bytes: u64,
     /// Each round.
     pub round_log: Vec<PrecopyRound>,
 }
@@ -210,10 +219,20 @@ fn open_stream(
     Ok(conn)
 }
 
+/// A piece of an attached file to send.
+#[derive(Debug, Clone, Copy)]
+struct FilePiece {
+    file: u32,
+    offset: u64,
+    len: u64,
+}
+
 /// What one round must send.
+#[derive(Default)]
 struct RoundWork {
     runs: Vec<(u64, u64)>,
     chunks: Vec<ChunkKey>,
+    files: Vec<FilePiece>,
     /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
     skip_zeros: bool,
 }
@@ -222,7 +241,23 @@ impl RoundWork {
     fn bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.1 * PAGE_SIZE).sum::<u64>()
             + self.chunks.len() as u64 * crate::vm::MAX_CHUNK_BYTES
+            + self.files.iter().map(|p| p.len).sum::<u64>()
     }
+}
+
+/// The pieces of the files `send` (indices into `sizes`).
+fn file_pieces(sizes: &[u64], send: &[u32]) -> Vec<FilePiece> {
+    let mut pieces = Vec::new();
+    for &file in send {
+        let size = sizes[file as usize];
+        let mut offset = 0;
+        while offset < size {
+            let len = (size - offset).min(MAX_FILE_PIECE);
+            pieces.push(FilePiece { file, offset, len });
+            offset += len;
+        }
+    }
+    pieces
 }
 
 /// A round's work as the data streams share it: each takes the next run, then the next
@@ -232,6 +267,7 @@ struct WorkQueue<'a> {
     work: &'a RoundWork,
     next_run: AtomicUsize,
     next_chunk: AtomicUsize,
+    next_piece: AtomicUsize,
 }
 
 impl<'a> WorkQueue<'a> {
@@ -240,7 +276,13 @@ impl<'a> WorkQueue<'a> {
             work,
             next_run: AtomicUsize::new(0),
             next_chunk: AtomicUsize::new(0),
+            next_piece: AtomicUsize::new(0),
         }
+    }
+
+    fn next_piece(&self) -> Option<FilePiece> {
+        let i = self.next_piece.fetch_add(1, Ordering::Relaxed);
+        self.work.files.get(i).copied()
     }
 
     fn next_run(&self) -> Option<(u64, u64)> {
@@ -339,6 +381,13 @@ fn send_share(
             };
         });
         sent?;
+    }
+    while let Some(piece) = queue.next_piece() {
+        let bytes = &mut page_buffer[..piece.len as usize];
+        source
+            .read_file(piece.file, piece.offset, bytes)
+            .map_err(MigrationError::Source)?;
+        writer.send_file(piece.file, piece.offset, bytes)?;
     }
     writer.flush()?;
     Ok(counts)
@@ -502,6 +551,7 @@ impl Pending {
         RoundWork {
             runs: self.pages.runs(MAX_RUN_PAGES),
             chunks: self.chunks.clone(),
+            files: Vec::new(),
             skip_zeros: false,
         }
     }
@@ -530,13 +580,18 @@ pub fn migrate_vm(
     let mut control = open_stream(addr, secret, StreamRole::Control, options)?;
     let vm = source.describe();
     let ram_pages = vm.ram_size / PAGE_SIZE;
+    let file_sizes: Vec<u64> = vm.files.iter().map(|f| f.size).collect();
     control.send(&Message::Offer {
         vm,
         streams: options.streams,
         transfer: options.mode,
+        files: options.files,
     })?;
-    let session = match control.expect_control("the destination's answer")? {
-        Message::Accept { session } => session,
+    let (session, send_files) = match control.expect_control("the destination's answer")? {
+        Message::Accept {
+            session,
+            send_files,
+        } => (session, send_files),
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
         other => {
             return Err(MigrationError::Protocol(format!(
@@ -544,6 +599,25 @@ pub fn migrate_vm(
             )))
         }
     };
+    let mut asked: Vec<u32> = send_files.clone();
+    asked.sort_unstable();
+    asked.dedup();
+    let expected_len = match options.files {
+        FileTransfer::Send => Some(file_sizes.len()),
+        FileTransfer::Require => Some(0),
+        FileTransfer::Reuse => None,
+    };
+    if asked.len() != send_files.len()
+        || asked.iter().any(|&f| f as usize >= file_sizes.len())
+        || expected_len.is_some_and(|n| n != asked.len())
+    {
+        return Err(MigrationError::Protocol(format!(
+            "the destination asked for attached files {send_files:?} of {} ({:?} transfer)",
+            file_sizes.len(),
+            options.files
+        )));
+    }
+    let files = file_pieces(&file_sizes, &send_files);
     tracing::debug!(ms = ms(started.elapsed()), "offer accepted");
     // In parallel: each costs a connection and an authentication's round trips.
     let data = std::thread::scope(|scope| {
@@ -569,7 +643,7 @@ pub fn migrate_vm(
         started,
         round_log: Vec::new(),
     };
-    let outcome = run(&mut s, options, progress);
+    let outcome = run(&mut s, options, files, progress);
     source.set_throttle(0);
     source.stop_tracking();
     match outcome {
@@ -591,6 +665,9 @@ pub fn migrate_vm(
                 .max()
                 .unwrap_or(0),
             streams: options.streams,
+            files_sent: send_files.len() as u32,
+            files_reused: (file_sizes.len() - send_files.len()) as u32,
+            file_bytes: send_files.iter().map(|&f| file_sizes[f as usize]).sum(),
             round_log: s.round_log,
         }),
         Err(Failure::InDoubt(e)) => Err(e),
@@ -633,37 +710,51 @@ fn before_go(paused: bool) -> impl Fn(MigrationError) -> Failure {
     move |error| Failure::BeforeGo { error, paused }
 }
 
+/// Runs the migration; `files` are the pieces of the attached files to send, which go
+/// with the first round, while the VM runs (in stop-and-copy too: they are read-only).
 fn run(
     s: &mut Session<'_>,
     options: &MigrationOptions,
+    files: Vec<FilePiece>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Switched, Failure> {
     let source = s.source;
     let ram_pages = s.ram_pages;
     // Called once dirty tracking runs (or the VM is paused), so a page or chunk populated
     // after the query is in a later round's dirty set.
-    let round0 = |s: &Session<'_>| RoundWork {
+    let round0 = |s: &Session<'_>, files: Vec<FilePiece>| RoundWork {
         runs: s
             .source
             .populated_pages()
             .unwrap_or_else(|| PageSet::all(ram_pages))
             .runs(MAX_RUN_PAGES),
         chunks: s.source.populated_chunks(),
+        files,
         skip_zeros: true,
     };
     let pause_at: Instant;
     if options.mode == Transfer::StopAndCopy {
+        if !files.is_empty() {
+            let work = RoundWork {
+                files,
+                ..RoundWork::default()
+            };
+            let log = s.send_round(&work, 0).map_err(before_go(false))?;
+            progress(&s.progress("precopy", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+        }
         source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
         pause_at = Instant::now();
-        let log = s.send_round(&round0(s), 0).map_err(before_go(true))?;
+        let log = s
+            .send_round(&round0(s, Vec::new()), 0)
+            .map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
     } else {
         source
             .start_tracking()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
-        let mut work = round0(s);
+        let mut work = round0(s, files);
         let mut throttle_step = 0usize;
         let mut best_rate = 0f64;
         let pending = loop {

@@ -6,6 +6,34 @@ use serde::{Deserialize, Serialize};
 pub const PAGE_SIZE: u64 = 4096;
 /// Largest device chunk (the accelerator's dirty-tracking granule).
 pub const MAX_CHUNK_BYTES: u64 = 256 << 10;
+/// Largest piece of an attached file in one frame.
+pub const MAX_FILE_PIECE: u64 = 1 << 20;
+
+/// A read-only file attached to the VM, as offered: the destination must run the VM
+/// with exactly this content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOffer {
+    /// Name the guest finds it by.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content, lowercase hex.
+    pub sha256: String,
+    /// Its path on the source (the destination looks there for a copy).
+    pub path: String,
+}
+
+/// What to do with attached files the destination already has (same content hash).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileTransfer {
+    /// Use the destination's copy; send only the files it lacks.
+    #[default]
+    Reuse,
+    /// Send every file, even those the destination has (to measure, or to refresh).
+    Send,
+    /// Send none: the destination must have them all, or it refuses the migration.
+    Require,
+}
 
 /// What both sides must agree on before anything is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +56,8 @@ pub struct VmDescription {
     pub microkernel: String,
     /// Anything else the destination needs to start it (e.g. the guest arguments).
     pub extra: Vec<(String, String)>,
+    /// The attached files, in the guest's order.
+    pub files: Vec<FileOffer>,
 }
 
 impl VmDescription {
@@ -162,6 +192,11 @@ pub trait MigrationSource: Sync {
     }
     /// Reads guest RAM at `gpa` into `out`.
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String>;
+    /// Reads bytes of attached file `file` (its index in [`VmDescription::files`]).
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        let _ = (offset, out);
+        Err(format!("this VM has no attached file {file}"))
+    }
     /// Calls `f` with chunk `chunk`'s bytes, read in place (no copy on the way to the
     /// connection); `false` if the chunk no longer exists (its buffer freed since).
     fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool;
@@ -186,6 +221,28 @@ pub trait MigrationTarget: Send + Sync {
     fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String>;
     /// Writes a chunk (zero chunks arrive as zeros).
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String>;
+    /// Whether this host has offered file `file` already, with the same content.
+    fn has_file(&self, file: u32) -> bool {
+        let _ = file;
+        false
+    }
+    /// Gets ready to receive the offered files `files` (checks there is room for them).
+    fn receive_files(&self, files: &[u32]) -> Result<(), String> {
+        if files.is_empty() {
+            Ok(())
+        } else {
+            Err("this host cannot receive attached files".into())
+        }
+    }
+    /// Writes bytes of a file being received (the engine checked the range).
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        let _ = (offset, data);
+        Err(format!("file {file} was not expected"))
+    }
+    /// Every byte of the files being received arrived: checks their content.
+    fn files_received(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Builds the VM from the final state, still paused.
     fn restore(&self, state: &[u8]) -> Result<(), String>;
     /// Runs the restored VM.
@@ -219,6 +276,7 @@ mod tests {
             kernel_version: 2,
             microkernel: "avx2+fma".into(),
             extra: Vec::new(),
+            files: Vec::new(),
         };
         let mut offered = VmDescription {
             accel_memory: 1 << 30,

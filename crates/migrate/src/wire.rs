@@ -1,5 +1,6 @@
 //! The migration stream: frames with a fixed header, a CRC-32 of the payload, optional
-//! LZ4, and three kinds: control messages (postcard), RAM page runs and device chunks.
+//! LZ4, and four kinds: control messages (postcard), RAM page runs, device chunks and
+//! pieces of attached files.
 //!
 //! Everything read is validated before use: magic, kind, flags, lengths against fixed
 //! caps (so a hostile peer cannot make us allocate more than one frame's worth), the
@@ -10,11 +11,13 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::vm::{ChunkKey, DeviceBuffer, VmDescription, MAX_CHUNK_BYTES, PAGE_SIZE};
+use crate::vm::{
+    ChunkKey, DeviceBuffer, FileTransfer, VmDescription, MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
+};
 use crate::MigrationError;
 
-/// Version of this protocol; peers must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol; peers must speak the same. 2: attached files.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.
@@ -27,9 +30,11 @@ const HEADER_BYTES: usize = 16;
 const KIND_CONTROL: u8 = 1;
 const KIND_RAM: u8 = 2;
 const KIND_CHUNK: u8 = 3;
+const KIND_FILE: u8 = 4;
 const FLAG_COMPRESSED: u8 = 1;
 const RAM_RECORD_BYTES: usize = 16;
 const CHUNK_RECORD_BYTES: usize = 24;
+const FILE_RECORD_BYTES: usize = 16;
 
 /// Which connection of a migration this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,11 +93,16 @@ pub enum Message {
         streams: u8,
         /// Live or stop-and-copy.
         transfer: Transfer,
+        /// Whether attached files the destination has are sent anyway.
+        files: FileTransfer,
     },
     /// The destination prepared a paused VM.
     Accept {
         /// Session id for the data connections.
         session: u64,
+        /// The attached files (indices into the offer's) the source must send with round
+        /// 0; the destination has the others.
+        send_files: Vec<u32>,
     },
     /// Refused (authentication, version, compatibility, resources), with the reason.
     Refuse {
@@ -158,6 +168,15 @@ pub enum Frame<'a> {
         len: u64,
         /// Contents.
         data: Option<&'a [u8]>,
+    },
+    /// Bytes of an attached file.
+    File {
+        /// The file's index in the offer.
+        file: u32,
+        /// Where they go in the file.
+        offset: u64,
+        /// The bytes (1 to [`MAX_FILE_PIECE`]).
+        data: &'a [u8],
     },
 }
 
@@ -248,7 +267,7 @@ impl Decoder {
         let wire_len = u32_at(&header, 4) as usize;
         let raw_len = u32_at(&header, 8) as usize;
         let crc = u32_at(&header, 12);
-        if !matches!(kind, KIND_CONTROL | KIND_RAM | KIND_CHUNK) {
+        if !matches!(kind, KIND_CONTROL | KIND_RAM | KIND_CHUNK | KIND_FILE) {
             return Err(protocol(format!("unknown frame kind {kind}")));
         }
         if flags & !FLAG_COMPRESSED != 0 {
@@ -405,6 +424,25 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                 data: (zero == 0).then_some(data),
             })
         }
+        KIND_FILE => {
+            if p.len() < FILE_RECORD_BYTES {
+                return Err(protocol("short file record"));
+            }
+            let file = u32_at(p, 0);
+            let reserved = u32_at(p, 4);
+            let offset = u64_at(p, 8);
+            let data = &p[FILE_RECORD_BYTES..];
+            if reserved != 0
+                || !(1..=MAX_FILE_PIECE).contains(&(data.len() as u64))
+                || offset.checked_add(data.len() as u64).is_none()
+            {
+                return Err(protocol(format!(
+                    "bad file record: {} bytes at {offset} of file {file}",
+                    data.len()
+                )));
+            }
+            Ok(Frame::File { file, offset, data })
+        }
         _ => {
             if p.len() < CHUNK_RECORD_BYTES {
                 return Err(protocol("short chunk record"));
@@ -507,6 +545,15 @@ impl<W: Write> FrameWriter<W> {
         self.emit(KIND_CHUNK, &head, data.unwrap_or_default(), data.is_some())
     }
 
+    /// Sends `data` (1 to [`MAX_FILE_PIECE`] bytes) of attached file `file` at `offset`.
+    pub fn send_file(&mut self, file: u32, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+        debug_assert!(!data.is_empty() && data.len() as u64 <= MAX_FILE_PIECE);
+        let mut head = [0u8; FILE_RECORD_BYTES];
+        head[..4].copy_from_slice(&file.to_le_bytes());
+        head[8..].copy_from_slice(&offset.to_le_bytes());
+        self.emit(KIND_FILE, &head, data, true)
+    }
+
     /// Writes one frame whose payload is `head` then `data`. Uncompressed, the parts go
     /// out as they are (no staging copy of the data); compressed, they are joined first.
     fn emit(
@@ -605,6 +652,7 @@ mod tests {
             index: 9,
         };
         w.send_chunk(key, 100, Some(&[1; 100])).unwrap();
+        w.send_file(2, 1 << 40, &[3; 77]).unwrap();
         w.send(&Message::Go).unwrap();
         let bytes = w.output;
         let mut r = FrameReader::new(&bytes[..]);
@@ -621,6 +669,9 @@ mod tests {
         ));
         assert!(
             matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 100, data: Some(d) } if k == key && d == [1; 100])
+        );
+        assert!(
+            matches!(r.read().unwrap(), Frame::File { file: 2, offset: 0x100_0000_0000, data } if data == [3; 77])
         );
         assert!(matches!(r.read().unwrap(), Frame::Control(Message::Go)));
         assert!(matches!(r.read(), Err(MigrationError::Io { .. })));
@@ -724,6 +775,19 @@ mod tests {
         chunk[16..24].copy_from_slice(&(MAX_CHUNK_BYTES + 1).to_le_bytes());
         chunk[4] = 1;
         assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record"));
+        // File pieces: empty, too long, running past 2^64, a nonzero reserved field.
+        let file = |offset: u64, len: usize, reserved: u32| {
+            let mut rec = vec![0u8; FILE_RECORD_BYTES];
+            rec[4..8].copy_from_slice(&reserved.to_le_bytes());
+            rec[8..16].copy_from_slice(&offset.to_le_bytes());
+            rec.resize(FILE_RECORD_BYTES + len, 1);
+            one_frame(KIND_FILE, 0, &rec)
+        };
+        assert!(read_err(&file(0, 0, 0)).contains("bad file record"));
+        assert!(read_err(&file(0, MAX_FILE_PIECE as usize + 1, 0)).contains("bad file record"));
+        assert!(read_err(&file(u64::MAX - 4, 10, 0)).contains("bad file record"));
+        assert!(read_err(&file(0, 10, 1)).contains("bad file record"));
+        assert!(read_err(&one_frame(KIND_FILE, 0, &[0; 15])).contains("short file record"));
         // Compressed data that does not expand to the announced size.
         let mut lying = one_frame(KIND_RAM, FLAG_COMPRESSED, &[0x10, 1]);
         lying[8..12].copy_from_slice(&1000u32.to_le_bytes());

@@ -15,10 +15,11 @@ use ferry_migrate::auth::{authenticate_stream_connector, authenticate_stream_lis
 use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use ferry_migrate::{
-    migrate_vm, serve, ChunkKey, DeviceBuffer, MigrationError, MigrationOptions, MigrationReport,
-    MigrationSource, MigrationTarget, Mode, PageSet, ReceiveReport, Secret, TargetFactory,
-    VmDescription,
+    migrate_vm, serve, ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationError,
+    MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode, PageSet,
+    ReceiveReport, Secret, TargetFactory, VmDescription,
 };
+use sha2::{Digest, Sha256};
 
 const SECRET: &str = "correct horse battery staple";
 const MIB: u64 = 1 << 20;
@@ -76,6 +77,13 @@ impl std::fmt::Debug for Contents {
         }
         f.write_str(" }")
     }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// FNV-1a, enough to tell contents apart in a failure message.
@@ -161,6 +169,10 @@ struct FakeSource {
     churn_buffers: AtomicBool,
     /// `with_chunk` panics (a bug in the VM being sent).
     panic_on_chunk: AtomicBool,
+    /// Attached files.
+    files: Mutex<Vec<Vec<u8>>>,
+    /// `read_file` flips a bit of what it reads (the file changed on the source).
+    corrupt_files: AtomicBool,
 }
 
 impl FakeSource {
@@ -213,7 +225,38 @@ impl FakeSource {
             hot: AtomicBool::new(false),
             churn_buffers: AtomicBool::new(false),
             panic_on_chunk: AtomicBool::new(false),
+            files: Mutex::default(),
+            corrupt_files: AtomicBool::new(false),
         })
+    }
+
+    /// The same VM with attached files of these sizes (random content).
+    fn with_files(self: Arc<Self>, sizes: &[usize], seed: u64) -> Arc<Self> {
+        let mut rng = Rng(seed | 1);
+        *self.files.lock().unwrap() = sizes
+            .iter()
+            .map(|&n| {
+                let mut f = vec![0u8; n];
+                rng.fill(&mut f);
+                f
+            })
+            .collect();
+        self
+    }
+
+    fn offers(&self) -> Vec<FileOffer> {
+        self.files
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| FileOffer {
+                name: format!("file{i}"),
+                size: f.len() as u64,
+                sha256: sha256(f),
+                path: format!("/fake/file{i}"),
+            })
+            .collect()
     }
 
     /// The same VM without device buffers.
@@ -267,7 +310,19 @@ impl MigrationSource for FakeSource {
             kernel_version: 1,
             microkernel: "test".into(),
             extra: vec![("args".into(), "--fake".into())],
+            files: self.offers(),
         }
+    }
+
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        let files = self.files.lock().unwrap();
+        let f = files.get(file as usize).ok_or("no such file")?;
+        let end = offset as usize + out.len();
+        out.copy_from_slice(f.get(offset as usize..end).ok_or("read past the file")?);
+        if self.corrupt_files.load(Ordering::SeqCst) {
+            out[0] ^= 1;
+        }
+        Ok(())
     }
 
     fn start_tracking(&self) -> Result<(), String> {
@@ -498,11 +553,17 @@ struct Faults {
     panic_on_chunk: AtomicBool,
     /// `write_ram` calls outside the VM's RAM that reached the target.
     out_of_range: AtomicUsize,
+    /// SHA-256s of the attached files the destination has already.
+    has_files: Mutex<Vec<String>>,
 }
 
 struct FakeTarget {
     ram: Mutex<Vec<u8>>,
     buffers: Mutex<BTreeMap<u32, Vec<u8>>>,
+    /// The files offered.
+    offered: Vec<FileOffer>,
+    /// The files being received, by offer index.
+    files: Mutex<BTreeMap<u32, Vec<u8>>>,
     state: Mutex<Option<Vec<u8>>>,
     running: AtomicBool,
     ram_writes: AtomicUsize,
@@ -573,6 +634,36 @@ impl MigrationTarget for FakeTarget {
         Ok(())
     }
 
+    fn has_file(&self, file: u32) -> bool {
+        let sha = &self.offered[file as usize].sha256;
+        self.faults.has_files.lock().unwrap().contains(sha)
+    }
+
+    fn receive_files(&self, files: &[u32]) -> Result<(), String> {
+        let mut received = self.files.lock().unwrap();
+        for &f in files {
+            received.insert(f, vec![0; self.offered[f as usize].size as usize]);
+        }
+        Ok(())
+    }
+
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+        let mut files = self.files.lock().unwrap();
+        let f = files.get_mut(&file).ok_or("file not expected")?;
+        f[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn files_received(&self) -> Result<(), String> {
+        for (i, data) in self.files.lock().unwrap().iter() {
+            let offer = &self.offered[*i as usize];
+            if sha256(data) != offer.sha256 {
+                return Err(format!("file {} arrived with other content", offer.name));
+            }
+        }
+        Ok(())
+    }
+
     fn restore(&self, state: &[u8]) -> Result<(), String> {
         if self.faults.fail_restore.load(Ordering::SeqCst) {
             return Err("injected: the state does not restore".into());
@@ -615,6 +706,8 @@ impl TargetFactory for FakeFactory {
         Ok(FakeTarget {
             ram: Mutex::new(vec![0; vm.ram_size as usize]),
             buffers: Mutex::default(),
+            offered: vm.files.clone(),
+            files: Mutex::default(),
             state: Mutex::default(),
             running: AtomicBool::new(false),
             ram_writes: AtomicUsize::new(0),
@@ -1083,6 +1176,7 @@ fn description(ram_size: u64) -> VmDescription {
         kernel_version: 0,
         microkernel: String::new(),
         extra: Vec::new(),
+        files: Vec::new(),
     }
 }
 
@@ -1160,6 +1254,7 @@ fn garbage_connections_do_not_disturb_the_listener() {
             vm: description(MIB),
             streams: 1,
             transfer: Transfer::Live,
+            files: FileTransfer::Reuse,
         })
         .unwrap()
     }))
@@ -1190,6 +1285,7 @@ fn garbage_connections_do_not_disturb_the_listener() {
             vm: description(ram),
             streams,
             transfer: Transfer::Live,
+            files: FileTransfer::Reuse,
         })
         .unwrap();
         match c.expect_control("refusal") {
@@ -1228,9 +1324,10 @@ fn hostile_source(
         vm: description(ram_size),
         streams: 1,
         transfer: Transfer::Live,
+        files: FileTransfer::Reuse,
     })?;
     let session = match c.expect_control("accept")? {
-        Message::Accept { session } => session,
+        Message::Accept { session, .. } => session,
         other => panic!("expected accept, got {other:?}"),
     };
     let mut data = authenticated(dest, StreamRole::Data { session, index: 0 });
@@ -1249,9 +1346,10 @@ fn ram_records_outside_the_vm_are_refused() {
         vm: description(MIB),
         streams: 1,
         transfer: Transfer::Live,
+        files: FileTransfer::Reuse,
     })
     .unwrap();
-    let Ok(Message::Accept { session }) = c.expect_control("accept") else {
+    let Ok(Message::Accept { session, .. }) = c.expect_control("accept") else {
         panic!("not accepted")
     };
     let mut d = authenticated(&dest, StreamRole::Data { session, index: 0 });
@@ -1487,7 +1585,12 @@ fn dying_destination(read_bytes: u64) -> (String, JoinHandle<()>) {
         let Message::Offer { streams, .. } = control.expect_control("offer").unwrap() else {
             panic!("expected an offer")
         };
-        control.send(&Message::Accept { session: 42 }).unwrap();
+        control
+            .send(&Message::Accept {
+                session: 42,
+                send_files: Vec::new(),
+            })
+            .unwrap();
         let data: Vec<_> = (0..streams).map(|_| accept()).collect();
         let read = AtomicU64::new(0);
         std::thread::scope(|scope| {
@@ -1639,4 +1742,145 @@ fn allow_longer_pause_switches_over_a_hot_vm() {
     // before the pause is lost with the engine bug above; compare only what the final
     // round must carry: pages dirtied after it).
     assert!(target.running.load(Ordering::SeqCst));
+}
+
+// ---------------------------------------------------------------------------------------
+// Attached files.
+// ---------------------------------------------------------------------------------------
+
+fn with_files(transfer: FileTransfer) -> MigrationOptions {
+    MigrationOptions {
+        files: transfer,
+        ..options(Mode::Live)
+    }
+}
+
+#[test]
+fn attached_files_go_with_round_0_and_arrive_whole() {
+    // 3 MiB + 5 bytes (several pieces, a short last one) and a small file.
+    let source = FakeSource::new("files", 8, 31).with_files(&[(3 << 20) + 5, 1000], 7);
+    let guest = Guest::start(&source, false, 3);
+    wait_for_writes(&source, 100);
+    let dest = Destination::start();
+    let report = migrate(&source, &dest, &with_files(FileTransfer::Reuse)).unwrap();
+    guest.stop();
+    let (target, _) = dest.adopted();
+    assert_received(&source, &target);
+    assert_eq!((report.files_sent, report.files_reused), (2, 0));
+    assert_eq!(report.file_bytes, (3 << 20) + 5 + 1000);
+    assert!(report.round_log[0].bytes > report.file_bytes, "{report:?}");
+    let files = target.files.lock().unwrap();
+    assert_eq!(files[&0], source.files.lock().unwrap()[0]);
+    assert_eq!(files[&1], source.files.lock().unwrap()[1]);
+}
+
+#[test]
+fn a_destination_with_the_files_gets_only_what_it_lacks_unless_told_otherwise() {
+    let source = FakeSource::new("files", 4, 32).with_files(&[2 << 20, 4096], 8);
+    let offers = source.offers();
+    // The destination has file 0 (same content).
+    let dest = Destination::start();
+    dest.faults
+        .has_files
+        .lock()
+        .unwrap()
+        .push(offers[0].sha256.clone());
+    let report = migrate(&source, &dest, &with_files(FileTransfer::Reuse)).unwrap();
+    let (target, _) = dest.adopted();
+    assert_eq!((report.files_sent, report.files_reused), (1, 1));
+    assert_eq!(report.file_bytes, 4096);
+    assert_eq!(
+        target.files.lock().unwrap().keys().collect::<Vec<_>>(),
+        [&1]
+    );
+
+    // --files send: both, though it has one.
+    let source = FakeSource::new("files", 4, 33).with_files(&[2 << 20, 4096], 8);
+    let dest = Destination::start();
+    dest.faults
+        .has_files
+        .lock()
+        .unwrap()
+        .push(offers[0].sha256.clone());
+    let report = migrate(&source, &dest, &with_files(FileTransfer::Send)).unwrap();
+    assert_eq!((report.files_sent, report.files_reused), (2, 0));
+    assert_eq!(report.file_bytes, (2 << 20) + 4096);
+    dest.adopted();
+
+    // --files require: file 1 is missing, so the destination refuses at the handshake,
+    // naming it; the VM runs on.
+    let source = FakeSource::new("files", 4, 34).with_files(&[2 << 20, 4096], 8);
+    let dest = Destination::start();
+    dest.faults
+        .has_files
+        .lock()
+        .unwrap()
+        .push(offers[0].sha256.clone());
+    match migrate(&source, &dest, &with_files(FileTransfer::Require)) {
+        Err(MigrationError::Refused(why)) => {
+            assert!(
+                why.contains("'file1'") && why.contains(&offers[1].sha256),
+                "{why}"
+            );
+            assert!(!why.contains("'file0'"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!source.paused());
+    dest.assert_nothing_adopted();
+    // With both present, nothing is sent.
+    dest.faults
+        .has_files
+        .lock()
+        .unwrap()
+        .push(offers[1].sha256.clone());
+    let report = migrate(&source, &dest, &with_files(FileTransfer::Require)).unwrap();
+    assert_eq!((report.files_sent, report.file_bytes), (0, 0));
+    dest.adopted();
+}
+
+#[test]
+fn a_file_that_arrives_with_other_content_fails_the_migration_before_the_pause() {
+    let source = FakeSource::new("files", 4, 35).with_files(&[1 << 20], 9);
+    source.corrupt_files.store(true, Ordering::SeqCst);
+    let dest = Destination::start();
+    match migrate(&source, &dest, &with_files(FileTransfer::Reuse)) {
+        Err(MigrationError::PeerAborted(why)) => assert!(why.contains("other content"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Checked at the end of round 0: the VM was never paused.
+    assert_eq!(source.pauses.load(Ordering::SeqCst), 0);
+    assert!(!source.paused());
+    dest.assert_nothing_adopted();
+    dest.assert_alive();
+}
+
+#[test]
+fn stop_and_copy_sends_files_before_the_pause() {
+    let source = FakeSource::new("files", 4, 36).with_files(&[3 << 20], 10);
+    let dest = Destination::start();
+    let report = migrate(
+        &source,
+        &dest,
+        &with_files(FileTransfer::Send).clone_with_mode(Mode::StopAndCopy),
+    )
+    .unwrap();
+    let (target, _) = dest.adopted();
+    assert_received(&source, &target);
+    // A round of files while the VM ran, then the memory during the pause.
+    assert_eq!(report.rounds, 2);
+    assert!(report.final_bytes < report.file_bytes, "{report:?}");
+}
+
+trait WithMode {
+    fn clone_with_mode(&self, mode: Mode) -> MigrationOptions;
+}
+
+impl WithMode for MigrationOptions {
+    fn clone_with_mode(&self, mode: Mode) -> MigrationOptions {
+        MigrationOptions {
+            mode,
+            ..self.clone()
+        }
+    }
 }

@@ -37,6 +37,7 @@ fn describe() -> VmDescription {
         kernel_version: 0,
         microkernel: String::new(),
         extra: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -192,6 +192,12 @@ impl AttachedFile {
         &self.info
     }
 
+    /// The same open file, now known under `path` (it was renamed there).
+    pub fn moved_to(mut self, path: PathBuf) -> Self {
+        self.info.path = path;
+        self
+    }
+
     /// Fills `out` from byte `offset`; an error if the file no longer has those bytes.
     pub fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
         self.file.read_exact_at(out, offset)

@@ -724,6 +724,11 @@ impl Microvm {
         self.devices.accel.as_ref()
     }
 
+    /// The VM's attached files.
+    pub fn files(&self) -> &AttachedFiles {
+        &self.devices.files
+    }
+
     /// Dirty-page tracking of guest RAM (guest writes and VMM/device writes).
     fn dirty_log(&self) -> DirtyLog<'_> {
         DirtyLog::new(&self.vm, &self.memory)

@@ -128,6 +128,7 @@ impl LoopbackCluster {
                         args: GUEST_ARGS.split_whitespace().map(str::to_string).collect(),
                         memory: VM_RAM,
                         accel_memory: VM_ACCEL,
+                        attach: Vec::new(),
                     },
                     host: Some("a".into()),
                 },

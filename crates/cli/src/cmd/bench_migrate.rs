@@ -236,6 +236,7 @@ fn measure(
             args,
             memory: 256 << 20,
             accel_memory: accel,
+            attach: Vec::new(),
         },
     )?;
     let id = vm["id"].as_str().context("no VM id")?.to_string();

@@ -109,6 +109,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         args: guest_args(args.steps),
         memory: 256 << 20,
         accel_memory: 256 << 20,
+        attach: Vec::new(),
     };
     let vm: Value = ca.post("/v1/vms", &request)?;
     let id = vm["id"].as_str().context("no VM id")?.to_string();

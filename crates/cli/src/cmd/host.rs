@@ -55,13 +55,15 @@ API (every request needs 'Authorization: Bearer <shared secret>'; errors are {\"
   GET    /v1/host                 name, migration address, memory capacity and use
   GET    /v1/vms                  every VM
   POST   /v1/vms                  create and start: {\"workload\": \"mlp-train\", \"args\": [...],
-                                  \"memory\": bytes, \"accel_memory\": bytes}
+                                  \"memory\": bytes, \"accel_memory\": bytes,
+                                  \"attach\": [{\"name\": \"model\", \"path\": \"/m.gguf\"}]}
   GET    /v1/vms/ID               state, sizes, uptime, console tail
   GET    /v1/vms/ID/console       the console's last 64 KiB, as text
   DELETE /v1/vms/ID               stop the VM
   POST   /v1/vms/ID/migrate       {\"to\": \"HOST:PORT\", \"mode\": \"live\"|\"stop-and-copy\",
-                                  \"downtime_ms\": 50, \"streams\": 2, \"compress\": false,
-                                  \"throttle\": true, \"allow_longer_pause\": false}
+                                  \"downtime_ms\": 50, \"streams\": 4, \"compress\": false,
+                                  \"throttle\": true, \"allow_longer_pause\": false,
+                                  \"files\": \"reuse\"|\"send\"|\"require\"}
   GET    /v1/vms/ID/migration     progress while it runs, then the report or the error
 
 Example:
@@ -125,6 +127,11 @@ pub struct ServeArgs {
     /// The cluster CA (PEM) that must have signed every peer's certificate.
     #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
+    /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
+    /// as sha256-<hash>; a VM moving back, or another with the same file, finds them
+    /// there (default: /var/tmp/ferry-<name>/files).
+    #[arg(long, value_name = "DIR")]
+    pub file_store: Option<PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -221,6 +228,9 @@ pub fn start_loopback(
         accel_threads: ferry_vmm::vm::default_accel_threads(),
         guest_nice: ferry_host::DEFAULT_GUEST_NICE,
         tls: None,
+        file_store: std::env::temp_dir()
+            .join(format!("ferry-{}-{name}", std::process::id()))
+            .join("files"),
     };
     start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")
 }
@@ -283,6 +293,9 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                     ),
                     _ => None,
                 },
+                file_store: serve.file_store.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!("/var/tmp/ferry-{}", serve.name)).join("files")
+                }),
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

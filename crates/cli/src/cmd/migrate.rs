@@ -16,7 +16,8 @@ use ferry_client::ApiClient;
 #[command(
     after_help = "Example:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 4\n\n\
     With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
-    bytes_sent, final_bytes, max_throttle_pct, streams and the per-round log."
+    bytes_sent, final_bytes, max_throttle_pct, streams, files_sent, files_reused,\n\
+    file_bytes and the per-round log."
 )]
 pub struct MigrateArgs {
     /// The VM's id on the source host (--host).
@@ -47,6 +48,12 @@ pub struct MigrateArgs {
     /// Most pre-copy rounds.
     #[arg(long, value_name = "N", default_value_t = 30)]
     pub max_rounds: u32,
+    /// Attached files (models, datasets): `reuse` sends only those the destination does
+    /// not have with the same SHA-256 (at the same path or in its file store); `send`
+    /// sends them all; `require` sends none, and the destination refuses the migration
+    /// if it lacks one.
+    #[arg(long, default_value = "reuse", value_parser = ["reuse", "send", "require"])]
+    pub files: String,
     /// Print one JSON object (the report) as the last line.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +72,7 @@ impl MigrateArgs {
             throttle: !self.no_throttle,
             allow_longer_pause: self.allow_longer_pause,
             max_rounds: self.max_rounds,
+            files: self.files.clone(),
             ..MigrateRequest::to(&self.to)
         }
     }
@@ -133,7 +141,7 @@ pub fn spinner(hidden: bool) -> ProgressBar {
 
 /// One line summing up a report.
 pub fn summary(report: &MigrationReport) -> String {
-    format!(
+    let mut line = format!(
         "{} migration: pause {:.1} ms, total {:.0} ms, {} rounds, {:.1} MiB sent ({:.2} MiB during the pause), throttle up to {}%",
         report.mode,
         report.downtime_ms,
@@ -142,7 +150,16 @@ pub fn summary(report: &MigrationReport) -> String {
         mib(report.bytes_sent),
         mib(report.final_bytes),
         report.max_throttle_pct,
-    )
+    );
+    if report.files_sent + report.files_reused > 0 {
+        line += &format!(
+            "; attached files: {} sent ({:.1} MiB), {} already on the destination",
+            report.files_sent,
+            mib(report.file_bytes),
+            report.files_reused
+        );
+    }
+    line
 }
 
 /// `ferry migrate`.

@@ -56,6 +56,10 @@ enum VmCommand {
         /// Accelerator memory (none by default).
         #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_size)]
         accel_memory: u64,
+        /// Attach a read-only file on the host, found by the guest as NAME (repeatable):
+        /// `--attach model=/models/SmolLM2-135M-Instruct.Q4_1.gguf`. It moves with the VM.
+        #[arg(long, value_name = "NAME=PATH", value_parser = crate::attach::parse_attach)]
+        attach: Vec<(String, std::path::PathBuf)>,
         /// Guest arguments (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -100,6 +104,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             workload,
             memory,
             accel_memory,
+            attach,
             args: guest_args,
         } => {
             let vm = ferry_host::CreateVm {
@@ -107,6 +112,13 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                 args: guest_args.clone(),
                 memory: *memory,
                 accel_memory: *accel_memory,
+                attach: attach
+                    .iter()
+                    .map(|(name, path)| ferry_host::Attachment {
+                        name: name.clone(),
+                        path: path.clone(),
+                    })
+                    .collect(),
             };
             let Some(center) = center else {
                 return finish(args, host()?.post("/v1/vms", &vm)?);
