@@ -35,6 +35,11 @@ const IMAGES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "fmnist-train",
+        "trains an MLP on Fashion-MNIST attached as files; prints loss and test accuracy per epoch",
+        false,
+    ),
+    (
         "calibrate",
         "times the shared compute and memory loops `ferry bench vm` compares with the host",
         true,

@@ -82,6 +82,7 @@ mod tests {
                 "mlp-train",
                 "llm-decode",
                 "llm-chat",
+                "fmnist-train",
                 "calibrate",
                 "faults",
                 "dirty-pages",

@@ -1,0 +1,306 @@
+//! Fashion-MNIST training in real VMs: the `fmnist-train` guest reads the dataset from
+//! attached files (gzipped IDX), trains on the accelerator, reaches a plausible accuracy
+//! and prints the same checksum every time; corrupt files are refused with a message
+//! that names the file and the problem.
+//!
+//! Needs the Debian package dataset-fashion-mnist: without it the tests announce that
+//! they skip, unless FERRY_REQUIRE_DATASET=1 (then they fail).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
+
+const DATASET: &str = "/usr/share/datasets/fashion-mnist";
+const TRAIN_IMAGES: &str = "train-images-idx3-ubyte.gz";
+const TRAIN_LABELS: &str = "train-labels-idx1-ubyte.gz";
+const TEST_IMAGES: &str = "t10k-images-idx3-ubyte.gz";
+const TEST_LABELS: &str = "t10k-labels-idx1-ubyte.gz";
+/// The guest needs about 80 MiB of RAM and 210 MiB of device memory for the full set.
+const CONFIG: VmConfig = VmConfig::new(256 << 20).with_accel(256 << 20);
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The dataset directory, or `None` after announcing the skip of `test` past libtest's
+/// capture (a failure instead when FERRY_REQUIRE_DATASET=1). Checks KVM first.
+fn dataset(test: &str) -> Option<&'static Path> {
+    if !ferry_vmm::kvm_usable_or_announce_skip(test) {
+        return None;
+    }
+    let dir = Path::new(DATASET);
+    let missing: Vec<&str> = [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS]
+        .into_iter()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Some(dir);
+    }
+    if std::env::var_os("FERRY_REQUIRE_DATASET").is_some_and(|v| v == "1") {
+        panic!(
+            "{test}: FERRY_REQUIRE_DATASET=1 but {DATASET} lacks {missing:?} \
+             (apt install dataset-fashion-mnist)"
+        );
+    }
+    // One write, so that lines of tests running in parallel do not interleave.
+    let line = format!(
+        "\n*** SKIPPED {test}: no Fashion-MNIST at {DATASET} (apt install \
+         dataset-fashion-mnist) ***\n\n"
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    None
+}
+
+/// Boots `fmnist-train` with `files` attached as (name, path), running.
+fn boot(files: &[(&str, PathBuf)], args: &[&str], accel_threads: usize) -> Microvm {
+    let specs: Vec<(String, PathBuf)> = files
+        .iter()
+        .map(|(name, path)| (name.to_string(), path.clone()))
+        .collect();
+    let host = HostOptions {
+        files: AttachedFiles::open(&specs).expect("attach the dataset"),
+        accel_threads,
+        ..HostOptions::quiet()
+    };
+    let image = ferry_guest_images::find("fmnist-train")
+        .expect("built-in guest")
+        .elf;
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut vm = Microvm::boot(CONFIG, image, &args, host).expect("boot");
+    vm.resume().unwrap();
+    vm
+}
+
+/// Waits for the guest's end: its exit and console.
+fn finish(mut vm: Microvm) -> (VmExit, String) {
+    let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end in time");
+    (exit, vm.console_tail())
+}
+
+/// Boots `fmnist-train` and runs it to its end.
+fn run(files: &[(&str, PathBuf)], args: &[&str], accel_threads: usize) -> (VmExit, String) {
+    finish(boot(files, args, accel_threads))
+}
+
+/// The four files of the real dataset, under the names the guest opens.
+fn real_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("train-images", dir.join(TRAIN_IMAGES)),
+        ("train-labels", dir.join(TRAIN_LABELS)),
+        ("test-images", dir.join(TEST_IMAGES)),
+        ("test-labels", dir.join(TEST_LABELS)),
+    ]
+}
+
+/// The value of the last `key=value` line.
+fn value<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= line in:\n{console}"))
+}
+
+/// The epoch lines without their timing, `epoch 1/1 loss=… test_acc=…`.
+fn epoch_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("epoch "))
+        .map(|l| l.split(" (took ").next().unwrap())
+        .collect()
+}
+
+#[test]
+fn fmnist_train_learns_and_two_runs_give_the_same_checksum() {
+    let Some(dir) = dataset("fmnist_train_learns_and_two_runs_give_the_same_checksum") else {
+        return;
+    };
+    let files = real_files(dir);
+    let args = [
+        "--limit",
+        "6400",
+        "--epochs",
+        "1",
+        "--log-every",
+        "25",
+        "--seed",
+        "7",
+    ];
+    // Different backend thread counts: the results must not depend on them.
+    let (exit, console) = run(&files, &args, 2);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+
+    let header = "fmnist-train: train=6400 test=10000 epochs=1 batch=64 steps/epoch=100 \
+                  hidden=256,128 lr=0.001 seed=7";
+    assert!(console.contains(header), "no '{header}' in:\n{console}");
+    let steps: Vec<&str> = console.lines().filter(|l| l.starts_with("step=")).collect();
+    assert_eq!(
+        steps.len(),
+        3,
+        "steps 25, 50, 75 (100 ends the epoch):\n{console}"
+    );
+    for (line, step) in steps.iter().zip([25, 50, 75]) {
+        let prefix = format!("step={step} epoch=1 loss=");
+        assert!(line.starts_with(&prefix), "{line:?}\n{console}");
+        let loss: f64 = line[prefix.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(loss.is_finite() && loss > 0.0 && loss < 3.0, "{line:?}");
+        assert!(line.contains(" steps/s="), "{line:?}");
+    }
+    let epochs = epoch_lines(&console);
+    assert_eq!(epochs.len(), 1, "{console}");
+    assert!(
+        epochs[0].starts_with("epoch 1/1 loss=") && epochs[0].contains(" test_acc="),
+        "{console}"
+    );
+    assert!(console.contains(" s)\n"), "no '(took … s)' in:\n{console}");
+    let accuracy: f64 = value(&console, "test_acc").parse().unwrap();
+    // At chance 0.1; 100 steps on 6400 images reach about 0.8.
+    assert!(
+        accuracy > 0.6 && accuracy <= 1.0,
+        "test_acc={accuracy}: not learning\n{console}"
+    );
+    let checksum = value(&console, "checksum");
+    assert!(
+        checksum.len() == 16 && checksum.chars().all(|c| c.is_ascii_hexdigit()),
+        "checksum={checksum}"
+    );
+    assert_eq!(console.lines().last(), Some("done"), "{console}");
+
+    let (exit, again) = run(&files, &args, 1);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{again}");
+    assert_eq!(
+        value(&again, "checksum"),
+        checksum,
+        "{console}\n---\n{again}"
+    );
+    assert_eq!(epoch_lines(&again), epochs, "{console}\n---\n{again}");
+}
+
+/// A raw IDX label file: `count` in the header, then `labels`.
+fn label_file(magic: u32, count: u32, labels: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + labels.len());
+    bytes.extend_from_slice(&magic.to_be_bytes());
+    bytes.extend_from_slice(&count.to_be_bytes());
+    bytes.extend_from_slice(labels);
+    bytes
+}
+
+#[test]
+fn fmnist_train_refuses_corrupt_files_naming_the_problem() {
+    let Some(dir) = dataset("fmnist_train_refuses_corrupt_files_naming_the_problem") else {
+        return;
+    };
+    let tmp = std::env::temp_dir().join(format!("ferry-fmnist-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    // The 10,000 test images serve as the training images too (quicker to decode), with
+    // a corrupt train-labels beside them: synthetic labels suffice for the checks.
+    let labels: Vec<u8> = (0..10_000u32).map(|i| (i % 10) as u8).collect();
+    let gz = std::fs::read(dir.join(TEST_LABELS)).unwrap();
+    let mut out_of_range = labels.clone();
+    out_of_range[1234] = 10;
+    let cases = [
+        (
+            "wrong magic",
+            label_file(0x0803, 10_000, &labels),
+            "train-labels: bad IDX magic 0x00000803",
+        ),
+        (
+            "label count differs from the image count",
+            label_file(0x0801, 9_999, &labels[..9_999]),
+            "train-images has 10000 images but train-labels has 9999 labels",
+        ),
+        (
+            "truncated gzip",
+            gz[..gz.len() / 2].to_vec(),
+            "train-labels: truncated gzip data",
+        ),
+        (
+            "count beyond the data",
+            label_file(0x0801, 10_001, &labels),
+            "train-labels: the header says 10001 labels but the file holds 10000",
+        ),
+        (
+            "label out of range",
+            label_file(0x0801, 10_000, &out_of_range),
+            "train-labels: label 10 at index 1234 is not a class",
+        ),
+    ];
+    for (i, (what, bytes, expected)) in cases.iter().enumerate() {
+        let path = tmp.join(format!("labels-{i}"));
+        std::fs::write(&path, bytes).unwrap();
+        let files = [
+            ("train-images", dir.join(TEST_IMAGES)),
+            ("train-labels", path),
+            ("test-images", dir.join(TEST_IMAGES)),
+            ("test-labels", dir.join(TEST_LABELS)),
+        ];
+        let (exit, console) = run(&files, &["--epochs", "1"], 2);
+        assert!(
+            matches!(exit, VmExit::Exited(1)),
+            "{what}: {exit:?}\n{console}"
+        );
+        let line = format!("fmnist-train: error: {expected}");
+        assert!(
+            console.contains(&line),
+            "{what}: no '{line}' in:\n{console}"
+        );
+        assert!(!console.lines().any(|l| l == "done"), "{what}: {console}");
+    }
+    // The files are valid again with good labels (so the checks above are the cause).
+    let good = tmp.join("labels-good");
+    std::fs::write(&good, label_file(0x0801, 10_000, &labels)).unwrap();
+    let files = [
+        ("train-images", dir.join(TEST_IMAGES)),
+        ("train-labels", good),
+        ("test-images", dir.join(TEST_IMAGES)),
+        ("test-labels", dir.join(TEST_LABELS)),
+    ];
+    let (exit, console) = run(&files, &["--limit", "64", "--epochs", "1"], 2);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn a_snapshot_mid_epoch_restores_to_the_same_checksum() {
+    let Some(dir) = dataset("a_snapshot_mid_epoch_restores_to_the_same_checksum") else {
+        return;
+    };
+    let files = real_files(dir);
+    let args = ["--limit", "6400", "--epochs", "2", "--log-every", "25"];
+    let (exit, straight) = run(&files, &args, 2);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{straight}");
+
+    // Paused in the first epoch, once its first progress line is out: the datasets, the
+    // weights and the Adam moments are all in device memory.
+    let mut vm = boot(&files, &args, 2);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !vm.console_tail().contains("step=25 ") {
+        assert!(std::time::Instant::now() < deadline, "no progress line");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.pause().expect("still training at the snapshot point");
+    assert!(
+        !vm.console_tail().contains("checksum="),
+        "snapshot after the end"
+    );
+    let tmp = std::env::temp_dir().join(format!("ferry-fmnist-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let path = tmp.join("fmnist.snap");
+    vm.save(&path).unwrap();
+    drop(vm);
+    // The files are reopened from the paths the snapshot records.
+    let (mut restored, _) = Microvm::restore(&path, HostOptions::quiet()).expect("restore");
+    restored.resume().unwrap();
+    let (exit, console) = finish(restored);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    assert_eq!(
+        value(&console, "checksum"),
+        value(&straight, "checksum"),
+        "{straight}\n---\n{console}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
