@@ -6,13 +6,11 @@
 //! Needs the Debian package dataset-fashion-mnist: without it the tests announce that
 //! they skip, unless FERRY_REQUIRE_DATASET=1 (then they fail).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
 
-const DATASET: &str = "/usr/share/datasets/fashion-mnist";
 const TRAIN_IMAGES: &str = "train-images-idx3-ubyte.gz";
 const TRAIN_LABELS: &str = "train-labels-idx1-ubyte.gz";
 const TEST_IMAGES: &str = "t10k-images-idx3-ubyte.gz";
@@ -21,33 +19,13 @@ const TEST_LABELS: &str = "t10k-labels-idx1-ubyte.gz";
 const CONFIG: VmConfig = VmConfig::new(256 << 20).with_accel(256 << 20);
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The dataset directory, or `None` after announcing the skip of `test` past libtest's
-/// capture (a failure instead when FERRY_REQUIRE_DATASET=1). Checks KVM first.
-fn dataset(test: &str) -> Option<&'static Path> {
+/// The dataset directory, or `None` after announcing the skip of `test` (a failure
+/// instead when FERRY_REQUIRE_DATASET=1). Checks KVM first.
+fn dataset(test: &str) -> Option<PathBuf> {
     if !ferry_vmm::kvm_usable_or_announce_skip(test) {
         return None;
     }
-    let dir = Path::new(DATASET);
-    let missing: Vec<&str> = [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS]
-        .into_iter()
-        .filter(|f| !dir.join(f).is_file())
-        .collect();
-    if missing.is_empty() {
-        return Some(dir);
-    }
-    if std::env::var_os("FERRY_REQUIRE_DATASET").is_some_and(|v| v == "1") {
-        panic!(
-            "{test}: FERRY_REQUIRE_DATASET=1 but {DATASET} lacks {missing:?} \
-             (apt install dataset-fashion-mnist)"
-        );
-    }
-    // One write, so that lines of tests running in parallel do not interleave.
-    let line = format!(
-        "\n*** SKIPPED {test}: no Fashion-MNIST at {DATASET} (apt install \
-         dataset-fashion-mnist) ***\n\n"
-    );
-    let _ = std::io::stderr().write_all(line.as_bytes());
-    None
+    ferry_testdata::fashion_mnist(test)
 }
 
 /// Boots `fmnist-train` with `files` attached as (name, path), running.
@@ -114,7 +92,7 @@ fn fmnist_train_learns_and_two_runs_give_the_same_checksum() {
     let Some(dir) = dataset("fmnist_train_learns_and_two_runs_give_the_same_checksum") else {
         return;
     };
-    let files = real_files(dir);
+    let files = real_files(&dir);
     let args = [
         "--limit",
         "6400",
@@ -269,7 +247,7 @@ fn a_snapshot_mid_epoch_restores_to_the_same_checksum() {
     let Some(dir) = dataset("a_snapshot_mid_epoch_restores_to_the_same_checksum") else {
         return;
     };
-    let files = real_files(dir);
+    let files = real_files(&dir);
     let args = ["--limit", "6400", "--epochs", "2", "--log-every", "25"];
     let (exit, straight) = run(&files, &args, 2);
     assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{straight}");

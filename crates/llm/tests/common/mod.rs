@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::PathBuf;
 
 /// A metadata value to write.
@@ -353,27 +352,7 @@ pub fn tiny_llama() -> Writer {
     w.tensor("output_norm.weight", &[DIM], 0)
 }
 
-/// Where the real model file is, if present. Prints the loud skip line (or panics
-/// under FERRY_REQUIRE_MODEL=1) when it is not.
+/// Where the real model file is, if present (see `ferry_testdata::smollm2`).
 pub fn real_model(test: &str) -> Option<PathBuf> {
-    let path = match std::env::var_os("FERRY_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("FERRY_REQUIRE_MODEL").as_deref() == Ok("1") {
-        panic!(
-            "{test}: FERRY_REQUIRE_MODEL=1 but there is no model file at {}",
-            path.display()
-        );
-    }
-    // Straight to stderr, past the test harness's capture of eprintln!.
-    let _ = writeln!(
-        std::io::stderr(),
-        "*** SKIPPED {test}: no model file (run scripts/fetch-model) ***"
-    );
-    None
+    ferry_testdata::smollm2(test)
 }

@@ -45,7 +45,8 @@ q4_k or q6_k.
   --context N         positions of the KV cache (default: prompt + max-tokens)
   --batch N           prompt tokens processed per step (default 32)
   --file NAME         name of the attached model file (default model)
-  --print-tokens      print the prompt's and the answer's token ids
+  --print-tokens      print the prompt's and the answer's token ids, and the answer
+                      as one quoted line
   --print-logits K    after each step print the K largest logits (for tests)
 Streams the answer as it is generated, then prints `tokens=<n>`, `prompt_tokens_s=`,
 `tokens_s=` and `checksum=<16 hex digits>` (FNV-1a of the generated token ids).
@@ -613,6 +614,12 @@ fn run(o: &Options) -> Result<(), Failure> {
     );
     if o.print_tokens {
         println!("generated_ids={generated:?}");
+        let answer: Vec<u32> = generated
+            .iter()
+            .copied()
+            .filter(|&t| !tokenizer.is_control(t))
+            .collect();
+        println!("answer={:?}", tokenizer.decode(&answer));
     }
     println!("tokens={}", generated.len());
     println!("prompt_tokens_s={:.1}", rate(prompt.len(), prompt_ns));

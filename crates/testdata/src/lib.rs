@@ -1,0 +1,89 @@
+//! Where tests find the real model and dataset they check Ferry against, fetched from
+//! the package registries (never committed), and how they skip when those are absent:
+//! loudly, on stderr past the test harness's capture, and not at all where CI requires
+//! them (`FERRY_REQUIRE_MODEL=1`, `FERRY_REQUIRE_DATASET=1`: the test fails instead).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// File name of the model `scripts/fetch-model` fetches.
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Where Debian's `dataset-fashion-mnist` installs Fashion-MNIST.
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/testdata lies two levels below the root")
+        .to_path_buf()
+}
+
+/// Reports that `test` does not run because of `why`: fails it when `require_var` is set
+/// to 1, else writes a loud SKIPPED line straight to stderr.
+fn missing(test: &str, why: &str, require_var: &str) {
+    if std::env::var(require_var).is_ok_and(|v| v == "1") {
+        panic!("{test}: {why}, and {require_var}=1 requires it");
+    }
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
+}
+
+/// Reports that a model test cannot run because a tool it checks against is missing
+/// (python3 with numpy for the reference): as a missing model.
+pub fn missing_tool(test: &str, why: &str) {
+    missing(test, why, "FERRY_REQUIRE_MODEL");
+}
+
+/// SmolLM2-135M-Instruct Q4_1: `$FERRY_MODEL`, else `models/` of the repository; `None`
+/// (after saying so) when absent.
+pub fn smollm2(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("FERRY_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models").join(SMOLLM2));
+    if path.is_file() {
+        return Some(path);
+    }
+    missing(
+        test,
+        &format!(
+            "no model file at {} (run scripts/fetch-model)",
+            path.display()
+        ),
+        "FERRY_REQUIRE_MODEL",
+    );
+    None
+}
+
+/// Fashion-MNIST's folder (`$FERRY_DATASET`, else Debian's); `None` (after saying so)
+/// when absent.
+pub fn fashion_mnist(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("FERRY_DATASET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(FASHION_MNIST));
+    if dir.join("train-images-idx3-ubyte.gz").is_file() {
+        return Some(dir);
+    }
+    missing(
+        test,
+        &format!(
+            "no Fashion-MNIST at {} (apt install dataset-fashion-mnist)",
+            dir.display()
+        ),
+        "FERRY_REQUIRE_DATASET",
+    );
+    None
+}
+
+/// The four Fashion-MNIST files as the `fmnist-train` guest names them.
+pub fn fashion_mnist_files(dir: &Path) -> Vec<(String, PathBuf)> {
+    [
+        ("train-images", "train-images-idx3-ubyte.gz"),
+        ("train-labels", "train-labels-idx1-ubyte.gz"),
+        ("test-images", "t10k-images-idx3-ubyte.gz"),
+        ("test-labels", "t10k-labels-idx1-ubyte.gz"),
+    ]
+    .into_iter()
+    .map(|(name, file)| (name.to_string(), dir.join(file)))
+    .collect()
+}

@@ -1,0 +1,315 @@
+//! A real GGUF model in a real VM: `llm-chat` answers with SmolLM2-135M-Instruct (Q4_1)
+//! attached as a file, checked against the repository's independent numpy reference
+//! (tools/reference/llama_ref.py: the same prompt tokens, the same greedy answer, logits
+//! within a stated bound), and bad model files are refused by the guest with a message
+//! while the host carries on.
+//!
+//! Needs the model (`scripts/fetch-model`) and, for the reference, python3 with numpy
+//! and regex; without them the tests say SKIPPED loudly, unless FERRY_REQUIRE_MODEL=1.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
+use serde_json::Value;
+
+const CONFIG: VmConfig = VmConfig::new(256 << 20).with_accel(256 << 20);
+const TIMEOUT: Duration = Duration::from_secs(300);
+const QUESTION: &str = "What is the capital of France?";
+/// Largest difference allowed between a logit of the guest (f32 kernels) and of the
+/// reference (float64), on logits of 10 to 30: 1e-3 (measured: below 2e-5). The first
+/// answer token of the question above wins by only 0.08.
+const LOGIT_TOLERANCE: f64 = 1e-3;
+
+fn model(test: &str) -> Option<PathBuf> {
+    if !ferry_vmm::kvm_usable_or_announce_skip(test) {
+        return None;
+    }
+    ferry_testdata::smollm2(test)
+}
+
+/// Runs `llm-chat` with `model` attached as `model`; returns how it ended and its console.
+fn chat(model: &Path, args: &[&str]) -> (VmExit, String) {
+    let host = HostOptions {
+        files: AttachedFiles::open(&[("model".into(), model.to_path_buf())]).expect("attach"),
+        ..HostOptions::quiet()
+    };
+    let image = ferry_guest_images::find("llm-chat").unwrap().elf;
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut vm = Microvm::boot(CONFIG, image, &args, host).expect("boot");
+    vm.resume().unwrap();
+    let exit = vm
+        .wait(Some(TIMEOUT))
+        .expect("the guest did not end in time");
+    (exit, vm.console_tail())
+}
+
+/// The ids on the console line `key=[...]`.
+fn ids(console: &str, key: &str) -> Vec<u64> {
+    let line = console
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} line in:\n{console}"));
+    serde_json::from_str(line).unwrap()
+}
+
+/// The `logits step=N pos=P top=id:value,...` lines, as (id, value) lists (streamed
+/// answer text may come before one on its line).
+fn logit_steps(console: &str) -> Vec<Vec<(u64, f64)>> {
+    console
+        .lines()
+        .filter_map(|l| l.split_once("logits step=").map(|(_, rest)| rest))
+        .map(|l| {
+            let top = l.split("top=").nth(1).unwrap();
+            top.split(',')
+                .map(|pair| {
+                    let (id, v) = pair.split_once(':').unwrap();
+                    (id.parse().unwrap(), v.parse().unwrap())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The numpy reference's answer, or `None` (after saying so) without python3 and numpy.
+fn reference(test: &str, model: &Path, generate: usize, top: usize) -> Option<Value> {
+    let script = ferry_testdata::repo_root().join("tools/reference/llama_ref.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(model)
+        .args(["--chat", QUESTION, "--generate", &generate.to_string()])
+        .args(["--logits-top", &top.to_string(), "--compact"])
+        .output();
+    match out {
+        Ok(out) if out.status.success() => Some(serde_json::from_slice(&out.stdout).unwrap()),
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("No module named") {
+                ferry_testdata::missing_tool(
+                    test,
+                    "python3 lacks numpy or regex (pip install numpy regex)",
+                );
+                return None;
+            }
+            panic!("the reference failed: {err}");
+        }
+        Err(e) => {
+            ferry_testdata::missing_tool(test, &format!("no python3 ({e})"));
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_answers_as_the_numpy_reference_does() {
+    let test = "smollm2_answers_as_the_numpy_reference_does";
+    let Some(model) = model(test) else { return };
+    let Some(reference) = reference(test, &model, 12, 8) else {
+        return;
+    };
+    let (exit, console) = chat(
+        &model,
+        &[
+            "--prompt",
+            QUESTION,
+            "--max-tokens",
+            "12",
+            "--print-tokens",
+            "--print-logits",
+            "8",
+        ],
+    );
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    // The known answer (llama.cpp gives the same).
+    assert!(
+        console.contains("answer=\"The capital of France is Paris.\""),
+        "{console}"
+    );
+    // The same prompt tokens (tokenizer and chat template) and answer tokens.
+    let as_ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        ids(&console, "prompt_ids="),
+        as_ids(&reference["prompt_tokens"])
+    );
+    assert_eq!(
+        ids(&console, "generated_ids="),
+        as_ids(&reference["generated"])
+    );
+    // Each step's largest logits, within the bound, with the same winner.
+    let ours = logit_steps(&console);
+    let theirs = reference["steps"].as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len(), "steps");
+    let mut worst = 0.0f64;
+    for (step, (ours, theirs)) in ours.iter().zip(theirs).enumerate() {
+        let theirs: Vec<(u64, f64)> = theirs["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(ours[0].0, theirs[0].0, "step {step}: argmax");
+        for (id, want) in &theirs {
+            // A token of the reference's top list is in ours unless it is the last and
+            // a near tie; compare those present.
+            if let Some((_, got)) = ours.iter().find(|(i, _)| i == id) {
+                let err = (got - want).abs();
+                worst = worst.max(err);
+                assert!(
+                    err <= LOGIT_TOLERANCE,
+                    "step {step}, token {id}: {got} vs reference {want}"
+                );
+            }
+        }
+    }
+    eprintln!("largest logit difference from the float64 reference: {worst:.2e}");
+}
+
+#[test]
+fn sampling_is_deterministic_for_a_seed() {
+    let test = "sampling_is_deterministic_for_a_seed";
+    let Some(model) = model(test) else { return };
+    let args = [
+        "--prompt",
+        "Name three colors.",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--batch",
+        "5",
+    ];
+    let (exit, first) = chat(&model, &args);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{first}");
+    let (_, second) = chat(&model, &args);
+    let checksum = |c: &str| {
+        c.lines()
+            .find(|l| l.starts_with("checksum="))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(checksum(&first), checksum(&second));
+    let mut other = args;
+    other[9] = "8";
+    let (_, third) = chat(&model, &other);
+    assert_ne!(
+        checksum(&first),
+        checksum(&third),
+        "another seed, another answer"
+    );
+}
+
+/// A copy of the model's header (its first `header` bytes, with `patch` applied) as a
+/// file of `size` bytes whose data is a hole: the guest refuses these files before it
+/// reads a weight.
+fn patched(model: &Path, name: &str, size: u64, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = std::fs::read(model).unwrap();
+    bytes.truncate(2 << 20);
+    patch(&mut bytes);
+    let dir = std::env::temp_dir().join(format!("ferry-llm-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    path
+}
+
+/// Offset of `needle` in `bytes`.
+fn find(bytes: &[u8], needle: &[u8]) -> usize {
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{:?} not in the header", String::from_utf8_lossy(needle)))
+}
+
+/// The byte offset of a tensor's info (just after its name) in the header.
+fn tensor_info(bytes: &[u8], name: &str) -> usize {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    find(bytes, &key) + key.len()
+}
+
+#[test]
+fn bad_model_files_are_refused_by_the_guest_with_a_message() {
+    let test = "bad_model_files_are_refused_by_the_guest_with_a_message";
+    let Some(model) = model(test) else { return };
+    let size = std::fs::metadata(&model).unwrap().len();
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "truncated",
+            patched(&model, "truncated", size / 2, |_| {}),
+            "truncated",
+        ),
+        (
+            "magic",
+            patched(&model, "magic", size, |b| b[..4].copy_from_slice(b"GGUX")),
+            "not a GGUF file",
+        ),
+        (
+            "architecture",
+            patched(&model, "arch", size, |b| {
+                let at = find(b, b"llama");
+                b[at..at + 5].copy_from_slice(b"gpt99");
+            }),
+            "gpt99",
+        ),
+        (
+            "quantization",
+            patched(&model, "quant", size, |b| {
+                // blk.0.attn_q.weight: 2 dims of 8 bytes, then its type (Q4_1 = 3).
+                let at = tensor_info(b, "blk.0.attn_q.weight") + 4 + 16;
+                b[at..at + 4].copy_from_slice(&13u32.to_le_bytes()); // Q5_K
+            }),
+            "blk.0.attn_q.weight",
+        ),
+        (
+            "shape",
+            patched(&model, "shape", size, |b| {
+                // blk.3.ffn_up.weight: [576, 1536] -> [576, 1535].
+                let at = tensor_info(b, "blk.3.ffn_up.weight") + 4 + 8;
+                b[at..at + 8].copy_from_slice(&1535u64.to_le_bytes());
+            }),
+            "blk.3.ffn_up.weight",
+        ),
+        (
+            "vocabulary",
+            patched(&model, "vocab", size, |b| {
+                // token_embd.weight: 49152 rows -> 40000: fewer than the vocabulary.
+                let at = tensor_info(b, "token_embd.weight") + 4 + 8;
+                b[at..at + 8].copy_from_slice(&40000u64.to_le_bytes());
+            }),
+            "vocab",
+        ),
+    ];
+    for (what, path, needle) in cases {
+        let (exit, console) = chat(&path, &["--prompt", QUESTION]);
+        assert!(
+            matches!(exit, VmExit::Exited(1)),
+            "{what}: {exit:?}\n{console}"
+        );
+        let error = console
+            .lines()
+            .find(|l| l.starts_with("llm-chat: error: model file 'model'"))
+            .unwrap_or_else(|| panic!("{what}: no error line in:\n{console}"));
+        assert!(error.contains(needle), "{what}: {error}");
+        let _ = std::fs::remove_file(&path);
+    }
+    // The host carries on: the real file still answers.
+    let (exit, console) = chat(&model, &["--prompt", QUESTION, "--max-tokens", "3"]);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+}
