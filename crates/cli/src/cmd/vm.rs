@@ -71,6 +71,11 @@ enum VmCommand {
         /// VM id.
         id: String,
     },
+    /// Print a VM's console output (its last 64 KiB).
+    Console {
+        /// VM id.
+        id: String,
+    },
     /// Stop a VM.
     Stop {
         /// VM id.
@@ -141,6 +146,10 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
         }
         VmCommand::List => host()?.get("/v1/vms")?,
         VmCommand::Show { id } => host()?.get(&format!("/v1/vms/{id}"))?,
+        VmCommand::Console { id } => {
+            print!("{}", host()?.get_text(&format!("/v1/vms/{id}/console"))?);
+            return Ok(());
+        }
         VmCommand::Stop { id } => host()?.delete(&format!("/v1/vms/{id}"))?,
     };
     finish(args, out)

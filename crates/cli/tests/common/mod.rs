@@ -57,12 +57,20 @@ impl Daemon {
         Self::start_with(name, &[])
     }
 
-    /// Starts one with extra `ferry host serve` flags.
+    /// Starts one with extra `ferry host serve` flags (and a file store of its own).
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let store = std::env::temp_dir().join(format!(
+            "ferry-test-{}-{name}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let (child, line) = serve(
             Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
                 .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
+                .arg("--file-store")
+                .arg(&store)
                 .args(extra),
         );
         // "ferry host a: API on http://127.0.0.1:P, migrations on 127.0.0.1:Q"
@@ -89,17 +97,56 @@ impl Daemon {
     }
 
     pub fn create(&self, workload: &str, accel: &str, guest_args: &str) -> String {
+        let args: Vec<&str> = guest_args.split_whitespace().collect();
+        self.create_with(workload, "64M", accel, &[], &args)
+    }
+
+    /// Creates a VM with `files` attached (`NAME=PATH`) and `args` for the guest.
+    pub fn create_with(
+        &self,
+        workload: &str,
+        memory: &str,
+        accel: &str,
+        files: &[String],
+        guest_args: &[&str],
+    ) -> String {
         let mut args = vec![
             "create",
             workload,
             "--memory",
-            "64M",
+            memory,
             "--accel-memory",
             accel,
-            "--",
         ];
-        args.extend(guest_args.split_whitespace());
+        for f in files {
+            args.extend(["--attach", f.as_str()]);
+        }
+        args.push("--");
+        args.extend_from_slice(guest_args);
         self.vm(&args)["id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits for the guest to exit with code 0 and returns its whole console tail.
+    pub fn console_at_exit(&self, id: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let vm = self.show(id);
+            match vm["state"].as_str().unwrap() {
+                "exited" => {
+                    assert_eq!(vm["code"], 0, "{vm}");
+                    let out = ferry(&["vm", "console", id, "--host", &self.api]);
+                    assert!(out.status.success(), "{}", text(&out.stderr));
+                    return text(&out.stdout);
+                }
+                "running" | "migrating" | "paused" => {}
+                other => panic!("{id} ended as {other}: {vm}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "{id} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn show(&self, id: &str) -> Value {
@@ -168,17 +215,25 @@ pub fn checksum(console: &str) -> String {
 
 /// The checksum of an unmigrated run (`ferry run`).
 pub fn reference(workload: &str, memory: &str, accel: &str, guest_args: &str) -> String {
-    let mut args = vec![
-        "run",
-        workload,
-        "--memory",
-        memory,
-        "--accel-memory",
-        accel,
-        "--",
-    ];
-    args.extend(guest_args.split_whitespace());
+    let args: Vec<&str> = guest_args.split_whitespace().collect();
+    checksum(&run_console(workload, memory, accel, &[], &args))
+}
+
+/// The console of an unmigrated run (`ferry run`) with `files` attached (`NAME=PATH`).
+pub fn run_console(
+    workload: &str,
+    memory: &str,
+    accel: &str,
+    files: &[String],
+    guest_args: &[&str],
+) -> String {
+    let mut args = vec!["run", workload, "--memory", memory, "--accel-memory", accel];
+    for f in files {
+        args.extend(["--attach", f.as_str()]);
+    }
+    args.push("--");
+    args.extend_from_slice(guest_args);
     let out = ferry(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    checksum(&text(&out.stdout))
+    text(&out.stdout)
 }

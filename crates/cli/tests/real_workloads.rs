@@ -1,0 +1,141 @@
+//! Real workloads moving live between `ferry host serve` daemons: SmolLM2 answering a
+//! question, migrated in the middle of its answer (the model file sent, then found in
+//! place on the way back), and Fashion-MNIST training migrated mid-epoch. Each prints
+//! exactly what an unmigrated run prints: the same text, accuracies and checksums.
+//!
+//! They need the model (`scripts/fetch-model`) and the dataset package; without them
+//! they say SKIPPED loudly (and fail under FERRY_REQUIRE_MODEL=1 / FERRY_REQUIRE_DATASET=1).
+
+use std::process::Output;
+
+use serde_json::Value;
+
+mod common;
+
+use common::{kvm_available, run_console, text, Daemon};
+
+fn report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "migration failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The answer `llm-chat` streamed: between its prompt line and its summary line.
+fn answer(console: &str) -> &str {
+    let start = console
+        .find("llm-chat: prompt of")
+        .and_then(|at| console[at..].find('\n').map(|nl| at + nl + 1))
+        .unwrap_or_else(|| panic!("no prompt line in:\n{console}"));
+    let end = console[start..]
+        .find("\nllm-chat: ")
+        .map_or(console.len(), |at| start + at);
+    &console[start..end]
+}
+
+fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
+    console
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} line in:\n{console}"))
+}
+
+#[test]
+fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
+    let test = "a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let size = std::fs::metadata(&model).unwrap().len();
+    let files = [format!("model={}", model.display())];
+    let args = [
+        "--prompt",
+        "Write a long story about a lighthouse keeper and a storm.",
+        "--max-tokens",
+        "384",
+    ];
+    let expected = run_console("llm-chat", "256M", "512M", &files, &args);
+    let want = answer(&expected);
+    // Long enough (seconds) to move twice while it answers, on a busy 2-core machine.
+    assert!(want.len() > 1000, "a long answer: {want:?}");
+    // Points in the answer the VM must have reached before each move.
+    let mark = |fraction: f64| {
+        let mut at = (want.len() as f64 * fraction) as usize;
+        while !want.is_char_boundary(at) {
+            at += 1;
+        }
+        want[..at]
+            .rsplit(' ')
+            .next()
+            .filter(|w| w.len() > 3)
+            .map_or_else(
+                || want[at.saturating_sub(12)..at].to_string(),
+                |_| want[at.saturating_sub(24)..at].to_string(),
+            )
+    };
+
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let id = a.create_with("llm-chat", "256M", "512M", &files, &args);
+    a.wait_console(&id, &mark(0.05));
+    // Host b has no copy: --files send moves the model with the first round.
+    let there = report(&a.migrate(&id, &b.migration, &["--files", "send"]));
+    assert_eq!(there["files_sent"], 1, "{there}");
+    assert_eq!(there["file_bytes"].as_u64(), Some(size), "{there}");
+    assert!(there["bytes_sent"].as_u64().unwrap() > size, "{there}");
+    b.wait_console(&id, &mark(0.2));
+    // Host a still has the model where the VM found it: nothing to send back.
+    let back = report(&b.migrate(&id, &a.migration, &[]));
+    assert_eq!(
+        (back["files_sent"].as_u64(), back["files_reused"].as_u64()),
+        (Some(0), Some(1)),
+        "{back}"
+    );
+    // The weights in device memory move either way; the file only went the first time.
+    let sent = |r: &Value| r["bytes_sent"].as_u64().unwrap();
+    assert!(sent(&back) + size / 2 < sent(&there), "{there}\n{back}");
+    let console = a.console_at_exit(&id);
+    assert_eq!(answer(&console), want, "the migrated answer differs");
+    assert_eq!(line(&console, "checksum="), line(&expected, "checksum="));
+}
+
+#[test]
+fn training_on_fashion_mnist_moves_mid_epoch_with_the_unmigrated_results() {
+    let test = "training_on_fashion_mnist_moves_mid_epoch_with_the_unmigrated_results";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(dir) = ferry_testdata::fashion_mnist(test) else {
+        return;
+    };
+    let files: Vec<String> = ferry_testdata::fashion_mnist_files(&dir)
+        .into_iter()
+        .map(|(name, path)| format!("{name}={}", path.display()))
+        .collect();
+    // 187 steps an epoch.
+    let args = ["--limit", "12000", "--epochs", "2", "--log-every", "25"];
+    let expected = run_console("fmnist-train", "512M", "256M", &files, &args);
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let id = a.create_with("fmnist-train", "512M", "256M", &files, &args);
+    a.wait_console(&id, "step=50 ");
+    // The dataset is where b looks for it (the same paths): only the VM moves.
+    let r = report(&a.migrate(&id, &b.migration, &[]));
+    assert_eq!(r["files_reused"], 4, "{r}");
+    let console = b.console_at_exit(&id);
+    let results = |c: &str| -> Vec<String> {
+        c.lines()
+            .filter(|l| {
+                l.starts_with("epoch ") || l.starts_with("test_acc=") || l.starts_with("checksum=")
+            })
+            // "(took N s)" is the clock's.
+            .map(|l| l.split(" (took").next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(results(&console), results(&expected));
+    assert_eq!(results(&console).len(), 4, "{console}");
+}
