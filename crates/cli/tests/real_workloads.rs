@@ -139,3 +139,35 @@ fn training_on_fashion_mnist_moves_mid_epoch_with_the_unmigrated_results() {
     assert_eq!(results(&console), results(&expected));
     assert_eq!(results(&console).len(), 4, "{console}");
 }
+
+#[test]
+fn the_model_demo_moves_an_answer_and_finds_it_identical() {
+    let test = "the_model_demo_moves_an_answer_and_finds_it_identical";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let model = model.display().to_string();
+    let out = common::ferry(&[
+        "demo",
+        "--json",
+        "--model",
+        &model,
+        "--max-tokens",
+        "64",
+        "--files",
+        "send",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let result: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(result["workload"], "llm-chat", "{result}");
+    assert_eq!(result["identical"], true, "{result}");
+    assert_eq!(result["report"]["files_sent"], 1, "{result}");
+    assert!(
+        result["migrated_at_chars"].as_u64().unwrap() >= 120,
+        "{result}"
+    );
+}

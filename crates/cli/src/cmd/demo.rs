@@ -1,12 +1,18 @@
-//! `ferry demo`: two host daemons on loopback, an mlp-train VM migrated live between
-//! them in mid-training, and the result compared with an unmigrated run.
+//! `ferry demo`: two host daemons on loopback, a VM migrated live between them in the
+//! middle of its work, and the result compared with an unmigrated run.
+//!
+//! Three workloads: the embedded default (mlp-train on synthetic data: nothing to
+//! download), a GGUF language model answering a question (`--model FILE.gguf`: moved in
+//! the middle of its answer) and Fashion-MNIST training (`--dataset DIR`: moved in the
+//! middle of an epoch).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_host::CreateVm;
+use ferry_host::{Attachment, CreateVm, MigrateRequest};
 use serde_json::{json, Value};
 
 use crate::cmd::host::LoopbackPair;
@@ -14,37 +20,73 @@ use crate::cmd::last_field;
 use crate::cmd::migrate::{follow, spinner, summary};
 use ferry_client::ApiClient;
 
-/// Training steps of the demo VM (about 9 s on a 2-core machine).
+/// Training steps of the default demo VM (about 9 s on a 2-core machine).
 const STEPS: u64 = 3000;
 /// Migrate once this share of the steps is done.
 const MIGRATE_AT: f64 = 0.4;
+/// The question the model demo asks (SmolLM2-135M answers it at length).
+const PROMPT: &str = "Explain why the sky is blue.";
+/// Fashion-MNIST training images per epoch at batch 64 (the last partial batch waits
+/// for the next epoch's shuffle).
+const FMNIST_STEPS_PER_EPOCH: u64 = 60_000 / 64;
 
 /// `ferry demo`.
 #[derive(Args)]
-#[command(
-    after_help = "With --json the last line is one JSON object: downtime_ms, total_ms, rounds, \
-    bytes_sent, identical, checksum, reference_checksum, migrated_at_step, report."
-)]
+#[command(after_help = "\
+Examples:
+  ferry demo                                   # embedded MLP training, nothing to download
+  scripts/fetch-model && ferry demo --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+  ferry demo --model my-llama.gguf --prompt 'Tell me about ships.' --files send
+  ferry demo --dataset /usr/share/datasets/fashion-mnist   # apt install dataset-fashion-mnist
+
+With --json the last line is one JSON object: workload, downtime_ms, total_ms, rounds,
+bytes_sent, identical, checksum, reference_checksum, report (and migrated_at_step,
+migrated_at_chars or test_acc by workload).")]
 pub struct DemoArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-    /// Training steps.
+    /// Training steps of the default (MLP) demo.
     #[arg(long, default_value_t = STEPS)]
     pub steps: u64,
+    /// A GGUF language model (llama family): the VM answers --prompt with it and moves
+    /// to host b in the middle of its answer.
+    #[arg(long, value_name = "FILE.gguf", conflicts_with = "dataset")]
+    pub model: Option<PathBuf>,
+    /// The question for --model.
+    #[arg(long, default_value = PROMPT, requires = "model")]
+    pub prompt: String,
+    /// Most tokens of the answer, for --model.
+    #[arg(long, value_name = "N", default_value_t = 160, requires = "model")]
+    pub max_tokens: u32,
+    /// Fashion-MNIST's folder (the four gzipped IDX files of Debian's
+    /// dataset-fashion-mnist): the VM trains on it and moves to host b mid-epoch.
+    #[arg(long, value_name = "DIR")]
+    pub dataset: Option<PathBuf>,
+    /// Epochs of the Fashion-MNIST demo.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "dataset")]
+    pub epochs: u32,
+    /// Attached files (the model, the dataset): `reuse` lets host b use its copy (both
+    /// hosts are this machine, so it has one); `send` sends them with the VM.
+    #[arg(long, default_value = "reuse", value_parser = ["reuse", "send"])]
+    pub files: String,
 }
 
-fn guest_args(steps: u64) -> Vec<String> {
-    let every = (steps / 30).max(1);
-    format!(
-        "--steps {steps} --hidden 512 --batch 128 --inputs 128 --samples 8192 --print-every {every}"
-    )
-    .split(' ')
-    .map(str::to_string)
-    .collect()
+/// What the demo VM does.
+enum Workload {
+    /// mlp-train on synthetic data, `steps` steps.
+    Mlp { steps: u64 },
+    /// llm-chat answering `prompt` with the model at `model`.
+    Chat {
+        model: PathBuf,
+        prompt: String,
+        max_tokens: u32,
+    },
+    /// fmnist-train on the dataset in `dir`.
+    Fmnist { dir: PathBuf, epochs: u32 },
 }
 
-/// `(step, loss)` from mlp-train's `step=N loss=X ...` lines.
+/// `(step, loss)` from `step=N ... loss=X ...` lines (mlp-train, fmnist-train).
 fn losses(console: &str) -> Vec<(u64, f64)> {
     console
         .lines()
@@ -61,6 +103,214 @@ fn losses(console: &str) -> Vec<(u64, f64)> {
             Some((step?, loss?))
         })
         .collect()
+}
+
+/// The answer llm-chat has streamed so far: after its prompt line, up to its summary.
+fn answer(console: &str) -> &str {
+    let Some(start) = console
+        .find("llm-chat: prompt of")
+        .and_then(|at| console[at..].find('\n').map(|nl| at + nl + 1))
+    else {
+        return "";
+    };
+    let end = console[start..]
+        .find("\nllm-chat: ")
+        .map_or(console.len(), |at| start + at);
+    &console[start..end]
+}
+
+/// fmnist-train's `epoch E/N loss=... test_acc=...` lines, without their timing.
+fn epochs(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("epoch "))
+        .map(|l| l.split(" (took").next().unwrap_or(l))
+        .collect()
+}
+
+impl Workload {
+    fn from_args(args: &DemoArgs) -> Self {
+        match (&args.model, &args.dataset) {
+            (Some(model), _) => Workload::Chat {
+                model: model.clone(),
+                prompt: args.prompt.clone(),
+                max_tokens: args.max_tokens,
+            },
+            (_, Some(dir)) => Workload::Fmnist {
+                dir: dir.clone(),
+                epochs: args.epochs,
+            },
+            _ => Workload::Mlp { steps: args.steps },
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Workload::Mlp { .. } => "mlp-train",
+            Workload::Chat { .. } => "llm-chat",
+            Workload::Fmnist { .. } => "fmnist-train",
+        }
+    }
+
+    fn request(&self) -> anyhow::Result<CreateVm> {
+        let attach = |name: &str, path: PathBuf| Attachment {
+            name: name.into(),
+            path,
+        };
+        let words = |s: String| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+        let (args, memory, accel_memory, attach) = match self {
+            Workload::Mlp { steps } => {
+                let every = (steps / 30).max(1);
+                let args = format!(
+                    "--steps {steps} --hidden 512 --batch 128 --inputs 128 --samples 8192 --print-every {every}"
+                );
+                (words(args), 256 << 20, 256 << 20, Vec::new())
+            }
+            Workload::Chat {
+                model,
+                prompt,
+                max_tokens,
+            } => {
+                if !model.is_file() {
+                    bail!(
+                        "no model file at {} (scripts/fetch-model fetches SmolLM2-135M-Instruct)",
+                        model.display()
+                    );
+                }
+                let args = vec![
+                    "--prompt".into(),
+                    prompt.clone(),
+                    "--max-tokens".into(),
+                    max_tokens.to_string(),
+                ];
+                (
+                    args,
+                    256 << 20,
+                    512 << 20,
+                    vec![attach("model", model.clone())],
+                )
+            }
+            Workload::Fmnist { dir, epochs } => {
+                let files = [
+                    ("train-images", "train-images-idx3-ubyte.gz"),
+                    ("train-labels", "train-labels-idx1-ubyte.gz"),
+                    ("test-images", "t10k-images-idx3-ubyte.gz"),
+                    ("test-labels", "t10k-labels-idx1-ubyte.gz"),
+                ];
+                let mut attached = Vec::new();
+                for (name, file) in files {
+                    let path = dir.join(file);
+                    if !path.is_file() {
+                        bail!(
+                            "no {} (apt install dataset-fashion-mnist puts Fashion-MNIST in /usr/share/datasets/fashion-mnist)",
+                            path.display()
+                        );
+                    }
+                    attached.push(attach(name, path));
+                }
+                let args = format!("--epochs {epochs} --log-every 100");
+                (words(args), 512 << 20, 256 << 20, attached)
+            }
+        };
+        Ok(CreateVm {
+            workload: self.name().into(),
+            args,
+            memory,
+            accel_memory,
+            attach,
+        })
+    }
+
+    /// How far the run is (steps, or characters of the answer), from its console.
+    fn progress(&self, console: &str) -> u64 {
+        match self {
+            Workload::Chat { .. } => answer(console).chars().count() as u64,
+            _ => losses(console).last().map_or(0, |&(s, _)| s),
+        }
+    }
+
+    /// Where to move the VM, in the units of [`Self::progress`], and what that is.
+    fn migrate_at(&self) -> (u64, String) {
+        match self {
+            Workload::Mlp { steps } => {
+                let at = (*steps as f64 * MIGRATE_AT) as u64;
+                (at, format!("step {at}"))
+            }
+            Workload::Chat { .. } => (120, "a few sentences into its answer".into()),
+            Workload::Fmnist { epochs, .. } => {
+                let at = (f64::from(*epochs) * FMNIST_STEPS_PER_EPOCH as f64 * MIGRATE_AT) as u64;
+                let at = at.next_multiple_of(100);
+                let epoch = at / FMNIST_STEPS_PER_EPOCH + 1;
+                (at, format!("step {at}, in epoch {epoch}"))
+            }
+        }
+    }
+
+    /// Shows the run: what happened on host a, then on host b, marking the move.
+    fn show(&self, console: &str, moved_at: u64, say: &dyn Fn(String)) {
+        match self {
+            Workload::Mlp { .. } => {
+                say("loss curve (one run, two hosts):".into());
+                let curve = losses(console);
+                let every = (curve.len() / 12).max(1);
+                for (i, &(step, loss)) in curve.iter().enumerate() {
+                    if i % every == 0 || i + 1 == curve.len() || step == moved_at {
+                        let host = if step <= moved_at { "a" } else { "b" };
+                        let mark = if step == moved_at {
+                            "   <- last step on host a; migrated here"
+                        } else {
+                            ""
+                        };
+                        say(format!(
+                            "  step {step:>6}  loss {loss:.6}  (host {host}){mark}"
+                        ));
+                    }
+                }
+            }
+            Workload::Chat { .. } => {
+                let text = answer(console);
+                let split = text
+                    .char_indices()
+                    .nth(moved_at as usize)
+                    .map_or(text.len(), |(i, _)| i);
+                say("the answer (one run, two hosts):".into());
+                say(format!(
+                    "{}\u{27e8}moved from host a to host b here\u{27e9}{}",
+                    &text[..split],
+                    &text[split..]
+                ));
+            }
+            Workload::Fmnist { .. } => {
+                say("test accuracy per epoch (one run, two hosts):".into());
+                let moved_epoch = moved_at / FMNIST_STEPS_PER_EPOCH + 1;
+                for line in epochs(console) {
+                    let n: u64 = line
+                        .strip_prefix("epoch ")
+                        .and_then(|r| r.split('/').next())
+                        .and_then(|e| e.parse().ok())
+                        .unwrap_or(0);
+                    let host = match n.cmp(&moved_epoch) {
+                        std::cmp::Ordering::Less => "host a",
+                        std::cmp::Ordering::Equal => "host a, then b",
+                        std::cmp::Ordering::Greater => "host b",
+                    };
+                    say(format!("  {line}  ({host})"));
+                }
+            }
+        }
+    }
+
+    /// What must be equal between the migrated and the unmigrated runs.
+    fn result(&self, console: &str) -> anyhow::Result<String> {
+        let checksum = last_field(console, "checksum")
+            .context("the run printed no checksum")?
+            .to_string();
+        Ok(match self {
+            Workload::Chat { .. } => format!("{checksum} {}", answer(console)),
+            Workload::Fmnist { .. } => format!("{checksum} {}", epochs(console).join("\n")),
+            Workload::Mlp { .. } => checksum,
+        })
+    }
 }
 
 fn vm_state(vm: &Value) -> &str {
@@ -97,6 +347,8 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the demo runs VMs on KVM: {e}"))?;
+    let workload = Workload::from_args(args);
+    let request = workload.request()?;
     let pair = LoopbackPair::start(4 << 30)?;
     let (a, b, ca, cb) = (&pair.a, &pair.b, &pair.client_a, &pair.client_b);
     say(format!(
@@ -104,29 +356,27 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         a.api_addr, a.migration_addr, b.api_addr, b.migration_addr
     ));
 
-    let request = CreateVm {
-        workload: "mlp-train".into(),
-        args: guest_args(args.steps),
-        memory: 256 << 20,
-        accel_memory: 256 << 20,
-        attach: Vec::new(),
-    };
     let vm: Value = ca.post("/v1/vms", &request)?;
     let id = vm["id"].as_str().context("no VM id")?.to_string();
+    let files: Vec<String> = request
+        .attach
+        .iter()
+        .map(|f| format!(" --attach {}={}", f.name, f.path.display()))
+        .collect();
     say(format!(
-        "started {id} on host a: mlp-train {} (256 MiB RAM, 256 MiB accelerator memory)",
-        request.args.join(" ")
+        "started {id} on host a: {}{} -- {} ({} MiB RAM, {} MiB accelerator memory)",
+        request.workload,
+        files.concat(),
+        request.args.join(" "),
+        request.memory >> 20,
+        request.accel_memory >> 20
     ));
 
-    // Let it train for a while, then move it.
-    let migrate_step = (args.steps as f64 * MIGRATE_AT) as u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Let it work for a while, then move it.
+    let (migrate_at, where_) = workload.migrate_at();
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let console = client_console(ca, &id)?;
-        if losses(&console)
-            .last()
-            .is_some_and(|&(s, _)| s >= migrate_step)
-        {
+        if workload.progress(&client_console(ca, &id)?) >= migrate_at {
             break;
         }
         let vm: Value = ca.get(&format!("/v1/vms/{id}"))?;
@@ -134,24 +384,22 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             bail!("the VM ended before the migration point: {vm}");
         }
         if Instant::now() > deadline {
-            bail!("the VM did not reach step {migrate_step} within 60 s");
+            bail!("the VM did not reach {where_} within 120 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     say(format!(
-        "{id} reached step {migrate_step}: migrating it live to host b ..."
+        "{id} reached {where_}: migrating it live to host b ..."
     ));
     let bar = spinner(args.json);
-    let report = follow(
-        ca,
-        &id,
-        &ferry_host::MigrateRequest::to(&b.migration_addr.to_string()),
-        &bar,
-    );
+    let migrate = MigrateRequest {
+        files: args.files.clone(),
+        ..MigrateRequest::to(&b.migration_addr.to_string())
+    };
+    let report = follow(ca, &id, &migrate, &bar);
     bar.finish_and_clear();
     let report = report?;
-    let on_a = client_console(ca, &id)?;
-    let last_on_a = losses(&on_a).last().map_or(0, |&(s, _)| s);
+    let moved_at = workload.progress(&client_console(ca, &id)?);
     say(format!("  {}", summary(&report)));
     let a_state: Value = ca.get(&format!("/v1/vms/{id}"))?;
     say(format!(
@@ -159,37 +407,25 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         vm_state(&a_state)
     ));
 
-    let console = wait_end(cb, &id, Duration::from_secs(120))?;
-    let checksum = last_field(&console, "checksum")
-        .context("the migrated run printed no checksum")?
-        .to_string();
-    say("loss curve (one run, two hosts):".into());
-    let curve = losses(&console);
-    let every = (curve.len() / 12).max(1);
-    for (i, &(step, loss)) in curve.iter().enumerate() {
-        if i % every == 0 || i + 1 == curve.len() || step == last_on_a {
-            let host = if step <= last_on_a { "a" } else { "b" };
-            let mark = if step == last_on_a {
-                "   <- last step on host a; migrated here"
-            } else {
-                ""
-            };
-            say(format!(
-                "  step {step:>6}  loss {loss:.6}  (host {host}){mark}"
-            ));
-        }
-    }
+    let console = wait_end(cb, &id, Duration::from_secs(300))?;
+    workload.show(&console, moved_at, &say);
+    let result = workload.result(&console)?;
 
     say("reference: the same workload without migration, on host a ...".into());
     let reference: Value = ca.post("/v1/vms", &request)?;
     let ref_id = reference["id"].as_str().context("no VM id")?.to_string();
-    let ref_console = wait_end(ca, &ref_id, Duration::from_secs(120))?;
-    let ref_checksum = last_field(&ref_console, "checksum")
-        .context("the reference run printed no checksum")?
-        .to_string();
-    let identical = checksum == ref_checksum;
+    let ref_console = wait_end(ca, &ref_id, Duration::from_secs(300))?;
+    let ref_result = workload.result(&ref_console)?;
+    let checksum = last_field(&console, "checksum").unwrap_or_default();
+    let ref_checksum = last_field(&ref_console, "checksum").unwrap_or_default();
+    let identical = result == ref_result;
+    let compared = match workload {
+        Workload::Mlp { .. } => "final checksum",
+        Workload::Chat { .. } => "answer text and token checksum",
+        Workload::Fmnist { .. } => "accuracy per epoch and weights checksum",
+    };
     say(format!(
-        "final checksum migrated {checksum} vs unmigrated {ref_checksum}: {}",
+        "{compared}: migrated {checksum} vs unmigrated {ref_checksum}: {}",
         if identical {
             "IDENTICAL — the workload did not notice the move"
         } else {
@@ -197,20 +433,26 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
     ));
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "downtime_ms": report.downtime_ms,
-                "total_ms": report.total_ms,
-                "rounds": report.rounds,
-                "bytes_sent": report.bytes_sent,
-                "identical": identical,
-                "checksum": checksum,
-                "reference_checksum": ref_checksum,
-                "migrated_at_step": last_on_a,
-                "report": report,
-            })
-        );
+        let mut out = json!({
+            "workload": workload.name(),
+            "downtime_ms": report.downtime_ms,
+            "total_ms": report.total_ms,
+            "rounds": report.rounds,
+            "bytes_sent": report.bytes_sent,
+            "identical": identical,
+            "checksum": checksum,
+            "reference_checksum": ref_checksum,
+            "report": report,
+        });
+        match workload {
+            Workload::Mlp { .. } => out["migrated_at_step"] = json!(moved_at),
+            Workload::Chat { .. } => out["migrated_at_chars"] = json!(moved_at),
+            Workload::Fmnist { .. } => {
+                out["migrated_at_step"] = json!(moved_at);
+                out["test_acc"] = json!(last_field(&console, "test_acc"));
+            }
+        }
+        println!("{out}");
     }
     Ok(if identical {
         ExitCode::SUCCESS
