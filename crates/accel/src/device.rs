@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
@@ -21,7 +20,7 @@ use ferry_abi::file::MAX_READ;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::backend::{Backend, BackendError, BufferId, BufferReader};
+use crate::backend::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
 use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
 use crate::files::FileSource;
 use crate::kernel::Kernel;
@@ -232,7 +231,7 @@ impl ChunkReader {
 /// The virtual accelerator of one VM.
 pub struct Accelerator {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<DeviceLoop>,
     /// Its backend's kind, fixed for its life (read without waiting for the device).
     backend_kind: &'static str,
 }
@@ -543,9 +542,12 @@ impl Accelerator {
             map,
         });
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("accel".into())
-            .spawn(move || device_thread(thread_shared))?;
+        let thread = shared
+            .core
+            .lock()
+            .expect("accel core lock")
+            .backend
+            .spawn_device_loop(Box::new(move || device_thread(thread_shared)))?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -776,7 +778,7 @@ impl Drop for Accelerator {
         self.control().stop = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            thread.join();
         }
     }
 }

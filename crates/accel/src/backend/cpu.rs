@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
-use super::{Backend, BackendError, BufferId, BufferReader};
+use super::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
 use crate::kernel::{Distribution, Kernel, MatmulFlags};
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
@@ -32,7 +32,8 @@ compile_error!(
 
 /// Device memory and kernels in host RAM.
 pub struct CpuBackend {
-    pool: ThreadPool,
+    /// The kernel threads; one of them also runs the device's command loop.
+    pool: Arc<ThreadPool>,
     memory: DeviceMemory,
     buffers: Arc<Buffers>,
 }
@@ -129,7 +130,7 @@ impl CpuBackend {
             .build()
             .expect("cannot start the accelerator's kernel threads");
         CpuBackend {
-            pool,
+            pool: Arc::new(pool),
             memory,
             buffers: Arc::default(),
         }
@@ -214,6 +215,22 @@ impl Backend for CpuBackend {
 
     fn reader(&self) -> Arc<dyn BufferReader> {
         self.buffers.clone()
+    }
+
+    /// Runs the device's loop on one of the kernel threads: a kernel's parallel work
+    /// then starts on the thread that launches it, which takes part in it, instead of
+    /// waking the pool's threads and sleeping until they finish (on few cores the
+    /// hand-offs cost as much as small kernels).
+    fn spawn_device_loop(&self, run: Box<dyn FnOnce() + Send>) -> std::io::Result<DeviceLoop> {
+        let (done, ended) = std::sync::mpsc::channel::<()>();
+        self.pool.spawn(move || {
+            let _done = done;
+            // A panic in a spawned job would abort the process: keep it to this device.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                tracing::error!("the accelerator's device loop panicked; the device stops");
+            }
+        });
+        Ok(DeviceLoop::new(ended))
     }
 
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
@@ -599,4 +616,31 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
         gemm::direct(pool, threads, &a, &b, &mut c, (n, n, n))
     });
     (gflops(backend_time), gflops(direct_time))
+}
+
+/// Host memory read bandwidth with `threads` threads, bytes/s: the best of several passes
+/// summing a 1 GiB buffer in `threads` equal parts (each thread streams its own), the
+/// way a matrix–vector product streams its weights.
+pub fn bench_memory_read(threads: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let threads = threads.max(1);
+    let words: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let pool = ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("benchmark threads");
+    let part = words.len().div_ceil(threads);
+    let pass = || {
+        pool.install(|| {
+            use rayon::prelude::*;
+            words
+                .par_chunks(part)
+                .map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+                .reduce(|| 0, u64::wrapping_add)
+        })
+    };
+    let best = best_time(Duration::from_millis(600), || {
+        std::hint::black_box(pass());
+    });
+    BYTES as f64 / best.as_secs_f64().max(1e-9)
 }

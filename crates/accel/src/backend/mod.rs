@@ -49,6 +49,36 @@ pub trait Backend: Send {
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError>;
     /// A reader of this backend's buffers for other threads.
     fn reader(&self) -> Arc<dyn BufferReader>;
+    /// Starts the device's command loop `run` on a thread of the backend's choosing
+    /// (by default a thread of its own, "accel").
+    fn spawn_device_loop(&self, run: Box<dyn FnOnce() + Send>) -> std::io::Result<DeviceLoop> {
+        let (done, ended) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("accel".into())
+            .spawn(move || {
+                let _done = done;
+                run();
+            })?;
+        Ok(DeviceLoop::new(ended))
+    }
+}
+
+/// The device's command loop, running where its backend started it.
+#[derive(Debug)]
+pub struct DeviceLoop(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl DeviceLoop {
+    /// The loop whose thread holds the sender of `ended` while it runs.
+    pub fn new(ended: std::sync::mpsc::Receiver<()>) -> Self {
+        Self(std::sync::Mutex::new(ended))
+    }
+
+    /// Waits until the loop has returned (or panicked).
+    pub fn join(self) {
+        // The sender is dropped when the loop's thread leaves it: recv then fails.
+        let ended = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let _ = ended.recv();
+    }
 }
 
 /// Reads buffers from another thread while the device runs, waiting only for a kernel

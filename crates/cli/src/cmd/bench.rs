@@ -21,7 +21,9 @@ pub struct BenchArgs {
     /// with 4 GiB of device memory) or `migrate` (live vs stop-and-copy pause, total
     /// time and bytes for llm-decode and mlp-train at --accel-sizes, vs the loopback's
     /// raw TCP throughput) or `evacuate` (time to empty a host of N running VMs with
-    /// `maintenance enter` through a center, and each VM's pause, for N in --vms).
+    /// `maintenance enter` through a center, and each VM's pause, for N in --vms) or
+    /// `llm` (a GGUF model's prompt and generation tokens/s against the bound the
+    /// host's memory bandwidth sets, and migrating it with its file sent or reused).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -40,11 +42,18 @@ pub struct BenchArgs {
         default_value = "1,2,4"
     )]
     pub vms: Vec<usize>,
+    /// The GGUF model for `llm` (default: what scripts/fetch-model fetches).
+    #[arg(
+        long,
+        value_name = "FILE.gguf",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub model: std::path::PathBuf,
 }
 
 /// One measured figure.
 #[derive(Serialize)]
-struct Figure {
+pub(crate) struct Figure {
     bench: &'static str,
     figure: &'static str,
     value: f64,
@@ -59,7 +68,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "accel" => bench_accel(args),
         "migrate" => crate::cmd::bench_migrate::bench_migrate(args.json, &args.accel_sizes),
         "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(args.json, &args.vms),
-        other => bail!("unknown benchmark '{other}' (available: vm, accel, migrate, evacuate)"),
+        "llm" => {
+            begin(args)?;
+            crate::cmd::bench_llm::bench_llm(&args.model, &mut |f| print(&f, args.json))
+        }
+        other => {
+            bail!("unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm)")
+        }
     }
 }
 
@@ -98,12 +113,20 @@ fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {
     snapshot_throughput(args.snapshot_memory, &mut emit)
 }
 
-type Emit<'a> = dyn FnMut(Figure) -> anyhow::Result<()> + 'a;
+pub(crate) type Emit<'a> = dyn FnMut(Figure) -> anyhow::Result<()> + 'a;
 
-fn figure(figure: &'static str, value: f64, unit: &'static str, detail: String) -> Figure {
+/// A figure; its bench is the figure name's prefix (`accel_...`, `llm_...`, else vm).
+pub(crate) fn figure(
+    figure: &'static str,
+    value: f64,
+    unit: &'static str,
+    detail: String,
+) -> Figure {
     Figure {
         bench: if figure.starts_with("accel") {
             "accel"
+        } else if figure.starts_with("llm") {
+            "llm"
         } else {
             "vm"
         },
@@ -331,7 +354,7 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
 }
 
 /// The last `key=value` printed on any console line, as a number.
-fn last_value(console: &str, key: &str) -> anyhow::Result<f64> {
+pub(crate) fn last_value(console: &str, key: &str) -> anyhow::Result<f64> {
     crate::cmd::last_field(console, key)
         .with_context(|| format!("no {key}= in {console}"))?
         .parse()

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_evacuate;
+pub mod bench_llm;
 pub mod bench_migrate;
 pub mod center;
 pub mod demo;
