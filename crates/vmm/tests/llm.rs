@@ -17,10 +17,12 @@ use serde_json::Value;
 const CONFIG: VmConfig = VmConfig::new(256 << 20).with_accel(256 << 20);
 const TIMEOUT: Duration = Duration::from_secs(300);
 const QUESTION: &str = "What is the capital of France?";
-/// Largest difference allowed between a logit of the guest (f32 kernels) and of the
-/// reference (float64), on logits of 10 to 30: 1e-3 (measured: below 2e-5). The first
-/// answer token of the question above wins by only 0.08.
-const LOGIT_TOLERANCE: f64 = 1e-3;
+/// Largest difference allowed between a logit of the guest and of the reference
+/// (float64), on logits of 10 to 30. The guest's projections round their inputs to 16
+/// bits per 32 elements (see the cpu backend's quant module): measured differences are
+/// below 1e-2 (below 2e-5 with f32 inputs; 8-bit inputs move them by 0.5). The first
+/// answer token of the question above wins by only 0.08, twice this bound and more.
+const LOGIT_TOLERANCE: f64 = 0.02;
 
 fn model(test: &str) -> Option<PathBuf> {
     if !ferry_vmm::kvm_usable_or_announce_skip(test) {

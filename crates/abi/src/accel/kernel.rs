@@ -1008,7 +1008,10 @@ kernels! {
     /// `out[m×n] = x[m×k]·Wᵀ` for weights `w` of `n` rows of `k` elements in `dtype` (a
     /// GGUF weight matrix as stored: `k` a whole number of blocks). With `m = 1` a
     /// matrix–vector product (decoding), else one row per token (a prompt). Also the
-    /// tied output projection, with the token embedding table as `w`.
+    /// tied output projection, with the token embedding table as `w`. For the block
+    /// formats each row of `x` is first rounded to 16-bit integers with one scale per 32
+    /// elements (`max|x| / 32767`), so that a block's products are exact integers; f32 and
+    /// f16 weights take `x` as it is.
     QMATMUL = 23, "qmatmul", QMatmul {
         /// Weights, `n` rows of `k` elements in `dtype`.
         w: Buffer,

@@ -570,10 +570,9 @@ pub fn qmatmul(
         .row_bytes(k as u64)
         .expect("k validated by the device") as usize;
     let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
-    let sums: Vec<_> = x[..m * k].chunks(k).map(quant::x_sums).collect();
+    let inputs: Vec<_> = x[..m * k].chunks(k).map(quant::prepare).collect();
     let task = |(r, c, o): (usize, usize, &mut [f32])| {
-        let input = (&x[r * k..][..k], sums[r].as_slice());
-        quant::dot_rows(dtype, w, row_bytes, c * per, input, o);
+        quant::dot_rows(dtype, w, row_bytes, c * per, &inputs[r], o);
     };
     let out = &mut out[..m * n];
     if n * m <= per {

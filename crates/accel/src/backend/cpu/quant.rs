@@ -1,16 +1,19 @@
 //! The GGML block formats ([`DType`]) on the cpu backend: dequantization, and the dot
 //! product of a quantized row with an f32 vector that QMATMUL is made of.
 //!
-//! # Determinism
+//! # Arithmetic and determinism
 //!
-//! A row's dot product is computed by one thread, block after block in order, into eight
-//! f32 lanes (lane `l` takes elements `8j + l`); within a block the lanes first sum
-//! `q·x` (and `x`, for formats with a minimum), then add `scale · sum` (and
-//! `min · sum(x)`), and the lanes are added in a fixed tree at the end. Every step is a
-//! separate IEEE multiply or add (Rust never fuses them), so the result depends only on
-//! the data: not on the thread count, and not on whether the AVX2 copy of the same code
-//! runs (it only does eight lanes at once). The formats' scales are half floats,
-//! converted exactly.
+//! For the block formats the input row is first [`prepare`]d: rounded to 16-bit integers
+//! with one scale per 32 elements. A block's products of integer weights and integer
+//! inputs are then summed exactly in eight i32 lanes (lane `l` takes elements `2l`,
+//! `2l+1`, `16+2l` and `17+2l`), converted to f32, and added to eight f32 accumulators as
+//! `scale · lanes` (plus `min · sum(x)` for the formats with a minimum, with the sums of
+//! the f32 inputs); the lanes are added in a fixed tree at the end. f32 and f16 weights
+//! take the f32 inputs, eight lanes of `w·x`. Every float step is a separate IEEE
+//! multiply or add (Rust never fuses them) in a fixed order, and the integer sums are
+//! exact, so the result depends only on the data: not on the thread count, and not on
+//! whether the AVX2 code runs. A row's dot product is computed whole by one thread. The
+//! formats' scales are half floats, converted exactly.
 
 use crate::kernel::DType;
 
@@ -73,26 +76,80 @@ fn group_q(s: &mut Lanes, x: &[f32], q: impl Fn(usize) -> f32) {
     }
 }
 
-/// The lane sums of each block of 32 elements of `x`: lane `l` of block `b` is
-/// `((x[32b+l] + x[32b+8+l]) + x[32b+16+l]) + x[32b+24+l]` (from zero), the term that the
-/// formats with a minimum multiply by it. Computed once per input row: every weight row
-/// shares it.
-pub fn x_sums(x: &[f32]) -> Vec<Lanes> {
-    x.chunks_exact(32)
-        .map(|b| {
-            let mut t = [0.0; LANES];
-            for g in 0..4 {
-                for l in 0..LANES {
-                    t[l] += b[8 * g + l];
-                }
+/// Elements of the input that share one 16-bit scale.
+pub const INPUT_BLOCK: usize = 32;
+/// Largest magnitude of a 16-bit input element.
+const INPUT_MAX: f32 = 32767.0;
+
+/// An input row ready for the dot products: as it is (for f32 and f16 weights), and for
+/// the block formats in 16-bit integers with one f32 scale per [`INPUT_BLOCK`] elements
+/// (`x ≈ d·q`, `d = max|x| / 32767`), plus each block's lane sums of the f32 values
+/// (lane `l` of block `b`: `((x[32b+l] + x[32b+8+l]) + x[32b+16+l]) + x[32b+24+l]`),
+/// which the formats with a minimum multiply by it. Made once per row of `x`: every
+/// weight row shares it.
+///
+/// The 16-bit inputs make a block's products exact integers, summed exactly, so a block
+/// costs a few integer instructions where converting its weights to floats cost many;
+/// their rounding (at most half a step of `max|x| / 32767` per element) moves SmolLM2's
+/// logits by about 1e-3, where 8-bit inputs (llama.cpp's choice) move them by 0.5 and
+/// change its answers.
+pub struct Input<'a> {
+    x: &'a [f32],
+    sums: Vec<Lanes>,
+    q: Vec<i16>,
+    d: Vec<f32>,
+}
+
+/// Prepares `x` (a whole number of [`INPUT_BLOCK`]s for the block formats).
+pub fn prepare(x: &[f32]) -> Input<'_> {
+    let blocks = x.len() / INPUT_BLOCK;
+    let mut sums = Vec::with_capacity(blocks);
+    let mut q = Vec::with_capacity(blocks * INPUT_BLOCK);
+    let mut d = Vec::with_capacity(blocks);
+    for b in x.chunks_exact(INPUT_BLOCK) {
+        let mut t = [0.0; LANES];
+        for g in 0..4 {
+            for l in 0..LANES {
+                t[l] += b[8 * g + l];
             }
-            t
-        })
-        .collect()
+        }
+        sums.push(t);
+        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let inv = if amax > 0.0 { INPUT_MAX / amax } else { 0.0 };
+        d.push(amax / INPUT_MAX);
+        q.extend(
+            b.iter()
+                .map(|&v| (v * inv).round_ties_even().clamp(-INPUT_MAX, INPUT_MAX) as i16),
+        );
+    }
+    Input { x, sums, q, d }
+}
+
+/// The lanes of 16 weights `w(j)` times the 16-bit inputs `q`: lane `l` holds
+/// `w(2l)·q[2l] + w(2l+1)·q[2l+1]`, exact.
+#[inline(always)]
+fn pairs(q: &[i16], w: impl Fn(usize) -> i32) -> [i32; LANES] {
+    let q: &[i16; 16] = q[..16].try_into().expect("sixteen inputs");
+    let mut out = [0; LANES];
+    for l in 0..LANES {
+        out[l] = w(2 * l) * i32::from(q[2 * l]) + w(2 * l + 1) * i32::from(q[2 * l + 1]);
+    }
+    out
+}
+
+/// A block's exact integer lanes (two halves of 16) as f32.
+#[inline(always)]
+fn to_f32(lo: [i32; LANES], hi: [i32; LANES]) -> Lanes {
+    let mut out = [0.0; LANES];
+    for l in 0..LANES {
+        out[l] = (lo[l] + hi[l]) as f32;
+    }
+    out
 }
 
 #[inline(always)]
-fn dot_f32(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+fn dot_f32(row: &[u8], inp: &Input<'_>) -> f32 {
+    let x = inp.x;
     let mut acc = [0.0; LANES];
     for (w, x) in row.chunks_exact(4 * LANES).zip(x.chunks_exact(LANES)) {
         group_q(&mut acc, x, |l| {
@@ -110,7 +167,8 @@ fn dot_f32(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_f16(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+fn dot_f16(row: &[u8], inp: &Input<'_>) -> f32 {
+    let x = inp.x;
     let mut acc = [0.0; LANES];
     for (w, x) in row.chunks_exact(2 * LANES).zip(x.chunks_exact(LANES)) {
         group_q(&mut acc, x, |l| half(w, 2 * l));
@@ -123,55 +181,48 @@ fn dot_f16(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
     lane_sum(acc) + tail
 }
 
+/// The 16-bit inputs of block `b`, its scale and lane sums.
 #[inline(always)]
-fn dot_q8_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+fn block_input<'i>(inp: &'i Input<'_>, b: usize) -> (&'i [i16], f32, &'i Lanes) {
+    (
+        &inp.q[INPUT_BLOCK * b..][..INPUT_BLOCK],
+        inp.d[b],
+        &inp.sums[b],
+    )
+}
+
+#[inline(always)]
+fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
     let mut acc = [0.0; LANES];
-    for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
-        let d = half(b, 0);
-        let q = &b[2..34];
-        let mut s = [0.0; LANES];
-        for g in 0..4 {
-            group_q(&mut s, &x[8 * g..], |l| f32::from(q[8 * g + l] as i8));
-        }
-        add_scaled(&mut acc, d, &s);
+    for (i, b) in row.chunks_exact(34).enumerate() {
+        let (q, dx, _) = block_input(inp, i);
+        let w = |j: usize| i32::from(b[2 + j] as i8);
+        let f = to_f32(pairs(q, w), pairs(&q[16..], |j| w(16 + j)));
+        add_scaled(&mut acc, half(b, 0) * dx, &f);
     }
     lane_sum(acc)
 }
 
 #[inline(always)]
-fn dot_q4_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+fn dot_q4_0(row: &[u8], inp: &Input<'_>) -> f32 {
     let mut acc = [0.0; LANES];
-    for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
-        let d = half(b, 0);
-        let q = &b[2..18];
-        let mut s = [0.0; LANES];
-        for g in 0..2 {
-            group_q(&mut s, &x[8 * g..], |l| f32::from(q[8 * g + l] & 0xf) - 8.0);
-        }
-        for g in 0..2 {
-            group_q(&mut s, &x[16 + 8 * g..], |l| {
-                f32::from(q[8 * g + l] >> 4) - 8.0
-            });
-        }
-        add_scaled(&mut acc, d, &s);
+    for (i, b) in row.chunks_exact(18).enumerate() {
+        let (q, dx, _) = block_input(inp, i);
+        let lo = pairs(q, |j| i32::from(b[2 + j] & 0xf) - 8);
+        let hi = pairs(&q[16..], |j| i32::from(b[2 + j] >> 4) - 8);
+        add_scaled(&mut acc, half(b, 0) * dx, &to_f32(lo, hi));
     }
     lane_sum(acc)
 }
 
 #[inline(always)]
-fn dot_q4_1(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
+fn dot_q4_1(row: &[u8], inp: &Input<'_>) -> f32 {
     let mut acc = [0.0; LANES];
-    for ((b, x), t) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(sums) {
-        let (d, m) = (half(b, 0), half(b, 2));
-        let q = &b[4..20];
-        let mut s = [0.0; LANES];
-        for g in 0..2 {
-            group_q(&mut s, &x[8 * g..], |l| f32::from(q[8 * g + l] & 0xf));
-        }
-        for g in 0..2 {
-            group_q(&mut s, &x[16 + 8 * g..], |l| f32::from(q[8 * g + l] >> 4));
-        }
-        add_scaled_offset(&mut acc, d, &s, m, t);
+    for (i, b) in row.chunks_exact(20).enumerate() {
+        let (q, dx, t) = block_input(inp, i);
+        let lo = pairs(q, |j| i32::from(b[4 + j] & 0xf));
+        let hi = pairs(&q[16..], |j| i32::from(b[4 + j] >> 4));
+        add_scaled_offset(&mut acc, half(b, 0) * dx, &to_f32(lo, hi), half(b, 2), t);
     }
     lane_sum(acc)
 }
@@ -190,28 +241,20 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 #[inline(always)]
-fn dot_q4k(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
+fn dot_q4k(row: &[u8], inp: &Input<'_>) -> f32 {
     let mut acc = [0.0; LANES];
-    for ((b, x), sums) in row
-        .chunks_exact(144)
-        .zip(x.chunks_exact(256))
-        .zip(sums.chunks_exact(8))
-    {
+    for (sb, b) in row.chunks_exact(144).enumerate() {
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
         for j in 0..4 {
-            let q = &b[16 + 32 * j..16 + 32 * j + 32];
-            let x = &x[64 * j..];
+            let bytes = &b[16 + 32 * j..16 + 32 * j + 32];
             for (sub, shift) in [(0, 0), (1, 4)] {
+                let (q, dx, t) = block_input(inp, 8 * sb + 2 * j + sub);
                 let (sc, mn) = q4k_scale_min(2 * j + sub, scales);
-                let mut s = [0.0; LANES];
-                for g in 0..4 {
-                    group_q(&mut s, &x[32 * sub + 8 * g..], |l| {
-                        f32::from((q[8 * g + l] >> shift) & 0xf)
-                    });
-                }
-                let t = &sums[2 * j + sub];
-                add_scaled_offset(&mut acc, d * f32::from(sc), &s, -(dmin * f32::from(mn)), t);
+                let w = |e: usize| i32::from((bytes[e] >> shift) & 0xf);
+                let f = to_f32(pairs(q, w), pairs(&q[16..], |e| w(16 + e)));
+                let scale = d * f32::from(sc) * dx;
+                add_scaled_offset(&mut acc, scale, &f, -(dmin * f32::from(mn)), t);
             }
         }
     }
@@ -220,7 +263,7 @@ fn dot_q4k(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
 
 /// Element `l` (0..32) of quarter `quarter` (0..4) of a Q6_K half super-block, minus 32.
 #[inline(always)]
-fn q6k_value(ql: &[u8], qh: &[u8], quarter: usize, l: usize) -> f32 {
+fn q6k_value(ql: &[u8], qh: &[u8], quarter: usize, l: usize) -> i32 {
     let low = match quarter {
         0 => ql[l] & 0xf,
         1 => ql[l + 32] & 0xf,
@@ -228,31 +271,26 @@ fn q6k_value(ql: &[u8], qh: &[u8], quarter: usize, l: usize) -> f32 {
         _ => ql[l + 32] >> 4,
     };
     let high = (qh[l] >> (2 * quarter)) & 3;
-    f32::from((low | (high << 4)) as i8 - 32)
+    i32::from(low | (high << 4)) - 32
 }
 
 #[inline(always)]
-fn dot_q6k(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
     let mut acc = [0.0; LANES];
-    for (b, x) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+    for (sb, b) in row.chunks_exact(210).enumerate() {
         let d = half(b, 208);
         for h in 0..2 {
             let ql = &b[64 * h..64 * h + 64];
             let qh = &b[128 + 32 * h..128 + 32 * h + 32];
             let sc = &b[192 + 8 * h..192 + 8 * h + 8];
-            let x = &x[128 * h..];
             for quarter in 0..4 {
+                let (q, dx, _) = block_input(inp, 8 * sb + 4 * h + quarter);
                 // Two sub-blocks of 16 elements, each with its own scale.
                 for half_q in 0..2 {
-                    let mut s = [0.0; LANES];
-                    for g in 0..2 {
-                        let l0 = 16 * half_q + 8 * g;
-                        group_q(&mut s, &x[32 * quarter + l0..], |l| {
-                            q6k_value(ql, qh, quarter, l0 + l)
-                        });
-                    }
-                    let scale = d * f32::from(sc[half_q + 2 * quarter] as i8);
-                    add_scaled(&mut acc, scale, &s);
+                    let l0 = 16 * half_q;
+                    let lanes = pairs(&q[l0..], |e| q6k_value(ql, qh, quarter, l0 + e));
+                    let scale = d * f32::from(sc[half_q + 2 * quarter] as i8) * dx;
+                    add_scaled(&mut acc, scale, &lanes.map(|v| v as f32));
                 }
             }
         }
@@ -261,40 +299,24 @@ fn dot_q6k(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
 }
 
 /// The hot formats with AVX2 intrinsics: the very operations of the portable code above
-/// (multiplies and adds, never fused, in the same order per lane), so the same bits, but
-/// with the integer-to-float conversions done eight at a time, which LLVM does not do
-/// from the portable code.
+/// (exact integer lanes, then the same f32 multiplies and adds in the same order, never
+/// fused), so the same bits, eight lanes at once with the pairs multiplied and added by
+/// one instruction.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{lane_sum, Lanes};
+    use super::{block_input, lane_sum, q4k_scale_min, Input, Lanes};
 
-    /// The half float at `b[at..at + 2]`, broadcast (F16C converts exactly, as
-    /// `f16_to_f32` does, without its branches).
+    /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
+    /// `f16_to_f32` does). Kept a vector: reduced to one float, the conversion compiles to
+    /// an insert into a register the loop uses for something else, which chains every
+    /// block to the one before it.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    fn scale(b: &[u8], at: usize) -> __m256 {
+    fn half(b: &[u8], at: usize) -> __m256 {
         let h = u16::from_le_bytes([b[at], b[at + 1]]);
-        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h)))))
-    }
-
-    /// Eight f32 from `x[at..at + 8]`.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn load(x: &[f32], at: usize) -> __m256 {
-        let x: &[f32; 8] = x[at..at + 8].try_into().expect("eight elements");
-        // SAFETY: `x` is eight readable f32; the load has no alignment requirement.
-        unsafe { _mm256_loadu_ps(x.as_ptr()) }
-    }
-
-    /// Eight u8 (`b[at..at + 8]`) widened to i32.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn bytes8(b: &[u8], at: usize) -> __m128i {
-        let b: &[u8; 8] = b[at..at + 8].try_into().expect("eight bytes");
-        // SAFETY: `b` is eight readable bytes; _mm_loadl_epi64 reads exactly eight.
-        unsafe { _mm_loadl_epi64(b.as_ptr().cast()) }
+        _mm256_cvtph_ps(_mm_set1_epi16(h as i16))
     }
 
     /// Sixteen bytes `b[at..at + 16]`.
@@ -306,135 +328,175 @@ mod avx2 {
         unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
     }
 
+    /// Sixteen 16-bit inputs `q[at..at + 16]`.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    fn lanes(v: __m256) -> Lanes {
+    fn inputs16(q: &[i16], at: usize) -> __m256i {
+        let q: &[i16; 16] = q[at..at + 16].try_into().expect("sixteen inputs");
+        // SAFETY: `q` is sixteen readable i16; the load has no alignment requirement.
+        unsafe { _mm256_loadu_si256(q.as_ptr().cast()) }
+    }
+
+    /// Eight f32 `t[0..8]`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn lanes_in(t: &Lanes) -> __m256 {
+        // SAFETY: `t` is eight readable f32; the load has no alignment requirement.
+        unsafe { _mm256_loadu_ps(t.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn lanes_out(v: __m256) -> Lanes {
         let mut out = [0.0f32; 8];
         // SAFETY: `out` holds eight f32; the store has no alignment requirement.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
         out
     }
 
-    /// `s + q·x` for eight elements: the portable `group_q` step.
+    /// A block's lanes: weights `w0` (elements 0..16) and `w1` (16..32), as i16, times
+    /// the block's inputs, pairs summed, the two halves added, as f32 (`to_f32`).
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    fn step(s: __m256, q: __m256, x: __m256) -> __m256 {
-        _mm256_add_ps(s, _mm256_mul_ps(q, x))
+    fn block(w0: __m256i, w1: __m256i, q: &[i16]) -> __m256 {
+        let lo = _mm256_madd_epi16(w0, inputs16(q, 0));
+        let hi = _mm256_madd_epi16(w1, inputs16(q, 16));
+        _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi))
     }
 
-    /// The low eight bytes of `v`, signed, as f32.
+    /// The low and high nibbles of 16 bytes, each widened to sixteen i16.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    fn i8_to_f32(v: __m128i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-    }
-
-    /// The four groups of eight 4-bit values of a 16-byte block (low nibbles, then high),
-    /// less `bias`, as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn nibbles(q: __m128i, bias: i32) -> [__m256; 4] {
+    fn nibbles(bytes: __m128i) -> (__m256i, __m256i) {
         let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        let b = _mm256_set1_epi32(bias);
-        [
-            unsigned_less(lo, b),
-            unsigned_less(_mm_srli_si128(lo, 8), b),
-            unsigned_less(hi, b),
-            unsigned_less(_mm_srli_si128(hi, 8), b),
-        ]
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
     }
 
-    /// The low eight bytes of `v`, unsigned, less `bias` (eight i32), as f32.
+    /// `a·b` in every lane (a scale made of factors, as the portable code multiplies them).
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    fn unsigned_less(v: __m128i, bias: __m256i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), bias))
+    fn times(a: __m256, b: f32) -> __m256 {
+        _mm256_mul_ps(a, _mm256_set1_ps(b))
+    }
+
+    /// `acc + scale·f` (`add_scaled`).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scaled(acc: __m256, scale: __m256, f: __m256) -> __m256 {
+        _mm256_add_ps(acc, _mm256_mul_ps(scale, f))
+    }
+
+    /// `acc + (scale·f + offset·t)` (`add_scaled_offset`).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn scaled_offset(acc: __m256, scale: __m256, f: __m256, offset: __m256, t: &Lanes) -> __m256 {
+        let s = _mm256_mul_ps(scale, f);
+        let o = _mm256_mul_ps(offset, lanes_in(t));
+        _mm256_add_ps(acc, _mm256_add_ps(s, o))
     }
 
     #[target_feature(enable = "avx2,f16c")]
-    pub fn dot_q8_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+    pub fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
-            let d = scale(b, 0);
-            let mut s = _mm256_setzero_ps();
-            for g in 0..4 {
-                s = step(s, i8_to_f32(bytes8(b, 2 + 8 * g)), load(x, 8 * g));
-            }
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(d, s));
+        for (i, b) in row.chunks_exact(34).enumerate() {
+            let (q, dx, _) = block_input(inp, i);
+            let w0 = _mm256_cvtepi8_epi16(bytes16(b, 2));
+            let w1 = _mm256_cvtepi8_epi16(bytes16(b, 18));
+            acc = scaled(acc, times(half(b, 0), dx), block(w0, w1, q));
         }
-        lane_sum(lanes(acc))
+        lane_sum(lanes_out(acc))
     }
 
     #[target_feature(enable = "avx2,f16c")]
-    pub fn dot_q4_0(row: &[u8], x: &[f32], _: &[Lanes]) -> f32 {
+    pub fn dot_q4_0(row: &[u8], inp: &Input<'_>) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
-            let d = scale(b, 0);
-            let q = nibbles(bytes16(b, 2), 8);
-            let mut s = _mm256_setzero_ps();
-            for (g, q) in q.into_iter().enumerate() {
-                s = step(s, q, load(x, 8 * g));
-            }
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(d, s));
+        let eight = _mm256_set1_epi16(8);
+        for (i, b) in row.chunks_exact(18).enumerate() {
+            let (q, dx, _) = block_input(inp, i);
+            let (w0, w1) = nibbles(bytes16(b, 2));
+            let (w0, w1) = (_mm256_sub_epi16(w0, eight), _mm256_sub_epi16(w1, eight));
+            acc = scaled(acc, times(half(b, 0), dx), block(w0, w1, q));
         }
-        lane_sum(lanes(acc))
+        lane_sum(lanes_out(acc))
     }
 
     #[target_feature(enable = "avx2,f16c")]
-    pub fn dot_q4_1(row: &[u8], x: &[f32], sums: &[Lanes]) -> f32 {
+    pub fn dot_q4_1(row: &[u8], inp: &Input<'_>) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        for ((b, x), t) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(sums) {
-            let (d, m) = (scale(b, 0), scale(b, 2));
-            let q = nibbles(bytes16(b, 4), 0);
-            let mut s = _mm256_setzero_ps();
-            for (g, q) in q.into_iter().enumerate() {
-                s = step(s, q, load(x, 8 * g));
-            }
-            let t = load(t, 0);
-            let block = _mm256_add_ps(_mm256_mul_ps(d, s), _mm256_mul_ps(m, t));
-            acc = _mm256_add_ps(acc, block);
+        for (i, b) in row.chunks_exact(20).enumerate() {
+            let (q, dx, t) = block_input(inp, i);
+            let (w0, w1) = nibbles(bytes16(b, 4));
+            let scale = times(half(b, 0), dx);
+            acc = scaled_offset(acc, scale, block(w0, w1, q), half(b, 2), t);
         }
-        lane_sum(lanes(acc))
+        lane_sum(lanes_out(acc))
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4k(row: &[u8], inp: &Input<'_>) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mask = _mm_set1_epi8(0x0f);
+        for (sb, b) in row.chunks_exact(144).enumerate() {
+            let (d, dmin) = (half(b, 0), half(b, 2));
+            let scales = &b[4..16];
+            for j in 0..4 {
+                let (first, second) = (bytes16(b, 16 + 32 * j), bytes16(b, 32 + 32 * j));
+                for sub in 0..2 {
+                    let (q, dx, t) = block_input(inp, 8 * sb + 2 * j + sub);
+                    let (sc, mn) = q4k_scale_min(2 * j + sub, scales);
+                    let pick = |v: __m128i| {
+                        let v = if sub == 0 { v } else { _mm_srli_epi16(v, 4) };
+                        _mm256_cvtepu8_epi16(_mm_and_si128(v, mask))
+                    };
+                    let f = block(pick(first), pick(second), q);
+                    let scale = times(times(d, f32::from(sc)), dx);
+                    // -(dmin·mn): the negation is exact, so a subtraction from zero.
+                    let offset = _mm256_sub_ps(_mm256_setzero_ps(), times(dmin, f32::from(mn)));
+                    acc = scaled_offset(acc, scale, f, offset, t);
+                }
+            }
+        }
+        lane_sum(lanes_out(acc))
     }
 }
 
 /// `out[i] = row(first + i) · x` for the rows of `w` (rows of `row_bytes` in `dtype`),
-/// `sums` being [`x_sums`] of `x`: with the AVX2 code for the formats that have it when
-/// `avx2`, else the portable code (each format's loop calls its dot product directly so
-/// that it inlines).
+/// with the AVX2 code for the formats that have it when `avx2`, else the portable code
+/// (each format's loop calls its dot product directly so that it inlines).
 #[inline(always)]
 fn dot_rows_inline(
     dtype: DType,
     w: &[u8],
     row_bytes: usize,
     first: usize,
-    (x, sums): (&[f32], &[Lanes]),
+    inp: &Input<'_>,
     out: &mut [f32],
     avx2: bool,
 ) {
     macro_rules! rows {
         ($dot:expr) => {
             for (i, o) in out.iter_mut().enumerate() {
-                *o = $dot(&w[(first + i) * row_bytes..][..row_bytes], x, sums);
+                *o = $dot(&w[(first + i) * row_bytes..][..row_bytes], inp);
             }
         };
     }
     #[cfg(target_arch = "x86_64")]
     if avx2 {
-        type Dot = unsafe fn(&[u8], &[f32], &[Lanes]) -> f32;
+        type Dot = unsafe fn(&[u8], &Input<'_>) -> f32;
         let fast: Option<Dot> = match dtype {
             DType::Q4_0 => Some(avx2::dot_q4_0),
             DType::Q4_1 => Some(avx2::dot_q4_1),
             DType::Q8_0 => Some(avx2::dot_q8_0),
+            DType::Q4K => Some(avx2::dot_q4k),
             _ => None,
         };
         if let Some(dot) = fast {
             for (i, o) in out.iter_mut().enumerate() {
                 let row = &w[(first + i) * row_bytes..][..row_bytes];
                 // SAFETY: the caller checked that the CPU has AVX2 and F16C, all these need.
-                *o = unsafe { dot(row, x, sums) };
+                *o = unsafe { dot(row, inp) };
             }
             return;
         }
@@ -451,18 +513,18 @@ fn dot_rows_inline(
     }
 }
 
-/// `out[i] = dot(row first + i of w, x)`: rows of `x.len()` elements in `dtype`, each
-/// `row_bytes` long (the caller checked the sizes), `sums` being [`x_sums`] of `x`. Same
+/// `out[i] = dot(row first + i of w, x)`: rows of `x`'s length in `dtype`, each
+/// `row_bytes` long (the caller checked the sizes), `inp` being [`prepare`]d `x`. Same
 /// bits on every x86-64 CPU, with or without AVX2.
 pub fn dot_rows(
     dtype: DType,
     w: &[u8],
     row_bytes: usize,
     first: usize,
-    x: (&[f32], &[Lanes]),
+    inp: &Input<'_>,
     out: &mut [f32],
 ) {
-    dot_rows_inline(dtype, w, row_bytes, first, x, out, has_avx2());
+    dot_rows_inline(dtype, w, row_bytes, first, inp, out, has_avx2());
 }
 
 /// Whether this CPU runs the [`avx2`] code (AVX2 and F16C).
@@ -481,11 +543,11 @@ pub fn dot_rows_with(
     dtype: DType,
     w: &[u8],
     row_bytes: usize,
-    x: (&[f32], &[Lanes]),
+    inp: &Input<'_>,
     out: &mut [f32],
     avx2: bool,
 ) {
-    dot_rows_inline(dtype, w, row_bytes, 0, x, out, avx2 && has_avx2());
+    dot_rows_inline(dtype, w, row_bytes, 0, inp, out, avx2 && has_avx2());
 }
 
 /// Dequantizes one row of `out.len()` elements in `dtype` (GGML's definitions, in f32
@@ -556,7 +618,8 @@ pub fn dequant_row(dtype: DType, row: &[u8], out: &mut [f32]) {
                     for quarter in 0..4 {
                         for l in 0..32 {
                             let scale = d * f32::from(sc[l / 16 + 2 * quarter] as i8);
-                            o[128 * h + 32 * quarter + l] = scale * q6k_value(ql, qh, quarter, l);
+                            o[128 * h + 32 * quarter + l] =
+                                scale * q6k_value(ql, qh, quarter, l) as f32;
                         }
                     }
                 }
