@@ -500,3 +500,26 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
         assert_eq!(run(true), run(false), "{}", dtype.name());
     }
 }
+
+#[test]
+fn inputs_round_to_the_nearest_even_integer() {
+    // The rounding the 16-bit inputs use, against Rust's own, on ties, near ties, signs
+    // and the range's ends.
+    let x: Vec<f32> = [
+        0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 32766.5, -32766.5, 32767.0, 1e-8, -0.0,
+    ]
+    .into_iter()
+    .chain((0..2000).map(|i| i as f32 * 16.38375 - 16383.0))
+    .collect();
+    let mut padded = x.clone();
+    padded.resize(x.len().next_multiple_of(32), 0.0);
+    for block in padded.chunks(32) {
+        let input = super::quant::prepare(block);
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let inv = if amax > 0.0 { 32767.0 / amax } else { 0.0 };
+        for (i, &v) in block.iter().enumerate() {
+            let want = (v * inv).round_ties_even() as i16;
+            assert_eq!(super::quant::input_q(&input)[i], want, "{v}");
+        }
+    }
+}

@@ -81,6 +81,22 @@ pub const INPUT_BLOCK: usize = 32;
 /// Largest magnitude of a 16-bit input element.
 const INPUT_MAX: f32 = 32767.0;
 
+/// The 16-bit inputs of a prepared row (for tests).
+#[cfg(test)]
+pub fn input_q<'i>(inp: &'i Input<'_>) -> &'i [i16] {
+    &inp.q
+}
+
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (and NaN for
+/// NaN): adding and subtracting 1.5·2^23 leaves no fraction bits, and the default IEEE
+/// rounding mode rounds to even. (`f32::round_ties_even` calls libm's `rintf` where the
+/// target lacks SSE4.1: a call per element.)
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 /// An input row ready for the dot products: as it is (for f32 and f16 weights), and for
 /// the block formats in 16-bit integers with one f32 scale per [`INPUT_BLOCK`] elements
 /// (`x ≈ d·q`, `d = max|x| / 32767`), plus each block's lane sums of the f32 values
@@ -119,7 +135,7 @@ pub fn prepare(x: &[f32]) -> Input<'_> {
         d.push(amax / INPUT_MAX);
         q.extend(
             b.iter()
-                .map(|&v| (v * inv).round_ties_even().clamp(-INPUT_MAX, INPUT_MAX) as i16),
+                .map(|&v| round_even(v * inv).clamp(-INPUT_MAX, INPUT_MAX) as i16),
         );
     }
     Input { x, sums, q, d }
