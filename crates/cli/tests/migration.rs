@@ -53,7 +53,8 @@ fn llm_decode_moves_with_the_unmigrated_checksum() {
     if !kvm_available("llm_decode_moves_with_the_unmigrated_checksum") {
         return;
     }
-    let args = "--tokens 48 --weights-mib 8 --print-every 4";
+    // Long enough (seconds) that a migration after token 8 finds the VM still decoding.
+    let args = "--tokens 3000 --weights-mib 8 --print-every 4";
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let id = a.create("llm-decode", "32M", args);
     a.wait_console(&id, "token=8 ");

@@ -38,13 +38,18 @@ fn write(path: &Path, len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn run_files_guest(files: AttachedFiles) -> (VmExit, String) {
+    run_files_guest_with(files, &[])
+}
+
+fn run_files_guest_with(files: AttachedFiles, args: &[&str]) -> (VmExit, String) {
     let host = HostOptions {
         files,
         ..HostOptions::quiet()
     };
     let config = VmConfig::new(128 << 20).with_accel(32 << 20);
     let image = ferry_guest_images::find("files").unwrap().elf;
-    let mut vm = Microvm::boot(config, image, &[], host).expect("boot");
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut vm = Microvm::boot(config, image, &args, host).expect("boot");
     vm.resume().unwrap();
     let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end in time");
     (exit, vm.console_tail())
@@ -85,6 +90,38 @@ fn the_guest_reads_attached_files_and_hostile_reads_are_refused() {
         let line = format!("hostile {what} {status}\n");
         assert!(console.contains(&line), "missing '{line}' in:\n{console}");
     }
+}
+
+#[test]
+fn files_of_many_gib_are_read_at_any_offset() {
+    if !ferry_vmm::kvm_usable_or_announce_skip("files_of_many_gib_are_read_at_any_offset") {
+        return;
+    }
+    // A sparse file of 4 GiB and 1 MiB (every offset past 32 bits: hashing more costs the
+    // suite seconds) with 16-byte markers past 4 GiB and at its very end.
+    let path = dir().join("huge");
+    let size: u64 = (4 << 30) + (1 << 20);
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(size).unwrap();
+    let marks: [(u64, [u8; 16]); 3] = [
+        (0, *b"first sixteen b!"),
+        ((4 << 30) + 12345, *b"past four GiB..."),
+        (size - 16, *b"the last 16 byte"),
+    ];
+    for (at, bytes) in &marks {
+        std::os::unix::fs::FileExt::write_all_at(&file, bytes, *at).unwrap();
+    }
+    drop(file);
+    let files = AttachedFiles::open(&[("huge".into(), path.clone())]).unwrap();
+    let offsets: Vec<String> = marks.iter().map(|(at, _)| at.to_string()).collect();
+    let (exit, console) = run_files_guest_with(files, &["--probe", &offsets.join(",")]);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    for (at, bytes) in &marks {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let line = format!("probe {at} {hex} {hex}\n");
+        assert!(console.contains(&line), "missing {line:?} in:\n{console}");
+    }
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]

@@ -5,6 +5,10 @@
 //!
 //! Output: `file <name> <size> read=<hex> device=<hex>` per file (device only with an
 //! accelerator), then `hostile <what> <status>` lines, then `done`.
+//!
+//! With `--probe OFFSET,...` it reads only 16 bytes of the first file at each offset,
+//! through the port and the device, and prints `probe <offset> <hex> <hex>`: for files of
+//! many GiB (sparse ones in the tests).
 #![no_std]
 #![no_main]
 
@@ -38,7 +42,55 @@ fn raw(file: u32, offset: u64, addr: u64, len: u64) -> u32 {
     }
 }
 
-fn main(_args: Args) -> i32 {
+/// Reads 16 bytes at each offset of the first file, through the port and the device.
+fn probe(offsets: &str) -> i32 {
+    let Some(f) = files::list().next() else {
+        println!("files: error: no file attached");
+        return 1;
+    };
+    let mut acc = match Accel::open() {
+        Ok(a) => a,
+        Err(e) => {
+            println!("files: error: {e}");
+            return 1;
+        }
+    };
+    let Ok(mut t) = acc.alloc::<u32>(1, 4) else {
+        println!("files: error: no device memory");
+        return 1;
+    };
+    for offset in offsets.split(',') {
+        let Ok(offset) = offset.parse::<u64>() else {
+            println!("files: error: bad offset {offset:?}");
+            return ferry_sdk::EXIT_USAGE;
+        };
+        let mut port = [0u8; 16];
+        if let Err(e) = f.read_at(offset, &mut port) {
+            println!("files: error: {e}");
+            return 1;
+        }
+        acc.load_file(&mut t, &f, offset);
+        let mut words = [0u32; 4];
+        if let Err(e) = acc.download(&t, &mut words) {
+            println!("files: error: {e}");
+            return 1;
+        }
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| alloc::format!("{x:02x}"))
+                .collect::<alloc::string::String>()
+        };
+        let device: alloc::vec::Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        println!("probe {offset} {} {}", hex(&port), hex(&device));
+    }
+    println!("done");
+    0
+}
+
+fn main(args: Args) -> i32 {
+    if let Ok(Some(offsets)) = args.value("probe") {
+        return probe(offsets);
+    }
     let mut accel = Accel::open().ok();
     for f in files::list() {
         let mut hash = Fnv1a::new();
