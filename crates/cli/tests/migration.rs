@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,17 +14,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{ferry, kvm_available, reference, text, Daemon};
-
-fn report(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "migration failed: {}",
-        text(&out.stderr)
-    );
-    let stdout = text(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
+use common::{ferry, kvm_available, reference, report, text, Daemon};
 
 const MLP: &str = "--steps 400 --print-every 20";
 

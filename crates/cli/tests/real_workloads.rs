@@ -6,23 +6,11 @@
 //! They need the model (`scripts/fetch-model`) and the dataset package; without them
 //! they say SKIPPED loudly (and fail under FERRY_REQUIRE_MODEL=1 / FERRY_REQUIRE_DATASET=1).
 
-use std::process::Output;
-
 use serde_json::Value;
 
 mod common;
 
-use common::{kvm_available, run_console, text, Daemon};
-
-fn report(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "migration failed: {}",
-        text(&out.stderr)
-    );
-    let stdout = text(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
+use common::{kvm_available, report, run_console, text, Daemon};
 
 /// The answer `llm-chat` streamed: between its prompt line and its summary line.
 fn answer(console: &str) -> &str {

@@ -25,6 +25,17 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The report `ferry migrate --json` printed last (the migration must have succeeded).
+pub fn report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "migration failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
 pub fn kvm_available(test: &str) -> bool {
     ferry_vmm::kvm_usable_or_announce_skip(test)
 }

@@ -350,7 +350,7 @@ pub fn adam(
     }
 }
 
-/// `out[i] = table[ids[i]]`, `dim` wide.
+/// `out[i] = table[ids[i]]`, `dim` wide: [`qembedding`] of an f32 table.
 pub fn embedding(
     pool: &ThreadPool,
     table: &[f32],
@@ -360,14 +360,8 @@ pub fn embedding(
     dim: usize,
     vocab: usize,
 ) -> Result<(), BackendError> {
-    let ids = &ids[..count];
-    if ids.iter().any(|&id| id as usize >= vocab) {
-        return Err(BackendError::BadData("embedding id beyond the vocabulary"));
-    }
-    rows(pool, &mut out[..count * dim], dim, |i, row| {
-        row.copy_from_slice(&table[ids[i] as usize * dim..][..dim]);
-    });
-    Ok(())
+    let table: &[u8] = bytemuck::cast_slice(table);
+    qembedding(pool, DType::F32, table, ids, out, count, dim, vocab)
 }
 
 /// Row-wise layer norm: `(x - mean) / √(var + eps) · gamma + beta`, statistics in f64
