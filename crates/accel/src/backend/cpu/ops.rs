@@ -687,11 +687,11 @@ pub fn rope(pool: &ThreadPool, x: &mut [f32], s: RopeShape) {
     });
 }
 
-/// `out = gate / (1 + e^-gate) · up`, in f64.
+/// `out = gate / (1 + e^-gate) · up`, in f32 (with [`math::exp_f32`]).
 pub fn swiglu(pool: &ThreadPool, gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
     map(pool, out, n, |i, _| {
-        let g = f64::from(gate[i]);
-        (g / (1.0 + math::exp(-g)) * f64::from(up[i])) as f32
+        let g = gate[i];
+        g / (1.0 + math::exp_f32(-g)) * up[i]
     });
 }
 
@@ -711,9 +711,10 @@ pub struct GqaShape {
 }
 
 /// Causal grouped-query attention: row `r`, head `h` attends to positions `0..=pos+r` of
-/// KV head `h / (heads / kv_heads)`. Scores `q·k` are f32 dot products in eight lanes
-/// (as [`super::quant`]), softmax in f64, the weighted sum of values in f32 per element
-/// in position order; each (row, head) is computed whole by one task.
+/// KV head `h / (heads / kv_heads)`. Scores `q·k/√d` are f32 dot products in eight
+/// lanes, their exponentials f32 ([`math::exp_f32`]) summed in f64, the weighted sum of
+/// values f32 per element in position order; each (row, head) is computed whole by one
+/// task.
 pub fn attention(
     pool: &ThreadPool,
     q: &[f32],
@@ -725,28 +726,28 @@ pub fn attention(
     let hd = s.head_dim;
     let group = s.heads / s.kv_heads;
     let kv_stride = s.kv_heads * hd;
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
     let head = |i: usize, o: &mut [f32]| {
         let (r, h) = (i / s.heads, i % s.heads);
         let len = s.pos + r + 1;
         let kvh = h / group;
         let q = &q[i * hd..][..hd];
         let mut scores = Vec::with_capacity(len);
-        let mut max = f64::NEG_INFINITY;
+        let mut max = f32::NEG_INFINITY;
         for p in 0..len {
             let k = &kc[p * kv_stride + kvh * hd..][..hd];
-            let score = f64::from(dot8(q, k)) * scale;
+            let score = dot8(q, k) * scale;
             max = if score > max { score } else { max };
             scores.push(score);
         }
-        let mut sum = 0.0;
+        let mut sum = 0.0f64;
         for score in &mut scores {
-            *score = math::exp(*score - max);
-            sum += *score;
+            *score = math::exp_f32(*score - max);
+            sum += f64::from(*score);
         }
         let mut acc = vec![0.0f32; hd];
         for (p, &w) in scores.iter().enumerate() {
-            let w = (w / sum) as f32;
+            let w = (f64::from(w) / sum) as f32;
             let v = &vc[p * kv_stride + kvh * hd..][..hd];
             for (a, &v) in acc.iter_mut().zip(v) {
                 *a += w * v;
