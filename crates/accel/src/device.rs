@@ -201,30 +201,90 @@ struct Shared {
     /// Wakes those waiting for progress or idleness.
     progress: Condvar,
     /// Nanoseconds the device thread has spent executing commands (its load).
-    busy_ns: AtomicU64,
-    /// The backend's buffers, readable without the core lock (held for a whole kernel).
+    busy_ns: Arc<AtomicU64>,
+    /// The buffers, the buffer table and the dirty chunks, without the core lock (held
+    /// for a whole kernel).
+    tracker: DeviceTracker,
+}
+
+/// What other threads (a migration's pre-copy) read and track of a running device
+/// without waiting for it: the buffer table, written and dirty chunks, and chunk
+/// contents, copied out so that only a kernel writing the same buffer waits, and only
+/// for a memory copy.
+#[derive(Clone)]
+pub struct DeviceTracker {
     reader: Arc<dyn BufferReader>,
-    /// The buffer table and dirty chunks, also without the core lock.
     map: Arc<Mutex<BufferMap>>,
 }
 
-/// Reads an accelerator's memory chunk by chunk, in place, from any thread.
-#[derive(Clone)]
-pub struct ChunkReader(Arc<dyn BufferReader>);
+impl DeviceTracker {
+    fn map(&self) -> MutexGuard<'_, BufferMap> {
+        lock_map(&self.map)
+    }
 
-impl ChunkReader {
-    /// Calls `f` with chunk `chunk`'s bytes and its buffer's size; `None` if the chunk
-    /// does not exist.
-    pub fn with_chunk<R>(&self, chunk: ChunkId, f: impl FnOnce(&[u8], u64) -> R) -> Option<R> {
-        let mut f = Some(f);
-        let mut out = None;
-        self.0.with_buffer(chunk.buffer, &mut |bytes| {
+    /// Every chunk written since its buffer was created, in (buffer, index) order: the
+    /// others read as zero.
+    pub fn written_chunks(&self) -> Vec<ChunkId> {
+        self.map().written.marked()
+    }
+
+    /// Every chunk of every buffer, in (buffer, index) order.
+    pub fn all_chunks(&self) -> Vec<ChunkId> {
+        self.map()
+            .sizes
+            .iter()
+            .flat_map(|(&buffer, &bytes)| {
+                (0..chunk_count(bytes)).map(move |index| ChunkId { buffer, index })
+            })
+            .collect()
+    }
+
+    /// Starts exact dirty tracking of device memory.
+    pub fn start_dirty_tracking(&self) {
+        self.map().dirty.start();
+    }
+
+    /// Stops dirty tracking.
+    pub fn stop_dirty_tracking(&self) {
+        self.map().dirty.stop();
+    }
+
+    /// Chunks written since the last take (or since tracking started), and clears them.
+    pub fn take_dirty_chunks(&self) -> Vec<ChunkId> {
+        self.map().dirty.take()
+    }
+
+    /// The buffer table now (it may change while the device runs).
+    pub fn buffer_table(&self) -> Vec<BufferState> {
+        self.map().table()
+    }
+
+    /// Copies chunk `chunk` into `out` (resized to the chunk's length: the last chunk of
+    /// a buffer may be short) and returns the size of its buffer; `None` if the chunk
+    /// does not exist (buffer freed since).
+    pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Option<u64> {
+        let mut found = None;
+        self.reader.with_buffer(chunk.buffer, &mut |bytes| {
             let size = bytes.len() as u64;
-            if let (Some(range), Some(f)) = (chunk_range(size, chunk.index), f.take()) {
-                out = Some(f(&bytes[range.start as usize..range.end as usize], size));
+            if let Some(range) = chunk_range(size, chunk.index) {
+                out.clear();
+                out.extend_from_slice(&bytes[range.start as usize..range.end as usize]);
+                found = Some(size);
             }
         });
-        out
+        found
+    }
+}
+
+/// A device's load as other threads read it: the time it has spent executing commands.
+/// Holds none of the device's memory.
+#[derive(Clone)]
+pub struct BusyClock(Arc<AtomicU64>);
+
+impl BusyClock {
+    /// Time the device has spent executing commands since it was created here.
+    pub fn busy_time(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -527,8 +587,10 @@ fn device_thread(shared: Arc<Shared>) {
 impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
         let backend_kind = core.backend.kind();
-        let reader = core.backend.reader();
-        let map = core.map.clone();
+        let tracker = DeviceTracker {
+            reader: core.backend.reader(),
+            map: core.map.clone(),
+        };
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             control: Mutex::new(Control {
@@ -537,9 +599,8 @@ impl Accelerator {
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
-            busy_ns: AtomicU64::new(0),
-            reader,
-            map,
+            busy_ns: Arc::default(),
+            tracker,
         });
         let thread_shared = shared.clone();
         let thread = shared
@@ -563,7 +624,17 @@ impl Accelerator {
     /// Time the device has spent executing commands since it was created here (its
     /// load, as the cluster center sees it).
     pub fn busy_time(&self) -> Duration {
-        Duration::from_nanos(self.shared.busy_ns.load(Ordering::Relaxed))
+        self.busy_clock().busy_time()
+    }
+
+    /// Its load, readable from other threads after the device is gone.
+    pub fn busy_clock(&self) -> BusyClock {
+        BusyClock(self.shared.busy_ns.clone())
+    }
+
+    /// A tracker of its memory for other threads (see [`DeviceTracker`]).
+    pub fn tracker(&self) -> DeviceTracker {
+        self.shared.tracker.clone()
     }
 
     /// A fresh device of `capacity` bytes whose ring is at `ring_gpa` (the header is
@@ -604,7 +675,7 @@ impl Accelerator {
     }
 
     fn map(&self) -> MutexGuard<'_, BufferMap> {
-        lock_map(&self.shared.map)
+        self.shared.tracker.map()
     }
 
     /// Replaces the attached files LOAD_FILE reads (a VM restored or received gets them
@@ -672,58 +743,39 @@ impl Accelerator {
         }
     }
 
-    /// Every chunk written since its buffer was created, in (buffer, index) order: the
-    /// others read as zero.
+    /// See [`DeviceTracker::written_chunks`].
     pub fn written_chunks(&self) -> Vec<ChunkId> {
-        self.map().written.marked()
+        self.shared.tracker.written_chunks()
     }
 
-    /// Every chunk of every buffer, in (buffer, index) order.
+    /// See [`DeviceTracker::all_chunks`].
     pub fn all_chunks(&self) -> Vec<ChunkId> {
-        self.map()
-            .sizes
-            .iter()
-            .flat_map(|(&buffer, &bytes)| {
-                (0..chunk_count(bytes)).map(move |index| ChunkId { buffer, index })
-            })
-            .collect()
+        self.shared.tracker.all_chunks()
     }
 
-    /// Starts exact dirty tracking of device memory.
+    /// See [`DeviceTracker::start_dirty_tracking`].
     pub fn start_dirty_tracking(&self) {
-        self.map().dirty.start();
+        self.shared.tracker.start_dirty_tracking();
     }
 
-    /// Stops dirty tracking.
+    /// See [`DeviceTracker::stop_dirty_tracking`].
     pub fn stop_dirty_tracking(&self) {
-        self.map().dirty.stop();
+        self.shared.tracker.stop_dirty_tracking();
     }
 
-    /// Chunks written since the last take (or since tracking started), and clears them.
+    /// See [`DeviceTracker::take_dirty_chunks`].
     pub fn take_dirty_chunks(&self) -> Vec<ChunkId> {
-        self.map().dirty.take()
+        self.shared.tracker.take_dirty_chunks()
     }
 
-    /// Reads chunk `chunk` into `out` (resized to the chunk's length: the last chunk of a
-    /// buffer may be short) and returns the size of its buffer; `None` if the chunk does
-    /// not exist (buffer freed since).
+    /// See [`DeviceTracker::read_chunk`].
     pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Option<u64> {
-        self.chunk_reader().with_chunk(chunk, |data, buffer_bytes| {
-            out.clear();
-            out.extend_from_slice(data);
-            buffer_bytes
-        })
+        self.shared.tracker.read_chunk(chunk, out)
     }
 
-    /// A reader of device memory for other threads (a migration's pre-copy), which waits
-    /// only for a kernel writing the buffer it reads, not for the device's other work.
-    pub fn chunk_reader(&self) -> ChunkReader {
-        ChunkReader(self.shared.reader.clone())
-    }
-
-    /// The buffer table now (it may change while the device runs).
+    /// See [`DeviceTracker::buffer_table`].
     pub fn buffer_table(&self) -> Vec<BufferState> {
-        self.map().table()
+        self.shared.tracker.buffer_table()
     }
 
     /// Receiving side of a migration: makes the buffer table equal to `table` (buffers

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_host::heartbeat::Heartbeat;
-use ferry_host::hosted::{VmInfo, VmPhase};
+use ferry_host::hosted::VmInfo;
+use ferry_host::lifecycle::VmState;
 use ferry_host::HostInfo;
 use ferry_migrate::Progress;
 use serde::{Deserialize, Serialize};
@@ -83,7 +84,7 @@ pub struct VmRecord {
 impl VmRecord {
     /// Whether it holds its host's resources.
     pub fn is_live(&self) -> bool {
-        self.info.phase.is_live()
+        self.info.state.is_live()
     }
 }
 
@@ -276,16 +277,18 @@ impl Inventory {
     /// at a time; the others report it as migrated away (or, briefly, still migrating).
     fn claims(&self, name: &str, info: &VmInfo) -> bool {
         let Some(known) = self.vms.get(&info.id) else {
-            return !matches!(info.phase, VmPhase::MigratedAway { .. });
+            return !matches!(info.state, VmState::MigratedAway { .. });
         };
         if known.host == name {
             return true;
         }
-        let known_runs_elsewhere = known.info.phase == VmPhase::Running;
-        match info.phase {
-            VmPhase::MigratedAway { .. } => false,
-            VmPhase::Migrating | VmPhase::Paused => !known_runs_elsewhere,
-            _ => info.phase.is_live() || !known.is_live(),
+        let known_runs_elsewhere = known.info.state == VmState::Running;
+        match info.state {
+            VmState::MigratedAway { .. } => false,
+            VmState::Migrating { .. } | VmState::Switchover { .. } | VmState::InDoubt { .. } => {
+                !known_runs_elsewhere
+            }
+            _ => info.state.is_live() || !known.is_live(),
         }
     }
 
@@ -399,15 +402,16 @@ mod tests {
             accel_used: 0,
             accel_load: 0.0,
             vms_running: 0,
+            vms_in_doubt: 0,
         }
     }
 
-    fn vm(id: &str, phase: VmPhase) -> VmInfo {
+    fn vm(id: &str, state: VmState) -> VmInfo {
         VmInfo {
             id: id.into(),
             workload: "mlp-train".into(),
             args: vec![],
-            phase,
+            state,
             memory: 256 << 20,
             accel_memory: 512 << 20,
             accel_load: 0.5,
@@ -430,17 +434,20 @@ mod tests {
     #[test]
     fn a_moved_vm_belongs_to_its_destination_whatever_order_heartbeats_come_in() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 1);
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
         assert_eq!(inv.vms["v"].host, "a");
         // The destination reports it first, then the source, still finishing.
-        inv.apply_heartbeat(beat("b", vec![vm("v", VmPhase::Running)]), 2);
+        inv.apply_heartbeat(beat("b", vec![vm("v", VmState::Running)]), 2);
         assert_eq!(inv.vms["v"].host, "b");
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Migrating)]), 3);
+        inv.apply_heartbeat(
+            beat("a", vec![vm("v", VmState::Migrating { to: "b".into() })]),
+            3,
+        );
         assert_eq!(
             inv.vms["v"].host, "b",
             "a lagging source must not reclaim it"
         );
-        let away = VmPhase::MigratedAway { to: "b".into() };
+        let away = VmState::MigratedAway { to: "b".into() };
         inv.apply_heartbeat(beat("a", vec![vm("v", away)]), 4);
         assert_eq!(inv.vms["v"].host, "b");
         assert!(inv.vms["v"].is_live());
@@ -449,7 +456,7 @@ mod tests {
     #[test]
     fn a_vm_a_host_stops_reporting_is_dropped_with_an_event() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 1);
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
         let changes = inv.apply_heartbeat(beat("a", vec![]), 2);
         assert_eq!(changes.gone, vec!["v".to_string()]);
         assert!(changes.events.iter().any(|e| e.kind == "vm-gone"));
@@ -459,7 +466,7 @@ mod tests {
     #[test]
     fn a_silent_host_is_down_once_and_keeps_its_vms() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 1000);
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1000);
         assert!(inv.is_up("a", 1500, 1000));
         assert!(inv.note_down_hosts(1500, 1000).is_empty());
         let events = inv.note_down_hosts(2500, 1000);
@@ -467,16 +474,16 @@ mod tests {
         assert!(events[0].message.contains("v"), "{}", events[0].message);
         assert!(inv.note_down_hosts(3000, 1000).is_empty(), "noted once");
         assert!(inv.vms.contains_key("v"), "VMs of a down host are kept");
-        let back = inv.apply_heartbeat(beat("a", vec![vm("v", VmPhase::Running)]), 3100);
+        let back = inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 3100);
         assert!(back.events.iter().any(|e| e.kind == "host-up"));
     }
 
     #[test]
     fn room_counts_live_vms_and_reservations_only() {
         let mut inv = Inventory::default();
-        let ended = VmPhase::Exited { code: 0 };
+        let ended = VmState::Exited { code: 0 };
         inv.apply_heartbeat(
-            beat("a", vec![vm("v", VmPhase::Running), vm("w", ended)]),
+            beat("a", vec![vm("v", VmState::Running), vm("w", ended)]),
             1,
         );
         inv.reservations.push(Reservation {

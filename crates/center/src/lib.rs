@@ -168,13 +168,6 @@ pub struct Center {
     operations: Mutex<BTreeMap<u64, Operation>>,
 }
 
-fn phase_name(info: &VmInfo) -> String {
-    serde_json::to_value(&info.phase)
-        .ok()
-        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
-        .unwrap_or_default()
-}
-
 impl Center {
     /// Opens the database and loads what it holds. Migrations that were running when the
     /// center stopped are marked interrupted; so is an evacuation.
@@ -347,7 +340,7 @@ impl Center {
     }
 
     fn vm_view(&self, inventory: &Inventory, vm: &VmRecord, now: u64) -> VmView {
-        let last_state = phase_name(&vm.info);
+        let last_state = vm.info.state.name().to_string();
         let up = inventory.is_up(&vm.host, now, self.down_after_ms());
         VmView {
             id: vm.id.clone(),

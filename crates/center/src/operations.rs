@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_host::hosted::{VmInfo, VmPhase};
+use ferry_host::hosted::VmInfo;
+use ferry_host::lifecycle::VmState;
 use ferry_host::MigrationStatus;
 use ferry_migrate::MigrationReport;
 use serde::{Deserialize, Serialize};
@@ -300,8 +301,8 @@ impl Center {
                 source.name, dest.name
             )
         })?;
-        match &arrived.phase {
-            VmPhase::Running | VmPhase::Exited { code: 0 } => Ok((report, arrived)),
+        match &arrived.state {
+            VmState::Running | VmState::Exited { code: 0 } => Ok((report, arrived)),
             other => Err(format!(
                 "the VM arrived on host {} but is {other:?} there",
                 dest.name
@@ -355,11 +356,11 @@ impl Center {
                 )));
             }
             let vms = inventory.live_vms_on(host);
-            if let Some(busy) = vms.iter().find(|vm| vm.info.phase != VmPhase::Running) {
+            if let Some(busy) = vms.iter().find(|vm| vm.info.state != VmState::Running) {
                 return Err(CenterError::Conflict(format!(
                     "VM {} on host {host} is {}; wait for it and try again",
                     busy.id,
-                    crate::phase_name(&busy.info)
+                    busy.info.state.name()
                 )));
             }
             let mut open: Vec<_> = inventory
@@ -496,7 +497,7 @@ impl Center {
         let vms: Vec<MovableVm> = open
             .iter()
             .flat_map(|h| inventory.live_vms_on(&h.name))
-            .filter(|vm| vm.info.phase == VmPhase::Running)
+            .filter(|vm| vm.info.state == VmState::Running)
             .map(|vm| MovableVm {
                 need: Need::of(vm.info.memory, vm.info.accel_memory),
                 load: vm.info.accel_load,

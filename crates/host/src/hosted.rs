@@ -1,12 +1,26 @@
-//! One VM run by the daemon: the microVM behind a lock, a watcher thread that notices
-//! the guest's end and applies the migration throttle, and its status for the API.
+//! One VM run by the daemon: its [`Lifecycle`], its microVM behind a control lock, a
+//! watcher thread that notices the guest's end and runs the migration throttle, and what
+//! the API shows of it.
+//!
+//! Three things are kept apart so that no reader ever waits for the guest:
+//! - the lifecycle state, changed only by quick transitions;
+//! - the microVM's control (pause, resume, save, release), which may wait for a kernel
+//!   in flight: only migrations, stops, the throttle and the watcher take it;
+//! - what is read while it runs (console, load: [`VmReadout`]; dirty pages and chunks:
+//!   [`VmTracker`]), read without either lock.
+//!
+//! Lock order: control, then lifecycle (briefly); never the other way round.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit};
+use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit, VmReadout, VmTracker};
 use serde::{Deserialize, Serialize};
+
+use crate::capacity::Reservation;
+use crate::lifecycle::{Lifecycle, TransitionError, VmState};
+use crate::MigrationStatus;
 
 /// Throttle duty-cycle period: the VM is held paused for `pct`% of it.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
@@ -14,42 +28,6 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// Window over which the accelerator's load is measured.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
-
-/// Where a hosted VM is in its life, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "state")]
-pub enum VmPhase {
-    /// Running its guest.
-    Running,
-    /// Paused for a migration's switchover.
-    Paused,
-    /// Being migrated away (still running here).
-    Migrating,
-    /// The guest ended with this code.
-    Exited {
-        /// Exit code.
-        code: i32,
-    },
-    /// The guest faulted or the VM failed.
-    Failed {
-        /// What happened.
-        error: String,
-    },
-    /// Stopped by the operator.
-    Stopped,
-    /// Moved to another host; it runs there now.
-    MigratedAway {
-        /// The destination's migration address.
-        to: String,
-    },
-}
-
-impl VmPhase {
-    /// Whether the VM still holds this host's resources.
-    pub fn is_live(&self) -> bool {
-        matches!(self, Self::Running | Self::Paused | Self::Migrating)
-    }
-}
 
 /// What the API shows of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,7 +40,7 @@ pub struct VmInfo {
     pub args: Vec<String>,
     /// State.
     #[serde(flatten)]
-    pub phase: VmPhase,
+    pub state: VmState,
     /// Guest RAM, bytes.
     pub memory: u64,
     /// Accelerator memory, bytes.
@@ -74,7 +52,7 @@ pub struct VmInfo {
     pub uptime_ms: u64,
     /// Milliseconds since the epoch when it arrived on this host.
     pub since_unix_ms: u64,
-    /// The host it came from, if it was migrated here.
+    /// The host it came from (its name), if it was migrated here.
     pub migrated_from: Option<String>,
     /// Its attached files (name, size, SHA-256, path on this host).
     #[serde(default)]
@@ -83,15 +61,24 @@ pub struct VmInfo {
     pub console_tail: String,
 }
 
-struct Inner {
-    /// `None` once retired: its memory and threads went back to the host.
+/// Who holds the microVM paused, if anyone.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// Nobody: it runs (or has ended).
+    Free,
+    /// The migration throttle, for part of its duty cycle, since then.
+    Throttle { since: Instant },
+    /// A migration's switchover (or an in-doubt outcome), since the VM stopped.
+    Switchover { since: Instant },
+}
+
+/// The microVM and who holds it paused.
+struct Control {
+    /// `None` once released: its memory, threads and device memory went back.
     vm: Option<Microvm>,
-    /// The console's end, kept when the VM is released.
-    last_console: String,
-    /// A migration holds the VM paused: the throttle must not resume it.
-    held: bool,
-    /// The throttle holds it paused for now.
-    throttled: bool,
+    hold: Hold,
+    /// What migrations track while it runs (it keeps the RAM alive: dropped with it).
+    tracker: Option<VmTracker>,
 }
 
 /// A VM run by this host.
@@ -108,12 +95,14 @@ pub struct HostedVm {
     pub migrated_from: Option<String>,
     /// Its attached files.
     pub files: Vec<FileInfo>,
-    inner: Mutex<Inner>,
-    phase: Mutex<VmPhase>,
+    life: Lifecycle,
+    control: Mutex<Control>,
+    readout: VmReadout,
     throttle_pct: AtomicU8,
     /// `accel_load` as f64 bits, updated by the watcher.
     accel_load: AtomicU64,
-    retired: AtomicBool,
+    /// Its migration out of this host, the one running or the last one.
+    migration: Mutex<Option<MigrationStatus>>,
     arrived: Instant,
     arrived_unix_ms: u64,
 }
@@ -124,19 +113,33 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The state a guest's end puts a VM in.
+fn ended_state(exit: VmExit) -> VmState {
+    match exit {
+        VmExit::Exited(code) => VmState::Exited { code },
+        VmExit::Failed(e) => VmState::Failed {
+            error: e.to_string(),
+        },
+    }
+}
+
 impl HostedVm {
-    /// Takes `vm` (running, or paused and then resumed here) and starts its watcher.
+    /// Takes `vm` (paused before its first instruction, or received and restored) with
+    /// the capacity `reservation` it was made in, runs it, and starts its watcher.
     pub fn start(
         id: String,
         workload: String,
         args: Vec<String>,
         mut vm: Microvm,
         migrated_from: Option<String>,
+        reservation: Reservation,
     ) -> Result<Arc<Self>, String> {
+        let life = Lifecycle::new(reservation);
         if matches!(vm.run_state(), RunState::Paused) {
             vm.resume()
                 .map_err(|e| format!("cannot start the VM: {e}"))?;
         }
+        life.start().map_err(|e| e.to_string())?;
         let hosted = Arc::new(Self {
             id,
             workload,
@@ -144,16 +147,16 @@ impl HostedVm {
             config: vm.config(),
             migrated_from,
             files: vm.files().infos(),
-            inner: Mutex::new(Inner {
+            life,
+            readout: vm.readout(),
+            control: Mutex::new(Control {
+                tracker: Some(vm.tracker()),
                 vm: Some(vm),
-                last_console: String::new(),
-                held: false,
-                throttled: false,
+                hold: Hold::Free,
             }),
-            phase: Mutex::new(VmPhase::Running),
             throttle_pct: AtomicU8::new(0),
             accel_load: AtomicU64::new(0),
-            retired: AtomicBool::new(false),
+            migration: Mutex::new(None),
             arrived: Instant::now(),
             arrived_unix_ms: unix_ms(),
         });
@@ -165,27 +168,16 @@ impl HostedVm {
         Ok(hosted)
     }
 
-    fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().expect("vm lock")
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().expect("vm control lock")
     }
 
-    /// The state now.
-    pub fn phase(&self) -> VmPhase {
-        self.phase.lock().expect("phase lock").clone()
+    /// The state now (never waits for the guest).
+    pub fn state(&self) -> VmState {
+        self.life.state()
     }
 
-    /// Sets the state.
-    pub fn set_phase(&self, phase: VmPhase) {
-        *self.phase.lock().expect("phase lock") = phase;
-    }
-
-    /// Runs `f` with the microVM locked; `None` once it was released (stopped or
-    /// migrated away).
-    pub fn with_vm<R>(&self, f: impl FnOnce(&Microvm) -> R) -> Option<R> {
-        self.inner().vm.as_ref().map(f)
-    }
-
-    /// What the API shows.
+    /// What the API shows (never waits for the guest).
     pub fn info(&self) -> VmInfo {
         let console_tail = self.console();
         let tail_start = console_tail
@@ -198,7 +190,7 @@ impl HostedVm {
             id: self.id.clone(),
             workload: self.workload.clone(),
             args: self.args.clone(),
-            phase: self.phase(),
+            state: self.state(),
             memory: self.config.ram_size,
             accel_memory: self.config.accel_memory,
             accel_load: self.accel_load(),
@@ -215,75 +207,130 @@ impl HostedVm {
         f64::from_bits(self.accel_load.load(Ordering::Relaxed))
     }
 
-    /// Whole console tail (64 KiB).
+    /// Whole console tail (64 KiB), also after the VM was released.
     pub fn console(&self) -> String {
-        let inner = self.inner();
-        match &inner.vm {
-            Some(vm) => vm.console_tail(),
-            None => inner.last_console.clone(),
+        self.readout.console_tail()
+    }
+
+    /// Its migration out of this host (running or last).
+    pub fn migration(&self) -> Option<MigrationStatus> {
+        self.migration.lock().expect("migration lock").clone()
+    }
+
+    /// Updates its migration's status.
+    pub fn update_migration(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        if let Some(status) = self.migration.lock().expect("migration lock").as_mut() {
+            f(status);
         }
     }
 
-    /// Stops the VM for good (operator stop, or after migrating away) and gives its
-    /// RAM, device memory and threads back to the host; its console stays readable.
-    pub fn retire(&self, phase: VmPhase) {
-        self.retired.store(true, Ordering::SeqCst);
-        let mut inner = self.inner();
-        let mut released = inner.vm.take();
-        if let Some(vm) = &mut released {
-            if matches!(vm.run_state(), RunState::Running) {
-                let _ = vm.pause();
-            }
-            inner.last_console = vm.console_tail();
-        }
-        inner.held = true;
-        drop(inner);
-        self.set_phase(phase);
-        // Dropped outside the lock: freeing gigabytes takes a while.
-        drop(released);
+    /// What a migration tracks of it; `None` once released.
+    pub fn tracker(&self) -> Option<VmTracker> {
+        self.control().tracker.clone()
     }
 
-    /// Holds the VM paused for a switchover (the throttle lets go of it first).
-    pub fn hold(&self) -> Result<(), String> {
-        self.throttle_pct.store(0, Ordering::SeqCst);
-        let mut inner = self.inner();
-        if inner.throttled {
-            inner.throttled = false;
-        } else {
-            let Some(vm) = inner.vm.as_mut() else {
-                return Err("the VM was released".into());
-            };
-            match vm.pause() {
-                Ok(_) => {}
-                Err(e) => {
-                    drop(inner);
-                    self.note_end();
-                    return Err(format!("cannot pause the VM: {e}"));
-                }
-            }
-        }
-        inner.held = true;
-        drop(inner);
-        self.set_phase(VmPhase::Paused);
+    /// Runs `f` on the microVM under its control lock (it may wait for a pause in
+    /// progress); `None` once released.
+    pub fn with_vm<R>(&self, f: impl FnOnce(&Microvm) -> R) -> Option<R> {
+        self.control().vm.as_ref().map(f)
+    }
+
+    /// Running → migrating to `to`, recording `status` as its migration.
+    pub fn begin_migration(
+        &self,
+        to: &str,
+        status: MigrationStatus,
+    ) -> Result<(), TransitionError> {
+        self.life.migrate(to)?;
+        *self.migration.lock().expect("migration lock") = Some(status);
         Ok(())
     }
 
-    /// Lets a held VM run again (its migration failed).
-    pub fn release_hold(&self) -> Result<(), String> {
-        let mut inner = self.inner();
-        let held = inner.held;
-        if let Some(vm) = inner.vm.as_mut() {
-            if held && matches!(vm.run_state(), RunState::Paused) {
+    /// Migrating → switchover: holds the VM paused (taking over a throttle's pause) and
+    /// returns when it stopped making progress.
+    pub fn hold(&self) -> Result<Instant, String> {
+        self.life.begin_switchover().map_err(|e| e.to_string())?;
+        self.throttle_pct.store(0, Ordering::SeqCst);
+        let mut control = self.control();
+        let since = match control.hold {
+            Hold::Throttle { since } | Hold::Switchover { since } => since,
+            Hold::Free => {
+                let Some(vm) = control.vm.as_mut() else {
+                    return Err("the VM was released".into());
+                };
+                let since = Instant::now();
+                if let Err(e) = vm.pause() {
+                    // The guest ended as it was paused: the migration fails and the VM
+                    // ends here.
+                    let exit = vm.wait(Some(Duration::ZERO));
+                    drop(control);
+                    let _ = self.life.abandon_migration();
+                    if let Some(exit) = exit {
+                        self.end(ended_state(exit));
+                    }
+                    return Err(format!("cannot pause the VM: {e}"));
+                }
+                since
+            }
+        };
+        control.hold = Hold::Switchover { since };
+        Ok(since)
+    }
+
+    /// Lets a VM held paused by its migration (or its throttle) run again.
+    pub fn resume_from_hold(&self) -> Result<(), String> {
+        let mut control = self.control();
+        if let (Hold::Throttle { .. } | Hold::Switchover { .. }, Some(vm)) =
+            (control.hold, control.vm.as_mut())
+        {
+            if matches!(vm.run_state(), RunState::Paused) {
                 vm.resume()
                     .map_err(|e| format!("cannot resume the VM: {e}"))?;
             }
         }
-        inner.held = false;
-        drop(inner);
-        if self.phase() == VmPhase::Paused {
-            self.set_phase(VmPhase::Migrating);
-        }
+        control.hold = Hold::Free;
         Ok(())
+    }
+
+    /// The migration ended before the destination was told to run the VM: it runs on
+    /// here (unless it ended meanwhile).
+    pub fn abandon_migration(&self) -> Result<(), String> {
+        self.throttle_pct.store(0, Ordering::SeqCst);
+        self.resume_from_hold()?;
+        match self.life.abandon_migration() {
+            Ok(()) => Ok(()),
+            // The guest ended during the migration: it stays ended.
+            Err(e) if e.state.has_ended() => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Switchover → in-doubt: the VM stays paused here until resolved.
+    pub fn lose_confirmation(&self, reason: &str) -> Result<(), TransitionError> {
+        self.life.lose_confirmation(reason)
+    }
+
+    /// The VM runs on its destination now: releases it here.
+    pub fn leave(&self) -> Result<(), TransitionError> {
+        self.life.leave()?;
+        self.release();
+        Ok(())
+    }
+
+    /// In-doubt → running: the destination does not run it.
+    pub fn resume_here(&self) -> Result<(), String> {
+        if !matches!(self.state(), VmState::InDoubt { .. }) {
+            return Err(format!("the VM is {}, not in doubt", self.state()));
+        }
+        self.resume_from_hold()?;
+        self.life.resume_here().map_err(|e| e.to_string())
+    }
+
+    /// Running → stopping → stopped, releasing it.
+    pub fn stop(&self) -> Result<(), TransitionError> {
+        self.life.stop()?;
+        self.release();
+        self.life.finish_stop()
     }
 
     /// Sets the migration throttle (% of the time held paused).
@@ -291,72 +338,89 @@ impl HostedVm {
         self.throttle_pct.store(pct.min(95), Ordering::SeqCst);
     }
 
-    fn note_end(&self) {
-        let mut inner = self.inner();
-        let exit = inner
-            .vm
-            .as_mut()
-            .and_then(|vm| vm.wait(Some(Duration::ZERO)));
-        if let Some(exit) = exit {
-            drop(inner);
-            self.set_phase(match exit {
-                VmExit::Exited(code) => VmPhase::Exited { code },
-                VmExit::Failed(e) => VmPhase::Failed {
-                    error: e.to_string(),
-                },
-            });
+    /// Gives the microVM's RAM, device memory and threads back to the host; its record
+    /// and console tail stay.
+    fn release(&self) {
+        let mut control = self.control();
+        let mut vm = control.vm.take();
+        let tracker = control.tracker.take();
+        control.hold = Hold::Free;
+        if let Some(vm) = vm.as_mut() {
+            if matches!(vm.run_state(), RunState::Running) {
+                let _ = vm.pause();
+            }
+        }
+        drop(control);
+        // Dropped outside the lock: freeing gigabytes takes a while.
+        drop((vm, tracker));
+    }
+
+    /// The guest ended: records how, and releases the VM.
+    fn end(&self, ended: VmState) {
+        if self.life.end(ended).is_ok() {
+            self.release();
         }
     }
 
-    /// The watcher: notices the end of the guest and runs the throttle duty cycle.
+    /// If the running guest has ended, records it and releases the VM.
+    fn check_end(&self) {
+        let mut control = self.control();
+        let exit = match (control.hold, control.vm.as_mut()) {
+            (Hold::Free, Some(vm)) if matches!(vm.run_state(), RunState::Running) => {
+                vm.wait(Some(Duration::ZERO))
+            }
+            _ => None,
+        };
+        drop(control);
+        if let Some(exit) = exit {
+            self.end(ended_state(exit));
+        }
+    }
+
+    /// One throttle duty cycle at `pct`: the VM paused for `pct`% of the period, if it
+    /// is being migrated and nobody else holds it.
+    fn throttle_cycle(&self, pct: u8) {
+        let held_for = THROTTLE_PERIOD * u32::from(pct) / 100;
+        {
+            let mut control = self.control();
+            let migrating = matches!(self.state(), VmState::Migrating { .. });
+            if let (Hold::Free, Some(vm), true) = (control.hold, control.vm.as_mut(), migrating) {
+                let since = Instant::now();
+                if matches!(vm.run_state(), RunState::Running) && vm.pause().is_ok() {
+                    control.hold = Hold::Throttle { since };
+                }
+            }
+        }
+        std::thread::sleep(held_for);
+        {
+            let mut control = self.control();
+            // A switchover that began meanwhile took the pause over: it stays.
+            if let (Hold::Throttle { .. }, Some(vm)) = (control.hold, control.vm.as_mut()) {
+                let _ = vm.resume();
+                control.hold = Hold::Free;
+            }
+        }
+        std::thread::sleep(THROTTLE_PERIOD - held_for);
+    }
+
+    /// The watcher: measures the load, runs the throttle duty cycle and notices the end
+    /// of the guest, until the VM's life here ends.
     fn watch(self: Arc<Self>) {
-        let busy_time = || self.with_vm(Microvm::accel_busy_time).unwrap_or_default();
-        let mut window = (Instant::now(), busy_time());
-        while !self.retired.load(Ordering::SeqCst) {
+        let mut window = (Instant::now(), self.readout.accel_busy_time());
+        while self.state().is_live() {
             if window.0.elapsed() >= LOAD_WINDOW {
-                let busy = busy_time();
+                let busy = self.readout.accel_busy_time();
                 let load = (busy.saturating_sub(window.1)).as_secs_f64()
                     / window.0.elapsed().as_secs_f64();
                 self.accel_load
                     .store(load.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
                 window = (Instant::now(), busy);
             }
-            let pct = self.throttle_pct.load(Ordering::SeqCst);
-            if pct == 0 {
-                std::thread::sleep(WATCH_PERIOD);
-            } else {
-                let held_for = THROTTLE_PERIOD * u32::from(pct) / 100;
-                {
-                    let mut inner = self.inner();
-                    let held = inner.held;
-                    let paused = inner.vm.as_mut().is_some_and(|vm| {
-                        !held && matches!(vm.run_state(), RunState::Running) && vm.pause().is_ok()
-                    });
-                    if paused {
-                        inner.throttled = true;
-                    }
-                }
-                std::thread::sleep(held_for);
-                {
-                    let mut inner = self.inner();
-                    if inner.throttled && !inner.held {
-                        if let Some(vm) = inner.vm.as_mut() {
-                            let _ = vm.resume();
-                        }
-                    }
-                    inner.throttled = false;
-                }
-                std::thread::sleep(THROTTLE_PERIOD - held_for);
+            match self.throttle_pct.load(Ordering::SeqCst) {
+                0 => std::thread::sleep(WATCH_PERIOD),
+                pct => self.throttle_cycle(pct),
             }
-            let running = self
-                .with_vm(|vm| matches!(vm.run_state(), RunState::Running))
-                .unwrap_or(false);
-            if running {
-                self.note_end();
-            }
-            if !self.phase().is_live() {
-                break;
-            }
+            self.check_end();
         }
         // An ended VM puts no load on the host.
         self.accel_load.store(0f64.to_bits(), Ordering::Relaxed);

@@ -2,16 +2,20 @@
 //! VMs to other hosts and receives them.
 //!
 //! - [`Host`]: the VMs of this host and every operation on them.
-//! - [`hosted`]: one running VM, its watcher and throttle.
+//! - [`lifecycle`]: a VM's state machine, one per VM.
+//! - [`capacity`]: the memory this host has promised to VMs, reserved before use.
+//! - [`hosted`]: one VM: its lifecycle, its microVM's control, its watcher and throttle.
 //! - [`files`]: where attached files of VMs migrated here come from (the file store).
 //! - [`migration`]: the microVM adapted to the migration engine's traits.
 //! - [`api`]: the HTTP/JSON API over [`Host`].
 //! - [`heartbeat`]: reports to the cluster center (`ferry host serve --center URL`).
 
 pub mod api;
+pub mod capacity;
 pub mod files;
 pub mod heartbeat;
 pub mod hosted;
+pub mod lifecycle;
 pub mod migration;
 
 use std::collections::BTreeMap;
@@ -27,9 +31,11 @@ use ferry_migrate::{
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 use serde::{Deserialize, Serialize};
 
+use capacity::{Amount, Ledger, Reservation};
 use files::FileStore;
-use hosted::{HostedVm, VmInfo, VmPhase};
-use migration::{local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_ID};
+use hosted::{HostedVm, VmInfo};
+use lifecycle::VmState;
+use migration::{local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -274,8 +280,11 @@ pub struct HostInfo {
     pub accel_used: u64,
     /// Sum of its VMs' accelerator loads (busy devices' worth, 0 to the VM count).
     pub accel_load: f64,
-    /// Live VMs.
+    /// VMs running here (being migrated included; in doubt not).
     pub vms_running: usize,
+    /// VMs in doubt after a broken switchover: paused here until resolved.
+    #[serde(default)]
+    pub vms_in_doubt: usize,
 }
 
 /// The VMs of this host.
@@ -284,8 +293,9 @@ pub struct Host {
     /// Host memory behind the VMs' accelerator buffers: freed buffers' memory stays
     /// backed, up to the accelerator capacity, like a GPU's memory.
     device_memory: DeviceMemory,
+    /// What VMs (created, running, or arriving) hold of the capacity.
+    ledger: Ledger,
     vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
-    migrations: Mutex<BTreeMap<String, MigrationStatus>>,
     next_id: Mutex<u64>,
 }
 
@@ -294,9 +304,12 @@ impl Host {
     pub fn new(config: HostConfig) -> Arc<Self> {
         Arc::new(Self {
             device_memory: DeviceMemory::new(config.accel_capacity),
+            ledger: Ledger::new(Amount {
+                memory: config.memory_capacity,
+                accel: config.accel_capacity,
+            }),
             config,
             vms: Mutex::default(),
-            migrations: Mutex::default(),
             next_id: Mutex::new(1),
         })
     }
@@ -342,30 +355,20 @@ impl Host {
     fn live_vms(&self) -> Vec<Arc<HostedVm>> {
         self.vms()
             .values()
-            .filter(|vm| vm.phase().is_live())
+            .filter(|vm| vm.state().is_live())
             .cloned()
             .collect()
     }
 
-    /// Bytes of VM memory (RAM + accelerator) and of accelerator memory held by `live`.
-    fn used_by(live: &[Arc<HostedVm>]) -> (u64, u64) {
-        live.iter().fold((0, 0), |(memory, accel), vm| {
-            (
-                memory + vm.config.ram_size + vm.config.accel_memory,
-                accel + vm.config.accel_memory,
-            )
-        })
-    }
-
-    /// Bytes of VM memory held by live VMs.
+    /// Bytes of VM memory reserved (by VMs here, being created, or arriving).
     pub fn memory_used(&self) -> u64 {
-        Self::used_by(&self.live_vms()).0
+        self.ledger.held().memory
     }
 
     /// Capacity and load now; `migration_addr` is where this host receives migrations.
     pub fn info(&self, migration_addr: &str) -> HostInfo {
         let live = self.live_vms();
-        let (memory_used, accel_used) = Self::used_by(&live);
+        let held = self.ledger.held();
         HostInfo {
             name: self.config.name.clone(),
             migration_addr: migration_addr.to_string(),
@@ -375,40 +378,27 @@ impl Host {
             accel_threads: self.config.accel_threads,
             load_avg: heartbeat::load_average().unwrap_or(0.0),
             memory_capacity: self.config.memory_capacity,
-            memory_used,
+            memory_used: held.memory,
             accel_capacity: self.config.accel_capacity,
-            accel_used,
+            accel_used: held.accel,
             // A fold, not sum(): an empty f64 sum is -0.0.
             accel_load: live
                 .iter()
                 .map(|vm| vm.accel_load())
                 .fold(0.0, |a, b| a + b),
-            vms_running: live.len(),
+            vms_running: live.iter().filter(|vm| vm.state().is_running()).count(),
+            vms_in_doubt: live
+                .iter()
+                .filter(|vm| matches!(vm.state(), VmState::InDoubt { .. }))
+                .count(),
         }
     }
 
-    fn reserve(&self, config: &VmConfig) -> Result<(), HostError> {
-        let (used, accel_used) = Self::used_by(&self.live_vms());
-        if accel_used + config.accel_memory > self.config.accel_capacity {
-            return Err(HostError::NoRoom(format!(
-                "not enough accelerator memory on host {}: the VM needs {} MiB, {} MiB of {} MiB are free",
-                self.config.name,
-                config.accel_memory >> 20,
-                self.config.accel_capacity.saturating_sub(accel_used) >> 20,
-                self.config.accel_capacity >> 20
-            )));
-        }
-        let wanted = config.ram_size + config.accel_memory;
-        if used + wanted > self.config.memory_capacity {
-            return Err(HostError::NoRoom(format!(
-                "not enough memory on host {}: the VM needs {} MiB, {} MiB of {} MiB are free",
-                self.config.name,
-                wanted >> 20,
-                self.config.memory_capacity.saturating_sub(used) >> 20,
-                self.config.memory_capacity >> 20
-            )));
-        }
-        Ok(())
+    /// Reserves room for a VM of `config`, or says why there is none.
+    fn reserve(&self, config: &VmConfig) -> Result<Reservation, HostError> {
+        self.ledger
+            .reserve(Amount::for_vm(config.ram_size, config.accel_memory))
+            .map_err(|e| HostError::NoRoom(format!("host {}: {e}", self.config.name)))
     }
 
     fn new_id(&self) -> String {
@@ -445,7 +435,7 @@ impl Host {
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
         let files = self.attach(&req.attach)?;
-        self.reserve(&config)?;
+        let reservation = self.reserve(&config)?;
         let host = HostOptions {
             files,
             ..self.vm_host_options()
@@ -461,8 +451,15 @@ impl Host {
             }
         })?;
         let id = self.new_id();
-        let hosted = HostedVm::start(id.clone(), req.workload.clone(), req.args.clone(), vm, None)
-            .map_err(HostError::Failed)?;
+        let hosted = HostedVm::start(
+            id.clone(),
+            req.workload.clone(),
+            req.args.clone(),
+            vm,
+            None,
+            reservation,
+        )
+        .map_err(HostError::Failed)?;
         tracing::info!(%id, workload = %req.workload, "VM started");
         self.vms().insert(id, hosted.clone());
         Ok(hosted.info())
@@ -482,16 +479,21 @@ impl Host {
             .ok_or_else(|| HostError::NotFound(id.to_string()))
     }
 
-    /// Stops a VM (if live) and forgets it.
+    /// Stops a VM (if running) and forgets it; an ended VM's record is forgotten. A VM
+    /// being migrated or in doubt is not stopped (cancel or resolve it first), nor one
+    /// that runs elsewhere now (the answer says where).
     pub fn stop(&self, id: &str) -> Result<VmInfo, HostError> {
         let vm = self.get(id)?;
-        if vm.phase() == VmPhase::Migrating || vm.phase() == VmPhase::Paused {
-            return Err(HostError::Conflict(format!(
-                "VM {id} is being migrated; stop it after the migration ends"
-            )));
-        }
-        if vm.phase().is_live() {
-            vm.retire(VmPhase::Stopped);
+        match vm.state() {
+            VmState::MigratedAway { to } => {
+                return Err(HostError::Conflict(format!(
+                    "VM {id} migrated to {to} and runs there; stop it on that host"
+                )))
+            }
+            state if state.has_ended() => {}
+            _ => vm
+                .stop()
+                .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?,
         }
         self.vms().remove(id);
         tracing::info!(%id, "VM stopped");
@@ -499,7 +501,7 @@ impl Host {
     }
 
     /// Starts migrating a VM to `req.to` in the background; follow it with
-    /// [`Self::migration`].
+    /// [`Self::migration`]. A VM already being migrated (or not running) is refused.
     pub fn start_migration(
         self: &Arc<Self>,
         id: &str,
@@ -508,13 +510,6 @@ impl Host {
         let mut options = req.options()?;
         options.tls = self.config.tls.clone();
         let vm = self.get(id)?;
-        if vm.phase() != VmPhase::Running {
-            return Err(HostError::Conflict(format!(
-                "VM {id} is {:?}; only a running VM can be migrated",
-                vm.phase()
-            )));
-        }
-        vm.set_phase(VmPhase::Migrating);
         let status = MigrationStatus {
             vm: id.to_string(),
             to: req.to.clone(),
@@ -523,33 +518,31 @@ impl Host {
             report: None,
             error: None,
         };
-        self.migrations
-            .lock()
-            .expect("migrations lock")
-            .insert(id.to_string(), status.clone());
+        vm.begin_migration(&req.to, status.clone())
+            .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
         let host = self.clone();
-        let id = id.to_string();
-        std::thread::Builder::new()
+        let migrating = vm.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("migrate-{id}"))
-            .spawn(move || host.migrate(&vm, &req.to, &options))
-            .map_err(|e| HostError::Failed(format!("cannot start the migration thread: {e}")))?;
+            .spawn(move || host.migrate(&migrating, &req.to, &options));
+        if let Err(e) = spawned {
+            let _ = vm.abandon_migration();
+            return Err(HostError::Failed(format!(
+                "cannot start the migration thread: {e}"
+            )));
+        }
         Ok(status)
     }
 
-    fn update_migration(&self, id: &str, f: impl FnOnce(&mut MigrationStatus)) {
-        if let Some(status) = self.migrations.lock().expect("migrations lock").get_mut(id) {
-            f(status);
-        }
-    }
-
-    /// Migrates `vm` now (blocking); the outcome lands in its migration status.
+    /// Migrates `vm` now (blocking); the outcome lands in its state and its migration
+    /// status.
     fn migrate(&self, vm: &Arc<HostedVm>, to: &str, options: &MigrationOptions) {
         let id = vm.id.clone();
         let mut on_progress = |p: &Progress| {
             tracing::debug!(vm = %id, round = p.round, phase = p.phase, "migration progress");
-            self.update_migration(&id, |s| s.progress = Some(p.clone()));
+            vm.update_migration(|s| s.progress = Some(p.clone()));
         };
-        let result = match VmSource::new(vm.clone()) {
+        let result = match VmSource::new(vm.clone(), &self.config.name) {
             Some(source) => ferry_migrate::migrate_vm(
                 &source,
                 to,
@@ -558,24 +551,32 @@ impl Host {
                 &mut on_progress,
             ),
             None => Err(MigrationError::Source(format!(
-                "VM {id} was stopped before its migration began"
+                "VM {id} ended before its migration began"
             ))),
         };
         match result {
             Ok(report) => {
                 tracing::info!(vm = %id, %to, downtime_ms = report.downtime_ms, "VM migrated");
-                vm.retire(VmPhase::MigratedAway { to: to.to_string() });
-                self.update_migration(&id, |s| {
+                if let Err(e) = vm.leave() {
+                    tracing::error!(vm = %id, "a migrated VM could not be released: {e}");
+                }
+                vm.update_migration(|s| {
                     s.state = "succeeded".into();
                     s.report = Some(report);
                 });
             }
             Err(e) => {
                 tracing::warn!(vm = %id, %to, "migration failed: {e}");
-                if !matches!(e, MigrationError::InDoubt(_)) && vm.phase() == VmPhase::Migrating {
-                    vm.set_phase(VmPhase::Running);
+                let outcome = match &e {
+                    MigrationError::InDoubt(reason) => {
+                        vm.lose_confirmation(reason).map_err(|e| e.to_string())
+                    }
+                    _ => vm.abandon_migration(),
+                };
+                if let Err(why) = outcome {
+                    tracing::error!(vm = %id, "after the failed migration: {why}");
                 }
-                self.update_migration(&id, |s| {
+                vm.update_migration(|s| {
                     s.state = "failed".into();
                     s.error = Some(e.to_string());
                 });
@@ -585,11 +586,8 @@ impl Host {
 
     /// The last migration of VM `id` from this host.
     pub fn migration(&self, id: &str) -> Result<MigrationStatus, HostError> {
-        self.migrations
-            .lock()
-            .expect("migrations lock")
-            .get(id)
-            .cloned()
+        self.get(id)?
+            .migration()
             .ok_or_else(|| HostError::NotFound(format!("{id} (no migration recorded)")))
     }
 
@@ -625,16 +623,19 @@ impl ferry_migrate::TargetFactory for Receiver {
             vcpus: vm.vcpus,
             accel_memory: vm.accel_memory,
         };
-        self.host.reserve(&config).map_err(|e| e.to_string())?;
+        // Held from here until the VM is adopted, or dropped with the target if the
+        // migration fails: concurrent creations and arrivals see it.
+        let reservation = self.host.reserve(&config).map_err(|e| e.to_string())?;
         VmTarget::prepare(
             vm,
             self.host.vm_host_options(),
             FileStore::new(self.host.config.file_store.clone()),
+            reservation,
         )
     }
 
     fn adopt(&self, target: VmTarget, report: ferry_migrate::ReceiveReport) {
-        let Some(vm) = target.take_vm() else {
+        let Some((vm, reservation)) = target.take_vm() else {
             tracing::error!("a received VM vanished before it was adopted");
             return;
         };
@@ -649,21 +650,23 @@ impl ferry_migrate::TargetFactory for Receiver {
             .host
             .vms()
             .get(&id)
-            .is_some_and(|old| old.phase().is_live())
+            .is_some_and(|old| old.state().is_live())
         {
             id = self.host.new_id();
         }
+        let from = target.extra(EXTRA_FROM).map(str::to_string);
         match HostedVm::start(
             id.clone(),
             report.vm.name.clone(),
             args,
             vm,
-            Some("migration".into()),
+            from,
+            reservation,
         ) {
             Ok(hosted) => {
                 tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
                 // An entry this one replaces (the VM's earlier stay here) is dropped
-                // outside the lock: freeing its memory takes a while.
+                // outside the lock.
                 let replaced = self.host.vms().insert(id, hosted);
                 drop(replaced);
             }

@@ -2,10 +2,11 @@
 //! [`HostedVm`], [`VmTarget`] a VM being received.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
-use ferry_accel::device::{Accelerator, BufferState, ChunkReader};
+use ferry_accel::device::{BufferState, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
     ChunkKey, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
@@ -13,15 +14,18 @@ use ferry_migrate::{
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, DirtyPages, GuestRam};
 use ferry_vmm::vm::IncomingVm;
-use ferry_vmm::{AttachedFiles, HostOptions, Microvm, MicrovmState, VmConfig};
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, MicrovmState, VmConfig, VmTracker};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::capacity::Reservation;
 use crate::files::{FileStore, IncomingFile};
 use crate::hosted::HostedVm;
 
 /// Keys of [`VmDescription::extra`].
 pub(crate) const EXTRA_ID: &str = "id";
 pub(crate) const EXTRA_ARGS: &str = "args";
+/// The source host's name.
+pub(crate) const EXTRA_FROM: &str = "from";
 
 fn to_key(c: ChunkId) -> ChunkKey {
     ChunkKey {
@@ -64,45 +68,40 @@ pub fn local_description() -> VmDescription {
 /// A hosted VM being sent.
 pub struct VmSource {
     vm: Arc<HostedVm>,
-    /// Guest RAM and the accelerator's memory, read without the VM's lock: a page or
-    /// chunk changed meanwhile is dirty again and sent in the next round.
-    memory: GuestRam,
-    chunks: Option<ChunkReader>,
+    /// This host's name, for the destination's records.
+    host_name: String,
+    /// Guest RAM, its dirty log and the accelerator's memory, read without the VM's
+    /// control lock: a page or chunk changed meanwhile is dirty again and sent in the
+    /// next round.
+    tracker: VmTracker,
     /// The attached files (read-only: read without the VM's lock).
     files: AttachedFiles,
+    /// The accelerator's backend kind ("" without one).
+    backend_kind: String,
 }
 
 impl VmSource {
-    /// Adapts `vm`; `None` if it was released.
-    pub fn new(vm: Arc<HostedVm>) -> Option<Self> {
-        let (memory, chunks, files) = vm.with_vm(|v| {
+    /// Adapts `vm`, sent from host `host_name`; `None` if it was released.
+    pub fn new(vm: Arc<HostedVm>, host_name: &str) -> Option<Self> {
+        let (files, backend_kind) = vm.with_vm(|v| {
             (
-                v.memory().clone(),
-                v.accel().map(Accelerator::chunk_reader),
                 v.files().clone(),
+                v.accel()
+                    .map_or_else(String::new, |a| a.backend_kind().to_string()),
             )
         })?;
         Some(Self {
+            tracker: vm.tracker()?,
             vm,
-            memory,
-            chunks,
+            host_name: host_name.to_string(),
             files,
+            backend_kind,
         })
     }
 
-    /// Runs `f` on the VM; an error once it was released.
-    fn vm<R>(&self, f: impl FnOnce(&Microvm) -> R) -> Result<R, String> {
-        self.vm
-            .with_vm(f)
-            .ok_or_else(|| format!("VM {} was released", self.vm.id))
-    }
-
-    /// Runs `f` on the VM's accelerator; the default if it has none (or was released).
-    fn accel<R: Default>(&self, f: impl FnOnce(&Accelerator) -> R) -> R {
-        self.vm(|vm| vm.accel().map(f))
-            .ok()
-            .flatten()
-            .unwrap_or_default()
+    /// The accelerator's tracker, if the VM has one.
+    fn accel(&self) -> Option<&DeviceTracker> {
+        self.tracker.accel()
     }
 
     /// A page set of this VM's RAM.
@@ -117,7 +116,7 @@ impl VmSource {
 impl MigrationSource for VmSource {
     fn describe(&self) -> VmDescription {
         let local = local_description();
-        let backend_kind = self.accel(|a| a.backend_kind().to_string());
+        let backend_kind = self.backend_kind.clone();
         VmDescription {
             name: self.vm.workload.clone(),
             ram_size: self.vm.config.ram_size,
@@ -130,6 +129,7 @@ impl MigrationSource for VmSource {
                     EXTRA_ARGS.into(),
                     serde_json::to_string(&self.vm.args).unwrap_or_default(),
                 ),
+                (EXTRA_FROM.into(), self.host_name.clone()),
             ],
             files: self
                 .files
@@ -157,40 +157,41 @@ impl MigrationSource for VmSource {
     }
 
     fn start_tracking(&self) -> Result<(), String> {
-        self.vm(|vm| {
-            vm.start_dirty_log().map_err(|e| e.to_string())?;
-            if let Some(accel) = vm.accel() {
-                accel.start_dirty_tracking();
-            }
-            Ok(())
-        })?
+        self.tracker.start_dirty_log().map_err(|e| e.to_string())?;
+        if let Some(accel) = self.accel() {
+            accel.start_dirty_tracking();
+        }
+        Ok(())
     }
 
     fn stop_tracking(&self) {
-        let _ = self.vm(|vm| {
-            let _ = vm.stop_dirty_log();
-            if let Some(accel) = vm.accel() {
-                accel.stop_dirty_tracking();
-            }
-        });
+        let _ = self.tracker.stop_dirty_log();
+        if let Some(accel) = self.accel() {
+            accel.stop_dirty_tracking();
+        }
     }
 
     fn take_dirty_pages(&self) -> Result<PageSet, String> {
-        self.vm(Microvm::take_dirty_pages)?
+        self.tracker
+            .take_dirty_pages()
             .map(|set| self.page_set(set))
             .map_err(|e| e.to_string())
     }
 
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        self.accel(|a| a.take_dirty_chunks().into_iter().map(to_key).collect())
+        self.accel().map_or_else(Vec::new, |a| {
+            a.take_dirty_chunks().into_iter().map(to_key).collect()
+        })
     }
 
     fn populated_chunks(&self) -> Vec<ChunkKey> {
-        self.accel(|a| a.written_chunks().into_iter().map(to_key).collect())
+        self.accel().map_or_else(Vec::new, |a| {
+            a.written_chunks().into_iter().map(to_key).collect()
+        })
     }
 
     fn device_buffers(&self) -> Vec<DeviceBuffer> {
-        self.accel(|a| {
+        self.accel().map_or_else(Vec::new, |a| {
             a.buffer_table()
                 .into_iter()
                 .map(|b| DeviceBuffer {
@@ -202,8 +203,7 @@ impl MigrationSource for VmSource {
     }
 
     fn populated_pages(&self) -> Option<PageSet> {
-        // From the page map of the RAM this source holds: no VM lock needed.
-        match populated_pages(&self.memory) {
+        match populated_pages(self.tracker.memory()) {
             Ok(set) => Some(self.page_set(set)),
             Err(e) => {
                 tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
@@ -213,15 +213,15 @@ impl MigrationSource for VmSource {
     }
 
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
-        self.memory
+        self.tracker
+            .memory()
             .read_slice(out, GuestAddress(gpa))
             .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))
     }
 
-    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool {
-        self.chunks
-            .as_ref()
-            .and_then(|reader| reader.with_chunk(to_chunk(chunk), |data, _| f(data)))
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool {
+        self.accel()
+            .and_then(|a| a.read_chunk(to_chunk(chunk), out))
             .is_some()
     }
 
@@ -229,16 +229,20 @@ impl MigrationSource for VmSource {
         self.vm.set_throttle(percent);
     }
 
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<Instant, String> {
         self.vm.hold()
     }
 
     fn resume(&self) -> Result<(), String> {
-        self.vm.release_hold()
+        self.vm.resume_from_hold()
     }
 
     fn save_state(&self) -> Result<Vec<u8>, String> {
-        let state = self.vm(Microvm::save_state)?.map_err(|e| e.to_string())?;
+        let state = self
+            .vm
+            .with_vm(Microvm::save_state)
+            .ok_or_else(|| format!("VM {} was released", self.vm.id))?
+            .map_err(|e| e.to_string())?;
         postcard::to_stdvec(&state).map_err(|e| format!("cannot encode the VM state: {e}"))
     }
 }
@@ -270,6 +274,9 @@ pub struct VmTarget {
     store: FileStore,
     /// By offer index.
     files: Mutex<Vec<FileSlot>>,
+    /// This host's capacity for the VM, held from the offer's acceptance: given back if
+    /// the target is dropped, handed on to the VM once it runs.
+    reservation: Mutex<Option<Reservation>>,
 }
 
 impl VmTarget {
@@ -279,6 +286,7 @@ impl VmTarget {
         description: &VmDescription,
         host: HostOptions,
         store: FileStore,
+        reservation: Reservation,
     ) -> Result<Self, String> {
         let config = VmConfig {
             ram_size: description.ram_size,
@@ -302,6 +310,7 @@ impl VmTarget {
             state: Mutex::new(Incoming::Filling(incoming)),
             store,
             files: Mutex::new(files),
+            reservation: Mutex::new(Some(reservation)),
         })
     }
 
@@ -319,15 +328,17 @@ impl VmTarget {
         }
     }
 
-    /// The restored VM (after [`MigrationTarget::resume`]).
-    pub fn take_vm(&self) -> Option<Microvm> {
-        match std::mem::replace(
+    /// The restored VM (after [`MigrationTarget::resume`]) and its reservation.
+    pub fn take_vm(&self) -> Option<(Microvm, Reservation)> {
+        let vm = match std::mem::replace(
             &mut *self.state.lock().expect("target lock"),
             Incoming::Gone,
         ) {
-            Incoming::Restored(vm) => Some(vm),
-            _ => None,
-        }
+            Incoming::Restored(vm) => vm,
+            _ => return None,
+        };
+        let reservation = self.reservation.lock().expect("target lock").take()?;
+        Some((vm, reservation))
     }
 
     /// An [`VmDescription::extra`] value.

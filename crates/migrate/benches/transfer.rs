@@ -87,14 +87,17 @@ impl MigrationSource for StillVm {
         out.copy_from_slice(&self.ram[gpa as usize..][..out.len()]);
         Ok(())
     }
-    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool {
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool {
         let buffer = &self.buffers[chunk.buffer as usize - 1];
-        f(&buffer[(chunk.index * MAX_CHUNK_BYTES) as usize..][..MAX_CHUNK_BYTES as usize]);
+        out.clear();
+        out.extend_from_slice(
+            &buffer[(chunk.index * MAX_CHUNK_BYTES) as usize..][..MAX_CHUNK_BYTES as usize],
+        );
         true
     }
     fn set_throttle(&self, _: u8) {}
-    fn pause(&self) -> Result<(), String> {
-        Ok(())
+    fn pause(&self) -> Result<std::time::Instant, String> {
+        Ok(std::time::Instant::now())
     }
     fn resume(&self) -> Result<(), String> {
         Ok(())

@@ -326,16 +326,27 @@ struct StreamCounts {
     zero_chunks: u64,
 }
 
+/// What a data stream reads into before sending, kept across rounds (the final round,
+/// during the pause, allocates nothing).
+#[derive(Default)]
+struct StreamBuffers {
+    /// A run of pages, or a piece of a file.
+    pages: Vec<u8>,
+    /// A device chunk, copied out so the device's buffer is never locked during I/O.
+    chunk: Vec<u8>,
+}
+
 /// Sends what it takes from `queue` on one stream: runs of pages (split around zero
 /// pages), then chunks.
 fn send_share(
     source: &dyn MigrationSource,
     writer: &mut Writer,
-    page_buffer: &mut Vec<u8>,
+    buffers: &mut StreamBuffers,
     queue: &WorkQueue<'_>,
 ) -> Result<StreamCounts, MigrationError> {
     let skip_zeros = queue.work.skip_zeros;
     let mut counts = StreamCounts::default();
+    let page_buffer = &mut buffers.pages;
     page_buffer.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
     while let Some((first, pages)) = queue.next_run() {
         let bytes = &mut page_buffer[..(pages * PAGE_SIZE) as usize];
@@ -366,21 +377,19 @@ fn send_share(
         }
     }
     while let Some(key) = queue.next_chunk() {
-        let mut sent = Ok(());
         // A chunk of a buffer freed since the dirty list was taken is skipped; the next
         // round's buffer table drops it at the destination.
-        source.with_chunk(key, &mut |data| {
-            sent = if !is_zero(data) {
-                counts.chunks += 1;
-                writer.send_chunk(key, data.len() as u64, Some(data))
-            } else if !skip_zeros {
-                counts.zero_chunks += 1;
-                writer.send_chunk(key, data.len() as u64, None)
-            } else {
-                Ok(())
-            };
-        });
-        sent?;
+        if !source.read_chunk(key, &mut buffers.chunk) {
+            continue;
+        }
+        let data = &buffers.chunk;
+        if !is_zero(data) {
+            counts.chunks += 1;
+            writer.send_chunk(key, data.len() as u64, Some(data))?;
+        } else if !skip_zeros {
+            counts.zero_chunks += 1;
+            writer.send_chunk(key, data.len() as u64, None)?;
+        }
     }
     while let Some(piece) = queue.next_piece() {
         let bytes = &mut page_buffer[..piece.len as usize];
@@ -398,9 +407,8 @@ struct Session<'a> {
     control: Conn,
     /// The data connections (only written).
     data: Vec<Conn>,
-    /// What each data stream reads pages into, kept across rounds (the final round,
-    /// during the pause, allocates nothing); chunks are sent from device memory in place.
-    page_buffers: Vec<Vec<u8>>,
+    /// What each data stream reads into.
+    buffers: Vec<StreamBuffers>,
     /// Pages of guest RAM.
     ram_pages: u64,
     started: Instant,
@@ -439,10 +447,10 @@ impl Session<'_> {
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
-                .zip(self.page_buffers.iter_mut())
-                .map(|(conn, page_buffer)| {
+                .zip(self.buffers.iter_mut())
+                .map(|(conn, buffers)| {
                     let (writer, queue) = (&mut conn.writer, &queue);
-                    scope.spawn(move || send_share(source, writer, page_buffer, queue))
+                    scope.spawn(move || send_share(source, writer, buffers, queue))
                 })
                 .collect();
             handles.into_iter().map(|h| joined(h, "sending")).collect()
@@ -637,7 +645,7 @@ pub fn migrate_vm(
     let mut s = Session {
         source,
         control,
-        page_buffers: vec![Vec::new(); data.len()],
+        buffers: data.iter().map(|_| StreamBuffers::default()).collect(),
         ram_pages,
         data,
         started,
@@ -742,10 +750,9 @@ fn run(
             let log = s.send_round(&work, 0).map_err(before_go(false))?;
             progress(&s.progress("precopy", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
         }
-        source
+        pause_at = source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
-        pause_at = Instant::now();
         let log = s
             .send_round(&round0(s, Vec::new()), 0)
             .map_err(before_go(true))?;
@@ -818,10 +825,9 @@ fn run(
             }
         };
         source.set_throttle(0);
-        source
+        pause_at = source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
-        pause_at = Instant::now();
         tracing::debug!(ms = ms(s.started.elapsed()), "paused");
         // What the last take found is still unsent: the final round sends it too.
         let work = take_dirty(source, Some(pending))

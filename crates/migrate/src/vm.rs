@@ -1,5 +1,7 @@
 //! What the engine needs from a VM on each side, as traits (the host adapts its microVM).
 
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 
 /// Guest page size the engine copies in.
@@ -197,14 +199,17 @@ pub trait MigrationSource: Sync {
         let _ = (offset, out);
         Err(format!("this VM has no attached file {file}"))
     }
-    /// Calls `f` with chunk `chunk`'s bytes, read in place (no copy on the way to the
-    /// connection); `false` if the chunk no longer exists (its buffer freed since).
-    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool;
+    /// Copies chunk `chunk`'s bytes into `out` (resized to them); `false` if the chunk no
+    /// longer exists (its buffer freed since). A copy, so that no device buffer stays
+    /// locked while a slow destination takes the bytes.
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool;
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);
-    /// Pauses the vCPUs, then the device at a command boundary.
-    fn pause(&self) -> Result<(), String>;
+    /// Pauses the vCPUs, then the device at a command boundary; returns when the VM
+    /// stopped making progress (the pause's start, from which downtime is measured: a
+    /// pause waits for the device's command in flight, or began earlier, by a throttle).
+    fn pause(&self) -> Result<Instant, String>;
     /// Runs the VM again (a migration that failed before the switchover completed).
     fn resume(&self) -> Result<(), String>;
     /// The paused VM's complete state less RAM and chunk contents.

@@ -422,7 +422,7 @@ impl MigrationSource for FakeSource {
         Ok(())
     }
 
-    fn with_chunk(&self, chunk: ChunkKey, f: &mut dyn FnMut(&[u8])) -> bool {
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool {
         assert!(
             !self.panic_on_chunk.load(Ordering::SeqCst),
             "injected: reading a chunk panicked"
@@ -436,7 +436,8 @@ impl MigrationSource for FakeSource {
             return false;
         }
         let end = (start + MAX_CHUNK_BYTES).min(data.len() as u64);
-        f(&data[start as usize..end as usize]);
+        out.clear();
+        out.extend_from_slice(&data[start as usize..end as usize]);
         true
     }
 
@@ -444,7 +445,7 @@ impl MigrationSource for FakeSource {
         self.throttles.lock().unwrap().push(percent);
     }
 
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<Instant, String> {
         let mut s = self.lock();
         if s.paused {
             return Err("already paused".into());
@@ -452,7 +453,7 @@ impl MigrationSource for FakeSource {
         s.paused = true;
         s.at_pause = Some(s.contents());
         self.pauses.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(Instant::now())
     }
 
     fn resume(&self) -> Result<(), String> {

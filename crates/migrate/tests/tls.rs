@@ -89,13 +89,13 @@ impl MigrationSource for FakeSource {
         out.copy_from_slice(&self.ram[gpa as usize..gpa as usize + out.len()]);
         Ok(())
     }
-    fn with_chunk(&self, _: ChunkKey, _: &mut dyn FnMut(&[u8])) -> bool {
+    fn read_chunk(&self, _: ChunkKey, _: &mut Vec<u8>) -> bool {
         false
     }
     fn set_throttle(&self, _: u8) {}
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<std::time::Instant, String> {
         *self.paused.lock().unwrap() = true;
-        Ok(())
+        Ok(std::time::Instant::now())
     }
     fn resume(&self) -> Result<(), String> {
         *self.paused.lock().unwrap() = false;

@@ -25,7 +25,9 @@ pub mod vm;
 pub use devices::console::ConsoleSink;
 pub use files::{AttachedFiles, FileInfo};
 pub use memory::DirtyPages;
-pub use vm::{HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit};
+pub use vm::{
+    HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit, VmReadout, VmTracker,
+};
 
 /// For tests that need KVM: `true` if it is usable; otherwise writes a loud SKIPPED line
 /// naming `test` and the reason straight to stderr (past libtest's output capture, so a

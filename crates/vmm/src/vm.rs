@@ -11,13 +11,13 @@ use ferry_abi::{
     encode_args, BootInfo, ABI_VERSION, ARGS_CAPACITY, BOOT_INFO_ADDR, BOOT_INFO_MAGIC, STACK_SIZE,
 };
 use ferry_accel::backend::{self, Backend, DeviceMemory};
-use ferry_accel::device::{AccelState, AccelStateError, Accelerator};
+use ferry_accel::device::{AccelState, AccelStateError, Accelerator, BusyClock, DeviceTracker};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::arch;
-use crate::devices::console::ConsoleSink;
+use crate::devices::console::{ConsoleSink, ConsoleTail};
 use crate::devices::{DeviceStates, PortDevices};
 use crate::files::{AttachError, AttachedFiles, FileInfo};
 use crate::loader::{load_image, LoadImageError, LoadedImage};
@@ -390,7 +390,8 @@ pub struct Microvm {
     // Field order is drop order: vCPU threads end before the VM fd and RAM go away.
     vcpus: Vec<VcpuHandle>,
     devices: Arc<PortDevices>,
-    vm: VmFd,
+    /// Shared with [`VmTracker`]s, which read its dirty log while a migration runs.
+    vm: Arc<VmFd>,
     memory: GuestRam,
     config: VmConfig,
     state: RunState,
@@ -447,6 +448,69 @@ fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmErro
     let memory = create_guest_ram(config.ram_size)?;
     register_ram(&vm, &memory, false)?;
     Ok((Arc::new(kvm), vm, memory))
+}
+
+/// What other threads read of a VM without its control, holding none of its memory: the
+/// console's tail and the accelerator's load (both still readable once the VM is gone).
+#[derive(Clone)]
+pub struct VmReadout {
+    console: ConsoleTail,
+    accel_busy: Option<BusyClock>,
+}
+
+impl VmReadout {
+    /// Console output kept so far (the last 64 KiB).
+    pub fn console_tail(&self) -> String {
+        self.console.text()
+    }
+
+    /// Time the accelerator has spent executing commands (zero without one).
+    pub fn accel_busy_time(&self) -> Duration {
+        self.accel_busy
+            .as_ref()
+            .map_or(Duration::ZERO, BusyClock::busy_time)
+    }
+}
+
+/// What a migration tracks of a running VM from its own threads, without its control:
+/// dirty RAM pages, RAM contents, and the accelerator's [`DeviceTracker`]. It keeps the
+/// VM's RAM and KVM VM alive while it exists.
+#[derive(Clone)]
+pub struct VmTracker {
+    vm: Arc<VmFd>,
+    memory: GuestRam,
+    accel: Option<DeviceTracker>,
+}
+
+impl VmTracker {
+    fn dirty_log(&self) -> DirtyLog<'_> {
+        DirtyLog::new(&self.vm, &self.memory)
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    /// The accelerator's tracker, if the VM has one.
+    pub fn accel(&self) -> Option<&DeviceTracker> {
+        self.accel.as_ref()
+    }
+
+    /// Starts dirty-page tracking of guest RAM.
+    pub fn start_dirty_log(&self) -> Result<(), VmControlError> {
+        Ok(self.dirty_log().start()?)
+    }
+
+    /// Stops dirty-page tracking.
+    pub fn stop_dirty_log(&self) -> Result<(), VmControlError> {
+        Ok(self.dirty_log().stop()?)
+    }
+
+    /// Pages written since the last take (or since tracking started), and clears them.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmControlError> {
+        Ok(self.dirty_log().take()?)
+    }
 }
 
 impl Microvm {
@@ -563,7 +627,7 @@ impl Microvm {
         Self {
             vcpus,
             devices,
-            vm,
+            vm: Arc::new(vm),
             memory,
             config,
             state: RunState::Paused,
@@ -584,6 +648,23 @@ impl Microvm {
     /// Current run state.
     pub fn run_state(&self) -> &RunState {
         &self.state
+    }
+
+    /// What other threads read of the VM without its control: console and load.
+    pub fn readout(&self) -> VmReadout {
+        VmReadout {
+            console: self.devices.console.tail_handle(),
+            accel_busy: self.devices.accel.as_ref().map(Accelerator::busy_clock),
+        }
+    }
+
+    /// What a migration tracks of the VM from its own threads while the VM runs.
+    pub fn tracker(&self) -> VmTracker {
+        VmTracker {
+            vm: self.vm.clone(),
+            memory: self.memory.clone(),
+            accel: self.devices.accel.as_ref().map(Accelerator::tracker),
+        }
     }
 
     /// Console output kept so far (the last 64 KiB).
@@ -727,26 +808,6 @@ impl Microvm {
     /// The VM's attached files.
     pub fn files(&self) -> &AttachedFiles {
         &self.devices.files
-    }
-
-    /// Dirty-page tracking of guest RAM (guest writes and VMM/device writes).
-    fn dirty_log(&self) -> DirtyLog<'_> {
-        DirtyLog::new(&self.vm, &self.memory)
-    }
-
-    /// Starts dirty-page tracking.
-    pub fn start_dirty_log(&self) -> Result<(), VmControlError> {
-        Ok(self.dirty_log().start()?)
-    }
-
-    /// Stops dirty-page tracking.
-    pub fn stop_dirty_log(&self) -> Result<(), VmControlError> {
-        Ok(self.dirty_log().stop()?)
-    }
-
-    /// Pages written since the last take (or since tracking started), and clears them.
-    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmControlError> {
-        Ok(self.dirty_log().take()?)
     }
 }
 

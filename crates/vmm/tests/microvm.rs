@@ -218,14 +218,14 @@ fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
     }
     let args: Vec<String> = ["--pages", "16"].iter().map(|s| s.to_string()).collect();
     let mut vm = Microvm::boot(CONFIG, image("dirty-pages"), &args, HostOptions::quiet()).unwrap();
-    vm.start_dirty_log().unwrap();
+    vm.tracker().start_dirty_log().unwrap();
     vm.resume().unwrap();
 
     let flag = addresses(&wait_for_line(&vm, "waiting flag="))[0];
     vm.pause().unwrap();
     let phase1 = addresses(&wait_for_line(&vm, "phase1 "));
     assert_eq!(phase1.len(), 16);
-    let dirty = vm.take_dirty_pages().unwrap();
+    let dirty = vm.tracker().take_dirty_pages().unwrap();
     for addr in &phase1 {
         assert!(
             dirty.contains_addr(*addr),
@@ -233,7 +233,7 @@ fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
         );
     }
     assert!(
-        vm.take_dirty_pages().unwrap().is_empty(),
+        vm.tracker().take_dirty_pages().unwrap().is_empty(),
         "nothing ran since the last take"
     );
 
@@ -244,7 +244,7 @@ fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
     assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
     let phase2 = addresses(&wait_for_line(&vm, "phase2 "));
     assert_eq!(phase2.len(), 16);
-    let dirty = vm.take_dirty_pages().unwrap();
+    let dirty = vm.tracker().take_dirty_pages().unwrap();
     assert!(
         dirty.contains_addr(flag),
         "the VMM's write to the flag page is missing"
@@ -261,7 +261,7 @@ fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
             "phase-1 page {addr:#x} reported again"
         );
     }
-    vm.stop_dirty_log().unwrap();
+    vm.tracker().stop_dirty_log().unwrap();
 }
 
 #[test]

@@ -324,7 +324,7 @@ fn wait_end(client: &ApiClient, id: &str, timeout: Duration) -> anyhow::Result<S
         let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
         match vm_state(&vm) {
             "exited" => return client_console(client, id),
-            "running" | "migrating" | "paused" => {}
+            "running" | "migrating" | "switchover" => {}
             other => bail!("VM {id} ended as {other}: {vm}"),
         }
         if started.elapsed() > timeout {

@@ -149,7 +149,7 @@ impl Daemon {
                     assert!(out.status.success(), "{}", text(&out.stderr));
                     return text(&out.stdout);
                 }
-                "running" | "migrating" | "paused" => {}
+                "running" | "migrating" | "switchover" => {}
                 other => panic!("{id} ended as {other}: {vm}"),
             }
             assert!(
@@ -190,7 +190,7 @@ impl Daemon {
                     assert_eq!(vm["code"], 0, "{vm}");
                     return checksum(vm["console_tail"].as_str().unwrap());
                 }
-                "running" | "migrating" | "paused" => {}
+                "running" | "migrating" | "switchover" => {}
                 other => panic!("{id} ended as {other}: {vm}"),
             }
             assert!(

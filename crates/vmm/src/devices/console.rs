@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +28,20 @@ pub struct ConsoleState {
 /// The console device.
 pub struct Console {
     sink: ConsoleSink,
-    tail: Mutex<VecDeque<u8>>,
+    tail: Arc<Mutex<VecDeque<u8>>>,
+}
+
+/// The console's tail as other threads read it, without the VM (kept after it ends).
+#[derive(Clone)]
+pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleTail {
+    /// The tail as (lossy) text.
+    pub fn text(&self) -> String {
+        let tail = self.0.lock().expect("console lock");
+        let (a, b) = tail.as_slices();
+        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    }
 }
 
 impl Console {
@@ -36,7 +49,7 @@ impl Console {
     pub fn new(sink: ConsoleSink) -> Self {
         Self {
             sink,
-            tail: Mutex::new(VecDeque::with_capacity(CONSOLE_TAIL_CAPACITY)),
+            tail: Arc::new(Mutex::new(VecDeque::with_capacity(CONSOLE_TAIL_CAPACITY))),
         }
     }
 
@@ -56,8 +69,12 @@ impl Console {
 
     /// The tail as (lossy) text.
     pub fn tail_text(&self) -> String {
-        let tail = self.tail.lock().expect("console lock");
-        String::from_utf8_lossy(&tail.iter().copied().collect::<Vec<_>>()).into_owned()
+        self.tail_handle().text()
+    }
+
+    /// The tail, readable from other threads.
+    pub fn tail_handle(&self) -> ConsoleTail {
+        ConsoleTail(self.tail.clone())
     }
 
     /// Saves the tail.

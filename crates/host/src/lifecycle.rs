@@ -1,0 +1,501 @@
+//! One VM's life on a host, as one state machine: every state it can be in
+//! ([`VmState`]), every move between them ([`Transition`]), and the capacity
+//! [`Reservation`] it holds while it has the host's resources.
+//!
+//! ```text
+//!  creating ──► running ──► migrating ──► switchover ──► migrated-away
+//!                │  ▲          │               │  ▲            ▲
+//!                │  └──────────┴── (failed or  │  │            │
+//!                │     cancelled before Go) ◄──┘  │         (confirmed)
+//!                │                          in-doubt ─────────┘
+//!                │                              └──► running (destination has no copy)
+//!                ├──► stopping ──► stopped
+//!                └──► exited | failed   (the guest ended; also from migrating)
+//! ```
+//!
+//! A transition is one short critical section that checks and changes the state: it
+//! never waits for the guest, the network or a pause, so readers never wait either.
+
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::capacity::Reservation;
+
+/// Where a VM is in its life on this host (the API's `state` field).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum VmState {
+    /// Being built: its capacity is reserved, its guest not yet started.
+    Creating,
+    /// Running its guest.
+    Running,
+    /// Being migrated (pre-copy): still running here.
+    Migrating {
+        /// The destination's migration address.
+        to: String,
+    },
+    /// Paused here for the switchover of its migration, before the destination was told
+    /// to run it: a failure now resumes it here.
+    Switchover {
+        /// The destination's migration address.
+        to: String,
+    },
+    /// The destination was told to run it, but did not confirm: it stays paused here
+    /// until it is known whether it runs there (then it is released here) or not (then
+    /// it resumes here). It never runs on both.
+    InDoubt {
+        /// The destination's migration address.
+        to: String,
+        /// What broke.
+        reason: String,
+    },
+    /// It runs on another host now.
+    MigratedAway {
+        /// The destination's migration address.
+        to: String,
+    },
+    /// The operator stopped it; its resources are being given back.
+    Stopping,
+    /// Stopped by the operator.
+    Stopped,
+    /// The guest ended with this code.
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// The guest faulted or the VM failed.
+    Failed {
+        /// What happened.
+        error: String,
+    },
+}
+
+impl VmState {
+    /// Whether the VM holds this host's resources (memory, threads, capacity).
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            Self::Creating
+                | Self::Running
+                | Self::Migrating { .. }
+                | Self::Switchover { .. }
+                | Self::InDoubt { .. }
+                | Self::Stopping
+        )
+    }
+
+    /// Whether it counts as running here (an in-doubt VM does not: it may be running
+    /// elsewhere).
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self,
+            Self::Running | Self::Migrating { .. } | Self::Switchover { .. }
+        )
+    }
+
+    /// Whether its life here is over (only its record is left).
+    pub fn has_ended(&self) -> bool {
+        !self.is_live()
+    }
+
+    /// The state's name, as the API's `state` field spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Running => "running",
+            Self::Migrating { .. } => "migrating",
+            Self::Switchover { .. } => "switchover",
+            Self::InDoubt { .. } => "in-doubt",
+            Self::MigratedAway { .. } => "migrated-away",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Exited { .. } => "exited",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Creating => write!(f, "being created"),
+            Self::Running => write!(f, "running"),
+            Self::Migrating { to } => write!(f, "being migrated to {to}"),
+            Self::Switchover { to } => write!(f, "paused for its switchover to {to}"),
+            Self::InDoubt { to, reason } => write!(
+                f,
+                "in doubt after its switchover to {to} ({reason}); resolve it with `ferry vm resolve`"
+            ),
+            Self::MigratedAway { to } => write!(f, "migrated to {to}, and runs there"),
+            Self::Stopping => write!(f, "stopping"),
+            Self::Stopped => write!(f, "stopped"),
+            Self::Exited { code } => write!(f, "exited with code {code}"),
+            Self::Failed { error } => write!(f, "failed ({error})"),
+        }
+    }
+}
+
+/// A move of the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Creating → running.
+    Start,
+    /// Running → migrating.
+    Migrate,
+    /// Migrating → switchover (the VM is paused for it).
+    BeginSwitchover,
+    /// Migrating or switchover → running: the migration failed or was cancelled before
+    /// the destination was told to run the VM.
+    Abandon,
+    /// Switchover → in-doubt.
+    LoseConfirmation,
+    /// Switchover or in-doubt → migrated-away.
+    Leave,
+    /// In-doubt → running: the destination does not run it.
+    ResumeHere,
+    /// Running → stopping.
+    Stop,
+    /// Stopping → stopped.
+    FinishStop,
+    /// The guest ended (running or migrating) → exited or failed.
+    End,
+}
+
+impl Transition {
+    /// What the operation is called in messages.
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Migrate => "migrate",
+            Self::BeginSwitchover => "switch over",
+            Self::Abandon => "abandon the migration of",
+            Self::LoseConfirmation => "mark in doubt",
+            Self::Leave => "release",
+            Self::ResumeHere => "resume",
+            Self::Stop => "stop",
+            Self::FinishStop => "finish stopping",
+            Self::End => "end",
+        }
+    }
+}
+
+/// A transition refused in the state the VM is in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {} the VM: it is {state}", .transition.verb())]
+pub struct TransitionError {
+    /// The move asked for.
+    pub transition: Transition,
+    /// The state that refused it.
+    pub state: VmState,
+}
+
+struct Stage {
+    state: VmState,
+    /// Held from creation (or a migration's acceptance) until the VM's life here ends.
+    reservation: Option<Reservation>,
+}
+
+/// A VM's state machine.
+pub struct Lifecycle(Mutex<Stage>);
+
+impl Lifecycle {
+    /// A VM being created (or received) that holds `reservation`.
+    pub fn new(reservation: Reservation) -> Self {
+        Self(Mutex::new(Stage {
+            state: VmState::Creating,
+            reservation: Some(reservation),
+        }))
+    }
+
+    fn stage(&self) -> MutexGuard<'_, Stage> {
+        // Each transition replaces the state in one assignment: whole after a panic.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state now.
+    pub fn state(&self) -> VmState {
+        self.stage().state.clone()
+    }
+
+    /// Makes transition `t` to the state `next` gives for the current one, or refuses it
+    /// (`next` returns `None`). Ended states give the reservation back.
+    fn apply(
+        &self,
+        t: Transition,
+        next: impl FnOnce(&VmState) -> Option<VmState>,
+    ) -> Result<VmState, TransitionError> {
+        let mut stage = self.stage();
+        let Some(state) = next(&stage.state) else {
+            return Err(TransitionError {
+                transition: t,
+                state: stage.state.clone(),
+            });
+        };
+        if state.has_ended() {
+            stage.reservation = None;
+        }
+        stage.state = state.clone();
+        Ok(state)
+    }
+
+    /// Creating → running.
+    pub fn start(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::Start, |s| {
+            matches!(s, VmState::Creating).then_some(VmState::Running)
+        })
+        .map(drop)
+    }
+
+    /// Running → migrating to `to`. One migration at a time: a second is refused.
+    pub fn migrate(&self, to: &str) -> Result<(), TransitionError> {
+        self.apply(Transition::Migrate, |s| {
+            matches!(s, VmState::Running).then(|| VmState::Migrating { to: to.into() })
+        })
+        .map(drop)
+    }
+
+    /// Migrating → switchover.
+    pub fn begin_switchover(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::BeginSwitchover, |s| match s {
+            VmState::Migrating { to } => Some(VmState::Switchover { to: to.clone() }),
+            _ => None,
+        })
+        .map(drop)
+    }
+
+    /// Migrating or switchover → running (the migration ended before Go).
+    pub fn abandon_migration(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::Abandon, |s| {
+            matches!(s, VmState::Migrating { .. } | VmState::Switchover { .. })
+                .then_some(VmState::Running)
+        })
+        .map(drop)
+    }
+
+    /// Switchover → in-doubt: Go was sent, the confirmation did not come.
+    pub fn lose_confirmation(&self, reason: &str) -> Result<(), TransitionError> {
+        self.apply(Transition::LoseConfirmation, |s| match s {
+            VmState::Switchover { to } => Some(VmState::InDoubt {
+                to: to.clone(),
+                reason: reason.into(),
+            }),
+            _ => None,
+        })
+        .map(drop)
+    }
+
+    /// Switchover or in-doubt → migrated-away: it runs on the destination.
+    pub fn leave(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::Leave, |s| match s {
+            VmState::Switchover { to } | VmState::InDoubt { to, .. } => {
+                Some(VmState::MigratedAway { to: to.clone() })
+            }
+            _ => None,
+        })
+        .map(drop)
+    }
+
+    /// In-doubt → running: the destination does not run it.
+    pub fn resume_here(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::ResumeHere, |s| {
+            matches!(s, VmState::InDoubt { .. }).then_some(VmState::Running)
+        })
+        .map(drop)
+    }
+
+    /// Running → stopping. A VM being migrated, or in doubt, or gone elsewhere, is not
+    /// stopped here (the error says why, and where it went).
+    pub fn stop(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::Stop, |s| {
+            matches!(s, VmState::Running).then_some(VmState::Stopping)
+        })
+        .map(drop)
+    }
+
+    /// Stopping → stopped.
+    pub fn finish_stop(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::FinishStop, |s| {
+            matches!(s, VmState::Stopping).then_some(VmState::Stopped)
+        })
+        .map(drop)
+    }
+
+    /// The guest ended as `ended` (exited or failed): from running or migrating (whose
+    /// migration then fails), or from creating (a VM that could not start).
+    pub fn end(&self, ended: VmState) -> Result<(), TransitionError> {
+        debug_assert!(matches!(
+            ended,
+            VmState::Exited { .. } | VmState::Failed { .. }
+        ));
+        self.apply(Transition::End, |s| {
+            matches!(
+                s,
+                VmState::Creating | VmState::Running | VmState::Migrating { .. }
+            )
+            .then_some(ended)
+        })
+        .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::{Amount, Ledger};
+
+    fn vm() -> (Ledger, Lifecycle) {
+        let ledger = Ledger::new(Amount {
+            memory: 1 << 30,
+            accel: 1 << 30,
+        });
+        let life = Lifecycle::new(ledger.reserve(Amount::for_vm(64 << 20, 0)).unwrap());
+        (ledger, life)
+    }
+
+    #[test]
+    fn a_migration_runs_through_switchover_and_gives_the_capacity_back() {
+        let (ledger, life) = vm();
+        assert_eq!(life.state(), VmState::Creating);
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        assert_eq!(life.state().name(), "migrating");
+        life.begin_switchover().unwrap();
+        assert!(life.state().is_running() && life.state().is_live());
+        assert_eq!(ledger.held().memory, 64 << 20);
+        life.leave().unwrap();
+        assert_eq!(life.state(), VmState::MigratedAway { to: "b:1".into() });
+        assert_eq!(ledger.held().memory, 0, "a VM that left holds nothing");
+    }
+
+    #[test]
+    fn a_second_migration_and_a_stop_during_one_are_refused() {
+        let (_ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        let second = life.migrate("c:1").unwrap_err();
+        assert_eq!(second.transition, Transition::Migrate);
+        assert!(
+            second.to_string().contains("being migrated to b:1"),
+            "{second}"
+        );
+        let stop = life.stop().unwrap_err();
+        assert_eq!(stop.state, VmState::Migrating { to: "b:1".into() });
+        life.begin_switchover().unwrap();
+        assert!(life.stop().is_err());
+        assert!(life.migrate("c:1").is_err());
+        // A failure before Go resumes it here, and then both work again.
+        life.abandon_migration().unwrap();
+        life.migrate("c:1").unwrap();
+        life.abandon_migration().unwrap();
+        life.stop().unwrap();
+        life.finish_stop().unwrap();
+        assert_eq!(life.state(), VmState::Stopped);
+    }
+
+    #[test]
+    fn an_in_doubt_vm_is_not_running_holds_its_capacity_and_resolves_either_way() {
+        for resolved_here in [true, false] {
+            let (ledger, life) = vm();
+            life.start().unwrap();
+            life.migrate("b:1").unwrap();
+            life.begin_switchover().unwrap();
+            life.lose_confirmation("connection reset").unwrap();
+            let state = life.state();
+            assert_eq!(state.name(), "in-doubt");
+            assert!(!state.is_running() && state.is_live());
+            assert!(state.to_string().contains("connection reset"), "{state}");
+            assert_eq!(ledger.held().memory, 64 << 20);
+            // Nothing but a resolution moves it.
+            assert!(life.stop().is_err());
+            assert!(life.migrate("c:1").is_err());
+            assert!(life.abandon_migration().is_err());
+            if resolved_here {
+                life.resume_here().unwrap();
+                assert_eq!(life.state(), VmState::Running);
+                assert_eq!(ledger.held().memory, 64 << 20);
+            } else {
+                life.leave().unwrap();
+                assert_eq!(ledger.held().memory, 0);
+                assert!(life.resume_here().is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn a_vm_that_left_refuses_a_stop_and_says_where_it_went() {
+        let (_ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        life.begin_switchover().unwrap();
+        life.leave().unwrap();
+        let stop = life.stop().unwrap_err();
+        assert!(stop.to_string().contains("migrated to b:1"), "{stop}");
+        assert!(life.end(VmState::Exited { code: 0 }).is_err());
+    }
+
+    #[test]
+    fn a_guest_that_ends_gives_the_capacity_back_once() {
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        life.end(VmState::Exited { code: 3 }).unwrap();
+        assert_eq!(ledger.held().memory, 0);
+        // The migration's own failure path cannot bring it back.
+        assert!(life.abandon_migration().is_err());
+        assert!(life.end(VmState::Exited { code: 0 }).is_err());
+        assert_eq!(life.state(), VmState::Exited { code: 3 });
+    }
+
+    #[test]
+    fn racing_migrations_and_stops_have_one_winner() {
+        for _ in 0..200 {
+            let (_ledger, life) = vm();
+            life.start().unwrap();
+            let barrier = std::sync::Barrier::new(3);
+            let wins: Vec<bool> = std::thread::scope(|scope| {
+                let tries = [
+                    scope.spawn(|| {
+                        barrier.wait();
+                        life.migrate("b:1").is_ok()
+                    }),
+                    scope.spawn(|| {
+                        barrier.wait();
+                        life.migrate("c:1").is_ok()
+                    }),
+                    scope.spawn(|| {
+                        barrier.wait();
+                        life.stop().is_ok()
+                    }),
+                ];
+                tries.map(|t| t.join().unwrap()).to_vec()
+            });
+            assert_eq!(wins.iter().filter(|&&w| w).count(), 1, "{wins:?}");
+        }
+    }
+
+    #[test]
+    fn the_api_spells_each_state_as_its_name() {
+        for state in [
+            VmState::Creating,
+            VmState::Running,
+            VmState::Migrating { to: "b".into() },
+            VmState::Switchover { to: "b".into() },
+            VmState::InDoubt {
+                to: "b".into(),
+                reason: "r".into(),
+            },
+            VmState::MigratedAway { to: "b".into() },
+            VmState::Stopping,
+            VmState::Stopped,
+            VmState::Exited { code: 1 },
+            VmState::Failed { error: "e".into() },
+        ] {
+            let json = serde_json::to_value(&state).unwrap();
+            assert_eq!(json["state"], state.name());
+            assert_eq!(serde_json::from_value::<VmState>(json).unwrap(), state);
+        }
+    }
+}
