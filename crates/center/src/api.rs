@@ -16,6 +16,7 @@
 //! | `GET /v1/events` | recent events |
 //! | `GET /metrics` | Prometheus metrics |
 //! | `POST /v1/heartbeat` | hosts only (shared secret) |
+//! | `POST /v1/settle` | hosts only: relays a settle question about an in-doubt switchover to the destination's API |
 
 use std::sync::Arc;
 
@@ -75,6 +76,16 @@ async fn heartbeat(State(center): State<Arc<Center>>, body: JsonBody<Heartbeat>)
             })
             .await
         }
+        Err(e) => bad_body(&e),
+    }
+}
+
+async fn settle(
+    State(center): State<Arc<Center>>,
+    body: JsonBody<ferry_host::SettleRequest>,
+) -> Response {
+    match body {
+        Ok(Json(req)) => answer(StatusCode::OK, move || center.settle(&req)).await,
         Err(e) => bad_body(&e),
     }
 }
@@ -210,6 +221,7 @@ pub fn router(center: Arc<Center>) -> Router {
         ));
     let hosts = Router::new()
         .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/settle", post(settle))
         .route_layer(middleware::from_fn_with_state(center.clone(), host_secret));
     Router::new()
         .route("/", get(dashboard))

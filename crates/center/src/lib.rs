@@ -252,6 +252,34 @@ impl Center {
             .map_err(|e| CenterError::BadRequest(e.to_string()))
     }
 
+    /// Relays a source host's settle question about an in-doubt switchover to the
+    /// destination (found by its migration address), over the destination's API: the
+    /// source may not reach the destination's migration port while the center reaches
+    /// its API. The destination's own answer is returned (and it fences the session, as
+    /// a direct question would), so the center decides nothing it cannot know.
+    pub fn settle(
+        &self,
+        req: &ferry_host::SettleRequest,
+    ) -> Result<ferry_migrate::Settlement, CenterError> {
+        let host = self
+            .inventory()
+            .hosts
+            .values()
+            .find(|h| h.info.migration_addr == req.migration_addr)
+            .cloned()
+            .ok_or_else(|| {
+                CenterError::NotFound(format!(
+                    "no host with migration address {}",
+                    req.migration_addr
+                ))
+            })?;
+        self.host_client(&host)?
+            .post(&format!("/v1/settle/{}", req.session), &())
+            .map_err(|e| {
+                CenterError::Unavailable(format!("host {} did not answer: {e:#}", host.name))
+            })
+    }
+
     /// Takes a host's heartbeat.
     pub fn heartbeat(&self, beat: Heartbeat) -> Result<(), CenterError> {
         if beat.host.name.is_empty() || beat.host.name.len() > 64 {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry_host::hosted::VmInfo;
 use ferry_host::lifecycle::VmState;
-use ferry_host::MigrationStatus;
+use ferry_host::{MigrationState, MigrationStatus};
 use ferry_migrate::MigrationReport;
 use serde::{Deserialize, Serialize};
 
@@ -265,18 +265,20 @@ impl Center {
             match src.get::<MigrationStatus>(&format!("{path}/migration")) {
                 Ok(status) => {
                     last_contact = Instant::now();
-                    match status.state.as_str() {
-                        "succeeded" => {
+                    match status.state {
+                        MigrationState::Succeeded => {
                             break status.report.ok_or_else(|| {
                                 format!("host {} reported success without a report", source.name)
                             })?
                         }
-                        "failed" => {
+                        MigrationState::Failed
+                        | MigrationState::Cancelled
+                        | MigrationState::InDoubt => {
                             return Err(status
                                 .error
                                 .unwrap_or_else(|| "the migration failed".into()))
                         }
-                        _ => {
+                        MigrationState::Running => {
                             if let Some(progress) = status.progress {
                                 if let Some(r) = self.inventory().migration_mut(record_id) {
                                     r.progress = Some(progress);

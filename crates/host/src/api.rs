@@ -12,6 +12,9 @@
 //! | `DELETE /v1/vms/{id}` | stop it |
 //! | `POST /v1/vms/{id}/migrate` | migrate it: `{"to": "HOST:PORT", "mode", "downtime_ms", "streams", ...}` |
 //! | `GET /v1/vms/{id}/migration` | its migration: progress while it runs, then the report or the error |
+//! | `DELETE /v1/vms/{id}/migration` | cancel it, up to the moment the destination is told to run the VM |
+//! | `POST /v1/vms/{id}/resolve` | settle an in-doubt VM by hand: `{"action": "resume" \| "release"}` |
+//! | `POST /v1/settle/{session}` | whether a VM received here in migration `session` runs here (fencing it if it was not yet told to); the center relays a source's question with it |
 
 use std::sync::Arc;
 
@@ -22,6 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+
+use serde::Deserialize;
 
 use crate::{CreateVm, Host, HostError, MigrateRequest};
 
@@ -172,6 +177,46 @@ async fn migration(State(api): State<Api>, Path(id): Path<String>) -> Response {
     answer(StatusCode::OK, move || api.host.migration(&id)).await
 }
 
+async fn cancel_migration(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    answer(StatusCode::ACCEPTED, move || api.host.cancel_migration(&id)).await
+}
+
+/// `POST /v1/vms/{id}/resolve`.
+#[derive(Debug, Deserialize)]
+struct Resolve {
+    /// "resume" (it does not run on the destination) or "release" (it does).
+    action: String,
+}
+
+async fn resolve(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    body: JsonBody<Resolve>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(body) => body,
+        Err(e) => return bad_body(&e),
+    };
+    let resume = match req.action.as_str() {
+        "resume" => true,
+        "release" => false,
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("action '{other}' is not resume or release"),
+            )
+        }
+    };
+    answer(StatusCode::OK, move || api.host.resolve(&id, resume)).await
+}
+
+async fn settle(State(api): State<Api>, Path(session): Path<u64>) -> Response {
+    answer(StatusCode::OK, move || {
+        Ok::<_, HostError>(api.host.settle_incoming(session))
+    })
+    .await
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -193,7 +238,12 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Router {
         .route("/v1/vms/{id}", get(show_vm).delete(stop_vm))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/migrate", post(migrate_vm))
-        .route("/v1/vms/{id}/migration", get(migration))
+        .route(
+            "/v1/vms/{id}/migration",
+            get(migration).delete(cancel_migration),
+        )
+        .route("/v1/vms/{id}/resolve", post(resolve))
+        .route("/v1/settle/{session}", post(settle))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
         .fallback(not_found)
         .with_state(api)

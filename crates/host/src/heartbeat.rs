@@ -49,6 +49,7 @@ pub fn load_average() -> Option<f64> {
 pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
     let client = ferry_client::ApiClient::new(&link.center_url, host.config().secret.expose())
         .map_err(std::io::Error::other)?;
+    host.set_center(&link.center_url);
     std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::capacity::Reservation;
 use crate::lifecycle::{Lifecycle, TransitionError, VmState};
 use crate::MigrationStatus;
+use ferry_migrate::CancelToken;
 
 /// Throttle duty-cycle period: the VM is held paused for `pct`% of it.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
@@ -59,6 +60,12 @@ pub struct VmInfo {
     pub files: Vec<FileInfo>,
     /// The console's last lines.
     pub console_tail: String,
+}
+
+/// A migration out of this host: its status for the API, and how to cancel it.
+struct Outgoing {
+    status: MigrationStatus,
+    cancel: CancelToken,
 }
 
 /// Who holds the microVM paused, if anyone.
@@ -102,7 +109,7 @@ pub struct HostedVm {
     /// `accel_load` as f64 bits, updated by the watcher.
     accel_load: AtomicU64,
     /// Its migration out of this host, the one running or the last one.
-    migration: Mutex<Option<MigrationStatus>>,
+    migration: Mutex<Option<Outgoing>>,
     arrived: Instant,
     arrived_unix_ms: u64,
 }
@@ -212,16 +219,38 @@ impl HostedVm {
         self.readout.console_tail()
     }
 
+    fn outgoing(&self) -> MutexGuard<'_, Option<Outgoing>> {
+        self.migration.lock().expect("migration lock")
+    }
+
     /// Its migration out of this host (running or last).
     pub fn migration(&self) -> Option<MigrationStatus> {
-        self.migration.lock().expect("migration lock").clone()
+        self.outgoing().as_ref().map(|m| m.status.clone())
     }
 
     /// Updates its migration's status.
     pub fn update_migration(&self, f: impl FnOnce(&mut MigrationStatus)) {
-        if let Some(status) = self.migration.lock().expect("migration lock").as_mut() {
-            f(status);
+        if let Some(m) = self.outgoing().as_mut() {
+            f(&mut m.status);
         }
+    }
+
+    /// Asks its migration to stop before the destination is told to run the VM.
+    pub fn cancel_migration(&self) -> Result<MigrationStatus, String> {
+        match self.state() {
+            VmState::Migrating { .. } | VmState::Switchover { .. } => {}
+            VmState::InDoubt { .. } => {
+                return Err(format!(
+                    "too late to cancel: the destination was told to run the VM, which is {}",
+                    self.state()
+                ))
+            }
+            other => return Err(format!("it is {other}: no migration to cancel")),
+        }
+        let outgoing = self.outgoing();
+        let m = outgoing.as_ref().ok_or("no migration recorded")?;
+        m.cancel.cancel();
+        Ok(m.status.clone())
     }
 
     /// What a migration tracks of it; `None` once released.
@@ -235,14 +264,16 @@ impl HostedVm {
         self.control().vm.as_ref().map(f)
     }
 
-    /// Running → migrating to `to`, recording `status` as its migration.
+    /// Running → migrating to `to`, recording `status` as its migration, which `cancel`
+    /// cancels.
     pub fn begin_migration(
         &self,
         to: &str,
         status: MigrationStatus,
+        cancel: CancelToken,
     ) -> Result<(), TransitionError> {
         self.life.migrate(to)?;
-        *self.migration.lock().expect("migration lock") = Some(status);
+        *self.outgoing() = Some(Outgoing { status, cancel });
         Ok(())
     }
 

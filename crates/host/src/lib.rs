@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use ferry_accel::backend::DeviceMemory;
 use ferry_migrate::{
-    FileTransfer, MigrationError, MigrationOptions, MigrationReport, Mode, Progress, Secret,
+    FileTransfer, MigrationError, MigrationOptions, MigrationReport, Mode, Outcomes, Progress,
+    Secret, Settlement,
 };
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,22 @@ pub struct HostConfig {
     pub tls: Option<ferry_migrate::TlsConfig>,
     /// Where attached files received with migrated VMs are kept.
     pub file_store: PathBuf,
+}
+
+/// How long a source keeps asking where an in-doubt VM runs before leaving it to the
+/// operator (well within how long destinations remember their sessions).
+pub const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(600);
+/// Settle attempts kept in a migration's status.
+const MAX_SETTLEMENT_LINES: usize = 20;
+
+/// A settle question relayed through the center: the destination (by its migration
+/// address) and the migration's session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SettleRequest {
+    /// The destination's migration address.
+    pub migration_addr: String,
+    /// The migration's session.
+    pub session: u64,
 }
 
 /// Default nice value of a host's VM threads: under contention the daemon's own work
@@ -236,6 +253,30 @@ impl MigrateRequest {
     }
 }
 
+/// Where a migration out of this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    /// Under way.
+    Running,
+    /// The VM runs on the destination.
+    Succeeded,
+    /// It failed before the destination was told to run the VM: the VM runs here.
+    Failed,
+    /// Cancelled before the destination was told to run the VM: the VM runs here.
+    Cancelled,
+    /// The destination was told to run the VM but did not confirm: the VM is in doubt,
+    /// paused here, until it is known where it runs.
+    InDoubt,
+}
+
+impl MigrationState {
+    /// Whether it has ended (any state but running).
+    pub fn has_ended(self) -> bool {
+        self != Self::Running
+    }
+}
+
 /// A migration out of this host, as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationStatus {
@@ -243,14 +284,18 @@ pub struct MigrationStatus {
     pub vm: String,
     /// Destination.
     pub to: String,
-    /// "running", "succeeded" or "failed".
-    pub state: String,
+    /// Where it is.
+    pub state: MigrationState,
     /// Last progress report.
     pub progress: Option<Progress>,
     /// The result, once it succeeded.
     pub report: Option<MigrationReport>,
     /// Why it failed.
     pub error: Option<String>,
+    /// For an in-doubt migration: each attempt to settle where the VM runs, and how it
+    /// was settled (the evidence an operator resolving it by hand sees).
+    #[serde(default)]
+    pub settlement: Vec<String>,
 }
 
 /// This host's capacity and load: `GET /v1/host`, and the heart of each heartbeat.
@@ -295,6 +340,11 @@ pub struct Host {
     device_memory: DeviceMemory,
     /// What VMs (created, running, or arriving) hold of the capacity.
     ledger: Ledger,
+    /// How each migration received here ended, to settle in-doubt switchovers.
+    outcomes: Outcomes,
+    /// The cluster center this host reports to, if any: it relays settle questions to a
+    /// destination this host cannot reach.
+    center: Mutex<Option<String>>,
     vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
     next_id: Mutex<u64>,
 }
@@ -309,6 +359,8 @@ impl Host {
                 accel: config.accel_capacity,
             }),
             config,
+            outcomes: Outcomes::default(),
+            center: Mutex::default(),
             vms: Mutex::default(),
             next_id: Mutex::new(1),
         })
@@ -513,12 +565,13 @@ impl Host {
         let status = MigrationStatus {
             vm: id.to_string(),
             to: req.to.clone(),
-            state: "running".into(),
+            state: MigrationState::Running,
             progress: None,
             report: None,
             error: None,
+            settlement: Vec::new(),
         };
-        vm.begin_migration(&req.to, status.clone())
+        vm.begin_migration(&req.to, status.clone(), options.cancel.clone())
             .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
         let host = self.clone();
         let migrating = vm.clone();
@@ -561,14 +614,14 @@ impl Host {
                     tracing::error!(vm = %id, "a migrated VM could not be released: {e}");
                 }
                 vm.update_migration(|s| {
-                    s.state = "succeeded".into();
+                    s.state = MigrationState::Succeeded;
                     s.report = Some(report);
                 });
             }
             Err(e) => {
                 tracing::warn!(vm = %id, %to, "migration failed: {e}");
                 let outcome = match &e {
-                    MigrationError::InDoubt(reason) => {
+                    MigrationError::InDoubt { reason, .. } => {
                         vm.lose_confirmation(reason).map_err(|e| e.to_string())
                     }
                     _ => vm.abandon_migration(),
@@ -577,11 +630,149 @@ impl Host {
                     tracing::error!(vm = %id, "after the failed migration: {why}");
                 }
                 vm.update_migration(|s| {
-                    s.state = "failed".into();
+                    s.state = match e {
+                        MigrationError::InDoubt { .. } => MigrationState::InDoubt,
+                        MigrationError::Cancelled { .. } => MigrationState::Cancelled,
+                        _ => MigrationState::Failed,
+                    };
                     s.error = Some(e.to_string());
                 });
+                if let MigrationError::InDoubt { session, .. } = e {
+                    self.settle(vm, to, session, options);
+                }
             }
         }
+    }
+
+    /// Settles an in-doubt switchover: asks the destination (or, when it cannot be
+    /// reached, the center, which asks it in turn) whether it runs the VM, with backoff,
+    /// until the answer is final; then releases the VM here or resumes it. Gives up after
+    /// [`IN_DOUBT_PATIENCE`], leaving it to `ferry vm resolve`.
+    fn settle(&self, vm: &HostedVm, to: &str, session: u64, options: &MigrationOptions) {
+        let started = std::time::Instant::now();
+        let mut wait = Duration::from_millis(100);
+        let note = |line: String| {
+            tracing::info!(vm = %vm.id, "{line}");
+            vm.update_migration(|s| {
+                if s.settlement.len() >= MAX_SETTLEMENT_LINES {
+                    s.settlement.remove(0);
+                }
+                s.settlement.push(line);
+            });
+        };
+        loop {
+            if !matches!(vm.state(), VmState::InDoubt { .. }) {
+                return;
+            }
+            let asked = match ferry_migrate::settle(to, &self.config.secret, options, session) {
+                Ok(answer) => Ok(("the destination", answer)),
+                Err(direct) => match self.settle_through_center(to, session) {
+                    Some(Ok(answer)) => Ok(("the center, relaying for the destination", answer)),
+                    Some(Err(relayed)) => Err(format!("{direct}; through the center: {relayed}")),
+                    None => Err(direct.to_string()),
+                },
+            };
+            let after = format!("{:.1} s", started.elapsed().as_secs_f64());
+            let done = match asked {
+                Ok((who, Settlement::Running)) => {
+                    note(format!("{after}: {who} runs the VM: released here"));
+                    vm.leave().map_err(|e| e.to_string())
+                }
+                Ok((who, Settlement::NotRunning)) => {
+                    note(format!(
+                        "{after}: {who} does not run the VM, and never will: resumed here"
+                    ));
+                    vm.resume_here()
+                }
+                Ok((who, Settlement::Undecided)) => {
+                    note(format!(
+                        "{after}: {who} is resuming the VM right now; asking again"
+                    ));
+                    Err(String::new())
+                }
+                Err(e) => {
+                    note(format!("{after}: no answer ({e}); asking again"));
+                    Err(String::new())
+                }
+            };
+            match done {
+                Ok(()) => return,
+                Err(e) if !e.is_empty() => {
+                    tracing::error!(vm = %vm.id, "settling the in-doubt VM: {e}");
+                    return;
+                }
+                Err(_) => {}
+            }
+            if started.elapsed() >= IN_DOUBT_PATIENCE {
+                note(format!(
+                    "gave up asking after {:.0} s: resolve it with `ferry vm resolve {} --resume|--release`",
+                    started.elapsed().as_secs_f64(),
+                    vm.id
+                ));
+                return;
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Asks the center (if this host reports to one) to settle `session` with the
+    /// destination whose migration address is `to`.
+    fn settle_through_center(&self, to: &str, session: u64) -> Option<Result<Settlement, String>> {
+        let center = self.center.lock().expect("center lock").clone()?;
+        let asked =
+            ferry_client::ApiClient::new(&center, self.config.secret.expose()).and_then(|client| {
+                client.post(
+                    "/v1/settle",
+                    &SettleRequest {
+                        migration_addr: to.to_string(),
+                        session,
+                    },
+                )
+            });
+        Some(asked.map_err(|e| format!("{e:#}")))
+    }
+
+    /// Reports to the center at `url` from now on (settle questions go through it too).
+    pub fn set_center(&self, url: &str) {
+        *self.center.lock().expect("center lock") = Some(url.to_string());
+    }
+
+    /// Answers a settle question about a migration received here (see
+    /// [`ferry_migrate::settle`]): asked by a source through the center.
+    pub fn settle_incoming(&self, session: u64) -> Settlement {
+        self.outcomes.settle(session)
+    }
+
+    /// Settles an in-doubt VM by hand: `resume` runs it here (the operator knows the
+    /// destination does not run it), otherwise it is released here (it runs there).
+    pub fn resolve(&self, id: &str, resume: bool) -> Result<MigrationStatus, HostError> {
+        let vm = self.get(id)?;
+        let done = if resume {
+            vm.resume_here()
+        } else if matches!(vm.state(), VmState::InDoubt { .. }) {
+            vm.leave().map_err(|e| e.to_string())
+        } else {
+            Err(format!("it is {}, not in doubt", vm.state()))
+        };
+        done.map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
+        let line = if resume {
+            "resolved by the operator: resumed here"
+        } else {
+            "resolved by the operator: released here (it runs on the destination)"
+        };
+        tracing::warn!(%id, "{line}");
+        vm.update_migration(|s| s.settlement.push(line.into()));
+        self.migration(id)
+    }
+
+    /// Cancels the migration of VM `id`, if it has not yet told its destination to run
+    /// the VM; follow it with [`Self::migration`] (it ends as cancelled, or as succeeded
+    /// if the cancel came too late).
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationStatus, HostError> {
+        self.get(id)?
+            .cancel_migration()
+            .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))
     }
 
     /// The last migration of VM `id` from this host.
@@ -596,9 +787,10 @@ impl Host {
         let factory = Arc::new(Receiver { host: self.clone() });
         let secret = self.config.secret.clone();
         let tls = self.config.tls.clone();
+        let outcomes = self.outcomes.clone();
         std::thread::Builder::new()
             .name("migrate-listener".into())
-            .spawn(move || ferry_migrate::serve_with_tls(listener, secret, tls, factory))
+            .spawn(move || ferry_migrate::serve_with_tls(listener, secret, tls, factory, outcomes))
             .map(drop)
     }
 }

@@ -15,16 +15,21 @@
 //! switchover; a failure before the destination confirms leaves the VM on the source.
 
 pub mod auth;
+mod deadline;
 mod link;
 pub mod receive;
 pub mod send;
+pub mod settle;
 pub mod tls;
 pub mod vm;
 pub mod wire;
 
 pub use auth::Secret;
 pub use receive::{serve, serve_with_tls, ReceiveReport, TargetFactory};
-pub use send::{migrate_vm, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS};
+pub use send::{
+    migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,
+};
+pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
     ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationSource, MigrationTarget, PageSet,
@@ -88,10 +93,42 @@ pub enum MigrationError {
         /// Throttle reached.
         throttle_pct: u8,
     },
+    /// A phase ran out of time: the peer stopped reading or answering (frozen, gone, or a
+    /// link that silently drops packets).
+    #[error("timed out in {phase} while {what}: no progress for {limit_ms} ms")]
+    TimedOut {
+        /// The phase.
+        phase: String,
+        /// What was going on.
+        what: String,
+        /// The limit that ran out.
+        limit_ms: u64,
+    },
+    /// The switchover ran past its deadline (the pause target plus a margin) before the
+    /// destination was told to run the VM: abandoned, the VM resumed on the source.
+    #[error("the switchover ran past its deadline of {deadline_ms} ms (pause target {target_ms} ms plus a margin) before the destination was ready; the VM resumed on the source")]
+    SwitchoverDeadline {
+        /// The deadline, from the pause.
+        deadline_ms: u64,
+        /// The pause target.
+        target_ms: u64,
+    },
+    /// Cancelled before the destination was told to run the VM.
+    #[error("cancelled during {phase}; the VM keeps running on the source")]
+    Cancelled {
+        /// The phase it was cancelled in.
+        phase: String,
+    },
     /// The destination was told to resume but its confirmation never came: the VM stays
     /// paused on the source so it can never run on both hosts.
-    #[error("switchover outcome unknown: the destination was told to resume but did not confirm ({0}); the VM is kept paused on the source so it never runs twice — check the destination")]
-    InDoubt(String),
+    #[error("switchover outcome unknown: the destination was told to resume but did not confirm ({reason}); the VM is kept paused on the source so it never runs twice until settled")]
+    InDoubt {
+        /// What broke.
+        reason: String,
+        /// The migration's session, to settle it with the destination
+        /// ([`crate::settle()`]).
+        session: u64,
+    },
 }
 
 impl MigrationError {

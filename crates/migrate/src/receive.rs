@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::auth::{authenticate_stream_listener, Secret};
 use crate::link::Link;
 use crate::send::{ms, MAX_STREAMS};
+use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
 use crate::vm::{DeviceBuffer, FileTransfer, MigrationTarget, VmDescription, PAGE_SIZE};
 use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
@@ -74,28 +75,31 @@ type Sessions = Arc<Mutex<HashMap<u64, Sender<(u8, DataConn)>>>>;
 /// Accepts migration connections on `listener` forever, each on its own thread, over
 /// plain TCP.
 pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: Arc<F>) {
-    serve_with_tls(listener, secret, None, factory);
+    serve_with_tls(listener, secret, None, factory, Outcomes::default());
 }
 
 /// Accepts migration connections on `listener` forever, each on its own thread. With
 /// `tls`, every connection must first complete a mutual TLS handshake (the peer's
 /// certificate signed by the configured CA; see [`crate::tls`]), and the shared-secret
 /// authentication runs inside it; a connection that fails either is logged and closed,
-/// and the listener goes on.
+/// and the listener goes on. Every incoming session's outcome is kept in `outcomes`, to
+/// settle in-doubt switchovers.
 pub fn serve_with_tls<F: TargetFactory>(
     listener: TcpListener,
     secret: Secret,
     tls: Option<TlsConfig>,
     factory: Arc<F>,
+    outcomes: Outcomes,
 ) {
     let sessions: Sessions = Arc::default();
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
-        let (secret, tls, factory, sessions) = (
+        let (secret, tls, factory, sessions, outcomes) = (
             secret.clone(),
             tls.clone(),
             factory.clone(),
             sessions.clone(),
+            outcomes.clone(),
         );
         let peer = stream
             .peer_addr()
@@ -103,9 +107,12 @@ pub fn serve_with_tls<F: TargetFactory>(
         let spawned = std::thread::Builder::new()
             .name("migrate-in".into())
             .spawn(move || {
-                if let Err(e) =
-                    handle_connection(stream, &secret, tls.as_ref(), &*factory, &sessions)
-                {
+                let shared = Shared {
+                    factory: &*factory,
+                    sessions: &sessions,
+                    outcomes: &outcomes,
+                };
+                if let Err(e) = handle_connection(stream, &secret, tls.as_ref(), shared) {
                     tracing::warn!(%peer, "incoming migration connection failed: {e}");
                 }
             });
@@ -115,16 +122,24 @@ pub fn serve_with_tls<F: TargetFactory>(
     }
 }
 
+/// What every connection of a listener shares.
+#[derive(Clone, Copy)]
+struct Shared<'a, F> {
+    factory: &'a F,
+    sessions: &'a Sessions,
+    outcomes: &'a Outcomes,
+}
+
 fn handle_connection<F: TargetFactory>(
     stream: TcpStream,
     secret: &Secret,
     tls: Option<&TlsConfig>,
-    factory: &F,
-    sessions: &Sessions,
+    shared: Shared<'_, F>,
 ) -> Result<(), MigrationError> {
     stream
         .set_nodelay(true)
         .and_then(|()| stream.set_read_timeout(Some(CONTROL_TIMEOUT)))
+        .and_then(|()| crate::deadline::tune(&stream, STREAM_WAIT))
         .map_err(MigrationError::io("setting up a connection"))?;
     let keep = stream
         .try_clone()
@@ -140,15 +155,32 @@ fn handle_connection<F: TargetFactory>(
     };
     let mut conn = FrameStream::new(link, false);
     match authenticate_stream_listener(&mut conn, secret)? {
-        StreamRole::Control => {
-            let result = receive_vm(conn, keep, factory, sessions);
-            if let Err(e) = &result {
-                tracing::warn!("incoming migration discarded: {e}");
+        StreamRole::Control => match conn.expect_control("an offer")? {
+            Message::Settle { session } => {
+                let settlement = shared.outcomes.settle(session);
+                tracing::info!(
+                    session,
+                    ?settlement,
+                    "asked whether a migrated VM runs here"
+                );
+                conn.send(&Message::Settled { settlement })
             }
-            result.map(drop)
-        }
+            Message::Offer {
+                vm, streams, files, ..
+            } => {
+                let result = receive_vm(conn, keep, shared, (vm, streams, files));
+                if let Err(e) = &result {
+                    tracing::warn!("incoming migration discarded: {e}");
+                }
+                result.map(drop)
+            }
+            other => Err(MigrationError::Protocol(format!(
+                "expected an offer, got {other:?}"
+            ))),
+        },
         StreamRole::Data { session, index } => {
-            let slot = sessions
+            let slot = shared
+                .sessions
                 .lock()
                 .expect("sessions lock")
                 .get(&session)
@@ -431,24 +463,18 @@ fn collect_streams(
     Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
 }
 
-/// Receives one VM on an authenticated control connection.
+/// Receives the VM `offer`ed on an authenticated control connection.
 fn receive_vm<F: TargetFactory>(
     mut conn: Conn,
     control_socket: TcpStream,
-    factory: &F,
-    sessions: &Sessions,
+    shared: Shared<'_, F>,
+    offer: (VmDescription, u8, FileTransfer),
 ) -> Result<(), MigrationError> {
+    let Shared {
+        factory, outcomes, ..
+    } = shared;
     let started = Instant::now();
-    let (vm, streams, file_transfer) = match conn.expect_control("an offer")? {
-        Message::Offer {
-            vm, streams, files, ..
-        } => (vm, streams, files),
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected an offer, got {other:?}"
-            )))
-        }
-    };
+    let (vm, streams, file_transfer) = offer;
     if let Err(reason) = validate_offer(&vm, streams) {
         return Err(refuse(&mut conn, format!("invalid offer: {reason}")));
     }
@@ -471,6 +497,54 @@ fn receive_vm<F: TargetFactory>(
     let mut session_bytes = [0u8; 8];
     getrandom::fill(&mut session_bytes).expect("the OS random source");
     let session = u64::from_le_bytes(session_bytes);
+    outcomes.receiving(session);
+    let accepted = Accepted {
+        started,
+        target,
+        vm,
+        streams,
+        send_files,
+        file_sizes,
+    };
+    let result = receive_session(conn, control_socket, shared, accepted, session);
+    if result.is_err() {
+        outcomes.ended(session, false);
+    }
+    let (target, report) = result?;
+    factory.adopt(target, report);
+    Ok(())
+}
+
+/// An offer the destination accepted, with the VM prepared for it.
+struct Accepted<T> {
+    /// When the offer arrived.
+    started: Instant,
+    target: T,
+    vm: VmDescription,
+    streams: u8,
+    /// The offered files the source must send.
+    send_files: Vec<u32>,
+    /// Size of each offered file being sent (`None`: not sent), by offer index.
+    file_sizes: Vec<Option<u64>>,
+}
+
+/// The rest of [`receive_vm`] once the session exists: returns the running VM's target.
+fn receive_session<F: TargetFactory>(
+    mut conn: Conn,
+    control_socket: TcpStream,
+    shared: Shared<'_, F>,
+    accepted: Accepted<F::Target>,
+    session: u64,
+) -> Result<(F::Target, ReceiveReport), MigrationError> {
+    let Accepted {
+        started,
+        target,
+        vm,
+        streams,
+        send_files,
+        file_sizes,
+    } = accepted;
+    let sessions = shared.sessions;
     let (tx, rx) = channel();
     sessions.lock().expect("sessions lock").insert(session, tx);
     let accepted = conn
@@ -494,7 +568,14 @@ fn receive_vm<F: TargetFactory>(
                 scope.spawn(move || apply_stream(i, reader, target, vm.ram_size, inbound))
             })
             .collect();
-        let result = control_loop(&mut conn, &target, &inbound, streams).map_err(|e| {
+        let result = control_loop(
+            &mut conn,
+            &target,
+            &inbound,
+            streams,
+            (shared.outcomes, session),
+        )
+        .map_err(|e| {
             // A failed data stream cut the control stream: its reason is the real one.
             match inbound.lock().failed.take() {
                 Some(why) => MigrationError::Protocol(why),
@@ -537,8 +618,7 @@ fn receive_vm<F: TargetFactory>(
         total_ms: ms(started.elapsed()),
     };
     tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
-    factory.adopt(target, report);
-    Ok(())
+    Ok((target, report))
 }
 
 /// The control conversation after the streams are open; returns the rounds applied.
@@ -547,6 +627,7 @@ fn control_loop<T: MigrationTarget>(
     target: &T,
     inbound: &Inbound,
     streams: u8,
+    (outcomes, session): (&Outcomes, u64),
 ) -> Result<u32, MigrationError> {
     let mut expected_round = 0u32;
     let mut expected_frames = vec![0u64; usize::from(streams)];
@@ -635,8 +716,15 @@ fn control_loop<T: MigrationTarget>(
                         )))
                     }
                 }
+                if !outcomes.begin_resume(session) {
+                    return Err(MigrationError::Protocol(
+                        "the source settled this migration as not run here before its Go arrived"
+                            .into(),
+                    ));
+                }
                 let resuming = Instant::now();
                 target.resume().map_err(target_err)?;
+                outcomes.ended(session, true);
                 tracing::debug!(ms = ms(resuming.elapsed()), "resumed");
                 // The VM runs here now; a lost confirmation leaves it running here and
                 // paused at the source, never running on both.

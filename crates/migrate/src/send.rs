@@ -2,12 +2,14 @@
 //! switchover. Any failure before the destination confirms resumes the VM here.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{authenticate_stream_connector, Secret};
+use crate::deadline::{self, Watchdog};
 use crate::link::Link;
 use crate::tls::{self, TlsConfig};
 use crate::vm::{ChunkKey, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE, PAGE_SIZE};
@@ -26,6 +28,65 @@ pub const DEFAULT_STREAMS: u8 = 4;
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
 /// Throttle steps: how much of the time the VM is held paused.
 const THROTTLE_STEPS: [u8; 5] = [0, 30, 50, 70, 90];
+/// What a live switchover may take beyond its pause target (or beyond twice the
+/// predicted pause, when a longer pause is allowed) before it is abandoned.
+const SWITCHOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// Cancels a migration from another thread: it stops at its next step, up to the
+/// moment the destination is told to run the VM, and the VM runs on at the source.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// Asks the migration to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where a migration is, for errors that must say where it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Round(u32),
+    Switchover,
+    Confirmation,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Handshake => write!(f, "the handshake"),
+            Self::Round(n) => write!(f, "pre-copy round {n}"),
+            Self::Switchover => write!(f, "the switchover"),
+            Self::Confirmation => write!(f, "the wait for the destination's confirmation"),
+        }
+    }
+}
+
+/// `error` as it happened in `phase`: an I/O timeout becomes [`MigrationError::TimedOut`]
+/// naming the phase and `limit`; other I/O errors say the phase too.
+fn in_phase(error: MigrationError, phase: Phase, limit: Duration) -> MigrationError {
+    match error {
+        MigrationError::Io { what, source } if deadline::is_timeout(&source) => {
+            MigrationError::TimedOut {
+                phase: phase.to_string(),
+                what,
+                limit_ms: limit.as_millis() as u64,
+            }
+        }
+        MigrationError::Io { what, source } => MigrationError::Io {
+            what: format!("{what} in {phase}"),
+            source,
+        },
+        other => other,
+    }
+}
 
 /// How to migrate.
 #[derive(Debug, Clone)]
@@ -47,13 +108,16 @@ pub struct MigrationOptions {
     /// When the bounds are reached, switch over anyway with the longer pause instead of
     /// stopping with an error.
     pub allow_longer_pause: bool,
-    /// Connection and per-read timeout.
+    /// Connection timeout, and the longest any read or write may wait (also how long
+    /// sent data may stay unacknowledged before the kernel gives the connection up).
     pub io_timeout: Duration,
     /// Mutual TLS on every connection (the destination must serve with TLS too), under
     /// the shared-secret authentication; `None`: plain TCP.
     pub tls: Option<TlsConfig>,
     /// Whether attached files the destination already has are sent anyway.
     pub files: FileTransfer,
+    /// Cancels the migration from another thread.
+    pub cancel: CancelToken,
 }
 
 impl Default for MigrationOptions {
@@ -67,9 +131,10 @@ impl Default for MigrationOptions {
             max_precopy: Duration::from_secs(60),
             throttle: true,
             allow_longer_pause: false,
-            io_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(10),
             tls: None,
             files: FileTransfer::default(),
+            cancel: CancelToken::default(),
         }
     }
 }
@@ -168,6 +233,7 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
                 stream.set_nodelay(true).map_err(err)?;
                 stream.set_read_timeout(Some(timeout)).map_err(err)?;
                 stream.set_write_timeout(Some(timeout)).map_err(err)?;
+                deadline::tune(&stream, timeout).map_err(err)?;
                 return Ok(stream);
             }
             Err(e) => last = Some(e),
@@ -191,13 +257,18 @@ const TLS_WRITE_BUFFER: usize = 1 << 20;
 /// Read buffer of a plain connection (the destination only answers).
 const READ_BUFFER: usize = 8 << 10;
 
+/// Opens and authenticates a connection; returns it with a handle on its socket (to shut
+/// it down from another thread).
 fn open_stream(
     addr: &str,
     secret: &Secret,
     role: StreamRole,
     options: &MigrationOptions,
-) -> Result<Conn, MigrationError> {
+) -> Result<(Conn, TcpStream), MigrationError> {
     let stream = connect(addr, options.io_timeout)?;
+    let socket = stream
+        .try_clone()
+        .map_err(MigrationError::io("opening a stream"))?;
     let link = match &options.tls {
         None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
             .map_err(MigrationError::io("opening a stream"))?,
@@ -216,7 +287,16 @@ fn open_stream(
             e
         }
     })?;
-    Ok(conn)
+    Ok((conn, socket))
+}
+
+/// Opens an authenticated control connection to the destination at `addr`.
+pub(crate) fn open_control(
+    addr: &str,
+    secret: &Secret,
+    options: &MigrationOptions,
+) -> Result<Conn, MigrationError> {
+    open_stream(addr, secret, StreamRole::Control, options).map(|(conn, _)| conn)
 }
 
 /// A piece of an attached file to send.
@@ -265,15 +345,18 @@ fn file_pieces(sizes: &[u64], send: &[u32]) -> Vec<FilePiece> {
 /// hold up the round with a backlog of its own.
 struct WorkQueue<'a> {
     work: &'a RoundWork,
+    /// Once cancelled, no more work is handed out.
+    cancel: &'a CancelToken,
     next_run: AtomicUsize,
     next_chunk: AtomicUsize,
     next_piece: AtomicUsize,
 }
 
 impl<'a> WorkQueue<'a> {
-    fn new(work: &'a RoundWork) -> Self {
+    fn new(work: &'a RoundWork, cancel: &'a CancelToken) -> Self {
         Self {
             work,
+            cancel,
             next_run: AtomicUsize::new(0),
             next_chunk: AtomicUsize::new(0),
             next_piece: AtomicUsize::new(0),
@@ -281,16 +364,25 @@ impl<'a> WorkQueue<'a> {
     }
 
     fn next_piece(&self) -> Option<FilePiece> {
+        if self.cancel.is_cancelled() {
+            return None;
+        }
         let i = self.next_piece.fetch_add(1, Ordering::Relaxed);
         self.work.files.get(i).copied()
     }
 
     fn next_run(&self) -> Option<(u64, u64)> {
+        if self.cancel.is_cancelled() {
+            return None;
+        }
         let i = self.next_run.fetch_add(1, Ordering::Relaxed);
         self.work.runs.get(i).copied()
     }
 
     fn next_chunk(&self) -> Option<ChunkKey> {
+        if self.cancel.is_cancelled() {
+            return None;
+        }
         let i = self.next_chunk.fetch_add(1, Ordering::Relaxed);
         self.work.chunks.get(i).copied()
     }
@@ -405,6 +497,15 @@ fn send_share(
 struct Session<'a> {
     source: &'a dyn MigrationSource,
     control: Conn,
+    /// Every connection's socket (control first), to shut them all at a deadline.
+    sockets: Vec<TcpStream>,
+    /// Where the migration is.
+    phase: Phase,
+    /// The session the destination gave it.
+    session: u64,
+    /// The switchover's deadline, once armed, and whether it fired.
+    watchdog: Option<Watchdog>,
+    cancel: CancelToken,
     /// The data connections (only written).
     data: Vec<Conn>,
     /// What each data stream reads into.
@@ -414,9 +515,31 @@ struct Session<'a> {
     started: Instant,
     /// Every round sent so far (its length is the next round's number).
     round_log: Vec<PrecopyRound>,
+    /// The pause the last pre-copy round predicted.
+    predicted_pause: Duration,
+}
+
+/// How long after the pause a live switchover may take before it is abandoned: the
+/// pause target (or twice the predicted pause, if a longer one is allowed) plus a margin.
+fn switchover_deadline(options: &MigrationOptions, predicted: Duration) -> Duration {
+    let expected = if options.allow_longer_pause {
+        options.downtime_target.max(predicted * 2)
+    } else {
+        options.downtime_target
+    };
+    expected + SWITCHOVER_MARGIN
 }
 
 impl Session<'_> {
+    fn cancelled(&self) -> Result<(), MigrationError> {
+        if self.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled {
+                phase: self.phase.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// Rounds sent so far.
     fn rounds(&self) -> u32 {
         self.round_log.len() as u32
@@ -436,11 +559,15 @@ impl Session<'_> {
         let started = Instant::now();
         let before = self.bytes_sent();
         let round = self.rounds();
+        if self.phase != Phase::Switchover {
+            self.phase = Phase::Round(round);
+        }
+        self.cancelled()?;
         self.control.send(&Message::BeginRound {
             round,
             buffers: self.source.device_buffers(),
         })?;
-        let queue = WorkQueue::new(work);
+        let queue = WorkQueue::new(work, &self.cancel);
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
@@ -455,6 +582,7 @@ impl Session<'_> {
                 .collect();
             handles.into_iter().map(|h| joined(h, "sending")).collect()
         });
+        self.cancelled()?;
         let mut total = StreamCounts::default();
         for r in results {
             let c = r?;
@@ -585,17 +713,23 @@ pub fn migrate_vm(
         )));
     }
     let started = Instant::now();
-    let mut control = open_stream(addr, secret, StreamRole::Control, options)?;
+    let (mut control, control_socket) = open_stream(addr, secret, StreamRole::Control, options)
+        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     let vm = source.describe();
     let ram_pages = vm.ram_size / PAGE_SIZE;
     let file_sizes: Vec<u64> = vm.files.iter().map(|f| f.size).collect();
-    control.send(&Message::Offer {
-        vm,
-        streams: options.streams,
-        transfer: options.mode,
-        files: options.files,
-    })?;
-    let (session, send_files) = match control.expect_control("the destination's answer")? {
+    control
+        .send(&Message::Offer {
+            vm,
+            streams: options.streams,
+            transfer: options.mode,
+            files: options.files,
+        })
+        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
+    let answer = control
+        .expect_control("the destination's answer")
+        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
+    let (session, send_files) = match answer {
         Message::Accept {
             session,
             send_files,
@@ -640,16 +774,26 @@ pub fn migrate_vm(
             .into_iter()
             .map(|h| joined(h, "opening"))
             .collect::<Result<Vec<_>, _>>()
-    })?;
+    })
+    .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams open");
+    let (data, data_sockets): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
     let mut s = Session {
         source,
         control,
+        sockets: std::iter::once(control_socket)
+            .chain(data_sockets)
+            .collect(),
+        phase: Phase::Handshake,
+        session,
+        watchdog: None,
+        cancel: options.cancel.clone(),
         buffers: data.iter().map(|_| StreamBuffers::default()).collect(),
         ram_pages,
         data,
         started,
         round_log: Vec::new(),
+        predicted_pause: Duration::ZERO,
     };
     let outcome = run(&mut s, options, files, progress);
     source.set_throttle(0);
@@ -679,7 +823,14 @@ pub fn migrate_vm(
             round_log: s.round_log,
         }),
         Err(Failure::InDoubt(e)) => Err(e),
-        Err(Failure::BeforeGo { mut error, paused }) => {
+        Err(Failure::BeforeGo { error, paused }) => {
+            let mut error = match &s.watchdog {
+                Some(dog) if dog.fired() => MigrationError::SwitchoverDeadline {
+                    deadline_ms: switchover_deadline(options, s.predicted_pause).as_millis() as u64,
+                    target_ms: options.downtime_target.as_millis() as u64,
+                },
+                _ => in_phase(error, s.phase, options.io_timeout),
+            };
             // A destination that fails mid-round cuts the data streams and says why on
             // the control stream: report its reason rather than the cut.
             if matches!(error, MigrationError::Io { .. }) {
@@ -750,9 +901,12 @@ fn run(
             let log = s.send_round(&work, 0).map_err(before_go(false))?;
             progress(&s.progress("precopy", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
         }
+        s.cancelled().map_err(before_go(false))?;
         pause_at = source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+        // The whole transfer happens in this pause: the I/O timeouts bound it.
+        s.phase = Phase::Switchover;
         let log = s
             .send_round(&round0(s, Vec::new()), 0)
             .map_err(before_go(true))?;
@@ -791,6 +945,7 @@ fn run(
                 predicted,
                 throttle_pct,
             ));
+            s.predicted_pause = predicted;
             if predicted <= options.downtime_target {
                 break pending;
             }
@@ -825,9 +980,25 @@ fn run(
             }
         };
         source.set_throttle(0);
+        s.cancelled().map_err(before_go(false))?;
         pause_at = source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+        s.phase = Phase::Switchover;
+        // A destination that is not ready in time is abandoned before Go, and the VM
+        // resumes here: the pause stays bounded whatever the destination does.
+        let deadline = pause_at + switchover_deadline(options, s.predicted_pause);
+        let sockets = s
+            .sockets
+            .iter()
+            .map(TcpStream::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                before_go(true)(MigrationError::io("arming the switchover deadline")(e))
+            })?;
+        s.watchdog = Some(Watchdog::arm(deadline, sockets).map_err(|e| {
+            before_go(true)(MigrationError::io("arming the switchover deadline")(e))
+        })?);
         tracing::debug!(ms = ms(s.started.elapsed()), "paused");
         // What the last take found is still unsent: the final round sends it too.
         let work = take_dirty(source, Some(pending))
@@ -865,18 +1036,25 @@ fn run(
             ))))
         }
     }
+    s.cancelled().map_err(before_go(true))?;
+    if let Some(dog) = &s.watchdog {
+        if !dog.disarm() {
+            return Err(before_go(true)(MigrationError::Protocol(
+                "the switchover deadline passed".into(),
+            )));
+        }
+    }
     // From here the destination may run the VM: the source must never resume it.
+    s.phase = Phase::Confirmation;
+    let session = s.session;
+    let in_doubt = |reason: String| Failure::InDoubt(MigrationError::InDoubt { reason, session });
     s.control
         .send(&Message::Go)
-        .map_err(|e| Failure::InDoubt(MigrationError::InDoubt(e.to_string())))?;
+        .map_err(|e| in_doubt(e.to_string()))?;
     match s.control.expect_control("the destination's confirmation") {
         Ok(Message::Resumed) => {}
-        Ok(other) => {
-            return Err(Failure::InDoubt(MigrationError::InDoubt(format!(
-                "unexpected {other:?}"
-            ))))
-        }
-        Err(e) => return Err(Failure::InDoubt(MigrationError::InDoubt(e.to_string()))),
+        Ok(other) => return Err(in_doubt(format!("unexpected {other:?}"))),
+        Err(e) => return Err(in_doubt(e.to_string())),
     }
     let downtime = pause_at.elapsed();
     Ok(Switched {

@@ -16,8 +16,9 @@ use crate::vm::{
 };
 use crate::MigrationError;
 
-/// Version of this protocol; peers must speak the same. 2: attached files.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
+/// an in-doubt switchover.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.
@@ -143,6 +144,17 @@ pub enum Message {
     Abort {
         /// Why.
         reason: String,
+    },
+    /// Instead of an offer: whether the destination runs the VM of migration `session`
+    /// (see [`crate::settle`]).
+    Settle {
+        /// The session the destination gave in [`Message::Accept`].
+        session: u64,
+    },
+    /// The answer to [`Message::Settle`].
+    Settled {
+        /// Whether the VM runs there.
+        settlement: crate::settle::Settlement,
     },
 }
 

@@ -15,9 +15,9 @@ use ferry_migrate::auth::{authenticate_stream_connector, authenticate_stream_lis
 use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use ferry_migrate::{
-    migrate_vm, serve, ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationError,
+    migrate_vm, serve, settle, ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationError,
     MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode, PageSet,
-    ReceiveReport, Secret, TargetFactory, VmDescription,
+    ReceiveReport, Secret, Settlement, TargetFactory, VmDescription,
 };
 use sha2::{Digest, Sha256};
 
@@ -549,7 +549,11 @@ struct Faults {
     /// `write_ram` fails once this many writes succeeded (0: never).
     fail_ram_after: AtomicUsize,
     fail_restore: AtomicBool,
+    /// `restore` takes this long (a destination slow or frozen at the switchover).
+    restore_delay: Mutex<Duration>,
     fail_resume: AtomicBool,
+    /// `resume` takes this long (its confirmation may come after the source gave up).
+    resume_delay: Mutex<Duration>,
     /// `write_chunk` panics (a bug in the VM being received).
     panic_on_chunk: AtomicBool,
     /// `write_ram` calls outside the VM's RAM that reached the target.
@@ -666,6 +670,7 @@ impl MigrationTarget for FakeTarget {
     }
 
     fn restore(&self, state: &[u8]) -> Result<(), String> {
+        std::thread::sleep(*self.faults.restore_delay.lock().unwrap());
         if self.faults.fail_restore.load(Ordering::SeqCst) {
             return Err("injected: the state does not restore".into());
         }
@@ -677,6 +682,7 @@ impl MigrationTarget for FakeTarget {
         if self.state.lock().unwrap().is_none() {
             return Err("resumed before restore".into());
         }
+        std::thread::sleep(*self.faults.resume_delay.lock().unwrap());
         if self.faults.fail_resume.load(Ordering::SeqCst) {
             return Err("injected: the vCPUs do not start".into());
         }
@@ -1648,10 +1654,170 @@ fn a_failing_resume_on_the_destination_keeps_the_source_paused() {
     dest.faults.fail_resume.store(true, Ordering::SeqCst);
     let source = FakeSource::new("in-doubt", 4, 19);
     let err = migrate(&source, &dest, &options(Mode::Live)).expect_err("resume failure");
-    assert!(matches!(err, MigrationError::InDoubt(_)), "{err:?}");
+    let MigrationError::InDoubt { session, .. } = err else {
+        panic!("expected InDoubt, got {err:?}");
+    };
     assert!(source.paused());
     assert_eq!(source.resumes.load(Ordering::SeqCst), 0);
     dest.assert_nothing_adopted();
+    // Asked, the destination says it does not run the VM: the source may resume it.
+    let answer = settle(&dest.addr, &secret(), &options(Mode::Live), session).unwrap();
+    assert_eq!(answer, Settlement::NotRunning);
+    // A session it never saw is not running there either.
+    let unknown = settle(&dest.addr, &secret(), &options(Mode::Live), !session).unwrap();
+    assert_eq!(unknown, Settlement::NotRunning);
+}
+
+#[test]
+fn an_in_doubt_switchover_settles_as_running_once_the_destination_has_resumed() {
+    // The destination resumes slowly: the source stops waiting for the confirmation.
+    let dest = Destination::start();
+    *dest.faults.resume_delay.lock().unwrap() = Duration::from_millis(1500);
+    let source = FakeSource::new("slow-resume", 4, 44);
+    let opts = MigrationOptions {
+        io_timeout: Duration::from_millis(400),
+        ..options(Mode::Live)
+    };
+    let err = migrate(&source, &dest, &opts).expect_err("no confirmation in time");
+    let MigrationError::InDoubt { session, .. } = err else {
+        panic!("expected InDoubt, got {err:?}");
+    };
+    assert!(source.paused());
+    // While it resumes the answer is not final; once it has, it is Running.
+    let mut answers = Vec::new();
+    let started = Instant::now();
+    loop {
+        let answer = settle(&dest.addr, &secret(), &opts, session).unwrap();
+        answers.push(answer);
+        if answer != Settlement::Undecided || started.elapsed() > PATIENCE {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(answers.first(), Some(&Settlement::Undecided), "{answers:?}");
+    assert_eq!(answers.last(), Some(&Settlement::Running), "{answers:?}");
+    let (target, _) = dest.adopted();
+    assert!(target.running.load(Ordering::SeqCst));
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_destination_not_ready_by_the_switchover_deadline_is_abandoned_before_go() {
+    let dest = Destination::start();
+    *dest.faults.restore_delay.lock().unwrap() = Duration::from_secs(4);
+    let source = FakeSource::new("slow-restore", 4, 40);
+    let before = source.contents();
+    let started = Instant::now();
+    let err = migrate(&source, &dest, &options(Mode::Live)).expect_err("deadline");
+    match &err {
+        MigrationError::SwitchoverDeadline {
+            deadline_ms,
+            target_ms,
+        } => {
+            assert_eq!(*target_ms, 50);
+            assert_eq!(*deadline_ms, 1050);
+        }
+        other => panic!("expected SwitchoverDeadline, got {other:?}"),
+    }
+    // The pause lasted the deadline, not the destination's four seconds.
+    assert!(started.elapsed() < Duration::from_secs(3), "{err}");
+    assert_running_again(&source);
+    assert_eq!(source.contents(), before);
+    dest.assert_nothing_adopted();
+}
+
+/// A destination that authenticates every connection and accepts the offer, then never
+/// reads another byte (a frozen process, or a link that silently drops everything).
+fn frozen_destination() -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        let secret = secret();
+        let mut held = Vec::new();
+        let (s, _) = listener.accept().unwrap();
+        let mut control = FrameStream::new(s, false);
+        authenticate_stream_listener(&mut control, &secret).unwrap();
+        let Message::Offer { streams, .. } = control.expect_control("offer").unwrap() else {
+            panic!("expected an offer")
+        };
+        control
+            .send(&Message::Accept {
+                session: 7,
+                send_files: Vec::new(),
+            })
+            .unwrap();
+        for _ in 0..streams {
+            let (s, _) = listener.accept().unwrap();
+            let mut c = FrameStream::new(s, false);
+            authenticate_stream_listener(&mut c, &secret).unwrap();
+            held.push(c);
+        }
+        // Frozen until the source gives up (it closes its ends).
+        std::thread::sleep(Duration::from_secs(8));
+        drop((control, held));
+    });
+    (addr, handle)
+}
+
+#[test]
+fn a_frozen_destination_times_out_in_the_round_it_froze_in() {
+    let (addr, frozen) = frozen_destination();
+    // 64 MiB of non-zero pages: more than the sockets' buffers hold.
+    let source = FakeSource::new("frozen-peer", 64, 41);
+    source.lock().ram.iter_mut().for_each(|b| *b |= 1);
+    let opts = MigrationOptions {
+        io_timeout: Duration::from_secs(1),
+        ..options(Mode::Live)
+    };
+    let started = Instant::now();
+    let err = migrate_vm(&*source, &addr, &secret(), &opts, &mut |_| {}).expect_err("frozen");
+    match &err {
+        MigrationError::TimedOut {
+            phase, limit_ms, ..
+        } => {
+            assert_eq!(phase, "pre-copy round 0");
+            assert_eq!(*limit_ms, 1000);
+        }
+        other => panic!("expected TimedOut, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "{err}");
+    assert!(err.to_string().contains("pre-copy round 0"), "{err}");
+    assert_running_again(&source);
+    frozen.join().unwrap();
+}
+
+#[test]
+fn a_cancelled_migration_stops_before_go_and_the_vm_runs_on() {
+    let dest = Destination::start();
+    // A VM that never converges, so the migration is still in pre-copy when cancelled.
+    let source = FakeSource::new("cancelled", 4, 42);
+    source.hot.store(true, Ordering::SeqCst);
+    let guest = Guest::start(&source, true, 43);
+    let opts = MigrationOptions {
+        downtime_target: Duration::from_millis(1),
+        max_rounds: 1000,
+        throttle: false,
+        ..options(Mode::Live)
+    };
+    let cancel = opts.cancel.clone();
+    let mut rounds = 0;
+    let err = migrate_vm(&*source, &dest.addr, &secret(), &opts, &mut |_| {
+        rounds += 1;
+        if rounds == 2 {
+            cancel.cancel();
+        }
+    })
+    .expect_err("cancelled");
+    guest.stop();
+    match &err {
+        MigrationError::Cancelled { phase } => assert_eq!(phase, "pre-copy round 2"),
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    assert_eq!(rounds, 2);
+    assert_eq!(source.pauses.load(Ordering::SeqCst), 0);
+    assert_running_again(&source);
+    dest.assert_nothing_adopted();
+    dest.assert_alive();
 }
 
 // ---------------------------------------------------------------------------------------

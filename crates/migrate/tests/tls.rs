@@ -161,7 +161,7 @@ fn destination(tls: Option<TlsConfig>) -> (String, Receiver<(FakeTarget, Receive
     let (tx, rx) = channel();
     let factory = Arc::new(Factory(Mutex::new(tx)));
     std::thread::spawn(move || match tls {
-        Some(tls) => serve_with_tls(listener, secret(), Some(tls), factory),
+        Some(tls) => serve_with_tls(listener, secret(), Some(tls), factory, Default::default()),
         None => serve(listener, secret(), factory),
     });
     (addr, rx)

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_host::{MigrateRequest, MigrationStatus};
+use ferry_host::{MigrateRequest, MigrationState, MigrationStatus};
 use ferry_migrate::MigrationReport;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -14,17 +14,25 @@ use ferry_client::ApiClient;
 /// `ferry migrate`.
 #[derive(Args)]
 #[command(
-    after_help = "Example:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 4\n\n\
+    after_help = "Examples:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 4\n  \
+    ferry migrate a-vm1 --cancel\n\n\
     With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
     bytes_sent, final_bytes, max_throttle_pct, streams, files_sent, files_reused,\n\
-    file_bytes and the per-round log."
+    file_bytes and the per-round log.\n\n\
+    A migration can be cancelled (--cancel) until the destination is told to run the VM;\n\
+    the VM then runs on at the source. A VM being migrated cannot be stopped: cancel the\n\
+    migration first. If the switchover breaks after the destination was told to run the\n\
+    VM, the VM is in doubt: paused at the source until it is known where it runs."
 )]
 pub struct MigrateArgs {
     /// The VM's id on the source host (--host).
     pub vm: String,
     /// The destination's migration address, HOST:PORT (its `--migration-listen`).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub to: String,
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Cancel the VM's migration instead, and wait until it has stopped.
+    #[arg(long, conflicts_with = "to")]
+    pub cancel: bool,
     /// `live`: copy while the VM runs, then a short pause; `stop-and-copy`: pause, copy
     /// everything, resume on the destination.
     #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
@@ -73,7 +81,7 @@ impl MigrateArgs {
             allow_longer_pause: self.allow_longer_pause,
             max_rounds: self.max_rounds,
             files: self.files.clone(),
-            ..MigrateRequest::to(&self.to)
+            ..MigrateRequest::to(self.to.as_deref().unwrap_or_default())
         }
     }
 }
@@ -91,6 +99,23 @@ pub fn follow(
     bar: &ProgressBar,
 ) -> anyhow::Result<MigrationReport> {
     let _: MigrationStatus = client.post(&format!("/v1/vms/{vm}/migrate"), request)?;
+    let status = wait(client, vm, bar)?;
+    let error = status.error.as_deref().unwrap_or("unknown error");
+    match status.state {
+        MigrationState::Succeeded => status
+            .report
+            .with_context(|| format!("the migration of {vm} succeeded without a report")),
+        MigrationState::Failed => bail!("migration of {vm} failed: {error}"),
+        MigrationState::Cancelled => bail!("migration of {vm} {error}"),
+        MigrationState::InDoubt => bail!(
+            "migration of {vm} is in doubt: {error}\n(the source asks the destination and settles it; `ferry vm show {vm}` shows where it stands)"
+        ),
+        MigrationState::Running => unreachable!("wait returns once it has ended"),
+    }
+}
+
+/// Follows the migration of `vm` until it ends; returns its last status.
+fn wait(client: &ApiClient, vm: &str, bar: &ProgressBar) -> anyhow::Result<MigrationStatus> {
     let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
@@ -108,20 +133,13 @@ pub fn follow(
             ));
         }
         bar.tick();
-        match status.state.as_str() {
-            "succeeded" => {
-                return status
-                    .report
-                    .with_context(|| format!("the migration of {vm} succeeded without a report"))
-            }
-            "failed" => bail!(
-                "migration of {vm} failed: {}",
-                status.error.as_deref().unwrap_or("unknown error")
-            ),
-            _ if started.elapsed() > Duration::from_secs(600) => {
-                bail!("migration of {vm} still running after 10 minutes; see GET /v1/vms/{vm}/migration")
-            }
-            _ => {}
+        if status.state.has_ended() {
+            return Ok(status);
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "migration of {vm} still running after 10 minutes; see GET /v1/vms/{vm}/migration"
+            )
         }
     }
 }
@@ -166,13 +184,36 @@ pub fn summary(report: &MigrationReport) -> String {
 pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     let client = args.host.client()?;
     let bar = spinner(args.json);
+    if args.cancel {
+        let _: MigrationStatus = client.delete(&format!("/v1/vms/{}/migration", args.vm))?;
+        let status = wait(&client, &args.vm, &bar);
+        bar.finish_and_clear();
+        let status = status?;
+        let error = status.error.as_deref().unwrap_or("unknown error");
+        return match status.state {
+            MigrationState::Cancelled | MigrationState::Failed => {
+                println!("migration of {}: {error}", args.vm);
+                Ok(())
+            }
+            MigrationState::Succeeded => bail!(
+                "too late: the migration of {} completed before the cancel took effect",
+                args.vm
+            ),
+            MigrationState::InDoubt => bail!(
+                "too late: the migration of {} is in doubt: {error}",
+                args.vm
+            ),
+            MigrationState::Running => unreachable!("wait returns once it has ended"),
+        };
+    }
     let result = follow(&client, &args.vm, &args.request(), &bar);
     bar.finish_and_clear();
     let report = result?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("{} -> {}: {}", args.vm, args.to, summary(&report));
+        let to = args.to.as_deref().unwrap_or_default();
+        println!("{} -> {to}: {}", args.vm, summary(&report));
     }
     Ok(())
 }

@@ -76,10 +76,30 @@ enum VmCommand {
         /// VM id.
         id: String,
     },
-    /// Stop a VM.
+    /// Stop a VM. A VM being migrated is not stopped (cancel the migration first with
+    /// `ferry migrate ID --cancel`), nor one in doubt, nor one that migrated away (the
+    /// answer says where it runs).
     Stop {
         /// VM id.
         id: String,
+    },
+    /// Settle a VM left in doubt by a broken switchover (paused here; the destination
+    /// may or may not run it). The host settles it by itself when it can ask the
+    /// destination (or the center); without a flag this shows what it found so far.
+    #[command(after_help = "Examples:\n  ferry vm resolve a-vm1\n  \
+        ferry vm resolve a-vm1 --release   # it runs on the destination: drop the copy here\n  \
+        ferry vm resolve a-vm1 --resume    # the destination does not run it: run it here\n\n\
+        Resuming a VM that does run on the destination runs it twice: check the destination\n\
+        (`ferry vm show ID --host ITS_API`) first.")]
+    Resolve {
+        /// VM id.
+        id: String,
+        /// Run it here: the destination does not run it.
+        #[arg(long, conflicts_with = "release")]
+        resume: bool,
+        /// Release it here: it runs on the destination.
+        #[arg(long)]
+        release: bool,
     },
 }
 
@@ -151,6 +171,36 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         VmCommand::Stop { id } => host()?.delete(&format!("/v1/vms/{id}"))?,
+        VmCommand::Resolve {
+            id,
+            resume,
+            release,
+        } => {
+            let client = host()?;
+            let status: Value = if *resume || *release {
+                let action = if *resume { "resume" } else { "release" };
+                client.post(
+                    &format!("/v1/vms/{id}/resolve"),
+                    &serde_json::json!({ "action": action }),
+                )?
+            } else {
+                client.get(&format!("/v1/vms/{id}/migration"))?
+            };
+            if args.json {
+                println!("{status}");
+                return Ok(());
+            }
+            let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
+            print_vm(&vm);
+            if let Some(error) = status.get("error").and_then(Value::as_str) {
+                println!("migration: {error}");
+            }
+            let lines = status.get("settlement").and_then(Value::as_array);
+            for line in lines.into_iter().flatten().filter_map(Value::as_str) {
+                println!("  {line}");
+            }
+            return Ok(());
+        }
     };
     finish(args, out)
 }

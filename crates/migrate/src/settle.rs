@@ -1,0 +1,193 @@
+//! Settling an in-doubt switchover. When the connection breaks after the source told the
+//! destination to run the VM (Go) and before it confirmed, the source cannot know
+//! whether the VM runs there; it keeps its copy paused and asks the destination about the
+//! migration's session ([`settle`]). The destination answers from its [`Outcomes`], and
+//! the question itself decides the undecided case: a session not yet told to run its VM
+//! is *fenced*, so a Go that arrives late is refused. The answer is therefore final:
+//!
+//! - [`Settlement::Running`]: the destination runs (or ran) the VM: the source releases
+//!   its copy;
+//! - [`Settlement::NotRunning`]: it does not and never will: the source resumes its copy;
+//! - [`Settlement::Undecided`]: it is resuming right now: ask again shortly.
+//!
+//! A destination that restarted knows no session: its VMs ended with its process, so
+//! the answer is `NotRunning`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Secret;
+use crate::send::{open_control, MigrationOptions};
+use crate::wire::Message;
+use crate::MigrationError;
+
+/// Sessions remembered after they ended, for late questions (far more than a host can
+/// receive while a source still asks: it gives up after minutes).
+const REMEMBERED: usize = 1 << 16;
+
+/// Whether a destination runs the VM of a session (the answer to a settle question).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Settlement {
+    /// It runs the VM (or did, and it ended or moved on since).
+    Running,
+    /// It does not, and never will: the session failed, or was fenced by the question.
+    NotRunning,
+    /// It is resuming the VM right now: ask again.
+    Undecided,
+}
+
+/// Where an incoming session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Being received; not yet told to run.
+    Receiving,
+    /// A settle question came first: it must never run.
+    Fenced,
+    /// Told to run; resuming.
+    Resuming,
+    /// It ran.
+    Resumed,
+    /// It failed or was refused: it never ran.
+    Discarded,
+}
+
+#[derive(Default)]
+struct Book {
+    sessions: HashMap<u64, Outcome>,
+    /// Ended sessions, oldest first (forgotten beyond [`REMEMBERED`]).
+    ended: VecDeque<u64>,
+}
+
+/// A destination's record of its incoming sessions, shared by the listener and whoever
+/// else answers settle questions (the host's API, for a center relaying one).
+#[derive(Clone, Default)]
+pub struct Outcomes(Arc<Mutex<Book>>);
+
+impl Outcomes {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // Each update is one insert: whole after a panic.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A session began.
+    pub(crate) fn receiving(&self, session: u64) {
+        self.book().sessions.insert(session, Outcome::Receiving);
+    }
+
+    /// The source said Go: `true` if the VM may run (the session was not fenced).
+    pub(crate) fn begin_resume(&self, session: u64) -> bool {
+        let mut book = self.book();
+        match book.sessions.get(&session) {
+            Some(Outcome::Receiving) => {
+                book.sessions.insert(session, Outcome::Resuming);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The session ended: its VM ran (`ran`), or it never will.
+    pub(crate) fn ended(&self, session: u64, ran: bool) {
+        let mut book = self.book();
+        let outcome = if ran {
+            Outcome::Resumed
+        } else {
+            Outcome::Discarded
+        };
+        if book.sessions.insert(session, outcome).is_none() {
+            return;
+        }
+        book.ended.push_back(session);
+        while book.ended.len() > REMEMBERED {
+            if let Some(old) = book.ended.pop_front() {
+                book.sessions.remove(&old);
+            }
+        }
+    }
+
+    /// Answers a settle question about `session`, fencing it if it was not yet told to
+    /// run its VM.
+    pub fn settle(&self, session: u64) -> Settlement {
+        let mut book = self.book();
+        match book.sessions.get(&session).copied() {
+            Some(Outcome::Receiving) => {
+                book.sessions.insert(session, Outcome::Fenced);
+                Settlement::NotRunning
+            }
+            Some(Outcome::Fenced | Outcome::Discarded) | None => Settlement::NotRunning,
+            Some(Outcome::Resuming) => Settlement::Undecided,
+            Some(Outcome::Resumed) => Settlement::Running,
+        }
+    }
+}
+
+/// Asks the destination at `addr` whether it runs the VM of migration `session` (see the
+/// module docs), over an authenticated control connection (with `options`' TLS and
+/// timeouts).
+pub fn settle(
+    addr: &str,
+    secret: &Secret,
+    options: &MigrationOptions,
+    session: u64,
+) -> Result<Settlement, MigrationError> {
+    let mut control = open_control(addr, secret, options)?;
+    control.send(&Message::Settle { session })?;
+    match control.expect_control("the destination's settlement")? {
+        Message::Settled { settlement } => Ok(settlement),
+        other => Err(MigrationError::Protocol(format!(
+            "expected a settlement, got {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_question_before_go_fences_the_session_for_good() {
+        let outcomes = Outcomes::default();
+        outcomes.receiving(1);
+        assert_eq!(outcomes.settle(1), Settlement::NotRunning);
+        // The Go that arrives after the question is refused.
+        assert!(!outcomes.begin_resume(1));
+        assert_eq!(outcomes.settle(1), Settlement::NotRunning);
+    }
+
+    #[test]
+    fn a_question_during_and_after_the_resume_gets_undecided_then_running() {
+        let outcomes = Outcomes::default();
+        outcomes.receiving(2);
+        assert!(outcomes.begin_resume(2));
+        assert_eq!(outcomes.settle(2), Settlement::Undecided);
+        outcomes.ended(2, true);
+        assert_eq!(outcomes.settle(2), Settlement::Running);
+    }
+
+    #[test]
+    fn failed_and_unknown_sessions_are_not_running() {
+        let outcomes = Outcomes::default();
+        outcomes.receiving(3);
+        assert!(outcomes.begin_resume(3));
+        outcomes.ended(3, false);
+        assert_eq!(outcomes.settle(3), Settlement::NotRunning);
+        assert_eq!(outcomes.settle(99), Settlement::NotRunning);
+    }
+
+    #[test]
+    fn ended_sessions_are_forgotten_oldest_first_beyond_the_bound() {
+        let outcomes = Outcomes::default();
+        for s in 0..REMEMBERED as u64 + 10 {
+            outcomes.receiving(s);
+            assert!(outcomes.begin_resume(s));
+            outcomes.ended(s, true);
+        }
+        assert_eq!(outcomes.book().sessions.len(), REMEMBERED);
+        assert_eq!(outcomes.settle(0), Settlement::NotRunning);
+        assert_eq!(outcomes.settle(REMEMBERED as u64 + 9), Settlement::Running);
+    }
+}
