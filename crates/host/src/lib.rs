@@ -666,6 +666,16 @@ impl Host {
             }
             let asked = match ferry_migrate::settle(to, &self.config.secret, options, session) {
                 Ok(answer) => Ok(("the destination", answer)),
+                // Its host answered that nothing listens there: the daemon is gone, and
+                // its VMs ended with its process (a restarted one knows no session).
+                Err(MigrationError::Connect { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    Ok((
+                        "the destination's host (no daemon listens)",
+                        Settlement::NotRunning,
+                    ))
+                }
                 Err(direct) => match self.settle_through_center(to, session) {
                     Some(Ok(answer)) => Ok(("the center, relaying for the destination", answer)),
                     Some(Err(relayed)) => Err(format!("{direct}; through the center: {relayed}")),

@@ -219,10 +219,8 @@ impl MigrationSource for VmSource {
             .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))
     }
 
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool {
-        self.accel()
-            .and_then(|a| a.read_chunk(to_chunk(chunk), out))
-            .is_some()
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+        self.accel()?.read_chunk(to_chunk(chunk), out)
     }
 
     fn set_throttle(&self, percent: u8) {

@@ -87,13 +87,13 @@ impl MigrationSource for StillVm {
         out.copy_from_slice(&self.ram[gpa as usize..][..out.len()]);
         Ok(())
     }
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool {
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
         let buffer = &self.buffers[chunk.buffer as usize - 1];
         out.clear();
         out.extend_from_slice(
             &buffer[(chunk.index * MAX_CHUNK_BYTES) as usize..][..MAX_CHUNK_BYTES as usize],
         );
-        true
+        Some(buffer.len() as u64)
     }
     fn set_throttle(&self, _: u8) {}
     fn pause(&self) -> Result<std::time::Instant, String> {

@@ -12,7 +12,9 @@ use crate::auth::{authenticate_stream_connector, Secret};
 use crate::deadline::{self, Watchdog};
 use crate::link::Link;
 use crate::tls::{self, TlsConfig};
-use crate::vm::{ChunkKey, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE, PAGE_SIZE};
+use crate::vm::{
+    ChunkKey, DeviceBuffer, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE, PAGE_SIZE,
+};
 use crate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use crate::MigrationError;
 
@@ -345,6 +347,8 @@ fn file_pieces(sizes: &[u64], send: &[u32]) -> Vec<FilePiece> {
 /// hold up the round with a backlog of its own.
 struct WorkQueue<'a> {
     work: &'a RoundWork,
+    /// The buffer table sent with the round: (id, bytes), by id.
+    buffers: &'a [DeviceBuffer],
     /// Once cancelled, no more work is handed out.
     cancel: &'a CancelToken,
     next_run: AtomicUsize,
@@ -353,14 +357,23 @@ struct WorkQueue<'a> {
 }
 
 impl<'a> WorkQueue<'a> {
-    fn new(work: &'a RoundWork, cancel: &'a CancelToken) -> Self {
+    fn new(work: &'a RoundWork, buffers: &'a [DeviceBuffer], cancel: &'a CancelToken) -> Self {
         Self {
             work,
+            buffers,
             cancel,
             next_run: AtomicUsize::new(0),
             next_chunk: AtomicUsize::new(0),
             next_piece: AtomicUsize::new(0),
         }
+    }
+
+    /// The size of buffer `id` in the round's table.
+    fn buffer_size(&self, id: u32) -> Option<u64> {
+        self.buffers
+            .binary_search_by_key(&id, |b| b.id)
+            .ok()
+            .map(|i| self.buffers[i].bytes)
     }
 
     fn next_piece(&self) -> Option<FilePiece> {
@@ -469,9 +482,12 @@ fn send_share(
         }
     }
     while let Some(key) = queue.next_chunk() {
-        // A chunk of a buffer freed since the dirty list was taken is skipped; the next
-        // round's buffer table drops it at the destination.
-        if !source.read_chunk(key, &mut buffers.chunk) {
+        // A chunk of a buffer freed, or freed and made again with another size, since
+        // the round's buffer table was sent is skipped: the next round's table drops or
+        // remakes the buffer at the destination, and the new buffer's written chunks are
+        // dirty.
+        let size = source.read_chunk(key, &mut buffers.chunk);
+        if size.is_none() || size != queue.buffer_size(key.buffer) {
             continue;
         }
         let data = &buffers.chunk;
@@ -563,11 +579,13 @@ impl Session<'_> {
             self.phase = Phase::Round(round);
         }
         self.cancelled()?;
+        let mut buffers = self.source.device_buffers();
+        buffers.sort_unstable_by_key(|b| b.id);
         self.control.send(&Message::BeginRound {
             round,
-            buffers: self.source.device_buffers(),
+            buffers: buffers.clone(),
         })?;
-        let queue = WorkQueue::new(work, &self.cancel);
+        let queue = WorkQueue::new(work, &buffers, &self.cancel);
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
@@ -1047,14 +1065,19 @@ fn run(
     // From here the destination may run the VM: the source must never resume it.
     s.phase = Phase::Confirmation;
     let session = s.session;
-    let in_doubt = |reason: String| Failure::InDoubt(MigrationError::InDoubt { reason, session });
-    s.control
-        .send(&Message::Go)
-        .map_err(|e| in_doubt(e.to_string()))?;
+    let in_doubt = |e: MigrationError| {
+        let reason = in_phase(e, Phase::Confirmation, options.io_timeout).to_string();
+        Failure::InDoubt(MigrationError::InDoubt { reason, session })
+    };
+    s.control.send(&Message::Go).map_err(in_doubt)?;
     match s.control.expect_control("the destination's confirmation") {
         Ok(Message::Resumed) => {}
-        Ok(other) => return Err(in_doubt(format!("unexpected {other:?}"))),
-        Err(e) => return Err(in_doubt(e.to_string())),
+        Ok(other) => {
+            return Err(in_doubt(MigrationError::Protocol(format!(
+                "unexpected {other:?}"
+            ))))
+        }
+        Err(e) => return Err(in_doubt(e)),
     }
     let downtime = pause_at.elapsed();
     Ok(Switched {

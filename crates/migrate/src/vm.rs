@@ -199,10 +199,11 @@ pub trait MigrationSource: Sync {
         let _ = (offset, out);
         Err(format!("this VM has no attached file {file}"))
     }
-    /// Copies chunk `chunk`'s bytes into `out` (resized to them); `false` if the chunk no
-    /// longer exists (its buffer freed since). A copy, so that no device buffer stays
-    /// locked while a slow destination takes the bytes.
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool;
+    /// Copies chunk `chunk`'s bytes into `out` (resized to them) and returns the size of
+    /// its buffer now; `None` if the chunk no longer exists (its buffer freed since). A
+    /// copy, so that no device buffer stays locked while a slow destination takes the
+    /// bytes.
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);

@@ -167,6 +167,9 @@ struct FakeSource {
     /// The first `take_dirty_chunks` while running frees buffer 9, shrinks buffer 2 and
     /// allocates buffer 10 (the device buffer table changes during pre-copy).
     churn_buffers: AtomicBool,
+    /// The first `read_chunk` of buffer 1 while running first frees it and makes it again
+    /// with another size (between the round's buffer table and the read).
+    remake_on_read: AtomicBool,
     /// `with_chunk` panics (a bug in the VM being sent).
     panic_on_chunk: AtomicBool,
     /// Attached files.
@@ -224,6 +227,7 @@ impl FakeSource {
             dirty_on_read: AtomicU64::new(0),
             hot: AtomicBool::new(false),
             churn_buffers: AtomicBool::new(false),
+            remake_on_read: AtomicBool::new(false),
             panic_on_chunk: AtomicBool::new(false),
             files: Mutex::default(),
             corrupt_files: AtomicBool::new(false),
@@ -422,23 +426,28 @@ impl MigrationSource for FakeSource {
         Ok(())
     }
 
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> bool {
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
         assert!(
             !self.panic_on_chunk.load(Ordering::SeqCst),
             "injected: reading a chunk panicked"
         );
-        let s = self.lock();
-        let Some(data) = s.buffers.get(&chunk.buffer) else {
-            return false;
-        };
+        let mut s = self.lock();
+        if chunk.buffer == 1 && !s.paused && self.remake_on_read.swap(false, Ordering::SeqCst) {
+            // Buffer 1 again, 1.5 chunks long, written.
+            s.buffers
+                .insert(1, vec![0u8; (MAX_CHUNK_BYTES * 3 / 2) as usize]);
+            s.write_device(1, 3);
+            s.write_device(1, MAX_CHUNK_BYTES + 3);
+        }
+        let data = s.buffers.get(&chunk.buffer)?;
         let start = chunk.index.saturating_mul(MAX_CHUNK_BYTES);
         if start >= data.len() as u64 {
-            return false;
+            return None;
         }
         let end = (start + MAX_CHUNK_BYTES).min(data.len() as u64);
         out.clear();
         out.extend_from_slice(&data[start as usize..end as usize]);
-        true
+        Some(data.len() as u64)
     }
 
     fn set_throttle(&self, percent: u8) {
@@ -990,6 +999,31 @@ fn live_rounds_resend_dirtied_pages_and_follow_the_buffer_table() {
     let at_pause = source.at_pause();
     assert!(!at_pause.buffers.contains_key(&9));
     assert_eq!(at_pause.buffers[&10].len() as u64, MAX_CHUNK_BYTES * 5 / 2);
+    assert_received(&source, &target);
+}
+
+#[test]
+fn a_buffer_made_again_with_another_size_during_a_round_is_sent_with_the_next_table() {
+    let dest = Destination::start();
+    let source = FakeSource::new("remade", 8, 46);
+    source.remake_on_read.store(true, Ordering::SeqCst);
+    let opts = MigrationOptions {
+        downtime_target: Duration::from_millis(1),
+        max_rounds: 2,
+        allow_longer_pause: true,
+        throttle: false,
+        ..options(Mode::Live)
+    };
+    migrate(&source, &dest, &opts).expect("live migration");
+    let (target, _) = dest.adopted();
+    assert!(
+        !source.remake_on_read.load(Ordering::SeqCst),
+        "never remade"
+    );
+    assert_eq!(
+        source.at_pause().buffers[&1].len() as u64,
+        MAX_CHUNK_BYTES * 3 / 2
+    );
     assert_received(&source, &target);
 }
 

@@ -89,8 +89,8 @@ impl MigrationSource for FakeSource {
         out.copy_from_slice(&self.ram[gpa as usize..gpa as usize + out.len()]);
         Ok(())
     }
-    fn read_chunk(&self, _: ChunkKey, _: &mut Vec<u8>) -> bool {
-        false
+    fn read_chunk(&self, _: ChunkKey, _: &mut Vec<u8>) -> Option<u64> {
+        None
     }
     fn set_throttle(&self, _: u8) {}
     fn pause(&self) -> Result<std::time::Instant, String> {

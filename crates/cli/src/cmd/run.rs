@@ -64,7 +64,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(SNAPSHOT_FILE);
     let started = Instant::now();
-    let stats = vm.save(&path).context("cannot save the snapshot")?;
+    let stats = match vm.save(&path) {
+        Ok(stats) => stats,
+        Err(e) => {
+            // Nothing is lost: the VM runs on to its end, and the run fails after it.
+            eprintln!(
+                "ferry: cannot save the snapshot to {}: {:#}; the VM continues without it",
+                path.display(),
+                anyhow::Error::new(e)
+            );
+            vm.resume()
+                .context("cannot resume the VM after the failed snapshot")?;
+            wait_to_end(vm)?;
+            bail!("the snapshot was not written (see above); the guest ran to its end");
+        }
+    };
     eprintln!(
         "ferry: VM paused at {:.1} ms of guest time and saved to {} ({} MiB RAM, {:.1} MiB stored, {} ms); continue it with: ferry restore {}",
         vm.guest_time_ns() as f64 / 1e6,

@@ -174,7 +174,7 @@ pub fn write_snapshot<S: Serialize>(
     let ram_bytes = ram_size(mem);
     let tmp = path.with_extension("snap.partial");
     let file = File::create(&tmp).map_err(io_err)?;
-    let mut out = Crc::new(BufWriter::with_capacity(1 << 20, file));
+    let out = Crc::new(BufWriter::with_capacity(1 << 20, file));
 
     let write_all = |out: &mut Crc<BufWriter<File>>| -> io::Result<(u64, u64)> {
         out.write_all(&MAGIC)?;
@@ -235,13 +235,21 @@ pub fn write_snapshot<S: Serialize>(
         out.write_all(&[0u8; 20])?;
         Ok((pages_stored, chunks_stored))
     };
-    let (pages_stored, chunks_stored) = write_all(&mut out).map_err(io_err)?;
-    let crc = out.hasher.clone().finalize();
-    let mut file = out.inner.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.write_all(&crc.to_le_bytes()).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    let file_bytes = out.bytes + 4;
-    std::fs::rename(&tmp, path).map_err(io_err)?;
+    let finish = |mut out: Crc<BufWriter<File>>| -> io::Result<(u64, u64, u64)> {
+        let (pages_stored, chunks_stored) = write_all(&mut out)?;
+        let crc = out.hasher.clone().finalize();
+        let mut file = out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.write_all(&crc.to_le_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok((pages_stored, chunks_stored, out.bytes + 4))
+    };
+    let (pages_stored, chunks_stored, file_bytes) = finish(out).map_err(|e| {
+        // A snapshot that could not be written whole leaves nothing behind (a full disk
+        // gets its space back).
+        let _ = std::fs::remove_file(&tmp);
+        io_err(e)
+    })?;
     Ok(SnapshotStats {
         ram_bytes,
         pages_stored,

@@ -1,0 +1,395 @@
+//! A VM's lifecycle under concurrency, on real daemons (child processes): racing
+//! migrations, stops and creations leave every VM on exactly one host with the checksum
+//! of an unmigrated run and every host's capacity accounting exact; a long guest kernel
+//! never stalls the API.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_client::ApiClient;
+use serde_json::{json, Value};
+
+/// A daemon and a client of its API.
+struct Host {
+    name: &'static str,
+    daemon: Daemon,
+    api: ApiClient,
+}
+
+impl Host {
+    fn start(name: &'static str, extra: &[&str]) -> Self {
+        let daemon = Daemon::start_with(name, extra);
+        let api = ApiClient::new(&daemon.api, SECRET.as_bytes()).unwrap();
+        Self { name, daemon, api }
+    }
+
+    fn vms(&self) -> Vec<Value> {
+        self.api.get("/v1/vms").unwrap()
+    }
+
+    fn info(&self) -> Value {
+        self.api.get("/v1/host").unwrap()
+    }
+
+    fn create(&self, memory: u64, accel: u64, args: &[&str]) -> anyhow::Result<String> {
+        let vm: Value = self.api.post(
+            "/v1/vms",
+            &json!({
+                "workload": "mlp-train",
+                "args": args,
+                "memory": memory,
+                "accel_memory": accel,
+            }),
+        )?;
+        Ok(vm["id"].as_str().unwrap().to_string())
+    }
+
+    fn migrate(&self, id: &str, to: &Host, downtime_ms: u64) -> anyhow::Result<Value> {
+        self.api.post(
+            &format!("/v1/vms/{id}/migrate"),
+            &json!({ "to": to.daemon.migration, "downtime_ms": downtime_ms }),
+        )
+    }
+
+    /// Waits for the migration of `id` from here to end; returns its status.
+    fn migration_end(&self, id: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let status: Value = self.api.get(&format!("/v1/vms/{id}/migration")).unwrap();
+            if status["state"] != "running" {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "migration of {id} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// States in which a VM holds its host's capacity.
+const HOLDING: [&str; 6] = [
+    "creating",
+    "running",
+    "migrating",
+    "switchover",
+    "in-doubt",
+    "stopping",
+];
+/// States that pass.
+const PASSING: [&str; 5] = [
+    "creating",
+    "migrating",
+    "switchover",
+    "in-doubt",
+    "stopping",
+];
+
+/// Every (host, state) where VM `id` appears.
+fn whereabouts(hosts: &[Host], id: &str) -> Vec<(&'static str, String)> {
+    hosts
+        .iter()
+        .flat_map(|h| {
+            h.vms()
+                .into_iter()
+                .filter(|vm| vm["id"] == id)
+                .map(|vm| (h.name, vm["state"].as_str().unwrap().to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Waits until no VM on any host is between states.
+fn wait_quiet(hosts: &[Host]) {
+    let started = Instant::now();
+    loop {
+        let busy: Vec<String> = hosts
+            .iter()
+            .flat_map(|h| h.vms())
+            .filter(|vm| PASSING.contains(&vm["state"].as_str().unwrap()))
+            .map(|vm| format!("{} {}", vm["id"], vm["state"]))
+            .collect();
+        if busy.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never settled: {busy:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The host where `id` runs (or ran to its end): exactly one, or none if `stopped`.
+fn the_host<'h>(hosts: &'h [Host], id: &str, stopped: bool) -> Option<&'h Host> {
+    let places = whereabouts(hosts, id);
+    let live: Vec<_> = places
+        .iter()
+        .filter(|(_, s)| s == "running" || s == "exited")
+        .collect();
+    if stopped {
+        assert!(live.is_empty(), "stopped VM {id} still runs: {places:?}");
+        return None;
+    }
+    assert_eq!(
+        live.len(),
+        1,
+        "VM {id} must run on exactly one host: {places:?}"
+    );
+    hosts.iter().find(|h| h.name == live[0].0)
+}
+
+/// Each host's reserved memory equals the sum of its VMs that hold capacity.
+fn assert_capacity_exact(hosts: &[Host]) {
+    for h in hosts {
+        let held: u64 = h
+            .vms()
+            .iter()
+            .filter(|vm| HOLDING.contains(&vm["state"].as_str().unwrap()))
+            .map(|vm| vm["memory"].as_u64().unwrap() + vm["accel_memory"].as_u64().unwrap())
+            .sum();
+        let info = h.info();
+        assert_eq!(
+            info["memory_used"].as_u64().unwrap(),
+            held,
+            "host {}: reserved memory differs from its VMs' ({info})",
+            h.name
+        );
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
+    if !kvm_available("racing_migrations_and_stops_leave_each_vm_on_exactly_one_host") {
+        return;
+    }
+    const ARGS: &str = "--steps 12000 --print-every 4000";
+    let expected = reference("mlp-train", "64M", "32M", ARGS);
+    let hosts = [
+        Host::start("a", &[]),
+        Host::start("b", &[]),
+        Host::start("c", &[]),
+    ];
+    let args: Vec<&str> = ARGS.split_whitespace().collect();
+    let ids: Vec<String> = std::thread::scope(|scope| {
+        let creating: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| hosts[0].create(64 * MIB, 32 * MIB, &args).unwrap()))
+            .collect();
+        creating.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 4, "{ids:?}");
+    let mut stopped = BTreeSet::new();
+    let mut moved = 0;
+    for round in 0..6 {
+        // Every VM still running gets two migrations at once, to the two other hosts;
+        // in odd rounds the first VM also gets a stop in the same instant.
+        let mut requests = Vec::new();
+        for (k, id) in ids.iter().enumerate() {
+            let Some(src) = the_host(&hosts, id, stopped.contains(id)) else {
+                continue;
+            };
+            if whereabouts(&hosts, id).iter().any(|(_, s)| s == "exited") {
+                continue;
+            }
+            let others: Vec<&Host> = hosts.iter().filter(|h| h.name != src.name).collect();
+            requests.push((id.clone(), src, others, round % 2 == 1 && k == 0));
+        }
+        let barrier = Barrier::new(requests.iter().map(|r| 2 + usize::from(r.3)).sum());
+        let outcomes: Vec<(String, Vec<bool>, Option<bool>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = requests
+                .iter()
+                .map(|(id, src, others, stop)| {
+                    let barrier = &barrier;
+                    let migrations: Vec<_> = others
+                        .iter()
+                        .map(|dst| {
+                            scope.spawn(move || {
+                                barrier.wait();
+                                src.migrate(id, dst, 50).is_ok()
+                            })
+                        })
+                        .collect();
+                    let stop = stop.then(|| {
+                        scope.spawn(move || {
+                            barrier.wait();
+                            src.api.delete::<Value>(&format!("/v1/vms/{id}")).is_ok()
+                        })
+                    });
+                    (id.clone(), migrations, stop)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(id, m, s)| {
+                    (
+                        id,
+                        m.into_iter().map(|h| h.join().unwrap()).collect(),
+                        s.map(|h| h.join().unwrap()),
+                    )
+                })
+                .collect()
+        });
+        for ((id, migrations, stop), (_, src, _, _)) in outcomes.iter().zip(&requests) {
+            let accepted = migrations.iter().filter(|&&ok| ok).count();
+            assert!(accepted <= 1, "round {round}: {id} migrated twice at once");
+            if *stop == Some(true) {
+                assert_eq!(accepted, 0, "round {round}: {id} stopped and migrated");
+                stopped.insert(id.clone());
+            }
+            if accepted == 1 {
+                let status = src.migration_end(id);
+                if status["state"] == "succeeded" {
+                    moved += 1;
+                }
+            }
+        }
+        wait_quiet(&hosts);
+        for id in &ids {
+            the_host(&hosts, id, stopped.contains(id));
+        }
+        assert_capacity_exact(&hosts);
+    }
+    assert!(moved >= 6, "only {moved} migrations succeeded");
+    for id in ids.iter().filter(|id| !stopped.contains(*id)) {
+        let host = the_host(&hosts, id, false).unwrap();
+        assert_eq!(host.daemon.checksum_at_exit(id), expected, "VM {id}");
+    }
+    assert_capacity_exact(&hosts);
+}
+
+#[test]
+fn concurrent_creations_and_arrivals_never_overcommit_a_host() {
+    if !kvm_available("concurrent_creations_and_arrivals_never_overcommit_a_host") {
+        return;
+    }
+    // Room for two VMs of 64 MiB RAM and 32 MiB of accelerator memory on each host.
+    let small = ["--memory-capacity", "200M"];
+    let a = Host::start("a", &small);
+    let b = Host::start("b", &small);
+    let args = ["--steps", "400000", "--print-every", "100000"];
+    let barrier = Barrier::new(3);
+    let created: Vec<anyhow::Result<String>> = std::thread::scope(|scope| {
+        let tries: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    a.create(64 * MIB, 32 * MIB, &args)
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let ok: Vec<&String> = created.iter().flatten().collect();
+    assert_eq!(ok.len(), 2, "{created:?}");
+    let refused = created.iter().find_map(|c| c.as_ref().err()).unwrap();
+    assert!(refused.to_string().contains("HTTP 507"), "{refused:#}");
+    assert_eq!(a.info()["memory_used"], 192 * MIB);
+
+    // b has room for one more: both of a's VMs migrate there at once, one is refused.
+    b.create(64 * MIB, 32 * MIB, &args).unwrap();
+    let barrier = Barrier::new(2);
+    std::thread::scope(|scope| {
+        for id in &ok {
+            let (a, b, barrier) = (&a, &b, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                a.migrate(id, b, 50).unwrap();
+            });
+        }
+    });
+    let ends: Vec<Value> = ok.iter().map(|id| a.migration_end(id)).collect();
+    let succeeded = ends.iter().filter(|s| s["state"] == "succeeded").count();
+    assert_eq!(succeeded, 1, "{ends:#?}");
+    let failed = ends.iter().find(|s| s["state"] == "failed").unwrap();
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("not enough memory"),
+        "{failed}"
+    );
+    wait_quiet(&[a, b]);
+}
+
+#[test]
+fn a_long_guest_kernel_never_stalls_the_api() {
+    if !kvm_available("a_long_guest_kernel_never_stalls_the_api") {
+        return;
+    }
+    let a = Host::start("a", &[]);
+    let b = Host::start("b", &[]);
+    // Each step's matrix products take about a second or two each on two cores.
+    let args = [
+        "--batch",
+        "8192",
+        "--inputs",
+        "4096",
+        "--hidden",
+        "4096",
+        "--layers",
+        "1",
+        "--samples",
+        "8192",
+        "--steps",
+        "4",
+        "--print-every",
+        "1",
+    ];
+    let id = a.create(64 * MIB, 2048 * MIB, &args).unwrap();
+    a.daemon.wait_console(&id, "mlp-train: seed");
+    // Readers and a migration while kernels run: the switchover's pause waits for the
+    // kernel in flight, so the pause target allows for it.
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut calls = 0;
+    let mut migration = None;
+    while started.elapsed() < Duration::from_secs(12) {
+        for path in [
+            format!("/v1/vms/{id}"),
+            "/v1/vms".to_string(),
+            "/v1/host".to_string(),
+        ] {
+            let t = Instant::now();
+            let _: Value = a.api.get(&path).unwrap();
+            worst = worst.max(t.elapsed());
+            calls += 1;
+        }
+        if migration.is_none() && started.elapsed() > Duration::from_secs(3) {
+            migration = Some(a.migrate(&id, &b, 8000).unwrap());
+        }
+        if migration.is_some()
+            && a.api
+                .get::<Value>(&format!("/v1/vms/{id}/migration"))
+                .unwrap()["state"]
+                != "running"
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = a.migration_end(&id);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    let report = &status["report"];
+    let rounds: Vec<f64> = report["round_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ms"].as_f64().unwrap())
+        .collect();
+    eprintln!(
+        "stall: {calls} API calls, slowest {:.1} ms; rounds {rounds:?} ms; pause {:.1} ms",
+        worst.as_secs_f64() * 1e3,
+        report["downtime_ms"].as_f64().unwrap()
+    );
+    assert!(
+        worst < Duration::from_millis(100),
+        "an API call took {worst:?} while the guest's kernels ran"
+    );
+}
