@@ -393,3 +393,29 @@ fn a_long_guest_kernel_never_stalls_the_api() {
         "an API call took {worst:?} while the guest's kernels ran"
     );
 }
+
+#[test]
+fn a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file() {
+    if !kvm_available("a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file") {
+        return;
+    }
+    // The bench fails if a VM ends with a checksum other than an unmigrated run's.
+    let out = ferry(&["bench", "soak", "--migrations", "10", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let figures: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let value = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f["figure"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {figures:?}"))["value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(value("soak_thread_growth"), 0.0, "{figures:#?}");
+    assert_eq!(value("soak_fd_growth"), 0.0, "{figures:#?}");
+    assert!(value("soak_rss_growth") < 64.0, "{figures:#?}");
+    assert!(value("soak_pause_max") < 1050.0, "{figures:#?}");
+}

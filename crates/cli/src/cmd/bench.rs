@@ -23,7 +23,10 @@ pub struct BenchArgs {
     /// raw TCP throughput) or `evacuate` (time to empty a host of N running VMs with
     /// `maintenance enter` through a center, and each VM's pause, for N in --vms) or
     /// `llm` (a GGUF model's prompt and generation tokens/s against the bound the
-    /// host's memory bandwidth sets, and migrating it with its file sent or reused).
+    /// host's memory bandwidth sets, and migrating it with its file sent or reused) or
+    /// `soak` (a training VM and a decoding VM migrated back and forth --migrations times
+    /// each: pause median/p99/max, and the daemons' memory, threads and open files before
+    /// and after).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -42,6 +45,9 @@ pub struct BenchArgs {
         default_value = "1,2,4"
     )]
     pub vms: Vec<usize>,
+    /// Migrations of each VM for `soak`.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub migrations: usize,
     /// The GGUF model for `llm` (default: what scripts/fetch-model fetches).
     #[arg(
         long,
@@ -72,8 +78,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             begin(args)?;
             crate::cmd::bench_llm::bench_llm(&args.model, &mut |f| print(&f, args.json))
         }
+        "soak" => {
+            begin(args)?;
+            crate::cmd::bench_soak::bench_soak(args.migrations, &mut |f| print(&f, args.json))
+        }
         other => {
-            bail!("unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm)")
+            bail!(
+                "unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm, soak)"
+            )
         }
     }
 }
@@ -127,6 +139,8 @@ pub(crate) fn figure(
             "accel"
         } else if figure.starts_with("llm") {
             "llm"
+        } else if figure.starts_with("soak") {
+            "soak"
         } else {
             "vm"
         },

@@ -59,12 +59,16 @@ API (every request needs 'Authorization: Bearer <shared secret>'; errors are {\"
                                   \"attach\": [{\"name\": \"model\", \"path\": \"/m.gguf\"}]}
   GET    /v1/vms/ID               state, sizes, uptime, console tail
   GET    /v1/vms/ID/console       the console's last 64 KiB, as text
-  DELETE /v1/vms/ID               stop the VM
+  DELETE /v1/vms/ID               stop the VM (409 while migrating, in doubt, or gone)
   POST   /v1/vms/ID/migrate       {\"to\": \"HOST:PORT\", \"mode\": \"live\"|\"stop-and-copy\",
                                   \"downtime_ms\": 50, \"streams\": 4, \"compress\": false,
                                   \"throttle\": true, \"allow_longer_pause\": false,
                                   \"files\": \"reuse\"|\"send\"|\"require\"}
-  GET    /v1/vms/ID/migration     progress while it runs, then the report or the error
+  GET    /v1/vms/ID/migration     state (running, succeeded, failed, cancelled, in-doubt),
+                                  progress, then the report or the error
+  DELETE /v1/vms/ID/migration     cancel it (up to the moment the destination runs the VM)
+  POST   /v1/vms/ID/resolve       settle an in-doubt VM by hand: {\"action\": \"resume\"|\"release\"}
+  POST   /v1/settle/SESSION       whether the VM of a migration received here runs here
 
 Example:
   export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')

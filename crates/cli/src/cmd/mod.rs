@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_evacuate;
 pub mod bench_llm;
 pub mod bench_migrate;
+pub mod bench_soak;
 pub mod center;
 pub mod demo;
 pub mod host;

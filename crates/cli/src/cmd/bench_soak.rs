@@ -1,0 +1,353 @@
+//! `ferry bench soak`: hosts a and b in this process, on loopback. A training VM and a
+//! decoding VM migrate back and forth between them, both at once, `--migrations` times
+//! each; every VM that ends must end with the checksum of an unmigrated run (a new one
+//! takes its place until the count is reached). Prints the pause distribution, and what
+//! the process (both daemons) held before and after, with no VM running either time:
+//! resident memory, threads and open file descriptors.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use ferry_client::ApiClient;
+use ferry_host::{CreateVm, MigrateRequest, MigrationState, MigrationStatus};
+use ferry_migrate::Secret;
+use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
+use serde_json::Value;
+
+use crate::cmd::bench::{figure, Emit};
+
+/// One workload that migrates: name, guest arguments, RAM, accelerator memory.
+struct Workload {
+    name: &'static str,
+    args: &'static str,
+    ram: u64,
+    accel: u64,
+}
+
+const WORKLOADS: [Workload; 2] = [
+    Workload {
+        name: "mlp-train",
+        args: "--steps 30000 --print-every 10000",
+        ram: 64 << 20,
+        accel: 64 << 20,
+    },
+    Workload {
+        name: "llm-decode",
+        args: "--tokens 3000 --weights-mib 8 --print-every 1000",
+        ram: 64 << 20,
+        accel: 64 << 20,
+    },
+];
+
+/// What the process holds: resident bytes, threads, open file descriptors.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    rss: u64,
+    threads: usize,
+    fds: usize,
+}
+
+fn held() -> anyhow::Result<Held> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(Held {
+        rss: rss_kib << 10,
+        threads: std::fs::read_dir("/proc/self/task")?.count(),
+        fds: std::fs::read_dir("/proc/self/fd")?.count(),
+    })
+}
+
+/// The checksum an unmigrated run of `w` prints.
+fn unmigrated(w: &Workload) -> anyhow::Result<String> {
+    let image = ferry_guest_images::find(w.name).context("no built-in guest")?;
+    let args: Vec<String> = w.args.split_whitespace().map(str::to_string).collect();
+    let config = VmConfig::new(w.ram).with_accel(w.accel);
+    let mut vm = Microvm::boot(config, image.elf, &args, HostOptions::quiet())?;
+    vm.resume()?;
+    match vm.wait(Some(Duration::from_secs(600))) {
+        Some(VmExit::Exited(0)) => checksum(&vm.console_tail()),
+        other => bail!("the unmigrated {} run ended as {other:?}", w.name),
+    }
+}
+
+fn checksum(console: &str) -> anyhow::Result<String> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("checksum="))
+        .map(str::to_string)
+        .with_context(|| format!("no checksum in the console: {console}"))
+}
+
+/// Hosts a and b: their APIs and migration addresses.
+struct Hosts {
+    _runtime: tokio::runtime::Runtime,
+    urls: [String; 2],
+    secret: String,
+    migration: [String; 2],
+}
+
+impl Hosts {
+    fn start() -> anyhow::Result<Self> {
+        let text = Secret::generate_hex();
+        let secret = Secret::new(text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+        // Idle blocking threads (the API's) end within half a second, so that the
+        // counts before and after see only what the daemons keep.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_keep_alive(Duration::from_millis(500))
+            .build()
+            .context("cannot start the async runtime")?;
+        let mut urls = Vec::new();
+        let mut migration = Vec::new();
+        for name in ["a", "b"] {
+            let d = crate::cmd::host::start_loopback(&runtime, name, &secret, 2 << 30)?;
+            urls.push(format!("http://{}", d.api_addr));
+            migration.push(d.migration_addr.to_string());
+        }
+        let two = |v: Vec<String>| -> anyhow::Result<[String; 2]> {
+            v.try_into().map_err(|_| anyhow::anyhow!("two hosts"))
+        };
+        Ok(Self {
+            _runtime: runtime,
+            urls: two(urls)?,
+            secret: text,
+            migration: two(migration)?,
+        })
+    }
+
+    /// A client of host `on`'s API, for one request: no pooled connection outlives it.
+    fn api(&self, on: usize) -> ApiClient {
+        ApiClient::new(&self.urls[on], self.secret.as_bytes()).expect("a text secret")
+    }
+
+    fn create(&self, on: usize, w: &Workload) -> anyhow::Result<String> {
+        let vm: Value = self.api(on).post(
+            "/v1/vms",
+            &CreateVm {
+                workload: w.name.into(),
+                args: w.args.split_whitespace().map(str::to_string).collect(),
+                memory: w.ram,
+                accel_memory: w.accel,
+                attach: Vec::new(),
+            },
+        )?;
+        Ok(vm["id"].as_str().context("no VM id")?.to_string())
+    }
+
+    fn state(&self, on: usize, id: &str) -> anyhow::Result<Value> {
+        self.api(on).get(&format!("/v1/vms/{id}"))
+    }
+
+    /// Migrates `id` from host `on` to the other; `Ok(None)` if the guest ended first.
+    fn migrate(&self, on: usize, id: &str) -> anyhow::Result<Option<f64>> {
+        let request = MigrateRequest::to(&self.migration[1 - on]);
+        let api = self.api(on);
+        if let Err(e) = api.post::<_, MigrationStatus>(&format!("/v1/vms/{id}/migrate"), &request) {
+            return match self.state(on, id)?["state"].as_str() {
+                Some("exited") => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let started = Instant::now();
+        loop {
+            let status: MigrationStatus = api.get(&format!("/v1/vms/{id}/migration"))?;
+            match status.state {
+                MigrationState::Running => {}
+                MigrationState::Succeeded => {
+                    let report = status.report.context("a success without a report")?;
+                    return Ok(Some(report.downtime_ms));
+                }
+                _ if self.state(on, id)?["state"] == "exited" => return Ok(None),
+                other => bail!(
+                    "migration {} of {id} ended {other:?}: {}",
+                    ["a -> b", "b -> a"][on],
+                    status.error.unwrap_or_default()
+                ),
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "migration of {id} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for `id` on host `on` to end, and checks its checksum.
+    fn finish(&self, on: usize, id: &str, expected: &str) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let vm = self.state(on, id)?;
+            match vm["state"].as_str() {
+                Some("exited") => {
+                    let console = self.api(on).get_text(&format!("/v1/vms/{id}/console"))?;
+                    let got = checksum(&console)?;
+                    ensure!(
+                        got == expected,
+                        "{id} ended with checksum {got}, an unmigrated run with {expected}"
+                    );
+                    return Ok(());
+                }
+                Some("running") => {}
+                other => bail!("{id} is {other:?}: {vm}"),
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "{id} never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// What one workload's thread did: each migration's pause, VMs checked.
+struct Soaked {
+    pauses_ms: Vec<f64>,
+    instances: usize,
+}
+
+/// Migrates instances of `w` back and forth `migrations` times.
+fn soak(hosts: &Hosts, w: &Workload, expected: &str, migrations: usize) -> anyhow::Result<Soaked> {
+    let mut on = 0;
+    let mut id = hosts.create(on, w)?;
+    let mut out = Soaked {
+        pauses_ms: Vec::new(),
+        instances: 1,
+    };
+    while out.pauses_ms.len() < migrations {
+        match hosts.migrate(on, &id)? {
+            Some(pause) => {
+                out.pauses_ms.push(pause);
+                on = 1 - on;
+            }
+            None => {
+                hosts.finish(on, &id, expected)?;
+                id = hosts.create(on, w)?;
+                out.instances += 1;
+            }
+        }
+    }
+    hosts.finish(on, &id, expected)?;
+    Ok(out)
+}
+
+/// Warms both hosts up the way the soak runs (both VMs on a, then both on b, then back,
+/// then stopped), so that what is meant to persist (the hosts' device memory, backed up
+/// to its high-water mark like a GPU's; connection pools) exists before the baseline.
+fn warm_up(hosts: &Hosts) -> anyhow::Result<()> {
+    let ids: Vec<String> = WORKLOADS
+        .iter()
+        .map(|w| hosts.create(0, w))
+        .collect::<Result<_, _>>()?;
+    for on in [0, 1] {
+        for id in &ids {
+            if hosts.migrate(on, id)?.is_none() {
+                bail!("{id} ended during the warm-up");
+            }
+        }
+    }
+    for id in &ids {
+        let _: Value = hosts.api(0).delete(&format!("/v1/vms/{id}"))?;
+    }
+    Ok(())
+}
+
+/// Samples what the process holds once it has stopped changing for a second (threads
+/// of ended VMs and idle API threads take a moment to exit).
+fn settled() -> anyhow::Result<Held> {
+    let mut last = held()?;
+    let mut steady = Instant::now();
+    let started = Instant::now();
+    while steady.elapsed() < Duration::from_secs(1) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = held()?;
+        if now.threads != last.threads || now.fds != last.fds {
+            steady = Instant::now();
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `ferry bench soak`.
+pub fn bench_soak(migrations: usize, emit: &mut Emit) -> anyhow::Result<()> {
+    ensure!(migrations >= 1, "--migrations must be at least 1");
+    let expected: Vec<String> = WORKLOADS.iter().map(unmigrated).collect::<Result<_, _>>()?;
+    let hosts = Hosts::start()?;
+    warm_up(&hosts)?;
+    let before = settled()?;
+    let started = Instant::now();
+    let soaked: Vec<Soaked> = std::thread::scope(|scope| {
+        let runs: Vec<_> = WORKLOADS
+            .iter()
+            .zip(&expected)
+            .map(|(w, sum)| {
+                let hosts = &hosts;
+                scope.spawn(move || soak(hosts, w, sum, migrations))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().unwrap_or_else(|_| bail!("a soak thread panicked")))
+            .collect::<Result<_, _>>()
+    })?;
+    let after = settled()?;
+    let mut pauses: Vec<f64> = soaked.iter().flat_map(|s| s.pauses_ms.clone()).collect();
+    pauses.sort_by(f64::total_cmp);
+    let instances: usize = soaked.iter().map(|s| s.instances).sum();
+    let what = format!(
+        "{} migrations ({migrations} of mlp-train, {migrations} of llm-decode, both at once) in {:.0} s; {instances} VMs, each with the unmigrated checksum",
+        pauses.len(),
+        started.elapsed().as_secs_f64()
+    );
+    emit(figure(
+        "soak_pause_median",
+        percentile(&pauses, 0.5),
+        "ms",
+        what,
+    ))?;
+    emit(figure(
+        "soak_pause_p99",
+        percentile(&pauses, 0.99),
+        "ms",
+        String::new(),
+    ))?;
+    emit(figure(
+        "soak_pause_max",
+        percentile(&pauses, 1.0),
+        "ms",
+        String::new(),
+    ))?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    emit(figure(
+        "soak_rss_growth",
+        mib(after.rss) - mib(before.rss),
+        "MiB",
+        format!(
+            "both daemons' resident memory, no VM running: {:.0} MiB before, {:.0} MiB after",
+            mib(before.rss),
+            mib(after.rss)
+        ),
+    ))?;
+    emit(figure(
+        "soak_thread_growth",
+        after.threads as f64 - before.threads as f64,
+        "threads",
+        format!("{} before, {} after", before.threads, after.threads),
+    ))?;
+    emit(figure(
+        "soak_fd_growth",
+        after.fds as f64 - before.fds as f64,
+        "fds",
+        format!("{} before, {} after", before.fds, after.fds),
+    ))?;
+    Ok(())
+}
