@@ -1,7 +1,7 @@
 //! A VM's lifecycle under concurrency, on real daemons (child processes): racing
-//! migrations, stops and creations leave every VM on exactly one host with the checksum
-//! of an unmigrated run and every host's capacity accounting exact; a long guest kernel
-//! never stalls the API.
+//! migrations, stops, maintenance and creations leave every VM on exactly one host with
+//! the checksum of an unmigrated run and every host's capacity accounting exact; a long
+//! guest kernel never stalls the API; a short soak leaks nothing.
 
 mod common;
 
@@ -165,6 +165,80 @@ fn assert_capacity_exact(hosts: &[Host]) {
 
 const MIB: u64 = 1 << 20;
 
+/// The cluster center's operator token in these tests.
+const TOKEN: &str = "operator-token-0123456789";
+
+/// A `ferry center serve` child process (killed on drop) and a client of its API.
+struct Center {
+    _child: KillOnDrop,
+    url: String,
+    api: ApiClient,
+    _db: std::path::PathBuf,
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Center {
+    fn start(test: &str) -> Self {
+        let db = std::env::temp_dir().join(format!("ferry-{test}-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&db);
+        let (child, line) = serve(
+            std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["center", "serve", "--listen", "127.0.0.1:0"])
+                .arg("--db")
+                .arg(&db)
+                .env("FERRY_CENTER_TOKEN", TOKEN),
+        );
+        // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
+        let url = line
+            .split(" on ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap_or_else(|| panic!("no API address in {line:?}"))
+            .to_string();
+        let api = ApiClient::new(&url, TOKEN.as_bytes()).unwrap();
+        Self {
+            _child: KillOnDrop(child),
+            url,
+            api,
+            _db: db,
+        }
+    }
+
+    /// Waits until the center knows `n` hosts, all up.
+    fn wait_hosts(&self, n: usize) {
+        let started = Instant::now();
+        loop {
+            let hosts: Vec<Value> = self.api.get("/v1/hosts").unwrap();
+            if hosts.len() == n && hosts.iter().all(|h| h["status"] == "up") {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{hosts:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for operation `id` to end; returns it.
+    fn operation_end(&self, id: u64) -> Value {
+        let started = Instant::now();
+        loop {
+            let op: Value = self.api.get(&format!("/v1/operations/{id}")).unwrap();
+            if op["state"] != "running" {
+                return op;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{op}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 #[test]
 fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
     if !kvm_available("racing_migrations_and_stops_leave_each_vm_on_exactly_one_host") {
@@ -172,11 +246,14 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
     }
     const ARGS: &str = "--steps 12000 --print-every 4000";
     let expected = reference("mlp-train", "64M", "32M", ARGS);
+    let center = Center::start("racing");
+    let joined = ["--center", center.url.as_str(), "--heartbeat-ms", "200"];
     let hosts = [
-        Host::start("a", &[]),
-        Host::start("b", &[]),
-        Host::start("c", &[]),
+        Host::start("a", &joined),
+        Host::start("b", &joined),
+        Host::start("c", &joined),
     ];
+    center.wait_hosts(3);
     let args: Vec<&str> = ARGS.split_whitespace().collect();
     let ids: Vec<String> = std::thread::scope(|scope| {
         let creating: Vec<_> = (0..4)
@@ -189,7 +266,8 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
     let mut moved = 0;
     for round in 0..6 {
         // Every VM still running gets two migrations at once, to the two other hosts;
-        // in odd rounds the first VM also gets a stop in the same instant.
+        // in odd rounds the first VM also gets a stop in the same instant, and in rounds
+        // 2 and 4 its host is put in maintenance (the center moves all its VMs away).
         let mut requests = Vec::new();
         for (k, id) in ids.iter().enumerate() {
             let Some(src) = the_host(&hosts, id, stopped.contains(id)) else {
@@ -201,8 +279,29 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
             let others: Vec<&Host> = hosts.iter().filter(|h| h.name != src.name).collect();
             requests.push((id.clone(), src, others, round % 2 == 1 && k == 0));
         }
-        let barrier = Barrier::new(requests.iter().map(|r| 2 + usize::from(r.3)).sum());
+        let maintained = (round == 2 || round == 4)
+            .then(|| requests.first().map(|r| r.1.name))
+            .flatten();
+        let parties = requests.iter().map(|r| 2 + usize::from(r.3)).sum::<usize>()
+            + usize::from(maintained.is_some());
+        let barrier = Barrier::new(parties);
+        let mut operation = None;
         let outcomes: Vec<(String, Vec<bool>, Option<bool>)> = std::thread::scope(|scope| {
+            let maintenance = maintained.map(|host| {
+                let (center, barrier) = (&center, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    // Refused (409) when it loses the race to a migration of its VMs.
+                    match center
+                        .api
+                        .post::<_, Value>(&format!("/v1/hosts/{host}/maintenance"), &json!({}))
+                    {
+                        Ok(op) => Some(op["id"].as_u64().unwrap()),
+                        Err(e) if format!("{e:#}").contains("HTTP 409") => None,
+                        Err(e) => panic!("maintenance of {host}: {e:#}"),
+                    }
+                })
+            });
             let handles: Vec<_> = requests
                 .iter()
                 .map(|(id, src, others, stop)| {
@@ -225,6 +324,7 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
                     (id.clone(), migrations, stop)
                 })
                 .collect();
+            operation = maintenance.and_then(|m| m.join().unwrap());
             handles
                 .into_iter()
                 .map(|(id, m, s)| {
@@ -249,6 +349,14 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
                     moved += 1;
                 }
             }
+        }
+        if let (Some(op), Some(host)) = (operation, maintained) {
+            let op = center.operation_end(op);
+            eprintln!("round {round}: maintenance of {host}: {}", op["summary"]);
+            let _: Value = center
+                .api
+                .delete(&format!("/v1/hosts/{host}/maintenance"))
+                .unwrap();
         }
         wait_quiet(&hosts);
         for id in &ids {

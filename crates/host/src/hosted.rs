@@ -348,13 +348,12 @@ impl HostedVm {
         Ok(())
     }
 
-    /// In-doubt → running: the destination does not run it.
+    /// In-doubt → running: the destination does not run it. The transition comes first,
+    /// so that of two settlements racing (the host's own and an operator's), only the
+    /// one that won runs the VM here.
     pub fn resume_here(&self) -> Result<(), String> {
-        if !matches!(self.state(), VmState::InDoubt { .. }) {
-            return Err(format!("the VM is {}, not in doubt", self.state()));
-        }
-        self.resume_from_hold()?;
-        self.life.resume_here().map_err(|e| e.to_string())
+        self.life.resume_here().map_err(|e| e.to_string())?;
+        self.resume_from_hold()
     }
 
     /// Running → stopping → stopped, releasing it.
