@@ -39,21 +39,8 @@ fn scratch_dir(test: &str) -> PathBuf {
 
 impl CenterProc {
     fn start(db: PathBuf, listen: &str) -> Self {
-        let (child, line) = common::serve(
-            Command::new(env!("CARGO_BIN_EXE_ferry"))
-                .args(["center", "serve", "--listen", listen])
-                .args(["--down-after-ms", DOWN_AFTER_MS])
-                .arg("--db")
-                .arg(&db)
-                .env("FERRY_CENTER_TOKEN", TOKEN),
-        );
-        // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
-        let url = line
-            .split(" on ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .unwrap_or_else(|| panic!("no API address in {line:?}"))
-            .to_string();
+        let (child, url) =
+            common::start_center(&db, listen, TOKEN, &["--down-after-ms", DOWN_AFTER_MS]);
         Self { child, url, db }
     }
 

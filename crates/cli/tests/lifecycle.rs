@@ -189,20 +189,7 @@ impl Center {
     fn start(test: &str) -> Self {
         let db = std::env::temp_dir().join(format!("ferry-{test}-{}.db", std::process::id()));
         let _ = std::fs::remove_file(&db);
-        let (child, line) = serve(
-            std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-                .args(["center", "serve", "--listen", "127.0.0.1:0"])
-                .arg("--db")
-                .arg(&db)
-                .env("FERRY_CENTER_TOKEN", TOKEN),
-        );
-        // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
-        let url = line
-            .split(" on ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .unwrap_or_else(|| panic!("no API address in {line:?}"))
-            .to_string();
+        let (child, url) = start_center(&db, "127.0.0.1:0", TOKEN, &[]);
         let api = ApiClient::new(&url, TOKEN.as_bytes()).unwrap();
         Self {
             _child: KillOnDrop(child),

@@ -337,17 +337,17 @@ pub fn bench_soak(migrations: usize, emit: &mut Emit) -> anyhow::Result<()> {
             mib(after.rss)
         ),
     ))?;
-    emit(figure(
-        "soak_thread_growth",
-        after.threads as f64 - before.threads as f64,
-        "threads",
-        format!("{} before, {} after", before.threads, after.threads),
-    ))?;
-    emit(figure(
-        "soak_fd_growth",
-        after.fds as f64 - before.fds as f64,
-        "fds",
-        format!("{} before, {} after", before.fds, after.fds),
-    ))?;
+    for (name, unit, before, after) in [
+        (
+            "soak_thread_growth",
+            "threads",
+            before.threads,
+            after.threads,
+        ),
+        ("soak_fd_growth", "fds", before.fds, after.fds),
+    ] {
+        let detail = format!("{before} before, {after} after");
+        emit(figure(name, after as f64 - before as f64, unit, detail))?;
+    }
     Ok(())
 }

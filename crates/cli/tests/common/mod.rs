@@ -56,6 +56,32 @@ pub fn serve(command: &mut Command) -> (Child, String) {
     (child, line)
 }
 
+/// Starts `ferry center serve` on `listen` with `db`, the operator `token` and `extra`
+/// flags; returns it with its API's URL.
+pub fn start_center(
+    db: &std::path::Path,
+    listen: &str,
+    token: &str,
+    extra: &[&str],
+) -> (Child, String) {
+    let (child, line) = serve(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["center", "serve", "--listen", listen])
+            .args(extra)
+            .arg("--db")
+            .arg(db)
+            .env("FERRY_CENTER_TOKEN", token),
+    );
+    // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
+    let url = line
+        .split(" on ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap_or_else(|| panic!("no API address in {line:?}"))
+        .to_string();
+    (child, url)
+}
+
 /// A `ferry host serve` child process, killed on drop.
 pub struct Daemon {
     pub child: Child,
