@@ -9,7 +9,7 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::wire::{FrameStream, Message, StreamRole, PROTOCOL_VERSION};
+use crate::wire::{FrameStream, Message, StreamRole, MAX_HANDSHAKE_FRAME, PROTOCOL_VERSION};
 use crate::MigrationError;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -116,7 +116,11 @@ pub fn authenticate_stream_connector<S: Read + Write>(
     secret: &Secret,
     role: StreamRole,
 ) -> Result<(), MigrationError> {
-    connector(stream, secret, role)
+    // The listener has not proven who it is either until its challenge checks out.
+    stream.limit_frames(MAX_HANDSHAKE_FRAME);
+    connector(stream, secret, role)?;
+    stream.unlimit_frames();
+    Ok(())
 }
 
 /// The listening side: answers the challenge, checks the connector's proof, and returns
@@ -126,7 +130,11 @@ pub fn authenticate_stream_listener<S: Read + Write>(
     stream: &mut FrameStream<S>,
     secret: &Secret,
 ) -> Result<StreamRole, MigrationError> {
-    listener(stream, secret)
+    // An unauthenticated peer gets handshake-sized frames only.
+    stream.limit_frames(MAX_HANDSHAKE_FRAME);
+    let role = listener(stream, secret)?;
+    stream.unlimit_frames();
+    Ok(role)
 }
 
 fn connector(

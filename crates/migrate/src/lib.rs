@@ -16,6 +16,7 @@
 
 pub mod auth;
 mod deadline;
+mod gate;
 mod link;
 pub mod receive;
 pub mod send;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::auth::{authenticate_stream_listener, Secret};
+use crate::gate::{Gate, Refusal, Ticket, HANDSHAKE_TIME};
 use crate::link::Link;
 use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
@@ -82,8 +83,11 @@ pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: A
 /// `tls`, every connection must first complete a mutual TLS handshake (the peer's
 /// certificate signed by the configured CA; see [`crate::tls`]), and the shared-secret
 /// authentication runs inside it; a connection that fails either is logged and closed,
-/// and the listener goes on. Every incoming session's outcome is kept in `outcomes`, to
-/// settle in-doubt switchovers.
+/// and the listener goes on. Until it has authenticated, a connection is one of at most
+/// [`crate::gate::MAX_HANDSHAKES`] (and of its peer address's
+/// [`crate::gate::MAX_HANDSHAKES_PER_PEER`]), has [`HANDSHAKE_TIME`] to finish, and
+/// may send only handshake-sized frames; one over the limits is closed at once. Every
+/// incoming session's outcome is kept in `outcomes`, to settle in-doubt switchovers.
 pub fn serve_with_tls<F: TargetFactory>(
     listener: TcpListener,
     secret: Secret,
@@ -92,8 +96,29 @@ pub fn serve_with_tls<F: TargetFactory>(
     outcomes: Outcomes,
 ) {
     let sessions: Sessions = Arc::default();
+    let gate = Gate::default();
+    if let Err(e) = gate.start_reaper() {
+        tracing::error!("cannot start the handshake reaper thread; not receiving migrations: {e}");
+        return;
+    }
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
+        let Ok(peer_addr) = stream.peer_addr() else {
+            continue;
+        };
+        let ticket = match gate.admit(&stream, peer_addr.ip()) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                if let Some(n) = gate.log_refusal(peer_addr.ip()) {
+                    let limit = match refusal {
+                        Refusal::Host => "this host's limit of unauthenticated connections",
+                        Refusal::Peer => "the limit of unauthenticated connections per peer",
+                    };
+                    tracing::warn!(peer = %peer_addr, refused = n, "migration connections refused: {limit} reached");
+                }
+                continue;
+            }
+        };
         let (secret, tls, factory, sessions, outcomes) = (
             secret.clone(),
             tls.clone(),
@@ -101,9 +126,7 @@ pub fn serve_with_tls<F: TargetFactory>(
             sessions.clone(),
             outcomes.clone(),
         );
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let peer = peer_addr.to_string();
         let spawned = std::thread::Builder::new()
             .name("migrate-in".into())
             .spawn(move || {
@@ -112,7 +135,7 @@ pub fn serve_with_tls<F: TargetFactory>(
                     sessions: &sessions,
                     outcomes: &outcomes,
                 };
-                if let Err(e) = handle_connection(stream, &secret, tls.as_ref(), shared) {
+                if let Err(e) = handle_connection(stream, ticket, &secret, tls.as_ref(), shared) {
                     tracing::warn!(%peer, "incoming migration connection failed: {e}");
                 }
             });
@@ -130,15 +153,17 @@ struct Shared<'a, F> {
     outcomes: &'a Outcomes,
 }
 
+/// One connection: authenticated under `ticket` (given back once it has), then served.
 fn handle_connection<F: TargetFactory>(
     stream: TcpStream,
+    ticket: Ticket,
     secret: &Secret,
     tls: Option<&TlsConfig>,
     shared: Shared<'_, F>,
 ) -> Result<(), MigrationError> {
     stream
         .set_nodelay(true)
-        .and_then(|()| stream.set_read_timeout(Some(CONTROL_TIMEOUT)))
+        .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_TIME)))
         .and_then(|()| crate::deadline::tune(&stream, STREAM_WAIT))
         .map_err(MigrationError::io("setting up a connection"))?;
     let keep = stream
@@ -154,7 +179,11 @@ fn handle_connection<F: TargetFactory>(
         ),
     };
     let mut conn = FrameStream::new(link, false);
-    match authenticate_stream_listener(&mut conn, secret)? {
+    let role = authenticate_stream_listener(&mut conn, secret)?;
+    drop(ticket);
+    keep.set_read_timeout(Some(CONTROL_TIMEOUT))
+        .map_err(MigrationError::io("setting up a connection"))?;
+    match role {
         StreamRole::Control => match conn.expect_control("an offer")? {
             Message::Settle { session } => {
                 let settlement = shared.outcomes.settle(session);

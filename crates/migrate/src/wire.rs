@@ -25,6 +25,9 @@ pub const MAX_RUN_PAGES: u64 = 256;
 pub const MAX_CONTROL_BYTES: usize = 16 << 20;
 /// Largest payload of any frame (a control message).
 const MAX_PAYLOAD: usize = MAX_CONTROL_BYTES;
+/// Largest frame while a connection authenticates: every handshake message fits, and a
+/// peer that has not proven who it is cannot make us allocate more.
+pub const MAX_HANDSHAKE_FRAME: usize = 4 << 10;
 
 const MAGIC: [u8; 2] = *b"FY";
 const HEADER_BYTES: usize = 16;
@@ -226,6 +229,17 @@ impl<S: Read + Write> FrameStream<S> {
         }
     }
 
+    /// Refuses frames larger than `bytes` (both as sent and uncompressed), up to the
+    /// protocol's own limit: [`MAX_HANDSHAKE_FRAME`] while authenticating.
+    pub fn limit_frames(&mut self, bytes: usize) {
+        self.decoder.limit = Some(bytes.min(MAX_PAYLOAD));
+    }
+
+    /// Takes frames up to the protocol's limit again.
+    pub fn unlimit_frames(&mut self) {
+        self.decoder.limit = None;
+    }
+
     /// The connection.
     pub fn get_mut(&mut self) -> &mut S {
         self.writer.get_mut()
@@ -252,11 +266,13 @@ impl<S: Read + Write> FrameStream<S> {
     }
 }
 
-/// Decoding state: the buffers of the last frame, reused.
+/// Decoding state: the buffers of the last frame, reused, and a limit below the
+/// protocol's, if any.
 #[derive(Default)]
 struct Decoder {
     wire: Vec<u8>,
     raw: Vec<u8>,
+    limit: Option<usize>,
 }
 
 impl Decoder {
@@ -286,9 +302,10 @@ impl Decoder {
             return Err(protocol(format!("unknown frame flags {flags:#x}")));
         }
         let compressed = flags & FLAG_COMPRESSED != 0;
-        if wire_len > MAX_PAYLOAD || raw_len > MAX_PAYLOAD || (!compressed && wire_len != raw_len) {
+        let limit = self.limit.unwrap_or(MAX_PAYLOAD);
+        if wire_len > limit || raw_len > limit || (!compressed && wire_len != raw_len) {
             return Err(protocol(format!(
-                "frame of {wire_len} bytes ({raw_len} uncompressed) exceeds the {MAX_PAYLOAD}-byte limit or is inconsistent"
+                "frame of {wire_len} bytes ({raw_len} uncompressed) exceeds the {limit}-byte limit or is inconsistent"
             )));
         }
         // The buffers only grow: shrinking them would zero-fill them again for the next

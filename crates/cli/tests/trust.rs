@@ -1,0 +1,147 @@
+//! A host's trust boundary, attacked from the migration network as an outsider would:
+//! floods of unauthenticated connections (each claiming a 16 MiB frame, or idle) cost
+//! the daemon almost nothing, while a genuine migration completes and the API answers.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use socket2::{Domain, Socket, Type};
+
+/// Resident memory (bytes) and threads of process `pid`.
+fn footprint(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:") << 10, field("Threads:"))
+}
+
+/// A connection to `to` from 127.0.0.2 (the attacker's own address).
+fn attacker(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(socket.into())
+}
+
+/// Lets this process open as many files as its hard limit allows.
+fn raise_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid rlimit pointer only read or write it.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    limit.rlim_cur
+}
+
+#[test]
+fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
+    if !kvm_available("floods_of_unauthenticated_connections_cost_the_host_almost_nothing") {
+        return;
+    }
+    let files = raise_file_limit();
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let target: SocketAddr = b.migration.parse().unwrap();
+    let pid = b.child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let (rss0, threads0) = footprint(pid);
+    let args = "--steps 8000 --print-every 4000";
+
+    // 1,000 connections that each claim a 16 MiB control frame, then 10,000 idle ones
+    // (or as many as this process may open), kept open, while a genuine migration runs.
+    let idle = 10_000.min(files.saturating_sub(1_200) as usize);
+    let stop = AtomicBool::new(false);
+    let (flooded, all_open) = std::sync::mpsc::channel();
+    let (peak_rss, peak_threads) = (AtomicU64::new(rss0), AtomicU64::new(threads0));
+    let mut header = [0u8; 16];
+    header[..2].copy_from_slice(b"FY");
+    header[2] = 1;
+    header[4..8].copy_from_slice(&(16u32 << 20).to_le_bytes());
+    header[8..12].copy_from_slice(&(16u32 << 20).to_le_bytes());
+    let (opened, report, api_worst, id) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                let (rss, threads) = footprint(pid);
+                peak_rss.fetch_max(rss, Ordering::SeqCst);
+                peak_threads.fetch_max(threads, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let flood = scope.spawn(|| {
+            let mut held = Vec::new();
+            for i in 0..1_000 + idle {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut c) = attacker(target) else {
+                    continue;
+                };
+                if i < 1_000 {
+                    let _ = c.write_all(&header);
+                }
+                held.push(c);
+            }
+            let opened = held.len();
+            let _ = flooded.send(opened);
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened
+        });
+        // The genuine work, with every attacking connection open.
+        all_open.recv_timeout(Duration::from_secs(120)).unwrap();
+        let id = a.create("mlp-train", "32M", args);
+        a.wait_console(&id, "mlp-train: seed");
+        let api = ferry_client::ApiClient::new(&b.api, SECRET.as_bytes()).unwrap();
+        let mut api_worst = Duration::ZERO;
+        for _ in 0..20 {
+            let t = Instant::now();
+            let _: serde_json::Value = api.get("/v1/host").unwrap();
+            api_worst = api_worst.max(t.elapsed());
+        }
+        let out = a.migrate(&id, &b.migration, &[]);
+        let report = report(&out);
+        stop.store(true, Ordering::SeqCst);
+        watcher.join().unwrap();
+        (flood.join().unwrap(), report, api_worst, id)
+    });
+    let (rss, threads) = (
+        peak_rss.load(Ordering::SeqCst),
+        peak_threads.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "flood: {opened} connections from 127.0.0.2 (1,000 claiming 16 MiB frames); daemon RSS {} -> peak {} MiB, threads {threads0} -> peak {threads}; genuine migration paused {:.1} ms; slowest API call {:.1} ms",
+        rss0 >> 20,
+        rss >> 20,
+        report["downtime_ms"].as_f64().unwrap(),
+        api_worst.as_secs_f64() * 1e3,
+    );
+    assert!(opened >= 1_000, "only {opened} connections opened");
+    assert!(
+        rss < rss0 + (100 << 20),
+        "RSS {} MiB -> {} MiB",
+        rss0 >> 20,
+        rss >> 20
+    );
+    // The daemon's own threads, at most 64 authenticating, and the arriving VM's.
+    assert!(threads < threads0 + 100, "threads {threads0} -> {threads}");
+    assert_eq!(
+        b.checksum_at_exit(&id),
+        reference("mlp-train", "64M", "32M", args)
+    );
+}

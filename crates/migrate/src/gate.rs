@@ -1,0 +1,233 @@
+//! What a destination spends on a peer before it has proven who it is: a bounded number
+//! of connections per host and per peer address, each with a few seconds to
+//! authenticate (TLS included) and frames of a few KiB meanwhile. A connection over the
+//! limits is closed at once, with a log line naming the peer; one that takes too long is
+//! shut by a single reaper thread.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Connections authenticating at once, per host.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Connections authenticating at once, per peer address.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
+/// Time a connection has to authenticate, from its acceptance.
+pub const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
+/// How often the reaper looks for connections past their time.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+/// A peer's refusals are logged at most this often (with how many there were).
+const LOG_REFUSALS_EVERY: Duration = Duration::from_secs(5);
+
+/// One connection authenticating: when its time is up, and its socket.
+struct Pending {
+    deadline: Instant,
+    socket: TcpStream,
+    peer: IpAddr,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, Pending>,
+    per_peer: HashMap<IpAddr, usize>,
+    next: u64,
+    /// Per peer: refusals since the last log line about it, and when that was.
+    refused: HashMap<IpAddr, (u64, Instant)>,
+}
+
+/// The admission of unauthenticated connections to a listener.
+#[derive(Clone, Default)]
+pub(crate) struct Gate(Arc<Mutex<State>>);
+
+/// Why a connection was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The host's limit.
+    Host,
+    /// The peer's limit.
+    Peer,
+}
+
+/// A connection's place among those authenticating; dropping it gives the place back.
+pub(crate) struct Ticket {
+    gate: Gate,
+    id: u64,
+}
+
+impl Gate {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Admits `socket` from `peer` if both limits allow; it must authenticate within
+    /// [`HANDSHAKE_TIME`] or [`Gate::reap`] shuts it.
+    pub(crate) fn admit(&self, socket: &TcpStream, peer: IpAddr) -> Result<Ticket, Refusal> {
+        let mut s = self.state();
+        if s.pending.len() >= MAX_HANDSHAKES {
+            return Err(Refusal::Host);
+        }
+        let of_peer = s.per_peer.entry(peer).or_insert(0);
+        if *of_peer >= MAX_HANDSHAKES_PER_PEER {
+            return Err(Refusal::Peer);
+        }
+        // Without a handle to shut it, the deadline could not be kept: refuse.
+        let Ok(handle) = socket.try_clone() else {
+            return Err(Refusal::Host);
+        };
+        *of_peer += 1;
+        let id = s.next;
+        s.next += 1;
+        s.pending.insert(
+            id,
+            Pending {
+                deadline: Instant::now() + HANDSHAKE_TIME,
+                socket: handle,
+                peer,
+            },
+        );
+        Ok(Ticket {
+            gate: self.clone(),
+            id,
+        })
+    }
+
+    /// Whether a refusal of `peer` should be logged now; returns how many refusals the
+    /// line covers.
+    pub(crate) fn log_refusal(&self, peer: IpAddr) -> Option<u64> {
+        let mut s = self.state();
+        let now = Instant::now();
+        let (count, last) = s
+            .refused
+            .entry(peer)
+            .or_insert((0, now - LOG_REFUSALS_EVERY));
+        *count += 1;
+        if now.duration_since(*last) < LOG_REFUSALS_EVERY {
+            return None;
+        }
+        let n = *count;
+        *count = 0;
+        *last = now;
+        if s.refused.len() > 4 * MAX_HANDSHAKES {
+            // Bounded: forget peers not refused for a while.
+            s.refused
+                .retain(|_, (c, t)| *c > 0 || now.duration_since(*t) < LOG_REFUSALS_EVERY);
+        }
+        Some(n)
+    }
+
+    /// Shuts every connection past its time (its thread then fails and gives its ticket
+    /// back).
+    pub(crate) fn reap(&self) {
+        let now = Instant::now();
+        let s = self.state();
+        for p in s.pending.values().filter(|p| p.deadline <= now) {
+            let _ = p.socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Starts the reaper thread, which runs for as long as the process does.
+    pub(crate) fn start_reaper(&self) -> std::io::Result<()> {
+        let gate = self.clone();
+        std::thread::Builder::new()
+            .name("migrate-reaper".into())
+            .spawn(move || loop {
+                std::thread::sleep(REAP_EVERY);
+                gate.reap();
+            })
+            .map(drop)
+    }
+
+    /// Connections authenticating now.
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut s = self.gate.state();
+        if let Some(p) = s.pending.remove(&self.id) {
+            if let Some(n) = s.per_peer.get_mut(&p.peer) {
+                *n -= 1;
+                if *n == 0 {
+                    s.per_peer.remove(&p.peer);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{Ipv4Addr, TcpListener};
+
+    fn socket() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn a_peer_gets_its_share_and_the_host_its_limit() {
+        let gate = Gate::default();
+        let (_c, s) = socket();
+        let peer = |n: u8| IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
+        let mut tickets = Vec::new();
+        for _ in 0..MAX_HANDSHAKES_PER_PEER {
+            tickets.push(gate.admit(&s, peer(1)).unwrap());
+        }
+        assert_eq!(gate.admit(&s, peer(1)).err(), Some(Refusal::Peer));
+        // Others still get in, up to the host's limit.
+        let mut n = 2;
+        while tickets.len() < MAX_HANDSHAKES {
+            match gate.admit(&s, peer(n)) {
+                Ok(t) => tickets.push(t),
+                Err(Refusal::Peer) => n += 1,
+                Err(Refusal::Host) => panic!("host limit before {MAX_HANDSHAKES}"),
+            }
+        }
+        assert_eq!(gate.admit(&s, peer(200)).err(), Some(Refusal::Host));
+        // Places come back when tickets go.
+        tickets.truncate(MAX_HANDSHAKES - 1);
+        assert!(gate.admit(&s, peer(200)).is_ok());
+        drop(tickets);
+        assert_eq!(gate.pending(), 0);
+        assert!(gate.0.lock().unwrap().per_peer.is_empty());
+    }
+
+    #[test]
+    fn a_connection_past_its_time_is_shut() {
+        let gate = Gate::default();
+        let (mut client, server) = socket();
+        let ticket = gate
+            .admit(&server, IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .unwrap();
+        gate.0
+            .lock()
+            .unwrap()
+            .pending
+            .get_mut(&ticket.id)
+            .unwrap()
+            .deadline = Instant::now();
+        gate.reap();
+        // The server side was shut: the client reads the end of the stream.
+        assert_eq!(client.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_every_few_seconds_with_a_count() {
+        let gate = Gate::default();
+        let peer = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
+        assert_eq!(gate.log_refusal(peer), Some(1));
+        for _ in 0..100 {
+            assert_eq!(gate.log_refusal(peer), None);
+        }
+    }
+}
