@@ -26,8 +26,9 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_host::api::{answer, bad_body, error, require_bearer, JsonBody};
+use ferry_host::api::{answer, bad_body, error, JsonBody};
 use ferry_host::heartbeat::Heartbeat;
+use ferry_host::tokens::{require_token, Access, TokenFileError, Tokens};
 use serde::Deserialize;
 
 use crate::{Center, CenterError, PlaceVm};
@@ -50,20 +51,29 @@ impl IntoResponse for CenterError {
     }
 }
 
+/// The tokens each part of the API takes.
+#[derive(Clone)]
+struct Gates {
+    /// The operator token and the token file's.
+    operators: Arc<Tokens>,
+    /// The heartbeat key hosts derive from the cluster secret.
+    hosts: Arc<Tokens>,
+}
+
 async fn operator_token(
-    State(center): State<Arc<Center>>,
+    State(gates): State<Gates>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    require_bearer(&center.config().token, request, next).await
+    require_token(&gates.operators, request, next).await
 }
 
 async fn host_secret(
-    State(center): State<Arc<Center>>,
+    State(gates): State<Gates>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    require_bearer(&center.config().secret, request, next).await
+    require_token(&gates.hosts, request, next).await
 }
 
 async fn heartbeat(State(center): State<Arc<Center>>, body: JsonBody<Heartbeat>) -> Response {
@@ -200,7 +210,24 @@ async fn not_found() -> Response {
 }
 
 /// The API router over `center`.
-pub fn router(center: Arc<Center>) -> Router {
+pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
+    let config = center.config();
+    let gates = Gates {
+        operators: Arc::new(Tokens::new(
+            vec![(config.token.clone(), Access::Full)],
+            config.api_tokens.as_deref(),
+        )?),
+        hosts: Arc::new(Tokens::new(
+            vec![(
+                config
+                    .secret
+                    .token(ferry_migrate::Purpose::Heartbeat)
+                    .into_bytes(),
+                Access::Full,
+            )],
+            None,
+        )?),
+    };
     let operators = Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/hosts", get(hosts))
@@ -216,19 +243,19 @@ pub fn router(center: Arc<Center>) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
-            center.clone(),
+            gates.clone(),
             operator_token,
         ));
     let hosts = Router::new()
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/settle", post(settle))
-        .route_layer(middleware::from_fn_with_state(center.clone(), host_secret));
-    Router::new()
+        .route_layer(middleware::from_fn_with_state(gates.clone(), host_secret));
+    Ok(Router::new()
         .route("/", get(dashboard))
         .merge(operators)
         .merge(hosts)
         .fallback(not_found)
-        .with_state(center)
+        .with_state(center))
 }
 
 /// Serves the API on `listener` until the process ends.

@@ -62,9 +62,12 @@ pub struct CenterConfig {
     pub db: PathBuf,
     /// Bearer token of operators (API, dashboard, metrics).
     pub token: Vec<u8>,
-    /// The cluster's shared secret: hosts send it with heartbeats; the center sends it
-    /// to the hosts' APIs.
-    pub secret: Vec<u8>,
+    /// More operators' tokens, one per line (`TOKEN` or `TOKEN read-only`: enough for
+    /// the dashboard and metrics), read again when the file changes.
+    pub api_tokens: Option<PathBuf>,
+    /// The cluster's shared secret (kept in memory only): hosts authenticate with the
+    /// heartbeat key derived from it; the center calls hosts' APIs with the host-API key.
+    pub secret: ferry_migrate::Secret,
     /// A host silent this long is down.
     pub down_after: Duration,
     /// Migrations run at once by maintenance and balancing.
@@ -248,7 +251,8 @@ impl Center {
 
     /// A client of `host`'s API.
     fn host_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
-        ApiClient::new(&host.api_url, &self.config.secret)
+        let token = self.config.secret.token(ferry_migrate::Purpose::HostApi);
+        ApiClient::new(&host.api_url, token.as_bytes())
             .map_err(|e| CenterError::BadRequest(e.to_string()))
     }
 

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ferry_client::ApiClient;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------
@@ -481,7 +480,7 @@ fn running_on(daemons: &[(&str, &Daemon, bool)], id: &str) -> Vec<String> {
         .iter()
         .filter(|(_, _, alive)| *alive)
         .filter_map(|(name, d, _)| {
-            let api = ApiClient::new(&d.api, SECRET.as_bytes()).unwrap();
+            let api = host_api(d);
             let vms: Vec<Value> = api.get("/v1/vms").unwrap();
             vms.iter()
                 .find(|vm| vm["id"] == id && (vm["state"] == "running" || vm["state"] == "exited"))
@@ -516,7 +515,7 @@ fn run_case(c: &Case, expected: &str) {
         })
     };
     let proxy = Proxy::start(destination.migration.clone(), c.fault, act);
-    let src = ApiClient::new(&source.api, SECRET.as_bytes()).unwrap();
+    let src = host_api(&source);
     let args: Vec<&str> = ARGS.split_whitespace().collect();
     let id = source.create_with("mlp-train", "64M", "32M", &[], &args);
     source.wait_console(&id, "mlp-train: seed");
@@ -597,7 +596,7 @@ fn run_case(c: &Case, expected: &str) {
     // half-received one when its connections end).
     if !killed_dst.load(Ordering::SeqCst) && c.expect != Expect::Destination {
         drop(proxy);
-        let api = ApiClient::new(&destination.api, SECRET.as_bytes()).unwrap();
+        let api = host_api(&destination);
         let started = Instant::now();
         while api.get::<Value>("/v1/host").unwrap()["memory_used"] != 0 {
             assert!(

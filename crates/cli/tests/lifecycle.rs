@@ -23,7 +23,7 @@ struct Host {
 impl Host {
     fn start(name: &'static str, extra: &[&str]) -> Self {
         let daemon = Daemon::start_with(name, extra);
-        let api = ApiClient::new(&daemon.api, SECRET.as_bytes()).unwrap();
+        let api = host_api(&daemon);
         Self { name, daemon, api }
     }
 

@@ -107,7 +107,7 @@ fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
         all_open.recv_timeout(Duration::from_secs(120)).unwrap();
         let id = a.create("mlp-train", "32M", args);
         a.wait_console(&id, "mlp-train: seed");
-        let api = ferry_client::ApiClient::new(&b.api, SECRET.as_bytes()).unwrap();
+        let api = host_api(&b);
         let mut api_worst = Duration::ZERO;
         for _ in 0..20 {
             let t = Instant::now();
@@ -144,4 +144,62 @@ fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
         b.checksum_at_exit(&id),
         reference("mlp-train", "64M", "32M", args)
     );
+}
+
+#[test]
+fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
+    if !kvm_available("api_tokens_have_one_purpose_each_and_read_only_ones_only_read") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-tokens-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        "# operators\nalice-token-0123456789\ngrafana-token-0123456789 read-only\n",
+    )
+    .unwrap();
+    let b = Daemon::start_with("b", &["--api-tokens", tokens.to_str().unwrap()]);
+    let with = |token: &str| ferry_client::ApiClient::new(&b.api, token.as_bytes()).unwrap();
+    let create = serde_json::json!({ "workload": "hello", "memory": 16 << 20 });
+    // The host-API key and an operator's token do everything.
+    let _: serde_json::Value = host_api(&b).get("/v1/host").unwrap();
+    let vm: serde_json::Value = with("alice-token-0123456789")
+        .post("/v1/vms", &create)
+        .unwrap();
+    assert!(vm["id"].is_string(), "{vm}");
+    // A read-only token reads, and nothing else.
+    let ro = with("grafana-token-0123456789");
+    let _: serde_json::Value = ro.get("/v1/vms").unwrap();
+    let refused = ro
+        .post::<_, serde_json::Value>("/v1/vms", &create)
+        .unwrap_err();
+    assert!(format!("{refused:#}").contains("HTTP 403"), "{refused:#}");
+    // The cluster secret itself, and the keys derived for other purposes, open nothing.
+    let secret = ferry_migrate::Secret::new(SECRET.as_bytes()).unwrap();
+    for token in [
+        SECRET.to_string(),
+        secret.token(ferry_migrate::Purpose::Heartbeat),
+        secret.token(ferry_migrate::Purpose::Migration),
+    ] {
+        let refused = with(&token)
+            .get::<serde_json::Value>("/v1/host")
+            .unwrap_err();
+        assert!(format!("{refused:#}").contains("HTTP 401"), "{refused:#}");
+    }
+    // Rotation without a restart: alice's token out, a new one in.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&tokens, "bob-token-0123456789abc\n").unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(1);
+    std::fs::File::options()
+        .write(true)
+        .open(&tokens)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let _: serde_json::Value = with("bob-token-0123456789abc").get("/v1/host").unwrap();
+    assert!(with("alice-token-0123456789")
+        .get::<serde_json::Value>("/v1/host")
+        .is_err());
+    let _ = std::fs::remove_dir_all(&dir);
 }

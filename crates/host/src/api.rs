@@ -1,5 +1,7 @@
 //! The HTTP/JSON API of `ferry host serve`. Every request needs
-//! `Authorization: Bearer <shared secret>`; errors are `{"error": "..."}` with a status
+//! `Authorization: Bearer <token>`: the cluster's host-API key (derived from the shared
+//! secret; the center and `ferry` with the secret use it) or an operator's token from
+//! `--api-tokens FILE` (read-only ones may only GET); errors are `{"error": "..."}` with a status
 //! that says what kind they are.
 //!
 //! | method and path | does |
@@ -28,13 +30,16 @@ use serde::Serialize;
 
 use serde::Deserialize;
 
+use ferry_migrate::Purpose;
+
+use crate::tokens::{Access, TokenFileError, Tokens};
 use crate::{CreateVm, Host, HostError, MigrateRequest};
 
 #[derive(Clone)]
 struct Api {
     host: Arc<Host>,
     migration_addr: String,
-    token: Arc<Vec<u8>>,
+    tokens: Arc<Tokens>,
 }
 
 impl IntoResponse for HostError {
@@ -55,39 +60,13 @@ pub fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Runs `request` if it carries `Authorization: Bearer <token>`, else refuses it with
-/// 401. The body of the API middlewares here and in the cluster center.
-pub async fn require_bearer(token: &[u8], request: axum::extract::Request, next: Next) -> Response {
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if same(given.as_bytes(), token) => next.run(request).await,
-        Some(_) => {
-            tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
-            error(StatusCode::UNAUTHORIZED, "wrong API token")
-        }
-        None => error(
-            StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <token>' header",
-        ),
-    }
-}
-
-/// Middleware on every route: the request must carry the API token.
+/// Middleware on every route: the request must carry a token of this host's.
 async fn require_token(
     State(api): State<Api>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    require_bearer(&api.token, request, next).await
+    crate::tokens::require_token(&api.tokens, request, next).await
 }
 
 /// Runs a blocking operation off the async runtime and answers with its result (`ok`
@@ -224,15 +203,21 @@ async fn not_found() -> Response {
     )
 }
 
-/// The API router over `host`; `migration_addr` is what `GET /v1/host` reports.
-pub fn router(host: Arc<Host>, migration_addr: String) -> Router {
-    let token = Arc::new(host.config().secret.expose().to_vec());
+/// The API router over `host`; `migration_addr` is what `GET /v1/host` reports. It takes
+/// the cluster's host-API key (derived from the secret) and the operators' tokens of the
+/// host's token file, if any.
+pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFileError> {
+    let cluster = host.config().secret.token(Purpose::HostApi).into_bytes();
+    let tokens = Tokens::new(
+        vec![(cluster, Access::Full)],
+        host.config().api_tokens.as_deref(),
+    )?;
     let api = Api {
         host,
         migration_addr,
-        token,
+        tokens: Arc::new(tokens),
     };
-    Router::new()
+    Ok(Router::new()
         .route("/v1/host", get(host_info))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(show_vm).delete(stop_vm))
@@ -246,7 +231,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Router {
         .route("/v1/settle/{session}", post(settle))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
         .fallback(not_found)
-        .with_state(api)
+        .with_state(api))
 }
 
 /// Serves the API on `listener` until the process ends.

@@ -47,7 +47,11 @@ pub fn load_average() -> Option<f64> {
 /// Sends heartbeats from a thread of their own, for as long as the process runs. A
 /// center that cannot be reached is logged once per outage, not per beat.
 pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
-    let client = ferry_client::ApiClient::new(&link.center_url, host.config().secret.expose())
+    let token = host
+        .config()
+        .secret
+        .token(ferry_migrate::Purpose::Heartbeat);
+    let client = ferry_client::ApiClient::new(&link.center_url, token.as_bytes())
         .map_err(std::io::Error::other)?;
     host.set_center(&link.center_url);
     std::thread::Builder::new()

@@ -17,6 +17,7 @@ pub mod heartbeat;
 pub mod hosted;
 pub mod lifecycle;
 pub mod migration;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -77,6 +78,9 @@ pub struct HostConfig {
     pub tls: Option<ferry_migrate::TlsConfig>,
     /// Where attached files received with migrated VMs are kept.
     pub file_store: PathBuf,
+    /// Operators' API tokens, one per line (`TOKEN` or `TOKEN read-only`), read again
+    /// when the file changes.
+    pub api_tokens: Option<PathBuf>,
 }
 
 /// How long a source keeps asking where an in-doubt VM runs before leaving it to the
@@ -730,16 +734,16 @@ impl Host {
     /// destination whose migration address is `to`.
     fn settle_through_center(&self, to: &str, session: u64) -> Option<Result<Settlement, String>> {
         let center = self.center.lock().expect("center lock").clone()?;
-        let asked =
-            ferry_client::ApiClient::new(&center, self.config.secret.expose()).and_then(|client| {
-                client.post(
-                    "/v1/settle",
-                    &SettleRequest {
-                        migration_addr: to.to_string(),
-                        session,
-                    },
-                )
-            });
+        let token = self.config.secret.token(ferry_migrate::Purpose::Heartbeat);
+        let asked = ferry_client::ApiClient::new(&center, token.as_bytes()).and_then(|client| {
+            client.post(
+                "/v1/settle",
+                &SettleRequest {
+                    migration_addr: to.to_string(),
+                    session,
+                },
+            )
+        });
         Some(asked.map_err(|e| format!("{e:#}")))
     }
 

@@ -1,11 +1,17 @@
-//! Mutual shared-secret authentication of every migration connection: each side proves
-//! it knows the secret with an HMAC-SHA256 over both sides' fresh random challenges, so
-//! nothing replayable or secret crosses the wire. The connection role (control or data
-//! stream of a session) is bound into the proof.
+//! The cluster secret and the keys derived from it, and mutual authentication of every
+//! migration connection: each side proves it knows the migration key with an
+//! HMAC-SHA256 over both sides' fresh random challenges, so nothing replayable or secret
+//! crosses the wire. The connection role (control or data stream of a session) is bound
+//! into the proof.
+//!
+//! The secret itself is never used as a key, never sent, and cannot be read back: each
+//! use has its own key, HKDF-SHA256 of the secret with a label of its own ([`Purpose`]),
+//! so a key seen in one place (a heartbeat's bearer token, say) opens nothing else.
 
 use std::io::{Read, Write};
 use std::path::Path;
 
+use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -16,6 +22,28 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Shortest secret accepted.
 pub const MIN_SECRET_BYTES: usize = 16;
+
+/// What a key derived from the cluster secret is for. The keys are not interchangeable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Authenticating migration connections between hosts.
+    Migration,
+    /// Hosts' heartbeats and other requests to the center.
+    Heartbeat,
+    /// The cluster's own calls to a host's API (the center's, and an administrator's
+    /// holding the secret); operators may have tokens of their own instead.
+    HostApi,
+}
+
+impl Purpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Self::Migration => b"ferry migration key v1",
+            Self::Heartbeat => b"ferry heartbeat key v1",
+            Self::HostApi => b"ferry host api key v1",
+        }
+    }
+}
 
 /// The secret shared by the hosts of one cluster.
 #[derive(Clone)]
@@ -52,9 +80,21 @@ impl Secret {
         nonce().iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The bytes, for protocols that send the secret itself (the HTTP bearer token).
-    pub fn expose(&self) -> &[u8] {
-        &self.0
+    /// The key for `purpose`: HKDF-SHA256 of the secret, with the purpose's label.
+    pub fn derive(&self, purpose: Purpose) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(purpose.label(), &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        key
+    }
+
+    /// The key for `purpose` as a bearer token (lowercase hex).
+    pub fn token(&self, purpose: Purpose) -> String {
+        self.derive(purpose)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The HMAC over one side's view of the handshake.
@@ -65,7 +105,8 @@ impl Secret {
         second: &[u8; 32],
         role: &StreamRole,
     ) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut mac = HmacSha256::new_from_slice(&self.derive(Purpose::Migration))
+            .expect("HMAC takes any key length");
         mac.update(label);
         mac.update(first);
         mac.update(second);
@@ -253,6 +294,28 @@ mod tests {
         let c = authenticate_stream_connector(&mut conn, &cs, role);
         drop(conn);
         (c, listener.join().unwrap())
+    }
+
+    #[test]
+    fn each_purpose_has_its_own_key_and_none_is_the_secret() {
+        let secret = Secret::new(b"a-cluster-secret-of-some-length".to_vec()).unwrap();
+        let keys =
+            [Purpose::Migration, Purpose::Heartbeat, Purpose::HostApi].map(|p| secret.derive(p));
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(keys[1], keys[2]);
+        assert_ne!(keys[0], keys[2]);
+        for key in &keys {
+            assert!(!key.windows(16).any(|w| w == &secret.0[..16]));
+        }
+        // Derivation is a function of the secret alone (both ends agree).
+        let again = Secret::new(b"a-cluster-secret-of-some-length".to_vec()).unwrap();
+        assert_eq!(
+            again.token(Purpose::HostApi),
+            secret.token(Purpose::HostApi)
+        );
+        assert_eq!(secret.token(Purpose::HostApi).len(), 64);
+        let other = Secret::new(b"another-cluster-secret-entirely".to_vec()).unwrap();
+        assert_ne!(other.derive(Purpose::Migration), keys[0]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod tls;
 pub mod vm;
 pub mod wire;
 
-pub use auth::Secret;
+pub use auth::{Purpose, Secret};
 pub use receive::{serve, serve_with_tls, ReceiveReport, TargetFactory};
 pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,

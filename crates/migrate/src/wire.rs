@@ -17,8 +17,8 @@ use crate::vm::{
 use crate::MigrationError;
 
 /// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
-/// an in-doubt switchover.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// an in-doubt switchover; 4: a migration key derived from the secret.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.

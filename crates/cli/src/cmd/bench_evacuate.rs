@@ -67,7 +67,8 @@ impl LoopbackCluster {
             CenterConfig {
                 db: db.0.clone(),
                 token: token.as_bytes().to_vec(),
-                secret: secret_text.as_bytes().to_vec(),
+                secret: secret.clone(),
+                api_tokens: None,
                 down_after: Duration::from_secs(5),
                 parallel,
                 balance_threshold: 0.2,
@@ -82,7 +83,7 @@ impl LoopbackCluster {
             daemon.join_center(&center_url, None, Duration::from_millis(200))?;
             let client = ApiClient::new(
                 &format!("http://{}", daemon.api_addr),
-                secret_text.as_bytes(),
+                secret.token(ferry_migrate::Purpose::HostApi).as_bytes(),
             )?;
             hosts.push((name.to_string(), client));
         }

@@ -87,7 +87,8 @@ fn checksum(console: &str) -> anyhow::Result<String> {
 struct Hosts {
     _runtime: tokio::runtime::Runtime,
     urls: [String; 2],
-    secret: String,
+    /// The cluster's host-API key.
+    token: String,
     migration: [String; 2],
 }
 
@@ -115,14 +116,14 @@ impl Hosts {
         Ok(Self {
             _runtime: runtime,
             urls: two(urls)?,
-            secret: text,
+            token: secret.token(ferry_migrate::Purpose::HostApi),
             migration: two(migration)?,
         })
     }
 
     /// A client of host `on`'s API, for one request: no pooled connection outlives it.
     fn api(&self, on: usize) -> ApiClient {
-        ApiClient::new(&self.urls[on], self.secret.as_bytes()).expect("a text secret")
+        ApiClient::new(&self.urls[on], self.token.as_bytes()).expect("a text token")
     }
 
     fn create(&self, on: usize, w: &Workload) -> anyhow::Result<String> {

@@ -124,7 +124,8 @@ API (operators send 'Authorization: Bearer <center token>'; errors are {\"error\
   POST   /v1/balance                   {\"dry_run\": false} carries it out
   GET    /v1/events?n=100              recent events
   GET    /metrics                      Prometheus metrics (same token)
-  POST   /v1/heartbeat                 hosts only, with the cluster's shared secret
+  POST   /v1/heartbeat                 hosts only, with the heartbeat key derived from the secret
+  POST   /v1/settle                    hosts only (same key): relays an in-doubt question
 
 Example:
   export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
@@ -156,6 +157,10 @@ pub struct ServeArgs {
     /// Also balance on its own every this many seconds.
     #[arg(long, value_name = "S")]
     pub balance_every_s: Option<u64>,
+    /// More operators' tokens, one per line: `TOKEN` or `TOKEN read-only` (enough for the
+    /// dashboard and /metrics); read again when the file changes, to rotate them.
+    #[arg(long, value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
     #[command(flatten)]
     pub token: TokenArgs,
     #[command(flatten)]
@@ -182,7 +187,7 @@ pub fn start(
     center
         .start_monitor()
         .context("cannot start the center's monitor thread")?;
-    let router = ferry_center::api::router(center);
+    let router = ferry_center::api::router(center)?;
     runtime.spawn(async move {
         if let Err(e) = ferry_center::api::serve(listener, router).await {
             tracing::error!("the center's API stopped: {e}");
@@ -201,7 +206,8 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
             let config = CenterConfig {
                 db: serve.db.clone(),
                 token: serve.token.token()?,
-                secret: serve.secret.secret()?.expose().to_vec(),
+                secret: serve.secret.secret()?,
+                api_tokens: serve.api_tokens.clone(),
                 down_after: Duration::from_millis(serve.down_after_ms),
                 parallel: serve.parallel as usize,
                 balance_threshold: serve.balance_threshold,
@@ -210,6 +216,7 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let running = start(&runtime, config, &serve.listen)?;
+            crate::cmd::host::warn_plain_http(running.addr, "the center's API and dashboard");
             println!(
                 "ferry center: API and dashboard on http://{} (database {})",
                 running.addr,

@@ -51,7 +51,9 @@ enum HostCommand {
 }
 
 const API_HELP: &str = "\
-API (every request needs 'Authorization: Bearer <shared secret>'; errors are {\"error\": \"...\"}):
+API (every request needs 'Authorization: Bearer <token>': an operator's token from
+--api-tokens, or the host-API key `ferry` derives from the cluster secret; the secret itself
+is never accepted; errors are {\"error\": \"...\"}):
   GET    /v1/host                 name, migration address, memory capacity and use
   GET    /v1/vms                  every VM
   POST   /v1/vms                  create and start: {\"workload\": \"mlp-train\", \"args\": [...],
@@ -103,7 +105,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     pub accel_prefault: Option<u64>,
     /// Join the cluster center at URL (e.g. http://10.0.0.1:7000): send it heartbeats
-    /// with this host's capacity, load and VMs, authenticated by the shared secret.
+    /// with this host's capacity, load and VMs, authenticated by the heartbeat key derived
+    /// from the shared secret.
     #[arg(long, value_name = "URL")]
     pub center: Option<String>,
     /// Time between heartbeats to the center.
@@ -131,6 +134,12 @@ pub struct ServeArgs {
     /// The cluster CA (PEM) that must have signed every peer's certificate.
     #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
+    /// Operators' API tokens, one per line: `TOKEN` (any request) or `TOKEN read-only`
+    /// (GET only: dashboards, scrapers); `#` starts a comment. Read again when the file
+    /// changes, so tokens rotate without a restart. The cluster's own calls (the center,
+    /// `ferry vm` with the secret) use a key derived from the secret instead.
+    #[arg(long, value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
     /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
     /// as sha256-<hash>; a VM moving back, or another with the same file, finds them
     /// there (default: /var/tmp/ferry-<name>/files).
@@ -138,6 +147,19 @@ pub struct ServeArgs {
     pub file_store: Option<PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
+}
+
+/// Says loudly that an API served over plain HTTP beyond loopback carries its bearer
+/// tokens in clear (the cluster secret itself never travels).
+pub fn warn_plain_http(addr: std::net::SocketAddr, what: &str) {
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "ferry: WARNING: {what} listens on {addr} over plain HTTP: API tokens travel in \
+             clear on the network, and whoever sees one can use it. Serve it on loopback \
+             behind a TLS-terminating proxy, or on a network only operators reach. (The \
+             cluster secret never travels: hosts and the center send keys derived from it.)"
+        );
+    }
 }
 
 /// Three quarters of the host's memory.
@@ -203,7 +225,7 @@ pub fn start(
     let host = Host::new(config);
     host.serve_migrations(migration)
         .context("cannot start the migration listener")?;
-    let router = api::router(host.clone(), migration_addr.to_string());
+    let router = api::router(host.clone(), migration_addr.to_string())?;
     runtime.spawn(async move {
         if let Err(e) = api::serve(api_listener, router).await {
             tracing::error!("the API server stopped: {e}");
@@ -235,6 +257,7 @@ pub fn start_loopback(
         file_store: std::env::temp_dir()
             .join(format!("ferry-{}-{name}", std::process::id()))
             .join("files"),
+        api_tokens: None,
     };
     start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")
 }
@@ -262,8 +285,9 @@ impl LoopbackPair {
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
         let a = start_loopback(&runtime, "a", &secret, memory_capacity)?;
         let b = start_loopback(&runtime, "b", &secret, memory_capacity)?;
+        let token = secret.token(ferry_migrate::Purpose::HostApi);
         let client = |d: &Daemon| {
-            ferry_client::ApiClient::new(&format!("http://{}", d.api_addr), secret_text.as_bytes())
+            ferry_client::ApiClient::new(&format!("http://{}", d.api_addr), token.as_bytes())
         };
         Ok(Self {
             client_a: client(&a)?,
@@ -300,6 +324,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 file_store: serve.file_store.clone().unwrap_or_else(|| {
                     PathBuf::from(format!("/var/tmp/ferry-{}", serve.name)).join("files")
                 }),
+                api_tokens: serve.api_tokens.clone(),
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -321,6 +346,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 )?;
                 center = format!(" (reporting to the center at {url})");
             }
+            warn_plain_http(daemon.api_addr, "the host's API");
             // One line: scripts read the addresses from it.
             println!(
                 "ferry host {}{center}: API on http://{}, migrations on {}{tls}",

@@ -1,17 +1,23 @@
 //! `ferry vm ...`: VMs on a host daemon, through its API.
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use crate::cmd::host::SecretArgs;
 use ferry_client::{ApiClient, DEFAULT_HOST};
 
-/// Which daemon to talk to.
+/// Which daemon to talk to, and with which credential.
 #[derive(Args, Clone)]
 pub struct HostAddr {
     /// The host daemon's API.
     #[arg(long = "host", value_name = "URL", env = "FERRY_HOST", default_value = DEFAULT_HOST, global = true)]
     pub url: String,
+    /// File holding an operator's API token of the host (its --api-tokens). Default: the
+    /// FERRY_API_TOKEN environment variable; without either, the host-API key derived
+    /// from the cluster secret (--secret-file or FERRY_SECRET), which is never sent.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub api_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -19,7 +25,15 @@ pub struct HostAddr {
 impl HostAddr {
     /// A client for it.
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::new(&self.url, self.secret.secret()?.expose())
+        let token = match (&self.api_token_file, std::env::var("FERRY_API_TOKEN")) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the API token file {}", path.display()))?
+                .trim()
+                .to_string(),
+            (None, Ok(token)) => token.trim().to_string(),
+            (None, Err(_)) => self.secret.secret()?.token(ferry_migrate::Purpose::HostApi),
+        };
+        ApiClient::new(&self.url, token.as_bytes())
     }
 }
 

@@ -13,6 +13,19 @@ use serde_json::Value;
 /// The cluster secret of every test daemon.
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 
+/// The host-API key the test daemons take (derived from [`SECRET`]; the secret itself
+/// is not a token).
+pub fn host_token() -> String {
+    ferry_migrate::Secret::new(SECRET.as_bytes())
+        .unwrap()
+        .token(ferry_migrate::Purpose::HostApi)
+}
+
+/// A client of `daemon`'s API with the host-API key.
+pub fn host_api(daemon: &Daemon) -> ferry_client::ApiClient {
+    ferry_client::ApiClient::new(&daemon.api, host_token().as_bytes()).unwrap()
+}
+
 pub fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)

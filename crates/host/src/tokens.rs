@@ -1,0 +1,258 @@
+//! API bearer tokens: which ones a request may carry, and what each allows. A host (and
+//! the center) takes a fixed token or two (keys derived from the cluster secret, or the
+//! center's operator token) and, optionally, a file of operators' tokens, one per line,
+//! each full or `read-only`; the file is read again when it changes, so tokens can be
+//! added and retired without a restart. Tokens are compared in constant time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use subtle::ConstantTimeEq;
+
+/// Shortest operator token accepted in a token file.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Every request.
+    Full,
+    /// `GET` and `HEAD` only: dashboards and metrics scrapers.
+    ReadOnly,
+}
+
+/// Why a token file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// It could not be read.
+    #[error("cannot read the token file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is not `TOKEN` or `TOKEN read-only`, or the token is too short.
+    #[error("token file {path}, line {line}: {why}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// Line number, from 1.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// The tokens of a token file (`#` starts a comment).
+pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)>, TokenFileError> {
+    let mut tokens = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |why: String| TokenFileError::Line {
+            path: path.to_owned(),
+            line: i + 1,
+            why,
+        };
+        let mut words = line.split_whitespace();
+        let token = words.next().unwrap_or_default();
+        let access = match words.next() {
+            None => Access::Full,
+            Some("read-only") => Access::ReadOnly,
+            Some(other) => return Err(bad(format!("'{other}' is not 'read-only'"))),
+        };
+        if let Some(extra) = words.next() {
+            return Err(bad(format!("unexpected '{extra}'")));
+        }
+        if token.len() < MIN_TOKEN_BYTES {
+            return Err(bad(format!(
+                "a token must be at least {MIN_TOKEN_BYTES} characters"
+            )));
+        }
+        tokens.push((token.as_bytes().to_vec(), access));
+    }
+    Ok(tokens)
+}
+
+struct TokenFile {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    tokens: Vec<(Vec<u8>, Access)>,
+}
+
+impl TokenFile {
+    fn load(path: &Path) -> Result<Self, TokenFileError> {
+        let read = |source| TokenFileError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let modified = std::fs::metadata(path).map_err(read)?.modified().ok();
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Ok(Self {
+            path: path.to_owned(),
+            modified,
+            tokens: parse_token_file(path, &text)?,
+        })
+    }
+
+    /// Reads the file again if it changed; a file that became unreadable or invalid
+    /// keeps the tokens it had (and says so once).
+    fn refresh(&mut self) {
+        let modified = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| m.modified().ok());
+        if modified.is_none() || modified == self.modified {
+            return;
+        }
+        match Self::load(&self.path) {
+            Ok(fresh) => {
+                tracing::info!(path = %self.path.display(), tokens = fresh.tokens.len(), "API tokens reloaded");
+                *self = fresh;
+            }
+            Err(e) => {
+                tracing::error!("{e}; keeping the tokens read before");
+                self.modified = modified;
+            }
+        }
+    }
+}
+
+/// The tokens an API accepts.
+pub struct Tokens {
+    fixed: Vec<(Vec<u8>, Access)>,
+    file: Option<Mutex<TokenFile>>,
+}
+
+impl Tokens {
+    /// `fixed` tokens, and those of the token file at `file`, if any.
+    pub fn new(fixed: Vec<(Vec<u8>, Access)>, file: Option<&Path>) -> Result<Self, TokenFileError> {
+        Ok(Self {
+            fixed,
+            file: file.map(TokenFile::load).transpose()?.map(Mutex::new),
+        })
+    }
+
+    /// What `given` allows, if it is one of the tokens.
+    pub fn access(&self, given: &[u8]) -> Option<Access> {
+        let matches = |(token, _): &&(Vec<u8>, Access)| bool::from(token.as_slice().ct_eq(given));
+        if let Some(&(_, access)) = self.fixed.iter().find(matches) {
+            return Some(access);
+        }
+        let mut file = self
+            .file
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        file.refresh();
+        file.tokens.iter().find(matches).map(|&(_, access)| access)
+    }
+}
+
+/// Runs `request` if it carries `Authorization: Bearer <token>` with a token of `tokens`
+/// that allows it; else refuses it with 401 (no or wrong token) or 403 (a read-only
+/// token on a request that changes something). The body of the API middlewares here and
+/// in the cluster center.
+pub async fn require_token(
+    tokens: &Tokens,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(given) = given else {
+        return crate::api::error(
+            StatusCode::UNAUTHORIZED,
+            "missing 'Authorization: Bearer <token>' header",
+        );
+    };
+    match tokens.access(given.as_bytes()) {
+        Some(Access::Full) => next.run(request).await,
+        Some(Access::ReadOnly) if matches!(*request.method(), Method::GET | Method::HEAD) => {
+            next.run(request).await
+        }
+        Some(Access::ReadOnly) => crate::api::error(
+            StatusCode::FORBIDDEN,
+            "this token is read-only: it may only read (GET)",
+        ),
+        None => {
+            tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
+            crate::api::error(StatusCode::UNAUTHORIZED, "wrong API token")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_take_full_and_read_only_tokens_and_refuse_the_rest() {
+        let path = Path::new("tokens");
+        let tokens = parse_token_file(
+            path,
+            "# operators\nalice-0123456789abcdef\n  grafana-0123456789abcd read-only  # scraper\n\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tokens,
+            vec![
+                (b"alice-0123456789abcdef".to_vec(), Access::Full),
+                (b"grafana-0123456789abcd".to_vec(), Access::ReadOnly)
+            ]
+        );
+        for (text, says) in [
+            ("short\n", "at least 16"),
+            ("alice-0123456789abcdef admin\n", "'admin'"),
+            ("alice-0123456789abcdef read-only x\n", "unexpected 'x'"),
+        ] {
+            let e = parse_token_file(path, text).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("line 1"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_changed_token_file_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "old-token-0123456789abc\n").unwrap();
+        let tokens = Tokens::new(
+            vec![(b"fixed-0123456789abcdef".to_vec(), Access::Full)],
+            Some(&path),
+        )
+        .unwrap();
+        assert_eq!(tokens.access(b"fixed-0123456789abcdef"), Some(Access::Full));
+        assert_eq!(
+            tokens.access(b"old-token-0123456789abc"),
+            Some(Access::Full)
+        );
+        assert_eq!(tokens.access(b"new-token-0123456789abc"), None);
+        // Rotation: the new token in, the old one out, no restart.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "new-token-0123456789abc read-only\n").unwrap();
+        let later = SystemTime::now() + std::time::Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(
+            tokens.access(b"new-token-0123456789abc"),
+            Some(Access::ReadOnly)
+        );
+        assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
