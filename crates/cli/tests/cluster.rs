@@ -420,6 +420,24 @@ fn a_restarted_center_keeps_its_inventory_and_history() {
     let db = cluster.center.db.clone();
     cluster.center.child.kill().unwrap();
     cluster.center.child.wait().unwrap();
+    // The database holds no secret, no key derived from it and no token.
+    let secret = ferry_migrate::Secret::new(common::SECRET.as_bytes()).unwrap();
+    let stored: Vec<u8> = ["", "-wal"]
+        .iter()
+        .flat_map(|suffix| std::fs::read(format!("{}{suffix}", db.display())).unwrap_or_default())
+        .collect();
+    for needle in [
+        common::SECRET.to_string(),
+        TOKEN.to_string(),
+        secret.token(ferry_migrate::Purpose::HostApi),
+        secret.token(ferry_migrate::Purpose::Heartbeat),
+        secret.token(ferry_migrate::Purpose::Migration),
+    ] {
+        assert!(
+            !stored.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "the center's database holds a credential"
+        );
+    }
     cluster.center = CenterProc::start(db, &addr);
     let status = cluster.center.status();
     let names: Vec<&str> = status["hosts"]

@@ -1,0 +1,122 @@
+//! The entry points of Ferry's fuzzers: each takes arbitrary bytes, feeds them to one
+//! parser or validator of untrusted input, and must return without panicking, hanging or
+//! allocating beyond the limits the code promises. `fuzz/` runs them under libFuzzer
+//! (nightly); `tests/regressions.rs` replays the inputs kept in `fuzz/regressions/` on
+//! stable, so every crash found stays fixed.
+
+use std::io::{Cursor, Read, Write};
+
+/// A fuzz target: arbitrary bytes in, nothing out (it must not panic).
+pub type Target = fn(&[u8]);
+
+/// The targets, by name (the name of the fuzzer and of its folder of inputs).
+pub const TARGETS: [(&str, Target); 5] = [
+    ("wire", wire),
+    ("kernel_decode", kernel_decode),
+    ("snapshot", snapshot),
+    ("gguf", gguf),
+    ("api_bodies", api_bodies),
+];
+
+/// A connection that reads the fuzzer's bytes and swallows what is written.
+struct Replay(Cursor<Vec<u8>>);
+
+impl Read for Replay {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Replay {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The migration stream: frames (headers, checksums, LZ4, records) and control
+/// messages off the wire, first as an unauthenticated peer's (handshake-sized frames),
+/// then as an authenticated one's.
+pub fn wire(data: &[u8]) {
+    use ferry_migrate::wire::{FrameStream, MAX_HANDSHAKE_FRAME};
+    for limited in [true, false] {
+        let mut conn = FrameStream::new(Replay(Cursor::new(data.to_vec())), false);
+        if limited {
+            conn.limit_frames(MAX_HANDSHAKE_FRAME);
+        }
+        // Each frame is consumed whole or refused; the stream ends at the first error.
+        for _ in 0..64 {
+            if conn.read().is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The accelerator's LAUNCH validation: kernel id and arguments, and buffer sizes, all
+/// from the fuzzer.
+pub fn kernel_decode(data: &[u8]) {
+    use ferry_abi::accel::kernel::Kernel;
+    let words: Vec<u64> = data
+        .chunks(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(w)
+        })
+        .collect();
+    let (sizes, args) = words.split_at(words.len().min(4));
+    // Buffers 1..=4 exist with the sizes the fuzzer gave (small ones mostly).
+    let buffer_len = |id: u32| {
+        sizes
+            .get((id as usize).wrapping_sub(1))
+            .map(|&s| s % (1 << 40))
+    };
+    let _ = Kernel::decode(args, buffer_len);
+}
+
+/// The snapshot file: header, state, RAM runs and the trailer, into a fresh VM's RAM.
+pub fn snapshot(data: &[u8]) {
+    use ferry_vmm::snapshot::SnapshotReader;
+    use ferry_vmm::MicrovmState;
+    let dir = std::env::temp_dir().join(format!("ferry-fuzz-snapshot-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("vm.snap");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    if let Ok((reader, _state)) = SnapshotReader::open::<MicrovmState>(&path) {
+        // Small VMs only, so the fuzzer stays fast; the reader checks the size itself.
+        if reader.ram_size() <= 32 << 20 {
+            if let Ok(mem) = ferry_vmm::memory::create_guest_ram(reader.ram_size()) {
+                let _ = reader.read_contents_into(&mem, None);
+            }
+        }
+    }
+}
+
+/// A GGUF file's header, and the llama configuration and tokenizer read from it.
+pub fn gguf(data: &[u8]) {
+    use ferry_llm::gguf::Gguf;
+    let Ok(file) = Gguf::parse(data, data.len() as u64) else {
+        return;
+    };
+    let _ = ferry_llm::llama::LlamaConfig::from_gguf(&file);
+    if let Ok(tokenizer) = ferry_llm::tokenizer::Tokenizer::from_gguf(&file) {
+        let _ = tokenizer.encode("Hello, world! <|im_start|>", true);
+    }
+}
+
+/// The host's and the center's request bodies, parsed and validated as the APIs do.
+pub fn api_bodies(data: &[u8]) {
+    let _ = serde_json::from_slice::<ferry_host::CreateVm>(data);
+    if let Ok(req) = serde_json::from_slice::<ferry_host::MigrateRequest>(data) {
+        let _ = req.options();
+    }
+    let _ = serde_json::from_slice::<ferry_host::SettleRequest>(data);
+    let _ = serde_json::from_slice::<ferry_host::heartbeat::Heartbeat>(data);
+    let _ = serde_json::from_slice::<ferry_center::PlaceVm>(data);
+    let _ = postcard::from_bytes::<ferry_migrate::VmDescription>(data);
+}
