@@ -257,8 +257,3 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .fallback(not_found)
         .with_state(center))
 }
-
-/// Serves the API on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
-    axum::serve(listener, router).await
-}

@@ -68,6 +68,9 @@ pub struct CenterConfig {
     /// The cluster's shared secret (kept in memory only): hosts authenticate with the
     /// heartbeat key derived from it; the center calls hosts' APIs with the host-API key.
     pub secret: ferry_migrate::Secret,
+    /// HTTPS for the API and dashboard, and the CA the hosts' HTTPS APIs are checked
+    /// against (none: plain HTTP both ways).
+    pub tls: Option<ferry_migrate::TlsConfig>,
     /// A host silent this long is down.
     pub down_after: Duration,
     /// Migrations run at once by maintenance and balancing.
@@ -252,7 +255,8 @@ impl Center {
     /// A client of `host`'s API.
     fn host_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
         let token = self.config.secret.token(ferry_migrate::Purpose::HostApi);
-        ApiClient::new(&host.api_url, token.as_bytes())
+        let roots = ferry_host::cluster_roots(self.config.tls.as_ref());
+        ApiClient::with_roots(&host.api_url, token.as_bytes(), &roots)
             .map_err(|e| CenterError::BadRequest(e.to_string()))
     }
 

@@ -203,3 +203,94 @@ fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
         .is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[path = "../../migrate/tests/pki/mod.rs"]
+mod pki;
+
+#[test]
+fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
+    if !kvm_available("with_tls_the_apis_speak_https_checked_against_the_cluster_ca") {
+        return;
+    }
+    let ca = pki::Ca::new("Ferry test cluster CA");
+    // The migration name, and the address the API's clients use.
+    let identity = ca.issue(
+        &["ferry-host", "127.0.0.1"],
+        vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    let dir = pki::temp_dir("api-https");
+    let [cert, key, ca_file] = pki::write(&dir, "host", &identity, &ca.cert);
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-ca",
+        ca_file.to_str().unwrap(),
+    ];
+    let (a, b) = (Daemon::start_with("a", &tls), Daemon::start_with("b", &tls));
+    assert!(a.api.starts_with("https://"), "{}", a.api);
+    let vm = |d: &Daemon, extra: &[&str]| {
+        let mut args = vec!["vm", "list", "--host", &d.api, "--json"];
+        args.extend_from_slice(extra);
+        ferry(&args)
+    };
+    // Checked against the cluster CA: it works.
+    let out = vm(&a, &["--tls-ca", ca_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Against the web's roots it does not: the certificate is the cluster's own.
+    let out = vm(&a, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot reach the API"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Plain HTTP to an HTTPS API gets nothing.
+    let plain = a.api.replacen("https://", "http://", 1);
+    let out = ferry(&["vm", "list", "--host", &plain]);
+    assert!(!out.status.success());
+    // A VM created and migrated over the HTTPS API and the mutual-TLS migration link.
+    std::env::set_var("FERRY_TLS_CA", &ca_file);
+    let args = "--steps 400 --print-every 100";
+    let id = a.create("mlp-train", "32M", args);
+    let r = report(&a.migrate(&id, &b.migration, &[]));
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(
+        b.checksum_at_exit(&id),
+        reference("mlp-train", "64M", "32M", args)
+    );
+
+    // A center over HTTPS too: a host reports to it, and it checks the host's API back.
+    let token = "operator-token-0123456789";
+    let (mut center, url) = start_center(&dir.join("center.db"), "127.0.0.1:0", token, &tls);
+    assert!(url.starts_with("https://"), "{url}");
+    let mut joined = tls.to_vec();
+    joined.extend(["--center", url.as_str(), "--heartbeat-ms", "200"]);
+    let _c = Daemon::start_with("c", &joined);
+    let started = Instant::now();
+    loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["center", "status", "--json", "--center", &url])
+            .env("FERRY_CENTER_TOKEN", token)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let hosts = status["hosts"].as_array().unwrap();
+        if hosts
+            .iter()
+            .any(|h| h["name"] == "c" && h["status"] == "up")
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{status:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = center.kill();
+    let _ = center.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -17,15 +17,61 @@ pub struct ApiClient {
     agent: ureq::Agent,
 }
 
+/// The certificate authorities an `https://` API's certificate must chain to: the
+/// cluster's CA (`--tls-ca`), or the system's roots.
+#[derive(Debug, Clone, Default)]
+pub enum Roots {
+    /// The platform's web roots (for a certificate from a public CA).
+    #[default]
+    Web,
+    /// These CA certificates (DER) only.
+    Cluster(Vec<Vec<u8>>),
+}
+
+impl Roots {
+    /// The CA certificates of a PEM file (`--tls-ca`).
+    pub fn from_pem(pem: &[u8]) -> anyhow::Result<Self> {
+        let certs: Vec<Vec<u8>> = ureq::tls::parse_pem(pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.der().to_vec()),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            bail!("no PEM certificate in the CA file");
+        }
+        Ok(Self::Cluster(certs))
+    }
+}
+
 impl ApiClient {
     /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with its bearer token
-    /// (the shared secret for hosts, the operator token for the center).
-    pub fn new(base: &str, secret: &[u8]) -> anyhow::Result<Self> {
-        let token = std::str::from_utf8(secret)
+    /// (a host-API key or an operator's token for hosts, the operator token for the
+    /// center), trusting the web's roots for `https://`.
+    pub fn new(base: &str, token: &[u8]) -> anyhow::Result<Self> {
+        Self::with_roots(base, token, &Roots::Web)
+    }
+
+    /// [`ApiClient::new`] trusting `roots` for an `https://` API.
+    pub fn with_roots(base: &str, token: &[u8], roots: &Roots) -> anyhow::Result<Self> {
+        let token = std::str::from_utf8(token)
             .context("the token must be text to be sent as a bearer token")?;
+        let tls = match roots {
+            Roots::Web => ureq::tls::TlsConfig::builder().build(),
+            Roots::Cluster(certs) => {
+                let certs = certs
+                    .iter()
+                    .map(|der| ureq::tls::Certificate::from_der(der).to_owned())
+                    .collect();
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)))
+                    .build()
+            }
+        };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
+            .tls_config(tls)
             .build()
             .new_agent();
         Ok(Self {

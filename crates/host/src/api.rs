@@ -29,6 +29,10 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use serde::Deserialize;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use ferry_migrate::Purpose;
 
@@ -234,7 +238,81 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         .with_state(api))
 }
 
-/// Serves the API on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
-    axum::serve(listener, router).await
+/// Serves the API on `listener` until the process ends: over HTTPS with `tls` (the
+/// server identity of [`ferry_migrate::TlsConfig::https_server`]), else plain HTTP.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    match tls {
+        None => axum::serve(listener, router).await,
+        Some(config) => axum::serve(TlsListener::new(listener, config)?, router).await,
+    }
+}
+
+/// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
+const MAX_TLS_HANDSHAKES: usize = 64;
+/// Time a connection has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An HTTPS listener: TCP connections whose TLS handshakes run on their own tasks (at
+/// most [`MAX_TLS_HANDSHAKES`] at once, each bounded in time), so that a slow or silent
+/// client holds up nobody else.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (done, ready) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        let acceptor = TlsAcceptor::from(config);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (socket, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!("accepting an API connection failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, done) = (acceptor.clone(), done.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIME, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => {
+                            drop(slot);
+                            let _ = done.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "API TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The acceptor task ended (the runtime is going away): accept nothing more.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }

@@ -51,7 +51,8 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
         .config()
         .secret
         .token(ferry_migrate::Purpose::Heartbeat);
-    let client = ferry_client::ApiClient::new(&link.center_url, token.as_bytes())
+    let roots = crate::cluster_roots(host.config().tls.as_ref());
+    let client = ferry_client::ApiClient::with_roots(&link.center_url, token.as_bytes(), &roots)
         .map_err(std::io::Error::other)?;
     host.set_center(&link.center_url);
     std::thread::Builder::new()

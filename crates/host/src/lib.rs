@@ -83,6 +83,16 @@ pub struct HostConfig {
     pub api_tokens: Option<PathBuf>,
 }
 
+/// The roots an API client of the cluster trusts: its CA with TLS on, else the web's.
+pub fn cluster_roots(tls: Option<&ferry_migrate::TlsConfig>) -> ferry_client::Roots {
+    match tls {
+        Some(tls) => {
+            ferry_client::Roots::Cluster(tls.ca_certificates().iter().map(|c| c.to_vec()).collect())
+        }
+        None => ferry_client::Roots::Web,
+    }
+}
+
 /// How long a source keeps asking where an in-doubt VM runs before leaving it to the
 /// operator (well within how long destinations remember their sessions).
 pub const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(600);
@@ -735,7 +745,9 @@ impl Host {
     fn settle_through_center(&self, to: &str, session: u64) -> Option<Result<Settlement, String>> {
         let center = self.center.lock().expect("center lock").clone()?;
         let token = self.config.secret.token(ferry_migrate::Purpose::Heartbeat);
-        let asked = ferry_client::ApiClient::new(&center, token.as_bytes()).and_then(|client| {
+        let roots = cluster_roots(self.config.tls.as_ref());
+        let client = ferry_client::ApiClient::with_roots(&center, token.as_bytes(), &roots);
+        let asked = client.and_then(|client| {
             client.post(
                 "/v1/settle",
                 &SettleRequest {

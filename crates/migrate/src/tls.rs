@@ -49,6 +49,10 @@ const LINGER: Duration = Duration::from_secs(1);
 pub struct TlsConfig {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// The same identity for the HTTPS API (clients need no certificate there).
+    https: Arc<ServerConfig>,
+    /// The CA certificates, for API clients verifying servers of the cluster.
+    ca: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -129,9 +133,10 @@ impl TlsConfig {
             e => format!("{}: {e}", key.origin),
         })?;
         let mut roots = RootCertStore::empty();
-        for ca_cert in certificates(&ca)? {
+        let ca_certs = certificates(&ca)?;
+        for ca_cert in &ca_certs {
             roots
-                .add(ca_cert)
+                .add(ca_cert.clone())
                 .map_err(|e| format!("{} is not a usable CA certificate: {e}", ca.origin))?;
         }
         let roots = Arc::new(roots);
@@ -166,6 +171,14 @@ impl TlsConfig {
         server.send_tls13_tickets = 0;
         server.session_storage = Arc::new(NoServerSessionStorage {});
 
+        let mut https = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), private_key.clone_key())
+            .map_err(key_error)?;
+        https.alpn_protocols = vec![b"http/1.1".to_vec()];
+
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .map_err(|e| e.to_string())?
@@ -177,7 +190,22 @@ impl TlsConfig {
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
+            https: Arc::new(https),
+            ca: ca_certs,
         })
+    }
+
+    /// This identity as an HTTPS server (the host's and the center's APIs): TLS 1.3,
+    /// no client certificate (API clients authenticate with tokens). Clients check the
+    /// certificate against the address they use, so for the API it must also name that
+    /// address (an IP or DNS subject alternative name).
+    pub fn https_server(&self) -> Arc<ServerConfig> {
+        self.https.clone()
+    }
+
+    /// The CA certificates (DER), for API clients that verify the cluster's servers.
+    pub fn ca_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.ca
     }
 
     /// The connecting side's handshake on `socket`: the listener must present a
@@ -552,8 +580,8 @@ mod tests {
                 .with_root_certificates(roots)
                 .with_no_client_auth();
         let anonymous = TlsConfig {
-            server: config(&ca.host(), &ca.cert).server,
             client: Arc::new(client),
+            ..config(&ca.host(), &ca.cert)
         };
         let why = auth_error(dial(&addr, Some(&anonymous)));
         assert!(

@@ -69,6 +69,7 @@ impl LoopbackCluster {
                 token: token.as_bytes().to_vec(),
                 secret: secret.clone(),
                 api_tokens: None,
+                tls: None,
                 down_after: Duration::from_secs(5),
                 parallel,
                 balance_threshold: 0.2,

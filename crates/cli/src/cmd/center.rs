@@ -26,12 +26,39 @@ pub struct CenterAddr {
     pub url: String,
     #[command(flatten)]
     pub token: TokenArgs,
+    #[command(flatten)]
+    pub roots: RootsArgs,
 }
 
 impl CenterAddr {
     /// A client for it.
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::new(&self.url, &self.token.token()?)
+        ApiClient::with_roots(&self.url, &self.token.token()?, &self.roots.roots()?)
+    }
+}
+
+/// Which certificate authority an `https://` API must be signed by.
+#[derive(Args, Clone)]
+pub struct RootsArgs {
+    /// The cluster CA (PEM) an `https://` API's certificate must chain to. Default: the
+    /// FERRY_TLS_CA environment variable; without either, the web's public roots.
+    #[arg(long = "tls-ca", value_name = "FILE", global = true)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl RootsArgs {
+    /// The roots to trust.
+    pub fn roots(&self) -> anyhow::Result<ferry_client::Roots> {
+        let path = self
+            .tls_ca
+            .clone()
+            .or_else(|| std::env::var_os("FERRY_TLS_CA").map(PathBuf::from));
+        let Some(path) = path else {
+            return Ok(ferry_client::Roots::Web);
+        };
+        let pem = std::fs::read(&path)
+            .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+        ferry_client::Roots::from_pem(&pem).with_context(|| format!("{}", path.display()))
     }
 }
 
@@ -161,6 +188,17 @@ pub struct ServeArgs {
     /// dashboard and /metrics); read again when the file changes, to rotate them.
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
+    /// The center's TLS certificate (PEM, made like a host's, naming the addresses
+    /// clients use): serves the API and dashboard over HTTPS. Needs --tls-key and
+    /// --tls-ca; the hosts' HTTPS APIs are checked against --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub token: TokenArgs,
     #[command(flatten)]
@@ -187,9 +225,10 @@ pub fn start(
     center
         .start_monitor()
         .context("cannot start the center's monitor thread")?;
+    let https = center.config().tls.as_ref().map(|t| t.https_server());
     let router = ferry_center::api::router(center)?;
     runtime.spawn(async move {
-        if let Err(e) = ferry_center::api::serve(listener, router).await {
+        if let Err(e) = ferry_host::api::serve(listener, router, https).await {
             tracing::error!("the center's API stopped: {e}");
         }
     });
@@ -208,6 +247,13 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
                 token: serve.token.token()?,
                 secret: serve.secret.secret()?,
                 api_tokens: serve.api_tokens.clone(),
+                tls: match (&serve.tls_cert, &serve.tls_key, &serve.tls_ca) {
+                    (Some(cert), Some(key), Some(ca)) => Some(
+                        ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)
+                            .map_err(anyhow::Error::msg)?,
+                    ),
+                    _ => None,
+                },
                 down_after: Duration::from_millis(serve.down_after_ms),
                 parallel: serve.parallel as usize,
                 balance_threshold: serve.balance_threshold,
@@ -215,10 +261,17 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let running = start(&runtime, config, &serve.listen)?;
-            crate::cmd::host::warn_plain_http(running.addr, "the center's API and dashboard");
+            if scheme == "http" {
+                crate::cmd::host::warn_plain_http(running.addr, "the center's API and dashboard");
+            }
             println!(
-                "ferry center: API and dashboard on http://{} (database {})",
+                "ferry center: API and dashboard on {scheme}://{} (database {})",
                 running.addr,
                 serve.db.display()
             );

@@ -125,7 +125,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = ferry_host::DEFAULT_GUEST_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub guest_nice: i32,
     /// This host's TLS certificate (PEM, with the SAN `ferry-host`): turns on mutual TLS
-    /// for migrations. Needs --tls-key and --tls-ca; every host must have TLS on.
+    /// for migrations, and HTTPS for the API (the certificate must then also name the
+    /// addresses clients use, as IP or DNS SANs). Needs --tls-key and --tls-ca; every
+    /// host must have TLS on.
     #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
@@ -186,6 +188,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `https` when its API is served over TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.host.config().tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Reports to the center at `center_url` every `interval`, advertising this host at
     /// `advertise` (default: the addresses it is bound to).
     pub fn join_center(
@@ -200,7 +211,7 @@ impl Daemon {
         };
         let link = heartbeat::CenterLink {
             center_url: center_url.trim_end_matches('/').to_string(),
-            api_url: format!("http://{}", at(self.api_addr)),
+            api_url: format!("{}://{}", self.scheme(), at(self.api_addr)),
             migration_addr: at(self.migration_addr),
             interval,
         };
@@ -226,8 +237,9 @@ pub fn start(
     host.serve_migrations(migration)
         .context("cannot start the migration listener")?;
     let router = api::router(host.clone(), migration_addr.to_string())?;
+    let https = host.config().tls.as_ref().map(|t| t.https_server());
     runtime.spawn(async move {
-        if let Err(e) = api::serve(api_listener, router).await {
+        if let Err(e) = api::serve(api_listener, router, https).await {
             tracing::error!("the API server stopped: {e}");
         }
     });
@@ -346,11 +358,16 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 )?;
                 center = format!(" (reporting to the center at {url})");
             }
-            warn_plain_http(daemon.api_addr, "the host's API");
+            if daemon.scheme() == "http" {
+                warn_plain_http(daemon.api_addr, "the host's API");
+            }
             // One line: scripts read the addresses from it.
             println!(
-                "ferry host {}{center}: API on http://{}, migrations on {}{tls}",
-                serve.name, daemon.api_addr, daemon.migration_addr
+                "ferry host {}{center}: API on {}://{}, migrations on {}{tls}",
+                serve.name,
+                daemon.scheme(),
+                daemon.api_addr,
+                daemon.migration_addr
             );
             runtime.block_on(async {
                 let _ = tokio::signal::ctrl_c().await;

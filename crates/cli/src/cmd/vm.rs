@@ -20,6 +20,8 @@ pub struct HostAddr {
     pub api_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub secret: SecretArgs,
+    #[command(flatten)]
+    pub roots: crate::cmd::center::RootsArgs,
 }
 
 impl HostAddr {
@@ -33,7 +35,7 @@ impl HostAddr {
             (None, Ok(token)) => token.trim().to_string(),
             (None, Err(_)) => self.secret.secret()?.token(ferry_migrate::Purpose::HostApi),
         };
-        ApiClient::new(&self.url, token.as_bytes())
+        ApiClient::with_roots(&self.url, token.as_bytes(), &self.roots.roots()?)
     }
 }
 

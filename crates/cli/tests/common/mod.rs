@@ -130,7 +130,12 @@ impl Daemon {
             .and_then(|s| s.split(',').next())
             .unwrap_or_else(|| panic!("no API address in {line:?}"))
             .to_string();
-        let migration = line.trim().rsplit(' ').next().unwrap().to_string();
+        let migration = line
+            .split("migrations on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no migration address in {line:?}"))
+            .to_string();
         Self {
             child,
             api,
