@@ -251,8 +251,10 @@ pub async fn serve(
     }
 }
 
-/// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
-const MAX_TLS_HANDSHAKES: usize = 64;
+/// TLS handshakes in progress at once (each a small task, bounded in time); more
+/// connections wait in the kernel's backlog. Large enough that idle connections cannot
+/// starve real clients for long.
+const MAX_TLS_HANDSHAKES: usize = 1024;
 /// Time a connection has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
