@@ -109,12 +109,15 @@ pub fn serve_with_tls<F: TargetFactory>(
         let ticket = match gate.admit(&stream, peer_addr.ip()) {
             Ok(ticket) => ticket,
             Err(refusal) => {
+                let limit = match refusal {
+                    Refusal::Host => "this host's limit of unauthenticated connections",
+                    Refusal::Peer => "the limit of unauthenticated connections per peer",
+                };
                 if let Some(n) = gate.log_refusal(peer_addr.ip()) {
-                    let limit = match refusal {
-                        Refusal::Host => "this host's limit of unauthenticated connections",
-                        Refusal::Peer => "the limit of unauthenticated connections per peer",
-                    };
                     tracing::warn!(peer = %peer_addr, refused = n, "migration connections refused: {limit} reached");
+                }
+                if tls.is_none() {
+                    tell_refused(&stream, limit);
                 }
                 continue;
             }
@@ -142,6 +145,17 @@ pub fn serve_with_tls<F: TargetFactory>(
         if let Err(e) = spawned {
             tracing::error!("cannot start a migration thread: {e}");
         }
+    }
+}
+
+/// Tells a connection refused before its handshake why, if that costs nothing: one small
+/// frame into an empty socket buffer, never waiting (a TLS peer gets no plain frame).
+fn tell_refused(stream: &TcpStream, limit: &str) {
+    if stream.set_nonblocking(true).is_ok() {
+        let mut writer = crate::wire::FrameWriter::new(stream, false);
+        let _ = writer.send(&Message::Refuse {
+            reason: format!("{limit} is reached; try again shortly"),
+        });
     }
 }
 

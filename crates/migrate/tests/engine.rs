@@ -1144,6 +1144,30 @@ fn a_wrong_secret_fails_and_the_listener_keeps_serving() {
 }
 
 #[test]
+fn a_peer_over_its_limit_of_unauthenticated_connections_is_told_so() {
+    let dest = Destination::start();
+    // Eight connections that never authenticate fill this address's share.
+    let idle: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(&dest.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let source = FakeSource::new("over-limit", 4, 47);
+    let err = migrate(&source, &dest, &options(Mode::Live)).expect_err("refused");
+    match &err {
+        MigrationError::Refused(reason) => {
+            assert!(reason.contains("per peer"), "{reason}")
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_running_again(&source);
+    // Once they are gone (or reaped after 5 s), the peer gets in again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    migrate(&source, &dest, &options(Mode::Live)).expect("in again");
+    dest.adopted();
+}
+
+#[test]
 fn a_destination_that_refuses_leaves_the_vm_running() {
     let dest = Destination::start();
     *dest.faults.refuse.lock().unwrap() = Some("no room".into());
