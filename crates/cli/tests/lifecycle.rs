@@ -176,15 +176,6 @@ struct Center {
     _db: std::path::PathBuf,
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 impl Center {
     fn start(test: &str) -> Self {
         let db = std::env::temp_dir().join(format!("ferry-{test}-{}.db", std::process::id()));

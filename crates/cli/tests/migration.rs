@@ -304,6 +304,7 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
         child: other,
         api: String::new(),
         migration: String::new(),
+        tls_ca: None,
     };
     let mut line = String::new();
     BufReader::new(x.child.stdout.take().unwrap())

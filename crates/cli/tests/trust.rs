@@ -30,7 +30,7 @@ fn footprint(pid: u32) -> (u64, u64) {
 fn attacker(to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     socket.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())?;
-    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(1))?;
     Ok(socket.into())
 }
 
@@ -47,6 +47,15 @@ fn raise_file_limit() -> u64 {
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
     }
     limit.rlim_cur
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 #[test]
@@ -74,6 +83,9 @@ fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
     header[4..8].copy_from_slice(&(16u32 << 20).to_le_bytes());
     header[8..12].copy_from_slice(&(16u32 << 20).to_le_bytes());
     let (opened, report, api_worst, id) = std::thread::scope(|scope| {
+        // Whatever happens below, even a panic, the flood and the watcher end, so the
+        // scope can join them.
+        let _stop_at_exit = StopOnDrop(&stop);
         let watcher = scope.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
                 let (rss, threads) = footprint(pid);
@@ -83,6 +95,7 @@ fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
             }
         });
         let flood = scope.spawn(|| {
+            let started = Instant::now();
             let mut held = Vec::new();
             for i in 0..1_000 + idle {
                 if stop.load(Ordering::SeqCst) {
@@ -97,6 +110,10 @@ fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
                 held.push(c);
             }
             let opened = held.len();
+            eprintln!(
+                "flood: {opened} connections open after {:.1?}",
+                started.elapsed()
+            );
             let _ = flooded.send(opened);
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(20));
@@ -254,7 +271,6 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
     let out = ferry(&["vm", "list", "--host", &plain]);
     assert!(!out.status.success());
     // A VM created and migrated over the HTTPS API and the mutual-TLS migration link.
-    std::env::set_var("FERRY_TLS_CA", &ca_file);
     let args = "--steps 400 --print-every 100";
     let id = a.create("mlp-train", "32M", args);
     let r = report(&a.migrate(&id, &b.migration, &[]));
@@ -266,7 +282,8 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
 
     // A center over HTTPS too: a host reports to it, and it checks the host's API back.
     let token = "operator-token-0123456789";
-    let (mut center, url) = start_center(&dir.join("center.db"), "127.0.0.1:0", token, &tls);
+    let (center, url) = start_center(&dir.join("center.db"), "127.0.0.1:0", token, &tls);
+    let _center = KillOnDrop(center);
     assert!(url.starts_with("https://"), "{url}");
     let mut joined = tls.to_vec();
     joined.extend(["--center", url.as_str(), "--heartbeat-ms", "200"]);
@@ -276,6 +293,7 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["center", "status", "--json", "--center", &url])
             .env("FERRY_CENTER_TOKEN", token)
+            .env("FERRY_TLS_CA", &ca_file)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -290,7 +308,5 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
         assert!(started.elapsed() < Duration::from_secs(20), "{status:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = center.kill();
-    let _ = center.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -50,7 +50,53 @@ pub fn report(out: &Output) -> Value {
 }
 
 pub fn kvm_available(test: &str) -> bool {
+    start_watchdog();
     ferry_vmm::kvm_usable_or_announce_skip(test)
+}
+
+/// How long one test binary may run before the watchdog ends it.
+const WATCHDOG: Duration = Duration::from_secs(20 * 60);
+
+/// Ends this test binary, and the daemons it started, once it has run for [`WATCHDOG`]:
+/// a hung test then fails CI in minutes instead of stalling it until CI's own limit.
+fn start_watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(WATCHDOG);
+            eprintln!(
+                "\n!!! WATCHDOG: this test binary ran for over {} minutes; a test hung. \
+                 Killing its daemons and aborting. !!!\n",
+                WATCHDOG.as_secs() / 60
+            );
+            kill_children();
+            std::process::abort();
+        });
+    });
+}
+
+/// Kills every child process of this one (the daemons of tests that never ended).
+fn kill_children() {
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The parent's pid is the second field after the command's closing parenthesis.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if parent == Some(me.as_str()) {
+            // SAFETY: kill with a pid and a signal number has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 /// Starts a `ferry ... serve` command with the test secret and returns it with the
@@ -95,11 +141,24 @@ pub fn start_center(
     (child, url)
 }
 
+/// A child process killed on drop, so a failing test leaves no daemon behind (one
+/// would hold the test's output open).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `ferry host serve` child process, killed on drop.
 pub struct Daemon {
     pub child: Child,
     pub api: String,
     pub migration: String,
+    /// The CA its API's certificate is checked against, when it serves HTTPS.
+    pub tls_ca: Option<String>,
 }
 
 impl Daemon {
@@ -136,17 +195,34 @@ impl Daemon {
             .and_then(|s| s.split_whitespace().next())
             .unwrap_or_else(|| panic!("no migration address in {line:?}"))
             .to_string();
+        let tls_ca = extra
+            .iter()
+            .position(|&flag| flag == "--tls-ca")
+            .and_then(|i| extra.get(i + 1))
+            .map(|ca| ca.to_string());
         Self {
             child,
             api,
             migration,
+            tls_ca,
         }
+    }
+
+    /// Runs `ferry` with `args`, trusting this daemon's CA (per child, never through
+    /// this process's environment, which the tests running in parallel share).
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        command.args(args).env("FERRY_SECRET", SECRET);
+        if let Some(ca) = &self.tls_ca {
+            command.env("FERRY_TLS_CA", ca);
+        }
+        command.output().expect("run ferry")
     }
 
     pub fn vm(&self, args: &[&str]) -> Value {
         let mut all = vec!["vm", "--host", &self.api, "--json"];
         all.extend_from_slice(args);
-        let out = ferry(&all);
+        let out = self.ferry(&all);
         assert!(out.status.success(), "ferry {all:?}: {}", text(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
@@ -189,7 +265,7 @@ impl Daemon {
             match vm["state"].as_str().unwrap() {
                 "exited" => {
                     assert_eq!(vm["code"], 0, "{vm}");
-                    let out = ferry(&["vm", "console", id, "--host", &self.api]);
+                    let out = self.ferry(&["vm", "console", id, "--host", &self.api]);
                     assert!(out.status.success(), "{}", text(&out.stderr));
                     return text(&out.stdout);
                 }
@@ -248,7 +324,7 @@ impl Daemon {
     pub fn migrate(&self, id: &str, to: &str, extra: &[&str]) -> Output {
         let mut args = vec!["migrate", id, "--to", to, "--host", &self.api, "--json"];
         args.extend_from_slice(extra);
-        ferry(&args)
+        self.ferry(&args)
     }
 }
 
