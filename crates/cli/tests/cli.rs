@@ -14,7 +14,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn kvm_available(test: &str) -> bool {
-    ferry_vmm::kvm_usable_or_announce_skip(test)
+    ferry_testdata::kvm(test)
 }
 
 #[test]

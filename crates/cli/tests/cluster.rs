@@ -471,8 +471,9 @@ fn the_dashboard_shows_the_cluster_and_its_buttons_work_in_headless_chromium() {
         return;
     }
     let Some(binary) = chromium::find() else {
-        eprintln!(
-            "!!! SKIPPED {test}: no chromium on PATH (.ci/run installs Debian's chromium) !!!"
+        ferry_testdata::missing_chromium(
+            test,
+            "no chromium on PATH (.ci/run installs Debian's chromium)",
         );
         return;
     };

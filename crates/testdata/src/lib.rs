@@ -1,7 +1,8 @@
-//! Where tests find the real model and dataset they check Ferry against, fetched from
-//! the package registries (never committed), and how they skip when those are absent:
-//! loudly, on stderr past the test harness's capture, and not at all where CI requires
-//! them (`FERRY_REQUIRE_MODEL=1`, `FERRY_REQUIRE_DATASET=1`: the test fails instead).
+//! Where tests find what they need beyond Rust (KVM, Chromium, the real model and dataset
+//! fetched from the package registries, never committed), and how they skip when it is
+//! absent: loudly, on stderr past the test harness's capture, and not at all where CI
+//! requires it (`FERRY_REQUIRE_KVM=1`, `FERRY_REQUIRE_CHROMIUM=1`,
+//! `FERRY_REQUIRE_MODEL=1`, `FERRY_REQUIRE_DATASET=1`: the test fails instead).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,32 @@ fn missing(test: &str, why: &str, require_var: &str) {
         panic!("{test}: {why}, and {require_var}=1 requires it");
     }
     let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
+}
+
+/// `true` if KVM is usable here; otherwise reports that `test` does not run (a failure
+/// under `FERRY_REQUIRE_KVM=1`) and returns `false`.
+pub fn kvm(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            missing(
+                test,
+                &format!("KVM is not usable here (/dev/kvm: {e})"),
+                "FERRY_REQUIRE_KVM",
+            );
+            false
+        }
+    }
+}
+
+/// Reports that a browser test cannot run because `why` (no Chromium): a failure under
+/// `FERRY_REQUIRE_CHROMIUM=1`.
+pub fn missing_chromium(test: &str, why: &str) {
+    missing(test, why, "FERRY_REQUIRE_CHROMIUM");
 }
 
 /// Reports that a model test cannot run because a tool it checks against is missing

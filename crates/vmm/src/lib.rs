@@ -29,23 +29,6 @@ pub use vm::{
     HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit, VmReadout, VmTracker,
 };
 
-/// For tests that need KVM: `true` if it is usable; otherwise writes a loud SKIPPED line
-/// naming `test` and the reason straight to stderr (past libtest's output capture, so a
-/// machine without KVM shows it) and returns `false`.
-pub fn kvm_usable_or_announce_skip(test: &str) -> bool {
-    use std::io::Write;
-    match check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED {test}: KVM is not usable here ({reason}) ***\n"
-            );
-            false
-        }
-    }
-}
-
 /// Checks that `/dev/kvm` can be opened; `Err` carries the reason it cannot.
 pub fn check_kvm() -> Result<(), String> {
     std::fs::OpenOptions::new()

@@ -12,7 +12,7 @@ const MLP: [&str; 6] = ["--steps", "300", "--print-every", "50", "--seed", "3"];
 const LLM: [&str; 4] = ["--tokens", "24", "--weights-mib", "8"];
 
 fn kvm_available(test: &str) -> bool {
-    ferry_vmm::kvm_usable_or_announce_skip(test)
+    ferry_testdata::kvm(test)
 }
 
 fn boot(name: &str, args: &[&str], threads: usize) -> Microvm {

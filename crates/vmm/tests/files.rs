@@ -57,9 +57,7 @@ fn run_files_guest_with(files: AttachedFiles, args: &[&str]) -> (VmExit, String)
 
 #[test]
 fn the_guest_reads_attached_files_and_hostile_reads_are_refused() {
-    if !ferry_vmm::kvm_usable_or_announce_skip(
-        "the_guest_reads_attached_files_and_hostile_reads_are_refused",
-    ) {
+    if !ferry_testdata::kvm("the_guest_reads_attached_files_and_hostile_reads_are_refused") {
         return;
     }
     let d = dir();
@@ -94,7 +92,7 @@ fn the_guest_reads_attached_files_and_hostile_reads_are_refused() {
 
 #[test]
 fn files_of_many_gib_are_read_at_any_offset() {
-    if !ferry_vmm::kvm_usable_or_announce_skip("files_of_many_gib_are_read_at_any_offset") {
+    if !ferry_testdata::kvm("files_of_many_gib_are_read_at_any_offset") {
         return;
     }
     // A sparse file of 4 GiB and 1 MiB (every offset past 32 bits: hashing more costs the
@@ -126,9 +124,7 @@ fn files_of_many_gib_are_read_at_any_offset() {
 
 #[test]
 fn a_snapshot_restores_only_with_the_same_file_content() {
-    if !ferry_vmm::kvm_usable_or_announce_skip(
-        "a_snapshot_restores_only_with_the_same_file_content",
-    ) {
+    if !ferry_testdata::kvm("a_snapshot_restores_only_with_the_same_file_content") {
         return;
     }
     let d = dir();

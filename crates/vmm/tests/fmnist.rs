@@ -22,7 +22,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// The dataset directory, or `None` after announcing the skip of `test` (a failure
 /// instead when FERRY_REQUIRE_DATASET=1). Checks KVM first.
 fn dataset(test: &str) -> Option<PathBuf> {
-    if !ferry_vmm::kvm_usable_or_announce_skip(test) {
+    if !ferry_testdata::kvm(test) {
         return None;
     }
     ferry_testdata::fashion_mnist(test)

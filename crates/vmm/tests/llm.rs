@@ -25,7 +25,7 @@ const QUESTION: &str = "What is the capital of France?";
 const LOGIT_TOLERANCE: f64 = 0.02;
 
 fn model(test: &str) -> Option<PathBuf> {
-    if !ferry_vmm::kvm_usable_or_announce_skip(test) {
+    if !ferry_testdata::kvm(test) {
         return None;
     }
     ferry_testdata::smollm2(test)

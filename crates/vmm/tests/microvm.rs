@@ -16,7 +16,7 @@ const CONFIG: VmConfig = VmConfig::new(128 << 20);
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn kvm_available(test: &str) -> bool {
-    ferry_vmm::kvm_usable_or_announce_skip(test)
+    ferry_testdata::kvm(test)
 }
 
 fn image(name: &str) -> &'static [u8] {

@@ -51,7 +51,7 @@ pub fn report(out: &Output) -> Value {
 
 pub fn kvm_available(test: &str) -> bool {
     start_watchdog();
-    ferry_vmm::kvm_usable_or_announce_skip(test)
+    ferry_testdata::kvm(test)
 }
 
 /// How long one test binary may run before the watchdog ends it.
