@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// New regions are mapped in multiples of a transparent huge page; what a buffer does
@@ -38,14 +39,31 @@ impl std::fmt::Debug for DeviceMemory {
     }
 }
 
-/// Zeroed regions not in use: address → length, both multiples of [`PAGE`].
+/// Zeroed regions not in use, by address.
 #[derive(Default)]
 struct Pool {
-    free: BTreeMap<usize, usize>,
+    free: BTreeMap<usize, Free>,
     /// Sum of the free lengths.
     kept: usize,
     /// Most bytes kept; beyond it freed memory is unmapped.
     keep_limit: usize,
+}
+
+/// A free region: its length (a multiple of [`PAGE`]) and the mapping it lies in.
+///
+/// A buffer's slice must lie in one allocation, so regions of different mappings are
+/// never merged, even where the kernel placed them side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Free {
+    len: usize,
+    mapping: u64,
+}
+
+/// Identifies a new mapping. A counter rather than the base address, which the kernel
+/// may hand out again once part of an older mapping is unmapped.
+fn new_mapping_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl DeviceMemory {
@@ -73,7 +91,7 @@ impl DeviceMemory {
         }
         let mut pool = self.pool();
         pool.keep_limit = pool.keep_limit.max(pool.kept + len);
-        pool.insert(addr, len);
+        pool.insert(addr, len, new_mapping_id());
         Ok(())
     }
 
@@ -91,35 +109,37 @@ impl DeviceMemory {
         }
         let len = bytes.checked_next_multiple_of(PAGE)?;
         let reused = self.pool().take(len);
-        let addr = match reused {
-            Some(addr) => addr,
+        let (addr, mapping) = match reused {
+            Some(found) => found,
             None => {
                 let mapped = len.checked_next_multiple_of(GRANULE)?;
                 let addr = map_region(mapped)?;
+                let mapping = new_mapping_id();
                 if mapped > len {
                     // Fresh from the kernel: already zero.
-                    self.keep(addr + len, mapped - len, false);
+                    self.keep(addr + len, mapped - len, mapping, false);
                 }
-                addr
+                (addr, mapping)
             }
         };
         Some(DeviceBuffer(Storage::Region {
             addr,
             len,
             words,
+            mapping,
             home: self.clone(),
         }))
     }
 
     fn pool(&self) -> MutexGuard<'_, Pool> {
-        // A panic while holding the lock leaves the pool's maps consistent (each update
-        // is a single insert or remove), so a poisoned lock is still usable.
+        // Nothing panics partway through a pool update, so a poisoned lock still guards
+        // a consistent pool.
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps a region for later buffers (zeroing it first if `used`), or unmaps it
-    /// when the keep limit is reached.
-    fn keep(&self, addr: usize, len: usize, used: bool) {
+    /// Keeps a region of `mapping` for later buffers (zeroing it first if `used`), or
+    /// unmaps it when the keep limit is reached.
+    fn keep(&self, addr: usize, len: usize, mapping: u64, used: bool) {
         let fits = {
             let pool = self.pool();
             pool.kept + len <= pool.keep_limit
@@ -131,48 +151,57 @@ impl DeviceMemory {
         if used {
             zero_region(addr, len);
         }
-        self.pool().insert(addr, len);
+        self.pool().insert(addr, len, mapping);
     }
 }
 
 impl Pool {
-    /// The smallest free region of at least `len` bytes, split if larger.
-    fn take(&mut self, len: usize) -> Option<usize> {
+    /// The smallest free region of at least `len` bytes, split if larger: its address
+    /// and mapping.
+    fn take(&mut self, len: usize) -> Option<(usize, u64)> {
         let (&addr, &have) = self
             .free
             .iter()
-            .filter(|&(_, &have)| have >= len)
-            .min_by_key(|&(_, &have)| have)?;
+            .filter(|&(_, have)| have.len >= len)
+            .min_by_key(|&(_, have)| have.len)?;
         self.free.remove(&addr);
-        self.kept -= have;
-        if have > len {
-            self.free.insert(addr + len, have - len);
-            self.kept += have - len;
+        self.kept -= have.len;
+        if have.len > len {
+            let rest = Free {
+                len: have.len - len,
+                mapping: have.mapping,
+            };
+            self.free.insert(addr + len, rest);
+            self.kept += rest.len;
         }
-        Some(addr)
+        Some((addr, have.mapping))
     }
 
-    /// Returns a region, merged with free neighbours so large buffers find room later.
-    fn insert(&mut self, mut addr: usize, mut len: usize) {
+    /// Returns a region of `mapping`, merged with free neighbours of the same mapping so
+    /// large buffers find room later.
+    fn insert(&mut self, mut addr: usize, mut len: usize, mapping: u64) {
         self.kept += len;
-        if let Some((&before, &before_len)) = self.free.range(..addr).next_back() {
-            if before + before_len == addr {
+        if let Some((&before, &prev)) = self.free.range(..addr).next_back() {
+            if prev.mapping == mapping && before + prev.len == addr {
                 self.free.remove(&before);
                 addr = before;
-                len += before_len;
+                len += prev.len;
             }
         }
-        if let Some(after_len) = self.free.remove(&(addr + len)) {
-            len += after_len;
+        if let Some(&next) = self.free.get(&(addr + len)) {
+            if next.mapping == mapping {
+                self.free.remove(&(addr + len));
+                len += next.len;
+            }
         }
-        self.free.insert(addr, len);
+        self.free.insert(addr, Free { len, mapping });
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        for (&addr, &len) in &self.free {
-            unmap(addr, len);
+        for (&addr, free) in &self.free {
+            unmap(addr, free.len);
         }
     }
 }
@@ -182,12 +211,13 @@ pub(crate) struct DeviceBuffer(Storage);
 
 enum Storage {
     Heap(Box<[f32]>),
-    /// `words` f32 words at the start of a mapped region of `len` bytes, which goes back
-    /// to `home` when dropped.
+    /// `words` f32 words at the start of a region of `len` bytes inside one mapping,
+    /// which goes back to `home` when dropped.
     Region {
         addr: usize,
         len: usize,
         words: usize,
+        mapping: u64,
         home: DeviceMemory,
     },
 }
@@ -205,9 +235,10 @@ impl Deref for DeviceBuffer {
     fn deref(&self) -> &[f32] {
         match &self.0 {
             Storage::Heap(boxed) => boxed,
-            // SAFETY: the region is mapped readable and writable, at least `words * 4`
-            // bytes long, 2 MiB-aligned (so f32-aligned), owned by this buffer alone,
-            // and stays mapped until the buffer is dropped.
+            // SAFETY: the region lies inside one mapping (one allocation), is mapped
+            // readable and writable, at least `words * 4` bytes long, page-aligned (so
+            // f32-aligned), owned by this buffer alone, and stays mapped until the
+            // buffer is dropped.
             Storage::Region { addr, words, .. } => unsafe {
                 std::slice::from_raw_parts(*addr as *const f32, *words)
             },
@@ -230,10 +261,14 @@ impl DerefMut for DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         if let Storage::Region {
-            addr, len, home, ..
+            addr,
+            len,
+            mapping,
+            home,
+            ..
         } = &self.0
         {
-            home.keep(*addr, *len, true);
+            home.keep(*addr, *len, *mapping, true);
         }
     }
 }
@@ -335,7 +370,7 @@ fn zero_region(addr: usize, len: usize) {
 }
 
 fn unmap(addr: usize, len: usize) {
-    // SAFETY: the region was mapped by `map_region` and nothing refers to it any more.
+    // SAFETY: the region was mapped by this module and nothing refers to it any more.
     unsafe { libc::munmap(addr as *mut libc::c_void, len) };
 }
 
@@ -421,6 +456,74 @@ mod tests {
         let whole = memory.alloc(words(10 * MIB)).unwrap();
         assert_eq!(memory.kept_bytes(), 0);
         assert!(whole.iter().all(|&w| w == 0.0));
+    }
+
+    /// Maps `len` bytes at exactly `addr` by a mapping of its own; `false` if the
+    /// address is taken (or the kernel does not honour `MAP_FIXED_NOREPLACE`).
+    fn map_at(addr: usize, len: usize) -> bool {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+        let raw = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return false;
+        }
+        if raw as usize != addr {
+            unmap(raw as usize, len);
+            return false;
+        }
+        true
+    }
+
+    /// Two separate mappings that lie side by side, each `GRANULE` long.
+    fn adjacent_mappings() -> usize {
+        for _ in 0..100 {
+            let base = map_region(2 * GRANULE).unwrap();
+            // Free the range, then map its halves separately; another test's mapping
+            // may slip into the hole, hence the retries.
+            unmap(base, 2 * GRANULE);
+            if map_at(base, GRANULE) {
+                if map_at(base + GRANULE, GRANULE) {
+                    return base;
+                }
+                unmap(base, GRANULE);
+            }
+        }
+        panic!("could not place two mappings side by side");
+    }
+
+    #[test]
+    fn regions_of_separate_mappings_are_not_merged() {
+        let memory = DeviceMemory::new(64 * MIB as u64);
+        let base = adjacent_mappings();
+        {
+            let mut pool = memory.pool();
+            pool.insert(base, GRANULE, new_mapping_id());
+            pool.insert(base + GRANULE, GRANULE, new_mapping_id());
+            assert_eq!(pool.free.len(), 2, "kept apart though adjacent");
+        }
+        // A buffer spanning both would be a slice across two allocations.
+        let big = memory.alloc(words(2 * GRANULE)).unwrap();
+        let at = big.as_ptr() as usize;
+        assert!(
+            at + 2 * GRANULE <= base || at >= base + 2 * GRANULE,
+            "a buffer larger than either mapping gets a fresh one"
+        );
+        assert!(big.iter().all(|&w| w == 0.0));
+        assert_eq!(memory.kept_bytes(), 2 * GRANULE as u64);
+        // Each still serves buffers that fit in it.
+        let small = memory.alloc(words(GRANULE)).unwrap();
+        assert!([base, base + GRANULE].contains(&(small.as_ptr() as usize)));
+        assert_eq!(memory.kept_bytes(), GRANULE as u64);
+        drop(small);
+        assert_eq!(memory.pool().free.len(), 2, "still apart after reuse");
     }
 
     #[test]
