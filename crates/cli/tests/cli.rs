@@ -145,3 +145,34 @@ fn run_snapshot_then_restore_prints_the_same_checksum() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_failing_kvm_ioctl_reaches_the_operator_with_its_errno() {
+    let test = "a_failing_kvm_ioctl_reaches_the_operator_with_its_errno";
+    if !kvm_available(test) {
+        return;
+    }
+    use ferry_vmm::{HostOptions, Microvm, VmConfig};
+    let image = ferry_guest_images::find("memtouch").unwrap().elf;
+    let args = [
+        "--mib".to_string(),
+        "4".into(),
+        "--passes".into(),
+        "100000".into(),
+    ];
+    // Booted paused, before its vCPU first runs.
+    let vm = Microvm::boot(VmConfig::new(32 << 20), image, &args, HostOptions::quiet()).unwrap();
+    let mut state = vm.save_state().unwrap();
+    // Paging without protected mode: KVM_SET_SREGS refuses it with EINVAL.
+    state.vcpus[0].sregs.cr0 = 1 << 31;
+    let path = std::env::temp_dir().join(format!("ferry-{test}-{}.snap", std::process::id()));
+    ferry_vmm::snapshot::write_snapshot(&path, &state, vm.memory(), None).unwrap();
+    let out = ferry(&["restore", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("KVM_SET_SREGS") && err.contains("os error 22"),
+        "the ioctl and its errno are lost: {err}"
+    );
+}

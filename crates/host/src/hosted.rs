@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::capacity::Reservation;
 use crate::lifecycle::{Lifecycle, TransitionError, VmState};
 use crate::MigrationStatus;
-use ferry_migrate::CancelToken;
+use ferry_migrate::{error_chain, CancelToken, VmError};
 
 /// Throttle duty-cycle period: the VM is held paused for `pct`% of it.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
@@ -279,15 +279,17 @@ impl HostedVm {
 
     /// Migrating → switchover: holds the VM paused (taking over a throttle's pause) and
     /// returns when it stopped making progress.
-    pub fn hold(&self) -> Result<Instant, String> {
-        self.life.begin_switchover().map_err(|e| e.to_string())?;
+    pub fn hold(&self) -> Result<Instant, VmError> {
+        self.life
+            .begin_switchover()
+            .map_err(|e| VmError::Pause(e.into()))?;
         self.throttle_pct.store(0, Ordering::SeqCst);
         let mut control = self.control();
         let since = match control.hold {
             Hold::Throttle { since } | Hold::Switchover { since } => since,
             Hold::Free => {
                 let Some(vm) = control.vm.as_mut() else {
-                    return Err("the VM was released".into());
+                    return Err(VmError::Gone("the VM was released".into()));
                 };
                 let since = Instant::now();
                 if let Err(e) = vm.pause() {
@@ -299,7 +301,7 @@ impl HostedVm {
                     if let Some(exit) = exit {
                         self.end(ended_state(exit));
                     }
-                    return Err(format!("cannot pause the VM: {e}"));
+                    return Err(VmError::Pause(e.into()));
                 }
                 since
             }
@@ -309,14 +311,13 @@ impl HostedVm {
     }
 
     /// Lets a VM held paused by its migration (or its throttle) run again.
-    pub fn resume_from_hold(&self) -> Result<(), String> {
+    pub fn resume_from_hold(&self) -> Result<(), VmError> {
         let mut control = self.control();
         if let (Hold::Throttle { .. } | Hold::Switchover { .. }, Some(vm)) =
             (control.hold, control.vm.as_mut())
         {
             if matches!(vm.run_state(), RunState::Paused) {
-                vm.resume()
-                    .map_err(|e| format!("cannot resume the VM: {e}"))?;
+                vm.resume().map_err(|e| VmError::Resume(e.into()))?;
             }
         }
         control.hold = Hold::Free;
@@ -327,7 +328,7 @@ impl HostedVm {
     /// here (unless it ended meanwhile).
     pub fn abandon_migration(&self) -> Result<(), String> {
         self.throttle_pct.store(0, Ordering::SeqCst);
-        self.resume_from_hold()?;
+        self.resume_from_hold().map_err(|e| error_chain(&e))?;
         match self.life.abandon_migration() {
             Ok(()) => Ok(()),
             // The guest ended during the migration: it stays ended.
@@ -353,7 +354,7 @@ impl HostedVm {
     /// one that won runs the VM here.
     pub fn resume_here(&self) -> Result<(), String> {
         self.life.resume_here().map_err(|e| e.to_string())?;
-        self.resume_from_hold()
+        self.resume_from_hold().map_err(|e| error_chain(&e))
     }
 
     /// Running → stopping → stopped, releasing it.

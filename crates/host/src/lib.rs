@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use ferry_accel::backend::DeviceMemory;
 use ferry_migrate::{
-    FileTransfer, MigrationError, MigrationOptions, MigrationReport, Mode, Outcomes, Progress,
-    Secret, Settlement,
+    error_chain, FileTransfer, MigrationError, MigrationOptions, MigrationReport, Mode, Outcomes,
+    Progress, Secret, Settlement, VmError,
 };
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 use serde::{Deserialize, Serialize};
@@ -492,8 +492,9 @@ impl Host {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        AttachedFiles::open(&specs)
-            .map_err(|e| HostError::BadRequest(format!("cannot attach the files: {e}")))
+        AttachedFiles::open(&specs).map_err(|e| {
+            HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e)))
+        })
     }
 
     /// Creates and starts a VM.
@@ -507,7 +508,7 @@ impl Host {
             ..self.vm_host_options()
         };
         let vm = Microvm::boot(config, &image, &req.args, host).map_err(|e| {
-            let msg = format!("cannot create the VM: {e}");
+            let msg = format!("cannot create the VM: {}", error_chain(&e));
             match e {
                 ferry_vmm::vm::CreateVmError::Memory(_)
                 | ferry_vmm::vm::CreateVmError::AccelMemory(_)
@@ -617,9 +618,9 @@ impl Host {
                 options,
                 &mut on_progress,
             ),
-            None => Err(MigrationError::Source(format!(
+            None => Err(MigrationError::Source(VmError::Gone(format!(
                 "VM {id} ended before its migration began"
-            ))),
+            )))),
         };
         match result {
             Ok(report) => {
@@ -633,7 +634,8 @@ impl Host {
                 });
             }
             Err(e) => {
-                tracing::warn!(vm = %id, %to, "migration failed: {e}");
+                let error = error_chain(&e);
+                tracing::warn!(vm = %id, %to, "migration failed: {error}");
                 let outcome = match &e {
                     MigrationError::InDoubt { reason, .. } => {
                         vm.lose_confirmation(reason).map_err(|e| e.to_string())
@@ -649,7 +651,7 @@ impl Host {
                         MigrationError::Cancelled { .. } => MigrationState::Cancelled,
                         _ => MigrationState::Failed,
                     };
-                    s.error = Some(e.to_string());
+                    s.error = Some(error);
                 });
                 if let MigrationError::InDoubt { session, .. } = e {
                     self.settle(vm, to, session, options);
@@ -692,8 +694,11 @@ impl Host {
                 }
                 Err(direct) => match self.settle_through_center(to, session) {
                     Some(Ok(answer)) => Ok(("the center, relaying for the destination", answer)),
-                    Some(Err(relayed)) => Err(format!("{direct}; through the center: {relayed}")),
-                    None => Err(direct.to_string()),
+                    Some(Err(relayed)) => Err(format!(
+                        "{}; through the center: {relayed}",
+                        error_chain(&direct)
+                    )),
+                    None => Err(error_chain(&direct)),
                 },
             };
             let after = format!("{:.1} s", started.elapsed().as_secs_f64());
@@ -829,12 +834,12 @@ struct Receiver {
 impl ferry_migrate::TargetFactory for Receiver {
     type Target = VmTarget;
 
-    fn prepare(&self, vm: &ferry_migrate::VmDescription) -> Result<VmTarget, String> {
+    fn prepare(&self, vm: &ferry_migrate::VmDescription) -> Result<VmTarget, VmError> {
         if let Some(why) = vm.incompatibility(&local_description()) {
-            return Err(format!(
+            return Err(VmError::Incompatible(format!(
                 "host {} cannot run this VM: {why}",
                 self.host.config.name
-            ));
+            )));
         }
         let config = VmConfig {
             ram_size: vm.ram_size,
@@ -843,7 +848,10 @@ impl ferry_migrate::TargetFactory for Receiver {
         };
         // Held from here until the VM is adopted, or dropped with the target if the
         // migration fails: concurrent creations and arrivals see it.
-        let reservation = self.host.reserve(&config).map_err(|e| e.to_string())?;
+        let reservation = self
+            .host
+            .reserve(&config)
+            .map_err(|e| VmError::NoRoom(e.into()))?;
         VmTarget::prepare(
             vm,
             self.host.vm_host_options(),

@@ -9,7 +9,8 @@ use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
 use ferry_accel::device::{BufferState, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
-    ChunkKey, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget, PageSet, VmDescription,
+    Cause, ChunkKey, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget, PageSet,
+    VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, DirtyPages, GuestRam};
@@ -146,18 +147,24 @@ impl MigrationSource for VmSource {
         }
     }
 
-    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), String> {
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let failed = |source: Cause| VmError::ReadFile {
+            file,
+            offset,
+            source,
+        };
         let f = self
             .files
             .files()
             .get(file as usize)
-            .ok_or_else(|| format!("no attached file {file}"))?;
-        f.read_at(offset, out)
-            .map_err(|e| format!("reading attached file '{}': {e}", f.info().name))
+            .ok_or_else(|| failed("no such attached file".into()))?;
+        f.read_at(offset, out).map_err(|e| failed(e.into()))
     }
 
-    fn start_tracking(&self) -> Result<(), String> {
-        self.tracker.start_dirty_log().map_err(|e| e.to_string())?;
+    fn start_tracking(&self) -> Result<(), VmError> {
+        self.tracker
+            .start_dirty_log()
+            .map_err(|e| VmError::StartTracking(e.into()))?;
         if let Some(accel) = self.accel() {
             accel.start_dirty_tracking();
         }
@@ -171,11 +178,11 @@ impl MigrationSource for VmSource {
         }
     }
 
-    fn take_dirty_pages(&self) -> Result<PageSet, String> {
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
         self.tracker
             .take_dirty_pages()
             .map(|set| self.page_set(set))
-            .map_err(|e| e.to_string())
+            .map_err(|e| VmError::DirtyLog(e.into()))
     }
 
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
@@ -212,11 +219,14 @@ impl MigrationSource for VmSource {
         }
     }
 
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
         self.tracker
             .memory()
             .read_slice(out, GuestAddress(gpa))
-            .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))
+            .map_err(|e| VmError::ReadRam {
+                gpa,
+                source: e.into(),
+            })
     }
 
     fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
@@ -227,21 +237,21 @@ impl MigrationSource for VmSource {
         self.vm.set_throttle(percent);
     }
 
-    fn pause(&self) -> Result<Instant, String> {
+    fn pause(&self) -> Result<Instant, VmError> {
         self.vm.hold()
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         self.vm.resume_from_hold()
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, String> {
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
         let state = self
             .vm
             .with_vm(Microvm::save_state)
-            .ok_or_else(|| format!("VM {} was released", self.vm.id))?
-            .map_err(|e| e.to_string())?;
-        postcard::to_stdvec(&state).map_err(|e| format!("cannot encode the VM state: {e}"))
+            .ok_or_else(|| VmError::Gone(format!("VM {} was released", self.vm.id)))?
+            .map_err(|e| VmError::SaveState(e.into()))?;
+        postcard::to_stdvec(&state).map_err(|e| VmError::SaveState(e.into()))
     }
 }
 
@@ -285,14 +295,15 @@ impl VmTarget {
         host: HostOptions,
         store: FileStore,
         reservation: Reservation,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, VmError> {
         let config = VmConfig {
             ram_size: description.ram_size,
             vcpus: description.vcpus,
             accel_memory: description.accel_memory,
         };
         let kind = (config.accel_memory > 0).then_some(description.backend_kind.as_str());
-        let incoming = IncomingVm::new(config, kind, host).map_err(|e| e.to_string())?;
+        let incoming =
+            IncomingVm::new(config, kind, host).map_err(|e| VmError::Create(e.into()))?;
         let files = description
             .files
             .iter()
@@ -316,10 +327,7 @@ impl VmTarget {
         self.files.lock().expect("target files lock")
     }
 
-    fn with_filling<R>(
-        &self,
-        f: impl FnOnce(&IncomingVm) -> Result<R, String>,
-    ) -> Result<R, String> {
+    fn with_filling<R>(&self, f: impl FnOnce(&IncomingVm) -> Result<R, Cause>) -> Result<R, Cause> {
         match &*self.state.lock().expect("target lock") {
             Incoming::Filling(vm) => f(vm),
             _ => Err("the VM is already restored".into()),
@@ -350,13 +358,16 @@ impl VmTarget {
 }
 
 impl MigrationTarget for VmTarget {
-    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
         self.memory
             .write_slice(data, GuestAddress(gpa))
-            .map_err(|e| format!("writing guest RAM at {gpa:#x}: {e}"))
+            .map_err(|e| VmError::WriteRam {
+                gpa,
+                source: e.into(),
+            })
     }
 
-    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String> {
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
         self.with_filling(|vm| match vm.accel() {
             Some(accel) => {
                 let table: Vec<BufferState> = table
@@ -366,34 +377,39 @@ impl MigrationTarget for VmTarget {
                         bytes: b.bytes,
                     })
                     .collect();
-                accel.sync_buffers(&table).map_err(|e| e.to_string())
+                accel.sync_buffers(&table).map_err(Cause::from)
             }
             None if table.is_empty() => Ok(()),
             None => Err("device buffers for a VM without an accelerator".into()),
         })
+        .map_err(VmError::SyncBuffers)
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String> {
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
         self.with_filling(|vm| {
             let accel = vm
                 .accel()
                 .ok_or("a device chunk for a VM without an accelerator")?;
             accel
                 .write_chunk(to_chunk(chunk), data)
-                .map_err(|e| e.to_string())
+                .map_err(Cause::from)
         })
+        .map_err(|source| VmError::WriteChunk { chunk, source })
     }
 
     fn has_file(&self, file: u32) -> bool {
         matches!(self.slots().get(file as usize), Some(FileSlot::Present(_)))
     }
 
-    fn receive_files(&self, files: &[u32]) -> Result<(), String> {
+    fn receive_files(&self, files: &[u32]) -> Result<(), VmError> {
         let offers: Vec<&FileOffer> = files
             .iter()
             .map(|&f| &self.description.files[f as usize])
             .collect();
-        let incoming = self.store.receive(&offers)?;
+        let incoming = self
+            .store
+            .receive(&offers)
+            .map_err(|e| VmError::ReceiveFiles(e.into()))?;
         let mut slots = self.slots();
         for (&f, file) in files.iter().zip(incoming) {
             slots[f as usize] = FileSlot::Receiving(file);
@@ -401,14 +417,19 @@ impl MigrationTarget for VmTarget {
         Ok(())
     }
 
-    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), String> {
-        match self.slots().get(file as usize) {
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        let written = match self.slots().get(file as usize) {
             Some(FileSlot::Receiving(incoming)) => incoming.write_at(offset, data),
-            _ => Err(format!("attached file {file} is not being received")),
-        }
+            _ => Err("the file is not being received".into()),
+        };
+        written.map_err(|e| VmError::WriteFile {
+            file,
+            offset,
+            source: e.into(),
+        })
     }
 
-    fn files_received(&self) -> Result<(), String> {
+    fn files_received(&self) -> Result<(), VmError> {
         let mut slots = self.slots();
         for slot in slots.iter_mut() {
             if let FileSlot::Receiving(_) = slot {
@@ -416,42 +437,52 @@ impl MigrationTarget for VmTarget {
                 else {
                     unreachable!("matched just above");
                 };
-                *slot = FileSlot::Received(self.store.finish(incoming)?);
+                let kept = self
+                    .store
+                    .finish(incoming)
+                    .map_err(|e| VmError::FilesReceived(e.into()))?;
+                *slot = FileSlot::Received(kept);
             }
         }
         Ok(())
     }
 
-    fn restore(&self, blob: &[u8]) -> Result<(), String> {
+    fn restore(&self, blob: &[u8]) -> Result<(), VmError> {
         let state: MicrovmState =
-            postcard::from_bytes(blob).map_err(|e| format!("undecodable VM state: {e}"))?;
+            postcard::from_bytes(blob).map_err(|e| VmError::Restore(e.into()))?;
         let files = {
             let mut slots = self.slots();
             let mut files = Vec::with_capacity(slots.len());
             for (i, slot) in slots.iter_mut().enumerate() {
                 match std::mem::replace(slot, FileSlot::Missing) {
                     FileSlot::Present(f) | FileSlot::Received(f) => files.push(f),
-                    _ => return Err(format!("attached file {i} is not on this host")),
+                    _ => {
+                        return Err(VmError::Restore(
+                            format!("attached file {i} is not on this host").into(),
+                        ))
+                    }
                 }
             }
-            AttachedFiles::new(files).map_err(|e| e.to_string())?
+            AttachedFiles::new(files).map_err(|e| VmError::Restore(e.into()))?
         };
         let mut slot = self.state.lock().expect("target lock");
         match std::mem::replace(&mut *slot, Incoming::Gone) {
             Incoming::Filling(mut incoming) => {
                 incoming.attach_files(files);
-                let vm = incoming.finish(&state).map_err(|e| e.to_string())?;
+                let vm = incoming
+                    .finish(&state)
+                    .map_err(|e| VmError::Restore(e.into()))?;
                 *slot = Incoming::Restored(vm);
                 Ok(())
             }
-            _ => Err("the VM was already restored".into()),
+            _ => Err(VmError::Restore("the VM was already restored".into())),
         }
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         match &mut *self.state.lock().expect("target lock") {
-            Incoming::Restored(vm) => vm.resume().map_err(|e| e.to_string()),
-            _ => Err("no restored VM to resume".into()),
+            Incoming::Restored(vm) => vm.resume().map_err(|e| VmError::Resume(e.into())),
+            _ => Err(VmError::Resume("no restored VM to resume".into())),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::{
     migrate_vm, serve, ChunkKey, DeviceBuffer, MigrationOptions, MigrationSource, MigrationTarget,
-    Mode, PageSet, ReceiveReport, Secret, TargetFactory, VmDescription,
+    Mode, PageSet, ReceiveReport, Secret, TargetFactory, VmDescription, VmError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -58,11 +58,11 @@ impl MigrationSource for StillVm {
     fn describe(&self) -> VmDescription {
         description()
     }
-    fn start_tracking(&self) -> Result<(), String> {
+    fn start_tracking(&self) -> Result<(), VmError> {
         Ok(())
     }
     fn stop_tracking(&self) {}
-    fn take_dirty_pages(&self) -> Result<PageSet, String> {
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
         Ok(PageSet::from_words(
             vec![0; (RAM / PAGE_SIZE).div_ceil(64) as usize],
             RAM / PAGE_SIZE,
@@ -83,7 +83,7 @@ impl MigrationSource for StillVm {
             .map(|id| DeviceBuffer { id, bytes: BUFFER })
             .collect()
     }
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
         out.copy_from_slice(&self.ram[gpa as usize..][..out.len()]);
         Ok(())
     }
@@ -96,13 +96,13 @@ impl MigrationSource for StillVm {
         Some(buffer.len() as u64)
     }
     fn set_throttle(&self, _: u8) {}
-    fn pause(&self) -> Result<std::time::Instant, String> {
+    fn pause(&self) -> Result<std::time::Instant, VmError> {
         Ok(std::time::Instant::now())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         Ok(())
     }
-    fn save_state(&self) -> Result<Vec<u8>, String> {
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
         Ok(vec![0; 4096])
     }
 }
@@ -118,22 +118,22 @@ struct Storage {
 struct Sink(Arc<Storage>);
 
 impl MigrationTarget for Sink {
-    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
         self.0.ram.lock().unwrap()[gpa as usize..][..data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn sync_buffers(&self, _: &[DeviceBuffer]) -> Result<(), String> {
+    fn sync_buffers(&self, _: &[DeviceBuffer]) -> Result<(), VmError> {
         Ok(())
     }
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String> {
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
         let mut buffer = self.0.buffers[chunk.buffer as usize - 1].lock().unwrap();
         buffer[(chunk.index * MAX_CHUNK_BYTES) as usize..][..data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn restore(&self, _: &[u8]) -> Result<(), String> {
+    fn restore(&self, _: &[u8]) -> Result<(), VmError> {
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         Ok(())
     }
 }
@@ -146,7 +146,7 @@ struct SinkFactory {
 
 impl TargetFactory for SinkFactory {
     type Target = Sink;
-    fn prepare(&self, _: &VmDescription) -> Result<Sink, String> {
+    fn prepare(&self, _: &VmDescription) -> Result<Sink, VmError> {
         Ok(Sink(self.storage.clone()))
     }
     fn adopt(&self, _: Sink, report: ReceiveReport) {

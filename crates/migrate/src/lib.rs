@@ -33,8 +33,8 @@ pub use send::{
 pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
-    ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationSource, MigrationTarget, PageSet,
-    VmDescription,
+    error_chain, Cause, ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationSource,
+    MigrationTarget, PageSet, VmDescription, VmError,
 };
 
 /// Errors of a migration, on either side.
@@ -70,12 +70,36 @@ pub enum MigrationError {
     /// The peer gave up and said why.
     #[error("the peer aborted the migration: {0}")]
     PeerAborted(String),
-    /// The VM being sent failed (paused, read, state).
-    #[error("source VM: {0}")]
-    Source(String),
+    /// The VM being sent failed (pause, read, state).
+    #[error("source VM")]
+    Source(#[source] VmError),
     /// The VM being received could not take what was sent.
-    #[error("destination VM: {0}")]
-    Target(String),
+    #[error("destination VM")]
+    Target(#[source] VmError),
+    /// The migration failed, and so did resuming the VM on the source afterwards.
+    #[error("{failed}; and resuming the VM on the source failed")]
+    ResumeAfterFailure {
+        /// Why the migration failed (as text: its own chain, flattened).
+        failed: String,
+        /// Why the VM could not resume.
+        #[source]
+        resume: VmError,
+    },
+    /// The options asked for something the engine does not do.
+    #[error("invalid migration options: {0}")]
+    InvalidOptions(String),
+    /// A data stream failed (the first to fail, on the destination).
+    #[error("data stream {index}")]
+    DataStream {
+        /// Which.
+        index: usize,
+        /// What failed on it.
+        #[source]
+        source: Box<MigrationError>,
+    },
+    /// A data stream's thread panicked (a bug; the log has it).
+    #[error("a data stream's thread panicked {0} (a bug; see the log)")]
+    StreamPanicked(String),
     /// Pre-copy did not reach the downtime target within its bounds.
     #[error("did not converge after {rounds} rounds in {elapsed_ms} ms: predicted pause {predicted_ms} ms > target {target_ms} ms (dirty rate {dirty_mib_s:.0} MiB/s vs link {link_mib_s:.0} MiB/s, throttle {throttle_pct}%); the VM keeps running on the source")]
     NotConverged {

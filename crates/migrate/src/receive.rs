@@ -17,7 +17,9 @@ use crate::link::Link;
 use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
-use crate::vm::{DeviceBuffer, FileTransfer, MigrationTarget, VmDescription, PAGE_SIZE};
+use crate::vm::{
+    error_chain, DeviceBuffer, FileTransfer, MigrationTarget, VmDescription, VmError, PAGE_SIZE,
+};
 use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
 use crate::MigrationError;
 
@@ -39,7 +41,7 @@ pub trait TargetFactory: Send + Sync + 'static {
     /// The VM being received.
     type Target: MigrationTarget + 'static;
     /// A paused, empty VM for `vm`, or the reason to refuse it (incompatible, no room).
-    fn prepare(&self, vm: &VmDescription) -> Result<Self::Target, String>;
+    fn prepare(&self, vm: &VmDescription) -> Result<Self::Target, VmError>;
     /// The VM now runs here: the host owns it.
     fn adopt(&self, target: Self::Target, report: ReceiveReport);
 }
@@ -139,6 +141,7 @@ pub fn serve_with_tls<F: TargetFactory>(
                     outcomes: &outcomes,
                 };
                 if let Err(e) = handle_connection(stream, ticket, &secret, tls.as_ref(), shared) {
+                    let e = error_chain(&e);
                     tracing::warn!(%peer, "incoming migration connection failed: {e}");
                 }
             });
@@ -213,6 +216,7 @@ fn handle_connection<F: TargetFactory>(
             } => {
                 let result = receive_vm(conn, keep, shared, (vm, streams, files));
                 if let Err(e) = &result {
+                    let e = error_chain(e);
                     tracing::warn!("incoming migration discarded: {e}");
                 }
                 result.map(drop)
@@ -247,7 +251,7 @@ struct InboundState {
     /// The round open or last open.
     round: u32,
     applied: Vec<u64>,
-    failed: Option<String>,
+    failed: Option<MigrationError>,
     done: bool,
     /// Bytes received of each attached file being sent (by offer index).
     file_bytes: Vec<u64>,
@@ -322,12 +326,15 @@ impl Inbound {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, index: usize, error: MigrationError) {
         let mut s = self.lock();
         if s.failed.is_some() || s.done {
             return;
         }
-        s.failed = Some(why);
+        s.failed = Some(MigrationError::DataStream {
+            index,
+            source: Box::new(error),
+        });
         drop(s);
         self.changed.notify_all();
         // It stays writable for the Abort that names the reason.
@@ -346,10 +353,10 @@ struct FailOnPanic<'a> {
 impl Drop for FailOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.inbound.fail(format!(
-                "data stream {}: internal error: its thread panicked (a bug; see the log)",
-                self.index
-            ));
+            self.inbound.fail(
+                self.index,
+                MigrationError::StreamPanicked("applying frames".into()),
+            );
         }
     }
 }
@@ -367,7 +374,7 @@ fn apply_stream<T: MigrationTarget>(
         let frame = match reader.read() {
             Ok(f) => f,
             Err(e) => {
-                inbound.fail(format!("data stream {index}: {e}"));
+                inbound.fail(index, e);
                 return reader.bytes_read;
             }
         };
@@ -388,27 +395,32 @@ fn apply_stream<T: MigrationTarget>(
             Frame::Ram { gpa, pages, data } => {
                 let end = gpa.checked_add(pages * PAGE_SIZE);
                 if end.is_none_or(|end| end > ram_size) {
-                    Err(format!(
+                    Err(MigrationError::Protocol(format!(
                         "RAM record of {pages} pages at {gpa:#x} is outside the VM's {ram_size:#x} bytes"
-                    ))
+                    )))
                 } else {
-                    match data {
-                        Some(data) => target.write_ram(gpa, data),
-                        None => target.write_ram(gpa, &ZERO_RUN[..(pages * PAGE_SIZE) as usize]),
-                    }
+                    let data = data.unwrap_or(&ZERO_RUN[..(pages * PAGE_SIZE) as usize]);
+                    target.write_ram(gpa, data).map_err(MigrationError::Target)
                 }
             }
             // The wire checked `len` (at most a chunk, the data's length if any).
-            Frame::Chunk { key, len, data } => {
-                target.write_chunk(key, data.unwrap_or(&ZERO_RUN[..len as usize]))
-            }
+            Frame::Chunk { key, len, data } => target
+                .write_chunk(key, data.unwrap_or(&ZERO_RUN[..len as usize]))
+                .map_err(MigrationError::Target),
             Frame::File { file, offset, data } => inbound
                 .take_file_piece(file, offset, data.len() as u64)
-                .and_then(|()| target.write_file(file, offset, data)),
-            Frame::Control(m) => Err(format!("control message {m:?} on a data stream")),
+                .map_err(MigrationError::Protocol)
+                .and_then(|()| {
+                    target
+                        .write_file(file, offset, data)
+                        .map_err(MigrationError::Target)
+                }),
+            Frame::Control(m) => Err(MigrationError::Protocol(format!(
+                "control message {m:?} on a data stream"
+            ))),
         };
         if let Err(e) = applied {
-            inbound.fail(format!("data stream {index}: {e}"));
+            inbound.fail(index, e);
             return reader.bytes_read;
         }
         let mut s = inbound.lock();
@@ -523,14 +535,14 @@ fn receive_vm<F: TargetFactory>(
     }
     let target = match factory.prepare(&vm) {
         Ok(t) => t,
-        Err(reason) => return Err(refuse(&mut conn, reason)),
+        Err(e) => return Err(refuse(&mut conn, error_chain(&e))),
     };
     let send_files = match files_to_send(&vm, &target, file_transfer) {
         Ok(files) => files,
         Err(reason) => return Err(refuse(&mut conn, reason)),
     };
-    if let Err(reason) = target.receive_files(&send_files) {
-        return Err(refuse(&mut conn, reason));
+    if let Err(e) = target.receive_files(&send_files) {
+        return Err(refuse(&mut conn, error_chain(&e)));
     }
     let mut file_sizes = vec![None; vm.files.len()];
     for &f in &send_files {
@@ -620,10 +632,7 @@ fn receive_session<F: TargetFactory>(
         )
         .map_err(|e| {
             // A failed data stream cut the control stream: its reason is the real one.
-            match inbound.lock().failed.take() {
-                Some(why) => MigrationError::Protocol(why),
-                None => e,
-            }
+            inbound.lock().failed.take().unwrap_or(e)
         });
         if let Err(e) = &result {
             // Tell the source why before anything else, so it stops sending.
@@ -632,7 +641,7 @@ fn receive_session<F: TargetFactory>(
                 MigrationError::PeerAborted(_) | MigrationError::Io { .. }
             ) {
                 let _ = conn.send(&Message::Abort {
-                    reason: e.to_string(),
+                    reason: error_chain(e),
                 });
             }
         }
@@ -674,7 +683,6 @@ fn control_loop<T: MigrationTarget>(
 ) -> Result<u32, MigrationError> {
     let mut expected_round = 0u32;
     let mut expected_frames = vec![0u64; usize::from(streams)];
-    let target_err = |e: String| MigrationError::Target(e);
     loop {
         match conn.expect_control("the next round")? {
             Message::BeginRound { round, buffers } => {
@@ -710,8 +718,8 @@ fn control_loop<T: MigrationTarget>(
                     })
                     .expect("inbound lock");
                 let mut s = s;
-                if let Some(why) = s.failed.take() {
-                    return Err(MigrationError::Protocol(why));
+                if let Some(failed) = s.failed.take() {
+                    return Err(failed);
                 }
                 if timeout.timed_out() {
                     return Err(MigrationError::Protocol(format!(
@@ -730,7 +738,7 @@ fn control_loop<T: MigrationTarget>(
                     // The attached files were all sent with round 0: check they are whole
                     // (before the pause, while the VM still runs on the source).
                     inbound.files_complete().map_err(MigrationError::Protocol)?;
-                    target.files_received().map_err(target_err)?;
+                    target.files_received().map_err(MigrationError::Target)?;
                 }
                 conn.send(&Message::RoundApplied { round })?;
                 expected_round += 1;
@@ -738,8 +746,8 @@ fn control_loop<T: MigrationTarget>(
             Message::State { blob } => {
                 {
                     let mut s = inbound.lock();
-                    if let Some(why) = s.failed.take() {
-                        return Err(MigrationError::Protocol(why));
+                    if let Some(failed) = s.failed.take() {
+                        return Err(failed);
                     }
                     if s.round_open || expected_round == 0 {
                         return Err(MigrationError::Protocol(
@@ -748,7 +756,7 @@ fn control_loop<T: MigrationTarget>(
                     }
                 }
                 let restoring = Instant::now();
-                target.restore(&blob).map_err(target_err)?;
+                target.restore(&blob).map_err(MigrationError::Target)?;
                 tracing::debug!(ms = ms(restoring.elapsed()), "state restored");
                 conn.send(&Message::Ready)?;
                 match conn.expect_control("go")? {
@@ -766,7 +774,7 @@ fn control_loop<T: MigrationTarget>(
                     ));
                 }
                 let resuming = Instant::now();
-                target.resume().map_err(target_err)?;
+                target.resume().map_err(MigrationError::Target)?;
                 outcomes.ended(session, true);
                 tracing::debug!(ms = ms(resuming.elapsed()), "resumed");
                 // The VM runs here now; a lost confirmation leaves it running here and

@@ -13,7 +13,8 @@ use crate::deadline::{self, Watchdog};
 use crate::link::Link;
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
-    ChunkKey, DeviceBuffer, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE, PAGE_SIZE,
+    error_chain, ChunkKey, DeviceBuffer, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE,
+    PAGE_SIZE,
 };
 use crate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use crate::MigrationError;
@@ -407,11 +408,9 @@ fn joined<T>(
     handle: std::thread::ScopedJoinHandle<'_, Result<T, MigrationError>>,
     what: &str,
 ) -> Result<T, MigrationError> {
-    handle.join().unwrap_or_else(|_| {
-        Err(MigrationError::Source(format!(
-            "a data stream's thread panicked {what} (a bug; see the log)"
-        )))
-    })
+    handle
+        .join()
+        .unwrap_or_else(|_| Err(MigrationError::StreamPanicked(what.to_string())))
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -725,7 +724,7 @@ pub fn migrate_vm(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
     if !(1..=MAX_STREAMS).contains(&options.streams) {
-        return Err(MigrationError::Source(format!(
+        return Err(MigrationError::InvalidOptions(format!(
             "--streams must be 1 to {MAX_STREAMS}, got {}",
             options.streams
         )));
@@ -859,12 +858,15 @@ pub fn migrate_vm(
                 }
             }
             let _ = s.control.send(&Message::Abort {
-                reason: error.to_string(),
+                reason: error_chain(&error),
             });
             if paused {
-                source.resume().map_err(|e| {
-                    MigrationError::Source(format!("{error}; and resuming the VM failed: {e}"))
-                })?;
+                source
+                    .resume()
+                    .map_err(|resume| MigrationError::ResumeAfterFailure {
+                        failed: error_chain(&error),
+                        resume,
+                    })?;
             }
             Err(error)
         }
@@ -1066,7 +1068,7 @@ fn run(
     s.phase = Phase::Confirmation;
     let session = s.session;
     let in_doubt = |e: MigrationError| {
-        let reason = in_phase(e, Phase::Confirmation, options.io_timeout).to_string();
+        let reason = error_chain(&in_phase(e, Phase::Confirmation, options.io_timeout));
         Failure::InDoubt(MigrationError::InDoubt { reason, session })
     };
     s.control.send(&Message::Go).map_err(in_doubt)?;

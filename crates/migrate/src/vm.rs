@@ -11,6 +11,116 @@ pub const MAX_CHUNK_BYTES: u64 = 256 << 10;
 /// Largest piece of an attached file in one frame.
 pub const MAX_FILE_PIECE: u64 = 1 << 20;
 
+/// A cause from the VM's side (a KVM ioctl's errno, a file's I/O error, ...), kept whole
+/// so that its chain reaches the operator.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a VM, on either side, failed to do for the engine, with the cause beneath.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The VM ended or was released before the engine could use it.
+    #[error("the VM is gone ({0})")]
+    Gone(String),
+    /// Dirty tracking could not start.
+    #[error("cannot start dirty tracking")]
+    StartTracking(#[source] Cause),
+    /// The dirty-page log could not be read.
+    #[error("cannot read the dirty-page log")]
+    DirtyLog(#[source] Cause),
+    /// Guest RAM could not be read.
+    #[error("cannot read guest RAM at {gpa:#x}")]
+    ReadRam {
+        /// Where.
+        gpa: u64,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// An attached file could not be read.
+    #[error("cannot read attached file {file} at offset {offset}")]
+    ReadFile {
+        /// Its index in the offer.
+        file: u32,
+        /// Where.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// The VM could not be paused.
+    #[error("cannot pause the VM")]
+    Pause(#[source] Cause),
+    /// The VM could not run again.
+    #[error("cannot resume the VM")]
+    Resume(#[source] Cause),
+    /// The paused VM's state could not be saved.
+    #[error("cannot save the VM's state")]
+    SaveState(#[source] Cause),
+    /// This host cannot run the VM offered (ABI, backend, kernels).
+    #[error("{0}")]
+    Incompatible(String),
+    /// This host has no room for the VM offered.
+    #[error("no room for the VM")]
+    NoRoom(#[source] Cause),
+    /// The empty VM to receive into could not be created.
+    #[error("cannot create the VM to receive into")]
+    Create(#[source] Cause),
+    /// Guest RAM could not be written.
+    #[error("cannot write guest RAM at {gpa:#x}")]
+    WriteRam {
+        /// Where.
+        gpa: u64,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// The device buffer table could not be made equal to the source's.
+    #[error("cannot set up the device buffers")]
+    SyncBuffers(#[source] Cause),
+    /// A device chunk could not be written.
+    #[error("cannot write device chunk {} of buffer {}", chunk.index, chunk.buffer)]
+    WriteChunk {
+        /// Which.
+        chunk: ChunkKey,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// The attached files offered could not be made room for.
+    #[error("cannot receive the attached files")]
+    ReceiveFiles(#[source] Cause),
+    /// An attached file being received could not be written.
+    #[error("cannot write attached file {file} at offset {offset}")]
+    WriteFile {
+        /// Its index in the offer.
+        file: u32,
+        /// Where.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// The attached files received are not the ones offered, or could not be kept.
+    #[error("cannot keep the attached files received")]
+    FilesReceived(#[source] Cause),
+    /// The final state could not be restored.
+    #[error("cannot restore the VM's state")]
+    Restore(#[source] Cause),
+}
+
+/// `err` and every cause beneath it, joined by ": " (how an error reaches an operator or
+/// a peer as text).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
 /// A read-only file attached to the VM, as offered: the destination must run the VM
 /// with exactly this content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,11 +285,11 @@ pub trait MigrationSource: Sync {
     /// Shape and compatibility facts.
     fn describe(&self) -> VmDescription;
     /// Starts dirty tracking of RAM and device memory.
-    fn start_tracking(&self) -> Result<(), String>;
+    fn start_tracking(&self) -> Result<(), VmError>;
     /// Stops dirty tracking.
     fn stop_tracking(&self);
     /// RAM pages written since the last call (or since tracking started), cleared.
-    fn take_dirty_pages(&self) -> Result<PageSet, String>;
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError>;
     /// Device chunks written since the last call, cleared.
     fn take_dirty_chunks(&self) -> Vec<ChunkKey>;
     /// Device chunks that may hold data now (at most every chunk of every buffer); the
@@ -193,11 +303,15 @@ pub trait MigrationSource: Sync {
         None
     }
     /// Reads guest RAM at `gpa` into `out`.
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String>;
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError>;
     /// Reads bytes of attached file `file` (its index in [`VmDescription::files`]).
-    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), String> {
-        let _ = (offset, out);
-        Err(format!("this VM has no attached file {file}"))
+    fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let _ = out;
+        Err(VmError::ReadFile {
+            file,
+            offset,
+            source: "this VM has no attached files".into(),
+        })
     }
     /// Copies chunk `chunk`'s bytes into `out` (resized to them) and returns the size of
     /// its buffer now; `None` if the chunk no longer exists (its buffer freed since). A
@@ -210,11 +324,11 @@ pub trait MigrationSource: Sync {
     /// Pauses the vCPUs, then the device at a command boundary; returns when the VM
     /// stopped making progress (the pause's start, from which downtime is measured: a
     /// pause waits for the device's command in flight, or began earlier, by a throttle).
-    fn pause(&self) -> Result<Instant, String>;
+    fn pause(&self) -> Result<Instant, VmError>;
     /// Runs the VM again (a migration that failed before the switchover completed).
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), VmError>;
     /// The paused VM's complete state less RAM and chunk contents.
-    fn save_state(&self) -> Result<Vec<u8>, String>;
+    fn save_state(&self) -> Result<Vec<u8>, VmError>;
 }
 
 /// The VM being received, created paused by a [`crate::TargetFactory`]. Each call is
@@ -222,37 +336,43 @@ pub trait MigrationSource: Sync {
 /// what only they can (e.g. a chunk against the buffer table).
 pub trait MigrationTarget: Send + Sync {
     /// Writes guest RAM.
-    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError>;
     /// Makes the device buffer table equal to `table` (new buffers start zeroed).
-    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String>;
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError>;
     /// Writes a chunk (zero chunks arrive as zeros).
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), String>;
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError>;
     /// Whether this host has offered file `file` already, with the same content.
     fn has_file(&self, file: u32) -> bool {
         let _ = file;
         false
     }
     /// Gets ready to receive the offered files `files` (checks there is room for them).
-    fn receive_files(&self, files: &[u32]) -> Result<(), String> {
+    fn receive_files(&self, files: &[u32]) -> Result<(), VmError> {
         if files.is_empty() {
             Ok(())
         } else {
-            Err("this host cannot receive attached files".into())
+            Err(VmError::ReceiveFiles(
+                "this host cannot receive attached files".into(),
+            ))
         }
     }
     /// Writes bytes of a file being received (the engine checked the range).
-    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), String> {
-        let _ = (offset, data);
-        Err(format!("file {file} was not expected"))
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        let _ = data;
+        Err(VmError::WriteFile {
+            file,
+            offset,
+            source: "the file was not expected".into(),
+        })
     }
     /// Every byte of the files being received arrived: checks their content.
-    fn files_received(&self) -> Result<(), String> {
+    fn files_received(&self) -> Result<(), VmError> {
         Ok(())
     }
     /// Builds the VM from the final state, still paused.
-    fn restore(&self, state: &[u8]) -> Result<(), String>;
+    fn restore(&self, state: &[u8]) -> Result<(), VmError>;
     /// Runs the restored VM.
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), VmError>;
 }
 
 #[cfg(test)]

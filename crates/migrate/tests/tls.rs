@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferry_migrate::{
     migrate_vm, serve, serve_with_tls, ChunkKey, DeviceBuffer, MigrationError, MigrationOptions,
     MigrationSource, MigrationTarget, Mode, PageSet, ReceiveReport, Secret, TargetFactory,
-    TlsConfig, VmDescription,
+    TlsConfig, VmDescription, VmError,
 };
 use pki::{Ca, Identity};
 
@@ -69,11 +69,11 @@ impl MigrationSource for FakeSource {
     fn describe(&self) -> VmDescription {
         describe()
     }
-    fn start_tracking(&self) -> Result<(), String> {
+    fn start_tracking(&self) -> Result<(), VmError> {
         Ok(())
     }
     fn stop_tracking(&self) {}
-    fn take_dirty_pages(&self) -> Result<PageSet, String> {
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
         Ok(PageSet::from_words(Vec::new(), RAM / PAGE))
     }
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
@@ -85,7 +85,7 @@ impl MigrationSource for FakeSource {
     fn device_buffers(&self) -> Vec<DeviceBuffer> {
         Vec::new()
     }
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), String> {
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
         out.copy_from_slice(&self.ram[gpa as usize..gpa as usize + out.len()]);
         Ok(())
     }
@@ -93,15 +93,15 @@ impl MigrationSource for FakeSource {
         None
     }
     fn set_throttle(&self, _: u8) {}
-    fn pause(&self) -> Result<std::time::Instant, String> {
+    fn pause(&self) -> Result<std::time::Instant, VmError> {
         *self.paused.lock().unwrap() = true;
         Ok(std::time::Instant::now())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         *self.paused.lock().unwrap() = false;
         Ok(())
     }
-    fn save_state(&self) -> Result<Vec<u8>, String> {
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
         Ok(b"final state".to_vec())
     }
 }
@@ -115,24 +115,27 @@ struct FakeTarget {
 }
 
 impl MigrationTarget for FakeTarget {
-    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
         self.ram.lock().unwrap()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), String> {
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
         match table {
             [] => Ok(()),
-            _ => Err("this VM has no device".into()),
+            _ => Err(VmError::SyncBuffers("this VM has no device".into())),
         }
     }
-    fn write_chunk(&self, _: ChunkKey, _: &[u8]) -> Result<(), String> {
-        Err("this VM has no device".into())
+    fn write_chunk(&self, chunk: ChunkKey, _: &[u8]) -> Result<(), VmError> {
+        Err(VmError::WriteChunk {
+            chunk,
+            source: "this VM has no device".into(),
+        })
     }
-    fn restore(&self, state: &[u8]) -> Result<(), String> {
+    fn restore(&self, state: &[u8]) -> Result<(), VmError> {
         *self.state.lock().unwrap() = state.to_vec();
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         *self.running.lock().unwrap() = true;
         Ok(())
     }
@@ -143,7 +146,7 @@ struct Factory(Mutex<Sender<(FakeTarget, ReceiveReport)>>);
 
 impl TargetFactory for Factory {
     type Target = FakeTarget;
-    fn prepare(&self, vm: &VmDescription) -> Result<FakeTarget, String> {
+    fn prepare(&self, vm: &VmDescription) -> Result<FakeTarget, VmError> {
         Ok(FakeTarget {
             ram: Mutex::new(vec![0; vm.ram_size as usize]),
             ..FakeTarget::default()
