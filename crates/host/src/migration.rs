@@ -42,6 +42,9 @@ fn to_chunk(k: ChunkKey) -> ChunkId {
     }
 }
 
+// A device chunk must fit one chunk frame of the wire.
+const _: () = assert!(ferry_accel::dirty::CHUNK_SIZE <= ferry_migrate::vm::MAX_CHUNK_BYTES);
+
 /// The accelerator backend this host runs VMs on.
 pub const BACKEND_KIND: &str = "cpu";
 
@@ -56,6 +59,7 @@ pub fn local_description() -> VmDescription {
             vcpus: 1,
             accel_memory: 0,
             abi_version: ABI_VERSION,
+            state_version: ferry_vmm::vm::STATE_VERSION,
             backend_kind: BACKEND_KIND.into(),
             kernel_version: backend::create(BACKEND_KIND, 1, &DeviceMemory::default())
                 .map_or(0, |b| b.kernel_version()),

@@ -46,6 +46,7 @@ fn description() -> VmDescription {
         vcpus: 1,
         accel_memory: u64::from(BUFFERS) * BUFFER,
         abi_version: 1,
+        state_version: 1,
         backend_kind: "cpu".into(),
         kernel_version: 1,
         microkernel: String::new(),

@@ -160,6 +160,9 @@ pub struct VmDescription {
     pub accel_memory: u64,
     /// Guest ABI version.
     pub abi_version: u32,
+    /// Version of the encoding of the VM's state (sent last, at switchover): a mismatch is
+    /// refused here, before pre-copy, not found undecodable in the pause.
+    pub state_version: u32,
     /// Accelerator backend kind ("cpu", ...), empty without an accelerator.
     pub backend_kind: String,
     /// Kernel library version of that backend.
@@ -180,6 +183,12 @@ impl VmDescription {
             return Some(format!(
                 "guest ABI version {} (this host runs {})",
                 self.abi_version, local.abi_version
+            ));
+        }
+        if self.state_version != local.state_version {
+            return Some(format!(
+                "VM state format v{} (this host reads v{})",
+                self.state_version, local.state_version
             ));
         }
         if self.accel_memory == 0 {
@@ -398,6 +407,7 @@ mod tests {
             vcpus: 1,
             accel_memory: 0,
             abi_version: 3,
+            state_version: 1,
             backend_kind: "cpu".into(),
             kernel_version: 2,
             microkernel: "avx2+fma".into(),
@@ -409,6 +419,12 @@ mod tests {
             ..local.clone()
         };
         assert_eq!(offered.incompatibility(&local), None);
+        offered.state_version = 2;
+        assert!(offered
+            .incompatibility(&local)
+            .unwrap()
+            .contains("state format v2"));
+        offered.state_version = 1;
         offered.backend_kind = "cuda".into();
         assert!(offered.incompatibility(&local).unwrap().contains("'cuda'"));
         offered.backend_kind = "cpu".into();

@@ -17,8 +17,9 @@ use crate::vm::{
 use crate::MigrationError;
 
 /// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
-/// an in-doubt switchover; 4: a migration key derived from the secret.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// an in-doubt switchover; 4: a migration key derived from the secret; 5: the VM state's
+/// version in the offer.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.

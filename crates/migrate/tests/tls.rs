@@ -33,6 +33,7 @@ fn describe() -> VmDescription {
         vcpus: 1,
         accel_memory: 0,
         abi_version: 1,
+        state_version: 1,
         backend_kind: String::new(),
         kernel_version: 0,
         microkernel: String::new(),

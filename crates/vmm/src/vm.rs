@@ -132,6 +132,10 @@ pub fn default_accel_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Version of [`MicrovmState`]'s encoding: raise it with any change to that type or the
+/// types inside it (migrations compare it at the handshake).
+pub const STATE_VERSION: u32 = 1;
+
 /// A whole paused VM, less its RAM: what a snapshot (and later a migration) carries.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MicrovmState {
