@@ -505,3 +505,55 @@ fn a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file() {
     assert!(value("soak_rss_growth") < 64.0, "{figures:#?}");
     assert!(value("soak_pause_max") < 1050.0, "{figures:#?}");
 }
+
+#[test]
+fn a_host_with_a_thousand_ended_vms_lists_a_bounded_number_in_flat_memory() {
+    if !kvm_available("a_host_with_a_thousand_ended_vms_lists_a_bounded_number_in_flat_memory") {
+        return;
+    }
+    let a = Host::start("a", &[]);
+    let pid = a.daemon.child.id();
+    let run_one = || {
+        let vm: Value = a
+            .api
+            .post(
+                "/v1/vms",
+                &json!({ "workload": "hello", "memory": 16 << 20 }),
+            )
+            .unwrap();
+        let id = vm["id"].as_str().unwrap().to_string();
+        let started = Instant::now();
+        loop {
+            let vm: Value = a.api.get(&format!("/v1/vms/{id}")).unwrap();
+            if vm["state"] == "exited" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{vm}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Past the records kept, so that memory is measured from a full list.
+    for _ in 0..300 {
+        run_one();
+    }
+    let (rss_full, _) = footprint(pid);
+    let started = Instant::now();
+    for _ in 300..1_000 {
+        run_one();
+    }
+    let (rss_end, _) = footprint(pid);
+    let listed = a.vms().len();
+    eprintln!(
+        "1,000 VMs ended on one host ({:.1} ms each): {listed} listed; RSS {} MiB after 300, {} MiB after 1,000",
+        started.elapsed().as_secs_f64() * 1e3 / 700.0,
+        rss_full >> 20,
+        rss_end >> 20
+    );
+    assert!(listed <= 256, "{listed} ended VMs listed");
+    assert!(
+        rss_end < rss_full + (16 << 20),
+        "RSS grew from {} to {} MiB",
+        rss_full >> 20,
+        rss_end >> 20
+    );
+}

@@ -12,20 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use socket2::{Domain, Socket, Type};
 
-/// Resident memory (bytes) and threads of process `pid`.
-fn footprint(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
-    (field("VmRSS:") << 10, field("Threads:"))
-}
-
 /// A connection to `to` from 127.0.0.2 (the attacker's own address).
 fn attacker(to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;

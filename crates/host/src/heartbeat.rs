@@ -17,7 +17,8 @@ pub struct Heartbeat {
     pub api_url: String,
     /// Capacity and load.
     pub host: HostInfo,
-    /// Every VM the host knows, ended and migrated ones included.
+    /// Every VM the host lists, ended and migrated ones included, as summaries: without
+    /// their console tails (the host's own API has those), so a beat stays small.
     pub vms: Vec<VmInfo>,
 }
 
@@ -63,7 +64,14 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
                 let beat = Heartbeat {
                     api_url: link.api_url.clone(),
                     host: host.info(&link.migration_addr),
-                    vms: host.list(),
+                    vms: host
+                        .list()
+                        .into_iter()
+                        .map(|mut vm| {
+                            vm.console_tail.clear();
+                            vm
+                        })
+                        .collect(),
                 };
                 let sent = client.post::<_, serde_json::Value>("/v1/heartbeat", &beat);
                 match (&sent, reachable) {

@@ -184,6 +184,11 @@ impl HostedVm {
         self.life.state()
     }
 
+    /// When its life here ended, if it has.
+    pub fn ended_at(&self) -> Option<Instant> {
+        self.life.ended_at()
+    }
+
     /// What the API shows (never waits for the guest).
     pub fn info(&self) -> VmInfo {
         let console_tail = self.console();

@@ -93,6 +93,11 @@ pub fn cluster_roots(tls: Option<&ferry_migrate::TlsConfig>) -> ferry_client::Ro
     }
 }
 
+/// Most records of VMs that ended here (exited, failed, migrated away) kept listed.
+pub const ENDED_VMS_KEPT: usize = 256;
+/// How long a VM that ended here stays listed.
+pub const ENDED_VMS_KEPT_FOR: Duration = Duration::from_secs(3600);
+
 /// How long a source keeps asking where an in-doubt VM runs before leaving it to the
 /// operator (well within how long destinations remember their sessions).
 pub const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(600);
@@ -529,13 +534,39 @@ impl Host {
         .map_err(HostError::Failed)?;
         tracing::info!(%id, workload = %req.workload, "VM started");
         self.vms().insert(id, hosted.clone());
+        self.forget_old_ended_vms();
         Ok(hosted.info())
     }
 
-    /// Every VM this host knows (including ended and migrated ones).
+    /// Every VM this host knows (including ended and migrated ones, for a while).
     pub fn list(&self) -> Vec<VmInfo> {
+        self.forget_old_ended_vms();
         let vms: Vec<_> = self.vms().values().cloned().collect();
         vms.iter().map(|vm| vm.info()).collect()
+    }
+
+    /// Drops the records of VMs that ended more than [`ENDED_VMS_KEPT_FOR`] ago, and of
+    /// all but the [`ENDED_VMS_KEPT`] that ended last: a long-running host lists a
+    /// bounded number of them.
+    fn forget_old_ended_vms(&self) {
+        let now = std::time::Instant::now();
+        let forgotten: Vec<Arc<HostedVm>> = {
+            let mut vms = self.vms();
+            let mut ended: Vec<(std::time::Instant, String)> = vms
+                .iter()
+                .filter_map(|(id, vm)| vm.ended_at().map(|at| (at, id.clone())))
+                .collect();
+            ended.sort_unstable();
+            let excess = ended.len().saturating_sub(ENDED_VMS_KEPT);
+            ended
+                .iter()
+                .enumerate()
+                .filter(|(i, (at, _))| *i < excess || now.duration_since(*at) > ENDED_VMS_KEPT_FOR)
+                .filter_map(|(_, (_, id))| vms.remove(id))
+                .collect()
+        };
+        // Dropped outside the lock (a record may hold the last console buffer).
+        drop(forgotten);
     }
 
     /// One VM.
@@ -895,6 +926,7 @@ impl ferry_migrate::TargetFactory for Receiver {
                 // outside the lock.
                 let replaced = self.host.vms().insert(id, hosted);
                 drop(replaced);
+                self.host.forget_old_ended_vms();
             }
             Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
         }

@@ -17,6 +17,7 @@
 //! never waits for the guest, the network or a pause, so readers never wait either.
 
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -192,6 +193,8 @@ pub struct TransitionError {
 
 struct Stage {
     state: VmState,
+    /// When its life here ended (the first ended state).
+    ended_at: Option<Instant>,
     /// Held from creation (or a migration's acceptance) until the VM's life here ends.
     reservation: Option<Reservation>,
 }
@@ -204,6 +207,7 @@ impl Lifecycle {
     pub fn new(reservation: Reservation) -> Self {
         Self(Mutex::new(Stage {
             state: VmState::Creating,
+            ended_at: None,
             reservation: Some(reservation),
         }))
     }
@@ -218,6 +222,11 @@ impl Lifecycle {
     /// The state now.
     pub fn state(&self) -> VmState {
         self.stage().state.clone()
+    }
+
+    /// When the VM's life here ended, if it has.
+    pub fn ended_at(&self) -> Option<Instant> {
+        self.stage().ended_at
     }
 
     /// Makes transition `t` to the state `next` gives for the current one, or refuses it
@@ -236,6 +245,7 @@ impl Lifecycle {
         };
         if state.has_ended() {
             stage.reservation = None;
+            stage.ended_at.get_or_insert_with(Instant::now);
         }
         stage.state = state.clone();
         Ok(state)

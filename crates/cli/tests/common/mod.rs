@@ -141,6 +141,20 @@ pub fn start_center(
     (child, url)
 }
 
+/// Resident memory (bytes) and threads of process `pid`.
+pub fn footprint(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:") << 10, field("Threads:"))
+}
+
 /// A child process killed on drop, so a failing test leaves no daemon behind (one
 /// would hold the test's output open).
 pub struct KillOnDrop(pub Child);
