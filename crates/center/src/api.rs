@@ -185,12 +185,9 @@ async fn events(State(center): State<Arc<Center>>, Query(q): Query<EventsQuery>)
 }
 
 async fn metrics(State(center): State<Arc<Center>>) -> Response {
-    let text = tokio::task::spawn_blocking(move || {
-        crate::metrics::render(&center.hosts(), &center.vms(), &center.migrations())
-    })
-    .await;
+    let text = tokio::task::spawn_blocking(move || center.metrics_text()).await;
     match text {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("internal error: {e}"),

@@ -2,7 +2,7 @@
 //! migrations and events. Plain data; [`crate::Center`] keeps it behind a lock and writes
 //! every change through to the [`crate::store::Store`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_host::heartbeat::Heartbeat;
@@ -187,6 +187,9 @@ pub struct Changes {
     pub events: Vec<Event>,
 }
 
+/// Most migrations the center keeps in memory.
+pub const MIGRATIONS_KEPT: usize = 1_000;
+
 /// The whole inventory.
 #[derive(Default)]
 pub struct Inventory {
@@ -194,8 +197,9 @@ pub struct Inventory {
     pub hosts: BTreeMap<String, HostRecord>,
     /// VMs by id.
     pub vms: BTreeMap<String, VmRecord>,
-    /// Every migration ordered, oldest first.
-    pub migrations: Vec<MigrationRecord>,
+    /// The last [`MIGRATIONS_KEPT`] migrations ordered, oldest first (the database
+    /// keeps them all).
+    pub migrations: VecDeque<MigrationRecord>,
     /// Room held for moves in flight.
     pub reservations: Vec<Reservation>,
     /// Hosts whose going down has been recorded as an event.
@@ -375,6 +379,18 @@ impl Inventory {
                 .then(a.id.cmp(&b.id))
         });
         vms
+    }
+
+    /// Records a migration, forgetting the oldest finished one beyond
+    /// [`MIGRATIONS_KEPT`] (a running one is kept until it ends).
+    pub fn add_migration(&mut self, record: MigrationRecord) {
+        self.migrations.push_back(record);
+        while self.migrations.len() > MIGRATIONS_KEPT {
+            match self.migrations.iter().position(|m| m.state != "running") {
+                Some(oldest) => drop(self.migrations.remove(oldest)),
+                None => break,
+            }
+        }
     }
 
     /// The migration with `id`.

@@ -172,6 +172,7 @@ pub struct Center {
     inventory: Mutex<Inventory>,
     store: Mutex<Store>,
     operations: Mutex<BTreeMap<u64, Operation>>,
+    metrics: metrics::Metrics,
 }
 
 impl Center {
@@ -196,6 +197,9 @@ impl Center {
             .into_iter()
             .map(|vm| (vm.id.clone(), vm))
             .collect();
+        // Counters carry on from the migrations on record.
+        let metrics = metrics::Metrics::default();
+        let on_record = loaded.migrations.len();
         for mut m in loaded.migrations {
             if m.state == "running" {
                 m.state = "failed".into();
@@ -206,7 +210,8 @@ impl Center {
                 m.finished_ms = Some(unix_ms());
                 store.put_migration(&m)?;
             }
-            inventory.migrations.push(m);
+            metrics.count_finished(&m);
+            inventory.add_migration(m);
         }
         store.add_event(&Event::now(
             "center-started",
@@ -214,7 +219,7 @@ impl Center {
                 "center started with {} host(s), {} VM(s), {} migration(s) on record",
                 inventory.hosts.len(),
                 inventory.vms.len(),
-                inventory.migrations.len()
+                on_record
             ),
         ))?;
         Ok(Arc::new(Self {
@@ -222,6 +227,7 @@ impl Center {
             inventory: Mutex::new(inventory),
             store: Mutex::new(store),
             operations: Mutex::default(),
+            metrics,
         }))
     }
 
@@ -429,9 +435,20 @@ impl Center {
             .collect()
     }
 
-    /// Every migration on record, oldest first.
+    /// The metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The metrics text for a scrape.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(&self.hosts(), &self.vms())
+    }
+
+    /// The last [`inventory::MIGRATIONS_KEPT`] migrations (the database has them all),
+    /// oldest first.
     pub fn migrations(&self) -> Vec<MigrationRecord> {
-        self.inventory().migrations.clone()
+        self.inventory().migrations.iter().cloned().collect()
     }
 
     /// The cluster at a glance.

@@ -1,137 +1,215 @@
-//! `GET /metrics` in the Prometheus text format: migrations (counts, pauses, bytes),
-//! hosts and VMs.
+//! `GET /metrics` in the OpenMetrics text format (`prometheus-client`): migrations as
+//! counters and a pause histogram, updated once as each migration ends; hosts and VMs as
+//! gauges set from the inventory at each scrape (bounded by the cluster's size, never by
+//! its history).
 
-use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::inventory::MigrationRecord;
 use crate::{HostView, VmView};
 
-/// Upper bounds (ms) of the pause histogram's buckets.
-const PAUSE_BUCKETS_MS: [f64; 9] = [1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0];
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Upper bounds (seconds) of the pause histogram's buckets.
+const PAUSE_BUCKETS_S: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
 }
 
-/// A per-host gauge: name, help, value.
-type HostGauge = (&'static str, &'static str, fn(&HostView) -> f64);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
 
-/// The metrics text for this inventory.
-pub fn render(hosts: &[HostView], vms: &[VmView], migrations: &[MigrationRecord]) -> String {
-    let mut out = String::new();
-    let w = &mut out;
-    let count = |state: &str| migrations.iter().filter(|m| m.state == state).count();
-    let _ = writeln!(
-        w,
-        "# HELP ferry_migrations_total Migrations the center ordered, by result."
-    );
-    let _ = writeln!(w, "# TYPE ferry_migrations_total counter");
-    for state in ["succeeded", "failed"] {
-        let _ = writeln!(
-            w,
-            "ferry_migrations_total{{result=\"{state}\"}} {}",
-            count(state)
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostModeLabel {
+    host: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+type HostGauge = Family<HostLabel, Gauge<f64, AtomicU64>>;
+/// What a per-host gauge shows of a host.
+type HostReading = fn(&HostView) -> f64;
+
+/// The center's metrics.
+pub struct Metrics {
+    registry: Registry,
+    migrations: Family<ResultLabel, Counter>,
+    in_progress: Gauge,
+    pauses: Histogram,
+    bytes: Counter,
+    host_up: Family<HostModeLabel, Gauge>,
+    /// Per-host gauges, each with the reading it shows.
+    host_gauges: Vec<(HostGauge, HostReading)>,
+    vms: Family<StateLabel, Gauge>,
+    /// One scrape at a time: each clears and refills the gauges.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let migrations = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "ferry_migrations",
+            "Migrations the center ordered, by result.",
+            migrations.clone(),
         );
-    }
-    let _ = writeln!(
-        w,
-        "# HELP ferry_migrations_in_progress Migrations running now."
-    );
-    let _ = writeln!(w, "# TYPE ferry_migrations_in_progress gauge");
-    let _ = writeln!(w, "ferry_migrations_in_progress {}", count("running"));
-
-    let pauses: Vec<f64> = migrations.iter().filter_map(|m| m.downtime_ms).collect();
-    let _ = writeln!(w, "# HELP ferry_migration_pause_seconds Pause of each successful migration (source pause to destination resume).");
-    let _ = writeln!(w, "# TYPE ferry_migration_pause_seconds histogram");
-    for le in PAUSE_BUCKETS_MS {
-        let n = pauses.iter().filter(|&&p| p <= le).count();
-        let _ = writeln!(
-            w,
-            "ferry_migration_pause_seconds_bucket{{le=\"{}\"}} {n}",
-            le / 1e3
+        let in_progress = Gauge::default();
+        registry.register(
+            "ferry_migrations_in_progress",
+            "Migrations running now.",
+            in_progress.clone(),
         );
-    }
-    let _ = writeln!(
-        w,
-        "ferry_migration_pause_seconds_bucket{{le=\"+Inf\"}} {}",
-        pauses.len()
-    );
-    let _ = writeln!(
-        w,
-        "ferry_migration_pause_seconds_sum {}",
-        pauses.iter().sum::<f64>() / 1e3
-    );
-    let _ = writeln!(w, "ferry_migration_pause_seconds_count {}", pauses.len());
-
-    let bytes: u64 = migrations.iter().map(|m| m.bytes_sent).sum();
-    let _ = writeln!(
-        w,
-        "# HELP ferry_migration_bytes_total Bytes sent by finished migrations."
-    );
-    let _ = writeln!(w, "# TYPE ferry_migration_bytes_total counter");
-    let _ = writeln!(w, "ferry_migration_bytes_total {bytes}");
-
-    let _ = writeln!(
-        w,
-        "# HELP ferry_host_up Whether the host's heartbeats arrive (1) or not (0)."
-    );
-    let _ = writeln!(w, "# TYPE ferry_host_up gauge");
-    for h in hosts {
-        let up = u8::from(h.status == "up");
-        let _ = writeln!(
-            w,
-            "ferry_host_up{{host=\"{}\",mode=\"{}\"}} {up}",
-            escape(&h.name),
-            h.mode
+        let pauses = Histogram::new(PAUSE_BUCKETS_S);
+        registry.register(
+            "ferry_migration_pause_seconds",
+            "Pause of each successful migration (source pause to destination resume).",
+            pauses.clone(),
         );
-    }
-    let gauges: [HostGauge; 5] = [
-        (
-            "ferry_host_accel_memory_bytes",
-            "Accelerator memory the host may hand out.",
-            |h| h.info.accel_capacity as f64,
-        ),
-        (
-            "ferry_host_accel_memory_used_bytes",
-            "Accelerator memory held by its VMs.",
-            |h| h.info.accel_used as f64,
-        ),
-        (
-            "ferry_host_accel_load",
-            "Busy accelerators' worth of work on the host.",
-            |h| h.info.accel_load,
-        ),
-        (
-            "ferry_host_memory_used_bytes",
-            "VM memory (RAM + accelerator) held by its VMs.",
-            |h| h.info.memory_used as f64,
-        ),
-        (
-            "ferry_host_pressure",
-            "Balancing pressure (0 idle, 1 full).",
-            |h| h.pressure,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(w, "# HELP {name} {help}");
-        let _ = writeln!(w, "# TYPE {name} gauge");
-        for h in hosts {
-            let _ = writeln!(w, "{name}{{host=\"{}\"}} {}", escape(&h.name), value(h));
+        let bytes = Counter::default();
+        registry.register(
+            "ferry_migration_bytes",
+            "Bytes sent by finished migrations.",
+            bytes.clone(),
+        );
+        let host_up = Family::<HostModeLabel, Gauge>::default();
+        registry.register(
+            "ferry_host_up",
+            "Whether the host's heartbeats arrive (1) or not (0).",
+            host_up.clone(),
+        );
+        let readings: [(&str, &str, HostReading); 5] = [
+            (
+                "ferry_host_accel_memory_bytes",
+                "Accelerator memory the host may hand out.",
+                |h| h.info.accel_capacity as f64,
+            ),
+            (
+                "ferry_host_accel_memory_used_bytes",
+                "Accelerator memory held by its VMs.",
+                |h| h.info.accel_used as f64,
+            ),
+            (
+                "ferry_host_accel_load",
+                "Busy accelerators' worth of work on the host.",
+                |h| h.info.accel_load,
+            ),
+            (
+                "ferry_host_memory_used_bytes",
+                "VM memory (RAM + accelerator) held by its VMs.",
+                |h| h.info.memory_used as f64,
+            ),
+            (
+                "ferry_host_pressure",
+                "Balancing pressure (0 idle, 1 full).",
+                |h| h.pressure,
+            ),
+        ];
+        let host_gauges = readings
+            .into_iter()
+            .map(|(name, help, reading)| {
+                let gauge = HostGauge::default();
+                registry.register(name, help, gauge.clone());
+                (gauge, reading)
+            })
+            .collect();
+        let vms = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "ferry_vms",
+            "VMs known to the center, by state.",
+            vms.clone(),
+        );
+        Self {
+            registry,
+            migrations,
+            in_progress,
+            pauses,
+            bytes,
+            host_up,
+            host_gauges,
+            vms,
+            scrape: Mutex::new(()),
         }
     }
-    let _ = writeln!(w, "# HELP ferry_vms VMs known to the center, by state.");
-    let _ = writeln!(w, "# TYPE ferry_vms gauge");
-    let mut states: Vec<&str> = vms.iter().map(|v| v.state.as_str()).collect();
-    states.sort_unstable();
-    states.dedup();
-    for state in states {
-        let n = vms.iter().filter(|v| v.state == state).count();
-        let _ = writeln!(w, "ferry_vms{{state=\"{}\"}} {n}", escape(state));
+}
+
+impl Metrics {
+    /// A migration began.
+    pub fn migration_started(&self) {
+        self.in_progress.inc();
     }
-    out
+
+    /// A migration that [`Metrics::migration_started`] counted ended as `record` says.
+    pub fn migration_ended(&self, record: &MigrationRecord) {
+        self.in_progress.dec();
+        self.count_finished(record);
+    }
+
+    /// Counts a finished migration (one ended now, or one loaded at start).
+    pub fn count_finished(&self, record: &MigrationRecord) {
+        self.migrations
+            .get_or_create(&ResultLabel {
+                result: record.state.clone(),
+            })
+            .inc();
+        if let Some(ms) = record.downtime_ms {
+            self.pauses.observe(ms / 1e3);
+        }
+        self.bytes.inc_by(record.bytes_sent);
+    }
+
+    /// The metrics text, with the host and VM gauges set from `hosts` and `vms`.
+    pub fn render(&self, hosts: &[HostView], vms: &[VmView]) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        // Hosts and states that are gone must not linger as stale series.
+        self.host_up.clear();
+        for h in hosts {
+            let label = HostModeLabel {
+                host: h.name.clone(),
+                mode: h.mode.clone(),
+            };
+            self.host_up
+                .get_or_create(&label)
+                .set(i64::from(h.status == "up"));
+        }
+        for (gauge, reading) in &self.host_gauges {
+            gauge.clear();
+            for h in hosts {
+                let label = HostLabel {
+                    host: h.name.clone(),
+                };
+                gauge.get_or_create(&label).set(reading(h));
+            }
+        }
+        self.vms.clear();
+        for vm in vms {
+            let label = StateLabel {
+                state: vm.state.clone(),
+            };
+            self.vms.get_or_create(&label).inc();
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +218,7 @@ mod tests {
 
     #[test]
     fn pauses_fall_in_their_buckets_and_counts_add_up() {
+        let metrics = Metrics::default();
         let done = |ms: f64| MigrationRecord {
             state: "succeeded".into(),
             downtime_ms: Some(ms),
@@ -150,31 +229,24 @@ mod tests {
             state: "failed".into(),
             ..MigrationRecord::default()
         };
-        let text = render(&[], &[], &[done(3.0), done(40.0), failed]);
-        assert!(
-            text.contains("ferry_migrations_total{result=\"succeeded\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ferry_migrations_total{result=\"failed\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ferry_migration_pause_seconds_bucket{le=\"0.0025\"} 0"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ferry_migration_pause_seconds_bucket{le=\"0.005\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ferry_migration_pause_seconds_bucket{le=\"0.05\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ferry_migration_pause_seconds_count 2"),
-            "{text}"
-        );
-        assert!(text.contains("ferry_migration_bytes_total 2000"), "{text}");
+        metrics.count_finished(&done(3.0));
+        metrics.migration_started();
+        metrics.migration_ended(&done(40.0));
+        metrics.migration_started();
+        metrics.migration_ended(&failed);
+        metrics.migration_started();
+        let text = metrics.render(&[], &[]);
+        for line in [
+            "ferry_migrations_total{result=\"succeeded\"} 2",
+            "ferry_migrations_total{result=\"failed\"} 1",
+            "ferry_migrations_in_progress 1",
+            "ferry_migration_pause_seconds_bucket{le=\"0.0025\"} 0",
+            "ferry_migration_pause_seconds_bucket{le=\"0.005\"} 1",
+            "ferry_migration_pause_seconds_bucket{le=\"0.05\"} 2",
+            "ferry_migration_pause_seconds_count 2",
+            "ferry_migration_bytes_total 2000",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
     }
 }

@@ -163,7 +163,8 @@ impl Center {
                 return record;
             }
         }
-        self.inventory().migrations.push(record.clone());
+        self.inventory().add_migration(record.clone());
+        self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id);
         let mut inventory = self.inventory();
@@ -191,6 +192,7 @@ impl Center {
             }
         };
         let record = entry.clone();
+        self.metrics().migration_ended(&record);
         let moved = arrived.map(|info| VmRecord {
             id: m.vm.id.clone(),
             host: m.to.clone(),

@@ -240,13 +240,16 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
         text(&refused.stderr)
     );
 
-    let metrics = ureq::get(format!("{}/metrics", c.url))
-        .header("Authorization", &format!("Bearer {TOKEN}"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let scrape = || {
+        ureq::get(format!("{}/metrics", c.url))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let metrics = scrape();
     assert!(
         metrics.contains("ferry_migrations_total{result=\"succeeded\"} 2"),
         "{metrics}"
@@ -254,6 +257,28 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
     assert!(
         metrics.contains("ferry_migration_pause_seconds_count 2"),
         "{metrics}"
+    );
+    // Scrapes cost the center nothing that stays: 1,000 of them keep its memory flat.
+    for _ in 0..100 {
+        scrape();
+    }
+    let (rss_before, _) = common::footprint(c.child.id());
+    let started = std::time::Instant::now();
+    for _ in 0..1_000 {
+        scrape();
+    }
+    let (rss_after, _) = common::footprint(c.child.id());
+    eprintln!(
+        "1,000 scrapes of the center's /metrics ({:.2} ms each): RSS {} -> {} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    assert!(
+        rss_after < rss_before + (8 << 20),
+        "RSS {} -> {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
     );
 
     let back = c.json(&["host", "maintenance", "exit", "a", "--json"]);
