@@ -26,7 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_host::api::{answer, bad_body, error, JsonBody};
+use ferry_host::api::{answer, bad_body, error, error_with_code, JsonBody};
 use ferry_host::heartbeat::Heartbeat;
 use ferry_host::tokens::{require_token, Access, TokenFileError, Tokens};
 use serde::Deserialize;
@@ -47,7 +47,15 @@ impl IntoResponse for CenterError {
             CenterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             CenterError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        error(status, &self.to_string())
+        let code = match self {
+            CenterError::NotFound(_) => "not_found",
+            CenterError::BadRequest(_) => "bad_request",
+            CenterError::Conflict(_) => "conflict",
+            CenterError::NoRoom(_) => "no_room",
+            CenterError::Unavailable(_) => "unavailable",
+            CenterError::Store(_) => "store_failed",
+        };
+        error_with_code(status, code, &self.to_string())
     }
 }
 

@@ -178,6 +178,21 @@ fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
         .post::<_, serde_json::Value>("/v1/vms", &create)
         .unwrap_err();
     assert!(format!("{refused:#}").contains("HTTP 403"), "{refused:#}");
+    let code = |e: &anyhow::Error| {
+        e.downcast_ref::<ferry_client::ApiError>()
+            .unwrap()
+            .code
+            .clone()
+    };
+    assert_eq!(code(&refused).as_deref(), Some("forbidden"));
+    let missing = ro
+        .get::<serde_json::Value>("/v1/vms/no-such-vm")
+        .unwrap_err();
+    assert_eq!(
+        code(&missing).as_deref(),
+        Some("vm_not_found"),
+        "{missing:#}"
+    );
     // The cluster secret itself, and the keys derived for other purposes, open nothing.
     let secret = ferry_migrate::Secret::new(SECRET.as_bytes()).unwrap();
     for token in [

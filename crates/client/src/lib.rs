@@ -10,6 +10,21 @@ use serde::Serialize;
 /// Default address of the host API.
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:7070";
 
+/// An error answer from an API: scripts match on `code`, stable across releases.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what}: {message} (HTTP {status})")]
+pub struct ApiError {
+    /// The request (`GET /v1/vms`).
+    pub what: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The API's error code (`vm_not_found`, `wrong_state`, `no_room`, ...), when it
+    /// gave one.
+    pub code: Option<String>,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
 /// One API endpoint with its bearer token.
 pub struct ApiClient {
     base: String,
@@ -94,11 +109,19 @@ impl ApiClient {
             .read_to_string()
             .with_context(|| format!("reading the answer to {what}"))?;
         if !status.is_success() {
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or(text);
-            bail!("{what}: {message} (HTTP {})", status.as_u16());
+            let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
+            let field = |name: &str| {
+                answer
+                    .as_ref()
+                    .and_then(|v| v.get(name)?.as_str().map(str::to_string))
+            };
+            return Err(ApiError {
+                what: what.to_string(),
+                status: status.as_u16(),
+                code: field("code"),
+                message: field("error").unwrap_or(text),
+            }
+            .into());
         }
         serde_json::from_str(&text).with_context(|| format!("unexpected answer to {what}: {text}"))
     }

@@ -55,13 +55,31 @@ impl IntoResponse for HostError {
             HostError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
             HostError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        error(status, &self.to_string())
+        error_with_code(status, self.code(), &self.to_string())
     }
 }
 
-/// An error answer: `{"error": message}` with `status`.
+/// An error answer: `{"error": message, "code": code}` with `status`; `code` is stable,
+/// for scripts (the message may change).
+pub fn error_with_code(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message, "code": code });
+    (status, Json(body)).into_response()
+}
+
+/// An error answer whose code follows from `status` alone.
 pub fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::INSUFFICIENT_STORAGE => "no_room",
+        _ => "internal",
+    };
+    error_with_code(status, code, message)
 }
 
 /// Middleware on every route: the request must carry a token of this host's.

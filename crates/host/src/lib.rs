@@ -59,6 +59,19 @@ pub enum HostError {
     Failed(String),
 }
 
+impl HostError {
+    /// The API's stable code for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HostError::NotFound(_) => "vm_not_found",
+            HostError::BadRequest(_) => "bad_request",
+            HostError::Conflict(_) => "wrong_state",
+            HostError::NoRoom(_) => "no_room",
+            HostError::Failed(_) => "vm_failed",
+        }
+    }
+}
+
 /// How this host runs.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
