@@ -26,9 +26,9 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_host::api::{answer, bad_body, error, error_with_code, JsonBody};
-use ferry_host::heartbeat::Heartbeat;
-use ferry_host::tokens::{require_token, Access, TokenFileError, Tokens};
+use ferry_api::Heartbeat;
+use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
+use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
 use serde::Deserialize;
 
 use crate::{Center, CenterError, PlaceVm};
@@ -100,7 +100,7 @@ async fn heartbeat(State(center): State<Arc<Center>>, body: JsonBody<Heartbeat>)
 
 async fn settle(
     State(center): State<Arc<Center>>,
-    body: JsonBody<ferry_host::SettleRequest>,
+    body: JsonBody<ferry_api::SettleRequest>,
 ) -> Response {
     match body {
         Ok(Json(req)) => answer(StatusCode::OK, move || center.settle(&req)).await,

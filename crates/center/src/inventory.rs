@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_host::heartbeat::Heartbeat;
-use ferry_host::hosted::VmInfo;
-use ferry_host::lifecycle::VmState;
-use ferry_host::HostInfo;
+use ferry_api::Heartbeat;
+use ferry_api::HostInfo;
+use ferry_api::VmInfo;
+use ferry_api::VmState;
 use ferry_migrate::Progress;
 use serde::{Deserialize, Serialize};
 

@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ferry_api::Heartbeat;
+use ferry_api::VmInfo;
+use ferry_api::{CreateVm, HostInfo};
 use ferry_client::ApiClient;
-use ferry_host::heartbeat::Heartbeat;
-use ferry_host::hosted::VmInfo;
-use ferry_host::{CreateVm, HostInfo};
 use serde::{Deserialize, Serialize};
 
 use inventory::{unix_ms, Event, HostMode, HostRecord, Inventory, MigrationRecord, VmRecord};
@@ -261,7 +261,7 @@ impl Center {
     /// A client of `host`'s API.
     fn host_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
         let token = self.config.secret.token(ferry_migrate::Purpose::HostApi);
-        let roots = ferry_host::cluster_roots(self.config.tls.as_ref());
+        let roots = ferry_http::cluster_roots(self.config.tls.as_ref());
         ApiClient::with_roots(&host.api_url, token.as_bytes(), &roots)
             .map_err(|e| CenterError::BadRequest(e.to_string()))
     }
@@ -273,7 +273,7 @@ impl Center {
     /// a direct question would), so the center decides nothing it cannot know.
     pub fn settle(
         &self,
-        req: &ferry_host::SettleRequest,
+        req: &ferry_api::SettleRequest,
     ) -> Result<ferry_migrate::Settlement, CenterError> {
         let host = self
             .inventory()

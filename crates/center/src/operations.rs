@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_host::hosted::VmInfo;
-use ferry_host::lifecycle::VmState;
-use ferry_host::{MigrationState, MigrationStatus};
+use ferry_api::VmInfo;
+use ferry_api::VmState;
+use ferry_api::{MigrationState, MigrationStatus};
 use ferry_migrate::MigrationReport;
 use serde::{Deserialize, Serialize};
 

@@ -111,12 +111,12 @@ pub fn gguf(data: &[u8]) {
 
 /// The host's and the center's request bodies, parsed and validated as the APIs do.
 pub fn api_bodies(data: &[u8]) {
-    let _ = serde_json::from_slice::<ferry_host::CreateVm>(data);
-    if let Ok(req) = serde_json::from_slice::<ferry_host::MigrateRequest>(data) {
-        let _ = req.options();
+    let _ = serde_json::from_slice::<ferry_api::CreateVm>(data);
+    if let Ok(req) = serde_json::from_slice::<ferry_api::MigrateRequest>(data) {
+        let _ = ferry_host::migration_options(&req);
     }
-    let _ = serde_json::from_slice::<ferry_host::SettleRequest>(data);
-    let _ = serde_json::from_slice::<ferry_host::heartbeat::Heartbeat>(data);
+    let _ = serde_json::from_slice::<ferry_api::SettleRequest>(data);
+    let _ = serde_json::from_slice::<ferry_api::Heartbeat>(data);
     let _ = serde_json::from_slice::<ferry_center::PlaceVm>(data);
     let _ = postcard::from_bytes::<ferry_migrate::VmDescription>(data);
 }

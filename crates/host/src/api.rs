@@ -1,7 +1,7 @@
 //! The HTTP/JSON API of `ferry host serve`. Every request needs
 //! `Authorization: Bearer <token>`: the cluster's host-API key (derived from the shared
 //! secret; the center and `ferry` with the secret use it) or an operator's token from
-//! `--api-tokens FILE` (read-only ones may only GET); errors are `{"error": "..."}` with a status
+//! `--api-tokens FILE` (read-only ones may only GET); errors are `{"error", "code"}` with a status
 //! that says what kind they are.
 //!
 //! | method and path | does |
@@ -26,18 +26,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
-
 use serde::Deserialize;
-use std::net::SocketAddr;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 
 use ferry_migrate::Purpose;
 
-use crate::tokens::{Access, TokenFileError, Tokens};
-use crate::{CreateVm, Host, HostError, MigrateRequest};
+use ferry_api::{CreateVm, MigrateRequest};
+use ferry_http::tokens::{Access, TokenFileError, Tokens};
+use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
+
+use crate::{Host, HostError};
 
 #[derive(Clone)]
 struct Api {
@@ -59,64 +56,13 @@ impl IntoResponse for HostError {
     }
 }
 
-/// An error answer: `{"error": message, "code": code}` with `status`; `code` is stable,
-/// for scripts (the message may change).
-pub fn error_with_code(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": message, "code": code });
-    (status, Json(body)).into_response()
-}
-
-/// An error answer whose code follows from `status` alone.
-pub fn error(status: StatusCode, message: &str) -> Response {
-    let code = match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::FORBIDDEN => "forbidden",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::CONFLICT => "conflict",
-        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-        StatusCode::INSUFFICIENT_STORAGE => "no_room",
-        _ => "internal",
-    };
-    error_with_code(status, code, message)
-}
-
 /// Middleware on every route: the request must carry a token of this host's.
 async fn require_token(
     State(api): State<Api>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    crate::tokens::require_token(&api.tokens, request, next).await
-}
-
-/// Runs a blocking operation off the async runtime and answers with its result (`ok`
-/// on success, the error's own answer otherwise). Shared with the cluster center's API.
-pub async fn answer<T, E>(
-    ok: StatusCode,
-    f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Response
-where
-    T: Serialize + Send + 'static,
-    E: IntoResponse + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(value)) => (ok, Json(value)).into_response(),
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("internal error: {e}"),
-        ),
-    }
-}
-
-/// A JSON request body, or why it could not be read.
-pub type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
-
-/// The answer to a request body that is not the expected JSON.
-pub fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
-    error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}"))
+    ferry_http::tokens::require_token(&api.tokens, request, next).await
 }
 
 async fn host_info(State(api): State<Api>) -> Response {
@@ -254,85 +200,4 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
         .fallback(not_found)
         .with_state(api))
-}
-
-/// Serves the API on `listener` until the process ends: over HTTPS with `tls` (the
-/// server identity of [`ferry_migrate::TlsConfig::https_server`]), else plain HTTP.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) -> std::io::Result<()> {
-    match tls {
-        None => axum::serve(listener, router).await,
-        Some(config) => axum::serve(TlsListener::new(listener, config)?, router).await,
-    }
-}
-
-/// TLS handshakes in progress at once (each a small task, bounded in time); more
-/// connections wait in the kernel's backlog. Large enough that idle connections cannot
-/// starve real clients for long.
-const MAX_TLS_HANDSHAKES: usize = 1024;
-/// Time a connection has to finish its TLS handshake.
-const TLS_HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// An HTTPS listener: TCP connections whose TLS handshakes run on their own tasks (at
-/// most [`MAX_TLS_HANDSHAKES`] at once, each bounded in time), so that a slow or silent
-/// client holds up nobody else.
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (done, ready) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
-        let acceptor = TlsAcceptor::from(config);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (socket, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!("accepting an API connection failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, done) = (acceptor.clone(), done.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIME, acceptor.accept(socket)).await {
-                        Ok(Ok(stream)) => {
-                            drop(slot);
-                            let _ = done.send((stream, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "API TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self { ready, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(connection) => connection,
-            // The acceptor task ended (the runtime is going away): accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }

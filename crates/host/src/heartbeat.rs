@@ -5,22 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use ferry_api::Heartbeat;
 
-use crate::hosted::VmInfo;
-use crate::{Host, HostInfo};
-
-/// One heartbeat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Heartbeat {
-    /// Where the center reaches this host's API (`http://HOST:PORT`).
-    pub api_url: String,
-    /// Capacity and load.
-    pub host: HostInfo,
-    /// Every VM the host lists, ended and migrated ones included, as summaries: without
-    /// their console tails (the host's own API has those), so a beat stays small.
-    pub vms: Vec<VmInfo>,
-}
+use crate::Host;
 
 /// Where and how often a host reports to its center.
 #[derive(Debug, Clone)]

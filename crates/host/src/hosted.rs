@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit, VmReadout, VmTracker};
-use serde::{Deserialize, Serialize};
 
 use crate::capacity::Reservation;
-use crate::lifecycle::{Lifecycle, TransitionError, VmState};
+use crate::lifecycle::{Lifecycle, TransitionError};
 use crate::MigrationStatus;
+use ferry_api::{VmInfo, VmState};
 use ferry_migrate::{error_chain, CancelToken, VmError};
 
 /// Throttle duty-cycle period: the VM is held paused for `pct`% of it.
@@ -29,38 +29,6 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// Window over which the accelerator's load is measured.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
-
-/// What the API shows of a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmInfo {
-    /// Id, unique across the cluster (kept across migrations).
-    pub id: String,
-    /// Workload name (or image path).
-    pub workload: String,
-    /// Guest arguments.
-    pub args: Vec<String>,
-    /// State.
-    #[serde(flatten)]
-    pub state: VmState,
-    /// Guest RAM, bytes.
-    pub memory: u64,
-    /// Accelerator memory, bytes.
-    pub accel_memory: u64,
-    /// Share of the last second the accelerator spent executing commands (0 to 1).
-    #[serde(default)]
-    pub accel_load: f64,
-    /// Time on this host, ms.
-    pub uptime_ms: u64,
-    /// Milliseconds since the epoch when it arrived on this host.
-    pub since_unix_ms: u64,
-    /// The host it came from (its name), if it was migrated here.
-    pub migrated_from: Option<String>,
-    /// Its attached files (name, size, SHA-256, path on this host).
-    #[serde(default)]
-    pub files: Vec<FileInfo>,
-    /// The console's last lines.
-    pub console_tail: String,
-}
 
 /// A migration out of this host: its status for the API, and how to cancel it.
 struct Outgoing {
@@ -209,7 +177,16 @@ impl HostedVm {
             uptime_ms: self.arrived.elapsed().as_millis() as u64,
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
-            files: self.files.clone(),
+            files: self
+                .files
+                .iter()
+                .map(|f| ferry_api::FileInfo {
+                    name: f.name.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                    path: f.path.clone(),
+                })
+                .collect(),
             console_tail: console_tail[tail_start..].to_string(),
         }
     }

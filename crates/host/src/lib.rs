@@ -17,7 +17,6 @@ pub mod heartbeat;
 pub mod hosted;
 pub mod lifecycle;
 pub mod migration;
-pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -27,16 +26,19 @@ use std::time::Duration;
 
 use ferry_accel::backend::DeviceMemory;
 use ferry_migrate::{
-    error_chain, FileTransfer, MigrationError, MigrationOptions, MigrationReport, Mode, Outcomes,
-    Progress, Secret, Settlement, VmError,
+    error_chain, FileTransfer, MigrationError, MigrationOptions, Mode, Outcomes, Progress, Secret,
+    Settlement, VmError,
 };
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
-use serde::{Deserialize, Serialize};
 
 use capacity::{Amount, Ledger, Reservation};
+use ferry_api::{
+    Attachment, CreateVm, HostInfo, MigrateRequest, MigrationState, MigrationStatus, SettleRequest,
+    VmInfo, VmState,
+};
+use ferry_http::cluster_roots;
 use files::FileStore;
-use hosted::{HostedVm, VmInfo};
-use lifecycle::VmState;
+use hosted::HostedVm;
 use migration::{local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
@@ -96,16 +98,6 @@ pub struct HostConfig {
     pub api_tokens: Option<PathBuf>,
 }
 
-/// The roots an API client of the cluster trusts: its CA with TLS on, else the web's.
-pub fn cluster_roots(tls: Option<&ferry_migrate::TlsConfig>) -> ferry_client::Roots {
-    match tls {
-        Some(tls) => {
-            ferry_client::Roots::Cluster(tls.ca_certificates().iter().map(|c| c.to_vec()).collect())
-        }
-        None => ferry_client::Roots::Web,
-    }
-}
-
 /// Most records of VMs that ended here (exited, failed, migrated away) kept listed.
 pub const ENDED_VMS_KEPT: usize = 256;
 /// How long a VM that ended here stays listed.
@@ -117,251 +109,55 @@ pub const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(600);
 /// Settle attempts kept in a migration's status.
 const MAX_SETTLEMENT_LINES: usize = 20;
 
-/// A settle question relayed through the center: the destination (by its migration
-/// address) and the migration's session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SettleRequest {
-    /// The destination's migration address.
-    pub migration_addr: String,
-    /// The migration's session.
-    pub session: u64,
-}
-
 /// Default nice value of a host's VM threads: under contention the daemon's own work
 /// (API, heartbeats, migrations) gets about ten times their share of a core, so busy
 /// guests cannot starve it; VMs keep equal shares among themselves.
 pub const DEFAULT_GUEST_NICE: i32 = 10;
 
-/// A request to create a VM.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct CreateVm {
-    /// Built-in workload name, or a path to a guest ELF on the host.
-    pub workload: String,
-    /// Guest arguments.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// Guest RAM bytes (default 256 MiB).
-    #[serde(default = "default_memory")]
-    pub memory: u64,
-    /// Accelerator memory bytes (default 0: none).
-    #[serde(default)]
-    pub accel_memory: u64,
-    /// Read-only files to attach, in the order the guest sees them.
-    #[serde(default)]
-    pub attach: Vec<Attachment>,
-}
-
-/// A file on the host given to a VM (`--attach NAME=PATH`).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct Attachment {
-    /// Name the guest finds it by.
-    pub name: String,
-    /// Path on the host.
-    pub path: PathBuf,
-}
-
-fn default_memory() -> u64 {
-    256 << 20
-}
-
-/// A request to migrate a VM.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct MigrateRequest {
-    /// The destination's migration address (`HOST:PORT`).
-    pub to: String,
-    /// "live" (default) or "stop-and-copy".
-    #[serde(default = "default_mode")]
-    pub mode: String,
-    /// Pause to aim for, ms (default 50).
-    #[serde(default = "default_downtime")]
-    pub downtime_ms: u64,
-    /// Parallel data connections (default 2).
-    #[serde(default = "default_streams")]
-    pub streams: u8,
-    /// LZ4-compress the data.
-    #[serde(default)]
-    pub compress: bool,
-    /// Throttle the VM if it dirties memory faster than the link (default true).
-    #[serde(default = "default_true")]
-    pub throttle: bool,
-    /// Switch over with a longer pause rather than fail after the pre-copy bounds.
-    #[serde(default)]
-    pub allow_longer_pause: bool,
-    /// Most pre-copy rounds (default 30).
-    #[serde(default = "default_rounds")]
-    pub max_rounds: u32,
-    /// Most pre-copy seconds (default 60).
-    #[serde(default = "default_precopy_s")]
-    pub max_precopy_s: u64,
-    /// Attached files: "reuse" (default: send only those the destination lacks),
-    /// "send" (send all) or "require" (send none; the destination must have them).
-    #[serde(default = "default_files")]
-    pub files: String,
-}
-
-fn default_mode() -> String {
-    "live".into()
-}
-fn default_downtime() -> u64 {
-    50
-}
-fn default_streams() -> u8 {
-    ferry_migrate::DEFAULT_STREAMS
-}
-fn default_true() -> bool {
-    true
-}
-fn default_rounds() -> u32 {
-    30
-}
-fn default_precopy_s() -> u64 {
-    60
-}
-fn default_files() -> String {
-    "reuse".into()
-}
-
-impl MigrateRequest {
-    /// A request to migrate to `addr` with every other setting at its default.
-    pub fn to(addr: &str) -> Self {
-        Self {
-            to: addr.to_string(),
-            mode: default_mode(),
-            downtime_ms: default_downtime(),
-            streams: default_streams(),
-            compress: false,
-            throttle: default_true(),
-            allow_longer_pause: false,
-            max_rounds: default_rounds(),
-            max_precopy_s: default_precopy_s(),
-            files: default_files(),
-        }
-    }
-
-    /// The engine's options, validated.
-    pub fn options(&self) -> Result<MigrationOptions, HostError> {
-        let mode = match self.mode.as_str() {
-            "live" => Mode::Live,
-            "stop-and-copy" => Mode::StopAndCopy,
-            other => {
-                return Err(HostError::BadRequest(format!(
-                    "mode '{other}' is not live or stop-and-copy"
-                )))
-            }
-        };
-        if !(1..=ferry_migrate::send::MAX_STREAMS).contains(&self.streams) {
+/// The engine's options for `req`, validated.
+pub fn migration_options(req: &MigrateRequest) -> Result<MigrationOptions, HostError> {
+    let mode = match req.mode.as_str() {
+        "live" => Mode::Live,
+        "stop-and-copy" => Mode::StopAndCopy,
+        other => {
             return Err(HostError::BadRequest(format!(
-                "streams must be 1 to {}",
-                ferry_migrate::send::MAX_STREAMS
-            )));
+                "mode '{other}' is not live or stop-and-copy"
+            )))
         }
-        let files = match self.files.as_str() {
-            "reuse" => FileTransfer::Reuse,
-            "send" => FileTransfer::Send,
-            "require" => FileTransfer::Require,
-            other => {
-                return Err(HostError::BadRequest(format!(
-                    "files '{other}' is not reuse, send or require"
-                )))
-            }
-        };
-        if self.downtime_ms == 0 || self.max_rounds == 0 {
-            return Err(HostError::BadRequest(
-                "downtime_ms and max_rounds must be at least 1".into(),
-            ));
+    };
+    if !(1..=ferry_migrate::send::MAX_STREAMS).contains(&req.streams) {
+        return Err(HostError::BadRequest(format!(
+            "streams must be 1 to {}",
+            ferry_migrate::send::MAX_STREAMS
+        )));
+    }
+    let files = match req.files.as_str() {
+        "reuse" => FileTransfer::Reuse,
+        "send" => FileTransfer::Send,
+        "require" => FileTransfer::Require,
+        other => {
+            return Err(HostError::BadRequest(format!(
+                "files '{other}' is not reuse, send or require"
+            )))
         }
-        Ok(MigrationOptions {
-            mode,
-            downtime_target: Duration::from_millis(self.downtime_ms),
-            streams: self.streams,
-            compress: self.compress,
-            max_rounds: self.max_rounds,
-            max_precopy: Duration::from_secs(self.max_precopy_s),
-            throttle: self.throttle,
-            allow_longer_pause: self.allow_longer_pause,
-            files,
-            ..MigrationOptions::default()
-        })
+    };
+    if req.downtime_ms == 0 || req.max_rounds == 0 {
+        return Err(HostError::BadRequest(
+            "downtime_ms and max_rounds must be at least 1".into(),
+        ));
     }
-}
-
-/// Where a migration out of this host is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MigrationState {
-    /// Under way.
-    Running,
-    /// The VM runs on the destination.
-    Succeeded,
-    /// It failed before the destination was told to run the VM: the VM runs here.
-    Failed,
-    /// Cancelled before the destination was told to run the VM: the VM runs here.
-    Cancelled,
-    /// The destination was told to run the VM but did not confirm: the VM is in doubt,
-    /// paused here, until it is known where it runs.
-    InDoubt,
-}
-
-impl MigrationState {
-    /// Whether it has ended (any state but running).
-    pub fn has_ended(self) -> bool {
-        self != Self::Running
-    }
-}
-
-/// A migration out of this host, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrationStatus {
-    /// VM id.
-    pub vm: String,
-    /// Destination.
-    pub to: String,
-    /// Where it is.
-    pub state: MigrationState,
-    /// Last progress report.
-    pub progress: Option<Progress>,
-    /// The result, once it succeeded.
-    pub report: Option<MigrationReport>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// For an in-doubt migration: each attempt to settle where the VM runs, and how it
-    /// was settled (the evidence an operator resolving it by hand sees).
-    #[serde(default)]
-    pub settlement: Vec<String>,
-}
-
-/// This host's capacity and load: `GET /v1/host`, and the heart of each heartbeat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostInfo {
-    /// Host name.
-    pub name: String,
-    /// Where it receives migrations.
-    pub migration_addr: String,
-    /// Ferry version.
-    pub version: String,
-    /// Accelerator backend kind ("cpu").
-    pub backend: String,
-    /// CPU cores.
-    pub cpus: usize,
-    /// Threads each VM's accelerator runs kernels on.
-    pub accel_threads: usize,
-    /// One-minute load average of the machine.
-    pub load_avg: f64,
-    /// VM memory (RAM + accelerator) it may hand out, bytes.
-    pub memory_capacity: u64,
-    /// VM memory in use, bytes.
-    pub memory_used: u64,
-    /// Accelerator memory it may hand out, bytes.
-    pub accel_capacity: u64,
-    /// Accelerator memory in use, bytes.
-    pub accel_used: u64,
-    /// Sum of its VMs' accelerator loads (busy devices' worth, 0 to the VM count).
-    pub accel_load: f64,
-    /// VMs running here (being migrated included; in doubt not).
-    pub vms_running: usize,
-    /// VMs in doubt after a broken switchover: paused here until resolved.
-    #[serde(default)]
-    pub vms_in_doubt: usize,
+    Ok(MigrationOptions {
+        mode,
+        downtime_target: Duration::from_millis(req.downtime_ms),
+        streams: req.streams,
+        compress: req.compress,
+        max_rounds: req.max_rounds,
+        max_precopy: Duration::from_secs(req.max_precopy_s),
+        throttle: req.throttle,
+        allow_longer_pause: req.allow_longer_pause,
+        files,
+        ..MigrationOptions::default()
+    })
 }
 
 /// The VMs of this host.
@@ -618,7 +414,7 @@ impl Host {
         id: &str,
         req: MigrateRequest,
     ) -> Result<MigrationStatus, HostError> {
-        let mut options = req.options()?;
+        let mut options = migration_options(&req)?;
         options.tls = self.config.tls.clone();
         let vm = self.get(id)?;
         let status = MigrationStatus {

@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_api::CreateVm;
 use ferry_center::inventory::MigrationRecord;
 use ferry_center::operations::Operation;
 use ferry_center::{CenterConfig, ClusterView, PlaceVm, Placed};
 use ferry_client::ApiClient;
-use ferry_host::CreateVm;
 use ferry_migrate::Secret;
 use serde::Serialize;
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_host::{Attachment, CreateVm, MigrateRequest};
+use ferry_api::{Attachment, CreateVm, MigrateRequest};
 use ferry_llm::{Gguf, GgufError, LlamaModel};
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
 use indicatif::ProgressBar;

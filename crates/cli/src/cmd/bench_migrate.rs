@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_host::{CreateVm, MigrateRequest};
+use ferry_api::{CreateVm, MigrateRequest};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::Value;

@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use ferry_api::{CreateVm, MigrateRequest, MigrationState, MigrationStatus};
 use ferry_client::ApiClient;
-use ferry_host::{CreateVm, MigrateRequest, MigrationState, MigrationStatus};
 use ferry_migrate::Secret;
 use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 use serde_json::Value;

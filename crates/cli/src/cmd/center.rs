@@ -228,7 +228,7 @@ pub fn start(
     let https = center.config().tls.as_ref().map(|t| t.https_server());
     let router = ferry_center::api::router(center)?;
     runtime.spawn(async move {
-        if let Err(e) = ferry_host::api::serve(listener, router, https).await {
+        if let Err(e) = ferry_http::serve(listener, router, https).await {
             tracing::error!("the center's API stopped: {e}");
         }
     });

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_host::{Attachment, CreateVm, MigrateRequest};
+use ferry_api::{Attachment, CreateVm, MigrateRequest};
 use serde_json::{json, Value};
 
 use crate::cmd::host::LoopbackPair;

@@ -239,7 +239,7 @@ pub fn start(
     let router = api::router(host.clone(), migration_addr.to_string())?;
     let https = host.config().tls.as_ref().map(|t| t.https_server());
     runtime.spawn(async move {
-        if let Err(e) = api::serve(api_listener, router, https).await {
+        if let Err(e) = ferry_http::serve(api_listener, router, https).await {
             tracing::error!("the API server stopped: {e}");
         }
     });

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ferry_host::{MigrateRequest, MigrationState, MigrationStatus};
+use ferry_api::{MigrateRequest, MigrationState, MigrationStatus};
 use ferry_migrate::MigrationReport;
 use indicatif::{ProgressBar, ProgressStyle};
 

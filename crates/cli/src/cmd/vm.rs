@@ -148,14 +148,14 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             attach,
             args: guest_args,
         } => {
-            let vm = ferry_host::CreateVm {
+            let vm = ferry_api::CreateVm {
                 workload: workload.clone(),
                 args: guest_args.clone(),
                 memory: *memory,
                 accel_memory: *accel_memory,
                 attach: attach
                     .iter()
-                    .map(|(name, path)| ferry_host::Attachment {
+                    .map(|(name, path)| ferry_api::Attachment {
                         name: name.clone(),
                         path: path.clone(),
                     })

@@ -171,7 +171,7 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(given) = given else {
-        return crate::api::error(
+        return crate::error(
             StatusCode::UNAUTHORIZED,
             "missing 'Authorization: Bearer <token>' header",
         );
@@ -181,13 +181,13 @@ pub async fn require_token(
         Some(Access::ReadOnly) if matches!(*request.method(), Method::GET | Method::HEAD) => {
             next.run(request).await
         }
-        Some(Access::ReadOnly) => crate::api::error(
+        Some(Access::ReadOnly) => crate::error(
             StatusCode::FORBIDDEN,
             "this token is read-only: it may only read (GET)",
         ),
         None => {
             tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
-            crate::api::error(StatusCode::UNAUTHORIZED, "wrong API token")
+            crate::error(StatusCode::UNAUTHORIZED, "wrong API token")
         }
     }
 }

@@ -1,0 +1,375 @@
+//! The types of Ferry's HTTP/JSON APIs, shared by the host daemon, the cluster center,
+//! the client and the CLI: requests, answers, heartbeats, and VM and migration states as
+//! enums. Plain serde types, with no behaviour beyond reading them.
+
+use std::path::PathBuf;
+
+use ferry_migrate::{MigrationReport, Progress};
+use serde::{Deserialize, Serialize};
+
+/// Where a VM is in its life on this host (the API's `state` field).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum VmState {
+    /// Being built: its capacity is reserved, its guest not yet started.
+    Creating,
+    /// Running its guest.
+    Running,
+    /// Being migrated (pre-copy): still running here.
+    Migrating {
+        /// The destination's migration address.
+        to: String,
+    },
+    /// Paused here for the switchover of its migration, before the destination was told
+    /// to run it: a failure now resumes it here.
+    Switchover {
+        /// The destination's migration address.
+        to: String,
+    },
+    /// The destination was told to run it, but did not confirm: it stays paused here
+    /// until it is known whether it runs there (then it is released here) or not (then
+    /// it resumes here). It never runs on both.
+    InDoubt {
+        /// The destination's migration address.
+        to: String,
+        /// What broke.
+        reason: String,
+    },
+    /// It runs on another host now.
+    MigratedAway {
+        /// The destination's migration address.
+        to: String,
+    },
+    /// The operator stopped it; its resources are being given back.
+    Stopping,
+    /// Stopped by the operator.
+    Stopped,
+    /// The guest ended with this code.
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// The guest faulted or the VM failed.
+    Failed {
+        /// What happened.
+        error: String,
+    },
+}
+
+impl VmState {
+    /// Whether the VM holds this host's resources (memory, threads, capacity).
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            Self::Creating
+                | Self::Running
+                | Self::Migrating { .. }
+                | Self::Switchover { .. }
+                | Self::InDoubt { .. }
+                | Self::Stopping
+        )
+    }
+
+    /// Whether it counts as running here (an in-doubt VM does not: it may be running
+    /// elsewhere).
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self,
+            Self::Running | Self::Migrating { .. } | Self::Switchover { .. }
+        )
+    }
+
+    /// Whether its life here is over (only its record is left).
+    pub fn has_ended(&self) -> bool {
+        !self.is_live()
+    }
+
+    /// The state's name, as the API's `state` field spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Running => "running",
+            Self::Migrating { .. } => "migrating",
+            Self::Switchover { .. } => "switchover",
+            Self::InDoubt { .. } => "in-doubt",
+            Self::MigratedAway { .. } => "migrated-away",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Exited { .. } => "exited",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Creating => write!(f, "being created"),
+            Self::Running => write!(f, "running"),
+            Self::Migrating { to } => write!(f, "being migrated to {to}"),
+            Self::Switchover { to } => write!(f, "paused for its switchover to {to}"),
+            Self::InDoubt { to, reason } => write!(
+                f,
+                "in doubt after its switchover to {to} ({reason}); resolve it with `ferry vm resolve`"
+            ),
+            Self::MigratedAway { to } => write!(f, "migrated to {to}, and runs there"),
+            Self::Stopping => write!(f, "stopping"),
+            Self::Stopped => write!(f, "stopped"),
+            Self::Exited { code } => write!(f, "exited with code {code}"),
+            Self::Failed { error } => write!(f, "failed ({error})"),
+        }
+    }
+}
+
+/// What the API shows of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Id, unique across the cluster (kept across migrations).
+    pub id: String,
+    /// Workload name (or image path).
+    pub workload: String,
+    /// Guest arguments.
+    pub args: Vec<String>,
+    /// State.
+    #[serde(flatten)]
+    pub state: VmState,
+    /// Guest RAM, bytes.
+    pub memory: u64,
+    /// Accelerator memory, bytes.
+    pub accel_memory: u64,
+    /// Share of the last second the accelerator spent executing commands (0 to 1).
+    #[serde(default)]
+    pub accel_load: f64,
+    /// Time on this host, ms.
+    pub uptime_ms: u64,
+    /// Milliseconds since the epoch when it arrived on this host.
+    pub since_unix_ms: u64,
+    /// The host it came from (its name), if it was migrated here.
+    pub migrated_from: Option<String>,
+    /// Its attached files (name, size, SHA-256, path on this host).
+    #[serde(default)]
+    pub files: Vec<FileInfo>,
+    /// The console's last lines.
+    pub console_tail: String,
+}
+
+/// An attached file as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Name the guest finds it by.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content, lowercase hex.
+    pub sha256: String,
+    /// Where it is on the host.
+    pub path: PathBuf,
+}
+
+/// Where a migration out of this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    /// Under way.
+    Running,
+    /// The VM runs on the destination.
+    Succeeded,
+    /// It failed before the destination was told to run the VM: the VM runs here.
+    Failed,
+    /// Cancelled before the destination was told to run the VM: the VM runs here.
+    Cancelled,
+    /// The destination was told to run the VM but did not confirm: the VM is in doubt,
+    /// paused here, until it is known where it runs.
+    InDoubt,
+}
+
+impl MigrationState {
+    /// Whether it has ended (any state but running).
+    pub fn has_ended(self) -> bool {
+        self != Self::Running
+    }
+}
+
+/// A migration out of this host, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// VM id.
+    pub vm: String,
+    /// Destination.
+    pub to: String,
+    /// Where it is.
+    pub state: MigrationState,
+    /// Last progress report.
+    pub progress: Option<Progress>,
+    /// The result, once it succeeded.
+    pub report: Option<MigrationReport>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// For an in-doubt migration: each attempt to settle where the VM runs, and how it
+    /// was settled (the evidence an operator resolving it by hand sees).
+    #[serde(default)]
+    pub settlement: Vec<String>,
+}
+
+/// This host's capacity and load: `GET /v1/host`, and the heart of each heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub name: String,
+    /// Where it receives migrations.
+    pub migration_addr: String,
+    /// Ferry version.
+    pub version: String,
+    /// Accelerator backend kind ("cpu").
+    pub backend: String,
+    /// CPU cores.
+    pub cpus: usize,
+    /// Threads each VM's accelerator runs kernels on.
+    pub accel_threads: usize,
+    /// One-minute load average of the machine.
+    pub load_avg: f64,
+    /// VM memory (RAM + accelerator) it may hand out, bytes.
+    pub memory_capacity: u64,
+    /// VM memory in use, bytes.
+    pub memory_used: u64,
+    /// Accelerator memory it may hand out, bytes.
+    pub accel_capacity: u64,
+    /// Accelerator memory in use, bytes.
+    pub accel_used: u64,
+    /// Sum of its VMs' accelerator loads (busy devices' worth, 0 to the VM count).
+    pub accel_load: f64,
+    /// VMs running here (being migrated included; in doubt not).
+    pub vms_running: usize,
+    /// VMs in doubt after a broken switchover: paused here until resolved.
+    #[serde(default)]
+    pub vms_in_doubt: usize,
+}
+
+/// A request to create a VM.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CreateVm {
+    /// Built-in workload name, or a path to a guest ELF on the host.
+    pub workload: String,
+    /// Guest arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Guest RAM bytes (default 256 MiB).
+    #[serde(default = "default_memory")]
+    pub memory: u64,
+    /// Accelerator memory bytes (default 0: none).
+    #[serde(default)]
+    pub accel_memory: u64,
+    /// Read-only files to attach, in the order the guest sees them.
+    #[serde(default)]
+    pub attach: Vec<Attachment>,
+}
+
+/// A file on the host given to a VM (`--attach NAME=PATH`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// Name the guest finds it by.
+    pub name: String,
+    /// Path on the host.
+    pub path: PathBuf,
+}
+
+fn default_memory() -> u64 {
+    256 << 20
+}
+
+/// A request to migrate a VM.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MigrateRequest {
+    /// The destination's migration address (`HOST:PORT`).
+    pub to: String,
+    /// "live" (default) or "stop-and-copy".
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Pause to aim for, ms (default 50).
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Parallel data connections (default 2).
+    #[serde(default = "default_streams")]
+    pub streams: u8,
+    /// LZ4-compress the data.
+    #[serde(default)]
+    pub compress: bool,
+    /// Throttle the VM if it dirties memory faster than the link (default true).
+    #[serde(default = "default_true")]
+    pub throttle: bool,
+    /// Switch over with a longer pause rather than fail after the pre-copy bounds.
+    #[serde(default)]
+    pub allow_longer_pause: bool,
+    /// Most pre-copy rounds (default 30).
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// Most pre-copy seconds (default 60).
+    #[serde(default = "default_precopy_s")]
+    pub max_precopy_s: u64,
+    /// Attached files: "reuse" (default: send only those the destination lacks),
+    /// "send" (send all) or "require" (send none; the destination must have them).
+    #[serde(default = "default_files")]
+    pub files: String,
+}
+
+fn default_mode() -> String {
+    "live".into()
+}
+fn default_downtime() -> u64 {
+    50
+}
+fn default_streams() -> u8 {
+    ferry_migrate::DEFAULT_STREAMS
+}
+fn default_true() -> bool {
+    true
+}
+fn default_rounds() -> u32 {
+    30
+}
+fn default_precopy_s() -> u64 {
+    60
+}
+fn default_files() -> String {
+    "reuse".into()
+}
+
+impl MigrateRequest {
+    /// A request to migrate to `addr` with every other setting at its default.
+    pub fn to(addr: &str) -> Self {
+        Self {
+            to: addr.to_string(),
+            mode: default_mode(),
+            downtime_ms: default_downtime(),
+            streams: default_streams(),
+            compress: false,
+            throttle: default_true(),
+            allow_longer_pause: false,
+            max_rounds: default_rounds(),
+            max_precopy_s: default_precopy_s(),
+            files: default_files(),
+        }
+    }
+}
+
+/// A settle question relayed through the center: the destination (by its migration
+/// address) and the migration's session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SettleRequest {
+    /// The destination's migration address.
+    pub migration_addr: String,
+    /// The migration's session.
+    pub session: u64,
+}
+
+/// One heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Where the center reaches this host's API (`http://HOST:PORT`).
+    pub api_url: String,
+    /// Capacity and load.
+    pub host: HostInfo,
+    /// Every VM the host lists, ended and migrated ones included, as summaries: without
+    /// their console tails (the host's own API has those), so a beat stays small.
+    pub vms: Vec<VmInfo>,
+}
