@@ -9,7 +9,7 @@ use common::chromium::{self, Browser};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{kvm_available, reference, text, Daemon};
 use serde_json::Value;
@@ -97,18 +97,10 @@ impl CenterProc {
 
     /// Waits until `check` holds of the status.
     fn wait_for(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        loop {
+        common::wait_for(what, Duration::from_secs(60), || {
             let status = self.status();
-            if check(&status) {
-                return status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "timed out waiting for {what}: {status:#}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            check(&status).then_some(status)
+        })
     }
 }
 

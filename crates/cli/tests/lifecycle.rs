@@ -57,18 +57,11 @@ impl Host {
 
     /// Waits for the migration of `id` from here to end; returns its status.
     fn migration_end(&self, id: &str) -> Value {
-        let started = Instant::now();
-        loop {
+        let what = format!("the migration of {id} to end");
+        wait_for(&what, Duration::from_secs(120), || {
             let status: Value = self.api.get(&format!("/v1/vms/{id}/migration")).unwrap();
-            if status["state"] != "running" {
-                return status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "migration of {id} never ended"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            (status["state"] != "running").then_some(status)
+        })
     }
 }
 
@@ -106,23 +99,10 @@ fn whereabouts(hosts: &[Host], id: &str) -> Vec<(&'static str, String)> {
 
 /// Waits until no VM on any host is between states.
 fn wait_quiet(hosts: &[Host]) {
-    let started = Instant::now();
-    loop {
-        let busy: Vec<String> = hosts
-            .iter()
-            .flat_map(|h| h.vms())
-            .filter(|vm| PASSING.contains(&vm["state"].as_str().unwrap()))
-            .map(|vm| format!("{} {}", vm["id"], vm["state"]))
-            .collect();
-        if busy.is_empty() {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "never settled: {busy:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("no VM between states", Duration::from_secs(120), || {
+        let passing = |vm: &Value| PASSING.contains(&vm["state"].as_str().unwrap());
+        (!hosts.iter().flat_map(|h| h.vms()).any(|vm| passing(&vm))).then_some(())
+    })
 }
 
 /// The host where `id` runs (or ran to its end): exactly one, or none if `stopped`.
@@ -192,28 +172,22 @@ impl Center {
 
     /// Waits until the center knows `n` hosts, all up.
     fn wait_hosts(&self, n: usize) {
-        let started = Instant::now();
-        loop {
+        wait_for(&format!("{n} hosts up"), Duration::from_secs(30), || {
             let hosts: Vec<Value> = self.api.get("/v1/hosts").unwrap();
-            if hosts.len() == n && hosts.iter().all(|h| h["status"] == "up") {
-                return;
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "{hosts:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            (hosts.len() == n && hosts.iter().all(|h| h["status"] == "up")).then_some(())
+        })
     }
 
     /// Waits for operation `id` to end; returns it.
     fn operation_end(&self, id: u64) -> Value {
-        let started = Instant::now();
-        loop {
-            let op: Value = self.api.get(&format!("/v1/operations/{id}")).unwrap();
-            if op["state"] != "running" {
-                return op;
-            }
-            assert!(started.elapsed() < Duration::from_secs(120), "{op}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            &format!("operation {id} to end"),
+            Duration::from_secs(120),
+            || {
+                let op: Value = self.api.get(&format!("/v1/operations/{id}")).unwrap();
+                (op["state"] != "running").then_some(op)
+            },
+        )
     }
 }
 
@@ -522,15 +496,10 @@ fn a_host_with_a_thousand_ended_vms_lists_a_bounded_number_in_flat_memory() {
             )
             .unwrap();
         let id = vm["id"].as_str().unwrap().to_string();
-        let started = Instant::now();
-        loop {
+        wait_for(&format!("{id} to exit"), Duration::from_secs(30), || {
             let vm: Value = a.api.get(&format!("/v1/vms/{id}")).unwrap();
-            if vm["state"] == "exited" {
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "{vm}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+            (vm["state"] == "exited").then_some(())
+        });
     };
     // Past the records kept, so that memory is measured from a full list.
     for _ in 0..300 {

@@ -8,13 +8,13 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod common;
 
-use common::{ferry, kvm_available, reference, report, text, Daemon};
+use common::{ferry, kvm_available, reference, report, text, wait_for, Daemon};
 
 const MLP: &str = "--steps 400 --print-every 20";
 
@@ -145,15 +145,9 @@ fn destination_killed_during_precopy_leaves_the_vm_running_on_the_source() {
         }
     });
     // Kill b once pre-copy is under way.
-    let started = Instant::now();
-    loop {
-        let status = ferry(&["vm", "--host", &a.api, "show", &id, "--json"]);
-        let vm: Value = serde_json::from_slice(&status.stdout).unwrap();
-        if vm["state"] == "migrating" {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30));
-    }
+    wait_for("pre-copy to begin", Duration::from_secs(30), || {
+        (a.show(&id)["state"] == "migrating").then_some(())
+    });
     std::thread::sleep(Duration::from_millis(300));
     b.child.kill().unwrap();
     let out = migrate.join().unwrap();

@@ -289,8 +289,7 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
     let mut joined = tls.to_vec();
     joined.extend(["--center", url.as_str(), "--heartbeat-ms", "200"]);
     let _c = Daemon::start_with("c", &joined);
-    let started = Instant::now();
-    loop {
+    wait_for("host c up at the center", Duration::from_secs(20), || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["center", "status", "--json", "--center", &url])
             .env("FERRY_CENTER_TOKEN", token)
@@ -300,14 +299,10 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let hosts = status["hosts"].as_array().unwrap();
-        if hosts
+        hosts
             .iter()
             .any(|h| h["name"] == "c" && h["status"] == "up")
-        {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{status:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .then_some(())
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -155,6 +155,22 @@ pub fn footprint(pid: u32) -> (u64, u64) {
     (field("VmRSS:") << 10, field("Threads:"))
 }
 
+/// Calls `ready` every 20 ms until it gives a value, and returns that; fails the test,
+/// saying what it waited for, after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut ready: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = ready() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "waited {limit:?} for {what} in vain"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process killed on drop, so a failing test leaves no daemon behind (one
 /// would hold the test's output open).
 pub struct KillOnDrop(pub Child);
@@ -271,27 +287,27 @@ impl Daemon {
         self.vm(&args)["id"].as_str().unwrap().to_string()
     }
 
-    /// Waits for the guest to exit with code 0 and returns its whole console tail.
-    pub fn console_at_exit(&self, id: &str) -> String {
-        let started = Instant::now();
-        loop {
+    /// Waits for the guest to exit with code 0; returns the VM as the API shows it then.
+    pub fn exited(&self, id: &str) -> Value {
+        wait_for(&format!("{id} to end"), Duration::from_secs(300), || {
             let vm = self.show(id);
             match vm["state"].as_str().unwrap() {
                 "exited" => {
                     assert_eq!(vm["code"], 0, "{vm}");
-                    let out = self.ferry(&["vm", "console", id, "--host", &self.api]);
-                    assert!(out.status.success(), "{}", text(&out.stderr));
-                    return text(&out.stdout);
+                    Some(vm)
                 }
-                "running" | "migrating" | "switchover" => {}
+                "running" | "migrating" | "switchover" => None,
                 other => panic!("{id} ended as {other}: {vm}"),
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "{id} never ended"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
+    }
+
+    /// Waits for the guest to exit with code 0 and returns its whole console tail.
+    pub fn console_at_exit(&self, id: &str) -> String {
+        self.exited(id);
+        let out = self.ferry(&["vm", "console", id, "--host", &self.api]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
     }
 
     pub fn show(&self, id: &str) -> Value {
@@ -300,39 +316,23 @@ impl Daemon {
 
     /// Waits until the console shows `needle`.
     pub fn wait_console(&self, id: &str, needle: &str) {
-        let started = Instant::now();
-        while !self.show(id)["console_tail"]
-            .as_str()
-            .unwrap()
-            .contains(needle)
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "{id} never printed {needle:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            &format!("{id} to print {needle:?}"),
+            Duration::from_secs(120),
+            || {
+                let vm = self.show(id);
+                vm["console_tail"]
+                    .as_str()
+                    .unwrap()
+                    .contains(needle)
+                    .then_some(())
+            },
+        )
     }
 
     /// Waits for the guest to exit and returns its checksum.
     pub fn checksum_at_exit(&self, id: &str) -> String {
-        let started = Instant::now();
-        loop {
-            let vm = self.show(id);
-            match vm["state"].as_str().unwrap() {
-                "exited" => {
-                    assert_eq!(vm["code"], 0, "{vm}");
-                    return checksum(vm["console_tail"].as_str().unwrap());
-                }
-                "running" | "migrating" | "switchover" => {}
-                other => panic!("{id} ended as {other}: {vm}"),
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "{id} never ended"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        checksum(self.exited(id)["console_tail"].as_str().unwrap())
     }
 
     pub fn migrate(&self, id: &str, to: &str, extra: &[&str]) -> Output {
