@@ -173,6 +173,8 @@ pub struct Center {
     store: Mutex<Store>,
     operations: Mutex<BTreeMap<u64, Operation>>,
     metrics: metrics::Metrics,
+    /// The monitor thread, stopped by dropping the sender ([`Center::shutdown`]).
+    monitor: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Center {
@@ -228,6 +230,7 @@ impl Center {
             store: Mutex::new(store),
             operations: Mutex::default(),
             metrics,
+            monitor: Mutex::default(),
         }))
     }
 
@@ -329,16 +332,17 @@ impl Center {
     }
 
     /// Starts the thread that notices hosts going down and, if configured, balances
-    /// periodically.
+    /// periodically, until [`Center::shutdown`].
     pub fn start_monitor(self: &Arc<Self>) -> std::io::Result<()> {
         let center = self.clone();
         let tick = (self.config.down_after / 4).max(Duration::from_millis(50));
-        std::thread::Builder::new()
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("center-monitor".into())
             .spawn(move || {
                 let mut last_balance = std::time::Instant::now();
-                loop {
-                    std::thread::sleep(tick);
+                while stopped.recv_timeout(tick) == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
                     if let Err(e) = center.check_hosts() {
                         tracing::error!("checking hosts: {e}");
                     }
@@ -355,8 +359,18 @@ impl Center {
                         }
                     }
                 }
-            })
-            .map(drop)
+            })?;
+        *self.monitor.lock().expect("monitor lock") = Some((stop, thread));
+        Ok(())
+    }
+
+    /// Stops the monitor thread and waits for it (operations already ordered run on).
+    pub fn shutdown(&self) {
+        let monitor = self.monitor.lock().expect("monitor lock").take();
+        if let Some((stop, thread)) = monitor {
+            drop(stop);
+            let _ = thread.join();
+        }
     }
 
     fn host_view(&self, inventory: &Inventory, host: &HostRecord, now: u64) -> HostView {

@@ -2,6 +2,7 @@
 //! and VMs to `POST {center}/v1/heartbeat`, authenticated with the cluster's shared
 //! secret. The center marks a host down when they stop.
 
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// Sends heartbeats from a thread of their own, for as long as the process runs. A
+/// Sends heartbeats from a thread of their own, until the host shuts down. A
 /// center that cannot be reached is logged once per outage, not per beat.
 pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
     let token = host
@@ -43,9 +44,12 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
     let client = ferry_client::ApiClient::with_roots(&link.center_url, token.as_bytes(), &roots)
         .map_err(std::io::Error::other)?;
     host.set_center(&link.center_url);
-    std::thread::Builder::new()
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let beating = host.clone();
+    let thread = std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || {
+            let host = beating;
             let mut reachable = None;
             loop {
                 let beat = Heartbeat {
@@ -67,8 +71,11 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
                     (Err(e), _) => tracing::warn!(center = %link.center_url, "the center is not taking heartbeats: {e:#}"),
                 }
                 reachable = Some(sent.is_ok());
-                std::thread::sleep(link.interval);
+                if stopped.recv_timeout(link.interval) != Err(RecvTimeoutError::Timeout) {
+                    return;
+                }
             }
-        })
-        .map(drop)
+        })?;
+    host.keep_heartbeat(stop, thread);
+    Ok(())
 }

@@ -80,6 +80,8 @@ pub struct HostedVm {
     migration: Mutex<Option<Outgoing>>,
     arrived: Instant,
     arrived_unix_ms: u64,
+    /// Its watcher thread, joined at the host's shutdown.
+    watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn unix_ms() -> u64 {
@@ -134,13 +136,24 @@ impl HostedVm {
             migration: Mutex::new(None),
             arrived: Instant::now(),
             arrived_unix_ms: unix_ms(),
+            watcher: Mutex::new(None),
         });
         let watched = hosted.clone();
-        std::thread::Builder::new()
+        let watcher = std::thread::Builder::new()
             .name(format!("watch-{}", hosted.id))
             .spawn(move || watched.watch())
             .map_err(|e| format!("cannot start the VM's watcher thread: {e}"))?;
+        *hosted.watcher.lock().expect("watcher lock") = Some(watcher);
         Ok(hosted)
+    }
+
+    /// Waits for the watcher thread to end (it does once the VM's life here is over).
+    /// Never called from the watcher itself.
+    pub fn join_watcher(&self) {
+        let watcher = self.watcher.lock().expect("watcher lock").take();
+        if let Some(watcher) = watcher {
+            let _ = watcher.join();
+        }
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {

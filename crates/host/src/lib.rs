@@ -175,6 +175,17 @@ pub struct Host {
     center: Mutex<Option<String>>,
     vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
     next_id: Mutex<u64>,
+    /// Its threads that run until [`Host::shutdown`].
+    background: Mutex<Background>,
+}
+
+/// A host's long-running threads, each stopped by dropping its handle.
+#[derive(Default)]
+struct Background {
+    /// The migration listener.
+    migrations: Option<ferry_migrate::Receiving>,
+    /// The heartbeat thread: dropping the sender stops it.
+    heartbeat: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Host {
@@ -191,7 +202,52 @@ impl Host {
             center: Mutex::default(),
             vms: Mutex::default(),
             next_id: Mutex::new(1),
+            background: Mutex::default(),
         })
+    }
+
+    /// Stops this host: its migration listener (the port closes), its heartbeats, the
+    /// migrations out of it (cancelled) and its VMs, and waits for their threads, so that
+    /// an in-process host leaves nothing running. Migrations arriving are refused.
+    pub fn shutdown(&self) {
+        let background = std::mem::take(&mut *self.background.lock().expect("background lock"));
+        drop(background.migrations);
+        if let Some((stop, thread)) = background.heartbeat {
+            drop(stop);
+            let _ = thread.join();
+        }
+        let vms: Vec<Arc<HostedVm>> = self.vms().values().cloned().collect();
+        for vm in &vms {
+            let _ = vm.cancel_migration();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for vm in &vms {
+            while matches!(
+                vm.state(),
+                VmState::Migrating { .. } | VmState::Switchover { .. }
+            ) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if vm.state().is_running() {
+                if let Err(e) = vm.stop() {
+                    tracing::warn!(vm = %vm.id, "not stopped at shutdown: {e}");
+                }
+            }
+            if vm.state().has_ended() {
+                vm.join_watcher();
+            }
+        }
+        self.vms().clear();
+    }
+
+    /// Keeps the heartbeat thread `thread` (stopped by dropping `stop`) until shutdown.
+    pub(crate) fn keep_heartbeat(
+        &self,
+        stop: std::sync::mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    ) {
+        self.background.lock().expect("background lock").heartbeat = Some((stop, thread));
     }
 
     /// The configuration.
@@ -659,10 +715,9 @@ impl Host {
         let secret = self.config.secret.clone();
         let tls = self.config.tls.clone();
         let outcomes = self.outcomes.clone();
-        std::thread::Builder::new()
-            .name("migrate-listener".into())
-            .spawn(move || ferry_migrate::serve_with_tls(listener, secret, tls, factory, outcomes))
-            .map(drop)
+        let receiving = ferry_migrate::spawn_receiver(listener, secret, tls, factory, outcomes)?;
+        self.background.lock().expect("background lock").migrations = Some(receiving);
+        Ok(())
     }
 }
 

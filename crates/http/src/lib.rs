@@ -76,16 +76,26 @@ pub fn cluster_roots(tls: Option<&ferry_migrate::TlsConfig>) -> ferry_client::Ro
     }
 }
 
-/// Serves the API on `listener` until the process ends: over HTTPS with `tls` (the
-/// server identity of [`ferry_migrate::TlsConfig::https_server`]), else plain HTTP.
+/// Serves the API on `listener` until `shutdown` completes (then the port closes and
+/// requests in flight finish): over HTTPS with `tls` (the server identity of
+/// [`ferry_migrate::TlsConfig::https_server`]), else plain HTTP.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None => axum::serve(listener, router).await,
-        Some(config) => axum::serve(TlsListener::new(listener, config)?, router).await,
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(config) => {
+            axum::serve(TlsListener::new(listener, config)?, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
     }
 }
 
@@ -115,7 +125,12 @@ impl TlsListener {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                let (socket, peer) = match listener.accept().await {
+                // The server stopped taking connections: so does the port.
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = done.closed() => return,
+                };
+                let (socket, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!("accepting an API connection failed: {e}");

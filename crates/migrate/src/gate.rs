@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Shutdown, TcpStream};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -128,14 +129,15 @@ impl Gate {
         }
     }
 
-    /// Starts the reaper thread, which runs for as long as the process does.
-    pub(crate) fn start_reaper(&self) -> std::io::Result<()> {
+    /// Starts the reaper thread, which runs until `stop`'s sender is gone.
+    pub(crate) fn start_reaper(&self, stop: std::sync::mpsc::Receiver<()>) -> std::io::Result<()> {
         let gate = self.clone();
         std::thread::Builder::new()
             .name("migrate-reaper".into())
-            .spawn(move || loop {
-                std::thread::sleep(REAP_EVERY);
-                gate.reap();
+            .spawn(move || {
+                while stop.recv_timeout(REAP_EVERY) == Err(RecvTimeoutError::Timeout) {
+                    gate.reap();
+                }
             })
             .map(drop)
     }

@@ -26,7 +26,7 @@ pub mod vm;
 pub mod wire;
 
 pub use auth::{Purpose, Secret};
-pub use receive::{serve, serve_with_tls, ReceiveReport, TargetFactory};
+pub use receive::{serve, serve_with_tls, spawn_receiver, ReceiveReport, Receiving, TargetFactory};
 pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,
 };

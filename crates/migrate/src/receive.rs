@@ -4,7 +4,8 @@
 //! kind discards what was received.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -97,13 +98,79 @@ pub fn serve_with_tls<F: TargetFactory>(
     factory: Arc<F>,
     outcomes: Outcomes,
 ) {
+    let (_forever, stop) = mpsc::channel();
+    serve_until(listener, secret, tls, factory, outcomes, &stop);
+}
+
+/// A migration listener on a thread of its own ([`spawn_receiver`]): dropping it stops
+/// the listener and its reaper, closes the port and joins the thread. Migrations
+/// already accepted run on to their end.
+pub struct Receiving {
+    /// Dropped to stop the listener.
+    stop: Option<mpsc::Sender<()>>,
+    /// Where it listens (connected to once to wake its `accept`).
+    addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// [`serve_with_tls`] on a thread of its own, until the [`Receiving`] returned is dropped.
+pub fn spawn_receiver<F: TargetFactory>(
+    listener: TcpListener,
+    secret: Secret,
+    tls: Option<TlsConfig>,
+    factory: Arc<F>,
+    outcomes: Outcomes,
+) -> std::io::Result<Receiving> {
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("migrate-listener".into())
+        .spawn(move || serve_until(listener, secret, tls, factory, outcomes, &stopped))?;
+    Ok(Receiving {
+        stop: Some(stop),
+        addr,
+        thread: Some(thread),
+    })
+}
+
+/// The accept loop, until `stop`'s sender is gone.
+fn serve_until<F: TargetFactory>(
+    listener: TcpListener,
+    secret: Secret,
+    tls: Option<TlsConfig>,
+    factory: Arc<F>,
+    outcomes: Outcomes,
+    stop: &mpsc::Receiver<()>,
+) {
     let sessions: Sessions = Arc::default();
     let gate = Gate::default();
-    if let Err(e) = gate.start_reaper() {
+    // The reaper stops when this loop does (its sender dropped with the loop).
+    let (_reaping, reaper_stop) = mpsc::channel();
+    if let Err(e) = gate.start_reaper(reaper_stop) {
         tracing::error!("cannot start the handshake reaper thread; not receiving migrations: {e}");
         return;
     }
     for conn in listener.incoming() {
+        if matches!(stop.try_recv(), Err(mpsc::TryRecvError::Disconnected)) {
+            return;
+        }
         let Ok(stream) = conn else { continue };
         let Ok(peer_addr) = stream.peer_addr() else {
             continue;

@@ -36,6 +36,10 @@ struct Evacuation {
 
 /// A center and hosts a, b, c in this process, reporting to it.
 struct LoopbackCluster {
+    /// The hosts, shut down (VMs stopped, ports closed) when this is dropped.
+    _daemons: Vec<crate::cmd::host::Daemon>,
+    /// The center, stopped when this is dropped.
+    _center: crate::cmd::center::RunningCenter,
     _runtime: tokio::runtime::Runtime,
     _db: DbFile,
     center: ApiClient,
@@ -79,6 +83,7 @@ impl LoopbackCluster {
         )?;
         let center_url = format!("http://{}", center.addr);
         let mut hosts = Vec::new();
+        let mut daemons = Vec::new();
         for name in ["a", "b", "c"] {
             let daemon = crate::cmd::host::start_loopback(&runtime, name, &secret, host_capacity)?;
             daemon.join_center(&center_url, None, Duration::from_millis(200))?;
@@ -87,8 +92,11 @@ impl LoopbackCluster {
                 secret.token(ferry_migrate::Purpose::HostApi).as_bytes(),
             )?;
             hosts.push((name.to_string(), client));
+            daemons.push(daemon);
         }
         let cluster = Self {
+            _daemons: daemons,
+            _center: center,
             _runtime: runtime,
             _db: db,
             center: ApiClient::new(&center_url, token.as_bytes())?,

@@ -85,6 +85,8 @@ fn checksum(console: &str) -> anyhow::Result<String> {
 
 /// Hosts a and b: their APIs and migration addresses.
 struct Hosts {
+    /// The hosts, shut down (VMs stopped, ports closed) when this is dropped.
+    _daemons: Vec<crate::cmd::host::Daemon>,
     _runtime: tokio::runtime::Runtime,
     urls: [String; 2],
     /// The cluster's host-API key.
@@ -105,15 +107,18 @@ impl Hosts {
             .context("cannot start the async runtime")?;
         let mut urls = Vec::new();
         let mut migration = Vec::new();
+        let mut daemons = Vec::new();
         for name in ["a", "b"] {
             let d = crate::cmd::host::start_loopback(&runtime, name, &secret, 2 << 30)?;
             urls.push(format!("http://{}", d.api_addr));
             migration.push(d.migration_addr.to_string());
+            daemons.push(d);
         }
         let two = |v: Vec<String>| -> anyhow::Result<[String; 2]> {
             v.try_into().map_err(|_| anyhow::anyhow!("two hosts"))
         };
         Ok(Self {
+            _daemons: daemons,
             _runtime: runtime,
             urls: two(urls)?,
             token: secret.token(ferry_migrate::Purpose::HostApi),

@@ -205,10 +205,21 @@ pub struct ServeArgs {
     pub secret: SecretArgs,
 }
 
-/// A running center: where it listens.
+/// A running center: where it listens. Dropping it stops its API (the port closes) and
+/// its monitor.
 pub struct RunningCenter {
     /// API address actually bound.
     pub addr: std::net::SocketAddr,
+    center: std::sync::Arc<Center>,
+    /// Sent (or dropped) to stop the API server.
+    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for RunningCenter {
+    fn drop(&mut self) {
+        drop(self.api_stop.take());
+        self.center.shutdown();
+    }
 }
 
 /// Starts the center's API on `runtime` and its monitor thread.
@@ -226,13 +237,21 @@ pub fn start(
         .start_monitor()
         .context("cannot start the center's monitor thread")?;
     let https = center.config().tls.as_ref().map(|t| t.https_server());
-    let router = ferry_center::api::router(center)?;
+    let router = ferry_center::api::router(center.clone())?;
+    let (api_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(async move {
-        if let Err(e) = ferry_http::serve(listener, router, https).await {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = ferry_http::serve(listener, router, https, shutdown).await {
             tracing::error!("the center's API stopped: {e}");
         }
     });
-    Ok(RunningCenter { addr })
+    Ok(RunningCenter {
+        addr,
+        center,
+        api_stop: Some(api_stop),
+    })
 }
 
 /// `ferry center ...`.

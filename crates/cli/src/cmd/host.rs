@@ -177,7 +177,8 @@ fn default_capacity() -> u64 {
     total_kib * 1024 / 4 * 3
 }
 
-/// A running daemon: where it listens.
+/// A running daemon: where it listens. Dropping it shuts it down: its API and migration
+/// ports close, its threads end, its VMs stop.
 pub struct Daemon {
     /// API address actually bound.
     pub api_addr: std::net::SocketAddr,
@@ -185,6 +186,15 @@ pub struct Daemon {
     pub migration_addr: std::net::SocketAddr,
     /// The host.
     pub host: std::sync::Arc<Host>,
+    /// Sent (or dropped) to stop the API server.
+    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        drop(self.api_stop.take());
+        self.host.shutdown();
+    }
 }
 
 impl Daemon {
@@ -238,8 +248,12 @@ pub fn start(
         .context("cannot start the migration listener")?;
     let router = api::router(host.clone(), migration_addr.to_string())?;
     let https = host.config().tls.as_ref().map(|t| t.https_server());
+    let (api_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(async move {
-        if let Err(e) = ferry_http::serve(api_listener, router, https).await {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = ferry_http::serve(api_listener, router, https, shutdown).await {
             tracing::error!("the API server stopped: {e}");
         }
     });
@@ -247,6 +261,7 @@ pub fn start(
         api_addr,
         migration_addr,
         host,
+        api_stop: Some(api_stop),
     })
 }
 

@@ -1,0 +1,78 @@
+//! An in-process host shut down leaves nothing running: its migration port closes, its
+//! threads end and its VMs stop, however many times one is started and stopped.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use ferry_api::{CreateVm, VmState};
+use ferry_host::{Host, HostConfig};
+use ferry_migrate::Secret;
+
+fn threads() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Starts a host with a migration listener and one running VM, then shuts it down;
+/// returns whether its migration port still took connections afterwards.
+fn one_life(n: usize) -> bool {
+    let store = std::env::temp_dir().join(format!("ferry-shutdown-{}-{n}", std::process::id()));
+    let host = Host::new(HostConfig {
+        name: format!("h{n}"),
+        secret: Secret::new(b"shutdown-test-secret-0123456789".to_vec()).unwrap(),
+        memory_capacity: 1 << 30,
+        accel_capacity: 512 << 20,
+        accel_threads: 2,
+        guest_nice: 0,
+        tls: None,
+        file_store: store.clone(),
+        api_tokens: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    host.serve_migrations(listener).unwrap();
+    let vm = host
+        .create_vm(&CreateVm {
+            workload: "memtouch".into(),
+            args: ["--mib", "4", "--passes", "1000000"]
+                .map(String::from)
+                .to_vec(),
+            memory: 32 << 20,
+            accel_memory: 0,
+            attach: Vec::new(),
+        })
+        .unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    let running = host.get(&vm.id).unwrap();
+    host.shutdown();
+    assert!(running.state().has_ended(), "{:?}", running.state());
+    let _ = std::fs::remove_dir_all(&store);
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+#[test]
+fn a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind() {
+    if !ferry_testdata::kvm("a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind") {
+        return;
+    }
+    // The first life starts what lives as long as the process (the accelerator
+    // library's probe); the later ones must leave nothing of their own.
+    assert!(!one_life(0), "the migration port still takes connections");
+    let before = threads();
+    for n in 1..=5 {
+        assert!(!one_life(n), "the migration port still takes connections");
+    }
+    let after = threads();
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    eprintln!("5 hosts started and shut down: threads {before} -> {after}");
+    assert_eq!(after, before, "threads left behind: {names:?}");
+}
