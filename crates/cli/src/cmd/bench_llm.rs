@@ -184,8 +184,8 @@ fn migrate_with_file(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
             path: model.clone(),
         }],
     };
-    let vm: Value = ca.post("/v1/vms", &request)?;
-    let id = vm["id"].as_str().context("no VM id")?.to_string();
+    let vm: ferry_api::VmInfo = ca.post("/v1/vms", &request)?;
+    let id = vm.id;
     // Migrate once it is generating.
     let started = Instant::now();
     while !ca

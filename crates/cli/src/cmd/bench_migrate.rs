@@ -138,9 +138,8 @@ fn workload(name: &'static str, accel: u64) -> (Vec<String>, &'static str) {
 }
 
 fn count_now(client: &ApiClient, id: &str, key: &str) -> anyhow::Result<Option<u64>> {
-    let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
-    let console = vm["console_tail"].as_str().unwrap_or("");
-    Ok(crate::cmd::last_field(console, key).and_then(|v| v.parse().ok()))
+    let vm: ferry_api::VmInfo = client.get(&format!("/v1/vms/{id}"))?;
+    Ok(crate::cmd::last_field(&vm.console_tail, key).and_then(|v| v.parse().ok()))
 }
 
 /// `n` samples of the loopback's raw throughput, bytes/s.
@@ -229,7 +228,7 @@ fn measure(
 ) -> anyhow::Result<Measured> {
     let (ca, cb) = (&pair.client_a, &pair.client_b);
     let (args, key) = workload(name, accel);
-    let vm: Value = ca.post(
+    let vm: ferry_api::VmInfo = ca.post(
         "/v1/vms",
         &CreateVm {
             workload: name.into(),
@@ -239,7 +238,7 @@ fn measure(
             attach: Vec::new(),
         },
     )?;
-    let id = vm["id"].as_str().context("no VM id")?.to_string();
+    let id = vm.id;
     // Wait for the workload to be under way (the weights or dataset filled).
     let started = Instant::now();
     while count_now(ca, &id, key)?.unwrap_or(0) < 2 {

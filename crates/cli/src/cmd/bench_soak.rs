@@ -132,7 +132,7 @@ impl Hosts {
     }
 
     fn create(&self, on: usize, w: &Workload) -> anyhow::Result<String> {
-        let vm: Value = self.api(on).post(
+        let vm: ferry_api::VmInfo = self.api(on).post(
             "/v1/vms",
             &CreateVm {
                 workload: w.name.into(),
@@ -142,7 +142,7 @@ impl Hosts {
                 attach: Vec::new(),
             },
         )?;
-        Ok(vm["id"].as_str().context("no VM id")?.to_string())
+        Ok(vm.id)
     }
 
     fn state(&self, on: usize, id: &str) -> anyhow::Result<Value> {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use ferry_api::{Attachment, CreateVm, MigrateRequest};
-use serde_json::{json, Value};
+use ferry_api::{VmInfo, VmState};
+use serde_json::json;
 
 use crate::cmd::host::LoopbackPair;
 use crate::cmd::last_field;
@@ -313,19 +314,15 @@ impl Workload {
     }
 }
 
-fn vm_state(vm: &Value) -> &str {
-    vm.get("state").and_then(Value::as_str).unwrap_or("")
-}
-
 /// Waits for VM `id` on `client` to end; returns its console.
 fn wait_end(client: &ApiClient, id: &str, timeout: Duration) -> anyhow::Result<String> {
     let started = Instant::now();
     loop {
-        let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
-        match vm_state(&vm) {
-            "exited" => return client_console(client, id),
-            "running" | "migrating" | "switchover" => {}
-            other => bail!("VM {id} ended as {other}: {vm}"),
+        let vm: VmInfo = client.get(&format!("/v1/vms/{id}"))?;
+        match &vm.state {
+            VmState::Exited { .. } => return client_console(client, id),
+            state if state.is_running() => {}
+            other => bail!("VM {id} ended: it is {other}"),
         }
         if started.elapsed() > timeout {
             bail!("VM {id} still running after {}s", timeout.as_secs());
@@ -356,8 +353,8 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         a.api_addr, a.migration_addr, b.api_addr, b.migration_addr
     ));
 
-    let vm: Value = ca.post("/v1/vms", &request)?;
-    let id = vm["id"].as_str().context("no VM id")?.to_string();
+    let vm: VmInfo = ca.post("/v1/vms", &request)?;
+    let id = vm.id;
     let files: Vec<String> = request
         .attach
         .iter()
@@ -379,9 +376,9 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         if workload.progress(&client_console(ca, &id)?) >= migrate_at {
             break;
         }
-        let vm: Value = ca.get(&format!("/v1/vms/{id}"))?;
-        if vm_state(&vm) != "running" {
-            bail!("the VM ended before the migration point: {vm}");
+        let vm: VmInfo = ca.get(&format!("/v1/vms/{id}"))?;
+        if vm.state != VmState::Running {
+            bail!("the VM is {} before the migration point", vm.state);
         }
         if Instant::now() > deadline {
             bail!("the VM did not reach {where_} within 120 s");
@@ -401,10 +398,10 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let report = report?;
     let moved_at = workload.progress(&client_console(ca, &id)?);
     say(format!("  {}", summary(&report)));
-    let a_state: Value = ca.get(&format!("/v1/vms/{id}"))?;
+    let on_a: VmInfo = ca.get(&format!("/v1/vms/{id}"))?;
     say(format!(
         "  host a now shows {id} as {}; host b runs it",
-        vm_state(&a_state)
+        on_a.state.name()
     ));
 
     let console = wait_end(cb, &id, Duration::from_secs(300))?;
@@ -412,8 +409,8 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let result = workload.result(&console)?;
 
     say("reference: the same workload without migration, on host a ...".into());
-    let reference: Value = ca.post("/v1/vms", &request)?;
-    let ref_id = reference["id"].as_str().context("no VM id")?.to_string();
+    let reference: VmInfo = ca.post("/v1/vms", &request)?;
+    let ref_id = reference.id;
     let ref_console = wait_end(ca, &ref_id, Duration::from_secs(300))?;
     let ref_result = workload.result(&ref_console)?;
     let checksum = last_field(&console, "checksum").unwrap_or_default();

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use ferry_api::{MigrationStatus, VmInfo};
 
 use crate::cmd::host::SecretArgs;
 use ferry_client::{ApiClient, DEFAULT_HOST};
@@ -119,25 +119,31 @@ enum VmCommand {
     },
 }
 
-fn print_vm(vm: &Value) {
-    let s = |k: &str| vm.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let n = |k: &str| vm.get(k).and_then(Value::as_u64).unwrap_or(0);
+fn print_vm(vm: &VmInfo) {
     println!(
         "{:<14} {:<12} {:<14} ram {:>6} MiB  accel {:>6} MiB  up {:>8.1} s",
-        s("id"),
-        s("workload"),
-        s("state"),
-        n("memory") >> 20,
-        n("accel_memory") >> 20,
-        n("uptime_ms") as f64 / 1e3
+        vm.id,
+        vm.workload,
+        vm.state.name(),
+        vm.memory >> 20,
+        vm.accel_memory >> 20,
+        vm.uptime_ms as f64 / 1e3
     );
+}
+
+/// What a host answered to a `ferry vm` command.
+enum Answer {
+    /// One VM (create, show, stop).
+    One(Box<VmInfo>),
+    /// Its VMs (list).
+    Many(Vec<VmInfo>),
 }
 
 /// `ferry vm ...`.
 pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
     // Made only when needed: creating through the center needs no host secret.
     let host = || args.host.client();
-    let out: Value = match &args.command {
+    let out = match &args.command {
         VmCommand::Create {
             center,
             on,
@@ -162,7 +168,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                     .collect(),
             };
             let Some(center) = center else {
-                return finish(args, host()?.post("/v1/vms", &vm)?);
+                return finish(args, Answer::One(Box::new(host()?.post("/v1/vms", &vm)?)));
             };
             let client = ApiClient::new(center, &token.token()?)?;
             let placed: ferry_center::Placed = client.post(
@@ -175,25 +181,25 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&placed)?);
             } else {
-                print_vm(&serde_json::to_value(&placed.vm)?);
+                print_vm(&placed.vm);
                 println!("placed on host {}", placed.host);
             }
             return Ok(());
         }
-        VmCommand::List => host()?.get("/v1/vms")?,
-        VmCommand::Show { id } => host()?.get(&format!("/v1/vms/{id}"))?,
+        VmCommand::List => Answer::Many(host()?.get("/v1/vms")?),
+        VmCommand::Show { id } => Answer::One(Box::new(host()?.get(&format!("/v1/vms/{id}"))?)),
         VmCommand::Console { id } => {
             print!("{}", host()?.get_text(&format!("/v1/vms/{id}/console"))?);
             return Ok(());
         }
-        VmCommand::Stop { id } => host()?.delete(&format!("/v1/vms/{id}"))?,
+        VmCommand::Stop { id } => Answer::One(Box::new(host()?.delete(&format!("/v1/vms/{id}"))?)),
         VmCommand::Resolve {
             id,
             resume,
             release,
         } => {
             let client = host()?;
-            let status: Value = if *resume || *release {
+            let status: MigrationStatus = if *resume || *release {
                 let action = if *resume { "resume" } else { "release" };
                 client.post(
                     &format!("/v1/vms/{id}/resolve"),
@@ -203,16 +209,15 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                 client.get(&format!("/v1/vms/{id}/migration"))?
             };
             if args.json {
-                println!("{status}");
+                println!("{}", serde_json::to_string(&status)?);
                 return Ok(());
             }
-            let vm: Value = client.get(&format!("/v1/vms/{id}"))?;
+            let vm: VmInfo = client.get(&format!("/v1/vms/{id}"))?;
             print_vm(&vm);
-            if let Some(error) = status.get("error").and_then(Value::as_str) {
+            if let Some(error) = &status.error {
                 println!("migration: {error}");
             }
-            let lines = status.get("settlement").and_then(Value::as_array);
-            for line in lines.into_iter().flatten().filter_map(Value::as_str) {
+            for line in &status.settlement {
                 println!("  {line}");
             }
             return Ok(());
@@ -222,25 +227,28 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
 }
 
 /// Prints a host's answer to a `ferry vm` command.
-fn finish(args: &VmArgs, out: Value) -> anyhow::Result<()> {
+fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
     if args.json {
-        println!("{out}");
+        let text = match &out {
+            Answer::One(vm) => serde_json::to_string(vm)?,
+            Answer::Many(vms) => serde_json::to_string(vms)?,
+        };
+        println!("{text}");
         return Ok(());
     }
     match (&args.command, &out) {
-        (VmCommand::List, Value::Array(vms)) => {
+        (VmCommand::List, Answer::Many(vms)) => {
             if vms.is_empty() {
                 println!("no VMs");
             }
             vms.iter().for_each(print_vm);
         }
-        (VmCommand::Show { .. }, vm) => {
+        (VmCommand::Show { .. }, Answer::One(vm)) => {
             print_vm(vm);
-            if let Some(tail) = vm.get("console_tail").and_then(Value::as_str) {
-                println!("--- console (last lines) ---\n{tail}");
-            }
+            println!("--- console (last lines) ---\n{}", vm.console_tail);
         }
-        (_, vm) => print_vm(vm),
+        (_, Answer::One(vm)) => print_vm(vm),
+        (_, Answer::Many(vms)) => vms.iter().for_each(print_vm),
     }
     Ok(())
 }
