@@ -199,11 +199,7 @@ fn connector(
             nonce
         }
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected a challenge, got {other:?}"
-            )))
-        }
+        other => return Err(MigrationError::unexpected("a challenge", &other)),
     };
     conn.send(&Message::Proof {
         proof: secret.proof(CONNECTOR, &theirs, &ours, &role),
@@ -211,9 +207,10 @@ fn connector(
     match conn.expect_control("the authentication result")? {
         Message::AuthOk => Ok(()),
         Message::Refuse { reason } => Err(MigrationError::Auth(reason)),
-        other => Err(MigrationError::Protocol(format!(
-            "expected the authentication result, got {other:?}"
-        ))),
+        other => Err(MigrationError::unexpected(
+            "the authentication result",
+            &other,
+        )),
     }
 }
 
@@ -238,11 +235,7 @@ fn listener(
             }
             (nonce, role)
         }
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected a hello, got {other:?}"
-            )))
-        }
+        other => return Err(MigrationError::unexpected("a hello", &other)),
     };
     let ours = nonce();
     conn.send(&Message::Challenge {
@@ -262,9 +255,7 @@ fn listener(
                 "the peer does not know the shared secret".into(),
             ))
         }
-        other => Err(MigrationError::Protocol(format!(
-            "expected a proof, got {other:?}"
-        ))),
+        other => Err(MigrationError::unexpected("a proof", &other)),
     }
 }
 

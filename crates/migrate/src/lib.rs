@@ -64,9 +64,25 @@ pub enum MigrationError {
     /// The destination refused the VM.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
-    /// The peer sent something invalid.
+    /// The peer's bytes are not a valid frame of the migration stream.
     #[error("invalid migration stream: {0}")]
-    Protocol(String),
+    MalformedFrame(String),
+    /// The peer sent a valid message at the wrong point of the conversation.
+    #[error("invalid migration stream: expected {expected}, got {got}")]
+    UnexpectedMessage {
+        /// What this side waited for.
+        expected: String,
+        /// What came (the message, abridged).
+        got: String,
+    },
+    /// The peer's messages contradict the migration: records outside the VM's shape,
+    /// rounds, streams or files out of order or miscounted.
+    #[error("invalid migration stream: {0}")]
+    BrokenSequence(String),
+    /// This side could not encode what it had to send (a bug, or a message over the
+    /// protocol's limits).
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
     /// The peer gave up and said why.
     #[error("the peer aborted the migration: {0}")]
     PeerAborted(String),
@@ -157,8 +173,46 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// The peer sent `got` where this side expected `expected`.
+    fn unexpected(expected: &str, got: &impl std::fmt::Debug) -> Self {
+        // A message's Debug text can be large (a state blob): the start says enough.
+        let mut got = format!("{got:?}");
+        if got.len() > 200 {
+            let mut end = 200;
+            while !got.is_char_boundary(end) {
+                end -= 1;
+            }
+            got.truncate(end);
+            got.push_str("...");
+        }
+        Self::UnexpectedMessage {
+            expected: expected.to_string(),
+            got,
+        }
+    }
+
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
         move |source| Self::Io { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unexpected_message_names_both_and_abridges_what_came() {
+        let blob = wire::Message::State {
+            blob: vec![7; 100_000],
+        };
+        let MigrationError::UnexpectedMessage { expected, got } =
+            MigrationError::unexpected("go", &blob)
+        else {
+            panic!("not an unexpected-message error");
+        };
+        assert_eq!(expected, "go");
+        assert!(got.starts_with("State") && got.ends_with("..."), "{got}");
+        assert!(got.len() <= 203, "{} bytes", got.len());
     }
 }

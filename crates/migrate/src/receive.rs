@@ -288,9 +288,7 @@ fn handle_connection<F: TargetFactory>(
                 }
                 result.map(drop)
             }
-            other => Err(MigrationError::Protocol(format!(
-                "expected an offer, got {other:?}"
-            ))),
+            other => Err(MigrationError::unexpected("an offer", &other)),
         },
         StreamRole::Data { session, index } => {
             let slot = shared
@@ -304,7 +302,7 @@ fn handle_connection<F: TargetFactory>(
                     let _ = tx.send((index, (conn, keep)));
                     Ok(())
                 }
-                None => Err(MigrationError::Protocol(format!(
+                None => Err(MigrationError::BrokenSequence(format!(
                     "data connection for unknown session {session:#x}"
                 ))),
             }
@@ -462,7 +460,7 @@ fn apply_stream<T: MigrationTarget>(
             Frame::Ram { gpa, pages, data } => {
                 let end = gpa.checked_add(pages * PAGE_SIZE);
                 if end.is_none_or(|end| end > ram_size) {
-                    Err(MigrationError::Protocol(format!(
+                    Err(MigrationError::BrokenSequence(format!(
                         "RAM record of {pages} pages at {gpa:#x} is outside the VM's {ram_size:#x} bytes"
                     )))
                 } else {
@@ -476,15 +474,13 @@ fn apply_stream<T: MigrationTarget>(
                 .map_err(MigrationError::Target),
             Frame::File { file, offset, data } => inbound
                 .take_file_piece(file, offset, data.len() as u64)
-                .map_err(MigrationError::Protocol)
+                .map_err(MigrationError::BrokenSequence)
                 .and_then(|()| {
                     target
                         .write_file(file, offset, data)
                         .map_err(MigrationError::Target)
                 }),
-            Frame::Control(m) => Err(MigrationError::Protocol(format!(
-                "control message {m:?} on a data stream"
-            ))),
+            Frame::Control(m) => Err(MigrationError::unexpected("a data frame", &m)),
         };
         if let Err(e) = applied {
             inbound.fail(index, e);
@@ -565,17 +561,17 @@ fn collect_streams(
         match rx.recv_timeout(left) {
             Ok((index, data)) => {
                 let slot = slots.get_mut(usize::from(index)).ok_or_else(|| {
-                    MigrationError::Protocol(format!("data stream {index} of {streams}"))
+                    MigrationError::BrokenSequence(format!("data stream {index} of {streams}"))
                 })?;
                 if slot.is_some() {
-                    return Err(MigrationError::Protocol(format!(
+                    return Err(MigrationError::BrokenSequence(format!(
                         "data stream {index} opened twice"
                     )));
                 }
                 *slot = Some(data);
             }
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                return Err(MigrationError::Protocol(format!(
+                return Err(MigrationError::BrokenSequence(format!(
                     "the source did not open its {streams} data streams within {}s",
                     STREAM_WAIT.as_secs()
                 )))
@@ -754,7 +750,7 @@ fn control_loop<T: MigrationTarget>(
         match conn.expect_control("the next round")? {
             Message::BeginRound { round, buffers } => {
                 if round != expected_round {
-                    return Err(MigrationError::Protocol(format!(
+                    return Err(MigrationError::BrokenSequence(format!(
                         "round {round} began, expected {expected_round}"
                     )));
                 }
@@ -767,15 +763,15 @@ fn control_loop<T: MigrationTarget>(
             }
             Message::EndRound { round, frames } => {
                 if round != expected_round || frames.len() != usize::from(streams) {
-                    return Err(MigrationError::Protocol(format!(
+                    return Err(MigrationError::BrokenSequence(format!(
                         "round {round} ended with {} stream counts (expected round {expected_round}, {streams} streams)",
                         frames.len()
                     )));
                 }
                 for (total, n) in expected_frames.iter_mut().zip(&frames) {
-                    *total = total
-                        .checked_add(*n)
-                        .ok_or_else(|| MigrationError::Protocol("frame count overflow".into()))?;
+                    *total = total.checked_add(*n).ok_or_else(|| {
+                        MigrationError::BrokenSequence("frame count overflow".into())
+                    })?;
                 }
                 let (s, timeout) = inbound
                     .changed
@@ -789,13 +785,13 @@ fn control_loop<T: MigrationTarget>(
                     return Err(failed);
                 }
                 if timeout.timed_out() {
-                    return Err(MigrationError::Protocol(format!(
+                    return Err(MigrationError::BrokenSequence(format!(
                         "round {round}'s data did not arrive within {}s",
                         STREAM_WAIT.as_secs()
                     )));
                 }
                 if s.applied != expected_frames {
-                    return Err(MigrationError::Protocol(format!(
+                    return Err(MigrationError::BrokenSequence(format!(
                         "round {round}: more frames than announced"
                     )));
                 }
@@ -804,7 +800,9 @@ fn control_loop<T: MigrationTarget>(
                 if round == 0 {
                     // The attached files were all sent with round 0: check they are whole
                     // (before the pause, while the VM still runs on the source).
-                    inbound.files_complete().map_err(MigrationError::Protocol)?;
+                    inbound
+                        .files_complete()
+                        .map_err(MigrationError::BrokenSequence)?;
                     target.files_received().map_err(MigrationError::Target)?;
                 }
                 conn.send(&Message::RoundApplied { round })?;
@@ -817,7 +815,7 @@ fn control_loop<T: MigrationTarget>(
                         return Err(failed);
                     }
                     if s.round_open || expected_round == 0 {
-                        return Err(MigrationError::Protocol(
+                        return Err(MigrationError::BrokenSequence(
                             "final state sent before the last round was complete".into(),
                         ));
                     }
@@ -828,14 +826,10 @@ fn control_loop<T: MigrationTarget>(
                 conn.send(&Message::Ready)?;
                 match conn.expect_control("go")? {
                     Message::Go => {}
-                    other => {
-                        return Err(MigrationError::Protocol(format!(
-                            "expected go, got {other:?}"
-                        )))
-                    }
+                    other => return Err(MigrationError::unexpected("go", &other)),
                 }
                 if !outcomes.begin_resume(session) {
-                    return Err(MigrationError::Protocol(
+                    return Err(MigrationError::BrokenSequence(
                         "the source settled this migration as not run here before its Go arrived"
                             .into(),
                     ));
@@ -850,9 +844,10 @@ fn control_loop<T: MigrationTarget>(
                 return Ok(expected_round);
             }
             other => {
-                return Err(MigrationError::Protocol(format!(
-                    "unexpected {other:?} during pre-copy"
-                )))
+                return Err(MigrationError::unexpected(
+                    "the next round or the final state",
+                    &other,
+                ))
             }
         }
     }

@@ -618,9 +618,10 @@ impl Session<'_> {
         match self.control.expect_control("the round's acknowledgement")? {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
-                return Err(MigrationError::Protocol(format!(
-                    "expected round {round} applied, got {other:?}"
-                )))
+                return Err(MigrationError::unexpected(
+                    &format!("round {round} applied"),
+                    &other,
+                ))
             }
         }
         tracing::debug!(
@@ -752,11 +753,7 @@ pub fn migrate_vm(
             send_files,
         } => (session, send_files),
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected accept or refuse, got {other:?}"
-            )))
-        }
+        other => return Err(MigrationError::unexpected("accept or refuse", &other)),
     };
     let mut asked: Vec<u32> = send_files.clone();
     asked.sort_unstable();
@@ -770,7 +767,7 @@ pub fn migrate_vm(
         || asked.iter().any(|&f| f as usize >= file_sizes.len())
         || expected_len.is_some_and(|n| n != asked.len())
     {
-        return Err(MigrationError::Protocol(format!(
+        return Err(MigrationError::BrokenSequence(format!(
             "the destination asked for attached files {send_files:?} of {} ({:?} transfer)",
             file_sizes.len(),
             options.files
@@ -1050,16 +1047,12 @@ fn run(
         .map_err(before_go(true))?
     {
         Message::Ready => tracing::debug!(ms = ms(s.started.elapsed()), "destination ready"),
-        other => {
-            return Err(before_go(true)(MigrationError::Protocol(format!(
-                "expected ready, got {other:?}"
-            ))))
-        }
+        other => return Err(before_go(true)(MigrationError::unexpected("ready", &other))),
     }
     s.cancelled().map_err(before_go(true))?;
     if let Some(dog) = &s.watchdog {
         if !dog.disarm() {
-            return Err(before_go(true)(MigrationError::Protocol(
+            return Err(before_go(true)(MigrationError::BrokenSequence(
                 "the switchover deadline passed".into(),
             )));
         }
@@ -1075,9 +1068,10 @@ fn run(
     match s.control.expect_control("the destination's confirmation") {
         Ok(Message::Resumed) => {}
         Ok(other) => {
-            return Err(in_doubt(MigrationError::Protocol(format!(
-                "unexpected {other:?}"
-            ))))
+            return Err(in_doubt(MigrationError::unexpected(
+                "the destination's confirmation",
+                &other,
+            )))
         }
         Err(e) => return Err(in_doubt(e)),
     }

@@ -138,9 +138,7 @@ pub fn settle(
     control.send(&Message::Settle { session })?;
     match control.expect_control("the destination's settlement")? {
         Message::Settled { settlement } => Ok(settlement),
-        other => Err(MigrationError::Protocol(format!(
-            "expected a settlement, got {other:?}"
-        ))),
+        other => Err(MigrationError::unexpected("a settlement", &other)),
     }
 }
 

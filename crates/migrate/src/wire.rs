@@ -196,8 +196,8 @@ pub enum Frame<'a> {
     },
 }
 
-fn protocol(what: impl Into<String>) -> MigrationError {
-    MigrationError::Protocol(what.into())
+fn malformed(what: impl Into<String>) -> MigrationError {
+    MigrationError::MalformedFrame(what.into())
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -286,7 +286,7 @@ impl Decoder {
         let mut header = [0u8; HEADER_BYTES];
         read_header(input, &mut header, *bytes == 0)?;
         if header[..2] != MAGIC {
-            return Err(protocol(format!(
+            return Err(malformed(format!(
                 "bad frame magic {:02x}{:02x} (not a Ferry migration stream, or out of sync)",
                 header[0], header[1]
             )));
@@ -297,15 +297,15 @@ impl Decoder {
         let raw_len = u32_at(&header, 8) as usize;
         let crc = u32_at(&header, 12);
         if !matches!(kind, KIND_CONTROL | KIND_RAM | KIND_CHUNK | KIND_FILE) {
-            return Err(protocol(format!("unknown frame kind {kind}")));
+            return Err(malformed(format!("unknown frame kind {kind}")));
         }
         if flags & !FLAG_COMPRESSED != 0 {
-            return Err(protocol(format!("unknown frame flags {flags:#x}")));
+            return Err(malformed(format!("unknown frame flags {flags:#x}")));
         }
         let compressed = flags & FLAG_COMPRESSED != 0;
         let limit = self.limit.unwrap_or(MAX_PAYLOAD);
         if wire_len > limit || raw_len > limit || (!compressed && wire_len != raw_len) {
-            return Err(protocol(format!(
+            return Err(malformed(format!(
                 "frame of {wire_len} bytes ({raw_len} uncompressed) exceeds the {limit}-byte limit or is inconsistent"
             )));
         }
@@ -318,14 +318,14 @@ impl Decoder {
         *bytes += (HEADER_BYTES + wire_len) as u64;
         // Under a fuzzer the checksum is not checked, so that it reaches what follows.
         if !cfg!(fuzzing) && crc32fast::hash(wire) != crc {
-            return Err(protocol("frame checksum mismatch (corrupted stream)"));
+            return Err(malformed("frame checksum mismatch (corrupted stream)"));
         }
         let payload: &[u8] = if compressed {
             let raw = grown(&mut self.raw, raw_len);
             let n = lz4_flex::block::decompress_into(wire, raw)
-                .map_err(|e| protocol(format!("bad compressed frame: {e}")))?;
+                .map_err(|e| malformed(format!("bad compressed frame: {e}")))?;
             if n != raw_len {
-                return Err(protocol(format!(
+                return Err(malformed(format!(
                     "compressed frame expands to {n} bytes, header says {raw_len}"
                 )));
             }
@@ -429,10 +429,10 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
     match kind {
         KIND_CONTROL => postcard::from_bytes(p)
             .map(Frame::Control)
-            .map_err(|e| protocol(format!("undecodable control message: {e}"))),
+            .map_err(|e| malformed(format!("undecodable control message: {e}"))),
         KIND_RAM => {
             if p.len() < RAM_RECORD_BYTES {
-                return Err(protocol("short RAM record"));
+                return Err(malformed("short RAM record"));
             }
             let gpa = u64_at(p, 0);
             let pages = u64::from(u32_at(p, 8));
@@ -444,7 +444,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                 || zero > 1
                 || data.len() as u64 != expected
             {
-                return Err(protocol(format!(
+                return Err(malformed(format!(
                     "bad RAM record: {pages} pages at {gpa:#x} with {} data bytes",
                     data.len()
                 )));
@@ -457,7 +457,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
         }
         KIND_FILE => {
             if p.len() < FILE_RECORD_BYTES {
-                return Err(protocol("short file record"));
+                return Err(malformed("short file record"));
             }
             let file = u32_at(p, 0);
             let reserved = u32_at(p, 4);
@@ -467,7 +467,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                 || !(1..=MAX_FILE_PIECE).contains(&(data.len() as u64))
                 || offset.checked_add(data.len() as u64).is_none()
             {
-                return Err(protocol(format!(
+                return Err(malformed(format!(
                     "bad file record: {} bytes at {offset} of file {file}",
                     data.len()
                 )));
@@ -476,7 +476,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
         }
         _ => {
             if p.len() < CHUNK_RECORD_BYTES {
-                return Err(protocol("short chunk record"));
+                return Err(malformed("short chunk record"));
             }
             let key = ChunkKey {
                 buffer: u32_at(p, 0),
@@ -487,7 +487,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
             let data = &p[CHUNK_RECORD_BYTES..];
             let expected = if zero == 0 { len } else { 0 };
             if !(1..=MAX_CHUNK_BYTES).contains(&len) || zero > 1 || data.len() as u64 != expected {
-                return Err(protocol(format!(
+                return Err(malformed(format!(
                     "bad chunk record: {len} bytes for chunk {} of buffer {} with {} data bytes",
                     key.index,
                     key.buffer,
@@ -537,9 +537,11 @@ impl<W: Write> FrameWriter<W> {
     /// Sends a control message (and flushes).
     pub fn send(&mut self, message: &Message) -> Result<(), MigrationError> {
         let bytes = postcard::to_stdvec(message)
-            .map_err(|e| protocol(format!("cannot encode a control message: {e}")))?;
+            .map_err(|e| MigrationError::Encode(format!("a control message: {e}")))?;
         if bytes.len() > MAX_CONTROL_BYTES {
-            return Err(protocol("control message too large"));
+            return Err(MigrationError::Encode(
+                "a control message over the size limit".into(),
+            ));
         }
         self.emit(KIND_CONTROL, &bytes, &[], false)?;
         self.flush()
@@ -604,7 +606,7 @@ impl<W: Write> FrameWriter<W> {
                 lz4_flex::block::get_maximum_output_size(raw_len),
             );
             let n = lz4_flex::block::compress_into(&self.raw, packed)
-                .map_err(|e| protocol(format!("compression failed: {e}")))?;
+                .map_err(|e| MigrationError::Encode(format!("compression failed: {e}")))?;
             if n < raw_len {
                 let crc = crc32fast::hash(&self.packed[..n]);
                 let header = frame_header(kind, FLAG_COMPRESSED, n, raw_len, crc);
@@ -640,7 +642,10 @@ fn control_of(
     match frame? {
         Frame::Control(Message::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
         Frame::Control(message) => Ok(message),
-        _ => Err(protocol(format!("expected {what}, got a data frame"))),
+        _ => Err(MigrationError::UnexpectedMessage {
+            expected: what.to_string(),
+            got: "a data frame".into(),
+        }),
     }
 }
 
