@@ -13,7 +13,7 @@ use ferry_migrate::{
     VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
-use ferry_vmm::memory::{populated_pages, DirtyPages, GuestRam};
+use ferry_vmm::memory::{populated_pages, GuestRam};
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, MicrovmState, VmConfig, VmTracker};
 use vm_memory::{Bytes, GuestAddress};
@@ -108,14 +108,6 @@ impl VmSource {
     fn accel(&self) -> Option<&DeviceTracker> {
         self.tracker.accel()
     }
-
-    /// A page set of this VM's RAM.
-    fn page_set(&self, set: DirtyPages) -> PageSet {
-        PageSet::from_words(
-            set.into_words(),
-            self.vm.config.ram_size / ferry_abi::PAGE_SIZE,
-        )
-    }
 }
 
 impl MigrationSource for VmSource {
@@ -185,7 +177,6 @@ impl MigrationSource for VmSource {
     fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
         self.tracker
             .take_dirty_pages()
-            .map(|set| self.page_set(set))
             .map_err(|e| VmError::DirtyLog(e.into()))
     }
 
@@ -215,7 +206,7 @@ impl MigrationSource for VmSource {
 
     fn populated_pages(&self) -> Option<PageSet> {
         match populated_pages(self.tracker.memory()) {
-            Ok(set) => Some(self.page_set(set)),
+            Ok(set) => Some(set),
             Err(e) => {
                 tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
                 None

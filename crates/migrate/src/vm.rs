@@ -234,7 +234,9 @@ pub struct DeviceBuffer {
     pub bytes: u64,
 }
 
-/// A set of guest pages as a bitmap (bit `i` = page `i`).
+/// A set of guest pages as a bitmap (bit `i` = page `i`): the dirty log's pages, the
+/// pages a round sends, the pages a RAM has backed. One type for all of them, from the
+/// vmm's dirty log to the engine's rounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageSet {
     words: Vec<u64>,
@@ -253,9 +255,26 @@ impl PageSet {
         Self { words, pages }
     }
 
+    /// No page of `pages`.
+    pub fn empty(pages: u64) -> Self {
+        Self::from_words(Vec::new(), pages)
+    }
+
     /// Every page.
     pub fn all(pages: u64) -> Self {
         Self::from_words(vec![u64::MAX; pages.div_ceil(64) as usize], pages)
+    }
+
+    /// How many pages the set ranges over (members or not).
+    pub fn span(&self) -> u64 {
+        self.pages
+    }
+
+    /// Adds page `page` (ignored past the end).
+    pub fn insert(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] |= 1 << (page % 64);
+        }
     }
 
     /// Adds every page of `other` (same size).
@@ -265,23 +284,53 @@ impl PageSet {
         }
     }
 
+    /// Whether page `page` is in the set.
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Whether the page holding guest address `addr` is in the set.
+    pub fn contains_addr(&self, addr: u64) -> bool {
+        self.contains(addr / PAGE_SIZE)
+    }
+
+    /// The bitmap: bit `i % 64` of word `i / 64` is page `i`.
+    pub fn into_words(self) -> Vec<u64> {
+        self.words
+    }
+
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Whether no page is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// The pages in the set, in ascending order.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                Some(i as u64 * 64 + u64::from(bit))
+            })
+        })
+    }
+
     /// Runs `(first page, pages)` of consecutive pages, each at most `max` long.
     pub fn runs(&self, max: u64) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (i, &word) in self.words.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let page = i as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                match runs.last_mut() {
-                    Some((first, n)) if *first + *n == page && *n < max => *n += 1,
-                    _ => runs.push((page, 1)),
-                }
+        for page in self.pages() {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == page && *n < max => *n += 1,
+                _ => runs.push((page, 1)),
             }
         }
         runs
@@ -397,6 +446,15 @@ mod tests {
         assert_eq!(set.count(), 6 + 6);
         assert_eq!(set.runs(4), vec![(0, 3), (5, 3), (64, 4), (68, 2)]);
         assert_eq!(PageSet::all(130).count(), 130);
+        let mut set = PageSet::empty(256);
+        assert!(set.is_empty());
+        set.insert(3);
+        set.insert(255);
+        set.insert(256);
+        assert_eq!(set.pages().collect::<Vec<_>>(), vec![3, 255]);
+        assert!(set.contains_addr(3 * PAGE_SIZE + 17));
+        assert!(!set.contains_addr(2 * PAGE_SIZE));
+        assert!(!set.contains_addr(1 << 40));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod vm;
 
 pub use devices::console::ConsoleSink;
 pub use files::{AttachedFiles, FileInfo};
-pub use memory::DirtyPages;
+pub use memory::PageSet;
 pub use vm::{
     HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit, VmReadout, VmTracker,
 };

@@ -6,6 +6,7 @@
 //! silently differ on the destination.
 
 use ferry_abi::PAGE_SIZE;
+pub use ferry_migrate::PageSet;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
@@ -101,7 +102,7 @@ fn vmm_write_bitmap(mem: &GuestRam) -> &AtomicBitmap {
 /// Pages of guest RAM the host has ever backed (in memory or swapped out). The others
 /// were never touched, by the guest or the VMM, and read as zero: a migration's first
 /// round reads only these rather than faulting in every page of a mostly empty RAM.
-pub fn populated_pages(mem: &GuestRam) -> std::io::Result<DirtyPages> {
+pub fn populated_pages(mem: &GuestRam) -> std::io::Result<PageSet> {
     use std::os::unix::fs::FileExt;
     // /proc/self/pagemap: one little-endian u64 per virtual page of this process.
     const PRESENT: u64 = 1 << 63;
@@ -109,109 +110,23 @@ pub fn populated_pages(mem: &GuestRam) -> std::io::Result<DirtyPages> {
     const ENTRIES_PER_READ: u64 = 64 << 10;
     let region = mem.iter().next().expect("guest RAM has one region");
     let first_page = region.as_ptr() as u64 / PAGE_SIZE;
-    let mut set = DirtyPages::empty(ram_size(mem));
+    let mut set = PageSet::empty(ram_size(mem) / PAGE_SIZE);
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
     let mut raw = vec![0u8; (ENTRIES_PER_READ * 8) as usize];
     let mut page = 0;
-    while page < set.pages {
-        let n = (set.pages - page).min(ENTRIES_PER_READ);
+    while page < set.span() {
+        let n = (set.span() - page).min(ENTRIES_PER_READ);
         let bytes = &mut raw[..(n * 8) as usize];
         pagemap.read_exact_at(bytes, (first_page + page) * 8)?;
         for (i, entry) in bytes.chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
             if entry & (PRESENT | SWAPPED) != 0 {
-                let p = page + i as u64;
-                set.words[(p / 64) as usize] |= 1 << (p % 64);
+                set.insert(page + i as u64);
             }
         }
         page += n;
     }
     Ok(set)
-}
-
-/// A set of guest pages (bit `i` = the page at `i * PAGE_SIZE`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirtyPages {
-    words: Vec<u64>,
-    pages: u64,
-}
-
-impl DirtyPages {
-    /// The empty set for a RAM of `ram_size` bytes.
-    pub fn empty(ram_size: u64) -> Self {
-        let pages = ram_size / PAGE_SIZE;
-        Self {
-            words: vec![0; pages.div_ceil(64) as usize],
-            pages,
-        }
-    }
-
-    /// Every page of a RAM of `ram_size` bytes.
-    pub fn all(ram_size: u64) -> Self {
-        let mut set = Self::empty(ram_size);
-        set.words.fill(u64::MAX);
-        set.clear_tail();
-        set
-    }
-
-    fn from_words(mut words: Vec<u64>, pages: u64) -> Self {
-        words.resize(pages.div_ceil(64) as usize, 0);
-        let mut set = Self { words, pages };
-        set.clear_tail();
-        set
-    }
-
-    fn clear_tail(&mut self) {
-        let rem = self.pages % 64;
-        if rem != 0 {
-            if let Some(last) = self.words.last_mut() {
-                *last &= (1 << rem) - 1;
-            }
-        }
-    }
-
-    /// Adds every page of `other` (same RAM size) to this set.
-    pub fn union_with(&mut self, other: &DirtyPages) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= b;
-        }
-    }
-
-    /// Whether the page containing guest address `addr` is in the set.
-    pub fn contains_addr(&self, addr: u64) -> bool {
-        let page = addr / PAGE_SIZE;
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-
-    /// The bitmap: bit `i % 64` of word `i / 64` is page `i`.
-    pub fn into_words(self) -> Vec<u64> {
-        self.words
-    }
-
-    /// Number of pages in the set.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// Whether the set is empty.
-    pub fn is_empty(&self) -> bool {
-        self.words.iter().all(|&w| w == 0)
-    }
-
-    /// Page indices in ascending order.
-    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(i, &word)| {
-            let mut bits = word;
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let bit = bits.trailing_zeros();
-                bits &= bits - 1;
-                Some(i as u64 * 64 + u64::from(bit))
-            })
-        })
-    }
 }
 
 /// Dirty-page tracking over guest RAM: KVM's log of guest writes plus the bitmap of
@@ -240,21 +155,21 @@ impl<'a> DirtyLog<'a> {
     }
 
     /// The pages written since the last take (or since [`Self::start`]), and clears them.
-    pub fn take(&self) -> Result<DirtyPages, MemoryError> {
+    pub fn take(&self) -> Result<PageSet, MemoryError> {
         let size = ram_size(self.mem);
         let guest = self
             .vm
             .get_dirty_log(RAM_SLOT, size as usize)
             .map_err(MemoryError::GetDirtyLog)?;
-        let mut dirty = DirtyPages::from_words(guest, size / PAGE_SIZE);
+        let mut dirty = PageSet::from_words(guest, size / PAGE_SIZE);
         dirty.union_with(&self.take_vmm_writes());
         Ok(dirty)
     }
 
-    fn take_vmm_writes(&self) -> DirtyPages {
+    fn take_vmm_writes(&self) -> PageSet {
         let size = ram_size(self.mem);
         let words = vmm_write_bitmap(self.mem).get_and_reset();
-        DirtyPages::from_words(words, size / PAGE_SIZE)
+        PageSet::from_words(words, size / PAGE_SIZE)
     }
 }
 
@@ -298,18 +213,18 @@ mod tests {
 
     #[test]
     fn dirty_pages_set_operations() {
-        let mut a = DirtyPages::empty(1 << 20);
+        let mut a = PageSet::empty((1 << 20) / PAGE_SIZE);
         assert!(a.is_empty());
         let mut words = vec![0u64; 4];
         words[0] = 0b1010;
         words[3] = 1 << 63;
-        let b = DirtyPages::from_words(words, 256);
+        let b = PageSet::from_words(words, 256);
         a.union_with(&b);
         assert_eq!(a.pages().collect::<Vec<_>>(), vec![1, 3, 255]);
         assert!(a.contains_addr(3 * PAGE_SIZE + 17));
         assert!(!a.contains_addr(2 * PAGE_SIZE));
         assert!(!a.contains_addr(1 << 40));
-        assert_eq!(DirtyPages::all(100 * PAGE_SIZE).count(), 100);
+        assert_eq!(PageSet::all(100).count(), 100);
     }
 
     #[test]
@@ -319,7 +234,7 @@ mod tests {
         mem.write_obj(7u64, GuestAddress(5 * PAGE_SIZE + 8))
             .unwrap();
         let words = vmm_write_bitmap(&mem).get_and_reset();
-        let set = DirtyPages::from_words(words, (16 << 20) / PAGE_SIZE);
+        let set = PageSet::from_words(words, (16 << 20) / PAGE_SIZE);
         assert_eq!(set.pages().collect::<Vec<_>>(), vec![5]);
     }
 }

@@ -22,7 +22,7 @@ use crate::devices::{DeviceStates, PortDevices};
 use crate::files::{AttachError, AttachedFiles, FileInfo};
 use crate::loader::{load_image, LoadImageError, LoadedImage};
 use crate::memory::{
-    self, create_guest_ram, register_ram, DirtyLog, DirtyPages, GuestRam, MemoryError,
+    self, create_guest_ram, register_ram, DirtyLog, GuestRam, MemoryError, PageSet,
 };
 use crate::snapshot::{write_snapshot, SnapshotError, SnapshotReader, SnapshotStats};
 use crate::vcpu::{Vcpu, VcpuEvent, VcpuHandle, VcpuRunError, VcpuState, VcpuStateError};
@@ -512,7 +512,7 @@ impl VmTracker {
     }
 
     /// Pages written since the last take (or since tracking started), and clears them.
-    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmControlError> {
+    pub fn take_dirty_pages(&self) -> Result<PageSet, VmControlError> {
         Ok(self.dirty_log().take()?)
     }
 }
