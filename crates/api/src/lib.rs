@@ -153,7 +153,8 @@ pub struct VmInfo {
     pub console_tail: String,
 }
 
-/// An attached file as the API shows it.
+/// An attached file: enough to find it again and to know it is the same content (what a
+/// VM's state records of it, and what the API shows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInfo {
     /// Name the guest finds it by.
@@ -162,7 +163,8 @@ pub struct FileInfo {
     pub size: u64,
     /// SHA-256 of the content, lowercase hex.
     pub sha256: String,
-    /// Where it is on the host.
+    /// Where it is on the host (in a saved VM state: where it was on the host that
+    /// attached it, a hint for a restore there).
     pub path: PathBuf,
 }
 

@@ -190,16 +190,7 @@ impl HostedVm {
             uptime_ms: self.arrived.elapsed().as_millis() as u64,
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
-            files: self
-                .files
-                .iter()
-                .map(|f| ferry_api::FileInfo {
-                    name: f.name.clone(),
-                    size: f.size,
-                    sha256: f.sha256.clone(),
-                    path: f.path.clone(),
-                })
-                .collect(),
+            files: self.files.clone(),
             console_tail: console_tail[tail_start..].to_string(),
         }
     }

@@ -17,22 +17,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ferry_abi::file::{valid_name, FileEntry, FileTable, MAX_FILES, NAME_BYTES};
 use ferry_accel::files::FileSource;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// What a VM's state records of an attached file: enough to find it again and to know it
-/// is the same content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileInfo {
-    /// Name the guest finds it by.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// SHA-256 of the content, lowercase hex.
-    pub sha256: String,
-    /// Where it was on the host that attached it (a hint for a restore on that host).
-    pub path: PathBuf,
-}
+/// What a VM's state records of an attached file (enough to find it again and to know it
+/// is the same content), as the API shows it too.
+pub use ferry_api::FileInfo;
 
 /// Errors attaching files.
 #[derive(Debug, thiserror::Error)]
