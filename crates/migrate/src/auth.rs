@@ -199,6 +199,7 @@ fn connector(
             nonce
         }
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
+        Message::Busy { reason } => return Err(MigrationError::Busy(reason)),
         other => return Err(MigrationError::unexpected("a challenge", &other)),
     };
     conn.send(&Message::Proof {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Connections authenticating at once, per host.
 pub const MAX_HANDSHAKES: usize = 64;
 /// Connections authenticating at once, per peer address.
-pub const MAX_HANDSHAKES_PER_PEER: usize = 8;
+pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
 /// Time a connection has to authenticate, from its acceptance.
 pub const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
 /// How often the reaper looks for connections past their time.

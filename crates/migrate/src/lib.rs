@@ -26,6 +26,7 @@ pub mod vm;
 pub mod wire;
 
 pub use auth::{Purpose, Secret};
+pub use gate::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER};
 pub use receive::{serve, serve_with_tls, spawn_receiver, ReceiveReport, Receiving, TargetFactory};
 pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,
@@ -61,6 +62,10 @@ pub enum MigrationError {
     /// The peer failed authentication, or we did.
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// The destination had too many connections authenticating to take this one (the
+    /// source retries a few times before it reports this).
+    #[error("the destination is busy: {0}; try again shortly")]
+    Busy(String),
     /// The destination refused the VM.
     #[error("the destination refused the migration: {0}")]
     Refused(String),

@@ -223,8 +223,8 @@ fn serve_until<F: TargetFactory>(
 fn tell_refused(stream: &TcpStream, limit: &str) {
     if stream.set_nonblocking(true).is_ok() {
         let mut writer = crate::wire::FrameWriter::new(stream, false);
-        let _ = writer.send(&Message::Refuse {
-            reason: format!("{limit} is reached; try again shortly"),
+        let _ = writer.send(&Message::Busy {
+            reason: format!("{limit} is reached"),
         });
     }
 }

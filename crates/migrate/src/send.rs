@@ -268,6 +268,31 @@ fn open_stream(
     role: StreamRole,
     options: &MigrationOptions,
 ) -> Result<(Conn, TcpStream), MigrationError> {
+    // A destination with too many connections authenticating at once (a burst of data
+    // streams, several migrations to it) says so at once: connect again, backing off.
+    let mut wait = Duration::from_millis(10);
+    for _ in 0..BUSY_RETRIES {
+        match open_stream_once(addr, secret, role, options) {
+            Err(MigrationError::Busy(_)) => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+    open_stream_once(addr, secret, role, options)
+}
+
+/// Times a source connects again to a busy destination before it gives up (about 3 s of
+/// waiting in all).
+const BUSY_RETRIES: usize = 10;
+
+fn open_stream_once(
+    addr: &str,
+    secret: &Secret,
+    role: StreamRole,
+    options: &MigrationOptions,
+) -> Result<(Conn, TcpStream), MigrationError> {
     let stream = connect(addr, options.io_timeout)?;
     let socket = stream
         .try_clone()

@@ -160,6 +160,12 @@ pub enum Message {
         /// Whether the VM runs there.
         settlement: crate::settle::Settlement,
     },
+    /// Instead of a challenge: too many connections are authenticating now (from this
+    /// peer, or in all); connect again shortly.
+    Busy {
+        /// Which limit was reached.
+        reason: String,
+    },
 }
 
 /// One record read off the wire (borrowing the reader's buffer).
