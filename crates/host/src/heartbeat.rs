@@ -55,14 +55,7 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
                 let beat = Heartbeat {
                     api_url: link.api_url.clone(),
                     host: host.info(&link.migration_addr),
-                    vms: host
-                        .list()
-                        .into_iter()
-                        .map(|mut vm| {
-                            vm.console_tail.clear();
-                            vm
-                        })
-                        .collect(),
+                    vms: host.summaries(),
                 };
                 let sent = client.post::<_, serde_json::Value>("/v1/heartbeat", &beat);
                 match (&sent, reachable) {

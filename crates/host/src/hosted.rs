@@ -180,6 +180,15 @@ impl HostedVm {
             .nth(40)
             .map_or(0, |(i, _)| i + 1);
         VmInfo {
+            console_tail: console_tail[tail_start..].to_string(),
+            ..self.summary()
+        }
+    }
+
+    /// What the API shows less the console tail (what heartbeats carry): never copies the
+    /// console.
+    pub fn summary(&self) -> VmInfo {
+        VmInfo {
             id: self.id.clone(),
             workload: self.workload.clone(),
             args: self.args.clone(),
@@ -191,7 +200,7 @@ impl HostedVm {
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
             files: self.files.clone(),
-            console_tail: console_tail[tail_start..].to_string(),
+            console_tail: String::new(),
         }
     }
 

@@ -405,9 +405,19 @@ impl Host {
 
     /// Every VM this host knows (including ended and migrated ones, for a while).
     pub fn list(&self) -> Vec<VmInfo> {
+        self.each_vm(HostedVm::info)
+    }
+
+    /// [`Host::list`] without the console tails (what heartbeats carry).
+    pub fn summaries(&self) -> Vec<VmInfo> {
+        self.each_vm(HostedVm::summary)
+    }
+
+    /// `show` of every VM listed, read outside the VM map's lock.
+    fn each_vm(&self, show: impl Fn(&HostedVm) -> VmInfo) -> Vec<VmInfo> {
         self.forget_old_ended_vms();
         let vms: Vec<_> = self.vms().values().cloned().collect();
-        vms.iter().map(|vm| vm.info()).collect()
+        vms.iter().map(|vm| show(vm)).collect()
     }
 
     /// Drops the records of VMs that ended more than [`ENDED_VMS_KEPT_FOR`] ago, and of

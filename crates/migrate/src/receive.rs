@@ -186,7 +186,7 @@ fn serve_until<F: TargetFactory>(
                     tracing::warn!(peer = %peer_addr, refused = n, "migration connections refused: {limit} reached");
                 }
                 if tls.is_none() {
-                    tell_refused(&stream, limit);
+                    tell_busy(&stream, limit);
                 }
                 continue;
             }
@@ -218,9 +218,10 @@ fn serve_until<F: TargetFactory>(
     }
 }
 
-/// Tells a connection refused before its handshake why, if that costs nothing: one small
-/// frame into an empty socket buffer, never waiting (a TLS peer gets no plain frame).
-fn tell_refused(stream: &TcpStream, limit: &str) {
+/// Tells a connection refused before its handshake that this host is busy, if that costs
+/// nothing: one small frame into an empty socket buffer, never waiting (a TLS peer gets no
+/// plain frame).
+fn tell_busy(stream: &TcpStream, limit: &str) {
     if stream.set_nonblocking(true).is_ok() {
         let mut writer = crate::wire::FrameWriter::new(stream, false);
         let _ = writer.send(&Message::Busy {
