@@ -76,10 +76,37 @@ pub fn cluster_roots(tls: Option<&ferry_migrate::TlsConfig>) -> ferry_client::Ro
     }
 }
 
+/// An API served on a task of its own ([`spawn`]): dropping it stops the server (the port
+/// closes, requests in flight finish).
+pub struct Serving {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// [`serve`]s `router` on `listener` on a task of `runtime`, until the [`Serving`]
+/// returned is dropped; a failure is logged as `name`'s.
+pub fn spawn(
+    runtime: &tokio::runtime::Handle,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    name: &'static str,
+) -> Serving {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = serve(listener, router, tls, shutdown).await {
+            tracing::error!("{name} stopped: {e}");
+        }
+    });
+    Serving { _stop: stop }
+}
+
 /// Serves the API on `listener` until `shutdown` completes (then the port closes and
 /// requests in flight finish): over HTTPS with `tls` (the server identity of
 /// [`ferry_migrate::TlsConfig::https_server`]), else plain HTTP.
-pub async fn serve(
+async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,

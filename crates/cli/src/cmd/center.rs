@@ -211,13 +211,12 @@ pub struct RunningCenter {
     /// API address actually bound.
     pub addr: std::net::SocketAddr,
     center: std::sync::Arc<Center>,
-    /// Sent (or dropped) to stop the API server.
-    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The API server, stopped with the center.
+    _api: ferry_http::Serving,
 }
 
 impl Drop for RunningCenter {
     fn drop(&mut self) {
-        drop(self.api_stop.take());
         self.center.shutdown();
     }
 }
@@ -238,19 +237,17 @@ pub fn start(
         .context("cannot start the center's monitor thread")?;
     let https = center.config().tls.as_ref().map(|t| t.https_server());
     let router = ferry_center::api::router(center.clone())?;
-    let (api_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    runtime.spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        if let Err(e) = ferry_http::serve(listener, router, https, shutdown).await {
-            tracing::error!("the center's API stopped: {e}");
-        }
-    });
+    let api = ferry_http::spawn(
+        runtime.handle(),
+        listener,
+        router,
+        https,
+        "the center's API",
+    );
     Ok(RunningCenter {
         addr,
         center,
-        api_stop: Some(api_stop),
+        _api: api,
     })
 }
 

@@ -186,13 +186,12 @@ pub struct Daemon {
     pub migration_addr: std::net::SocketAddr,
     /// The host.
     pub host: std::sync::Arc<Host>,
-    /// Sent (or dropped) to stop the API server.
-    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The API server, stopped with the daemon.
+    _api: ferry_http::Serving,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        drop(self.api_stop.take());
         self.host.shutdown();
     }
 }
@@ -248,20 +247,18 @@ pub fn start(
         .context("cannot start the migration listener")?;
     let router = api::router(host.clone(), migration_addr.to_string())?;
     let https = host.config().tls.as_ref().map(|t| t.https_server());
-    let (api_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    runtime.spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        if let Err(e) = ferry_http::serve(api_listener, router, https, shutdown).await {
-            tracing::error!("the API server stopped: {e}");
-        }
-    });
+    let api = ferry_http::spawn(
+        runtime.handle(),
+        api_listener,
+        router,
+        https,
+        "the API server",
+    );
     Ok(Daemon {
         api_addr,
         migration_addr,
         host,
-        api_stop: Some(api_stop),
+        _api: api,
     })
 }
 
