@@ -17,11 +17,12 @@
 #![no_std]
 
 pub mod accel;
+pub mod channel;
 pub mod file;
 
 /// Version of this contract; the VMM writes it into [`BootInfo::abi_version`].
-/// 2: attached files ([`file`]).
-pub const ABI_VERSION: u32 = 2;
+/// 2: attached files ([`file`]). 3: the message channel ([`channel`]).
+pub const ABI_VERSION: u32 = 3;
 
 /// Size of a guest page, and the granularity of guest RAM dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
@@ -71,6 +72,13 @@ pub mod port {
     /// [`FILE_REQUEST_ADDR`](crate::file::FILE_REQUEST_ADDR); its status is written before
     /// the `out` returns.
     pub const FILE_READ: u16 = 0x0528;
+    /// 32-bit `out` of a page number: set up the [message channel](crate::channel) whose
+    /// region starts at that page; the outcome is in its header's `status`.
+    pub const CHANNEL_SETUP: u16 = 0x0530;
+    /// 32-bit `out` of a wait in microseconds: exchange messages with the host through
+    /// the [message channel](crate::channel), first waiting up to that long (at most
+    /// [`MAX_KICK_WAIT_US`](crate::channel::MAX_KICK_WAIT_US)) if no request is queued.
+    pub const CHANNEL_KICK: u16 = 0x0534;
 }
 
 /// Capacity of [`BootInfo::args`] in bytes.

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::arch;
+use crate::devices::channel::Channel;
 use crate::devices::console::{ConsoleSink, ConsoleTail};
 use crate::devices::{DeviceStates, PortDevices};
 use crate::files::{AttachError, AttachedFiles, FileInfo};
@@ -134,7 +135,8 @@ pub fn default_accel_threads() -> usize {
 
 /// Version of [`MicrovmState`]'s encoding: raise it with any change to that type or the
 /// types inside it (migrations compare it at the handshake).
-pub const STATE_VERSION: u32 = 1;
+/// 2: the message channel in [`DeviceStates`].
+pub const STATE_VERSION: u32 = 2;
 
 /// A whole paused VM, less its RAM: what a snapshot (and later a migration) carries.
 #[derive(Debug, Serialize, Deserialize)]
@@ -460,6 +462,7 @@ fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmErro
 pub struct VmReadout {
     console: ConsoleTail,
     accel_busy: Option<BusyClock>,
+    channel: Channel,
 }
 
 impl VmReadout {
@@ -473,6 +476,11 @@ impl VmReadout {
         self.accel_busy
             .as_ref()
             .map_or(Duration::ZERO, BusyClock::busy_time)
+    }
+
+    /// The VM's message channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
     }
 }
 
@@ -659,6 +667,7 @@ impl Microvm {
         VmReadout {
             console: self.devices.console.tail_handle(),
             accel_busy: self.devices.accel.as_ref().map(Accelerator::busy_clock),
+            channel: self.devices.channel.clone(),
         }
     }
 
@@ -706,6 +715,7 @@ impl Microvm {
         if let Some(accel) = &self.devices.accel {
             accel.resume();
         }
+        self.devices.channel.open();
         for vcpu in &self.vcpus {
             vcpu.resume()?;
         }
@@ -721,6 +731,9 @@ impl Microvm {
             return Err(self.wrong_state("pause", "running"));
         }
         let started = Instant::now();
+        // From here on the VM's state may become another host's: requests queued later
+        // would be lost with this copy, so they are refused (to be sent again).
+        self.devices.channel.pause();
         // The device first stops taking commands, so the one in flight ends while the
         // vCPUs stop (a vCPU waiting on the device is let go as it ends) rather than
         // after them, with maybe another begun meanwhile.
@@ -728,7 +741,8 @@ impl Microvm {
             accel.request_pause();
         }
         for vcpu in &self.vcpus {
-            match vcpu.pause()? {
+            let event = vcpu.pause().inspect_err(|_| self.devices.channel.open())?;
+            match event {
                 VcpuEvent::Paused => {}
                 event => {
                     self.record_end(event);
@@ -747,6 +761,7 @@ impl Microvm {
 
     fn record_end(&mut self, event: VcpuEvent) {
         self.devices.clock.stop();
+        self.devices.channel.end();
         let exit = match event {
             VcpuEvent::Exited(code) => VmExit::Exited(code),
             VcpuEvent::Failed(e) => VmExit::Failed(e),

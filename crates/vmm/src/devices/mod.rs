@@ -1,5 +1,6 @@
 //! Port-I/O devices and their dispatch.
 
+pub mod channel;
 pub mod clock;
 pub mod console;
 
@@ -14,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::files::AttachedFiles;
 use crate::memory::GuestRam;
 
+use self::channel::{Channel, ChannelState};
 use self::clock::{ClockState, GuestClock};
 use self::console::{Console, ConsoleSink, ConsoleState};
 
@@ -35,6 +37,8 @@ pub struct DeviceStates {
     pub console: ConsoleState,
     /// Clock.
     pub clock: ClockState,
+    /// The message channel.
+    pub channel: ChannelState,
 }
 
 /// Longest an `ACCEL_WAIT` keeps the vCPU in the VMM: short enough that a pause request
@@ -51,6 +55,13 @@ pub struct PortDevices {
     pub accel: Option<Accelerator>,
     /// The attached files ([`port::FILE_READ`]).
     pub files: AttachedFiles,
+    /// The message channel ([`port::CHANNEL_SETUP`], [`port::CHANNEL_KICK`]).
+    pub channel: Channel,
+}
+
+/// The value of a 32-bit port write.
+fn u32_of(data: &[u8]) -> u32 {
+    u32::from_le_bytes(data.try_into().expect("4 bytes"))
 }
 
 /// Largest piece of a file read copied at once (bounds the staging buffer).
@@ -78,6 +89,7 @@ impl PortDevices {
             clock: GuestClock::new(vcpus),
             accel,
             files,
+            channel: Channel::new(),
         }
     }
 
@@ -93,6 +105,7 @@ impl PortDevices {
             clock: GuestClock::restore(&state.clock),
             accel,
             files,
+            channel: Channel::restore(&state.channel),
         }
     }
 
@@ -101,6 +114,7 @@ impl PortDevices {
         DeviceStates {
             console: self.console.save(),
             clock: self.clock.save(),
+            channel: self.channel.save(),
         }
     }
 
@@ -124,6 +138,8 @@ impl PortDevices {
                 }
             }
             (port::FILE_READ, 4) => self.file_read(mem),
+            (port::CHANNEL_SETUP, 4) => self.channel.setup(mem, u32_of(data)),
+            (port::CHANNEL_KICK, 4) => self.channel.kick(mem, u32_of(data)),
             _ => tracing::debug!(port, len = data.len(), "write ignored"),
         }
         PortAction::Continue

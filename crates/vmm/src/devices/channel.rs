@@ -1,0 +1,946 @@
+//! The message channel ([`ferry_abi::channel`]): requests the host queues for the guest,
+//! delivered into the request ring at the guest's kicks, and the guest's responses, kept
+//! per stream until the host releases them.
+//!
+//! Everything the channel holds (the ring's geometry and indices, requests not yet in the
+//! ring, every stream's responses) is saved with the VM, so a request queued before a
+//! migration's pause is delivered on the destination exactly once, and a reader that
+//! had the first `k` responses of a stream on the source reads the rest there.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_abi::channel::{
+    flags, status, ChannelHeader, MessageHeader, CHANNEL_MAGIC, CHANNEL_VERSION, MAX_KICK_WAIT_US,
+    MESSAGE_HEADER_SIZE,
+};
+use ferry_abi::{IMAGE_BASE, PAGE_SIZE};
+use serde::{Deserialize, Serialize};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestRam;
+
+/// Most requests queued on the host beyond those in the ring.
+pub const MAX_QUEUED: usize = 32;
+/// Most streams kept at once, open or ended but not yet released.
+pub const MAX_STREAMS: usize = 64;
+/// Most payload bytes one stream's responses may hold; a guest sending more ends the
+/// stream as [`StreamEnd::Overflow`].
+pub const MAX_STREAM_BYTES: usize = 96 << 10;
+/// Most messages taken from, or written to, each ring at one kick.
+const MAX_PER_KICK: u64 = 64;
+
+// The saved channel fits easily in a migration's control message (16 MiB).
+const _: () = assert!(
+    MAX_STREAMS * MAX_STREAM_BYTES
+        + MAX_QUEUED * ferry_abi::channel::MAX_SLOT_SIZE as usize
+        + 256 * ferry_abi::channel::MAX_SLOT_SIZE as usize
+        <= 16 << 20
+);
+
+/// One message: a request the host queued, or one response of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// What it is (up to the host's server and the guest).
+    pub kind: u32,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// How a stream ended, if it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamEnd {
+    /// The guest may still respond.
+    Open,
+    /// The guest sent its final response.
+    Final,
+    /// The guest sent more than [`MAX_STREAM_BYTES`]; later responses were dropped.
+    Overflow,
+    /// The VM ended before the stream did.
+    VmEnded,
+}
+
+/// The ring the guest set up, as checked and copied at setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Ring {
+    addr: u64,
+    request_slots: u32,
+    request_slot_size: u32,
+    response_slots: u32,
+    response_slot_size: u32,
+}
+
+impl Ring {
+    fn header(&self) -> ChannelHeader {
+        ChannelHeader {
+            request_slots: self.request_slots,
+            request_slot_size: self.request_slot_size,
+            response_slots: self.response_slots,
+            response_slot_size: self.response_slot_size,
+            ..ChannelHeader::default()
+        }
+    }
+
+    /// Largest payload a request slot takes.
+    fn request_payload(&self) -> usize {
+        (self.request_slot_size - MESSAGE_HEADER_SIZE) as usize
+    }
+}
+
+/// A request waiting for room in the ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Queued {
+    stream: u64,
+    opens: bool,
+    message: Message,
+}
+
+/// One stream's responses so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stream {
+    id: u64,
+    events: Vec<Message>,
+    bytes: usize,
+    end: StreamEnd,
+    /// Control messages the host sent after the opening request (one is enough: cancel).
+    signalled: bool,
+}
+
+/// The saved channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelState {
+    ring: Option<Ring>,
+    request_head: u64,
+    request_tail: u64,
+    response_tail: u64,
+    queued: VecDeque<Queued>,
+    /// Oldest first.
+    streams: Vec<Stream>,
+    /// Responses the guest sent to streams that were not open.
+    dropped: u64,
+}
+
+/// Whether the host may queue requests now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// The VM runs: requests are taken.
+    Open,
+    /// The VM is paused (perhaps for a migration's switchover, after which its state is
+    /// no longer this host's): requests are refused, to be sent again.
+    Paused,
+    /// The VM ended.
+    Ended,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The guest has not set the channel up (yet).
+    #[error("the guest has not set up its message channel (it may still be starting)")]
+    NotReady,
+    /// The VM is paused (a migration may be switching it over); send again shortly.
+    #[error("the VM is paused; send the request again shortly")]
+    Paused,
+    /// The VM ended.
+    #[error("the VM has ended")]
+    Ended,
+    /// [`MAX_QUEUED`] requests are waiting already.
+    #[error("{MAX_QUEUED} requests are queued for the guest already")]
+    QueueFull,
+    /// [`MAX_STREAMS`] streams are open.
+    #[error("{MAX_STREAMS} streams are open already")]
+    TooManyStreams,
+    /// The payload does not fit a request slot.
+    #[error("a request of {len} bytes does not fit the guest's request slots ({max} bytes)")]
+    TooLarge {
+        /// Bytes of the payload.
+        len: usize,
+        /// Most the guest takes.
+        max: usize,
+    },
+    /// A stream with that id exists.
+    #[error("stream {0} exists already")]
+    StreamExists(u64),
+    /// No stream with that id is open.
+    #[error("no open stream {0}")]
+    NoSuchStream(u64),
+}
+
+/// Why a stream could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// No stream with that id (never opened here, or released).
+    #[error("no stream {0}")]
+    NoSuchStream(u64),
+}
+
+/// What a read of a stream found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRead {
+    /// Responses from the index asked for on.
+    pub events: Vec<Message>,
+    /// Whether (and how) the stream ended.
+    pub end: StreamEnd,
+}
+
+struct Core {
+    state: ChannelState,
+    gate: Gate,
+    /// The last status written to the header.
+    status: u32,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    /// Signalled when a request is queued, a response arrives or the gate moves.
+    changed: Condvar,
+}
+
+/// The message channel device; clones are handles to the same channel (the VMM's port
+/// bus holds one, the host's server another).
+#[derive(Clone)]
+pub struct Channel {
+    shared: Arc<Shared>,
+}
+
+/// The guest-visible form of a [`ChannelHeader`] in guest memory.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct HeaderBytes(ChannelHeader);
+
+// SAFETY: ChannelHeader is repr(C) with only u32 (8 of them) then u64 fields and no
+// padding, so every byte pattern is a valid value.
+unsafe impl ByteValued for HeaderBytes {}
+
+/// The guest-visible form of a [`MessageHeader`] in guest memory.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct MessageBytes(MessageHeader);
+
+// SAFETY: MessageHeader is repr(C): u32, u32, u64, u32, u32 with no padding, so every
+// byte pattern is a valid value.
+unsafe impl ByteValued for MessageBytes {}
+
+fn field(ring: &Ring, offset: usize) -> GuestAddress {
+    GuestAddress(ring.addr + offset as u64)
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Self::restore(&ChannelState::default())
+    }
+}
+
+impl Channel {
+    /// A new, unconfigured channel of a paused VM.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A channel continuing from a saved state (of a paused VM). The state came from a
+    /// file or the network: what does not fit the limits is cut.
+    pub fn restore(state: &ChannelState) -> Self {
+        let mut state = state.clone();
+        state.queued.truncate(MAX_QUEUED);
+        let excess = state.streams.len().saturating_sub(MAX_STREAMS);
+        state.streams.drain(..excess);
+        if state
+            .ring
+            .is_some_and(|r| r.header().region_size().is_none())
+        {
+            state.ring = None;
+        }
+        Self {
+            shared: Arc::new(Shared {
+                core: Mutex::new(Core {
+                    state,
+                    gate: Gate::Paused,
+                    status: status::OK,
+                }),
+                changed: Condvar::new(),
+            }),
+        }
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.shared.core.lock().expect("channel lock")
+    }
+
+    /// The channel's state, for a snapshot or a migration (of a paused VM).
+    pub fn save(&self) -> ChannelState {
+        self.core().state.clone()
+    }
+
+    fn set_gate(&self, gate: Gate) {
+        let mut core = self.core();
+        if core.gate != Gate::Ended {
+            core.gate = gate;
+        }
+        if gate == Gate::Ended {
+            for stream in &mut core.state.streams {
+                if stream.end == StreamEnd::Open {
+                    stream.end = StreamEnd::VmEnded;
+                }
+            }
+        }
+        drop(core);
+        self.shared.changed.notify_all();
+    }
+
+    /// The VM runs: requests are taken.
+    pub fn open(&self) {
+        self.set_gate(Gate::Open);
+    }
+
+    /// The VM is paused: requests are refused until [`Self::open`].
+    pub fn pause(&self) {
+        self.set_gate(Gate::Paused);
+    }
+
+    /// The VM ended: requests are refused and open streams end.
+    pub fn end(&self) {
+        self.set_gate(Gate::Ended);
+    }
+
+    /// Queues a request that opens stream `stream`.
+    pub fn submit(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
+        let mut core = self.core();
+        let ring = core.ready()?;
+        if message.payload.len() > ring.request_payload() {
+            return Err(SubmitError::TooLarge {
+                len: message.payload.len(),
+                max: ring.request_payload(),
+            });
+        }
+        let state = &mut core.state;
+        if state.queued.len() >= MAX_QUEUED {
+            return Err(SubmitError::QueueFull);
+        }
+        if state.streams.iter().any(|s| s.id == stream) {
+            return Err(SubmitError::StreamExists(stream));
+        }
+        if state.streams.len() >= MAX_STREAMS {
+            let Some(ended) = state.streams.iter().position(|s| s.end != StreamEnd::Open) else {
+                return Err(SubmitError::TooManyStreams);
+            };
+            state.streams.remove(ended);
+        }
+        state.streams.push(Stream {
+            id: stream,
+            events: Vec::new(),
+            bytes: 0,
+            end: StreamEnd::Open,
+            signalled: false,
+        });
+        state.queued.push_back(Queued {
+            stream,
+            opens: true,
+            message,
+        });
+        drop(core);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Queues a control message (a cancel) for open stream `stream`: one per stream,
+    /// beyond the queue's bound, so it gets through a full queue.
+    pub fn signal(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
+        let mut core = self.core();
+        let ring = core.ready()?;
+        if message.payload.len() > ring.request_payload() {
+            return Err(SubmitError::TooLarge {
+                len: message.payload.len(),
+                max: ring.request_payload(),
+            });
+        }
+        let Some(s) = core
+            .state
+            .streams
+            .iter_mut()
+            .find(|s| s.id == stream && s.end == StreamEnd::Open)
+        else {
+            return Err(SubmitError::NoSuchStream(stream));
+        };
+        if !s.signalled {
+            s.signalled = true;
+            core.state.queued.push_back(Queued {
+                stream,
+                opens: false,
+                message,
+            });
+        }
+        drop(core);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// The responses of `stream` from index `from` on; waits up to `wait` for one if
+    /// there are none yet and the stream is open.
+    pub fn read(&self, stream: u64, from: usize, wait: Duration) -> Result<StreamRead, ReadError> {
+        let deadline = Instant::now() + wait;
+        let mut core = self.core();
+        loop {
+            let s = core
+                .state
+                .streams
+                .iter()
+                .find(|s| s.id == stream)
+                .ok_or(ReadError::NoSuchStream(stream))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if s.events.len() > from || s.end != StreamEnd::Open || left.is_zero() {
+                return Ok(StreamRead {
+                    events: s.events.get(from..).unwrap_or_default().to_vec(),
+                    end: s.end,
+                });
+            }
+            core = self
+                .shared
+                .changed
+                .wait_timeout(core, left)
+                .expect("channel lock")
+                .0;
+        }
+    }
+
+    /// Forgets `stream` (its reader has everything); an open stream's later responses
+    /// are dropped.
+    pub fn release(&self, stream: u64) {
+        self.core().state.streams.retain(|s| s.id != stream);
+    }
+
+    /// Requests queued on the host and streams kept, now.
+    pub fn load(&self) -> (usize, usize) {
+        let core = self.core();
+        (core.state.queued.len(), core.state.streams.len())
+    }
+
+    /// Guest `out` to `CHANNEL_SETUP` of `page`: checks and copies the ring's geometry.
+    pub fn setup(&self, mem: &GuestRam, page: u32) {
+        let addr = u64::from(page) * PAGE_SIZE;
+        let Ok(HeaderBytes(header)) = mem.read_obj(GuestAddress(addr)) else {
+            tracing::debug!(addr, "channel setup at an address outside guest RAM");
+            return;
+        };
+        let mut core = self.core();
+        let code = if core.state.ring.is_some() {
+            status::ALREADY_SET_UP
+        } else if header.magic != CHANNEL_MAGIC || header.version != CHANNEL_VERSION {
+            status::BAD_VERSION
+        } else if let Some(size) = header.region_size() {
+            let in_ram =
+                usize::try_from(size).is_ok_and(|len| mem.check_range(GuestAddress(addr), len));
+            if addr < IMAGE_BASE || !in_ram {
+                status::BAD_GUEST_RANGE
+            } else {
+                core.state.ring = Some(Ring {
+                    addr,
+                    request_slots: header.request_slots,
+                    request_slot_size: header.request_slot_size,
+                    response_slots: header.response_slots,
+                    response_slot_size: header.response_slot_size,
+                });
+                status::OK
+            }
+        } else {
+            status::BAD_GEOMETRY
+        };
+        core.status = code;
+        let at = GuestAddress(addr + core::mem::offset_of!(ChannelHeader, status) as u64);
+        // Written through GuestRam: the page lands in the dirty log.
+        let _ = mem.write_obj(code, at);
+        if code == status::OK {
+            core.write_indices(mem);
+        }
+    }
+
+    /// Guest `out` to `CHANNEL_KICK`: takes the guest's responses and delivers queued
+    /// requests, first waiting up to `wait_us` for one if there is nothing to deliver.
+    pub fn kick(&self, mem: &GuestRam, wait_us: u32) {
+        let mut core = self.core();
+        let Some(ring) = core.state.ring else {
+            return;
+        };
+        let Ok(HeaderBytes(header)) = mem.read_obj(GuestAddress(ring.addr)) else {
+            return;
+        };
+        let mut code = status::OK;
+        let took = match core.take_responses(mem, &ring, header.response_head) {
+            Ok(n) => n,
+            Err(c) => {
+                code = c;
+                0
+            }
+        };
+        let state = &mut core.state;
+        if header.request_tail < state.request_tail || header.request_tail > state.request_head {
+            code = status::INVALID_INDEX;
+        } else {
+            state.request_tail = header.request_tail;
+        }
+        if took > 0 {
+            self.shared.changed.notify_all();
+        }
+        if core.state.queued.is_empty() && took == 0 && wait_us > 0 {
+            let wait = Duration::from_micros(u64::from(wait_us.min(MAX_KICK_WAIT_US)));
+            core = self
+                .shared
+                .changed
+                .wait_timeout_while(core, wait, |c| {
+                    c.state.queued.is_empty() && c.gate == Gate::Open
+                })
+                .expect("channel lock")
+                .0;
+        }
+        core.deliver_requests(mem, &ring);
+        if code != status::OK || core.status != code {
+            core.status = code;
+            let _ = mem.write_obj(
+                code,
+                field(&ring, core::mem::offset_of!(ChannelHeader, status)),
+            );
+        }
+        core.write_indices(mem);
+    }
+}
+
+impl Core {
+    fn ready(&self) -> Result<Ring, SubmitError> {
+        match self.gate {
+            Gate::Paused => return Err(SubmitError::Paused),
+            Gate::Ended => return Err(SubmitError::Ended),
+            Gate::Open => {}
+        }
+        self.state.ring.ok_or(SubmitError::NotReady)
+    }
+
+    /// Writes the indices the VMM owns (whatever the guest wrote over them).
+    fn write_indices(&self, mem: &GuestRam) {
+        let Some(ring) = self.state.ring else {
+            return;
+        };
+        let s = &self.state;
+        for (offset, value) in [
+            (
+                core::mem::offset_of!(ChannelHeader, request_head),
+                s.request_head,
+            ),
+            (
+                core::mem::offset_of!(ChannelHeader, response_tail),
+                s.response_tail,
+            ),
+            (
+                core::mem::offset_of!(ChannelHeader, pending),
+                s.queued.len() as u64,
+            ),
+        ] {
+            let _ = mem.write_obj(value, field(&ring, offset));
+        }
+    }
+
+    /// Takes the responses up to the guest's `head`; returns how many, or the status
+    /// code of a lying index or message.
+    fn take_responses(&mut self, mem: &GuestRam, ring: &Ring, head: u64) -> Result<u64, u32> {
+        let tail = self.state.response_tail;
+        if head < tail || head - tail > u64::from(ring.response_slots) {
+            return Err(status::INVALID_INDEX);
+        }
+        let n = (head - tail).min(MAX_PER_KICK);
+        let mut code = status::OK;
+        let header = ring.header();
+        let max = ring.response_slot_size - MESSAGE_HEADER_SIZE;
+        for index in tail..tail + n {
+            let slot = ring.addr + header.response_slot(index);
+            let Ok(MessageBytes(m)) = mem.read_obj(GuestAddress(slot)) else {
+                code = status::BAD_MESSAGE;
+                continue;
+            };
+            if m.len > max {
+                code = status::BAD_MESSAGE;
+                continue;
+            }
+            let mut payload = vec![0u8; m.len as usize];
+            let at = GuestAddress(slot + u64::from(MESSAGE_HEADER_SIZE));
+            if mem.read_slice(&mut payload, at).is_err() {
+                code = status::BAD_MESSAGE;
+                continue;
+            }
+            self.accept(m, payload);
+        }
+        self.state.response_tail = tail + n;
+        if code == status::OK {
+            Ok(n)
+        } else {
+            Err(code)
+        }
+    }
+
+    /// Adds one response to its stream.
+    fn accept(&mut self, m: MessageHeader, payload: Vec<u8>) {
+        let Some(stream) = self
+            .state
+            .streams
+            .iter_mut()
+            .find(|s| s.id == m.stream && s.end == StreamEnd::Open)
+        else {
+            self.state.dropped += 1;
+            return;
+        };
+        if stream.bytes + payload.len() > MAX_STREAM_BYTES {
+            stream.end = StreamEnd::Overflow;
+            return;
+        }
+        stream.bytes += payload.len();
+        stream.events.push(Message {
+            kind: m.kind,
+            payload,
+        });
+        if m.flags & flags::FINAL != 0 {
+            stream.end = StreamEnd::Final;
+        }
+    }
+
+    /// Writes queued requests into free request slots.
+    fn deliver_requests(&mut self, mem: &GuestRam, ring: &Ring) {
+        let header = ring.header();
+        let mut delivered = 0;
+        while delivered < MAX_PER_KICK
+            && self.state.request_head - self.state.request_tail < u64::from(ring.request_slots)
+        {
+            let Some(q) = self.state.queued.front() else {
+                break;
+            };
+            let slot = ring.addr + header.request_slot(self.state.request_head);
+            let m = MessageHeader {
+                kind: q.message.kind,
+                flags: if q.opens { flags::OPEN } else { 0 },
+                stream: q.stream,
+                len: q.message.payload.len() as u32,
+                reserved: 0,
+            };
+            let at = GuestAddress(slot + u64::from(MESSAGE_HEADER_SIZE));
+            // Written through GuestRam: the pages land in the dirty log. The slot is in
+            // the checked region, so neither write fails; if one did, the request stays
+            // queued rather than being lost.
+            if mem.write_obj(MessageBytes(m), GuestAddress(slot)).is_err()
+                || mem.write_slice(&q.message.payload, at).is_err()
+            {
+                break;
+            }
+            self.state.queued.pop_front();
+            self.state.request_head += 1;
+            delivered += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_ram;
+
+    const REGION: u64 = 0x20_0000;
+
+    fn guest() -> (GuestRam, Channel) {
+        let mem = create_guest_ram(16 << 20).unwrap();
+        let header = ChannelHeader {
+            magic: CHANNEL_MAGIC,
+            version: CHANNEL_VERSION,
+            request_slots: 4,
+            request_slot_size: 512,
+            response_slots: 8,
+            response_slot_size: 256,
+            ..ChannelHeader::default()
+        };
+        mem.write_obj(HeaderBytes(header), GuestAddress(REGION))
+            .unwrap();
+        let channel = Channel::new();
+        channel.setup(&mem, (REGION / PAGE_SIZE) as u32);
+        channel.open();
+        assert_eq!(read_header(&mem).status, status::OK);
+        (mem, channel)
+    }
+
+    fn read_header(mem: &GuestRam) -> ChannelHeader {
+        mem.read_obj::<HeaderBytes>(GuestAddress(REGION)).unwrap().0
+    }
+
+    fn set(mem: &GuestRam, offset: usize, value: u64) {
+        mem.write_obj(value, GuestAddress(REGION + offset as u64))
+            .unwrap();
+    }
+
+    fn message(kind: u32, text: &str) -> Message {
+        Message {
+            kind,
+            payload: text.as_bytes().to_vec(),
+        }
+    }
+
+    /// The guest side: takes every request in the ring.
+    fn take_requests(mem: &GuestRam) -> Vec<(MessageHeader, Vec<u8>)> {
+        let h = read_header(mem);
+        let mut out = Vec::new();
+        for i in h.request_tail..h.request_head {
+            let slot = REGION + h.request_slot(i);
+            let m = mem.read_obj::<MessageBytes>(GuestAddress(slot)).unwrap().0;
+            let mut payload = vec![0; m.len as usize];
+            mem.read_slice(&mut payload, GuestAddress(slot + 24))
+                .unwrap();
+            out.push((m, payload));
+        }
+        set(
+            mem,
+            core::mem::offset_of!(ChannelHeader, request_tail),
+            h.request_head,
+        );
+        out
+    }
+
+    /// The guest side: writes one response.
+    fn respond(mem: &GuestRam, stream: u64, kind: u32, flags: u32, payload: &[u8]) {
+        let h = read_header(mem);
+        let slot = REGION + h.response_slot(h.response_head);
+        let m = MessageHeader {
+            kind,
+            flags,
+            stream,
+            len: payload.len() as u32,
+            reserved: 0,
+        };
+        mem.write_obj(MessageBytes(m), GuestAddress(slot)).unwrap();
+        mem.write_slice(payload, GuestAddress(slot + 24)).unwrap();
+        set(
+            mem,
+            core::mem::offset_of!(ChannelHeader, response_head),
+            h.response_head + 1,
+        );
+    }
+
+    #[test]
+    fn requests_reach_the_guest_and_responses_reach_the_stream() {
+        let (mem, channel) = guest();
+        channel.submit(7, message(1, "hello")).unwrap();
+        channel.kick(&mem, 0);
+        let got = take_requests(&mem);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.stream, got[0].0.flags), (7, flags::OPEN));
+        assert_eq!(got[0].1, b"hello");
+        respond(&mem, 7, 2, 0, b"wor");
+        respond(&mem, 7, 2, flags::FINAL, b"ld");
+        channel.kick(&mem, 0);
+        let read = channel.read(7, 0, Duration::ZERO).unwrap();
+        assert_eq!(read.end, StreamEnd::Final);
+        assert_eq!(read.events, [message(2, "wor"), message(2, "ld")]);
+        assert_eq!(channel.read(7, 1, Duration::ZERO).unwrap().events.len(), 1);
+        channel.release(7);
+        assert_eq!(
+            channel.read(7, 0, Duration::ZERO),
+            Err(ReadError::NoSuchStream(7))
+        );
+    }
+
+    #[test]
+    fn a_full_ring_keeps_requests_queued_in_order() {
+        let (mem, channel) = guest();
+        for i in 0..6 {
+            channel.submit(i, message(1, &i.to_string())).unwrap();
+        }
+        channel.kick(&mem, 0);
+        let first: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
+        assert_eq!(first, [0, 1, 2, 3]);
+        assert_eq!(read_header(&mem).pending, 2);
+        channel.kick(&mem, 0);
+        let rest: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
+        assert_eq!(rest, [4, 5]);
+    }
+
+    #[test]
+    fn queued_requests_and_streams_survive_save_and_restore_exactly_once() {
+        let (mem, channel) = guest();
+        for i in 0..6 {
+            channel.submit(i, message(1, "q")).unwrap();
+        }
+        channel.kick(&mem, 0);
+        take_requests(&mem);
+        respond(&mem, 0, 2, 0, b"before");
+        channel.kick(&mem, 0);
+        channel.pause();
+        assert_eq!(
+            channel.submit(9, message(1, "late")),
+            Err(SubmitError::Paused)
+        );
+        let state = channel.save();
+        // The destination: the same RAM (migrated), the restored channel.
+        let moved = Channel::restore(&state);
+        moved.open();
+        moved.kick(&mem, 0);
+        let rest: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
+        assert_eq!(rest, [4, 5], "each queued request once, none again");
+        moved.kick(&mem, 0);
+        assert!(take_requests(&mem).is_empty());
+        respond(&mem, 0, 2, flags::FINAL, b"after");
+        moved.kick(&mem, 0);
+        let read = moved.read(0, 1, Duration::ZERO).unwrap();
+        assert_eq!(read.events, [message(2, "after")]);
+        assert_eq!(
+            moved.read(0, 0, Duration::ZERO).unwrap().events[0],
+            message(2, "before")
+        );
+    }
+
+    #[test]
+    fn lying_indices_are_ignored_and_reported() {
+        let (mem, channel) = guest();
+        channel.submit(1, message(1, "a")).unwrap();
+        // The guest claims to have taken a request that was never delivered, and
+        // overwrites the host's index.
+        set(&mem, core::mem::offset_of!(ChannelHeader, request_tail), 50);
+        set(&mem, core::mem::offset_of!(ChannelHeader, request_head), 99);
+        channel.kick(&mem, 0);
+        let h = read_header(&mem);
+        assert_eq!(h.status, status::INVALID_INDEX);
+        assert_eq!(h.request_head, 1, "the host's index is restored");
+        // A response head far ahead of the tail.
+        set(&mem, core::mem::offset_of!(ChannelHeader, request_tail), 0);
+        set(
+            &mem,
+            core::mem::offset_of!(ChannelHeader, response_head),
+            1 << 40,
+        );
+        channel.kick(&mem, 0);
+        assert_eq!(read_header(&mem).status, status::INVALID_INDEX);
+        assert!(channel
+            .read(1, 0, Duration::ZERO)
+            .unwrap()
+            .events
+            .is_empty());
+        // Sane again: the request is delivered once.
+        set(&mem, core::mem::offset_of!(ChannelHeader, response_head), 0);
+        channel.kick(&mem, 0);
+        assert_eq!(read_header(&mem).status, status::OK);
+        assert_eq!(take_requests(&mem).len(), 1);
+    }
+
+    #[test]
+    fn hostile_responses_cannot_grow_memory_or_reach_other_streams() {
+        let (mem, channel) = guest();
+        channel.submit(1, message(1, "a")).unwrap();
+        channel.kick(&mem, 0);
+        take_requests(&mem);
+        // A length beyond the slot, and a response to a stream never opened.
+        respond(&mem, 1, 2, 0, b"x");
+        let h = read_header(&mem);
+        let slot = REGION + h.response_slot(h.response_head - 1);
+        mem.write_obj(u32::MAX, GuestAddress(slot + 16)).unwrap();
+        respond(&mem, 77, 2, 0, b"stray");
+        channel.kick(&mem, 0);
+        assert_eq!(read_header(&mem).status, status::BAD_MESSAGE);
+        assert!(channel
+            .read(1, 0, Duration::ZERO)
+            .unwrap()
+            .events
+            .is_empty());
+        assert_eq!(channel.save().dropped, 1);
+        // A stream bounded in bytes.
+        let big = vec![b'y'; 200];
+        for _ in 0..MAX_STREAM_BYTES / 200 + 1 {
+            respond(&mem, 1, 2, 0, &big);
+            channel.kick(&mem, 0);
+        }
+        let read = channel.read(1, 0, Duration::ZERO).unwrap();
+        assert_eq!(read.end, StreamEnd::Overflow);
+        assert!(read.events.len() * 200 <= MAX_STREAM_BYTES);
+    }
+
+    #[test]
+    fn bounds_on_the_host_side() {
+        let (mem, channel) = guest();
+        let too_big = Message {
+            kind: 1,
+            payload: vec![0; 512],
+        };
+        assert!(matches!(
+            channel.submit(1, too_big),
+            Err(SubmitError::TooLarge { max: 488, .. })
+        ));
+        for i in 0..MAX_QUEUED as u64 {
+            channel.submit(i, message(1, "q")).unwrap();
+        }
+        assert_eq!(
+            channel.submit(999, message(1, "q")),
+            Err(SubmitError::QueueFull)
+        );
+        // A cancel still gets through, once.
+        channel.signal(3, message(9, "")).unwrap();
+        channel.signal(3, message(9, "")).unwrap();
+        assert_eq!(channel.load().0, MAX_QUEUED + 1);
+        assert_eq!(
+            channel.submit(0, message(1, "q")),
+            Err(SubmitError::QueueFull)
+        );
+        drop(mem);
+        channel.end();
+        assert_eq!(
+            channel.read(3, 0, Duration::ZERO).unwrap().end,
+            StreamEnd::VmEnded
+        );
+        assert_eq!(
+            channel.submit(1000, message(1, "q")),
+            Err(SubmitError::Ended)
+        );
+    }
+
+    #[test]
+    fn a_reader_waits_for_the_next_response() {
+        let (mem, channel) = guest();
+        channel.submit(5, message(1, "a")).unwrap();
+        channel.kick(&mem, 0);
+        take_requests(&mem);
+        let reader = channel.clone();
+        let waiting =
+            std::thread::spawn(move || reader.read(5, 0, Duration::from_secs(10)).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        respond(&mem, 5, 2, 0, b"tok");
+        channel.kick(&mem, 0);
+        let read = waiting.join().unwrap();
+        assert_eq!(read.events, [message(2, "tok")]);
+    }
+
+    #[test]
+    fn setup_is_checked() {
+        let mem = create_guest_ram(16 << 20).unwrap();
+        let channel = Channel::new();
+        let mut header = ChannelHeader {
+            magic: CHANNEL_MAGIC,
+            version: CHANNEL_VERSION,
+            request_slots: 4,
+            request_slot_size: 512,
+            response_slots: 4,
+            response_slot_size: 100,
+            ..ChannelHeader::default()
+        };
+        let status_of = |h: ChannelHeader, addr: u64| {
+            mem.write_obj(HeaderBytes(h), GuestAddress(addr)).unwrap();
+            channel.setup(&mem, (addr / PAGE_SIZE) as u32);
+            mem.read_obj::<HeaderBytes>(GuestAddress(addr))
+                .unwrap()
+                .0
+                .status
+        };
+        assert_eq!(status_of(header, REGION), status::BAD_GEOMETRY);
+        header.response_slot_size = 256;
+        assert_eq!(status_of(header, 0x5000), status::BAD_GUEST_RANGE);
+        assert_eq!(
+            status_of(header, (16 << 20) - 4096),
+            status::BAD_GUEST_RANGE
+        );
+        header.version = 9;
+        assert_eq!(status_of(header, REGION), status::BAD_VERSION);
+        header.version = CHANNEL_VERSION;
+        assert_eq!(status_of(header, REGION), status::OK);
+        assert_eq!(status_of(header, REGION), status::ALREADY_SET_UP);
+        channel.open();
+        assert!(channel.submit(1, message(1, "x")).is_ok());
+    }
+}
