@@ -132,7 +132,7 @@ impl ChannelHeader {
         let ring = |slots: u32, size: u32| {
             ((1..=MAX_SLOTS).contains(&slots)
                 && (MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&size)
-                && size % 8 == 0)
+                && size.is_multiple_of(8))
                 .then(|| u64::from(slots) * u64::from(size))
         };
         let requests = ring(self.request_slots, self.request_slot_size)?;
