@@ -35,6 +35,11 @@ const IMAGES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "llm-serve",
+        "serves a GGUF model attached as 'model' to clients of the gateway's OpenAI API",
+        false,
+    ),
+    (
         "fmnist-train",
         "trains an MLP on Fashion-MNIST attached as files; prints loss and test accuracy per epoch",
         false,

@@ -133,7 +133,7 @@ impl ChannelHeader {
             ((1..=MAX_SLOTS).contains(&slots)
                 && (MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&size)
                 && size.is_multiple_of(8))
-                .then(|| u64::from(slots) * u64::from(size))
+            .then(|| u64::from(slots) * u64::from(size))
         };
         let requests = ring(self.request_slots, self.request_slot_size)?;
         let responses = ring(self.response_slots, self.response_slot_size)?;

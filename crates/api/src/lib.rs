@@ -375,3 +375,72 @@ pub struct Heartbeat {
     /// their console tails (the host's own API has those), so a beat stays small.
     pub vms: Vec<VmInfo>,
 }
+
+/// A message for a VM's message channel: `POST /v1/vms/{id}/streams` queues a request
+/// that opens `stream`; `POST /v1/vms/{id}/streams/{stream}/signal` sends a control
+/// message (a cancel) to an open one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelMessage {
+    /// The stream it opens or belongs to.
+    pub stream: u64,
+    /// What it is (up to the guest: `ferry_llm::serve::kind` for `llm-serve`).
+    pub kind: u32,
+    /// Its bytes, base64 in JSON.
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// One response of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamEvent {
+    /// What it is.
+    pub kind: u32,
+    /// Its bytes, base64 in JSON.
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// Whether a stream has ended, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamEnd {
+    /// The guest may still respond.
+    Open,
+    /// The guest sent its final response.
+    Final,
+    /// The guest sent more than a stream may hold; the rest was dropped.
+    Overflow,
+    /// The VM ended first.
+    VmEnded,
+}
+
+/// `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W`: the stream's responses from
+/// index `from` on (waiting up to `wait_ms` for one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    /// Index of the first event.
+    pub from: usize,
+    /// The events.
+    pub events: Vec<StreamEvent>,
+    /// Whether the stream has ended (after these events).
+    pub end: StreamEnd,
+}
+
+/// Bytes as a base64 string in JSON.
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}

@@ -15,6 +15,8 @@
 //! | `GET /v1/balance`, `POST /v1/balance` | the balance plan; carry it out (`{"dry_run": true}` only shows it) |
 //! | `GET /v1/events` | recent events |
 //! | `GET /metrics` | Prometheus metrics |
+//! | `GET /v1/models` | OpenAI's API: the serving (`llm-serve`) VMs, each a model named by its VM id |
+//! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI's API: an answer from that VM (`stream: true` for server-sent events), routed to the host that runs it now, following it across migrations |
 //! | `POST /v1/heartbeat` | hosts only (shared secret) |
 //! | `POST /v1/settle` | hosts only: relays a settle question about an in-doubt switchover to the destination's API |
 
@@ -31,7 +33,7 @@ use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
 use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
 use serde::Deserialize;
 
-use crate::{Center, CenterError, PlaceVm};
+use crate::{gateway, Center, CenterError, PlaceVm};
 
 /// The dashboard page: static; it fetches `/v1/cluster` with the token the operator
 /// gives it.
@@ -251,6 +253,17 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
             gates.clone(),
             operator_token,
         ));
+    // OpenAI's API for clients of the serving VMs, with the operators' (and services')
+    // tokens, its errors in OpenAI's shape.
+    let serving = Router::new()
+        .route("/v1/models", get(gateway::models))
+        .route("/v1/chat/completions", post(gateway::chat_completions))
+        .route("/v1/completions", post(gateway::completions))
+        .route_layer(middleware::from_fn_with_state(
+            gates.clone(),
+            operator_token,
+        ))
+        .route_layer(middleware::from_fn(gateway::openai_errors));
     let hosts = Router::new()
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/settle", post(settle))
@@ -258,6 +271,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
     Ok(Router::new()
         .route("/", get(dashboard))
         .merge(operators)
+        .merge(serving)
         .merge(hosts)
         .fallback(not_found)
         .with_state(center))

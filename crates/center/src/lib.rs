@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod balance;
+pub mod gateway;
 pub mod inventory;
 pub mod metrics;
 pub mod operations;
@@ -175,6 +176,8 @@ pub struct Center {
     metrics: metrics::Metrics,
     /// The monitor thread, stopped by dropping the sender ([`Center::shutdown`]).
     monitor: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// The serving gateway's relays.
+    gateway: gateway::Gateway,
 }
 
 impl Center {
@@ -231,6 +234,7 @@ impl Center {
             operations: Mutex::default(),
             metrics,
             monitor: Mutex::default(),
+            gateway: gateway::Gateway::default(),
         }))
     }
 

@@ -82,6 +82,7 @@ mod tests {
                 "mlp-train",
                 "llm-decode",
                 "llm-chat",
+                "llm-serve",
                 "fmnist-train",
                 "calibrate",
                 "faults",

@@ -16,12 +16,17 @@
 //! | `GET /v1/vms/{id}/migration` | its migration: progress while it runs, then the report or the error |
 //! | `DELETE /v1/vms/{id}/migration` | cancel it, up to the moment the destination is told to run the VM |
 //! | `POST /v1/vms/{id}/resolve` | settle an in-doubt VM by hand: `{"action": "resume" \| "release"}` |
+//! | `POST /v1/vms/{id}/streams` | queue a request on its message channel: `{"stream", "kind", "payload"}` (base64), opening that stream; 503 + `Retry-After` while the guest starts or the VM pauses, 429 when its queue is full, 409 `migrated` once it runs elsewhere |
+//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most) for one: `{"from", "events", "end"}` |
+//! | `POST /v1/vms/{id}/streams/{stream}/signal` | a control message (a cancel) for an open stream |
+//! | `DELETE /v1/vms/{id}/streams/{stream}` | forget a stream whose responses were all read |
 //! | `POST /v1/settle/{session}` | whether a VM received here in migration `session` runs here (fencing it if it was not yet told to); the center relays a source's question with it |
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,7 +35,7 @@ use serde::Deserialize;
 
 use ferry_migrate::Purpose;
 
-use ferry_api::{CreateVm, MigrateRequest};
+use ferry_api::{ChannelMessage, CreateVm, MigrateRequest};
 use ferry_http::tokens::{Access, TokenFileError, Tokens};
 use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
 
@@ -51,8 +56,20 @@ impl IntoResponse for HostError {
             HostError::Conflict(_) => StatusCode::CONFLICT,
             HostError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
             HostError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            HostError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HostError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            HostError::Moved(_) => StatusCode::CONFLICT,
+            HostError::StreamNotFound(_) => StatusCode::NOT_FOUND,
+            HostError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
-        error_with_code(status, self.code(), &self.to_string())
+        let retry = matches!(self, HostError::Unavailable(_) | HostError::Busy(_));
+        let mut response = error_with_code(status, self.code(), &self.to_string());
+        if retry {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -164,6 +181,85 @@ async fn settle(State(api): State<Api>, Path(session): Path<u64>) -> Response {
     .await
 }
 
+async fn submit(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    body: JsonBody<ChannelMessage>,
+) -> Response {
+    match body {
+        Ok(Json(m)) => {
+            answer(StatusCode::ACCEPTED, move || {
+                api.host
+                    .channel_submit(&id, m)
+                    .map(|()| serde_json::json!({}))
+            })
+            .await
+        }
+        Err(e) => bad_body(&e),
+    }
+}
+
+async fn signal(
+    State(api): State<Api>,
+    Path((id, stream)): Path<(String, u64)>,
+    body: JsonBody<ChannelMessage>,
+) -> Response {
+    match body {
+        Ok(Json(m)) if m.stream != stream => error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "the message is for stream {}, the path says {stream}",
+                m.stream
+            ),
+        ),
+        Ok(Json(m)) => {
+            answer(StatusCode::ACCEPTED, move || {
+                api.host
+                    .channel_signal(&id, m)
+                    .map(|()| serde_json::json!({}))
+            })
+            .await
+        }
+        Err(e) => bad_body(&e),
+    }
+}
+
+/// `GET /v1/vms/{id}/streams/{stream}`'s query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    /// First event wanted.
+    #[serde(default)]
+    from: usize,
+    /// Longest wait for one, ms.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn read_stream(
+    State(api): State<Api>,
+    Path((id, stream)): Path<(String, u64)>,
+    Query(q): Query<ReadQuery>,
+) -> Response {
+    answer(StatusCode::OK, move || {
+        let wait = std::time::Duration::from_millis(q.wait_ms);
+        api.host.channel_read(&id, stream, q.from, wait)
+    })
+    .await
+}
+
+async fn release_stream(
+    State(api): State<Api>,
+    Path((id, stream)): Path<(String, u64)>,
+) -> Response {
+    answer(StatusCode::OK, move || {
+        api.host
+            .channel_release(&id, stream)
+            .map(|()| serde_json::json!({}))
+    })
+    .await
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -197,6 +293,12 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         )
         .route("/v1/vms/{id}/resolve", post(resolve))
         .route("/v1/settle/{session}", post(settle))
+        .route("/v1/vms/{id}/streams", post(submit))
+        .route(
+            "/v1/vms/{id}/streams/{stream}",
+            get(read_stream).delete(release_stream),
+        )
+        .route("/v1/vms/{id}/streams/{stream}/signal", post(signal))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
         .fallback(not_found)
         .with_state(api))

@@ -337,9 +337,16 @@ impl HostedVm {
         self.life.lose_confirmation(reason)
     }
 
+    /// Its message channel (usable without the VM's control, and after it ended).
+    pub fn channel(&self) -> &ferry_vmm::devices::channel::Channel {
+        self.readout.channel()
+    }
+
     /// The VM runs on its destination now: releases it here.
     pub fn leave(&self) -> Result<(), TransitionError> {
         self.life.leave()?;
+        // Readers and senders go to the destination now; it has the channel's contents.
+        self.readout.channel().detach();
         self.release();
         Ok(())
     }
@@ -356,6 +363,7 @@ impl HostedVm {
     pub fn stop(&self) -> Result<(), TransitionError> {
         self.life.stop()?;
         self.release();
+        self.readout.channel().end();
         self.life.finish_stop()
     }
 

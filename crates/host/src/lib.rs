@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod capacity;
+mod channel;
 pub mod files;
 pub mod heartbeat;
 pub mod hosted;
@@ -59,6 +60,22 @@ pub enum HostError {
     /// Creating or running the VM failed.
     #[error("{0}")]
     Failed(String),
+    /// Not now (the guest is starting, or the VM is pausing for a switchover): try again
+    /// shortly.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Too many requests are waiting: try again later.
+    #[error("{0}")]
+    Busy(String),
+    /// The VM runs on another host now.
+    #[error("{0}")]
+    Moved(String),
+    /// No such stream on the VM's channel.
+    #[error("{0}")]
+    StreamNotFound(String),
+    /// A message larger than the guest takes.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl HostError {
@@ -70,6 +87,11 @@ impl HostError {
             HostError::Conflict(_) => "wrong_state",
             HostError::NoRoom(_) => "no_room",
             HostError::Failed(_) => "vm_failed",
+            HostError::Unavailable(_) => "unavailable",
+            HostError::Busy(_) => "busy",
+            HostError::Moved(_) => "migrated",
+            HostError::StreamNotFound(_) => "stream_not_found",
+            HostError::TooLarge(_) => "too_large",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod chat;
 pub mod gguf;
 pub mod llama;
 pub mod sample;
+pub mod serve;
 pub mod tokenizer;
 
 mod math;

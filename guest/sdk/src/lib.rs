@@ -25,6 +25,7 @@ extern crate alloc;
 
 pub mod accel;
 pub mod args;
+pub mod channel;
 pub mod checksum;
 pub mod clock;
 pub mod console;

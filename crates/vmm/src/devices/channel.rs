@@ -131,6 +131,9 @@ enum Gate {
     Paused,
     /// The VM ended.
     Ended,
+    /// The VM's state became another host's (it migrated away): readers are let go and
+    /// requests refused; the streams live on there.
+    Detached,
 }
 
 /// Why a request was not queued.
@@ -145,6 +148,9 @@ pub enum SubmitError {
     /// The VM ended.
     #[error("the VM has ended")]
     Ended,
+    /// The VM runs on another host now.
+    #[error("the VM runs on another host now")]
+    Detached,
     /// [`MAX_QUEUED`] requests are waiting already.
     #[error("{MAX_QUEUED} requests are queued for the guest already")]
     QueueFull,
@@ -189,6 +195,8 @@ struct Core {
     gate: Gate,
     /// The last status written to the header.
     status: u32,
+    /// Counts gate moves, so a waiting reader returns at a pause or a detach.
+    gate_changes: u64,
 }
 
 struct Shared {
@@ -257,6 +265,7 @@ impl Channel {
                     state,
                     gate: Gate::Paused,
                     status: status::OK,
+                    gate_changes: 0,
                 }),
                 changed: Condvar::new(),
             }),
@@ -274,8 +283,13 @@ impl Channel {
 
     fn set_gate(&self, gate: Gate) {
         let mut core = self.core();
-        if core.gate != Gate::Ended {
+        if !matches!(core.gate, Gate::Ended | Gate::Detached) {
             core.gate = gate;
+        }
+        core.gate_changes += 1;
+        if gate == Gate::Detached {
+            core.state.streams.clear();
+            core.state.queued.clear();
         }
         if gate == Gate::Ended {
             for stream in &mut core.state.streams {
@@ -301,6 +315,12 @@ impl Channel {
     /// The VM ended: requests are refused and open streams end.
     pub fn end(&self) {
         self.set_gate(Gate::Ended);
+    }
+
+    /// The VM migrated away: readers are let go, requests refused, and what this copy
+    /// held is dropped (the destination has it).
+    pub fn detach(&self) {
+        self.set_gate(Gate::Detached);
     }
 
     /// Queues a request that opens stream `stream`.
@@ -376,10 +396,12 @@ impl Channel {
     }
 
     /// The responses of `stream` from index `from` on; waits up to `wait` for one if
-    /// there are none yet and the stream is open.
+    /// there are none yet and the stream is open (returning early if the VM pauses,
+    /// resumes or migrates away).
     pub fn read(&self, stream: u64, from: usize, wait: Duration) -> Result<StreamRead, ReadError> {
         let deadline = Instant::now() + wait;
         let mut core = self.core();
+        let gate_changes = core.gate_changes;
         loop {
             let s = core
                 .state
@@ -388,7 +410,8 @@ impl Channel {
                 .find(|s| s.id == stream)
                 .ok_or(ReadError::NoSuchStream(stream))?;
             let left = deadline.saturating_duration_since(Instant::now());
-            if s.events.len() > from || s.end != StreamEnd::Open || left.is_zero() {
+            let moved = core.gate_changes != gate_changes;
+            if s.events.len() > from || s.end != StreamEnd::Open || left.is_zero() || moved {
                 return Ok(StreamRead {
                     events: s.events.get(from..).unwrap_or_default().to_vec(),
                     end: s.end,
@@ -509,6 +532,7 @@ impl Core {
         match self.gate {
             Gate::Paused => return Err(SubmitError::Paused),
             Gate::Ended => return Err(SubmitError::Ended),
+            Gate::Detached => return Err(SubmitError::Detached),
             Gate::Open => {}
         }
         self.state.ring.ok_or(SubmitError::NotReady)

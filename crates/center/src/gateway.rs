@@ -1,0 +1,863 @@
+//! The serving gateway: OpenAI's API (`/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions`) in front of the `llm-serve` VMs of the cluster, at one address
+//! that follows each VM when it migrates.
+//!
+//! A request becomes a message on the VM's channel (a stream with a random id), sent to
+//! the host that runs the VM now; the answer is read back from that stream event by
+//! event, counting them. When the VM moves, the old host answers `migrated` (or
+//! `unavailable` during the switchover's pause) and the relay asks it where the VM went,
+//! then reads on there from the next event: the stream's events moved with the VM's
+//! state, so each token reaches the client exactly once.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ferry_api::{ChannelMessage, StreamChunk, StreamEnd, VmState};
+use ferry_client::ApiError;
+use ferry_llm::serve::{self, Event, FinishReason, PromptKind, RefusalCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::inventory::{unix_ms, HostRecord};
+use crate::Center;
+
+/// The workload whose VMs the gateway serves.
+pub const SERVING_WORKLOAD: &str = "llm-serve";
+/// Most requests relayed at once; more are answered 429 with `Retry-After`.
+pub const MAX_RELAYS: usize = 256;
+/// Most tokens one request may ask for.
+pub const MAX_TOKENS: u32 = 4096;
+/// Longest a relay keeps trying to reach the VM (a start, a switchover, a lost host).
+const PATIENCE: Duration = Duration::from_secs(30);
+/// Wait between tries while the VM is paused or starting.
+const RETRY_PAUSE: Duration = Duration::from_millis(2);
+/// Longest one read of a stream waits on the host.
+const READ_WAIT_MS: u64 = 1000;
+
+/// The gateway's shared state.
+pub struct Gateway {
+    relays: Arc<Semaphore>,
+    streams: RandomState,
+    counter: AtomicU64,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Self {
+            relays: Arc::new(Semaphore::new(MAX_RELAYS)),
+            streams: RandomState::new(),
+            counter: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Gateway {
+    /// A fresh random stream id (ids need not be secret, only distinct).
+    fn stream_id(&self) -> u64 {
+        let mut h = self.streams.build_hasher();
+        h.write_u64(self.counter.fetch_add(1, Ordering::Relaxed));
+        h.write_u64(unix_ms());
+        h.finish()
+    }
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct OpenAiError {
+    status: StatusCode,
+    message: String,
+    code: &'static str,
+    param: Option<&'static str>,
+}
+
+impl OpenAiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            code,
+            param: None,
+        }
+    }
+
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_value", message)
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 | 403 => "authentication_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let retry = matches!(self.status.as_u16(), 429 | 503);
+        let mut response = (self.status, Json(self.body())).into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Rewrites the token check's errors (401/403) into OpenAI's shape.
+pub async fn openai_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !matches!(status.as_u16(), 401 | 403) {
+        return response;
+    }
+    let bytes = axum::body::to_bytes(response.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| "authentication failed".into());
+    OpenAiError::new(status, "invalid_api_key", message).into_response()
+}
+
+/// A chat message.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatMessage {
+    role: String,
+    content: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
+}
+
+/// `stop`: one text or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both endpoints take.
+#[derive(Debug, Deserialize)]
+struct Sampling {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: String,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// Which endpoint, for the answer's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Sampling {
+    /// The guest's request, or what is wrong with the fields.
+    fn request(
+        &self,
+        prompt: PromptKind,
+        messages: Vec<(String, String)>,
+    ) -> Result<serve::Request, OpenAiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(OpenAiError::invalid("n", "only n = 1 is supported"));
+        }
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(256);
+        if !(1..=MAX_TOKENS).contains(&max_tokens) {
+            return Err(OpenAiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be between 1 and {MAX_TOKENS}, not {max_tokens}"),
+            ));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(OpenAiError::invalid(
+                "temperature",
+                format!("temperature must be between 0 and 2, not {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(OpenAiError::invalid(
+                "top_p",
+                format!("top_p must be above 0 and at most 1, not {top_p}"),
+            ));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(OpenAiError::invalid(
+                "stop",
+                "stop takes at most 4 texts of 1 to 256 bytes",
+            ));
+        }
+        Ok(serve::Request {
+            prompt,
+            messages,
+            max_tokens,
+            temperature,
+            top_p,
+            seed: self.seed.unwrap_or(0),
+            stop,
+        })
+    }
+}
+
+/// What the relay passes to the HTTP side.
+#[derive(Debug)]
+enum Relayed {
+    Text(String),
+    Done {
+        reason: FinishReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    Failed(OpenAiError),
+}
+
+fn api_error(e: &anyhow::Error) -> Option<&ApiError> {
+    e.downcast_ref::<ApiError>()
+}
+
+impl Center {
+    /// The host that runs VM `vm` now, as the center last heard.
+    fn serving_host(&self, vm: &str) -> Option<HostRecord> {
+        let inventory = self.inventory();
+        let record = inventory.vms.get(vm)?;
+        inventory.hosts.get(&record.host).cloned()
+    }
+
+    /// Where VM `vm` went from `from`: the old host says (it records the destination's
+    /// migration address); failing that, the inventory, once it names another host.
+    fn follow(&self, vm: &str, from: &HostRecord) -> Option<HostRecord> {
+        if let Ok(info) = self
+            .host_client(from)
+            .ok()?
+            .get::<ferry_api::VmInfo>(&format!("/v1/vms/{vm}"))
+        {
+            if let VmState::MigratedAway { to } = info.state {
+                let inventory = self.inventory();
+                if let Some(h) = inventory
+                    .hosts
+                    .values()
+                    .find(|h| h.info.migration_addr == to)
+                {
+                    return Some(h.clone());
+                }
+            } else {
+                return Some(from.clone());
+            }
+        }
+        self.serving_host(vm)
+    }
+
+    /// Relays one request to VM `vm` and its answer back over `tx`, following the VM
+    /// across migrations. Blocks: runs on its own thread. Cancels the generation if the
+    /// client goes away (`tx` closed).
+    fn relay(&self, vm: &str, stream: u64, payload: Vec<u8>, tx: &mpsc::Sender<Relayed>) {
+        let fail = |e: OpenAiError| {
+            let _ = tx.blocking_send(Relayed::Failed(e));
+        };
+        let Some(mut host) = self.serving_host(vm) else {
+            return fail(OpenAiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("no model (serving VM) '{vm}'"),
+            ));
+        };
+        let unreachable = |what: &str| {
+            OpenAiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                format!("model '{vm}' could not be reached for {PATIENCE:?}: {what}"),
+            )
+        };
+        let message = ChannelMessage {
+            stream,
+            kind: serve::kind::REQUEST,
+            payload,
+        };
+        let started = Instant::now();
+        loop {
+            let Ok(client) = self.host_client(&host) else {
+                return fail(unreachable("no client"));
+            };
+            let result: anyhow::Result<Value> =
+                client.post(&format!("/v1/vms/{vm}/streams"), &message);
+            let Err(e) = result else { break };
+            match api_error(&e).and_then(|a| a.code.as_deref()) {
+                Some("busy") => {
+                    return fail(OpenAiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_exceeded",
+                        format!("model '{vm}' has a full queue; try again shortly"),
+                    ))
+                }
+                Some("too_large") => {
+                    return fail(OpenAiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "context_length_exceeded",
+                        format!("the request is too large for model '{vm}'"),
+                    ))
+                }
+                Some("migrated") | Some("vm_not_found") => {
+                    if let Some(h) = self.follow(vm, &host) {
+                        host = h;
+                    }
+                }
+                Some("unavailable") => {}
+                _ if api_error(&e).is_some() => {
+                    return fail(OpenAiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("model '{vm}': {e}"),
+                    ))
+                }
+                _ => {
+                    // Unreachable host: it may be going down; the inventory may move.
+                    if let Some(h) = self.serving_host(vm) {
+                        host = h;
+                    }
+                }
+            }
+            if started.elapsed() > PATIENCE {
+                return fail(unreachable(&format!("{e:#}")));
+            }
+            std::thread::sleep(RETRY_PAUSE);
+        }
+
+        let mut next = 0usize;
+        let mut last_progress = Instant::now();
+        loop {
+            if tx.is_closed() {
+                return self.cancel(vm, &host, stream);
+            }
+            let Ok(client) = self.host_client(&host) else {
+                return fail(unreachable("no client"));
+            };
+            let path = format!("/v1/vms/{vm}/streams/{stream}?from={next}&wait_ms={READ_WAIT_MS}");
+            match client.get::<StreamChunk>(&path) {
+                Ok(chunk) => {
+                    if !chunk.events.is_empty() {
+                        last_progress = Instant::now();
+                    }
+                    for e in chunk.events {
+                        next += 1;
+                        let relayed = match Event::decode(&e.payload) {
+                            Ok(Event::Token { text, .. }) => Relayed::Text(text),
+                            Ok(Event::Done {
+                                reason,
+                                prompt_tokens,
+                                completion_tokens,
+                            }) => Relayed::Done {
+                                reason,
+                                prompt_tokens,
+                                completion_tokens,
+                            },
+                            Ok(Event::Error { code, message }) => {
+                                Relayed::Failed(refusal(code, message))
+                            }
+                            Err(e) => Relayed::Failed(OpenAiError::new(
+                                StatusCode::BAD_GATEWAY,
+                                "upstream_error",
+                                format!("model '{vm}' answered garbage: {e}"),
+                            )),
+                        };
+                        let last = !matches!(relayed, Relayed::Text(_));
+                        if tx.blocking_send(relayed).is_err() {
+                            return self.cancel(vm, &host, stream);
+                        }
+                        if last {
+                            return self.release(vm, &host, stream);
+                        }
+                    }
+                    if chunk.end != StreamEnd::Open {
+                        self.release(vm, &host, stream);
+                        return fail(OpenAiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_error",
+                            format!("model '{vm}' ended the answer early ({:?})", chunk.end),
+                        ));
+                    }
+                }
+                Err(e) => {
+                    match api_error(&e).and_then(|a| a.code.as_deref()) {
+                        Some("migrated") | Some("vm_not_found") => {
+                            if let Some(h) = self.follow(vm, &host) {
+                                host = h;
+                            }
+                        }
+                        Some("stream_not_found") => {
+                            return fail(OpenAiError::new(
+                                StatusCode::BAD_GATEWAY,
+                                "upstream_error",
+                                format!("model '{vm}' lost the answer's stream"),
+                            ))
+                        }
+                        _ => {
+                            if let Some(h) = self.serving_host(vm) {
+                                host = h;
+                            }
+                        }
+                    }
+                    if last_progress.elapsed() > PATIENCE {
+                        return fail(unreachable(&format!("{e:#}")));
+                    }
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// The client went away: stop the generation and forget the stream.
+    fn cancel(&self, vm: &str, host: &HostRecord, stream: u64) {
+        if let Ok(client) = self.host_client(host) {
+            let cancel = ChannelMessage {
+                stream,
+                kind: serve::kind::CANCEL,
+                payload: Vec::new(),
+            };
+            let _: anyhow::Result<Value> =
+                client.post(&format!("/v1/vms/{vm}/streams/{stream}/signal"), &cancel);
+        }
+        tracing::info!(vm, stream, "client went away; generation cancelled");
+        self.release(vm, host, stream);
+    }
+
+    fn release(&self, vm: &str, host: &HostRecord, stream: u64) {
+        if let Ok(client) = self.host_client(host) {
+            let _: anyhow::Result<Value> = client.delete(&format!("/v1/vms/{vm}/streams/{stream}"));
+        }
+    }
+}
+
+fn refusal(code: RefusalCode, message: String) -> OpenAiError {
+    match code {
+        RefusalCode::ContextLength => {
+            OpenAiError::new(StatusCode::BAD_REQUEST, "context_length_exceeded", message)
+        }
+        RefusalCode::InvalidRequest => {
+            OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        }
+        RefusalCode::Internal => {
+            OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", message)
+        }
+    }
+}
+
+/// `GET /v1/models`: the serving VMs.
+pub async fn models(State(center): State<Arc<Center>>) -> Response {
+    let data: Vec<Value> = center
+        .inventory()
+        .vms
+        .values()
+        .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD)
+        .map(|v| {
+            json!({
+                "id": v.id,
+                "object": "model",
+                "created": v.info.since_unix_ms / 1000,
+                "owned_by": "ferry",
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// The fields of [`Sampling`] (serde cannot deny unknown fields through `flatten`).
+const SAMPLING_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "user",
+];
+
+/// The body as a `T`, refusing fields other than `own` and [`SAMPLING_FIELDS`].
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, OpenAiError> {
+    let bad = |message: String| {
+        OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_request_body", message)
+    };
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    let Some(fields) = value.as_object() else {
+        return Err(bad("the body must be a JSON object".into()));
+    };
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| *k != own && !SAMPLING_FIELDS.contains(&k.as_str()))
+    {
+        return Err(bad(format!("unknown field '{unknown}'")));
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("the body is not a valid request: {e}")))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(center): State<Arc<Center>>, body: Bytes) -> Response {
+    let req: ChatRequest = match parse(&body, "messages") {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if req.messages.is_empty() {
+        return OpenAiError::invalid("messages", "messages must not be empty").into_response();
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| (m.role, m.content))
+        .collect();
+    complete(
+        center,
+        Endpoint::Chat,
+        req.sampling,
+        PromptKind::Chat,
+        messages,
+    )
+    .await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(center): State<Arc<Center>>, body: Bytes) -> Response {
+    let req: CompletionRequest = match parse(&body, "prompt") {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let messages = vec![(String::new(), req.prompt)];
+    complete(
+        center,
+        Endpoint::Completion,
+        req.sampling,
+        PromptKind::Raw,
+        messages,
+    )
+    .await
+}
+
+async fn complete(
+    center: Arc<Center>,
+    endpoint: Endpoint,
+    sampling: Sampling,
+    prompt: PromptKind,
+    messages: Vec<(String, String)>,
+) -> Response {
+    let request = match sampling.request(prompt, messages) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let model = sampling.model.clone();
+    let known = center
+        .inventory()
+        .vms
+        .get(&model)
+        .is_some_and(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD);
+    if !known {
+        return OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("the model '{model}' does not exist (GET /v1/models lists them)"),
+        )
+        .into_response();
+    }
+    let Ok(permit) = center.gateway.relays.clone().try_acquire_owned() else {
+        return OpenAiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            format!("{MAX_RELAYS} requests are in flight; try again shortly"),
+        )
+        .into_response();
+    };
+    let stream = center.gateway.stream_id();
+    let (tx, mut rx) = mpsc::channel(64);
+    let payload = request.encode();
+    let relay_center = center.clone();
+    let relay_model = model.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ferry-relay".into())
+        .spawn(move || {
+            let _permit: OwnedSemaphorePermit = permit;
+            relay_center.relay(&relay_model, stream, payload, &tx);
+        });
+    if spawned.is_err() {
+        return OpenAiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "cannot start a relay thread",
+        )
+        .into_response();
+    }
+    let id = match endpoint {
+        Endpoint::Chat => format!("chatcmpl-{stream:016x}"),
+        Endpoint::Completion => format!("cmpl-{stream:016x}"),
+    };
+    let created = unix_ms() / 1000;
+    // The first event decides between an error answer and a 200.
+    let first = match rx.recv().await {
+        Some(Relayed::Failed(e)) => return e.into_response(),
+        Some(first) => first,
+        None => {
+            return OpenAiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "relay_failed",
+                "the relay ended without an answer",
+            )
+            .into_response()
+        }
+    };
+    let shape = Shape {
+        endpoint,
+        id,
+        created,
+        model,
+    };
+    if sampling.stream {
+        let usage = sampling.stream_options.is_some_and(|o| o.include_usage);
+        return shape.stream(first, rx, usage);
+    }
+    let mut text = String::new();
+    let mut item = Some(first);
+    while let Some(relayed) = item {
+        match relayed {
+            Relayed::Text(t) => text.push_str(&t),
+            Relayed::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                return Json(shape.whole(&text, reason, prompt_tokens, completion_tokens))
+                    .into_response()
+            }
+            Relayed::Failed(e) => return e.into_response(),
+        }
+        item = rx.recv().await;
+    }
+    OpenAiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "relay_failed",
+        "the relay ended before the answer did",
+    )
+    .into_response()
+}
+
+/// The answer's JSON shapes.
+struct Shape {
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+fn usage(prompt: u32, completion: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+fn finish_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+impl Shape {
+    fn whole(&self, text: &str, reason: FinishReason, prompt: u32, completion: u32) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_name(reason),
+                "logprobs": null,
+            }),
+            Endpoint::Completion => json!({
+                "index": 0,
+                "text": text,
+                "finish_reason": finish_name(reason),
+                "logprobs": null,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion",
+                Endpoint::Completion => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(prompt, completion),
+        })
+    }
+
+    fn chunk(&self, text: Option<&str>, finish: Option<FinishReason>) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "delta": match text {
+                    Some(t) => json!({"role": "assistant", "content": t}),
+                    None => json!({}),
+                },
+                "finish_reason": finish.map(finish_name),
+                "logprobs": null,
+            }),
+            Endpoint::Completion => json!({
+                "index": 0,
+                "text": text.unwrap_or(""),
+                "finish_reason": finish.map(finish_name),
+                "logprobs": null,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion.chunk",
+                Endpoint::Completion => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+
+    /// Server-sent events: a chunk per piece of text, the finish, then `[DONE]`. An
+    /// error after the 200 goes as an `error` object, then `[DONE]`.
+    fn stream(self, first: Relayed, mut rx: mpsc::Receiver<Relayed>, with_usage: bool) -> Response {
+        let event = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
+        let (out, body) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+        tokio::spawn(async move {
+            let mut item = Some(first);
+            while let Some(relayed) = item {
+                let (bytes, last) = match relayed {
+                    Relayed::Text(t) if t.is_empty() => (None, false),
+                    Relayed::Text(t) => (Some(event(&self.chunk(Some(&t), None))), false),
+                    Relayed::Done {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
+                        let mut b = format!("data: {}\n\n", self.chunk(None, Some(reason)));
+                        if with_usage {
+                            let mut u = self.chunk(None, None);
+                            u["choices"] = json!([]);
+                            u["usage"] = usage(prompt_tokens, completion_tokens);
+                            b.push_str(&format!("data: {u}\n\n"));
+                        }
+                        b.push_str("data: [DONE]\n\n");
+                        (Some(Bytes::from(b)), true)
+                    }
+                    Relayed::Failed(e) => (
+                        Some(Bytes::from(format!(
+                            "data: {}\n\ndata: [DONE]\n\n",
+                            e.body()
+                        ))),
+                        true,
+                    ),
+                };
+                // A closed body means the client left: dropping `rx` tells the relay.
+                if let Some(bytes) = bytes {
+                    if out.send(Ok(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
+                    return;
+                }
+                item = rx.recv().await;
+            }
+        });
+        let stream = futures_util::stream::unfold(body, |mut body| async move {
+            body.recv().await.map(|item| (item, body))
+        });
+        let mut response = Response::new(Body::from_stream(stream));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+        response
+    }
+}

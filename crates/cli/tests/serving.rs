@@ -1,0 +1,417 @@
+//! An `llm-serve` VM (SmolLM2) behind the center's OpenAI-compatible gateway: the
+//! official `openai` Python client streams an answer while the VM migrates, and gets the
+//! text an unmigrated run gives; concurrent clients keep being answered while the VM
+//! moves back and forth; bad requests get OpenAI-shaped 4xx errors; a client that hangs
+//! up stops the generation.
+//!
+//! They need the model (`scripts/fetch-model`) and, for the client test, the `openai`
+//! Python package (`.ci/run` installs both); without them they say SKIPPED loudly (and
+//! fail under FERRY_REQUIRE_MODEL=1).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+mod common;
+
+use common::{kvm_available, report, wait_for, Daemon};
+
+const TOKEN: &str = "service-token-0123456789";
+const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
+
+/// A center with hosts a and b, and an `llm-serve` VM on a.
+struct Serving {
+    center: Child,
+    url: String,
+    a: Daemon,
+    b: Daemon,
+    vm: String,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.center.kill();
+        let _ = self.center.wait();
+    }
+}
+
+impl Serving {
+    fn start(test: &str, model: &std::path::Path) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("serving-{test}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (center, url) = common::start_center(&dir.join("center.db"), "127.0.0.1:0", TOKEN, &[]);
+        let host = |name| {
+            Daemon::start_with(
+                name,
+                &[
+                    "--center",
+                    &url,
+                    "--heartbeat-ms",
+                    "200",
+                    "--accel-capacity",
+                    "2G",
+                ],
+            )
+        };
+        let (a, b) = (host("a"), host("b"));
+        let files = [format!("model={}", model.display())];
+        let vm = a.create_with(
+            "llm-serve",
+            "256M",
+            "512M",
+            &files,
+            &["--slots", "4", "--context", "512"],
+        );
+        a.wait_console(&vm, "llm-serve: ready");
+        let serving = Self {
+            center,
+            url,
+            a,
+            b,
+            vm,
+        };
+        wait_for(
+            "the gateway to list the model",
+            Duration::from_secs(30),
+            || {
+                let (status, models) = serving.get("/v1/models");
+                (status == 200 && models["data"].to_string().contains(&serving.vm)).then_some(())
+            },
+        );
+        serving
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(300)))
+            .build()
+            .new_agent()
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let mut r = Self::agent()
+            .get(format!("{}{path}", self.url))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap();
+        let body = r.body_mut().read_to_string().unwrap();
+        (
+            r.status().as_u16(),
+            serde_json::from_str(&body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// POSTs `body` (raw) to `path` with `token`; the status, headers' Retry-After and
+    /// the body as JSON.
+    fn post_raw(&self, path: &str, token: &str, body: &str) -> (u16, Option<String>, Value) {
+        let mut r = Self::agent()
+            .post(format!("{}{path}", self.url))
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .unwrap();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = r.body_mut().read_to_string().unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (r.status().as_u16(), retry, value)
+    }
+
+    fn chat(&self, body: &Value) -> (u16, Value) {
+        let (status, _, v) = self.post_raw("/v1/chat/completions", TOKEN, &body.to_string());
+        (status, v)
+    }
+
+    fn request(&self, seed: u64, max_tokens: u32) -> Value {
+        json!({
+            "model": self.vm,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "seed": seed,
+        })
+    }
+
+    /// The whole answer to `request(seed, max_tokens)`, not streamed.
+    fn answer(&self, seed: u64, max_tokens: u32) -> (String, Value) {
+        let (status, v) = self.chat(&self.request(seed, max_tokens));
+        assert_eq!(status, 200, "{v}");
+        let content = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (content, v["usage"].clone())
+    }
+}
+
+/// The official client streaming one chat completion, printing each piece as a JSON
+/// string on its own line, then `FINISH <reason>`.
+const CLIENT: &str = r#"
+import json, sys, openai
+url, token, model, prompt, seed, max_tokens = sys.argv[1:7]
+client = openai.OpenAI(base_url=url + "/v1", api_key=token, max_retries=0, timeout=300)
+stream = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": prompt}], stream=True,
+    max_tokens=int(max_tokens), temperature=0.8, top_p=0.95, seed=int(seed))
+for chunk in stream:
+    choice = chunk.choices[0]
+    if choice.delta.content:
+        print(json.dumps(choice.delta.content), flush=True)
+    if choice.finish_reason:
+        print("FINISH", choice.finish_reason, flush=True)
+"#;
+
+fn has_openai(test: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        ferry_testdata::missing_tool(
+            test,
+            "python3 with the openai package is missing (pip install openai)",
+        );
+    }
+    ok
+}
+
+#[test]
+fn the_openai_client_streams_an_answer_across_a_live_migration_unchanged() {
+    let test = "the_openai_client_streams_an_answer_across_a_live_migration_unchanged";
+    if !kvm_available(test) || !has_openai(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let s = Serving::start(test, &model);
+    let (want, usage) = s.answer(11, 160);
+    assert!(want.len() > 200, "a long answer: {want:?}");
+
+    let mut client = Command::new("python3")
+        .args(["-c", CLIENT, &s.url, TOKEN, &s.vm, PROMPT, "11", "160"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    let mut got = String::new();
+    let mut pieces = 0;
+    let mut finish = None;
+    let mut moved = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(reason) = line.strip_prefix("FINISH ") {
+            finish = Some(reason.to_string());
+            continue;
+        }
+        got.push_str(&serde_json::from_str::<String>(&line).unwrap());
+        pieces += 1;
+        if pieces == 15 {
+            // Mid-answer: the VM moves to b while the client keeps reading.
+            moved = Some(report(&s.a.migrate(&s.vm, &s.b.migration, &[])));
+        }
+    }
+    let mut stderr = String::new();
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(client.wait().unwrap().success(), "client failed: {stderr}");
+    let moved = moved.expect("the answer was long enough to migrate in the middle");
+    assert!(moved["downtime_ms"].as_f64().is_some(), "{moved}");
+    assert_eq!(
+        got, want,
+        "the streamed text differs from the unmigrated answer"
+    );
+    let expected_finish = if usage["completion_tokens"] == 160 {
+        "length"
+    } else {
+        "stop"
+    };
+    assert_eq!(finish.as_deref(), Some(expected_finish));
+    // The VM answers on b now, through the same address.
+    assert_eq!(s.answer(11, 160).0, want);
+    let vm_on_b = s.b.show(&s.vm);
+    assert_eq!(vm_on_b["state"], "running", "{vm_on_b}");
+}
+
+#[test]
+fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
+    let test = "concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let s = Serving::start(test, &model);
+    const CLIENTS: u64 = 8;
+    const TOKENS: u32 = 24;
+    let references: Vec<String> = (0..CLIENTS).map(|c| s.answer(100 + c, TOKENS).0).collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, moves) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (s, stop, references) = (&s, &stop, &references);
+                scope.spawn(move || {
+                    let mut checked = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) || checked == 0 {
+                        let (status, v) = s.chat(&s.request(100 + c, TOKENS));
+                        assert_eq!(status, 200, "client {c}: {v}");
+                        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+                        assert_eq!(content, references[c as usize], "client {c}");
+                        checked += 1;
+                    }
+                    checked
+                })
+            })
+            .collect();
+        let mut moves = Vec::new();
+        for i in 0..10 {
+            let (from, to) = if i % 2 == 0 {
+                (&s.a, &s.b)
+            } else {
+                (&s.b, &s.a)
+            };
+            std::thread::sleep(Duration::from_millis(300));
+            moves.push(report(&from.migrate(&s.vm, &to.migration, &[])));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers: u32 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        (answers, moves)
+    });
+    assert_eq!(moves.len(), 10);
+    assert!(
+        answers >= CLIENTS as u32,
+        "every client was answered: {answers}"
+    );
+    eprintln!("{answers} answers checked across 10 migrations, none failed");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
+    let test = "bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let s = Serving::start(test, &model);
+    let path = "/v1/chat/completions";
+    let base = s.request(1, 8);
+    let with = |field: &str, value: Value| {
+        let mut b = base.clone();
+        b[field] = value;
+        b.to_string()
+    };
+    let long = "lighthouse ".repeat(700);
+    for (what, body, status, code) in [
+        (
+            "malformed JSON",
+            "{\"model\": ".to_string(),
+            400,
+            "invalid_request_body",
+        ),
+        (
+            "unknown model",
+            with("model", json!("nope")),
+            404,
+            "model_not_found",
+        ),
+        (
+            "unknown field",
+            with("frequency_penalty_x", json!(1)),
+            400,
+            "invalid_request_body",
+        ),
+        (
+            "max_tokens 0",
+            with("max_tokens", json!(0)),
+            400,
+            "invalid_value",
+        ),
+        (
+            "max_tokens too big",
+            with("max_tokens", json!(100000)),
+            400,
+            "invalid_value",
+        ),
+        (
+            "temperature",
+            with("temperature", json!(7)),
+            400,
+            "invalid_value",
+        ),
+        (
+            "prompt longer than the context",
+            with("messages", json!([{"role": "user", "content": long}])),
+            400,
+            "context_length_exceeded",
+        ),
+    ] {
+        let (got, _, v) = s.post_raw(path, TOKEN, &body);
+        assert_eq!(got, status, "{what}: {v}");
+        assert_eq!(v["error"]["code"], code, "{what}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().len() > 5,
+            "{what}: {v}"
+        );
+        assert!(v["error"]["type"].is_string(), "{what}: {v}");
+    }
+    let (status, _, v) = s.post_raw(path, "wrong-token-0123456789", &base.to_string());
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+
+    // A streaming client that reads a few events and hangs up.
+    let mut body = s.request(5, 400);
+    body["stream"] = json!(true);
+    let mut r = Serving::agent()
+        .post(format!("{}{path}", s.url))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut reader = BufReader::new(r.body_mut().as_reader());
+    let mut events = 0;
+    let mut line = String::new();
+    while events < 5 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("data: {") {
+            events += 1;
+        }
+    }
+    drop(reader);
+    drop(r);
+    s.a.wait_console(&s.vm, "ended (cancelled)");
+    let console = s.a.show(&s.vm)["console_tail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let line = console
+        .lines()
+        .find(|l| l.contains("ended (cancelled)"))
+        .unwrap();
+    let generated: u32 = line
+        .split(" prompt tokens, ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(generated < 400, "the generation stopped early: {line}");
+    // And the server still answers.
+    assert_eq!(s.chat(&s.request(1, 8)).0, 200);
+}

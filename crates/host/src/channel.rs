@@ -1,0 +1,111 @@
+//! A VM's message channel over the host API: requests queued for the guest, and the
+//! guest's responses read by stream, for the center's gateway (which speaks OpenAI's API
+//! to clients and follows the VM when it migrates).
+
+use std::time::Duration;
+
+use ferry_api::{ChannelMessage, StreamChunk, StreamEnd, StreamEvent, VmState};
+use ferry_vmm::devices::channel::{self, Message, ReadError, SubmitError};
+
+use crate::{Host, HostError};
+
+/// Longest a read waits for the next response.
+pub const MAX_READ_WAIT: Duration = Duration::from_secs(10);
+
+fn submit_error(id: &str, e: SubmitError) -> HostError {
+    let text = format!("VM {id}: {e}");
+    match e {
+        SubmitError::NotReady | SubmitError::Paused => HostError::Unavailable(text),
+        SubmitError::QueueFull | SubmitError::TooManyStreams => HostError::Busy(text),
+        SubmitError::TooLarge { .. } => HostError::TooLarge(text),
+        SubmitError::Detached => HostError::Moved(text),
+        SubmitError::Ended | SubmitError::StreamExists(_) => HostError::Conflict(text),
+        SubmitError::NoSuchStream(_) => HostError::StreamNotFound(text),
+    }
+}
+
+impl Host {
+    /// The error for a VM whose channel is not this host's any more, if so.
+    fn moved(&self, id: &str) -> Option<HostError> {
+        match self.get(id).ok()?.state() {
+            VmState::MigratedAway { to } => Some(HostError::Moved(format!(
+                "VM {id} migrated to {to} and runs there"
+            ))),
+            _ => None,
+        }
+    }
+
+    /// Queues a request on VM `id`'s channel, opening its stream.
+    pub fn channel_submit(&self, id: &str, m: ChannelMessage) -> Result<(), HostError> {
+        let vm = self.get(id)?;
+        vm.channel()
+            .submit(
+                m.stream,
+                Message {
+                    kind: m.kind,
+                    payload: m.payload,
+                },
+            )
+            .map_err(|e| self.moved(id).unwrap_or_else(|| submit_error(id, e)))
+    }
+
+    /// Sends a control message (a cancel) to an open stream of VM `id`.
+    pub fn channel_signal(&self, id: &str, m: ChannelMessage) -> Result<(), HostError> {
+        let vm = self.get(id)?;
+        vm.channel()
+            .signal(
+                m.stream,
+                Message {
+                    kind: m.kind,
+                    payload: m.payload,
+                },
+            )
+            .map_err(|e| self.moved(id).unwrap_or_else(|| submit_error(id, e)))
+    }
+
+    /// The responses of `stream` of VM `id` from index `from` on, waiting up to `wait`
+    /// (at most [`MAX_READ_WAIT`]) for one. Blocks: call it off the async runtime.
+    pub fn channel_read(
+        &self,
+        id: &str,
+        stream: u64,
+        from: usize,
+        wait: Duration,
+    ) -> Result<StreamChunk, HostError> {
+        let vm = self.get(id)?;
+        if let Some(moved) = self.moved(id) {
+            return Err(moved);
+        }
+        let read = vm
+            .channel()
+            .read(stream, from, wait.min(MAX_READ_WAIT))
+            .map_err(|ReadError::NoSuchStream(s)| {
+                self.moved(id).unwrap_or_else(|| {
+                    HostError::StreamNotFound(format!("VM {id} has no stream {s}"))
+                })
+            })?;
+        Ok(StreamChunk {
+            from,
+            events: read
+                .events
+                .into_iter()
+                .map(|m| StreamEvent {
+                    kind: m.kind,
+                    payload: m.payload,
+                })
+                .collect(),
+            end: match read.end {
+                channel::StreamEnd::Open => StreamEnd::Open,
+                channel::StreamEnd::Final => StreamEnd::Final,
+                channel::StreamEnd::Overflow => StreamEnd::Overflow,
+                channel::StreamEnd::VmEnded => StreamEnd::VmEnded,
+            },
+        })
+    }
+
+    /// Forgets `stream` of VM `id` (its reader has it all).
+    pub fn channel_release(&self, id: &str, stream: u64) -> Result<(), HostError> {
+        self.get(id)?.channel().release(stream);
+        Ok(())
+    }
+}

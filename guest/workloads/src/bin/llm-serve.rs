@@ -1,0 +1,396 @@
+//! A GGUF language model serving requests from the VM's message channel: several
+//! sequences at once, one token of each in turn, every token streamed back as it is
+//! produced. A request's answer depends only on the request (its prompt, parameters and
+//! seed), not on what else is being served, nor on a migration.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[path = "../llama/model.rs"]
+mod model;
+
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use ferry_llm::serve::{
+    kind, Event, FinishReason, PromptKind, RefusalCode, Request, StopFilter, NO_TOKEN,
+};
+use ferry_llm::{ChatTemplate, Message, Sampler, SamplerConfig, Tokenizer, Utf8Stream};
+use ferry_sdk::channel::{Channel, Geometry};
+use ferry_sdk::files;
+use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use model::{describe, read_model, Device, Failure};
+
+ferry_sdk::entry!(main);
+
+const HELP: &str = "\
+llm-serve: serves a GGUF language model (attached as 'model') to the host's clients
+through the VM's message channel; the host's gateway speaks OpenAI's API.
+  --slots N      sequences generated at once, each with its KV cache (default 4); more
+                 requests wait in a queue
+  --context N    positions of each sequence's KV cache: prompt plus answer (default 512)
+  --batch N      prompt tokens processed per step (default 32)
+  --file NAME    name of the attached model file (default model)
+Prints `llm-serve: ready` once the model is in device memory, and a line per request.";
+
+/// Exit code for a bad model file or a device failure.
+const EXIT_FAILED: i32 = 1;
+
+struct Options {
+    file: &'static str,
+    slots: usize,
+    context: usize,
+    batch: usize,
+}
+
+fn main(args: Args) -> i32 {
+    if args.wants_help() {
+        println!("{HELP}");
+        return 0;
+    }
+    let options = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            println!("llm-serve: error: {e} (see --help)");
+            return EXIT_USAGE;
+        }
+    };
+    match serve(&options) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("llm-serve: error: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+fn parse(args: &Args) -> Result<Options, ArgError> {
+    args.check(&["slots", "context", "batch", "file"], &[])?;
+    let o = Options {
+        file: args.value("file")?.unwrap_or("model"),
+        slots: args.parse_or("slots", 4usize)?,
+        context: args.parse_or("context", 512usize)?,
+        batch: args.parse_or("batch", 32usize)?,
+    };
+    if !(1..=64).contains(&o.slots) || o.context < 2 || o.batch == 0 {
+        return Err(ArgError::new(
+            "--slots must be 1 to 64, --context at least 2, --batch at least 1",
+        ));
+    }
+    Ok(o)
+}
+
+/// The model's text side.
+struct Text {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    context: usize,
+}
+
+/// A request being answered.
+struct Sequence {
+    stream: u64,
+    pos: usize,
+    /// The token to feed next (the last one generated).
+    last: u32,
+    prompt_tokens: usize,
+    generated: usize,
+    max_tokens: usize,
+    sampler: Option<Sampler>,
+    stops: Vec<u32>,
+    utf8: Utf8Stream,
+    filter: StopFilter,
+}
+
+/// The server's state: queued requests and the sequences in the slots.
+struct Server {
+    dev: Device,
+    text: Text,
+    batch: usize,
+    queue: VecDeque<(u64, Request)>,
+    slots: Vec<Option<Sequence>>,
+    logits: Vec<f32>,
+    served: u64,
+}
+
+fn serve(o: &Options) -> Result<(), Failure> {
+    let file = files::open(o.file)?;
+    let (model, tokenizer, template) = read_model(&file)?;
+    let context = o.context.min(model.config.context_len);
+    println!("llm-serve: model '{}': {}", file.name(), describe(&model));
+    let dev = Device::load(&file, &model, context, o.batch, o.slots)?;
+    let mut ch =
+        Channel::open(Geometry::default()).map_err(|e| Failure(format!("message channel: {e}")))?;
+    let mut server = Server {
+        dev,
+        text: Text {
+            tokenizer,
+            template,
+            context,
+        },
+        batch: o.batch,
+        queue: VecDeque::new(),
+        slots: (0..o.slots).map(|_| None).collect(),
+        logits: vec![0f32; model.config.vocab],
+        served: 0,
+    };
+    println!("llm-serve: ready: {} slots of {context} positions", o.slots);
+    loop {
+        let idle = server.queue.is_empty() && server.slots.iter().all(Option::is_none);
+        ch.kick(if idle { 1000 } else { 0 });
+        while let Some(m) = ch.receive() {
+            server.take(&mut ch, m);
+        }
+        server.start_queued(&mut ch)?;
+        server.step(&mut ch)?;
+    }
+}
+
+fn send(ch: &mut Channel, stream: u64, event: &Event) {
+    ch.send(stream, kind::EVENT, event.is_final(), &event.encode());
+}
+
+fn refuse(ch: &mut Channel, stream: u64, code: RefusalCode, message: String) {
+    send(ch, stream, &Event::Error { code, message });
+}
+
+impl Server {
+    /// A message from the host.
+    fn take(&mut self, ch: &mut Channel, m: ferry_sdk::channel::Request) {
+        match m.kind {
+            kind::REQUEST if m.opens => match Request::decode(&m.payload) {
+                Ok(r) => self.queue.push_back((m.stream, r)),
+                Err(e) => refuse(ch, m.stream, RefusalCode::InvalidRequest, format!("{e}")),
+            },
+            kind::CANCEL => {
+                if let Some(i) = self.queue.iter().position(|(s, _)| *s == m.stream) {
+                    self.queue.remove(i);
+                    send(ch, m.stream, &done(FinishReason::Cancelled, 0, 0));
+                }
+                let active = self
+                    .slots
+                    .iter_mut()
+                    .find(|slot| slot.as_ref().is_some_and(|s| s.stream == m.stream));
+                if let Some(seq) = active.and_then(Option::take) {
+                    self.finish(ch, seq, FinishReason::Cancelled);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts queued requests in free slots (prefills their prompts).
+    fn start_queued(&mut self, ch: &mut Channel) -> Result<(), Failure> {
+        while let Some(free) = self.slots.iter().position(Option::is_none) {
+            let Some((stream, request)) = self.queue.pop_front() else {
+                return Ok(());
+            };
+            let (prompt, stops) = match self.text.prompt(&request) {
+                Ok(p) => p,
+                Err((code, message)) => {
+                    refuse(ch, stream, code, message);
+                    continue;
+                }
+            };
+            let sampler = if request.temperature > 0.0 {
+                let config = SamplerConfig {
+                    temperature: request.temperature,
+                    top_k: 0,
+                    top_p: request.top_p,
+                    seed: request.seed,
+                };
+                match Sampler::new(config) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        refuse(ch, stream, RefusalCode::InvalidRequest, format!("{e}"));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let mut pos = 0;
+            for chunk in prompt.chunks(self.batch) {
+                self.dev.forward(chunk, pos, free)?;
+                pos += chunk.len();
+            }
+            let mut seq = Sequence {
+                stream,
+                pos,
+                last: 0,
+                prompt_tokens: prompt.len(),
+                generated: 0,
+                max_tokens: (request.max_tokens as usize).min(self.text.context - prompt.len()),
+                sampler,
+                stops,
+                utf8: Utf8Stream::new(),
+                filter: StopFilter::new(&request.stop),
+            };
+            let token = self.sample(&mut seq)?;
+            if let Some(seq) = self.emit(ch, seq, token) {
+                self.slots[free] = Some(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// One token for every sequence in a slot.
+    fn step(&mut self, ch: &mut Channel) -> Result<(), Failure> {
+        for i in 0..self.slots.len() {
+            let Some(mut seq) = self.slots[i].take() else {
+                continue;
+            };
+            self.dev.forward(&[seq.last], seq.pos, i)?;
+            seq.pos += 1;
+            let token = self.sample(&mut seq)?;
+            self.slots[i] = self.emit(ch, seq, token);
+            // Take cancels and new requests between tokens, not only between rounds.
+            ch.kick(0);
+            while let Some(m) = ch.receive() {
+                self.take(ch, m);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next token of `seq`, from the logits of its last forward pass.
+    fn sample(&mut self, seq: &mut Sequence) -> Result<u32, Failure> {
+        Ok(match &mut seq.sampler {
+            None => self.dev.argmax()?,
+            Some(sampler) => {
+                self.dev.logits(&mut self.logits)?;
+                sampler.sample(&self.logits)
+            }
+        })
+    }
+
+    /// Streams `token` of `seq`; returns the sequence unless it ended.
+    fn emit(&mut self, ch: &mut Channel, mut seq: Sequence, token: u32) -> Option<Sequence> {
+        seq.last = token;
+        seq.generated += 1;
+        if seq.stops.contains(&token) {
+            self.finish(ch, seq, FinishReason::Stop);
+            return None;
+        }
+        let mut piece = String::new();
+        if !self.text.tokenizer.is_control(token) {
+            seq.utf8
+                .push(self.text.tokenizer.decode_token(token), &mut piece);
+        }
+        let (text, stopped) = seq.filter.push(&piece);
+        send(ch, seq.stream, &Event::Token { id: token, text });
+        if stopped {
+            self.finish_quietly(ch, &seq, FinishReason::Stop);
+            return None;
+        }
+        if seq.generated >= seq.max_tokens || seq.pos + 1 >= self.text.context {
+            self.finish(ch, seq, FinishReason::Length);
+            return None;
+        }
+        Some(seq)
+    }
+
+    /// Ends `seq`: the text still held back, then the final event.
+    fn finish(&mut self, ch: &mut Channel, mut seq: Sequence, reason: FinishReason) {
+        let mut tail = String::new();
+        seq.utf8.finish(&mut tail);
+        let (mut text, stopped) = seq.filter.push(&tail);
+        if !stopped {
+            text.push_str(&seq.filter.finish());
+        }
+        if !text.is_empty() {
+            send(ch, seq.stream, &Event::Token { id: NO_TOKEN, text });
+        }
+        self.finish_quietly(ch, &seq, reason);
+    }
+
+    fn finish_quietly(&mut self, ch: &mut Channel, seq: &Sequence, reason: FinishReason) {
+        // A token that ended the answer (end of turn) is not part of it.
+        let completion = if reason == FinishReason::Stop && seq.stops.contains(&seq.last) {
+            seq.generated - 1
+        } else {
+            seq.generated
+        };
+        send(ch, seq.stream, &done(reason, seq.prompt_tokens, completion));
+        self.served += 1;
+        println!(
+            "llm-serve: request {} ended ({}): {} prompt tokens, {completion} generated ({} served)",
+            seq.stream,
+            reason.name(),
+            seq.prompt_tokens,
+            self.served
+        );
+    }
+}
+
+fn done(reason: FinishReason, prompt: usize, completion: usize) -> Event {
+    Event::Done {
+        reason,
+        prompt_tokens: prompt as u32,
+        completion_tokens: completion as u32,
+    }
+}
+
+impl Text {
+    /// The request's prompt tokens and stop tokens, or why it cannot be served.
+    fn prompt(&self, r: &Request) -> Result<(Vec<u32>, Vec<u32>), (RefusalCode, String)> {
+        let (text, stops) = match r.prompt {
+            PromptKind::Raw => {
+                let raw = r.messages.first().map_or("", |(_, c)| c.as_str());
+                (
+                    String::from(raw),
+                    self.tokenizer.eos().into_iter().collect(),
+                )
+            }
+            PromptKind::Chat => {
+                let Some(template) = &self.template else {
+                    return Err((
+                        RefusalCode::InvalidRequest,
+                        "this model has no chat template; use the completions endpoint".into(),
+                    ));
+                };
+                let messages: Vec<Message> = r
+                    .messages
+                    .iter()
+                    .map(|(role, content)| Message {
+                        role: role.as_str(),
+                        content: content.as_str(),
+                    })
+                    .collect();
+                (
+                    template.render(&messages, true),
+                    template.stop_tokens(&self.tokenizer),
+                )
+            }
+        };
+        let mut prompt = Vec::new();
+        if self.tokenizer.add_bos() {
+            prompt.extend(self.tokenizer.bos());
+        }
+        prompt.extend(self.tokenizer.encode(&text, true));
+        if prompt.is_empty() {
+            return Err((RefusalCode::InvalidRequest, "the prompt is empty".into()));
+        }
+        if prompt.len() + 1 > self.context {
+            return Err((
+                RefusalCode::ContextLength,
+                format!(
+                    "the prompt has {} tokens; this server's context is {} positions \
+                     (prompt and answer)",
+                    prompt.len(),
+                    self.context
+                ),
+            ));
+        }
+        if r.max_tokens == 0 {
+            return Err((
+                RefusalCode::InvalidRequest,
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        Ok((prompt, stops))
+    }
+}

@@ -1,0 +1,325 @@
+//! A llama-family GGUF model on the virtual accelerator, shared by the guests that run
+//! one (`llm-chat`, `llm-serve`): the weights go straight from the attached file into
+//! device memory and are only read from then on; each sequence has its KV cache.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use ferry_llm::{ChatTemplate, Gguf, GgufError, LlamaConfig, LlamaModel, Tokenizer, Weight};
+use ferry_sdk::abi::accel::dtype::DType;
+use ferry_sdk::accel::{Accel, AccelError, Tensor, U32Tensor, Weights};
+use ferry_sdk::files::{self, File};
+
+/// Most bytes of metadata read before giving up on a file.
+const MAX_HEADER: u64 = 256 << 20;
+
+/// Any failure of a run, as one message.
+pub struct Failure(pub String);
+
+impl core::fmt::Display for Failure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<AccelError> for Failure {
+    fn from(e: AccelError) -> Self {
+        Failure(format!("accelerator: {e}"))
+    }
+}
+
+impl From<files::FileError> for Failure {
+    fn from(e: files::FileError) -> Self {
+        Failure(format!("{e}"))
+    }
+}
+
+/// The model file's description (metadata, tensors, tokenizer, chat template), read
+/// from its header: more of it is read until the parser has all it needs.
+pub fn read_model(file: &File) -> Result<(LlamaModel, Tokenizer, Option<ChatTemplate>), Failure> {
+    let bad = |what: &str, e: &dyn core::fmt::Display| {
+        Failure(format!("model file '{}': {what}: {e}", file.name()))
+    };
+    let mut want = file.size().min(4 << 20);
+    loop {
+        let prefix = file.read_vec(0, want as usize)?;
+        match Gguf::parse(&prefix, file.size()) {
+            Ok(gguf) => {
+                let model = LlamaModel::from_gguf(&gguf).map_err(|e| bad("model", &e))?;
+                let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| bad("tokenizer", &e))?;
+                let template = ChatTemplate::from_gguf(&gguf).ok();
+                return Ok((model, tokenizer, template));
+            }
+            Err(GgufError::NeedMore { bytes }) if bytes > want && bytes <= MAX_HEADER => {
+                want = bytes.min(file.size());
+            }
+            Err(e) => return Err(bad("not a usable GGUF file", &e)),
+        }
+    }
+}
+
+/// One transformer block's weights on the device.
+struct Block {
+    attn_norm: Tensor,
+    q: Weights,
+    k: Weights,
+    v: Weights,
+    o: Weights,
+    ffn_norm: Tensor,
+    gate: Weights,
+    up: Weights,
+    down: Weights,
+}
+
+/// One sequence's KV cache: keys and values per layer.
+struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+/// Activations for up to `batch` tokens at once.
+struct Activations {
+    ids: U32Tensor,
+    x: Tensor,
+    xn: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    att: Tensor,
+    proj: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    hidden: Tensor,
+    last: Tensor,
+    last_norm: Tensor,
+    logits: Tensor,
+    next: U32Tensor,
+}
+
+impl Activations {
+    fn set_rows(&mut self, rows: usize) {
+        self.ids.set_rows(rows);
+        for t in [
+            &mut self.x,
+            &mut self.xn,
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.att,
+            &mut self.proj,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.hidden,
+        ] {
+            t.set_rows(rows);
+        }
+    }
+}
+
+/// The model on the device, with KV caches for `slots` sequences.
+pub struct Device {
+    acc: Accel,
+    config: LlamaConfig,
+    embedding: Weights,
+    output_norm: Tensor,
+    /// The output projection; `None`: tied to the token embedding.
+    output: Option<Weights>,
+    blocks: Vec<Block>,
+    caches: Vec<KvCache>,
+    act: Activations,
+}
+
+/// A weight matrix from the file into device memory.
+fn load_weights(acc: &mut Accel, file: &File, w: &Weight) -> Result<Weights, AccelError> {
+    let mut t = acc.alloc_weights(w.rows as usize, w.cols as usize, w.dtype)?;
+    acc.load_weights(&mut t, file, w.offset);
+    Ok(t)
+}
+
+/// An f32 vector (a norm's scale) from the file into device memory.
+fn load_vector(acc: &mut Accel, file: &File, w: &Weight) -> Result<Tensor, AccelError> {
+    let mut t = acc.alloc(1, w.cols as usize)?;
+    acc.load_file(&mut t, file, w.offset);
+    Ok(t)
+}
+
+/// Device bytes the run needs: weights (rounded to words), caches, activations.
+fn device_bytes(model: &LlamaModel, context: usize, batch: usize, slots: usize) -> u64 {
+    let c = &model.config;
+    let weights: u64 = model.weights().map(|w| w.size.next_multiple_of(4)).sum();
+    let kv = (c.kv_heads * c.head_dim) as u64;
+    let caches = 2 * c.layers as u64 * context as u64 * kv * 4 * slots as u64;
+    let per_token = (3 * c.dim + 2 * kv as usize + 2 * c.dim + 3 * c.ffn_dim + 1) as u64 * 4;
+    let fixed = (2 * c.dim + c.vocab + 1) as u64 * 4;
+    weights + caches + per_token * batch as u64 + fixed
+}
+
+impl Device {
+    /// Loads the weights from `file` and allocates `slots` KV caches of `context`
+    /// positions and activations for `batch` tokens at once.
+    pub fn load(
+        file: &File,
+        model: &LlamaModel,
+        context: usize,
+        batch: usize,
+        slots: usize,
+    ) -> Result<Device, Failure> {
+        let mut acc = Accel::open()?;
+        let needed = device_bytes(model, context, batch, slots);
+        if needed > acc.capacity() {
+            return Err(Failure(format!(
+                "the model needs {} MiB of accelerator memory ({} MiB of weights, a KV cache of \
+                 {context} positions for each of {slots} sequences); this VM has {} MiB: raise \
+                 --accel-memory or lower --context",
+                needed.div_ceil(1 << 20),
+                model.weight_bytes() >> 20,
+                acc.capacity() >> 20
+            )));
+        }
+        let c = model.config;
+        let kv = c.kv_heads * c.head_dim;
+        let embedding = load_weights(&mut acc, file, &model.token_embd)?;
+        let output_norm = load_vector(&mut acc, file, &model.output_norm)?;
+        let output = match &model.output {
+            Some(w) => Some(load_weights(&mut acc, file, w)?),
+            None => None,
+        };
+        let mut blocks = Vec::with_capacity(c.layers);
+        for l in &model.layers {
+            blocks.push(Block {
+                attn_norm: load_vector(&mut acc, file, &l.attn_norm)?,
+                q: load_weights(&mut acc, file, &l.attn_q)?,
+                k: load_weights(&mut acc, file, &l.attn_k)?,
+                v: load_weights(&mut acc, file, &l.attn_v)?,
+                o: load_weights(&mut acc, file, &l.attn_output)?,
+                ffn_norm: load_vector(&mut acc, file, &l.ffn_norm)?,
+                gate: load_weights(&mut acc, file, &l.ffn_gate)?,
+                up: load_weights(&mut acc, file, &l.ffn_up)?,
+                down: load_weights(&mut acc, file, &l.ffn_down)?,
+            });
+        }
+        let mut caches = Vec::with_capacity(slots);
+        for _ in 0..slots {
+            let mut cache = KvCache {
+                k: Vec::with_capacity(c.layers),
+                v: Vec::with_capacity(c.layers),
+            };
+            for _ in 0..c.layers {
+                cache.k.push(acc.alloc(context, kv)?);
+                cache.v.push(acc.alloc(context, kv)?);
+            }
+            caches.push(cache);
+        }
+        let act = Activations {
+            ids: acc.alloc(batch, 1)?,
+            x: acc.alloc(batch, c.dim)?,
+            xn: acc.alloc(batch, c.dim)?,
+            q: acc.alloc(batch, c.dim)?,
+            k: acc.alloc(batch, kv)?,
+            v: acc.alloc(batch, kv)?,
+            att: acc.alloc(batch, c.dim)?,
+            proj: acc.alloc(batch, c.dim)?,
+            gate: acc.alloc(batch, c.ffn_dim)?,
+            up: acc.alloc(batch, c.ffn_dim)?,
+            hidden: acc.alloc(batch, c.ffn_dim)?,
+            last: acc.alloc(1, c.dim)?,
+            last_norm: acc.alloc(1, c.dim)?,
+            logits: acc.alloc(1, c.vocab)?,
+            next: acc.alloc(1, 1)?,
+        };
+        // Waits for the loads, and reports a file the device could not read.
+        acc.sync()?;
+        Ok(Device {
+            acc,
+            config: c,
+            embedding,
+            output_norm,
+            output,
+            blocks,
+            caches,
+            act,
+        })
+    }
+
+    /// Runs `tokens` (at positions `pos..` of sequence `slot`) through the model and
+    /// queues the logits of the last one (in `act.logits`).
+    pub fn forward(&mut self, tokens: &[u32], pos: usize, slot: usize) -> Result<(), AccelError> {
+        let c = self.config;
+        let n = tokens.len();
+        let a = &mut self.act;
+        let acc = &mut self.acc;
+        a.set_rows(n);
+        acc.upload(&mut a.ids, tokens)?;
+        acc.qembedding(&self.embedding, &a.ids, &mut a.x);
+        let kv = c.kv_heads * c.head_dim;
+        let cache = &mut self.caches[slot];
+        for (l, b) in self.blocks.iter().enumerate() {
+            acc.rms_norm(&a.x, &b.attn_norm, &mut a.xn, c.rms_eps);
+            acc.qmatmul(&b.q, &a.xn, &mut a.q);
+            acc.qmatmul(&b.k, &a.xn, &mut a.k);
+            acc.qmatmul(&b.v, &a.xn, &mut a.v);
+            acc.rope(&mut a.q, c.heads, pos, c.rope_base, c.rope_style);
+            acc.rope(&mut a.k, c.kv_heads, pos, c.rope_base, c.rope_style);
+            acc.copy(&a.k, 0, &mut cache.k[l], pos * kv, n * kv);
+            acc.copy(&a.v, 0, &mut cache.v[l], pos * kv, n * kv);
+            acc.attention(
+                &a.q,
+                &cache.k[l],
+                &cache.v[l],
+                &mut a.att,
+                (c.heads, c.kv_heads),
+                pos,
+            );
+            acc.qmatmul(&b.o, &a.att, &mut a.proj);
+            acc.axpy(1.0, &a.proj, &mut a.x);
+            acc.rms_norm(&a.x, &b.ffn_norm, &mut a.xn, c.rms_eps);
+            acc.qmatmul(&b.gate, &a.xn, &mut a.gate);
+            acc.qmatmul(&b.up, &a.xn, &mut a.up);
+            acc.swiglu(&a.gate, &a.up, &mut a.hidden);
+            acc.qmatmul(&b.down, &a.hidden, &mut a.proj);
+            acc.axpy(1.0, &a.proj, &mut a.x);
+        }
+        acc.copy(&a.x, (n - 1) * c.dim, &mut a.last, 0, c.dim);
+        acc.rms_norm(&a.last, &self.output_norm, &mut a.last_norm, c.rms_eps);
+        let output = self.output.as_ref().unwrap_or(&self.embedding);
+        acc.qmatmul(output, &a.last_norm, &mut a.logits);
+        Ok(())
+    }
+
+    /// The most likely next token (the first on ties), computed on the device.
+    pub fn argmax(&mut self) -> Result<u32, AccelError> {
+        let a = &mut self.act;
+        self.acc.argmax(&a.logits, &mut a.next);
+        let mut id = [0u32];
+        self.acc.download(&a.next, &mut id)?;
+        Ok(id[0])
+    }
+
+    /// The logits of the last forward pass.
+    pub fn logits(&mut self, out: &mut [f32]) -> Result<(), AccelError> {
+        self.acc.download(&self.act.logits, out)
+    }
+}
+
+/// One line describing the model.
+pub fn describe(model: &LlamaModel) -> String {
+    let c = &model.config;
+    let mut types: Vec<DType> = Vec::new();
+    for w in model.weights() {
+        if !types.contains(&w.dtype) {
+            types.push(w.dtype);
+        }
+    }
+    let names: Vec<&str> = types.iter().map(|d| d.name()).collect();
+    format!(
+        "llama, {} layers, dim {}, {}/{} heads, ffn {}, vocab {}, {:.1} MiB of weights ({})",
+        c.layers,
+        c.dim,
+        c.heads,
+        c.kv_heads,
+        c.ffn_dim,
+        c.vocab,
+        model.weight_bytes() as f64 / f64::from(1 << 20),
+        names.join(", ")
+    )
+}
