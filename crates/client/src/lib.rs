@@ -169,6 +169,29 @@ impl ApiClient {
         self.finish(&what, r)
     }
 
+    /// `POST path` with a JSON body, answered with a stream of lines (server-sent
+    /// events): the lines as they arrive. An error status is an [`ApiError`].
+    pub fn post_lines<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
+        use std::io::BufRead;
+        let what = format!("POST {path}");
+        let response = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .send_json(body)
+            .with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
+        if !response.status().is_success() {
+            return Err(self
+                .finish::<serde_json::Value>(&what, Ok(response))
+                .expect_err("an error status"));
+        }
+        Ok(std::io::BufReader::new(response.into_body().into_reader()).lines())
+    }
+
     /// `DELETE path`.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let what = format!("DELETE {path}");

@@ -26,7 +26,10 @@ pub struct BenchArgs {
     /// host's memory bandwidth sets, and migrating it with its file sent or reused) or
     /// `soak` (a training VM and a decoding VM migrated back and forth --migrations times
     /// each: pause median/p99/max, and the daemons' memory, threads and open files before
-    /// and after).
+    /// and after) or `serve` (an llm-serve VM behind the center's OpenAI gateway:
+    /// requests/s, tokens/s, time to first token and inter-token latency at 1, 4 and 8
+    /// streaming clients, then the gaps while the VM migrates back and forth, against
+    /// the steady ones and the pauses).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -48,7 +51,7 @@ pub struct BenchArgs {
     /// Migrations of each VM for `soak`.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub migrations: usize,
-    /// The GGUF model for `llm` (default: what scripts/fetch-model fetches).
+    /// The GGUF model for `llm` and `serve` (default: what scripts/fetch-model fetches).
     #[arg(
         long,
         value_name = "FILE.gguf",
@@ -82,9 +85,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             begin(args)?;
             crate::cmd::bench_soak::bench_soak(args.migrations, &mut |f| print(&f, args.json))
         }
+        "serve" => {
+            begin(args)?;
+            crate::cmd::bench_serve::bench_serve(&args.model, &mut |f| print(&f, args.json))
+        }
         other => {
             bail!(
-                "unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm, soak)"
+                "unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm, soak, serve)"
             )
         }
     }
@@ -141,6 +148,8 @@ pub(crate) fn figure(
             "llm"
         } else if figure.starts_with("soak") {
             "soak"
+        } else if figure.starts_with("serve") {
+            "serve"
         } else {
             "vm"
         },

@@ -5,14 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use ferry_api::CreateVm;
 use ferry_center::inventory::MigrationRecord;
 use ferry_center::operations::Operation;
-use ferry_center::{CenterConfig, ClusterView, PlaceVm, Placed};
-use ferry_client::ApiClient;
-use ferry_migrate::Secret;
+use ferry_center::{PlaceVm, Placed};
 use serde::Serialize;
+
+use crate::cmd::loopback::LoopbackCluster;
 
 /// Each VM: a training run that outlasts the measurement.
 const GUEST_ARGS: &str =
@@ -34,98 +34,8 @@ struct Evacuation {
     parallel: usize,
 }
 
-/// A center and hosts a, b, c in this process, reporting to it.
-struct LoopbackCluster {
-    /// The hosts, shut down (VMs stopped, ports closed) when this is dropped.
-    _daemons: Vec<crate::cmd::host::Daemon>,
-    /// The center, stopped when this is dropped.
-    _center: crate::cmd::center::RunningCenter,
-    _runtime: tokio::runtime::Runtime,
-    _db: DbFile,
-    center: ApiClient,
-    hosts: Vec<(String, ApiClient)>,
-}
-
-/// The center's database, removed on drop.
-struct DbFile(std::path::PathBuf);
-
-impl Drop for DbFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
+/// The evacuation measurements over a [`LoopbackCluster`].
 impl LoopbackCluster {
-    fn start(parallel: usize, host_capacity: u64) -> anyhow::Result<Self> {
-        let secret_text = Secret::generate_hex();
-        let token = Secret::generate_hex();
-        let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
-        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-        let db = DbFile(
-            std::env::temp_dir().join(format!("ferry-bench-evacuate-{}.db", std::process::id())),
-        );
-        let center = crate::cmd::center::start(
-            &runtime,
-            CenterConfig {
-                db: db.0.clone(),
-                token: token.as_bytes().to_vec(),
-                secret: secret.clone(),
-                api_tokens: None,
-                tls: None,
-                down_after: Duration::from_secs(5),
-                parallel,
-                balance_threshold: 0.2,
-                balance_every: None,
-            },
-            "127.0.0.1:0",
-        )?;
-        let center_url = format!("http://{}", center.addr);
-        let mut hosts = Vec::new();
-        let mut daemons = Vec::new();
-        for name in ["a", "b", "c"] {
-            let daemon = crate::cmd::host::start_loopback(&runtime, name, &secret, host_capacity)?;
-            daemon.join_center(&center_url, None, Duration::from_millis(200))?;
-            let client = ApiClient::new(
-                &format!("http://{}", daemon.api_addr),
-                secret.token(ferry_migrate::Purpose::HostApi).as_bytes(),
-            )?;
-            hosts.push((name.to_string(), client));
-            daemons.push(daemon);
-        }
-        let cluster = Self {
-            _daemons: daemons,
-            _center: center,
-            _runtime: runtime,
-            _db: db,
-            center: ApiClient::new(&center_url, token.as_bytes())?,
-            hosts,
-        };
-        cluster.wait("three hosts up", |v| {
-            v.hosts.len() == 3 && v.hosts.iter().all(|h| h.status == "up")
-        })?;
-        Ok(cluster)
-    }
-
-    fn host(&self, name: &str) -> &ApiClient {
-        &self.hosts.iter().find(|(n, _)| n == name).expect("host").1
-    }
-
-    fn wait(&self, what: &str, check: impl Fn(&ClusterView) -> bool) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            let view: ClusterView = self.center.get("/v1/cluster")?;
-            if check(&view) {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(120) {
-                bail!("timed out waiting for {what}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// Runs `n` VMs on a, empties a, and cleans up.
     fn evacuate(&self, n: usize, parallel: usize) -> anyhow::Result<Evacuation> {
         let mut ids = Vec::new();
@@ -211,7 +121,7 @@ pub fn bench_evacuate(json: bool, counts: &[usize]) -> anyhow::Result<()> {
     let parallel = 2;
     // Every host has room for all of them.
     let capacity = (most as u64) * (VM_RAM + VM_ACCEL);
-    let cluster = LoopbackCluster::start(parallel, capacity)?;
+    let cluster = LoopbackCluster::start(parallel, capacity, 0)?;
     if !json {
         println!(
             "evacuating host a (mlp-train VMs, {} MiB RAM + {} MiB accelerator each, {parallel} migrations at once, 3 hosts on loopback)",

@@ -32,7 +32,8 @@ through the VM's message channel; the host's gateway speaks OpenAI's API.
   --slots N      sequences generated at once, each with its KV cache (default 4); more
                  requests wait in a queue
   --context N    positions of each sequence's KV cache: prompt plus answer (default 512)
-  --batch N      prompt tokens processed per step (default 32)
+  --batch N      prompt tokens read per step (default 8): larger reads prompts faster,
+                 smaller delays the other sequences' tokens less
   --file NAME    name of the attached model file (default model)
 Prints `llm-serve: ready` once the model is in device memory, and a line per request.";
 
@@ -73,7 +74,7 @@ fn parse(args: &Args) -> Result<Options, ArgError> {
         file: args.value("file")?.unwrap_or("model"),
         slots: args.parse_or("slots", 4usize)?,
         context: args.parse_or("context", 512usize)?,
-        batch: args.parse_or("batch", 32usize)?,
+        batch: args.parse_or("batch", 8usize)?,
     };
     if !(1..=64).contains(&o.slots) || o.context < 2 || o.batch == 0 {
         return Err(ArgError::new(
@@ -93,6 +94,9 @@ struct Text {
 /// A request being answered.
 struct Sequence {
     stream: u64,
+    /// Its prompt; positions below its length are the prompt being read.
+    prompt: Vec<u32>,
+    /// Positions in its KV cache so far.
     pos: usize,
     /// The token to feed next (the last one generated).
     last: u32,
@@ -182,7 +186,7 @@ impl Server {
         }
     }
 
-    /// Starts queued requests in free slots (prefills their prompts).
+    /// Starts queued requests in free slots (their prompts are read by [`Self::step`]).
     fn start_queued(&mut self, ch: &mut Channel) -> Result<(), Failure> {
         while let Some(free) = self.slots.iter().position(Option::is_none) {
             let Some((stream, request)) = self.queue.pop_front() else {
@@ -212,14 +216,9 @@ impl Server {
             } else {
                 None
             };
-            let mut pos = 0;
-            for chunk in prompt.chunks(self.batch) {
-                self.dev.forward(chunk, pos, free)?;
-                pos += chunk.len();
-            }
-            let mut seq = Sequence {
+            self.slots[free] = Some(Sequence {
                 stream,
-                pos,
+                pos: 0,
                 last: 0,
                 prompt_tokens: prompt.len(),
                 generated: 0,
@@ -228,23 +227,32 @@ impl Server {
                 stops,
                 utf8: Utf8Stream::new(),
                 filter: StopFilter::new(&request.stop),
-            };
-            let token = self.sample(&mut seq)?;
-            if let Some(seq) = self.emit(ch, seq, token) {
-                self.slots[free] = Some(seq);
-            }
+                prompt,
+            });
         }
         Ok(())
     }
 
-    /// One token for every sequence in a slot.
+    /// One token for every sequence in a slot, or the next piece of its prompt for a
+    /// sequence still reading its prompt: a long prompt arriving delays the others'
+    /// next tokens by one piece, not by the whole prompt.
     fn step(&mut self, ch: &mut Channel) -> Result<(), Failure> {
         for i in 0..self.slots.len() {
             let Some(mut seq) = self.slots[i].take() else {
                 continue;
             };
-            self.dev.forward(&[seq.last], seq.pos, i)?;
-            seq.pos += 1;
+            if seq.pos < seq.prompt.len() {
+                let end = (seq.pos + self.batch).min(seq.prompt.len());
+                self.dev.forward(&seq.prompt[seq.pos..end], seq.pos, i)?;
+                seq.pos = end;
+                if seq.pos < seq.prompt.len() {
+                    self.slots[i] = Some(seq);
+                    continue;
+                }
+            } else {
+                self.dev.forward(&[seq.last], seq.pos, i)?;
+                seq.pos += 1;
+            }
             let token = self.sample(&mut seq)?;
             self.slots[i] = self.emit(ch, seq, token);
             // Take cancels and new requests between tokens, not only between rounds.

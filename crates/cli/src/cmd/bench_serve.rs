@@ -1,0 +1,365 @@
+//! `ferry bench serve`: an `llm-serve` VM (a GGUF model) behind the center's OpenAI
+//! gateway, a center and three hosts in this process on loopback. Streaming chat clients
+//! measure requests/s, tokens/s, time to first token and the gaps between tokens at 1, 4
+//! and 8 concurrent clients; then 4 clients keep streaming while the VM migrates back and
+//! forth, and the gaps during the migrations are set against the steady ones and the
+//! migrations' pauses.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use ferry_api::{Attachment, CreateVm, HostInfo, MigrateRequest, MigrationState, MigrationStatus};
+use ferry_center::{PlaceVm, Placed};
+use ferry_client::ApiClient;
+use serde_json::{json, Value};
+
+use crate::cmd::bench::{figure, Emit};
+use crate::cmd::loopback::LoopbackCluster;
+
+/// Tokens each request asks for.
+const MAX_TOKENS: u32 = 48;
+/// Requests each client sends per load level.
+const REQUESTS_PER_CLIENT: usize = 3;
+/// Migrations (alternating a -> b, b -> a) while clients stream.
+const MIGRATIONS: usize = 6;
+/// Concurrent clients while migrating.
+const MIGRATING_CLIENTS: usize = 4;
+/// The serving VM's accelerator memory.
+const VM_ACCEL: u64 = 1 << 30;
+/// Data connections of each migration: one, so that on a 2-core machine holding both
+/// ends the copy leaves the guest a core (two stop it for most of the pre-copy).
+const STREAMS: u8 = 1;
+
+/// One streamed answer as the client saw it.
+struct Answer {
+    sent: Instant,
+    /// When each piece of text arrived.
+    pieces: Vec<Instant>,
+    completion_tokens: u64,
+}
+
+/// Streams one chat completion; `Err` for any failure (a failed request).
+fn stream_chat(gateway: &ApiClient, body: &Value) -> anyhow::Result<Answer> {
+    let sent = Instant::now();
+    let lines = gateway.post_lines("/v1/chat/completions", body)?;
+    let mut pieces = Vec::new();
+    let mut completion_tokens = 0;
+    let mut done = false;
+    for line in lines {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if v.get("error").is_some() {
+            bail!("error in the stream: {v}");
+        }
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            pieces.push(Instant::now());
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            completion_tokens = n;
+        }
+    }
+    ensure!(done, "the stream ended without [DONE]");
+    Ok(Answer {
+        sent,
+        pieces,
+        completion_tokens,
+    })
+}
+
+fn request(model: &str, seed: u64) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs `clients` streaming clients; each sends requests until `more` says stop (after
+/// at least `least` each). Returns the answers and the failures.
+fn load(
+    (url, token): (&str, &str),
+    model: &str,
+    clients: usize,
+    least: usize,
+    more: &(dyn Fn() -> bool + Sync),
+) -> (Vec<Answer>, Vec<String>) {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                scope.spawn(move || {
+                    let gateway = ApiClient::new(url, token.as_bytes())
+                        .expect("a client of the loopback gateway");
+                    let (mut answers, mut failures) = (Vec::new(), Vec::new());
+                    let mut i = 0;
+                    while i < least || more() {
+                        let body = request(model, (c * 1000 + i) as u64);
+                        match stream_chat(&gateway, &body) {
+                            Ok(a) => answers.push(a),
+                            Err(e) => failures.push(format!("{e:#}")),
+                        }
+                        i += 1;
+                    }
+                    (answers, failures)
+                })
+            })
+            .collect();
+        let mut all = (Vec::new(), Vec::new());
+        for h in handles {
+            let (a, f) = h.join().expect("client thread");
+            all.0.extend(a);
+            all.1.extend(f);
+        }
+        all
+    })
+}
+
+/// Migrates `id` from `from` to the host at `to`; returns (started, ended, pause ms).
+fn migrate(from: &ApiClient, id: &str, to: &str) -> anyhow::Result<(Instant, Instant, f64)> {
+    let started = Instant::now();
+    let request = MigrateRequest {
+        streams: STREAMS,
+        ..MigrateRequest::to(to)
+    };
+    let _: MigrationStatus = from.post(&format!("/v1/vms/{id}/migrate"), &request)?;
+    loop {
+        let status: MigrationStatus = from.get(&format!("/v1/vms/{id}/migration"))?;
+        match status.state {
+            MigrationState::Running => std::thread::sleep(Duration::from_millis(5)),
+            MigrationState::Succeeded => {
+                let report = status.report.context("a success without a report")?;
+                return Ok((started, Instant::now(), report.downtime_ms));
+            }
+            other => bail!(
+                "migration of {id} ended {other:?}: {}",
+                status.error.unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// `ferry bench serve`.
+pub fn bench_serve(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
+    let model = std::fs::canonicalize(model).with_context(|| {
+        format!(
+            "no model at {} (scripts/fetch-model fetches SmolLM2; or give --model)",
+            model.display()
+        )
+    })?;
+    let cluster = LoopbackCluster::start(2, 4 << 30, VM_ACCEL + (64 << 20))?;
+    let placed: Placed = cluster.center.post(
+        "/v1/vms",
+        &PlaceVm {
+            vm: CreateVm {
+                workload: "llm-serve".into(),
+                args: ["--slots", "8", "--context", "256"]
+                    .map(String::from)
+                    .to_vec(),
+                memory: 256 << 20,
+                accel_memory: VM_ACCEL,
+                attach: vec![Attachment {
+                    name: "model".into(),
+                    path: model.clone(),
+                }],
+            },
+            host: Some("a".into()),
+        },
+    )?;
+    let id = placed.vm.id;
+    let started = Instant::now();
+    loop {
+        let models: Value = cluster.center.get("/v1/models")?;
+        let console = cluster
+            .host("a")
+            .get_text(&format!("/v1/vms/{id}/console"))?;
+        if console.contains("llm-serve: ready") && models["data"].to_string().contains(&id) {
+            break;
+        }
+        ensure!(
+            !console.contains("llm-serve: error"),
+            "the serving VM failed: {console}"
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the serving VM never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let gateway = (cluster.center_url.as_str(), cluster.token.as_str());
+    let mut steady_gaps = Vec::new();
+    for clients in [1, 4, 8] {
+        let began = Instant::now();
+        let (answers, failures) = load(gateway, &id, clients, REQUESTS_PER_CLIENT, &|| false);
+        let wall = began.elapsed().as_secs_f64();
+        let tokens: u64 = answers.iter().map(|a| a.completion_tokens).sum();
+        let mut ttft: Vec<f64> = answers
+            .iter()
+            .filter_map(|a| a.pieces.first().map(|t| ms(*t - a.sent)))
+            .collect();
+        let mut gaps: Vec<f64> = answers
+            .iter()
+            .flat_map(|a| a.pieces.windows(2).map(|w| ms(w[1] - w[0])))
+            .collect();
+        if clients == MIGRATING_CLIENTS {
+            steady_gaps = gaps.clone();
+        }
+        let detail = format!(
+            "{clients} clients, {} requests, {} failed",
+            answers.len(),
+            failures.len()
+        );
+        emit(figure(
+            "serve_requests_s",
+            answers.len() as f64 / wall,
+            "req/s",
+            detail.clone(),
+        ))?;
+        emit(figure(
+            "serve_tokens_s",
+            tokens as f64 / wall,
+            "tokens/s",
+            detail.clone(),
+        ))?;
+        emit(figure(
+            "serve_ttft_p50",
+            percentile(&mut ttft, 0.5),
+            "ms",
+            detail.clone(),
+        ))?;
+        emit(figure(
+            "serve_ttft_p99",
+            percentile(&mut ttft, 0.99),
+            "ms",
+            detail.clone(),
+        ))?;
+        emit(figure(
+            "serve_itl_p50",
+            percentile(&mut gaps, 0.5),
+            "ms",
+            detail.clone(),
+        ))?;
+        emit(figure(
+            "serve_itl_p99",
+            percentile(&mut gaps, 0.99),
+            "ms",
+            detail,
+        ))?;
+        emit(figure(
+            "serve_failed",
+            failures.len() as f64,
+            "requests",
+            format!("{clients} clients: {failures:?}"),
+        ))?;
+    }
+
+    // Streaming while the VM moves back and forth.
+    let info = |name: &str| -> anyhow::Result<HostInfo> { cluster.host(name).get("/v1/host") };
+    let (a, b) = (info("a")?, info("b")?);
+    let migrating = AtomicBool::new(true);
+    let (windows, (answers, failures)) = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            load(gateway, &id, MIGRATING_CLIENTS, 1, &|| {
+                migrating.load(Ordering::Relaxed)
+            })
+        });
+        let mut windows = Vec::new();
+        std::thread::sleep(Duration::from_millis(500));
+        for i in 0..MIGRATIONS {
+            let (from, to) = if i % 2 == 0 { ("a", &b) } else { ("b", &a) };
+            windows.push(migrate(cluster.host(from), &id, &to.migration_addr));
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        migrating.store(false, Ordering::Relaxed);
+        (windows, clients.join().expect("clients"))
+    });
+    let windows: Vec<(Instant, Instant, f64)> = windows.into_iter().collect::<Result<_, _>>()?;
+    let during = |t0: Instant, t1: Instant| windows.iter().any(|(s, e, _)| t0 < *e && t1 > *s);
+    let mut in_migration = Vec::new();
+    for a in &answers {
+        for w in a.pieces.windows(2) {
+            if during(w[0], w[1]) {
+                in_migration.push(ms(w[1] - w[0]));
+            }
+        }
+    }
+    let mut pauses: Vec<f64> = windows.iter().map(|w| w.2).collect();
+    let longest = in_migration.iter().copied().fold(0.0, f64::max);
+    let steady_p50 = percentile(&mut steady_gaps, 0.5);
+    let steady_p99 = percentile(&mut steady_gaps, 0.99);
+    let pause_max = percentile(&mut pauses, 1.0);
+    let detail = format!(
+        "{MIGRATING_CLIENTS} clients, {MIGRATIONS} migrations, {} gaps in a migration, {} requests",
+        in_migration.len(),
+        answers.len()
+    );
+    emit(figure(
+        "serve_migrating_itl_p50",
+        percentile(&mut in_migration, 0.5),
+        "ms",
+        detail.clone(),
+    ))?;
+    emit(figure(
+        "serve_migrating_itl_p99",
+        percentile(&mut in_migration, 0.99),
+        "ms",
+        format!(
+            "steady p99 {steady_p99:.1} ms: ratio {:.2} (target <= 2)",
+            percentile(&mut in_migration, 0.99) / steady_p99
+        ),
+    ))?;
+    emit(figure(
+        "serve_longest_gap",
+        longest,
+        "ms",
+        format!(
+            "steady p50 {steady_p50:.1} ms + longest pause {pause_max:.1} ms + 10 ms = {:.1} ms (target)",
+            steady_p50 + pause_max + 10.0
+        ),
+    ))?;
+    emit(figure(
+        "serve_pause_max",
+        pause_max,
+        "ms",
+        format!(
+            "pauses {pauses:.1?}, whole migrations {:.0?} ms",
+            windows
+                .iter()
+                .map(|(s, e, _)| ms(*e - *s))
+                .collect::<Vec<_>>()
+        ),
+    ))?;
+    emit(figure(
+        "serve_migrating_failed",
+        failures.len() as f64,
+        "requests",
+        format!("{failures:?}"),
+    ))
+}
