@@ -64,6 +64,11 @@ const IMAGES: &[(&str, &str, bool)] = &[
         "reads its attached files through the file port and the device; tries hostile reads",
         true,
     ),
+    (
+        "channel-abuse",
+        "writes garbage over its message channel for ever (tests the host's defences)",
+        true,
+    ),
 ];
 
 /// Must match `[build] target` in guest/.cargo/config.toml (it names the output folder).

@@ -415,3 +415,159 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     // And the server still answers.
     assert_eq!(s.chat(&s.request(1, 8)).0, 200);
 }
+
+#[test]
+fn a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host() {
+    let test = "a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host";
+    if !kvm_available(test) {
+        return;
+    }
+    let a = Daemon::start("a");
+    let api = common::host_api(&a);
+    let id = a.create_with("channel-abuse", "64M", "0", &[], &[]);
+    a.wait_console(&id, "channel-abuse: set up");
+    let started = std::time::Instant::now();
+    let mut stream = 0u64;
+    let (mut accepted, mut events) = (0, 0);
+    while started.elapsed() < Duration::from_secs(3) {
+        stream += 1;
+        let call = std::time::Instant::now();
+        let message = json!({"stream": stream % 4, "kind": 1, "payload": "aGVsbG8="});
+        match api.post::<_, Value>(&format!("/v1/vms/{id}/streams"), &message) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                let e = e.downcast::<ferry_client::ApiError>().unwrap();
+                assert!(
+                    [409, 429, 503].contains(&e.status),
+                    "a refusal, not a failure: {e}"
+                );
+            }
+        }
+        for s in 0..4 {
+            match api.get::<Value>(&format!("/v1/vms/{id}/streams/{s}?from=0&wait_ms=50")) {
+                Ok(chunk) => {
+                    let n = chunk["events"].as_array().unwrap().len();
+                    // The guest's garbage is kept within a stream's bound (96 KiB).
+                    assert!(chunk.to_string().len() < 200 << 10, "{n} events");
+                    events += n;
+                }
+                Err(e) => {
+                    let e = e.downcast::<ferry_client::ApiError>().unwrap();
+                    assert_eq!(e.status, 404, "{e}");
+                }
+            }
+        }
+        let _: Value = api.get("/v1/host").unwrap();
+        assert!(
+            call.elapsed() < Duration::from_secs(2),
+            "the host answered slowly: {:?}",
+            call.elapsed()
+        );
+    }
+    assert!(accepted > 0, "some requests were queued");
+    // The guest keeps running (its kicks are answered), and the host stops it cleanly.
+    a.wait_console(&id, "round 2000 ");
+    assert_eq!(a.show(&id)["state"], "running");
+    let (rss, _) = common::footprint(a.child.id());
+    assert!(
+        rss < 512 << 20,
+        "the host's memory stayed bounded: {} MiB",
+        rss >> 20
+    );
+    let _: Value = api.delete(&format!("/v1/vms/{id}")).unwrap();
+    eprintln!("{accepted} requests queued, {events} garbage events read, host fine");
+}
+
+#[test]
+fn maintenance_under_load_moves_the_serving_vm_with_no_failed_request() {
+    let test = "maintenance_under_load_moves_the_serving_vm_with_no_failed_request";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let s = Serving::start(test, &model);
+    const CLIENTS: u64 = 4;
+    const TOKENS: u32 = 16;
+    let references: Vec<String> = (0..CLIENTS).map(|c| s.answer(200 + c, TOKENS).0).collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, op) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (s, stop, references) = (&s, &stop, &references);
+                scope.spawn(move || {
+                    let mut checked = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) || checked == 0 {
+                        let (status, v) = s.chat(&s.request(200 + c, TOKENS));
+                        assert_eq!(status, 200, "client {c}: {v}");
+                        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+                        assert_eq!(content, references[c as usize], "client {c}");
+                        checked += 1;
+                    }
+                    checked
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let (status, _, op) = s.post_raw("/v1/hosts/a/maintenance", TOKEN, "{}");
+        assert!(status < 300, "{op}");
+        let op = wait_for("the evacuation", Duration::from_secs(120), || {
+            let (_, now) = s.get(&format!("/v1/operations/{}", op["id"]));
+            (now["state"] != "running").then_some(now)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers: u32 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        (answers, op)
+    });
+    assert_eq!(op["state"], "done", "{op}");
+    assert_eq!(s.b.show(&s.vm)["state"], "running");
+    eprintln!("{answers} answers checked while host a was emptied, none failed");
+}
+
+#[test]
+fn a_thousand_concurrent_requests_meet_a_bounded_queue() {
+    let test = "a_thousand_concurrent_requests_meet_a_bounded_queue";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let s = Serving::start(test, &model);
+    let body = s.request(3, 2).to_string();
+    let outcomes: Vec<(u16, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..1000)
+            .map(|_| {
+                let (s, body) = (&s, &body);
+                std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn_scoped(scope, move || {
+                        let (status, retry, _) = s.post_raw("/v1/chat/completions", TOKEN, body);
+                        (status, retry)
+                    })
+                    .unwrap()
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let served = outcomes.iter().filter(|(s, _)| *s == 200).count();
+    let refused: Vec<_> = outcomes.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(served > 0, "some were served");
+    assert_eq!(served + refused.len(), 1000);
+    for (status, retry) in &refused {
+        assert!([429, 503].contains(status), "refused with {status}");
+        assert_eq!(retry.as_deref(), Some("1"), "Retry-After on {status}");
+    }
+    let (rss, threads) = common::footprint(s.center.id());
+    assert!(rss < 256 << 20, "the center's memory: {} MiB", rss >> 20);
+    // The relays are gone, and the gateway serves as before.
+    let (status, _) = s.chat(&s.request(3, 2));
+    assert_eq!(status, 200);
+    eprintln!(
+        "1000 concurrent: {served} served, {} refused with Retry-After; center {} MiB, {threads} threads",
+        refused.len(),
+        rss >> 20
+    );
+}

@@ -87,7 +87,8 @@ mod tests {
                 "calibrate",
                 "faults",
                 "dirty-pages",
-                "files"
+                "files",
+                "channel-abuse"
             ]
         );
         assert!(!find("hello").unwrap().test_only);
