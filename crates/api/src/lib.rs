@@ -128,6 +128,9 @@ pub struct VmInfo {
     pub id: String,
     /// Workload name (or image path).
     pub workload: String,
+    /// The name given at creation, if any.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Guest arguments.
     pub args: Vec<String>,
     /// State.
@@ -252,6 +255,10 @@ pub struct HostInfo {
 pub struct CreateVm {
     /// Built-in workload name, or a path to a guest ELF on the host.
     pub workload: String,
+    /// A name for it (1 to 63 letters, digits, `.`, `_`, `-`): what OpenAI clients of a
+    /// serving VM give as `model`. It moves with the VM.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Guest arguments.
     #[serde(default)]
     pub args: Vec<String>,
@@ -443,4 +450,13 @@ mod base64_bytes {
             .decode(text.as_bytes())
             .map_err(serde::de::Error::custom)
     }
+}
+
+/// Whether `name` may name a VM ([`CreateVm::name`]): 1 to 63 ASCII letters, digits,
+/// `.`, `_` and `-`.
+pub fn valid_vm_name(name: &str) -> bool {
+    (1..64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

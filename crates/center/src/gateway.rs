@@ -299,6 +299,40 @@ fn api_error(e: &anyhow::Error) -> Option<&ApiError> {
 }
 
 impl Center {
+    /// The serving VM `model` names: its id, or the name it was given at creation.
+    fn serving_vm(&self, model: &str) -> Result<String, OpenAiError> {
+        let inventory = self.inventory();
+        let mut serving = inventory
+            .vms
+            .values()
+            .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD);
+        if let Some(v) = serving.clone().find(|v| v.id == model) {
+            return Ok(v.id.clone());
+        }
+        let named: Vec<&str> = serving
+            .by_ref()
+            .filter(|v| v.info.name.as_deref() == Some(model))
+            .map(|v| v.id.as_str())
+            .collect();
+        match named.as_slice() {
+            [id] => Ok(id.to_string()),
+            [] => Err(OpenAiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("the model '{model}' does not exist (GET /v1/models lists them)"),
+            )),
+            ids => Err(OpenAiError::new(
+                StatusCode::CONFLICT,
+                "model_ambiguous",
+                format!(
+                    "{} serving VMs are named '{model}' ({}): name one by its id",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+            )),
+        }
+    }
+
     /// The host that runs VM `vm` now, as the center last heard.
     fn serving_host(&self, vm: &str) -> Option<HostRecord> {
         let inventory = self.inventory();
@@ -531,13 +565,17 @@ pub async fn models(State(center): State<Arc<Center>>) -> Response {
         .vms
         .values()
         .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD)
-        .map(|v| {
-            json!({
-                "id": v.id,
-                "object": "model",
-                "created": v.info.since_unix_ms / 1000,
-                "owned_by": "ferry",
-            })
+        .flat_map(|v| {
+            let model = |id: &str| {
+                json!({
+                    "id": id,
+                    "object": "model",
+                    "created": v.info.since_unix_ms / 1000,
+                    "owned_by": "ferry",
+                    "vm": v.id,
+                })
+            };
+            std::iter::once(model(&v.id)).chain(v.info.name.as_deref().map(model))
         })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
@@ -630,19 +668,10 @@ async fn complete(
         Err(e) => return e.into_response(),
     };
     let model = sampling.model.clone();
-    let known = center
-        .inventory()
-        .vms
-        .get(&model)
-        .is_some_and(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD);
-    if !known {
-        return OpenAiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("the model '{model}' does not exist (GET /v1/models lists them)"),
-        )
-        .into_response();
-    }
+    let vm = match center.serving_vm(&model) {
+        Ok(vm) => vm,
+        Err(e) => return e.into_response(),
+    };
     let Ok(permit) = center.gateway.relays.clone().try_acquire_owned() else {
         return OpenAiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -655,12 +684,11 @@ async fn complete(
     let (tx, mut rx) = mpsc::channel(64);
     let payload = request.encode();
     let relay_center = center.clone();
-    let relay_model = model.clone();
     let spawned = std::thread::Builder::new()
         .name("ferry-relay".into())
         .spawn(move || {
             let _permit: OwnedSemaphorePermit = permit;
-            relay_center.relay(&relay_model, stream, payload, &tx);
+            relay_center.relay(&vm, stream, payload, &tx);
         });
     if spawned.is_err() {
         return OpenAiError::new(

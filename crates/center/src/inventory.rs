@@ -424,6 +424,7 @@ mod tests {
 
     fn vm(id: &str, state: VmState) -> VmInfo {
         VmInfo {
+            name: None,
             id: id.into(),
             workload: "mlp-train".into(),
             args: vec![],

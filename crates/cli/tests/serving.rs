@@ -58,14 +58,26 @@ impl Serving {
             )
         };
         let (a, b) = (host("a"), host("b"));
-        let files = [format!("model={}", model.display())];
-        let vm = a.create_with(
+        let attach = format!("model={}", model.display());
+        let created = a.vm(&[
+            "create",
             "llm-serve",
+            "--name",
+            "smollm2",
+            "--memory",
             "256M",
+            "--accel-memory",
             "512M",
-            &files,
-            &["--slots", "4", "--context", "512"],
-        );
+            "--attach",
+            &attach,
+            "--",
+            "--slots",
+            "4",
+            "--context",
+            "512",
+        ]);
+        assert_eq!(created["name"], "smollm2", "{created}");
+        let vm = created["id"].as_str().unwrap().to_string();
         a.wait_console(&vm, "llm-serve: ready");
         let serving = Self {
             center,
@@ -196,8 +208,9 @@ fn the_openai_client_streams_an_answer_across_a_live_migration_unchanged() {
     let (want, usage) = s.answer(11, 160);
     assert!(want.len() > 200, "a long answer: {want:?}");
 
+    // The client names the model by the name the VM was given.
     let mut client = Command::new("python3")
-        .args(["-c", CLIENT, &s.url, TOKEN, &s.vm, PROMPT, "11", "160"])
+        .args(["-c", CLIENT, &s.url, TOKEN, "smollm2", PROMPT, "11", "160"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -62,6 +62,8 @@ pub struct HostedVm {
     pub id: String,
     /// Workload name.
     pub workload: String,
+    /// The name given at creation.
+    pub name: Option<String>,
     /// Guest arguments.
     pub args: Vec<String>,
     /// Shape.
@@ -105,7 +107,7 @@ impl HostedVm {
     /// the capacity `reservation` it was made in, runs it, and starts its watcher.
     pub fn start(
         id: String,
-        workload: String,
+        (workload, name): (String, Option<String>),
         args: Vec<String>,
         mut vm: Microvm,
         migrated_from: Option<String>,
@@ -120,6 +122,7 @@ impl HostedVm {
         let hosted = Arc::new(Self {
             id,
             workload,
+            name,
             args,
             config: vm.config(),
             migrated_from,
@@ -191,6 +194,7 @@ impl HostedVm {
         VmInfo {
             id: self.id.clone(),
             workload: self.workload.clone(),
+            name: self.name.clone(),
             args: self.args.clone(),
             state: self.state(),
             memory: self.config.ram_size,

@@ -40,7 +40,9 @@ use ferry_api::{
 use ferry_http::cluster_roots;
 use files::FileStore;
 use hosted::HostedVm;
-use migration::{local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID};
+use migration::{
+    local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME,
+};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -391,6 +393,11 @@ impl Host {
 
     /// Creates and starts a VM.
     pub fn create_vm(&self, req: &CreateVm) -> Result<VmInfo, HostError> {
+        if let Some(name) = req.name.as_deref().filter(|n| !ferry_api::valid_vm_name(n)) {
+            return Err(HostError::BadRequest(format!(
+                "'{name}' is not a VM name: 1 to 63 letters, digits, '.', '_' and '-'"
+            )));
+        }
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
         let files = self.attach(&req.attach)?;
@@ -412,7 +419,7 @@ impl Host {
         let id = self.new_id();
         let hosted = HostedVm::start(
             id.clone(),
-            req.workload.clone(),
+            (req.workload.clone(), req.name.clone()),
             req.args.clone(),
             vm,
             None,
@@ -808,9 +815,13 @@ impl ferry_migrate::TargetFactory for Receiver {
             id = self.host.new_id();
         }
         let from = target.extra(EXTRA_FROM).map(str::to_string);
+        let name = target
+            .extra(EXTRA_NAME)
+            .filter(|n| ferry_api::valid_vm_name(n))
+            .map(str::to_string);
         match HostedVm::start(
             id.clone(),
-            report.vm.name.clone(),
+            (report.vm.name.clone(), name),
             args,
             vm,
             from,

@@ -27,6 +27,8 @@ pub(crate) const EXTRA_ID: &str = "id";
 pub(crate) const EXTRA_ARGS: &str = "args";
 /// The source host's name.
 pub(crate) const EXTRA_FROM: &str = "from";
+/// The name given at creation (absent if none).
+pub(crate) const EXTRA_NAME: &str = "name";
 
 fn to_key(c: ChunkId) -> ChunkKey {
     ChunkKey {
@@ -127,7 +129,10 @@ impl MigrationSource for VmSource {
                     serde_json::to_string(&self.vm.args).unwrap_or_default(),
                 ),
                 (EXTRA_FROM.into(), self.host_name.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(self.vm.name.clone().map(|n| (EXTRA_NAME.into(), n)))
+            .collect(),
             files: self
                 .files
                 .infos()

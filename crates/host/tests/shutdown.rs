@@ -37,6 +37,7 @@ fn one_life(n: usize) -> bool {
     host.serve_migrations(listener).unwrap();
     let vm = host
         .create_vm(&CreateVm {
+            name: None,
             workload: "memtouch".into(),
             args: ["--mib", "4", "--passes", "1000000"]
                 .map(String::from)

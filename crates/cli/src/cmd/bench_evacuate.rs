@@ -44,6 +44,7 @@ impl LoopbackCluster {
                 "/v1/vms",
                 &PlaceVm {
                     vm: CreateVm {
+                        name: None,
                         workload: "mlp-train".into(),
                         args: GUEST_ARGS.split_whitespace().map(str::to_string).collect(),
                         memory: VM_RAM,

@@ -165,6 +165,7 @@ fn migrate_with_file(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
     let pair = LoopbackPair::start(4 << 30)?;
     let (ca, cb) = (&pair.client_a, &pair.client_b);
     let request = CreateVm {
+        name: None,
         workload: "llm-chat".into(),
         args: [
             "--raw",

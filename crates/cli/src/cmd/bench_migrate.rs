@@ -231,6 +231,7 @@ fn measure(
     let vm: ferry_api::VmInfo = ca.post(
         "/v1/vms",
         &CreateVm {
+            name: None,
             workload: name.into(),
             args,
             memory: 256 << 20,

@@ -178,6 +178,7 @@ pub fn bench_serve(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
         "/v1/vms",
         &PlaceVm {
             vm: CreateVm {
+                name: Some("smollm2".into()),
                 workload: "llm-serve".into(),
                 args: ["--slots", "8", "--context", "256"]
                     .map(String::from)

@@ -135,6 +135,7 @@ impl Hosts {
         let vm: ferry_api::VmInfo = self.api(on).post(
             "/v1/vms",
             &CreateVm {
+                name: None,
                 workload: w.name.into(),
                 args: w.args.split_whitespace().map(str::to_string).collect(),
                 memory: w.ram,

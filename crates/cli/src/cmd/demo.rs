@@ -214,6 +214,7 @@ impl Workload {
             }
         };
         Ok(CreateVm {
+            name: None,
             workload: self.name().into(),
             args,
             memory,

@@ -66,6 +66,10 @@ enum VmCommand {
         token: crate::cmd::center::TokenArgs,
         /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host.
         workload: String,
+        /// A name for the VM; clients of the center's OpenAI API name a serving VM by it
+        /// (or by its id) as `model`.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
         /// Guest RAM.
         #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
         memory: u64,
@@ -149,6 +153,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             on,
             token,
             workload,
+            name,
             memory,
             accel_memory,
             attach,
@@ -156,6 +161,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
         } => {
             let vm = ferry_api::CreateVm {
                 workload: workload.clone(),
+                name: name.clone(),
                 args: guest_args.clone(),
                 memory: *memory,
                 accel_memory: *accel_memory,
