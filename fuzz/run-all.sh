@@ -14,4 +14,4 @@ run() {
 : > logs/summary
 run wire & run kernel_decode & wait
 run snapshot & run gguf & wait
-run api_bodies
+run api_bodies & run channel & wait

@@ -10,12 +10,13 @@ use std::io::{Cursor, Read, Write};
 pub type Target = fn(&[u8]);
 
 /// The targets, by name (the name of the fuzzer and of its folder of inputs).
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("wire", wire),
     ("kernel_decode", kernel_decode),
     ("snapshot", snapshot),
     ("gguf", gguf),
     ("api_bodies", api_bodies),
+    ("channel", channel),
 ];
 
 /// A connection that reads the fuzzer's bytes and swallows what is written.
@@ -119,4 +120,71 @@ pub fn api_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<ferry_api::Heartbeat>(data);
     let _ = serde_json::from_slice::<ferry_center::PlaceVm>(data);
     let _ = postcard::from_bytes::<ferry_migrate::VmDescription>(data);
+    let _ = serde_json::from_slice::<ferry_api::ChannelMessage>(data);
+}
+
+/// A guest's message channel: the bytes are what the guest writes over its channel
+/// region between kicks (8-byte offset, 8-byte value, repeated), with the host queuing
+/// requests and reading streams in between; and the serving messages decoded as the
+/// guest and the gateway decode them.
+pub fn channel(data: &[u8]) {
+    use ferry_abi::channel::{ChannelHeader, CHANNEL_MAGIC, CHANNEL_VERSION};
+    use ferry_vmm::devices::channel::{Channel, Message};
+    use std::time::Duration;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let _ = ferry_llm::serve::Request::decode(data);
+    let _ = ferry_llm::serve::Event::decode(data);
+    const REGION: u64 = 0x20_0000;
+    let Ok(mem) = ferry_vmm::memory::create_guest_ram(16 << 20) else {
+        return;
+    };
+    let header = ChannelHeader {
+        magic: CHANNEL_MAGIC,
+        version: CHANNEL_VERSION,
+        request_slots: 4,
+        request_slot_size: 512,
+        response_slots: 4,
+        response_slot_size: 256,
+        ..ChannelHeader::default()
+    };
+    let bytes: Vec<u8> = [
+        header.magic.to_le_bytes(),
+        header.version.to_le_bytes(),
+        header.request_slots.to_le_bytes(),
+        header.request_slot_size.to_le_bytes(),
+        header.response_slots.to_le_bytes(),
+        header.response_slot_size.to_le_bytes(),
+    ]
+    .concat();
+    let _ = mem.write_slice(&bytes, GuestAddress(REGION));
+    let ch = Channel::new();
+    ch.setup(&mem, (REGION >> 12) as u32);
+    ch.open();
+    let size = header.region_size().unwrap_or(4096);
+    for (i, op) in data.chunks(16).enumerate() {
+        if op.len() < 16 {
+            break;
+        }
+        let offset = u64::from_le_bytes(op[..8].try_into().unwrap()) % size;
+        let value = u64::from_le_bytes(op[8..].try_into().unwrap());
+        let _ = mem.write_obj(value, GuestAddress(REGION + (offset & !7)));
+        let stream = (i % 3) as u64;
+        let _ = ch.submit(
+            stream,
+            Message {
+                kind: 1,
+                payload: op.to_vec(),
+            },
+        );
+        ch.kick(&mem, 0);
+        let _ = ch.read(stream, 0, Duration::ZERO);
+        if i % 5 == 4 {
+            ch.release(stream);
+        }
+    }
+    let saved = ch.save();
+    let restored = Channel::restore(&saved);
+    restored.open();
+    restored.kick(&mem, 0);
 }

@@ -8,7 +8,7 @@
 //! - [`vcpu`]: the vCPU thread, its exits, and its state in KVM's save/restore order.
 //! - [`memory`]: guest RAM and exact dirty-page tracking.
 //! - [`loader`]: guest ELF checks and loading.
-//! - [`devices`]: console, clock, exit and file-read ports.
+//! - [`devices`]: console, clock, exit and file-read ports, and the message channel.
 //! - [`files`]: attached read-only files (models, datasets).
 //! - [`snapshot`]: the versioned, checksummed snapshot file.
 //! - [`arch`]: x86-64 memory map, page tables, GDT/TSS/IDT, entry registers.
