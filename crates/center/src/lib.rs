@@ -178,7 +178,12 @@ pub struct Center {
     monitor: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// The serving gateway's relays.
     gateway: gateway::Gateway,
+    /// Clients of the hosts' APIs, by address.
+    host_clients: Mutex<std::collections::HashMap<String, Arc<ApiClient>>>,
 }
+
+/// Host API clients kept before the cache is emptied.
+const MAX_HOST_CLIENTS: usize = 10_000;
 
 impl Center {
     /// Opens the database and loads what it holds. Migrations that were running when the
@@ -235,6 +240,7 @@ impl Center {
             metrics,
             monitor: Mutex::default(),
             gateway: gateway::Gateway::default(),
+            host_clients: Mutex::default(),
         }))
     }
 
@@ -265,12 +271,25 @@ impl Center {
         Ok(())
     }
 
-    /// A client of `host`'s API.
-    fn host_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
+    /// A client of `host`'s API: one per API address, kept, so its connections are
+    /// reused (the gateway reads a stream with a request per token).
+    fn host_client(&self, host: &HostRecord) -> Result<Arc<ApiClient>, CenterError> {
+        let mut clients = self.host_clients.lock().expect("host clients lock");
+        if let Some(client) = clients.get(&host.api_url) {
+            return Ok(client.clone());
+        }
         let token = self.config.secret.token(ferry_migrate::Purpose::HostApi);
         let roots = ferry_http::cluster_roots(self.config.tls.as_ref());
-        ApiClient::with_roots(&host.api_url, token.as_bytes(), &roots)
-            .map_err(|e| CenterError::BadRequest(e.to_string()))
+        let client = Arc::new(
+            ApiClient::with_roots(&host.api_url, token.as_bytes(), &roots)
+                .map_err(|e| CenterError::BadRequest(e.to_string()))?,
+        );
+        // Hosts that changed address leave entries: bounded all the same.
+        if clients.len() >= MAX_HOST_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(host.api_url.clone(), client.clone());
+        Ok(client)
     }
 
     /// Relays a source host's settle question about an in-doubt switchover to the

@@ -326,13 +326,7 @@ impl Channel {
     /// Queues a request that opens stream `stream`.
     pub fn submit(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
         let mut core = self.core();
-        let ring = core.ready()?;
-        if message.payload.len() > ring.request_payload() {
-            return Err(SubmitError::TooLarge {
-                len: message.payload.len(),
-                max: ring.request_payload(),
-            });
-        }
+        core.ready_for(&message)?;
         let state = &mut core.state;
         if state.queued.len() >= MAX_QUEUED {
             return Err(SubmitError::QueueFull);
@@ -367,13 +361,7 @@ impl Channel {
     /// beyond the queue's bound, so it gets through a full queue.
     pub fn signal(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
         let mut core = self.core();
-        let ring = core.ready()?;
-        if message.payload.len() > ring.request_payload() {
-            return Err(SubmitError::TooLarge {
-                len: message.payload.len(),
-                max: ring.request_payload(),
-            });
-        }
+        core.ready_for(&message)?;
         let Some(s) = core
             .state
             .streams
@@ -528,6 +516,19 @@ impl Channel {
 }
 
 impl Core {
+    /// Whether `message` may be queued now: the VM runs, the guest set the channel up,
+    /// and the message fits its request slots.
+    fn ready_for(&self, message: &Message) -> Result<(), SubmitError> {
+        let ring = self.ready()?;
+        if message.payload.len() > ring.request_payload() {
+            return Err(SubmitError::TooLarge {
+                len: message.payload.len(),
+                max: ring.request_payload(),
+            });
+        }
+        Ok(())
+    }
+
     fn ready(&self) -> Result<Ring, SubmitError> {
         match self.gate {
             Gate::Paused => return Err(SubmitError::Paused),
