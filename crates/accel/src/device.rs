@@ -105,6 +105,19 @@ struct BufferMap {
     /// Written since their buffer was created, by any path (commands, restore): the
     /// other chunks are still zero, and a migration's first round skips them unread.
     written: DirtyChunks,
+    /// Chunks whose whole content is a piece of an attached file, as loaded and not
+    /// written since: a migration to a host that has the file sends where, not what.
+    origins: BTreeMap<ChunkId, ChunkOrigin>,
+}
+
+/// Where a chunk's content came from: `len` bytes of attached file `file` at `offset`
+/// (the chunk's length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkOrigin {
+    /// Index of the file in the VM's file table.
+    pub file: u32,
+    /// First byte of the piece in the file.
+    pub offset: u64,
 }
 
 impl Default for BufferMap {
@@ -113,11 +126,50 @@ impl Default for BufferMap {
             sizes: BTreeMap::new(),
             dirty: DirtyChunks::default(),
             written: DirtyChunks::started(),
+            origins: BTreeMap::new(),
         }
     }
 }
 
 impl BufferMap {
+    /// Forgets the origin of every chunk of buffer `id` overlapping `range`.
+    fn forget_origins(&mut self, id: BufferId, range: &Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let first = range.start / CHUNK_SIZE;
+        let last = (range.end - 1) / CHUNK_SIZE;
+        let chunks = ChunkId {
+            buffer: id,
+            index: first,
+        }..=ChunkId {
+            buffer: id,
+            index: last,
+        };
+        let stale: Vec<ChunkId> = self.origins.range(chunks).map(|(&c, _)| c).collect();
+        for chunk in stale {
+            self.origins.remove(&chunk);
+        }
+    }
+
+    /// Records that bytes `range` of buffer `id` (of `bytes` bytes) hold file `file`
+    /// from `offset` on: the chunks the range covers whole get that origin.
+    fn set_origins(&mut self, id: BufferId, bytes: u64, range: Range<u64>, file: u32, offset: u64) {
+        for index in range.start.div_ceil(CHUNK_SIZE)..chunk_count(bytes) {
+            let Some(chunk) = chunk_range(bytes, index) else {
+                break;
+            };
+            if chunk.end > range.end {
+                break;
+            }
+            let origin = ChunkOrigin {
+                file,
+                offset: offset + (chunk.start - range.start),
+            };
+            self.origins.insert(ChunkId { buffer: id, index }, origin);
+        }
+    }
+
     fn table(&self) -> Vec<BufferState> {
         self.sizes
             .iter()
@@ -259,6 +311,12 @@ impl DeviceTracker {
         self.map().table()
     }
 
+    /// Where chunk `chunk`'s content came from, if it is a piece of an attached file
+    /// not written since it was loaded.
+    pub fn chunk_origin(&self, chunk: ChunkId) -> Option<ChunkOrigin> {
+        self.map().origins.get(&chunk).copied()
+    }
+
     /// Copies chunk `chunk` into `out` (resized to the chunk's length: the last chunk of
     /// a buffer may be short) and returns the size of its buffer; `None` if the chunk
     /// does not exist (buffer freed since).
@@ -340,6 +398,7 @@ impl Core {
         let mut map = lock_map(&self.map);
         for (id, range) in writes {
             if let Some(&bytes) = map.sizes.get(&id) {
+                map.forget_origins(id, &range);
                 map.dirty.mark(id, bytes, range.clone());
                 map.written.mark(id, bytes, range);
             }
@@ -361,6 +420,7 @@ impl Core {
             let bytes = map.sizes.remove(&id)?;
             map.dirty.forget(id);
             map.written.forget(id);
+            map.forget_origins(id, &(0..bytes));
             bytes
         };
         self.used -= bytes;
@@ -481,6 +541,12 @@ impl Core {
                 };
                 // What was copied before a failure is written: mark it.
                 self.mark([(id, range.start..range.start + done)]);
+                if result.is_ok() {
+                    let mut map = lock_map(&self.map);
+                    if let Some(&bytes) = map.sizes.get(&id) {
+                        map.set_origins(id, bytes, range, file, start);
+                    }
+                }
                 result
             }
             op::LAUNCH => {
@@ -816,6 +882,30 @@ impl Accelerator {
         core.backend.write(chunk.buffer, range.start, data);
         core.mark([(chunk.buffer, range)]);
         Ok(())
+    }
+
+    /// Writes chunk `chunk` with `data`, a piece of attached file `origin` (the
+    /// receiving side of a migration that sent where the chunk came from): it keeps that
+    /// origin, for the VM's next migration.
+    pub fn write_chunk_from_file(
+        &self,
+        chunk: ChunkId,
+        data: &[u8],
+        origin: ChunkOrigin,
+    ) -> Result<(), AccelStateError> {
+        self.write_chunk(chunk, data)?;
+        let mut map = self.map();
+        if let Some(&bytes) = map.sizes.get(&chunk.buffer) {
+            if let Some(range) = chunk_range(bytes, chunk.index) {
+                map.set_origins(chunk.buffer, bytes, range, origin.file, origin.offset);
+            }
+        }
+        Ok(())
+    }
+
+    /// Where chunk `chunk`'s content came from (see [`DeviceTracker::chunk_origin`]).
+    pub fn chunk_origin(&self, chunk: ChunkId) -> Option<ChunkOrigin> {
+        self.map().origins.get(&chunk).copied()
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
 use ferry_abi::PAGE_SIZE;
 use ferry_accel::backend::{self, DeviceMemory};
-use ferry_accel::device::Accelerator;
+use ferry_accel::device::{Accelerator, ChunkOrigin};
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_accel::files::{no_files, FileSource};
 use ferry_accel::ring::GuestRam;
@@ -605,4 +605,50 @@ fn load_file_copies_attached_files_into_buffers_and_refuses_bad_ranges() {
         status::DEVICE_ERROR
     );
     assert_eq!(g.run(op::LOAD_FILE, &[1, 0, 0, 0, 64]), status::OK);
+}
+
+#[test]
+fn chunks_loaded_whole_from_a_file_remember_where_until_written() {
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i * 13 + i / 511) as u8)
+        .collect();
+    let files = MemFiles {
+        files: vec![data, vec![1; 64]],
+    };
+    let mut g = FakeGuest::with_files(2, Arc::new(files));
+    assert_eq!(g.run(op::ALLOC, &[1, 2 << 20]), status::OK);
+    let (off, foff, len) = (4096u64, 12345u64, 3u64 << 19);
+    assert_eq!(g.run(op::LOAD_FILE, &[1, off, 0, foff, len]), status::OK);
+    let origin = |g: &FakeGuest, index| g.accel.chunk_origin(ChunkId { buffer: 1, index });
+    // Chunks 1 to 5 lie wholly inside bytes 4096..4096 + 1.5 MiB; 0 and 6 only partly.
+    for index in 0..8u64 {
+        let want = (1..=5).contains(&index).then(|| ChunkOrigin {
+            file: 0,
+            offset: foff + index * CHUNK_SIZE - off,
+        });
+        assert_eq!(origin(&g, index), want, "chunk {index}");
+    }
+    // A write into chunk 2 (here a small load) makes it the device's own.
+    assert_eq!(
+        g.run(op::LOAD_FILE, &[1, 2 * CHUNK_SIZE + 100, 0, 0, 64]),
+        status::OK
+    );
+    assert_eq!(origin(&g, 2), None);
+    assert!(origin(&g, 3).is_some());
+    // A freed buffer's chunks have no origin, nor does a new buffer with its id.
+    assert_eq!(g.run(op::FREE, &[1]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[1, 2 << 20]), status::OK);
+    assert_eq!(origin(&g, 3), None);
+    // A receiving side writes a chunk with its origin, and keeps it.
+    let chunk = ChunkId {
+        buffer: 1,
+        index: 4,
+    };
+    let piece = vec![7u8; CHUNK_SIZE as usize];
+    let from = ChunkOrigin {
+        file: 0,
+        offset: 99,
+    };
+    g.accel.write_chunk_from_file(chunk, &piece, from).unwrap();
+    assert_eq!(origin(&g, 4), Some(from));
 }

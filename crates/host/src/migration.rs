@@ -8,9 +8,10 @@ use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
 use ferry_accel::device::{BufferState, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
+use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    Cause, ChunkKey, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget, PageSet,
-    VmDescription, VmError,
+    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget,
+    PageSet, VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, GuestRam};
@@ -233,6 +234,14 @@ impl MigrationSource for VmSource {
         self.accel()?.read_chunk(to_chunk(chunk), out)
     }
 
+    fn chunk_origin(&self, chunk: ChunkKey) -> Option<ChunkOrigin> {
+        let origin = self.accel()?.chunk_origin(to_chunk(chunk))?;
+        Some(ChunkOrigin {
+            file: origin.file,
+            offset: origin.offset,
+        })
+    }
+
     fn set_throttle(&self, percent: u8) {
         self.vm.set_throttle(percent);
     }
@@ -395,6 +404,63 @@ impl MigrationTarget for VmTarget {
                 .map_err(Cause::from)
         })
         .map_err(|source| VmError::WriteChunk { chunk, source })
+    }
+
+    fn write_chunk_with_origin(
+        &self,
+        chunk: ChunkKey,
+        data: &[u8],
+        origin: ChunkOrigin,
+    ) -> Result<(), VmError> {
+        self.with_filling(|vm| {
+            let accel = vm
+                .accel()
+                .ok_or("a device chunk for a VM without an accelerator")?;
+            let from = ferry_accel::device::ChunkOrigin {
+                file: origin.file,
+                offset: origin.offset,
+            };
+            accel
+                .write_chunk_from_file(to_chunk(chunk), data, from)
+                .map_err(Cause::from)
+        })
+        .map_err(|source| VmError::WriteChunk { chunk, source })
+    }
+
+    fn write_chunk_from_file(
+        &self,
+        chunk: ChunkKey,
+        len: u64,
+        origin: ChunkOrigin,
+    ) -> Result<(), VmError> {
+        // Read from this host's copy (the same content: checked by hash at the
+        // handshake), bounds checked: the source is authenticated, not trusted to count.
+        let mut data = vec![0u8; len.min(MAX_CHUNK_BYTES) as usize];
+        // A clone (the same open file), so no lock is held while reading.
+        let file = match self.slots().get(origin.file as usize) {
+            Some(FileSlot::Present(f) | FileSlot::Received(f)) => Some(f.clone()),
+            _ => None,
+        };
+        let read = match file {
+            Some(f) => {
+                let size = f.info().size;
+                if origin.offset.checked_add(len).is_none_or(|end| end > size) {
+                    Err(format!(
+                        "bytes {}..+{len} are not inside attached file {} ({size} bytes)",
+                        origin.offset, origin.file
+                    ))
+                } else {
+                    f.read_at(origin.offset, &mut data)
+                        .map_err(|e| e.to_string())
+                }
+            }
+            None => Err(format!("attached file {} is not on this host", origin.file)),
+        };
+        read.map_err(|e| VmError::WriteChunk {
+            chunk,
+            source: e.into(),
+        })?;
+        self.write_chunk_with_origin(chunk, &data, origin)
     }
 
     fn has_file(&self, file: u32) -> bool {

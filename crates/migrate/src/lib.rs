@@ -34,8 +34,8 @@ pub use send::{
 pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
-    error_chain, Cause, ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationSource,
-    MigrationTarget, PageSet, VmDescription, VmError,
+    error_chain, Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileOffer, FileTransfer,
+    MigrationSource, MigrationTarget, PageSet, VmDescription, VmError,
 };
 
 /// Errors of a migration, on either side.

@@ -470,8 +470,21 @@ fn apply_stream<T: MigrationTarget>(
                 }
             }
             // The wire checked `len` (at most a chunk, the data's length if any).
-            Frame::Chunk { key, len, data } => target
-                .write_chunk(key, data.unwrap_or(&ZERO_RUN[..len as usize]))
+            Frame::Chunk {
+                key,
+                len,
+                data,
+                origin,
+            } => {
+                let data = data.unwrap_or(&ZERO_RUN[..len as usize]);
+                match origin {
+                    Some(origin) => target.write_chunk_with_origin(key, data, origin),
+                    None => target.write_chunk(key, data),
+                }
+                .map_err(MigrationError::Target)
+            }
+            Frame::FileChunk { key, len, origin } => target
+                .write_chunk_from_file(key, len, origin)
                 .map_err(MigrationError::Target),
             Frame::File { file, offset, data } => inbound
                 .take_file_piece(file, offset, data.len() as u64)

@@ -180,6 +180,10 @@ pub struct PrecopyRound {
     pub chunks: u64,
     /// Device chunks sent as zero markers.
     pub zero_chunks: u64,
+    /// Device chunks sent as the piece of an attached file they hold (the destination
+    /// has the file).
+    #[serde(default)]
+    pub file_chunks: u64,
     /// Bytes on the wire.
     pub bytes: u64,
     /// Duration, ms.
@@ -213,6 +217,10 @@ pub struct MigrationReport {
     pub files_reused: u32,
     /// Bytes of attached files sent.
     pub file_bytes: u64,
+    /// Device chunks sent as the piece of a file the destination has (a model's
+    /// weights), not as their bytes.
+    #[serde(default)]
+    pub chunks_from_files: u64,
     /// Each round.
     pub round_log: Vec<PrecopyRound>,
 }
@@ -377,17 +385,25 @@ struct WorkQueue<'a> {
     buffers: &'a [DeviceBuffer],
     /// Once cancelled, no more work is handed out.
     cancel: &'a CancelToken,
+    /// Per attached file: whether the destination has it (it is not being sent).
+    destination_files: &'a [bool],
     next_run: AtomicUsize,
     next_chunk: AtomicUsize,
     next_piece: AtomicUsize,
 }
 
 impl<'a> WorkQueue<'a> {
-    fn new(work: &'a RoundWork, buffers: &'a [DeviceBuffer], cancel: &'a CancelToken) -> Self {
+    fn new(
+        work: &'a RoundWork,
+        buffers: &'a [DeviceBuffer],
+        cancel: &'a CancelToken,
+        destination_files: &'a [bool],
+    ) -> Self {
         Self {
             work,
             buffers,
             cancel,
+            destination_files,
             next_run: AtomicUsize::new(0),
             next_chunk: AtomicUsize::new(0),
             next_piece: AtomicUsize::new(0),
@@ -400,6 +416,14 @@ impl<'a> WorkQueue<'a> {
             .binary_search_by_key(&id, |b| b.id)
             .ok()
             .map(|i| self.buffers[i].bytes)
+    }
+
+    /// Whether the destination has attached file `file` (and so can read chunks there).
+    fn destination_has(&self, file: u32) -> bool {
+        self.destination_files
+            .get(file as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     fn next_piece(&self) -> Option<FilePiece> {
@@ -438,6 +462,12 @@ fn joined<T>(
         .unwrap_or_else(|_| Err(MigrationError::StreamPanicked(what.to_string())))
 }
 
+/// Bytes of chunk `index` of a buffer of `size` bytes, if it has that chunk.
+fn chunk_len(size: u64, index: u64) -> Option<u64> {
+    let start = index.checked_mul(crate::vm::MAX_CHUNK_BYTES)?;
+    (start < size).then(|| (size - start).min(crate::vm::MAX_CHUNK_BYTES))
+}
+
 fn is_zero(bytes: &[u8]) -> bool {
     let (head, body, tail) = {
         // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the
@@ -453,6 +483,7 @@ struct StreamCounts {
     zero_pages: u64,
     chunks: u64,
     zero_chunks: u64,
+    file_chunks: u64,
 }
 
 /// What a data stream reads into before sending, kept across rounds (the final round,
@@ -510,12 +541,31 @@ fn send_share(
         // the round's buffer table was sent is skipped: the next round's table drops or
         // remakes the buffer at the destination, and the new buffer's written chunks are
         // dirty.
+        // A chunk holding a piece of a file the destination has: where, not what. (Its
+        // origin is read before any later write clears it; such a write also marks the
+        // chunk dirty, and the next round sends it again.)
+        let origin = source.chunk_origin(key);
+        if let Some(origin) = origin.filter(|o| queue.destination_has(o.file)) {
+            if let Some(len) = queue
+                .buffer_size(key.buffer)
+                .and_then(|size| chunk_len(size, key.index))
+            {
+                counts.file_chunks += 1;
+                writer.send_chunk_origin(key, len, origin)?;
+                continue;
+            }
+        }
         let size = source.read_chunk(key, &mut buffers.chunk);
         if size.is_none() || size != queue.buffer_size(key.buffer) {
             continue;
         }
         let data = &buffers.chunk;
-        if !is_zero(data) {
+        if let Some(origin) = origin {
+            // The destination is receiving the file: the bytes, and what they are, so its
+            // next migration of the VM can send where.
+            counts.chunks += 1;
+            writer.send_chunk_with_origin(key, data, origin)?;
+        } else if !is_zero(data) {
             counts.chunks += 1;
             writer.send_chunk(key, data.len() as u64, Some(data))?;
         } else if !skip_zeros {
@@ -557,6 +607,8 @@ struct Session<'a> {
     round_log: Vec<PrecopyRound>,
     /// The pause the last pre-copy round predicted.
     predicted_pause: Duration,
+    /// Per attached file: whether the destination has it (it is not being sent).
+    destination_files: Vec<bool>,
 }
 
 /// How long after the pause a live switchover may take before it is abandoned: the
@@ -609,7 +661,7 @@ impl Session<'_> {
             round,
             buffers: buffers.clone(),
         })?;
-        let queue = WorkQueue::new(work, &buffers, &self.cancel);
+        let queue = WorkQueue::new(work, &buffers, &self.cancel, &self.destination_files);
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
@@ -632,6 +684,7 @@ impl Session<'_> {
             total.zero_pages += c.zero_pages;
             total.chunks += c.chunks;
             total.zero_chunks += c.zero_chunks;
+            total.file_chunks += c.file_chunks;
         }
         let frames = self
             .data
@@ -661,6 +714,7 @@ impl Session<'_> {
             zero_pages: total.zero_pages,
             chunks: total.chunks,
             zero_chunks: total.zero_chunks,
+            file_chunks: total.file_chunks,
             bytes: self.bytes_sent() - before,
             ms: ms(started.elapsed()),
             throttle_pct,
@@ -833,6 +887,9 @@ pub fn migrate_vm(
         started,
         round_log: Vec::new(),
         predicted_pause: Duration::ZERO,
+        destination_files: (0..file_sizes.len() as u32)
+            .map(|f| !send_files.contains(&f))
+            .collect(),
     };
     let outcome = run(&mut s, options, files, progress);
     source.set_throttle(0);
@@ -859,6 +916,7 @@ pub fn migrate_vm(
             files_sent: send_files.len() as u32,
             files_reused: (file_sizes.len() - send_files.len()) as u32,
             file_bytes: send_files.iter().map(|&f| file_sizes[f as usize]).sum(),
+            chunks_from_files: s.round_log.iter().map(|r| r.file_chunks).sum(),
             round_log: s.round_log,
         }),
         Err(Failure::InDoubt(e)) => Err(e),

@@ -337,6 +337,18 @@ impl PageSet {
     }
 }
 
+/// Where a device chunk's content came from: the chunk's length of bytes of attached
+/// file `file` from `offset` on, loaded and not written since. A destination that has the
+/// file (the same content, checked at the handshake) reads the chunk there instead of
+/// receiving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkOrigin {
+    /// Index of the file in the offer (and the VM's file table).
+    pub file: u32,
+    /// First byte of the piece in the file.
+    pub offset: u64,
+}
+
 /// The VM being sent. Methods take `&self`: the engine reads from several threads while
 /// the VM runs.
 pub trait MigrationSource: Sync {
@@ -376,6 +388,11 @@ pub trait MigrationSource: Sync {
     /// copy, so that no device buffer stays locked while a slow destination takes the
     /// bytes.
     fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
+    /// Where chunk `chunk`'s content came from, if it is a piece of an attached file (a
+    /// model's weights); `None` (the default) sends its bytes.
+    fn chunk_origin(&self, _chunk: ChunkKey) -> Option<ChunkOrigin> {
+        None
+    }
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);
@@ -399,6 +416,32 @@ pub trait MigrationTarget: Send + Sync {
     fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError>;
     /// Writes a chunk (zero chunks arrive as zeros).
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError>;
+    /// Writes chunk `chunk` with `data`, which is the piece of attached file `origin`
+    /// (the file is on its way here): kept, so the VM's next migration can send where
+    /// instead of what. By default the origin is not kept.
+    fn write_chunk_with_origin(
+        &self,
+        chunk: ChunkKey,
+        data: &[u8],
+        origin: ChunkOrigin,
+    ) -> Result<(), VmError> {
+        let _ = origin;
+        self.write_chunk(chunk, data)
+    }
+    /// Writes chunk `chunk` (`len` bytes) from this host's copy of the attached file
+    /// `origin` names.
+    fn write_chunk_from_file(
+        &self,
+        chunk: ChunkKey,
+        len: u64,
+        origin: ChunkOrigin,
+    ) -> Result<(), VmError> {
+        let _ = (len, origin);
+        Err(VmError::WriteChunk {
+            chunk,
+            source: "this destination cannot read device chunks from files".into(),
+        })
+    }
     /// Whether this host has offered file `file` already, with the same content.
     fn has_file(&self, file: u32) -> bool {
         let _ = file;

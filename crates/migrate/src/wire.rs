@@ -12,14 +12,15 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::vm::{
-    ChunkKey, DeviceBuffer, FileTransfer, VmDescription, MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
+    ChunkKey, ChunkOrigin, DeviceBuffer, FileTransfer, VmDescription, MAX_CHUNK_BYTES,
+    MAX_FILE_PIECE, PAGE_SIZE,
 };
 use crate::MigrationError;
 
 /// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
 /// an in-doubt switchover; 4: a migration key derived from the secret; 5: the VM state's
-/// version in the offer.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// version in the offer; 6: device chunks sent as the file piece they hold.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.
@@ -39,6 +40,10 @@ const KIND_FILE: u8 = 4;
 const FLAG_COMPRESSED: u8 = 1;
 const RAM_RECORD_BYTES: usize = 16;
 const CHUNK_RECORD_BYTES: usize = 24;
+/// A chunk record's form field for a chunk sent as the file piece it holds.
+const CHUNK_FROM_FILE: u32 = 2;
+/// A chunk record's form field for a chunk's bytes preceded by the file piece they are.
+const CHUNK_WITH_ORIGIN: u32 = 3;
 const FILE_RECORD_BYTES: usize = 16;
 
 /// Which connection of a migration this is.
@@ -190,6 +195,18 @@ pub enum Frame<'a> {
         len: u64,
         /// Contents.
         data: Option<&'a [u8]>,
+        /// The piece of an attached file the contents are, if they are one (the
+        /// destination is receiving the file).
+        origin: Option<ChunkOrigin>,
+    },
+    /// A device chunk that holds a piece of an attached file the destination has.
+    FileChunk {
+        /// Which chunk.
+        key: ChunkKey,
+        /// Its length (at most [`MAX_CHUNK_BYTES`]).
+        len: u64,
+        /// The piece.
+        origin: ChunkOrigin,
     },
     /// Bytes of an attached file.
     File {
@@ -488,9 +505,47 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                 buffer: u32_at(p, 0),
                 index: u64_at(p, 8),
             };
+            // The form: 0 the bytes follow, 1 zeros, 2 a file piece (file, offset) follows.
             let zero = u32_at(p, 4);
             let len = u64_at(p, 16);
             let data = &p[CHUNK_RECORD_BYTES..];
+            if zero == CHUNK_WITH_ORIGIN {
+                if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() as u64 != 12 + len {
+                    return Err(malformed(format!(
+                        "bad chunk record with origin: {len} bytes for chunk {} of buffer {} \
+                         with {} bytes",
+                        key.index,
+                        key.buffer,
+                        data.len()
+                    )));
+                }
+                let origin = ChunkOrigin {
+                    file: u32_at(data, 0),
+                    offset: u64_at(data, 4),
+                };
+                return Ok(Frame::Chunk {
+                    key,
+                    len,
+                    data: Some(&data[12..]),
+                    origin: Some(origin),
+                });
+            }
+            if zero == CHUNK_FROM_FILE {
+                if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() != 12 {
+                    return Err(malformed(format!(
+                        "bad file chunk record: {len} bytes for chunk {} of buffer {} with {} \
+                         bytes of origin",
+                        key.index,
+                        key.buffer,
+                        data.len()
+                    )));
+                }
+                let origin = ChunkOrigin {
+                    file: u32_at(data, 0),
+                    offset: u64_at(data, 4),
+                };
+                return Ok(Frame::FileChunk { key, len, origin });
+            }
             let expected = if zero == 0 { len } else { 0 };
             if !(1..=MAX_CHUNK_BYTES).contains(&len) || zero > 1 || data.len() as u64 != expected {
                 return Err(malformed(format!(
@@ -504,6 +559,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                 key,
                 len,
                 data: (zero == 0).then_some(data),
+                origin: None,
             })
         }
     }
@@ -582,6 +638,40 @@ impl<W: Write> FrameWriter<W> {
         head[8..16].copy_from_slice(&key.index.to_le_bytes());
         head[16..].copy_from_slice(&len.to_le_bytes());
         self.emit(KIND_CHUNK, &head, data.unwrap_or_default(), data.is_some())
+    }
+
+    /// Sends device chunk `key`'s bytes, which are the file piece `origin`.
+    pub fn send_chunk_with_origin(
+        &mut self,
+        key: ChunkKey,
+        data: &[u8],
+        origin: ChunkOrigin,
+    ) -> Result<(), MigrationError> {
+        let mut head = [0u8; CHUNK_RECORD_BYTES + 12];
+        head[..4].copy_from_slice(&key.buffer.to_le_bytes());
+        head[4..8].copy_from_slice(&CHUNK_WITH_ORIGIN.to_le_bytes());
+        head[8..16].copy_from_slice(&key.index.to_le_bytes());
+        head[16..24].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        head[24..28].copy_from_slice(&origin.file.to_le_bytes());
+        head[28..].copy_from_slice(&origin.offset.to_le_bytes());
+        self.emit(KIND_CHUNK, &head, data, true)
+    }
+
+    /// Sends device chunk `key` (`len` bytes) as the file piece `origin` it holds.
+    pub fn send_chunk_origin(
+        &mut self,
+        key: ChunkKey,
+        len: u64,
+        origin: ChunkOrigin,
+    ) -> Result<(), MigrationError> {
+        let mut head = [0u8; CHUNK_RECORD_BYTES + 12];
+        head[..4].copy_from_slice(&key.buffer.to_le_bytes());
+        head[4..8].copy_from_slice(&CHUNK_FROM_FILE.to_le_bytes());
+        head[8..16].copy_from_slice(&key.index.to_le_bytes());
+        head[16..24].copy_from_slice(&len.to_le_bytes());
+        head[24..28].copy_from_slice(&origin.file.to_le_bytes());
+        head[28..].copy_from_slice(&origin.offset.to_le_bytes());
+        self.emit(KIND_CHUNK, &head, &[], false)
     }
 
     /// Sends `data` (1 to [`MAX_FILE_PIECE`] bytes) of attached file `file` at `offset`.
@@ -694,6 +784,12 @@ mod tests {
             index: 9,
         };
         w.send_chunk(key, 100, Some(&[1; 100])).unwrap();
+        let origin = ChunkOrigin {
+            file: 1,
+            offset: 1 << 33,
+        };
+        w.send_chunk_origin(key, 4096, origin).unwrap();
+        w.send_chunk_with_origin(key, &[5; 300], origin).unwrap();
         w.send_file(2, 1 << 40, &[3; 77]).unwrap();
         w.send(&Message::Go).unwrap();
         let bytes = w.output;
@@ -710,7 +806,13 @@ mod tests {
             }
         ));
         assert!(
-            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 100, data: Some(d) } if k == key && d == [1; 100])
+            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 100, data: Some(d), origin: None } if k == key && d == [1; 100])
+        );
+        assert!(
+            matches!(r.read().unwrap(), Frame::FileChunk { key: k, len: 4096, origin: o } if k == key && o == origin)
+        );
+        assert!(
+            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 300, data: Some(d), origin: Some(o) } if k == key && d == [5; 300] && o == origin)
         );
         assert!(
             matches!(r.read().unwrap(), Frame::File { file: 2, offset: 0x100_0000_0000, data } if data == [3; 77])
@@ -766,7 +868,7 @@ mod tests {
         let bytes = w.output.out;
         let mut r = FrameReader::new(&bytes[..]);
         assert!(
-            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 1000, data: Some(d) } if k == key && d == data)
+            matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 1000, data: Some(d), origin: None } if k == key && d == data)
         );
         assert!(matches!(r.read().unwrap(), Frame::Control(Message::Go)));
     }
@@ -816,6 +918,22 @@ mod tests {
         let mut chunk = vec![0u8; CHUNK_RECORD_BYTES];
         chunk[16..24].copy_from_slice(&(MAX_CHUNK_BYTES + 1).to_le_bytes());
         chunk[4] = 1;
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record"));
+        // A file chunk without its origin, or with more; an unknown form.
+        chunk[16..24].copy_from_slice(&4096u64.to_le_bytes());
+        chunk[4] = CHUNK_FROM_FILE as u8;
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad file chunk record"));
+        chunk.extend_from_slice(&[0; 13]);
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad file chunk record"));
+        // Bytes with an origin, one byte short.
+        chunk[4] = CHUNK_WITH_ORIGIN as u8;
+        chunk.truncate(CHUNK_RECORD_BYTES + 12 + 4095);
+        chunk.resize(CHUNK_RECORD_BYTES + 12 + 4095, 0);
+        assert!(
+            read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record with origin")
+        );
+        chunk.truncate(CHUNK_RECORD_BYTES);
+        chunk[4] = 4;
         assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record"));
         // File pieces: empty, too long, running past 2^64, a nonzero reserved field.
         let file = |offset: u64, len: usize, reserved: u32| {

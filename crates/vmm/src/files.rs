@@ -72,11 +72,11 @@ pub enum AttachError {
     },
 }
 
-/// One attached file, open.
-#[derive(Debug)]
+/// One attached file, open; clones share the open file.
+#[derive(Debug, Clone)]
 pub struct AttachedFile {
     info: FileInfo,
-    file: File,
+    file: Arc<File>,
 }
 
 /// A file's identity and change times: device, inode, size, modification and change
@@ -156,7 +156,7 @@ impl AttachedFile {
                 sha256,
                 path: path.to_path_buf(),
             },
-            file,
+            file: Arc::new(file),
         })
     }
 

@@ -144,8 +144,13 @@ fn load(
     })
 }
 
-/// Migrates `id` from `from` to the host at `to`; returns (started, ended, pause ms).
-fn migrate(from: &ApiClient, id: &str, to: &str) -> anyhow::Result<(Instant, Instant, f64)> {
+/// Migrates `id` from `from` to the host at `to`; returns (started, ended, pause ms,
+/// MiB sent, chunks sent as file pieces).
+fn migrate(
+    from: &ApiClient,
+    id: &str,
+    to: &str,
+) -> anyhow::Result<(Instant, Instant, f64, f64, u64)> {
     let started = Instant::now();
     let request = MigrateRequest {
         streams: STREAMS,
@@ -158,7 +163,13 @@ fn migrate(from: &ApiClient, id: &str, to: &str) -> anyhow::Result<(Instant, Ins
             MigrationState::Running => std::thread::sleep(Duration::from_millis(5)),
             MigrationState::Succeeded => {
                 let report = status.report.context("a success without a report")?;
-                return Ok((started, Instant::now(), report.downtime_ms));
+                return Ok((
+                    started,
+                    Instant::now(),
+                    report.downtime_ms,
+                    report.bytes_sent as f64 / f64::from(1 << 20),
+                    report.chunks_from_files,
+                ));
             }
             other => bail!(
                 "migration of {id} ended {other:?}: {}",
@@ -311,8 +322,9 @@ pub fn bench_serve(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
         migrating.store(false, Ordering::Relaxed);
         (windows, clients.join().expect("clients"))
     });
-    let windows: Vec<(Instant, Instant, f64)> = windows.into_iter().collect::<Result<_, _>>()?;
-    let during = |t0: Instant, t1: Instant| windows.iter().any(|(s, e, _)| t0 < *e && t1 > *s);
+    let windows: Vec<(Instant, Instant, f64, f64, u64)> =
+        windows.into_iter().collect::<Result<_, _>>()?;
+    let during = |t0: Instant, t1: Instant| windows.iter().any(|w| t0 < w.1 && t1 > w.0);
     // Gaps inside a migration, and the same streams' gaps outside one (the steady state
     // of the same run).
     let (mut in_migration, mut outside) = (Vec::new(), Vec::new());
@@ -367,11 +379,11 @@ pub fn bench_serve(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
         pause_max,
         "ms",
         format!(
-            "pauses {pauses:.1?}, whole migrations {:.0?} ms",
-            windows
-                .iter()
-                .map(|(s, e, _)| ms(*e - *s))
-                .collect::<Vec<_>>()
+            "pauses {pauses:.1?}, whole migrations {:.0?} ms, {:.0?} MiB sent each, {} device \
+             chunks sent as the model file's pieces",
+            windows.iter().map(|w| ms(w.1 - w.0)).collect::<Vec<_>>(),
+            windows.iter().map(|w| w.3).collect::<Vec<_>>(),
+            windows.iter().map(|w| w.4).sum::<u64>()
         ),
     ))?;
     emit(figure(
