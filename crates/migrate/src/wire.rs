@@ -231,6 +231,31 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// The (file, offset) at the start of `b` (at least 12 bytes).
+fn origin_at(b: &[u8]) -> ChunkOrigin {
+    ChunkOrigin {
+        file: u32_at(b, 0),
+        offset: u64_at(b, 4),
+    }
+}
+
+/// A chunk record's head for chunk `key` of `len` bytes in `form`, followed by `origin`.
+fn chunk_head_with_origin(
+    key: ChunkKey,
+    form: u32,
+    len: u64,
+    origin: ChunkOrigin,
+) -> [u8; CHUNK_RECORD_BYTES + 12] {
+    let mut head = [0u8; CHUNK_RECORD_BYTES + 12];
+    head[..4].copy_from_slice(&key.buffer.to_le_bytes());
+    head[4..8].copy_from_slice(&form.to_le_bytes());
+    head[8..16].copy_from_slice(&key.index.to_le_bytes());
+    head[16..24].copy_from_slice(&len.to_le_bytes());
+    head[24..28].copy_from_slice(&origin.file.to_le_bytes());
+    head[28..].copy_from_slice(&origin.offset.to_le_bytes());
+    head
+}
+
 /// Frames both ways over one connection that is read and written through a single
 /// object, as a TLS session must be (it cannot be split into a read half and a write
 /// half the way a `TcpStream` can). Used from one thread at a time.
@@ -519,15 +544,11 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                         data.len()
                     )));
                 }
-                let origin = ChunkOrigin {
-                    file: u32_at(data, 0),
-                    offset: u64_at(data, 4),
-                };
                 return Ok(Frame::Chunk {
                     key,
                     len,
                     data: Some(&data[12..]),
-                    origin: Some(origin),
+                    origin: Some(origin_at(data)),
                 });
             }
             if zero == CHUNK_FROM_FILE {
@@ -540,11 +561,11 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                         data.len()
                     )));
                 }
-                let origin = ChunkOrigin {
-                    file: u32_at(data, 0),
-                    offset: u64_at(data, 4),
-                };
-                return Ok(Frame::FileChunk { key, len, origin });
+                return Ok(Frame::FileChunk {
+                    key,
+                    len,
+                    origin: origin_at(data),
+                });
             }
             let expected = if zero == 0 { len } else { 0 };
             if !(1..=MAX_CHUNK_BYTES).contains(&len) || zero > 1 || data.len() as u64 != expected {
@@ -647,13 +668,7 @@ impl<W: Write> FrameWriter<W> {
         data: &[u8],
         origin: ChunkOrigin,
     ) -> Result<(), MigrationError> {
-        let mut head = [0u8; CHUNK_RECORD_BYTES + 12];
-        head[..4].copy_from_slice(&key.buffer.to_le_bytes());
-        head[4..8].copy_from_slice(&CHUNK_WITH_ORIGIN.to_le_bytes());
-        head[8..16].copy_from_slice(&key.index.to_le_bytes());
-        head[16..24].copy_from_slice(&(data.len() as u64).to_le_bytes());
-        head[24..28].copy_from_slice(&origin.file.to_le_bytes());
-        head[28..].copy_from_slice(&origin.offset.to_le_bytes());
+        let head = chunk_head_with_origin(key, CHUNK_WITH_ORIGIN, data.len() as u64, origin);
         self.emit(KIND_CHUNK, &head, data, true)
     }
 
@@ -664,13 +679,7 @@ impl<W: Write> FrameWriter<W> {
         len: u64,
         origin: ChunkOrigin,
     ) -> Result<(), MigrationError> {
-        let mut head = [0u8; CHUNK_RECORD_BYTES + 12];
-        head[..4].copy_from_slice(&key.buffer.to_le_bytes());
-        head[4..8].copy_from_slice(&CHUNK_FROM_FILE.to_le_bytes());
-        head[8..16].copy_from_slice(&key.index.to_le_bytes());
-        head[16..24].copy_from_slice(&len.to_le_bytes());
-        head[24..28].copy_from_slice(&origin.file.to_le_bytes());
-        head[28..].copy_from_slice(&origin.offset.to_le_bytes());
+        let head = chunk_head_with_origin(key, CHUNK_FROM_FILE, len, origin);
         self.emit(KIND_CHUNK, &head, &[], false)
     }
 
