@@ -413,24 +413,17 @@ impl Center {
                         format!("the request is too large for model '{vm}'"),
                     ))
                 }
-                Some("migrated") | Some("vm_not_found") => {
-                    if let Some(h) = self.follow(vm, &host) {
-                        host = h;
-                    }
+                code @ Some("migrated" | "vm_not_found" | "unavailable") => {
+                    self.reroute(vm, &mut host, code);
                 }
-                Some("unavailable") => {}
-                _ if api_error(&e).is_some() => {
+                // Not an answer: the host may be going down; the inventory may move.
+                None if api_error(&e).is_none() => self.reroute(vm, &mut host, None),
+                _ => {
                     return fail(OpenAiError::new(
                         StatusCode::BAD_GATEWAY,
                         "upstream_error",
                         format!("model '{vm}': {e}"),
                     ))
-                }
-                _ => {
-                    // Unreachable host: it may be going down; the inventory may move.
-                    if let Some(h) = self.serving_host(vm) {
-                        host = h;
-                    }
                 }
             }
             if started.elapsed() > PATIENCE {
@@ -495,11 +488,6 @@ impl Center {
                 }
                 Err(e) => {
                     match api_error(&e).and_then(|a| a.code.as_deref()) {
-                        Some("migrated") | Some("vm_not_found") => {
-                            if let Some(h) = self.follow(vm, &host) {
-                                host = h;
-                            }
-                        }
                         Some("stream_not_found") => {
                             return fail(OpenAiError::new(
                                 StatusCode::BAD_GATEWAY,
@@ -507,11 +495,7 @@ impl Center {
                                 format!("model '{vm}' lost the answer's stream"),
                             ))
                         }
-                        _ => {
-                            if let Some(h) = self.serving_host(vm) {
-                                host = h;
-                            }
-                        }
+                        code => self.reroute(vm, &mut host, code),
                     }
                     if last_progress.elapsed() > PATIENCE {
                         return fail(unreachable(&format!("{e:#}")));
@@ -519,6 +503,20 @@ impl Center {
                     std::thread::sleep(RETRY_PAUSE);
                 }
             }
+        }
+    }
+
+    /// Where to try next after `host` answered `code` (`None`: it did not answer): where
+    /// it says the VM went, itself while the VM pauses or starts there, or where the
+    /// inventory last saw the VM.
+    fn reroute(&self, vm: &str, host: &mut HostRecord, code: Option<&str>) {
+        let next = match code {
+            Some("migrated" | "vm_not_found") => self.follow(vm, host),
+            Some("unavailable") => None,
+            _ => self.serving_host(vm),
+        };
+        if let Some(next) = next {
+            *host = next;
         }
     }
 
