@@ -564,15 +564,38 @@ fn files_to_send<T: MigrationTarget>(
     }
 }
 
+/// Whether the peer has closed (or reset) `socket`, looking without taking anything.
+/// Only for a socket nobody else reads meanwhile: it is made non-blocking for the look.
+fn closed_by_peer(socket: &TcpStream) -> bool {
+    if socket.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let closed = match socket.peek(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = socket.set_nonblocking(false);
+    closed
+}
+
+/// How often the destination looks at the control connection while it waits for the
+/// data streams.
+const STREAM_WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// The source's `streams` data connections, as they arrive; an error if they do not
+/// within [`STREAM_WAIT`], or once the source closes its `control` connection (so a
+/// source that died frees the VM prepared for it at once).
 fn collect_streams(
     rx: &Receiver<(u8, DataConn)>,
     streams: u8,
+    control: &TcpStream,
 ) -> Result<Vec<DataConn>, MigrationError> {
     let mut slots: Vec<Option<DataConn>> = (0..streams).map(|_| None).collect();
     let deadline = Instant::now() + STREAM_WAIT;
     while slots.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_timeout(left.min(STREAM_WAIT_SLICE)) {
             Ok((index, data)) => {
                 let slot = slots.get_mut(usize::from(index)).ok_or_else(|| {
                     MigrationError::BrokenSequence(format!("data stream {index} of {streams}"))
@@ -583,6 +606,15 @@ fn collect_streams(
                     )));
                 }
                 *slot = Some(data);
+            }
+            Err(RecvTimeoutError::Timeout) if !left.is_zero() => {
+                if closed_by_peer(control) {
+                    return Err(MigrationError::BrokenSequence(
+                        "the source closed its control connection before opening its data \
+                         streams"
+                            .into(),
+                    ));
+                }
             }
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                 return Err(MigrationError::BrokenSequence(format!(
@@ -684,7 +716,7 @@ fn receive_session<F: TargetFactory>(
             session,
             send_files,
         })
-        .and_then(|()| collect_streams(&rx, streams));
+        .and_then(|()| collect_streams(&rx, streams, &control_socket));
     sessions.lock().expect("sessions lock").remove(&session);
     let data = accepted?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams collected");

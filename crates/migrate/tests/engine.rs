@@ -583,6 +583,8 @@ struct Faults {
     out_of_range: AtomicUsize,
     /// SHA-256s of the attached files the destination has already.
     has_files: Mutex<Vec<String>>,
+    /// Targets dropped (a VM being received given up, or adopted and gone).
+    released: AtomicUsize,
 }
 
 struct FakeTarget {
@@ -596,6 +598,12 @@ struct FakeTarget {
     running: AtomicBool,
     ram_writes: AtomicUsize,
     faults: Arc<Faults>,
+}
+
+impl Drop for FakeTarget {
+    fn drop(&mut self) {
+        self.faults.released.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl FakeTarget {
@@ -1452,6 +1460,35 @@ fn hostile_source(
     round(&mut c.writer, &mut data.writer);
     data.writer.flush()?;
     c.expect_control("the destination's answer")
+}
+
+#[test]
+fn a_source_gone_before_opening_its_data_streams_frees_the_destination_at_once() {
+    let dest = Destination::start();
+    let mut c = authenticated(&dest, StreamRole::Control);
+    c.send(&Message::Offer {
+        vm: description(MIB),
+        streams: 2,
+        transfer: Transfer::Live,
+        files: FileTransfer::Reuse,
+    })
+    .unwrap();
+    assert!(matches!(
+        c.expect_control("accept").unwrap(),
+        Message::Accept { .. }
+    ));
+    let gone = Instant::now();
+    drop(c);
+    // The VM prepared for it (its memory, on a real host) is given up when the control
+    // connection closes, not after the 30 s the data streams may take to come.
+    while dest.faults.released.load(Ordering::SeqCst) == 0 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(5),
+            "the destination still holds the VM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("released {:?} after the source left", gone.elapsed());
 }
 
 #[test]
