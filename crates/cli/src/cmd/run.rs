@@ -110,9 +110,20 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
 
 /// `ferry workloads`.
 pub fn list_workloads() -> anyhow::Result<ExitCode> {
-    for image in ferry_guest_images::all() {
+    use std::io::Write;
+    let all = ferry_guest_images::all();
+    let width = all.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    for image in all {
         let kind = if image.test_only { " (test guest)" } else { "" };
-        println!("{:<12} {}{kind}", image.name, image.summary);
+        let line = writeln!(out, "{:<width$} {}{kind}", image.name, image.summary);
+        // A reader that has seen enough (`ferry workloads | head`) is not an error.
+        if let Err(e) = line {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                break;
+            }
+            return Err(e.into());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
