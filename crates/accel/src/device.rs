@@ -110,14 +110,16 @@ struct BufferMap {
     origins: BTreeMap<ChunkId, ChunkOrigin>,
 }
 
-/// Where a chunk's content came from: `len` bytes of attached file `file` at `offset`
-/// (the chunk's length).
+/// Where a chunk's content came from: its `len` bytes are attached file `file`'s from
+/// `offset` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkOrigin {
     /// Index of the file in the VM's file table.
     pub file: u32,
     /// First byte of the piece in the file.
     pub offset: u64,
+    /// Bytes of the chunk (the last chunk of a buffer may be short).
+    pub len: u64,
 }
 
 impl Default for BufferMap {
@@ -165,6 +167,7 @@ impl BufferMap {
             let origin = ChunkOrigin {
                 file,
                 offset: offset + (chunk.start - range.start),
+                len: chunk.end - chunk.start,
             };
             self.origins.insert(ChunkId { buffer: id, index }, origin);
         }
@@ -312,9 +315,11 @@ impl DeviceTracker {
     }
 
     /// Where chunk `chunk`'s content came from, if it is a piece of an attached file
-    /// not written since it was loaded.
-    pub fn chunk_origin(&self, chunk: ChunkId) -> Option<ChunkOrigin> {
-        self.map().origins.get(&chunk).copied()
+    /// not written since it was loaded, with the size of its buffer now.
+    pub fn chunk_origin(&self, chunk: ChunkId) -> Option<(ChunkOrigin, u64)> {
+        let map = self.map();
+        let origin = map.origins.get(&chunk).copied()?;
+        Some((origin, *map.sizes.get(&chunk.buffer)?))
     }
 
     /// Copies chunk `chunk` into `out` (resized to the chunk's length: the last chunk of

@@ -88,7 +88,10 @@ fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
     // which has the file, each chunk of weights goes as the piece of the file it holds.
     assert_eq!(there["chunks_from_files"], 0, "{there}");
     let from_files = back["chunks_from_files"].as_u64().unwrap();
-    assert!(from_files * (256 << 10) > size / 2, "{back}");
+    assert!(
+        from_files * ferry_accel::dirty::CHUNK_SIZE > size / 2,
+        "{back}"
+    );
     let sent = |r: &Value| r["bytes_sent"].as_u64().unwrap();
     assert!(sent(&back) + size < sent(&there), "{there}\n{back}");
     let console = a.console_at_exit(&id);

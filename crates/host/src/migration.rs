@@ -10,8 +10,8 @@ use ferry_accel::device::{BufferState, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileOffer, MigrationSource, MigrationTarget,
-    PageSet, VmDescription, VmError,
+    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, MigrationSource,
+    MigrationTarget, PageSet, VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, GuestRam};
@@ -234,11 +234,15 @@ impl MigrationSource for VmSource {
         self.accel()?.read_chunk(to_chunk(chunk), out)
     }
 
-    fn chunk_origin(&self, chunk: ChunkKey) -> Option<ChunkOrigin> {
-        let origin = self.accel()?.chunk_origin(to_chunk(chunk))?;
-        Some(ChunkOrigin {
-            file: origin.file,
-            offset: origin.offset,
+    fn file_chunk(&self, chunk: ChunkKey) -> Option<FileChunk> {
+        let (origin, buffer_bytes) = self.accel()?.chunk_origin(to_chunk(chunk))?;
+        Some(FileChunk {
+            origin: ChunkOrigin {
+                file: origin.file,
+                offset: origin.offset,
+            },
+            len: origin.len,
+            buffer_bytes,
         })
     }
 
@@ -419,6 +423,7 @@ impl MigrationTarget for VmTarget {
             let from = ferry_accel::device::ChunkOrigin {
                 file: origin.file,
                 offset: origin.offset,
+                len: data.len() as u64,
             };
             accel
                 .write_chunk_from_file(to_chunk(chunk), data, from)

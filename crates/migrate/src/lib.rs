@@ -34,7 +34,7 @@ pub use send::{
 pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
-    error_chain, Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileOffer, FileTransfer,
+    error_chain, Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, FileTransfer,
     MigrationSource, MigrationTarget, PageSet, VmDescription, VmError,
 };
 

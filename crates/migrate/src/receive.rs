@@ -63,9 +63,9 @@ pub struct ReceiveReport {
 /// One connection from the source.
 type Conn = FrameStream<Link>;
 
-/// Read buffer of a plain connection. Small next to the data streams' frames (256 KiB
-/// chunks, up to 1 MiB of pages): a read that large bypasses the buffer, so most of a
-/// payload goes from the socket to its frame buffer without an extra copy.
+/// Read buffer of a plain connection. No larger than the data streams' frames (device
+/// chunks of 64 KiB, up to 1 MiB of pages): a read that large bypasses the buffer, so
+/// most of a payload goes from the socket to its frame buffer without an extra copy.
 const READ_BUFFER: usize = 64 << 10;
 /// Write buffer of a connection (only answers go out).
 const WRITE_BUFFER: usize = 8 << 10;

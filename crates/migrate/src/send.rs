@@ -462,12 +462,6 @@ fn joined<T>(
         .unwrap_or_else(|_| Err(MigrationError::StreamPanicked(what.to_string())))
 }
 
-/// Bytes of chunk `index` of a buffer of `size` bytes, if it has that chunk.
-fn chunk_len(size: u64, index: u64) -> Option<u64> {
-    let start = index.checked_mul(crate::vm::MAX_CHUNK_BYTES)?;
-    (start < size).then(|| (size - start).min(crate::vm::MAX_CHUNK_BYTES))
-}
-
 fn is_zero(bytes: &[u8]) -> bool {
     let (head, body, tail) = {
         // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the
@@ -544,17 +538,15 @@ fn send_share(
         // A chunk holding a piece of a file the destination has: where, not what. (Its
         // origin is read before any later write clears it; such a write also marks the
         // chunk dirty, and the next round sends it again.)
-        let origin = source.chunk_origin(key);
-        if let Some(origin) = origin.filter(|o| queue.destination_has(o.file)) {
-            if let Some(len) = queue
-                .buffer_size(key.buffer)
-                .and_then(|size| chunk_len(size, key.index))
-            {
-                counts.file_chunks += 1;
-                writer.send_chunk_origin(key, len, origin)?;
-                continue;
-            }
+        let piece = source
+            .file_chunk(key)
+            .filter(|p| Some(p.buffer_bytes) == queue.buffer_size(key.buffer));
+        if let Some(p) = piece.filter(|p| queue.destination_has(p.origin.file)) {
+            counts.file_chunks += 1;
+            writer.send_chunk_origin(key, p.len, p.origin)?;
+            continue;
         }
+        let origin = piece.map(|p| p.origin);
         let size = source.read_chunk(key, &mut buffers.chunk);
         if size.is_none() || size != queue.buffer_size(key.buffer) {
             continue;

@@ -349,6 +349,18 @@ pub struct ChunkOrigin {
     pub offset: u64,
 }
 
+/// A device chunk that holds a piece of an attached file, as the source sees it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileChunk {
+    /// The piece.
+    pub origin: ChunkOrigin,
+    /// Bytes of the chunk.
+    pub len: u64,
+    /// Size of the chunk's buffer now (a chunk of a buffer remade with another size
+    /// since the round's buffer table is not sent this round).
+    pub buffer_bytes: u64,
+}
+
 /// The VM being sent. Methods take `&self`: the engine reads from several threads while
 /// the VM runs.
 pub trait MigrationSource: Sync {
@@ -388,9 +400,9 @@ pub trait MigrationSource: Sync {
     /// copy, so that no device buffer stays locked while a slow destination takes the
     /// bytes.
     fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64>;
-    /// Where chunk `chunk`'s content came from, if it is a piece of an attached file (a
-    /// model's weights); `None` (the default) sends its bytes.
-    fn chunk_origin(&self, _chunk: ChunkKey) -> Option<ChunkOrigin> {
+    /// Chunk `chunk` as the piece of an attached file it holds (a model's weights), if
+    /// it holds one; `None` (the default) sends its bytes.
+    fn file_chunk(&self, _chunk: ChunkKey) -> Option<FileChunk> {
         None
     }
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
