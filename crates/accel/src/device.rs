@@ -907,11 +907,6 @@ impl Accelerator {
         }
         Ok(())
     }
-
-    /// Where chunk `chunk`'s content came from (see [`DeviceTracker::chunk_origin`]).
-    pub fn chunk_origin(&self, chunk: ChunkId) -> Option<ChunkOrigin> {
-        self.map().origins.get(&chunk).copied()
-    }
 }
 
 /// Byte range of chunk `index` in a buffer of `bytes` bytes, if it has that chunk.

@@ -620,7 +620,13 @@ fn chunks_loaded_whole_from_a_file_remember_where_until_written() {
     assert_eq!(g.run(op::ALLOC, &[1, 2 << 20]), status::OK);
     let (off, foff, len) = (4096u64, 12345u64, 3u64 << 19);
     assert_eq!(g.run(op::LOAD_FILE, &[1, off, 0, foff, len]), status::OK);
-    let origin = |g: &FakeGuest, index| g.accel.chunk_origin(ChunkId { buffer: 1, index });
+    let origin = |g: &FakeGuest, index| {
+        let (origin, _) = g
+            .accel
+            .tracker()
+            .chunk_origin(ChunkId { buffer: 1, index })?;
+        Some(origin)
+    };
     // The chunks wholly inside bytes 4096..4096 + 1.5 MiB have an origin; the first and
     // the last touched only partly do not.
     let whole = |index: u64| index * CHUNK_SIZE >= off && (index + 1) * CHUNK_SIZE <= off + len;

@@ -197,9 +197,6 @@ struct Sampling {
     stop: Option<Stop>,
     #[serde(default)]
     n: Option<u32>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    user: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -368,79 +365,93 @@ impl Center {
     /// across migrations. Blocks: runs on its own thread. Cancels the generation if the
     /// client goes away (`tx` closed).
     fn relay(&self, vm: &str, stream: u64, payload: Vec<u8>, tx: &mpsc::Sender<Relayed>) {
-        let fail = |e: OpenAiError| {
-            let _ = tx.blocking_send(Relayed::Failed(e));
-        };
         let Some(mut host) = self.serving_host(vm) else {
-            return fail(OpenAiError::new(
+            let e = OpenAiError::new(
                 StatusCode::NOT_FOUND,
                 "model_not_found",
                 format!("no model (serving VM) '{vm}'"),
-            ));
-        };
-        let unreachable = |what: &str| {
-            OpenAiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "model_unavailable",
-                format!("model '{vm}' could not be reached for {PATIENCE:?}: {what}"),
-            )
+            );
+            let _ = tx.blocking_send(Relayed::Failed(e));
+            return;
         };
         let message = ChannelMessage {
             stream,
             kind: serve::kind::REQUEST,
             payload,
         };
+        let relayed = self
+            .submit(vm, &mut host, &message)
+            .and_then(|()| self.read_back(vm, &mut host, stream, tx));
+        if let Err(e) = relayed {
+            let _ = tx.blocking_send(Relayed::Failed(e));
+        }
+    }
+
+    /// Queues `message` on VM `vm`'s channel, at `host` or wherever it has moved; waits
+    /// out a start or a switchover (up to [`PATIENCE`]).
+    fn submit(
+        &self,
+        vm: &str,
+        host: &mut HostRecord,
+        message: &ChannelMessage,
+    ) -> Result<(), OpenAiError> {
         let started = Instant::now();
         loop {
-            let Ok(client) = self.host_client(&host) else {
-                return fail(unreachable("no client"));
-            };
+            let client = self
+                .host_client(host)
+                .map_err(|_| unreachable(vm, "no client"))?;
             let result: anyhow::Result<Value> =
-                client.post(&format!("/v1/vms/{vm}/streams"), &message);
-            let Err(e) = result else { break };
+                client.post(&format!("/v1/vms/{vm}/streams"), message);
+            let Err(e) = result else { return Ok(()) };
             match api_error(&e).and_then(|a| a.code.as_deref()) {
                 Some("busy") => {
-                    return fail(OpenAiError::new(
+                    return Err(OpenAiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limit_exceeded",
                         format!("model '{vm}' has a full queue; try again shortly"),
                     ))
                 }
                 Some("too_large") => {
-                    return fail(OpenAiError::new(
+                    return Err(OpenAiError::new(
                         StatusCode::BAD_REQUEST,
                         "context_length_exceeded",
                         format!("the request is too large for model '{vm}'"),
                     ))
                 }
                 code @ Some("migrated" | "vm_not_found" | "unavailable") => {
-                    self.reroute(vm, &mut host, code);
+                    self.reroute(vm, host, code);
                 }
                 // Not an answer: the host may be going down; the inventory may move.
-                None if api_error(&e).is_none() => self.reroute(vm, &mut host, None),
-                _ => {
-                    return fail(OpenAiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        format!("model '{vm}': {e}"),
-                    ))
-                }
+                None if api_error(&e).is_none() => self.reroute(vm, host, None),
+                _ => return Err(upstream(format!("model '{vm}': {e}"))),
             }
             if started.elapsed() > PATIENCE {
-                return fail(unreachable(&format!("{e:#}")));
+                return Err(unreachable(vm, &format!("{e:#}")));
             }
             std::thread::sleep(RETRY_PAUSE);
         }
+    }
 
+    /// Reads stream `stream` of VM `vm` event by event into `tx`, following the VM
+    /// across migrations from the next event, until its final event; then forgets the
+    /// stream. A client gone (`tx` closed) cancels the generation.
+    fn read_back(
+        &self,
+        vm: &str,
+        host: &mut HostRecord,
+        stream: u64,
+        tx: &mpsc::Sender<Relayed>,
+    ) -> Result<(), OpenAiError> {
         let mut next = 0usize;
         let mut last_progress = Instant::now();
         loop {
             if tx.is_closed() {
-                return self.cancel(vm, &host, stream);
+                self.cancel(vm, host, stream);
+                return Ok(());
             }
-            let Ok(client) = self.host_client(&host) else {
-                return fail(unreachable("no client"));
-            };
+            let client = self
+                .host_client(host)
+                .map_err(|_| unreachable(vm, "no client"))?;
             let path = format!("/v1/vms/{vm}/streams/{stream}?from={next}&wait_ms={READ_WAIT_MS}");
             match client.get::<StreamChunk>(&path) {
                 Ok(chunk) => {
@@ -449,56 +460,34 @@ impl Center {
                     }
                     for e in chunk.events {
                         next += 1;
-                        let relayed = match Event::decode(&e.payload) {
-                            Ok(Event::Token { text, .. }) => Relayed::Text(text),
-                            Ok(Event::Done {
-                                reason,
-                                prompt_tokens,
-                                completion_tokens,
-                            }) => Relayed::Done {
-                                reason,
-                                prompt_tokens,
-                                completion_tokens,
-                            },
-                            Ok(Event::Error { code, message }) => {
-                                Relayed::Failed(refusal(code, message))
-                            }
-                            Err(e) => Relayed::Failed(OpenAiError::new(
-                                StatusCode::BAD_GATEWAY,
-                                "upstream_error",
-                                format!("model '{vm}' answered garbage: {e}"),
-                            )),
-                        };
+                        let relayed = relayed(vm, &e.payload);
                         let last = !matches!(relayed, Relayed::Text(_));
                         if tx.blocking_send(relayed).is_err() {
-                            return self.cancel(vm, &host, stream);
+                            self.cancel(vm, host, stream);
+                            return Ok(());
                         }
                         if last {
-                            return self.release(vm, &host, stream);
+                            self.release(vm, host, stream);
+                            return Ok(());
                         }
                     }
                     if chunk.end != StreamEnd::Open {
-                        self.release(vm, &host, stream);
-                        return fail(OpenAiError::new(
-                            StatusCode::BAD_GATEWAY,
-                            "upstream_error",
-                            format!("model '{vm}' ended the answer early ({:?})", chunk.end),
-                        ));
+                        self.release(vm, host, stream);
+                        return Err(upstream(format!(
+                            "model '{vm}' ended the answer early ({:?})",
+                            chunk.end
+                        )));
                     }
                 }
                 Err(e) => {
                     match api_error(&e).and_then(|a| a.code.as_deref()) {
                         Some("stream_not_found") => {
-                            return fail(OpenAiError::new(
-                                StatusCode::BAD_GATEWAY,
-                                "upstream_error",
-                                format!("model '{vm}' lost the answer's stream"),
-                            ))
+                            return Err(upstream(format!("model '{vm}' lost the answer's stream")))
                         }
-                        code => self.reroute(vm, &mut host, code),
+                        code => self.reroute(vm, host, code),
                     }
                     if last_progress.elapsed() > PATIENCE {
-                        return fail(unreachable(&format!("{e:#}")));
+                        return Err(unreachable(vm, &format!("{e:#}")));
                     }
                     std::thread::sleep(RETRY_PAUSE);
                 }
@@ -539,6 +528,38 @@ impl Center {
         if let Ok(client) = self.host_client(host) {
             let _: anyhow::Result<Value> = client.delete(&format!("/v1/vms/{vm}/streams/{stream}"));
         }
+    }
+}
+
+/// An answer of the VM's host or guest that makes no sense.
+fn upstream(message: String) -> OpenAiError {
+    OpenAiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
+}
+
+/// VM `vm` could not be reached for [`PATIENCE`].
+fn unreachable(vm: &str, what: &str) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "model_unavailable",
+        format!("model '{vm}' could not be reached for {PATIENCE:?}: {what}"),
+    )
+}
+
+/// What one event of VM `vm`'s stream means for the client.
+fn relayed(vm: &str, payload: &[u8]) -> Relayed {
+    match Event::decode(payload) {
+        Ok(Event::Token { text, .. }) => Relayed::Text(text),
+        Ok(Event::Done {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        }) => Relayed::Done {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        },
+        Ok(Event::Error { code, message }) => Relayed::Failed(refusal(code, message)),
+        Err(e) => Relayed::Failed(upstream(format!("model '{vm}' answered garbage: {e}"))),
     }
 }
 
@@ -591,6 +612,7 @@ const SAMPLING_FIELDS: &[&str] = &[
     "seed",
     "stop",
     "n",
+    // Accepted and ignored (serde passes over it: only these names get through).
     "user",
 ];
 

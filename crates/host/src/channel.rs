@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use ferry_api::{ChannelMessage, StreamChunk, StreamEnd, StreamEvent, VmState};
-use ferry_vmm::devices::channel::{self, Message, ReadError, SubmitError};
+use ferry_vmm::devices::channel::{self, Channel, Message, ReadError, SubmitError};
 
+use crate::hosted::HostedVm;
 use crate::{Host, HostError};
 
 /// Longest a read waits for the next response.
@@ -24,43 +25,40 @@ fn submit_error(id: &str, e: SubmitError) -> HostError {
     }
 }
 
-impl Host {
-    /// The error for a VM whose channel is not this host's any more, if so.
-    fn moved(&self, id: &str) -> Option<HostError> {
-        match self.get(id).ok()?.state() {
-            VmState::MigratedAway { to } => Some(HostError::Moved(format!(
-                "VM {id} migrated to {to} and runs there"
-            ))),
-            _ => None,
-        }
+/// The error for a VM whose channel is not this host's any more, if so.
+fn moved(vm: &HostedVm) -> Option<HostError> {
+    match vm.state() {
+        VmState::MigratedAway { to } => Some(HostError::Moved(format!(
+            "VM {} migrated to {to} and runs there",
+            vm.id
+        ))),
+        _ => None,
     }
+}
 
+/// Queues `m` on `vm`'s channel with `queue` (a request or a control message).
+fn send(
+    vm: &HostedVm,
+    m: ChannelMessage,
+    queue: impl FnOnce(&Channel, u64, Message) -> Result<(), SubmitError>,
+) -> Result<(), HostError> {
+    let message = Message {
+        kind: m.kind,
+        payload: m.payload,
+    };
+    queue(vm.channel(), m.stream, message)
+        .map_err(|e| moved(vm).unwrap_or_else(|| submit_error(&vm.id, e)))
+}
+
+impl Host {
     /// Queues a request on VM `id`'s channel, opening its stream.
     pub fn channel_submit(&self, id: &str, m: ChannelMessage) -> Result<(), HostError> {
-        let vm = self.get(id)?;
-        vm.channel()
-            .submit(
-                m.stream,
-                Message {
-                    kind: m.kind,
-                    payload: m.payload,
-                },
-            )
-            .map_err(|e| self.moved(id).unwrap_or_else(|| submit_error(id, e)))
+        send(&*self.get(id)?, m, Channel::submit)
     }
 
     /// Sends a control message (a cancel) to an open stream of VM `id`.
     pub fn channel_signal(&self, id: &str, m: ChannelMessage) -> Result<(), HostError> {
-        let vm = self.get(id)?;
-        vm.channel()
-            .signal(
-                m.stream,
-                Message {
-                    kind: m.kind,
-                    payload: m.payload,
-                },
-            )
-            .map_err(|e| self.moved(id).unwrap_or_else(|| submit_error(id, e)))
+        send(&*self.get(id)?, m, Channel::signal)
     }
 
     /// The responses of `stream` of VM `id` from index `from` on, waiting up to `wait`
@@ -73,14 +71,14 @@ impl Host {
         wait: Duration,
     ) -> Result<StreamChunk, HostError> {
         let vm = self.get(id)?;
-        if let Some(moved) = self.moved(id) {
+        if let Some(moved) = moved(&vm) {
             return Err(moved);
         }
         let read = vm
             .channel()
             .read(stream, from, wait.min(MAX_READ_WAIT))
             .map_err(|ReadError::NoSuchStream(s)| {
-                self.moved(id).unwrap_or_else(|| {
+                moved(&vm).unwrap_or_else(|| {
                     HostError::StreamNotFound(format!("VM {id} has no stream {s}"))
                 })
             })?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
-use ferry_accel::device::{BufferState, DeviceTracker};
+use ferry_accel::device::{AccelStateError, Accelerator, BufferState, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
@@ -347,6 +347,21 @@ impl VmTarget {
         }
     }
 
+    /// Writes device chunk `chunk` of the VM being filled with `write`.
+    fn with_accel(
+        &self,
+        chunk: ChunkKey,
+        write: impl FnOnce(&Accelerator, ChunkId) -> Result<(), AccelStateError>,
+    ) -> Result<(), VmError> {
+        self.with_filling(|vm| {
+            let accel = vm
+                .accel()
+                .ok_or("a device chunk for a VM without an accelerator")?;
+            write(accel, to_chunk(chunk)).map_err(Cause::from)
+        })
+        .map_err(|source| VmError::WriteChunk { chunk, source })
+    }
+
     /// The restored VM (after [`MigrationTarget::resume`]) and its reservation.
     pub fn take_vm(&self) -> Option<(Microvm, Reservation)> {
         let vm = match std::mem::replace(
@@ -399,15 +414,7 @@ impl MigrationTarget for VmTarget {
     }
 
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
-        self.with_filling(|vm| {
-            let accel = vm
-                .accel()
-                .ok_or("a device chunk for a VM without an accelerator")?;
-            accel
-                .write_chunk(to_chunk(chunk), data)
-                .map_err(Cause::from)
-        })
-        .map_err(|source| VmError::WriteChunk { chunk, source })
+        self.with_accel(chunk, |accel, id| accel.write_chunk(id, data))
     }
 
     fn write_chunk_with_origin(
@@ -416,20 +423,14 @@ impl MigrationTarget for VmTarget {
         data: &[u8],
         origin: ChunkOrigin,
     ) -> Result<(), VmError> {
-        self.with_filling(|vm| {
-            let accel = vm
-                .accel()
-                .ok_or("a device chunk for a VM without an accelerator")?;
-            let from = ferry_accel::device::ChunkOrigin {
-                file: origin.file,
-                offset: origin.offset,
-                len: data.len() as u64,
-            };
-            accel
-                .write_chunk_from_file(to_chunk(chunk), data, from)
-                .map_err(Cause::from)
+        let from = ferry_accel::device::ChunkOrigin {
+            file: origin.file,
+            offset: origin.offset,
+            len: data.len() as u64,
+        };
+        self.with_accel(chunk, |accel, id| {
+            accel.write_chunk_from_file(id, data, from)
         })
-        .map_err(|source| VmError::WriteChunk { chunk, source })
     }
 
     fn write_chunk_from_file(

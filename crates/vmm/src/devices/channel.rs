@@ -420,12 +420,6 @@ impl Channel {
         self.core().state.streams.retain(|s| s.id != stream);
     }
 
-    /// Requests queued on the host and streams kept, now.
-    pub fn load(&self) -> (usize, usize) {
-        let core = self.core();
-        (core.state.queued.len(), core.state.streams.len())
-    }
-
     /// Guest `out` to `CHANNEL_SETUP` of `page`: checks and copies the ring's geometry.
     pub fn setup(&self, mem: &GuestRam, page: u32) {
         let addr = u64::from(page) * PAGE_SIZE;
@@ -899,7 +893,7 @@ mod tests {
         // A cancel still gets through, once.
         channel.signal(3, message(9, "")).unwrap();
         channel.signal(3, message(9, "")).unwrap();
-        assert_eq!(channel.load().0, MAX_QUEUED + 1);
+        assert_eq!(channel.save().queued.len(), MAX_QUEUED + 1);
         assert_eq!(
             channel.submit(0, message(1, "q")),
             Err(SubmitError::QueueFull)

@@ -100,7 +100,6 @@ struct Sequence {
     pos: usize,
     /// The token to feed next (the last one generated).
     last: u32,
-    prompt_tokens: usize,
     generated: usize,
     max_tokens: usize,
     sampler: Option<Sampler>,
@@ -148,7 +147,7 @@ fn serve(o: &Options) -> Result<(), Failure> {
         while let Some(m) = ch.receive() {
             server.take(&mut ch, m);
         }
-        server.start_queued(&mut ch)?;
+        server.start_queued(&mut ch);
         server.step(&mut ch)?;
     }
 }
@@ -187,10 +186,10 @@ impl Server {
     }
 
     /// Starts queued requests in free slots (their prompts are read by [`Self::step`]).
-    fn start_queued(&mut self, ch: &mut Channel) -> Result<(), Failure> {
+    fn start_queued(&mut self, ch: &mut Channel) {
         while let Some(free) = self.slots.iter().position(Option::is_none) {
             let Some((stream, request)) = self.queue.pop_front() else {
-                return Ok(());
+                return;
             };
             let (prompt, stops) = match self.text.prompt(&request) {
                 Ok(p) => p,
@@ -220,7 +219,6 @@ impl Server {
                 stream,
                 pos: 0,
                 last: 0,
-                prompt_tokens: prompt.len(),
                 generated: 0,
                 max_tokens: (request.max_tokens as usize).min(self.text.context - prompt.len()),
                 sampler,
@@ -230,7 +228,6 @@ impl Server {
                 prompt,
             });
         }
-        Ok(())
     }
 
     /// One token for every sequence in a slot, or the next piece of its prompt for a
@@ -322,13 +319,13 @@ impl Server {
         } else {
             seq.generated
         };
-        send(ch, seq.stream, &done(reason, seq.prompt_tokens, completion));
+        send(ch, seq.stream, &done(reason, seq.prompt.len(), completion));
         self.served += 1;
         println!(
             "llm-serve: request {} ended ({}): {} prompt tokens, {completion} generated ({} served)",
             seq.stream,
             reason.name(),
-            seq.prompt_tokens,
+            seq.prompt.len(),
             self.served
         );
     }
