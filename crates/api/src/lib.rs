@@ -371,16 +371,165 @@ pub struct SettleRequest {
     pub session: u64,
 }
 
-/// One heartbeat.
+/// One heartbeat: in full (every VM), or as the changes since a beat the center took
+/// (`delta`), so a steady host of many VMs sends little more than its load each second.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Where the center reaches this host's API (`http://HOST:PORT`).
     pub api_url: String,
     /// Capacity and load.
     pub host: HostInfo,
-    /// Every VM the host lists, ended and migrated ones included, as summaries: without
-    /// their console tails (the host's own API has those), so a beat stays small.
+    /// Without `delta`, every VM the host lists, ended and migrated ones included; with
+    /// it, those that changed since the base beat. Summaries: without their console tails
+    /// (the host's own API has those), so a beat stays small.
     pub vms: Vec<VmInfo>,
+    /// This beat's place in the host's series (absent from hosts that only send full
+    /// beats).
+    #[serde(default)]
+    pub seq: Option<BeatSeq>,
+    /// Set when `vms` holds only the changes since beat `delta.base` of the same series.
+    #[serde(default)]
+    pub delta: Option<BeatDelta>,
+}
+
+/// Where a beat stands in its host's series of beats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BeatSeq {
+    /// Chosen at random when the host starts: a restarted host begins a new series.
+    pub series: u64,
+    /// Counts up by one per beat.
+    pub seq: u64,
+}
+
+/// What a delta beat changes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BeatDelta {
+    /// The beat (of the same series) the center last took and the changes apply to.
+    pub base: u64,
+    /// VMs the host no longer lists since then.
+    pub removed: Vec<String>,
+}
+
+/// The center's answer to a heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BeatAnswer {
+    /// Whether the beat was taken. A delta whose base the center does not hold (it
+    /// restarted, another replica took the base, a beat was lost) is refused, and the
+    /// host sends a full beat next.
+    pub taken: bool,
+}
+
+/// Whether two reports of a VM differ in what the center keeps: its uptime counts on by
+/// itself, and accelerator load within `LOAD_STEP` is noise.
+pub fn vm_report_changed(old: &VmInfo, new: &VmInfo) -> bool {
+    /// Load changes smaller than this are not news.
+    const LOAD_STEP: f64 = 0.05;
+    (old.accel_load - new.accel_load).abs() >= LOAD_STEP
+        || old.state != new.state
+        || old.since_unix_ms != new.since_unix_ms
+        || old.id != new.id
+        || old.name != new.name
+        || old.workload != new.workload
+        || old.args != new.args
+        || old.memory != new.memory
+        || old.accel_memory != new.accel_memory
+        || old.migrated_from != new.migrated_from
+        || old.files != new.files
+}
+
+/// A host's side of the heartbeat series: what the center last took, so the next beat
+/// carries only the changes.
+#[derive(Debug)]
+pub struct BeatSeries {
+    series: u64,
+    seq: u64,
+    /// The last beat the center took, and the VMs as it then listed them.
+    taken: Option<(u64, std::collections::BTreeMap<String, VmInfo>)>,
+    /// The beat in flight, and its full list.
+    sent: Option<(u64, std::collections::BTreeMap<String, VmInfo>)>,
+}
+
+impl BeatSeries {
+    /// A new series, named `series` (random per host start).
+    pub fn new(series: u64) -> Self {
+        Self {
+            series,
+            seq: 0,
+            taken: None,
+            sent: None,
+        }
+    }
+
+    /// The next beat: in full at first and after a refusal, otherwise the changes.
+    pub fn beat(&mut self, api_url: String, host: HostInfo, vms: Vec<VmInfo>) -> Heartbeat {
+        self.seq += 1;
+        let all: std::collections::BTreeMap<String, VmInfo> =
+            vms.into_iter().map(|vm| (vm.id.clone(), vm)).collect();
+        let (vms, delta) = match &self.taken {
+            None => (all.values().cloned().collect(), None),
+            Some((base, before)) => {
+                let changed = all
+                    .values()
+                    .filter(|vm| {
+                        before
+                            .get(&vm.id)
+                            .is_none_or(|old| vm_report_changed(old, vm))
+                    })
+                    .cloned()
+                    .collect();
+                let removed = before
+                    .keys()
+                    .filter(|id| !all.contains_key(*id))
+                    .cloned()
+                    .collect();
+                (
+                    changed,
+                    Some(BeatDelta {
+                        base: *base,
+                        removed,
+                    }),
+                )
+            }
+        };
+        self.sent = Some((self.seq, all));
+        Heartbeat {
+            api_url,
+            host,
+            vms,
+            seq: Some(BeatSeq {
+                series: self.series,
+                seq: self.seq,
+            }),
+            delta,
+        }
+    }
+
+    /// The center's answer to the last beat (`None`: it did not arrive, or failed).
+    pub fn answered(&mut self, answer: Option<&BeatAnswer>) {
+        let Some((seq, mut all)) = self.sent.take() else {
+            return;
+        };
+        match answer {
+            Some(BeatAnswer { taken: true }) => {
+                // A VM whose change was only noise stays as the center holds it, so
+                // drift below the step cannot build up unseen.
+                if let Some((_, before)) = &self.taken {
+                    for (id, vm) in all.iter_mut() {
+                        if let Some(old) = before.get(id) {
+                            if !vm_report_changed(old, vm) {
+                                *vm = old.clone();
+                            }
+                        }
+                    }
+                }
+                self.taken = Some((seq, all));
+            }
+            Some(BeatAnswer { taken: false }) => self.taken = None,
+            // Unknown whether the center took it: if it did, it refuses the next delta
+            // (built on the older base) and a full beat follows.
+            None => {}
+        }
+    }
 }
 
 /// A message for a VM's message channel: `POST /v1/vms/{id}/streams` queues a request
@@ -459,4 +608,74 @@ pub fn valid_vm_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostInfo {
+        HostInfo {
+            name: "a".into(),
+            migration_addr: "127.0.0.1:1".into(),
+            version: "0".into(),
+            backend: "cpu".into(),
+            cpus: 2,
+            accel_threads: 1,
+            load_avg: 0.0,
+            memory_capacity: 1 << 30,
+            memory_used: 0,
+            accel_capacity: 1 << 30,
+            accel_used: 0,
+            accel_load: 0.0,
+            vms_running: 1,
+            vms_in_doubt: 0,
+        }
+    }
+
+    fn vm(load: f64) -> VmInfo {
+        VmInfo {
+            id: "v".into(),
+            workload: "mlp-train".into(),
+            name: None,
+            args: Vec::new(),
+            state: VmState::Running,
+            memory: 1 << 20,
+            accel_memory: 0,
+            accel_load: load,
+            uptime_ms: 0,
+            since_unix_ms: 1,
+            migrated_from: None,
+            files: Vec::new(),
+            console_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn load_drifting_below_the_step_each_beat_is_sent_once_it_adds_up() {
+        let taken = BeatAnswer { taken: true };
+        let mut series = BeatSeries::new(1);
+        series.beat("u".into(), host(), vec![vm(0.50)]);
+        series.answered(Some(&taken));
+        let beat = series.beat("u".into(), host(), vec![vm(0.53)]);
+        assert!(beat.vms.is_empty(), "0.03 is noise");
+        series.answered(Some(&taken));
+        let beat = series.beat("u".into(), host(), vec![vm(0.56)]);
+        assert_eq!(beat.vms.len(), 1, "0.06 from what the center holds is news");
+        assert_eq!(beat.delta.as_ref().map(|d| d.base), Some(2));
+    }
+
+    #[test]
+    fn a_beat_that_got_no_answer_leaves_the_next_delta_on_the_last_base_taken() {
+        let mut series = BeatSeries::new(1);
+        series.beat("u".into(), host(), vec![vm(0.5)]);
+        series.answered(Some(&BeatAnswer { taken: true }));
+        series.beat("u".into(), host(), vec![]);
+        series.answered(None);
+        let beat = series.beat("u".into(), host(), vec![]);
+        let delta = beat.delta.expect("a delta");
+        assert_eq!(delta.base, 1);
+        assert_eq!(delta.removed, vec!["v".to_string()]);
+        assert_eq!(beat.seq.map(|s| s.seq), Some(3));
+    }
 }

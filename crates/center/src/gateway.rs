@@ -300,7 +300,7 @@ impl Center {
     fn serving_vm(&self, model: &str) -> Result<String, OpenAiError> {
         let inventory = self.inventory();
         let mut serving = inventory
-            .vms
+            .vms()
             .values()
             .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD);
         if let Some(v) = serving.clone().find(|v| v.id == model) {
@@ -333,7 +333,7 @@ impl Center {
     /// The host that runs VM `vm` now, as the center last heard.
     fn serving_host(&self, vm: &str) -> Option<HostRecord> {
         let inventory = self.inventory();
-        let record = inventory.vms.get(vm)?;
+        let record = inventory.vms().get(vm)?;
         inventory.hosts.get(&record.host).cloned()
     }
 
@@ -581,7 +581,7 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
 pub async fn models(State(center): State<Arc<Center>>) -> Response {
     let data: Vec<Value> = center
         .inventory()
-        .vms
+        .vms()
         .values()
         .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD)
         .flat_map(|v| {

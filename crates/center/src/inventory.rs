@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_api::Heartbeat;
 use ferry_api::HostInfo;
 use ferry_api::VmInfo;
 use ferry_api::VmState;
+use ferry_api::{vm_report_changed, BeatSeq, Heartbeat};
 use ferry_migrate::Progress;
 use serde::{Deserialize, Serialize};
 
@@ -179,6 +179,9 @@ pub struct HostLoad {
 /// The changes a heartbeat made, to write through and log.
 #[derive(Default)]
 pub struct Changes {
+    /// Whether the host's record changed enough to write through (joined, moved, new
+    /// capacity, or not written for [`HOST_WRITE_EVERY_MS`]): its load alone is not.
+    pub host: bool,
     /// VMs whose records changed.
     pub vms: Vec<String>,
     /// VMs no longer anywhere.
@@ -190,13 +193,33 @@ pub struct Changes {
 /// Most migrations the center keeps in memory.
 pub const MIGRATIONS_KEPT: usize = 1_000;
 
+/// A host's record is written through at least this often while it beats, so a center
+/// started on the database knows roughly when each host was last heard.
+pub const HOST_WRITE_EVERY_MS: u64 = 30_000;
+
+/// Whether a heartbeat was taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BeatOutcome {
+    /// Taken.
+    Taken,
+    /// A delta on a base this center does not hold: the host must send a full beat.
+    NeedFull,
+}
+
 /// The whole inventory.
 #[derive(Default)]
 pub struct Inventory {
     /// Hosts by name.
     pub hosts: BTreeMap<String, HostRecord>,
-    /// VMs by id.
-    pub vms: BTreeMap<String, VmRecord>,
+    /// VMs by id (changed through [`Inventory::put_vm`] and [`Inventory::remove_vm`],
+    /// which keep `by_host` in step).
+    vms: BTreeMap<String, VmRecord>,
+    /// The ids of each host's VMs, so a beat costs its own VMs, not the cluster's.
+    by_host: BTreeMap<String, BTreeSet<String>>,
+    /// Each host's last beat taken, which its next delta must build on.
+    beat_bases: BTreeMap<String, BeatSeq>,
+    /// When each host's record was last written through.
+    host_written_ms: BTreeMap<String, u64>,
     /// The last [`MIGRATIONS_KEPT`] migrations ordered, oldest first (the database
     /// keeps them all).
     pub migrations: VecDeque<MigrationRecord>,
@@ -214,17 +237,76 @@ impl Inventory {
             .is_some_and(|h| now.saturating_sub(h.last_heartbeat_ms) <= down_after_ms)
     }
 
-    /// Takes a heartbeat: updates the host and the VMs it reports.
-    pub fn apply_heartbeat(&mut self, beat: Heartbeat, now: u64) -> Changes {
+    /// Every VM, by id.
+    pub fn vms(&self) -> &BTreeMap<String, VmRecord> {
+        &self.vms
+    }
+
+    /// Records `vm` where it runs now.
+    pub fn put_vm(&mut self, vm: VmRecord) {
+        if let Some(old) = self.vms.get(&vm.id) {
+            if old.host != vm.host {
+                if let Some(ids) = self.by_host.get_mut(&old.host) {
+                    ids.remove(&vm.id);
+                }
+            }
+        }
+        self.by_host
+            .entry(vm.host.clone())
+            .or_default()
+            .insert(vm.id.clone());
+        self.vms.insert(vm.id.clone(), vm);
+    }
+
+    /// Forgets VM `id`.
+    pub fn remove_vm(&mut self, id: &str) -> Option<VmRecord> {
+        let vm = self.vms.remove(id)?;
+        if let Some(ids) = self.by_host.get_mut(&vm.host) {
+            ids.remove(id);
+        }
+        Some(vm)
+    }
+
+    /// The VMs recorded on `host`.
+    pub fn vms_on<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a VmRecord> + 'a {
+        self.by_host
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.vms.get(id))
+    }
+
+    /// Takes a heartbeat: updates the host and the VMs it reports. A delta is refused
+    /// unless it builds on the last beat taken from the same series.
+    pub fn apply_heartbeat(&mut self, beat: Heartbeat, now: u64) -> (BeatOutcome, Changes) {
         let mut changes = Changes::default();
         let name = beat.host.name.clone();
+        if let Some(delta) = &beat.delta {
+            let base = self.beat_bases.get(&name);
+            let builds_on_base = matches!((base, beat.seq), (Some(base), Some(seq))
+                if base.series == seq.series && base.seq == delta.base);
+            if !builds_on_base {
+                return (BeatOutcome::NeedFull, changes);
+            }
+        }
+        match beat.seq {
+            Some(seq) => drop(self.beat_bases.insert(name.clone(), seq)),
+            None => drop(self.beat_bases.remove(&name)),
+        }
         match self.hosts.get_mut(&name) {
             Some(host) => {
+                changes.host = host.api_url != beat.api_url
+                    || capacity_changed(&host.info, &beat.host)
+                    || self
+                        .host_written_ms
+                        .get(&name)
+                        .is_none_or(|&at| now.saturating_sub(at) >= HOST_WRITE_EVERY_MS);
                 host.api_url = beat.api_url;
                 host.info = beat.host;
                 host.last_heartbeat_ms = now;
             }
             None => {
+                changes.host = true;
                 changes.events.push(Event::now(
                     "host-joined",
                     format!("host {name} joined ({})", beat.api_url),
@@ -242,39 +324,57 @@ impl Inventory {
                 );
             }
         }
+        if changes.host {
+            self.host_written_ms.insert(name.clone(), now);
+        }
         if self.down_noted.remove(&name) {
             changes
                 .events
                 .push(Event::now("host-up", format!("host {name} is back up")));
         }
-        let reported: BTreeSet<String> = beat.vms.iter().map(|v| v.id.clone()).collect();
+        // VMs this host had but no longer lists were stopped and removed there.
+        let vanished: Vec<String> = match &beat.delta {
+            Some(delta) => delta.removed.clone(),
+            None => {
+                let reported: BTreeSet<&str> = beat.vms.iter().map(|v| v.id.as_str()).collect();
+                self.by_host
+                    .get(&name)
+                    .into_iter()
+                    .flatten()
+                    .filter(|id| !reported.contains(id.as_str()))
+                    .cloned()
+                    .collect()
+            }
+        };
         for info in beat.vms {
-            if self.claims(&name, &info) {
-                let record = VmRecord {
+            if !self.claims(&name, &info) {
+                continue;
+            }
+            let changed = self
+                .vms
+                .get(&info.id)
+                .is_none_or(|known| known.host != name || vm_report_changed(&known.info, &info));
+            if changed {
+                changes.vms.push(info.id.clone());
+                self.put_vm(VmRecord {
                     id: info.id.clone(),
                     host: name.clone(),
                     info,
-                };
-                changes.vms.push(record.id.clone());
-                self.vms.insert(record.id.clone(), record);
+                });
             }
         }
-        // VMs this host had but no longer reports were stopped and removed there.
-        let vanished: Vec<String> = self
-            .vms
-            .values()
-            .filter(|vm| vm.host == name && !reported.contains(&vm.id))
-            .map(|vm| vm.id.clone())
-            .collect();
         for id in vanished {
-            self.vms.remove(&id);
+            if self.vms.get(&id).is_none_or(|vm| vm.host != name) {
+                continue;
+            }
+            self.remove_vm(&id);
             changes.events.push(Event::now(
                 "vm-gone",
                 format!("VM {id} is no longer on host {name} (stopped there)"),
             ));
             changes.gone.push(id);
         }
-        changes
+        (BeatOutcome::Taken, changes)
     }
 
     /// Whether host `name`'s report of a VM is the one to keep. A VM lives on one host
@@ -307,9 +407,8 @@ impl Inventory {
         down.into_iter()
             .map(|host| {
                 let vms: Vec<&str> = self
-                    .vms
-                    .values()
-                    .filter(|vm| vm.host == host && vm.is_live())
+                    .vms_on(&host)
+                    .filter(|vm| vm.is_live())
                     .map(|vm| vm.id.as_str())
                     .collect();
                 let message = format!(
@@ -329,10 +428,7 @@ impl Inventory {
 
     /// Free room and load of `host`, counting live VMs and reservations.
     pub fn load(&self, host: &HostRecord) -> HostLoad {
-        let live = self
-            .vms
-            .values()
-            .filter(|vm| vm.host == host.name && vm.is_live());
+        let live = self.vms_on(&host.name).filter(|vm| vm.is_live());
         let (mut accel_used, mut memory_used, mut accel_load) = (0u64, 0u64, 0f64);
         for vm in live {
             accel_used += vm.info.accel_memory;
@@ -367,9 +463,8 @@ impl Inventory {
     /// Live VMs on `host`, largest accelerator memory first.
     pub fn live_vms_on(&self, host: &str) -> Vec<VmRecord> {
         let mut vms: Vec<VmRecord> = self
-            .vms
-            .values()
-            .filter(|vm| vm.host == host && vm.is_live())
+            .vms_on(host)
+            .filter(|vm| vm.is_live())
             .cloned()
             .collect();
         vms.sort_by(|a, b| {
@@ -397,6 +492,18 @@ impl Inventory {
     pub fn migration_mut(&mut self, id: i64) -> Option<&mut MigrationRecord> {
         self.migrations.iter_mut().find(|m| m.id == id)
     }
+}
+
+/// Whether a host's capacity or identity changed (its load changes every beat).
+fn capacity_changed(old: &HostInfo, new: &HostInfo) -> bool {
+    old.name != new.name
+        || old.migration_addr != new.migration_addr
+        || old.version != new.version
+        || old.backend != new.backend
+        || old.cpus != new.cpus
+        || old.accel_threads != new.accel_threads
+        || old.memory_capacity != new.memory_capacity
+        || old.accel_capacity != new.accel_capacity
 }
 
 #[cfg(test)]
@@ -445,6 +552,8 @@ mod tests {
             api_url: format!("http://{host}"),
             host: host_info(host),
             vms,
+            seq: None,
+            delta: None,
         }
     }
 
@@ -474,7 +583,7 @@ mod tests {
     fn a_vm_a_host_stops_reporting_is_dropped_with_an_event() {
         let mut inv = Inventory::default();
         inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
-        let changes = inv.apply_heartbeat(beat("a", vec![]), 2);
+        let (_, changes) = inv.apply_heartbeat(beat("a", vec![]), 2);
         assert_eq!(changes.gone, vec!["v".to_string()]);
         assert!(changes.events.iter().any(|e| e.kind == "vm-gone"));
         assert!(inv.vms.is_empty());
@@ -491,7 +600,7 @@ mod tests {
         assert!(events[0].message.contains("v"), "{}", events[0].message);
         assert!(inv.note_down_hosts(3000, 1000).is_empty(), "noted once");
         assert!(inv.vms.contains_key("v"), "VMs of a down host are kept");
-        let back = inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 3100);
+        let (_, back) = inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 3100);
         assert!(back.events.iter().any(|e| e.kind == "host-up"));
     }
 
@@ -514,5 +623,70 @@ mod tests {
         assert_eq!(load.accel_free, (2048 - 768) << 20);
         assert_eq!(load.memory_free, (4096 - 768 - 512) << 20);
         assert_eq!(load.accel_slots, 1.0);
+    }
+
+    #[test]
+    fn a_delta_beat_changes_only_what_it_lists_and_one_on_an_unknown_base_is_refused() {
+        let mut inv = Inventory::default();
+        let mut series = ferry_api::BeatSeries::new(7);
+        let vms = vec![vm("v", VmState::Running), vm("w", VmState::Running)];
+        let full = series.beat("http://a".into(), host_info("a"), vms.clone());
+        assert!(full.delta.is_none(), "the first beat is full");
+        let (outcome, changes) = inv.apply_heartbeat(full, 1);
+        assert_eq!(outcome, BeatOutcome::Taken);
+        assert_eq!(changes.vms.len(), 2);
+        series.answered(Some(&ferry_api::BeatAnswer { taken: true }));
+
+        // Steady: uptime counts on and the load wobbles; nothing is news.
+        let mut steady = vms.clone();
+        steady[0].uptime_ms += 1000;
+        steady[1].accel_load += 0.01;
+        let beat = series.beat("http://a".into(), host_info("a"), steady);
+        assert!(beat.vms.is_empty() && beat.delta.is_some());
+        let (outcome, changes) = inv.apply_heartbeat(beat, 2);
+        assert_eq!(outcome, BeatOutcome::Taken);
+        assert!(changes.vms.is_empty() && !changes.host, "nothing to write");
+        series.answered(Some(&ferry_api::BeatAnswer { taken: true }));
+
+        // w ends, v goes away.
+        let beat = series.beat(
+            "http://a".into(),
+            host_info("a"),
+            vec![vm("w", VmState::Exited { code: 0 })],
+        );
+        assert_eq!(beat.vms.len(), 1);
+        assert_eq!(beat.delta.as_ref().unwrap().removed, vec!["v".to_string()]);
+        let (_, changes) = inv.apply_heartbeat(beat.clone(), 3);
+        assert_eq!(changes.gone, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["w"].info.state, VmState::Exited { code: 0 });
+        assert_eq!(inv.vms_on("a").count(), 1);
+
+        // The same delta again builds on a base the inventory no longer holds.
+        let (outcome, _) = inv.apply_heartbeat(beat, 4);
+        assert_eq!(outcome, BeatOutcome::NeedFull);
+        // So does any delta after a restart (an empty inventory).
+        let mut fresh = Inventory::default();
+        let next = series.beat("http://a".into(), host_info("a"), vec![]);
+        assert_eq!(fresh.apply_heartbeat(next, 5).0, BeatOutcome::NeedFull);
+        series.answered(Some(&ferry_api::BeatAnswer { taken: false }));
+        let again = series.beat("http://a".into(), host_info("a"), vec![]);
+        assert!(
+            again.delta.is_none(),
+            "a refusal is followed by a full beat"
+        );
+        assert_eq!(fresh.apply_heartbeat(again, 6).0, BeatOutcome::Taken);
+    }
+
+    #[test]
+    fn a_vm_moving_between_hosts_is_indexed_under_its_new_host_only() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
+        inv.apply_heartbeat(beat("b", vec![vm("v", VmState::Running)]), 2);
+        assert_eq!(inv.vms_on("a").count(), 0);
+        assert_eq!(inv.vms_on("b").count(), 1);
+        // a's next full beat no longer lists it: that is not news about b's VM.
+        let (_, changes) = inv.apply_heartbeat(beat("a", vec![]), 3);
+        assert!(changes.gone.is_empty());
+        assert!(inv.vms().contains_key("v"));
     }
 }

@@ -22,13 +22,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_api::Heartbeat;
 use ferry_api::VmInfo;
+use ferry_api::{BeatAnswer, Heartbeat};
 use ferry_api::{CreateVm, HostInfo};
 use ferry_client::ApiClient;
 use serde::{Deserialize, Serialize};
 
-use inventory::{unix_ms, Event, HostMode, HostRecord, Inventory, MigrationRecord, VmRecord};
+use inventory::{
+    unix_ms, BeatOutcome, Event, HostMode, HostRecord, Inventory, MigrationRecord, VmRecord,
+};
 use operations::Operation;
 use placement::Need;
 use store::{Store, StoreError};
@@ -157,8 +159,15 @@ pub struct ClusterView {
     pub now_ms: u64,
     /// Hosts.
     pub hosts: Vec<HostView>,
-    /// VMs.
+    /// VMs, at most as many as asked for (`GET /v1/cluster?vms=N`): those not simply
+    /// running first.
     pub vms: Vec<VmView>,
+    /// VMs known, shown or not.
+    #[serde(default)]
+    pub vms_total: usize,
+    /// VMs running, shown or not.
+    #[serde(default)]
+    pub vms_running: usize,
     /// Migrations in progress, then the last finished ones, newest first.
     pub migrations: Vec<MigrationRecord>,
     /// Recent operations, newest first.
@@ -202,11 +211,9 @@ impl Center {
             }
             inventory.hosts.insert(host.name.clone(), host);
         }
-        inventory.vms = loaded
-            .vms
-            .into_iter()
-            .map(|vm| (vm.id.clone(), vm))
-            .collect();
+        for vm in loaded.vms {
+            inventory.put_vm(vm);
+        }
         // Counters carry on from the migrations on record.
         let metrics = metrics::Metrics::default();
         let on_record = loaded.migrations.len();
@@ -228,7 +235,7 @@ impl Center {
             format!(
                 "center started with {} host(s), {} VM(s), {} migration(s) on record",
                 inventory.hosts.len(),
-                inventory.vms.len(),
+                inventory.vms().len(),
                 on_record
             ),
         ))?;
@@ -320,8 +327,9 @@ impl Center {
             })
     }
 
-    /// Takes a host's heartbeat.
-    pub fn heartbeat(&self, beat: Heartbeat) -> Result<(), CenterError> {
+    /// Takes a host's heartbeat; a delta on a base this center does not hold is refused
+    /// (`taken: false`), and the host sends a full beat next.
+    pub fn heartbeat(&self, beat: Heartbeat) -> Result<BeatAnswer, CenterError> {
         if beat.host.name.is_empty() || beat.host.name.len() > 64 {
             return Err(CenterError::BadRequest(
                 "a host name must be 1 to 64 bytes".into(),
@@ -329,20 +337,29 @@ impl Center {
         }
         let name = beat.host.name.clone();
         let mut inventory = self.inventory();
-        let changes = inventory.apply_heartbeat(beat, unix_ms());
-        let host = inventory.hosts[&name].clone();
-        let vms: Vec<&VmRecord> = changes
+        let (outcome, changes) = inventory.apply_heartbeat(beat, unix_ms());
+        self.metrics.heartbeat(&outcome);
+        if outcome == BeatOutcome::NeedFull {
+            return Ok(BeatAnswer { taken: false });
+        }
+        let host = changes.host.then(|| inventory.hosts[&name].clone());
+        let vms: Vec<VmRecord> = changes
             .vms
             .iter()
-            .filter_map(|id| inventory.vms.get(id))
+            .filter_map(|id| inventory.vms().get(id).cloned())
             .collect();
-        let mut store = self.store();
-        store.put_host(&host)?;
-        store.put_vms(&vms, &changes.gone)?;
-        drop(store);
         drop(inventory);
+        if host.is_some() || !vms.is_empty() || !changes.gone.is_empty() {
+            let mut store = self.store();
+            if let Some(host) = &host {
+                store.put_host(host)?;
+            }
+            if !vms.is_empty() || !changes.gone.is_empty() {
+                store.put_vms(&vms.iter().collect::<Vec<_>>(), &changes.gone)?;
+            }
+        }
         self.record(&changes.events)?;
-        Ok(())
+        Ok(BeatAnswer { taken: true })
     }
 
     /// Notes hosts that went down; run periodically by [`Self::start_monitor`].
@@ -413,18 +430,33 @@ impl Center {
             api_url: host.api_url.clone(),
             since_heartbeat_ms: now.saturating_sub(host.last_heartbeat_ms),
             info: host.info.clone(),
-            vms: inventory.live_vms_on(&host.name).len(),
+            vms: inventory
+                .vms_on(&host.name)
+                .filter(|vm| vm.is_live())
+                .count(),
             pressure: balance::pressure(&load),
         }
     }
 
-    fn vm_view(&self, inventory: &Inventory, vm: &VmRecord, now: u64) -> VmView {
+    /// Which hosts are up now, to look up per VM.
+    fn hosts_up<'a>(
+        &self,
+        inventory: &'a Inventory,
+        now: u64,
+    ) -> std::collections::HashMap<&'a str, bool> {
+        inventory
+            .hosts
+            .keys()
+            .map(|h| (h.as_str(), inventory.is_up(h, now, self.down_after_ms())))
+            .collect()
+    }
+
+    fn vm_view(vm: &VmRecord, host_up: bool, now: u64) -> VmView {
         let last_state = vm.info.state.name().to_string();
-        let up = inventory.is_up(&vm.host, now, self.down_after_ms());
         VmView {
             id: vm.id.clone(),
             host: vm.host.clone(),
-            state: if up {
+            state: if host_up {
                 last_state.clone()
             } else {
                 "unreachable".into()
@@ -434,9 +466,23 @@ impl Center {
             memory: vm.info.memory,
             accel_memory: vm.info.accel_memory,
             accel_load: vm.info.accel_load,
-            uptime_ms: vm.info.uptime_ms,
+            // Beats leave out uptime that only counted on.
+            uptime_ms: match vm.info.since_unix_ms {
+                0 => vm.info.uptime_ms,
+                since => now.saturating_sub(since).max(vm.info.uptime_ms),
+            },
             migrated_from: vm.info.migrated_from.clone(),
         }
+    }
+
+    /// Views of every VM, by id.
+    fn vm_views(&self, inventory: &Inventory, now: u64) -> Vec<VmView> {
+        let up = self.hosts_up(inventory, now);
+        inventory
+            .vms()
+            .values()
+            .map(|vm| Self::vm_view(vm, up.get(vm.host.as_str()) == Some(&true), now))
+            .collect()
     }
 
     /// Every host.
@@ -463,13 +509,7 @@ impl Center {
 
     /// Every VM.
     pub fn vms(&self) -> Vec<VmView> {
-        let now = unix_ms();
-        let inventory = self.inventory();
-        inventory
-            .vms
-            .values()
-            .map(|vm| self.vm_view(&inventory, vm, now))
-            .collect()
+        self.vm_views(&self.inventory(), unix_ms())
     }
 
     /// The metrics.
@@ -479,7 +519,21 @@ impl Center {
 
     /// The metrics text for a scrape.
     pub fn metrics_text(&self) -> String {
-        self.metrics.render(&self.hosts(), &self.vms())
+        let now = unix_ms();
+        let states = {
+            let inventory = self.inventory();
+            let up = self.hosts_up(&inventory, now);
+            let mut states = BTreeMap::<String, i64>::new();
+            for vm in inventory.vms().values() {
+                let state = match up.get(vm.host.as_str()) {
+                    Some(true) => vm.info.state.name(),
+                    _ => "unreachable",
+                };
+                *states.entry(state.to_string()).or_default() += 1;
+            }
+            states
+        };
+        self.metrics.render(&self.hosts(), &states)
     }
 
     /// The last [`inventory::MIGRATIONS_KEPT`] migrations (the database has them all),
@@ -488,8 +542,9 @@ impl Center {
         self.inventory().migrations.iter().cloned().collect()
     }
 
-    /// The cluster at a glance.
-    pub fn cluster(&self) -> Result<ClusterView, CenterError> {
+    /// The cluster at a glance, with at most `max_vms` VM rows: those not simply running
+    /// first (they need attention), then by id.
+    pub fn cluster(&self, max_vms: usize) -> Result<ClusterView, CenterError> {
         let now = unix_ms();
         let events = self.store().events(30)?;
         let inventory = self.inventory();
@@ -515,15 +570,30 @@ impl Center {
                 .values()
                 .map(|h| self.host_view(&inventory, h, now))
                 .collect(),
-            vms: inventory
-                .vms
-                .values()
-                .map(|vm| self.vm_view(&inventory, vm, now))
-                .collect(),
+            vms_total: inventory.vms().len(),
+            vms_running: 0,
+            vms: Vec::new(),
             migrations,
             operations: self.operations(10),
             events,
         };
+        let mut view = view;
+        let up = self.hosts_up(&inventory, now);
+        let is_running = |vm: &VmRecord| {
+            up.get(vm.host.as_str()) == Some(&true) && vm.info.state == ferry_api::VmState::Running
+        };
+        let (running, attention): (Vec<&VmRecord>, Vec<&VmRecord>) =
+            inventory.vms().values().partition(|vm| is_running(vm));
+        view.vms_running = running.len();
+        let room = max_vms.saturating_sub(attention.len());
+        let mut shown: Vec<&VmRecord> = attention.into_iter().take(max_vms).collect();
+        shown.extend(running.into_iter().take(room));
+        shown.sort_by(|a, b| a.id.cmp(&b.id));
+        view.vms = shown
+            .into_iter()
+            .map(|vm| Self::vm_view(vm, up.get(vm.host.as_str()) == Some(&true), now))
+            .collect();
+        drop(inventory);
         Ok(view)
     }
 
@@ -570,9 +640,7 @@ impl Center {
             host: host.name.clone(),
             info: vm.clone(),
         };
-        self.inventory()
-            .vms
-            .insert(record.id.clone(), record.clone());
+        self.inventory().put_vm(record.clone());
         self.store().put_vms(&[&record], &[])?;
         self.record(&[Event::now(
             "vm-created",

@@ -3,6 +3,7 @@
 //! gauges set from the inventory at each scrape (bounded by the cluster's size, never by
 //! its history).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
@@ -13,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::inventory::MigrationRecord;
-use crate::{HostView, VmView};
+use crate::inventory::{BeatOutcome, MigrationRecord};
+use crate::HostView;
 
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -58,6 +59,7 @@ pub struct Metrics {
     /// Per-host gauges, each with the reading it shows.
     host_gauges: Vec<(HostGauge, HostReading)>,
     vms: Family<StateLabel, Gauge>,
+    heartbeats: Family<ResultLabel, Counter>,
     /// One scrape at a time: each clears and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -136,7 +138,14 @@ impl Default for Metrics {
             "VMs known to the center, by state.",
             vms.clone(),
         );
+        let heartbeats = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "ferry_heartbeats",
+            "Heartbeats taken from hosts (`taken`), or refused as deltas on a base this center does not hold (`need-full`).",
+            heartbeats.clone(),
+        );
         Self {
+            heartbeats,
             registry,
             migrations,
             in_progress,
@@ -151,6 +160,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A heartbeat arrived.
+    pub fn heartbeat(&self, outcome: &BeatOutcome) {
+        let result = match outcome {
+            BeatOutcome::Taken => "taken",
+            BeatOutcome::NeedFull => "need-full",
+        };
+        self.heartbeats
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// A migration began.
     pub fn migration_started(&self) {
         self.in_progress.inc();
@@ -175,8 +197,9 @@ impl Metrics {
         self.bytes.inc_by(record.bytes_sent);
     }
 
-    /// The metrics text, with the host and VM gauges set from `hosts` and `vms`.
-    pub fn render(&self, hosts: &[HostView], vms: &[VmView]) -> String {
+    /// The metrics text, with the host gauges set from `hosts` and the VM gauge from
+    /// `vm_states` (VMs per state).
+    pub fn render(&self, hosts: &[HostView], vm_states: &BTreeMap<String, i64>) -> String {
         let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         // Hosts and states that are gone must not linger as stale series.
         self.host_up.clear();
@@ -199,11 +222,11 @@ impl Metrics {
             }
         }
         self.vms.clear();
-        for vm in vms {
+        for (state, n) in vm_states {
             let label = StateLabel {
-                state: vm.state.clone(),
+                state: state.clone(),
             };
-            self.vms.get_or_create(&label).inc();
+            self.vms.get_or_create(&label).set(*n);
         }
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -235,7 +258,7 @@ mod tests {
         metrics.migration_started();
         metrics.migration_ended(&failed);
         metrics.migration_started();
-        let text = metrics.render(&[], &[]);
+        let text = metrics.render(&[], &BTreeMap::new());
         for line in [
             "ferry_migrations_total{result=\"succeeded\"} 2",
             "ferry_migrations_total{result=\"failed\"} 1",

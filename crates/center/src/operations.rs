@@ -199,7 +199,7 @@ impl Center {
             info,
         });
         if let Some(vm) = &moved {
-            inventory.vms.insert(vm.id.clone(), vm.clone());
+            inventory.put_vm(vm.clone());
         }
         drop(inventory);
         let message = match (&record.error, record.downtime_ms) {
@@ -526,7 +526,7 @@ impl Center {
             plan.moves
                 .iter()
                 .filter_map(|m| {
-                    inventory.vms.get(&m.vm).map(|vm| Move {
+                    inventory.vms().get(&m.vm).map(|vm| Move {
                         vm: vm.clone(),
                         to: m.to.clone(),
                     })

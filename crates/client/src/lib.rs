@@ -59,6 +59,9 @@ impl Roots {
     }
 }
 
+/// The largest answer read: a whole cluster's view of 40,000 VMs is about 20 MB.
+const MAX_ANSWER_BYTES: u64 = 256 << 20;
+
 impl ApiClient {
     /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with its bearer token
     /// (a host-API key or an operator's token for hosts, the operator token for the
@@ -106,6 +109,8 @@ impl ApiClient {
         let status = response.status();
         let text = response
             .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
             .read_to_string()
             .with_context(|| format!("reading the answer to {what}"))?;
         if !status.is_success() {
@@ -147,7 +152,11 @@ impl ApiClient {
             .call()
             .with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
         let status = response.status();
-        let text = response.body_mut().read_to_string()?;
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()?;
         if !status.is_success() {
             bail!("{what}: {text} (HTTP {})", status.as_u16());
         }

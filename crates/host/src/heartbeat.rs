@@ -1,12 +1,13 @@
 //! Heartbeats to the cluster center: every interval the host posts its capacity, load
-//! and VMs to `POST {center}/v1/heartbeat`, authenticated with the cluster's shared
-//! secret. The center marks a host down when they stop.
+//! and VMs to `POST {center}/v1/heartbeat`, authenticated with the heartbeat key derived
+//! from the cluster's shared secret: in full first, then only the VMs that changed. The
+//! center marks a host down when they stop.
 
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_api::Heartbeat;
+use ferry_api::{BeatAnswer, BeatSeries};
 
 use crate::Host;
 
@@ -25,12 +26,10 @@ pub struct CenterLink {
 
 /// The machine's one-minute load average, from `/proc/loadavg`.
 pub fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
+    use procfs::Current;
+    procfs::LoadAverage::current()
         .ok()
+        .map(|l| f64::from(l.one))
 }
 
 /// Sends heartbeats from a thread of their own, until the host shuts down. A
@@ -44,6 +43,8 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
     let client = ferry_client::ApiClient::with_roots(&link.center_url, token.as_bytes(), &roots)
         .map_err(std::io::Error::other)?;
     host.set_center(&link.center_url);
+    let mut series_name = [0u8; 8];
+    getrandom::fill(&mut series_name).map_err(|e| std::io::Error::other(e.to_string()))?;
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let beating = host.clone();
     let thread = std::thread::Builder::new()
@@ -51,13 +52,19 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
         .spawn(move || {
             let host = beating;
             let mut reachable = None;
+            let mut series = BeatSeries::new(u64::from_le_bytes(series_name));
             loop {
-                let beat = Heartbeat {
-                    api_url: link.api_url.clone(),
-                    host: host.info(&link.migration_addr),
-                    vms: host.summaries(),
-                };
-                let sent = client.post::<_, serde_json::Value>("/v1/heartbeat", &beat);
+                let beat = series.beat(
+                    link.api_url.clone(),
+                    host.info(&link.migration_addr),
+                    host.summaries(),
+                );
+                let sent = client.post::<_, BeatAnswer>("/v1/heartbeat", &beat);
+                series.answered(sent.as_ref().ok());
+                if matches!(sent, Ok(BeatAnswer { taken: false })) {
+                    // The center needs the whole picture: send it now, not in a second.
+                    continue;
+                }
                 match (&sent, reachable) {
                     (Ok(_), Some(true)) | (Err(_), Some(false)) => {}
                     (Ok(_), _) => tracing::info!(center = %link.center_url, "reporting to the center"),

@@ -29,7 +29,9 @@ pub struct BenchArgs {
     /// and after) or `serve` (an llm-serve VM behind the center's OpenAI gateway:
     /// requests/s, tokens/s, time to first token and inter-token latency at 1, 4 and 8
     /// streaming clients, then the gaps while the VM migrates back and forth, against
-    /// the steady ones and the pauses).
+    /// the steady ones and the pauses) or `center` (a center process taking heartbeats
+    /// from --hosts simulated hosts of --vms-per-host VMs in another process: its CPU,
+    /// beats taken, memory and API latency).
     pub what: String,
     /// Print one JSON object per figure (one per line) instead of a table.
     #[arg(long)]
@@ -58,6 +60,30 @@ pub struct BenchArgs {
         default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
     pub model: std::path::PathBuf,
+    /// Simulated host counts for `center`, one run each.
+    #[arg(
+        long,
+        value_name = "NS",
+        value_delimiter = ',',
+        default_value = "100,500,1000,2500"
+    )]
+    pub hosts: Vec<usize>,
+    /// VMs per simulated host for `center`.
+    #[arg(long, value_name = "M", default_value_t = 16)]
+    pub vms_per_host: usize,
+    /// Seconds measured per run of `center`.
+    #[arg(long, value_name = "S", default_value_t = 15)]
+    pub seconds: u64,
+    /// `center`: the simulated hosts send every VM in every beat (the protocol before
+    /// delta beats), for comparison.
+    #[arg(long)]
+    pub full_beats: bool,
+    /// `center`: keep the center's state in etcd at these endpoints (default SQLite).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// `center-sim` (run by `center`): the center the simulated hosts beat to.
+    #[arg(long, value_name = "URL", hide = true)]
+    pub center: Option<String>,
 }
 
 /// One measured figure.
@@ -89,9 +115,27 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             begin(args)?;
             crate::cmd::bench_serve::bench_serve(&args.model, &mut |f| print(&f, args.json))
         }
+        "center" => crate::cmd::bench_center::bench_center(
+            &crate::cmd::bench_center::CenterBench {
+                hosts: &args.hosts,
+                vms_per_host: args.vms_per_host,
+                seconds: args.seconds,
+                full_beats: args.full_beats,
+                etcd: args.etcd.as_deref(),
+            },
+            &mut |f| print(&f, args.json),
+        ),
+        "center-sim" => crate::cmd::bench_center::simulate_hosts(
+            args.center
+                .as_deref()
+                .context("center-sim needs --center URL")?,
+            args.hosts.first().copied().unwrap_or(1),
+            args.vms_per_host,
+            args.full_beats,
+        ),
         other => {
             bail!(
-                "unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm, soak, serve)"
+                "unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm, soak, serve, center)"
             )
         }
     }
@@ -150,6 +194,8 @@ pub(crate) fn figure(
             "soak"
         } else if figure.starts_with("serve") {
             "serve"
+        } else if figure.starts_with("center") {
+            "center"
         } else {
             "vm"
         },
@@ -248,6 +294,15 @@ fn guest_speed(emit: &mut Emit) -> anyhow::Result<()> {
 }
 
 /// The middle value (the upper one of an even count); sorts `values`.
+/// The `p` quantile (0 to 1) of `values` (sorted in place), nearest rank; NaN if none.
+pub(crate) fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[((values.len() - 1) as f64 * p).round() as usize]
+}
+
 pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]

@@ -15,7 +15,7 @@ use ferry_center::{PlaceVm, Placed};
 use ferry_client::ApiClient;
 use serde_json::{json, Value};
 
-use crate::cmd::bench::{figure, Emit};
+use crate::cmd::bench::{figure, percentile, Emit};
 use crate::cmd::loopback::LoopbackCluster;
 
 /// Tokens each request asks for.
@@ -91,14 +91,6 @@ fn request(model: &str, seed: u64, max_tokens: u32) -> Value {
         "stream": true,
         "stream_options": {"include_usage": true},
     })
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[((values.len() - 1) as f64 * p).round() as usize]
 }
 
 fn ms(d: Duration) -> f64 {

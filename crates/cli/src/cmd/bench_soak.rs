@@ -14,7 +14,7 @@ use ferry_migrate::Secret;
 use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 use serde_json::Value;
 
-use crate::cmd::bench::{figure, Emit};
+use crate::cmd::bench::{figure, percentile, Emit};
 
 /// One workload that migrates: name, guest arguments, RAM, accelerator memory.
 struct Workload {
@@ -48,16 +48,15 @@ struct Held {
 }
 
 fn held() -> anyhow::Result<Held> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/self/status")?;
+    let me = procfs::process::Process::myself()?;
     Ok(Held {
-        rss: rss_kib << 10,
-        threads: std::fs::read_dir("/proc/self/task")?.count(),
-        fds: std::fs::read_dir("/proc/self/fd")?.count(),
+        rss: me
+            .status()?
+            .vmrss
+            .context("no VmRSS in /proc/self/status")?
+            << 10,
+        threads: me.tasks()?.count(),
+        fds: me.fd_count()?,
     })
 }
 
@@ -280,11 +279,6 @@ fn settled() -> anyhow::Result<Held> {
     Ok(last)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// `ferry bench soak`.
 pub fn bench_soak(migrations: usize, emit: &mut Emit) -> anyhow::Result<()> {
     ensure!(migrations >= 1, "--migrations must be at least 1");
@@ -317,19 +311,19 @@ pub fn bench_soak(migrations: usize, emit: &mut Emit) -> anyhow::Result<()> {
     );
     emit(figure(
         "soak_pause_median",
-        percentile(&pauses, 0.5),
+        percentile(&mut pauses, 0.5),
         "ms",
         what,
     ))?;
     emit(figure(
         "soak_pause_p99",
-        percentile(&pauses, 0.99),
+        percentile(&mut pauses, 0.99),
         "ms",
         String::new(),
     ))?;
     emit(figure(
         "soak_pause_max",
-        percentile(&pauses, 1.0),
+        percentile(&mut pauses, 1.0),
         "ms",
         String::new(),
     ))?;

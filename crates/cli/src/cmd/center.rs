@@ -373,6 +373,13 @@ fn print_status(view: &ClusterView) {
             vm.accel_load
         );
     }
+    if view.vms.len() < view.vms_total {
+        println!(
+            "({} of {} VMs shown: those not simply running first; GET /v1/vms lists them all)",
+            view.vms.len(),
+            view.vms_total
+        );
+    }
     if !view.migrations.is_empty() {
         println!();
         for m in view.migrations.iter().take(10) {

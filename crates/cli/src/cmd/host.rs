@@ -166,15 +166,9 @@ pub fn warn_plain_http(addr: std::net::SocketAddr, what: &str) {
 
 /// Three quarters of the host's memory.
 fn default_capacity() -> u64 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(4 << 20);
-    total_kib * 1024 / 4 * 3
+    use procfs::Current;
+    let total = procfs::Meminfo::current().map_or(4 << 30, |m| m.mem_total);
+    total / 4 * 3
 }
 
 /// A running daemon: where it listens. Dropping it shuts it down: its API and migration

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 pub mod bench;
+pub mod bench_center;
 pub mod bench_evacuate;
 pub mod bench_llm;
 pub mod bench_migrate;
