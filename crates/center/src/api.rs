@@ -33,6 +33,7 @@ use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
 use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
 use serde::Deserialize;
 
+use crate::store::StoreError;
 use crate::{gateway, Center, CenterError, PlaceVm};
 
 /// The dashboard page: static; it fetches `/v1/cluster` with the token the operator
@@ -41,23 +42,22 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 impl IntoResponse for CenterError {
     fn into_response(self) -> Response {
-        let status = match self {
-            CenterError::NotFound(_) => StatusCode::NOT_FOUND,
-            CenterError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            CenterError::Conflict(_) => StatusCode::CONFLICT,
-            CenterError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
-            CenterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            CenterError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let (status, code) = match &self {
+            CenterError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            CenterError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            CenterError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            CenterError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_room"),
+            CenterError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            CenterError::Store(StoreError::NotLeader) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not_leader")
+            }
+            // etcd without a quorum refuses writes: the same request succeeds later.
+            CenterError::Store(StoreError::Etcd(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
+            CenterError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_failed"),
         };
-        let code = match self {
-            CenterError::NotFound(_) => "not_found",
-            CenterError::BadRequest(_) => "bad_request",
-            CenterError::Conflict(_) => "conflict",
-            CenterError::NoRoom(_) => "no_room",
-            CenterError::Unavailable(_) => "unavailable",
-            CenterError::Store(_) => "store_failed",
-        };
-        error_with_code(status, code, &self.to_string())
+        error_with_code(status, code, &ferry_migrate::error_chain(&self))
     }
 }
 
@@ -84,6 +84,69 @@ async fn host_secret(
     next: Next,
 ) -> Response {
     require_token(&gates.hosts, request, next).await
+}
+
+/// Largest write body a follower forwards to the leader.
+const MAX_FORWARDED_BODY: usize = 1 << 20;
+
+/// Writes reach the leader: a follower replica forwards them there, with the caller's
+/// own token, and answers with the leader's answer. Reads are served where they arrive.
+async fn leader_writes(
+    State(center): State<Arc<Center>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if request.method() == axum::http::Method::GET || center.is_leader() {
+        return next.run(request).await;
+    }
+    let Some(leader) = center.leader() else {
+        return error_with_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no center replica leads now (an election takes a few seconds); try again",
+        );
+    };
+    let method = request.method().to_string();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = match axum::body::to_bytes(request.into_body(), MAX_FORWARDED_BODY).await {
+        Ok(body) => body.to_vec(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+    };
+    let relayed = tokio::task::spawn_blocking(move || {
+        center
+            .client_of(&leader.url)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .relay(&method, &path, &authorization, body)
+            .map_err(|e| anyhow::anyhow!("leader {} ({}): {e:#}", leader.name, leader.url))
+    })
+    .await;
+    match relayed {
+        Ok(Ok((status, content_type, body))) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            [(header::CONTENT_TYPE, content_type)],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => error_with_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "leader_unreachable",
+            &format!("this replica follows; forwarding to the leader failed: {e}"),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("internal error: {e}"),
+        ),
+    }
 }
 
 async fn heartbeat(State(center): State<Arc<Center>>, body: JsonBody<Heartbeat>) -> Response {
@@ -257,6 +320,10 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .route("/v1/balance", get(balance_plan).post(balance))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            center.clone(),
+            leader_writes,
+        ))
         .route_layer(middleware::from_fn_with_state(
             gates.clone(),
             operator_token,

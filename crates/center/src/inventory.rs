@@ -204,6 +204,11 @@ pub enum BeatOutcome {
     Taken,
     /// A delta on a base this center does not hold: the host must send a full beat.
     NeedFull,
+    /// Another live host (its own addresses) holds this name.
+    NameTaken {
+        /// The API address of the host that holds it.
+        holder: String,
+    },
 }
 
 /// The whole inventory.
@@ -220,6 +225,8 @@ pub struct Inventory {
     beat_bases: BTreeMap<String, BeatSeq>,
     /// When each host's record was last written through.
     host_written_ms: BTreeMap<String, u64>,
+    /// Hosts this process has taken a beat from (what it knows of their VMs is first-hand).
+    heard: BTreeSet<String>,
     /// The last [`MIGRATIONS_KEPT`] migrations ordered, oldest first (the database
     /// keeps them all).
     pub migrations: VecDeque<MigrationRecord>,
@@ -235,6 +242,11 @@ impl Inventory {
         self.hosts
             .get(host)
             .is_some_and(|h| now.saturating_sub(h.last_heartbeat_ms) <= down_after_ms)
+    }
+
+    /// Whether this process has taken a beat from `host`.
+    pub fn beat_taken_from(&self, host: &str) -> bool {
+        self.heard.contains(host)
     }
 
     /// Every VM, by id.
@@ -278,9 +290,22 @@ impl Inventory {
 
     /// Takes a heartbeat: updates the host and the VMs it reports. A delta is refused
     /// unless it builds on the last beat taken from the same series.
-    pub fn apply_heartbeat(&mut self, beat: Heartbeat, now: u64) -> (BeatOutcome, Changes) {
+    pub fn apply_heartbeat(
+        &mut self,
+        beat: Heartbeat,
+        now: u64,
+        down_after_ms: u64,
+    ) -> (BeatOutcome, Changes) {
         let mut changes = Changes::default();
         let name = beat.host.name.clone();
+        if let Some(holder) = self.hosts.get(&name) {
+            let other = holder.api_url != beat.api_url
+                || holder.info.migration_addr != beat.host.migration_addr;
+            if other && self.is_up(&name, now, down_after_ms) {
+                let holder = holder.api_url.clone();
+                return (BeatOutcome::NameTaken { holder }, changes);
+            }
+        }
         if let Some(delta) = &beat.delta {
             let base = self.beat_bases.get(&name);
             let builds_on_base = matches!((base, beat.seq), (Some(base), Some(seq))
@@ -327,6 +352,7 @@ impl Inventory {
         if changes.host {
             self.host_written_ms.insert(name.clone(), now);
         }
+        self.heard.insert(name.clone());
         if self.down_noted.remove(&name) {
             changes
                 .events
@@ -547,6 +573,12 @@ mod tests {
         }
     }
 
+    impl Inventory {
+        fn apply_heartbeat3(&mut self, beat: Heartbeat, now: u64) -> (BeatOutcome, Changes) {
+            self.apply_heartbeat(beat, now, 5_000)
+        }
+    }
+
     fn beat(host: &str, vms: Vec<VmInfo>) -> Heartbeat {
         Heartbeat {
             api_url: format!("http://{host}"),
@@ -560,12 +592,12 @@ mod tests {
     #[test]
     fn a_moved_vm_belongs_to_its_destination_whatever_order_heartbeats_come_in() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1);
         assert_eq!(inv.vms["v"].host, "a");
         // The destination reports it first, then the source, still finishing.
-        inv.apply_heartbeat(beat("b", vec![vm("v", VmState::Running)]), 2);
+        inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 2);
         assert_eq!(inv.vms["v"].host, "b");
-        inv.apply_heartbeat(
+        inv.apply_heartbeat3(
             beat("a", vec![vm("v", VmState::Migrating { to: "b".into() })]),
             3,
         );
@@ -574,7 +606,7 @@ mod tests {
             "a lagging source must not reclaim it"
         );
         let away = VmState::MigratedAway { to: "b".into() };
-        inv.apply_heartbeat(beat("a", vec![vm("v", away)]), 4);
+        inv.apply_heartbeat3(beat("a", vec![vm("v", away)]), 4);
         assert_eq!(inv.vms["v"].host, "b");
         assert!(inv.vms["v"].is_live());
     }
@@ -582,8 +614,8 @@ mod tests {
     #[test]
     fn a_vm_a_host_stops_reporting_is_dropped_with_an_event() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
-        let (_, changes) = inv.apply_heartbeat(beat("a", vec![]), 2);
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1);
+        let (_, changes) = inv.apply_heartbeat3(beat("a", vec![]), 2);
         assert_eq!(changes.gone, vec!["v".to_string()]);
         assert!(changes.events.iter().any(|e| e.kind == "vm-gone"));
         assert!(inv.vms.is_empty());
@@ -592,7 +624,7 @@ mod tests {
     #[test]
     fn a_silent_host_is_down_once_and_keeps_its_vms() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1000);
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1000);
         assert!(inv.is_up("a", 1500, 1000));
         assert!(inv.note_down_hosts(1500, 1000).is_empty());
         let events = inv.note_down_hosts(2500, 1000);
@@ -600,7 +632,7 @@ mod tests {
         assert!(events[0].message.contains("v"), "{}", events[0].message);
         assert!(inv.note_down_hosts(3000, 1000).is_empty(), "noted once");
         assert!(inv.vms.contains_key("v"), "VMs of a down host are kept");
-        let (_, back) = inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 3100);
+        let (_, back) = inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 3100);
         assert!(back.events.iter().any(|e| e.kind == "host-up"));
     }
 
@@ -608,7 +640,7 @@ mod tests {
     fn room_counts_live_vms_and_reservations_only() {
         let mut inv = Inventory::default();
         let ended = VmState::Exited { code: 0 };
-        inv.apply_heartbeat(
+        inv.apply_heartbeat3(
             beat("a", vec![vm("v", VmState::Running), vm("w", ended)]),
             1,
         );
@@ -632,7 +664,7 @@ mod tests {
         let vms = vec![vm("v", VmState::Running), vm("w", VmState::Running)];
         let full = series.beat("http://a".into(), host_info("a"), vms.clone());
         assert!(full.delta.is_none(), "the first beat is full");
-        let (outcome, changes) = inv.apply_heartbeat(full, 1);
+        let (outcome, changes) = inv.apply_heartbeat3(full, 1);
         assert_eq!(outcome, BeatOutcome::Taken);
         assert_eq!(changes.vms.len(), 2);
         series.answered(Some(&ferry_api::BeatAnswer { taken: true }));
@@ -643,7 +675,7 @@ mod tests {
         steady[1].accel_load += 0.01;
         let beat = series.beat("http://a".into(), host_info("a"), steady);
         assert!(beat.vms.is_empty() && beat.delta.is_some());
-        let (outcome, changes) = inv.apply_heartbeat(beat, 2);
+        let (outcome, changes) = inv.apply_heartbeat3(beat, 2);
         assert_eq!(outcome, BeatOutcome::Taken);
         assert!(changes.vms.is_empty() && !changes.host, "nothing to write");
         series.answered(Some(&ferry_api::BeatAnswer { taken: true }));
@@ -656,37 +688,59 @@ mod tests {
         );
         assert_eq!(beat.vms.len(), 1);
         assert_eq!(beat.delta.as_ref().unwrap().removed, vec!["v".to_string()]);
-        let (_, changes) = inv.apply_heartbeat(beat.clone(), 3);
+        let (_, changes) = inv.apply_heartbeat3(beat.clone(), 3);
         assert_eq!(changes.gone, vec!["v".to_string()]);
         assert_eq!(inv.vms()["w"].info.state, VmState::Exited { code: 0 });
         assert_eq!(inv.vms_on("a").count(), 1);
 
         // The same delta again builds on a base the inventory no longer holds.
-        let (outcome, _) = inv.apply_heartbeat(beat, 4);
+        let (outcome, _) = inv.apply_heartbeat3(beat, 4);
         assert_eq!(outcome, BeatOutcome::NeedFull);
         // So does any delta after a restart (an empty inventory).
         let mut fresh = Inventory::default();
         let next = series.beat("http://a".into(), host_info("a"), vec![]);
-        assert_eq!(fresh.apply_heartbeat(next, 5).0, BeatOutcome::NeedFull);
+        assert_eq!(fresh.apply_heartbeat3(next, 5).0, BeatOutcome::NeedFull);
         series.answered(Some(&ferry_api::BeatAnswer { taken: false }));
         let again = series.beat("http://a".into(), host_info("a"), vec![]);
         assert!(
             again.delta.is_none(),
             "a refusal is followed by a full beat"
         );
-        assert_eq!(fresh.apply_heartbeat(again, 6).0, BeatOutcome::Taken);
+        assert_eq!(fresh.apply_heartbeat3(again, 6).0, BeatOutcome::Taken);
     }
 
     #[test]
     fn a_vm_moving_between_hosts_is_indexed_under_its_new_host_only() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat(beat("a", vec![vm("v", VmState::Running)]), 1);
-        inv.apply_heartbeat(beat("b", vec![vm("v", VmState::Running)]), 2);
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1);
+        inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 2);
         assert_eq!(inv.vms_on("a").count(), 0);
         assert_eq!(inv.vms_on("b").count(), 1);
         // a's next full beat no longer lists it: that is not news about b's VM.
-        let (_, changes) = inv.apply_heartbeat(beat("a", vec![]), 3);
+        let (_, changes) = inv.apply_heartbeat3(beat("a", vec![]), 3);
         assert!(changes.gone.is_empty());
         assert!(inv.vms().contains_key("v"));
+    }
+
+    #[test]
+    fn a_second_live_host_with_a_taken_name_is_refused_until_the_first_is_down() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1_000);
+        let mut impostor = beat("a", vec![]);
+        impostor.api_url = "http://10.0.0.9:7070".into();
+        let (outcome, changes) = inv.apply_heartbeat3(impostor.clone(), 2_000);
+        assert_eq!(
+            outcome,
+            BeatOutcome::NameTaken {
+                holder: "http://a".into()
+            }
+        );
+        assert!(
+            changes.gone.is_empty() && inv.vms().contains_key("v"),
+            "nothing changed"
+        );
+        // Once the holder has been silent past the limit, the name is free again.
+        let (outcome, _) = inv.apply_heartbeat3(impostor, 7_000);
+        assert_eq!(outcome, BeatOutcome::Taken);
     }
 }

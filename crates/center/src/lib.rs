@@ -10,8 +10,10 @@
 
 pub mod api;
 pub mod balance;
+pub mod etcd;
 pub mod gateway;
 pub mod inventory;
+pub mod leader;
 pub mod metrics;
 pub mod operations;
 pub mod placement;
@@ -33,7 +35,7 @@ use inventory::{
 };
 use operations::Operation;
 use placement::Need;
-use store::{Store, StoreError};
+use store::{EtcdStore, SqliteStore, Store, StoreError};
 
 /// Errors of center operations, each with the HTTP status the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +60,30 @@ pub enum CenterError {
     Store(#[from] StoreError),
 }
 
+/// Where the center keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// A SQLite file: one center.
+    Sqlite(PathBuf),
+    /// An etcd cluster shared by center replicas, one of them the leader.
+    Etcd {
+        /// Client endpoints (`http://HOST:PORT`).
+        endpoints: Vec<String>,
+        /// The prefix of every key (several clusters may share one etcd).
+        prefix: String,
+    },
+}
+
 /// How the center runs.
 #[derive(Debug, Clone)]
 pub struct CenterConfig {
-    /// SQLite database file.
-    pub db: PathBuf,
+    /// Where its state is kept.
+    pub store: StoreConfig,
+    /// This replica's name (unique among the replicas on one etcd).
+    pub name: String,
+    /// Where the other replicas and clients reach this one's API (`http://HOST:PORT`):
+    /// followers forward writes to the leader there.
+    pub advertise_url: String,
     /// Bearer token of operators (API, dashboard, metrics).
     pub token: Vec<u8>,
     /// More operators' tokens, one per line (`TOKEN` or `TOKEN read-only`: enough for
@@ -174,17 +195,26 @@ pub struct ClusterView {
     pub operations: Vec<Operation>,
     /// Recent events, newest first.
     pub events: Vec<Event>,
+    /// The replica that answered.
+    #[serde(default)]
+    pub replica: String,
+    /// The replica that leads (writes and runs operations), if known.
+    #[serde(default)]
+    pub leader: Option<leader::LeaderInfo>,
 }
 
 /// The cluster manager.
 pub struct Center {
     config: CenterConfig,
     inventory: Mutex<Inventory>,
-    store: Mutex<Store>,
+    store: Box<dyn Store>,
+    /// Leader (the only writer, which runs operations) or follower.
+    role: Mutex<leader::Role>,
     operations: Mutex<BTreeMap<u64, Operation>>,
     metrics: metrics::Metrics,
-    /// The monitor thread, stopped by dropping the sender ([`Center::shutdown`]).
-    monitor: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// The monitor thread and, on etcd, the election's: each stopped by dropping its
+    /// sender ([`Center::shutdown`]).
+    monitor: Mutex<Vec<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// The serving gateway's relays.
     gateway: gateway::Gateway,
     /// Clients of the hosts' APIs, by address.
@@ -195,60 +225,140 @@ pub struct Center {
 const MAX_HOST_CLIENTS: usize = 10_000;
 
 impl Center {
-    /// Opens the database and loads what it holds. Migrations that were running when the
-    /// center stopped are marked interrupted; so is an evacuation.
+    /// Opens the store. A center on SQLite leads at once: it loads what the database
+    /// holds and resumes the operations that were running. A replica on etcd follows
+    /// until [`Center::start_monitor`]'s election makes it the leader.
     pub fn open(config: CenterConfig) -> Result<Arc<Self>, CenterError> {
-        let store = Store::open(&config.db)?;
-        let loaded = store.load()?;
-        let mut inventory = Inventory::default();
-        for mut host in loaded.hosts {
-            if host.mode == HostMode::Evacuating {
-                host.mode = HostMode::MaintenanceIncomplete {
-                    reason: "the center restarted during the evacuation; enter maintenance again"
-                        .into(),
-                };
-                store.put_host(&host)?;
+        let store: Box<dyn Store> = match &config.store {
+            StoreConfig::Sqlite(path) => Box::new(SqliteStore::open(path)?),
+            StoreConfig::Etcd { endpoints, prefix } => {
+                Box::new(EtcdStore::open(endpoints, prefix)?)
             }
-            inventory.hosts.insert(host.name.clone(), host);
-        }
-        for vm in loaded.vms {
-            inventory.put_vm(vm);
-        }
-        // Counters carry on from the migrations on record.
-        let metrics = metrics::Metrics::default();
-        let on_record = loaded.migrations.len();
-        for mut m in loaded.migrations {
-            if m.state == "running" {
-                m.state = "failed".into();
-                m.error = Some(
-                    "interrupted: the center restarted while it ran (the hosts know the outcome)"
-                        .into(),
-                );
-                m.finished_ms = Some(unix_ms());
-                store.put_migration(&m)?;
-            }
-            metrics.count_finished(&m);
-            inventory.add_migration(m);
-        }
-        store.add_event(&Event::now(
-            "center-started",
-            format!(
-                "center started with {} host(s), {} VM(s), {} migration(s) on record",
-                inventory.hosts.len(),
-                inventory.vms().len(),
-                on_record
-            ),
-        ))?;
-        Ok(Arc::new(Self {
+        };
+        let center = Arc::new(Self {
             config,
-            inventory: Mutex::new(inventory),
-            store: Mutex::new(store),
+            inventory: Mutex::default(),
+            store,
+            role: Mutex::new(leader::Role::Follower { leader: None }),
             operations: Mutex::default(),
-            metrics,
+            metrics: metrics::Metrics::default(),
             monitor: Mutex::default(),
             gateway: gateway::Gateway::default(),
             host_clients: Mutex::default(),
-        }))
+        });
+        if center.store.as_etcd().is_none() {
+            center.lead()?;
+        } else {
+            center.refresh_from_store()?;
+        }
+        Ok(center)
+    }
+
+    /// Takes the lead: loads what the store holds (hosts' modes, VMs it has not heard
+    /// of since, migrations, operations) over what heartbeats told this replica, then
+    /// resumes the operations that were running.
+    pub(crate) fn lead(self: &Arc<Self>) -> Result<(), CenterError> {
+        let loaded = self.store.load()?;
+        let first = {
+            let mut inventory = self.inventory();
+            let first = inventory.migrations.is_empty();
+            self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
+            inventory.migrations.clear();
+            for m in &loaded.migrations {
+                // Counters carry on from the migrations on record.
+                if first && m.state != "running" {
+                    self.metrics.count_finished(m);
+                }
+                inventory.add_migration(m.clone());
+            }
+            first
+        };
+        *self.operations.lock().expect("operations lock") = loaded
+            .operations
+            .iter()
+            .map(|op| (op.id, op.clone()))
+            .collect();
+        *self.role.lock().expect("role lock") = leader::Role::Leader;
+        let inventory = self.inventory();
+        let message = format!(
+            "center {} leads ({}) with {} host(s), {} VM(s), {} migration(s) on record",
+            self.config.name,
+            self.store.describe(),
+            inventory.hosts.len(),
+            inventory.vms().len(),
+            inventory.migrations.len()
+        );
+        drop(inventory);
+        self.record(&[Event::now(
+            if first {
+                "center-started"
+            } else {
+                "center-leads"
+            },
+            message,
+        )])?;
+        self.resume_operations();
+        Ok(())
+    }
+
+    /// Hosts' modes and the VMs of hosts this replica has had no beat from, as stored.
+    fn merge_loaded_hosts_and_vms(&self, inventory: &mut Inventory, loaded: &store::Loaded) {
+        for host in &loaded.hosts {
+            match inventory.hosts.get_mut(&host.name) {
+                Some(known) => known.mode = host.mode.clone(),
+                None => {
+                    inventory.hosts.insert(host.name.clone(), host.clone());
+                }
+            }
+        }
+        for vm in &loaded.vms {
+            let heard =
+                inventory.vms().get(&vm.id).is_some() || inventory.beat_taken_from(&vm.host);
+            if !heard {
+                inventory.put_vm(vm.clone());
+            }
+        }
+    }
+
+    /// A follower's refresh of what only the leader writes: hosts' modes, migrations,
+    /// operations.
+    pub(crate) fn refresh_from_store(&self) -> Result<(), CenterError> {
+        let loaded = self.store.load()?;
+        {
+            let mut inventory = self.inventory();
+            self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
+            inventory.migrations.clear();
+            for m in loaded.migrations {
+                inventory.add_migration(m);
+            }
+        }
+        *self.operations.lock().expect("operations lock") = loaded
+            .operations
+            .into_iter()
+            .map(|op| (op.id, op))
+            .collect();
+        Ok(())
+    }
+
+    /// Where the state is kept, in words.
+    pub fn store_description(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Whether this replica leads (a single center on SQLite always does).
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.role.lock().expect("role lock"), leader::Role::Leader)
+    }
+
+    /// Where the leader is, if this replica follows one it knows.
+    pub fn leader(&self) -> Option<leader::LeaderInfo> {
+        match &*self.role.lock().expect("role lock") {
+            leader::Role::Leader => Some(leader::LeaderInfo {
+                name: self.config.name.clone(),
+                url: self.config.advertise_url.clone(),
+            }),
+            leader::Role::Follower { leader } => leader.clone(),
+        }
     }
 
     /// The configuration.
@@ -260,20 +370,23 @@ impl Center {
         self.inventory.lock().expect("inventory lock")
     }
 
-    fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().expect("store lock")
+    fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     fn down_after_ms(&self) -> u64 {
         self.config.down_after.as_millis() as u64
     }
 
-    /// Records events (logged too).
+    /// Records events (logged too); a follower only logs them (the leader, which takes
+    /// the same heartbeats, records them).
     fn record(&self, events: &[Event]) -> Result<(), StoreError> {
-        let store = self.store();
+        let leads = self.is_leader();
         for e in events {
             tracing::info!(kind = %e.kind, "{}", e.message);
-            store.add_event(e)?;
+            if leads {
+                self.store().add_event(e)?;
+            }
         }
         Ok(())
     }
@@ -281,21 +394,27 @@ impl Center {
     /// A client of `host`'s API: one per API address, kept, so its connections are
     /// reused (the gateway reads a stream with a request per token).
     fn host_client(&self, host: &HostRecord) -> Result<Arc<ApiClient>, CenterError> {
+        self.client_of(&host.api_url)
+    }
+
+    /// A kept client of the cluster API at `url` (a host's, or the leader replica's),
+    /// with the host-API key as its token and the cluster's roots.
+    pub(crate) fn client_of(&self, url: &str) -> Result<Arc<ApiClient>, CenterError> {
         let mut clients = self.host_clients.lock().expect("host clients lock");
-        if let Some(client) = clients.get(&host.api_url) {
+        if let Some(client) = clients.get(url) {
             return Ok(client.clone());
         }
         let token = self.config.secret.token(ferry_migrate::Purpose::HostApi);
         let roots = ferry_http::cluster_roots(self.config.tls.as_ref());
         let client = Arc::new(
-            ApiClient::with_roots(&host.api_url, token.as_bytes(), &roots)
+            ApiClient::with_roots(url, token.as_bytes(), &roots)
                 .map_err(|e| CenterError::BadRequest(e.to_string()))?,
         );
         // Hosts that changed address leave entries: bounded all the same.
         if clients.len() >= MAX_HOST_CLIENTS {
             clients.clear();
         }
-        clients.insert(host.api_url.clone(), client.clone());
+        clients.insert(url.to_string(), client.clone());
         Ok(client)
     }
 
@@ -337,11 +456,22 @@ impl Center {
         }
         let name = beat.host.name.clone();
         let mut inventory = self.inventory();
-        let (outcome, changes) = inventory.apply_heartbeat(beat, unix_ms());
+        let (outcome, changes) = inventory.apply_heartbeat(beat, unix_ms(), self.down_after_ms());
+        drop(inventory);
         self.metrics.heartbeat(&outcome);
-        if outcome == BeatOutcome::NeedFull {
-            return Ok(BeatAnswer { taken: false });
+        match outcome {
+            BeatOutcome::Taken => {}
+            BeatOutcome::NeedFull => return Ok(BeatAnswer { taken: false }),
+            BeatOutcome::NameTaken { holder } => {
+                tracing::warn!(
+                    "refused a heartbeat as host {name}: a live host at {holder} holds that name"
+                );
+                return Err(CenterError::Conflict(format!(
+                    "host name {name} is held by a live host at {holder}; give this host another --name"
+                )));
+            }
         }
+        let inventory = self.inventory();
         let host = changes.host.then(|| inventory.hosts[&name].clone());
         let vms: Vec<VmRecord> = changes
             .vms
@@ -349,8 +479,9 @@ impl Center {
             .filter_map(|id| inventory.vms().get(id).cloned())
             .collect();
         drop(inventory);
-        if host.is_some() || !vms.is_empty() || !changes.gone.is_empty() {
-            let mut store = self.store();
+        // Followers take beats too (their views stay current); only the leader writes.
+        if self.is_leader() && (host.is_some() || !vms.is_empty() || !changes.gone.is_empty()) {
+            let store = self.store();
             if let Some(host) = &host {
                 store.put_host(host)?;
             }
@@ -386,7 +517,7 @@ impl Center {
                     if let Err(e) = center.check_hosts() {
                         tracing::error!("checking hosts: {e}");
                     }
-                    if let Some(every) = center.config.balance_every {
+                    if let (Some(every), true) = (center.config.balance_every, center.is_leader()) {
                         if last_balance.elapsed() >= every {
                             last_balance = std::time::Instant::now();
                             match center.balance(false) {
@@ -400,14 +531,23 @@ impl Center {
                     }
                 }
             })?;
-        *self.monitor.lock().expect("monitor lock") = Some((stop, thread));
+        let mut threads = self.monitor.lock().expect("monitor lock");
+        threads.push((stop, thread));
+        if self.store.as_etcd().is_some() {
+            let center = self.clone();
+            let (stop, stopped) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name("center-election".into())
+                .spawn(move || center.run_election(&stopped))?;
+            threads.push((stop, thread));
+        }
         Ok(())
     }
 
     /// Stops the monitor thread and waits for it (operations already ordered run on).
     pub fn shutdown(&self) {
-        let monitor = self.monitor.lock().expect("monitor lock").take();
-        if let Some((stop, thread)) = monitor {
+        let threads = std::mem::take(&mut *self.monitor.lock().expect("monitor lock"));
+        for (stop, thread) in threads {
             drop(stop);
             let _ = thread.join();
         }
@@ -575,6 +715,8 @@ impl Center {
             vms: Vec::new(),
             migrations,
             operations: self.operations(10),
+            replica: self.config.name.clone(),
+            leader: self.leader(),
             events,
         };
         let mut view = view;

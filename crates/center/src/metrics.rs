@@ -165,6 +165,7 @@ impl Metrics {
         let result = match outcome {
             BeatOutcome::Taken => "taken",
             BeatOutcome::NeedFull => "need-full",
+            BeatOutcome::NameTaken { .. } => "name-taken",
         };
         self.heartbeats
             .get_or_create(&ResultLabel {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::{self, BalancePlan, MovableVm};
 use crate::inventory::{unix_ms, Event, HostMode, MigrationRecord, Reservation, VmRecord};
 use crate::placement::{self, Need};
+use crate::store::StoreError;
 use crate::{Center, CenterError};
 
 /// How often a running migration's progress is polled.
@@ -45,6 +46,25 @@ pub struct Operation {
     pub problems: Vec<String>,
     /// The outcome in words.
     pub summary: String,
+}
+
+/// What stands for a VM the cluster no longer knows, in the record of its move.
+fn placeholder_info(id: &str) -> VmInfo {
+    VmInfo {
+        id: id.into(),
+        workload: String::new(),
+        name: None,
+        args: Vec::new(),
+        state: VmState::Stopped,
+        memory: 0,
+        accel_memory: 0,
+        accel_load: 0.0,
+        uptime_ms: 0,
+        since_unix_ms: 0,
+        migrated_from: None,
+        files: Vec::new(),
+        console_tail: String::new(),
+    }
 }
 
 /// A move to make: the VM, where it is and where it goes.
@@ -80,14 +100,16 @@ impl Center {
             .ok_or_else(|| CenterError::NotFound(format!("no operation {id}")))
     }
 
+    /// Changes an operation and writes it through, so the next leader can resume it.
     fn update_operation(&self, id: u64, f: impl FnOnce(&mut Operation)) {
-        if let Some(op) = self
-            .operations
-            .lock()
-            .expect("operations lock")
-            .get_mut(&id)
-        {
+        let op = {
+            let mut ops = self.operations.lock().expect("operations lock");
+            let Some(op) = ops.get_mut(&id) else { return };
             f(op);
+            op.clone()
+        };
+        if let Err(e) = self.store().put_operation(&op) {
+            tracing::error!("recording operation {id}: {e}");
         }
     }
 
@@ -98,6 +120,9 @@ impl Center {
         host: Option<&str>,
         planned: &[Move],
     ) -> Result<Operation, CenterError> {
+        if !self.is_leader() {
+            return Err(StoreError::NotLeader.into());
+        }
         let mut ops = self.operations.lock().expect("operations lock");
         if let Some(running) = ops.values().find(|op| op.state == "running") {
             return Err(CenterError::Conflict(format!(
@@ -126,6 +151,7 @@ impl Center {
             problems: Vec::new(),
             summary: String::new(),
         };
+        self.store().put_operation(&op)?;
         ops.insert(op.id, op.clone());
         Ok(op)
     }
@@ -155,6 +181,8 @@ impl Center {
             started_ms: unix_ms(),
             ..MigrationRecord::default()
         };
+        // Recorded (fenced by the leadership) before the source is told: a next leader
+        // finds every migration that may be running, and a deposed one starts none.
         match self.store().add_migration(&record) {
             Ok(id) => record.id = id,
             Err(e) => {
@@ -167,22 +195,35 @@ impl Center {
         self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id);
+        self.conclude_migration(m, record.id, reason, outcome)
+    }
+
+    /// Records how migration `id` of `m` ended, and where the VM runs now.
+    fn conclude_migration(
+        &self,
+        m: &Move,
+        id: i64,
+        reason: &str,
+        outcome: Result<(Option<MigrationReport>, VmInfo), String>,
+    ) -> MigrationRecord {
         let mut inventory = self.inventory();
         inventory
             .reservations
             .retain(|r| !(r.vm == m.vm.id && r.host == m.to));
-        let entry = inventory
-            .migration_mut(record.id)
-            .expect("migration recorded above");
+        let Some(entry) = inventory.migration_mut(id) else {
+            return MigrationRecord::default();
+        };
         entry.finished_ms = Some(unix_ms());
         entry.progress = None;
         let arrived = match outcome {
             Ok((report, arrived)) => {
                 entry.state = "succeeded".into();
-                entry.downtime_ms = Some(report.downtime_ms);
-                entry.total_ms = Some(report.total_ms);
-                entry.bytes_sent = report.bytes_sent;
-                entry.rounds = report.rounds;
+                if let Some(report) = report {
+                    entry.downtime_ms = Some(report.downtime_ms);
+                    entry.total_ms = Some(report.total_ms);
+                    entry.bytes_sent = report.bytes_sent;
+                    entry.rounds = report.rounds;
+                }
                 Some(arrived)
             }
             Err(why) => {
@@ -203,29 +244,27 @@ impl Center {
         }
         drop(inventory);
         let message = match (&record.error, record.downtime_ms) {
-            (None, Some(pause)) => format!(
-                "VM {} moved {} -> {} ({reason}): pause {pause:.1} ms, {} MiB in {} round(s)",
+            (None, pause) => format!(
+                "VM {} moved {} -> {} ({reason}): pause {}, {} MiB in {} round(s)",
                 record.vm,
                 record.from,
                 record.to,
+                pause.map_or("unknown (followed by a new leader)".into(), |p| format!(
+                    "{p:.1} ms"
+                )),
                 record.bytes_sent >> 20,
                 record.rounds
             ),
-            (error, _) => format!(
-                "VM {} could not move {} -> {} ({reason}); it keeps running on {}: {}",
-                record.vm,
-                record.from,
-                record.to,
-                record.from,
-                error.as_deref().unwrap_or("unknown")
+            (Some(error), _) => format!(
+                "VM {} could not move {} -> {} ({reason}); it keeps running on {}: {error}",
+                record.vm, record.from, record.to, record.from,
             ),
         };
-        let mut store = self.store();
+        let store = self.store();
         let written = store.put_migration(&record).and_then(|()| match &moved {
             Some(vm) => store.put_vms(&[vm], &[]),
             None => Ok(()),
         });
-        drop(store);
         if let Err(e) = written {
             tracing::error!("recording migration {}: {e}", record.id);
         }
@@ -235,43 +274,61 @@ impl Center {
         record
     }
 
+    /// The source's and the destination's records, for a move.
+    fn move_hosts(&self, m: &Move) -> Result<(crate::HostRecord, crate::HostRecord), String> {
+        let inventory = self.inventory();
+        let host = |name: &str| {
+            inventory
+                .hosts
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("host {name} is not in the inventory"))
+        };
+        Ok((host(&m.vm.host)?, host(&m.to)?))
+    }
+
     /// Starts the migration on the source and polls it to its end; then verifies the VM
     /// on the destination. The error says what went wrong.
     fn follow_migration(
         &self,
         m: &Move,
         record_id: i64,
-    ) -> Result<(MigrationReport, VmInfo), String> {
-        let (source, dest) = {
-            let inventory = self.inventory();
-            let host = |name: &str| {
-                inventory
-                    .hosts
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| format!("host {name} is not in the inventory"))
-            };
-            (host(&m.vm.host)?, host(&m.to)?)
-        };
+    ) -> Result<(Option<MigrationReport>, VmInfo), String> {
+        let (source, dest) = self.move_hosts(m)?;
         let src = self.host_client(&source).map_err(|e| e.to_string())?;
-        let dst = self.host_client(&dest).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{}", m.vm.id);
         src.post::<_, MigrationStatus>(
             &format!("{path}/migrate"),
             &serde_json::json!({ "to": dest.info.migration_addr }),
         )
         .map_err(|e| format!("host {} did not start the migration: {e:#}", source.name))?;
+        let report = self.poll_migration(&source, &m.vm.id, record_id)?;
+        Ok((
+            Some(report),
+            self.verify_arrival(&dest, &source.name, &m.vm.id)?,
+        ))
+    }
+
+    /// Polls the source's migration of `vm` until it ends.
+    fn poll_migration(
+        &self,
+        source: &crate::HostRecord,
+        vm: &str,
+        record_id: i64,
+    ) -> Result<MigrationReport, String> {
+        let src = self.host_client(source).map_err(|e| e.to_string())?;
+        let path = format!("/v1/vms/{vm}/migration");
         let mut last_contact = Instant::now();
-        let report = loop {
+        loop {
             std::thread::sleep(POLL);
-            match src.get::<MigrationStatus>(&format!("{path}/migration")) {
+            match src.get::<MigrationStatus>(&path) {
                 Ok(status) => {
                     last_contact = Instant::now();
                     match status.state {
                         MigrationState::Succeeded => {
-                            break status.report.ok_or_else(|| {
+                            return status.report.ok_or_else(|| {
                                 format!("host {} reported success without a report", source.name)
-                            })?
+                            })
                         }
                         MigrationState::Failed
                         | MigrationState::Cancelled
@@ -289,28 +346,211 @@ impl Center {
                         }
                     }
                 }
-                Err(e) if last_contact.elapsed() > LOST_CONTACT => {
-                    return Err(format!(
+                Err(e) if last_contact.elapsed() > LOST_CONTACT => return Err(format!(
                     "lost contact with host {} during the migration ({e:#}); check the VM there",
                     source.name
-                ))
-                }
+                )),
                 Err(_) => {}
             }
-        };
-        // Verify: the destination has it, running (or already finished cleanly).
-        let arrived: VmInfo = dst.get(&path).map_err(|e| {
+        }
+    }
+
+    /// The destination has the VM, running (or already finished cleanly).
+    fn verify_arrival(
+        &self,
+        dest: &crate::HostRecord,
+        source: &str,
+        vm: &str,
+    ) -> Result<VmInfo, String> {
+        let dst = self.host_client(dest).map_err(|e| e.to_string())?;
+        let arrived: VmInfo = dst.get(&format!("/v1/vms/{vm}")).map_err(|e| {
             format!(
-                "host {} reported success, but host {} does not show the VM: {e:#}",
-                source.name, dest.name
+                "host {source} reported success, but host {} does not show the VM: {e:#}",
+                dest.name
             )
         })?;
         match &arrived.state {
-            VmState::Running | VmState::Exited { code: 0 } => Ok((report, arrived)),
+            VmState::Running | VmState::Exited { code: 0 } => Ok(arrived),
             other => Err(format!(
                 "the VM arrived on host {} but is {other:?} there",
                 dest.name
             )),
+        }
+    }
+
+    /// Finds out how a migration a previous leader ordered ends, from the hosts, which
+    /// know: the source, if it still has a migration of the VM, is followed to its end;
+    /// otherwise the VM runs on the destination (it moved) or it does not (the order
+    /// never reached the source, or the move failed).
+    fn settle_recorded_migration(&self, record: &MigrationRecord) -> MigrationRecord {
+        let m = match self.inventory().vms().get(&record.vm).cloned() {
+            Some(mut vm) => {
+                vm.host = record.from.clone();
+                Move {
+                    vm,
+                    to: record.to.clone(),
+                }
+            }
+            None => {
+                let mut done = record.clone();
+                done.state = "failed".into();
+                done.error = Some("the VM is no longer known to the cluster".into());
+                return self.conclude_migration(
+                    &Move {
+                        vm: VmRecord {
+                            id: record.vm.clone(),
+                            host: record.from.clone(),
+                            info: placeholder_info(&record.vm),
+                        },
+                        to: record.to.clone(),
+                    },
+                    record.id,
+                    &record.reason,
+                    Err(done.error.unwrap_or_default()),
+                );
+            }
+        };
+        let outcome = (|| {
+            let (source, dest) = self.move_hosts(&m)?;
+            let src = self.host_client(&source).map_err(|e| e.to_string())?;
+            let asked = src.get::<MigrationStatus>(&format!("/v1/vms/{}/migration", record.vm));
+            match asked {
+                Ok(status) if status.state == MigrationState::Running => {
+                    let report = self.poll_migration(&source, &record.vm, record.id)?;
+                    Ok((
+                        Some(report),
+                        self.verify_arrival(&dest, &source.name, &record.vm)?,
+                    ))
+                }
+                Ok(status) if status.state == MigrationState::Succeeded => Ok((
+                    status.report,
+                    self.verify_arrival(&dest, &source.name, &record.vm)?,
+                )),
+                Ok(status) => Err(status
+                    .error
+                    .unwrap_or_else(|| format!("the migration ended {:?}", status.state))),
+                // No migration there: it moved (the VM runs on the destination) or the
+                // order never arrived.
+                Err(_) => match self.verify_arrival(&dest, &source.name, &record.vm) {
+                    Ok(arrived) => Ok((None, arrived)),
+                    Err(_) => Err(format!(
+                        "the previous leader's order did not start a migration; the VM stays on {}",
+                        source.name
+                    )),
+                },
+            }
+        })();
+        self.conclude_migration(&m, record.id, &record.reason, outcome)
+    }
+
+    /// Resumes, as the new leader, the operations and migrations that were running.
+    pub(crate) fn resume_operations(self: &Arc<Self>) {
+        let running: Vec<Operation> = self
+            .operations
+            .lock()
+            .expect("operations lock")
+            .values()
+            .filter(|op| op.state == "running")
+            .cloned()
+            .collect();
+        let orphans: Vec<MigrationRecord> = {
+            let owned: Vec<i64> = running
+                .iter()
+                .flat_map(|op| op.migrations.clone())
+                .collect();
+            self.inventory()
+                .migrations
+                .iter()
+                .filter(|m| m.state == "running" && !owned.contains(&m.id))
+                .cloned()
+                .collect()
+        };
+        for op in running {
+            let center = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("resume-{}", op.id))
+                .spawn(move || center.resume_operation(op));
+            if let Err(e) = spawned {
+                tracing::error!("cannot resume an operation: {e}");
+            }
+        }
+        if !orphans.is_empty() {
+            let center = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("resume-migrations".into())
+                .spawn(move || {
+                    for m in orphans {
+                        center.settle_recorded_migration(&m);
+                    }
+                });
+        }
+    }
+
+    fn resume_operation(self: &Arc<Self>, op: Operation) {
+        let _ = self.record(&[Event::now(
+            "operation-resumed",
+            format!(
+                "center {} resumes operation {} ({}{})",
+                self.config.name,
+                op.id,
+                op.kind,
+                op.host
+                    .as_deref()
+                    .map(|h| format!(" of {h}"))
+                    .unwrap_or_default()
+            ),
+        )]);
+        let recorded: Vec<MigrationRecord> = {
+            let inventory = self.inventory();
+            op.migrations
+                .iter()
+                .filter_map(|id| inventory.migrations.iter().find(|m| m.id == *id).cloned())
+                .collect()
+        };
+        // First, how every migration already ordered ends: never a second one of a VM
+        // whose first may still run.
+        let mut records: Vec<MigrationRecord> = recorded
+            .iter()
+            .map(|m| {
+                if m.state == "running" {
+                    self.settle_recorded_migration(m)
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+        match (op.kind.as_str(), op.host.clone()) {
+            ("maintenance", Some(host)) => {
+                // This replica's view of the host must be first-hand before planning.
+                let deadline = Instant::now() + self.config.down_after;
+                while !self.inventory().beat_taken_from(&host) && Instant::now() < deadline {
+                    std::thread::sleep(POLL);
+                }
+                let moves = match self.plan_evacuation(&host) {
+                    Ok(moves) => moves,
+                    Err(e) => {
+                        self.finish_evacuation(
+                            &host,
+                            &records,
+                            op.id,
+                            Instant::now(),
+                            Some(e.to_string()),
+                        );
+                        return;
+                    }
+                };
+                self.update_operation(op.id, |o| {
+                    o.planned.extend(
+                        moves
+                            .iter()
+                            .map(|m| (m.vm.id.clone(), m.vm.host.clone(), m.to.clone())),
+                    );
+                });
+                self.reserve(&moves);
+                records.extend(self.run_moves(&moves, &format!("maintenance of {host}"), op.id));
+                self.finish_evacuation(&host, &records, op.id, Instant::now(), None);
+            }
+            _ => self.finish_balance(op.id, &records),
         }
     }
 
@@ -324,6 +564,11 @@ impl Center {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(m) = moves.get(i) else { break };
+                    // A replica that lost the lead orders nothing more: the next leader
+                    // resumes from the record.
+                    if !self.is_leader() {
+                        break;
+                    }
                     let record = self.move_vm(m, reason, op);
                     records.lock().expect("records lock").push(record);
                 });
@@ -347,54 +592,57 @@ impl Center {
         Ok(())
     }
 
+    /// A place for each of `host`'s live VMs on other hosts with room, or why not.
+    fn plan_evacuation(&self, host: &str) -> Result<Vec<Move>, CenterError> {
+        let inventory = self.inventory();
+        let vms = inventory.live_vms_on(host);
+        if let Some(busy) = vms.iter().find(|vm| vm.info.state != VmState::Running) {
+            return Err(CenterError::Conflict(format!(
+                "VM {} on host {host} is {}; wait for it and try again",
+                busy.id,
+                busy.info.state.name()
+            )));
+        }
+        let mut open: Vec<_> = inventory
+            .open_hosts(unix_ms(), self.down_after_ms())
+            .into_iter()
+            .filter(|h| h.name != host)
+            .collect();
+        let mut moves = Vec::new();
+        let mut homeless = Vec::new();
+        for vm in vms {
+            let need = Need::of(vm.info.memory, vm.info.accel_memory);
+            match placement::choose(&open, need) {
+                Ok(to) => {
+                    let to = to.name.clone();
+                    let slot = open.iter_mut().find(|h| h.name == to).expect("chosen");
+                    placement::take(slot, need);
+                    moves.push(Move { vm, to });
+                }
+                Err(why) => homeless.push(format!("{}: {why}", vm.id)),
+            }
+        }
+        if !homeless.is_empty() {
+            return Err(CenterError::NoRoom(format!(
+                "cannot put host {host} in maintenance: {} of its VMs have nowhere to go ({}); nothing was moved",
+                homeless.len(),
+                homeless.join("; ")
+            )));
+        }
+        Ok(moves)
+    }
+
     /// Puts `host` in maintenance: plans a place for each of its VMs on other hosts with
     /// room, refuses (moving nothing) if one has none, then moves them in the background.
     /// Follow it with [`Self::operation`].
     pub fn enter_maintenance(self: &Arc<Self>, host: &str) -> Result<Operation, CenterError> {
         self.up_host(host)?;
-        let moves = {
-            let inventory = self.inventory();
-            if inventory.hosts[host].mode == HostMode::Evacuating {
-                return Err(CenterError::Conflict(format!(
-                    "host {host} is already being evacuated"
-                )));
-            }
-            let vms = inventory.live_vms_on(host);
-            if let Some(busy) = vms.iter().find(|vm| vm.info.state != VmState::Running) {
-                return Err(CenterError::Conflict(format!(
-                    "VM {} on host {host} is {}; wait for it and try again",
-                    busy.id,
-                    busy.info.state.name()
-                )));
-            }
-            let mut open: Vec<_> = inventory
-                .open_hosts(unix_ms(), self.down_after_ms())
-                .into_iter()
-                .filter(|h| h.name != host)
-                .collect();
-            let mut moves = Vec::new();
-            let mut homeless = Vec::new();
-            for vm in vms {
-                let need = Need::of(vm.info.memory, vm.info.accel_memory);
-                match placement::choose(&open, need) {
-                    Ok(to) => {
-                        let to = to.name.clone();
-                        let slot = open.iter_mut().find(|h| h.name == to).expect("chosen");
-                        placement::take(slot, need);
-                        moves.push(Move { vm, to });
-                    }
-                    Err(why) => homeless.push(format!("{}: {why}", vm.id)),
-                }
-            }
-            if !homeless.is_empty() {
-                return Err(CenterError::NoRoom(format!(
-                    "cannot put host {host} in maintenance: {} of its VMs have nowhere to go ({}); nothing was moved",
-                    homeless.len(),
-                    homeless.join("; ")
-                )));
-            }
-            moves
-        };
+        if self.inventory().hosts[host].mode == HostMode::Evacuating {
+            return Err(CenterError::Conflict(format!(
+                "host {host} is already being evacuated"
+            )));
+        }
+        let moves = self.plan_evacuation(host)?;
         let op = self.begin_operation("maintenance", Some(host), &moves)?;
         self.reserve(&moves);
         self.set_mode(host, HostMode::Evacuating)?;
@@ -410,31 +658,47 @@ impl Center {
         let id = op.id;
         std::thread::Builder::new()
             .name(format!("evacuate-{host}"))
-            .spawn(move || center.evacuate(&host, &moves, id))
+            .spawn(move || {
+                let started = Instant::now();
+                let records = center.run_moves(&moves, &format!("maintenance of {host}"), id);
+                center.finish_evacuation(&host, &records, id, started, None);
+            })
             .map_err(|e| CenterError::Conflict(format!("cannot start the evacuation: {e}")))?;
         Ok(op)
     }
 
-    fn evacuate(&self, host: &str, moves: &[Move], op: u64) {
-        let started = Instant::now();
-        let records = self.run_moves(moves, &format!("maintenance of {host}"), op);
-        let problems: Vec<String> = records
+    /// Ends maintenance operation `op` of `host` after its moves (`records`): the host is
+    /// in maintenance if it is empty, incomplete otherwise. A replica that lost the lead
+    /// leaves it to the next leader.
+    fn finish_evacuation(
+        &self,
+        host: &str,
+        records: &[MigrationRecord],
+        op: u64,
+        started: Instant,
+        problem: Option<String>,
+    ) {
+        if !self.is_leader() {
+            return;
+        }
+        let mut problems: Vec<String> = records
             .iter()
             .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.vm)))
             .collect();
+        problems.extend(problem);
         let left: Vec<String> = self
             .inventory()
             .live_vms_on(host)
             .into_iter()
             .map(|vm| vm.id)
             .collect();
+        let moved = records.iter().filter(|r| r.state == "succeeded").count();
         let (mode, state, summary) = if problems.is_empty() && left.is_empty() {
             (
                 HostMode::Maintenance,
                 "done",
                 format!(
-                    "host {host} is empty and in maintenance: {} VM(s) moved in {:.1} s",
-                    records.len(),
+                    "host {host} is empty and in maintenance: {moved} VM(s) moved in {:.1} s",
                     started.elapsed().as_secs_f64()
                 ),
             )
@@ -468,6 +732,29 @@ impl Center {
             o.finished_ms = Some(unix_ms());
             o.problems = problems;
             o.summary = summary;
+        });
+    }
+
+    /// Ends balance operation `op` after its moves.
+    fn finish_balance(&self, op: u64, records: &[MigrationRecord]) {
+        if !self.is_leader() {
+            return;
+        }
+        let problems: Vec<String> = records
+            .iter()
+            .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.vm)))
+            .collect();
+        let moved = records.len() - problems.len();
+        self.update_operation(op, |o| {
+            o.state = if problems.is_empty() {
+                "done"
+            } else {
+                "incomplete"
+            }
+            .into();
+            o.finished_ms = Some(unix_ms());
+            o.summary = format!("balance: {moved} of {} move(s) made", records.len());
+            o.problems = problems;
         });
     }
 
@@ -542,22 +829,7 @@ impl Center {
             .name("balance".into())
             .spawn(move || {
                 let records = center.run_moves(&moves, "balance", id);
-                let problems: Vec<String> = records
-                    .iter()
-                    .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.vm)))
-                    .collect();
-                let moved = records.len() - problems.len();
-                center.update_operation(id, |o| {
-                    o.state = if problems.is_empty() {
-                        "done"
-                    } else {
-                        "incomplete"
-                    }
-                    .into();
-                    o.finished_ms = Some(unix_ms());
-                    o.summary = format!("balance: {moved} of {} move(s) made", records.len());
-                    o.problems = problems;
-                });
+                center.finish_balance(id, &records);
             })
             .map_err(|e| CenterError::Conflict(format!("cannot start balancing: {e}")))?;
         Ok(BalanceOutcome {

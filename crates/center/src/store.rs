@@ -1,12 +1,47 @@
-//! The center's SQLite database: hosts, VMs, migration history and events. Every change
-//! to the inventory is written through at once, so a restarted center finds what it
-//! knew.
+//! Where the center keeps what it knows: hosts, VMs, migration history, operations and
+//! events. Every change to the inventory is written through at once, so a restarted
+//! center (or the next leader of several) finds what it knew. [`SqliteStore`] is the
+//! embedded default for a single center; [`EtcdStore`] is shared by center replicas,
+//! and every write it makes is fenced by the writer's leadership.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use rusqlite::{params, Connection};
 
+use crate::etcd::{Compare, Etcd, EtcdError, Op, RangeOptions};
 use crate::inventory::{Event, HostRecord, MigrationRecord, VmRecord};
+use crate::operations::Operation;
+
+/// What a store does; both kinds answer the same calls.
+pub trait Store: Send + Sync {
+    /// Everything stored (the last [`crate::inventory::MIGRATIONS_KEPT`] migrations and
+    /// [`OPERATIONS_KEPT`] operations).
+    fn load(&self) -> Result<Loaded, StoreError>;
+    /// Writes a host's record.
+    fn put_host(&self, host: &HostRecord) -> Result<(), StoreError>;
+    /// Writes VM records and deletes those in `gone`.
+    fn put_vms(&self, vms: &[&VmRecord], gone: &[String]) -> Result<(), StoreError>;
+    /// Records a new migration and returns its id.
+    fn add_migration(&self, record: &MigrationRecord) -> Result<i64, StoreError>;
+    /// Rewrites a migration's record.
+    fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError>;
+    /// Writes an operation's record.
+    fn put_operation(&self, op: &Operation) -> Result<(), StoreError>;
+    /// Appends an event.
+    fn add_event(&self, event: &Event) -> Result<(), StoreError>;
+    /// The last `n` events, newest first.
+    fn events(&self, n: usize) -> Result<Vec<Event>, StoreError>;
+    /// What it is, for the log (`SQLite ferry-center.db`, `etcd http://...`).
+    fn describe(&self) -> String;
+    /// The etcd store, when it is one (leader election needs it).
+    fn as_etcd(&self) -> Option<&EtcdStore> {
+        None
+    }
+}
+
+/// Operations loaded at start (older ones stay stored).
+pub const OPERATIONS_KEPT: usize = 100;
 
 /// Errors of the database.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +57,16 @@ pub enum StoreError {
         /// Why.
         error: serde_json::Error,
     },
+    /// etcd failed or refused (without a quorum it refuses every write).
+    #[error("the cluster store (etcd) failed")]
+    Etcd(#[from] EtcdError),
+    /// This center is not (or no longer) the leader: its writes are refused.
+    #[error("this center replica is not the leader; only the leader writes (the write was refused, nothing changed)")]
+    NotLeader,
 }
 
-/// Schema version kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version kept in `PRAGMA user_version` (2 added operations).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS hosts (
@@ -40,6 +81,10 @@ CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS operations (
+    id INTEGER PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -48,9 +93,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 ";
 
-/// The database.
-pub struct Store {
-    db: Connection,
+/// The SQLite database of a single center.
+pub struct SqliteStore {
+    db: Mutex<Connection>,
+    path: String,
 }
 
 /// Everything stored, as loaded at start.
@@ -62,6 +108,8 @@ pub struct Loaded {
     pub vms: Vec<VmRecord>,
     /// Migrations, oldest first.
     pub migrations: Vec<MigrationRecord>,
+    /// Operations, oldest first.
+    pub operations: Vec<Operation>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, text: &str) -> Result<T, StoreError> {
@@ -72,7 +120,7 @@ fn encode<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("inventory records serialize")
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (or creates) the database at `path`; `:memory:` keeps it in memory.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Connection::open(path)?;
@@ -81,35 +129,47 @@ impl Store {
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(SCHEMA)?;
         db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: Mutex::new(db),
+            path: path.display().to_string(),
+        })
     }
 
-    /// Everything stored.
-    pub fn load(&self) -> Result<Loaded, StoreError> {
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let db = self.db();
         let mut loaded = Loaded::default();
-        let mut rows = self.db.prepare("SELECT record FROM hosts ORDER BY name")?;
+        let mut rows = db.prepare("SELECT record FROM hosts ORDER BY name")?;
         for text in rows.query_map([], |r| r.get::<_, String>(0))? {
             loaded.hosts.push(decode("host", &text?)?);
         }
-        let mut rows = self.db.prepare("SELECT record FROM vms ORDER BY id")?;
+        let mut rows = db.prepare("SELECT record FROM vms ORDER BY id")?;
         for text in rows.query_map([], |r| r.get::<_, String>(0))? {
             loaded.vms.push(decode("VM", &text?)?);
         }
-        let mut rows = self
-            .db
-            .prepare("SELECT id, record FROM migrations ORDER BY id")?;
+        let mut rows = db.prepare("SELECT id, record FROM migrations ORDER BY id")?;
         for row in rows.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
             let (id, text) = row?;
             let mut record: MigrationRecord = decode("migration", &text)?;
             record.id = id;
             loaded.migrations.push(record);
         }
+        let mut rows = db.prepare(
+            "SELECT record FROM (SELECT id, record FROM operations ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        for text in rows.query_map(params![OPERATIONS_KEPT as i64], |r| r.get::<_, String>(0))? {
+            loaded.operations.push(decode("operation", &text?)?);
+        }
         Ok(loaded)
     }
 
-    /// Writes a host's record.
-    pub fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
-        self.db.execute(
+    fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
+        self.db().execute(
             "INSERT INTO hosts (name, record) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET record = excluded.record",
             params![host.name, encode(host)],
@@ -117,9 +177,9 @@ impl Store {
         Ok(())
     }
 
-    /// Writes VM records and deletes those in `gone`, in one transaction.
-    pub fn put_vms(&mut self, vms: &[&VmRecord], gone: &[String]) -> Result<(), StoreError> {
-        let tx = self.db.transaction()?;
+    fn put_vms(&self, vms: &[&VmRecord], gone: &[String]) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
         for vm in vms {
             tx.execute(
                 "INSERT INTO vms (id, record) VALUES (?1, ?2)
@@ -134,38 +194,44 @@ impl Store {
         Ok(())
     }
 
-    /// Records a new migration and returns its id.
-    pub fn add_migration(&self, record: &MigrationRecord) -> Result<i64, StoreError> {
-        self.db.execute(
+    fn add_migration(&self, record: &MigrationRecord) -> Result<i64, StoreError> {
+        let db = self.db();
+        db.execute(
             "INSERT INTO migrations (record) VALUES (?1)",
             params![encode(record)],
         )?;
-        Ok(self.db.last_insert_rowid())
+        Ok(db.last_insert_rowid())
     }
 
-    /// Rewrites a migration's record.
-    pub fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
-        self.db.execute(
+    fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
+        self.db().execute(
             "UPDATE migrations SET record = ?2 WHERE id = ?1",
             params![record.id, encode(record)],
         )?;
         Ok(())
     }
 
-    /// Appends an event.
-    pub fn add_event(&self, event: &Event) -> Result<(), StoreError> {
-        self.db.execute(
+    fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
+        self.db().execute(
+            "INSERT INTO operations (id, record) VALUES (?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+            params![op.id as i64, encode(op)],
+        )?;
+        Ok(())
+    }
+
+    fn add_event(&self, event: &Event) -> Result<(), StoreError> {
+        self.db().execute(
             "INSERT INTO events (at_ms, kind, message) VALUES (?1, ?2, ?3)",
             params![event.at_ms, event.kind, event.message],
         )?;
         Ok(())
     }
 
-    /// The last `n` events, newest first.
-    pub fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
-        let mut rows = self
-            .db
-            .prepare("SELECT at_ms, kind, message FROM events ORDER BY id DESC LIMIT ?1")?;
+    fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
+        let db = self.db();
+        let mut rows =
+            db.prepare("SELECT at_ms, kind, message FROM events ORDER BY id DESC LIMIT ?1")?;
         let events = rows
             .query_map(params![n as i64], |r| {
                 Ok(Event {
@@ -176,5 +242,251 @@ impl Store {
             })?
             .collect::<Result<_, _>>()?;
         Ok(events)
+    }
+
+    fn describe(&self) -> String {
+        format!("SQLite {}", self.path)
+    }
+}
+
+/// The leadership a writer holds: its leader key, as created. Every write compares it,
+/// so a deposed leader (its lease expired while it was paused, say) changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leader key.
+    pub key: String,
+    /// The revision that created it for this leader.
+    pub create_revision: i64,
+}
+
+/// The center's state in etcd, under a key prefix, shared by center replicas.
+pub struct EtcdStore {
+    etcd: Etcd,
+    prefix: String,
+    /// The leadership this replica holds, if any: only then does it write.
+    fence: Mutex<Option<Fence>>,
+}
+
+/// Most operations in one etcd transaction (etcd's default limit is 128).
+const TXN_OPS: usize = 100;
+
+impl EtcdStore {
+    /// A store in the etcd cluster at `endpoints`, under `prefix` (e.g. `/ferry/`).
+    pub fn open(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        let etcd = Etcd::new(endpoints, std::time::Duration::from_secs(3))?;
+        let prefix = if prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
+        };
+        let store = Self {
+            etcd,
+            prefix,
+            fence: Mutex::new(None),
+        };
+        // Reachable at all? A clear error at start beats one at the first heartbeat.
+        store.etcd.get(&store.key("leader"))?;
+        Ok(store)
+    }
+
+    /// The etcd client.
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
+    /// `prefix` + `name`.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Sets (or clears) the leadership this replica's writes are fenced by.
+    pub fn set_fence(&self, fence: Option<Fence>) {
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = fence;
+    }
+
+    /// Whether this replica holds a leadership to write with.
+    pub fn fenced(&self) -> bool {
+        self.fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn fence(&self) -> Result<Fence, StoreError> {
+        self.fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::NotLeader)
+    }
+
+    /// Runs `ops` in transactions fenced by this replica's leadership.
+    fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let fence = self.fence()?;
+        let when = [Compare::CreateRevision(fence.key, fence.create_revision)];
+        for chunk in ops.chunks(TXN_OPS) {
+            if !self.etcd.txn(&when, chunk, &[])?.succeeded {
+                self.set_fence(None);
+                return Err(StoreError::NotLeader);
+            }
+        }
+        Ok(())
+    }
+
+    fn put_op<T: serde::Serialize>(&self, name: String, value: &T) -> Op {
+        Op::Put {
+            key: self.key(&name),
+            value: encode(value).into_bytes(),
+            lease: None,
+        }
+    }
+
+    fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        dir: &str,
+        options: RangeOptions,
+    ) -> Result<Vec<T>, StoreError> {
+        self.etcd
+            .range(&self.key(dir), true, options)?
+            .into_iter()
+            .map(|kv| decode(what, &String::from_utf8_lossy(&kv.value)))
+            .collect()
+    }
+}
+
+impl Store for EtcdStore {
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let newest = |limit: usize| RangeOptions {
+            limit: limit as i64,
+            descending: true,
+        };
+        let mut migrations: Vec<MigrationRecord> = self.list(
+            "migration",
+            "migrations/",
+            newest(crate::inventory::MIGRATIONS_KEPT),
+        )?;
+        migrations.reverse();
+        let mut operations: Vec<Operation> =
+            self.list("operation", "operations/", newest(OPERATIONS_KEPT))?;
+        operations.reverse();
+        Ok(Loaded {
+            hosts: self.list("host", "hosts/", RangeOptions::default())?,
+            vms: self.list("VM", "vms/", RangeOptions::default())?,
+            migrations,
+            operations,
+        })
+    }
+
+    fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
+        self.write(vec![self.put_op(format!("hosts/{}", host.name), host)])
+    }
+
+    fn put_vms(&self, vms: &[&VmRecord], gone: &[String]) -> Result<(), StoreError> {
+        let mut ops: Vec<Op> = vms
+            .iter()
+            .map(|vm| self.put_op(format!("vms/{}", vm.id), vm))
+            .collect();
+        ops.extend(
+            gone.iter()
+                .map(|id| Op::Delete(self.key(&format!("vms/{id}")))),
+        );
+        self.write(ops)
+    }
+
+    fn add_migration(&self, record: &MigrationRecord) -> Result<i64, StoreError> {
+        // Ids count up through a counter key, changed only if nobody else changed it.
+        let counter = self.key("counters/migrations");
+        let fence = self.fence()?;
+        for _ in 0..16 {
+            let current = self.etcd.get(&counter)?;
+            let (last, revision) = match &current {
+                Some(kv) => (
+                    String::from_utf8_lossy(&kv.value)
+                        .parse::<i64>()
+                        .unwrap_or(0),
+                    kv.mod_revision,
+                ),
+                None => (0, 0),
+            };
+            let id = last + 1;
+            let mut record = record.clone();
+            record.id = id;
+            let when = [
+                Compare::CreateRevision(fence.key.clone(), fence.create_revision),
+                match current {
+                    Some(_) => Compare::ModRevision(counter.clone(), revision),
+                    None => Compare::CreateRevision(counter.clone(), 0),
+                },
+            ];
+            let then = [
+                Op::Put {
+                    key: counter.clone(),
+                    value: id.to_string().into_bytes(),
+                    lease: None,
+                },
+                self.put_op(format!("migrations/{id:020}"), &record),
+            ];
+            let outcome = self.etcd.txn(&when, &then, &[Op::Get(fence.key.clone())])?;
+            if outcome.succeeded {
+                return Ok(id);
+            }
+            if outcome
+                .read
+                .first()
+                .is_none_or(|kv| kv.create_revision != fence.create_revision)
+            {
+                self.set_fence(None);
+                return Err(StoreError::NotLeader);
+            }
+        }
+        Err(StoreError::Etcd(EtcdError::Refused {
+            call: "txn",
+            message: "the migration counter kept changing under this writer".into(),
+        }))
+    }
+
+    fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
+        self.write(vec![
+            self.put_op(format!("migrations/{:020}", record.id), record)
+        ])
+    }
+
+    fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
+        self.write(vec![self.put_op(format!("operations/{:020}", op.id), op)])
+    }
+
+    fn add_event(&self, event: &Event) -> Result<(), StoreError> {
+        let mut nonce = [0u8; 8];
+        let _ = getrandom::fill(&mut nonce);
+        let name = format!(
+            "events/{:013}-{:016x}",
+            event.at_ms,
+            u64::from_le_bytes(nonce)
+        );
+        self.write(vec![self.put_op(name, event)])
+    }
+
+    fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
+        self.list(
+            "event",
+            "events/",
+            RangeOptions {
+                limit: n as i64,
+                descending: true,
+            },
+        )
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "etcd {} (keys under {})",
+            self.etcd.endpoints(),
+            self.prefix
+        )
+    }
+
+    fn as_etcd(&self) -> Option<&EtcdStore> {
+        Some(self)
     }
 }

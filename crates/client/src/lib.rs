@@ -25,9 +25,12 @@ pub struct ApiError {
     pub message: String,
 }
 
-/// One API endpoint with its bearer token.
+/// One API, at one address or several (center replicas), with its bearer token.
 pub struct ApiClient {
-    base: String,
+    /// Its addresses: a request that cannot reach one tries the next.
+    bases: Vec<String>,
+    /// The address that answered last, tried first.
+    current: std::sync::atomic::AtomicUsize,
     auth: String,
     agent: ureq::Agent,
 }
@@ -92,20 +95,67 @@ impl ApiClient {
             .tls_config(tls)
             .build()
             .new_agent();
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bail!("no API address given");
+        }
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
+            bases,
+            current: std::sync::atomic::AtomicUsize::new(0),
             auth: format!("Bearer {token}"),
             agent,
         })
     }
 
+    /// The addresses, comma-separated.
+    pub fn base(&self) -> String {
+        self.bases.join(",")
+    }
+
+    /// Sends a request built by `send` from a base address: the one that answered last
+    /// first, then the others. A request that may have arrived is not sent twice unless
+    /// it is a read (`idempotent`): only a failure to connect moves a write on.
+    fn send(
+        &self,
+        what: &str,
+        idempotent: bool,
+        send: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        use std::sync::atomic::Ordering;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for k in 0..self.bases.len() {
+            let i = (first + k) % self.bases.len();
+            match send(&self.bases[i]) {
+                Ok(response) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Err(e) => {
+                    let unsent = matches!(
+                        e,
+                        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound
+                    ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                    failures.push(format!("{}: {e}", self.bases[i]));
+                    if !(unsent || idempotent) {
+                        break;
+                    }
+                }
+            }
+        }
+        bail!("cannot reach the API ({what}): {}", failures.join("; "))
+    }
+
     fn finish<T: DeserializeOwned>(
         &self,
         what: &str,
-        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        response: ureq::http::Response<ureq::Body>,
     ) -> anyhow::Result<T> {
-        let mut response =
-            result.with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
+        let mut response = response;
         let status = response.status();
         let text = response
             .body_mut()
@@ -134,23 +184,24 @@ impl ApiClient {
     /// `GET path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let what = format!("GET {path}");
-        let r = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .call();
+        let r = self.send(&what, true, |base| {
+            self.agent
+                .get(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .call()
+        })?;
         self.finish(&what, r)
     }
 
     /// `GET path` answered with text.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let what = format!("GET {path}");
-        let mut response = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .call()
-            .with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
+        let mut response = self.send(&what, true, |base| {
+            self.agent
+                .get(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .call()
+        })?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -170,11 +221,12 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<T> {
         let what = format!("POST {path}");
-        let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .send_json(body);
+        let r = self.send(&what, false, |base| {
+            self.agent
+                .post(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .send_json(body)
+        })?;
         self.finish(&what, r)
     }
 
@@ -187,15 +239,15 @@ impl ApiClient {
     ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
         use std::io::BufRead;
         let what = format!("POST {path}");
-        let response = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .send_json(body)
-            .with_context(|| format!("cannot reach the API at {} ({what})", self.base))?;
+        let response = self.send(&what, false, |base| {
+            self.agent
+                .post(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .send_json(body)
+        })?;
         if !response.status().is_success() {
             return Err(self
-                .finish::<serde_json::Value>(&what, Ok(response))
+                .finish::<serde_json::Value>(&what, response)
                 .expect_err("an error status"));
         }
         Ok(std::io::BufReader::new(response.into_body().into_reader()).lines())
@@ -204,11 +256,47 @@ impl ApiClient {
     /// `DELETE path`.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let what = format!("DELETE {path}");
-        let r = self
-            .agent
-            .delete(format!("{}{path}", self.base))
-            .header("Authorization", &self.auth)
-            .call();
+        let r = self.send(&what, false, |base| {
+            self.agent
+                .delete(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .call()
+        })?;
         self.finish(&what, r)
+    }
+
+    /// Passes a request on as it came (a center replica forwarding a write to the
+    /// leader): `method path` with the caller's own `Authorization` header and JSON
+    /// `body`; answers with the status, content type and body as they came back.
+    pub fn relay(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(u16, String, Vec<u8>)> {
+        let what = format!("{method} {path}");
+        let mut response = self.send(&what, method == "GET", |base| {
+            let request = ureq::http::Request::builder()
+                .method(method)
+                .uri(format!("{base}{path}"))
+                .header("Authorization", authorization)
+                .header("Content-Type", "application/json")
+                .body(body.clone())
+                .map_err(ureq::Error::from)?;
+            self.agent.run(request)
+        })?;
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_string();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_vec()?;
+        Ok((response.status().as_u16(), content_type, body))
     }
 }

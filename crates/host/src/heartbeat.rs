@@ -32,25 +32,47 @@ pub fn load_average() -> Option<f64> {
         .map(|l| f64::from(l.one))
 }
 
-/// Sends heartbeats from a thread of their own, until the host shuts down. A
-/// center that cannot be reached is logged once per outage, not per beat.
+/// Sends heartbeats from a thread of their own to each center replica in
+/// `link.center_url` (comma-separated), until the host shuts down: every replica keeps
+/// its own view, and a slow or stopped one delays no other. A center that cannot be
+/// reached is logged once per outage, not per beat.
 pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
+    host.set_center(&link.center_url);
+    for url in link
+        .center_url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        let (stop, thread) = beat_to(host.clone(), &link, url)?;
+        host.keep_heartbeat(stop, thread);
+    }
+    Ok(())
+}
+
+/// The heartbeat thread for the center at `url`.
+fn beat_to(
+    host: Arc<Host>,
+    link: &CenterLink,
+    url: &str,
+) -> std::io::Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
     let token = host
         .config()
         .secret
         .token(ferry_migrate::Purpose::Heartbeat);
     let roots = crate::cluster_roots(host.config().tls.as_ref());
-    let client = ferry_client::ApiClient::with_roots(&link.center_url, token.as_bytes(), &roots)
+    let client = ferry_client::ApiClient::with_roots(url, token.as_bytes(), &roots)
         .map_err(std::io::Error::other)?;
-    host.set_center(&link.center_url);
     let mut series_name = [0u8; 8];
     getrandom::fill(&mut series_name).map_err(|e| std::io::Error::other(e.to_string()))?;
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let beating = host.clone();
+    let link = CenterLink {
+        center_url: url.to_string(),
+        ..link.clone()
+    };
     let thread = std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || {
-            let host = beating;
             let mut reachable = None;
             let mut series = BeatSeries::new(u64::from_le_bytes(series_name));
             loop {
@@ -76,6 +98,5 @@ pub fn start(host: Arc<Host>, link: CenterLink) -> std::io::Result<()> {
                 }
             }
         })?;
-    host.keep_heartbeat(stop, thread);
-    Ok(())
+    Ok((stop, thread))
 }

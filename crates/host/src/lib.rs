@@ -208,8 +208,8 @@ pub struct Host {
 struct Background {
     /// The migration listener.
     migrations: Option<ferry_migrate::Receiving>,
-    /// The heartbeat thread: dropping the sender stops it.
-    heartbeat: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    /// The heartbeat threads, one per center replica: dropping a sender stops its thread.
+    heartbeats: Vec<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Host {
@@ -236,7 +236,7 @@ impl Host {
     pub fn shutdown(&self) {
         let background = std::mem::take(&mut *self.background.lock().expect("background lock"));
         drop(background.migrations);
-        if let Some((stop, thread)) = background.heartbeat {
+        for (stop, thread) in background.heartbeats {
             drop(stop);
             let _ = thread.join();
         }
@@ -265,13 +265,17 @@ impl Host {
         self.vms().clear();
     }
 
-    /// Keeps the heartbeat thread `thread` (stopped by dropping `stop`) until shutdown.
+    /// Keeps a heartbeat thread `thread` (stopped by dropping `stop`) until shutdown.
     pub(crate) fn keep_heartbeat(
         &self,
         stop: std::sync::mpsc::Sender<()>,
         thread: std::thread::JoinHandle<()>,
     ) {
-        self.background.lock().expect("background lock").heartbeat = Some((stop, thread));
+        self.background
+            .lock()
+            .expect("background lock")
+            .heartbeats
+            .push((stop, thread));
     }
 
     /// The configuration.
@@ -699,7 +703,8 @@ impl Host {
         Some(asked.map_err(|e| format!("{e:#}")))
     }
 
-    /// Reports to the center at `url` from now on (settle questions go through it too).
+    /// Reports to the center at `url` (replicas comma-separated) from now on; settle
+    /// questions go through it too, to whichever replica answers.
     pub fn set_center(&self, url: &str) {
         *self.center.lock().expect("center lock") = Some(url.to_string());
     }

@@ -104,8 +104,7 @@ fn run_one(
     let exe = std::env::current_exe()?;
     let mut center = Command::new(&exe);
     center
-        .args(["center", "serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(&db)
+        .args(["center", "serve", "--listen", "127.0.0.1:0"])
         .env("FERRY_SECRET", &secret)
         .env("FERRY_CENTER_TOKEN", &token)
         .stdout(Stdio::piped())
@@ -115,6 +114,8 @@ fn run_one(
         center
             .args(["--etcd", urls, "--etcd-prefix"])
             .arg(format!("/ferry-bench-{}-{n}/", std::process::id()));
+    } else {
+        center.arg("--db").arg(&db);
     }
     let mut center = Killed(
         center

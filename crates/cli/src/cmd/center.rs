@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use ferry_center::balance::BalancePlan;
 use ferry_center::inventory::MigrationRecord;
 use ferry_center::operations::{BalanceOutcome, Operation};
-use ferry_center::{Center, CenterConfig, ClusterView};
+use ferry_center::{Center, CenterConfig, ClusterView, StoreConfig};
 use ferry_client::ApiClient;
 
 use crate::cmd::host::SecretArgs;
@@ -103,7 +103,7 @@ pub struct CenterArgs {
 enum CenterCommand {
     /// Run the cluster manager: inventory, placement, maintenance, balancing, dashboard.
     #[command(after_help = API_HELP)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show hosts, VMs and recent migrations.
     Status {
         #[command(flatten)]
@@ -169,9 +169,35 @@ pub struct ServeArgs {
     /// Address of the API and dashboard.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
     pub listen: String,
-    /// SQLite database with the inventory and history (created if missing).
-    #[arg(long, value_name = "FILE", default_value = "ferry-center.db")]
+    /// SQLite database with the inventory and history (created if missing), for a
+    /// single center.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "ferry-center.db",
+        conflicts_with = "etcd"
+    )]
     pub db: PathBuf,
+    /// Keep the state in etcd at these client URLs (comma-separated) instead, shared by
+    /// several center replicas: one is elected leader (it writes and runs operations);
+    /// the others serve reads and forward writes to it.
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// The prefix of the center's keys in etcd (several clusters may share one etcd).
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/ferry/",
+        requires = "etcd"
+    )]
+    pub etcd_prefix: String,
+    /// This replica's name among the replicas (default: the listen address).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Where the other replicas reach this one's API, to forward writes to it while it
+    /// leads (default: http(s)://the listen address).
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
     /// A host whose heartbeats stop for this long is marked down.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     pub down_after_ms: u64,
@@ -210,6 +236,8 @@ pub struct ServeArgs {
 pub struct RunningCenter {
     /// API address actually bound.
     pub addr: std::net::SocketAddr,
+    /// Where its state is kept, in words.
+    pub store: String,
     center: std::sync::Arc<Center>,
     /// The API server, stopped with the center.
     _api: ferry_http::Serving,
@@ -224,14 +252,26 @@ impl Drop for RunningCenter {
 /// Starts the center's API on `runtime` and its monitor thread.
 pub fn start(
     runtime: &tokio::runtime::Runtime,
-    config: CenterConfig,
+    mut config: CenterConfig,
     listen: &str,
 ) -> anyhow::Result<RunningCenter> {
-    let center = Center::open(config)?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(listen))
         .with_context(|| format!("cannot listen for the center's API on {listen}"))?;
     let addr = listener.local_addr()?;
+    if config.name.is_empty() {
+        config.name = addr.to_string();
+    }
+    if config.advertise_url.is_empty() {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        config.advertise_url = format!("{scheme}://{addr}");
+    }
+    let center = Center::open(config)?;
+    let store = center.store_description();
     center
         .start_monitor()
         .context("cannot start the center's monitor thread")?;
@@ -246,6 +286,7 @@ pub fn start(
     );
     Ok(RunningCenter {
         addr,
+        store,
         center,
         _api: api,
     })
@@ -258,8 +299,17 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
             if !(0.0..=10.0).contains(&serve.balance_threshold) {
                 bail!("--balance-threshold must be between 0 and 10");
             }
+            let store = match &serve.etcd {
+                Some(urls) => StoreConfig::Etcd {
+                    endpoints: vec![urls.clone()],
+                    prefix: serve.etcd_prefix.clone(),
+                },
+                None => StoreConfig::Sqlite(serve.db.clone()),
+            };
             let config = CenterConfig {
-                db: serve.db.clone(),
+                store,
+                name: serve.name.clone().unwrap_or_default(),
+                advertise_url: serve.advertise.clone().unwrap_or_default(),
                 token: serve.token.token()?,
                 secret: serve.secret.secret()?,
                 api_tokens: serve.api_tokens.clone(),
@@ -287,9 +337,8 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
                 crate::cmd::host::warn_plain_http(running.addr, "the center's API and dashboard");
             }
             println!(
-                "ferry center: API and dashboard on {scheme}://{} (database {})",
-                running.addr,
-                serve.db.display()
+                "ferry center: API and dashboard on {scheme}://{} ({})",
+                running.addr, running.store
             );
             runtime.block_on(async {
                 let _ = tokio::signal::ctrl_c().await;

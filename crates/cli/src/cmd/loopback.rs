@@ -56,7 +56,9 @@ impl LoopbackCluster {
         let center = crate::cmd::center::start(
             &runtime,
             CenterConfig {
-                db: db.0.clone(),
+                store: ferry_center::StoreConfig::Sqlite(db.0.clone()),
+                name: String::new(),
+                advertise_url: String::new(),
                 token: token.as_bytes().to_vec(),
                 secret: secret.clone(),
                 api_tokens: None,

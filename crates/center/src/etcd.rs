@@ -1,0 +1,437 @@
+//! A small client of etcd's v3 API through its JSON gateway (`POST /v3/kv/range`, ...),
+//! the calls the center's store and leader election make: range, put, delete,
+//! transactions, and leases.
+//!
+//! The gateway is etcd's own documented HTTP face of the same v3 API. The `etcd-client`
+//! crate speaks gRPC instead, and its build compiles etcd's protobuf files, which needs
+//! `protoc` on every machine that builds Ferry; this needs nothing beyond the HTTP client
+//! the center already has. Several endpoints may be given: a call that cannot reach one
+//! tries the next.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Errors of etcd calls.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoint answered.
+    #[error("no etcd endpoint answered ({endpoints}): {last}")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last endpoint's failure.
+        last: String,
+    },
+    /// etcd answered with an error (no quorum, a lease not found, ...).
+    #[error("etcd refused {call}: {message}")]
+    Refused {
+        /// The call.
+        call: &'static str,
+        /// etcd's message.
+        message: String,
+    },
+    /// etcd's answer was not what the v3 API describes.
+    #[error("unexpected answer from etcd to {call}: {detail}")]
+    Malformed {
+        /// The call.
+        call: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// One key and its value.
+#[derive(Debug, Clone)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The revision that created the key.
+    pub create_revision: i64,
+    /// The revision that last changed it.
+    pub mod_revision: i64,
+}
+
+/// A condition of a transaction.
+#[derive(Debug, Clone)]
+pub enum Compare {
+    /// The key was created at this revision (0: it does not exist).
+    CreateRevision(String, i64),
+    /// The key was last changed at this revision.
+    ModRevision(String, i64),
+}
+
+/// A write in a transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Sets a key, under a lease if given.
+    Put {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+        /// Lease the key dies with.
+        lease: Option<i64>,
+    },
+    /// Deletes a key.
+    Delete(String),
+    /// Reads a key.
+    Get(String),
+}
+
+/// What a transaction did.
+#[derive(Debug)]
+pub struct TxnOutcome {
+    /// Whether every condition held (the success branch ran).
+    pub succeeded: bool,
+    /// Keys read by `Op::Get`s in the branch that ran.
+    pub read: Vec<KeyValue>,
+}
+
+/// How a range is read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RangeOptions {
+    /// At most this many keys (0: all).
+    pub limit: i64,
+    /// Newest keys (by name) first.
+    pub descending: bool,
+}
+
+/// An etcd cluster, by its client endpoints.
+pub struct Etcd {
+    endpoints: Vec<String>,
+    /// The endpoint that answered last: tried first.
+    current: AtomicUsize,
+    agent: ureq::Agent,
+}
+
+#[derive(Deserialize)]
+struct RawKv {
+    key: String,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    create_revision: Option<String>,
+    #[serde(default)]
+    mod_revision: Option<String>,
+}
+
+#[derive(Serialize)]
+struct RangeRequest<'a> {
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    range_end: Option<String>,
+    #[serde(skip_serializing_if = "is_zero")]
+    limit: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sort_order: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sort_target: Option<&'static str>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// The key just past every key that starts with `prefix` (etcd's `range_end`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+fn number(value: Option<&Value>) -> i64 {
+    // The gateway writes 64-bit integers as strings.
+    match value {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+impl KeyValue {
+    fn decode(raw: RawKv, call: &'static str) -> Result<Self, EtcdError> {
+        let malformed = |detail: String| EtcdError::Malformed { call, detail };
+        let key = B64
+            .decode(&raw.key)
+            .map_err(|e| malformed(format!("key not base64: {e}")))?;
+        let value = match raw.value {
+            Some(v) => B64
+                .decode(v)
+                .map_err(|e| malformed(format!("value not base64: {e}")))?,
+            None => Vec::new(),
+        };
+        let revision = |r: Option<String>| r.and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok(Self {
+            key: String::from_utf8(key).map_err(|_| malformed("key not UTF-8".into()))?,
+            value,
+            create_revision: revision(raw.create_revision),
+            mod_revision: revision(raw.mod_revision),
+        })
+    }
+}
+
+fn kvs(answer: &Value, call: &'static str) -> Result<Vec<KeyValue>, EtcdError> {
+    match answer.get("kvs") {
+        None => Ok(Vec::new()),
+        Some(list) => {
+            let raw: Vec<RawKv> =
+                serde_json::from_value(list.clone()).map_err(|e| EtcdError::Malformed {
+                    call,
+                    detail: e.to_string(),
+                })?;
+            raw.into_iter()
+                .map(|kv| KeyValue::decode(kv, call))
+                .collect()
+        }
+    }
+}
+
+impl Etcd {
+    /// A client of the etcd cluster at `endpoints` (`http://HOST:PORT`, comma-separated
+    /// or given one by one). Each call gives up on an endpoint after `timeout`.
+    pub fn new(endpoints: &[String], timeout: Duration) -> Result<Self, EtcdError> {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .flat_map(|e| e.split(','))
+            .map(|e| e.trim().trim_end_matches('/').to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(EtcdError::Unreachable {
+                endpoints: String::new(),
+                last: "no endpoint given".into(),
+            });
+        }
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .new_agent();
+        Ok(Self {
+            endpoints,
+            current: AtomicUsize::new(0),
+            agent,
+        })
+    }
+
+    /// The endpoints, comma-separated.
+    pub fn endpoints(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// One gateway call: the endpoint that answered last, then the others in turn.
+    fn call(&self, call: &'static str, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = String::new();
+        for k in 0..self.endpoints.len() {
+            let i = (first + k) % self.endpoints.len();
+            let url = format!("{}{path}", self.endpoints[i]);
+            let mut response = match self.agent.post(&url).send_json(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("{}: {e}", self.endpoints[i]);
+                    continue;
+                }
+            };
+            let status = response.status();
+            let text = match response
+                .body_mut()
+                .with_config()
+                .limit(64 << 20)
+                .read_to_string()
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    last = format!("{}: {e}", self.endpoints[i]);
+                    continue;
+                }
+            };
+            let answer: Value = serde_json::from_str(&text).map_err(|e| EtcdError::Malformed {
+                call,
+                detail: format!("{e}: {}", text.chars().take(200).collect::<String>()),
+            })?;
+            if !status.is_success() || answer.get("error").is_some() {
+                let message = answer
+                    .get("message")
+                    .or_else(|| answer.get("error"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(&text)
+                    .to_string();
+                // A member cut off from the others cannot serve; another may.
+                if message.contains("no leader") || message.contains("timed out") {
+                    last = format!("{}: {message}", self.endpoints[i]);
+                    continue;
+                }
+                return Err(EtcdError::Refused { call, message });
+            }
+            self.current.store(i, Ordering::Relaxed);
+            return Ok(answer);
+        }
+        Err(EtcdError::Unreachable {
+            endpoints: self.endpoints(),
+            last,
+        })
+    }
+
+    /// Keys from `key` (or every key starting with it, with `prefix`).
+    pub fn range(
+        &self,
+        key: &str,
+        prefix: bool,
+        options: RangeOptions,
+    ) -> Result<Vec<KeyValue>, EtcdError> {
+        let request = RangeRequest {
+            key: &b64(key.as_bytes()),
+            range_end: prefix.then(|| b64(&prefix_end(key.as_bytes()))),
+            limit: options.limit,
+            sort_order: options.descending.then_some("DESCEND"),
+            sort_target: options.descending.then_some("KEY"),
+        };
+        let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
+            call: "range",
+            detail: e.to_string(),
+        })?;
+        let answer = self.call("range", "/v3/kv/range", &body)?;
+        kvs(&answer, "range")
+    }
+
+    /// One key, if it exists.
+    pub fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
+        Ok(self
+            .range(key, false, RangeOptions::default())?
+            .into_iter()
+            .next())
+    }
+
+    /// A transaction: `then` if every condition in `when` holds, else `otherwise`.
+    pub fn txn(
+        &self,
+        when: &[Compare],
+        then: &[Op],
+        otherwise: &[Op],
+    ) -> Result<TxnOutcome, EtcdError> {
+        let compare: Vec<Value> = when
+            .iter()
+            .map(|c| match c {
+                Compare::CreateRevision(key, rev) => json!({
+                    "key": b64(key.as_bytes()), "target": "CREATE", "result": "EQUAL",
+                    "create_revision": rev.to_string(),
+                }),
+                Compare::ModRevision(key, rev) => json!({
+                    "key": b64(key.as_bytes()), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": rev.to_string(),
+                }),
+            })
+            .collect();
+        let ops = |ops: &[Op]| -> Vec<Value> {
+            ops.iter()
+                .map(|op| match op {
+                    Op::Put { key, value, lease } => {
+                        let mut put = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+                        if let Some(lease) = lease {
+                            put["lease"] = json!(lease.to_string());
+                        }
+                        json!({ "request_put": put })
+                    }
+                    Op::Delete(key) => {
+                        json!({ "request_delete_range": { "key": b64(key.as_bytes()) } })
+                    }
+                    Op::Get(key) => json!({ "request_range": { "key": b64(key.as_bytes()) } }),
+                })
+                .collect()
+        };
+        let body = json!({ "compare": compare, "success": ops(then), "failure": ops(otherwise) });
+        let answer = self.call("txn", "/v3/kv/txn", &body)?;
+        let succeeded = answer
+            .get("succeeded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut read = Vec::new();
+        for response in answer
+            .get("responses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(range) = response.get("response_range") {
+                read.extend(kvs(range, "txn")?);
+            }
+        }
+        Ok(TxnOutcome { succeeded, read })
+    }
+
+    /// Sets `key` (unconditionally).
+    pub fn put(&self, key: &str, value: &[u8]) -> Result<(), EtcdError> {
+        let body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+        self.call("put", "/v3/kv/put", &body).map(drop)
+    }
+
+    /// A lease of `ttl` seconds; returns its id.
+    pub fn grant_lease(&self, ttl: Duration) -> Result<i64, EtcdError> {
+        let answer = self.call(
+            "lease grant",
+            "/v3/lease/grant",
+            &json!({ "TTL": ttl.as_secs().max(1).to_string() }),
+        )?;
+        match number(answer.get("ID")) {
+            0 => Err(EtcdError::Malformed {
+                call: "lease grant",
+                detail: "no lease id".into(),
+            }),
+            id => Ok(id),
+        }
+    }
+
+    /// Renews lease `id`; `false` if it has expired (or never existed).
+    pub fn keep_alive(&self, id: i64) -> Result<bool, EtcdError> {
+        let answer = self.call(
+            "lease keep-alive",
+            "/v3/lease/keepalive",
+            &json!({ "ID": id.to_string() }),
+        )?;
+        Ok(number(answer.get("result").and_then(|r| r.get("TTL"))) > 0)
+    }
+
+    /// Ends lease `id` now, deleting its keys.
+    pub fn revoke_lease(&self, id: i64) -> Result<(), EtcdError> {
+        self.call(
+            "lease revoke",
+            "/v3/lease/revoke",
+            &json!({ "ID": id.to_string() }),
+        )
+        .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_just_past_its_last_key() {
+        assert_eq!(prefix_end(b"/ferry/vms/"), b"/ferry/vms0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        assert_eq!(prefix_end(&[0xff]), vec![0]);
+    }
+
+    #[test]
+    fn no_endpoint_is_an_error_not_a_panic() {
+        assert!(Etcd::new(&[" , ".into()], Duration::from_secs(1)).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! Leadership among center replicas that share an etcd store. Each replica campaigns
+//! for one key, `{prefix}leader`, created under a lease it keeps alive: whoever creates
+//! it leads until its lease ends. Every write the leader makes compares the key's
+//! creation revision (the store's [`Fence`]), so a leader that was paused past its lease
+//! (and replaced) changes nothing when it wakes; it finds out and follows.
+//!
+//! Followers serve reads from their own views (they take the hosts' heartbeats too),
+//! refresh what only the leader writes from the store, and forward writes to the leader.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::etcd::{Compare, Op};
+use crate::store::{EtcdStore, Fence};
+use crate::Center;
+
+/// A leader's lease: it leads at most this long after its last renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(4);
+/// How often the leader renews its lease, and followers look for a vacancy.
+const TICK: Duration = Duration::from_millis(500);
+/// How often a follower reloads what the leader writes.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// This replica's part.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// It writes the store and runs operations.
+    Leader,
+    /// It serves reads and forwards writes to the leader (if one is known).
+    Follower {
+        /// The leader.
+        leader: Option<LeaderInfo>,
+    },
+}
+
+/// Who leads: the value of the leader key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    /// Replica name.
+    pub name: String,
+    /// Its API.
+    pub url: String,
+}
+
+/// The election's state in this replica.
+struct Campaign {
+    lease: Option<i64>,
+    /// Leading since the lease was last renewed at this instant.
+    renewed: Instant,
+}
+
+impl Center {
+    /// Runs the election until `stop` closes (the monitor's stop channel): campaigns,
+    /// renews the lease while leading, steps down when it cannot, and keeps a
+    /// follower's view of the leader's writes fresh.
+    pub(crate) fn run_election(self: &Arc<Self>, stop: &Receiver<()>) {
+        let Some(store) = self.store.as_etcd() else {
+            return;
+        };
+        let mut campaign = Campaign {
+            lease: None,
+            renewed: Instant::now(),
+        };
+        let mut refreshed = Instant::now();
+        loop {
+            if self.is_leader() {
+                self.renew(store, &mut campaign);
+            } else {
+                self.campaign(store, &mut campaign);
+                if !self.is_leader() && refreshed.elapsed() >= REFRESH {
+                    refreshed = Instant::now();
+                    if let Err(e) = self.refresh_from_store() {
+                        tracing::debug!("refreshing from the store: {e}");
+                    }
+                }
+            }
+            if stop.recv_timeout(TICK) != Err(RecvTimeoutError::Timeout) {
+                // Hand the lead over at once rather than after the lease.
+                if let Some(lease) = campaign.lease {
+                    let _ = store.etcd().revoke_lease(lease);
+                }
+                store.set_fence(None);
+                return;
+            }
+        }
+    }
+
+    fn campaign(self: &Arc<Self>, store: &EtcdStore, campaign: &mut Campaign) {
+        let key = store.key("leader");
+        let me = LeaderInfo {
+            name: self.config.name.clone(),
+            url: self.config.advertise_url.clone(),
+        };
+        let lease = match campaign.lease {
+            Some(lease) => lease,
+            None => match store.etcd().grant_lease(LEASE_TTL) {
+                Ok(lease) => {
+                    campaign.lease = Some(lease);
+                    campaign.renewed = Instant::now();
+                    lease
+                }
+                Err(e) => {
+                    tracing::debug!("no lease to campaign with: {e}");
+                    return;
+                }
+            },
+        };
+        // Keep the lease alive while waiting, so a win is not lost to its expiry.
+        match store.etcd().keep_alive(lease) {
+            Ok(true) => campaign.renewed = Instant::now(),
+            Ok(false) | Err(_) => {
+                campaign.lease = None;
+                return;
+            }
+        }
+        let value = serde_json::to_vec(&me).expect("leader info serializes");
+        let outcome = store.etcd().txn(
+            &[Compare::CreateRevision(key.clone(), 0)],
+            &[
+                Op::Put {
+                    key: key.clone(),
+                    value,
+                    lease: Some(lease),
+                },
+                Op::Get(key.clone()),
+            ],
+            &[Op::Get(key.clone())],
+        );
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!("campaigning: {e}");
+                return;
+            }
+        };
+        let holder = outcome.read.first();
+        if outcome.succeeded {
+            let Some(kv) = holder else { return };
+            store.set_fence(Some(Fence {
+                key,
+                create_revision: kv.create_revision,
+            }));
+            tracing::info!(
+                "center {} is the leader (lease {lease:x})",
+                self.config.name
+            );
+            if let Err(e) = self.lead() {
+                tracing::error!("taking the lead: {e}");
+                self.step_down(store, campaign, "it could not load the store");
+            }
+        } else {
+            let leader = holder.and_then(|kv| serde_json::from_slice::<LeaderInfo>(&kv.value).ok());
+            *self.role.lock().expect("role lock") = crate::leader::Role::Follower { leader };
+        }
+    }
+
+    fn renew(&self, store: &EtcdStore, campaign: &mut Campaign) {
+        let Some(lease) = campaign.lease else {
+            self.step_down(store, campaign, "it holds no lease");
+            return;
+        };
+        match store.etcd().keep_alive(lease) {
+            Ok(true) => campaign.renewed = Instant::now(),
+            Ok(false) => self.step_down(store, campaign, "its lease expired"),
+            // Unsure whether the lease lives: step down before it could have ended.
+            Err(e) if campaign.renewed.elapsed() + TICK * 2 >= LEASE_TTL => {
+                self.step_down(store, campaign, &format!("it cannot renew its lease: {e}"))
+            }
+            Err(_) => {}
+        }
+        // A write refused by the fence cleared it: someone else leads.
+        if self.is_leader() && !store.fenced() {
+            self.step_down(store, campaign, "a write found another leader");
+        }
+    }
+
+    fn step_down(&self, store: &EtcdStore, campaign: &mut Campaign, why: &str) {
+        tracing::warn!("center {} is no longer the leader: {why}", self.config.name);
+        store.set_fence(None);
+        campaign.lease = None;
+        *self.role.lock().expect("role lock") = Role::Follower { leader: None };
+    }
+}
