@@ -201,6 +201,9 @@ pub struct ClusterView {
     /// The replica that leads (writes and runs operations), if known.
     #[serde(default)]
     pub leader: Option<leader::LeaderInfo>,
+    /// Why the store could not be read (etcd without a quorum), if it could not.
+    #[serde(default)]
+    pub store_error: Option<String>,
 }
 
 /// The cluster manager.
@@ -480,17 +483,34 @@ impl Center {
             .collect();
         drop(inventory);
         // Followers take beats too (their views stay current); only the leader writes.
+        // A write that fails (etcd without a quorum) leaves the beat taken: the view is
+        // current, and a next leader hears every host itself.
         if self.is_leader() && (host.is_some() || !vms.is_empty() || !changes.gone.is_empty()) {
-            let store = self.store();
-            if let Some(host) = &host {
-                store.put_host(host)?;
-            }
-            if !vms.is_empty() || !changes.gone.is_empty() {
-                store.put_vms(&vms.iter().collect::<Vec<_>>(), &changes.gone)?;
+            if let Err(e) = self.write_beat(host.as_ref(), &vms, &changes.gone) {
+                tracing::debug!("recording host {name}'s beat: {e}");
             }
         }
-        self.record(&changes.events)?;
+        if let Err(e) = self.record(&changes.events) {
+            tracing::debug!("recording host {name}'s events: {e}");
+        }
         Ok(BeatAnswer { taken: true })
+    }
+
+    /// Writes through what a beat changed.
+    fn write_beat(
+        &self,
+        host: Option<&HostRecord>,
+        vms: &[VmRecord],
+        gone: &[String],
+    ) -> Result<(), StoreError> {
+        if let Some(host) = host {
+            self.store().put_host(host)?;
+        }
+        if !vms.is_empty() || !gone.is_empty() {
+            self.store()
+                .put_vms(&vms.iter().collect::<Vec<_>>(), gone)?;
+        }
+        Ok(())
     }
 
     /// Notes hosts that went down; run periodically by [`Self::start_monitor`].
@@ -686,7 +706,11 @@ impl Center {
     /// first (they need attention), then by id.
     pub fn cluster(&self, max_vms: usize) -> Result<ClusterView, CenterError> {
         let now = unix_ms();
-        let events = self.store().events(30)?;
+        // Without etcd's quorum the view still answers, from what heartbeats told.
+        let (events, store_error) = match self.store().events(30) {
+            Ok(events) => (events, None),
+            Err(e) => (Vec::new(), Some(ferry_migrate::error_chain(&e))),
+        };
         let inventory = self.inventory();
         let mut migrations: Vec<MigrationRecord> = inventory
             .migrations
@@ -717,6 +741,7 @@ impl Center {
             operations: self.operations(10),
             replica: self.config.name.clone(),
             leader: self.leader(),
+            store_error,
             events,
         };
         let mut view = view;
@@ -747,6 +772,7 @@ impl Center {
     /// Creates a VM on the host with the most free accelerator memory (or the one
     /// asked for), and records it.
     pub fn create_vm(&self, req: &PlaceVm) -> Result<Placed, CenterError> {
+        self.store().writable()?;
         let need = Need::of(req.vm.memory, req.vm.accel_memory);
         let host = {
             let inventory = self.inventory();

@@ -346,10 +346,12 @@ impl Center {
                         }
                     }
                 }
-                Err(e) if last_contact.elapsed() > LOST_CONTACT => return Err(format!(
+                Err(e) if last_contact.elapsed() > LOST_CONTACT => {
+                    return Err(format!(
                     "lost contact with host {} during the migration ({e:#}); check the VM there",
                     source.name
-                )),
+                ))
+                }
                 Err(_) => {}
             }
         }
@@ -431,10 +433,10 @@ impl Center {
                     .unwrap_or_else(|| format!("the migration ended {:?}", status.state))),
                 // No migration there: it moved (the VM runs on the destination) or the
                 // order never arrived.
-                Err(_) => match self.verify_arrival(&dest, &source.name, &record.vm) {
+                Err(asked) => match self.verify_arrival(&dest, &source.name, &record.vm) {
                     Ok(arrived) => Ok((None, arrived)),
-                    Err(_) => Err(format!(
-                        "the previous leader's order did not start a migration; the VM stays on {}",
+                    Err(there) => Err(format!(
+                        "not started: the leader that recorded it stopped before the source took the order; the VM stayed on {} (source: {asked:#}; destination: {there})",
                         source.name
                     )),
                 },
@@ -465,24 +467,24 @@ impl Center {
                 .cloned()
                 .collect()
         };
-        for op in running {
-            let center = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("resume-{}", op.id))
-                .spawn(move || center.resume_operation(op));
-            if let Err(e) = spawned {
-                tracing::error!("cannot resume an operation: {e}");
-            }
+        if running.is_empty() && orphans.is_empty() {
+            return;
         }
-        if !orphans.is_empty() {
-            let center = self.clone();
-            let _ = std::thread::Builder::new()
-                .name("resume-migrations".into())
-                .spawn(move || {
-                    for m in orphans {
-                        center.settle_recorded_migration(&m);
-                    }
-                });
+        // Migrations recorded outside any operation (the old leader died between
+        // recording one and noting it in its operation) are settled first.
+        let center = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("resume".into())
+            .spawn(move || {
+                for m in orphans {
+                    center.settle_recorded_migration(&m);
+                }
+                for op in running {
+                    center.resume_operation(op);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot resume the operations: {e}");
         }
     }
 
@@ -521,21 +523,26 @@ impl Center {
             .collect();
         match (op.kind.as_str(), op.host.clone()) {
             ("maintenance", Some(host)) => {
-                // This replica's view of the host must be first-hand before planning.
-                let deadline = Instant::now() + self.config.down_after;
-                while !self.inventory().beat_taken_from(&host) && Instant::now() < deadline {
+                // This replica's view of the host must be first-hand, and its VMs settled
+                // (none still in a move), before planning what is left.
+                let deadline = Instant::now() + self.config.down_after + LOST_CONTACT;
+                while Instant::now() < deadline {
+                    let inventory = self.inventory();
+                    let settled = inventory.beat_taken_from(&host)
+                        && inventory
+                            .live_vms_on(&host)
+                            .iter()
+                            .all(|vm| vm.info.state == VmState::Running);
+                    drop(inventory);
+                    if settled {
+                        break;
+                    }
                     std::thread::sleep(POLL);
                 }
                 let moves = match self.plan_evacuation(&host) {
                     Ok(moves) => moves,
                     Err(e) => {
-                        self.finish_evacuation(
-                            &host,
-                            &records,
-                            op.id,
-                            Instant::now(),
-                            Some(e.to_string()),
-                        );
+                        self.finish_evacuation(&host, &records, op.id, Some(e.to_string()));
                         return;
                     }
                 };
@@ -548,7 +555,7 @@ impl Center {
                 });
                 self.reserve(&moves);
                 records.extend(self.run_moves(&moves, &format!("maintenance of {host}"), op.id));
-                self.finish_evacuation(&host, &records, op.id, Instant::now(), None);
+                self.finish_evacuation(&host, &records, op.id, None);
             }
             _ => self.finish_balance(op.id, &records),
         }
@@ -636,6 +643,7 @@ impl Center {
     /// room, refuses (moving nothing) if one has none, then moves them in the background.
     /// Follow it with [`Self::operation`].
     pub fn enter_maintenance(self: &Arc<Self>, host: &str) -> Result<Operation, CenterError> {
+        self.store().writable()?;
         self.up_host(host)?;
         if self.inventory().hosts[host].mode == HostMode::Evacuating {
             return Err(CenterError::Conflict(format!(
@@ -659,9 +667,8 @@ impl Center {
         std::thread::Builder::new()
             .name(format!("evacuate-{host}"))
             .spawn(move || {
-                let started = Instant::now();
                 let records = center.run_moves(&moves, &format!("maintenance of {host}"), id);
-                center.finish_evacuation(&host, &records, id, started, None);
+                center.finish_evacuation(&host, &records, id, None);
             })
             .map_err(|e| CenterError::Conflict(format!("cannot start the evacuation: {e}")))?;
         Ok(op)
@@ -675,14 +682,19 @@ impl Center {
         host: &str,
         records: &[MigrationRecord],
         op: u64,
-        started: Instant,
         problem: Option<String>,
     ) {
         if !self.is_leader() {
             return;
         }
-        let mut problems: Vec<String> = records
-            .iter()
+        // A VM's last attempt is what counts: one a previous leader recorded but never
+        // started may be followed by this leader's successful move.
+        let mut last: std::collections::BTreeMap<&str, &MigrationRecord> = Default::default();
+        for r in records {
+            last.insert(r.vm.as_str(), r);
+        }
+        let mut problems: Vec<String> = last
+            .values()
             .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.vm)))
             .collect();
         problems.extend(problem);
@@ -692,14 +704,17 @@ impl Center {
             .into_iter()
             .map(|vm| vm.id)
             .collect();
-        let moved = records.iter().filter(|r| r.state == "succeeded").count();
+        let moved = last.values().filter(|r| r.state == "succeeded").count();
         let (mode, state, summary) = if problems.is_empty() && left.is_empty() {
             (
                 HostMode::Maintenance,
                 "done",
                 format!(
                     "host {host} is empty and in maintenance: {moved} VM(s) moved in {:.1} s",
-                    started.elapsed().as_secs_f64()
+                    self.operation(op)
+                        .map_or(0, |o| unix_ms().saturating_sub(o.started_ms))
+                        as f64
+                        / 1e3
                 ),
             )
         } else {
@@ -760,6 +775,7 @@ impl Center {
 
     /// Returns `host` to service.
     pub fn exit_maintenance(&self, host: &str) -> Result<crate::HostView, CenterError> {
+        self.store().writable()?;
         let mode = self
             .inventory()
             .hosts
@@ -808,6 +824,7 @@ impl Center {
                 operation: None,
             });
         }
+        self.store().writable()?;
         let moves: Vec<Move> = {
             let inventory = self.inventory();
             plan.moves

@@ -34,6 +34,11 @@ pub trait Store: Send + Sync {
     fn events(&self, n: usize) -> Result<Vec<Event>, StoreError>;
     /// What it is, for the log (`SQLite ferry-center.db`, `etcd http://...`).
     fn describe(&self) -> String;
+    /// Whether a write would be taken now (the leadership holds and etcd has a quorum):
+    /// checked before acting on a host, so nothing is done that cannot be recorded.
+    fn writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// The etcd store, when it is one (leader election needs it).
     fn as_etcd(&self) -> Option<&EtcdStore> {
         None
@@ -322,13 +327,19 @@ impl EtcdStore {
 
     /// Runs `ops` in transactions fenced by this replica's leadership.
     fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        for chunk in ops.chunks(TXN_OPS) {
+            self.write_checked(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// One fenced transaction of `ops` (none: only the check).
+    fn write_checked(&self, ops: &[Op]) -> Result<(), StoreError> {
         let fence = self.fence()?;
         let when = [Compare::CreateRevision(fence.key, fence.create_revision)];
-        for chunk in ops.chunks(TXN_OPS) {
-            if !self.etcd.txn(&when, chunk, &[])?.succeeded {
-                self.set_fence(None);
-                return Err(StoreError::NotLeader);
-            }
+        if !self.etcd.txn(&when, ops, &[])?.succeeded {
+            self.set_fence(None);
+            return Err(StoreError::NotLeader);
         }
         Ok(())
     }
@@ -484,6 +495,11 @@ impl Store for EtcdStore {
             self.etcd.endpoints(),
             self.prefix
         )
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        // A transaction with no writes still needs the quorum, and compares the fence.
+        self.write_checked(&[])
     }
 
     fn as_etcd(&self) -> Option<&EtcdStore> {

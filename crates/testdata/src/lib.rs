@@ -62,6 +62,27 @@ pub fn missing_tool(test: &str, why: &str) {
     missing(test, why, "FERRY_REQUIRE_MODEL");
 }
 
+/// The `etcd` server binary (`$FERRY_ETCD`, else on the PATH; Debian's `etcd-server`);
+/// `None` (after saying so, a failure under `FERRY_REQUIRE_ETCD=1`) when absent.
+pub fn etcd(test: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("FERRY_ETCD") {
+        return Some(PathBuf::from(path));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("etcd"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        missing(
+            test,
+            "etcd is not installed (sudo apt install etcd-server)",
+            "FERRY_REQUIRE_ETCD",
+        );
+    }
+    found
+}
+
 /// SmolLM2-135M-Instruct Q4_1: `$FERRY_MODEL`, else `models/` of the repository; `None`
 /// (after saying so) when absent.
 pub fn smollm2(test: &str) -> Option<PathBuf> {

@@ -1,0 +1,647 @@
+//! Center replicas on a three-member etcd cluster, with real host daemons, all on
+//! loopback: the leader killed in the middle of a maintenance evacuation, etcd members
+//! lost (one: nothing changes; two: writes are refused, reads answer, nothing is lost),
+//! a stale leader woken after its lease ended, and the fence that stops its writes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, reference, wait_for, Daemon};
+use ferry_center::etcd::{Compare, Etcd, Op};
+use ferry_center::store::{EtcdStore, Fence, Store, StoreError};
+use serde_json::Value;
+
+const TOKEN: &str = "operator-token-0123456789";
+const HEARTBEAT_MS: &str = "200";
+const DOWN_AFTER_MS: &str = "1500";
+/// A training run that is still running when its host is emptied.
+const MLP: &str = "--steps 20000 --print-every 500";
+
+/// Free loopback ports, found by binding and letting go.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A three-member etcd cluster on loopback; members killed on drop.
+struct EtcdCluster {
+    binary: PathBuf,
+    dir: PathBuf,
+    client_ports: Vec<u16>,
+    peer_ports: Vec<u16>,
+    members: Vec<Option<Child>>,
+}
+
+impl EtcdCluster {
+    fn start(binary: PathBuf, test: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("etcd-{test}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports = free_ports(6);
+        let mut cluster = Self {
+            binary,
+            dir,
+            client_ports: ports[..3].to_vec(),
+            peer_ports: ports[3..].to_vec(),
+            members: vec![None, None, None],
+        };
+        for i in 0..3 {
+            cluster.start_member(i);
+        }
+        let etcd = Etcd::new(&[cluster.endpoints()], Duration::from_secs(2)).unwrap();
+        wait_for("etcd to elect a leader", Duration::from_secs(30), || {
+            etcd.put("/probe", b"1").ok()
+        });
+        cluster
+    }
+
+    fn endpoints(&self) -> String {
+        self.client_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let initial: Vec<String> = self
+            .peer_ports
+            .iter()
+            .enumerate()
+            .map(|(k, p)| format!("e{k}=http://127.0.0.1:{p}"))
+            .collect();
+        let client = format!("http://127.0.0.1:{}", self.client_ports[i]);
+        let peer = format!("http://127.0.0.1:{}", self.peer_ports[i]);
+        let log = std::fs::File::create(self.dir.join(format!("e{i}.log"))).unwrap();
+        let child = Command::new(&self.binary)
+            .args(["--name", &format!("e{i}")])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("e{i}")))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", "ferry-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.members[i] = Some(child);
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill_member(i);
+        }
+    }
+}
+
+/// A center replica process, killed on drop.
+struct Replica {
+    name: String,
+    child: Option<Child>,
+    url: String,
+}
+
+impl Replica {
+    fn start(name: &str, etcd: &str, prefix: &str) -> Self {
+        let (child, line) = common::serve(
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["center", "serve", "--listen", "127.0.0.1:0", "--name", name])
+                .args(["--etcd", etcd, "--etcd-prefix", prefix])
+                .args(["--down-after-ms", DOWN_AFTER_MS])
+                .env("FERRY_CENTER_TOKEN", TOKEN),
+        );
+        let url = line
+            .split(" on ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap_or_else(|| panic!("no API address in {line:?}"))
+            .to_string();
+        Self {
+            name: name.into(),
+            child: Some(child),
+            url,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `method path` with the operator token: status and JSON body.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build()
+            .new_agent();
+        let url = format!("{}{path}", self.url);
+        let auth = format!("Bearer {TOKEN}");
+        let response = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+            (_, body) => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(body.unwrap_or(Value::Null)),
+        };
+        match response {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    fn cluster(&self) -> Option<Value> {
+        match self.call("GET", "/v1/cluster", None) {
+            (200, view) => Some(view),
+            _ => None,
+        }
+    }
+
+    /// The leader's name, as this replica knows it.
+    fn leader(&self) -> Option<String> {
+        self.cluster()?["leader"]["name"]
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three replicas on a three-member etcd and hosts a, b, c beating to all of them.
+struct Ha {
+    etcd: EtcdCluster,
+    replicas: Vec<Replica>,
+    hosts: Vec<(String, Daemon)>,
+}
+
+impl Ha {
+    fn start(test: &str, binary: PathBuf) -> Self {
+        let etcd = EtcdCluster::start(binary, test);
+        let prefix = format!("/{test}/");
+        let replicas: Vec<Replica> = ["c1", "c2", "c3"]
+            .iter()
+            .map(|n| Replica::start(n, &etcd.endpoints(), &prefix))
+            .collect();
+        let centers = replicas
+            .iter()
+            .map(|r| r.url.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let hosts = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let daemon = Daemon::start_with(
+                    name,
+                    &[
+                        "--center",
+                        &centers,
+                        "--heartbeat-ms",
+                        HEARTBEAT_MS,
+                        "--accel-capacity",
+                        "1G",
+                        "--memory-capacity",
+                        "4G",
+                    ],
+                );
+                (name.to_string(), daemon)
+            })
+            .collect();
+        let ha = Self {
+            etcd,
+            replicas,
+            hosts,
+        };
+        for r in &ha.replicas {
+            wait_for(
+                &format!("replica {} to see three hosts up and a leader", r.name),
+                Duration::from_secs(30),
+                || {
+                    let view = r.cluster()?;
+                    let up = view["hosts"]
+                        .as_array()?
+                        .iter()
+                        .filter(|h| h["status"] == "up")
+                        .count();
+                    (up == 3 && view["leader"]["name"].is_string()).then_some(())
+                },
+            );
+        }
+        ha
+    }
+
+    fn replica(&self, name: &str) -> &Replica {
+        self.replicas.iter().find(|r| r.name == name).unwrap()
+    }
+
+    fn leader(&self) -> &Replica {
+        let name = self.replicas[0].leader().expect("a leader");
+        self.replica(&name)
+    }
+
+    fn daemon(&self, name: &str) -> &Daemon {
+        &self.hosts.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    /// The hosts on which VM `id` is live (running, migrating, finished there).
+    fn hosts_running(&self, id: &str) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|(_, d)| {
+                let out = d.ferry(&["vm", "--host", &d.api, "--json", "show", id]);
+                out.status.success()
+                    && serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|vm| {
+                        matches!(
+                            vm["state"].as_str(),
+                            Some("running" | "migrating" | "switchover" | "exited")
+                        )
+                    })
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Creates an `mlp-train` VM on `host` through replica `via`.
+    fn create_on(&self, via: &Replica, host: &str, guest_args: &str) -> String {
+        let (status, placed) = via.call(
+            "POST",
+            "/v1/vms",
+            Some(serde_json::json!({
+                "workload": "mlp-train",
+                "args": guest_args.split_whitespace().collect::<Vec<_>>(),
+                "memory": 64u64 << 20,
+                "accel_memory": 32u64 << 20,
+                "host": host,
+            })),
+        );
+        assert_eq!(status, 201, "{placed}");
+        placed["vm"]["id"].as_str().unwrap().to_string()
+    }
+}
+
+fn etcd_binary(test: &str) -> Option<PathBuf> {
+    if !kvm_available(test) {
+        return None;
+    }
+    ferry_testdata::etcd(test)
+}
+
+#[test]
+fn the_leader_killed_during_maintenance_is_replaced_and_the_evacuation_completes() {
+    let test = "the_leader_killed_during_maintenance_is_replaced_and_the_evacuation_completes";
+    let Some(binary) = etcd_binary(test) else {
+        return;
+    };
+    let seeds = ["--seed 5", "--seed 6", "--seed 7"];
+    let expected: Vec<String> = seeds
+        .iter()
+        .map(|s| reference("mlp-train", "64M", "32M", &format!("{MLP} {s}")))
+        .collect();
+    let mut ha = Ha::start("leader-killed", binary);
+    let leader = ha.leader().name.clone();
+    let follower = ha
+        .replicas
+        .iter()
+        .find(|r| r.name != leader)
+        .unwrap()
+        .name
+        .clone();
+    // Created through a follower: the write reaches the leader.
+    let ids: Vec<String> = seeds
+        .iter()
+        .map(|s| ha.create_on(ha.replica(&follower), "a", &format!("{MLP} {s}")))
+        .collect();
+    for id in &ids {
+        ha.daemon("a").wait_console(id, "step=500 ");
+    }
+
+    let (status, op) = ha
+        .replica(&leader)
+        .call("POST", "/v1/hosts/a/maintenance", None);
+    assert_eq!(status, 202, "{op}");
+    let op_id = op["id"].as_u64().unwrap();
+    // Kill the leader once it has ordered a migration.
+    wait_for("a migration to start", Duration::from_secs(30), || {
+        let view = ha.replica(&leader).cluster()?;
+        view["migrations"]
+            .as_array()?
+            .iter()
+            .any(|m| m["state"] == "running")
+            .then_some(())
+    });
+    let killed_at = Instant::now();
+    ha.replicas
+        .iter_mut()
+        .find(|r| r.name == leader)
+        .unwrap()
+        .kill();
+    let survivor = ha.replica(&follower);
+    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
+        survivor.leader().filter(|l| *l != leader)
+    });
+    eprintln!(
+        "leader {leader} killed; {new_leader} leads {:.1} s later",
+        killed_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "a new leader within a few seconds"
+    );
+
+    let done = wait_for("the evacuation to end", Duration::from_secs(180), || {
+        let (status, op) = survivor.call("GET", &format!("/v1/operations/{op_id}"), None);
+        (status == 200 && op["state"] != "running").then_some(op)
+    });
+    assert_eq!(done["state"], "done", "{done:#}");
+
+    // Every VM runs on exactly one host, not a, and ends as if never moved.
+    for (id, want) in ids.iter().zip(&expected) {
+        let on = ha.hosts_running(id);
+        assert_eq!(on.len(), 1, "{id} runs on {on:?}");
+        assert_ne!(on[0], "a");
+        assert_eq!(
+            &ha.daemon(&on[0]).checksum_at_exit(id),
+            want,
+            "{id} on {}",
+            on[0]
+        );
+    }
+    // A surviving follower's dashboard data shows the whole history.
+    let other = ha
+        .replicas
+        .iter()
+        .find(|r| r.child.is_some() && r.name != new_leader)
+        .unwrap();
+    let view = wait_for(
+        "the follower to show the operation done",
+        Duration::from_secs(10),
+        || {
+            let view = other.cluster()?;
+            view["operations"]
+                .as_array()?
+                .iter()
+                .any(|o| o["id"] == op_id && o["state"] == "done")
+                .then_some(view)
+        },
+    );
+    let host_a = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "a")
+        .unwrap();
+    assert_eq!(host_a["mode"], "maintenance", "{host_a}");
+    let succeeded: Vec<&Value> = view["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "succeeded")
+        .collect();
+    for id in &ids {
+        assert_eq!(
+            succeeded.iter().filter(|m| m["vm"] == id.as_str()).count(),
+            1,
+            "one successful migration of {id}: {:#}",
+            view["migrations"]
+        );
+    }
+    let events: Vec<&str> = view["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        events.iter().any(|e| e.contains("resumes operation")),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn losing_etcd_members_keeps_vms_running_refuses_writes_without_quorum_and_loses_nothing() {
+    let test =
+        "losing_etcd_members_keeps_vms_running_refuses_writes_without_quorum_and_loses_nothing";
+    let Some(binary) = etcd_binary(test) else {
+        return;
+    };
+    let mut ha = Ha::start("quorum", binary);
+    let leader = ha.leader().name.clone();
+    let first = ha.create_on(
+        ha.replica(&leader),
+        "b",
+        "--steps 1000000 --print-every 1000",
+    );
+
+    // One member down: everything works.
+    ha.etcd.kill_member(0);
+    let second = ha.create_on(
+        ha.replica(&leader),
+        "c",
+        "--steps 1000000 --print-every 1000",
+    );
+
+    // Two down: no quorum. Writes are refused, saying why; reads answer; VMs run on.
+    ha.etcd.kill_member(1);
+    let refused = wait_for("writes to be refused", Duration::from_secs(20), || {
+        let (status, body) = ha.replica(&leader).call(
+            "POST",
+            "/v1/vms",
+            Some(serde_json::json!({"workload": "hello", "memory": 64u64 << 20})),
+        );
+        (status == 503).then_some(body)
+    });
+    let code = refused["code"].as_str().unwrap_or_default();
+    assert!(
+        [
+            "store_unavailable",
+            "no_leader",
+            "not_leader",
+            "leader_unreachable"
+        ]
+        .contains(&code),
+        "{refused}"
+    );
+    for r in &ha.replicas {
+        let (status, hosts) = r.call("GET", "/v1/hosts", None);
+        assert_eq!(status, 200, "{hosts}");
+        assert_eq!(hosts.as_array().unwrap().len(), 3);
+        let (status, vms) = r.call("GET", "/v1/vms", None);
+        assert_eq!(status, 200, "{vms}");
+    }
+    for id in [&first, &second] {
+        assert_eq!(ha.hosts_running(id).len(), 1, "{id}");
+    }
+
+    // Quorum back: a leader again, writes taken, nothing lost.
+    ha.etcd.start_member(0);
+    ha.etcd.start_member(1);
+    let any = &ha.replicas[0];
+    let third = wait_for("writes to be taken again", Duration::from_secs(30), || {
+        let (status, placed) = any.call(
+            "POST",
+            "/v1/vms",
+            Some(serde_json::json!({
+                "workload": "mlp-train", "memory": 64u64 << 20, "accel_memory": 32u64 << 20,
+                "args": ["--steps", "1000000", "--print-every", "1000"], "host": "a",
+            })),
+        );
+        (status == 201).then(|| placed["vm"]["id"].as_str().unwrap().to_string())
+    });
+    let store = EtcdStore::open(&[ha.etcd.endpoints()], "/quorum/").unwrap();
+    let stored: Vec<String> = store
+        .load()
+        .unwrap()
+        .vms
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    for id in [&first, &second, &third] {
+        assert!(stored.contains(id), "{id} not in {stored:?}");
+    }
+}
+
+#[test]
+fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
+    let test = "a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows";
+    let Some(binary) = etcd_binary(test) else {
+        return;
+    };
+    let ha = Ha::start("stale", binary);
+    let stale = ha.leader();
+    let stale_name = stale.name.clone();
+    let other = ha.replicas.iter().find(|r| r.name != stale_name).unwrap();
+    // SAFETY: kill only sends a signal to our own child process.
+    unsafe { libc::kill(stale.pid(), libc::SIGSTOP) };
+    let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
+        other.leader().filter(|l| *l != stale_name)
+    });
+    let events_before = event_count(&ha.etcd.endpoints(), "/stale/");
+    // SAFETY: as above.
+    unsafe { libc::kill(stale.pid(), libc::SIGCONT) };
+    // Its first act awake: a write. It is forwarded to the new leader or refused; the
+    // stale replica itself records nothing.
+    let (status, body) = stale.call("POST", "/v1/hosts/a/maintenance", None);
+    assert!(matches!(status, 202 | 503), "{status} {body}");
+    wait_for(
+        "the stale replica to follow",
+        Duration::from_secs(10),
+        || (stale.leader()? == new_leader).then_some(()),
+    );
+    let view = stale.cluster().unwrap();
+    assert_ne!(view["leader"]["name"], stale_name, "{view:#}");
+    if status == 503 {
+        assert_eq!(
+            event_count(&ha.etcd.endpoints(), "/stale/"),
+            events_before,
+            "a refused write recorded nothing"
+        );
+    }
+}
+
+/// Events stored under `prefix`.
+fn event_count(endpoints: &str, prefix: &str) -> usize {
+    let etcd = Etcd::new(&[endpoints.to_string()], Duration::from_secs(2)).unwrap();
+    etcd.range(&format!("{prefix}events/"), true, Default::default())
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
+    let test = "a_write_fenced_by_a_replaced_leadership_changes_nothing";
+    let Some(binary) = ferry_testdata::etcd(test) else {
+        return;
+    };
+    let etcd_cluster = EtcdCluster::start(binary, "fence");
+    let endpoints = etcd_cluster.endpoints();
+    let old = EtcdStore::open(std::slice::from_ref(&endpoints), "/fence/").unwrap();
+    let new = EtcdStore::open(std::slice::from_ref(&endpoints), "/fence/").unwrap();
+    let etcd = Etcd::new(&[endpoints], Duration::from_secs(2)).unwrap();
+    let key = old.key("leader");
+    let take = |value: &[u8]| {
+        let outcome = etcd
+            .txn(
+                &[Compare::CreateRevision(key.clone(), 0)],
+                &[
+                    Op::Put {
+                        key: key.clone(),
+                        value: value.to_vec(),
+                        lease: None,
+                    },
+                    Op::Get(key.clone()),
+                ],
+                &[],
+            )
+            .unwrap();
+        assert!(outcome.succeeded);
+        Fence {
+            key: key.clone(),
+            create_revision: outcome.read[0].create_revision,
+        }
+    };
+    old.set_fence(Some(take(b"old")));
+    let event = |message: &str| ferry_center::inventory::Event::now("test", message.into());
+    old.add_event(&event("while leading")).unwrap();
+    // Its lease ends (the key goes) and another replica takes the lead.
+    etcd.txn(&[], &[Op::Delete(key.clone())], &[]).unwrap();
+    new.set_fence(Some(take(b"new")));
+    assert!(matches!(
+        old.add_event(&event("after losing the lead")),
+        Err(StoreError::NotLeader)
+    ));
+    assert!(matches!(old.writable(), Err(StoreError::NotLeader)));
+    new.add_event(&event("the new leader")).unwrap();
+    let mut messages: Vec<String> = new
+        .events(10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    messages.sort();
+    assert_eq!(messages, vec!["the new leader", "while leading"]);
+}
