@@ -81,6 +81,8 @@ pub enum Op {
     },
     /// Deletes a key.
     Delete(String),
+    /// Deletes every key from the first to just before the second.
+    DeleteRange(String, String),
     /// Reads a key.
     Get(String),
 }
@@ -352,6 +354,9 @@ impl Etcd {
                     Op::Delete(key) => {
                         json!({ "request_delete_range": { "key": b64(key.as_bytes()) } })
                     }
+                    Op::DeleteRange(from, to) => json!({ "request_delete_range": {
+                        "key": b64(from.as_bytes()), "range_end": b64(to.as_bytes()),
+                    } }),
                     Op::Get(key) => json!({ "request_range": { "key": b64(key.as_bytes()) } }),
                 })
                 .collect()

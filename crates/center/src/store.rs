@@ -272,6 +272,9 @@ pub struct EtcdStore {
     fence: Mutex<Option<Fence>>,
 }
 
+/// How long etcd keeps events (SQLite keeps them all).
+const EVENTS_KEPT_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
@@ -470,12 +473,18 @@ impl Store for EtcdStore {
     fn add_event(&self, event: &Event) -> Result<(), StoreError> {
         let mut nonce = [0u8; 8];
         let _ = getrandom::fill(&mut nonce);
-        let name = format!(
-            "events/{:013}-{:016x}",
-            event.at_ms,
-            u64::from_le_bytes(nonce)
-        );
-        self.write(vec![self.put_op(name, event)])
+        let nonce = u64::from_le_bytes(nonce);
+        let name = format!("events/{:013}-{nonce:016x}", event.at_ms);
+        let mut ops = vec![self.put_op(name, event)];
+        // Now and then, events older than EVENTS_KEPT_MS go: etcd is no archive.
+        if nonce % 256 == 0 {
+            let before = event.at_ms.saturating_sub(EVENTS_KEPT_MS);
+            ops.push(Op::DeleteRange(
+                self.key("events/"),
+                self.key(&format!("events/{before:013}")),
+            ));
+        }
+        self.write(ops)
     }
 
     fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {

@@ -138,16 +138,10 @@ impl Replica {
                 .args(["--down-after-ms", DOWN_AFTER_MS])
                 .env("FERRY_CENTER_TOKEN", TOKEN),
         );
-        let url = line
-            .split(" on ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .unwrap_or_else(|| panic!("no API address in {line:?}"))
-            .to_string();
         Self {
             name: name.into(),
             child: Some(child),
-            url,
+            url: common::center_url(&line),
         }
     }
 

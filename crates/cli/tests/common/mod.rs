@@ -131,14 +131,17 @@ pub fn start_center(
             .arg(db)
             .env("FERRY_CENTER_TOKEN", token),
     );
-    // "ferry center: API and dashboard on http://127.0.0.1:P (database ...)"
-    let url = line
-        .split(" on ")
+    (child, center_url(&line))
+}
+
+/// The API's URL in the line `ferry center serve` starts with:
+/// "ferry center: API and dashboard on http://127.0.0.1:P (SQLite ...)".
+pub fn center_url(line: &str) -> String {
+    line.split(" on ")
         .nth(1)
         .and_then(|s| s.split(' ').next())
         .unwrap_or_else(|| panic!("no API address in {line:?}"))
-        .to_string();
-    (child, url)
+        .to_string()
 }
 
 /// Resident memory (bytes) and threads of process `pid`.
