@@ -269,7 +269,7 @@ impl Center {
             inventory.migrations.clear();
             for m in &loaded.migrations {
                 // Counters carry on from the migrations on record.
-                if first && m.state != "running" {
+                if m.state != "running" {
                     self.metrics.count_finished(m);
                 }
                 inventory.add_migration(m.clone());
@@ -332,6 +332,9 @@ impl Center {
             self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
             inventory.migrations.clear();
             for m in loaded.migrations {
+                if m.state != "running" {
+                    self.metrics.count_finished(&m);
+                }
                 inventory.add_migration(m);
             }
         }

@@ -60,6 +60,8 @@ pub struct Metrics {
     host_gauges: Vec<(HostGauge, HostReading)>,
     vms: Family<StateLabel, Gauge>,
     heartbeats: Family<ResultLabel, Counter>,
+    /// Migrations counted, by id.
+    counted: Mutex<std::collections::BTreeSet<i64>>,
     /// One scrape at a time: each clears and refills the gauges.
     scrape: Mutex<()>,
 }
@@ -146,6 +148,7 @@ impl Default for Metrics {
         );
         Self {
             heartbeats,
+            counted: Mutex::default(),
             registry,
             migrations,
             in_progress,
@@ -185,8 +188,19 @@ impl Metrics {
         self.count_finished(record);
     }
 
-    /// Counts a finished migration (one ended now, or one loaded at start).
+    /// Counts a finished migration (one ended now, or one loaded from the store, which
+    /// a follower replica does at each refresh): once per id.
     pub fn count_finished(&self, record: &MigrationRecord) {
+        if record.id != 0 {
+            let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+            if !counted.insert(record.id) {
+                return;
+            }
+            // Ids only grow: the oldest can go once past the in-memory window.
+            while counted.len() > 2 * crate::inventory::MIGRATIONS_KEPT {
+                counted.pop_first();
+            }
+        }
         self.migrations
             .get_or_create(&ResultLabel {
                 result: record.state.clone(),

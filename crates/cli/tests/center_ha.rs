@@ -454,6 +454,14 @@ fn the_leader_killed_during_maintenance_is_replaced_and_the_evacuation_completes
         events.iter().any(|e| e.contains("resumes operation")),
         "{events:#?}"
     );
+    // And its metrics count the moves it did not make.
+    let (status, metrics) = other.call("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap_or_default();
+    assert!(
+        metrics.contains("ferry_migrations_total{result=\"succeeded\"} 3"),
+        "{metrics}"
+    );
 }
 
 #[test]
