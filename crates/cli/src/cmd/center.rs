@@ -138,7 +138,9 @@ migration, verified on the destination.";
 const API_HELP: &str = "\
 API (operators send 'Authorization: Bearer <center token>'; errors are {\"error\": \"...\"}):
   GET    /                             the dashboard (asks for the token)
-  GET    /v1/cluster                   hosts, VMs, migrations, operations, events
+  GET    /v1/cluster?vms=N             hosts, VMs (at most N, default 1000, those needing
+                                       attention first), migrations, operations, events,
+                                       this replica and the leader
   GET    /v1/hosts, /v1/hosts/NAME     status (up/down), mode, capacity, load, pressure
   POST   /v1/hosts/NAME/maintenance    move its VMs off live, then hold it in maintenance
   DELETE /v1/hosts/NAME/maintenance    return it to service
@@ -161,7 +163,12 @@ Example:
   ferry host serve --name a --listen 127.0.0.1:7070 --migration-listen 127.0.0.1:7071 \\
       --center http://127.0.0.1:7000 &
   ferry vm create --center http://127.0.0.1:7000 --accel-memory 256M mlp-train
-  ferry host maintenance enter a";
+  ferry host maintenance enter a
+
+Replicas: with --etcd URLS every replica shares the state in etcd; one is elected leader
+(it writes and runs operations), the others serve reads and forward writes to it. Give
+hosts and commands every replica: --center http://c1:7000,http://c2:7000,http://c3:7000.
+Without etcd's quorum writes are refused (503 store_unavailable) and reads still answer.";
 
 /// `ferry center serve`.
 #[derive(Args)]
@@ -382,6 +389,17 @@ fn mib(bytes: u64) -> u64 {
 }
 
 fn print_status(view: &ClusterView) {
+    if let Some(leader) = &view.leader {
+        if leader.name != view.replica {
+            println!(
+                "(answered by replica {}; the leader is {} at {})",
+                view.replica, leader.name, leader.url
+            );
+        }
+    }
+    if let Some(why) = &view.store_error {
+        println!("!!! the store cannot be read: {why}");
+    }
     println!(
         "{:<10} {:<5} {:<22} {:>5} {:>16} {:>16} {:>6} {:>5}",
         "HOST", "UP", "MODE", "VMS", "ACCEL MiB", "MEMORY MiB", "LOAD", "PRES"
