@@ -537,8 +537,10 @@ impl Center {
                 let mut last_balance = std::time::Instant::now();
                 while stopped.recv_timeout(tick) == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                 {
-                    if let Err(e) = center.check_hosts() {
-                        tracing::error!("checking hosts: {e}");
+                    match center.check_hosts() {
+                        // A replica losing the lead finds out here: not an error.
+                        Err(CenterError::Store(StoreError::NotLeader)) | Ok(()) => {}
+                        Err(e) => tracing::error!("checking hosts: {e}"),
                     }
                     if let (Some(every), true) = (center.config.balance_every, center.is_leader()) {
                         if last_balance.elapsed() >= every {

@@ -62,6 +62,19 @@ impl Roots {
     }
 }
 
+impl Clone for ApiClient {
+    fn clone(&self) -> Self {
+        Self {
+            bases: self.bases.clone(),
+            current: std::sync::atomic::AtomicUsize::new(
+                self.current.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            auth: self.auth.clone(),
+            agent: self.agent.clone(),
+        }
+    }
+}
+
 /// The largest answer read: a whole cluster's view of 40,000 VMs is about 20 MB.
 const MAX_ANSWER_BYTES: u64 = 256 << 20;
 

@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// `center`: keep the center's state in etcd at these endpoints (default SQLite).
     #[arg(long, value_name = "URLS")]
     pub etcd: Option<String>,
+    /// `migrate`: migrate across a veth pair between network namespaces shaped to this
+    /// rate with `tc tbf` (e.g. `10gbit`, `25gbit`) instead of loopback, and add a
+    /// training VM that dirties device memory faster than that. Needs root.
+    #[arg(long, value_name = "RATE")]
+    pub link: Option<String>,
     /// `center-sim` (run by `center`): the center the simulated hosts beat to.
     #[arg(long, value_name = "URL", hide = true)]
     pub center: Option<String>,
@@ -101,7 +106,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     match args.what.as_str() {
         "vm" => bench_vm(args),
         "accel" => bench_accel(args),
-        "migrate" => crate::cmd::bench_migrate::bench_migrate(args.json, &args.accel_sizes),
+        "migrate" => crate::cmd::bench_migrate::bench_migrate(
+            args.json,
+            &args.accel_sizes,
+            args.link.as_deref(),
+        ),
         "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(args.json, &args.vms),
         "llm" => {
             begin(args)?;

@@ -19,8 +19,12 @@ use serde_json::Value;
 
 use crate::cmd::bench::median;
 use crate::cmd::host::LoopbackPair;
+use crate::cmd::shaped_link::{self, HostProcess, ShapedLink};
 use crate::cmd::migrate::follow;
 use ferry_client::ApiClient;
+
+/// Device memory of the large training row (`--link` only).
+const LARGE_TRAINING_ACCEL: u64 = 512 << 20;
 
 /// Migrations measured per figure (back and forth between the two hosts).
 const REPEATS: usize = 5;
@@ -125,6 +129,13 @@ fn workload(name: &'static str, accel: u64) -> (Vec<String>, &'static str) {
         ),
         // Half of device memory is the dataset; parameters and Adam state are rewritten
         // every step.
+        // Four hidden layers of 2048: about 180 MiB of weights and Adam state rewritten
+        // every step, faster than a 10 Gbit/s link sends it.
+        "mlp-train-large" => (
+            "--steps 10000000 --hidden 2048 --layers 4 --batch 256 --inputs 1024 --print-every 1"
+                .to_string(),
+            "step",
+        ),
         "mlp-train" => (
             format!(
                 "--steps 10000000 --hidden 512 --batch 128 --inputs 128 --samples {} --print-every 10",
@@ -142,27 +153,105 @@ fn count_now(client: &ApiClient, id: &str, key: &str) -> anyhow::Result<Option<u
     Ok(crate::cmd::last_field(&vm.console_tail, key).and_then(|v| v.parse().ok()))
 }
 
-/// `n` samples of the loopback's raw throughput, bytes/s.
-fn link_samples(n: usize) -> anyhow::Result<Vec<f64>> {
-    (0..n)
-        .map(|_| loopback_throughput(LINK_SAMPLE_BYTES))
-        .collect()
+/// The two hosts a benchmark migrates between, and the link between them.
+struct Ends {
+    client_a: ApiClient,
+    client_b: ApiClient,
+    addr_a: String,
+    addr_b: String,
+    /// Raw TCP throughput from a to b over `bytes`, bytes/s.
+    probe: Box<dyn Fn(u64) -> anyhow::Result<f64>>,
+    /// What the link is, for the header.
+    link: String,
+    /// What keeps the hosts and the link up: dropped at the end.
+    _held: Box<dyn std::any::Any>,
 }
 
-/// Runs the benchmark, printing each figure.
-pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
+impl Ends {
+    /// `n` samples of the link's raw throughput, bytes/s.
+    fn samples(&self, n: usize) -> anyhow::Result<Vec<f64>> {
+        (0..n).map(|_| (self.probe)(LINK_SAMPLE_BYTES)).collect()
+    }
+
+    /// Two in-process hosts on loopback.
+    fn loopback(prefault: u64) -> anyhow::Result<Self> {
+        let pair = LoopbackPair::start(1 << 40)?;
+        // The destination's device memory is backed up front, as a GPU's is; freed
+        // buffers stay backed between runs on both hosts.
+        pair.b
+            .host
+            .prefault_accel_memory(prefault)
+            .context("backing the destination's accelerator memory")?;
+        Ok(Self {
+            client_a: pair.client_a.clone(),
+            client_b: pair.client_b.clone(),
+            addr_a: pair.a.migration_addr.to_string(),
+            addr_b: pair.b.migration_addr.to_string(),
+            probe: Box::new(loopback_throughput),
+            link: "raw loopback TCP".into(),
+            _held: Box::new(pair),
+        })
+    }
+
+    /// Host a outside and host b inside a network namespace, joined by a veth pair
+    /// shaped to `rate`.
+    fn shaped(rate: &str, prefault: u64) -> anyhow::Result<Self> {
+        let link = ShapedLink::create(rate)?;
+        let secret = ferry_migrate::Secret::generate_hex();
+        let exe = std::env::current_exe()?;
+        let serve = |command: &mut std::process::Command, name: &str, addr: &str| {
+            command
+                .args(["host", "serve", "--name", name])
+                .args(["--listen", &format!("{addr}:0")])
+                .args(["--migration-listen", &format!("{addr}:0")])
+                .args(["--memory-capacity", "1T"])
+                .args(["--accel-prefault", &prefault.to_string()]);
+        };
+        let mut a = std::process::Command::new(&exe);
+        serve(&mut a, "a", shaped_link::ADDR_A);
+        let a = HostProcess::start(a, &secret)?;
+        let mut b = link.command_inside(&exe);
+        serve(&mut b, "b", shaped_link::ADDR_B);
+        let b = HostProcess::start(b, &secret)?;
+        let token = ferry_migrate::Secret::new(secret.into_bytes())
+            .map_err(anyhow::Error::msg)?
+            .token(ferry_migrate::Purpose::HostApi);
+        let client = |api: &str| ApiClient::new(api, token.as_bytes());
+        let link = std::sync::Arc::new(link);
+        let probing = link.clone();
+        Ok(Self {
+            client_a: client(&a.api)?,
+            client_b: client(&b.api)?,
+            addr_a: a.migration_addr.clone(),
+            addr_b: b.migration_addr.clone(),
+            probe: Box::new(move |bytes| probing.throughput(bytes)),
+            link: format!("raw TCP through a veth pair shaped to {rate} (tc tbf)"),
+            // Hosts first, then the link they run across.
+            _held: Box::new((a, b, link)),
+        })
+    }
+}
+
+/// Runs the benchmark, printing each figure: between two hosts on loopback, or across a
+/// link shaped to `link` (e.g. `10gbit`; root only).
+pub fn bench_migrate(json: bool, sizes: &[u64], link: Option<&str>) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
+    let largest = sizes.iter().copied().max().unwrap_or(0).max(LARGE_TRAINING_ACCEL);
+    let ends = match link {
+        None => Ends::loopback(largest + (64 << 20))?,
+        Some(rate) => Ends::shaped(rate, largest + (64 << 20))?,
+    };
     if !json {
         println!(
-            "each row: medians over {REPEATS} migrations of one VM, back and forth; link: raw \
-             loopback TCP (one stream, 1 MiB writes), median of {} samples of {} MiB taken \
-             just before and after the row's VM runs; busy link: one sample with the VM \
-             running",
+            "each row: medians over {REPEATS} migrations of one VM, back and forth; link: {} \
+             (one stream, 1 MiB writes), median of {} samples of {} MiB taken just before \
+             and after the row's VM runs; busy link: one sample with the VM running",
+            ends.link,
             LINK_SAMPLES_BEFORE + LINK_SAMPLES_AFTER,
             LINK_SAMPLE_BYTES >> 20
         );
         println!(
-            "{:<11} {:>9} {:<14} {:>9} {:>9} {:>9} {:>7} {:>9} {:>13} {:>10} {:>11} {:>10}",
+            "{:<15} {:>9} {:<14} {:>9} {:>9} {:>9} {:>7} {:>9} {:>13} {:>10} {:>11} {:>10}",
             "workload",
             "accel",
             "mode",
@@ -177,27 +266,27 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
             "busy link"
         );
     }
-    let pair = LoopbackPair::start(1 << 40)?;
-    // The destination's device memory is backed up front, as a GPU's is; freed buffers
-    // stay backed between runs on both hosts.
-    let largest = sizes.iter().copied().max().unwrap_or(0);
-    pair.b
-        .host
-        .prefault_accel_memory(largest + (64 << 20))
-        .context("backing the destination's accelerator memory")?;
+    let mut rows: Vec<(&'static str, u64)> = Vec::new();
     for name in ["llm-decode", "mlp-train"] {
-        for &accel in sizes {
+        rows.extend(sizes.iter().map(|&accel| (name, accel)));
+    }
+    if link.is_some() {
+        // A training VM that dirties device memory faster than the shaped link sends it.
+        rows.push(("mlp-train-large", LARGE_TRAINING_ACCEL));
+    }
+    for (name, accel) in rows {
+        {
             for mode in ["live", "stop-and-copy"] {
-                let mut link = link_samples(LINK_SAMPLES_BEFORE)?;
-                let measured = measure(&pair, name, accel, mode)
+                let mut link = ends.samples(LINK_SAMPLES_BEFORE)?;
+                let measured = measure(&ends, name, accel, mode)
                     .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
-                link.extend(link_samples(LINK_SAMPLES_AFTER)?);
+                link.extend(ends.samples(LINK_SAMPLES_AFTER)?);
                 let figure = figure(name, accel, mode, &measured, &link);
                 if json {
                     println!("{}", serde_json::to_string(&figure)?);
                 } else {
                     println!(
-                        "{:<11} {:>5} MiB {:<14} {:>9.1} {:>9.0} {:>9.1} {:>7} {:>8}% {:>13.2} {:>10.0} {:>11.2} {:>10.0}",
+                        "{:<15} {:>5} MiB {:<14} {:>9.1} {:>9.0} {:>9.1} {:>7} {:>8}% {:>13.2} {:>10.0} {:>11.2} {:>10.0}",
                         figure.workload,
                         figure.accel_mib,
                         figure.mode,
@@ -220,19 +309,14 @@ pub fn bench_migrate(json: bool, sizes: &[u64]) -> anyhow::Result<()> {
 
 /// Starts the workload on host a, measures its rate and the link's beside it, migrates
 /// it [`REPEATS`] times and deletes it.
-fn measure(
-    pair: &LoopbackPair,
-    name: &'static str,
-    accel: u64,
-    mode: &str,
-) -> anyhow::Result<Measured> {
-    let (ca, cb) = (&pair.client_a, &pair.client_b);
+fn measure(ends: &Ends, name: &'static str, accel: u64, mode: &str) -> anyhow::Result<Measured> {
+    let (ca, cb) = (&ends.client_a, &ends.client_b);
     let (args, key) = workload(name, accel);
     let vm: ferry_api::VmInfo = ca.post(
         "/v1/vms",
         &CreateVm {
             name: None,
-            workload: name.into(),
+            workload: name.trim_end_matches("-large").into(),
             args,
             memory: 256 << 20,
             accel_memory: accel,
@@ -254,13 +338,13 @@ fn measure(
     std::thread::sleep(window);
     let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
     let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
-    let busy_link = loopback_throughput(LINK_SAMPLE_BYTES)?;
+    let busy_link = (ends.probe)(LINK_SAMPLE_BYTES)?;
     let mut runs = Vec::with_capacity(REPEATS);
     for i in 0..REPEATS {
         let (from, to, to_addr) = if i % 2 == 0 {
-            (ca, cb, pair.b.migration_addr)
+            (ca, cb, &ends.addr_b)
         } else {
-            (cb, ca, pair.a.migration_addr)
+            (cb, ca, &ends.addr_a)
         };
         if i > 0 {
             // Let the VM settle into its pace on the host it arrived at.
@@ -270,7 +354,7 @@ fn measure(
             mode: mode.to_string(),
             allow_longer_pause: true,
             max_precopy_s: 120,
-            ..MigrateRequest::to(&to_addr.to_string())
+            ..MigrateRequest::to(to_addr)
         };
         let c2 = count_now(from, &id, key)?.unwrap_or(0);
         let t2 = Instant::now();

@@ -37,7 +37,8 @@ pub struct MigrateArgs {
     /// everything, resume on the destination.
     #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
     pub mode: String,
-    /// Pause to aim for.
+    /// The longest pause allowed: a ceiling, not the aim (pre-copy takes a few more
+    /// rounds while each shrinks the pause further).
     #[arg(long, value_name = "MS", default_value_t = 50)]
     pub downtime_ms: u64,
     /// Parallel TCP data streams.

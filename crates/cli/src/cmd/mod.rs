@@ -13,6 +13,7 @@ pub mod host;
 pub mod loopback;
 pub mod migrate;
 pub mod run;
+pub mod shaped_link;
 pub mod vm;
 
 /// The value of the last `key=value` word printed on a console (workloads print their

@@ -1,0 +1,234 @@
+//! A shaped link for `ferry bench migrate --link RATE`: a network namespace joined to
+//! this one by a veth pair whose two ends are each shaped with `tc tbf` to RATE. Host b
+//! runs inside the namespace and host a outside, so every migration, either way, crosses
+//! the shaped link (as it would cross a 10 or 25 Gbit/s network between two machines),
+//! and the raw TCP rate through the same link is measured beside each figure. Needs
+//! root; everything is removed when the link is dropped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context};
+
+/// Host a's address, outside the namespace.
+pub const ADDR_A: &str = "10.213.0.1";
+/// Host b's address, inside it.
+pub const ADDR_B: &str = "10.213.0.2";
+
+/// The namespace, the veth pair and their shaping.
+pub struct ShapedLink {
+    ns: String,
+    veth_a: String,
+}
+
+/// Runs `program args`, failing with its stderr.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (iproute2)"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Bits per second in a `tc` rate (`10gbit`, `25gbit`, `800mbit`).
+fn rate_bits(rate: &str) -> anyhow::Result<f64> {
+    let lower = rate.to_ascii_lowercase();
+    let (number, unit) = lower
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((lower.as_str(), ""), |i| lower.split_at(i));
+    let scale = match unit {
+        "gbit" => 1e9,
+        "mbit" => 1e6,
+        "kbit" => 1e3,
+        "bit" | "" => 1.0,
+        other => bail!("unknown rate unit '{other}' in '{rate}' (use gbit, mbit or kbit)"),
+    };
+    let n: f64 = number
+        .parse()
+        .with_context(|| format!("'{rate}' is not a rate such as 10gbit"))?;
+    ensure!(n > 0.0, "the link rate must be positive");
+    Ok(n * scale)
+}
+
+impl ShapedLink {
+    /// Creates the namespace and the shaped pair.
+    pub fn create(rate: &str) -> anyhow::Result<Self> {
+        // SAFETY: geteuid only reads this process's credentials.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("--link needs root: it creates a network namespace and shapes a veth pair with tc");
+        }
+        let bits = rate_bits(rate)?;
+        let pid = std::process::id();
+        let link = Self {
+            ns: format!("ferry-bench-{pid}"),
+            veth_a: format!("fba{}", pid % 1_000_000_000),
+        };
+        let veth_b = format!("fbb{}", pid % 1_000_000_000);
+        run("ip", &["netns", "add", &link.ns])?;
+        run(
+            "ip",
+            &["link", "add", &link.veth_a, "type", "veth", "peer", "name", &veth_b],
+        )?;
+        run("ip", &["link", "set", &veth_b, "netns", &link.ns])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{ADDR_A}/30"), "dev", &link.veth_a],
+        )?;
+        run("ip", &["link", "set", &link.veth_a, "up"])?;
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &link.ns];
+            all.extend_from_slice(args);
+            run("ip", &all)
+        };
+        in_ns(&["ip", "addr", "add", &format!("{ADDR_B}/30"), "dev", &veth_b])?;
+        in_ns(&["ip", "link", "set", &veth_b, "up"])?;
+        in_ns(&["ip", "link", "set", "lo", "up"])?;
+        // A bucket of 10 ms of traffic: enough for the timer's granularity at 10 Gbit/s
+        // and more, small enough to shape bursts.
+        let burst = format!("{}", ((bits / 8.0 / 100.0) as u64).max(64 << 10));
+        let tbf = ["tbf", "rate", rate, "burst", &burst, "latency", "20ms"];
+        let mut on_a = vec!["qdisc", "add", "dev", &link.veth_a, "root"];
+        on_a.extend_from_slice(&tbf);
+        run("tc", &on_a)?;
+        let mut on_b = vec!["tc", "qdisc", "add", "dev", &veth_b, "root"];
+        on_b.extend_from_slice(&tbf);
+        in_ns(&on_b)?;
+        Ok(link)
+    }
+
+    /// `program` to run inside the namespace.
+    pub fn command_inside(&self, program: &std::path::Path) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns]).arg(program);
+        command
+    }
+
+    /// Raw TCP throughput from outside to inside, one stream of 1 MiB writes for
+    /// `bytes`, bytes/s: what the link gives a single connection.
+    pub fn throughput(&self, bytes: u64) -> anyhow::Result<f64> {
+        let ns_file = std::fs::File::open(format!("/var/run/netns/{}", self.ns))
+            .context("opening the namespace")?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        // The receiving socket is made by a thread that entered the namespace.
+        let reader = std::thread::spawn(move || -> anyhow::Result<u64> {
+            // SAFETY: setns moves only this thread into the namespace the open file
+            // names; the thread ends with the measurement.
+            if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("entering the namespace: {}", std::io::Error::last_os_error());
+            }
+            let listener = TcpListener::bind(format!("{ADDR_B}:0"))?;
+            let _ = ready_tx.send(listener.local_addr()?.port());
+            let (mut s, _) = listener.accept()?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        });
+        let port = ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the receiver inside the namespace did not start"))?;
+        let mut s = TcpStream::connect((ADDR_B, port))?;
+        let buf = vec![0x5au8; 1 << 20];
+        let started = Instant::now();
+        for _ in 0..bytes >> 20 {
+            s.write_all(&buf)?;
+        }
+        drop(s);
+        let got = reader.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+        let secs = started.elapsed().as_secs_f64();
+        ensure!(
+            got == bytes >> 20 << 20,
+            "the link lost data ({got} of {bytes} bytes)"
+        );
+        Ok(got as f64 / secs)
+    }
+}
+
+impl Drop for ShapedLink {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it the other.
+        let _ = run("ip", &["netns", "del", &self.ns]);
+        let _ = run("ip", &["link", "del", &self.veth_a]);
+    }
+}
+
+/// A `ferry host serve` child process, killed on drop, and where it listens.
+pub struct HostProcess {
+    child: Child,
+    /// Its API (`http://IP:PORT`).
+    pub api: String,
+    /// Its migration address.
+    pub migration_addr: String,
+}
+
+impl HostProcess {
+    /// Starts `command` (a `ferry host serve ...`) with the cluster `secret`, and reads
+    /// where it listens from its first line.
+    pub fn start(mut command: Command, secret: &str) -> anyhow::Result<Self> {
+        let mut child = command
+            .env("FERRY_SECRET", secret)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start `ferry host serve`")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("host stdout")?).read_line(&mut line)?;
+        // "ferry host a: API on http://IP:P, migrations on IP:Q ..."
+        let api = line
+            .split("API on ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .map(str::to_string);
+        let migration_addr = line
+            .split("migrations on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_string);
+        match (api, migration_addr) {
+            (Some(api), Some(migration_addr)) => Ok(Self {
+                child,
+                api,
+                migration_addr,
+            }),
+            _ => {
+                let _ = child.kill();
+                bail!("the host did not say where it listens: {line:?}")
+            }
+        }
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_read_as_tc_writes_them() {
+        assert_eq!(rate_bits("10gbit").unwrap(), 1e10);
+        assert_eq!(rate_bits("800Mbit").unwrap(), 8e8);
+        assert!(rate_bits("10gbps").is_err());
+        assert!(rate_bits("fast").is_err());
+        assert!(rate_bits("0gbit").is_err());
+    }
+}
