@@ -7,8 +7,7 @@
 //! last seconds, so a rate measured once at the start can be far from the one a later
 //! figure ran at.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -19,8 +18,8 @@ use serde_json::Value;
 
 use crate::cmd::bench::median;
 use crate::cmd::host::LoopbackPair;
-use crate::cmd::shaped_link::{self, HostProcess, ShapedLink};
 use crate::cmd::migrate::follow;
+use crate::cmd::shaped_link::{self, HostProcess, ShapedLink};
 use ferry_client::ApiClient;
 
 /// Device memory of the large training row (`--link` only).
@@ -87,33 +86,7 @@ struct Run {
 
 /// Raw TCP throughput over loopback: 1 MiB writes for `bytes`, bytes/s.
 fn loopback_throughput(bytes: u64) -> anyhow::Result<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n as u64;
-        }
-    });
-    let mut s = TcpStream::connect(addr)?;
-    let buf = vec![0x5au8; 1 << 20];
-    let started = Instant::now();
-    for _ in 0..bytes >> 20 {
-        s.write_all(&buf)?;
-    }
-    drop(s);
-    let got = reader.join().expect("reader thread")?;
-    let secs = started.elapsed().as_secs_f64();
-    if got != bytes >> 20 << 20 {
-        bail!("loopback test lost data ({got} of {bytes} bytes)");
-    }
-    Ok(got as f64 / secs)
+    shaped_link::tcp_throughput(bytes, || TcpListener::bind("127.0.0.1:0"))
 }
 
 /// The workload and its arguments for `accel` bytes of device memory; `progress_key` is
@@ -236,7 +209,12 @@ impl Ends {
 /// link shaped to `link` (e.g. `10gbit`; root only).
 pub fn bench_migrate(json: bool, sizes: &[u64], link: Option<&str>) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
-    let largest = sizes.iter().copied().max().unwrap_or(0).max(LARGE_TRAINING_ACCEL);
+    let largest = sizes
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(LARGE_TRAINING_ACCEL);
     let ends = match link {
         None => Ends::loopback(largest + (64 << 20))?,
         Some(rate) => Ends::shaped(rate, largest + (64 << 20))?,

@@ -64,7 +64,9 @@ impl ShapedLink {
     pub fn create(rate: &str) -> anyhow::Result<Self> {
         // SAFETY: geteuid only reads this process's credentials.
         if unsafe { libc::geteuid() } != 0 {
-            bail!("--link needs root: it creates a network namespace and shapes a veth pair with tc");
+            bail!(
+                "--link needs root: it creates a network namespace and shapes a veth pair with tc"
+            );
         }
         let bits = rate_bits(rate)?;
         let pid = std::process::id();
@@ -76,7 +78,16 @@ impl ShapedLink {
         run("ip", &["netns", "add", &link.ns])?;
         run(
             "ip",
-            &["link", "add", &link.veth_a, "type", "veth", "peer", "name", &veth_b],
+            &[
+                "link",
+                "add",
+                &link.veth_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &veth_b,
+            ],
         )?;
         run("ip", &["link", "set", &veth_b, "netns", &link.ns])?;
         run(
@@ -117,45 +128,61 @@ impl ShapedLink {
     pub fn throughput(&self, bytes: u64) -> anyhow::Result<f64> {
         let ns_file = std::fs::File::open(format!("/var/run/netns/{}", self.ns))
             .context("opening the namespace")?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         // The receiving socket is made by a thread that entered the namespace.
-        let reader = std::thread::spawn(move || -> anyhow::Result<u64> {
+        tcp_throughput(bytes, move || {
             // SAFETY: setns moves only this thread into the namespace the open file
             // names; the thread ends with the measurement.
             if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("entering the namespace: {}", std::io::Error::last_os_error());
+                return Err(std::io::Error::last_os_error());
             }
-            let listener = TcpListener::bind(format!("{ADDR_B}:0"))?;
-            let _ = ready_tx.send(listener.local_addr()?.port());
-            let (mut s, _) = listener.accept()?;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total = 0u64;
-            loop {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                total += n as u64;
-            }
-        });
-        let port = ready_rx
-            .recv()
-            .map_err(|_| anyhow::anyhow!("the receiver inside the namespace did not start"))?;
-        let mut s = TcpStream::connect((ADDR_B, port))?;
-        let buf = vec![0x5au8; 1 << 20];
-        let started = Instant::now();
-        for _ in 0..bytes >> 20 {
-            s.write_all(&buf)?;
-        }
-        drop(s);
-        let got = reader.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-        let secs = started.elapsed().as_secs_f64();
-        ensure!(
-            got == bytes >> 20 << 20,
-            "the link lost data ({got} of {bytes} bytes)"
-        );
-        Ok(got as f64 / secs)
+            TcpListener::bind(format!("{ADDR_B}:0"))
+        })
     }
+}
+
+/// Raw TCP throughput to a listener `listen` makes (on the receiving thread), one stream
+/// of 1 MiB writes for `bytes`, bytes/s.
+pub fn tcp_throughput(
+    bytes: u64,
+    listen: impl FnOnce() -> std::io::Result<TcpListener> + Send + 'static,
+) -> anyhow::Result<f64> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let listener = listen()?;
+        let _ = ready_tx.send(listener.local_addr()?);
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+        }
+    });
+    let Ok(addr) = ready_rx.recv() else {
+        let why = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+        bail!("the receiver did not start: {:?}", why.err());
+    };
+    let mut s = TcpStream::connect(addr)?;
+    let buf = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..bytes >> 20 {
+        s.write_all(&buf)?;
+    }
+    drop(s);
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let secs = started.elapsed().as_secs_f64();
+    ensure!(
+        got == bytes >> 20 << 20,
+        "the link lost data ({got} of {bytes} bytes)"
+    );
+    Ok(got as f64 / secs)
 }
 
 impl Drop for ShapedLink {
