@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,9 @@ use crate::backend::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
 use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
 use crate::files::FileSource;
 use crate::kernel::Kernel;
+use crate::replay::{
+    Capture, CaptureError, CaptureLimits, CaptureReport, DeviceDigest, LogEntry, ReplayError,
+};
 use crate::ring::{head_is_sane, GuestRam, Ring};
 
 /// Largest piece copied between guest RAM and a buffer at once (bounds host memory use
@@ -200,6 +203,11 @@ struct Core {
     files: Arc<dyn FileSource>,
     /// Staging for uploads, downloads and file loads, reused across commands.
     scratch: Vec<u8>,
+    /// A capture of a base and a command log, while one runs (shared with
+    /// [`Shared::capture`]; taken after the core lock where both are).
+    capture: Arc<Mutex<Option<Capture>>>,
+    /// Whether one runs: checked per command without the lock.
+    capturing: Arc<AtomicBool>,
 }
 
 impl Core {
@@ -222,8 +230,14 @@ impl Core {
             mem,
             files,
             scratch: Vec::new(),
+            capture: Arc::default(),
+            capturing: Arc::default(),
         }
     }
+}
+
+fn lock_capture(capture: &Mutex<Option<Capture>>) -> MutexGuard<'_, Option<Capture>> {
+    capture.lock().expect("accel capture lock")
 }
 
 /// Refuses a saved device state made by another backend or kernel version.
@@ -239,6 +253,10 @@ fn check_compatible(state: &AccelState, backend: &dyn Backend) -> Result<(), Acc
     Ok(())
 }
 
+/// Work handed to the device thread, run there even while the device is paused: a
+/// backend may run kernels only on the thread it started the device loop on.
+type Job = Box<dyn FnOnce(&mut Core) + Send>;
+
 /// Hand-shake between the device thread, the vCPU (doorbell, wait) and the VMM (pause).
 #[derive(Default)]
 struct Control {
@@ -246,6 +264,7 @@ struct Control {
     pause_requested: bool,
     busy: bool,
     stop: bool,
+    job: Option<Job>,
 }
 
 struct Shared {
@@ -260,6 +279,8 @@ struct Shared {
     /// The buffers, the buffer table and the dirty chunks, without the core lock (held
     /// for a whole kernel).
     tracker: DeviceTracker,
+    /// The capture the core writes, read by a migration without the core lock.
+    capture: Arc<Mutex<Option<Capture>>>,
 }
 
 /// What other threads (a migration's pre-copy) read and track of a running device
@@ -572,6 +593,124 @@ impl Core {
         }
     }
 
+    /// The device memory `cmd` would write, as far as its arguments are valid (one
+    /// that fails validation writes nothing).
+    fn write_set(&self, cmd: &Command) -> Vec<(BufferId, Range<u64>)> {
+        let a = &cmd.args;
+        match cmd.opcode {
+            op::FREE => buffer_id(a[0])
+                .and_then(|id| Some((id, 0..*lock_map(&self.map).sizes.get(&id)?)))
+                .into_iter()
+                .collect(),
+            op::UPLOAD => self
+                .buffer_range(a[0], a[1], a[3])
+                .ok()
+                .into_iter()
+                .collect(),
+            op::LOAD_FILE => self
+                .buffer_range(a[0], a[1], a[4])
+                .ok()
+                .into_iter()
+                .collect(),
+            op::LAUNCH => {
+                let map = lock_map(&self.map);
+                Kernel::decode(a, |id| map.sizes.get(&id).copied())
+                    .map(|(_, access)| access.writes().collect())
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Before `cmd` runs: preserves each base chunk it writes that has not been read
+    /// yet, as it is now.
+    fn preserve_base(&mut self, cmd: &Command) {
+        let writes = self.write_set(cmd);
+        if writes.is_empty() {
+            return;
+        }
+        let mut capture = lock_capture(&self.capture);
+        let Some(capture) = capture.as_mut() else {
+            return;
+        };
+        for (id, range) in writes {
+            let Some(&bytes) = lock_map(&self.map).sizes.get(&id) else {
+                continue;
+            };
+            let last = range.end.saturating_sub(1) / CHUNK_SIZE;
+            for index in range.start / CHUNK_SIZE..=last {
+                let chunk = ChunkId { buffer: id, index };
+                let Some(span) = chunk_range(bytes, index) else {
+                    break;
+                };
+                if capture.needs_preserving(&chunk) {
+                    let mut data = vec![0u8; (span.end - span.start) as usize];
+                    self.backend.read(id, span.start, &mut data);
+                    capture.preserve(chunk, data);
+                }
+            }
+        }
+    }
+
+    /// After `cmd` ran with `outcome`: logs it, with an upload's data.
+    fn log_command(&mut self, cmd: &Command, outcome: u32) {
+        let a = &cmd.args;
+        let mut payload = Vec::new();
+        if cmd.opcode == op::UPLOAD && outcome == status::OK {
+            if let Ok((id, range)) = self.buffer_range(a[0], a[1], a[3]) {
+                // What it wrote is what it read from guest RAM.
+                payload.resize((range.end - range.start) as usize, 0);
+                self.backend.read(id, range.start, &mut payload);
+            }
+        }
+        if let Some(capture) = lock_capture(&self.capture).as_mut() {
+            capture.log(LogEntry {
+                opcode: cmd.opcode,
+                args: a.to_vec(),
+                payload,
+                status: outcome,
+            });
+        }
+    }
+
+    /// Replays one logged command (see [`crate::replay`]).
+    fn replay(&mut self, index: usize, entry: &LogEntry) -> Result<(), ReplayError> {
+        if !entry.replays() {
+            return Ok(());
+        }
+        let diverged = |got: u32| ReplayError::Diverged {
+            index,
+            opcode: entry.opcode,
+            expected: entry.status,
+            got,
+        };
+        if entry.opcode == op::UPLOAD {
+            let a = &entry.args;
+            let arg = |i: usize| a.get(i).copied().unwrap_or(0);
+            let (id, range) = self
+                .buffer_range(arg(0), arg(1), arg(3))
+                .map_err(diverged)?;
+            if entry.payload.len() as u64 != range.end - range.start {
+                return Err(ReplayError::BadPayload {
+                    index,
+                    expected: range.end - range.start,
+                    got: entry.payload.len() as u64,
+                });
+            }
+            self.backend.write(id, range.start, &entry.payload);
+            self.mark([(id, range)]);
+            return Ok(());
+        }
+        let got = self
+            .execute(&entry.command())
+            .map_or_else(|s| s, |()| status::OK);
+        if got == entry.status {
+            Ok(())
+        } else {
+            Err(diverged(got))
+        }
+    }
+
     /// Executes the next submitted command, if any. `false` when there is nothing to do
     /// (ring empty, or its indices are inconsistent).
     fn step(&mut self) -> bool {
@@ -600,7 +739,17 @@ impl Core {
         }
         let index = self.tail;
         let outcome = match self.ring.command(&self.mem, index) {
-            Ok(cmd) => self.execute(&cmd).map_or_else(|s| s, |()| status::OK),
+            Ok(cmd) => {
+                let capturing = self.capturing.load(Ordering::Acquire);
+                if capturing {
+                    self.preserve_base(&cmd);
+                }
+                let outcome = self.execute(&cmd).map_or_else(|s| s, |()| status::OK);
+                if capturing {
+                    self.log_command(&cmd, outcome);
+                }
+                outcome
+            }
             Err(_) => status::DEVICE_ERROR,
         };
         if outcome != status::OK {
@@ -624,10 +773,20 @@ fn device_thread(shared: Arc<Shared>) {
             let control = shared.control.lock().expect("accel control lock");
             let mut control = shared
                 .wake
-                .wait_while(control, |c| !c.stop && (c.pause_requested || !c.doorbell))
+                .wait_while(control, |c| {
+                    !c.stop && c.job.is_none() && (c.pause_requested || !c.doorbell)
+                })
                 .expect("accel control lock");
             if control.stop {
                 return;
+            }
+            if let Some(job) = control.job.take() {
+                control.busy = true;
+                drop(control);
+                job(&mut shared.core.lock().expect("accel core lock"));
+                shared.control.lock().expect("accel control lock").busy = false;
+                shared.progress.notify_all();
+                continue;
             }
             control.doorbell = false;
             control.busy = true;
@@ -662,6 +821,7 @@ impl Accelerator {
             reader: core.backend.reader(),
             map: core.map.clone(),
         };
+        let capture = core.capture.clone();
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             control: Mutex::new(Control {
@@ -672,6 +832,7 @@ impl Accelerator {
             progress: Condvar::new(),
             busy_ns: Arc::default(),
             tracker,
+            capture,
         });
         let thread_shared = shared.clone();
         let thread = shared
@@ -869,6 +1030,123 @@ impl Accelerator {
         core.tail = state.tail;
         core.ring_invalid = false;
         Ok(())
+    }
+
+    /// Starts a capture at the next command boundary (waiting for the command in flight):
+    /// the base is device memory as of now, and every command from now on is logged.
+    /// Returns the buffer table of the base. The device may keep running.
+    pub fn start_capture(&self, limits: CaptureLimits) -> Vec<BufferState> {
+        let core = self.core();
+        let table = self.map().table();
+        let chunks = table.iter().flat_map(|b| {
+            (0..chunk_count(b.bytes)).map(move |index| {
+                let chunk = ChunkId {
+                    buffer: b.id,
+                    index,
+                };
+                (chunk, b.bytes)
+            })
+        });
+        *lock_capture(&core.capture) = Some(Capture::new(limits, chunks));
+        core.capturing.store(true, Ordering::Release);
+        table
+    }
+
+    /// Copies base chunk `chunk` into `out` as it was at the capture's boundary; `false`
+    /// if it is not in the base or was read already. Each base chunk is read once.
+    pub fn read_base_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Result<bool, CaptureError> {
+        let mut guard = lock_capture(&self.shared.capture);
+        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
+        capture.failure()?;
+        match capture.take_base_chunk(chunk) {
+            Err(()) => Ok(false),
+            Ok(Some(data)) => {
+                *out = data;
+                Ok(true)
+            }
+            // Never written since the boundary, and it cannot be while the capture lock
+            // is held: the device preserves a chunk under it before writing.
+            Ok(None) => Ok(self.shared.tracker.read_chunk(chunk, out).is_some()),
+        }
+    }
+
+    /// The base chunks not read yet.
+    pub fn unread_base_chunks(&self) -> Result<Vec<ChunkId>, CaptureError> {
+        let guard = lock_capture(&self.shared.capture);
+        let capture = guard.as_ref().ok_or(CaptureError::NotCapturing)?;
+        capture.failure()?;
+        Ok(capture.unread().into_iter().collect())
+    }
+
+    /// The commands logged since the last take, in order.
+    pub fn take_log(&self) -> Result<Vec<LogEntry>, CaptureError> {
+        let mut guard = lock_capture(&self.shared.capture);
+        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
+        capture.failure()?;
+        Ok(capture.take_log())
+    }
+
+    /// Ends the capture (at the next command boundary) and says what it cost.
+    pub fn stop_capture(&self) -> Option<CaptureReport> {
+        let core = self.core();
+        core.capturing.store(false, Ordering::Release);
+        let capture = lock_capture(&core.capture).take();
+        capture.map(|c| c.report())
+    }
+
+    /// Runs `f` on the device thread (where the backend runs kernels), even while the
+    /// device is paused, and returns what it returns.
+    fn on_device<R: Send + 'static>(&self, f: impl FnOnce(&mut Core) -> R + Send + 'static) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move |core| {
+            let _ = tx.send(f(core));
+        });
+        let mut control = self
+            .shared
+            .progress
+            .wait_while(self.control(), |c| c.job.is_some())
+            .expect("accel control lock");
+        control.job = Some(job);
+        drop(control);
+        self.shared.wake.notify_all();
+        rx.recv()
+            .expect("the device thread runs every job it takes")
+    }
+
+    /// Replays `entries` (a source's log) on this device's memory, on the device thread.
+    /// The device must be paused; it stops at the first command that completes otherwise
+    /// than it did there.
+    pub fn replay(&self, entries: Vec<LogEntry>) -> Result<(), ReplayError> {
+        self.on_device(move |core| {
+            for (index, entry) in entries.iter().enumerate() {
+                core.replay(index, entry)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
+    /// device must be paused.
+    pub fn digest(&self) -> DeviceDigest {
+        let core = self.core();
+        let table = self.map().table();
+        let mut piece = vec![0u8; COPY_PIECE as usize];
+        DeviceDigest(
+            table
+                .iter()
+                .map(|b| {
+                    let mut crc = crc32fast::Hasher::new();
+                    let mut at = 0;
+                    while at < b.bytes {
+                        let n = (b.bytes - at).min(COPY_PIECE) as usize;
+                        core.backend.read(b.id, at, &mut piece[..n]);
+                        crc.update(&piece[..n]);
+                        at += n as u64;
+                    }
+                    (b.id, b.bytes, crc.finalize())
+                })
+                .collect(),
+        )
     }
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).

@@ -10,6 +10,8 @@
 //!   driven by what each command declares it writes.
 //! - [`kernel`]: the typed, validated kernel launches.
 //! - [`files`]: the VM's attached files as LOAD_FILE reads them.
+//! - [`replay`]: a consistent base of device memory and the log of the commands run
+//!   after it, for a destination that replays them instead of receiving what they wrote.
 //! - [`backend`]: where buffers live and kernels run (`cpu` today).
 
 pub mod backend;
@@ -17,4 +19,5 @@ pub mod device;
 pub mod dirty;
 pub mod files;
 pub mod kernel;
+pub mod replay;
 pub mod ring;

@@ -664,3 +664,181 @@ fn chunks_loaded_whole_from_a_file_remember_where_until_written() {
     g.accel.write_chunk_from_file(chunk, &piece, from).unwrap();
     assert_eq!(origin(&g, 4), Some(from));
 }
+
+/// Random f32 values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A destination device (one thread, paused) with `table` and the `base` chunks.
+fn destination(
+    table: &[ferry_accel::device::BufferState],
+    base: &std::collections::BTreeMap<ChunkId, Vec<u8>>,
+) -> FakeGuest {
+    let g = FakeGuest::new(1);
+    g.accel.pause();
+    g.accel.sync_buffers(table).unwrap();
+    for (chunk, data) in base {
+        g.accel.write_chunk(*chunk, data).unwrap();
+    }
+    g
+}
+
+#[test]
+fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_for_bit() {
+    use ferry_accel::replay::CaptureLimits;
+    let n: u64 = 256; // 256 KiB matrices: four chunks each
+    let bytes = n * n * 4;
+    let mut g = FakeGuest::new(2);
+    for id in 1..=3 {
+        assert_eq!(g.run(op::ALLOC, &[id, bytes]), status::OK);
+    }
+    assert_eq!(g.upload(1, &values((n * n) as usize, 1)), status::OK);
+    assert_eq!(g.upload(2, &values((n * n) as usize, 2)), status::OK);
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]),
+        status::OK
+    );
+
+    let table = g.accel.start_capture(CaptureLimits {
+        pool_bytes: 16 << 20,
+        log_bytes: 16 << 20,
+    });
+    let mut base = std::collections::BTreeMap::new();
+    let mut read = |g: &FakeGuest, chunk: ChunkId| {
+        let mut out = Vec::new();
+        assert!(g.accel.read_base_chunk(chunk, &mut out).unwrap());
+        base.insert(chunk, out);
+    };
+    // Half of buffer 2 is read before anything changes.
+    read(
+        &g,
+        ChunkId {
+            buffer: 2,
+            index: 0,
+        },
+    );
+    read(
+        &g,
+        ChunkId {
+            buffer: 2,
+            index: 1,
+        },
+    );
+
+    // After the boundary: a new buffer holding a product of buffer 1 as it was, then
+    // buffer 1 overwritten (its unread chunks are preserved first), buffer 3 freed and
+    // made again with another size, a copy, a download and a fence (guest RAM only).
+    assert_eq!(g.run(op::ALLOC, &[4, bytes]), status::OK);
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::MATMUL, 1, 2, 4, n, n, n, 0]),
+        status::OK
+    );
+    assert_eq!(g.upload(1, &values((n * n) as usize, 3)), status::OK);
+    assert_eq!(g.run(op::FREE, &[3]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[3, bytes / 2]), status::OK);
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::COPY, 4, 0, 3, 0, n * n / 2]),
+        status::OK
+    );
+    assert_eq!(g.download(4, 16).len(), 16);
+    assert_eq!(g.run(op::FENCE, &[9]), status::OK);
+    // A command that fails is logged too, and must fail again.
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::ADD, 1, 7, 1, 16]),
+        status::BAD_BUFFER
+    );
+
+    // The rest of the base, read after all that: as it was at the boundary.
+    for chunk in g.accel.unread_base_chunks().unwrap() {
+        read(&g, chunk);
+    }
+    assert!(g.accel.unread_base_chunks().unwrap().is_empty());
+    g.accel.pause();
+    let log = g.accel.take_log().unwrap();
+    let report = g.accel.stop_capture().unwrap();
+    assert_eq!(report.commands_logged, 9);
+    assert_eq!(
+        report.chunks_preserved, 8,
+        "buffers 1 and 3, four chunks each"
+    );
+    assert!(report.pool_peak_bytes <= 16 << 20);
+
+    let source = g.accel.digest();
+    let dest = destination(&table, &base);
+    dest.accel.replay(log.clone()).unwrap();
+    assert_eq!(
+        dest.accel.digest(),
+        source,
+        "one thread replays what two computed"
+    );
+
+    // The digest catches a divergence: the same base without the product.
+    let dest = destination(&table, &base);
+    let mut short = log.clone();
+    short.retain(|e| !(e.opcode == op::LAUNCH && e.args[0] == kernel::MATMUL));
+    dest.accel.replay(short).unwrap();
+    assert_ne!(dest.accel.digest(), source);
+}
+
+#[test]
+fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
+    use ferry_accel::replay::{CaptureError, CaptureLimits, ReplayError};
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, 4 * CHUNK_SIZE]), status::OK);
+    g.accel.start_capture(CaptureLimits {
+        pool_bytes: CHUNK_SIZE,
+        log_bytes: 1 << 20,
+    });
+    // Overwriting the whole unread buffer needs four chunks of pool: one fits.
+    assert_eq!(
+        g.upload(1, &vec![1.0; (4 * CHUNK_SIZE / 4) as usize]),
+        status::OK
+    );
+    let mut out = Vec::new();
+    let full = Err(CaptureError::PoolFull { limit: CHUNK_SIZE });
+    assert_eq!(
+        g.accel.read_base_chunk(
+            ChunkId {
+                buffer: 1,
+                index: 0
+            },
+            &mut out
+        ),
+        full
+    );
+    assert_eq!(g.accel.take_log().map(|l| l.len()), full.map(|_| 0));
+    g.accel.stop_capture();
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK, "the device runs on");
+
+    // A log naming a buffer this device does not have, or an upload of the wrong size.
+    g.accel.pause();
+    let upload = |len: u64, payload: usize| ferry_accel::replay::LogEntry {
+        opcode: op::UPLOAD,
+        args: vec![9, 0, 0, len],
+        payload: vec![0; payload],
+        status: status::OK,
+    };
+    assert!(matches!(
+        g.accel.replay(vec![upload(16, 16)]),
+        Err(ReplayError::Diverged { got, .. }) if got == status::BAD_BUFFER
+    ));
+    let mut wrong = upload(16, 8);
+    wrong.args[0] = 2;
+    assert!(matches!(
+        g.accel.replay(vec![wrong]),
+        Err(ReplayError::BadPayload {
+            expected: 16,
+            got: 8,
+            ..
+        })
+    ));
+}

@@ -1,0 +1,309 @@
+//! What replaying the device's commands on another host needs of this device: a
+//! consistent base and the log of what ran after it.
+//!
+//! The base is device memory as of one command boundary, read while the device runs on:
+//! before a command writes a chunk of the base that has not been read yet, the chunk is
+//! preserved (copied into a bounded side pool), so every base chunk reads as it was at
+//! the boundary. Every command executed after the boundary is logged with the guest-RAM
+//! bytes it read (an upload's data). A destination that restores the base and replays
+//! the log on a backend of the same kind and kernel version has the same device memory:
+//! the kernels are deterministic. [`DeviceDigest`] checks that it does.
+//!
+//! Replay leaves guest RAM alone: downloads and fences write guest RAM, which the
+//! migration copies as RAM. A failed upload or file load wrote nothing and is skipped; a
+//! kernel runs again even if it failed (it may have written part), and must fail again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferry_abi::accel::{op, status, Command};
+use serde::{Deserialize, Serialize};
+
+use crate::dirty::ChunkId;
+
+/// One command executed after the base's boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Its opcode.
+    pub opcode: u32,
+    /// Its arguments.
+    pub args: Vec<u64>,
+    /// The guest-RAM bytes it read (an upload's data), else empty.
+    pub payload: Vec<u8>,
+    /// How it completed.
+    pub status: u32,
+}
+
+impl LogEntry {
+    /// The command as the ring held it.
+    pub fn command(&self) -> Command {
+        let mut command = Command {
+            opcode: self.opcode,
+            ..Command::default()
+        };
+        for (slot, &arg) in command.args.iter_mut().zip(&self.args) {
+            *slot = arg;
+        }
+        command
+    }
+
+    /// Bytes it holds (what the log's bound counts).
+    pub fn weight(&self) -> u64 {
+        self.payload.len() as u64 + 8 * self.args.len() as u64 + 16
+    }
+
+    /// Whether replaying it touches device memory (downloads and fences write guest RAM
+    /// only; a failed upload or file load wrote nothing).
+    pub fn replays(&self) -> bool {
+        match self.opcode {
+            op::DOWNLOAD | op::FENCE => false,
+            op::UPLOAD | op::LOAD_FILE => self.status == status::OK,
+            _ => true,
+        }
+    }
+}
+
+/// Bounds on what a capture may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureLimits {
+    /// Bytes of preserved base chunks at once.
+    pub pool_bytes: u64,
+    /// Bytes of log not yet taken.
+    pub log_bytes: u64,
+}
+
+/// Why a capture can no longer give a consistent base and log; the migration falls back
+/// to pre-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CaptureError {
+    /// No capture runs.
+    #[error("no command capture is running")]
+    NotCapturing,
+    /// The side pool would have exceeded its bound.
+    #[error("the side pool of preserved chunks would exceed {limit} bytes")]
+    PoolFull {
+        /// The bound.
+        limit: u64,
+    },
+    /// The log would have exceeded its bound (it is not taken fast enough).
+    #[error("the command log would exceed {limit} bytes before being taken")]
+    LogFull {
+        /// The bound.
+        limit: u64,
+    },
+}
+
+/// What a capture cost, for the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureReport {
+    /// Most bytes the side pool held at once.
+    pub pool_peak_bytes: u64,
+    /// Base chunks preserved before a write.
+    pub chunks_preserved: u64,
+    /// Commands logged.
+    pub commands_logged: u64,
+    /// Bytes logged.
+    pub log_bytes: u64,
+}
+
+/// A running capture: the base chunks not yet read, the preserved ones, and the log.
+#[derive(Debug)]
+pub(crate) struct Capture {
+    limits: CaptureLimits,
+    /// Base chunks not read yet, with the size of their buffer at the boundary.
+    unread: BTreeMap<ChunkId, u64>,
+    /// Preserved base chunks, as they were at the boundary.
+    pool: BTreeMap<ChunkId, Vec<u8>>,
+    pool_bytes: u64,
+    log: Vec<LogEntry>,
+    log_bytes: u64,
+    failed: Option<CaptureError>,
+    report: CaptureReport,
+}
+
+impl Capture {
+    /// A capture of a base made of `chunks` (each with its buffer's size).
+    pub(crate) fn new(
+        limits: CaptureLimits,
+        chunks: impl IntoIterator<Item = (ChunkId, u64)>,
+    ) -> Self {
+        Self {
+            limits,
+            unread: chunks.into_iter().collect(),
+            pool: BTreeMap::new(),
+            pool_bytes: 0,
+            log: Vec::new(),
+            log_bytes: 0,
+            failed: None,
+            report: CaptureReport::default(),
+        }
+    }
+
+    /// Whether `chunk` must be preserved before it is written.
+    pub(crate) fn needs_preserving(&self, chunk: &ChunkId) -> bool {
+        self.failed.is_none() && self.unread.contains_key(chunk) && !self.pool.contains_key(chunk)
+    }
+
+    /// Keeps `data`, chunk `chunk` as it is before its first write.
+    pub(crate) fn preserve(&mut self, chunk: ChunkId, data: Vec<u8>) {
+        let len = data.len() as u64;
+        if self.pool_bytes + len > self.limits.pool_bytes {
+            self.fail(CaptureError::PoolFull {
+                limit: self.limits.pool_bytes,
+            });
+            return;
+        }
+        self.pool_bytes += len;
+        self.report.pool_peak_bytes = self.report.pool_peak_bytes.max(self.pool_bytes);
+        self.report.chunks_preserved += 1;
+        self.pool.insert(chunk, data);
+    }
+
+    /// Appends a command executed after the boundary.
+    pub(crate) fn log(&mut self, entry: LogEntry) {
+        if self.failed.is_some() {
+            return;
+        }
+        let weight = entry.weight();
+        if self.log_bytes + weight > self.limits.log_bytes {
+            self.fail(CaptureError::LogFull {
+                limit: self.limits.log_bytes,
+            });
+            return;
+        }
+        self.log_bytes += weight;
+        self.report.commands_logged += 1;
+        self.report.log_bytes += weight;
+        self.log.push(entry);
+    }
+
+    fn fail(&mut self, error: CaptureError) {
+        self.failed = Some(error);
+        // Nothing more is needed of a failed capture: free what it holds.
+        self.pool.clear();
+        self.pool_bytes = 0;
+        self.log.clear();
+        self.log_bytes = 0;
+    }
+
+    /// The failure, if the capture failed.
+    pub(crate) fn failure(&self) -> Result<(), CaptureError> {
+        self.failed.map_or(Ok(()), Err)
+    }
+
+    /// Base chunk `chunk` is read now: its preserved copy if it has one (handed over),
+    /// else `Ok(None)` with the chunk marked read (its live content is the base's: it was
+    /// never written since the boundary). `Err` for a chunk not in the base or already
+    /// read.
+    pub(crate) fn take_base_chunk(&mut self, chunk: ChunkId) -> Result<Option<Vec<u8>>, ()> {
+        if self.unread.remove(&chunk).is_none() {
+            return Err(());
+        }
+        Ok(self.pool.remove(&chunk).inspect(|data| {
+            self.pool_bytes -= data.len() as u64;
+        }))
+    }
+
+    /// The base chunks not read yet.
+    pub(crate) fn unread(&self) -> BTreeSet<ChunkId> {
+        self.unread.keys().copied().collect()
+    }
+
+    /// The log so far, emptied.
+    pub(crate) fn take_log(&mut self) -> Vec<LogEntry> {
+        self.log_bytes = 0;
+        std::mem::take(&mut self.log)
+    }
+
+    /// What it cost.
+    pub(crate) fn report(&self) -> CaptureReport {
+        self.report
+    }
+}
+
+/// A digest of device memory: every buffer's id, size and CRC-32 of its contents.
+/// Source and destination compare theirs after a replay; it catches divergence (a
+/// nondeterministic kernel, a lost command), not tampering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDigest(pub Vec<(u32, u64, u32)>);
+
+/// Why a replay failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// A command completed differently here than on the source.
+    #[error("replayed command {index} (opcode {opcode}) completed with status {got}, the source's with {expected}")]
+    Diverged {
+        /// Its place in the log.
+        index: usize,
+        /// Its opcode.
+        opcode: u32,
+        /// The source's status.
+        expected: u32,
+        /// This device's.
+        got: u32,
+    },
+    /// An upload's logged data does not match its length.
+    #[error("replayed upload {index} carries {got} bytes for {expected}")]
+    BadPayload {
+        /// Its place in the log.
+        index: usize,
+        /// The length its arguments give.
+        expected: u64,
+        /// The bytes it carries.
+        got: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(buffer: u32, index: u64) -> ChunkId {
+        ChunkId { buffer, index }
+    }
+
+    #[test]
+    fn a_preserved_chunk_is_read_once_and_the_pool_is_bounded() {
+        let limits = CaptureLimits {
+            pool_bytes: 8,
+            log_bytes: 1 << 20,
+        };
+        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)]);
+        assert!(capture.needs_preserving(&chunk(1, 0)));
+        assert!(!capture.needs_preserving(&chunk(2, 0)), "not in the base");
+        capture.preserve(chunk(1, 0), vec![7; 8]);
+        assert!(!capture.needs_preserving(&chunk(1, 0)), "preserved once");
+        assert_eq!(capture.take_base_chunk(chunk(1, 0)), Ok(Some(vec![7; 8])));
+        assert_eq!(capture.take_base_chunk(chunk(1, 0)), Err(()), "read once");
+        assert_eq!(capture.take_base_chunk(chunk(1, 1)), Ok(None), "live");
+        // The pool had room again after the read; now it overflows.
+        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)]);
+        capture.preserve(chunk(1, 0), vec![0; 8]);
+        capture.preserve(chunk(1, 1), vec![0; 8]);
+        assert_eq!(capture.failure(), Err(CaptureError::PoolFull { limit: 8 }));
+        assert!(!capture.needs_preserving(&chunk(1, 1)));
+    }
+
+    #[test]
+    fn the_log_is_bounded_until_taken() {
+        let limits = CaptureLimits {
+            pool_bytes: 0,
+            // Room for two entries of 112 bytes, not three.
+            log_bytes: 250,
+        };
+        let mut capture = Capture::new(limits, []);
+        let entry = LogEntry {
+            opcode: op::UPLOAD,
+            args: vec![1, 0, 0, 64],
+            payload: vec![0; 64],
+            status: status::OK,
+        };
+        capture.log(entry.clone());
+        capture.log(entry.clone());
+        assert_eq!(capture.take_log().len(), 2);
+        capture.log(entry.clone());
+        capture.log(entry.clone());
+        capture.log(entry);
+        assert_eq!(capture.failure(), Err(CaptureError::LogFull { limit: 250 }));
+        assert_eq!(capture.report().commands_logged, 4);
+    }
+}
