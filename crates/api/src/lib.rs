@@ -417,6 +417,29 @@ pub struct BeatAnswer {
     /// restarted, another replica took the base, a beat was lost) is refused, and the
     /// host sends a full beat next.
     pub taken: bool,
+    /// VMs of a taken beat whose report the center did not keep (another host's report
+    /// of the VM stands) while they are in a move or in doubt: the host reports them
+    /// again, so the center has them should the other report go.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
+impl BeatAnswer {
+    /// A beat taken whole.
+    pub fn taken() -> Self {
+        Self {
+            taken: true,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// A delta refused: send a full beat.
+    pub fn need_full() -> Self {
+        Self {
+            taken: false,
+            skipped: Vec::new(),
+        }
+    }
 }
 
 /// Whether two reports of a VM differ in what the center keeps: its uptime counts on by
@@ -510,7 +533,13 @@ impl BeatSeries {
             return;
         };
         match answer {
-            Some(BeatAnswer { taken: true }) => {
+            Some(BeatAnswer {
+                taken: true,
+                skipped,
+            }) => {
+                for id in skipped {
+                    all.remove(id);
+                }
                 // A VM whose change was only noise stays as the center holds it, so
                 // drift below the step cannot build up unseen.
                 if let Some((_, before)) = &self.taken {
@@ -524,7 +553,7 @@ impl BeatSeries {
                 }
                 self.taken = Some((seq, all));
             }
-            Some(BeatAnswer { taken: false }) => self.taken = None,
+            Some(BeatAnswer { taken: false, .. }) => self.taken = None,
             // Unknown whether the center took it: if it did, it refuses the next delta
             // (built on the older base) and a full beat follows.
             None => {}
@@ -653,7 +682,7 @@ mod tests {
 
     #[test]
     fn load_drifting_below_the_step_each_beat_is_sent_once_it_adds_up() {
-        let taken = BeatAnswer { taken: true };
+        let taken = BeatAnswer::taken();
         let mut series = BeatSeries::new(1);
         series.beat("u".into(), host(), vec![vm(0.50)]);
         series.answered(Some(&taken));
@@ -669,7 +698,7 @@ mod tests {
     fn a_beat_that_got_no_answer_leaves_the_next_delta_on_the_last_base_taken() {
         let mut series = BeatSeries::new(1);
         series.beat("u".into(), host(), vec![vm(0.5)]);
-        series.answered(Some(&BeatAnswer { taken: true }));
+        series.answered(Some(&BeatAnswer::taken()));
         series.beat("u".into(), host(), vec![]);
         series.answered(None);
         let beat = series.beat("u".into(), host(), vec![]);
@@ -677,5 +706,24 @@ mod tests {
         assert_eq!(delta.base, 1);
         assert_eq!(delta.removed, vec!["v".to_string()]);
         assert_eq!(beat.seq.map(|s| s.seq), Some(3));
+    }
+
+    #[test]
+    fn a_report_the_center_skipped_is_sent_again() {
+        let mut series = BeatSeries::new(1);
+        series.beat("u".into(), host(), vec![vm(0.5)]);
+        series.answered(Some(&BeatAnswer {
+            taken: true,
+            skipped: vec!["v".into()],
+        }));
+        let beat = series.beat("u".into(), host(), vec![vm(0.5)]);
+        assert_eq!(
+            beat.vms.len(),
+            1,
+            "unchanged, but the center does not hold it"
+        );
+        series.answered(Some(&BeatAnswer::taken()));
+        let beat = series.beat("u".into(), host(), vec![vm(0.5)]);
+        assert!(beat.vms.is_empty());
     }
 }

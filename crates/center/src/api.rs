@@ -99,7 +99,15 @@ async fn leader_writes(
     if request.method() == axum::http::Method::GET || center.is_leader() {
         return next.run(request).await;
     }
-    let Some(leader) = center.leader() else {
+    // Forwarded once already: the replica it went to does not lead (any more).
+    if request.headers().contains_key(ferry_client::FORWARDED) {
+        return error_with_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "the replica this was forwarded to does not lead; try again",
+        );
+    }
+    let Some(leader) = center.leader().filter(|l| l.name != center.config().name) else {
         return error_with_code(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_leader",

@@ -35,6 +35,14 @@ pub enum EtcdError {
         /// etcd's message.
         message: String,
     },
+    /// A write may or may not have taken effect (its answer was lost).
+    #[error("etcd {call}: the answer was lost; it may or may not have taken effect ({detail})")]
+    Ambiguous {
+        /// The call.
+        call: &'static str,
+        /// What was seen.
+        detail: String,
+    },
     /// etcd's answer was not what the v3 API describes.
     #[error("unexpected answer from etcd to {call}: {detail}")]
     Malformed {
@@ -223,6 +231,7 @@ impl Etcd {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
+            .timeout_connect(Some(timeout.min(Duration::from_secs(1))))
             .build()
             .new_agent();
         Ok(Self {
@@ -237,8 +246,17 @@ impl Etcd {
         self.endpoints.join(",")
     }
 
-    /// One gateway call: the endpoint that answered last, then the others in turn.
-    fn call(&self, call: &'static str, path: &str, body: &Value) -> Result<Value, EtcdError> {
+    /// One gateway call: the endpoint that answered last, then the others in turn. A
+    /// call that may have taken effect (`idempotent` false: a transaction, a put, a
+    /// lease grant) moves on only when it could not be sent at all; otherwise its fate is
+    /// unknown, and it fails as [`EtcdError::Ambiguous`] rather than run twice.
+    fn call(
+        &self,
+        call: &'static str,
+        path: &str,
+        body: &Value,
+        idempotent: bool,
+    ) -> Result<Value, EtcdError> {
         let first = self.current.load(Ordering::Relaxed);
         let mut last = String::new();
         for k in 0..self.endpoints.len() {
@@ -248,7 +266,16 @@ impl Etcd {
                 Ok(r) => r,
                 Err(e) => {
                     last = format!("{}: {e}", self.endpoints[i]);
-                    continue;
+                    let unsent = matches!(
+                        e,
+                        ureq::Error::ConnectionFailed
+                            | ureq::Error::HostNotFound
+                            | ureq::Error::Timeout(ureq::Timeout::Connect)
+                    ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                    if unsent || idempotent {
+                        continue;
+                    }
+                    return Err(EtcdError::Ambiguous { call, detail: last });
                 }
             };
             let status = response.status();
@@ -261,7 +288,10 @@ impl Etcd {
                 Ok(t) => t,
                 Err(e) => {
                     last = format!("{}: {e}", self.endpoints[i]);
-                    continue;
+                    if idempotent {
+                        continue;
+                    }
+                    return Err(EtcdError::Ambiguous { call, detail: last });
                 }
             };
             let answer: Value = serde_json::from_str(&text).map_err(|e| EtcdError::Malformed {
@@ -275,8 +305,9 @@ impl Etcd {
                     .and_then(Value::as_str)
                     .unwrap_or(&text)
                     .to_string();
-                // A member cut off from the others cannot serve; another may.
-                if message.contains("no leader") || message.contains("timed out") {
+                // A member cut off from the others cannot serve; another may (a write
+                // that timed out there may still commit: not retried).
+                if message.contains("no leader") || (idempotent && message.contains("timed out")) {
                     last = format!("{}: {message}", self.endpoints[i]);
                     continue;
                 }
@@ -309,7 +340,7 @@ impl Etcd {
             call: "range",
             detail: e.to_string(),
         })?;
-        let answer = self.call("range", "/v3/kv/range", &body)?;
+        let answer = self.call("range", "/v3/kv/range", &body, true)?;
         kvs(&answer, "range")
     }
 
@@ -362,7 +393,7 @@ impl Etcd {
                 .collect()
         };
         let body = json!({ "compare": compare, "success": ops(then), "failure": ops(otherwise) });
-        let answer = self.call("txn", "/v3/kv/txn", &body)?;
+        let answer = self.call("txn", "/v3/kv/txn", &body, false)?;
         let succeeded = answer
             .get("succeeded")
             .and_then(Value::as_bool)
@@ -384,7 +415,7 @@ impl Etcd {
     /// Sets `key` (unconditionally).
     pub fn put(&self, key: &str, value: &[u8]) -> Result<(), EtcdError> {
         let body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
-        self.call("put", "/v3/kv/put", &body).map(drop)
+        self.call("put", "/v3/kv/put", &body, false).map(drop)
     }
 
     /// A lease of `ttl` seconds; returns its id.
@@ -393,6 +424,7 @@ impl Etcd {
             "lease grant",
             "/v3/lease/grant",
             &json!({ "TTL": ttl.as_secs().max(1).to_string() }),
+            false,
         )?;
         match number(answer.get("ID")) {
             0 => Err(EtcdError::Malformed {
@@ -409,6 +441,7 @@ impl Etcd {
             "lease keep-alive",
             "/v3/lease/keepalive",
             &json!({ "ID": id.to_string() }),
+            true,
         )?;
         Ok(number(answer.get("result").and_then(|r| r.get("TTL"))) > 0)
     }
@@ -419,6 +452,7 @@ impl Etcd {
             "lease revoke",
             "/v3/lease/revoke",
             &json!({ "ID": id.to_string() }),
+            true,
         )
         .map(drop)
     }

@@ -186,6 +186,8 @@ pub struct Changes {
     pub vms: Vec<String>,
     /// VMs no longer anywhere.
     pub gone: Vec<String>,
+    /// Reports not kept, of VMs in a move or in doubt (the host sends them again).
+    pub skipped: Vec<String>,
     /// Events to record.
     pub events: Vec<Event>,
 }
@@ -227,6 +229,9 @@ pub struct Inventory {
     host_written_ms: BTreeMap<String, u64>,
     /// Hosts this process has taken a beat from (what it knows of their VMs is first-hand).
     heard: BTreeSet<String>,
+    /// Hosts whose last write-through failed: their record and every VM are written
+    /// again with their next beat.
+    rewrite: BTreeSet<String>,
     /// The last [`MIGRATIONS_KEPT`] migrations ordered, oldest first (the database
     /// keeps them all).
     pub migrations: VecDeque<MigrationRecord>,
@@ -242,6 +247,11 @@ impl Inventory {
         self.hosts
             .get(host)
             .is_some_and(|h| now.saturating_sub(h.last_heartbeat_ms) <= down_after_ms)
+    }
+
+    /// Writes `host`'s record and VMs through again with its next beat.
+    pub fn rewrite_next_beat(&mut self, host: &str) {
+        self.rewrite.insert(host.to_string());
     }
 
     /// Whether this process has taken a beat from `host`.
@@ -306,11 +316,17 @@ impl Inventory {
                 return (BeatOutcome::NameTaken { holder }, changes);
             }
         }
+        let base = self.beat_bases.get(&name);
         if let Some(delta) = &beat.delta {
-            let base = self.beat_bases.get(&name);
             let builds_on_base = matches!((base, beat.seq), (Some(base), Some(seq))
                 if base.series == seq.series && base.seq == delta.base);
             if !builds_on_base {
+                return (BeatOutcome::NeedFull, changes);
+            }
+        }
+        // A beat older than the one taken (delayed on the way) would roll the host back.
+        if let (Some(base), Some(seq)) = (base, beat.seq) {
+            if base.series == seq.series && seq.seq <= base.seq {
                 return (BeatOutcome::NeedFull, changes);
             }
         }
@@ -349,6 +365,8 @@ impl Inventory {
                 );
             }
         }
+        let rewrite = self.rewrite.remove(&name);
+        changes.host |= rewrite;
         if changes.host {
             self.host_written_ms.insert(name.clone(), now);
         }
@@ -374,6 +392,14 @@ impl Inventory {
         };
         for info in beat.vms {
             if !self.claims(&name, &info) {
+                if matches!(
+                    info.state,
+                    VmState::Migrating { .. }
+                        | VmState::Switchover { .. }
+                        | VmState::InDoubt { .. }
+                ) {
+                    changes.skipped.push(info.id);
+                }
                 continue;
             }
             let changed = self
@@ -388,6 +414,10 @@ impl Inventory {
                     info,
                 });
             }
+        }
+        if rewrite {
+            // A delta lists only what changed: every VM of the host is written again.
+            changes.vms = self.vms_on(&name).map(|vm| vm.id.clone()).collect();
         }
         for id in vanished {
             if self.vms.get(&id).is_none_or(|vm| vm.host != name) {
@@ -667,7 +697,7 @@ mod tests {
         let (outcome, changes) = inv.apply_heartbeat3(full, 1);
         assert_eq!(outcome, BeatOutcome::Taken);
         assert_eq!(changes.vms.len(), 2);
-        series.answered(Some(&ferry_api::BeatAnswer { taken: true }));
+        series.answered(Some(&ferry_api::BeatAnswer::taken()));
 
         // Steady: uptime counts on and the load wobbles; nothing is news.
         let mut steady = vms.clone();
@@ -678,7 +708,7 @@ mod tests {
         let (outcome, changes) = inv.apply_heartbeat3(beat, 2);
         assert_eq!(outcome, BeatOutcome::Taken);
         assert!(changes.vms.is_empty() && !changes.host, "nothing to write");
-        series.answered(Some(&ferry_api::BeatAnswer { taken: true }));
+        series.answered(Some(&ferry_api::BeatAnswer::taken()));
 
         // w ends, v goes away.
         let beat = series.beat(
@@ -700,7 +730,7 @@ mod tests {
         let mut fresh = Inventory::default();
         let next = series.beat("http://a".into(), host_info("a"), vec![]);
         assert_eq!(fresh.apply_heartbeat3(next, 5).0, BeatOutcome::NeedFull);
-        series.answered(Some(&ferry_api::BeatAnswer { taken: false }));
+        series.answered(Some(&ferry_api::BeatAnswer::need_full()));
         let again = series.beat("http://a".into(), host_info("a"), vec![]);
         assert!(
             again.delta.is_none(),
@@ -742,5 +772,31 @@ mod tests {
         // Once the holder has been silent past the limit, the name is free again.
         let (outcome, _) = inv.apply_heartbeat3(impostor, 7_000);
         assert_eq!(outcome, BeatOutcome::Taken);
+    }
+
+    #[test]
+    fn a_delayed_beat_is_refused_and_a_skipped_report_in_a_move_is_named() {
+        let mut inv = Inventory::default();
+        let mut series = ferry_api::BeatSeries::new(3);
+        let first = series.beat(
+            "http://b".into(),
+            host_info("b"),
+            vec![vm("v", VmState::Running)],
+        );
+        let second = series.beat("http://b".into(), host_info("b"), vec![]);
+        // The second (full: no answer to the first yet) arrives first; the first, late.
+        assert_eq!(inv.apply_heartbeat3(second, 1).0, BeatOutcome::Taken);
+        assert_eq!(inv.apply_heartbeat3(first, 2).0, BeatOutcome::NeedFull);
+        assert!(inv.vms().is_empty(), "the late beat changed nothing");
+
+        // b runs v; a still reports it in doubt: not kept, but named.
+        inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 3);
+        let doubt = VmState::InDoubt {
+            to: "b".into(),
+            reason: "link cut".into(),
+        };
+        let (_, changes) = inv.apply_heartbeat3(beat("a", vec![vm("v", doubt)]), 4);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "b");
     }
 }

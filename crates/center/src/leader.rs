@@ -21,6 +21,9 @@ use crate::Center;
 pub const LEASE_TTL: Duration = Duration::from_secs(4);
 /// How often the leader renews its lease, and followers look for a vacancy.
 const TICK: Duration = Duration::from_millis(500);
+/// A leader stops counting itself one as long before its lease ends by its own clock
+/// (measured from when it asked for the renewal), against clock drift.
+const LEAD_MARGIN: Duration = Duration::from_millis(500);
 /// How often a follower reloads what the leader writes.
 const REFRESH: Duration = Duration::from_secs(1);
 
@@ -66,7 +69,7 @@ impl Center {
         };
         let mut refreshed = Instant::now();
         loop {
-            if self.is_leader() {
+            if matches!(*self.role.lock().expect("role lock"), Role::Leader) {
                 self.renew(store, &mut campaign);
             } else {
                 self.campaign(store, &mut campaign);
@@ -109,8 +112,9 @@ impl Center {
             },
         };
         // Keep the lease alive while waiting, so a win is not lost to its expiry.
+        let asked = Instant::now();
         match store.etcd().keep_alive(lease) {
-            Ok(true) => campaign.renewed = Instant::now(),
+            Ok(true) => campaign.renewed = asked,
             Ok(false) | Err(_) => {
                 campaign.lease = None;
                 return;
@@ -137,12 +141,17 @@ impl Center {
             }
         };
         let holder = outcome.read.first();
-        if outcome.succeeded {
+        // An earlier attempt whose answer was lost may have made the key ours.
+        let ours = holder.is_some_and(|kv| {
+            serde_json::from_slice::<LeaderInfo>(&kv.value).is_ok_and(|l| l == me)
+        });
+        if outcome.succeeded || ours {
             let Some(kv) = holder else { return };
             store.set_fence(Some(Fence {
                 key,
                 create_revision: kv.create_revision,
             }));
+            self.lead_until(asked + LEASE_TTL - LEAD_MARGIN);
             tracing::info!(
                 "center {} is the leader (lease {lease:x})",
                 self.config.name
@@ -162,8 +171,12 @@ impl Center {
             self.step_down(store, campaign, "it holds no lease");
             return;
         };
+        let asked = Instant::now();
         match store.etcd().keep_alive(lease) {
-            Ok(true) => campaign.renewed = Instant::now(),
+            Ok(true) => {
+                campaign.renewed = asked;
+                self.lead_until(asked + LEASE_TTL - LEAD_MARGIN);
+            }
             Ok(false) => self.step_down(store, campaign, "its lease expired"),
             // Unsure whether the lease lives: step down before it could have ended.
             Err(e) if campaign.renewed.elapsed() + TICK * 2 >= LEASE_TTL => {
@@ -180,7 +193,10 @@ impl Center {
     fn step_down(&self, store: &EtcdStore, campaign: &mut Campaign, why: &str) {
         tracing::warn!("center {} is no longer the leader: {why}", self.config.name);
         store.set_fence(None);
-        campaign.lease = None;
+        // The key goes now rather than at the lease's end (if etcd is reachable).
+        if let Some(lease) = campaign.lease.take() {
+            let _ = store.etcd().revoke_lease(lease);
+        }
         *self.role.lock().expect("role lock") = Role::Follower { leader: None };
     }
 }

@@ -213,6 +213,14 @@ pub struct Center {
     store: Box<dyn Store>,
     /// Leader (the only writer, which runs operations) or follower.
     role: Mutex<leader::Role>,
+    /// Counts the terms this replica has led: an operation's threads carry the term
+    /// they were started in and stop once it is over, even if this replica leads again.
+    term: std::sync::atomic::AtomicU64,
+    /// When this replica's lead ends unless the lease is renewed before (none on SQLite:
+    /// a single center leads for ever).
+    lead_until: Mutex<Option<std::time::Instant>>,
+    /// The store's generation a follower last refreshed at.
+    refreshed_at: Mutex<Option<i64>>,
     operations: Mutex<BTreeMap<u64, Operation>>,
     metrics: metrics::Metrics,
     /// The monitor thread and, on etcd, the election's: each stopped by dropping its
@@ -243,6 +251,9 @@ impl Center {
             inventory: Mutex::default(),
             store,
             role: Mutex::new(leader::Role::Follower { leader: None }),
+            term: std::sync::atomic::AtomicU64::new(0),
+            lead_until: Mutex::default(),
+            refreshed_at: Mutex::default(),
             operations: Mutex::default(),
             metrics: metrics::Metrics::default(),
             monitor: Mutex::default(),
@@ -281,6 +292,7 @@ impl Center {
             .iter()
             .map(|op| (op.id, op.clone()))
             .collect();
+        self.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *self.role.lock().expect("role lock") = leader::Role::Leader;
         let inventory = self.inventory();
         let message = format!(
@@ -324,9 +336,14 @@ impl Center {
     }
 
     /// A follower's refresh of what only the leader writes: hosts' modes, migrations,
-    /// operations.
+    /// operations; only when the store's generation moved since the last one.
     pub(crate) fn refresh_from_store(&self) -> Result<(), CenterError> {
+        let generation = self.store.generation()?;
+        if generation.is_some() && *self.refreshed_at.lock().expect("refresh lock") == generation {
+            return Ok(());
+        }
         let loaded = self.store.load()?;
+        *self.refreshed_at.lock().expect("refresh lock") = generation;
         {
             let mut inventory = self.inventory();
             self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
@@ -351,9 +368,31 @@ impl Center {
         self.store.describe()
     }
 
-    /// Whether this replica leads (a single center on SQLite always does).
+    /// Whether this replica leads (a single center on SQLite always does): it has the
+    /// role, and its lease has not run out by its own clock.
     pub fn is_leader(&self) -> bool {
-        matches!(*self.role.lock().expect("role lock"), leader::Role::Leader)
+        let in_time = self
+            .lead_until
+            .lock()
+            .expect("lead lock")
+            .is_none_or(|until| std::time::Instant::now() < until);
+        in_time && matches!(*self.role.lock().expect("role lock"), leader::Role::Leader)
+    }
+
+    /// The term this replica leads in, if it leads.
+    pub(crate) fn term(&self) -> Option<u64> {
+        self.is_leader()
+            .then(|| self.term.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Whether this replica still leads in `term`.
+    pub(crate) fn leads_in(&self, term: u64) -> bool {
+        self.term() == Some(term)
+    }
+
+    /// Renewed: this replica leads until `until` at the latest.
+    pub(crate) fn lead_until(&self, until: std::time::Instant) {
+        *self.lead_until.lock().expect("lead lock") = Some(until);
     }
 
     /// Where the leader is, if this replica follows one it knows.
@@ -467,7 +506,7 @@ impl Center {
         self.metrics.heartbeat(&outcome);
         match outcome {
             BeatOutcome::Taken => {}
-            BeatOutcome::NeedFull => return Ok(BeatAnswer { taken: false }),
+            BeatOutcome::NeedFull => return Ok(BeatAnswer::need_full()),
             BeatOutcome::NameTaken { holder } => {
                 tracing::warn!(
                     "refused a heartbeat as host {name}: a live host at {holder} holds that name"
@@ -490,13 +529,25 @@ impl Center {
         // current, and a next leader hears every host itself.
         if self.is_leader() && (host.is_some() || !vms.is_empty() || !changes.gone.is_empty()) {
             if let Err(e) = self.write_beat(host.as_ref(), &vms, &changes.gone) {
-                tracing::debug!("recording host {name}'s beat: {e}");
+                self.inventory().rewrite_next_beat(&name);
+                // One line per 10 s, not one per host per second.
+                static LAST_WARNED_MS: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(0);
+                let now = unix_ms();
+                let last = LAST_WARNED_MS.load(std::sync::atomic::Ordering::Relaxed);
+                if now.saturating_sub(last) >= 10_000 {
+                    LAST_WARNED_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!("recording heartbeats (host {name}, and maybe others): {e}");
+                }
             }
         }
         if let Err(e) = self.record(&changes.events) {
             tracing::debug!("recording host {name}'s events: {e}");
         }
-        Ok(BeatAnswer { taken: true })
+        Ok(BeatAnswer {
+            taken: true,
+            skipped: changes.skipped,
+        })
     }
 
     /// Writes through what a beat changed.
@@ -716,6 +767,7 @@ impl Center {
             Ok(events) => (events, None),
             Err(e) => (Vec::new(), Some(ferry_migrate::error_chain(&e))),
         };
+        let operations = self.operations(10);
         let inventory = self.inventory();
         let mut migrations: Vec<MigrationRecord> = inventory
             .migrations
@@ -743,7 +795,7 @@ impl Center {
             vms_running: 0,
             vms: Vec::new(),
             migrations,
-            operations: self.operations(10),
+            operations,
             replica: self.config.name.clone(),
             leader: self.leader(),
             store_error,
@@ -839,6 +891,7 @@ impl Center {
             record.clone()
         };
         self.store().put_host(&record)?;
+        self.store().touch()?;
         Ok(())
     }
 }

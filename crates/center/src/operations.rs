@@ -151,8 +151,17 @@ impl Center {
             problems: Vec::new(),
             summary: String::new(),
         };
-        self.store().put_operation(&op)?;
         ops.insert(op.id, op.clone());
+        // Written without the lock (no I/O under it): a second operation meanwhile sees
+        // this one running and is refused.
+        drop(ops);
+        if let Err(e) = self.store().put_operation(&op) {
+            self.operations
+                .lock()
+                .expect("operations lock")
+                .remove(&op.id);
+            return Err(e.into());
+        }
         Ok(op)
     }
 
@@ -195,7 +204,7 @@ impl Center {
         self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id);
-        self.conclude_migration(m, record.id, reason, outcome)
+        self.conclude_migration(m, record.id, reason, outcome, true)
     }
 
     /// Records how migration `id` of `m` ended, and where the VM runs now.
@@ -205,6 +214,7 @@ impl Center {
         id: i64,
         reason: &str,
         outcome: Result<(Option<MigrationReport>, VmInfo), String>,
+        started_here: bool,
     ) -> MigrationRecord {
         let mut inventory = self.inventory();
         inventory
@@ -233,7 +243,11 @@ impl Center {
             }
         };
         let record = entry.clone();
-        self.metrics().migration_ended(&record);
+        if started_here {
+            self.metrics().migration_ended(&record);
+        } else {
+            self.metrics().count_finished(&record);
+        }
         let moved = arrived.map(|info| VmRecord {
             id: m.vm.id.clone(),
             host: m.to.clone(),
@@ -297,6 +311,11 @@ impl Center {
         let (source, dest) = self.move_hosts(m)?;
         let src = self.host_client(&source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{}", m.vm.id);
+        // Checked last thing before the order: a replica deposed since the record was
+        // written orders nothing.
+        self.store()
+            .writable()
+            .map_err(|e| format!("not ordered: {e}"))?;
         src.post::<_, MigrationStatus>(
             &format!("{path}/migrate"),
             &serde_json::json!({ "to": dest.info.migration_addr }),
@@ -409,13 +428,34 @@ impl Center {
                     record.id,
                     &record.reason,
                     Err(done.error.unwrap_or_default()),
+                    false,
                 );
             }
         };
         let outcome = (|| {
             let (source, dest) = self.move_hosts(&m)?;
             let src = self.host_client(&source).map_err(|e| e.to_string())?;
-            let asked = src.get::<MigrationStatus>(&format!("/v1/vms/{}/migration", record.vm));
+            // Only the source's "no such migration" means none: an unreachable source
+            // is asked again, as a running migration is polled.
+            let path = format!("/v1/vms/{}/migration", record.vm);
+            let since = Instant::now();
+            let asked = loop {
+                match src.get::<MigrationStatus>(&path) {
+                    Err(e)
+                        if e.downcast_ref::<ferry_client::ApiError>()
+                            .is_none_or(|a| a.status != 404) =>
+                    {
+                        if since.elapsed() > LOST_CONTACT {
+                            return Err(format!(
+                                "lost contact with host {} while settling the previous leader's migration ({e:#}); check the VM there",
+                                source.name
+                            ));
+                        }
+                        std::thread::sleep(POLL);
+                    }
+                    other => break other,
+                }
+            };
             match asked {
                 Ok(status) if status.state == MigrationState::Running => {
                     let report = self.poll_migration(&source, &record.vm, record.id)?;
@@ -442,7 +482,7 @@ impl Center {
                 },
             }
         })();
-        self.conclude_migration(&m, record.id, &record.reason, outcome)
+        self.conclude_migration(&m, record.id, &record.reason, outcome, false)
     }
 
     /// Resumes, as the new leader, the operations and migrations that were running.
@@ -470,6 +510,7 @@ impl Center {
         if running.is_empty() && orphans.is_empty() {
             return;
         }
+        let Some(term) = self.term() else { return };
         // Migrations recorded outside any operation (the old leader died between
         // recording one and noting it in its operation) are settled first.
         let center = self.clone();
@@ -480,7 +521,7 @@ impl Center {
                     center.settle_recorded_migration(&m);
                 }
                 for op in running {
-                    center.resume_operation(op);
+                    center.resume_operation(op, term);
                 }
             });
         if let Err(e) = spawned {
@@ -488,7 +529,7 @@ impl Center {
         }
     }
 
-    fn resume_operation(self: &Arc<Self>, op: Operation) {
+    fn resume_operation(self: &Arc<Self>, op: Operation, term: u64) {
         let _ = self.record(&[Event::now(
             "operation-resumed",
             format!(
@@ -542,7 +583,7 @@ impl Center {
                 let moves = match self.plan_evacuation(&host) {
                     Ok(moves) => moves,
                     Err(e) => {
-                        self.finish_evacuation(&host, &records, op.id, Some(e.to_string()));
+                        self.finish_evacuation(&host, &records, op.id, term, Some(e.to_string()));
                         return;
                     }
                 };
@@ -554,15 +595,22 @@ impl Center {
                     );
                 });
                 self.reserve(&moves);
-                records.extend(self.run_moves(&moves, &format!("maintenance of {host}"), op.id));
-                self.finish_evacuation(&host, &records, op.id, None);
+                records.extend(self.run_moves(
+                    &moves,
+                    &format!("maintenance of {host}"),
+                    op.id,
+                    term,
+                ));
+                self.finish_evacuation(&host, &records, op.id, term, None);
             }
-            _ => self.finish_balance(op.id, &records),
+            // The moves not ordered before the lead changed are not made: the plan may
+            // no longer hold. The operation says so.
+            _ => self.finish_balance(op.id, term, op.planned.len(), &records),
         }
     }
 
     /// Runs `moves`, at most `parallel` at once; returns each one's record.
-    fn run_moves(&self, moves: &[Move], reason: &str, op: u64) -> Vec<MigrationRecord> {
+    fn run_moves(&self, moves: &[Move], reason: &str, op: u64, term: u64) -> Vec<MigrationRecord> {
         let next = AtomicUsize::new(0);
         let records = std::sync::Mutex::new(Vec::new());
         let workers = self.config.parallel.clamp(1, moves.len().max(1));
@@ -571,9 +619,9 @@ impl Center {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(m) = moves.get(i) else { break };
-                    // A replica that lost the lead orders nothing more: the next leader
-                    // resumes from the record.
-                    if !self.is_leader() {
+                    // A replica that lost the lead (even if it leads again since) orders
+                    // nothing more: the leader resumes from the record.
+                    if !self.leads_in(term) {
                         break;
                     }
                     let record = self.move_vm(m, reason, op);
@@ -651,27 +699,53 @@ impl Center {
             )));
         }
         let moves = self.plan_evacuation(host)?;
+        let term = self.term().ok_or(StoreError::NotLeader)?;
         let op = self.begin_operation("maintenance", Some(host), &moves)?;
         self.reserve(&moves);
-        self.set_mode(host, HostMode::Evacuating)?;
-        self.record(&[Event::now(
-            "maintenance",
-            format!(
-                "host {host} entering maintenance: {} VM(s) to move",
-                moves.len()
-            ),
-        )])?;
+        if let Err(e) = self.set_mode(host, HostMode::Evacuating) {
+            return Err(self.abandon(&op, &moves, e));
+        }
+        let message = format!(
+            "host {host} entering maintenance: {} VM(s) to move",
+            moves.len()
+        );
+        if let Err(e) = self.record(&[Event::now("maintenance", message)]) {
+            tracing::warn!("recording an event: {e}");
+        }
         let center = self.clone();
-        let host = host.to_string();
-        let id = op.id;
-        std::thread::Builder::new()
+        let evacuated = host.to_string();
+        let spawned = std::thread::Builder::new()
             .name(format!("evacuate-{host}"))
-            .spawn(move || {
-                let records = center.run_moves(&moves, &format!("maintenance of {host}"), id);
-                center.finish_evacuation(&host, &records, id, None);
-            })
-            .map_err(|e| CenterError::Conflict(format!("cannot start the evacuation: {e}")))?;
+            .spawn({
+                let moves = moves.clone();
+                move || {
+                    let host = evacuated;
+                    let records =
+                        center.run_moves(&moves, &format!("maintenance of {host}"), op.id, term);
+                    center.finish_evacuation(&host, &records, op.id, term, None);
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self.set_mode(host, HostMode::Active);
+            let e = CenterError::Conflict(format!("cannot start the evacuation: {e}"));
+            return Err(self.abandon(&op, &moves, e));
+        }
         Ok(op)
+    }
+
+    /// Operation `op` could not start after all (`error`): its room is given back and it
+    /// ends as incomplete, so it neither blocks the next one nor is resumed.
+    fn abandon(&self, op: &Operation, moves: &[Move], error: CenterError) -> CenterError {
+        self.inventory()
+            .reservations
+            .retain(|r| !moves.iter().any(|m| r.vm == m.vm.id && r.host == m.to));
+        let why = error.to_string();
+        self.update_operation(op.id, |o| {
+            o.state = "incomplete".into();
+            o.finished_ms = Some(unix_ms());
+            o.summary = format!("not started: {why}");
+        });
+        error
     }
 
     /// Ends maintenance operation `op` of `host` after its moves (`records`): the host is
@@ -682,9 +756,10 @@ impl Center {
         host: &str,
         records: &[MigrationRecord],
         op: u64,
+        term: u64,
         problem: Option<String>,
     ) {
-        if !self.is_leader() {
+        if !self.leads_in(term) {
             return;
         }
         // A VM's last attempt is what counts: one a previous leader recorded but never
@@ -750,9 +825,9 @@ impl Center {
         });
     }
 
-    /// Ends balance operation `op` after its moves.
-    fn finish_balance(&self, op: u64, records: &[MigrationRecord]) {
-        if !self.is_leader() {
+    /// Ends balance operation `op` after its moves (`planned` were planned).
+    fn finish_balance(&self, op: u64, term: u64, planned: usize, records: &[MigrationRecord]) {
+        if !self.leads_in(term) {
             return;
         }
         let problems: Vec<String> = records
@@ -760,15 +835,11 @@ impl Center {
             .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.vm)))
             .collect();
         let moved = records.len() - problems.len();
+        let complete = problems.is_empty() && records.len() >= planned;
         self.update_operation(op, |o| {
-            o.state = if problems.is_empty() {
-                "done"
-            } else {
-                "incomplete"
-            }
-            .into();
+            o.state = if complete { "done" } else { "incomplete" }.into();
             o.finished_ms = Some(unix_ms());
-            o.summary = format!("balance: {moved} of {} move(s) made", records.len());
+            o.summary = format!("balance: {moved} of {planned} move(s) made");
             o.problems = problems;
         });
     }
@@ -837,18 +908,25 @@ impl Center {
                 })
                 .collect()
         };
+        let term = self.term().ok_or(StoreError::NotLeader)?;
         let op = self.begin_operation("balance", None, &moves)?;
         self.reserve(&moves);
-        self.record(&[Event::now("balance", plan.summary.clone())])?;
+        if let Err(e) = self.record(&[Event::now("balance", plan.summary.clone())]) {
+            tracing::warn!("recording an event: {e}");
+        }
         let center = self.clone();
         let id = op.id;
-        std::thread::Builder::new()
-            .name("balance".into())
-            .spawn(move || {
-                let records = center.run_moves(&moves, "balance", id);
-                center.finish_balance(id, &records);
-            })
-            .map_err(|e| CenterError::Conflict(format!("cannot start balancing: {e}")))?;
+        let spawned = std::thread::Builder::new().name("balance".into()).spawn({
+            let moves = moves.clone();
+            move || {
+                let records = center.run_moves(&moves, "balance", id, term);
+                center.finish_balance(id, term, moves.len(), &records);
+            }
+        });
+        if let Err(e) = spawned {
+            let e = CenterError::Conflict(format!("cannot start balancing: {e}"));
+            return Err(self.abandon(&op, &moves, e));
+        }
         Ok(BalanceOutcome {
             plan,
             operation: Some(op),

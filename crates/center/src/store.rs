@@ -34,6 +34,15 @@ pub trait Store: Send + Sync {
     fn events(&self, n: usize) -> Result<Vec<Event>, StoreError>;
     /// What it is, for the log (`SQLite ferry-center.db`, `etcd http://...`).
     fn describe(&self) -> String;
+    /// A number that changes whenever the leader writes what followers refresh (modes,
+    /// migrations, operations), so a follower reloads only then; `None`: always reload.
+    fn generation(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
+    /// Marks such a change (a host's mode: the other writes mark it themselves).
+    fn touch(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether a write would be taken now (the leadership holds and etcd has a quorum):
     /// checked before acting on a host, so nothing is done that cannot be recorded.
     fn writable(&self) -> Result<(), StoreError> {
@@ -66,7 +75,7 @@ pub enum StoreError {
     #[error("the cluster store (etcd) failed")]
     Etcd(#[from] EtcdError),
     /// This center is not (or no longer) the leader: its writes are refused.
-    #[error("this center replica is not the leader; only the leader writes (the write was refused, nothing changed)")]
+    #[error("this center replica is not (or no longer) the leader; only the leader writes, and this write was refused")]
     NotLeader,
 }
 
@@ -347,6 +356,15 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// The write that marks a change followers reload.
+    fn bump(&self) -> Op {
+        Op::Put {
+            key: self.key("generation"),
+            value: Vec::new(),
+            lease: None,
+        }
+    }
+
     fn put_op<T: serde::Serialize>(&self, name: String, value: &T) -> Op {
         Op::Put {
             key: self.key(&name),
@@ -440,6 +458,7 @@ impl Store for EtcdStore {
                     lease: None,
                 },
                 self.put_op(format!("migrations/{id:020}"), &record),
+                self.bump(),
             ];
             let outcome = self.etcd.txn(&when, &then, &[Op::Get(fence.key.clone())])?;
             if outcome.succeeded {
@@ -462,12 +481,16 @@ impl Store for EtcdStore {
 
     fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
         self.write(vec![
-            self.put_op(format!("migrations/{:020}", record.id), record)
+            self.put_op(format!("migrations/{:020}", record.id), record),
+            self.bump(),
         ])
     }
 
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
-        self.write(vec![self.put_op(format!("operations/{:020}", op.id), op)])
+        self.write(vec![
+            self.put_op(format!("operations/{:020}", op.id), op),
+            self.bump(),
+        ])
     }
 
     fn add_event(&self, event: &Event) -> Result<(), StoreError> {
@@ -509,6 +532,18 @@ impl Store for EtcdStore {
     fn writable(&self) -> Result<(), StoreError> {
         // A transaction with no writes still needs the quorum, and compares the fence.
         self.write_checked(&[])
+    }
+
+    fn generation(&self) -> Result<Option<i64>, StoreError> {
+        Ok(Some(
+            self.etcd
+                .get(&self.key("generation"))?
+                .map_or(0, |kv| kv.mod_revision),
+        ))
+    }
+
+    fn touch(&self) -> Result<(), StoreError> {
+        self.write(vec![self.bump()])
     }
 
     fn as_etcd(&self) -> Option<&EtcdStore> {

@@ -75,6 +75,10 @@ impl Clone for ApiClient {
     }
 }
 
+/// Header on a request a center replica forwarded to the leader: it is never forwarded
+/// again.
+pub const FORWARDED: &str = "x-ferry-forwarded";
+
 /// The largest answer read: a whole cluster's view of 40,000 VMs is about 20 MB.
 const MAX_ANSWER_BYTES: u64 = 256 << 20;
 
@@ -105,6 +109,8 @@ impl ApiClient {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
+            // A replica that drops packets is given up quickly for the next address.
+            .timeout_connect(Some(Duration::from_secs(3)))
             .tls_config(tls)
             .build()
             .new_agent();
@@ -151,7 +157,9 @@ impl ApiClient {
                 Err(e) => {
                     let unsent = matches!(
                         e,
-                        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound
+                        ureq::Error::ConnectionFailed
+                            | ureq::Error::HostNotFound
+                            | ureq::Error::Timeout(ureq::Timeout::Connect)
                     ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
                     failures.push(format!("{}: {e}", self.bases[i]));
                     if !(unsent || idempotent) {
@@ -294,6 +302,7 @@ impl ApiClient {
                 .method(method)
                 .uri(format!("{base}{path}"))
                 .header("Authorization", authorization)
+                .header(FORWARDED, "1")
                 .header("Content-Type", "application/json")
                 .body(body.clone())
                 .map_err(ureq::Error::from)?;

@@ -83,7 +83,7 @@ fn beat_to(
                 );
                 let sent = client.post::<_, BeatAnswer>("/v1/heartbeat", &beat);
                 series.answered(sent.as_ref().ok());
-                if matches!(sent, Ok(BeatAnswer { taken: false })) {
+                if matches!(sent, Ok(BeatAnswer { taken: false, .. })) {
                     // The center needs the whole picture: send it now, not in a second.
                     continue;
                 }

@@ -432,8 +432,8 @@ pub fn simulate_hosts(
                     counters[0].fetch_add(1, Ordering::Relaxed);
                     counters[4].fetch_add(size, Ordering::Relaxed);
                     match answer {
-                        Some(BeatAnswer { taken: true }) => &counters[1],
-                        Some(BeatAnswer { taken: false }) => &counters[2],
+                        Some(BeatAnswer { taken: true, .. }) => &counters[1],
+                        Some(BeatAnswer { taken: false, .. }) => &counters[2],
                         None => &counters[3],
                     }
                     .fetch_add(1, Ordering::Relaxed);
