@@ -15,7 +15,6 @@ use ferry_center::store::{EtcdStore, Fence, Store, StoreError};
 use serde_json::Value;
 
 const TOKEN: &str = "operator-token-0123456789";
-const HEARTBEAT_MS: &str = "200";
 const DOWN_AFTER_MS: &str = "1500";
 /// A training run that is still running when its host is emptied.
 const MLP: &str = "--steps 20000 --print-every 500";
@@ -227,25 +226,7 @@ impl Ha {
             .map(|r| r.url.clone())
             .collect::<Vec<_>>()
             .join(",");
-        let hosts = ["a", "b", "c"]
-            .iter()
-            .map(|name| {
-                let daemon = Daemon::start_with(
-                    name,
-                    &[
-                        "--center",
-                        &centers,
-                        "--heartbeat-ms",
-                        HEARTBEAT_MS,
-                        "--accel-capacity",
-                        "1G",
-                        "--memory-capacity",
-                        "4G",
-                    ],
-                );
-                (name.to_string(), daemon)
-            })
-            .collect();
+        let hosts = common::cluster_hosts(&centers, "1G");
         let ha = Self {
             etcd,
             replicas,

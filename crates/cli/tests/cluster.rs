@@ -15,8 +15,7 @@ use common::{kvm_available, reference, text, Daemon};
 use serde_json::Value;
 
 const TOKEN: &str = "operator-token-0123456789";
-/// Heartbeats every 200 ms; a host silent for 1.5 s is down.
-const HEARTBEAT_MS: &str = "200";
+/// A host silent for 1.5 s is down (hosts beat every 200 ms).
 const DOWN_AFTER_MS: &str = "1500";
 /// A training run long enough to still be running when it is moved.
 const MLP: &str = "--steps 400 --print-every 20";
@@ -139,25 +138,7 @@ struct Cluster {
 impl Cluster {
     fn start(test: &str, accel_capacity: &str) -> Self {
         let center = CenterProc::start(scratch_dir(test).join("center.db"), "127.0.0.1:0");
-        let hosts = ["a", "b", "c"]
-            .iter()
-            .map(|name| {
-                let daemon = Daemon::start_with(
-                    name,
-                    &[
-                        "--center",
-                        &center.url,
-                        "--heartbeat-ms",
-                        HEARTBEAT_MS,
-                        "--accel-capacity",
-                        accel_capacity,
-                        "--memory-capacity",
-                        "4G",
-                    ],
-                );
-                (name.to_string(), daemon)
-            })
-            .collect();
+        let hosts = common::cluster_hosts(&center.url, accel_capacity);
         let cluster = Self { center, hosts };
         cluster.center.wait_for("three hosts up", |s| {
             s["hosts"].as_array().unwrap().len() == 3

@@ -144,6 +144,31 @@ pub fn center_url(line: &str) -> String {
         .to_string()
 }
 
+/// Hosts a, b and c reporting to `centers` (one URL or several, comma-separated) with
+/// heartbeats every 200 ms, each with `accel_capacity` of accelerator memory and 4 GiB
+/// of VM memory.
+pub fn cluster_hosts(centers: &str, accel_capacity: &str) -> Vec<(String, Daemon)> {
+    ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let daemon = Daemon::start_with(
+                name,
+                &[
+                    "--center",
+                    centers,
+                    "--heartbeat-ms",
+                    "200",
+                    "--accel-capacity",
+                    accel_capacity,
+                    "--memory-capacity",
+                    "4G",
+                ],
+            );
+            (name.to_string(), daemon)
+        })
+        .collect()
+}
+
 /// Resident memory (bytes) and threads of process `pid`.
 pub fn footprint(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
