@@ -15,6 +15,8 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use ferry_migrate::PageSet;
+
 use crate::backend::BufferId;
 
 /// Bytes of device memory per dirty-tracking chunk (see the module's notes).
@@ -34,11 +36,12 @@ pub fn chunk_count(bytes: u64) -> u64 {
     bytes.div_ceil(CHUNK_SIZE)
 }
 
-/// Dirty bitmaps for the buffers of one device.
+/// Dirty chunks of the buffers of one device: a set of chunk indices per buffer (the
+/// engine's [`PageSet`], with chunks for pages).
 #[derive(Debug, Default)]
 pub struct DirtyChunks {
     tracking: bool,
-    bitmaps: BTreeMap<BufferId, Vec<u64>>,
+    bitmaps: BTreeMap<BufferId, PageSet>,
 }
 
 impl DirtyChunks {
@@ -67,14 +70,12 @@ impl DirtyChunks {
         if !self.tracking || range.is_empty() {
             return;
         }
-        let words = chunk_count(buffer_bytes).div_ceil(64) as usize;
-        let bitmap = self.bitmaps.entry(id).or_insert_with(|| vec![0; words]);
+        let chunks = self
+            .bitmaps
+            .entry(id)
+            .or_insert_with(|| PageSet::empty(chunk_count(buffer_bytes)));
         let last = (range.end.min(buffer_bytes).saturating_sub(1)) / CHUNK_SIZE;
-        for chunk in range.start / CHUNK_SIZE..=last {
-            if let Some(word) = bitmap.get_mut((chunk / 64) as usize) {
-                *word |= 1 << (chunk % 64);
-            }
-        }
+        chunks.insert_range(range.start / CHUNK_SIZE..last + 1);
     }
 
     /// Marks a whole buffer (created while tracking).
@@ -91,27 +92,18 @@ impl DirtyChunks {
     /// clears them.
     pub fn take(&mut self) -> Vec<ChunkId> {
         let chunks = self.marked();
-        self.bitmaps.values_mut().for_each(|bitmap| bitmap.fill(0));
+        self.bitmaps.values_mut().for_each(PageSet::clear);
         chunks
     }
 
     /// The chunks written since the last take (or start), in (buffer, index) order.
     pub fn marked(&self) -> Vec<ChunkId> {
-        let mut chunks = Vec::new();
-        for (&buffer, bitmap) in &self.bitmaps {
-            for (w, &word) in bitmap.iter().enumerate() {
-                let mut bits = word;
-                while bits != 0 {
-                    let bit = bits.trailing_zeros();
-                    bits &= bits - 1;
-                    chunks.push(ChunkId {
-                        buffer,
-                        index: w as u64 * 64 + u64::from(bit),
-                    });
-                }
-            }
-        }
-        chunks
+        self.bitmaps
+            .iter()
+            .flat_map(|(&buffer, chunks)| {
+                chunks.pages().map(move |index| ChunkId { buffer, index })
+            })
+            .collect()
     }
 }
 

@@ -277,6 +277,28 @@ impl PageSet {
         }
     }
 
+    /// Adds the pages in `range` (those past the end are ignored).
+    pub fn insert_range(&mut self, range: std::ops::Range<u64>) {
+        let end = range.end.min(self.pages);
+        let mut page = range.start;
+        while page < end {
+            let (word, bit) = ((page / 64) as usize, page % 64);
+            let n = (64 - bit).min(end - page);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[word] |= mask;
+            page += n;
+        }
+    }
+
+    /// Removes every page.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
     /// Adds every page of `other` (same size).
     pub fn union_with(&mut self, other: &PageSet) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {
@@ -490,6 +512,20 @@ pub trait MigrationTarget: Send + Sync {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_range_sets_exactly_its_pages_across_words() {
+        let mut set = PageSet::empty(200);
+        set.insert_range(60..130);
+        set.insert_range(190..250);
+        let pages: Vec<u64> = set.pages().collect();
+        let want: Vec<u64> = (60..130).chain(190..200).collect();
+        assert_eq!(pages, want);
+        set.insert_range(5..5);
+        assert_eq!(set.count(), want.len() as u64);
+        set.clear();
+        assert!(set.is_empty());
+    }
+
     use super::*;
 
     #[test]
