@@ -1075,7 +1075,7 @@ impl Accelerator {
         let guard = lock_capture(&self.shared.capture);
         let capture = guard.as_ref().ok_or(CaptureError::NotCapturing)?;
         capture.failure()?;
-        Ok(capture.unread().into_iter().collect())
+        Ok(capture.unread())
     }
 
     /// The commands logged since the last take, in order.

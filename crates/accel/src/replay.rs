@@ -13,7 +13,7 @@
 //! migration copies as RAM. A failed upload or file load wrote nothing and is skipped; a
 //! kernel runs again even if it failed (it may have written part), and must fail again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use ferry_abi::accel::{op, status, Command};
 use serde::{Deserialize, Serialize};
@@ -203,8 +203,8 @@ impl Capture {
         }))
     }
 
-    /// The base chunks not read yet.
-    pub(crate) fn unread(&self) -> BTreeSet<ChunkId> {
+    /// The base chunks not read yet, in order.
+    pub(crate) fn unread(&self) -> Vec<ChunkId> {
         self.unread.keys().copied().collect()
     }
 

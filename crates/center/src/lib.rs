@@ -272,27 +272,9 @@ impl Center {
     /// of since, migrations, operations) over what heartbeats told this replica, then
     /// resumes the operations that were running.
     pub(crate) fn lead(self: &Arc<Self>) -> Result<(), CenterError> {
-        let loaded = self.store.load()?;
-        let first = {
-            let mut inventory = self.inventory();
-            let first = inventory.migrations.is_empty();
-            self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
-            inventory.migrations.clear();
-            for m in &loaded.migrations {
-                // Counters carry on from the migrations on record.
-                if m.state != "running" {
-                    self.metrics.count_finished(m);
-                }
-                inventory.add_migration(m.clone());
-            }
-            first
-        };
-        *self.operations.lock().expect("operations lock") = loaded
-            .operations
-            .iter()
-            .map(|op| (op.id, op.clone()))
-            .collect();
-        self.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.adopt(self.store.load()?);
+        // This process's first lead is its start (a single center's is at open).
+        let first = self.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         *self.role.lock().expect("role lock") = leader::Role::Leader;
         let inventory = self.inventory();
         let message = format!(
@@ -344,6 +326,14 @@ impl Center {
         }
         let loaded = self.store.load()?;
         *self.refreshed_at.lock().expect("refresh lock") = generation;
+        self.adopt(loaded);
+        Ok(())
+    }
+
+    /// Takes what the store holds over this replica's view: hosts' modes, the VMs of
+    /// hosts it has not heard, migrations (counting the finished ones not yet counted)
+    /// and operations.
+    fn adopt(&self, loaded: store::Loaded) {
         {
             let mut inventory = self.inventory();
             self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
@@ -360,7 +350,6 @@ impl Center {
             .into_iter()
             .map(|op| (op.id, op))
             .collect();
-        Ok(())
     }
 
     /// Where the state is kept, in words.

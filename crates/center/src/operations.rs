@@ -48,25 +48,6 @@ pub struct Operation {
     pub summary: String,
 }
 
-/// What stands for a VM the cluster no longer knows, in the record of its move.
-fn placeholder_info(id: &str) -> VmInfo {
-    VmInfo {
-        id: id.into(),
-        workload: String::new(),
-        name: None,
-        args: Vec::new(),
-        state: VmState::Stopped,
-        memory: 0,
-        accel_memory: 0,
-        accel_load: 0.0,
-        uptime_ms: 0,
-        since_unix_ms: 0,
-        migrated_from: None,
-        files: Vec::new(),
-        console_tail: String::new(),
-    }
-}
-
 /// A move to make: the VM, where it is and where it goes.
 #[derive(Debug, Clone)]
 struct Move {
@@ -204,13 +185,15 @@ impl Center {
         self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id);
-        self.conclude_migration(m, record.id, reason, outcome, true)
+        self.conclude_migration(&m.vm.id, &m.to, record.id, reason, outcome, true)
     }
 
-    /// Records how migration `id` of `m` ended, and where the VM runs now.
+    /// Records how migration `id` of VM `vm` to host `to` ended, and where the VM runs
+    /// now.
     fn conclude_migration(
         &self,
-        m: &Move,
+        vm: &str,
+        to: &str,
         id: i64,
         reason: &str,
         outcome: Result<(Option<MigrationReport>, VmInfo), String>,
@@ -219,7 +202,7 @@ impl Center {
         let mut inventory = self.inventory();
         inventory
             .reservations
-            .retain(|r| !(r.vm == m.vm.id && r.host == m.to));
+            .retain(|r| !(r.vm == vm && r.host == to));
         let Some(entry) = inventory.migration_mut(id) else {
             return MigrationRecord::default();
         };
@@ -249,8 +232,8 @@ impl Center {
             self.metrics().count_finished(&record);
         }
         let moved = arrived.map(|info| VmRecord {
-            id: m.vm.id.clone(),
-            host: m.to.clone(),
+            id: vm.to_string(),
+            host: to.to_string(),
             info,
         });
         if let Some(vm) = &moved {
@@ -413,21 +396,12 @@ impl Center {
                 }
             }
             None => {
-                let mut done = record.clone();
-                done.state = "failed".into();
-                done.error = Some("the VM is no longer known to the cluster".into());
                 return self.conclude_migration(
-                    &Move {
-                        vm: VmRecord {
-                            id: record.vm.clone(),
-                            host: record.from.clone(),
-                            info: placeholder_info(&record.vm),
-                        },
-                        to: record.to.clone(),
-                    },
+                    &record.vm,
+                    &record.to,
                     record.id,
                     &record.reason,
-                    Err(done.error.unwrap_or_default()),
+                    Err("the VM is no longer known to the cluster".into()),
                     false,
                 );
             }
@@ -482,7 +456,14 @@ impl Center {
                 },
             }
         })();
-        self.conclude_migration(&m, record.id, &record.reason, outcome, false)
+        self.conclude_migration(
+            &record.vm,
+            &record.to,
+            record.id,
+            &record.reason,
+            outcome,
+            false,
+        )
     }
 
     /// Resumes, as the new leader, the operations and migrations that were running.
