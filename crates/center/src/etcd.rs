@@ -352,12 +352,35 @@ impl Etcd {
             .next())
     }
 
-    /// A transaction: `then` if every condition in `when` holds, else `otherwise`.
+    /// A transaction: `then` if every condition in `when` holds, else `otherwise`. Not
+    /// sent again when its answer is lost (it may have taken effect).
     pub fn txn(
         &self,
         when: &[Compare],
         then: &[Op],
         otherwise: &[Op],
+    ) -> Result<TxnOutcome, EtcdError> {
+        self.transaction(when, then, otherwise, false)
+    }
+
+    /// [`Etcd::txn`] for a transaction that does the same if it runs twice (puts of
+    /// fixed values, deletes, reads): sent again, to another member if need be, when its
+    /// answer is lost, as while etcd elects a new leader.
+    pub fn txn_repeatable(
+        &self,
+        when: &[Compare],
+        then: &[Op],
+        otherwise: &[Op],
+    ) -> Result<TxnOutcome, EtcdError> {
+        self.transaction(when, then, otherwise, true)
+    }
+
+    fn transaction(
+        &self,
+        when: &[Compare],
+        then: &[Op],
+        otherwise: &[Op],
+        repeatable: bool,
     ) -> Result<TxnOutcome, EtcdError> {
         let compare: Vec<Value> = when
             .iter()
@@ -393,7 +416,7 @@ impl Etcd {
                 .collect()
         };
         let body = json!({ "compare": compare, "success": ops(then), "failure": ops(otherwise) });
-        let answer = self.call("txn", "/v3/kv/txn", &body, false)?;
+        let answer = self.call("txn", "/v3/kv/txn", &body, repeatable)?;
         let succeeded = answer
             .get("succeeded")
             .and_then(Value::as_bool)

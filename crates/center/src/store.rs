@@ -349,7 +349,8 @@ impl EtcdStore {
     fn write_checked(&self, ops: &[Op]) -> Result<(), StoreError> {
         let fence = self.fence()?;
         let when = [Compare::CreateRevision(fence.key, fence.create_revision)];
-        if !self.etcd.txn(&when, ops, &[])?.succeeded {
+        // Puts of fixed values and deletes: the same if run twice.
+        if !self.etcd.txn_repeatable(&when, ops, &[])?.succeeded {
             self.set_fence(None);
             return Err(StoreError::NotLeader);
         }
