@@ -25,7 +25,8 @@ use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
 use crate::files::FileSource;
 use crate::kernel::Kernel;
 use crate::replay::{
-    Capture, CaptureError, CaptureLimits, CaptureReport, DeviceDigest, LogEntry, ReplayError,
+    command_of, replays, Capture, CaptureError, CaptureLimits, CaptureReport, DeviceDigest,
+    LoggedCommand, ReplayError,
 };
 use crate::ring::{head_is_sane, GuestRam, Ring};
 
@@ -664,7 +665,7 @@ impl Core {
             }
         }
         if let Some(capture) = lock_capture(&self.capture).as_mut() {
-            capture.log(LogEntry {
+            capture.log(LoggedCommand {
                 opcode: cmd.opcode,
                 args: a.to_vec(),
                 payload,
@@ -674,8 +675,8 @@ impl Core {
     }
 
     /// Replays one logged command (see [`crate::replay`]).
-    fn replay(&mut self, index: usize, entry: &LogEntry) -> Result<(), ReplayError> {
-        if !entry.replays() {
+    fn replay(&mut self, index: usize, entry: &LoggedCommand) -> Result<(), ReplayError> {
+        if !replays(entry) {
             return Ok(());
         }
         let diverged = |got: u32| ReplayError::Diverged {
@@ -702,7 +703,7 @@ impl Core {
             return Ok(());
         }
         let got = self
-            .execute(&entry.command())
+            .execute(&command_of(entry))
             .map_or_else(|s| s, |()| status::OK);
         if got == entry.status {
             Ok(())
@@ -1032,66 +1033,11 @@ impl Accelerator {
         Ok(())
     }
 
-    /// Starts a capture at the next command boundary (waiting for the command in flight):
-    /// the base is device memory as of now, and every command from now on is logged.
-    /// Returns the buffer table of the base. The device may keep running.
-    pub fn start_capture(&self, limits: CaptureLimits) -> Vec<BufferState> {
-        let core = self.core();
-        let table = self.map().table();
-        let chunks = table.iter().flat_map(|b| {
-            (0..chunk_count(b.bytes)).map(move |index| {
-                let chunk = ChunkId {
-                    buffer: b.id,
-                    index,
-                };
-                (chunk, b.bytes)
-            })
-        });
-        *lock_capture(&core.capture) = Some(Capture::new(limits, chunks));
-        core.capturing.store(true, Ordering::Release);
-        table
-    }
-
-    /// Copies base chunk `chunk` into `out` as it was at the capture's boundary; `false`
-    /// if it is not in the base or was read already. Each base chunk is read once.
-    pub fn read_base_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Result<bool, CaptureError> {
-        let mut guard = lock_capture(&self.shared.capture);
-        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
-        capture.failure()?;
-        match capture.take_base_chunk(chunk) {
-            Err(()) => Ok(false),
-            Ok(Some(data)) => {
-                *out = data;
-                Ok(true)
-            }
-            // Never written since the boundary, and it cannot be while the capture lock
-            // is held: the device preserves a chunk under it before writing.
-            Ok(None) => Ok(self.shared.tracker.read_chunk(chunk, out).is_some()),
+    /// The device's capture for a migration's replay, used without the VM's lock.
+    pub fn capture(&self) -> DeviceCapture {
+        DeviceCapture {
+            shared: self.shared.clone(),
         }
-    }
-
-    /// The base chunks not read yet.
-    pub fn unread_base_chunks(&self) -> Result<Vec<ChunkId>, CaptureError> {
-        let guard = lock_capture(&self.shared.capture);
-        let capture = guard.as_ref().ok_or(CaptureError::NotCapturing)?;
-        capture.failure()?;
-        Ok(capture.unread())
-    }
-
-    /// The commands logged since the last take, in order.
-    pub fn take_log(&self) -> Result<Vec<LogEntry>, CaptureError> {
-        let mut guard = lock_capture(&self.shared.capture);
-        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
-        capture.failure()?;
-        Ok(capture.take_log())
-    }
-
-    /// Ends the capture (at the next command boundary) and says what it cost.
-    pub fn stop_capture(&self) -> Option<CaptureReport> {
-        let core = self.core();
-        core.capturing.store(false, Ordering::Release);
-        let capture = lock_capture(&core.capture).take();
-        capture.map(|c| c.report())
     }
 
     /// Runs `f` on the device thread (where the backend runs kernels), even while the
@@ -1116,7 +1062,7 @@ impl Accelerator {
     /// Replays `entries` (a source's log) on this device's memory, on the device thread.
     /// The device must be paused; it stops at the first command that completes otherwise
     /// than it did there.
-    pub fn replay(&self, entries: Vec<LogEntry>) -> Result<(), ReplayError> {
+    pub fn replay(&self, entries: Vec<LoggedCommand>) -> Result<(), ReplayError> {
         self.on_device(move |core| {
             for (index, entry) in entries.iter().enumerate() {
                 core.replay(index, entry)?;
@@ -1125,28 +1071,9 @@ impl Accelerator {
         })
     }
 
-    /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
-    /// device must be paused.
+    /// See [`DeviceCapture::digest`].
     pub fn digest(&self) -> DeviceDigest {
-        let core = self.core();
-        let table = self.map().table();
-        let mut piece = vec![0u8; COPY_PIECE as usize];
-        DeviceDigest(
-            table
-                .iter()
-                .map(|b| {
-                    let mut crc = crc32fast::Hasher::new();
-                    let mut at = 0;
-                    while at < b.bytes {
-                        let n = (b.bytes - at).min(COPY_PIECE) as usize;
-                        core.backend.read(b.id, at, &mut piece[..n]);
-                        crc.update(&piece[..n]);
-                        at += n as u64;
-                    }
-                    (b.id, b.bytes, crc.finalize())
-                })
-                .collect(),
-        )
+        self.capture().digest()
     }
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
@@ -1184,6 +1111,131 @@ impl Accelerator {
             }
         }
         Ok(())
+    }
+}
+
+/// A device's capture for a migration's replay (see [`crate::replay`]): a consistent
+/// base read while the device runs on, and the log of the commands run after it. Held
+/// by the migration without the VM's lock (its calls wait at most for the command in
+/// flight).
+#[derive(Clone)]
+pub struct DeviceCapture {
+    shared: Arc<Shared>,
+}
+
+impl DeviceCapture {
+    /// Starts a capture at the next command boundary (waiting for the command in flight)
+    /// and returns the base's buffer table and chunks; every command from then on is
+    /// logged, and the device may keep running. The base is device memory as of the
+    /// boundary: with `since` `None`, its written chunks (the others read as zero); with
+    /// `Some(pending)`, the chunks `pending` and those dirty now (taken), of the base's
+    /// buffers, for a destination that has the rest from pre-copy.
+    pub fn start_capture(
+        &self,
+        limits: CaptureLimits,
+        since: Option<&[ChunkId]>,
+    ) -> (Vec<BufferState>, Vec<ChunkId>) {
+        let core = self.shared.core.lock().expect("accel core lock");
+        let mut map = self.shared.tracker.map();
+        let table = map.table();
+        let written = map.written.marked();
+        let base: Vec<ChunkId> = match since {
+            None => written.clone(),
+            Some(pending) => {
+                let mut chunks = map.dirty.take();
+                chunks.extend_from_slice(pending);
+                chunks.sort_unstable();
+                chunks.dedup();
+                chunks
+            }
+        };
+        let written: std::collections::BTreeSet<ChunkId> = written.into_iter().collect();
+        let (mut chunks, mut zeros) = (Vec::new(), Vec::new());
+        let mut listed = Vec::new();
+        for chunk in base {
+            let Some(&bytes) = map.sizes.get(&chunk.buffer) else {
+                continue;
+            };
+            let Some(range) = chunk_range(bytes, chunk.index) else {
+                continue;
+            };
+            if written.contains(&chunk) {
+                chunks.push((chunk, bytes));
+            } else {
+                zeros.push((chunk, range.end - range.start));
+            }
+            listed.push(chunk);
+        }
+        drop(map);
+        *lock_capture(&core.capture) = Some(Capture::new(limits, chunks, zeros));
+        core.capturing.store(true, Ordering::Release);
+        (table, listed)
+    }
+
+    /// Copies base chunk `chunk` into `out` as it was at the capture's boundary; `false`
+    /// if it is not in the base or was read already. Each base chunk is read once.
+    pub fn read_base_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Result<bool, CaptureError> {
+        let mut guard = lock_capture(&self.shared.capture);
+        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
+        capture.failure()?;
+        match capture.take_base_chunk(chunk) {
+            Err(()) => Ok(false),
+            Ok(Some(data)) => {
+                *out = data;
+                Ok(true)
+            }
+            // Never written since the boundary, and it cannot be while the capture lock
+            // is held: the device preserves a chunk under it before writing.
+            Ok(None) => Ok(self.shared.tracker.read_chunk(chunk, out).is_some()),
+        }
+    }
+
+    /// The base chunks not read yet.
+    pub fn unread_base_chunks(&self) -> Result<Vec<ChunkId>, CaptureError> {
+        let guard = lock_capture(&self.shared.capture);
+        let capture = guard.as_ref().ok_or(CaptureError::NotCapturing)?;
+        capture.failure()?;
+        Ok(capture.unread())
+    }
+
+    /// The commands logged since the last take, in order.
+    pub fn take_log(&self) -> Result<Vec<LoggedCommand>, CaptureError> {
+        let mut guard = lock_capture(&self.shared.capture);
+        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
+        capture.failure()?;
+        Ok(capture.take_log())
+    }
+
+    /// Ends the capture (at the next command boundary) and says what it cost.
+    pub fn stop_capture(&self) -> Option<CaptureReport> {
+        let core = self.shared.core.lock().expect("accel core lock");
+        core.capturing.store(false, Ordering::Release);
+        let capture = lock_capture(&core.capture).take();
+        capture.map(|c| c.report())
+    }
+
+    /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
+    /// device must be paused.
+    pub fn digest(&self) -> DeviceDigest {
+        let core = self.shared.core.lock().expect("accel core lock");
+        let table = self.shared.tracker.map().table();
+        let mut piece = vec![0u8; COPY_PIECE as usize];
+        DeviceDigest(
+            table
+                .iter()
+                .map(|b| {
+                    let mut crc = crc32fast::Hasher::new();
+                    let mut at = 0;
+                    while at < b.bytes {
+                        let n = (b.bytes - at).min(COPY_PIECE) as usize;
+                        core.backend.read(b.id, at, &mut piece[..n]);
+                        crc.update(&piece[..n]);
+                        at += n as u64;
+                    }
+                    (b.id, b.bytes, crc.finalize())
+                })
+                .collect(),
+        )
     }
 }
 

@@ -16,59 +16,31 @@
 use std::collections::BTreeMap;
 
 use ferry_abi::accel::{op, status, Command};
-use serde::{Deserialize, Serialize};
 
 use crate::dirty::ChunkId;
 
-/// One command executed after the base's boundary.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogEntry {
-    /// Its opcode.
-    pub opcode: u32,
-    /// Its arguments.
-    pub args: Vec<u64>,
-    /// The guest-RAM bytes it read (an upload's data), else empty.
-    pub payload: Vec<u8>,
-    /// How it completed.
-    pub status: u32,
+pub use ferry_migrate::replay::{CaptureLimits, CaptureReport, DeviceDigest, LoggedCommand};
+
+/// `entry` as the ring held it.
+pub fn command_of(entry: &LoggedCommand) -> Command {
+    let mut command = Command {
+        opcode: entry.opcode,
+        ..Command::default()
+    };
+    for (slot, &arg) in command.args.iter_mut().zip(&entry.args) {
+        *slot = arg;
+    }
+    command
 }
 
-impl LogEntry {
-    /// The command as the ring held it.
-    pub fn command(&self) -> Command {
-        let mut command = Command {
-            opcode: self.opcode,
-            ..Command::default()
-        };
-        for (slot, &arg) in command.args.iter_mut().zip(&self.args) {
-            *slot = arg;
-        }
-        command
+/// Whether replaying `entry` touches device memory (downloads and fences write guest RAM
+/// only; a failed upload or file load wrote nothing).
+pub fn replays(entry: &LoggedCommand) -> bool {
+    match entry.opcode {
+        op::DOWNLOAD | op::FENCE => false,
+        op::UPLOAD | op::LOAD_FILE => entry.status == status::OK,
+        _ => true,
     }
-
-    /// Bytes it holds (what the log's bound counts).
-    pub fn weight(&self) -> u64 {
-        self.payload.len() as u64 + 8 * self.args.len() as u64 + 16
-    }
-
-    /// Whether replaying it touches device memory (downloads and fences write guest RAM
-    /// only; a failed upload or file load wrote nothing).
-    pub fn replays(&self) -> bool {
-        match self.opcode {
-            op::DOWNLOAD | op::FENCE => false,
-            op::UPLOAD | op::LOAD_FILE => self.status == status::OK,
-            _ => true,
-        }
-    }
-}
-
-/// Bounds on what a capture may hold.
-#[derive(Debug, Clone, Copy)]
-pub struct CaptureLimits {
-    /// Bytes of preserved base chunks at once.
-    pub pool_bytes: u64,
-    /// Bytes of log not yet taken.
-    pub log_bytes: u64,
 }
 
 /// Why a capture can no longer give a consistent base and log; the migration falls back
@@ -92,43 +64,35 @@ pub enum CaptureError {
     },
 }
 
-/// What a capture cost, for the report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CaptureReport {
-    /// Most bytes the side pool held at once.
-    pub pool_peak_bytes: u64,
-    /// Base chunks preserved before a write.
-    pub chunks_preserved: u64,
-    /// Commands logged.
-    pub commands_logged: u64,
-    /// Bytes logged.
-    pub log_bytes: u64,
-}
-
 /// A running capture: the base chunks not yet read, the preserved ones, and the log.
 #[derive(Debug)]
 pub(crate) struct Capture {
     limits: CaptureLimits,
     /// Base chunks not read yet, with the size of their buffer at the boundary.
     unread: BTreeMap<ChunkId, u64>,
+    /// Base chunks not written at the boundary (they read as zeros), with their lengths.
+    zeros: BTreeMap<ChunkId, u64>,
     /// Preserved base chunks, as they were at the boundary.
     pool: BTreeMap<ChunkId, Vec<u8>>,
     pool_bytes: u64,
-    log: Vec<LogEntry>,
+    log: Vec<LoggedCommand>,
     log_bytes: u64,
     failed: Option<CaptureError>,
     report: CaptureReport,
 }
 
 impl Capture {
-    /// A capture of a base made of `chunks` (each with its buffer's size).
+    /// A capture of a base made of `chunks` (each with its buffer's size) and of
+    /// `zeros`, chunks not written at the boundary (each with its length).
     pub(crate) fn new(
         limits: CaptureLimits,
         chunks: impl IntoIterator<Item = (ChunkId, u64)>,
+        zeros: impl IntoIterator<Item = (ChunkId, u64)>,
     ) -> Self {
         Self {
             limits,
             unread: chunks.into_iter().collect(),
+            zeros: zeros.into_iter().collect(),
             pool: BTreeMap::new(),
             pool_bytes: 0,
             log: Vec::new(),
@@ -159,7 +123,7 @@ impl Capture {
     }
 
     /// Appends a command executed after the boundary.
-    pub(crate) fn log(&mut self, entry: LogEntry) {
+    pub(crate) fn log(&mut self, entry: LoggedCommand) {
         if self.failed.is_some() {
             return;
         }
@@ -195,6 +159,9 @@ impl Capture {
     /// never written since the boundary). `Err` for a chunk not in the base or already
     /// read.
     pub(crate) fn take_base_chunk(&mut self, chunk: ChunkId) -> Result<Option<Vec<u8>>, ()> {
+        if let Some(len) = self.zeros.remove(&chunk) {
+            return Ok(Some(vec![0; len as usize]));
+        }
         if self.unread.remove(&chunk).is_none() {
             return Err(());
         }
@@ -205,11 +172,18 @@ impl Capture {
 
     /// The base chunks not read yet, in order.
     pub(crate) fn unread(&self) -> Vec<ChunkId> {
-        self.unread.keys().copied().collect()
+        let mut chunks: Vec<ChunkId> = self
+            .unread
+            .keys()
+            .chain(self.zeros.keys())
+            .copied()
+            .collect();
+        chunks.sort_unstable();
+        chunks
     }
 
     /// The log so far, emptied.
-    pub(crate) fn take_log(&mut self) -> Vec<LogEntry> {
+    pub(crate) fn take_log(&mut self) -> Vec<LoggedCommand> {
         self.log_bytes = 0;
         std::mem::take(&mut self.log)
     }
@@ -219,12 +193,6 @@ impl Capture {
         self.report
     }
 }
-
-/// A digest of device memory: every buffer's id, size and CRC-32 of its contents.
-/// Source and destination compare theirs after a replay; it catches divergence (a
-/// nondeterministic kernel, a lost command), not tampering.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceDigest(pub Vec<(u32, u64, u32)>);
 
 /// Why a replay failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -267,7 +235,7 @@ mod tests {
             pool_bytes: 8,
             log_bytes: 1 << 20,
         };
-        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)]);
+        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)], []);
         assert!(capture.needs_preserving(&chunk(1, 0)));
         assert!(!capture.needs_preserving(&chunk(2, 0)), "not in the base");
         capture.preserve(chunk(1, 0), vec![7; 8]);
@@ -276,7 +244,7 @@ mod tests {
         assert_eq!(capture.take_base_chunk(chunk(1, 0)), Err(()), "read once");
         assert_eq!(capture.take_base_chunk(chunk(1, 1)), Ok(None), "live");
         // The pool had room again after the read; now it overflows.
-        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)]);
+        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)], []);
         capture.preserve(chunk(1, 0), vec![0; 8]);
         capture.preserve(chunk(1, 1), vec![0; 8]);
         assert_eq!(capture.failure(), Err(CaptureError::PoolFull { limit: 8 }));
@@ -290,8 +258,13 @@ mod tests {
             // Room for two entries of 112 bytes, not three.
             log_bytes: 250,
         };
-        let mut capture = Capture::new(limits, []);
-        let entry = LogEntry {
+        let mut capture = Capture::new(limits, [], [(chunk(2, 0), 5)]);
+        assert_eq!(
+            capture.take_base_chunk(chunk(2, 0)),
+            Ok(Some(vec![0; 5])),
+            "unwritten"
+        );
+        let entry = LoggedCommand {
             opcode: op::UPLOAD,
             args: vec![1, 0, 0, 64],
             payload: vec![0; 64],

@@ -708,14 +708,22 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
         status::OK
     );
 
-    let table = g.accel.start_capture(CaptureLimits {
-        pool_bytes: 16 << 20,
-        log_bytes: 16 << 20,
-    });
+    let (table, base_chunks) = g.accel.capture().start_capture(
+        CaptureLimits {
+            pool_bytes: 16 << 20,
+            log_bytes: 16 << 20,
+        },
+        None,
+    );
+    assert_eq!(
+        base_chunks.len(),
+        12,
+        "three written buffers of four chunks"
+    );
     let mut base = std::collections::BTreeMap::new();
     let mut read = |g: &FakeGuest, chunk: ChunkId| {
         let mut out = Vec::new();
-        assert!(g.accel.read_base_chunk(chunk, &mut out).unwrap());
+        assert!(g.accel.capture().read_base_chunk(chunk, &mut out).unwrap());
         base.insert(chunk, out);
     };
     // Half of buffer 2 is read before anything changes.
@@ -758,13 +766,13 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
     );
 
     // The rest of the base, read after all that: as it was at the boundary.
-    for chunk in g.accel.unread_base_chunks().unwrap() {
+    for chunk in g.accel.capture().unread_base_chunks().unwrap() {
         read(&g, chunk);
     }
-    assert!(g.accel.unread_base_chunks().unwrap().is_empty());
+    assert!(g.accel.capture().unread_base_chunks().unwrap().is_empty());
     g.accel.pause();
-    let log = g.accel.take_log().unwrap();
-    let report = g.accel.stop_capture().unwrap();
+    let log = g.accel.capture().take_log().unwrap();
+    let report = g.accel.capture().stop_capture().unwrap();
     assert_eq!(report.commands_logged, 9);
     assert_eq!(
         report.chunks_preserved, 8,
@@ -794,10 +802,18 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
     use ferry_accel::replay::{CaptureError, CaptureLimits, ReplayError};
     let mut g = FakeGuest::new(1);
     assert_eq!(g.run(op::ALLOC, &[1, 4 * CHUNK_SIZE]), status::OK);
-    g.accel.start_capture(CaptureLimits {
-        pool_bytes: CHUNK_SIZE,
-        log_bytes: 1 << 20,
-    });
+    // Written before the boundary, so in the base (unwritten chunks read as zero).
+    assert_eq!(
+        g.upload(1, &vec![0.5; (4 * CHUNK_SIZE / 4) as usize]),
+        status::OK
+    );
+    g.accel.capture().start_capture(
+        CaptureLimits {
+            pool_bytes: CHUNK_SIZE,
+            log_bytes: 1 << 20,
+        },
+        None,
+    );
     // Overwriting the whole unread buffer needs four chunks of pool: one fits.
     assert_eq!(
         g.upload(1, &vec![1.0; (4 * CHUNK_SIZE / 4) as usize]),
@@ -806,7 +822,7 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
     let mut out = Vec::new();
     let full = Err(CaptureError::PoolFull { limit: CHUNK_SIZE });
     assert_eq!(
-        g.accel.read_base_chunk(
+        g.accel.capture().read_base_chunk(
             ChunkId {
                 buffer: 1,
                 index: 0
@@ -815,13 +831,16 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
         ),
         full
     );
-    assert_eq!(g.accel.take_log().map(|l| l.len()), full.map(|_| 0));
-    g.accel.stop_capture();
+    assert_eq!(
+        g.accel.capture().take_log().map(|l| l.len()),
+        full.map(|_| 0)
+    );
+    g.accel.capture().stop_capture();
     assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK, "the device runs on");
 
     // A log naming a buffer this device does not have, or an upload of the wrong size.
     g.accel.pause();
-    let upload = |len: u64, payload: usize| ferry_accel::replay::LogEntry {
+    let upload = |len: u64, payload: usize| ferry_accel::replay::LoggedCommand {
         opcode: op::UPLOAD,
         args: vec![9, 0, 0, len],
         payload: vec![0; payload],

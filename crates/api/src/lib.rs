@@ -319,6 +319,10 @@ pub struct MigrateRequest {
     /// "send" (send all) or "require" (send none; the destination must have them).
     #[serde(default = "default_files")]
     pub files: String,
+    /// Device memory: "auto" (default: replay the device's commands when it dirties
+    /// memory faster than the link resends it), "precopy" or "replay".
+    #[serde(default)]
+    pub device: ferry_migrate::DeviceTransfer,
 }
 
 fn default_mode() -> String {
@@ -357,6 +361,7 @@ impl MigrateRequest {
             max_rounds: default_rounds(),
             max_precopy_s: default_precopy_s(),
             files: default_files(),
+            device: ferry_migrate::DeviceTransfer::default(),
         }
     }
 }

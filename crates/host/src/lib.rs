@@ -180,6 +180,7 @@ pub fn migration_options(req: &MigrateRequest) -> Result<MigrationOptions, HostE
         throttle: req.throttle,
         allow_longer_pause: req.allow_longer_pause,
         files,
+        device: req.device,
         ..MigrationOptions::default()
     })
 }

@@ -6,12 +6,15 @@ use std::time::Instant;
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
-use ferry_accel::device::{AccelStateError, Accelerator, BufferState, DeviceTracker};
+use ferry_accel::device::{
+    AccelStateError, Accelerator, BufferState, DeviceCapture, DeviceTracker,
+};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, MigrationSource,
-    MigrationTarget, PageSet, VmDescription, VmError,
+    CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkOrigin, DeviceBuffer, DeviceDigest,
+    FileChunk, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet, VmDescription,
+    VmError,
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, GuestRam};
@@ -86,16 +89,20 @@ pub struct VmSource {
     files: AttachedFiles,
     /// The accelerator's backend kind ("" without one).
     backend_kind: String,
+    /// The accelerator's command capture, for replay (without the VM's lock: its calls
+    /// wait for a command in flight).
+    capture: Option<DeviceCapture>,
 }
 
 impl VmSource {
     /// Adapts `vm`, sent from host `host_name`; `None` if it was released.
     pub fn new(vm: Arc<HostedVm>, host_name: &str) -> Option<Self> {
-        let (files, backend_kind) = vm.with_vm(|v| {
+        let (files, backend_kind, capture) = vm.with_vm(|v| {
             (
                 v.files().clone(),
                 v.accel()
                     .map_or_else(String::new, |a| a.backend_kind().to_string()),
+                v.accel().map(Accelerator::capture),
             )
         })?;
         Some(Self {
@@ -104,12 +111,20 @@ impl VmSource {
             host_name: host_name.to_string(),
             files,
             backend_kind,
+            capture,
         })
     }
 
     /// The accelerator's tracker, if the VM has one.
     fn accel(&self) -> Option<&DeviceTracker> {
         self.tracker.accel()
+    }
+
+    /// The accelerator's capture, or the error of a VM without one.
+    fn capture(&self) -> Result<&DeviceCapture, Cause> {
+        self.capture
+            .as_ref()
+            .ok_or_else(|| "the VM has no accelerator".into())
     }
 }
 
@@ -266,6 +281,48 @@ impl MigrationSource for VmSource {
             .map_err(|e| VmError::SaveState(e.into()))?;
         postcard::to_stdvec(&state).map_err(|e| VmError::SaveState(e.into()))
     }
+
+    fn start_capture(
+        &self,
+        limits: CaptureLimits,
+        since: Option<&[ChunkKey]>,
+    ) -> Result<(Vec<DeviceBuffer>, Vec<ChunkKey>), VmError> {
+        let capture = self.capture().map_err(VmError::Capture)?;
+        let since: Option<Vec<ChunkId>> = since.map(|c| c.iter().copied().map(to_chunk).collect());
+        let (table, chunks) = capture.start_capture(limits, since.as_deref());
+        Ok((
+            table
+                .into_iter()
+                .map(|b| DeviceBuffer {
+                    id: b.id,
+                    bytes: b.bytes,
+                })
+                .collect(),
+            chunks.into_iter().map(to_key).collect(),
+        ))
+    }
+
+    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
+        self.capture()
+            .map_err(VmError::Capture)?
+            .read_base_chunk(to_chunk(chunk), out)
+            .map_err(|e| VmError::Capture(e.into()))
+    }
+
+    fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {
+        self.capture()
+            .map_err(VmError::Capture)?
+            .take_log()
+            .map_err(|e| VmError::Capture(e.into()))
+    }
+
+    fn stop_capture(&self) -> Option<CaptureReport> {
+        self.capture.as_ref()?.stop_capture()
+    }
+
+    fn device_digest(&self) -> Result<DeviceDigest, VmError> {
+        Ok(self.capture().map_err(VmError::Capture)?.digest())
+    }
 }
 
 enum Incoming {
@@ -338,6 +395,19 @@ impl VmTarget {
 
     fn slots(&self) -> std::sync::MutexGuard<'_, Vec<FileSlot>> {
         self.files.lock().expect("target files lock")
+    }
+
+    /// The attached files, if every one is on this host now (the same open files).
+    fn files_here(&self) -> Option<AttachedFiles> {
+        let files = self
+            .slots()
+            .iter()
+            .map(|slot| match slot {
+                FileSlot::Present(f) | FileSlot::Received(f) => Some(f.clone()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        AttachedFiles::new(files).ok()
     }
 
     fn with_filling<R>(&self, f: impl FnOnce(&IncomingVm) -> Result<R, Cause>) -> Result<R, Cause> {
@@ -556,5 +626,27 @@ impl MigrationTarget for VmTarget {
             Incoming::Restored(vm) => vm.resume().map_err(|e| VmError::Resume(e.into())),
             _ => Err(VmError::Resume("no restored VM to resume".into())),
         }
+    }
+
+    fn can_replay(&self) -> bool {
+        self.description.accel_memory > 0
+    }
+
+    fn replay(&self, commands: Vec<LoggedCommand>) -> Result<(), VmError> {
+        // A replayed file load reads this host's copies (all here once round 0 is done).
+        let files = self.files_here();
+        self.with_filling(|vm| {
+            let accel = vm.accel().ok_or("the VM has no accelerator")?;
+            if let Some(files) = files {
+                accel.set_files(Arc::new(files));
+            }
+            accel.replay(commands).map_err(Cause::from)
+        })
+        .map_err(VmError::Replay)
+    }
+
+    fn device_digest(&self) -> Result<DeviceDigest, VmError> {
+        self.with_filling(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.digest()))
+            .map_err(VmError::Replay)
     }
 }

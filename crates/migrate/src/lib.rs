@@ -8,6 +8,7 @@
 //! - [`auth`]: shared-secret challenge–response on every connection.
 //! - [`tls`]: optional mutual TLS under that authentication (rustls).
 //! - [`send`]: the source side: pre-copy rounds, convergence, throttling, switchover.
+//! - [`replay`]: moving device memory as a base and the commands run after it.
 //! - [`receive`]: the destination side: validates everything off the wire, applies it,
 //!   and restores the VM only when the source's final state is complete.
 //!
@@ -19,6 +20,7 @@ mod deadline;
 mod gate;
 mod link;
 pub mod receive;
+pub mod replay;
 pub mod send;
 pub mod settle;
 pub mod tls;
@@ -28,6 +30,9 @@ pub mod wire;
 pub use auth::{Purpose, Secret};
 pub use gate::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER};
 pub use receive::{serve, serve_with_tls, spawn_receiver, ReceiveReport, Receiving, TargetFactory};
+pub use replay::{
+    CaptureLimits, CaptureReport, DeviceDigest, DeviceTransfer, LoggedCommand, ReplayReport,
+};
 pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,
 };
@@ -159,6 +164,10 @@ pub enum MigrationError {
         /// The pause target.
         target_ms: u64,
     },
+    /// The device memory the destination replayed differs from the source's (a
+    /// nondeterministic kernel, a lost command): the VM runs on at the source.
+    #[error("the replayed device memory differs from the source's: {0}")]
+    DeviceDiverged(String),
     /// Cancelled before the destination was told to run the VM.
     #[error("cancelled during {phase}; the VM keeps running on the source")]
     Cancelled {
@@ -210,6 +219,7 @@ mod tests {
     fn an_unexpected_message_names_both_and_abridges_what_came() {
         let blob = wire::Message::State {
             blob: vec![7; 100_000],
+            device: None,
         };
         let MigrationError::UnexpectedMessage { expected, got } =
             MigrationError::unexpected("go", &blob)

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::auth::{authenticate_stream_listener, Secret};
 use crate::gate::{Gate, Refusal, Ticket, HANDSHAKE_TIME};
 use crate::link::Link;
+use crate::replay::DeviceTransfer;
 use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
@@ -280,9 +281,13 @@ fn handle_connection<F: TargetFactory>(
                 conn.send(&Message::Settled { settlement })
             }
             Message::Offer {
-                vm, streams, files, ..
+                vm,
+                streams,
+                files,
+                device,
+                ..
             } => {
-                let result = receive_vm(conn, keep, shared, (vm, streams, files));
+                let result = receive_vm(conn, keep, shared, (vm, streams, files, device));
                 if let Err(e) = &result {
                     let e = error_chain(e);
                     tracing::warn!("incoming migration discarded: {e}");
@@ -632,13 +637,13 @@ fn receive_vm<F: TargetFactory>(
     mut conn: Conn,
     control_socket: TcpStream,
     shared: Shared<'_, F>,
-    offer: (VmDescription, u8, FileTransfer),
+    offer: (VmDescription, u8, FileTransfer, DeviceTransfer),
 ) -> Result<(), MigrationError> {
     let Shared {
         factory, outcomes, ..
     } = shared;
     let started = Instant::now();
-    let (vm, streams, file_transfer) = offer;
+    let (vm, streams, file_transfer, device) = offer;
     if let Err(reason) = validate_offer(&vm, streams) {
         return Err(refuse(&mut conn, format!("invalid offer: {reason}")));
     }
@@ -652,6 +657,14 @@ fn receive_vm<F: TargetFactory>(
     };
     if let Err(e) = target.receive_files(&send_files) {
         return Err(refuse(&mut conn, error_chain(&e)));
+    }
+    // Replay only with a device to replay on, and a target that can.
+    let replay = device != DeviceTransfer::Precopy && vm.accel_memory > 0 && target.can_replay();
+    if device == DeviceTransfer::Replay && !replay {
+        return Err(refuse(
+            &mut conn,
+            "this host cannot replay the VM's device commands (ask for --device-transfer precopy or auto)".into(),
+        ));
     }
     let mut file_sizes = vec![None; vm.files.len()];
     for &f in &send_files {
@@ -669,6 +682,7 @@ fn receive_vm<F: TargetFactory>(
         streams,
         send_files,
         file_sizes,
+        replay,
     };
     let result = receive_session(conn, control_socket, shared, accepted, session);
     if result.is_err() {
@@ -690,6 +704,8 @@ struct Accepted<T> {
     send_files: Vec<u32>,
     /// Size of each offered file being sent (`None`: not sent), by offer index.
     file_sizes: Vec<Option<u64>>,
+    /// Whether the source may send device commands to replay.
+    replay: bool,
 }
 
 /// The rest of [`receive_vm`] once the session exists: returns the running VM's target.
@@ -707,6 +723,7 @@ fn receive_session<F: TargetFactory>(
         streams,
         send_files,
         file_sizes,
+        replay,
     } = accepted;
     let sessions = shared.sessions;
     let (tx, rx) = channel();
@@ -715,6 +732,7 @@ fn receive_session<F: TargetFactory>(
         .send(&Message::Accept {
             session,
             send_files,
+            replay,
         })
         .and_then(|()| collect_streams(&rx, streams, &control_socket));
     sessions.lock().expect("sessions lock").remove(&session);
@@ -736,7 +754,7 @@ fn receive_session<F: TargetFactory>(
             &mut conn,
             &target,
             &inbound,
-            streams,
+            (streams, replay),
             (shared.outcomes, session),
         )
         .map_err(|e| {
@@ -787,7 +805,7 @@ fn control_loop<T: MigrationTarget>(
     conn: &mut Conn,
     target: &T,
     inbound: &Inbound,
-    streams: u8,
+    (streams, replay): (u8, bool),
     (outcomes, session): (&Outcomes, u64),
 ) -> Result<u32, MigrationError> {
     let mut expected_round = 0u32;
@@ -800,7 +818,17 @@ fn control_loop<T: MigrationTarget>(
                         "round {round} began, expected {expected_round}"
                     )));
                 }
-                sync_buffers(target, &buffers)?;
+                match buffers {
+                    Some(buffers) => sync_buffers(target, &buffers)?,
+                    // The base came with round 0: later rounds may leave the table to
+                    // the replayed commands.
+                    None if replay && round > 0 => {}
+                    None => {
+                        return Err(MigrationError::BrokenSequence(format!(
+                            "round {round} began without a device buffer table"
+                        )))
+                    }
+                }
                 let mut s = inbound.lock();
                 s.round_open = true;
                 s.round = round;
@@ -854,7 +882,28 @@ fn control_loop<T: MigrationTarget>(
                 conn.send(&Message::RoundApplied { round })?;
                 expected_round += 1;
             }
-            Message::State { blob } => {
+            Message::Commands { commands } => {
+                let open = inbound.lock().round_open;
+                if !replay || !open || expected_round == 0 {
+                    return Err(MigrationError::BrokenSequence(format!(
+                        "device commands sent {}",
+                        if replay {
+                            "outside a round after the base"
+                        } else {
+                            "without replay agreed"
+                        }
+                    )));
+                }
+                let n = commands.len();
+                let replaying = Instant::now();
+                target.replay(commands).map_err(MigrationError::Target)?;
+                tracing::debug!(
+                    commands = n,
+                    ms = ms(replaying.elapsed()),
+                    "device commands replayed"
+                );
+            }
+            Message::State { blob, device } => {
                 {
                     let mut s = inbound.lock();
                     if let Some(failed) = s.failed.take() {
@@ -865,6 +914,20 @@ fn control_loop<T: MigrationTarget>(
                             "final state sent before the last round was complete".into(),
                         ));
                     }
+                }
+                match device {
+                    Some(_) if !replay => {
+                        return Err(MigrationError::BrokenSequence(
+                            "a device digest without replay agreed".into(),
+                        ))
+                    }
+                    Some(source) => {
+                        let here = target.device_digest().map_err(MigrationError::Target)?;
+                        if let Some(why) = source.difference(&here) {
+                            return Err(MigrationError::DeviceDiverged(why));
+                        }
+                    }
+                    None => {}
                 }
                 let restoring = Instant::now();
                 target.restore(&blob).map_err(MigrationError::Target)?;

@@ -3,7 +3,7 @@
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -11,12 +11,18 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{authenticate_stream_connector, Secret};
 use crate::deadline::{self, Watchdog};
 use crate::link::Link;
+use crate::replay::{
+    falling_behind, predicted_replay_pause, CaptureLimits, DeviceDigest, DeviceTransfer,
+    LoggedCommand, ReplayReport,
+};
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
     error_chain, ChunkKey, DeviceBuffer, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE,
     PAGE_SIZE,
 };
-use crate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
+use crate::wire::{
+    FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_CONTROL_BYTES, MAX_RUN_PAGES,
+};
 use crate::MigrationError;
 
 pub use crate::wire::Transfer as Mode;
@@ -31,6 +37,12 @@ pub const DEFAULT_STREAMS: u8 = 4;
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(5);
 /// Throttle steps: how much of the time the VM is held paused.
 const THROTTLE_STEPS: [u8; 5] = [0, 30, 50, 70, 90];
+/// Throttle steps while a destination's replay catches up: lighter than pre-copy's (the
+/// destination needs only to be faster than the source, not the link than the device).
+const REPLAY_THROTTLE_STEPS: [u8; 4] = [0, 10, 20, 30];
+/// A replay round at least this long relative to the one before does not catch up fast
+/// enough: the source is slowed a step.
+const CATCH_UP_RATIO: f64 = 0.85;
 /// Rounds taken past the point where the pause target is met, at most.
 const MAX_EXTRA_ROUNDS: u32 = 3;
 
@@ -138,6 +150,11 @@ pub struct MigrationOptions {
     pub tls: Option<TlsConfig>,
     /// Whether attached files the destination already has are sent anyway.
     pub files: FileTransfer,
+    /// How device memory is moved: resent as it is dirtied, or replayed from the
+    /// commands that dirty it (see [`crate::replay`]).
+    pub device: DeviceTransfer,
+    /// Bounds on the source's capture when replaying.
+    pub capture: CaptureLimits,
     /// Cancels the migration from another thread.
     pub cancel: CancelToken,
 }
@@ -156,6 +173,8 @@ impl Default for MigrationOptions {
             io_timeout: Duration::from_secs(10),
             tls: None,
             files: FileTransfer::default(),
+            device: DeviceTransfer::default(),
+            capture: CaptureLimits::default(),
             cancel: CancelToken::default(),
         }
     }
@@ -203,6 +222,9 @@ pub struct PrecopyRound {
     /// has the file).
     #[serde(default)]
     pub file_chunks: u64,
+    /// Device commands sent for replay.
+    #[serde(default)]
+    pub commands: u64,
     /// Bytes on the wire.
     pub bytes: u64,
     /// Duration, ms.
@@ -240,6 +262,13 @@ pub struct MigrationReport {
     /// weights), not as their bytes.
     #[serde(default)]
     pub chunks_from_files: u64,
+    /// How device memory moved: "precopy", "replay", or "replay, then precopy" (replay
+    /// gave way; [`ReplayReport::fell_back`] says why).
+    #[serde(default)]
+    pub device_transfer: String,
+    /// What replaying the device's commands did, if it was tried.
+    #[serde(default)]
+    pub replay: Option<ReplayReport>,
     /// Each round.
     pub round_log: Vec<PrecopyRound>,
 }
@@ -362,12 +391,27 @@ struct FilePiece {
     len: u64,
 }
 
+/// The device buffer table a round gives the destination.
+#[derive(Default)]
+enum RoundTable {
+    /// The table now.
+    #[default]
+    Current,
+    /// A replay's base table: its chunks are read from the base.
+    Base(Vec<DeviceBuffer>),
+    /// None: the replayed commands make the table.
+    Replayed,
+}
+
 /// What one round must send.
 #[derive(Default)]
 struct RoundWork {
     runs: Vec<(u64, u64)>,
     chunks: Vec<ChunkKey>,
     files: Vec<FilePiece>,
+    /// Device commands to replay (sent on the control stream first).
+    commands: Vec<LoggedCommand>,
+    table: RoundTable,
     /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
     skip_zeros: bool,
 }
@@ -377,8 +421,14 @@ impl RoundWork {
         self.runs.iter().map(|r| r.1 * PAGE_SIZE).sum::<u64>()
             + self.chunks.len() as u64 * crate::vm::MAX_CHUNK_BYTES
             + self.files.iter().map(|p| p.len).sum::<u64>()
+            + self.commands.iter().map(LoggedCommand::weight).sum::<u64>()
     }
 }
+
+/// Bytes of commands sent in one control message at most.
+const COMMAND_BATCH: u64 = 4 << 20;
+/// The heaviest command a control message can carry (an upload's data travels in it).
+const MAX_COMMAND_WEIGHT: u64 = MAX_CONTROL_BYTES as u64 - (64 << 10);
 
 /// The pieces of the files `send` (indices into `sizes`).
 fn file_pieces(sizes: &[u64], send: &[u32]) -> Vec<FilePiece> {
@@ -409,6 +459,8 @@ struct WorkQueue<'a> {
     next_run: AtomicUsize,
     next_chunk: AtomicUsize,
     next_piece: AtomicUsize,
+    /// Why the base could not be read (the capture failed), if it could not.
+    base_lost: Mutex<Option<String>>,
 }
 
 impl<'a> WorkQueue<'a> {
@@ -426,7 +478,13 @@ impl<'a> WorkQueue<'a> {
             next_run: AtomicUsize::new(0),
             next_chunk: AtomicUsize::new(0),
             next_piece: AtomicUsize::new(0),
+            base_lost: Mutex::new(None),
         }
+    }
+
+    /// Whether the round's chunks come from a replay's base.
+    fn reads_base(&self) -> bool {
+        matches!(self.work.table, RoundTable::Base(_))
     }
 
     /// The size of buffer `id` in the round's table.
@@ -549,6 +607,29 @@ fn send_share(
             i = j;
         }
     }
+    if queue.reads_base() {
+        while let Some(key) = queue.next_chunk() {
+            // A base chunk, as it was at the capture's boundary (its buffer in the base's
+            // table). Once the capture failed, the rest is skipped: replay gives way.
+            match source.read_base_chunk(key, &mut buffers.chunk) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    let mut lost = queue.base_lost.lock().unwrap_or_else(|p| p.into_inner());
+                    lost.get_or_insert_with(|| error_chain(&e));
+                    continue;
+                }
+            }
+            let data = &buffers.chunk;
+            if !is_zero(data) {
+                counts.chunks += 1;
+                writer.send_chunk(key, data.len() as u64, Some(data))?;
+            } else if !skip_zeros {
+                counts.zero_chunks += 1;
+                writer.send_chunk(key, data.len() as u64, None)?;
+            }
+        }
+    }
     while let Some(key) = queue.next_chunk() {
         // A chunk of a buffer freed, or freed and made again with another size, since
         // the round's buffer table was sent is skipped: the next round's table drops or
@@ -620,6 +701,12 @@ struct Session<'a> {
     predicted_pause: Duration,
     /// Per attached file: whether the destination has it (it is not being sent).
     destination_files: Vec<bool>,
+    /// Whether the destination agreed to replay device commands.
+    replay_agreed: bool,
+    /// Why a replay's base could not be read, once it could not.
+    base_lost: Option<String>,
+    /// What replay did, once tried.
+    replay: Option<ReplayReport>,
 }
 
 /// How long after the pause a live switchover may take before it is abandoned: the
@@ -666,12 +753,35 @@ impl Session<'_> {
             self.phase = Phase::Round(round);
         }
         self.cancelled()?;
-        let mut buffers = self.source.device_buffers();
+        let mut buffers = match &work.table {
+            RoundTable::Current => self.source.device_buffers(),
+            RoundTable::Base(table) => table.clone(),
+            RoundTable::Replayed => Vec::new(),
+        };
         buffers.sort_unstable_by_key(|b| b.id);
         self.control.send(&Message::BeginRound {
             round,
-            buffers: buffers.clone(),
+            buffers: match work.table {
+                RoundTable::Replayed => None,
+                _ => Some(buffers.clone()),
+            },
         })?;
+        // The commands first: the destination replays them while the pages arrive.
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for command in &work.commands {
+            batch_bytes += command.weight();
+            batch.push(command.clone());
+            if batch_bytes >= COMMAND_BATCH {
+                self.control.send(&Message::Commands {
+                    commands: std::mem::take(&mut batch),
+                })?;
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            self.control.send(&Message::Commands { commands: batch })?;
+        }
         let queue = WorkQueue::new(work, &buffers, &self.cancel, &self.destination_files);
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
@@ -687,6 +797,13 @@ impl Session<'_> {
                 .collect();
             handles.into_iter().map(|h| joined(h, "sending")).collect()
         });
+        if let Some(why) = queue
+            .base_lost
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            self.base_lost.get_or_insert(why);
+        }
         self.cancelled()?;
         let mut total = StreamCounts::default();
         for r in results {
@@ -726,6 +843,7 @@ impl Session<'_> {
             chunks: total.chunks,
             zero_chunks: total.zero_chunks,
             file_chunks: total.file_chunks,
+            commands: work.commands.len() as u64,
             bytes: self.bytes_sent() - before,
             ms: ms(started.elapsed()),
             throttle_pct,
@@ -795,8 +913,7 @@ impl Pending {
         RoundWork {
             runs: self.pages.runs(MAX_RUN_PAGES),
             chunks: self.chunks.clone(),
-            files: Vec::new(),
-            skip_zeros: false,
+            ..RoundWork::default()
         }
     }
 }
@@ -814,6 +931,11 @@ pub fn migrate_vm(
     options: &MigrationOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    if options.mode == Mode::StopAndCopy && options.device == DeviceTransfer::Replay {
+        return Err(MigrationError::InvalidOptions(
+            "device command replay is a live migration's; stop-and-copy sends device memory in the pause".into(),
+        ));
+    }
     if !(1..=MAX_STREAMS).contains(&options.streams) {
         return Err(MigrationError::InvalidOptions(format!(
             "--streams must be 1 to {MAX_STREAMS}, got {}",
@@ -832,16 +954,18 @@ pub fn migrate_vm(
             streams: options.streams,
             transfer: options.mode,
             files: options.files,
+            device: options.device,
         })
         .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     let answer = control
         .expect_control("the destination's answer")
         .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
-    let (session, send_files) = match answer {
+    let (session, send_files, replay_agreed) = match answer {
         Message::Accept {
             session,
             send_files,
-        } => (session, send_files),
+            replay,
+        } => (session, send_files, replay),
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
         other => return Err(MigrationError::unexpected("accept or refuse", &other)),
     };
@@ -901,10 +1025,21 @@ pub fn migrate_vm(
         destination_files: (0..file_sizes.len() as u32)
             .map(|f| !send_files.contains(&f))
             .collect(),
+        replay_agreed: replay_agreed && options.mode == Mode::Live,
+        base_lost: None,
+        replay: None,
     };
+    if options.device == DeviceTransfer::Replay && !s.replay_agreed {
+        return Err(MigrationError::BrokenSequence(
+            "the destination accepted the VM without agreeing to replay its device commands".into(),
+        ));
+    }
     let outcome = run(&mut s, options, files, progress);
     source.set_throttle(0);
     source.stop_tracking();
+    if let Some(capture) = source.stop_capture() {
+        s.replay.get_or_insert_with(ReplayReport::default).capture = capture;
+    }
     match outcome {
         Ok(Switched {
             downtime,
@@ -928,6 +1063,13 @@ pub fn migrate_vm(
             files_reused: (file_sizes.len() - send_files.len()) as u32,
             file_bytes: send_files.iter().map(|&f| file_sizes[f as usize]).sum(),
             chunks_from_files: s.round_log.iter().map(|r| r.file_chunks).sum(),
+            device_transfer: match &s.replay {
+                None => "precopy",
+                Some(r) if r.fell_back.is_some() => "replay, then precopy",
+                Some(_) => "replay",
+            }
+            .into(),
+            replay: s.replay,
             round_log: s.round_log,
         }),
         Err(Failure::InDoubt(e)) => Err(e),
@@ -980,6 +1122,38 @@ fn before_go(paused: bool) -> impl Fn(MigrationError) -> Failure {
     move |error| Failure::BeforeGo { error, paused }
 }
 
+/// How the live rounds ended: what the final round, in the pause, must add to what it
+/// takes then.
+enum LiveEnd {
+    /// Pre-copy converged; what its last take found is unsent.
+    Precopy(Pending),
+    /// Replay converged; the pages and commands its last take found are unsent.
+    Replay(PageSet, Vec<LoggedCommand>),
+}
+
+/// How the pre-copy rounds ended.
+enum PrecopyEnd {
+    /// The pause would now meet the target.
+    Converged(Pending),
+    /// The device dirties memory faster than the link resends it: replay instead (auto).
+    ToReplay(Pending),
+}
+
+/// Where a replay starts.
+enum ReplayStart {
+    /// From the first round: the base is all device memory, with the files and RAM.
+    Fresh(Vec<FilePiece>),
+    /// From pre-copy: the destination holds the device memory except the chunks pending.
+    AfterPrecopy(Pending),
+}
+
+/// How the replay rounds ended.
+enum ReplayEnd {
+    Converged(PageSet, Vec<LoggedCommand>),
+    /// Replay gave way (the reason is in the report): pre-copy goes on from this work.
+    FellBack(RoundWork),
+}
+
 /// Runs the migration; `files` are the pieces of the attached files to send, which go
 /// with the first round, while the VM runs (in stop-and-copy too: they are read-only).
 fn run(
@@ -989,20 +1163,6 @@ fn run(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Switched, Failure> {
     let source = s.source;
-    let ram_pages = s.ram_pages;
-    // Called once dirty tracking runs (or the VM is paused), so a page or chunk populated
-    // after the query is in a later round's dirty set.
-    let round0 = |s: &Session<'_>, files: Vec<FilePiece>| RoundWork {
-        runs: s
-            .source
-            .populated_pages()
-            .unwrap_or_else(|| PageSet::all(ram_pages))
-            .runs(MAX_RUN_PAGES),
-        chunks: s.source.populated_chunks(),
-        files,
-        skip_zeros: true,
-    };
-    let pause_at: Instant;
     if options.mode == Transfer::StopAndCopy {
         if !files.is_empty() {
             let work = RoundWork {
@@ -1013,7 +1173,7 @@ fn run(
             progress(&s.progress("precopy", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
         }
         s.cancelled().map_err(before_go(false))?;
-        pause_at = source
+        let pause_at = source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
         // The whole transfer happens in this pause: the I/O timeouts bound it.
@@ -1022,119 +1182,412 @@ fn run(
             .send_round(&round0(s, Vec::new()), 0)
             .map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+        return finish(s, options, pause_at, None);
+    }
+    source
+        .start_tracking()
+        .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+    let replay_from = |s: &mut Session<'_>, start, progress: &mut dyn FnMut(&Progress)| {
+        Ok(match replay_rounds(s, options, start, progress)? {
+            ReplayEnd::Converged(pages, commands) => LiveEnd::Replay(pages, commands),
+            ReplayEnd::FellBack(work) => match precopy_rounds(s, options, work, false, progress)? {
+                PrecopyEnd::Converged(pending) | PrecopyEnd::ToReplay(pending) => {
+                    LiveEnd::Precopy(pending)
+                }
+            },
+        })
+    };
+    let end = if s.replay_agreed && options.device == DeviceTransfer::Replay {
+        replay_from(s, ReplayStart::Fresh(files), progress)?
     } else {
-        source
-            .start_tracking()
-            .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
-        let mut work = round0(s, files);
-        let mut throttle_step = 0usize;
-        let mut best_rate = 0f64;
-        let mut extra_rounds = 0u32;
-        let pending = loop {
-            let throttle_pct = THROTTLE_STEPS[throttle_step];
-            let log = s
-                .send_round(&work, throttle_pct)
-                .map_err(before_go(false))?;
-            let pending = take_dirty(source, None).map_err(before_go(false))?;
-            tracing::debug!(ms = ms(s.started.elapsed()), "dirty state taken");
-            work = pending.to_work();
-            let dirty_bytes = work.bytes();
-            let secs = (log.ms / 1e3).max(1e-6);
-            // Small rounds are dominated by the round trip, so the link's bandwidth is
-            // the best rate seen in any round.
-            best_rate = best_rate.max(log.bytes as f64 / secs);
-            let rate = best_rate;
-            let dirty_rate = dirty_bytes as f64 / secs;
-            // The final round moves what is dirty at the pause at the link's rate.
-            let predicted =
-                Duration::from_secs_f64(dirty_bytes as f64 / rate.max(1.0)) + SWITCHOVER_OVERHEAD;
-            progress(&s.progress(
-                "precopy",
-                &log,
-                dirty_bytes,
-                rate,
-                dirty_rate,
-                predicted,
+        let auto = s.replay_agreed && options.device == DeviceTransfer::Auto;
+        let work = round0(s, files);
+        match precopy_rounds(s, options, work, auto, progress)? {
+            PrecopyEnd::Converged(pending) => LiveEnd::Precopy(pending),
+            PrecopyEnd::ToReplay(pending) => {
+                replay_from(s, ReplayStart::AfterPrecopy(pending), progress)?
+            }
+        }
+    };
+    source.set_throttle(0);
+    s.cancelled().map_err(before_go(false))?;
+    let pause_at = pause_for_switchover(s, options)?;
+    let digest = match end {
+        LiveEnd::Precopy(pending) => {
+            // What the last take found is still unsent: the final round sends it too.
+            let work = take_dirty(source, Some(pending))
+                .map_err(before_go(true))?
+                .to_work();
+            tracing::debug!(
+                ms = ms(s.started.elapsed()),
+                bytes = work.bytes(),
+                "final dirty state taken"
+            );
+            let log = s.send_round(&work, 0).map_err(before_go(true))?;
+            progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+            None
+        }
+        LiveEnd::Replay(mut pages, mut commands) => {
+            // The tail: what ran since the last take. Its loss in the pause (the capture
+            // overflowed just now) fails the migration; the VM resumes here.
+            let tail = source
+                .take_commands()
+                .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
+            pages.union_with(
+                &source
+                    .take_dirty_pages()
+                    .map_err(|e| before_go(true)(MigrationError::Source(e)))?,
+            );
+            commands.extend(tail);
+            let tail_commands = commands.len() as u64;
+            let work = RoundWork {
+                runs: pages.runs(MAX_RUN_PAGES),
+                commands,
+                table: RoundTable::Replayed,
+                ..RoundWork::default()
+            };
+            // The source digests its device while the destination replays the tail.
+            let (log, digest) = std::thread::scope(|scope| {
+                let digesting = scope.spawn(|| {
+                    let started = Instant::now();
+                    source.device_digest().map(|d| (d, started.elapsed()))
+                });
+                let log = s.send_round(&work, 0);
+                let digest = digesting.join().unwrap_or_else(|_| {
+                    Err(crate::VmError::Capture("digesting panicked (a bug)".into()))
+                });
+                (log, digest)
+            });
+            let log = log.map_err(before_go(true))?;
+            let (digest, took) = digest.map_err(|e| before_go(true)(MigrationError::Source(e)))?;
+            let report = s.replay.get_or_insert_with(ReplayReport::default);
+            report.digest_ms = ms(took);
+            report.tail_commands = tail_commands;
+            report.commands += tail_commands;
+            report.command_bytes += work.commands.iter().map(LoggedCommand::weight).sum::<u64>();
+            progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+            Some(digest)
+        }
+    };
+    finish(s, options, pause_at, digest)
+}
+
+/// Round 0's work: every page and chunk that may hold data, and the files. Called once
+/// dirty tracking runs (or the VM is paused), so a page or chunk populated after the
+/// query is in a later round's dirty set.
+fn round0(s: &Session<'_>, files: Vec<FilePiece>) -> RoundWork {
+    RoundWork {
+        runs: s
+            .source
+            .populated_pages()
+            .unwrap_or_else(|| PageSet::all(s.ram_pages))
+            .runs(MAX_RUN_PAGES),
+        chunks: s.source.populated_chunks(),
+        files,
+        skip_zeros: true,
+        ..RoundWork::default()
+    }
+}
+
+/// Pre-copy rounds from `work` until the predicted pause meets the target (throttling
+/// the VM if needed). With `auto`, a device dirtying memory faster than the link resends
+/// it hands over to replay instead of being throttled.
+fn precopy_rounds(
+    s: &mut Session<'_>,
+    options: &MigrationOptions,
+    mut work: RoundWork,
+    auto: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<PrecopyEnd, Failure> {
+    let source = s.source;
+    let mut throttle_step = 0usize;
+    let mut best_rate = 0f64;
+    let mut extra_rounds = 0u32;
+    loop {
+        let throttle_pct = THROTTLE_STEPS[throttle_step];
+        let log = s
+            .send_round(&work, throttle_pct)
+            .map_err(before_go(false))?;
+        let pending = take_dirty(source, None).map_err(before_go(false))?;
+        tracing::debug!(ms = ms(s.started.elapsed()), "dirty state taken");
+        work = pending.to_work();
+        let dirty_bytes = work.bytes();
+        let secs = (log.ms / 1e3).max(1e-6);
+        // Small rounds are dominated by the round trip, so the link's bandwidth is
+        // the best rate seen in any round.
+        best_rate = best_rate.max(log.bytes as f64 / secs);
+        let rate = best_rate;
+        let dirty_rate = dirty_bytes as f64 / secs;
+        // The final round moves what is dirty at the pause at the link's rate.
+        let predicted =
+            Duration::from_secs_f64(dirty_bytes as f64 / rate.max(1.0)) + SWITCHOVER_OVERHEAD;
+        progress(&s.progress(
+            "precopy",
+            &log,
+            dirty_bytes,
+            rate,
+            dirty_rate,
+            predicted,
+            throttle_pct,
+        ));
+        s.predicted_pause = predicted;
+        let out_of_bounds =
+            s.rounds() >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
+        if predicted <= options.downtime_target {
+            if out_of_bounds
+                || extra_rounds >= MAX_EXTRA_ROUNDS
+                || !worth_another_round(dirty_bytes, rate, dirty_rate)
+            {
+                return Ok(PrecopyEnd::Converged(pending));
+            }
+            extra_rounds += 1;
+            tracing::debug!(
+                predicted_ms = ms(predicted),
+                "one more round shrinks the pause further"
+            );
+            continue;
+        }
+        // Dirtying at more than half the link rate will not converge quickly.
+        let too_fast = dirty_rate > rate * 0.5;
+        // Mostly device memory: replay it rather than slow the VM down.
+        let device_bytes = pending.chunks.len() as u64 * crate::vm::MAX_CHUNK_BYTES;
+        if auto && too_fast && device_bytes * 2 > dirty_bytes && throttle_step == 0 {
+            tracing::info!(
+                dirty_mib_s = dirty_rate / MIB,
+                link_mib_s = rate / MIB,
+                "the device dirties memory faster than the link resends it: replaying its commands instead"
+            );
+            return Ok(PrecopyEnd::ToReplay(pending));
+        }
+        if out_of_bounds {
+            if options.allow_longer_pause {
+                return Ok(PrecopyEnd::Converged(pending));
+            }
+            return Err(before_go(false)(MigrationError::NotConverged {
+                rounds: s.rounds(),
+                elapsed_ms: s.started.elapsed().as_millis() as u64,
+                predicted_ms: predicted.as_millis() as u64,
+                target_ms: options.downtime_target.as_millis() as u64,
+                dirty_mib_s: dirty_rate / MIB,
+                link_mib_s: rate / MIB,
                 throttle_pct,
-            ));
+            }));
+        }
+        // Slow the VM down a step.
+        if options.throttle && too_fast && throttle_step + 1 < THROTTLE_STEPS.len() {
+            throttle_step += 1;
+            source.set_throttle(THROTTLE_STEPS[throttle_step]);
+            tracing::info!(
+                pct = THROTTLE_STEPS[throttle_step],
+                "throttling the VM to converge"
+            );
+        }
+    }
+}
+
+/// Replay rounds: the base, then the commands the source runs (with the RAM it dirties)
+/// until the destination is close enough behind for the pause to meet the target. Gives
+/// way to pre-copy when the capture fails or overflows, when the destination falls
+/// behind, or when replay spends half the migration's bounds without converging.
+fn replay_rounds(
+    s: &mut Session<'_>,
+    options: &MigrationOptions,
+    start: ReplayStart,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<ReplayEnd, Failure> {
+    let source = s.source;
+    s.replay = Some(ReplayReport::default());
+    let (since, mut work) = match start {
+        ReplayStart::Fresh(files) => (None, round0(s, files)),
+        ReplayStart::AfterPrecopy(pending) => {
+            let work = RoundWork {
+                runs: pending.pages.runs(MAX_RUN_PAGES),
+                ..RoundWork::default()
+            };
+            (Some(pending.chunks), work)
+        }
+    };
+    let fresh = since.is_none();
+    let (table, base) = match source.start_capture(options.capture, since.as_deref()) {
+        Ok(started) => started,
+        Err(e) => {
+            gave_way(s, error_chain(&e));
+            // Pre-copy as it would have gone: round 0, or the chunks pending.
+            if let Some(chunks) = since {
+                work.chunks = chunks;
+            } else {
+                work.chunks = source.populated_chunks();
+            }
+            return Ok(ReplayEnd::FellBack(work));
+        }
+    };
+    work.chunks = base;
+    work.table = RoundTable::Base(table);
+    work.skip_zeros = fresh;
+    let log = s.send_round(&work, 0).map_err(before_go(false))?;
+    s.replay
+        .get_or_insert_with(ReplayReport::default)
+        .base_bytes = log.bytes;
+    progress(&s.progress("replay", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+    let mut best_rate = log.bytes as f64 / (log.ms / 1e3).max(1e-6);
+    let mut rounds_ms: Vec<f64> = Vec::new();
+    let mut throttle_step = 0usize;
+    let bound_rounds = s.rounds() + options.max_rounds.div_ceil(2);
+    let bound_time = s.started.elapsed() + options.max_precopy / 2;
+    loop {
+        let pages = source
+            .take_dirty_pages()
+            .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+        if let Some(why) = s.base_lost.take() {
+            return Ok(fall_back(s, why, &pages));
+        }
+        let commands = match source.take_commands() {
+            Ok(commands) => commands,
+            Err(e) => return Ok(fall_back(s, error_chain(&e), &pages)),
+        };
+        if let Some(heavy) = commands.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
+            let why = format!(
+                "a device command of {} bytes (an upload) is larger than a message can carry",
+                heavy.weight()
+            );
+            return Ok(fall_back(s, why, &pages));
+        }
+        if let Some(log) = s.round_log.last().filter(|_| !rounds_ms.is_empty()) {
+            // Decide on what the last replay round showed, with what it left pending.
+            let last = Duration::from_secs_f64(log.ms / 1e3);
+            let ratio = match rounds_ms.as_slice() {
+                [.., before, now] => now / before.max(1e-3),
+                _ => 1.0,
+            };
+            let ram = pages.count() * PAGE_SIZE;
+            let predicted =
+                predicted_replay_pause(last, ratio, ram, best_rate) + SWITCHOVER_OVERHEAD;
             s.predicted_pause = predicted;
-            let out_of_bounds =
-                s.rounds() >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
+            let pending_bytes = ram + commands.iter().map(LoggedCommand::weight).sum::<u64>();
+            progress(&s.progress(
+                "replay",
+                log,
+                pending_bytes,
+                best_rate,
+                pending_bytes as f64 / (log.ms / 1e3).max(1e-6),
+                predicted,
+                REPLAY_THROTTLE_STEPS[throttle_step],
+            ));
             if predicted <= options.downtime_target {
-                if out_of_bounds
-                    || extra_rounds >= MAX_EXTRA_ROUNDS
-                    || !worth_another_round(dirty_bytes, rate, dirty_rate)
-                {
-                    break pending;
-                }
-                extra_rounds += 1;
-                tracing::debug!(
-                    predicted_ms = ms(predicted),
-                    "one more round shrinks the pause further"
+                return Ok(ReplayEnd::Converged(pages, commands));
+            }
+            if falling_behind(&rounds_ms) {
+                let why = format!(
+                    "the destination falls behind: its last {} rounds of replay grew, to {:.0} ms",
+                    crate::replay::ROUNDS_BEHIND,
+                    log.ms
                 );
-                continue;
+                return Ok(fall_back(s, why, &pages));
             }
-            if out_of_bounds {
-                if options.allow_longer_pause {
-                    break pending;
-                }
-                return Err(before_go(false)(MigrationError::NotConverged {
-                    rounds: s.rounds(),
-                    elapsed_ms: s.started.elapsed().as_millis() as u64,
-                    predicted_ms: predicted.as_millis() as u64,
-                    target_ms: options.downtime_target.as_millis() as u64,
-                    dirty_mib_s: dirty_rate / MIB,
-                    link_mib_s: rate / MIB,
-                    throttle_pct,
-                }));
+            if s.rounds() >= bound_rounds || s.started.elapsed() >= bound_time {
+                let why = format!(
+                    "replay did not converge in {} rounds: predicted pause {:.0} ms > target {} ms",
+                    rounds_ms.len(),
+                    ms(predicted),
+                    options.downtime_target.as_millis()
+                );
+                return Ok(fall_back(s, why, &pages));
             }
-            // Dirtying at more than half the link rate will not converge quickly:
-            // slow the VM down a step.
-            if options.throttle
-                && dirty_rate > rate * 0.5
-                && throttle_step + 1 < THROTTLE_STEPS.len()
+            // A destination replaying no faster than the source runs stays as far behind
+            // as it is: slow the source a little, so each round is shorter than the last.
+            if ratio > CATCH_UP_RATIO
+                && options.throttle
+                && throttle_step + 1 < REPLAY_THROTTLE_STEPS.len()
             {
                 throttle_step += 1;
-                source.set_throttle(THROTTLE_STEPS[throttle_step]);
+                source.set_throttle(REPLAY_THROTTLE_STEPS[throttle_step]);
                 tracing::info!(
-                    pct = THROTTLE_STEPS[throttle_step],
-                    "throttling the VM to converge"
+                    pct = REPLAY_THROTTLE_STEPS[throttle_step],
+                    "throttling the VM lightly so the destination's replay catches up"
                 );
             }
+        }
+        let report = s.replay.get_or_insert_with(ReplayReport::default);
+        report.commands += commands.len() as u64;
+        report.command_bytes += commands.iter().map(LoggedCommand::weight).sum::<u64>();
+        let work = RoundWork {
+            runs: pages.runs(MAX_RUN_PAGES),
+            commands,
+            table: RoundTable::Replayed,
+            ..RoundWork::default()
         };
-        source.set_throttle(0);
-        s.cancelled().map_err(before_go(false))?;
-        pause_at = source
-            .pause()
-            .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
-        s.phase = Phase::Switchover;
-        // A destination that is not ready in time is abandoned before Go, and the VM
-        // resumes here: the pause stays bounded whatever the destination does.
-        let deadline = pause_at + switchover_deadline(options, s.predicted_pause);
-        let sockets = s
-            .sockets
-            .iter()
-            .map(TcpStream::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                before_go(true)(MigrationError::io("arming the switchover deadline")(e))
-            })?;
-        s.watchdog = Some(Watchdog::arm(deadline, sockets).map_err(|e| {
+        let log = s
+            .send_round(&work, REPLAY_THROTTLE_STEPS[throttle_step])
+            .map_err(before_go(false))?;
+        best_rate = best_rate.max(log.bytes as f64 / (log.ms / 1e3).max(1e-6));
+        rounds_ms.push(log.ms);
+    }
+}
+
+/// Records why replay gave way, and ends the capture.
+fn gave_way(s: &mut Session<'_>, why: String) {
+    tracing::warn!("device command replay gives way to pre-copy: {why}");
+    let capture = s.source.stop_capture();
+    let report = s.replay.get_or_insert_with(ReplayReport::default);
+    if let Some(capture) = capture {
+        report.capture = capture;
+    }
+    report.fell_back = Some(why);
+}
+
+/// Replay gives way to pre-copy, which starts from the dirty `pages` and every chunk that
+/// may hold data or changed since tracking began (the destination holds the base and
+/// some of the commands; commands taken and not sent need not be: what they wrote is
+/// dirty).
+fn fall_back(s: &mut Session<'_>, why: String, pages: &PageSet) -> ReplayEnd {
+    gave_way(s, why);
+    let mut chunks = s.source.populated_chunks();
+    chunks.extend(s.source.take_dirty_chunks());
+    chunks.sort_unstable();
+    chunks.dedup();
+    ReplayEnd::FellBack(RoundWork {
+        runs: pages.runs(MAX_RUN_PAGES),
+        chunks,
+        ..RoundWork::default()
+    })
+}
+
+/// Pauses the VM for the switchover and arms the deadline by which the destination must
+/// be ready: one that is not is abandoned before Go, and the VM resumes here, so the
+/// pause stays bounded whatever the destination does.
+fn pause_for_switchover(
+    s: &mut Session<'_>,
+    options: &MigrationOptions,
+) -> Result<Instant, Failure> {
+    let pause_at = s
+        .source
+        .pause()
+        .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
+    s.phase = Phase::Switchover;
+    let deadline = pause_at + switchover_deadline(options, s.predicted_pause);
+    let sockets = s
+        .sockets
+        .iter()
+        .map(TcpStream::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| before_go(true)(MigrationError::io("arming the switchover deadline")(e)))?;
+    s.watchdog =
+        Some(Watchdog::arm(deadline, sockets).map_err(|e| {
             before_go(true)(MigrationError::io("arming the switchover deadline")(e))
         })?);
-        tracing::debug!(ms = ms(s.started.elapsed()), "paused");
-        // What the last take found is still unsent: the final round sends it too.
-        let work = take_dirty(source, Some(pending))
-            .map_err(before_go(true))?
-            .to_work();
-        tracing::debug!(
-            ms = ms(s.started.elapsed()),
-            bytes = work.bytes(),
-            "final dirty state taken"
-        );
-        let log = s.send_round(&work, 0).map_err(before_go(true))?;
-        progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
-    }
+    tracing::debug!(ms = ms(s.started.elapsed()), "paused");
+    Ok(pause_at)
+}
+
+/// The switchover after the final round: the state (with the device digest after a
+/// replay), the destination's restore, Go and its confirmation.
+fn finish(
+    s: &mut Session<'_>,
+    options: &MigrationOptions,
+    pause_at: Instant,
+    device: Option<DeviceDigest>,
+) -> Result<Switched, Failure> {
+    let source = s.source;
     let final_bytes = s.round_log.last().map_or(0, |r| r.bytes);
     let blob = source
         .save_state()
@@ -1145,7 +1598,7 @@ fn run(
         "state saved"
     );
     s.control
-        .send(&Message::State { blob })
+        .send(&Message::State { blob, device })
         .map_err(before_go(true))?;
     match s
         .control

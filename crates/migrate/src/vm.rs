@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::replay::{CaptureLimits, CaptureReport, DeviceDigest, LoggedCommand};
+
 /// Guest page size the engine copies in.
 pub const PAGE_SIZE: u64 = 4096;
 /// Largest device chunk (the accelerator's dirty-tracking granule).
@@ -106,6 +108,18 @@ pub enum VmError {
     /// The final state could not be restored.
     #[error("cannot restore the VM's state")]
     Restore(#[source] Cause),
+    /// The device's command capture failed or overflowed its bounds (replay gives way
+    /// to pre-copy).
+    #[error("the device's command capture failed")]
+    Capture(#[source] Cause),
+    /// The device commands sent could not be replayed here.
+    #[error("cannot replay the device's commands")]
+    Replay(#[source] Cause),
+}
+
+/// The error of a replay method a VM does not implement.
+fn no_replay(what: &str) -> Cause {
+    format!("this VM cannot {what} (no accelerator, or no command replay)").into()
 }
 
 /// `err` and every cause beneath it, joined by ": " (how an error reaches an operator or
@@ -438,6 +452,39 @@ pub trait MigrationSource: Sync {
     fn resume(&self) -> Result<(), VmError>;
     /// The paused VM's complete state less RAM and chunk contents.
     fn save_state(&self) -> Result<Vec<u8>, VmError>;
+
+    /// Starts capturing the device for replay (see [`crate::replay`]) at its next
+    /// command boundary, and returns the base's buffer table and the chunks to read with
+    /// [`Self::read_base_chunk`]; every command from then on is logged. The base is, with
+    /// `since` `None`, every chunk that may hold data; with `Some(pending)`, the chunks
+    /// `pending` and those dirtied since the last take (taken at the boundary), of the
+    /// base's buffers: a destination that has the rest from pre-copy.
+    fn start_capture(
+        &self,
+        limits: CaptureLimits,
+        since: Option<&[ChunkKey]>,
+    ) -> Result<(Vec<DeviceBuffer>, Vec<ChunkKey>), VmError> {
+        let _ = (limits, since);
+        Err(VmError::Capture(no_replay("capture its device")))
+    }
+    /// Copies base chunk `chunk` into `out` as it was at the boundary (zeros for a chunk
+    /// not written then); `false` if it is not in the base or was read already.
+    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
+        let _ = (chunk, out);
+        Err(VmError::Capture(no_replay("read a device base")))
+    }
+    /// The commands logged since the last take, in order.
+    fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {
+        Err(VmError::Capture(no_replay("log device commands")))
+    }
+    /// Ends the capture and says what it cost (`None`: none ran).
+    fn stop_capture(&self) -> Option<CaptureReport> {
+        None
+    }
+    /// A digest of device memory; the VM is paused.
+    fn device_digest(&self) -> Result<DeviceDigest, VmError> {
+        Err(VmError::Capture(no_replay("digest its device memory")))
+    }
 }
 
 /// The VM being received, created paused by a [`crate::TargetFactory`]. Each call is
@@ -508,6 +555,20 @@ pub trait MigrationTarget: Send + Sync {
     fn restore(&self, state: &[u8]) -> Result<(), VmError>;
     /// Runs the restored VM.
     fn resume(&self) -> Result<(), VmError>;
+
+    /// Whether this VM can replay the source's device commands.
+    fn can_replay(&self) -> bool {
+        false
+    }
+    /// Replays `commands` (the source's, in order) on the device memory received.
+    fn replay(&self, commands: Vec<LoggedCommand>) -> Result<(), VmError> {
+        let _ = commands;
+        Err(VmError::Replay(no_replay("replay device commands")))
+    }
+    /// A digest of the device memory received (and replayed).
+    fn device_digest(&self) -> Result<DeviceDigest, VmError> {
+        Err(VmError::Replay(no_replay("digest its device memory")))
+    }
 }
 
 #[cfg(test)]

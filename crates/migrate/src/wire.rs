@@ -11,6 +11,7 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::replay::{DeviceDigest, DeviceTransfer, LoggedCommand};
 use crate::vm::{
     ChunkKey, ChunkOrigin, DeviceBuffer, FileTransfer, VmDescription, MAX_CHUNK_BYTES,
     MAX_FILE_PIECE, PAGE_SIZE,
@@ -19,8 +20,9 @@ use crate::MigrationError;
 
 /// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
 /// an in-doubt switchover; 4: a migration key derived from the secret; 5: the VM state's
-/// version in the offer; 6: device chunks sent as the file piece they hold.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// version in the offer; 6: device chunks sent as the file piece they hold; 7: device
+/// command replay.
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.
@@ -105,6 +107,8 @@ pub enum Message {
         transfer: Transfer,
         /// Whether attached files the destination has are sent anyway.
         files: FileTransfer,
+        /// How device memory may be sent (replay needs the destination's consent).
+        device: DeviceTransfer,
     },
     /// The destination prepared a paused VM.
     Accept {
@@ -113,6 +117,8 @@ pub enum Message {
         /// The attached files (indices into the offer's) the source must send with round
         /// 0; the destination has the others.
         send_files: Vec<u32>,
+        /// Whether the destination replays device commands (asked for by the offer).
+        replay: bool,
     },
     /// Refused (authentication, version, compatibility, resources), with the reason.
     Refuse {
@@ -123,8 +129,15 @@ pub enum Message {
     BeginRound {
         /// Round number from 0.
         round: u32,
-        /// Device buffers now.
-        buffers: Vec<DeviceBuffer>,
+        /// Device buffers now; `None` in a replay round (the replayed commands make the
+        /// table).
+        buffers: Option<Vec<DeviceBuffer>>,
+    },
+    /// Device commands to replay, in order, after those sent before (inside a round,
+    /// once the base is complete).
+    Commands {
+        /// The commands.
+        commands: Vec<LoggedCommand>,
     },
     /// A round's data is all sent: this many frames on each data stream.
     EndRound {
@@ -142,6 +155,9 @@ pub enum Message {
     State {
         /// Opaque to the engine; the target validates it.
         blob: Vec<u8>,
+        /// After a replay: the digest of the source's device memory, which the
+        /// destination's must equal.
+        device: Option<DeviceDigest>,
     },
     /// The destination restored the VM, paused, and waits for [`Message::Go`].
     Ready,

@@ -16,9 +16,9 @@ use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use ferry_migrate::MAX_HANDSHAKES_PER_PEER;
 use ferry_migrate::{
-    migrate_vm, serve, settle, ChunkKey, DeviceBuffer, FileOffer, FileTransfer, MigrationError,
-    MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode, PageSet,
-    ReceiveReport, Secret, Settlement, TargetFactory, VmDescription, VmError,
+    migrate_vm, serve, settle, ChunkKey, DeviceBuffer, DeviceTransfer, FileOffer, FileTransfer,
+    MigrationError, MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode,
+    PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmDescription, VmError,
 };
 use sha2::{Digest, Sha256};
 
@@ -1381,6 +1381,7 @@ fn garbage_connections_do_not_disturb_the_listener() {
             streams: 1,
             transfer: Transfer::Live,
             files: FileTransfer::Reuse,
+            device: DeviceTransfer::Precopy,
         })
         .unwrap()
     }))
@@ -1412,6 +1413,7 @@ fn garbage_connections_do_not_disturb_the_listener() {
             streams,
             transfer: Transfer::Live,
             files: FileTransfer::Reuse,
+            device: DeviceTransfer::Precopy,
         })
         .unwrap();
         match c.expect_control("refusal") {
@@ -1451,6 +1453,7 @@ fn hostile_source(
         streams: 1,
         transfer: Transfer::Live,
         files: FileTransfer::Reuse,
+        device: DeviceTransfer::Precopy,
     })?;
     let session = match c.expect_control("accept")? {
         Message::Accept { session, .. } => session,
@@ -1471,6 +1474,7 @@ fn a_source_gone_before_opening_its_data_streams_frees_the_destination_at_once()
         streams: 2,
         transfer: Transfer::Live,
         files: FileTransfer::Reuse,
+        device: DeviceTransfer::Precopy,
     })
     .unwrap();
     assert!(matches!(
@@ -1502,6 +1506,7 @@ fn ram_records_outside_the_vm_are_refused() {
         streams: 1,
         transfer: Transfer::Live,
         files: FileTransfer::Reuse,
+        device: DeviceTransfer::Precopy,
     })
     .unwrap();
     let Ok(Message::Accept { session, .. }) = c.expect_control("accept") else {
@@ -1510,7 +1515,7 @@ fn ram_records_outside_the_vm_are_refused() {
     let mut d = authenticated(&dest, StreamRole::Data { session, index: 0 });
     c.send(&Message::BeginRound {
         round: 0,
-        buffers: Vec::new(),
+        buffers: Some(Vec::new()),
     })
     .unwrap();
     d.writer.send_ram(MIB - PAGE_SIZE, 1, Some(&page)).unwrap();
@@ -1524,7 +1529,11 @@ fn ram_records_outside_the_vm_are_refused() {
         c.expect_control("applied").unwrap(),
         Message::RoundApplied { round: 0 }
     );
-    c.send(&Message::State { blob: vec![1] }).unwrap();
+    c.send(&Message::State {
+        blob: vec![1],
+        device: None,
+    })
+    .unwrap();
     assert_eq!(c.expect_control("ready").unwrap(), Message::Ready);
     c.send(&Message::Go).unwrap();
     assert_eq!(c.expect_control("resumed").unwrap(), Message::Resumed);
@@ -1551,7 +1560,7 @@ fn ram_records_outside_the_vm_are_refused() {
             let answer = hostile_source(&dest, MIB, |w, dw| {
                 let _ = w.send(&Message::BeginRound {
                     round: 0,
-                    buffers: Vec::new(),
+                    buffers: Some(Vec::new()),
                 });
                 let _ = dw.send_ram(gpa, pages, (!zero).then_some(&data[..]));
                 let _ = dw.flush();
@@ -1585,13 +1594,17 @@ fn the_final_state_is_refused_while_a_round_is_open() {
     let answer = hostile_source(&dest, MIB, |w, dw| {
         w.send(&Message::BeginRound {
             round: 0,
-            buffers: Vec::new(),
+            buffers: Some(Vec::new()),
         })
         .unwrap();
         dw.send_ram(0, 1, Some(&page)).unwrap();
         dw.flush().unwrap();
         // No EndRound: the round is still open when the final state comes.
-        w.send(&Message::State { blob: vec![1] }).unwrap();
+        w.send(&Message::State {
+            blob: vec![1],
+            device: None,
+        })
+        .unwrap();
     });
     assert!(
         !matches!(answer, Ok(Message::Ready)),
@@ -1743,6 +1756,7 @@ fn dying_destination(read_bytes: u64) -> (String, JoinHandle<()>) {
             .send(&Message::Accept {
                 session: 42,
                 send_files: Vec::new(),
+                replay: false,
             })
             .unwrap();
         let data: Vec<_> = (0..streams).map(|_| accept()).collect();
@@ -1894,6 +1908,7 @@ fn frozen_destination() -> (String, JoinHandle<()>) {
             .send(&Message::Accept {
                 session: 7,
                 send_files: Vec::new(),
+                replay: false,
             })
             .unwrap();
         for _ in 0..streams {

@@ -63,6 +63,13 @@ pub struct MigrateArgs {
     /// if it lacks one.
     #[arg(long, default_value = "reuse", value_parser = ["reuse", "send", "require"])]
     pub files: String,
+    /// Device memory: `precopy` resends the chunks the device dirties (throttling the VM
+    /// if it dirties faster than the link); `replay` sends device memory once, then the
+    /// device's commands, which the destination runs again (the same bytes: the kernels
+    /// are deterministic); `auto` starts with pre-copy and replays when it would throttle.
+    /// Replay gives way to pre-copy, and says so, when the destination cannot keep up.
+    #[arg(long, value_name = "auto|precopy|replay", default_value = "auto")]
+    pub device_transfer: ferry_migrate::DeviceTransfer,
     /// Print one JSON object (the report) as the last line.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +89,7 @@ impl MigrateArgs {
             allow_longer_pause: self.allow_longer_pause,
             max_rounds: self.max_rounds,
             files: self.files.clone(),
+            device: self.device_transfer,
             ..MigrateRequest::to(self.to.as_deref().unwrap_or_default())
         }
     }

@@ -1,0 +1,230 @@
+//! Command-log replay, the engine's second way to move device memory: instead of
+//! resending the chunks a training step rewrites, the source sends a consistent base
+//! once and then the device commands it runs; the destination, on a backend of the same
+//! kind and kernel version, runs them again and gets the same bytes (the kernels are
+//! deterministic). Guest RAM is still pre-copied. A digest exchanged at switchover
+//! checks the result; a capture that overflows its bounds, or a destination that cannot
+//! keep up, falls back to pre-copy.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How device memory is moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceTransfer {
+    /// Replay when pre-copy's first rounds show the device dirtying memory faster than
+    /// the link can resend it, else pre-copy.
+    #[default]
+    Auto,
+    /// Resend the chunks the device dirties (throttling if needed).
+    Precopy,
+    /// Send a base and the command log from the start.
+    Replay,
+}
+
+impl DeviceTransfer {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Precopy => "precopy",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceTransfer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "precopy" => Ok(Self::Precopy),
+            "replay" => Ok(Self::Replay),
+            other => Err(format!(
+                "unknown device transfer '{other}' (auto, precopy or replay)"
+            )),
+        }
+    }
+}
+
+/// One device command executed after the base's boundary, as the source ran it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedCommand {
+    /// Its opcode.
+    pub opcode: u32,
+    /// Its arguments.
+    pub args: Vec<u64>,
+    /// The guest-RAM bytes it read (an upload's data), else empty.
+    pub payload: Vec<u8>,
+    /// How it completed on the source.
+    pub status: u32,
+}
+
+impl LoggedCommand {
+    /// Bytes it holds (what the log's bounds and the wire's batches count).
+    pub fn weight(&self) -> u64 {
+        self.payload.len() as u64 + 8 * self.args.len() as u64 + 16
+    }
+}
+
+/// Bounds on what a capture may hold on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureLimits {
+    /// Bytes of preserved base chunks at once (the side pool).
+    pub pool_bytes: u64,
+    /// Bytes of log not yet taken by the engine.
+    pub log_bytes: u64,
+}
+
+impl Default for CaptureLimits {
+    fn default() -> Self {
+        Self {
+            pool_bytes: 256 << 20,
+            log_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What a capture cost on the source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureReport {
+    /// Most bytes the side pool held at once.
+    pub pool_peak_bytes: u64,
+    /// Base chunks preserved before a write.
+    pub chunks_preserved: u64,
+    /// Commands logged.
+    pub commands_logged: u64,
+    /// Bytes logged.
+    pub log_bytes: u64,
+}
+
+/// A digest of device memory: every buffer's id, size and CRC-32 of its contents. It
+/// catches divergence (a nondeterministic kernel, a lost command), not tampering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDigest(pub Vec<(u32, u64, u32)>);
+
+impl DeviceDigest {
+    /// The first difference from `other` (this side's), in words; `None` if equal.
+    pub fn difference(&self, other: &DeviceDigest) -> Option<String> {
+        if self.0.len() != other.0.len() {
+            return Some(format!(
+                "{} device buffers here, {} on the source",
+                other.0.len(),
+                self.0.len()
+            ));
+        }
+        self.0
+            .iter()
+            .zip(&other.0)
+            .find(|(a, b)| a != b)
+            .map(|(theirs, ours)| {
+                format!(
+                    "device buffer {} ({} bytes, crc {:08x}) differs from the source's buffer {} ({} bytes, crc {:08x})",
+                    ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2
+                )
+            })
+    }
+}
+
+/// What a replay migration did, in the report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Bytes of the base (device chunks sent with round 0 of the replay).
+    pub base_bytes: u64,
+    /// Commands sent for replay, the tail included.
+    pub commands: u64,
+    /// Bytes of those commands.
+    pub command_bytes: u64,
+    /// Commands replayed during the pause.
+    pub tail_commands: u64,
+    /// The source's capture: side pool and log.
+    pub capture: CaptureReport,
+    /// Time the source spent digesting device memory in the pause, ms.
+    pub digest_ms: f64,
+    /// Why replay gave way to pre-copy, if it did.
+    pub fell_back: Option<String>,
+}
+
+/// The longest a replay round may take, relative to the round before it, for the
+/// destination to count as keeping up: the commands of a round were run by the source in
+/// the round before, and replaying them here must not take longer (with a tenth for
+/// noise, once rounds are as short as one command).
+pub const KEEP_UP_RATIO: f64 = 1.1;
+/// Rounds in a row the destination may fall behind before replay gives way to pre-copy.
+pub const ROUNDS_BEHIND: u32 = 3;
+
+/// Whether the destination keeps up with the source's commands: each round replays what
+/// the source ran during the previous one, so rounds that grow mean a backlog that
+/// grows. `rounds_ms` are the replay rounds so far (round 0, the base, excluded).
+pub fn falling_behind(rounds_ms: &[f64]) -> bool {
+    let n = ROUNDS_BEHIND as usize;
+    rounds_ms.len() > n
+        && rounds_ms
+            .windows(2)
+            .rev()
+            .take(n)
+            .all(|w| w[1] > w[0] * KEEP_UP_RATIO)
+}
+
+/// The pause a replay switchover is predicted to take: the destination replays what the
+/// source runs between the last take and the pause (about `last_round` of the source's
+/// time, at the `replay_ratio` the rounds show), while the final RAM goes at `rate`.
+pub fn predicted_replay_pause(
+    last_round: Duration,
+    replay_ratio: f64,
+    ram_bytes: u64,
+    rate: f64,
+) -> Duration {
+    let tail = last_round.mul_f64(replay_ratio.clamp(0.0, 4.0));
+    let ram = Duration::from_secs_f64(ram_bytes as f64 / rate.max(1.0));
+    tail.max(ram)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_that_keep_growing_fall_behind_and_shrinking_ones_do_not() {
+        assert!(!falling_behind(&[100.0, 80.0, 60.0, 50.0, 45.0]));
+        assert!(falling_behind(&[100.0, 120.0, 140.0, 160.0]));
+        // Three growths in a row are needed, after a shrink too.
+        assert!(!falling_behind(&[100.0, 120.0, 140.0]));
+        assert!(
+            !falling_behind(&[100.0, 105.0, 110.0, 115.0]),
+            "within the noise"
+        );
+        assert!(!falling_behind(&[100.0, 120.0, 90.0, 95.0, 99.0]));
+        assert!(falling_behind(&[100.0, 90.0, 100.0, 115.0, 130.0]));
+    }
+
+    #[test]
+    fn a_digest_names_the_first_buffer_that_differs() {
+        let source = DeviceDigest(vec![(1, 4096, 7), (2, 8192, 9)]);
+        assert_eq!(source.difference(&source.clone()), None);
+        let here = DeviceDigest(vec![(1, 4096, 7), (2, 8192, 10)]);
+        let why = source.difference(&here).unwrap();
+        assert!(
+            why.contains("buffer 2") && why.contains("0000000a"),
+            "{why}"
+        );
+        assert!(source
+            .difference(&DeviceDigest(vec![]))
+            .unwrap()
+            .contains("0 device buffers here"));
+    }
+
+    #[test]
+    fn the_predicted_pause_is_the_longer_of_the_tail_and_the_ram() {
+        let gbit = 1.25e8;
+        let p = predicted_replay_pause(Duration::from_millis(20), 0.5, 0, gbit);
+        assert_eq!(p, Duration::from_millis(10));
+        let p = predicted_replay_pause(Duration::from_millis(1), 1.0, 12_500_000, gbit);
+        assert_eq!(p, Duration::from_millis(100));
+        assert!("replay".parse::<DeviceTransfer>() == Ok(DeviceTransfer::Replay));
+        assert!("copy".parse::<DeviceTransfer>().is_err());
+    }
+}
