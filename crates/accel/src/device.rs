@@ -112,6 +112,10 @@ struct BufferMap {
     /// Chunks whose whole content is a piece of an attached file, as loaded and not
     /// written since: a migration to a host that has the file sends where, not what.
     origins: BTreeMap<ChunkId, ChunkOrigin>,
+    /// The CRC-32 of each buffer not written since a digest computed it: a replay's
+    /// destination digests after each round, so the switchover's digest hashes only what
+    /// the last commands wrote.
+    digests: BTreeMap<BufferId, u32>,
 }
 
 /// Where a chunk's content came from: its `len` bytes are attached file `file`'s from
@@ -133,6 +137,7 @@ impl Default for BufferMap {
             dirty: DirtyChunks::default(),
             written: DirtyChunks::started(),
             origins: BTreeMap::new(),
+            digests: BTreeMap::new(),
         }
     }
 }
@@ -424,6 +429,7 @@ impl Core {
     fn mark(&self, writes: impl IntoIterator<Item = (BufferId, Range<u64>)>) {
         let mut map = lock_map(&self.map);
         for (id, range) in writes {
+            map.digests.remove(&id);
             if let Some(&bytes) = map.sizes.get(&id) {
                 map.forget_origins(id, &range);
                 map.dirty.mark(id, bytes, range.clone());
@@ -436,6 +442,7 @@ impl Core {
         self.backend.alloc(id, bytes)?;
         let mut map = lock_map(&self.map);
         map.sizes.insert(id, bytes);
+        map.digests.remove(&id);
         map.dirty.mark_all(id, bytes);
         self.used += bytes;
         Ok(())
@@ -445,6 +452,7 @@ impl Core {
         let bytes = {
             let mut map = lock_map(&self.map);
             let bytes = map.sizes.remove(&id)?;
+            map.digests.remove(&id);
             map.dirty.forget(id);
             map.written.forget(id);
             map.forget_origins(id, &(0..bytes));
@@ -1215,29 +1223,63 @@ impl DeviceCapture {
     }
 
     /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
-    /// device must be paused.
+    /// device must be paused. It runs in a switchover's pause, so each buffer is hashed
+    /// where it lies (no copy), in parts on every core, and the parts' CRCs combined.
     pub fn digest(&self) -> DeviceDigest {
-        let core = self.shared.core.lock().expect("accel core lock");
-        let table = self.shared.tracker.map().table();
-        let mut piece = vec![0u8; COPY_PIECE as usize];
+        let _boundary = self.shared.core.lock().expect("accel core lock");
+        let (table, cached) = {
+            let map = self.shared.tracker.map();
+            (map.table(), map.digests.clone())
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let reader = &self.shared.tracker.reader;
         DeviceDigest(
             table
                 .iter()
                 .map(|b| {
-                    let mut crc = crc32fast::Hasher::new();
-                    let mut at = 0;
-                    while at < b.bytes {
-                        let n = (b.bytes - at).min(COPY_PIECE) as usize;
-                        core.backend.read(b.id, at, &mut piece[..n]);
-                        crc.update(&piece[..n]);
-                        at += n as u64;
+                    if let Some(&crc) = cached.get(&b.id) {
+                        return (b.id, b.bytes, crc);
                     }
-                    (b.id, b.bytes, crc.finalize())
+                    let mut crc = crc32fast::Hasher::new();
+                    reader.with_buffer(b.id, &mut |bytes| {
+                        let part = bytes.len().div_ceil(threads).max(DIGEST_PART);
+                        if bytes.len() <= part {
+                            crc.update(bytes);
+                            return;
+                        }
+                        let parts: Vec<crc32fast::Hasher> = std::thread::scope(|scope| {
+                            let hashing: Vec<_> = bytes
+                                .chunks(part)
+                                .map(|p| {
+                                    scope.spawn(move || {
+                                        let mut h = crc32fast::Hasher::new();
+                                        h.update(p);
+                                        h
+                                    })
+                                })
+                                .collect();
+                            hashing
+                                .into_iter()
+                                .map(|h| h.join().expect("hashing a part of a buffer"))
+                                .collect()
+                        });
+                        for p in &parts {
+                            crc.combine(p);
+                        }
+                    });
+                    let crc = crc.finalize();
+                    // Kept until the buffer is next written (under the core lock, held).
+                    self.shared.tracker.map().digests.insert(b.id, crc);
+                    (b.id, b.bytes, crc)
                 })
                 .collect(),
         )
     }
 }
+
+/// The least of a buffer one thread hashes for a digest (smaller buffers are hashed by
+/// one thread: a thread costs more than hashing them).
+const DIGEST_PART: usize = 4 << 20;
 
 /// Byte range of chunk `index` in a buffer of `bytes` bytes, if it has that chunk.
 fn chunk_range(bytes: u64, index: u64) -> Option<Range<u64>> {

@@ -39,6 +39,33 @@ fn mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum() {
 }
 
 #[test]
+fn mlp_train_moves_by_command_replay_both_ways_with_the_unmigrated_checksum() {
+    if !kvm_available("mlp_train_moves_by_command_replay_both_ways_with_the_unmigrated_checksum") {
+        return;
+    }
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    let id = a.create("mlp-train", "32M", MLP);
+    a.wait_console(&id, "step=60 ");
+    let replay = ["--device-transfer", "replay", "--allow-longer-pause"];
+    for (from, to, step) in [(&a, &b, "step=140 "), (&b, &a, "step=220 ")] {
+        let r = report(&from.migrate(&id, &to.migration, &replay));
+        assert_eq!(r["device_transfer"], "replay", "{r}");
+        let replayed = &r["replay"];
+        assert!(replayed["commands"].as_u64().unwrap() > 0, "{r}");
+        assert!(replayed["base_bytes"].as_u64().unwrap() > 0, "{r}");
+        // After the base, the device moved as commands, never as chunks.
+        let rounds = r["round_log"].as_array().unwrap();
+        assert!(rounds[1..].iter().all(|round| round["chunks"] == 0), "{r}");
+        assert_eq!(from.show(&id)["state"], "migrated-away");
+        to.wait_console(&id, step);
+    }
+    assert_eq!(
+        a.checksum_at_exit(&id),
+        reference("mlp-train", "64M", "32M", MLP)
+    );
+}
+
+#[test]
 fn llm_decode_moves_with_the_unmigrated_checksum() {
     if !kvm_available("llm_decode_moves_with_the_unmigrated_checksum") {
         return;

@@ -640,7 +640,11 @@ impl MigrationTarget for VmTarget {
             if let Some(files) = files {
                 accel.set_files(Arc::new(files));
             }
-            accel.replay(commands).map_err(Cause::from)
+            accel.replay(commands).map_err(Cause::from)?;
+            // Digest now what these commands wrote, while the VM still runs on the
+            // source: the switchover's digest then hashes only what the last ones wrote.
+            accel.digest();
+            Ok(())
         })
         .map_err(VmError::Replay)
     }

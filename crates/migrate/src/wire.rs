@@ -133,12 +133,6 @@ pub enum Message {
         /// table).
         buffers: Option<Vec<DeviceBuffer>>,
     },
-    /// Device commands to replay, in order, after those sent before (inside a round,
-    /// once the base is complete).
-    Commands {
-        /// The commands.
-        commands: Vec<LoggedCommand>,
-    },
     /// A round's data is all sent: this many frames on each data stream.
     EndRound {
         /// Round number.
@@ -186,6 +180,12 @@ pub enum Message {
     Busy {
         /// Which limit was reached.
         reason: String,
+    },
+    /// Device commands to replay, in order, after those sent before (inside a round, once
+    /// the base is complete). Last, so the other variants keep their wire numbers.
+    Commands {
+        /// The commands.
+        commands: Vec<LoggedCommand>,
     },
 }
 

@@ -86,6 +86,15 @@ pub struct BenchArgs {
     /// training VM that dirties device memory faster than that. Needs root.
     #[arg(long, value_name = "RATE")]
     pub link: Option<String>,
+    /// `migrate`: the workloads measured (mlp-train-large only across --link).
+    #[arg(
+        long,
+        value_name = "NAMES",
+        value_delimiter = ',',
+        default_value = "llm-decode,mlp-train,mlp-train-large",
+        value_parser = ["llm-decode", "mlp-train", "mlp-train-large"]
+    )]
+    pub workloads: Vec<String>,
     /// `center-sim` (run by `center`): the center the simulated hosts beat to.
     #[arg(long, value_name = "URL", hide = true)]
     pub center: Option<String>,
@@ -110,6 +119,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             args.json,
             &args.accel_sizes,
             args.link.as_deref(),
+            &args.workloads,
         ),
         "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(args.json, &args.vms),
         "llm" => {

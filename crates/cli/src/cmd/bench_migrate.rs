@@ -21,6 +21,7 @@ use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
 use crate::cmd::shaped_link::{self, HostProcess, ShapedLink};
 use ferry_client::ApiClient;
+use ferry_migrate::DeviceTransfer;
 
 /// Device memory of the large training row (`--link` only).
 const LARGE_TRAINING_ACCEL: u64 = 512 << 20;
@@ -41,6 +42,9 @@ struct MigrationFigure {
     workload: &'static str,
     accel_mib: u64,
     mode: String,
+    /// How device memory moved in each migration ("precopy", "replay", "replay, then
+    /// precopy"), in order.
+    device_transfer_each: Vec<String>,
     downtime_ms: f64,
     total_ms: f64,
     bytes_sent: u64,
@@ -207,7 +211,12 @@ impl Ends {
 
 /// Runs the benchmark, printing each figure: between two hosts on loopback, or across a
 /// link shaped to `link` (e.g. `10gbit`; root only).
-pub fn bench_migrate(json: bool, sizes: &[u64], link: Option<&str>) -> anyhow::Result<()> {
+pub fn bench_migrate(
+    json: bool,
+    sizes: &[u64],
+    link: Option<&str>,
+    workloads: &[String],
+) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
     let largest = sizes
         .iter()
@@ -229,10 +238,11 @@ pub fn bench_migrate(json: bool, sizes: &[u64], link: Option<&str>) -> anyhow::R
             LINK_SAMPLE_BYTES >> 20
         );
         println!(
-            "{:<15} {:>9} {:<14} {:>9} {:>9} {:>9} {:>7} {:>9} {:>13} {:>10} {:>11} {:>10}",
+            "{:<15} {:>9} {:<14} {:<8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>13} {:>10} {:>11} {:>10}",
             "workload",
             "accel",
             "mode",
+            "device",
             "pause ms",
             "total ms",
             "MiB sent",
@@ -245,29 +255,54 @@ pub fn bench_migrate(json: bool, sizes: &[u64], link: Option<&str>) -> anyhow::R
         );
     }
     let mut rows: Vec<(&'static str, u64)> = Vec::new();
-    for name in ["llm-decode", "mlp-train"] {
+    let wanted = |name: &str| workloads.iter().any(|w| w == name);
+    for name in ["llm-decode", "mlp-train"]
+        .into_iter()
+        .filter(|n| wanted(n))
+    {
         rows.extend(sizes.iter().map(|&accel| (name, accel)));
     }
-    if link.is_some() {
+    if link.is_some() && wanted("mlp-train-large") {
         // A training VM that dirties device memory faster than the shaped link sends it.
         rows.push(("mlp-train-large", LARGE_TRAINING_ACCEL));
     }
     for (name, accel) in rows {
         {
-            for mode in ["live", "stop-and-copy"] {
+            // The training VM that outruns the link: today's throttled pre-copy, replay
+            // of its device commands, and what auto picks, in the same run.
+            let modes: &[(&str, DeviceTransfer)] = if name == "mlp-train-large" {
+                &[
+                    ("live", DeviceTransfer::Precopy),
+                    ("live", DeviceTransfer::Replay),
+                    ("live", DeviceTransfer::Auto),
+                    ("stop-and-copy", DeviceTransfer::Precopy),
+                ]
+            } else {
+                &[
+                    ("live", DeviceTransfer::Auto),
+                    ("stop-and-copy", DeviceTransfer::Precopy),
+                ]
+            };
+            for &(mode, device) in modes {
                 let mut link = ends.samples(LINK_SAMPLES_BEFORE)?;
-                let measured = measure(&ends, name, accel, mode)
-                    .with_context(|| format!("{name} with {} MiB, {mode}", accel >> 20))?;
+                let measured = measure(&ends, name, accel, (mode, device)).with_context(|| {
+                    format!(
+                        "{name} with {} MiB, {mode} ({})",
+                        accel >> 20,
+                        device.name()
+                    )
+                })?;
                 link.extend(ends.samples(LINK_SAMPLES_AFTER)?);
                 let figure = figure(name, accel, mode, &measured, &link);
                 if json {
                     println!("{}", serde_json::to_string(&figure)?);
                 } else {
                     println!(
-                        "{:<15} {:>5} MiB {:<14} {:>9.1} {:>9.0} {:>9.1} {:>7} {:>8}% {:>13.2} {:>10.0} {:>11.2} {:>10.0}",
+                        "{:<15} {:>5} MiB {:<14} {:<8} {:>9.1} {:>9.0} {:>9.1} {:>7} {:>8}% {:>13.2} {:>10.0} {:>11.2} {:>10.0}",
                         figure.workload,
                         figure.accel_mib,
                         figure.mode,
+                        device_column(device, &figure.device_transfer_each),
                         figure.downtime_ms,
                         figure.total_ms,
                         figure.bytes_sent as f64 / (1 << 20) as f64,
@@ -285,9 +320,31 @@ pub fn bench_migrate(json: bool, sizes: &[u64], link: Option<&str>) -> anyhow::R
     Ok(())
 }
 
+/// The device column: what was asked for, and what happened when it differs (auto's
+/// pick, or a replay that gave way).
+fn device_column(asked: DeviceTransfer, each: &[String]) -> String {
+    let mut used: Vec<&str> = each.iter().map(String::as_str).collect();
+    used.sort_unstable();
+    used.dedup();
+    match (asked, used.as_slice()) {
+        (DeviceTransfer::Auto, [one]) => format!("auto:{}", one.replace(", then ", ">")),
+        (_, [one]) if *one == asked.name() => one.to_string(),
+        _ => format!(
+            "{}:{}",
+            asked.name(),
+            used.join("/").replace(", then ", ">")
+        ),
+    }
+}
+
 /// Starts the workload on host a, measures its rate and the link's beside it, migrates
-/// it [`REPEATS`] times and deletes it.
-fn measure(ends: &Ends, name: &'static str, accel: u64, mode: &str) -> anyhow::Result<Measured> {
+/// it [`REPEATS`] times (`mode`, moving device memory as `device` says) and deletes it.
+fn measure(
+    ends: &Ends,
+    name: &'static str,
+    accel: u64,
+    (mode, device): (&str, DeviceTransfer),
+) -> anyhow::Result<Measured> {
     let (ca, cb) = (&ends.client_a, &ends.client_b);
     let (args, key) = workload(name, accel);
     let vm: ferry_api::VmInfo = ca.post(
@@ -330,6 +387,7 @@ fn measure(ends: &Ends, name: &'static str, accel: u64, mode: &str) -> anyhow::R
         }
         let request = MigrateRequest {
             mode: mode.to_string(),
+            device,
             allow_longer_pause: true,
             max_precopy_s: 120,
             ..MigrateRequest::to(to_addr)
@@ -375,6 +433,10 @@ fn figure(
         workload: name,
         accel_mib: accel >> 20,
         mode: mode.to_string(),
+        device_transfer_each: runs
+            .iter()
+            .map(|r| r.report.device_transfer.clone())
+            .collect(),
         downtime_ms: median(&mut each(&|r| r.report.downtime_ms)),
         total_ms: median(&mut each(&|r| r.report.total_ms)),
         bytes_sent: median(&mut each(&|r| r.report.bytes_sent as f64)) as u64,
