@@ -861,3 +861,31 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
         })
     ));
 }
+
+#[test]
+fn a_digest_kept_for_a_buffer_is_dropped_when_the_buffer_is_written() {
+    let mut g = FakeGuest::new(1);
+    for id in 1..=2 {
+        assert_eq!(g.run(op::ALLOC, &[id, 2 * CHUNK_SIZE]), status::OK);
+    }
+    assert_eq!(g.upload(1, &values(1024, 1)), status::OK);
+    g.accel.pause();
+    let first = g.accel.digest();
+    assert_eq!(g.accel.digest(), first, "kept, and the same");
+    g.accel.resume();
+    // A kernel writes buffer 2, then a free and an alloc remake it: each drops what was
+    // kept for buffer 2, and only for it.
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::COPY, 1, 0, 2, 0, 1024]),
+        status::OK
+    );
+    g.accel.pause();
+    let copied = g.accel.digest();
+    assert_eq!(copied.0[0], first.0[0], "buffer 1 unchanged");
+    assert_ne!(copied.0[1], first.0[1], "buffer 2 written by the kernel");
+    g.accel.resume();
+    assert_eq!(g.run(op::FREE, &[2]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, 2 * CHUNK_SIZE]), status::OK);
+    g.accel.pause();
+    assert_eq!(g.accel.digest(), first, "buffer 2 zero again");
+}
