@@ -336,6 +336,12 @@ impl DeviceTracker {
         self.map().dirty.take()
     }
 
+    /// Chunks written since the last take, each with the bytes written if only part of
+    /// it was, and clears them.
+    pub fn take_dirty_parts(&self) -> Vec<(ChunkId, Option<(u32, u32)>)> {
+        self.map().dirty.take_parts()
+    }
+
     /// The buffer table now (it may change while the device runs).
     pub fn buffer_table(&self) -> Vec<BufferState> {
         self.map().table()
@@ -1093,6 +1099,34 @@ impl Accelerator {
             .get(&chunk.buffer)
             .and_then(|&bytes| chunk_range(bytes, chunk.index))
             .filter(|r| r.end - r.start == data.len() as u64)
+            .ok_or(AccelStateError::BadChunk {
+                buffer: chunk.buffer,
+                index: chunk.index,
+            })?;
+        core.backend.write(chunk.buffer, range.start, data);
+        core.mark([(chunk.buffer, range)]);
+        Ok(())
+    }
+
+    /// Writes `data` into chunk `chunk` at `offset` (receiving side of a migration that
+    /// sent only the bytes written of the chunk).
+    pub fn write_chunk_part(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), AccelStateError> {
+        let mut core = self.core();
+        let range = self
+            .map()
+            .sizes
+            .get(&chunk.buffer)
+            .and_then(|&bytes| chunk_range(bytes, chunk.index))
+            .and_then(|r| {
+                let start = r.start.checked_add(offset)?;
+                let end = start.checked_add(data.len() as u64)?;
+                (end <= r.end).then_some(start..end)
+            })
             .ok_or(AccelStateError::BadChunk {
                 buffer: chunk.buffer,
                 index: chunk.index,

@@ -37,19 +37,39 @@ pub fn chunk_count(bytes: u64) -> u64 {
 }
 
 /// Dirty chunks of the buffers of one device: a set of chunk indices per buffer (the
-/// engine's [`PageSet`], with chunks for pages).
-#[derive(Debug, Default)]
+/// engine's [`PageSet`], with chunks for pages), and for a chunk written only in part
+/// since the last take, the span of bytes written (so a migration sends a KV cache's new
+/// row, not its chunk).
+#[derive(Debug)]
 pub struct DirtyChunks {
     tracking: bool,
     bitmaps: BTreeMap<BufferId, PageSet>,
+    /// Bytes `(start, end)` written of the dirty chunks written only in part.
+    extents: BTreeMap<ChunkId, (u32, u32)>,
+    /// Whether extents are kept (not for a set only ever listed).
+    exact: bool,
+}
+
+impl Default for DirtyChunks {
+    /// Not tracking; extents kept once it tracks.
+    fn default() -> Self {
+        Self {
+            tracking: false,
+            bitmaps: BTreeMap::new(),
+            extents: BTreeMap::new(),
+            exact: true,
+        }
+    }
 }
 
 impl DirtyChunks {
-    /// Tracking from the start (for a set that is never taken: what was ever written).
+    /// Tracking from the start, chunks only (for a set that is never taken: what was
+    /// ever written).
     pub fn started() -> Self {
         Self {
             tracking: true,
-            bitmaps: BTreeMap::new(),
+            exact: false,
+            ..Self::default()
         }
     }
 
@@ -57,25 +77,59 @@ impl DirtyChunks {
     pub fn start(&mut self) {
         self.tracking = true;
         self.bitmaps.clear();
+        self.extents.clear();
     }
 
     /// Stops tracking and forgets what was dirty.
     pub fn stop(&mut self) {
         self.tracking = false;
         self.bitmaps.clear();
+        self.extents.clear();
     }
 
     /// Records a write of `range` bytes of buffer `id` (of `buffer_bytes` bytes).
     pub fn mark(&mut self, id: BufferId, buffer_bytes: u64, range: Range<u64>) {
-        if !self.tracking || range.is_empty() {
+        let end = range.end.min(buffer_bytes);
+        if !self.tracking || range.start >= end {
             return;
         }
         let chunks = self
             .bitmaps
             .entry(id)
             .or_insert_with(|| PageSet::empty(chunk_count(buffer_bytes)));
-        let last = (range.end.min(buffer_bytes).saturating_sub(1)) / CHUNK_SIZE;
-        chunks.insert_range(range.start / CHUNK_SIZE..last + 1);
+        let (first, last) = (range.start / CHUNK_SIZE, (end - 1) / CHUNK_SIZE);
+        if self.exact {
+            // Only the first and the last chunk can be written in part.
+            for index in [first, last] {
+                let chunk = ChunkId { buffer: id, index };
+                let start = index * CHUNK_SIZE;
+                let len = CHUNK_SIZE.min(buffer_bytes - start);
+                let a = (range.start.max(start) - start) as u32;
+                let b = (end.min(start + len) - start) as u32;
+                let whole = a == 0 && u64::from(b) == len;
+                if whole {
+                    self.extents.remove(&chunk);
+                } else if !chunks.contains(index) {
+                    self.extents.insert(chunk, (a, b));
+                } else if let Some(span) = self.extents.get_mut(&chunk) {
+                    *span = (span.0.min(a), span.1.max(b));
+                }
+            }
+            if last > first + 1 {
+                let middle = ChunkId {
+                    buffer: id,
+                    index: first + 1,
+                }..ChunkId {
+                    buffer: id,
+                    index: last,
+                };
+                let written: Vec<ChunkId> = self.extents.range(middle).map(|(&c, _)| c).collect();
+                for chunk in written {
+                    self.extents.remove(&chunk);
+                }
+            }
+        }
+        chunks.insert_range(first..last + 1);
     }
 
     /// Marks a whole buffer (created while tracking).
@@ -86,14 +140,36 @@ impl DirtyChunks {
     /// Forgets a freed buffer.
     pub fn forget(&mut self, id: BufferId) {
         self.bitmaps.remove(&id);
+        let chunks = ChunkId {
+            buffer: id,
+            index: 0,
+        }..=ChunkId {
+            buffer: id,
+            index: u64::MAX,
+        };
+        let stale: Vec<ChunkId> = self.extents.range(chunks).map(|(&c, _)| c).collect();
+        for chunk in stale {
+            self.extents.remove(&chunk);
+        }
     }
 
     /// The chunks written since the last take (or start), in (buffer, index) order, and
     /// clears them.
     pub fn take(&mut self) -> Vec<ChunkId> {
-        let chunks = self.marked();
+        self.take_parts().into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// The chunks written since the last take (or start), in (buffer, index) order, each
+    /// with the bytes written if only part of it was, and clears them.
+    pub fn take_parts(&mut self) -> Vec<(ChunkId, Option<(u32, u32)>)> {
+        let mut extents = std::mem::take(&mut self.extents);
+        let parts = self
+            .marked()
+            .into_iter()
+            .map(|c| (c, extents.remove(&c)))
+            .collect();
         self.bitmaps.values_mut().for_each(PageSet::clear);
-        chunks
+        parts
     }
 
     /// The chunks written since the last take (or start), in (buffer, index) order.
@@ -139,6 +215,44 @@ mod tests {
             ]
         );
         assert!(dirty.take().is_empty(), "a take clears");
+    }
+
+    #[test]
+    fn a_chunk_written_in_part_keeps_the_span_written_until_written_whole() {
+        let chunk = |index| ChunkId { buffer: 1, index };
+        let mut dirty = DirtyChunks::default();
+        dirty.start();
+        let bytes = 4 * CHUNK_SIZE + 100;
+        // Two rows of chunk 0, and one across chunks 1 and 2.
+        dirty.mark(1, bytes, 1000..1100);
+        dirty.mark(1, bytes, 300..400);
+        dirty.mark(1, bytes, 2 * CHUNK_SIZE - 8..2 * CHUNK_SIZE + 8);
+        // The short last chunk, whole.
+        dirty.mark(1, bytes, 4 * CHUNK_SIZE..bytes);
+        assert_eq!(
+            dirty.take_parts(),
+            vec![
+                (chunk(0), Some((300, 1100))),
+                (chunk(1), Some((CHUNK_SIZE as u32 - 8, CHUNK_SIZE as u32))),
+                (chunk(2), Some((0, 8))),
+                (chunk(4), None),
+            ]
+        );
+        // A part, then the whole chunk, then a part again: whole.
+        dirty.mark(1, bytes, 10..20);
+        dirty.mark(1, bytes, 0..3 * CHUNK_SIZE);
+        dirty.mark(1, bytes, 30..40);
+        assert_eq!(
+            dirty.take_parts(),
+            vec![(chunk(0), None), (chunk(1), None), (chunk(2), None)]
+        );
+        // A freed buffer's spans go with it; a set only listed keeps none.
+        dirty.mark(1, bytes, 10..20);
+        dirty.forget(1);
+        assert!(dirty.take_parts().is_empty());
+        let mut written = DirtyChunks::started();
+        written.mark(1, bytes, 10..20);
+        assert!(written.extents.is_empty());
     }
 
     #[test]

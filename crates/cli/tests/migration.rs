@@ -81,6 +81,13 @@ fn llm_decode_moves_with_the_unmigrated_checksum() {
     let sent = r["bytes_sent"].as_u64().unwrap();
     assert!(sent > 1 << 20 && sent < 16 << 20, "{r}");
     assert!(r["round_log"][0]["chunks"].as_u64().unwrap() >= 32, "{r}");
+    // Each token appends a row to the KV cache: later rounds send those rows, not
+    // their chunks.
+    let parts: u64 = r["round_log"].as_array().unwrap()[1..]
+        .iter()
+        .map(|round| round["chunk_parts"].as_u64().unwrap())
+        .sum();
+    assert!(parts > 0, "{r}");
     assert_eq!(
         b.checksum_at_exit(&id),
         reference("llm-decode", "64M", "32M", args)

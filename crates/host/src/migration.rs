@@ -12,9 +12,9 @@ use ferry_accel::device::{
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkOrigin, DeviceBuffer, DeviceDigest,
-    FileChunk, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet, VmDescription,
-    VmError,
+    CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer,
+    DeviceDigest, FileChunk, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet,
+    VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::memory::{populated_pages, GuestRam};
@@ -204,6 +204,18 @@ impl MigrationSource for VmSource {
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
         self.accel().map_or_else(Vec::new, |a| {
             a.take_dirty_chunks().into_iter().map(to_key).collect()
+        })
+    }
+
+    fn take_dirty_parts(&self) -> Vec<ChunkPart> {
+        self.accel().map_or_else(Vec::new, |a| {
+            a.take_dirty_parts()
+                .into_iter()
+                .map(|(chunk, bytes)| ChunkPart {
+                    key: to_key(chunk),
+                    bytes,
+                })
+                .collect()
         })
     }
 
@@ -485,6 +497,10 @@ impl MigrationTarget for VmTarget {
 
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
         self.with_accel(chunk, |accel, id| accel.write_chunk(id, data))
+    }
+
+    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        self.with_accel(chunk, |accel, id| accel.write_chunk_part(id, offset, data))
     }
 
     fn write_chunk_with_origin(

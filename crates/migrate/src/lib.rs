@@ -39,8 +39,8 @@ pub use send::{
 pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
-    error_chain, Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, FileTransfer,
-    MigrationSource, MigrationTarget, PageSet, VmDescription, VmError,
+    error_chain, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer, FileChunk, FileOffer,
+    FileTransfer, MigrationSource, MigrationTarget, PageSet, VmDescription, VmError,
 };
 
 /// Errors of a migration, on either side.

@@ -488,6 +488,9 @@ fn apply_stream<T: MigrationTarget>(
                 }
                 .map_err(MigrationError::Target)
             }
+            Frame::ChunkPart { key, offset, data } => target
+                .write_chunk_part(key, offset, data)
+                .map_err(MigrationError::Target),
             Frame::FileChunk { key, len, origin } => target
                 .write_chunk_from_file(key, len, origin)
                 .map_err(MigrationError::Target),

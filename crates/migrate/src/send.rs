@@ -17,8 +17,8 @@ use crate::replay::{
 };
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
-    error_chain, ChunkKey, DeviceBuffer, FileTransfer, MigrationSource, PageSet, MAX_FILE_PIECE,
-    PAGE_SIZE,
+    error_chain, ChunkKey, ChunkPart, DeviceBuffer, FileTransfer, MigrationSource, PageSet,
+    MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
 };
 use crate::wire::{
     FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_CONTROL_BYTES, MAX_RUN_PAGES,
@@ -222,6 +222,9 @@ pub struct PrecopyRound {
     /// has the file).
     #[serde(default)]
     pub file_chunks: u64,
+    /// Device chunks of which only the bytes written were sent.
+    #[serde(default)]
+    pub chunk_parts: u64,
     /// Device commands sent for replay.
     #[serde(default)]
     pub commands: u64,
@@ -407,7 +410,7 @@ enum RoundTable {
 #[derive(Default)]
 struct RoundWork {
     runs: Vec<(u64, u64)>,
-    chunks: Vec<ChunkKey>,
+    chunks: Vec<ChunkPart>,
     files: Vec<FilePiece>,
     /// Device commands to replay (sent on the control stream first).
     commands: Vec<LoggedCommand>,
@@ -419,10 +422,23 @@ struct RoundWork {
 impl RoundWork {
     fn bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.1 * PAGE_SIZE).sum::<u64>()
-            + self.chunks.len() as u64 * crate::vm::MAX_CHUNK_BYTES
+            + part_bytes(&self.chunks)
             + self.files.iter().map(|p| p.len).sum::<u64>()
             + self.commands.iter().map(LoggedCommand::weight).sum::<u64>()
     }
+}
+
+/// Every byte of `keys`.
+fn whole(keys: Vec<ChunkKey>) -> Vec<ChunkPart> {
+    keys.into_iter().map(ChunkPart::whole).collect()
+}
+
+/// Bytes of device memory `parts` send (a whole chunk counts as the largest).
+fn part_bytes(parts: &[ChunkPart]) -> u64 {
+    parts
+        .iter()
+        .map(|p| p.bytes.map_or(MAX_CHUNK_BYTES, |(a, b)| u64::from(b - a)))
+        .sum()
 }
 
 /// Bytes of commands sent in one control message at most.
@@ -519,7 +535,7 @@ impl<'a> WorkQueue<'a> {
         self.work.runs.get(i).copied()
     }
 
-    fn next_chunk(&self) -> Option<ChunkKey> {
+    fn next_chunk(&self) -> Option<ChunkPart> {
         if self.cancel.is_cancelled() {
             return None;
         }
@@ -555,6 +571,7 @@ struct StreamCounts {
     chunks: u64,
     zero_chunks: u64,
     file_chunks: u64,
+    chunk_parts: u64,
 }
 
 /// What a data stream reads into before sending, kept across rounds (the final round,
@@ -608,7 +625,7 @@ fn send_share(
         }
     }
     if queue.reads_base() {
-        while let Some(key) = queue.next_chunk() {
+        while let Some(ChunkPart { key, .. }) = queue.next_chunk() {
             // A base chunk, as it was at the capture's boundary (its buffer in the base's
             // table). Once the capture failed, the rest is skipped: replay gives way.
             match source.read_base_chunk(key, &mut buffers.chunk) {
@@ -630,7 +647,23 @@ fn send_share(
             }
         }
     }
-    while let Some(key) = queue.next_chunk() {
+    while let Some(ChunkPart { key, bytes }) = queue.next_chunk() {
+        if let Some((start, end)) = bytes {
+            // Only these bytes changed since the chunk was sent (the destination has the
+            // rest): a KV cache's new row, not its chunk. Skipped like a whole chunk if
+            // its buffer changed since the round's table.
+            let size = source.read_chunk(key, &mut buffers.chunk);
+            if size.is_none() || size != queue.buffer_size(key.buffer) {
+                continue;
+            }
+            if let Some(part) = buffers.chunk.get(start as usize..end as usize) {
+                if !part.is_empty() {
+                    counts.chunk_parts += 1;
+                    writer.send_chunk_part(key, u64::from(start), part)?;
+                }
+            }
+            continue;
+        }
         // A chunk of a buffer freed, or freed and made again with another size, since
         // the round's buffer table was sent is skipped: the next round's table drops or
         // remakes the buffer at the destination, and the new buffer's written chunks are
@@ -813,6 +846,7 @@ impl Session<'_> {
             total.chunks += c.chunks;
             total.zero_chunks += c.zero_chunks;
             total.file_chunks += c.file_chunks;
+            total.chunk_parts += c.chunk_parts;
         }
         let frames = self
             .data
@@ -843,6 +877,7 @@ impl Session<'_> {
             chunks: total.chunks,
             zero_chunks: total.zero_chunks,
             file_chunks: total.file_chunks,
+            chunk_parts: total.chunk_parts,
             commands: work.commands.len() as u64,
             bytes: self.bytes_sent() - before,
             ms: ms(started.elapsed()),
@@ -892,20 +927,19 @@ fn take_dirty(
     pending: Option<Pending>,
 ) -> Result<Pending, MigrationError> {
     let mut pages: PageSet = source.take_dirty_pages().map_err(MigrationError::Source)?;
-    let mut chunks = source.take_dirty_chunks();
+    let mut chunks = source.take_dirty_parts();
     if let Some(earlier) = pending {
         pages.union_with(&earlier.pages);
         chunks.extend(earlier.chunks);
     }
-    chunks.sort_unstable();
-    chunks.dedup();
+    ChunkPart::merge(&mut chunks);
     Ok(Pending { pages, chunks })
 }
 
 /// Dirty state found by a take and not yet sent.
 struct Pending {
     pages: PageSet,
-    chunks: Vec<ChunkKey>,
+    chunks: Vec<ChunkPart>,
 }
 
 impl Pending {
@@ -1282,7 +1316,7 @@ fn round0(s: &Session<'_>, files: Vec<FilePiece>) -> RoundWork {
             .populated_pages()
             .unwrap_or_else(|| PageSet::all(s.ram_pages))
             .runs(MAX_RUN_PAGES),
-        chunks: s.source.populated_chunks(),
+        chunks: whole(s.source.populated_chunks()),
         files,
         skip_zeros: true,
         ..RoundWork::default()
@@ -1350,7 +1384,7 @@ fn precopy_rounds(
         // Dirtying at more than half the link rate will not converge quickly.
         let too_fast = dirty_rate > rate * 0.5;
         // Mostly device memory: replay it rather than slow the VM down.
-        let device_bytes = pending.chunks.len() as u64 * crate::vm::MAX_CHUNK_BYTES;
+        let device_bytes = part_bytes(&pending.chunks);
         if auto && too_fast && device_bytes * 2 > dirty_bytes && throttle_step == 0 {
             tracing::info!(
                 dirty_mib_s = dirty_rate / MIB,
@@ -1408,20 +1442,22 @@ fn replay_rounds(
         }
     };
     let fresh = since.is_none();
-    let (table, base) = match source.start_capture(options.capture, since.as_deref()) {
+    let since_keys: Option<Vec<ChunkKey>> = since
+        .as_ref()
+        .map(|parts| parts.iter().map(|p| p.key).collect());
+    let (table, base) = match source.start_capture(options.capture, since_keys.as_deref()) {
         Ok(started) => started,
         Err(e) => {
             gave_way(s, error_chain(&e));
-            // Pre-copy as it would have gone: round 0, or the chunks pending.
-            if let Some(chunks) = since {
-                work.chunks = chunks;
-            } else {
-                work.chunks = source.populated_chunks();
+            // Pre-copy as it would have gone: round 0 (its work already), or the chunks
+            // pending.
+            if let Some(parts) = since {
+                work.chunks = parts;
             }
             return Ok(ReplayEnd::FellBack(work));
         }
     };
-    work.chunks = base;
+    work.chunks = whole(base);
     work.table = RoundTable::Base(table);
     work.skip_zeros = fresh;
     let log = s.send_round(&work, 0).map_err(before_go(false))?;
@@ -1547,7 +1583,7 @@ fn fall_back(s: &mut Session<'_>, why: String, pages: &PageSet) -> ReplayEnd {
     chunks.dedup();
     ReplayEnd::FellBack(RoundWork {
         runs: pages.runs(MAX_RUN_PAGES),
-        chunks,
+        chunks: whole(chunks),
         ..RoundWork::default()
     })
 }

@@ -239,6 +239,40 @@ pub struct ChunkKey {
     pub index: u64,
 }
 
+/// A dirty device chunk and the bytes of it written since the last take: `bytes`
+/// `(start, end)` within the chunk, or `None` for all of it. A decode step appends a row
+/// to each KV cache; the part is that row, not its chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkPart {
+    /// The chunk.
+    pub key: ChunkKey,
+    /// The bytes written, if not all of the chunk.
+    pub bytes: Option<(u32, u32)>,
+}
+
+impl ChunkPart {
+    /// All of chunk `key`.
+    pub fn whole(key: ChunkKey) -> Self {
+        Self { key, bytes: None }
+    }
+
+    /// Parts of the same chunks made one each (sorted by chunk): the span of both, or
+    /// the whole chunk if either is whole.
+    pub fn merge(parts: &mut Vec<ChunkPart>) {
+        parts.sort_unstable();
+        parts.dedup_by(|later, kept| {
+            if later.key != kept.key {
+                return false;
+            }
+            kept.bytes = match (kept.bytes, later.bytes) {
+                (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+                _ => None,
+            };
+            true
+        });
+    }
+}
+
 /// One device buffer as the destination must allocate it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceBuffer {
@@ -410,6 +444,14 @@ pub trait MigrationSource: Sync {
     fn take_dirty_pages(&self) -> Result<PageSet, VmError>;
     /// Device chunks written since the last call, cleared.
     fn take_dirty_chunks(&self) -> Vec<ChunkKey>;
+    /// Device chunks written since the last call, with the bytes of each written,
+    /// cleared (the default: whole chunks).
+    fn take_dirty_parts(&self) -> Vec<ChunkPart> {
+        self.take_dirty_chunks()
+            .into_iter()
+            .map(ChunkPart::whole)
+            .collect()
+    }
     /// Device chunks that may hold data now (at most every chunk of every buffer); the
     /// others are known to read as zero, and the first round skips them without reading.
     fn populated_chunks(&self) -> Vec<ChunkKey>;
@@ -497,6 +539,15 @@ pub trait MigrationTarget: Send + Sync {
     fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError>;
     /// Writes a chunk (zero chunks arrive as zeros).
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError>;
+    /// Writes `data` into chunk `chunk` at `offset` (the rest of the chunk is as sent
+    /// before; the engine checked that the part ends within a chunk).
+    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        let _ = (offset, data);
+        Err(VmError::WriteChunk {
+            chunk,
+            source: "this destination cannot write parts of device chunks".into(),
+        })
+    }
     /// Writes chunk `chunk` with `data`, which is the piece of attached file `origin`
     /// (the file is on its way here): kept, so the VM's next migration can send where
     /// instead of what. By default the origin is not kept.

@@ -46,6 +46,8 @@ const CHUNK_RECORD_BYTES: usize = 24;
 const CHUNK_FROM_FILE: u32 = 2;
 /// A chunk record's form field for a chunk's bytes preceded by the file piece they are.
 const CHUNK_WITH_ORIGIN: u32 = 3;
+/// A chunk record's form field for the bytes written of a chunk, after their offset in it.
+const CHUNK_PART: u32 = 4;
 const FILE_RECORD_BYTES: usize = 16;
 
 /// Which connection of a migration this is.
@@ -214,6 +216,15 @@ pub enum Frame<'a> {
         /// The piece of an attached file the contents are, if they are one (the
         /// destination is receiving the file).
         origin: Option<ChunkOrigin>,
+    },
+    /// The bytes written of a device chunk (the rest is unchanged since it was sent).
+    ChunkPart {
+        /// Which chunk.
+        key: ChunkKey,
+        /// Where the bytes go in the chunk (they end within [`MAX_CHUNK_BYTES`]).
+        offset: u64,
+        /// The bytes (1 to [`MAX_CHUNK_BYTES`]).
+        data: &'a [u8],
     },
     /// A device chunk that holds a piece of an attached file the destination has.
     FileChunk {
@@ -567,6 +578,25 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                     origin: Some(origin_at(data)),
                 });
             }
+            if zero == CHUNK_PART {
+                let offset = (data.len() >= 8).then(|| u64_at(data, 0));
+                let fits = offset
+                    .is_some_and(|o| o.checked_add(len).is_some_and(|end| end <= MAX_CHUNK_BYTES));
+                if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() as u64 != 8 + len || !fits {
+                    return Err(malformed(format!(
+                        "bad chunk part record: {len} bytes at {offset:?} of chunk {} of buffer {} \
+                         with {} bytes",
+                        key.index,
+                        key.buffer,
+                        data.len()
+                    )));
+                }
+                return Ok(Frame::ChunkPart {
+                    key,
+                    offset: offset.unwrap_or(0),
+                    data: &data[8..],
+                });
+            }
             if zero == CHUNK_FROM_FILE {
                 if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() != 12 {
                     return Err(malformed(format!(
@@ -685,6 +715,22 @@ impl<W: Write> FrameWriter<W> {
         origin: ChunkOrigin,
     ) -> Result<(), MigrationError> {
         let head = chunk_head_with_origin(key, CHUNK_WITH_ORIGIN, data.len() as u64, origin);
+        self.emit(KIND_CHUNK, &head, data, true)
+    }
+
+    /// Sends `data`, the bytes written of device chunk `key` at `offset` in it.
+    pub fn send_chunk_part(
+        &mut self,
+        key: ChunkKey,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), MigrationError> {
+        let mut head = [0u8; CHUNK_RECORD_BYTES + 8];
+        head[..4].copy_from_slice(&key.buffer.to_le_bytes());
+        head[4..8].copy_from_slice(&CHUNK_PART.to_le_bytes());
+        head[8..16].copy_from_slice(&key.index.to_le_bytes());
+        head[16..24].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        head[24..].copy_from_slice(&offset.to_le_bytes());
         self.emit(KIND_CHUNK, &head, data, true)
     }
 
@@ -815,6 +861,7 @@ mod tests {
         };
         w.send_chunk_origin(key, 4096, origin).unwrap();
         w.send_chunk_with_origin(key, &[5; 300], origin).unwrap();
+        w.send_chunk_part(key, 1000, &[6; 24]).unwrap();
         w.send_file(2, 1 << 40, &[3; 77]).unwrap();
         w.send(&Message::Go).unwrap();
         let bytes = w.output;
@@ -838,6 +885,9 @@ mod tests {
         );
         assert!(
             matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 300, data: Some(d), origin: Some(o) } if k == key && d == [5; 300] && o == origin)
+        );
+        assert!(
+            matches!(r.read().unwrap(), Frame::ChunkPart { key: k, offset: 1000, data: d } if k == key && d == [6; 24])
         );
         assert!(
             matches!(r.read().unwrap(), Frame::File { file: 2, offset: 0x100_0000_0000, data } if data == [3; 77])
@@ -958,8 +1008,17 @@ mod tests {
             read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record with origin")
         );
         chunk.truncate(CHUNK_RECORD_BYTES);
-        chunk[4] = 4;
+        chunk[4] = 5;
         assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk record"));
+        // A part without its offset, one that ends past the chunk, one miscounted.
+        chunk[4] = CHUNK_PART as u8;
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk part record"));
+        chunk.extend_from_slice(&(MAX_CHUNK_BYTES - 4095).to_le_bytes());
+        chunk.resize(CHUNK_RECORD_BYTES + 8 + 4096, 0);
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk part record"));
+        chunk[24..32].copy_from_slice(&0u64.to_le_bytes());
+        chunk.pop();
+        assert!(read_err(&one_frame(KIND_CHUNK, 0, &chunk)).contains("bad chunk part record"));
         // File pieces: empty, too long, running past 2^64, a nonzero reserved field.
         let file = |offset: u64, len: usize, reserved: u32| {
             let mut rec = vec![0u8; FILE_RECORD_BYTES];

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ferry_migrate::replay::CaptureLimits;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    migrate_vm, spawn_receiver, CaptureReport, ChunkKey, DeviceBuffer, DeviceDigest,
+    migrate_vm, spawn_receiver, CaptureReport, ChunkKey, ChunkPart, DeviceBuffer, DeviceDigest,
     DeviceTransfer, LoggedCommand, MigrationError, MigrationOptions, MigrationReport,
     MigrationSource, MigrationTarget, Outcomes, PageSet, ReceiveReport, Secret, TargetFactory,
     VmDescription, VmError,
@@ -100,6 +100,18 @@ impl Device {
             .collect()
     }
 
+    /// The bytes of chunk `key` that `cmd` writes, if not all of it.
+    fn part(&self, cmd: &LoggedCommand, key: ChunkKey) -> Option<(u32, u32)> {
+        if cmd.opcode != UPLOAD {
+            return None;
+        }
+        let start = key.index * MAX_CHUNK_BYTES;
+        let len = self.chunk(key)?.len() as u64;
+        let a = cmd.args[1].max(start) - start;
+        let b = (cmd.args[1] + cmd.payload.len() as u64).min(start + len) - start;
+        (a > 0 || b < len).then_some((a as u32, b as u32))
+    }
+
     fn chunk(&self, key: ChunkKey) -> Option<&[u8]> {
         let buffer = self.0.get(&key.buffer)?;
         let start = (key.index * MAX_CHUNK_BYTES) as usize;
@@ -161,7 +173,8 @@ struct SourceState {
     ram: Vec<u8>,
     dirty_pages: BTreeSet<u64>,
     device: Device,
-    dirty_chunks: BTreeSet<ChunkKey>,
+    /// Dirty chunks, each with the bytes written if only part of it was.
+    dirty_chunks: BTreeMap<ChunkKey, Option<(u32, u32)>>,
     tracking: bool,
     capture: Option<Capture>,
     paused: bool,
@@ -199,7 +212,7 @@ impl Source {
                 ram,
                 dirty_pages: BTreeSet::new(),
                 device,
-                dirty_chunks: BTreeSet::new(),
+                dirty_chunks: BTreeMap::new(),
                 tracking: false,
                 capture: None,
                 paused: false,
@@ -296,7 +309,14 @@ impl SourceState {
         }
         let status = self.device.run(&cmd);
         if self.tracking {
-            self.dirty_chunks.extend(writes);
+            for key in writes {
+                let part = self.device.part(&cmd, key);
+                let span = self.dirty_chunks.entry(key).or_insert(part);
+                *span = match (*span, part) {
+                    (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+                    _ => None,
+                };
+            }
         }
         if let Some(c) = self.capture.as_mut().filter(|c| c.failed.is_none()) {
             c.log_bytes += cmd.weight();
@@ -359,7 +379,14 @@ impl MigrationSource for Source {
 
     fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
         std::mem::take(&mut self.lock().dirty_chunks)
+            .into_keys()
+            .collect()
+    }
+
+    fn take_dirty_parts(&self) -> Vec<ChunkPart> {
+        std::mem::take(&mut self.lock().dirty_chunks)
             .into_iter()
+            .map(|(key, bytes)| ChunkPart { key, bytes })
             .collect()
     }
 
@@ -416,7 +443,8 @@ impl MigrationSource for Source {
         let base: BTreeSet<ChunkKey> = match since {
             None => all,
             Some(pending) => {
-                let mut base: BTreeSet<ChunkKey> = std::mem::take(&mut s.dirty_chunks);
+                let mut base: BTreeSet<ChunkKey> =
+                    std::mem::take(&mut s.dirty_chunks).into_keys().collect();
                 base.extend(pending.iter().copied());
                 base.intersection(&all).copied().collect()
             }
@@ -534,6 +562,17 @@ impl MigrationTarget for Target {
             .get_mut(&chunk.buffer)
             .ok_or_else(|| VmError::SyncBuffers("no such buffer".into()))?;
         let start = (chunk.index * MAX_CHUNK_BYTES) as usize;
+        buffer[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        let mut device = self.device.lock().unwrap();
+        let buffer = device
+            .0
+            .get_mut(&chunk.buffer)
+            .ok_or_else(|| VmError::SyncBuffers("no such buffer".into()))?;
+        let start = (chunk.index * MAX_CHUNK_BYTES + offset) as usize;
         buffer[start..start + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -788,6 +827,14 @@ fn auto_keeps_precopy_for_a_destination_that_cannot_replay_and_replay_is_refused
         fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
             self.0.write_chunk(chunk, data)
         }
+        fn write_chunk_part(
+            &self,
+            chunk: ChunkKey,
+            offset: u64,
+            data: &[u8],
+        ) -> Result<(), VmError> {
+            self.0.write_chunk_part(chunk, offset, data)
+        }
         fn restore(&self, state: &[u8]) -> Result<(), VmError> {
             self.0.restore(state)
         }
@@ -826,6 +873,12 @@ fn auto_keeps_precopy_for_a_destination_that_cannot_replay_and_replay_is_refused
     let report = migrate(&source, &addr, &options).unwrap();
     assert_eq!(report.device_transfer, "precopy");
     assert!(report.replay.is_none());
+    // The uploads wrote a page of a chunk: pre-copy sent that page, not the chunk.
+    assert!(
+        report.round_log.iter().any(|r| r.chunk_parts > 0),
+        "{:?}",
+        report.round_log
+    );
     let target = adopted.recv_timeout(Duration::from_secs(20)).unwrap();
     assert_moved_whole(&source, &target);
 }
