@@ -1092,20 +1092,19 @@ impl Accelerator {
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
     pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
-        let mut core = self.core();
-        let range = self
+        let whole = self
             .map()
             .sizes
             .get(&chunk.buffer)
             .and_then(|&bytes| chunk_range(bytes, chunk.index))
-            .filter(|r| r.end - r.start == data.len() as u64)
-            .ok_or(AccelStateError::BadChunk {
+            .is_some_and(|r| r.end - r.start == data.len() as u64);
+        if !whole {
+            return Err(AccelStateError::BadChunk {
                 buffer: chunk.buffer,
                 index: chunk.index,
-            })?;
-        core.backend.write(chunk.buffer, range.start, data);
-        core.mark([(chunk.buffer, range)]);
-        Ok(())
+            });
+        }
+        self.write_chunk_part(chunk, 0, data)
     }
 
     /// Writes `data` into chunk `chunk` at `offset` (receiving side of a migration that
