@@ -679,6 +679,11 @@ impl Core {
             }
         }
         if let Some(capture) = lock_capture(&self.capture).as_mut() {
+            if cmd.opcode == op::LOAD_FILE && outcome == status::DEVICE_ERROR {
+                // It may have written part of the load before its read failed.
+                capture.fail(CaptureError::Unreplayable);
+                return;
+            }
             capture.log(LoggedCommand {
                 opcode: cmd.opcode,
                 args: a.to_vec(),
@@ -1047,47 +1052,21 @@ impl Accelerator {
         Ok(())
     }
 
-    /// The device's capture for a migration's replay, used without the VM's lock.
-    pub fn capture(&self) -> DeviceCapture {
-        DeviceCapture {
+    /// The device's side of a replay migration, used without the VM's lock.
+    pub fn replayer(&self) -> DeviceReplay {
+        DeviceReplay {
             shared: self.shared.clone(),
         }
     }
 
-    /// Runs `f` on the device thread (where the backend runs kernels), even while the
-    /// device is paused, and returns what it returns.
-    fn on_device<R: Send + 'static>(&self, f: impl FnOnce(&mut Core) -> R + Send + 'static) -> R {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let job: Job = Box::new(move |core| {
-            let _ = tx.send(f(core));
-        });
-        let mut control = self
-            .shared
-            .progress
-            .wait_while(self.control(), |c| c.job.is_some())
-            .expect("accel control lock");
-        control.job = Some(job);
-        drop(control);
-        self.shared.wake.notify_all();
-        rx.recv()
-            .expect("the device thread runs every job it takes")
-    }
-
-    /// Replays `entries` (a source's log) on this device's memory, on the device thread.
-    /// The device must be paused; it stops at the first command that completes otherwise
-    /// than it did there.
+    /// See [`DeviceReplay::replay`].
     pub fn replay(&self, entries: Vec<LoggedCommand>) -> Result<(), ReplayError> {
-        self.on_device(move |core| {
-            for (index, entry) in entries.iter().enumerate() {
-                core.replay(index, entry)?;
-            }
-            Ok(())
-        })
+        self.replayer().replay(entries)
     }
 
-    /// See [`DeviceCapture::digest`].
+    /// See [`DeviceReplay::digest`].
     pub fn digest(&self) -> DeviceDigest {
-        self.capture().digest()
+        self.replayer().digest()
     }
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
@@ -1155,16 +1134,52 @@ impl Accelerator {
     }
 }
 
-/// A device's capture for a migration's replay (see [`crate::replay`]): a consistent
-/// base read while the device runs on, and the log of the commands run after it. Held
-/// by the migration without the VM's lock (its calls wait at most for the command in
-/// flight).
+/// A device's side of a replay migration (see [`crate::replay`]): on the source, the
+/// capture (a consistent base read while the device runs on, and the log of the
+/// commands run after it); on the destination, the replay; on both, the digest they
+/// compare. Held by the migration without the VM's lock (its calls wait at most for the
+/// command in flight).
 #[derive(Clone)]
-pub struct DeviceCapture {
+pub struct DeviceReplay {
     shared: Arc<Shared>,
 }
 
-impl DeviceCapture {
+/// Runs `f` on the device thread of `shared` (where the backend runs kernels), even
+/// while the device is paused, and returns what it returns.
+fn on_device<R: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&mut Core) -> R + Send + 'static,
+) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job: Job = Box::new(move |core| {
+        let _ = tx.send(f(core));
+    });
+    let mut control = shared
+        .progress
+        .wait_while(shared.control.lock().expect("accel control lock"), |c| {
+            c.job.is_some()
+        })
+        .expect("accel control lock");
+    control.job = Some(job);
+    drop(control);
+    shared.wake.notify_all();
+    rx.recv()
+        .expect("the device thread runs every job it takes")
+}
+
+impl DeviceReplay {
+    /// Replays `entries` (a source's log) on this device's memory, on the device thread.
+    /// The device must be paused; it stops at the first command that completes otherwise
+    /// than it did there.
+    pub fn replay(&self, entries: Vec<LoggedCommand>) -> Result<(), ReplayError> {
+        on_device(&self.shared, move |core| {
+            for (index, entry) in entries.iter().enumerate() {
+                core.replay(index, entry)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Starts a capture at the next command boundary (waiting for the command in flight)
     /// and returns the base's buffer table and chunks; every command from then on is
     /// logged, and the device may keep running. The base is device memory as of the

@@ -56,6 +56,10 @@ pub enum CaptureError {
         /// The bound.
         limit: u64,
     },
+    /// A command wrote part of what it would have and then failed (a file load whose
+    /// read failed): the destination could not write the same part.
+    #[error("a file load failed after writing part of its data, which replay cannot repeat")]
+    Unreplayable,
     /// The log would have exceeded its bound (it is not taken fast enough).
     #[error("the command log would exceed {limit} bytes before being taken")]
     LogFull {
@@ -140,7 +144,7 @@ impl Capture {
         self.log.push(entry);
     }
 
-    fn fail(&mut self, error: CaptureError) {
+    pub(crate) fn fail(&mut self, error: CaptureError) {
         self.failed = Some(error);
         // Nothing more is needed of a failed capture: free what it holds.
         self.pool.clear();

@@ -708,7 +708,7 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
         status::OK
     );
 
-    let (table, base_chunks) = g.accel.capture().start_capture(
+    let (table, base_chunks) = g.accel.replayer().start_capture(
         CaptureLimits {
             pool_bytes: 16 << 20,
             log_bytes: 16 << 20,
@@ -723,7 +723,7 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
     let mut base = std::collections::BTreeMap::new();
     let mut read = |g: &FakeGuest, chunk: ChunkId| {
         let mut out = Vec::new();
-        assert!(g.accel.capture().read_base_chunk(chunk, &mut out).unwrap());
+        assert!(g.accel.replayer().read_base_chunk(chunk, &mut out).unwrap());
         base.insert(chunk, out);
     };
     // Half of buffer 2 is read before anything changes.
@@ -766,13 +766,13 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
     );
 
     // The rest of the base, read after all that: as it was at the boundary.
-    for chunk in g.accel.capture().unread_base_chunks().unwrap() {
+    for chunk in g.accel.replayer().unread_base_chunks().unwrap() {
         read(&g, chunk);
     }
-    assert!(g.accel.capture().unread_base_chunks().unwrap().is_empty());
+    assert!(g.accel.replayer().unread_base_chunks().unwrap().is_empty());
     g.accel.pause();
-    let log = g.accel.capture().take_log().unwrap();
-    let report = g.accel.capture().stop_capture().unwrap();
+    let log = g.accel.replayer().take_log().unwrap();
+    let report = g.accel.replayer().stop_capture().unwrap();
     assert_eq!(report.commands_logged, 9);
     assert_eq!(
         report.chunks_preserved, 8,
@@ -807,7 +807,7 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
         g.upload(1, &vec![0.5; (4 * CHUNK_SIZE / 4) as usize]),
         status::OK
     );
-    g.accel.capture().start_capture(
+    g.accel.replayer().start_capture(
         CaptureLimits {
             pool_bytes: CHUNK_SIZE,
             log_bytes: 1 << 20,
@@ -822,7 +822,7 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
     let mut out = Vec::new();
     let full = Err(CaptureError::PoolFull { limit: CHUNK_SIZE });
     assert_eq!(
-        g.accel.capture().read_base_chunk(
+        g.accel.replayer().read_base_chunk(
             ChunkId {
                 buffer: 1,
                 index: 0
@@ -832,10 +832,10 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
         full
     );
     assert_eq!(
-        g.accel.capture().take_log().map(|l| l.len()),
+        g.accel.replayer().take_log().map(|l| l.len()),
         full.map(|_| 0)
     );
-    g.accel.capture().stop_capture();
+    g.accel.replayer().stop_capture();
     assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK, "the device runs on");
 
     // A log naming a buffer this device does not have, or an upload of the wrong size.

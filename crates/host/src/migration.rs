@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
-use ferry_accel::device::{
-    AccelStateError, Accelerator, BufferState, DeviceCapture, DeviceTracker,
-};
+use ferry_accel::device::{AccelStateError, Accelerator, BufferState, DeviceReplay, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
@@ -91,7 +89,7 @@ pub struct VmSource {
     backend_kind: String,
     /// The accelerator's command capture, for replay (without the VM's lock: its calls
     /// wait for a command in flight).
-    capture: Option<DeviceCapture>,
+    capture: Option<DeviceReplay>,
 }
 
 impl VmSource {
@@ -102,7 +100,7 @@ impl VmSource {
                 v.files().clone(),
                 v.accel()
                     .map_or_else(String::new, |a| a.backend_kind().to_string()),
-                v.accel().map(Accelerator::capture),
+                v.accel().map(Accelerator::replayer),
             )
         })?;
         Some(Self {
@@ -121,7 +119,7 @@ impl VmSource {
     }
 
     /// The accelerator's capture, or the error of a VM without one.
-    fn capture(&self) -> Result<&DeviceCapture, Cause> {
+    fn capture(&self) -> Result<&DeviceReplay, Cause> {
         self.capture
             .as_ref()
             .ok_or_else(|| "the VM has no accelerator".into())

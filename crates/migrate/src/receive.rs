@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::auth::{authenticate_stream_listener, Secret};
 use crate::gate::{Gate, Refusal, Ticket, HANDSHAKE_TIME};
 use crate::link::Link;
-use crate::replay::DeviceTransfer;
+use crate::replay::{DeviceTransfer, LoggedCommand};
 use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
@@ -35,6 +35,9 @@ static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
     [0; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
 /// Largest guest RAM accepted in an offer.
 const MAX_RAM: u64 = 1 << 40;
+/// Most bytes of device commands one round may carry (twice the source's default log
+/// bound): what a destination keeps before replaying them.
+const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
 /// Most attached files accepted in an offer (a guest can see 63).
 const MAX_OFFERED_FILES: usize = 64;
 
@@ -813,6 +816,9 @@ fn control_loop<T: MigrationTarget>(
 ) -> Result<u32, MigrationError> {
     let mut expected_round = 0u32;
     let mut expected_frames = vec![0u64; usize::from(streams)];
+    // The open round's device commands, replayed once its data is in.
+    let mut round_commands: Vec<LoggedCommand> = Vec::new();
+    let mut round_command_bytes = 0u64;
     loop {
         match conn.expect_control("the next round")? {
             Message::BeginRound { round, buffers } => {
@@ -882,6 +888,18 @@ fn control_loop<T: MigrationTarget>(
                         .map_err(MigrationError::BrokenSequence)?;
                     target.files_received().map_err(MigrationError::Target)?;
                 }
+                if !round_commands.is_empty() {
+                    let (n, replaying) = (round_commands.len(), Instant::now());
+                    target
+                        .replay(std::mem::take(&mut round_commands))
+                        .map_err(MigrationError::Target)?;
+                    round_command_bytes = 0;
+                    tracing::debug!(
+                        commands = n,
+                        ms = ms(replaying.elapsed()),
+                        "device commands replayed"
+                    );
+                }
                 conn.send(&Message::RoundApplied { round })?;
                 expected_round += 1;
             }
@@ -897,14 +915,16 @@ fn control_loop<T: MigrationTarget>(
                         }
                     )));
                 }
-                let n = commands.len();
-                let replaying = Instant::now();
-                target.replay(commands).map_err(MigrationError::Target)?;
-                tracing::debug!(
-                    commands = n,
-                    ms = ms(replaying.elapsed()),
-                    "device commands replayed"
-                );
+                // Kept until the round's data is in, then replayed: reading goes on (a
+                // source blocked writing a replaying destination would time out), and
+                // what is kept is bounded.
+                round_command_bytes += commands.iter().map(LoggedCommand::weight).sum::<u64>();
+                if round_command_bytes > MAX_ROUND_COMMAND_BYTES {
+                    return Err(MigrationError::BrokenSequence(format!(
+                        "more than {MAX_ROUND_COMMAND_BYTES} bytes of device commands in round {expected_round}"
+                    )));
+                }
+                round_commands.extend(commands);
             }
             Message::State { blob, device } => {
                 {

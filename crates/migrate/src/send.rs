@@ -414,6 +414,9 @@ struct RoundWork {
     files: Vec<FilePiece>,
     /// Device commands to replay (sent on the control stream first).
     commands: Vec<LoggedCommand>,
+    /// How much longer than the I/O timeout the destination may take to acknowledge the
+    /// round: the time replaying its commands may take.
+    replay_time: Duration,
     table: RoundTable,
     /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
     skip_zeros: bool,
@@ -740,6 +743,10 @@ struct Session<'a> {
     base_lost: Option<String>,
     /// What replay did, once tried.
     replay: Option<ReplayReport>,
+    /// The longest any read or write may wait.
+    io_timeout: Duration,
+    /// When device commands were last taken, while replaying.
+    commands_taken_at: Option<Instant>,
 }
 
 /// How long after the pause a live switchover may take before it is abandoned: the
@@ -754,6 +761,18 @@ fn switchover_deadline(options: &MigrationOptions, predicted: Duration) -> Durat
 }
 
 impl Session<'_> {
+    /// How long the destination may take to replay the commands taken now, beyond the
+    /// I/O timeout: four times as long as the source took to run them (since the last
+    /// take).
+    fn replay_time(&mut self) -> Duration {
+        let now = Instant::now();
+        let ran = self
+            .commands_taken_at
+            .replace(now)
+            .map_or(Duration::ZERO, |at| now - at);
+        ran * 4
+    }
+
     fn cancelled(&self) -> Result<(), MigrationError> {
         if self.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled {
@@ -803,14 +822,14 @@ impl Session<'_> {
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
         for command in &work.commands {
-            batch_bytes += command.weight();
-            batch.push(command.clone());
-            if batch_bytes >= COMMAND_BATCH {
+            if !batch.is_empty() && batch_bytes + command.weight() > COMMAND_BATCH {
                 self.control.send(&Message::Commands {
                     commands: std::mem::take(&mut batch),
                 })?;
                 batch_bytes = 0;
             }
+            batch_bytes += command.weight();
+            batch.push(command.clone());
         }
         if !batch.is_empty() {
             self.control.send(&Message::Commands { commands: batch })?;
@@ -855,7 +874,17 @@ impl Session<'_> {
             .map(|(c, before)| c.writer.frames - before)
             .collect();
         self.control.send(&Message::EndRound { round, frames })?;
-        match self.control.expect_control("the round's acknowledgement")? {
+        // The destination acknowledges a round of commands once it replayed them.
+        let patience =
+            |extra: Duration| self.sockets[0].set_read_timeout(Some(self.io_timeout + extra));
+        if !work.replay_time.is_zero() {
+            patience(work.replay_time).map_err(MigrationError::io("waiting for a replay"))?;
+        }
+        let acknowledged = self.control.expect_control("the round's acknowledgement");
+        if !work.replay_time.is_zero() {
+            patience(Duration::ZERO).map_err(MigrationError::io("waiting for a replay"))?;
+        }
+        match acknowledged? {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
                 return Err(MigrationError::unexpected(
@@ -1062,6 +1091,8 @@ pub fn migrate_vm(
         replay_agreed: replay_agreed && options.mode == Mode::Live,
         base_lost: None,
         replay: None,
+        io_timeout: options.io_timeout,
+        commands_taken_at: None,
     };
     if options.device == DeviceTransfer::Replay && !s.replay_agreed {
         return Err(MigrationError::BrokenSequence(
@@ -1267,6 +1298,13 @@ fn run(
             let tail = source
                 .take_commands()
                 .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
+            let replay_time = s.replay_time();
+            if let Some(heavy) = tail.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
+                return Err(before_go(true)(MigrationError::Encode(format!(
+                    "a device command of {} bytes (an upload) in the last ones is larger than a message can carry",
+                    heavy.weight()
+                ))));
+            }
             pages.union_with(
                 &source
                     .take_dirty_pages()
@@ -1278,6 +1316,7 @@ fn run(
                 runs: pages.runs(MAX_RUN_PAGES),
                 commands,
                 table: RoundTable::Replayed,
+                replay_time,
                 ..RoundWork::default()
             };
             // The source digests its device while the destination replays the tail.
@@ -1431,6 +1470,11 @@ fn replay_rounds(
 ) -> Result<ReplayEnd, Failure> {
     let source = s.source;
     s.replay = Some(ReplayReport::default());
+    // Replay may take half of what is left of the bounds; pre-copy, if it gives way,
+    // the rest.
+    let elapsed = s.started.elapsed();
+    let bound_rounds = s.rounds() + options.max_rounds.saturating_sub(s.rounds()).div_ceil(2);
+    let bound_time = elapsed + options.max_precopy.saturating_sub(elapsed) / 2;
     let (since, mut work) = match start {
         ReplayStart::Fresh(files) => (None, round0(s, files)),
         ReplayStart::AfterPrecopy(pending) => {
@@ -1457,6 +1501,7 @@ fn replay_rounds(
             return Ok(ReplayEnd::FellBack(work));
         }
     };
+    s.commands_taken_at = Some(Instant::now());
     work.chunks = whole(base);
     work.table = RoundTable::Base(table);
     work.skip_zeros = fresh;
@@ -1468,8 +1513,6 @@ fn replay_rounds(
     let mut best_rate = log.bytes as f64 / (log.ms / 1e3).max(1e-6);
     let mut rounds_ms: Vec<f64> = Vec::new();
     let mut throttle_step = 0usize;
-    let bound_rounds = s.rounds() + options.max_rounds.div_ceil(2);
-    let bound_time = s.started.elapsed() + options.max_precopy / 2;
     loop {
         let pages = source
             .take_dirty_pages()
@@ -1481,6 +1524,7 @@ fn replay_rounds(
             Ok(commands) => commands,
             Err(e) => return Ok(fall_back(s, error_chain(&e), &pages)),
         };
+        let replay_time = s.replay_time();
         if let Some(heavy) = commands.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
             let why = format!(
                 "a device command of {} bytes (an upload) is larger than a message can carry",
@@ -1550,6 +1594,7 @@ fn replay_rounds(
             runs: pages.runs(MAX_RUN_PAGES),
             commands,
             table: RoundTable::Replayed,
+            replay_time,
             ..RoundWork::default()
         };
         let log = s
@@ -1563,6 +1608,8 @@ fn replay_rounds(
 /// Records why replay gave way, and ends the capture.
 fn gave_way(s: &mut Session<'_>, why: String) {
     tracing::warn!("device command replay gives way to pre-copy: {why}");
+    // Pre-copy throttles from its own first step.
+    s.source.set_throttle(0);
     let capture = s.source.stop_capture();
     let report = s.replay.get_or_insert_with(ReplayReport::default);
     if let Some(capture) = capture {

@@ -796,6 +796,9 @@ fn a_destination_that_falls_behind_gives_way_to_precopy() {
     let dest = Destination::start(Replayer::Slow(Duration::from_millis(3)));
     let mut options = options(DeviceTransfer::Replay);
     options.allow_longer_pause = true;
+    // Rounds of replay longer than the I/O timeout are waited for (the source allows
+    // four times what it took to run them), not taken for a dead peer.
+    options.io_timeout = Duration::from_millis(400);
     let started = Instant::now();
     let report = migrate(&source, &dest.addr, &options).unwrap();
     let target = dest.adopted();
