@@ -1513,6 +1513,7 @@ fn replay_rounds(
     let mut best_rate = log.bytes as f64 / (log.ms / 1e3).max(1e-6);
     let mut rounds_ms: Vec<f64> = Vec::new();
     let mut throttle_step = 0usize;
+    let mut extra_rounds = 0u32;
     loop {
         let pages = source
             .take_dirty_pages()
@@ -1553,18 +1554,23 @@ fn replay_rounds(
                 predicted,
                 REPLAY_THROTTLE_STEPS[throttle_step],
             ));
+            let out_of_bounds = s.rounds() >= bound_rounds || s.started.elapsed() >= bound_time;
+            // The target is a ceiling: while rounds still shrink, one more shortens the
+            // tail the pause replays.
             if predicted <= options.downtime_target {
-                return Ok(ReplayEnd::Converged(pages, commands));
-            }
-            if falling_behind(&rounds_ms) {
+                let shrinking = ratio < 0.8 && log.ms >= 2.0;
+                if extra_rounds >= MAX_EXTRA_ROUNDS || !shrinking || out_of_bounds {
+                    return Ok(ReplayEnd::Converged(pages, commands));
+                }
+                extra_rounds += 1;
+            } else if falling_behind(&rounds_ms) {
                 let why = format!(
                     "the destination falls behind: its last {} rounds of replay grew, to {:.0} ms",
                     crate::replay::ROUNDS_BEHIND,
                     log.ms
                 );
                 return Ok(fall_back(s, why, &pages));
-            }
-            if s.rounds() >= bound_rounds || s.started.elapsed() >= bound_time {
+            } else if out_of_bounds {
                 let why = format!(
                     "replay did not converge in {} rounds: predicted pause {:.0} ms > target {} ms",
                     rounds_ms.len(),
@@ -1572,13 +1578,13 @@ fn replay_rounds(
                     options.downtime_target.as_millis()
                 );
                 return Ok(fall_back(s, why, &pages));
-            }
-            // A destination replaying no faster than the source runs stays as far behind
-            // as it is: slow the source a little, so each round is shorter than the last.
-            if ratio > CATCH_UP_RATIO
+            } else if ratio > CATCH_UP_RATIO
                 && options.throttle
                 && throttle_step + 1 < REPLAY_THROTTLE_STEPS.len()
             {
+                // A destination replaying no faster than the source runs stays as far
+                // behind as it is: slow the source a little, so each round is shorter
+                // than the last.
                 throttle_step += 1;
                 source.set_throttle(REPLAY_THROTTLE_STEPS[throttle_step]);
                 tracing::info!(
