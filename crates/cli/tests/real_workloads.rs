@@ -100,8 +100,9 @@ fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
 }
 
 #[test]
-fn training_on_fashion_mnist_moves_mid_epoch_with_the_unmigrated_results() {
-    let test = "training_on_fashion_mnist_moves_mid_epoch_with_the_unmigrated_results";
+fn training_on_fashion_mnist_moves_mid_epoch_and_back_by_replay_with_the_unmigrated_results() {
+    let test =
+        "training_on_fashion_mnist_moves_mid_epoch_and_back_by_replay_with_the_unmigrated_results";
     if !kvm_available(test) {
         return;
     }
@@ -121,7 +122,13 @@ fn training_on_fashion_mnist_moves_mid_epoch_with_the_unmigrated_results() {
     // The dataset is where b looks for it (the same paths): only the VM moves.
     let r = report(&a.migrate(&id, &b.migration, &[]));
     assert_eq!(r["files_reused"], 4, "{r}");
-    let console = b.console_at_exit(&id);
+    // And back by replaying its device's commands (a real training step's).
+    b.wait_console(&id, "step=100 ");
+    let replay = ["--device-transfer", "replay", "--allow-longer-pause"];
+    let r = report(&b.migrate(&id, &a.migration, &replay));
+    assert_eq!(r["device_transfer"], "replay", "{r}");
+    assert!(r["replay"]["commands"].as_u64().unwrap() > 0, "{r}");
+    let console = a.console_at_exit(&id);
     let results = |c: &str| -> Vec<String> {
         c.lines()
             .filter(|l| {
