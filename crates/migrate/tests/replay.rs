@@ -190,6 +190,9 @@ struct Source {
     resumes: AtomicUsize,
     /// Base reads wait until the guest ran this many steps past the boundary.
     base_waits_for_steps: u64,
+    /// Each pre-copy chunk read takes this long (a slow link: the device dirties memory
+    /// faster than pre-copy can resend it).
+    chunk_read_delay: Mutex<Duration>,
 }
 
 impl Source {
@@ -223,6 +226,7 @@ impl Source {
             stop: AtomicBool::new(false),
             resumes: AtomicUsize::new(0),
             base_waits_for_steps,
+            chunk_read_delay: Mutex::default(),
         });
         let guest = source.clone();
         std::thread::spawn(move || {
@@ -405,6 +409,7 @@ impl MigrationSource for Source {
     }
 
     fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+        std::thread::sleep(*self.chunk_read_delay.lock().unwrap());
         let s = self.lock();
         let data = s.device.chunk(chunk)?;
         out.clear();
@@ -696,6 +701,16 @@ fn options(device: DeviceTransfer) -> MigrationOptions {
     }
 }
 
+/// Options for a replay that must reach its switchover: a pause target this debug build,
+/// sharing the machine's cores with the guest and both ends, always converges to (the
+/// tests are of what moves, not of how fast).
+fn reaching_switchover() -> MigrationOptions {
+    MigrationOptions {
+        downtime_target: Duration::from_millis(250),
+        ..options(DeviceTransfer::Replay)
+    }
+}
+
 fn migrate(
     source: &Source,
     addr: &str,
@@ -722,10 +737,10 @@ fn replay_moves_a_device_that_rewrites_itself_every_step_bit_for_bit() {
     let source = Source::start(0);
     std::thread::sleep(Duration::from_millis(20));
     let dest = Destination::start(Replayer::Faithful);
-    let report = migrate(&source, &dest.addr, &options(DeviceTransfer::Replay)).unwrap();
+    let report = migrate(&source, &dest.addr, &reaching_switchover()).unwrap();
     let target = dest.adopted();
     assert_moved_whole(&source, &target);
-    assert_eq!(report.device_transfer, "replay");
+    assert_eq!(report.device_transfer, "replay", "{:?}", report.replay);
     let replay = report.replay.expect("a replay report");
     assert!(replay.fell_back.is_none());
     assert!(replay.base_bytes >= HOT_BYTES + COLD_BYTES, "{replay:?}");
@@ -749,11 +764,46 @@ fn replay_moves_a_device_that_rewrites_itself_every_step_bit_for_bit() {
 }
 
 #[test]
+fn auto_turns_to_replay_when_the_device_outruns_precopy_and_sends_only_what_changed() {
+    let _serial = serial();
+    let source = Source::start(0);
+    // 20 ms a chunk: about 12 MiB/s, while the hot buffer is rewritten every step.
+    *source.chunk_read_delay.lock().unwrap() = Duration::from_millis(20);
+    let dest = Destination::start(Replayer::Faithful);
+    let mut options = options(DeviceTransfer::Auto);
+    options.allow_longer_pause = true;
+    let report = migrate(&source, &dest.addr, &options).unwrap();
+    let target = dest.adopted();
+    assert_moved_whole(&source, &target);
+    assert!(
+        report.device_transfer.starts_with("replay"),
+        "{}",
+        report.device_transfer
+    );
+    // Round 0 was pre-copy's: every chunk that holds data. Round 1, replay's base, sent
+    // only the chunks changed since (not the cold buffer), and commands followed.
+    let total = (HOT_BYTES + UPLOAD_BYTES + COLD_BYTES).div_ceil(MAX_CHUNK_BYTES);
+    let (first, base) = (&report.round_log[0], &report.round_log[1]);
+    assert!(first.chunks >= HOT_BYTES / MAX_CHUNK_BYTES + 1 && first.commands == 0);
+    assert!(
+        base.commands == 0 && base.chunks + base.zero_chunks < total,
+        "{base:?}"
+    );
+    let replay = report.replay.as_ref().unwrap();
+    assert!(replay.base_bytes < HOT_BYTES + UPLOAD_BYTES, "{replay:?}");
+    assert!(
+        report.round_log[2..].iter().any(|r| r.commands > 0),
+        "{replay:?} {:?}",
+        report.round_log
+    );
+}
+
+#[test]
 fn a_digest_that_differs_aborts_the_switchover_and_the_vm_runs_on_at_the_source() {
     let _serial = serial();
     let source = Source::start(0);
     let dest = Destination::start(Replayer::Drifting);
-    let err = migrate(&source, &dest.addr, &options(DeviceTransfer::Replay))
+    let err = migrate(&source, &dest.addr, &reaching_switchover())
         .expect_err("a drifting replay must not switch over");
     let text = ferry_migrate::error_chain(&err);
     assert!(
