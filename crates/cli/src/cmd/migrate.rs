@@ -178,6 +178,18 @@ pub fn summary(report: &MigrationReport) -> String {
         mib(report.final_bytes),
         report.max_throttle_pct,
     );
+    if let Some(replay) = &report.replay {
+        line += &format!(
+            "; device by replay: base {:.1} MiB, {} commands ({:.1} MiB), side pool peak {:.1} MiB",
+            mib(replay.base_bytes),
+            replay.commands,
+            mib(replay.command_bytes),
+            mib(replay.capture.pool_peak_bytes),
+        );
+        if let Some(why) = &replay.fell_back {
+            line += &format!(", then pre-copy ({why})");
+        }
+    }
     if report.files_sent + report.files_reused > 0 {
         line += &format!(
             "; attached files: {} sent ({:.1} MiB), {} already on the destination",
