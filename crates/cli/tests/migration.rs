@@ -46,16 +46,8 @@ fn mlp_train_moves_by_command_replay_both_ways_with_the_unmigrated_checksum() {
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let id = a.create("mlp-train", "32M", MLP);
     a.wait_console(&id, "step=60 ");
-    // A pause target any load on this machine lets replay reach (this is about what moves).
-    let replay = [
-        "--device-transfer",
-        "replay",
-        "--downtime-ms",
-        "250",
-        "--allow-longer-pause",
-    ];
     for (from, to, step) in [(&a, &b, "step=140 "), (&b, &a, "step=220 ")] {
-        let r = report(&from.migrate(&id, &to.migration, &replay));
+        let r = report(&from.migrate(&id, &to.migration, &common::BY_REPLAY));
         assert_eq!(r["device_transfer"], "replay", "{r}");
         let replayed = &r["replay"];
         assert!(replayed["commands"].as_u64().unwrap() > 0, "{r}");

@@ -124,14 +124,7 @@ fn training_on_fashion_mnist_moves_mid_epoch_and_back_by_replay_with_the_unmigra
     assert_eq!(r["files_reused"], 4, "{r}");
     // And back by replaying its device's commands (a real training step's).
     b.wait_console(&id, "step=100 ");
-    let replay = [
-        "--device-transfer",
-        "replay",
-        "--downtime-ms",
-        "250",
-        "--allow-longer-pause",
-    ];
-    let r = report(&b.migrate(&id, &a.migration, &replay));
+    let r = report(&b.migrate(&id, &a.migration, &common::BY_REPLAY));
     assert_eq!(r["device_transfer"], "replay", "{r}");
     assert!(r["replay"]["commands"].as_u64().unwrap() > 0, "{r}");
     let console = a.console_at_exit(&id);

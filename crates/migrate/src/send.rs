@@ -423,6 +423,17 @@ struct RoundWork {
 }
 
 impl RoundWork {
+    /// A replay round: `commands` and the RAM `pages` dirtied while they ran.
+    fn replayed(pages: &PageSet, commands: Vec<LoggedCommand>, replay_time: Duration) -> Self {
+        Self {
+            runs: pages.runs(MAX_RUN_PAGES),
+            commands,
+            table: RoundTable::Replayed,
+            replay_time,
+            ..Self::default()
+        }
+    }
+
     fn bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.1 * PAGE_SIZE).sum::<u64>()
             + part_bytes(&self.chunks)
@@ -1312,13 +1323,7 @@ fn run(
             );
             commands.extend(tail);
             let tail_commands = commands.len() as u64;
-            let work = RoundWork {
-                runs: pages.runs(MAX_RUN_PAGES),
-                commands,
-                table: RoundTable::Replayed,
-                replay_time,
-                ..RoundWork::default()
-            };
+            let work = RoundWork::replayed(&pages, commands, replay_time);
             // The source digests its device while the destination replays the tail.
             let (log, digest) = std::thread::scope(|scope| {
                 let digesting = scope.spawn(|| {
@@ -1596,13 +1601,7 @@ fn replay_rounds(
         let report = s.replay.get_or_insert_with(ReplayReport::default);
         report.commands += commands.len() as u64;
         report.command_bytes += commands.iter().map(LoggedCommand::weight).sum::<u64>();
-        let work = RoundWork {
-            runs: pages.runs(MAX_RUN_PAGES),
-            commands,
-            table: RoundTable::Replayed,
-            replay_time,
-            ..RoundWork::default()
-        };
+        let work = RoundWork::replayed(&pages, commands, replay_time);
         let log = s
             .send_round(&work, REPLAY_THROTTLE_STEPS[throttle_step])
             .map_err(before_go(false))?;

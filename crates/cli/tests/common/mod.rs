@@ -410,3 +410,13 @@ pub fn run_console(
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout)
 }
+
+/// `ferry migrate` arguments for a migration by device command replay, with a pause
+/// target any load on this machine lets replay reach (the tests are of what moves).
+pub const BY_REPLAY: [&str; 5] = [
+    "--device-transfer",
+    "replay",
+    "--downtime-ms",
+    "250",
+    "--allow-longer-pause",
+];
