@@ -889,3 +889,47 @@ fn a_digest_kept_for_a_buffer_is_dropped_when_the_buffer_is_written() {
     g.accel.pause();
     assert_eq!(g.accel.digest(), first, "buffer 2 zero again");
 }
+
+#[test]
+fn a_capture_after_precopy_takes_the_pending_and_dirty_chunks_and_reads_unwritten_ones_as_zero() {
+    use ferry_accel::replay::CaptureLimits;
+    let chunk = |buffer, index| ChunkId { buffer, index };
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, 2 * CHUNK_SIZE]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, CHUNK_SIZE]), status::OK);
+    g.accel.start_dirty_tracking();
+    assert_eq!(g.upload(1, &values(16, 3)), status::OK);
+    // Pre-copy left chunk 0 of buffer 2 pending (never written: zeros); buffer 1's
+    // chunk 0 is dirty, and taken at the boundary.
+    let (_, base) = g
+        .accel
+        .replayer()
+        .start_capture(CaptureLimits::default(), Some(&[chunk(2, 0), chunk(9, 0)]));
+    assert_eq!(base, vec![chunk(1, 0), chunk(2, 0)], "no buffer 9");
+    assert!(
+        g.accel.take_dirty_chunks().is_empty(),
+        "taken at the boundary"
+    );
+    let mut out = Vec::new();
+    assert!(g
+        .accel
+        .replayer()
+        .read_base_chunk(chunk(2, 0), &mut out)
+        .unwrap());
+    assert_eq!(out, vec![0u8; CHUNK_SIZE as usize]);
+    // Written after the boundary: the base still reads as it was.
+    assert_eq!(g.upload(1, &values(16, 4)), status::OK);
+    assert!(g
+        .accel
+        .replayer()
+        .read_base_chunk(chunk(1, 0), &mut out)
+        .unwrap());
+    let was: Vec<u8> = values(16, 3).iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(&out[..64], &was[..]);
+    assert!(!g
+        .accel
+        .replayer()
+        .read_base_chunk(chunk(1, 1), &mut out)
+        .unwrap());
+    g.accel.replayer().stop_capture();
+}
