@@ -649,22 +649,28 @@ impl MigrationTarget for VmTarget {
     fn replay(&self, commands: Vec<LoggedCommand>) -> Result<(), VmError> {
         // A replayed file load reads this host's copies (all here once round 0 is done).
         let files = self.files_here();
-        self.with_filling(|vm| {
-            let accel = vm.accel().ok_or("the VM has no accelerator")?;
-            if let Some(files) = files {
-                accel.set_files(Arc::new(files));
-            }
-            accel.replay(commands).map_err(Cause::from)?;
-            // Digest now what these commands wrote, while the VM still runs on the
-            // source: the switchover's digest then hashes only what the last ones wrote.
-            accel.digest();
-            Ok(())
-        })
-        .map_err(VmError::Replay)
+        let device = self
+            .with_filling(|vm| {
+                let accel = vm.accel().ok_or("the VM has no accelerator")?;
+                if let Some(files) = files {
+                    accel.set_files(Arc::new(files));
+                }
+                Ok(accel.replayer())
+            })
+            .map_err(VmError::Replay)?;
+        // Without the target's lock: the commands run kernels.
+        device
+            .replay(commands)
+            .map_err(|e| VmError::Replay(e.into()))?;
+        // Digest now what these commands wrote, while the VM still runs on the source:
+        // the switchover's digest then hashes only what the last ones wrote.
+        device.digest();
+        Ok(())
     }
 
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
-        self.with_filling(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.digest()))
+        self.with_filling(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.replayer()))
+            .map(|device| device.digest())
             .map_err(VmError::Replay)
     }
 }

@@ -28,7 +28,7 @@ use crate::MigrationError;
 /// How long the destination waits for the data connections, or for a round's data.
 const STREAM_WAIT: Duration = Duration::from_secs(30);
 /// Read timeout on the control connection (the source sends at least once per round).
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 /// What a zero-page record writes (the largest run), shared rather than allocated per
 /// record.
 static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
@@ -37,7 +37,7 @@ static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
 const MAX_RAM: u64 = 1 << 40;
 /// Most bytes of device commands one round may carry (twice the source's default log
 /// bound): what a destination keeps before replaying them.
-const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
+pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
 /// Most attached files accepted in an offer (a guest can see 63).
 const MAX_OFFERED_FILES: usize = 64;
 

@@ -455,6 +455,18 @@ fn part_bytes(parts: &[ChunkPart]) -> u64 {
         .sum()
 }
 
+/// The longest a destination may take to replay one round's commands, beyond the I/O
+/// timeout: less than the 120 s its data streams wait for their next frame, which they
+/// do while it replays.
+const MAX_ROUND_REPLAY: Duration = Duration::from_secs(90);
+const _: () = assert!(MAX_ROUND_REPLAY.as_secs() + 20 < crate::receive::CONTROL_TIMEOUT.as_secs());
+
+/// How long beyond the I/O timeout the source waits for a destination replaying commands
+/// that ran for `ran`: four times as long, at most [`MAX_ROUND_REPLAY`].
+fn replay_allowance(ran: Duration) -> Duration {
+    (ran * 4).min(MAX_ROUND_REPLAY)
+}
+
 /// Bytes of commands sent in one control message at most.
 const COMMAND_BATCH: u64 = 4 << 20;
 /// The heaviest command a control message can carry (an upload's data travels in it).
@@ -772,16 +784,12 @@ fn switchover_deadline(options: &MigrationOptions, predicted: Duration) -> Durat
 }
 
 impl Session<'_> {
-    /// How long the destination may take to replay the commands taken now, beyond the
-    /// I/O timeout: four times as long as the source took to run them (since the last
-    /// take).
-    fn replay_time(&mut self) -> Duration {
+    /// How long the source took to run the commands taken now (since the last take).
+    fn commands_ran(&mut self) -> Duration {
         let now = Instant::now();
-        let ran = self
-            .commands_taken_at
+        self.commands_taken_at
             .replace(now)
-            .map_or(Duration::ZERO, |at| now - at);
-        ran * 4
+            .map_or(Duration::ZERO, |at| now - at)
     }
 
     fn cancelled(&self) -> Result<(), MigrationError> {
@@ -892,10 +900,15 @@ impl Session<'_> {
             patience(work.replay_time).map_err(MigrationError::io("waiting for a replay"))?;
         }
         let acknowledged = self.control.expect_control("the round's acknowledgement");
-        if !work.replay_time.is_zero() {
-            patience(Duration::ZERO).map_err(MigrationError::io("waiting for a replay"))?;
-        }
-        match acknowledged? {
+        let restored = if work.replay_time.is_zero() {
+            Ok(())
+        } else {
+            patience(Duration::ZERO)
+        };
+        // The answer's error (the destination's reason) before the socket's.
+        let acknowledged = acknowledged?;
+        restored.map_err(MigrationError::io("waiting for a replay"))?;
+        match acknowledged {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
                 return Err(MigrationError::unexpected(
@@ -1009,6 +1022,13 @@ pub fn migrate_vm(
         return Err(MigrationError::InvalidOptions(
             "device command replay is a live migration's; stop-and-copy sends device memory in the pause".into(),
         ));
+    }
+    if options.capture.log_bytes > crate::receive::MAX_ROUND_COMMAND_BYTES / 2 {
+        return Err(MigrationError::InvalidOptions(format!(
+            "the command log bound is at most {} bytes (a destination takes {} in a round, and the last round carries two takes)",
+            crate::receive::MAX_ROUND_COMMAND_BYTES / 2,
+            crate::receive::MAX_ROUND_COMMAND_BYTES
+        )));
     }
     if !(1..=MAX_STREAMS).contains(&options.streams) {
         return Err(MigrationError::InvalidOptions(format!(
@@ -1204,7 +1224,7 @@ enum LiveEnd {
     /// Pre-copy converged; what its last take found is unsent.
     Precopy(Pending),
     /// Replay converged; the pages and commands its last take found are unsent.
-    Replay(PageSet, Vec<LoggedCommand>),
+    Replay(PageSet, Vec<LoggedCommand>, Duration),
 }
 
 /// How the pre-copy rounds ended.
@@ -1225,7 +1245,8 @@ enum ReplayStart {
 
 /// How the replay rounds ended.
 enum ReplayEnd {
-    Converged(PageSet, Vec<LoggedCommand>),
+    /// With the pages and commands of the last take, and how long those commands ran.
+    Converged(PageSet, Vec<LoggedCommand>, Duration),
     /// Replay gave way (the reason is in the report): pre-copy goes on from this work.
     FellBack(RoundWork),
 }
@@ -1265,7 +1286,7 @@ fn run(
         .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
     let replay_from = |s: &mut Session<'_>, start, progress: &mut dyn FnMut(&Progress)| {
         Ok(match replay_rounds(s, options, start, progress)? {
-            ReplayEnd::Converged(pages, commands) => LiveEnd::Replay(pages, commands),
+            ReplayEnd::Converged(pages, commands, ran) => LiveEnd::Replay(pages, commands, ran),
             ReplayEnd::FellBack(work) => match precopy_rounds(s, options, work, false, progress)? {
                 PrecopyEnd::Converged(pending) | PrecopyEnd::ToReplay(pending) => {
                     LiveEnd::Precopy(pending)
@@ -1303,13 +1324,13 @@ fn run(
             progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
             None
         }
-        LiveEnd::Replay(mut pages, mut commands) => {
+        LiveEnd::Replay(mut pages, mut commands, ran) => {
             // The tail: what ran since the last take. Its loss in the pause (the capture
             // overflowed just now) fails the migration; the VM resumes here.
             let tail = source
                 .take_commands()
                 .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
-            let replay_time = s.replay_time();
+            let replay_time = replay_allowance(ran + s.commands_ran());
             if let Some(heavy) = tail.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
                 return Err(before_go(true)(MigrationError::Encode(format!(
                     "a device command of {} bytes (an upload) in the last ones is larger than a message can carry",
@@ -1530,11 +1551,22 @@ fn replay_rounds(
             Ok(commands) => commands,
             Err(e) => return Ok(fall_back(s, error_chain(&e), &pages)),
         };
-        let replay_time = s.replay_time();
+        let ran = s.commands_ran();
+        let replay_time = replay_allowance(ran);
         if let Some(heavy) = commands.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
             let why = format!(
                 "a device command of {} bytes (an upload) is larger than a message can carry",
                 heavy.weight()
+            );
+            return Ok(fall_back(s, why, &pages));
+        }
+        if ran > MAX_ROUND_REPLAY / 2 {
+            // The commands of a long base round: the destination could not replay them
+            // within what a round may take.
+            let why = format!(
+                "the commands to replay ran for {:.0} s, longer than a round's replay may take ({} s)",
+                ran.as_secs_f64(),
+                MAX_ROUND_REPLAY.as_secs() / 2
             );
             return Ok(fall_back(s, why, &pages));
         }
@@ -1565,7 +1597,7 @@ fn replay_rounds(
             if predicted <= options.downtime_target {
                 let shrinking = ratio < 0.8 && log.ms >= 2.0;
                 if extra_rounds >= MAX_EXTRA_ROUNDS || !shrinking || out_of_bounds {
-                    return Ok(ReplayEnd::Converged(pages, commands));
+                    return Ok(ReplayEnd::Converged(pages, commands, ran));
                 }
                 extra_rounds += 1;
             } else if falling_behind(&rounds_ms) {
