@@ -734,7 +734,8 @@ fn assert_moved_whole(source: &Source, target: &Target) {
 #[test]
 fn replay_moves_a_device_that_rewrites_itself_every_step_bit_for_bit() {
     let _serial = serial();
-    let source = Source::start(0);
+    // The base is read once the guest ran two steps past the boundary: commands follow.
+    let source = Source::start(2);
     std::thread::sleep(Duration::from_millis(20));
     let dest = Destination::start(Replayer::Faithful);
     let report = migrate(&source, &dest.addr, &reaching_switchover()).unwrap();
@@ -766,7 +767,9 @@ fn replay_moves_a_device_that_rewrites_itself_every_step_bit_for_bit() {
 #[test]
 fn auto_turns_to_replay_when_the_device_outruns_precopy_and_sends_only_what_changed() {
     let _serial = serial();
-    let source = Source::start(0);
+    // The base is read once the guest ran two steps past the boundary, so commands
+    // follow it however the guest thread is scheduled.
+    let source = Source::start(2);
     // 20 ms a chunk: about 12 MiB/s, while the hot buffer is rewritten every step.
     *source.chunk_read_delay.lock().unwrap() = Duration::from_millis(20);
     let dest = Destination::start(Replayer::Faithful);
