@@ -1194,9 +1194,8 @@ impl DeviceReplay {
         let core = self.shared.core.lock().expect("accel core lock");
         let mut map = self.shared.tracker.map();
         let table = map.table();
-        let written = map.written.marked();
         let base: Vec<ChunkId> = match since {
-            None => written.clone(),
+            None => map.written.marked(),
             Some(pending) => {
                 let mut chunks = map.dirty.take();
                 chunks.extend_from_slice(pending);
@@ -1205,18 +1204,18 @@ impl DeviceReplay {
                 chunks
             }
         };
-        let written: std::collections::BTreeSet<ChunkId> = written.into_iter().collect();
         let (mut chunks, mut zeros) = (Vec::new(), Vec::new());
         let mut listed = Vec::new();
         for chunk in base {
-            let Some(&bytes) = map.sizes.get(&chunk.buffer) else {
+            let Some(range) = map
+                .sizes
+                .get(&chunk.buffer)
+                .and_then(|&bytes| chunk_range(bytes, chunk.index))
+            else {
                 continue;
             };
-            let Some(range) = chunk_range(bytes, chunk.index) else {
-                continue;
-            };
-            if written.contains(&chunk) {
-                chunks.push((chunk, bytes));
+            if map.written.contains(chunk) {
+                chunks.push(chunk);
             } else {
                 zeros.push((chunk, range.end - range.start));
             }

@@ -172,6 +172,13 @@ impl DirtyChunks {
         parts
     }
 
+    /// Whether `chunk` was written since the last take (or start).
+    pub fn contains(&self, chunk: ChunkId) -> bool {
+        self.bitmaps
+            .get(&chunk.buffer)
+            .is_some_and(|chunks| chunks.contains(chunk.index))
+    }
+
     /// The chunks written since the last take (or start), in (buffer, index) order.
     pub fn marked(&self) -> Vec<ChunkId> {
         self.bitmaps

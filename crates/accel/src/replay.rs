@@ -13,7 +13,7 @@
 //! migration copies as RAM. A failed upload or file load wrote nothing and is skipped; a
 //! kernel runs again even if it failed (it may have written part), and must fail again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_abi::accel::{op, status, Command};
 
@@ -72,8 +72,8 @@ pub enum CaptureError {
 #[derive(Debug)]
 pub(crate) struct Capture {
     limits: CaptureLimits,
-    /// Base chunks not read yet, with the size of their buffer at the boundary.
-    unread: BTreeMap<ChunkId, u64>,
+    /// Base chunks not read yet.
+    unread: BTreeSet<ChunkId>,
     /// Base chunks not written at the boundary (they read as zeros), with their lengths.
     zeros: BTreeMap<ChunkId, u64>,
     /// Preserved base chunks, as they were at the boundary.
@@ -86,11 +86,11 @@ pub(crate) struct Capture {
 }
 
 impl Capture {
-    /// A capture of a base made of `chunks` (each with its buffer's size) and of
-    /// `zeros`, chunks not written at the boundary (each with its length).
+    /// A capture of a base made of `chunks` and of `zeros`, chunks not written at the
+    /// boundary (each with its length).
     pub(crate) fn new(
         limits: CaptureLimits,
-        chunks: impl IntoIterator<Item = (ChunkId, u64)>,
+        chunks: impl IntoIterator<Item = ChunkId>,
         zeros: impl IntoIterator<Item = (ChunkId, u64)>,
     ) -> Self {
         Self {
@@ -108,7 +108,7 @@ impl Capture {
 
     /// Whether `chunk` must be preserved before it is written.
     pub(crate) fn needs_preserving(&self, chunk: &ChunkId) -> bool {
-        self.failed.is_none() && self.unread.contains_key(chunk) && !self.pool.contains_key(chunk)
+        self.failed.is_none() && self.unread.contains(chunk) && !self.pool.contains_key(chunk)
     }
 
     /// Keeps `data`, chunk `chunk` as it is before its first write.
@@ -166,7 +166,7 @@ impl Capture {
         if let Some(len) = self.zeros.remove(&chunk) {
             return Ok(Some(vec![0; len as usize]));
         }
-        if self.unread.remove(&chunk).is_none() {
+        if !self.unread.remove(&chunk) {
             return Err(());
         }
         Ok(self.pool.remove(&chunk).inspect(|data| {
@@ -178,7 +178,7 @@ impl Capture {
     pub(crate) fn unread(&self) -> Vec<ChunkId> {
         let mut chunks: Vec<ChunkId> = self
             .unread
-            .keys()
+            .iter()
             .chain(self.zeros.keys())
             .copied()
             .collect();
@@ -239,7 +239,7 @@ mod tests {
             pool_bytes: 8,
             log_bytes: 1 << 20,
         };
-        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)], []);
+        let mut capture = Capture::new(limits, [chunk(1, 0), chunk(1, 1)], []);
         assert!(capture.needs_preserving(&chunk(1, 0)));
         assert!(!capture.needs_preserving(&chunk(2, 0)), "not in the base");
         capture.preserve(chunk(1, 0), vec![7; 8]);
@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(capture.take_base_chunk(chunk(1, 0)), Err(()), "read once");
         assert_eq!(capture.take_base_chunk(chunk(1, 1)), Ok(None), "live");
         // The pool had room again after the read; now it overflows.
-        let mut capture = Capture::new(limits, [(chunk(1, 0), 16), (chunk(1, 1), 16)], []);
+        let mut capture = Capture::new(limits, [chunk(1, 0), chunk(1, 1)], []);
         capture.preserve(chunk(1, 0), vec![0; 8]);
         capture.preserve(chunk(1, 1), vec![0; 8]);
         assert_eq!(capture.failure(), Err(CaptureError::PoolFull { limit: 8 }));

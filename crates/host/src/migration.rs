@@ -87,15 +87,15 @@ pub struct VmSource {
     files: AttachedFiles,
     /// The accelerator's backend kind ("" without one).
     backend_kind: String,
-    /// The accelerator's command capture, for replay (without the VM's lock: its calls
-    /// wait for a command in flight).
-    capture: Option<DeviceReplay>,
+    /// The accelerator's side of a replay (used without the VM's lock: its calls wait
+    /// for a command in flight).
+    replayer: Option<DeviceReplay>,
 }
 
 impl VmSource {
     /// Adapts `vm`, sent from host `host_name`; `None` if it was released.
     pub fn new(vm: Arc<HostedVm>, host_name: &str) -> Option<Self> {
-        let (files, backend_kind, capture) = vm.with_vm(|v| {
+        let (files, backend_kind, replayer) = vm.with_vm(|v| {
             (
                 v.files().clone(),
                 v.accel()
@@ -109,7 +109,7 @@ impl VmSource {
             host_name: host_name.to_string(),
             files,
             backend_kind,
-            capture,
+            replayer,
         })
     }
 
@@ -118,9 +118,9 @@ impl VmSource {
         self.tracker.accel()
     }
 
-    /// The accelerator's capture, or the error of a VM without one.
-    fn capture(&self) -> Result<&DeviceReplay, Cause> {
-        self.capture
+    /// The accelerator's side of a replay, or the error of a VM without one.
+    fn replayer(&self) -> Result<&DeviceReplay, Cause> {
+        self.replayer
             .as_ref()
             .ok_or_else(|| "the VM has no accelerator".into())
     }
@@ -297,9 +297,9 @@ impl MigrationSource for VmSource {
         limits: CaptureLimits,
         since: Option<&[ChunkKey]>,
     ) -> Result<(Vec<DeviceBuffer>, Vec<ChunkKey>), VmError> {
-        let capture = self.capture().map_err(VmError::Capture)?;
+        let replayer = self.replayer().map_err(VmError::Capture)?;
         let since: Option<Vec<ChunkId>> = since.map(|c| c.iter().copied().map(to_chunk).collect());
-        let (table, chunks) = capture.start_capture(limits, since.as_deref());
+        let (table, chunks) = replayer.start_capture(limits, since.as_deref());
         Ok((
             table
                 .into_iter()
@@ -313,25 +313,25 @@ impl MigrationSource for VmSource {
     }
 
     fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
-        self.capture()
+        self.replayer()
             .map_err(VmError::Capture)?
             .read_base_chunk(to_chunk(chunk), out)
             .map_err(|e| VmError::Capture(e.into()))
     }
 
     fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {
-        self.capture()
+        self.replayer()
             .map_err(VmError::Capture)?
             .take_log()
             .map_err(|e| VmError::Capture(e.into()))
     }
 
     fn stop_capture(&self) -> Option<CaptureReport> {
-        self.capture.as_ref()?.stop_capture()
+        self.replayer.as_ref()?.stop_capture()
     }
 
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
-        Ok(self.capture().map_err(VmError::Capture)?.digest())
+        Ok(self.replayer().map_err(VmError::Capture)?.digest())
     }
 }
 

@@ -811,10 +811,10 @@ impl Session<'_> {
     }
 
     /// Sends one round over the data streams in parallel and waits until the destination
-    /// has applied it.
+    /// has applied it. Its commands are moved onto the wire (`work` keeps none).
     fn send_round(
         &mut self,
-        work: &RoundWork,
+        work: &mut RoundWork,
         throttle_pct: u8,
     ) -> Result<PrecopyRound, MigrationError> {
         let started = Instant::now();
@@ -837,10 +837,17 @@ impl Session<'_> {
                 _ => Some(buffers.clone()),
             },
         })?;
-        // The commands first: the destination replays them while the pages arrive.
+        // The commands first; the destination replays them once the round's data is in.
+        let commands = std::mem::take(&mut work.commands);
+        let command_count = commands.len() as u64;
+        if !commands.is_empty() {
+            let report = self.replay.get_or_insert_with(ReplayReport::default);
+            report.commands += command_count;
+            report.command_bytes += commands.iter().map(LoggedCommand::weight).sum::<u64>();
+        }
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
-        for command in &work.commands {
+        for command in commands {
             if !batch.is_empty() && batch_bytes + command.weight() > COMMAND_BATCH {
                 self.control.send(&Message::Commands {
                     commands: std::mem::take(&mut batch),
@@ -848,11 +855,12 @@ impl Session<'_> {
                 batch_bytes = 0;
             }
             batch_bytes += command.weight();
-            batch.push(command.clone());
+            batch.push(command);
         }
         if !batch.is_empty() {
             self.control.send(&Message::Commands { commands: batch })?;
         }
+        let work = &*work;
         let queue = WorkQueue::new(work, &buffers, &self.cancel, &self.destination_files);
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
@@ -931,7 +939,7 @@ impl Session<'_> {
             zero_chunks: total.zero_chunks,
             file_chunks: total.file_chunks,
             chunk_parts: total.chunk_parts,
-            commands: work.commands.len() as u64,
+            commands: command_count,
             bytes: self.bytes_sent() - before,
             ms: ms(started.elapsed()),
             throttle_pct,
@@ -1262,11 +1270,11 @@ fn run(
     let source = s.source;
     if options.mode == Transfer::StopAndCopy {
         if !files.is_empty() {
-            let work = RoundWork {
+            let mut work = RoundWork {
                 files,
                 ..RoundWork::default()
             };
-            let log = s.send_round(&work, 0).map_err(before_go(false))?;
+            let log = s.send_round(&mut work, 0).map_err(before_go(false))?;
             progress(&s.progress("precopy", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
         }
         s.cancelled().map_err(before_go(false))?;
@@ -1276,7 +1284,7 @@ fn run(
         // The whole transfer happens in this pause: the I/O timeouts bound it.
         s.phase = Phase::Switchover;
         let log = s
-            .send_round(&round0(s, Vec::new()), 0)
+            .send_round(&mut round0(s, Vec::new()), 0)
             .map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
         return finish(s, options, pause_at, None);
@@ -1312,7 +1320,7 @@ fn run(
     let digest = match end {
         LiveEnd::Precopy(pending) => {
             // What the last take found is still unsent: the final round sends it too.
-            let work = take_dirty(source, Some(pending))
+            let mut work = take_dirty(source, Some(pending))
                 .map_err(before_go(true))?
                 .to_work();
             tracing::debug!(
@@ -1320,7 +1328,7 @@ fn run(
                 bytes = work.bytes(),
                 "final dirty state taken"
             );
-            let log = s.send_round(&work, 0).map_err(before_go(true))?;
+            let log = s.send_round(&mut work, 0).map_err(before_go(true))?;
             progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
             None
         }
@@ -1344,14 +1352,14 @@ fn run(
             );
             commands.extend(tail);
             let tail_commands = commands.len() as u64;
-            let work = RoundWork::replayed(&pages, commands, replay_time);
+            let mut work = RoundWork::replayed(&pages, commands, replay_time);
             // The source digests its device while the destination replays the tail.
             let (log, digest) = std::thread::scope(|scope| {
                 let digesting = scope.spawn(|| {
                     let started = Instant::now();
                     source.device_digest().map(|d| (d, started.elapsed()))
                 });
-                let log = s.send_round(&work, 0);
+                let log = s.send_round(&mut work, 0);
                 let digest = digesting.join().unwrap_or_else(|_| {
                     Err(crate::VmError::Capture("digesting panicked (a bug)".into()))
                 });
@@ -1362,8 +1370,6 @@ fn run(
             let report = s.replay.get_or_insert_with(ReplayReport::default);
             report.digest_ms = ms(took);
             report.tail_commands = tail_commands;
-            report.commands += tail_commands;
-            report.command_bytes += work.commands.iter().map(LoggedCommand::weight).sum::<u64>();
             progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
             Some(digest)
         }
@@ -1405,7 +1411,7 @@ fn precopy_rounds(
     loop {
         let throttle_pct = THROTTLE_STEPS[throttle_step];
         let log = s
-            .send_round(&work, throttle_pct)
+            .send_round(&mut work, throttle_pct)
             .map_err(before_go(false))?;
         let pending = take_dirty(source, None).map_err(before_go(false))?;
         tracing::debug!(ms = ms(s.started.elapsed()), "dirty state taken");
@@ -1531,7 +1537,7 @@ fn replay_rounds(
     work.chunks = whole(base);
     work.table = RoundTable::Base(table);
     work.skip_zeros = fresh;
-    let log = s.send_round(&work, 0).map_err(before_go(false))?;
+    let log = s.send_round(&mut work, 0).map_err(before_go(false))?;
     s.replay
         .get_or_insert_with(ReplayReport::default)
         .base_bytes = log.bytes;
@@ -1630,12 +1636,9 @@ fn replay_rounds(
                 );
             }
         }
-        let report = s.replay.get_or_insert_with(ReplayReport::default);
-        report.commands += commands.len() as u64;
-        report.command_bytes += commands.iter().map(LoggedCommand::weight).sum::<u64>();
-        let work = RoundWork::replayed(&pages, commands, replay_time);
+        let mut work = RoundWork::replayed(&pages, commands, replay_time);
         let log = s
-            .send_round(&work, REPLAY_THROTTLE_STEPS[throttle_step])
+            .send_round(&mut work, REPLAY_THROTTLE_STEPS[throttle_step])
             .map_err(before_go(false))?;
         best_rate = best_rate.max(log.bytes as f64 / (log.ms / 1e3).max(1e-6));
         rounds_ms.push(log.ms);
