@@ -153,20 +153,23 @@ struct Center {
     _child: KillOnDrop,
     url: String,
     api: ApiClient,
-    _db: std::path::PathBuf,
+    /// Holds the center's database, removed on drop.
+    _db: tempfile::TempDir,
 }
 
 impl Center {
     fn start(test: &str) -> Self {
-        let db = std::env::temp_dir().join(format!("ferry-{test}-{}.db", std::process::id()));
-        let _ = std::fs::remove_file(&db);
-        let (child, url) = start_center(&db, "127.0.0.1:0", TOKEN, &[]);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ferry-{test}-"))
+            .tempdir()
+            .unwrap();
+        let (child, url) = start_center(&dir.path().join("center.db"), "127.0.0.1:0", TOKEN, &[]);
         let api = ApiClient::new(&url, TOKEN.as_bytes()).unwrap();
         Self {
             _child: KillOnDrop(child),
             url,
             api,
-            _db: db,
+            _db: dir,
         }
     }
 
@@ -448,8 +451,10 @@ fn a_long_guest_kernel_never_stalls_the_api() {
         worst.as_secs_f64() * 1e3,
         report["downtime_ms"].as_f64().unwrap()
     );
+    // A call held behind a kernel would wait its second or more; 250 ms leaves room for
+    // the scheduling noise of tests sharing two cores (one call once took over 100 ms).
     assert!(
-        worst < Duration::from_millis(100),
+        worst < Duration::from_millis(250),
         "an API call took {worst:?} while the guest's kernels ran"
     );
 }

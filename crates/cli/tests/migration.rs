@@ -317,6 +317,7 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
         text(&out.stderr)
     );
     // A host with another secret cannot push a VM into a.
+    let store = tempfile::tempdir().unwrap();
     let other = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([
             "host",
@@ -328,6 +329,8 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
             "--migration-listen",
             "127.0.0.1:0",
         ])
+        .arg("--file-store")
+        .arg(store.path())
         .env("FERRY_SECRET", "not-the-secret-0123456789")
         .stdout(Stdio::piped())
         .spawn()
@@ -337,6 +340,7 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
         api: String::new(),
         migration: String::new(),
         tls_ca: None,
+        store,
     };
     let mut line = String::new();
     BufReader::new(x.child.stdout.take().unwrap())

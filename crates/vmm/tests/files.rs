@@ -2,7 +2,7 @@
 //! through the file port and the accelerator and prints checksums, makes hostile
 //! requests, and a snapshot of a VM with files restores only with the same content.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use ferry_vmm::vm::CreateVmError;
@@ -10,10 +10,12 @@ use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferry-vmm-files-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch folder of the test's own, removed when dropped (the files are up to 9 MiB).
+fn dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-vmm-files-")
+        .tempdir()
+        .unwrap()
 }
 
 /// FNV-1a, as the guest prints it.
@@ -60,7 +62,8 @@ fn the_guest_reads_attached_files_and_hostile_reads_are_refused() {
     if !ferry_testdata::kvm("the_guest_reads_attached_files_and_hostile_reads_are_refused") {
         return;
     }
-    let d = dir();
+    let scratch = dir();
+    let d = scratch.path();
     // 9 MiB + 5 bytes: more than two of the guest's pieces, not a whole number of pages.
     let big = write(&d.join("big"), (9 << 20) + 5, 1);
     let small = write(&d.join("small"), 3, 2);
@@ -97,7 +100,8 @@ fn files_of_many_gib_are_read_at_any_offset() {
     }
     // A sparse file of 4 GiB and 1 MiB (every offset past 32 bits: hashing more costs the
     // suite seconds) with 16-byte markers past 4 GiB and at its very end.
-    let path = dir().join("huge");
+    let scratch = dir();
+    let path = scratch.path().join("huge");
     let size: u64 = (4 << 30) + (1 << 20);
     let file = std::fs::File::create(&path).unwrap();
     file.set_len(size).unwrap();
@@ -127,7 +131,8 @@ fn a_snapshot_restores_only_with_the_same_file_content() {
     if !ferry_testdata::kvm("a_snapshot_restores_only_with_the_same_file_content") {
         return;
     }
-    let d = dir();
+    let scratch = dir();
+    let d = scratch.path();
     let path = d.join("data");
     write(&path, 1 << 20, 3);
     let host = HostOptions {

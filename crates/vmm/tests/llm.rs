@@ -214,13 +214,17 @@ fn sampling_is_deterministic_for_a_seed() {
 /// A copy of the model's header (its first `header` bytes, with `patch` applied) as a
 /// file of `size` bytes whose data is a hole: the guest refuses these files before it
 /// reads a weight.
-fn patched(model: &Path, name: &str, size: u64, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+fn patched(
+    dir: &tempfile::TempDir,
+    model: &Path,
+    name: &str,
+    size: u64,
+    patch: impl FnOnce(&mut Vec<u8>),
+) -> PathBuf {
     let mut bytes = std::fs::read(model).unwrap();
     bytes.truncate(2 << 20);
     patch(&mut bytes);
-    let dir = std::env::temp_dir().join(format!("ferry-llm-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    let path = dir.path().join(name);
     std::fs::write(&path, &bytes).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
@@ -251,20 +255,26 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
     let test = "bad_model_files_are_refused_by_the_guest_with_a_message";
     let Some(model) = model(test) else { return };
     let size = std::fs::metadata(&model).unwrap().len();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-llm-bad-")
+        .tempdir()
+        .unwrap();
     let cases: Vec<(&str, PathBuf, &str)> = vec![
         (
             "truncated",
-            patched(&model, "truncated", size / 2, |_| {}),
+            patched(&dir, &model, "truncated", size / 2, |_| {}),
             "truncated",
         ),
         (
             "magic",
-            patched(&model, "magic", size, |b| b[..4].copy_from_slice(b"GGUX")),
+            patched(&dir, &model, "magic", size, |b| {
+                b[..4].copy_from_slice(b"GGUX")
+            }),
             "not a GGUF file",
         ),
         (
             "architecture",
-            patched(&model, "arch", size, |b| {
+            patched(&dir, &model, "arch", size, |b| {
                 let at = find(b, b"llama");
                 b[at..at + 5].copy_from_slice(b"gpt99");
             }),
@@ -272,7 +282,7 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
         ),
         (
             "quantization",
-            patched(&model, "quant", size, |b| {
+            patched(&dir, &model, "quant", size, |b| {
                 // blk.0.attn_q.weight: 2 dims of 8 bytes, then its type (Q4_1 = 3).
                 let at = tensor_info(b, "blk.0.attn_q.weight") + 4 + 16;
                 b[at..at + 4].copy_from_slice(&13u32.to_le_bytes()); // Q5_K
@@ -281,7 +291,7 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
         ),
         (
             "shape",
-            patched(&model, "shape", size, |b| {
+            patched(&dir, &model, "shape", size, |b| {
                 // blk.3.ffn_up.weight: [576, 1536] -> [576, 1535].
                 let at = tensor_info(b, "blk.3.ffn_up.weight") + 4 + 8;
                 b[at..at + 8].copy_from_slice(&1535u64.to_le_bytes());
@@ -290,7 +300,7 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
         ),
         (
             "vocabulary",
-            patched(&model, "vocab", size, |b| {
+            patched(&dir, &model, "vocab", size, |b| {
                 // token_embd.weight: 49152 rows -> 40000: fewer than the vocabulary.
                 let at = tensor_info(b, "token_embd.weight") + 4 + 8;
                 b[at..at + 8].copy_from_slice(&40000u64.to_le_bytes());
@@ -309,7 +319,6 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
             .find(|l| l.starts_with("llm-chat: error: model file 'model'"))
             .unwrap_or_else(|| panic!("{what}: no error line in:\n{console}"));
         assert!(error.contains(needle), "{what}: {error}");
-        let _ = std::fs::remove_file(&path);
     }
     // The host carries on: the real file still answers.
     let (exit, console) = chat(&model, &["--prompt", QUESTION, "--max-tokens", "3"]);

@@ -182,6 +182,8 @@ pub struct Daemon {
     pub host: std::sync::Arc<Host>,
     /// The API server, stopped with the daemon.
     _api: ferry_http::Serving,
+    /// A loopback daemon's file store, removed once the daemon has shut down.
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl Drop for Daemon {
@@ -253,6 +255,7 @@ pub fn start(
         migration_addr,
         host,
         _api: api,
+        scratch: None,
     })
 }
 
@@ -264,6 +267,10 @@ pub fn start_loopback(
     secret: &Secret,
     memory_capacity: u64,
 ) -> anyhow::Result<Daemon> {
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("ferry-{name}-"))
+        .tempdir()
+        .context("cannot create the loopback daemon's file store")?;
     let config = HostConfig {
         name: name.into(),
         secret: secret.clone(),
@@ -272,12 +279,12 @@ pub fn start_loopback(
         accel_threads: ferry_vmm::vm::default_accel_threads(),
         guest_nice: ferry_host::DEFAULT_GUEST_NICE,
         tls: None,
-        file_store: std::env::temp_dir()
-            .join(format!("ferry-{}-{name}", std::process::id()))
-            .join("files"),
+        file_store: scratch.path().join("files"),
         api_tokens: None,
     };
-    start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")
+    let mut daemon = start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")?;
+    daemon.scratch = Some(scratch);
+    Ok(daemon)
 }
 
 /// Two in-process daemons, `a` and `b`, on loopback with a fresh secret (the demo and

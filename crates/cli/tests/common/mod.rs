@@ -217,6 +217,8 @@ pub struct Daemon {
     pub migration: String,
     /// The CA its API's certificate is checked against, when it serves HTTPS.
     pub tls_ca: Option<String>,
+    /// Its file store (model copies of ~100 MB), removed after the daemon is killed.
+    pub store: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -226,18 +228,16 @@ impl Daemon {
 
     /// Starts one with extra `ferry host serve` flags (and a file store of its own).
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let store = std::env::temp_dir().join(format!(
-            "ferry-test-{}-{name}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        let store = tempfile::Builder::new()
+            .prefix(&format!("ferry-test-{name}-"))
+            .tempdir()
+            .expect("create the daemon's file store");
         let (child, line) = serve(
             Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
                 .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
                 .arg("--file-store")
-                .arg(&store)
+                .arg(store.path())
                 .args(extra),
         );
         // "ferry host a: API on http://127.0.0.1:P, migrations on 127.0.0.1:Q"
@@ -263,6 +263,7 @@ impl Daemon {
             api,
             migration,
             tls_ca,
+            store,
         }
     }
 
