@@ -398,7 +398,7 @@ fn buffer_id(arg: u64) -> Option<BufferId> {
 
 fn backend_status(e: &BackendError) -> u32 {
     match e {
-        BackendError::Alloc { .. } => status::DEVICE_ERROR,
+        BackendError::Alloc { .. } | BackendError::Device(_) => status::DEVICE_ERROR,
         BackendError::BadData(_) => status::BAD_ARGUMENT,
     }
 }

@@ -22,6 +22,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
 use crate::kernel::{Distribution, Kernel, MatmulFlags};
+pub use math::powu;
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
 

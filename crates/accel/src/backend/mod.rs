@@ -3,6 +3,7 @@
 //! stores buffers and executes already-validated kernels.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::sync::Arc;
 
@@ -24,6 +25,9 @@ pub enum BackendError {
     /// Its outputs may be partly written.
     #[error("kernel rejected its input data: {0}")]
     BadData(&'static str),
+    /// The device (a GPU or its driver) failed.
+    #[error("device failure: {0}")]
+    Device(String),
 }
 
 /// Device memory and kernel execution.

@@ -1,0 +1,766 @@
+//! A backend against the cpu backend, kernel by kernel, on random data: every kernel but
+//! MATMUL must give the cpu backend's bits, MATMUL must agree within the cpu tests' GEMM
+//! bound, and bad data must be refused the same way, before anything is written.
+//!
+//! The tests run it on `kernels.cu` emulated on the CPU; `ferry device check` runs it on
+//! a real GPU (`scripts/gpu-check.sh`).
+
+use super::*;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::DeviceMemory;
+use crate::kernel::MatmulFlags;
+
+/// Makes a fresh backend of the kind checked.
+pub type MakeBackend<'a> = &'a dyn Fn() -> Box<dyn Backend>;
+
+/// One case of [`run`]: its name and what it found.
+#[derive(Debug)]
+pub struct Case {
+    /// The kernel and variant checked.
+    pub name: String,
+    /// `Err` with the first difference.
+    pub outcome: Result<(), String>,
+}
+
+/// Deterministic test data (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn f32s(&mut self, n: usize, scale: f32) -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                (((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale).to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn u32s(&mut self, n: usize, below: u32) -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| ((self.next() % u64::from(below)) as u32).to_le_bytes())
+            .collect()
+    }
+
+    /// `rows` rows of `cols` weights in `dtype`: random bits with finite, modest scales.
+    fn weights(&mut self, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+        if dtype == DType::F32 {
+            return self.f32s(rows * cols, 1.0);
+        }
+        let bytes = dtype.bytes(rows as u64, cols as u64).unwrap() as usize;
+        let mut w: Vec<u8> = (0..bytes).map(|_| self.next() as u8).collect();
+        // A half in [2^-7, 2^-3): finite, so no NaN or infinity reaches a result.
+        let mut scale = |b: &mut [u8], at: usize| {
+            let h = 0x2000u16 | (self.next() as u16 & 0x0fff);
+            b[at..at + 2].copy_from_slice(&h.to_le_bytes());
+        };
+        let block = dtype.block_bytes() as usize;
+        for b in w.chunks_exact_mut(block) {
+            match dtype {
+                DType::F16 => scale(b, 0),
+                DType::Q8_0 | DType::Q4_0 => scale(b, 0),
+                DType::Q4_1 | DType::Q4K => {
+                    scale(b, 0);
+                    scale(b, 2);
+                }
+                DType::Q6K => scale(b, 208),
+                DType::F32 => unreachable!(),
+            }
+        }
+        w
+    }
+}
+
+/// A backend's result of a launch, and every buffer after it.
+type Ran = (Result<(), String>, Vec<Vec<u8>>);
+
+/// The cpu backend and the backend checked, with buffers `1..` holding `data`.
+struct Pair {
+    cpu: CpuBackend,
+    other: Box<dyn Backend>,
+    ids: Vec<BufferId>,
+}
+
+impl Pair {
+    fn new(make: MakeBackend<'_>, data: &[Vec<u8>]) -> Result<Self, String> {
+        let mut cpu = CpuBackend::new(2, DeviceMemory::default());
+        let mut other = make();
+        let mut ids = Vec::new();
+        for (i, d) in data.iter().enumerate() {
+            let id = i as BufferId + 1;
+            for b in [&mut cpu as &mut dyn Backend, other.as_mut()] {
+                b.alloc(id, d.len().max(4) as u64)
+                    .map_err(|e| format!("{}: {e}", b.kind()))?;
+                b.write(id, 0, d);
+            }
+            ids.push(id);
+        }
+        Ok(Self { cpu, other, ids })
+    }
+
+    fn buffers(b: &dyn Backend, ids: &[BufferId], sizes: &[usize]) -> Vec<Vec<u8>> {
+        ids.iter()
+            .zip(sizes)
+            .map(|(&id, &len)| {
+                let mut out = vec![0u8; len.max(4)];
+                b.read(id, 0, &mut out);
+                out
+            })
+            .collect()
+    }
+
+    /// Runs `kernel` on both: each one's result, and every buffer after it.
+    fn run(&mut self, kernel: &Kernel, sizes: &[usize]) -> [Ran; 2] {
+        let c = self.cpu.launch(kernel).map_err(|e| e.to_string());
+        let o = self.other.launch(kernel).map_err(|e| e.to_string());
+        [
+            (c, Self::buffers(&self.cpu, &self.ids, sizes)),
+            (o, Self::buffers(self.other.as_ref(), &self.ids, sizes)),
+        ]
+    }
+}
+
+/// Runs `kernel` on buffers holding `data` on both backends: every buffer must end with
+/// the same bits.
+fn same_bits(make: MakeBackend<'_>, data: Vec<Vec<u8>>, kernel: Kernel) -> Result<(), String> {
+    let sizes: Vec<usize> = data.iter().map(Vec::len).collect();
+    let mut pair = Pair::new(make, &data)?;
+    let [(c, cb), (o, ob)] = pair.run(&kernel, &sizes);
+    c.map_err(|e| format!("the cpu backend failed: {e}"))?;
+    o.map_err(|e| format!("failed: {e}"))?;
+    for (i, (c, g)) in cb.iter().zip(&ob).enumerate() {
+        if c != g {
+            let at = c.iter().zip(g).position(|(a, b)| a != b).unwrap_or(0);
+            let word = |b: &[u8]| {
+                let w = at / 4 * 4;
+                f32::from_le_bytes([b[w], b[w + 1], b[w + 2], b[w + 3]])
+            };
+            return Err(format!(
+                "buffer {} differs at byte {at}: cpu {} vs {}",
+                i + 1,
+                word(c),
+                word(g)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every case, in order.
+pub fn run(make: MakeBackend<'_>) -> Vec<Case> {
+    let mut cases = Vec::new();
+    elementwise(make, &mut cases);
+    rows(make, &mut cases);
+    attention_and_lookups(make, &mut cases);
+    quantized_products(make, &mut cases);
+    matmul(make, &mut cases);
+    bad_data(make, &mut cases);
+    cases
+}
+
+fn case(cases: &mut Vec<Case>, name: &str, outcome: Result<(), String>) {
+    cases.push(Case {
+        name: name.to_string(),
+        outcome,
+    });
+}
+
+fn elementwise(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+    let mut r = Rng(1);
+    let n = 1000;
+    let (a, b, o) = (r.f32s(n, 3.0), r.f32s(n, 3.0), vec![0u8; 4 * n]);
+    let two = |k| (vec![a.clone(), b.clone(), o.clone()], k);
+    for (what, (data, kernel)) in [
+        (
+            "add",
+            two(Kernel::Add {
+                a: 1,
+                b: 2,
+                out: 3,
+                n,
+            }),
+        ),
+        (
+            "mul",
+            two(Kernel::Mul {
+                a: 1,
+                b: 2,
+                out: 3,
+                n,
+            }),
+        ),
+        (
+            "relu_backward",
+            two(Kernel::ReluBackward {
+                x: 1,
+                grad_out: 2,
+                grad_in: 3,
+                n,
+            }),
+        ),
+        (
+            "gelu_backward",
+            two(Kernel::GeluBackward {
+                x: 1,
+                grad_out: 2,
+                grad_in: 3,
+                n,
+            }),
+        ),
+        (
+            "swiglu",
+            two(Kernel::Swiglu {
+                gate: 1,
+                up: 2,
+                out: 3,
+                n,
+            }),
+        ),
+    ] {
+        case(cases, what, same_bits(make, data, kernel));
+    }
+    let one = |k| (vec![a.clone(), o.clone()], k);
+    for (what, (data, kernel)) in [
+        ("relu", one(Kernel::Relu { x: 1, out: 2, n })),
+        ("gelu", one(Kernel::Gelu { x: 1, out: 2, n })),
+        (
+            "copy",
+            one(Kernel::Copy {
+                src: 1,
+                src_offset: 7,
+                dst: 2,
+                dst_offset: 3,
+                n: 900,
+            }),
+        ),
+    ] {
+        case(cases, what, same_bits(make, data, kernel));
+    }
+    case(
+        cases,
+        "scale",
+        same_bits(
+            make,
+            vec![a.clone()],
+            Kernel::Scale {
+                x: 1,
+                n: 999,
+                alpha: 0.37,
+            },
+        ),
+    );
+    case(
+        cases,
+        "axpy",
+        same_bits(
+            make,
+            vec![a.clone(), b.clone()],
+            Kernel::Axpy {
+                x: 1,
+                y: 2,
+                n,
+                alpha: -1.3,
+            },
+        ),
+    );
+    case(
+        cases,
+        "sgd",
+        same_bits(
+            make,
+            vec![a.clone(), b.clone()],
+            Kernel::Sgd {
+                param: 1,
+                grad: 2,
+                n,
+                lr: 0.01,
+            },
+        ),
+    );
+    case(
+        cases,
+        "add_bias",
+        same_bits(
+            make,
+            vec![a.clone(), r.f32s(40, 1.0)],
+            Kernel::AddBias {
+                x: 1,
+                bias: 2,
+                rows: 25,
+                cols: 40,
+            },
+        ),
+    );
+    let moment = r.f32s(n, 0.1).iter().map(|b| b & 0x7f).collect::<Vec<u8>>();
+    case(
+        cases,
+        "adam",
+        same_bits(
+            make,
+            vec![a.clone(), b.clone(), r.f32s(n, 0.1), moment],
+            Kernel::Adam {
+                param: 1,
+                grad: 2,
+                m: 3,
+                v: 4,
+                n,
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                step: 17,
+            },
+        ),
+    );
+    for (distribution, seed) in [(Distribution::Uniform, 5), (Distribution::Normal, 6)] {
+        case(
+            cases,
+            "rng_fill",
+            same_bits(
+                make,
+                vec![o.clone()],
+                Kernel::RngFill {
+                    out: 1,
+                    n,
+                    seed,
+                    counter: u64::MAX - 300,
+                    distribution,
+                    scale: 0.5,
+                },
+            ),
+        );
+    }
+}
+
+fn rows(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+    let mut r = Rng(2);
+    let (rows, cols) = (37, 53);
+    let x = r.f32s(rows * cols, 4.0);
+    let out = vec![0u8; 4 * rows * cols];
+    case(
+        cases,
+        "softmax",
+        same_bits(
+            make,
+            vec![x.clone(), out.clone()],
+            Kernel::Softmax {
+                x: 1,
+                out: 2,
+                rows,
+                cols,
+            },
+        ),
+    );
+    case(
+        cases,
+        "cross_entropy",
+        same_bits(
+            make,
+            vec![
+                x.clone(),
+                r.u32s(rows, cols as u32),
+                out.clone(),
+                vec![0; 4],
+            ],
+            Kernel::CrossEntropy {
+                logits: 1,
+                labels: 2,
+                grad: 3,
+                loss: 4,
+                rows,
+                cols,
+            },
+        ),
+    );
+    case(
+        cases,
+        "sum_rows",
+        same_bits(
+            make,
+            vec![x.clone(), out.clone()],
+            Kernel::SumRows {
+                x: 1,
+                out: 2,
+                rows,
+                cols,
+            },
+        ),
+    );
+    // More rows than one partial sum takes.
+    let tall = r.f32s(600 * 7, 1.0);
+    case(
+        cases,
+        "sum_cols",
+        same_bits(
+            make,
+            vec![tall, vec![0; 4 * 7]],
+            Kernel::SumCols {
+                x: 1,
+                out: 2,
+                rows: 600,
+                cols: 7,
+            },
+        ),
+    );
+    case(
+        cases,
+        "layer_norm",
+        same_bits(
+            make,
+            vec![x.clone(), r.f32s(cols, 1.0), r.f32s(cols, 1.0), out.clone()],
+            Kernel::LayerNorm {
+                x: 1,
+                gamma: 2,
+                beta: 3,
+                out: 4,
+                rows,
+                cols,
+                eps: 1e-5,
+            },
+        ),
+    );
+    case(
+        cases,
+        "rms_norm",
+        same_bits(
+            make,
+            vec![x.clone(), r.f32s(cols, 1.0), out.clone()],
+            Kernel::RmsNorm {
+                x: 1,
+                weight: 2,
+                out: 3,
+                rows,
+                cols,
+                eps: 1e-6,
+            },
+        ),
+    );
+    let mut with_nan = x.clone();
+    with_nan[4 * (3 * cols + 5)..][..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    case(
+        cases,
+        "argmax",
+        same_bits(
+            make,
+            vec![with_nan, out],
+            Kernel::Argmax {
+                x: 1,
+                out: 2,
+                rows,
+                cols,
+            },
+        ),
+    );
+    for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
+        case(
+            cases,
+            "rope",
+            same_bits(
+                make,
+                vec![r.f32s(5 * 3 * 64, 2.0)],
+                Kernel::Rope {
+                    x: 1,
+                    rows: 5,
+                    heads: 3,
+                    head_dim: 64,
+                    pos: 1000,
+                    base: 10000.0,
+                    style,
+                },
+            ),
+        );
+    }
+}
+
+fn attention_and_lookups(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+    let mut r = Rng(3);
+    let (heads, hd, len) = (4, 36, 19);
+    case(
+        cases,
+        "attention_decode",
+        same_bits(
+            make,
+            vec![
+                r.f32s(heads * hd, 1.0),
+                r.f32s(len * heads * hd, 1.0),
+                r.f32s(len * heads * hd, 1.0),
+                vec![0; 4 * heads * hd],
+            ],
+            Kernel::AttentionDecode {
+                q: 1,
+                k_cache: 2,
+                v_cache: 3,
+                out: 4,
+                heads,
+                head_dim: hd,
+                len,
+            },
+        ),
+    );
+    let (rows, kv_heads, pos) = (3, 2, 11);
+    let cache = (pos + rows) * kv_heads * hd;
+    case(
+        cases,
+        "attention",
+        same_bits(
+            make,
+            vec![
+                r.f32s(rows * heads * hd, 1.0),
+                r.f32s(cache, 1.0),
+                r.f32s(cache, 1.0),
+                vec![0; 4 * rows * heads * hd],
+            ],
+            Kernel::Attention {
+                q: 1,
+                k_cache: 2,
+                v_cache: 3,
+                out: 4,
+                rows,
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos,
+            },
+        ),
+    );
+    let (vocab, dim, count) = (50, 12, 9);
+    case(
+        cases,
+        "embedding",
+        same_bits(
+            make,
+            vec![
+                r.f32s(vocab * dim, 1.0),
+                r.u32s(count, vocab as u32),
+                vec![0; 4 * count * dim],
+            ],
+            Kernel::Embedding {
+                table: 1,
+                ids: 2,
+                out: 3,
+                count,
+                dim,
+                vocab,
+            },
+        ),
+    );
+    for dtype in DType::ALL {
+        let dim = 512;
+        case(
+            cases,
+            &format!("qembedding {}", dtype.name()),
+            same_bits(
+                make,
+                vec![
+                    r.weights(dtype, vocab, dim),
+                    r.u32s(count, vocab as u32),
+                    vec![0; 4 * count * dim],
+                ],
+                Kernel::QEmbedding {
+                    table: 1,
+                    ids: 2,
+                    out: 3,
+                    count,
+                    dim,
+                    vocab,
+                    dtype,
+                },
+            ),
+        );
+    }
+}
+
+fn quantized_products(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+    let mut r = Rng(4);
+    let (n, m) = (9, 3);
+    for dtype in DType::ALL {
+        // F32 and F16 rows with a tail after the eight lanes.
+        let k = if dtype.block_elems() == 1 { 517 } else { 512 };
+        case(
+            cases,
+            &format!("qmatmul {}", dtype.name()),
+            same_bits(
+                make,
+                vec![
+                    r.weights(dtype, n, k),
+                    r.f32s(m * k, 2.0),
+                    vec![0; 4 * m * n],
+                ],
+                Kernel::QMatmul {
+                    w: 1,
+                    x: 2,
+                    out: 3,
+                    n,
+                    k,
+                    m,
+                    dtype,
+                },
+            ),
+        );
+    }
+}
+
+fn matmul(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+    let mut r = Rng(5);
+    let (m, n, k) = (13, 17, 300);
+    for (name, flags) in [
+        ("matmul", MatmulFlags::default()),
+        (
+            "matmul transposed, accumulating",
+            MatmulFlags {
+                transpose_a: true,
+                transpose_b: true,
+                accumulate: true,
+            },
+        ),
+    ] {
+        let data = vec![r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
+        let kernel = Kernel::Matmul {
+            a: 1,
+            b: 2,
+            c: 3,
+            m,
+            n,
+            k,
+            flags,
+        };
+        case(cases, name, within_bound(make, data, &kernel, k));
+    }
+}
+
+/// MATMUL's result within the cpu tests' bound, 1e-5 of Σ|a·b| (at most `k`: every
+/// input is below 1 in magnitude), and its inputs unchanged.
+fn within_bound(
+    make: MakeBackend<'_>,
+    data: Vec<Vec<u8>>,
+    kernel: &Kernel,
+    k: usize,
+) -> Result<(), String> {
+    let sizes: Vec<usize> = data.iter().map(Vec::len).collect();
+    let mut pair = Pair::new(make, &data)?;
+    let [(c, cb), (o, ob)] = pair.run(kernel, &sizes);
+    c.map_err(|e| format!("the cpu backend failed: {e}"))?;
+    o.map_err(|e| format!("failed: {e}"))?;
+    if cb[..2] != ob[..2] {
+        return Err("changed its inputs".into());
+    }
+    let f = |b: &[u8]| -> Vec<f32> { bytemuck::cast_slice::<u8, f32>(b).to_vec() };
+    let tol = 1e-5 * k as f32;
+    for (i, (w, g)) in f(&cb[2]).iter().zip(&f(&ob[2])).enumerate() {
+        // A NaN fails too.
+        if (w - g).abs().partial_cmp(&tol) != Some(std::cmp::Ordering::Less) {
+            return Err(format!("element {i}: cpu {w} vs {g} (bound {tol})"));
+        }
+    }
+    Ok(())
+}
+
+/// The same error as the cpu backend's, and nothing written.
+fn refused(
+    make: MakeBackend<'_>,
+    data: Vec<Vec<u8>>,
+    kernel: &Kernel,
+    output: usize,
+) -> Result<(), String> {
+    let sizes: Vec<usize> = data.iter().map(Vec::len).collect();
+    let mut pair = Pair::new(make, &data)?;
+    let [(c, _), (o, ob)] = pair.run(kernel, &sizes);
+    if c.is_ok() || c != o {
+        return Err(format!("cpu backend {c:?} vs {o:?}"));
+    }
+    if ob[output] != data[output] {
+        return Err("wrote its output before refusing".into());
+    }
+    Ok(())
+}
+
+fn bad_data(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+    let mut r = Rng(6);
+    let mut labels = r.u32s(4, 10);
+    labels[8..12].copy_from_slice(&10u32.to_le_bytes());
+    let kernel = Kernel::CrossEntropy {
+        logits: 1,
+        labels: 2,
+        grad: 3,
+        loss: 4,
+        rows: 4,
+        cols: 10,
+    };
+    let data = vec![r.f32s(40, 1.0), labels, vec![0; 160], vec![0; 4]];
+    case(
+        cases,
+        "cross_entropy label beyond the classes",
+        refused(make, data, &kernel, 2),
+    );
+    let kernel = Kernel::Embedding {
+        table: 1,
+        ids: 2,
+        out: 3,
+        count: 1,
+        dim: 4,
+        vocab: 10,
+    };
+    let data = vec![r.f32s(40, 1.0), 99u32.to_le_bytes().to_vec(), vec![0; 16]];
+    case(
+        cases,
+        "embedding id beyond the vocabulary",
+        refused(make, data, &kernel, 2),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::super::emulator::Emulator;
+    use super::*;
+
+    /// The emulated kernels, compiled once per test process.
+    fn emulator() -> Emulator {
+        static EMULATOR: OnceLock<Emulator> = OnceLock::new();
+        EMULATOR
+            .get_or_init(|| {
+                let dir = tempfile::Builder::new()
+                    .prefix("ferry-cuda-emulated-")
+                    .tempdir()
+                    .expect("scratch folder");
+                // Loaded, the library no longer needs its file.
+                Emulator::build(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .clone()
+    }
+
+    #[test]
+    fn every_kernel_of_kernels_cu_agrees_with_the_cpu_backend() {
+        let make = || Box::new(GpuBackend::new(emulator(), "cuda")) as Box<dyn Backend>;
+        let cases = run(&make);
+        let failed: Vec<String> = cases
+            .iter()
+            .filter_map(|c| c.outcome.as_ref().err().map(|e| format!("{}: {e}", c.name)))
+            .collect();
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+        // Every kernel is covered (two MATMUL flag sets, seven formats twice, ...).
+        assert!(cases.len() >= 40, "{} cases", cases.len());
+    }
+
+    #[test]
+    fn every_kernel_has_a_plan_and_every_entry_point_is_listed() {
+        // `plan` covers every Kernel (the match is exhaustive); the entry points it may
+        // name are exactly those kernels.cu defines.
+        let mut defined: Vec<&str> = KERNELS_CU
+            .lines()
+            .filter_map(|l| l.strip_prefix("KERNEL "))
+            .filter_map(|l| l.split('(').next())
+            .collect();
+        defined.sort_unstable();
+        let mut listed = ENTRY_POINTS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(listed, defined);
+    }
+}

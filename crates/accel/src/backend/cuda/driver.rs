@@ -1,0 +1,260 @@
+//! The real [`Gpu`]: the CUDA driver and NVRTC through `cudarc`, both loaded at run time.
+//!
+//! Kernels run in order on one stream. Every buffer remembers the event recorded after
+//! the last launch or copy that wrote it; a read waits for that event only, on a stream
+//! of its own, so a migration's chunk reads do not queue behind kernels that do not write
+//! the buffer read.
+//!
+//! Nothing here has run on a GPU yet (the machines this was written on have none):
+//! `scripts/gpu-check.sh` runs the device tests and benches on one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+
+use super::{Args, Gpu, GpuError, Launch, ENTRY_POINTS, KERNELS_CU};
+
+// SAFETY: Args is repr(C), sixteen u64 and no padding: kernels.cu's `struct Args`.
+unsafe impl DeviceRepr for Args {}
+
+/// Threads per block of every launch.
+const BLOCK: u32 = 256;
+
+fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
+    move |e| GpuError::Driver {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// Whether this host has the CUDA driver library (never panics).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to load the library and drops it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether this host has NVRTC (never panics).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to load the library and drops it.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles `kernels.cu` to PTX for `arch` (e.g. `sm_90`): multiplies and adds never
+/// fused, IEEE division and square root.
+pub fn compile(arch: &str) -> Result<String, GpuError> {
+    if !nvrtc_present() {
+        return Err(GpuError::NoCompiler);
+    }
+    let options = CompileOptions {
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        options: vec![format!("--gpu-architecture={arch}")],
+        ..Default::default()
+    };
+    match compile_ptx_with_opts(KERNELS_CU, options) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(CompileError::CompileError { nvrtc, log, .. }) => Err(GpuError::Compile(format!(
+            "{nvrtc:?}\n{}",
+            log.to_string_lossy()
+        ))),
+        Err(e) => Err(GpuError::Compile(format!("{e:?}"))),
+    }
+}
+
+/// A buffer in GPU memory.
+pub struct CudaMemory {
+    slice: CudaSlice<u8>,
+    address: u64,
+    /// Recorded after the last launch or copy that wrote it.
+    written: Mutex<Option<CudaEvent>>,
+}
+
+/// GPU 0 of this host, with `kernels.cu` loaded.
+pub struct CudaGpu {
+    context: Arc<CudaContext>,
+    /// Kernels and writes, in order.
+    compute: Arc<CudaStream>,
+    /// Reads.
+    copies: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: HashMap<&'static str, CudaFunction>,
+    description: String,
+}
+
+impl CudaGpu {
+    /// Opens GPU 0 and compiles the kernels for it.
+    pub fn open() -> Result<Self, GpuError> {
+        if !driver_present() {
+            return Err(GpuError::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(|e| GpuError::NoDevice(e.to_string()))?;
+        if count < 1 {
+            return Err(GpuError::NoDevice("the driver reports no device".into()));
+        }
+        let context = CudaContext::new(0).map_err(driver("context creation"))?;
+        // Ordering is ours (the events below): the crate's own tracking would add a
+        // wait and a record per buffer argument, and cannot see addresses in `Args`.
+        // SAFETY: every launch, copy and free below is ordered by those events.
+        unsafe { context.disable_event_tracking() };
+        let (major, minor) = context
+            .compute_capability()
+            .map_err(driver("capability query"))?;
+        let name = context.name().map_err(driver("name query"))?;
+        let mut version = 0i32;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(driver("driver version query"))?;
+        let arch = format!("sm_{major}{minor}");
+        let ptx = compile(&arch)?;
+        let module = context
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(driver("module load"))?;
+        let mut functions = HashMap::new();
+        for &entry in ENTRY_POINTS {
+            let function = module
+                .load_function(entry)
+                .map_err(driver("kernel lookup"))?;
+            functions.insert(entry, function);
+        }
+        let compute = context.new_stream().map_err(driver("stream creation"))?;
+        let copies = context.new_stream().map_err(driver("stream creation"))?;
+        Ok(Self {
+            description: format!("{name}, {arch}, driver {}", version / 1000),
+            context,
+            compute,
+            copies,
+            _module: module,
+            functions,
+        })
+    }
+
+    /// `sm_XY-dN`: what the kernels' bits depend on besides their source.
+    pub fn determinism_key(&self) -> String {
+        self.description
+            .split(", ")
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("-")
+            .replace("driver ", "d")
+    }
+
+    fn mark_written(&self, memory: &CudaMemory) -> Result<(), GpuError> {
+        let event = self
+            .compute
+            .record_event(None)
+            .map_err(driver("event record"))?;
+        *memory.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
+        Ok(())
+    }
+}
+
+impl Gpu for CudaGpu {
+    type Memory = CudaMemory;
+
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    fn alloc(&self, bytes: u64) -> Result<CudaMemory, GpuError> {
+        let len = usize::try_from(bytes).map_err(|_| GpuError::Driver {
+            what: "allocation",
+            message: format!("{bytes} bytes"),
+        })?;
+        let slice = self
+            .compute
+            .alloc_zeros::<u8>(len)
+            .map_err(driver("allocation"))?;
+        let address = {
+            let (address, _guard) = slice.device_ptr(&self.compute);
+            address
+        };
+        let memory = CudaMemory {
+            slice,
+            address,
+            written: Mutex::new(None),
+        };
+        self.mark_written(&memory)?;
+        Ok(memory)
+    }
+
+    fn address(&self, memory: &CudaMemory) -> u64 {
+        memory.address
+    }
+
+    fn write(&self, memory: &CudaMemory, offset: u64, data: &[u8]) -> Result<(), GpuError> {
+        let start = offset as usize;
+        let view = memory
+            .slice
+            .try_slice(start..start + data.len())
+            .ok_or(GpuError::Driver {
+                what: "write",
+                message: "range outside the buffer".into(),
+            })?;
+        let (dst, _guard) = view.device_ptr(&self.compute);
+        // SAFETY: `dst` is `data.len()` bytes of device memory that `memory` owns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, self.compute.cu_stream()) }
+            .map_err(driver("write"))?;
+        // A pageable source is copied before the call returns; the event orders reads.
+        self.compute.synchronize().map_err(driver("write"))?;
+        self.mark_written(memory)
+    }
+
+    fn read(&self, memory: &CudaMemory, offset: u64, out: &mut [u8]) -> Result<(), GpuError> {
+        let _bound = self.context.bind_to_thread();
+        if let Some(event) = &*memory.written.lock().unwrap_or_else(|e| e.into_inner()) {
+            self.copies.wait(event).map_err(driver("read"))?;
+        }
+        let start = offset as usize;
+        let view = memory
+            .slice
+            .try_slice(start..start + out.len())
+            .ok_or(GpuError::Driver {
+                what: "read",
+                message: "range outside the buffer".into(),
+            })?;
+        let (src, _guard) = view.device_ptr(&self.copies);
+        // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.copies.cu_stream()) }
+            .map_err(driver("read"))?;
+        self.copies.synchronize().map_err(driver("read"))
+    }
+
+    fn launch(&self, launch: &Launch, writes: &[&CudaMemory]) -> Result<(), GpuError> {
+        let function = self.functions.get(launch.entry).ok_or(GpuError::Driver {
+            what: "launch",
+            message: format!("no kernel {}", launch.entry),
+        })?;
+        let blocks = u32::try_from(launch.items.div_ceil(u64::from(BLOCK)))
+            .ok()
+            .filter(|&b| b < (1 << 31))
+            .ok_or(GpuError::Driver {
+                what: "launch",
+                message: format!("{} work items are more than one grid", launch.items),
+            })?;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.compute.launch_builder(function);
+        builder.arg(&launch.args);
+        // SAFETY: the device validated every buffer range the kernel touches (its
+        // access set), and `plan` passes those buffers' addresses and sizes.
+        unsafe { builder.launch(config) }.map_err(driver("launch"))?;
+        for memory in writes {
+            self.mark_written(memory)?;
+        }
+        Ok(())
+    }
+}

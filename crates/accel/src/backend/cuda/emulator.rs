@@ -1,0 +1,142 @@
+//! A [`Gpu`] on the CPU for the tests: `kernels.cu` compiled by the host's C++ compiler
+//! (with `emulated.h`, multiplies and adds never fused) and loaded with `dlopen`; each
+//! launch runs its work items one after another. Memory is host memory; addresses are
+//! host pointers.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::{Args, Gpu, GpuError, Launch, ENTRY_POINTS, KERNELS_CU};
+
+type Entry = unsafe extern "C" fn(Args);
+type Emulate = unsafe extern "C" fn(Entry, *const Args, u64);
+
+/// Host memory standing for device memory (u64 words: aligned for every element type).
+pub struct HostMemory(Mutex<Vec<u64>>, u64);
+
+impl HostMemory {
+    fn bytes(&self) -> u64 {
+        self.1
+    }
+}
+
+/// Launches run one at a time: the kernels share the emulation's item counter.
+static RUNNING: Mutex<()> = Mutex::new(());
+
+/// `kernels.cu` on the CPU.
+#[derive(Clone)]
+pub struct Emulator {
+    entries: HashMap<&'static str, Entry>,
+    emulate: Emulate,
+}
+
+// SAFETY: the entry points are plain functions of their argument; `RUNNING` serializes
+// launches, which share the library's item counter.
+unsafe impl Send for Emulator {}
+// SAFETY: as above.
+unsafe impl Sync for Emulator {}
+
+impl Emulator {
+    /// Compiles `kernels.cu` into `dir` and loads it.
+    pub fn build(dir: &Path) -> Result<Self, String> {
+        let source = dir.join("kernels.cpp");
+        std::fs::write(&source, KERNELS_CU).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("emulated.h"), include_str!("emulated.h"))
+            .map_err(|e| e.to_string())?;
+        let library = dir.join("kernels.so");
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = std::process::Command::new(&compiler)
+            .args([
+                "-DFERRY_EMULATED",
+                "-O2",
+                "-ffp-contract=off",
+                "-fno-fast-math",
+            ])
+            .args(["-shared", "-fPIC", "-Wall", "-Werror", "-o"])
+            .arg(&library)
+            .arg(&source)
+            .output()
+            .map_err(|e| format!("cannot run the C++ compiler {compiler}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kernels.cu does not compile as C++:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let path = CString::new(library.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: loads a library we just built; its initializers are the compiler's.
+        let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            return Err("cannot load the emulated kernels".into());
+        }
+        let symbol = |name: &str| -> Result<*mut libc::c_void, String> {
+            let c = CString::new(name).map_err(|e| e.to_string())?;
+            // SAFETY: `handle` is a loaded library; `c` a NUL-terminated name.
+            let s = unsafe { libc::dlsym(handle, c.as_ptr()) };
+            if s.is_null() {
+                Err(format!("no symbol {name} in the emulated kernels"))
+            } else {
+                Ok(s)
+            }
+        };
+        let mut entries = HashMap::new();
+        for &entry in ENTRY_POINTS {
+            let s = symbol(entry)?;
+            // SAFETY: every entry point of kernels.cu is `extern "C" void (const Args)`.
+            entries.insert(entry, unsafe {
+                std::mem::transmute::<*mut libc::c_void, Entry>(s)
+            });
+        }
+        let s = symbol("ferry_emulate")?;
+        // SAFETY: declared in emulated.h with this signature.
+        let emulate = unsafe { std::mem::transmute::<*mut libc::c_void, Emulate>(s) };
+        Ok(Self { entries, emulate })
+    }
+}
+
+impl Gpu for Emulator {
+    type Memory = HostMemory;
+
+    fn description(&self) -> String {
+        "emulated on the CPU".into()
+    }
+
+    fn alloc(&self, bytes: u64) -> Result<HostMemory, GpuError> {
+        Ok(HostMemory(
+            Mutex::new(vec![0u64; bytes.div_ceil(8) as usize]),
+            bytes,
+        ))
+    }
+
+    fn address(&self, memory: &HostMemory) -> u64 {
+        // The Vec never grows: its buffer stays where it is.
+        memory.0.lock().expect("memory lock").as_ptr() as u64
+    }
+
+    fn write(&self, memory: &HostMemory, offset: u64, data: &[u8]) -> Result<(), GpuError> {
+        assert!(offset + data.len() as u64 <= memory.bytes());
+        let mut words = memory.0.lock().expect("memory lock");
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        bytes[offset as usize..][..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read(&self, memory: &HostMemory, offset: u64, out: &mut [u8]) -> Result<(), GpuError> {
+        assert!(offset + out.len() as u64 <= memory.bytes());
+        let words = memory.0.lock().expect("memory lock");
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        out.copy_from_slice(&bytes[offset as usize..][..out.len()]);
+        Ok(())
+    }
+
+    fn launch(&self, launch: &Launch, _writes: &[&HostMemory]) -> Result<(), GpuError> {
+        let entry = self.entries[launch.entry];
+        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the addresses in `args` are of live HostMemory the backend holds, and
+        // the device validated every range the kernel touches.
+        unsafe { (self.emulate)(entry, &launch.args, launch.items) };
+        Ok(())
+    }
+}

@@ -1,0 +1,815 @@
+// Ferry's accelerator kernels in CUDA C: the `cuda` backend compiles this file with NVRTC
+// at start (`--fmad=false`), and the tests compile it with the host's C++ compiler
+// (`emulator.rs`, FERRY_EMULATED) and run it on the CPU, one thread after another.
+//
+// Every kernel computes one output element, row or dot product per thread, entirely, in a
+// fixed sequential order: no shared memory, no atomics, no warp reductions. Its bits then
+// depend only on the data, never on the grid, the GPU's scheduling or the thread count.
+// Multiplies and adds are never fused (`--fmad=false` here, `-ffp-contract=off` when
+// emulated), and division and square root are IEEE-rounded (NVRTC's defaults), so every
+// kernel but MATMUL follows the cpu backend's arithmetic step by step and gives its bits:
+// the transcendental functions are the cpu backend's (`cpu/math.rs`), ported.
+//
+// A kernel takes one argument, `Args`: sixteen 64-bit words (buffer addresses, counts,
+// f32 and f64 scalars as their bits), so the host launches every kernel the same way.
+// Its first word after the buffers is always the number of work items; surplus threads
+// return at once.
+
+#ifdef FERRY_EMULATED
+#include "emulated.h"
+#else
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned short u16;
+typedef short i16;
+typedef unsigned char u8;
+typedef signed char i8;
+#define KERNEL extern "C" __global__ void
+#define DEV static __device__ __forceinline__
+DEV u64 item_index() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
+DEV double bits_f64(u64 b) { return __longlong_as_double((i64)b); }
+DEV u64 f64_bits(double v) { return (u64)__double_as_longlong(v); }
+DEV float bits_f32(u32 b) { return __uint_as_float(b); }
+DEV u32 f32_bits(float v) { return __float_as_uint(v); }
+#endif
+
+struct Args {
+    u64 w[16];
+};
+
+// Arguments as the host packs them.
+#define PTR(T, i) ((T *)a.w[i])
+#define F32(i) bits_f32((u32)a.w[i])
+#define F64(i) bits_f64(a.w[i])
+#define ITEM(n)                   \
+    u64 item = item_index();      \
+    if (item >= (n)) return;
+
+// ---- math.rs -------------------------------------------------------------------------
+
+#define LN2_HI_BITS 0x3fe62e42fee00000ULL
+#define LN2_LO_BITS 0x3dea39ef35793c76ULL
+#define LOG2_E 1.4426950408889634
+#define SQRT_2 1.4142135623730951
+#define FRAC_PI_2 1.5707963267948966
+#define MIN_POSITIVE 2.2250738585072014e-308
+
+DEV double pow2(i64 k) { return bits_f64((u64)(k + 1023) << 52); }
+
+DEV double floor_exact(double v) {
+    double t = (double)(i64)v;
+    return t > v ? t - 1.0 : t;
+}
+
+DEV double inv_fact(int d) {
+    double fact = 1.0;
+    for (int i = 1; i <= d; i++) fact *= (double)i;
+    return d == 0 ? 1.0 : 1.0 / fact;
+}
+
+DEV double exp_f64(double x) {
+    if (x != x) return x;
+    if (x > 709.79) return bits_f64(0x7ff0000000000000ULL);
+    if (x < -745.2) return 0.0;
+    double kf = floor_exact(x * LOG2_E + 0.5);
+    double r = (x - kf * bits_f64(LN2_HI_BITS)) - kf * bits_f64(LN2_LO_BITS);
+    double p = inv_fact(14);
+    for (int d = 13; d >= 0; d--) p = p * r + inv_fact(d);
+    i64 k = (i64)kf;
+    i64 k1 = k / 2;
+    return p * pow2(k1) * pow2(k - k1);
+}
+
+DEV float exp_f32(float x) {
+    if (x != x) return x;
+    if (x > 88.72f) return bits_f32(0x7f800000u);
+    if (x < -103.98f) return 0.0f;
+    const float ln2_hi = 0.6933594f;
+    const float ln2_lo = -2.1219444e-4f;
+    float t = x * 1.44269504f + 0.5f;
+    i32 ti = (i32)t;
+    i32 k = (float)ti > t ? ti - 1 : ti;
+    float kf = (float)k;
+    float r = (x - kf * ln2_hi) - kf * ln2_lo;
+    float p = 1.0f / 5040.0f;
+    const float c[7] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 7; i++) p = p * r + c[i];
+    i32 k1 = k / 2, k2 = k - k / 2;
+    return p * bits_f32((u32)(k1 + 127) << 23) * bits_f32((u32)(k2 + 127) << 23);
+}
+
+DEV double ln_f64(double x) {
+    if (x != x || x < 0.0) return bits_f64(0x7ff8000000000000ULL);
+    if (x == 0.0) return bits_f64(0xfff0000000000000ULL);
+    if (x == bits_f64(0x7ff0000000000000ULL)) return x;
+    i64 bias = 0;
+    if (x < MIN_POSITIVE) {
+        x = x * pow2(60);
+        bias = -60;
+    }
+    u64 bits = f64_bits(x);
+    i64 e = (i64)((bits >> 52) & 0x7ff) - 1023 + bias;
+    double m = bits_f64((bits & ((1ULL << 52) - 1)) | (1023ULL << 52));
+    if (m > SQRT_2) {
+        m *= 0.5;
+        e += 1;
+    }
+    double s = (m - 1.0) / (m + 1.0);
+    double s2 = s * s;
+    double p = 1.0 / 23.0;
+    for (int d = 10; d >= 0; d--) p = p * s2 + 1.0 / (double)(2 * d + 1);
+    double lnm = 2.0 * s * p;
+    double ef = (double)e;
+    return ef * bits_f64(LN2_HI_BITS) + (ef * bits_f64(LN2_LO_BITS) + lnm);
+}
+
+DEV double tanh_f64(double x) {
+    double a = x < 0.0 ? -x : x;
+    if (a != a) return x;
+    double t;
+    if (a > 22.0) {
+        t = 1.0;
+    } else if (a < 0.01) {
+        double a2 = a * a;
+        t = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))));
+    } else {
+        t = 1.0 - 2.0 / (exp_f64(2.0 * a) + 1.0);
+    }
+    return x < 0.0 ? -t : t;
+}
+
+// (-1)^d / (2d + odd)!
+DEV double trig_coef(int d, int odd) {
+    double c = inv_fact(2 * d + odd);
+    return d % 2 == 0 ? c : -c;
+}
+
+DEV double cos_2pi(double u) {
+    double t = 4.0 * u;
+    double q = floor_exact(t + 0.5);
+    double r = t - q;
+    double phi = r * FRAC_PI_2;
+    double p2 = phi * phi;
+    double c = trig_coef(9, 0);
+    for (int k = 8; k >= 0; k--) c = c * p2 + trig_coef(k, 0);
+    double s = trig_coef(8, 1);
+    for (int k = 7; k >= 0; k--) s = s * p2 + trig_coef(k, 1);
+    double sin = s * phi;
+    switch ((i64)q & 3) {
+        case 0: return c;
+        case 1: return -sin;
+        case 2: return -c;
+        default: return sin;
+    }
+}
+
+// ---- elementwise (ops.rs) -------------------------------------------------------------
+
+// add_bias: x, bias | items, cols
+KERNEL ferry_add_bias(const Args a) {
+    ITEM(a.w[2]);
+    PTR(float, 0)[item] += PTR(const float, 1)[item % a.w[3]];
+}
+
+// add: a, b, out | n
+KERNEL ferry_add(const Args a) {
+    ITEM(a.w[3]);
+    PTR(float, 2)[item] = PTR(const float, 0)[item] + PTR(const float, 1)[item];
+}
+
+// mul: a, b, out | n
+KERNEL ferry_mul(const Args a) {
+    ITEM(a.w[3]);
+    PTR(float, 2)[item] = PTR(const float, 0)[item] * PTR(const float, 1)[item];
+}
+
+// scale: x | n, alpha
+KERNEL ferry_scale(const Args a) {
+    ITEM(a.w[1]);
+    PTR(float, 0)[item] = PTR(float, 0)[item] * F32(2);
+}
+
+// axpy: x, y | n, alpha
+KERNEL ferry_axpy(const Args a) {
+    ITEM(a.w[2]);
+    PTR(float, 1)[item] = PTR(float, 1)[item] + F32(3) * PTR(const float, 0)[item];
+}
+
+// relu: x, out | n
+KERNEL ferry_relu(const Args a) {
+    ITEM(a.w[2]);
+    float x = PTR(const float, 0)[item];
+    PTR(float, 1)[item] = x < 0.0f ? 0.0f : x;
+}
+
+// relu_backward: x, grad_out, grad_in | n
+KERNEL ferry_relu_backward(const Args a) {
+    ITEM(a.w[3]);
+    PTR(float, 2)[item] = PTR(const float, 0)[item] > 0.0f ? PTR(const float, 1)[item] : 0.0f;
+}
+
+#define GELU_C 0.7978845608028654
+#define GELU_A 0.044715
+
+// gelu: x, out | n
+KERNEL ferry_gelu(const Args a) {
+    ITEM(a.w[2]);
+    double x = (double)PTR(const float, 0)[item];
+    double t = tanh_f64(GELU_C * (x + GELU_A * x * x * x));
+    PTR(float, 1)[item] = (float)(0.5 * x * (1.0 + t));
+}
+
+// gelu_backward: x, grad_out, grad_in | n
+KERNEL ferry_gelu_backward(const Args a) {
+    ITEM(a.w[3]);
+    double x = (double)PTR(const float, 0)[item];
+    double t = tanh_f64(GELU_C * (x + GELU_A * x * x * x));
+    double dinner = GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+    double sech2 = 1.0 - t * t;
+    double second = sech2 == 0.0 ? 0.0 : 0.5 * x * sech2 * dinner;
+    double grad = 0.5 * (1.0 + t) + second;
+    PTR(float, 2)[item] = (float)((double)PTR(const float, 1)[item] * grad);
+}
+
+// sgd: param, grad | n, lr
+KERNEL ferry_sgd(const Args a) {
+    ITEM(a.w[2]);
+    PTR(float, 0)[item] = PTR(float, 0)[item] - F32(3) * PTR(const float, 1)[item];
+}
+
+// adam: param, grad, m, v | n, lr, beta1, beta2, eps, bc1 (f64), bc2 (f64)
+KERNEL ferry_adam(const Args a) {
+    ITEM(a.w[4]);
+    double b1 = (double)F32(6), b2 = (double)F32(7);
+    double lr = (double)F32(5), eps = (double)F32(8);
+    double bc1 = F64(9), bc2 = F64(10);
+    float *p = PTR(float, 0) + item, *m = PTR(float, 2) + item, *v = PTR(float, 3) + item;
+    double g = (double)PTR(const float, 1)[item];
+    float m1 = (float)(b1 * (double)*m + (1.0 - b1) * g);
+    float v1 = (float)(b2 * (double)*v + (1.0 - b2) * g * g);
+    double mhat = (double)m1 / bc1;
+    double vhat = (double)v1 / bc2;
+    *p = (float)((double)*p - lr * mhat / (sqrt(vhat) + eps));
+    *m = m1;
+    *v = v1;
+}
+
+// swiglu: gate, up, out | n
+KERNEL ferry_swiglu(const Args a) {
+    ITEM(a.w[3]);
+    float g = PTR(const float, 0)[item];
+    PTR(float, 2)[item] = g / (1.0f + exp_f32(-g)) * PTR(const float, 1)[item];
+}
+
+// copy: src, dst | n, src_offset, dst_offset
+KERNEL ferry_copy(const Args a) {
+    ITEM(a.w[2]);
+    PTR(float, 1)[a.w[4] + item] = PTR(const float, 0)[a.w[3] + item];
+}
+
+// ---- random fill ------------------------------------------------------------------------
+
+DEV u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+DEV u64 rotl(u64 v, int s) { return (v << s) | (v >> (64 - s)); }
+
+// rng_fill: out | n, seed, counter, distribution (0 uniform, 1 normal), scale
+KERNEL ferry_rng_fill(const Args a) {
+    ITEM(a.w[1]);
+    const u64 golden = 0x9e3779b97f4a7c15ULL;
+    u64 counter = a.w[3] + item;
+    u64 key = mix64(a.w[2] ^ 0x6a09e667f3bcc909ULL);
+    u64 h1 = mix64(mix64((counter * golden) ^ key) + key);
+    u64 h2 = mix64(h1 ^ rotl(key, 32) ^ golden);
+    float scale = F32(5);
+    float value;
+    if (a.w[4] == 0) {
+        float u = (float)(h1 >> 40) * (1.0f / 16777216.0f);
+        value = (2.0f * u - 1.0f) * scale;
+    } else {
+        double u1 = (double)((h1 >> 11) + 1) * (1.0 / 9007199254740992.0);
+        double u2 = (double)(h2 >> 11) * (1.0 / 9007199254740992.0);
+        double z = sqrt(-2.0 * ln_f64(u1)) * cos_2pi(u2);
+        value = (float)(z * (double)scale);
+    }
+    PTR(float, 0)[item] = value;
+}
+
+// ---- rows --------------------------------------------------------------------------------
+
+// The maximum of a row, ignoring NaN.
+DEV float row_max(const float *row, u64 cols) {
+    float m = bits_f32(0xff800000u);
+    for (u64 c = 0; c < cols; c++)
+        if (row[c] > m) m = row[c];
+    return m;
+}
+
+// softmax: x, out | rows, cols
+KERNEL ferry_softmax(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[3];
+    const float *row = PTR(const float, 0) + item * cols;
+    float *o = PTR(float, 1) + item * cols;
+    double max = (double)row_max(row, cols);
+    double sum = 0.0;
+    for (u64 c = 0; c < cols; c++) sum += exp_f64((double)row[c] - max);
+    for (u64 c = 0; c < cols; c++) o[c] = (float)(exp_f64((double)row[c] - max) / sum);
+}
+
+// cross_entropy_rows: logits, labels, grad, row_loss (f64 scratch) | rows, cols
+KERNEL ferry_cross_entropy_rows(const Args a) {
+    ITEM(a.w[4]);
+    u64 rows = a.w[4], cols = a.w[5];
+    const float *row = PTR(const float, 0) + item * cols;
+    float *g = PTR(float, 2) + item * cols;
+    u64 label = PTR(const u32, 1)[item];
+    double inv_rows = 1.0 / (double)rows;
+    double max = (double)row_max(row, cols);
+    double sum = 0.0;
+    for (u64 c = 0; c < cols; c++) sum += exp_f64((double)row[c] - max);
+    PTR(double, 3)[item] = max + ln_f64(sum) - (double)row[label];
+    for (u64 c = 0; c < cols; c++) {
+        double p = exp_f64((double)row[c] - max) / sum - (c == label ? 1.0 : 0.0);
+        g[c] = (float)(p * inv_rows);
+    }
+}
+
+// cross_entropy_mean: row_loss (f64 scratch), loss | 1, rows
+KERNEL ferry_cross_entropy_mean(const Args a) {
+    ITEM(a.w[2]);
+    u64 rows = a.w[3];
+    double sum = -0.0;
+    for (u64 r = 0; r < rows; r++) sum += PTR(const double, 0)[r];
+    PTR(float, 1)[0] = (float)(sum * (1.0 / (double)rows));
+}
+
+// sum_rows: x, out | rows, cols
+KERNEL ferry_sum_rows(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[3];
+    const float *row = PTR(const float, 0) + item * cols;
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c];
+    PTR(float, 1)[item] = (float)sum;
+}
+
+#define SUM_ROW_CHUNK 256
+
+// sum_cols: x, out | cols, rows (partial sums over chunks of 256 rows, added in order)
+KERNEL ferry_sum_cols(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[2], rows = a.w[3];
+    const float *x = PTR(const float, 0);
+    double acc = 0.0;
+    for (u64 first = 0; first < rows; first += SUM_ROW_CHUNK) {
+        double partial = 0.0;
+        u64 end = first + SUM_ROW_CHUNK < rows ? first + SUM_ROW_CHUNK : rows;
+        for (u64 r = first; r < end; r++) partial += (double)x[r * cols + item];
+        acc += partial;
+    }
+    PTR(float, 1)[item] = (float)acc;
+}
+
+// layer_norm: x, gamma, beta, out | rows, cols, eps
+KERNEL ferry_layer_norm(const Args a) {
+    ITEM(a.w[4]);
+    u64 cols = a.w[5];
+    const float *row = PTR(const float, 0) + item * cols;
+    const float *gamma = PTR(const float, 1), *beta = PTR(const float, 2);
+    float *o = PTR(float, 3) + item * cols;
+    double eps = (double)F32(6);
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c];
+    double mean = sum / (double)cols;
+    double sq = -0.0;
+    for (u64 c = 0; c < cols; c++) sq += ((double)row[c] - mean) * ((double)row[c] - mean);
+    double var = sq / (double)cols;
+    double inv = 1.0 / sqrt(var + eps);
+    for (u64 c = 0; c < cols; c++) {
+        double norm = ((double)row[c] - mean) * inv;
+        o[c] = (float)(norm * (double)gamma[c] + (double)beta[c]);
+    }
+}
+
+// rms_norm: x, weight, out | rows, cols, eps
+KERNEL ferry_rms_norm(const Args a) {
+    ITEM(a.w[3]);
+    u64 cols = a.w[4];
+    const float *row = PTR(const float, 0) + item * cols;
+    const float *w = PTR(const float, 1);
+    float *o = PTR(float, 2) + item * cols;
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c] * (double)row[c];
+    double mean = sum / (double)cols;
+    double inv = 1.0 / sqrt(mean + (double)F32(5));
+    for (u64 c = 0; c < cols; c++) o[c] = (float)((double)row[c] * inv * (double)w[c]);
+}
+
+// argmax: x, out (u32) | rows, cols: the first maximum, or the first NaN
+KERNEL ferry_argmax(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[3];
+    const float *row = PTR(const float, 0) + item * cols;
+    u64 best = 0;
+    for (u64 c = 1; c < cols; c++) {
+        if (row[best] != row[best]) break;
+        if (row[c] != row[c] || row[c] > row[best]) best = c;
+    }
+    PTR(u32, 1)[item] = (u32)best;
+}
+
+// rope: x | items (rows·heads·half), heads, head_dim, pos, base, style (0 adjacent, 1 half)
+KERNEL ferry_rope(const Args a) {
+    ITEM(a.w[1]);
+    u64 heads = a.w[2], head_dim = a.w[3], pos = a.w[4];
+    u64 half = head_dim / 2;
+    u64 i = item % half, head = item / half;
+    u64 r = head / heads;
+    double ln_base = ln_f64((double)F32(5));
+    double turns = exp_f64(-((double)(2 * i)) / (double)head_dim * ln_base) /
+                   (2.0 * 3.141592653589793);
+    double p = (double)(pos + r);
+    double cos = cos_2pi(p * turns), sin = cos_2pi(p * turns - 0.25);
+    float *h = PTR(float, 0) + head * head_dim;
+    u64 ia = a.w[6] == 0 ? 2 * i : i;
+    u64 ib = a.w[6] == 0 ? 2 * i + 1 : i + half;
+    double x0 = (double)h[ia], x1 = (double)h[ib];
+    h[ia] = (float)(x0 * cos - x1 * sin);
+    h[ib] = (float)(x0 * sin + x1 * cos);
+}
+
+// ---- attention -------------------------------------------------------------------------
+
+// attention_decode: q, k_cache, v_cache, out | items (heads·head_dim), heads, head_dim, len
+// One thread per output element: it recomputes its head's scores (in f64, as the cpu
+// backend does per head) and sums its own column of values.
+KERNEL ferry_attention_decode(const Args a) {
+    ITEM(a.w[4]);
+    u64 heads = a.w[5], hd = a.w[6], len = a.w[7];
+    u64 h = item / hd, d = item % hd;
+    u64 stride = heads * hd;
+    const float *q = PTR(const float, 0) + h * hd;
+    const float *kc = PTR(const float, 1), *vc = PTR(const float, 2);
+    double scale = 1.0 / sqrt((double)hd);
+    double max = bits_f64(0xfff0000000000000ULL);
+    for (u64 p = 0; p < len; p++) {
+        const float *k = kc + p * stride + h * hd;
+        double dot = -0.0;
+        for (u64 e = 0; e < hd; e++) dot += (double)q[e] * (double)k[e];
+        double s = dot * scale;
+        if (s > max) max = s;
+    }
+    double sum = 0.0, acc = 0.0;
+    for (u64 p = 0; p < len; p++) {
+        const float *k = kc + p * stride + h * hd;
+        double dot = -0.0;
+        for (u64 e = 0; e < hd; e++) dot += (double)q[e] * (double)k[e];
+        double w = exp_f64(dot * scale - max);
+        sum += w;
+        acc += w * (double)vc[p * stride + h * hd + d];
+    }
+    PTR(float, 3)[item] = (float)(acc / sum);
+}
+
+// a · b in eight f32 lanes, summed in a fixed order, the tail last (ops.rs's dot8).
+DEV float dot8(const float *a, const float *b, u64 n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    u64 done = n / 8 * 8;
+    for (u64 i = 0; i < done; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+    float tail = -0.0f;
+    for (u64 i = done; i < n; i++) tail += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) +
+           tail;
+}
+
+// attention (causal, grouped-query): q, k_cache, v_cache, out |
+//   items (rows·heads·head_dim), heads, kv_heads, head_dim, pos
+KERNEL ferry_attention(const Args a) {
+    ITEM(a.w[4]);
+    u64 heads = a.w[5], kv_heads = a.w[6], hd = a.w[7], pos = a.w[8];
+    u64 i = item / hd, d = item % hd;
+    u64 r = i / heads, h = i % heads;
+    u64 len = pos + r + 1;
+    u64 kvh = h / (heads / kv_heads);
+    u64 kv_stride = kv_heads * hd;
+    const float *q = PTR(const float, 0) + i * hd;
+    const float *kc = PTR(const float, 1), *vc = PTR(const float, 2);
+    float scale = (float)(1.0 / sqrt((double)hd));
+    float max = bits_f32(0xff800000u);
+    for (u64 p = 0; p < len; p++) {
+        float score = dot8(q, kc + p * kv_stride + kvh * hd, hd) * scale;
+        max = score > max ? score : max;
+    }
+    double sum = 0.0;
+    for (u64 p = 0; p < len; p++) {
+        float score = dot8(q, kc + p * kv_stride + kvh * hd, hd) * scale;
+        sum += (double)exp_f32(score - max);
+    }
+    float acc = 0.0f;
+    for (u64 p = 0; p < len; p++) {
+        float score = dot8(q, kc + p * kv_stride + kvh * hd, hd) * scale;
+        float w = (float)((double)exp_f32(score - max) / sum);
+        acc += w * vc[p * kv_stride + kvh * hd + d];
+    }
+    PTR(float, 3)[item] = acc;
+}
+
+// ---- MATMUL ----------------------------------------------------------------------------
+
+// matmul: a, b, c | items (m·n), m, n, k, transpose_a, transpose_b, accumulate
+// One thread per element of c, its dot product accumulated in f32 in depth order (not
+// the cpu backend's blocking: close to it, not its bits).
+KERNEL ferry_matmul(const Args a) {
+    ITEM(a.w[3]);
+    u64 m = a.w[4], n = a.w[5], k = a.w[6];
+    u64 i = item / n, j = item % n;
+    const float *A = PTR(const float, 0), *B = PTR(const float, 1);
+    float acc = 0.0f;
+    for (u64 kk = 0; kk < k; kk++) {
+        float av = a.w[7] ? A[kk * m + i] : A[i * k + kk];
+        float bv = a.w[8] ? B[j * k + kk] : B[kk * n + j];
+        acc += av * bv;
+    }
+    float *c = PTR(float, 2) + item;
+    *c = a.w[9] ? *c + acc : acc;
+}
+
+// ---- GGML block formats (quant.rs) ----------------------------------------------------------
+
+DEV float f16_to_f32(u16 h) {
+    u32 sign = (u32)(h & 0x8000) << 16;
+    u32 exp = (h >> 10) & 0x1f;
+    u32 man = h & 0x3ff;
+    if (exp == 0) {
+        if (man == 0) return bits_f32(sign);
+        float v = (float)man * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    if (exp == 31) return bits_f32(sign | 0x7f800000u | (man << 13));
+    return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+DEV float half_at(const u8 *b, u64 at) { return f16_to_f32((u16)(b[at] | (b[at + 1] << 8))); }
+
+DEV float f32_at(const u8 *b, u64 at) {
+    return bits_f32((u32)b[at] | ((u32)b[at + 1] << 8) | ((u32)b[at + 2] << 16) |
+                    ((u32)b[at + 3] << 24));
+}
+
+#define INPUT_BLOCK 32
+#define INPUT_MAX 32767.0f
+
+// The input rows of a QMATMUL with a block format, prepared as quant.rs's `prepare`:
+// per block of 32 elements, 16-bit integers, one scale and eight lane sums.
+// qprepare: x, q (i16), d (f32), sums (8 f32 per block) | blocks
+KERNEL ferry_qprepare(const Args a) {
+    ITEM(a.w[4]);
+    const float *b = PTR(const float, 0) + item * INPUT_BLOCK;
+    float *t = PTR(float, 3) + item * 8;
+    for (int l = 0; l < 8; l++) {
+        float s = 0.0f;
+        for (int g = 0; g < 4; g++) s += b[8 * g + l];
+        t[l] = s;
+    }
+    float amax = 0.0f;
+    for (int i = 0; i < INPUT_BLOCK; i++) {
+        float v = b[i] < 0.0f ? -b[i] : b[i];
+        // f32::max: a NaN never wins.
+        if (v > amax || amax != amax) amax = v != v ? amax : v;
+    }
+    float inv = amax > 0.0f ? INPUT_MAX / amax : 0.0f;
+    PTR(float, 2)[item] = amax / INPUT_MAX;
+    i16 *q = PTR(i16, 1) + item * INPUT_BLOCK;
+    for (int i = 0; i < INPUT_BLOCK; i++) {
+        float r = (b[i] * inv + 12582912.0f) - 12582912.0f;
+        if (r != r) {
+            q[i] = 0;
+        } else {
+            r = r < -INPUT_MAX ? -INPUT_MAX : (r > INPUT_MAX ? INPUT_MAX : r);
+            q[i] = (i16)r;
+        }
+    }
+}
+
+DEV float lane_sum(const float *acc) {
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+// Lane l of a block: w(2l)·q[2l] + w(2l+1)·q[2l+1] for each half of 16, the halves added,
+// exact in i32, then as f32. `w` holds the block's 32 integer weights.
+DEV void block_lanes(const i32 *w, const i16 *q, float *f) {
+    for (int l = 0; l < 8; l++) {
+        i32 lo = w[2 * l] * (i32)q[2 * l] + w[2 * l + 1] * (i32)q[2 * l + 1];
+        i32 hi = w[16 + 2 * l] * (i32)q[16 + 2 * l] + w[17 + 2 * l] * (i32)q[17 + 2 * l];
+        f[l] = (float)(lo + hi);
+    }
+}
+
+DEV void add_scaled(float *acc, float scale, const float *f) {
+    for (int l = 0; l < 8; l++) acc[l] += scale * f[l];
+}
+
+DEV void add_scaled_offset(float *acc, float scale, const float *f, float offset,
+                           const float *t) {
+    for (int l = 0; l < 8; l++) acc[l] += scale * f[l] + offset * t[l];
+}
+
+DEV void q4k_scale_min(int j, const u8 *s, u8 *sc, u8 *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+DEV i32 q6k_value(const u8 *ql, const u8 *qh, int quarter, int l) {
+    u8 low;
+    switch (quarter) {
+        case 0: low = ql[l] & 0xf; break;
+        case 1: low = ql[l + 32] & 0xf; break;
+        case 2: low = ql[l] >> 4; break;
+        default: low = ql[l + 32] >> 4; break;
+    }
+    u8 high = (qh[l] >> (2 * quarter)) & 3;
+    return (i32)(low | (high << 4)) - 32;
+}
+
+// dtype codes (abi/src/accel/dtype.rs)
+#define DT_F32 0
+#define DT_F16 1
+#define DT_Q4_0 2
+#define DT_Q4_1 3
+#define DT_Q8_0 8
+#define DT_Q4K 12
+#define DT_Q6K 14
+
+// One weight row times one input row, as quant.rs's dot_* for `dtype`.
+DEV float dot_row(u64 dtype, const u8 *row, u64 k, const float *x, const i16 *q,
+                  const float *dx, const float *sums) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (dtype == DT_F32 || dtype == DT_F16) {
+        u64 done = k / 8 * 8;
+        for (u64 i = 0; i < done; i += 8)
+            for (int l = 0; l < 8; l++) {
+                float w = dtype == DT_F32 ? f32_at(row, 4 * (i + l)) : half_at(row, 2 * (i + l));
+                acc[l] += w * x[i + l];
+            }
+        float tail = 0.0f;
+        for (u64 i = done; i < k; i++)
+            tail += (dtype == DT_F32 ? f32_at(row, 4 * i) : half_at(row, 2 * i)) * x[i];
+        return lane_sum(acc) + tail;
+    }
+    i32 w[32];
+    float f[8];
+    if (dtype == DT_Q8_0 || dtype == DT_Q4_0 || dtype == DT_Q4_1) {
+        u64 bytes = dtype == DT_Q8_0 ? 34 : (dtype == DT_Q4_0 ? 18 : 20);
+        for (u64 i = 0; i < k / 32; i++) {
+            const u8 *b = row + i * bytes;
+            const i16 *qb = q + 32 * i;
+            if (dtype == DT_Q8_0) {
+                for (int j = 0; j < 32; j++) w[j] = (i32)(i8)b[2 + j];
+            } else if (dtype == DT_Q4_0) {
+                for (int j = 0; j < 16; j++) {
+                    w[j] = (i32)(b[2 + j] & 0xf) - 8;
+                    w[16 + j] = (i32)(b[2 + j] >> 4) - 8;
+                }
+            } else {
+                for (int j = 0; j < 16; j++) {
+                    w[j] = b[4 + j] & 0xf;
+                    w[16 + j] = b[4 + j] >> 4;
+                }
+            }
+            block_lanes(w, qb, f);
+            if (dtype == DT_Q4_1)
+                add_scaled_offset(acc, half_at(b, 0) * dx[i], f, half_at(b, 2), sums + 8 * i);
+            else
+                add_scaled(acc, half_at(b, 0) * dx[i], f);
+        }
+        return lane_sum(acc);
+    }
+    if (dtype == DT_Q4K) {
+        for (u64 sb = 0; sb < k / 256; sb++) {
+            const u8 *b = row + sb * 144;
+            float d = half_at(b, 0), dmin = half_at(b, 2);
+            for (int j = 0; j < 4; j++) {
+                const u8 *bytes = b + 16 + 32 * j;
+                for (int sub = 0; sub < 2; sub++) {
+                    u64 blk = 8 * sb + 2 * j + sub;
+                    u8 sc, mn;
+                    q4k_scale_min(2 * j + sub, b + 4, &sc, &mn);
+                    for (int e = 0; e < 32; e++) w[e] = (bytes[e] >> (4 * sub)) & 0xf;
+                    block_lanes(w, q + 32 * blk, f);
+                    float scale = d * (float)sc * dx[blk];
+                    add_scaled_offset(acc, scale, f, -(dmin * (float)mn), sums + 8 * blk);
+                }
+            }
+        }
+        return lane_sum(acc);
+    }
+    // Q6_K: sub-blocks of 16 with their own scales; the lanes of each added on their own.
+    for (u64 sb = 0; sb < k / 256; sb++) {
+        const u8 *b = row + sb * 210;
+        float d = half_at(b, 208);
+        for (int h = 0; h < 2; h++) {
+            const u8 *ql = b + 64 * h, *qh = b + 128 + 32 * h, *sc = b + 192 + 8 * h;
+            for (int quarter = 0; quarter < 4; quarter++) {
+                u64 blk = 8 * sb + 4 * h + quarter;
+                const i16 *qb = q + 32 * blk;
+                for (int hq = 0; hq < 2; hq++) {
+                    int l0 = 16 * hq;
+                    for (int l = 0; l < 8; l++) {
+                        i32 v = q6k_value(ql, qh, quarter, l0 + 2 * l) * (i32)qb[l0 + 2 * l] +
+                                q6k_value(ql, qh, quarter, l0 + 2 * l + 1) *
+                                    (i32)qb[l0 + 2 * l + 1];
+                        f[l] = (float)v;
+                    }
+                    add_scaled(acc, d * (float)(i8)sc[hq + 2 * quarter] * dx[blk], f);
+                }
+            }
+        }
+    }
+    return lane_sum(acc);
+}
+
+// qmatmul: w, x, out, q (i16), d, sums | items (m·n), n, k, dtype
+KERNEL ferry_qmatmul(const Args a) {
+    ITEM(a.w[6]);
+    u64 n = a.w[7], k = a.w[8], dtype = a.w[9];
+    u64 r = item / n, i = item % n;
+    u64 row_bytes = dtype == DT_F32   ? 4 * k
+                    : dtype == DT_F16 ? 2 * k
+                    : dtype == DT_Q4_0 ? k / 32 * 18
+                    : dtype == DT_Q4_1 ? k / 32 * 20
+                    : dtype == DT_Q8_0 ? k / 32 * 34
+                    : dtype == DT_Q4K  ? k / 256 * 144
+                                       : k / 256 * 210;
+    u64 blocks = k / 32;
+    PTR(float, 2)[item] = dot_row(dtype, PTR(const u8, 0) + i * row_bytes, k,
+                                  PTR(const float, 1) + r * k, PTR(const i16, 3) + r * k,
+                                  PTR(const float, 4) + r * blocks,
+                                  PTR(const float, 5) + r * blocks * 8);
+}
+
+// Element e of a row in `dtype`, dequantized as quant.rs's dequant_row.
+DEV float dequant(u64 dtype, const u8 *row, u64 e) {
+    switch (dtype) {
+        case DT_F32: return f32_at(row, 4 * e);
+        case DT_F16: return half_at(row, 2 * e);
+        case DT_Q8_0: {
+            const u8 *b = row + e / 32 * 34;
+            return half_at(b, 0) * (float)(i8)b[2 + e % 32];
+        }
+        case DT_Q4_0:
+        case DT_Q4_1: {
+            u64 bytes = dtype == DT_Q4_1 ? 20 : 18;
+            const u8 *b = row + e / 32 * bytes;
+            const u8 *q = b + (dtype == DT_Q4_1 ? 4 : 2);
+            u64 j = e % 32;
+            float v = (float)(j < 16 ? (q[j] & 0xf) : (q[j - 16] >> 4));
+            if (dtype == DT_Q4_1) return half_at(b, 0) * v + half_at(b, 2);
+            return half_at(b, 0) * (v - 8.0f);
+        }
+        case DT_Q4K: {
+            const u8 *b = row + e / 256 * 144;
+            u64 o = e % 256, j = o / 64, sub = (o % 64) / 32, l = o % 32;
+            u8 sc, mn;
+            q4k_scale_min((int)(2 * j + sub), b + 4, &sc, &mn);
+            float d1 = half_at(b, 0) * (float)sc, m1 = half_at(b, 2) * (float)mn;
+            return d1 * (float)((b[16 + 32 * j + l] >> (4 * sub)) & 0xf) - m1;
+        }
+        default: {
+            const u8 *b = row + e / 256 * 210;
+            u64 o = e % 256, h = o / 128, quarter = (o % 128) / 32, l = o % 32;
+            float scale = half_at(b, 208) * (float)(i8)b[192 + 8 * h + l / 16 + 2 * quarter];
+            return scale * (float)q6k_value(b + 64 * h, b + 128 + 32 * h, (int)quarter, (int)l);
+        }
+    }
+}
+
+// qembedding: table, ids (u32), out | items (count·dim), dim, row_bytes, dtype
+KERNEL ferry_qembedding(const Args a) {
+    ITEM(a.w[3]);
+    u64 dim = a.w[4], row_bytes = a.w[5];
+    u64 i = item / dim, e = item % dim;
+    const u8 *row = PTR(const u8, 0) + (u64)PTR(const u32, 1)[i] * row_bytes;
+    PTR(float, 2)[item] = dequant(a.w[6], row, e);
+}
+
+#ifdef FERRY_EMULATED
+extern "C" void ferry_emulate(void (*kernel)(const Args), const Args *args, u64 items) {
+    for (u64 i = 0; i < items; i++) {
+        ferry_current_item = i;
+        kernel(*args);
+    }
+}
+#endif

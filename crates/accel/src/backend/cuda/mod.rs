@@ -1,0 +1,734 @@
+//! The `cuda` backend: buffers in GPU memory, kernels from `kernels.cu`.
+//!
+//! What runs where is split in two, so that everything but the driver calls is checked on
+//! machines without a GPU:
+//!
+//! - [`GpuBackend`] implements [`Backend`] over any [`Gpu`]: it keeps the buffer table,
+//!   checks data-dependent conditions, and turns each [`Kernel`] into launches of
+//!   `kernels.cu` ([`plan`]);
+//! - [`driver::CudaGpu`] is the real [`Gpu`]: NVRTC compiles `kernels.cu` at start, and
+//!   the CUDA driver runs it (loaded at run time: a build needs no CUDA, and a host
+//!   without it gets an error, never a crash);
+//! - the tests' `emulator::Emulator` compiles the same `kernels.cu` with the host's C++
+//!   compiler and runs each kernel's threads one after another on the CPU, so every
+//!   kernel's code is checked against the cpu backend here.
+//!
+//! Every kernel computes each output element, row or dot product in one thread, in a
+//! fixed order, so its bits depend only on the data; all but MATMUL follow the cpu
+//! backend's arithmetic and give its bits (see `kernels.cu`).
+
+pub mod conformance;
+pub mod driver;
+#[cfg(test)]
+mod emulator;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use super::{Backend, BackendError, BufferId, BufferReader};
+use crate::kernel::{DType, Distribution, Kernel, RopeStyle};
+
+/// The CUDA C source of every kernel.
+pub const KERNELS_CU: &str = include_str!("kernels.cu");
+
+/// Version of `kernels.cu`'s arithmetic: hosts replay each other's commands only when
+/// it is equal (with the GPU architecture and driver, in [`Gpu::description`]).
+pub const KERNEL_VERSION: u32 = 1;
+
+/// The names of `kernels.cu`'s entry points, in the order [`plan`] may use them.
+pub const ENTRY_POINTS: &[&str] = &[
+    "ferry_add_bias",
+    "ferry_add",
+    "ferry_mul",
+    "ferry_scale",
+    "ferry_axpy",
+    "ferry_relu",
+    "ferry_relu_backward",
+    "ferry_gelu",
+    "ferry_gelu_backward",
+    "ferry_sgd",
+    "ferry_adam",
+    "ferry_swiglu",
+    "ferry_copy",
+    "ferry_rng_fill",
+    "ferry_softmax",
+    "ferry_cross_entropy_rows",
+    "ferry_cross_entropy_mean",
+    "ferry_sum_rows",
+    "ferry_sum_cols",
+    "ferry_layer_norm",
+    "ferry_rms_norm",
+    "ferry_argmax",
+    "ferry_rope",
+    "ferry_attention_decode",
+    "ferry_attention",
+    "ferry_matmul",
+    "ferry_qprepare",
+    "ferry_qmatmul",
+    "ferry_qembedding",
+];
+
+/// A kernel's one argument: sixteen words (addresses, counts, scalars as their bits), as
+/// `kernels.cu` declares `Args`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Args(pub [u64; 16]);
+
+/// One launch of an entry point of `kernels.cu` over `items` work items.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    /// The entry point.
+    pub entry: &'static str,
+    /// Its argument.
+    pub args: Args,
+    /// Work items (one thread each).
+    pub items: u64,
+}
+
+/// Errors of a GPU or of its driver.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The CUDA driver library is not on this host.
+    #[error("no CUDA driver on this host (libcuda.so was not found): use the cpu backend")]
+    NoDriver,
+    /// The driver has no GPU to offer.
+    #[error("no CUDA GPU on this host: {0}")]
+    NoDevice(String),
+    /// NVRTC (the runtime compiler) is not on this host.
+    #[error("NVRTC (libnvrtc.so, the CUDA runtime compiler) was not found: install the CUDA toolkit, or the nvidia-cuda-nvrtc-cu12 wheel and put its lib folder on LD_LIBRARY_PATH")]
+    NoCompiler,
+    /// `kernels.cu` did not compile.
+    #[error("the CUDA kernels did not compile: {0}")]
+    Compile(String),
+    /// A driver call failed.
+    #[error("CUDA {what} failed: {message}")]
+    Driver {
+        /// The operation.
+        what: &'static str,
+        /// What the driver said.
+        message: String,
+    },
+}
+
+/// What [`GpuBackend`] needs of a GPU: memory, copies and launches of `kernels.cu`. The
+/// backend calls it from its device thread; a [`BufferReader`] from any other.
+pub trait Gpu: Send + Sync + 'static {
+    /// One allocation of device memory.
+    type Memory: Send + Sync;
+    /// The device and what its results depend on (architecture, driver), for `kind`.
+    fn description(&self) -> String;
+    /// `bytes` of zeroed device memory.
+    fn alloc(&self, bytes: u64) -> Result<Self::Memory, GpuError>;
+    /// The device address of `memory`, as kernels take it.
+    fn address(&self, memory: &Self::Memory) -> u64;
+    /// Copies `data` into `memory` at `offset`, after every launch before it.
+    fn write(&self, memory: &Self::Memory, offset: u64, data: &[u8]) -> Result<(), GpuError>;
+    /// Copies `memory` from `offset` into `out`, after the last launch or write that
+    /// changes `memory` (not after unrelated launches).
+    fn read(&self, memory: &Self::Memory, offset: u64, out: &mut [u8]) -> Result<(), GpuError>;
+    /// Runs `launch`, which writes `writes` (their next reads wait for it).
+    fn launch(&self, launch: &Launch, writes: &[&Self::Memory]) -> Result<(), GpuError>;
+}
+
+/// A buffer: its device memory and its size in bytes.
+struct GpuBuffer<M> {
+    memory: M,
+    bytes: u64,
+}
+
+/// The buffer table, shared with [`BufferReader`]s. Only the device thread changes it.
+struct Buffers<G: Gpu> {
+    gpu: Arc<G>,
+    table: RwLock<HashMap<BufferId, Arc<GpuBuffer<G::Memory>>>>,
+}
+
+impl<G: Gpu> Buffers<G> {
+    fn get(&self, id: BufferId) -> Option<Arc<GpuBuffer<G::Memory>>> {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn expect(&self, id: BufferId) -> Arc<GpuBuffer<G::Memory>> {
+        self.get(id).expect("buffer validated by the device")
+    }
+}
+
+impl<G: Gpu> BufferReader for Buffers<G> {
+    fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool {
+        let Some(buffer) = self.get(id) else {
+            return false;
+        };
+        let mut bytes = vec![0u8; buffer.bytes as usize];
+        if let Err(e) = self.gpu.read(&buffer.memory, 0, &mut bytes) {
+            tracing::error!(buffer = id, "cannot read a device buffer: {e}");
+            return false;
+        }
+        f(&bytes);
+        true
+    }
+}
+
+/// Device memory a launch needs besides its buffers (QMATMUL's prepared inputs,
+/// CROSS_ENTROPY's row losses), kept and grown as needed.
+struct Scratch<M> {
+    memory: M,
+    bytes: u64,
+}
+
+/// Kernels on a [`Gpu`].
+pub struct GpuBackend<G: Gpu> {
+    buffers: Arc<Buffers<G>>,
+    scratch: Option<Scratch<G::Memory>>,
+    kind: &'static str,
+}
+
+impl<G: Gpu> std::fmt::Debug for GpuBackend<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBackend")
+            .field("gpu", &self.buffers.gpu.description())
+            .finish()
+    }
+}
+
+/// Bytes QMATMUL's prepared inputs take for `m` rows of `k`: 16-bit inputs, then a scale
+/// and eight lane sums per block of 32.
+fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
+    let elems = (m * k) as u64;
+    let blocks = elems / 32;
+    (2 * elems, 4 * blocks, 32 * blocks)
+}
+
+impl<G: Gpu> GpuBackend<G> {
+    /// A backend on `gpu`, reporting itself as `kind`.
+    pub fn new(gpu: G, kind: &'static str) -> Self {
+        Self {
+            buffers: Arc::new(Buffers {
+                gpu: Arc::new(gpu),
+                table: RwLock::default(),
+            }),
+            scratch: None,
+            kind,
+        }
+    }
+
+    fn gpu(&self) -> &G {
+        &self.buffers.gpu
+    }
+
+    fn address(&self, id: BufferId) -> u64 {
+        self.gpu().address(&self.buffers.expect(id).memory)
+    }
+
+    /// The scratch memory's address, grown to at least `bytes`.
+    fn scratch(&mut self, bytes: u64) -> Result<u64, BackendError> {
+        if self.scratch.as_ref().is_none_or(|s| s.bytes < bytes) {
+            self.scratch = None;
+            let memory = self
+                .gpu()
+                .alloc(bytes)
+                .map_err(|_| BackendError::Alloc { bytes })?;
+            self.scratch = Some(Scratch { memory, bytes });
+        }
+        let scratch = self.scratch.as_ref().expect("just made");
+        Ok(self.gpu().address(&scratch.memory))
+    }
+
+    /// The first `count` u32 of buffer `id`, read back to check them.
+    fn read_u32(&self, id: BufferId, count: usize) -> Result<Vec<u32>, BackendError> {
+        let mut bytes = vec![0u8; count * 4];
+        self.gpu()
+            .read(&self.buffers.expect(id).memory, 0, &mut bytes)
+            .map_err(|e| BackendError::Device(e.to_string()))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect())
+    }
+}
+
+/// Words of a launch's argument.
+fn args(words: &[u64]) -> Args {
+    let mut a = Args::default();
+    a.0[..words.len()].copy_from_slice(words);
+    a
+}
+
+fn f32w(v: f32) -> u64 {
+    u64::from(v.to_bits())
+}
+
+/// The launches that run `kernel`, given each buffer's address, and (for QMATMUL and
+/// CROSS_ENTROPY) the address of scratch memory of [`scratch_bytes`].
+pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<Launch> {
+    let one = |entry, words: &[u64], items: usize| {
+        vec![Launch {
+            entry,
+            args: args(words),
+            items: items as u64,
+        }]
+    };
+    let u = |v: usize| v as u64;
+    match *kernel {
+        Kernel::Matmul {
+            a,
+            b,
+            c,
+            m,
+            n,
+            k,
+            flags,
+        } => one(
+            "ferry_matmul",
+            &[
+                at(a),
+                at(b),
+                at(c),
+                u(m * n),
+                u(m),
+                u(n),
+                u(k),
+                u64::from(flags.transpose_a),
+                u64::from(flags.transpose_b),
+                u64::from(flags.accumulate),
+            ],
+            m * n,
+        ),
+        Kernel::AddBias {
+            x,
+            bias,
+            rows,
+            cols,
+        } => one(
+            "ferry_add_bias",
+            &[at(x), at(bias), u(rows * cols), u(cols)],
+            rows * cols,
+        ),
+        Kernel::Add { a, b, out, n } => one("ferry_add", &[at(a), at(b), at(out), u(n)], n),
+        Kernel::Mul { a, b, out, n } => one("ferry_mul", &[at(a), at(b), at(out), u(n)], n),
+        Kernel::Scale { x, n, alpha } => one("ferry_scale", &[at(x), u(n), f32w(alpha)], n),
+        Kernel::Axpy { x, y, n, alpha } => one("ferry_axpy", &[at(x), at(y), u(n), f32w(alpha)], n),
+        Kernel::Relu { x, out, n } => one("ferry_relu", &[at(x), at(out), u(n)], n),
+        Kernel::ReluBackward {
+            x,
+            grad_out,
+            grad_in,
+            n,
+        } => one(
+            "ferry_relu_backward",
+            &[at(x), at(grad_out), at(grad_in), u(n)],
+            n,
+        ),
+        Kernel::Gelu { x, out, n } => one("ferry_gelu", &[at(x), at(out), u(n)], n),
+        Kernel::GeluBackward {
+            x,
+            grad_out,
+            grad_in,
+            n,
+        } => one(
+            "ferry_gelu_backward",
+            &[at(x), at(grad_out), at(grad_in), u(n)],
+            n,
+        ),
+        Kernel::Softmax { x, out, rows, cols } => {
+            one("ferry_softmax", &[at(x), at(out), u(rows), u(cols)], rows)
+        }
+        Kernel::CrossEntropy {
+            logits,
+            labels,
+            grad,
+            loss,
+            rows,
+            cols,
+        } => vec![
+            Launch {
+                entry: "ferry_cross_entropy_rows",
+                args: args(&[at(logits), at(labels), at(grad), scratch, u(rows), u(cols)]),
+                items: u(rows),
+            },
+            Launch {
+                entry: "ferry_cross_entropy_mean",
+                args: args(&[scratch, at(loss), 1, u(rows)]),
+                items: 1,
+            },
+        ],
+        Kernel::SumRows { x, out, rows, cols } => {
+            one("ferry_sum_rows", &[at(x), at(out), u(rows), u(cols)], rows)
+        }
+        Kernel::SumCols { x, out, rows, cols } => {
+            one("ferry_sum_cols", &[at(x), at(out), u(cols), u(rows)], cols)
+        }
+        Kernel::Sgd { param, grad, n, lr } => {
+            one("ferry_sgd", &[at(param), at(grad), u(n), f32w(lr)], n)
+        }
+        Kernel::Adam {
+            param,
+            grad,
+            m,
+            v,
+            n,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            step,
+        } => {
+            // The bias corrections as the cpu backend computes them, once.
+            let bc1 = 1.0 - super::cpu::powu(f64::from(beta1), step);
+            let bc2 = 1.0 - super::cpu::powu(f64::from(beta2), step);
+            one(
+                "ferry_adam",
+                &[
+                    at(param),
+                    at(grad),
+                    at(m),
+                    at(v),
+                    u(n),
+                    f32w(lr),
+                    f32w(beta1),
+                    f32w(beta2),
+                    f32w(eps),
+                    bc1.to_bits(),
+                    bc2.to_bits(),
+                ],
+                n,
+            )
+        }
+        Kernel::Embedding {
+            table,
+            ids,
+            out,
+            count,
+            dim,
+            ..
+        } => one(
+            "ferry_qembedding",
+            &[
+                at(table),
+                at(ids),
+                at(out),
+                u(count * dim),
+                u(dim),
+                u(dim * 4),
+                DType::F32.code(),
+            ],
+            count * dim,
+        ),
+        Kernel::LayerNorm {
+            x,
+            gamma,
+            beta,
+            out,
+            rows,
+            cols,
+            eps,
+        } => one(
+            "ferry_layer_norm",
+            &[
+                at(x),
+                at(gamma),
+                at(beta),
+                at(out),
+                u(rows),
+                u(cols),
+                f32w(eps),
+            ],
+            rows,
+        ),
+        Kernel::Copy {
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            n,
+        } => one(
+            "ferry_copy",
+            &[at(src), at(dst), u(n), u(src_offset), u(dst_offset)],
+            n,
+        ),
+        Kernel::RngFill {
+            out,
+            n,
+            seed,
+            counter,
+            distribution,
+            scale,
+        } => one(
+            "ferry_rng_fill",
+            &[
+                at(out),
+                u(n),
+                seed,
+                counter,
+                u64::from(distribution == Distribution::Normal),
+                f32w(scale),
+            ],
+            n,
+        ),
+        Kernel::AttentionDecode {
+            q,
+            k_cache,
+            v_cache,
+            out,
+            heads,
+            head_dim,
+            len,
+        } => one(
+            "ferry_attention_decode",
+            &[
+                at(q),
+                at(k_cache),
+                at(v_cache),
+                at(out),
+                u(heads * head_dim),
+                u(heads),
+                u(head_dim),
+                u(len),
+            ],
+            heads * head_dim,
+        ),
+        Kernel::Argmax { x, out, rows, cols } => {
+            one("ferry_argmax", &[at(x), at(out), u(rows), u(cols)], rows)
+        }
+        Kernel::QMatmul {
+            w,
+            x,
+            out,
+            n,
+            k,
+            m,
+            dtype,
+        } => {
+            let (q_bytes, d_bytes, _) = prepared_bytes(m, k);
+            let (q, d, sums) = (scratch, scratch + q_bytes, scratch + q_bytes + d_bytes);
+            let mut launches = Vec::new();
+            if dtype.block_elems() > 1 {
+                let blocks = m * k / 32;
+                launches.push(Launch {
+                    entry: "ferry_qprepare",
+                    args: args(&[at(x), q, d, sums, u(blocks)]),
+                    items: u(blocks),
+                });
+            }
+            launches.push(Launch {
+                entry: "ferry_qmatmul",
+                args: args(&[
+                    at(w),
+                    at(x),
+                    at(out),
+                    q,
+                    d,
+                    sums,
+                    u(m * n),
+                    u(n),
+                    u(k),
+                    dtype.code(),
+                ]),
+                items: u(m * n),
+            });
+            launches
+        }
+        Kernel::QEmbedding {
+            table,
+            ids,
+            out,
+            count,
+            dim,
+            dtype,
+            ..
+        } => one(
+            "ferry_qembedding",
+            &[
+                at(table),
+                at(ids),
+                at(out),
+                u(count * dim),
+                u(dim),
+                dtype
+                    .row_bytes(dim as u64)
+                    .expect("dim validated by the device"),
+                dtype.code(),
+            ],
+            count * dim,
+        ),
+        Kernel::RmsNorm {
+            x,
+            weight,
+            out,
+            rows,
+            cols,
+            eps,
+        } => one(
+            "ferry_rms_norm",
+            &[at(x), at(weight), at(out), u(rows), u(cols), f32w(eps)],
+            rows,
+        ),
+        Kernel::Rope {
+            x,
+            rows,
+            heads,
+            head_dim,
+            pos,
+            base,
+            style,
+        } => {
+            let items = rows * heads * (head_dim / 2);
+            one(
+                "ferry_rope",
+                &[
+                    at(x),
+                    u(items),
+                    u(heads),
+                    u(head_dim),
+                    u(pos),
+                    f32w(base),
+                    u64::from(style == RopeStyle::HalfSplit),
+                ],
+                items,
+            )
+        }
+        Kernel::Swiglu { gate, up, out, n } => {
+            one("ferry_swiglu", &[at(gate), at(up), at(out), u(n)], n)
+        }
+        Kernel::Attention {
+            q,
+            k_cache,
+            v_cache,
+            out,
+            rows,
+            heads,
+            kv_heads,
+            head_dim,
+            pos,
+        } => {
+            let items = rows * heads * head_dim;
+            one(
+                "ferry_attention",
+                &[
+                    at(q),
+                    at(k_cache),
+                    at(v_cache),
+                    at(out),
+                    u(items),
+                    u(heads),
+                    u(kv_heads),
+                    u(head_dim),
+                    u(pos),
+                ],
+                items,
+            )
+        }
+    }
+}
+
+/// Bytes of scratch memory [`plan`]'s launches of `kernel` use.
+pub fn scratch_bytes(kernel: &Kernel) -> u64 {
+    match *kernel {
+        Kernel::QMatmul { k, m, dtype, .. } if dtype.block_elems() > 1 => {
+            let (q, d, sums) = prepared_bytes(m, k);
+            q + d + sums
+        }
+        Kernel::CrossEntropy { rows, .. } => 8 * rows as u64,
+        _ => 0,
+    }
+}
+
+impl<G: Gpu> Backend for GpuBackend<G> {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn kernel_version(&self) -> u32 {
+        KERNEL_VERSION
+    }
+
+    fn alloc(&mut self, id: BufferId, bytes: u64) -> Result<(), BackendError> {
+        // Whole words, as the cpu backend keeps them (a kernel reads f32 or u32 elements).
+        let memory = self
+            .gpu()
+            .alloc(bytes.next_multiple_of(4).max(4))
+            .map_err(|_| BackendError::Alloc { bytes })?;
+        self.buffers
+            .table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::new(GpuBuffer { memory, bytes }));
+        Ok(())
+    }
+
+    fn free(&mut self, id: BufferId) {
+        let buffer = self
+            .buffers
+            .table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        drop(buffer);
+    }
+
+    fn write(&mut self, id: BufferId, offset: u64, data: &[u8]) {
+        let buffer = self.buffers.expect(id);
+        // A failed copy is a failed GPU: the device stops (its loop reports the panic).
+        self.gpu()
+            .write(&buffer.memory, offset, data)
+            .unwrap_or_else(|e| panic!("cannot write device buffer {id}: {e}"));
+    }
+
+    fn read(&self, id: BufferId, offset: u64, out: &mut [u8]) {
+        let buffer = self.buffers.expect(id);
+        self.gpu()
+            .read(&buffer.memory, offset, out)
+            .unwrap_or_else(|e| panic!("cannot read device buffer {id}: {e}"));
+    }
+
+    fn reader(&self) -> Arc<dyn BufferReader> {
+        self.buffers.clone()
+    }
+
+    fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
+        // What only the data can say, checked before anything is written (as the cpu
+        // backend does).
+        let bad = match *kernel {
+            Kernel::CrossEntropy {
+                labels, rows, cols, ..
+            } => self
+                .read_u32(labels, rows)?
+                .iter()
+                .any(|&l| l as usize >= cols)
+                .then_some("cross-entropy label beyond the classes"),
+            Kernel::Embedding {
+                ids, count, vocab, ..
+            }
+            | Kernel::QEmbedding {
+                ids, count, vocab, ..
+            } => self
+                .read_u32(ids, count)?
+                .iter()
+                .any(|&id| id as usize >= vocab)
+                .then_some("embedding id beyond the vocabulary"),
+            _ => None,
+        };
+        if let Some(why) = bad {
+            return Err(BackendError::BadData(why));
+        }
+        let scratch = match scratch_bytes(kernel) {
+            0 => 0,
+            bytes => self.scratch(bytes)?,
+        };
+        let launches = plan(kernel, |id| self.address(id), scratch);
+        let access = kernel.access().expect("kernel validated by the device");
+        let written: Vec<_> = access
+            .writes()
+            .map(|(id, _)| self.buffers.expect(id))
+            .collect();
+        let writes: Vec<&G::Memory> = written.iter().map(|b| &b.memory).collect();
+        for launch in &launches {
+            self.gpu()
+                .launch(launch, &writes)
+                .map_err(|e| BackendError::Device(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
