@@ -2,7 +2,8 @@
 //! fetched from the package registries, never committed), and how they skip when it is
 //! absent: loudly, on stderr past the test harness's capture, and not at all where CI
 //! requires it (`FERRY_REQUIRE_KVM=1`, `FERRY_REQUIRE_CHROMIUM=1`,
-//! `FERRY_REQUIRE_MODEL=1`, `FERRY_REQUIRE_DATASET=1`: the test fails instead).
+//! `FERRY_REQUIRE_MODEL=1`, `FERRY_REQUIRE_DATASET=1`, `FERRY_REQUIRE_NVRTC=1`,
+//! `FERRY_REQUIRE_GPU=1`: the test fails instead).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,18 @@ pub fn kvm(test: &str) -> bool {
 /// `FERRY_REQUIRE_CHROMIUM=1`.
 pub fn missing_chromium(test: &str, why: &str) {
     missing(test, why, "FERRY_REQUIRE_CHROMIUM");
+}
+
+/// Reports that a test cannot compile the CUDA kernels because `why` (no NVRTC): a
+/// failure under `FERRY_REQUIRE_NVRTC=1`.
+pub fn missing_nvrtc(test: &str, why: &str) {
+    missing(test, why, "FERRY_REQUIRE_NVRTC");
+}
+
+/// Reports that a test cannot run on a GPU because `why`: a failure under
+/// `FERRY_REQUIRE_GPU=1` (which `scripts/gpu-check.sh` sets; CI has no GPU).
+pub fn missing_gpu(test: &str, why: &str) {
+    missing(test, why, "FERRY_REQUIRE_GPU");
 }
 
 /// Reports that a model test cannot run because a tool it checks against is missing

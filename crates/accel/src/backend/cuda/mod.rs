@@ -202,11 +202,11 @@ fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
 }
 
 impl<G: Gpu> GpuBackend<G> {
-    /// A backend on `gpu`, reporting itself as `kind`.
-    pub fn new(gpu: G, kind: &'static str) -> Self {
+    /// A backend on `gpu` (which other backends may share), reporting itself as `kind`.
+    pub fn new(gpu: impl Into<Arc<G>>, kind: &'static str) -> Self {
         Self {
             buffers: Arc::new(Buffers {
-                gpu: Arc::new(gpu),
+                gpu: gpu.into(),
                 table: RwLock::default(),
             }),
             scratch: None,
