@@ -1,12 +1,14 @@
 //! The device driven through its ring by a fake guest (plain guest memory, no KVM), so
 //! these run on every machine: command semantics, hostile input, dirty chunks, state.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
 use ferry_abi::PAGE_SIZE;
-use ferry_accel::backend::{self, DeviceMemory};
+use ferry_accel::backend::cuda::emulator::Emulator;
+use ferry_accel::backend::cuda::GpuBackend;
+use ferry_accel::backend::{self, Backend, DeviceMemory};
 use ferry_accel::device::{Accelerator, ChunkOrigin};
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_accel::files::{no_files, FileSource};
@@ -30,21 +32,46 @@ fn field(offset: usize) -> GuestAddress {
     GuestAddress(RING + offset as u64)
 }
 
+/// The cuda backend's kernels emulated on the CPU, compiled once per test process.
+fn emulated() -> Box<dyn Backend> {
+    static EMULATOR: OnceLock<Arc<Emulator>> = OnceLock::new();
+    let emulator = EMULATOR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("scratch folder");
+        Arc::new(Emulator::build(dir.path()).unwrap_or_else(|e| panic!("{e}")))
+    });
+    Box::new(GpuBackend::new(emulator.clone(), "cuda-emulated"))
+}
+
+/// Every backend the hostile-guest tests run on: the cpu backend with `threads`
+/// threads, the cuda backend's kernels emulated on the CPU, and the cuda backend on a
+/// GPU where this host has one (`tests/cuda.rs` says loudly when it has none).
+fn backends(threads: usize) -> Vec<Box<dyn Backend>> {
+    let mut all = vec![
+        backend::create(backend::CPU, threads, &DeviceMemory::default()).unwrap(),
+        emulated(),
+    ];
+    if backend::cuda_kind().is_ok() {
+        all.extend(backend::create("cuda", threads, &DeviceMemory::default()));
+    }
+    all
+}
+
 impl FakeGuest {
     fn new(threads: usize) -> Self {
         Self::with_files(threads, no_files())
     }
 
     fn with_files(threads: usize, files: Arc<dyn FileSource>) -> Self {
-        let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-        let accel = Accelerator::boot(
-            mem.clone(),
-            RING,
-            CAPACITY,
-            backend::create("cpu", threads, &DeviceMemory::default()).unwrap(),
+        Self::on(
+            backend::create(backend::CPU, threads, &DeviceMemory::default()).unwrap(),
             files,
         )
-        .unwrap();
+    }
+
+    /// A guest of a device on `backend`.
+    fn on(backend: Box<dyn Backend>, files: Arc<dyn FileSource>) -> Self {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let accel = Accelerator::boot(mem.clone(), RING, CAPACITY, backend, files).unwrap();
         accel.resume();
         Self {
             mem,
@@ -150,7 +177,13 @@ impl FakeGuest {
 
 #[test]
 fn alloc_upload_launch_download_and_fence() {
-    let mut g = FakeGuest::new(2);
+    for backend in backends(2) {
+        alloc_upload_launch_download_and_fence_on(backend);
+    }
+}
+
+fn alloc_upload_launch_download_and_fence_on(backend: Box<dyn Backend>) {
+    let mut g = FakeGuest::on(backend, no_files());
     assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
     assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
     assert_eq!(g.run(op::ALLOC, &[3, 16]), status::OK);
@@ -170,7 +203,14 @@ fn alloc_upload_launch_download_and_fence() {
 
 #[test]
 fn hostile_commands_fail_with_status_and_change_nothing() {
-    let mut g = FakeGuest::new(1);
+    for backend in backends(1) {
+        hostile_commands_fail_with_status_and_change_nothing_on(backend);
+    }
+}
+
+fn hostile_commands_fail_with_status_and_change_nothing_on(backend: Box<dyn Backend>) {
+    let kind = backend.kind();
+    let mut g = FakeGuest::on(backend, no_files());
     assert_eq!(g.run(op::ALLOC, &[1, 64]), status::OK);
     assert_eq!(g.upload(1, &[5.0; 16]), status::OK);
 
@@ -212,7 +252,7 @@ fn hostile_commands_fail_with_status_and_change_nothing() {
         assert_eq!(
             got,
             *expected,
-            "case {i}: {} instead of {}",
+            "{kind}: case {i}: {} instead of {}",
             status::name(got),
             status::name(*expected)
         );
@@ -224,7 +264,13 @@ fn hostile_commands_fail_with_status_and_change_nothing() {
 
 #[test]
 fn lying_ring_indices_are_ignored_until_sane() {
-    let mut g = FakeGuest::new(1);
+    for backend in backends(1) {
+        lying_ring_indices_are_ignored_until_sane_on(backend);
+    }
+}
+
+fn lying_ring_indices_are_ignored_until_sane_on(backend: Box<dyn Backend>) {
+    let mut g = FakeGuest::on(backend, no_files());
     assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
     let tail = g.tail();
     // Far ahead: the device must not execute stale slots.
@@ -247,7 +293,13 @@ fn lying_ring_indices_are_ignored_until_sane() {
 
 #[test]
 fn random_command_words_never_hurt_the_host() {
-    let mut g = FakeGuest::new(2);
+    for backend in backends(2) {
+        random_command_words_never_hurt_the_host_on(backend);
+    }
+}
+
+fn random_command_words_never_hurt_the_host_on(backend: Box<dyn Backend>) {
+    let mut g = FakeGuest::on(backend, no_files());
     let mut x = 0x1234_5678_9abc_def0u64;
     let mut next = || {
         x ^= x << 13;

@@ -75,6 +75,8 @@ pub struct RunArgs {
     /// bit-identical whatever the count.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub accel_threads: Option<u16>,
+    #[command(flatten)]
+    pub backend: cmd::backend::BackendArgs,
     /// Pause the VM this many ms after it starts, save it to --snapshot-dir, and stop.
     #[arg(long, value_name = "MS", requires = "snapshot_dir")]
     pub snapshot_at_ms: Option<u64>,

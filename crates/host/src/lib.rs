@@ -40,9 +40,7 @@ use ferry_api::{
 use ferry_http::cluster_roots;
 use files::FileStore;
 use hosted::HostedVm;
-use migration::{
-    local_description, VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME,
-};
+use migration::{VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +118,9 @@ pub struct HostConfig {
     /// Operators' API tokens, one per line (`TOKEN` or `TOKEN read-only`), read again
     /// when the file changes.
     pub api_tokens: Option<PathBuf>,
+    /// The accelerator backend kind of VMs created here (`backend::resolve` gives it);
+    /// VMs migrated in keep theirs.
+    pub backend: &'static str,
 }
 
 /// Most records of VMs that ended here (exited, failed, migrated away) kept listed.
@@ -309,6 +310,7 @@ impl Host {
             accel_threads: self.config.accel_threads,
             device_memory: self.device_memory.clone(),
             guest_nice: self.config.guest_nice,
+            backend: self.config.backend,
             ..HostOptions::quiet()
         }
     }
@@ -338,7 +340,7 @@ impl Host {
             name: self.config.name.clone(),
             migration_addr: migration_addr.to_string(),
             version: env!("CARGO_PKG_VERSION").into(),
-            backend: migration::BACKEND_KIND.into(),
+            backend: self.config.backend.into(),
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
             accel_threads: self.config.accel_threads,
             load_avg: heartbeat::load_average().unwrap_or(0.0),
@@ -775,7 +777,7 @@ impl ferry_migrate::TargetFactory for Receiver {
     type Target = VmTarget;
 
     fn prepare(&self, vm: &ferry_migrate::VmDescription) -> Result<VmTarget, VmError> {
-        if let Some(why) = vm.incompatibility(&local_description()) {
+        if let Some(why) = migration::incompatibility(vm) {
             return Err(VmError::Incompatible(format!(
                 "host {} cannot run this VM: {why}",
                 self.host.config.name

@@ -1,6 +1,7 @@
 //! The microVM as the migration engine sees it: [`VmSource`] adapts a running
 //! [`HostedVm`], [`VmTarget`] a VM being received.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -49,29 +50,56 @@ fn to_chunk(k: ChunkKey) -> ChunkId {
 // A device chunk must fit one chunk frame of the wire.
 const _: () = assert!(ferry_accel::dirty::CHUNK_SIZE <= ferry_migrate::vm::MAX_CHUNK_BYTES);
 
-/// The accelerator backend this host runs VMs on.
-pub const BACKEND_KIND: &str = "cpu";
-
-/// What this host can run: the facts compared at the handshake.
-pub fn local_description() -> VmDescription {
-    // Computed once: finding the kernel version builds a backend (and its thread pool).
-    static LOCAL: OnceLock<VmDescription> = OnceLock::new();
-    LOCAL
-        .get_or_init(|| VmDescription {
-            name: String::new(),
-            ram_size: 0,
-            vcpus: 1,
-            accel_memory: 0,
-            abi_version: ABI_VERSION,
-            state_version: ferry_vmm::vm::STATE_VERSION,
-            backend_kind: BACKEND_KIND.into(),
-            kernel_version: backend::create(BACKEND_KIND, 1, &DeviceMemory::default())
-                .map_or(0, |b| b.kernel_version()),
-            microkernel: gemm_microkernel().into(),
-            extra: Vec::new(),
-            files: Vec::new(),
+/// What this host can run a VM on accelerator backend `kind` with: the facts compared at
+/// the handshake. `None` if this host has no such backend.
+pub fn local_description(kind: &str) -> Option<VmDescription> {
+    // Computed once per kind: finding the kernel version builds a backend.
+    static LOCAL: OnceLock<Mutex<HashMap<String, Option<VmDescription>>>> = OnceLock::new();
+    let mut known = LOCAL
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    known
+        .entry(kind.to_string())
+        .or_insert_with(|| {
+            let backend = backend::create(kind, 1, &DeviceMemory::default())?;
+            Some(VmDescription {
+                name: String::new(),
+                ram_size: 0,
+                vcpus: 1,
+                accel_memory: 0,
+                abi_version: ABI_VERSION,
+                state_version: ferry_vmm::vm::STATE_VERSION,
+                backend_kind: backend.kind().into(),
+                kernel_version: backend.kernel_version(),
+                // The cpu backend's MATMUL bits depend on the CPU's microkernel; a cuda
+                // backend's kind names what its bits depend on.
+                microkernel: if kind == backend::CPU {
+                    gemm_microkernel().into()
+                } else {
+                    String::new()
+                },
+                extra: Vec::new(),
+                files: Vec::new(),
+            })
         })
         .clone()
+}
+
+/// Why this host cannot run `vm`, if it cannot.
+pub fn incompatibility(vm: &VmDescription) -> Option<String> {
+    let kind = if vm.accel_memory > 0 {
+        vm.backend_kind.as_str()
+    } else {
+        backend::CPU
+    };
+    match local_description(kind) {
+        Some(local) => vm.incompatibility(&local),
+        None => Some(format!(
+            "accelerator backend '{kind}' (this host has: {})",
+            backend::available().join(", ")
+        )),
+    }
 }
 
 /// A hosted VM being sent.
@@ -128,7 +156,10 @@ impl VmSource {
 
 impl MigrationSource for VmSource {
     fn describe(&self) -> VmDescription {
-        let local = local_description();
+        // The VM runs here, so its backend is one of this host's.
+        let local = local_description(&self.backend_kind)
+            .or_else(|| local_description(backend::CPU))
+            .expect("the cpu backend is always available");
         let backend_kind = self.backend_kind.clone();
         VmDescription {
             name: self.vm.workload.clone(),

@@ -31,6 +31,7 @@ fn one_life(n: usize) -> bool {
         tls: None,
         file_store: store.clone(),
         api_tokens: None,
+        backend: ferry_accel::backend::CPU,
     });
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

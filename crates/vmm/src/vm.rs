@@ -79,6 +79,8 @@ pub struct HostOptions {
     /// The read-only files attached to the VM (its state records their names, sizes and
     /// hashes; a restored VM must be given the same content).
     pub files: AttachedFiles,
+    /// The accelerator backend kind of VMs booted here (`backend::resolve` gives it).
+    pub backend: &'static str,
 }
 
 impl HostOptions {
@@ -90,6 +92,7 @@ impl HostOptions {
             device_memory: DeviceMemory::default(),
             guest_nice: 0,
             files: AttachedFiles::default(),
+            backend: backend::CPU,
         }
     }
 
@@ -278,15 +281,9 @@ impl IncomingVm {
             (0, None) => None,
             (capacity, Some(kind)) if capacity > 0 => {
                 Some(at_guest_priority(host.guest_nice, || {
-                    let backend = backend::create(kind, host.accel_threads, &host.device_memory)
-                        .ok_or_else(|| {
-                            CreateVmError::Incompatible(format!(
-                        "accelerator backend '{kind}' is not available here (this build has: {})",
-                        backend::AVAILABLE.join(", ")
-                    ))
-                        })?;
+                    let backend = create_backend(kind, &host)?;
                     let empty = AccelState {
-                        backend_kind: kind.to_string(),
+                        backend_kind: backend.kind().to_string(),
                         kernel_version: backend.kernel_version(),
                         capacity,
                         ring_gpa: 0,
@@ -434,9 +431,14 @@ impl Default for FileTablePage {
     }
 }
 
-fn cpu_backend(host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
-    backend::create("cpu", host.accel_threads, &host.device_memory)
-        .ok_or_else(|| CreateVmError::Incompatible("no cpu backend in this build".into()))
+/// A backend of `kind` on this host, or the error naming what it has.
+fn create_backend(kind: &str, host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
+    backend::create(kind, host.accel_threads, &host.device_memory).ok_or_else(|| {
+        CreateVmError::Incompatible(format!(
+            "accelerator backend '{kind}' is not available here (this host has: {})",
+            backend::available().join(", ")
+        ))
+    })
 }
 
 fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmError> {
@@ -558,7 +560,7 @@ impl Microvm {
         let accel = if config.accel_memory > 0 {
             boot.0.accel_ring = ring_gpa;
             let accel = at_guest_priority(host.guest_nice, || {
-                let backend = cpu_backend(&host)?;
+                let backend = create_backend(host.backend, &host)?;
                 let files = Arc::new(host.files.clone());
                 Accelerator::boot(
                     memory.clone(),

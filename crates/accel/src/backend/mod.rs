@@ -93,17 +93,100 @@ pub trait BufferReader: Send + Sync {
     fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool;
 }
 
-/// Backend kinds this build provides.
-pub const AVAILABLE: &[&str] = &["cpu"];
+/// The kind of the cpu backend.
+pub const CPU: &str = "cpu";
 
-/// Creates a backend of `kind` with `threads` worker threads, if this build has it;
-/// backends that keep device memory in host RAM take it from `memory`.
+/// Which backend a host gives its VMs' accelerators (`--backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// Kernels on the host's CPU cores.
+    #[default]
+    Cpu,
+    /// Kernels on the host's NVIDIA GPU; an error without one.
+    Cuda,
+    /// CUDA when the host has a GPU, else the CPU.
+    Auto,
+}
+
+/// The GPU the cuda backend runs on here.
+enum LocalGpu {
+    /// A real one.
+    Cuda(Arc<cuda::driver::CudaGpu>),
+    /// `kernels.cu` emulated on the CPU (`FERRY_CUDA_EMULATOR=1`).
+    Emulated(Arc<cuda::emulator::Emulator>),
+}
+
+/// This host's GPU, opened once (compiling the kernels takes about a second), and its
+/// backend kind: `cuda-sm_90-d13` names what the kernels' bits depend on besides their
+/// source (the GPU's architecture, the driver's major version), so migrations between
+/// hosts that differ there are refused at the handshake.
+///
+/// With `FERRY_CUDA_EMULATOR=1` the "GPU" is `kernels.cu` compiled by the host's C++
+/// compiler and run on one CPU thread, kind `cuda-emulated`: slow, but it runs whole VMs
+/// on the cuda backend's code where there is no GPU (the tests do).
+fn cuda() -> Result<&'static (LocalGpu, &'static str), String> {
+    static CUDA: std::sync::OnceLock<Result<(LocalGpu, &'static str), String>> =
+        std::sync::OnceLock::new();
+    CUDA.get_or_init(|| {
+        if std::env::var("FERRY_CUDA_EMULATOR").is_ok_and(|v| v == "1") {
+            let dir =
+                std::env::temp_dir().join(format!("ferry-cuda-emulator-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let built = cuda::emulator::Emulator::build(&dir);
+            // Loaded, the library no longer needs its files.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok((LocalGpu::Emulated(Arc::new(built?)), "cuda-emulated"));
+        }
+        let gpu = cuda::driver::CudaGpu::open().map_err(|e| e.to_string())?;
+        let kind: &'static str = format!("cuda-{}", gpu.determinism_key()).leak();
+        Ok((LocalGpu::Cuda(Arc::new(gpu)), kind))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// The cuda backend's kind on this host, or why there is none.
+pub fn cuda_kind() -> Result<&'static str, String> {
+    cuda().map(|(_, kind)| *kind)
+}
+
+/// The backend kinds this host can run.
+pub fn available() -> Vec<&'static str> {
+    let mut kinds = vec![CPU];
+    kinds.extend(cuda_kind().ok());
+    kinds
+}
+
+/// The backend kind `choice` gives on this host, and in words why (for `auto`).
+pub fn resolve(choice: BackendChoice) -> Result<(&'static str, String), String> {
+    match choice {
+        BackendChoice::Cpu => Ok((CPU, "asked for".into())),
+        BackendChoice::Cuda => cuda_kind()
+            .map(|kind| (kind, "asked for".into()))
+            .map_err(|why| format!("the cuda backend is not available: {why}")),
+        BackendChoice::Auto => Ok(match cuda_kind() {
+            Ok(kind) => (kind, "auto: this host has a GPU".into()),
+            Err(why) => (CPU, format!("auto: {why}")),
+        }),
+    }
+}
+
+/// Creates a backend of `kind` (`cuda` stands for this host's cuda kind) with `threads`
+/// worker threads, if this host has it; backends that keep device memory in host RAM
+/// take it from `memory`.
 pub fn create(kind: &str, threads: usize, memory: &DeviceMemory) -> Option<Box<dyn Backend>> {
-    match kind {
-        "cpu" => Some(Box::new(cpu::CpuBackend::new(
+    if kind == CPU {
+        return Some(Box::new(cpu::CpuBackend::new(
             threads.max(1),
             memory.clone(),
-        ))),
-        _ => None,
+        )));
     }
+    let (gpu, local) = cuda().ok()?;
+    if kind != "cuda" && kind != *local {
+        return None;
+    }
+    Some(match gpu {
+        LocalGpu::Cuda(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
+        LocalGpu::Emulated(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
+    })
 }

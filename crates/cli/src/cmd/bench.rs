@@ -98,6 +98,8 @@ pub struct BenchArgs {
     /// `center-sim` (run by `center`): the center the simulated hosts beat to.
     #[arg(long, value_name = "URL", hide = true)]
     pub center: Option<String>,
+    #[command(flatten)]
+    pub backend: crate::cmd::backend::BackendArgs,
 }
 
 /// One measured figure.
@@ -120,19 +122,31 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             &args.accel_sizes,
             args.link.as_deref(),
             &args.workloads,
+            args.backend.resolve()?,
         ),
-        "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(args.json, &args.vms),
+        "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(
+            args.json,
+            &args.vms,
+            args.backend.resolve()?,
+        ),
         "llm" => {
             begin(args)?;
-            crate::cmd::bench_llm::bench_llm(&args.model, &mut |f| print(&f, args.json))
+            let backend = args.backend.resolve()?;
+            crate::cmd::bench_llm::bench_llm(&args.model, backend, &mut |f| print(&f, args.json))
         }
         "soak" => {
             begin(args)?;
-            crate::cmd::bench_soak::bench_soak(args.migrations, &mut |f| print(&f, args.json))
+            let backend = args.backend.resolve()?;
+            crate::cmd::bench_soak::bench_soak(args.migrations, backend, &mut |f| {
+                print(&f, args.json)
+            })
         }
         "serve" => {
             begin(args)?;
-            crate::cmd::bench_serve::bench_serve(&args.model, &mut |f| print(&f, args.json))
+            let backend = args.backend.resolve()?;
+            crate::cmd::bench_serve::bench_serve(&args.model, backend, &mut |f| {
+                print(&f, args.json)
+            })
         }
         "center" => crate::cmd::bench_center::bench_center(
             &crate::cmd::bench_center::CenterBench {

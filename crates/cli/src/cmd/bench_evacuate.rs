@@ -114,7 +114,7 @@ impl LoopbackCluster {
 }
 
 /// `ferry bench evacuate`.
-pub fn bench_evacuate(json: bool, counts: &[usize]) -> anyhow::Result<()> {
+pub fn bench_evacuate(json: bool, counts: &[usize], backend: &'static str) -> anyhow::Result<()> {
     let most = counts.iter().copied().max().unwrap_or(1);
     if counts.is_empty() || counts.contains(&0) || most > 16 {
         bail!("--vms takes counts from 1 to 16");
@@ -122,7 +122,7 @@ pub fn bench_evacuate(json: bool, counts: &[usize]) -> anyhow::Result<()> {
     let parallel = 2;
     // Every host has room for all of them.
     let capacity = (most as u64) * (VM_RAM + VM_ACCEL);
-    let cluster = LoopbackCluster::start(parallel, capacity, 0)?;
+    let cluster = LoopbackCluster::start(parallel, capacity, 0, backend)?;
     if !json {
         println!(
             "evacuating host a (mlp-train VMs, {} MiB RAM + {} MiB accelerator each, {parallel} migrations at once, 3 hosts on loopback)",

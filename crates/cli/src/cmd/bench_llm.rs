@@ -65,9 +65,10 @@ fn bytes_per_token(model: &LlamaModel) -> u64 {
 }
 
 /// Runs llm-chat with `model` attached; returns its console.
-fn chat(model: &Path, args: &[&str]) -> anyhow::Result<String> {
+fn chat(model: &Path, backend: &'static str, args: &[&str]) -> anyhow::Result<String> {
     let host = HostOptions {
         files: AttachedFiles::open(&[("model".into(), model.to_path_buf())])?,
+        backend,
         ..HostOptions::quiet()
     };
     let image = ferry_guest_images::find("llm-chat").context("no llm-chat guest")?;
@@ -84,7 +85,7 @@ fn chat(model: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// `ferry bench llm`.
-pub fn bench_llm(model_path: &Path, emit: &mut Emit) -> anyhow::Result<()> {
+pub fn bench_llm(model_path: &Path, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     let model = describe(model_path)?;
     let threads = ferry_vmm::vm::default_accel_threads();
     let prompt = PROMPT_SENTENCE.repeat(10);
@@ -92,7 +93,7 @@ pub fn bench_llm(model_path: &Path, emit: &mut Emit) -> anyhow::Result<()> {
     let (mut prompt_rates, mut gen_rates) = (Vec::new(), Vec::new());
     let mut prompt_tokens = 0.0;
     for _ in 0..RUNS {
-        let console = chat(model_path, &args)?;
+        let console = chat(model_path, backend, &args)?;
         prompt_rates.push(last_value(&console, "prompt_tokens_s")?);
         gen_rates.push(last_value(&console, "tokens_s")?);
         prompt_tokens = console
@@ -153,16 +154,16 @@ pub fn bench_llm(model_path: &Path, emit: &mut Emit) -> anyhow::Result<()> {
         "x bound",
         format!("generation {gen:.1} tokens/s ÷ the bandwidth bound {bound:.1} tokens/s"),
     ))?;
-    migrate_with_file(model_path, emit)
+    migrate_with_file(model_path, backend, emit)
 }
 
 /// Moves an answering llm-chat VM from a to b with its file sent (b has no copy of
 /// it... but it could find one at the same path, so `send` forces it), then back with
 /// the file found on a: what the file costs a migration.
-fn migrate_with_file(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
+fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(model)?;
     let size = std::fs::metadata(&model)?.len();
-    let pair = LoopbackPair::start(4 << 30)?;
+    let pair = LoopbackPair::start(4 << 30, backend)?;
     let (ca, cb) = (&pair.client_a, &pair.client_b);
     let request = CreateVm {
         name: None,

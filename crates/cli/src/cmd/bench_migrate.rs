@@ -151,8 +151,8 @@ impl Ends {
     }
 
     /// Two in-process hosts on loopback.
-    fn loopback(prefault: u64) -> anyhow::Result<Self> {
-        let pair = LoopbackPair::start(1 << 40)?;
+    fn loopback(prefault: u64, backend: &'static str) -> anyhow::Result<Self> {
+        let pair = LoopbackPair::start(1 << 40, backend)?;
         // The destination's device memory is backed up front, as a GPU's is; freed
         // buffers stay backed between runs on both hosts.
         pair.b
@@ -172,7 +172,7 @@ impl Ends {
 
     /// Host a outside and host b inside a network namespace, joined by a veth pair
     /// shaped to `rate`.
-    fn shaped(rate: &str, prefault: u64) -> anyhow::Result<Self> {
+    fn shaped(rate: &str, prefault: u64, backend: &'static str) -> anyhow::Result<Self> {
         let link = ShapedLink::create(rate)?;
         let secret = ferry_migrate::Secret::generate_hex();
         let exe = std::env::current_exe()?;
@@ -182,7 +182,8 @@ impl Ends {
                 .args(["--listen", &format!("{addr}:0")])
                 .args(["--migration-listen", &format!("{addr}:0")])
                 .args(["--memory-capacity", "1T"])
-                .args(["--accel-prefault", &prefault.to_string()]);
+                .args(["--accel-prefault", &prefault.to_string()])
+                .args(["--backend", crate::cmd::backend::flag(backend)]);
         };
         let mut a = std::process::Command::new(&exe);
         serve(&mut a, "a", shaped_link::ADDR_A);
@@ -216,6 +217,7 @@ pub fn bench_migrate(
     sizes: &[u64],
     link: Option<&str>,
     workloads: &[String],
+    backend: &'static str,
 ) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
     let largest = sizes
@@ -225,8 +227,8 @@ pub fn bench_migrate(
         .unwrap_or(0)
         .max(LARGE_TRAINING_ACCEL);
     let ends = match link {
-        None => Ends::loopback(largest + (64 << 20))?,
-        Some(rate) => Ends::shaped(rate, largest + (64 << 20))?,
+        None => Ends::loopback(largest + (64 << 20), backend)?,
+        Some(rate) => Ends::shaped(rate, largest + (64 << 20), backend)?,
     };
     if !json {
         println!(

@@ -172,14 +172,14 @@ fn migrate(
 }
 
 /// `ferry bench serve`.
-pub fn bench_serve(model: &Path, emit: &mut Emit) -> anyhow::Result<()> {
+pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(model).with_context(|| {
         format!(
             "no model at {} (scripts/fetch-model fetches SmolLM2; or give --model)",
             model.display()
         )
     })?;
-    let cluster = LoopbackCluster::start(2, 4 << 30, VM_ACCEL + (64 << 20))?;
+    let cluster = LoopbackCluster::start(2, 4 << 30, VM_ACCEL + (64 << 20), backend)?;
     let placed: Placed = cluster.center.post(
         "/v1/vms",
         &PlaceVm {

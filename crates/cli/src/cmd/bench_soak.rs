@@ -61,11 +61,15 @@ fn held() -> anyhow::Result<Held> {
 }
 
 /// The checksum an unmigrated run of `w` prints.
-fn unmigrated(w: &Workload) -> anyhow::Result<String> {
+fn unmigrated(w: &Workload, backend: &'static str) -> anyhow::Result<String> {
     let image = ferry_guest_images::find(w.name).context("no built-in guest")?;
     let args: Vec<String> = w.args.split_whitespace().map(str::to_string).collect();
     let config = VmConfig::new(w.ram).with_accel(w.accel);
-    let mut vm = Microvm::boot(config, image.elf, &args, HostOptions::quiet())?;
+    let host = HostOptions {
+        backend,
+        ..HostOptions::quiet()
+    };
+    let mut vm = Microvm::boot(config, image.elf, &args, host)?;
     vm.resume()?;
     match vm.wait(Some(Duration::from_secs(600))) {
         Some(VmExit::Exited(0)) => checksum(&vm.console_tail()),
@@ -94,7 +98,7 @@ struct Hosts {
 }
 
 impl Hosts {
-    fn start() -> anyhow::Result<Self> {
+    fn start(backend: &'static str) -> anyhow::Result<Self> {
         let text = Secret::generate_hex();
         let secret = Secret::new(text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
         // Idle blocking threads (the API's) end within half a second, so that the
@@ -108,7 +112,7 @@ impl Hosts {
         let mut migration = Vec::new();
         let mut daemons = Vec::new();
         for name in ["a", "b"] {
-            let d = crate::cmd::host::start_loopback(&runtime, name, &secret, 2 << 30)?;
+            let d = crate::cmd::host::start_loopback(&runtime, name, &secret, 2 << 30, backend)?;
             urls.push(format!("http://{}", d.api_addr));
             migration.push(d.migration_addr.to_string());
             daemons.push(d);
@@ -280,10 +284,13 @@ fn settled() -> anyhow::Result<Held> {
 }
 
 /// `ferry bench soak`.
-pub fn bench_soak(migrations: usize, emit: &mut Emit) -> anyhow::Result<()> {
+pub fn bench_soak(migrations: usize, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     ensure!(migrations >= 1, "--migrations must be at least 1");
-    let expected: Vec<String> = WORKLOADS.iter().map(unmigrated).collect::<Result<_, _>>()?;
-    let hosts = Hosts::start()?;
+    let expected: Vec<String> = WORKLOADS
+        .iter()
+        .map(|w| unmigrated(w, backend))
+        .collect::<Result<_, _>>()?;
+    let hosts = Hosts::start(backend)?;
     warm_up(&hosts)?;
     let before = settled()?;
     let started = Instant::now();

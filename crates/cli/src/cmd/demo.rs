@@ -47,6 +47,8 @@ pub struct DemoArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub backend: crate::cmd::backend::BackendArgs,
     /// Training steps of the default (MLP) demo.
     #[arg(long, default_value_t = STEPS)]
     pub steps: u64,
@@ -347,7 +349,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the demo runs VMs on KVM: {e}"))?;
     let workload = Workload::from_args(args);
     let request = workload.request()?;
-    let pair = LoopbackPair::start(4 << 30)?;
+    let pair = LoopbackPair::start(4 << 30, args.backend.resolve()?)?;
     let (a, b, ca, cb) = (&pair.a, &pair.b, &pair.client_a, &pair.client_b);
     say(format!(
         "host a: API http://{}, migrations {}\nhost b: API http://{}, migrations {}",

@@ -148,6 +148,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub file_store: Option<PathBuf>,
     #[command(flatten)]
+    pub backend: crate::cmd::backend::BackendArgs,
+    #[command(flatten)]
     pub secret: SecretArgs,
 }
 
@@ -266,6 +268,7 @@ pub fn start_loopback(
     name: &str,
     secret: &Secret,
     memory_capacity: u64,
+    backend: &'static str,
 ) -> anyhow::Result<Daemon> {
     let scratch = tempfile::Builder::new()
         .prefix(&format!("ferry-{name}-"))
@@ -281,6 +284,7 @@ pub fn start_loopback(
         tls: None,
         file_store: scratch.path().join("files"),
         api_tokens: None,
+        backend,
     };
     let mut daemon = start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")?;
     daemon.scratch = Some(scratch);
@@ -303,13 +307,14 @@ pub struct LoopbackPair {
 }
 
 impl LoopbackPair {
-    /// Starts both; each may hand out `memory_capacity` bytes of VM memory.
-    pub fn start(memory_capacity: u64) -> anyhow::Result<Self> {
+    /// Starts both; each may hand out `memory_capacity` bytes of VM memory, and gives
+    /// new VMs accelerator backend `backend`.
+    pub fn start(memory_capacity: u64, backend: &'static str) -> anyhow::Result<Self> {
         let secret_text = Secret::generate_hex();
         let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-        let a = start_loopback(&runtime, "a", &secret, memory_capacity)?;
-        let b = start_loopback(&runtime, "b", &secret, memory_capacity)?;
+        let a = start_loopback(&runtime, "a", &secret, memory_capacity, backend)?;
+        let b = start_loopback(&runtime, "b", &secret, memory_capacity, backend)?;
         let token = secret.token(ferry_migrate::Purpose::HostApi);
         let client = |d: &Daemon| {
             ferry_client::ApiClient::new(&format!("http://{}", d.api_addr), token.as_bytes())
@@ -350,6 +355,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                     PathBuf::from(format!("/var/tmp/ferry-{}", serve.name)).join("files")
                 }),
                 api_tokens: serve.api_tokens.clone(),
+                backend: serve.backend.resolve()?,
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -45,6 +45,7 @@ impl LoopbackCluster {
         parallel: usize,
         host_capacity: u64,
         prefault: u64,
+        backend: &'static str,
     ) -> anyhow::Result<Self> {
         let secret_text = Secret::generate_hex();
         let token = Secret::generate_hex();
@@ -74,7 +75,8 @@ impl LoopbackCluster {
         let mut hosts = Vec::new();
         let mut daemons = Vec::new();
         for name in ["a", "b", "c"] {
-            let daemon = crate::cmd::host::start_loopback(&runtime, name, &secret, host_capacity)?;
+            let daemon =
+                crate::cmd::host::start_loopback(&runtime, name, &secret, host_capacity, backend)?;
             if prefault > 0 {
                 daemon
                     .host

@@ -1,5 +1,6 @@
 //! The subcommands.
 
+pub mod backend;
 pub mod bench;
 pub mod bench_center;
 pub mod bench_evacuate;

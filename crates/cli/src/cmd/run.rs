@@ -46,6 +46,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let image = resolve_image(&args.workload)?;
     let config = VmConfig::new(args.memory).with_accel(args.accel_memory.unwrap_or(0));
     let mut host = host_options(args.accel_threads);
+    host.backend = args.backend.resolve()?;
     host.files = AttachedFiles::open(&args.attach).context("cannot attach the files")?;
     let mut vm = Microvm::boot(config, &image, &args.guest_args, host)
         .with_context(|| format!("cannot start a VM for {}", args.workload))?;

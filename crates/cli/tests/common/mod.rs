@@ -228,6 +228,11 @@ impl Daemon {
 
     /// Starts one with extra `ferry host serve` flags (and a file store of its own).
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        Self::start_env(name, extra, &[])
+    }
+
+    /// Starts one with extra flags and environment variables of its own.
+    pub fn start_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let store = tempfile::Builder::new()
             .prefix(&format!("ferry-test-{name}-"))
             .tempdir()
@@ -238,7 +243,8 @@ impl Daemon {
                 .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
                 .arg("--file-store")
                 .arg(store.path())
-                .args(extra),
+                .args(extra)
+                .envs(env.iter().copied()),
         );
         // "ferry host a: API on http://127.0.0.1:P, migrations on 127.0.0.1:Q"
         let api = line

@@ -738,7 +738,7 @@ mod tests {
 
     #[test]
     fn every_kernel_of_kernels_cu_agrees_with_the_cpu_backend() {
-        let make = || Box::new(GpuBackend::new(emulator(), "cuda")) as Box<dyn Backend>;
+        let make = || Box::new(GpuBackend::new(Arc::new(emulator()), "cuda")) as Box<dyn Backend>;
         let cases = run(&make);
         let failed: Vec<String> = cases
             .iter()

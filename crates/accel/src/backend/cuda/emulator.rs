@@ -1,7 +1,7 @@
-//! A [`Gpu`] on the CPU for the tests: `kernels.cu` compiled by the host's C++ compiler
-//! (with `emulated.h`, multiplies and adds never fused) and loaded with `dlopen`; each
-//! launch runs its work items one after another. Memory is host memory; addresses are
-//! host pointers.
+//! A [`Gpu`] on the CPU, to check the cuda backend where there is no GPU: `kernels.cu`
+//! compiled by the host's C++ compiler (with `emulated.h`, multiplies and adds never
+//! fused) and loaded with `dlopen`; each launch runs its work items one after another,
+//! on one thread, so it is slow. Memory is host memory; addresses are host pointers.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -22,7 +22,8 @@ impl HostMemory {
     }
 }
 
-/// Launches run one at a time: the kernels share the emulation's item counter.
+/// Launches run one at a time (the kernels share the emulation's item counter), and
+/// copies wait for them (kernels write memory through raw addresses).
 static RUNNING: Mutex<()> = Mutex::new(());
 
 /// `kernels.cu` on the CPU.
@@ -117,6 +118,8 @@ impl Gpu for Emulator {
 
     fn write(&self, memory: &HostMemory, offset: u64, data: &[u8]) -> Result<(), GpuError> {
         assert!(offset + data.len() as u64 <= memory.bytes());
+        // Never while a kernel writes through its raw addresses.
+        let _no_kernel = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         let mut words = memory.0.lock().expect("memory lock");
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
         bytes[offset as usize..][..data.len()].copy_from_slice(data);
@@ -125,6 +128,7 @@ impl Gpu for Emulator {
 
     fn read(&self, memory: &HostMemory, offset: u64, out: &mut [u8]) -> Result<(), GpuError> {
         assert!(offset + out.len() as u64 <= memory.bytes());
+        let _no_kernel = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         let words = memory.0.lock().expect("memory lock");
         let bytes: &[u8] = bytemuck::cast_slice(&words);
         out.copy_from_slice(&bytes[offset as usize..][..out.len()]);

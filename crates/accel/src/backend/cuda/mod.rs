@@ -9,9 +9,10 @@
 //! - [`driver::CudaGpu`] is the real [`Gpu`]: NVRTC compiles `kernels.cu` at start, and
 //!   the CUDA driver runs it (loaded at run time: a build needs no CUDA, and a host
 //!   without it gets an error, never a crash);
-//! - the tests' `emulator::Emulator` compiles the same `kernels.cu` with the host's C++
-//!   compiler and runs each kernel's threads one after another on the CPU, so every
-//!   kernel's code is checked against the cpu backend here.
+//! - [`emulator::Emulator`] compiles the same `kernels.cu` with the host's C++ compiler
+//!   and runs each kernel's threads one after another on the CPU, so every kernel's code
+//!   is checked against the cpu backend on hosts without a GPU (the tests, and whole VMs
+//!   with `FERRY_CUDA_EMULATOR=1`: see [`super::cuda_kind`]).
 //!
 //! Every kernel computes each output element, row or dot product in one thread, in a
 //! fixed order, so its bits depend only on the data; all but MATMUL follow the cpu
@@ -19,8 +20,7 @@
 
 pub mod conformance;
 pub mod driver;
-#[cfg(test)]
-mod emulator;
+pub mod emulator;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -203,10 +203,10 @@ fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
 
 impl<G: Gpu> GpuBackend<G> {
     /// A backend on `gpu` (which other backends may share), reporting itself as `kind`.
-    pub fn new(gpu: impl Into<Arc<G>>, kind: &'static str) -> Self {
+    pub fn new(gpu: Arc<G>, kind: &'static str) -> Self {
         Self {
             buffers: Arc::new(Buffers {
-                gpu: gpu.into(),
+                gpu,
                 table: RwLock::default(),
             }),
             scratch: None,
