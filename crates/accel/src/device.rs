@@ -359,16 +359,12 @@ impl DeviceTracker {
     /// a buffer may be short) and returns the size of its buffer; `None` if the chunk
     /// does not exist (buffer freed since).
     pub fn read_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Option<u64> {
-        let mut found = None;
-        self.reader.with_buffer(chunk.buffer, &mut |bytes| {
-            let size = bytes.len() as u64;
-            if let Some(range) = chunk_range(size, chunk.index) {
-                out.clear();
-                out.extend_from_slice(&bytes[range.start as usize..range.end as usize]);
-                found = Some(size);
-            }
-        });
-        found
+        // The buffer's size as the device knows it says which bytes the chunk holds.
+        let size = *self.map().sizes.get(&chunk.buffer)?;
+        let range = chunk_range(size, chunk.index)?;
+        // The buffer may have been freed, or made again with another size, since.
+        let read = self.reader.read_range(chunk.buffer, range.clone(), out)?;
+        (read == size && out.len() as u64 == range.end - range.start).then_some(size)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::kernel::Kernel;
@@ -91,6 +92,21 @@ impl DeviceLoop {
 pub trait BufferReader: Send + Sync {
     /// Calls `f` with all of buffer `id`'s bytes; `false` if there is no such buffer.
     fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool;
+
+    /// Copies the bytes of buffer `id` in `range` (clamped to the buffer) into `out`;
+    /// returns the buffer's size, or `None` if there is no such buffer. Backends whose
+    /// memory is not the host's copy just those bytes.
+    fn read_range(&self, id: BufferId, range: Range<u64>, out: &mut Vec<u8>) -> Option<u64> {
+        let mut size = None;
+        self.with_buffer(id, &mut |bytes| {
+            let len = bytes.len() as u64;
+            let (start, end) = (range.start.min(len), range.end.min(len));
+            out.clear();
+            out.extend_from_slice(&bytes[start as usize..end as usize]);
+            size = Some(len);
+        });
+        size
+    }
 }
 
 /// The kind of the cpu backend.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
@@ -24,6 +24,10 @@ unsafe impl DeviceRepr for Args {}
 
 /// Threads per block of every launch.
 const BLOCK: u32 = 256;
+/// Bytes of one pinned staging buffer: copies up to this size (a migration's chunks) go
+/// through one, so the DMA engine copies at full speed and the caller's memory need not
+/// be pinned; larger ones go directly.
+const STAGING: usize = 1 << 20;
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
     move |e| GpuError::Driver {
@@ -86,6 +90,8 @@ pub struct CudaGpu {
     _module: Arc<CudaModule>,
     functions: HashMap<&'static str, CudaFunction>,
     description: String,
+    /// Pinned staging buffers not in use (one per concurrent copy at most).
+    staging: Mutex<Vec<PinnedHostSlice<u8>>>,
 }
 
 impl CudaGpu {
@@ -133,6 +139,7 @@ impl CudaGpu {
             copies,
             _module: module,
             functions,
+            staging: Mutex::default(),
         })
     }
 
@@ -144,6 +151,32 @@ impl CudaGpu {
             .collect::<Vec<_>>()
             .join("-")
             .replace("driver ", "d")
+    }
+
+    /// Runs `copy` with a pinned staging buffer (taken from the pool, or made), and gives
+    /// it back.
+    fn with_staging<R>(
+        &self,
+        copy: impl FnOnce(&mut PinnedHostSlice<u8>) -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
+        let taken = self
+            .staging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut pinned = match taken {
+            Some(p) => p,
+            // SAFETY: flags 0 is plain page-locked memory (not write-combined, which the
+            // CPU reads slowly); the slice is only used through its own accessors.
+            None => unsafe { self.context.alloc_pinned_with_flags::<u8>(STAGING, 0) }
+                .map_err(driver("pinned allocation"))?,
+        };
+        let result = copy(&mut pinned);
+        self.staging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pinned);
+        result
     }
 
     fn mark_written(&self, memory: &CudaMemory) -> Result<(), GpuError> {
@@ -199,11 +232,23 @@ impl Gpu for CudaGpu {
                 message: "range outside the buffer".into(),
             })?;
         let (dst, _guard) = view.device_ptr(&self.compute);
-        // SAFETY: `dst` is `data.len()` bytes of device memory that `memory` owns.
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, self.compute.cu_stream()) }
-            .map_err(driver("write"))?;
-        // A pageable source is copied before the call returns; the event orders reads.
-        self.compute.synchronize().map_err(driver("write"))?;
+        let stream = self.compute.cu_stream();
+        if data.len() <= STAGING {
+            self.with_staging(|pinned| {
+                let staged = &mut pinned.as_mut_slice().map_err(driver("write"))?[..data.len()];
+                staged.copy_from_slice(data);
+                // SAFETY: `dst` is `data.len()` bytes of device memory that `memory`
+                // owns; the staging buffer is not reused before the stream is synchronized.
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst, staged, stream) }
+                    .map_err(driver("write"))?;
+                self.compute.synchronize().map_err(driver("write"))
+            })?;
+        } else {
+            // SAFETY: as above; a pageable source is copied before the call returns.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, stream) }
+                .map_err(driver("write"))?;
+            self.compute.synchronize().map_err(driver("write"))?;
+        }
         self.mark_written(memory)
     }
 
@@ -221,10 +266,23 @@ impl Gpu for CudaGpu {
                 message: "range outside the buffer".into(),
             })?;
         let (src, _guard) = view.device_ptr(&self.copies);
-        // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.copies.cu_stream()) }
-            .map_err(driver("read"))?;
-        self.copies.synchronize().map_err(driver("read"))
+        let stream = self.copies.cu_stream();
+        if out.len() > STAGING {
+            // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, stream) }
+                .map_err(driver("read"))?;
+            return self.copies.synchronize().map_err(driver("read"));
+        }
+        self.with_staging(|pinned| {
+            let staged = &mut pinned.as_mut_slice().map_err(driver("read"))?[..out.len()];
+            // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns; the
+            // staging buffer is read only after the stream is synchronized.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut *staged, src, stream) }
+                .map_err(driver("read"))?;
+            self.copies.synchronize().map_err(driver("read"))?;
+            out.copy_from_slice(staged);
+            Ok(())
+        })
     }
 
     fn launch(&self, launch: &Launch, writes: &[&CudaMemory]) -> Result<(), GpuError> {

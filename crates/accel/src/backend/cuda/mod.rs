@@ -169,6 +169,22 @@ impl<G: Gpu> BufferReader for Buffers<G> {
         f(&bytes);
         true
     }
+
+    fn read_range(
+        &self,
+        id: BufferId,
+        range: std::ops::Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> Option<u64> {
+        let buffer = self.get(id)?;
+        let (start, end) = (range.start.min(buffer.bytes), range.end.min(buffer.bytes));
+        out.resize((end - start.min(end)) as usize, 0);
+        if let Err(e) = self.gpu.read(&buffer.memory, start, out) {
+            tracing::error!(buffer = id, "cannot read a device buffer: {e}");
+            return None;
+        }
+        Some(buffer.bytes)
+    }
 }
 
 /// Device memory a launch needs besides its buffers (QMATMUL's prepared inputs,
