@@ -166,6 +166,15 @@ pub fn cuda_kind() -> Result<&'static str, String> {
     cuda().map(|(_, kind)| *kind)
 }
 
+/// This host's GPU, if it has a real one (not the emulator): for the benchmarks that call
+/// CUDA libraries directly.
+pub fn cuda_gpu() -> Option<Arc<cuda::driver::CudaGpu>> {
+    match cuda() {
+        Ok((LocalGpu::Cuda(gpu), _)) => Some(gpu.clone()),
+        _ => None,
+    }
+}
+
 /// The backend kinds this host can run.
 pub fn available() -> Vec<&'static str> {
     let mut kinds = vec![CPU];

@@ -18,7 +18,10 @@ pub struct BenchArgs {
     /// What to measure: `vm` (guest speed vs host, start-up, pause latency, snapshot
     /// save/restore throughput of a 1 GiB guest) or `accel` (GEMM vs the GEMM crate
     /// called directly, mlp-train steps/s, llm-decode tokens/s, dirty-chunk take latency
-    /// with 4 GiB of device memory) or `migrate` (live vs stop-and-copy pause, total
+    /// with 4 GiB of device memory) or `gpu` (the cuda backend without a VM: every kernel
+    /// against the cpu backend, MATMUL against cuBLAS, a migration's chunk reads while
+    /// kernels keep the GPU busy against idle and one plain copy, chunk writes) or
+    /// `migrate` (live vs stop-and-copy pause, total
     /// time and bytes for llm-decode and mlp-train at --accel-sizes, vs the loopback's
     /// raw TCP throughput) or `evacuate` (time to empty a host of N running VMs with
     /// `maintenance enter` through a center, and each VM's pause, for N in --vms) or
@@ -117,6 +120,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     match args.what.as_str() {
         "vm" => bench_vm(args),
         "accel" => bench_accel(args),
+        "gpu" => {
+            begin(args)?;
+            crate::cmd::bench_gpu::bench_gpu(&mut |f| print(&f, args.json))
+        }
         "migrate" => crate::cmd::bench_migrate::bench_migrate(
             args.json,
             &args.accel_sizes,
@@ -211,7 +218,8 @@ fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {
 
 pub(crate) type Emit<'a> = dyn FnMut(Figure) -> anyhow::Result<()> + 'a;
 
-/// A figure; its bench is the figure name's prefix (`accel_...`, `llm_...`, else vm).
+/// A figure; its bench is the figure name's prefix (`accel_...`, `llm_...`, `gpu_...`,
+/// else vm).
 pub(crate) fn figure(
     figure: &'static str,
     value: f64,
@@ -229,6 +237,8 @@ pub(crate) fn figure(
             "serve"
         } else if figure.starts_with("center") {
             "center"
+        } else if figure.starts_with("gpu") {
+            "gpu"
         } else {
             "vm"
         },
@@ -240,18 +250,32 @@ pub(crate) fn figure(
 }
 
 /// Boots `name` with `args` in a VM shaped by `config`, running, console kept in memory.
-fn start(name: &str, args: &[&str], config: VmConfig) -> anyhow::Result<Microvm> {
+fn start(
+    name: &str,
+    args: &[&str],
+    config: VmConfig,
+    backend: &'static str,
+) -> anyhow::Result<Microvm> {
     let image =
         ferry_guest_images::find(name).with_context(|| format!("no built-in guest {name}"))?;
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut vm = Microvm::boot(config, image.elf, &args, HostOptions::quiet())?;
+    let host = HostOptions {
+        backend,
+        ..HostOptions::quiet()
+    };
+    let mut vm = Microvm::boot(config, image.elf, &args, host)?;
     vm.resume()?;
     Ok(vm)
 }
 
 /// Runs `name` to a clean exit; returns its console.
-fn run_to_end(name: &str, args: &[&str], config: VmConfig) -> anyhow::Result<String> {
-    let mut vm = start(name, args, config)?;
+fn run_to_end(
+    name: &str,
+    args: &[&str],
+    config: VmConfig,
+    backend: &'static str,
+) -> anyhow::Result<String> {
+    let mut vm = start(name, args, config, backend)?;
     match vm.wait(Some(Duration::from_secs(300))) {
         Some(VmExit::Exited(0)) => Ok(vm.console_tail()),
         Some(VmExit::Exited(code)) => bail!("{name} exited with {code}: {}", vm.console_tail()),
@@ -287,6 +311,7 @@ fn guest_speed(emit: &mut Emit) -> anyhow::Result<()> {
             &PASSES.to_string(),
         ],
         VmConfig::new(256 << 20),
+        ferry_accel::backend::CPU,
     )?;
 
     let started = Instant::now();
@@ -381,6 +406,7 @@ fn pause_latency(emit: &mut Emit) -> anyhow::Result<()> {
         "memtouch",
         &["--mib", "64", "--seconds", "600"],
         VmConfig::new(256 << 20),
+        ferry_accel::backend::CPU,
     )?;
     std::thread::sleep(Duration::from_millis(100));
     let mut micros = Vec::new();
@@ -415,6 +441,7 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
         "memtouch",
         &["--mib", &working_mib.to_string(), "--seconds", "600"],
         VmConfig::new(ram_size),
+        ferry_accel::backend::CPU,
     )?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !vm.console_tail().contains("memtouch: seed=") {
@@ -474,6 +501,7 @@ pub(crate) fn last_value(console: &str, key: &str) -> anyhow::Result<f64> {
 
 fn bench_accel(args: &BenchArgs) -> anyhow::Result<()> {
     begin(args)?;
+    let backend = args.backend.resolve()?;
     let mut emit = |figure: Figure| print(&figure, args.json);
     let threads = ferry_vmm::vm::default_accel_threads();
     let kernel = ferry_accel::backend::cpu::gemm_microkernel();
@@ -511,7 +539,7 @@ fn bench_accel(args: &BenchArgs) -> anyhow::Result<()> {
             ][..],
         ),
     ] {
-        let console = run_to_end("mlp-train", mlp_args, accel(512))?;
+        let console = run_to_end("mlp-train", mlp_args, accel(512), backend)?;
         emit(figure(
             figure_name,
             last_value(&console, "steps/s")?,
@@ -531,7 +559,7 @@ fn bench_accel(args: &BenchArgs) -> anyhow::Result<()> {
             "--print-every",
             "64",
         ];
-        let console = run_to_end("llm-decode", &llm_args, accel(512))?;
+        let console = run_to_end("llm-decode", &llm_args, accel(512), backend)?;
         emit(figure(
             figure_name,
             last_value(&console, "tokens/s")?,
@@ -555,7 +583,7 @@ fn dirty_take_latency(emit: &mut Emit) -> anyhow::Result<()> {
         "--print-every",
         "100000",
     ];
-    let vm = start("mlp-train", &mlp_args, config)?;
+    let vm = start("mlp-train", &mlp_args, config, ferry_accel::backend::CPU)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     while !vm.console_tail().contains("step=1 ") {
         ensure!(

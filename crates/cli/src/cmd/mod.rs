@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod bench_center;
 pub mod bench_evacuate;
+pub mod bench_gpu;
 pub mod bench_llm;
 pub mod bench_migrate;
 pub mod bench_serve;

@@ -159,11 +159,7 @@ impl CudaGpu {
         &self,
         copy: impl FnOnce(&mut PinnedHostSlice<u8>) -> Result<R, GpuError>,
     ) -> Result<R, GpuError> {
-        let taken = self
-            .staging
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        let taken = self.staging.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut pinned = match taken {
             Some(p) => p,
             // SAFETY: flags 0 is plain page-locked memory (not write-combined, which the
@@ -186,6 +182,57 @@ impl CudaGpu {
             .map_err(driver("event record"))?;
         *memory.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
         Ok(())
+    }
+}
+
+impl CudaGpu {
+    /// An `n×n×n` f32 GEMM through cuBLAS called directly on this GPU, GFLOP/s (the best
+    /// of several runs): what the cuda backend's MATMUL is measured against. `None` where
+    /// cuBLAS is not installed.
+    pub fn cublas_gemm_gflops(&self, n: usize) -> Result<Option<f64>, GpuError> {
+        use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+        // SAFETY: only tries to load the library and drops it.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Ok(None);
+        }
+        let failed = |what: &'static str| {
+            move |e: cudarc::cublas::result::CublasError| GpuError::Driver {
+                what,
+                message: format!("{e:?}"),
+            }
+        };
+        let blas = CudaBlas::new(self.compute.clone()).map_err(failed("cuBLAS start"))?;
+        let alloc = || {
+            self.compute
+                .alloc_zeros::<f32>(n * n)
+                .map_err(driver("allocation"))
+        };
+        let (a, b, mut c) = (alloc()?, alloc()?, alloc()?);
+        let side = i32::try_from(n).map_err(|_| GpuError::Driver {
+            what: "cuBLAS GEMM",
+            message: format!("{n} is too large"),
+        })?;
+        let config = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: side,
+            n: side,
+            k: side,
+            alpha: 1.0f32,
+            lda: side,
+            ldb: side,
+            beta: 0.0f32,
+            ldc: side,
+        };
+        let mut best = f64::MAX;
+        for _ in 0..6 {
+            let started = std::time::Instant::now();
+            // SAFETY: a, b and c hold n×n f32 each, as the configuration says.
+            unsafe { blas.gemm(config, &a, &b, &mut c) }.map_err(failed("cuBLAS GEMM"))?;
+            self.compute.synchronize().map_err(driver("cuBLAS GEMM"))?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok(Some(2.0 * (n as f64).powi(3) / best.max(1e-9) / 1e9))
     }
 }
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The cuda backend's checks on a machine with an NVIDIA GPU, in one run of a few minutes.
+#
+#   scripts/gpu-check.sh build       here, with Rust: builds what travels into gpu-check/
+#                                    (stripped, within the device tool's 64 MiB)
+#   scripts/gpu-check.sh run [OUT]   there, from the repository root, no Rust needed:
+#                                    runs everything and writes the results to OUT
+#                                    (default $OUT, else gpu-check/out)
+#
+# With the device tool: build here, then run
+#   run(command="scripts/gpu-check.sh run", carry=["gpu-check"], timeout_s=540)
+# and read the files it leaves under $OUT: machine.txt, cuda-tests.txt, device-tests.txt,
+# bench-gpu.json, and with /dev/kvm bench-accel-{cpu,cuda}.json and bench-migrate.json;
+# summary.txt says what ran, what passed and what was skipped.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+build() {
+    set -e
+    echo "== building the ferry binary and the accelerator's test binaries (release)"
+    cargo build --release --locked --bin ferry
+    local tests
+    tests=$(cargo test --release --locked -p ferry-accel --no-run --message-format=json 2>/dev/null \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda", "device"):
+        print(m["target"]["name"], m["executable"])')
+    rm -rf gpu-check && mkdir -p gpu-check
+    cp target/release/ferry gpu-check/ferry
+    while read -r name exe; do cp "$exe" "gpu-check/$name-tests"; done <<<"$tests"
+    strip gpu-check/*
+    ls -l gpu-check
+    local total
+    total=$(du -cb gpu-check/* | tail -1 | cut -f1)
+    echo "== gpu-check/ holds $((total >> 20)) MiB (the device tool carries at most 64 MiB)"
+    [ "$total" -lt $((64 << 20)) ] || { echo "gpu-check: too large to carry" >&2; exit 1; }
+    [ -x gpu-check/cuda-tests ] && [ -x gpu-check/device-tests ] || { echo "gpu-check: test binaries missing" >&2; exit 1; }
+}
+
+run() {
+    local out="${1:-${OUT:-gpu-check/out}}"
+    mkdir -p "$out"
+    local summary="$out/summary.txt"
+    : >"$summary"
+    say() { echo "$*" | tee -a "$summary"; }
+    # A step: its name, the seconds it may take, the file of its output, the command.
+    step() {
+        local name=$1 limit=$2 file=$3; shift 3
+        local started=$SECONDS
+        timeout "$limit" "$@" >"$out/$file" 2>"$out/$file.stderr"
+        local rc=$?
+        say "$name: exit $rc after $((SECONDS - started)) s (output: $file)"
+    }
+    [ -x gpu-check/ferry ] || { echo "gpu-check: run 'scripts/gpu-check.sh build' first (and carry gpu-check/)" >&2; exit 2; }
+    { date -u; uname -a; nvidia-smi 2>&1; ls -l /dev/kvm 2>&1; nproc; free -g; } >"$out/machine.txt"
+    # The CUDA toolkit's NVRTC and cuBLAS, and the driver (loaded at run time).
+    for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+        [ -d "$dir" ] && LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+    export LD_LIBRARY_PATH
+    # A test that cannot find the GPU or NVRTC fails here instead of skipping.
+    export FERRY_REQUIRE_GPU=1 FERRY_REQUIRE_NVRTC=1
+    say "== gpu-check on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
+    step "kernels compiled by NVRTC and compared with the cpu backend on the GPU" 120 cuda-tests.txt \
+        gpu-check/cuda-tests --test-threads=1 --nocapture
+    step "device tests (hostile guests, dirty tracking, replay) on every backend" 120 device-tests.txt \
+        gpu-check/device-tests --test-threads=2
+    step "bench gpu (GEMM vs cuBLAS, chunk reads busy vs idle, writes)" 120 bench-gpu.json \
+        gpu-check/ferry bench gpu --json
+    if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+        step "bench accel on the cpu backend" 90 bench-accel-cpu.json gpu-check/ferry bench accel --json
+        step "bench accel on the cuda backend" 90 bench-accel-cuda.json \
+            gpu-check/ferry bench accel --backend cuda --json
+        step "bench migrate on the cuda backend (live vs stop-and-copy)" 150 bench-migrate.json \
+            gpu-check/ferry bench migrate --backend cuda --accel-sizes 1G,8G,32G \
+            --workloads llm-decode,mlp-train --json
+    else
+        say "SKIPPED the VM-level benches (mlp-train, llm-decode, migration at 1/8/32 GiB): /dev/kvm is not usable here"
+    fi
+    say "== done; results in $out"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: scripts/gpu-check.sh build | run [OUT]" >&2; exit 2 ;;
+esac
