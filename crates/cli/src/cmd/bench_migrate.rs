@@ -226,9 +226,16 @@ pub fn bench_migrate(
         .max()
         .unwrap_or(0)
         .max(LARGE_TRAINING_ACCEL);
+    // Backing the cpu backend's device memory up front, as a GPU's is (a GPU's needs
+    // nothing: it is its own).
+    let prefault = if backend == ferry_accel::backend::CPU {
+        largest + (64 << 20)
+    } else {
+        0
+    };
     let ends = match link {
-        None => Ends::loopback(largest + (64 << 20), backend)?,
-        Some(rate) => Ends::shaped(rate, largest + (64 << 20), backend)?,
+        None => Ends::loopback(prefault, backend)?,
+        Some(rate) => Ends::shaped(rate, prefault, backend)?,
     };
     if !json {
         println!(

@@ -2,17 +2,9 @@
 // C++ compiler and this header (`-DFERRY_EMULATED -ffp-contract=off`) and run each kernel
 // for one work item after another (see emulator.rs). Every kernel computes its items
 // independently, so running them in sequence gives what the GPU's threads give.
+// (kernels.cu declares the integer types before including it.)
 #include <math.h>
 #include <string.h>
-
-typedef unsigned long long u64;
-typedef long long i64;
-typedef unsigned int u32;
-typedef int i32;
-typedef unsigned short u16;
-typedef short i16;
-typedef unsigned char u8;
-typedef signed char i8;
 
 #define KERNEL extern "C" void
 #define DEV static inline

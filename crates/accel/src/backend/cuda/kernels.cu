@@ -15,9 +15,6 @@
 // Its first word after the buffers is always the number of work items; surplus threads
 // return at once.
 
-#ifdef FERRY_EMULATED
-#include "emulated.h"
-#else
 typedef unsigned long long u64;
 typedef long long i64;
 typedef unsigned int u32;
@@ -26,6 +23,10 @@ typedef unsigned short u16;
 typedef short i16;
 typedef unsigned char u8;
 typedef signed char i8;
+
+#ifdef FERRY_EMULATED
+#include "emulated.h"
+#else
 #define KERNEL extern "C" __global__ void
 #define DEV static __device__ __forceinline__
 DEV u64 item_index() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
