@@ -140,6 +140,10 @@ pub struct VmInfo {
     pub memory: u64,
     /// Accelerator memory, bytes.
     pub accel_memory: u64,
+    /// Its accelerator's backend kind (`cpu`, `cuda-sm_90-d13`); `None` without one. It
+    /// moves only to hosts that run that backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel_backend: Option<String>,
     /// Share of the last second the accelerator spent executing commands (0 to 1).
     #[serde(default)]
     pub accel_load: f64,
@@ -225,8 +229,12 @@ pub struct HostInfo {
     pub migration_addr: String,
     /// Ferry version.
     pub version: String,
-    /// Accelerator backend kind ("cpu").
+    /// Accelerator backend kind of the VMs created here (`cpu`, `cuda-sm_90-d13`).
     pub backend: String,
+    /// Every backend kind it runs VMs on (`cpu` always, and its GPU's); empty from hosts
+    /// that predate it, which run `cpu` only.
+    #[serde(default)]
+    pub backends: Vec<String>,
     /// CPU cores.
     pub cpus: usize,
     /// Threads each VM's accelerator runs kernels on.
@@ -654,6 +662,7 @@ mod tests {
             migration_addr: "127.0.0.1:1".into(),
             version: "0".into(),
             backend: "cpu".into(),
+            backends: vec!["cpu".into()],
             cpus: 2,
             accel_threads: 1,
             load_avg: 0.0,
@@ -676,6 +685,7 @@ mod tests {
             state: VmState::Running,
             memory: 1 << 20,
             accel_memory: 0,
+            accel_backend: None,
             accel_load: load,
             uptime_ms: 0,
             since_unix_ms: 1,

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::HostLoad;
-use crate::placement::{take, Need};
+use crate::placement::{fits, take, Need};
 
 /// A VM the planner may move.
 #[derive(Debug, Clone)]
@@ -97,7 +97,7 @@ fn shift(hosts: &mut [HostLoad], vm: &MovableVm, from: usize, to: usize) {
     src.memory_free += vm.need.memory;
     src.accel_used -= vm.need.accel;
     src.accel_load = (src.accel_load - vm.load).max(0.0);
-    take(&mut hosts[to], vm.need);
+    take(&mut hosts[to], &vm.need);
     hosts[to].accel_load += vm.load;
 }
 
@@ -129,9 +129,7 @@ pub fn plan(hosts: &[HostLoad], vms: &[MovableVm], threshold: f64) -> BalancePla
                 continue;
             }
             for to in 0..sim.len() {
-                let fits =
-                    sim[to].accel_free >= vm.need.accel && sim[to].memory_free >= vm.need.memory;
-                if to == busiest || !fits {
+                if to == busiest || !fits(&sim[to], &vm.need) {
                     continue;
                 }
                 let mut trial = sim.clone();
@@ -210,6 +208,7 @@ mod tests {
             accel_used,
             accel_load: vms.iter().map(|v| v.load).sum(),
             accel_slots: 1.0,
+            backends: vec!["cpu".into()],
         }
     }
 

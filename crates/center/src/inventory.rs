@@ -174,6 +174,8 @@ pub struct HostLoad {
     pub accel_load: f64,
     /// Devices' worth of accelerator work it runs at full speed at once.
     pub accel_slots: f64,
+    /// The accelerator backends it runs VMs on.
+    pub backends: Vec<String>,
 }
 
 /// The changes a heartbeat made, to write through and log.
@@ -504,6 +506,11 @@ impl Inventory {
             accel_used,
             accel_load,
             accel_slots: slots.max(1.0),
+            backends: if host.info.backends.is_empty() {
+                vec!["cpu".into()]
+            } else {
+                host.info.backends.clone()
+            },
         }
     }
 
@@ -556,6 +563,7 @@ fn capacity_changed(old: &HostInfo, new: &HostInfo) -> bool {
         || old.migration_addr != new.migration_addr
         || old.version != new.version
         || old.backend != new.backend
+        || old.backends != new.backends
         || old.cpus != new.cpus
         || old.accel_threads != new.accel_threads
         || old.memory_capacity != new.memory_capacity
@@ -572,6 +580,7 @@ mod tests {
             migration_addr: "127.0.0.1:1".into(),
             version: "0".into(),
             backend: "cpu".into(),
+            backends: vec!["cpu".into()],
             cpus: 2,
             accel_threads: 2,
             load_avg: 0.0,
@@ -594,6 +603,7 @@ mod tests {
             state,
             memory: 256 << 20,
             accel_memory: 512 << 20,
+            accel_backend: Some("cpu".into()),
             accel_load: 0.5,
             uptime_ms: 0,
             since_unix_ms: 0,

@@ -165,6 +165,9 @@ pub struct VmView {
     pub memory: u64,
     /// Accelerator memory, bytes.
     pub accel_memory: u64,
+    /// Its accelerator's backend kind, if it has an accelerator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel_backend: Option<String>,
     /// Accelerator load.
     pub accel_load: f64,
     /// Time on its host, ms.
@@ -670,6 +673,7 @@ impl Center {
             workload: vm.info.workload.clone(),
             memory: vm.info.memory,
             accel_memory: vm.info.accel_memory,
+            accel_backend: vm.info.accel_backend.clone(),
             accel_load: vm.info.accel_load,
             // Beats leave out uptime that only counted on.
             uptime_ms: match vm.info.since_unix_ms {
@@ -839,7 +843,7 @@ impl Center {
                     }
                 },
             };
-            let name = placement::choose(&candidates, need)
+            let name = placement::choose(&candidates, &need)
                 .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
                 .name
                 .clone();

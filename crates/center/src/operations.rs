@@ -647,12 +647,12 @@ impl Center {
         let mut moves = Vec::new();
         let mut homeless = Vec::new();
         for vm in vms {
-            let need = Need::of(vm.info.memory, vm.info.accel_memory);
-            match placement::choose(&open, need) {
+            let need = Need::of_vm(&vm.info);
+            match placement::choose(&open, &need) {
                 Ok(to) => {
                     let to = to.name.clone();
                     let slot = open.iter_mut().find(|h| h.name == to).expect("chosen");
-                    placement::take(slot, need);
+                    placement::take(slot, &need);
                     moves.push(Move { vm, to });
                 }
                 Err(why) => homeless.push(format!("{}: {why}", vm.id)),
@@ -858,7 +858,7 @@ impl Center {
             .flat_map(|h| inventory.live_vms_on(&h.name))
             .filter(|vm| vm.info.state == VmState::Running)
             .map(|vm| MovableVm {
-                need: Need::of(vm.info.memory, vm.info.accel_memory),
+                need: Need::of_vm(&vm.info),
                 load: vm.info.accel_load,
                 host: vm.host,
                 id: vm.id,

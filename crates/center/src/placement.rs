@@ -1,25 +1,58 @@
-//! Where a VM goes: the open host with the most free accelerator memory that fits it,
-//! then the most free VM memory, then by name (so plans are reproducible).
+//! Where a VM goes: the open host with the most free accelerator memory that fits it
+//! (and runs its accelerator's backend), then the most free VM memory, then by name (so
+//! plans are reproducible).
+
+use std::sync::Arc;
+
+use ferry_api::VmInfo;
 
 use crate::inventory::HostLoad;
 
+/// The backend every host runs.
+const CPU: &str = "cpu";
+
 /// What a VM needs of a host.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Need {
     /// Accelerator memory, bytes.
     pub accel: u64,
     /// RAM + accelerator memory, bytes.
     pub memory: u64,
+    /// The accelerator backend it runs on, if not the one every host has (`cpu`).
+    pub backend: Option<Arc<str>>,
 }
 
 impl Need {
-    /// What a VM of these sizes needs.
+    /// What a VM of these sizes needs (on any backend the host gives new VMs).
     pub fn of(ram: u64, accel: u64) -> Self {
         Self {
             accel,
             memory: ram + accel,
+            backend: None,
         }
     }
+
+    /// What `vm` needs to move: its sizes, and a host that runs its backend.
+    pub fn of_vm(vm: &VmInfo) -> Self {
+        Self {
+            backend: vm
+                .accel_backend
+                .as_deref()
+                .filter(|&b| b != CPU)
+                .map(Arc::from),
+            ..Self::of(vm.memory, vm.accel_memory)
+        }
+    }
+}
+
+/// Whether `host` has room for `need` and runs its backend.
+pub fn fits(host: &HostLoad, need: &Need) -> bool {
+    host.accel_free >= need.accel
+        && host.memory_free >= need.memory
+        && need
+            .backend
+            .as_deref()
+            .is_none_or(|b| host.backends.iter().any(|h| h == b))
 }
 
 fn mib(bytes: u64) -> u64 {
@@ -27,10 +60,10 @@ fn mib(bytes: u64) -> u64 {
 }
 
 /// The host for a VM needing `need`, among `hosts`; or why none fits.
-pub fn choose(hosts: &[HostLoad], need: Need) -> Result<&HostLoad, String> {
+pub fn choose<'h>(hosts: &'h [HostLoad], need: &Need) -> Result<&'h HostLoad, String> {
     hosts
         .iter()
-        .filter(|h| h.accel_free >= need.accel && h.memory_free >= need.memory)
+        .filter(|h| fits(h, need))
         .max_by(|a, b| {
             a.accel_free
                 .cmp(&b.accel_free)
@@ -41,9 +74,24 @@ pub fn choose(hosts: &[HostLoad], need: Need) -> Result<&HostLoad, String> {
 }
 
 /// Why no host fits: what was needed and what each host has free.
-fn no_room(hosts: &[HostLoad], need: Need) -> String {
+fn no_room(hosts: &[HostLoad], need: &Need) -> String {
     if hosts.is_empty() {
         return "no host is up and in service".into();
+    }
+    if let Some(backend) = need.backend.as_deref() {
+        if !hosts
+            .iter()
+            .any(|h| h.backends.iter().any(|b| b == backend))
+        {
+            return format!(
+                "no host in service runs the VM's accelerator backend {backend} (hosts: {})",
+                hosts
+                    .iter()
+                    .map(|h| format!("{} {}", h.name, h.backends.join("+")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     let free: Vec<String> = hosts
         .iter()
@@ -65,7 +113,7 @@ fn no_room(hosts: &[HostLoad], need: Need) -> String {
 }
 
 /// Takes `need` off `host`'s free room (a placement made in a plan).
-pub fn take(host: &mut HostLoad, need: Need) {
+pub fn take(host: &mut HostLoad, need: &Need) {
     host.accel_free -= need.accel;
     host.memory_free -= need.memory;
     host.accel_used += need.accel;
@@ -84,6 +132,7 @@ mod tests {
             accel_used: (1 << 30) - (accel_free_mib << 20).min(1 << 30),
             accel_load: 0.0,
             accel_slots: 1.0,
+            backends: vec!["cpu".into()],
         }
     }
 
@@ -95,34 +144,70 @@ mod tests {
             host("c", 700, 9000),
         ];
         let need = Need::of(256 << 20, 256 << 20);
-        assert_eq!(choose(&hosts, need).unwrap().name, "b");
+        assert_eq!(choose(&hosts, &need).unwrap().name, "b");
     }
 
     #[test]
     fn a_host_without_vm_memory_is_skipped() {
         let hosts = [host("a", 900, 300), host("b", 600, 9000)];
         let need = Need::of(256 << 20, 256 << 20);
-        assert_eq!(choose(&hosts, need).unwrap().name, "b");
+        assert_eq!(choose(&hosts, &need).unwrap().name, "b");
     }
 
     #[test]
     fn ties_go_to_the_first_name() {
         let hosts = [host("b", 600, 600), host("a", 600, 600)];
-        assert_eq!(choose(&hosts, Need::of(0, 0)).unwrap().name, "a");
+        assert_eq!(choose(&hosts, &Need::of(0, 0)).unwrap().name, "a");
     }
 
     #[test]
     fn no_room_says_what_was_needed_and_what_is_free() {
         let hosts = [host("a", 100, 8000), host("b", 200, 8000)];
-        let why = choose(&hosts, Need::of(256 << 20, 1 << 30)).unwrap_err();
+        let why = choose(&hosts, &Need::of(256 << 20, 1 << 30)).unwrap_err();
         assert!(why.contains("1024 MiB of accelerator memory"), "{why}");
         assert!(
             why.contains("a 100 MiB accel") && why.contains("b 200 MiB"),
             "{why}"
         );
         assert_eq!(
-            choose(&[], Need::of(0, 0)).unwrap_err(),
+            choose(&[], &Need::of(0, 0)).unwrap_err(),
             "no host is up and in service"
+        );
+    }
+
+    #[test]
+    fn a_vm_goes_only_to_hosts_that_run_its_backend() {
+        let mut gpu = host("g", 100, 8000);
+        gpu.backends = vec!["cpu".into(), "cuda-sm_90-d13".into()];
+        let hosts = [host("a", 900, 9000), gpu];
+        let vm = |backend: Option<&str>| VmInfo {
+            id: "v".into(),
+            workload: "mlp-train".into(),
+            name: None,
+            args: Vec::new(),
+            state: ferry_api::VmState::Running,
+            memory: 64 << 20,
+            accel_memory: 64 << 20,
+            accel_backend: backend.map(String::from),
+            accel_load: 0.0,
+            uptime_ms: 0,
+            since_unix_ms: 0,
+            migrated_from: None,
+            files: Vec::new(),
+            console_tail: String::new(),
+        };
+        let cuda = Need::of_vm(&vm(Some("cuda-sm_90-d13")));
+        assert_eq!(choose(&hosts, &cuda).unwrap().name, "g");
+        // A cpu VM (or one without an accelerator) goes where there is most room.
+        assert_eq!(
+            choose(&hosts, &Need::of_vm(&vm(Some("cpu")))).unwrap().name,
+            "a"
+        );
+        assert_eq!(choose(&hosts, &Need::of_vm(&vm(None))).unwrap().name, "a");
+        let why = choose(&hosts[..1], &cuda).unwrap_err();
+        assert!(
+            why.contains("backend cuda-sm_90-d13") && why.contains("a cpu"),
+            "{why}"
         );
     }
 }

@@ -259,6 +259,69 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
 }
 
 #[test]
+fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
+    let test = "maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend";
+    if !kvm_available(test) {
+        return;
+    }
+    let center = CenterProc::start(scratch_dir(test).join("center.db"), "127.0.0.1:0");
+    // a and c run the cuda backend's kernels (emulated: this machine has no GPU); b runs
+    // only cpu but has the most free accelerator memory, so room alone would pick it.
+    let host = |name: &str, accel: &str, cuda: bool| {
+        let mut flags = vec![
+            "--center",
+            &center.url,
+            "--heartbeat-ms",
+            "200",
+            "--accel-capacity",
+            accel,
+            "--memory-capacity",
+            "4G",
+        ];
+        let env: &[(&str, &str)] = if cuda {
+            flags.extend(["--backend", "cuda"]);
+            &[("FERRY_CUDA_EMULATOR", "1")]
+        } else {
+            &[]
+        };
+        Daemon::start_env(name, &flags, env)
+    };
+    let a = host("a", "1G", true);
+    let _b = host("b", "3G", false);
+    let _c = host("c", "1G", true);
+    center.wait_for("three hosts up", |s| {
+        s["hosts"].as_array().unwrap().len() == 3
+            && s["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["status"] == "up")
+    });
+    let id = center.create_on(
+        "a",
+        "32M",
+        "--steps 3000 --print-every 10 --hidden 64 --batch 32",
+    );
+    a.wait_console(&id, "step=30 ");
+    let status = center.status();
+    assert_eq!(
+        vm(&status, &id)["accel_backend"],
+        "cuda-emulated",
+        "{status:#}"
+    );
+
+    let done = center.json(&["host", "maintenance", "enter", "a", "--json"]);
+    assert_eq!(done["operation"]["state"], "done", "{done:#}");
+    let moves = done["migrations"].as_array().unwrap();
+    assert_eq!(moves.len(), 1, "{done:#}");
+    assert_eq!(moves[0]["state"], "succeeded", "{done:#}");
+    assert_eq!(
+        moves[0]["to"], "c",
+        "the cuda VM went where its backend is not: {done:#}"
+    );
+}
+
+#[test]
 fn maintenance_without_room_elsewhere_refuses_and_moves_nothing() {
     if !kvm_available("maintenance_without_room_elsewhere_refuses_and_moves_nothing") {
         return;

@@ -72,6 +72,8 @@ pub struct HostedVm {
     pub migrated_from: Option<String>,
     /// Its attached files.
     pub files: Vec<FileInfo>,
+    /// Its accelerator's backend kind, if it has an accelerator.
+    pub accel_backend: Option<String>,
     life: Lifecycle,
     control: Mutex<Control>,
     readout: VmReadout,
@@ -127,6 +129,7 @@ impl HostedVm {
             config: vm.config(),
             migrated_from,
             files: vm.files().infos(),
+            accel_backend: vm.accel().map(|a| a.backend_kind().to_string()),
             life,
             readout: vm.readout(),
             control: Mutex::new(Control {
@@ -199,6 +202,7 @@ impl HostedVm {
             state: self.state(),
             memory: self.config.ram_size,
             accel_memory: self.config.accel_memory,
+            accel_backend: self.accel_backend.clone(),
             accel_load: self.accel_load(),
             uptime_ms: self.arrived.elapsed().as_millis() as u64,
             since_unix_ms: self.arrived_unix_ms,

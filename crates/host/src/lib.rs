@@ -341,6 +341,10 @@ impl Host {
             migration_addr: migration_addr.to_string(),
             version: env!("CARGO_PKG_VERSION").into(),
             backend: self.config.backend.into(),
+            backends: ferry_accel::backend::available()
+                .into_iter()
+                .map(String::from)
+                .collect(),
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
             accel_threads: self.config.accel_threads,
             load_avg: heartbeat::load_average().unwrap_or(0.0),
