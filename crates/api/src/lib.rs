@@ -279,6 +279,18 @@ pub struct CreateVm {
     /// Read-only files to attach, in the order the guest sees them.
     #[serde(default)]
     pub attach: Vec<Attachment>,
+    /// Its accelerator's backend: `cpu`, `cuda` (the host's GPU, whatever its kind) or an
+    /// exact kind (`cuda-sm_90-d13`); default: the host's (`ferry host serve --backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// Whether a host whose backends are `backends` runs the backend `wanted` names (`cuda`:
+/// any GPU's).
+pub fn runs_backend(backends: &[String], wanted: &str) -> bool {
+    backends
+        .iter()
+        .any(|b| b == wanted || (wanted == "cuda" && b.starts_with("cuda-")))
 }
 
 /// A file on the host given to a VM (`--attach NAME=PATH`).

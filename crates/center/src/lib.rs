@@ -823,7 +823,7 @@ impl Center {
     /// asked for), and records it.
     pub fn create_vm(&self, req: &PlaceVm) -> Result<Placed, CenterError> {
         self.store().writable()?;
-        let need = Need::of(req.vm.memory, req.vm.accel_memory);
+        let need = Need::of(req.vm.memory, req.vm.accel_memory).on(req.vm.backend.as_deref());
         let host = {
             let inventory = self.inventory();
             let open = inventory.open_hosts(unix_ms(), self.down_after_ms());

@@ -18,7 +18,8 @@ pub struct Need {
     pub accel: u64,
     /// RAM + accelerator memory, bytes.
     pub memory: u64,
-    /// The accelerator backend it runs on, if not the one every host has (`cpu`).
+    /// The accelerator backend it runs on (a kind, or `cuda`: any GPU's), if not the one
+    /// every host has (`cpu`).
     pub backend: Option<Arc<str>>,
 }
 
@@ -34,13 +35,14 @@ impl Need {
 
     /// What `vm` needs to move: its sizes, and a host that runs its backend.
     pub fn of_vm(vm: &VmInfo) -> Self {
+        Self::of(vm.memory, vm.accel_memory).on(vm.accel_backend.as_deref())
+    }
+
+    /// The same, on accelerator backend `backend` (`None`: any).
+    pub fn on(self, backend: Option<&str>) -> Self {
         Self {
-            backend: vm
-                .accel_backend
-                .as_deref()
-                .filter(|&b| b != CPU)
-                .map(Arc::from),
-            ..Self::of(vm.memory, vm.accel_memory)
+            backend: backend.filter(|&b| b != CPU).map(Arc::from),
+            ..self
         }
     }
 }
@@ -52,7 +54,7 @@ pub fn fits(host: &HostLoad, need: &Need) -> bool {
         && need
             .backend
             .as_deref()
-            .is_none_or(|b| host.backends.iter().any(|h| h == b))
+            .is_none_or(|b| ferry_api::runs_backend(&host.backends, b))
 }
 
 fn mib(bytes: u64) -> u64 {
@@ -81,7 +83,7 @@ fn no_room(hosts: &[HostLoad], need: &Need) -> String {
     if let Some(backend) = need.backend.as_deref() {
         if !hosts
             .iter()
-            .any(|h| h.backends.iter().any(|b| b == backend))
+            .any(|h| ferry_api::runs_backend(&h.backends, backend))
         {
             return format!(
                 "no host in service runs the VM's accelerator backend {backend} (hosts: {})",

@@ -287,7 +287,7 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
         Daemon::start_env(name, &flags, env)
     };
     let a = host("a", "1G", true);
-    let _b = host("b", "3G", false);
+    let b = host("b", "3G", false);
     let _c = host("c", "1G", true);
     center.wait_for("three hosts up", |s| {
         s["hosts"].as_array().unwrap().len() == 3
@@ -308,6 +308,49 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
         vm(&status, &id)["accel_backend"],
         "cuda-emulated",
         "{status:#}"
+    );
+
+    // Asked for a GPU, the center picks a host with one (b has the most room but none);
+    // asked to put it on b, the center refuses, and so does b itself.
+    let asked = [
+        "vm",
+        "create",
+        "hello",
+        "--json",
+        "--memory",
+        "64M",
+        "--accel-memory",
+        "32M",
+        "--backend",
+        "cuda",
+    ];
+    let placed = center.json(&asked);
+    assert_ne!(placed["host"], "b", "{placed}");
+    let refused = center.ferry(&[&asked[..], &["--on", "b"]].concat());
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr)
+            .contains("no host in service runs the VM's accelerator backend cuda (hosts: b cpu)"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let refused = b.ferry(&[
+        "vm",
+        "--host",
+        &b.api,
+        "create",
+        "hello",
+        "--accel-memory",
+        "32M",
+        "--backend",
+        "cuda",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr)
+            .contains("accelerator backend 'cuda' is not available here (this host has: cpu)"),
+        "{}",
+        text(&refused.stderr)
     );
 
     let done = center.json(&["host", "maintenance", "enter", "a", "--json"]);

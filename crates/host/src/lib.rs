@@ -411,10 +411,15 @@ impl Host {
         }
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
+        let backend = match req.backend.as_deref() {
+            None => self.config.backend,
+            Some(name) => ferry_accel::backend::by_name(name).map_err(HostError::BadRequest)?,
+        };
         let files = self.attach(&req.attach)?;
         let reservation = self.reserve(&config)?;
         let host = HostOptions {
             files,
+            backend,
             ..self.vm_host_options()
         };
         let vm = Microvm::boot(config, &image, &req.args, host).map_err(|e| {

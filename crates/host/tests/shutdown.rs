@@ -46,6 +46,7 @@ fn one_life(n: usize) -> bool {
             memory: 32 << 20,
             accel_memory: 0,
             attach: Vec::new(),
+            backend: None,
         })
         .unwrap();
     assert_eq!(vm.state, VmState::Running);

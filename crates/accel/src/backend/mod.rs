@@ -175,6 +175,21 @@ pub fn cuda_gpu() -> Option<Arc<cuda::driver::CudaGpu>> {
     }
 }
 
+/// The kind of backend `name` (`cpu`, `cuda`, or an exact kind) on this host, or why this
+/// host has none.
+pub fn by_name(name: &str) -> Result<&'static str, String> {
+    if name == CPU {
+        return Ok(CPU);
+    }
+    match cuda_kind() {
+        Ok(kind) if name == "cuda" || name == kind => Ok(kind),
+        _ => Err(format!(
+            "accelerator backend '{name}' is not available here (this host has: {})",
+            available().join(", ")
+        )),
+    }
+}
+
 /// The backend kinds this host can run.
 pub fn available() -> Vec<&'static str> {
     let mut kinds = vec![CPU];

@@ -50,6 +50,7 @@ impl LoopbackCluster {
                         memory: VM_RAM,
                         accel_memory: VM_ACCEL,
                         attach: Vec::new(),
+                        backend: None,
                     },
                     host: Some("a".into()),
                 },

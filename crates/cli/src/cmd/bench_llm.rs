@@ -185,6 +185,7 @@ fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> an
             name: "model".into(),
             path: model.clone(),
         }],
+        backend: None,
     };
     let vm: ferry_api::VmInfo = ca.post("/v1/vms", &request)?;
     let id = vm.id;

@@ -365,6 +365,7 @@ fn measure(
             memory: 256 << 20,
             accel_memory: accel,
             attach: Vec::new(),
+            backend: None,
         },
     )?;
     let id = vm.id;

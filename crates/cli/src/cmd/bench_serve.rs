@@ -195,6 +195,7 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
                     name: "model".into(),
                     path: model.clone(),
                 }],
+                backend: None,
             },
             host: Some("a".into()),
         },

@@ -144,6 +144,7 @@ impl Hosts {
                 memory: w.ram,
                 accel_memory: w.accel,
                 attach: Vec::new(),
+                backend: None,
             },
         )?;
         Ok(vm.id)

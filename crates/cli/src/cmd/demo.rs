@@ -222,6 +222,7 @@ impl Workload {
             memory,
             accel_memory,
             attach,
+            backend: None,
         })
     }
 

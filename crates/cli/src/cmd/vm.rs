@@ -80,6 +80,11 @@ enum VmCommand {
         /// `--attach model=/models/SmolLM2-135M-Instruct.Q4_1.gguf`. It moves with the VM.
         #[arg(long, value_name = "NAME=PATH", value_parser = crate::attach::parse_attach)]
         attach: Vec<(String, std::path::PathBuf)>,
+        /// Its accelerator's backend: `cpu`, `cuda` (a GPU, whatever its kind) or an exact
+        /// kind such as `cuda-sm_90-d13` (default: the host's `--backend`). With --center,
+        /// only hosts that run it are chosen.
+        #[arg(long, value_name = "BACKEND")]
+        backend: Option<String>,
         /// Guest arguments (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -157,6 +162,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             memory,
             accel_memory,
             attach,
+            backend,
             args: guest_args,
         } => {
             let vm = ferry_api::CreateVm {
@@ -172,6 +178,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                         path: path.clone(),
                     })
                     .collect(),
+                backend: backend.clone(),
             };
             let Some(center) = center else {
                 return finish(args, Answer::One(Box::new(host()?.post("/v1/vms", &vm)?)));
