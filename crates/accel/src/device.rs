@@ -1274,7 +1274,6 @@ impl DeviceReplay {
             let map = self.shared.tracker.map();
             (map.table(), map.digests.clone())
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let reader = &self.shared.tracker.reader;
         DeviceDigest(
             table
@@ -1283,34 +1282,8 @@ impl DeviceReplay {
                     if let Some(&crc) = cached.get(&b.id) {
                         return (b.id, b.bytes, crc);
                     }
-                    let mut crc = crc32fast::Hasher::new();
-                    reader.with_buffer(b.id, &mut |bytes| {
-                        let part = bytes.len().div_ceil(threads).max(DIGEST_PART);
-                        if bytes.len() <= part {
-                            crc.update(bytes);
-                            return;
-                        }
-                        let parts: Vec<crc32fast::Hasher> = std::thread::scope(|scope| {
-                            let hashing: Vec<_> = bytes
-                                .chunks(part)
-                                .map(|p| {
-                                    scope.spawn(move || {
-                                        let mut h = crc32fast::Hasher::new();
-                                        h.update(p);
-                                        h
-                                    })
-                                })
-                                .collect();
-                            hashing
-                                .into_iter()
-                                .map(|h| h.join().expect("hashing a part of a buffer"))
-                                .collect()
-                        });
-                        for p in &parts {
-                            crc.combine(p);
-                        }
-                    });
-                    let crc = crc.finalize();
+                    // Every buffer of the table exists: the core lock is held.
+                    let crc = reader.crc32(b.id).unwrap_or_default();
                     // Kept until the buffer is next written (under the core lock, held).
                     self.shared.tracker.map().digests.insert(b.id, crc);
                     (b.id, b.bytes, crc)
@@ -1319,10 +1292,6 @@ impl DeviceReplay {
         )
     }
 }
-
-/// The least of a buffer one thread hashes for a digest (smaller buffers are hashed by
-/// one thread: a thread costs more than hashing them).
-const DIGEST_PART: usize = 4 << 20;
 
 /// Byte range of chunk `index` in a buffer of `bytes` bytes, if it has that chunk.
 fn chunk_range(bytes: u64, index: u64) -> Option<Range<u64>> {

@@ -556,7 +556,12 @@ fn run_case(c: &Case, expected: &str) {
                 Err(_) if killed_src.load(Ordering::SeqCst) => break,
                 Err(e) => panic!("{}: {e:#}", c.name),
             };
-            let settled = status["state"] != "running" && vm["state"] != "in-doubt";
+            // The migration ended, and the VM is past it: not still in the switchover
+            // (the status may say failed a moment before the VM says in doubt) nor in
+            // doubt.
+            let settled = status["state"] != "running"
+                && !["migrating", "switchover", "in-doubt"]
+                    .contains(&vm["state"].as_str().unwrap_or(""));
             if settled {
                 said = format!(
                     "{} {}",

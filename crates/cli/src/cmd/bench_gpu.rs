@@ -206,8 +206,9 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
         idle / plain,
         "x plain copy",
         format!(
-            "{} MiB in 256 KiB chunks: {:.1} GB/s; one plain copy of the buffer {:.1} GB/s",
+            "{} MiB in {} KiB chunks: {:.1} GB/s; one plain copy of the buffer {:.1} GB/s",
             bytes >> 20,
+            CHUNK_SIZE >> 10,
             gbs(idle),
             gbs(plain)
         ),
@@ -239,8 +240,9 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
         writes / plain,
         "x plain copy",
         format!(
-            "{} MiB in 256 KiB chunks: {:.1} GB/s",
+            "{} MiB in {} KiB chunks: {:.1} GB/s",
             bytes >> 20,
+            CHUNK_SIZE >> 10,
             gbs(writes)
         ),
     ))?;

@@ -1,9 +1,11 @@
 //! The real [`Gpu`]: the CUDA driver and NVRTC through `cudarc`, both loaded at run time.
 //!
 //! Kernels run in order on one stream. Every buffer remembers the event recorded after
-//! the last launch or copy that wrote it; a read waits for that event only, on a stream
-//! of its own, so a migration's chunk reads do not queue behind kernels that do not write
-//! the buffer read.
+//! the last launch or copy that wrote it; a read waits for that event only, on a copy
+//! stream of its own (one per concurrent read, pooled), so a migration's chunk reads do
+//! not queue behind kernels that do not write the buffer read, nor behind each other.
+//! Every call binds the context to its thread first (a buffer may be freed on any
+//! thread: CUDA needs the context there).
 //!
 //! Nothing here has run on a GPU yet (the machines this was written on have none):
 //! `scripts/gpu-check.sh` runs the device tests and benches on one.
@@ -48,6 +50,16 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// NVRTC's version, `major.minor` (`?` if it cannot say).
+fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints; only called once NVRTC is known to be present.
+    match unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }.result() {
+        Ok(()) => format!("{major}.{minor}"),
+        Err(_) => "?".into(),
+    }
+}
+
 /// Compiles `kernels.cu` to PTX for `arch` (e.g. `sm_90`): multiplies and adds never
 /// fused, IEEE division and square root.
 pub fn compile(arch: &str) -> Result<String, GpuError> {
@@ -80,13 +92,21 @@ pub struct CudaMemory {
     written: Mutex<Option<CudaEvent>>,
 }
 
+impl Drop for CudaMemory {
+    fn drop(&mut self) {
+        // The slice is freed after this, maybe on a thread that never used CUDA: the
+        // free needs the context current there (cudarc does not bind it for a free).
+        let _ = self.slice.context().bind_to_thread();
+    }
+}
+
 /// GPU 0 of this host, with `kernels.cu` loaded.
 pub struct CudaGpu {
     context: Arc<CudaContext>,
     /// Kernels and writes, in order.
     compute: Arc<CudaStream>,
-    /// Reads.
-    copies: Arc<CudaStream>,
+    /// Copy streams not in use, for reads.
+    copies: Mutex<Vec<Arc<CudaStream>>>,
     _module: Arc<CudaModule>,
     functions: HashMap<&'static str, CudaFunction>,
     description: String,
@@ -122,7 +142,16 @@ impl CudaGpu {
         let ptx = compile(&arch)?;
         let module = context
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(driver("module load"))?;
+            .map_err(|e| GpuError::Driver {
+                what: "module load",
+                message: format!(
+                    "{e} (a driver older than the NVRTC that compiled the kernels cannot \
+                     load them: driver {}.{}, NVRTC {})",
+                    version / 1000,
+                    version % 1000 / 10,
+                    nvrtc_version()
+                ),
+            })?;
         let mut functions = HashMap::new();
         for &entry in ENTRY_POINTS {
             let function = module
@@ -131,12 +160,11 @@ impl CudaGpu {
             functions.insert(entry, function);
         }
         let compute = context.new_stream().map_err(driver("stream creation"))?;
-        let copies = context.new_stream().map_err(driver("stream creation"))?;
         Ok(Self {
             description: format!("{name}, {arch}, driver {}", version / 1000),
             context,
             compute,
-            copies,
+            copies: Mutex::default(),
             _module: module,
             functions,
             staging: Mutex::default(),
@@ -173,6 +201,20 @@ impl CudaGpu {
             .unwrap_or_else(|e| e.into_inner())
             .push(pinned);
         result
+    }
+
+    /// Makes the context current on this thread (a call from any thread may come).
+    fn bind(&self, what: &'static str) -> Result<(), GpuError> {
+        self.context.bind_to_thread().map_err(driver(what))
+    }
+
+    /// A copy stream of its own for one read (from the pool, or made).
+    fn copy_stream(&self) -> Result<Arc<CudaStream>, GpuError> {
+        let pooled = self.copies.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(stream) => Ok(stream),
+            None => self.context.new_stream().map_err(driver("stream creation")),
+        }
     }
 
     fn mark_written(&self, memory: &CudaMemory) -> Result<(), GpuError> {
@@ -244,6 +286,7 @@ impl Gpu for CudaGpu {
     }
 
     fn alloc(&self, bytes: u64) -> Result<CudaMemory, GpuError> {
+        self.bind("allocation")?;
         let len = usize::try_from(bytes).map_err(|_| GpuError::Driver {
             what: "allocation",
             message: format!("{bytes} bytes"),
@@ -270,6 +313,7 @@ impl Gpu for CudaGpu {
     }
 
     fn write(&self, memory: &CudaMemory, offset: u64, data: &[u8]) -> Result<(), GpuError> {
+        self.bind("write")?;
         let start = offset as usize;
         let view = memory
             .slice
@@ -300,10 +344,7 @@ impl Gpu for CudaGpu {
     }
 
     fn read(&self, memory: &CudaMemory, offset: u64, out: &mut [u8]) -> Result<(), GpuError> {
-        let _bound = self.context.bind_to_thread();
-        if let Some(event) = &*memory.written.lock().unwrap_or_else(|e| e.into_inner()) {
-            self.copies.wait(event).map_err(driver("read"))?;
-        }
+        self.bind("read")?;
         let start = offset as usize;
         let view = memory
             .slice
@@ -312,27 +353,40 @@ impl Gpu for CudaGpu {
                 what: "read",
                 message: "range outside the buffer".into(),
             })?;
-        let (src, _guard) = view.device_ptr(&self.copies);
-        let stream = self.copies.cu_stream();
-        if out.len() > STAGING {
-            // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, stream) }
-                .map_err(driver("read"))?;
-            return self.copies.synchronize().map_err(driver("read"));
-        }
-        self.with_staging(|pinned| {
-            let staged = &mut pinned.as_mut_slice().map_err(driver("read"))?[..out.len()];
-            // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns; the
-            // staging buffer is read only after the stream is synchronized.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut *staged, src, stream) }
-                .map_err(driver("read"))?;
-            self.copies.synchronize().map_err(driver("read"))?;
-            out.copy_from_slice(staged);
-            Ok(())
-        })
+        let copies = self.copy_stream()?;
+        let copied = (|| {
+            // After the last writer of this buffer only, not after unrelated kernels.
+            if let Some(event) = &*memory.written.lock().unwrap_or_else(|e| e.into_inner()) {
+                copies.wait(event).map_err(driver("read"))?;
+            }
+            let (src, _guard) = view.device_ptr(&copies);
+            let stream = copies.cu_stream();
+            if out.len() > STAGING {
+                // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut *out, src, stream) }
+                    .map_err(driver("read"))?;
+                return copies.synchronize().map_err(driver("read"));
+            }
+            self.with_staging(|pinned| {
+                let staged = &mut pinned.as_mut_slice().map_err(driver("read"))?[..out.len()];
+                // SAFETY: `src` is `out.len()` bytes of device memory that `memory` owns;
+                // the staging buffer is read only after the stream is synchronized.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut *staged, src, stream) }
+                    .map_err(driver("read"))?;
+                copies.synchronize().map_err(driver("read"))?;
+                out.copy_from_slice(staged);
+                Ok(())
+            })
+        })();
+        self.copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(copies);
+        copied
     }
 
     fn launch(&self, launch: &Launch, writes: &[&CudaMemory]) -> Result<(), GpuError> {
+        self.bind("launch")?;
         let function = self.functions.get(launch.entry).ok_or(GpuError::Driver {
             what: "launch",
             message: format!("no kernel {}", launch.entry),

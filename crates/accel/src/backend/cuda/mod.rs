@@ -170,6 +170,26 @@ impl<G: Gpu> BufferReader for Buffers<G> {
         true
     }
 
+    fn crc32(&self, id: BufferId) -> Option<u32> {
+        // In pieces: a GPU buffer may be larger than the host can copy whole.
+        const PIECE: u64 = 64 << 20;
+        let buffer = self.get(id)?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut piece = Vec::new();
+        let mut at = 0;
+        while at < buffer.bytes {
+            let len = PIECE.min(buffer.bytes - at);
+            piece.resize(len as usize, 0);
+            if let Err(e) = self.gpu.read(&buffer.memory, at, &mut piece) {
+                tracing::error!(buffer = id, "cannot read a device buffer: {e}");
+                return None;
+            }
+            crc.update(&piece);
+            at += len;
+        }
+        Some(crc.finalize())
+    }
+
     fn read_range(
         &self,
         id: BufferId,
