@@ -604,6 +604,30 @@ fn quantized_products(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
             ),
         );
     }
+    // Outputs enough that their lane partials would outgrow the scratch: each output's
+    // lanes are summed by its own thread instead.
+    let (n, k, m) = (32_800, 32, 64);
+    case(
+        cases,
+        "qmatmul q8_0, one thread per output",
+        same_bits(
+            make,
+            vec![
+                r.weights(DType::Q8_0, n, k),
+                r.f32s(m * k, 2.0),
+                vec![0; 4 * m * n],
+            ],
+            Kernel::QMatmul {
+                w: 1,
+                x: 2,
+                out: 3,
+                n,
+                k,
+                m,
+                dtype: DType::Q8_0,
+            },
+        ),
+    );
 }
 
 fn matmul(make: MakeBackend<'_>, cases: &mut Vec<Case>) {

@@ -604,25 +604,6 @@ DEV float lane_sum(const float *acc) {
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-// Lane l of a block: w(2l)·q[2l] + w(2l+1)·q[2l+1] for each half of 16, the halves added,
-// exact in i32, then as f32. `w` holds the block's 32 integer weights.
-DEV void block_lanes(const i32 *w, const i16 *q, float *f) {
-    for (int l = 0; l < 8; l++) {
-        i32 lo = w[2 * l] * (i32)q[2 * l] + w[2 * l + 1] * (i32)q[2 * l + 1];
-        i32 hi = w[16 + 2 * l] * (i32)q[16 + 2 * l] + w[17 + 2 * l] * (i32)q[17 + 2 * l];
-        f[l] = (float)(lo + hi);
-    }
-}
-
-DEV void add_scaled(float *acc, float scale, const float *f) {
-    for (int l = 0; l < 8; l++) acc[l] += scale * f[l];
-}
-
-DEV void add_scaled_offset(float *acc, float scale, const float *f, float offset,
-                           const float *t) {
-    for (int l = 0; l < 8; l++) acc[l] += scale * f[l] + offset * t[l];
-}
-
 DEV void q4k_scale_min(int j, const u8 *s, u8 *sc, u8 *mn) {
     if (j < 4) {
         *sc = s[j] & 63;
@@ -654,49 +635,46 @@ DEV i32 q6k_value(const u8 *ql, const u8 *qh, int quarter, int l) {
 #define DT_Q4K 12
 #define DT_Q6K 14
 
-// One weight row times one input row, as quant.rs's dot_* for `dtype`.
-DEV float dot_row(u64 dtype, const u8 *row, u64 k, const float *x, const i16 *q,
-                  const float *dx, const float *sums) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Lane `l` (0..8) of one weight row times one input row, as quant.rs's dot_* accumulate
+// it for `dtype`: the lanes never mix until `lane_sum`, so computing one lane alone gives
+// the bits it has in the interleaved loop.
+DEV float lane_acc(u64 dtype, const u8 *row, u64 k, const float *x, const i16 *q,
+                   const float *dx, const float *sums, int l) {
+    float acc = 0.0f;
     if (dtype == DT_F32 || dtype == DT_F16) {
         u64 done = k / 8 * 8;
-        for (u64 i = 0; i < done; i += 8)
-            for (int l = 0; l < 8; l++) {
-                float w = dtype == DT_F32 ? f32_at(row, 4 * (i + l)) : half_at(row, 2 * (i + l));
-                acc[l] += w * x[i + l];
-            }
-        float tail = 0.0f;
-        for (u64 i = done; i < k; i++)
-            tail += (dtype == DT_F32 ? f32_at(row, 4 * i) : half_at(row, 2 * i)) * x[i];
-        return lane_sum(acc) + tail;
+        for (u64 i = l; i < done; i += 8) {
+            float w = dtype == DT_F32 ? f32_at(row, 4 * i) : half_at(row, 2 * i);
+            acc += w * x[i];
+        }
+        return acc;
     }
-    i32 w[32];
-    float f[8];
+    // Lane l's four elements of a block of 32: 2l, 2l+1, 16+2l, 17+2l.
+    i32 w[4];
+    int at[4] = {2 * l, 2 * l + 1, 16 + 2 * l, 17 + 2 * l};
     if (dtype == DT_Q8_0 || dtype == DT_Q4_0 || dtype == DT_Q4_1) {
         u64 bytes = dtype == DT_Q8_0 ? 34 : (dtype == DT_Q4_0 ? 18 : 20);
         for (u64 i = 0; i < k / 32; i++) {
             const u8 *b = row + i * bytes;
             const i16 *qb = q + 32 * i;
-            if (dtype == DT_Q8_0) {
-                for (int j = 0; j < 32; j++) w[j] = (i32)(i8)b[2 + j];
-            } else if (dtype == DT_Q4_0) {
-                for (int j = 0; j < 16; j++) {
-                    w[j] = (i32)(b[2 + j] & 0xf) - 8;
-                    w[16 + j] = (i32)(b[2 + j] >> 4) - 8;
-                }
-            } else {
-                for (int j = 0; j < 16; j++) {
-                    w[j] = b[4 + j] & 0xf;
-                    w[16 + j] = b[4 + j] >> 4;
-                }
+            for (int e = 0; e < 4; e++) {
+                int j = at[e];
+                if (dtype == DT_Q8_0)
+                    w[e] = (i32)(i8)b[2 + j];
+                else if (dtype == DT_Q4_0)
+                    w[e] = (i32)(j < 16 ? (b[2 + j] & 0xf) : (b[2 + j - 16] >> 4)) - 8;
+                else
+                    w[e] = j < 16 ? (b[4 + j] & 0xf) : (b[4 + j - 16] >> 4);
             }
-            block_lanes(w, qb, f);
+            i32 lo = w[0] * (i32)qb[at[0]] + w[1] * (i32)qb[at[1]];
+            i32 hi = w[2] * (i32)qb[at[2]] + w[3] * (i32)qb[at[3]];
+            float f = (float)(lo + hi);
             if (dtype == DT_Q4_1)
-                add_scaled_offset(acc, half_at(b, 0) * dx[i], f, half_at(b, 2), sums + 8 * i);
+                acc += half_at(b, 0) * dx[i] * f + half_at(b, 2) * sums[8 * i + l];
             else
-                add_scaled(acc, half_at(b, 0) * dx[i], f);
+                acc += half_at(b, 0) * dx[i] * f;
         }
-        return lane_sum(acc);
+        return acc;
     }
     if (dtype == DT_Q4K) {
         for (u64 sb = 0; sb < k / 256; sb++) {
@@ -706,18 +684,20 @@ DEV float dot_row(u64 dtype, const u8 *row, u64 k, const float *x, const i16 *q,
                 const u8 *bytes = b + 16 + 32 * j;
                 for (int sub = 0; sub < 2; sub++) {
                     u64 blk = 8 * sb + 2 * j + sub;
+                    const i16 *qb = q + 32 * blk;
                     u8 sc, mn;
                     q4k_scale_min(2 * j + sub, b + 4, &sc, &mn);
-                    for (int e = 0; e < 32; e++) w[e] = (bytes[e] >> (4 * sub)) & 0xf;
-                    block_lanes(w, q + 32 * blk, f);
+                    for (int e = 0; e < 4; e++) w[e] = (bytes[at[e]] >> (4 * sub)) & 0xf;
+                    i32 lo = w[0] * (i32)qb[at[0]] + w[1] * (i32)qb[at[1]];
+                    i32 hi = w[2] * (i32)qb[at[2]] + w[3] * (i32)qb[at[3]];
                     float scale = d * (float)sc * dx[blk];
-                    add_scaled_offset(acc, scale, f, -(dmin * (float)mn), sums + 8 * blk);
+                    acc += scale * (float)(lo + hi) + -(dmin * (float)mn) * sums[8 * blk + l];
                 }
             }
         }
-        return lane_sum(acc);
+        return acc;
     }
-    // Q6_K: sub-blocks of 16 with their own scales; the lanes of each added on their own.
+    // Q6_K: sub-blocks of 16, each with its own scale, each lane two elements of each.
     for (u64 sb = 0; sb < k / 256; sb++) {
         const u8 *b = row + sb * 210;
         float d = half_at(b, 208);
@@ -727,38 +707,80 @@ DEV float dot_row(u64 dtype, const u8 *row, u64 k, const float *x, const i16 *q,
                 u64 blk = 8 * sb + 4 * h + quarter;
                 const i16 *qb = q + 32 * blk;
                 for (int hq = 0; hq < 2; hq++) {
-                    int l0 = 16 * hq;
-                    for (int l = 0; l < 8; l++) {
-                        i32 v = q6k_value(ql, qh, quarter, l0 + 2 * l) * (i32)qb[l0 + 2 * l] +
-                                q6k_value(ql, qh, quarter, l0 + 2 * l + 1) *
-                                    (i32)qb[l0 + 2 * l + 1];
-                        f[l] = (float)v;
-                    }
-                    add_scaled(acc, d * (float)(i8)sc[hq + 2 * quarter] * dx[blk], f);
+                    int e0 = 16 * hq + 2 * l;
+                    i32 v = q6k_value(ql, qh, quarter, e0) * (i32)qb[e0] +
+                            q6k_value(ql, qh, quarter, e0 + 1) * (i32)qb[e0 + 1];
+                    acc += d * (float)(i8)sc[hq + 2 * quarter] * dx[blk] * (float)v;
                 }
             }
         }
     }
-    return lane_sum(acc);
+    return acc;
+}
+
+// The dot product from its eight lanes: their fixed-order sum, then (f32 and f16
+// weights) the elements after the last whole group of eight, in order.
+DEV float dot_from_lanes(u64 dtype, const float *lanes, const u8 *row, u64 k, const float *x) {
+    float sum = lane_sum(lanes);
+    if (dtype != DT_F32 && dtype != DT_F16) return sum;
+    float tail = 0.0f;
+    for (u64 i = k / 8 * 8; i < k; i++)
+        tail += (dtype == DT_F32 ? f32_at(row, 4 * i) : half_at(row, 2 * i)) * x[i];
+    return sum + tail;
+}
+
+DEV u64 row_bytes_of(u64 dtype, u64 k) {
+    return dtype == DT_F32    ? 4 * k
+           : dtype == DT_F16  ? 2 * k
+           : dtype == DT_Q4_0 ? k / 32 * 18
+           : dtype == DT_Q4_1 ? k / 32 * 20
+           : dtype == DT_Q8_0 ? k / 32 * 34
+           : dtype == DT_Q4K  ? k / 256 * 144
+                              : k / 256 * 210;
 }
 
 // qmatmul: w, x, out, q (i16), d, sums | items (m·n), n, k, dtype
+// One thread per output: its eight lanes, then their sum.
 KERNEL ferry_qmatmul(const Args a) {
     ITEM(a.w[6]);
     u64 n = a.w[7], k = a.w[8], dtype = a.w[9];
     u64 r = item / n, i = item % n;
-    u64 row_bytes = dtype == DT_F32   ? 4 * k
-                    : dtype == DT_F16 ? 2 * k
-                    : dtype == DT_Q4_0 ? k / 32 * 18
-                    : dtype == DT_Q4_1 ? k / 32 * 20
-                    : dtype == DT_Q8_0 ? k / 32 * 34
-                    : dtype == DT_Q4K  ? k / 256 * 144
-                                       : k / 256 * 210;
     u64 blocks = k / 32;
-    PTR(float, 2)[item] = dot_row(dtype, PTR(const u8, 0) + i * row_bytes, k,
-                                  PTR(const float, 1) + r * k, PTR(const i16, 3) + r * k,
-                                  PTR(const float, 4) + r * blocks,
-                                  PTR(const float, 5) + r * blocks * 8);
+    const u8 *row = PTR(const u8, 0) + i * row_bytes_of(dtype, k);
+    const float *x = PTR(const float, 1) + r * k;
+    float lanes[8];
+    for (int l = 0; l < 8; l++)
+        lanes[l] = lane_acc(dtype, row, k, x, PTR(const i16, 3) + r * k,
+                            PTR(const float, 4) + r * blocks, PTR(const float, 5) + r * blocks * 8,
+                            l);
+    PTR(float, 2)[item] = dot_from_lanes(dtype, lanes, row, k, x);
+}
+
+// qmatmul_lanes: w, x, lanes (8 f32 per output), q (i16), d, sums | items (m·n·8), n, k,
+// dtype. One thread per lane of an output: eight times the threads of ferry_qmatmul (a
+// decode step's matrix–vector products have too few outputs to fill a GPU otherwise).
+KERNEL ferry_qmatmul_lanes(const Args a) {
+    ITEM(a.w[6]);
+    u64 n = a.w[7], k = a.w[8], dtype = a.w[9];
+    u64 output = item / 8;
+    int l = (int)(item % 8);
+    u64 r = output / n, i = output % n;
+    u64 blocks = k / 32;
+    PTR(float, 2)[item] =
+        lane_acc(dtype, PTR(const u8, 0) + i * row_bytes_of(dtype, k), k,
+                 PTR(const float, 1) + r * k, PTR(const i16, 3) + r * k,
+                 PTR(const float, 4) + r * blocks, PTR(const float, 5) + r * blocks * 8, l);
+}
+
+// qmatmul_sum: w, x, out, lanes | items (m·n), n, k, dtype
+KERNEL ferry_qmatmul_sum(const Args a) {
+    ITEM(a.w[4]);
+    u64 n = a.w[5], k = a.w[6], dtype = a.w[7];
+    u64 r = item / n, i = item % n;
+    PTR(float, 2)[item] =
+        dot_from_lanes(dtype, PTR(const float, 3) + 8 * item,
+                       PTR(const u8, 0) + i * row_bytes_of(dtype, k), k,
+                       PTR(const float, 1) + r * k);
 }
 
 // Element e of a row in `dtype`, dequantized as quant.rs's dequant_row.

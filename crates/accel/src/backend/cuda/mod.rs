@@ -65,6 +65,8 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_matmul",
     "ferry_qprepare",
     "ferry_qmatmul",
+    "ferry_qmatmul_lanes",
+    "ferry_qmatmul_sum",
     "ferry_qembedding",
 ];
 
@@ -235,6 +237,15 @@ fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
     let elems = (m * k) as u64;
     let blocks = elems / 32;
     (2 * elems, 4 * blocks, 32 * blocks)
+}
+
+/// Most bytes of lane partials a QMATMUL keeps (eight f32 per output): up to this, each
+/// lane of each output is a thread of its own.
+const MAX_LANES_BYTES: u64 = 64 << 20;
+
+/// Bytes of QMATMUL's lane partials for `m×n` outputs, if it computes lanes apart.
+fn lanes_bytes(m: usize, n: usize) -> Option<u64> {
+    Some(32 * (m * n) as u64).filter(|&b| b <= MAX_LANES_BYTES)
 }
 
 impl<G: Gpu> GpuBackend<G> {
@@ -537,7 +548,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             m,
             dtype,
         } => {
-            let (q_bytes, d_bytes, _) = prepared_bytes(m, k);
+            let (q_bytes, d_bytes, sums_bytes) = prepared_bytes(m, k);
             let (q, d, sums) = (scratch, scratch + q_bytes, scratch + q_bytes + d_bytes);
             let mut launches = Vec::new();
             if dtype.block_elems() > 1 {
@@ -548,22 +559,34 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                     items: u(blocks),
                 });
             }
-            launches.push(Launch {
-                entry: "ferry_qmatmul",
-                args: args(&[
-                    at(w),
-                    at(x),
-                    at(out),
-                    q,
-                    d,
-                    sums,
-                    u(m * n),
-                    u(n),
-                    u(k),
-                    dtype.code(),
-                ]),
-                items: u(m * n),
-            });
+            let shape = [u(n), u(k), dtype.code()];
+            match lanes_bytes(m, n) {
+                Some(_) => {
+                    let lanes = scratch + q_bytes + d_bytes + sums_bytes;
+                    launches.push(Launch {
+                        entry: "ferry_qmatmul_lanes",
+                        args: args(
+                            &[&[at(w), at(x), lanes, q, d, sums, u(8 * m * n)], &shape[..]]
+                                .concat(),
+                        ),
+                        items: u(8 * m * n),
+                    });
+                    launches.push(Launch {
+                        entry: "ferry_qmatmul_sum",
+                        args: args(
+                            &[&[at(w), at(x), at(out), lanes, u(m * n)], &shape[..]].concat(),
+                        ),
+                        items: u(m * n),
+                    });
+                }
+                None => launches.push(Launch {
+                    entry: "ferry_qmatmul",
+                    args: args(
+                        &[&[at(w), at(x), at(out), q, d, sums, u(m * n)], &shape[..]].concat(),
+                    ),
+                    items: u(m * n),
+                }),
+            }
             launches
         }
         Kernel::QEmbedding {
@@ -662,9 +685,10 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
 /// Bytes of scratch memory [`plan`]'s launches of `kernel` use.
 pub fn scratch_bytes(kernel: &Kernel) -> u64 {
     match *kernel {
-        Kernel::QMatmul { k, m, dtype, .. } if dtype.block_elems() > 1 => {
+        Kernel::QMatmul { n, k, m, .. } => {
+            // The lanes follow the prepared inputs, whose room is kept for every format.
             let (q, d, sums) = prepared_bytes(m, k);
-            q + d + sums
+            q + d + sums + lanes_bytes(m, n).unwrap_or(0)
         }
         Kernel::CrossEntropy { rows, .. } => 8 * rows as u64,
         _ => 0,
