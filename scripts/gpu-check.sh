@@ -55,11 +55,24 @@ run() {
     }
     [ -x gpu-check/ferry ] || { echo "gpu-check: run 'scripts/gpu-check.sh build' first (and carry gpu-check/)" >&2; exit 2; }
     { date -u; uname -a; nvidia-smi 2>&1; ls -l /dev/kvm 2>&1; nproc; free -g; } >"$out/machine.txt"
-    # The CUDA toolkit's NVRTC and cuBLAS, and the driver (loaded at run time).
-    for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
-        [ -d "$dir" ] && LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # The CUDA toolkit's NVRTC and cuBLAS, and the driver, are loaded at run time by the
+    # names libnvrtc.so, libcublas.so, libcuda.so.1 (or .so.12): a toolkit that ships only
+    # versioned files (libnvrtc.so.13) gets unversioned links in a folder of our own.
+    local links="$out/lib"
+    mkdir -p "$links"
+    for lib in nvrtc cublas cublasLt; do
+        local found
+        found=$( { ls /usr/local/cuda/lib64/lib$lib.so* /usr/local/cuda/targets/x86_64-linux/lib/lib$lib.so* \
+            2>/dev/null; ldconfig -p 2>/dev/null | awk -v l="lib$lib.so" '$1 ~ "^"l {print $NF}'; } \
+            | grep -v -e alt -e builtins | sort -V | tail -1)
+        [ -n "$found" ] && ln -sf "$found" "$links/lib$lib.so"
+    done
+    LD_LIBRARY_PATH="$links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+        [ -d "$dir" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$dir"
     done
     export LD_LIBRARY_PATH
+    ls -l "$links" >>"$out/machine.txt" 2>&1
     # A test that cannot find the GPU or NVRTC fails here instead of skipping.
     export FERRY_REQUIRE_GPU=1 FERRY_REQUIRE_NVRTC=1
     say "== gpu-check on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
