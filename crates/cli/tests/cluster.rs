@@ -599,10 +599,11 @@ fn the_dashboard_shows_the_cluster_and_its_buttons_work_in_headless_chromium() {
         ["a", "b", "c"].iter().all(|h| t.contains(h)) && t.matches("up").count() >= 3
     });
     assert!(hosts.contains("active"), "{hosts}");
+    assert!(hosts.contains("backends: cpu"), "{hosts}");
     let row = format!("#vms tr[data-vm=\"{id}\"]");
     let vm_row = browser.wait_text(&row, "the VM on b", |t| t.contains("running"));
     assert!(
-        vm_row.contains("mlp-train") && vm_row.contains('b'),
+        vm_row.contains("mlp-train") && vm_row.contains('b') && vm_row.contains("on cpu"),
         "{vm_row}"
     );
     assert_eq!(browser.text("#token-input"), "", "the token is not shown");
