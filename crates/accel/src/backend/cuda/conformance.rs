@@ -632,6 +632,23 @@ fn quantized_products(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
 
 fn matmul(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
     let mut r = Rng(5);
+    // Tiled (4×4 per thread) from TILED_MATMUL_OUTPUTS outputs on, with ragged edges.
+    let (m, n, k) = (259, 257, 40);
+    let data = vec![r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
+    let kernel = Kernel::Matmul {
+        a: 1,
+        b: 2,
+        c: 3,
+        m,
+        n,
+        k,
+        flags: MatmulFlags::default(),
+    };
+    case(
+        cases,
+        "matmul in tiles",
+        within_bound(make, data, &kernel, k),
+    );
     let (m, n, k) = (13, 17, 300);
     for (name, flags) in [
         ("matmul", MatmulFlags::default()),
@@ -771,6 +788,53 @@ mod tests {
         assert!(failed.is_empty(), "{}", failed.join("\n"));
         // Every kernel is covered (two MATMUL flag sets, seven formats twice, ...).
         assert!(cases.len() >= 40, "{} cases", cases.len());
+    }
+
+    #[test]
+    fn tiled_and_untiled_matmul_give_the_same_bits() {
+        let gpu = emulator();
+        let mut r = Rng(7);
+        let (m, n, k) = (37, 29, 50);
+        let inputs = [r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
+        let mut results = Vec::new();
+        for (entry, items) in [
+            ("ferry_matmul", m * n),
+            ("ferry_matmul_tiled", m.div_ceil(4) * n.div_ceil(4)),
+        ] {
+            let memory: Vec<_> = inputs
+                .iter()
+                .map(|d| {
+                    let mem = gpu.alloc(d.len() as u64).unwrap();
+                    gpu.write(&mem, 0, d).unwrap();
+                    mem
+                })
+                .collect();
+            let at = |i: usize| gpu.address(&memory[i]);
+            // Both transposed and accumulating: every index path of the kernels.
+            let words = [
+                at(0),
+                at(1),
+                at(2),
+                items as u64,
+                m as u64,
+                n as u64,
+                k as u64,
+                1,
+                1,
+                1,
+            ];
+            let launch = Launch {
+                entry,
+                args: args(&words),
+                items: items as u64,
+            };
+            gpu.launch(&launch, &[]).unwrap();
+            let mut out = vec![0u8; inputs[2].len()];
+            gpu.read(&memory[2], 0, &mut out).unwrap();
+            results.push(out);
+        }
+        assert_ne!(results[0], inputs[2], "the product changed nothing");
+        assert_eq!(results[0], results[1], "tiles change the bits");
     }
 
     #[test]

@@ -543,6 +543,34 @@ KERNEL ferry_matmul(const Args a) {
     *c = a.w[9] ? *c + acc : acc;
 }
 
+// matmul_tiled: a, b, c | items (⌈m/4⌉·⌈n/4⌉), m, n, k, transpose_a, transpose_b,
+// accumulate. The same arithmetic as ferry_matmul (each element of c accumulated in f32 in
+// depth order, so the same bits), a 4×4 tile of c per thread: each value of a and b
+// loaded serves four products instead of one.
+KERNEL ferry_matmul_tiled(const Args a) {
+    ITEM(a.w[3]);
+    u64 m = a.w[4], n = a.w[5], k = a.w[6];
+    u64 tiles_n = (n + 3) / 4;
+    u64 i0 = item / tiles_n * 4, j0 = item % tiles_n * 4;
+    const float *A = PTR(const float, 0), *B = PTR(const float, 1);
+    float acc[4][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+    for (u64 kk = 0; kk < k; kk++) {
+        float av[4], bv[4];
+        for (int t = 0; t < 4; t++) {
+            u64 i = i0 + t < m ? i0 + t : m - 1, j = j0 + t < n ? j0 + t : n - 1;
+            av[t] = a.w[7] ? A[kk * m + i] : A[i * k + kk];
+            bv[t] = a.w[8] ? B[j * k + kk] : B[kk * n + j];
+        }
+        for (int ti = 0; ti < 4; ti++)
+            for (int tj = 0; tj < 4; tj++) acc[ti][tj] += av[ti] * bv[tj];
+    }
+    for (int ti = 0; ti < 4 && i0 + ti < m; ti++)
+        for (int tj = 0; tj < 4 && j0 + tj < n; tj++) {
+            float *c = PTR(float, 2) + (i0 + ti) * n + j0 + tj;
+            *c = a.w[9] ? *c + acc[ti][tj] : acc[ti][tj];
+        }
+}
+
 // ---- GGML block formats (quant.rs) ----------------------------------------------------------
 
 DEV float f16_to_f32(u16 h) {

@@ -63,6 +63,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_attention_decode",
     "ferry_attention",
     "ferry_matmul",
+    "ferry_matmul_tiled",
     "ferry_qprepare",
     "ferry_qmatmul",
     "ferry_qmatmul_lanes",
@@ -239,6 +240,9 @@ fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
     (2 * elems, 4 * blocks, 32 * blocks)
 }
 
+/// Outputs from which MATMUL computes 4×4 tiles per thread.
+pub const TILED_MATMUL_OUTPUTS: usize = 1 << 16;
+
 /// Most bytes of lane partials a QMATMUL keeps (eight f32 per output): up to this, each
 /// lane of each output is a thread of its own.
 const MAX_LANES_BYTES: u64 = 64 << 20;
@@ -327,22 +331,24 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             n,
             k,
             flags,
-        } => one(
-            "ferry_matmul",
-            &[
-                at(a),
-                at(b),
-                at(c),
-                u(m * n),
-                u(m),
-                u(n),
-                u(k),
-                u64::from(flags.transpose_a),
-                u64::from(flags.transpose_b),
-                u64::from(flags.accumulate),
-            ],
-            m * n,
-        ),
+        } => {
+            // 4×4 tiles once there are enough of them to fill a GPU (same bits either way).
+            let (entry, items) = if m * n >= TILED_MATMUL_OUTPUTS {
+                ("ferry_matmul_tiled", m.div_ceil(4) * n.div_ceil(4))
+            } else {
+                ("ferry_matmul", m * n)
+            };
+            let flags = [flags.transpose_a, flags.transpose_b, flags.accumulate].map(u64::from);
+            one(
+                entry,
+                &[
+                    &[at(a), at(b), at(c), u(items), u(m), u(n), u(k)],
+                    &flags[..],
+                ]
+                .concat(),
+                items,
+            )
+        }
         Kernel::AddBias {
             x,
             bias,
