@@ -2,9 +2,11 @@
 // at start (`--fmad=false`), and the tests compile it with the host's C++ compiler
 // (`emulator.rs`, FERRY_EMULATED) and run it on the CPU, one thread after another.
 //
-// Every kernel computes one output element, row or dot product per thread, entirely, in a
-// fixed sequential order: no shared memory, no atomics, no warp reductions. Its bits then
-// depend only on the data, never on the grid, the GPU's scheduling or the thread count.
+// Every output element, row or dot product is computed by one thread, entirely, in a fixed
+// sequential order (a MATMUL thread computes a 4×4 tile of them; a QMATMUL output's eight
+// lanes are eight threads, their sum a ninth): no shared memory, no atomics, no warp
+// reductions. The bits then depend only on the data, never on the grid, the GPU's
+// scheduling or the thread count.
 // Multiplies and adds are never fused (`--fmad=false` here, `-ffp-contract=off` when
 // emulated), and division and square root are IEEE-rounded (NVRTC's defaults), so every
 // kernel but MATMUL follows the cpu backend's arithmetic step by step and gives its bits:

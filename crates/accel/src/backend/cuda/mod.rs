@@ -14,9 +14,9 @@
 //!   is checked against the cpu backend on hosts without a GPU (the tests, and whole VMs
 //!   with `FERRY_CUDA_EMULATOR=1`: see [`super::cuda_kind`]).
 //!
-//! Every kernel computes each output element, row or dot product in one thread, in a
-//! fixed order, so its bits depend only on the data; all but MATMUL follow the cpu
-//! backend's arithmetic and give its bits (see `kernels.cu`).
+//! Every output element, row or dot product is computed by one thread in a fixed order
+//! (see `kernels.cu`), so the bits depend only on the data; all kernels but MATMUL follow
+//! the cpu backend's arithmetic and give its bits.
 
 pub mod conformance;
 pub mod driver;
