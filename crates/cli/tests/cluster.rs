@@ -94,6 +94,18 @@ impl CenterProc {
         placed["vm"]["id"].as_str().unwrap().to_string()
     }
 
+    /// Waits until hosts a, b and c have all joined and are up.
+    fn wait_three_hosts_up(&self) -> Value {
+        self.wait_for("three hosts up", |s| {
+            s["hosts"].as_array().unwrap().len() == 3
+                && s["hosts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|h| h["status"] == "up")
+        })
+    }
+
     /// Waits until `check` holds of the status.
     fn wait_for(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         common::wait_for(what, Duration::from_secs(60), || {
@@ -140,14 +152,7 @@ impl Cluster {
         let center = CenterProc::start(scratch_dir(test).join("center.db"), "127.0.0.1:0");
         let hosts = common::cluster_hosts(&center.url, accel_capacity);
         let cluster = Self { center, hosts };
-        cluster.center.wait_for("three hosts up", |s| {
-            s["hosts"].as_array().unwrap().len() == 3
-                && s["hosts"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|h| h["status"] == "up")
-        });
+        cluster.center.wait_three_hosts_up();
         cluster
     }
 
@@ -289,14 +294,7 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
     let a = host("a", "1G", true);
     let b = host("b", "3G", false);
     let _c = host("c", "1G", true);
-    center.wait_for("three hosts up", |s| {
-        s["hosts"].as_array().unwrap().len() == 3
-            && s["hosts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|h| h["status"] == "up")
-    });
+    center.wait_three_hosts_up();
     let id = center.create_on(
         "a",
         "32M",

@@ -62,7 +62,7 @@ pub fn local_description(kind: &str) -> Option<VmDescription> {
     known
         .entry(kind.to_string())
         .or_insert_with(|| {
-            let backend = backend::create(kind, 1, &DeviceMemory::default())?;
+            let backend = backend::create(kind, 1, &DeviceMemory::default()).ok()?;
             Some(VmDescription {
                 name: String::new(),
                 ram_size: 0,
@@ -93,12 +93,10 @@ pub fn incompatibility(vm: &VmDescription) -> Option<String> {
     } else {
         backend::CPU
     };
-    match local_description(kind) {
-        Some(local) => vm.incompatibility(&local),
-        None => Some(format!(
-            "accelerator backend '{kind}' (this host has: {})",
-            backend::available().join(", ")
-        )),
+    match backend::by_name(kind).map(local_description) {
+        Ok(Some(local)) => vm.incompatibility(&local),
+        Ok(None) => Some(format!("accelerator backend '{kind}' does not start here")),
+        Err(why) => Some(why),
     }
 }
 

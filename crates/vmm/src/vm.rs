@@ -433,12 +433,8 @@ impl Default for FileTablePage {
 
 /// A backend of `kind` on this host, or the error naming what it has.
 fn create_backend(kind: &str, host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
-    backend::create(kind, host.accel_threads, &host.device_memory).ok_or_else(|| {
-        CreateVmError::Incompatible(format!(
-            "accelerator backend '{kind}' is not available here (this host has: {})",
-            backend::available().join(", ")
-        ))
-    })
+    backend::create(kind, host.accel_threads, &host.device_memory)
+        .map_err(CreateVmError::Incompatible)
 }
 
 fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmError> {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
-use crate::kernel::{Distribution, Kernel, MatmulFlags};
+use crate::kernel::Kernel;
 pub use math::powu;
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
@@ -565,19 +565,6 @@ fn best_time(budget: Duration, mut run: impl FnMut()) -> Duration {
     best
 }
 
-/// Buffer 3 = buffer 1 × buffer 2, all `n×n`.
-fn square_matmul(n: usize) -> Kernel {
-    Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m: n,
-        n,
-        k: n,
-        flags: MatmulFlags::default(),
-    }
-}
-
 /// Measures an `n×n×n` MATMUL with `threads` threads, in GFLOP/s (2n³ flops per
 /// multiplication, best of several runs): through [`CpuBackend::launch`] (fixed tiles,
 /// deterministic) and calling `matrixmultiply::sgemm` directly on `threads` equal row
@@ -595,18 +582,12 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     for id in 1..=3 {
         backend.alloc(id, bytes).expect("benchmark buffers");
     }
-    let fill = |out, seed| Kernel::RngFill {
-        out,
-        n: n * n,
-        seed,
-        counter: 0,
-        distribution: Distribution::Uniform,
-        scale: 1.0,
-    };
     for (id, seed) in [(1, 1), (2, 2)] {
-        backend.launch(&fill(id, seed)).expect("benchmark fill");
+        backend
+            .launch(&super::uniform_fill(id, n * n, seed))
+            .expect("benchmark fill");
     }
-    let mm = square_matmul(n);
+    let mm = super::square_matmul(n);
     let backend_time = best_time(budget, || backend.launch(&mm).expect("benchmark matmul"));
 
     let a = read_lock(&backend.buffers.expect(1)).to_vec();

@@ -148,6 +148,32 @@ pub trait BufferReader: Send + Sync {
 /// are hashed by one thread: a thread costs more than hashing them).
 const CRC_PART: usize = 4 << 20;
 
+/// Buffer 3 = buffer 1 × buffer 2, all `n×n`: the GEMM benchmarks' kernel.
+pub fn square_matmul(n: usize) -> Kernel {
+    Kernel::Matmul {
+        a: 1,
+        b: 2,
+        c: 3,
+        m: n,
+        n,
+        k: n,
+        flags: crate::kernel::MatmulFlags::default(),
+    }
+}
+
+/// Fills the first `n` f32 of buffer `out` with uniform values in [-1, 1) from stream
+/// `seed`: the benchmarks' inputs.
+pub fn uniform_fill(out: BufferId, n: usize, seed: u64) -> Kernel {
+    Kernel::RngFill {
+        out,
+        n,
+        seed,
+        counter: 0,
+        distribution: crate::kernel::Distribution::Uniform,
+        scale: 1.0,
+    }
+}
+
 /// The kind of the cpu backend.
 pub const CPU: &str = "cpu";
 
@@ -222,9 +248,12 @@ pub fn by_name(name: &str) -> Result<&'static str, String> {
     }
     match cuda_kind() {
         Ok(kind) if name == "cuda" || name == kind => Ok(kind),
-        _ => Err(format!(
-            "accelerator backend '{name}' is not available here (this host has: {})",
-            available().join(", ")
+        found => Err(format!(
+            "accelerator backend '{name}' is not available here (this host has: {}){}",
+            available().join(", "),
+            found
+                .err()
+                .map_or_else(String::new, |why| format!(": {why}"))
         )),
     }
 }
@@ -240,9 +269,7 @@ pub fn available() -> Vec<&'static str> {
 pub fn resolve(choice: BackendChoice) -> Result<(&'static str, String), String> {
     match choice {
         BackendChoice::Cpu => Ok((CPU, "asked for".into())),
-        BackendChoice::Cuda => cuda_kind()
-            .map(|kind| (kind, "asked for".into()))
-            .map_err(|why| format!("the cuda backend is not available: {why}")),
+        BackendChoice::Cuda => by_name("cuda").map(|kind| (kind, "asked for".into())),
         BackendChoice::Auto => Ok(match cuda_kind() {
             Ok(kind) => (kind, "auto: this host has a GPU".into()),
             Err(why) => (CPU, format!("auto: {why}")),
@@ -250,21 +277,23 @@ pub fn resolve(choice: BackendChoice) -> Result<(&'static str, String), String> 
     }
 }
 
-/// Creates a backend of `kind` (`cuda` stands for this host's cuda kind) with `threads`
-/// worker threads, if this host has it; backends that keep device memory in host RAM
-/// take it from `memory`.
-pub fn create(kind: &str, threads: usize, memory: &DeviceMemory) -> Option<Box<dyn Backend>> {
+/// Creates a backend of `kind` (see [`by_name`]) with `threads` worker threads, or says
+/// why this host has none; backends that keep device memory in host RAM take it from
+/// `memory`.
+pub fn create(
+    kind: &str,
+    threads: usize,
+    memory: &DeviceMemory,
+) -> Result<Box<dyn Backend>, String> {
+    let kind = by_name(kind)?;
     if kind == CPU {
-        return Some(Box::new(cpu::CpuBackend::new(
+        return Ok(Box::new(cpu::CpuBackend::new(
             threads.max(1),
             memory.clone(),
         )));
     }
-    let (gpu, local) = cuda().ok()?;
-    if kind != "cuda" && kind != *local {
-        return None;
-    }
-    Some(match gpu {
+    let (gpu, local) = cuda()?;
+    Ok(match gpu {
         LocalGpu::Cuda(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
         LocalGpu::Emulated(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
     })

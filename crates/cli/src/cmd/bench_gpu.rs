@@ -9,31 +9,20 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use ferry_accel::backend::{self, Backend, BufferReader, DeviceMemory};
 use ferry_accel::dirty::CHUNK_SIZE;
-use ferry_accel::kernel::{Distribution, Kernel, MatmulFlags};
 
 use crate::cmd::bench::{figure, Emit};
 
 /// The cuda backend of this host, or the reason there is none.
 fn cuda_backend() -> anyhow::Result<Box<dyn Backend>> {
-    let kind = backend::cuda_kind()
-        .map_err(|why| anyhow::anyhow!("the cuda backend is not available: {why}"))?;
-    backend::create(kind, 1, &DeviceMemory::default()).context("cannot create the cuda backend")
+    backend::create("cuda", 1, &DeviceMemory::default()).map_err(anyhow::Error::msg)
 }
 
 /// Fills buffer `id` (`n` f32) with uniform values.
 fn fill(b: &mut dyn Backend, id: u32, n: usize, seed: u64) -> anyhow::Result<()> {
-    b.launch(&Kernel::RngFill {
-        out: id,
-        n,
-        seed,
-        counter: 0,
-        distribution: Distribution::Uniform,
-        scale: 1.0,
-    })?;
-    Ok(())
+    Ok(b.launch(&backend::uniform_fill(id, n, seed))?)
 }
 
 /// Waits for everything launched that writes buffer `id` (a read waits for its writer).
@@ -50,15 +39,7 @@ fn matmul_gflops(b: &mut dyn Backend, n: usize) -> anyhow::Result<f64> {
     }
     fill(b, 1, n * n, 1)?;
     fill(b, 2, n * n, 2)?;
-    let kernel = Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m: n,
-        n,
-        k: n,
-        flags: MatmulFlags::default(),
-    };
+    let kernel = backend::square_matmul(n);
     let mut best = f64::MAX;
     for _ in 0..4 {
         let started = Instant::now();
@@ -163,11 +144,6 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
     let plain = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9);
     drop(whole);
     let busy_bytes = (busy_n * busy_n * 4) as u64;
-    for id in 2..=4 {
-        b.alloc(id, busy_bytes)?;
-    }
-    fill(b.as_mut(), 2, busy_n * busy_n, 4)?;
-    fill(b.as_mut(), 3, busy_n * busy_n, 5)?;
     let done = AtomicBool::new(false);
     let mut kernels = 0u64;
     let busy = std::thread::scope(|scope| -> anyhow::Result<f64> {
@@ -184,15 +160,7 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
         fill(launcher.as_mut(), 1, busy_n * busy_n, 6)?;
         fill(launcher.as_mut(), 2, busy_n * busy_n, 7)?;
         while !done.load(Ordering::Relaxed) {
-            launcher.launch(&Kernel::Matmul {
-                a: 1,
-                b: 2,
-                c: 3,
-                m: busy_n,
-                n: busy_n,
-                k: busy_n,
-                flags: MatmulFlags::default(),
-            })?;
+            launcher.launch(&backend::square_matmul(busy_n))?;
             sync(launcher.as_ref(), 3);
             kernels += 1;
         }

@@ -16,6 +16,8 @@
 //! Every comparison fails on a non-finite result.
 
 use super::*;
+use crate::backend::square_matmul;
+use crate::kernel::{Distribution, MatmulFlags};
 
 /// Deterministic test data.
 pub(super) struct Rng(pub(super) u64);

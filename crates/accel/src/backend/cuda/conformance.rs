@@ -84,14 +84,14 @@ type Ran = (Result<(), String>, Vec<Vec<u8>>);
 struct Pair {
     cpu: CpuBackend,
     other: Box<dyn Backend>,
-    ids: Vec<BufferId>,
+    /// Bytes of buffer `i + 1`.
+    sizes: Vec<usize>,
 }
 
 impl Pair {
     fn new(make: MakeBackend<'_>, data: &[Vec<u8>]) -> Result<Self, String> {
         let mut cpu = CpuBackend::new(2, DeviceMemory::default());
         let mut other = make();
-        let mut ids = Vec::new();
         for (i, d) in data.iter().enumerate() {
             let id = i as BufferId + 1;
             for b in [&mut cpu as &mut dyn Backend, other.as_mut()] {
@@ -99,29 +99,30 @@ impl Pair {
                     .map_err(|e| format!("{}: {e}", b.kind()))?;
                 b.write(id, 0, d);
             }
-            ids.push(id);
         }
-        Ok(Self { cpu, other, ids })
+        let sizes = data.iter().map(Vec::len).collect();
+        Ok(Self { cpu, other, sizes })
     }
 
-    fn buffers(b: &dyn Backend, ids: &[BufferId], sizes: &[usize]) -> Vec<Vec<u8>> {
-        ids.iter()
-            .zip(sizes)
-            .map(|(&id, &len)| {
+    fn buffers(&self, b: &dyn Backend) -> Vec<Vec<u8>> {
+        self.sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
                 let mut out = vec![0u8; len.max(4)];
-                b.read(id, 0, &mut out);
+                b.read(i as BufferId + 1, 0, &mut out);
                 out
             })
             .collect()
     }
 
     /// Runs `kernel` on both: each one's result, and every buffer after it.
-    fn run(&mut self, kernel: &Kernel, sizes: &[usize]) -> [Ran; 2] {
+    fn run(&mut self, kernel: &Kernel) -> [Ran; 2] {
         let c = self.cpu.launch(kernel).map_err(|e| e.to_string());
         let o = self.other.launch(kernel).map_err(|e| e.to_string());
         [
-            (c, Self::buffers(&self.cpu, &self.ids, sizes)),
-            (o, Self::buffers(self.other.as_ref(), &self.ids, sizes)),
+            (c, self.buffers(&self.cpu)),
+            (o, self.buffers(self.other.as_ref())),
         ]
     }
 }
@@ -129,9 +130,8 @@ impl Pair {
 /// Runs `kernel` on buffers holding `data` on both backends: every buffer must end with
 /// the same bits.
 fn same_bits(make: MakeBackend<'_>, data: Vec<Vec<u8>>, kernel: Kernel) -> Result<(), String> {
-    let sizes: Vec<usize> = data.iter().map(Vec::len).collect();
     let mut pair = Pair::new(make, &data)?;
-    let [(c, cb), (o, ob)] = pair.run(&kernel, &sizes);
+    let [(c, cb), (o, ob)] = pair.run(&kernel);
     c.map_err(|e| format!("the cpu backend failed: {e}"))?;
     o.map_err(|e| format!("failed: {e}"))?;
     for (i, (c, g)) in cb.iter().zip(&ob).enumerate() {
@@ -683,9 +683,8 @@ fn within_bound(
     kernel: &Kernel,
     k: usize,
 ) -> Result<(), String> {
-    let sizes: Vec<usize> = data.iter().map(Vec::len).collect();
     let mut pair = Pair::new(make, &data)?;
-    let [(c, cb), (o, ob)] = pair.run(kernel, &sizes);
+    let [(c, cb), (o, ob)] = pair.run(kernel);
     c.map_err(|e| format!("the cpu backend failed: {e}"))?;
     o.map_err(|e| format!("failed: {e}"))?;
     if cb[..2] != ob[..2] {
@@ -709,9 +708,8 @@ fn refused(
     kernel: &Kernel,
     output: usize,
 ) -> Result<(), String> {
-    let sizes: Vec<usize> = data.iter().map(Vec::len).collect();
     let mut pair = Pair::new(make, &data)?;
-    let [(c, _), (o, ob)] = pair.run(kernel, &sizes);
+    let [(c, _), (o, ob)] = pair.run(kernel);
     if c.is_ok() || c != o {
         return Err(format!("cpu backend {c:?} vs {o:?}"));
     }
