@@ -162,11 +162,11 @@ fn a_failing_kvm_ioctl_reaches_the_operator_with_its_errno() {
     ];
     // Booted paused, before its vCPU first runs.
     let vm = Microvm::boot(VmConfig::new(32 << 20), image, &args, HostOptions::quiet()).unwrap();
-    let mut state = vm.save_state().unwrap();
+    let mut paused = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
     // Paging without protected mode: KVM_SET_SREGS refuses it with EINVAL.
-    state.vcpus[0].sregs.cr0 = 1 << 31;
+    paused.state.vcpus[0].sregs.cr0 = 1 << 31;
     let path = std::env::temp_dir().join(format!("ferry-{test}-{}.snap", std::process::id()));
-    ferry_vmm::snapshot::write_snapshot(&path, &state, vm.memory(), None).unwrap();
+    ferry_vmm::snapshot::save_paused(&paused, &path).unwrap();
     let out = ferry(&["restore", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
     assert!(!out.status.success());

@@ -1,7 +1,8 @@
 //! Real workloads moving live between `ferry host serve` daemons: SmolLM2 answering a
 //! question, migrated in the middle of its answer (the model file sent, then found in
-//! place on the way back), and Fashion-MNIST training migrated mid-epoch. Each prints
-//! exactly what an unmigrated run prints: the same text, accuracies and checksums.
+//! place on the way back) and snapshotted mid-answer, and Fashion-MNIST training migrated
+//! mid-epoch. Each prints exactly what an unmigrated run prints: the same text,
+//! accuracies and checksums.
 //!
 //! They need the model (`scripts/fetch-model`) and the dataset package; without them
 //! they say SKIPPED loudly (and fail under FERRY_REQUIRE_MODEL=1 / FERRY_REQUIRE_DATASET=1).
@@ -10,7 +11,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{kvm_available, report, run_console, text, Daemon};
+use common::{ferry, kvm_available, report, run_console, text, Daemon};
 
 /// The answer `llm-chat` streamed: between its prompt line and its summary line.
 fn answer(console: &str) -> &str {
@@ -31,17 +32,24 @@ fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {prefix} line in:\n{console}"))
 }
 
+/// SmolLM2 attached as `llm-chat` finds it, and its size; `None` (said loudly) without
+/// KVM or the model.
+fn smollm2_attached(test: &str) -> Option<([String; 1], u64)> {
+    if !kvm_available(test) {
+        return None;
+    }
+    let model = ferry_testdata::smollm2(test)?;
+    let size = std::fs::metadata(&model).unwrap().len();
+    Some(([format!("model={}", model.display())], size))
+}
+
 #[test]
 fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
-    let test = "a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some((files, size)) =
+        smollm2_attached("a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text")
+    else {
         return;
     };
-    let size = std::fs::metadata(&model).unwrap().len();
-    let files = [format!("model={}", model.display())];
     let args = [
         "--prompt",
         "Write a long story about a lighthouse keeper and a storm.",
@@ -96,6 +104,54 @@ fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
     assert!(sent(&back) + size < sent(&there), "{there}\n{back}");
     let console = a.console_at_exit(&id);
     assert_eq!(answer(&console), want, "the migrated answer differs");
+    assert_eq!(line(&console, "checksum="), line(&expected, "checksum="));
+}
+
+#[test]
+fn a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_text() {
+    let Some((files, size)) = smollm2_attached(
+        "a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_text",
+    ) else {
+        return;
+    };
+    let args = [
+        "--prompt",
+        "Tell me about lighthouses.",
+        "--max-tokens",
+        "160",
+    ];
+    let started = std::time::Instant::now();
+    let expected = run_console("llm-chat", "256M", "512M", &files, &args);
+    let took = started.elapsed();
+    let want = answer(&expected);
+
+    // Snapshot at two thirds of an unmigrated run's time: mid-answer, weights loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot_dir = dir.path().to_str().unwrap();
+    let at_ms = (took.as_millis() * 2 / 3).to_string();
+    let mut run = vec![
+        "run",
+        "llm-chat",
+        "--memory",
+        "256M",
+        "--accel-memory",
+        "512M",
+    ];
+    run.extend(["--attach", files[0].as_str(), "--snapshot-at-ms", &at_ms]);
+    run.extend(["--snapshot-dir", snapshot_dir, "--"]);
+    run.extend(args);
+    let saved = ferry(&run);
+    assert!(saved.status.success(), "{}", text(&saved.stderr));
+    let stored = std::fs::metadata(dir.path().join("vm.snap")).unwrap().len();
+    // The weights are named as the pieces of the model file they are, not copied.
+    assert!(
+        stored < size / 2,
+        "{stored} bytes stored for a {size}-byte model"
+    );
+    let restored = ferry(&["restore", snapshot_dir]);
+    assert!(restored.status.success(), "{}", text(&restored.stderr));
+    let console = text(&saved.stdout) + &text(&restored.stdout);
+    assert_eq!(answer(&console), want, "the restored answer differs");
     assert_eq!(line(&console, "checksum="), line(&expected, "checksum="));
 }
 

@@ -78,23 +78,48 @@ pub fn kernel_decode(data: &[u8]) {
     let _ = Kernel::decode(args, buffer_len);
 }
 
-/// The snapshot file: header, state, RAM runs and the trailer, into a fresh VM's RAM.
+/// A VM that takes a snapshot's contents and keeps nothing, but decodes the state.
+struct Discard;
+
+impl ferry_migrate::MigrationTarget for Discard {
+    fn write_ram(&self, _gpa: u64, _data: &[u8]) -> Result<(), ferry_migrate::VmError> {
+        Ok(())
+    }
+    fn sync_buffers(
+        &self,
+        _table: &[ferry_migrate::DeviceBuffer],
+    ) -> Result<(), ferry_migrate::VmError> {
+        Ok(())
+    }
+    fn write_chunk(
+        &self,
+        _chunk: ferry_migrate::ChunkKey,
+        _data: &[u8],
+    ) -> Result<(), ferry_migrate::VmError> {
+        Ok(())
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), ferry_migrate::VmError> {
+        postcard::from_bytes::<ferry_vmm::MicrovmState>(state)
+            .map(drop)
+            .map_err(|e| ferry_migrate::VmError::Restore(e.into()))
+    }
+    fn resume(&self) -> Result<(), ferry_migrate::VmError> {
+        Ok(())
+    }
+}
+
+/// The snapshot file: header, the VM's description, its frames, the trailer and the
+/// state, loaded into a VM that keeps nothing.
 pub fn snapshot(data: &[u8]) {
-    use ferry_vmm::snapshot::SnapshotReader;
-    use ferry_vmm::MicrovmState;
+    use ferry_migrate::snapshot::SnapshotReader;
     let dir = std::env::temp_dir().join(format!("ferry-fuzz-snapshot-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("vm.snap");
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    if let Ok((reader, _state)) = SnapshotReader::open::<MicrovmState>(&path) {
-        // Small VMs only, so the fuzzer stays fast; the reader checks the size itself.
-        if reader.ram_size() <= 32 << 20 {
-            if let Ok(mem) = ferry_vmm::memory::create_guest_ram(reader.ram_size()) {
-                let _ = reader.read_contents_into(&mem, None);
-            }
-        }
+    if let Ok(reader) = SnapshotReader::open(&path) {
+        let _ = reader.load_into(&Discard);
     }
 }
 

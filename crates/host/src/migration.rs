@@ -7,19 +7,17 @@ use std::time::Instant;
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
-use ferry_accel::device::{AccelStateError, Accelerator, BufferState, DeviceReplay, DeviceTracker};
+use ferry_accel::device::{Accelerator, DeviceReplay, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
-use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
     CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer,
-    DeviceDigest, FileChunk, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet,
+    DeviceDigest, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet,
     VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
-use ferry_vmm::memory::{populated_pages, GuestRam};
+use ferry_vmm::migration::{device_buffers, file_offers, to_chunk, to_key, FillingVm};
 use ferry_vmm::vm::IncomingVm;
-use ferry_vmm::{AttachedFiles, HostOptions, Microvm, MicrovmState, VmConfig, VmTracker};
-use vm_memory::{Bytes, GuestAddress};
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmTracker};
 
 use crate::capacity::Reservation;
 use crate::files::{FileStore, IncomingFile};
@@ -32,23 +30,6 @@ pub(crate) const EXTRA_ARGS: &str = "args";
 pub(crate) const EXTRA_FROM: &str = "from";
 /// The name given at creation (absent if none).
 pub(crate) const EXTRA_NAME: &str = "name";
-
-fn to_key(c: ChunkId) -> ChunkKey {
-    ChunkKey {
-        buffer: c.buffer,
-        index: c.index,
-    }
-}
-
-fn to_chunk(k: ChunkKey) -> ChunkId {
-    ChunkId {
-        buffer: k.buffer,
-        index: k.index,
-    }
-}
-
-// A device chunk must fit one chunk frame of the wire.
-const _: () = assert!(ferry_accel::dirty::CHUNK_SIZE <= ferry_migrate::vm::MAX_CHUNK_BYTES);
 
 /// What this host can run a VM on accelerator backend `kind` with: the facts compared at
 /// the handshake. `None` if this host has no such backend.
@@ -176,17 +157,7 @@ impl MigrationSource for VmSource {
             .into_iter()
             .chain(self.vm.name.clone().map(|n| (EXTRA_NAME.into(), n)))
             .collect(),
-            files: self
-                .files
-                .infos()
-                .into_iter()
-                .map(|f| FileOffer {
-                    name: f.name,
-                    size: f.size,
-                    sha256: f.sha256,
-                    path: f.path.display().to_string(),
-                })
-                .collect(),
+            files: file_offers(self.files.infos()),
             ..local
         }
     }
@@ -246,59 +217,7 @@ impl MigrationSource for VmSource {
         })
     }
 
-    fn populated_chunks(&self) -> Vec<ChunkKey> {
-        self.accel().map_or_else(Vec::new, |a| {
-            a.written_chunks().into_iter().map(to_key).collect()
-        })
-    }
-
-    fn device_buffers(&self) -> Vec<DeviceBuffer> {
-        self.accel().map_or_else(Vec::new, |a| {
-            a.buffer_table()
-                .into_iter()
-                .map(|b| DeviceBuffer {
-                    id: b.id,
-                    bytes: b.bytes,
-                })
-                .collect()
-        })
-    }
-
-    fn populated_pages(&self) -> Option<PageSet> {
-        match populated_pages(self.tracker.memory()) {
-            Ok(set) => Some(set),
-            Err(e) => {
-                tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
-                None
-            }
-        }
-    }
-
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
-        self.tracker
-            .memory()
-            .read_slice(out, GuestAddress(gpa))
-            .map_err(|e| VmError::ReadRam {
-                gpa,
-                source: e.into(),
-            })
-    }
-
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
-        self.accel()?.read_chunk(to_chunk(chunk), out)
-    }
-
-    fn file_chunk(&self, chunk: ChunkKey) -> Option<FileChunk> {
-        let (origin, buffer_bytes) = self.accel()?.chunk_origin(to_chunk(chunk))?;
-        Some(FileChunk {
-            origin: ChunkOrigin {
-                file: origin.file,
-                offset: origin.offset,
-            },
-            len: origin.len,
-            buffer_bytes,
-        })
-    }
+    ferry_vmm::reads_through_tracker!(tracker);
 
     fn set_throttle(&self, percent: u8) {
         self.vm.set_throttle(percent);
@@ -330,13 +249,7 @@ impl MigrationSource for VmSource {
         let since: Option<Vec<ChunkId>> = since.map(|c| c.iter().copied().map(to_chunk).collect());
         let (table, chunks) = replayer.start_capture(limits, since.as_deref());
         Ok((
-            table
-                .into_iter()
-                .map(|b| DeviceBuffer {
-                    id: b.id,
-                    bytes: b.bytes,
-                })
-                .collect(),
+            device_buffers(table),
             chunks.into_iter().map(to_key).collect(),
         ))
     }
@@ -364,12 +277,6 @@ impl MigrationSource for VmSource {
     }
 }
 
-enum Incoming {
-    Filling(IncomingVm),
-    Restored(Microvm),
-    Gone,
-}
-
 /// Where each offered file comes from on this host.
 enum FileSlot {
     /// This host has the content already.
@@ -386,8 +293,7 @@ enum FileSlot {
 pub struct VmTarget {
     /// What the source offered.
     pub description: VmDescription,
-    memory: GuestRam,
-    state: Mutex<Incoming>,
+    vm: FillingVm,
     store: FileStore,
     /// By offer index.
     files: Mutex<Vec<FileSlot>>,
@@ -424,8 +330,7 @@ impl VmTarget {
             .collect();
         Ok(Self {
             description: description.clone(),
-            memory: incoming.memory().clone(),
-            state: Mutex::new(Incoming::Filling(incoming)),
+            vm: FillingVm::new(incoming),
             store,
             files: Mutex::new(files),
             reservation: Mutex::new(Some(reservation)),
@@ -449,37 +354,9 @@ impl VmTarget {
         AttachedFiles::new(files).ok()
     }
 
-    fn with_filling<R>(&self, f: impl FnOnce(&IncomingVm) -> Result<R, Cause>) -> Result<R, Cause> {
-        match &*self.state.lock().expect("target lock") {
-            Incoming::Filling(vm) => f(vm),
-            _ => Err("the VM is already restored".into()),
-        }
-    }
-
-    /// Writes device chunk `chunk` of the VM being filled with `write`.
-    fn with_accel(
-        &self,
-        chunk: ChunkKey,
-        write: impl FnOnce(&Accelerator, ChunkId) -> Result<(), AccelStateError>,
-    ) -> Result<(), VmError> {
-        self.with_filling(|vm| {
-            let accel = vm
-                .accel()
-                .ok_or("a device chunk for a VM without an accelerator")?;
-            write(accel, to_chunk(chunk)).map_err(Cause::from)
-        })
-        .map_err(|source| VmError::WriteChunk { chunk, source })
-    }
-
     /// The restored VM (after [`MigrationTarget::resume`]) and its reservation.
     pub fn take_vm(&self) -> Option<(Microvm, Reservation)> {
-        let vm = match std::mem::replace(
-            &mut *self.state.lock().expect("target lock"),
-            Incoming::Gone,
-        ) {
-            Incoming::Restored(vm) => vm,
-            _ => return None,
-        };
+        let vm = self.vm.take_vm()?;
         let reservation = self.reservation.lock().expect("target lock").take()?;
         Some((vm, reservation))
     }
@@ -496,38 +373,19 @@ impl VmTarget {
 
 impl MigrationTarget for VmTarget {
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
-        self.memory
-            .write_slice(data, GuestAddress(gpa))
-            .map_err(|e| VmError::WriteRam {
-                gpa,
-                source: e.into(),
-            })
+        self.vm.write_ram(gpa, data)
     }
 
     fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
-        self.with_filling(|vm| match vm.accel() {
-            Some(accel) => {
-                let table: Vec<BufferState> = table
-                    .iter()
-                    .map(|b| BufferState {
-                        id: b.id,
-                        bytes: b.bytes,
-                    })
-                    .collect();
-                accel.sync_buffers(&table).map_err(Cause::from)
-            }
-            None if table.is_empty() => Ok(()),
-            None => Err("device buffers for a VM without an accelerator".into()),
-        })
-        .map_err(VmError::SyncBuffers)
+        self.vm.sync_buffers(table)
     }
 
     fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
-        self.with_accel(chunk, |accel, id| accel.write_chunk(id, data))
+        self.vm.write_chunk(chunk, data)
     }
 
     fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
-        self.with_accel(chunk, |accel, id| accel.write_chunk_part(id, offset, data))
+        self.vm.write_chunk_part(chunk, offset, data)
     }
 
     fn write_chunk_with_origin(
@@ -536,14 +394,7 @@ impl MigrationTarget for VmTarget {
         data: &[u8],
         origin: ChunkOrigin,
     ) -> Result<(), VmError> {
-        let from = ferry_accel::device::ChunkOrigin {
-            file: origin.file,
-            offset: origin.offset,
-            len: data.len() as u64,
-        };
-        self.with_accel(chunk, |accel, id| {
-            accel.write_chunk_from_file(id, data, from)
-        })
+        self.vm.write_chunk_with_origin(chunk, data, origin)
     }
 
     fn write_chunk_from_file(
@@ -552,34 +403,13 @@ impl MigrationTarget for VmTarget {
         len: u64,
         origin: ChunkOrigin,
     ) -> Result<(), VmError> {
-        // Read from this host's copy (the same content: checked by hash at the
-        // handshake), bounds checked: the source is authenticated, not trusted to count.
-        let mut data = vec![0u8; len.min(MAX_CHUNK_BYTES) as usize];
-        // A clone (the same open file), so no lock is held while reading.
+        // This host's copy (the same content: checked by hash at the handshake); a
+        // clone (the same open file), so no lock is held while reading.
         let file = match self.slots().get(origin.file as usize) {
             Some(FileSlot::Present(f) | FileSlot::Received(f)) => Some(f.clone()),
             _ => None,
         };
-        let read = match file {
-            Some(f) => {
-                let size = f.info().size;
-                if origin.offset.checked_add(len).is_none_or(|end| end > size) {
-                    Err(format!(
-                        "bytes {}..+{len} are not inside attached file {} ({size} bytes)",
-                        origin.offset, origin.file
-                    ))
-                } else {
-                    f.read_at(origin.offset, &mut data)
-                        .map_err(|e| e.to_string())
-                }
-            }
-            None => Err(format!("attached file {} is not on this host", origin.file)),
-        };
-        read.map_err(|e| VmError::WriteChunk {
-            chunk,
-            source: e.into(),
-        })?;
-        self.write_chunk_with_origin(chunk, &data, origin)
+        self.vm.write_chunk_from(chunk, len, origin, file.as_ref())
     }
 
     fn has_file(&self, file: u32) -> bool {
@@ -633,8 +463,6 @@ impl MigrationTarget for VmTarget {
     }
 
     fn restore(&self, blob: &[u8]) -> Result<(), VmError> {
-        let state: MicrovmState =
-            postcard::from_bytes(blob).map_err(|e| VmError::Restore(e.into()))?;
         let files = {
             let mut slots = self.slots();
             let mut files = Vec::with_capacity(slots.len());
@@ -650,25 +478,11 @@ impl MigrationTarget for VmTarget {
             }
             AttachedFiles::new(files).map_err(|e| VmError::Restore(e.into()))?
         };
-        let mut slot = self.state.lock().expect("target lock");
-        match std::mem::replace(&mut *slot, Incoming::Gone) {
-            Incoming::Filling(mut incoming) => {
-                incoming.attach_files(files);
-                let vm = incoming
-                    .finish(&state)
-                    .map_err(|e| VmError::Restore(e.into()))?;
-                *slot = Incoming::Restored(vm);
-                Ok(())
-            }
-            _ => Err(VmError::Restore("the VM was already restored".into())),
-        }
+        self.vm.restore_with(blob, Some(files))
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        match &mut *self.state.lock().expect("target lock") {
-            Incoming::Restored(vm) => vm.resume().map_err(|e| VmError::Resume(e.into())),
-            _ => Err(VmError::Resume("no restored VM to resume".into())),
-        }
+        self.vm.resume()
     }
 
     fn can_replay(&self) -> bool {
@@ -679,7 +493,8 @@ impl MigrationTarget for VmTarget {
         // A replayed file load reads this host's copies (all here once round 0 is done).
         let files = self.files_here();
         let device = self
-            .with_filling(|vm| {
+            .vm
+            .with_incoming(|vm| {
                 let accel = vm.accel().ok_or("the VM has no accelerator")?;
                 if let Some(files) = files {
                     accel.set_files(Arc::new(files));
@@ -698,7 +513,8 @@ impl MigrationTarget for VmTarget {
     }
 
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
-        self.with_filling(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.replayer()))
+        self.vm
+            .with_incoming(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.replayer()))
             .map(|device| device.digest())
             .map_err(VmError::Replay)
     }

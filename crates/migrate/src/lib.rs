@@ -11,6 +11,8 @@
 //! - [`replay`]: moving device memory as a base and the commands run after it.
 //! - [`receive`]: the destination side: validates everything off the wire, applies it,
 //!   and restores the VM only when the source's final state is complete.
+//! - [`snapshot`]: a migration to a file and back: a paused VM saved and loaded with the
+//!   same sender, frames and checks.
 //!
 //! The phases are those of ARCHITECTURE.md: handshake, pre-copy, convergence,
 //! switchover; a failure before the destination confirms leaves the VM on the source.
@@ -23,6 +25,7 @@ pub mod receive;
 pub mod replay;
 pub mod send;
 pub mod settle;
+pub mod snapshot;
 pub mod tls;
 pub mod vm;
 pub mod wire;

@@ -466,37 +466,6 @@ fn apply_stream<T: MigrationTarget>(
             }
         }
         let applied = match frame {
-            Frame::Ram { gpa, pages, data } => {
-                let end = gpa.checked_add(pages * PAGE_SIZE);
-                if end.is_none_or(|end| end > ram_size) {
-                    Err(MigrationError::BrokenSequence(format!(
-                        "RAM record of {pages} pages at {gpa:#x} is outside the VM's {ram_size:#x} bytes"
-                    )))
-                } else {
-                    let data = data.unwrap_or(&ZERO_RUN[..(pages * PAGE_SIZE) as usize]);
-                    target.write_ram(gpa, data).map_err(MigrationError::Target)
-                }
-            }
-            // The wire checked `len` (at most a chunk, the data's length if any).
-            Frame::Chunk {
-                key,
-                len,
-                data,
-                origin,
-            } => {
-                let data = data.unwrap_or(&ZERO_RUN[..len as usize]);
-                match origin {
-                    Some(origin) => target.write_chunk_with_origin(key, data, origin),
-                    None => target.write_chunk(key, data),
-                }
-                .map_err(MigrationError::Target)
-            }
-            Frame::ChunkPart { key, offset, data } => target
-                .write_chunk_part(key, offset, data)
-                .map_err(MigrationError::Target),
-            Frame::FileChunk { key, len, origin } => target
-                .write_chunk_from_file(key, len, origin)
-                .map_err(MigrationError::Target),
             Frame::File { file, offset, data } => inbound
                 .take_file_piece(file, offset, data.len() as u64)
                 .map_err(MigrationError::BrokenSequence)
@@ -505,7 +474,7 @@ fn apply_stream<T: MigrationTarget>(
                         .write_file(file, offset, data)
                         .map_err(MigrationError::Target)
                 }),
-            Frame::Control(m) => Err(MigrationError::unexpected("a data frame", &m)),
+            other => apply_data(target, other, ram_size),
         };
         if let Err(e) = applied {
             inbound.fail(index, e);
@@ -518,6 +487,52 @@ fn apply_stream<T: MigrationTarget>(
     }
 }
 
+/// Applies a frame of RAM or device memory to `target`, checked against the VM's
+/// `ram_size` first; anything else (a file piece, a control message) is out of place.
+pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
+    target: &T,
+    frame: Frame<'_>,
+    ram_size: u64,
+) -> Result<(), MigrationError> {
+    match frame {
+        Frame::Ram { gpa, pages, data } => {
+            let end = gpa.checked_add(pages * PAGE_SIZE);
+            if end.is_none_or(|end| end > ram_size) {
+                Err(MigrationError::BrokenSequence(format!(
+                    "RAM record of {pages} pages at {gpa:#x} is outside the VM's {ram_size:#x} bytes"
+                )))
+            } else {
+                let data = data.unwrap_or(&ZERO_RUN[..(pages * PAGE_SIZE) as usize]);
+                target.write_ram(gpa, data).map_err(MigrationError::Target)
+            }
+        }
+        // The wire checked `len` (at most a chunk, the data's length if any).
+        Frame::Chunk {
+            key,
+            len,
+            data,
+            origin,
+        } => {
+            let data = data.unwrap_or(&ZERO_RUN[..len as usize]);
+            match origin {
+                Some(origin) => target.write_chunk_with_origin(key, data, origin),
+                None => target.write_chunk(key, data),
+            }
+            .map_err(MigrationError::Target)
+        }
+        Frame::ChunkPart { key, offset, data } => target
+            .write_chunk_part(key, offset, data)
+            .map_err(MigrationError::Target),
+        Frame::FileChunk { key, len, origin } => target
+            .write_chunk_from_file(key, len, origin)
+            .map_err(MigrationError::Target),
+        Frame::File { .. } => Err(MigrationError::BrokenSequence(
+            "a piece of an attached file where none was asked for".into(),
+        )),
+        Frame::Control(m) => Err(MigrationError::unexpected("a data frame", &m)),
+    }
+}
+
 fn refuse(conn: &mut Conn, reason: String) -> MigrationError {
     let _ = conn.send(&Message::Refuse {
         reason: reason.clone(),
@@ -525,7 +540,7 @@ fn refuse(conn: &mut Conn, reason: String) -> MigrationError {
     MigrationError::Refused(reason)
 }
 
-fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), String> {
+pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), String> {
     if !(1..=MAX_STREAMS).contains(&streams) {
         return Err(format!(
             "{streams} data streams (1 to {MAX_STREAMS} allowed)"
@@ -985,7 +1000,7 @@ fn control_loop<T: MigrationTarget>(
     }
 }
 
-fn sync_buffers<T: MigrationTarget>(
+pub(crate) fn sync_buffers<T: MigrationTarget + ?Sized>(
     target: &T,
     buffers: &[DeviceBuffer],
 ) -> Result<(), MigrationError> {

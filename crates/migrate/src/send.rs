@@ -308,7 +308,6 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
 
 /// One connection to the destination.
 type Conn = FrameStream<Link>;
-type Writer = FrameWriter<Link>;
 
 /// Write buffer of a connection: it gathers small frames (control messages, short page
 /// runs); a frame at least this large (a device chunk) goes straight to the socket.
@@ -388,7 +387,7 @@ pub(crate) fn open_control(
 
 /// A piece of an attached file to send.
 #[derive(Debug, Clone, Copy)]
-struct FilePiece {
+pub(crate) struct FilePiece {
     file: u32,
     offset: u64,
     len: u64,
@@ -408,7 +407,7 @@ enum RoundTable {
 
 /// What one round must send.
 #[derive(Default)]
-struct RoundWork {
+pub(crate) struct RoundWork {
     runs: Vec<(u64, u64)>,
     chunks: Vec<ChunkPart>,
     files: Vec<FilePiece>,
@@ -423,6 +422,26 @@ struct RoundWork {
 }
 
 impl RoundWork {
+    /// Round 0's work: every page and chunk of `source` (of `ram_pages` pages) that may
+    /// hold data, and the files. Called once dirty tracking runs (or the VM is paused),
+    /// so a page or chunk populated after the query is in a later round's dirty set.
+    pub(crate) fn first(
+        source: &dyn MigrationSource,
+        ram_pages: u64,
+        files: Vec<FilePiece>,
+    ) -> Self {
+        Self {
+            runs: source
+                .populated_pages()
+                .unwrap_or_else(|| PageSet::all(ram_pages))
+                .runs(MAX_RUN_PAGES),
+            chunks: whole(source.populated_chunks()),
+            files,
+            skip_zeros: true,
+            ..Self::default()
+        }
+    }
+
     /// A replay round: `commands` and the RAM `pages` dirtied while they ran.
     fn replayed(pages: &PageSet, commands: Vec<LoggedCommand>, replay_time: Duration) -> Self {
         Self {
@@ -490,7 +509,7 @@ fn file_pieces(sizes: &[u64], send: &[u32]) -> Vec<FilePiece> {
 /// A round's work as the data streams share it: each takes the next run, then the next
 /// chunk, until none is left, so a stream that gets less CPU than the others does not
 /// hold up the round with a backlog of its own.
-struct WorkQueue<'a> {
+pub(crate) struct WorkQueue<'a> {
     work: &'a RoundWork,
     /// The buffer table sent with the round: (id, bytes), by id.
     buffers: &'a [DeviceBuffer],
@@ -506,7 +525,7 @@ struct WorkQueue<'a> {
 }
 
 impl<'a> WorkQueue<'a> {
-    fn new(
+    pub(crate) fn new(
         work: &'a RoundWork,
         buffers: &'a [DeviceBuffer],
         cancel: &'a CancelToken,
@@ -591,19 +610,19 @@ fn is_zero(bytes: &[u8]) -> bool {
 }
 
 #[derive(Default)]
-struct StreamCounts {
-    pages: u64,
+pub(crate) struct StreamCounts {
+    pub(crate) pages: u64,
     zero_pages: u64,
-    chunks: u64,
+    pub(crate) chunks: u64,
     zero_chunks: u64,
-    file_chunks: u64,
+    pub(crate) file_chunks: u64,
     chunk_parts: u64,
 }
 
 /// What a data stream reads into before sending, kept across rounds (the final round,
 /// during the pause, allocates nothing).
 #[derive(Default)]
-struct StreamBuffers {
+pub(crate) struct StreamBuffers {
     /// A run of pages, or a piece of a file.
     pages: Vec<u8>,
     /// A device chunk, copied out so the device's buffer is never locked during I/O.
@@ -612,9 +631,9 @@ struct StreamBuffers {
 
 /// Sends what it takes from `queue` on one stream: runs of pages (split around zero
 /// pages), then chunks.
-fn send_share(
+pub(crate) fn send_share<W: std::io::Write>(
     source: &dyn MigrationSource,
-    writer: &mut Writer,
+    writer: &mut FrameWriter<W>,
     buffers: &mut StreamBuffers,
     queue: &WorkQueue<'_>,
 ) -> Result<StreamCounts, MigrationError> {
@@ -1377,21 +1396,9 @@ fn run(
     finish(s, options, pause_at, digest)
 }
 
-/// Round 0's work: every page and chunk that may hold data, and the files. Called once
-/// dirty tracking runs (or the VM is paused), so a page or chunk populated after the
-/// query is in a later round's dirty set.
+/// Round 0's work of `s`: see [`RoundWork::first`].
 fn round0(s: &Session<'_>, files: Vec<FilePiece>) -> RoundWork {
-    RoundWork {
-        runs: s
-            .source
-            .populated_pages()
-            .unwrap_or_else(|| PageSet::all(s.ram_pages))
-            .runs(MAX_RUN_PAGES),
-        chunks: whole(s.source.populated_chunks()),
-        files,
-        skip_zeros: true,
-        ..RoundWork::default()
-    }
+    RoundWork::first(s.source, s.ram_pages, files)
 }
 
 /// Pre-copy rounds from `work` until the predicted pause meets the target (throttling

@@ -342,6 +342,43 @@ impl<S: Read + Write> FrameStream<S> {
     }
 }
 
+/// Reads and validates frames from one direction only (a file, a byte slice): the
+/// read-only half of a [`FrameStream`].
+pub struct FrameReader<R> {
+    input: R,
+    decoder: Decoder,
+    /// Bytes read so far, headers included.
+    pub bytes_read: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader over `input`, of which `bytes_read` bytes were read already (a frame
+    /// read first is checked for a TLS record instead: see [`read_header`]).
+    pub fn new(input: R, bytes_read: u64) -> Self {
+        Self {
+            input,
+            decoder: Decoder::default(),
+            bytes_read,
+        }
+    }
+
+    /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
+    /// `UnexpectedEof`, like any other cut.
+    pub fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
+        self.decoder.read(&mut self.input, &mut self.bytes_read)
+    }
+
+    /// The next frame, which must be a control message.
+    pub fn expect_control(&mut self, what: &str) -> Result<Message, MigrationError> {
+        control_of(self.read(), what)
+    }
+
+    /// The input, positioned after the last frame read.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.input
+    }
+}
+
 /// Decoding state: the buffers of the last frame, reused, and a limit below the
 /// protocol's, if any.
 #[derive(Default)]
@@ -663,6 +700,11 @@ impl<W: Write> FrameWriter<W> {
         &mut self.output
     }
 
+    /// The connection, once every frame is written.
+    pub fn into_inner(self) -> W {
+        self.output
+    }
+
     /// Sends a control message (and flushes).
     pub fn send(&mut self, message: &Message) -> Result<(), MigrationError> {
         let bytes = postcard::to_stdvec(message)
@@ -820,31 +862,6 @@ fn control_of(
 mod tests {
     use super::*;
 
-    /// Reads and validates frames from a byte slice (a read-only FrameStream).
-    struct FrameReader<R> {
-        input: R,
-        decoder: Decoder,
-        /// Bytes read so far, headers included.
-        bytes: u64,
-    }
-
-    impl<R: Read> FrameReader<R> {
-        /// A reader over `input`.
-        fn new(input: R) -> Self {
-            Self {
-                input,
-                decoder: Decoder::default(),
-                bytes: 0,
-            }
-        }
-
-        /// The next frame. A clean end of stream is an [`MigrationError::Io`] of kind
-        /// `UnexpectedEof`, like any other cut.
-        fn read(&mut self) -> Result<Frame<'_>, MigrationError> {
-            self.decoder.read(&mut self.input, &mut self.bytes)
-        }
-    }
-
     fn roundtrip(compress: bool) {
         let mut w = FrameWriter::new(Vec::new(), compress);
         let page = vec![7u8; PAGE_SIZE as usize * 2];
@@ -865,7 +882,7 @@ mod tests {
         w.send_file(2, 1 << 40, &[3; 77]).unwrap();
         w.send(&Message::Go).unwrap();
         let bytes = w.output;
-        let mut r = FrameReader::new(&bytes[..]);
+        let mut r = FrameReader::new(&bytes[..], 0);
         assert!(
             matches!(r.read().unwrap(), Frame::Ram { gpa: 0x10000, pages: 2, data: Some(d) } if d == page)
         );
@@ -941,7 +958,7 @@ mod tests {
         w.send_chunk(key, 1000, Some(&data)).unwrap();
         w.send(&Message::Go).unwrap();
         let bytes = w.output.out;
-        let mut r = FrameReader::new(&bytes[..]);
+        let mut r = FrameReader::new(&bytes[..], 0);
         assert!(
             matches!(r.read().unwrap(), Frame::Chunk { key: k, len: 1000, data: Some(d), origin: None } if k == key && d == data)
         );
@@ -961,7 +978,7 @@ mod tests {
     }
 
     fn read_err(bytes: &[u8]) -> String {
-        match FrameReader::new(bytes).read() {
+        match FrameReader::new(bytes, 0).read() {
             Err(e) => e.to_string(),
             Ok(f) => panic!("accepted {f:?}"),
         }
@@ -1041,7 +1058,7 @@ mod tests {
         w.send_ram(0, 1, Some(&[5; 4096])).unwrap();
         for cut in 0..w.output.len() {
             assert!(matches!(
-                FrameReader::new(&w.output[..cut]).read(),
+                FrameReader::new(&w.output[..cut], 0).read(),
                 Err(MigrationError::Io { .. })
             ));
         }
@@ -1055,7 +1072,7 @@ mod tests {
             0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
         ];
         for record in [alert, hello] {
-            match FrameReader::new(record).read() {
+            match FrameReader::new(record, 0).read() {
                 Err(MigrationError::Auth(why)) => assert!(why.contains("speaks TLS"), "{why}"),
                 other => panic!("{other:?}"),
             }

@@ -10,7 +10,8 @@
 //! - [`loader`]: guest ELF checks and loading.
 //! - [`devices`]: console, clock, exit and file-read ports, and the message channel.
 //! - [`files`]: attached read-only files (models, datasets).
-//! - [`snapshot`]: the versioned, checksummed snapshot file.
+//! - [`migration`]: the microVM as the migration engine's source and target.
+//! - [`snapshot`]: a paused VM saved to a file and restored, by the migration engine.
 //! - [`arch`]: x86-64 memory map, page tables, GDT/TSS/IDT, entry registers.
 
 pub mod arch;
@@ -18,6 +19,7 @@ pub mod devices;
 pub mod files;
 pub mod loader;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

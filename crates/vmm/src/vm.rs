@@ -25,7 +25,7 @@ use crate::loader::{load_image, LoadImageError, LoadedImage};
 use crate::memory::{
     self, create_guest_ram, register_ram, DirtyLog, GuestRam, MemoryError, PageSet,
 };
-use crate::snapshot::{write_snapshot, SnapshotError, SnapshotReader, SnapshotStats};
+use crate::snapshot::{SnapshotError, SnapshotStats};
 use crate::vcpu::{Vcpu, VcpuEvent, VcpuHandle, VcpuRunError, VcpuState, VcpuStateError};
 
 /// Least heap a guest gets; an image leaving less is refused.
@@ -325,6 +325,11 @@ impl IncomingVm {
         self.accel.as_ref()
     }
 
+    /// The attached files it was made with.
+    pub fn files(&self) -> &AttachedFiles {
+        &self.host.files
+    }
+
     /// Gives the VM its attached files, once they are all on this host (before
     /// [`Self::finish`], which checks them against the VM's state).
     pub fn attach_files(&mut self, files: AttachedFiles) {
@@ -602,28 +607,8 @@ impl Microvm {
     /// KVM accepting the vCPU state, the attached files' content) happens before the VM
     /// can run. Attached files come from `host.files`, or when that is empty from the
     /// paths the snapshot recorded.
-    pub fn restore(
-        path: &Path,
-        mut host: HostOptions,
-    ) -> Result<(Self, SnapshotStats), CreateVmError> {
-        let (reader, state): (_, MicrovmState) = SnapshotReader::open(path)?;
-        if host.files.files().is_empty() && !state.files.is_empty() {
-            host.files = AttachedFiles::reopen(&state.files).map_err(CreateVmError::Files)?;
-        }
-        if state.config.ram_size != reader.ram_size() {
-            return Err(CreateVmError::Incompatible(
-                "VM state disagrees with the file header".into(),
-            ));
-        }
-        let backend_kind = state.accel.as_ref().map(|a| a.backend_kind.as_str());
-        let incoming = IncomingVm::new(state.config, backend_kind, host)?;
-        if let (Some(accel), Some(saved)) = (incoming.accel(), &state.accel) {
-            accel
-                .sync_buffers(&saved.buffers)
-                .map_err(CreateVmError::Accel)?;
-        }
-        let stats = reader.read_contents_into(incoming.memory(), incoming.accel())?;
-        Ok((incoming.finish(&state)?, stats))
+    pub fn restore(path: &Path, host: HostOptions) -> Result<(Self, SnapshotStats), CreateVmError> {
+        crate::snapshot::restore(path, host)
     }
 
     /// A freshly built VM, paused, before its vCPUs first run.
@@ -806,15 +791,9 @@ impl Microvm {
         })
     }
 
-    /// Saves a paused VM to a snapshot file.
+    /// Saves a paused VM to a snapshot file, atomically.
     pub fn save(&self, path: &Path) -> Result<SnapshotStats, VmControlError> {
-        let state = self.save_state()?;
-        Ok(write_snapshot(
-            path,
-            &state,
-            &self.memory,
-            self.devices.accel.as_ref(),
-        )?)
+        crate::snapshot::save(self, path)
     }
 
     /// The VM's accelerator, if it has one (dirty chunks, chunk reads and writes).

@@ -80,8 +80,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             bail!("the snapshot was not written (see above); the guest ran to its end");
         }
     };
+    // Device chunks that hold pieces of attached files (a model's weights) are named by
+    // the piece, not copied: restoring reads them from the files again.
+    let named = match stats.file_chunks {
+        0 => String::new(),
+        n => format!(", {n} device chunks named in attached files"),
+    };
     eprintln!(
-        "ferry: VM paused at {:.1} ms of guest time and saved to {} ({} MiB RAM, {:.1} MiB stored, {} ms); continue it with: ferry restore {}",
+        "ferry: VM paused at {:.1} ms of guest time and saved to {} ({} MiB RAM, {:.1} MiB stored{named}, {} ms); continue it with: ferry restore {}",
         vm.guest_time_ns() as f64 / 1e6,
         path.display(),
         stats.ram_bytes >> 20,

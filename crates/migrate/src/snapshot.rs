@@ -1,0 +1,693 @@
+//! Snapshots: a paused VM saved to a file, and loaded back into a new VM.
+//!
+//! A snapshot is a migration whose destination is a file. It is written from the VM's
+//! [`MigrationSource`] by the sender of a stop-and-copy migration's round 0, in the
+//! migration stream's frames, and read back into a [`MigrationTarget`] with the
+//! receiver's record checks. One serializer of a whole VM serves both.
+//!
+//! ```text
+//! header   magic "FERRYSNP" | format version u32 | wire protocol version u32
+//! frames   Offer        the VM's description: shape, versions, attached files
+//!          BeginRound   round 0, with the device buffer table
+//!          RAM runs and device chunks, as round 0 of a migration sends them: zero pages
+//!            and chunks are left out (a VM starts zeroed), and a chunk that holds a
+//!            piece of an attached file is named by the piece, not copied (the file is
+//!            attached again when the snapshot is loaded)
+//!          EndRound     round 0, with the number of data frames
+//!          State        the VM's state (vCPUs, devices), opaque here
+//! trailer  CRC-32 (IEEE) of every byte before it, u32
+//! ```
+//!
+//! Integers are little endian. Each frame carries a CRC of its own; the trailer covers
+//! the headers between them too. A reader checks every record against the VM's shape and
+//! the trailer before the target is restored, so a truncated, corrupted or foreign file
+//! is refused with a reason and never runs half-loaded.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::receive::{apply_data, sync_buffers, validate_offer};
+use crate::replay::DeviceTransfer;
+use crate::send::{send_share, CancelToken, RoundWork, StreamBuffers, WorkQueue};
+use crate::vm::{
+    FileTransfer, MigrationSource, MigrationTarget, VmDescription, VmError, PAGE_SIZE,
+};
+use crate::wire::{Frame, FrameReader, FrameWriter, Message, Transfer, PROTOCOL_VERSION};
+use crate::MigrationError;
+
+/// Format version this engine writes and reads. 4: the migration stream's frames.
+pub const FORMAT_VERSION: u32 = 4;
+const MAGIC: [u8; 8] = *b"FERRYSNP";
+const HEADER_LEN: usize = 16;
+
+/// Errors saving or loading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The file could not be opened, read or written.
+    #[error("{}: I/O error", path.display())]
+    Io {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The file ends early.
+    #[error("{}: snapshot is truncated", path.display())]
+    Truncated {
+        /// The snapshot file.
+        path: PathBuf,
+    },
+    /// Not a Ferry snapshot.
+    #[error("{}: not a Ferry snapshot (bad magic)", path.display())]
+    BadMagic {
+        /// The snapshot file.
+        path: PathBuf,
+    },
+    /// Written by an incompatible version of Ferry.
+    #[error("{}: snapshot format version {found} is not supported (this ferry reads version {FORMAT_VERSION})", path.display())]
+    UnsupportedVersion {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+    },
+    /// A frame or record is malformed, out of order, or outside the VM's shape.
+    #[error("{}: corrupt snapshot", path.display())]
+    Corrupt {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Which check failed.
+        #[source]
+        source: MigrationError,
+    },
+    /// The checksum does not match the contents.
+    #[error("{}: snapshot checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupted", path.display())]
+    Checksum {
+        /// The snapshot file.
+        path: PathBuf,
+        /// CRC in the trailer.
+        stored: u32,
+        /// CRC of the contents.
+        computed: u32,
+    },
+    /// The VM being saved could not be read.
+    #[error("cannot read the VM to save it")]
+    Save(#[source] VmError),
+    /// The VM being loaded could not take the snapshot's contents or state.
+    #[error("{}: cannot load the snapshot into the VM", path.display())]
+    Load {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What the VM said.
+        #[source]
+        source: VmError,
+    },
+}
+
+/// Sizes of a saved or loaded snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// Non-zero pages stored.
+    pub pages_stored: u64,
+    /// Non-zero accelerator chunks stored.
+    pub chunks_stored: u64,
+    /// Accelerator chunks stored as the piece of an attached file they hold.
+    pub file_chunks: u64,
+    /// Bytes of the file.
+    pub file_bytes: u64,
+}
+
+/// Passes bytes through while computing their CRC.
+struct Crc<T> {
+    inner: T,
+    hasher: crc32fast::Hasher,
+}
+
+impl<T> Crc<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            hasher: crc32fast::Hasher::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for Crc<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Crc<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The snapshot error for `error`, met reading or writing `path`.
+fn file_error(path: &Path, error: MigrationError) -> SnapshotError {
+    let path = path.to_owned();
+    match error {
+        MigrationError::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+            SnapshotError::Truncated { path }
+        }
+        MigrationError::Io { source, .. } => SnapshotError::Io { path, source },
+        MigrationError::Source(source) => SnapshotError::Save(source),
+        MigrationError::Target(source) => SnapshotError::Load { path, source },
+        source => SnapshotError::Corrupt { path, source },
+    }
+}
+
+/// Saves the paused VM `vm` to `path`, atomically: the file appears (renamed from a
+/// temporary) only once complete and synced, and a failed save leaves nothing behind.
+pub fn save(vm: &dyn MigrationSource, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+    let description = vm.describe();
+    let state = vm.save_state().map_err(SnapshotError::Save)?;
+    let mut buffers = vm.device_buffers();
+    buffers.sort_unstable_by_key(|b| b.id);
+    let tmp = path.with_extension("snap.partial");
+    let io_error = |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::create(&tmp).map_err(io_error)?;
+    let write = || -> Result<SnapshotStats, MigrationError> {
+        let mut out = Crc::new(BufWriter::with_capacity(1 << 20, file));
+        out.write_all(&MAGIC)
+            .and_then(|()| out.write_all(&FORMAT_VERSION.to_le_bytes()))
+            .and_then(|()| out.write_all(&PROTOCOL_VERSION.to_le_bytes()))
+            .map_err(MigrationError::io("writing the header"))?;
+        let mut writer = FrameWriter::new(out, false);
+        writer.send(&Message::Offer {
+            vm: description.clone(),
+            streams: 1,
+            transfer: Transfer::StopAndCopy,
+            // The files are attached again at load, by their paths and checked by hash.
+            files: FileTransfer::Require,
+            device: DeviceTransfer::Precopy,
+        })?;
+        writer.send(&Message::BeginRound {
+            round: 0,
+            buffers: Some(buffers.clone()),
+        })?;
+        let before = writer.frames;
+        let work = RoundWork::first(vm, description.ram_size / PAGE_SIZE, Vec::new());
+        let files_attached = vec![true; description.files.len()];
+        let cancel = CancelToken::default();
+        let queue = WorkQueue::new(&work, &buffers, &cancel, &files_attached);
+        let counts = send_share(vm, &mut writer, &mut StreamBuffers::default(), &queue)?;
+        writer.send(&Message::EndRound {
+            round: 0,
+            frames: vec![writer.frames - before],
+        })?;
+        writer.send(&Message::State {
+            blob: state,
+            device: None,
+        })?;
+        let bytes = HEADER_LEN as u64 + writer.bytes + 4;
+        let out = writer.into_inner();
+        let crc = out.hasher.finalize();
+        let mut file = out
+            .inner
+            .into_inner()
+            .map_err(|e| MigrationError::io("writing the snapshot")(e.into_error()))?;
+        file.write_all(&crc.to_le_bytes())
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(MigrationError::io("finishing the snapshot"))?;
+        Ok(SnapshotStats {
+            ram_bytes: description.ram_size,
+            pages_stored: counts.pages,
+            chunks_stored: counts.chunks,
+            file_chunks: counts.file_chunks,
+            file_bytes: bytes,
+        })
+    };
+    write().map_err(|e| {
+        // A snapshot that could not be written whole leaves nothing behind (a full disk
+        // gets its space back).
+        let _ = std::fs::remove_file(&tmp);
+        file_error(path, e)
+    })
+}
+
+/// A snapshot being loaded: the VM's description first, for the caller to make a target
+/// of that shape, then the contents and the state into it.
+pub struct SnapshotReader {
+    path: PathBuf,
+    frames: FrameReader<Crc<BufReader<File>>>,
+    vm: VmDescription,
+}
+
+impl SnapshotReader {
+    /// Opens `path` and checks its header and the VM's description.
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let file = File::open(path).map_err(|source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut input = Crc::new(BufReader::with_capacity(1 << 20, file));
+        let mut header = [0u8; HEADER_LEN];
+        input
+            .read_exact(&mut header)
+            .map_err(|e| file_error(path, MigrationError::io("reading the header")(e)))?;
+        if header[..8] != MAGIC {
+            return Err(SnapshotError::BadMagic {
+                path: path.to_owned(),
+            });
+        }
+        let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        let protocol = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION || protocol != PROTOCOL_VERSION {
+            return Err(SnapshotError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+            });
+        }
+        let mut frames = FrameReader::new(input, HEADER_LEN as u64);
+        let corrupt = |e| file_error(path, e);
+        let vm = match frames
+            .expect_control("the VM's description")
+            .map_err(corrupt)?
+        {
+            Message::Offer { vm, .. } => vm,
+            other => {
+                return Err(corrupt(MigrationError::unexpected(
+                    "the VM's description",
+                    &other,
+                )))
+            }
+        };
+        validate_offer(&vm, 1).map_err(|why| corrupt(MigrationError::BrokenSequence(why)))?;
+        Ok(Self {
+            path: path.to_owned(),
+            frames,
+            vm,
+        })
+    }
+
+    /// The VM saved: its shape, versions and attached files.
+    pub fn vm(&self) -> &VmDescription {
+        &self.vm
+    }
+
+    /// Loads the contents into `target` (an empty VM shaped as [`Self::vm`] says),
+    /// checks the trailer, and only then restores the target from the saved state, still
+    /// paused.
+    pub fn load_into<T: MigrationTarget + ?Sized>(
+        mut self,
+        target: &T,
+    ) -> Result<SnapshotStats, SnapshotError> {
+        let path = std::mem::take(&mut self.path);
+        let failed = |e| file_error(&path, e);
+        let (stats, state) = self.contents_into(target).map_err(failed)?;
+        let input = self.frames.get_mut();
+        let computed = input.hasher.clone().finalize();
+        let mut stored = [0u8; 4];
+        let mut extra = [0u8; 1];
+        let after = input
+            .inner
+            .read_exact(&mut stored)
+            .and_then(|()| input.inner.read(&mut extra))
+            .map_err(|e| failed(MigrationError::io("reading the trailer")(e)))?;
+        let stored = u32::from_le_bytes(stored);
+        if stored != computed {
+            return Err(SnapshotError::Checksum {
+                path,
+                stored,
+                computed,
+            });
+        }
+        if after != 0 {
+            return Err(failed(MigrationError::BrokenSequence(
+                "data after the trailer".into(),
+            )));
+        }
+        target
+            .restore(&state)
+            .map_err(|source| SnapshotError::Load { path, source })?;
+        Ok(stats)
+    }
+
+    /// Applies round 0 to `target` and returns its counts and the saved state.
+    fn contents_into<T: MigrationTarget + ?Sized>(
+        &mut self,
+        target: &T,
+    ) -> Result<(SnapshotStats, Vec<u8>), MigrationError> {
+        match self.frames.expect_control("round 0")? {
+            Message::BeginRound {
+                round: 0,
+                buffers: Some(buffers),
+            } => sync_buffers(target, &buffers)?,
+            other => return Err(MigrationError::unexpected("round 0", &other)),
+        }
+        let mut stats = SnapshotStats {
+            ram_bytes: self.vm.ram_size,
+            ..SnapshotStats::default()
+        };
+        let mut frames = 0;
+        let sent = loop {
+            let frame = self.frames.read()?;
+            match &frame {
+                Frame::Control(Message::EndRound { round: 0, frames }) => break frames.clone(),
+                Frame::Ram { pages, .. } => stats.pages_stored += pages,
+                Frame::Chunk { .. } => stats.chunks_stored += 1,
+                Frame::FileChunk { .. } => stats.file_chunks += 1,
+                _ => {}
+            }
+            apply_data(target, frame, self.vm.ram_size)?;
+            frames += 1;
+        };
+        if sent != [frames] {
+            return Err(MigrationError::BrokenSequence(format!(
+                "round 0 says {sent:?} frames; {frames} came"
+            )));
+        }
+        let state = match self.frames.expect_control("the VM's state")? {
+            Message::State { blob, device: None } => blob,
+            other => return Err(MigrationError::unexpected("the VM's state", &other)),
+        };
+        stats.file_bytes = self.frames.bytes_read + 4;
+        Ok((stats, state))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::vm::{ChunkKey, DeviceBuffer, PageSet};
+
+    const RAM: u64 = 64 * PAGE_SIZE;
+    const CHUNK: ChunkKey = ChunkKey {
+        buffer: 2,
+        index: 1,
+    };
+
+    fn description() -> VmDescription {
+        VmDescription {
+            name: "test".into(),
+            ram_size: RAM,
+            vcpus: 1,
+            accel_memory: 1 << 20,
+            abi_version: 1,
+            state_version: 1,
+            backend_kind: "cpu".into(),
+            kernel_version: 1,
+            microkernel: String::new(),
+            extra: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+
+    /// A paused VM: two non-zero pages, one non-zero chunk and one zero chunk.
+    struct Paused {
+        ram: Vec<u8>,
+        chunks: BTreeMap<ChunkKey, Vec<u8>>,
+    }
+
+    impl Paused {
+        fn new() -> Self {
+            let mut ram = vec![0u8; RAM as usize];
+            ram[5 * PAGE_SIZE as usize..6 * PAGE_SIZE as usize].fill(0xab);
+            ram[RAM as usize - 8..].copy_from_slice(&0x1234_5678u64.to_le_bytes());
+            let mut chunks = BTreeMap::new();
+            chunks.insert(CHUNK, vec![7u8; 1000]);
+            chunks.insert(ChunkKey { index: 0, ..CHUNK }, vec![0u8; 4096]);
+            Self { ram, chunks }
+        }
+    }
+
+    impl MigrationSource for Paused {
+        fn describe(&self) -> VmDescription {
+            description()
+        }
+        fn start_tracking(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn stop_tracking(&self) {}
+        fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
+            Ok(PageSet::empty(RAM / PAGE_SIZE))
+        }
+        fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
+            Vec::new()
+        }
+        fn populated_chunks(&self) -> Vec<ChunkKey> {
+            self.chunks.keys().copied().collect()
+        }
+        fn device_buffers(&self) -> Vec<DeviceBuffer> {
+            vec![DeviceBuffer {
+                id: CHUNK.buffer,
+                bytes: 8192,
+            }]
+        }
+        fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
+            out.copy_from_slice(&self.ram[gpa as usize..gpa as usize + out.len()]);
+            Ok(())
+        }
+        fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+            out.clone_from(self.chunks.get(&chunk)?);
+            Some(8192)
+        }
+        fn set_throttle(&self, _percent: u8) {}
+        fn pause(&self) -> Result<Instant, VmError> {
+            Ok(Instant::now())
+        }
+        fn resume(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn save_state(&self) -> Result<Vec<u8>, VmError> {
+            Ok(b"state".to_vec())
+        }
+    }
+
+    /// An empty VM being loaded.
+    #[derive(Default)]
+    struct Loaded {
+        ram: Mutex<Vec<u8>>,
+        chunks: Mutex<BTreeMap<ChunkKey, Vec<u8>>>,
+        buffers: Mutex<Vec<DeviceBuffer>>,
+        state: Mutex<Option<Vec<u8>>>,
+    }
+
+    impl MigrationTarget for Loaded {
+        fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+            let mut ram = self.ram.lock().unwrap();
+            ram.resize(RAM as usize, 0);
+            ram[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
+            *self.buffers.lock().unwrap() = table.to_vec();
+            Ok(())
+        }
+        fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
+            self.chunks.lock().unwrap().insert(chunk, data.to_vec());
+            Ok(())
+        }
+        fn restore(&self, state: &[u8]) -> Result<(), VmError> {
+            *self.state.lock().unwrap() = Some(state.to_vec());
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), VmError> {
+            Ok(())
+        }
+    }
+
+    fn load(path: &Path) -> Result<(Loaded, SnapshotStats), SnapshotError> {
+        let reader = SnapshotReader::open(path)?;
+        assert_eq!(reader.vm(), &description());
+        let target = Loaded::default();
+        let stats = reader.load_into(&target)?;
+        Ok((target, stats))
+    }
+
+    /// A snapshot saved in a fresh folder, and its bytes.
+    fn saved() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.snap");
+        let stats = save(&Paused::new(), &path).unwrap();
+        assert_eq!(
+            (stats.pages_stored, stats.chunks_stored),
+            (2, 1),
+            "zero pages and chunks are left out"
+        );
+        assert!(!path.with_extension("snap.partial").exists());
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(stats.file_bytes, bytes.len() as u64);
+        (dir, path, bytes)
+    }
+
+    #[test]
+    fn a_saved_vm_loads_with_the_same_memory_device_and_state() {
+        let (_dir, path, _) = saved();
+        let (loaded, stats) = load(&path).unwrap();
+        let source = Paused::new();
+        assert!(*loaded.ram.lock().unwrap() == source.ram);
+        let chunks = loaded.chunks.lock().unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[&CHUNK], source.chunks[&CHUNK]);
+        assert_eq!(*loaded.buffers.lock().unwrap(), source.device_buffers());
+        assert_eq!(loaded.state.lock().unwrap().as_deref(), Some(&b"state"[..]));
+        assert_eq!((stats.pages_stored, stats.chunks_stored), (2, 1));
+    }
+
+    #[test]
+    fn a_truncated_snapshot_is_refused_at_every_length_and_never_restored() {
+        let (_dir, path, bytes) = saved();
+        for len in (0..bytes.len())
+            .step_by(97)
+            .chain([HEADER_LEN, bytes.len() - 1])
+        {
+            std::fs::write(&path, &bytes[..len]).unwrap();
+            let Err(err) = load(&path) else {
+                panic!("length {len} accepted");
+            };
+            assert!(
+                matches!(err, SnapshotError::Truncated { .. }),
+                "length {len}: {}",
+                crate::error_chain(&err)
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_is_refused_and_never_restored() {
+        let (_dir, path, bytes) = saved();
+        for at in (HEADER_LEN..bytes.len())
+            .step_by(61)
+            .chain([bytes.len() - 2])
+        {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            let Err(err) = load(&path) else {
+                panic!("byte {at} flipped accepted");
+            };
+            assert!(
+                matches!(
+                    err,
+                    SnapshotError::Checksum { .. }
+                        | SnapshotError::Corrupt { .. }
+                        | SnapshotError::Truncated { .. }
+                ),
+                "byte {at}: {}",
+                crate::error_chain(&err)
+            );
+        }
+    }
+
+    #[test]
+    fn a_foreign_file_or_version_is_refused_by_name() {
+        let (_dir, path, bytes) = saved();
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(load(&path), Err(SnapshotError::BadMagic { .. })));
+
+        let mut bad = bytes;
+        bad[8..12].copy_from_slice(&(FORMAT_VERSION - 1).to_le_bytes());
+        std::fs::write(&path, &bad).unwrap();
+        let err = load(&path).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains(&format!("version {} is not supported", FORMAT_VERSION - 1)),
+            "{err}"
+        );
+    }
+
+    /// A well-formed file (header, checksums) of `frames` after a valid description.
+    fn forged(frames: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
+        let mut head = MAGIC.to_vec();
+        head.extend(FORMAT_VERSION.to_le_bytes());
+        head.extend(PROTOCOL_VERSION.to_le_bytes());
+        let mut writer = FrameWriter::new(head, false);
+        writer
+            .send(&Message::Offer {
+                vm: description(),
+                streams: 1,
+                transfer: Transfer::StopAndCopy,
+                files: FileTransfer::Require,
+                device: DeviceTransfer::Precopy,
+            })
+            .unwrap();
+        frames(&mut writer);
+        let mut bytes = writer.into_inner();
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend(crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn records_outside_the_vm_or_miscounted_are_refused_before_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("forged.snap");
+        let begin = |w: &mut FrameWriter<Vec<u8>>| {
+            w.send(&Message::BeginRound {
+                round: 0,
+                buffers: Some(Vec::new()),
+            })
+            .unwrap();
+        };
+        let end = |w: &mut FrameWriter<Vec<u8>>, frames: u64| {
+            w.send(&Message::EndRound {
+                round: 0,
+                frames: vec![frames],
+            })
+            .unwrap();
+            w.send(&Message::State {
+                blob: b"state".to_vec(),
+                device: None,
+            })
+            .unwrap();
+        };
+        let cases: [(&str, Vec<u8>); 3] = [
+            (
+                "outside",
+                forged(|w| {
+                    begin(w);
+                    w.send_ram(RAM, 1, Some(&[1; PAGE_SIZE as usize])).unwrap();
+                    end(w, 1);
+                }),
+            ),
+            (
+                "frames",
+                forged(|w| {
+                    begin(w);
+                    w.send_ram(0, 1, Some(&[1; PAGE_SIZE as usize])).unwrap();
+                    end(w, 2);
+                }),
+            ),
+            ("round 0", forged(|w| end(w, 0))),
+        ];
+        for (why, bytes) in cases {
+            std::fs::write(&path, bytes).unwrap();
+            let target = Loaded::default();
+            let err = SnapshotReader::open(&path)
+                .unwrap()
+                .load_into(&target)
+                .unwrap_err();
+            let chain = crate::error_chain(&err);
+            assert!(
+                matches!(err, SnapshotError::Corrupt { .. }) && chain.contains(why),
+                "{why}: {chain}"
+            );
+            assert!(target.state.lock().unwrap().is_none(), "{why}: restored");
+        }
+    }
+}

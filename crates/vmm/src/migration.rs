@@ -1,0 +1,438 @@
+//! The microVM as the migration engine sees it, for a migration's host adapters and for
+//! snapshots alike: reading a VM's RAM and device memory through its [`VmTracker`],
+//! filling an [`IncomingVm`] ([`FillingVm`]), and a paused VM as a source
+//! ([`PausedVm`]).
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use ferry_abi::ABI_VERSION;
+use ferry_accel::device::{AccelStateError, Accelerator, BufferState};
+use ferry_accel::dirty::ChunkId;
+use ferry_migrate::vm::MAX_CHUNK_BYTES;
+use ferry_migrate::{
+    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, MigrationSource,
+    MigrationTarget, PageSet, VmDescription, VmError,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::files::{AttachedFile, AttachedFiles, FileInfo};
+use crate::memory::{populated_pages, GuestRam};
+use crate::vm::{IncomingVm, Microvm, MicrovmState, VmControlError, VmTracker, STATE_VERSION};
+
+// A device chunk must fit one chunk frame of the wire.
+const _: () = assert!(ferry_accel::dirty::CHUNK_SIZE <= MAX_CHUNK_BYTES);
+
+/// The engine's name for device chunk `c`.
+pub fn to_key(c: ChunkId) -> ChunkKey {
+    ChunkKey {
+        buffer: c.buffer,
+        index: c.index,
+    }
+}
+
+/// The device's name for chunk `k`.
+pub fn to_chunk(k: ChunkKey) -> ChunkId {
+    ChunkId {
+        buffer: k.buffer,
+        index: k.index,
+    }
+}
+
+/// The engine's form of the device buffer table `table`.
+pub fn device_buffers(table: Vec<BufferState>) -> Vec<DeviceBuffer> {
+    table
+        .into_iter()
+        .map(|b| DeviceBuffer {
+            id: b.id,
+            bytes: b.bytes,
+        })
+        .collect()
+}
+
+/// How the engine offers attached files `files`.
+pub fn file_offers(files: Vec<FileInfo>) -> Vec<FileOffer> {
+    files
+        .into_iter()
+        .map(|f| FileOffer {
+            name: f.name,
+            size: f.size,
+            sha256: f.sha256,
+            path: f.path.display().to_string(),
+        })
+        .collect()
+}
+
+/// The attached files as `offers` describes them (to open them again where they were).
+pub fn file_infos(offers: &[FileOffer]) -> Vec<FileInfo> {
+    offers
+        .iter()
+        .map(|f| FileInfo {
+            name: f.name.clone(),
+            size: f.size,
+            sha256: f.sha256.clone(),
+            path: f.path.clone().into(),
+        })
+        .collect()
+}
+
+/// What [`MigrationSource`] reads of a VM, through its tracker (without the VM's lock).
+impl VmTracker {
+    /// The device buffer table now.
+    pub fn device_buffers(&self) -> Vec<DeviceBuffer> {
+        self.accel()
+            .map_or_else(Vec::new, |a| device_buffers(a.buffer_table()))
+    }
+
+    /// Device chunks that may hold data.
+    pub fn populated_chunks(&self) -> Vec<ChunkKey> {
+        self.accel().map_or_else(Vec::new, |a| {
+            a.written_chunks().into_iter().map(to_key).collect()
+        })
+    }
+
+    /// RAM pages that may hold data (`None`: not known).
+    pub fn populated_pages(&self) -> Option<PageSet> {
+        populated_pages(self.memory())
+            .inspect_err(|e| {
+                tracing::warn!("cannot read which guest pages are backed ({e}); reading them all");
+            })
+            .ok()
+    }
+
+    /// Reads guest RAM at `gpa` into `out`.
+    pub fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
+        self.memory()
+            .read_slice(out, GuestAddress(gpa))
+            .map_err(|e| VmError::ReadRam {
+                gpa,
+                source: e.into(),
+            })
+    }
+
+    /// Copies chunk `chunk` into `out`; its buffer's size, `None` if it is gone.
+    pub fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+        self.accel()?.read_chunk(to_chunk(chunk), out)
+    }
+
+    /// Chunk `chunk` as the piece of an attached file it holds, if it holds one.
+    pub fn file_chunk(&self, chunk: ChunkKey) -> Option<FileChunk> {
+        let (origin, buffer_bytes) = self.accel()?.chunk_origin(to_chunk(chunk))?;
+        Some(FileChunk {
+            origin: ChunkOrigin {
+                file: origin.file,
+                offset: origin.offset,
+            },
+            len: origin.len,
+            buffer_bytes,
+        })
+    }
+}
+
+/// The [`MigrationSource`] methods that read a VM's memory, each through the
+/// [`VmTracker`] in field `$tracker`: one definition for every adapter of a microVM.
+#[macro_export]
+macro_rules! reads_through_tracker {
+    ($tracker:ident) => {
+        fn populated_chunks(&self) -> Vec<::ferry_migrate::ChunkKey> {
+            self.$tracker.populated_chunks()
+        }
+
+        fn device_buffers(&self) -> Vec<::ferry_migrate::DeviceBuffer> {
+            self.$tracker.device_buffers()
+        }
+
+        fn populated_pages(&self) -> Option<::ferry_migrate::PageSet> {
+            self.$tracker.populated_pages()
+        }
+
+        fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), ::ferry_migrate::VmError> {
+            self.$tracker.read_ram(gpa, out)
+        }
+
+        fn read_chunk(&self, chunk: ::ferry_migrate::ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+            self.$tracker.read_chunk(chunk, out)
+        }
+
+        fn file_chunk(
+            &self,
+            chunk: ::ferry_migrate::ChunkKey,
+        ) -> Option<::ferry_migrate::FileChunk> {
+            self.$tracker.file_chunk(chunk)
+        }
+    };
+}
+
+/// A paused microVM as the source of a snapshot: its state, taken once, and its memory.
+pub struct PausedVm {
+    tracker: VmTracker,
+    description: VmDescription,
+    /// The state saved (public so that a test can save a state KVM will refuse).
+    pub state: MicrovmState,
+}
+
+impl PausedVm {
+    /// `vm`, which must be paused (and stay so while it is read).
+    pub fn new(vm: &Microvm) -> Result<Self, VmControlError> {
+        let state = vm.save_state()?;
+        let config = vm.config();
+        let accel = state.accel.as_ref();
+        let description = VmDescription {
+            name: String::new(),
+            ram_size: config.ram_size,
+            vcpus: config.vcpus,
+            accel_memory: config.accel_memory,
+            abi_version: ABI_VERSION,
+            state_version: STATE_VERSION,
+            backend_kind: accel.map_or_else(String::new, |a| a.backend_kind.clone()),
+            kernel_version: accel.map_or(0, |a| a.kernel_version),
+            microkernel: String::new(),
+            extra: Vec::new(),
+            files: file_offers(vm.files().infos()),
+        };
+        Ok(Self {
+            tracker: vm.tracker(),
+            description,
+            state,
+        })
+    }
+}
+
+impl MigrationSource for PausedVm {
+    fn describe(&self) -> VmDescription {
+        self.description.clone()
+    }
+
+    fn start_tracking(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+
+    fn stop_tracking(&self) {}
+
+    // Paused: nothing is written.
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
+        Ok(PageSet::empty(
+            self.description.ram_size / ferry_migrate::vm::PAGE_SIZE,
+        ))
+    }
+
+    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
+        Vec::new()
+    }
+
+    reads_through_tracker!(tracker);
+
+    fn set_throttle(&self, _percent: u8) {}
+
+    fn pause(&self) -> Result<Instant, VmError> {
+        Ok(Instant::now())
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        Err(VmError::Resume(
+            "a saved VM is resumed by its owner, not by the snapshot".into(),
+        ))
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        postcard::to_stdvec(&self.state).map_err(|e| VmError::SaveState(e.into()))
+    }
+}
+
+enum Filling {
+    /// RAM and device take contents.
+    Empty(IncomingVm),
+    /// Restored from the final state, paused or running.
+    Restored(Microvm),
+    /// Taken by its owner.
+    Gone,
+}
+
+/// An [`IncomingVm`] being filled by the engine (a migration's round or a snapshot's
+/// contents), then restored from the final state.
+pub struct FillingVm {
+    memory: GuestRam,
+    state: Mutex<Filling>,
+}
+
+impl FillingVm {
+    /// Fills `vm`.
+    pub fn new(vm: IncomingVm) -> Self {
+        Self {
+            memory: vm.memory().clone(),
+            state: Mutex::new(Filling::Empty(vm)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Filling> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the VM while it is being filled.
+    pub fn with_incoming<R>(
+        &self,
+        f: impl FnOnce(&IncomingVm) -> Result<R, Cause>,
+    ) -> Result<R, Cause> {
+        match &*self.lock() {
+            Filling::Empty(vm) => f(vm),
+            _ => Err("the VM is already restored".into()),
+        }
+    }
+
+    /// Writes device chunk `chunk` of the VM being filled with `write`.
+    fn with_accel(
+        &self,
+        chunk: ChunkKey,
+        write: impl FnOnce(&Accelerator, ChunkId) -> Result<(), AccelStateError>,
+    ) -> Result<(), VmError> {
+        self.with_incoming(|vm| {
+            let accel = vm
+                .accel()
+                .ok_or("a device chunk for a VM without an accelerator")?;
+            write(accel, to_chunk(chunk)).map_err(Cause::from)
+        })
+        .map_err(|source| VmError::WriteChunk { chunk, source })
+    }
+
+    /// Writes chunk `chunk` (`len` bytes) from `file`, the attached file `origin` names,
+    /// bounds checked: the peer or file that said so is not trusted to count.
+    pub fn write_chunk_from(
+        &self,
+        chunk: ChunkKey,
+        len: u64,
+        origin: ChunkOrigin,
+        file: Option<&AttachedFile>,
+    ) -> Result<(), VmError> {
+        let mut data = vec![0u8; len.min(MAX_CHUNK_BYTES) as usize];
+        let read = match file {
+            Some(f) => {
+                let size = f.info().size;
+                if origin.offset.checked_add(len).is_none_or(|end| end > size) {
+                    Err(format!(
+                        "bytes {}..+{len} are not inside attached file {} ({size} bytes)",
+                        origin.offset, origin.file
+                    ))
+                } else {
+                    f.read_at(origin.offset, &mut data)
+                        .map_err(|e| e.to_string())
+                }
+            }
+            None => Err(format!("attached file {} is not on this host", origin.file)),
+        };
+        read.map_err(|e| VmError::WriteChunk {
+            chunk,
+            source: e.into(),
+        })?;
+        self.write_chunk_with_origin(chunk, &data, origin)
+    }
+
+    /// Restores the VM from the final state `blob`, with its attached files `files`
+    /// (`None`: those it was made with), still paused.
+    pub fn restore_with(&self, blob: &[u8], files: Option<AttachedFiles>) -> Result<(), VmError> {
+        let state: MicrovmState =
+            postcard::from_bytes(blob).map_err(|e| VmError::Restore(e.into()))?;
+        let mut slot = self.lock();
+        match std::mem::replace(&mut *slot, Filling::Gone) {
+            Filling::Empty(mut incoming) => {
+                if let Some(files) = files {
+                    incoming.attach_files(files);
+                }
+                let vm = incoming
+                    .finish(&state)
+                    .map_err(|e| VmError::Restore(e.into()))?;
+                *slot = Filling::Restored(vm);
+                Ok(())
+            }
+            _ => Err(VmError::Restore("the VM was already restored".into())),
+        }
+    }
+
+    /// The restored VM, taken by its owner.
+    pub fn take_vm(&self) -> Option<Microvm> {
+        let mut slot = self.lock();
+        match std::mem::replace(&mut *slot, Filling::Gone) {
+            Filling::Restored(vm) => Some(vm),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+}
+
+impl MigrationTarget for FillingVm {
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.memory
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| VmError::WriteRam {
+                gpa,
+                source: e.into(),
+            })
+    }
+
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
+        self.with_incoming(|vm| match vm.accel() {
+            Some(accel) => {
+                let table: Vec<BufferState> = table
+                    .iter()
+                    .map(|b| BufferState {
+                        id: b.id,
+                        bytes: b.bytes,
+                    })
+                    .collect();
+                accel.sync_buffers(&table).map_err(Cause::from)
+            }
+            None if table.is_empty() => Ok(()),
+            None => Err("device buffers for a VM without an accelerator".into()),
+        })
+        .map_err(VmError::SyncBuffers)
+    }
+
+    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
+        self.with_accel(chunk, |accel, id| accel.write_chunk(id, data))
+    }
+
+    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        self.with_accel(chunk, |accel, id| accel.write_chunk_part(id, offset, data))
+    }
+
+    fn write_chunk_with_origin(
+        &self,
+        chunk: ChunkKey,
+        data: &[u8],
+        origin: ChunkOrigin,
+    ) -> Result<(), VmError> {
+        let from = ferry_accel::device::ChunkOrigin {
+            file: origin.file,
+            offset: origin.offset,
+            len: data.len() as u64,
+        };
+        self.with_accel(chunk, |accel, id| {
+            accel.write_chunk_from_file(id, data, from)
+        })
+    }
+
+    fn write_chunk_from_file(
+        &self,
+        chunk: ChunkKey,
+        len: u64,
+        origin: ChunkOrigin,
+    ) -> Result<(), VmError> {
+        // The files the VM was made with (a clone: no lock is held while reading).
+        let file = self
+            .with_incoming(|vm| Ok(vm.files().files().get(origin.file as usize).cloned()))
+            .map_err(|source| VmError::WriteChunk { chunk, source })?;
+        self.write_chunk_from(chunk, len, origin, file.as_ref())
+    }
+
+    fn restore(&self, blob: &[u8]) -> Result<(), VmError> {
+        self.restore_with(blob, None)
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        match &mut *self.lock() {
+            Filling::Restored(vm) => vm.resume().map_err(|e| VmError::Resume(e.into())),
+            _ => Err(VmError::Resume("no restored VM to resume".into())),
+        }
+    }
+}
