@@ -283,7 +283,7 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     let err = Microvm::restore(&path, HostOptions::quiet())
         .err()
         .expect("flipped byte accepted");
-    // The page's frame checksum catches it before the file's trailer does.
+    // The checksum of the frame holding that page catches it.
     let chain = ferry_migrate::error_chain(&err);
     assert!(chain.contains("checksum mismatch"), "{chain}");
 
