@@ -221,17 +221,8 @@ pub struct ServeArgs {
     /// dashboard and /metrics); read again when the file changes, to rotate them.
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
-    /// The center's TLS certificate (PEM, made like a host's, naming the addresses
-    /// clients use): serves the API and dashboard over HTTPS. Needs --tls-key and
-    /// --tls-ca; the hosts' HTTPS APIs are checked against --tls-ca.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
-    pub tls_key: Option<PathBuf>,
-    /// The cluster CA (PEM).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::cmd::tls::TlsArgs,
     #[command(flatten)]
     pub token: TokenArgs,
     #[command(flatten)]
@@ -320,13 +311,7 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
                 token: serve.token.token()?,
                 secret: serve.secret.secret()?,
                 api_tokens: serve.api_tokens.clone(),
-                tls: match (&serve.tls_cert, &serve.tls_key, &serve.tls_ca) {
-                    (Some(cert), Some(key), Some(ca)) => Some(
-                        ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)
-                            .map_err(anyhow::Error::msg)?,
-                    ),
-                    _ => None,
-                },
+                tls: serve.tls.config()?,
                 down_after: Duration::from_millis(serve.down_after_ms),
                 parallel: serve.parallel as usize,
                 balance_threshold: serve.balance_threshold,

@@ -124,18 +124,8 @@ pub struct ServeArgs {
     /// migration's copy. 0 runs them at the daemon's priority.
     #[arg(long, value_name = "N", default_value_t = ferry_host::DEFAULT_GUEST_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub guest_nice: i32,
-    /// This host's TLS certificate (PEM, with the SAN `ferry-host`): turns on mutual TLS
-    /// for migrations, and HTTPS for the API (the certificate must then also name the
-    /// addresses clients use, as IP or DNS SANs). Needs --tls-key and --tls-ca; every
-    /// host must have TLS on.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
-    pub tls_key: Option<PathBuf>,
-    /// The cluster CA (PEM) that must have signed every peer's certificate.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::cmd::tls::TlsArgs,
     /// Operators' API tokens, one per line: `TOKEN` (any request) or `TOKEN read-only`
     /// (GET only: dashboards, scrapers); `#` starts a comment. Read again when the file
     /// changes, so tokens rotate without a restart. The cluster's own calls (the center,
@@ -344,13 +334,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                     .accel_threads
                     .unwrap_or_else(ferry_vmm::vm::default_accel_threads),
                 guest_nice: serve.guest_nice,
-                tls: match (&serve.tls_cert, &serve.tls_key, &serve.tls_ca) {
-                    (Some(cert), Some(key), Some(ca)) => Some(
-                        ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)
-                            .map_err(anyhow::Error::msg)?,
-                    ),
-                    _ => None,
-                },
+                tls: serve.tls.config()?,
                 file_store: serve.file_store.clone().unwrap_or_else(|| {
                     PathBuf::from(format!("/var/tmp/ferry-{}", serve.name)).join("files")
                 }),
@@ -363,7 +347,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
             if let Some(bytes) = serve.accel_prefault {
                 daemon.host.prefault_accel_memory(bytes)?;
             }
-            let tls = if serve.tls_cert.is_some() {
+            let tls = if serve.tls.tls_cert.is_some() {
                 " (mutual TLS)"
             } else {
                 ""

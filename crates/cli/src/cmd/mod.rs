@@ -16,6 +16,7 @@ pub mod loopback;
 pub mod migrate;
 pub mod run;
 pub mod shaped_link;
+pub mod tls;
 pub mod vm;
 
 /// The value of the last `key=value` word printed on a console (workloads print their
