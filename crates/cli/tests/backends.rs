@@ -13,10 +13,7 @@ const EMULATED: [(&str, &str); 1] = [("FERRY_CUDA_EMULATOR", "1")];
 #[test]
 fn llm_chat_on_the_cuda_kernels_answers_as_on_the_cpu_backend() {
     let test = "llm_chat_on_the_cuda_kernels_answers_as_on_the_cpu_backend";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some(model) = kvm_and_smollm2(test) else {
         return;
     };
     let run = |backend: &str, env: &[(&str, &str)]| {

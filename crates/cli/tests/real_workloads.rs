@@ -11,7 +11,9 @@ use serde_json::Value;
 
 mod common;
 
-use common::{ferry, kvm_available, report, run_console, text, Daemon};
+use common::{
+    ferry, kvm_and_smollm2, kvm_available, report, run_console, text, workload_args, Daemon,
+};
 
 /// The answer `llm-chat` streamed: between its prompt line and its summary line.
 fn answer(console: &str) -> &str {
@@ -35,10 +37,7 @@ fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
 /// SmolLM2 attached as `llm-chat` finds it, and its size; `None` (said loudly) without
 /// KVM or the model.
 fn smollm2_attached(test: &str) -> Option<([String; 1], u64)> {
-    if !kvm_available(test) {
-        return None;
-    }
-    let model = ferry_testdata::smollm2(test)?;
+    let model = kvm_and_smollm2(test)?;
     let size = std::fs::metadata(&model).unwrap().len();
     Some(([format!("model={}", model.display())], size))
 }
@@ -125,23 +124,18 @@ fn a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_
     let took = started.elapsed();
     let want = answer(&expected);
 
-    // Snapshot at two thirds of an unmigrated run's time: mid-answer, weights loaded.
+    // Snapshot at a third of an unmigrated run's time: the weights are loaded within its
+    // first tenth, and the answer takes most of the rest, so the run being faster or
+    // slower than the first (other tests share the cores) still leaves it mid-answer.
     let dir = tempfile::tempdir().unwrap();
     let snapshot_dir = dir.path().to_str().unwrap();
-    let at_ms = (took.as_millis() * 2 / 3).to_string();
-    let mut run = vec![
-        "run",
-        "llm-chat",
-        "--memory",
-        "256M",
-        "--accel-memory",
-        "512M",
-    ];
-    run.extend(["--attach", files[0].as_str(), "--snapshot-at-ms", &at_ms]);
-    run.extend(["--snapshot-dir", snapshot_dir, "--"]);
-    run.extend(args);
-    let saved = ferry(&run);
+    let at_ms = (took.as_millis() / 3).to_string();
+    let snapshot = ["--snapshot-at-ms", &at_ms, "--snapshot-dir", snapshot_dir];
+    let shape = ["llm-chat", "256M", "512M"];
+    let saved = ferry(&workload_args("run", shape, &files, &snapshot, &args));
     assert!(saved.status.success(), "{}", text(&saved.stderr));
+    let said = text(&saved.stderr);
+    assert!(said.contains("device chunks named in attached files"), "{said}");
     let stored = std::fs::metadata(dir.path().join("vm.snap")).unwrap().len();
     // The weights are named as the pieces of the model file they are, not copied.
     assert!(
@@ -204,10 +198,7 @@ fn training_on_fashion_mnist_moves_mid_epoch_and_back_by_replay_with_the_unmigra
 #[test]
 fn the_model_demo_moves_an_answer_and_finds_it_identical() {
     let test = "the_model_demo_moves_an_answer_and_finds_it_identical";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some(model) = kvm_and_smollm2(test) else {
         return;
     };
     let model = model.display().to_string();

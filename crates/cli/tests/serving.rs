@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{kvm_available, report, wait_for, Daemon};
+use common::{kvm_and_smollm2, kvm_available, report, wait_for, Daemon};
 
 const TOKEN: &str = "service-token-0123456789";
 const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
@@ -306,10 +306,7 @@ fn the_openai_client_streams_an_answer_across_a_live_migration_unchanged() {
 #[test]
 fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
     let test = "concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some(model) = kvm_and_smollm2(test) else {
         return;
     };
     let s = Serving::start(test, &model);
@@ -334,10 +331,7 @@ fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
 #[test]
 fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     let test = "bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some(model) = kvm_and_smollm2(test) else {
         return;
     };
     let s = Serving::start(test, &model);
@@ -513,10 +507,7 @@ fn a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host() {
 #[test]
 fn maintenance_under_load_moves_the_serving_vm_with_no_failed_request() {
     let test = "maintenance_under_load_moves_the_serving_vm_with_no_failed_request";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some(model) = kvm_and_smollm2(test) else {
         return;
     };
     let s = Serving::start(test, &model);
@@ -539,10 +530,7 @@ fn maintenance_under_load_moves_the_serving_vm_with_no_failed_request() {
 #[test]
 fn a_thousand_concurrent_requests_meet_a_bounded_queue() {
     let test = "a_thousand_concurrent_requests_meet_a_bounded_queue";
-    if !kvm_available(test) {
-        return;
-    }
-    let Some(model) = ferry_testdata::smollm2(test) else {
+    let Some(model) = kvm_and_smollm2(test) else {
         return;
     };
     let s = Serving::start(test, &model);

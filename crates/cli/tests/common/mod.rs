@@ -5,6 +5,7 @@
 pub mod chromium;
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,14 @@ pub fn report(out: &Output) -> Value {
 pub fn kvm_available(test: &str) -> bool {
     start_watchdog();
     ferry_testdata::kvm(test)
+}
+
+/// The SmolLM2 model, if KVM and the model are both here (each absence said loudly).
+pub fn kvm_and_smollm2(test: &str) -> Option<PathBuf> {
+    if !kvm_available(test) {
+        return None;
+    }
+    ferry_testdata::smollm2(test)
 }
 
 /// How long one test binary may run before the watchdog ends it.
@@ -306,19 +315,7 @@ impl Daemon {
         files: &[String],
         guest_args: &[&str],
     ) -> String {
-        let mut args = vec![
-            "create",
-            workload,
-            "--memory",
-            memory,
-            "--accel-memory",
-            accel,
-        ];
-        for f in files {
-            args.extend(["--attach", f.as_str()]);
-        }
-        args.push("--");
-        args.extend_from_slice(guest_args);
+        let args = workload_args("create", [workload, memory, accel], files, &[], guest_args);
         self.vm(&args)["id"].as_str().unwrap().to_string()
     }
 
@@ -399,6 +396,26 @@ pub fn reference(workload: &str, memory: &str, accel: &str, guest_args: &str) ->
     checksum(&run_console(workload, memory, accel, &[], &args))
 }
 
+/// The arguments of `ferry run` or `ferry vm create` (`verb`) for `workload`, `memory`
+/// and accelerator memory `accel`, with `files` attached (`NAME=PATH`), `options`, and
+/// `guest_args` for the guest.
+pub fn workload_args<'a>(
+    verb: &'a str,
+    [workload, memory, accel]: [&'a str; 3],
+    files: &'a [String],
+    options: &[&'a str],
+    guest_args: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![verb, workload, "--memory", memory, "--accel-memory", accel];
+    for f in files {
+        args.extend(["--attach", f.as_str()]);
+    }
+    args.extend_from_slice(options);
+    args.push("--");
+    args.extend_from_slice(guest_args);
+    args
+}
+
 /// The console of an unmigrated run (`ferry run`) with `files` attached (`NAME=PATH`).
 pub fn run_console(
     workload: &str,
@@ -407,13 +424,13 @@ pub fn run_console(
     files: &[String],
     guest_args: &[&str],
 ) -> String {
-    let mut args = vec!["run", workload, "--memory", memory, "--accel-memory", accel];
-    for f in files {
-        args.extend(["--attach", f.as_str()]);
-    }
-    args.push("--");
-    args.extend_from_slice(guest_args);
-    let out = ferry(&args);
+    let out = ferry(&workload_args(
+        "run",
+        [workload, memory, accel],
+        files,
+        &[],
+        guest_args,
+    ));
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout)
 }
