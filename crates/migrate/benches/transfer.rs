@@ -10,11 +10,15 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
+use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    migrate_vm, serve, ChunkKey, DeviceBuffer, MigrationOptions, MigrationSource, MigrationTarget,
-    Mode, PageSet, ReceiveReport, Secret, TargetFactory, VmDescription, VmError,
+    migrate_vm, serve, ChunkKey, DeviceBuffer, MigrationOptions, MigrationTarget, Mode,
+    ReceiveReport, Secret, TargetFactory, VmDescription, VmError,
 };
+
+#[path = "../tests/memory_vm/mod.rs"]
+mod memory_vm;
+use memory_vm::{description, StillVm};
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 16 * MIB;
@@ -23,89 +27,23 @@ const BUFFERS: u32 = 16;
 const RUNS: usize = 5;
 
 /// A paused VM whose device memory is `BUFFERS` buffers of non-zero bytes.
-struct StillVm {
-    ram: Vec<u8>,
-    buffers: Vec<Vec<u8>>,
-}
-
-impl StillVm {
-    fn new() -> Self {
-        let mut ram = vec![0u8; RAM as usize];
-        ram[..MIB as usize].fill(7);
-        let buffers = (0..BUFFERS)
-            .map(|b| (0..BUFFER).map(|i| (i as u8) ^ (b as u8) | 1).collect())
-            .collect();
-        Self { ram, buffers }
-    }
-}
-
-fn description() -> VmDescription {
-    VmDescription {
-        name: "bench".into(),
-        ram_size: RAM,
-        vcpus: 1,
-        accel_memory: u64::from(BUFFERS) * BUFFER,
-        abi_version: 1,
-        state_version: 1,
-        backend_kind: "cpu".into(),
-        kernel_version: 1,
-        microkernel: String::new(),
-        extra: Vec::new(),
-        files: Vec::new(),
-    }
-}
-
-impl MigrationSource for StillVm {
-    fn describe(&self) -> VmDescription {
-        description()
-    }
-    fn start_tracking(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-    fn stop_tracking(&self) {}
-    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
-        Ok(PageSet::from_words(
-            vec![0; (RAM / PAGE_SIZE).div_ceil(64) as usize],
-            RAM / PAGE_SIZE,
-        ))
-    }
-    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        Vec::new()
-    }
-    fn populated_chunks(&self) -> Vec<ChunkKey> {
-        (1..=BUFFERS)
-            .flat_map(|buffer| {
-                (0..BUFFER / MAX_CHUNK_BYTES).map(move |index| ChunkKey { buffer, index })
+fn still_vm() -> StillVm {
+    let mut ram = vec![0u8; RAM as usize];
+    ram[..MIB as usize].fill(7);
+    let mut vm = StillVm::new(description("bench", RAM, u64::from(BUFFERS) * BUFFER), ram);
+    vm.state = vec![0; 4096];
+    (1..=BUFFERS).fold(vm, |vm, b| {
+        let chunks = (0..BUFFER / MAX_CHUNK_BYTES)
+            .map(|index| {
+                let start = index * MAX_CHUNK_BYTES;
+                let data = (start..start + MAX_CHUNK_BYTES)
+                    .map(|i| (i as u8) ^ (b as u8) | 1)
+                    .collect();
+                (index, data)
             })
-            .collect()
-    }
-    fn device_buffers(&self) -> Vec<DeviceBuffer> {
-        (1..=BUFFERS)
-            .map(|id| DeviceBuffer { id, bytes: BUFFER })
-            .collect()
-    }
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
-        out.copy_from_slice(&self.ram[gpa as usize..][..out.len()]);
-        Ok(())
-    }
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
-        let buffer = &self.buffers[chunk.buffer as usize - 1];
-        out.clear();
-        out.extend_from_slice(
-            &buffer[(chunk.index * MAX_CHUNK_BYTES) as usize..][..MAX_CHUNK_BYTES as usize],
-        );
-        Some(buffer.len() as u64)
-    }
-    fn set_throttle(&self, _: u8) {}
-    fn pause(&self) -> Result<std::time::Instant, VmError> {
-        Ok(std::time::Instant::now())
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        Ok(vec![0; 4096])
-    }
+            .collect();
+        vm.with_buffer(b, BUFFER, chunks)
+    })
 }
 
 /// Memory received into, backed before the run as a host with prefaulted device memory
@@ -196,7 +134,7 @@ fn main() {
     });
     let serve_secret = secret.clone();
     std::thread::spawn(move || serve(listener, serve_secret, factory));
-    let vm = StillVm::new();
+    let vm = still_vm();
     let link = median((0..RUNS).map(|_| loopback(1 << 30)).collect());
     println!(
         "loopback TCP (one stream, 1 MiB writes, median of {RUNS}): {:.0} MiB/s",

@@ -2,6 +2,8 @@
 //! sides (no KVM): a [`MigrationSource`] whose "guest" can keep writing RAM and device
 //! memory while it runs, and a [`MigrationTarget`] that records what it receives.
 
+mod memory_vm;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -1290,20 +1292,9 @@ fn authenticated(dest: &Destination, role: StreamRole) -> FrameStream<TcpStream>
     c
 }
 
+/// A VM offered by a hostile peer: just RAM.
 fn description(ram_size: u64) -> VmDescription {
-    VmDescription {
-        name: "hostile".into(),
-        ram_size,
-        vcpus: 1,
-        accel_memory: 0,
-        abi_version: 1,
-        state_version: 1,
-        backend_kind: String::new(),
-        kernel_version: 0,
-        microkernel: String::new(),
-        extra: Vec::new(),
-        files: Vec::new(),
-    }
+    memory_vm::description("hostile", ram_size, 0)
 }
 
 #[test]

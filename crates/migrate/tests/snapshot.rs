@@ -1,0 +1,212 @@
+//! Snapshots as the engine writes and reads them, without a VM: a still VM in memory
+//! saved, loaded into an empty one, and files cut, bit-flipped or forged (well-formed
+//! frames that contradict the VM) refused before anything is restored.
+
+mod memory_vm;
+
+use std::path::{Path, PathBuf};
+
+use ferry_migrate::replay::DeviceTransfer;
+use ferry_migrate::snapshot::{
+    save, SnapshotError, SnapshotReader, SnapshotStats, FORMAT_VERSION, MAGIC,
+};
+use ferry_migrate::vm::PAGE_SIZE;
+use ferry_migrate::wire::{FrameWriter, Message, Transfer, PROTOCOL_VERSION};
+use ferry_migrate::{error_chain, ChunkKey, FileTransfer, MigrationSource};
+use memory_vm::{description, MemoryVm, StillVm};
+
+const RAM: u64 = 64 * PAGE_SIZE;
+const CHUNK: ChunkKey = ChunkKey {
+    buffer: 2,
+    index: 1,
+};
+
+/// A paused VM: two non-zero pages, one non-zero chunk and one zero chunk.
+fn still() -> StillVm {
+    let mut ram = vec![0u8; RAM as usize];
+    ram[5 * PAGE_SIZE as usize..6 * PAGE_SIZE as usize].fill(0xab);
+    ram[RAM as usize - 8..].copy_from_slice(&0x1234_5678u64.to_le_bytes());
+    StillVm::new(description("test", RAM, 1 << 20), ram).with_buffer(
+        CHUNK.buffer,
+        8192,
+        vec![(CHUNK.index, vec![7u8; 1000]), (0, vec![0u8; 4096])],
+    )
+}
+
+/// Loads `path` into a fresh VM, which must not be restored if that fails.
+fn load(path: &Path) -> Result<(MemoryVm, SnapshotStats), SnapshotError> {
+    let target = MemoryVm::new(RAM);
+    let loaded = SnapshotReader::open(path).and_then(|reader| {
+        assert_eq!(reader.vm(), &still().description);
+        reader.load_into(&target)
+    });
+    if loaded.is_err() {
+        assert!(target.state.lock().unwrap().is_none(), "restored");
+    }
+    Ok((target, loaded?))
+}
+
+/// A snapshot saved in a fresh folder, and its bytes.
+fn saved() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.snap");
+    let stats = save(&still(), &path).unwrap();
+    assert_eq!(
+        (stats.pages_stored, stats.chunks_stored),
+        (2, 1),
+        "zero pages and chunks are left out"
+    );
+    assert!(!path.with_extension("snap.partial").exists());
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(stats.file_bytes, bytes.len() as u64);
+    (dir, path, bytes)
+}
+
+#[test]
+fn a_saved_vm_loads_with_the_same_memory_device_and_state() {
+    let (_dir, path, _) = saved();
+    let (loaded, stats) = load(&path).unwrap();
+    let source = still();
+    assert!(*loaded.ram.lock().unwrap() == source.ram);
+    let chunks = loaded.chunks.lock().unwrap();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[&CHUNK], source.chunks[&CHUNK]);
+    assert_eq!(*loaded.buffers.lock().unwrap(), source.device_buffers());
+    assert_eq!(
+        loaded.state.lock().unwrap().as_deref(),
+        Some(&b"final state"[..])
+    );
+    assert_eq!((stats.pages_stored, stats.chunks_stored), (2, 1));
+}
+
+#[test]
+fn a_snapshot_cut_at_any_length_is_refused_and_never_restored() {
+    let (_dir, path, bytes) = saved();
+    for len in 0..bytes.len() {
+        std::fs::write(&path, &bytes[..len]).unwrap();
+        let Err(err) = load(&path) else {
+            panic!("length {len} accepted");
+        };
+        assert!(
+            matches!(err, SnapshotError::Truncated { .. }),
+            "length {len}: {}",
+            error_chain(&err)
+        );
+    }
+}
+
+#[test]
+fn a_bit_flipped_in_any_byte_is_refused_and_never_restored() {
+    let (_dir, path, bytes) = saved();
+    // Every byte: each is in a checked header field or in a payload under a CRC.
+    for at in 0..bytes.len() {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        let Err(err) = load(&path) else {
+            panic!("byte {at} flipped accepted");
+        };
+        assert!(
+            matches!(
+                err,
+                SnapshotError::Corrupt { .. }
+                    | SnapshotError::Truncated { .. }
+                    | SnapshotError::BadMagic { .. }
+                    | SnapshotError::UnsupportedVersion { .. }
+            ),
+            "byte {at}: {}",
+            error_chain(&err)
+        );
+    }
+}
+
+#[test]
+fn a_foreign_file_or_version_is_refused_by_name() {
+    let (_dir, path, bytes) = saved();
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    std::fs::write(&path, &bad).unwrap();
+    assert!(matches!(load(&path), Err(SnapshotError::BadMagic { .. })));
+
+    let mut bad = bytes;
+    bad[8..12].copy_from_slice(&(FORMAT_VERSION - 1).to_le_bytes());
+    std::fs::write(&path, &bad).unwrap();
+    let err = load(&path).err().unwrap();
+    assert!(
+        err.to_string()
+            .contains(&format!("version {} is not supported", FORMAT_VERSION - 1)),
+        "{err}"
+    );
+}
+
+/// A well-formed file (header, frame checksums) of `frames` after a valid description.
+fn forged(frames: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
+    let mut head = MAGIC.to_vec();
+    head.extend(FORMAT_VERSION.to_le_bytes());
+    head.extend(PROTOCOL_VERSION.to_le_bytes());
+    let mut writer = FrameWriter::new(head, false);
+    writer
+        .send(&Message::Offer {
+            vm: still().description,
+            streams: 1,
+            transfer: Transfer::StopAndCopy,
+            files: FileTransfer::Require,
+            device: DeviceTransfer::Precopy,
+        })
+        .unwrap();
+    frames(&mut writer);
+    writer.into_inner()
+}
+
+#[test]
+fn records_outside_the_vm_or_miscounted_are_refused_before_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("forged.snap");
+    let begin = |w: &mut FrameWriter<Vec<u8>>| {
+        w.send(&Message::BeginRound {
+            round: 0,
+            buffers: Some(Vec::new()),
+        })
+        .unwrap();
+    };
+    let end = |w: &mut FrameWriter<Vec<u8>>, frames: u64| {
+        w.send(&Message::EndRound {
+            round: 0,
+            frames: vec![frames],
+        })
+        .unwrap();
+        w.send(&Message::State {
+            blob: b"state".to_vec(),
+            device: None,
+        })
+        .unwrap();
+    };
+    let cases: [(&str, Vec<u8>); 3] = [
+        (
+            "outside",
+            forged(|w| {
+                begin(w);
+                w.send_ram(RAM, 1, Some(&[1; PAGE_SIZE as usize])).unwrap();
+                end(w, 1);
+            }),
+        ),
+        (
+            "frames",
+            forged(|w| {
+                begin(w);
+                w.send_ram(0, 1, Some(&[1; PAGE_SIZE as usize])).unwrap();
+                end(w, 2);
+            }),
+        ),
+        ("round 0", forged(|w| end(w, 0))),
+    ];
+    for (why, bytes) in cases {
+        std::fs::write(&path, bytes).unwrap();
+        let err = load(&path).err().expect("accepted");
+        let chain = error_chain(&err);
+        assert!(
+            matches!(err, SnapshotError::Corrupt { .. }) && chain.contains(why),
+            "{why}: {chain}"
+        );
+    }
+}
