@@ -166,7 +166,8 @@ macro_rules! reads_through_tracker {
 /// A paused microVM as the source of a snapshot: its state, taken once, and its memory.
 pub struct PausedVm {
     tracker: VmTracker,
-    description: VmDescription,
+    /// What the snapshot says of the VM (public, as the state, for tests of refusals).
+    pub description: VmDescription,
     /// The state saved (public so that a test can save a state KVM will refuse).
     pub state: MicrovmState,
 }

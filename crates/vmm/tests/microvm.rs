@@ -307,6 +307,18 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
         "{err}"
     );
 
+    // A VM state of another version is refused by name before anything is loaded.
+    let mut other = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
+    other.description.state_version += 1;
+    ferry_vmm::snapshot::save_paused(&other, &path).unwrap();
+    let err = Microvm::restore(&path, HostOptions::quiet())
+        .err()
+        .expect("another state version accepted");
+    assert!(
+        matches!(err, CreateVmError::Incompatible(ref why) if why.contains("VM state v")),
+        "{err}"
+    );
+
     // The untouched file still restores and runs.
     std::fs::write(&path, &good).unwrap();
     let (mut restored, _) = Microvm::restore(&path, HostOptions::quiet()).unwrap();
