@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ferry_vmm::devices::console::last_field;
 use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 
 const CONFIG: VmConfig = VmConfig::new(128 << 20).with_accel(256 << 20);
@@ -34,12 +35,9 @@ fn finish(mut vm: Microvm) -> String {
     console
 }
 
+/// The value of the last `key=value` the guest printed.
 fn value<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= line in:\n{console}"))
+    last_field(console, key).unwrap_or_else(|| panic!("no {key}= in:\n{console}"))
 }
 
 fn losses(console: &str) -> Vec<f64> {

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_vmm::devices::console::last_field;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
 
 const TRAIN_IMAGES: &str = "train-images-idx3-ubyte.gz";
@@ -69,13 +70,9 @@ fn real_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     ]
 }
 
-/// The value of the last `key=value` line.
+/// The value of the last `key=value` the guest printed.
 fn value<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= line in:\n{console}"))
+    last_field(console, key).unwrap_or_else(|| panic!("no {key}= in:\n{console}"))
 }
 
 /// The epoch lines without their timing, `epoch 1/1 loss=… test_acc=…`.

@@ -19,11 +19,4 @@ pub mod shaped_link;
 pub mod tls;
 pub mod vm;
 
-/// The value of the last `key=value` word printed on a console (workloads print their
-/// progress and results that way).
-pub fn last_field<'a>(console: &'a str, key: &str) -> Option<&'a str> {
-    console.lines().rev().find_map(|l| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-    })
-}
+pub use ferry_vmm::devices::console::last_field;

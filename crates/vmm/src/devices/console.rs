@@ -10,6 +10,15 @@ use serde::{Deserialize, Serialize};
 /// Bytes of console output kept in memory.
 pub const CONSOLE_TAIL_CAPACITY: usize = 64 * 1024;
 
+/// The value of the last `key=value` word in console text (workloads print their
+/// progress and results that way).
+pub fn last_field<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    })
+}
+
 /// Where console output goes besides the tail.
 pub enum ConsoleSink {
     /// Only the tail.
