@@ -55,6 +55,26 @@ fn rows<T: Send>(
     });
 }
 
+/// Runs `head(i, o)` over the `hd`-wide heads of `out`: each a task of its own if
+/// `parallel` (attention's work per head is large and varies), else on this thread.
+fn heads_of(
+    pool: &ThreadPool,
+    out: &mut [f32],
+    hd: usize,
+    parallel: bool,
+    head: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if parallel {
+        pool.install(|| {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, o)| head(i, o))
+        });
+    } else {
+        out.chunks_mut(hd).enumerate().for_each(|(i, o)| head(i, o));
+    }
+}
+
 /// `out[i] = f(i, out[i])` for the first `n` elements.
 fn map(pool: &ThreadPool, out: &mut [f32], n: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
     blocks(pool, &mut out[..n], BLOCK, |start, block| {
@@ -488,16 +508,13 @@ pub fn attention_decode(
             *o = (a / sum) as f32;
         }
     };
-    let out = &mut out[..stride];
-    if heads == 1 || len * stride <= BLOCK {
-        out.chunks_mut(hd).enumerate().for_each(|(h, o)| head(h, o));
-    } else {
-        pool.install(|| {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(h, o)| head(h, o))
-        });
-    }
+    heads_of(
+        pool,
+        &mut out[..stride],
+        hd,
+        heads > 1 && len * stride > BLOCK,
+        head,
+    );
 }
 
 /// `out[r] = argmax_c x[r][c]`: the first maximum, or the first NaN if the row has one.
@@ -729,17 +746,14 @@ pub fn attention(
         }
         o.copy_from_slice(&acc);
     };
-    let out = &mut out[..s.rows * s.heads * hd];
     let work = s.rows * s.heads * (s.pos + s.rows) * hd;
-    if work <= BLOCK {
-        out.chunks_mut(hd).enumerate().for_each(|(i, o)| head(i, o));
-    } else {
-        pool.install(|| {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(i, o)| head(i, o))
-        });
-    }
+    heads_of(
+        pool,
+        &mut out[..s.rows * s.heads * hd],
+        hd,
+        work > BLOCK,
+        head,
+    );
 }
 
 /// `a · b` in eight f32 lanes, summed in a fixed order (the tail after them last).
