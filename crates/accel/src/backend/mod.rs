@@ -244,6 +244,30 @@ pub trait BufferReader: Send + Sync {
 /// are hashed by one thread: a thread costs more than hashing them).
 const CRC_PART: usize = 4 << 20;
 
+/// Deterministic data for the conformance check and the tests (splitmix64): a seed gives
+/// the same values on every host.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    fn f32(&mut self, scale: f32) -> f32 {
+        ((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale
+    }
+
+    /// Uniform below `n`.
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n)) as u32
+    }
+}
+
 /// Buffer 3 = buffer 1 × buffer 2, all `n×n`: the GEMM benchmarks' kernel.
 pub fn square_matmul(n: usize) -> Kernel {
     Kernel::Matmul {

@@ -19,29 +19,11 @@ use super::*;
 use crate::backend::square_matmul;
 use crate::kernel::{Distribution, MatmulFlags};
 
-/// Deterministic test data.
-pub(super) struct Rng(pub(super) u64);
+pub(super) use crate::backend::Rng;
 
 impl Rng {
-    pub(super) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-scale, scale)`.
-    pub(super) fn f32(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale
-    }
-
     pub(super) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.f32(scale)).collect()
-    }
-
-    pub(super) fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n)) as u32
     }
 }
 

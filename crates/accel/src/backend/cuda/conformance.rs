@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::DeviceMemory;
+use crate::backend::{DeviceMemory, Rng};
 use crate::kernel::MatmulFlags;
 
 /// Makes a fresh backend of the kind checked.
@@ -22,29 +22,14 @@ pub struct Case {
     pub outcome: Result<(), String>,
 }
 
-/// Deterministic test data (splitmix64).
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn f32s(&mut self, n: usize, scale: f32) -> Vec<u8> {
-        (0..n)
-            .flat_map(|_| {
-                (((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale).to_le_bytes()
-            })
-            .collect()
+        (0..n).flat_map(|_| self.f32(scale).to_le_bytes()).collect()
     }
 
     fn u32s(&mut self, n: usize, below: u32) -> Vec<u8> {
         (0..n)
-            .flat_map(|_| ((self.next() % u64::from(below)) as u32).to_le_bytes())
+            .flat_map(|_| self.below(below).to_le_bytes())
             .collect()
     }
 
