@@ -34,6 +34,15 @@ use crate::ring::{head_is_sane, GuestRam, Ring};
 /// for a guest asking to move gigabytes in one command).
 const COPY_PIECE: u64 = 1 << 20;
 
+/// Which way [`Core::transfer`] copies.
+#[derive(Clone, Copy)]
+enum Transfer {
+    /// Guest memory into a buffer (UPLOAD).
+    ToDevice,
+    /// A buffer into guest memory (DOWNLOAD).
+    ToGuest,
+}
+
 /// Saved state of one buffer (its contents travel separately, chunk by chunk).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufferState {
@@ -413,6 +422,42 @@ impl Core {
         Ok((id, offset..end))
     }
 
+    /// UPLOAD or DOWNLOAD: copies `len` bytes between buffer `id` at `offset` and guest
+    /// memory at `gpa`, in pieces of at most [`COPY_PIECE`]; returns the buffer's range.
+    fn transfer(
+        &mut self,
+        way: Transfer,
+        id: u64,
+        offset: u64,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(BufferId, Range<u64>), u32> {
+        let (id, range) = self.buffer_range(id, offset, len)?;
+        self.guest_range(gpa, len)?;
+        let piece = &mut self.scratch;
+        piece.resize(COPY_PIECE.min(len) as usize, 0);
+        for start in range.clone().step_by(COPY_PIECE as usize) {
+            let piece = &mut piece[..(range.end - start).min(COPY_PIECE) as usize];
+            let guest = GuestAddress(gpa + (start - range.start));
+            match way {
+                Transfer::ToDevice => {
+                    self.mem
+                        .read_slice(piece, guest)
+                        .map_err(|_| status::BAD_GUEST_RANGE)?;
+                    self.backend.write(id, start, piece);
+                }
+                Transfer::ToGuest => {
+                    self.backend.read(id, start, piece);
+                    // Written through GuestRam: the pages land in the guest dirty log.
+                    self.mem
+                        .write_slice(piece, guest)
+                        .map_err(|_| status::BAD_GUEST_RANGE)?;
+                }
+            }
+        }
+        Ok((id, range))
+    }
+
     fn guest_range(&self, addr: u64, len: u64) -> Result<(), u32> {
         let len = usize::try_from(len).map_err(|_| status::BAD_GUEST_RANGE)?;
         if len == 0 || self.mem.check_range(GuestAddress(addr), len) {
@@ -522,37 +567,13 @@ impl Core {
                 self.free(id).map(drop).ok_or(status::BAD_BUFFER)
             }
             op::UPLOAD => {
-                let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
-                self.guest_range(a[2], a[3])?;
-                let piece = &mut self.scratch;
-                piece.resize(COPY_PIECE.min(a[3]) as usize, 0);
-                for start in (range.start..range.end).step_by(COPY_PIECE as usize) {
-                    let len = (range.end - start).min(COPY_PIECE) as usize;
-                    let guest = GuestAddress(a[2] + (start - range.start));
-                    self.mem
-                        .read_slice(&mut piece[..len], guest)
-                        .map_err(|_| status::BAD_GUEST_RANGE)?;
-                    self.backend.write(id, start, &piece[..len]);
-                }
+                let (id, range) = self.transfer(Transfer::ToDevice, a[0], a[1], a[2], a[3])?;
                 self.mark([(id, range)]);
                 Ok(())
             }
-            op::DOWNLOAD => {
-                let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
-                self.guest_range(a[2], a[3])?;
-                let piece = &mut self.scratch;
-                piece.resize(COPY_PIECE.min(a[3]) as usize, 0);
-                for start in (range.start..range.end).step_by(COPY_PIECE as usize) {
-                    let len = (range.end - start).min(COPY_PIECE) as usize;
-                    self.backend.read(id, start, &mut piece[..len]);
-                    let guest = GuestAddress(a[2] + (start - range.start));
-                    // Written through GuestRam: the pages land in the guest dirty log.
-                    self.mem
-                        .write_slice(&piece[..len], guest)
-                        .map_err(|_| status::BAD_GUEST_RANGE)?;
-                }
-                Ok(())
-            }
+            op::DOWNLOAD => self
+                .transfer(Transfer::ToGuest, a[0], a[1], a[2], a[3])
+                .map(drop),
             op::LOAD_FILE => {
                 let (id, range) = self.buffer_range(a[0], a[1], a[4])?;
                 let file = u32::try_from(a[2]).map_err(|_| status::BAD_FILE)?;

@@ -31,6 +31,13 @@ pub struct ChunkId {
     pub index: u64,
 }
 
+impl ChunkId {
+    /// Chunk `index` of `buffer`.
+    pub const fn new(buffer: BufferId, index: u64) -> Self {
+        Self { buffer, index }
+    }
+}
+
 /// Number of chunks covering `bytes`.
 pub fn chunk_count(bytes: u64) -> u64 {
     bytes.div_ceil(CHUNK_SIZE)
@@ -206,27 +213,14 @@ mod tests {
         let taken = dirty.take();
         assert_eq!(
             taken,
-            vec![
-                ChunkId {
-                    buffer: 1,
-                    index: 0
-                },
-                ChunkId {
-                    buffer: 1,
-                    index: 1
-                },
-                ChunkId {
-                    buffer: 2,
-                    index: 0
-                },
-            ]
+            vec![ChunkId::new(1, 0), ChunkId::new(1, 1), ChunkId::new(2, 0),]
         );
         assert!(dirty.take().is_empty(), "a take clears");
     }
 
     #[test]
     fn a_chunk_written_in_part_keeps_the_span_written_until_written_whole() {
-        let chunk = |index| ChunkId { buffer: 1, index };
+        let chunk = |index| ChunkId::new(1, index);
         let mut dirty = DirtyChunks::default();
         dirty.start();
         let bytes = 4 * CHUNK_SIZE + 100;

@@ -56,6 +56,15 @@ fn backends(threads: usize) -> Vec<Box<dyn Backend>> {
     all
 }
 
+/// Runs `check` on a fresh guest of a device on each of [`backends`], with the
+/// backend's kind.
+fn on_every_backend(threads: usize, check: impl Fn(&mut FakeGuest, &str)) {
+    for backend in backends(threads) {
+        let kind = backend.kind();
+        check(&mut FakeGuest::on(backend, no_files()), kind);
+    }
+}
+
 impl FakeGuest {
     fn new(threads: usize) -> Self {
         Self::with_files(threads, no_files())
@@ -177,164 +186,143 @@ impl FakeGuest {
 
 #[test]
 fn alloc_upload_launch_download_and_fence() {
-    for backend in backends(2) {
-        alloc_upload_launch_download_and_fence_on(backend);
-    }
-}
-
-fn alloc_upload_launch_download_and_fence_on(backend: Box<dyn Backend>) {
-    let mut g = FakeGuest::on(backend, no_files());
-    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
-    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
-    assert_eq!(g.run(op::ALLOC, &[3, 16]), status::OK);
-    assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
-    assert_eq!(g.upload(2, &[10.0, 20.0, 30.0, 40.0]), status::OK);
-    assert_eq!(g.run(op::LAUNCH, &[kernel::ADD, 1, 2, 3, 4]), status::OK);
-    assert_eq!(g.download(3, 4), vec![11.0, 22.0, 33.0, 44.0]);
-    assert_eq!(g.run(op::FENCE, &[77]), status::OK);
-    assert_eq!(
-        g.header(std::mem::offset_of!(RingHeader, completed_fence)),
-        77
-    );
-    assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 48);
-    assert_eq!(g.run(op::FREE, &[2]), status::OK);
-    assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 32);
+    on_every_backend(2, |g, _| {
+        assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+        assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
+        assert_eq!(g.run(op::ALLOC, &[3, 16]), status::OK);
+        assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
+        assert_eq!(g.upload(2, &[10.0, 20.0, 30.0, 40.0]), status::OK);
+        assert_eq!(g.run(op::LAUNCH, &[kernel::ADD, 1, 2, 3, 4]), status::OK);
+        assert_eq!(g.download(3, 4), vec![11.0, 22.0, 33.0, 44.0]);
+        assert_eq!(g.run(op::FENCE, &[77]), status::OK);
+        assert_eq!(
+            g.header(std::mem::offset_of!(RingHeader, completed_fence)),
+            77
+        );
+        assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 48);
+        assert_eq!(g.run(op::FREE, &[2]), status::OK);
+        assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 32);
+    });
 }
 
 #[test]
 fn hostile_commands_fail_with_status_and_change_nothing() {
-    for backend in backends(1) {
-        hostile_commands_fail_with_status_and_change_nothing_on(backend);
-    }
-}
+    on_every_backend(1, |g, kind| {
+        assert_eq!(g.run(op::ALLOC, &[1, 64]), status::OK);
+        assert_eq!(g.upload(1, &[5.0; 16]), status::OK);
 
-fn hostile_commands_fail_with_status_and_change_nothing_on(backend: Box<dyn Backend>) {
-    let kind = backend.kind();
-    let mut g = FakeGuest::on(backend, no_files());
-    assert_eq!(g.run(op::ALLOC, &[1, 64]), status::OK);
-    assert_eq!(g.upload(1, &[5.0; 16]), status::OK);
-
-    let cases: &[(u32, &[u64], u32)] = &[
-        (99, &[], status::BAD_OPCODE),
-        (op::ALLOC, &[0, 64], status::BAD_BUFFER),
-        (op::ALLOC, &[1, 64], status::BAD_BUFFER),
-        (op::ALLOC, &[u64::MAX, 64], status::BAD_BUFFER),
-        (op::ALLOC, &[2, 6], status::BAD_ARGUMENT),
-        (op::ALLOC, &[2, CAPACITY], status::OUT_OF_MEMORY),
-        (op::ALLOC, &[2, u64::MAX - 3], status::OUT_OF_MEMORY),
-        (op::FREE, &[9], status::BAD_BUFFER),
-        (op::UPLOAD, &[9, 0, DATA, 4], status::BAD_BUFFER),
-        (op::UPLOAD, &[1, 60, DATA, 8], status::OUT_OF_BOUNDS),
-        (op::UPLOAD, &[1, u64::MAX, DATA, 8], status::OUT_OF_BOUNDS),
-        (op::UPLOAD, &[1, 0, RAM - 4, 8], status::BAD_GUEST_RANGE),
-        (
-            op::UPLOAD,
-            &[1, 0, u64::MAX - 2, 8],
-            status::BAD_GUEST_RANGE,
-        ),
-        (op::DOWNLOAD, &[1, 0, RAM, 4], status::BAD_GUEST_RANGE),
-        (op::DOWNLOAD, &[1, 0, 1 << 50, 64], status::BAD_GUEST_RANGE),
-        (op::LAUNCH, &[12345], status::BAD_KERNEL),
-        (op::LAUNCH, &[kernel::ADD, 1, 7, 1, 16], status::BAD_BUFFER),
-        (
-            op::LAUNCH,
-            &[kernel::SCALE, 1, 17, 1],
-            status::OUT_OF_BOUNDS,
-        ),
-        (
-            op::LAUNCH,
-            &[kernel::MATMUL, 1, 1, 1, u64::MAX, u64::MAX, 2, 0],
-            status::BAD_SHAPE,
-        ),
-    ];
-    for (i, (opcode, args, expected)) in cases.iter().enumerate() {
-        let got = g.run(*opcode, args);
-        assert_eq!(
-            got,
-            *expected,
-            "{kind}: case {i}: {} instead of {}",
-            status::name(got),
-            status::name(*expected)
-        );
-    }
-    // The buffer is intact and the device still works.
-    assert_eq!(g.download(1, 16), vec![5.0; 16]);
-    assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 64);
+        let cases: &[(u32, &[u64], u32)] = &[
+            (99, &[], status::BAD_OPCODE),
+            (op::ALLOC, &[0, 64], status::BAD_BUFFER),
+            (op::ALLOC, &[1, 64], status::BAD_BUFFER),
+            (op::ALLOC, &[u64::MAX, 64], status::BAD_BUFFER),
+            (op::ALLOC, &[2, 6], status::BAD_ARGUMENT),
+            (op::ALLOC, &[2, CAPACITY], status::OUT_OF_MEMORY),
+            (op::ALLOC, &[2, u64::MAX - 3], status::OUT_OF_MEMORY),
+            (op::FREE, &[9], status::BAD_BUFFER),
+            (op::UPLOAD, &[9, 0, DATA, 4], status::BAD_BUFFER),
+            (op::UPLOAD, &[1, 60, DATA, 8], status::OUT_OF_BOUNDS),
+            (op::UPLOAD, &[1, u64::MAX, DATA, 8], status::OUT_OF_BOUNDS),
+            (op::UPLOAD, &[1, 0, RAM - 4, 8], status::BAD_GUEST_RANGE),
+            (
+                op::UPLOAD,
+                &[1, 0, u64::MAX - 2, 8],
+                status::BAD_GUEST_RANGE,
+            ),
+            (op::DOWNLOAD, &[1, 0, RAM, 4], status::BAD_GUEST_RANGE),
+            (op::DOWNLOAD, &[1, 0, 1 << 50, 64], status::BAD_GUEST_RANGE),
+            (op::LAUNCH, &[12345], status::BAD_KERNEL),
+            (op::LAUNCH, &[kernel::ADD, 1, 7, 1, 16], status::BAD_BUFFER),
+            (
+                op::LAUNCH,
+                &[kernel::SCALE, 1, 17, 1],
+                status::OUT_OF_BOUNDS,
+            ),
+            (
+                op::LAUNCH,
+                &[kernel::MATMUL, 1, 1, 1, u64::MAX, u64::MAX, 2, 0],
+                status::BAD_SHAPE,
+            ),
+        ];
+        for (i, (opcode, args, expected)) in cases.iter().enumerate() {
+            let got = g.run(*opcode, args);
+            assert_eq!(
+                got,
+                *expected,
+                "{kind}: case {i}: {} instead of {}",
+                status::name(got),
+                status::name(*expected)
+            );
+        }
+        // The buffer is intact and the device still works.
+        assert_eq!(g.download(1, 16), vec![5.0; 16]);
+        assert_eq!(g.header(std::mem::offset_of!(RingHeader, used)), 64);
+    });
 }
 
 #[test]
 fn lying_ring_indices_are_ignored_until_sane() {
-    for backend in backends(1) {
-        lying_ring_indices_are_ignored_until_sane_on(backend);
-    }
-}
-
-fn lying_ring_indices_are_ignored_until_sane_on(backend: Box<dyn Backend>) {
-    let mut g = FakeGuest::on(backend, no_files());
-    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
-    let tail = g.tail();
-    // Far ahead: the device must not execute stale slots.
-    g.set_head(tail + RING_SLOTS + 1);
-    g.accel.doorbell();
-    std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(g.device_status(), device_status::RING_INVALID);
-    assert_eq!(g.tail(), tail, "nothing executed");
-    // Behind the tail.
-    g.set_head(tail - 1);
-    g.accel.doorbell();
-    std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(g.tail(), tail);
-    // Back to sane: work resumes.
-    g.head = tail;
-    g.set_head(tail);
-    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
-    assert_eq!(g.device_status(), device_status::OK);
+    on_every_backend(1, |g, _| {
+        assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+        let tail = g.tail();
+        // Far ahead: the device must not execute stale slots.
+        g.set_head(tail + RING_SLOTS + 1);
+        g.accel.doorbell();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(g.device_status(), device_status::RING_INVALID);
+        assert_eq!(g.tail(), tail, "nothing executed");
+        // Behind the tail.
+        g.set_head(tail - 1);
+        g.accel.doorbell();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(g.tail(), tail);
+        // Back to sane: work resumes.
+        g.head = tail;
+        g.set_head(tail);
+        assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK);
+        assert_eq!(g.device_status(), device_status::OK);
+    });
 }
 
 #[test]
 fn random_command_words_never_hurt_the_host() {
-    for backend in backends(2) {
-        random_command_words_never_hurt_the_host_on(backend);
-    }
-}
-
-fn random_command_words_never_hurt_the_host_on(backend: Box<dyn Backend>) {
-    let mut g = FakeGuest::on(backend, no_files());
-    let mut x = 0x1234_5678_9abc_def0u64;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut sent = 0;
-    while Instant::now() < deadline && sent < 20_000 {
-        // Mostly real opcodes and small ids so commands get past the first checks.
-        let opcode = (next() % 8) as u32;
-        let args: Vec<u64> = (0..15)
-            .map(|i| match next() % 4 {
-                0 => next(),
-                1 => next() % 8,
-                2 if i == 0 && opcode == op::LAUNCH => next() % 24,
-                _ => next() % 4096,
-            })
-            .collect();
-        g.submit(opcode, &args);
-        sent += 1;
-        if g.head - g.tail() >= RING_SLOTS - 1 {
-            g.wait_tail(g.head - RING_SLOTS / 2);
+    on_every_backend(2, |g, _| {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut sent = 0;
+        while Instant::now() < deadline && sent < 20_000 {
+            // Mostly real opcodes and small ids so commands get past the first checks.
+            let opcode = (next() % 8) as u32;
+            let args: Vec<u64> = (0..15)
+                .map(|i| match next() % 4 {
+                    0 => next(),
+                    1 => next() % 8,
+                    2 if i == 0 && opcode == op::LAUNCH => next() % 24,
+                    _ => next() % 4096,
+                })
+                .collect();
+            g.submit(opcode, &args);
+            sent += 1;
+            if g.head - g.tail() >= RING_SLOTS - 1 {
+                g.wait_tail(g.head - RING_SLOTS / 2);
+            }
         }
-    }
-    g.wait_tail(g.head);
-    assert!(sent > 100);
-    // Still a working device.
-    for id in 1..=4096u64 {
-        let _ = g.run(op::FREE, &[id]);
-    }
-    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
-    assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
-    assert_eq!(g.download(1, 4), vec![1.0, 2.0, 3.0, 4.0]);
+        g.wait_tail(g.head);
+        assert!(sent > 100);
+        // Still a working device.
+        for id in 1..=4096u64 {
+            let _ = g.run(op::FREE, &[id]);
+        }
+        assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+        assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
+        assert_eq!(g.download(1, 4), vec![1.0, 2.0, 3.0, 4.0]);
+    });
 }
 
 #[test]
@@ -352,13 +340,7 @@ fn dirty_chunks_are_exactly_what_commands_wrote() {
         g.run(op::LAUNCH, &[kernel::COPY, 2, 0, 1, dst, 4]),
         status::OK
     );
-    assert_eq!(
-        g.accel.take_dirty_chunks(),
-        vec![ChunkId {
-            buffer: 1,
-            index: 2
-        }]
-    );
+    assert_eq!(g.accel.take_dirty_chunks(), vec![ChunkId::new(1, 2)]);
 
     // An upload spanning chunks 0 and 1; a download writes nothing on the device.
     let data = vec![0u8; 16];
@@ -370,16 +352,7 @@ fn dirty_chunks_are_exactly_what_commands_wrote() {
     assert_eq!(g.run(op::DOWNLOAD, &[1, 0, DATA, 16]), status::OK);
     assert_eq!(
         g.accel.take_dirty_chunks(),
-        vec![
-            ChunkId {
-                buffer: 1,
-                index: 0
-            },
-            ChunkId {
-                buffer: 1,
-                index: 1
-            }
-        ]
+        vec![ChunkId::new(1, 0), ChunkId::new(1, 1)]
     );
     // A buffer created while tracking is dirty as a whole.
     assert_eq!(g.run(op::ALLOC, &[3, CHUNK_SIZE + 4]), status::OK);
@@ -451,7 +424,7 @@ fn a_pause_request_stops_the_device_after_the_command_in_flight_and_lets_waiters
 #[test]
 fn written_chunks_are_those_any_path_wrote_since_their_buffer_was_created() {
     let mut g = FakeGuest::new(1);
-    let chunk = |buffer, index| ChunkId { buffer, index };
+    let chunk = ChunkId::new;
     assert_eq!(g.run(op::ALLOC, &[1, 4 * CHUNK_SIZE]), status::OK);
     assert!(g.accel.written_chunks().is_empty(), "a new buffer is zero");
     let dst = (2 * CHUNK_SIZE + 64) / 4;
@@ -537,43 +510,26 @@ fn paused_device_state_and_chunks_restore_into_a_new_device() {
 fn restore_refuses_corrupt_state() {
     let g = FakeGuest::new(1);
     g.accel.pause();
+    // `state` restored on a fresh cpu backend.
+    let restore = |state: &ferry_accel::device::AccelState| {
+        let cpu = backend::create("cpu", 1, &DeviceMemory::default()).unwrap();
+        Accelerator::restore(g.mem.clone(), state, cpu, no_files())
+    };
     let mut state = g.accel.save_state();
     state
         .buffers
         .push(ferry_accel::device::BufferState { id: 0, bytes: 16 });
-    assert!(Accelerator::restore(
-        g.mem.clone(),
-        &state,
-        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
-        no_files()
-    )
-    .is_err());
+    assert!(restore(&state).is_err());
     state.buffers[0] = ferry_accel::device::BufferState {
         id: 1,
         bytes: CAPACITY + 4,
     };
-    assert!(Accelerator::restore(
-        g.mem.clone(),
-        &state,
-        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
-        no_files()
-    )
-    .is_err());
+    assert!(restore(&state).is_err());
     let mut other = g.accel.save_state();
     other.backend_kind = "cuda".into();
-    let err = Accelerator::restore(
-        g.mem.clone(),
-        &other,
-        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
-        no_files(),
-    )
-    .err()
-    .unwrap();
+    let err = restore(&other).err().unwrap();
     assert!(err.to_string().contains("cuda"), "{err}");
-    let chunk = ChunkId {
-        buffer: 42,
-        index: 0,
-    };
+    let chunk = ChunkId::new(42, 0);
     assert!(g.accel.write_chunk(chunk, &[0; 4]).is_err());
 }
 
@@ -617,10 +573,7 @@ fn load_file_copies_attached_files_into_buffers_and_refuses_bad_ranges() {
     let mut chunk = Vec::new();
     let mut got = vec![0u8; size as usize];
     for (i, piece) in got.chunks_mut(CHUNK_SIZE as usize).enumerate() {
-        let id = ChunkId {
-            buffer: 1,
-            index: i as u64,
-        };
+        let id = ChunkId::new(1, i as u64);
         g.accel.read_chunk(id, &mut chunk).unwrap();
         piece.copy_from_slice(&chunk);
     }
@@ -703,10 +656,7 @@ fn chunks_loaded_whole_from_a_file_remember_where_until_written() {
     assert_eq!(g.run(op::ALLOC, &[1, 2 << 20]), status::OK);
     assert_eq!(origin(&g, 3), None);
     // A receiving side writes a chunk with its origin, and keeps it.
-    let chunk = ChunkId {
-        buffer: 1,
-        index: 4,
-    };
+    let chunk = ChunkId::new(1, 4);
     let piece = vec![7u8; CHUNK_SIZE as usize];
     let from = ChunkOrigin {
         file: 0,
@@ -779,20 +729,8 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
         base.insert(chunk, out);
     };
     // Half of buffer 2 is read before anything changes.
-    read(
-        &g,
-        ChunkId {
-            buffer: 2,
-            index: 0,
-        },
-    );
-    read(
-        &g,
-        ChunkId {
-            buffer: 2,
-            index: 1,
-        },
-    );
+    read(&g, ChunkId::new(2, 0));
+    read(&g, ChunkId::new(2, 1));
 
     // After the boundary: a new buffer holding a product of buffer 1 as it was, then
     // buffer 1 overwritten (its unread chunks are preserved first), buffer 3 freed and
@@ -874,13 +812,9 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
     let mut out = Vec::new();
     let full = Err(CaptureError::PoolFull { limit: CHUNK_SIZE });
     assert_eq!(
-        g.accel.replayer().read_base_chunk(
-            ChunkId {
-                buffer: 1,
-                index: 0
-            },
-            &mut out
-        ),
+        g.accel
+            .replayer()
+            .read_base_chunk(ChunkId::new(1, 0), &mut out),
         full
     );
     assert_eq!(
@@ -945,7 +879,7 @@ fn a_digest_kept_for_a_buffer_is_dropped_when_the_buffer_is_written() {
 #[test]
 fn a_capture_after_precopy_takes_the_pending_and_dirty_chunks_and_reads_unwritten_ones_as_zero() {
     use ferry_accel::replay::CaptureLimits;
-    let chunk = |buffer, index| ChunkId { buffer, index };
+    let chunk = ChunkId::new;
     let mut g = FakeGuest::new(1);
     assert_eq!(g.run(op::ALLOC, &[1, 2 * CHUNK_SIZE]), status::OK);
     assert_eq!(g.run(op::ALLOC, &[2, CHUNK_SIZE]), status::OK);

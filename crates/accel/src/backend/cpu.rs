@@ -14,14 +14,16 @@ mod quant;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
-use super::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
-use crate::kernel::Kernel;
+use super::{
+    read_lock, write_lock, Backend, BackendError, BufferId, BufferReader, BufferTable, DeviceLoop,
+    IndexCheck,
+};
+use crate::kernel::{DType, Kernel};
 pub use math::powu;
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
@@ -43,47 +45,16 @@ impl core::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("CpuBackend")
             .field("threads", &self.pool.current_num_threads())
-            .field("buffers", &self.buffers.table().len())
+            .field("buffers", &self.buffers.read().len())
             .finish()
     }
 }
 
-/// One buffer, as f32 words (u32 data shares the storage through bytemuck casts). Each
-/// has its own lock so a reader on another thread (a migration's pre-copy) waits only
-/// for a kernel that writes this buffer, not for whatever the device runs.
-type SharedBuffer = Arc<RwLock<DeviceBuffer>>;
-
-/// The buffer table, shared with [`BufferReader`]s. Only the device thread changes it.
-#[derive(Default)]
-struct Buffers(RwLock<HashMap<BufferId, SharedBuffer>>);
-
-// A panic in a kernel leaves the buffers' words as they were written so far, which the
-// device already treats as "partly written": poisoning carries no extra meaning here.
-fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Buffers {
-    fn table(&self) -> RwLockReadGuard<'_, HashMap<BufferId, SharedBuffer>> {
-        read_lock(&self.0)
-    }
-
-    fn table_mut(&self) -> RwLockWriteGuard<'_, HashMap<BufferId, SharedBuffer>> {
-        write_lock(&self.0)
-    }
-
-    fn get(&self, id: BufferId) -> Option<SharedBuffer> {
-        self.table().get(&id).cloned()
-    }
-
-    fn expect(&self, id: BufferId) -> SharedBuffer {
-        self.get(id).expect("buffer validated by the device")
-    }
-}
+/// The buffer table: each buffer as f32 words (u32 data shares the storage through
+/// bytemuck casts), with a lock of its own so a reader on another thread (a migration's
+/// pre-copy) waits only for a kernel that writes this buffer, not for whatever the
+/// device runs.
+type Buffers = BufferTable<RwLock<DeviceBuffer>>;
 
 impl BufferReader for Buffers {
     fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool {
@@ -144,10 +115,10 @@ impl CpuBackend {
         &mut self,
         kernel: &Kernel,
         outputs: [BufferId; N],
-        f: impl FnOnce(&ThreadPool, &Inputs<'_>, [&mut [f32]; N]) -> Result<(), BackendError>,
-    ) -> Result<(), BackendError> {
+        f: impl FnOnce(&ThreadPool, &Inputs<'_>, [&mut [f32]; N]),
+    ) {
         // Only this thread changes the table, so holding it for reading blocks nobody.
-        let table = self.buffers.table();
+        let table = self.buffers.read();
         let mut written = outputs.map(|id| {
             write_lock(
                 table
@@ -186,16 +157,12 @@ impl Backend for CpuBackend {
             .ok()
             .and_then(|words| self.memory.alloc(words))
             .ok_or(BackendError::Alloc { bytes })?;
-        self.buffers
-            .table_mut()
-            .insert(id, Arc::new(RwLock::new(buffer)));
+        self.buffers.insert(id, RwLock::new(buffer));
         Ok(())
     }
 
     fn free(&mut self, id: BufferId) {
-        // Dropped outside the table lock: a large buffer is cleared as it goes back.
-        let buffer = self.buffers.table_mut().remove(&id);
-        drop(buffer);
+        self.buffers.remove(id);
     }
 
     fn write(&mut self, id: BufferId, offset: u64, data: &[u8]) {
@@ -235,6 +202,20 @@ impl Backend for CpuBackend {
     }
 
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
+        // What only the data can say, checked before anything is written.
+        if let Some(check) = IndexCheck::of(kernel) {
+            check.check(bytemuck::cast_slice(&read_lock(
+                &self.buffers.expect(check.buffer),
+            )))?;
+        }
+        self.run(kernel);
+        Ok(())
+    }
+}
+
+impl CpuBackend {
+    /// Runs a kernel whose data has passed its [`IndexCheck`].
+    fn run(&mut self, kernel: &Kernel) {
         match *kernel {
             Kernel::Matmul {
                 a,
@@ -255,7 +236,6 @@ impl Backend for CpuBackend {
                 };
                 self.with_outputs(kernel, [c], |pool, inp, [c]| {
                     g.run(pool, inp.f32(a), inp.f32(b), c);
-                    Ok(())
                 })
             }
             Kernel::AddBias {
@@ -265,27 +245,21 @@ impl Backend for CpuBackend {
                 cols,
             } => self.with_outputs(kernel, [x], |pool, inp, [x]| {
                 ops::add_bias(pool, x, inp.f32(bias), rows, cols);
-                Ok(())
             }),
             Kernel::Add { a, b, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::add(pool, inp.f32(a), inp.f32(b), out, n);
-                Ok(())
             }),
             Kernel::Mul { a, b, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::mul(pool, inp.f32(a), inp.f32(b), out, n);
-                Ok(())
             }),
             Kernel::Scale { x, n, alpha } => self.with_outputs(kernel, [x], |pool, _, [x]| {
                 ops::scale(pool, x, n, alpha);
-                Ok(())
             }),
             Kernel::Axpy { x, y, n, alpha } => self.with_outputs(kernel, [y], |pool, inp, [y]| {
                 ops::axpy(pool, inp.f32(x), y, n, alpha);
-                Ok(())
             }),
             Kernel::Relu { x, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::relu(pool, inp.f32(x), out, n);
-                Ok(())
             }),
             Kernel::ReluBackward {
                 x,
@@ -294,11 +268,9 @@ impl Backend for CpuBackend {
                 n,
             } => self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
                 ops::relu_backward(pool, inp.f32(x), inp.f32(grad_out), gi, n);
-                Ok(())
             }),
             Kernel::Gelu { x, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::gelu(pool, inp.f32(x), out, n);
-                Ok(())
             }),
             Kernel::GeluBackward {
                 x,
@@ -307,12 +279,10 @@ impl Backend for CpuBackend {
                 n,
             } => self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
                 ops::gelu_backward(pool, inp.f32(x), inp.f32(grad_out), gi, n);
-                Ok(())
             }),
             Kernel::Softmax { x, out, rows, cols } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::softmax(pool, inp.f32(x), out, rows, cols);
-                    Ok(())
                 })
             }
             Kernel::CrossEntropy {
@@ -336,19 +306,16 @@ impl Backend for CpuBackend {
             Kernel::SumRows { x, out, rows, cols } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::sum_rows(pool, inp.f32(x), out, rows, cols);
-                    Ok(())
                 })
             }
             Kernel::SumCols { x, out, rows, cols } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::sum_cols(pool, inp.f32(x), out, rows, cols);
-                    Ok(())
                 })
             }
             Kernel::Sgd { param, grad, n, lr } => {
                 self.with_outputs(kernel, [param], |pool, inp, [p]| {
                     ops::sgd(pool, p, inp.f32(grad), n, lr);
-                    Ok(())
                 })
             }
             Kernel::Adam {
@@ -372,7 +339,6 @@ impl Backend for CpuBackend {
                 };
                 self.with_outputs(kernel, [param, m, v], |pool, inp, [p, m, v]| {
                     ops::adam(pool, p, inp.f32(grad), m, v, n, h);
-                    Ok(())
                 })
             }
             Kernel::Embedding {
@@ -381,9 +347,10 @@ impl Backend for CpuBackend {
                 out,
                 count,
                 dim,
-                vocab,
+                ..
             } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
-                ops::embedding(pool, inp.f32(table), inp.u32(ids), out, count, dim, vocab)
+                let (table, ids) = (inp.bytes(table), inp.u32(ids));
+                ops::qembedding(pool, DType::F32, table, ids, out, count, dim);
             }),
             Kernel::LayerNorm {
                 x,
@@ -403,7 +370,6 @@ impl Backend for CpuBackend {
                     (rows, cols),
                     eps,
                 );
-                Ok(())
             }),
             Kernel::Copy {
                 src,
@@ -413,7 +379,6 @@ impl Backend for CpuBackend {
                 n,
             } => self.with_outputs(kernel, [dst], |_, inp, [dst]| {
                 ops::copy(inp.f32(src), src_offset, dst, dst_offset, n);
-                Ok(())
             }),
             Kernel::RngFill {
                 out,
@@ -424,7 +389,6 @@ impl Backend for CpuBackend {
                 scale,
             } => self.with_outputs(kernel, [out], |pool, _, [out]| {
                 ops::rng_fill(pool, out, n, seed, counter, distribution, scale);
-                Ok(())
             }),
             Kernel::AttentionDecode {
                 q,
@@ -443,7 +407,6 @@ impl Backend for CpuBackend {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     let (q, kc, vc) = (inp.f32(q), inp.f32(k_cache), inp.f32(v_cache));
                     ops::attention_decode(pool, q, kc, vc, out, shape);
-                    Ok(())
                 })
             }
             Kernel::QMatmul {
@@ -456,7 +419,6 @@ impl Backend for CpuBackend {
                 dtype,
             } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::qmatmul(pool, dtype, inp.bytes(w), inp.f32(x), out, n, k, m);
-                Ok(())
             }),
             Kernel::QEmbedding {
                 table,
@@ -464,11 +426,11 @@ impl Backend for CpuBackend {
                 out,
                 count,
                 dim,
-                vocab,
                 dtype,
+                ..
             } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 let (table, ids) = (inp.bytes(table), inp.u32(ids));
-                ops::qembedding(pool, dtype, table, ids, out, count, dim, vocab)
+                ops::qembedding(pool, dtype, table, ids, out, count, dim);
             }),
             Kernel::RmsNorm {
                 x,
@@ -479,7 +441,6 @@ impl Backend for CpuBackend {
                 eps,
             } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::rms_norm(pool, inp.f32(x), inp.f32(weight), out, (rows, cols), eps);
-                Ok(())
             }),
             Kernel::Rope {
                 x,
@@ -500,13 +461,11 @@ impl Backend for CpuBackend {
                 };
                 self.with_outputs(kernel, [x], |pool, _, [x]| {
                     ops::rope(pool, x, shape);
-                    Ok(())
                 })
             }
             Kernel::Swiglu { gate, up, out, n } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::swiglu(pool, inp.f32(gate), inp.f32(up), out, n);
-                    Ok(())
                 })
             }
             Kernel::Attention {
@@ -530,13 +489,11 @@ impl Backend for CpuBackend {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     let (q, kc, vc) = (inp.f32(q), inp.f32(k_cache), inp.f32(v_cache));
                     ops::attention(pool, q, kc, vc, out, shape);
-                    Ok(())
                 })
             }
             Kernel::Argmax { x, out, rows, cols } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::argmax(pool, inp.f32(x), bytemuck::cast_slice_mut(out), rows, cols);
-                    Ok(())
                 })
             }
         }

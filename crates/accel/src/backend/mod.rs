@@ -5,8 +5,9 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::kernel::Kernel;
 pub use cpu::DeviceMemory;
@@ -29,6 +30,101 @@ pub enum BackendError {
     /// The device (a GPU or its driver) failed.
     #[error("device failure: {0}")]
     Device(String),
+}
+
+/// A kernel's condition on its data that only the data can show (the device validates
+/// ids, ranges and shapes): the first `count` u32 of `buffer` must be below `bound`.
+/// Every backend checks it before writing anything, so all refuse the same data alike.
+struct IndexCheck {
+    buffer: BufferId,
+    count: usize,
+    bound: usize,
+    what: &'static str,
+}
+
+impl IndexCheck {
+    /// The check `kernel` needs, if any (class labels, embedding ids).
+    fn of(kernel: &Kernel) -> Option<Self> {
+        match *kernel {
+            Kernel::CrossEntropy {
+                labels, rows, cols, ..
+            } => Some(Self {
+                buffer: labels,
+                count: rows,
+                bound: cols,
+                what: "cross-entropy label beyond the classes",
+            }),
+            Kernel::Embedding {
+                ids, count, vocab, ..
+            }
+            | Kernel::QEmbedding {
+                ids, count, vocab, ..
+            } => Some(Self {
+                buffer: ids,
+                count,
+                bound: vocab,
+                what: "embedding id beyond the vocabulary",
+            }),
+            _ => None,
+        }
+    }
+
+    /// `values` (at least `count` of them) against the bound.
+    fn check(&self, values: &[u32]) -> Result<(), BackendError> {
+        if values[..self.count]
+            .iter()
+            .any(|&v| v as usize >= self.bound)
+        {
+            return Err(BackendError::BadData(self.what));
+        }
+        Ok(())
+    }
+}
+
+// A panic while a lock is held (a kernel's, or a failed GPU's) leaves what it guards as
+// far as it got, which the device already treats as "partly written": poisoning carries
+// no extra meaning here.
+fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A backend's buffers by id, shared with its [`BufferReader`]s. Only the device thread
+/// changes it.
+struct BufferTable<B>(RwLock<HashMap<BufferId, Arc<B>>>);
+
+impl<B> Default for BufferTable<B> {
+    fn default() -> Self {
+        Self(RwLock::default())
+    }
+}
+
+impl<B> BufferTable<B> {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<BufferId, Arc<B>>> {
+        read_lock(&self.0)
+    }
+
+    fn get(&self, id: BufferId) -> Option<Arc<B>> {
+        self.read().get(&id).cloned()
+    }
+
+    fn expect(&self, id: BufferId) -> Arc<B> {
+        self.get(id).expect("buffer validated by the device")
+    }
+
+    fn insert(&self, id: BufferId, buffer: B) {
+        write_lock(&self.0).insert(id, Arc::new(buffer));
+    }
+
+    /// Drops buffer `id` (once no reader holds it), outside the table's lock: a large
+    /// buffer may take a while to go back.
+    fn remove(&self, id: BufferId) {
+        let buffer = write_lock(&self.0).remove(&id);
+        drop(buffer);
+    }
 }
 
 /// Device memory and kernel execution.
@@ -147,6 +243,30 @@ pub trait BufferReader: Send + Sync {
 /// The least of a buffer one thread hashes for [`BufferReader::crc32`] (smaller buffers
 /// are hashed by one thread: a thread costs more than hashing them).
 const CRC_PART: usize = 4 << 20;
+
+/// Deterministic data for the conformance check and the tests (splitmix64): a seed gives
+/// the same values on every host.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    fn f32(&mut self, scale: f32) -> f32 {
+        ((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale
+    }
+
+    /// Uniform below `n`.
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n)) as u32
+    }
+}
 
 /// Buffer 3 = buffer 1 × buffer 2, all `n×n`: the GEMM benchmarks' kernel.
 pub fn square_matmul(n: usize) -> Kernel {

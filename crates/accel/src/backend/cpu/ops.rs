@@ -11,7 +11,6 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::{math, quant};
-use crate::backend::BackendError;
 use crate::kernel::{DType, Distribution, RopeStyle};
 
 /// Elements per parallel task for elementwise kernels.
@@ -54,6 +53,26 @@ fn rows<T: Send>(
             f(start / cols + i, row);
         }
     });
+}
+
+/// Runs `head(i, o)` over the `hd`-wide heads of `out`: each a task of its own if
+/// `parallel` (attention's work per head is large and varies), else on this thread.
+fn heads_of(
+    pool: &ThreadPool,
+    out: &mut [f32],
+    hd: usize,
+    parallel: bool,
+    head: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    if parallel {
+        pool.install(|| {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, o)| head(i, o))
+        });
+    } else {
+        out.chunks_mut(hd).enumerate().for_each(|(i, o)| head(i, o));
+    }
 }
 
 /// `out[i] = f(i, out[i])` for the first `n` elements.
@@ -191,7 +210,8 @@ pub fn softmax(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols
     });
 }
 
-/// Mean cross-entropy into `loss[0]`, `grad = (softmax - onehot) / rows`.
+/// Mean cross-entropy into `loss[0]`, `grad = (softmax - onehot) / rows`; the labels are
+/// below `cols` (checked by the backend: [`crate::backend::IndexCheck`]).
 pub fn cross_entropy(
     pool: &ThreadPool,
     logits: &[f32],
@@ -200,13 +220,7 @@ pub fn cross_entropy(
     loss: &mut [f32],
     rows_: usize,
     cols: usize,
-) -> Result<(), BackendError> {
-    let labels = &labels[..rows_];
-    if labels.iter().any(|&l| l as usize >= cols) {
-        return Err(BackendError::BadData(
-            "cross-entropy label beyond the classes",
-        ));
-    }
+) {
     let mut row_loss = vec![0.0f64; rows_];
     let inv_rows = 1.0 / rows_ as f64;
     let per = (BLOCK / cols).max(1);
@@ -239,7 +253,6 @@ pub fn cross_entropy(
     }
     // The mean, summed in row order.
     loss[0] = (row_loss.iter().sum::<f64>() * inv_rows) as f32;
-    Ok(())
 }
 
 /// `out[r] = Σ_c x[r][c]`.
@@ -348,20 +361,6 @@ pub fn adam(
             .zip(v.par_chunks_mut(BLOCK));
         pool.install(|| par.enumerate().for_each(work));
     }
-}
-
-/// `out[i] = table[ids[i]]`, `dim` wide: [`qembedding`] of an f32 table.
-pub fn embedding(
-    pool: &ThreadPool,
-    table: &[f32],
-    ids: &[u32],
-    out: &mut [f32],
-    count: usize,
-    dim: usize,
-    vocab: usize,
-) -> Result<(), BackendError> {
-    let table: &[u8] = bytemuck::cast_slice(table);
-    qembedding(pool, DType::F32, table, ids, out, count, dim, vocab)
 }
 
 /// Row-wise layer norm: `(x - mean) / √(var + eps) · gamma + beta`, statistics in f64
@@ -509,16 +508,13 @@ pub fn attention_decode(
             *o = (a / sum) as f32;
         }
     };
-    let out = &mut out[..stride];
-    if heads == 1 || len * stride <= BLOCK {
-        out.chunks_mut(hd).enumerate().for_each(|(h, o)| head(h, o));
-    } else {
-        pool.install(|| {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(h, o)| head(h, o))
-        });
-    }
+    heads_of(
+        pool,
+        &mut out[..stride],
+        hd,
+        heads > 1 && len * stride > BLOCK,
+        head,
+    );
 }
 
 /// `out[r] = argmax_c x[r][c]`: the first maximum, or the first NaN if the row has one.
@@ -584,8 +580,9 @@ pub fn qmatmul(
     }
 }
 
-/// `out[i] = table[ids[i]]` dequantized, `dim` wide, from a `vocab`-row table in `dtype`.
-#[allow(clippy::too_many_arguments)]
+/// `out[i] = table[ids[i]]` dequantized, `dim` wide, from a table in `dtype` (EMBEDDING:
+/// f32); the ids are rows of the table (checked by the backend:
+/// [`crate::backend::IndexCheck`]).
 pub fn qembedding(
     pool: &ThreadPool,
     dtype: DType,
@@ -594,12 +591,7 @@ pub fn qembedding(
     out: &mut [f32],
     count: usize,
     dim: usize,
-    vocab: usize,
-) -> Result<(), BackendError> {
-    let ids = &ids[..count];
-    if ids.iter().any(|&id| id as usize >= vocab) {
-        return Err(BackendError::BadData("embedding id beyond the vocabulary"));
-    }
+) {
     let row_bytes = dtype
         .row_bytes(dim as u64)
         .expect("dim validated by the device") as usize;
@@ -610,7 +602,6 @@ pub fn qembedding(
             row,
         );
     });
-    Ok(())
 }
 
 /// Row-wise `out = x / √(mean(x²) + eps) · weight`, the mean in f64.
@@ -755,17 +746,14 @@ pub fn attention(
         }
         o.copy_from_slice(&acc);
     };
-    let out = &mut out[..s.rows * s.heads * hd];
     let work = s.rows * s.heads * (s.pos + s.rows) * hd;
-    if work <= BLOCK {
-        out.chunks_mut(hd).enumerate().for_each(|(i, o)| head(i, o));
-    } else {
-        pool.install(|| {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(i, o)| head(i, o))
-        });
-    }
+    heads_of(
+        pool,
+        &mut out[..s.rows * s.heads * hd],
+        hd,
+        work > BLOCK,
+        head,
+    );
 }
 
 /// `a · b` in eight f32 lanes, summed in a fixed order (the tail after them last).

@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::DeviceMemory;
+use crate::backend::{DeviceMemory, Rng};
 use crate::kernel::MatmulFlags;
 
 /// Makes a fresh backend of the kind checked.
@@ -22,29 +22,14 @@ pub struct Case {
     pub outcome: Result<(), String>,
 }
 
-/// Deterministic test data (splitmix64).
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn f32s(&mut self, n: usize, scale: f32) -> Vec<u8> {
-        (0..n)
-            .flat_map(|_| {
-                (((self.next() >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale).to_le_bytes()
-            })
-            .collect()
+        (0..n).flat_map(|_| self.f32(scale).to_le_bytes()).collect()
     }
 
     fn u32s(&mut self, n: usize, below: u32) -> Vec<u8> {
         (0..n)
-            .flat_map(|_| ((self.next() % u64::from(below)) as u32).to_le_bytes())
+            .flat_map(|_| self.below(below).to_le_bytes())
             .collect()
     }
 
@@ -74,6 +59,16 @@ impl Rng {
             }
         }
         w
+    }
+
+    /// The buffers of `count` lookups in a table of `vocab` rows of `dim` in `dtype`: the
+    /// table, the ids, the output.
+    fn lookups(&mut self, dtype: DType, vocab: usize, dim: usize, count: usize) -> Vec<Vec<u8>> {
+        vec![
+            self.weights(dtype, vocab, dim),
+            self.u32s(count, vocab as u32),
+            vec![0; 4 * count * dim],
+        ]
     }
 }
 
@@ -127,14 +122,9 @@ impl Pair {
     }
 }
 
-/// Runs `kernel` on buffers holding `data` on both backends: every buffer must end with
-/// the same bits.
-fn same_bits(make: MakeBackend<'_>, data: Vec<Vec<u8>>, kernel: Kernel) -> Result<(), String> {
-    let mut pair = Pair::new(make, &data)?;
-    let [(c, cb), (o, ob)] = pair.run(&kernel);
-    c.map_err(|e| format!("the cpu backend failed: {e}"))?;
-    o.map_err(|e| format!("failed: {e}"))?;
-    for (i, (c, g)) in cb.iter().zip(&ob).enumerate() {
+/// Every buffer of the cpu backend's and of the other's with the same bits.
+fn same_bits(cpu: &[Vec<u8>], other: &[Vec<u8>]) -> Result<(), String> {
+    for (i, (c, g)) in cpu.iter().zip(other).enumerate() {
         if c != g {
             let at = c.iter().zip(g).position(|(a, b)| a != b).unwrap_or(0);
             let word = |b: &[u8]| {
@@ -154,24 +144,77 @@ fn same_bits(make: MakeBackend<'_>, data: Vec<Vec<u8>>, kernel: Kernel) -> Resul
 
 /// Every case, in order.
 pub fn run(make: MakeBackend<'_>) -> Vec<Case> {
-    let mut cases = Vec::new();
-    elementwise(make, &mut cases);
-    rows(make, &mut cases);
-    attention_and_lookups(make, &mut cases);
-    quantized_products(make, &mut cases);
-    matmul(make, &mut cases);
-    bad_data(make, &mut cases);
-    cases
+    let mut cases = Cases {
+        make,
+        found: Vec::new(),
+    };
+    elementwise(&mut cases);
+    rows(&mut cases);
+    attention_and_lookups(&mut cases);
+    quantized_products(&mut cases);
+    matmul(&mut cases);
+    bad_data(&mut cases);
+    cases.found
 }
 
-fn case(cases: &mut Vec<Case>, name: &str, outcome: Result<(), String>) {
-    cases.push(Case {
-        name: name.to_string(),
-        outcome,
-    });
+/// The cases found so far on the backend checked.
+struct Cases<'a> {
+    make: MakeBackend<'a>,
+    found: Vec<Case>,
 }
 
-fn elementwise(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+impl Cases<'_> {
+    fn push(&mut self, name: impl Into<String>, outcome: Result<(), String>) {
+        self.found.push(Case {
+            name: name.into(),
+            outcome,
+        });
+    }
+
+    /// Runs `kernel` on buffers holding `data` on both backends; both must succeed: every
+    /// buffer after it, the cpu backend's first.
+    fn ran(&self, data: &[Vec<u8>], kernel: &Kernel) -> Result<[Vec<Vec<u8>>; 2], String> {
+        let mut pair = Pair::new(self.make, data)?;
+        let [(c, cb), (o, ob)] = pair.run(kernel);
+        c.map_err(|e| format!("the cpu backend failed: {e}"))?;
+        o.map_err(|e| format!("failed: {e}"))?;
+        Ok([cb, ob])
+    }
+
+    /// `kernel` on `data`: every buffer must end with the same bits ([`same_bits`]).
+    fn same_bits(&mut self, name: impl Into<String>, data: Vec<Vec<u8>>, kernel: Kernel) {
+        let outcome = self
+            .ran(&data, &kernel)
+            .and_then(|[c, o]| same_bits(&c, &o));
+        self.push(name, outcome);
+    }
+
+    /// MATMUL `kernel` on `data`, within the bound for depth `k` ([`within_bound`]).
+    fn within_bound(&mut self, name: &str, data: Vec<Vec<u8>>, kernel: &Kernel, k: usize) {
+        let outcome = self
+            .ran(&data, kernel)
+            .and_then(|[c, o]| within_bound(&c, &o, k));
+        self.push(name, outcome);
+    }
+
+    /// `kernel` on bad `data`: the same error as the cpu backend's, and nothing written
+    /// to buffer `output + 1`.
+    fn refused(&mut self, name: &str, data: Vec<Vec<u8>>, kernel: &Kernel, output: usize) {
+        let outcome = Pair::new(self.make, &data).and_then(|mut pair| {
+            let [(c, _), (o, ob)] = pair.run(kernel);
+            if c.is_ok() || c != o {
+                return Err(format!("cpu backend {c:?} vs {o:?}"));
+            }
+            if ob[output] != data[output] {
+                return Err("wrote its output before refusing".into());
+            }
+            Ok(())
+        });
+        self.push(name, outcome);
+    }
+}
+
+fn elementwise(cases: &mut Cases<'_>) {
     let mut r = Rng(1);
     let n = 1000;
     let (a, b, o) = (r.f32s(n, 3.0), r.f32s(n, 3.0), vec![0u8; 4 * n]);
@@ -223,7 +266,7 @@ fn elementwise(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
             }),
         ),
     ] {
-        case(cases, what, same_bits(make, data, kernel));
+        cases.same_bits(what, data, kernel);
     }
     let one = |k| (vec![a.clone(), o.clone()], k);
     for (what, (data, kernel)) in [
@@ -240,426 +283,307 @@ fn elementwise(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
             }),
         ),
     ] {
-        case(cases, what, same_bits(make, data, kernel));
+        cases.same_bits(what, data, kernel);
     }
-    case(
-        cases,
+    cases.same_bits(
         "scale",
-        same_bits(
-            make,
-            vec![a.clone()],
-            Kernel::Scale {
-                x: 1,
-                n: 999,
-                alpha: 0.37,
-            },
-        ),
+        vec![a.clone()],
+        Kernel::Scale {
+            x: 1,
+            n: 999,
+            alpha: 0.37,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "axpy",
-        same_bits(
-            make,
-            vec![a.clone(), b.clone()],
-            Kernel::Axpy {
-                x: 1,
-                y: 2,
-                n,
-                alpha: -1.3,
-            },
-        ),
+        vec![a.clone(), b.clone()],
+        Kernel::Axpy {
+            x: 1,
+            y: 2,
+            n,
+            alpha: -1.3,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "sgd",
-        same_bits(
-            make,
-            vec![a.clone(), b.clone()],
-            Kernel::Sgd {
-                param: 1,
-                grad: 2,
-                n,
-                lr: 0.01,
-            },
-        ),
+        vec![a.clone(), b.clone()],
+        Kernel::Sgd {
+            param: 1,
+            grad: 2,
+            n,
+            lr: 0.01,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "add_bias",
-        same_bits(
-            make,
-            vec![a.clone(), r.f32s(40, 1.0)],
-            Kernel::AddBias {
-                x: 1,
-                bias: 2,
-                rows: 25,
-                cols: 40,
-            },
-        ),
+        vec![a.clone(), r.f32s(40, 1.0)],
+        Kernel::AddBias {
+            x: 1,
+            bias: 2,
+            rows: 25,
+            cols: 40,
+        },
     );
     let moment = r.f32s(n, 0.1).iter().map(|b| b & 0x7f).collect::<Vec<u8>>();
-    case(
-        cases,
+    cases.same_bits(
         "adam",
-        same_bits(
-            make,
-            vec![a.clone(), b.clone(), r.f32s(n, 0.1), moment],
-            Kernel::Adam {
-                param: 1,
-                grad: 2,
-                m: 3,
-                v: 4,
-                n,
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                step: 17,
-            },
-        ),
+        vec![a.clone(), b.clone(), r.f32s(n, 0.1), moment],
+        Kernel::Adam {
+            param: 1,
+            grad: 2,
+            m: 3,
+            v: 4,
+            n,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 17,
+        },
     );
     for (distribution, seed) in [(Distribution::Uniform, 5), (Distribution::Normal, 6)] {
-        case(
-            cases,
+        cases.same_bits(
             "rng_fill",
-            same_bits(
-                make,
-                vec![o.clone()],
-                Kernel::RngFill {
-                    out: 1,
-                    n,
-                    seed,
-                    counter: u64::MAX - 300,
-                    distribution,
-                    scale: 0.5,
-                },
-            ),
+            vec![o.clone()],
+            Kernel::RngFill {
+                out: 1,
+                n,
+                seed,
+                counter: u64::MAX - 300,
+                distribution,
+                scale: 0.5,
+            },
         );
     }
 }
 
-fn rows(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+fn rows(cases: &mut Cases<'_>) {
     let mut r = Rng(2);
     let (rows, cols) = (37, 53);
     let x = r.f32s(rows * cols, 4.0);
     let out = vec![0u8; 4 * rows * cols];
-    case(
-        cases,
+    cases.same_bits(
         "softmax",
-        same_bits(
-            make,
-            vec![x.clone(), out.clone()],
-            Kernel::Softmax {
-                x: 1,
-                out: 2,
-                rows,
-                cols,
-            },
-        ),
+        vec![x.clone(), out.clone()],
+        Kernel::Softmax {
+            x: 1,
+            out: 2,
+            rows,
+            cols,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "cross_entropy",
-        same_bits(
-            make,
-            vec![
-                x.clone(),
-                r.u32s(rows, cols as u32),
-                out.clone(),
-                vec![0; 4],
-            ],
-            Kernel::CrossEntropy {
-                logits: 1,
-                labels: 2,
-                grad: 3,
-                loss: 4,
-                rows,
-                cols,
-            },
-        ),
+        vec![
+            x.clone(),
+            r.u32s(rows, cols as u32),
+            out.clone(),
+            vec![0; 4],
+        ],
+        Kernel::CrossEntropy {
+            logits: 1,
+            labels: 2,
+            grad: 3,
+            loss: 4,
+            rows,
+            cols,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "sum_rows",
-        same_bits(
-            make,
-            vec![x.clone(), out.clone()],
-            Kernel::SumRows {
-                x: 1,
-                out: 2,
-                rows,
-                cols,
-            },
-        ),
+        vec![x.clone(), out.clone()],
+        Kernel::SumRows {
+            x: 1,
+            out: 2,
+            rows,
+            cols,
+        },
     );
     // More rows than one partial sum takes.
     let tall = r.f32s(600 * 7, 1.0);
-    case(
-        cases,
+    cases.same_bits(
         "sum_cols",
-        same_bits(
-            make,
-            vec![tall, vec![0; 4 * 7]],
-            Kernel::SumCols {
-                x: 1,
-                out: 2,
-                rows: 600,
-                cols: 7,
-            },
-        ),
+        vec![tall, vec![0; 4 * 7]],
+        Kernel::SumCols {
+            x: 1,
+            out: 2,
+            rows: 600,
+            cols: 7,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "layer_norm",
-        same_bits(
-            make,
-            vec![x.clone(), r.f32s(cols, 1.0), r.f32s(cols, 1.0), out.clone()],
-            Kernel::LayerNorm {
-                x: 1,
-                gamma: 2,
-                beta: 3,
-                out: 4,
-                rows,
-                cols,
-                eps: 1e-5,
-            },
-        ),
+        vec![x.clone(), r.f32s(cols, 1.0), r.f32s(cols, 1.0), out.clone()],
+        Kernel::LayerNorm {
+            x: 1,
+            gamma: 2,
+            beta: 3,
+            out: 4,
+            rows,
+            cols,
+            eps: 1e-5,
+        },
     );
-    case(
-        cases,
+    cases.same_bits(
         "rms_norm",
-        same_bits(
-            make,
-            vec![x.clone(), r.f32s(cols, 1.0), out.clone()],
-            Kernel::RmsNorm {
-                x: 1,
-                weight: 2,
-                out: 3,
-                rows,
-                cols,
-                eps: 1e-6,
-            },
-        ),
+        vec![x.clone(), r.f32s(cols, 1.0), out.clone()],
+        Kernel::RmsNorm {
+            x: 1,
+            weight: 2,
+            out: 3,
+            rows,
+            cols,
+            eps: 1e-6,
+        },
     );
     let mut with_nan = x.clone();
     with_nan[4 * (3 * cols + 5)..][..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    case(
-        cases,
+    cases.same_bits(
         "argmax",
-        same_bits(
-            make,
-            vec![with_nan, out],
-            Kernel::Argmax {
-                x: 1,
-                out: 2,
-                rows,
-                cols,
-            },
-        ),
+        vec![with_nan, out],
+        Kernel::Argmax {
+            x: 1,
+            out: 2,
+            rows,
+            cols,
+        },
     );
     for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
-        case(
-            cases,
+        cases.same_bits(
             "rope",
-            same_bits(
-                make,
-                vec![r.f32s(5 * 3 * 64, 2.0)],
-                Kernel::Rope {
-                    x: 1,
-                    rows: 5,
-                    heads: 3,
-                    head_dim: 64,
-                    pos: 1000,
-                    base: 10000.0,
-                    style,
-                },
-            ),
+            vec![r.f32s(5 * 3 * 64, 2.0)],
+            Kernel::Rope {
+                x: 1,
+                rows: 5,
+                heads: 3,
+                head_dim: 64,
+                pos: 1000,
+                base: 10000.0,
+                style,
+            },
         );
     }
 }
 
-fn attention_and_lookups(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+fn attention_and_lookups(cases: &mut Cases<'_>) {
     let mut r = Rng(3);
     let (heads, hd, len) = (4, 36, 19);
-    case(
-        cases,
+    cases.same_bits(
         "attention_decode",
-        same_bits(
-            make,
-            vec![
-                r.f32s(heads * hd, 1.0),
-                r.f32s(len * heads * hd, 1.0),
-                r.f32s(len * heads * hd, 1.0),
-                vec![0; 4 * heads * hd],
-            ],
-            Kernel::AttentionDecode {
-                q: 1,
-                k_cache: 2,
-                v_cache: 3,
-                out: 4,
-                heads,
-                head_dim: hd,
-                len,
-            },
-        ),
+        vec![
+            r.f32s(heads * hd, 1.0),
+            r.f32s(len * heads * hd, 1.0),
+            r.f32s(len * heads * hd, 1.0),
+            vec![0; 4 * heads * hd],
+        ],
+        Kernel::AttentionDecode {
+            q: 1,
+            k_cache: 2,
+            v_cache: 3,
+            out: 4,
+            heads,
+            head_dim: hd,
+            len,
+        },
     );
     let (rows, kv_heads, pos) = (3, 2, 11);
     let cache = (pos + rows) * kv_heads * hd;
-    case(
-        cases,
+    cases.same_bits(
         "attention",
-        same_bits(
-            make,
-            vec![
-                r.f32s(rows * heads * hd, 1.0),
-                r.f32s(cache, 1.0),
-                r.f32s(cache, 1.0),
-                vec![0; 4 * rows * heads * hd],
-            ],
-            Kernel::Attention {
-                q: 1,
-                k_cache: 2,
-                v_cache: 3,
-                out: 4,
-                rows,
-                heads,
-                kv_heads,
-                head_dim: hd,
-                pos,
-            },
-        ),
+        vec![
+            r.f32s(rows * heads * hd, 1.0),
+            r.f32s(cache, 1.0),
+            r.f32s(cache, 1.0),
+            vec![0; 4 * rows * heads * hd],
+        ],
+        Kernel::Attention {
+            q: 1,
+            k_cache: 2,
+            v_cache: 3,
+            out: 4,
+            rows,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            pos,
+        },
     );
     let (vocab, dim, count) = (50, 12, 9);
-    case(
-        cases,
+    cases.same_bits(
         "embedding",
-        same_bits(
-            make,
-            vec![
-                r.f32s(vocab * dim, 1.0),
-                r.u32s(count, vocab as u32),
-                vec![0; 4 * count * dim],
-            ],
-            Kernel::Embedding {
+        r.lookups(DType::F32, vocab, dim, count),
+        Kernel::Embedding {
+            table: 1,
+            ids: 2,
+            out: 3,
+            count,
+            dim,
+            vocab,
+        },
+    );
+    for dtype in DType::ALL {
+        let dim = 512;
+        cases.same_bits(
+            format!("qembedding {}", dtype.name()),
+            r.lookups(dtype, vocab, dim, count),
+            Kernel::QEmbedding {
                 table: 1,
                 ids: 2,
                 out: 3,
                 count,
                 dim,
                 vocab,
+                dtype,
             },
-        ),
-    );
-    for dtype in DType::ALL {
-        let dim = 512;
-        case(
-            cases,
-            &format!("qembedding {}", dtype.name()),
-            same_bits(
-                make,
-                vec![
-                    r.weights(dtype, vocab, dim),
-                    r.u32s(count, vocab as u32),
-                    vec![0; 4 * count * dim],
-                ],
-                Kernel::QEmbedding {
-                    table: 1,
-                    ids: 2,
-                    out: 3,
-                    count,
-                    dim,
-                    vocab,
-                    dtype,
-                },
-            ),
         );
     }
 }
 
-fn quantized_products(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+fn quantized_products(cases: &mut Cases<'_>) {
     let mut r = Rng(4);
-    let (n, m) = (9, 3);
-    for dtype in DType::ALL {
+    let every_format = DType::ALL.map(|dtype| {
         // F32 and F16 rows with a tail after the eight lanes.
         let k = if dtype.block_elems() == 1 { 517 } else { 512 };
-        case(
-            cases,
-            &format!("qmatmul {}", dtype.name()),
-            same_bits(
-                make,
-                vec![
-                    r.weights(dtype, n, k),
-                    r.f32s(m * k, 2.0),
-                    vec![0; 4 * m * n],
-                ],
-                Kernel::QMatmul {
-                    w: 1,
-                    x: 2,
-                    out: 3,
-                    n,
-                    k,
-                    m,
-                    dtype,
-                },
-            ),
-        );
-    }
+        (format!("qmatmul {}", dtype.name()), dtype, (9, k, 3))
+    });
     // Outputs enough that their lane partials would outgrow the scratch: each output's
     // lanes are summed by its own thread instead.
-    let (n, k, m) = (32_800, 32, 64);
-    case(
-        cases,
-        "qmatmul q8_0, one thread per output",
-        same_bits(
-            make,
-            vec![
-                r.weights(DType::Q8_0, n, k),
-                r.f32s(m * k, 2.0),
-                vec![0; 4 * m * n],
-            ],
-            Kernel::QMatmul {
-                w: 1,
-                x: 2,
-                out: 3,
-                n,
-                k,
-                m,
-                dtype: DType::Q8_0,
-            },
-        ),
+    let lanes_apart = (
+        "qmatmul q8_0, one thread per output".to_string(),
+        DType::Q8_0,
+        (32_800, 32, 64),
     );
+    for (name, dtype, (n, k, m)) in every_format.into_iter().chain([lanes_apart]) {
+        let data = vec![
+            r.weights(dtype, n, k),
+            r.f32s(m * k, 2.0),
+            vec![0; 4 * m * n],
+        ];
+        let kernel = Kernel::QMatmul {
+            w: 1,
+            x: 2,
+            out: 3,
+            n,
+            k,
+            m,
+            dtype,
+        };
+        cases.same_bits(name, data, kernel);
+    }
 }
 
-fn matmul(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+fn matmul(cases: &mut Cases<'_>) {
     let mut r = Rng(5);
-    // Tiled (4×4 per thread) from TILED_MATMUL_OUTPUTS outputs on, with ragged edges.
-    let (m, n, k) = (259, 257, 40);
-    let data = vec![r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
-    let kernel = Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m,
-        n,
-        k,
-        flags: MatmulFlags::default(),
+    let transposed = MatmulFlags {
+        transpose_a: true,
+        transpose_b: true,
+        accumulate: true,
     };
-    case(
-        cases,
-        "matmul in tiles",
-        within_bound(make, data, &kernel, k),
-    );
-    let (m, n, k) = (13, 17, 300);
-    for (name, flags) in [
-        ("matmul", MatmulFlags::default()),
-        (
-            "matmul transposed, accumulating",
-            MatmulFlags {
-                transpose_a: true,
-                transpose_b: true,
-                accumulate: true,
-            },
-        ),
+    for (name, (m, n, k), flags) in [
+        // Tiled (4×4 per thread) from TILED_MATMUL_OUTPUTS outputs on, with ragged edges.
+        ("matmul in tiles", (259, 257, 40), MatmulFlags::default()),
+        ("matmul", (13, 17, 300), MatmulFlags::default()),
+        ("matmul transposed, accumulating", (13, 17, 300), transposed),
     ] {
         let data = vec![r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
         let kernel = Kernel::Matmul {
@@ -671,28 +595,19 @@ fn matmul(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
             k,
             flags,
         };
-        case(cases, name, within_bound(make, data, &kernel, k));
+        cases.within_bound(name, data, &kernel, k);
     }
 }
 
-/// MATMUL's result within the cpu tests' bound, 1e-5 of Σ|a·b| (at most `k`: every
-/// input is below 1 in magnitude), and its inputs unchanged.
-fn within_bound(
-    make: MakeBackend<'_>,
-    data: Vec<Vec<u8>>,
-    kernel: &Kernel,
-    k: usize,
-) -> Result<(), String> {
-    let mut pair = Pair::new(make, &data)?;
-    let [(c, cb), (o, ob)] = pair.run(kernel);
-    c.map_err(|e| format!("the cpu backend failed: {e}"))?;
-    o.map_err(|e| format!("failed: {e}"))?;
-    if cb[..2] != ob[..2] {
+/// MATMUL's result (buffer 3) within the cpu tests' bound, 1e-5 of Σ|a·b| (at most `k`:
+/// every input is below 1 in magnitude), and its inputs unchanged.
+fn within_bound(cpu: &[Vec<u8>], other: &[Vec<u8>], k: usize) -> Result<(), String> {
+    if cpu[..2] != other[..2] {
         return Err("changed its inputs".into());
     }
     let f = |b: &[u8]| -> Vec<f32> { bytemuck::cast_slice::<u8, f32>(b).to_vec() };
     let tol = 1e-5 * k as f32;
-    for (i, (w, g)) in f(&cb[2]).iter().zip(&f(&ob[2])).enumerate() {
+    for (i, (w, g)) in f(&cpu[2]).iter().zip(&f(&other[2])).enumerate() {
         // A NaN fails too.
         if (w - g).abs().partial_cmp(&tol) != Some(std::cmp::Ordering::Less) {
             return Err(format!("element {i}: cpu {w} vs {g} (bound {tol})"));
@@ -701,25 +616,7 @@ fn within_bound(
     Ok(())
 }
 
-/// The same error as the cpu backend's, and nothing written.
-fn refused(
-    make: MakeBackend<'_>,
-    data: Vec<Vec<u8>>,
-    kernel: &Kernel,
-    output: usize,
-) -> Result<(), String> {
-    let mut pair = Pair::new(make, &data)?;
-    let [(c, _), (o, ob)] = pair.run(kernel);
-    if c.is_ok() || c != o {
-        return Err(format!("cpu backend {c:?} vs {o:?}"));
-    }
-    if ob[output] != data[output] {
-        return Err("wrote its output before refusing".into());
-    }
-    Ok(())
-}
-
-fn bad_data(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
+fn bad_data(cases: &mut Cases<'_>) {
     let mut r = Rng(6);
     let mut labels = r.u32s(4, 10);
     labels[8..12].copy_from_slice(&10u32.to_le_bytes());
@@ -732,11 +629,7 @@ fn bad_data(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
         cols: 10,
     };
     let data = vec![r.f32s(40, 1.0), labels, vec![0; 160], vec![0; 4]];
-    case(
-        cases,
-        "cross_entropy label beyond the classes",
-        refused(make, data, &kernel, 2),
-    );
+    cases.refused("cross_entropy label beyond the classes", data, &kernel, 2);
     let kernel = Kernel::Embedding {
         table: 1,
         ids: 2,
@@ -746,11 +639,7 @@ fn bad_data(make: MakeBackend<'_>, cases: &mut Vec<Case>) {
         vocab: 10,
     };
     let data = vec![r.f32s(40, 1.0), 99u32.to_le_bytes().to_vec(), vec![0; 16]];
-    case(
-        cases,
-        "embedding id beyond the vocabulary",
-        refused(make, data, &kernel, 2),
-    );
+    cases.refused("embedding id beyond the vocabulary", data, &kernel, 2);
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
+    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
@@ -208,6 +208,26 @@ impl CudaGpu {
         self.context.bind_to_thread().map_err(driver(what))
     }
 
+    /// `len` bytes of `memory` from `offset`, with the context current on this thread,
+    /// for the copy `what`.
+    fn bound_view<'m>(
+        &self,
+        what: &'static str,
+        memory: &'m CudaMemory,
+        offset: u64,
+        len: usize,
+    ) -> Result<CudaView<'m, u8>, GpuError> {
+        self.bind(what)?;
+        let start = offset as usize;
+        memory
+            .slice
+            .try_slice(start..start + len)
+            .ok_or(GpuError::Driver {
+                what,
+                message: "range outside the buffer".into(),
+            })
+    }
+
     /// A copy stream of its own for one read (from the pool, or made).
     fn copy_stream(&self) -> Result<Arc<CudaStream>, GpuError> {
         let pooled = self.copies.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -313,15 +333,7 @@ impl Gpu for CudaGpu {
     }
 
     fn write(&self, memory: &CudaMemory, offset: u64, data: &[u8]) -> Result<(), GpuError> {
-        self.bind("write")?;
-        let start = offset as usize;
-        let view = memory
-            .slice
-            .try_slice(start..start + data.len())
-            .ok_or(GpuError::Driver {
-                what: "write",
-                message: "range outside the buffer".into(),
-            })?;
+        let view = self.bound_view("write", memory, offset, data.len())?;
         let (dst, _guard) = view.device_ptr(&self.compute);
         let stream = self.compute.cu_stream();
         if data.len() <= STAGING {
@@ -344,15 +356,7 @@ impl Gpu for CudaGpu {
     }
 
     fn read(&self, memory: &CudaMemory, offset: u64, out: &mut [u8]) -> Result<(), GpuError> {
-        self.bind("read")?;
-        let start = offset as usize;
-        let view = memory
-            .slice
-            .try_slice(start..start + out.len())
-            .ok_or(GpuError::Driver {
-                what: "read",
-                message: "range outside the buffer".into(),
-            })?;
+        let view = self.bound_view("read", memory, offset, out.len())?;
         let copies = self.copy_stream()?;
         let copied = (|| {
             // After the last writer of this buffer only, not after unrelated kernels.

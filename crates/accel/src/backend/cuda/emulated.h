@@ -12,26 +12,17 @@
 static u64 ferry_current_item;
 
 DEV u64 item_index() { return ferry_current_item; }
-DEV double bits_f64(u64 b) {
-    double v;
-    memcpy(&v, &b, 8);
-    return v;
+// The bits of `from` as a `To` of the same size (what CUDA's __*_as_* intrinsics do).
+template <typename To, typename From> DEV To reinterpret_bits(From from) {
+    static_assert(sizeof(To) == sizeof(From), "a reinterpretation keeps the size");
+    To to;
+    memcpy(&to, &from, sizeof to);
+    return to;
 }
-DEV u64 f64_bits(double v) {
-    u64 b;
-    memcpy(&b, &v, 8);
-    return b;
-}
-DEV float bits_f32(u32 b) {
-    float v;
-    memcpy(&v, &b, 4);
-    return v;
-}
-DEV u32 f32_bits(float v) {
-    u32 b;
-    memcpy(&b, &v, 4);
-    return b;
-}
+DEV double bits_f64(u64 b) { return reinterpret_bits<double>(b); }
+DEV u64 f64_bits(double v) { return reinterpret_bits<u64>(v); }
+DEV float bits_f32(u32 b) { return reinterpret_bits<float>(b); }
+DEV u32 f32_bits(float v) { return reinterpret_bits<u32>(v); }
 
 struct Args;
 

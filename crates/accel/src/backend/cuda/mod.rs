@@ -22,10 +22,9 @@ pub mod conformance;
 pub mod driver;
 pub mod emulator;
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use super::{Backend, BackendError, BufferId, BufferReader};
+use super::{Backend, BackendError, BufferId, BufferReader, BufferTable, IndexCheck};
 use crate::kernel::{DType, Distribution, Kernel, RopeStyle};
 
 /// The CUDA C source of every kernel.
@@ -139,23 +138,19 @@ struct GpuBuffer<M> {
     bytes: u64,
 }
 
-/// The buffer table, shared with [`BufferReader`]s. Only the device thread changes it.
+/// The buffer table and the GPU it is on, shared with [`BufferReader`]s.
 struct Buffers<G: Gpu> {
     gpu: Arc<G>,
-    table: RwLock<HashMap<BufferId, Arc<GpuBuffer<G::Memory>>>>,
+    table: BufferTable<GpuBuffer<G::Memory>>,
 }
 
 impl<G: Gpu> Buffers<G> {
     fn get(&self, id: BufferId) -> Option<Arc<GpuBuffer<G::Memory>>> {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
+        self.table.get(id)
     }
 
     fn expect(&self, id: BufferId) -> Arc<GpuBuffer<G::Memory>> {
-        self.get(id).expect("buffer validated by the device")
+        self.table.expect(id)
     }
 }
 
@@ -258,7 +253,7 @@ impl<G: Gpu> GpuBackend<G> {
         Self {
             buffers: Arc::new(Buffers {
                 gpu,
-                table: RwLock::default(),
+                table: BufferTable::default(),
             }),
             scratch: None,
             kind,
@@ -716,22 +711,12 @@ impl<G: Gpu> Backend for GpuBackend<G> {
             .gpu()
             .alloc(bytes.next_multiple_of(4).max(4))
             .map_err(|_| BackendError::Alloc { bytes })?;
-        self.buffers
-            .table
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::new(GpuBuffer { memory, bytes }));
+        self.buffers.table.insert(id, GpuBuffer { memory, bytes });
         Ok(())
     }
 
     fn free(&mut self, id: BufferId) {
-        let buffer = self
-            .buffers
-            .table
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        drop(buffer);
+        self.buffers.table.remove(id);
     }
 
     fn write(&mut self, id: BufferId, offset: u64, data: &[u8]) {
@@ -756,28 +741,8 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
         // What only the data can say, checked before anything is written (as the cpu
         // backend does).
-        let bad = match *kernel {
-            Kernel::CrossEntropy {
-                labels, rows, cols, ..
-            } => self
-                .read_u32(labels, rows)?
-                .iter()
-                .any(|&l| l as usize >= cols)
-                .then_some("cross-entropy label beyond the classes"),
-            Kernel::Embedding {
-                ids, count, vocab, ..
-            }
-            | Kernel::QEmbedding {
-                ids, count, vocab, ..
-            } => self
-                .read_u32(ids, count)?
-                .iter()
-                .any(|&id| id as usize >= vocab)
-                .then_some("embedding id beyond the vocabulary"),
-            _ => None,
-        };
-        if let Some(why) = bad {
-            return Err(BackendError::BadData(why));
+        if let Some(check) = IndexCheck::of(kernel) {
+            check.check(&self.read_u32(check.buffer, check.count)?)?;
         }
         let scratch = match scratch_bytes(kernel) {
             0 => 0,
