@@ -23,7 +23,8 @@ use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose}
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, mix, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::workload::Failure;
+use ferry_sdk::{println, ArgError, Args};
 
 ferry_sdk::entry!(main);
 
@@ -55,9 +56,6 @@ Needs about 80 MiB of guest RAM (the files are decompressed there: the default
 dataset (the images take 209 MiB as f32) and the network.
 Exit codes: 0 done, 1 bad data or an accelerator error, 2 bad arguments.";
 
-/// Exit code for a missing or invalid file, or an accelerator error.
-const EXIT_FAILURE: i32 = 1;
-
 /// Pixels are scaled to [0, 1] and then standardized with Fashion-MNIST's training-set
 /// mean and standard deviation (of the [0, 1] values).
 const PIXEL_MEAN: f32 = 0.2860;
@@ -67,46 +65,7 @@ const PIXEL_STD: f32 = 0.3530;
 const UPLOAD_ROWS: usize = 2048;
 
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let config = match Config::parse(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("fmnist-train: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
-    };
-    match run(&config) {
-        Ok(()) => 0,
-        Err(Failure::Data(e)) => {
-            println!("fmnist-train: error: {e}");
-            EXIT_FAILURE
-        }
-        Err(Failure::Usage(e)) => {
-            println!("fmnist-train: error: {e} (see --help)");
-            EXIT_USAGE
-        }
-        Err(Failure::Accel(e)) => {
-            println!("fmnist-train: accelerator error: {e}");
-            EXIT_FAILURE
-        }
-    }
-}
-
-enum Failure {
-    /// A file is missing, unreadable or not what it should be.
-    Data(String),
-    /// The arguments do not fit the data (found only once it is loaded).
-    Usage(String),
-    Accel(AccelError),
-}
-
-impl From<AccelError> for Failure {
-    fn from(e: AccelError) -> Self {
-        Failure::Accel(e)
-    }
+    ferry_sdk::workload::main(&args, "fmnist-train", HELP, Config::parse, run)
 }
 
 struct Config {
@@ -239,25 +198,25 @@ impl Split {
 
 /// Reads the attached file `name`, decompressed if it is gzipped.
 fn read(name: &str) -> Result<Vec<u8>, Failure> {
-    let file = ferry_sdk::files::open(name).map_err(|e| Failure::Data(alloc::format!("{e}")))?;
+    let file = ferry_sdk::files::open(name).map_err(|e| Failure::Other(alloc::format!("{e}")))?;
     let raw = file
         .read_all()
-        .map_err(|e| Failure::Data(alloc::format!("{e}")))?;
+        .map_err(|e| Failure::Other(alloc::format!("{e}")))?;
     if !data::is_gzip(&raw) {
         return Ok(raw);
     }
-    data::gunzip(&raw).map_err(|e| Failure::Data(alloc::format!("{name}: {e}")))
+    data::gunzip(&raw).map_err(|e| Failure::Other(alloc::format!("{name}: {e}")))
 }
 
 /// Reads and validates the images and labels files of one split.
 fn load(images: &str, labels: &str) -> Result<Split, Failure> {
-    let data_error = |name: &str, e: String| Failure::Data(alloc::format!("{name}: {e}"));
+    let data_error = |name: &str, e: String| Failure::Other(alloc::format!("{name}: {e}"));
     let image_bytes = read(images)?;
     let count = data::check_images(&image_bytes).map_err(|e| data_error(images, e))?;
     let label_bytes = read(labels)?;
     let label_count = data::check_labels(&label_bytes).map_err(|e| data_error(labels, e))?;
     if label_count != count {
-        return Err(Failure::Data(alloc::format!(
+        return Err(Failure::Other(alloc::format!(
             "{images} has {count} images but {labels} has {label_count} labels"
         )));
     }
@@ -360,10 +319,10 @@ fn run(c: &Config) -> Result<(), Failure> {
     let test_count = test.count;
     let n = c.limit.unwrap_or(train.count).min(train.count);
     if n < c.batch {
-        return Err(Failure::Usage(alloc::format!(
+        return Err(Failure::Usage(ArgError::new(alloc::format!(
             "the training set has {n} images, less than one batch of {}",
             c.batch
-        )));
+        ))));
     }
     let b = c.batch;
     let steps_per_epoch = n / b;

@@ -17,7 +17,7 @@ use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose}
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::{println, ArgError, Args};
 
 ferry_sdk::entry!(main);
 
@@ -40,28 +40,8 @@ Prints `step=<n> loss=<value> steps/s=<value>` every N steps, then `loss=<final 
 and `checksum=<16 hex digits>` (FNV-1a of all weights and biases): both depend only on
 the arguments. Needs an accelerator (ferry run --accel-memory ...).";
 
-/// Exit code when the accelerator is missing or fails.
-const EXIT_ACCEL: i32 = 1;
-
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let config = match Config::parse(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("mlp-train: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
-    };
-    match train(&config) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("mlp-train: accelerator error: {e}");
-            EXIT_ACCEL
-        }
-    }
+    ferry_sdk::workload::main(&args, "mlp-train", HELP, Config::parse, train)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
