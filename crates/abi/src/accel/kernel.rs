@@ -346,6 +346,15 @@ impl Access {
         self.push(buffer, Mode::Update, bytes)
     }
 
+    /// Declares `inputs` read and `output` written, `n` elements from the start of each.
+    fn elementwise(&mut self, n: usize, inputs: &[BufferId], output: BufferId) -> Result<(), u32> {
+        let r = elems(product(n, 1)?)?;
+        for &input in inputs {
+            self.read(input, r.clone())?;
+        }
+        self.write(output, r)
+    }
+
     /// Every declared range, in declaration order.
     pub fn entries(&self) -> &[BufferAccess] {
         &self.entries[..self.len]
@@ -642,12 +651,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(a, r.clone())?;
-        io.read(b, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[a, b], out) }
 
     /// `out = a * b` (elementwise).
     MUL = 4, "mul", Mul {
@@ -659,12 +663,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(a, r.clone())?;
-        io.read(b, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[a, b], out) }
 
     /// In place `x *= alpha`.
     SCALE = 5, "scale", Scale {
@@ -702,11 +701,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[x], out) }
 
     /// `grad_in = grad_out * (x > 0)`.
     RELU_BACKWARD = 8, "relu_backward", ReluBackward {
@@ -718,12 +713,7 @@ kernels! {
         grad_in: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.read(grad_out, r.clone())?;
-        io.write(grad_in, r)
-    }
+    } => |io| { io.elementwise(n, &[x, grad_out], grad_in) }
 
     /// `out = gelu(x)` (tanh approximation).
     GELU = 9, "gelu", Gelu {
@@ -733,11 +723,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[x], out) }
 
     /// `grad_in = grad_out * gelu'(x)`.
     GELU_BACKWARD = 10, "gelu_backward", GeluBackward {
@@ -749,12 +735,7 @@ kernels! {
         grad_in: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.read(grad_out, r.clone())?;
-        io.write(grad_in, r)
-    }
+    } => |io| { io.elementwise(n, &[x, grad_out], grad_in) }
 
     /// Row-wise softmax of `x` (`rows×cols`) into `out`.
     SOFTMAX = 11, "softmax", Softmax {
@@ -766,11 +747,7 @@ kernels! {
         rows: Dim,
         /// Columns.
         cols: Dim,
-    } => |io| {
-        let r = elems(product(rows, cols)?)?;
-        io.read(x, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(product(rows, cols)?, &[x], out) }
 
     /// Mean cross-entropy of the row-wise softmax of `logits` against `labels` (u32, one
     /// per row) into `loss[0]`, and `grad = (softmax - onehot) / rows`.
@@ -1115,12 +1092,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(gate, r.clone())?;
-        io.read(up, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[gate, up], out) }
 
     /// Causal grouped-query attention over a KV cache: query row `r` (position
     /// `pos + r`) of head `h` attends to cached positions `0..=pos + r` of KV head
