@@ -208,6 +208,28 @@ impl Param for MatmulFlags {
     }
 }
 
+/// Implements [`Param`] for an enumeration from the code of each variant, so that decode
+/// and encode agree; any other code is [`status::BAD_ARGUMENT`].
+macro_rules! enum_param {
+    ($Enum:ident { $($Variant:ident = $code:literal),+ }) => {
+        impl Param for $Enum {
+            type Value = $Enum;
+            const STEP: u8 = 2;
+            fn decode(raw: u64, _: &dyn Fn(BufferId) -> Option<u64>) -> Result<$Enum, u32> {
+                match raw {
+                    $($code => Ok($Enum::$Variant),)+
+                    _ => Err(status::BAD_ARGUMENT),
+                }
+            }
+            fn encode(value: $Enum) -> u64 {
+                match value {
+                    $($Enum::$Variant => $code,)+
+                }
+            }
+        }
+    };
+}
+
 /// What [`RNG_FILL`] draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Distribution {
@@ -217,23 +239,7 @@ pub enum Distribution {
     Normal,
 }
 
-impl Param for Distribution {
-    type Value = Distribution;
-    const STEP: u8 = 2;
-    fn decode(raw: u64, _: &dyn Fn(BufferId) -> Option<u64>) -> Result<Distribution, u32> {
-        match raw {
-            0 => Ok(Distribution::Uniform),
-            1 => Ok(Distribution::Normal),
-            _ => Err(status::BAD_ARGUMENT),
-        }
-    }
-    fn encode(value: Distribution) -> u64 {
-        match value {
-            Distribution::Uniform => 0,
-            Distribution::Normal => 1,
-        }
-    }
-}
+enum_param!(Distribution { Uniform = 0, Normal = 1 });
 
 /// Which elements of a head [`ROPE`] rotates together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,23 +250,7 @@ pub enum RopeStyle {
     HalfSplit,
 }
 
-impl Param for RopeStyle {
-    type Value = RopeStyle;
-    const STEP: u8 = 2;
-    fn decode(raw: u64, _: &dyn Fn(BufferId) -> Option<u64>) -> Result<RopeStyle, u32> {
-        match raw {
-            0 => Ok(RopeStyle::Adjacent),
-            1 => Ok(RopeStyle::HalfSplit),
-            _ => Err(status::BAD_ARGUMENT),
-        }
-    }
-    fn encode(value: RopeStyle) -> u64 {
-        match value {
-            RopeStyle::Adjacent => 0,
-            RopeStyle::HalfSplit => 1,
-        }
-    }
-}
+enum_param!(RopeStyle { Adjacent = 0, HalfSplit = 1 });
 
 /// How a kernel uses a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
