@@ -107,33 +107,21 @@ pub struct FileRequest {
 
 /// Outcomes of a [`FileRequest`].
 pub mod status {
-    /// Not executed (the guest writes this before asking).
-    pub const PENDING: u32 = 0;
-    /// Done.
-    pub const OK: u32 = 1;
-    /// No file with that index.
-    pub const BAD_FILE: u32 = 2;
-    /// `offset..offset + len` is not inside the file.
-    pub const OUT_OF_BOUNDS: u32 = 3;
-    /// The destination is not guest RAM the guest may write.
-    pub const BAD_GUEST_RANGE: u32 = 4;
-    /// `len` is above [`MAX_READ`](super::MAX_READ).
-    pub const TOO_LONG: u32 = 5;
-    /// The host could not read the file (it changed size, or an I/O error).
-    pub const IO_ERROR: u32 = 6;
-
-    /// Name of a status code, for messages.
-    pub fn name(status: u32) -> &'static str {
-        match status {
-            PENDING => "not executed",
-            OK => "ok",
-            BAD_FILE => "no such file",
-            OUT_OF_BOUNDS => "range outside the file",
-            BAD_GUEST_RANGE => "bad guest address range",
-            TOO_LONG => "read too long",
-            IO_ERROR => "host I/O error",
-            _ => "unknown status",
-        }
+    status_codes! {
+        /// Not executed (the guest writes this before asking).
+        PENDING = 0, "not executed";
+        /// Done.
+        OK = 1, "ok";
+        /// No file with that index.
+        BAD_FILE = 2, "no such file";
+        /// `offset..offset + len` is not inside the file.
+        OUT_OF_BOUNDS = 3, "range outside the file";
+        /// The destination is not guest RAM the guest may write.
+        BAD_GUEST_RANGE = 4, "bad guest address range";
+        /// `len` is above [`MAX_READ`](super::MAX_READ).
+        TOO_LONG = 5, "read too long";
+        /// The host could not read the file (it changed size, or an I/O error).
+        IO_ERROR = 6, "host I/O error";
     }
 }
 

@@ -16,6 +16,25 @@
 //! - The guest talks to the host only through the ports in [`port`] and the boot-info page.
 #![no_std]
 
+/// Declares status codes and their `name` function together, so that every code has a
+/// name for messages (an undeclared code is "unknown status").
+macro_rules! status_codes {
+    ($($(#[doc = $doc:literal])* $CODE:ident = $value:literal, $name:literal;)+) => {
+        $(
+            $(#[doc = $doc])*
+            pub const $CODE: u32 = $value;
+        )+
+
+        /// Name of a status code, for messages.
+        pub fn name(status: u32) -> &'static str {
+            match status {
+                $($CODE => $name,)+
+                _ => "unknown status",
+            }
+        }
+    };
+}
+
 pub mod accel;
 pub mod channel;
 pub mod file;

@@ -388,6 +388,26 @@ pub struct Accel {
     allocated: u64,
 }
 
+/// Kernel methods whose operands all have the same number of elements `n`: the inputs,
+/// then the output (the kernel's argument names).
+macro_rules! elementwise {
+    ($(
+        $(#[doc = $doc:literal])*
+        fn $method:ident($($input:ident),+ => $output:ident) = $Variant:ident;
+    )+) => {$(
+        $(#[doc = $doc])*
+        #[track_caller]
+        pub fn $method(&mut self, $($input: &Tensor,)+ $output: &mut Tensor) {
+            same_len(stringify!($method), &[$($input,)+ $output]);
+            self.launch(Kernel::$Variant {
+                $($input: $input.id,)+
+                $output: $output.id,
+                n: $output.len(),
+            });
+        }
+    )+};
+}
+
 impl fmt::Debug for Accel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Accel")
@@ -943,28 +963,11 @@ impl Accel {
         });
     }
 
-    /// `out = a + b` (elementwise).
-    #[track_caller]
-    pub fn add(&mut self, a: &Tensor, b: &Tensor, out: &mut Tensor) {
-        same_len("add", &[a, b, out]);
-        self.launch(Kernel::Add {
-            a: a.id,
-            b: b.id,
-            out: out.id,
-            n: a.len(),
-        });
-    }
-
-    /// `out = a * b` (elementwise).
-    #[track_caller]
-    pub fn mul(&mut self, a: &Tensor, b: &Tensor, out: &mut Tensor) {
-        same_len("mul", &[a, b, out]);
-        self.launch(Kernel::Mul {
-            a: a.id,
-            b: b.id,
-            out: out.id,
-            n: a.len(),
-        });
+    elementwise! {
+        /// `out = a + b` (elementwise).
+        fn add(a, b => out) = Add;
+        /// `out = a * b` (elementwise).
+        fn mul(a, b => out) = Mul;
     }
 
     /// In place `x *= alpha`.
@@ -988,50 +991,15 @@ impl Accel {
         });
     }
 
-    /// `out = max(x, 0)`.
-    #[track_caller]
-    pub fn relu(&mut self, x: &Tensor, out: &mut Tensor) {
-        same_len("relu", &[x, out]);
-        self.launch(Kernel::Relu {
-            x: x.id,
-            out: out.id,
-            n: x.len(),
-        });
-    }
-
-    /// `grad_in = grad_out * (x > 0)`.
-    #[track_caller]
-    pub fn relu_backward(&mut self, x: &Tensor, grad_out: &Tensor, grad_in: &mut Tensor) {
-        same_len("relu_backward", &[x, grad_out, grad_in]);
-        self.launch(Kernel::ReluBackward {
-            x: x.id,
-            grad_out: grad_out.id,
-            grad_in: grad_in.id,
-            n: x.len(),
-        });
-    }
-
-    /// `out = gelu(x)` (tanh approximation).
-    #[track_caller]
-    pub fn gelu(&mut self, x: &Tensor, out: &mut Tensor) {
-        same_len("gelu", &[x, out]);
-        self.launch(Kernel::Gelu {
-            x: x.id,
-            out: out.id,
-            n: x.len(),
-        });
-    }
-
-    /// `grad_in = grad_out * gelu'(x)`.
-    #[track_caller]
-    pub fn gelu_backward(&mut self, x: &Tensor, grad_out: &Tensor, grad_in: &mut Tensor) {
-        same_len("gelu_backward", &[x, grad_out, grad_in]);
-        self.launch(Kernel::GeluBackward {
-            x: x.id,
-            grad_out: grad_out.id,
-            grad_in: grad_in.id,
-            n: x.len(),
-        });
+    elementwise! {
+        /// `out = max(x, 0)`.
+        fn relu(x => out) = Relu;
+        /// `grad_in = grad_out * (x > 0)`.
+        fn relu_backward(x, grad_out => grad_in) = ReluBackward;
+        /// `out = gelu(x)` (tanh approximation).
+        fn gelu(x => out) = Gelu;
+        /// `grad_in = grad_out * gelu'(x)`.
+        fn gelu_backward(x, grad_out => grad_in) = GeluBackward;
     }
 
     /// Row-wise softmax of `x` into `out` (same shape).
@@ -1075,33 +1043,15 @@ impl Accel {
     /// `out[r] = Σ_c x[r][c]` (`out` has `x.rows()` elements).
     #[track_caller]
     pub fn sum_rows(&mut self, x: &Tensor, out: &mut Tensor) {
-        check(
-            out.len() == x.rows,
-            "sum_rows",
-            format_args!("x {} into out {}", shape(x), shape(out)),
-        );
-        self.launch(Kernel::SumRows {
-            x: x.id,
-            out: out.id,
-            rows: x.rows,
-            cols: x.cols,
-        });
+        let kernel = |x, out, rows, cols| Kernel::SumRows { x, out, rows, cols };
+        self.reduce("sum_rows", x, out, x.rows, kernel);
     }
 
     /// `out[c] = Σ_r x[r][c]` (`out` has `x.cols()` elements; the bias gradient).
     #[track_caller]
     pub fn sum_cols(&mut self, x: &Tensor, out: &mut Tensor) {
-        check(
-            out.len() == x.cols,
-            "sum_cols",
-            format_args!("x {} into out {}", shape(x), shape(out)),
-        );
-        self.launch(Kernel::SumCols {
-            x: x.id,
-            out: out.id,
-            rows: x.rows,
-            cols: x.cols,
-        });
+        let kernel = |x, out, rows, cols| Kernel::SumCols { x, out, rows, cols };
+        self.reduce("sum_cols", x, out, x.cols, kernel);
     }
 
     /// In place `param -= lr * grad`.
@@ -1379,16 +1329,9 @@ impl Accel {
         });
     }
 
-    /// `out = silu(gate) · up`, elementwise.
-    #[track_caller]
-    pub fn swiglu(&mut self, gate: &Tensor, up: &Tensor, out: &mut Tensor) {
-        same_len("swiglu", &[gate, up, out]);
-        self.launch(Kernel::Swiglu {
-            gate: gate.id,
-            up: up.id,
-            out: out.id,
-            n: gate.len(),
-        });
+    elementwise! {
+        /// `out = silu(gate) · up`, elementwise.
+        fn swiglu(gate, up => out) = Swiglu;
     }
 
     /// Causal grouped-query attention of the queries `q` (one row per token, row `r` at
@@ -1438,17 +1381,27 @@ impl Accel {
     /// `out[r] = argmax_c x[r][c]` (the first maximum; `out` has `x.rows()` elements).
     #[track_caller]
     pub fn argmax(&mut self, x: &Tensor, out: &mut U32Tensor) {
+        let kernel = |x, out, rows, cols| Kernel::Argmax { x, out, rows, cols };
+        self.reduce("argmax", x, out, x.rows, kernel);
+    }
+
+    /// Launches the reduction `kernel(x, out, rows, cols)` of `x` into `out`, which must
+    /// have `len` elements.
+    #[track_caller]
+    fn reduce<T: Element>(
+        &mut self,
+        what: &str,
+        x: &Tensor,
+        out: &mut Tensor<T>,
+        len: usize,
+        kernel: fn(u32, u32, usize, usize) -> Kernel,
+    ) {
         check(
-            out.len() == x.rows,
-            "argmax",
+            out.len() == len,
+            what,
             format_args!("x {} into out {}", shape(x), shape(out)),
         );
-        self.launch(Kernel::Argmax {
-            x: x.id,
-            out: out.id,
-            rows: x.rows,
-            cols: x.cols,
-        });
+        self.launch(kernel(x.id, out.id, x.rows, x.cols));
     }
 }
 

@@ -17,8 +17,8 @@
 //! The SDK provides the entry point, console output ([`print!`], [`println!`]), the
 //! guest clock ([`clock::now_ns`]), [`exit`], a global allocator over the heap the
 //! VMM describes in the boot info, a panic handler, and the `mem*` functions that a
-//! freestanding binary needs; [`accel`] is the tensor API of the virtual accelerator and
-//! [`files`] reads the VM's attached files.
+//! freestanding binary needs; [`accel`] is the tensor API of the virtual accelerator,
+//! [`files`] reads the VM's attached files and [`workload`] is the usual shape of a `main`.
 #![no_std]
 
 extern crate alloc;
@@ -33,6 +33,7 @@ pub mod files;
 pub mod math;
 mod mem;
 pub mod rt;
+pub mod workload;
 
 pub use args::{ArgError, Args};
 pub use ferry_abi as abi;

@@ -208,6 +208,28 @@ impl Param for MatmulFlags {
     }
 }
 
+/// Implements [`Param`] for an enumeration from the code of each variant, so that decode
+/// and encode agree; any other code is [`status::BAD_ARGUMENT`].
+macro_rules! enum_param {
+    ($Enum:ident { $($Variant:ident = $code:literal),+ }) => {
+        impl Param for $Enum {
+            type Value = $Enum;
+            const STEP: u8 = 2;
+            fn decode(raw: u64, _: &dyn Fn(BufferId) -> Option<u64>) -> Result<$Enum, u32> {
+                match raw {
+                    $($code => Ok($Enum::$Variant),)+
+                    _ => Err(status::BAD_ARGUMENT),
+                }
+            }
+            fn encode(value: $Enum) -> u64 {
+                match value {
+                    $($Enum::$Variant => $code,)+
+                }
+            }
+        }
+    };
+}
+
 /// What [`RNG_FILL`] draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Distribution {
@@ -217,23 +239,7 @@ pub enum Distribution {
     Normal,
 }
 
-impl Param for Distribution {
-    type Value = Distribution;
-    const STEP: u8 = 2;
-    fn decode(raw: u64, _: &dyn Fn(BufferId) -> Option<u64>) -> Result<Distribution, u32> {
-        match raw {
-            0 => Ok(Distribution::Uniform),
-            1 => Ok(Distribution::Normal),
-            _ => Err(status::BAD_ARGUMENT),
-        }
-    }
-    fn encode(value: Distribution) -> u64 {
-        match value {
-            Distribution::Uniform => 0,
-            Distribution::Normal => 1,
-        }
-    }
-}
+enum_param!(Distribution { Uniform = 0, Normal = 1 });
 
 /// Which elements of a head [`ROPE`] rotates together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,23 +250,7 @@ pub enum RopeStyle {
     HalfSplit,
 }
 
-impl Param for RopeStyle {
-    type Value = RopeStyle;
-    const STEP: u8 = 2;
-    fn decode(raw: u64, _: &dyn Fn(BufferId) -> Option<u64>) -> Result<RopeStyle, u32> {
-        match raw {
-            0 => Ok(RopeStyle::Adjacent),
-            1 => Ok(RopeStyle::HalfSplit),
-            _ => Err(status::BAD_ARGUMENT),
-        }
-    }
-    fn encode(value: RopeStyle) -> u64 {
-        match value {
-            RopeStyle::Adjacent => 0,
-            RopeStyle::HalfSplit => 1,
-        }
-    }
-}
+enum_param!(RopeStyle { Adjacent = 0, HalfSplit = 1 });
 
 /// How a kernel uses a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -344,6 +334,15 @@ impl Access {
     /// Declares that `buffer`'s `bytes` are read and written in place.
     pub fn update(&mut self, buffer: BufferId, bytes: Range<u64>) -> Result<(), u32> {
         self.push(buffer, Mode::Update, bytes)
+    }
+
+    /// Declares `inputs` read and `output` written, `n` elements from the start of each.
+    fn elementwise(&mut self, n: usize, inputs: &[BufferId], output: BufferId) -> Result<(), u32> {
+        let r = elems(product(n, 1)?)?;
+        for &input in inputs {
+            self.read(input, r.clone())?;
+        }
+        self.write(output, r)
     }
 
     /// Every declared range, in declaration order.
@@ -642,12 +641,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(a, r.clone())?;
-        io.read(b, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[a, b], out) }
 
     /// `out = a * b` (elementwise).
     MUL = 4, "mul", Mul {
@@ -659,12 +653,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(a, r.clone())?;
-        io.read(b, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[a, b], out) }
 
     /// In place `x *= alpha`.
     SCALE = 5, "scale", Scale {
@@ -702,11 +691,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[x], out) }
 
     /// `grad_in = grad_out * (x > 0)`.
     RELU_BACKWARD = 8, "relu_backward", ReluBackward {
@@ -718,12 +703,7 @@ kernels! {
         grad_in: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.read(grad_out, r.clone())?;
-        io.write(grad_in, r)
-    }
+    } => |io| { io.elementwise(n, &[x, grad_out], grad_in) }
 
     /// `out = gelu(x)` (tanh approximation).
     GELU = 9, "gelu", Gelu {
@@ -733,11 +713,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[x], out) }
 
     /// `grad_in = grad_out * gelu'(x)`.
     GELU_BACKWARD = 10, "gelu_backward", GeluBackward {
@@ -749,12 +725,7 @@ kernels! {
         grad_in: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(x, r.clone())?;
-        io.read(grad_out, r.clone())?;
-        io.write(grad_in, r)
-    }
+    } => |io| { io.elementwise(n, &[x, grad_out], grad_in) }
 
     /// Row-wise softmax of `x` (`rows×cols`) into `out`.
     SOFTMAX = 11, "softmax", Softmax {
@@ -766,11 +737,7 @@ kernels! {
         rows: Dim,
         /// Columns.
         cols: Dim,
-    } => |io| {
-        let r = elems(product(rows, cols)?)?;
-        io.read(x, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(product(rows, cols)?, &[x], out) }
 
     /// Mean cross-entropy of the row-wise softmax of `logits` against `labels` (u32, one
     /// per row) into `loss[0]`, and `grad = (softmax - onehot) / rows`.
@@ -1115,12 +1082,7 @@ kernels! {
         out: Buffer,
         /// Elements.
         n: Dim,
-    } => |io| {
-        let r = elems(product(n, 1)?)?;
-        io.read(gate, r.clone())?;
-        io.read(up, r.clone())?;
-        io.write(out, r)
-    }
+    } => |io| { io.elementwise(n, &[gate, up], out) }
 
     /// Causal grouped-query attention over a KV cache: query row `r` (position
     /// `pos + r`) of head `h` attends to cached positions `0..=pos + r` of KV head

@@ -115,50 +115,33 @@ pub mod op {
 
 /// Command outcomes, in [`Command::status`].
 pub mod status {
-    /// Not executed yet.
-    pub const PENDING: u32 = 0;
-    /// Done.
-    pub const OK: u32 = 1;
-    /// Unknown opcode.
-    pub const BAD_OPCODE: u32 = 2;
-    /// Buffer id out of range, unallocated, or (for ALLOC) already in use.
-    pub const BAD_BUFFER: u32 = 3;
-    /// Offset/length outside the buffer, or element counts larger than a buffer.
-    pub const OUT_OF_BOUNDS: u32 = 4;
-    /// Inconsistent or zero dimensions.
-    pub const BAD_SHAPE: u32 = 5;
-    /// Allocation beyond the device memory capacity.
-    pub const OUT_OF_MEMORY: u32 = 6;
-    /// Guest address range outside guest RAM.
-    pub const BAD_GUEST_RANGE: u32 = 7;
-    /// Unknown kernel id.
-    pub const BAD_KERNEL: u32 = 8;
-    /// Another argument out of range (flags, sizes not a multiple of 4, ids in data...).
-    pub const BAD_ARGUMENT: u32 = 9;
-    /// The backend failed (e.g. the host could not allocate memory), or reading an
-    /// attached file did.
-    pub const DEVICE_ERROR: u32 = 10;
-    /// No attached file with that index, a range outside the file, or a LOAD_FILE longer
-    /// than [`MAX_READ`](crate::file::MAX_READ).
-    pub const BAD_FILE: u32 = 11;
-
-    /// Name of a status code, for messages.
-    pub fn name(status: u32) -> &'static str {
-        match status {
-            PENDING => "pending",
-            OK => "ok",
-            BAD_OPCODE => "bad opcode",
-            BAD_BUFFER => "bad buffer id",
-            OUT_OF_BOUNDS => "out of bounds",
-            BAD_SHAPE => "bad shape",
-            OUT_OF_MEMORY => "out of device memory",
-            BAD_GUEST_RANGE => "bad guest address range",
-            BAD_KERNEL => "unknown kernel",
-            BAD_ARGUMENT => "bad argument",
-            DEVICE_ERROR => "device error",
-            BAD_FILE => "bad attached file or range",
-            _ => "unknown status",
-        }
+    status_codes! {
+        /// Not executed yet.
+        PENDING = 0, "pending";
+        /// Done.
+        OK = 1, "ok";
+        /// Unknown opcode.
+        BAD_OPCODE = 2, "bad opcode";
+        /// Buffer id out of range, unallocated, or (for ALLOC) already in use.
+        BAD_BUFFER = 3, "bad buffer id";
+        /// Offset/length outside the buffer, or element counts larger than a buffer.
+        OUT_OF_BOUNDS = 4, "out of bounds";
+        /// Inconsistent or zero dimensions.
+        BAD_SHAPE = 5, "bad shape";
+        /// Allocation beyond the device memory capacity.
+        OUT_OF_MEMORY = 6, "out of device memory";
+        /// Guest address range outside guest RAM.
+        BAD_GUEST_RANGE = 7, "bad guest address range";
+        /// Unknown kernel id.
+        BAD_KERNEL = 8, "unknown kernel";
+        /// Another argument out of range (flags, sizes not a multiple of 4, ids in data...).
+        BAD_ARGUMENT = 9, "bad argument";
+        /// The backend failed (e.g. the host could not allocate memory), or reading an
+        /// attached file did.
+        DEVICE_ERROR = 10, "device error";
+        /// No attached file with that index, a range outside the file, or a LOAD_FILE
+        /// longer than [`MAX_READ`](crate::file::MAX_READ).
+        BAD_FILE = 11, "bad attached file or range";
     }
 }
 

@@ -14,16 +14,19 @@ extern crate alloc;
 
 #[path = "../fmnist/data.rs"]
 mod data;
+#[path = "../mlp/net.rs"]
+mod net;
 
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use data::{CLASSES, IMAGES_HEADER, LABELS_HEADER, PIXELS};
-use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose};
-use ferry_sdk::checksum::Fnv1a;
+use ferry_sdk::accel::{Accel, AccelError, Tensor};
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, mix, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::workload::Failure;
+use ferry_sdk::{println, ArgError, Args};
+use net::{alloc_widths, backward, checksum, forward, update, Activations, Linear};
 
 ferry_sdk::entry!(main);
 
@@ -55,9 +58,6 @@ Needs about 80 MiB of guest RAM (the files are decompressed there: the default
 dataset (the images take 209 MiB as f32) and the network.
 Exit codes: 0 done, 1 bad data or an accelerator error, 2 bad arguments.";
 
-/// Exit code for a missing or invalid file, or an accelerator error.
-const EXIT_FAILURE: i32 = 1;
-
 /// Pixels are scaled to [0, 1] and then standardized with Fashion-MNIST's training-set
 /// mean and standard deviation (of the [0, 1] values).
 const PIXEL_MEAN: f32 = 0.2860;
@@ -67,46 +67,7 @@ const PIXEL_STD: f32 = 0.3530;
 const UPLOAD_ROWS: usize = 2048;
 
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let config = match Config::parse(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("fmnist-train: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
-    };
-    match run(&config) {
-        Ok(()) => 0,
-        Err(Failure::Data(e)) => {
-            println!("fmnist-train: error: {e}");
-            EXIT_FAILURE
-        }
-        Err(Failure::Usage(e)) => {
-            println!("fmnist-train: error: {e} (see --help)");
-            EXIT_USAGE
-        }
-        Err(Failure::Accel(e)) => {
-            println!("fmnist-train: accelerator error: {e}");
-            EXIT_FAILURE
-        }
-    }
-}
-
-enum Failure {
-    /// A file is missing, unreadable or not what it should be.
-    Data(String),
-    /// The arguments do not fit the data (found only once it is loaded).
-    Usage(String),
-    Accel(AccelError),
-}
-
-impl From<AccelError> for Failure {
-    fn from(e: AccelError) -> Self {
-        Failure::Accel(e)
-    }
+    ferry_sdk::workload::main(&args, "fmnist-train", HELP, Config::parse, run)
 }
 
 struct Config {
@@ -239,25 +200,25 @@ impl Split {
 
 /// Reads the attached file `name`, decompressed if it is gzipped.
 fn read(name: &str) -> Result<Vec<u8>, Failure> {
-    let file = ferry_sdk::files::open(name).map_err(|e| Failure::Data(alloc::format!("{e}")))?;
+    let file = ferry_sdk::files::open(name).map_err(|e| Failure::Other(alloc::format!("{e}")))?;
     let raw = file
         .read_all()
-        .map_err(|e| Failure::Data(alloc::format!("{e}")))?;
+        .map_err(|e| Failure::Other(alloc::format!("{e}")))?;
     if !data::is_gzip(&raw) {
         return Ok(raw);
     }
-    data::gunzip(&raw).map_err(|e| Failure::Data(alloc::format!("{name}: {e}")))
+    data::gunzip(&raw).map_err(|e| Failure::Other(alloc::format!("{name}: {e}")))
 }
 
 /// Reads and validates the images and labels files of one split.
 fn load(images: &str, labels: &str) -> Result<Split, Failure> {
-    let data_error = |name: &str, e: String| Failure::Data(alloc::format!("{name}: {e}"));
+    let data_error = |name: &str, e: String| Failure::Other(alloc::format!("{name}: {e}"));
     let image_bytes = read(images)?;
     let count = data::check_images(&image_bytes).map_err(|e| data_error(images, e))?;
     let label_bytes = read(labels)?;
     let label_count = data::check_labels(&label_bytes).map_err(|e| data_error(labels, e))?;
     if label_count != count {
-        return Err(Failure::Data(alloc::format!(
+        return Err(Failure::Other(alloc::format!(
             "{images} has {count} images but {labels} has {label_count} labels"
         )));
     }
@@ -283,74 +244,6 @@ fn upload_images(acc: &mut Accel, t: &mut Tensor, pixels: &[u8]) -> Result<(), A
     Ok(())
 }
 
-/// One trainable tensor with its gradient and Adam moments.
-struct Param {
-    value: Tensor,
-    grad: Tensor,
-    m: Tensor,
-    v: Tensor,
-}
-
-impl Param {
-    fn new(acc: &mut Accel, rows: usize, cols: usize) -> Result<Param, AccelError> {
-        Ok(Param {
-            value: acc.alloc(rows, cols)?,
-            grad: acc.alloc(rows, cols)?,
-            m: acc.alloc(rows, cols)?,
-            v: acc.alloc(rows, cols)?,
-        })
-    }
-
-    fn update(&mut self, acc: &mut Accel, adam: &Adam, step: u64) {
-        acc.adam(
-            &mut self.value,
-            &self.grad,
-            &mut self.m,
-            &mut self.v,
-            adam,
-            step,
-        );
-    }
-}
-
-/// A fully connected layer `out = in · w + b`, `w` stored `fan_in × fan_out`.
-struct Linear {
-    w: Param,
-    b: Param,
-}
-
-/// The activations of a forward pass over `rows` rows: pre-activations `z` and outputs
-/// `h` of each hidden layer, and the logits.
-struct Activations {
-    z: Vec<Tensor>,
-    h: Vec<Tensor>,
-    logits: Tensor,
-}
-
-impl Activations {
-    fn new(acc: &mut Accel, rows: usize, hidden: &[usize]) -> Result<Self, AccelError> {
-        Ok(Activations {
-            z: alloc_widths(acc, rows, hidden)?,
-            h: alloc_widths(acc, rows, hidden)?,
-            logits: acc.alloc(rows, CLASSES)?,
-        })
-    }
-}
-
-/// Queues `a = net(x)`.
-fn forward(acc: &mut Accel, net: &[Linear], x: &Tensor, a: &mut Activations) {
-    let l = net.len() - 1;
-    for (i, layer) in net.iter().enumerate() {
-        let input = if i == 0 { x } else { &a.h[i - 1] };
-        let out = if i < l { &mut a.z[i] } else { &mut a.logits };
-        acc.matmul(input, &layer.w.value, out, Transpose::None);
-        acc.add_bias(out, &layer.b.value);
-        if i < l {
-            acc.relu(&a.z[i], &mut a.h[i]);
-        }
-    }
-}
-
 fn run(c: &Config) -> Result<(), Failure> {
     let started = now_ns();
     // Opened first: a VM without an accelerator fails before the data is read.
@@ -360,10 +253,10 @@ fn run(c: &Config) -> Result<(), Failure> {
     let test_count = test.count;
     let n = c.limit.unwrap_or(train.count).min(train.count);
     if n < c.batch {
-        return Err(Failure::Usage(alloc::format!(
+        return Err(Failure::Usage(ArgError::new(alloc::format!(
             "the training set has {n} images, less than one batch of {}",
             c.batch
-        )));
+        ))));
     }
     let b = c.batch;
     let steps_per_epoch = n / b;
@@ -401,23 +294,18 @@ fn run(c: &Config) -> Result<(), Failure> {
     let l = hidden.len();
     let mut net: Vec<Linear> = Vec::with_capacity(l + 1);
     for i in 0..=l {
-        let (fan_in, fan_out) = (width(i), width(i + 1));
-        let mut layer = Linear {
-            w: Param::new(&mut acc, fan_in, fan_out)?,
-            b: Param::new(&mut acc, 1, fan_out)?,
-        };
+        let fans = (width(i), width(i + 1));
         let gain = if i < l { 2.0 } else { 1.0 };
-        let scale = sqrt(gain / fan_in as f64) as f32;
+        let scale = sqrt(gain / fans.0 as f64) as f32;
         let seed = stream(c.seed, 100 + i as u64);
-        acc.rng_fill(&mut layer.w.value, seed, 0, Distribution::Normal(scale));
-        net.push(layer);
+        net.push(Linear::new(&mut acc, fans, true, seed, scale)?);
     }
 
     // One batch: its row ids and labels, the gathered images, activations, gradients.
     let mut ids = acc.alloc::<u32>(b, 1)?;
     let mut yb = acc.alloc::<u32>(b, 1)?;
     let mut xb = acc.alloc::<f32>(b, PIXELS)?;
-    let mut act = Activations::new(&mut acc, b, hidden)?;
+    let mut act = Activations::new(&mut acc, b, hidden, CLASSES)?;
     let mut dh = alloc_widths(&mut acc, b, hidden)?;
     let mut dz = alloc_widths(&mut acc, b, hidden)?;
     let mut dlogits = acc.alloc::<f32>(b, CLASSES)?;
@@ -426,7 +314,7 @@ fn run(c: &Config) -> Result<(), Failure> {
     let mut loss_sum = acc.alloc::<f32>(1, 1)?;
     let zero = acc.alloc::<f32>(1, 1)?;
     // The whole test set in one pass.
-    let mut test_act = Activations::new(&mut acc, test_count, hidden)?;
+    let mut test_act = Activations::new(&mut acc, test_count, hidden, CLASSES)?;
     let mut predictions = acc.alloc::<u32>(test_count, 1)?;
     println!(
         "fmnist-train: data ready in {:.1} s; accelerator memory {:.1} MiB (images {:.1} \
@@ -476,24 +364,9 @@ fn run(c: &Config) -> Result<(), Failure> {
             acc.axpy(1.0, &loss, &mut loss_sum);
             pending += 1;
 
-            // Backward: layer i's output gradient is dlogits (last) or dz[i].
-            for i in (0..=l).rev() {
-                let input = if i == 0 { &xb } else { &act.h[i - 1] };
-                let (below, from_here) = dz.split_at_mut(i);
-                let grad_out = if i == l { &dlogits } else { &from_here[0] };
-                let layer = &mut net[i];
-                acc.matmul(input, grad_out, &mut layer.w.grad, Transpose::A);
-                acc.sum_cols(grad_out, &mut layer.b.grad);
-                if i > 0 {
-                    acc.matmul(grad_out, &layer.w.value, &mut dh[i - 1], Transpose::B);
-                    acc.relu_backward(&act.z[i - 1], &dh[i - 1], &mut below[i - 1]);
-                }
-            }
-            let adam = Adam::new(c.schedule.lr(c.lr, step, total_steps));
-            for layer in &mut net {
-                layer.w.update(&mut acc, &adam, step);
-                layer.b.update(&mut acc, &adam, step);
-            }
+            backward(&mut acc, &mut net, &xb, &act, &dlogits, &mut dh, &mut dz);
+            let lr = c.schedule.lr(c.lr, step, total_steps);
+            update(&mut acc, &mut net, lr, step);
 
             if c.log_every > 0 && step % c.log_every == 0 && batch + 1 < steps_per_epoch {
                 acc.download(&loss_sum, &mut downloaded)?;
@@ -531,32 +404,11 @@ fn run(c: &Config) -> Result<(), Failure> {
         );
     }
 
-    // FNV-1a over the bytes of every weight and bias, layer by layer (w then b).
-    let mut hash = Fnv1a::new();
-    let mut chunk = vec![0.0f32; 1 << 16];
-    for layer in &net {
-        for t in [&layer.w.value, &layer.b.value] {
-            let mut done = 0;
-            while done < t.len() {
-                let k = chunk.len().min(t.len() - done);
-                acc.download_at(t, done, &mut chunk[..k])?;
-                for x in &chunk[..k] {
-                    hash.write(&x.to_bits().to_le_bytes());
-                }
-                done += k;
-            }
-        }
-    }
-    acc.sync()?;
+    let checksum = checksum(&mut acc, &net)?;
     println!("test_acc={accuracy:.4}");
-    println!("checksum={:016x}", hash.value());
+    println!("checksum={checksum:016x}");
     println!("done");
     Ok(())
-}
-
-/// One zero-filled `rows × width` buffer per width.
-fn alloc_widths(acc: &mut Accel, rows: usize, widths: &[usize]) -> Result<Vec<Tensor>, AccelError> {
-    widths.iter().map(|&w| acc.alloc(rows, w)).collect()
 }
 
 /// Seconds from `from` to `to` (nanosecond clock readings).

@@ -22,7 +22,7 @@ use ferry_llm::{Message, Sampler, SamplerConfig, Utf8Stream};
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::files;
-use ferry_sdk::{console, print, println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::{console, print, println, workload, ArgError, Args};
 use model::{describe, read_model, Device, Failure};
 
 ferry_sdk::entry!(main);
@@ -51,9 +51,6 @@ Streams the answer as it is generated, then prints `tokens=<n>`, `prompt_tokens_
 `tokens_s=` and `checksum=<16 hex digits>` (FNV-1a of the generated token ids).
 A bad or unsupported model file is refused with a message and exit code 1.";
 
-/// Exit code for a bad model file or a device failure.
-const EXIT_FAILED: i32 = 1;
-
 /// What to run.
 struct Options {
     file: &'static str,
@@ -75,16 +72,9 @@ enum Prompt {
 }
 
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let options = match Options::parse(&args) {
+    let options = match workload::options(&args, "llm-chat", HELP, Options::parse) {
         Ok(o) => o,
-        Err(e) => {
-            println!("llm-chat: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     match run(&options) {
         Ok(()) => {
@@ -92,8 +82,9 @@ fn main(args: Args) -> i32 {
             0
         }
         Err(e) => {
+            // The answer streamed so far may end mid-line.
             println!("\nllm-chat: error: {e}");
-            EXIT_FAILED
+            workload::EXIT_FAILURE
         }
     }
 }

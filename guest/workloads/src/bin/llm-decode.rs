@@ -14,7 +14,7 @@ use ferry_sdk::accel::{Accel, AccelError, Distribution, Tensor, Transpose};
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, mix, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::{println, ArgError, Args};
 
 ferry_sdk::entry!(main);
 
@@ -30,32 +30,13 @@ Prints `token=<n> id=<id> tokens/s=<value>` every N tokens, then `tokens=<n>`,
 `tokens/s=<value>` and `checksum=<16 hex digits>` (FNV-1a of the generated ids), which
 depends only on the arguments. Needs an accelerator (ferry run --accel-memory ...).";
 
-/// Exit code when the accelerator is missing or fails.
-const EXIT_ACCEL: i32 = 1;
 /// Vocabulary size.
 const VOCAB: usize = 1024;
 /// Layer-norm epsilon.
 const EPS: f32 = 1e-5;
 
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let config = match Config::parse(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("llm-decode: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
-    };
-    match decode(&config) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("llm-decode: accelerator error: {e}");
-            EXIT_ACCEL
-        }
-    }
+    ferry_sdk::workload::main(&args, "llm-decode", HELP, Config::parse, decode)
 }
 
 struct Config {

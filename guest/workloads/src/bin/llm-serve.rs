@@ -21,7 +21,7 @@ use ferry_llm::serve::{
 use ferry_llm::{ChatTemplate, Message, Sampler, SamplerConfig, Tokenizer, Utf8Stream};
 use ferry_sdk::channel::{Channel, Geometry};
 use ferry_sdk::files;
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::{println, ArgError, Args};
 use model::{describe, read_model, Device, Failure};
 
 ferry_sdk::entry!(main);
@@ -37,9 +37,6 @@ through the VM's message channel; the host's gateway speaks OpenAI's API.
   --file NAME    name of the attached model file (default model)
 Prints `llm-serve: ready` once the model is in device memory, and a line per request.";
 
-/// Exit code for a bad model file or a device failure.
-const EXIT_FAILED: i32 = 1;
-
 struct Options {
     file: &'static str,
     slots: usize,
@@ -48,24 +45,7 @@ struct Options {
 }
 
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let options = match parse(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            println!("llm-serve: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
-    };
-    match serve(&options) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("llm-serve: error: {e}");
-            EXIT_FAILED
-        }
-    }
+    ferry_sdk::workload::main(&args, "llm-serve", HELP, parse, serve)
 }
 
 fn parse(args: &Args) -> Result<Options, ArgError> {

@@ -11,7 +11,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::mix;
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::{println, ArgError, Args};
 
 ferry_sdk::entry!(main);
 
@@ -35,17 +35,8 @@ const MAX_DEBT_NS: u64 = 10_000_000;
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    match run(&args) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("memtouch: error: {e} (see --help)");
-            EXIT_USAGE
-        }
-    }
+    // `run` parses the arguments as it goes.
+    ferry_sdk::workload::main(&args, "memtouch", HELP, Ok, |args| run(args))
 }
 
 /// A word's next value: depends on its old value, the pass and its index, so a lost

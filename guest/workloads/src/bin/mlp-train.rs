@@ -11,13 +11,16 @@
 
 extern crate alloc;
 
+#[path = "../mlp/net.rs"]
+mod net;
+
 use alloc::vec;
 use alloc::vec::Vec;
-use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose};
-use ferry_sdk::checksum::Fnv1a;
+use ferry_sdk::accel::{Accel, AccelError, Distribution, Transpose};
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args, EXIT_USAGE};
+use ferry_sdk::{println, ArgError, Args};
+use net::{alloc_widths, backward, checksum, forward, update, Activations, Linear};
 
 ferry_sdk::entry!(main);
 
@@ -40,28 +43,8 @@ Prints `step=<n> loss=<value> steps/s=<value>` every N steps, then `loss=<final 
 and `checksum=<16 hex digits>` (FNV-1a of all weights and biases): both depend only on
 the arguments. Needs an accelerator (ferry run --accel-memory ...).";
 
-/// Exit code when the accelerator is missing or fails.
-const EXIT_ACCEL: i32 = 1;
-
 fn main(args: Args) -> i32 {
-    if args.wants_help() {
-        println!("{HELP}");
-        return 0;
-    }
-    let config = match Config::parse(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("mlp-train: error: {e} (see --help)");
-            return EXIT_USAGE;
-        }
-    };
-    match train(&config) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("mlp-train: accelerator error: {e}");
-            EXIT_ACCEL
-        }
-    }
+    ferry_sdk::workload::main(&args, "mlp-train", HELP, Config::parse, train)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -165,40 +148,6 @@ impl Config {
     }
 }
 
-/// One trainable tensor with its gradient and, for Adam, its moments.
-struct Param {
-    value: Tensor,
-    grad: Tensor,
-    moments: Option<(Tensor, Tensor)>,
-}
-
-impl Param {
-    fn new(acc: &mut Accel, rows: usize, cols: usize, opt: Optimizer) -> Result<Param, AccelError> {
-        let moments = match opt {
-            Optimizer::Adam => Some((acc.alloc(rows, cols)?, acc.alloc(rows, cols)?)),
-            Optimizer::Sgd => None,
-        };
-        Ok(Param {
-            value: acc.alloc(rows, cols)?,
-            grad: acc.alloc(rows, cols)?,
-            moments,
-        })
-    }
-
-    fn update(&mut self, acc: &mut Accel, lr: f32, step: u64) {
-        match &mut self.moments {
-            Some((m, v)) => acc.adam(&mut self.value, &self.grad, m, v, &Adam::new(lr), step),
-            None => acc.sgd(&mut self.value, &self.grad, lr),
-        }
-    }
-}
-
-/// A fully connected layer `out = in · w + b`, `w` stored `fan_in × fan_out`.
-struct Linear {
-    w: Param,
-    b: Param,
-}
-
 fn train(c: &Config) -> Result<(), AccelError> {
     let mut acc = Accel::open()?;
     let (b, l) = (c.batch, c.layers);
@@ -245,28 +194,22 @@ fn train(c: &Config) -> Result<(), AccelError> {
         i if i <= l => c.hidden,
         _ => c.classes,
     };
+    let adam = c.optimizer == Optimizer::Adam;
     let mut net: Vec<Linear> = Vec::with_capacity(l + 1);
     for i in 0..=l {
-        let (fan_in, fan_out) = (width(i), width(i + 1));
-        let mut layer = Linear {
-            w: Param::new(&mut acc, fan_in, fan_out, c.optimizer)?,
-            b: Param::new(&mut acc, 1, fan_out, c.optimizer)?,
-        };
-        let scale = (1.0 / sqrt(fan_in as f64)) as f32;
+        let fans = (width(i), width(i + 1));
+        let scale = (1.0 / sqrt(fans.0 as f64)) as f32;
         let seed = stream(c.seed, 100 + i as u64);
-        acc.rng_fill(&mut layer.w.value, seed, 0, Distribution::Normal(scale));
-        net.push(layer); // biases start at zero (buffers are zero-filled)
+        net.push(Linear::new(&mut acc, fans, adam, seed, scale)?);
     }
 
-    // Activations of one batch: pre-activations z and outputs h of each hidden layer,
-    // and the gradients flowing back through them.
+    // Activations of one batch, and the gradients flowing back through them.
+    let hidden = vec![c.hidden; l];
     let mut xb = acc.alloc::<f32>(b, c.inputs)?;
     let mut yb = acc.alloc::<u32>(b, 1)?;
-    let mut z = alloc_n(&mut acc, l, b, c.hidden)?;
-    let mut h = alloc_n(&mut acc, l, b, c.hidden)?;
-    let mut dh = alloc_n(&mut acc, l, b, c.hidden)?;
-    let mut dz = alloc_n(&mut acc, l, b, c.hidden)?;
-    let mut logits = acc.alloc::<f32>(b, c.classes)?;
+    let mut act = Activations::new(&mut acc, b, &hidden, c.classes)?;
+    let mut dh = alloc_widths(&mut acc, b, &hidden)?;
+    let mut dz = alloc_widths(&mut acc, b, &hidden)?;
     let mut dlogits = acc.alloc::<f32>(b, c.classes)?;
     let mut loss = acc.alloc::<f32>(1, 1)?;
     println!(
@@ -289,37 +232,10 @@ fn train(c: &Config) -> Result<(), AccelError> {
         acc.copy(&data_x, row * c.inputs, &mut xb, 0, b * c.inputs);
         acc.copy(&data_y, row, &mut yb, 0, b);
 
-        // Forward.
-        for i in 0..=l {
-            let input = if i == 0 { &xb } else { &h[i - 1] };
-            let out = if i < l { &mut z[i] } else { &mut logits };
-            acc.matmul(input, &net[i].w.value, out, Transpose::None);
-            acc.add_bias(out, &net[i].b.value);
-            if i < l {
-                acc.relu(&z[i], &mut h[i]);
-            }
-        }
-        acc.cross_entropy(&logits, &yb, &mut dlogits, &mut loss);
-
-        // Backward: layer i's output gradient is dlogits (last) or dz[i].
-        for i in (0..=l).rev() {
-            let input = if i == 0 { &xb } else { &h[i - 1] };
-            let (below, from_here) = dz.split_at_mut(i);
-            let grad_out = if i == l { &dlogits } else { &from_here[0] };
-            let layer = &mut net[i];
-            acc.matmul(input, grad_out, &mut layer.w.grad, Transpose::A);
-            acc.sum_cols(grad_out, &mut layer.b.grad);
-            if i > 0 {
-                acc.matmul(grad_out, &layer.w.value, &mut dh[i - 1], Transpose::B);
-                acc.relu_backward(&z[i - 1], &dh[i - 1], &mut below[i - 1]);
-            }
-        }
-
-        // Update every weight, bias and moment.
-        for layer in &mut net {
-            layer.w.update(&mut acc, c.lr, step);
-            layer.b.update(&mut acc, c.lr, step);
-        }
+        forward(&mut acc, &net, &xb, &mut act);
+        acc.cross_entropy(&act.logits, &yb, &mut dlogits, &mut loss);
+        backward(&mut acc, &mut net, &xb, &act, &dlogits, &mut dh, &mut dz);
+        update(&mut acc, &mut net, c.lr, step);
 
         if step == 1 || step % c.print_every == 0 || step == c.steps {
             acc.download(&loss, &mut last_loss)?;
@@ -331,29 +247,8 @@ fn train(c: &Config) -> Result<(), AccelError> {
         }
     }
 
-    // FNV-1a over the bytes of every weight and bias, layer by layer (w then b).
-    let mut hash = Fnv1a::new();
-    let mut chunk = vec![0.0f32; 1 << 16];
-    for layer in &net {
-        for t in [&layer.w.value, &layer.b.value] {
-            let mut done = 0;
-            while done < t.len() {
-                let n = chunk.len().min(t.len() - done);
-                acc.download_at(t, done, &mut chunk[..n])?;
-                for x in &chunk[..n] {
-                    hash.write(&x.to_bits().to_le_bytes());
-                }
-                done += n;
-            }
-        }
-    }
-    acc.sync()?;
+    let checksum = checksum(&mut acc, &net)?;
     println!("loss={:.6}", last_loss[0]);
-    println!("checksum={:016x}", hash.value());
+    println!("checksum={checksum:016x}");
     Ok(())
-}
-
-/// `n` zero-filled `rows × cols` buffers.
-fn alloc_n(acc: &mut Accel, n: usize, rows: usize, cols: usize) -> Result<Vec<Tensor>, AccelError> {
-    (0..n).map(|_| acc.alloc(rows, cols)).collect()
 }

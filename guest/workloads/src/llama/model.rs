@@ -9,6 +9,7 @@ use ferry_llm::{ChatTemplate, Gguf, GgufError, LlamaConfig, LlamaModel, Tokenize
 use ferry_sdk::abi::accel::dtype::DType;
 use ferry_sdk::accel::{Accel, AccelError, Tensor, U32Tensor, Weights};
 use ferry_sdk::files::{self, File};
+use ferry_sdk::workload;
 
 /// Most bytes of metadata read before giving up on a file.
 const MAX_HEADER: u64 = 256 << 20;
@@ -31,6 +32,12 @@ impl From<AccelError> for Failure {
 impl From<files::FileError> for Failure {
     fn from(e: files::FileError) -> Self {
         Failure(format!("{e}"))
+    }
+}
+
+impl From<Failure> for workload::Failure {
+    fn from(e: Failure) -> Self {
+        workload::Failure::Other(e.0)
     }
 }
 
