@@ -135,7 +135,10 @@ fn a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_
     let saved = ferry(&workload_args("run", shape, &files, &snapshot, &args));
     assert!(saved.status.success(), "{}", text(&saved.stderr));
     let said = text(&saved.stderr);
-    assert!(said.contains("device chunks named in attached files"), "{said}");
+    assert!(
+        said.contains("device chunks named in attached files"),
+        "{said}"
+    );
     let stored = std::fs::metadata(dir.path().join("vm.snap")).unwrap().len();
     // The weights are named as the pieces of the model file they are, not copied.
     assert!(
