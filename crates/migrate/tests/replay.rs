@@ -926,7 +926,18 @@ fn auto_keeps_precopy_for_a_destination_that_cannot_replay_and_replay_is_refused
     assert!(source.running());
     let mut options = options(DeviceTransfer::Auto);
     options.allow_longer_pause = true;
-    let report = migrate(&source, &addr, &options).unwrap();
+    // After round 0, the guest runs some uploads before the engine takes the dirty set
+    // again (a loaded machine could otherwise starve its thread until the pause).
+    let mut after_round_0 = |p: &ferry_migrate::Progress| {
+        if p.round == 0 {
+            let goal = source.steps() + 8;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while source.steps() < goal && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let report = migrate_vm(&*source, &addr, &secret(), &options, &mut after_round_0).unwrap();
     assert_eq!(report.device_transfer, "precopy");
     assert!(report.replay.is_none());
     // The uploads wrote a page of a chunk: pre-copy sent that page, not the chunk.
