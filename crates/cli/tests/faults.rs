@@ -517,7 +517,7 @@ fn run_case(c: &Case, expected: &str) {
     let proxy = Proxy::start(destination.migration.clone(), c.fault, act);
     let src = host_api(&source);
     let args: Vec<&str> = ARGS.split_whitespace().collect();
-    let id = source.create_with("mlp-train", "64M", "32M", &[], &args);
+    let id = source.create_with(["mlp-train", "64M", "32M"], &[], &args);
     source.wait_console(&id, "mlp-train: seed");
     let started = Instant::now();
     let _: Value = src

@@ -55,7 +55,7 @@ fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
         "--max-tokens",
         "384",
     ];
-    let expected = run_console("llm-chat", "256M", "512M", &files, &args);
+    let expected = run_console(["llm-chat", "256M", "512M"], &files, &args);
     let want = answer(&expected);
     // Long enough (seconds) to move twice while it answers, on a busy 2-core machine.
     assert!(want.len() > 1000, "a long answer: {want:?}");
@@ -76,7 +76,7 @@ fn a_model_answering_moves_mid_answer_and_back_with_the_unmigrated_text() {
     };
 
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
-    let id = a.create_with("llm-chat", "256M", "512M", &files, &args);
+    let id = a.create_with(["llm-chat", "256M", "512M"], &files, &args);
     a.wait_console(&id, &mark(0.05));
     // Host b has no copy: --files send moves the model with the first round.
     let there = report(&a.migrate(&id, &b.migration, &["--files", "send"]));
@@ -120,7 +120,8 @@ fn a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_
         "160",
     ];
     let started = std::time::Instant::now();
-    let expected = run_console("llm-chat", "256M", "512M", &files, &args);
+    let shape = ["llm-chat", "256M", "512M"];
+    let expected = run_console(shape, &files, &args);
     let took = started.elapsed();
     let want = answer(&expected);
 
@@ -131,7 +132,6 @@ fn a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_
     let snapshot_dir = dir.path().to_str().unwrap();
     let at_ms = (took.as_millis() / 3).to_string();
     let snapshot = ["--snapshot-at-ms", &at_ms, "--snapshot-dir", snapshot_dir];
-    let shape = ["llm-chat", "256M", "512M"];
     let saved = ferry(&workload_args("run", shape, &files, &snapshot, &args));
     assert!(saved.status.success(), "{}", text(&saved.stderr));
     let said = text(&saved.stderr);
@@ -168,9 +168,9 @@ fn training_on_fashion_mnist_moves_mid_epoch_and_back_by_replay_with_the_unmigra
         .collect();
     // 187 steps an epoch.
     let args = ["--limit", "12000", "--epochs", "2", "--log-every", "25"];
-    let expected = run_console("fmnist-train", "512M", "256M", &files, &args);
+    let expected = run_console(["fmnist-train", "512M", "256M"], &files, &args);
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
-    let id = a.create_with("fmnist-train", "512M", "256M", &files, &args);
+    let id = a.create_with(["fmnist-train", "512M", "256M"], &files, &args);
     a.wait_console(&id, "step=50 ");
     // The dataset is where b looks for it (the same paths): only the VM moves.
     let r = report(&a.migrate(&id, &b.migration, &[]));

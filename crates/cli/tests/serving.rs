@@ -450,7 +450,7 @@ fn a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host() {
     }
     let a = Daemon::start("a");
     let api = common::host_api(&a);
-    let id = a.create_with("channel-abuse", "64M", "0", &[], &[]);
+    let id = a.create_with(["channel-abuse", "64M", "0"], &[], &[]);
     a.wait_console(&id, "channel-abuse: set up");
     let started = std::time::Instant::now();
     let mut stream = 0u64;

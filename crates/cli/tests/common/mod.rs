@@ -303,19 +303,13 @@ impl Daemon {
 
     pub fn create(&self, workload: &str, accel: &str, guest_args: &str) -> String {
         let args: Vec<&str> = guest_args.split_whitespace().collect();
-        self.create_with(workload, "64M", accel, &[], &args)
+        self.create_with([workload, "64M", accel], &[], &args)
     }
 
-    /// Creates a VM with `files` attached (`NAME=PATH`) and `args` for the guest.
-    pub fn create_with(
-        &self,
-        workload: &str,
-        memory: &str,
-        accel: &str,
-        files: &[String],
-        guest_args: &[&str],
-    ) -> String {
-        let args = workload_args("create", [workload, memory, accel], files, &[], guest_args);
+    /// Creates a VM of `shape` (workload, memory, accelerator memory) with `files`
+    /// attached (`NAME=PATH`) and `args` for the guest.
+    pub fn create_with(&self, shape: [&str; 3], files: &[String], guest_args: &[&str]) -> String {
+        let args = workload_args("create", shape, files, &[], guest_args);
         self.vm(&args)["id"].as_str().unwrap().to_string()
     }
 
@@ -393,7 +387,7 @@ pub fn checksum(console: &str) -> String {
 /// The checksum of an unmigrated run (`ferry run`).
 pub fn reference(workload: &str, memory: &str, accel: &str, guest_args: &str) -> String {
     let args: Vec<&str> = guest_args.split_whitespace().collect();
-    checksum(&run_console(workload, memory, accel, &[], &args))
+    checksum(&run_console([workload, memory, accel], &[], &args))
 }
 
 /// The arguments of `ferry run` or `ferry vm create` (`verb`) for `workload`, `memory`
@@ -416,21 +410,10 @@ pub fn workload_args<'a>(
     args
 }
 
-/// The console of an unmigrated run (`ferry run`) with `files` attached (`NAME=PATH`).
-pub fn run_console(
-    workload: &str,
-    memory: &str,
-    accel: &str,
-    files: &[String],
-    guest_args: &[&str],
-) -> String {
-    let out = ferry(&workload_args(
-        "run",
-        [workload, memory, accel],
-        files,
-        &[],
-        guest_args,
-    ));
+/// The console of an unmigrated run (`ferry run`) of `shape` (workload, memory,
+/// accelerator memory) with `files` attached (`NAME=PATH`).
+pub fn run_console(shape: [&str; 3], files: &[String], guest_args: &[&str]) -> String {
+    let out = ferry(&workload_args("run", shape, files, &[], guest_args));
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout)
 }
