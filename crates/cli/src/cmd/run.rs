@@ -109,8 +109,22 @@ fn snapshot_path(arg: &Path) -> PathBuf {
 
 /// `ferry restore`.
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
-    let (mut vm, _) = Microvm::restore(&snapshot_path(&args.dir), host_options(args.accel_threads))
+    let path = snapshot_path(&args.dir);
+    let started = Instant::now();
+    let (mut vm, stats) = Microvm::restore(&path, host_options(args.accel_threads))
         .context("cannot restore the VM")?;
+    let named = match stats.file_chunks {
+        0 => String::new(),
+        n => format!(", {n} device chunks read from attached files"),
+    };
+    eprintln!(
+        "ferry: VM restored from {} ({} MiB RAM, {:.1} MiB read{named}, {} ms); it continues at {:.1} ms of guest time",
+        path.display(),
+        stats.ram_bytes >> 20,
+        stats.file_bytes as f64 / f64::from(1 << 20),
+        started.elapsed().as_millis(),
+        vm.guest_time_ns() as f64 / 1e6,
+    );
     vm.resume()?;
     wait_to_end(vm)
 }
