@@ -11,7 +11,7 @@ use ferry_accel::device::{Accelerator, DeviceReplay, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
     CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer,
-    DeviceDigest, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet,
+    DeviceDigest, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet, VmContents,
     VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
@@ -133,7 +133,7 @@ impl VmSource {
     }
 }
 
-impl MigrationSource for VmSource {
+impl VmContents for VmSource {
     fn describe(&self) -> VmDescription {
         // The VM runs here, so its backend is one of this host's.
         let local = local_description(&self.backend_kind)
@@ -176,6 +176,26 @@ impl MigrationSource for VmSource {
         f.read_at(offset, out).map_err(|e| failed(e.into()))
     }
 
+    ferry_vmm::reads_through_tracker!(tracker);
+
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        let state = self
+            .vm
+            .with_vm(Microvm::save_state)
+            .ok_or_else(|| VmError::Gone(format!("VM {} was released", self.vm.id)))?
+            .map_err(|e| VmError::SaveState(e.into()))?;
+        postcard::to_stdvec(&state).map_err(|e| VmError::SaveState(e.into()))
+    }
+
+    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
+        self.replayer()
+            .map_err(VmError::Capture)?
+            .read_base_chunk(to_chunk(chunk), out)
+            .map_err(|e| VmError::Capture(e.into()))
+    }
+}
+
+impl MigrationSource for VmSource {
     fn start_tracking(&self) -> Result<(), VmError> {
         self.tracker
             .start_dirty_log()
@@ -217,8 +237,6 @@ impl MigrationSource for VmSource {
         })
     }
 
-    ferry_vmm::reads_through_tracker!(tracker);
-
     fn set_throttle(&self, percent: u8) {
         self.vm.set_throttle(percent);
     }
@@ -229,15 +247,6 @@ impl MigrationSource for VmSource {
 
     fn resume(&self) -> Result<(), VmError> {
         self.vm.resume_from_hold()
-    }
-
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        let state = self
-            .vm
-            .with_vm(Microvm::save_state)
-            .ok_or_else(|| VmError::Gone(format!("VM {} was released", self.vm.id)))?
-            .map_err(|e| VmError::SaveState(e.into()))?;
-        postcard::to_stdvec(&state).map_err(|e| VmError::SaveState(e.into()))
     }
 
     fn start_capture(
@@ -252,13 +261,6 @@ impl MigrationSource for VmSource {
             device_buffers(table),
             chunks.into_iter().map(to_key).collect(),
         ))
-    }
-
-    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
-        self.replayer()
-            .map_err(VmError::Capture)?
-            .read_base_chunk(to_chunk(chunk), out)
-            .map_err(|e| VmError::Capture(e.into()))
     }
 
     fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {

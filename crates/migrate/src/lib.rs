@@ -43,7 +43,7 @@ pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
     error_chain, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer, FileChunk, FileOffer,
-    FileTransfer, MigrationSource, MigrationTarget, PageSet, VmDescription, VmError,
+    FileTransfer, MigrationSource, MigrationTarget, PageSet, VmContents, VmDescription, VmError,
 };
 
 /// Errors of a migration, on either side.

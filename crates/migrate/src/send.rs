@@ -18,7 +18,7 @@ use crate::replay::{
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
     error_chain, ChunkKey, ChunkPart, DeviceBuffer, FileTransfer, MigrationSource, PageSet,
-    MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
+    VmContents, MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
 };
 use crate::wire::{
     FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_CONTROL_BYTES, MAX_RUN_PAGES,
@@ -425,8 +425,8 @@ impl RoundWork {
     /// Round 0's work: every page and chunk of `source` (of `ram_pages` pages) that may
     /// hold data, and the files. Called once dirty tracking runs (or the VM is paused),
     /// so a page or chunk populated after the query is in a later round's dirty set.
-    pub(crate) fn first(
-        source: &dyn MigrationSource,
+    pub(crate) fn first<S: VmContents + ?Sized>(
+        source: &S,
         ram_pages: u64,
         files: Vec<FilePiece>,
     ) -> Self {
@@ -631,8 +631,8 @@ pub(crate) struct StreamBuffers {
 
 /// Sends what it takes from `queue` on one stream: runs of pages (split around zero
 /// pages), then chunks.
-pub(crate) fn send_share<W: std::io::Write>(
-    source: &dyn MigrationSource,
+pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
+    source: &S,
     writer: &mut FrameWriter<W>,
     buffers: &mut StreamBuffers,
     queue: &WorkQueue<'_>,

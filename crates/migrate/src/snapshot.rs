@@ -1,7 +1,7 @@
 //! Snapshots: a paused VM saved to a file, and loaded back into a new VM.
 //!
 //! A snapshot is a migration whose destination is a file. It is written from the VM's
-//! [`MigrationSource`] by the sender of a stop-and-copy migration's round 0, in the
+//! [`VmContents`] by the sender of a stop-and-copy migration's round 0, in the
 //! migration stream's frames, and read back into a [`MigrationTarget`] with the
 //! receiver's record checks. One serializer of a whole VM serves both.
 //!
@@ -31,9 +31,7 @@ use std::path::{Path, PathBuf};
 use crate::receive::{apply_data, sync_buffers, validate_offer};
 use crate::replay::DeviceTransfer;
 use crate::send::{send_share, CancelToken, RoundWork, StreamBuffers, WorkQueue};
-use crate::vm::{
-    FileTransfer, MigrationSource, MigrationTarget, VmDescription, VmError, PAGE_SIZE,
-};
+use crate::vm::{FileTransfer, MigrationTarget, VmContents, VmDescription, VmError, PAGE_SIZE};
 use crate::wire::{Frame, FrameReader, FrameWriter, Message, Transfer, PROTOCOL_VERSION};
 use crate::MigrationError;
 
@@ -130,7 +128,7 @@ fn file_error(path: &Path, error: MigrationError) -> SnapshotError {
 
 /// Saves the paused VM `vm` to `path`, atomically: the file appears (renamed from a
 /// temporary) only once complete and synced, and a failed save leaves nothing behind.
-pub fn save(vm: &dyn MigrationSource, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotError> {
     let description = vm.describe();
     let state = vm.save_state().map_err(SnapshotError::Save)?;
     let mut buffers = vm.device_buffers();

@@ -431,30 +431,12 @@ pub struct FileChunk {
     pub buffer_bytes: u64,
 }
 
-/// The VM being sent. Methods take `&self`: the engine reads from several threads while
-/// the VM runs.
-pub trait MigrationSource: Sync {
+/// What a VM holds, as the engine reads it to send it or to save it: its shape, RAM,
+/// device memory, attached files and (paused) state. Methods take `&self`: the engine
+/// reads from several threads, while the VM runs.
+pub trait VmContents: Sync {
     /// Shape and compatibility facts.
     fn describe(&self) -> VmDescription;
-    /// Starts dirty tracking of RAM and device memory.
-    fn start_tracking(&self) -> Result<(), VmError>;
-    /// Stops dirty tracking.
-    fn stop_tracking(&self);
-    /// RAM pages written since the last call (or since tracking started), cleared.
-    fn take_dirty_pages(&self) -> Result<PageSet, VmError>;
-    /// Device chunks written since the last call, cleared.
-    fn take_dirty_chunks(&self) -> Vec<ChunkKey>;
-    /// Device chunks written since the last call, with the bytes of each written,
-    /// cleared (the default: whole chunks).
-    fn take_dirty_parts(&self) -> Vec<ChunkPart> {
-        self.take_dirty_chunks()
-            .into_iter()
-            .map(ChunkPart::whole)
-            .collect()
-    }
-    /// Device chunks that may hold data now (at most every chunk of every buffer); the
-    /// others are known to read as zero, and the first round skips them without reading.
-    fn populated_chunks(&self) -> Vec<ChunkKey>;
     /// The device buffer table now.
     fn device_buffers(&self) -> Vec<DeviceBuffer>;
     /// RAM pages that may hold data now; the others are known to read as zero, and the
@@ -462,6 +444,9 @@ pub trait MigrationSource: Sync {
     fn populated_pages(&self) -> Option<PageSet> {
         None
     }
+    /// Device chunks that may hold data now (at most every chunk of every buffer); the
+    /// others are known to read as zero, and the first round skips them without reading.
+    fn populated_chunks(&self) -> Vec<ChunkKey>;
     /// Reads guest RAM at `gpa` into `out`.
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError>;
     /// Reads bytes of attached file `file` (its index in [`VmDescription::files`]).
@@ -483,6 +468,36 @@ pub trait MigrationSource: Sync {
     fn file_chunk(&self, _chunk: ChunkKey) -> Option<FileChunk> {
         None
     }
+    /// Copies base chunk `chunk` into `out` as it was at the boundary of the capture
+    /// [`MigrationSource::start_capture`] started (zeros for a chunk not written then);
+    /// `false` if it is not in the base or was read already.
+    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
+        let _ = (chunk, out);
+        Err(VmError::Capture(no_replay("read a device base")))
+    }
+    /// The paused VM's complete state less RAM and chunk contents.
+    fn save_state(&self) -> Result<Vec<u8>, VmError>;
+}
+
+/// The VM being sent: its contents, and what the engine does to it while it runs
+/// (dirty tracking, throttling, the pause, the device's command capture).
+pub trait MigrationSource: VmContents {
+    /// Starts dirty tracking of RAM and device memory.
+    fn start_tracking(&self) -> Result<(), VmError>;
+    /// Stops dirty tracking.
+    fn stop_tracking(&self);
+    /// RAM pages written since the last call (or since tracking started), cleared.
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError>;
+    /// Device chunks written since the last call, cleared.
+    fn take_dirty_chunks(&self) -> Vec<ChunkKey>;
+    /// Device chunks written since the last call, with the bytes of each written,
+    /// cleared (the default: whole chunks).
+    fn take_dirty_parts(&self) -> Vec<ChunkPart> {
+        self.take_dirty_chunks()
+            .into_iter()
+            .map(ChunkPart::whole)
+            .collect()
+    }
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);
@@ -492,9 +507,6 @@ pub trait MigrationSource: Sync {
     fn pause(&self) -> Result<Instant, VmError>;
     /// Runs the VM again (a migration that failed before the switchover completed).
     fn resume(&self) -> Result<(), VmError>;
-    /// The paused VM's complete state less RAM and chunk contents.
-    fn save_state(&self) -> Result<Vec<u8>, VmError>;
-
     /// Starts capturing the device for replay (see [`crate::replay`]) at its next
     /// command boundary, and returns the base's buffer table and the chunks to read with
     /// [`Self::read_base_chunk`]; every command from then on is logged. The base is, with
@@ -508,12 +520,6 @@ pub trait MigrationSource: Sync {
     ) -> Result<(Vec<DeviceBuffer>, Vec<ChunkKey>), VmError> {
         let _ = (limits, since);
         Err(VmError::Capture(no_replay("capture its device")))
-    }
-    /// Copies base chunk `chunk` into `out` as it was at the boundary (zeros for a chunk
-    /// not written then); `false` if it is not in the base or was read already.
-    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
-        let _ = (chunk, out);
-        Err(VmError::Capture(no_replay("read a device base")))
     }
     /// The commands logged since the last take, in order.
     fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {

@@ -20,7 +20,7 @@ use ferry_migrate::MAX_HANDSHAKES_PER_PEER;
 use ferry_migrate::{
     migrate_vm, serve, settle, ChunkKey, DeviceBuffer, DeviceTransfer, FileOffer, FileTransfer,
     MigrationError, MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode,
-    PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmDescription, VmError,
+    PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmContents, VmDescription, VmError,
 };
 use sha2::{Digest, Sha256};
 
@@ -304,7 +304,7 @@ impl FakeSource {
     }
 }
 
-impl MigrationSource for FakeSource {
+impl VmContents for FakeSource {
     fn describe(&self) -> VmDescription {
         let s = self.lock();
         VmDescription {
@@ -338,64 +338,6 @@ impl MigrationSource for FakeSource {
             out[0] ^= 1;
         }
         Ok(())
-    }
-
-    fn start_tracking(&self) -> Result<(), VmError> {
-        let mut s = self.lock();
-        s.dirty.fill(0);
-        s.dirty_chunks.clear();
-        s.tracking = true;
-        Ok(())
-    }
-
-    fn stop_tracking(&self) {
-        self.lock().tracking = false;
-        self.stop_tracking_calls.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
-        let mut s = self.lock();
-        if !s.tracking {
-            return Err(VmError::DirtyLog(
-                "dirty pages taken without tracking".into(),
-            ));
-        }
-        if self.hot.load(Ordering::SeqCst) && !s.paused {
-            for page in 0..s.pages() {
-                s.write_page(page);
-            }
-            let ids: Vec<u32> = s.buffers.keys().copied().collect();
-            for id in ids {
-                for index in 0..chunk_count(s.buffers[&id].len() as u64) {
-                    s.write_device(id, index * MAX_CHUNK_BYTES);
-                }
-            }
-        }
-        let pages = s.pages();
-        let words = std::mem::replace(&mut s.dirty, vec![0; pages.div_ceil(64) as usize]);
-        Ok(PageSet::from_words(words, pages))
-    }
-
-    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        let mut s = self.lock();
-        if !s.paused && self.churn_buffers.swap(false, Ordering::SeqCst) {
-            // Dirty a chunk of buffer 9, then free it: the engine must skip that chunk.
-            s.write_device(9, 0);
-            s.buffers.remove(&9);
-            // Shrink buffer 2 to one chunk and write it.
-            s.buffers
-                .get_mut(&2)
-                .unwrap()
-                .truncate(MAX_CHUNK_BYTES as usize);
-            s.write_device(2, 5);
-            // A new buffer of 2.5 chunks, all written.
-            s.buffers
-                .insert(10, vec![0u8; (MAX_CHUNK_BYTES * 5 / 2) as usize]);
-            for index in 0..3 {
-                s.write_device(10, index * MAX_CHUNK_BYTES + 17);
-            }
-        }
-        std::mem::take(&mut s.dirty_chunks).into_iter().collect()
     }
 
     fn populated_chunks(&self) -> Vec<ChunkKey> {
@@ -466,6 +408,74 @@ impl MigrationSource for FakeSource {
         Some(data.len() as u64)
     }
 
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        let s = self.lock();
+        if !s.paused {
+            return Err(VmError::SaveState("state saved while running".into()));
+        }
+        Ok(Self::state_blob(&self.name, s.counter))
+    }
+}
+
+impl MigrationSource for FakeSource {
+    fn start_tracking(&self) -> Result<(), VmError> {
+        let mut s = self.lock();
+        s.dirty.fill(0);
+        s.dirty_chunks.clear();
+        s.tracking = true;
+        Ok(())
+    }
+
+    fn stop_tracking(&self) {
+        self.lock().tracking = false;
+        self.stop_tracking_calls.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
+        let mut s = self.lock();
+        if !s.tracking {
+            return Err(VmError::DirtyLog(
+                "dirty pages taken without tracking".into(),
+            ));
+        }
+        if self.hot.load(Ordering::SeqCst) && !s.paused {
+            for page in 0..s.pages() {
+                s.write_page(page);
+            }
+            let ids: Vec<u32> = s.buffers.keys().copied().collect();
+            for id in ids {
+                for index in 0..chunk_count(s.buffers[&id].len() as u64) {
+                    s.write_device(id, index * MAX_CHUNK_BYTES);
+                }
+            }
+        }
+        let pages = s.pages();
+        let words = std::mem::replace(&mut s.dirty, vec![0; pages.div_ceil(64) as usize]);
+        Ok(PageSet::from_words(words, pages))
+    }
+
+    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
+        let mut s = self.lock();
+        if !s.paused && self.churn_buffers.swap(false, Ordering::SeqCst) {
+            // Dirty a chunk of buffer 9, then free it: the engine must skip that chunk.
+            s.write_device(9, 0);
+            s.buffers.remove(&9);
+            // Shrink buffer 2 to one chunk and write it.
+            s.buffers
+                .get_mut(&2)
+                .unwrap()
+                .truncate(MAX_CHUNK_BYTES as usize);
+            s.write_device(2, 5);
+            // A new buffer of 2.5 chunks, all written.
+            s.buffers
+                .insert(10, vec![0u8; (MAX_CHUNK_BYTES * 5 / 2) as usize]);
+            for index in 0..3 {
+                s.write_device(10, index * MAX_CHUNK_BYTES + 17);
+            }
+        }
+        std::mem::take(&mut s.dirty_chunks).into_iter().collect()
+    }
+
     fn set_throttle(&self, percent: u8) {
         self.throttles.lock().unwrap().push(percent);
     }
@@ -489,14 +499,6 @@ impl MigrationSource for FakeSource {
         s.paused = false;
         self.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
-    }
-
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        let s = self.lock();
-        if !s.paused {
-            return Err(VmError::SaveState("state saved while running".into()));
-        }
-        Ok(Self::state_blob(&self.name, s.counter))
     }
 }
 

@@ -17,7 +17,7 @@ use ferry_migrate::{
     migrate_vm, spawn_receiver, CaptureReport, ChunkKey, ChunkPart, DeviceBuffer, DeviceDigest,
     DeviceTransfer, LoggedCommand, MigrationError, MigrationOptions, MigrationReport,
     MigrationSource, MigrationTarget, Outcomes, PageSet, ReceiveReport, Secret, TargetFactory,
-    VmDescription, VmError,
+    VmContents, VmDescription, VmError,
 };
 
 const PAGE: u64 = 4096;
@@ -344,7 +344,7 @@ fn capture_error(why: &str) -> VmError {
     VmError::Capture(why.to_string().into())
 }
 
-impl MigrationSource for Source {
+impl VmContents for Source {
     fn describe(&self) -> VmDescription {
         VmDescription {
             name: "replaying".into(),
@@ -361,6 +361,65 @@ impl MigrationSource for Source {
         }
     }
 
+    fn populated_chunks(&self) -> Vec<ChunkKey> {
+        self.lock().device.chunks()
+    }
+
+    fn device_buffers(&self) -> Vec<DeviceBuffer> {
+        self.lock().device.table()
+    }
+
+    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let s = self.lock();
+        out.copy_from_slice(&s.ram[gpa as usize..gpa as usize + out.len()]);
+        Ok(())
+    }
+
+    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
+        std::thread::sleep(*self.chunk_read_delay.lock().unwrap());
+        let s = self.lock();
+        let data = s.device.chunk(chunk)?;
+        out.clear();
+        out.extend_from_slice(data);
+        Some(s.device.0[&chunk.buffer].len() as u64)
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        Ok(format!("step {}", self.lock().step).into_bytes())
+    }
+
+    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
+        let waited = Instant::now();
+        loop {
+            let mut guard = self.lock();
+            let steps = guard.capture.as_ref().map_or(0, |c| c.steps);
+            if steps < self.base_waits_for_steps && waited.elapsed() < Duration::from_secs(5) {
+                drop(guard);
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let s = &mut *guard;
+            let c = s.capture.as_mut().ok_or_else(|| capture_error("none"))?;
+            if let Some(why) = &c.failed {
+                return Err(capture_error(why));
+            }
+            if !c.unread.remove(&chunk) {
+                return Ok(false);
+            }
+            let data = match c.pool.remove(&chunk) {
+                Some(data) => {
+                    c.pool_bytes -= data.len() as u64;
+                    data
+                }
+                None => s.device.chunk(chunk).unwrap().to_vec(),
+            };
+            *out = data;
+            return Ok(true);
+        }
+    }
+}
+
+impl MigrationSource for Source {
     fn start_tracking(&self) -> Result<(), VmError> {
         let mut s = self.lock();
         s.tracking = true;
@@ -394,29 +453,6 @@ impl MigrationSource for Source {
             .collect()
     }
 
-    fn populated_chunks(&self) -> Vec<ChunkKey> {
-        self.lock().device.chunks()
-    }
-
-    fn device_buffers(&self) -> Vec<DeviceBuffer> {
-        self.lock().device.table()
-    }
-
-    fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
-        let s = self.lock();
-        out.copy_from_slice(&s.ram[gpa as usize..gpa as usize + out.len()]);
-        Ok(())
-    }
-
-    fn read_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Option<u64> {
-        std::thread::sleep(*self.chunk_read_delay.lock().unwrap());
-        let s = self.lock();
-        let data = s.device.chunk(chunk)?;
-        out.clear();
-        out.extend_from_slice(data);
-        Some(s.device.0[&chunk.buffer].len() as u64)
-    }
-
     fn set_throttle(&self, percent: u8) {
         self.lock().throttle = percent;
     }
@@ -432,10 +468,6 @@ impl MigrationSource for Source {
         self.lock().paused = false;
         self.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
-    }
-
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        Ok(format!("step {}", self.lock().step).into_bytes())
     }
 
     fn start_capture(
@@ -467,36 +499,6 @@ impl MigrationSource for Source {
             steps: 0,
         });
         Ok((s.device.table(), chunks))
-    }
-
-    fn read_base_chunk(&self, chunk: ChunkKey, out: &mut Vec<u8>) -> Result<bool, VmError> {
-        let waited = Instant::now();
-        loop {
-            let mut guard = self.lock();
-            let steps = guard.capture.as_ref().map_or(0, |c| c.steps);
-            if steps < self.base_waits_for_steps && waited.elapsed() < Duration::from_secs(5) {
-                drop(guard);
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            let s = &mut *guard;
-            let c = s.capture.as_mut().ok_or_else(|| capture_error("none"))?;
-            if let Some(why) = &c.failed {
-                return Err(capture_error(why));
-            }
-            if !c.unread.remove(&chunk) {
-                return Ok(false);
-            }
-            let data = match c.pool.remove(&chunk) {
-                Some(data) => {
-                    c.pool_bytes -= data.len() as u64;
-                    data
-                }
-                None => s.device.chunk(chunk).unwrap().to_vec(),
-            };
-            *out = data;
-            return Ok(true);
-        }
     }
 
     fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {

@@ -12,7 +12,7 @@ use ferry_migrate::snapshot::{
 };
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::wire::{FrameWriter, Message, Transfer, PROTOCOL_VERSION};
-use ferry_migrate::{error_chain, ChunkKey, FileTransfer, MigrationSource};
+use ferry_migrate::{error_chain, ChunkKey, FileTransfer, VmContents};
 use memory_vm::{description, MemoryVm, StillVm};
 
 const RAM: u64 = 64 * PAGE_SIZE;

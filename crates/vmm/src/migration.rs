@@ -4,15 +4,14 @@
 //! ([`PausedVm`]).
 
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::device::{AccelStateError, Accelerator, BufferState};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, MigrationSource,
-    MigrationTarget, PageSet, VmDescription, VmError,
+    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, MigrationTarget, PageSet,
+    VmContents, VmDescription, VmError,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -76,7 +75,7 @@ pub fn file_infos(offers: &[FileOffer]) -> Vec<FileInfo> {
         .collect()
 }
 
-/// What [`MigrationSource`] reads of a VM, through its tracker (without the VM's lock).
+/// What [`VmContents`] reads of a VM, through its tracker (without the VM's lock).
 impl VmTracker {
     /// The device buffer table now.
     pub fn device_buffers(&self) -> Vec<DeviceBuffer> {
@@ -129,7 +128,7 @@ impl VmTracker {
     }
 }
 
-/// The [`MigrationSource`] methods that read a VM's memory, each through the
+/// The [`VmContents`] methods that read a VM's memory, each through the
 /// [`VmTracker`] in field `$tracker`: one definition for every adapter of a microVM.
 #[macro_export]
 macro_rules! reads_through_tracker {
@@ -199,41 +198,12 @@ impl PausedVm {
     }
 }
 
-impl MigrationSource for PausedVm {
+impl VmContents for PausedVm {
     fn describe(&self) -> VmDescription {
         self.description.clone()
     }
 
-    fn start_tracking(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-
-    fn stop_tracking(&self) {}
-
-    // Paused: nothing is written.
-    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
-        Ok(PageSet::empty(
-            self.description.ram_size / ferry_migrate::vm::PAGE_SIZE,
-        ))
-    }
-
-    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        Vec::new()
-    }
-
     reads_through_tracker!(tracker);
-
-    fn set_throttle(&self, _percent: u8) {}
-
-    fn pause(&self) -> Result<Instant, VmError> {
-        Ok(Instant::now())
-    }
-
-    fn resume(&self) -> Result<(), VmError> {
-        Err(VmError::Resume(
-            "a saved VM is resumed by its owner, not by the snapshot".into(),
-        ))
-    }
 
     fn save_state(&self) -> Result<Vec<u8>, VmError> {
         postcard::to_stdvec(&self.state).map_err(|e| VmError::SaveState(e.into()))

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::{
-    ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmDescription, VmError,
+    ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmContents, VmDescription,
+    VmError,
 };
 
 /// A VM of `ram_size` bytes of RAM and `accel_memory` bytes of device memory.
@@ -71,19 +72,9 @@ impl StillVm {
     }
 }
 
-impl MigrationSource for StillVm {
+impl VmContents for StillVm {
     fn describe(&self) -> VmDescription {
         self.description.clone()
-    }
-    fn start_tracking(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-    fn stop_tracking(&self) {}
-    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
-        Ok(PageSet::empty(self.description.ram_size / PAGE_SIZE))
-    }
-    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
-        Vec::new()
     }
     fn populated_chunks(&self) -> Vec<ChunkKey> {
         self.chunks.keys().copied().collect()
@@ -100,6 +91,22 @@ impl MigrationSource for StillVm {
         out.clone_from(self.chunks.get(&chunk)?);
         Some(buffer.bytes)
     }
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        Ok(self.state.clone())
+    }
+}
+
+impl MigrationSource for StillVm {
+    fn start_tracking(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn stop_tracking(&self) {}
+    fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
+        Ok(PageSet::empty(self.description.ram_size / PAGE_SIZE))
+    }
+    fn take_dirty_chunks(&self) -> Vec<ChunkKey> {
+        Vec::new()
+    }
     fn set_throttle(&self, _percent: u8) {}
     fn pause(&self) -> Result<Instant, VmError> {
         self.paused.store(true, Ordering::SeqCst);
@@ -108,9 +115,6 @@ impl MigrationSource for StillVm {
     fn resume(&self) -> Result<(), VmError> {
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
-    }
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
-        Ok(self.state.clone())
     }
 }
 
