@@ -40,7 +40,7 @@ pub mod channel;
 pub mod file;
 
 /// Version of this contract; the VMM writes it into [`BootInfo::abi_version`].
-/// 2: attached files ([`file`]). 3: the message channel ([`channel`]).
+/// 2: attached files ([`mod@file`]). 3: the message channel ([`channel`]).
 pub const ABI_VERSION: u32 = 3;
 
 /// Size of a guest page, and the granularity of guest RAM dirty tracking.

@@ -62,7 +62,7 @@ impl Host {
     }
 
     /// The responses of `stream` of VM `id` from index `from` on, waiting up to `wait`
-    /// (at most [`MAX_READ_WAIT`]) for one. Blocks: call it off the async runtime.
+    /// (at most `MAX_READ_WAIT`) for one. Blocks: call it off the async runtime.
     pub fn channel_read(
         &self,
         id: &str,

@@ -722,7 +722,7 @@ impl Host {
     }
 
     /// Answers a settle question about a migration received here (see
-    /// [`ferry_migrate::settle`]): asked by a source through the center.
+    /// [`mod@ferry_migrate::settle`]): asked by a source through the center.
     pub fn settle_incoming(&self, session: u64) -> Settlement {
         self.outcomes.settle(session)
     }

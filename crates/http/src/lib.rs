@@ -82,7 +82,7 @@ pub struct Serving {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// [`serve`]s `router` on `listener` on a task of `runtime`, until the [`Serving`]
+/// Serves `router` on `listener` on a task of `runtime`, until the [`Serving`]
 /// returned is dropped; a failure is logged as `name`'s.
 pub fn spawn(
     runtime: &tokio::runtime::Handle,

@@ -92,7 +92,7 @@ pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: A
 /// authentication runs inside it; a connection that fails either is logged and closed,
 /// and the listener goes on. Until it has authenticated, a connection is one of at most
 /// [`crate::gate::MAX_HANDSHAKES`] (and of its peer address's
-/// [`crate::gate::MAX_HANDSHAKES_PER_PEER`]), has [`HANDSHAKE_TIME`] to finish, and
+/// [`crate::gate::MAX_HANDSHAKES_PER_PEER`]), has `HANDSHAKE_TIME` to finish, and
 /// may send only handshake-sized frames; one over the limits is closed at once. Every
 /// incoming session's outcome is kept in `outcomes`, to settle in-doubt switchovers.
 pub fn serve_with_tls<F: TargetFactory>(

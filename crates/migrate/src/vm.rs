@@ -509,7 +509,7 @@ pub trait MigrationSource: VmContents {
     fn resume(&self) -> Result<(), VmError>;
     /// Starts capturing the device for replay (see [`crate::replay`]) at its next
     /// command boundary, and returns the base's buffer table and the chunks to read with
-    /// [`Self::read_base_chunk`]; every command from then on is logged. The base is, with
+    /// [`VmContents::read_base_chunk`]; every command from then on is logged. The base is, with
     /// `since` `None`, every chunk that may hold data; with `Some(pending)`, the chunks
     /// `pending` and those dirtied since the last take (taken at the boundary), of the
     /// base's buffers: a destination that has the rest from pre-copy.

@@ -167,7 +167,7 @@ pub enum Message {
         reason: String,
     },
     /// Instead of an offer: whether the destination runs the VM of migration `session`
-    /// (see [`crate::settle`]).
+    /// (see [`mod@crate::settle`]).
     Settle {
         /// The session the destination gave in [`Message::Accept`].
         session: u64,
@@ -353,7 +353,7 @@ pub struct FrameReader<R> {
 
 impl<R: Read> FrameReader<R> {
     /// A reader over `input`, of which `bytes_read` bytes were read already (a frame
-    /// read first is checked for a TLS record instead: see [`read_header`]).
+    /// read first is checked for a TLS record instead).
     pub fn new(input: R, bytes_read: u64) -> Self {
         Self {
             input,

@@ -63,7 +63,7 @@ pub struct VcpuState {
     pub xcrs: kvm_xcrs,
     /// Debug registers.
     pub debug_regs: kvm_debugregs,
-    /// The MSRs of [`SAVED_MSRS`] this host supports.
+    /// The MSRs of `SAVED_MSRS` this host supports.
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions and interrupt shadow (restored last).
     pub vcpu_events: kvm_vcpu_events,

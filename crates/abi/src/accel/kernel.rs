@@ -1,6 +1,6 @@
 //! Kernels: one declarative table from which everything about a kernel is derived.
 //!
-//! Each entry of [`kernels!`] below gives a kernel's id, its name, its arguments in
+//! Each entry of `kernels!` below gives a kernel's id, its name, its arguments in
 //! command order (each with a [`Param`] kind that says how the raw `u64` is decoded and
 //! checked) and a block that declares which byte ranges of which buffers it reads and
 //! writes, after any constraint of its own. From that one entry come:

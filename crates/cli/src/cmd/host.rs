@@ -133,8 +133,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
     /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
-    /// as sha256-<hash>; a VM moving back, or another with the same file, finds them
-    /// there (default: /var/tmp/ferry-<name>/files).
+    /// as `sha256-<hash>`; a VM moving back, or another with the same file, finds them
+    /// there (default: `/var/tmp/ferry-<name>/files`).
     #[arg(long, value_name = "DIR")]
     pub file_store: Option<PathBuf>,
     #[command(flatten)]
