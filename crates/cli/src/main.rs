@@ -98,6 +98,12 @@ pub struct RunArgs {
 pub struct RestoreArgs {
     /// Snapshot directory written by `ferry run --snapshot-at-ms`.
     pub dir: PathBuf,
+    /// The attached files, where they are on this machine (repeatable, in the order they
+    /// were attached), e.g. `--attach model=/data/model.gguf`. Default: the paths the
+    /// snapshot recorded. Each must have the content the snapshot recorded (SHA-256),
+    /// since device memory that held a piece of a file is read from it again.
+    #[arg(long, value_name = "NAME=PATH", value_parser = attach::parse_attach)]
+    pub attach: Vec<(String, PathBuf)>,
     /// Host threads for the accelerator's cpu backend (default: all cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub accel_threads: Option<u16>,

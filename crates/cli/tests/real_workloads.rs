@@ -145,7 +145,22 @@ fn a_model_answering_is_snapshotted_mid_answer_and_restored_with_the_unmigrated_
         stored < size / 2,
         "{stored} bytes stored for a {size}-byte model"
     );
-    let restored = ferry(&["restore", snapshot_dir]);
+    // Another file given for the model is refused before anything is loaded.
+    let wrong = format!("model={}", dir.path().join("vm.snap").display());
+    let refused = ferry(&["restore", snapshot_dir, "--attach", &wrong]);
+    let why = text(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("was given"),
+        "{why}"
+    );
+    // The model found elsewhere (as on another machine) is read from there.
+    let moved = dir.path().join("moved.gguf");
+    let model = files[0].strip_prefix("model=").unwrap();
+    std::fs::hard_link(model, &moved)
+        .or_else(|_| std::fs::copy(model, &moved).map(drop))
+        .unwrap();
+    let moved = format!("model={}", moved.display());
+    let restored = ferry(&["restore", snapshot_dir, "--attach", &moved]);
     assert!(restored.status.success(), "{}", text(&restored.stderr));
     let console = text(&saved.stdout) + &text(&restored.stdout);
     assert_eq!(answer(&console), want, "the restored answer differs");

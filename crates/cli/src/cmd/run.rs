@@ -111,8 +111,9 @@ fn snapshot_path(arg: &Path) -> PathBuf {
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let path = snapshot_path(&args.dir);
     let started = Instant::now();
-    let (mut vm, stats) = Microvm::restore(&path, host_options(args.accel_threads))
-        .context("cannot restore the VM")?;
+    let mut host = host_options(args.accel_threads);
+    host.files = AttachedFiles::open(&args.attach).context("cannot attach the files")?;
+    let (mut vm, stats) = Microvm::restore(&path, host).context("cannot restore the VM")?;
     let named = match stats.file_chunks {
         0 => String::new(),
         n => format!(", {n} device chunks read from attached files"),
