@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_migrate::FileOffer;
 use ferry_vmm::files::AttachedFile;
+use ferry_vmm::migration::file_info;
 use ferry_vmm::FileInfo;
 
 /// The file store of one host.
@@ -28,15 +29,6 @@ pub struct IncomingFile {
     info: FileInfo,
     part: PathBuf,
     file: File,
-}
-
-fn info(offer: &FileOffer, path: PathBuf) -> FileInfo {
-    FileInfo {
-        name: offer.name.clone(),
-        size: offer.size,
-        sha256: offer.sha256.clone(),
-        path,
-    }
 }
 
 /// Whether `sha` is a SHA-256 in lowercase hex (it becomes part of a file name).
@@ -93,7 +85,7 @@ impl FileStore {
             if !meta.is_file() || meta.len() != offer.size || !path.is_absolute() {
                 return None;
             }
-            match AttachedFile::open_expecting(&info(offer, path.clone()), &path) {
+            match AttachedFile::open_expecting(&file_info(offer, path.clone()), &path) {
                 Ok(file) => Some(file),
                 Err(e) => {
                     tracing::debug!(file = %offer.name, "not a copy: {e}");
@@ -141,7 +133,7 @@ impl FileStore {
                     .and_then(|f| f.set_len(offer.size).map(|()| f))
                     .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
                 Ok(IncomingFile {
-                    info: info(offer, part.clone()),
+                    info: file_info(offer, part.clone()),
                     part,
                     file,
                 })

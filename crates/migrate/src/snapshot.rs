@@ -74,6 +74,14 @@ pub enum SnapshotError {
         /// Version in the file.
         found: u32,
     },
+    /// Its frames are of another version of the migration stream.
+    #[error("{}: snapshot written with migration stream protocol {found} (this ferry reads protocol {PROTOCOL_VERSION})", path.display())]
+    UnsupportedProtocol {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Protocol in the file.
+        found: u32,
+    },
     /// A frame or record is malformed, out of order, or outside the VM's shape.
     #[error("{}: corrupt snapshot", path.display())]
     Corrupt {
@@ -223,10 +231,16 @@ impl SnapshotReader {
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
         let protocol = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION || protocol != PROTOCOL_VERSION {
+        if version != FORMAT_VERSION {
             return Err(SnapshotError::UnsupportedVersion {
                 path: path.to_owned(),
                 found: version,
+            });
+        }
+        if protocol != PROTOCOL_VERSION {
+            return Err(SnapshotError::UnsupportedProtocol {
+                path: path.to_owned(),
+                found: protocol,
             });
         }
         let mut frames = FrameReader::new(input, HEADER_LEN as u64);

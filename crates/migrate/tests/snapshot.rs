@@ -113,6 +113,7 @@ fn a_bit_flipped_in_any_byte_is_refused_and_never_restored() {
                     | SnapshotError::Truncated { .. }
                     | SnapshotError::BadMagic { .. }
                     | SnapshotError::UnsupportedVersion { .. }
+                    | SnapshotError::UnsupportedProtocol { .. }
             ),
             "byte {at}: {}",
             error_chain(&err)

@@ -3,6 +3,7 @@
 //! filling an [`IncomingVm`] ([`FillingVm`]), and a paused VM as a source
 //! ([`PausedVm`]).
 
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_abi::ABI_VERSION;
@@ -62,16 +63,21 @@ pub fn file_offers(files: Vec<FileInfo>) -> Vec<FileOffer> {
         .collect()
 }
 
+/// Attached file `offer` as found at `path`.
+pub fn file_info(offer: &FileOffer, path: PathBuf) -> FileInfo {
+    FileInfo {
+        name: offer.name.clone(),
+        size: offer.size,
+        sha256: offer.sha256.clone(),
+        path,
+    }
+}
+
 /// The attached files as `offers` describes them (to open them again where they were).
 pub fn file_infos(offers: &[FileOffer]) -> Vec<FileInfo> {
     offers
         .iter()
-        .map(|f| FileInfo {
-            name: f.name.clone(),
-            size: f.size,
-            sha256: f.sha256.clone(),
-            path: f.path.clone().into(),
-        })
+        .map(|f| file_info(f, f.path.clone().into()))
         .collect()
 }
 
