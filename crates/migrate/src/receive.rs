@@ -709,9 +709,7 @@ fn receive_vm<F: TargetFactory>(
     if result.is_err() {
         outcomes.ended(session, false);
     }
-    let (target, report) = result?;
-    factory.adopt(target, report);
-    Ok(())
+    result
 }
 
 /// An offer the destination accepted, with the VM prepared for it.
@@ -729,14 +727,15 @@ struct Accepted<T> {
     replay: bool,
 }
 
-/// The rest of [`receive_vm`] once the session exists: returns the running VM's target.
+/// The rest of [`receive_vm`] once the session exists: the VM runs here and is adopted
+/// when it returns `Ok`.
 fn receive_session<F: TargetFactory>(
     mut conn: Conn,
     control_socket: TcpStream,
     shared: Shared<'_, F>,
     accepted: Accepted<F::Target>,
     session: u64,
-) -> Result<(F::Target, ReceiveReport), MigrationError> {
+) -> Result<(), MigrationError> {
     let Accepted {
         started,
         target,
@@ -818,7 +817,13 @@ fn receive_session<F: TargetFactory>(
         total_ms: ms(started.elapsed()),
     };
     tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
-    Ok((target, report))
+    // Adopted before the source hears it runs here: a client the source then sends
+    // here finds the VM listed as running, not an earlier stay's record.
+    shared.factory.adopt(target, report);
+    // The VM runs here now; a lost confirmation leaves it running here and paused at
+    // the source, never running on both.
+    let _ = conn.send(&Message::Resumed);
+    Ok(())
 }
 
 /// The control conversation after the streams are open; returns the rounds applied.
@@ -985,9 +990,6 @@ fn control_loop<T: MigrationTarget>(
                 target.resume().map_err(MigrationError::Target)?;
                 outcomes.ended(session, true);
                 tracing::debug!(ms = ms(resuming.elapsed()), "resumed");
-                // The VM runs here now; a lost confirmation leaves it running here and
-                // paused at the source, never running on both.
-                let _ = conn.send(&Message::Resumed);
                 return Ok(expected_round);
             }
             other => {

@@ -589,6 +589,8 @@ struct Faults {
     has_files: Mutex<Vec<String>>,
     /// Targets dropped (a VM being received given up, or adopted and gone).
     released: AtomicUsize,
+    /// `adopt` takes this long (a host slow to list the VM it received).
+    adopt_delay: Mutex<Duration>,
 }
 
 struct FakeTarget {
@@ -783,6 +785,7 @@ impl TargetFactory for FakeFactory {
     }
 
     fn adopt(&self, target: FakeTarget, report: ReceiveReport) {
+        std::thread::sleep(*self.faults.adopt_delay.lock().unwrap());
         let _ = self.adopted.lock().unwrap().send((target, report));
     }
 }
@@ -1075,6 +1078,21 @@ fn a_buffer_made_again_with_another_size_during_a_round_is_sent_with_the_next_ta
         source.at_pause().buffers[&1].len() as u64,
         MAX_CHUNK_BYTES * 3 / 2
     );
+    assert_received(&source, &target);
+}
+
+#[test]
+fn the_destination_adopts_the_vm_before_the_source_hears_it_runs() {
+    // A client the source sends on to the destination once the migration succeeded
+    // must find the VM there, not an earlier stay's record.
+    let dest = Destination::start();
+    *dest.faults.adopt_delay.lock().unwrap() = Duration::from_millis(300);
+    let source = FakeSource::new("adopted", 4, 12);
+    migrate(&source, &dest, &options(Mode::StopAndCopy)).expect("stop-and-copy");
+    let (target, _) = dest
+        .adopted
+        .try_recv()
+        .expect("the VM was adopted when the source's migration returned");
     assert_received(&source, &target);
 }
 
