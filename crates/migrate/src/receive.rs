@@ -736,29 +736,22 @@ fn receive_session<F: TargetFactory>(
     accepted: Accepted<F::Target>,
     session: u64,
 ) -> Result<(), MigrationError> {
-    let Accepted {
-        started,
-        target,
-        vm,
-        streams,
-        send_files,
-        file_sizes,
-        replay,
-    } = accepted;
+    let (started, streams, replay) = (accepted.started, accepted.streams, accepted.replay);
     let sessions = shared.sessions;
     let (tx, rx) = channel();
     sessions.lock().expect("sessions lock").insert(session, tx);
-    let accepted = conn
+    let opened = conn
         .send(&Message::Accept {
             session,
-            send_files,
+            send_files: accepted.send_files,
             replay,
         })
         .and_then(|()| collect_streams(&rx, streams, &control_socket));
     sessions.lock().expect("sessions lock").remove(&session);
-    let data = accepted?;
+    let data = opened?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams collected");
-    let inbound = Inbound::new(streams, control_socket, file_sizes);
+    let inbound = Inbound::new(streams, control_socket, accepted.file_sizes);
+    let (target, vm) = (accepted.target, accepted.vm);
     // Each data connection comes with a handle on its socket, to shut it down.
     let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
     let result = std::thread::scope(|scope| {
