@@ -202,27 +202,35 @@ impl ApiClient {
         serde_json::from_str(&text).with_context(|| format!("unexpected answer to {what}: {text}"))
     }
 
+    /// `method path` without a body (a GET is a read, sent again elsewhere if need be):
+    /// what it was, for errors, and the answer.
+    fn call(
+        &self,
+        method: &'static str,
+        path: &str,
+    ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
+        let what = format!("{method} {path}");
+        let response = self.send(&what, method == "GET", |base| {
+            let request = ureq::http::Request::builder()
+                .method(method)
+                .uri(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .body(())
+                .map_err(ureq::Error::from)?;
+            self.agent.run(request)
+        })?;
+        Ok((what, response))
+    }
+
     /// `GET path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let what = format!("GET {path}");
-        let r = self.send(&what, true, |base| {
-            self.agent
-                .get(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .call()
-        })?;
+        let (what, r) = self.call("GET", path)?;
         self.finish(&what, r)
     }
 
     /// `GET path` answered with text.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let what = format!("GET {path}");
-        let mut response = self.send(&what, true, |base| {
-            self.agent
-                .get(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .call()
-        })?;
+        let (what, mut response) = self.call("GET", path)?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -235,19 +243,29 @@ impl ApiClient {
         Ok(text)
     }
 
+    /// `POST path` with a JSON body (never sent twice): what it was, and the answer.
+    fn call_with<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
+        let what = format!("POST {path}");
+        let response = self.send(&what, false, |base| {
+            self.agent
+                .post(format!("{base}{path}"))
+                .header("Authorization", &self.auth)
+                .send_json(body)
+        })?;
+        Ok((what, response))
+    }
+
     /// `POST path` with a JSON body.
     pub fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let what = format!("POST {path}");
-        let r = self.send(&what, false, |base| {
-            self.agent
-                .post(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .send_json(body)
-        })?;
+        let (what, r) = self.call_with(path, body)?;
         self.finish(&what, r)
     }
 
@@ -259,13 +277,7 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
         use std::io::BufRead;
-        let what = format!("POST {path}");
-        let response = self.send(&what, false, |base| {
-            self.agent
-                .post(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .send_json(body)
-        })?;
+        let (what, response) = self.call_with(path, body)?;
         if !response.status().is_success() {
             return Err(self
                 .finish::<serde_json::Value>(&what, response)
@@ -276,13 +288,7 @@ impl ApiClient {
 
     /// `DELETE path`.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let what = format!("DELETE {path}");
-        let r = self.send(&what, false, |base| {
-            self.agent
-                .delete(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .call()
-        })?;
+        let (what, r) = self.call("DELETE", path)?;
         self.finish(&what, r)
     }
 
