@@ -742,10 +742,7 @@ impl<'a> Gguf<'a> {
 
         let mut kvs = Vec::new();
         for _ in 0..kv_count {
-            let key = r.string("metadata key")?;
-            let key = core::str::from_utf8(key).map_err(|_| GgufError::InvalidUtf8 {
-                what: "metadata key",
-            })?;
+            let key = r.text("metadata key")?;
             let code = r.u32("metadata value type")?;
             let ty = ValueType::from_code(code).ok_or_else(|| GgufError::UnknownValueType {
                 key: key.into(),
@@ -754,15 +751,8 @@ impl<'a> Gguf<'a> {
             let value = r.value(ty, key)?;
             kvs.push((key, value));
         }
-        let mut by_key: Vec<u32> = (0..kvs.len() as u32).collect();
-        by_key.sort_unstable_by(|&a, &b| key_of(&kvs, a).cmp(key_of(&kvs, b)));
-        for w in by_key.windows(2) {
-            if key_of(&kvs, w[0]) == key_of(&kvs, w[1]) {
-                return Err(GgufError::DuplicateKey {
-                    key: key_of(&kvs, w[0]).into(),
-                });
-            }
-        }
+        let by_key = sorted_indices(kvs.len(), |i| key_of(&kvs, i))
+            .map_err(|key| GgufError::DuplicateKey { key: key.into() })?;
         let mut gguf = Gguf {
             version,
             kvs,
@@ -790,10 +780,7 @@ impl<'a> Gguf<'a> {
         // The tensor infos: offsets stay relative until the data section is known.
         let mut tensors = Vec::new();
         for _ in 0..tensor_count {
-            let name = r.string("tensor name")?;
-            let name = core::str::from_utf8(name).map_err(|_| GgufError::InvalidUtf8 {
-                what: "tensor name",
-            })?;
+            let name = r.text("tensor name")?;
             let n_dims = r.u32("tensor dimension count")?;
             if n_dims == 0 || n_dims as usize > MAX_DIMS {
                 return Err(GgufError::BadDims {
@@ -880,15 +867,12 @@ impl<'a> Gguf<'a> {
                 _ => return Err(past_end(offset)),
             }
         }
-        let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
-        by_name.sort_unstable_by(|&a, &b| name_of(&tensors, a).cmp(name_of(&tensors, b)));
-        for w in by_name.windows(2) {
-            if name_of(&tensors, w[0]) == name_of(&tensors, w[1]) {
-                return Err(GgufError::DuplicateTensor {
-                    tensor: name_of(&tensors, w[0]).into(),
-                });
-            }
-        }
+        let by_name =
+            sorted_indices(tensors.len(), |i| name_of(&tensors, i)).map_err(|tensor| {
+                GgufError::DuplicateTensor {
+                    tensor: tensor.into(),
+                }
+            })?;
         let mut by_offset: Vec<&TensorInfo<'_>> = tensors.iter().collect();
         by_offset.sort_unstable_by_key(|t| t.offset);
         for w in by_offset.windows(2) {
@@ -1008,6 +992,17 @@ impl<'a> Gguf<'a> {
     }
 }
 
+/// The indices `0..count` sorted by `name`, for binary search; `Err` with a name that two
+/// of them share.
+fn sorted_indices<'k>(count: usize, name: impl Fn(u32) -> &'k str) -> Result<Vec<u32>, &'k str> {
+    let mut sorted: Vec<u32> = (0..count as u32).collect();
+    sorted.sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
+    match sorted.windows(2).find(|w| name(w[0]) == name(w[1])) {
+        Some(w) => Err(name(w[0])),
+        None => Ok(sorted),
+    }
+}
+
 fn key_of<'k>(kvs: &[(&'k str, Value<'_>)], i: u32) -> &'k str {
     kvs.get(i as usize).map_or("", |kv| kv.0)
 }
@@ -1101,6 +1096,12 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &'static str) -> Result<&'a [u8], GgufError> {
         let len = self.u64(what)?;
         self.take(len, what)
+    }
+
+    /// A string that must be UTF-8 (a key or a name).
+    fn text(&mut self, what: &'static str) -> Result<&'a str, GgufError> {
+        let bytes = self.string(what)?;
+        core::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 { what })
     }
 
     /// A value of type `ty` (the value of metadata `key`).
