@@ -641,8 +641,7 @@ fn a_full_disk_fails_the_snapshot_and_the_vm_runs_to_its_end() {
     if !kvm_available("a_full_disk_fails_the_snapshot_and_the_vm_runs_to_its_end") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ferry-full-disk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ferry_testdata::scratch_dir("full-disk");
     // Every write to the snapshot lands on /dev/full: "no space left on device".
     let partial = dir.join("vm.snap.partial");
     let _ = std::fs::remove_file(&partial);

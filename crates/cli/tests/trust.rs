@@ -154,8 +154,7 @@ fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
     if !kvm_available("api_tokens_have_one_purpose_each_and_read_only_ones_only_read") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ferry-tokens-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ferry_testdata::scratch_dir("tokens-test");
     let tokens = dir.join("tokens");
     std::fs::write(
         &tokens,

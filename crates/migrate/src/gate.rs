@@ -166,15 +166,9 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tcp_pair as socket;
     use std::io::Read;
-    use std::net::{Ipv4Addr, TcpListener};
-
-    fn socket() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (client, server)
-    }
+    use std::net::Ipv4Addr;
 
     #[test]
     fn a_peer_gets_its_share_and_the_host_its_limit() {

@@ -214,6 +214,15 @@ impl MigrationError {
     }
 }
 
+/// A connected loopback TCP pair (client, server), for the unit tests of socket code.
+#[cfg(test)]
+pub(crate) fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -156,6 +156,7 @@ impl Device {
 }
 
 /// The source's capture: base chunks not read, preserved ones, the log.
+#[derive(Default)]
 struct Capture {
     limits: CaptureLimits,
     unread: BTreeSet<ChunkKey>,
@@ -490,13 +491,7 @@ impl MigrationSource for Source {
         s.capture = Some(Capture {
             limits,
             unread: base,
-            pool: BTreeMap::new(),
-            pool_bytes: 0,
-            log: Vec::new(),
-            log_bytes: 0,
-            failed: None,
-            report: CaptureReport::default(),
-            steps: 0,
+            ..Capture::default()
         });
         Ok((s.device.table(), chunks))
     }

@@ -22,6 +22,16 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A directory of this test process for `label`'s files, under the system's temporary
+/// directory (created if missing; tests running at once may share it, so each names its
+/// own files).
+pub fn scratch_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-{label}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
 /// Reports that `test` does not run because of `why`: fails it when `require_var` is set
 /// to 1, else writes a loud SKIPPED line straight to stderr.
 fn missing(test: &str, why: &str, require_var: &str) {

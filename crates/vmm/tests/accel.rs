@@ -1,7 +1,6 @@
 //! AI workloads on the virtual accelerator, in real VMs: determinism across backend
 //! thread counts, learning, and snapshot/restore in the middle of training.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_vmm::devices::console::last_field;
@@ -82,12 +81,6 @@ fn mlp_train_learns() {
     assert!(last.is_finite());
 }
 
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferry-accel-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 #[test]
 fn snapshot_mid_training_restores_to_the_same_checksum() {
     if !kvm_available("snapshot_mid_training_restores_to_the_same_checksum") {
@@ -102,7 +95,7 @@ fn snapshot_mid_training_restores_to_the_same_checksum() {
             !vm.console_tail().contains("checksum="),
             "snapshot after the end"
         );
-        let path = temp_path(&format!("mlp-{i}.snap"));
+        let path = ferry_testdata::scratch_dir("accel-test").join(format!("mlp-{i}.snap"));
         let stats = vm.save(&path).unwrap();
         assert!(
             stats.chunks_stored > 0,

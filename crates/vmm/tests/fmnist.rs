@@ -169,8 +169,7 @@ fn fmnist_train_refuses_corrupt_files_naming_the_problem() {
     let Some(dir) = dataset("fmnist_train_refuses_corrupt_files_naming_the_problem") else {
         return;
     };
-    let tmp = std::env::temp_dir().join(format!("ferry-fmnist-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = ferry_testdata::scratch_dir("fmnist");
     // The 10,000 test images serve as the training images too (quicker to decode), with
     // a corrupt train-labels beside them: synthetic labels suffice for the checks.
     let labels: Vec<u8> = (0..10_000u32).map(|i| (i % 10) as u8).collect();
@@ -262,8 +261,7 @@ fn a_snapshot_mid_epoch_restores_to_the_same_checksum() {
         !vm.console_tail().contains("checksum="),
         "snapshot after the end"
     );
-    let tmp = std::env::temp_dir().join(format!("ferry-fmnist-snap-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = ferry_testdata::scratch_dir("fmnist-snap");
     let path = tmp.join("fmnist.snap");
     vm.save(&path).unwrap();
     drop(vm);

@@ -4,7 +4,6 @@
 //! straight to stderr (not through the captured `eprintln!`), so a machine without KVM
 //! shows it in the test output instead of passing silently.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_vmm::vcpu::VcpuRunError;
@@ -44,12 +43,6 @@ fn checksum(console: &str) -> String {
         .find_map(|l| l.strip_prefix("checksum="))
         .unwrap_or_else(|| panic!("no checksum line in:\n{console}"))
         .to_string()
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferry-vmm-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
 }
 
 #[test]
@@ -124,7 +117,7 @@ fn snapshot_and_restore(at: Duration, file: &str) -> String {
         "snapshot taken after the end"
     );
     let saved_at = vm.guest_time_ns();
-    let path = temp_path(file);
+    let path = ferry_testdata::scratch_dir("vmm-test").join(file);
     vm.save(&path).expect("save");
     drop(vm);
 
@@ -272,7 +265,7 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     let mut vm = boot("memtouch", &["--mib", "8", "--passes", "100000"]);
     std::thread::sleep(Duration::from_millis(20));
     vm.pause().unwrap();
-    let path = temp_path("corrupt.snap");
+    let path = ferry_testdata::scratch_dir("vmm-test").join("corrupt.snap");
     vm.save(&path).unwrap();
     let good = std::fs::read(&path).unwrap();
 

@@ -660,6 +660,15 @@ mod tests {
 
     const REGION: u64 = 0x20_0000;
 
+    /// A guest that took request "a" on stream `stream`.
+    fn guest_with_request(stream: u64) -> (GuestRam, Channel) {
+        let (mem, channel) = guest();
+        channel.submit(stream, message(1, "a")).unwrap();
+        channel.kick(&mem, 0);
+        take_requests(&mem);
+        (mem, channel)
+    }
+
     fn guest() -> (GuestRam, Channel) {
         let mem = create_guest_ram(16 << 20).unwrap();
         let header = ChannelHeader {
@@ -682,6 +691,15 @@ mod tests {
 
     fn read_header(mem: &GuestRam) -> ChannelHeader {
         mem.read_obj::<HeaderBytes>(GuestAddress(REGION)).unwrap().0
+    }
+
+    /// Kicks the channel and checks that it refused what the guest wrote with `status`,
+    /// and that nothing reached stream 1.
+    fn assert_refused(mem: &GuestRam, channel: &Channel, status: u32) {
+        channel.kick(mem, 0);
+        assert_eq!(read_header(mem).status, status);
+        let read = channel.read(1, 0, Duration::ZERO).unwrap();
+        assert!(read.events.is_empty(), "{:?}", read.events);
     }
 
     fn set(mem: &GuestRam, offset: usize, value: u64) {
@@ -827,13 +845,7 @@ mod tests {
             core::mem::offset_of!(ChannelHeader, response_head),
             1 << 40,
         );
-        channel.kick(&mem, 0);
-        assert_eq!(read_header(&mem).status, status::INVALID_INDEX);
-        assert!(channel
-            .read(1, 0, Duration::ZERO)
-            .unwrap()
-            .events
-            .is_empty());
+        assert_refused(&mem, &channel, status::INVALID_INDEX);
         // Sane again: the request is delivered once.
         set(&mem, core::mem::offset_of!(ChannelHeader, response_head), 0);
         channel.kick(&mem, 0);
@@ -843,23 +855,14 @@ mod tests {
 
     #[test]
     fn hostile_responses_cannot_grow_memory_or_reach_other_streams() {
-        let (mem, channel) = guest();
-        channel.submit(1, message(1, "a")).unwrap();
-        channel.kick(&mem, 0);
-        take_requests(&mem);
+        let (mem, channel) = guest_with_request(1);
         // A length beyond the slot, and a response to a stream never opened.
         respond(&mem, 1, 2, 0, b"x");
         let h = read_header(&mem);
         let slot = REGION + h.response_slot(h.response_head - 1);
         mem.write_obj(u32::MAX, GuestAddress(slot + 16)).unwrap();
         respond(&mem, 77, 2, 0, b"stray");
-        channel.kick(&mem, 0);
-        assert_eq!(read_header(&mem).status, status::BAD_MESSAGE);
-        assert!(channel
-            .read(1, 0, Duration::ZERO)
-            .unwrap()
-            .events
-            .is_empty());
+        assert_refused(&mem, &channel, status::BAD_MESSAGE);
         assert_eq!(channel.save().dropped, 1);
         // A stream bounded in bytes.
         let big = vec![b'y'; 200];
@@ -912,10 +915,7 @@ mod tests {
 
     #[test]
     fn a_reader_waits_for_the_next_response() {
-        let (mem, channel) = guest();
-        channel.submit(5, message(1, "a")).unwrap();
-        channel.kick(&mem, 0);
-        take_requests(&mem);
+        let (mem, channel) = guest_with_request(5);
         let reader = channel.clone();
         let waiting =
             std::thread::spawn(move || reader.read(5, 0, Duration::from_secs(10)).unwrap());
