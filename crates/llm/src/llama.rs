@@ -20,7 +20,7 @@ use ferry_abi::accel::dtype::DType;
 /// match). The accelerator's ROPE kernel takes the same value.
 pub use ferry_abi::accel::kernel::RopeStyle;
 
-use crate::gguf::{Gguf, TensorInfo, MAX_DIMS};
+use crate::gguf::{Gguf, TensorInfo, Value, MAX_DIMS};
 
 /// The hyper-parameters of a llama-family model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -273,50 +273,45 @@ impl Meta<'_, '_> {
         format!("{}.{k}", self.arch)
     }
 
+    /// Key `k` converted by `convert` (`None`: not `expected`, `Err`: out of range,
+    /// why); `default` when absent.
+    fn value<T>(
+        &self,
+        k: &str,
+        default: Option<T>,
+        expected: &'static str,
+        convert: impl FnOnce(Value<'_>) -> Option<Result<T, String>>,
+    ) -> Result<T, LlamaError> {
+        let key = self.key(k);
+        match self.gguf.get(&key).map(convert) {
+            None => default.ok_or(LlamaError::Missing { key, expected }),
+            Some(None) => Err(LlamaError::Missing { key, expected }),
+            Some(Some(Ok(x))) => Ok(x),
+            Some(Some(Err(why))) => Err(LlamaError::BadValue { key, why }),
+        }
+    }
+
     /// A positive integer that fits a usize; `default` when absent.
     fn count(&self, k: &str, default: Option<usize>) -> Result<usize, LlamaError> {
-        let key = self.key(k);
-        let Some(v) = self.gguf.get(&key) else {
-            return default.ok_or(LlamaError::Missing {
-                key,
-                expected: "an integer",
-            });
-        };
-        let Some(n) = v.as_u64() else {
-            return Err(LlamaError::Missing {
-                key,
-                expected: "a non-negative integer",
-            });
-        };
-        match usize::try_from(n) {
-            Ok(n) if n > 0 && n <= u32::MAX as usize => Ok(n),
-            _ => Err(LlamaError::BadValue {
-                key,
-                why: format!("{n} is not in 1..=2^32-1"),
-            }),
-        }
+        self.value(k, default, "a non-negative integer", |v| {
+            let n = v.as_u64()?;
+            Some(match usize::try_from(n) {
+                Ok(n) if n > 0 && n <= u32::MAX as usize => Ok(n),
+                _ => Err(format!("{n} is not in 1..=2^32-1")),
+            })
+        })
     }
 
     /// A positive finite float; `default` when absent.
     fn positive(&self, k: &str, default: Option<f32>) -> Result<f32, LlamaError> {
-        let key = self.key(k);
-        let Some(v) = self.gguf.get(&key) else {
-            return default.ok_or(LlamaError::Missing {
-                key,
-                expected: "a float",
-            });
-        };
-        match v.as_f32() {
-            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-            Some(x) => Err(LlamaError::BadValue {
-                key,
-                why: format!("{x} is not a positive finite number"),
-            }),
-            None => Err(LlamaError::Missing {
-                key,
-                expected: "a float",
-            }),
-        }
+        self.value(k, default, "a float", |v| {
+            let x = v.as_f32()?;
+            Some(if x.is_finite() && x > 0.0 {
+                Ok(x)
+            } else {
+                Err(format!("{x} is not a positive finite number"))
+            })
+        })
     }
 }
 

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 use core::cmp::Reverse;
 use core::fmt;
 
-use crate::gguf::Gguf;
+use crate::gguf::{Gguf, StrArray};
 use crate::unicode::{is_letter, is_number, is_space};
 
 /// What kind of token an id is (`tokenizer.ggml.token_type`).
@@ -251,6 +251,14 @@ pub fn char_to_byte(c: char) -> Option<u8> {
 
 /// Byte-level decoding of a token string: each character of the alphabet becomes its
 /// byte; a character outside it (not in a well-formed vocabulary) is kept as UTF-8.
+/// Metadata `key`, which must be an array of strings.
+fn strings<'a>(gguf: &Gguf<'a>, key: &'static str) -> Result<StrArray<'a>, TokenizerError> {
+    gguf.get_str_array(key).ok_or(TokenizerError::Missing {
+        key,
+        expected: "an array of strings",
+    })
+}
+
 fn decode_byte_level(s: &str, out: &mut Vec<u8>) {
     for c in s.chars() {
         match char_to_byte(c) {
@@ -300,12 +308,7 @@ impl Tokenizer {
                 }
             },
         };
-        let tokens =
-            gguf.get_str_array("tokenizer.ggml.tokens")
-                .ok_or(TokenizerError::Missing {
-                    key: "tokenizer.ggml.tokens",
-                    expected: "an array of strings",
-                })?;
+        let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
         let n = tokens.len();
         if n == 0 || u32::try_from(n).map_or(true, |n| n == NONE) {
             return Err(TokenizerError::BadVocabularySize { tokens: n });
@@ -401,12 +404,7 @@ impl Tokenizer {
             tok.byte_token[b as usize] = find(s.as_bytes()).unwrap_or(NONE);
         }
 
-        let merges =
-            gguf.get_str_array("tokenizer.ggml.merges")
-                .ok_or(TokenizerError::Missing {
-                    key: "tokenizer.ggml.merges",
-                    expected: "an array of strings",
-                })?;
+        let merges = strings(gguf, "tokenizer.ggml.merges")?;
         let mut joined = Vec::new();
         let mut rules = Vec::new();
         for (index, m) in merges.iter().enumerate() {

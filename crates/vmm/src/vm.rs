@@ -406,35 +406,18 @@ pub struct Microvm {
     exit: Option<VmExit>,
 }
 
-/// The boot-info page as guest memory sees it.
+/// A page of the ABI (boot info, file table) as guest memory sees it.
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct BootInfoPage(BootInfo);
+struct AbiPage<T>(T);
 
 // SAFETY: BootInfo is repr(C) with only integer fields and no padding (the abi crate
 // asserts it is exactly one page), so every byte pattern is a valid value.
-unsafe impl ByteValued for BootInfoPage {}
-
-impl Default for BootInfoPage {
-    fn default() -> Self {
-        Self(BootInfo::EMPTY)
-    }
-}
-
-/// The attached-file table as guest memory sees it.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct FileTablePage(FileTable);
+unsafe impl ByteValued for AbiPage<BootInfo> {}
 
 // SAFETY: FileTable is repr(C) with only integer fields and byte arrays and no padding
 // (u64, u32, u32, then entries of 56 bytes and a u64), so every byte pattern is valid.
-unsafe impl ByteValued for FileTablePage {}
-
-impl Default for FileTablePage {
-    fn default() -> Self {
-        Self(FileTable::EMPTY)
-    }
-}
+unsafe impl ByteValued for AbiPage<FileTable> {}
 
 /// A backend of `kind` on this host, or the error naming what it has.
 fn create_backend(kind: &str, host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
@@ -547,7 +530,7 @@ impl Microvm {
         };
         let LoadedImage { entry, end } = load_image(&memory, image, heap_end - MIN_HEAP)?;
 
-        let mut boot = BootInfoPage::default();
+        let mut boot = AbiPage(BootInfo::EMPTY);
         let (argc, args_len) = encode_args(args.iter().map(String::as_str), &mut boot.0.args)
             .ok_or(CreateVmError::ArgsTooLong)?;
         boot.0.magic = BOOT_INFO_MAGIC;
@@ -582,10 +565,7 @@ impl Microvm {
             .write_obj(boot, GuestAddress(BOOT_INFO_ADDR))
             .map_err(CreateVmError::WriteBootPages)?;
         memory
-            .write_obj(
-                FileTablePage(host.files.table()),
-                GuestAddress(FILE_TABLE_ADDR),
-            )
+            .write_obj(AbiPage(host.files.table()), GuestAddress(FILE_TABLE_ADDR))
             .map_err(CreateVmError::WriteBootPages)?;
 
         let devices = Arc::new(PortDevices::new(
