@@ -62,28 +62,11 @@ impl IntoResponse for CenterError {
 }
 
 /// The tokens each part of the API takes.
-#[derive(Clone)]
 struct Gates {
     /// The operator token and the token file's.
     operators: Arc<Tokens>,
     /// The heartbeat key hosts derive from the cluster secret.
     hosts: Arc<Tokens>,
-}
-
-async fn operator_token(
-    State(gates): State<Gates>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    require_token(&gates.operators, request, next).await
-}
-
-async fn host_secret(
-    State(gates): State<Gates>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    require_token(&gates.hosts, request, next).await
 }
 
 /// Largest write body a follower forwards to the leader.
@@ -333,8 +316,8 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
             leader_writes,
         ))
         .route_layer(middleware::from_fn_with_state(
-            gates.clone(),
-            operator_token,
+            gates.operators.clone(),
+            require_token,
         ));
     // OpenAI's API for clients of the serving VMs, with the operators' (and services')
     // tokens, its errors in OpenAI's shape.
@@ -343,14 +326,14 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/completions", post(gateway::completions))
         .route_layer(middleware::from_fn_with_state(
-            gates.clone(),
-            operator_token,
+            gates.operators.clone(),
+            require_token,
         ))
         .route_layer(middleware::from_fn(gateway::openai_errors));
     let hosts = Router::new()
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/settle", post(settle))
-        .route_layer(middleware::from_fn_with_state(gates.clone(), host_secret));
+        .route_layer(middleware::from_fn_with_state(gates.hosts, require_token));
     Ok(Router::new()
         .route("/", get(dashboard))
         .merge(operators)

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -36,7 +36,7 @@ use serde::Deserialize;
 use ferry_migrate::Purpose;
 
 use ferry_api::{ChannelMessage, CreateVm, MigrateRequest};
-use ferry_http::tokens::{Access, TokenFileError, Tokens};
+use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
 use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
 
 use crate::{Host, HostError};
@@ -71,15 +71,6 @@ impl IntoResponse for HostError {
         }
         response
     }
-}
-
-/// Middleware on every route: the request must carry a token of this host's.
-async fn require_token(
-    State(api): State<Api>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    ferry_http::tokens::require_token(&api.tokens, request, next).await
 }
 
 async fn host_info(State(api): State<Api>) -> Response {
@@ -299,7 +290,10 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
             get(read_stream).delete(release_stream),
         )
         .route("/v1/vms/{id}/streams/{stream}/signal", post(signal))
-        .route_layer(middleware::from_fn_with_state(api.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            api.tokens.clone(),
+            require_token,
+        ))
         .fallback(not_found)
         .with_state(api))
 }

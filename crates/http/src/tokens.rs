@@ -5,9 +5,10 @@
 //! added and retired without a restart. Tokens are compared in constant time.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -156,12 +157,12 @@ impl Tokens {
     }
 }
 
-/// Runs `request` if it carries `Authorization: Bearer <token>` with a token of `tokens`
-/// that allows it; else refuses it with 401 (no or wrong token) or 403 (a read-only
-/// token on a request that changes something). The body of the API middlewares here and
-/// in the cluster center.
+/// Middleware (state: the tokens) that runs `request` if it carries `Authorization:
+/// Bearer <token>` with a token of `tokens` that allows it; else refuses it with 401 (no
+/// or wrong token) or 403 (a read-only token on a request that changes something). The
+/// hosts' and the cluster center's APIs use it.
 pub async fn require_token(
-    tokens: &Tokens,
+    State(tokens): State<Arc<Tokens>>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
