@@ -56,9 +56,7 @@ fn usage_errors_are_clear_without_kvm() {
 
 #[test]
 fn guest_exit_code_and_faults_reach_the_shell() {
-    if !kvm_available("guest_exit_code_and_faults_reach_the_shell") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let out = ferry(&["run", "hello", "--", "first", "--exit-code", "3"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(
@@ -87,9 +85,7 @@ fn checksum(out: &Output) -> String {
 
 #[test]
 fn run_snapshot_then_restore_prints_the_same_checksum() {
-    if !kvm_available("run_snapshot_then_restore_prints_the_same_checksum") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let guest = ["--", "--mib", "16", "--passes", "150", "--seed", "9"];
     let straight = ferry(&[&["run", "memtouch"][..], &guest].concat());
     assert_eq!(straight.status.code(), Some(0));

@@ -163,9 +163,7 @@ impl Cluster {
 
 #[test]
 fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
-    if !kvm_available("maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let seeds = ["--seed 3", "--seed 4"];
     let expected: Vec<String> = seeds
         .iter()
@@ -364,9 +362,7 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
 
 #[test]
 fn maintenance_without_room_elsewhere_refuses_and_moves_nothing() {
-    if !kvm_available("maintenance_without_room_elsewhere_refuses_and_moves_nothing") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let cluster = Cluster::start("no-room", "512M");
     let c = &cluster.center;
     let on_a = [
@@ -409,9 +405,7 @@ fn maintenance_without_room_elsewhere_refuses_and_moves_nothing() {
 
 #[test]
 fn a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable() {
-    if !kvm_available("a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let mut cluster = Cluster::start("host-down", "1G");
     let c = &cluster.center;
     let lost = c.create_on("c", "32M", MLP_LONG);
@@ -446,9 +440,7 @@ fn a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable() {
 
 #[test]
 fn balance_moves_load_off_the_busiest_host_and_dry_run_changes_nothing() {
-    if !kvm_available("balance_moves_load_off_the_busiest_host_and_dry_run_changes_nothing") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let cluster = Cluster::start("balance", "1G");
     let c = &cluster.center;
     let ids: Vec<String> = (0..3).map(|_| c.create_on("a", "256M", MLP_LONG)).collect();
@@ -504,9 +496,7 @@ fn balance_moves_load_off_the_busiest_host_and_dry_run_changes_nothing() {
 
 #[test]
 fn a_restarted_center_keeps_its_inventory_and_history() {
-    if !kvm_available("a_restarted_center_keeps_its_inventory_and_history") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let mut cluster = Cluster::start("restart", "1G");
     let id = cluster.center.create_on("a", "32M", MLP_LONG);
     cluster.daemon("a").wait_console(&id, "step=");

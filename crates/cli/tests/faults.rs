@@ -627,9 +627,7 @@ fn run_case(c: &Case, expected: &str) {
 
 #[test]
 fn every_fault_leaves_the_vm_on_exactly_one_host() {
-    if !kvm_available("every_fault_leaves_the_vm_on_exactly_one_host") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let expected = reference("mlp-train", "64M", "32M", ARGS);
     for c in cases() {
         run_case(&c, &expected);
@@ -638,9 +636,7 @@ fn every_fault_leaves_the_vm_on_exactly_one_host() {
 
 #[test]
 fn a_full_disk_fails_the_snapshot_and_the_vm_runs_to_its_end() {
-    if !kvm_available("a_full_disk_fails_the_snapshot_and_the_vm_runs_to_its_end") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let dir = ferry_testdata::scratch_dir("full-disk");
     // Every write to the snapshot lands on /dev/full: "no space left on device".
     let partial = dir.join("vm.snap.partial");

@@ -196,9 +196,7 @@ impl Center {
 
 #[test]
 fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
-    if !kvm_available("racing_migrations_and_stops_leave_each_vm_on_exactly_one_host") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     const ARGS: &str = "--steps 12000 --print-every 4000";
     let expected = reference("mlp-train", "64M", "32M", ARGS);
     let center = Center::start("racing");
@@ -329,9 +327,7 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
 
 #[test]
 fn concurrent_creations_and_arrivals_never_overcommit_a_host() {
-    if !kvm_available("concurrent_creations_and_arrivals_never_overcommit_a_host") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     // Room for two VMs of 64 MiB RAM and 32 MiB of accelerator memory on each host.
     let small = ["--memory-capacity", "200M"];
     let a = Host::start("a", &small);
@@ -383,9 +379,7 @@ fn concurrent_creations_and_arrivals_never_overcommit_a_host() {
 
 #[test]
 fn a_long_guest_kernel_never_stalls_the_api() {
-    if !kvm_available("a_long_guest_kernel_never_stalls_the_api") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let a = Host::start("a", &[]);
     let b = Host::start("b", &[]);
     // Each step's matrix products take about a second or two each on two cores.
@@ -461,9 +455,7 @@ fn a_long_guest_kernel_never_stalls_the_api() {
 
 #[test]
 fn a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file() {
-    if !kvm_available("a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     // The bench fails if a VM ends with a checksum other than an unmigrated run's.
     let out = ferry(&["bench", "soak", "--migrations", "10", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -487,9 +479,7 @@ fn a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file() {
 
 #[test]
 fn a_host_with_a_thousand_ended_vms_lists_a_bounded_number_in_flat_memory() {
-    if !kvm_available("a_host_with_a_thousand_ended_vms_lists_a_bounded_number_in_flat_memory") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let a = Host::start("a", &[]);
     let pid = a.daemon.child.id();
     let run_one = || {

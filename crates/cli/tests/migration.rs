@@ -20,9 +20,7 @@ const MLP: &str = "--steps 400 --print-every 20";
 
 #[test]
 fn mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum() {
-    if !kvm_available("mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let id = a.create("mlp-train", "32M", MLP);
     a.wait_console(&id, "step=60 ");
@@ -40,9 +38,7 @@ fn mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum() {
 
 #[test]
 fn mlp_train_moves_by_command_replay_both_ways_with_the_unmigrated_checksum() {
-    if !kvm_available("mlp_train_moves_by_command_replay_both_ways_with_the_unmigrated_checksum") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let id = a.create("mlp-train", "32M", MLP);
     a.wait_console(&id, "step=60 ");
@@ -71,9 +67,7 @@ fn mlp_train_moves_by_command_replay_both_ways_with_the_unmigrated_checksum() {
 
 #[test]
 fn llm_decode_moves_with_the_unmigrated_checksum() {
-    if !kvm_available("llm_decode_moves_with_the_unmigrated_checksum") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     // Long enough (seconds) that a migration after token 8 finds the VM still decoding.
     let args = "--tokens 3000 --weights-mib 8 --print-every 4";
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
@@ -102,9 +96,7 @@ const MEMTOUCH: &str = "--mib 32 --passes 1200";
 
 #[test]
 fn dirtying_faster_than_the_link_fails_cleanly_or_converges_by_throttling() {
-    if !kvm_available("dirtying_faster_than_the_link_fails_cleanly_or_converges_by_throttling") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let expected = reference("memtouch", "64M", "0", MEMTOUCH);
     let id = a.create("memtouch", "0", MEMTOUCH);
@@ -137,9 +129,7 @@ fn dirtying_faster_than_the_link_fails_cleanly_or_converges_by_throttling() {
 
 #[test]
 fn destination_killed_during_precopy_leaves_the_vm_running_on_the_source() {
-    if !kvm_available("destination_killed_during_precopy_leaves_the_vm_running_on_the_source") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let a = Daemon::start("a");
     let mut b = Daemon::start("b");
     let args = "--mib 96 --passes 40 --rate-mib-s 200";
@@ -278,9 +268,7 @@ impl SwitchoverCutter {
 
 #[test]
 fn connection_cut_during_switchover_leaves_the_vm_running_on_the_source_only() {
-    if !kvm_available("connection_cut_during_switchover_leaves_the_vm_running_on_the_source_only") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let cutter = SwitchoverCutter::start(b.migration.clone());
     let expected = reference("mlp-train", "64M", "32M", MLP);
@@ -301,9 +289,7 @@ fn connection_cut_during_switchover_leaves_the_vm_running_on_the_source_only() {
 
 #[test]
 fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
-    if !kvm_available("wrong_secret_is_refused_by_the_api_and_by_the_migration_listener") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let a = Daemon::start("a");
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["vm", "--host", &a.api, "list"])
@@ -382,9 +368,7 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
 
 #[test]
 fn demo_migrates_and_reports_identical_checksums_as_json() {
-    if !kvm_available("demo_migrates_and_reports_identical_checksums_as_json") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let out = ferry(&["demo", "--json", "--steps", "40"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);

@@ -46,9 +46,7 @@ impl Drop for StopOnDrop<'_> {
 
 #[test]
 fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
-    if !kvm_available("floods_of_unauthenticated_connections_cost_the_host_almost_nothing") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let files = raise_file_limit();
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let target: SocketAddr = b.migration.parse().unwrap();
@@ -151,9 +149,7 @@ fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
 
 #[test]
 fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
-    if !kvm_available("api_tokens_have_one_purpose_each_and_read_only_ones_only_read") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let dir = ferry_testdata::scratch_dir("tokens-test");
     let tokens = dir.join("tokens");
     std::fs::write(
@@ -226,9 +222,7 @@ mod pki;
 
 #[test]
 fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
-    if !kvm_available("with_tls_the_apis_speak_https_checked_against_the_cluster_ca") {
-        return;
-    }
+    ferry_testdata::require_kvm!(kvm_available);
     let ca = pki::Ca::new("Ferry test cluster CA");
     // The migration name, and the address the API's clients use.
     let identity = ca.issue(

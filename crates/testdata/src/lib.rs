@@ -41,6 +41,28 @@ fn missing(test: &str, why: &str, require_var: &str) {
     let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
 }
 
+/// Returns from the enclosing test (a function returning `()`) when KVM is not usable
+/// here, after `check` (default [`kvm`]) reported it under the test's own name.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        $crate::require_kvm!($crate::kvm)
+    };
+    ($check:path) => {{
+        fn here() {}
+        if !$check($crate::function_name(::std::any::type_name_of_val(&here))) {
+            return;
+        }
+    }};
+}
+
+/// The name of the function whose nested `here` has the type name `here_path`
+/// (`crate::module::function::here`), for [`require_kvm!`].
+pub fn function_name(here_path: &'static str) -> &'static str {
+    let function = here_path.strip_suffix("::here").unwrap_or(here_path);
+    function.rsplit("::").next().unwrap_or(function)
+}
+
 /// `true` if KVM is usable here; otherwise reports that `test` does not run (a failure
 /// under `FERRY_REQUIRE_KVM=1`) and returns `false`.
 pub fn kvm(test: &str) -> bool {
@@ -157,4 +179,30 @@ pub fn fashion_mnist_files(dir: &Path) -> Vec<(String, PathBuf)> {
     .into_iter()
     .map(|(name, file)| (name.to_string(), dir.join(file)))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    static ASKED_FOR: Mutex<Option<String>> = Mutex::new(None);
+
+    fn no_kvm(test: &str) -> bool {
+        *ASKED_FOR.lock().unwrap() = Some(test.to_string());
+        false
+    }
+
+    fn a_test_on_a_host_without_kvm() {
+        require_kvm!(no_kvm);
+        panic!("ran on without KVM");
+    }
+
+    #[test]
+    fn require_kvm_names_the_test_and_returns_from_it() {
+        a_test_on_a_host_without_kvm();
+        assert_eq!(
+            ASKED_FOR.lock().unwrap().as_deref(),
+            Some("a_test_on_a_host_without_kvm")
+        );
+    }
 }

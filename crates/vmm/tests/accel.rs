@@ -11,10 +11,6 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 const MLP: [&str; 6] = ["--steps", "300", "--print-every", "50", "--seed", "3"];
 const LLM: [&str; 4] = ["--tokens", "24", "--weights-mib", "8"];
 
-fn kvm_available(test: &str) -> bool {
-    ferry_testdata::kvm(test)
-}
-
 fn boot(name: &str, args: &[&str], threads: usize) -> Microvm {
     let image = ferry_guest_images::find(name).expect("built-in guest").elf;
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -50,9 +46,7 @@ fn losses(console: &str) -> Vec<f64> {
 
 #[test]
 fn checksums_are_bit_identical_with_1_2_and_4_backend_threads() {
-    if !kvm_available("checksums_are_bit_identical_with_1_2_and_4_backend_threads") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     for (name, args) in [("mlp-train", &MLP[..]), ("llm-decode", &LLM[..])] {
         let sums: Vec<String> = [1, 2, 4]
             .iter()
@@ -64,9 +58,7 @@ fn checksums_are_bit_identical_with_1_2_and_4_backend_threads() {
 
 #[test]
 fn mlp_train_learns() {
-    if !kvm_available("mlp_train_learns") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let console = finish(boot("mlp-train", &MLP, 2));
     let curve = losses(&console);
     let first = curve[0];
@@ -83,9 +75,7 @@ fn mlp_train_learns() {
 
 #[test]
 fn snapshot_mid_training_restores_to_the_same_checksum() {
-    if !kvm_available("snapshot_mid_training_restores_to_the_same_checksum") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let straight = value(&finish(boot("mlp-train", &MLP, 2)), "checksum").to_string();
     for (i, ms) in [30u64, 120].into_iter().enumerate() {
         let mut vm = boot("mlp-train", &MLP, 2);
@@ -120,9 +110,7 @@ fn snapshot_mid_training_restores_to_the_same_checksum() {
 
 #[test]
 fn llm_decode_produces_tokens() {
-    if !kvm_available("llm_decode_produces_tokens") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let console = finish(boot("llm-decode", &LLM, 2));
     assert_eq!(value(&console, "tokens"), "24", "{console}");
     assert_eq!(value(&console, "checksum").len(), 16);

@@ -14,10 +14,6 @@ use vm_memory::{Bytes, GuestAddress};
 const CONFIG: VmConfig = VmConfig::new(128 << 20);
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn kvm_available(test: &str) -> bool {
-    ferry_testdata::kvm(test)
-}
-
 fn image(name: &str) -> &'static [u8] {
     ferry_guest_images::find(name)
         .unwrap_or_else(|| panic!("no built-in guest {name}"))
@@ -47,9 +43,7 @@ fn checksum(console: &str) -> String {
 
 #[test]
 fn hello_prints_its_arguments_and_exit_code() {
-    if !kvm_available("hello_prints_its_arguments_and_exit_code") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let (exit, console) = run_to_end("hello", &["alpha", "two words", "--exit-code", "7"]);
     assert!(matches!(exit, VmExit::Exited(7)), "{exit:?}");
     assert!(console.contains("hello from a ferry guest"), "{console}");
@@ -79,9 +73,7 @@ fn expect_fault(mode: &str, vector: u64, needle: &str) {
 
 #[test]
 fn faulting_guests_stop_with_a_report_and_the_host_stays_sound() {
-    if !kvm_available("faulting_guests_stop_with_a_report_and_the_host_stays_sound") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     expect_fault(
         "unmapped",
         14,
@@ -143,9 +135,7 @@ fn snapshot_and_restore(at: Duration, file: &str) -> String {
 
 #[test]
 fn memtouch_snapshotted_and_restored_matches_a_straight_run() {
-    if !kvm_available("memtouch_snapshotted_and_restored_matches_a_straight_run") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let (exit, console) = run_to_end("memtouch", &MEMTOUCH);
     assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
     let straight = checksum(&console);
@@ -157,9 +147,7 @@ fn memtouch_snapshotted_and_restored_matches_a_straight_run() {
 
 #[test]
 fn pausing_and_resuming_repeatedly_changes_nothing() {
-    if !kvm_available("pausing_and_resuming_repeatedly_changes_nothing") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let (_, console) = run_to_end("memtouch", &MEMTOUCH);
     let straight = checksum(&console);
     let mut vm = boot("memtouch", &MEMTOUCH);
@@ -206,9 +194,7 @@ fn addresses(line: &str) -> Vec<u64> {
 
 #[test]
 fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
-    if !kvm_available("dirty_log_reports_every_written_page_and_only_newer_ones_later") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let args: Vec<String> = ["--pages", "16"].iter().map(|s| s.to_string()).collect();
     let mut vm = Microvm::boot(CONFIG, image("dirty-pages"), &args, HostOptions::quiet()).unwrap();
     vm.tracker().start_dirty_log().unwrap();
@@ -259,9 +245,7 @@ fn dirty_log_reports_every_written_page_and_only_newer_ones_later() {
 
 #[test]
 fn corrupted_snapshots_of_a_real_vm_are_refused() {
-    if !kvm_available("corrupted_snapshots_of_a_real_vm_are_refused") {
-        return;
-    }
+    ferry_testdata::require_kvm!();
     let mut vm = boot("memtouch", &["--mib", "8", "--passes", "100000"]);
     std::thread::sleep(Duration::from_millis(20));
     vm.pause().unwrap();
