@@ -299,11 +299,7 @@ impl IncomingVm {
                     .map_err(CreateVmError::Accel)
                 })?)
             }
-            _ => {
-                return Err(CreateVmError::Incompatible(
-                    "accelerator state disagrees with the VM shape".into(),
-                ))
-            }
+            _ => return Err(accel_disagrees()),
         };
         Ok(Self {
             kvm,
@@ -359,37 +355,31 @@ impl IncomingVm {
         match (&self.accel, &state.accel) {
             (Some(accel), Some(saved)) => accel.apply_state(saved).map_err(CreateVmError::Accel)?,
             (None, None) => {}
-            _ => {
-                return Err(CreateVmError::Incompatible(
-                    "accelerator state disagrees with the VM shape".into(),
-                ))
-            }
+            _ => return Err(accel_disagrees()),
         }
-        let Self {
-            kvm,
-            vm,
-            memory,
-            config,
-            accel,
-            host,
-        } = self;
+        let (kvm, guest_nice) = (self.kvm, self.host.guest_nice);
         let devices = Arc::new(PortDevices::restore(
-            host.console,
+            self.host.console,
             &state.devices,
-            accel,
-            host.files,
+            self.accel,
+            self.host.files,
         ));
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (index, vcpu_state) in state.vcpus.iter().enumerate() {
-            let vcpu = Vcpu::new(&vm, index, devices.clone(), memory.clone())
+            let vcpu = Vcpu::new(&self.vm, index, devices.clone(), self.memory.clone())
                 .map_err(CreateVmError::Vcpu)?;
             vcpu.restore_state(&kvm, vcpu_state)
                 .map_err(CreateVmError::Vcpu)?;
-            let handle =
-                at_guest_priority(host.guest_nice, || VcpuHandle::spawn(vcpu, kvm.clone()));
+            let handle = at_guest_priority(guest_nice, || VcpuHandle::spawn(vcpu, kvm.clone()));
             vcpus.push(handle.map_err(CreateVmError::SpawnVcpu)?);
         }
-        Ok(Microvm::paused(vcpus, devices, vm, memory, config))
+        Ok(Microvm::paused(
+            vcpus,
+            devices,
+            self.vm,
+            self.memory,
+            self.config,
+        ))
     }
 }
 
@@ -418,6 +408,11 @@ unsafe impl ByteValued for AbiPage<BootInfo> {}
 // SAFETY: FileTable is repr(C) with only integer fields and byte arrays and no padding
 // (u64, u32, u32, then entries of 56 bytes and a u64), so every byte pattern is valid.
 unsafe impl ByteValued for AbiPage<FileTable> {}
+
+/// A VM shape and an accelerator state that do not go together.
+fn accel_disagrees() -> CreateVmError {
+    CreateVmError::Incompatible("accelerator state disagrees with the VM shape".into())
+}
 
 /// A backend of `kind` on this host, or the error naming what it has.
 fn create_backend(kind: &str, host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
