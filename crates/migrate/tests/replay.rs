@@ -519,7 +519,9 @@ impl MigrationSource for Source {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Replayer {
     Faithful,
-    /// Its device drifts: one byte differs after every replay.
+    /// Its device drifts: the first replay changes one byte of the hot buffer, and the
+    /// difference lasts (a step maps each byte one-to-one). Changing it again at every
+    /// replay could undo it: 32 steps multiply a difference by 167^32, 1 mod 256.
     Drifting,
     /// Takes this long per command.
     Slow(Duration),
@@ -531,6 +533,8 @@ struct Target {
     state: Mutex<Option<Vec<u8>>>,
     replayer: Replayer,
     replayed: AtomicUsize,
+    /// Whether a drifting replayer has drifted yet.
+    drifted: AtomicBool,
     /// Told when the first commands arrive.
     replaying: Mutex<Option<Sender<()>>>,
 }
@@ -610,7 +614,7 @@ impl MigrationTarget for Target {
                 ));
             }
         }
-        if self.replayer == Replayer::Drifting {
+        if self.replayer == Replayer::Drifting && !self.drifted.swap(true, Ordering::SeqCst) {
             if let Some(b) = device.0.get_mut(&HOT_BUFFER) {
                 b[7] ^= 1;
             }
@@ -640,6 +644,7 @@ impl TargetFactory for Factory {
             state: Mutex::default(),
             replayer: self.replayer,
             replayed: AtomicUsize::new(0),
+            drifted: AtomicBool::new(false),
             replaying: Mutex::new(self.replaying.lock().unwrap().take()),
         })
     }
