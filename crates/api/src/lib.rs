@@ -175,11 +175,12 @@ pub struct FileInfo {
     pub path: PathBuf,
 }
 
-/// Where a migration out of this host is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a migration out of this host (or one the center ordered) is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationState {
     /// Under way.
+    #[default]
     Running,
     /// The VM runs on the destination.
     Succeeded,
@@ -196,6 +197,17 @@ impl MigrationState {
     /// Whether it has ended (any state but running).
     pub fn has_ended(self) -> bool {
         self != Self::Running
+    }
+
+    /// The state's name, as the API's `state` field spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::InDoubt => "in-doubt",
+        }
     }
 }
 
@@ -667,6 +679,17 @@ pub fn valid_vm_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_state_names_are_their_json() {
+        use MigrationState::*;
+        for state in [Running, Succeeded, Failed, Cancelled, InDoubt] {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.name())
+            );
+        }
+    }
 
     fn host() -> HostInfo {
         HostInfo {

@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_api::HostInfo;
 use ferry_api::VmInfo;
 use ferry_api::VmState;
 use ferry_api::{vm_report_changed, BeatSeq, Heartbeat};
+use ferry_api::{HostInfo, MigrationState};
 use ferry_migrate::Progress;
 use serde::{Deserialize, Serialize};
 
@@ -102,8 +102,8 @@ pub struct MigrationRecord {
     pub to: String,
     /// Why: "maintenance of a", "balance", ...
     pub reason: String,
-    /// "running", "succeeded" or "failed".
-    pub state: String,
+    /// Running, succeeded or failed.
+    pub state: MigrationState,
     /// Started, ms since the epoch.
     pub started_ms: u64,
     /// Ended, ms since the epoch.
@@ -544,7 +544,7 @@ impl Inventory {
     pub fn add_migration(&mut self, record: MigrationRecord) {
         self.migrations.push_back(record);
         while self.migrations.len() > MIGRATIONS_KEPT {
-            match self.migrations.iter().position(|m| m.state != "running") {
+            match self.migrations.iter().position(|m| m.state.has_ended()) {
                 Some(oldest) => drop(self.migrations.remove(oldest)),
                 None => break,
             }

@@ -342,7 +342,7 @@ impl Center {
             self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
             inventory.migrations.clear();
             for m in loaded.migrations {
-                if m.state != "running" {
+                if m.state.has_ended() {
                     self.metrics.count_finished(&m);
                 }
                 inventory.add_migration(m);
@@ -765,7 +765,7 @@ impl Center {
         let mut migrations: Vec<MigrationRecord> = inventory
             .migrations
             .iter()
-            .filter(|m| m.state == "running")
+            .filter(|m| !m.state.has_ended())
             .cloned()
             .collect();
         migrations.extend(
@@ -773,7 +773,7 @@ impl Center {
                 .migrations
                 .iter()
                 .rev()
-                .filter(|m| m.state != "running")
+                .filter(|m| m.state.has_ended())
                 .take(50)
                 .cloned(),
         );

@@ -203,7 +203,7 @@ impl Metrics {
         }
         self.migrations
             .get_or_create(&ResultLabel {
-                result: record.state.clone(),
+                result: record.state.name().to_string(),
             })
             .inc();
         if let Some(ms) = record.downtime_ms {
@@ -253,18 +253,19 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_api::MigrationState;
 
     #[test]
     fn pauses_fall_in_their_buckets_and_counts_add_up() {
         let metrics = Metrics::default();
         let done = |ms: f64| MigrationRecord {
-            state: "succeeded".into(),
+            state: MigrationState::Succeeded,
             downtime_ms: Some(ms),
             bytes_sent: 1000,
             ..MigrationRecord::default()
         };
         let failed = MigrationRecord {
-            state: "failed".into(),
+            state: MigrationState::Failed,
             ..MigrationRecord::default()
         };
         metrics.count_finished(&done(3.0));

@@ -28,12 +28,12 @@ const LOST_CONTACT: Duration = Duration::from_secs(15);
 pub struct Operation {
     /// Id.
     pub id: u64,
-    /// "maintenance" or "balance".
-    pub kind: String,
+    /// What it does.
+    pub kind: OperationKind,
     /// Host it is about, for maintenance.
     pub host: Option<String>,
-    /// "running", "done" (everything worked) or "incomplete".
-    pub state: String,
+    /// Where it is.
+    pub state: OperationState,
     /// Started, ms since the epoch.
     pub started_ms: u64,
     /// Ended.
@@ -46,6 +46,37 @@ pub struct Operation {
     pub problems: Vec<String>,
     /// The outcome in words.
     pub summary: String,
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    /// Empties a host for maintenance.
+    Maintenance,
+    /// Moves VMs to even out the hosts' load.
+    Balance,
+}
+
+impl std::fmt::Display for OperationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Maintenance => "maintenance",
+            Self::Balance => "balance",
+        })
+    }
+}
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationState {
+    /// Its moves are under way.
+    Running,
+    /// Everything worked.
+    Done,
+    /// It ended with something left undone (see its problems and summary).
+    Incomplete,
 }
 
 /// A move to make: the VM, where it is and where it goes.
@@ -97,7 +128,7 @@ impl Center {
     /// Registers a new operation, unless one is running.
     fn begin_operation(
         &self,
-        kind: &str,
+        kind: OperationKind,
         host: Option<&str>,
         planned: &[Move],
     ) -> Result<Operation, CenterError> {
@@ -105,7 +136,7 @@ impl Center {
             return Err(StoreError::NotLeader.into());
         }
         let mut ops = self.operations.lock().expect("operations lock");
-        if let Some(running) = ops.values().find(|op| op.state == "running") {
+        if let Some(running) = ops.values().find(|op| op.state == OperationState::Running) {
             return Err(CenterError::Conflict(format!(
                 "operation {} ({}{}) is still running; wait for it to end",
                 running.id,
@@ -119,9 +150,9 @@ impl Center {
         }
         let op = Operation {
             id: ops.keys().next_back().map_or(1, |id| id + 1),
-            kind: kind.into(),
+            kind,
             host: host.map(str::to_string),
-            state: "running".into(),
+            state: OperationState::Running,
             started_ms: unix_ms(),
             finished_ms: None,
             planned: planned
@@ -167,7 +198,7 @@ impl Center {
             from: m.vm.host.clone(),
             to: m.to.clone(),
             reason: reason.into(),
-            state: "running".into(),
+            state: MigrationState::Running,
             started_ms: unix_ms(),
             ..MigrationRecord::default()
         };
@@ -176,7 +207,7 @@ impl Center {
         match self.store().add_migration(&record) {
             Ok(id) => record.id = id,
             Err(e) => {
-                record.state = "failed".into();
+                record.state = MigrationState::Failed;
                 record.error = Some(e.to_string());
                 return record;
             }
@@ -210,7 +241,7 @@ impl Center {
         entry.progress = None;
         let arrived = match outcome {
             Ok((report, arrived)) => {
-                entry.state = "succeeded".into();
+                entry.state = MigrationState::Succeeded;
                 if let Some(report) = report {
                     entry.downtime_ms = Some(report.downtime_ms);
                     entry.total_ms = Some(report.total_ms);
@@ -220,7 +251,7 @@ impl Center {
                 Some(arrived)
             }
             Err(why) => {
-                entry.state = "failed".into();
+                entry.state = MigrationState::Failed;
                 entry.error = Some(why);
                 None
             }
@@ -473,7 +504,7 @@ impl Center {
             .lock()
             .expect("operations lock")
             .values()
-            .filter(|op| op.state == "running")
+            .filter(|op| op.state == OperationState::Running)
             .cloned()
             .collect();
         let orphans: Vec<MigrationRecord> = {
@@ -484,7 +515,7 @@ impl Center {
             self.inventory()
                 .migrations
                 .iter()
-                .filter(|m| m.state == "running" && !owned.contains(&m.id))
+                .filter(|m| m.state == MigrationState::Running && !owned.contains(&m.id))
                 .cloned()
                 .collect()
         };
@@ -536,15 +567,15 @@ impl Center {
         let mut records: Vec<MigrationRecord> = recorded
             .iter()
             .map(|m| {
-                if m.state == "running" {
+                if m.state == MigrationState::Running {
                     self.settle_recorded_migration(m)
                 } else {
                     m.clone()
                 }
             })
             .collect();
-        match (op.kind.as_str(), op.host.clone()) {
-            ("maintenance", Some(host)) => {
+        match (op.kind, op.host.clone()) {
+            (OperationKind::Maintenance, Some(host)) => {
                 // This replica's view of the host must be first-hand, and its VMs settled
                 // (none still in a move), before planning what is left.
                 let deadline = Instant::now() + self.config.down_after + LOST_CONTACT;
@@ -681,7 +712,7 @@ impl Center {
         }
         let moves = self.plan_evacuation(host)?;
         let term = self.term().ok_or(StoreError::NotLeader)?;
-        let op = self.begin_operation("maintenance", Some(host), &moves)?;
+        let op = self.begin_operation(OperationKind::Maintenance, Some(host), &moves)?;
         self.reserve(&moves);
         if let Err(e) = self.set_mode(host, HostMode::Evacuating) {
             return Err(self.abandon(&op, &moves, e));
@@ -722,7 +753,7 @@ impl Center {
             .retain(|r| !moves.iter().any(|m| r.vm == m.vm.id && r.host == m.to));
         let why = error.to_string();
         self.update_operation(op.id, |o| {
-            o.state = "incomplete".into();
+            o.state = OperationState::Incomplete;
             o.finished_ms = Some(unix_ms());
             o.summary = format!("not started: {why}");
         });
@@ -760,11 +791,14 @@ impl Center {
             .into_iter()
             .map(|vm| vm.id)
             .collect();
-        let moved = last.values().filter(|r| r.state == "succeeded").count();
+        let moved = last
+            .values()
+            .filter(|r| r.state == MigrationState::Succeeded)
+            .count();
         let (mode, state, summary) = if problems.is_empty() && left.is_empty() {
             (
                 HostMode::Maintenance,
-                "done",
+                OperationState::Done,
                 format!(
                     "host {host} is empty and in maintenance: {moved} VM(s) moved in {:.1} s",
                     self.operation(op)
@@ -788,7 +822,7 @@ impl Center {
                 HostMode::MaintenanceIncomplete {
                     reason: reason.clone(),
                 },
-                "incomplete",
+                OperationState::Incomplete,
                 format!("host {host} is NOT ready for maintenance: {reason}"),
             )
         };
@@ -799,7 +833,7 @@ impl Center {
             tracing::error!("recording an event: {e}");
         }
         self.update_operation(op, |o| {
-            o.state = state.into();
+            o.state = state;
             o.finished_ms = Some(unix_ms());
             o.problems = problems;
             o.summary = summary;
@@ -818,7 +852,11 @@ impl Center {
         let moved = records.len() - problems.len();
         let complete = problems.is_empty() && records.len() >= planned;
         self.update_operation(op, |o| {
-            o.state = if complete { "done" } else { "incomplete" }.into();
+            o.state = if complete {
+                OperationState::Done
+            } else {
+                OperationState::Incomplete
+            };
             o.finished_ms = Some(unix_ms());
             o.summary = format!("balance: {moved} of {planned} move(s) made");
             o.problems = problems;
@@ -890,7 +928,7 @@ impl Center {
                 .collect()
         };
         let term = self.term().ok_or(StoreError::NotLeader)?;
-        let op = self.begin_operation("balance", None, &moves)?;
+        let op = self.begin_operation(OperationKind::Balance, None, &moves)?;
         self.reserve(&moves);
         if let Err(e) = self.record(&[Event::now("balance", plan.summary.clone())]) {
             tracing::warn!("recording an event: {e}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use ferry_api::CreateVm;
 use ferry_center::inventory::MigrationRecord;
-use ferry_center::operations::Operation;
+use ferry_center::operations::{Operation, OperationState};
 use ferry_center::{PlaceVm, Placed};
 use serde::Serialize;
 
@@ -81,13 +81,13 @@ impl LoopbackCluster {
             .post("/v1/hosts/a/maintenance", &serde_json::json!({}))?;
         let op = loop {
             let now: Operation = self.center.get(&format!("/v1/operations/{}", op.id))?;
-            if now.state != "running" {
+            if now.state != OperationState::Running {
                 break now;
             }
             std::thread::sleep(Duration::from_millis(5));
         };
         let evacuate_ms = started.elapsed().as_secs_f64() * 1e3;
-        if op.state != "done" {
+        if op.state != OperationState::Done {
             bail!("evacuation of {n} VM(s) failed: {}", op.summary);
         }
         let all: Vec<MigrationRecord> = self.center.get("/v1/migrations")?;

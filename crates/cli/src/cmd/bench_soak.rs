@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use ferry_api::{CreateVm, MigrateRequest, MigrationState, MigrationStatus};
+use ferry_api::{CreateVm, MigrateRequest, MigrationState, MigrationStatus, VmInfo, VmState};
 use ferry_client::ApiClient;
 use ferry_migrate::Secret;
 use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
@@ -150,8 +150,9 @@ impl Hosts {
         Ok(vm.id)
     }
 
-    fn state(&self, on: usize, id: &str) -> anyhow::Result<Value> {
-        self.api(on).get(&format!("/v1/vms/{id}"))
+    fn state(&self, on: usize, id: &str) -> anyhow::Result<VmState> {
+        let vm: VmInfo = self.api(on).get(&format!("/v1/vms/{id}"))?;
+        Ok(vm.state)
     }
 
     /// Migrates `id` from host `on` to the other; `Ok(None)` if the guest ended first.
@@ -159,8 +160,8 @@ impl Hosts {
         let request = MigrateRequest::to(&self.migration[1 - on]);
         let api = self.api(on);
         if let Err(e) = api.post::<_, MigrationStatus>(&format!("/v1/vms/{id}/migrate"), &request) {
-            return match self.state(on, id)?["state"].as_str() {
-                Some("exited") => Ok(None),
+            return match self.state(on, id)? {
+                VmState::Exited { .. } => Ok(None),
                 _ => Err(e),
             };
         }
@@ -173,7 +174,7 @@ impl Hosts {
                     let report = status.report.context("a success without a report")?;
                     return Ok(Some(report.downtime_ms));
                 }
-                _ if self.state(on, id)?["state"] == "exited" => return Ok(None),
+                _ if matches!(self.state(on, id)?, VmState::Exited { .. }) => return Ok(None),
                 other => bail!(
                     "migration {} of {id} ended {other:?}: {}",
                     ["a -> b", "b -> a"][on],
@@ -192,9 +193,8 @@ impl Hosts {
     fn finish(&self, on: usize, id: &str, expected: &str) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
-            let vm = self.state(on, id)?;
-            match vm["state"].as_str() {
-                Some("exited") => {
+            match self.state(on, id)? {
+                VmState::Exited { .. } => {
                     let console = self.api(on).get_text(&format!("/v1/vms/{id}/console"))?;
                     let got = checksum(&console)?;
                     ensure!(
@@ -203,8 +203,8 @@ impl Hosts {
                     );
                     return Ok(());
                 }
-                Some("running") => {}
-                other => bail!("{id} is {other:?}: {vm}"),
+                VmState::Running => {}
+                other => bail!("{id} is {other}"),
             }
             ensure!(
                 started.elapsed() < Duration::from_secs(600),

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ferry_api::MigrationState;
 use ferry_center::balance::BalancePlan;
 use ferry_center::inventory::MigrationRecord;
-use ferry_center::operations::{BalanceOutcome, Operation};
+use ferry_center::operations::{BalanceOutcome, Operation, OperationState};
 use ferry_center::{Center, CenterConfig, ClusterView, StoreConfig};
 use ferry_client::ApiClient;
 
@@ -442,8 +443,8 @@ fn print_status(view: &ClusterView) {
 
 /// One line for a migration.
 fn migration_line(m: &MigrationRecord) -> String {
-    match (m.state.as_str(), m.downtime_ms) {
-        ("succeeded", Some(pause)) => format!(
+    match (m.state, m.downtime_ms) {
+        (MigrationState::Succeeded, Some(pause)) => format!(
             "{} {} -> {}: moved, pause {pause:.1} ms, total {:.0} ms, {} MiB, {} round(s) [{}]",
             m.vm,
             m.from,
@@ -453,7 +454,7 @@ fn migration_line(m: &MigrationRecord) -> String {
             m.rounds,
             m.reason
         ),
-        ("running", _) => format!(
+        (MigrationState::Running, _) => format!(
             "{} {} -> {}: moving{} [{}]",
             m.vm,
             m.from,
@@ -523,16 +524,16 @@ fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<(
             .collect();
         let running: Vec<String> = mine
             .iter()
-            .filter(|m| m.state == "running")
+            .filter(|m| !m.state.has_ended())
             .map(migration_line)
             .collect();
-        for m in mine.iter().filter(|m| m.state != "running") {
+        for m in mine.iter().filter(|m| m.state.has_ended()) {
             if printed.insert(m.id) && !json {
                 bar.println(migration_line(m));
             }
         }
         bar.set_message(running.join(" | "));
-        if op.state != "running" {
+        if op.state != OperationState::Running {
             break (op, mine);
         }
         if started.elapsed() > Duration::from_secs(3600) {
@@ -551,7 +552,7 @@ fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<(
             println!("  problem: {p}");
         }
     }
-    if op.state != "done" {
+    if op.state != OperationState::Done {
         bail!("{}", op.summary);
     }
     Ok(())
