@@ -282,6 +282,15 @@ impl Inventory {
         self.vms.insert(vm.id.clone(), vm);
     }
 
+    /// Puts a VM the center learned of itself (it created or moved it there), not from
+    /// its host's beats. The host's beats may never list it (it can be stopped there
+    /// before the next beat), so no delta of theirs could say it went: the host's next
+    /// delta is refused, and its full beat follows at once and is compared whole.
+    pub fn put_vm_placed(&mut self, vm: VmRecord) {
+        self.beat_bases.remove(&vm.host);
+        self.put_vm(vm);
+    }
+
     /// Forgets VM `id`.
     pub fn remove_vm(&mut self, id: &str) -> Option<VmRecord> {
         let vm = self.vms.remove(id)?;
@@ -747,6 +756,30 @@ mod tests {
             "a refusal is followed by a full beat"
         );
         assert_eq!(fresh.apply_heartbeat3(again, 6).0, BeatOutcome::Taken);
+    }
+
+    #[test]
+    fn a_vm_the_center_placed_and_its_host_stopped_before_a_beat_is_not_kept() {
+        let mut inv = Inventory::default();
+        let mut series = ferry_api::BeatSeries::new(9);
+        let full = series.beat("http://b".into(), host_info("b"), vec![]);
+        assert_eq!(inv.apply_heartbeat3(full, 1).0, BeatOutcome::Taken);
+        series.answered(Some(&ferry_api::BeatAnswer::taken()));
+        // The center moves v to b, and v is stopped there before b beats again.
+        inv.put_vm_placed(VmRecord {
+            id: "v".into(),
+            host: "b".into(),
+            info: vm("v", VmState::Running),
+        });
+        let delta = series.beat("http://b".into(), host_info("b"), vec![]);
+        assert!(delta.delta.as_ref().is_some_and(|d| d.removed.is_empty()));
+        assert_eq!(inv.apply_heartbeat3(delta, 2).0, BeatOutcome::NeedFull);
+        series.answered(Some(&ferry_api::BeatAnswer::need_full()));
+        let full = series.beat("http://b".into(), host_info("b"), vec![]);
+        let (outcome, changes) = inv.apply_heartbeat3(full, 3);
+        assert_eq!(outcome, BeatOutcome::Taken);
+        assert_eq!(changes.gone, vec!["v".to_string()]);
+        assert!(inv.vms().get("v").is_none());
     }
 
     #[test]

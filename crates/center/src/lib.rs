@@ -858,7 +858,7 @@ impl Center {
             host: host.name.clone(),
             info: vm.clone(),
         };
-        self.inventory().put_vm(record.clone());
+        self.inventory().put_vm_placed(record.clone());
         self.store().put_vms(&[&record], &[])?;
         self.record(&[Event::now(
             "vm-created",

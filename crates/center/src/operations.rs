@@ -268,7 +268,7 @@ impl Center {
             info,
         });
         if let Some(vm) = &moved {
-            inventory.put_vm(vm.clone());
+            inventory.put_vm_placed(vm.clone());
         }
         drop(inventory);
         let message = match (&record.error, record.downtime_ms) {
