@@ -638,3 +638,24 @@ fn the_dashboard_shows_the_cluster_and_its_buttons_work_in_headless_chromium() {
         "a dry run moves nothing"
     );
 }
+
+#[test]
+fn the_evacuation_bench_empties_a_host_and_cleans_up_after_itself() {
+    ferry_testdata::require_kvm!(kvm_available);
+    // Each count moves that many VMs off host a, stops them where they went, and waits
+    // until the center no longer lists them before the next count.
+    let out = common::ferry(&["bench", "evacuate", "--vms", "1,2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, vms) in rows.iter().zip([1, 2]) {
+        assert_eq!(row["vms"], vms, "{row}");
+        let pauses = row["pauses_ms"].as_array().unwrap();
+        assert_eq!(pauses.len(), vms, "one pause per VM moved: {row}");
+        assert!(pauses.iter().all(|p| p.as_f64().unwrap() > 0.0), "{row}");
+        assert!(row["bytes_sent"].as_u64().unwrap() > 0, "{row}");
+    }
+}
