@@ -204,7 +204,7 @@ impl ApiClient {
 
     /// `method path` without a body (a GET is a read, sent again elsewhere if need be):
     /// what it was, for errors, and the answer.
-    fn call(
+    fn bodiless_request(
         &self,
         method: &'static str,
         path: &str,
@@ -224,13 +224,13 @@ impl ApiClient {
 
     /// `GET path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let (what, r) = self.call("GET", path)?;
+        let (what, r) = self.bodiless_request("GET", path)?;
         self.finish(&what, r)
     }
 
     /// `GET path` answered with text.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let (what, mut response) = self.call("GET", path)?;
+        let (what, mut response) = self.bodiless_request("GET", path)?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -244,7 +244,7 @@ impl ApiClient {
     }
 
     /// `POST path` with a JSON body (never sent twice): what it was, and the answer.
-    fn call_with<B: Serialize>(
+    fn post_json_request<B: Serialize>(
         &self,
         path: &str,
         body: &B,
@@ -265,7 +265,7 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let (what, r) = self.call_with(path, body)?;
+        let (what, r) = self.post_json_request(path, body)?;
         self.finish(&what, r)
     }
 
@@ -277,7 +277,7 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
         use std::io::BufRead;
-        let (what, response) = self.call_with(path, body)?;
+        let (what, response) = self.post_json_request(path, body)?;
         if !response.status().is_success() {
             return Err(self
                 .finish::<serde_json::Value>(&what, response)
@@ -288,7 +288,7 @@ impl ApiClient {
 
     /// `DELETE path`.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let (what, r) = self.call("DELETE", path)?;
+        let (what, r) = self.bodiless_request("DELETE", path)?;
         self.finish(&what, r)
     }
 
