@@ -494,7 +494,7 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
         let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
         let run = |avx2| {
             let mut out = vec![0.0f32; n];
-            super::quant::dot_rows_with(dtype, &w, row_bytes, &input, &mut out, avx2);
+            super::quant::dot_rows(dtype, &w, row_bytes, 0, &input, &mut out, avx2);
             super::tests::bits(&out)
         };
         assert_eq!(run(true), run(false), "{}", dtype.name());

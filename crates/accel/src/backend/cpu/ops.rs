@@ -5,12 +5,14 @@
 //! in a fixed sequential order, and the only cross-block reductions (SUM_COLS over row
 //! chunks, the CROSS_ENTROPY mean) combine per-block results in block order. Thread count
 //! and scheduling only decide which thread runs a block. Reductions accumulate in f64;
-//! transcendental functions come from [`super::math`].
+//! transcendental functions come from [`ferry_abi::accel::math`].
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use super::{math, quant};
+use ferry_abi::accel::math;
+
+use super::quant;
 use crate::kernel::{DType, Distribution, RopeStyle};
 
 /// Elements per parallel task for elementwise kernels.
@@ -562,7 +564,7 @@ pub fn qmatmul(
     let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
     let inputs: Vec<_> = x[..m * k].chunks(k).map(quant::prepare).collect();
     let task = |(r, c, o): (usize, usize, &mut [f32])| {
-        quant::dot_rows(dtype, w, row_bytes, c * per, &inputs[r], o);
+        quant::dot_rows(dtype, w, row_bytes, c * per, &inputs[r], o, true);
     };
     let out = &mut out[..m * n];
     if n * m <= per {

@@ -207,40 +207,47 @@ fn block_input<'i>(inp: &'i Input<'_>, b: usize) -> (&'i [i16], f32, &'i Lanes) 
     )
 }
 
+/// The dot product of a row of 32-element blocks of `block_bytes` each with `inp`:
+/// `add(acc, block, inputs)` adds one block's terms to the lanes.
 #[inline(always)]
-fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
+fn dot_blocks(
+    row: &[u8],
+    block_bytes: usize,
+    inp: &Input<'_>,
+    add: impl Fn(&mut Lanes, &[u8], (&[i16], f32, &Lanes)),
+) -> f32 {
     let mut acc = [0.0; LANES];
-    for (i, b) in row.chunks_exact(34).enumerate() {
-        let (q, dx, _) = block_input(inp, i);
-        let w = |j: usize| i32::from(b[2 + j] as i8);
-        let f = to_f32(pairs(q, w), pairs(&q[16..], |j| w(16 + j)));
-        add_scaled(&mut acc, half(b, 0) * dx, &f);
+    for (i, b) in row.chunks_exact(block_bytes).enumerate() {
+        add(&mut acc, b, block_input(inp, i));
     }
     lane_sum(acc)
+}
+
+#[inline(always)]
+fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
+    dot_blocks(row, 34, inp, |acc, b, (q, dx, _)| {
+        let w = |j: usize| i32::from(b[2 + j] as i8);
+        let f = to_f32(pairs(q, w), pairs(&q[16..], |j| w(16 + j)));
+        add_scaled(acc, half(b, 0) * dx, &f);
+    })
 }
 
 #[inline(always)]
 fn dot_q4_0(row: &[u8], inp: &Input<'_>) -> f32 {
-    let mut acc = [0.0; LANES];
-    for (i, b) in row.chunks_exact(18).enumerate() {
-        let (q, dx, _) = block_input(inp, i);
+    dot_blocks(row, 18, inp, |acc, b, (q, dx, _)| {
         let lo = pairs(q, |j| i32::from(b[2 + j] & 0xf) - 8);
         let hi = pairs(&q[16..], |j| i32::from(b[2 + j] >> 4) - 8);
-        add_scaled(&mut acc, half(b, 0) * dx, &to_f32(lo, hi));
-    }
-    lane_sum(acc)
+        add_scaled(acc, half(b, 0) * dx, &to_f32(lo, hi));
+    })
 }
 
 #[inline(always)]
 fn dot_q4_1(row: &[u8], inp: &Input<'_>) -> f32 {
-    let mut acc = [0.0; LANES];
-    for (i, b) in row.chunks_exact(20).enumerate() {
-        let (q, dx, t) = block_input(inp, i);
+    dot_blocks(row, 20, inp, |acc, b, (q, dx, t)| {
         let lo = pairs(q, |j| i32::from(b[4 + j] & 0xf));
         let hi = pairs(&q[16..], |j| i32::from(b[4 + j] >> 4));
-        add_scaled_offset(&mut acc, half(b, 0) * dx, &to_f32(lo, hi), half(b, 2), t);
-    }
-    lane_sum(acc)
+        add_scaled_offset(acc, half(b, 0) * dx, &to_f32(lo, hi), half(b, 2), t);
+    })
 }
 
 /// Scale and minimum `j` (0..8) of a Q4_K super-block's 12 packed bytes (6 bits each).
@@ -290,15 +297,23 @@ fn q6k_value(ql: &[u8], qh: &[u8], quarter: usize, l: usize) -> i32 {
     i32::from(low | (high << 4)) - 32
 }
 
+/// Half `h` (0..2) of a Q6_K super-block: its low bits, high bits and scales.
+#[inline(always)]
+fn q6k_half(b: &[u8], h: usize) -> (&[u8], &[u8], &[u8]) {
+    (
+        &b[64 * h..][..64],
+        &b[128 + 32 * h..][..32],
+        &b[192 + 8 * h..][..8],
+    )
+}
+
 #[inline(always)]
 fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
     let mut acc = [0.0; LANES];
     for (sb, b) in row.chunks_exact(210).enumerate() {
         let d = half(b, 208);
         for h in 0..2 {
-            let ql = &b[64 * h..64 * h + 64];
-            let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-            let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+            let (ql, qh, sc) = q6k_half(b, h);
             for quarter in 0..4 {
                 let (q, dx, _) = block_input(inp, 8 * sb + 4 * h + quarter);
                 // Two sub-blocks of 16 elements, each with its own scale.
@@ -413,29 +428,40 @@ mod avx2 {
         _mm256_add_ps(acc, _mm256_add_ps(s, o))
     }
 
+    /// The dot product of a row of 32-element blocks of `block_bytes` each with `inp`:
+    /// `add(acc, block, inputs)` is the lanes with one block's terms added.
+    #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    pub fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
+    fn dot_blocks(
+        row: &[u8],
+        block_bytes: usize,
+        inp: &Input<'_>,
+        add: impl Fn(__m256, &[u8], (&[i16], f32, &Lanes)) -> __m256,
+    ) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        for (i, b) in row.chunks_exact(34).enumerate() {
-            let (q, dx, _) = block_input(inp, i);
-            let w0 = _mm256_cvtepi8_epi16(bytes16(b, 2));
-            let w1 = _mm256_cvtepi8_epi16(bytes16(b, 18));
-            acc = scaled(acc, times(half(b, 0), dx), block(w0, w1, q));
+        for (i, b) in row.chunks_exact(block_bytes).enumerate() {
+            acc = add(acc, b, block_input(inp, i));
         }
         lane_sum(lanes_out(acc))
     }
 
     #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
+        dot_blocks(row, 34, inp, |acc, b, (q, dx, _)| {
+            let w0 = _mm256_cvtepi8_epi16(bytes16(b, 2));
+            let w1 = _mm256_cvtepi8_epi16(bytes16(b, 18));
+            scaled(acc, times(half(b, 0), dx), block(w0, w1, q))
+        })
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
     pub fn dot_q4_0(row: &[u8], inp: &Input<'_>) -> f32 {
-        let mut acc = _mm256_setzero_ps();
         let eight = _mm256_set1_epi16(8);
-        for (i, b) in row.chunks_exact(18).enumerate() {
-            let (q, dx, _) = block_input(inp, i);
+        dot_blocks(row, 18, inp, |acc, b, (q, dx, _)| {
             let (w0, w1) = nibbles(bytes16(b, 2));
             let (w0, w1) = (_mm256_sub_epi16(w0, eight), _mm256_sub_epi16(w1, eight));
-            acc = scaled(acc, times(half(b, 0), dx), block(w0, w1, q));
-        }
-        lane_sum(lanes_out(acc))
+            scaled(acc, times(half(b, 0), dx), block(w0, w1, q))
+        })
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -478,19 +504,21 @@ mod avx2 {
     }
 }
 
-/// `out[i] = row(first + i) · x` for the rows of `w` (rows of `row_bytes` in `dtype`),
-/// with the AVX2 code for the formats that have it when `avx2`, else the portable code
-/// (each format's loop calls its dot product directly so that it inlines).
-#[inline(always)]
-fn dot_rows_inline(
+/// `out[i] = dot(row first + i of w, x)`: rows of `x`'s length in `dtype`, each
+/// `row_bytes` long (the caller checked the sizes), `inp` being [`prepare`]d `x`. With the
+/// AVX2 code for the formats that have it when `allow_avx2` and the CPU has it, else the
+/// portable code (the tests check both give the same bits, on every x86-64 CPU). Each
+/// format's loop calls its dot product directly so that it inlines.
+pub fn dot_rows(
     dtype: DType,
     w: &[u8],
     row_bytes: usize,
     first: usize,
     inp: &Input<'_>,
     out: &mut [f32],
-    avx2: bool,
+    allow_avx2: bool,
 ) {
+    let avx2 = allow_avx2 && has_avx2();
     macro_rules! rows {
         ($dot:expr) => {
             for (i, o) in out.iter_mut().enumerate() {
@@ -529,20 +557,6 @@ fn dot_rows_inline(
     }
 }
 
-/// `out[i] = dot(row first + i of w, x)`: rows of `x`'s length in `dtype`, each
-/// `row_bytes` long (the caller checked the sizes), `inp` being [`prepare`]d `x`. Same
-/// bits on every x86-64 CPU, with or without AVX2.
-pub fn dot_rows(
-    dtype: DType,
-    w: &[u8],
-    row_bytes: usize,
-    first: usize,
-    inp: &Input<'_>,
-    out: &mut [f32],
-) {
-    dot_rows_inline(dtype, w, row_bytes, first, inp, out, has_avx2());
-}
-
 /// Whether this CPU runs the [`avx2`] code (AVX2 and F16C).
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -551,19 +565,6 @@ pub fn has_avx2() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// [`dot_rows`] with the AVX2 code on or off: the tests check both give the same bits.
-#[cfg(test)]
-pub fn dot_rows_with(
-    dtype: DType,
-    w: &[u8],
-    row_bytes: usize,
-    inp: &Input<'_>,
-    out: &mut [f32],
-    avx2: bool,
-) {
-    dot_rows_inline(dtype, w, row_bytes, 0, inp, out, avx2 && has_avx2());
 }
 
 /// Dequantizes one row of `out.len()` elements in `dtype` (GGML's definitions, in f32
@@ -628,9 +629,7 @@ pub fn dequant_row(dtype: DType, row: &[u8], out: &mut [f32]) {
             for (b, o) in row.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
                 let d = half(b, 208);
                 for h in 0..2 {
-                    let ql = &b[64 * h..64 * h + 64];
-                    let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-                    let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+                    let (ql, qh, sc) = q6k_half(b, h);
                     for quarter in 0..4 {
                         for l in 0..32 {
                             let scale = d * f32::from(sc[l / 16 + 2 * quarter] as i8);
