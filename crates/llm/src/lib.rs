@@ -22,7 +22,6 @@ pub mod sample;
 pub mod serve;
 pub mod tokenizer;
 
-mod math;
 mod unicode;
 mod unicode_tables;
 

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::cmp::Ordering;
 use core::fmt;
 
-use crate::math::exp;
+use ferry_abi::accel::math::exp;
 
 /// How to pick tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]

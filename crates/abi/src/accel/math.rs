@@ -1,7 +1,9 @@
 //! Transcendental functions built only from IEEE-754 basic operations (`+ - * /`,
-//! `sqrt`, `floor`), so that they give the same bits on every host and build: the
+//! `sqrt`, `floor`), so that they give the same bits on every host, build and guest: the
 //! platform's libm may pick different code paths per CPU (e.g. FMA variants), and Rust
-//! never fuses a multiply and an add on its own.
+//! never fuses a multiply and an add on its own. Part of the contract because the
+//! kernels' results are defined by them (every backend computes these very steps), and
+//! because the guest (`no_std`, without libm) samples tokens with the same [`exp`].
 //!
 //! All work in f64; the kernels round their results to f32, and the errors here (a few
 //! f64 ulps) are far below half an f32 ulp.
@@ -239,6 +241,8 @@ pub fn powu(base: f64, mut n: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
 
     fn rel(a: f64, b: f64) -> f64 {

@@ -154,3 +154,4 @@ pub mod device_status {
 }
 
 pub mod kernel;
+pub mod math;

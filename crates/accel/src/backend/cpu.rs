@@ -1,13 +1,12 @@
 //! The `cpu` backend: buffers in host RAM, kernels on a private rayon pool.
 //!
 //! Results are bit-identical whatever the pool's thread count: see `gemm` for MATMUL
-//! and `ops` for the rest. Transcendental functions are computed by `math` from basic
+//! and `ops` for the rest. Transcendental functions are computed by `ferry_abi::accel::math` from basic
 //! IEEE operations, so they do not depend on the host's libm either.
 
 mod gemm;
 #[cfg(test)]
 mod llama_tests;
-mod math;
 mod memory;
 mod ops;
 mod quant;
@@ -24,7 +23,7 @@ use super::{
     IndexCheck,
 };
 use crate::kernel::{DType, Kernel};
-pub use math::powu;
+pub use ferry_abi::accel::math::powu;
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
 
