@@ -27,10 +27,10 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use ferry_api::Heartbeat;
 use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
-use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
+use ferry_http::{answer, error, error_with_code, Body};
 use serde::Deserialize;
 
 use crate::store::StoreError;
@@ -140,21 +140,15 @@ async fn leader_writes(
     }
 }
 
-async fn heartbeat(State(center): State<Arc<Center>>, body: JsonBody<Heartbeat>) -> Response {
-    match body {
-        Ok(Json(beat)) => answer(StatusCode::OK, move || center.heartbeat(beat)).await,
-        Err(e) => bad_body(&e),
-    }
+async fn heartbeat(State(center): State<Arc<Center>>, Body(beat): Body<Heartbeat>) -> Response {
+    answer(StatusCode::OK, move || center.heartbeat(beat)).await
 }
 
 async fn settle(
     State(center): State<Arc<Center>>,
-    body: JsonBody<ferry_api::SettleRequest>,
+    Body(req): Body<ferry_api::SettleRequest>,
 ) -> Response {
-    match body {
-        Ok(Json(req)) => answer(StatusCode::OK, move || center.settle(&req)).await,
-        Err(e) => bad_body(&e),
-    }
+    answer(StatusCode::OK, move || center.settle(&req)).await
 }
 
 /// `GET /v1/cluster?vms=N`: at most N VM rows (default [`CLUSTER_VMS`]).
@@ -202,11 +196,8 @@ async fn vms(State(center): State<Arc<Center>>) -> Response {
     answer(StatusCode::OK, move || Ok::<_, CenterError>(center.vms())).await
 }
 
-async fn create_vm(State(center): State<Arc<Center>>, body: JsonBody<PlaceVm>) -> Response {
-    match body {
-        Ok(Json(req)) => answer(StatusCode::CREATED, move || center.create_vm(&req)).await,
-        Err(e) => bad_body(&e),
-    }
+async fn create_vm(State(center): State<Arc<Center>>, Body(req): Body<PlaceVm>) -> Response {
+    answer(StatusCode::CREATED, move || center.create_vm(&req)).await
 }
 
 async fn migrations(State(center): State<Arc<Center>>) -> Response {
@@ -234,11 +225,7 @@ struct BalanceRequest {
     dry_run: bool,
 }
 
-async fn balance(State(center): State<Arc<Center>>, body: JsonBody<BalanceRequest>) -> Response {
-    let req = match body {
-        Ok(Json(req)) => req,
-        Err(e) => return bad_body(&e),
-    };
+async fn balance(State(center): State<Arc<Center>>, Body(req): Body<BalanceRequest>) -> Response {
     answer(StatusCode::OK, move || center.balance(req.dry_run)).await
 }
 

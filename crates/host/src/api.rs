@@ -30,14 +30,14 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::Deserialize;
 
 use ferry_migrate::Purpose;
 
 use ferry_api::{ChannelMessage, CreateVm, MigrateRequest};
 use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
-use ferry_http::{answer, bad_body, error, error_with_code, JsonBody};
+use ferry_http::{answer, error, error_with_code, Body};
 
 use crate::{Host, HostError};
 
@@ -84,11 +84,8 @@ async fn list_vms(State(api): State<Api>) -> Response {
     answer(StatusCode::OK, move || Ok::<_, HostError>(api.host.list())).await
 }
 
-async fn create_vm(State(api): State<Api>, body: JsonBody<CreateVm>) -> Response {
-    match body {
-        Ok(Json(req)) => answer(StatusCode::CREATED, move || api.host.create_vm(&req)).await,
-        Err(e) => bad_body(&e),
-    }
+async fn create_vm(State(api): State<Api>, Body(req): Body<CreateVm>) -> Response {
+    answer(StatusCode::CREATED, move || api.host.create_vm(&req)).await
 }
 
 async fn show_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
@@ -115,17 +112,12 @@ async fn stop_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
 async fn migrate_vm(
     State(api): State<Api>,
     Path(id): Path<String>,
-    body: JsonBody<MigrateRequest>,
+    Body(req): Body<MigrateRequest>,
 ) -> Response {
-    match body {
-        Ok(Json(req)) => {
-            answer(StatusCode::ACCEPTED, move || {
-                api.host.start_migration(&id, req)
-            })
-            .await
-        }
-        Err(e) => bad_body(&e),
-    }
+    answer(StatusCode::ACCEPTED, move || {
+        api.host.start_migration(&id, req)
+    })
+    .await
 }
 
 async fn migration(State(api): State<Api>, Path(id): Path<String>) -> Response {
@@ -146,12 +138,8 @@ struct Resolve {
 async fn resolve(
     State(api): State<Api>,
     Path(id): Path<String>,
-    body: JsonBody<Resolve>,
+    Body(req): Body<Resolve>,
 ) -> Response {
-    let Json(req) = match body {
-        Ok(body) => body,
-        Err(e) => return bad_body(&e),
-    };
     let resume = match req.action.as_str() {
         "resume" => true,
         "release" => false,
@@ -175,44 +163,40 @@ async fn settle(State(api): State<Api>, Path(session): Path<u64>) -> Response {
 async fn submit(
     State(api): State<Api>,
     Path(id): Path<String>,
-    body: JsonBody<ChannelMessage>,
+    Body(m): Body<ChannelMessage>,
 ) -> Response {
-    match body {
-        Ok(Json(m)) => {
-            answer(StatusCode::ACCEPTED, move || {
-                api.host
-                    .channel_submit(&id, m)
-                    .map(|()| serde_json::json!({}))
-            })
-            .await
-        }
-        Err(e) => bad_body(&e),
-    }
+    done(StatusCode::ACCEPTED, move || {
+        api.host.channel_submit(&id, m)
+    })
+    .await
 }
 
 async fn signal(
     State(api): State<Api>,
     Path((id, stream)): Path<(String, u64)>,
-    body: JsonBody<ChannelMessage>,
+    Body(m): Body<ChannelMessage>,
 ) -> Response {
-    match body {
-        Ok(Json(m)) if m.stream != stream => error(
+    if m.stream != stream {
+        return error(
             StatusCode::BAD_REQUEST,
             &format!(
                 "the message is for stream {}, the path says {stream}",
                 m.stream
             ),
-        ),
-        Ok(Json(m)) => {
-            answer(StatusCode::ACCEPTED, move || {
-                api.host
-                    .channel_signal(&id, m)
-                    .map(|()| serde_json::json!({}))
-            })
-            .await
-        }
-        Err(e) => bad_body(&e),
+        );
     }
+    done(StatusCode::ACCEPTED, move || {
+        api.host.channel_signal(&id, m)
+    })
+    .await
+}
+
+/// [`answer`] for an operation with nothing to return: `{}` with `status` once it is done.
+async fn done(
+    status: StatusCode,
+    op: impl FnOnce() -> Result<(), HostError> + Send + 'static,
+) -> Response {
+    answer(status, move || op().map(|()| serde_json::json!({}))).await
 }
 
 /// `GET /v1/vms/{id}/streams/{stream}`'s query.
@@ -243,10 +227,8 @@ async fn release_stream(
     State(api): State<Api>,
     Path((id, stream)): Path<(String, u64)>,
 ) -> Response {
-    answer(StatusCode::OK, move || {
-        api.host
-            .channel_release(&id, stream)
-            .map(|()| serde_json::json!({}))
+    done(StatusCode::OK, move || {
+        api.host.channel_release(&id, stream)
     })
     .await
 }

@@ -58,12 +58,27 @@ where
     }
 }
 
-/// A JSON request body, or why it could not be read.
-pub type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+/// A JSON request body. One that is not the expected JSON is answered 400 with the
+/// API's error body (`bad request body: ...`) before the handler runs.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
 
-/// The answer to a request body that is not the expected JSON.
-pub fn bad_body(e: &axum::extract::rejection::JsonRejection) -> Response {
-    error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}"))
+impl<T, S> axum::extract::FromRequest<S> for Body<T>
+where
+    Json<T>: axum::extract::FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(body)) => Ok(Body(body)),
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request body: {e}"),
+            )),
+        }
+    }
 }
 
 /// The roots an API client of the cluster trusts: its CA with TLS on, else the web's.
