@@ -337,7 +337,7 @@ fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{block_input, lane_sum, q4k_scale_min, Input, Lanes};
+    use super::{block_input, lane_sum, q4k_scale_min, q6k_half, Input, Lanes};
 
     /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
     /// `f16_to_f32` does). Kept a vector: reduced to one float, the conversion compiles to
@@ -502,6 +502,43 @@ mod avx2 {
         }
         lane_sum(lanes_out(acc))
     }
+
+    /// Q6_K: each sub-block of 16 weights is rebuilt from its four low bits (`ql`, the
+    /// high nibble for quarters 2 and 3) and two high bits (`qh`, shifted by the quarter),
+    /// minus 32, as `q6k_value` does, then multiplied with the inputs as the others are.
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let (low4, high2) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(3));
+        let bias = _mm256_set1_epi16(32);
+        for (sb, b) in row.chunks_exact(210).enumerate() {
+            let d = half(b, 208);
+            for h in 0..2 {
+                let (ql, qh, sc) = q6k_half(b, h);
+                for quarter in 0..4 {
+                    let (q, dx, _) = block_input(inp, 8 * sb + 4 * h + quarter);
+                    let high_shift = _mm_cvtsi32_si128(2 * quarter as i32);
+                    for half_q in 0..2 {
+                        let l0 = 16 * half_q;
+                        let low = bytes16(ql, 32 * (quarter & 1) + l0);
+                        let low = if quarter < 2 {
+                            low
+                        } else {
+                            _mm_srli_epi16(low, 4)
+                        };
+                        let high = _mm_and_si128(_mm_srl_epi16(bytes16(qh, l0), high_shift), high2);
+                        // Both masked first, so the 16-bit shift moves no bit across bytes.
+                        let w = _mm_or_si128(_mm_and_si128(low, low4), _mm_slli_epi16(high, 4));
+                        let w = _mm256_sub_epi16(_mm256_cvtepu8_epi16(w), bias);
+                        let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(w, inputs16(q, l0)));
+                        let sc = f32::from(sc[half_q + 2 * quarter] as i8);
+                        acc = scaled(acc, times(times(d, sc), dx), lanes);
+                    }
+                }
+            }
+        }
+        lane_sum(lanes_out(acc))
+    }
 }
 
 /// `out[i] = dot(row first + i of w, x)`: rows of `x`'s length in `dtype`, each
@@ -534,6 +571,7 @@ pub fn dot_rows(
             DType::Q4_1 => Some(avx2::dot_q4_1),
             DType::Q8_0 => Some(avx2::dot_q8_0),
             DType::Q4K => Some(avx2::dot_q4k),
+            DType::Q6K => Some(avx2::dot_q6k),
             _ => None,
         };
         if let Some(dot) = fast {
