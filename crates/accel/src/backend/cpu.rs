@@ -556,6 +556,33 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     (gflops(backend_time), gflops(direct_time))
 }
 
+/// Measures QMATMUL's dot products of `rows` weight rows of `cols` elements in `dtype`
+/// with one prepared input row, on one thread, in GMAC/s (best of several runs): the AVX2
+/// code where `avx2` and the CPU has it, else the portable code.
+pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, avx2: bool) -> f64 {
+    let row_bytes = dtype.row_bytes(cols as u64).expect("whole blocks") as usize;
+    // Normal floats for f32 and f16 (subnormals would be slow on some CPUs), and for the
+    // block formats bytes whose half floats (the scales) are all finite and small.
+    let w: Vec<u8> = match dtype {
+        DType::F32 => (0..rows * cols)
+            .flat_map(|i| ((i % 13) as f32 * 0.01 - 0.06).to_le_bytes())
+            .collect(),
+        DType::F16 => (0..rows * cols)
+            .flat_map(|i| (0x3000 | (i * 37 % 1024) as u16).to_le_bytes())
+            .collect(),
+        _ => (0..rows * row_bytes)
+            .map(|i| (i * 37 % 251) as u8 & 0x3b)
+            .collect(),
+    };
+    let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+    let input = quant::prepare(&x);
+    let mut out = vec![0.0f32; rows];
+    let time = best_time(Duration::from_millis(300), || {
+        quant::dot_rows(dtype, &w, row_bytes, 0, &input, &mut out, avx2)
+    });
+    (rows * cols) as f64 / time.as_secs_f64().max(1e-9) / 1e9
+}
+
 /// Host memory read bandwidth with `threads` threads, bytes/s: the best of several passes
 /// summing a 1 GiB buffer in `threads` equal parts (each thread streams its own), the
 /// way a matrix–vector product streams its weights.

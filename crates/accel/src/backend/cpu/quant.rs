@@ -163,38 +163,38 @@ fn to_f32(lo: [i32; LANES], hi: [i32; LANES]) -> Lanes {
     out
 }
 
+/// Weight `i` of a row of f32 (`width` 4) or f16 (`width` 2) weights.
 #[inline(always)]
-fn dot_f32(row: &[u8], inp: &Input<'_>) -> f32 {
-    let x = inp.x;
-    let mut acc = [0.0; LANES];
-    for (w, x) in row.chunks_exact(4 * LANES).zip(x.chunks_exact(LANES)) {
-        group_q(&mut acc, x, |l| {
-            f32::from_le_bytes([w[4 * l], w[4 * l + 1], w[4 * l + 2], w[4 * l + 3]])
-        });
+fn float_weight(row: &[u8], width: usize, i: usize) -> f32 {
+    if width == 4 {
+        let at = 4 * i;
+        f32::from_le_bytes([row[at], row[at + 1], row[at + 2], row[at + 3]])
+    } else {
+        half(row, 2 * i)
     }
-    // The tail (fewer than eight elements), in order, added after the lanes.
-    let done = x.len() / LANES * LANES;
-    let mut tail = 0.0;
-    for (i, &xv) in x[done..].iter().enumerate() {
-        let at = 4 * (done + i);
-        tail += f32::from_le_bytes([row[at], row[at + 1], row[at + 2], row[at + 3]]) * xv;
-    }
-    lane_sum(acc) + tail
 }
 
+/// The elements of `x` after its whole groups of eight times their weights, added in
+/// order (added after the lanes).
 #[inline(always)]
-fn dot_f16(row: &[u8], inp: &Input<'_>) -> f32 {
-    let x = inp.x;
-    let mut acc = [0.0; LANES];
-    for (w, x) in row.chunks_exact(2 * LANES).zip(x.chunks_exact(LANES)) {
-        group_q(&mut acc, x, |l| half(w, 2 * l));
-    }
+fn float_tail(row: &[u8], width: usize, x: &[f32]) -> f32 {
     let done = x.len() / LANES * LANES;
     let mut tail = 0.0;
-    for (i, &xv) in x[done..].iter().enumerate() {
-        tail += half(row, 2 * (done + i)) * xv;
+    for (i, &xv) in x.iter().enumerate().skip(done) {
+        tail += float_weight(row, width, i) * xv;
     }
-    lane_sum(acc) + tail
+    tail
+}
+
+/// A row of f32 (`width` 4) or f16 (`width` 2) weights times the f32 inputs.
+#[inline(always)]
+fn dot_float(row: &[u8], width: usize, inp: &Input<'_>) -> f32 {
+    let x = inp.x;
+    let mut acc = [0.0; LANES];
+    for (w, x) in row.chunks_exact(width * LANES).zip(x.chunks_exact(LANES)) {
+        group_q(&mut acc, x, |l| float_weight(w, width, l));
+    }
+    lane_sum(acc) + float_tail(row, width, x)
 }
 
 /// The 16-bit inputs of block `b`, its scale and lane sums.
@@ -329,7 +329,7 @@ fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
     lane_sum(acc)
 }
 
-/// The hot formats with AVX2 intrinsics: the very operations of the portable code above
+/// Every format with AVX2 intrinsics: the very operations of the portable code above
 /// (exact integer lanes, then the same f32 multiplies and adds in the same order, never
 /// fused), so the same bits, eight lanes at once with the pairs multiplied and added by
 /// one instruction.
@@ -337,7 +337,7 @@ fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{block_input, lane_sum, q4k_scale_min, q6k_half, Input, Lanes};
+    use super::{block_input, float_tail, lane_sum, q4k_scale_min, q6k_half, Input, Lanes};
 
     /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
     /// `f16_to_f32` does). Kept a vector: reduced to one float, the conversion compiles to
@@ -426,6 +426,34 @@ mod avx2 {
         let s = _mm256_mul_ps(scale, f);
         let o = _mm256_mul_ps(offset, lanes_in(t));
         _mm256_add_ps(acc, _mm256_add_ps(s, o))
+    }
+
+    /// A row of f32 (`width` 4) or f16 (`width` 2) weights times the f32 inputs, eight
+    /// weights `load`ed at a time (`dot_float`).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn floats(row: &[u8], width: usize, inp: &Input<'_>, load: impl Fn(&[u8]) -> __m256) -> f32 {
+        let x = inp.x;
+        let mut acc = _mm256_setzero_ps();
+        for (w, xs) in row.chunks_exact(width * 8).zip(x.chunks_exact(8)) {
+            let xs: &Lanes = xs.try_into().expect("eight inputs");
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(load(w), lanes_in(xs)));
+        }
+        lane_sum(lanes_out(acc)) + float_tail(row, width, x)
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_f32(row: &[u8], inp: &Input<'_>) -> f32 {
+        floats(row, 4, inp, |w| {
+            let w: &[u8; 32] = w.try_into().expect("eight f32");
+            // SAFETY: `w` is 32 readable bytes; the load has no alignment requirement.
+            unsafe { _mm256_loadu_ps(w.as_ptr().cast()) }
+        })
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_f16(row: &[u8], inp: &Input<'_>) -> f32 {
+        floats(row, 2, inp, |w| _mm256_cvtph_ps(bytes16(w, 0)))
     }
 
     /// The dot product of a row of 32-element blocks of `block_bytes` each with `inp`:
@@ -543,9 +571,8 @@ mod avx2 {
 
 /// `out[i] = dot(row first + i of w, x)`: rows of `x`'s length in `dtype`, each
 /// `row_bytes` long (the caller checked the sizes), `inp` being [`prepare`]d `x`. With the
-/// AVX2 code for the formats that have it when `allow_avx2` and the CPU has it, else the
-/// portable code (the tests check both give the same bits, on every x86-64 CPU). Each
-/// format's loop calls its dot product directly so that it inlines.
+/// AVX2 code when `allow_avx2` and the CPU has it, else the portable code (the tests
+/// check both give the same bits, on every x86-64 CPU).
 pub fn dot_rows(
     dtype: DType,
     w: &[u8],
@@ -556,42 +583,32 @@ pub fn dot_rows(
     allow_avx2: bool,
 ) {
     let avx2 = allow_avx2 && has_avx2();
+    // Each format's loop calls its dot product directly, so that it inlines.
     macro_rules! rows {
-        ($dot:expr) => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = $dot(&w[(first + i) * row_bytes..][..row_bytes], inp);
+        ($portable:expr, $avx2:ident) => {{
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let row = &w[(first + i) * row_bytes..][..row_bytes];
+                    // SAFETY: `has_avx2` said this CPU has AVX2 and F16C, all these need.
+                    *o = unsafe { avx2::$avx2(row, inp) };
+                }
+                return;
             }
-        };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        type Dot = unsafe fn(&[u8], &Input<'_>) -> f32;
-        let fast: Option<Dot> = match dtype {
-            DType::Q4_0 => Some(avx2::dot_q4_0),
-            DType::Q4_1 => Some(avx2::dot_q4_1),
-            DType::Q8_0 => Some(avx2::dot_q8_0),
-            DType::Q4K => Some(avx2::dot_q4k),
-            DType::Q6K => Some(avx2::dot_q6k),
-            _ => None,
-        };
-        if let Some(dot) = fast {
+            let _ = avx2;
             for (i, o) in out.iter_mut().enumerate() {
-                let row = &w[(first + i) * row_bytes..][..row_bytes];
-                // SAFETY: the caller checked that the CPU has AVX2 and F16C, all these need.
-                *o = unsafe { dot(row, inp) };
+                *o = $portable(&w[(first + i) * row_bytes..][..row_bytes], inp);
             }
-            return;
-        }
+        }};
     }
-    let _ = avx2;
     match dtype {
-        DType::F32 => rows!(dot_f32),
-        DType::F16 => rows!(dot_f16),
-        DType::Q4_0 => rows!(dot_q4_0),
-        DType::Q4_1 => rows!(dot_q4_1),
-        DType::Q8_0 => rows!(dot_q8_0),
-        DType::Q4K => rows!(dot_q4k),
-        DType::Q6K => rows!(dot_q6k),
+        DType::F32 => rows!(|row, inp| dot_float(row, 4, inp), dot_f32),
+        DType::F16 => rows!(|row, inp| dot_float(row, 2, inp), dot_f16),
+        DType::Q4_0 => rows!(dot_q4_0, dot_q4_0),
+        DType::Q4_1 => rows!(dot_q4_1, dot_q4_1),
+        DType::Q8_0 => rows!(dot_q8_0, dot_q8_0),
+        DType::Q4K => rows!(dot_q4k, dot_q4k),
+        DType::Q6K => rows!(dot_q6k, dot_q6k),
     }
 }
 

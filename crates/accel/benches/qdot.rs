@@ -1,0 +1,33 @@
+//! QMATMUL's dot products per block format, one thread: the AVX2 code against the
+//! portable code (the same bits; the tests check that).
+//!
+//! `cargo bench -p ferry-accel --bench qdot [-- ROWS COLS]` (default 1536 1536; COLS is
+//! rounded up to whole blocks of 256, which every format takes).
+
+use ferry_accel::backend::cpu::bench_qdot;
+use ferry_accel::kernel::DType;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (rows, cols) = match args[..] {
+        [rows, cols, ..] => (rows.max(1), cols.max(1).div_ceil(256) * 256),
+        _ => (1536, 1536),
+    };
+    println!("rows {rows}, cols {cols}, one thread");
+    println!(
+        "{:>6} {:>16} {:>16} {:>7}",
+        "format", "portable GMAC/s", "AVX2 GMAC/s", "ratio"
+    );
+    for dtype in DType::ALL {
+        let portable = bench_qdot(dtype, rows, cols, false);
+        let avx2 = bench_qdot(dtype, rows, cols, true);
+        println!(
+            "{:>6} {portable:>16.2} {avx2:>16.2} {:>7.2}",
+            dtype.name(),
+            avx2 / portable
+        );
+    }
+}
