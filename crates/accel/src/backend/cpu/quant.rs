@@ -307,25 +307,53 @@ fn q6k_half(b: &[u8], h: usize) -> (&[u8], &[u8], &[u8]) {
     )
 }
 
+/// One 32-element quarter of a Q6_K super-block: its scale `d`, its half's low bits,
+/// high bits and scales, which quarter of the half (0..4), and its block of inputs.
+struct Q6kQuarter<'r, 'i> {
+    d: f32,
+    ql: &'r [u8],
+    qh: &'r [u8],
+    sc: &'r [u8],
+    quarter: usize,
+    q: &'i [i16],
+    dx: f32,
+}
+
+/// Calls `f` on each quarter of the Q6_K super-blocks of `row`, in order.
 #[inline(always)]
-fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
-    let mut acc = [0.0; LANES];
+fn q6k_quarters<'r, 'i>(row: &'r [u8], inp: &'i Input<'_>, mut f: impl FnMut(Q6kQuarter<'r, 'i>)) {
     for (sb, b) in row.chunks_exact(210).enumerate() {
         let d = half(b, 208);
         for h in 0..2 {
             let (ql, qh, sc) = q6k_half(b, h);
             for quarter in 0..4 {
                 let (q, dx, _) = block_input(inp, 8 * sb + 4 * h + quarter);
-                // Two sub-blocks of 16 elements, each with its own scale.
-                for half_q in 0..2 {
-                    let l0 = 16 * half_q;
-                    let lanes = pairs(&q[l0..], |e| q6k_value(ql, qh, quarter, l0 + e));
-                    let scale = d * f32::from(sc[half_q + 2 * quarter] as i8) * dx;
-                    add_scaled(&mut acc, scale, &lanes.map(|v| v as f32));
-                }
+                f(Q6kQuarter {
+                    d,
+                    ql,
+                    qh,
+                    sc,
+                    quarter,
+                    q,
+                    dx,
+                });
             }
         }
     }
+}
+
+#[inline(always)]
+fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
+    let mut acc = [0.0; LANES];
+    q6k_quarters(row, inp, |t| {
+        // Two sub-blocks of 16 elements, each with its own scale.
+        for half_q in 0..2 {
+            let l0 = 16 * half_q;
+            let lanes = pairs(&t.q[l0..], |e| q6k_value(t.ql, t.qh, t.quarter, l0 + e));
+            let scale = t.d * f32::from(t.sc[half_q + 2 * t.quarter] as i8) * t.dx;
+            add_scaled(&mut acc, scale, &lanes.map(|v| v as f32));
+        }
+    });
     lane_sum(acc)
 }
 
@@ -337,7 +365,7 @@ fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{block_input, float_tail, lane_sum, q4k_scale_min, q6k_half, Input, Lanes};
+    use super::{block_input, float_tail, lane_sum, q4k_scale_min, q6k_quarters, Input, Lanes};
 
     /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
     /// `f16_to_f32` does). Kept a vector: reduced to one float, the conversion compiles to
@@ -539,32 +567,25 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let (low4, high2) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(3));
         let bias = _mm256_set1_epi16(32);
-        for (sb, b) in row.chunks_exact(210).enumerate() {
-            let d = half(b, 208);
-            for h in 0..2 {
-                let (ql, qh, sc) = q6k_half(b, h);
-                for quarter in 0..4 {
-                    let (q, dx, _) = block_input(inp, 8 * sb + 4 * h + quarter);
-                    let high_shift = _mm_cvtsi32_si128(2 * quarter as i32);
-                    for half_q in 0..2 {
-                        let l0 = 16 * half_q;
-                        let low = bytes16(ql, 32 * (quarter & 1) + l0);
-                        let low = if quarter < 2 {
-                            low
-                        } else {
-                            _mm_srli_epi16(low, 4)
-                        };
-                        let high = _mm_and_si128(_mm_srl_epi16(bytes16(qh, l0), high_shift), high2);
-                        // Both masked first, so the 16-bit shift moves no bit across bytes.
-                        let w = _mm_or_si128(_mm_and_si128(low, low4), _mm_slli_epi16(high, 4));
-                        let w = _mm256_sub_epi16(_mm256_cvtepu8_epi16(w), bias);
-                        let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(w, inputs16(q, l0)));
-                        let sc = f32::from(sc[half_q + 2 * quarter] as i8);
-                        acc = scaled(acc, times(times(d, sc), dx), lanes);
-                    }
-                }
+        q6k_quarters(row, inp, |t| {
+            let high_shift = _mm_cvtsi32_si128(2 * t.quarter as i32);
+            for half_q in 0..2 {
+                let l0 = 16 * half_q;
+                let low = bytes16(t.ql, 32 * (t.quarter & 1) + l0);
+                let low = if t.quarter < 2 {
+                    low
+                } else {
+                    _mm_srli_epi16(low, 4)
+                };
+                let high = _mm_and_si128(_mm_srl_epi16(bytes16(t.qh, l0), high_shift), high2);
+                // Both masked first, so the 16-bit shift moves no bit across bytes.
+                let w = _mm_or_si128(_mm_and_si128(low, low4), _mm_slli_epi16(high, 4));
+                let w = _mm256_sub_epi16(_mm256_cvtepu8_epi16(w), bias);
+                let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(w, inputs16(t.q, l0)));
+                let sc = f32::from(t.sc[half_q + 2 * t.quarter] as i8);
+                acc = scaled(acc, times(times(_mm256_set1_ps(t.d), sc), t.dx), lanes);
             }
-        }
+        });
         lane_sum(lanes_out(acc))
     }
 }
