@@ -51,17 +51,22 @@ pub struct Request {
 }
 
 /// Why a generation ended.
+/// (The discriminant is its byte on the channel.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum FinishReason {
     /// The model's end of turn, or a stop text.
-    Stop,
+    Stop = 0,
     /// `max_tokens`, or the context, ran out.
-    Length,
+    Length = 1,
     /// The host cancelled it.
-    Cancelled,
+    Cancelled = 2,
 }
 
 impl FinishReason {
+    /// Every reason, at the index of its byte.
+    const ALL: [FinishReason; 3] = [Self::Stop, Self::Length, Self::Cancelled];
+
     /// The name OpenAI's API uses (`stop`, `length`, `cancelled`).
     pub fn name(self) -> &'static str {
         match self {
@@ -73,14 +78,21 @@ impl FinishReason {
 }
 
 /// Why the guest refused a request.
+/// (The discriminant is its byte on the channel.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum RefusalCode {
     /// The prompt (with room for one token) does not fit the context.
-    ContextLength,
+    ContextLength = 0,
     /// The request is malformed or names something the model cannot do.
-    InvalidRequest,
+    InvalidRequest = 1,
     /// The device failed.
-    Internal,
+    Internal = 2,
+}
+
+impl RefusalCode {
+    /// Every code, at the index of its byte.
+    const ALL: [RefusalCode; 3] = [Self::ContextLength, Self::InvalidRequest, Self::Internal];
 }
 
 /// [`Event::Token`]'s `id` for text released at the end of an answer (held back until
@@ -165,6 +177,12 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.bytes(1)?[0])
     }
+    /// The value whose index in `all` is the next byte, or `unknown`.
+    fn one_of<T: Copy>(&mut self, all: &[T], unknown: &'static str) -> Result<T, DecodeError> {
+        let i = self.u8()?;
+        all.get(usize::from(i)).copied().ok_or(DecodeError(unknown))
+    }
+
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4")))
     }
@@ -270,21 +288,13 @@ impl Event {
                 completion_tokens,
             } => {
                 w.u8(1);
-                w.u8(match reason {
-                    FinishReason::Stop => 0,
-                    FinishReason::Length => 1,
-                    FinishReason::Cancelled => 2,
-                });
+                w.u8(*reason as u8);
                 w.u32(*prompt_tokens);
                 w.u32(*completion_tokens);
             }
             Event::Error { code, message } => {
                 w.u8(2);
-                w.u8(match code {
-                    RefusalCode::ContextLength => 0,
-                    RefusalCode::InvalidRequest => 1,
-                    RefusalCode::Internal => 2,
-                });
+                w.u8(*code as u8);
                 w.text(message);
             }
         }
@@ -300,22 +310,12 @@ impl Event {
                 text: r.text()?,
             },
             1 => Event::Done {
-                reason: match r.u8()? {
-                    0 => FinishReason::Stop,
-                    1 => FinishReason::Length,
-                    2 => FinishReason::Cancelled,
-                    _ => return Err(DecodeError("unknown finish reason")),
-                },
+                reason: r.one_of(&FinishReason::ALL, "unknown finish reason")?,
                 prompt_tokens: r.u32()?,
                 completion_tokens: r.u32()?,
             },
             2 => Event::Error {
-                code: match r.u8()? {
-                    0 => RefusalCode::ContextLength,
-                    1 => RefusalCode::InvalidRequest,
-                    2 => RefusalCode::Internal,
-                    _ => return Err(DecodeError("unknown error code")),
-                },
+                code: r.one_of(&RefusalCode::ALL, "unknown error code")?,
                 message: r.text()?,
             },
             _ => return Err(DecodeError("unknown event")),
@@ -416,6 +416,22 @@ mod tests {
                 message: "too long".into(),
             },
         ] {
+            assert_eq!(Event::decode(&e.encode()), Ok(e));
+        }
+        // Every reason and code, so a byte out of step with its table shows.
+        for reason in FinishReason::ALL {
+            let e = Event::Done {
+                reason,
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            };
+            assert_eq!(Event::decode(&e.encode()), Ok(e));
+        }
+        for code in RefusalCode::ALL {
+            let e = Event::Error {
+                code,
+                message: String::new(),
+            };
             assert_eq!(Event::decode(&e.encode()), Ok(e));
         }
     }
