@@ -50,8 +50,7 @@ pub struct Request {
     pub stop: Vec<String>,
 }
 
-/// Why a generation ended.
-/// (The discriminant is its byte on the channel.)
+/// Why a generation ended (the discriminant is its byte on the channel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FinishReason {
@@ -77,8 +76,7 @@ impl FinishReason {
     }
 }
 
-/// Why the guest refused a request.
-/// (The discriminant is its byte on the channel.)
+/// Why the guest refused a request (the discriminant is its byte on the channel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum RefusalCode {
@@ -177,6 +175,7 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.bytes(1)?[0])
     }
+
     /// The value whose index in `all` is the next byte, or `unknown`.
     fn one_of<T: Copy>(&mut self, all: &[T], unknown: &'static str) -> Result<T, DecodeError> {
         let i = self.u8()?;

@@ -1,8 +1,9 @@
 //! The `cpu` backend: buffers in host RAM, kernels on a private rayon pool.
 //!
 //! Results are bit-identical whatever the pool's thread count: see `gemm` for MATMUL
-//! and `ops` for the rest. Transcendental functions are computed by `ferry_abi::accel::math` from basic
-//! IEEE operations, so they do not depend on the host's libm either.
+//! and `ops` for the rest. Transcendental functions are computed by
+//! `ferry_abi::accel::math` from basic IEEE operations, so they do not depend on the
+//! host's libm either.
 
 mod gemm;
 #[cfg(test)]
