@@ -10,6 +10,7 @@ extern crate alloc;
 #[path = "../llama/model.rs"]
 mod model;
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
@@ -88,13 +89,24 @@ struct Sequence {
     filter: StopFilter,
 }
 
+/// What a slot (one KV cache) holds.
+enum Slot {
+    /// Nothing: its cache is empty.
+    Free,
+    /// A request being answered.
+    Serving(Box<Sequence>),
+    /// The cache of an answer that has ended, to be emptied before the slot is used
+    /// again (so that a migration does not send it).
+    Ended,
+}
+
 /// The server's state: queued requests and the sequences in the slots.
 struct Server {
     dev: Device,
     text: Text,
     batch: usize,
     queue: VecDeque<(u64, Request)>,
-    slots: Vec<Option<Sequence>>,
+    slots: Vec<Slot>,
     logits: Vec<f32>,
     served: u64,
 }
@@ -116,17 +128,22 @@ fn serve(o: &Options) -> Result<(), Failure> {
         },
         batch: o.batch,
         queue: VecDeque::new(),
-        slots: (0..o.slots).map(|_| None).collect(),
+        slots: (0..o.slots).map(|_| Slot::Free).collect(),
         logits: vec![0f32; model.config.vocab],
         served: 0,
     };
     println!("llm-serve: ready: {} slots of {context} positions", o.slots);
     loop {
-        let idle = server.queue.is_empty() && server.slots.iter().all(Option::is_none);
+        // Before waiting for work: an idle server holds no ended answer's cache.
+        server.empty_ended()?;
+        let serving = server.slots.iter().any(|s| matches!(s, Slot::Serving(_)));
+        let idle = server.queue.is_empty() && !serving;
         ch.kick(if idle { 1000 } else { 0 });
         while let Some(m) = ch.receive() {
             server.take(&mut ch, m);
         }
+        // Cancels just taken.
+        server.empty_ended()?;
         server.start_queued(&mut ch);
         server.step(&mut ch)?;
     }
@@ -156,18 +173,31 @@ impl Server {
                 let active = self
                     .slots
                     .iter_mut()
-                    .find(|slot| slot.as_ref().is_some_and(|s| s.stream == m.stream));
-                if let Some(seq) = active.and_then(Option::take) {
-                    self.finish(ch, seq, FinishReason::Cancelled);
+                    .find(|slot| matches!(slot, Slot::Serving(s) if s.stream == m.stream));
+                if let Some(slot) = active {
+                    if let Slot::Serving(seq) = core::mem::replace(slot, Slot::Ended) {
+                        self.finish(ch, *seq, FinishReason::Cancelled);
+                    }
                 }
             }
             _ => {}
         }
     }
 
+    /// Empties the caches of the answers that have ended.
+    fn empty_ended(&mut self) -> Result<(), Failure> {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if matches!(slot, Slot::Ended) {
+                self.dev.clear_cache(i)?;
+                *slot = Slot::Free;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts queued requests in free slots (their prompts are read by [`Self::step`]).
     fn start_queued(&mut self, ch: &mut Channel) {
-        while let Some(free) = self.slots.iter().position(Option::is_none) {
+        while let Some(free) = self.slots.iter().position(|s| matches!(s, Slot::Free)) {
             let Some((stream, request)) = self.queue.pop_front() else {
                 return;
             };
@@ -195,7 +225,7 @@ impl Server {
             } else {
                 None
             };
-            self.slots[free] = Some(Sequence {
+            self.slots[free] = Slot::Serving(Box::new(Sequence {
                 stream,
                 pos: 0,
                 last: 0,
@@ -206,7 +236,7 @@ impl Server {
                 utf8: Utf8Stream::new(),
                 filter: StopFilter::new(&request.stop),
                 prompt,
-            });
+            }));
         }
     }
 
@@ -215,15 +245,19 @@ impl Server {
     /// next tokens by one piece, not by the whole prompt.
     fn step(&mut self, ch: &mut Channel) -> Result<(), Failure> {
         for i in 0..self.slots.len() {
-            let Some(mut seq) = self.slots[i].take() else {
-                continue;
+            let mut seq = match core::mem::replace(&mut self.slots[i], Slot::Free) {
+                Slot::Serving(seq) => *seq,
+                other => {
+                    self.slots[i] = other;
+                    continue;
+                }
             };
             if seq.pos < seq.prompt.len() {
                 let end = (seq.pos + self.batch).min(seq.prompt.len());
                 self.dev.forward(&seq.prompt[seq.pos..end], seq.pos, i)?;
                 seq.pos = end;
                 if seq.pos < seq.prompt.len() {
-                    self.slots[i] = Some(seq);
+                    self.slots[i] = Slot::Serving(Box::new(seq));
                     continue;
                 }
             } else {
@@ -252,13 +286,13 @@ impl Server {
         })
     }
 
-    /// Streams `token` of `seq`; returns the sequence unless it ended.
-    fn emit(&mut self, ch: &mut Channel, mut seq: Sequence, token: u32) -> Option<Sequence> {
+    /// Streams `token` of `seq`; returns what its slot holds next.
+    fn emit(&mut self, ch: &mut Channel, mut seq: Sequence, token: u32) -> Slot {
         seq.last = token;
         seq.generated += 1;
         if seq.stops.contains(&token) {
             self.finish(ch, seq, FinishReason::Stop);
-            return None;
+            return Slot::Ended;
         }
         let mut piece = String::new();
         if !self.text.tokenizer.is_control(token) {
@@ -269,13 +303,13 @@ impl Server {
         send(ch, seq.stream, &Event::Token { id: token, text });
         if stopped {
             self.finish_quietly(ch, &seq, FinishReason::Stop);
-            return None;
+            return Slot::Ended;
         }
         if seq.generated >= seq.max_tokens || seq.pos + 1 >= self.text.context {
             self.finish(ch, seq, FinishReason::Length);
-            return None;
+            return Slot::Ended;
         }
-        Some(seq)
+        Slot::Serving(Box::new(seq))
     }
 
     /// Ends `seq`: the text still held back, then the final event.

@@ -293,6 +293,25 @@ impl Device {
         Ok(())
     }
 
+    /// Empties sequence `slot`'s KV cache: its buffers are made afresh (zero), so the
+    /// device no longer counts them as written and a migration sends the caches of the
+    /// sequences being served, not those of answers that have ended.
+    #[allow(dead_code)] // llm-chat answers one prompt and never needs it.
+    pub fn clear_cache(&mut self, slot: usize) -> Result<(), AccelError> {
+        let cache = &mut self.caches[slot];
+        for layers in [&mut cache.k, &mut cache.v] {
+            let shapes: Vec<(usize, usize)> = layers.iter().map(|t| (t.rows(), t.cols())).collect();
+            // Freed first, so the new buffers fit in the memory the old ones held.
+            for t in layers.drain(..) {
+                self.acc.free(t);
+            }
+            for (rows, cols) in shapes {
+                layers.push(self.acc.alloc(rows, cols)?);
+            }
+        }
+        Ok(())
+    }
+
     /// The most likely next token (the first on ties), computed on the device.
     pub fn argmax(&mut self) -> Result<u32, AccelError> {
         let a = &mut self.act;
