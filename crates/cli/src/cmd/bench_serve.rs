@@ -6,7 +6,7 @@
 //! migrations' pauses.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -29,6 +29,10 @@ const MIGRATING_CLIENTS: usize = 4;
 /// Tokens each of their requests asks for: long answers, so that the migrations fall
 /// in the middle of answers rather than on prompts being read.
 const MIGRATING_TOKENS: u32 = 200;
+/// Pieces of text after which an answer is flowing: the first arrives when its own
+/// prompt is read, the next two a round apart, when no other prompt of the first requests
+/// is being read any longer.
+const FLOWING: usize = 3;
 /// The serving VM's accelerator memory.
 const VM_ACCEL: u64 = 1 << 30;
 /// Data connections of each migration: one, so that on a 2-core machine holding both
@@ -43,8 +47,9 @@ struct Answer {
     completion_tokens: u64,
 }
 
-/// Streams one chat completion; `Err` for any failure (a failed request).
-fn stream_chat(gateway: &ApiClient, body: &Value) -> anyhow::Result<Answer> {
+/// Streams one chat completion, counting it in `flowing` once [`FLOWING`] pieces of
+/// text have arrived; `Err` for any failure (a failed request).
+fn stream_chat(gateway: &ApiClient, body: &Value, flowing: &AtomicUsize) -> anyhow::Result<Answer> {
     let sent = Instant::now();
     let lines = gateway.post_lines("/v1/chat/completions", body)?;
     let mut pieces = Vec::new();
@@ -68,6 +73,9 @@ fn stream_chat(gateway: &ApiClient, body: &Value) -> anyhow::Result<Answer> {
             .is_some_and(|t| !t.is_empty())
         {
             pieces.push(Instant::now());
+            if pieces.len() == FLOWING {
+                flowing.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             completion_tokens = n;
@@ -98,13 +106,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Runs `clients` streaming clients; each sends requests until `more` says stop (after
-/// at least `least` each). Returns the answers and the failures.
+/// at least `least` each), and counts in `flowing` the answers past their prompts.
+/// Returns the answers and the failures.
 fn load(
     (url, token): (&str, &str),
     model: &str,
     (clients, max_tokens): (usize, u32),
     least: usize,
-    more: &(dyn Fn() -> bool + Sync),
+    (more, flowing): (&(dyn Fn() -> bool + Sync), &AtomicUsize),
 ) -> (Vec<Answer>, Vec<String>) {
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
@@ -116,7 +125,7 @@ fn load(
                     let mut i = 0;
                     while i < least || more() {
                         let body = request(model, (c * 1000 + i) as u64, max_tokens);
-                        match stream_chat(&gateway, &body) {
+                        match stream_chat(&gateway, &body, flowing) {
                             Ok(a) => answers.push(a),
                             Err(e) => failures.push(format!("{e:#}")),
                         }
@@ -229,7 +238,7 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
             &id,
             (clients, MAX_TOKENS),
             REQUESTS_PER_CLIENT,
-            &|| false,
+            (&|| false, &AtomicUsize::new(0)),
         );
         let wall = began.elapsed().as_secs_f64();
         let tokens: u64 = answers.iter().map(|a| a.completion_tokens).sum();
@@ -294,6 +303,7 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
     let info = |name: &str| -> anyhow::Result<HostInfo> { cluster.host(name).get("/v1/host") };
     let (a, b) = (info("a")?, info("b")?);
     let migrating = AtomicBool::new(true);
+    let flowing = AtomicUsize::new(0);
     let (windows, (answers, failures)) = std::thread::scope(|scope| {
         let clients = scope.spawn(|| {
             load(
@@ -301,12 +311,18 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
                 &id,
                 (MIGRATING_CLIENTS, MIGRATING_TOKENS),
                 1,
-                &|| migrating.load(Ordering::Relaxed),
+                (&|| migrating.load(Ordering::Relaxed), &flowing),
             )
         });
         let mut windows = Vec::new();
-        // Every client's prompt read, so the moves land in the middle of answers.
-        std::thread::sleep(Duration::from_millis(1500));
+        // Every client's prompt read and its answer flowing, so the moves land in the
+        // middle of answers, not on the longer rounds that read prompts.
+        let began = Instant::now();
+        while flowing.load(Ordering::Relaxed) < MIGRATING_CLIENTS
+            && began.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for i in 0..MIGRATIONS {
             let (from, to) = if i % 2 == 0 { ("a", &b) } else { ("b", &a) };
             windows.push(migrate(cluster.host(from), &id, &to.migration_addr));
