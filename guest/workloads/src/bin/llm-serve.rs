@@ -100,6 +100,15 @@ enum Slot {
     Ended,
 }
 
+/// What a sequence's next token is drawn from, taken off the device.
+#[derive(Clone, Copy)]
+enum Drawn {
+    /// The token itself (greedy: the device's argmax).
+    Token(u32),
+    /// The logits, in [`Server::logits`], for the sequence's sampler.
+    Logits,
+}
+
 /// The server's state: queued requests and the sequences in the slots.
 struct Server {
     dev: Device,
@@ -107,6 +116,7 @@ struct Server {
     batch: usize,
     queue: VecDeque<(u64, Request)>,
     slots: Vec<Slot>,
+    /// The logits of the last sequence whose token is drawn by a sampler.
     logits: Vec<f32>,
     served: u64,
 }
@@ -242,48 +252,68 @@ impl Server {
 
     /// One token for every sequence in a slot, or the next piece of its prompt for a
     /// sequence still reading its prompt: a long prompt arriving delays the others'
-    /// next tokens by one piece, not by the whole prompt.
+    /// next tokens by one piece, not by the whole prompt. Each sequence's next pass is
+    /// queued before the token of the one before it is drawn and sent, so the device
+    /// computes while the guest samples.
     fn step(&mut self, ch: &mut Channel) -> Result<(), Failure> {
+        let mut drawn: Option<(usize, Drawn)> = None;
         for i in 0..self.slots.len() {
-            let mut seq = match core::mem::replace(&mut self.slots[i], Slot::Free) {
-                Slot::Serving(seq) => *seq,
-                other => {
-                    self.slots[i] = other;
-                    continue;
-                }
+            let Slot::Serving(seq) = &mut self.slots[i] else {
+                continue;
             };
-            if seq.pos < seq.prompt.len() {
+            let read = if seq.pos < seq.prompt.len() {
                 let end = (seq.pos + self.batch).min(seq.prompt.len());
                 self.dev.forward(&seq.prompt[seq.pos..end], seq.pos, i)?;
                 seq.pos = end;
-                if seq.pos < seq.prompt.len() {
-                    self.slots[i] = Slot::Serving(Box::new(seq));
-                    continue;
-                }
+                seq.pos == seq.prompt.len()
             } else {
                 self.dev.forward(&[seq.last], seq.pos, i)?;
                 seq.pos += 1;
+                true
+            };
+            if let Some((slot, d)) = drawn.take() {
+                self.send_token(ch, slot, d);
             }
-            let token = self.sample(&mut seq)?;
-            self.slots[i] = self.emit(ch, seq, token);
-            // Take cancels and new requests between tokens, not only between rounds.
-            ch.kick(0);
-            while let Some(m) = ch.receive() {
-                self.take(ch, m);
+            if read {
+                drawn = Some((i, self.draw(i)?));
             }
+        }
+        if let Some((slot, d)) = drawn {
+            self.send_token(ch, slot, d);
         }
         Ok(())
     }
 
-    /// The next token of `seq`, from the logits of its last forward pass.
-    fn sample(&mut self, seq: &mut Sequence) -> Result<u32, Failure> {
-        Ok(match &mut seq.sampler {
-            None => self.dev.argmax()?,
-            Some(sampler) => {
+    /// Takes what sequence `slot`'s next token is drawn from off the device, once its
+    /// forward pass is done.
+    fn draw(&mut self, slot: usize) -> Result<Drawn, Failure> {
+        Ok(match &self.slots[slot] {
+            Slot::Serving(seq) if seq.sampler.is_some() => {
                 self.dev.logits(&mut self.logits)?;
-                sampler.sample(&self.logits)
+                Drawn::Logits
             }
+            _ => Drawn::Token(self.dev.argmax()?),
         })
+    }
+
+    /// Picks sequence `slot`'s next token from `drawn` and streams it, unless the
+    /// sequence was cancelled since its pass was queued; then takes cancels and new
+    /// requests (between tokens, not only between rounds).
+    fn send_token(&mut self, ch: &mut Channel, slot: usize, drawn: Drawn) {
+        if let Slot::Serving(seq) = &mut self.slots[slot] {
+            let token = match (drawn, &mut seq.sampler) {
+                (Drawn::Token(token), _) => token,
+                (Drawn::Logits, Some(sampler)) => sampler.sample(&self.logits),
+                (Drawn::Logits, None) => unreachable!("logits are taken only for a sampler"),
+            };
+            if let Slot::Serving(seq) = core::mem::replace(&mut self.slots[slot], Slot::Free) {
+                self.slots[slot] = self.emit(ch, *seq, token);
+            }
+        }
+        ch.kick(0);
+        while let Some(m) = ch.receive() {
+            self.take(ch, m);
+        }
     }
 
     /// Streams `token` of `seq`; returns what its slot holds next.

@@ -290,6 +290,9 @@ impl Device {
         acc.rms_norm(&a.last, &self.output_norm, &mut a.last_norm, c.rms_eps);
         let output = self.output.as_ref().unwrap_or(&self.embedding);
         acc.qmatmul(output, &a.last_norm, &mut a.logits);
+        // The whole pass starts now, not when its result is asked for: the caller may
+        // have other work meanwhile.
+        acc.flush();
         Ok(())
     }
 
