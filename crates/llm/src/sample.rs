@@ -9,7 +9,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use ferry_abi::accel::math::exp;
+use ferry_abi::accel::math::{exp, exp_lanes};
 
 /// How to pick tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -143,10 +143,11 @@ impl Sampler {
         let top = f64::from(max);
         let probs = &mut self.probs;
         probs.clear();
-        probs.extend(cand.iter().map(|&key| {
-            let l = logits[id(key) as usize];
-            exp((f64::from(l) - top) / t)
-        }));
+        let weight = |key: u64| (f64::from(logits[id(key) as usize]) - top) / t;
+        let fours = cand.chunks_exact(4);
+        let rest = fours.remainder();
+        probs.extend(fours.flat_map(|k| exp_lanes([k[0], k[1], k[2], k[3]].map(weight))));
+        probs.extend(rest.iter().map(|&key| exp(weight(key))));
         let total: f64 = probs.iter().sum();
         // Nucleus: the shortest prefix whose probability reaches top_p.
         let mut keep = probs.len();
