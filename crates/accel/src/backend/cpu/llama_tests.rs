@@ -502,6 +502,36 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
 }
 
 #[test]
+fn dot_products_with_several_inputs_give_each_inputs_bits() {
+    // Q4_1 unpacks each weight row once for a group of inputs where the CPU has AVX2;
+    // every format must give the bits of one input at a time, for any count of inputs.
+    let mut rng = Rng(17);
+    for dtype in DType::ALL {
+        let k = dtype.block_elems().max(32) as usize * 4;
+        let n = 24;
+        let w = random_rows(&mut rng, dtype, n, k);
+        let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
+        let xs: Vec<Vec<f32>> = (0..9).map(|_| rng.vec(k, 3.0)).collect();
+        for m in 1..=xs.len() {
+            let inputs: Vec<_> = xs[..m].iter().map(|x| super::quant::prepare(x)).collect();
+            let mut together = vec![0.0f32; n * m];
+            super::quant::dot_inputs(dtype, &w, row_bytes, 0, &inputs, &mut together);
+            for (r, inp) in inputs.iter().enumerate() {
+                let mut alone = vec![0.0f32; n];
+                super::quant::dot_rows(dtype, &w, row_bytes, 0, inp, &mut alone, true);
+                let column: Vec<f32> = together.iter().skip(r).step_by(m).copied().collect();
+                assert_eq!(
+                    super::tests::bits(&column),
+                    super::tests::bits(&alone),
+                    "{} input {r} of {m}",
+                    dtype.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn inputs_round_to_the_nearest_even_integer() {
     // The rounding the 16-bit inputs use, against Rust's own, on ties, near ties, signs
     // and the range's ends.

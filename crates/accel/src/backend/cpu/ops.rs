@@ -584,6 +584,25 @@ pub fn qmatmul(
         .expect("k validated by the device") as usize;
     let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
     let inputs: Vec<_> = x[..m * k].chunks(k).map(quant::prepare).collect();
+    if m > 1 && quant::unpacks_once(dtype) {
+        // Several inputs (a prompt's tokens): each task takes a run of weight rows for
+        // all of them, into a buffer by weight row, turned around into `out` after.
+        let mut by_row = vec![0.0f32; n * m];
+        let task = |(c, o): (usize, &mut [f32])| {
+            quant::dot_inputs(dtype, w, row_bytes, c * per, &inputs, o);
+        };
+        if n <= per {
+            task((0, &mut by_row));
+        } else {
+            pool.install(|| by_row.par_chunks_mut(per * m).enumerate().for_each(task));
+        }
+        for (i, row) in by_row.chunks_exact(m).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                out[r * n + i] = v;
+            }
+        }
+        return;
+    }
     let task = |(r, c, o): (usize, usize, &mut [f32])| {
         quant::dot_rows(dtype, w, row_bytes, c * per, &inputs[r], o, true);
     };

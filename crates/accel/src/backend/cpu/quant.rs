@@ -365,7 +365,9 @@ fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{block_input, float_tail, lane_sum, q4k_scale_min, q6k_quarters, Input, Lanes};
+    use super::{
+        block_input, float_tail, lane_sum, q4k_scale_min, q6k_quarters, Input, Lanes, INPUT_GROUP,
+    };
 
     /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
     /// `f16_to_f32` does). Kept a vector: reduced to one float, the conversion compiles to
@@ -532,6 +534,27 @@ mod avx2 {
         lane_sum(lanes_out(acc))
     }
 
+    /// [`dot_q4_1`] of one row with [`INPUT_GROUP`] inputs: each block's weights are
+    /// unpacked once for all of them, and each input's lanes see the very operations
+    /// `dot_q4_1` does, so each result has its bits.
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4_1_group(row: &[u8], inps: [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP] {
+        let mut acc = [_mm256_setzero_ps(); INPUT_GROUP];
+        for (i, b) in row.chunks_exact(20).enumerate() {
+            let (w0, w1) = nibbles(bytes16(b, 4));
+            let (d, m) = (half(b, 0), half(b, 2));
+            for (a, inp) in acc.iter_mut().zip(inps) {
+                let (q, dx, t) = block_input(inp, i);
+                *a = scaled_offset(*a, times(d, dx), block(w0, w1, q), m, t);
+            }
+        }
+        let mut out = [0.0; INPUT_GROUP];
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = lane_sum(lanes_out(a));
+        }
+        out
+    }
+
     #[target_feature(enable = "avx2,f16c")]
     pub fn dot_q4k(row: &[u8], inp: &Input<'_>) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -630,6 +653,57 @@ pub fn dot_rows(
         DType::Q8_0 => rows!(dot_q8_0, dot_q8_0),
         DType::Q4K => rows!(dot_q4k, dot_q4k),
         DType::Q6K => rows!(dot_q6k, dot_q6k),
+    }
+}
+
+/// Inputs whose dot products with a weight row [`dot_inputs`] computes together.
+pub const INPUT_GROUP: usize = 4;
+
+/// Whether [`dot_inputs`] unpacks each weight row once for a group of inputs for
+/// `dtype` here (elsewhere a matrix product goes one input at a time, as fast).
+pub fn unpacks_once(dtype: DType) -> bool {
+    dtype == DType::Q4_1 && has_avx2()
+}
+
+/// `out[m·i + r] = dot(row first + i of w, inputs[r])` for the `m` inputs: where
+/// [`unpacks_once`], each weight row's blocks are unpacked once for [`INPUT_GROUP`]
+/// inputs at a time. Every result has the bits [`dot_rows`] gives it.
+pub fn dot_inputs(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    first: usize,
+    inputs: &[Input<'_>],
+    out: &mut [f32],
+) {
+    let m = inputs.len();
+    for (i, out) in out.chunks_exact_mut(m).enumerate() {
+        let mut rest = (inputs, out);
+        #[cfg(target_arch = "x86_64")]
+        if unpacks_once(dtype) {
+            let row = &w[(first + i) * row_bytes..][..row_bytes];
+            let groups = inputs.chunks_exact(INPUT_GROUP);
+            let outs = rest.1.chunks_exact_mut(INPUT_GROUP);
+            for (g, o) in groups.clone().zip(outs) {
+                // SAFETY: `unpacks_once` said this CPU has AVX2 and F16C.
+                o.copy_from_slice(&unsafe {
+                    avx2::dot_q4_1_group(row, [&g[0], &g[1], &g[2], &g[3]])
+                });
+            }
+            let done = m - groups.remainder().len();
+            rest = (&inputs[done..], &mut rest.1[done..]);
+        }
+        for (inp, o) in rest.0.iter().zip(rest.1.iter_mut()) {
+            dot_rows(
+                dtype,
+                w,
+                row_bytes,
+                first + i,
+                inp,
+                core::slice::from_mut(o),
+                true,
+            );
+        }
     }
 }
 
