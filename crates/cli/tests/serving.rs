@@ -154,7 +154,12 @@ impl Serving {
 
     /// The whole answer to `request(seed, max_tokens)`, not streamed.
     fn answer(&self, seed: u64, max_tokens: u32) -> (String, Value) {
-        let (status, v) = self.chat(&self.request(seed, max_tokens));
+        self.complete(&self.request(seed, max_tokens))
+    }
+
+    /// The whole answer to `body`, not streamed, and its usage.
+    fn complete(&self, body: &Value) -> (String, Value) {
+        let (status, v) = self.chat(body);
         assert_eq!(status, 200, "{v}");
         let content = v["choices"][0]["message"]["content"]
             .as_str()
@@ -175,18 +180,27 @@ impl Serving {
         tokens: u32,
         work: impl FnOnce() -> R + Send,
     ) -> (u32, R) {
-        let references: Vec<String> = (0..clients)
-            .map(|c| self.answer(seed + c, tokens).0)
+        // Half the clients sample, half take the most likely tokens (picked on the device
+        // for all the sequences decoded together).
+        let bodies: Vec<Value> = (0..clients)
+            .map(|c| {
+                let mut body = self.request(seed + c, tokens);
+                if c % 2 == 1 {
+                    body["temperature"] = json!(0.0);
+                }
+                body
+            })
             .collect();
+        let references: Vec<String> = bodies.iter().map(|b| self.complete(b).0).collect();
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             let running: Vec<_> = (0..clients)
                 .map(|c| {
-                    let (stop, references) = (&stop, &references);
+                    let (stop, references, body) = (&stop, &references, &bodies[c as usize]);
                     scope.spawn(move || {
                         let mut checked = 0;
                         while !stop.load(std::sync::atomic::Ordering::Relaxed) || checked == 0 {
-                            let (status, v) = self.chat(&self.request(seed + c, tokens));
+                            let (status, v) = self.chat(body);
                             assert_eq!(status, 200, "client {c}: {v}");
                             let content = v["choices"][0]["message"]["content"].as_str();
                             assert_eq!(

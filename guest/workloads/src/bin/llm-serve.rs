@@ -33,8 +33,9 @@ through the VM's message channel; the host's gateway speaks OpenAI's API.
   --slots N      sequences generated at once, each with its KV cache (default 4); more
                  requests wait in a queue
   --context N    positions of each sequence's KV cache: prompt plus answer (default 512)
-  --batch N      prompt tokens read per step (default 8): larger reads prompts faster,
-                 smaller delays the other sequences' tokens less
+  --batch N      prompt tokens read per step, and sequences decoded in one pass (default
+                 8): larger reads prompts faster, smaller delays the other sequences'
+                 tokens less
   --file NAME    name of the attached model file (default model)
 Prints `llm-serve: ready` once the model is in device memory, and a line per request.";
 
@@ -252,25 +253,71 @@ impl Server {
 
     /// One token for every sequence in a slot, or the next piece of its prompt for a
     /// sequence still reading its prompt: a long prompt arriving delays the others'
-    /// next tokens by one piece, not by the whole prompt. Each sequence's next pass is
-    /// queued before the token of the one before it is drawn and sent, so the device
-    /// computes while the guest samples.
+    /// next tokens by one piece, not by the whole prompt. The sequences past their
+    /// prompts are decoded together (each token's logits are those it gets alone).
     fn step(&mut self, ch: &mut Channel) -> Result<(), Failure> {
+        let decoding: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| matches!(&self.slots[i], Slot::Serving(s) if s.pos >= s.prompt.len()))
+            .collect();
+        for group in decoding.chunks(self.dev.decode_rows()) {
+            self.decode(ch, group)?;
+        }
+        self.read_prompts(ch)
+    }
+
+    /// The next token of each sequence of `slots` (all past their prompts), decoded at once.
+    fn decode(&mut self, ch: &mut Channel, slots: &[usize]) -> Result<(), Failure> {
+        let mut tokens = Vec::with_capacity(slots.len());
+        let mut greedy = false;
+        for &i in slots {
+            if let Slot::Serving(seq) = &mut self.slots[i] {
+                tokens.push((seq.last, seq.pos, i));
+                seq.pos += 1;
+                greedy |= seq.sampler.is_none();
+            }
+        }
+        if let [(token, pos, slot)] = tokens[..] {
+            // Alone: the one-token pass, without the copies that decoding together needs.
+            self.dev.forward(&[token], pos, slot)?;
+            let drawn = self.draw(slot)?;
+            self.send_token(ch, slot, drawn);
+            return Ok(());
+        }
+        self.dev.decode(&tokens)?;
+        let mut best = vec![0u32; tokens.len()];
+        if greedy {
+            self.dev.argmax_each(&mut best)?;
+        }
+        for (r, &(_, _, i)) in tokens.iter().enumerate() {
+            let drawn = match &self.slots[i] {
+                Slot::Serving(seq) if seq.sampler.is_some() => {
+                    self.dev.logits_of(r, &mut self.logits)?;
+                    Drawn::Logits
+                }
+                _ => Drawn::Token(best[r]),
+            };
+            self.send_token(ch, i, drawn);
+        }
+        Ok(())
+    }
+
+    /// The next piece of the prompt of each sequence still reading one, and the first
+    /// token of each that finishes. Each sequence's piece is queued before the token of
+    /// the one before it is drawn and sent, so the device computes while the guest
+    /// samples.
+    fn read_prompts(&mut self, ch: &mut Channel) -> Result<(), Failure> {
         let mut drawn: Option<(usize, Drawn)> = None;
         for i in 0..self.slots.len() {
             let Slot::Serving(seq) = &mut self.slots[i] else {
                 continue;
             };
-            let read = if seq.pos < seq.prompt.len() {
-                let end = (seq.pos + self.batch).min(seq.prompt.len());
-                self.dev.forward(&seq.prompt[seq.pos..end], seq.pos, i)?;
-                seq.pos = end;
-                seq.pos == seq.prompt.len()
-            } else {
-                self.dev.forward(&[seq.last], seq.pos, i)?;
-                seq.pos += 1;
-                true
-            };
+            if seq.pos >= seq.prompt.len() {
+                continue;
+            }
+            let end = (seq.pos + self.batch).min(seq.prompt.len());
+            self.dev.forward(&seq.prompt[seq.pos..end], seq.pos, i)?;
+            seq.pos = end;
+            let read = seq.pos == seq.prompt.len();
             if let Some((slot, d)) = drawn.take() {
                 self.send_token(ch, slot, d);
             }

@@ -101,6 +101,14 @@ struct Activations {
     last_norm: Tensor,
     logits: Tensor,
     next: U32Tensor,
+    /// One token's query, key and attention output, for [`Device::decode`]'s tokens of
+    /// different sequences, each at its own position.
+    one_q: Tensor,
+    one_k: Tensor,
+    one_att: Tensor,
+    /// The logits and next token of each of [`Device::decode`]'s tokens.
+    each_logits: Tensor,
+    each_next: U32Tensor,
 }
 
 impl Activations {
@@ -150,6 +158,12 @@ fn load_vector(acc: &mut Accel, file: &File, w: &Weight) -> Result<Tensor, Accel
     Ok(t)
 }
 
+/// Tokens [`Device::decode`] takes at once: one per sequence, as many as the activations
+/// hold.
+fn decode_rows(batch: usize, slots: usize) -> usize {
+    batch.min(slots)
+}
+
 /// Device bytes the run needs: weights (rounded to words), caches, activations.
 fn device_bytes(model: &LlamaModel, context: usize, batch: usize, slots: usize) -> u64 {
     let c = &model.config;
@@ -157,8 +171,9 @@ fn device_bytes(model: &LlamaModel, context: usize, batch: usize, slots: usize) 
     let kv = (c.kv_heads * c.head_dim) as u64;
     let caches = 2 * c.layers as u64 * context as u64 * kv * 4 * slots as u64;
     let per_token = (3 * c.dim + 2 * kv as usize + 2 * c.dim + 3 * c.ffn_dim + 1) as u64 * 4;
-    let fixed = (2 * c.dim + c.vocab + 1) as u64 * 4;
-    weights + caches + per_token * batch as u64 + fixed
+    let fixed = (4 * c.dim + kv as usize + c.vocab + 1) as u64 * 4;
+    let each = decode_rows(batch, slots) as u64 * (c.vocab + 1) as u64 * 4;
+    weights + caches + per_token * batch as u64 + fixed + each
 }
 
 impl Device {
@@ -233,6 +248,11 @@ impl Device {
             last_norm: acc.alloc(1, c.dim)?,
             logits: acc.alloc(1, c.vocab)?,
             next: acc.alloc(1, 1)?,
+            one_q: acc.alloc(1, c.dim)?,
+            one_k: acc.alloc(1, kv)?,
+            one_att: acc.alloc(1, c.dim)?,
+            each_logits: acc.alloc(decode_rows(batch, slots), c.vocab)?,
+            each_next: acc.alloc(decode_rows(batch, slots), 1)?,
         };
         // Waits for the loads, and reports a file the device could not read.
         acc.sync()?;
@@ -294,6 +314,84 @@ impl Device {
         // have other work meanwhile.
         acc.flush();
         Ok(())
+    }
+
+    /// Tokens [`Self::decode`] takes at once.
+    #[allow(dead_code)] // llm-chat decodes one sequence.
+    pub fn decode_rows(&self) -> usize {
+        self.act.each_next.rows()
+    }
+
+    /// Runs one token of each of several sequences through the model, `(token, position,
+    /// slot)` each (at most [`Self::decode_rows`], of different slots), and queues each
+    /// one's logits. The matrix products take the tokens together; each token's rotary
+    /// embedding and attention run alone, at its own position over its own cache. So each
+    /// gets the very logits [`Self::forward`] gives it alone, whatever else is decoded.
+    #[allow(dead_code)] // llm-chat decodes one sequence.
+    pub fn decode(&mut self, tokens: &[(u32, usize, usize)]) -> Result<(), AccelError> {
+        let c = self.config;
+        let n = tokens.len();
+        let a = &mut self.act;
+        let acc = &mut self.acc;
+        a.set_rows(n);
+        let ids: Vec<u32> = tokens.iter().map(|t| t.0).collect();
+        acc.upload(&mut a.ids, &ids)?;
+        acc.qembedding(&self.embedding, &a.ids, &mut a.x);
+        let kv = c.kv_heads * c.head_dim;
+        for (l, b) in self.blocks.iter().enumerate() {
+            acc.rms_norm(&a.x, &b.attn_norm, &mut a.xn, c.rms_eps);
+            acc.qmatmul(&b.q, &a.xn, &mut a.q);
+            acc.qmatmul(&b.k, &a.xn, &mut a.k);
+            acc.qmatmul(&b.v, &a.xn, &mut a.v);
+            for (r, &(_, pos, slot)) in tokens.iter().enumerate() {
+                let cache = &mut self.caches[slot];
+                acc.copy(&a.q, r * c.dim, &mut a.one_q, 0, c.dim);
+                acc.copy(&a.k, r * kv, &mut a.one_k, 0, kv);
+                acc.rope(&mut a.one_q, c.heads, pos, c.rope_base, c.rope_style);
+                acc.rope(&mut a.one_k, c.kv_heads, pos, c.rope_base, c.rope_style);
+                acc.copy(&a.one_k, 0, &mut cache.k[l], pos * kv, kv);
+                acc.copy(&a.v, r * kv, &mut cache.v[l], pos * kv, kv);
+                acc.attention(
+                    &a.one_q,
+                    &cache.k[l],
+                    &cache.v[l],
+                    &mut a.one_att,
+                    (c.heads, c.kv_heads),
+                    pos,
+                );
+                acc.copy(&a.one_att, 0, &mut a.att, r * c.dim, c.dim);
+            }
+            acc.qmatmul(&b.o, &a.att, &mut a.proj);
+            acc.axpy(1.0, &a.proj, &mut a.x);
+            acc.rms_norm(&a.x, &b.ffn_norm, &mut a.xn, c.rms_eps);
+            acc.qmatmul(&b.gate, &a.xn, &mut a.gate);
+            acc.qmatmul(&b.up, &a.xn, &mut a.up);
+            acc.swiglu(&a.gate, &a.up, &mut a.hidden);
+            acc.qmatmul(&b.down, &a.hidden, &mut a.proj);
+            acc.axpy(1.0, &a.proj, &mut a.x);
+        }
+        acc.rms_norm(&a.x, &self.output_norm, &mut a.xn, c.rms_eps);
+        let output = self.output.as_ref().unwrap_or(&self.embedding);
+        a.each_logits.set_rows(n);
+        acc.qmatmul(output, &a.xn, &mut a.each_logits);
+        acc.flush();
+        Ok(())
+    }
+
+    /// The most likely next token of each of the last [`Self::decode`]'s tokens.
+    #[allow(dead_code)] // llm-chat decodes one sequence.
+    pub fn argmax_each(&mut self, out: &mut [u32]) -> Result<(), AccelError> {
+        let a = &mut self.act;
+        a.each_next.set_rows(a.each_logits.rows());
+        self.acc.argmax(&a.each_logits, &mut a.each_next);
+        self.acc.download(&a.each_next, out)
+    }
+
+    /// The logits of token `r` of the last [`Self::decode`].
+    #[allow(dead_code)] // llm-chat decodes one sequence.
+    pub fn logits_of(&mut self, r: usize, out: &mut [f32]) -> Result<(), AccelError> {
+        let vocab = self.config.vocab;
+        self.acc.download_at(&self.act.each_logits, r * vocab, out)
     }
 
     /// Empties sequence `slot`'s KV cache: its buffers are made afresh (zero), so the
