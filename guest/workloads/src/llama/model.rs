@@ -78,6 +78,29 @@ struct Block {
     down: Weights,
 }
 
+impl Block {
+    /// The block up to attention: `x` normed into `xn`, then projected into `q`, `k`, `v`.
+    fn project_qkv(&self, acc: &mut Accel, a: &mut Activations, eps: f32) {
+        acc.rms_norm(&a.x, &self.attn_norm, &mut a.xn, eps);
+        acc.qmatmul(&self.q, &a.xn, &mut a.q);
+        acc.qmatmul(&self.k, &a.xn, &mut a.k);
+        acc.qmatmul(&self.v, &a.xn, &mut a.v);
+    }
+
+    /// The block after attention: `att` projected and added into `x`, then the
+    /// feed-forward network of `x` normed, added too.
+    fn add_output_and_ffn(&self, acc: &mut Accel, a: &mut Activations, eps: f32) {
+        acc.qmatmul(&self.o, &a.att, &mut a.proj);
+        acc.axpy(1.0, &a.proj, &mut a.x);
+        acc.rms_norm(&a.x, &self.ffn_norm, &mut a.xn, eps);
+        acc.qmatmul(&self.gate, &a.xn, &mut a.gate);
+        acc.qmatmul(&self.up, &a.xn, &mut a.up);
+        acc.swiglu(&a.gate, &a.up, &mut a.hidden);
+        acc.qmatmul(&self.down, &a.hidden, &mut a.proj);
+        acc.axpy(1.0, &a.proj, &mut a.x);
+    }
+}
+
 /// One sequence's KV cache: keys and values per layer.
 struct KvCache {
     k: Vec<Tensor>,
@@ -281,10 +304,7 @@ impl Device {
         let kv = c.kv_heads * c.head_dim;
         let cache = &mut self.caches[slot];
         for (l, b) in self.blocks.iter().enumerate() {
-            acc.rms_norm(&a.x, &b.attn_norm, &mut a.xn, c.rms_eps);
-            acc.qmatmul(&b.q, &a.xn, &mut a.q);
-            acc.qmatmul(&b.k, &a.xn, &mut a.k);
-            acc.qmatmul(&b.v, &a.xn, &mut a.v);
+            b.project_qkv(acc, a, c.rms_eps);
             acc.rope(&mut a.q, c.heads, pos, c.rope_base, c.rope_style);
             acc.rope(&mut a.k, c.kv_heads, pos, c.rope_base, c.rope_style);
             acc.copy(&a.k, 0, &mut cache.k[l], pos * kv, n * kv);
@@ -297,14 +317,7 @@ impl Device {
                 (c.heads, c.kv_heads),
                 pos,
             );
-            acc.qmatmul(&b.o, &a.att, &mut a.proj);
-            acc.axpy(1.0, &a.proj, &mut a.x);
-            acc.rms_norm(&a.x, &b.ffn_norm, &mut a.xn, c.rms_eps);
-            acc.qmatmul(&b.gate, &a.xn, &mut a.gate);
-            acc.qmatmul(&b.up, &a.xn, &mut a.up);
-            acc.swiglu(&a.gate, &a.up, &mut a.hidden);
-            acc.qmatmul(&b.down, &a.hidden, &mut a.proj);
-            acc.axpy(1.0, &a.proj, &mut a.x);
+            b.add_output_and_ffn(acc, a, c.rms_eps);
         }
         acc.copy(&a.x, (n - 1) * c.dim, &mut a.last, 0, c.dim);
         acc.rms_norm(&a.last, &self.output_norm, &mut a.last_norm, c.rms_eps);
@@ -339,10 +352,7 @@ impl Device {
         acc.qembedding(&self.embedding, &a.ids, &mut a.x);
         let kv = c.kv_heads * c.head_dim;
         for (l, b) in self.blocks.iter().enumerate() {
-            acc.rms_norm(&a.x, &b.attn_norm, &mut a.xn, c.rms_eps);
-            acc.qmatmul(&b.q, &a.xn, &mut a.q);
-            acc.qmatmul(&b.k, &a.xn, &mut a.k);
-            acc.qmatmul(&b.v, &a.xn, &mut a.v);
+            b.project_qkv(acc, a, c.rms_eps);
             for (r, &(_, pos, slot)) in tokens.iter().enumerate() {
                 let cache = &mut self.caches[slot];
                 acc.copy(&a.q, r * c.dim, &mut a.one_q, 0, c.dim);
@@ -361,14 +371,7 @@ impl Device {
                 );
                 acc.copy(&a.one_att, 0, &mut a.att, r * c.dim, c.dim);
             }
-            acc.qmatmul(&b.o, &a.att, &mut a.proj);
-            acc.axpy(1.0, &a.proj, &mut a.x);
-            acc.rms_norm(&a.x, &b.ffn_norm, &mut a.xn, c.rms_eps);
-            acc.qmatmul(&b.gate, &a.xn, &mut a.gate);
-            acc.qmatmul(&b.up, &a.xn, &mut a.up);
-            acc.swiglu(&a.gate, &a.up, &mut a.hidden);
-            acc.qmatmul(&b.down, &a.hidden, &mut a.proj);
-            acc.axpy(1.0, &a.proj, &mut a.x);
+            b.add_output_and_ffn(acc, a, c.rms_eps);
         }
         acc.rms_norm(&a.x, &self.output_norm, &mut a.xn, c.rms_eps);
         let output = self.output.as_ref().unwrap_or(&self.embedding);
