@@ -469,6 +469,14 @@ fn attention_is_causal_grouped_query_attention() {
     }
 }
 
+/// `n` random rows of four blocks (at least 128 elements) of `dtype` weights, their
+/// length in elements and in bytes: the dot product tests' matrix.
+fn dot_matrix(rng: &mut Rng, dtype: DType, n: usize) -> (Vec<u8>, usize, usize) {
+    let k = dtype.block_elems().max(32) as usize * 4;
+    let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
+    (random_rows(rng, dtype, n, k), k, row_bytes)
+}
+
 #[test]
 fn avx2_and_portable_dot_products_give_the_same_bits() {
     if !super::quant::has_avx2() {
@@ -481,9 +489,8 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
     }
     let mut rng = Rng(13);
     for dtype in DType::ALL {
-        let k = dtype.block_elems().max(32) as usize * 4;
         let n = 64;
-        let w = random_rows(&mut rng, dtype, n, k);
+        let (w, k, row_bytes) = dot_matrix(&mut rng, dtype, n);
         // Inputs with zeros and signed zeros, where a differing order of operations
         // would show in the sign of a zero.
         let mut x = rng.vec(k, 3.0);
@@ -491,7 +498,6 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
             *v = -0.0;
         }
         let input = super::quant::prepare(&x);
-        let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
         let run = |avx2| {
             let mut out = vec![0.0f32; n];
             super::quant::dot_rows(dtype, &w, row_bytes, 0, &input, &mut out, avx2);
@@ -507,10 +513,8 @@ fn dot_products_with_several_inputs_give_each_inputs_bits() {
     // every format must give the bits of one input at a time, for any count of inputs.
     let mut rng = Rng(17);
     for dtype in DType::ALL {
-        let k = dtype.block_elems().max(32) as usize * 4;
         let n = 24;
-        let w = random_rows(&mut rng, dtype, n, k);
-        let row_bytes = dtype.row_bytes(k as u64).unwrap() as usize;
+        let (w, k, row_bytes) = dot_matrix(&mut rng, dtype, n);
         let xs: Vec<Vec<f32>> = (0..9).map(|_| rng.vec(k, 3.0)).collect();
         for m in 1..=xs.len() {
             let inputs: Vec<_> = xs[..m].iter().map(|x| super::quant::prepare(x)).collect();
