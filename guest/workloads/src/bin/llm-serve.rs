@@ -347,16 +347,17 @@ impl Server {
     /// sequence was cancelled since its pass was queued; then takes cancels and new
     /// requests (between tokens, not only between rounds).
     fn send_token(&mut self, ch: &mut Channel, slot: usize, drawn: Drawn) {
-        if let Slot::Serving(seq) = &mut self.slots[slot] {
-            let token = match (drawn, &mut seq.sampler) {
-                (Drawn::Token(token), _) => token,
-                (Drawn::Logits, Some(sampler)) => sampler.sample(&self.logits),
-                (Drawn::Logits, None) => unreachable!("logits are taken only for a sampler"),
-            };
-            if let Slot::Serving(seq) = core::mem::replace(&mut self.slots[slot], Slot::Free) {
-                self.slots[slot] = self.emit(ch, *seq, token);
+        self.slots[slot] = match core::mem::replace(&mut self.slots[slot], Slot::Free) {
+            Slot::Serving(mut seq) => {
+                let token = match (drawn, &mut seq.sampler) {
+                    (Drawn::Token(token), _) => token,
+                    (Drawn::Logits, Some(sampler)) => sampler.sample(&self.logits),
+                    (Drawn::Logits, None) => unreachable!("logits are taken only for a sampler"),
+                };
+                self.emit(ch, *seq, token)
             }
-        }
+            other => other,
+        };
         ch.kick(0);
         while let Some(m) = ch.receive() {
             self.take(ch, m);

@@ -165,6 +165,9 @@ pub struct Device {
     blocks: Vec<Block>,
     caches: Vec<KvCache>,
     act: Activations,
+    /// Tokens [`Device::decode`] takes at once (the rows of `act.each_logits` as
+    /// allocated: a decode of fewer shrinks them, not this).
+    decode_rows: usize,
 }
 
 /// A weight matrix from the file into device memory.
@@ -288,6 +291,7 @@ impl Device {
             blocks,
             caches,
             act,
+            decode_rows: decode_rows(batch, slots),
         })
     }
 
@@ -332,7 +336,7 @@ impl Device {
     /// Tokens [`Self::decode`] takes at once.
     #[allow(dead_code)] // llm-chat decodes one sequence.
     pub fn decode_rows(&self) -> usize {
-        self.act.each_next.rows()
+        self.decode_rows
     }
 
     /// Runs one token of each of several sequences through the model, `(token, position,
