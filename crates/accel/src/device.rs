@@ -20,7 +20,7 @@ use ferry_abi::file::MAX_READ;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::backend::{Backend, BackendError, BufferId, BufferReader, DeviceLoop};
+use crate::backend::{Backend, BackendError, BufferId, BufferReader, DeviceLoop, HostThreads};
 use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
 use crate::files::FileSource;
 use crate::kernel::Kernel;
@@ -395,6 +395,8 @@ pub struct Accelerator {
     thread: Option<DeviceLoop>,
     /// Its backend's kind, fixed for its life (read without waiting for the device).
     backend_kind: &'static str,
+    /// The host threads its kernels run on (read without waiting for the device).
+    host_threads: HostThreads,
 }
 
 fn buffer_id(arg: u64) -> Option<BufferId> {
@@ -854,6 +856,7 @@ fn device_thread(shared: Arc<Shared>) {
 impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
         let backend_kind = core.backend.kind();
+        let host_threads = core.backend.host_threads();
         let tracker = DeviceTracker {
             reader: core.backend.reader(),
             map: core.map.clone(),
@@ -882,7 +885,13 @@ impl Accelerator {
             shared,
             thread: Some(thread),
             backend_kind,
+            host_threads,
         })
+    }
+
+    /// The Linux ids of the host threads its kernels run on (see [`HostThreads`]).
+    pub fn host_threads(&self) -> Vec<libc::pid_t> {
+        self.host_threads.ids()
     }
 
     /// Its backend's kind ("cpu").

@@ -295,7 +295,12 @@ impl HostedVm {
                     return Err(VmError::Gone("the VM was released".into()));
                 };
                 let since = Instant::now();
-                if let Err(e) = vm.pause() {
+                let paused = vm.pause();
+                if let Ok(took) = &paused {
+                    // Mostly the kernel in flight: the device stops between commands.
+                    tracing::debug!(ms = took.as_secs_f64() * 1e3, "the VM stopped");
+                }
+                if let Err(e) = paused {
                     // The guest ended as it was paused: the migration fails and the VM
                     // ends here.
                     let exit = vm.wait(Some(Duration::ZERO));

@@ -11,6 +11,7 @@
 //! - [`devices`]: console, clock, exit and file-read ports, and the message channel.
 //! - [`files`]: attached read-only files (models, datasets).
 //! - [`migration`]: the microVM as the migration engine's source and target.
+//! - `priority`: the VM threads' priority below the host's, lifted while it waits on them.
 //! - [`snapshot`]: a paused VM saved to a file and restored, by the migration engine.
 //! - [`arch`]: x86-64 memory map, page tables, GDT/TSS/IDT, entry registers.
 
@@ -20,6 +21,7 @@ pub mod files;
 pub mod loader;
 pub mod memory;
 pub mod migration;
+mod priority;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -505,6 +505,8 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// The VMM's side of a running vCPU thread.
 pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
+    /// The thread's Linux id.
+    tid: libc::pid_t,
     requests: Sender<VcpuRequest>,
     events: Receiver<VcpuEvent>,
 }
@@ -519,11 +521,20 @@ impl VcpuHandle {
         });
         let (requests, request_rx) = mpsc::channel();
         let (event_tx, events) = mpsc::channel();
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
-            .spawn(move || vcpu_thread(vcpu, &kvm, request_rx, event_tx))?;
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions and touches no memory.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                vcpu_thread(vcpu, &kvm, request_rx, event_tx)
+            })?;
+        let tid = tid_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the vCPU thread ended as it started"))?;
         Ok(Self {
             thread: Some(thread),
+            tid,
             requests,
             events,
         })
@@ -533,6 +544,11 @@ impl VcpuHandle {
         self.requests
             .send(request)
             .map_err(|_| VcpuStateError::ThreadGone)
+    }
+
+    /// The thread's Linux id.
+    pub fn tid(&self) -> libc::pid_t {
+        self.tid
     }
 
     /// Asks the thread to run.

@@ -25,6 +25,7 @@ use crate::loader::{load_image, LoadImageError, LoadedImage};
 use crate::memory::{
     self, create_guest_ram, register_ram, DirtyLog, GuestRam, MemoryError, PageSet,
 };
+use crate::priority::{at_guest_priority, Lifted};
 use crate::snapshot::{SnapshotError, SnapshotStats};
 use crate::vcpu::{Vcpu, VcpuEvent, VcpuHandle, VcpuRunError, VcpuState, VcpuStateError};
 
@@ -103,32 +104,6 @@ impl HostOptions {
             ..Self::quiet()
         }
     }
-}
-
-/// Runs `f` on a short-lived thread at nice value `nice`. A Linux thread starts at its
-/// creator's nice value, so every thread `f` starts (vCPUs, an accelerator's device and
-/// compute threads) runs at `nice` for its whole life, whoever creates the VM.
-fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send) -> T {
-    if nice == 0 {
-        return f();
-    }
-    std::thread::scope(|scope| {
-        let builder = scope.spawn(|| {
-            // SAFETY: setpriority on the calling thread (who = 0) changes only its nice
-            // value; it touches no memory of ours.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
-                tracing::warn!(
-                    nice,
-                    error = %std::io::Error::last_os_error(),
-                    "cannot lower the VM's thread priority; its threads run at the host's"
-                );
-            }
-            f()
-        });
-        builder
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }
 
 /// Available host cores.
@@ -379,6 +354,7 @@ impl IncomingVm {
             self.vm,
             self.memory,
             self.config,
+            guest_nice,
         ))
     }
 }
@@ -392,6 +368,8 @@ pub struct Microvm {
     vm: Arc<VmFd>,
     memory: GuestRam,
     config: VmConfig,
+    /// The nice value its threads run at.
+    guest_nice: i32,
     state: RunState,
     exit: Option<VmExit>,
 }
@@ -575,7 +553,14 @@ impl Microvm {
             .map_err(CreateVmError::Vcpu)?;
         let handle = at_guest_priority(host.guest_nice, || VcpuHandle::spawn(vcpu, kvm.clone()))
             .map_err(CreateVmError::SpawnVcpu)?;
-        Ok(Self::paused(vec![handle], devices, vm, memory, config))
+        Ok(Self::paused(
+            vec![handle],
+            devices,
+            vm,
+            memory,
+            config,
+            host.guest_nice,
+        ))
     }
 
     /// Rebuilds a VM from a snapshot file, paused. Every check (format, checksum, sizes,
@@ -593,6 +578,7 @@ impl Microvm {
         vm: VmFd,
         memory: GuestRam,
         config: VmConfig,
+        guest_nice: i32,
     ) -> Self {
         Self {
             vcpus,
@@ -600,6 +586,7 @@ impl Microvm {
             vm: Arc::new(vm),
             memory,
             config,
+            guest_nice,
             state: RunState::Paused,
             exit: None,
         }
@@ -689,6 +676,7 @@ impl Microvm {
             return Err(self.wrong_state("pause", "running"));
         }
         let started = Instant::now();
+        let _lifted = Lifted::to_callers(self.host_threads(), self.guest_nice);
         // From here on the VM's state may become another host's: requests queued later
         // would be lost with this copy, so they are refused (to be sent again).
         self.devices.channel.pause();
@@ -715,6 +703,15 @@ impl Microvm {
         self.devices.clock.stop();
         self.state = RunState::Paused;
         Ok(took)
+    }
+
+    /// The Linux ids of the host threads the VM runs on: vCPUs and accelerator kernels.
+    fn host_threads(&self) -> Vec<libc::pid_t> {
+        let mut tids: Vec<libc::pid_t> = self.vcpus.iter().map(VcpuHandle::tid).collect();
+        if let Some(accel) = &self.devices.accel {
+            tids.extend(accel.host_threads());
+        }
+        tids
     }
 
     fn record_end(&mut self, event: VcpuEvent) {
@@ -779,29 +776,5 @@ impl Microvm {
     /// The VM's attached files.
     pub fn files(&self) -> &AttachedFiles {
         &self.devices.files
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn own_nice() -> i32 {
-        // SAFETY: getpriority on the calling thread only reads its nice value.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-    }
-
-    #[test]
-    fn threads_started_at_guest_priority_keep_it_and_the_caller_does_not() {
-        let before = own_nice();
-        let nice = (before + 5).min(19);
-        let (builder, started) = at_guest_priority(nice, || {
-            let builder = own_nice();
-            let started = std::thread::spawn(own_nice).join().unwrap();
-            (builder, started)
-        });
-        assert_eq!((builder, started), (nice, nice));
-        assert_eq!(own_nice(), before, "the caller's priority is unchanged");
-        assert_eq!(at_guest_priority(0, own_nice), before, "0: run in place");
     }
 }

@@ -21,7 +21,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{
     read_lock, write_lock, Backend, BackendError, BufferId, BufferReader, BufferTable, DeviceLoop,
-    IndexCheck,
+    HostThreads, IndexCheck,
 };
 use crate::kernel::{DType, Kernel};
 pub use ferry_abi::accel::math::powu;
@@ -37,6 +37,8 @@ compile_error!(
 pub struct CpuBackend {
     /// The kernel threads; one of them also runs the device's command loop.
     pool: Arc<ThreadPool>,
+    /// The pool's threads, as they start.
+    threads: HostThreads,
     memory: DeviceMemory,
     buffers: Arc<Buffers>,
 }
@@ -95,14 +97,17 @@ impl CpuBackend {
     ///
     /// If the host cannot start the threads.
     pub fn new(threads: usize, memory: DeviceMemory) -> CpuBackend {
-        let threads = threads.max(1);
+        let started = HostThreads::default();
+        let on_start = started.clone();
         let pool = ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(threads.max(1))
             .thread_name(|i| format!("ferry-accel-{i}"))
+            .start_handler(move |_| on_start.add_current())
             .build()
             .expect("cannot start the accelerator's kernel threads");
         CpuBackend {
             pool: Arc::new(pool),
+            threads: started,
             memory,
             buffers: Arc::default(),
         }
@@ -183,6 +188,10 @@ impl Backend for CpuBackend {
 
     fn reader(&self) -> Arc<dyn BufferReader> {
         self.buffers.clone()
+    }
+
+    fn host_threads(&self) -> HostThreads {
+        self.threads.clone()
     }
 
     /// Runs the device's loop on one of the kernel threads: a kernel's parallel work

@@ -7,7 +7,7 @@ pub mod cuda;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::kernel::Kernel;
 pub use cpu::DeviceMemory;
@@ -150,6 +150,11 @@ pub trait Backend: Send {
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError>;
     /// A reader of this backend's buffers for other threads.
     fn reader(&self) -> Arc<dyn BufferReader>;
+    /// The host threads that run this backend's kernels, for the host to lift while it
+    /// waits on them (none by default: a GPU's kernels do not need host threads).
+    fn host_threads(&self) -> HostThreads {
+        HostThreads::default()
+    }
     /// Starts the device's command loop `run` on a thread of the backend's choosing
     /// (by default a thread of its own, "accel").
     fn spawn_device_loop(&self, run: Box<dyn FnOnce() + Send>) -> std::io::Result<DeviceLoop> {
@@ -161,6 +166,32 @@ pub trait Backend: Send {
                 run();
             })?;
         Ok(DeviceLoop::new(ended))
+    }
+}
+
+/// The Linux ids of the host threads a backend runs kernels on, recorded as each starts.
+/// A host pausing the VM waits for the kernel in flight: it lifts these threads to its
+/// own priority meanwhile, so a guest run at a low one does not stretch the pause.
+#[derive(Debug, Clone, Default)]
+pub struct HostThreads(Arc<Mutex<Vec<libc::pid_t>>>);
+
+impl HostThreads {
+    /// Records the calling thread.
+    pub fn add_current(&self) {
+        // SAFETY: gettid has no preconditions and touches no memory.
+        let tid = unsafe { libc::gettid() };
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tid);
+    }
+
+    /// The threads recorded so far.
+    pub fn ids(&self) -> Vec<libc::pid_t> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -1,0 +1,154 @@
+//! The priority of a VM's host threads. A host runs them below its own (its
+//! `guest_nice`), so that busy guests cannot starve its API and migrations. When it must
+//! wait on them (a pause waits for the kernel in flight), it lifts them to its own
+//! priority meanwhile: otherwise whatever else runs would stretch the pause.
+
+use std::path::Path;
+use std::sync::Once;
+
+/// The calling thread's nice value.
+fn own_nice() -> i32 {
+    // SAFETY: getpriority on the calling thread only reads its nice value.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
+/// Sets thread `tid`'s nice value (`tid` 0: the calling thread).
+fn set_nice(tid: libc::pid_t, nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority changes one thread's nice value; it touches no memory of ours.
+    // PRIO_PROCESS with a thread id applies to that thread alone on Linux.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a short-lived thread at nice value `nice`. A Linux thread starts at its
+/// creator's nice value, so every thread `f` starts (vCPUs, an accelerator's device and
+/// compute threads) runs at `nice` for its whole life, whoever creates the VM.
+pub(crate) fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send) -> T {
+    if nice == 0 {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        let builder = scope.spawn(|| {
+            if let Err(error) = set_nice(0, nice) {
+                tracing::warn!(
+                    nice,
+                    %error,
+                    "cannot lower the VM's thread priority; its threads run at the host's"
+                );
+            }
+            f()
+        });
+        builder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// A VM's threads lifted to the priority of the thread that waits on them; put back at
+/// the guest's when dropped.
+pub(crate) struct Lifted {
+    tids: Vec<libc::pid_t>,
+    guest_nice: i32,
+}
+
+impl Lifted {
+    /// Lifts `tids` (threads of this process, run at `guest_nice`) to the calling
+    /// thread's priority. Raising a priority needs CAP_SYS_NICE: without it this says so
+    /// once and lifts nothing.
+    pub(crate) fn to_callers(tids: impl IntoIterator<Item = libc::pid_t>, guest_nice: i32) -> Self {
+        let ours = own_nice();
+        let mut lifted = Vec::new();
+        if ours < guest_nice {
+            for tid in tids {
+                // A thread id outlives its thread as a number that another process's
+                // thread may take: lift only threads this process still has.
+                if !Path::new(&format!("/proc/self/task/{tid}")).exists() {
+                    continue;
+                }
+                if let Err(error) = set_nice(tid, ours) {
+                    static SAID: Once = Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(
+                            %error,
+                            "cannot lift a VM's threads to the host's priority while pausing it (that needs CAP_SYS_NICE): under CPU contention a pause waits longer for the kernel in flight"
+                        );
+                    });
+                    break;
+                }
+                lifted.push(tid);
+            }
+        }
+        Self {
+            tids: lifted,
+            guest_nice,
+        }
+    }
+}
+
+impl Drop for Lifted {
+    fn drop(&mut self) {
+        for &tid in &self.tids {
+            // Lowering a priority needs no right; a thread that ended meanwhile is gone.
+            let _ = set_nice(tid, self.guest_nice);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn nice_of(tid: libc::pid_t) -> i32 {
+        // SAFETY: getpriority only reads a thread's nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    #[test]
+    fn threads_started_at_guest_priority_keep_it_and_the_caller_does_not() {
+        let before = own_nice();
+        let nice = (before + 5).min(19);
+        let (builder, started) = at_guest_priority(nice, || {
+            let builder = own_nice();
+            let started = std::thread::spawn(own_nice).join().unwrap();
+            (builder, started)
+        });
+        assert_eq!((builder, started), (nice, nice));
+        assert_eq!(own_nice(), before, "the caller's priority is unchanged");
+        assert_eq!(at_guest_priority(0, own_nice), before, "0: run in place");
+    }
+
+    #[test]
+    fn lifted_threads_run_at_their_waiters_priority_until_dropped() {
+        let ours = own_nice();
+        let guest = (ours + 5).min(19);
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = at_guest_priority(guest, || {
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = stop_rx.recv();
+            })
+        });
+        let tid = tid_rx.recv().unwrap();
+        assert_eq!(nice_of(tid), guest);
+        // An id this process has no thread of is left alone.
+        let lifted = Lifted::to_callers([tid, libc::pid_t::MAX], guest);
+        // SAFETY: geteuid only reads the process's credentials.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(nice_of(tid), ours, "root may raise a priority");
+            assert_eq!(lifted.tids, [tid]);
+        } else {
+            eprintln!("not root: checking only that nothing is lifted without CAP_SYS_NICE");
+            assert_eq!(nice_of(tid), guest);
+        }
+        drop(lifted);
+        assert_eq!(nice_of(tid), guest, "put back at the guest's priority");
+        drop(stop_tx);
+        thread.join().unwrap();
+    }
+}
