@@ -295,21 +295,20 @@ impl HostedVm {
                     return Err(VmError::Gone("the VM was released".into()));
                 };
                 let since = Instant::now();
-                let paused = vm.pause();
-                if let Ok(took) = &paused {
+                match vm.pause() {
                     // Mostly the kernel in flight: the device stops between commands.
-                    tracing::debug!(ms = took.as_secs_f64() * 1e3, "the VM stopped");
-                }
-                if let Err(e) = paused {
-                    // The guest ended as it was paused: the migration fails and the VM
-                    // ends here.
-                    let exit = vm.wait(Some(Duration::ZERO));
-                    drop(control);
-                    let _ = self.life.abandon_migration();
-                    if let Some(exit) = exit {
-                        self.end(ended_state(exit));
+                    Ok(took) => tracing::debug!(ms = took.as_secs_f64() * 1e3, "the VM stopped"),
+                    Err(e) => {
+                        // The guest ended as it was paused: the migration fails and the
+                        // VM ends here.
+                        let exit = vm.wait(Some(Duration::ZERO));
+                        drop(control);
+                        let _ = self.life.abandon_migration();
+                        if let Some(exit) = exit {
+                            self.end(ended_state(exit));
+                        }
+                        return Err(VmError::Pause(e.into()));
                     }
-                    return Err(VmError::Pause(e.into()));
                 }
                 since
             }

@@ -258,6 +258,7 @@ impl Device {
             }
             caches.push(cache);
         }
+        let rows = decode_rows(batch, slots);
         let act = Activations {
             ids: acc.alloc(batch, 1)?,
             x: acc.alloc(batch, c.dim)?,
@@ -277,8 +278,8 @@ impl Device {
             one_q: acc.alloc(1, c.dim)?,
             one_k: acc.alloc(1, kv)?,
             one_att: acc.alloc(1, c.dim)?,
-            each_logits: acc.alloc(decode_rows(batch, slots), c.vocab)?,
-            each_next: acc.alloc(decode_rows(batch, slots), 1)?,
+            each_logits: acc.alloc(rows, c.vocab)?,
+            each_next: acc.alloc(rows, 1)?,
         };
         // Waits for the loads, and reports a file the device could not read.
         acc.sync()?;
@@ -291,7 +292,7 @@ impl Device {
             blocks,
             caches,
             act,
-            decode_rows: decode_rows(batch, slots),
+            decode_rows: rows,
         })
     }
 
