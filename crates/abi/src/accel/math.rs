@@ -87,6 +87,7 @@ pub fn exp_lanes<const N: usize>(xs: [f64; N]) -> [f64; N] {
 /// reduction of [`exp`] in f32, then the Taylor series to `r^7/7!` (the first omitted
 /// term is below 5e-9 of the result, a tenth of an f32 ulp). About a tenth of [`exp`]'s
 /// work.
+#[inline]
 pub fn exp_f32(x: f32) -> f32 {
     if x.is_nan() {
         return x;

@@ -508,6 +508,40 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
 }
 
 #[test]
+fn avx2_and_portable_attention_give_the_same_bits() {
+    if !super::quant::has_avx2() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "*** SKIPPED avx2_and_portable_attention_give_the_same_bits: no AVX2 here ***"
+        );
+        return;
+    }
+    let mut rng = Rng(14);
+    // A head width with a tail after its groups of eight, and a long context.
+    for (hd, len) in [(64, 300), (20, 7)] {
+        let stride = 3 * hd;
+        let q = rng.vec(hd, 2.0);
+        let kc = rng.vec(len * stride, 2.0);
+        let vc = rng.vec(len * stride, 1.0);
+        let head = ops::AttendedHead {
+            q: &q,
+            kc: &kc[hd..],
+            vc: &vc[hd..],
+            stride,
+            len: len - 1,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let run = |avx2| {
+            let mut out = vec![f32::NAN; hd];
+            ops::attend(&head, &mut out, avx2);
+            super::tests::bits(&out)
+        };
+        assert_eq!(run(true), run(false), "head width {hd}");
+    }
+}
+
+#[test]
 fn dot_products_with_several_inputs_give_each_inputs_bits() {
     // Q4_1 unpacks each weight row once for a group of inputs where the CPU has AVX2;
     // every format must give the bits of one input at a time, for any count of inputs.

@@ -762,31 +762,16 @@ pub fn attention(
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
     let head = |i: usize, o: &mut [f32]| {
         let (r, h) = (i / s.heads, i % s.heads);
-        let len = s.pos + r + 1;
         let kvh = h / group;
-        let q = &q[i * hd..][..hd];
-        let mut scores = Vec::with_capacity(len);
-        let mut max = f32::NEG_INFINITY;
-        for p in 0..len {
-            let k = &kc[p * kv_stride + kvh * hd..][..hd];
-            let score = dot8(q, k) * scale;
-            max = if score > max { score } else { max };
-            scores.push(score);
-        }
-        let mut sum = 0.0f64;
-        for score in &mut scores {
-            *score = math::exp_f32(*score - max);
-            sum += f64::from(*score);
-        }
-        let mut acc = vec![0.0f32; hd];
-        for (p, &w) in scores.iter().enumerate() {
-            let w = (f64::from(w) / sum) as f32;
-            let v = &vc[p * kv_stride + kvh * hd..][..hd];
-            for (a, &v) in acc.iter_mut().zip(v) {
-                *a += w * v;
-            }
-        }
-        o.copy_from_slice(&acc);
+        let one = AttendedHead {
+            q: &q[i * hd..][..hd],
+            kc: &kc[kvh * hd..],
+            vc: &vc[kvh * hd..],
+            stride: kv_stride,
+            len: s.pos + r + 1,
+            scale,
+        };
+        attend(&one, o, true);
     };
     let work = s.rows * s.heads * (s.pos + s.rows) * hd;
     heads_of(
@@ -798,7 +783,70 @@ pub fn attention(
     );
 }
 
+/// One (row, head) of [`attention`]: its query, and its KV head's keys and values
+/// (position `p` at `p · stride`).
+pub struct AttendedHead<'a> {
+    /// The query.
+    pub q: &'a [f32],
+    /// The keys, from the KV head's first.
+    pub kc: &'a [f32],
+    /// The values, from the KV head's first.
+    pub vc: &'a [f32],
+    /// Elements from one position's key (or value) to the next.
+    pub stride: usize,
+    /// Positions attended to.
+    pub len: usize,
+    /// `1/√head_dim`.
+    pub scale: f32,
+}
+
+/// [`attention`] of one (row, head) into `o`: with the AVX2 code when `allow_avx2` and
+/// the CPU has it, else the portable code (the same bits: the tests check it).
+pub fn attend(a: &AttendedHead<'_>, o: &mut [f32], allow_avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if allow_avx2 && quant::has_avx2() {
+        // SAFETY: `has_avx2` said this CPU has AVX2.
+        unsafe { attend_avx2(a, o) };
+        return;
+    }
+    let _ = allow_avx2;
+    attend_portable(a, o);
+}
+
+#[inline(always)]
+fn attend_portable(a: &AttendedHead<'_>, o: &mut [f32]) {
+    let hd = a.q.len();
+    let mut scores = Vec::with_capacity(a.len);
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..a.len {
+        let score = dot8(a.q, &a.kc[p * a.stride..][..hd]) * a.scale;
+        max = if score > max { score } else { max };
+        scores.push(score);
+    }
+    let mut sum = 0.0f64;
+    for score in &mut scores {
+        *score = math::exp_f32(*score - max);
+        sum += f64::from(*score);
+    }
+    o.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        let w = (f64::from(w) / sum) as f32;
+        for (a, &v) in o.iter_mut().zip(&a.vc[p * a.stride..][..hd]) {
+            *a += w * v;
+        }
+    }
+}
+
+/// [`attend_portable`] compiled for AVX2: the same operations in the same order (Rust never
+/// fuses a multiply and an add), so the same bits, eight lanes to an instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32]) {
+    attend_portable(a, o)
+}
+
 /// `a · b` in eight f32 lanes, summed in a fixed order (the tail after them last).
+#[inline(always)]
 fn dot8(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {

@@ -366,7 +366,8 @@ mod avx2 {
     use core::arch::x86_64::*;
 
     use super::{
-        block_input, float_tail, lane_sum, q4k_scale_min, q6k_quarters, Input, Lanes, INPUT_GROUP,
+        block_input, float_tail, lane_sum, q4k_scale_min, q6k_quarters, Input, Lanes, INPUT_BLOCK,
+        INPUT_GROUP,
     };
 
     /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
@@ -522,14 +523,27 @@ mod avx2 {
         })
     }
 
+    /// The two half floats at `b[0..4]` (a block's scale and minimum), each in all eight
+    /// lanes: converted together, exactly, as [`half`] converts one.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn half_pair(b: &[u8]) -> (__m256, __m256) {
+        let pair = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let both = _mm_cvtph_ps(_mm_cvtsi32_si128(pair as i32));
+        (
+            _mm256_broadcastss_ps(both),
+            _mm256_broadcastss_ps(_mm_movehdup_ps(both)),
+        )
+    }
+
     #[target_feature(enable = "avx2,f16c")]
     pub fn dot_q4_1(row: &[u8], inp: &Input<'_>) -> f32 {
         let mut acc = _mm256_setzero_ps();
-        for (i, b) in row.chunks_exact(20).enumerate() {
-            let (q, dx, t) = block_input(inp, i);
+        let blocks = row.chunks_exact(20).zip(inp.q.chunks_exact(INPUT_BLOCK));
+        for ((b, q), (&dx, t)) in blocks.zip(inp.d.iter().zip(&inp.sums)) {
             let (w0, w1) = nibbles(bytes16(b, 4));
-            let scale = times(half(b, 0), dx);
-            acc = scaled_offset(acc, scale, block(w0, w1, q), half(b, 2), t);
+            let (d, m) = half_pair(b);
+            acc = scaled_offset(acc, times(d, dx), block(w0, w1, q), m, t);
         }
         lane_sum(lanes_out(acc))
     }
@@ -542,7 +556,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); INPUT_GROUP];
         for (i, b) in row.chunks_exact(20).enumerate() {
             let (w0, w1) = nibbles(bytes16(b, 4));
-            let (d, m) = (half(b, 0), half(b, 2));
+            let (d, m) = half_pair(b);
             for (a, inp) in acc.iter_mut().zip(inps) {
                 let (q, dx, t) = block_input(inp, i);
                 *a = scaled_offset(*a, times(d, dx), block(w0, w1, q), m, t);
