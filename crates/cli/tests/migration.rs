@@ -16,7 +16,10 @@ mod common;
 
 use common::{ferry, kvm_available, reference, report, text, wait_for, Daemon};
 
-const MLP: &str = "--steps 400 --print-every 20";
+/// Training long enough (about 1 s in a debug build) that the VM is still running when
+/// its second migration switches over, even on a loaded machine: with 400 steps it
+/// sometimes ended first, and the move failed with "it is exited".
+const MLP: &str = "--steps 1200 --print-every 20";
 
 #[test]
 fn mlp_train_moves_a_to_b_to_a_with_the_unmigrated_checksum() {
