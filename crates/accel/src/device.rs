@@ -106,6 +106,15 @@ pub enum AccelStateError {
         /// Chunk index.
         index: u64,
     },
+    /// An attached file could not be read into device memory.
+    #[error("cannot read attached file {file} into device memory")]
+    ReadFile {
+        /// Index of the file in the VM's file table.
+        file: u32,
+        /// What reading it said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The buffer table and which chunks were written: what a migration reads while kernels
@@ -475,6 +484,44 @@ impl Core {
 
     /// Records writes (made before: a take between the write and this mark finds them
     /// at the next take, and the chunk is sent again).
+    /// Fills `range` of buffer `id` with attached file `file`'s bytes from `start` on,
+    /// which `read(offset, out)` reads, in pieces of at most [`COPY_PIECE`], each straight
+    /// into device memory where the backend allows. Marks what it may have written; once
+    /// all is, the range keeps its origin, so a migration to a host with the file sends
+    /// where, not what.
+    fn load_file(
+        &mut self,
+        id: BufferId,
+        range: Range<u64>,
+        (file, start): (u32, u64),
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let len = range.end - range.start;
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < len && result.is_ok() {
+            let n = (len - done).min(COPY_PIECE);
+            let at = start + done;
+            result = self.backend.write_with(
+                id,
+                range.start + done,
+                n as usize,
+                &mut self.scratch,
+                &mut |piece| read(at, piece),
+            );
+            // A piece that failed may be partly written: marked with the rest.
+            done += n;
+        }
+        self.mark([(id, range.start..range.start + done)]);
+        if result.is_ok() {
+            let mut map = lock_map(&self.map);
+            if let Some(&bytes) = map.sizes.get(&id) {
+                map.set_origins(id, bytes, range, file, start);
+            }
+        }
+        result
+    }
+
     fn mark(&self, writes: impl IntoIterator<Item = (BufferId, Range<u64>)>) {
         let mut map = lock_map(&self.map);
         for (id, range) in writes {
@@ -584,30 +631,14 @@ impl Core {
                 if len > MAX_READ || start.checked_add(len).is_none_or(|end| end > file_len) {
                     return Err(status::BAD_FILE);
                 }
-                let piece = &mut self.scratch;
-                piece.resize(COPY_PIECE.min(len) as usize, 0);
-                let mut done = 0;
-                let result = loop {
-                    if done == len {
-                        break Ok(());
-                    }
-                    let n = (len - done).min(COPY_PIECE) as usize;
-                    if let Err(e) = self.files.read_file(file, start + done, &mut piece[..n]) {
-                        tracing::warn!(file, "accelerator cannot read an attached file: {e}");
-                        break Err(status::DEVICE_ERROR);
-                    }
-                    self.backend.write(id, range.start + done, &piece[..n]);
-                    done += n as u64;
-                };
-                // What was copied before a failure is written: mark it.
-                self.mark([(id, range.start..range.start + done)]);
-                if result.is_ok() {
-                    let mut map = lock_map(&self.map);
-                    if let Some(&bytes) = map.sizes.get(&id) {
-                        map.set_origins(id, bytes, range, file, start);
-                    }
-                }
-                result
+                let files = Arc::clone(&self.files);
+                self.load_file(id, range, (file, start), &mut |at, piece| {
+                    files.read_file(file, at, piece)
+                })
+                .map_err(|e| {
+                    tracing::warn!(file, "accelerator cannot read an attached file: {e}");
+                    status::DEVICE_ERROR
+                })
             }
             op::LAUNCH => {
                 let (kernel, access) = {
@@ -1157,6 +1188,34 @@ impl Accelerator {
             }
         }
         Ok(())
+    }
+
+    /// Fills chunk `chunk` with the piece of attached file `origin` names, which
+    /// `read(offset, out)` reads from this host's copy of the file, straight into device
+    /// memory where the backend allows (the receiving side of a migration that sent where
+    /// the chunk came from). The chunk keeps that origin, for the VM's next migration.
+    pub fn load_chunk_from_file(
+        &self,
+        chunk: ChunkId,
+        origin: ChunkOrigin,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(), AccelStateError> {
+        let mut core = self.core();
+        let range = self
+            .map()
+            .sizes
+            .get(&chunk.buffer)
+            .and_then(|&bytes| chunk_range(bytes, chunk.index))
+            .filter(|r| r.end - r.start == origin.len)
+            .ok_or(AccelStateError::BadChunk {
+                buffer: chunk.buffer,
+                index: chunk.index,
+            })?;
+        core.load_file(chunk.buffer, range, (origin.file, origin.offset), read)
+            .map_err(|source| AccelStateError::ReadFile {
+                file: origin.file,
+                source,
+            })
     }
 }
 

@@ -280,27 +280,27 @@ impl FillingVm {
         origin: ChunkOrigin,
         file: Option<&AttachedFile>,
     ) -> Result<(), VmError> {
-        let mut data = vec![0u8; len.min(MAX_CHUNK_BYTES) as usize];
-        let read = match file {
-            Some(f) => {
-                let size = f.info().size;
-                if origin.offset.checked_add(len).is_none_or(|end| end > size) {
-                    Err(format!(
-                        "bytes {}..+{len} are not inside attached file {} ({size} bytes)",
-                        origin.offset, origin.file
-                    ))
-                } else {
-                    f.read_at(origin.offset, &mut data)
-                        .map_err(|e| e.to_string())
-                }
-            }
-            None => Err(format!("attached file {} is not on this host", origin.file)),
-        };
-        read.map_err(|e| VmError::WriteChunk {
+        let fail = |why: String| VmError::WriteChunk {
             chunk,
-            source: e.into(),
-        })?;
-        self.write_chunk_with_origin(chunk, &data, origin)
+            source: why.into(),
+        };
+        let file =
+            file.ok_or_else(|| fail(format!("attached file {} is not on this host", origin.file)))?;
+        let size = file.info().size;
+        if origin.offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(fail(format!(
+                "bytes {}..+{len} are not inside attached file {} ({size} bytes)",
+                origin.offset, origin.file
+            )));
+        }
+        let from = ferry_accel::device::ChunkOrigin {
+            file: origin.file,
+            offset: origin.offset,
+            len,
+        };
+        self.with_accel(chunk, |accel, id| {
+            accel.load_chunk_from_file(id, from, &mut |at, out| file.read_at(at, out))
+        })
     }
 
     /// Restores the VM from the final state `blob`, with its attached files `files`

@@ -178,6 +178,21 @@ impl Backend for CpuBackend {
         bytes[start..][..data.len()].copy_from_slice(data);
     }
 
+    fn write_with(
+        &mut self,
+        id: BufferId,
+        offset: u64,
+        len: usize,
+        _scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let buffer = self.buffers.expect(id);
+        let mut words = write_lock(&buffer);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        let start = usize::try_from(offset).expect("offset validated by the device");
+        fill(&mut bytes[start..][..len])
+    }
+
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]) {
         let start = usize::try_from(offset).expect("offset validated by the device");
         let buffer = self.buffers.expect(id);
