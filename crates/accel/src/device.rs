@@ -1128,19 +1128,28 @@ impl Accelerator {
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
     pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
-        let whole = self
-            .map()
+        self.chunk_bytes(chunk, |r| {
+            (r.end - r.start == data.len() as u64).then_some(r)
+        })?;
+        self.write_chunk_part(chunk, 0, data)
+    }
+
+    /// The device memory of chunk `chunk` that `part` picks from the chunk's whole range;
+    /// `BadChunk` if the buffer table has no such chunk or `part` finds none.
+    fn chunk_bytes(
+        &self,
+        chunk: ChunkId,
+        part: impl FnOnce(Range<u64>) -> Option<Range<u64>>,
+    ) -> Result<Range<u64>, AccelStateError> {
+        self.map()
             .sizes
             .get(&chunk.buffer)
             .and_then(|&bytes| chunk_range(bytes, chunk.index))
-            .is_some_and(|r| r.end - r.start == data.len() as u64);
-        if !whole {
-            return Err(AccelStateError::BadChunk {
+            .and_then(part)
+            .ok_or(AccelStateError::BadChunk {
                 buffer: chunk.buffer,
                 index: chunk.index,
-            });
-        }
-        self.write_chunk_part(chunk, 0, data)
+            })
     }
 
     /// Writes `data` into chunk `chunk` at `offset` (receiving side of a migration that
@@ -1152,20 +1161,11 @@ impl Accelerator {
         data: &[u8],
     ) -> Result<(), AccelStateError> {
         let mut core = self.core();
-        let range = self
-            .map()
-            .sizes
-            .get(&chunk.buffer)
-            .and_then(|&bytes| chunk_range(bytes, chunk.index))
-            .and_then(|r| {
-                let start = r.start.checked_add(offset)?;
-                let end = start.checked_add(data.len() as u64)?;
-                (end <= r.end).then_some(start..end)
-            })
-            .ok_or(AccelStateError::BadChunk {
-                buffer: chunk.buffer,
-                index: chunk.index,
-            })?;
+        let range = self.chunk_bytes(chunk, |r| {
+            let start = r.start.checked_add(offset)?;
+            let end = start.checked_add(data.len() as u64)?;
+            (end <= r.end).then_some(start..end)
+        })?;
         core.backend.write(chunk.buffer, range.start, data);
         core.mark([(chunk.buffer, range)]);
         Ok(())
@@ -1201,16 +1201,7 @@ impl Accelerator {
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> Result<(), AccelStateError> {
         let mut core = self.core();
-        let range = self
-            .map()
-            .sizes
-            .get(&chunk.buffer)
-            .and_then(|&bytes| chunk_range(bytes, chunk.index))
-            .filter(|r| r.end - r.start == origin.len)
-            .ok_or(AccelStateError::BadChunk {
-                buffer: chunk.buffer,
-                index: chunk.index,
-            })?;
+        let range = self.chunk_bytes(chunk, |r| (r.end - r.start == origin.len).then_some(r))?;
         core.load_file(chunk.buffer, range, (origin.file, origin.offset), read)
             .map_err(|source| AccelStateError::ReadFile {
                 file: origin.file,

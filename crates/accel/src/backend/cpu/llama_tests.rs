@@ -477,14 +477,20 @@ fn dot_matrix(rng: &mut Rng, dtype: DType, n: usize) -> (Vec<u8>, usize, usize) 
     (random_rows(rng, dtype, n, k), k, row_bytes)
 }
 
+/// Whether this CPU lacks AVX2, said loudly for test `name`, which then has no AVX2 code
+/// to compare with the portable code.
+fn lacks_avx2(name: &str) -> bool {
+    if super::quant::has_avx2() {
+        return false;
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "*** SKIPPED {name}: no AVX2 here ***");
+    true
+}
+
 #[test]
 fn avx2_and_portable_dot_products_give_the_same_bits() {
-    if !super::quant::has_avx2() {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "*** SKIPPED avx2_and_portable_dot_products_give_the_same_bits: no AVX2 here ***"
-        );
+    if lacks_avx2("avx2_and_portable_dot_products_give_the_same_bits") {
         return;
     }
     let mut rng = Rng(13);
@@ -509,12 +515,7 @@ fn avx2_and_portable_dot_products_give_the_same_bits() {
 
 #[test]
 fn avx2_and_portable_attention_give_the_same_bits() {
-    if !super::quant::has_avx2() {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "*** SKIPPED avx2_and_portable_attention_give_the_same_bits: no AVX2 here ***"
-        );
+    if lacks_avx2("avx2_and_portable_attention_give_the_same_bits") {
         return;
     }
     let mut rng = Rng(14);
