@@ -1,10 +1,11 @@
 //! QMATMUL's dot products per block format, one thread: the AVX2 code against the
-//! portable code (the same bits; the tests check that).
+//! portable code (the same bits; the tests check that), and the AVX2 code taking four
+//! inputs per weight row (GMAC/s of all four; where a format unpacks a row once for them).
 //!
 //! `cargo bench -p ferry-accel --bench qdot [-- ROWS COLS]` (default 1536 1536; COLS is
 //! rounded up to whole blocks of 256, which every format takes).
 
-use ferry_accel::backend::cpu::bench_qdot;
+use ferry_accel::backend::cpu::{bench_qdot, QdotCode};
 use ferry_accel::kernel::DType;
 
 fn main() {
@@ -18,14 +19,15 @@ fn main() {
     };
     println!("rows {rows}, cols {cols}, one thread");
     println!(
-        "{:>6} {:>16} {:>16} {:>7}",
-        "format", "portable GMAC/s", "AVX2 GMAC/s", "ratio"
+        "{:>6} {:>16} {:>16} {:>7} {:>18}",
+        "format", "portable GMAC/s", "AVX2 GMAC/s", "ratio", "AVX2 x4 GMAC/s"
     );
     for dtype in DType::ALL {
-        let portable = bench_qdot(dtype, rows, cols, false);
-        let avx2 = bench_qdot(dtype, rows, cols, true);
+        let portable = bench_qdot(dtype, rows, cols, QdotCode::Portable);
+        let avx2 = bench_qdot(dtype, rows, cols, QdotCode::Avx2);
+        let grouped = bench_qdot(dtype, rows, cols, QdotCode::Grouped);
         println!(
-            "{:>6} {portable:>16.2} {avx2:>16.2} {:>7.2}",
+            "{:>6} {portable:>16.2} {avx2:>16.2} {:>7.2} {grouped:>18.2}",
             dtype.name(),
             avx2 / portable
         );

@@ -582,9 +582,9 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
 }
 
 /// Measures QMATMUL's dot products of `rows` weight rows of `cols` elements in `dtype`
-/// with one prepared input row, on one thread, in GMAC/s (best of several runs): the AVX2
-/// code where `avx2` and the CPU has it, else the portable code.
-pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, avx2: bool) -> f64 {
+/// with prepared input rows, on one thread, in GMAC/s of all inputs (best of several
+/// runs), for the code `code` names.
+pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, code: QdotCode) -> f64 {
     let row_bytes = dtype.row_bytes(cols as u64).expect("whole blocks") as usize;
     // Normal floats for f32 and f16 (subnormals would be slow on some CPUs), and for the
     // block formats bytes whose half floats (the scales) are all finite and small.
@@ -599,13 +599,44 @@ pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, avx2: bool) -> f64 {
             .map(|i| (i * 37 % 251) as u8 & 0x3b)
             .collect(),
     };
-    let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
-    let input = quant::prepare(&x);
-    let mut out = vec![0.0f32; rows];
+    let xs: Vec<Vec<f32>> = (0..quant::INPUT_GROUP)
+        .map(|j| {
+            (0..cols)
+                .map(|i| ((i + j) % 13) as f32 * 0.1 - 0.6)
+                .collect()
+        })
+        .collect();
+    let inputs: Vec<_> = xs.iter().map(|x| quant::prepare(x)).collect();
+    let (inputs, avx2) = match code {
+        QdotCode::Portable => (&inputs[..1], false),
+        QdotCode::Avx2 => (&inputs[..1], true),
+        QdotCode::Grouped => (&inputs[..], true),
+    };
+    let mut out = vec![0.0f32; rows * inputs.len()];
     let time = best_time(Duration::from_millis(300), || {
-        quant::dot_rows(dtype, &w, row_bytes, 0, &input, &mut out, avx2)
+        // As QMATMUL takes several inputs: a row unpacked once for a group of them where
+        // the format does that, else one input after the other.
+        if inputs.len() > 1 && quant::unpacks_once(dtype) {
+            quant::dot_inputs(dtype, &w, row_bytes, 0, inputs, &mut out)
+        } else {
+            for (input, out) in inputs.iter().zip(out.chunks_exact_mut(rows)) {
+                quant::dot_rows(dtype, &w, row_bytes, 0, input, out, avx2)
+            }
+        }
     });
-    (rows * cols) as f64 / time.as_secs_f64().max(1e-9) / 1e9
+    (rows * cols * inputs.len()) as f64 / time.as_secs_f64().max(1e-9) / 1e9
+}
+
+/// The dot product code [`bench_qdot`] measures.
+#[derive(Debug, Clone, Copy)]
+pub enum QdotCode {
+    /// The portable code, one input.
+    Portable,
+    /// The AVX2 code where the CPU has it, one input.
+    Avx2,
+    /// Several inputs (a prompt's tokens, sequences decoded together), each weight row
+    /// unpacked once for a group of them where the format allows.
+    Grouped,
 }
 
 /// Host memory read bandwidth with `threads` threads, bytes/s: the best of several passes

@@ -548,25 +548,63 @@ mod avx2 {
         lane_sum(lanes_out(acc))
     }
 
-    /// [`dot_q4_1`] of one row with [`INPUT_GROUP`] inputs: each block's weights are
-    /// unpacked once for all of them, and each input's lanes see the very operations
-    /// `dot_q4_1` does, so each result has its bits.
+    /// A row of a 32-element block format with [`INPUT_GROUP`] inputs: `unpack` gives
+    /// each block's weights (elements 0..16 and 16..32, as i16), scale and minimum (the
+    /// formats without one give none) once for all inputs, and each input's lanes see the
+    /// very operations its format's single-input dot product does, so each result has its
+    /// bits.
+    #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    pub fn dot_q4_1_group(row: &[u8], inps: [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP] {
+    fn group(
+        row: &[u8],
+        block_bytes: usize,
+        inps: [&Input<'_>; INPUT_GROUP],
+        unpack: impl Fn(&[u8]) -> (__m256i, __m256i, __m256, Option<__m256>),
+    ) -> [f32; INPUT_GROUP] {
         let mut acc = [_mm256_setzero_ps(); INPUT_GROUP];
-        for (i, b) in row.chunks_exact(20).enumerate() {
-            let (w0, w1) = nibbles(bytes16(b, 4));
-            let (d, m) = half_pair(b);
+        for (i, b) in row.chunks_exact(block_bytes).enumerate() {
+            let (w0, w1, d, m) = unpack(b);
             for (a, inp) in acc.iter_mut().zip(inps) {
                 let (q, dx, t) = block_input(inp, i);
-                *a = scaled_offset(*a, times(d, dx), block(w0, w1, q), m, t);
+                let lanes = block(w0, w1, q);
+                *a = match m {
+                    Some(m) => scaled_offset(*a, times(d, dx), lanes, m, t),
+                    None => scaled(*a, times(d, dx), lanes),
+                };
             }
         }
-        let mut out = [0.0; INPUT_GROUP];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = lane_sum(lanes_out(a));
-        }
-        out
+        acc.map(|a| lane_sum(lanes_out(a)))
+    }
+
+    /// [`dot_q4_1`] of one row with [`INPUT_GROUP`] inputs (see [`group`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4_1_group(row: &[u8], inps: [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP] {
+        group(row, 20, inps, |b| {
+            let (w0, w1) = nibbles(bytes16(b, 4));
+            let (d, m) = half_pair(b);
+            (w0, w1, d, Some(m))
+        })
+    }
+
+    /// [`dot_q4_0`] of one row with [`INPUT_GROUP`] inputs (see [`group`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4_0_group(row: &[u8], inps: [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP] {
+        let eight = _mm256_set1_epi16(8);
+        group(row, 18, inps, |b| {
+            let (w0, w1) = nibbles(bytes16(b, 2));
+            let (w0, w1) = (_mm256_sub_epi16(w0, eight), _mm256_sub_epi16(w1, eight));
+            (w0, w1, half(b, 0), None)
+        })
+    }
+
+    /// [`dot_q8_0`] of one row with [`INPUT_GROUP`] inputs (see [`group`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q8_0_group(row: &[u8], inps: [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP] {
+        group(row, 34, inps, |b| {
+            let w0 = _mm256_cvtepi8_epi16(bytes16(b, 2));
+            let w1 = _mm256_cvtepi8_epi16(bytes16(b, 18));
+            (w0, w1, half(b, 0), None)
+        })
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -673,10 +711,28 @@ pub fn dot_rows(
 /// Inputs whose dot products with a weight row [`dot_inputs`] computes together.
 pub const INPUT_GROUP: usize = 4;
 
+/// A dot product of one weight row with [`INPUT_GROUP`] inputs, each row unpacked once.
+type GroupDot = unsafe fn(&[u8], [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP];
+
+/// The grouped dot product for `dtype` here, if there is one (it needs AVX2 and F16C).
+fn group_dot(dtype: DType) -> Option<GroupDot> {
+    if !has_avx2() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    match dtype {
+        DType::Q4_0 => return Some(avx2::dot_q4_0_group),
+        DType::Q4_1 => return Some(avx2::dot_q4_1_group),
+        DType::Q8_0 => return Some(avx2::dot_q8_0_group),
+        _ => {}
+    }
+    None
+}
+
 /// Whether [`dot_inputs`] unpacks each weight row once for a group of inputs for
 /// `dtype` here (elsewhere a matrix product goes one input at a time, as fast).
 pub fn unpacks_once(dtype: DType) -> bool {
-    dtype == DType::Q4_1 && has_avx2()
+    group_dot(dtype).is_some()
 }
 
 /// `out[m·i + r] = dot(row first + i of w, inputs[r])` for the `m` inputs: where
@@ -693,16 +749,13 @@ pub fn dot_inputs(
     let m = inputs.len();
     for (i, out) in out.chunks_exact_mut(m).enumerate() {
         let mut rest = (inputs, out);
-        #[cfg(target_arch = "x86_64")]
-        if unpacks_once(dtype) {
+        if let Some(dot) = group_dot(dtype) {
             let row = &w[(first + i) * row_bytes..][..row_bytes];
             let groups = inputs.chunks_exact(INPUT_GROUP);
             let outs = rest.1.chunks_exact_mut(INPUT_GROUP);
             for (g, o) in groups.clone().zip(outs) {
-                // SAFETY: `unpacks_once` said this CPU has AVX2 and F16C.
-                o.copy_from_slice(&unsafe {
-                    avx2::dot_q4_1_group(row, [&g[0], &g[1], &g[2], &g[3]])
-                });
+                // SAFETY: `group_dot` gives one only where this CPU has AVX2 and F16C.
+                o.copy_from_slice(&unsafe { dot(row, [&g[0], &g[1], &g[2], &g[3]]) });
             }
             let done = m - groups.remainder().len();
             rest = (&inputs[done..], &mut rest.1[done..]);
