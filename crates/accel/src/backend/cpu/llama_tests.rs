@@ -544,8 +544,8 @@ fn avx2_and_portable_attention_give_the_same_bits() {
 
 #[test]
 fn dot_products_with_several_inputs_give_each_inputs_bits() {
-    // Q4_0, Q4_1 and Q8_0 unpack each weight row once for a group of inputs where the
-    // CPU has AVX2;
+    // Q4_0, Q4_1, Q8_0 and Q4_K unpack each weight row once for a group of inputs where
+    // the CPU has AVX2;
     // every format must give the bits of one input at a time, for any count of inputs.
     let mut rng = Rng(17);
     for dtype in DType::ALL {

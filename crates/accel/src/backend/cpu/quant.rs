@@ -609,7 +609,24 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,f16c")]
     pub fn dot_q4k(row: &[u8], inp: &Input<'_>) -> f32 {
-        let mut acc = _mm256_setzero_ps();
+        let [out] = q4k_inputs(row, [inp]);
+        out
+    }
+
+    /// [`dot_q4k`] of one row with [`INPUT_GROUP`] inputs: each sub-block's weights,
+    /// scale and minimum unpacked once for all of them.
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dot_q4k_group(row: &[u8], inps: [&Input<'_>; INPUT_GROUP]) -> [f32; INPUT_GROUP] {
+        q4k_inputs(row, inps)
+    }
+
+    /// A Q4_K row with `N` inputs: each 32-element sub-block is rebuilt from its nibbles
+    /// (the low ones for the first of a pair, the high for the second), with scale
+    /// `(d·sc)·dx` and minimum `-(dmin·mn)`, once for every input.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn q4k_inputs<const N: usize>(row: &[u8], inps: [&Input<'_>; N]) -> [f32; N] {
+        let mut acc = [_mm256_setzero_ps(); N];
         let mask = _mm_set1_epi8(0x0f);
         for (sb, b) in row.chunks_exact(144).enumerate() {
             let (d, dmin) = (half(b, 0), half(b, 2));
@@ -617,21 +634,23 @@ mod avx2 {
             for j in 0..4 {
                 let (first, second) = (bytes16(b, 16 + 32 * j), bytes16(b, 32 + 32 * j));
                 for sub in 0..2 {
-                    let (q, dx, t) = block_input(inp, 8 * sb + 2 * j + sub);
                     let (sc, mn) = q4k_scale_min(2 * j + sub, scales);
                     let pick = |v: __m128i| {
                         let v = if sub == 0 { v } else { _mm_srli_epi16(v, 4) };
                         _mm256_cvtepu8_epi16(_mm_and_si128(v, mask))
                     };
-                    let f = block(pick(first), pick(second), q);
-                    let scale = times(times(d, f32::from(sc)), dx);
+                    let (w0, w1) = (pick(first), pick(second));
+                    let ds = times(d, f32::from(sc));
                     // -(dmin·mn): the negation is exact, so a subtraction from zero.
                     let offset = _mm256_sub_ps(_mm256_setzero_ps(), times(dmin, f32::from(mn)));
-                    acc = scaled_offset(acc, scale, f, offset, t);
+                    for (a, inp) in acc.iter_mut().zip(inps) {
+                        let (q, dx, t) = block_input(inp, 8 * sb + 2 * j + sub);
+                        *a = scaled_offset(*a, times(ds, dx), block(w0, w1, q), offset, t);
+                    }
                 }
             }
         }
-        lane_sum(lanes_out(acc))
+        acc.map(|a| lane_sum(lanes_out(a)))
     }
 
     /// Q6_K: each sub-block of 16 weights is rebuilt from its four low bits (`ql`, the
@@ -724,6 +743,7 @@ fn group_dot(dtype: DType) -> Option<GroupDot> {
         DType::Q4_0 => return Some(avx2::dot_q4_0_group),
         DType::Q4_1 => return Some(avx2::dot_q4_1_group),
         DType::Q8_0 => return Some(avx2::dot_q8_0_group),
+        DType::Q4K => return Some(avx2::dot_q4k_group),
         _ => {}
     }
     None
