@@ -482,8 +482,6 @@ impl Core {
         lock_map(&self.map).sizes.contains_key(&id)
     }
 
-    /// Records writes (made before: a take between the write and this mark finds them
-    /// at the next take, and the chunk is sent again).
     /// Fills `range` of buffer `id` with attached file `file`'s bytes from `start` on,
     /// which `read(offset, out)` reads, in pieces of at most [`COPY_PIECE`], each straight
     /// into device memory where the backend allows. Marks what it may have written; once
@@ -522,6 +520,8 @@ impl Core {
         result
     }
 
+    /// Records writes (made before: a take between the write and this mark finds them
+    /// at the next take, and the chunk is sent again).
     fn mark(&self, writes: impl IntoIterator<Item = (BufferId, Range<u64>)>) {
         let mut map = lock_map(&self.map);
         for (id, range) in writes {

@@ -39,6 +39,15 @@ pub fn to_chunk(k: ChunkKey) -> ChunkId {
     }
 }
 
+/// The device's record that a chunk's `len` bytes are the file piece `origin` names.
+fn to_origin(origin: ChunkOrigin, len: u64) -> ferry_accel::device::ChunkOrigin {
+    ferry_accel::device::ChunkOrigin {
+        file: origin.file,
+        offset: origin.offset,
+        len,
+    }
+}
+
 /// The engine's form of the device buffer table `table`.
 pub fn device_buffers(table: Vec<BufferState>) -> Vec<DeviceBuffer> {
     table
@@ -293,11 +302,7 @@ impl FillingVm {
                 origin.offset, origin.file
             )));
         }
-        let from = ferry_accel::device::ChunkOrigin {
-            file: origin.file,
-            offset: origin.offset,
-            len,
-        };
+        let from = to_origin(origin, len);
         self.with_accel(chunk, |accel, id| {
             accel.load_chunk_from_file(id, from, &mut |at, out| file.read_at(at, out))
         })
@@ -379,11 +384,7 @@ impl MigrationTarget for FillingVm {
         data: &[u8],
         origin: ChunkOrigin,
     ) -> Result<(), VmError> {
-        let from = ferry_accel::device::ChunkOrigin {
-            file: origin.file,
-            offset: origin.offset,
-            len: data.len() as u64,
-        };
+        let from = to_origin(origin, data.len() as u64);
         self.with_accel(chunk, |accel, id| {
             accel.write_chunk_from_file(id, data, from)
         })

@@ -767,9 +767,10 @@ pub fn dot_inputs(
     out: &mut [f32],
 ) {
     let m = inputs.len();
+    let grouped = group_dot(dtype);
     for (i, out) in out.chunks_exact_mut(m).enumerate() {
         let mut rest = (inputs, out);
-        if let Some(dot) = group_dot(dtype) {
+        if let Some(dot) = grouped {
             let row = &w[(first + i) * row_bytes..][..row_bytes];
             let groups = inputs.chunks_exact(INPUT_GROUP);
             let outs = rest.1.chunks_exact_mut(INPUT_GROUP);
