@@ -355,7 +355,16 @@ pub struct MigrateRequest {
     /// memory faster than the link resends it), "precopy" or "replay".
     #[serde(default)]
     pub device: ferry_migrate::DeviceTransfer,
+    /// The most MiB of state per second pre-copy moves (1 to [`MAX_RATE_MIB_S`]; absent:
+    /// as fast as it goes): a gentler migration for a busy host or a shared link. The pause is not
+    /// limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_mib_s: Option<u64>,
 }
+
+/// The highest rate ceiling a migration request may ask for, MiB/s (1 PiB/s: any more is
+/// a mistake, and it must fit in bytes/s).
+pub const MAX_RATE_MIB_S: u64 = 1 << 30;
 
 fn default_mode() -> String {
     "live".into()
@@ -394,6 +403,7 @@ impl MigrateRequest {
             max_precopy_s: default_precopy_s(),
             files: default_files(),
             device: ferry_migrate::DeviceTransfer::default(),
+            max_rate_mib_s: None,
         }
     }
 }

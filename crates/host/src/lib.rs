@@ -171,6 +171,16 @@ pub fn migration_options(req: &MigrateRequest) -> Result<MigrationOptions, HostE
             "downtime_ms and max_rounds must be at least 1".into(),
         ));
     }
+    let max_rate = match req.max_rate_mib_s {
+        None => None,
+        Some(mib) if (1..=ferry_api::MAX_RATE_MIB_S).contains(&mib) => Some(mib << 20),
+        Some(mib) => {
+            return Err(HostError::BadRequest(format!(
+                "max_rate_mib_s {mib} is not 1 to {}",
+                ferry_api::MAX_RATE_MIB_S
+            )))
+        }
+    };
     Ok(MigrationOptions {
         mode,
         downtime_target: Duration::from_millis(req.downtime_ms),
@@ -182,6 +192,7 @@ pub fn migration_options(req: &MigrateRequest) -> Result<MigrationOptions, HostE
         allow_longer_pause: req.allow_longer_pause,
         files,
         device: req.device,
+        max_rate,
         ..MigrationOptions::default()
     })
 }
@@ -853,6 +864,24 @@ impl ferry_migrate::TargetFactory for Receiver {
                 self.host.forget_old_ended_vms();
             }
             Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_ceiling_is_taken_in_mib_s_and_refused_outside_its_range() {
+        let mut req = MigrateRequest::to("127.0.0.1:1");
+        assert_eq!(migration_options(&req).unwrap().max_rate, None);
+        req.max_rate_mib_s = Some(200);
+        assert_eq!(migration_options(&req).unwrap().max_rate, Some(200 << 20));
+        for bad in [0, ferry_api::MAX_RATE_MIB_S + 1] {
+            req.max_rate_mib_s = Some(bad);
+            let error = migration_options(&req).unwrap_err().to_string();
+            assert!(error.contains("max_rate_mib_s"), "{error}");
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`auth`]: shared-secret challenge–response on every connection.
 //! - [`tls`]: optional mutual TLS under that authentication (rustls).
 //! - [`send`]: the source side: pre-copy rounds, convergence, throttling, switchover.
+//! - [`pace`]: a ceiling on pre-copy's rate, to move a VM gently.
 //! - [`replay`]: moving device memory as a base and the commands run after it.
 //! - [`receive`]: the destination side: validates everything off the wire, applies it,
 //!   and restores the VM only when the source's final state is complete.
@@ -21,6 +22,7 @@ pub mod auth;
 mod deadline;
 mod gate;
 mod link;
+pub mod pace;
 pub mod receive;
 pub mod replay;
 pub mod send;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{authenticate_stream_connector, Secret};
 use crate::deadline::{self, Watchdog};
 use crate::link::Link;
+use crate::pace::{Activity, Pacer};
 use crate::replay::{
     falling_behind, predicted_replay_pause, CaptureLimits, DeviceDigest, DeviceTransfer,
     LoggedCommand, ReplayReport,
@@ -155,6 +156,12 @@ pub struct MigrationOptions {
     pub device: DeviceTransfer,
     /// Bounds on the source's capture when replaying.
     pub capture: CaptureLimits,
+    /// The most bytes of state per second pre-copy moves (at least
+    /// [`pace::MIN_RATE`](crate::pace::MIN_RATE)): pages, device chunks, and the file
+    /// pieces the destination reads itself, at their size. It spares the VM's hosts and
+    /// the link at the cost of a longer migration; the final round, in the pause, is not
+    /// limited. `None`: as fast as they go.
+    pub max_rate: Option<u64>,
     /// Cancels the migration from another thread.
     pub cancel: CancelToken,
 }
@@ -175,6 +182,7 @@ impl Default for MigrationOptions {
             files: FileTransfer::default(),
             device: DeviceTransfer::default(),
             capture: CaptureLimits::default(),
+            max_rate: None,
             cancel: CancelToken::default(),
         }
     }
@@ -232,6 +240,9 @@ pub struct PrecopyRound {
     pub bytes: u64,
     /// Duration, ms.
     pub ms: f64,
+    /// Of which the data streams all waited for the pace (a rate ceiling), ms.
+    #[serde(default)]
+    pub paced_ms: f64,
     /// Throttle during the round, %.
     pub throttle_pct: u8,
 }
@@ -274,6 +285,20 @@ pub struct MigrationReport {
     pub replay: Option<ReplayReport>,
     /// Each round.
     pub round_log: Vec<PrecopyRound>,
+}
+
+impl PrecopyRound {
+    /// How long the round took without its waits for a pace, ms: what it would have
+    /// taken unpaced, as the final round is.
+    fn busy_ms(&self) -> f64 {
+        (self.ms - self.paced_ms).max(0.0)
+    }
+
+    /// The rate the round moved its bytes at while sending (bytes/s): the time it
+    /// waited for a pace is not the link's.
+    fn link_rate(&self) -> f64 {
+        self.bytes as f64 / (self.busy_ms() / 1e3).max(1e-6)
+    }
 }
 
 fn mode_name(mode: Mode) -> &'static str {
@@ -517,6 +542,10 @@ pub(crate) struct WorkQueue<'a> {
     cancel: &'a CancelToken,
     /// Per attached file: whether the destination has it (it is not being sent).
     destination_files: &'a [bool],
+    /// Spaces out what the streams send, if the round is paced.
+    pacer: Option<&'a Pacer>,
+    /// When the streams were sending, to tell the link's rate from the pace's.
+    activity: Activity,
     next_run: AtomicUsize,
     next_chunk: AtomicUsize,
     next_piece: AtomicUsize,
@@ -530,12 +559,15 @@ impl<'a> WorkQueue<'a> {
         buffers: &'a [DeviceBuffer],
         cancel: &'a CancelToken,
         destination_files: &'a [bool],
+        pacer: Option<&'a Pacer>,
     ) -> Self {
         Self {
             work,
             buffers,
             cancel,
             destination_files,
+            pacer,
+            activity: Activity::default(),
             next_run: AtomicUsize::new(0),
             next_chunk: AtomicUsize::new(0),
             next_piece: AtomicUsize::new(0),
@@ -562,6 +594,20 @@ impl<'a> WorkQueue<'a> {
             .get(file as usize)
             .copied()
             .unwrap_or(false)
+    }
+
+    /// Counts `bytes` of state just sent against the round's pace, if any.
+    fn sent(&self, bytes: u64) {
+        let Some(pacer) = self.pacer.filter(|_| bytes > 0) else {
+            return;
+        };
+        let now = Instant::now();
+        let due = pacer.reserve(now, bytes);
+        if due > now {
+            self.activity.rest(now);
+            std::thread::sleep(due - now);
+            self.activity.resume(Instant::now());
+        }
     }
 
     fn next_piece(&self) -> Option<FilePiece> {
@@ -662,6 +708,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             if !zero[i] {
                 writer.send_ram(gpa, n, Some(&bytes[i * page_bytes..j * page_bytes]))?;
                 counts.pages += n;
+                queue.sent(n * PAGE_SIZE);
             } else if !skip_zeros {
                 writer.send_ram(gpa, n, None)?;
                 counts.zero_pages += n;
@@ -686,6 +733,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             if !is_zero(data) {
                 counts.chunks += 1;
                 writer.send_chunk(key, data.len() as u64, Some(data))?;
+                queue.sent(data.len() as u64);
             } else if !skip_zeros {
                 counts.zero_chunks += 1;
                 writer.send_chunk(key, data.len() as u64, None)?;
@@ -705,6 +753,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
                 if !part.is_empty() {
                     counts.chunk_parts += 1;
                     writer.send_chunk_part(key, u64::from(start), part)?;
+                    queue.sent(part.len() as u64);
                 }
             }
             continue;
@@ -722,6 +771,8 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
         if let Some(p) = piece.filter(|p| queue.destination_has(p.origin.file)) {
             counts.file_chunks += 1;
             writer.send_chunk_origin(key, p.len, p.origin)?;
+            // The destination reads these bytes itself: work at that end all the same.
+            queue.sent(p.len);
             continue;
         }
         let origin = piece.map(|p| p.origin);
@@ -735,9 +786,11 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             // next migration of the VM can send where.
             counts.chunks += 1;
             writer.send_chunk_with_origin(key, data, origin)?;
+            queue.sent(data.len() as u64);
         } else if !is_zero(data) {
             counts.chunks += 1;
             writer.send_chunk(key, data.len() as u64, Some(data))?;
+            queue.sent(data.len() as u64);
         } else if !skip_zeros {
             counts.zero_chunks += 1;
             writer.send_chunk(key, data.len() as u64, None)?;
@@ -749,8 +802,10 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             .read_file(piece.file, piece.offset, bytes)
             .map_err(MigrationError::Source)?;
         writer.send_file(piece.file, piece.offset, bytes)?;
+        queue.sent(piece.len);
     }
     writer.flush()?;
+    queue.activity.rest(Instant::now());
     Ok(counts)
 }
 
@@ -789,6 +844,8 @@ struct Session<'a> {
     io_timeout: Duration,
     /// When device commands were last taken, while replaying.
     commands_taken_at: Option<Instant>,
+    /// Paces pre-copy, if its rate is limited.
+    pacer: Option<Pacer>,
 }
 
 /// How long after the pause a live switchover may take before it is abandoned: the
@@ -880,7 +937,13 @@ impl Session<'_> {
             self.control.send(&Message::Commands { commands: batch })?;
         }
         let work = &*work;
-        let queue = WorkQueue::new(work, &buffers, &self.cancel, &self.destination_files);
+        // The pause is never paced.
+        let pacer = self
+            .pacer
+            .as_ref()
+            .filter(|_| self.phase != Phase::Switchover);
+        let queue = WorkQueue::new(work, &buffers, &self.cancel, &self.destination_files, pacer);
+        queue.activity.start(self.data.len());
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
@@ -895,6 +958,7 @@ impl Session<'_> {
                 .collect();
             handles.into_iter().map(|h| joined(h, "sending")).collect()
         });
+        let paced = queue.activity.idle();
         if let Some(why) = queue
             .base_lost
             .into_inner()
@@ -961,6 +1025,7 @@ impl Session<'_> {
             commands: command_count,
             bytes: self.bytes_sent() - before,
             ms: ms(started.elapsed()),
+            paced_ms: ms(paced),
             throttle_pct,
         };
         self.round_log.push(log.clone());
@@ -1151,6 +1216,7 @@ pub fn migrate_vm(
         replay: None,
         io_timeout: options.io_timeout,
         commands_taken_at: None,
+        pacer: options.max_rate.map(Pacer::new),
     };
     if options.device == DeviceTransfer::Replay && !s.replay_agreed {
         return Err(MigrationError::BrokenSequence(
@@ -1427,7 +1493,7 @@ fn precopy_rounds(
         let secs = (log.ms / 1e3).max(1e-6);
         // Small rounds are dominated by the round trip, so the link's bandwidth is
         // the best rate seen in any round.
-        best_rate = best_rate.max(log.bytes as f64 / secs);
+        best_rate = best_rate.max(log.link_rate());
         let rate = best_rate;
         let dirty_rate = dirty_bytes as f64 / secs;
         // The final round moves what is dirty at the pause at the link's rate.
@@ -1446,9 +1512,11 @@ fn precopy_rounds(
         let out_of_bounds =
             s.rounds() >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
         if predicted <= options.downtime_target {
+            // Another round goes at the ceiling, if there is one; the pause would not.
+            let round_rate = options.max_rate.map_or(rate, |max| rate.min(max as f64));
             if out_of_bounds
                 || extra_rounds >= MAX_EXTRA_ROUNDS
-                || !worth_another_round(dirty_bytes, rate, dirty_rate)
+                || !worth_another_round(dirty_bytes, round_rate, dirty_rate)
             {
                 return Ok(PrecopyEnd::Converged(pending));
             }
@@ -1549,7 +1617,7 @@ fn replay_rounds(
         .get_or_insert_with(ReplayReport::default)
         .base_bytes = log.bytes;
     progress(&s.progress("replay", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
-    let mut best_rate = log.bytes as f64 / (log.ms / 1e3).max(1e-6);
+    let mut best_rate = log.link_rate();
     let mut rounds_ms: Vec<f64> = Vec::new();
     let mut throttle_step = 0usize;
     let mut extra_rounds = 0u32;
@@ -1585,7 +1653,7 @@ fn replay_rounds(
         }
         if let Some(log) = s.round_log.last().filter(|_| !rounds_ms.is_empty()) {
             // Decide on what the last replay round showed, with what it left pending.
-            let last = Duration::from_secs_f64(log.ms / 1e3);
+            let last = Duration::from_secs_f64(log.busy_ms() / 1e3);
             let ratio = match rounds_ms.as_slice() {
                 [.., before, now] => now / before.max(1e-3),
                 _ => 1.0,
@@ -1608,7 +1676,7 @@ fn replay_rounds(
             // The target is a ceiling: while rounds still shrink, one more shortens the
             // tail the pause replays.
             if predicted <= options.downtime_target {
-                let shrinking = ratio < 0.8 && log.ms >= 2.0;
+                let shrinking = ratio < 0.8 && log.busy_ms() >= 2.0;
                 if extra_rounds >= MAX_EXTRA_ROUNDS || !shrinking || out_of_bounds {
                     return Ok(ReplayEnd::Converged(pages, commands, ran));
                 }
@@ -1647,8 +1715,8 @@ fn replay_rounds(
         let log = s
             .send_round(&mut work, REPLAY_THROTTLE_STEPS[throttle_step])
             .map_err(before_go(false))?;
-        best_rate = best_rate.max(log.bytes as f64 / (log.ms / 1e3).max(1e-6));
-        rounds_ms.push(log.ms);
+        best_rate = best_rate.max(log.link_rate());
+        rounds_ms.push(log.busy_ms());
     }
 }
 

@@ -170,7 +170,7 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         let work = RoundWork::first(vm, description.ram_size / PAGE_SIZE, Vec::new());
         let files_attached = vec![true; description.files.len()];
         let cancel = CancelToken::default();
-        let queue = WorkQueue::new(&work, &buffers, &cancel, &files_attached);
+        let queue = WorkQueue::new(&work, &buffers, &cancel, &files_attached, None);
         let counts = send_share(vm, &mut writer, &mut StreamBuffers::default(), &queue)?;
         writer.send(&Message::EndRound {
             round: 0,

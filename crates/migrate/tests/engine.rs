@@ -988,6 +988,35 @@ fn live_migration_with_a_running_guest_copies_memory_exactly() {
 }
 
 #[test]
+fn a_rate_ceiling_paces_precopy_but_neither_the_pause_nor_the_link_estimate() {
+    // A guest rewriting pages of its first MiB: at 4 MiB/s each paced round leaves about
+    // as much dirty as it sent. Taken for the link's rate, the ceiling would predict a
+    // pause of a quarter second and throttle the VM; the link itself sends a MiB in a
+    // few milliseconds.
+    let dest = Destination::start();
+    let source = FakeSource::new("paced", 16, 5);
+    let guest = Guest::start(&source, false, 6);
+    wait_for_writes(&source, 100);
+    let rate = 4 << 20;
+    let opts = MigrationOptions {
+        max_rate: Some(rate),
+        ..options(Mode::Live)
+    };
+    let report = migrate(&source, &dest, &opts).expect("paced live migration");
+    guest.stop();
+    let (target, _) = dest.adopted();
+    assert_received(&source, &target);
+    assert_eq!(report.max_throttle_pct, 0, "{report:#?}");
+    let round0 = &report.round_log[0];
+    assert!(
+        round0.ms / 1e3 >= 0.9 * round0.bytes as f64 / rate as f64 && round0.paced_ms > 0.0,
+        "round 0 was not paced: {round0:?}"
+    );
+    let last = report.round_log.last().unwrap();
+    assert_eq!(last.paced_ms, 0.0, "the pause was paced: {last:?}");
+}
+
+#[test]
 fn pages_dirtied_during_the_last_precopy_round_reach_the_destination() {
     // Deterministic: no thread; every read_ram of round 0 dirties one page, which the
     // next round (here the final one, as the prediction converges at once) must carry.

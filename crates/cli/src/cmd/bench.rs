@@ -63,6 +63,10 @@ pub struct BenchArgs {
         default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
     pub model: std::path::PathBuf,
+    /// `serve`: migrate at most this many MiB/s during pre-copy (`ferry migrate
+    /// --max-rate`), to see what a gentler migration does to the gaps.
+    #[arg(long, value_name = "MIB_S", value_parser = clap::value_parser!(u64).range(1..=ferry_api::MAX_RATE_MIB_S))]
+    pub max_rate: Option<u64>,
     /// Simulated host counts for `center`, one run each.
     #[arg(
         long,
@@ -151,7 +155,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "serve" => {
             begin(args)?;
             let backend = args.backend.resolve()?;
-            crate::cmd::bench_serve::bench_serve(&args.model, backend, &mut |f| {
+            crate::cmd::bench_serve::bench_serve(&args.model, backend, args.max_rate, &mut |f| {
                 print(&f, args.json)
             })
         }

@@ -29,6 +29,8 @@ const MIGRATING_CLIENTS: usize = 4;
 /// Tokens each of their requests asks for: long answers, so that the migrations fall
 /// in the middle of answers rather than on prompts being read.
 const MIGRATING_TOKENS: u32 = 200;
+/// The same with a rate ceiling, whose migrations take seconds each.
+const PACED_MIGRATING_TOKENS: u32 = 400;
 /// Pieces of text after which an answer is flowing: the first arrives when its own
 /// prompt is read, the next two a round apart, when no other prompt of the first requests
 /// is being read any longer.
@@ -151,10 +153,12 @@ fn migrate(
     from: &ApiClient,
     id: &str,
     to: &str,
+    max_rate_mib_s: Option<u64>,
 ) -> anyhow::Result<(Instant, Instant, f64, f64, u64)> {
     let started = Instant::now();
     let request = MigrateRequest {
         streams: STREAMS,
+        max_rate_mib_s,
         ..MigrateRequest::to(to)
     };
     let _: MigrationStatus = from.post(&format!("/v1/vms/{id}/migrate"), &request)?;
@@ -180,8 +184,13 @@ fn migrate(
     }
 }
 
-/// `ferry bench serve`.
-pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
+/// `ferry bench serve`, its migrations at most `max_rate` MiB/s if given.
+pub fn bench_serve(
+    model: &Path,
+    backend: &'static str,
+    max_rate: Option<u64>,
+    emit: &mut Emit,
+) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(model).with_context(|| {
         format!(
             "no model at {} (scripts/fetch-model fetches SmolLM2; or give --model)",
@@ -195,7 +204,7 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
             vm: CreateVm {
                 name: Some("smollm2".into()),
                 workload: "llm-serve".into(),
-                args: ["--slots", "8", "--context", "256"]
+                args: ["--slots", "8", "--context", "512"]
                     .map(String::from)
                     .to_vec(),
                 memory: 256 << 20,
@@ -302,6 +311,10 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
     // Streaming while the VM moves back and forth.
     let info = |name: &str| -> anyhow::Result<HostInfo> { cluster.host(name).get("/v1/host") };
     let (a, b) = (info("a")?, info("b")?);
+    let migrating_tokens = match max_rate {
+        Some(_) => PACED_MIGRATING_TOKENS,
+        None => MIGRATING_TOKENS,
+    };
     let migrating = AtomicBool::new(true);
     let flowing = AtomicUsize::new(0);
     let (windows, (answers, failures)) = std::thread::scope(|scope| {
@@ -309,7 +322,7 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
             load(
                 gateway,
                 &id,
-                (MIGRATING_CLIENTS, MIGRATING_TOKENS),
+                (MIGRATING_CLIENTS, migrating_tokens),
                 1,
                 (&|| migrating.load(Ordering::Relaxed), &flowing),
             )
@@ -325,7 +338,12 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
         }
         for i in 0..MIGRATIONS {
             let (from, to) = if i % 2 == 0 { ("a", &b) } else { ("b", &a) };
-            windows.push(migrate(cluster.host(from), &id, &to.migration_addr));
+            windows.push(migrate(
+                cluster.host(from),
+                &id,
+                &to.migration_addr,
+                max_rate,
+            ));
             std::thread::sleep(Duration::from_millis(400));
         }
         migrating.store(false, Ordering::Relaxed);
@@ -353,7 +371,8 @@ pub fn bench_serve(model: &Path, backend: &'static str, emit: &mut Emit) -> anyh
     let steady_max = percentile(&mut outside, 1.0);
     let pause_max = percentile(&mut pauses, 1.0);
     let detail = format!(
-        "{MIGRATING_CLIENTS} clients, {MIGRATIONS} migrations, {} gaps in a migration, {} outside, {} requests",
+        "{MIGRATING_CLIENTS} clients, {MIGRATIONS} migrations{}, {} gaps in a migration, {} outside, {} requests",
+        max_rate.map_or(String::new(), |r| format!(" at most {r} MiB/s")),
         in_migration.len(),
         outside.len(),
         answers.len()

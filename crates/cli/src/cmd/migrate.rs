@@ -15,6 +15,7 @@ use ferry_client::ApiClient;
 #[derive(Args)]
 #[command(
     after_help = "Examples:\n  ferry migrate a-vm1 --to 127.0.0.1:7081 --downtime-ms 50 --streams 4\n  \
+    ferry migrate a-vm1 --to 127.0.0.1:7081 --max-rate 200\n  \
     ferry migrate a-vm1 --cancel\n\n\
     With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
     bytes_sent, final_bytes, max_throttle_pct, streams, files_sent, files_reused,\n\
@@ -70,6 +71,12 @@ pub struct MigrateArgs {
     /// Replay gives way to pre-copy, and says so, when the destination cannot keep up.
     #[arg(long, value_name = "auto|precopy|replay", default_value = "auto")]
     pub device_transfer: ferry_migrate::DeviceTransfer,
+    /// Move at most this many MiB of state per second during pre-copy (pages, device
+    /// memory, and file pieces the destination reads itself): a longer migration that
+    /// takes less CPU, memory bandwidth and link from the VM and its neighbours at any
+    /// moment. The pause is not limited.
+    #[arg(long, value_name = "MIB_S", value_parser = clap::value_parser!(u64).range(1..=ferry_api::MAX_RATE_MIB_S))]
+    pub max_rate: Option<u64>,
     /// Print one JSON object (the report) as the last line.
     #[arg(long)]
     pub json: bool,
@@ -90,6 +97,7 @@ impl MigrateArgs {
             max_rounds: self.max_rounds,
             files: self.files.clone(),
             device: self.device_transfer,
+            max_rate_mib_s: self.max_rate,
             ..MigrateRequest::to(self.to.as_deref().unwrap_or_default())
         }
     }
