@@ -359,8 +359,7 @@ impl HostedVm {
         self.life.leave()?;
         // Readers and senders go to the destination now; it has the channel's contents.
         self.readout.channel().detach();
-        // It runs elsewhere now: freeing it here waits for spare CPU.
-        ferry_vmm::drop_in_background(format!("release-{}", self.id), self.take_machine());
+        self.release();
         Ok(())
     }
 
@@ -388,13 +387,6 @@ impl HostedVm {
     /// Gives the microVM's RAM, device memory and threads back to the host; its record
     /// and console tail stay.
     fn release(&self) {
-        // Dropped outside the lock: freeing gigabytes takes a while.
-        drop(self.take_machine());
-    }
-
-    /// Takes the microVM (paused) and its tracker out of this record: dropping them
-    /// gives its RAM, device memory and threads back.
-    fn take_machine(&self) -> (Option<Microvm>, Option<VmTracker>) {
         let mut control = self.control();
         let mut vm = control.vm.take();
         let tracker = control.tracker.take();
@@ -404,7 +396,9 @@ impl HostedVm {
                 let _ = vm.pause();
             }
         }
-        (vm, tracker)
+        drop(control);
+        // Dropped outside the lock: freeing gigabytes takes a while.
+        drop((vm, tracker));
     }
 
     /// The guest ended: records how, and releases the VM.

@@ -29,7 +29,6 @@ pub mod vm;
 pub use devices::console::ConsoleSink;
 pub use files::{AttachedFiles, FileInfo};
 pub use memory::PageSet;
-pub use priority::drop_in_background;
 pub use vm::{
     HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit, VmReadout, VmTracker,
 };

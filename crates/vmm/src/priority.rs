@@ -46,26 +46,6 @@ pub(crate) fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send
     })
 }
 
-/// The lowest nice value: for work nobody waits on.
-const LOWEST_NICE: i32 = 19;
-
-/// Drops `value` (a VM that left, say) on a thread of its own at the lowest priority:
-/// freeing and zeroing gigabytes then yields the CPU to the VMs still running, here or
-/// (on a shared machine) the one just resumed elsewhere. Drops it at once, here, if no
-/// thread can be started.
-pub fn drop_in_background<T: Send + 'static>(name: String, value: T) {
-    let started = std::thread::Builder::new().name(name).spawn(move || {
-        // Lowering one's own priority needs no right; if it fails, the drop runs at the
-        // host's priority, as it would have anyway.
-        let _ = set_nice(0, LOWEST_NICE);
-        drop(value);
-    });
-    if let Err(error) = started {
-        // The thread's closure, and `value` with it, was dropped already.
-        tracing::warn!(%error, "cannot start a thread to release a VM: released it now");
-    }
-}
-
 /// A VM's threads lifted to the priority of the thread that waits on them; put back at
 /// the guest's when dropped.
 pub(crate) struct Lifted {
@@ -139,22 +119,6 @@ mod tests {
         assert_eq!((builder, started), (nice, nice));
         assert_eq!(own_nice(), before, "the caller's priority is unchanged");
         assert_eq!(at_guest_priority(0, own_nice), before, "0: run in place");
-    }
-
-    #[test]
-    fn a_value_dropped_in_the_background_is_dropped_at_the_lowest_priority() {
-        struct Reports(mpsc::Sender<i32>);
-        impl Drop for Reports {
-            fn drop(&mut self) {
-                let _ = self.0.send(own_nice());
-            }
-        }
-        let before = own_nice();
-        let (tx, rx) = mpsc::channel();
-        drop_in_background("release-test".into(), Reports(tx));
-        let nice = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
-        assert_eq!(nice, LOWEST_NICE);
-        assert_eq!(own_nice(), before, "the caller's priority is unchanged");
     }
 
     #[test]
