@@ -171,11 +171,7 @@ impl Backend for CpuBackend {
     }
 
     fn write(&mut self, id: BufferId, offset: u64, data: &[u8]) {
-        let buffer = self.buffers.expect(id);
-        let mut words = write_lock(&buffer);
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
-        let start = usize::try_from(offset).expect("offset validated by the device");
-        bytes[start..][..data.len()].copy_from_slice(data);
+        self.with_bytes_mut(id, offset, data.len(), |bytes| bytes.copy_from_slice(data));
     }
 
     fn write_with(
@@ -186,11 +182,7 @@ impl Backend for CpuBackend {
         _scratch: &mut Vec<u8>,
         fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
-        let buffer = self.buffers.expect(id);
-        let mut words = write_lock(&buffer);
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
-        let start = usize::try_from(offset).expect("offset validated by the device");
-        fill(&mut bytes[start..][..len])
+        self.with_bytes_mut(id, offset, len, fill)
     }
 
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]) {
@@ -238,6 +230,22 @@ impl Backend for CpuBackend {
 }
 
 impl CpuBackend {
+    /// Runs `f` on `len` bytes of buffer `id` from byte `offset` (validated by the
+    /// device), under the buffer's write lock.
+    fn with_bytes_mut<R>(
+        &self,
+        id: BufferId,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
+        let buffer = self.buffers.expect(id);
+        let mut words = write_lock(&buffer);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        let start = usize::try_from(offset).expect("offset validated by the device");
+        f(&mut bytes[start..][..len])
+    }
+
     /// Runs a kernel whose data has passed its [`IndexCheck`].
     fn run(&mut self, kernel: &Kernel) {
         match *kernel {
