@@ -675,6 +675,26 @@ pub(crate) struct StreamBuffers {
     chunk: Vec<u8>,
 }
 
+/// Sends a whole device chunk `data`: its bytes, or a zero chunk's length alone (nothing
+/// at all where the destination's memory is known to be zero).
+fn send_whole_chunk<W: std::io::Write>(
+    writer: &mut FrameWriter<W>,
+    queue: &WorkQueue<'_>,
+    counts: &mut StreamCounts,
+    key: ChunkKey,
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    if !is_zero(data) {
+        counts.chunks += 1;
+        writer.send_chunk(key, data.len() as u64, Some(data))?;
+        queue.sent(data.len() as u64);
+    } else if !queue.work.skip_zeros {
+        counts.zero_chunks += 1;
+        writer.send_chunk(key, data.len() as u64, None)?;
+    }
+    Ok(())
+}
+
 /// Sends what it takes from `queue` on one stream: runs of pages (split around zero
 /// pages), then chunks.
 pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
@@ -729,15 +749,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
                     continue;
                 }
             }
-            let data = &buffers.chunk;
-            if !is_zero(data) {
-                counts.chunks += 1;
-                writer.send_chunk(key, data.len() as u64, Some(data))?;
-                queue.sent(data.len() as u64);
-            } else if !skip_zeros {
-                counts.zero_chunks += 1;
-                writer.send_chunk(key, data.len() as u64, None)?;
-            }
+            send_whole_chunk(writer, queue, &mut counts, key, &buffers.chunk)?;
         }
     }
     while let Some(ChunkPart { key, bytes }) = queue.next_chunk() {
@@ -787,13 +799,8 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             counts.chunks += 1;
             writer.send_chunk_with_origin(key, data, origin)?;
             queue.sent(data.len() as u64);
-        } else if !is_zero(data) {
-            counts.chunks += 1;
-            writer.send_chunk(key, data.len() as u64, Some(data))?;
-            queue.sent(data.len() as u64);
-        } else if !skip_zeros {
-            counts.zero_chunks += 1;
-            writer.send_chunk(key, data.len() as u64, None)?;
+        } else {
+            send_whole_chunk(writer, queue, &mut counts, key, data)?;
         }
     }
     while let Some(piece) = queue.next_piece() {
