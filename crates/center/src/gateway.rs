@@ -39,6 +39,11 @@ pub const MAX_RELAYS: usize = 256;
 pub const MAX_TOKENS: u32 = 4096;
 /// Longest a relay keeps trying to reach the VM (a start, a switchover, a lost host).
 const PATIENCE: Duration = Duration::from_secs(30);
+/// Longest an answer may go without a token before the relay gives up on it (the client
+/// gets an error and the guest is told to stop): a queued request may wait behind others
+/// for a while, but a guest that never answers must not hold a relay for ever. OpenAI's
+/// clients give up after as long by default.
+const SILENCE: Duration = Duration::from_secs(600);
 /// Wait between tries while the VM is paused or starting.
 const RETRY_PAUSE: Duration = Duration::from_millis(2);
 /// Longest one read of a stream waits on the host.
@@ -478,6 +483,10 @@ impl Center {
                             chunk.end
                         )));
                     }
+                    if last_progress.elapsed() > SILENCE {
+                        self.cancel(vm, host, stream);
+                        return Err(stalled(vm));
+                    }
                 }
                 Err(e) => {
                     match api_error(&e).and_then(|a| a.code.as_deref()) {
@@ -542,6 +551,15 @@ fn unreachable(vm: &str, what: &str) -> OpenAiError {
         StatusCode::SERVICE_UNAVAILABLE,
         "model_unavailable",
         format!("model '{vm}' could not be reached for {PATIENCE:?}: {what}"),
+    )
+}
+
+/// VM `vm` answered nothing for [`SILENCE`].
+fn stalled(vm: &str) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "model_stalled",
+        format!("model '{vm}' produced no token for {SILENCE:?}"),
     )
 }
 
@@ -783,7 +801,8 @@ fn usage(prompt: u32, completion: u32) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        // The counts come from the guest: added in u64, so no pair of them overflows.
+        "total_tokens": u64::from(prompt) + u64::from(completion),
     })
 }
 
@@ -896,7 +915,12 @@ impl Shape {
                 if last {
                     return;
                 }
-                item = rx.recv().await;
+                // A client that left while the model is silent is noticed now, not at
+                // the next token, which may never come.
+                item = tokio::select! {
+                    next = rx.recv() => next,
+                    () = out.closed() => return,
+                };
             }
         });
         let stream = futures_util::stream::unfold(body, |mut body| async move {
@@ -907,5 +931,42 @@ impl Shape {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         headers.insert("cache-control", HeaderValue::from_static("no-cache"));
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn chat_shape() -> Shape {
+        Shape {
+            endpoint: Endpoint::Chat,
+            id: "chatcmpl-test".into(),
+            created: 0,
+            model: "m".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_a_silent_stream_releases_its_relay() {
+        let (tx, rx) = mpsc::channel(4);
+        let response = chat_shape().stream(Relayed::Text("hi".into()), rx, false);
+        // The client reads the first token and leaves; the model then says nothing.
+        let mut body = response.into_body().into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert!(std::str::from_utf8(&first).unwrap().contains("\"hi\""));
+        drop(body);
+        // The relay (which watches `tx`) learns it, and cancels the generation.
+        tokio::time::timeout(Duration::from_secs(5), tx.closed())
+            .await
+            .expect("the relay was not told that the client left");
+    }
+
+    #[test]
+    fn usage_counts_from_the_guest_cannot_overflow() {
+        let u = usage(u32::MAX, 1);
+        assert_eq!(u["total_tokens"], 1u64 << 32);
     }
 }
