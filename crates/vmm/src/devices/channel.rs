@@ -28,14 +28,20 @@ pub const MAX_STREAMS: usize = 64;
 /// Most payload bytes one stream's responses may hold; a guest sending more ends the
 /// stream as [`StreamEnd::Overflow`].
 pub const MAX_STREAM_BYTES: usize = 96 << 10;
+/// Most responses one stream may hold, however small (the host keeps a record of each,
+/// so empty ones must not come free); a guest sending more ends the stream as
+/// [`StreamEnd::Overflow`]. Room for a token each of the longest answer the gateway
+/// asks for (4,096 tokens), twice over.
+pub const MAX_STREAM_EVENTS: usize = 8192;
 /// Most messages taken from, or written to, each ring at one kick.
 const MAX_PER_KICK: u64 = 64;
 
-// The saved channel fits easily in a migration's control message (16 MiB).
+// The saved channel fits in a migration's control message (16 MiB): a saved response
+// takes its payload and at most 8 bytes more (two varints); the queue holds the queued
+// requests and a signal per stream, each at most a slot.
 const _: () = assert!(
-    MAX_STREAMS * MAX_STREAM_BYTES
-        + MAX_QUEUED * ferry_abi::channel::MAX_SLOT_SIZE as usize
-        + 256 * ferry_abi::channel::MAX_SLOT_SIZE as usize
+    MAX_STREAMS * (MAX_STREAM_BYTES + 8 * MAX_STREAM_EVENTS)
+        + (MAX_QUEUED + MAX_STREAMS) * ferry_abi::channel::MAX_SLOT_SIZE as usize
         <= 16 << 20
 );
 
@@ -605,7 +611,9 @@ impl Core {
             self.state.dropped += 1;
             return;
         };
-        if stream.bytes + payload.len() > MAX_STREAM_BYTES {
+        if stream.bytes + payload.len() > MAX_STREAM_BYTES
+            || stream.events.len() >= MAX_STREAM_EVENTS
+        {
             stream.end = StreamEnd::Overflow;
             return;
         }
@@ -873,6 +881,26 @@ mod tests {
         let read = channel.read(1, 0, Duration::ZERO).unwrap();
         assert_eq!(read.end, StreamEnd::Overflow);
         assert!(read.events.len() * 200 <= MAX_STREAM_BYTES);
+    }
+
+    #[test]
+    fn empty_responses_count_against_their_streams_bound() {
+        let (mem, channel) = guest_with_request(1);
+        // Responses of no bytes at all, as many as fit the ring at each kick.
+        for _ in 0..MAX_STREAM_EVENTS / 4 + 1 {
+            for _ in 0..4 {
+                respond(&mem, 1, 2, 0, b"");
+            }
+            channel.kick(&mem, 0);
+        }
+        let read = channel.read(1, 0, Duration::ZERO).unwrap();
+        assert_eq!(
+            read.end,
+            StreamEnd::Overflow,
+            "{} events",
+            read.events.len()
+        );
+        assert_eq!(read.events.len(), MAX_STREAM_EVENTS);
     }
 
     #[test]
