@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
 use ferry_abi::file::MAX_READ;
+use ferry_abi::IMAGE_BASE;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -469,9 +470,12 @@ impl Core {
         Ok((id, range))
     }
 
+    /// Checks that `addr..addr + len` is guest RAM the guest may name: not the VMM's
+    /// system pages below [`IMAGE_BASE`] (page tables, IDT, fault stubs), which a copy
+    /// there would let a ring-3 guest rewrite or read, as every other device refuses.
     fn guest_range(&self, addr: u64, len: u64) -> Result<(), u32> {
         let len = usize::try_from(len).map_err(|_| status::BAD_GUEST_RANGE)?;
-        if len == 0 || self.mem.check_range(GuestAddress(addr), len) {
+        if len == 0 || (addr >= IMAGE_BASE && self.mem.check_range(GuestAddress(addr), len)) {
             Ok(())
         } else {
             Err(status::BAD_GUEST_RANGE)

@@ -16,7 +16,7 @@ use ferry_accel::ring::GuestRam;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const RAM: u64 = 64 << 20;
-const RING: u64 = 0x10_0000;
+const RING: u64 = ferry_abi::IMAGE_BASE;
 /// Guest scratch area for upload/download data.
 const DATA: u64 = 0x20_0000;
 const CAPACITY: u64 = 64 << 20;
@@ -231,6 +231,10 @@ fn hostile_commands_fail_with_status_and_change_nothing() {
             ),
             (op::DOWNLOAD, &[1, 0, RAM, 4], status::BAD_GUEST_RANGE),
             (op::DOWNLOAD, &[1, 0, 1 << 50, 64], status::BAD_GUEST_RANGE),
+            // The VMM's system pages (page tables, IDT, fault stubs): never the guest's.
+            (op::DOWNLOAD, &[1, 0, 0x4000, 64], status::BAD_GUEST_RANGE),
+            (op::DOWNLOAD, &[1, 0, RING - 4, 8], status::BAD_GUEST_RANGE),
+            (op::UPLOAD, &[1, 0, 0x2000, 64], status::BAD_GUEST_RANGE),
             (op::LAUNCH, &[12345], status::BAD_KERNEL),
             (op::LAUNCH, &[kernel::ADD, 1, 7, 1, 16], status::BAD_BUFFER),
             (
