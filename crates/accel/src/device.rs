@@ -727,8 +727,17 @@ impl Core {
         let mut payload = Vec::new();
         if cmd.opcode == op::UPLOAD && outcome == status::OK {
             if let Ok((id, range)) = self.buffer_range(a[0], a[1], a[3]) {
+                let len = range.end - range.start;
+                // Copied only if the log takes it: an upload may be as large as the
+                // device's memory, far beyond the log's bound.
+                let room = lock_capture(&self.capture)
+                    .as_mut()
+                    .is_some_and(|c| c.makes_room(len));
+                if !room {
+                    return;
+                }
                 // What it wrote is what it read from guest RAM.
-                payload.resize((range.end - range.start) as usize, 0);
+                payload.resize(len as usize, 0);
                 self.backend.read(id, range.start, &mut payload);
             }
         }

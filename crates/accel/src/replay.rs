@@ -144,6 +144,22 @@ impl Capture {
         self.log.push(entry);
     }
 
+    /// Whether the log can take `payload` more bytes (an upload's data, to be read for
+    /// it): false once the capture failed, and failing it (the log full) if they would
+    /// not fit, so that no payload is copied only to be refused.
+    pub(crate) fn makes_room(&mut self, payload: u64) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        if self.log_bytes.saturating_add(payload) > self.limits.log_bytes {
+            self.fail(CaptureError::LogFull {
+                limit: self.limits.log_bytes,
+            });
+            return false;
+        }
+        true
+    }
+
     pub(crate) fn fail(&mut self, error: CaptureError) {
         self.failed = Some(error);
         // Nothing more is needed of a failed capture: free what it holds.
@@ -282,5 +298,22 @@ mod tests {
         capture.log(entry);
         assert_eq!(capture.failure(), Err(CaptureError::LogFull { limit: 250 }));
         assert_eq!(capture.report().commands_logged, 4);
+    }
+
+    #[test]
+    fn an_upload_too_large_for_the_log_fails_it_before_its_data_is_read() {
+        let limits = CaptureLimits {
+            pool_bytes: 0,
+            log_bytes: 1 << 10,
+        };
+        let mut capture = Capture::new(limits, [], []);
+        assert!(capture.makes_room(512));
+        assert!(!capture.makes_room(1 << 30), "a whole device's upload");
+        assert_eq!(
+            capture.failure(),
+            Err(CaptureError::LogFull { limit: 1 << 10 })
+        );
+        assert!(!capture.makes_room(1), "nothing more once failed");
+        assert!(!capture.makes_room(u64::MAX));
     }
 }
