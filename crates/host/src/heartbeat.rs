@@ -3,7 +3,7 @@
 //! from the cluster's shared secret: in full first, then only the VMs that changed. The
 //! center marks a host down when they stop.
 
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +75,9 @@ fn beat_to(
         .spawn(move || {
             let mut reachable = None;
             let mut series = BeatSeries::new(u64::from_le_bytes(series_name));
+            // Whether the last beat was already a resend at once: a center refusing
+            // every beat must not be answered in a tight loop.
+            let mut resent = false;
             loop {
                 let beat = series.beat(
                     link.api_url.clone(),
@@ -83,10 +86,16 @@ fn beat_to(
                 );
                 let sent = client.post::<_, BeatAnswer>("/v1/heartbeat", &beat);
                 series.answered(sent.as_ref().ok());
-                if matches!(sent, Ok(BeatAnswer { taken: false, .. })) {
-                    // The center needs the whole picture: send it now, not in a second.
+                if matches!(sent, Ok(BeatAnswer { taken: false, .. })) && !resent {
+                    // The center needs the whole picture: send it now, not in a second
+                    // (unless the host is being stopped).
+                    resent = true;
+                    if stopped.try_recv() != Err(TryRecvError::Empty) {
+                        return;
+                    }
                     continue;
                 }
+                resent = false;
                 match (&sent, reachable) {
                     (Ok(_), Some(true)) | (Err(_), Some(false)) => {}
                     (Ok(_), _) => tracing::info!(center = %link.center_url, "reporting to the center"),
