@@ -93,9 +93,9 @@ fn spread(hosts: &[HostLoad]) -> f64 {
 
 fn shift(hosts: &mut [HostLoad], vm: &MovableVm, from: usize, to: usize) {
     let src = &mut hosts[from];
-    src.accel_free += vm.need.accel;
-    src.memory_free += vm.need.memory;
-    src.accel_used -= vm.need.accel;
+    src.accel_free = src.accel_free.saturating_add(vm.need.accel);
+    src.memory_free = src.memory_free.saturating_add(vm.need.memory);
+    src.accel_used = src.accel_used.saturating_sub(vm.need.accel);
     src.accel_load = (src.accel_load - vm.load).max(0.0);
     take(&mut hosts[to], &vm.need);
     hosts[to].accel_load += vm.load;

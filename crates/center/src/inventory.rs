@@ -496,15 +496,19 @@ impl Inventory {
     /// Free room and load of `host`, counting live VMs and reservations.
     pub fn load(&self, host: &HostRecord) -> HostLoad {
         let live = self.vms_on(&host.name).filter(|vm| vm.is_live());
+        // Saturating: the sizes come from heartbeats, and a host reporting absurd ones
+        // is full, not a panic under the inventory's lock.
         let (mut accel_used, mut memory_used, mut accel_load) = (0u64, 0u64, 0f64);
         for vm in live {
-            accel_used += vm.info.accel_memory;
-            memory_used += vm.info.memory + vm.info.accel_memory;
+            accel_used = accel_used.saturating_add(vm.info.accel_memory);
+            memory_used = memory_used
+                .saturating_add(vm.info.memory)
+                .saturating_add(vm.info.accel_memory);
             accel_load += vm.info.accel_load;
         }
         for r in self.reservations.iter().filter(|r| r.host == host.name) {
-            accel_used += r.accel;
-            memory_used += r.memory;
+            accel_used = accel_used.saturating_add(r.accel);
+            memory_used = memory_used.saturating_add(r.memory);
         }
         let slots = host.info.cpus as f64 / host.info.accel_threads.max(1) as f64;
         HostLoad {
@@ -582,6 +586,7 @@ fn capacity_changed(old: &HostInfo, new: &HostInfo) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::Need;
 
     fn host_info(name: &str) -> HostInfo {
         HostInfo {
@@ -683,6 +688,25 @@ mod tests {
         assert!(inv.vms.contains_key("v"), "VMs of a down host are kept");
         let (_, back) = inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 3100);
         assert!(back.events.iter().any(|e| e.kind == "host-up"));
+    }
+
+    #[test]
+    fn absurd_sizes_in_a_heartbeat_make_a_full_host_not_a_panic() {
+        let mut inv = Inventory::default();
+        let huge = VmInfo {
+            memory: u64::MAX,
+            accel_memory: 4096,
+            ..vm("v", VmState::Running)
+        };
+        let other = VmInfo {
+            accel_memory: u64::MAX,
+            ..vm("w", VmState::Running)
+        };
+        inv.apply_heartbeat3(beat("a", vec![huge, other]), 1);
+        let load = inv.load(&inv.hosts["a"]);
+        assert_eq!((load.memory_free, load.accel_free), (0, 0));
+        let need = Need::of_vm(&inv.vms["v"].info);
+        assert_eq!(need.memory, u64::MAX);
     }
 
     #[test]

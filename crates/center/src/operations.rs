@@ -185,7 +185,7 @@ impl Center {
                 host: m.to.clone(),
                 vm: m.vm.id.clone(),
                 accel: m.vm.info.accel_memory,
-                memory: m.vm.info.memory + m.vm.info.accel_memory,
+                memory: Need::of_vm(&m.vm.info).memory,
             });
         }
     }

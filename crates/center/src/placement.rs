@@ -28,7 +28,8 @@ impl Need {
     pub fn of(ram: u64, accel: u64) -> Self {
         Self {
             accel,
-            memory: ram + accel,
+            // Sizes from a request or a heartbeat: too large for any host, not a panic.
+            memory: ram.saturating_add(accel),
             backend: None,
         }
     }

@@ -106,7 +106,11 @@ impl FileStore {
         }
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("cannot create the file store {}: {e}", self.dir.display()))?;
-        let needed: u64 = offers.iter().map(|o| o.size).sum();
+        // The sizes are the peer's: summed without overflow.
+        let needed = offers
+            .iter()
+            .try_fold(0u64, |sum, o| sum.checked_add(o.size))
+            .unwrap_or(u64::MAX);
         let free = free_bytes(&self.dir)
             .map_err(|e| format!("cannot tell the free space of {}: {e}", self.dir.display()))?;
         if needed > free {
