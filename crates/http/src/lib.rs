@@ -4,8 +4,10 @@
 
 pub mod tokens;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -118,6 +120,14 @@ pub fn spawn(
     Serving { _stop: stop }
 }
 
+/// Time a client has to send a request's headers, which is also the longest a kept-alive
+/// connection idles: past it the connection is closed, so clients that connect and say
+/// nothing cannot pile up connections. Longer than clients keep idle connections
+/// (ureq 15 s, httpx 5 s), so none reuses one as it is being closed.
+const HEADER_READ_TIME: Duration = Duration::from_secs(30);
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 4096;
+
 /// Serves the API on `listener` until `shutdown` completes (then the port closes and
 /// requests in flight finish): over HTTPS with `tls` (the server identity of
 /// [`ferry_migrate::TlsConfig::https_server`]), else plain HTTP.
@@ -125,20 +135,57 @@ async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None => {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
+        None => serve_on(listener, router, shutdown, HEADER_READ_TIME).await,
         Some(config) => {
-            axum::serve(TlsListener::new(listener, config)?, router)
-                .with_graceful_shutdown(shutdown)
-                .await
+            let listener = TlsListener::new(listener, config)?;
+            serve_on(listener, router, shutdown, HEADER_READ_TIME).await
         }
     }
+}
+
+/// [`serve`] on a listener of either kind: HTTP/1.1, at most [`MAX_CONNECTIONS`]
+/// connections at once, each closed when a request's headers (or the next request) take
+/// longer than `header_time`. (`axum::serve` sets no timer, so hyper applies no header
+/// timeout at all there.)
+async fn serve_on<L: axum::serve::Listener>(
+    mut listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    header_time: Duration,
+) -> std::io::Result<()> {
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slot else { break };
+        let (io, _peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_time)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("an API connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    // The port closes; requests in flight finish.
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
 }
 
 /// TLS handshakes in progress at once (each a small task, bounded in time); more
@@ -211,5 +258,52 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Serves a router answering `GET /` with `ok`, with `header_time`; its address.
+    fn served(runtime: &tokio::runtime::Runtime, header_time: Duration) -> SocketAddr {
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        runtime.spawn(serve_on(
+            listener,
+            router,
+            std::future::pending(),
+            header_time,
+        ));
+        addr
+    }
+
+    #[test]
+    fn a_client_that_sends_no_request_is_disconnected() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let addr = served(&runtime, Duration::from_millis(300));
+        // One that says nothing, and one that stops halfway through its headers.
+        let mut silent = std::net::TcpStream::connect(addr).unwrap();
+        let mut halfway = std::net::TcpStream::connect(addr).unwrap();
+        halfway.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+        for conn in [&mut silent, &mut halfway] {
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rest = Vec::new();
+            // Closed by the server: the read ends (nothing but perhaps an error answer).
+            let read = conn.read_to_end(&mut rest);
+            assert!(read.is_ok(), "still open after 5 s: {read:?}");
+        }
+        // A client that asks is answered as before.
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok"), "{answer}");
     }
 }
