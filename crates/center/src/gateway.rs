@@ -134,24 +134,50 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-/// Rewrites the token check's errors (401/403) into OpenAI's shape.
+/// Rewrites every error answer not already in OpenAI's shape into it: the token check's
+/// (401/403), and axum's own refusals (a body too large, a wrong method, a bad path),
+/// which come as plain text that OpenAI's clients cannot read.
 pub async fn openai_errors(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let response = next.run(request).await;
     let status = response.status();
-    if !matches!(status.as_u16(), 401 | 403) {
+    if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let bytes = axum::body::to_bytes(response.into_body(), 64 << 10)
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10)
         .await
         .unwrap_or_default();
-    let message = serde_json::from_slice::<Value>(&bytes)
-        .ok()
+    let json = serde_json::from_slice::<Value>(&bytes).ok();
+    if json.as_ref().is_some_and(|v| v["error"].is_object()) {
+        // Ours, already in shape.
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    let message = json
+        .as_ref()
         .and_then(|v| v.get("error")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| "authentication failed".into());
-    OpenAiError::new(status, "invalid_api_key", message).into_response()
+        .or_else(|| {
+            let text = String::from_utf8_lossy(&bytes).trim().to_string();
+            (!text.is_empty()).then_some(text)
+        })
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+    let code = match status.as_u16() {
+        401 | 403 => "invalid_api_key",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "request_too_large",
+        _ => "invalid_request",
+    };
+    let mut answer = OpenAiError::new(status, code, message).into_response();
+    // Keep what the refusal said beyond its body (`Allow`, `Retry-After`, ...).
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 /// A chat message.

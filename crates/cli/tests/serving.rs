@@ -410,6 +410,12 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
             400,
             "context_length_exceeded",
         ),
+        (
+            "a body over the 2 MiB limit",
+            " ".repeat((2 << 20) + 64),
+            413,
+            "request_too_large",
+        ),
     ] {
         let (got, _, v) = s.post_raw(path, TOKEN, &body);
         assert_eq!(got, status, "{what}: {v}");
@@ -423,6 +429,15 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     let (status, _, v) = s.post_raw(path, "wrong-token-0123456789", &base.to_string());
     assert_eq!(status, 401, "{v}");
     assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    // A wrong method: refused by the router itself, in OpenAI's shape all the same.
+    let mut r = Serving::agent()
+        .get(format!("{}{path}", s.url))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(r.status().as_u16(), 405, "{v}");
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
 
     // A streaming client that reads a few events and hangs up.
     let mut body = s.request(5, 400);
