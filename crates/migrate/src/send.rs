@@ -380,25 +380,43 @@ fn open_stream_once(
     let socket = stream
         .try_clone()
         .map_err(MigrationError::io("opening a stream"))?;
-    let link = match &options.tls {
-        None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
-            .map_err(MigrationError::io("opening a stream"))?,
-        Some(tls) => Link::tls(
-            tls.connect(stream).map_err(|why| {
-                MigrationError::Auth(format!("TLS handshake with {addr} failed: {why}"))
-            })?,
-            TLS_WRITE_BUFFER,
-        ),
-    };
-    let mut conn = FrameStream::new(link, options.compress);
-    authenticate_stream_connector(&mut conn, secret, role).map_err(|e| {
-        if options.tls.is_some() {
-            tls::refused_after_handshake(e, addr)
-        } else {
-            e
-        }
-    })?;
-    Ok((conn, socket))
+    // The whole handshake gets `io_timeout`, as the listening side's reaper gives the
+    // other end: per-read timeouts alone let a peer that trickles its bytes (or keeps a
+    // failed TLS handshake talking) hold this side, and a settlement waiting on it, for
+    // hours.
+    let watchdog = socket
+        .try_clone()
+        .and_then(|watched| Watchdog::arm(Instant::now() + options.io_timeout, vec![watched]))
+        .map_err(MigrationError::io("opening a stream"))?;
+    let opened = (|| {
+        let link = match &options.tls {
+            None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
+                .map_err(MigrationError::io("opening a stream"))?,
+            Some(tls) => Link::tls(
+                tls.connect(stream).map_err(|why| {
+                    MigrationError::Auth(format!("TLS handshake with {addr} failed: {why}"))
+                })?,
+                TLS_WRITE_BUFFER,
+            ),
+        };
+        let mut conn = FrameStream::new(link, options.compress);
+        authenticate_stream_connector(&mut conn, secret, role).map_err(|e| {
+            if options.tls.is_some() {
+                tls::refused_after_handshake(e, addr)
+            } else {
+                e
+            }
+        })?;
+        Ok(conn)
+    })();
+    if !watchdog.disarm() {
+        return Err(MigrationError::TimedOut {
+            phase: "the handshake".into(),
+            what: format!("authenticating with {addr}"),
+            limit_ms: options.io_timeout.as_millis() as u64,
+        });
+    }
+    Ok((opened?, socket))
 }
 
 /// Opens an authenticated control connection to the destination at `addr`.

@@ -1308,6 +1308,49 @@ fn a_destination_that_refuses_leaves_the_vm_running() {
     assert!(err.to_string().contains("streams"), "{err}");
 }
 
+#[test]
+fn a_listener_that_trickles_its_handshake_times_out_and_the_vm_keeps_running() {
+    // A "destination" that answers the hello with a frame one byte at a time, never
+    // completing it: each read gets a byte well within the I/O timeout.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let trickler = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let frame = frames(|w| {
+            w.send(&Message::Refuse {
+                reason: "x".repeat(3000),
+            })
+            .unwrap()
+        });
+        let started = Instant::now();
+        for byte in &frame[..frame.len() - 1] {
+            if conn.write_all(&[*byte]).is_err() || started.elapsed() > Duration::from_secs(8) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let source = FakeSource::new("trickled", 2, 4);
+    let options = MigrationOptions {
+        io_timeout: Duration::from_secs(1),
+        ..options(Mode::Live)
+    };
+    let started = Instant::now();
+    let err = migrate_vm(&*source, &addr, &secret(), &options, &mut |_| {})
+        .expect_err("a handshake that never ends");
+    let took = started.elapsed();
+    assert!(
+        matches!(err, MigrationError::TimedOut { .. }),
+        "{err} after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "gave up after {took:?}: {err}"
+    );
+    assert_running_again(&source);
+    trickler.join().unwrap();
+}
+
 /// Connects a raw TCP socket to the destination.
 fn raw(dest: &Destination) -> TcpStream {
     let s = TcpStream::connect(&dest.addr).unwrap();
