@@ -266,6 +266,23 @@ fn lock_capture(capture: &Mutex<Option<Capture>>) -> MutexGuard<'_, Option<Captu
 }
 
 /// Refuses a saved device state made by another backend or kernel version.
+/// The ring a saved state names, if its whole region is guest RAM the guest may use (the
+/// state came from a file or a peer: an address near the top of the address space, or
+/// over the VMM's system pages, is refused, not used).
+fn ring_in(mem: &GuestRam, gpa: u64) -> Result<Ring, AccelStateError> {
+    use ferry_abi::accel::RING_REGION_SIZE;
+    let fits = gpa >= IMAGE_BASE
+        && gpa.checked_add(RING_REGION_SIZE).is_some()
+        && mem.check_range(GuestAddress(gpa), RING_REGION_SIZE as usize);
+    if fits {
+        Ok(Ring::at(gpa))
+    } else {
+        Err(AccelStateError::Corrupt(format!(
+            "the ring at {gpa:#x} is not in the guest's RAM"
+        )))
+    }
+}
+
 fn check_compatible(state: &AccelState, backend: &dyn Backend) -> Result<(), AccelStateError> {
     if state.backend_kind != backend.kind() || state.kernel_version != backend.kernel_version() {
         return Err(AccelStateError::Incompatible {
@@ -982,7 +999,7 @@ impl Accelerator {
         files: Arc<dyn FileSource>,
     ) -> Result<Self, AccelStateError> {
         check_compatible(state, backend.as_ref())?;
-        let ring = Ring::at(state.ring_gpa);
+        let ring = ring_in(&mem, state.ring_gpa)?;
         let mut core = Core::new(backend, mem, ring, state.capacity, state.tail, files);
         core.sync_buffers(&state.buffers)?;
         Self::start(core).map_err(|e| AccelStateError::Corrupt(e.to_string()))
@@ -1116,7 +1133,7 @@ impl Accelerator {
                 "final device state disagrees with the buffers received".into(),
             ));
         }
-        core.ring = Ring::at(state.ring_gpa);
+        core.ring = ring_in(&core.mem, state.ring_gpa)?;
         core.tail = state.tail;
         core.ring_invalid = false;
         Ok(())

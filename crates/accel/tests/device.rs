@@ -533,6 +533,15 @@ fn restore_refuses_corrupt_state() {
     other.backend_kind = "cuda".into();
     let err = restore(&other).err().unwrap();
     assert!(err.to_string().contains("cuda"), "{err}");
+    // A ring outside the guest's RAM: at the top of the address space, past its end,
+    // over the VMM's system pages.
+    for ring_gpa in [u64::MAX - 8, RAM - 16, 0x2000] {
+        let mut bad = g.accel.save_state();
+        bad.ring_gpa = ring_gpa;
+        let err = restore(&bad).err().expect("a ring outside RAM");
+        assert!(err.to_string().contains("ring"), "{err}");
+        assert!(g.accel.apply_state(&bad).is_err());
+    }
     let chunk = ChunkId::new(42, 0);
     assert!(g.accel.write_chunk(chunk, &[0; 4]).is_err());
 }

@@ -261,7 +261,9 @@ impl IncomingVm {
                         backend_kind: backend.kind().to_string(),
                         kernel_version: backend.kernel_version(),
                         capacity,
-                        ring_gpa: 0,
+                        // Where a booted VM's ring is; the real one comes with the
+                        // device's final state.
+                        ring_gpa: ring_gpa(config.ram_size),
                         tail: 0,
                         buffers: Vec::new(),
                     };
@@ -484,6 +486,12 @@ impl VmTracker {
     }
 }
 
+/// Where the accelerator ring of a VM with `ram_size` bytes of RAM sits: just below the
+/// stack (the heap ends below it).
+fn ring_gpa(ram_size: u64) -> u64 {
+    ram_size - STACK_SIZE - RING_REGION_SIZE
+}
+
 impl Microvm {
     /// Builds a VM running `image` with `args`, paused before its first instruction.
     pub fn boot(
@@ -494,8 +502,7 @@ impl Microvm {
     ) -> Result<Self, CreateVmError> {
         let (kvm, vm, memory) = open_vm(&config)?;
         let stack_top = config.ram_size;
-        // The accelerator ring sits just below the stack; the heap ends below it.
-        let ring_gpa = stack_top - STACK_SIZE - RING_REGION_SIZE;
+        let ring_gpa = ring_gpa(config.ram_size);
         let heap_end = if config.accel_memory > 0 {
             ring_gpa
         } else {

@@ -256,15 +256,22 @@ impl Channel {
     /// file or the network: what does not fit the limits is cut.
     pub fn restore(state: &ChannelState) -> Self {
         let mut state = state.clone();
-        state.queued.truncate(MAX_QUEUED);
+        state.queued.truncate(MAX_QUEUED + MAX_STREAMS);
         let excess = state.streams.len().saturating_sub(MAX_STREAMS);
         state.streams.drain(..excess);
-        if state
-            .ring
-            .is_some_and(|r| r.header().region_size().is_none())
-        {
+        // A ring of impossible geometry, over the VMM's system pages, or running off the
+        // end of the address space is dropped (the guest finds its channel gone).
+        if state.ring.is_some_and(|r| {
+            r.header()
+                .region_size()
+                .and_then(|size| r.addr.checked_add(size))
+                .is_none()
+                || r.addr < IMAGE_BASE
+        }) {
             state.ring = None;
         }
+        // The guest's tail can never pass the host's head.
+        state.request_tail = state.request_tail.min(state.request_head);
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
@@ -637,6 +644,13 @@ impl Core {
             let Some(q) = self.state.queued.front() else {
                 break;
             };
+            if q.message.payload.len() as u64 + u64::from(MESSAGE_HEADER_SIZE)
+                > u64::from(ring.request_slot_size)
+            {
+                // Queued for other slots (a restored state): it cannot be delivered.
+                self.state.queued.pop_front();
+                continue;
+            }
             let slot = ring.addr + header.request_slot(self.state.request_head);
             let m = MessageHeader {
                 kind: q.message.kind,
@@ -832,6 +846,40 @@ mod tests {
             moved.read(0, 0, Duration::ZERO).unwrap().events[0],
             message(2, "before")
         );
+    }
+
+    #[test]
+    fn a_restored_state_keeps_only_what_is_safe_to_use() {
+        let (mem, channel) = guest();
+        channel.kick(&mem, 0);
+        channel.pause();
+        let saved = channel.save();
+        // The guest's tail past the host's head.
+        let mut state = saved.clone();
+        state.request_tail = state.request_head + 5;
+        let restored = Channel::restore(&state).save();
+        assert_eq!(restored.request_tail, restored.request_head);
+        // A ring over the VMM's system pages, or running off the address space.
+        for addr in [0x1000, u64::MAX - 100] {
+            let mut state = saved.clone();
+            state.ring.as_mut().unwrap().addr = addr;
+            assert!(Channel::restore(&state).save().ring.is_none(), "{addr:#x}");
+        }
+        // A queued request larger than the guest's slots is dropped, never written past
+        // its slot; the one after it is delivered.
+        let mut state = saved.clone();
+        for (stream, text) in [(7, "x".repeat(4096)), (8, "ok".to_string())] {
+            state.queued.push_back(Queued {
+                stream,
+                opens: true,
+                message: message(1, &text),
+            });
+        }
+        let moved = Channel::restore(&state);
+        moved.open();
+        moved.kick(&mem, 0);
+        let got: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
+        assert_eq!(got, [8]);
     }
 
     #[test]
