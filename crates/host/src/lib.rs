@@ -96,6 +96,13 @@ impl HostError {
     }
 }
 
+/// Whether a VM id a migration's source sent can be kept here: it names the VM in URL
+/// paths, logs and thread names, so printable ASCII only (no `/`, space or NUL), and not
+/// too long; otherwise the VM gets an id of this host's.
+fn usable_id(id: &str) -> bool {
+    (1..=255).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
 /// How this host runs.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -833,6 +840,7 @@ impl ferry_migrate::TargetFactory for Receiver {
             .unwrap_or_default();
         let mut id = target
             .extra(EXTRA_ID)
+            .filter(|id| usable_id(id))
             .map_or_else(|| self.host.new_id(), str::to_string);
         if self
             .host
@@ -871,6 +879,15 @@ impl ferry_migrate::TargetFactory for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_received_vm_keeps_its_id_only_if_the_id_is_safe_to_use() {
+        assert!(usable_id("a-vm3"));
+        assert!(usable_id("host.example_1-vm12"));
+        for bad in ["", "a\0b", "a/b", "a b", "é", &"x".repeat(256)] {
+            assert!(!usable_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_rate_ceiling_is_taken_in_mib_s_and_refused_outside_its_range() {
