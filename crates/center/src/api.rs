@@ -327,5 +327,6 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .merge(serving)
         .merge(hosts)
         .fallback(not_found)
+        .layer(middleware::from_fn(ferry_http::json_errors))
         .with_state(center))
 }

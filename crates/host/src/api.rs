@@ -277,5 +277,6 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
             require_token,
         ))
         .fallback(not_found)
+        .layer(middleware::from_fn(ferry_http::json_errors))
         .with_state(api))
 }

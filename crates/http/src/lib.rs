@@ -24,6 +24,50 @@ pub fn error_with_code(status: StatusCode, code: &str, message: &str) -> Respons
     (status, Json(body)).into_response()
 }
 
+/// Rewrites the error answers that are not JSON into [`error_with_code`]'s shape: axum's
+/// own refusals of a path, a query or a body, and of a method, come as plain text, and
+/// scripts reading `code` got none.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let mut answer = error_with_code(status, code, &message);
+    // What the refusal said beyond its body (`Allow`, `Retry-After`, ...) stays.
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
+}
+
 /// An error answer whose code follows from `status` alone.
 pub fn error(status: StatusCode, message: &str) -> Response {
     let code = match status {
@@ -279,6 +323,50 @@ mod tests {
             header_time,
         ));
         addr
+    }
+
+    #[test]
+    fn refusals_of_a_path_a_query_or_a_method_come_as_json_with_a_code() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new()
+            .route(
+                "/n/{n}",
+                axum::routing::get(
+                    |axum::extract::Path(n): axum::extract::Path<u64>| async move { n.to_string() },
+                ),
+            )
+            .layer(axum::middleware::from_fn(json_errors));
+        runtime.spawn(serve_on(
+            listener,
+            router,
+            std::future::pending(),
+            HEADER_READ_TIME,
+        ));
+        let ask = |request: &str| {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client.write_all(request.as_bytes()).unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).unwrap();
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            (head.to_string(), body.to_string())
+        };
+        let (head, body) = ask("GET /n/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, "7");
+        for (request, status, code) in [
+            ("GET /n/abc", "400", "bad_request"),
+            ("POST /n/7", "405", "method_not_allowed"),
+        ] {
+            let (head, body) = ask(&format!(
+                "{request} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ));
+            assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+            let v: serde_json::Value = serde_json::from_str(&body).expect(&body);
+            assert_eq!(v["code"], code, "{v}");
+            assert!(v["error"].as_str().unwrap().len() > 3, "{v}");
+        }
     }
 
     #[test]
