@@ -141,43 +141,28 @@ pub async fn openai_errors(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let response = next.run(request).await;
-    let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return response;
-    }
-    let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 << 10)
-        .await
-        .unwrap_or_default();
-    let json = serde_json::from_slice::<Value>(&bytes).ok();
+    let (parts, body) = match ferry_http::error_answer(next.run(request).await).await {
+        Ok(error) => error,
+        Err(other) => return other,
+    };
+    let json = serde_json::from_slice::<Value>(&body).ok();
     if json.as_ref().is_some_and(|v| v["error"].is_object()) {
         // Ours, already in shape.
-        return Response::from_parts(parts, axum::body::Body::from(bytes));
+        return Response::from_parts(parts, axum::body::Body::from(body));
     }
     let message = json
         .as_ref()
         .and_then(|v| v.get("error")?.as_str().map(str::to_string))
-        .or_else(|| {
-            let text = String::from_utf8_lossy(&bytes).trim().to_string();
-            (!text.is_empty()).then_some(text)
-        })
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-    let code = match status.as_u16() {
+        .unwrap_or_else(|| ferry_http::error_text(&parts, &body));
+    let code = match parts.status.as_u16() {
         401 | 403 => "invalid_api_key",
         404 => "not_found",
         405 => "method_not_allowed",
         413 => "request_too_large",
         _ => "invalid_request",
     };
-    let mut answer = OpenAiError::new(status, code, message).into_response();
-    // Keep what the refusal said beyond its body (`Allow`, `Retry-After`, ...).
-    for (name, value) in &parts.headers {
-        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
-            answer.headers_mut().insert(name.clone(), value.clone());
-        }
-    }
-    answer
+    let answer = OpenAiError::new(parts.status, code, message).into_response();
+    ferry_http::keeping_headers(answer, &parts)
 }
 
 /// A chat message.

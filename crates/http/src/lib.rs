@@ -24,6 +24,48 @@ pub fn error_with_code(status: StatusCode, code: &str, message: &str) -> Respons
     (status, Json(body)).into_response()
 }
 
+/// An error answer taken apart for a middleware that rewrites it: its parts and its body
+/// (up to 64 KiB). Any other answer comes back untouched, as `Err`.
+pub async fn error_answer(
+    response: Response,
+) -> Result<(axum::http::response::Parts, axum::body::Bytes), Response> {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return Err(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    Ok((parts, bytes))
+}
+
+/// What an error answer's body says, as text (its status's reason when it is empty).
+pub fn error_text(parts: &axum::http::response::Parts, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body).trim().to_string();
+    if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_string()
+    } else {
+        text
+    }
+}
+
+/// `answer` with the headers of the error answer it replaces (`Allow`, `Retry-After`,
+/// ...), but its own body's type and length.
+pub fn keeping_headers(mut answer: Response, replaced: &axum::http::response::Parts) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    for (name, value) in &replaced.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
+}
+
 /// Rewrites the error answers that are not JSON into [`error_with_code`]'s shape: axum's
 /// own refusals of a path, a query or a body, and of a method, come as plain text, and
 /// scripts reading `code` got none.
@@ -31,41 +73,27 @@ pub async fn json_errors(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
     let response = next.run(request).await;
-    let status = response.status();
     let json = response
         .headers()
-        .get(CONTENT_TYPE)
+        .get(axum::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if json || !(status.is_client_error() || status.is_server_error()) {
+    if json {
         return response;
     }
-    let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 << 10)
-        .await
-        .unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes).trim().to_string();
-    let message = if text.is_empty() {
-        status.canonical_reason().unwrap_or("error").to_string()
-    } else {
-        text
+    let (parts, body) = match error_answer(response).await {
+        Ok(error) => error,
+        Err(other) => return other,
     };
-    let code = match status {
+    let code = match parts.status {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         s if s.is_client_error() => "bad_request",
         _ => "internal",
     };
-    let mut answer = error_with_code(status, code, &message);
-    // What the refusal said beyond its body (`Allow`, `Retry-After`, ...) stays.
-    for (name, value) in &parts.headers {
-        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
-            answer.headers_mut().insert(name.clone(), value.clone());
-        }
-    }
-    answer
+    let answer = error_with_code(parts.status, code, &error_text(&parts, &body));
+    keeping_headers(answer, &parts)
 }
 
 /// An error answer whose code follows from `status` alone.
