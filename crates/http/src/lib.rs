@@ -1,6 +1,8 @@
 //! The HTTP plumbing the host daemon's and the cluster center's APIs share: bearer
-//! tokens ([`tokens`]), JSON answers and errors with stable codes, blocking work off the
-//! async runtime, and an HTTPS listener whose handshakes cannot hold up other clients.
+//! tokens ([`tokens`]), JSON answers and errors with stable codes (axum's own refusals
+//! rewritten into them: [`json_errors`]), blocking work off the async runtime, and a
+//! server whose connections are bounded in number and in the time a request may take to
+//! arrive, over an HTTPS listener whose handshakes cannot hold up other clients.
 
 pub mod tokens;
 
