@@ -266,15 +266,19 @@ fn lock_capture(capture: &Mutex<Option<Capture>>) -> MutexGuard<'_, Option<Captu
 }
 
 /// Refuses a saved device state made by another backend or kernel version.
+/// Whether `addr..addr + len` is guest RAM the guest may name: not the VMM's system
+/// pages below [`IMAGE_BASE`] (page tables, IDT, fault stubs), which a copy there would
+/// let a ring-3 guest rewrite or read, as every other device refuses.
+fn guest_may_name(mem: &GuestRam, addr: u64, len: usize) -> bool {
+    addr >= IMAGE_BASE && mem.check_range(GuestAddress(addr), len)
+}
+
 /// The ring a saved state names, if its whole region is guest RAM the guest may use (the
 /// state came from a file or a peer: an address near the top of the address space, or
 /// over the VMM's system pages, is refused, not used).
 fn ring_in(mem: &GuestRam, gpa: u64) -> Result<Ring, AccelStateError> {
     use ferry_abi::accel::RING_REGION_SIZE;
-    let fits = gpa >= IMAGE_BASE
-        && gpa.checked_add(RING_REGION_SIZE).is_some()
-        && mem.check_range(GuestAddress(gpa), RING_REGION_SIZE as usize);
-    if fits {
+    if guest_may_name(mem, gpa, RING_REGION_SIZE as usize) {
         Ok(Ring::at(gpa))
     } else {
         Err(AccelStateError::Corrupt(format!(
@@ -487,12 +491,11 @@ impl Core {
         Ok((id, range))
     }
 
-    /// Checks that `addr..addr + len` is guest RAM the guest may name: not the VMM's
-    /// system pages below [`IMAGE_BASE`] (page tables, IDT, fault stubs), which a copy
-    /// there would let a ring-3 guest rewrite or read, as every other device refuses.
+    /// Checks that a command's `addr..addr + len` is guest RAM it may name
+    /// ([`guest_may_name`]).
     fn guest_range(&self, addr: u64, len: u64) -> Result<(), u32> {
         let len = usize::try_from(len).map_err(|_| status::BAD_GUEST_RANGE)?;
-        if len == 0 || (addr >= IMAGE_BASE && self.mem.check_range(GuestAddress(addr), len)) {
+        if len == 0 || guest_may_name(&self.mem, addr, len) {
             Ok(())
         } else {
             Err(status::BAD_GUEST_RANGE)
