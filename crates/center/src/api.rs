@@ -48,6 +48,7 @@ impl IntoResponse for CenterError {
             CenterError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             CenterError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_room"),
             CenterError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            CenterError::HostRefused(_) => (StatusCode::SERVICE_UNAVAILABLE, "host_refused"),
             CenterError::Store(StoreError::NotLeader) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "not_leader")
             }

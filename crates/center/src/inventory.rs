@@ -584,11 +584,11 @@ fn capacity_changed(old: &HostInfo, new: &HostInfo) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::placement::Need;
 
-    fn host_info(name: &str) -> HostInfo {
+    pub(crate) fn host_info(name: &str) -> HostInfo {
         HostInfo {
             name: name.into(),
             migration_addr: "127.0.0.1:1".into(),
@@ -633,7 +633,7 @@ mod tests {
         }
     }
 
-    fn beat(host: &str, vms: Vec<VmInfo>) -> Heartbeat {
+    pub(crate) fn beat(host: &str, vms: Vec<VmInfo>) -> Heartbeat {
         Heartbeat {
             api_url: format!("http://{host}"),
             host: host_info(host),

@@ -55,6 +55,9 @@ pub enum CenterError {
     /// A host needed for it is down or unreachable.
     #[error("{0}")]
     Unavailable(String),
+    /// A host's machine refused the connection to its API: no daemon listens there.
+    #[error("{0}")]
+    HostRefused(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -479,7 +482,11 @@ impl Center {
         self.host_client(&host)?
             .post(&format!("/v1/settle/{}", req.session), &())
             .map_err(|e| {
-                CenterError::Unavailable(format!("host {} did not answer: {e:#}", host.name))
+                let why = format!("host {} did not answer: {e:#}", host.name);
+                match e.downcast_ref::<ferry_client::Unreachable>() {
+                    Some(u) if u.refused => CenterError::HostRefused(why),
+                    _ => CenterError::Unavailable(why),
+                }
             })
     }
 
@@ -886,5 +893,63 @@ impl Center {
         self.store().put_host(&record)?;
         self.store().touch()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settle_question_says_whether_the_destinations_machine_refused_the_center() {
+        let store =
+            std::env::temp_dir().join(format!("ferry-center-settle-{}", std::process::id()));
+        let center = Center::open(CenterConfig {
+            store: StoreConfig::Sqlite(store.clone()),
+            name: "c".into(),
+            advertise_url: "http://127.0.0.1:1".into(),
+            token: b"operator".to_vec(),
+            api_tokens: None,
+            secret: ferry_migrate::Secret::new(b"center-settle-test-secret-0123456".to_vec())
+                .unwrap(),
+            tls: None,
+            down_after: Duration::from_secs(60),
+            parallel: 1,
+            balance_threshold: 0.5,
+            balance_every: None,
+        })
+        .unwrap();
+        // Host b's API: a port nothing listens on, then one that takes and drops.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in silent.incoming().take(1) {
+                drop(stream);
+            }
+        });
+        for (host, api, refused) in [("b", closed_addr, true), ("c", silent_addr, false)] {
+            let mut beat = inventory::tests::beat(host, Vec::new());
+            beat.api_url = format!("http://{api}");
+            beat.host.migration_addr = format!("{host}.example:7071");
+            center.heartbeat(beat).unwrap();
+            let question = ferry_api::SettleRequest {
+                migration_addr: format!("{host}.example:7071"),
+                session: 7,
+            };
+            let answer = center.settle(&question).unwrap_err();
+            assert_eq!(
+                matches!(answer, CenterError::HostRefused(_)),
+                refused,
+                "{answer}"
+            );
+            assert!(answer
+                .to_string()
+                .contains(&format!("host {host} did not answer")));
+        }
+        center.shutdown();
+        let _ = std::fs::remove_file(&store);
     }
 }

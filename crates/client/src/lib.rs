@@ -25,6 +25,19 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// No address of an API could be reached: the request was not answered.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot reach the API ({what}): {}", failures.join("; "))]
+pub struct Unreachable {
+    /// The request (`GET /v1/vms`).
+    pub what: String,
+    /// Why, an address each.
+    pub failures: Vec<String>,
+    /// Every address refused the connection: its host answered, and nothing listens
+    /// there (as opposed to a timeout, a name that did not resolve, or a lost answer).
+    pub refused: bool,
+}
+
 /// One API, at one address or several (center replicas), with its bearer token.
 pub struct ApiClient {
     /// Its addresses: a request that cannot reach one tries the next.
@@ -147,6 +160,7 @@ impl ApiClient {
         use std::sync::atomic::Ordering;
         let first = self.current.load(Ordering::Relaxed);
         let mut failures = Vec::new();
+        let mut refused = true;
         for k in 0..self.bases.len() {
             let i = (first + k) % self.bases.len();
             match send(&self.bases[i]) {
@@ -155,12 +169,15 @@ impl ApiClient {
                     return Ok(response);
                 }
                 Err(e) => {
-                    let unsent = matches!(
-                        e,
-                        ureq::Error::ConnectionFailed
-                            | ureq::Error::HostNotFound
-                            | ureq::Error::Timeout(ureq::Timeout::Connect)
-                    ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                    let was_refused = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                    refused &= was_refused;
+                    let unsent = was_refused
+                        || matches!(
+                            e,
+                            ureq::Error::ConnectionFailed
+                                | ureq::Error::HostNotFound
+                                | ureq::Error::Timeout(ureq::Timeout::Connect)
+                        );
                     failures.push(format!("{}: {e}", self.bases[i]));
                     if !(unsent || idempotent) {
                         break;
@@ -168,7 +185,14 @@ impl ApiClient {
                 }
             }
         }
-        bail!("cannot reach the API ({what}): {}", failures.join("; "))
+        // A write not sent on to the remaining addresses leaves them untried.
+        refused &= failures.len() == self.bases.len();
+        Err(Unreachable {
+            what: what.to_string(),
+            failures,
+            refused,
+        }
+        .into())
     }
 
     fn finish<T: DeserializeOwned>(
@@ -326,5 +350,42 @@ impl ApiClient {
             .limit(MAX_ANSWER_BYTES)
             .read_to_vec()?;
         Ok((response.status().as_u16(), content_type, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reason a request to `base` failed, as an [`Unreachable`].
+    fn unreachable(base: &str) -> Unreachable {
+        let client = ApiClient::new(base, b"token").unwrap();
+        let error = client.get::<serde_json::Value>("/v1/vms").unwrap_err();
+        error.downcast::<Unreachable>().expect("an Unreachable")
+    }
+
+    #[test]
+    fn only_a_refused_connection_at_every_address_counts_as_refused() {
+        // A port that was just free: its host refuses the connection.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        // A listener that takes the connection and drops it unanswered.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in silent.incoming().take(2) {
+                drop(stream);
+            }
+        });
+
+        let refused = unreachable(&format!("http://{closed_addr}"));
+        assert!(refused.refused, "{refused}");
+        assert!(refused.to_string().contains("cannot reach the API"));
+
+        let dropped = unreachable(&format!("http://{silent_addr}"));
+        assert!(!dropped.refused, "{dropped}");
+        let mixed = unreachable(&format!("http://{closed_addr},http://{silent_addr}"));
+        assert!(!mixed.refused, "{mixed}");
     }
 }
