@@ -141,6 +141,50 @@ pub const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(600);
 /// Settle attempts kept in a migration's status.
 const MAX_SETTLEMENT_LINES: usize = 20;
 
+/// Who answered a settle question, and the answer; or why there is none yet. `direct` is
+/// the destination's own answer; `through_center` asks the center (`None` without one),
+/// which relays the question to the destination's API.
+///
+/// A refused connection proves only that the destination's daemon is gone (its VMs ended
+/// with its process; a restarted one knows no session) if nothing forged it: a firewall
+/// REJECT or a forged RST during a partition looks the same, and resuming here then runs
+/// the VM twice. So with a center, the destination's API must refuse the center too.
+fn settlement(
+    direct: Result<Settlement, MigrationError>,
+    through_center: impl FnOnce() -> Option<anyhow::Result<Settlement>>,
+) -> Result<(&'static str, Settlement), String> {
+    let direct = match direct {
+        Ok(answer) => return Ok(("the destination", answer)),
+        Err(e) => e,
+    };
+    let refused = matches!(&direct, MigrationError::Connect { source, .. }
+        if source.kind() == std::io::ErrorKind::ConnectionRefused);
+    match through_center() {
+        None if refused => Ok((
+            "the destination's host (no daemon listens)",
+            Settlement::NotRunning,
+        )),
+        None => Err(error_chain(&direct)),
+        Some(Ok(answer)) => Ok(("the center, relaying for the destination", answer)),
+        Some(Err(relayed)) => {
+            let code = relayed
+                .downcast_ref::<ferry_client::ApiError>()
+                .and_then(|e| e.code.as_deref());
+            if refused && code == Some("host_refused") {
+                Ok((
+                    "the destination's host, to this host and to the center (no daemon listens)",
+                    Settlement::NotRunning,
+                ))
+            } else {
+                Err(format!(
+                    "{}; through the center: {relayed:#}",
+                    error_chain(&direct)
+                ))
+            }
+        }
+    }
+}
+
 /// Default nice value of a host's VM threads: under contention the daemon's own work
 /// (API, heartbeats, migrations) gets about ten times their share of a core, so busy
 /// guests cannot starve it; VMs keep equal shares among themselves.
@@ -649,27 +693,10 @@ impl Host {
             if !matches!(vm.state(), VmState::InDoubt { .. }) {
                 return;
             }
-            let asked = match ferry_migrate::settle(to, &self.config.secret, options, session) {
-                Ok(answer) => Ok(("the destination", answer)),
-                // Its host answered that nothing listens there: the daemon is gone, and
-                // its VMs ended with its process (a restarted one knows no session).
-                Err(MigrationError::Connect { source, .. })
-                    if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-                {
-                    Ok((
-                        "the destination's host (no daemon listens)",
-                        Settlement::NotRunning,
-                    ))
-                }
-                Err(direct) => match self.settle_through_center(to, session) {
-                    Some(Ok(answer)) => Ok(("the center, relaying for the destination", answer)),
-                    Some(Err(relayed)) => Err(format!(
-                        "{}; through the center: {relayed}",
-                        error_chain(&direct)
-                    )),
-                    None => Err(error_chain(&direct)),
-                },
-            };
+            let asked = settlement(
+                ferry_migrate::settle(to, &self.config.secret, options, session),
+                || self.settle_through_center(to, session),
+            );
             let after = format!("{:.1} s", started.elapsed().as_secs_f64());
             let done = match asked {
                 Ok((who, Settlement::Running)) => {
@@ -716,7 +743,7 @@ impl Host {
 
     /// Asks the center (if this host reports to one) to settle `session` with the
     /// destination whose migration address is `to`.
-    fn settle_through_center(&self, to: &str, session: u64) -> Option<Result<Settlement, String>> {
+    fn settle_through_center(&self, to: &str, session: u64) -> Option<anyhow::Result<Settlement>> {
         let center = self.center.lock().expect("center lock").clone()?;
         let token = self.config.secret.token(ferry_migrate::Purpose::Heartbeat);
         let roots = cluster_roots(self.config.tls.as_ref());
@@ -730,7 +757,7 @@ impl Host {
                 },
             )
         });
-        Some(asked.map_err(|e| format!("{e:#}")))
+        Some(asked)
     }
 
     /// Reports to the center at `url` (replicas comma-separated) from now on; settle
@@ -879,6 +906,53 @@ impl ferry_migrate::TargetFactory for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refused() -> MigrationError {
+        MigrationError::Connect {
+            addr: "10.0.0.2:7071".into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        }
+    }
+
+    fn center_error(code: &str) -> anyhow::Error {
+        ferry_client::ApiError {
+            what: "POST /v1/settle".into(),
+            status: 503,
+            code: Some(code.into()),
+            message: "host b did not answer".into(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn a_refused_connection_resumes_the_vm_only_if_the_center_is_refused_too() {
+        use Settlement::*;
+        // Without a center, a refusal means the daemon is gone.
+        let (who, answer) = settlement(Err(refused()), || None).unwrap();
+        assert_eq!(answer, NotRunning, "{who}");
+        // With one, a forged refusal is overruled by the destination's answer through it.
+        let (who, answer) = settlement(Err(refused()), || Some(Ok(Running))).unwrap();
+        assert_eq!(
+            (who, answer),
+            ("the center, relaying for the destination", Running)
+        );
+        // The center cannot reach the destination either: no answer yet, ask again.
+        let unanswered = settlement(Err(refused()), || Some(Err(center_error("unavailable"))));
+        assert!(unanswered.unwrap_err().contains("through the center"));
+        // The destination's machine refused the center too: its daemon is gone.
+        let (who, answer) =
+            settlement(Err(refused()), || Some(Err(center_error("host_refused")))).unwrap();
+        assert_eq!(answer, NotRunning, "{who}");
+        // Any other failure to connect proves nothing, however the center's call ends.
+        let timed_out = MigrationError::Connect {
+            addr: "10.0.0.2:7071".into(),
+            source: std::io::ErrorKind::TimedOut.into(),
+        };
+        assert!(settlement(Err(timed_out), || Some(Err(center_error("host_refused")))).is_err());
+        // The destination's own answer needs no center.
+        let (who, answer) = settlement(Ok(Running), || panic!("the center was asked")).unwrap();
+        assert_eq!((who, answer), ("the destination", Running));
+    }
 
     #[test]
     fn a_received_vm_keeps_its_id_only_if_the_id_is_safe_to_use() {
