@@ -283,8 +283,8 @@ impl MigrationSource for VmSource {
 enum FileSlot {
     /// This host has the content already.
     Present(AttachedFile),
-    /// Being received.
-    Receiving(IncomingFile),
+    /// Being received (shared so that writes happen outside the slots' lock).
+    Receiving(Arc<IncomingFile>),
     /// Received and checked.
     Received(AttachedFile),
     /// Neither found nor asked for (yet).
@@ -429,15 +429,19 @@ impl MigrationTarget for VmTarget {
             .map_err(|e| VmError::ReceiveFiles(e.into()))?;
         let mut slots = self.slots();
         for (&f, file) in files.iter().zip(incoming) {
-            slots[f as usize] = FileSlot::Receiving(file);
+            slots[f as usize] = FileSlot::Receiving(Arc::new(file));
         }
         Ok(())
     }
 
     fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), VmError> {
-        let written = match self.slots().get(file as usize) {
-            Some(FileSlot::Receiving(incoming)) => incoming.write_at(offset, data),
-            _ => Err("the file is not being received".into()),
+        let incoming = match self.slots().get(file as usize) {
+            Some(FileSlot::Receiving(incoming)) => Some(incoming.clone()),
+            _ => None,
+        };
+        let written = match incoming {
+            Some(incoming) => incoming.write_at(offset, data),
+            None => Err("the file is not being received".into()),
         };
         written.map_err(|e| VmError::WriteFile {
             file,
@@ -447,19 +451,28 @@ impl MigrationTarget for VmTarget {
     }
 
     fn files_received(&self) -> Result<(), VmError> {
-        let mut slots = self.slots();
-        for slot in slots.iter_mut() {
-            if let FileSlot::Receiving(_) = slot {
-                let FileSlot::Receiving(incoming) = std::mem::replace(slot, FileSlot::Missing)
-                else {
-                    unreachable!("matched just above");
-                };
-                let kept = self
-                    .store
-                    .finish(incoming)
-                    .map_err(|e| VmError::FilesReceived(e.into()))?;
-                *slot = FileSlot::Received(kept);
-            }
+        // Taken out of the slots, then checked (a hash of up to gigabytes) unlocked.
+        let received: Vec<(usize, Arc<IncomingFile>)> = self
+            .slots()
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, slot)| matches!(slot, FileSlot::Receiving(_)))
+            .filter_map(
+                |(i, slot)| match std::mem::replace(slot, FileSlot::Missing) {
+                    FileSlot::Receiving(incoming) => Some((i, incoming)),
+                    _ => None,
+                },
+            )
+            .collect();
+        for (i, incoming) in received {
+            let incoming = Arc::try_unwrap(incoming).map_err(|_| {
+                VmError::FilesReceived(format!("attached file {i} is still being written").into())
+            })?;
+            let kept = self
+                .store
+                .finish(incoming)
+                .map_err(|e| VmError::FilesReceived(e.into()))?;
+            self.slots()[i] = FileSlot::Received(kept);
         }
         Ok(())
     }
