@@ -544,6 +544,56 @@ fn a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host() {
 }
 
 #[test]
+fn hundreds_of_waiting_stream_reads_do_not_starve_the_rest_of_the_host_api() {
+    let test = "hundreds_of_waiting_stream_reads_do_not_starve_the_rest_of_the_host_api";
+    if !kvm_available(test) {
+        return;
+    }
+    let a = Daemon::start("a");
+    let api = common::host_api(&a);
+    let id = a.create_with(["channel-abuse", "64M", "0"], &[], &[]);
+    a.wait_console(&id, "channel-abuse: set up");
+    // A stream the guest never answers (its garbage goes to streams 0 to 3).
+    let message = json!({"stream": 1000, "kind": 1, "payload": "aGVsbG8="});
+    wait_for("the request queued", Duration::from_secs(10), || {
+        api.post::<_, Value>(&format!("/v1/vms/{id}/streams"), &message)
+            .ok()
+    });
+    // More reads waiting 10 s than the runtime has blocking threads (512).
+    let readers: Vec<_> = (0..600)
+        .map(|_| {
+            let (api, path) = (
+                api.clone(),
+                format!("/v1/vms/{id}/streams/1000?from=0&wait_ms=10000"),
+            );
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let chunk: Value = api.get(&path).unwrap();
+                assert_eq!(chunk["events"].as_array().unwrap().len(), 0, "{chunk}");
+                started.elapsed()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let call = std::time::Instant::now();
+    let _: Value = api.get("/v1/host").unwrap();
+    let _: Value = api.get(&format!("/v1/vms/{id}")).unwrap();
+    let answered_in = call.elapsed();
+    let waits: Vec<Duration> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let waited = waits
+        .iter()
+        .filter(|w| **w >= Duration::from_secs(9))
+        .count();
+    eprintln!("600 reads: {waited} waited 10 s; the host answered in {answered_in:?} meanwhile");
+    assert!(
+        answered_in < Duration::from_secs(2),
+        "the host API answered in {answered_in:?} while reads waited"
+    );
+    assert!((200..=256).contains(&waited), "{waited} reads waited 10 s");
+    let _: Value = api.delete(&format!("/v1/vms/{id}")).unwrap();
+}
+
+#[test]
 fn maintenance_under_load_moves_the_serving_vm_with_no_failed_request() {
     let test = "maintenance_under_load_moves_the_serving_vm_with_no_failed_request";
     let Some(model) = kvm_and_smollm2(test) else {

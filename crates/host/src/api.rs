@@ -17,7 +17,7 @@
 //! | `DELETE /v1/vms/{id}/migration` | cancel it, up to the moment the destination is told to run the VM |
 //! | `POST /v1/vms/{id}/resolve` | settle an in-doubt VM by hand: `{"action": "resume" \| "release"}` |
 //! | `POST /v1/vms/{id}/streams` | queue a request on its message channel: `{"stream", "kind", "payload"}` (base64), opening that stream; 503 + `Retry-After` while the guest starts or the VM pauses, 429 when its queue is full, 409 `migrated` once it runs elsewhere |
-//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most) for one: `{"from", "events", "end"}` |
+//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most; 50 ms while 256 reads wait) for one: `{"from", "events", "end"}` |
 //! | `POST /v1/vms/{id}/streams/{stream}/signal` | a control message (a cancel) for an open stream |
 //! | `DELETE /v1/vms/{id}/streams/{stream}` | forget a stream whose responses were all read |
 //! | `POST /v1/settle/{session}` | whether a VM received here in migration `session` runs here (fencing it if it was not yet told to); the center relays a source's question with it |
@@ -46,7 +46,16 @@ struct Api {
     host: Arc<Host>,
     migration_addr: String,
     tokens: Arc<Tokens>,
+    /// Stream reads that may wait: each holds one of the runtime's blocking threads.
+    waiting_reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Stream reads waiting at once, well under the runtime's 512 blocking threads, so that
+/// long polls never starve the rest of the API. A read beyond them is answered after a
+/// short wait without holding a thread.
+const MAX_WAITING_READS: usize = 256;
+/// How long a read beyond [`MAX_WAITING_READS`] waits before it looks once.
+const BUSY_READ_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl IntoResponse for HostError {
     fn into_response(self) -> Response {
@@ -216,9 +225,23 @@ async fn read_stream(
     Path((id, stream)): Path<(String, u64)>,
     Query(q): Query<ReadQuery>,
 ) -> Response {
+    let waiting = match api.waiting_reads.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) if q.wait_ms == 0 => None,
+        Err(_) => {
+            tokio::time::sleep(BUSY_READ_WAIT.min(std::time::Duration::from_millis(q.wait_ms)))
+                .await;
+            None
+        }
+    };
     answer(StatusCode::OK, move || {
-        let wait = std::time::Duration::from_millis(q.wait_ms);
-        api.host.channel_read(&id, stream, q.from, wait)
+        let wait = match waiting {
+            Some(_) => std::time::Duration::from_millis(q.wait_ms),
+            None => std::time::Duration::ZERO,
+        };
+        let read = api.host.channel_read(&id, stream, q.from, wait);
+        drop(waiting);
+        read
     })
     .await
 }
@@ -253,6 +276,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         host,
         migration_addr,
         tokens: Arc::new(tokens),
+        waiting_reads: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_READS)),
     };
     Ok(Router::new()
         .route("/v1/host", get(host_info))
