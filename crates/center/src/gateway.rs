@@ -412,6 +412,8 @@ impl Center {
         message: &ChannelMessage,
     ) -> Result<(), OpenAiError> {
         let started = Instant::now();
+        // Whether an earlier try may have queued it, its answer lost on the way back.
+        let mut may_have_arrived = false;
         loop {
             let client = self
                 .host_client(host)
@@ -419,7 +421,12 @@ impl Center {
             let result: anyhow::Result<Value> =
                 client.post(&format!("/v1/vms/{vm}/streams"), message);
             let Err(e) = result else { return Ok(()) };
+            may_have_arrived |= api_error(&e).is_none();
             match api_error(&e).and_then(|a| a.code.as_deref()) {
+                // The stream's ids are this gateway's: it is the earlier try's, queued
+                // (and moved with the VM if it migrated since). Left alone, it would be
+                // generated for nobody and never released.
+                Some("stream_exists") if may_have_arrived => return Ok(()),
                 Some("busy") => {
                     return Err(OpenAiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -973,6 +980,72 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tx.closed())
             .await
             .expect("the relay was not told that the client left");
+    }
+
+    /// Reads one HTTP request (headers and a `Content-Length` body) off `stream`.
+    fn read_request(stream: &mut std::net::TcpStream) -> String {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length || n == 0 {
+                    return text;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_queued_whose_answer_was_lost_is_not_queued_again_nor_failed() {
+        use std::io::Write;
+        let scratch = crate::tests::ScratchCenter::open("lost-submit");
+        // Host b queues the request but its answer is lost; asked again, it says the
+        // stream is there.
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = host.local_addr().unwrap();
+        let requests = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (n, stream) in host.incoming().take(2).enumerate() {
+                let mut stream = stream.unwrap();
+                seen.push(read_request(&mut stream));
+                if n == 1 {
+                    let body = r#"{"error":"VM v: stream 9 exists","code":"stream_exists"}"#;
+                    write!(
+                        stream,
+                        "HTTP/1.1 409 Conflict\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .unwrap();
+                }
+            }
+            seen
+        });
+        let mut record = scratch.report("b", addr);
+        let message = ChannelMessage {
+            stream: 9,
+            kind: serve::kind::REQUEST,
+            payload: b"{}".to_vec(),
+        };
+        let submitted = scratch.center.submit("v", &mut record, &message);
+        assert!(submitted.is_ok(), "{:?}", submitted.err().map(|e| e.body()));
+        let seen = requests.join().unwrap();
+        assert!(
+            seen.iter()
+                .all(|r| r.starts_with("POST /v1/vms/v/streams ")),
+            "{seen:?}"
+        );
     }
 
     #[test]

@@ -897,29 +897,60 @@ impl Center {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A center on a fresh SQLite file (removed on drop of the returned guard).
+    pub(crate) struct ScratchCenter {
+        pub(crate) center: Arc<Center>,
+        store: PathBuf,
+    }
+
+    impl ScratchCenter {
+        pub(crate) fn open(tag: &str) -> Self {
+            let store =
+                std::env::temp_dir().join(format!("ferry-center-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_file(&store);
+            let center = Center::open(CenterConfig {
+                store: StoreConfig::Sqlite(store.clone()),
+                name: "c".into(),
+                advertise_url: "http://127.0.0.1:1".into(),
+                token: b"operator".to_vec(),
+                api_tokens: None,
+                secret: ferry_migrate::Secret::new(b"center-test-secret-0123456789abc".to_vec())
+                    .unwrap(),
+                tls: None,
+                down_after: Duration::from_secs(60),
+                parallel: 1,
+                balance_threshold: 0.5,
+                balance_every: None,
+            })
+            .unwrap();
+            Self { center, store }
+        }
+
+        /// Host `name` reports, its API at `api`, its migration address
+        /// `NAME.example:7071`; its record.
+        pub(crate) fn report(&self, name: &str, api: std::net::SocketAddr) -> HostRecord {
+            let mut beat = inventory::tests::beat(name, Vec::new());
+            beat.api_url = format!("http://{api}");
+            beat.host.migration_addr = format!("{name}.example:7071");
+            self.center.heartbeat(beat).unwrap();
+            self.center.inventory().hosts[name].clone()
+        }
+    }
+
+    impl Drop for ScratchCenter {
+        fn drop(&mut self) {
+            self.center.shutdown();
+            let _ = std::fs::remove_file(&self.store);
+        }
+    }
 
     #[test]
     fn a_settle_question_says_whether_the_destinations_machine_refused_the_center() {
-        let store =
-            std::env::temp_dir().join(format!("ferry-center-settle-{}", std::process::id()));
-        let center = Center::open(CenterConfig {
-            store: StoreConfig::Sqlite(store.clone()),
-            name: "c".into(),
-            advertise_url: "http://127.0.0.1:1".into(),
-            token: b"operator".to_vec(),
-            api_tokens: None,
-            secret: ferry_migrate::Secret::new(b"center-settle-test-secret-0123456".to_vec())
-                .unwrap(),
-            tls: None,
-            down_after: Duration::from_secs(60),
-            parallel: 1,
-            balance_threshold: 0.5,
-            balance_every: None,
-        })
-        .unwrap();
-        // Host b's API: a port nothing listens on, then one that takes and drops.
+        let scratch = ScratchCenter::open("settle");
+        // Host b's API: a port nothing listens on; host c's takes and drops.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
@@ -931,15 +962,12 @@ mod tests {
             }
         });
         for (host, api, refused) in [("b", closed_addr, true), ("c", silent_addr, false)] {
-            let mut beat = inventory::tests::beat(host, Vec::new());
-            beat.api_url = format!("http://{api}");
-            beat.host.migration_addr = format!("{host}.example:7071");
-            center.heartbeat(beat).unwrap();
+            scratch.report(host, api);
             let question = ferry_api::SettleRequest {
                 migration_addr: format!("{host}.example:7071"),
                 session: 7,
             };
-            let answer = center.settle(&question).unwrap_err();
+            let answer = scratch.center.settle(&question).unwrap_err();
             assert_eq!(
                 matches!(answer, CenterError::HostRefused(_)),
                 refused,
@@ -949,7 +977,5 @@ mod tests {
                 .to_string()
                 .contains(&format!("host {host} did not answer")));
         }
-        center.shutdown();
-        let _ = std::fs::remove_file(&store);
     }
 }

@@ -559,6 +559,16 @@ fn hundreds_of_waiting_stream_reads_do_not_starve_the_rest_of_the_host_api() {
         api.post::<_, Value>(&format!("/v1/vms/{id}/streams"), &message)
             .ok()
     });
+    // Sent again (as after a lost answer), it is refused as already there.
+    let again = api
+        .post::<_, Value>(&format!("/v1/vms/{id}/streams"), &message)
+        .unwrap_err()
+        .downcast::<ferry_client::ApiError>()
+        .unwrap();
+    assert_eq!(
+        (again.status, again.code.as_deref()),
+        (409, Some("stream_exists"))
+    );
     // More reads waiting 10 s than the runtime has blocking threads (512).
     let readers: Vec<_> = (0..600)
         .map(|_| {

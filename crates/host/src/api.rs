@@ -69,6 +69,7 @@ impl IntoResponse for HostError {
             HostError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             HostError::Moved(_) => StatusCode::CONFLICT,
             HostError::StreamNotFound(_) => StatusCode::NOT_FOUND,
+            HostError::StreamExists(_) => StatusCode::CONFLICT,
             HostError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let retry = matches!(self, HostError::Unavailable(_) | HostError::Busy(_));

@@ -20,7 +20,8 @@ fn submit_error(id: &str, e: SubmitError) -> HostError {
         SubmitError::QueueFull | SubmitError::TooManyStreams => HostError::Busy(text),
         SubmitError::TooLarge { .. } => HostError::TooLarge(text),
         SubmitError::Detached => HostError::Moved(text),
-        SubmitError::Ended | SubmitError::StreamExists(_) => HostError::Conflict(text),
+        SubmitError::Ended => HostError::Conflict(text),
+        SubmitError::StreamExists(_) => HostError::StreamExists(text),
         SubmitError::NoSuchStream(_) => HostError::StreamNotFound(text),
     }
 }

@@ -73,6 +73,9 @@ pub enum HostError {
     /// No such stream on the VM's channel.
     #[error("{0}")]
     StreamNotFound(String),
+    /// A request opening a stream the VM's channel already has.
+    #[error("{0}")]
+    StreamExists(String),
     /// A message larger than the guest takes.
     #[error("{0}")]
     TooLarge(String),
@@ -91,6 +94,7 @@ impl HostError {
             HostError::Busy(_) => "busy",
             HostError::Moved(_) => "migrated",
             HostError::StreamNotFound(_) => "stream_not_found",
+            HostError::StreamExists(_) => "stream_exists",
             HostError::TooLarge(_) => "too_large",
         }
     }
