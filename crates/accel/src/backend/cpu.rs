@@ -635,6 +635,35 @@ pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, code: QdotCode) -> f64
     (rows * cols * inputs.len()) as f64 / time.as_secs_f64().max(1e-9) / 1e9
 }
 
+/// Measures ATTENTION of one query row (a decoded token) over `len` positions, `heads`
+/// query heads sharing `kv_heads` KV heads of `head_dim`, on one thread: million
+/// (position, head) pairs a second, best of several runs; the AVX2 code if `avx2`, else
+/// the portable code (the same bits; the tests check that).
+pub fn bench_attention(shape: (usize, usize, usize), len: usize, avx2: bool) -> f64 {
+    let (heads, kv_heads, head_dim) = shape;
+    let kv = len * kv_heads * head_dim;
+    let value = |i: usize, m: usize| (i * m % 97) as f32 * 0.01 - 0.48;
+    let q: Vec<f32> = (0..heads * head_dim).map(|i| value(i, 31)).collect();
+    let (kc, vc): (Vec<f32>, Vec<f32>) = (0..kv).map(|i| (value(i, 37), value(i, 41))).unzip();
+    let mut out = vec![0.0f32; heads * head_dim];
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    let time = best_time(Duration::from_millis(300), || {
+        for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
+            let kvh = h / (heads / kv_heads);
+            let one = ops::AttendedHead {
+                q: &q[h * head_dim..][..head_dim],
+                kc: &kc[kvh * head_dim..],
+                vc: &vc[kvh * head_dim..],
+                stride: kv_heads * head_dim,
+                len,
+                scale,
+            };
+            ops::attend(&one, o, avx2);
+        }
+    });
+    (len * heads) as f64 / time.as_secs_f64().max(1e-9) / 1e6
+}
+
 /// The dot product code [`bench_qdot`] measures.
 #[derive(Debug, Clone, Copy)]
 pub enum QdotCode {

@@ -815,29 +815,60 @@ pub fn attend(a: &AttendedHead<'_>, o: &mut [f32], allow_avx2: bool) {
 
 #[inline(always)]
 fn attend_portable(a: &AttendedHead<'_>, o: &mut [f32]) {
+    attend_with(a, o, dot8_each::<TOGETHER>, add_weighted::<TOGETHER>);
+}
+
+/// [`attend`] with `dots` for the scores of [`TOGETHER`] positions and `add` for their
+/// weighted values: positions go together so that their independent chains of adds
+/// overlap, while each position's operations, and so its bits, are those it has alone.
+#[inline(always)]
+fn attend_with(
+    a: &AttendedHead<'_>,
+    o: &mut [f32],
+    dots: impl Fn(&[f32], [&[f32]; TOGETHER]) -> [f32; TOGETHER],
+    add: impl Fn(&mut [f32], &[f32], [&[f32]; TOGETHER]),
+) {
     let hd = a.q.len();
+    let key = |p: usize| &a.kc[p * a.stride..][..hd];
+    let value = |p: usize| &a.vc[p * a.stride..][..hd];
+    let together = a.len / TOGETHER * TOGETHER;
     let mut scores = Vec::with_capacity(a.len);
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..a.len {
-        prefetch_position(a.kc, (p + POSITIONS_AHEAD) * a.stride, hd);
-        let score = dot8(a.q, &a.kc[p * a.stride..][..hd]) * a.scale;
-        max = if score > max { score } else { max };
-        scores.push(score);
+    for p in (0..together).step_by(TOGETHER) {
+        for ahead in 0..TOGETHER {
+            prefetch_position(a.kc, (p + POSITIONS_AHEAD + ahead) * a.stride, hd);
+        }
+        let d = dots(a.q, std::array::from_fn(|j| key(p + j)));
+        scores.extend(d.map(|d| d * a.scale));
     }
-    let mut sum = 0.0f64;
+    scores.extend((together..a.len).map(|p| dot8(a.q, key(p)) * a.scale));
+    let max = scores
+        .iter()
+        .fold(f32::NEG_INFINITY, |max, &s| if s > max { s } else { max });
     for score in &mut scores {
         *score = math::exp_f32(*score - max);
-        sum += f64::from(*score);
+    }
+    let sum = scores.iter().fold(0.0f64, |sum, &s| sum + f64::from(s));
+    for w in &mut scores {
+        *w = (f64::from(*w) / sum) as f32;
     }
     o.fill(0.0);
-    for (p, &w) in scores.iter().enumerate() {
-        prefetch_position(a.vc, (p + POSITIONS_AHEAD) * a.stride, hd);
-        let w = (f64::from(w) / sum) as f32;
-        for (a, &v) in o.iter_mut().zip(&a.vc[p * a.stride..][..hd]) {
-            *a += w * v;
+    for p in (0..together).step_by(TOGETHER) {
+        for ahead in 0..TOGETHER {
+            prefetch_position(a.vc, (p + POSITIONS_AHEAD + ahead) * a.stride, hd);
         }
+        add(
+            o,
+            &scores[p..p + TOGETHER],
+            std::array::from_fn(|j| value(p + j)),
+        );
+    }
+    for p in together..a.len {
+        add_weighted::<1>(o, &scores[p..p + 1], [value(p)]);
     }
 }
+
+/// Positions whose scores (and weighted values) attention computes at a time.
+const TOGETHER: usize = 4;
 
 /// How many positions ahead attention prefetches keys and values: a KV head's positions
 /// are `stride` apart, a pattern the hardware's prefetchers do not follow, so each one's
@@ -854,24 +885,125 @@ fn prefetch_position(cache: &[f32], at: usize, hd: usize) {
     }
 }
 
-/// [`attend_portable`] compiled for AVX2: the same operations in the same order (Rust never
-/// fuses a multiply and an add), so the same bits, eight lanes to an instruction.
+/// [`attend_portable`] with AVX2 for the dot products and the weighted sums: the same
+/// operations in the same order (Rust never fuses a multiply and an add), so the same
+/// bits, eight lanes to an instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32]) {
-    attend_portable(a, o)
+    if !a.q.len().is_multiple_of(8) {
+        return attend_portable(a, o);
+    }
+    attend_with(
+        a,
+        o,
+        // SAFETY: this runs only where the CPU has AVX2; the width is a multiple of
+        // eight (checked above) and the keys are sliced to it.
+        |q, ks| unsafe { avx2::dots(q, ks) },
+        // SAFETY: as above; `o` and the values have the head's width.
+        |o, ws, vs| unsafe { avx2::add_weighted(o, ws, vs) },
+    );
+}
+
+/// `o[i] += w[j] · v[j][i]` for each `j` in order.
+#[inline(always)]
+fn add_weighted<const N: usize>(o: &mut [f32], w: &[f32], vs: [&[f32]; N]) {
+    let vs = vs.map(|v| &v[..o.len()]);
+    for (i, out) in o.iter_mut().enumerate() {
+        let mut acc = *out;
+        for j in 0..N {
+            acc += w[j] * vs[j][i];
+        }
+        *out = acc;
+    }
+}
+
+/// The sum of `dot8`'s eight lanes, in its fixed order, then its tail.
+#[inline(always)]
+fn lanes_sum(acc: [f32; 8], tail: f32) -> f32 {
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
 /// `a · b` in eight f32 lanes, summed in a fixed order (the tail after them last).
 #[inline(always)]
 fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += a[l] * b[l];
+    dot8_each(a, [b])[0]
+}
+
+/// [`dot8`] of `a` with each of `bs` (as long as `a`).
+#[inline(always)]
+fn dot8_each<const N: usize>(a: &[f32], bs: [&[f32]; N]) -> [f32; N] {
+    let n = a.len();
+    let bs = bs.map(|b| &b[..n]);
+    let mut acc = [[0.0f32; 8]; N];
+    let done = n / 8 * 8;
+    for c in (0..done).step_by(8) {
+        let a = &a[c..c + 8];
+        for (acc, b) in acc.iter_mut().zip(&bs) {
+            let b = &b[c..c + 8];
+            for l in 0..8 {
+                acc[l] += a[l] * b[l];
+            }
         }
     }
-    let done = a.len() / 8 * 8;
-    let tail: f32 = a[done..].iter().zip(&b[done..]).map(|(x, y)| x * y).sum();
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
+    std::array::from_fn(|j| lanes_sum(acc[j], tail_dot(&a[done..], &bs[j][done..])))
+}
+
+/// The dot product of the elements after the last group of eight, in order.
+#[inline(always)]
+fn tail_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Attention's dot products and weighted sums in AVX2 registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::TOGETHER;
+
+    /// [`super::dot8_each`] for a width that is a multiple of eight.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `q.len()` is a multiple of 8 and every key at least as long.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dots(q: &[f32], ks: [&[f32]; TOGETHER]) -> [f32; TOGETHER] {
+        let ks = ks.map(|k| &k[..q.len()]);
+        let mut acc = [_mm256_setzero_ps(); TOGETHER];
+        for c in (0..q.len()).step_by(8) {
+            // SAFETY: `c + 8 <= q.len()`.
+            let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(c)) };
+            for (acc, k) in acc.iter_mut().zip(&ks) {
+                // SAFETY: each key is as long as `q`.
+                let kv = unsafe { _mm256_loadu_ps(k.as_ptr().add(c)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qv, kv));
+            }
+        }
+        acc.map(|acc| {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+            super::lanes_sum(lanes, super::tail_dot(&[], &[]))
+        })
+    }
+
+    /// [`super::add_weighted`] for a width that is a multiple of eight.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `o.len()` is a multiple of 8 and every value at least as long.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn add_weighted(o: &mut [f32], w: &[f32], vs: [&[f32]; TOGETHER]) {
+        let vs = vs.map(|v| &v[..o.len()]);
+        let ws: [__m256; TOGETHER] = core::array::from_fn(|j| _mm256_set1_ps(w[j]));
+        for c in (0..o.len()).step_by(8) {
+            // SAFETY: `c + 8 <= o.len()`, and each value is that long.
+            unsafe {
+                let mut acc = _mm256_loadu_ps(o.as_ptr().add(c));
+                for (w, v) in ws.iter().zip(&vs) {
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(*w, _mm256_loadu_ps(v.as_ptr().add(c))));
+                }
+                _mm256_storeu_ps(o.as_mut_ptr().add(c), acc);
+            }
+        }
+    }
 }
