@@ -41,15 +41,20 @@ pub fn find(name: &str) -> Option<&'static GuestImage> {
     ALL.iter().find(|image| image.name == name)
 }
 
+/// The largest guest ELF read from a file (the built-in ones are under 1 MiB): a path
+/// naming a device, a pipe or a model file is refused before it is read.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
+
 /// The ELF for `workload`: a built-in name, or a path (anything with a `/` or naming a
-/// file). The error names the built-in workloads.
+/// file) to a regular file of at most [`MAX_IMAGE_BYTES`]. The error names the built-in
+/// workloads.
 pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String> {
     if let Some(image) = find(workload) {
         return Ok(std::borrow::Cow::Borrowed(image.elf));
     }
     let path = std::path::Path::new(workload);
     if workload.contains('/') || path.exists() {
-        return std::fs::read(path)
+        return read_image(path)
             .map(std::borrow::Cow::Owned)
             .map_err(|e| format!("cannot read guest image {workload}: {e}"));
     }
@@ -62,6 +67,34 @@ pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String
         "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
         names.join(", ")
     ))
+}
+
+/// The regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]: its type and size
+/// are checked before it is opened (opening a FIFO would wait for a writer), and the
+/// read stops there whatever the file grew to since.
+fn read_image(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let too_large = || {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("larger than {} MiB", MAX_IMAGE_BYTES >> 20),
+        )
+    };
+    if meta.len() > MAX_IMAGE_BYTES {
+        return Err(too_large());
+    }
+    let mut image = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)?
+        .take(MAX_IMAGE_BYTES + 1)
+        .read_to_end(&mut image)?;
+    if image.len() as u64 > MAX_IMAGE_BYTES {
+        return Err(too_large());
+    }
+    Ok(image)
 }
 
 #[cfg(test)]
@@ -100,5 +133,21 @@ mod tests {
         assert!(find("files").unwrap().test_only);
         assert!(find("nope").is_none());
         assert!(all().iter().all(|i| i.elf.starts_with(b"\x7fELF")));
+    }
+
+    #[test]
+    fn only_a_regular_file_of_a_guest_images_size_is_read() {
+        let err = resolve("/dev/zero").unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("ferry-images-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let large = dir.join("large.elf");
+        let file = std::fs::File::create(&large).unwrap();
+        file.set_len(MAX_IMAGE_BYTES + 1).unwrap();
+        let err = resolve(large.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("larger than 64 MiB"), "{err}");
+        file.set_len(4096).unwrap();
+        assert_eq!(resolve(large.to_str().unwrap()).unwrap().len(), 4096);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
