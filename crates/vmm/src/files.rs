@@ -9,7 +9,7 @@
 //! content in place is caught at the next restore or migration.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -67,7 +67,7 @@ pub enum AttachError {
         expected_sha256: String,
         /// Size found.
         found_size: u64,
-        /// Hash found (empty when the size already differs).
+        /// Hash found (not taken when the size already differs).
         found_sha256: String,
     },
 }
@@ -129,26 +129,70 @@ fn sha256_of(file: &File, meta: &std::fs::Metadata) -> std::io::Result<String> {
     Ok(hash)
 }
 
+/// Opens `path` for file `name` if it is a regular file, and its metadata. It is opened
+/// without blocking (a FIFO waits for a writer, a terminal could become the daemon's),
+/// and checked on the open file, so a path swapped after a check gains nothing.
+fn open_regular(name: &str, path: &Path) -> Result<(File, Metadata), AttachError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !valid_name(name) {
+        return Err(AttachError::InvalidName(name.to_string()));
+    }
+    let read_err = |source| AttachError::Read {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(AttachError::NotAFile {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((file, meta))
+}
+
 impl AttachedFile {
     /// Opens `path` as the file `name` and takes its hash.
     pub fn open(name: &str, path: &Path) -> Result<Self, AttachError> {
-        if !valid_name(name) {
-            return Err(AttachError::InvalidName(name.to_string()));
+        let (file, meta) = open_regular(name, path)?;
+        Self::hashed(name, path, file, &meta)
+    }
+
+    /// Opens the file `expected` describes at `path`, refusing other content (a file of
+    /// another size before reading it).
+    pub fn open_expecting(expected: &FileInfo, path: &Path) -> Result<Self, AttachError> {
+        let (file, meta) = open_regular(&expected.name, path)?;
+        let changed = |found_size, found_sha256| AttachError::Changed {
+            name: expected.name.clone(),
+            path: path.to_path_buf(),
+            expected_size: expected.size,
+            expected_sha256: expected.sha256.clone(),
+            found_size,
+            found_sha256,
+        };
+        if meta.size() != expected.size {
+            return Err(changed(meta.size(), "(not read: its size differs)".into()));
         }
-        let read_err = |source| AttachError::Read {
+        let file = Self::hashed(&expected.name, path, file, &meta)?;
+        if file.info.size != expected.size || file.info.sha256 != expected.sha256 {
+            return Err(changed(file.info.size, file.info.sha256));
+        }
+        Ok(file)
+    }
+
+    /// The open regular file `file` at `path` (with metadata `meta`) as `name`, hashed.
+    fn hashed(name: &str, path: &Path, file: File, meta: &Metadata) -> Result<Self, AttachError> {
+        let sha256 = sha256_of(&file, meta).map_err(|source| AttachError::Read {
             name: name.to_string(),
             path: path.to_path_buf(),
             source,
-        };
-        let file = File::open(path).map_err(read_err)?;
-        let meta = file.metadata().map_err(read_err)?;
-        if !meta.is_file() {
-            return Err(AttachError::NotAFile {
-                name: name.to_string(),
-                path: path.to_path_buf(),
-            });
-        }
-        let sha256 = sha256_of(&file, &meta).map_err(read_err)?;
+        })?;
         Ok(Self {
             info: FileInfo {
                 name: name.to_string(),
@@ -158,22 +202,6 @@ impl AttachedFile {
             },
             file: Arc::new(file),
         })
-    }
-
-    /// Opens the file `expected` describes at `path`, refusing other content.
-    pub fn open_expecting(expected: &FileInfo, path: &Path) -> Result<Self, AttachError> {
-        let file = Self::open(&expected.name, path)?;
-        if file.info.size != expected.size || file.info.sha256 != expected.sha256 {
-            return Err(AttachError::Changed {
-                name: expected.name.clone(),
-                path: path.to_path_buf(),
-                expected_size: expected.size,
-                expected_sha256: expected.sha256.clone(),
-                found_size: file.info.size,
-                found_sha256: file.info.sha256,
-            });
-        }
-        Ok(file)
     }
 
     /// Its record.
@@ -346,10 +374,12 @@ mod tests {
         assert!(err.to_string().contains(&infos[0].sha256), "{err}");
         // A file that shrank is refused too; one that is gone says it cannot be read.
         std::fs::write(&path, b"short").unwrap();
-        assert!(matches!(
-            AttachedFiles::reopen(&infos).unwrap_err(),
-            AttachError::Changed { found_size: 5, .. }
-        ));
+        let err = AttachedFiles::reopen(&infos).unwrap_err();
+        assert!(
+            matches!(&err, AttachError::Changed { found_size: 5, found_sha256, .. }
+                if found_sha256.contains("not read")),
+            "{err}"
+        );
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
             AttachedFiles::reopen(&infos).unwrap_err(),
@@ -368,6 +398,17 @@ mod tests {
             AttachedFile::open("dir", &std::env::temp_dir()),
             Err(AttachError::NotAFile { .. })
         ));
+        // A FIFO is refused at once, not waited on for a writer.
+        let fifo = temp_file("fifo", b"");
+        std::fs::remove_file(&fifo).unwrap();
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            AttachedFile::open("fifo", &fifo),
+            Err(AttachError::NotAFile { .. })
+        ));
+        std::fs::remove_file(&fifo).unwrap();
         let two = vec![
             AttachedFile::open("same", &path).unwrap(),
             AttachedFile::open("same", &path).unwrap(),
