@@ -103,7 +103,9 @@ pub fn check_image(image: &[u8], limit: u64) -> Result<LoadedImage, LoadImageErr
         if phdr.p_type == PT_INTERP || phdr.p_type == PT_DYNAMIC {
             return Err(not_exec("dynamically linked (link with -static)"));
         }
-        if phdr.p_type != PT_LOAD || phdr.p_memsz == 0 {
+        // An empty segment is skipped, but only if the loader would write nothing of it
+        // either: it copies `p_filesz` bytes to `p_paddr` whatever `p_memsz` says.
+        if phdr.p_type != PT_LOAD || (phdr.p_memsz == 0 && phdr.p_filesz == 0) {
             continue;
         }
         let file_end = phdr.p_offset.checked_add(phdr.p_filesz);
@@ -182,10 +184,15 @@ mod tests {
         }
     }
 
-    /// A copy of the hello image with program header `i` passed through `patch`.
+    /// A copy of the hello image with its first program header passed through `patch`.
     fn patched_hello(patch: impl Fn(&mut [u8])) -> Vec<u8> {
+        patched_header(0, patch)
+    }
+
+    /// A copy of the hello image with program header `i` passed through `patch`.
+    fn patched_header(i: usize, patch: impl Fn(&mut [u8])) -> Vec<u8> {
         let mut elf = ferry_guest_images::find("hello").unwrap().elf.to_vec();
-        let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
+        let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize + i * 56;
         patch(&mut elf[phoff..phoff + 56]);
         elf
     }
@@ -212,5 +219,14 @@ mod tests {
             check_image(&low, 1 << 30),
             Err(LoadImageError::SegmentOutOfRange { .. })
         ));
+
+        // The data segment (the third) moved there with no memory size but its file
+        // bytes, which the loader would still copy.
+        let empty_low = patched_header(2, |ph| {
+            ph[16..24].copy_from_slice(&0x1000u64.to_le_bytes());
+            ph[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+            ph[40..48].copy_from_slice(&0u64.to_le_bytes());
+        });
+        assert!(check_image(&empty_low, 1 << 30).is_err());
     }
 }
