@@ -272,6 +272,14 @@ impl Channel {
         }
         // The guest's tail can never pass the host's head.
         state.request_tail = state.request_tail.min(state.request_head);
+        // A stream's byte count is what its responses hold, not what the state says.
+        for stream in &mut state.streams {
+            stream.events.truncate(MAX_STREAM_EVENTS);
+            stream.bytes = stream
+                .events
+                .iter()
+                .fold(0usize, |sum, m| sum.saturating_add(m.payload.len()));
+        }
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
@@ -663,13 +671,17 @@ impl Core {
             // Written through GuestRam: the pages land in the dirty log. The slot is in
             // the checked region, so neither write fails; if one did, the request stays
             // queued rather than being lost.
+            // A restored head at the end of the index space takes nothing more.
+            let Some(next_head) = self.state.request_head.checked_add(1) else {
+                break;
+            };
             if mem.write_obj(MessageBytes(m), GuestAddress(slot)).is_err()
                 || mem.write_slice(&q.message.payload, at).is_err()
             {
                 break;
             }
             self.state.queued.pop_front();
-            self.state.request_head += 1;
+            self.state.request_head = next_head;
             delivered += 1;
         }
     }
@@ -880,6 +892,27 @@ mod tests {
         moved.kick(&mem, 0);
         let got: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
         assert_eq!(got, [8]);
+        // Counters at the end of their range: recounted, or left to stall the ring, never
+        // an overflow.
+        let mut state = moved.save();
+        state.streams.push(Stream {
+            id: 3,
+            events: vec![message(16, "abc")],
+            bytes: usize::MAX,
+            end: StreamEnd::Open,
+            signalled: false,
+        });
+        (state.request_head, state.request_tail) = (u64::MAX, u64::MAX);
+        state.queued.push_back(Queued {
+            stream: 9,
+            opens: true,
+            message: message(1, "late"),
+        });
+        let restored = Channel::restore(&state);
+        assert_eq!(restored.save().streams.last().unwrap().bytes, 3);
+        restored.open();
+        restored.kick(&mem, 0);
+        assert_eq!(restored.save().queued.len(), 1, "kept, not delivered");
     }
 
     #[test]
