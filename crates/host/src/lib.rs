@@ -100,6 +100,19 @@ impl HostError {
     }
 }
 
+/// The next id `NAME-vmN` from `*next` that is not `taken`. Ids stay unique across hosts
+/// (VMs keep theirs when they move); the count starts again with the process, and a VM
+/// created before a restart may have come back with its id, so taken ones are skipped.
+fn fresh_id(name: &str, next: &mut u64, taken: impl Fn(&str) -> bool) -> String {
+    loop {
+        let id = format!("{name}-vm{next}");
+        *next += 1;
+        if !taken(&id) {
+            return id;
+        }
+    }
+}
+
 /// Whether a VM id a migration's source sent can be kept here: it names the VM in URL
 /// paths, logs and thread names, so printable ASCII only (no `/`, space or NUL), and not
 /// too long; otherwise the VM gets an id of this host's.
@@ -440,10 +453,7 @@ impl Host {
 
     fn new_id(&self) -> String {
         let mut next = self.next_id.lock().expect("id lock");
-        // Ids stay unique across hosts (VMs keep theirs when they move): host name + n.
-        let id = format!("{}-vm{}", self.config.name, *next);
-        *next += 1;
-        id
+        fresh_id(&self.config.name, &mut next, |id| self.vms().contains_key(id))
     }
 
     /// Opens the files of a create request (absolute paths, so a migration's destination
@@ -956,6 +966,16 @@ mod tests {
         // The destination's own answer needs no center.
         let (who, answer) = settlement(Ok(Running), || panic!("the center was asked")).unwrap();
         assert_eq!((who, answer), ("the destination", Running));
+    }
+
+    #[test]
+    fn a_new_id_skips_those_vms_that_came_back_after_a_restart_have() {
+        let mut next = 1;
+        let back = ["b-vm1", "b-vm3"];
+        let taken = |id: &str| back.contains(&id);
+        assert_eq!(fresh_id("b", &mut next, taken), "b-vm2");
+        assert_eq!(fresh_id("b", &mut next, taken), "b-vm4");
+        assert_eq!(next, 5);
     }
 
     #[test]
