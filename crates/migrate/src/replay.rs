@@ -64,9 +64,10 @@ pub struct LoggedCommand {
 }
 
 impl LoggedCommand {
-    /// Bytes it holds (what the log's bounds and the wire's batches count).
+    /// Bytes of memory it takes (what the log's bounds and the wire's batches count): a
+    /// peer's empty commands cost their size too.
     pub fn weight(&self) -> u64 {
-        self.payload.len() as u64 + 8 * self.args.len() as u64 + 16
+        (std::mem::size_of::<Self>() + self.payload.len() + 8 * self.args.len()) as u64
     }
 }
 
