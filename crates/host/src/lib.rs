@@ -282,6 +282,8 @@ pub struct Host {
     next_id: Mutex<u64>,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
+    /// [`Host::shutdown`] began: a VM created or arriving from now on is stopped at once.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A host's long-running threads, each stopped by dropping its handle.
@@ -308,18 +310,29 @@ impl Host {
             vms: Mutex::default(),
             next_id: Mutex::new(1),
             background: Mutex::default(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Stops this host: its migration listener (the port closes), its heartbeats, the
-    /// migrations out of it (cancelled) and its VMs, and waits for their threads, so that
-    /// an in-process host leaves nothing running. Migrations arriving are refused.
+    /// Stops this host: its heartbeats, the migrations out of it (cancelled) and its VMs,
+    /// then its migration listener (the port closes), and waits for their threads, so
+    /// that an in-process host leaves nothing running. Migrations arriving are refused,
+    /// and those not yet told to run their VM are fenced; the port answers settle
+    /// questions until the VMs have stopped, so a source in doubt never resumes a VM that
+    /// still runs here.
     pub fn shutdown(&self) {
+        use std::sync::atomic::Ordering;
+        self.closing.store(true, Ordering::SeqCst);
+        self.outcomes.close();
         let background = std::mem::take(&mut *self.background.lock().expect("background lock"));
-        drop(background.migrations);
         for (stop, thread) in background.heartbeats {
             drop(stop);
             let _ = thread.join();
+        }
+        // A VM being resumed here is adopted, and stopped below or by `register`.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.outcomes.resuming() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
         let vms: Vec<Arc<HostedVm>> = self.vms().values().cloned().collect();
         for vm in &vms {
@@ -344,6 +357,24 @@ impl Host {
             }
         }
         self.vms().clear();
+        drop(background.migrations);
+    }
+
+    /// Adds `hosted` (created or arrived) under `id`. One that comes while the host shuts
+    /// down is stopped at once: [`Host::shutdown`] may have taken its list of VMs to stop
+    /// already (it raises `closing` before taking it, and this looks after adding).
+    fn register(&self, id: String, hosted: Arc<HostedVm>) {
+        // An entry this one replaces (the VM's earlier stay here) is dropped outside the
+        // lock.
+        let replaced = self.vms().insert(id, hosted.clone());
+        drop(replaced);
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) && hosted.state().is_running()
+        {
+            if let Err(e) = hosted.stop() {
+                tracing::warn!(vm = %hosted.id, "not stopped at shutdown: {e}");
+            }
+        }
+        self.forget_old_ended_vms();
     }
 
     /// Keeps a heartbeat thread `thread` (stopped by dropping `stop`) until shutdown.
@@ -519,8 +550,7 @@ impl Host {
         )
         .map_err(HostError::Failed)?;
         tracing::info!(%id, workload = %req.workload, "VM started");
-        self.vms().insert(id, hosted.clone());
-        self.forget_old_ended_vms();
+        self.register(id, hosted.clone());
         Ok(hosted.info())
     }
 
@@ -906,11 +936,7 @@ impl ferry_migrate::TargetFactory for Receiver {
         ) {
             Ok(hosted) => {
                 tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
-                // An entry this one replaces (the VM's earlier stay here) is dropped
-                // outside the lock.
-                let replaced = self.host.vms().insert(id, hosted);
-                drop(replaced);
-                self.host.forget_old_ended_vms();
+                self.host.register(id, hosted);
             }
             Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
         }

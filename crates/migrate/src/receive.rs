@@ -695,7 +695,12 @@ fn receive_vm<F: TargetFactory>(
     let mut session_bytes = [0u8; 8];
     getrandom::fill(&mut session_bytes).expect("the OS random source");
     let session = u64::from_le_bytes(session_bytes);
-    outcomes.receiving(session);
+    if !outcomes.receiving(session) {
+        return Err(refuse(
+            &mut conn,
+            "this host is shutting down: migrate the VM elsewhere".into(),
+        ));
+    }
     let accepted = Accepted {
         started,
         target,

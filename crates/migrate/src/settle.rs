@@ -58,6 +58,8 @@ struct Book {
     sessions: HashMap<u64, Outcome>,
     /// Ended sessions, oldest first (forgotten beyond [`REMEMBERED`]).
     ended: VecDeque<u64>,
+    /// The host is shutting down: no session begins, none not yet told to run will.
+    closed: bool,
 }
 
 /// A destination's record of its incoming sessions, shared by the listener and whoever
@@ -73,9 +75,36 @@ impl Outcomes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A session began.
-    pub(crate) fn receiving(&self, session: u64) {
-        self.book().sessions.insert(session, Outcome::Receiving);
+    /// A session began: `false` if none may (the host is shutting down).
+    pub(crate) fn receiving(&self, session: u64) -> bool {
+        let mut book = self.book();
+        if book.closed {
+            return false;
+        }
+        book.sessions.insert(session, Outcome::Receiving);
+        true
+    }
+
+    /// The host is shutting down: sessions not yet told to run their VM are fenced (a
+    /// late Go is refused, and the source resumes its copy) and no new one begins.
+    /// Answers to settle questions go on.
+    pub fn close(&self) {
+        let mut book = self.book();
+        book.closed = true;
+        for outcome in book.sessions.values_mut() {
+            if *outcome == Outcome::Receiving {
+                *outcome = Outcome::Fenced;
+            }
+        }
+    }
+
+    /// Sessions resuming their VM right now (told to run, not yet confirmed).
+    pub fn resuming(&self) -> usize {
+        self.book()
+            .sessions
+            .values()
+            .filter(|o| **o == Outcome::Resuming)
+            .count()
     }
 
     /// The source said Go: `true` if the VM may run (the session was not fenced).
@@ -147,9 +176,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn closing_fences_sessions_not_yet_told_to_run_and_refuses_new_ones() {
+        let outcomes = Outcomes::default();
+        assert!(outcomes.receiving(1));
+        assert!(outcomes.receiving(2));
+        assert!(outcomes.begin_resume(2));
+        outcomes.close();
+        assert!(!outcomes.receiving(3), "no session begins once closed");
+        assert!(!outcomes.begin_resume(1), "a late Go is refused");
+        assert_eq!(outcomes.settle(1), Settlement::NotRunning);
+        // The one already resuming finishes, and is answered for.
+        assert_eq!(outcomes.resuming(), 1);
+        outcomes.ended(2, true);
+        assert_eq!(outcomes.resuming(), 0);
+        assert_eq!(outcomes.settle(2), Settlement::Running);
+    }
+
+    #[test]
     fn a_question_before_go_fences_the_session_for_good() {
         let outcomes = Outcomes::default();
-        outcomes.receiving(1);
+        assert!(outcomes.receiving(1));
         assert_eq!(outcomes.settle(1), Settlement::NotRunning);
         // The Go that arrives after the question is refused.
         assert!(!outcomes.begin_resume(1));
@@ -159,7 +205,7 @@ mod tests {
     #[test]
     fn a_question_during_and_after_the_resume_gets_undecided_then_running() {
         let outcomes = Outcomes::default();
-        outcomes.receiving(2);
+        assert!(outcomes.receiving(2));
         assert!(outcomes.begin_resume(2));
         assert_eq!(outcomes.settle(2), Settlement::Undecided);
         outcomes.ended(2, true);
@@ -169,7 +215,7 @@ mod tests {
     #[test]
     fn failed_and_unknown_sessions_are_not_running() {
         let outcomes = Outcomes::default();
-        outcomes.receiving(3);
+        assert!(outcomes.receiving(3));
         assert!(outcomes.begin_resume(3));
         outcomes.ended(3, false);
         assert_eq!(outcomes.settle(3), Settlement::NotRunning);
@@ -180,7 +226,7 @@ mod tests {
     fn ended_sessions_are_forgotten_oldest_first_beyond_the_bound() {
         let outcomes = Outcomes::default();
         for s in 0..REMEMBERED as u64 + 10 {
-            outcomes.receiving(s);
+            assert!(outcomes.receiving(s));
             assert!(outcomes.begin_resume(s));
             outcomes.ended(s, true);
         }
