@@ -335,7 +335,19 @@ impl HostedVm {
     /// here (unless it ended meanwhile).
     pub fn abandon_migration(&self) -> Result<(), String> {
         self.throttle_pct.store(0, Ordering::SeqCst);
-        self.resume_from_hold().map_err(|e| error_chain(&e))?;
+        if let Err(e) = self.resume_from_hold() {
+            // Paused for good: it ends as failed and is released, rather than stay in its
+            // migration with no way out for the operator (no stop, no resolve) and its
+            // capacity held.
+            let error = format!(
+                "cannot run again after its migration failed: {}",
+                error_chain(&e)
+            );
+            self.end(VmState::Failed {
+                error: error.clone(),
+            });
+            return Err(error);
+        }
         match self.life.abandon_migration() {
             Ok(()) => Ok(()),
             // The guest ended during the migration: it stays ended.

@@ -220,7 +220,8 @@ impl Lifecycle {
     }
 
     /// The guest ended as `ended` (exited or failed): from running or migrating (whose
-    /// migration then fails), or from creating (a VM that could not start).
+    /// migration then fails), from creating (a VM that could not start), or from the
+    /// switchover (a VM paused for it that could not run again after it failed).
     pub fn end(&self, ended: VmState) -> Result<(), TransitionError> {
         debug_assert!(matches!(
             ended,
@@ -229,7 +230,10 @@ impl Lifecycle {
         self.apply(Transition::End, |s| {
             matches!(
                 s,
-                VmState::Creating | VmState::Running | VmState::Migrating { .. }
+                VmState::Creating
+                    | VmState::Running
+                    | VmState::Migrating { .. }
+                    | VmState::Switchover { .. }
             )
             .then_some(ended)
         })
@@ -264,6 +268,22 @@ mod tests {
         life.leave().unwrap();
         assert_eq!(life.state(), VmState::MigratedAway { to: "b:1".into() });
         assert_eq!(ledger.held().memory, 0, "a VM that left holds nothing");
+    }
+
+    #[test]
+    fn a_vm_that_cannot_run_again_after_a_failed_switchover_ends_and_gives_the_capacity_back() {
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        life.begin_switchover().unwrap();
+        let failed = VmState::Failed {
+            error: "cannot resume".into(),
+        };
+        life.end(failed.clone()).unwrap();
+        assert_eq!(life.state(), failed);
+        assert_eq!(ledger.held().memory, 0);
+        // Ended for good: neither resolved nor resumed.
+        assert!(life.resume_here().is_err());
     }
 
     #[test]
