@@ -147,9 +147,22 @@ impl HostedVm {
         let watched = hosted.clone();
         let watcher = std::thread::Builder::new()
             .name(format!("watch-{}", hosted.id))
-            .spawn(move || watched.watch())
-            .map_err(|e| format!("cannot start the VM's watcher thread: {e}"))?;
-        *hosted.watcher.lock().expect("watcher lock") = Some(watcher);
+            .spawn(move || watched.watch());
+        match watcher {
+            Ok(watcher) => *hosted.watcher.lock().expect("watcher lock") = Some(watcher),
+            // A VM that arrived was confirmed to its source, which has released its copy:
+            // it runs on unwatched (its end goes unnoticed until it is stopped) rather
+            // than being destroyed.
+            Err(e) if hosted.migrated_from.is_some() => tracing::error!(
+                vm = %hosted.id,
+                "the VM runs without its watcher thread (its end will not be noticed; \
+                 stop it to release it): {e}"
+            ),
+            Err(e) => {
+                // The VM is released with `hosted` when it is dropped.
+                return Err(format!("cannot start the VM's watcher thread: {e}"));
+            }
+        }
         Ok(hosted)
     }
 
