@@ -368,8 +368,7 @@ impl Host {
         // lock.
         let replaced = self.vms().insert(id, hosted.clone());
         drop(replaced);
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) && hosted.state().is_running()
-        {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) && hosted.state().is_running() {
             if let Err(e) = hosted.stop() {
                 tracing::warn!(vm = %hosted.id, "not stopped at shutdown: {e}");
             }
@@ -484,7 +483,9 @@ impl Host {
 
     fn new_id(&self) -> String {
         let mut next = self.next_id.lock().expect("id lock");
-        fresh_id(&self.config.name, &mut next, |id| self.vms().contains_key(id))
+        fresh_id(&self.config.name, &mut next, |id| {
+            self.vms().contains_key(id)
+        })
     }
 
     /// Opens the files of a create request (absolute paths, so a migration's destination

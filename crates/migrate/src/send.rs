@@ -569,6 +569,8 @@ pub(crate) struct WorkQueue<'a> {
     next_piece: AtomicUsize,
     /// Why the base could not be read (the capture failed), if it could not.
     base_lost: Mutex<Option<String>>,
+    /// A stream failed: the round fails, so the others stop taking work.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> WorkQueue<'a> {
@@ -590,7 +592,13 @@ impl<'a> WorkQueue<'a> {
             next_chunk: AtomicUsize::new(0),
             next_piece: AtomicUsize::new(0),
             base_lost: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether no more work is handed out: the migration was cancelled or a stream failed.
+    fn stopped(&self) -> bool {
+        self.cancel.is_cancelled() || self.failed.load(Ordering::Relaxed)
     }
 
     /// Whether the round's chunks come from a replay's base.
@@ -629,7 +637,7 @@ impl<'a> WorkQueue<'a> {
     }
 
     fn next_piece(&self) -> Option<FilePiece> {
-        if self.cancel.is_cancelled() {
+        if self.stopped() {
             return None;
         }
         let i = self.next_piece.fetch_add(1, Ordering::Relaxed);
@@ -637,7 +645,7 @@ impl<'a> WorkQueue<'a> {
     }
 
     fn next_run(&self) -> Option<(u64, u64)> {
-        if self.cancel.is_cancelled() {
+        if self.stopped() {
             return None;
         }
         let i = self.next_run.fetch_add(1, Ordering::Relaxed);
@@ -645,7 +653,7 @@ impl<'a> WorkQueue<'a> {
     }
 
     fn next_chunk(&self) -> Option<ChunkPart> {
-        if self.cancel.is_cancelled() {
+        if self.stopped() {
             return None;
         }
         let i = self.next_chunk.fetch_add(1, Ordering::Relaxed);
@@ -978,7 +986,13 @@ impl Session<'_> {
                 .zip(self.buffers.iter_mut())
                 .map(|(conn, buffers)| {
                     let (writer, queue) = (&mut conn.writer, &queue);
-                    scope.spawn(move || send_share(source, writer, buffers, queue))
+                    scope.spawn(move || {
+                        let sent = send_share(source, writer, buffers, queue);
+                        if sent.is_err() {
+                            queue.failed.store(true, Ordering::Relaxed);
+                        }
+                        sent
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| joined(h, "sending")).collect()

@@ -179,6 +179,10 @@ struct FakeSource {
     files: Mutex<Vec<Vec<u8>>>,
     /// `read_file` flips a bit of what it reads (the file changed on the source).
     corrupt_files: AtomicBool,
+    /// `read_ram` fails for a read starting at this guest address (`u64::MAX`: never).
+    fail_ram_at: AtomicU64,
+    /// `read_ram` calls so far.
+    ram_reads: AtomicU64,
 }
 
 impl FakeSource {
@@ -232,6 +236,8 @@ impl FakeSource {
             churn_buffers: AtomicBool::new(false),
             remake_on_read: AtomicBool::new(false),
             panic_on_chunk: AtomicBool::new(false),
+            fail_ram_at: AtomicU64::new(u64::MAX),
+            ram_reads: AtomicU64::new(0),
             files: Mutex::default(),
             corrupt_files: AtomicBool::new(false),
         })
@@ -362,6 +368,13 @@ impl VmContents for FakeSource {
     }
 
     fn read_ram(&self, gpa: u64, out: &mut [u8]) -> Result<(), VmError> {
+        self.ram_reads.fetch_add(1, Ordering::SeqCst);
+        if gpa == self.fail_ram_at.load(Ordering::SeqCst) {
+            return Err(VmError::ReadRam {
+                gpa,
+                source: "injected read failure".into(),
+            });
+        }
         let mut s = self.lock();
         let end = gpa as usize + out.len();
         if end > s.ram.len() {
@@ -1812,6 +1825,26 @@ fn a_panic_in_a_data_stream_fails_the_migration_promptly_and_the_vm_runs_on() {
     migrate(&source, &dest, &options(Mode::Live)).expect("a migration after the panics");
     let (target, _) = dest.adopted();
     assert_received(&source, &target);
+}
+
+#[test]
+fn a_stream_failing_to_read_stops_the_others_taking_work() {
+    let dest = Destination::start();
+    // 64 MiB of RAM: 64 runs of 256 pages; the first run cannot be read.
+    let source = FakeSource::new("read-fails", 64, 23);
+    source.fail_ram_at.store(0, Ordering::SeqCst);
+    let opts = MigrationOptions {
+        streams: 4,
+        ..options(Mode::Live)
+    };
+    let err = migrate(&source, &dest, &opts).expect_err("a source that cannot read its RAM");
+    let chain = ferry_migrate::error_chain(&err);
+    assert!(chain.contains("injected read failure"), "{chain}");
+    // The other streams stop soon after, rather than read the other 63 runs.
+    let reads = source.ram_reads.load(Ordering::SeqCst);
+    assert!(reads <= 16, "{reads} RAM reads after the round had failed");
+    assert_running_again(&source);
+    dest.assert_nothing_adopted();
 }
 
 /// A destination that authenticates, accepts, reads `read_bytes` of data (over all its
