@@ -1222,25 +1222,6 @@ impl Accelerator {
         }
         Ok(())
     }
-
-    /// Fills chunk `chunk` with the piece of attached file `origin` names, which
-    /// `read(offset, out)` reads from this host's copy of the file, straight into device
-    /// memory where the backend allows (the receiving side of a migration that sent where
-    /// the chunk came from). The chunk keeps that origin, for the VM's next migration.
-    pub fn load_chunk_from_file(
-        &self,
-        chunk: ChunkId,
-        origin: ChunkOrigin,
-        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-    ) -> Result<(), AccelStateError> {
-        let mut core = self.core();
-        let range = self.chunk_bytes(chunk, |r| (r.end - r.start == origin.len).then_some(r))?;
-        core.load_file(chunk.buffer, range, (origin.file, origin.offset), read)
-            .map_err(|source| AccelStateError::ReadFile {
-                file: origin.file,
-                source,
-            })
-    }
 }
 
 /// A device's side of a replay migration (see [`crate::replay`]): on the source, the

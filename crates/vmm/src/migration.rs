@@ -302,9 +302,19 @@ impl FillingVm {
                 origin.offset, origin.file
             )));
         }
+        if len > MAX_CHUNK_BYTES {
+            return Err(fail(format!(
+                "{len} bytes is more than a chunk ({MAX_CHUNK_BYTES})"
+            )));
+        }
+        // Read before the VM's and the device's locks are taken: a disk read (of a slow or
+        // network file system) must not hold up the other streams' writes.
+        let mut data = vec![0u8; len as usize];
+        file.read_at(origin.offset, &mut data)
+            .map_err(|e| fail(format!("cannot read attached file {}: {e}", origin.file)))?;
         let from = to_origin(origin, len);
         self.with_accel(chunk, |accel, id| {
-            accel.load_chunk_from_file(id, from, &mut |at, out| file.read_at(at, out))
+            accel.write_chunk_from_file(id, &data, from)
         })
     }
 
