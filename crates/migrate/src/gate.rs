@@ -1,5 +1,5 @@
 //! What a destination spends on a peer before it has proven who it is: a bounded number
-//! of connections per host and per peer address, each with a few seconds to
+//! of connections per host and per peer address (an IPv6 /64), each with a few seconds to
 //! authenticate (TLS included) and frames of a few KiB meanwhile. A connection over the
 //! limits is closed at once, with a log line naming the peer; one that takes too long is
 //! shut by a single reaper thread.
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// Connections authenticating at once, per host.
 pub const MAX_HANDSHAKES: usize = 64;
-/// Connections authenticating at once, per peer address.
+/// Connections authenticating at once, per peer address (an IPv6 /64).
 pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
 /// Time a connection has to authenticate, from its acceptance.
 pub const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
@@ -66,6 +66,7 @@ impl Gate {
     /// Admits `socket` from `peer` if both limits allow; it must authenticate within
     /// [`HANDSHAKE_TIME`] or [`Gate::reap`] shuts it.
     pub(crate) fn admit(&self, socket: &TcpStream, peer: IpAddr) -> Result<Ticket, Refusal> {
+        let peer = peer_key(peer);
         let mut s = self.state();
         if s.pending.len() >= MAX_HANDSHAKES {
             return Err(Refusal::Host);
@@ -98,6 +99,7 @@ impl Gate {
     /// Whether a refusal of `peer` should be logged now; returns how many refusals the
     /// line covers.
     pub(crate) fn log_refusal(&self, peer: IpAddr) -> Option<u64> {
+        let peer = peer_key(peer);
         let mut s = self.state();
         let now = Instant::now();
         let (count, last) = s
@@ -149,6 +151,18 @@ impl Gate {
     }
 }
 
+/// What a peer's limit counts `ip` as: an IPv6 address as its /64 (one host, or one
+/// attacker, commonly has a whole /64 to pick addresses from), an IPv4 one as itself.
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut s = self.gate.state();
@@ -196,6 +210,24 @@ mod tests {
         drop(tickets);
         assert_eq!(gate.pending(), 0);
         assert!(gate.0.lock().unwrap().per_peer.is_empty());
+    }
+
+    #[test]
+    fn ipv6_peers_are_counted_per_64_addresses() {
+        let gate = Gate::default();
+        let (_c, s) = socket();
+        let in_64 = |n: u16| IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, n));
+        let tickets: Vec<_> = (0..MAX_HANDSHAKES_PER_PEER as u16)
+            .map(|n| gate.admit(&s, in_64(n)).unwrap())
+            .collect();
+        // Another address of the same /64 is the same peer; another /64 is not.
+        assert_eq!(gate.admit(&s, in_64(999)).err(), Some(Refusal::Peer));
+        let other = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1));
+        assert!(gate.admit(&s, other).is_ok());
+        // An IPv4-mapped address counts as its IPv4 address.
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(peer_key(mapped), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)));
+        drop(tickets);
     }
 
     #[test]
