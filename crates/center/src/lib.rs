@@ -908,8 +908,7 @@ pub(crate) mod tests {
 
     impl ScratchCenter {
         pub(crate) fn open(tag: &str) -> Self {
-            let store =
-                std::env::temp_dir().join(format!("ferry-center-{tag}-{}", std::process::id()));
+            let store = ferry_testdata::scratch_dir("center").join(format!("{tag}.db"));
             let _ = std::fs::remove_file(&store);
             let center = Center::open(CenterConfig {
                 store: StoreConfig::Sqlite(store.clone()),
@@ -951,16 +950,8 @@ pub(crate) mod tests {
     fn a_settle_question_says_whether_the_destinations_machine_refused_the_center() {
         let scratch = ScratchCenter::open("settle");
         // Host b's API: a port nothing listens on; host c's takes and drops.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let closed_addr = closed.local_addr().unwrap();
-        drop(closed);
-        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let silent_addr = silent.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in silent.incoming().take(1) {
-                drop(stream);
-            }
-        });
+        let closed_addr = ferry_testdata::refusing_addr();
+        let silent_addr = ferry_testdata::dropping_addr(1);
         for (host, api, refused) in [("b", closed_addr, true), ("c", silent_addr, false)] {
             scratch.report(host, api);
             let question = ferry_api::SettleRequest {

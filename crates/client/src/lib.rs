@@ -366,18 +366,8 @@ mod tests {
 
     #[test]
     fn only_a_refused_connection_at_every_address_counts_as_refused() {
-        // A port that was just free: its host refuses the connection.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let closed_addr = closed.local_addr().unwrap();
-        drop(closed);
-        // A listener that takes the connection and drops it unanswered.
-        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let silent_addr = silent.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in silent.incoming().take(2) {
-                drop(stream);
-            }
-        });
+        let closed_addr = ferry_testdata::refusing_addr();
+        let silent_addr = ferry_testdata::dropping_addr(2);
 
         let refused = unreachable(&format!("http://{closed_addr}"));
         assert!(refused.refused, "{refused}");

@@ -3,7 +3,8 @@
 //! absent: loudly, on stderr past the test harness's capture, and not at all where CI
 //! requires it (`FERRY_REQUIRE_KVM=1`, `FERRY_REQUIRE_CHROMIUM=1`,
 //! `FERRY_REQUIRE_MODEL=1`, `FERRY_REQUIRE_DATASET=1`, `FERRY_REQUIRE_NVRTC=1`,
-//! `FERRY_REQUIRE_GPU=1`: the test fails instead).
+//! `FERRY_REQUIRE_GPU=1`: the test fails instead); and local addresses that refuse or
+//! drop connections, for tests of what a client does then.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,26 @@ pub fn scratch_dir(label: &str) -> PathBuf {
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     dir
+}
+
+/// A local address where nothing listens, so a connection is refused (a port that was
+/// free a moment ago).
+pub fn refusing_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
+    listener.local_addr().expect("its address")
+}
+
+/// A local address whose listener takes `n` connections and drops each unanswered (a
+/// peer that goes away mid-request).
+pub fn dropping_addr(n: usize) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
+    let addr = listener.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            drop(stream);
+        }
+    });
+    addr
 }
 
 /// Reports that `test` does not run because of `why`: fails it when `require_var` is set
