@@ -481,16 +481,22 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     assert_eq!(s.chat(&s.request(1, 8)).0, 200);
 }
 
+/// Host a, its API, and a `channel-abuse` VM on it whose channel is set up.
+fn garbage_writing_guest() -> (Daemon, ferry_client::ApiClient, String) {
+    let a = Daemon::start("a");
+    let api = common::host_api(&a);
+    let id = a.create_with(["channel-abuse", "64M", "0"], &[], &[]);
+    a.wait_console(&id, "channel-abuse: set up");
+    (a, api, id)
+}
+
 #[test]
 fn a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host() {
     let test = "a_guest_writing_garbage_to_its_channel_cannot_crash_or_stall_its_host";
     if !kvm_available(test) {
         return;
     }
-    let a = Daemon::start("a");
-    let api = common::host_api(&a);
-    let id = a.create_with(["channel-abuse", "64M", "0"], &[], &[]);
-    a.wait_console(&id, "channel-abuse: set up");
+    let (a, api, id) = garbage_writing_guest();
     let started = std::time::Instant::now();
     let mut stream = 0u64;
     let (mut accepted, mut events) = (0, 0);
@@ -549,10 +555,7 @@ fn hundreds_of_waiting_stream_reads_do_not_starve_the_rest_of_the_host_api() {
     if !kvm_available(test) {
         return;
     }
-    let a = Daemon::start("a");
-    let api = common::host_api(&a);
-    let id = a.create_with(["channel-abuse", "64M", "0"], &[], &[]);
-    a.wait_console(&id, "channel-abuse: set up");
+    let (_a, api, id) = garbage_writing_guest();
     // A stream the guest never answers (its garbage goes to streams 0 to 3).
     let message = json!({"stream": 1000, "kind": 1, "payload": "aGVsbG8="});
     wait_for("the request queued", Duration::from_secs(10), || {
