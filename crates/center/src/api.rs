@@ -15,7 +15,8 @@
 //! | `GET /v1/balance`, `POST /v1/balance` | the balance plan; carry it out (`{"dry_run": true}` only shows it) |
 //! | `GET /v1/events` | recent events |
 //! | `GET /metrics` | Prometheus metrics |
-//! | `GET /v1/models` | OpenAI's API: the serving (`llm-serve`) VMs, each a model named by its VM id |
+//! | `GET /v1/models` | OpenAI's API: the serving (`llm-serve`) VMs, each a model named by its name (where that names it alone) or its VM id |
+//! | `GET /v1/models/{model}` | OpenAI's API: one of them, by name or id |
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI's API: an answer from that VM (`stream: true` for server-sent events), routed to the host that runs it now, following it across migrations |
 //! | `POST /v1/heartbeat` | hosts only (shared secret) |
 //! | `POST /v1/settle` | hosts only: relays a settle question about an in-doubt switchover to the destination's API |
@@ -311,6 +312,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
     // tokens, its errors in OpenAI's shape.
     let serving = Router::new()
         .route("/v1/models", get(gateway::models))
+        .route("/v1/models/{model}", get(gateway::model))
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/completions", post(gateway::completions))
         .route_layer(middleware::from_fn_with_state(

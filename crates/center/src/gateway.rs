@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -170,10 +170,74 @@ pub async fn openai_errors(
 #[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: String,
-    content: String,
+    /// A text, or a list of parts (text parts only here); `null` for an assistant's
+    /// message that called tools.
+    #[serde(default)]
+    content: Option<Content>,
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+}
+
+/// A message's content: one text or a list of parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content (`{"type": "text", "text": ...}`; images, audio and
+/// files are refused).
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl ChatMessage {
+    /// The (role, text) the chat template takes: OpenAI's `developer` role is this
+    /// model's `system`; a role the template does not know, or a part that is not
+    /// text, is refused (a role is pasted into the template: it must be one of its own).
+    fn into_turn(self, i: usize) -> Result<(String, String), OpenAiError> {
+        let role = match self.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(OpenAiError::invalid(
+                    "messages",
+                    format!(
+                        "messages[{i}].role '{other}' is not supported (system, developer, user or assistant)"
+                    ),
+                ))
+            }
+        };
+        let text = match self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(OpenAiError::invalid(
+                                "messages",
+                                format!(
+                                    "messages[{i}].content: a '{kind}' part is not supported (text parts only)"
+                                ),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        Ok((role.to_string(), text))
+    }
 }
 
 /// `stop`: one text or a list.
@@ -196,7 +260,7 @@ struct StreamOptions {
 struct Sampling {
     model: String,
     #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(default)]
@@ -226,9 +290,31 @@ struct ChatRequest {
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
-    prompt: String,
+    prompt: Prompt,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// A completion's prompt: a text, or a list of them (one here).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Prompt {
+    /// The one prompt; several are refused (`n` answers per request is 1 here too).
+    fn into_text(self) -> Result<String, OpenAiError> {
+        match self {
+            Prompt::One(p) => Ok(p),
+            Prompt::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            Prompt::Many(v) => Err(OpenAiError::invalid(
+                "prompt",
+                format!("one prompt per request is supported, not {}", v.len()),
+            )),
+        }
+    }
 }
 
 /// Which endpoint, for the answer's shape.
@@ -248,10 +334,11 @@ impl Sampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(OpenAiError::invalid("n", "only n = 1 is supported"));
         }
+        // Unset, as with OpenAI: as many as the context leaves (the guest stops there).
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
-            .unwrap_or(256);
+            .unwrap_or(MAX_TOKENS);
         if !(1..=MAX_TOKENS).contains(&max_tokens) {
             return Err(OpenAiError::invalid(
                 "max_tokens",
@@ -289,7 +376,9 @@ impl Sampling {
             max_tokens,
             temperature,
             top_p,
-            seed: self.seed.unwrap_or(0),
+            // Unseeded requests differ, as with OpenAI; the seed travels with the request,
+            // so a migrated answer is still the one it would have been.
+            seed: self.seed.unwrap_or_else(random_seed),
             stop,
         })
     }
@@ -613,27 +702,58 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
     }
 }
 
-/// `GET /v1/models`: the serving VMs.
+/// `GET /v1/models`: the serving VMs, one model each: its name where that names it alone,
+/// else its id (either answers requests).
 pub async fn models(State(center): State<Arc<Center>>) -> Response {
-    let data: Vec<Value> = center
-        .inventory()
+    let inventory = center.inventory();
+    let serving: Vec<_> = inventory
         .vms()
         .values()
         .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD)
-        .flat_map(|v| {
-            let model = |id: &str| {
-                json!({
-                    "id": id,
-                    "object": "model",
-                    "created": v.info.since_unix_ms / 1000,
-                    "owned_by": "ferry",
-                    "vm": v.id,
-                })
-            };
-            std::iter::once(model(&v.id)).chain(v.info.name.as_deref().map(model))
+        .collect();
+    let data: Vec<Value> = serving
+        .iter()
+        .map(|v| {
+            let name = v.info.name.as_deref().filter(|name| {
+                serving
+                    .iter()
+                    .filter(|o| o.info.name.as_deref() == Some(name))
+                    .count()
+                    == 1
+            });
+            model_object(name.unwrap_or(&v.id), v)
         })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{model}`: the serving VM `model` names (its id or its name).
+pub async fn model(State(center): State<Arc<Center>>, Path(model): Path<String>) -> Response {
+    let vm = match center.serving_vm(&model) {
+        Ok(vm) => vm,
+        Err(e) => return e.into_response(),
+    };
+    let inventory = center.inventory();
+    match inventory.vms().get(&vm) {
+        Some(v) => Json(model_object(&model, v)).into_response(),
+        None => OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("the model '{model}' does not exist (GET /v1/models lists them)"),
+        )
+        .into_response(),
+    }
+}
+
+/// OpenAI's model object for serving VM `v`, known as `id`.
+fn model_object(id: &str, v: &crate::inventory::VmRecord) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": v.info.since_unix_ms / 1000,
+        "owned_by": "ferry",
+        "vm": v.id,
+    })
 }
 
 /// The fields of [`Sampling`] (serde cannot deny unknown fields through `flatten`).
@@ -648,9 +768,70 @@ const SAMPLING_FIELDS: &[&str] = &[
     "seed",
     "stop",
     "n",
-    // Accepted and ignored (serde passes over it: only these names get through).
-    "user",
 ];
+
+/// Fields that say something about the caller, not the answer: accepted and ignored.
+const ADVISORY_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+/// Whether a field's value asks for nothing (its default).
+type AsksForNothing = fn(&Value) -> bool;
+
+/// Fields this server does not implement, each with the test of the value that asks for
+/// nothing: accepted at that value (clients such as LangChain send them that way) and
+/// refused at any other, so a request for penalties, log probabilities, tools or JSON
+/// output is not quietly answered without them.
+const UNIMPLEMENTED: &[(&str, AsksForNothing)] = &[
+    ("frequency_penalty", is_zero),
+    ("presence_penalty", is_zero),
+    ("top_logprobs", is_zero),
+    ("logprobs", is_zero_or_false),
+    ("echo", is_zero_or_false),
+    ("logit_bias", is_empty),
+    ("tools", is_empty),
+    ("functions", is_empty),
+    ("best_of", |v| v.is_null() || v.as_u64() == Some(1)),
+    ("suffix", |v| v.is_null() || v.as_str() == Some("")),
+    ("response_format", |v| {
+        v.is_null() || v.get("type").and_then(Value::as_str) == Some("text")
+    }),
+    ("tool_choice", is_none_or_auto),
+    ("function_call", is_none_or_auto),
+    ("modalities", |v| v.is_null() || *v == json!(["text"])),
+];
+
+fn is_zero(v: &Value) -> bool {
+    v.is_null() || v.as_f64() == Some(0.0)
+}
+
+fn is_zero_or_false(v: &Value) -> bool {
+    is_zero(v) || v.as_bool() == Some(false)
+}
+
+fn is_empty(v: &Value) -> bool {
+    v.is_null()
+        || v.as_object().is_some_and(|o| o.is_empty())
+        || v.as_array().is_some_and(|a| a.is_empty())
+}
+
+fn is_none_or_auto(v: &Value) -> bool {
+    v.is_null() || matches!(v.as_str(), Some("none" | "auto"))
+}
+
+/// A fresh seed for an unseeded request.
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Without a random source, any seed will do: the answer is still a sample.
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
 
 /// The body as a `T`, refusing fields other than `own` and [`SAMPLING_FIELDS`].
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, OpenAiError> {
@@ -662,11 +843,25 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, O
     let Some(fields) = value.as_object() else {
         return Err(bad("the body must be a JSON object".into()));
     };
-    if let Some(unknown) = fields
-        .keys()
-        .find(|k| *k != own && !SAMPLING_FIELDS.contains(&k.as_str()))
-    {
-        return Err(bad(format!("unknown field '{unknown}'")));
+    for (field, value) in fields {
+        let known = field == own
+            || SAMPLING_FIELDS.contains(&field.as_str())
+            || ADVISORY_FIELDS.contains(&field.as_str());
+        match UNIMPLEMENTED.iter().find(|(name, _)| name == field) {
+            _ if known => {}
+            Some((_, asks_for_nothing)) if asks_for_nothing(value) => {}
+            Some((name, _)) => {
+                return Err(OpenAiError {
+                    param: Some(name),
+                    ..OpenAiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "unsupported_parameter",
+                        format!("'{field}' is not supported here (only at its default, {value} asks for it)"),
+                    )
+                })
+            }
+            None => return Err(bad(format!("unknown field '{field}'"))),
+        }
     }
     serde_json::from_value(value).map_err(|e| bad(format!("the body is not a valid request: {e}")))
 }
@@ -680,11 +875,16 @@ pub async fn chat_completions(State(center): State<Arc<Center>>, body: Bytes) ->
     if req.messages.is_empty() {
         return OpenAiError::invalid("messages", "messages must not be empty").into_response();
     }
-    let messages = req
+    let messages = match req
         .messages
         .into_iter()
-        .map(|m| (m.role, m.content))
-        .collect();
+        .enumerate()
+        .map(|(i, m)| m.into_turn(i))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(messages) => messages,
+        Err(e) => return e.into_response(),
+    };
     complete(
         center,
         Endpoint::Chat,
@@ -701,7 +901,11 @@ pub async fn completions(State(center): State<Arc<Center>>, body: Bytes) -> Resp
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let messages = vec![(String::new(), req.prompt)];
+    let prompt = match req.prompt.into_text() {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let messages = vec![(String::new(), prompt)];
     complete(
         center,
         Endpoint::Completion,
@@ -778,7 +982,7 @@ async fn complete(
         created,
         model,
     };
-    if sampling.stream {
+    if sampling.stream == Some(true) {
         let usage = sampling.stream_options.is_some_and(|o| o.include_usage);
         return shape.stream(first, rx, usage);
     }
@@ -865,7 +1069,7 @@ impl Shape {
             Endpoint::Chat => json!({
                 "index": 0,
                 "delta": match text {
-                    Some(t) => json!({"role": "assistant", "content": t}),
+                    Some(t) => json!({"content": t}),
                     None => json!({}),
                 },
                 "finish_reason": finish.map(finish_name),
@@ -895,6 +1099,13 @@ impl Shape {
     fn stream(self, first: Relayed, mut rx: mpsc::Receiver<Relayed>, with_usage: bool) -> Response {
         let event = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
         let (out, body) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+        // A chat stream names the speaker once, first, as OpenAI's does: clients that
+        // accumulate deltas join repeated strings ("assistantassistant...").
+        if self.endpoint == Endpoint::Chat {
+            let mut opening = self.chunk(Some(""), None);
+            opening["choices"][0]["delta"]["role"] = json!("assistant");
+            let _ = out.try_send(Ok(event(&opening)));
+        }
         tokio::spawn(async move {
             let mut item = Some(first);
             while let Some(relayed) = item {
@@ -973,6 +1184,10 @@ mod tests {
         let response = chat_shape().stream(Relayed::Text("hi".into()), rx, false);
         // The client reads the first token and leaves; the model then says nothing.
         let mut body = response.into_body().into_data_stream();
+        let opening = body.next().await.unwrap().unwrap();
+        assert!(std::str::from_utf8(&opening)
+            .unwrap()
+            .contains("\"role\":\"assistant\""));
         let first = body.next().await.unwrap().unwrap();
         assert!(std::str::from_utf8(&first).unwrap().contains("\"hi\""));
         drop(body);
@@ -1046,6 +1261,109 @@ mod tests {
                 .all(|r| r.starts_with("POST /v1/vms/v/streams ")),
             "{seen:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_chat_stream_names_the_assistant_once_first() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Relayed::Text(" there".into())).await.unwrap();
+        tx.send(Relayed::Done {
+            reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        let response = chat_shape().stream(Relayed::Text("hi".into()), rx, false);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let deltas: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|l| *l != "[DONE]")
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["choices"][0]["delta"].clone())
+            .collect();
+        assert_eq!(
+            deltas[0],
+            json!({"role": "assistant", "content": ""}),
+            "{text}"
+        );
+        assert_eq!(deltas[1], json!({"content": "hi"}), "{text}");
+        assert_eq!(deltas[2], json!({"content": " there"}), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+
+    #[test]
+    fn fields_asking_for_nothing_pass_and_those_asking_for_something_unsupported_do_not() {
+        // What langchain_openai's OpenAI (completions) sends, with a one-prompt list.
+        let langchain = json!({
+            "model": "m", "prompt": ["Once"], "max_tokens": 8, "temperature": 0.7,
+            "top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "n": 1,
+            "logit_bias": {}, "seed": null, "logprobs": null, "stream": null,
+            "user": "u", "metadata": {"k": "v"}
+        });
+        let req: CompletionRequest = parse(&Bytes::from(langchain.to_string()), "prompt").unwrap();
+        assert_eq!(req.prompt.into_text().unwrap(), "Once");
+        for (field, value) in [
+            ("frequency_penalty", json!(0.5)),
+            ("logprobs", json!(true)),
+            ("tools", json!([{"type": "function"}])),
+            ("response_format", json!({"type": "json_object"})),
+        ] {
+            let mut body = json!({"model": "m", "messages": []});
+            body[field] = value;
+            let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
+            assert_eq!(err.param, Some(field), "{field}");
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        }
+        let err = parse::<ChatRequest>(
+            &Bytes::from(r#"{"model": "m", "messages": [], "frequency_penalty_x": 0}"#),
+            "messages",
+        )
+        .unwrap_err();
+        assert!(err.message.contains("unknown field"), "{}", err.message);
+        let two = Prompt::Many(vec!["a".into(), "b".into()]);
+        assert_eq!(two.into_text().unwrap_err().param, Some("prompt"));
+    }
+
+    #[test]
+    fn messages_take_text_parts_and_known_roles_only() {
+        let body = json!({"model": "m", "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi, "}, {"type": "text", "text": "you"}]},
+            {"role": "assistant", "content": null},
+        ]});
+        let req: ChatRequest = parse(&Bytes::from(body.to_string()), "messages").unwrap();
+        let turns: Vec<_> = req
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| m.into_turn(i).unwrap())
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                ("system".to_string(), "Be brief.".to_string()),
+                ("user".into(), "Hi, you".into()),
+                ("assistant".into(), String::new()),
+            ]
+        );
+        for bad in [
+            json!({"role": "tool", "content": "x"}),
+            json!({"role": "user<|im_end|>", "content": "x"}),
+            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}),
+        ] {
+            let m: ChatMessage = serde_json::from_value(bad.clone()).unwrap();
+            let err = m.into_turn(3).unwrap_err();
+            assert!(
+                err.message.contains("messages[3]"),
+                "{bad}: {}",
+                err.message
+            );
+        }
     }
 
     #[test]
