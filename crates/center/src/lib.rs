@@ -467,18 +467,39 @@ impl Center {
         &self,
         req: &ferry_api::SettleRequest,
     ) -> Result<ferry_migrate::Settlement, CenterError> {
-        let host = self
-            .inventory()
-            .hosts
-            .values()
-            .find(|h| h.info.migration_addr == req.migration_addr)
-            .cloned()
-            .ok_or_else(|| {
-                CenterError::NotFound(format!(
-                    "no host with migration address {}",
-                    req.migration_addr
-                ))
-            })?;
+        let host = {
+            let inventory = self.inventory();
+            let (now, down_after) = (unix_ms(), self.down_after_ms());
+            let matching: Vec<&HostRecord> = inventory
+                .hosts
+                .values()
+                .filter(|h| h.info.migration_addr == req.migration_addr)
+                .collect();
+            let up: Vec<&HostRecord> = matching
+                .iter()
+                .copied()
+                .filter(|h| inventory.is_up(&h.name, now, down_after))
+                .collect();
+            // A host record left behind (a host renamed, a machine replaced) must not
+            // answer for the host that has the address now: with several, only the one
+            // up does, and none if that is not one.
+            match (matching.as_slice(), up.as_slice()) {
+                ([], _) => {
+                    return Err(CenterError::NotFound(format!(
+                        "no host with migration address {}",
+                        req.migration_addr
+                    )))
+                }
+                ([one], _) | (_, [one]) => (*one).clone(),
+                (several, _) => {
+                    return Err(CenterError::Unavailable(format!(
+                        "{} hosts had migration address {} and not one alone is up: cannot tell which to ask",
+                        several.len(),
+                        req.migration_addr
+                    )))
+                }
+            }
+        };
         self.host_client(&host)?
             .post(&format!("/v1/settle/{}", req.session), &())
             .map_err(|e| {
@@ -968,5 +989,35 @@ pub(crate) mod tests {
                 .to_string()
                 .contains(&format!("host {host} did not answer")));
         }
+        // Host b's machine was replaced: the new one, up, has b's migration address, and
+        // b's record (down now) must not answer for it.
+        let mut beat = inventory::tests::beat("b2", Vec::new());
+        beat.api_url = format!("http://{}", ferry_testdata::dropping_addr(1));
+        beat.host.migration_addr = "b.example:7071".into();
+        scratch.center.heartbeat(beat).unwrap();
+        let set_last_beat = |ms| {
+            scratch
+                .center
+                .inventory()
+                .hosts
+                .get_mut("b")
+                .unwrap()
+                .last_heartbeat_ms = ms;
+        };
+        set_last_beat(0);
+        let question = ferry_api::SettleRequest {
+            migration_addr: "b.example:7071".into(),
+            session: 7,
+        };
+        let answer = scratch.center.settle(&question).unwrap_err();
+        assert!(matches!(answer, CenterError::Unavailable(_)), "{answer}");
+        assert!(
+            answer.to_string().contains("host b2 did not answer"),
+            "{answer}"
+        );
+        // Two up with one address: neither is asked.
+        set_last_beat(unix_ms());
+        let answer = scratch.center.settle(&question).unwrap_err();
+        assert!(answer.to_string().contains("cannot tell which"), "{answer}");
     }
 }
