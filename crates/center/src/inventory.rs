@@ -239,6 +239,9 @@ pub struct Inventory {
     pub migrations: VecDeque<MigrationRecord>,
     /// Room held for moves in flight.
     pub reservations: Vec<Reservation>,
+    /// VMs being created, per host: asked for and not yet reported, so an evacuation
+    /// that found the host empty waits for them.
+    pub creating: BTreeMap<String, usize>,
     /// Hosts whose going down has been recorded as an event.
     pub down_noted: BTreeSet<String>,
 }
@@ -608,7 +611,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn vm(id: &str, state: VmState) -> VmInfo {
+    pub(crate) fn vm(id: &str, state: VmState) -> VmInfo {
         VmInfo {
             name: None,
             id: id.into(),

@@ -853,7 +853,7 @@ impl Center {
         self.store().writable()?;
         let need = Need::of(req.vm.memory, req.vm.accel_memory).on(req.vm.backend.as_deref());
         let host = {
-            let inventory = self.inventory();
+            let mut inventory = self.inventory();
             let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
             let candidates = match &req.host {
                 None => open,
@@ -875,7 +875,12 @@ impl Center {
                 .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
                 .name
                 .clone();
+            *inventory.creating.entry(name.clone()).or_default() += 1;
             inventory.hosts[&name].clone()
+        };
+        let _creating = Creating {
+            center: self,
+            host: host.name.clone(),
         };
         let client = self.host_client(&host)?;
         let vm: VmInfo = client
@@ -901,6 +906,19 @@ impl Center {
         })
     }
 
+    /// Waits (up to [`CREATE_PATIENCE`]) for the VMs being created on `host` to be
+    /// placed or to fail; whether none is left being created.
+    fn creations_ended(&self, host: &str) -> bool {
+        let started = std::time::Instant::now();
+        while self.inventory().creating.get(host).is_some_and(|&n| n > 0) {
+            if started.elapsed() > CREATE_PATIENCE {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
     /// Sets a host's maintenance mode and writes it through.
     fn set_mode(&self, host: &str, mode: HostMode) -> Result<(), CenterError> {
         let record = {
@@ -914,6 +932,28 @@ impl Center {
         self.store().put_host(&record)?;
         self.store().touch()?;
         Ok(())
+    }
+}
+
+/// Longest an evacuation waits for the VMs being created on its host (a create's request
+/// to the host times out after 60 s).
+const CREATE_PATIENCE: Duration = Duration::from_secs(75);
+
+/// A VM being created on `host` ([`Inventory::creating`]) until dropped.
+struct Creating<'a> {
+    center: &'a Center,
+    host: String,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        let mut inventory = self.center.inventory();
+        if let Some(n) = inventory.creating.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inventory.creating.remove(&self.host);
+            }
+        }
     }
 }
 
@@ -965,6 +1005,67 @@ pub(crate) mod tests {
             self.center.shutdown();
             let _ = std::fs::remove_file(&self.store);
         }
+    }
+
+    #[test]
+    fn an_evacuation_waits_for_a_vm_being_created_on_its_host_and_does_not_call_it_empty() {
+        use std::io::{Read, Write};
+        let scratch = ScratchCenter::open("create-evacuate");
+        // Host a answers a create after 1 s (a VM booting).
+        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = api.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = api.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+            let vm =
+                serde_json::to_string(&inventory::tests::vm("a-vm1", ferry_api::VmState::Running))
+                    .unwrap();
+            write!(
+                conn,
+                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{vm}",
+                vm.len()
+            )
+            .unwrap();
+        });
+        scratch.report("a", addr);
+        let center = scratch.center.clone();
+        let create = std::thread::spawn(move || {
+            center.create_vm(&PlaceVm {
+                vm: CreateVm {
+                    name: None,
+                    workload: "mlp-train".into(),
+                    args: Vec::new(),
+                    memory: 256 << 20,
+                    accel_memory: 0,
+                    attach: Vec::new(),
+                    backend: None,
+                },
+                host: None,
+            })
+        });
+        // The create has picked host a and waits for it.
+        while scratch.center.inventory().creating.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let op = scratch.center.enter_maintenance("a").unwrap();
+        let placed = create.join().unwrap().unwrap();
+        assert_eq!(placed.host, "a");
+        let ended = loop {
+            let now = scratch.center.operation(op.id).unwrap();
+            if now.state != operations::OperationState::Running {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            ended.state,
+            operations::OperationState::Incomplete,
+            "{ended:?}"
+        );
+        assert!(ended.summary.contains("a-vm1"), "{}", ended.summary);
+        assert!(scratch.center.inventory().creating.is_empty());
     }
 
     #[test]

@@ -785,6 +785,11 @@ impl Center {
             .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.vm)))
             .collect();
         problems.extend(problem);
+        // A VM placed here before the host stopped taking new ones may still be starting:
+        // the host is not empty until it has come (and then it stays, to move again).
+        if !self.creations_ended(host) {
+            problems.push("VMs were still being created on the host".into());
+        }
         let left: Vec<String> = self
             .inventory()
             .live_vms_on(host)
