@@ -919,18 +919,30 @@ impl Center {
         true
     }
 
-    /// Sets a host's maintenance mode and writes it through.
+    /// Sets a host's maintenance mode and writes it through; if the write fails, the mode
+    /// it had stays.
     fn set_mode(&self, host: &str, mode: HostMode) -> Result<(), CenterError> {
-        let record = {
+        let (record, before) = {
             let mut inventory = self.inventory();
             let record = inventory.hosts.get_mut(host).ok_or_else(|| {
                 CenterError::NotFound(format!("no host named '{host}' has joined"))
             })?;
-            record.mode = mode;
-            record.clone()
+            let before = std::mem::replace(&mut record.mode, mode);
+            (record.clone(), before)
         };
-        self.store().put_host(&record)?;
-        self.store().touch()?;
+        let written = self
+            .store()
+            .put_host(&record)
+            .and_then(|()| self.store().touch());
+        if let Err(e) = written {
+            // Unless another change came meanwhile.
+            if let Some(now) = self.inventory().hosts.get_mut(host) {
+                if now.mode == record.mode {
+                    now.mode = before;
+                }
+            }
+            return Err(e.into());
+        }
         Ok(())
     }
 }
@@ -1066,6 +1078,16 @@ pub(crate) mod tests {
         );
         assert!(ended.summary.contains("a-vm1"), "{}", ended.summary);
         assert!(scratch.center.inventory().creating.is_empty());
+    }
+
+    #[test]
+    fn a_host_left_evacuating_by_a_lost_write_can_be_put_back_in_service() {
+        let scratch = ScratchCenter::open("stuck-evacuating");
+        scratch.report("a", ferry_testdata::refusing_addr());
+        // As if the evacuation ended but the write of the host's new mode failed.
+        scratch.center.inventory().hosts.get_mut("a").unwrap().mode = HostMode::Evacuating;
+        let view = scratch.center.exit_maintenance("a").unwrap();
+        assert_eq!(view.mode, "active", "{view:?}");
     }
 
     #[test]

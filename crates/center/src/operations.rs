@@ -125,6 +125,21 @@ impl Center {
         }
     }
 
+    /// Whether a maintenance operation of `host` runs now. A host's mode can say
+    /// `Evacuating` after its operation ended, if the mode's last write failed: the
+    /// operation, not the mode, decides, so such a host can be put back in service.
+    fn evacuating_now(&self, host: &str) -> bool {
+        self.operations
+            .lock()
+            .expect("operations lock")
+            .values()
+            .any(|o| {
+                o.state == OperationState::Running
+                    && o.kind == OperationKind::Maintenance
+                    && o.host.as_deref() == Some(host)
+            })
+    }
+
     /// Registers a new operation, unless one is running.
     fn begin_operation(
         &self,
@@ -705,7 +720,7 @@ impl Center {
     pub fn enter_maintenance(self: &Arc<Self>, host: &str) -> Result<Operation, CenterError> {
         self.store().writable()?;
         self.up_host(host)?;
-        if self.inventory().hosts[host].mode == HostMode::Evacuating {
+        if self.evacuating_now(host) {
             return Err(CenterError::Conflict(format!(
                 "host {host} is already being evacuated"
             )));
@@ -877,7 +892,7 @@ impl Center {
             .get(host)
             .map(|h| h.mode.clone())
             .ok_or_else(|| CenterError::NotFound(format!("no host named '{host}' has joined")))?;
-        if mode == HostMode::Evacuating {
+        if self.evacuating_now(host) {
             return Err(CenterError::Conflict(format!(
                 "host {host} is being evacuated; wait for the evacuation to end"
             )));
