@@ -343,6 +343,9 @@ impl Center {
         {
             let mut inventory = self.inventory();
             self.merge_loaded_hosts_and_vms(&mut inventory, &loaded);
+            // Room held for moves of an earlier lead: its operations are resumed (and
+            // hold room again) or concluded from the record.
+            inventory.reservations.clear();
             inventory.migrations.clear();
             for m in loaded.migrations {
                 if m.state.has_ended() {

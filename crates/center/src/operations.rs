@@ -192,6 +192,13 @@ impl Center {
         Ok(op)
     }
 
+    /// Gives back the room held for `moves` (those that ran gave theirs back already).
+    fn release_room(&self, moves: &[Move]) {
+        self.inventory()
+            .reservations
+            .retain(|r| !moves.iter().any(|m| r.vm == m.vm.id && r.host == m.to));
+    }
+
     /// Holds room on each move's destination until the move ends.
     fn reserve(&self, moves: &[Move]) {
         let mut inventory = self.inventory();
@@ -222,6 +229,7 @@ impl Center {
         match self.store().add_migration(&record) {
             Ok(id) => record.id = id,
             Err(e) => {
+                self.release_room(std::slice::from_ref(m));
                 record.state = MigrationState::Failed;
                 record.error = Some(e.to_string());
                 return record;
@@ -656,6 +664,8 @@ impl Center {
                 });
             }
         });
+        // The moves not made (the lead was lost) hold nothing either.
+        self.release_room(moves);
         records.into_inner().expect("records lock")
     }
 
@@ -763,9 +773,7 @@ impl Center {
     /// Operation `op` could not start after all (`error`): its room is given back and it
     /// ends as incomplete, so it neither blocks the next one nor is resumed.
     fn abandon(&self, op: &Operation, moves: &[Move], error: CenterError) -> CenterError {
-        self.inventory()
-            .reservations
-            .retain(|r| !moves.iter().any(|m| r.vm == m.vm.id && r.host == m.to));
+        self.release_room(moves);
         let why = error.to_string();
         self.update_operation(op.id, |o| {
             o.state = OperationState::Incomplete;
@@ -970,5 +978,32 @@ impl Center {
             plan,
             operation: Some(op),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::tests::vm;
+    use crate::tests::ScratchCenter;
+
+    #[test]
+    fn moves_never_made_give_their_room_back() {
+        let scratch = ScratchCenter::open("unmade-moves");
+        let center = &scratch.center;
+        let m = Move {
+            vm: VmRecord {
+                id: "v".into(),
+                host: "a".into(),
+                info: vm("v", VmState::Running),
+            },
+            to: "b".into(),
+        };
+        center.reserve(std::slice::from_ref(&m));
+        assert_eq!(center.inventory().reservations.len(), 1);
+        // A term this replica does not lead in: no move is made.
+        let records = center.run_moves(std::slice::from_ref(&m), "test", 0, u64::MAX);
+        assert!(records.is_empty());
+        assert!(center.inventory().reservations.is_empty());
     }
 }
