@@ -354,11 +354,13 @@ impl Center {
                 inventory.add_migration(m);
             }
         }
-        *self.operations.lock().expect("operations lock") = loaded
+        let mut operations = loaded
             .operations
             .into_iter()
             .map(|op| (op.id, op))
             .collect();
+        operations::keep_newest(&mut operations);
+        *self.operations.lock().expect("operations lock") = operations;
     }
 
     /// Where the state is kept, in words.

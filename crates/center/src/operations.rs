@@ -79,6 +79,24 @@ pub enum OperationState {
     Incomplete,
 }
 
+/// Most operations the center keeps in memory (`GET /v1/operations` lists the newest).
+pub const OPERATIONS_KEPT: usize = 1_000;
+
+/// Forgets the oldest ended operations beyond [`OPERATIONS_KEPT`], so a center that runs
+/// for months stays bounded (the store keeps them all); a running one always stays.
+pub(crate) fn keep_newest(ops: &mut std::collections::BTreeMap<u64, Operation>) {
+    while ops.len() > OPERATIONS_KEPT {
+        let Some(oldest) = ops
+            .iter()
+            .find(|(_, o)| o.state != OperationState::Running)
+            .map(|(&id, _)| id)
+        else {
+            break;
+        };
+        ops.remove(&oldest);
+    }
+}
+
 /// A move to make: the VM, where it is and where it goes.
 #[derive(Debug, Clone)]
 struct Move {
@@ -140,7 +158,8 @@ impl Center {
             })
     }
 
-    /// Registers a new operation, unless one is running.
+    /// Registers a new operation, unless one is running; the oldest beyond
+    /// [`OPERATIONS_KEPT`] are forgotten here.
     fn begin_operation(
         &self,
         kind: OperationKind,
@@ -179,6 +198,7 @@ impl Center {
             summary: String::new(),
         };
         ops.insert(op.id, op.clone());
+        keep_newest(&mut ops);
         // Written without the lock (no I/O under it): a second operation meanwhile sees
         // this one running and is refused.
         drop(ops);
@@ -986,6 +1006,22 @@ mod tests {
     use super::*;
     use crate::inventory::tests::vm;
     use crate::tests::ScratchCenter;
+
+    #[test]
+    fn operations_kept_are_bounded() {
+        let scratch = ScratchCenter::open("operations-kept");
+        let center = &scratch.center;
+        for _ in 0..OPERATIONS_KEPT + 5 {
+            let op = center
+                .begin_operation(OperationKind::Balance, None, &[])
+                .unwrap();
+            center.update_operation(op.id, |o| o.state = OperationState::Done);
+        }
+        let ops = center.operations.lock().unwrap();
+        assert_eq!(ops.len(), OPERATIONS_KEPT);
+        // The newest are kept, and ids keep counting on.
+        assert_eq!(ops.keys().next_back(), Some(&(OPERATIONS_KEPT as u64 + 5)));
+    }
 
     #[test]
     fn moves_never_made_give_their_room_back() {
