@@ -897,14 +897,21 @@ impl Center {
             info: vm.clone(),
         };
         self.inventory().put_vm_placed(record.clone());
-        self.store().put_vms(&[&record], &[])?;
-        self.record(&[Event::now(
-            "vm-created",
-            format!(
-                "VM {} ({}) placed on host {}",
-                vm.id, vm.workload, host.name
-            ),
-        )])?;
+        // The VM runs: a failed write is not the create's failure (a client told so
+        // would create it again). The host's next beat writes its VMs through.
+        let recorded = self.store().put_vms(&[&record], &[]).and_then(|()| {
+            self.record(&[Event::now(
+                "vm-created",
+                format!(
+                    "VM {} ({}) placed on host {}",
+                    vm.id, vm.workload, host.name
+                ),
+            )])
+        });
+        if let Err(e) = recorded {
+            tracing::error!(vm = %vm.id, host = %host.name, "recording the created VM: {e}");
+            self.inventory().rewrite_next_beat(&host.name);
+        }
         Ok(Placed {
             host: host.name,
             vm,
