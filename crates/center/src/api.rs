@@ -30,7 +30,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ferry_api::Heartbeat;
-use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
+use ferry_http::tokens::{require_serving_token, require_token, Access, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 use serde::Deserialize;
 
@@ -317,7 +317,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .route("/v1/completions", post(gateway::completions))
         .route_layer(middleware::from_fn_with_state(
             gates.operators.clone(),
-            require_token,
+            require_serving_token,
         ))
         .route_layer(middleware::from_fn(gateway::openai_errors));
     let hosts = Router::new()

@@ -1,8 +1,9 @@
 //! API bearer tokens: which ones a request may carry, and what each allows. A host (and
 //! the center) takes a fixed token or two (keys derived from the cluster secret, or the
 //! center's operator token) and, optionally, a file of operators' tokens, one per line,
-//! each full or `read-only`; the file is read again when it changes, so tokens can be
-//! added and retired without a restart. Tokens are compared in constant time.
+//! each full, `read-only` or `serving` (the OpenAI API only); the file is read again when
+//! it changes, so tokens can be added and retired without a restart. Tokens are compared
+//! in constant time.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,18 @@ pub enum Access {
     Full,
     /// `GET` and `HEAD` only: dashboards and metrics scrapers.
     ReadOnly,
+    /// The center's OpenAI API only (models and completions): what a chat application
+    /// is given, which must not create, move or stop VMs.
+    Serving,
+}
+
+/// Which part of an API a router serves, for what a token may do there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The operators' API: full tokens, and read-only ones for reads.
+    Operators,
+    /// The OpenAI API: full and serving tokens, and read-only ones for reads.
+    Serving,
 }
 
 /// Why a token file was refused.
@@ -38,7 +51,8 @@ pub enum TokenFileError {
         #[source]
         source: std::io::Error,
     },
-    /// A line is not `TOKEN` or `TOKEN read-only`, or the token is too short.
+    /// A line is not `TOKEN`, `TOKEN read-only` or `TOKEN serving`, or the token is too
+    /// short.
     #[error("token file {path}, line {line}: {why}")]
     Line {
         /// The file.
@@ -68,7 +82,12 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)
         let access = match words.next() {
             None => Access::Full,
             Some("read-only") => Access::ReadOnly,
-            Some(other) => return Err(bad(format!("'{other}' is not 'read-only'"))),
+            Some("serving") => Access::Serving,
+            Some(other) => {
+                return Err(bad(format!(
+                    "'{other}' is neither 'read-only' nor 'serving'"
+                )))
+            }
         };
         if let Some(extra) = words.next() {
             return Err(bad(format!("unexpected '{extra}'")));
@@ -157,12 +176,31 @@ impl Tokens {
     }
 }
 
-/// Middleware (state: the tokens) that runs `request` if it carries `Authorization:
-/// Bearer <token>` with a token of `tokens` that allows it; else refuses it with 401 (no
-/// or wrong token) or 403 (a read-only token on a request that changes something). The
-/// hosts' and the cluster center's APIs use it.
+/// Middleware (state: the tokens) for the operators' API: see [`require_token_in`].
 pub async fn require_token(
     State(tokens): State<Arc<Tokens>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    require_token_in(Scope::Operators, &tokens, request, next).await
+}
+
+/// Middleware (state: the tokens) for the center's OpenAI API: see [`require_token_in`].
+pub async fn require_serving_token(
+    State(tokens): State<Arc<Tokens>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    require_token_in(Scope::Serving, &tokens, request, next).await
+}
+
+/// Runs `request` if it carries `Authorization: Bearer <token>` with a token of `tokens`
+/// that allows it in `scope`; else refuses it with 401 (no or wrong token) or 403 (a
+/// read-only token on a request that changes something, a serving token outside the
+/// OpenAI API). The hosts' and the cluster center's APIs use it.
+async fn require_token_in(
+    scope: Scope,
+    tokens: &Tokens,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
@@ -177,16 +215,21 @@ pub async fn require_token(
             "missing 'Authorization: Bearer <token>' header",
         );
     };
-    match tokens.access(given.as_bytes()) {
-        Some(Access::Full) => next.run(request).await,
-        Some(Access::ReadOnly) if matches!(*request.method(), Method::GET | Method::HEAD) => {
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    match (tokens.access(given.as_bytes()), scope) {
+        (Some(Access::Full), _) | (Some(Access::Serving), Scope::Serving) => {
             next.run(request).await
         }
-        Some(Access::ReadOnly) => crate::error(
+        (Some(Access::ReadOnly), _) if reads => next.run(request).await,
+        (Some(Access::ReadOnly), _) => crate::error(
             StatusCode::FORBIDDEN,
             "this token is read-only: it may only read (GET)",
         ),
-        None => {
+        (Some(Access::Serving), Scope::Operators) => crate::error(
+            StatusCode::FORBIDDEN,
+            "this token is for the OpenAI API only (/v1/models, /v1/chat/completions, /v1/completions)",
+        ),
+        (None, _) => {
             tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
             crate::error(StatusCode::UNAUTHORIZED, "wrong API token")
         }
@@ -202,14 +245,15 @@ mod tests {
         let path = Path::new("tokens");
         let tokens = parse_token_file(
             path,
-            "# operators\nalice-0123456789abcdef\n  grafana-0123456789abcd read-only  # scraper\n\n",
+            "# operators\nalice-0123456789abcdef\n  grafana-0123456789abcd read-only  # scraper\nchat-ui-0123456789abcd serving\n",
         )
         .unwrap();
         assert_eq!(
             tokens,
             vec![
                 (b"alice-0123456789abcdef".to_vec(), Access::Full),
-                (b"grafana-0123456789abcd".to_vec(), Access::ReadOnly)
+                (b"grafana-0123456789abcd".to_vec(), Access::ReadOnly),
+                (b"chat-ui-0123456789abcd".to_vec(), Access::Serving)
             ]
         );
         for (text, says) in [
@@ -220,6 +264,68 @@ mod tests {
             let e = parse_token_file(path, text).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("line 1"), "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_serving_token_opens_the_openai_api_only_and_a_read_only_one_only_reads() {
+        use axum::routing::get;
+        use tower::ServiceExt;
+        let tokens = Arc::new(
+            Tokens::new(
+                vec![
+                    (b"full-0123456789abcdef".to_vec(), Access::Full),
+                    (b"chat-0123456789abcdef".to_vec(), Access::Serving),
+                    (b"look-0123456789abcdef".to_vec(), Access::ReadOnly),
+                ],
+                None,
+            )
+            .unwrap(),
+        );
+        let operators = axum::Router::new()
+            .route(
+                "/v1/vms",
+                get(|| async { "vms" }).post(|| async { "created" }),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(
+                tokens.clone(),
+                require_token,
+            ));
+        let serving = axum::Router::new()
+            .route("/v1/models", get(|| async { "models" }))
+            .route("/v1/completions", axum::routing::post(|| async { "text" }))
+            .route_layer(axum::middleware::from_fn_with_state(
+                tokens,
+                require_serving_token,
+            ));
+        let app = operators.merge(serving);
+        let status = |method: &str, path: &str, token: &str| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("Authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let app = app.clone();
+            async move { app.oneshot(request).await.unwrap().status().as_u16() }
+        };
+        let (full, chat, look) = (
+            "full-0123456789abcdef",
+            "chat-0123456789abcdef",
+            "look-0123456789abcdef",
+        );
+        assert_eq!(status("POST", "/v1/vms", full).await, 200);
+        assert_eq!(status("POST", "/v1/completions", full).await, 200);
+        assert_eq!(status("POST", "/v1/completions", chat).await, 200);
+        assert_eq!(status("GET", "/v1/models", chat).await, 200);
+        assert_eq!(status("GET", "/v1/vms", chat).await, 403);
+        assert_eq!(status("POST", "/v1/vms", chat).await, 403);
+        assert_eq!(status("GET", "/v1/vms", look).await, 200);
+        assert_eq!(status("POST", "/v1/vms", look).await, 403);
+        assert_eq!(status("POST", "/v1/completions", look).await, 403);
+        assert_eq!(
+            status("GET", "/v1/vms", "wrong-0123456789abcdef").await,
+            401
+        );
     }
 
     #[test]

@@ -218,8 +218,9 @@ pub struct ServeArgs {
     /// Also balance on its own every this many seconds.
     #[arg(long, value_name = "S")]
     pub balance_every_s: Option<u64>,
-    /// More operators' tokens, one per line: `TOKEN` or `TOKEN read-only` (enough for the
-    /// dashboard and /metrics); read again when the file changes, to rotate them.
+    /// More operators' tokens, one per line: `TOKEN`, `TOKEN read-only` (enough for the
+    /// dashboard and /metrics) or `TOKEN serving` (the OpenAI API only, for applications
+    /// that ask the models); read again when the file changes, to rotate them.
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
     #[command(flatten)]
