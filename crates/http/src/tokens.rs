@@ -208,12 +208,14 @@ async fn require_token_in(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme's name is case-insensitive (RFC 9110).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        });
     let Some(given) = given else {
-        return crate::error(
-            StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <token>' header",
-        );
+        return unauthorized("missing 'Authorization: Bearer <token>' header");
     };
     let reads = matches!(*request.method(), Method::GET | Method::HEAD);
     match (tokens.access(given.as_bytes()), scope) {
@@ -231,9 +233,19 @@ async fn require_token_in(
         ),
         (None, _) => {
             tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
-            crate::error(StatusCode::UNAUTHORIZED, "wrong API token")
+            unauthorized("wrong API token")
         }
     }
+}
+
+/// A 401 saying `why`, with the challenge that names the scheme (RFC 9110).
+fn unauthorized(why: &str) -> Response {
+    let mut response = crate::error(StatusCode::UNAUTHORIZED, why);
+    response.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -326,6 +338,21 @@ mod tests {
             status("GET", "/v1/vms", "wrong-0123456789abcdef").await,
             401
         );
+        // The scheme in any case.
+        assert_eq!(status("GET", "/v1/vms", "").await, 401);
+        let request = |auth: Option<String>| {
+            let builder = axum::http::Request::builder().uri("/v1/vms");
+            let builder = match auth {
+                Some(a) => builder.header("Authorization", a),
+                None => builder,
+            };
+            builder.body(axum::body::Body::empty()).unwrap()
+        };
+        let lower = app.clone().oneshot(request(Some(format!("bearer {full}"))));
+        assert_eq!(lower.await.unwrap().status(), 200);
+        let refused = app.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(refused.status(), 401);
+        assert_eq!(refused.headers()["www-authenticate"], "Bearer");
     }
 
     #[test]
