@@ -46,6 +46,12 @@ const PATIENCE: Duration = Duration::from_secs(30);
 const SILENCE: Duration = Duration::from_secs(600);
 /// Wait between tries while the VM is paused or starting.
 const RETRY_PAUSE: Duration = Duration::from_millis(2);
+/// Longest a streamed answer's headers wait for its first event (an error before then
+/// still gets its own status).
+const STREAM_STARTS_AFTER: Duration = Duration::from_secs(5);
+/// A silent stream gets a comment line this often: proxies commonly cut a response
+/// silent for 60 s.
+const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Longest one read of a stream waits on the host.
 const READ_WAIT_MS: u64 = 1000;
 
@@ -962,9 +968,26 @@ async fn complete(
         Endpoint::Chat => format!("chatcmpl-{stream:016x}"),
         Endpoint::Completion => format!("cmpl-{stream:016x}"),
     };
-    let created = unix_ms() / 1000;
-    // The first event decides between an error answer and a 200.
-    let first = match rx.recv().await {
+    let shape = Shape {
+        endpoint,
+        id,
+        created: unix_ms() / 1000,
+        model,
+    };
+    let streaming = sampling.stream == Some(true);
+    let usage = sampling.stream_options.is_some_and(|o| o.include_usage);
+    // The first event decides between an error answer and a 200; a stream whose first
+    // event is slow to come (its request queued behind others) starts without it, so
+    // that a proxy does not cut a response with no headers yet.
+    let first = if streaming {
+        match tokio::time::timeout(STREAM_STARTS_AFTER, rx.recv()).await {
+            Ok(first) => first,
+            Err(_) => return shape.stream(None, rx, usage),
+        }
+    } else {
+        rx.recv().await
+    };
+    let first = match first {
         Some(Relayed::Failed(e)) => return e.into_response(),
         Some(first) => first,
         None => {
@@ -976,15 +999,8 @@ async fn complete(
             .into_response()
         }
     };
-    let shape = Shape {
-        endpoint,
-        id,
-        created,
-        model,
-    };
-    if sampling.stream == Some(true) {
-        let usage = sampling.stream_options.is_some_and(|o| o.include_usage);
-        return shape.stream(first, rx, usage);
+    if streaming {
+        return shape.stream(Some(first), rx, usage);
     }
     let mut text = String::new();
     let mut item = Some(first);
@@ -1096,7 +1112,12 @@ impl Shape {
 
     /// Server-sent events: a chunk per piece of text, the finish, then `[DONE]`. An
     /// error after the 200 goes as an `error` object, then `[DONE]`.
-    fn stream(self, first: Relayed, mut rx: mpsc::Receiver<Relayed>, with_usage: bool) -> Response {
+    fn stream(
+        self,
+        first: Option<Relayed>,
+        mut rx: mpsc::Receiver<Relayed>,
+        with_usage: bool,
+    ) -> Response {
         let event = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
         let (out, body) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
         // A chat stream names the speaker once, first, as OpenAI's does: clients that
@@ -1107,8 +1128,28 @@ impl Shape {
             let _ = out.try_send(Ok(event(&opening)));
         }
         tokio::spawn(async move {
-            let mut item = Some(first);
-            while let Some(relayed) = item {
+            let mut item = first;
+            loop {
+                let relayed = match item.take() {
+                    Some(relayed) => relayed,
+                    // A client that left while the model is silent is noticed now, not
+                    // at the next token, which may never come; a silent stream gets a
+                    // comment line now and then, which keeps proxies from cutting it
+                    // (SSE clients pass over comments).
+                    None => tokio::select! {
+                        next = rx.recv() => match next {
+                            Some(relayed) => relayed,
+                            None => return,
+                        },
+                        () = out.closed() => return,
+                        () = tokio::time::sleep(KEEPALIVE) => {
+                            if out.send(Ok(Bytes::from_static(b": waiting\n\n"))).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    },
+                };
                 let (bytes, last) = match relayed {
                     Relayed::Text(t) if t.is_empty() => (None, false),
                     Relayed::Text(t) => (Some(event(&self.chunk(Some(&t), None))), false),
@@ -1144,12 +1185,6 @@ impl Shape {
                 if last {
                     return;
                 }
-                // A client that left while the model is silent is noticed now, not at
-                // the next token, which may never come.
-                item = tokio::select! {
-                    next = rx.recv() => next,
-                    () = out.closed() => return,
-                };
             }
         });
         let stream = futures_util::stream::unfold(body, |mut body| async move {
@@ -1181,7 +1216,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_leaving_a_silent_stream_releases_its_relay() {
         let (tx, rx) = mpsc::channel(4);
-        let response = chat_shape().stream(Relayed::Text("hi".into()), rx, false);
+        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, false);
         // The client reads the first token and leaves; the model then says nothing.
         let mut body = response.into_body().into_data_stream();
         let opening = body.next().await.unwrap().unwrap();
@@ -1263,6 +1298,27 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_waiting_for_its_first_token_starts_and_keeps_its_connection_alive() {
+        let (tx, rx) = mpsc::channel(4);
+        let response = chat_shape().stream(None, rx, false);
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body().into_data_stream();
+        let opening = body.next().await.unwrap().unwrap();
+        assert!(std::str::from_utf8(&opening)
+            .unwrap()
+            .contains("\"role\":\"assistant\""));
+        // Nothing from the model for a while: a comment line, twice.
+        for _ in 0..2 {
+            let started = tokio::time::Instant::now();
+            assert_eq!(&body.next().await.unwrap().unwrap()[..], b": waiting\n\n");
+            assert!(started.elapsed() >= KEEPALIVE);
+        }
+        tx.send(Relayed::Text("hi".into())).await.unwrap();
+        let first = body.next().await.unwrap().unwrap();
+        assert!(std::str::from_utf8(&first).unwrap().contains("\"hi\""));
+    }
+
     #[tokio::test]
     async fn a_chat_stream_names_the_assistant_once_first() {
         let (tx, rx) = mpsc::channel(4);
@@ -1275,7 +1331,7 @@ mod tests {
         .await
         .unwrap();
         drop(tx);
-        let response = chat_shape().stream(Relayed::Text("hi".into()), rx, false);
+        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, false);
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .unwrap();
