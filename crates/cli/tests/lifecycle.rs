@@ -521,3 +521,24 @@ fn a_host_with_a_thousand_ended_vms_lists_a_bounded_number_in_flat_memory() {
         rss_end >> 20
     );
 }
+
+#[test]
+fn a_host_sent_sigterm_stops_its_vms_and_exits_cleanly() {
+    ferry_testdata::require_kvm!(kvm_available);
+    let mut a = Daemon::start("a");
+    a.create("memtouch", "0", "--mib 4 --passes 1000000");
+    // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = a.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "not a clean exit: {status:?}");
+}
