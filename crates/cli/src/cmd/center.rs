@@ -334,9 +334,7 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
                 "ferry center: API and dashboard on {scheme}://{} ({})",
                 running.addr, running.store
             );
-            runtime.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
-            });
+            runtime.block_on(super::shutdown_signal());
             Ok(())
         }
         CenterCommand::Status { center, json } => {

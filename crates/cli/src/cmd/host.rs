@@ -372,22 +372,8 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 daemon.api_addr,
                 daemon.migration_addr
             );
-            // Ctrl-C, or SIGTERM (what a service manager sends): `daemon` is dropped on
-            // the way out, which shuts the host down in order.
-            runtime.block_on(async {
-                use tokio::signal::unix::{signal, SignalKind};
-                match signal(SignalKind::terminate()) {
-                    Ok(mut terminate) => {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
-                            _ = terminate.recv() => {}
-                        }
-                    }
-                    Err(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
-                    }
-                }
-            });
+            // `daemon` is dropped on the way out, which shuts the host down in order.
+            runtime.block_on(super::shutdown_signal());
             tracing::info!("shutting down: stopping the VMs, then the migration port");
             Ok(())
         }

@@ -20,3 +20,19 @@ pub mod tls;
 pub mod vm;
 
 pub use ferry_vmm::devices::console::last_field;
+
+/// Waits for Ctrl-C or SIGTERM (what a service manager sends to stop a daemon).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
