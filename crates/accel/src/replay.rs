@@ -273,10 +273,17 @@ mod tests {
 
     #[test]
     fn the_log_is_bounded_until_taken() {
+        let entry = LoggedCommand {
+            opcode: op::UPLOAD,
+            args: vec![1, 0, 0, 64],
+            payload: vec![0; 64],
+            status: status::OK,
+        };
+        // Room for two entries, not three.
+        let room = 2 * entry.weight() + entry.weight() / 2;
         let limits = CaptureLimits {
             pool_bytes: 0,
-            // Room for two entries of 112 bytes, not three.
-            log_bytes: 250,
+            log_bytes: room,
         };
         let mut capture = Capture::new(limits, [], [(chunk(2, 0), 5)]);
         assert_eq!(
@@ -284,19 +291,13 @@ mod tests {
             Ok(Some(vec![0; 5])),
             "unwritten"
         );
-        let entry = LoggedCommand {
-            opcode: op::UPLOAD,
-            args: vec![1, 0, 0, 64],
-            payload: vec![0; 64],
-            status: status::OK,
-        };
         capture.log(entry.clone());
         capture.log(entry.clone());
         assert_eq!(capture.take_log().len(), 2);
         capture.log(entry.clone());
         capture.log(entry.clone());
         capture.log(entry);
-        assert_eq!(capture.failure(), Err(CaptureError::LogFull { limit: 250 }));
+        assert_eq!(capture.failure(), Err(CaptureError::LogFull { limit: room }));
         assert_eq!(capture.report().commands_logged, 4);
     }
 
