@@ -297,7 +297,10 @@ mod tests {
         capture.log(entry.clone());
         capture.log(entry.clone());
         capture.log(entry);
-        assert_eq!(capture.failure(), Err(CaptureError::LogFull { limit: room }));
+        assert_eq!(
+            capture.failure(),
+            Err(CaptureError::LogFull { limit: room })
+        );
         assert_eq!(capture.report().commands_logged, 4);
     }
 

@@ -176,7 +176,9 @@ impl Tokens {
     }
 }
 
-/// Middleware (state: the tokens) for the operators' API: see [`require_token_in`].
+/// Middleware (state: the tokens) for the operators' API (hosts' and the center's): runs
+/// a request that carries `Authorization: Bearer <token>` with a full token, or a
+/// read-only one for a read; else 401 (no or wrong token) or 403.
 pub async fn require_token(
     State(tokens): State<Arc<Tokens>>,
     request: axum::extract::Request,
@@ -185,7 +187,8 @@ pub async fn require_token(
     require_token_in(Scope::Operators, &tokens, request, next).await
 }
 
-/// Middleware (state: the tokens) for the center's OpenAI API: see [`require_token_in`].
+/// Middleware (state: the tokens) for the center's OpenAI API: as [`require_token`], and
+/// serving tokens too.
 pub async fn require_serving_token(
     State(tokens): State<Arc<Tokens>>,
     request: axum::extract::Request,
