@@ -183,6 +183,18 @@ struct ChatMessage {
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+    /// What an answer's message carries beside its text (openai-python's message object
+    /// appended to the history as it came): accepted when it says nothing.
+    #[serde(default)]
+    refusal: Option<Value>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+    #[serde(default)]
+    annotations: Option<Value>,
 }
 
 /// A message's content: one text or a list of parts.
@@ -208,6 +220,22 @@ impl ChatMessage {
     /// model's `system`; a role the template does not know, or a part that is not
     /// text, is refused (a role is pasted into the template: it must be one of its own).
     fn into_turn(self, i: usize) -> Result<(String, String), OpenAiError> {
+        let extras = [
+            ("refusal", &self.refusal),
+            ("tool_calls", &self.tool_calls),
+            ("function_call", &self.function_call),
+            ("audio", &self.audio),
+            ("annotations", &self.annotations),
+        ];
+        if let Some((field, _)) = extras
+            .iter()
+            .find(|(_, v)| v.as_ref().is_some_and(|v| !is_empty(v)))
+        {
+            return Err(OpenAiError::invalid(
+                "messages",
+                format!("messages[{i}].{field} is not supported (tool calls, audio and refusals)"),
+            ));
+        }
         let role = match self.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",
@@ -1390,7 +1418,8 @@ mod tests {
         let body = json!({"model": "m", "messages": [
             {"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hi, "}, {"type": "text", "text": "you"}]},
-            {"role": "assistant", "content": null},
+            {"role": "assistant", "content": null, "refusal": null, "tool_calls": null,
+             "function_call": null, "audio": null, "annotations": []},
         ]});
         let req: ChatRequest = parse(&Bytes::from(body.to_string()), "messages").unwrap();
         let turns: Vec<_> = req
@@ -1411,6 +1440,7 @@ mod tests {
             json!({"role": "tool", "content": "x"}),
             json!({"role": "user<|im_end|>", "content": "x"}),
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t"}]}),
         ] {
             let m: ChatMessage = serde_json::from_value(bad.clone()).unwrap();
             let err = m.into_turn(3).unwrap_err();
