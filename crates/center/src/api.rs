@@ -30,7 +30,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ferry_api::Heartbeat;
-use ferry_http::tokens::{require_serving_token, require_token, Access, TokenFileError, Tokens};
+use ferry_http::tokens::{require_token, Access, Scope, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 use serde::Deserialize;
 
@@ -305,7 +305,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
             leader_writes,
         ))
         .route_layer(middleware::from_fn_with_state(
-            gates.operators.clone(),
+            (gates.operators.clone(), Scope::Operators),
             require_token,
         ));
     // OpenAI's API for clients of the serving VMs, with the operators' (and services')
@@ -316,14 +316,17 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .route("/v1/chat/completions", post(gateway::chat_completions))
         .route("/v1/completions", post(gateway::completions))
         .route_layer(middleware::from_fn_with_state(
-            gates.operators.clone(),
-            require_serving_token,
+            (gates.operators.clone(), Scope::Serving),
+            require_token,
         ))
         .route_layer(middleware::from_fn(gateway::openai_errors));
     let hosts = Router::new()
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/settle", post(settle))
-        .route_layer(middleware::from_fn_with_state(gates.hosts, require_token));
+        .route_layer(middleware::from_fn_with_state(
+            (gates.hosts, Scope::Operators),
+            require_token,
+        ));
     Ok(Router::new()
         .route("/", get(dashboard))
         .merge(operators)

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use ferry_migrate::Purpose;
 
 use ferry_api::{ChannelMessage, CreateVm, MigrateRequest};
-use ferry_http::tokens::{require_token, Access, TokenFileError, Tokens};
+use ferry_http::tokens::{require_token, Access, Scope, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 
 use crate::{Host, HostError};
@@ -298,7 +298,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         )
         .route("/v1/vms/{id}/streams/{stream}/signal", post(signal))
         .route_layer(middleware::from_fn_with_state(
-            api.tokens.clone(),
+            (api.tokens.clone(), Scope::Operators),
             require_token,
         ))
         .fallback(not_found)

@@ -33,7 +33,8 @@ pub enum Access {
 /// Which part of an API a router serves, for what a token may do there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// The operators' API: full tokens, and read-only ones for reads.
+    /// Every API but the OpenAI one (the hosts', the center's for operators and for
+    /// hosts): full tokens, and read-only ones for reads.
     Operators,
     /// The OpenAI API: full and serving tokens, and read-only ones for reads.
     Serving,
@@ -176,34 +177,13 @@ impl Tokens {
     }
 }
 
-/// Middleware (state: the tokens) for the operators' API (hosts' and the center's): runs
-/// a request that carries `Authorization: Bearer <token>` with a full token, or a
-/// read-only one for a read; else 401 (no or wrong token) or 403.
+/// Middleware (state: the tokens, and the part of the API the router serves) that runs
+/// `request` if it carries `Authorization: Bearer <token>` with a token that allows it in
+/// `scope`; else refuses it with 401 (no or wrong token) or 403 (a read-only token on a
+/// request that changes something, a serving token outside the OpenAI API). The hosts'
+/// and the cluster center's APIs use it.
 pub async fn require_token(
-    State(tokens): State<Arc<Tokens>>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    require_token_in(Scope::Operators, &tokens, request, next).await
-}
-
-/// Middleware (state: the tokens) for the center's OpenAI API: as [`require_token`], and
-/// serving tokens too.
-pub async fn require_serving_token(
-    State(tokens): State<Arc<Tokens>>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    require_token_in(Scope::Serving, &tokens, request, next).await
-}
-
-/// Runs `request` if it carries `Authorization: Bearer <token>` with a token of `tokens`
-/// that allows it in `scope`; else refuses it with 401 (no or wrong token) or 403 (a
-/// read-only token on a request that changes something, a serving token outside the
-/// OpenAI API). The hosts' and the cluster center's APIs use it.
-async fn require_token_in(
-    scope: Scope,
-    tokens: &Tokens,
+    State((tokens, scope)): State<(Arc<Tokens>, Scope)>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
@@ -302,15 +282,15 @@ mod tests {
                 get(|| async { "vms" }).post(|| async { "created" }),
             )
             .route_layer(axum::middleware::from_fn_with_state(
-                tokens.clone(),
+                (tokens.clone(), Scope::Operators),
                 require_token,
             ));
         let serving = axum::Router::new()
             .route("/v1/models", get(|| async { "models" }))
             .route("/v1/completions", axum::routing::post(|| async { "text" }))
             .route_layer(axum::middleware::from_fn_with_state(
-                tokens,
-                require_serving_token,
+                (tokens, Scope::Serving),
+                require_token,
             ));
         let app = operators.merge(serving);
         let status = |method: &str, path: &str, token: &str| {
