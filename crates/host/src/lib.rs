@@ -273,7 +273,8 @@ pub struct Host {
     device_memory: DeviceMemory,
     /// What VMs (created, running, or arriving) hold of the capacity.
     ledger: Ledger,
-    /// How each migration received here ended, to settle in-doubt switchovers.
+    /// How each migration received here ended, to settle in-doubt switchovers; closed
+    /// once the host shuts down.
     outcomes: Outcomes,
     /// The cluster center this host reports to, if any: it relays settle questions to a
     /// destination this host cannot reach.
@@ -282,8 +283,6 @@ pub struct Host {
     next_id: Mutex<u64>,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
-    /// [`Host::shutdown`] began: a VM created or arriving from now on is stopped at once.
-    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A host's long-running threads, each stopped by dropping its handle.
@@ -310,7 +309,6 @@ impl Host {
             vms: Mutex::default(),
             next_id: Mutex::new(1),
             background: Mutex::default(),
-            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -321,8 +319,6 @@ impl Host {
     /// questions until the VMs have stopped, so a source in doubt never resumes a VM that
     /// still runs here.
     pub fn shutdown(&self) {
-        use std::sync::atomic::Ordering;
-        self.closing.store(true, Ordering::SeqCst);
         self.outcomes.close();
         let background = std::mem::take(&mut *self.background.lock().expect("background lock"));
         for (stop, thread) in background.heartbeats {
@@ -362,13 +358,13 @@ impl Host {
 
     /// Adds `hosted` (created or arrived) under `id`. One that comes while the host shuts
     /// down is stopped at once: [`Host::shutdown`] may have taken its list of VMs to stop
-    /// already (it raises `closing` before taking it, and this looks after adding).
+    /// already (it closes `outcomes` before taking it, and this looks after adding).
     fn register(&self, id: String, hosted: Arc<HostedVm>) {
         // An entry this one replaces (the VM's earlier stay here) is dropped outside the
         // lock.
         let replaced = self.vms().insert(id, hosted.clone());
         drop(replaced);
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) && hosted.state().is_running() {
+        if self.outcomes.is_closed() && hosted.state().is_running() {
             if let Err(e) = hosted.stop() {
                 tracing::warn!(vm = %hosted.id, "not stopped at shutdown: {e}");
             }

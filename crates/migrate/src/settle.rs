@@ -98,6 +98,11 @@ impl Outcomes {
         }
     }
 
+    /// Whether [`Outcomes::close`] was called: the host is shutting down.
+    pub fn is_closed(&self) -> bool {
+        self.book().closed
+    }
+
     /// Sessions resuming their VM right now (told to run, not yet confirmed).
     pub fn resuming(&self) -> usize {
         self.book()
@@ -181,7 +186,9 @@ mod tests {
         assert!(outcomes.receiving(1));
         assert!(outcomes.receiving(2));
         assert!(outcomes.begin_resume(2));
+        assert!(!outcomes.is_closed());
         outcomes.close();
+        assert!(outcomes.is_closed());
         assert!(!outcomes.receiving(3), "no session begins once closed");
         assert!(!outcomes.begin_resume(1), "a late Go is refused");
         assert_eq!(outcomes.settle(1), Settlement::NotRunning);
