@@ -1,5 +1,6 @@
 //! An in-process host shut down leaves nothing running: its migration port closes, its
-//! threads end and its VMs stop, however many times one is started and stopped.
+//! threads end and its VMs stop, however many times one is started and stopped. (Alone in
+//! its test binary: it counts the whole process's threads.)
 
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
@@ -7,6 +8,22 @@ use std::time::Duration;
 use ferry_api::{CreateVm, VmState};
 use ferry_host::{Host, HostConfig};
 use ferry_migrate::Secret;
+
+/// This process's threads once those that just ended have left: a thread joined has
+/// ended, but the kernel lists it a moment longer. Counts until two counts 20 ms apart
+/// agree (up to 2 s).
+fn threads_settled() -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut count = threads();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = threads();
+        if now == count || std::time::Instant::now() >= deadline {
+            return now;
+        }
+        count = now;
+    }
+}
 
 fn threads() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -65,11 +82,11 @@ fn a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind() {
     // The first life starts what lives as long as the process (the accelerator
     // library's probe); the later ones must leave nothing of their own.
     assert!(!one_life(0), "the migration port still takes connections");
-    let before = threads();
+    let before = threads_settled();
     for n in 1..=5 {
         assert!(!one_life(n), "the migration port still takes connections");
     }
-    let after = threads();
+    let after = threads_settled();
     let names: Vec<String> = std::fs::read_dir("/proc/self/task")
         .unwrap()
         .flatten()
@@ -78,96 +95,4 @@ fn a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind() {
         .collect();
     eprintln!("5 hosts started and shut down: threads {before} -> {after}");
     assert_eq!(after, before, "threads left behind: {names:?}");
-}
-
-/// A center that answers every heartbeat `{"taken": false}`; counts the beats.
-fn refusing_center() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let beats = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = beats.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let counted = counted.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut conn = conn;
-                loop {
-                    // One request: its headers, then its body.
-                    let mut length = 0;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap();
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    reader.read_exact(&mut body).unwrap();
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let answer = r#"{"taken":false}"#;
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                        answer.len()
-                    );
-                    if conn.write_all(reply.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, beats)
-}
-
-#[test]
-fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still_stops() {
-    use std::sync::atomic::Ordering;
-    let store = std::env::temp_dir().join(format!("ferry-refused-beats-{}", std::process::id()));
-    let host = Host::new(HostConfig {
-        name: "refused".into(),
-        secret: Secret::new(b"shutdown-test-secret-0123456789".to_vec()).unwrap(),
-        memory_capacity: 1 << 30,
-        accel_capacity: 0,
-        accel_threads: 1,
-        guest_nice: 0,
-        tls: None,
-        file_store: store.clone(),
-        api_tokens: None,
-        backend: ferry_accel::backend::CPU,
-    });
-    let (url, beats) = refusing_center();
-    let interval = Duration::from_millis(200);
-    ferry_host::heartbeat::start(
-        host.clone(),
-        ferry_host::heartbeat::CenterLink {
-            center_url: url,
-            api_url: "http://127.0.0.1:1".into(),
-            migration_addr: "127.0.0.1:1".into(),
-            interval,
-        },
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    let sent = beats.load(Ordering::SeqCst);
-    // A beat and its one full resend per interval: about 10 in the second.
-    assert!(sent >= 2, "{sent} beats");
-    assert!(sent <= 14, "{sent} beats in 1 s at one per {interval:?}");
-    let (done, stopped) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        host.shutdown();
-        done.send(()).unwrap();
-    });
-    stopped
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the host did not stop");
-    let _ = std::fs::remove_dir_all(&store);
 }

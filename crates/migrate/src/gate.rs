@@ -132,7 +132,10 @@ impl Gate {
     }
 
     /// Starts the reaper thread, which runs until `stop`'s sender is gone.
-    pub(crate) fn start_reaper(&self, stop: std::sync::mpsc::Receiver<()>) -> std::io::Result<()> {
+    pub(crate) fn start_reaper(
+        &self,
+        stop: std::sync::mpsc::Receiver<()>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let gate = self.clone();
         std::thread::Builder::new()
             .name("migrate-reaper".into())
@@ -141,7 +144,6 @@ impl Gate {
                     gate.reap();
                 }
             })
-            .map(drop)
     }
 
     /// Connections authenticating now.

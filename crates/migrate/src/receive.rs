@@ -165,15 +165,21 @@ fn serve_until<F: TargetFactory>(
 ) {
     let sessions: Sessions = Arc::default();
     let gate = Gate::default();
-    // The reaper stops when this loop does (its sender dropped with the loop).
-    let (_reaping, reaper_stop) = mpsc::channel();
-    if let Err(e) = gate.start_reaper(reaper_stop) {
-        tracing::error!("cannot start the handshake reaper thread; not receiving migrations: {e}");
-        return;
-    }
+    // The reaper stops when this loop does, and is waited for: a listener stopped leaves
+    // no thread behind.
+    let (reaping, reaper_stop) = mpsc::channel();
+    let reaper = match gate.start_reaper(reaper_stop) {
+        Ok(reaper) => reaper,
+        Err(e) => {
+            tracing::error!(
+                "cannot start the handshake reaper thread; not receiving migrations: {e}"
+            );
+            return;
+        }
+    };
     for conn in listener.incoming() {
         if matches!(stop.try_recv(), Err(mpsc::TryRecvError::Disconnected)) {
-            return;
+            break;
         }
         let Ok(stream) = conn else { continue };
         let Ok(peer_addr) = stream.peer_addr() else {
@@ -220,6 +226,8 @@ fn serve_until<F: TargetFactory>(
             tracing::error!("cannot start a migration thread: {e}");
         }
     }
+    drop(reaping);
+    let _ = reaper.join();
 }
 
 /// Tells a connection refused before its handshake that this host is busy, if that costs
