@@ -452,11 +452,7 @@ impl Center {
             .collect();
         match named.as_slice() {
             [id] => Ok(id.to_string()),
-            [] => Err(OpenAiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("the model '{model}' does not exist (GET /v1/models lists them)"),
-            )),
+            [] => Err(model_not_found(model)),
             ids => Err(OpenAiError::new(
                 StatusCode::CONFLICT,
                 "model_ambiguous",
@@ -745,16 +741,14 @@ pub async fn models(State(center): State<Arc<Center>>) -> Response {
         .values()
         .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD)
         .collect();
+    let mut named = std::collections::HashMap::<&str, usize>::new();
+    for name in serving.iter().filter_map(|v| v.info.name.as_deref()) {
+        *named.entry(name).or_default() += 1;
+    }
     let data: Vec<Value> = serving
         .iter()
         .map(|v| {
-            let name = v.info.name.as_deref().filter(|name| {
-                serving
-                    .iter()
-                    .filter(|o| o.info.name.as_deref() == Some(name))
-                    .count()
-                    == 1
-            });
+            let name = v.info.name.as_deref().filter(|name| named[name] == 1);
             model_object(name.unwrap_or(&v.id), v)
         })
         .collect();
@@ -770,13 +764,18 @@ pub async fn model(State(center): State<Arc<Center>>, Path(model): Path<String>)
     let inventory = center.inventory();
     match inventory.vms().get(&vm) {
         Some(v) => Json(model_object(&model, v)).into_response(),
-        None => OpenAiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("the model '{model}' does not exist (GET /v1/models lists them)"),
-        )
-        .into_response(),
+        // Gone since it was found.
+        None => model_not_found(&model).into_response(),
     }
+}
+
+/// No serving VM has the id or name `model`.
+fn model_not_found(model: &str) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::NOT_FOUND,
+        "model_not_found",
+        format!("the model '{model}' does not exist (GET /v1/models lists them)"),
+    )
 }
 
 /// OpenAI's model object for serving VM `v`, known as `id`.
