@@ -69,12 +69,17 @@ pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String
     ))
 }
 
-/// The regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]: its type and size
-/// are checked before it is opened (opening a FIFO would wait for a writer), and the
-/// read stops there whatever the file grew to since.
+/// The regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]: opened without
+/// blocking (a FIFO would wait for a writer) and checked on the open file, and the read
+/// stops there whatever the file grew to since.
 fn read_image(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind, Read};
-    let meta = std::fs::metadata(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
     }
@@ -88,9 +93,7 @@ fn read_image(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
         return Err(too_large());
     }
     let mut image = Vec::with_capacity(meta.len() as usize);
-    std::fs::File::open(path)?
-        .take(MAX_IMAGE_BYTES + 1)
-        .read_to_end(&mut image)?;
+    file.take(MAX_IMAGE_BYTES + 1).read_to_end(&mut image)?;
     if image.len() as u64 > MAX_IMAGE_BYTES {
         return Err(too_large());
     }
