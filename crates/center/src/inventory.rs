@@ -234,8 +234,8 @@ pub struct Inventory {
     /// Hosts whose last write-through failed: their record and every VM are written
     /// again with their next beat.
     rewrite: BTreeSet<String>,
-    /// The last [`MIGRATIONS_KEPT`] migrations ordered, oldest first (the database
-    /// keeps them all).
+    /// The last [`MIGRATIONS_KEPT`] migrations ordered, oldest first (the store keeps
+    /// the same ones).
     pub migrations: VecDeque<MigrationRecord>,
     /// Room held for moves in flight.
     pub reservations: Vec<Reservation>,
@@ -555,16 +555,18 @@ impl Inventory {
         vms
     }
 
-    /// Records a migration, forgetting the oldest finished one beyond
-    /// [`MIGRATIONS_KEPT`] (a running one is kept until it ends).
-    pub fn add_migration(&mut self, record: MigrationRecord) {
+    /// Records a migration, forgetting the oldest ended ones beyond [`MIGRATIONS_KEPT`]
+    /// (a running one is kept until it ends); returns the ids forgotten.
+    pub fn add_migration(&mut self, record: MigrationRecord) -> Vec<i64> {
         self.migrations.push_back(record);
+        let mut forgotten = Vec::new();
         while self.migrations.len() > MIGRATIONS_KEPT {
             match self.migrations.iter().position(|m| m.state.has_ended()) {
-                Some(oldest) => drop(self.migrations.remove(oldest)),
+                Some(oldest) => forgotten.extend(self.migrations.remove(oldest).map(|m| m.id)),
                 None => break,
             }
         }
+        forgotten
     }
 
     /// The migration with `id`.

@@ -351,7 +351,8 @@ impl Center {
                 if m.state.has_ended() {
                     self.metrics.count_finished(&m);
                 }
-                inventory.add_migration(m);
+                // The store loads no more than are kept: nothing is forgotten here.
+                let _ = inventory.add_migration(m);
             }
         }
         let mut operations = loaded
@@ -359,7 +360,7 @@ impl Center {
             .into_iter()
             .map(|op| (op.id, op))
             .collect();
-        operations::keep_newest(&mut operations);
+        let _ = operations::keep_newest(&mut operations);
         *self.operations.lock().expect("operations lock") = operations;
     }
 
@@ -778,8 +779,7 @@ impl Center {
         self.metrics.render(&self.hosts(), &states)
     }
 
-    /// The last [`inventory::MIGRATIONS_KEPT`] migrations (the database has them all),
-    /// oldest first.
+    /// The last [`inventory::MIGRATIONS_KEPT`] migrations, oldest first.
     pub fn migrations(&self) -> Vec<MigrationRecord> {
         self.inventory().migrations.iter().cloned().collect()
     }
@@ -1011,6 +1011,13 @@ pub(crate) mod tests {
             })
             .unwrap();
             Self { center, store }
+        }
+
+        /// How many rows the store's `table` holds.
+        pub(crate) fn stored_rows(&self, table: &str) -> i64 {
+            let db = rusqlite::Connection::open(&self.store).unwrap();
+            db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
         }
 
         /// Host `name` reports, its API at `api`, its migration address

@@ -83,8 +83,9 @@ pub enum OperationState {
 pub const OPERATIONS_KEPT: usize = 1_000;
 
 /// Forgets the oldest ended operations beyond [`OPERATIONS_KEPT`], so a center that runs
-/// for months stays bounded (the store keeps them all); a running one always stays.
-pub(crate) fn keep_newest(ops: &mut std::collections::BTreeMap<u64, Operation>) {
+/// for months stays bounded; a running one always stays. Returns the ids forgotten.
+pub(crate) fn keep_newest(ops: &mut std::collections::BTreeMap<u64, Operation>) -> Vec<u64> {
+    let mut forgotten = Vec::new();
     while ops.len() > OPERATIONS_KEPT {
         let Some(oldest) = ops
             .iter()
@@ -94,7 +95,9 @@ pub(crate) fn keep_newest(ops: &mut std::collections::BTreeMap<u64, Operation>) 
             break;
         };
         ops.remove(&oldest);
+        forgotten.push(oldest);
     }
+    forgotten
 }
 
 /// A move to make: the VM, where it is and where it goes.
@@ -198,7 +201,7 @@ impl Center {
             summary: String::new(),
         };
         ops.insert(op.id, op.clone());
-        keep_newest(&mut ops);
+        let forgotten = keep_newest(&mut ops);
         // Written without the lock (no I/O under it): a second operation meanwhile sees
         // this one running and is refused.
         drop(ops);
@@ -208,6 +211,10 @@ impl Center {
                 .expect("operations lock")
                 .remove(&op.id);
             return Err(e.into());
+        }
+        // Only after the new one is stored: a failed start forgets nothing for good.
+        if let Err(e) = self.store().forget_operations(&forgotten) {
+            tracing::warn!("deleting the records of forgotten operations: {e}");
         }
         Ok(op)
     }
@@ -246,20 +253,27 @@ impl Center {
         };
         // Recorded (fenced by the leadership) before the source is told: a next leader
         // finds every migration that may be running, and a deposed one starts none.
-        match self.store().add_migration(&record) {
-            Ok(id) => record.id = id,
-            Err(e) => {
-                self.release_room(std::slice::from_ref(m));
-                record.state = MigrationState::Failed;
-                record.error = Some(e.to_string());
-                return record;
-            }
+        if let Err(e) = self.record_migration(&mut record) {
+            self.release_room(std::slice::from_ref(m));
+            record.state = MigrationState::Failed;
+            record.error = Some(e.to_string());
+            return record;
         }
-        self.inventory().add_migration(record.clone());
         self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id);
         self.conclude_migration(&m.vm.id, &m.to, record.id, reason, outcome, true)
+    }
+
+    /// Records a new migration, in the store first (so a next leader finds it) and then
+    /// in memory, and deletes from the store the old ones memory forgets.
+    fn record_migration(&self, record: &mut MigrationRecord) -> Result<(), StoreError> {
+        record.id = self.store().add_migration(record)?;
+        let forgotten = self.inventory().add_migration(record.clone());
+        if let Err(e) = self.store().forget_migrations(&forgotten) {
+            tracing::warn!("deleting the records of forgotten migrations: {e}");
+        }
+        Ok(())
     }
 
     /// Records how migration `id` of VM `vm` to host `to` ended, and where the VM runs
@@ -1005,6 +1019,7 @@ impl Center {
 mod tests {
     use super::*;
     use crate::inventory::tests::vm;
+    use crate::inventory::MIGRATIONS_KEPT;
     use crate::tests::ScratchCenter;
 
     #[test]
@@ -1021,6 +1036,42 @@ mod tests {
         assert_eq!(ops.len(), OPERATIONS_KEPT);
         // The newest are kept, and ids keep counting on.
         assert_eq!(ops.keys().next_back(), Some(&(OPERATIONS_KEPT as u64 + 5)));
+        // The store keeps the same ones, not every operation ever run.
+        assert_eq!(scratch.stored_rows("operations"), OPERATIONS_KEPT as i64);
+    }
+
+    #[test]
+    fn migrations_kept_are_bounded_in_memory_and_in_the_store() {
+        let scratch = ScratchCenter::open("migrations-kept");
+        let center = &scratch.center;
+        let record = |state| MigrationRecord {
+            vm: "v".into(),
+            state,
+            ..MigrationRecord::default()
+        };
+        center
+            .record_migration(&mut record(MigrationState::Running))
+            .unwrap();
+        for _ in 0..MIGRATIONS_KEPT + 5 {
+            center
+                .record_migration(&mut record(MigrationState::Succeeded))
+                .unwrap();
+        }
+        let kept: Vec<i64> = center.migrations().iter().map(|m| m.id).collect();
+        assert_eq!(kept.len(), MIGRATIONS_KEPT);
+        // The running one stays; the oldest ended ones go.
+        assert_eq!(kept[0], 1);
+        assert_eq!(kept[1], 8);
+        assert_eq!(scratch.stored_rows("migrations"), MIGRATIONS_KEPT as i64);
+        let loaded: Vec<i64> = center
+            .store()
+            .load()
+            .unwrap()
+            .migrations
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(loaded, kept);
     }
 
     #[test]

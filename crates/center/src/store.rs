@@ -10,13 +10,13 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection};
 
 use crate::etcd::{Compare, Etcd, EtcdError, Op, RangeOptions};
-use crate::inventory::{Event, HostRecord, MigrationRecord, VmRecord};
-use crate::operations::Operation;
+use crate::inventory::{Event, HostRecord, MigrationRecord, VmRecord, MIGRATIONS_KEPT};
+use crate::operations::{Operation, OPERATIONS_KEPT};
 
 /// What a store does; both kinds answer the same calls.
 pub trait Store: Send + Sync {
-    /// Everything stored (the last [`crate::inventory::MIGRATIONS_KEPT`] migrations and
-    /// [`OPERATIONS_KEPT`] operations).
+    /// Everything stored (the last [`MIGRATIONS_KEPT`] migrations and [`OPERATIONS_KEPT`]
+    /// operations).
     fn load(&self) -> Result<Loaded, StoreError>;
     /// Writes a host's record.
     fn put_host(&self, host: &HostRecord) -> Result<(), StoreError>;
@@ -26,8 +26,12 @@ pub trait Store: Send + Sync {
     fn add_migration(&self, record: &MigrationRecord) -> Result<i64, StoreError>;
     /// Rewrites a migration's record.
     fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError>;
+    /// Deletes the records of migrations the center forgot, which it would never load again.
+    fn forget_migrations(&self, ids: &[i64]) -> Result<(), StoreError>;
     /// Writes an operation's record.
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError>;
+    /// Deletes the records of operations the center forgot.
+    fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError>;
     /// Appends an event.
     fn add_event(&self, event: &Event) -> Result<(), StoreError>;
     /// The last `n` events, newest first.
@@ -53,9 +57,6 @@ pub trait Store: Send + Sync {
         None
     }
 }
-
-/// Operations loaded at start (older ones stay stored).
-pub const OPERATIONS_KEPT: usize = 100;
 
 /// Errors of the database.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,17 @@ impl SqliteStore {
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Runs `delete` (one `?1`) for each of `ids`, in one transaction.
+    fn delete_ids(&self, delete: &str, ids: impl Iterator<Item = i64>) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for id in ids {
+            tx.execute(delete, params![id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
 }
 
 impl Store for SqliteStore {
@@ -166,8 +178,13 @@ impl Store for SqliteStore {
         for text in rows.query_map([], |r| r.get::<_, String>(0))? {
             loaded.vms.push(decode("VM", &text?)?);
         }
-        let mut rows = db.prepare("SELECT id, record FROM migrations ORDER BY id")?;
-        for row in rows.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let mut rows = db.prepare(
+            "SELECT id, record FROM (SELECT id, record FROM migrations ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let newest = params![MIGRATIONS_KEPT as i64];
+        for row in rows.query_map(newest, |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })? {
             let (id, text) = row?;
             let mut record: MigrationRecord = decode("migration", &text)?;
             record.id = id;
@@ -225,6 +242,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn forget_migrations(&self, ids: &[i64]) -> Result<(), StoreError> {
+        self.delete_ids("DELETE FROM migrations WHERE id = ?1", ids.iter().copied())
+    }
+
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
         self.db().execute(
             "INSERT INTO operations (id, record) VALUES (?1, ?2)
@@ -234,11 +255,28 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let ids = ids.iter().map(|&id| id as i64);
+        self.delete_ids("DELETE FROM operations WHERE id = ?1", ids)
+    }
+
     fn add_event(&self, event: &Event) -> Result<(), StoreError> {
-        self.db().execute(
+        let db = self.db();
+        db.execute(
             "INSERT INTO events (at_ms, kind, message) VALUES (?1, ?2, ?3)",
             params![event.at_ms, event.kind, event.message],
         )?;
+        // Now and then, events beyond what is kept go, as in etcd: no archive either.
+        let id = db.last_insert_rowid();
+        if id % 256 == 0 {
+            db.execute(
+                "DELETE FROM events WHERE at_ms < ?1 OR id <= ?2",
+                params![
+                    event.at_ms.saturating_sub(EVENTS_KEPT_MS),
+                    id - EVENTS_STORED
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -281,8 +319,11 @@ pub struct EtcdStore {
     fence: Mutex<Option<Fence>>,
 }
 
-/// How long etcd keeps events (SQLite keeps them all).
+/// How long a store keeps events.
 const EVENTS_KEPT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Most events SQLite keeps (the API lists at most 10,000); etcd's are bounded by age.
+const EVENTS_STORED: i64 = 100_000;
 
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
@@ -394,11 +435,8 @@ impl Store for EtcdStore {
             limit: limit as i64,
             descending: true,
         };
-        let mut migrations: Vec<MigrationRecord> = self.list(
-            "migration",
-            "migrations/",
-            newest(crate::inventory::MIGRATIONS_KEPT),
-        )?;
+        let mut migrations: Vec<MigrationRecord> =
+            self.list("migration", "migrations/", newest(MIGRATIONS_KEPT))?;
         migrations.reverse();
         let mut operations: Vec<Operation> =
             self.list("operation", "operations/", newest(OPERATIONS_KEPT))?;
@@ -487,11 +525,21 @@ impl Store for EtcdStore {
         ])
     }
 
+    fn forget_migrations(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let key = |id| Op::Delete(self.key(&format!("migrations/{id:020}")));
+        self.write(ids.iter().map(key).collect())
+    }
+
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
         self.write(vec![
             self.put_op(format!("operations/{:020}", op.id), op),
             self.bump(),
         ])
+    }
+
+    fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let key = |id| Op::Delete(self.key(&format!("operations/{id:020}")));
+        self.write(ids.iter().map(key).collect())
     }
 
     fn add_event(&self, event: &Event) -> Result<(), StoreError> {
@@ -549,5 +597,30 @@ impl Store for EtcdStore {
 
     fn as_etcd(&self) -> Option<&EtcdStore> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_drops_events_older_than_it_keeps() {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        let event = |at_ms| Event {
+            at_ms,
+            kind: "test".into(),
+            message: String::new(),
+        };
+        let now = 30 * 24 * 3600 * 1000;
+        for _ in 0..255 {
+            store.add_event(&event(1)).unwrap();
+        }
+        assert_eq!(store.events(1000).unwrap().len(), 255);
+        // The 256th event sweeps those older than a week.
+        store.add_event(&event(now)).unwrap();
+        let left = store.events(1000).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].at_ms, now);
     }
 }
