@@ -469,6 +469,10 @@ pub struct BeatAnswer {
     /// again, so the center has them should the other report go.
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// The leader's term, when the answering replica leads a replicated center: the
+    /// host refuses orders of older terms from then on (see [`LEADER_TERM_HEADER`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_term: Option<i64>,
 }
 
 impl BeatAnswer {
@@ -477,6 +481,7 @@ impl BeatAnswer {
         Self {
             taken: true,
             skipped: Vec::new(),
+            leader_term: None,
         }
     }
 
@@ -485,9 +490,16 @@ impl BeatAnswer {
         Self {
             taken: false,
             skipped: Vec::new(),
+            leader_term: None,
         }
     }
 }
+
+/// Header on an order (any request but a GET) a replicated center's leader sends a host:
+/// the leader's term, which grows with each new leader. A host refuses an order whose
+/// term is older than one it has seen, so a leader deposed while it was paused cannot
+/// act once its successor has spoken to the host.
+pub const LEADER_TERM_HEADER: &str = "x-ferry-leader-term";
 
 /// Whether two reports of a VM differ in what the center keeps: its uptime counts on by
 /// itself, and accelerator load within `LOAD_STEP` is noise.
@@ -583,6 +595,7 @@ impl BeatSeries {
             Some(BeatAnswer {
                 taken: true,
                 skipped,
+                ..
             }) => {
                 for id in skipped {
                     all.remove(id);
@@ -773,8 +786,8 @@ mod tests {
         let mut series = BeatSeries::new(1);
         series.beat("u".into(), host(), vec![vm(0.5)]);
         series.answered(Some(&BeatAnswer {
-            taken: true,
             skipped: vec!["v".into()],
+            ..BeatAnswer::taken()
         }));
         let beat = series.beat("u".into(), host(), vec![vm(0.5)]);
         assert_eq!(

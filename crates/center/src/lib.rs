@@ -386,6 +386,25 @@ impl Center {
             .then(|| self.term.load(std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// The cluster-wide term of this replica's lead, when it leads replicas sharing etcd:
+    /// the leader key's creation revision, which grows with each leader. Hosts refuse
+    /// orders of older terms ([`ferry_api::LEADER_TERM_HEADER`]).
+    pub(crate) fn cluster_term(&self) -> Option<i64> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.store().as_etcd()?.fence_revision()
+    }
+
+    /// A client for orders to `host`: they carry this replica's cluster term, if any.
+    fn order_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
+        let client = self.host_client(host)?;
+        Ok(match self.cluster_term() {
+            Some(term) => client.with_header(ferry_api::LEADER_TERM_HEADER, term.to_string()),
+            None => client.as_ref().clone(),
+        })
+    }
+
     /// Whether this replica still leads in `term`.
     pub(crate) fn leads_in(&self, term: u64) -> bool {
         self.term() == Some(term)
@@ -573,6 +592,7 @@ impl Center {
         Ok(BeatAnswer {
             taken: true,
             skipped: changes.skipped,
+            leader_term: self.cluster_term(),
         })
     }
 
@@ -887,7 +907,7 @@ impl Center {
             center: self,
             host: host.name.clone(),
         };
-        let client = self.host_client(&host)?;
+        let client = self.order_client(&host)?;
         let vm: VmInfo = client
             .post("/v1/vms", &req.vm)
             .map_err(|e| CenterError::Unavailable(format!("host {}: {e:#}", host.name)))?;

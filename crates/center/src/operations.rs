@@ -380,7 +380,7 @@ impl Center {
         record_id: i64,
     ) -> Result<(Option<MigrationReport>, VmInfo), String> {
         let (source, dest) = self.move_hosts(m)?;
-        let src = self.host_client(&source).map_err(|e| e.to_string())?;
+        let src = self.order_client(&source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{}", m.vm.id);
         // Checked last thing before the order: a replica deposed since the record was
         // written orders nothing.

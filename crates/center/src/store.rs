@@ -364,10 +364,17 @@ impl EtcdStore {
 
     /// Whether this replica holds a leadership to write with.
     pub fn fenced(&self) -> bool {
+        self.fence_revision().is_some()
+    }
+
+    /// The creation revision of the leader key this replica holds, if it holds it: it
+    /// grows with each new leader.
+    pub fn fence_revision(&self) -> Option<i64> {
         self.fence
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+            .as_ref()
+            .map(|f| f.create_revision)
     }
 
     fn fence(&self) -> Result<Fence, StoreError> {

@@ -538,11 +538,40 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
     let stale = ha.leader();
     let stale_name = stale.name.clone();
     let other = ha.replicas.iter().find(|r| r.name != stale_name).unwrap();
+    let etcd = Etcd::new(&[ha.etcd.endpoints()], Duration::from_secs(2)).unwrap();
+    let term = || {
+        etcd.get("/stale/leader")
+            .unwrap()
+            .map(|kv| kv.create_revision)
+    };
+    let stale_term = term().expect("a leader key");
     // SAFETY: kill only sends a signal to our own child process.
     unsafe { libc::kill(stale.pid(), libc::SIGSTOP) };
     let new_leader = wait_for("a new leader", Duration::from_secs(20), || {
         other.leader().filter(|l| *l != stale_name)
     });
+    // An order the stale leader had on its way when it was paused, arriving now: the
+    // host heard the new leader's term in its heartbeats' answers, and refuses it,
+    // though the new leader has ordered it nothing.
+    let order = |term: i64| {
+        let sent = common::host_api(ha.daemon("a"))
+            .with_header(ferry_api::LEADER_TERM_HEADER, term.to_string())
+            .post::<_, Value>(
+                "/v1/vms/none/migrate",
+                &serde_json::json!({ "to": "127.0.0.1:1" }),
+            );
+        let e = sent.expect_err("there is no such VM");
+        e.downcast_ref::<ferry_client::ApiError>()
+            .map(|e| e.code.clone().unwrap_or_default())
+    };
+    wait_for(
+        "host a to refuse the stale leader's order",
+        Duration::from_secs(10),
+        || (order(stale_term).as_deref() == Some("stale_leader")).then_some(()),
+    );
+    let new_term = term().expect("the new leader's key");
+    assert!(new_term > stale_term);
+    assert_eq!(order(new_term).as_deref(), Some("vm_not_found"));
     let events_before = maintenance_event_count(&ha.etcd.endpoints(), "/stale/");
     // SAFETY: as above.
     unsafe { libc::kill(stale.pid(), libc::SIGCONT) };

@@ -45,6 +45,8 @@ pub struct ApiClient {
     /// The address that answered last, tried first.
     current: std::sync::atomic::AtomicUsize,
     auth: String,
+    /// Headers sent with every request besides the token.
+    headers: Vec<(&'static str, String)>,
     agent: ureq::Agent,
 }
 
@@ -83,6 +85,7 @@ impl Clone for ApiClient {
                 self.current.load(std::sync::atomic::Ordering::Relaxed),
             ),
             auth: self.auth.clone(),
+            headers: self.headers.clone(),
             agent: self.agent.clone(),
         }
     }
@@ -139,8 +142,16 @@ impl ApiClient {
             bases,
             current: std::sync::atomic::AtomicUsize::new(0),
             auth: format!("Bearer {token}"),
+            headers: Vec::new(),
             agent,
         })
+    }
+
+    /// This client (sharing its connections), sending `name: value` with every request.
+    pub fn with_header(&self, name: &'static str, value: String) -> Self {
+        let mut client = self.clone();
+        client.headers.push((name, value));
+        client
     }
 
     /// The addresses, comma-separated.
@@ -235,12 +246,14 @@ impl ApiClient {
     ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
         let what = format!("{method} {path}");
         let response = self.send(&what, method == "GET", |base| {
-            let request = ureq::http::Request::builder()
+            let mut request = ureq::http::Request::builder()
                 .method(method)
                 .uri(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .body(())
-                .map_err(ureq::Error::from)?;
+                .header("Authorization", &self.auth);
+            for (name, value) in &self.headers {
+                request = request.header(*name, value);
+            }
+            let request = request.body(()).map_err(ureq::Error::from)?;
             self.agent.run(request)
         })?;
         Ok((what, response))
@@ -275,10 +288,14 @@ impl ApiClient {
     ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
         let what = format!("POST {path}");
         let response = self.send(&what, false, |base| {
-            self.agent
+            let mut request = self
+                .agent
                 .post(format!("{base}{path}"))
-                .header("Authorization", &self.auth)
-                .send_json(body)
+                .header("Authorization", &self.auth);
+            for (name, value) in &self.headers {
+                request = request.header(*name, value);
+            }
+            request.send_json(body)
         })?;
         Ok((what, response))
     }

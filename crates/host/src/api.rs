@@ -2,7 +2,8 @@
 //! `Authorization: Bearer <token>`: the cluster's host-API key (derived from the shared
 //! secret; the center and `ferry` with the secret use it) or an operator's token from
 //! `--api-tokens FILE` (read-only ones may only GET); errors are `{"error", "code"}` with a status
-//! that says what kind they are.
+//! that says what kind they are. An order (not a GET) with the `x-ferry-leader-term`
+//! header of a center leader older than the newest this host heard of is refused.
 //!
 //! | method and path | does |
 //! |---|---|
@@ -35,7 +36,7 @@ use serde::Deserialize;
 
 use ferry_migrate::Purpose;
 
-use ferry_api::{ChannelMessage, CreateVm, MigrateRequest};
+use ferry_api::{ChannelMessage, CreateVm, MigrateRequest, LEADER_TERM_HEADER};
 use ferry_http::tokens::{require_token, Access, Scope, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 
@@ -71,6 +72,7 @@ impl IntoResponse for HostError {
             HostError::StreamNotFound(_) => StatusCode::NOT_FOUND,
             HostError::StreamExists(_) => StatusCode::CONFLICT,
             HostError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HostError::StaleLeader(_) => StatusCode::CONFLICT,
         };
         let retry = matches!(self, HostError::Unavailable(_) | HostError::Busy(_));
         let mut response = error_with_code(status, self.code(), &self.to_string());
@@ -81,6 +83,30 @@ impl IntoResponse for HostError {
         }
         response
     }
+}
+
+/// Refuses an order (any request but a GET) of a center leader older than the newest
+/// this host has heard from ([`LEADER_TERM_HEADER`]); requests without the header
+/// (operators, a center of one) pass.
+async fn fence_leader_term(
+    State(host): State<Arc<Host>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    if request.method() != axum::http::Method::GET {
+        if let Some(value) = request.headers().get(LEADER_TERM_HEADER) {
+            let Some(term) = value.to_str().ok().and_then(|v| v.parse::<i64>().ok()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{LEADER_TERM_HEADER} must be a whole number"),
+                );
+            };
+            if let Err(e) = host.follow_leader_term(term) {
+                return e.into_response();
+            }
+        }
+    }
+    next.run(request).await
 }
 
 async fn host_info(State(api): State<Api>) -> Response {
@@ -297,6 +323,11 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
             get(read_stream).delete(release_stream),
         )
         .route("/v1/vms/{id}/streams/{stream}/signal", post(signal))
+        // Inside the token check: only an authenticated order moves the term on.
+        .route_layer(middleware::from_fn_with_state(
+            api.host.clone(),
+            fence_leader_term,
+        ))
         .route_layer(middleware::from_fn_with_state(
             (api.tokens.clone(), Scope::Operators),
             require_token,

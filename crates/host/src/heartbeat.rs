@@ -86,6 +86,15 @@ fn beat_to(
                 );
                 let sent = client.post::<_, BeatAnswer>("/v1/heartbeat", &beat);
                 series.answered(sent.as_ref().ok());
+                if let Ok(BeatAnswer {
+                    leader_term: Some(term),
+                    ..
+                }) = &sent
+                {
+                    // Learnt here, a new leader's term fences its predecessor's orders
+                    // before the new leader has sent any.
+                    let _ = host.follow_leader_term(*term);
+                }
                 if matches!(sent, Ok(BeatAnswer { taken: false, .. })) && !resent {
                     // The center needs the whole picture: send it now, not in a second
                     // (unless the host is being stopped).

@@ -79,6 +79,9 @@ pub enum HostError {
     /// A message larger than the guest takes.
     #[error("{0}")]
     TooLarge(String),
+    /// An order from a center leader older than one this host has heard from.
+    #[error("{0}")]
+    StaleLeader(String),
 }
 
 impl HostError {
@@ -96,6 +99,7 @@ impl HostError {
             HostError::StreamNotFound(_) => "stream_not_found",
             HostError::StreamExists(_) => "stream_exists",
             HostError::TooLarge(_) => "too_large",
+            HostError::StaleLeader(_) => "stale_leader",
         }
     }
 }
@@ -281,6 +285,9 @@ pub struct Host {
     center: Mutex<Option<String>>,
     vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
     next_id: Mutex<u64>,
+    /// The newest center leader's term this host has heard of (0: none): orders of older
+    /// terms are refused. Not kept across restarts; the next heartbeat brings it back.
+    leader_term: std::sync::atomic::AtomicI64,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
 }
@@ -308,8 +315,23 @@ impl Host {
             center: Mutex::default(),
             vms: Mutex::default(),
             next_id: Mutex::new(1),
+            leader_term: std::sync::atomic::AtomicI64::new(0),
             background: Mutex::default(),
         })
+    }
+
+    /// Takes an order of center leader term `term`: refused if a newer leader has been
+    /// heard from (that leader was deposed), else remembered as the newest.
+    pub fn follow_leader_term(&self, term: i64) -> Result<(), HostError> {
+        let newest = self
+            .leader_term
+            .fetch_max(term, std::sync::atomic::Ordering::SeqCst);
+        if term < newest {
+            return Err(HostError::StaleLeader(format!(
+                "refused: this order comes from a center leader of term {term}, but the leader of term {newest} has since spoken to this host; the sender no longer leads"
+            )));
+        }
+        Ok(())
     }
 
     /// Stops this host: its heartbeats, the migrations out of it (cancelled) and its VMs,

@@ -1,5 +1,6 @@
-//! A host whose center refuses every heartbeat beats at its interval, not in a loop, and
-//! still stops.
+//! What a host does with its center's answers to heartbeats: refused every time, it
+//! beats at its interval, not in a loop, and still stops; told of a new leader's term, it
+//! refuses orders of older leaders.
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -7,8 +8,8 @@ use std::time::Duration;
 use ferry_host::{Host, HostConfig};
 use ferry_migrate::Secret;
 
-/// A center that answers every heartbeat `{"taken": false}`; counts the beats.
-fn refusing_center() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A center that answers every heartbeat with `answer`; counts the beats.
+fn fake_center(answer: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -40,7 +41,6 @@ fn refusing_center() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
                     counted.fetch_add(1, Ordering::SeqCst);
-                    let answer = r#"{"taken":false}"#;
                     let reply = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
                         answer.len()
@@ -55,13 +55,12 @@ fn refusing_center() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
     (url, beats)
 }
 
-#[test]
-fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still_stops() {
-    use std::sync::atomic::Ordering;
-    let store = std::env::temp_dir().join(format!("ferry-refused-beats-{}", std::process::id()));
+/// A host with no VMs named `name`, its files under a scratch directory.
+fn host(name: &str) -> (std::sync::Arc<Host>, std::path::PathBuf) {
+    let store = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
     let host = Host::new(HostConfig {
-        name: "refused".into(),
-        secret: Secret::new(b"shutdown-test-secret-0123456789".to_vec()).unwrap(),
+        name: name.into(),
+        secret: Secret::new(SECRET.to_vec()).unwrap(),
         memory_capacity: 1 << 30,
         accel_capacity: 0,
         accel_threads: 1,
@@ -71,8 +70,13 @@ fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still
         api_tokens: None,
         backend: ferry_accel::backend::CPU,
     });
-    let (url, beats) = refusing_center();
-    let interval = Duration::from_millis(200);
+    (host, store)
+}
+
+const SECRET: &[u8] = b"shutdown-test-secret-0123456789";
+
+/// Starts `host`'s heartbeats to the center at `url`.
+fn beat_to(host: &std::sync::Arc<Host>, url: String, interval: Duration) {
     ferry_host::heartbeat::start(
         host.clone(),
         ferry_host::heartbeat::CenterLink {
@@ -83,6 +87,15 @@ fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still
         },
     )
     .unwrap();
+}
+
+#[test]
+fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still_stops() {
+    use std::sync::atomic::Ordering;
+    let (host, store) = host("refused-beats");
+    let (url, beats) = fake_center(r#"{"taken":false}"#);
+    let interval = Duration::from_millis(200);
+    beat_to(&host, url, interval);
     std::thread::sleep(Duration::from_secs(1));
     let sent = beats.load(Ordering::SeqCst);
     // A beat and its one full resend per interval: about 10 in the second.
@@ -96,5 +109,75 @@ fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still
     stopped
         .recv_timeout(Duration::from_secs(10))
         .expect("the host did not stop");
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+#[test]
+fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
+    use ferry_api::LEADER_TERM_HEADER;
+    let (host, store) = host("leader-term");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = ferry_host::api::router(host.clone(), "127.0.0.1:1".into()).unwrap();
+    let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "host API");
+    let token = Secret::new(SECRET.to_vec())
+        .unwrap()
+        .token(ferry_migrate::Purpose::HostApi);
+    let client = ferry_client::ApiClient::new(&url, token.as_bytes()).unwrap();
+    // An order for a VM that is not here: 404 once past the fence, 409 if fenced.
+    let order = |client: &ferry_client::ApiClient, term: &str| {
+        let sent = client
+            .with_header(LEADER_TERM_HEADER, term.to_string())
+            .post::<_, serde_json::Value>(
+                "/v1/vms/none/migrate",
+                &serde_json::json!({ "to": "127.0.0.1:1" }),
+            );
+        let e = sent.expect_err("no such VM");
+        let e = e
+            .downcast_ref::<ferry_client::ApiError>()
+            .expect("an API error");
+        (e.status, e.code.clone().unwrap_or_default())
+    };
+    let passed = (404, "vm_not_found".to_string());
+    let fenced = (409, "stale_leader".to_string());
+    assert_eq!(order(&client, "20"), passed);
+    assert_eq!(order(&client, "19"), fenced);
+    assert_eq!(order(&client, "20"), passed);
+    assert_eq!(order(&client, "twenty").0, 400);
+    // Without the header (an operator, a center of one), and reads, are not fenced.
+    let plain = client.post::<_, serde_json::Value>(
+        "/v1/vms/none/migrate",
+        &serde_json::json!({ "to": "127.0.0.1:1" }),
+    );
+    assert_eq!(
+        plain
+            .unwrap_err()
+            .downcast_ref::<ferry_client::ApiError>()
+            .unwrap()
+            .status,
+        404
+    );
+    let read = client.with_header(LEADER_TERM_HEADER, "1".into());
+    assert!(read.get::<serde_json::Value>("/v1/vms").is_ok());
+    // A client without the token cannot move the term on.
+    let stranger = ferry_client::ApiClient::new(&url, b"not-the-token").unwrap();
+    assert_eq!(order(&stranger, "1000").0, 401);
+    assert_eq!(order(&client, "21"), passed);
+    // A heartbeat's answer brings a newer leader's term before it orders anything.
+    let (center, _) = fake_center(r#"{"taken":true,"leader_term":50}"#);
+    beat_to(&host, center, Duration::from_millis(100));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while order(&client, "49") != fenced {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the beat's term was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(order(&client, "50"), passed);
+    host.shutdown();
     let _ = std::fs::remove_dir_all(&store);
 }
