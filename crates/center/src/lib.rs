@@ -19,7 +19,7 @@ pub mod operations;
 pub mod placement;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -236,6 +236,8 @@ pub struct Center {
     gateway: gateway::Gateway,
     /// Clients of the hosts' APIs, by address.
     host_clients: Mutex<std::collections::HashMap<String, Arc<ApiClient>>>,
+    /// Hosts whose maintenance mode a request is changing now ([`Center::claim_mode_change`]).
+    mode_changes: Mutex<BTreeSet<String>>,
 }
 
 /// Host API clients kept before the cache is emptied.
@@ -265,6 +267,7 @@ impl Center {
             monitor: Mutex::default(),
             gateway: gateway::Gateway::default(),
             host_clients: Mutex::default(),
+            mode_changes: Mutex::default(),
         });
         if center.store.as_etcd().is_none() {
             center.lead()?;
@@ -951,6 +954,23 @@ impl Center {
         true
     }
 
+    /// Claims `host` for a change of its maintenance mode until the claim is dropped.
+    /// Entering and leaving maintenance each check the host, then write its mode: they
+    /// must not interleave, or a leave checked just before an evacuation began would put
+    /// the host back in service in the middle of it.
+    fn claim_mode_change(&self, host: &str) -> Result<ModeChange<'_>, CenterError> {
+        let mut changing = self.mode_changes.lock().expect("mode changes lock");
+        if !changing.insert(host.to_string()) {
+            return Err(CenterError::Conflict(format!(
+                "host {host}'s maintenance mode is being changed by another request; try again"
+            )));
+        }
+        Ok(ModeChange {
+            center: self,
+            host: host.to_string(),
+        })
+    }
+
     /// Sets a host's maintenance mode and writes it through; if the write fails, the mode
     /// it had stays.
     fn set_mode(&self, host: &str, mode: HostMode) -> Result<(), CenterError> {
@@ -982,6 +1002,20 @@ impl Center {
 /// Longest an evacuation waits for the VMs being created on its host (a create's request
 /// to the host times out after 60 s).
 const CREATE_PATIENCE: Duration = Duration::from_secs(75);
+
+/// A claim on a host's maintenance mode ([`Center::claim_mode_change`]).
+struct ModeChange<'a> {
+    center: &'a Center,
+    host: String,
+}
+
+impl Drop for ModeChange<'_> {
+    fn drop(&mut self) {
+        (self.center.mode_changes.lock())
+            .expect("mode changes lock")
+            .remove(&self.host);
+    }
+}
 
 /// A VM being created on `host` ([`Inventory::creating`]) until dropped.
 struct Creating<'a> {
@@ -1125,6 +1159,28 @@ pub(crate) mod tests {
         scratch.report("a", ferry_testdata::refusing_addr());
         // As if the evacuation ended but the write of the host's new mode failed.
         scratch.center.inventory().hosts.get_mut("a").unwrap().mode = HostMode::Evacuating;
+        let view = scratch.center.exit_maintenance("a").unwrap();
+        assert_eq!(view.mode, "active", "{view:?}");
+    }
+
+    #[test]
+    fn entering_and_leaving_maintenance_of_a_host_do_not_interleave() {
+        let scratch = ScratchCenter::open("mode-claim");
+        scratch.report("a", ferry_testdata::refusing_addr());
+        scratch.center.inventory().hosts.get_mut("a").unwrap().mode = HostMode::Maintenance;
+        // Another request is between its check of host a and its write of a's mode.
+        let claim = scratch.center.claim_mode_change("a").unwrap();
+        let refused = scratch.center.exit_maintenance("a").unwrap_err();
+        assert!(matches!(refused, CenterError::Conflict(_)), "{refused}");
+        assert!(scratch.center.enter_maintenance("a").is_err());
+        assert_eq!(
+            scratch.center.inventory().hosts["a"].mode,
+            HostMode::Maintenance
+        );
+        // Another host is not held up.
+        scratch.report("b", ferry_testdata::refusing_addr());
+        scratch.center.exit_maintenance("b").unwrap();
+        drop(claim);
         let view = scratch.center.exit_maintenance("a").unwrap();
         assert_eq!(view.mode, "active", "{view:?}");
     }

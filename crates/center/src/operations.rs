@@ -762,6 +762,7 @@ impl Center {
     /// room, refuses (moving nothing) if one has none, then moves them in the background.
     /// Follow it with [`Self::operation`].
     pub fn enter_maintenance(self: &Arc<Self>, host: &str) -> Result<Operation, CenterError> {
+        let _claim = self.claim_mode_change(host)?;
         self.store().writable()?;
         self.up_host(host)?;
         if self.evacuating_now(host) {
@@ -927,6 +928,7 @@ impl Center {
 
     /// Returns `host` to service.
     pub fn exit_maintenance(&self, host: &str) -> Result<crate::HostView, CenterError> {
+        let _claim = self.claim_mode_change(host)?;
         self.store().writable()?;
         let mode = self
             .inventory()
