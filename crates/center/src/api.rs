@@ -194,6 +194,26 @@ async fn exit_maintenance(State(center): State<Arc<Center>>, Path(name): Path<St
     answer(StatusCode::OK, move || center.exit_maintenance(&name)).await
 }
 
+/// `DELETE /v1/hosts/{name}`'s query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetQuery {
+    /// Forget the VMs recorded on the host too.
+    #[serde(default)]
+    with_vms: bool,
+}
+
+async fn forget_host(
+    State(center): State<Arc<Center>>,
+    Path(name): Path<String>,
+    Query(q): Query<ForgetQuery>,
+) -> Response {
+    answer(StatusCode::OK, move || {
+        center.forget_host(&name, q.with_vms)
+    })
+    .await
+}
+
 async fn vms(State(center): State<Arc<Center>>) -> Response {
     answer(StatusCode::OK, move || Ok::<_, CenterError>(center.vms())).await
 }
@@ -289,7 +309,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
     let operators = Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/hosts", get(hosts))
-        .route("/v1/hosts/{name}", get(host))
+        .route("/v1/hosts/{name}", get(host).delete(forget_host))
         .route(
             "/v1/hosts/{name}/maintenance",
             post(enter_maintenance).delete(exit_maintenance),

@@ -303,6 +303,21 @@ impl Inventory {
         Some(vm)
     }
 
+    /// Forgets host `name` and every VM recorded on it; returns those VMs' ids.
+    pub fn remove_host(&mut self, name: &str) -> Vec<String> {
+        let ids: Vec<String> = self.by_host.remove(name).into_iter().flatten().collect();
+        for id in &ids {
+            self.vms.remove(id);
+        }
+        self.hosts.remove(name);
+        self.beat_bases.remove(name);
+        self.host_written_ms.remove(name);
+        self.heard.remove(name);
+        self.rewrite.remove(name);
+        self.down_noted.remove(name);
+        ids
+    }
+
     /// The VMs recorded on `host`.
     pub fn vms_on<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a VmRecord> + 'a {
         self.by_host

@@ -128,6 +128,15 @@ pub struct Placed {
     pub vm: VmInfo,
 }
 
+/// A host the center forgot (`DELETE /v1/hosts/{name}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForgottenHost {
+    /// Its name.
+    pub host: String,
+    /// The VMs recorded on it, forgotten with it.
+    pub vms: Vec<String>,
+}
+
 /// A host as the API and dashboard show it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostView {
@@ -309,6 +318,18 @@ impl Center {
 
     /// Hosts' modes and the VMs of hosts this replica has had no beat from, as stored.
     fn merge_loaded_hosts_and_vms(&self, inventory: &mut Inventory, loaded: &store::Loaded) {
+        // A host the leader forgot is gone from the store; it goes here too unless it
+        // beats (then it has joined again).
+        let stored: BTreeSet<&str> = loaded.hosts.iter().map(|h| h.name.as_str()).collect();
+        let now = unix_ms();
+        let forgotten: Vec<String> = (inventory.hosts.keys())
+            .filter(|name| !stored.contains(name.as_str()))
+            .filter(|name| !inventory.is_up(name, now, self.down_after_ms()))
+            .cloned()
+            .collect();
+        for name in forgotten {
+            inventory.remove_host(&name);
+        }
         for host in &loaded.hosts {
             match inventory.hosts.get_mut(&host.name) {
                 Some(known) => known.mode = host.mode.clone(),
@@ -1183,6 +1204,65 @@ pub(crate) mod tests {
         drop(claim);
         let view = scratch.center.exit_maintenance("a").unwrap();
         assert_eq!(view.mode, "active", "{view:?}");
+    }
+
+    #[test]
+    fn a_host_is_forgotten_only_once_silent_and_its_vms_with_it_only_when_asked() {
+        use ferry_api::VmState;
+        let scratch = ScratchCenter::open("forget");
+        let center = &scratch.center;
+        let vms = vec![inventory::tests::vm("a-vm1", VmState::Running)];
+        center.heartbeat(inventory::tests::beat("a", vms)).unwrap();
+        assert_eq!(scratch.stored_rows("hosts"), 1);
+        assert_eq!(scratch.stored_rows("vms"), 1);
+        let refused = center.forget_host("a", true).unwrap_err();
+        assert!(refused.to_string().contains("is up"), "{refused}");
+        // Its daemon stopped long ago.
+        center
+            .inventory()
+            .hosts
+            .get_mut("a")
+            .unwrap()
+            .last_heartbeat_ms = 0;
+        let refused = center.forget_host("a", false).unwrap_err();
+        assert!(refused.to_string().contains("a-vm1"), "{refused}");
+        assert!(center.inventory().hosts.contains_key("a"));
+        let forgotten = center.forget_host("a", true).unwrap();
+        assert_eq!(forgotten.vms, vec!["a-vm1".to_string()]);
+        assert!(center.inventory().hosts.is_empty());
+        assert!(center.inventory().vms().is_empty());
+        assert_eq!(scratch.stored_rows("hosts"), 0);
+        assert_eq!(scratch.stored_rows("vms"), 0);
+        assert!(matches!(
+            center.forget_host("a", true),
+            Err(CenterError::NotFound(_))
+        ));
+        // Should its daemon come back, it joins again as new.
+        center
+            .heartbeat(inventory::tests::beat("a", Vec::new()))
+            .unwrap();
+        assert!(center.inventory().hosts.contains_key("a"));
+    }
+
+    #[test]
+    fn a_follower_drops_a_host_the_leader_forgot_unless_it_beats_here() {
+        let scratch = ScratchCenter::open("forget-follower");
+        let center = &scratch.center;
+        for name in ["gone", "beating"] {
+            center
+                .heartbeat(inventory::tests::beat(name, Vec::new()))
+                .unwrap();
+        }
+        center
+            .inventory()
+            .hosts
+            .get_mut("gone")
+            .unwrap()
+            .last_heartbeat_ms = 0;
+        // The leader's store no longer has either.
+        center.adopt(store::Loaded::default());
+        let hosts: Vec<String> = center.inventory().hosts.keys().cloned().collect();
+        assert_eq!(hosts, vec!["beating".to_string()]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::balance::{self, BalancePlan, MovableVm};
 use crate::inventory::{unix_ms, Event, HostMode, MigrationRecord, Reservation, VmRecord};
 use crate::placement::{self, Need};
 use crate::store::StoreError;
-use crate::{Center, CenterError};
+use crate::{Center, CenterError, ForgottenHost};
 
 /// How often a running migration's progress is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -949,6 +949,67 @@ impl Center {
             )])?;
         }
         self.host(host)
+    }
+
+    /// Forgets host `name` for good (a machine taken out of the cluster), and with
+    /// `with_vms` the VMs recorded on it. Refused while it beats (it would join again),
+    /// while anything runs that involves it, and while VMs are recorded on it unless
+    /// `with_vms` (they may still run there: say so only if they do not).
+    pub fn forget_host(&self, name: &str, with_vms: bool) -> Result<ForgottenHost, CenterError> {
+        let _claim = self.claim_mode_change(name)?;
+        self.store().writable()?;
+        if self.evacuating_now(name) {
+            return Err(CenterError::Conflict(format!(
+                "host {name} is being evacuated; wait for the evacuation to end"
+            )));
+        }
+        let vms: Vec<String> = {
+            let inventory = self.inventory();
+            let host = inventory.hosts.get(name).ok_or_else(|| {
+                CenterError::NotFound(format!("no host named '{name}' has joined"))
+            })?;
+            if inventory.is_up(name, unix_ms(), self.down_after_ms()) {
+                return Err(CenterError::Conflict(format!(
+                    "host {name} is up (its last heartbeat came {} ms ago): stop its daemon first, or it joins again with its next beat",
+                    unix_ms().saturating_sub(host.last_heartbeat_ms)
+                )));
+            }
+            let moving = inventory
+                .migrations
+                .iter()
+                .any(|m| !m.state.has_ended() && (m.from == name || m.to == name))
+                || inventory.reservations.iter().any(|r| r.host == name)
+                || inventory.creating.contains_key(name);
+            if moving {
+                return Err(CenterError::Conflict(format!(
+                    "a migration or a create involving host {name} is under way; wait for it to end"
+                )));
+            }
+            inventory.vms_on(name).map(|vm| vm.id.clone()).collect()
+        };
+        if !vms.is_empty() && !with_vms {
+            let shown: Vec<&str> = vms.iter().take(5).map(String::as_str).collect();
+            return Err(CenterError::Conflict(format!(
+                "host {name} still has {} VM(s) on record ({}{}); they may still run there. Forget them with it only if they do not (--with-vms)",
+                vms.len(),
+                shown.join(", "),
+                if vms.len() > shown.len() { ", ..." } else { "" }
+            )));
+        }
+        // The store first: if it refuses, nothing is forgotten.
+        self.store().forget_host(name, &vms)?;
+        let forgotten = self.inventory().remove_host(name);
+        let message = format!(
+            "host {name} forgotten, with {} VM record(s)",
+            forgotten.len()
+        );
+        if let Err(e) = self.record(&[Event::now("host-forgotten", message)]) {
+            tracing::warn!("recording an event: {e}");
+        }
+        Ok(ForgottenHost {
+            host: name.to_string(),
+            vms: forgotten,
+        })
     }
 
     /// The balance plan for the cluster now.

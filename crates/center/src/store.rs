@@ -20,6 +20,8 @@ pub trait Store: Send + Sync {
     fn load(&self) -> Result<Loaded, StoreError>;
     /// Writes a host's record.
     fn put_host(&self, host: &HostRecord) -> Result<(), StoreError>;
+    /// Deletes host `name`'s record and the records of its VMs `vms`.
+    fn forget_host(&self, name: &str, vms: &[String]) -> Result<(), StoreError>;
     /// Writes VM records and deletes those in `gone`.
     fn put_vms(&self, vms: &[&VmRecord], gone: &[String]) -> Result<(), StoreError>;
     /// Records a new migration and returns its id.
@@ -205,6 +207,17 @@ impl Store for SqliteStore {
              ON CONFLICT(name) DO UPDATE SET record = excluded.record",
             params![host.name, encode(host)],
         )?;
+        Ok(())
+    }
+
+    fn forget_host(&self, name: &str, vms: &[String]) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute("DELETE FROM hosts WHERE name = ?1", params![name])?;
+        for id in vms {
+            tx.execute("DELETE FROM vms WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -458,6 +471,17 @@ impl Store for EtcdStore {
 
     fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
         self.write(vec![self.put_op(format!("hosts/{}", host.name), host)])
+    }
+
+    fn forget_host(&self, name: &str, vms: &[String]) -> Result<(), StoreError> {
+        let mut ops = vec![Op::Delete(self.key(&format!("hosts/{name}")))];
+        ops.extend(
+            vms.iter()
+                .map(|id| Op::Delete(self.key(&format!("vms/{id}")))),
+        );
+        // Followers drop the host from their views at their next refresh.
+        ops.push(self.bump());
+        self.write(ops)
     }
 
     fn put_vms(&self, vms: &[&VmRecord], gone: &[String]) -> Result<(), StoreError> {

@@ -436,6 +436,29 @@ fn a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable() {
     // A down host can be neither a target nor evacuated.
     let out = cluster.center.ferry(&["host", "maintenance", "enter", "c"]);
     assert!(text(&out.stderr).contains("down"), "{}", text(&out.stderr));
+    // The machine is retired: forgotten only with its VM, which is named first.
+    let out = cluster.center.ferry(&["host", "forget", "c"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(&lost), "{}", text(&out.stderr));
+    let out = cluster
+        .center
+        .ferry(&["host", "forget", "c", "--with-vms", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let forgotten: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(forgotten["vms"], serde_json::json!([lost]));
+    let status = cluster.center.status();
+    let names: Vec<&str> = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{status:#}");
+    assert!(status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["id"] != lost));
 }
 
 #[test]

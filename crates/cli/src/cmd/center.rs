@@ -143,12 +143,13 @@ API (operators send 'Authorization: Bearer <center token>'; errors are {\"error\
                                        attention first), migrations, operations, events,
                                        this replica and the leader
   GET    /v1/hosts, /v1/hosts/NAME     status (up/down), mode, capacity, load, pressure
+  DELETE /v1/hosts/NAME[?with_vms=true]  forget a silent host (and its VMs' records)
   POST   /v1/hosts/NAME/maintenance    move its VMs off live, then hold it in maintenance
   DELETE /v1/hosts/NAME/maintenance    return it to service
   GET    /v1/vms                       VMs and where they run
   POST   /v1/vms                       create where there is room: {\"workload\", \"args\",
                                        \"memory\", \"accel_memory\", \"host\" (optional)}
-  GET    /v1/migrations                every migration the center ordered, with its pause
+  GET    /v1/migrations                the last 1,000 migrations the center ordered, with pauses
   GET    /v1/operations/ID             a maintenance or balance operation
   GET    /v1/balance                   the balance plan now
   POST   /v1/balance                   {\"dry_run\": false} carries it out
@@ -584,6 +585,43 @@ enum MaintenanceCommand {
         /// Host name.
         host: String,
     },
+}
+
+/// `ferry host forget`.
+#[derive(Args)]
+pub struct ForgetArgs {
+    /// Host name.
+    host: String,
+    /// Forget the VMs recorded on the host too (only if they no longer run there).
+    #[arg(long)]
+    with_vms: bool,
+    #[command(flatten)]
+    center: CenterAddr,
+    /// Print JSON: the host and the VMs forgotten with it.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ferry host forget HOST`.
+pub fn forget(args: &ForgetArgs) -> anyhow::Result<()> {
+    let client = args.center.client()?;
+    let host = &args.host;
+    let path = format!("/v1/hosts/{host}?with_vms={}", args.with_vms);
+    let forgotten: ferry_center::ForgottenHost = client.delete(&path)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&forgotten)?);
+    } else {
+        println!(
+            "host {host} forgotten, with {} VM record(s){}",
+            forgotten.vms.len(),
+            if forgotten.vms.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", forgotten.vms.join(", "))
+            }
+        );
+    }
+    Ok(())
 }
 
 /// `ferry host maintenance ...`.

@@ -48,6 +48,10 @@ enum HostCommand {
     /// Take a host out of service (moving its VMs off live) or return it, through the
     /// cluster center.
     Maintenance(crate::cmd::center::MaintenanceArgs),
+    /// Make the cluster center forget a host for good (a machine taken out of the
+    /// cluster). Refused while the host beats or something involving it runs, and while
+    /// VMs are recorded on it unless --with-vms.
+    Forget(crate::cmd::center::ForgetArgs),
 }
 
 const API_HELP: &str = "\
@@ -323,6 +327,7 @@ impl LoopbackPair {
 pub fn host(args: &HostArgs) -> anyhow::Result<()> {
     match &args.command {
         HostCommand::Maintenance(m) => crate::cmd::center::maintenance(m),
+        HostCommand::Forget(f) => crate::cmd::center::forget(f),
         HostCommand::Serve(serve) => {
             let memory_capacity = serve.memory_capacity.unwrap_or_else(default_capacity);
             let config = HostConfig {
