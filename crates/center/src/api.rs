@@ -339,7 +339,8 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
             (gates.operators.clone(), Scope::Serving),
             require_token,
         ))
-        .route_layer(middleware::from_fn(gateway::openai_errors));
+        .route_layer(middleware::from_fn(gateway::openai_errors))
+        .layer(gateway::cors());
     let hosts = Router::new()
         .route("/v1/heartbeat", post(heartbeat))
         .route("/v1/settle", post(settle))
@@ -355,4 +356,81 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .fallback(not_found)
         .layer(middleware::from_fn(ferry_http::json_errors))
         .with_state(center))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tests::ScratchCenter;
+
+    /// `method path` to `url` with `headers`: the status and the headers of the answer.
+    fn call(
+        url: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, axum::http::HeaderMap) {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{url}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let answer = agent.run(request.body(()).unwrap()).unwrap();
+        (answer.status().as_u16(), answer.headers().clone())
+    }
+
+    #[test]
+    fn a_browser_may_call_the_openai_api_but_not_the_operators_api() {
+        let scratch = ScratchCenter::open("cors");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = super::router(scratch.center.clone()).unwrap();
+        let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "center API");
+        let origin = ("Origin", "https://app.example");
+        let preflight = |path| {
+            call(
+                &url,
+                "OPTIONS",
+                path,
+                &[
+                    origin,
+                    ("Access-Control-Request-Method", "POST"),
+                    (
+                        "Access-Control-Request-Headers",
+                        "authorization,content-type",
+                    ),
+                ],
+            )
+        };
+        // The preflight needs no token; the answer allows the bearer token to be sent.
+        let (status, headers) = preflight("/v1/chat/completions");
+        assert!((200..300).contains(&status), "{status}");
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+        assert!(allowed.contains("authorization"), "{allowed}");
+        // A page without its user's token is refused, and may read why.
+        let (status, headers) = call(&url, "GET", "/v1/models", &[origin]);
+        assert_eq!(status, 401);
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        let (status, headers) = call(
+            &url,
+            "GET",
+            "/v1/models",
+            &[origin, ("Authorization", "Bearer operator")],
+        );
+        assert_eq!(status, 200);
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        // The operators' API gives a page nothing: no CORS headers, so it cannot read it.
+        let (_, headers) = preflight("/v1/hosts/a/maintenance");
+        assert!(!headers.contains_key("access-control-allow-origin"));
+        let (_, headers) = call(&url, "GET", "/v1/cluster", &[origin]);
+        assert!(!headers.contains_key("access-control-allow-origin"));
+    }
 }

@@ -161,7 +161,9 @@ pub async fn openai_errors(
         .and_then(|v| v.get("error")?.as_str().map(str::to_string))
         .unwrap_or_else(|| ferry_http::error_text(&parts, &body));
     let code = match parts.status.as_u16() {
-        401 | 403 => "invalid_api_key",
+        401 => "invalid_api_key",
+        // A valid token without the right (a read-only one asking for a completion).
+        403 => "insufficient_permissions",
         404 => "not_found",
         405 => "method_not_allowed",
         413 => "request_too_large",
@@ -169,6 +171,18 @@ pub async fn openai_errors(
     };
     let answer = OpenAiError::new(parts.status, code, message).into_response();
     ferry_http::keeping_headers(answer, &parts)
+}
+
+/// CORS for the OpenAI API: browser applications call it directly, as they call
+/// OpenAI's. Any origin, and no credentials but the bearer token, which a page has only
+/// if its user gave it.
+pub fn cors() -> tower_http::cors::CorsLayer {
+    use axum::http::{header, Method};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(3600))
 }
 
 /// A chat message.
@@ -306,7 +320,7 @@ struct Sampling {
     #[serde(default)]
     top_p: Option<f32>,
     #[serde(default)]
-    seed: Option<u64>,
+    seed: Option<Seed>,
     #[serde(default)]
     stop: Option<Stop>,
     #[serde(default)]
@@ -327,6 +341,31 @@ struct CompletionRequest {
     prompt: Prompt,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// A request's seed as the sampler takes it. OpenAI's is a signed 64-bit integer: a
+/// negative one is taken by its two's-complement bits, so each seed gives its own answer;
+/// u64 seeds are taken too.
+#[derive(Debug, Clone, Copy)]
+struct Seed(u64);
+
+impl<'de> Deserialize<'de> for Seed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct WholeNumber;
+        impl serde::de::Visitor<'_> for WholeNumber {
+            type Value = Seed;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number for the seed")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Seed, E> {
+                Ok(Seed(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Seed, E> {
+                Ok(Seed(v as u64))
+            }
+        }
+        d.deserialize_any(WholeNumber)
+    }
 }
 
 /// A completion's prompt: a text, or a list of them (one here).
@@ -387,10 +426,10 @@ impl Sampling {
             ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
+        if !(0.0..=1.0).contains(&top_p) {
             return Err(OpenAiError::invalid(
                 "top_p",
-                format!("top_p must be above 0 and at most 1, not {top_p}"),
+                format!("top_p must be between 0 and 1, not {top_p}"),
             ));
         }
         let stop = match &self.stop {
@@ -412,7 +451,7 @@ impl Sampling {
             top_p,
             // Unseeded requests differ, as with OpenAI; the seed travels with the request,
             // so a migrated answer is still the one it would have been.
-            seed: self.seed.unwrap_or_else(random_seed),
+            seed: self.seed.map_or_else(random_seed, |s| s.0),
             stop,
         })
     }
@@ -1377,6 +1416,34 @@ mod tests {
         assert_eq!(deltas[1], json!({"content": "hi"}), "{text}");
         assert_eq!(deltas[2], json!({"content": " there"}), "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+
+    #[test]
+    fn top_p_0_and_negative_seeds_are_taken_as_openai_takes_them() {
+        let request = |extra: Value| {
+            let mut body = json!({"model": "m", "prompt": "Once"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let req: CompletionRequest = parse(&Bytes::from(body.to_string()), "prompt")?;
+            req.sampling.request(PromptKind::Raw, Vec::new())
+        };
+        assert_eq!(request(json!({"top_p": 0})).unwrap().top_p, 0.0);
+        let seed = |s: Value| request(json!({ "seed": s })).unwrap().seed;
+        assert_eq!(seed(json!(-1)), u64::MAX);
+        assert_eq!(seed(json!(7)), 7);
+        assert_eq!(seed(json!(u64::MAX)), u64::MAX);
+        assert_ne!(seed(json!(-2)), seed(json!(2)));
+        for value in [json!(-0.1), json!(1.5)] {
+            let err = request(json!({ "top_p": value })).unwrap_err();
+            assert_eq!(err.param, Some("top_p"), "{value}");
+        }
+        let err = request(json!({"seed": 1.5})).unwrap_err();
+        assert!(
+            err.message.contains("whole number for the seed"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub struct SamplerConfig {
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens (0: all).
     pub top_k: usize,
-    /// Keep the most likely tokens whose probabilities add up to `top_p` (1: all).
+    /// Keep the most likely tokens whose probabilities add up to `top_p` (1: all; 0: the
+    /// most likely one alone).
     pub top_p: f32,
     /// Random seed.
     pub seed: u64,
@@ -40,7 +41,7 @@ impl Default for SamplerConfig {
 pub enum SamplerError {
     /// The temperature is negative, infinite or NaN.
     Temperature(f32),
-    /// `top_p` is not in (0, 1].
+    /// `top_p` is not in [0, 1].
     TopP(f32),
 }
 
@@ -50,7 +51,7 @@ impl fmt::Display for SamplerError {
             SamplerError::Temperature(t) => {
                 write!(f, "temperature {t} is not a finite number >= 0")
             }
-            SamplerError::TopP(p) => write!(f, "top_p {p} is not in (0, 1]"),
+            SamplerError::TopP(p) => write!(f, "top_p {p} is not in [0, 1]"),
         }
     }
 }
@@ -82,7 +83,7 @@ impl Sampler {
         if !(config.temperature.is_finite() && config.temperature >= 0.0) {
             return Err(SamplerError::Temperature(config.temperature));
         }
-        if !(config.top_p > 0.0 && config.top_p <= 1.0) {
+        if !(0.0..=1.0).contains(&config.top_p) {
             return Err(SamplerError::TopP(config.top_p));
         }
         Ok(Sampler {

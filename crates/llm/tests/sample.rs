@@ -39,9 +39,12 @@ fn greedy_takes_the_first_maximum() {
     let l = logits(1000, 7);
     let best = Sampler::new(SamplerConfig::default()).unwrap().sample(&l);
     let mut k1 = Sampler::new(cfg(1.5, 1, 1.0, 3)).unwrap();
-    let mut p0 = Sampler::new(cfg(1.5, 0, 1e-9, 3)).unwrap();
+    let mut tiny = Sampler::new(cfg(1.5, 0, 1e-9, 3)).unwrap();
+    // OpenAI's top_p 0: the most likely token alone.
+    let mut p0 = Sampler::new(cfg(1.5, 0, 0.0, 3)).unwrap();
     for _ in 0..20 {
         assert_eq!(k1.sample(&l), best);
+        assert_eq!(tiny.sample(&l), best);
         assert_eq!(p0.sample(&l), best);
     }
     let mut tie = Sampler::new(cfg(1.0, 1, 1.0, 9)).unwrap();
@@ -120,7 +123,7 @@ fn validates_the_config() {
         assert!(matches!(e, SamplerError::Temperature(_)));
         assert!(e.to_string().contains("temperature"));
     }
-    for p in [0.0f32, -1.0, 1.01, f32::NAN] {
+    for p in [-0.01f32, -1.0, 1.01, f32::NAN] {
         assert!(matches!(
             Sampler::new(cfg(1.0, 0, p, 0)),
             Err(SamplerError::TopP(_))
