@@ -472,7 +472,7 @@ pub struct BeatAnswer {
     /// The leader's term, when the answering replica leads a replicated center: the
     /// host refuses orders of older terms from then on (see [`LEADER_TERM_HEADER`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub leader_term: Option<i64>,
+    pub leader_term: Option<LeaderTerm>,
 }
 
 impl BeatAnswer {
@@ -495,11 +495,44 @@ impl BeatAnswer {
     }
 }
 
-/// Header on an order (any request but a GET) a replicated center's leader sends a host:
-/// the leader's term, which grows with each new leader. A host refuses an order whose
-/// term is older than one it has seen, so a leader deposed while it was paused cannot
-/// act once its successor has spoken to the host.
+/// Header on an order (a request that changes something) a replicated center's leader
+/// sends a host: the leader's [`LeaderTerm`]. A host refuses an order whose term is older
+/// than one it has seen, so a leader deposed while it was paused cannot act once its
+/// successor has spoken to the host.
 pub const LEADER_TERM_HEADER: &str = "x-ferry-leader-term";
+
+/// A replicated center leader's term: the creation revision of the leader key, which
+/// grows with each new leader, in the etcd cluster that holds it (a new etcd cluster
+/// counts revisions from 1 again, so its terms are not compared with the old one's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderTerm {
+    /// The etcd cluster's id.
+    pub cluster: u64,
+    /// The leader key's creation revision in it.
+    pub revision: i64,
+}
+
+impl LeaderTerm {
+    /// Its [`LEADER_TERM_HEADER`] value: `CLUSTER-REVISION`, the cluster in hex.
+    pub fn header_value(&self) -> String {
+        format!("{:x}-{}", self.cluster, self.revision)
+    }
+
+    /// A [`LEADER_TERM_HEADER`] value, if well formed.
+    pub fn from_header(value: &str) -> Option<Self> {
+        let (cluster, revision) = value.split_once('-')?;
+        Some(Self {
+            cluster: u64::from_str_radix(cluster, 16).ok()?,
+            revision: revision.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for LeaderTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of etcd cluster {:x}", self.revision, self.cluster)
+    }
+}
 
 /// Whether two reports of a VM differ in what the center keeps: its uptime counts on by
 /// itself, and accelerator load within `LOAD_STEP` is noise.

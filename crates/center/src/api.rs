@@ -7,10 +7,11 @@
 //! | `GET /` | the dashboard (the page asks for the token; data needs it) |
 //! | `GET /v1/cluster?vms=N` | hosts, VMs (at most N, default 1,000, those needing attention first), migrations, operations and events at a glance |
 //! | `GET /v1/hosts`, `GET /v1/hosts/{name}` | hosts: status, mode, capacity, load |
+//! | `DELETE /v1/hosts/{name}?with_vms=B` | forget a silent host for good (with its VMs' records if B) |
 //! | `POST /v1/hosts/{name}/maintenance` | empty the host live and put it in maintenance |
 //! | `DELETE /v1/hosts/{name}/maintenance` | return it to service |
 //! | `GET /v1/vms`, `POST /v1/vms` | VMs; create one where there is room |
-//! | `GET /v1/migrations` | every migration the center ordered |
+//! | `GET /v1/migrations` | the last 1,000 migrations the center ordered |
 //! | `GET /v1/operations/{id}` | a maintenance or balance operation's progress |
 //! | `GET /v1/balance`, `POST /v1/balance` | the balance plan; carry it out (`{"dry_run": true}` only shows it) |
 //! | `GET /v1/events` | recent events |
@@ -20,6 +21,8 @@
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI's API: an answer from that VM (`stream: true` for server-sent events), routed to the host that runs it now, following it across migrations |
 //! | `POST /v1/heartbeat` | hosts only (shared secret) |
 //! | `POST /v1/settle` | hosts only: relays a settle question about an in-doubt switchover to the destination's API |
+//!
+//! The OpenAI endpoints answer CORS requests from any origin; the rest of the API none.
 
 use std::sync::Arc;
 
@@ -404,7 +407,7 @@ mod tests {
                     ("Access-Control-Request-Method", "POST"),
                     (
                         "Access-Control-Request-Headers",
-                        "authorization,content-type",
+                        "authorization,content-type,x-stainless-os,x-stainless-retry-count",
                     ),
                 ],
             )
@@ -413,8 +416,12 @@ mod tests {
         let (status, headers) = preflight("/v1/chat/completions");
         assert!((200..300).contains(&status), "{status}");
         assert_eq!(headers["access-control-allow-origin"], "*");
+        // As OpenAI's JavaScript SDK asks: its own headers too.
         let allowed = headers["access-control-allow-headers"].to_str().unwrap();
-        assert!(allowed.contains("authorization"), "{allowed}");
+        assert!(
+            allowed == "*" || allowed.contains("x-stainless-os"),
+            "{allowed}"
+        );
         // A page without its user's token is refused, and may read why.
         let (status, headers) = call(&url, "GET", "/v1/models", &[origin]);
         assert_eq!(status, 401);

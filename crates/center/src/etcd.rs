@@ -102,6 +102,8 @@ pub struct TxnOutcome {
     pub succeeded: bool,
     /// Keys read by `Op::Get`s in the branch that ran.
     pub read: Vec<KeyValue>,
+    /// The id of the etcd cluster that ran it (0 if the answer did not say).
+    pub cluster: u64,
 }
 
 /// How a range is read.
@@ -432,7 +434,16 @@ impl Etcd {
                 read.extend(kvs(range, "txn")?);
             }
         }
-        Ok(TxnOutcome { succeeded, read })
+        // The gateway writes 64-bit numbers as strings.
+        let cluster = match &answer["header"]["cluster_id"] {
+            Value::String(id) => id.parse().unwrap_or(0),
+            other => other.as_u64().unwrap_or(0),
+        };
+        Ok(TxnOutcome {
+            succeeded,
+            read,
+            cluster,
+        })
     }
 
     /// Sets `key` (unconditionally).

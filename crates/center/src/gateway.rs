@@ -177,11 +177,12 @@ pub async fn openai_errors(
 /// OpenAI's. Any origin, and no credentials but the bearer token, which a page has only
 /// if its user gave it.
 pub fn cors() -> tower_http::cors::CorsLayer {
-    use axum::http::{header, Method};
+    use axum::http::Method;
     tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::Any)
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        // Any header: OpenAI's JavaScript SDK sends its own (`x-stainless-*`).
+        .allow_headers(tower_http::cors::Any)
         .max_age(std::time::Duration::from_secs(3600))
 }
 

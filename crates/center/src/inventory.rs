@@ -303,19 +303,32 @@ impl Inventory {
         Some(vm)
     }
 
-    /// Forgets host `name` and every VM recorded on it; returns those VMs' ids.
-    pub fn remove_host(&mut self, name: &str) -> Vec<String> {
-        let ids: Vec<String> = self.by_host.remove(name).into_iter().flatten().collect();
-        for id in &ids {
-            self.vms.remove(id);
-        }
-        self.hosts.remove(name);
+    /// Forgets host `name` and every VM recorded on it; returns its record and theirs.
+    pub fn remove_host(&mut self, name: &str) -> Option<(HostRecord, Vec<VmRecord>)> {
+        let host = self.hosts.remove(name)?;
+        let vms: Vec<VmRecord> = (self.by_host.remove(name).into_iter().flatten())
+            .filter_map(|id| self.vms.remove(&id))
+            .collect();
         self.beat_bases.remove(name);
         self.host_written_ms.remove(name);
         self.heard.remove(name);
         self.rewrite.remove(name);
         self.down_noted.remove(name);
-        ids
+        Some((host, vms))
+    }
+
+    /// Puts back a host [`Inventory::remove_host`] took out, with its VMs, unless it has
+    /// joined again meanwhile (then its beats tell).
+    pub fn restore_host(&mut self, host: HostRecord, vms: Vec<VmRecord>) {
+        if self.hosts.contains_key(&host.name) {
+            return;
+        }
+        self.hosts.insert(host.name.clone(), host);
+        for vm in vms {
+            if !self.vms.contains_key(&vm.id) {
+                self.put_vm(vm);
+            }
+        }
     }
 
     /// The VMs recorded on `host`.

@@ -150,6 +150,7 @@ impl Center {
             store.set_fence(Some(Fence {
                 key,
                 create_revision: kv.create_revision,
+                cluster: outcome.cluster,
             }));
             self.lead_until(asked + LEASE_TTL - LEAD_MARGIN);
             tracing::info!(

@@ -312,24 +312,28 @@ impl Center {
             },
             message,
         )])?;
+        self.prune_store();
         self.resume_operations();
         Ok(())
     }
 
+    /// Deletes the stored migrations and operations older than the oldest this replica
+    /// keeps, which no replica would load again: history stored before stores were
+    /// pruned, and records whose delete failed or that a late write made again.
+    fn prune_store(&self) {
+        let migrations_from = self.inventory().migrations.front().map(|m| m.id);
+        let operations_from = (self.operations.lock())
+            .expect("operations lock")
+            .keys()
+            .next()
+            .copied();
+        if let Err(e) = self.store().prune_before(migrations_from, operations_from) {
+            tracing::warn!("deleting old migrations and operations from the store: {e}");
+        }
+    }
+
     /// Hosts' modes and the VMs of hosts this replica has had no beat from, as stored.
     fn merge_loaded_hosts_and_vms(&self, inventory: &mut Inventory, loaded: &store::Loaded) {
-        // A host the leader forgot is gone from the store; it goes here too unless it
-        // beats (then it has joined again).
-        let stored: BTreeSet<&str> = loaded.hosts.iter().map(|h| h.name.as_str()).collect();
-        let now = unix_ms();
-        let forgotten: Vec<String> = (inventory.hosts.keys())
-            .filter(|name| !stored.contains(name.as_str()))
-            .filter(|name| !inventory.is_up(name, now, self.down_after_ms()))
-            .cloned()
-            .collect();
-        for name in forgotten {
-            inventory.remove_host(&name);
-        }
         for host in &loaded.hosts {
             match inventory.hosts.get_mut(&host.name) {
                 Some(known) => known.mode = host.mode.clone(),
@@ -356,8 +360,27 @@ impl Center {
         }
         let loaded = self.store.load()?;
         *self.refreshed_at.lock().expect("refresh lock") = generation;
+        self.drop_forgotten_hosts(&loaded);
         self.adopt(loaded);
         Ok(())
+    }
+
+    /// A follower drops the hosts the leader forgot (`ferry host forget`): gone from the
+    /// store, unless they beat here (then they have joined again). Not done on taking the
+    /// lead: a host the leader knows whose first write failed is missing from the store
+    /// too, and is written with its next beat.
+    fn drop_forgotten_hosts(&self, loaded: &store::Loaded) {
+        let stored: BTreeSet<&str> = loaded.hosts.iter().map(|h| h.name.as_str()).collect();
+        let now = unix_ms();
+        let mut inventory = self.inventory();
+        let forgotten: Vec<String> = (inventory.hosts.keys())
+            .filter(|name| !stored.contains(name.as_str()))
+            .filter(|name| !inventory.is_up(name, now, self.down_after_ms()))
+            .cloned()
+            .collect();
+        for name in forgotten {
+            let _ = inventory.remove_host(&name);
+        }
     }
 
     /// Takes what the store holds over this replica's view: hosts' modes, the VMs of
@@ -375,7 +398,8 @@ impl Center {
                 if m.state.has_ended() {
                     self.metrics.count_finished(&m);
                 }
-                // The store loads no more than are kept: nothing is forgotten here.
+                // The store loads no more than are kept: nothing is forgotten here (what
+                // is stored beyond them goes when this replica leads: `prune_store`).
                 let _ = inventory.add_migration(m);
             }
         }
@@ -410,23 +434,26 @@ impl Center {
             .then(|| self.term.load(std::sync::atomic::Ordering::SeqCst))
     }
 
-    /// The cluster-wide term of this replica's lead, when it leads replicas sharing etcd:
-    /// the leader key's creation revision, which grows with each leader. Hosts refuse
-    /// orders of older terms ([`ferry_api::LEADER_TERM_HEADER`]).
-    pub(crate) fn cluster_term(&self) -> Option<i64> {
+    /// The cluster-wide term of this replica's lead, when it leads replicas sharing etcd
+    /// (told to hosts in heartbeat answers). Hosts refuse orders of older terms
+    /// ([`ferry_api::LEADER_TERM_HEADER`]).
+    pub(crate) fn cluster_term(&self) -> Option<ferry_api::LeaderTerm> {
         if !self.is_leader() {
             return None;
         }
-        self.store().as_etcd()?.fence_revision()
+        self.store().as_etcd()?.term()
     }
 
-    /// A client for orders to `host`: they carry this replica's cluster term, if any.
+    /// A client for orders to `host`. A replica of a replicated center orders only while
+    /// it holds the leadership, and its orders carry that leadership's term: a replica
+    /// stepping down (its fence already gone, its role not yet changed) orders nothing.
     fn order_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
         let client = self.host_client(host)?;
-        Ok(match self.cluster_term() {
-            Some(term) => client.with_header(ferry_api::LEADER_TERM_HEADER, term.to_string()),
-            None => client.as_ref().clone(),
-        })
+        let Some(store) = self.store().as_etcd() else {
+            return Ok(client.as_ref().clone());
+        };
+        let term = store.term().ok_or(StoreError::NotLeader)?;
+        Ok(client.with_header(ferry_api::LEADER_TERM_HEADER, term.header_value()))
     }
 
     /// Whether this replica still leads in `term`.
@@ -586,7 +613,10 @@ impl Center {
             }
         }
         let inventory = self.inventory();
-        let host = changes.host.then(|| inventory.hosts[&name].clone());
+        // Forgotten meanwhile (`ferry host forget`), it has no record to write.
+        let host = (changes.host)
+            .then(|| inventory.hosts.get(&name).cloned())
+            .flatten();
         let vms: Vec<VmRecord> = changes
             .vms
             .iter()
@@ -1260,7 +1290,13 @@ pub(crate) mod tests {
             .unwrap()
             .last_heartbeat_ms = 0;
         // The leader's store no longer has either.
-        center.adopt(store::Loaded::default());
+        for name in ["gone", "beating"] {
+            center.store().forget_host(name, &[]).unwrap();
+        }
+        // Taking the lead keeps them (a host whose record was never written is known).
+        center.adopt(center.store().load().unwrap());
+        assert_eq!(center.inventory().hosts.len(), 2);
+        center.refresh_from_store().unwrap();
         let hosts: Vec<String> = center.inventory().hosts.keys().cloned().collect();
         assert_eq!(hosts, vec!["beating".to_string()]);
     }

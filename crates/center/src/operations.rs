@@ -201,7 +201,6 @@ impl Center {
             summary: String::new(),
         };
         ops.insert(op.id, op.clone());
-        let forgotten = keep_newest(&mut ops);
         // Written without the lock (no I/O under it): a second operation meanwhile sees
         // this one running and is refused.
         drop(ops);
@@ -212,7 +211,8 @@ impl Center {
                 .remove(&op.id);
             return Err(e.into());
         }
-        // Only after the new one is stored: a failed start forgets nothing for good.
+        // Only once the new one is stored: a failed start forgets nothing.
+        let forgotten = keep_newest(&mut self.operations.lock().expect("operations lock"));
         if let Err(e) = self.store().forget_operations(&forgotten) {
             tracing::warn!("deleting the records of forgotten operations: {e}");
         }
@@ -963,8 +963,10 @@ impl Center {
                 "host {name} is being evacuated; wait for the evacuation to end"
             )));
         }
-        let vms: Vec<String> = {
-            let inventory = self.inventory();
+        // Checked and taken out of memory under one lock, so that a beat cannot come
+        // between; the store follows, and if it refuses, the host is put back.
+        let (host, vms) = {
+            let mut inventory = self.inventory();
             let host = inventory.hosts.get(name).ok_or_else(|| {
                 CenterError::NotFound(format!("no host named '{name}' has joined"))
             })?;
@@ -985,30 +987,32 @@ impl Center {
                     "a migration or a create involving host {name} is under way; wait for it to end"
                 )));
             }
-            inventory.vms_on(name).map(|vm| vm.id.clone()).collect()
+            let vms: Vec<String> = inventory.vms_on(name).map(|vm| vm.id.clone()).collect();
+            if !vms.is_empty() && !with_vms {
+                let shown: Vec<&str> = vms.iter().take(5).map(String::as_str).collect();
+                return Err(CenterError::Conflict(format!(
+                    "host {name} still has {} VM(s) on record ({}{}); they may still run there. Forget them with it only if they do not (--with-vms)",
+                    vms.len(),
+                    shown.join(", "),
+                    if vms.len() > shown.len() { ", ..." } else { "" }
+                )));
+            }
+            inventory
+                .remove_host(name)
+                .expect("the host was just found")
         };
-        if !vms.is_empty() && !with_vms {
-            let shown: Vec<&str> = vms.iter().take(5).map(String::as_str).collect();
-            return Err(CenterError::Conflict(format!(
-                "host {name} still has {} VM(s) on record ({}{}); they may still run there. Forget them with it only if they do not (--with-vms)",
-                vms.len(),
-                shown.join(", "),
-                if vms.len() > shown.len() { ", ..." } else { "" }
-            )));
+        let ids: Vec<String> = vms.iter().map(|vm| vm.id.clone()).collect();
+        if let Err(e) = self.store().forget_host(name, &ids) {
+            self.inventory().restore_host(host, vms);
+            return Err(e.into());
         }
-        // The store first: if it refuses, nothing is forgotten.
-        self.store().forget_host(name, &vms)?;
-        let forgotten = self.inventory().remove_host(name);
-        let message = format!(
-            "host {name} forgotten, with {} VM record(s)",
-            forgotten.len()
-        );
+        let message = format!("host {name} forgotten, with {} VM record(s)", ids.len());
         if let Err(e) = self.record(&[Event::now("host-forgotten", message)]) {
             tracing::warn!("recording an event: {e}");
         }
         Ok(ForgottenHost {
             host: name.to_string(),
-            vms: forgotten,
+            vms: ids,
         })
     }
 
@@ -1126,6 +1130,21 @@ mod tests {
         assert_eq!(kept[0], 1);
         assert_eq!(kept[1], 8);
         assert_eq!(scratch.stored_rows("migrations"), MIGRATIONS_KEPT as i64);
+        // History stored before stores were pruned (or a delete that failed) goes when a
+        // replica takes the lead.
+        for _ in 0..5 {
+            center
+                .store()
+                .add_migration(&record(MigrationState::Succeeded))
+                .unwrap();
+        }
+        assert_eq!(
+            scratch.stored_rows("migrations"),
+            MIGRATIONS_KEPT as i64 + 5
+        );
+        center.lead().unwrap();
+        assert_eq!(scratch.stored_rows("migrations"), MIGRATIONS_KEPT as i64);
+        let kept: Vec<i64> = center.migrations().iter().map(|m| m.id).collect();
         let loaded: Vec<i64> = center
             .store()
             .load()

@@ -34,6 +34,13 @@ pub trait Store: Send + Sync {
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError>;
     /// Deletes the records of operations the center forgot.
     fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError>;
+    /// Deletes the migrations with ids below `migrations_from` and the operations with ids
+    /// below `operations_from` (none: nothing of that kind).
+    fn prune_before(
+        &self,
+        migrations_from: Option<i64>,
+        operations_from: Option<u64>,
+    ) -> Result<(), StoreError>;
     /// Appends an event.
     fn add_event(&self, event: &Event) -> Result<(), StoreError>;
     /// The last `n` events, newest first.
@@ -273,6 +280,21 @@ impl Store for SqliteStore {
         self.delete_ids("DELETE FROM operations WHERE id = ?1", ids)
     }
 
+    fn prune_before(
+        &self,
+        migrations_from: Option<i64>,
+        operations_from: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let db = self.db();
+        if let Some(from) = migrations_from {
+            db.execute("DELETE FROM migrations WHERE id < ?1", params![from])?;
+        }
+        if let Some(from) = operations_from {
+            db.execute("DELETE FROM operations WHERE id < ?1", params![from as i64])?;
+        }
+        Ok(())
+    }
+
     fn add_event(&self, event: &Event) -> Result<(), StoreError> {
         let db = self.db();
         db.execute(
@@ -322,6 +344,8 @@ pub struct Fence {
     pub key: String,
     /// The revision that created it for this leader.
     pub create_revision: i64,
+    /// The etcd cluster's id.
+    pub cluster: u64,
 }
 
 /// The center's state in etcd, under a key prefix, shared by center replicas.
@@ -377,17 +401,19 @@ impl EtcdStore {
 
     /// Whether this replica holds a leadership to write with.
     pub fn fenced(&self) -> bool {
-        self.fence_revision().is_some()
+        self.term().is_some()
     }
 
-    /// The creation revision of the leader key this replica holds, if it holds it: it
-    /// grows with each new leader.
-    pub fn fence_revision(&self) -> Option<i64> {
+    /// The term of the leadership this replica holds, if it holds one.
+    pub fn term(&self) -> Option<ferry_api::LeaderTerm> {
         self.fence
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|f| f.create_revision)
+            .map(|f| ferry_api::LeaderTerm {
+                cluster: f.cluster,
+                revision: f.create_revision,
+            })
     }
 
     fn fence(&self) -> Result<Fence, StoreError> {
@@ -571,6 +597,25 @@ impl Store for EtcdStore {
     fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError> {
         let key = |id| Op::Delete(self.key(&format!("operations/{id:020}")));
         self.write(ids.iter().map(key).collect())
+    }
+
+    fn prune_before(
+        &self,
+        migrations_from: Option<i64>,
+        operations_from: Option<u64>,
+    ) -> Result<(), StoreError> {
+        // Ids are zero-padded in the keys: their order is the keys' order.
+        let below = |dir: &str, from: String| {
+            Op::DeleteRange(self.key(dir), self.key(&format!("{dir}{from}")))
+        };
+        let ops: Vec<Op> = [
+            migrations_from.map(|from| below("migrations/", format!("{from:020}"))),
+            operations_from.map(|from| below("operations/", format!("{from:020}"))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        self.write(ops)
     }
 
     fn add_event(&self, event: &Event) -> Result<(), StoreError> {

@@ -539,10 +539,15 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
     let stale_name = stale.name.clone();
     let other = ha.replicas.iter().find(|r| r.name != stale_name).unwrap();
     let etcd = Etcd::new(&[ha.etcd.endpoints()], Duration::from_secs(2)).unwrap();
+    // The leader's term: its key's creation revision, in this etcd cluster.
     let term = || {
-        etcd.get("/stale/leader")
-            .unwrap()
-            .map(|kv| kv.create_revision)
+        let read = etcd
+            .txn(&[], &[Op::Get("/stale/leader".into())], &[])
+            .unwrap();
+        read.read.first().map(|kv| ferry_api::LeaderTerm {
+            cluster: read.cluster,
+            revision: kv.create_revision,
+        })
     };
     let stale_term = term().expect("a leader key");
     // SAFETY: kill only sends a signal to our own child process.
@@ -553,9 +558,9 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
     // An order the stale leader had on its way when it was paused, arriving now: the
     // host heard the new leader's term in its heartbeats' answers, and refuses it,
     // though the new leader has ordered it nothing.
-    let order = |term: i64| {
+    let order = |term: ferry_api::LeaderTerm| {
         let sent = common::host_api(ha.daemon("a"))
-            .with_header(ferry_api::LEADER_TERM_HEADER, term.to_string())
+            .with_header(ferry_api::LEADER_TERM_HEADER, term.header_value())
             .post::<_, Value>(
                 "/v1/vms/none/migrate",
                 &serde_json::json!({ "to": "127.0.0.1:1" }),
@@ -570,7 +575,9 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
         || (order(stale_term).as_deref() == Some("stale_leader")).then_some(()),
     );
     let new_term = term().expect("the new leader's key");
-    assert!(new_term > stale_term);
+    assert_eq!(new_term.cluster, stale_term.cluster);
+    assert_ne!(new_term.cluster, 0, "etcd names its cluster");
+    assert!(new_term.revision > stale_term.revision);
     assert_eq!(order(new_term).as_deref(), Some("vm_not_found"));
     let events_before = maintenance_event_count(&ha.etcd.endpoints(), "/stale/");
     // SAFETY: as above.
@@ -641,6 +648,7 @@ fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
         Fence {
             key: key.clone(),
             create_revision: outcome.read[0].create_revision,
+            cluster: outcome.cluster,
         }
     };
     old.set_fence(Some(take(b"old")));

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::header::RETRY_AFTER;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,8 +36,8 @@ use serde::Deserialize;
 
 use ferry_migrate::Purpose;
 
-use ferry_api::{ChannelMessage, CreateVm, MigrateRequest, LEADER_TERM_HEADER};
-use ferry_http::tokens::{require_token, Access, Scope, TokenFileError, Tokens};
+use ferry_api::{ChannelMessage, CreateVm, LeaderTerm, MigrateRequest, LEADER_TERM_HEADER};
+use ferry_http::tokens::{bears, require_token, Access, Scope, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 
 use crate::{Host, HostError};
@@ -85,25 +85,34 @@ impl IntoResponse for HostError {
     }
 }
 
-/// Refuses an order (any request but a GET) of a center leader older than the newest
-/// this host has heard from ([`LEADER_TERM_HEADER`]); requests without the header
-/// (operators, a center of one) pass.
+/// Refuses an order (a request that changes something) of a center leader older than
+/// the newest this host has heard from ([`LEADER_TERM_HEADER`]); requests without the
+/// header (operators, a center of one) pass. Only the cluster's host-API key may send the
+/// header: an operator's token could otherwise name a term so high that the real center
+/// is refused until the host restarts.
 async fn fence_leader_term(
-    State(host): State<Arc<Host>>,
+    State((host, cluster_key)): State<(Arc<Host>, Arc<[u8]>)>,
     request: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
-    if request.method() != axum::http::Method::GET {
-        if let Some(value) = request.headers().get(LEADER_TERM_HEADER) {
-            let Some(term) = value.to_str().ok().and_then(|v| v.parse::<i64>().ok()) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{LEADER_TERM_HEADER} must be a whole number"),
-                );
-            };
-            if let Err(e) = host.follow_leader_term(term) {
-                return e.into_response();
-            }
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if let Some(value) = request.headers().get(LEADER_TERM_HEADER).filter(|_| !reads) {
+        if !bears(request.headers(), &cluster_key) {
+            return error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "only the cluster center (with the host-API key) sends {LEADER_TERM_HEADER}"
+                ),
+            );
+        }
+        let Some(term) = value.to_str().ok().and_then(LeaderTerm::from_header) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("{LEADER_TERM_HEADER} must be CLUSTER-REVISION (hex, decimal)"),
+            );
+        };
+        if let Err(e) = host.follow_leader_term(term) {
+            return e.into_response();
         }
     }
     next.run(request).await
@@ -295,6 +304,7 @@ async fn not_found() -> Response {
 /// host's token file, if any.
 pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFileError> {
     let cluster = host.config().secret.token(Purpose::HostApi).into_bytes();
+    let cluster_key: Arc<[u8]> = cluster.clone().into();
     let tokens = Tokens::new(
         vec![(cluster, Access::Full)],
         host.config().api_tokens.as_deref(),
@@ -325,7 +335,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         .route("/v1/vms/{id}/streams/{stream}/signal", post(signal))
         // Inside the token check: only an authenticated order moves the term on.
         .route_layer(middleware::from_fn_with_state(
-            api.host.clone(),
+            (api.host.clone(), cluster_key),
             fence_leader_term,
         ))
         .route_layer(middleware::from_fn_with_state(

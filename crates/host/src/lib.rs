@@ -34,8 +34,8 @@ use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
 use capacity::{Amount, Ledger, Reservation};
 use ferry_api::{
-    Attachment, CreateVm, HostInfo, MigrateRequest, MigrationState, MigrationStatus, SettleRequest,
-    VmInfo, VmState,
+    Attachment, CreateVm, HostInfo, LeaderTerm, MigrateRequest, MigrationState, MigrationStatus,
+    SettleRequest, VmInfo, VmState,
 };
 use ferry_http::cluster_roots;
 use files::FileStore;
@@ -285,9 +285,9 @@ pub struct Host {
     center: Mutex<Option<String>>,
     vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
     next_id: Mutex<u64>,
-    /// The newest center leader's term this host has heard of (0: none): orders of older
-    /// terms are refused. Not kept across restarts; the next heartbeat brings it back.
-    leader_term: std::sync::atomic::AtomicI64,
+    /// The newest center leader's term this host has heard of: orders of older terms are
+    /// refused. Not kept across restarts; the next heartbeat brings it back.
+    leader_term: Mutex<Option<LeaderTerm>>,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
 }
@@ -315,23 +315,34 @@ impl Host {
             center: Mutex::default(),
             vms: Mutex::default(),
             next_id: Mutex::new(1),
-            leader_term: std::sync::atomic::AtomicI64::new(0),
+            leader_term: Mutex::new(None),
             background: Mutex::default(),
         })
     }
 
-    /// Takes an order of center leader term `term`: refused if a newer leader has been
-    /// heard from (that leader was deposed), else remembered as the newest.
-    pub fn follow_leader_term(&self, term: i64) -> Result<(), HostError> {
-        let newest = self
-            .leader_term
-            .fetch_max(term, std::sync::atomic::Ordering::SeqCst);
-        if term < newest {
-            return Err(HostError::StaleLeader(format!(
-                "refused: this order comes from a center leader of term {term}, but the leader of term {newest} has since spoken to this host; the sender no longer leads"
-            )));
+    /// Takes an order of center leader term `term`: refused if a newer leader of the same
+    /// etcd cluster has been heard from (that leader was deposed), else remembered as the
+    /// newest. A term of another etcd cluster replaces the one known: the center's store
+    /// moved to a new etcd cluster, whose revisions count from 1 again.
+    pub fn follow_leader_term(&self, term: LeaderTerm) -> Result<(), HostError> {
+        let mut newest = self.leader_term.lock().unwrap_or_else(|e| e.into_inner());
+        match *newest {
+            Some(known) if known.cluster == term.cluster && term.revision < known.revision => {
+                Err(HostError::StaleLeader(format!(
+                    "refused: this order comes from the center leader of term {term}, but the leader of term {known} has since spoken to this host; the sender no longer leads"
+                )))
+            }
+            Some(known) if known.cluster == term.cluster && term.revision == known.revision => {
+                Ok(())
+            }
+            _ => {
+                if newest.is_some_and(|known| known.cluster != term.cluster) {
+                    tracing::warn!("center leader of term {term} now: another etcd cluster than before");
+                }
+                *newest = Some(term);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Stops this host: its heartbeats, the migrations out of it (cancelled) and its VMs,

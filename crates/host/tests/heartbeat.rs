@@ -57,6 +57,14 @@ fn fake_center(answer: &'static str) -> (String, std::sync::Arc<std::sync::atomi
 
 /// A host with no VMs named `name`, its files under a scratch directory.
 fn host(name: &str) -> (std::sync::Arc<Host>, std::path::PathBuf) {
+    host_with_tokens(name, None)
+}
+
+/// [`host`] taking the operators' tokens of `api_tokens` too.
+fn host_with_tokens(
+    name: &str,
+    api_tokens: Option<std::path::PathBuf>,
+) -> (std::sync::Arc<Host>, std::path::PathBuf) {
     let store = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
     let host = Host::new(HostConfig {
         name: name.into(),
@@ -67,7 +75,7 @@ fn host(name: &str) -> (std::sync::Arc<Host>, std::path::PathBuf) {
         guest_nice: 0,
         tls: None,
         file_store: store.clone(),
-        api_tokens: None,
+        api_tokens,
         backend: ferry_accel::backend::CPU,
     });
     (host, store)
@@ -114,8 +122,11 @@ fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still
 
 #[test]
 fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
-    use ferry_api::LEADER_TERM_HEADER;
-    let (host, store) = host("leader-term");
+    use ferry_api::{LeaderTerm, LEADER_TERM_HEADER};
+    let tokens = std::env::temp_dir().join(format!("ferry-term-tokens-{}", std::process::id()));
+    const OPERATOR: &str = "operator-token-0123456789abcdef";
+    std::fs::write(&tokens, format!("{OPERATOR}\n")).unwrap();
+    let (host, store) = host_with_tokens("leader-term", Some(tokens.clone()));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -127,6 +138,7 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
         .unwrap()
         .token(ferry_migrate::Purpose::HostApi);
     let client = ferry_client::ApiClient::new(&url, token.as_bytes()).unwrap();
+    let term = |cluster, revision| LeaderTerm { cluster, revision }.header_value();
     // An order for a VM that is not here: 404 once past the fence, 409 if fenced.
     let order = |client: &ferry_client::ApiClient, term: &str| {
         let sent = client
@@ -143,9 +155,9 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
     };
     let passed = (404, "vm_not_found".to_string());
     let fenced = (409, "stale_leader".to_string());
-    assert_eq!(order(&client, "20"), passed);
-    assert_eq!(order(&client, "19"), fenced);
-    assert_eq!(order(&client, "20"), passed);
+    assert_eq!(order(&client, &term(0xc, 20)), passed);
+    assert_eq!(order(&client, &term(0xc, 19)), fenced);
+    assert_eq!(order(&client, &term(0xc, 20)), passed);
     assert_eq!(order(&client, "twenty").0, 400);
     // Without the header (an operator, a center of one), and reads, are not fenced.
     let plain = client.post::<_, serde_json::Value>(
@@ -160,24 +172,30 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
             .status,
         404
     );
-    let read = client.with_header(LEADER_TERM_HEADER, "1".into());
+    let read = client.with_header(LEADER_TERM_HEADER, term(0xc, 1));
     assert!(read.get::<serde_json::Value>("/v1/vms").is_ok());
-    // A client without the token cannot move the term on.
+    // Neither a stranger nor an operator can move the term on.
     let stranger = ferry_client::ApiClient::new(&url, b"not-the-token").unwrap();
-    assert_eq!(order(&stranger, "1000").0, 401);
-    assert_eq!(order(&client, "21"), passed);
+    assert_eq!(order(&stranger, &term(0xc, 1000)).0, 401);
+    let operator = ferry_client::ApiClient::new(&url, OPERATOR.as_bytes()).unwrap();
+    assert_eq!(order(&operator, &term(0xc, 1000)).0, 403);
+    assert_eq!(order(&client, &term(0xc, 21)), passed);
+    // A new etcd cluster counts its revisions from 1 again: its leader is followed.
+    assert_eq!(order(&client, &term(0xd, 2)), passed);
+    assert_eq!(order(&client, &term(0xd, 1)), fenced);
     // A heartbeat's answer brings a newer leader's term before it orders anything.
-    let (center, _) = fake_center(r#"{"taken":true,"leader_term":50}"#);
+    let (center, _) = fake_center(r#"{"taken":true,"leader_term":{"cluster":13,"revision":50}}"#);
     beat_to(&host, center, Duration::from_millis(100));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while order(&client, "49") != fenced {
+    while order(&client, &term(0xd, 49)) != fenced {
         assert!(
             std::time::Instant::now() < deadline,
             "the beat's term was not taken"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(order(&client, "50"), passed);
+    assert_eq!(order(&client, &term(0xd, 50)), passed);
     host.shutdown();
     let _ = std::fs::remove_dir_all(&store);
+    let _ = std::fs::remove_file(&tokens);
 }

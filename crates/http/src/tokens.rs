@@ -177,6 +177,24 @@ impl Tokens {
     }
 }
 
+/// The bearer token of a request's `Authorization` header, if it has one (the scheme's
+/// name is case-insensitive, RFC 9110).
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    value
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("bearer "))
+        .map(|_| &value[7..])
+}
+
+/// Whether a request's bearer token is `token` (compared in constant time).
+pub fn bears(headers: &axum::http::HeaderMap, token: &[u8]) -> bool {
+    bearer(headers).is_some_and(|given| bool::from(given.as_bytes().ct_eq(token)))
+}
+
 /// Middleware (state: the tokens, and the part of the API the router serves) that runs
 /// `request` if it carries `Authorization: Bearer <token>` with a token that allows it in
 /// `scope`; else refuses it with 401 (no or wrong token) or 403 (a read-only token on a
@@ -187,17 +205,7 @@ pub async fn require_token(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        // The scheme's name is case-insensitive (RFC 9110).
-        .and_then(|v| {
-            v.get(..7)
-                .filter(|s| s.eq_ignore_ascii_case("bearer "))
-                .map(|_| &v[7..])
-        });
-    let Some(given) = given else {
+    let Some(given) = bearer(request.headers()) else {
         return unauthorized("missing 'Authorization: Bearer <token>' header");
     };
     let reads = matches!(*request.method(), Method::GET | Method::HEAD);
