@@ -1440,11 +1440,8 @@ mod tests {
             assert_eq!(err.param, Some("top_p"), "{value}");
         }
         let err = request(json!({"seed": 1.5})).unwrap_err();
-        assert!(
-            err.message.contains("whole number for the seed"),
-            "{}",
-            err.message
-        );
+        let message = &err.message;
+        assert!(message.contains("whole number for the seed"), "{message}");
     }
 
     #[test]

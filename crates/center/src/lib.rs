@@ -1204,21 +1204,25 @@ pub(crate) mod tests {
         assert!(scratch.center.inventory().creating.is_empty());
     }
 
+    /// A center with host a (its API refusing) in `mode`.
+    fn host_a_in(tag: &str, mode: HostMode) -> ScratchCenter {
+        let scratch = ScratchCenter::open(tag);
+        scratch.report("a", ferry_testdata::refusing_addr());
+        scratch.center.inventory().hosts.get_mut("a").unwrap().mode = mode;
+        scratch
+    }
+
     #[test]
     fn a_host_left_evacuating_by_a_lost_write_can_be_put_back_in_service() {
-        let scratch = ScratchCenter::open("stuck-evacuating");
-        scratch.report("a", ferry_testdata::refusing_addr());
         // As if the evacuation ended but the write of the host's new mode failed.
-        scratch.center.inventory().hosts.get_mut("a").unwrap().mode = HostMode::Evacuating;
+        let scratch = host_a_in("stuck-evacuating", HostMode::Evacuating);
         let view = scratch.center.exit_maintenance("a").unwrap();
         assert_eq!(view.mode, "active", "{view:?}");
     }
 
     #[test]
     fn entering_and_leaving_maintenance_of_a_host_do_not_interleave() {
-        let scratch = ScratchCenter::open("mode-claim");
-        scratch.report("a", ferry_testdata::refusing_addr());
-        scratch.center.inventory().hosts.get_mut("a").unwrap().mode = HostMode::Maintenance;
+        let scratch = host_a_in("mode-claim", HostMode::Maintenance);
         // Another request is between its check of host a and its write of a's mode.
         let claim = scratch.center.claim_mode_change("a").unwrap();
         let refused = scratch.center.exit_maintenance("a").unwrap_err();

@@ -362,6 +362,16 @@ const EVENTS_KEPT_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Most events SQLite keeps (the API lists at most 10,000); etcd's are bounded by age.
 const EVENTS_STORED: i64 = 100_000;
 
+/// Where etcd keeps migrations and operations, each under its id ([`numbered`]).
+const MIGRATIONS: &str = "migrations/";
+const OPERATIONS: &str = "operations/";
+
+/// The key of record `id` in `dir`: the id zero-padded, so that the keys' order is the
+/// ids' (the newest load first, and a range below an id is the older ones).
+fn numbered(dir: &str, id: impl std::fmt::Display) -> String {
+    format!("{dir}{id:020}")
+}
+
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
@@ -482,10 +492,10 @@ impl Store for EtcdStore {
             descending: true,
         };
         let mut migrations: Vec<MigrationRecord> =
-            self.list("migration", "migrations/", newest(MIGRATIONS_KEPT))?;
+            self.list("migration", MIGRATIONS, newest(MIGRATIONS_KEPT))?;
         migrations.reverse();
         let mut operations: Vec<Operation> =
-            self.list("operation", "operations/", newest(OPERATIONS_KEPT))?;
+            self.list("operation", OPERATIONS, newest(OPERATIONS_KEPT))?;
         operations.reverse();
         Ok(Loaded {
             hosts: self.list("host", "hosts/", RangeOptions::default())?,
@@ -553,7 +563,7 @@ impl Store for EtcdStore {
                     value: id.to_string().into_bytes(),
                     lease: None,
                 },
-                self.put_op(format!("migrations/{id:020}"), &record),
+                self.put_op(numbered(MIGRATIONS, id), &record),
                 self.bump(),
             ];
             let outcome = self.etcd.txn(&when, &then, &[Op::Get(fence.key.clone())])?;
@@ -576,27 +586,23 @@ impl Store for EtcdStore {
     }
 
     fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
-        self.write(vec![
-            self.put_op(format!("migrations/{:020}", record.id), record),
-            self.bump(),
-        ])
+        let put = self.put_op(numbered(MIGRATIONS, record.id), record);
+        self.write(vec![put, self.bump()])
     }
 
     fn forget_migrations(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let key = |id| Op::Delete(self.key(&format!("migrations/{id:020}")));
-        self.write(ids.iter().map(key).collect())
+        let delete = |&id| Op::Delete(self.key(&numbered(MIGRATIONS, id)));
+        self.write(ids.iter().map(delete).collect())
     }
 
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
-        self.write(vec![
-            self.put_op(format!("operations/{:020}", op.id), op),
-            self.bump(),
-        ])
+        let put = self.put_op(numbered(OPERATIONS, op.id), op);
+        self.write(vec![put, self.bump()])
     }
 
     fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let key = |id| Op::Delete(self.key(&format!("operations/{id:020}")));
-        self.write(ids.iter().map(key).collect())
+        let delete = |&id| Op::Delete(self.key(&numbered(OPERATIONS, id)));
+        self.write(ids.iter().map(delete).collect())
     }
 
     fn prune_before(
@@ -604,13 +610,10 @@ impl Store for EtcdStore {
         migrations_from: Option<i64>,
         operations_from: Option<u64>,
     ) -> Result<(), StoreError> {
-        // Ids are zero-padded in the keys: their order is the keys' order.
-        let below = |dir: &str, from: String| {
-            Op::DeleteRange(self.key(dir), self.key(&format!("{dir}{from}")))
-        };
+        let below = |dir: &str, from: String| Op::DeleteRange(self.key(dir), self.key(&from));
         let ops: Vec<Op> = [
-            migrations_from.map(|from| below("migrations/", format!("{from:020}"))),
-            operations_from.map(|from| below("operations/", format!("{from:020}"))),
+            migrations_from.map(|from| below(MIGRATIONS, numbered(MIGRATIONS, from))),
+            operations_from.map(|from| below(OPERATIONS, numbered(OPERATIONS, from))),
         ]
         .into_iter()
         .flatten()

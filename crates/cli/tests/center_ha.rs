@@ -425,12 +425,7 @@ fn the_leader_killed_during_maintenance_is_replaced_and_the_evacuation_completes
             view["migrations"]
         );
     }
-    let events: Vec<&str> = view["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["message"].as_str())
-        .collect();
+    let events = common::texts(&view["events"], "message");
     assert!(
         events.iter().any(|e| e.contains("resumes operation")),
         "{events:#?}"
@@ -671,4 +666,55 @@ fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
         .collect();
     messages.sort();
     assert_eq!(messages, vec!["the new leader", "while leading"]);
+}
+
+#[test]
+fn the_etcd_store_deletes_forgotten_and_older_migrations() {
+    let test = "the_etcd_store_deletes_forgotten_and_older_migrations";
+    let Some(binary) = ferry_testdata::etcd(test) else {
+        return;
+    };
+    let etcd_cluster = EtcdCluster::start(binary, "prune");
+    let endpoints = etcd_cluster.endpoints();
+    let store = EtcdStore::open(std::slice::from_ref(&endpoints), "/prune/").unwrap();
+    let etcd = Etcd::new(&[endpoints], Duration::from_secs(2)).unwrap();
+    let key = store.key("leader");
+    let taken = etcd
+        .txn(
+            &[Compare::CreateRevision(key.clone(), 0)],
+            &[
+                Op::Put {
+                    key: key.clone(),
+                    value: b"me".to_vec(),
+                    lease: None,
+                },
+                Op::Get(key.clone()),
+            ],
+            &[],
+        )
+        .unwrap();
+    store.set_fence(Some(Fence {
+        key,
+        create_revision: taken.read[0].create_revision,
+        cluster: taken.cluster,
+    }));
+    let record = ferry_center::inventory::MigrationRecord::default();
+    for id in 1..=5 {
+        assert_eq!(store.add_migration(&record).unwrap(), id);
+    }
+    let stored = || -> Vec<i64> {
+        store
+            .load()
+            .unwrap()
+            .migrations
+            .iter()
+            .map(|m| m.id)
+            .collect()
+    };
+    store.forget_migrations(&[2]).unwrap();
+    assert_eq!(stored(), [1, 3, 4, 5]);
+    store.prune_before(Some(4), None).unwrap();
+    assert_eq!(stored(), [4, 5]);
+    // Ids keep counting on.
+    assert_eq!(store.add_migration(&record).unwrap(), 6);
 }

@@ -447,13 +447,11 @@ fn a_killed_host_is_marked_down_and_its_vms_are_reported_unreachable() {
     let forgotten: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(forgotten["vms"], serde_json::json!([lost]));
     let status = cluster.center.status();
-    let names: Vec<&str> = status["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|h| h["name"].as_str())
-        .collect();
-    assert_eq!(names, ["a", "b"], "{status:#}");
+    assert_eq!(
+        common::texts(&status["hosts"], "name"),
+        ["a", "b"],
+        "{status:#}"
+    );
     assert!(status["vms"]
         .as_array()
         .unwrap()

@@ -427,3 +427,12 @@ pub const BY_REPLAY: [&str; 5] = [
     "250",
     "--allow-longer-pause",
 ];
+
+/// The text `field` of each object in the JSON array `list` (those without it left out).
+pub fn texts<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
+    let items = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|item| item[field].as_str())
+        .collect()
+}
