@@ -109,6 +109,15 @@ pub struct RestoreArgs {
     pub accel_threads: Option<u16>,
 }
 
+/// A client command ends quietly when its reader goes (`ferry vm list | head`), as Unix
+/// tools do, instead of panicking in `println!`. Daemons and VM runs keep Rust's ignored
+/// SIGPIPE: a client hanging up is then an error on its socket, not the process's end.
+fn end_quietly_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to its default, before any thread that
+    // could be writing to a pipe exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -117,6 +126,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let client = match &cli.command {
+        Command::Vm(_) | Command::Migrate(_) => true,
+        Command::Host(args) => !args.serves(),
+        Command::Center(args) => !args.serves(),
+        _ => false,
+    };
+    if client {
+        end_quietly_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(&args),
         Command::Restore(args) => cmd::run::restore(&args),

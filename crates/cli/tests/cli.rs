@@ -54,6 +54,102 @@ fn usage_errors_are_clear_without_kvm() {
     assert!(text(&out.stdout).contains("--snapshot-at-ms"));
 }
 
+/// `ferry ARGS` with `env` set and FERRY_SECRET and FERRY_API_TOKEN unset.
+fn ferry_with(env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env_remove("FERRY_SECRET")
+        .env_remove("FERRY_API_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run ferry")
+}
+
+#[test]
+fn client_commands_say_what_is_missing() {
+    let refused = "http://127.0.0.1:1";
+    let out = ferry_with(
+        &[("FERRY_API_TOKEN", "t")],
+        &["vm", "list", "--host", "127.0.0.1:7070"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("needs its scheme: http://127.0.0.1:7070"),
+        "{err}"
+    );
+    // No credentials at all: every way to give them is named.
+    let err = text(&ferry_with(&[], &["vm", "list", "--host", refused]).stderr);
+    for way in [
+        "--api-token-file",
+        "FERRY_API_TOKEN",
+        "--secret-file",
+        "FERRY_SECRET",
+    ] {
+        assert!(err.contains(way), "{way}: {err}");
+    }
+    // A flag wins over the environment.
+    let out = ferry_with(
+        &[("FERRY_API_TOKEN", "t")],
+        &[
+            "vm",
+            "list",
+            "--secret-file",
+            "/nonexistent/secret",
+            "--host",
+            refused,
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("/nonexistent/secret"), "{err}");
+}
+
+#[test]
+fn a_client_command_whose_reader_goes_ends_quietly() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::ExitStatusExt;
+    // A host API that answers one console read with 4 MiB of text.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 2 {
+            line.clear();
+        }
+        let body = "console line\n".repeat(4 << 20 >> 4);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(body.as_bytes());
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["vm", "console", "v", "--host", &url])
+        .env("FERRY_API_TOKEN", "t")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As `| head -1` does: read a line, then go.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "console line\n");
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}
+
 #[test]
 fn guest_exit_code_and_faults_reach_the_shell() {
     ferry_testdata::require_kvm!(kvm_available);

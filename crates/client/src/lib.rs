@@ -138,6 +138,11 @@ impl ApiClient {
         if bases.is_empty() {
             bail!("no API address given");
         }
+        if let Some(bare) =
+            (bases.iter()).find(|b| !b.starts_with("http://") && !b.starts_with("https://"))
+        {
+            bail!("the API address '{bare}' needs its scheme: http://{bare} or https://{bare}");
+        }
         Ok(Self {
             bases,
             current: std::sync::atomic::AtomicUsize::new(0),

@@ -125,7 +125,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "vm" => bench_vm(args),
         "accel" => bench_accel(args),
         "gpu" => {
-            begin(args)?;
+            // No VM: a GPU machine without KVM may run it.
+            header(args);
             crate::cmd::bench_gpu::bench_gpu(&mut |f| print(&f, args.json))
         }
         "migrate" => crate::cmd::bench_migrate::bench_migrate(
@@ -179,7 +180,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ),
         other => {
             bail!(
-                "unknown benchmark '{other}' (available: vm, accel, migrate, evacuate, llm, soak, serve, center)"
+                "unknown benchmark '{other}' (available: vm, accel, gpu, migrate, evacuate, llm, soak, serve, center)"
             )
         }
     }
@@ -197,9 +198,15 @@ fn print(figure: &Figure, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks KVM, warns about debug builds, prints the table header.
+/// Checks KVM, then [`header`].
 fn begin(args: &BenchArgs) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(anyhow::Error::msg)?;
+    header(args);
+    Ok(())
+}
+
+/// Warns about debug builds, prints the table header.
+fn header(args: &BenchArgs) {
     if cfg!(debug_assertions) {
         eprintln!(
             "ferry: warning: this is a debug build; figures are not meaningful (use --release)"
@@ -208,7 +215,6 @@ fn begin(args: &BenchArgs) -> anyhow::Result<()> {
     if !args.json {
         println!("{:<28} {:>12} {:<10} detail", "figure", "value", "unit");
     }
-    Ok(())
 }
 
 fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {

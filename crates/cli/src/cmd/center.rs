@@ -80,7 +80,7 @@ impl TokenArgs {
                 .with_context(|| format!("cannot read the token file {}", path.display()))?,
             None => std::env::var("FERRY_CENTER_TOKEN").map_err(|_| {
                 anyhow::anyhow!(
-                    "no center token: pass --token-file FILE or set FERRY_CENTER_TOKEN (e.g. export FERRY_CENTER_TOKEN={})",
+                    "no center token: pass --token-file FILE or set FERRY_CENTER_TOKEN to the token the center was started with (for a new center, make one: export FERRY_CENTER_TOKEN={})",
                     ferry_migrate::Secret::generate_hex()
                 )
             })?,
@@ -98,6 +98,13 @@ impl TokenArgs {
 pub struct CenterArgs {
     #[command(subcommand)]
     command: CenterCommand,
+}
+
+impl CenterArgs {
+    /// Whether it runs the center daemon (not a client command).
+    pub fn serves(&self) -> bool {
+        matches!(self.command, CenterCommand::Serve(_))
+    }
 }
 
 #[derive(Subcommand)]
@@ -213,7 +220,8 @@ pub struct ServeArgs {
     /// Migrations run at once when emptying a host or balancing.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub parallel: u64,
-    /// Pressure spread (0 to 1) above which the cluster counts as imbalanced.
+    /// Pressure spread (0 to 10) above which the cluster counts as imbalanced; a host's
+    /// pressure is a fraction of its capacity (1: full; its load may go beyond).
     #[arg(long, value_name = "X", default_value_t = 0.2)]
     pub balance_threshold: f64,
     /// Also balance on its own every this many seconds.
@@ -529,7 +537,9 @@ fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<(
             .collect();
         for m in mine.iter().filter(|m| m.state.has_ended()) {
             if printed.insert(m.id) && !json {
-                bar.println(migration_line(m));
+                // On stdout, terminal or not (the bar's own println writes to a terminal
+                // only, and on stderr).
+                bar.suspend(|| println!("{}", migration_line(m)));
             }
         }
         bar.set_message(running.join(" | "));

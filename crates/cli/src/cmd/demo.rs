@@ -455,6 +455,10 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{out}");
     }
+    if !identical {
+        // On stderr too, where a script (or --json's reader) looks for what went wrong.
+        eprintln!("ferry: error: the migrated run's {compared} differs from the unmigrated run's");
+    }
     Ok(if identical {
         ExitCode::SUCCESS
     } else {

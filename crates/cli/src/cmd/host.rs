@@ -26,7 +26,7 @@ impl SecretArgs {
         match std::env::var("FERRY_SECRET") {
             Ok(s) => Secret::new(s.trim().as_bytes().to_vec()).map_err(anyhow::Error::msg),
             Err(_) => anyhow::bail!(
-                "no shared secret: pass --secret-file FILE or set FERRY_SECRET (e.g. export FERRY_SECRET={})",
+                "no shared secret: pass --secret-file FILE or set FERRY_SECRET to the cluster's secret (for a new cluster, make one: export FERRY_SECRET={})",
                 Secret::generate_hex()
             ),
         }
@@ -38,6 +38,13 @@ impl SecretArgs {
 pub struct HostArgs {
     #[command(subcommand)]
     command: HostCommand,
+}
+
+impl HostArgs {
+    /// Whether it runs the host daemon (not a client command).
+    pub fn serves(&self) -> bool {
+        matches!(self.command, HostCommand::Serve(_))
+    }
 }
 
 #[derive(Subcommand)]

@@ -131,12 +131,30 @@ pub fn follow(
     }
 }
 
-/// Follows the migration of `vm` until it ends; returns its last status.
+/// How long the host may not answer before following a migration is given up (the
+/// migration itself goes on, or fails, on its own).
+const LOST_CONTACT: Duration = Duration::from_secs(30);
+
+/// Follows the migration of `vm` until it ends, however long it takes (the engine ends a
+/// migration that stops making progress); returns its last status.
 fn wait(client: &ApiClient, vm: &str, bar: &ProgressBar) -> anyhow::Result<MigrationStatus> {
-    let started = Instant::now();
+    let mut last_contact = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        let status: MigrationStatus = client.get(&format!("/v1/vms/{vm}/migration"))?;
+        let status: MigrationStatus = match client.get(&format!("/v1/vms/{vm}/migration")) {
+            Ok(status) => status,
+            Err(e) if e.downcast_ref::<ferry_client::Unreachable>().is_some()
+                && last_contact.elapsed() < LOST_CONTACT =>
+            {
+                continue
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "lost track of the migration of {vm}; it may still be running: `ferry vm show {vm}` tells"
+                )))
+            }
+        };
+        last_contact = Instant::now();
         if let Some(p) = &status.progress {
             bar.set_message(format!(
                 "{} round {} | sent {:.0} MiB | link {:.0} MiB/s | dirty {:.0} MiB/s | predicted pause {:.1} ms | throttle {}%",
@@ -152,11 +170,6 @@ fn wait(client: &ApiClient, vm: &str, bar: &ProgressBar) -> anyhow::Result<Migra
         bar.tick();
         if status.state.has_ended() {
             return Ok(status);
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "migration of {vm} still running after 10 minutes; see GET /v1/vms/{vm}/migration"
-            )
         }
     }
 }
@@ -221,7 +234,11 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         let error = status.error.as_deref().unwrap_or("unknown error");
         return match status.state {
             MigrationState::Cancelled | MigrationState::Failed => {
-                println!("migration of {}: {error}", args.vm);
+                if args.json {
+                    println!("{}", serde_json::to_string(&status)?);
+                } else {
+                    println!("migration of {}: {error}", args.vm);
+                }
                 Ok(())
             }
             MigrationState::Succeeded => bail!(

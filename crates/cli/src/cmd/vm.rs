@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry_api::{MigrationStatus, VmInfo};
+use ferry_migrate::Purpose;
 
 use crate::cmd::host::SecretArgs;
 use ferry_client::{ApiClient, DEFAULT_HOST};
@@ -27,13 +28,23 @@ pub struct HostAddr {
 impl HostAddr {
     /// A client for it.
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        let token = match (&self.api_token_file, std::env::var("FERRY_API_TOKEN")) {
-            (Some(path), _) => std::fs::read_to_string(path)
+        // A flag wins over the environment; an empty variable counts as unset.
+        let from_env = std::env::var("FERRY_API_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        let token = match (&self.api_token_file, &self.secret.secret_file, from_env) {
+            (Some(path), _, _) => std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the API token file {}", path.display()))?
                 .trim()
                 .to_string(),
-            (None, Ok(token)) => token.trim().to_string(),
-            (None, Err(_)) => self.secret.secret()?.token(ferry_migrate::Purpose::HostApi),
+            (None, None, Some(token)) => token,
+            (None, Some(_), _) => self.secret.secret()?.token(Purpose::HostApi),
+            (None, None, None) => self
+                .secret
+                .secret()
+                .context("no credentials for the host API: give an operator's token (--api-token-file FILE or FERRY_API_TOKEN) or the cluster's secret")?
+                .token(Purpose::HostApi),
         };
         ApiClient::with_roots(&self.url, token.as_bytes(), &self.roots.roots()?)
     }
@@ -57,7 +68,7 @@ enum VmCommand {
     /// center chooses (the one with the most free accelerator memory that fits it).
     Create {
         /// Let the cluster center at URL place the VM (instead of --host).
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", env = "FERRY_CENTER")]
         center: Option<String>,
         /// With --center: put it on this host rather than let the center choose.
         #[arg(long, value_name = "HOST", requires = "center")]
@@ -183,7 +194,8 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             let Some(center) = center else {
                 return finish(args, Answer::One(Box::new(host()?.post("/v1/vms", &vm)?)));
             };
-            let client = ApiClient::new(center, &token.token()?)?;
+            let roots = args.host.roots.roots()?;
+            let client = ApiClient::with_roots(center, &token.token()?, &roots)?;
             let placed: ferry_center::Placed = client.post(
                 "/v1/vms",
                 &ferry_center::PlaceVm {
@@ -202,7 +214,12 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
         VmCommand::List => Answer::Many(host()?.get("/v1/vms")?),
         VmCommand::Show { id } => Answer::One(Box::new(host()?.get(&format!("/v1/vms/{id}"))?)),
         VmCommand::Console { id } => {
-            print!("{}", host()?.get_text(&format!("/v1/vms/{id}/console"))?);
+            let text = host()?.get_text(&format!("/v1/vms/{id}/console"))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&text)?);
+            } else {
+                print!("{text}");
+            }
             return Ok(());
         }
         VmCommand::Stop { id } => Answer::One(Box::new(host()?.delete(&format!("/v1/vms/{id}"))?)),
