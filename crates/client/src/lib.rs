@@ -251,17 +251,22 @@ impl ApiClient {
     ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
         let what = format!("{method} {path}");
         let response = self.send(&what, method == "GET", |base| {
-            let mut request = ureq::http::Request::builder()
-                .method(method)
-                .uri(format!("{base}{path}"))
-                .header("Authorization", &self.auth);
-            for (name, value) in &self.headers {
-                request = request.header(*name, value);
-            }
-            let request = request.body(()).map_err(ureq::Error::from)?;
-            self.agent.run(request)
+            let request = self.request(method, base, path);
+            self.agent.run(request.body(()).map_err(ureq::Error::from)?)
         })?;
         Ok((what, response))
+    }
+
+    /// `method base+path` with the token and this client's headers, to be given a body.
+    fn request(&self, method: &str, base: &str, path: &str) -> ureq::http::request::Builder {
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header("Authorization", &self.auth);
+        for (name, value) in &self.headers {
+            request = request.header(*name, value);
+        }
+        request
     }
 
     /// `GET path`.
@@ -292,15 +297,13 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
         let what = format!("POST {path}");
+        let json = serde_json::to_vec(body).with_context(|| format!("encoding {what}"))?;
         let response = self.send(&what, false, |base| {
-            let mut request = self
-                .agent
-                .post(format!("{base}{path}"))
-                .header("Authorization", &self.auth);
-            for (name, value) in &self.headers {
-                request = request.header(*name, value);
-            }
-            request.send_json(body)
+            let request = (self.request("POST", base, path))
+                .header("Content-Type", "application/json; charset=utf-8")
+                .body(json.as_slice())
+                .map_err(ureq::Error::from)?;
+            self.agent.run(request)
         })?;
         Ok((what, response))
     }
