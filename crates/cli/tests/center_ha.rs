@@ -612,46 +612,54 @@ fn maintenance_event_count(endpoints: &str, prefix: &str) -> usize {
         .count()
 }
 
+/// A fresh etcd cluster named `name` for `test` (kept running while the first part
+/// lives) and a client of it; none, said loudly, where etcd is missing.
+fn scratch_etcd(test: &str, name: &str) -> Option<(EtcdCluster, Etcd)> {
+    let cluster = EtcdCluster::start(ferry_testdata::etcd(test)?, name);
+    let etcd = Etcd::new(&[cluster.endpoints()], Duration::from_secs(2)).unwrap();
+    Some((cluster, etcd))
+}
+
+/// Creates the vacant leader key `key` with `value`, as a replica that wins the lead
+/// does, and returns the fence of that leadership.
+fn take_lead(etcd: &Etcd, key: &str, value: &[u8]) -> Fence {
+    let outcome = etcd
+        .txn(
+            &[Compare::CreateRevision(key.to_string(), 0)],
+            &[
+                Op::Put {
+                    key: key.to_string(),
+                    value: value.to_vec(),
+                    lease: None,
+                },
+                Op::Get(key.to_string()),
+            ],
+            &[],
+        )
+        .unwrap();
+    assert!(outcome.succeeded);
+    Fence {
+        key: key.to_string(),
+        create_revision: outcome.read[0].create_revision,
+        cluster: outcome.cluster,
+    }
+}
+
 #[test]
 fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
     let test = "a_write_fenced_by_a_replaced_leadership_changes_nothing";
-    let Some(binary) = ferry_testdata::etcd(test) else {
+    let Some((_cluster, etcd)) = scratch_etcd(test, "fence") else {
         return;
     };
-    let etcd_cluster = EtcdCluster::start(binary, "fence");
-    let endpoints = etcd_cluster.endpoints();
-    let old = EtcdStore::open(std::slice::from_ref(&endpoints), "/fence/").unwrap();
-    let new = EtcdStore::open(std::slice::from_ref(&endpoints), "/fence/").unwrap();
-    let etcd = Etcd::new(&[endpoints], Duration::from_secs(2)).unwrap();
+    let old = EtcdStore::open(&[etcd.endpoints()], "/fence/").unwrap();
+    let new = EtcdStore::open(&[etcd.endpoints()], "/fence/").unwrap();
     let key = old.key("leader");
-    let take = |value: &[u8]| {
-        let outcome = etcd
-            .txn(
-                &[Compare::CreateRevision(key.clone(), 0)],
-                &[
-                    Op::Put {
-                        key: key.clone(),
-                        value: value.to_vec(),
-                        lease: None,
-                    },
-                    Op::Get(key.clone()),
-                ],
-                &[],
-            )
-            .unwrap();
-        assert!(outcome.succeeded);
-        Fence {
-            key: key.clone(),
-            create_revision: outcome.read[0].create_revision,
-            cluster: outcome.cluster,
-        }
-    };
-    old.set_fence(Some(take(b"old")));
+    old.set_fence(Some(take_lead(&etcd, &key, b"old")));
     let event = |message: &str| ferry_center::inventory::Event::now("test", message.into());
     old.add_event(&event("while leading")).unwrap();
     // Its lease ends (the key goes) and another replica takes the lead.
     etcd.txn(&[], &[Op::Delete(key.clone())], &[]).unwrap();
-    new.set_fence(Some(take(b"new")));
+    new.set_fence(Some(take_lead(&etcd, &key, b"new")));
     assert!(matches!(
         old.add_event(&event("after losing the lead")),
         Err(StoreError::NotLeader)
@@ -671,33 +679,11 @@ fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
 #[test]
 fn the_etcd_store_deletes_forgotten_and_older_migrations() {
     let test = "the_etcd_store_deletes_forgotten_and_older_migrations";
-    let Some(binary) = ferry_testdata::etcd(test) else {
+    let Some((_cluster, etcd)) = scratch_etcd(test, "prune") else {
         return;
     };
-    let etcd_cluster = EtcdCluster::start(binary, "prune");
-    let endpoints = etcd_cluster.endpoints();
-    let store = EtcdStore::open(std::slice::from_ref(&endpoints), "/prune/").unwrap();
-    let etcd = Etcd::new(&[endpoints], Duration::from_secs(2)).unwrap();
-    let key = store.key("leader");
-    let taken = etcd
-        .txn(
-            &[Compare::CreateRevision(key.clone(), 0)],
-            &[
-                Op::Put {
-                    key: key.clone(),
-                    value: b"me".to_vec(),
-                    lease: None,
-                },
-                Op::Get(key.clone()),
-            ],
-            &[],
-        )
-        .unwrap();
-    store.set_fence(Some(Fence {
-        key,
-        create_revision: taken.read[0].create_revision,
-        cluster: taken.cluster,
-    }));
+    let store = EtcdStore::open(&[etcd.endpoints()], "/prune/").unwrap();
+    store.set_fence(Some(take_lead(&etcd, &store.key("leader"), b"me")));
     let record = ferry_center::inventory::MigrationRecord::default();
     for id in 1..=5 {
         assert_eq!(store.add_migration(&record).unwrap(), id);
