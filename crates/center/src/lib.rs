@@ -659,10 +659,33 @@ impl Center {
     ) -> Result<(), StoreError> {
         if let Some(host) = host {
             self.store().put_host(host)?;
+            self.catch_up_host_write(host)?;
         }
         if !vms.is_empty() || !gone.is_empty() {
             self.store()
                 .put_vms(&vms.iter().collect::<Vec<_>>(), gone)?;
+        }
+        Ok(())
+    }
+
+    /// Follows a beat's write of host record `written` with what memory holds now. A mode
+    /// change or a forget may have written since the beat's copy was taken; landing after
+    /// it, the beat's write undid it in the store, where a leader taking over would load
+    /// it (a host out of maintenance, a forgotten host back). The last write to land is
+    /// always followed by such a check, so the store ends as memory is.
+    fn catch_up_host_write(&self, written: &HostRecord) -> Result<(), StoreError> {
+        // A pass for each change that raced with the one before: a few at the most.
+        let mut written = written.clone();
+        for _ in 0..3 {
+            let now = self.inventory().hosts.get(&written.name).cloned();
+            match now {
+                None => return self.store().forget_host(&written.name, &[]),
+                Some(now) if now.mode != written.mode => {
+                    self.store().put_host(&now)?;
+                    written = now;
+                }
+                Some(_) => return Ok(()),
+            }
         }
         Ok(())
     }
@@ -1238,6 +1261,31 @@ pub(crate) mod tests {
         drop(claim);
         let view = scratch.center.exit_maintenance("a").unwrap();
         assert_eq!(view.mode, "active", "{view:?}");
+    }
+
+    #[test]
+    fn a_beat_written_late_undoes_neither_a_mode_change_nor_a_forget() {
+        let scratch = host_a_in("late-beat", HostMode::Active);
+        let center = &scratch.center;
+        let stored_a = || {
+            let hosts = center.store().load().unwrap().hosts;
+            hosts.into_iter().find(|h| h.name == "a").map(|h| h.mode)
+        };
+        // A beat's copy of a's record, taken before the operator's change and written
+        // after it.
+        let copy = center.inventory().hosts["a"].clone();
+        center.set_mode("a", HostMode::Maintenance).unwrap();
+        center.write_beat(Some(&copy), &[], &[]).unwrap();
+        assert_eq!(stored_a(), Some(HostMode::Maintenance));
+        center
+            .inventory()
+            .hosts
+            .get_mut("a")
+            .unwrap()
+            .last_heartbeat_ms = 0;
+        center.forget_host("a", false).unwrap();
+        center.write_beat(Some(&copy), &[], &[]).unwrap();
+        assert_eq!(stored_a(), None);
     }
 
     #[test]
