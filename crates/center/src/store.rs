@@ -471,6 +471,23 @@ impl EtcdStore {
         }
     }
 
+    /// Writes record `id` of `dir` (migrations, operations), a change followers reload.
+    fn put_numbered<T: serde::Serialize>(
+        &self,
+        dir: &str,
+        id: impl std::fmt::Display,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let put = self.put_op(numbered(dir, id), value);
+        self.write(vec![put, self.bump()])
+    }
+
+    /// Deletes records `ids` of `dir`.
+    fn forget_numbered(&self, dir: &str, ids: &[impl std::fmt::Display]) -> Result<(), StoreError> {
+        let delete = |id| Op::Delete(self.key(&numbered(dir, id)));
+        self.write(ids.iter().map(delete).collect())
+    }
+
     fn list<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
@@ -586,23 +603,19 @@ impl Store for EtcdStore {
     }
 
     fn put_migration(&self, record: &MigrationRecord) -> Result<(), StoreError> {
-        let put = self.put_op(numbered(MIGRATIONS, record.id), record);
-        self.write(vec![put, self.bump()])
+        self.put_numbered(MIGRATIONS, record.id, record)
     }
 
     fn forget_migrations(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let delete = |&id| Op::Delete(self.key(&numbered(MIGRATIONS, id)));
-        self.write(ids.iter().map(delete).collect())
+        self.forget_numbered(MIGRATIONS, ids)
     }
 
     fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
-        let put = self.put_op(numbered(OPERATIONS, op.id), op);
-        self.write(vec![put, self.bump()])
+        self.put_numbered(OPERATIONS, op.id, op)
     }
 
     fn forget_operations(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let delete = |&id| Op::Delete(self.key(&numbered(OPERATIONS, id)));
-        self.write(ids.iter().map(delete).collect())
+        self.forget_numbered(OPERATIONS, ids)
     }
 
     fn prune_before(
