@@ -546,7 +546,7 @@ fn restore_refuses_corrupt_state() {
     assert!(g.accel.write_chunk(chunk, &[0; 4]).is_err());
 }
 
-/// Attached files held in memory; file 1 shrinks to `shrunk` bytes once asked.
+/// Attached files held in memory; file 1 cannot be read.
 struct MemFiles {
     files: Vec<Vec<u8>>,
 }
@@ -568,15 +568,23 @@ impl FileSource for MemFiles {
     }
 }
 
+impl FakeGuest {
+    /// A guest on 2 threads with two files attached: `data`, and 64 bytes that cannot be
+    /// read.
+    fn with_file(data: Vec<u8>) -> Self {
+        let files = MemFiles {
+            files: vec![data, vec![1; 64]],
+        };
+        Self::with_files(2, Arc::new(files))
+    }
+}
+
 #[test]
 fn load_file_copies_attached_files_into_buffers_and_refuses_bad_ranges() {
     let data: Vec<u8> = (0..3 << 20)
         .map(|i: u32| (i * 7 + i / 4099) as u8)
         .collect();
-    let files = MemFiles {
-        files: vec![data.clone(), vec![1; 64]],
-    };
-    let mut g = FakeGuest::with_files(2, Arc::new(files));
+    let mut g = FakeGuest::with_file(data.clone());
     let size = 2 << 20;
     assert_eq!(g.run(op::ALLOC, &[1, size]), status::OK);
     g.accel.start_dirty_tracking();
@@ -631,10 +639,7 @@ fn chunks_loaded_whole_from_a_file_remember_where_until_written() {
     let data: Vec<u8> = (0..3 << 20)
         .map(|i: u32| (i * 13 + i / 511) as u8)
         .collect();
-    let files = MemFiles {
-        files: vec![data, vec![1; 64]],
-    };
-    let mut g = FakeGuest::with_files(2, Arc::new(files));
+    let mut g = FakeGuest::with_file(data);
     assert_eq!(g.run(op::ALLOC, &[1, 2 << 20]), status::OK);
     let (off, foff, len) = (4096u64, 12345u64, 3u64 << 19);
     assert_eq!(g.run(op::LOAD_FILE, &[1, off, 0, foff, len]), status::OK);

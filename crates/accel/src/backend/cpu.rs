@@ -24,9 +24,9 @@ use super::{
     HostThreads, IndexCheck,
 };
 use crate::kernel::{DType, Kernel};
-pub use ferry_abi::accel::math::powu;
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
+pub use ops::adam_bias_corrections;
 
 #[cfg(target_endian = "big")]
 compile_error!(

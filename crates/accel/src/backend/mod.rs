@@ -316,17 +316,82 @@ impl Rng {
     }
 }
 
+/// Kernels on buffers `1..` in the order of their fields, as the conformance check and
+/// the tests lay out their data.
+mod numbered {
+    use crate::kernel::{Kernel, MatmulFlags};
+
+    /// Buffer 3 = buffer 1 × buffer 2 (`m×k` by `k×n`, as `flags` say).
+    pub(super) fn matmul(m: usize, n: usize, k: usize, flags: MatmulFlags) -> Kernel {
+        Kernel::Matmul {
+            a: 1,
+            b: 2,
+            c: 3,
+            m,
+            n,
+            k,
+            flags,
+        }
+    }
+
+    /// CROSS_ENTROPY of the logits in buffer 1 and the labels in buffer 2, its gradient
+    /// into buffer 3 and its loss into buffer 4.
+    pub(super) fn cross_entropy(rows: usize, cols: usize) -> Kernel {
+        Kernel::CrossEntropy {
+            logits: 1,
+            labels: 2,
+            grad: 3,
+            loss: 4,
+            rows,
+            cols,
+        }
+    }
+
+    /// EMBEDDING of the `count` ids in buffer 2 from the f32 table in buffer 1 (`vocab`
+    /// rows of `dim`) into buffer 3.
+    pub(super) fn embedding(count: usize, dim: usize, vocab: usize) -> Kernel {
+        Kernel::Embedding {
+            table: 1,
+            ids: 2,
+            out: 3,
+            count,
+            dim,
+            vocab,
+        }
+    }
+
+    /// LAYER_NORM of the `rows×cols` buffer 1 with the gains in buffer 2 and the biases in
+    /// buffer 3, into buffer 4.
+    pub(super) fn layer_norm(rows: usize, cols: usize, eps: f32) -> Kernel {
+        Kernel::LayerNorm {
+            x: 1,
+            gamma: 2,
+            beta: 3,
+            out: 4,
+            rows,
+            cols,
+            eps,
+        }
+    }
+
+    /// ATTENTION_DECODE of the query in buffer 1 over the first `len` positions of the
+    /// key and value caches in buffers 2 and 3, into buffer 4.
+    pub(super) fn attention_decode(heads: usize, head_dim: usize, len: usize) -> Kernel {
+        Kernel::AttentionDecode {
+            q: 1,
+            k_cache: 2,
+            v_cache: 3,
+            out: 4,
+            heads,
+            head_dim,
+            len,
+        }
+    }
+}
+
 /// Buffer 3 = buffer 1 × buffer 2, all `n×n`: the GEMM benchmarks' kernel.
 pub fn square_matmul(n: usize) -> Kernel {
-    Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m: n,
-        n,
-        k: n,
-        flags: crate::kernel::MatmulFlags::default(),
-    }
+    numbered::matmul(n, n, n, crate::kernel::MatmulFlags::default())
 }
 
 /// Fills the first `n` f32 of buffer `out` with uniform values in [-1, 1) from stream

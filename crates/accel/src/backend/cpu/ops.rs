@@ -340,6 +340,13 @@ pub struct AdamParams {
     pub step: u64,
 }
 
+/// Adam's bias corrections `1-β1^t` and `1-β2^t`, in f64 (the cuda backend passes its
+/// kernel these same bits).
+pub fn adam_bias_corrections(beta1: f32, beta2: f32, step: u64) -> (f64, f64) {
+    let bias_correction = |beta: f32| 1.0 - math::powu(f64::from(beta), step);
+    (bias_correction(beta1), bias_correction(beta2))
+}
+
 /// One Adam step: `m = β1 m + (1-β1) g`, `v = β2 v + (1-β2) g²` (stored as f32), then
 /// `param -= lr · m̂ / (√v̂ + eps)` with `m̂ = m / (1-β1^t)`, `v̂ = v / (1-β2^t)`; the
 /// arithmetic is f64 with one rounding to f32 per stored value.
@@ -354,8 +361,7 @@ pub fn adam(
 ) {
     let (b1, b2) = (f64::from(h.beta1), f64::from(h.beta2));
     let (lr, eps) = (f64::from(h.lr), f64::from(h.eps));
-    let bc1 = 1.0 - math::powu(b1, h.step);
-    let bc2 = 1.0 - math::powu(b2, h.step);
+    let (bc1, bc2) = adam_bias_corrections(h.beta1, h.beta2, h.step);
     let (param, m, v) = (&mut param[..n], &mut m[..n], &mut v[..n]);
     type Task<'a> = (usize, ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
     let work = |(i, ((p, m), v)): Task<'_>| {

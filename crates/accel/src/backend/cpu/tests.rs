@@ -16,6 +16,7 @@
 //! Every comparison fails on a non-finite result.
 
 use super::*;
+use crate::backend::numbered::{attention_decode, cross_entropy, embedding, layer_norm, matmul};
 use crate::backend::square_matmul;
 use crate::kernel::{Distribution, MatmulFlags};
 
@@ -84,19 +85,6 @@ pub(super) fn run_all(data: &[&[f32]], kernel: &Kernel) -> Vec<Vec<f32>> {
         }
     }
     first.unwrap()
-}
-
-/// Buffer 3 = buffer 1 × buffer 2 (`m×k` by `k×n`, as `flags` say).
-fn matmul(m: usize, n: usize, k: usize, flags: MatmulFlags) -> Kernel {
-    Kernel::Matmul {
-        a: 1,
-        b: 2,
-        c: 3,
-        m,
-        n,
-        k,
-        flags,
-    }
 }
 
 fn matmul_ref(
@@ -453,19 +441,6 @@ fn softmax_matches() {
     }
 }
 
-/// CROSS_ENTROPY of the logits in buffer 1 and the labels in buffer 2, its gradient
-/// into buffer 3 and its loss into buffer 4.
-fn cross_entropy(rows: usize, cols: usize) -> Kernel {
-    Kernel::CrossEntropy {
-        logits: 1,
-        labels: 2,
-        grad: 3,
-        loss: 4,
-        rows,
-        cols,
-    }
-}
-
 #[test]
 fn cross_entropy_matches() {
     let mut rng = Rng(8);
@@ -560,15 +535,7 @@ fn layer_norm_matches() {
             .collect();
         let (g, b) = (rng.vec(cols, 2.0), rng.vec(cols, 1.0));
         let eps = 1e-5f32;
-        let k = Kernel::LayerNorm {
-            x: 1,
-            gamma: 2,
-            beta: 3,
-            out: 4,
-            rows,
-            cols,
-            eps,
-        };
+        let k = layer_norm(rows, cols, eps);
         let out = run_all(&[&x, &g, &b, &vec![0.0; rows * cols]], &k);
         for r in 0..rows {
             let row: Vec<f64> = x[r * cols..][..cols]
@@ -635,17 +602,9 @@ fn embedding_and_copy() {
     let (vocab, dim, count) = (50, 17, 300);
     let table = rng.vec(vocab * dim, 1.0);
     let ids: Vec<u32> = (0..count).map(|_| rng.below(vocab as u32)).collect();
-    let embedding = |vocab| Kernel::Embedding {
-        table: 1,
-        ids: 2,
-        out: 3,
-        count,
-        dim,
-        vocab,
-    };
     let out = run_all(
         &[&table, bytemuck::cast_slice(&ids), &vec![0.0; count * dim]],
-        &embedding(vocab),
+        &embedding(count, dim, vocab),
     );
     for (i, &id) in ids.iter().enumerate() {
         assert_eq!(out[2][i * dim..][..dim], table[id as usize * dim..][..dim]);
@@ -658,7 +617,7 @@ fn embedding_and_copy() {
         &[&table, bytemuck::cast_slice(&bad), &vec![0.0; count * dim]],
     );
     assert!(matches!(
-        b.launch(&embedding(vocab - 1)),
+        b.launch(&embedding(count, dim, vocab - 1)),
         Err(BackendError::BadData(_))
     ));
 
@@ -889,37 +848,13 @@ fn golden_outputs() -> Vec<(&'static str, u64)> {
         ),
         (
             "layer_norm",
-            one(
-                Kernel::LayerNorm {
-                    x: 1,
-                    gamma: 2,
-                    beta: 3,
-                    out: 4,
-                    rows: r,
-                    cols: c,
-                    eps: 1e-5,
-                },
-                &[&x, &row, &row, &z],
-                3,
-            ),
+            one(layer_norm(r, c, 1e-5), &[&x, &row, &row, &z], 3),
         ),
         ("rng uniform", rng_fill(Distribution::Uniform)),
         ("rng normal", rng_fill(Distribution::Normal)),
         (
             "attention",
-            one(
-                Kernel::AttentionDecode {
-                    q: 1,
-                    k_cache: 2,
-                    v_cache: 3,
-                    out: 4,
-                    heads: 1,
-                    head_dim: c,
-                    len: r,
-                },
-                &[&row, &x, &y, &z],
-                3,
-            ),
+            one(attention_decode(1, c, r), &[&row, &x, &y, &z], 3),
         ),
     ]
 }
@@ -997,15 +932,7 @@ fn attention_decode_matches() {
             rng.vec(cap * heads * hd, 3.0),
             rng.vec(cap * heads * hd, 1.0),
         );
-        let k = Kernel::AttentionDecode {
-            q: 1,
-            k_cache: 2,
-            v_cache: 3,
-            out: 4,
-            heads,
-            head_dim: hd,
-            len,
-        };
+        let k = attention_decode(heads, hd, len);
         let out = run_all(&[&q, &kc, &vc, &vec![0.0; heads * hd]], &k);
         let want = attention_ref(&q, &kc, &vc, heads, hd, len);
         for i in 0..heads * hd {

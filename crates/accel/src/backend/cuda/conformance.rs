@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{DeviceMemory, Rng};
+use crate::backend::{numbered, DeviceMemory, Rng};
 use crate::kernel::MatmulFlags;
 
 /// Makes a fresh backend of the kind checked.
@@ -380,14 +380,7 @@ fn rows(cases: &mut Cases<'_>) {
             out.clone(),
             vec![0; 4],
         ],
-        Kernel::CrossEntropy {
-            logits: 1,
-            labels: 2,
-            grad: 3,
-            loss: 4,
-            rows,
-            cols,
-        },
+        numbered::cross_entropy(rows, cols),
     );
     cases.same_bits(
         "sum_rows",
@@ -414,15 +407,7 @@ fn rows(cases: &mut Cases<'_>) {
     cases.same_bits(
         "layer_norm",
         vec![x.clone(), r.f32s(cols, 1.0), r.f32s(cols, 1.0), out.clone()],
-        Kernel::LayerNorm {
-            x: 1,
-            gamma: 2,
-            beta: 3,
-            out: 4,
-            rows,
-            cols,
-            eps: 1e-5,
-        },
+        numbered::layer_norm(rows, cols, 1e-5),
     );
     cases.same_bits(
         "rms_norm",
@@ -476,15 +461,7 @@ fn attention_and_lookups(cases: &mut Cases<'_>) {
             r.f32s(len * heads * hd, 1.0),
             vec![0; 4 * heads * hd],
         ],
-        Kernel::AttentionDecode {
-            q: 1,
-            k_cache: 2,
-            v_cache: 3,
-            out: 4,
-            heads,
-            head_dim: hd,
-            len,
-        },
+        numbered::attention_decode(heads, hd, len),
     );
     let (rows, kv_heads, pos) = (3, 2, 11);
     let cache = (pos + rows) * kv_heads * hd;
@@ -512,14 +489,7 @@ fn attention_and_lookups(cases: &mut Cases<'_>) {
     cases.same_bits(
         "embedding",
         r.lookups(DType::F32, vocab, dim, count),
-        Kernel::Embedding {
-            table: 1,
-            ids: 2,
-            out: 3,
-            count,
-            dim,
-            vocab,
-        },
+        numbered::embedding(count, dim, vocab),
     );
     for dtype in DType::ALL {
         let dim = 512;
@@ -586,15 +556,7 @@ fn matmul(cases: &mut Cases<'_>) {
         ("matmul transposed, accumulating", (13, 17, 300), transposed),
     ] {
         let data = vec![r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
-        let kernel = Kernel::Matmul {
-            a: 1,
-            b: 2,
-            c: 3,
-            m,
-            n,
-            k,
-            flags,
-        };
+        let kernel = numbered::matmul(m, n, k, flags);
         cases.within_bound(name, data, &kernel, k);
     }
 }
@@ -620,24 +582,10 @@ fn bad_data(cases: &mut Cases<'_>) {
     let mut r = Rng(6);
     let mut labels = r.u32s(4, 10);
     labels[8..12].copy_from_slice(&10u32.to_le_bytes());
-    let kernel = Kernel::CrossEntropy {
-        logits: 1,
-        labels: 2,
-        grad: 3,
-        loss: 4,
-        rows: 4,
-        cols: 10,
-    };
+    let kernel = numbered::cross_entropy(4, 10);
     let data = vec![r.f32s(40, 1.0), labels, vec![0; 160], vec![0; 4]];
     cases.refused("cross_entropy label beyond the classes", data, &kernel, 2);
-    let kernel = Kernel::Embedding {
-        table: 1,
-        ids: 2,
-        out: 3,
-        count: 1,
-        dim: 4,
-        vocab: 10,
-    };
+    let kernel = numbered::embedding(1, 4, 10);
     let data = vec![r.f32s(40, 1.0), 99u32.to_le_bytes().to_vec(), vec![0; 16]];
     cases.refused("embedding id beyond the vocabulary", data, &kernel, 2);
 }

@@ -424,8 +424,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             step,
         } => {
             // The bias corrections as the cpu backend computes them, once.
-            let bc1 = 1.0 - super::cpu::powu(f64::from(beta1), step);
-            let bc2 = 1.0 - super::cpu::powu(f64::from(beta2), step);
+            let (bc1, bc2) = super::cpu::adam_bias_corrections(beta1, beta2, step);
             one(
                 "ferry_adam",
                 &[
