@@ -40,9 +40,7 @@ struct EtcdCluster {
 
 impl EtcdCluster {
     fn start(binary: PathBuf, test: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("etcd-{test}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::empty_dir(&format!("etcd-{test}"));
         let ports = free_ports(6);
         let mut cluster = Self {
             binary,

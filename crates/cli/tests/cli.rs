@@ -2,15 +2,15 @@
 
 use std::process::{Command, Output};
 
+mod common;
+
+use common::{assert_says, text};
+
 fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
         .output()
         .expect("run ferry")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn kvm_available(test: &str) -> bool {
@@ -29,11 +29,7 @@ fn usage_errors_are_clear_without_kvm() {
 
     let out = ferry(&["run", "hello", "--memory", "3M"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("must be a multiple of 2 MiB"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "must be a multiple of 2 MiB");
 
     let out = ferry(&["run", "hello", "--snapshot-at-ms", "5"]);
     assert_eq!(
@@ -44,11 +40,7 @@ fn usage_errors_are_clear_without_kvm() {
 
     let out = ferry(&["restore", "/nonexistent/ferry-snapshot"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("No such file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "No such file");
 
     let out = ferry(&["run", "--help"]);
     assert!(text(&out.stdout).contains("--snapshot-at-ms"));
@@ -155,19 +147,11 @@ fn guest_exit_code_and_faults_reach_the_shell() {
     ferry_testdata::require_kvm!(kvm_available);
     let out = ferry(&["run", "hello", "--", "first", "--exit-code", "3"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(
-        text(&out.stdout).contains("arg[0]=first"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_says(&out.stdout, "arg[0]=first");
 
     let out = ferry(&["run", "faults", "--", "invalid-opcode"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(
-        text(&out.stderr).contains("#UD invalid opcode (vector 6"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "#UD invalid opcode (vector 6");
 }
 
 fn checksum(out: &Output) -> String {
@@ -207,11 +191,7 @@ fn run_snapshot_then_restore_prints_the_same_checksum() {
         !text(&snap.stdout).contains("checksum="),
         "snapshot came after the end"
     );
-    assert!(
-        text(&snap.stderr).contains("ferry restore"),
-        "{}",
-        text(&snap.stderr)
-    );
+    assert_says(&snap.stderr, "ferry restore");
 
     let restored = ferry(&["restore", dir_arg]);
     assert_eq!(
@@ -230,11 +210,7 @@ fn run_snapshot_then_restore_prints_the_same_checksum() {
     std::fs::write(&file, &bytes).unwrap();
     let bad = ferry(&["restore", dir_arg]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        text(&bad.stderr).contains("checksum mismatch"),
-        "{}",
-        text(&bad.stderr)
-    );
+    assert_says(&bad.stderr, "checksum mismatch");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -8,10 +8,10 @@ mod common;
 use common::chromium::{self, Browser};
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{kvm_available, reference, text, Daemon};
+use common::{kvm_available, reference, text, Daemon, KillOnDrop};
 use serde_json::Value;
 
 const TOKEN: &str = "operator-token-0123456789";
@@ -24,16 +24,14 @@ const MLP_LONG: &str = "--steps 1000000 --print-every 1000";
 
 /// A `ferry center serve` child process, killed on drop.
 struct CenterProc {
-    child: Child,
+    child: KillOnDrop,
     url: String,
     db: PathBuf,
 }
 
+/// An empty scratch directory for `test`.
 fn scratch_dir(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cluster-{test}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::empty_dir(&format!("cluster-{test}"))
 }
 
 impl CenterProc {
@@ -115,29 +113,22 @@ impl CenterProc {
     }
 }
 
-impl Drop for CenterProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The entry of the status's `list` whose `key` is `value`.
+fn entry<'a>(status: &'a Value, list: &str, key: &str, value: &str) -> &'a Value {
+    status[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e[key] == value)
+        .unwrap_or_else(|| panic!("no {key} {value} in the {list} of {status:#}"))
 }
 
 fn host<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == name)
-        .unwrap_or_else(|| panic!("no host {name} in {status:#}"))
+    entry(status, "hosts", "name", name)
 }
 
 fn vm<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["id"] == id)
-        .unwrap_or_else(|| panic!("no VM {id} in {status:#}"))
+    entry(status, "vms", "id", id)
 }
 
 /// A center and hosts a, b, c reporting to it, each with `accel_capacity` of
@@ -210,11 +201,7 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
     assert_ne!(placed["host"], "a", "{placed}");
     let refused = c.ferry(&["vm", "create", "hello", "--on", "a"]);
     assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains("maintenance"),
-        "{}",
-        text(&refused.stderr)
-    );
+    common::assert_says(&refused.stderr, "maintenance");
 
     let scrape = || {
         ureq::get(format!("{}/metrics", c.url))
@@ -238,12 +225,12 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
     for _ in 0..100 {
         scrape();
     }
-    let (rss_before, _) = common::footprint(c.child.id());
+    let (rss_before, _) = common::footprint(c.child.0.id());
     let started = std::time::Instant::now();
     for _ in 0..1_000 {
         scrape();
     }
-    let (rss_after, _) = common::footprint(c.child.id());
+    let (rss_after, _) = common::footprint(c.child.0.id());
     eprintln!(
         "1,000 scrapes of the center's /metrics ({:.2} ms each): RSS {} -> {} MiB",
         started.elapsed().as_secs_f64(),
@@ -324,11 +311,9 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
     assert_ne!(placed["host"], "b", "{placed}");
     let refused = center.ferry(&[&asked[..], &["--on", "b"]].concat());
     assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr)
-            .contains("no host in service runs the VM's accelerator backend cuda (hosts: b cpu)"),
-        "{}",
-        text(&refused.stderr)
+    common::assert_says(
+        &refused.stderr,
+        "no host in service runs the VM's accelerator backend cuda (hosts: b cpu)",
     );
     let refused = b.ferry(&[
         "vm",
@@ -342,11 +327,9 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
         "cuda",
     ]);
     assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr)
-            .contains("accelerator backend 'cuda' is not available here (this host has: cpu)"),
-        "{}",
-        text(&refused.stderr)
+    common::assert_says(
+        &refused.stderr,
+        "accelerator backend 'cuda' is not available here (this host has: cpu)",
     );
 
     let done = center.json(&["host", "maintenance", "enter", "a", "--json"]);
@@ -501,12 +484,7 @@ fn balance_moves_load_off_the_busiest_host_and_dry_run_changes_nothing() {
     for id in &ids {
         assert_eq!(vm(&status, id)["state"], "running", "{status:#}");
     }
-    let pressures: Vec<f64> = status["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["pressure"].as_f64().unwrap())
-        .collect();
+    let pressures = common::numbers(&status["hosts"], "pressure");
     let spread = pressures.iter().cloned().fold(f64::MIN, f64::max)
         - pressures.iter().cloned().fold(f64::MAX, f64::min);
     assert!(
@@ -531,8 +509,8 @@ fn a_restarted_center_keeps_its_inventory_and_history() {
     // Kill it hard and start it again on the same database and address.
     let addr = cluster.center.url.trim_start_matches("http://").to_string();
     let db = cluster.center.db.clone();
-    cluster.center.child.kill().unwrap();
-    cluster.center.child.wait().unwrap();
+    cluster.center.child.0.kill().unwrap();
+    cluster.center.child.0.wait().unwrap();
     // The database holds no secret, no key derived from it and no token.
     let secret = ferry_migrate::Secret::new(common::SECRET.as_bytes()).unwrap();
     let stored: Vec<u8> = ["", "-wal"]

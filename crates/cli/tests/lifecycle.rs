@@ -166,7 +166,7 @@ impl Center {
         let (child, url) = start_center(&dir.path().join("center.db"), "127.0.0.1:0", TOKEN, &[]);
         let api = ApiClient::new(&url, TOKEN.as_bytes()).unwrap();
         Self {
-            _child: KillOnDrop(child),
+            _child: child,
             url,
             api,
             _db: dir,
@@ -436,12 +436,7 @@ fn a_long_guest_kernel_never_stalls_the_api() {
     let status = a.migration_end(&id);
     assert_eq!(status["state"], "succeeded", "{status:#}");
     let report = &status["report"];
-    let rounds: Vec<f64> = report["round_log"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["ms"].as_f64().unwrap())
-        .collect();
+    let rounds = numbers(&report["round_log"], "ms");
     eprintln!(
         "stall: {calls} API calls, slowest {:.1} ms; rounds {rounds:?} ms; pause {:.1} ms",
         worst.as_secs_f64() * 1e3,

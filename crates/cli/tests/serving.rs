@@ -9,40 +9,30 @@
 //! fail under FERRY_REQUIRE_MODEL=1).
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 mod common;
 
-use common::{kvm_and_smollm2, kvm_available, report, wait_for, Daemon};
+use common::{kvm_and_smollm2, kvm_available, report, wait_for, Daemon, KillOnDrop};
 
 const TOKEN: &str = "service-token-0123456789";
 const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
 
 /// A center with hosts a and b, and an `llm-serve` VM on a.
 struct Serving {
-    center: Child,
+    center: KillOnDrop,
     url: String,
     a: Daemon,
     b: Daemon,
     vm: String,
 }
 
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.center.kill();
-        let _ = self.center.wait();
-    }
-}
-
 impl Serving {
     fn start(test: &str, model: &std::path::Path) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("serving-{test}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::empty_dir(&format!("serving-{test}"));
         let (center, url) = common::start_center(&dir.join("center.db"), "127.0.0.1:0", TOKEN, &[]);
         let host = |name| {
             Daemon::start_with(
@@ -660,7 +650,7 @@ fn a_thousand_concurrent_requests_meet_a_bounded_queue() {
         assert!([429, 503].contains(status), "refused with {status}");
         assert_eq!(retry.as_deref(), Some("1"), "Retry-After on {status}");
     }
-    let (rss, threads) = common::footprint(s.center.id());
+    let (rss, threads) = common::footprint(s.center.0.id());
     assert!(rss < 256 << 20, "the center's memory: {} MiB", rss >> 20);
     // The relays are gone, and the gateway serves as before.
     let (status, _) = s.chat(&s.request(3, 2));

@@ -39,6 +39,13 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Checks that the output stream `bytes` says `needle`, showing it whole if not.
+#[track_caller]
+pub fn assert_says(bytes: &[u8], needle: &str) {
+    let said = text(bytes);
+    assert!(said.contains(needle), "{said}");
+}
+
 /// The report `ferry migrate --json` printed last (the migration must have succeeded).
 pub fn report(out: &Output) -> Value {
     assert!(
@@ -125,13 +132,13 @@ pub fn serve(command: &mut Command) -> (Child, String) {
 }
 
 /// Starts `ferry center serve` on `listen` with `db`, the operator `token` and `extra`
-/// flags; returns it with its API's URL.
+/// flags; returns it (killed on drop) with its API's URL.
 pub fn start_center(
     db: &std::path::Path,
     listen: &str,
     token: &str,
     extra: &[&str],
-) -> (Child, String) {
+) -> (KillOnDrop, String) {
     let (child, line) = serve(
         Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["center", "serve", "--listen", listen])
@@ -140,7 +147,16 @@ pub fn start_center(
             .arg(db)
             .env("FERRY_CENTER_TOKEN", token),
     );
-    (child, center_url(&line))
+    (KillOnDrop(child), center_url(&line))
+}
+
+/// An empty directory `name` in Cargo's scratch directory for integration tests (what a
+/// past run left there is removed first).
+pub fn empty_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// The API's URL in the line `ferry center serve` starts with:
@@ -218,6 +234,9 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The RAM of a VM made by [`Daemon::create`].
+const CREATE_MEMORY: &str = "64M";
 
 /// A `ferry host serve` child process, killed on drop.
 pub struct Daemon {
@@ -301,9 +320,11 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Creates a VM of `workload` with [`CREATE_MEMORY`] of RAM and `accel` of
+    /// accelerator memory, and `guest_args` for the guest.
     pub fn create(&self, workload: &str, accel: &str, guest_args: &str) -> String {
         let args: Vec<&str> = guest_args.split_whitespace().collect();
-        self.create_with([workload, "64M", accel], &[], &args)
+        self.create_with([workload, CREATE_MEMORY, accel], &[], &args)
     }
 
     /// Creates a VM of `shape` (workload, memory, accelerator memory) with `files`
@@ -359,6 +380,23 @@ impl Daemon {
     /// Waits for the guest to exit and returns its checksum.
     pub fn checksum_at_exit(&self, id: &str) -> String {
         checksum(self.exited(id)["console_tail"].as_str().unwrap())
+    }
+
+    /// Waits for `id`, made by [`Daemon::create`] with `workload`, `accel` and
+    /// `guest_args` (here or on a host it moved from), to exit, and checks that it ended
+    /// with the checksum of an unmigrated run.
+    #[track_caller]
+    pub fn assert_unmigrated_checksum(
+        &self,
+        id: &str,
+        workload: &str,
+        accel: &str,
+        guest_args: &str,
+    ) {
+        assert_eq!(
+            self.checksum_at_exit(id),
+            reference(workload, CREATE_MEMORY, accel, guest_args)
+        );
     }
 
     pub fn migrate(&self, id: &str, to: &str, extra: &[&str]) -> Output {
@@ -427,6 +465,15 @@ pub const BY_REPLAY: [&str; 5] = [
     "250",
     "--allow-longer-pause",
 ];
+
+/// The number `field` of each object in the JSON array `list` (each must have it).
+pub fn numbers(list: &Value, field: &str) -> Vec<f64> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item[field].as_f64().unwrap())
+        .collect()
+}
 
 /// The text `field` of each object in the JSON array `list` (those without it left out).
 pub fn texts<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
