@@ -950,11 +950,7 @@ impl Accel {
     /// In place `x[r][c] += bias[c]`.
     #[track_caller]
     pub fn add_bias(&mut self, x: &mut Tensor, bias: &Tensor) {
-        check(
-            bias.len() == x.cols,
-            "add_bias",
-            format_args!("bias {} for x {}", shape(bias), shape(x)),
-        );
+        per_column("add_bias", "bias", bias, x);
         self.launch(Kernel::AddBias {
             x: x.id,
             bias: bias.id,
@@ -1294,11 +1290,7 @@ impl Accel {
     #[track_caller]
     pub fn rms_norm(&mut self, x: &Tensor, weight: &Tensor, out: &mut Tensor, eps: f32) {
         same_shape("rms_norm", x, out);
-        check(
-            weight.len() == x.cols,
-            "rms_norm",
-            format_args!("weight {} for x {}", shape(weight), shape(x)),
-        );
+        per_column("rms_norm", "weight", weight, x);
         self.launch(Kernel::RmsNorm {
             x: x.id,
             weight: weight.id,
@@ -1464,6 +1456,17 @@ fn same_len(what: &str, ts: &[&Tensor]) {
             format_args!("operands differ in size: {shapes}"),
         );
     }
+}
+
+/// Panics unless the vector `v` (called `name` in the message) has one element per column
+/// of `x`.
+#[track_caller]
+fn per_column(what: &str, name: &str, v: &Tensor, x: &Tensor) {
+    check(
+        v.len() == x.cols,
+        what,
+        format_args!("{name} {} for x {}", shape(v), shape(x)),
+    );
 }
 
 #[track_caller]

@@ -147,27 +147,22 @@ const fn trig_coef(d: usize, odd: usize) -> f64 {
     }
 }
 
-/// Taylor coefficients of cos in φ², to φ^18.
-const COS: [f64; 10] = {
-    let mut t = [0.0; 10];
+/// The first `N` coefficients [`trig_coef`] gives for `odd`.
+const fn trig_coefs<const N: usize>(odd: usize) -> [f64; N] {
+    let mut t = [0.0; N];
     let mut d = 0;
-    while d < 10 {
-        t[d] = trig_coef(d, 0);
+    while d < N {
+        t[d] = trig_coef(d, odd);
         d += 1;
     }
     t
-};
+}
+
+/// Taylor coefficients of cos in φ², to φ^18.
+const COS: [f64; 10] = trig_coefs(0);
 
 /// Taylor coefficients of sin/φ in φ², to φ^17.
-const SIN: [f64; 9] = {
-    let mut t = [0.0; 9];
-    let mut d = 0;
-    while d < 9 {
-        t[d] = trig_coef(d, 1);
-        d += 1;
-    }
-    t
-};
+const SIN: [f64; 9] = trig_coefs(1);
 
 /// Natural logarithm of a positive normal `x` (0 gives -inf, negatives and NaN give NaN).
 pub fn ln(x: f64) -> f64 {
@@ -281,18 +276,35 @@ mod tests {
         }
     }
 
+    /// The largest [`rel`] error of `f` against `reference` at `from`, `from + step`, ...
+    /// below `to`, and at each of `extra`.
+    fn worst_rel(
+        f: fn(f64) -> f64,
+        reference: fn(f64) -> f64,
+        (from, to, step): (f64, f64, f64),
+        extra: &[f64],
+    ) -> f64 {
+        let mut worst: f64 = 0.0;
+        let mut x = from;
+        while x < to {
+            worst = worst.max(rel(f(x), reference(x)));
+            x += step;
+        }
+        for &x in extra {
+            worst = worst.max(rel(f(x), reference(x)));
+        }
+        worst
+    }
+
     #[test]
     fn exp_matches_std() {
-        let mut worst: f64 = 0.0;
         // Results in the normal range (below, subnormals keep fewer significant bits).
-        let mut x = -708.0;
-        while x < 709.0 {
-            worst = worst.max(rel(exp(x), x.exp()));
-            x += 0.0137;
-        }
-        for x in [0.0, 1e-300, -1e-300, 1e-10, -0.5, 0.5, 0.3465, -0.3466] {
-            worst = worst.max(rel(exp(x), x.exp()));
-        }
+        let worst = worst_rel(
+            exp,
+            f64::exp,
+            (-708.0, 709.0, 0.0137),
+            &[0.0, 1e-300, -1e-300, 1e-10, -0.5, 0.5, 0.3465, -0.3466],
+        );
         assert!(worst < 1e-14, "exp relative error {worst:e}");
         for x in [-710.0, -730.0, -744.0] {
             assert!(
@@ -374,15 +386,12 @@ mod tests {
 
     #[test]
     fn tanh_matches_std() {
-        let mut worst: f64 = 0.0;
-        let mut x = -30.0;
-        while x < 30.0 {
-            worst = worst.max(rel(tanh(x), x.tanh()));
-            x += 0.00731;
-        }
-        for x in [1e-30, -1e-8, 0.0099, 0.01, 0.0101, 21.9, 22.1] {
-            worst = worst.max(rel(tanh(x), x.tanh()));
-        }
+        let worst = worst_rel(
+            tanh,
+            f64::tanh,
+            (-30.0, 30.0, 0.00731),
+            &[1e-30, -1e-8, 0.0099, 0.01, 0.0101, 21.9, 22.1],
+        );
         assert!(worst < 1e-13, "tanh relative error {worst:e}");
         assert_eq!(tanh(f64::INFINITY), 1.0);
         assert_eq!(tanh(f64::NEG_INFINITY), -1.0);
