@@ -180,6 +180,14 @@ pub fn settle(
 mod tests {
     use super::*;
 
+    /// Outcomes in which `session` was received and is resuming (its Go accepted).
+    fn resuming(session: u64) -> Outcomes {
+        let outcomes = Outcomes::default();
+        assert!(outcomes.receiving(session));
+        assert!(outcomes.begin_resume(session));
+        outcomes
+    }
+
     #[test]
     fn closing_fences_sessions_not_yet_told_to_run_and_refuses_new_ones() {
         let outcomes = Outcomes::default();
@@ -211,9 +219,7 @@ mod tests {
 
     #[test]
     fn a_question_during_and_after_the_resume_gets_undecided_then_running() {
-        let outcomes = Outcomes::default();
-        assert!(outcomes.receiving(2));
-        assert!(outcomes.begin_resume(2));
+        let outcomes = resuming(2);
         assert_eq!(outcomes.settle(2), Settlement::Undecided);
         outcomes.ended(2, true);
         assert_eq!(outcomes.settle(2), Settlement::Running);
@@ -221,9 +227,7 @@ mod tests {
 
     #[test]
     fn failed_and_unknown_sessions_are_not_running() {
-        let outcomes = Outcomes::default();
-        assert!(outcomes.receiving(3));
-        assert!(outcomes.begin_resume(3));
+        let outcomes = resuming(3);
         outcomes.ended(3, false);
         assert_eq!(outcomes.settle(3), Settlement::NotRunning);
         assert_eq!(outcomes.settle(99), Settlement::NotRunning);

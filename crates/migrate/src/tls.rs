@@ -508,15 +508,18 @@ mod tests {
         }
     }
 
+    /// Dials a listener set up with `server` TLS settings using `client` ones, where
+    /// authentication must fail; returns why, as the dialling side and the listener say.
+    fn refusal(server: Option<TlsConfig>, client: Option<&TlsConfig>) -> (String, String) {
+        let (addr, listener) = serve_one(server);
+        let why = auth_error(dial(&addr, client));
+        (why, auth_error(listener.join().unwrap()))
+    }
+
     #[test]
     fn handshake_and_authentication_round_trip_over_tls() {
         let ca = Ca::new("Ferry test CA");
-        let dir = test_pki::temp_dir("round-trip");
-        let [cert, key, ca_file] = test_pki::write(&dir, "a", &ca.host(), &ca.cert);
-        let a = TlsConfig::from_pem_files(&cert, &key, &ca_file).unwrap();
-        let [cert, key, ca_file] = test_pki::write(&dir, "b", &ca.host(), &ca.cert);
-        let b = TlsConfig::from_pem_files(&cert, &key, &ca_file).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let [a, b] = test_pki::load_hosts("round-trip", &ca, ["a", "b"], TlsConfig::from_pem_files);
         assert!(format!("{a:?}").contains("ferry-host"));
 
         let (addr, server) = serve_one(Some(b));
@@ -537,16 +540,14 @@ mod tests {
         let rogue_ca = Ca::new("Another CA");
         // The rogue host trusts our CA (so it accepts our certificate) and its own.
         let rogue = config(&rogue_ca.host(), &format!("{}{}", rogue_ca.cert, ca.cert));
-        let (addr, server) = serve_one(Some(config(&ca.host(), &ca.cert)));
-        let why = auth_error(dial(&addr, Some(&rogue)));
+        let (why, server_why) = refusal(Some(config(&ca.host(), &ca.cert)), Some(&rogue));
         assert!(
             why.contains("TLS handshake") && why.contains("refused"),
             "{why}"
         );
-        let why = auth_error(server.join().unwrap());
         assert!(
-            why.contains("TLS handshake failed") && why.contains("UnknownIssuer"),
-            "{why}"
+            server_why.contains("TLS handshake failed") && server_why.contains("UnknownIssuer"),
+            "{server_why}"
         );
     }
 
@@ -555,20 +556,17 @@ mod tests {
         let ca = Ca::new("Ferry test CA");
         let rogue_ca = Ca::new("Another CA");
         let rogue = config(&rogue_ca.host(), &format!("{}{}", rogue_ca.cert, ca.cert));
-        let (addr, server) = serve_one(Some(rogue));
-        let why = auth_error(dial(&addr, Some(&config(&ca.host(), &ca.cert))));
+        let (why, server_why) = refusal(Some(rogue), Some(&config(&ca.host(), &ca.cert)));
         assert!(
             why.contains("TLS handshake") && why.contains("UnknownIssuer"),
             "{why}"
         );
-        let why = auth_error(server.join().unwrap());
-        assert!(why.contains("TLS handshake failed"), "{why}");
+        assert!(server_why.contains("TLS handshake failed"), "{server_why}");
     }
 
     #[test]
     fn a_client_without_a_certificate_is_refused() {
         let ca = Ca::new("Ferry test CA");
-        let (addr, server) = serve_one(Some(config(&ca.host(), &ca.cert)));
         let mut roots = RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca.cert.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
@@ -583,41 +581,36 @@ mod tests {
             client: Arc::new(client),
             ..config(&ca.host(), &ca.cert)
         };
-        let why = auth_error(dial(&addr, Some(&anonymous)));
+        let (why, server_why) = refusal(Some(config(&ca.host(), &ca.cert)), Some(&anonymous));
         assert!(
             why.contains("TLS handshake") && why.contains("requires a certificate"),
             "{why}"
         );
-        let why = auth_error(server.join().unwrap());
-        assert!(why.contains("no certificate"), "{why}");
+        assert!(server_why.contains("no certificate"), "{server_why}");
     }
 
     #[test]
     fn plain_tcp_to_a_tls_listener_is_refused() {
         let ca = Ca::new("Ferry test CA");
-        let (addr, server) = serve_one(Some(config(&ca.host(), &ca.cert)));
-        let why = auth_error(dial(&addr, None));
+        let (why, server_why) = refusal(Some(config(&ca.host(), &ca.cert)), None);
         assert!(
             why.contains("speaks TLS") && why.contains("TLS off"),
             "{why}"
         );
-        let why = auth_error(server.join().unwrap());
-        assert!(why.contains("does not speak TLS"), "{why}");
+        assert!(server_why.contains("does not speak TLS"), "{server_why}");
     }
 
     #[test]
     fn tls_to_a_plain_listener_is_refused() {
         let ca = Ca::new("Ferry test CA");
-        let (addr, server) = serve_one(None);
-        let why = auth_error(dial(&addr, Some(&config(&ca.host(), &ca.cert))));
+        let (why, server_why) = refusal(None, Some(&config(&ca.host(), &ca.cert)));
         assert!(
             why.contains("TLS handshake with") && why.contains("closed"),
             "{why}"
         );
-        let why = auth_error(server.join().unwrap());
         assert!(
-            why.contains("speaks TLS") && why.contains("TLS off"),
-            "{why}"
+            server_why.contains("speaks TLS") && server_why.contains("TLS off"),
+            "{server_why}"
         );
     }
 

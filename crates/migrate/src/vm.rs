@@ -80,7 +80,7 @@ pub enum VmError {
     #[error("cannot set up the device buffers")]
     SyncBuffers(#[source] Cause),
     /// A device chunk could not be written.
-    #[error("cannot write device chunk {} of buffer {}", chunk.index, chunk.buffer)]
+    #[error("cannot write device {chunk}")]
     WriteChunk {
         /// Which.
         chunk: ChunkKey,
@@ -237,6 +237,12 @@ pub struct ChunkKey {
     pub buffer: u32,
     /// Chunk index within the buffer.
     pub index: u64,
+}
+
+impl std::fmt::Display for ChunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "chunk {} of buffer {}", self.index, self.buffer)
+    }
 }
 
 /// A dirty device chunk and the bytes of it written since the last take: `bytes`

@@ -601,10 +601,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
             if zero == CHUNK_WITH_ORIGIN {
                 if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() as u64 != 12 + len {
                     return Err(malformed(format!(
-                        "bad chunk record with origin: {len} bytes for chunk {} of buffer {} \
-                         with {} bytes",
-                        key.index,
-                        key.buffer,
+                        "bad chunk record with origin: {len} bytes for {key} with {} bytes",
                         data.len()
                     )));
                 }
@@ -621,10 +618,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
                     .is_some_and(|o| o.checked_add(len).is_some_and(|end| end <= MAX_CHUNK_BYTES));
                 if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() as u64 != 8 + len || !fits {
                     return Err(malformed(format!(
-                        "bad chunk part record: {len} bytes at {offset:?} of chunk {} of buffer {} \
-                         with {} bytes",
-                        key.index,
-                        key.buffer,
+                        "bad chunk part record: {len} bytes at {offset:?} of {key} with {} bytes",
                         data.len()
                     )));
                 }
@@ -637,10 +631,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
             if zero == CHUNK_FROM_FILE {
                 if !(1..=MAX_CHUNK_BYTES).contains(&len) || data.len() != 12 {
                     return Err(malformed(format!(
-                        "bad file chunk record: {len} bytes for chunk {} of buffer {} with {} \
-                         bytes of origin",
-                        key.index,
-                        key.buffer,
+                        "bad file chunk record: {len} bytes for {key} with {} bytes of origin",
                         data.len()
                     )));
                 }
@@ -653,9 +644,7 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
             let expected = if zero == 0 { len } else { 0 };
             if !(1..=MAX_CHUNK_BYTES).contains(&len) || zero > 1 || data.len() as u64 != expected {
                 return Err(malformed(format!(
-                    "bad chunk record: {len} bytes for chunk {} of buffer {} with {} data bytes",
-                    key.index,
-                    key.buffer,
+                    "bad chunk record: {len} bytes for {key} with {} data bytes",
                     data.len()
                 )));
             }

@@ -243,6 +243,12 @@ impl FakeSource {
         })
     }
 
+    /// The same VM with a guest that dirties all memory between rounds (see `hot`).
+    fn running_hot(self: Arc<Self>) -> Arc<Self> {
+        self.hot.store(true, Ordering::SeqCst);
+        self
+    }
+
     /// The same VM with attached files of these sizes (random content).
     fn with_files(self: Arc<Self>, sizes: &[usize], seed: u64) -> Arc<Self> {
         let mut rng = Rng(seed | 1);
@@ -562,6 +568,13 @@ impl Guest {
         Self { stop, handle }
     }
 
+    /// [`Guest::start`], returning once the guest has written 100 times (so it really runs).
+    fn running(source: &Arc<FakeSource>, sweep: bool, seed: u64) -> Self {
+        let guest = Self::start(source, sweep, seed);
+        wait_for_writes(source, 100);
+        guest
+    }
+
     fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         self.handle.join().expect("guest thread");
@@ -855,6 +868,15 @@ impl Destination {
         );
     }
 
+    /// The destination has an attached file with this SHA-256 already.
+    fn add_file(&self, sha256: &str) {
+        self.faults
+            .has_files
+            .lock()
+            .unwrap()
+            .push(sha256.to_string());
+    }
+
     fn assert_alive(&self) {
         assert!(!self.server.is_finished(), "the listener thread died");
     }
@@ -864,6 +886,17 @@ fn options(mode: Mode) -> MigrationOptions {
     MigrationOptions {
         mode,
         ..MigrationOptions::default()
+    }
+}
+
+/// Live options with a downtime target no round meets (1 ms): the migration runs up to
+/// `max_rounds` pre-copy rounds, unthrottled.
+fn unmet_target(max_rounds: u32) -> MigrationOptions {
+    MigrationOptions {
+        downtime_target: Duration::from_millis(1),
+        max_rounds,
+        throttle: false,
+        ..options(Mode::Live)
     }
 }
 
@@ -968,8 +1001,7 @@ fn live_migration_with_a_running_guest_copies_memory_exactly() {
     // A guest thread writes at random while the VM runs, and each read of the copy
     // also changes a page somewhere, so every round leaves pages dirty.
     source.dirty_on_read.store(u64::MAX, Ordering::SeqCst);
-    let guest = Guest::start(&source, false, 2);
-    wait_for_writes(&source, 100);
+    let guest = Guest::running(&source, false, 2);
     let opts = MigrationOptions {
         // Convergence is not what this test is about: never fail on it.
         downtime_target: Duration::from_millis(200),
@@ -1008,8 +1040,7 @@ fn a_rate_ceiling_paces_precopy_but_neither_the_pause_nor_the_link_estimate() {
     // few milliseconds.
     let dest = Destination::start();
     let source = FakeSource::new("paced", 16, 5);
-    let guest = Guest::start(&source, false, 6);
-    wait_for_writes(&source, 100);
+    let guest = Guest::running(&source, false, 6);
     let rate = 4 << 20;
     let opts = MigrationOptions {
         max_rate: Some(rate),
@@ -1081,11 +1112,8 @@ fn live_rounds_resend_dirtied_pages_and_follow_the_buffer_table() {
     source.dirty_on_read.store(8, Ordering::SeqCst);
     source.churn_buffers.store(true, Ordering::SeqCst);
     let opts = MigrationOptions {
-        downtime_target: Duration::from_millis(1),
-        max_rounds: 3,
         allow_longer_pause: true,
-        throttle: false,
-        ..options(Mode::Live)
+        ..unmet_target(3)
     };
     let report = migrate(&source, &dest, &opts).expect("live migration");
     let (target, _) = dest.adopted();
@@ -1104,11 +1132,8 @@ fn a_buffer_made_again_with_another_size_during_a_round_is_sent_with_the_next_ta
     let source = FakeSource::new("remade", 8, 46);
     source.remake_on_read.store(true, Ordering::SeqCst);
     let opts = MigrationOptions {
-        downtime_target: Duration::from_millis(1),
-        max_rounds: 2,
         allow_longer_pause: true,
-        throttle: false,
-        ..options(Mode::Live)
+        ..unmet_target(2)
     };
     migrate(&source, &dest, &opts).expect("live migration");
     let (target, _) = dest.adopted();
@@ -1142,8 +1167,7 @@ fn the_destination_adopts_the_vm_before_the_source_hears_it_runs() {
 fn stop_and_copy_sends_everything_in_one_round() {
     let dest = Destination::start();
     let source = FakeSource::new("stop", 16, 6);
-    let guest = Guest::start(&source, false, 7);
-    wait_for_writes(&source, 100);
+    let guest = Guest::running(&source, false, 7);
     let report = migrate(&source, &dest, &options(Mode::StopAndCopy)).expect("stop-and-copy");
     guest.stop();
     let (target, received) = dest.adopted();
@@ -1194,8 +1218,7 @@ fn several_streams_and_compression_give_the_same_contents() {
     }
     // And with the guest running until a stop-and-copy pause.
     let source = FakeSource::new("streams-busy", 16, 9);
-    let guest = Guest::start(&source, false, 10);
-    wait_for_writes(&source, 100);
+    let guest = Guest::running(&source, false, 10);
     let opts = MigrationOptions {
         streams: 4,
         compress: true,
@@ -1217,14 +1240,11 @@ fn a_wrong_secret_fails_and_the_listener_keeps_serving() {
     let dest = Destination::start();
     let source = FakeSource::new("secret", 4, 11);
     let wrong = Secret::new("wrong horse battery staple!!").unwrap();
-    let err = migrate_vm(
-        &*source,
-        &dest.addr,
-        &wrong,
-        &options(Mode::Live),
-        &mut |_| {},
-    )
-    .expect_err("a wrong secret must fail");
+    let migrate_with_wrong_secret = |mode| {
+        migrate_vm(&*source, &dest.addr, &wrong, &options(mode), &mut |_| {})
+            .expect_err("a wrong secret must fail")
+    };
+    let err = migrate_with_wrong_secret(Mode::Live);
     assert!(
         matches!(err, MigrationError::Auth(_) | MigrationError::Refused(_)),
         "{err:?}"
@@ -1233,14 +1253,7 @@ fn a_wrong_secret_fails_and_the_listener_keeps_serving() {
     assert_eq!(source.pauses.load(Ordering::SeqCst), 0);
     assert_eq!(dest.factory.prepared.load(Ordering::SeqCst), 0);
     // Also in stop-and-copy mode, where the source would pause first.
-    let err = migrate_vm(
-        &*source,
-        &dest.addr,
-        &wrong,
-        &options(Mode::StopAndCopy),
-        &mut |_| {},
-    )
-    .expect_err("a wrong secret must fail");
+    let err = migrate_with_wrong_secret(Mode::StopAndCopy);
     assert!(matches!(
         err,
         MigrationError::Auth(_) | MigrationError::Refused(_)
@@ -1402,6 +1415,18 @@ fn description(ram_size: u64) -> VmDescription {
     memory_vm::description("hostile", ram_size, 0)
 }
 
+/// A hostile peer's offer to send [`description`]`(ram_size)` live over `streams` data
+/// streams.
+fn offer(ram_size: u64, streams: u8) -> Message {
+    Message::Offer {
+        vm: description(ram_size),
+        streams,
+        transfer: Transfer::Live,
+        files: FileTransfer::Reuse,
+        device: DeviceTransfer::Precopy,
+    }
+}
+
 #[test]
 fn garbage_connections_do_not_disturb_the_listener() {
     let dest = Destination::start();
@@ -1471,17 +1496,8 @@ fn garbage_connections_do_not_disturb_the_listener() {
 
     // Control messages out of order before authentication.
     let mut s = raw(&dest);
-    s.write_all(&frames(|w| {
-        w.send(&Message::Offer {
-            vm: description(MIB),
-            streams: 1,
-            transfer: Transfer::Live,
-            files: FileTransfer::Reuse,
-            device: DeviceTransfer::Precopy,
-        })
-        .unwrap()
-    }))
-    .unwrap();
+    s.write_all(&frames(|w| w.send(&offer(MIB, 1)).unwrap()))
+        .unwrap();
     assert_closed(s);
 
     // Authenticated, but a data stream of a session that does not exist.
@@ -1504,14 +1520,7 @@ fn garbage_connections_do_not_disturb_the_listener() {
         (1 << 50, 1, "RAM"),
     ] {
         let mut c = authenticated(&dest, StreamRole::Control);
-        c.send(&Message::Offer {
-            vm: description(ram),
-            streams,
-            transfer: Transfer::Live,
-            files: FileTransfer::Reuse,
-            device: DeviceTransfer::Precopy,
-        })
-        .unwrap();
+        c.send(&offer(ram, streams)).unwrap();
         match c.expect_control("refusal") {
             Ok(Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
             other => panic!("expected a refusal of {ram} bytes / {streams} streams, got {other:?}"),
@@ -1544,13 +1553,7 @@ fn hostile_source(
     round: impl FnOnce(&mut FrameWriter<TcpStream>, &mut FrameWriter<TcpStream>),
 ) -> Result<Message, MigrationError> {
     let mut c = authenticated(dest, StreamRole::Control);
-    c.send(&Message::Offer {
-        vm: description(ram_size),
-        streams: 1,
-        transfer: Transfer::Live,
-        files: FileTransfer::Reuse,
-        device: DeviceTransfer::Precopy,
-    })?;
+    c.send(&offer(ram_size, 1))?;
     let session = match c.expect_control("accept")? {
         Message::Accept { session, .. } => session,
         other => panic!("expected accept, got {other:?}"),
@@ -1565,14 +1568,7 @@ fn hostile_source(
 fn a_source_gone_before_opening_its_data_streams_frees_the_destination_at_once() {
     let dest = Destination::start();
     let mut c = authenticated(&dest, StreamRole::Control);
-    c.send(&Message::Offer {
-        vm: description(MIB),
-        streams: 2,
-        transfer: Transfer::Live,
-        files: FileTransfer::Reuse,
-        device: DeviceTransfer::Precopy,
-    })
-    .unwrap();
+    c.send(&offer(MIB, 2)).unwrap();
     assert!(matches!(
         c.expect_control("accept").unwrap(),
         Message::Accept { .. }
@@ -1597,14 +1593,7 @@ fn ram_records_outside_the_vm_are_refused() {
     let page = vec![0xabu8; PAGE_SIZE as usize];
     // Control: a record inside the VM is applied, and the session completes.
     let mut c = authenticated(&dest, StreamRole::Control);
-    c.send(&Message::Offer {
-        vm: description(MIB),
-        streams: 1,
-        transfer: Transfer::Live,
-        files: FileTransfer::Reuse,
-        device: DeviceTransfer::Precopy,
-    })
-    .unwrap();
+    c.send(&offer(MIB, 1)).unwrap();
     let Ok(Message::Accept { session, .. }) = c.expect_control("accept") else {
         panic!("not accepted")
     };
@@ -1847,6 +1836,22 @@ fn a_stream_failing_to_read_stops_the_others_taking_work() {
     dest.assert_nothing_adopted();
 }
 
+/// Reads a source's offer on `control` and accepts it as session `session`; returns how
+/// many data streams the source will open.
+fn accept_offer(control: &mut FrameStream<TcpStream>, session: u64) -> u8 {
+    let Message::Offer { streams, .. } = control.expect_control("offer").unwrap() else {
+        panic!("expected an offer")
+    };
+    control
+        .send(&Message::Accept {
+            session,
+            send_files: Vec::new(),
+            replay: false,
+        })
+        .unwrap();
+    streams
+}
+
 /// A destination that authenticates, accepts, reads `read_bytes` of data (over all its
 /// data streams, however the source shares the work among them) and then dies: every
 /// connection is shut down at once.
@@ -1865,16 +1870,7 @@ fn dying_destination(read_bytes: u64) -> (String, JoinHandle<()>) {
             c
         };
         let mut control = accept();
-        let Message::Offer { streams, .. } = control.expect_control("offer").unwrap() else {
-            panic!("expected an offer")
-        };
-        control
-            .send(&Message::Accept {
-                session: 42,
-                send_files: Vec::new(),
-                replay: false,
-            })
-            .unwrap();
+        let streams = accept_offer(&mut control, 42);
         let data: Vec<_> = (0..streams).map(|_| accept()).collect();
         let read = AtomicU64::new(0);
         std::thread::scope(|scope| {
@@ -2017,16 +2013,7 @@ fn frozen_destination() -> (String, JoinHandle<()>) {
         let (s, _) = listener.accept().unwrap();
         let mut control = FrameStream::new(s, false);
         authenticate_stream_listener(&mut control, &secret).unwrap();
-        let Message::Offer { streams, .. } = control.expect_control("offer").unwrap() else {
-            panic!("expected an offer")
-        };
-        control
-            .send(&Message::Accept {
-                session: 7,
-                send_files: Vec::new(),
-                replay: false,
-            })
-            .unwrap();
+        let streams = accept_offer(&mut control, 7);
         for _ in 0..streams {
             let (s, _) = listener.accept().unwrap();
             let mut c = FrameStream::new(s, false);
@@ -2071,15 +2058,9 @@ fn a_frozen_destination_times_out_in_the_round_it_froze_in() {
 fn a_cancelled_migration_stops_before_go_and_the_vm_runs_on() {
     let dest = Destination::start();
     // A VM that never converges, so the migration is still in pre-copy when cancelled.
-    let source = FakeSource::new("cancelled", 4, 42);
-    source.hot.store(true, Ordering::SeqCst);
+    let source = FakeSource::new("cancelled", 4, 42).running_hot();
     let guest = Guest::start(&source, true, 43);
-    let opts = MigrationOptions {
-        downtime_target: Duration::from_millis(1),
-        max_rounds: 1000,
-        throttle: false,
-        ..options(Mode::Live)
-    };
+    let opts = unmet_target(1000);
     let cancel = opts.cancel.clone();
     let mut rounds = 0;
     let err = migrate_vm(&*source, &dest.addr, &secret(), &opts, &mut |_| {
@@ -2108,18 +2089,11 @@ fn a_cancelled_migration_stops_before_go_and_the_vm_runs_on() {
 #[test]
 fn a_vm_dirtying_all_memory_does_not_converge_and_keeps_running() {
     let dest = Destination::start();
-    let source = FakeSource::new("hot", 4, 20);
     // A guest sweeping all of RAM, and one that rewrites everything between rounds
     // (so the outcome does not depend on how the threads are scheduled).
-    source.hot.store(true, Ordering::SeqCst);
-    let guest = Guest::start(&source, true, 21);
-    wait_for_writes(&source, 100);
-    let opts = MigrationOptions {
-        downtime_target: Duration::from_millis(1),
-        max_rounds: 3,
-        throttle: false,
-        ..options(Mode::Live)
-    };
+    let source = FakeSource::new("hot", 4, 20).running_hot();
+    let guest = Guest::running(&source, true, 21);
+    let opts = unmet_target(3);
     let err = migrate(&source, &dest, &opts).expect_err("must not converge");
     match &err {
         MigrationError::NotConverged {
@@ -2148,8 +2122,7 @@ fn a_vm_dirtying_all_memory_does_not_converge_and_keeps_running() {
 
     // With throttling, the engine slows the VM down before giving up, and lifts the
     // throttle afterwards.
-    let source = FakeSource::new("hot-throttled", 4, 22);
-    source.hot.store(true, Ordering::SeqCst);
+    let source = FakeSource::new("hot-throttled", 4, 22).running_hot();
     let guest = Guest::start(&source, true, 23);
     let opts = MigrationOptions {
         throttle: true,
@@ -2173,13 +2146,11 @@ fn a_vm_dirtying_all_memory_does_not_converge_and_keeps_running() {
 #[test]
 fn allow_longer_pause_switches_over_a_hot_vm() {
     let dest = Destination::start();
-    let source = FakeSource::new("hot-anyway", 4, 24);
-    source.hot.store(true, Ordering::SeqCst);
+    let source = FakeSource::new("hot-anyway", 4, 24).running_hot();
     let opts = MigrationOptions {
-        downtime_target: Duration::from_millis(1),
-        max_rounds: 3,
         allow_longer_pause: true,
-        ..options(Mode::Live)
+        throttle: true,
+        ..unmet_target(3)
     };
     let report = migrate(&source, &dest, &opts).expect("switch over anyway");
     let (target, _) = dest.adopted();
@@ -2207,8 +2178,7 @@ fn with_files(transfer: FileTransfer) -> MigrationOptions {
 fn attached_files_go_with_round_0_and_arrive_whole() {
     // 3 MiB + 5 bytes (several pieces, a short last one) and a small file.
     let source = FakeSource::new("files", 8, 31).with_files(&[(3 << 20) + 5, 1000], 7);
-    let guest = Guest::start(&source, false, 3);
-    wait_for_writes(&source, 100);
+    let guest = Guest::running(&source, false, 3);
     let dest = Destination::start();
     let report = migrate(&source, &dest, &with_files(FileTransfer::Reuse)).unwrap();
     guest.stop();
@@ -2228,11 +2198,7 @@ fn a_destination_with_the_files_gets_only_what_it_lacks_unless_told_otherwise() 
     let offers = source.offers();
     // The destination has file 0 (same content).
     let dest = Destination::start();
-    dest.faults
-        .has_files
-        .lock()
-        .unwrap()
-        .push(offers[0].sha256.clone());
+    dest.add_file(&offers[0].sha256);
     let report = migrate(&source, &dest, &with_files(FileTransfer::Reuse)).unwrap();
     let (target, _) = dest.adopted();
     assert_eq!((report.files_sent, report.files_reused), (1, 1));
@@ -2245,11 +2211,7 @@ fn a_destination_with_the_files_gets_only_what_it_lacks_unless_told_otherwise() 
     // --files send: both, though it has one.
     let source = FakeSource::new("files", 4, 33).with_files(&[2 << 20, 4096], 8);
     let dest = Destination::start();
-    dest.faults
-        .has_files
-        .lock()
-        .unwrap()
-        .push(offers[0].sha256.clone());
+    dest.add_file(&offers[0].sha256);
     let report = migrate(&source, &dest, &with_files(FileTransfer::Send)).unwrap();
     assert_eq!((report.files_sent, report.files_reused), (2, 0));
     assert_eq!(report.file_bytes, (2 << 20) + 4096);
@@ -2259,11 +2221,7 @@ fn a_destination_with_the_files_gets_only_what_it_lacks_unless_told_otherwise() 
     // naming it; the VM runs on.
     let source = FakeSource::new("files", 4, 34).with_files(&[2 << 20, 4096], 8);
     let dest = Destination::start();
-    dest.faults
-        .has_files
-        .lock()
-        .unwrap()
-        .push(offers[0].sha256.clone());
+    dest.add_file(&offers[0].sha256);
     match migrate(&source, &dest, &with_files(FileTransfer::Require)) {
         Err(MigrationError::Refused(why)) => {
             assert!(
@@ -2277,11 +2235,7 @@ fn a_destination_with_the_files_gets_only_what_it_lacks_unless_told_otherwise() 
     assert!(!source.paused());
     dest.assert_nothing_adopted();
     // With both present, nothing is sent.
-    dest.faults
-        .has_files
-        .lock()
-        .unwrap()
-        .push(offers[1].sha256.clone());
+    dest.add_file(&offers[1].sha256);
     let report = migrate(&source, &dest, &with_files(FileTransfer::Require)).unwrap();
     assert_eq!((report.files_sent, report.file_bytes), (0, 0));
     dest.adopted();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_migrate::replay::CaptureLimits;
-use ferry_migrate::vm::MAX_CHUNK_BYTES;
+use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::{
     migrate_vm, spawn_receiver, CaptureReport, ChunkKey, ChunkPart, DeviceBuffer, DeviceDigest,
     DeviceTransfer, LoggedCommand, MigrationError, MigrationOptions, MigrationReport,
@@ -721,6 +721,19 @@ fn migrate(
     migrate_vm(source, addr, &secret(), options, &mut |_| {})
 }
 
+/// Migrates `source` to `dest`, which must adopt it holding exactly what the source held
+/// at its pause; returns the report and the VM adopted.
+fn migrate_whole(
+    source: &Source,
+    dest: &Destination,
+    options: &MigrationOptions,
+) -> (MigrationReport, Target) {
+    let report = migrate(source, &dest.addr, options).unwrap();
+    let target = dest.adopted();
+    assert_moved_whole(source, &target);
+    (report, target)
+}
+
 /// The destination holds exactly what the source held at its pause.
 fn assert_moved_whole(source: &Source, target: &Target) {
     let (ram, device, step) = source.at_pause();
@@ -740,9 +753,7 @@ fn replay_moves_a_device_that_rewrites_itself_every_step_bit_for_bit() {
     let source = Source::start(2);
     std::thread::sleep(Duration::from_millis(20));
     let dest = Destination::start(Replayer::Faithful);
-    let report = migrate(&source, &dest.addr, &reaching_switchover()).unwrap();
-    let target = dest.adopted();
-    assert_moved_whole(&source, &target);
+    let (report, target) = migrate_whole(&source, &dest, &reaching_switchover());
     assert_eq!(report.device_transfer, "replay", "{:?}", report.replay);
     let replay = report.replay.expect("a replay report");
     assert!(replay.fell_back.is_none());
@@ -777,9 +788,7 @@ fn auto_turns_to_replay_when_the_device_outruns_precopy_and_sends_only_what_chan
     let dest = Destination::start(Replayer::Faithful);
     let mut options = options(DeviceTransfer::Auto);
     options.allow_longer_pause = true;
-    let report = migrate(&source, &dest.addr, &options).unwrap();
-    let target = dest.adopted();
-    assert_moved_whole(&source, &target);
+    let (report, _) = migrate_whole(&source, &dest, &options);
     assert!(
         report.device_transfer.starts_with("replay"),
         "{}",
@@ -795,7 +804,13 @@ fn auto_turns_to_replay_when_the_device_outruns_precopy_and_sends_only_what_chan
         "{base:?}"
     );
     let replay = report.replay.as_ref().unwrap();
-    assert!(replay.base_bytes < HOT_BYTES + UPLOAD_BYTES, "{replay:?}");
+    // Its bytes less the RAM the guest dirtied meanwhile (more in a release build, whose
+    // guest runs faster): the changed buffers and record headers, not the cold buffer.
+    let device_bytes = replay.base_bytes - base.pages * PAGE_SIZE;
+    assert!(
+        device_bytes < HOT_BYTES + UPLOAD_BYTES + COLD_BYTES / 2,
+        "{replay:?} {base:?}"
+    );
     assert!(
         report.round_log[2..].iter().any(|r| r.commands > 0),
         "{replay:?} {:?}",
@@ -833,9 +848,7 @@ fn a_side_pool_that_overflows_gives_way_to_precopy_and_the_vm_still_moves_whole(
     let mut options = options(DeviceTransfer::Replay);
     options.capture.pool_bytes = MAX_CHUNK_BYTES;
     options.allow_longer_pause = true;
-    let report = migrate(&source, &dest.addr, &options).unwrap();
-    let target = dest.adopted();
-    assert_moved_whole(&source, &target);
+    let (report, _) = migrate_whole(&source, &dest, &options);
     assert_eq!(report.device_transfer, "replay, then precopy");
     let replay = report.replay.unwrap();
     let why = replay.fell_back.unwrap();
@@ -855,9 +868,7 @@ fn a_destination_that_falls_behind_gives_way_to_precopy() {
     // four times what it took to run them), not taken for a dead peer.
     options.io_timeout = Duration::from_millis(400);
     let started = Instant::now();
-    let report = migrate(&source, &dest.addr, &options).unwrap();
-    let target = dest.adopted();
-    assert_moved_whole(&source, &target);
+    let (report, _) = migrate_whole(&source, &dest, &options);
     let why = report.replay.unwrap().fell_back.unwrap();
     assert!(
         why.contains("falls behind") || why.contains("did not converge"),

@@ -127,12 +127,8 @@ fn live_and_stop_and_copy_migrations_over_mutual_tls() {
 #[test]
 fn certificates_read_from_pem_files_work() {
     let ca = Ca::new("Ferry test CA");
-    let dir = pki::temp_dir("files");
-    let [cert, key, ca_file] = pki::write(&dir, "dest", &ca.host(), &ca.cert);
-    let dest = TlsConfig::from_pem_files(&cert, &key, &ca_file).unwrap();
-    let [cert, key, ca_file] = pki::write(&dir, "source", &ca.host(), &ca.cert);
-    let source = TlsConfig::from_pem_files(&cert, &key, &ca_file).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let [dest, source] =
+        pki::load_hosts("files", &ca, ["dest", "source"], TlsConfig::from_pem_files);
     let (addr, rx) = destination(Some(dest));
     migrate_and_check(&addr, &rx, options(Some(source)));
 }

@@ -39,11 +39,9 @@ fn write(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-fn run_files_guest(files: AttachedFiles) -> (VmExit, String) {
-    run_files_guest_with(files, &[])
-}
-
-fn run_files_guest_with(files: AttachedFiles, args: &[&str]) -> (VmExit, String) {
+/// Boots the `files` guest with `files` attached and `args`, and returns its console
+/// once it exited with status 0.
+fn run_files_guest(files: AttachedFiles, args: &[&str]) -> String {
     let host = HostOptions {
         files,
         ..HostOptions::quiet()
@@ -54,7 +52,9 @@ fn run_files_guest_with(files: AttachedFiles, args: &[&str]) -> (VmExit, String)
     let mut vm = Microvm::boot(config, image, &args, host).expect("boot");
     vm.resume().unwrap();
     let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end in time");
-    (exit, vm.console_tail())
+    let console = vm.console_tail();
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    console
 }
 
 #[test]
@@ -72,8 +72,7 @@ fn the_guest_reads_attached_files_and_hostile_reads_are_refused() {
         ("tiny".into(), d.join("small")),
     ])
     .unwrap();
-    let (exit, console) = run_files_guest(files);
-    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    let console = run_files_guest(files, &[]);
     for (name, data) in [("weights.bin", &big), ("tiny", &small)] {
         let h = fnv(data);
         let line = format!("file {name} {} read={h:016x} device={h:016x}", data.len());
@@ -116,8 +115,7 @@ fn files_of_many_gib_are_read_at_any_offset() {
     drop(file);
     let files = AttachedFiles::open(&[("huge".into(), path.clone())]).unwrap();
     let offsets: Vec<String> = marks.iter().map(|(at, _)| at.to_string()).collect();
-    let (exit, console) = run_files_guest_with(files, &["--probe", &offsets.join(",")]);
-    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    let console = run_files_guest(files, &["--probe", &offsets.join(",")]);
     for (at, bytes) in &marks {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let line = format!("probe {at} {hex} {hex}\n");

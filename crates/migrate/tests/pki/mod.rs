@@ -101,3 +101,21 @@ pub fn write(dir: &Path, name: &str, identity: &Identity, ca: &str) -> [PathBuf;
     std::fs::write(&paths[2], ca).expect("write the CA certificate");
     paths
 }
+
+/// Host certificates of `ca`, one per name in `names`, written by [`write`] to a fresh
+/// directory and read back by `load` (e.g. `TlsConfig::from_pem_files`, given the
+/// certificate, key and CA paths); the directory is removed afterwards.
+pub fn load_hosts<T, E: std::fmt::Debug, const N: usize>(
+    test: &str,
+    ca: &Ca,
+    names: [&str; N],
+    load: impl Fn(&Path, &Path, &Path) -> Result<T, E>,
+) -> [T; N] {
+    let dir = temp_dir(test);
+    let loaded = names.map(|name| {
+        let [cert, key, ca_file] = write(&dir, name, &ca.host(), &ca.cert);
+        load(&cert, &key, &ca_file).expect("load the written files")
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    loaded
+}
