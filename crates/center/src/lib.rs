@@ -1141,6 +1141,12 @@ pub(crate) mod tests {
             Self { center, store }
         }
 
+        /// Host `name` last beat long ago: its daemon stopped.
+        pub(crate) fn silence(&self, name: &str) {
+            let mut inventory = self.center.inventory();
+            inventory.hosts.get_mut(name).unwrap().last_heartbeat_ms = 0;
+        }
+
         /// How many rows the store's `table` holds.
         pub(crate) fn stored_rows(&self, table: &str) -> i64 {
             let db = rusqlite::Connection::open(&self.store).unwrap();
@@ -1277,12 +1283,7 @@ pub(crate) mod tests {
         center.set_mode("a", HostMode::Maintenance).unwrap();
         center.write_beat(Some(&copy), &[], &[]).unwrap();
         assert_eq!(stored_a(), Some(HostMode::Maintenance));
-        center
-            .inventory()
-            .hosts
-            .get_mut("a")
-            .unwrap()
-            .last_heartbeat_ms = 0;
+        scratch.silence("a");
         center.forget_host("a", false).unwrap();
         center.write_beat(Some(&copy), &[], &[]).unwrap();
         assert_eq!(stored_a(), None);
@@ -1300,12 +1301,7 @@ pub(crate) mod tests {
         let refused = center.forget_host("a", true).unwrap_err();
         assert!(refused.to_string().contains("is up"), "{refused}");
         // Its daemon stopped long ago.
-        center
-            .inventory()
-            .hosts
-            .get_mut("a")
-            .unwrap()
-            .last_heartbeat_ms = 0;
+        scratch.silence("a");
         let refused = center.forget_host("a", false).unwrap_err();
         assert!(refused.to_string().contains("a-vm1"), "{refused}");
         assert!(center.inventory().hosts.contains_key("a"));
@@ -1335,12 +1331,7 @@ pub(crate) mod tests {
                 .heartbeat(inventory::tests::beat(name, Vec::new()))
                 .unwrap();
         }
-        center
-            .inventory()
-            .hosts
-            .get_mut("gone")
-            .unwrap()
-            .last_heartbeat_ms = 0;
+        scratch.silence("gone");
         // The leader's store no longer has either.
         for name in ["gone", "beating"] {
             center.store().forget_host(name, &[]).unwrap();
