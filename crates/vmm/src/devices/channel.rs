@@ -451,12 +451,14 @@ impl Channel {
         let mut core = self.core();
         let code = if core.state.ring.is_some() {
             status::ALREADY_SET_UP
+        } else if addr < IMAGE_BASE {
+            status::BAD_GUEST_RANGE
         } else if header.magic != CHANNEL_MAGIC || header.version != CHANNEL_VERSION {
             status::BAD_VERSION
         } else if let Some(size) = header.region_size() {
             let in_ram =
                 usize::try_from(size).is_ok_and(|len| mem.check_range(GuestAddress(addr), len));
-            if addr < IMAGE_BASE || !in_ram {
+            if !in_ram {
                 status::BAD_GUEST_RANGE
             } else {
                 core.state.ring = Some(Ring {
@@ -471,10 +473,14 @@ impl Channel {
         } else {
             status::BAD_GEOMETRY
         };
-        core.status = code;
-        let at = GuestAddress(addr + core::mem::offset_of!(ChannelHeader, status) as u64);
-        // Written through GuestRam: the page lands in the dirty log.
-        let _ = mem.write_obj(code, at);
+        // Into the header only where the guest's own memory begins: never into the VMM's
+        // page tables and descriptor tables below it, which ring 3 must not reach.
+        if addr >= IMAGE_BASE {
+            core.status = code;
+            let at = GuestAddress(addr + core::mem::offset_of!(ChannelHeader, status) as u64);
+            // Written through GuestRam: the page lands in the dirty log.
+            let _ = mem.write_obj(code, at);
+        }
         if code == status::OK {
             core.write_indices(mem);
         }
@@ -490,14 +496,7 @@ impl Channel {
         let Ok(HeaderBytes(header)) = mem.read_obj(GuestAddress(ring.addr)) else {
             return;
         };
-        let mut code = status::OK;
-        let took = match core.take_responses(mem, &ring, header.response_head) {
-            Ok(n) => n,
-            Err(c) => {
-                code = c;
-                0
-            }
-        };
+        let (took, mut code) = core.take_responses(mem, &ring, header.response_head);
         let state = &mut core.state;
         if header.request_tail < state.request_tail || header.request_tail > state.request_head {
             code = status::INVALID_INDEX;
@@ -578,12 +577,13 @@ impl Core {
         }
     }
 
-    /// Takes the responses up to the guest's `head`; returns how many, or the status
-    /// code of a lying index or message.
-    fn take_responses(&mut self, mem: &GuestRam, ring: &Ring, head: u64) -> Result<u64, u32> {
+    /// Takes the responses up to the guest's `head`; returns how many, and the status
+    /// code: that of a lying index, or of a malformed message (skipped, the good ones
+    /// around it still delivered and their readers woken).
+    fn take_responses(&mut self, mem: &GuestRam, ring: &Ring, head: u64) -> (u64, u32) {
         let tail = self.state.response_tail;
         if head < tail || head - tail > u64::from(ring.response_slots) {
-            return Err(status::INVALID_INDEX);
+            return (0, status::INVALID_INDEX);
         }
         let n = (head - tail).min(MAX_PER_KICK);
         let mut code = status::OK;
@@ -608,11 +608,7 @@ impl Core {
             self.accept(m, payload);
         }
         self.state.response_tail = tail + n;
-        if code == status::OK {
-            Ok(n)
-        } else {
-            Err(code)
-        }
+        (n, code)
     }
 
     /// Adds one response to its stream.
@@ -965,6 +961,29 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_response_does_not_hold_back_the_good_ones_of_its_kick() {
+        let (mem, channel) = guest_with_request(1);
+        let reader = channel.clone();
+        let waiting =
+            std::thread::spawn(move || reader.read(1, 0, Duration::from_secs(10)).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        respond(&mem, 1, 2, 0, b"good");
+        respond(&mem, 1, 2, 0, b"x");
+        let h = read_header(&mem);
+        let slot = REGION + h.response_slot(h.response_head - 1);
+        mem.write_obj(u32::MAX, GuestAddress(slot + 16)).unwrap();
+        let kicked = Instant::now();
+        channel.kick(&mem, 0);
+        assert_eq!(read_header(&mem).status, status::BAD_MESSAGE);
+        let read = waiting.join().unwrap();
+        assert_eq!(read.events, [message(2, "good")]);
+        assert!(
+            kicked.elapsed() < Duration::from_secs(5),
+            "the reader waited for its timeout, not the kick"
+        );
+    }
+
+    #[test]
     fn empty_responses_count_against_their_streams_bound() {
         let (mem, channel) = guest_with_request(1);
         // Responses of no bytes at all, as many as fit the ring at each kick.
@@ -1058,7 +1077,12 @@ mod tests {
         };
         assert_eq!(status_of(header, REGION), status::BAD_GEOMETRY);
         header.response_slot_size = 256;
-        assert_eq!(status_of(header, 0x5000), status::BAD_GUEST_RANGE);
+        // Over the VMM's system pages: refused without a byte written there.
+        let below = ChannelHeader {
+            status: 0xdead,
+            ..header
+        };
+        assert_eq!(status_of(below, 0x5000), 0xdead);
         assert_eq!(
             status_of(header, (16 << 20) - 4096),
             status::BAD_GUEST_RANGE
@@ -1068,6 +1092,7 @@ mod tests {
         header.version = CHANNEL_VERSION;
         assert_eq!(status_of(header, REGION), status::OK);
         assert_eq!(status_of(header, REGION), status::ALREADY_SET_UP);
+        assert_eq!(status_of(below, 0x5000), 0xdead);
         channel.open();
         assert!(channel.submit(1, message(1, "x")).is_ok());
     }
