@@ -223,6 +223,9 @@ struct Core {
     ring: Ring,
     tail: u64,
     ring_invalid: bool,
+    /// Whether a bad ring was logged as a warning: once a device, since a guest flipping
+    /// its indices could otherwise fill the host's log.
+    ring_invalid_warned: bool,
     mem: GuestRam,
     /// The VM's attached files, for LOAD_FILE.
     files: Arc<dyn FileSource>,
@@ -252,6 +255,7 @@ impl Core {
             ring,
             tail,
             ring_invalid: false,
+            ring_invalid_warned: false,
             mem,
             files,
             scratch: Vec::new(),
@@ -829,12 +833,15 @@ impl Core {
                 device_status::RING_INVALID
             };
             let _ = self.ring.publish_device_status(&self.mem, code);
-            if !sane {
+            if !sane && !self.ring_invalid_warned {
+                self.ring_invalid_warned = true;
                 tracing::warn!(
                     head,
                     tail = self.tail,
-                    "guest accelerator ring indices are inconsistent; ring ignored"
+                    "guest accelerator ring indices are inconsistent; ring ignored (said once; the device status tells each time)"
                 );
+            } else if !sane {
+                tracing::debug!(head, tail = self.tail, "guest accelerator ring invalid");
             }
         }
         if !sane || head == self.tail {
