@@ -25,8 +25,9 @@
 //! 3. dimensions: non-zero ([`status::BAD_SHAPE`]);
 //! 4. the other arguments: flags, enumerations, element formats, f32 scalars (finite,
 //!    bits in the low 32 bits, the high ones zero) ([`status::BAD_ARGUMENT`]);
-//! 5. the kernel's own block: shapes whose element or byte counts overflow, or that a
-//!    format cannot hold ([`status::BAD_SHAPE`]), and constraints on scalars
+//! 5. the kernel's own block: shapes whose element or byte counts overflow, that a
+//!    format cannot hold, that ask for more work than [`MAX_LAUNCH_WORK`] or attend over
+//!    more than [`MAX_POSITIONS`] ([`status::BAD_SHAPE`]), and constraints on scalars
 //!    ([`status::BAD_ARGUMENT`]);
 //! 6. every declared range lies inside its buffer ([`status::OUT_OF_BOUNDS`]);
 //! 7. a buffer the kernel writes appears in no other argument ([`status::BAD_ARGUMENT`]);
@@ -48,6 +49,22 @@ pub type BufferId = u32;
 
 /// Bytes of one f32 or u32 element.
 pub const ELEM_BYTES: u64 = 4;
+
+/// Most work one launch may ask for, in multiply-adds: a minute or two of one CPU
+/// thread. A device pauses (for a stop, a switchover, a shutdown) only between commands,
+/// and a matrix product or an attention sized from two buffers grows with their product:
+/// unbounded, one launch of a hostile guest would hold its VM for hours. The workloads'
+/// launches stay far below it (a prompt is read in batches).
+pub const MAX_LAUNCH_WORK: u64 = 1 << 40;
+
+/// What one attention score costs besides its products, in multiply-adds (its
+/// exponential and bookkeeping, measured at about that on the cpu backend).
+const SCORE_WORK: u64 = 1024;
+
+/// Most positions one attention attends over (a context of 4 M tokens, beyond any
+/// model's): a backend keeps a score per position for each query row and head it works
+/// on at once.
+pub const MAX_POSITIONS: usize = 1 << 22;
 
 /// How one argument of a kernel is decoded from its raw `u64` and encoded back.
 pub trait Param {
@@ -440,6 +457,13 @@ fn require(ok: bool) -> Result<(), u32> {
     }
 }
 
+/// Fails with [`status::BAD_SHAPE`] when `factors` multiply to more than
+/// [`MAX_LAUNCH_WORK`].
+fn require_work(factors: &[u64]) -> Result<(), u32> {
+    let work = factors.iter().try_fold(1u64, |w, &f| w.checked_mul(f));
+    require_shape(work.is_some_and(|w| w <= MAX_LAUNCH_WORK))
+}
+
 /// Fails with [`status::BAD_SHAPE`] unless `ok`.
 fn require_shape(ok: bool) -> Result<(), u32> {
     if ok {
@@ -607,6 +631,7 @@ kernels! {
         flags: MatmulFlags,
     } => |io| {
         let (mk, kn, mn) = (product(m, k)?, product(k, n)?, product(m, n)?);
+        require_work(&[m as u64, n as u64, k as u64])?;
         io.read(a, elems(mk)?)?;
         io.read(b, elems(kn)?)?;
         if flags.accumulate {
@@ -948,6 +973,7 @@ kernels! {
         len: Dim,
     } => |io| {
         let (row, cache) = (product(heads, head_dim)?, product3(len, heads, head_dim)?);
+        require_shape(len <= MAX_POSITIONS)?;
         io.read(q, elems(row)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;
@@ -996,6 +1022,7 @@ kernels! {
         dtype: DType,
     } => |io| {
         let (mk, mn) = (product(m, k)?, product(m, n)?);
+        require_work(&[m as u64, n as u64, k as u64])?;
         io.read(w, blocks(dtype, n, k)?)?;
         io.read(x, elems(mk)?)?;
         io.write(out, elems(mn)?)
@@ -1112,7 +1139,9 @@ kernels! {
         let qn = product3(rows, heads, head_dim)?;
         let positions = pos.checked_add(rows).ok_or(status::BAD_SHAPE)?;
         let cache = product3(positions, kv_heads, head_dim)?;
-        require_shape(heads % kv_heads == 0)?;
+        require_shape(heads % kv_heads == 0 && positions <= MAX_POSITIONS)?;
+        let per_score = head_dim as u64 + SCORE_WORK;
+        require_work(&[rows as u64, heads as u64, positions as u64, per_score])?;
         io.read(q, elems(qn)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;

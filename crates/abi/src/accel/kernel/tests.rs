@@ -214,6 +214,45 @@ fn rejects_hostile_shapes() {
 }
 
 #[test]
+fn launches_asking_for_hours_of_work_are_refused() {
+    // Buffers as large as a guest's device could hold: every range fits, the work alone
+    // decides.
+    let huge = |args: &[u64]| {
+        let mut full = [0u64; COMMAND_ARGS];
+        full[..args.len()].copy_from_slice(args);
+        Kernel::decode(&full, |_| Some(1 << 40)).map(|(kernel, _)| kernel)
+    };
+    // 2^40 multiply-adds pass; one more row of them does not.
+    assert!(huge(&[k::MATMUL, 1, 2, 3, 1 << 14, 1 << 13, 1 << 13, 0]).is_ok());
+    assert_eq!(
+        huge(&[k::MATMUL, 1, 2, 3, (1 << 14) + 1, 1 << 13, 1 << 13, 0]),
+        Err(status::BAD_SHAPE)
+    );
+    let qmatmul = |m: u64| huge(&[k::QMATMUL, 1, 2, 3, 1 << 13, 1 << 13, m, DType::F32.code()]);
+    assert!(qmatmul(1 << 14).is_ok());
+    assert_eq!(qmatmul((1 << 14) + 1), Err(status::BAD_SHAPE));
+    // A million one-wide heads over a million positions: 4 MiB buffers, 2^40 scores.
+    assert_eq!(
+        huge(&[k::ATTENTION, 1, 2, 3, 4, 1, 1 << 20, 1, 1, (1 << 20) - 1]),
+        Err(status::BAD_SHAPE)
+    );
+    // A model's prompt batch of 32 rows over a 32 K context passes.
+    assert!(huge(&[k::ATTENTION, 1, 2, 3, 4, 32, 32, 8, 128, 32 << 10]).is_ok());
+    // No more positions than any context has.
+    let most = MAX_POSITIONS as u64;
+    assert!(huge(&[k::ATTENTION, 1, 2, 3, 4, 1, 1, 1, 64, most - 1]).is_ok());
+    assert_eq!(
+        huge(&[k::ATTENTION, 1, 2, 3, 4, 1, 1, 1, 64, most]),
+        Err(status::BAD_SHAPE)
+    );
+    assert!(huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1, 64, most]).is_ok());
+    assert_eq!(
+        huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1, 64, most + 1]),
+        Err(status::BAD_SHAPE)
+    );
+}
+
+#[test]
 fn rejects_out_of_bounds() {
     // 4096-byte buffers hold 1024 elements.
     assert_eq!(
