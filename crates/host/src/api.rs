@@ -18,7 +18,7 @@
 //! | `DELETE /v1/vms/{id}/migration` | cancel it, up to the moment the destination is told to run the VM |
 //! | `POST /v1/vms/{id}/resolve` | settle an in-doubt VM by hand: `{"action": "resume" \| "release"}` |
 //! | `POST /v1/vms/{id}/streams` | queue a request on its message channel: `{"stream", "kind", "payload"}` (base64), opening that stream; 503 + `Retry-After` while the guest starts or the VM pauses, 429 when its queue is full, 409 `migrated` once it runs elsewhere |
-//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most; 50 ms while 256 reads wait) for one: `{"from", "events", "end"}` |
+//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most; 50 ms while 256 reads wait) for one: `{"from", "events", "end"}`; those before K are let go of (409 for a read from before them) |
 //! | `POST /v1/vms/{id}/streams/{stream}/signal` | a control message (a cancel) for an open stream |
 //! | `DELETE /v1/vms/{id}/streams/{stream}` | forget a stream whose responses were all read |
 //! | `POST /v1/settle/{session}` | whether a VM received here in migration `session` runs here (fencing it if it was not yet told to); the center relays a source's question with it |

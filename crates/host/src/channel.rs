@@ -78,10 +78,11 @@ impl Host {
         let read = vm
             .channel()
             .read(stream, from, wait.min(MAX_READ_WAIT))
-            .map_err(|ReadError::NoSuchStream(s)| {
-                moved(&vm).unwrap_or_else(|| {
+            .map_err(|e| match e {
+                ReadError::NoSuchStream(s) => moved(&vm).unwrap_or_else(|| {
                     HostError::StreamNotFound(format!("VM {id} has no stream {s}"))
-                })
+                }),
+                e @ ReadError::LetGo { .. } => HostError::Conflict(e.to_string()),
             })?;
         Ok(StreamChunk {
             from,

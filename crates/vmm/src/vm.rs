@@ -114,7 +114,8 @@ pub fn default_accel_threads() -> usize {
 /// Version of [`MicrovmState`]'s encoding: raise it with any change to that type or the
 /// types inside it (migrations compare it at the handshake).
 /// 2: the message channel in [`DeviceStates`].
-pub const STATE_VERSION: u32 = 2;
+/// 3: a channel stream keeps only what its reader has not let go of.
+pub const STATE_VERSION: u32 = 3;
 
 /// A whole paused VM, less its RAM: what a snapshot (and later a migration) carries.
 #[derive(Debug, Serialize, Deserialize)]

@@ -25,11 +25,11 @@ use crate::memory::GuestRam;
 pub const MAX_QUEUED: usize = 32;
 /// Most streams kept at once, open or ended but not yet released.
 pub const MAX_STREAMS: usize = 64;
-/// Most payload bytes one stream's responses may hold; a guest sending more ends the
-/// stream as [`StreamEnd::Overflow`].
+/// Most payload bytes one stream may hold unread (a read from index K lets go of what
+/// came before K); a guest sending more ends the stream as [`StreamEnd::Overflow`].
 pub const MAX_STREAM_BYTES: usize = 96 << 10;
-/// Most responses one stream may hold, however small (the host keeps a record of each,
-/// so empty ones must not come free); a guest sending more ends the stream as
+/// Most responses one stream may hold unread, however small (the host keeps a record of
+/// each, so empty ones must not come free); a guest sending more ends the stream as
 /// [`StreamEnd::Overflow`]. Room for a token each of the longest answer the gateway
 /// asks for (4,096 tokens), twice over.
 pub const MAX_STREAM_EVENTS: usize = 8192;
@@ -102,15 +102,30 @@ struct Queued {
     message: Message,
 }
 
-/// One stream's responses so far.
+/// One stream's responses not yet let go of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stream {
     id: u64,
+    /// The stream's index of `events[0]`: those before it were read and let go of.
+    first: usize,
     events: Vec<Message>,
+    /// Payload bytes of `events`.
     bytes: usize,
     end: StreamEnd,
     /// Control messages the host sent after the opening request (one is enough: cancel).
     signalled: bool,
+}
+
+impl Stream {
+    /// Drops the responses before stream index `from`: their reader has them.
+    fn let_go_before(&mut self, from: usize) {
+        let n = from.saturating_sub(self.first).min(self.events.len());
+        if n > 0 {
+            let gone: usize = self.events.drain(..n).map(|m| m.payload.len()).sum();
+            self.bytes = self.bytes.saturating_sub(gone);
+            self.first += n;
+        }
+    }
 }
 
 /// The saved channel.
@@ -185,6 +200,16 @@ pub enum ReadError {
     /// No stream with that id (never opened here, or released).
     #[error("no stream {0}")]
     NoSuchStream(u64),
+    /// A read from before what an earlier read let go of.
+    #[error("stream {stream}'s responses before {first} were read and let go of; cannot read from {from}")]
+    LetGo {
+        /// Which.
+        stream: u64,
+        /// The index asked for.
+        from: usize,
+        /// The first index held.
+        first: usize,
+    },
 }
 
 /// What a read of a stream found.
@@ -363,6 +388,7 @@ impl Channel {
         }
         state.streams.push(Stream {
             id: stream,
+            first: 0,
             events: Vec::new(),
             bytes: 0,
             end: StreamEnd::Open,
@@ -412,17 +438,29 @@ impl Channel {
         let mut core = self.core();
         let gate_changes = core.gate_changes;
         loop {
+            let moved = core.gate_changes != gate_changes;
             let s = core
                 .state
                 .streams
-                .iter()
+                .iter_mut()
                 .find(|s| s.id == stream)
                 .ok_or(ReadError::NoSuchStream(stream))?;
+            // The reader has what came before `from`: its bytes no longer count against
+            // the stream's bound, so an answer's length is bounded by the reader's pace,
+            // not by what one stream may hold.
+            s.let_go_before(from);
+            if from < s.first {
+                return Err(ReadError::LetGo {
+                    stream,
+                    from,
+                    first: s.first,
+                });
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            let moved = core.gate_changes != gate_changes;
-            if s.events.len() > from || s.end != StreamEnd::Open || left.is_zero() || moved {
+            let held = s.first.saturating_add(s.events.len());
+            if held > from || s.end != StreamEnd::Open || left.is_zero() || moved {
                 return Ok(StreamRead {
-                    events: s.events.get(from..).unwrap_or_default().to_vec(),
+                    events: s.events.get(from - s.first..).unwrap_or_default().to_vec(),
                     end: s.end,
                 });
             }
@@ -622,7 +660,7 @@ impl Core {
             self.state.dropped += 1;
             return;
         };
-        if stream.bytes + payload.len() > MAX_STREAM_BYTES
+        if stream.bytes.saturating_add(payload.len()) > MAX_STREAM_BYTES
             || stream.events.len() >= MAX_STREAM_EVENTS
         {
             stream.end = StreamEnd::Overflow;
@@ -848,12 +886,8 @@ mod tests {
         assert!(take_requests(&mem).is_empty());
         respond(&mem, 0, 2, flags::FINAL, b"after");
         moved.kick(&mem, 0);
-        let read = moved.read(0, 1, Duration::ZERO).unwrap();
-        assert_eq!(read.events, [message(2, "after")]);
-        assert_eq!(
-            moved.read(0, 0, Duration::ZERO).unwrap().events[0],
-            message(2, "before")
-        );
+        let read = moved.read(0, 0, Duration::ZERO).unwrap();
+        assert_eq!(read.events, [message(2, "before"), message(2, "after")]);
     }
 
     #[test]
@@ -893,6 +927,7 @@ mod tests {
         let mut state = moved.save();
         state.streams.push(Stream {
             id: 3,
+            first: usize::MAX - 1,
             events: vec![message(16, "abc")],
             bytes: usize::MAX,
             end: StreamEnd::Open,
@@ -906,6 +941,8 @@ mod tests {
         });
         let restored = Channel::restore(&state);
         assert_eq!(restored.save().streams.last().unwrap().bytes, 3);
+        let read = restored.read(3, usize::MAX, Duration::ZERO).unwrap();
+        assert!(read.events.is_empty());
         restored.open();
         restored.kick(&mem, 0);
         assert_eq!(restored.save().queued.len(), 1, "kept, not delivered");
@@ -981,6 +1018,30 @@ mod tests {
             kicked.elapsed() < Duration::from_secs(5),
             "the reader waited for its timeout, not the kick"
         );
+    }
+
+    #[test]
+    fn an_answer_read_as_it_comes_is_bounded_by_its_unread_part_only() {
+        let (mem, channel) = guest_with_request(1);
+        // Four times what a stream may hold, read as it comes.
+        let big = vec![b'y'; 200];
+        let mut next = 0;
+        for _ in 0..4 * MAX_STREAM_BYTES / 200 {
+            respond(&mem, 1, 2, 0, &big);
+            channel.kick(&mem, 0);
+            let read = channel.read(1, next, Duration::ZERO).unwrap();
+            assert_eq!(read.end, StreamEnd::Open);
+            next += read.events.len();
+        }
+        assert_eq!(next, 4 * MAX_STREAM_BYTES / 200);
+        // A read again of the last response is answered; one from before it is refused.
+        let again = channel.read(1, next - 1, Duration::ZERO).unwrap();
+        assert_eq!(again.events.len(), 1);
+        assert!(matches!(
+            channel.read(1, next - 2, Duration::ZERO),
+            Err(ReadError::LetGo { .. })
+        ));
+        assert!(channel.save().streams[0].bytes <= 200);
     }
 
     #[test]
