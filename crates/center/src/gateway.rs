@@ -38,14 +38,20 @@ pub const MAX_RELAYS: usize = 256;
 /// Most tokens one request may ask for.
 pub const MAX_TOKENS: u32 = 4096;
 /// Longest a relay keeps trying to reach the VM (a start, a switchover, a lost host).
+#[cfg(not(test))]
 const PATIENCE: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const PATIENCE: Duration = Duration::from_millis(300);
 /// Longest an answer may go without a token before the relay gives up on it (the client
 /// gets an error and the guest is told to stop): a queued request may wait behind others
 /// for a while, but a guest that never answers must not hold a relay for ever. OpenAI's
 /// clients give up after as long by default.
 const SILENCE: Duration = Duration::from_secs(600);
-/// Wait between tries while the VM is paused or starting.
+/// Wait between tries while the VM is paused or starting: short through a switchover's
+/// few milliseconds, then longer (a start, a host down), up to [`RETRY_PAUSE_MAX`].
 const RETRY_PAUSE: Duration = Duration::from_millis(2);
+/// Longest wait between tries.
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
 /// Longest a streamed answer's headers wait for its first event (an error before then
 /// still gets its own status).
 const STREAM_STARTS_AFTER: Duration = Duration::from_secs(5);
@@ -302,6 +308,9 @@ enum Stop {
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    /// Random padding against length side channels: Ferry's gateway adds none.
+    #[serde(default, rename = "include_obfuscation")]
+    _include_obfuscation: Option<bool>,
 }
 
 /// The fields both endpoints take.
@@ -540,6 +549,20 @@ impl Center {
     /// across migrations. Blocks: runs on its own thread. Cancels the generation if the
     /// client goes away (`tx` closed).
     fn relay(&self, vm: &str, stream: u64, payload: Vec<u8>, tx: &mpsc::Sender<Relayed>) {
+        // Refused here, not by the host's body limit as a 502 that clients retry.
+        if payload.len() > serve::MAX_REQUEST_BYTES {
+            let e = OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "context_length_exceeded",
+                format!(
+                    "the request is {} bytes encoded; model '{vm}' takes at most {}",
+                    payload.len(),
+                    serve::MAX_REQUEST_BYTES
+                ),
+            );
+            let _ = tx.blocking_send(Relayed::Failed(e));
+            return;
+        }
         let Some(mut host) = self.serving_host(vm) else {
             let e = OpenAiError::new(
                 StatusCode::NOT_FOUND,
@@ -608,9 +631,12 @@ impl Center {
                 _ => return Err(upstream(format!("model '{vm}': {e}"))),
             }
             if started.elapsed() > PATIENCE {
+                if may_have_arrived {
+                    self.cancel(vm, host, message.stream, "the model is out of reach");
+                }
                 return Err(unreachable(vm, &format!("{e:#}")));
             }
-            std::thread::sleep(RETRY_PAUSE);
+            std::thread::sleep(retry_pause(started.elapsed()));
         }
     }
 
@@ -626,9 +652,11 @@ impl Center {
     ) -> Result<(), OpenAiError> {
         let mut next = 0usize;
         let mut last_progress = Instant::now();
+        // Since when the VM has been out of reach: a queued request's silence is not.
+        let mut unreachable_since: Option<Instant> = None;
         loop {
             if tx.is_closed() {
-                self.cancel(vm, host, stream);
+                self.cancel(vm, host, stream, "the client went away");
                 return Ok(());
             }
             let client = self
@@ -637,6 +665,7 @@ impl Center {
             let path = format!("/v1/vms/{vm}/streams/{stream}?from={next}&wait_ms={READ_WAIT_MS}");
             match client.get::<StreamChunk>(&path) {
                 Ok(chunk) => {
+                    unreachable_since = None;
                     if !chunk.events.is_empty() {
                         last_progress = Instant::now();
                     }
@@ -645,7 +674,7 @@ impl Center {
                         let relayed = relayed(vm, &e.payload);
                         let last = !matches!(relayed, Relayed::Text(_));
                         if tx.blocking_send(relayed).is_err() {
-                            self.cancel(vm, host, stream);
+                            self.cancel(vm, host, stream, "the client went away");
                             return Ok(());
                         }
                         if last {
@@ -661,7 +690,7 @@ impl Center {
                         )));
                     }
                     if last_progress.elapsed() > SILENCE {
-                        self.cancel(vm, host, stream);
+                        self.cancel(vm, host, stream, "the model went silent");
                         return Err(stalled(vm));
                     }
                 }
@@ -672,10 +701,13 @@ impl Center {
                         }
                         code => self.reroute(vm, host, code),
                     }
-                    if last_progress.elapsed() > PATIENCE {
+                    let out_of_reach = unreachable_since.get_or_insert_with(Instant::now).elapsed();
+                    if out_of_reach > PATIENCE {
+                        // If the VM comes back, it must not generate for nobody.
+                        self.cancel(vm, host, stream, "the model is out of reach");
                         return Err(unreachable(vm, &format!("{e:#}")));
                     }
-                    std::thread::sleep(RETRY_PAUSE);
+                    std::thread::sleep(retry_pause(out_of_reach));
                 }
             }
         }
@@ -695,8 +727,8 @@ impl Center {
         }
     }
 
-    /// The client went away: stop the generation and forget the stream.
-    fn cancel(&self, vm: &str, host: &HostRecord, stream: u64) {
+    /// Nobody will read the answer (`why`): stop the generation and forget the stream.
+    fn cancel(&self, vm: &str, host: &HostRecord, stream: u64, why: &str) {
         if let Ok(client) = self.host_client(host) {
             let cancel = ChannelMessage {
                 stream,
@@ -706,7 +738,7 @@ impl Center {
             let _: anyhow::Result<Value> =
                 client.post(&format!("/v1/vms/{vm}/streams/{stream}/signal"), &cancel);
         }
-        tracing::info!(vm, stream, "client went away; generation cancelled");
+        tracing::info!(vm, stream, "generation cancelled: {why}");
         self.release(vm, host, stream);
     }
 
@@ -729,6 +761,13 @@ fn unreachable(vm: &str, what: &str) -> OpenAiError {
         "model_unavailable",
         format!("model '{vm}' could not be reached for {PATIENCE:?}: {what}"),
     )
+}
+
+/// The wait before the next try, `out_of_reach` into trying: a tenth of that, from
+/// [`RETRY_PAUSE`] (a switchover's pause is over within a try or two) to
+/// [`RETRY_PAUSE_MAX`] (a start or a host down is not).
+fn retry_pause(out_of_reach: Duration) -> Duration {
+    (out_of_reach / 10).clamp(RETRY_PAUSE, RETRY_PAUSE_MAX)
 }
 
 /// VM `vm` answered nothing for [`SILENCE`].
@@ -1365,6 +1404,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_request_larger_than_a_channel_slot_is_refused_before_any_host_is_asked() {
+        let scratch = crate::tests::ScratchCenter::open("large-request");
+        let (tx, mut rx) = mpsc::channel(4);
+        let payload = vec![0; serve::MAX_REQUEST_BYTES + 1];
+        scratch.center.relay("v", 9, payload, &tx);
+        let Ok(Relayed::Failed(e)) = rx.try_recv() else {
+            panic!("not refused");
+        };
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.body().to_string().contains("context_length_exceeded"));
+    }
+
+    #[test]
+    fn a_queued_request_long_silent_rides_out_a_switchover() {
+        use std::io::Write;
+        let scratch = crate::tests::ScratchCenter::open("queued-switchover");
+        let done = serve::Event::Done {
+            reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 0,
+        };
+        let finished = serde_json::to_string(&StreamChunk {
+            from: 0,
+            events: vec![ferry_api::StreamEvent {
+                kind: serve::kind::EVENT,
+                payload: done.encode(),
+            }],
+            end: StreamEnd::Final,
+        })
+        .unwrap();
+        // Host b: the request waits in the guest's queue longer than the relay's
+        // patience, then the VM pauses for a switchover once, then the answer comes.
+        let answers = [
+            (
+                "200 OK",
+                r#"{"from":0,"events":[],"end":"open"}"#.to_string(),
+            ),
+            (
+                "503 Service Unavailable",
+                r#"{"error":"VM v is pausing","code":"unavailable"}"#.into(),
+            ),
+            ("200 OK", finished),
+            ("200 OK", "{}".into()),
+        ];
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = host.local_addr().unwrap();
+        let requests = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for ((status, body), stream) in answers.iter().zip(host.incoming()) {
+                let mut stream = stream.unwrap();
+                seen.push(read_request(&mut stream));
+                if seen.len() == 1 {
+                    std::thread::sleep(PATIENCE * 2);
+                }
+                write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        let mut record = scratch.report("b", addr);
+        let (tx, mut rx) = mpsc::channel(4);
+        let read = scratch.center.read_back("v", &mut record, 9, &tx);
+        assert!(read.is_ok(), "{:?}", read.err().map(|e| e.body()));
+        assert!(matches!(rx.try_recv(), Ok(Relayed::Done { .. })));
+        let seen = requests.join().unwrap();
+        assert!(
+            seen[3].starts_with("DELETE /v1/vms/v/streams/9 "),
+            "{seen:?}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stream_waiting_for_its_first_token_starts_and_keeps_its_connection_alive() {
         let (tx, rx) = mpsc::channel(4);
@@ -1451,7 +1566,8 @@ mod tests {
             "model": "m", "prompt": ["Once"], "max_tokens": 8, "temperature": 0.7,
             "top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "n": 1,
             "logit_bias": {}, "seed": null, "logprobs": null, "stream": null,
-            "user": "u", "metadata": {"k": "v"}
+            "user": "u", "metadata": {"k": "v"},
+            "stream_options": {"include_usage": true, "include_obfuscation": false}
         });
         let req: CompletionRequest = parse(&Bytes::from(langchain.to_string()), "prompt").unwrap();
         assert_eq!(req.prompt.into_text().unwrap(), "Once");

@@ -19,6 +19,10 @@ pub mod kind {
     pub const EVENT: u32 = 16;
 }
 
+/// Most bytes an encoded request may have: what the largest channel slot carries.
+pub const MAX_REQUEST_BYTES: usize =
+    (ferry_abi::channel::MAX_SLOT_SIZE - ferry_abi::channel::MESSAGE_HEADER_SIZE) as usize;
+
 /// Version byte at the start of a request.
 const REQUEST_VERSION: u8 = 1;
 
