@@ -114,6 +114,9 @@ struct Stream {
     end: StreamEnd,
     /// Control messages the host sent after the opening request (one is enough: cancel).
     signalled: bool,
+    /// Whether a read returned its last response after it ended: then only a release
+    /// lost on the way is missing, and it goes first when room is needed.
+    read_whole: bool,
 }
 
 impl Stream {
@@ -381,10 +384,16 @@ impl Channel {
             return Err(SubmitError::StreamExists(stream));
         }
         if state.streams.len() >= MAX_STREAMS {
-            let Some(ended) = state.streams.iter().position(|s| s.end != StreamEnd::Open) else {
+            // Room from a stream whose reader has it all, else from the oldest ended one
+            // (its reader may never come: a stream is not kept for ever).
+            let ended = |s: &Stream| s.end != StreamEnd::Open;
+            let Some(gone) = (state.streams.iter())
+                .position(|s| ended(s) && s.read_whole)
+                .or_else(|| state.streams.iter().position(ended))
+            else {
                 return Err(SubmitError::TooManyStreams);
             };
-            state.streams.remove(ended);
+            state.streams.remove(gone);
         }
         state.streams.push(Stream {
             id: stream,
@@ -393,6 +402,7 @@ impl Channel {
             bytes: 0,
             end: StreamEnd::Open,
             signalled: false,
+            read_whole: false,
         });
         state.queued.push_back(Queued {
             stream,
@@ -459,6 +469,7 @@ impl Channel {
             let left = deadline.saturating_duration_since(Instant::now());
             let held = s.first.saturating_add(s.events.len());
             if held > from || s.end != StreamEnd::Open || left.is_zero() || moved {
+                s.read_whole |= s.end != StreamEnd::Open;
                 return Ok(StreamRead {
                     events: s.events.get(from - s.first..).unwrap_or_default().to_vec(),
                     end: s.end,
@@ -932,6 +943,7 @@ mod tests {
             bytes: usize::MAX,
             end: StreamEnd::Open,
             signalled: false,
+            read_whole: false,
         });
         (state.request_head, state.request_tail) = (u64::MAX, u64::MAX);
         state.queued.push_back(Queued {
@@ -1100,6 +1112,34 @@ mod tests {
             channel.submit(1000, message(1, "q")),
             Err(SubmitError::Ended)
         );
+    }
+
+    #[test]
+    fn room_for_a_stream_is_made_from_one_read_whole_before_one_unread() {
+        let (_mem, channel) = guest();
+        let mut state = channel.save();
+        state.streams = (0..MAX_STREAMS as u64)
+            .map(|id| Stream {
+                id,
+                first: 0,
+                events: vec![message(16, "answer")],
+                bytes: 6,
+                end: StreamEnd::Final,
+                signalled: false,
+                read_whole: false,
+            })
+            .collect();
+        let full = Channel::restore(&state);
+        full.open();
+        let read = full.read(10, 0, Duration::ZERO).unwrap();
+        assert_eq!(read.end, StreamEnd::Final);
+        full.submit(1000, message(1, "q")).unwrap();
+        let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
+        assert!(kept.contains(&0) && !kept.contains(&10), "{kept:?}");
+        // None read whole: the oldest ended one goes.
+        full.submit(1001, message(1, "q")).unwrap();
+        let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
+        assert!(!kept.contains(&0) && kept.contains(&1000), "{kept:?}");
     }
 
     #[test]
