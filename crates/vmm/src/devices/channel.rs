@@ -768,6 +768,15 @@ mod tests {
         (mem, channel)
     }
 
+    /// A reader of `stream` from its start, waiting (up to 10 s) for a response.
+    fn waiting_reader(channel: &Channel, stream: u64) -> std::thread::JoinHandle<StreamRead> {
+        let reader = channel.clone();
+        let waiting =
+            std::thread::spawn(move || reader.read(stream, 0, Duration::from_secs(10)).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        waiting
+    }
+
     fn read_header(mem: &GuestRam) -> ChannelHeader {
         mem.read_obj::<HeaderBytes>(GuestAddress(REGION)).unwrap().0
     }
@@ -1012,10 +1021,7 @@ mod tests {
     #[test]
     fn a_malformed_response_does_not_hold_back_the_good_ones_of_its_kick() {
         let (mem, channel) = guest_with_request(1);
-        let reader = channel.clone();
-        let waiting =
-            std::thread::spawn(move || reader.read(1, 0, Duration::from_secs(10)).unwrap());
-        std::thread::sleep(Duration::from_millis(50));
+        let waiting = waiting_reader(&channel, 1);
         respond(&mem, 1, 2, 0, b"good");
         respond(&mem, 1, 2, 0, b"x");
         let h = read_header(&mem);
@@ -1145,10 +1151,7 @@ mod tests {
     #[test]
     fn a_reader_waits_for_the_next_response() {
         let (mem, channel) = guest_with_request(5);
-        let reader = channel.clone();
-        let waiting =
-            std::thread::spawn(move || reader.read(5, 0, Duration::from_secs(10)).unwrap());
-        std::thread::sleep(Duration::from_millis(50));
+        let waiting = waiting_reader(&channel, 5);
         respond(&mem, 5, 2, 0, b"tok");
         channel.kick(&mem, 0);
         let read = waiting.join().unwrap();
