@@ -70,9 +70,18 @@ pub trait Store: Send + Sync {
 /// Errors of the database.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite failed.
+    /// SQLite failed (not a `#[source]`: its message is already in this one, and a
+    /// chain would print it twice).
     #[error("center database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// The database file's folder is missing and could not be created.
+    #[error("cannot create the center database's folder {folder}: {error}")]
+    Folder {
+        /// The folder.
+        folder: String,
+        /// Why.
+        error: std::io::Error,
+    },
     /// A stored record could not be read back.
     #[error("center database: a stored {what} is unreadable: {error}")]
     Corrupt {
@@ -87,6 +96,12 @@ pub enum StoreError {
     /// This center is not (or no longer) the leader: its writes are refused.
     #[error("this center replica is not (or no longer) the leader; only the leader writes, and this write was refused")]
     NotLeader,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sqlite(error)
+    }
 }
 
 /// Schema version kept in `PRAGMA user_version` (2 added operations).
@@ -145,8 +160,15 @@ fn encode<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl SqliteStore {
-    /// Opens (or creates) the database at `path`; `:memory:` keeps it in memory.
+    /// Opens (or creates, with its folder) the database at `path`; `:memory:` keeps it
+    /// in memory.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(folder) = path.parent().filter(|f| !f.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(|error| StoreError::Folder {
+                folder: folder.display().to_string(),
+                error,
+            })?;
+        }
         let db = Connection::open(path)?;
         // WAL: heartbeats write often; readers never wait for them.
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -714,5 +736,28 @@ mod tests {
         let left = store.events(1000).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].at_ms, now);
+    }
+
+    #[test]
+    fn sqlite_creates_the_missing_folders_of_its_file() {
+        let scratch = ferry_testdata::scratch_dir("store-folder");
+        let path = scratch.join("var/lib/ferry/center.db");
+        SqliteStore::open(&path).unwrap();
+        assert!(path.is_file());
+
+        // A folder that cannot be made is named once in the error.
+        let blocked = scratch.join("file");
+        std::fs::write(&blocked, b"").unwrap();
+        let error = SqliteStore::open(&blocked.join("center.db"))
+            .err()
+            .expect("a file in the way of the folder")
+            .to_string();
+        let folder = blocked.display().to_string();
+        assert!(
+            error.starts_with("cannot create the center database's folder"),
+            "{error}"
+        );
+        assert_eq!(error.matches(&folder).count(), 1, "{error}");
+        std::fs::remove_dir_all(&scratch).unwrap();
     }
 }
