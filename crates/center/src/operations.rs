@@ -497,15 +497,17 @@ impl Center {
         let outcome = (|| {
             let (source, dest) = self.move_hosts(&m)?;
             let src = self.host_client(&source).map_err(|e| e.to_string())?;
-            // Only the source's "no such migration" means none: an unreachable source
-            // is asked again, as a running migration is polled.
+            // Only the source's "no such VM" (404) or "no migration of it" (409
+            // `wrong_state`) means none: an unreachable source is asked again, as a
+            // running migration is polled.
             let path = format!("/v1/vms/{}/migration", record.vm);
             let since = Instant::now();
             let asked = loop {
                 match src.get::<MigrationStatus>(&path) {
                     Err(e)
-                        if e.downcast_ref::<ferry_client::ApiError>()
-                            .is_none_or(|a| a.status != 404) =>
+                        if e.downcast_ref::<ferry_client::ApiError>().is_none_or(|a| {
+                            a.status != 404 && a.code.as_deref() != Some("wrong_state")
+                        }) =>
                     {
                         if since.elapsed() > LOST_CONTACT {
                             return Err(format!(

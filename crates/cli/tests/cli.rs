@@ -154,6 +154,28 @@ fn guest_exit_code_and_faults_reach_the_shell() {
     assert_says(&out.stderr, "#UD invalid opcode (vector 6");
 }
 
+#[test]
+fn resolving_a_vm_that_never_migrated_is_a_conflict_not_a_missing_vm() {
+    ferry_testdata::require_kvm!(kvm_available);
+    let host = common::Daemon::start("a");
+    let id = host.create("hello", "0", "");
+    for resolve in [
+        &["vm", "resolve", &id][..],
+        &["vm", "resolve", &id, "--release"],
+    ] {
+        let out = host.ferry(&[resolve, &["--host", &host.api]].concat());
+        assert_eq!(out.status.code(), Some(1), "{resolve:?}");
+        let err = text(&out.stderr);
+        assert!(!err.contains("no VM with id"), "{resolve:?}: {err}");
+        assert!(err.contains("(HTTP 409)"), "{resolve:?}: {err}");
+    }
+    let out = host.ferry(&["vm", "resolve", &id, "--host", &host.api]);
+    assert_says(
+        &out.stderr,
+        &format!("VM {id} has no migration from this host to show or resolve"),
+    );
+}
+
 fn checksum(out: &Output) -> String {
     let stdout = text(&out.stdout);
     stdout

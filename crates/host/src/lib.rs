@@ -877,11 +877,14 @@ impl Host {
             .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))
     }
 
-    /// The last migration of VM `id` from this host.
+    /// The last migration of VM `id` from this host; a VM that never left is a conflict,
+    /// not a missing VM.
     pub fn migration(&self, id: &str) -> Result<MigrationStatus, HostError> {
-        self.get(id)?
-            .migration()
-            .ok_or_else(|| HostError::NotFound(format!("{id} (no migration recorded)")))
+        self.get(id)?.migration().ok_or_else(|| {
+            HostError::Conflict(format!(
+                "VM {id} has no migration from this host to show or resolve"
+            ))
+        })
     }
 
     /// Receives migrations on `listener` (runs forever on its own thread).
