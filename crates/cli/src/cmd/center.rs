@@ -144,7 +144,8 @@ until the spread is within the threshold or no move narrows it. Every move is a 
 migration, verified on the destination.";
 
 const API_HELP: &str = "\
-API (operators send 'Authorization: Bearer <center token>'; errors are {\"error\": \"...\"}):
+API (operators send 'Authorization: Bearer <center token>'; errors are
+{\"error\": \"...\", \"code\": \"...\"}, on the OpenAI routes in OpenAI's shape):
   GET    /                             the dashboard (asks for the token)
   GET    /v1/cluster?vms=N             hosts, VMs (at most N, default 1000, those needing
                                        attention first), migrations, operations, events,
@@ -162,6 +163,10 @@ API (operators send 'Authorization: Bearer <center token>'; errors are {\"error\
   POST   /v1/balance                   {\"dry_run\": false} carries it out
   GET    /v1/events?n=100              recent events
   GET    /metrics                      Prometheus metrics (same token)
+  GET    /v1/models, /v1/models/MODEL  the serving VMs, as OpenAI's API lists models
+  POST   /v1/chat/completions          OpenAI's chat completions, relayed to the VM
+                                       serving \"model\" wherever it runs (\"stream\": true: SSE)
+  POST   /v1/completions               OpenAI's completions, likewise
   POST   /v1/heartbeat                 hosts only, with the heartbeat key derived from the secret
   POST   /v1/settle                    hosts only (same key): relays an in-doubt question
 

@@ -64,7 +64,7 @@ enum HostCommand {
 const API_HELP: &str = "\
 API (every request needs 'Authorization: Bearer <token>': an operator's token from
 --api-tokens, or the host-API key `ferry` derives from the cluster secret; the secret itself
-is never accepted; errors are {\"error\": \"...\"}):
+is never accepted; errors are {\"error\": \"...\", \"code\": \"...\"}):
   GET    /v1/host                 name, migration address, memory capacity and use
   GET    /v1/vms                  every VM
   POST   /v1/vms                  create and start: {\"workload\": \"mlp-train\", \"args\": [...],
@@ -78,10 +78,16 @@ is never accepted; errors are {\"error\": \"...\"}):
                                   \"throttle\": true, \"allow_longer_pause\": false,
                                   \"files\": \"reuse\"|\"send\"|\"require\"}
   GET    /v1/vms/ID/migration     state (running, succeeded, failed, cancelled, in-doubt),
-                                  progress, then the report or the error
+                                  progress, then the report or the error (409 if the
+                                  VM never migrated from here)
   DELETE /v1/vms/ID/migration     cancel it (up to the moment the destination runs the VM)
   POST   /v1/vms/ID/resolve       settle an in-doubt VM by hand: {\"action\": \"resume\"|\"release\"}
   POST   /v1/settle/SESSION       whether the VM of a migration received here runs here
+  POST   /v1/vms/ID/streams       queue a request on the VM's message channel:
+                                  {\"stream\": N, \"kind\": K, \"payload\": \"base64\"}
+  GET    /v1/vms/ID/streams/N?from=K&wait_ms=W  the stream's responses from index K on
+  POST   /v1/vms/ID/streams/N/signal  a control message (a cancel) for an open stream
+  DELETE /v1/vms/ID/streams/N     forget a stream whose responses were read
 
 Example:
   export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
@@ -123,9 +129,10 @@ pub struct ServeArgs {
     /// Time between heartbeats to the center.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub heartbeat_ms: u64,
-    /// Address the center and other hosts reach this host at (default: the --listen
-    /// address's IP; set it when listening on 0.0.0.0).
-    #[arg(long, value_name = "HOST")]
+    /// Address the center and other hosts reach this host at, without a port (the ports
+    /// are --listen's and --migration-listen's; default: the --listen address's IP; set it
+    /// when listening on 0.0.0.0).
+    #[arg(long, value_name = "IP_OR_NAME", value_parser = parse_advertise)]
     pub advertise: Option<String>,
     /// Accelerator threads per VM (default: all cores).
     #[arg(long, value_name = "N")]
@@ -193,6 +200,28 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.host.shutdown();
     }
+}
+
+/// `--advertise`: an IP address or a host name, without a port. An IPv6 address comes
+/// back in brackets, ready to have `:PORT` appended.
+fn parse_advertise(value: &str) -> Result<String, String> {
+    let unbracketed = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    if let Ok(ip) = unbracketed.parse::<std::net::Ipv6Addr>() {
+        return Ok(format!("[{ip}]"));
+    }
+    if value.contains(':') {
+        return Err(format!(
+            "give an IP address or host name without a port or scheme (not '{value}'): \
+             the ports are those of --listen and --migration-listen"
+        ));
+    }
+    if value.is_empty() || value.contains(['/', '[', ']']) || value.contains(char::is_whitespace) {
+        return Err(format!("'{value}' is not an IP address or host name"));
+    }
+    Ok(value.to_string())
 }
 
 impl Daemon {
@@ -388,6 +417,32 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
             runtime.block_on(super::shutdown_signal());
             tracing::info!("shutting down: stopping the VMs, then the migration port");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_advertise;
+
+    #[test]
+    fn advertise_takes_an_address_without_a_port() {
+        assert_eq!(parse_advertise("10.0.0.11").unwrap(), "10.0.0.11");
+        assert_eq!(parse_advertise("host-a.example").unwrap(), "host-a.example");
+        // IPv6 comes back bracketed, so that `:PORT` can follow.
+        assert_eq!(parse_advertise("fd00::11").unwrap(), "[fd00::11]");
+        assert_eq!(parse_advertise("[fd00::11]").unwrap(), "[fd00::11]");
+        for with_port in [
+            "127.0.0.1:27096",
+            "[fd00::11]:7070",
+            "host-a:7070",
+            "http://host-a",
+        ] {
+            let error = parse_advertise(with_port).unwrap_err();
+            assert!(error.contains("without a port"), "{with_port}: {error}");
+        }
+        for bad in ["", "host a", "a/b"] {
+            assert!(parse_advertise(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -38,8 +38,10 @@ pub struct MigrateArgs {
     /// everything, resume on the destination.
     #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
     pub mode: String,
-    /// The longest pause allowed: a ceiling, not the aim (pre-copy takes a few more
-    /// rounds while each shrinks the pause further).
+    /// The pause target: pre-copy switches over once the predicted pause is within it
+    /// (after a few more rounds while each shrinks it further). The pause itself may
+    /// run longer; only a switchover not done within the target plus 1 s is abandoned
+    /// (the VM then runs on at the source).
     #[arg(long, value_name = "MS", default_value_t = 50)]
     pub downtime_ms: u64,
     /// Parallel TCP data streams.
