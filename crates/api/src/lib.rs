@@ -147,7 +147,7 @@ pub struct VmInfo {
     /// Share of the last second the accelerator spent executing commands (0 to 1).
     #[serde(default)]
     pub accel_load: f64,
-    /// Time on this host, ms.
+    /// Time on this host, ms (for a VM that ended here or left, until then).
     pub uptime_ms: u64,
     /// Milliseconds since the epoch when it arrived on this host.
     pub since_unix_ms: u64,

@@ -217,7 +217,12 @@ impl HostedVm {
             accel_memory: self.config.accel_memory,
             accel_backend: self.accel_backend.clone(),
             accel_load: self.accel_load(),
-            uptime_ms: self.arrived.elapsed().as_millis() as u64,
+            // The clock stops when its life here ends (exited, stopped, migrated away).
+            uptime_ms: self
+                .ended_at()
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(self.arrived)
+                .as_millis() as u64,
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
             files: self.files.clone(),
