@@ -111,51 +111,58 @@ impl ChatTemplate {
     /// The prompt text of `messages`, ending with the assistant's header when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message<'_>], add_generation_prompt: bool) -> String {
-        let mut s = String::new();
+        self.render_marked(messages, add_generation_prompt).text
+    }
+
+    /// [`ChatTemplate::render`], with where the messages' contents lie in the text: a
+    /// server tokenizes them as text only ([`Tokenizer::encode_marked`]), so that a
+    /// message cannot close its turn or open another with the template's markup.
+    ///
+    /// [`Tokenizer::encode_marked`]: crate::Tokenizer::encode_marked
+    pub fn render_marked(
+        &self,
+        messages: &[Message<'_>],
+        add_generation_prompt: bool,
+    ) -> RenderedPrompt {
+        let mut r = RenderedPrompt::default();
         match self {
             ChatTemplate::ChatMl { default_system } => {
                 if let (Some(first), Some(sys)) = (messages.first(), default_system) {
                     if first.role != "system" {
-                        push_all(&mut s, &["<|im_start|>system\n", sys, "<|im_end|>\n"]);
+                        r.markup(&["<|im_start|>system\n", sys, "<|im_end|>\n"]);
                     }
                 }
                 for m in messages {
-                    push_all(
-                        &mut s,
-                        &["<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n"],
-                    );
+                    r.markup(&["<|im_start|>", m.role, "\n"]);
+                    r.content(m.content);
+                    r.markup(&["<|im_end|>\n"]);
                 }
                 if add_generation_prompt {
-                    s.push_str("<|im_start|>assistant\n");
+                    r.markup(&["<|im_start|>assistant\n"]);
                 }
             }
             ChatTemplate::Llama3 => {
                 for m in messages {
-                    push_all(
-                        &mut s,
-                        &[
-                            "<|start_header_id|>",
-                            m.role,
-                            "<|end_header_id|>\n\n",
-                            m.content.trim(),
-                            "<|eot_id|>",
-                        ],
-                    );
+                    r.markup(&["<|start_header_id|>", m.role, "<|end_header_id|>\n\n"]);
+                    r.content(m.content.trim());
+                    r.markup(&["<|eot_id|>"]);
                 }
                 if add_generation_prompt {
-                    s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+                    r.markup(&["<|start_header_id|>assistant<|end_header_id|>\n\n"]);
                 }
             }
             ChatTemplate::Zephyr { end } => {
                 for m in messages {
-                    push_all(&mut s, &["<|", m.role, "|>\n", m.content, end, "\n"]);
+                    r.markup(&["<|", m.role, "|>\n"]);
+                    r.content(m.content);
+                    r.markup(&[end, "\n"]);
                 }
                 if add_generation_prompt {
-                    s.push_str("<|assistant|>\n");
+                    r.markup(&["<|assistant|>\n"]);
                 }
             }
         }
-        s
+        r
     }
 
     /// The texts of the tokens that end an assistant turn.
@@ -189,9 +196,28 @@ impl ChatTemplate {
     }
 }
 
-fn push_all(s: &mut String, parts: &[&str]) {
-    for p in parts {
-        s.push_str(p);
+/// A rendered prompt and the byte ranges of it that are messages' contents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderedPrompt {
+    /// The whole prompt.
+    pub text: String,
+    /// Where the contents are, in order.
+    pub contents: Vec<core::ops::Range<usize>>,
+}
+
+impl RenderedPrompt {
+    /// Appends the template's own text.
+    fn markup(&mut self, parts: &[&str]) {
+        for p in parts {
+            self.text.push_str(p);
+        }
+    }
+
+    /// Appends a message's content.
+    fn content(&mut self, content: &str) {
+        let start = self.text.len();
+        self.text.push_str(content);
+        self.contents.push(start..self.text.len());
     }
 }
 

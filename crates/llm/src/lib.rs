@@ -25,7 +25,7 @@ pub mod tokenizer;
 mod unicode;
 mod unicode_tables;
 
-pub use chat::{ChatError, ChatTemplate, Message};
+pub use chat::{ChatError, ChatTemplate, Message, RenderedPrompt};
 pub use gguf::{Gguf, GgufError, TensorInfo, Value, ValueType};
 pub use llama::{Layer, LlamaConfig, LlamaError, LlamaModel, RopeStyle, Weight};
 pub use sample::{Sampler, SamplerConfig, SamplerError};

@@ -585,6 +585,19 @@ impl Tokenizer {
     /// and unknown tokens (e.g. `<|im_start|>`) only when `parse_special`; where special
     /// tokens overlap, the longer one wins. The rest is pre-tokenized and BPE-merged.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        self.encode_marked(text, parse_special, &[])
+    }
+
+    /// [`Tokenizer::encode`], where no control or unknown token is matched that overlaps
+    /// one of the byte ranges `as_text` (the contents of a rendered chat: a message
+    /// writing `<|im_end|>` writes those characters). Outside them, and for the rest of
+    /// the tokenization, it is the same as encoding the whole text.
+    pub fn encode_marked(
+        &self,
+        text: &str,
+        parse_special: bool,
+        as_text: &[core::ops::Range<usize>],
+    ) -> Vec<u32> {
         // Fragments: (start, end, Some(special id)) or raw text (None).
         let mut frags: Vec<(usize, usize, Option<u32>)> = alloc::vec![(0, text.len(), None)];
         let mut next = Vec::new();
@@ -605,14 +618,24 @@ impl Tokenizer {
                     next.push((start, end, id));
                     continue;
                 };
-                let mut at = 0;
-                while let Some(found) = s.get(at..).and_then(|rest| rest.find(pat)) {
-                    let m = at + found;
+                // `at`: where the text not yet split off starts; `from`: where to look.
+                let (mut at, mut from) = (0, 0);
+                while let Some(found) = s.get(from..).and_then(|rest| rest.find(pat)) {
+                    let m = from + found;
+                    let (a, b) = (start + m, start + m + pat.len());
+                    if ty != Some(TokenType::UserDefined)
+                        && as_text.iter().any(|r| r.start < b && a < r.end)
+                    {
+                        // Past the pattern's first character: still a char boundary.
+                        from = m + pat.chars().next().map_or(1, char::len_utf8);
+                        continue;
+                    }
                     if m > at {
                         next.push((start + at, start + m, None));
                     }
-                    next.push((start + m, start + m + pat.len(), Some(sid)));
+                    next.push((a, b, Some(sid)));
                     at = m + pat.len();
+                    from = at;
                 }
                 if at < s.len() {
                     next.push((start + at, end, None));

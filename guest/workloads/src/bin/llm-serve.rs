@@ -19,7 +19,9 @@ use alloc::vec::Vec;
 use ferry_llm::serve::{
     kind, Event, FinishReason, PromptKind, RefusalCode, Request, StopFilter, NO_TOKEN,
 };
-use ferry_llm::{ChatTemplate, Message, Sampler, SamplerConfig, Tokenizer, Utf8Stream};
+use ferry_llm::{
+    ChatTemplate, Message, RenderedPrompt, Sampler, SamplerConfig, Tokenizer, Utf8Stream,
+};
 use ferry_sdk::channel::{Channel, Geometry};
 use ferry_sdk::files;
 use ferry_sdk::{println, ArgError, Args};
@@ -434,13 +436,15 @@ fn done(reason: FinishReason, prompt: usize, completion: usize) -> Event {
 impl Text {
     /// The request's prompt tokens and stop tokens, or why it cannot be served.
     fn prompt(&self, r: &Request) -> Result<(Vec<u32>, Vec<u32>), (RefusalCode, String)> {
-        let (text, stops) = match r.prompt {
+        // A raw prompt is the client's own markup; a chat's contents are text only.
+        let (rendered, stops) = match r.prompt {
             PromptKind::Raw => {
                 let raw = r.messages.first().map_or("", |(_, c)| c.as_str());
-                (
-                    String::from(raw),
-                    self.tokenizer.eos().into_iter().collect(),
-                )
+                let rendered = RenderedPrompt {
+                    text: String::from(raw),
+                    contents: Vec::new(),
+                };
+                (rendered, self.tokenizer.eos().into_iter().collect())
             }
             PromptKind::Chat => {
                 let Some(template) = &self.template else {
@@ -458,7 +462,7 @@ impl Text {
                     })
                     .collect();
                 (
-                    template.render(&messages, true),
+                    template.render_marked(&messages, true),
                     template.stop_tokens(&self.tokenizer),
                 )
             }
@@ -467,7 +471,10 @@ impl Text {
         if self.tokenizer.add_bos() {
             prompt.extend(self.tokenizer.bos());
         }
-        prompt.extend(self.tokenizer.encode(&text, true));
+        prompt.extend(
+            self.tokenizer
+                .encode_marked(&rendered.text, true, &rendered.contents),
+        );
         if prompt.is_empty() {
             return Err((RefusalCode::InvalidRequest, "the prompt is empty".into()));
         }
