@@ -551,9 +551,8 @@ impl Center {
     fn relay(&self, vm: &str, stream: u64, payload: Vec<u8>, tx: &mpsc::Sender<Relayed>) {
         // Refused here, not by the host's body limit as a 502 that clients retry.
         if payload.len() > serve::MAX_REQUEST_BYTES {
-            let e = OpenAiError::new(
-                StatusCode::BAD_REQUEST,
-                "context_length_exceeded",
+            let e = refusal(
+                RefusalCode::ContextLength,
                 format!(
                     "the request is {} bytes encoded; model '{vm}' takes at most {}",
                     payload.len(),
@@ -617,9 +616,8 @@ impl Center {
                     ))
                 }
                 Some("too_large") => {
-                    return Err(OpenAiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "context_length_exceeded",
+                    return Err(refusal(
+                        RefusalCode::ContextLength,
                         format!("the request is too large for model '{vm}'"),
                     ))
                 }
