@@ -833,15 +833,14 @@ impl Core {
                 device_status::RING_INVALID
             };
             let _ = self.ring.publish_device_status(&self.mem, code);
-            if !sane && !self.ring_invalid_warned {
-                self.ring_invalid_warned = true;
+            if !sane && std::mem::replace(&mut self.ring_invalid_warned, true) {
+                tracing::debug!(head, tail = self.tail, "guest accelerator ring invalid");
+            } else if !sane {
                 tracing::warn!(
                     head,
                     tail = self.tail,
                     "guest accelerator ring indices are inconsistent; ring ignored (said once; the device status tells each time)"
                 );
-            } else if !sane {
-                tracing::debug!(head, tail = self.tail, "guest accelerator ring invalid");
             }
         }
         if !sane || head == self.tail {
