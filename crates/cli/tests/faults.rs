@@ -131,14 +131,17 @@ impl Proxy {
         }
     }
 
+    /// Shuts both sockets of every connection open now.
+    fn shut_all(state: &ProxyState) {
+        for (a, b) in state.conns.lock().unwrap().iter() {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+
     fn strike(state: &ProxyState, action: Action, act: &dyn Fn(Action)) {
         match action {
-            Action::Cut => {
-                for (a, b) in state.conns.lock().unwrap().iter() {
-                    let _ = a.shutdown(Shutdown::Both);
-                    let _ = b.shutdown(Shutdown::Both);
-                }
-            }
+            Action::Cut => Self::shut_all(state),
             Action::Blackhole => {
                 let n = state.conns.lock().unwrap().len();
                 state.blackholed_below.store(n, Ordering::SeqCst);
@@ -146,6 +149,11 @@ impl Proxy {
             Action::Corrupt => {}
             Action::KillDestination => {
                 state.refusing.store(true, Ordering::SeqCst);
+                // A dead daemon's kernel resets its connections, so the source learns at
+                // once. Passed on before the kill: a proxy still reading would let the rest
+                // of a small round 0 fit into its buffers, and the source would first hear
+                // of the death in round 1.
+                Self::shut_all(state);
                 act(action);
             }
             other => act(other),
@@ -156,10 +164,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::SeqCst);
-        for (a, b) in self.state.conns.lock().unwrap().iter() {
-            let _ = a.shutdown(Shutdown::Both);
-            let _ = b.shutdown(Shutdown::Both);
-        }
+        Self::shut_all(&self.state);
     }
 }
 
