@@ -1336,8 +1336,16 @@ impl DeviceReplay {
                 Ok(true)
             }
             // Never written since the boundary, and it cannot be while the capture lock
-            // is held: the device preserves a chunk under it before writing.
-            Ok(None) => Ok(self.shared.tracker.read_chunk(chunk, out).is_some()),
+            // is held: the device preserves a chunk under it before writing. A read that
+            // fails all the same is an error, so the base is known lost at once rather
+            // than at the switchover's digest.
+            Ok(None) => match self.shared.tracker.read_chunk(chunk, out) {
+                Some(_) => Ok(true),
+                None => Err(CaptureError::BaseUnreadable {
+                    buffer: chunk.buffer,
+                    index: chunk.index,
+                }),
+            },
         }
     }
 

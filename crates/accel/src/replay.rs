@@ -66,6 +66,15 @@ pub enum CaptureError {
         /// The bound.
         limit: u64,
     },
+    /// A base chunk that was never written since the boundary could not be read from
+    /// the backend.
+    #[error("base chunk {index} of buffer {buffer} could not be read from the device")]
+    BaseUnreadable {
+        /// Its buffer.
+        buffer: u32,
+        /// Its index in the buffer.
+        index: u64,
+    },
 }
 
 /// A running capture: the base chunks not yet read, the preserved ones, and the log.
