@@ -1373,6 +1373,22 @@ impl DeviceReplay {
         capture.map(|c| c.report())
     }
 
+    /// About how long [`digest`](Self::digest) would take now: the bytes of the buffers
+    /// not hashed since they were last written, at this machine's hashing rate. A
+    /// source's digest runs in the switchover's pause, so the pause's prediction counts
+    /// it. (A backend whose memory is not the host's copies it out first: slower.)
+    pub fn digest_estimate(&self) -> Duration {
+        let unhashed: u64 = {
+            let map = self.shared.tracker.map();
+            map.table()
+                .iter()
+                .filter(|b| !map.digests.contains_key(&b.id))
+                .map(|b| b.bytes)
+                .sum()
+        };
+        Duration::from_secs_f64(unhashed as f64 / hashing_rate())
+    }
+
     /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
     /// device must be paused. It runs in a switchover's pause, so each buffer is hashed
     /// where it lies (no copy), in parts on every core, and the parts' CRCs combined.
@@ -1399,6 +1415,18 @@ impl DeviceReplay {
                 .collect(),
         )
     }
+}
+
+/// Bytes a second [`crate::backend::crc32_on_every_core`] hashes on this machine,
+/// measured once (on 64 MiB, about 10 ms).
+fn hashing_rate() -> f64 {
+    static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *RATE.get_or_init(|| {
+        let bytes: Vec<u8> = (0..64u32 << 20).map(|i| (i >> 12) as u8).collect();
+        let started = Instant::now();
+        std::hint::black_box(crate::backend::crc32_on_every_core(&bytes));
+        bytes.len() as f64 / started.elapsed().as_secs_f64().max(1e-6)
+    })
 }
 
 /// Byte range of chunk `index` in a buffer of `bytes` bytes, if it has that chunk.

@@ -256,41 +256,45 @@ pub trait BufferReader: Send + Sync {
     /// Hashed where the bytes lie, in parts on every core (the parts' CRCs combined);
     /// backends whose memory is not the host's copy it out in pieces instead.
     fn crc32(&self, id: BufferId) -> Option<u32> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut crc = crc32fast::Hasher::new();
-        let found = self.with_buffer(id, &mut |bytes| {
-            let part = bytes.len().div_ceil(threads).max(CRC_PART);
-            if bytes.len() <= part {
-                crc.update(bytes);
-                return;
-            }
-            let parts: Vec<crc32fast::Hasher> = std::thread::scope(|scope| {
-                let hashing: Vec<_> = bytes
-                    .chunks(part)
-                    .map(|p| {
-                        scope.spawn(move || {
-                            let mut h = crc32fast::Hasher::new();
-                            h.update(p);
-                            h
-                        })
-                    })
-                    .collect();
-                hashing
-                    .into_iter()
-                    .map(|h| h.join().expect("hashing a part of a buffer"))
-                    .collect()
-            });
-            for p in &parts {
-                crc.combine(p);
-            }
-        });
-        found.then(|| crc.finalize())
+        let mut crc = None;
+        let found = self.with_buffer(id, &mut |bytes| crc = Some(crc32_on_every_core(bytes)));
+        crc.filter(|_| found)
     }
 }
 
 /// The least of a buffer one thread hashes for [`BufferReader::crc32`] (smaller buffers
 /// are hashed by one thread: a thread costs more than hashing them).
 const CRC_PART: usize = 4 << 20;
+
+/// The CRC-32 of `bytes`, hashed in parts on every core and the parts' CRCs combined.
+pub(crate) fn crc32_on_every_core(bytes: &[u8]) -> u32 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let part = bytes.len().div_ceil(threads).max(CRC_PART);
+    if bytes.len() <= part {
+        return crc32fast::hash(bytes);
+    }
+    let parts: Vec<crc32fast::Hasher> = std::thread::scope(|scope| {
+        let hashing: Vec<_> = bytes
+            .chunks(part)
+            .map(|p| {
+                scope.spawn(move || {
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(p);
+                    h
+                })
+            })
+            .collect();
+        hashing
+            .into_iter()
+            .map(|h| h.join().expect("hashing a part of a buffer"))
+            .collect()
+    });
+    let mut crc = crc32fast::Hasher::new();
+    for p in &parts {
+        crc.combine(p);
+    }
+    crc.finalize()
+}
 
 /// Deterministic data for the conformance check and the tests (splitmix64): a seed gives
 /// the same values on every host.
