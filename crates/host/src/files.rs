@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ferry_migrate::vm::valid_sha256;
 use ferry_migrate::FileOffer;
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::migration::file_info;
@@ -29,14 +30,6 @@ pub struct IncomingFile {
     info: FileInfo,
     part: PathBuf,
     file: File,
-}
-
-/// Whether `sha` is a SHA-256 in lowercase hex (it becomes part of a file name).
-fn valid_sha256(sha: &str) -> bool {
-    sha.len() == 64
-        && sha
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Bytes free for an unprivileged writer in the file system holding `dir`.

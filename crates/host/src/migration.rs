@@ -162,6 +162,12 @@ impl VmContents for VmSource {
         }
     }
 
+    fn check_files(&self) -> Result<(), VmError> {
+        self.files
+            .check_unchanged()
+            .map_err(|e| VmError::CheckFiles(e.into()))
+    }
+
     fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
         let failed = |source: Cause| VmError::ReadFile {
             file,

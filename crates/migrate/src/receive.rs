@@ -10,6 +10,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use ferry_abi::file::{valid_name, MAX_FILES};
 use serde::Serialize;
 
 use crate::auth::{authenticate_stream_listener, Secret};
@@ -20,7 +21,8 @@ use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
 use crate::vm::{
-    error_chain, DeviceBuffer, FileTransfer, MigrationTarget, VmDescription, VmError, PAGE_SIZE,
+    error_chain, valid_sha256, ChunkOrigin, DeviceBuffer, FileTransfer, MigrationTarget,
+    VmDescription, VmError, PAGE_SIZE,
 };
 use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
 use crate::MigrationError;
@@ -38,8 +40,6 @@ const MAX_RAM: u64 = 1 << 40;
 /// Most bytes of device commands one round may carry (twice the source's default log
 /// bound): what a destination keeps before replaying them.
 pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
-/// Most attached files accepted in an offer (a guest can see 63).
-const MAX_OFFERED_FILES: usize = 64;
 
 /// The host's side of receiving: make a paused VM for an offer, adopt it when it runs.
 pub trait TargetFactory: Send + Sync + 'static {
@@ -448,7 +448,7 @@ fn apply_stream<T: MigrationTarget>(
     index: usize,
     mut reader: Conn,
     target: &T,
-    ram_size: u64,
+    vm: &VmDescription,
     inbound: &Inbound,
 ) -> u64 {
     let _fail_on_panic = FailOnPanic { index, inbound };
@@ -482,7 +482,7 @@ fn apply_stream<T: MigrationTarget>(
                         .write_file(file, offset, data)
                         .map_err(MigrationError::Target)
                 }),
-            other => apply_data(target, other, ram_size),
+            other => apply_data(target, other, vm),
         };
         if let Err(e) = applied {
             inbound.fail(index, e);
@@ -495,13 +495,38 @@ fn apply_stream<T: MigrationTarget>(
     }
 }
 
-/// Applies a frame of RAM or device memory to `target`, checked against the VM's
-/// `ram_size` first; anything else (a file piece, a control message) is out of place.
+/// Refuses chunk origin `origin` of `len` bytes unless it lies inside a file `vm` offers:
+/// the destination records it, and reads that file there for the VM's next migration.
+fn check_origin(vm: &VmDescription, origin: ChunkOrigin, len: u64) -> Result<(), MigrationError> {
+    let Some(file) = vm.files.get(origin.file as usize) else {
+        return Err(MigrationError::BrokenSequence(format!(
+            "a chunk origin in attached file {}, but {} were offered",
+            origin.file,
+            vm.files.len()
+        )));
+    };
+    if origin
+        .offset
+        .checked_add(len)
+        .is_none_or(|end| end > file.size)
+    {
+        return Err(MigrationError::BrokenSequence(format!(
+            "a chunk origin of bytes {}..+{len} is outside attached file {} ({} bytes)",
+            origin.offset, origin.file, file.size
+        )));
+    }
+    Ok(())
+}
+
+/// Applies a frame of RAM or device memory to `target`, checked against the VM `vm`
+/// offered first (its RAM size, its files); anything else (a file piece, a control
+/// message) is out of place.
 pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
     target: &T,
     frame: Frame<'_>,
-    ram_size: u64,
+    vm: &VmDescription,
 ) -> Result<(), MigrationError> {
+    let ram_size = vm.ram_size;
     match frame {
         Frame::Ram { gpa, pages, data } => {
             let end = gpa.checked_add(pages * PAGE_SIZE);
@@ -523,7 +548,10 @@ pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
         } => {
             let data = data.unwrap_or(&ZERO_RUN[..len as usize]);
             match origin {
-                Some(origin) => target.write_chunk_with_origin(key, data, origin),
+                Some(origin) => {
+                    check_origin(vm, origin, len)?;
+                    target.write_chunk_with_origin(key, data, origin)
+                }
                 None => target.write_chunk(key, data),
             }
             .map_err(MigrationError::Target)
@@ -531,9 +559,12 @@ pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
         Frame::ChunkPart { key, offset, data } => target
             .write_chunk_part(key, offset, data)
             .map_err(MigrationError::Target),
-        Frame::FileChunk { key, len, origin } => target
-            .write_chunk_from_file(key, len, origin)
-            .map_err(MigrationError::Target),
+        Frame::FileChunk { key, len, origin } => {
+            check_origin(vm, origin, len)?;
+            target
+                .write_chunk_from_file(key, len, origin)
+                .map_err(MigrationError::Target)
+        }
         Frame::File { .. } => Err(MigrationError::BrokenSequence(
             "a piece of an attached file where none was asked for".into(),
         )),
@@ -557,11 +588,29 @@ pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), Stri
     if vm.ram_size == 0 || !vm.ram_size.is_multiple_of(PAGE_SIZE) || vm.ram_size > MAX_RAM {
         return Err(format!("guest RAM of {} bytes", vm.ram_size));
     }
-    if vm.files.len() > MAX_OFFERED_FILES {
+    // The VM could not take these files: refused now, not after the whole transfer.
+    if vm.files.len() > MAX_FILES {
         return Err(format!(
-            "{} attached files (at most {MAX_OFFERED_FILES})",
+            "{} attached files (at most {MAX_FILES})",
             vm.files.len()
         ));
+    }
+    for (i, f) in vm.files.iter().enumerate() {
+        if !valid_name(&f.name) {
+            return Err(format!(
+                "attached file {i} has an invalid name {:?}",
+                f.name
+            ));
+        }
+        if vm.files[..i].iter().any(|o| o.name == f.name) {
+            return Err(format!("two attached files are named '{}'", f.name));
+        }
+        if !valid_sha256(&f.sha256) {
+            return Err(format!(
+                "attached file '{}' has an invalid sha256 {:?} (64 lowercase hex digits)",
+                f.name, f.sha256
+            ));
+        }
     }
     Ok(())
 }
@@ -772,8 +821,8 @@ fn receive_session<F: TargetFactory>(
             .into_iter()
             .enumerate()
             .map(|(i, reader)| {
-                let (target, inbound) = (&target, &inbound);
-                scope.spawn(move || apply_stream(i, reader, target, vm.ram_size, inbound))
+                let (target, vm, inbound) = (&target, &vm, &inbound);
+                scope.spawn(move || apply_stream(i, reader, target, vm, inbound))
             })
             .collect();
         let result = control_loop(

@@ -1167,6 +1167,9 @@ pub fn migrate_vm(
             options.streams
         )));
     }
+    // Before anything is sent: a destination holding the recorded content would fill
+    // the VM from it, not from the changed file the VM runs with here.
+    source.check_files().map_err(MigrationError::Source)?;
     let started = Instant::now();
     let (mut control, control_socket) = open_stream(addr, secret, StreamRole::Control, options)
         .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;

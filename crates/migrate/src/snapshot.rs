@@ -137,6 +137,8 @@ fn file_error(path: &Path, error: MigrationError) -> SnapshotError {
 /// Saves the paused VM `vm` to `path`, atomically: the file appears (renamed from a
 /// temporary) only once complete and synced, and a failed save leaves nothing behind.
 pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+    // The snapshot names file pieces by the recorded hash: refuse a file changed since.
+    vm.check_files().map_err(SnapshotError::Save)?;
     let description = vm.describe();
     let state = vm.save_state().map_err(SnapshotError::Save)?;
     let mut buffers = vm.device_buffers();
@@ -323,7 +325,7 @@ impl SnapshotReader {
                 Frame::FileChunk { .. } => stats.file_chunks += 1,
                 _ => {}
             }
-            apply_data(target, frame, self.vm.ram_size)?;
+            apply_data(target, frame, &self.vm)?;
             frames += 1;
         };
         if sent != [frames] {

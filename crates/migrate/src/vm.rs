@@ -58,6 +58,10 @@ pub enum VmError {
     /// The paused VM's state could not be saved.
     #[error("cannot save the VM's state")]
     SaveState(#[source] Cause),
+    /// An attached file is not the content recorded (changed in place), or could not be
+    /// checked.
+    #[error("cannot offer the attached files as recorded")]
+    CheckFiles(#[source] Cause),
     /// This host cannot run the VM offered (ABI, backend, kernels).
     #[error("{0}")]
     Incompatible(String),
@@ -147,6 +151,15 @@ pub struct FileOffer {
     pub sha256: String,
     /// Its path on the source (the destination looks there for a copy).
     pub path: String,
+}
+
+/// Whether `sha` is a SHA-256 in lowercase hex, as [`FileOffer::sha256`] must be (a
+/// destination makes it part of a file name).
+pub fn valid_sha256(sha: &str) -> bool {
+    sha.len() == 64
+        && sha
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// What to do with attached files the destination already has (same content hash).
@@ -443,6 +456,11 @@ pub struct FileChunk {
 pub trait VmContents: Sync {
     /// Shape and compatibility facts.
     fn describe(&self) -> VmDescription;
+    /// Refuses attached files whose content is no longer the one [`Self::describe`]
+    /// offers (changed in place since they were attached); the default: none to check.
+    fn check_files(&self) -> Result<(), VmError> {
+        Ok(())
+    }
     /// The device buffer table now.
     fn device_buffers(&self) -> Vec<DeviceBuffer>;
     /// RAM pages that may hold data now; the others are known to read as zero, and the

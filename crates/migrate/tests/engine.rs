@@ -179,6 +179,8 @@ struct FakeSource {
     files: Mutex<Vec<Vec<u8>>>,
     /// `read_file` flips a bit of what it reads (the file changed on the source).
     corrupt_files: AtomicBool,
+    /// The files' SHA-256s when attached (what is offered, as a VMM records them once).
+    attached_sha256: Mutex<Vec<String>>,
     /// `read_ram` fails for a read starting at this guest address (`u64::MAX`: never).
     fail_ram_at: AtomicU64,
     /// `read_ram` calls so far.
@@ -240,6 +242,7 @@ impl FakeSource {
             ram_reads: AtomicU64::new(0),
             files: Mutex::default(),
             corrupt_files: AtomicBool::new(false),
+            attached_sha256: Mutex::default(),
         })
     }
 
@@ -260,6 +263,13 @@ impl FakeSource {
                 f
             })
             .collect();
+        *self.attached_sha256.lock().unwrap() = self
+            .files
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|f| sha256(f))
+            .collect();
         self
     }
 
@@ -272,7 +282,7 @@ impl FakeSource {
             .map(|(i, f)| FileOffer {
                 name: format!("file{i}"),
                 size: f.len() as u64,
-                sha256: sha256(f),
+                sha256: self.attached_sha256.lock().unwrap()[i].clone(),
                 path: format!("/fake/file{i}"),
             })
             .collect()
@@ -331,6 +341,21 @@ impl VmContents for FakeSource {
             microkernel: "test".into(),
             extra: vec![("args".into(), "--fake".into())],
             files: self.offers(),
+        }
+    }
+
+    fn check_files(&self) -> Result<(), VmError> {
+        let files = self.files.lock().unwrap();
+        let attached = self.attached_sha256.lock().unwrap();
+        match files
+            .iter()
+            .zip(attached.iter())
+            .position(|(f, a)| sha256(f) != *a)
+        {
+            Some(i) => Err(VmError::CheckFiles(
+                format!("attached file 'file{i}' has changed").into(),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -1673,6 +1698,110 @@ fn ram_records_outside_the_vm_are_refused() {
 }
 
 #[test]
+fn offers_of_files_the_vm_could_not_take_are_refused_at_the_handshake() {
+    let dest = Destination::start();
+    let file = |name: &str, sha256: &str| FileOffer {
+        name: name.into(),
+        size: 1,
+        sha256: sha256.into(),
+        path: format!("/fake/{name}"),
+    };
+    let good = sha256(b"x");
+    let too_many: Vec<FileOffer> = (0..64).map(|i| file(&format!("f{i}"), &good)).collect();
+    for (files, why) in [
+        (too_many, "64 attached files"),
+        (vec![file("bad name", &good)], "invalid name"),
+        (
+            vec![file("a", &good), file("a", &good)],
+            "two attached files",
+        ),
+        (vec![file("a", "0123")], "invalid sha256"),
+        (vec![file("a", &good.to_uppercase())], "invalid sha256"),
+    ] {
+        let mut c = authenticated(&dest, StreamRole::Control);
+        let mut vm = description(MIB);
+        vm.files = files;
+        c.send(&Message::Offer {
+            vm,
+            streams: 1,
+            transfer: Transfer::Live,
+            files: FileTransfer::Reuse,
+            device: DeviceTransfer::Precopy,
+        })
+        .unwrap();
+        match c.expect_control("refusal") {
+            Ok(Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("expected a refusal for {why}, got {other:?}"),
+        }
+    }
+    assert_eq!(dest.factory.prepared.load(Ordering::SeqCst), 0);
+    dest.assert_alive();
+}
+
+#[test]
+fn chunk_origins_outside_the_offered_files_are_refused() {
+    let dest = Destination::start();
+    let content = vec![7u8; 1000];
+    dest.add_file(&sha256(&content));
+    let key = ChunkKey {
+        buffer: 1,
+        index: 0,
+    };
+    let data = vec![7u8; 512];
+    // No such file; bytes past its end; an offset whose end overflows. As bytes with
+    // their origin, and as an origin alone.
+    for (file, offset) in [(1, 0), (0, 600), (0, u64::MAX - 10)] {
+        for named_only in [false, true] {
+            let mut vm = memory_vm::description("hostile", MIB, 512);
+            vm.files = vec![FileOffer {
+                name: "model".into(),
+                size: content.len() as u64,
+                sha256: sha256(&content),
+                path: "/fake/model".into(),
+            }];
+            let mut c = authenticated(&dest, StreamRole::Control);
+            c.send(&Message::Offer {
+                vm,
+                streams: 1,
+                transfer: Transfer::Live,
+                files: FileTransfer::Reuse,
+                device: DeviceTransfer::Precopy,
+            })
+            .unwrap();
+            let session = match c.expect_control("accept").unwrap() {
+                Message::Accept { session, .. } => session,
+                other => panic!("expected accept, got {other:?}"),
+            };
+            let mut d = authenticated(&dest, StreamRole::Data { session, index: 0 });
+            let origin = ferry_migrate::ChunkOrigin { file, offset };
+            let _ = c.send(&Message::BeginRound {
+                round: 0,
+                buffers: Some(vec![DeviceBuffer { id: 1, bytes: 512 }]),
+            });
+            let _ = if named_only {
+                d.writer.send_chunk_origin(key, 512, origin)
+            } else {
+                d.writer.send_chunk_with_origin(key, &data, origin)
+            };
+            let _ = d.writer.flush();
+            let _ = c.send(&Message::EndRound {
+                round: 0,
+                frames: vec![1],
+            });
+            match c.expect_control("the destination's answer") {
+                Err(MigrationError::PeerAborted(reason)) => {
+                    assert!(reason.contains("chunk origin"), "{reason}")
+                }
+                Err(MigrationError::Io { .. }) => {}
+                other => panic!("origin {origin:?} (named only {named_only}): got {other:?}"),
+            }
+        }
+    }
+    dest.assert_nothing_adopted();
+    dest.assert_alive();
+}
+
+#[test]
 fn the_final_state_is_refused_while_a_round_is_open() {
     let dest = Destination::start();
     let page = vec![0x11u8; PAGE_SIZE as usize];
@@ -2251,6 +2380,28 @@ fn a_file_that_arrives_with_other_content_fails_the_migration_before_the_pause()
         other => panic!("{other:?}"),
     }
     // Checked at the end of round 0: the VM was never paused.
+    assert_eq!(source.pauses.load(Ordering::SeqCst), 0);
+    assert!(!source.paused());
+    dest.assert_nothing_adopted();
+    dest.assert_alive();
+}
+
+#[test]
+fn a_file_changed_in_place_on_the_source_refuses_the_migration_before_the_offer() {
+    let source = FakeSource::new("files", 4, 37).with_files(&[1 << 20], 11);
+    // The destination has the content as attached: it would fill the VM from its copy.
+    let dest = Destination::start();
+    dest.add_file(&source.offers()[0].sha256);
+    source.files.lock().unwrap()[0][12345] ^= 1;
+    match migrate(&source, &dest, &with_files(FileTransfer::Reuse)) {
+        Err(e @ MigrationError::Source(VmError::CheckFiles(_))) => {
+            let chain = ferry_migrate::error_chain(&e);
+            assert!(chain.contains("'file0' has changed"), "{chain}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing was offered and the VM ran on untouched.
+    assert_eq!(dest.factory.prepared.load(Ordering::SeqCst), 0);
     assert_eq!(source.pauses.load(Ordering::SeqCst), 0);
     assert!(!source.paused());
     dest.assert_nothing_adopted();

@@ -6,11 +6,13 @@
 //! SIGBUS). The hash travels with the VM's state, so a snapshot restore or a migration
 //! refuses a file whose content is not the one the VM was started with. Files must not
 //! be changed while attached; a change of size is caught by every read, a change of
-//! content in place is caught at the next restore or migration.
+//! content in place by [`AttachedFiles::check_unchanged`], which a migration and a
+//! snapshot call before they offer the recorded hash (a destination holding the old
+//! content would otherwise fill the VM from it). That check trusts the file's stamp
+//! (inode, size, modification and change times) and hashes again only when it moved.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
-use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -70,6 +72,14 @@ pub enum AttachError {
         /// Hash found (not taken when the size already differs).
         found_sha256: String,
     },
+    /// The file changed while it was being hashed.
+    #[error("attached file '{name}' at {} changed while it was being hashed", path.display())]
+    ChangedWhileHashing {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+    },
 }
 
 /// One attached file, open; clones share the open file.
@@ -77,6 +87,8 @@ pub enum AttachError {
 pub struct AttachedFile {
     info: FileInfo,
     file: Arc<File>,
+    /// The open file's stamp when its hash was taken (or checked).
+    stamp: FileStamp,
 }
 
 /// A file's identity and change times: device, inode, size, modification and change
@@ -95,11 +107,9 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The SHA-256 of `file` (whose metadata is `meta`), from the cache when the file is
-/// unchanged since it was last hashed (same device, inode, size, modification and change
-/// times: the change time cannot be set back by anyone but the kernel).
-fn sha256_of(file: &File, meta: &std::fs::Metadata) -> std::io::Result<String> {
-    let key = (
+/// The stamp of a file whose metadata is `meta`.
+fn stamp_of(meta: &Metadata) -> FileStamp {
+    (
         meta.dev(),
         meta.ino(),
         meta.size(),
@@ -107,19 +117,40 @@ fn sha256_of(file: &File, meta: &std::fs::Metadata) -> std::io::Result<String> {
         meta.mtime_nsec(),
         meta.ctime(),
         meta.ctime_nsec(),
-    );
+    )
+}
+
+/// The SHA-256 of the first `meta.size()` bytes of `file` (whose metadata is `meta`),
+/// attached as `name` from `path`; from the cache when the file is unchanged since it
+/// was last hashed (same stamp: the change time cannot be set back by anyone but the
+/// kernel). Refused if the file changed while it was read.
+fn sha256_of(name: &str, path: &Path, file: &File, meta: &Metadata) -> Result<String, AttachError> {
+    let key = stamp_of(meta);
     if let Some(hash) = hash_cache().lock().expect("hash cache lock").get(&key) {
         return Ok(hash.clone());
     }
+    let read_err = |source| AttachError::Read {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    // Positioned reads of exactly the recorded size: the file's offset is shared by
+    // its clones, and bytes appended meanwhile are not the content recorded.
     let mut hasher = Sha256::new();
-    let mut reader = file;
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
+    let mut offset = 0;
+    while offset < meta.size() {
+        let n = (meta.size() - offset).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset)
+            .map_err(read_err)?;
         hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    if stamp_of(&file.metadata().map_err(read_err)?) != key {
+        return Err(AttachError::ChangedWhileHashing {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+        });
     }
     let hash = hex(&hasher.finalize());
     hash_cache()
@@ -127,6 +158,32 @@ fn sha256_of(file: &File, meta: &std::fs::Metadata) -> std::io::Result<String> {
         .expect("hash cache lock")
         .insert(key, hash.clone());
     Ok(hash)
+}
+
+/// Whether `file` (metadata `meta`, at `path`) holds the content `expected` records;
+/// the error names both (a file of another size is refused unread).
+fn check_content(
+    expected: &FileInfo,
+    path: &Path,
+    file: &File,
+    meta: &Metadata,
+) -> Result<(), AttachError> {
+    let changed = |found_size, found_sha256| AttachError::Changed {
+        name: expected.name.clone(),
+        path: path.to_path_buf(),
+        expected_size: expected.size,
+        expected_sha256: expected.sha256.clone(),
+        found_size,
+        found_sha256,
+    };
+    if meta.size() != expected.size {
+        return Err(changed(meta.size(), "(not read: its size differs)".into()));
+    }
+    let found = sha256_of(&expected.name, path, file, meta)?;
+    if found != expected.sha256 {
+        return Err(changed(meta.size(), found));
+    }
+    Ok(())
 }
 
 /// Opens `path` for file `name` if it is a regular file, and its metadata. It is opened
@@ -168,31 +225,20 @@ impl AttachedFile {
     /// another size before reading it).
     pub fn open_expecting(expected: &FileInfo, path: &Path) -> Result<Self, AttachError> {
         let (file, meta) = open_regular(&expected.name, path)?;
-        let changed = |found_size, found_sha256| AttachError::Changed {
-            name: expected.name.clone(),
-            path: path.to_path_buf(),
-            expected_size: expected.size,
-            expected_sha256: expected.sha256.clone(),
-            found_size,
-            found_sha256,
-        };
-        if meta.size() != expected.size {
-            return Err(changed(meta.size(), "(not read: its size differs)".into()));
-        }
-        let file = Self::hashed(&expected.name, path, file, &meta)?;
-        if file.info.size != expected.size || file.info.sha256 != expected.sha256 {
-            return Err(changed(file.info.size, file.info.sha256));
-        }
-        Ok(file)
+        check_content(expected, path, &file, &meta)?;
+        Ok(Self {
+            info: FileInfo {
+                path: path.to_path_buf(),
+                ..expected.clone()
+            },
+            file: Arc::new(file),
+            stamp: stamp_of(&meta),
+        })
     }
 
     /// The open regular file `file` at `path` (with metadata `meta`) as `name`, hashed.
     fn hashed(name: &str, path: &Path, file: File, meta: &Metadata) -> Result<Self, AttachError> {
-        let sha256 = sha256_of(&file, meta).map_err(|source| AttachError::Read {
-            name: name.to_string(),
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let sha256 = sha256_of(name, path, &file, meta)?;
         Ok(Self {
             info: FileInfo {
                 name: name.to_string(),
@@ -201,7 +247,22 @@ impl AttachedFile {
                 path: path.to_path_buf(),
             },
             file: Arc::new(file),
+            stamp: stamp_of(meta),
         })
+    }
+
+    /// Refuses the file if its content is no longer the one recorded (changed in place
+    /// since it was attached); hashes it again only if its stamp moved.
+    pub fn check_unchanged(&self) -> Result<(), AttachError> {
+        let meta = self.file.metadata().map_err(|source| AttachError::Read {
+            name: self.info.name.clone(),
+            path: self.info.path.clone(),
+            source,
+        })?;
+        if stamp_of(&meta) == self.stamp {
+            return Ok(());
+        }
+        check_content(&self.info, &self.info.path, &self.file, &meta)
     }
 
     /// Its record.
@@ -261,6 +322,12 @@ impl AttachedFiles {
     /// The files.
     pub fn files(&self) -> &[AttachedFile] {
         &self.0
+    }
+
+    /// Refuses the files if one changed since it was attached (see
+    /// [`AttachedFile::check_unchanged`]).
+    pub fn check_unchanged(&self) -> Result<(), AttachError> {
+        self.0.iter().try_for_each(AttachedFile::check_unchanged)
     }
 
     /// Their records.
@@ -385,6 +452,57 @@ mod tests {
             AttachedFiles::reopen(&infos).unwrap_err(),
             AttachError::Read { .. }
         ));
+    }
+
+    #[test]
+    fn a_file_changed_in_place_after_attach_is_refused() {
+        let path = temp_file("inplace", b"the weights, version 1");
+        let files = AttachedFiles::open(&[("model".into(), path.clone())]).unwrap();
+        files.check_unchanged().unwrap();
+        // Timestamps tick coarsely (a kernel tick): a rewrite within the tick of the
+        // attach would keep the stamp, so each step moves the mtime as a later write would.
+        let set_mtime = |secs| {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                .unwrap();
+        };
+        // Touched, same content: hashed again, and accepted.
+        set_mtime(1_000_000);
+        files.check_unchanged().unwrap();
+        // Rewritten in place with the same size: refused, naming the file and both hashes.
+        std::fs::write(&path, b"the weights, version 2").unwrap();
+        set_mtime(2_000_000);
+        let err = files.check_unchanged().unwrap_err();
+        assert!(
+            matches!(&err, AttachError::Changed { name, found_size: 22, .. } if name == "model"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("has changed"), "{err}");
+        assert!(err.to_string().contains(&files.infos()[0].sha256), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_grows_or_shrinks_while_hashed_is_refused() {
+        let path = temp_file("grows", b"0123456789");
+        let (file, meta) = open_regular("grows", &path).unwrap();
+        // The size and stamp as attach saw them, then bytes appended before the read.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"appended"))
+            .unwrap();
+        let err = sha256_of("grows", &path, &file, &meta).unwrap_err();
+        assert!(
+            matches!(err, AttachError::ChangedWhileHashing { .. }),
+            "{err}"
+        );
+        // Shorter than the size recorded: a read error, not the hash of fewer bytes.
+        let (file, meta) = open_regular("grows", &path).unwrap();
+        std::fs::write(&path, b"short").unwrap();
+        let err = sha256_of("grows", &path, &file, &meta).unwrap_err();
+        assert!(matches!(err, AttachError::Read { .. }), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

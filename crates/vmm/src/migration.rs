@@ -180,6 +180,8 @@ macro_rules! reads_through_tracker {
 /// A paused microVM as the source of a snapshot: its state, taken once, and its memory.
 pub struct PausedVm {
     tracker: VmTracker,
+    /// The attached files, to check before their recorded hashes are saved.
+    files: AttachedFiles,
     /// What the snapshot says of the VM (public, as the state, for tests of refusals).
     pub description: VmDescription,
     /// The state saved (public so that a test can save a state KVM will refuse).
@@ -207,6 +209,7 @@ impl PausedVm {
         };
         Ok(Self {
             tracker: vm.tracker(),
+            files: vm.files().clone(),
             description,
             state,
         })
@@ -216,6 +219,12 @@ impl PausedVm {
 impl VmContents for PausedVm {
     fn describe(&self) -> VmDescription {
         self.description.clone()
+    }
+
+    fn check_files(&self) -> Result<(), VmError> {
+        self.files
+            .check_unchanged()
+            .map_err(|e| VmError::CheckFiles(e.into()))
     }
 
     reads_through_tracker!(tracker);

@@ -175,3 +175,43 @@ fn a_snapshot_restores_only_with_the_same_file_content() {
     .expect("refused");
     assert!(matches!(err, CreateVmError::FilesDiffer(_)), "{err:?}");
 }
+
+#[test]
+fn a_snapshot_is_refused_once_an_attached_file_changed_in_place() {
+    if !ferry_testdata::kvm("a_snapshot_is_refused_once_an_attached_file_changed_in_place") {
+        return;
+    }
+    let scratch = dir();
+    let d = scratch.path();
+    let path = d.join("data");
+    write(&path, 1 << 20, 5);
+    let host = HostOptions {
+        files: AttachedFiles::open(&[("data".into(), path.clone())]).unwrap(),
+        ..HostOptions::quiet()
+    };
+    let image = ferry_guest_images::find("memtouch").unwrap().elf;
+    let args: Vec<String> = ["--mib", "8", "--passes", "100000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut vm = Microvm::boot(VmConfig::new(64 << 20), image, &args, host).unwrap();
+    vm.resume().unwrap();
+    // Rewritten in place, same size, while attached; the mtime moved on as a later write
+    // would (a write within the attach's timestamp tick keeps the stamp).
+    write(&path, 1 << 20, 6);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .unwrap();
+    vm.pause().unwrap();
+    let snap = d.join("vm.snap");
+    let err = vm.save(&snap).expect_err("refused");
+    let chain = ferry_migrate::error_chain(&err);
+    assert!(
+        chain.contains("'data'") && chain.contains("has changed"),
+        "{chain}"
+    );
+    assert!(!snap.exists(), "nothing is left behind");
+}
