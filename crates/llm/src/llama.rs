@@ -2,8 +2,9 @@
 //! table, every shape checked against them.
 //!
 //! Tensors (`ne[0]`, the contiguous row length, first): `token_embd.weight` `[dim, rows]`
-//! with `rows` >= the vocabulary, `output_norm.weight` `[dim]` (f32), `output.weight`
-//! `[dim, rows]` (absent: tied to `token_embd`), and per layer `blk.N.` `attn_norm` `[dim]`,
+//! with `rows` >= the vocabulary (only the first `vocab` rows are used),
+//! `output_norm.weight` `[dim]` (f32), `output.weight` `[dim, rows]` (absent: tied to
+//! `token_embd`), and per layer `blk.N.` `attn_norm` `[dim]`,
 //! `attn_q` `[dim, dim]`, `attn_k` and `attn_v` `[dim, kv_heads·head_dim]`, `attn_output`
 //! `[dim, dim]`, `ffn_norm` `[dim]`, `ffn_gate` and `ffn_up` `[dim, ffn_dim]`, `ffn_down`
 //! `[ffn_dim, dim]` (`.weight` each). Any other tensor is refused, as is metadata asking
@@ -44,7 +45,8 @@ pub struct LlamaConfig {
     pub context_len: usize,
     /// Rope frequency base (`rope.freq_base`, default 10000).
     pub rope_base: f32,
-    /// Dimensions of a head that rope rotates (`rope.dimension_count`, default `head_dim`).
+    /// Dimensions of a head that rope rotates (`rope.dimension_count`, default
+    /// `head_dim`): all of them, as the ROPE kernel does (others are refused).
     pub rope_dim: usize,
     /// RMS norm epsilon (`attention.layer_norm_rms_epsilon`).
     pub rms_eps: f32,
@@ -75,6 +77,19 @@ impl Weight {
             dtype: t.dtype,
             rows: t.rows(),
             cols: t.cols(),
+        }
+    }
+
+    /// Its first `rows` rows (at most all of them): rows are contiguous, `size / rows`
+    /// bytes each.
+    fn first_rows(self, rows: u64) -> Weight {
+        if rows == 0 || rows >= self.rows {
+            return self;
+        }
+        Weight {
+            size: self.size / self.rows * rows,
+            rows,
+            ..self
         }
     }
 }
@@ -373,6 +388,15 @@ impl LlamaConfig {
                 format!("{rope_dim} is odd or larger than the head size {head_dim}"),
             ));
         }
+        // The ROPE kernel rotates whole heads: a partial rotation would give wrong logits.
+        if rope_dim != head_dim {
+            return Err(LlamaError::Unsupported {
+                what: format!(
+                    "{} {rope_dim}: rope on part of a head (the head size is {head_dim})",
+                    m.key("rope.dimension_count")
+                ),
+            });
+        }
         let rope_base = m.positive("rope.freq_base", Some(10000.0))?;
         let rms_eps = m.positive("attention.layer_norm_rms_epsilon", None)?;
         match gguf.get(&m.key("rope.scaling.type")) {
@@ -450,7 +474,9 @@ fn tensor(
     Ok(Weight::of(t))
 }
 
-/// A `[dim, rows]` matrix whose rows are at least the vocabulary.
+/// A `[dim, rows]` matrix whose rows are at least the vocabulary, as its first `vocab`
+/// rows (all of them if `vocab` is 0): the logits have a column per token, no more (a
+/// padded table's extra rows are no token's).
 fn vocab_matrix(gguf: &Gguf<'_>, name: &str, dim: u64, vocab: u64) -> Result<Weight, LlamaError> {
     let rows = match gguf.tensor(name) {
         Some(t) if t.n_dims == 2 => t.ne[1],
@@ -464,7 +490,7 @@ fn vocab_matrix(gguf: &Gguf<'_>, name: &str, dim: u64, vocab: u64) -> Result<Wei
             rows: w.rows,
         });
     }
-    Ok(w)
+    Ok(w.first_rows(vocab))
 }
 
 /// True for the tensor names of the llama layout with `layers` blocks.

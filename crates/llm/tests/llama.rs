@@ -43,8 +43,14 @@ fn reads_the_tiny_model() {
     assert_eq!(m.output_weight(), m.token_embd);
     let e = m.token_embd;
     let t = g.tensor("token_embd.weight").unwrap();
-    assert_eq!((e.offset, e.size, e.dtype), (t.offset, t.size, DType::F32));
-    assert_eq!((e.cols, e.rows), (8, vocab as u64 + 3));
+    // Its first `vocab` rows: the guest's logits have a column per token, and its
+    // product checks that the weights have as many rows.
+    let row = t.size / (vocab as u64 + 3);
+    assert_eq!(
+        (e.offset, e.size, e.dtype),
+        (t.offset, row * vocab as u64, DType::F32)
+    );
+    assert_eq!((e.cols, e.rows), (8, vocab as u64));
     let k = m.layers[1].attn_k;
     assert_eq!((k.cols, k.rows), (8, 4));
     let v = m.layers[1].attn_v;
@@ -54,7 +60,7 @@ fn reads_the_tiny_model() {
     assert_eq!(m.layers[0].attn_norm.rows, 1);
     assert_eq!(m.weights().count(), 1 + 2 * 9 + 1);
     let total: u64 = g.tensors().iter().map(|t| t.size).sum();
-    assert_eq!(m.weight_bytes(), total);
+    assert_eq!(m.weight_bytes(), total - 3 * row);
 }
 
 #[test]
@@ -64,7 +70,7 @@ fn untied_output_and_defaults() {
     w = w.tensor("output.weight", &[DIM, rows], 0);
     w.remove("llama.attention.head_count_kv");
     w.remove("llama.rope.freq_base");
-    w.set("llama.rope.dimension_count", V::U64(2));
+    w.remove("llama.rope.dimension_count");
     w.set("llama.block_count", V::I32(2));
     for l in 0..2 {
         for p in ["attn_k", "attn_v"] {
@@ -76,7 +82,7 @@ fn untied_output_and_defaults() {
     assert_ne!(m.output_weight(), m.token_embd);
     assert_eq!(
         (m.config.kv_heads, m.config.rope_base, m.config.rope_dim),
-        (2, 10000.0, 2)
+        (2, 10000.0, 4)
     );
     // Without a tokenizer the vocabulary is the embedding's rows (or vocab_size).
     let mut w = tiny_llama();
@@ -131,6 +137,12 @@ fn refuses_bad_configurations() {
     assert!(e.to_string().contains("odd"), "{e}");
     let e = err(|w| w.set("llama.rope.dimension_count", V::U32(6)));
     assert!(matches!(&e, LlamaError::BadValue { key, .. } if key == "llama.rope.dimension_count"));
+    // Rope on part of a head: the guest rotates whole heads.
+    let e = err(|w| w.set("llama.rope.dimension_count", V::U64(2)));
+    assert!(
+        matches!(&e, LlamaError::Unsupported { what } if what.contains("llama.rope.dimension_count 2")),
+        "{e}"
+    );
     let e = err(|w| w.set("llama.attention.layer_norm_rms_epsilon", V::F32(f32::NAN)));
     assert!(matches!(e, LlamaError::BadValue { .. }), "{e}");
     let e = err(|w| w.remove("llama.attention.layer_norm_rms_epsilon"));
