@@ -341,10 +341,10 @@ pub struct MigrateRequest {
     /// Switch over with a longer pause rather than fail after the pre-copy bounds.
     #[serde(default)]
     pub allow_longer_pause: bool,
-    /// Most pre-copy rounds (default 30).
+    /// Most pre-copy rounds (default 30; 1 to [`MAX_ROUNDS`]).
     #[serde(default = "default_rounds")]
     pub max_rounds: u32,
-    /// Most pre-copy seconds (default 60).
+    /// Most pre-copy seconds (default 60; at most [`MAX_PRECOPY_S`]).
     #[serde(default = "default_precopy_s")]
     pub max_precopy_s: u64,
     /// Attached files: "reuse" (default: send only those the destination lacks),
@@ -365,6 +365,15 @@ pub struct MigrateRequest {
 /// The highest rate ceiling a migration request may ask for, MiB/s (1 PiB/s: any more is
 /// a mistake, and it must fit in bytes/s).
 pub const MAX_RATE_MIB_S: u64 = 1 << 30;
+
+/// The most pre-copy rounds a migration request may allow: a migration that has not
+/// converged in a thousand rounds will not, and should switch over or give up.
+pub const MAX_ROUNDS: u32 = 1000;
+
+/// The most pre-copy seconds a migration request may allow (a day: enough to move the
+/// largest VM at the lowest rate ceiling that makes sense, and bounded, so a mistyped
+/// value cannot keep a VM migrating for ever).
+pub const MAX_PRECOPY_S: u64 = 24 * 3600;
 
 fn default_mode() -> String {
     "live".into()
@@ -726,10 +735,18 @@ mod base64_bytes {
 /// Whether `name` may name a VM ([`CreateVm::name`]): 1 to 63 ASCII letters, digits,
 /// `.`, `_` and `-`.
 pub fn valid_vm_name(name: &str) -> bool {
-    (1..64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    (1..64).contains(&name.len()) && name.bytes().all(vm_name_byte)
+}
+
+/// Whether `id` may be a VM's id (a host keeps the id of a VM migrated to it only if
+/// it is): 1 to 255 of the characters of a VM name, which need no escaping in a URL path.
+pub fn valid_vm_id(id: &str) -> bool {
+    (1..=255).contains(&id.len()) && id.bytes().all(vm_name_byte)
+}
+
+/// Whether `b` may be part of a VM's name or id.
+fn vm_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
 #[cfg(test)]

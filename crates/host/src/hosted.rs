@@ -9,7 +9,8 @@
 //! - what is read while it runs (console, load: [`VmReadout`]; dirty pages and chunks:
 //!   [`VmTracker`]), read without either lock.
 //!
-//! Lock order: control, then lifecycle (briefly); never the other way round.
+//! Lock order: control, then lifecycle (briefly); migration, then lifecycle (briefly);
+//! never the other way round, and never control and migration together.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit, VmReadout, VmTracker};
 
 use crate::capacity::Reservation;
-use crate::lifecycle::{Lifecycle, TransitionError};
+use crate::lifecycle::{Lifecycle, TransitionError, Vacated};
 use crate::MigrationStatus;
 use ferry_api::{VmInfo, VmState};
 use ferry_migrate::{error_chain, CancelToken, VmError};
@@ -30,10 +31,30 @@ const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// Window over which the accelerator's load is measured.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
+/// Which of a VM's migrations out of this host an update or a settlement is for: the
+/// threads of an earlier migration (its end, its settlement) never touch a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationTicket(u64);
+
 /// A migration out of this host: its status for the API, and how to cancel it.
 struct Outgoing {
+    ticket: MigrationTicket,
     status: MigrationStatus,
     cancel: CancelToken,
+}
+
+/// Why the settlement of an in-doubt VM was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The migration settled is no longer the VM's latest (another began since).
+    #[error("a later migration of the VM began since: this settlement is for an earlier one")]
+    Superseded,
+    /// The VM is not in doubt (settled already, or not migrating).
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// Resumed here, it could not run again: it ended as failed.
+    #[error("{0}")]
+    CannotRun(String),
 }
 
 /// Who holds the microVM paused, if anyone.
@@ -249,15 +270,23 @@ impl HostedVm {
         self.outgoing().as_ref().map(|m| m.status.clone())
     }
 
-    /// Updates its migration's status.
-    pub fn update_migration(&self, f: impl FnOnce(&mut MigrationStatus)) {
-        if let Some(m) = self.outgoing().as_mut() {
+    /// Its latest migration out of this host, if any.
+    pub fn migration_ticket(&self) -> Option<MigrationTicket> {
+        self.outgoing().as_ref().map(|m| m.ticket)
+    }
+
+    /// Updates the status of migration `ticket`, unless a later one replaced it.
+    pub fn update_migration(&self, ticket: MigrationTicket, f: impl FnOnce(&mut MigrationStatus)) {
+        if let Some(m) = self.outgoing().as_mut().filter(|m| m.ticket == ticket) {
             f(&mut m.status);
         }
     }
 
     /// Asks its migration to stop before the destination is told to run the VM.
     pub fn cancel_migration(&self) -> Result<MigrationStatus, String> {
+        // The state is read under the migration lock, which a migration's start holds
+        // across its transition: the token cancelled is that of the migration seen.
+        let outgoing = self.outgoing();
         match self.state() {
             VmState::Migrating { .. } | VmState::Switchover { .. } => {}
             VmState::InDoubt { .. } => {
@@ -268,7 +297,6 @@ impl HostedVm {
             }
             other => return Err(format!("it is {other}: no migration to cancel")),
         }
-        let outgoing = self.outgoing();
         let m = outgoing.as_ref().ok_or("no migration recorded")?;
         m.cancel.cancel();
         Ok(m.status.clone())
@@ -286,16 +314,24 @@ impl HostedVm {
     }
 
     /// Running → migrating to `to`, recording `status` as its migration, which `cancel`
-    /// cancels.
+    /// cancels; the ticket names this migration in its later updates.
     pub fn begin_migration(
         &self,
         to: &str,
         status: MigrationStatus,
         cancel: CancelToken,
-    ) -> Result<(), TransitionError> {
+    ) -> Result<MigrationTicket, TransitionError> {
+        // One critical section: a cancel that sees the VM migrating finds this
+        // migration's token, never the previous one's.
+        let mut outgoing = self.outgoing();
         self.life.migrate(to)?;
-        *self.outgoing() = Some(Outgoing { status, cancel });
-        Ok(())
+        let ticket = MigrationTicket(outgoing.as_ref().map_or(1, |m| m.ticket.0 + 1));
+        *outgoing = Some(Outgoing {
+            ticket,
+            status,
+            cancel,
+        });
+        Ok(ticket)
     }
 
     /// Migrating → switchover: holds the VM paused (taking over a throttle's pause) and
@@ -354,17 +390,7 @@ impl HostedVm {
     pub fn abandon_migration(&self) -> Result<(), String> {
         self.throttle_pct.store(0, Ordering::SeqCst);
         if let Err(e) = self.resume_from_hold() {
-            // Paused for good: it ends as failed and is released, rather than stay in its
-            // migration with no way out for the operator (no stop, no resolve) and its
-            // capacity held.
-            let error = format!(
-                "cannot run again after its migration failed: {}",
-                error_chain(&e)
-            );
-            self.end(VmState::Failed {
-                error: error.clone(),
-            });
-            return Err(error);
+            return Err(self.fail_to_run("its migration failed", &e));
         }
         match self.life.abandon_migration() {
             Ok(()) => Ok(()),
@@ -372,6 +398,17 @@ impl HostedVm {
             Err(e) if e.state.has_ended() => Ok(()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// A VM paused for its migration that cannot run again `after` ends as failed and is
+    /// released, rather than stay paused and listed as it was, with no way out for the
+    /// operator (no stop, no resolve) and its capacity held. Returns the error recorded.
+    fn fail_to_run(&self, after: &str, e: &VmError) -> String {
+        let error = format!("cannot run again after {after}: {}", error_chain(e));
+        self.end(VmState::Failed {
+            error: error.clone(),
+        });
+        error
     }
 
     /// Switchover → in-doubt: the VM stays paused here until resolved.
@@ -384,21 +421,52 @@ impl HostedVm {
         self.readout.channel()
     }
 
-    /// The VM runs on its destination now: releases it here.
+    /// Switchover → migrated-away: the destination confirmed it runs the VM; releases it
+    /// here.
     pub fn leave(&self) -> Result<(), TransitionError> {
-        self.life.leave()?;
-        // Readers and senders go to the destination now; it has the channel's contents.
-        self.readout.channel().detach();
-        self.release();
+        let vacated = self.life.leave()?;
+        self.release_left(vacated);
         Ok(())
     }
 
-    /// In-doubt → running: the destination does not run it. The transition comes first,
-    /// so that of two settlements racing (the host's own and an operator's), only the
-    /// one that won runs the VM here.
-    pub fn resume_here(&self) -> Result<(), String> {
-        self.life.resume_here().map_err(|e| e.to_string())?;
-        self.resume_from_hold().map_err(|e| error_chain(&e))
+    /// In-doubt → migrated-away, settling migration `ticket`: its destination runs the
+    /// VM; releases it here.
+    pub fn release_in_doubt(&self, ticket: MigrationTicket) -> Result<(), SettleError> {
+        let vacated = self.settle(ticket, Lifecycle::release)?;
+        self.release_left(vacated);
+        Ok(())
+    }
+
+    /// In-doubt → running, settling migration `ticket`: its destination does not run the
+    /// VM. The transition comes first, so that of two settlements racing (the host's own
+    /// and an operator's), only the one that won runs the VM here. One that cannot run
+    /// again ends as failed.
+    pub fn resume_here(&self, ticket: MigrationTicket) -> Result<(), SettleError> {
+        self.settle(ticket, Lifecycle::resume_here)?;
+        self.resume_from_hold()
+            .map_err(|e| SettleError::CannotRun(self.fail_to_run("it was resumed here", &e)))
+    }
+
+    /// Makes the settling transition `t` if `ticket` is still the VM's latest migration,
+    /// in one critical section with that check (a migration's start takes the same lock).
+    fn settle<R>(
+        &self,
+        ticket: MigrationTicket,
+        t: impl FnOnce(&Lifecycle) -> Result<R, TransitionError>,
+    ) -> Result<R, SettleError> {
+        let outgoing = self.outgoing();
+        if outgoing.as_ref().map(|m| m.ticket) != Some(ticket) {
+            return Err(SettleError::Superseded);
+        }
+        Ok(t(&self.life)?)
+    }
+
+    /// Releases a VM that runs on its destination now.
+    fn release_left(&self, vacated: Vacated) {
+        // Readers and senders go to the destination now; it has the channel's contents.
+        self.readout.channel().detach();
+        self.release();
+        drop(vacated);
     }
 
     /// Running → stopping → stopped, releasing it.
@@ -406,7 +474,8 @@ impl HostedVm {
         self.life.stop()?;
         self.release();
         self.readout.channel().end();
-        self.life.finish_stop()
+        // Released: the room may go back now.
+        self.life.finish_stop().map(drop)
     }
 
     /// Sets the migration throttle (% of the time held paused).
@@ -415,7 +484,8 @@ impl HostedVm {
     }
 
     /// Gives the microVM's RAM, device memory and threads back to the host; its record
-    /// and console tail stay.
+    /// and console tail stay. Returns once they are freed: the VM's capacity reservation
+    /// is dropped after this.
     fn release(&self) {
         let mut control = self.control();
         let mut vm = control.vm.take();
@@ -431,20 +501,22 @@ impl HostedVm {
         drop((vm, tracker));
     }
 
-    /// The guest ended: records how, and releases the VM.
+    /// The guest ended: records how, and releases the VM, then its capacity.
     fn end(&self, ended: VmState) {
-        if self.life.end(ended).is_ok() {
+        if let Ok(vacated) = self.life.end(ended) {
             self.release();
+            drop(vacated);
         }
     }
 
-    /// If the running guest has ended, records it and releases the VM.
+    /// If the guest has ended, records it and releases the VM.
     fn check_end(&self) {
         let mut control = self.control();
         let exit = match (control.hold, control.vm.as_mut()) {
-            (Hold::Free, Some(vm)) if matches!(vm.run_state(), RunState::Running) => {
-                vm.wait(Some(Duration::ZERO))
-            }
+            // Whatever its run state: a throttle's pause that met the guest's end left
+            // it ended (not running) with the exit saved, which `wait` returns first; a
+            // paused VM gives `None`.
+            (Hold::Free, Some(vm)) => vm.wait(Some(Duration::ZERO)),
             _ => None,
         };
         drop(control);
@@ -500,5 +572,131 @@ impl HostedVm {
         }
         // An ended VM puts no load on the host.
         self.accel_load.store(0f64.to_bits(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::{Amount, Ledger};
+    use ferry_api::MigrationState;
+    use ferry_vmm::HostOptions;
+
+    /// A running `memtouch` VM with `args`, and the ledger it holds room in.
+    fn hosted(args: &[&str]) -> (Ledger, Arc<HostedVm>) {
+        let ledger = Ledger::new(Amount {
+            memory: 1 << 30,
+            accel: 0,
+        });
+        let config = VmConfig::new(32 << 20);
+        let image = ferry_guest_images::resolve("memtouch").unwrap();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let vm = Microvm::boot(config, &image, &args, HostOptions::quiet()).unwrap();
+        let reservation = ledger.reserve(Amount::for_vm(config.ram_size, 0)).unwrap();
+        let hosted = HostedVm::start(
+            "t-vm1".into(),
+            ("memtouch".into(), None),
+            args,
+            vm,
+            None,
+            reservation,
+        )
+        .unwrap();
+        (ledger, hosted)
+    }
+
+    fn status(to: &str) -> MigrationStatus {
+        MigrationStatus {
+            vm: "t-vm1".into(),
+            to: to.into(),
+            state: MigrationState::Running,
+            progress: None,
+            report: None,
+            error: None,
+            settlement: Vec::new(),
+        }
+    }
+
+    /// Waits up to 5 s for `vm`'s life here to end.
+    fn ended(vm: &HostedVm) -> VmState {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !vm.state().has_ended() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vm.state()
+    }
+
+    #[test]
+    fn a_guest_that_ends_while_the_throttle_pauses_it_is_seen_to_end() {
+        if !ferry_testdata::kvm("a_guest_that_ends_while_the_throttle_pauses_it_is_seen_to_end") {
+            return;
+        }
+        // The pause must find the guest ending, not ended (its vCPU thread gone, which
+        // `wait` sees): step it to its end one exit at a time, each step a resume and at
+        // once a pause, which the vCPU thread answers after that one exit. A few tries,
+        // in case a step outran its pause.
+        for _ in 0..5 {
+            let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1"]);
+            let recorded = {
+                // Under the control lock, as the throttle pauses: the watcher waits.
+                let mut control = vm.control();
+                let microvm = control.vm.as_mut().unwrap();
+                let mut steps = 0;
+                while microvm.pause().is_ok() {
+                    steps += 1;
+                    assert!(steps < 1_000_000, "the guest did not end");
+                    microvm.resume().unwrap();
+                }
+                matches!(microvm.run_state(), RunState::Exited(0))
+            };
+            // Either way the watcher sees the end.
+            assert_eq!(ended(&vm), VmState::Exited { code: 0 });
+            assert_eq!(ledger.held().memory, 0);
+            vm.join_watcher();
+            if recorded {
+                return;
+            }
+        }
+        panic!("no pause met the guest's end in 5 tries");
+    }
+
+    #[test]
+    fn an_earlier_migration_never_updates_nor_settles_a_later_one() {
+        if !ferry_testdata::kvm("an_earlier_migration_never_updates_nor_settles_a_later_one") {
+            return;
+        }
+        let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
+        let first_cancel = CancelToken::default();
+        let first = vm
+            .begin_migration("b:1", status("b:1"), first_cancel.clone())
+            .unwrap();
+        vm.abandon_migration().unwrap();
+        let second_cancel = CancelToken::default();
+        let second = vm
+            .begin_migration("c:1", status("c:1"), second_cancel.clone())
+            .unwrap();
+        assert_ne!(first, second);
+        // The first migration's thread records its end after the second began.
+        vm.update_migration(first, |s| s.state = MigrationState::Failed);
+        let shown = vm.migration().unwrap();
+        assert_eq!(
+            (shown.to.as_str(), shown.state),
+            ("c:1", MigrationState::Running)
+        );
+        vm.cancel_migration().unwrap();
+        assert!(second_cancel.is_cancelled() && !first_cancel.is_cancelled());
+        // In doubt about the second: a settlement of the first changes nothing.
+        vm.hold().unwrap();
+        vm.lose_confirmation("timed out").unwrap();
+        for settle in [HostedVm::resume_here, HostedVm::release_in_doubt] {
+            let refused = settle(&vm, first).unwrap_err();
+            assert!(matches!(refused, SettleError::Superseded), "{refused}");
+        }
+        assert_eq!(vm.state().name(), "in-doubt");
+        vm.resume_here(second).unwrap();
+        assert_eq!(vm.state(), VmState::Running);
+        vm.stop().unwrap();
+        assert_eq!(ledger.held().memory, 0);
+        vm.join_watcher();
     }
 }

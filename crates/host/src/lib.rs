@@ -19,7 +19,7 @@ pub mod hosted;
 pub mod lifecycle;
 pub mod migration;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,7 @@ use ferry_api::{
 };
 use ferry_http::cluster_roots;
 use files::FileStore;
-use hosted::HostedVm;
+use hosted::{HostedVm, MigrationTicket};
 use migration::{VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
@@ -118,10 +118,10 @@ fn fresh_id(name: &str, next: &mut u64, taken: impl Fn(&str) -> bool) -> String 
 }
 
 /// Whether a VM id a migration's source sent can be kept here: it names the VM in URL
-/// paths, logs and thread names, so printable ASCII only (no `/`, space or NUL), and not
-/// too long; otherwise the VM gets an id of this host's.
+/// paths, logs and thread names, so only the characters of a VM name
+/// ([`ferry_api::valid_vm_id`]); otherwise the VM gets an id of this host's.
 fn usable_id(id: &str) -> bool {
-    (1..=255).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+    ferry_api::valid_vm_id(id)
 }
 
 /// How this host runs.
@@ -243,6 +243,20 @@ pub fn migration_options(req: &MigrateRequest) -> Result<MigrationOptions, HostE
             "downtime_ms and max_rounds must be at least 1".into(),
         ));
     }
+    if req.max_rounds > ferry_api::MAX_ROUNDS {
+        return Err(HostError::BadRequest(format!(
+            "max_rounds {} is more than {}",
+            req.max_rounds,
+            ferry_api::MAX_ROUNDS
+        )));
+    }
+    if req.max_precopy_s > ferry_api::MAX_PRECOPY_S {
+        return Err(HostError::BadRequest(format!(
+            "max_precopy_s {} is more than {} (a day)",
+            req.max_precopy_s,
+            ferry_api::MAX_PRECOPY_S
+        )));
+    }
     let max_rate = match req.max_rate_mib_s {
         None => None,
         Some(mib) if (1..=ferry_api::MAX_RATE_MIB_S).contains(&mib) => Some(mib << 20),
@@ -283,13 +297,56 @@ pub struct Host {
     /// The cluster center this host reports to, if any: it relays settle questions to a
     /// destination this host cannot reach.
     center: Mutex<Option<String>>,
-    vms: Mutex<BTreeMap<String, Arc<HostedVm>>>,
+    vms: Mutex<Vms>,
+    /// The number of the next id `NAME-vmN`; taken under the `vms` lock.
     next_id: Mutex<u64>,
     /// The newest center leader's term this host has heard of: orders of older terms are
     /// refused. Not kept across restarts; the next heartbeat brings it back.
     leader_term: Mutex<Option<LeaderTerm>>,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
+}
+
+/// The VMs of a host, and the ids of those being started.
+#[derive(Default)]
+struct Vms {
+    /// Every VM listed, by id: live ones and, for a while, the records of ended ones.
+    listed: BTreeMap<String, Arc<HostedVm>>,
+    /// Ids of VMs being started, not yet listed: given to no other VM.
+    claimed: BTreeSet<String>,
+}
+
+impl Vms {
+    /// Whether `id` may be given to a VM: no live VM has it and none being started (an
+    /// ended one's record it replaces).
+    fn free(&self, id: &str) -> bool {
+        !self.claimed.contains(id) && !self.listed.get(id).is_some_and(|vm| vm.state().is_live())
+    }
+}
+
+/// An id claimed for a VM being started, until [`Host::register`] lists the VM under it
+/// (or the claim is dropped): no other VM gets it meanwhile, so no VM can replace another
+/// in the list while both run.
+struct IdClaim<'a> {
+    vms: &'a Mutex<Vms>,
+    /// Empty once registered.
+    id: String,
+}
+
+impl IdClaim<'_> {
+    /// The id claimed.
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for IdClaim<'_> {
+    fn drop(&mut self) {
+        if !self.id.is_empty() {
+            let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+            vms.claimed.remove(&self.id);
+        }
+    }
 }
 
 /// A host's long-running threads, each stopped by dropping its handle.
@@ -363,7 +420,7 @@ impl Host {
         while self.outcomes.resuming() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let vms: Vec<Arc<HostedVm>> = self.vms().values().cloned().collect();
+        let vms: Vec<Arc<HostedVm>> = self.vms().listed.values().cloned().collect();
         for vm in &vms {
             let _ = vm.cancel_migration();
         }
@@ -385,17 +442,45 @@ impl Host {
                 vm.join_watcher();
             }
         }
-        self.vms().clear();
+        // Dropped outside the lock, like every record let go of.
+        let records = std::mem::take(&mut self.vms().listed);
+        drop(records);
         drop(background.migrations);
     }
 
-    /// Adds `hosted` (created or arrived) under `id`. One that comes while the host shuts
-    /// down is stopped at once: [`Host::shutdown`] may have taken its list of VMs to stop
-    /// already (it closes `outcomes` before taking it, and this looks after adding).
-    fn register(&self, id: String, hosted: Arc<HostedVm>) {
-        // An entry this one replaces (the VM's earlier stay here) is dropped outside the
-        // lock.
-        let replaced = self.vms().insert(id, hosted.clone());
+    /// Claims an id for a VM about to start: `wanted` (the id a migrated VM had) if it
+    /// is free, else a fresh one; checked and claimed in one critical section.
+    fn claim_id(&self, wanted: Option<&str>) -> IdClaim<'_> {
+        let mut vms = self.vms();
+        let id = match wanted {
+            Some(id) if vms.free(id) => id.to_string(),
+            _ => {
+                let mut next = self.next_id.lock().expect("id lock");
+                // Not even an ended VM's: a fresh id names no record.
+                fresh_id(&self.config.name, &mut next, |id| {
+                    vms.listed.contains_key(id) || vms.claimed.contains(id)
+                })
+            }
+        };
+        vms.claimed.insert(id.clone());
+        IdClaim { vms: &self.vms, id }
+    }
+
+    /// Lists `hosted` (created or arrived) under the id it was started with, `claim`. One
+    /// that comes while the host shuts down is stopped at once: [`Host::shutdown`] may
+    /// have taken its list of VMs to stop already (it closes `outcomes` before taking it,
+    /// and this looks after adding).
+    fn register(&self, mut claim: IdClaim<'_>, hosted: Arc<HostedVm>) {
+        debug_assert_eq!(claim.id(), hosted.id);
+        let replaced = {
+            let mut vms = self.vms();
+            let id = std::mem::take(&mut claim.id);
+            vms.claimed.remove(&id);
+            vms.listed.insert(id, hosted.clone())
+        };
+        // The claim kept live VMs off this id: an entry replaced is the record of the
+        // VM's earlier stay here, dropped outside the lock.
+        debug_assert!(replaced.as_ref().is_none_or(|vm| vm.state().has_ended()));
         drop(replaced);
         if self.outcomes.is_closed() && hosted.state().is_running() {
             if let Err(e) = hosted.stop() {
@@ -453,12 +538,13 @@ impl Host {
         }
     }
 
-    fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<HostedVm>>> {
+    fn vms(&self) -> std::sync::MutexGuard<'_, Vms> {
         self.vms.lock().expect("vms lock")
     }
 
     fn live_vms(&self) -> Vec<Arc<HostedVm>> {
         self.vms()
+            .listed
             .values()
             .filter(|vm| vm.state().is_live())
             .cloned()
@@ -510,13 +596,6 @@ impl Host {
             .map_err(|e| HostError::NoRoom(format!("host {}: {e}", self.config.name)))
     }
 
-    fn new_id(&self) -> String {
-        let mut next = self.next_id.lock().expect("id lock");
-        fresh_id(&self.config.name, &mut next, |id| {
-            self.vms().contains_key(id)
-        })
-    }
-
     /// Opens the files of a create request (absolute paths, so a migration's destination
     /// can look for the same path).
     fn attach(&self, attach: &[Attachment]) -> Result<AttachedFiles, HostError> {
@@ -548,6 +627,13 @@ impl Host {
         }
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
+        // Before the reservation: a VM that cannot exist is a bad request, whatever room
+        // there is.
+        // Before any room is reserved: an impossible shape is a bad request, not a
+        // lack of room.
+        config.validate().map_err(|e| {
+            HostError::BadRequest(format!("cannot create the VM: {}", error_chain(&e)))
+        })?;
         let backend = match req.backend.as_deref() {
             None => self.config.backend,
             Some(name) => ferry_accel::backend::by_name(name).map_err(HostError::BadRequest)?,
@@ -569,9 +655,9 @@ impl Host {
                 _ => HostError::Failed(msg),
             }
         })?;
-        let id = self.new_id();
+        let claim = self.claim_id(None);
         let hosted = HostedVm::start(
-            id.clone(),
+            claim.id().to_string(),
             (req.workload.clone(), req.name.clone()),
             req.args.clone(),
             vm,
@@ -579,8 +665,8 @@ impl Host {
             reservation,
         )
         .map_err(HostError::Failed)?;
-        tracing::info!(%id, workload = %req.workload, "VM started");
-        self.register(id, hosted.clone());
+        tracing::info!(id = %hosted.id, workload = %req.workload, "VM started");
+        self.register(claim, hosted.clone());
         Ok(hosted.info())
     }
 
@@ -597,7 +683,7 @@ impl Host {
     /// `show` of every VM listed, read outside the VM map's lock.
     fn each_vm(&self, show: impl Fn(&HostedVm) -> VmInfo) -> Vec<VmInfo> {
         self.forget_old_ended_vms();
-        let vms: Vec<_> = self.vms().values().cloned().collect();
+        let vms: Vec<_> = self.vms().listed.values().cloned().collect();
         vms.iter().map(|vm| show(vm)).collect()
     }
 
@@ -607,7 +693,7 @@ impl Host {
     fn forget_old_ended_vms(&self) {
         let now = std::time::Instant::now();
         let forgotten: Vec<Arc<HostedVm>> = {
-            let mut vms = self.vms();
+            let vms = &mut self.vms().listed;
             let mut ended: Vec<(std::time::Instant, String)> = vms
                 .iter()
                 .filter_map(|(id, vm)| vm.ended_at().map(|at| (at, id.clone())))
@@ -628,6 +714,7 @@ impl Host {
     /// One VM.
     pub fn get(&self, id: &str) -> Result<Arc<HostedVm>, HostError> {
         self.vms()
+            .listed
             .get(id)
             .cloned()
             .ok_or_else(|| HostError::NotFound(id.to_string()))
@@ -649,9 +736,23 @@ impl Host {
                 .stop()
                 .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?,
         }
-        self.vms().remove(id);
+        self.unlist(&vm);
         tracing::info!(%id, "VM stopped");
         Ok(vm.info())
+    }
+
+    /// Forgets the record of `vm`, and only it: a VM listed under its id since (one that
+    /// came back with it once it ended) stays.
+    fn unlist(&self, vm: &Arc<HostedVm>) {
+        let mut vms = self.vms();
+        if vms
+            .listed
+            .get(&vm.id)
+            .is_some_and(|listed| Arc::ptr_eq(listed, vm))
+        {
+            // `vm` is still held: the record is dropped by the caller, outside the lock.
+            vms.listed.remove(&vm.id);
+        }
     }
 
     /// Starts migrating a VM to `req.to` in the background; follow it with
@@ -673,29 +774,39 @@ impl Host {
             error: None,
             settlement: Vec::new(),
         };
-        vm.begin_migration(&req.to, status.clone(), options.cancel.clone())
+        let ticket = vm
+            .begin_migration(&req.to, status.clone(), options.cancel.clone())
             .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
         let host = self.clone();
         let migrating = vm.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{id}"))
-            .spawn(move || host.migrate(&migrating, &req.to, &options));
+            .spawn(move || host.migrate(&migrating, ticket, &req.to, &options));
         if let Err(e) = spawned {
+            let error = format!("cannot start the migration thread: {e}");
+            vm.update_migration(ticket, |s| {
+                s.state = MigrationState::Failed;
+                s.error = Some(error.clone());
+            });
             let _ = vm.abandon_migration();
-            return Err(HostError::Failed(format!(
-                "cannot start the migration thread: {e}"
-            )));
+            return Err(HostError::Failed(error));
         }
         Ok(status)
     }
 
-    /// Migrates `vm` now (blocking); the outcome lands in its state and its migration
-    /// status.
-    fn migrate(&self, vm: &Arc<HostedVm>, to: &str, options: &MigrationOptions) {
+    /// Migrates `vm` now (blocking) as its migration `ticket`; the outcome lands in its
+    /// state and that migration's status.
+    fn migrate(
+        &self,
+        vm: &Arc<HostedVm>,
+        ticket: MigrationTicket,
+        to: &str,
+        options: &MigrationOptions,
+    ) {
         let id = vm.id.clone();
         let mut on_progress = |p: &Progress| {
             tracing::debug!(vm = %id, round = p.round, phase = p.phase, "migration progress");
-            vm.update_migration(|s| s.progress = Some(p.clone()));
+            vm.update_migration(ticket, |s| s.progress = Some(p.clone()));
         };
         let result = match VmSource::new(vm.clone(), &self.config.name) {
             Some(source) => ferry_migrate::migrate_vm(
@@ -710,19 +821,29 @@ impl Host {
             )))),
         };
         match result {
+            // The status is final before the VM's transition: once the VM runs here again
+            // (free for another migration), whoever looks sees how this one ended.
             Ok(report) => {
                 tracing::info!(vm = %id, %to, downtime_ms = report.downtime_ms, "VM migrated");
-                if let Err(e) = vm.leave() {
-                    tracing::error!(vm = %id, "a migrated VM could not be released: {e}");
-                }
-                vm.update_migration(|s| {
+                vm.update_migration(ticket, |s| {
                     s.state = MigrationState::Succeeded;
                     s.report = Some(report);
                 });
+                if let Err(e) = vm.leave() {
+                    tracing::error!(vm = %id, "a migrated VM could not be released: {e}");
+                }
             }
             Err(e) => {
                 let error = error_chain(&e);
                 tracing::warn!(vm = %id, %to, "migration failed: {error}");
+                vm.update_migration(ticket, |s| {
+                    s.state = match e {
+                        MigrationError::InDoubt { .. } => MigrationState::InDoubt,
+                        MigrationError::Cancelled { .. } => MigrationState::Cancelled,
+                        _ => MigrationState::Failed,
+                    };
+                    s.error = Some(error);
+                });
                 let outcome = match &e {
                     MigrationError::InDoubt { reason, .. } => {
                         vm.lose_confirmation(reason).map_err(|e| e.to_string())
@@ -732,16 +853,8 @@ impl Host {
                 if let Err(why) = outcome {
                     tracing::error!(vm = %id, "after the failed migration: {why}");
                 }
-                vm.update_migration(|s| {
-                    s.state = match e {
-                        MigrationError::InDoubt { .. } => MigrationState::InDoubt,
-                        MigrationError::Cancelled { .. } => MigrationState::Cancelled,
-                        _ => MigrationState::Failed,
-                    };
-                    s.error = Some(error);
-                });
                 if let MigrationError::InDoubt { session, .. } = e {
-                    self.settle(vm, to, session, options);
+                    self.settle(vm, ticket, to, session, options);
                 }
             }
         }
@@ -750,13 +863,21 @@ impl Host {
     /// Settles an in-doubt switchover: asks the destination (or, when it cannot be
     /// reached, the center, which asks it in turn) whether it runs the VM, with backoff,
     /// until the answer is final; then releases the VM here or resumes it. Gives up after
-    /// [`IN_DOUBT_PATIENCE`], leaving it to `ferry vm resolve`.
-    fn settle(&self, vm: &HostedVm, to: &str, session: u64, options: &MigrationOptions) {
+    /// [`IN_DOUBT_PATIENCE`], leaving it to `ferry vm resolve`. Only migration `ticket`
+    /// is settled: once the VM is no longer in doubt about it, this stops.
+    fn settle(
+        &self,
+        vm: &HostedVm,
+        ticket: MigrationTicket,
+        to: &str,
+        session: u64,
+        options: &MigrationOptions,
+    ) {
         let started = std::time::Instant::now();
         let mut wait = Duration::from_millis(100);
         let note = |line: String| {
             tracing::info!(vm = %vm.id, "{line}");
-            vm.update_migration(|s| {
+            vm.update_migration(ticket, |s| {
                 if s.settlement.len() >= MAX_SETTLEMENT_LINES {
                     s.settlement.remove(0);
                 }
@@ -764,7 +885,10 @@ impl Host {
             });
         };
         loop {
-            if !matches!(vm.state(), VmState::InDoubt { .. }) {
+            // Resolved (by the operator), and maybe migrated again since: not ours.
+            if !matches!(vm.state(), VmState::InDoubt { .. })
+                || vm.migration_ticket() != Some(ticket)
+            {
                 return;
             }
             let asked = settlement(
@@ -775,13 +899,13 @@ impl Host {
             let done = match asked {
                 Ok((who, Settlement::Running)) => {
                     note(format!("{after}: {who} runs the VM: released here"));
-                    vm.leave().map_err(|e| e.to_string())
+                    vm.release_in_doubt(ticket).map_err(|e| e.to_string())
                 }
                 Ok((who, Settlement::NotRunning)) => {
                     note(format!(
                         "{after}: {who} does not run the VM, and never will: resumed here"
                     ));
-                    vm.resume_here()
+                    vm.resume_here(ticket).map_err(|e| e.to_string())
                 }
                 Ok((who, Settlement::Undecided)) => {
                     note(format!(
@@ -850,21 +974,26 @@ impl Host {
     /// destination does not run it), otherwise it is released here (it runs there).
     pub fn resolve(&self, id: &str, resume: bool) -> Result<MigrationStatus, HostError> {
         let vm = self.get(id)?;
-        let done = if resume {
-            vm.resume_here()
-        } else if matches!(vm.state(), VmState::InDoubt { .. }) {
-            vm.leave().map_err(|e| e.to_string())
-        } else {
-            Err(format!("it is {}, not in doubt", vm.state()))
+        // The operator settles the migration the VM is in doubt about: its latest.
+        let done = match vm.migration_ticket() {
+            Some(ticket) if matches!(vm.state(), VmState::InDoubt { .. }) => {
+                let done = if resume {
+                    vm.resume_here(ticket)
+                } else {
+                    vm.release_in_doubt(ticket)
+                };
+                done.map(|()| ticket).map_err(|e| e.to_string())
+            }
+            _ => Err(format!("it is {}, not in doubt", vm.state())),
         };
-        done.map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
+        let ticket = done.map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
         let line = if resume {
             "resolved by the operator: resumed here"
         } else {
             "resolved by the operator: released here (it runs on the destination)"
         };
         tracing::warn!(%id, "{line}");
-        vm.update_migration(|s| s.settlement.push(line.into()));
+        vm.update_migration(ticket, |s| s.settlement.push(line.into()));
         self.migration(id)
     }
 
@@ -942,18 +1071,12 @@ impl ferry_migrate::TargetFactory for Receiver {
             .extra(EXTRA_ARGS)
             .and_then(|a| serde_json::from_str(a).ok())
             .unwrap_or_default();
-        let mut id = target
-            .extra(EXTRA_ID)
-            .filter(|id| usable_id(id))
-            .map_or_else(|| self.host.new_id(), str::to_string);
-        if self
+        // Its id if usable and no live VM here has it (one created here since it left may
+        // have been given it), else a fresh one.
+        let claim = self
             .host
-            .vms()
-            .get(&id)
-            .is_some_and(|old| old.state().is_live())
-        {
-            id = self.host.new_id();
-        }
+            .claim_id(target.extra(EXTRA_ID).filter(|id| usable_id(id)));
+        let id = claim.id().to_string();
         let from = target.extra(EXTRA_FROM).map(str::to_string);
         let name = target
             .extra(EXTRA_NAME)
@@ -969,7 +1092,7 @@ impl ferry_migrate::TargetFactory for Receiver {
         ) {
             Ok(hosted) => {
                 tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
-                self.host.register(id, hosted);
+                self.host.register(claim, hosted);
             }
             Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
         }
@@ -1044,6 +1167,129 @@ mod tests {
         for bad in ["", "a\0b", "a/b", "a b", "é", &"x".repeat(256)] {
             assert!(!usable_id(bad), "{bad:?}");
         }
+        // Nor one that would need escaping in a URL path.
+        for bad in ["a?b", "a#b", "a%2Fb", "a+b", "a:b", "a\\b"] {
+            assert!(!usable_id(bad), "{bad:?}");
+        }
+    }
+
+    fn test_host() -> Arc<Host> {
+        Host::new(HostConfig {
+            name: "h".into(),
+            secret: Secret::new(b"host-unit-test-secret-0123456789".to_vec()).unwrap(),
+            memory_capacity: 1 << 30,
+            accel_capacity: 256 << 20,
+            accel_threads: 1,
+            guest_nice: 0,
+            tls: None,
+            file_store: std::env::temp_dir().join("ferry-host-unit-test-store"),
+            api_tokens: None,
+            backend: ferry_accel::backend::CPU,
+        })
+    }
+
+    fn memtouch(memory: u64, accel_memory: u64) -> CreateVm {
+        CreateVm {
+            name: None,
+            workload: "memtouch".into(),
+            args: ["--mib", "1", "--passes", "1000000"]
+                .map(String::from)
+                .to_vec(),
+            memory,
+            accel_memory,
+            attach: Vec::new(),
+            backend: None,
+        }
+    }
+
+    #[test]
+    fn an_id_claimed_for_a_vm_being_started_goes_to_no_other_vm() {
+        // Restarted, the host counts from 1 again: `h-vm1`, created before the restart,
+        // migrates back while an operator creates a VM.
+        let host = test_host();
+        let arriving = host.claim_id(Some("h-vm1"));
+        assert_eq!(arriving.id(), "h-vm1");
+        let created = host.claim_id(None);
+        assert_eq!(created.id(), "h-vm2");
+        // Nor does another arrival with that id get it while it is claimed.
+        assert_eq!(host.claim_id(Some("h-vm1")).id(), "h-vm3");
+        // A claim given up (its VM did not start) frees the id.
+        drop(arriving);
+        assert_eq!(host.claim_id(Some("h-vm1")).id(), "h-vm1");
+    }
+
+    #[test]
+    fn an_impossible_vm_is_a_bad_request_whatever_room_there_is() {
+        let host = test_host();
+        // Sizes past the host's capacity but also past what a VM may have, or misaligned.
+        for (memory, accel) in [(1 << 50, 0), (64 << 20, 1 << 50), (64 << 20, 4097)] {
+            let error = host.create_vm(&memtouch(memory, accel)).unwrap_err();
+            assert!(
+                matches!(error, HostError::BadRequest(_)),
+                "{memory} + {accel}: {error:?}"
+            );
+        }
+        assert_eq!(host.memory_used(), 0);
+        assert!(host.list().is_empty());
+    }
+
+    #[test]
+    fn pre_copy_bounds_beyond_their_maxima_are_refused() {
+        let mut req = MigrateRequest::to("127.0.0.1:1");
+        req.max_rounds = ferry_api::MAX_ROUNDS;
+        req.max_precopy_s = ferry_api::MAX_PRECOPY_S;
+        let options = migration_options(&req).unwrap();
+        assert_eq!(options.max_rounds, ferry_api::MAX_ROUNDS);
+        req.max_rounds += 1;
+        let error = migration_options(&req).unwrap_err();
+        assert!(
+            matches!(&error, HostError::BadRequest(m) if m.contains("max_rounds")),
+            "{error:?}"
+        );
+        req.max_rounds = 30;
+        req.max_precopy_s = u64::MAX;
+        let error = migration_options(&req).unwrap_err();
+        assert!(
+            matches!(&error, HostError::BadRequest(m) if m.contains("max_precopy_s")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn stopping_a_vm_forgets_its_record_and_not_the_vm_that_took_its_id_since() {
+        if !ferry_testdata::kvm(
+            "stopping_a_vm_forgets_its_record_and_not_the_vm_that_took_its_id_since",
+        ) {
+            return;
+        }
+        let host = test_host();
+        let created = host.create_vm(&memtouch(32 << 20, 0)).unwrap();
+        let stopped = host.get(&created.id).unwrap();
+        stopped.stop().unwrap();
+        // It ended: a VM migrated here with its id takes it (as `adopt` does).
+        let claim = host.claim_id(Some(&created.id));
+        assert_eq!(claim.id(), created.id);
+        let config = VmConfig::new(32 << 20);
+        let image = ferry_guest_images::resolve("memtouch").unwrap();
+        let args = memtouch(0, 0).args;
+        let vm = Microvm::boot(config, &image, &args, host.vm_host_options()).unwrap();
+        let arrived = HostedVm::start(
+            claim.id().to_string(),
+            ("memtouch".into(), None),
+            args,
+            vm,
+            Some("g".into()),
+            host.reserve(&config).unwrap(),
+        )
+        .unwrap();
+        host.register(claim, arrived.clone());
+        // Forgetting the stopped VM's record leaves the running one listed.
+        host.unlist(&stopped);
+        let listed = host.get(&created.id).unwrap();
+        assert!(Arc::ptr_eq(&listed, &arrived));
+        host.shutdown();
+        assert!(arrived.state().has_ended());
+        assert_eq!(host.memory_used(), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!                │  ▲          │               │  ▲            ▲
 //!                │  └──────────┴── (failed or  │  │            │
 //!                │     cancelled before Go) ◄──┘  │         (confirmed)
-//!                │                          in-doubt ─────────┘
+//!                │                          in-doubt ─────────┘ (released)
 //!                │                              └──► running (destination has no copy)
 //!                ├──► stopping ──► stopped
 //!                └──► exited | failed   (the guest ended; also from migrating)
@@ -15,6 +15,10 @@
 //!
 //! A transition is one short critical section that checks and changes the state: it
 //! never waits for the guest, the network or a pause, so readers never wait either.
+//!
+//! A transition that ends the VM's life here hands its reservation back to the caller
+//! ([`Vacated`]), to drop once the VM's memory is freed: until then the host still holds
+//! that memory, and must not promise it to another VM.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -37,8 +41,10 @@ pub enum Transition {
     Abandon,
     /// Switchover → in-doubt.
     LoseConfirmation,
-    /// Switchover or in-doubt → migrated-away.
+    /// Switchover → migrated-away: the destination confirmed it runs the VM.
     Leave,
+    /// In-doubt → migrated-away: settled that the destination runs the VM.
+    Release,
     /// In-doubt → running: the destination does not run it.
     ResumeHere,
     /// Running → stopping.
@@ -58,7 +64,8 @@ impl Transition {
             Self::BeginSwitchover => "switch over",
             Self::Abandon => "abandon the migration of",
             Self::LoseConfirmation => "mark in doubt",
-            Self::Leave => "release",
+            Self::Leave => "complete the migration of",
+            Self::Release => "release",
             Self::ResumeHere => "resume",
             Self::Stop => "stop",
             Self::FinishStop => "finish stopping",
@@ -83,6 +90,15 @@ struct Stage {
     ended_at: Option<Instant>,
     /// Held from creation (or a migration's acceptance) until the VM's life here ends.
     reservation: Option<Reservation>,
+}
+
+/// The capacity reservation of a VM whose life here just ended: given back when dropped,
+/// which its owner does once the VM's memory is freed (freeing GiBs takes a while).
+#[must_use = "drop it once the VM's memory is freed"]
+#[derive(Debug)]
+pub struct Vacated {
+    /// Kept only to be dropped.
+    _reservation: Option<Reservation>,
 }
 
 /// A VM's state machine.
@@ -116,12 +132,12 @@ impl Lifecycle {
     }
 
     /// Makes transition `t` to the state `next` gives for the current one, or refuses it
-    /// (`next` returns `None`). Ended states give the reservation back.
+    /// (`next` returns `None`). Ended states hand the reservation out, to the caller.
     fn apply(
         &self,
         t: Transition,
         next: impl FnOnce(&VmState) -> Option<VmState>,
-    ) -> Result<VmState, TransitionError> {
+    ) -> Result<Vacated, TransitionError> {
         let mut stage = self.stage();
         let Some(state) = next(&stage.state) else {
             return Err(TransitionError {
@@ -129,12 +145,16 @@ impl Lifecycle {
                 state: stage.state.clone(),
             });
         };
-        if state.has_ended() {
-            stage.reservation = None;
+        let vacated = if state.has_ended() {
             stage.ended_at.get_or_insert_with(Instant::now);
-        }
-        stage.state = state.clone();
-        Ok(state)
+            stage.reservation.take()
+        } else {
+            None
+        };
+        stage.state = state;
+        Ok(Vacated {
+            _reservation: vacated,
+        })
     }
 
     /// Creating → running.
@@ -183,15 +203,22 @@ impl Lifecycle {
         .map(drop)
     }
 
-    /// Switchover or in-doubt → migrated-away: it runs on the destination.
-    pub fn leave(&self) -> Result<(), TransitionError> {
+    /// Switchover → migrated-away: the destination confirmed it runs the VM. Not from
+    /// in-doubt: only a settlement of that migration ([`Self::release`]) moves it on.
+    pub fn leave(&self) -> Result<Vacated, TransitionError> {
         self.apply(Transition::Leave, |s| match s {
-            VmState::Switchover { to } | VmState::InDoubt { to, .. } => {
-                Some(VmState::MigratedAway { to: to.clone() })
-            }
+            VmState::Switchover { to } => Some(VmState::MigratedAway { to: to.clone() }),
             _ => None,
         })
-        .map(drop)
+    }
+
+    /// In-doubt → migrated-away: settled that the destination runs the VM. Not from a
+    /// switchover, which may be a later migration's that is still undecided.
+    pub fn release(&self) -> Result<Vacated, TransitionError> {
+        self.apply(Transition::Release, |s| match s {
+            VmState::InDoubt { to, .. } => Some(VmState::MigratedAway { to: to.clone() }),
+            _ => None,
+        })
     }
 
     /// In-doubt → running: the destination does not run it.
@@ -212,17 +239,16 @@ impl Lifecycle {
     }
 
     /// Stopping → stopped.
-    pub fn finish_stop(&self) -> Result<(), TransitionError> {
+    pub fn finish_stop(&self) -> Result<Vacated, TransitionError> {
         self.apply(Transition::FinishStop, |s| {
             matches!(s, VmState::Stopping).then_some(VmState::Stopped)
         })
-        .map(drop)
     }
 
     /// The guest ended as `ended` (exited or failed): from running or migrating (whose
     /// migration then fails), from creating (a VM that could not start), or from the
     /// switchover (a VM paused for it that could not run again after it failed).
-    pub fn end(&self, ended: VmState) -> Result<(), TransitionError> {
+    pub fn end(&self, ended: VmState) -> Result<Vacated, TransitionError> {
         debug_assert!(matches!(
             ended,
             VmState::Exited { .. } | VmState::Failed { .. }
@@ -237,7 +263,6 @@ impl Lifecycle {
             )
             .then_some(ended)
         })
-        .map(drop)
     }
 }
 
@@ -265,8 +290,9 @@ mod tests {
         life.begin_switchover().unwrap();
         assert!(life.state().is_running() && life.state().is_live());
         assert_eq!(ledger.held().memory, 64 << 20);
-        life.leave().unwrap();
+        let vacated = life.leave().unwrap();
         assert_eq!(life.state(), VmState::MigratedAway { to: "b:1".into() });
+        drop(vacated);
         assert_eq!(ledger.held().memory, 0, "a VM that left holds nothing");
     }
 
@@ -279,7 +305,7 @@ mod tests {
         let failed = VmState::Failed {
             error: "cannot resume".into(),
         };
-        life.end(failed.clone()).unwrap();
+        drop(life.end(failed.clone()).unwrap());
         assert_eq!(life.state(), failed);
         assert_eq!(ledger.held().memory, 0);
         // Ended for good: neither resolved nor resumed.
@@ -307,7 +333,7 @@ mod tests {
         life.migrate("c:1").unwrap();
         life.abandon_migration().unwrap();
         life.stop().unwrap();
-        life.finish_stop().unwrap();
+        drop(life.finish_stop().unwrap());
         assert_eq!(life.state(), VmState::Stopped);
     }
 
@@ -333,7 +359,7 @@ mod tests {
                 assert_eq!(life.state(), VmState::Running);
                 assert_eq!(ledger.held().memory, 64 << 20);
             } else {
-                life.leave().unwrap();
+                drop(life.release().unwrap());
                 assert_eq!(ledger.held().memory, 0);
                 assert!(life.resume_here().is_err());
             }
@@ -346,7 +372,7 @@ mod tests {
         life.start().unwrap();
         life.migrate("b:1").unwrap();
         life.begin_switchover().unwrap();
-        life.leave().unwrap();
+        drop(life.leave().unwrap());
         let stop = life.stop().unwrap_err();
         assert!(stop.to_string().contains("migrated to b:1"), "{stop}");
         assert!(life.end(VmState::Exited { code: 0 }).is_err());
@@ -357,12 +383,62 @@ mod tests {
         let (ledger, life) = vm();
         life.start().unwrap();
         life.migrate("b:1").unwrap();
-        life.end(VmState::Exited { code: 3 }).unwrap();
+        drop(life.end(VmState::Exited { code: 3 }).unwrap());
         assert_eq!(ledger.held().memory, 0);
         // The migration's own failure path cannot bring it back.
         assert!(life.abandon_migration().is_err());
         assert!(life.end(VmState::Exited { code: 0 }).is_err());
         assert_eq!(life.state(), VmState::Exited { code: 3 });
+    }
+
+    #[test]
+    fn a_vm_whose_life_ends_holds_its_capacity_until_its_memory_is_freed() {
+        // Leaving, ending and stopping: the caller frees the memory, then the room.
+        type End = fn(&Lifecycle) -> Result<Vacated, TransitionError>;
+        let ends: [(&str, End); 3] = [
+            ("leave", |life| {
+                life.migrate("b:1")?;
+                life.begin_switchover()?;
+                life.leave()
+            }),
+            ("end", |life| life.end(VmState::Exited { code: 0 })),
+            ("stop", |life| {
+                life.stop()?;
+                life.finish_stop()
+            }),
+        ];
+        for (how, end) in ends {
+            let (ledger, life) = vm();
+            life.start().unwrap();
+            let vacated = end(&life).unwrap();
+            assert!(life.state().has_ended(), "{how}");
+            assert_eq!(
+                ledger.held().memory,
+                64 << 20,
+                "{how}: memory not yet freed"
+            );
+            drop(vacated);
+            assert_eq!(ledger.held().memory, 0, "{how}");
+        }
+    }
+
+    #[test]
+    fn only_a_settlement_releases_an_in_doubt_vm_and_only_a_confirmation_one_in_switchover() {
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        life.begin_switchover().unwrap();
+        // A settlement of an earlier migration, in doubt no more, finds this one's
+        // switchover: it must not release the VM.
+        let refused = life.release().unwrap_err();
+        assert_eq!(refused.transition, Transition::Release);
+        assert_eq!(life.state(), VmState::Switchover { to: "b:1".into() });
+        life.lose_confirmation("timed out").unwrap();
+        // In doubt: the migration thread's confirmation path no longer applies.
+        assert!(life.leave().is_err());
+        drop(life.release().unwrap());
+        assert_eq!(life.state(), VmState::MigratedAway { to: "b:1".into() });
+        assert_eq!(ledger.held().memory, 0);
     }
 
     #[test]

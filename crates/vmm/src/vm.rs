@@ -62,6 +62,21 @@ impl VmConfig {
             ..self
         }
     }
+
+    /// Refuses a shape no VM can have: vCPUs other than one, a RAM size the memory
+    /// layout cannot hold, device memory not whole pages or above [`MAX_ACCEL_MEMORY`].
+    pub fn validate(&self) -> Result<(), CreateVmError> {
+        if self.vcpus != 1 {
+            return Err(CreateVmError::UnsupportedVcpus(self.vcpus));
+        }
+        memory::validate_ram_size(self.ram_size)?;
+        if !self.accel_memory.is_multiple_of(ferry_abi::PAGE_SIZE)
+            || self.accel_memory > MAX_ACCEL_MEMORY
+        {
+            return Err(CreateVmError::AccelMemory(self.accel_memory));
+        }
+        Ok(())
+    }
 }
 
 /// What this host gives a VM, which is not part of its state: where its console goes,
@@ -402,15 +417,7 @@ fn create_backend(kind: &str, host: &HostOptions) -> Result<Box<dyn Backend>, Cr
 }
 
 fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmError> {
-    if config.vcpus != 1 {
-        return Err(CreateVmError::UnsupportedVcpus(config.vcpus));
-    }
-    memory::validate_ram_size(config.ram_size)?;
-    if !config.accel_memory.is_multiple_of(ferry_abi::PAGE_SIZE)
-        || config.accel_memory > MAX_ACCEL_MEMORY
-    {
-        return Err(CreateVmError::AccelMemory(config.accel_memory));
-    }
+    config.validate()?;
     let kvm = Kvm::new().map_err(CreateVmError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(CreateVmError::CreateVm)?;
     let memory = create_guest_ram(config.ram_size)?;
