@@ -1156,8 +1156,12 @@ impl Accelerator {
     }
 
     /// See [`DeviceReplay::replay`].
-    pub fn replay(&self, entries: Vec<LoggedCommand>) -> Result<(), ReplayError> {
-        self.replayer().replay(entries)
+    pub fn replay(
+        &self,
+        entries: Vec<LoggedCommand>,
+        deadline: Instant,
+    ) -> Result<(), ReplayError> {
+        self.replayer().replay(entries, deadline)
     }
 
     /// See [`DeviceReplay::digest`].
@@ -1266,10 +1270,21 @@ fn on_device<R: Send + 'static>(
 impl DeviceReplay {
     /// Replays `entries` (a source's log) on this device's memory, on the device thread.
     /// The device must be paused; it stops at the first command that completes otherwise
-    /// than it did there.
-    pub fn replay(&self, entries: Vec<LoggedCommand>) -> Result<(), ReplayError> {
+    /// than it did there, or that would start after `deadline` (a peer's commands may
+    /// not hold the device for ever).
+    pub fn replay(
+        &self,
+        entries: Vec<LoggedCommand>,
+        deadline: Instant,
+    ) -> Result<(), ReplayError> {
         on_device(&self.shared, move |core| {
             for (index, entry) in entries.iter().enumerate() {
+                if Instant::now() > deadline {
+                    return Err(ReplayError::OutOfTime {
+                        index,
+                        total: entries.len(),
+                    });
+                }
                 core.replay(index, entry)?;
             }
             Ok(())
@@ -1418,14 +1433,21 @@ impl DeviceReplay {
 }
 
 /// Bytes a second [`crate::backend::crc32_on_every_core`] hashes on this machine,
-/// measured once (on 64 MiB, about 10 ms).
+/// measured once: the best of three hashes of 32 MiB (a few ms each), so a thread
+/// preempted during one does not make every later estimate too long.
 fn hashing_rate() -> f64 {
     static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *RATE.get_or_init(|| {
-        let bytes: Vec<u8> = (0..64u32 << 20).map(|i| (i >> 12) as u8).collect();
-        let started = Instant::now();
-        std::hint::black_box(crate::backend::crc32_on_every_core(&bytes));
-        bytes.len() as f64 / started.elapsed().as_secs_f64().max(1e-6)
+        let bytes: Vec<u8> = (0..32u32 << 20).map(|i| (i >> 12) as u8).collect();
+        let best = (0..3)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(crate::backend::crc32_on_every_core(&bytes));
+                started.elapsed()
+            })
+            .min()
+            .unwrap_or_default();
+        bytes.len() as f64 / best.as_secs_f64().max(1e-6)
     })
 }
 

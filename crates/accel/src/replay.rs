@@ -238,6 +238,14 @@ pub enum ReplayError {
         /// This device's.
         got: u32,
     },
+    /// The commands took longer than they may: replay stopped before command `index`.
+    #[error("replay ran out of time before command {index} of {total}")]
+    OutOfTime {
+        /// The first command not replayed.
+        index: usize,
+        /// The commands given.
+        total: usize,
+    },
     /// An upload's logged data does not match its length.
     #[error("replayed upload {index} carries {got} bytes for {expected}")]
     BadPayload {

@@ -12,6 +12,7 @@ use ferry_accel::backend::{self, Backend, DeviceMemory};
 use ferry_accel::device::{Accelerator, ChunkOrigin};
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_accel::files::{no_files, FileSource};
+use ferry_accel::replay::{LoggedCommand, ReplayError};
 use ferry_accel::ring::GuestRam;
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -26,6 +27,11 @@ struct FakeGuest {
     mem: GuestRam,
     accel: Accelerator,
     head: u64,
+}
+
+/// A replay deadline no test reaches.
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
 }
 
 fn field(offset: usize) -> GuestAddress {
@@ -790,7 +796,7 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
 
     let source = g.accel.digest();
     let dest = destination(&table, &base);
-    dest.accel.replay(log.clone()).unwrap();
+    dest.accel.replay(log.clone(), far()).unwrap();
     assert_eq!(
         dest.accel.digest(),
         source,
@@ -801,13 +807,13 @@ fn a_base_read_while_commands_run_plus_the_replayed_log_equals_the_source_bit_fo
     let dest = destination(&table, &base);
     let mut short = log.clone();
     short.retain(|e| !(e.opcode == op::LAUNCH && e.args[0] == kernel::MATMUL));
-    dest.accel.replay(short).unwrap();
+    dest.accel.replay(short, far()).unwrap();
     assert_ne!(dest.accel.digest(), source);
 }
 
 #[test]
 fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
-    use ferry_accel::replay::{CaptureError, CaptureLimits, ReplayError};
+    use ferry_accel::replay::{CaptureError, CaptureLimits};
     let mut g = FakeGuest::new(1);
     assert_eq!(g.run(op::ALLOC, &[1, 4 * CHUNK_SIZE]), status::OK);
     // Written before the boundary, so in the base (unwritten chunks read as zero).
@@ -844,26 +850,45 @@ fn a_capture_past_its_bounds_fails_cleanly_and_a_bad_log_is_refused() {
 
     // A log naming a buffer this device does not have, or an upload of the wrong size.
     g.accel.pause();
-    let upload = |len: u64, payload: usize| ferry_accel::replay::LoggedCommand {
+    let upload = |len: u64, payload: usize| LoggedCommand {
         opcode: op::UPLOAD,
         args: vec![9, 0, 0, len],
         payload: vec![0; payload],
         status: status::OK,
     };
     assert!(matches!(
-        g.accel.replay(vec![upload(16, 16)]),
+        g.accel.replay(vec![upload(16, 16)], far()),
         Err(ReplayError::Diverged { got, .. }) if got == status::BAD_BUFFER
     ));
     let mut wrong = upload(16, 8);
     wrong.args[0] = 2;
     assert!(matches!(
-        g.accel.replay(vec![wrong]),
+        g.accel.replay(vec![wrong], far()),
         Err(ReplayError::BadPayload {
             expected: 16,
             got: 8,
             ..
         })
     ));
+}
+
+#[test]
+fn a_replay_past_its_deadline_stops_before_its_next_command() {
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, CHUNK_SIZE]), status::OK);
+    g.accel.pause();
+    let before = g.accel.digest();
+    let upload = |at: u64| LoggedCommand {
+        opcode: op::UPLOAD,
+        args: vec![1, at, 0, 16],
+        status: status::OK,
+        payload: vec![7; 16],
+    };
+    assert!(matches!(
+        g.accel.replay(vec![upload(0), upload(16)], Instant::now()),
+        Err(ReplayError::OutOfTime { index: 0, total: 2 })
+    ));
+    assert_eq!(g.accel.digest(), before, "nothing replayed");
 }
 
 #[test]

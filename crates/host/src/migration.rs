@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_abi::ABI_VERSION;
 use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
@@ -283,6 +283,11 @@ impl MigrationSource for VmSource {
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
         Ok(self.replayer().map_err(VmError::Capture)?.digest())
     }
+
+    fn device_digest_estimate(&self) -> Duration {
+        self.replayer()
+            .map_or(Duration::ZERO, DeviceReplay::digest_estimate)
+    }
 }
 
 /// Where each offered file comes from on this host.
@@ -510,7 +515,7 @@ impl MigrationTarget for VmTarget {
         self.description.accel_memory > 0
     }
 
-    fn replay(&self, commands: Vec<LoggedCommand>) -> Result<(), VmError> {
+    fn replay(&self, commands: Vec<LoggedCommand>, deadline: Instant) -> Result<(), VmError> {
         // A replayed file load reads this host's copies (all here once round 0 is done).
         let files = self.files_here();
         let device = self
@@ -525,7 +530,7 @@ impl MigrationTarget for VmTarget {
             .map_err(VmError::Replay)?;
         // Without the target's lock: the commands run kernels.
         device
-            .replay(commands)
+            .replay(commands, deadline)
             .map_err(|e| VmError::Replay(e.into()))?;
         // Digest now what these commands wrote, while the VM still runs on the source:
         // the switchover's digest then hashes only what the last ones wrote.

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::auth::{authenticate_stream_listener, Secret};
 use crate::gate::{Gate, Refusal, Ticket, HANDSHAKE_TIME};
 use crate::link::Link;
-use crate::replay::{DeviceTransfer, LoggedCommand};
+use crate::replay::{DeviceTransfer, LoggedCommand, MAX_ROUND_REPLAY};
 use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
@@ -31,6 +31,9 @@ use crate::MigrationError;
 const STREAM_WAIT: Duration = Duration::from_secs(30);
 /// Read timeout on the control connection (the source sends at least once per round).
 pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Beyond [`MAX_ROUND_REPLAY`], how long a round's replay may run here: the source's
+/// default I/O timeout, which it waits on top of its allowance.
+const REPLAY_GRACE: Duration = Duration::from_secs(10);
 /// What a zero-page record writes (the largest run), shared rather than allocated per
 /// record.
 static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
@@ -965,8 +968,11 @@ fn control_loop<T: MigrationTarget>(
                 }
                 if !round_commands.is_empty() {
                     let (n, replaying) = (round_commands.len(), Instant::now());
+                    // Bounded: the source waits at most about as long, and a peer's
+                    // commands may not hold this host's device for ever.
+                    let deadline = replaying + MAX_ROUND_REPLAY + REPLAY_GRACE;
                     target
-                        .replay(std::mem::take(&mut round_commands))
+                        .replay(std::mem::take(&mut round_commands), deadline)
                         .map_err(MigrationError::Target)?;
                     round_command_bytes = 0;
                     tracing::debug!(

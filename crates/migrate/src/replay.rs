@@ -170,18 +170,26 @@ pub fn falling_behind(rounds_ms: &[f64]) -> bool {
             .all(|w| w[1] > w[0] * KEEP_UP_RATIO)
 }
 
+/// The longest a destination may take to replay one round's commands, beyond the I/O
+/// timeout: less than the 120 s its data streams wait for their next frame, which they
+/// do while it replays. A destination stops replaying a round past it.
+pub(crate) const MAX_ROUND_REPLAY: Duration = Duration::from_secs(90);
+const _: () = assert!(MAX_ROUND_REPLAY.as_secs() + 20 < crate::receive::CONTROL_TIMEOUT.as_secs());
+
 /// The pause a replay switchover is predicted to take: the destination replays what the
 /// source runs between the last take and the pause (about `last_round` of the source's
-/// time, at the `replay_ratio` the rounds show), while the final RAM goes at `rate`.
+/// time, at the `replay_ratio` the rounds show), while the final RAM goes at `rate` and
+/// the source digests its device memory (`digest`).
 pub fn predicted_replay_pause(
     last_round: Duration,
     replay_ratio: f64,
     ram_bytes: u64,
     rate: f64,
+    digest: Duration,
 ) -> Duration {
     let tail = last_round.mul_f64(replay_ratio.clamp(0.0, 4.0));
     let ram = Duration::from_secs_f64(ram_bytes as f64 / rate.max(1.0));
-    tail.max(ram)
+    tail.max(ram).max(digest)
 }
 
 #[cfg(test)]
@@ -219,12 +227,16 @@ mod tests {
     }
 
     #[test]
-    fn the_predicted_pause_is_the_longer_of_the_tail_and_the_ram() {
+    fn the_predicted_pause_is_the_longest_of_the_tail_the_ram_and_the_digest() {
         let gbit = 1.25e8;
-        let p = predicted_replay_pause(Duration::from_millis(20), 0.5, 0, gbit);
+        let none = Duration::ZERO;
+        let p = predicted_replay_pause(Duration::from_millis(20), 0.5, 0, gbit, none);
         assert_eq!(p, Duration::from_millis(10));
-        let p = predicted_replay_pause(Duration::from_millis(1), 1.0, 12_500_000, gbit);
+        let p = predicted_replay_pause(Duration::from_millis(1), 1.0, 12_500_000, gbit, none);
         assert_eq!(p, Duration::from_millis(100));
+        let digest = Duration::from_millis(300);
+        let p = predicted_replay_pause(Duration::from_millis(1), 1.0, 12_500_000, gbit, digest);
+        assert_eq!(p, digest);
         assert!("replay".parse::<DeviceTransfer>() == Ok(DeviceTransfer::Replay));
         assert!("copy".parse::<DeviceTransfer>().is_err());
     }

@@ -14,7 +14,7 @@ use crate::link::Link;
 use crate::pace::{Activity, Pacer};
 use crate::replay::{
     falling_behind, predicted_replay_pause, CaptureLimits, DeviceDigest, DeviceTransfer,
-    LoggedCommand, ReplayReport,
+    LoggedCommand, ReplayReport, MAX_ROUND_REPLAY,
 };
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
@@ -516,12 +516,6 @@ fn part_bytes(parts: &[ChunkPart]) -> u64 {
         .map(|p| p.bytes.map_or(MAX_CHUNK_BYTES, |(a, b)| u64::from(b - a)))
         .sum()
 }
-
-/// The longest a destination may take to replay one round's commands, beyond the I/O
-/// timeout: less than the 120 s its data streams wait for their next frame, which they
-/// do while it replays.
-const MAX_ROUND_REPLAY: Duration = Duration::from_secs(90);
-const _: () = assert!(MAX_ROUND_REPLAY.as_secs() + 20 < crate::receive::CONTROL_TIMEOUT.as_secs());
 
 /// How long beyond the I/O timeout the source waits for a destination replaying commands
 /// that ran for `ran`: four times as long, at most [`MAX_ROUND_REPLAY`].
@@ -1693,6 +1687,17 @@ fn replay_rounds(
             );
             return Ok(fall_back(s, why, &pages));
         }
+        // The source digests its device memory in the pause: if that alone outlasts the
+        // target, no replay round can bring the pause within it.
+        let digest = source.device_digest_estimate();
+        if digest > options.downtime_target {
+            let why = format!(
+                "digesting the device memory would alone pause the VM for about {:.0} ms, more than the {} ms target",
+                ms(digest),
+                options.downtime_target.as_millis()
+            );
+            return Ok(fall_back(s, why, &pages));
+        }
         if let Some(log) = s.round_log.last().filter(|_| !rounds_ms.is_empty()) {
             // Decide on what the last replay round showed, with what it left pending.
             let last = Duration::from_secs_f64(log.busy_ms() / 1e3);
@@ -1702,7 +1707,7 @@ fn replay_rounds(
             };
             let ram = pages.count() * PAGE_SIZE;
             let predicted =
-                predicted_replay_pause(last, ratio, ram, best_rate) + SWITCHOVER_OVERHEAD;
+                predicted_replay_pause(last, ratio, ram, best_rate, digest) + SWITCHOVER_OVERHEAD;
             s.predicted_pause = predicted;
             let pending_bytes = ram + commands.iter().map(LoggedCommand::weight).sum::<u64>();
             progress(&s.progress(

@@ -1,6 +1,6 @@
 //! What the engine needs from a VM on each side, as traits (the host adapts its microVM).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -557,6 +557,11 @@ pub trait MigrationSource: VmContents {
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
         Err(VmError::Capture(no_replay("digest its device memory")))
     }
+    /// About how long [`Self::device_digest`] would take now: it runs in the
+    /// switchover's pause, so the pause's prediction counts it.
+    fn device_digest_estimate(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The VM being received, created paused by a [`crate::TargetFactory`]. Each call is
@@ -641,9 +646,10 @@ pub trait MigrationTarget: Send + Sync {
     fn can_replay(&self) -> bool {
         false
     }
-    /// Replays `commands` (the source's, in order) on the device memory received.
-    fn replay(&self, commands: Vec<LoggedCommand>) -> Result<(), VmError> {
-        let _ = commands;
+    /// Replays `commands` (the source's, in order) on the device memory received,
+    /// giving up on those that would start after `deadline`.
+    fn replay(&self, commands: Vec<LoggedCommand>, deadline: Instant) -> Result<(), VmError> {
+        let _ = (commands, deadline);
         Err(VmError::Replay(no_replay("replay device commands")))
     }
     /// A digest of the device memory received (and replayed).

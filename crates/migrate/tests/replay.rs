@@ -194,6 +194,8 @@ struct Source {
     /// Each pre-copy chunk read takes this long (a slow link: the device dirties memory
     /// faster than pre-copy can resend it).
     chunk_read_delay: Mutex<Duration>,
+    /// The device's digest takes this long (a large device memory).
+    digest_time: Mutex<Duration>,
 }
 
 impl Source {
@@ -228,6 +230,7 @@ impl Source {
             resumes: AtomicUsize::new(0),
             base_waits_for_steps,
             chunk_read_delay: Mutex::default(),
+            digest_time: Mutex::default(),
         });
         let guest = source.clone();
         std::thread::spawn(move || {
@@ -511,7 +514,12 @@ impl MigrationSource for Source {
     }
 
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
+        std::thread::sleep(self.device_digest_estimate());
         Ok(self.lock().device.digest())
+    }
+
+    fn device_digest_estimate(&self) -> Duration {
+        *self.digest_time.lock().unwrap()
     }
 }
 
@@ -596,7 +604,7 @@ impl MigrationTarget for Target {
         true
     }
 
-    fn replay(&self, commands: Vec<LoggedCommand>) -> Result<(), VmError> {
+    fn replay(&self, commands: Vec<LoggedCommand>, _deadline: Instant) -> Result<(), VmError> {
         if let Some(tell) = self.replaying.lock().unwrap().take() {
             let _ = tell.send(());
             // Give the test the time to cut the connection before this round ends.
@@ -854,6 +862,26 @@ fn a_side_pool_that_overflows_gives_way_to_precopy_and_the_vm_still_moves_whole(
     let why = replay.fell_back.unwrap();
     assert!(why.contains("side pool"), "{why}");
     assert_eq!(replay.capture.pool_peak_bytes, MAX_CHUNK_BYTES);
+}
+
+#[test]
+fn a_digest_longer_than_the_pause_target_gives_way_to_precopy_before_the_pause() {
+    let _serial = serial();
+    let source = Source::start(0);
+    // A device memory whose digest alone would outlast the switchover's deadline.
+    *source.digest_time.lock().unwrap() = Duration::from_millis(1500);
+    let dest = Destination::start(Replayer::Faithful);
+    let mut options = reaching_switchover();
+    options.allow_longer_pause = true;
+    let (report, _) = migrate_whole(&source, &dest, &options);
+    assert_eq!(report.device_transfer, "replay, then precopy");
+    let why = report.replay.unwrap().fell_back.unwrap();
+    assert!(why.contains("digesting the device memory"), "{why}");
+    assert!(
+        report.downtime_ms < 1000.0,
+        "paused {} ms",
+        report.downtime_ms
+    );
 }
 
 #[test]
