@@ -1443,8 +1443,13 @@ fn description(ram_size: u64) -> VmDescription {
 /// A hostile peer's offer to send [`description`]`(ram_size)` live over `streams` data
 /// streams.
 fn offer(ram_size: u64, streams: u8) -> Message {
+    offer_of(description(ram_size), streams)
+}
+
+/// An offer to send `vm` live over `streams` data streams.
+fn offer_of(vm: VmDescription, streams: u8) -> Message {
     Message::Offer {
-        vm: description(ram_size),
+        vm,
         streams,
         transfer: Transfer::Live,
         files: FileTransfer::Reuse,
@@ -1721,14 +1726,7 @@ fn offers_of_files_the_vm_could_not_take_are_refused_at_the_handshake() {
         let mut c = authenticated(&dest, StreamRole::Control);
         let mut vm = description(MIB);
         vm.files = files;
-        c.send(&Message::Offer {
-            vm,
-            streams: 1,
-            transfer: Transfer::Live,
-            files: FileTransfer::Reuse,
-            device: DeviceTransfer::Precopy,
-        })
-        .unwrap();
+        c.send(&offer_of(vm, 1)).unwrap();
         match c.expect_control("refusal") {
             Ok(Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
             other => panic!("expected a refusal for {why}, got {other:?}"),
@@ -1760,14 +1758,7 @@ fn chunk_origins_outside_the_offered_files_are_refused() {
                 path: "/fake/model".into(),
             }];
             let mut c = authenticated(&dest, StreamRole::Control);
-            c.send(&Message::Offer {
-                vm,
-                streams: 1,
-                transfer: Transfer::Live,
-                files: FileTransfer::Reuse,
-                device: DeviceTransfer::Precopy,
-            })
-            .unwrap();
+            c.send(&offer_of(vm, 1)).unwrap();
             let session = match c.expect_control("accept").unwrap() {
                 Message::Accept { session, .. } => session,
                 other => panic!("expected accept, got {other:?}"),

@@ -124,6 +124,23 @@ fn files_of_many_gib_are_read_at_any_offset() {
     std::fs::remove_file(&path).unwrap();
 }
 
+/// A running guest with `path` attached as `data`, that runs long enough to be
+/// snapshotted.
+fn running_with_file(path: &std::path::Path) -> Microvm {
+    let host = HostOptions {
+        files: AttachedFiles::open(&[("data".into(), path.to_path_buf())]).unwrap(),
+        ..HostOptions::quiet()
+    };
+    let image = ferry_guest_images::find("memtouch").unwrap().elf;
+    let args: Vec<String> = ["--mib", "8", "--passes", "100000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut vm = Microvm::boot(VmConfig::new(64 << 20), image, &args, host).unwrap();
+    vm.resume().unwrap();
+    vm
+}
+
 #[test]
 fn a_snapshot_restores_only_with_the_same_file_content() {
     if !ferry_testdata::kvm("a_snapshot_restores_only_with_the_same_file_content") {
@@ -133,18 +150,7 @@ fn a_snapshot_restores_only_with_the_same_file_content() {
     let d = scratch.path();
     let path = d.join("data");
     write(&path, 1 << 20, 3);
-    let host = HostOptions {
-        files: AttachedFiles::open(&[("data".into(), path.clone())]).unwrap(),
-        ..HostOptions::quiet()
-    };
-    // A guest that runs long enough to be snapshotted with its file attached.
-    let image = ferry_guest_images::find("memtouch").unwrap().elf;
-    let args: Vec<String> = ["--mib", "8", "--passes", "100000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut vm = Microvm::boot(VmConfig::new(64 << 20), image, &args, host).unwrap();
-    vm.resume().unwrap();
+    let mut vm = running_with_file(&path);
     std::thread::sleep(Duration::from_millis(100));
     vm.pause().unwrap();
     let snap = d.join("vm.snap");
@@ -185,17 +191,7 @@ fn a_snapshot_is_refused_once_an_attached_file_changed_in_place() {
     let d = scratch.path();
     let path = d.join("data");
     write(&path, 1 << 20, 5);
-    let host = HostOptions {
-        files: AttachedFiles::open(&[("data".into(), path.clone())]).unwrap(),
-        ..HostOptions::quiet()
-    };
-    let image = ferry_guest_images::find("memtouch").unwrap().elf;
-    let args: Vec<String> = ["--mib", "8", "--passes", "100000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut vm = Microvm::boot(VmConfig::new(64 << 20), image, &args, host).unwrap();
-    vm.resume().unwrap();
+    let mut vm = running_with_file(&path);
     // Rewritten in place, same size, while attached; the mtime moved on as a later write
     // would (a write within the attach's timestamp tick keeps the stamp).
     write(&path, 1 << 20, 6);
