@@ -57,8 +57,9 @@ pub struct MigrateArgs {
     /// longer pause instead of failing.
     #[arg(long)]
     pub allow_longer_pause: bool,
-    /// Most pre-copy rounds.
-    #[arg(long, value_name = "N", default_value_t = 30)]
+    /// Most pre-copy rounds (1 to 1000).
+    #[arg(long, value_name = "N", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(ferry_api::MAX_ROUNDS)))]
     pub max_rounds: u32,
     /// Attached files (models, datasets): `reuse` sends only those the destination does
     /// not have with the same SHA-256 (at the same path or in its file store); `send`
