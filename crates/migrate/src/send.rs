@@ -457,8 +457,9 @@ pub(crate) struct RoundWork {
     /// Device commands to replay (sent on the control stream first).
     commands: Vec<LoggedCommand>,
     /// How much longer than the I/O timeout the destination may take to acknowledge the
-    /// round: the time replaying its commands may take.
-    replay_time: Duration,
+    /// round: the time replaying its commands, or checking the files it received, may
+    /// take.
+    answer_time: Duration,
     table: RoundTable,
     /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
     skip_zeros: bool,
@@ -479,6 +480,8 @@ impl RoundWork {
                 .unwrap_or_else(|| PageSet::all(ram_pages))
                 .runs(MAX_RUN_PAGES),
             chunks: whole(source.populated_chunks()),
+            // The destination hashes the files it received before it acknowledges.
+            answer_time: file_check_time(files.iter().map(|f| f.len).sum()),
             files,
             skip_zeros: true,
             ..Self::default()
@@ -491,7 +494,7 @@ impl RoundWork {
             runs: pages.runs(MAX_RUN_PAGES),
             commands,
             table: RoundTable::Replayed,
-            replay_time,
+            answer_time: replay_time,
             ..Self::default()
         }
     }
@@ -521,6 +524,37 @@ fn part_bytes(parts: &[ChunkPart]) -> u64 {
 /// that ran for `ran`: four times as long, at most [`MAX_ROUND_REPLAY`].
 fn replay_allowance(ran: Duration) -> Duration {
     (ran * 4).min(MAX_ROUND_REPLAY)
+}
+
+/// The least rate at which a destination is expected to check attached files (SHA-256
+/// of its own copy, or of what it received; a CPU without SHA instructions, a cold
+/// disk): the source waits that long beyond its I/O timeout for the answer.
+const FILE_CHECK_RATE: f64 = 100e6;
+
+/// How long a destination may take to check `bytes` of attached files.
+fn file_check_time(bytes: u64) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE)
+}
+
+/// Runs `read` (a wait for the destination's answer on `socket`) with `extra` beyond
+/// the `io_timeout` it waits otherwise. The answer's error (the destination's reason)
+/// comes before the socket's.
+fn with_patience<T>(
+    socket: &TcpStream,
+    io_timeout: Duration,
+    extra: Duration,
+    read: impl FnOnce() -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
+    if extra.is_zero() {
+        return read();
+    }
+    let patience = |t| socket.set_read_timeout(Some(t));
+    patience(io_timeout + extra).map_err(MigrationError::io("waiting for the destination"))?;
+    let answer = read();
+    let restored = patience(io_timeout);
+    let answer = answer?;
+    restored.map_err(MigrationError::io("waiting for the destination"))?;
+    Ok(answer)
 }
 
 /// Bytes of commands sent in one control message at most.
@@ -1017,21 +1051,12 @@ impl Session<'_> {
             .map(|(c, before)| c.writer.frames - before)
             .collect();
         self.control.send(&Message::EndRound { round, frames })?;
-        // The destination acknowledges a round of commands once it replayed them.
-        let patience =
-            |extra: Duration| self.sockets[0].set_read_timeout(Some(self.io_timeout + extra));
-        if !work.replay_time.is_zero() {
-            patience(work.replay_time).map_err(MigrationError::io("waiting for a replay"))?;
-        }
-        let acknowledged = self.control.expect_control("the round's acknowledgement");
-        let restored = if work.replay_time.is_zero() {
-            Ok(())
-        } else {
-            patience(Duration::ZERO)
-        };
-        // The answer's error (the destination's reason) before the socket's.
-        let acknowledged = acknowledged?;
-        restored.map_err(MigrationError::io("waiting for a replay"))?;
+        // The destination acknowledges a round of commands once it replayed them, round 0
+        // once it checked the files it received.
+        let acknowledged =
+            with_patience(&self.sockets[0], self.io_timeout, work.answer_time, || {
+                self.control.expect_control("the round's acknowledgement")
+            })?;
         match acknowledged {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
@@ -1179,9 +1204,12 @@ pub fn migrate_vm(
             device: options.device,
         })
         .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
-    let answer = control
-        .expect_control("the destination's answer")
-        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
+    // The destination checks the files it has before it answers.
+    let checking = file_check_time(file_sizes.iter().sum());
+    let answer = with_patience(&control_socket, options.io_timeout, checking, || {
+        control.expect_control("the destination's answer")
+    })
+    .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     let (session, send_files, replay_agreed) = match answer {
         Message::Accept {
             session,

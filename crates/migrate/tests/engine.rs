@@ -642,6 +642,8 @@ struct Faults {
     released: AtomicUsize,
     /// `adopt` takes this long (a host slow to list the VM it received).
     adopt_delay: Mutex<Duration>,
+    /// `prepare` and `files_received` take this long (hashing large attached files).
+    check_files_delay: Mutex<Duration>,
 }
 
 struct FakeTarget {
@@ -769,6 +771,7 @@ impl MigrationTarget for FakeTarget {
     }
 
     fn files_received(&self) -> Result<(), VmError> {
+        std::thread::sleep(*self.faults.check_files_delay.lock().unwrap());
         for (i, data) in self.files.lock().unwrap().iter() {
             let offer = &self.offered[*i as usize];
             if sha256(data) != offer.sha256 {
@@ -822,6 +825,7 @@ impl TargetFactory for FakeFactory {
         if vm.ram_size > 256 * MIB {
             return Err(VmError::NoRoom("not that much RAM".into()));
         }
+        std::thread::sleep(*self.faults.check_files_delay.lock().unwrap());
         self.prepared.fetch_add(1, Ordering::SeqCst);
         Ok(FakeTarget {
             ram: Mutex::new(vec![0; vm.ram_size as usize]),
@@ -2397,6 +2401,21 @@ fn a_file_changed_in_place_on_the_source_refuses_the_migration_before_the_offer(
     assert!(!source.paused());
     dest.assert_nothing_adopted();
     dest.assert_alive();
+}
+
+#[test]
+fn a_destination_checking_large_files_is_waited_for_at_the_handshake_and_after_round_0() {
+    // 64 MiB of files: the source allows 0.67 s of checking beyond its I/O timeout.
+    let source = FakeSource::new("files", 4, 36).with_files(&[64 << 20], 11);
+    let dest = Destination::start();
+    *dest.faults.check_files_delay.lock().unwrap() = Duration::from_millis(500);
+    let options = MigrationOptions {
+        io_timeout: Duration::from_millis(250),
+        ..with_files(FileTransfer::Send)
+    };
+    migrate(&source, &dest, &options).unwrap();
+    let (target, _) = dest.adopted();
+    assert_received(&source, &target);
 }
 
 #[test]
