@@ -1048,6 +1048,8 @@ impl ferry_migrate::TargetFactory for Receiver {
             vcpus: vm.vcpus,
             accel_memory: vm.accel_memory,
         };
+        // An impossible shape is refused as such, not as a lack of room.
+        config.validate().map_err(|e| VmError::Create(e.into()))?;
         // Held from here until the VM is adopted, or dropped with the target if the
         // migration fails: concurrent creations and arrivals see it.
         let reservation = self
