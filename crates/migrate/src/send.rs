@@ -559,6 +559,10 @@ fn with_patience<T>(
 
 /// Bytes of commands sent in one control message at most.
 const COMMAND_BATCH: u64 = 4 << 20;
+const _: () = assert!(
+    COMMAND_BATCH as usize / std::mem::size_of::<LoggedCommand>()
+        <= crate::replay::MAX_MESSAGE_COMMANDS
+);
 /// The heaviest command a control message can carry (an upload's data travels in it).
 const MAX_COMMAND_WEIGHT: u64 = MAX_CONTROL_BYTES as u64 - (64 << 10);
 

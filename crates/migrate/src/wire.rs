@@ -187,6 +187,7 @@ pub enum Message {
     /// the base is complete). Last, so the other variants keep their wire numbers.
     Commands {
         /// The commands.
+        #[serde(deserialize_with = "crate::replay::commands_at_most")]
         commands: Vec<LoggedCommand>,
     },
 }
@@ -1051,6 +1052,35 @@ mod tests {
                 Err(MigrationError::Io { .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_message_of_commands_decodes_no_more_than_its_bounds() {
+        use crate::replay::MAX_MESSAGE_COMMANDS;
+        use ferry_abi::accel::COMMAND_ARGS;
+        let command = |args: usize| LoggedCommand {
+            opcode: 1,
+            args: vec![0; args],
+            payload: Vec::new(),
+            status: 0,
+        };
+        let encoded = |commands: Vec<LoggedCommand>| {
+            let mut w = FrameWriter::new(Vec::new(), false);
+            w.send(&Message::Commands { commands }).unwrap();
+            w.output
+        };
+        let count = |bytes: &[u8]| match FrameReader::new(bytes, 0).read() {
+            Ok(Frame::Control(Message::Commands { commands })) => commands.len(),
+            other => panic!("{other:?}"),
+        };
+        // At the bounds: decoded.
+        assert_eq!(count(&encoded(vec![command(COMMAND_ARGS); 3])), 3);
+        let most = encoded(vec![command(0); MAX_MESSAGE_COMMANDS]);
+        assert_eq!(count(&most), MAX_MESSAGE_COMMANDS);
+        // Past them (empty commands take 4 bytes here, 14 times that decoded): refused.
+        assert!(read_err(&encoded(vec![command(COMMAND_ARGS + 1)])).contains("control"));
+        let more = encoded(vec![command(0); MAX_MESSAGE_COMMANDS + 1]);
+        assert!(read_err(&more).contains("control"));
     }
 
     #[test]
