@@ -1448,14 +1448,10 @@ fn run(
     let replay_from = |s: &mut Session<'_>, start, progress: &mut dyn FnMut(&Progress)| {
         Ok(match replay_rounds(s, options, start, progress)? {
             ReplayEnd::Converged(pages, commands, ran) => LiveEnd::Replay(pages, commands, ran),
-            ReplayEnd::FellBack(work) => match precopy_rounds(s, options, work, false, progress)? {
-                PrecopyEnd::Converged(pending) | PrecopyEnd::ToReplay(pending) => {
-                    LiveEnd::Precopy(pending)
-                }
-            },
+            ReplayEnd::FellBack(work) => precopy_after_replay(s, options, work, progress)?,
         })
     };
-    let end = if s.replay_agreed && options.device == DeviceTransfer::Replay {
+    let mut end = if s.replay_agreed && options.device == DeviceTransfer::Replay {
         replay_from(s, ReplayStart::Fresh(files), progress)?
     } else {
         let auto = s.replay_agreed && options.device == DeviceTransfer::Auto;
@@ -1467,67 +1463,120 @@ fn run(
             }
         }
     };
-    source.set_throttle(0);
-    s.cancelled().map_err(before_go(false))?;
-    let pause_at = pause_for_switchover(s, options)?;
-    let digest = match end {
-        LiveEnd::Precopy(pending) => {
-            // What the last take found is still unsent: the final round sends it too.
-            let mut work = take_dirty(source, Some(pending))
-                .map_err(before_go(true))?
-                .to_work();
-            tracing::debug!(
-                ms = ms(s.started.elapsed()),
-                bytes = work.bytes(),
-                "final dirty state taken"
-            );
-            let log = s.send_round(&mut work, 0).map_err(before_go(true))?;
-            progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
-            None
-        }
-        LiveEnd::Replay(mut pages, mut commands, ran) => {
-            // The tail: what ran since the last take. Its loss in the pause (the capture
-            // overflowed just now) fails the migration; the VM resumes here.
-            let tail = source
-                .take_commands()
-                .map_err(|e| before_go(true)(MigrationError::Source(e)))?;
-            let replay_time = replay_allowance(ran + s.commands_ran());
-            if let Some(heavy) = tail.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
-                return Err(before_go(true)(MigrationError::Encode(format!(
-                    "a device command of {} bytes (an upload) in the last ones is larger than a message can carry",
-                    heavy.weight()
-                ))));
+    // Once more only if the replay's tail, found in the pause, gives way to pre-copy.
+    let (pause_at, digest) = loop {
+        source.set_throttle(0);
+        s.cancelled().map_err(before_go(false))?;
+        let pause_at = pause_for_switchover(s, options)?;
+        let digest = match end {
+            LiveEnd::Precopy(pending) => {
+                // What the last take found is still unsent: the final round sends it too.
+                let mut work = take_dirty(source, Some(pending))
+                    .map_err(before_go(true))?
+                    .to_work();
+                tracing::debug!(
+                    ms = ms(s.started.elapsed()),
+                    bytes = work.bytes(),
+                    "final dirty state taken"
+                );
+                let log = s.send_round(&mut work, 0).map_err(before_go(true))?;
+                progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+                None
             }
-            pages.union_with(
-                &source
-                    .take_dirty_pages()
-                    .map_err(|e| before_go(true)(MigrationError::Source(e)))?,
-            );
-            commands.extend(tail);
-            let tail_commands = commands.len() as u64;
-            let mut work = RoundWork::replayed(&pages, commands, replay_time);
-            // The source digests its device while the destination replays the tail.
-            let (log, digest) = std::thread::scope(|scope| {
-                let digesting = scope.spawn(|| {
-                    let started = Instant::now();
-                    source.device_digest().map(|d| (d, started.elapsed()))
+            LiveEnd::Replay(mut pages, mut commands, ran) => {
+                // The tail: what ran since the last take. If it cannot be replayed (the
+                // capture overflowed just now, an upload too large for a message), the VM
+                // runs on and pre-copy takes over, as in the rounds: what the tail wrote is
+                // in the device's dirty log.
+                let tail = match replayable_tail(source) {
+                    Ok(tail) => tail,
+                    Err(why) => {
+                        resume_for_precopy(s)?;
+                        let ReplayEnd::FellBack(work) = fall_back(s, why, &pages) else {
+                            unreachable!("fall_back always falls back")
+                        };
+                        end = precopy_after_replay(s, options, work, progress)?;
+                        continue;
+                    }
+                };
+                let replay_time = replay_allowance(ran + s.commands_ran());
+                pages.union_with(
+                    &source
+                        .take_dirty_pages()
+                        .map_err(|e| before_go(true)(MigrationError::Source(e)))?,
+                );
+                commands.extend(tail);
+                let tail_commands = commands.len() as u64;
+                let mut work = RoundWork::replayed(&pages, commands, replay_time);
+                // The source digests its device while the destination replays the tail.
+                let (log, digest) = std::thread::scope(|scope| {
+                    let digesting = scope.spawn(|| {
+                        let started = Instant::now();
+                        source.device_digest().map(|d| (d, started.elapsed()))
+                    });
+                    let log = s.send_round(&mut work, 0);
+                    let digest = digesting.join().unwrap_or_else(|_| {
+                        Err(crate::VmError::Capture("digesting panicked (a bug)".into()))
+                    });
+                    (log, digest)
                 });
-                let log = s.send_round(&mut work, 0);
-                let digest = digesting.join().unwrap_or_else(|_| {
-                    Err(crate::VmError::Capture("digesting panicked (a bug)".into()))
-                });
-                (log, digest)
-            });
-            let log = log.map_err(before_go(true))?;
-            let (digest, took) = digest.map_err(|e| before_go(true)(MigrationError::Source(e)))?;
-            let report = s.replay.get_or_insert_with(ReplayReport::default);
-            report.digest_ms = ms(took);
-            report.tail_commands = tail_commands;
-            progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
-            Some(digest)
-        }
+                let log = log.map_err(before_go(true))?;
+                let (digest, took) =
+                    digest.map_err(|e| before_go(true)(MigrationError::Source(e)))?;
+                let report = s.replay.get_or_insert_with(ReplayReport::default);
+                report.digest_ms = ms(took);
+                report.tail_commands = tail_commands;
+                progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
+                Some(digest)
+            }
+        };
+        break (pause_at, digest);
     };
     finish(s, options, pause_at, digest)
+}
+
+/// Pre-copy from `work` after replay gave way to it (never back to replay).
+fn precopy_after_replay(
+    s: &mut Session<'_>,
+    options: &MigrationOptions,
+    work: RoundWork,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<LiveEnd, Failure> {
+    match precopy_rounds(s, options, work, false, progress)? {
+        PrecopyEnd::Converged(pending) | PrecopyEnd::ToReplay(pending) => {
+            Ok(LiveEnd::Precopy(pending))
+        }
+    }
+}
+
+/// The commands run since the last take, taken in the pause, or why they cannot be
+/// replayed.
+fn replayable_tail(source: &dyn MigrationSource) -> Result<Vec<LoggedCommand>, String> {
+    let tail = source.take_commands().map_err(|e| error_chain(&e))?;
+    match tail.iter().find(|c| c.weight() > MAX_COMMAND_WEIGHT) {
+        Some(heavy) => Err(format!(
+            "a device command of {} bytes (an upload) in the last ones is larger than a message can carry",
+            heavy.weight()
+        )),
+        None => Ok(tail),
+    }
+}
+
+/// Ends a switchover's pause before anything of it was sent: the deadline disarmed,
+/// the VM running again (it fails if the deadline passed already, and the VM resumes
+/// then as after any failure before Go).
+fn resume_for_precopy(s: &mut Session<'_>) -> Result<(), Failure> {
+    if let Some(dog) = s.watchdog.take() {
+        if !dog.disarm() {
+            return Err(before_go(true)(MigrationError::BrokenSequence(
+                "the switchover deadline passed".into(),
+            )));
+        }
+    }
+    s.phase = Phase::Round(s.rounds());
+    s.source
+        .resume()
+        .map_err(|e| before_go(true)(MigrationError::Source(e)))
 }
 
 /// Round 0's work of `s`: see [`RoundWork::first`].

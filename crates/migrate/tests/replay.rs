@@ -196,6 +196,8 @@ struct Source {
     chunk_read_delay: Mutex<Duration>,
     /// The device's digest takes this long (a large device memory).
     digest_time: Mutex<Duration>,
+    /// The capture overflows once the VM is paused (the tail outgrew the log).
+    overflow_in_pause: AtomicBool,
 }
 
 impl Source {
@@ -231,6 +233,7 @@ impl Source {
             base_waits_for_steps,
             chunk_read_delay: Mutex::default(),
             digest_time: Mutex::default(),
+            overflow_in_pause: AtomicBool::new(false),
         });
         let guest = source.clone();
         std::thread::spawn(move || {
@@ -501,7 +504,11 @@ impl MigrationSource for Source {
 
     fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {
         let mut s = self.lock();
+        let paused = s.paused;
         let c = s.capture.as_mut().ok_or_else(|| capture_error("none"))?;
+        if paused && self.overflow_in_pause.swap(false, Ordering::SeqCst) {
+            c.failed = Some("injected: the log overflowed just before the pause".into());
+        }
         if let Some(why) = &c.failed {
             return Err(capture_error(why));
         }
@@ -882,6 +889,22 @@ fn a_digest_longer_than_the_pause_target_gives_way_to_precopy_before_the_pause()
         "paused {} ms",
         report.downtime_ms
     );
+}
+
+#[test]
+fn a_tail_lost_in_the_pause_gives_way_to_precopy_and_the_vm_still_moves_whole() {
+    let _serial = serial();
+    let source = Source::start(0);
+    source.overflow_in_pause.store(true, Ordering::SeqCst);
+    let dest = Destination::start(Replayer::Faithful);
+    let mut options = reaching_switchover();
+    options.allow_longer_pause = true;
+    let (report, _) = migrate_whole(&source, &dest, &options);
+    assert_eq!(report.device_transfer, "replay, then precopy");
+    let why = report.replay.unwrap().fell_back.unwrap();
+    assert!(why.contains("overflowed just before the pause"), "{why}");
+    // Paused for the tail, then resumed for pre-copy, then paused for good.
+    assert!(source.resumes.load(Ordering::SeqCst) >= 1);
 }
 
 #[test]
