@@ -457,9 +457,8 @@ pub(crate) struct RoundWork {
     /// Device commands to replay (sent on the control stream first).
     commands: Vec<LoggedCommand>,
     /// How much longer than the I/O timeout the destination may take to acknowledge the
-    /// round: the time replaying its commands, or checking the files it received, may
-    /// take.
-    answer_time: Duration,
+    /// round: the time replaying its commands may take.
+    replay_time: Duration,
     table: RoundTable,
     /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
     skip_zeros: bool,
@@ -480,8 +479,6 @@ impl RoundWork {
                 .unwrap_or_else(|| PageSet::all(ram_pages))
                 .runs(MAX_RUN_PAGES),
             chunks: whole(source.populated_chunks()),
-            // The destination hashes the files it received before it acknowledges.
-            answer_time: file_check_time(files.iter().map(|f| f.len).sum()),
             files,
             skip_zeros: true,
             ..Self::default()
@@ -494,7 +491,7 @@ impl RoundWork {
             runs: pages.runs(MAX_RUN_PAGES),
             commands,
             table: RoundTable::Replayed,
-            answer_time: replay_time,
+            replay_time,
             ..Self::default()
         }
     }
@@ -531,9 +528,11 @@ fn replay_allowance(ran: Duration) -> Duration {
 /// disk): the source waits that long beyond its I/O timeout for the answer.
 const FILE_CHECK_RATE: f64 = 100e6;
 
-/// How long a destination may take to check `bytes` of attached files.
+/// How long a destination may take to check `bytes` of attached files: at most
+/// [`MAX_ROUND_REPLAY`], as the destination's data streams wait idle meanwhile, for at
+/// most [`crate::receive::CONTROL_TIMEOUT`].
 fn file_check_time(bytes: u64) -> Duration {
-    Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE)
+    Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE).min(MAX_ROUND_REPLAY)
 }
 
 /// Runs `read` (a wait for the destination's answer on `socket`) with `extra` beyond
@@ -1055,12 +1054,13 @@ impl Session<'_> {
             .map(|(c, before)| c.writer.frames - before)
             .collect();
         self.control.send(&Message::EndRound { round, frames })?;
-        // The destination acknowledges a round of commands once it replayed them, round 0
-        // once it checked the files it received.
-        let acknowledged =
-            with_patience(&self.sockets[0], self.io_timeout, work.answer_time, || {
-                self.control.expect_control("the round's acknowledgement")
-            })?;
+        // The destination acknowledges a round of commands once it replayed them, one that
+        // carried files once it checked them.
+        let answer_time =
+            work.replay_time + file_check_time(work.files.iter().map(|f| f.len).sum());
+        let acknowledged = with_patience(&self.sockets[0], self.io_timeout, answer_time, || {
+            self.control.expect_control("the round's acknowledgement")
+        })?;
         match acknowledged {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
@@ -1451,8 +1451,16 @@ fn run(
             ReplayEnd::FellBack(work) => precopy_after_replay(s, options, work, progress)?,
         })
     };
-    let mut end = if s.replay_agreed && options.device == DeviceTransfer::Replay {
+    let replay_now = s.replay_agreed && options.device == DeviceTransfer::Replay;
+    let too_long = replay_now
+        .then(|| digest_outlasts_target(source, options))
+        .flatten();
+    let mut end = if replay_now && too_long.is_none() {
         replay_from(s, ReplayStart::Fresh(files), progress)?
+    } else if let Some(why) = too_long {
+        // Given way before it began: the device memory goes by pre-copy from the start.
+        gave_way(s, why);
+        precopy_after_replay(s, options, round0(s, files), progress)?
     } else {
         let auto = s.replay_agreed && options.device == DeviceTransfer::Auto;
         let work = round0(s, files);
@@ -1533,6 +1541,23 @@ fn run(
         break (pause_at, digest);
     };
     finish(s, options, pause_at, digest)
+}
+
+/// Why replay cannot meet the pause target whatever its rounds do, if it cannot: the
+/// source's digest of its device memory runs in the pause and alone outlasts the target
+/// (a longer pause allowed, it may).
+fn digest_outlasts_target(
+    source: &dyn MigrationSource,
+    options: &MigrationOptions,
+) -> Option<String> {
+    let digest = source.device_digest_estimate();
+    (!options.allow_longer_pause && digest > options.downtime_target).then(|| {
+        format!(
+            "digesting the device memory would alone pause the VM for about {:.0} ms, more than the {} ms target",
+            ms(digest),
+            options.downtime_target.as_millis()
+        )
+    })
 }
 
 /// Pre-copy from `work` after replay gave way to it (never back to replay).
@@ -1648,7 +1673,15 @@ fn precopy_rounds(
         let too_fast = dirty_rate > rate * 0.5;
         // Mostly device memory: replay it rather than slow the VM down.
         let device_bytes = part_bytes(&pending.chunks);
-        if auto && too_fast && device_bytes * 2 > dirty_bytes && throttle_step == 0 {
+        let replayable = || match digest_outlasts_target(s.source, options) {
+            Some(why) => {
+                tracing::debug!("pre-copy goes on: {why}");
+                false
+            }
+            None => true,
+        };
+        if auto && too_fast && device_bytes * 2 > dirty_bytes && throttle_step == 0 && replayable()
+        {
             tracing::info!(
                 dirty_mib_s = dirty_rate / MIB,
                 link_mib_s = rate / MIB,
@@ -1768,17 +1801,11 @@ fn replay_rounds(
             );
             return Ok(fall_back(s, why, &pages));
         }
-        // The source digests its device memory in the pause: if that alone outlasts the
-        // target, no replay round can bring the pause within it.
-        let digest = source.device_digest_estimate();
-        if digest > options.downtime_target {
-            let why = format!(
-                "digesting the device memory would alone pause the VM for about {:.0} ms, more than the {} ms target",
-                ms(digest),
-                options.downtime_target.as_millis()
-            );
+        // Checked before replay began too; device memory may have grown since.
+        if let Some(why) = digest_outlasts_target(source, options) {
             return Ok(fall_back(s, why, &pages));
         }
+        let digest = source.device_digest_estimate();
         if let Some(log) = s.round_log.last().filter(|_| !rounds_ms.is_empty()) {
             // Decide on what the last replay round showed, with what it left pending.
             let last = Duration::from_secs_f64(log.busy_ms() / 1e3);
@@ -1802,8 +1829,14 @@ fn replay_rounds(
             ));
             let out_of_bounds = s.rounds() >= bound_rounds || s.started.elapsed() >= bound_time;
             // The target is a ceiling: while rounds still shrink, one more shortens the
-            // tail the pause replays.
-            if predicted <= options.downtime_target {
+            // tail the pause replays. A longer pause allowed, no round can go below the
+            // digest: the aim is then the target or the digest, the longer.
+            let aim = if options.allow_longer_pause {
+                options.downtime_target.max(digest + SWITCHOVER_OVERHEAD)
+            } else {
+                options.downtime_target
+            };
+            if predicted <= aim {
                 let shrinking = ratio < 0.8 && log.busy_ms() >= 2.0;
                 if extra_rounds >= MAX_EXTRA_ROUNDS || !shrinking || out_of_bounds {
                     return Ok(ReplayEnd::Converged(pages, commands, ran));

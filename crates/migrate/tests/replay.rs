@@ -728,6 +728,16 @@ fn reaching_switchover() -> MigrationOptions {
     }
 }
 
+/// Options for a replay that must reach its switchover at its first decision, even on a
+/// loaded machine: a target it surely meets (one that gave way to pre-copy would move
+/// the VM without the digest or the tail a test is about).
+fn surely_reaching_switchover() -> MigrationOptions {
+    MigrationOptions {
+        downtime_target: Duration::from_secs(2),
+        ..reaching_switchover()
+    }
+}
+
 fn migrate(
     source: &Source,
     addr: &str,
@@ -838,7 +848,7 @@ fn a_digest_that_differs_aborts_the_switchover_and_the_vm_runs_on_at_the_source(
     let _serial = serial();
     let source = Source::start(0);
     let dest = Destination::start(Replayer::Drifting);
-    let err = migrate(&source, &dest.addr, &reaching_switchover())
+    let err = migrate(&source, &dest.addr, &surely_reaching_switchover())
         .expect_err("a drifting replay must not switch over");
     let text = ferry_migrate::error_chain(&err);
     assert!(
@@ -875,17 +885,36 @@ fn a_side_pool_that_overflows_gives_way_to_precopy_and_the_vm_still_moves_whole(
 fn a_digest_longer_than_the_pause_target_gives_way_to_precopy_before_the_pause() {
     let _serial = serial();
     let source = Source::start(0);
-    // A device memory whose digest alone would outlast the switchover's deadline.
+    // A device memory whose digest alone would outlast the pause target.
     *source.digest_time.lock().unwrap() = Duration::from_millis(1500);
     let dest = Destination::start(Replayer::Faithful);
-    let mut options = reaching_switchover();
-    options.allow_longer_pause = true;
-    let (report, _) = migrate_whole(&source, &dest, &options);
+    let (report, _) = migrate_whole(&source, &dest, &reaching_switchover());
     assert_eq!(report.device_transfer, "replay, then precopy");
-    let why = report.replay.unwrap().fell_back.unwrap();
+    let replay = report.replay.unwrap();
+    let why = replay.fell_back.unwrap();
     assert!(why.contains("digesting the device memory"), "{why}");
+    // Given way before it began: no base was sent only to be sent again.
+    assert_eq!(replay.base_bytes, 0, "{why}");
     assert!(
         report.downtime_ms < 1000.0,
+        "paused {} ms",
+        report.downtime_ms
+    );
+}
+
+#[test]
+fn a_longer_pause_allowed_replays_and_counts_the_digest_in_the_pause() {
+    let _serial = serial();
+    let source = Source::start(0);
+    // Longer than the target: no round can bring the pause below the digest.
+    *source.digest_time.lock().unwrap() = Duration::from_millis(2500);
+    let dest = Destination::start(Replayer::Faithful);
+    let mut options = surely_reaching_switchover();
+    options.allow_longer_pause = true;
+    let (report, _) = migrate_whole(&source, &dest, &options);
+    assert_eq!(report.device_transfer, "replay", "{:?}", report.replay);
+    assert!(
+        report.downtime_ms >= 2500.0,
         "paused {} ms",
         report.downtime_ms
     );
@@ -897,7 +926,7 @@ fn a_tail_lost_in_the_pause_gives_way_to_precopy_and_the_vm_still_moves_whole() 
     let source = Source::start(0);
     source.overflow_in_pause.store(true, Ordering::SeqCst);
     let dest = Destination::start(Replayer::Faithful);
-    let mut options = reaching_switchover();
+    let mut options = surely_reaching_switchover();
     options.allow_longer_pause = true;
     let (report, _) = migrate_whole(&source, &dest, &options);
     assert_eq!(report.device_transfer, "replay, then precopy");
