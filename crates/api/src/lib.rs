@@ -738,6 +738,12 @@ pub fn valid_vm_name(name: &str) -> bool {
     (1..64).contains(&name.len()) && name.bytes().all(vm_name_byte)
 }
 
+/// Whether `name` may name a host: as a VM name, since a host's name prefixes the ids of
+/// the VMs created there and stands in URL paths.
+pub fn valid_host_name(name: &str) -> bool {
+    valid_vm_name(name)
+}
+
 /// Whether `id` may be a VM's id (a host keeps the id of a VM migrated to it only if
 /// it is): 1 to 255 of the characters of a VM name, which need no escaping in a URL path.
 pub fn valid_vm_id(id: &str) -> bool {

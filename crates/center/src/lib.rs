@@ -590,10 +590,11 @@ impl Center {
     /// Takes a host's heartbeat; a delta on a base this center does not hold is refused
     /// (`taken: false`), and the host sends a full beat next.
     pub fn heartbeat(&self, beat: Heartbeat) -> Result<BeatAnswer, CenterError> {
-        if beat.host.name.is_empty() || beat.host.name.len() > 64 {
-            return Err(CenterError::BadRequest(
-                "a host name must be 1 to 64 bytes".into(),
-            ));
+        if !ferry_api::valid_host_name(&beat.host.name) {
+            return Err(CenterError::BadRequest(format!(
+                "'{}' is not a host name: 1 to 63 letters, digits, '.', '_' and '-'",
+                beat.host.name
+            )));
         }
         let name = beat.host.name.clone();
         let mut inventory = self.inventory();

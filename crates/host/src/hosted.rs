@@ -95,8 +95,10 @@ pub struct HostedVm {
     pub files: Vec<FileInfo>,
     /// Its accelerator's backend kind, if it has an accelerator.
     pub accel_backend: Option<String>,
-    life: Lifecycle,
+    /// Declared before `life`, which holds the capacity reservation: fields drop in
+    /// order, so a record dropped with its microVM frees the memory before the room.
     control: Mutex<Control>,
+    life: Lifecycle,
     readout: VmReadout,
     throttle_pct: AtomicU8,
     /// `accel_load` as f64 bits, updated by the watcher.

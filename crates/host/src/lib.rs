@@ -627,8 +627,6 @@ impl Host {
         }
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
-        // Before the reservation: a VM that cannot exist is a bad request, whatever room
-        // there is.
         // Before any room is reserved: an impossible shape is a bad request, not a
         // lack of room.
         config.validate().map_err(|e| {

@@ -60,7 +60,7 @@ pub enum VmError {
     SaveState(#[source] Cause),
     /// An attached file is not the content recorded (changed in place), or could not be
     /// checked.
-    #[error("cannot offer the attached files as recorded")]
+    #[error("the attached files are not as recorded")]
     CheckFiles(#[source] Cause),
     /// This host cannot run the VM offered (ABI, backend, kernels).
     #[error("{0}")]

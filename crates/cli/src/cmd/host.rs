@@ -99,8 +99,9 @@ Example:
 /// `ferry host serve`.
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Host name (prefix of the VM ids created here).
-    #[arg(long, default_value = "a")]
+    /// Host name (prefix of the VM ids created here): 1 to 63 letters, digits, '.', '_'
+    /// and '-'.
+    #[arg(long, default_value = "a", value_parser = parse_host_name)]
     pub name: String,
     /// Address of the HTTP/JSON API.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
@@ -199,6 +200,17 @@ pub struct Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.host.shutdown();
+    }
+}
+
+/// `--name`: the characters of a VM name, as the host's name prefixes its VMs' ids.
+fn parse_host_name(value: &str) -> Result<String, String> {
+    if ferry_api::valid_host_name(value) {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "'{value}' is not a host name: 1 to 63 letters, digits, '.', '_' and '-'"
+        ))
     }
 }
 
@@ -423,7 +435,19 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_advertise;
+    use super::{parse_advertise, parse_host_name};
+
+    #[test]
+    fn a_host_name_takes_the_characters_of_a_vm_id() {
+        for good in ["a", "gpu-node-01", "rack1.n2_b"] {
+            assert_eq!(parse_host_name(good).unwrap(), good);
+        }
+        // Each would break the VM ids made from it, or the URLs that name the host.
+        for bad in ["", "rack1:n2", "a/b", "a b", "a?x", &"x".repeat(64)] {
+            let error = parse_host_name(bad).unwrap_err();
+            assert!(error.contains("not a host name"), "{bad:?}: {error}");
+        }
+    }
 
     #[test]
     fn advertise_takes_an_address_without_a_port() {
