@@ -24,8 +24,9 @@
 //! truncated, corrupted or foreign file is refused with a reason and never runs
 //! half-loaded.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::receive::{apply_data, sync_buffers, validate_offer};
@@ -148,7 +149,16 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         path: path.to_owned(),
         source,
     };
-    let file = File::create(&tmp).map_err(io_error)?;
+    // Made anew, readable by its owner only (it holds the guest's memory): a file or
+    // link planted at the temporary's name is removed (a link, not what it points to),
+    // and one planted again before the create makes it fail rather than be followed.
+    let _ = std::fs::remove_file(&tmp);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_error)?;
     let write = || -> Result<SnapshotStats, MigrationError> {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&MAGIC)
@@ -217,10 +227,23 @@ pub struct SnapshotReader {
 impl SnapshotReader {
     /// Opens `path` and checks its header and the VM's description.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
-        let file = File::open(path).map_err(|source| SnapshotError::Io {
+        let io_error = |source| SnapshotError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // Without blocking (a FIFO would wait for a writer for ever), and only a regular
+        // file, checked on the file opened.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io_error)?;
+        if !file.metadata().map_err(io_error)?.is_file() {
+            return Err(io_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
         let mut input = BufReader::with_capacity(1 << 20, file);
         let mut header = [0u8; HEADER_LEN];
         input

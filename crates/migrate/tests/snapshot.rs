@@ -140,6 +140,44 @@ fn a_foreign_file_or_version_is_refused_by_name() {
     );
 }
 
+#[test]
+fn a_save_follows_no_planted_link_and_only_its_owner_reads_the_snapshot() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"someone else's file").unwrap();
+    let path = dir.path().join("vm.snap");
+    std::os::unix::fs::symlink(&victim, path.with_extension("snap.partial")).unwrap();
+    save(&still(), &path).unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"someone else's file");
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert!(
+        meta.is_file(),
+        "the snapshot is a file of its own, not the link"
+    );
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    load(&path).unwrap();
+}
+
+#[test]
+fn a_snapshot_that_is_no_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("vm.snap");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A FIFO with no writer: opening it to read would wait for one for ever.
+    let error = SnapshotReader::open(&fifo).err().expect("refused");
+    assert!(
+        error_chain(&error).contains("not a regular file"),
+        "{}",
+        error_chain(&error)
+    );
+    assert!(SnapshotReader::open(dir.path()).is_err(), "a folder");
+}
+
 /// A well-formed file (header, frame checksums) of `frames` after a valid description.
 fn forged(frames: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
     let mut head = MAGIC.to_vec();

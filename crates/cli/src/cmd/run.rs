@@ -62,7 +62,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         bail!("the guest {how} before the snapshot point ({at_ms} ms); no snapshot was written");
     }
     vm.pause().context("cannot pause the VM for the snapshot")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    snapshot_dir(dir)?;
     let path = dir.join(SNAPSHOT_FILE);
     let started = Instant::now();
     let stats = match vm.save(&path) {
@@ -96,6 +96,29 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes the snapshot folder `dir` (readable by its owner only, as the snapshot holds the
+/// guest's memory), or takes an existing one if it is ours: in a folder another user
+/// owns, they could swap the snapshot as it is written.
+fn snapshot_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        bail!(
+            "{} is not a folder of this user's (uid {me}): choose another --snapshot-dir",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// The snapshot file named by a `ferry restore` argument: a directory or the file itself.
