@@ -72,6 +72,15 @@ pub enum AttachError {
         /// Hash found (not taken when the size already differs).
         found_sha256: String,
     },
+    /// A file a VM's state records is not at its recorded path as recorded (missing,
+    /// unreadable, or other content: which, is not said).
+    #[error("attached file '{name}' recorded at {} is missing, unreadable, or not the content recorded: give it where it is (--attach {name}=PATH)", path.display())]
+    NotAsRecorded {
+        /// Its name.
+        name: String,
+        /// The path recorded.
+        path: PathBuf,
+    },
     /// The file changed while it was being hashed.
     #[error("attached file '{name}' at {} changed while it was being hashed", path.display())]
     ChangedWhileHashing {
@@ -310,11 +319,20 @@ impl AttachedFiles {
     }
 
     /// Reopens the files a VM's state records, each at its recorded path, refusing any
-    /// whose content changed.
+    /// whose content changed. The paths come from a file (a snapshot) that may name any
+    /// host file: a refusal says nothing of what is there (not whether it exists, nor
+    /// its size or hash), so it cannot be used to learn a file's hash and then attach it.
     pub fn reopen(infos: &[FileInfo]) -> Result<Self, AttachError> {
         let files = infos
             .iter()
-            .map(|info| AttachedFile::open_expecting(info, &info.path))
+            .map(|info| {
+                AttachedFile::open_expecting(info, &info.path).map_err(|_| {
+                    AttachError::NotAsRecorded {
+                        name: info.name.clone(),
+                        path: info.path.clone(),
+                    }
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Self::new(files)
     }
@@ -434,24 +452,29 @@ mod tests {
         let infos = files.infos();
         assert_eq!(files.mismatch(&infos), None);
 
-        // Same size, other content: the reopen is refused, naming both hashes.
+        // Same size, other content; shorter; gone: each reopen is refused alike, saying
+        // nothing of what is at the recorded path (its hash would let a forged record
+        // attach it).
         std::fs::write(&path, b"HELLO, attached world").unwrap();
-        let err = AttachedFiles::reopen(&infos).unwrap_err();
-        assert!(matches!(err, AttachError::Changed { .. }), "{err}");
-        assert!(err.to_string().contains(&infos[0].sha256), "{err}");
-        // A file that shrank is refused too; one that is gone says it cannot be read.
-        std::fs::write(&path, b"short").unwrap();
-        let err = AttachedFiles::reopen(&infos).unwrap_err();
-        assert!(
-            matches!(&err, AttachError::Changed { found_size: 5, found_sha256, .. }
-                if found_sha256.contains("not read")),
-            "{err}"
-        );
+        let found = hex(&Sha256::digest(b"HELLO, attached world"));
+        let mut said = Vec::new();
+        for then in [Some(&b"short"[..]), None] {
+            let err = AttachedFiles::reopen(&infos).unwrap_err();
+            assert!(matches!(err, AttachError::NotAsRecorded { .. }), "{err}");
+            assert!(!err.to_string().contains(&found), "{err}");
+            said.push(err.to_string());
+            match then {
+                Some(bytes) => std::fs::write(&path, bytes).unwrap(),
+                None => std::fs::remove_file(&path).unwrap(),
+            }
+        }
+        let gone = AttachedFiles::reopen(&infos).unwrap_err().to_string();
+        assert!(said.iter().all(|s| *s == gone), "{said:?} {gone}");
+        // The same file given explicitly is checked with the details an operator needs.
+        std::fs::write(&path, b"HELLO, attached world").unwrap();
+        let err = AttachedFile::open_expecting(&infos[0], &path).unwrap_err();
+        assert!(err.to_string().contains(&found), "{err}");
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
-            AttachedFiles::reopen(&infos).unwrap_err(),
-            AttachError::Read { .. }
-        ));
     }
 
     #[test]
