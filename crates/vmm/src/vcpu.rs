@@ -43,6 +43,66 @@ const SAVED_MSRS: [u32; 12] = [
     0xc000_0103, // TSC_AUX
 ];
 
+/// Checks that a saved vCPU state leaves the VMM's ring 0 as the VMM set it up: the same
+/// control registers, descriptor tables and task register as at entry, no way into
+/// ring 0 other than the VMM's fault stubs (SYSENTER off, as SYSCALL is by EFER), code
+/// at ring 3 but while in those stubs, and only the MSRs this VMM saves. A guest at
+/// ring 3 can change none of these, so a state that does was not saved by a VMM.
+fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
+    use crate::arch::layout::FAULT_STUBS_ADDR;
+    use crate::arch::tables::{KERNEL_CODE_SELECTOR, USER_CODE_SELECTOR};
+    let s = &state.sregs;
+    let entry = regs::entry_sregs(*s);
+    let control = [
+        ("CR0", s.cr0, entry.cr0),
+        ("CR3", s.cr3, entry.cr3),
+        ("CR4", s.cr4, entry.cr4),
+        ("EFER", s.efer, entry.efer),
+        ("GDT base", s.gdt.base, entry.gdt.base),
+        ("GDT limit", s.gdt.limit.into(), entry.gdt.limit.into()),
+        ("IDT base", s.idt.base, entry.idt.base),
+        ("IDT limit", s.idt.limit.into(), entry.idt.limit.into()),
+        ("TR base", s.tr.base, entry.tr.base),
+        (
+            "TR selector",
+            s.tr.selector.into(),
+            entry.tr.selector.into(),
+        ),
+    ];
+    if let Some((what, got, want)) = control.iter().find(|(_, got, want)| got != want) {
+        return Err(format!("{what} is {got:#x}, not {want:#x}"));
+    }
+    if s.ldt.unusable == 0 && s.ldt.selector != 0 {
+        return Err("an LDT is loaded".into());
+    }
+    // Ring 0 runs only the fault stubs (a pause may land in them).
+    let in_stubs = (FAULT_STUBS_ADDR..RING0_STACK_ADDR).contains(&state.regs.rip);
+    let code_ok = match (s.cs.selector, s.cs.dpl) {
+        (USER_CODE_SELECTOR, 3) => s.ss.dpl == 3,
+        (KERNEL_CODE_SELECTOR, 0) => in_stubs && s.ss.dpl == 0,
+        _ => false,
+    };
+    if !code_ok {
+        return Err(format!(
+            "code selector {:#x} at privilege {} (stack at {}), rip {:#x}",
+            s.cs.selector, s.cs.dpl, s.ss.dpl, state.regs.rip
+        ));
+    }
+    for msr in &state.msrs {
+        if !SAVED_MSRS.contains(&msr.index) {
+            return Err(format!("MSR {:#x} is not one this VMM saves", msr.index));
+        }
+        // SYSENTER with a code selector would enter ring 0 where it says.
+        if msr.index == 0x174 && msr.data != 0 {
+            return Err(format!(
+                "SYSENTER is enabled (code selector {:#x})",
+                msr.data
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Size of `struct kvm_xsave`: the only XSAVE layout this VMM saves and restores.
 const KVM_XSAVE_SIZE: i32 = 4096;
 
@@ -93,6 +153,10 @@ pub enum VcpuStateError {
         /// Index of the first MSR it did not handle.
         first: u32,
     },
+    /// State the VMM owns (ring 0's tables and entry points) is not the VMM's own (a
+    /// forged snapshot).
+    #[error("the vCPU state would change what the VMM owns: {0}")]
+    NotOurs(String),
     /// Too many CPUID entries or MSRs to fit KVM's tables (bad snapshot).
     #[error("too many {what} entries ({count})")]
     TooMany {
@@ -359,6 +423,7 @@ impl Vcpu {
     /// CPUID first (it decides which XSAVE features and MSRs exist), then MP state,
     /// registers, XSAVE, XCRs, debug registers, MSRs, and vCPU events last.
     pub fn restore_state(&self, kvm: &Kvm, state: &VcpuState) -> Result<(), VcpuStateError> {
+        owned_state_is_ours(state).map_err(VcpuStateError::NotOurs)?;
         Self::check_xsave_size(kvm)?;
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuStateError::TooMany {
             what: "CPUID",

@@ -350,6 +350,10 @@ impl IncomingVm {
             (None, None) => {}
             _ => return Err(accel_disagrees()),
         }
+        // The VMM's own pages as the VMM writes them, whatever the state's RAM held there
+        // (a snapshot is a file: its page tables, GDT, IDT, TSS and stubs are not trusted).
+        arch::write_system_pages(&self.memory, self.config.ram_size)
+            .map_err(CreateVmError::WriteBootPages)?;
         let (kvm, guest_nice) = (self.kvm, self.host.guest_nice);
         let devices = Arc::new(PortDevices::restore(
             self.host.console,

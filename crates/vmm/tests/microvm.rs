@@ -296,6 +296,51 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
         "{err}"
     );
 
+    // A state that would change what the VMM owns is refused: ring-0 code outside the
+    // fault stubs, SYSENTER turned on, another page table root.
+    let forged = |forge: &dyn Fn(&mut ferry_vmm::vcpu::VcpuState)| {
+        let mut paused = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
+        forge(&mut paused.state.vcpus[0]);
+        ferry_vmm::snapshot::save_paused(&paused, &path).unwrap();
+        let err = Microvm::restore(&path, HostOptions::quiet())
+            .err()
+            .expect("a forged vCPU state accepted");
+        ferry_migrate::error_chain(&err)
+    };
+    let chain = forged(&|v| {
+        v.sregs.cs.selector = 0x08;
+        v.sregs.cs.dpl = 0;
+        v.sregs.ss.dpl = 0;
+    });
+    assert!(chain.contains("would change what the VMM owns"), "{chain}");
+    let chain = forged(&|v| {
+        let mut entry = kvm_bindings::kvm_msr_entry {
+            index: 0x174,
+            data: 0x08,
+            ..Default::default()
+        };
+        match v.msrs.iter_mut().find(|m| m.index == 0x174) {
+            Some(m) => m.data = entry.data,
+            None => v.msrs.push(std::mem::take(&mut entry)),
+        }
+    });
+    assert!(chain.contains("SYSENTER"), "{chain}");
+    let chain = forged(&|v| v.sregs.cr3 = 0x20_0000);
+    assert!(chain.contains("CR3"), "{chain}");
+
+    // The VMM's pages, written over in the file, are the VMM's own again once restored.
+    let pml4 = 0x1_0000u64;
+    let ours: u64 = vm.memory().read_obj(GuestAddress(pml4)).unwrap();
+    vm.memory().write_obj(!ours, GuestAddress(pml4)).unwrap();
+    vm.save(&path).unwrap();
+    vm.memory().write_obj(ours, GuestAddress(pml4)).unwrap();
+    let (restored, _) = Microvm::restore(&path, HostOptions::quiet()).unwrap();
+    // As the VMM writes it: the processor's accessed and dirty bits are not set yet.
+    let accessed_dirty = 0x60;
+    let entry: u64 = restored.memory().read_obj(GuestAddress(pml4)).unwrap();
+    assert_eq!(entry, ours & !accessed_dirty);
+    drop(restored);
+
     // The untouched file still restores and runs.
     std::fs::write(&path, &good).unwrap();
     let (mut restored, _) = Microvm::restore(&path, HostOptions::quiet()).unwrap();
