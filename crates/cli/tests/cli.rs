@@ -253,8 +253,9 @@ fn a_failing_kvm_ioctl_reaches_the_operator_with_its_errno() {
     // Booted paused, before its vCPU first runs.
     let vm = Microvm::boot(VmConfig::new(32 << 20), image, &args, HostOptions::quiet()).unwrap();
     let mut paused = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
-    // Paging without protected mode: KVM_SET_SREGS refuses it with EINVAL.
-    paused.state.vcpus[0].sregs.cr0 = 1 << 31;
+    // A DR7 with its upper half set: KVM_SET_DEBUGREGS refuses it with EINVAL. (State
+    // the VMM owns, such as CR0, is refused by the VMM itself before any ioctl.)
+    paused.state.vcpus[0].debug_regs.dr7 = 1 << 32;
     let path = std::env::temp_dir().join(format!("ferry-{test}-{}.snap", std::process::id()));
     ferry_vmm::snapshot::save_paused(&paused, &path).unwrap();
     let out = ferry(&["restore", path.to_str().unwrap()]);
@@ -262,7 +263,7 @@ fn a_failing_kvm_ioctl_reaches_the_operator_with_its_errno() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
-        err.contains("KVM_SET_SREGS") && err.contains("os error 22"),
+        err.contains("KVM_SET_DEBUGREGS") && err.contains("os error 22"),
         "the ioctl and its errno are lost: {err}"
     );
 }
