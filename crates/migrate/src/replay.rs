@@ -64,14 +64,19 @@ pub struct LoggedCommand {
     pub status: u32,
 }
 
-/// Most commands one message of them may carry: the source's batches of at most
-/// `COMMAND_BATCH` bytes of commands' weight hold fewer. Decoding counts them, as an
-/// empty command takes 4 bytes on the wire and 14 times that in memory.
-pub(crate) const MAX_MESSAGE_COMMANDS: usize = (4 << 20) / std::mem::size_of::<LoggedCommand>();
+/// Bytes of commands' weight ([`LoggedCommand::weight`]) a source sends in one message
+/// at most.
+pub(crate) const COMMAND_BATCH: u64 = 4 << 20;
+
+/// Most commands one message of them may carry: what a batch holds, each weighing at
+/// least its size. Decoding counts them, as an empty command takes 4 bytes on the wire
+/// and 14 times that in memory.
+pub(crate) const MAX_MESSAGE_COMMANDS: usize =
+    COMMAND_BATCH as usize / std::mem::size_of::<LoggedCommand>();
 
 /// Decodes a sequence of at most `max` elements: a peer's count cannot make the decoder
 /// hold more than the bound, whatever fits in a message.
-pub(crate) fn at_most<'de, D, T>(d: D, max: usize) -> Result<Vec<T>, D::Error>
+fn at_most<'de, D, T>(d: D, max: usize) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

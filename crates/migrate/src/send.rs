@@ -14,7 +14,7 @@ use crate::link::Link;
 use crate::pace::{Activity, Pacer};
 use crate::replay::{
     falling_behind, predicted_replay_pause, CaptureLimits, DeviceDigest, DeviceTransfer,
-    LoggedCommand, ReplayReport, MAX_ROUND_REPLAY,
+    LoggedCommand, ReplayReport, COMMAND_BATCH, MAX_ROUND_REPLAY,
 };
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
@@ -556,12 +556,6 @@ fn with_patience<T>(
     Ok(answer)
 }
 
-/// Bytes of commands sent in one control message at most.
-const COMMAND_BATCH: u64 = 4 << 20;
-const _: () = assert!(
-    COMMAND_BATCH as usize / std::mem::size_of::<LoggedCommand>()
-        <= crate::replay::MAX_MESSAGE_COMMANDS
-);
 /// The heaviest command a control message can carry (an upload's data travels in it).
 const MAX_COMMAND_WEIGHT: u64 = MAX_CONTROL_BYTES as u64 - (64 << 10);
 
@@ -1453,7 +1447,7 @@ fn run(
     };
     let replay_now = s.replay_agreed && options.device == DeviceTransfer::Replay;
     let too_long = replay_now
-        .then(|| digest_outlasts_target(source, options))
+        .then(|| digest_outlasts_target(source.device_digest_estimate(), options))
         .flatten();
     let mut end = if replay_now && too_long.is_none() {
         replay_from(s, ReplayStart::Fresh(files), progress)?
@@ -1544,13 +1538,9 @@ fn run(
 }
 
 /// Why replay cannot meet the pause target whatever its rounds do, if it cannot: the
-/// source's digest of its device memory runs in the pause and alone outlasts the target
-/// (a longer pause allowed, it may).
-fn digest_outlasts_target(
-    source: &dyn MigrationSource,
-    options: &MigrationOptions,
-) -> Option<String> {
-    let digest = source.device_digest_estimate();
+/// source's digest of its device memory (about `digest`) runs in the pause and alone
+/// outlasts the target (a longer pause allowed, it may).
+fn digest_outlasts_target(digest: Duration, options: &MigrationOptions) -> Option<String> {
     (!options.allow_longer_pause && digest > options.downtime_target).then(|| {
         format!(
             "digesting the device memory would alone pause the VM for about {:.0} ms, more than the {} ms target",
@@ -1673,7 +1663,8 @@ fn precopy_rounds(
         let too_fast = dirty_rate > rate * 0.5;
         // Mostly device memory: replay it rather than slow the VM down.
         let device_bytes = part_bytes(&pending.chunks);
-        let replayable = || match digest_outlasts_target(s.source, options) {
+        let replayable = || match digest_outlasts_target(s.source.device_digest_estimate(), options)
+        {
             Some(why) => {
                 tracing::debug!("pre-copy goes on: {why}");
                 false
@@ -1802,10 +1793,10 @@ fn replay_rounds(
             return Ok(fall_back(s, why, &pages));
         }
         // Checked before replay began too; device memory may have grown since.
-        if let Some(why) = digest_outlasts_target(source, options) {
+        let digest = source.device_digest_estimate();
+        if let Some(why) = digest_outlasts_target(digest, options) {
             return Ok(fall_back(s, why, &pages));
         }
-        let digest = source.device_digest_estimate();
         if let Some(log) = s.round_log.last().filter(|_| !rounds_ms.is_empty()) {
             // Decide on what the last replay round showed, with what it left pending.
             let last = Duration::from_secs_f64(log.busy_ms() / 1e3);
