@@ -221,19 +221,29 @@ mod tests {
         }
     }
 
+    /// The plan, at the default threshold (0.2), for hosts `names` loaded with the VMs
+    /// of `vms` on each.
+    fn plan_for(names: &[&str], vms: &[MovableVm]) -> BalancePlan {
+        let hosts: Vec<HostLoad> = names
+            .iter()
+            .map(|name| {
+                let on: Vec<&MovableVm> = vms.iter().filter(|v| v.host == *name).collect();
+                host(name, &on)
+            })
+            .collect();
+        plan(&hosts, vms, 0.2)
+    }
+
     #[test]
     fn three_busy_vms_on_one_host_spread_over_three_hosts() {
-        let vms = [
-            vm("v1", "a", 256, 0.9),
-            vm("v2", "a", 256, 0.9),
-            vm("v3", "a", 256, 0.9),
-        ];
-        let hosts = [
-            host("a", &vms.iter().collect::<Vec<_>>()),
-            host("b", &[]),
-            host("c", &[]),
-        ];
-        let plan = plan(&hosts, &vms, 0.2);
+        let plan = plan_for(
+            &["a", "b", "c"],
+            &[
+                vm("v1", "a", 256, 0.9),
+                vm("v2", "a", 256, 0.9),
+                vm("v3", "a", 256, 0.9),
+            ],
+        );
         assert_eq!(plan.moves.len(), 2, "{plan:#?}");
         assert!(plan.moves.iter().all(|m| m.from == "a"));
         let targets: Vec<&str> = plan.moves.iter().map(|m| m.to.as_str()).collect();
@@ -249,9 +259,10 @@ mod tests {
 
     #[test]
     fn a_balanced_cluster_gets_no_moves() {
-        let vms = [vm("v1", "a", 256, 0.5), vm("v2", "b", 256, 0.5)];
-        let hosts = [host("a", &[&vms[0]]), host("b", &[&vms[1]])];
-        let plan = plan(&hosts, &vms, 0.2);
+        let plan = plan_for(
+            &["a", "b"],
+            &[vm("v1", "a", 256, 0.5), vm("v2", "b", 256, 0.5)],
+        );
         assert!(plan.moves.is_empty());
         assert!(plan.summary.starts_with("balanced"), "{}", plan.summary);
     }
@@ -259,13 +270,14 @@ mod tests {
     #[test]
     fn moves_never_exceed_capacity() {
         // b has room for no 512 MiB VM: nothing can move, and the plan says why.
-        let vms = [
-            vm("v1", "a", 512, 0.9),
-            vm("v2", "a", 512, 0.9),
-            vm("w", "b", 768, 0.0),
-        ];
-        let hosts = [host("a", &[&vms[0], &vms[1]]), host("b", &[&vms[2]])];
-        let plan = plan(&hosts, &vms, 0.2);
+        let plan = plan_for(
+            &["a", "b"],
+            &[
+                vm("v1", "a", 512, 0.9),
+                vm("v2", "a", 512, 0.9),
+                vm("w", "b", 768, 0.0),
+            ],
+        );
         assert!(plan.moves.is_empty(), "{plan:#?}");
         assert!(plan.summary.contains("no move"), "{}", plan.summary);
     }
@@ -273,9 +285,7 @@ mod tests {
     #[test]
     fn a_move_that_would_only_swap_the_imbalance_is_not_made() {
         // One big busy VM alone on a: moving it to b just makes b the busy one.
-        let vms = [vm("big", "a", 900, 1.0)];
-        let hosts = [host("a", &[&vms[0]]), host("b", &[])];
-        let plan = plan(&hosts, &vms, 0.2);
+        let plan = plan_for(&["a", "b"], &[vm("big", "a", 900, 1.0)]);
         assert!(plan.moves.is_empty(), "{plan:#?}");
     }
 }

@@ -610,54 +610,74 @@ fn maintenance_event_count(endpoints: &str, prefix: &str) -> usize {
         .count()
 }
 
-/// A fresh etcd cluster named `name` for `test` (kept running while the first part
-/// lives) and a client of it; none, said loudly, where etcd is missing.
-fn scratch_etcd(test: &str, name: &str) -> Option<(EtcdCluster, Etcd)> {
-    let cluster = EtcdCluster::start(ferry_testdata::etcd(test)?, name);
-    let etcd = Etcd::new(&[cluster.endpoints()], Duration::from_secs(2)).unwrap();
-    Some((cluster, etcd))
+/// A fresh etcd cluster for one test (kept running while it lives), a client of it, and
+/// the prefix of that test's keys.
+struct ScratchEtcd {
+    _cluster: EtcdCluster,
+    etcd: Etcd,
+    prefix: String,
 }
 
-/// Creates the vacant leader key `key` with `value`, as a replica that wins the lead
-/// does, and returns the fence of that leadership.
-fn take_lead(etcd: &Etcd, key: &str, value: &[u8]) -> Fence {
-    let outcome = etcd
-        .txn(
-            &[Compare::CreateRevision(key.to_string(), 0)],
-            &[
-                Op::Put {
-                    key: key.to_string(),
-                    value: value.to_vec(),
-                    lease: None,
-                },
-                Op::Get(key.to_string()),
-            ],
-            &[],
-        )
-        .unwrap();
-    assert!(outcome.succeeded);
-    Fence {
-        key: key.to_string(),
-        create_revision: outcome.read[0].create_revision,
-        cluster: outcome.cluster,
+impl ScratchEtcd {
+    /// Starts one named `name` for `test`, its keys under `/NAME/`; none, said loudly,
+    /// where etcd is missing.
+    fn start(test: &str, name: &str) -> Option<Self> {
+        let cluster = EtcdCluster::start(ferry_testdata::etcd(test)?, name);
+        let etcd = Etcd::new(&[cluster.endpoints()], Duration::from_secs(2)).unwrap();
+        Some(Self {
+            _cluster: cluster,
+            etcd,
+            prefix: format!("/{name}/"),
+        })
+    }
+
+    /// A store on the test's keys, as a center replica opens it.
+    fn store(&self) -> EtcdStore {
+        EtcdStore::open(&[self.etcd.endpoints()], &self.prefix).unwrap()
+    }
+
+    /// Makes `store` the leader: creates its vacant leader key with `value`, as a
+    /// replica that wins the lead does, and fences its writes with that leadership.
+    fn take_lead(&self, store: &EtcdStore, value: &[u8]) {
+        let key = &store.key("leader");
+        let outcome = self
+            .etcd
+            .txn(
+                &[Compare::CreateRevision(key.to_string(), 0)],
+                &[
+                    Op::Put {
+                        key: key.to_string(),
+                        value: value.to_vec(),
+                        lease: None,
+                    },
+                    Op::Get(key.to_string()),
+                ],
+                &[],
+            )
+            .unwrap();
+        assert!(outcome.succeeded);
+        store.set_fence(Some(Fence {
+            key: key.to_string(),
+            create_revision: outcome.read[0].create_revision,
+            cluster: outcome.cluster,
+        }));
     }
 }
 
 #[test]
 fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
     let test = "a_write_fenced_by_a_replaced_leadership_changes_nothing";
-    let Some((_cluster, etcd)) = scratch_etcd(test, "fence") else {
+    let Some(scratch) = ScratchEtcd::start(test, "fence") else {
         return;
     };
-    let old = EtcdStore::open(&[etcd.endpoints()], "/fence/").unwrap();
-    let new = EtcdStore::open(&[etcd.endpoints()], "/fence/").unwrap();
-    let key = old.key("leader");
-    old.set_fence(Some(take_lead(&etcd, &key, b"old")));
+    let (old, new) = (scratch.store(), scratch.store());
+    scratch.take_lead(&old, b"old");
     let event = |message: &str| ferry_center::inventory::Event::now("test", message.into());
     old.add_event(&event("while leading")).unwrap();
     // Its lease ends (the key goes) and another replica takes the lead.
-    etcd.txn(&[], &[Op::Delete(key.clone())], &[]).unwrap();
-    new.set_fence(Some(take_lead(&etcd, &key, b"new")));
+    let lease_end = Op::Delete(old.key("leader"));
+    scratch.etcd.txn(&[], &[lease_end], &[]).unwrap();
+    scratch.take_lead(&new, b"new");
     assert!(matches!(
         old.add_event(&event("after losing the lead")),
         Err(StoreError::NotLeader)
@@ -677,11 +697,11 @@ fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
 #[test]
 fn the_etcd_store_deletes_forgotten_and_older_migrations() {
     let test = "the_etcd_store_deletes_forgotten_and_older_migrations";
-    let Some((_cluster, etcd)) = scratch_etcd(test, "prune") else {
+    let Some(scratch) = ScratchEtcd::start(test, "prune") else {
         return;
     };
-    let store = EtcdStore::open(&[etcd.endpoints()], "/prune/").unwrap();
-    store.set_fence(Some(take_lead(&etcd, &store.key("leader"), b"me")));
+    let store = scratch.store();
+    scratch.take_lead(&store, b"me");
     let record = ferry_center::inventory::MigrationRecord::default();
     for id in 1..=5 {
         assert_eq!(store.add_migration(&record).unwrap(), id);

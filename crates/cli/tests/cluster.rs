@@ -7,11 +7,11 @@ mod common;
 
 use common::chromium::{self, Browser};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{kvm_available, reference, text, Daemon, KillOnDrop};
+use common::{kvm_available, reference, text, CenterProcess, Daemon};
 use serde_json::Value;
 
 const TOKEN: &str = "operator-token-0123456789";
@@ -22,25 +22,19 @@ const MLP: &str = "--steps 400 --print-every 20";
 /// A training run that outlasts any test.
 const MLP_LONG: &str = "--steps 1000000 --print-every 1000";
 
-/// A `ferry center serve` child process, killed on drop.
-struct CenterProc {
-    child: KillOnDrop,
-    url: String,
-    db: PathBuf,
-}
-
 /// An empty scratch directory for `test`.
 fn scratch_dir(test: &str) -> PathBuf {
     common::empty_dir(&format!("cluster-{test}"))
 }
 
-impl CenterProc {
-    fn start(db: PathBuf, listen: &str) -> Self {
-        let (child, url) =
-            common::start_center(&db, listen, TOKEN, &["--down-after-ms", DOWN_AFTER_MS]);
-        Self { child, url, db }
-    }
+/// Starts a center on `listen` with `db`, the operator [`TOKEN`] and hosts down after
+/// [`DOWN_AFTER_MS`].
+fn start_center(db: &Path, listen: &str) -> CenterProcess {
+    CenterProcess::start(db, listen, TOKEN, &["--down-after-ms", DOWN_AFTER_MS])
+}
 
+/// What these tests ask of a center.
+impl CenterProcess {
     /// `ferry ARGS --center URL` (before any guest arguments) with the operator token.
     fn ferry(&self, args: &[&str]) -> Output {
         let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
@@ -134,13 +128,13 @@ fn vm<'a>(status: &'a Value, id: &str) -> &'a Value {
 /// A center and hosts a, b, c reporting to it, each with `accel_capacity` of
 /// accelerator memory.
 struct Cluster {
-    center: CenterProc,
+    center: CenterProcess,
     hosts: Vec<(String, Daemon)>,
 }
 
 impl Cluster {
     fn start(test: &str, accel_capacity: &str) -> Self {
-        let center = CenterProc::start(scratch_dir(test).join("center.db"), "127.0.0.1:0");
+        let center = start_center(&scratch_dir(test).join("center.db"), "127.0.0.1:0");
         let hosts = common::cluster_hosts(&center.url, accel_capacity);
         let cluster = Self { center, hosts };
         cluster.center.wait_three_hosts_up();
@@ -254,7 +248,7 @@ fn maintenance_moves_a_cuda_vm_only_to_a_host_that_runs_its_backend() {
     if !kvm_available(test) {
         return;
     }
-    let center = CenterProc::start(scratch_dir(test).join("center.db"), "127.0.0.1:0");
+    let center = start_center(&scratch_dir(test).join("center.db"), "127.0.0.1:0");
     // a and c run the cuda backend's kernels (emulated: this machine has no GPU); b runs
     // only cpu but has the most free accelerator memory, so room alone would pick it.
     let host = |name: &str, accel: &str, cuda: bool| {
@@ -529,7 +523,7 @@ fn a_restarted_center_keeps_its_inventory_and_history() {
             "the center's database holds a credential"
         );
     }
-    cluster.center = CenterProc::start(db, &addr);
+    cluster.center = start_center(&db, &addr);
     let status = cluster.center.status();
     let names: Vec<&str> = status["hosts"]
         .as_array()

@@ -150,8 +150,7 @@ const TOKEN: &str = "operator-token-0123456789";
 
 /// A `ferry center serve` child process (killed on drop) and a client of its API.
 struct Center {
-    _child: KillOnDrop,
-    url: String,
+    process: CenterProcess,
     api: ApiClient,
     /// Holds the center's database, removed on drop.
     _db: tempfile::TempDir,
@@ -163,11 +162,11 @@ impl Center {
             .prefix(&format!("ferry-{test}-"))
             .tempdir()
             .unwrap();
-        let (child, url) = start_center(&dir.path().join("center.db"), "127.0.0.1:0", TOKEN, &[]);
-        let api = ApiClient::new(&url, TOKEN.as_bytes()).unwrap();
+        let process =
+            CenterProcess::start(&dir.path().join("center.db"), "127.0.0.1:0", TOKEN, &[]);
+        let api = ApiClient::new(&process.url, TOKEN.as_bytes()).unwrap();
         Self {
-            _child: child,
-            url,
+            process,
             api,
             _db: dir,
         }
@@ -200,7 +199,12 @@ fn racing_migrations_and_stops_leave_each_vm_on_exactly_one_host() {
     const ARGS: &str = "--steps 12000 --print-every 4000";
     let expected = reference("mlp-train", "64M", "32M", ARGS);
     let center = Center::start("racing");
-    let joined = ["--center", center.url.as_str(), "--heartbeat-ms", "200"];
+    let joined = [
+        "--center",
+        center.process.url.as_str(),
+        "--heartbeat-ms",
+        "200",
+    ];
     let hosts = [
         Host::start("a", &joined),
         Host::start("b", &joined),

@@ -16,15 +16,14 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{kvm_and_smollm2, kvm_available, report, wait_for, Daemon, KillOnDrop};
+use common::{kvm_and_smollm2, kvm_available, report, wait_for, CenterProcess, Daemon};
 
 const TOKEN: &str = "service-token-0123456789";
 const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
 
 /// A center with hosts a and b, and an `llm-serve` VM on a.
 struct Serving {
-    center: KillOnDrop,
-    url: String,
+    center: CenterProcess,
     a: Daemon,
     b: Daemon,
     vm: String,
@@ -33,13 +32,13 @@ struct Serving {
 impl Serving {
     fn start(test: &str, model: &std::path::Path) -> Self {
         let dir = common::empty_dir(&format!("serving-{test}"));
-        let (center, url) = common::start_center(&dir.join("center.db"), "127.0.0.1:0", TOKEN, &[]);
+        let center = CenterProcess::start(&dir.join("center.db"), "127.0.0.1:0", TOKEN, &[]);
         let host = |name| {
             Daemon::start_with(
                 name,
                 &[
                     "--center",
-                    &url,
+                    &center.url,
                     "--heartbeat-ms",
                     "200",
                     "--accel-capacity",
@@ -69,13 +68,7 @@ impl Serving {
         assert_eq!(created["name"], "smollm2", "{created}");
         let vm = created["id"].as_str().unwrap().to_string();
         a.wait_console(&vm, "llm-serve: ready");
-        let serving = Self {
-            center,
-            url,
-            a,
-            b,
-            vm,
-        };
+        let serving = Self { center, a, b, vm };
         wait_for(
             "the gateway to list the model",
             Duration::from_secs(30),
@@ -97,7 +90,7 @@ impl Serving {
 
     fn get(&self, path: &str) -> (u16, Value) {
         let mut r = Self::agent()
-            .get(format!("{}{path}", self.url))
+            .get(format!("{}{path}", self.center.url))
             .header("Authorization", &format!("Bearer {TOKEN}"))
             .call()
             .unwrap();
@@ -112,7 +105,7 @@ impl Serving {
     /// the body as JSON.
     fn post_raw(&self, path: &str, token: &str, body: &str) -> (u16, Option<String>, Value) {
         let mut r = Self::agent()
-            .post(format!("{}{path}", self.url))
+            .post(format!("{}{path}", self.center.url))
             .header("Authorization", &format!("Bearer {token}"))
             .header("Content-Type", "application/json")
             .send(body)
@@ -258,7 +251,16 @@ fn the_openai_client_streams_an_answer_across_a_live_migration_unchanged() {
 
     // The client names the model by the name the VM was given.
     let mut client = Command::new("python3")
-        .args(["-c", CLIENT, &s.url, TOKEN, "smollm2", PROMPT, "11", "160"])
+        .args([
+            "-c",
+            CLIENT,
+            &s.center.url,
+            TOKEN,
+            "smollm2",
+            PROMPT,
+            "11",
+            "160",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -421,7 +423,7 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
     // A wrong method: refused by the router itself, in OpenAI's shape all the same.
     let mut r = Serving::agent()
-        .get(format!("{}{path}", s.url))
+        .get(format!("{}{path}", s.center.url))
         .header("Authorization", &format!("Bearer {TOKEN}"))
         .call()
         .unwrap();
@@ -433,7 +435,7 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     let mut body = s.request(5, 400);
     body["stream"] = json!(true);
     let mut r = Serving::agent()
-        .post(format!("{}{path}", s.url))
+        .post(format!("{}{path}", s.center.url))
         .header("Authorization", &format!("Bearer {TOKEN}"))
         .send(body.to_string())
         .unwrap();
@@ -650,7 +652,7 @@ fn a_thousand_concurrent_requests_meet_a_bounded_queue() {
         assert!([429, 503].contains(status), "refused with {status}");
         assert_eq!(retry.as_deref(), Some("1"), "Retry-After on {status}");
     }
-    let (rss, threads) = common::footprint(s.center.0.id());
+    let (rss, threads) = common::footprint(s.center.child.0.id());
     assert!(rss < 256 << 20, "the center's memory: {} MiB", rss >> 20);
     // The relays are gone, and the gateway serves as before.
     let (status, _) = s.chat(&s.request(3, 2));

@@ -266,14 +266,15 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
 
     // A center over HTTPS too: a host reports to it, and it checks the host's API back.
     let token = "operator-token-0123456789";
-    let (_center, url) = start_center(&dir.join("center.db"), "127.0.0.1:0", token, &tls);
+    let center = CenterProcess::start(&dir.join("center.db"), "127.0.0.1:0", token, &tls);
+    let url = &center.url;
     assert!(url.starts_with("https://"), "{url}");
     let mut joined = tls.to_vec();
     joined.extend(["--center", url.as_str(), "--heartbeat-ms", "200"]);
     let _c = Daemon::start_with("c", &joined);
     wait_for("host c up at the center", Duration::from_secs(20), || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["center", "status", "--json", "--center", &url])
+            .args(["center", "status", "--json", "--center", url])
             .env("FERRY_CENTER_TOKEN", token)
             .env("FERRY_TLS_CA", &ca_file)
             .output()

@@ -5,7 +5,7 @@
 pub mod chromium;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -131,23 +131,33 @@ pub fn serve(command: &mut Command) -> (Child, String) {
     (child, line)
 }
 
-/// Starts `ferry center serve` on `listen` with `db`, the operator `token` and `extra`
-/// flags; returns it (killed on drop) with its API's URL.
-pub fn start_center(
-    db: &std::path::Path,
-    listen: &str,
-    token: &str,
-    extra: &[&str],
-) -> (KillOnDrop, String) {
-    let (child, line) = serve(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["center", "serve", "--listen", listen])
-            .args(extra)
-            .arg("--db")
-            .arg(db)
-            .env("FERRY_CENTER_TOKEN", token),
-    );
-    (KillOnDrop(child), center_url(&line))
+/// A `ferry center serve` child process, killed on drop.
+pub struct CenterProcess {
+    pub child: KillOnDrop,
+    /// Its API's URL.
+    pub url: String,
+    /// Its SQLite database.
+    pub db: PathBuf,
+}
+
+impl CenterProcess {
+    /// Starts `ferry center serve` on `listen` with `db`, the operator `token` and
+    /// `extra` flags.
+    pub fn start(db: &Path, listen: &str, token: &str, extra: &[&str]) -> Self {
+        let (child, line) = serve(
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["center", "serve", "--listen", listen])
+                .args(extra)
+                .arg("--db")
+                .arg(db)
+                .env("FERRY_CENTER_TOKEN", token),
+        );
+        Self {
+            child: KillOnDrop(child),
+            url: center_url(&line),
+            db: db.to_path_buf(),
+        }
+    }
 }
 
 /// An empty directory `name` in Cargo's scratch directory for integration tests (what a
