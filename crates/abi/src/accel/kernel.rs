@@ -7,7 +7,9 @@
 //!
 //! - the id constant (`MATMUL`, ...) and [`name`], used by the guest SDK;
 //! - the variant of [`Kernel`], whose fields are the decoded arguments, and
-//!   [`Kernel::encode`], which the SDK uses to fill a LAUNCH command;
+//!   [`Kernel::encode`], which the SDK uses to fill a LAUNCH command (and
+//!   [`Kernel::encode_with`], the same with buffer addresses, which the cuda backend
+//!   passes on);
 //! - [`Kernel::decode`], the device's validation of a LAUNCH command;
 //! - [`Kernel::access`], the exact read and write sets the device's dirty tracking and a
 //!   backend rely on.
@@ -77,6 +79,11 @@ pub trait Param {
     fn decode(raw: u64, buffer_len: &dyn Fn(BufferId) -> Option<u64>) -> Result<Self::Value, u32>;
     /// The raw argument for `value`.
     fn encode(value: Self::Value) -> u64;
+    /// The raw argument for `value`, a buffer id replaced by `buffer(id)` (see
+    /// [`Kernel::encode_with`]).
+    fn encode_with(value: Self::Value, _buffer: &dyn Fn(BufferId) -> u64) -> u64 {
+        Self::encode(value)
+    }
 }
 
 /// An allocated buffer's id.
@@ -94,6 +101,9 @@ impl Param for Buffer {
     }
     fn encode(value: BufferId) -> u64 {
         u64::from(value)
+    }
+    fn encode_with(value: BufferId, buffer: &dyn Fn(BufferId) -> u64) -> u64 {
+        buffer(value)
     }
 }
 
@@ -536,10 +546,17 @@ macro_rules! kernels {
 
             /// The LAUNCH arguments: the kernel id, then each argument in order.
             pub fn encode(&self) -> [u64; COMMAND_ARGS] {
+                self.encode_with(&|id| u64::from(id))
+            }
+
+            /// The LAUNCH arguments ([`Kernel::encode`]) with each buffer id replaced by
+            /// `buffer(id)`: a backend whose kernels take their arguments in this order
+            /// passes them on as they are, its buffers' addresses in place of the ids.
+            pub fn encode_with(&self, buffer: &dyn Fn(BufferId) -> u64) -> [u64; COMMAND_ARGS] {
                 let mut out = [0u64; COMMAND_ARGS];
                 match *self {
                     $(Kernel::$Variant { $($field),+ } => {
-                        let raw = [$id, $(<$P as Param>::encode($field)),+];
+                        let raw = [$id, $(<$P as Param>::encode_with($field, buffer)),+];
                         out[..raw.len()].copy_from_slice(&raw);
                     })+
                 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{
-    read_lock, write_lock, Backend, BackendError, BufferId, BufferReader, BufferTable, DeviceLoop,
-    HostThreads, IndexCheck,
+    lookup_dtype, read_lock, write_lock, Backend, BackendError, BufferId, BufferReader,
+    BufferTable, DeviceLoop, HostThreads, IndexCheck,
 };
 use crate::kernel::{DType, Kernel};
 use memory::DeviceBuffer;
@@ -290,28 +290,35 @@ impl CpuBackend {
             Kernel::Axpy { x, y, n, alpha } => self.with_outputs(kernel, [y], |pool, inp, [y]| {
                 ops::axpy(pool, inp.f32(x), y, n, alpha);
             }),
-            Kernel::Relu { x, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
-                ops::relu(pool, inp.f32(x), out, n);
-            }),
+            Kernel::Relu { x, out, n } | Kernel::Gelu { x, out, n } => {
+                let activation = match kernel {
+                    Kernel::Relu { .. } => ops::relu,
+                    _ => ops::gelu,
+                };
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                    activation(pool, inp.f32(x), out, n);
+                })
+            }
             Kernel::ReluBackward {
                 x,
                 grad_out,
                 grad_in,
                 n,
-            } => self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
-                ops::relu_backward(pool, inp.f32(x), inp.f32(grad_out), gi, n);
-            }),
-            Kernel::Gelu { x, out, n } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
-                ops::gelu(pool, inp.f32(x), out, n);
-            }),
-            Kernel::GeluBackward {
+            }
+            | Kernel::GeluBackward {
                 x,
                 grad_out,
                 grad_in,
                 n,
-            } => self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
-                ops::gelu_backward(pool, inp.f32(x), inp.f32(grad_out), gi, n);
-            }),
+            } => {
+                let gradient = match kernel {
+                    Kernel::ReluBackward { .. } => ops::relu_backward,
+                    _ => ops::gelu_backward,
+                };
+                self.with_outputs(kernel, [grad_in], |pool, inp, [gi]| {
+                    gradient(pool, inp.f32(x), inp.f32(grad_out), gi, n);
+                })
+            }
             Kernel::Softmax { x, out, rows, cols } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {
                     ops::softmax(pool, inp.f32(x), out, rows, cols);
@@ -380,10 +387,21 @@ impl CpuBackend {
                 count,
                 dim,
                 ..
-            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
-                let (table, ids) = (inp.bytes(table), inp.u32(ids));
-                ops::qembedding(pool, DType::F32, table, ids, out, count, dim);
-            }),
+            }
+            | Kernel::QEmbedding {
+                table,
+                ids,
+                out,
+                count,
+                dim,
+                ..
+            } => {
+                let dtype = lookup_dtype(kernel);
+                self.with_outputs(kernel, [out], |pool, inp, [out]| {
+                    let (table, ids) = (inp.bytes(table), inp.u32(ids));
+                    ops::qembedding(pool, dtype, table, ids, out, count, dim);
+                })
+            }
             Kernel::LayerNorm {
                 x,
                 gamma,
@@ -451,18 +469,6 @@ impl CpuBackend {
                 dtype,
             } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
                 ops::qmatmul(pool, dtype, inp.bytes(w), inp.f32(x), out, n, k, m);
-            }),
-            Kernel::QEmbedding {
-                table,
-                ids,
-                out,
-                count,
-                dim,
-                dtype,
-                ..
-            } => self.with_outputs(kernel, [out], |pool, inp, [out]| {
-                let (table, ids) = (inp.bytes(table), inp.u32(ids));
-                ops::qembedding(pool, dtype, table, ids, out, count, dim);
             }),
             Kernel::RmsNorm {
                 x,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::kernel::Kernel;
+use crate::kernel::{DType, Kernel};
 pub use cpu::DeviceMemory;
 
 pub use ferry_abi::accel::kernel::BufferId;
@@ -78,6 +78,15 @@ impl IndexCheck {
             return Err(BackendError::BadData(self.what));
         }
         Ok(())
+    }
+}
+
+/// The format of the table of an EMBEDDING or a QEMBEDDING `kernel`: an EMBEDDING looks
+/// up in an f32 table, as a QEMBEDDING of one does, and the backends run both alike.
+fn lookup_dtype(kernel: &Kernel) -> DType {
+    match *kernel {
+        Kernel::QEmbedding { dtype, .. } => dtype,
+        _ => DType::F32,
     }
 }
 
@@ -323,73 +332,85 @@ impl Rng {
 /// Kernels on buffers `1..` in the order of their fields, as the conformance check and
 /// the tests lay out their data.
 mod numbered {
-    use crate::kernel::{Kernel, MatmulFlags};
+    use crate::kernel::{DType, Kernel, MatmulFlags};
 
-    /// Buffer 3 = buffer 1 × buffer 2 (`m×k` by `k×n`, as `flags` say).
-    pub(super) fn matmul(m: usize, n: usize, k: usize, flags: MatmulFlags) -> Kernel {
-        Kernel::Matmul {
-            a: 1,
-            b: 2,
-            c: 3,
-            m,
-            n,
-            k,
-            flags,
-        }
+    /// For each `fn name(fields) = Variant { buffer: id, ... };`, a function of the
+    /// kernel's other fields that gives it on those buffers.
+    macro_rules! numbered {
+        ($(
+            $(#[doc = $doc:literal])*
+            fn $name:ident($($field:ident: $T:ty),+) = $Variant:ident {
+                $($buffer:ident: $id:literal),+ $(,)?
+            };
+        )+) => {$(
+            $(#[doc = $doc])*
+            pub(super) fn $name($($field: $T),+) -> Kernel {
+                Kernel::$Variant { $($buffer: $id,)+ $($field),+ }
+            }
+        )+};
     }
 
-    /// CROSS_ENTROPY of the logits in buffer 1 and the labels in buffer 2, its gradient
-    /// into buffer 3 and its loss into buffer 4.
-    pub(super) fn cross_entropy(rows: usize, cols: usize) -> Kernel {
-        Kernel::CrossEntropy {
+    numbered! {
+        /// Buffer 3 = buffer 1 × buffer 2 (`m×k` by `k×n`, as `flags` say).
+        fn matmul(m: usize, n: usize, k: usize, flags: MatmulFlags) = Matmul { a: 1, b: 2, c: 3 };
+        /// Buffer 3 = buffer 1 + buffer 2, elementwise.
+        fn add(n: usize) = Add { a: 1, b: 2, out: 3 };
+        /// Buffer 3 = buffer 1 · buffer 2, elementwise.
+        fn mul(n: usize) = Mul { a: 1, b: 2, out: 3 };
+        /// RELU_BACKWARD of the input in buffer 1 and the gradient in buffer 2 into buffer 3.
+        fn relu_backward(n: usize) = ReluBackward { x: 1, grad_out: 2, grad_in: 3 };
+        /// GELU_BACKWARD of the input in buffer 1 and the gradient in buffer 2 into buffer 3.
+        fn gelu_backward(n: usize) = GeluBackward { x: 1, grad_out: 2, grad_in: 3 };
+        /// SOFTMAX of the `rows×cols` buffer 1 into buffer 2.
+        fn softmax(rows: usize, cols: usize) = Softmax { x: 1, out: 2 };
+        /// CROSS_ENTROPY of the logits in buffer 1 and the labels in buffer 2, its gradient
+        /// into buffer 3 and its loss into buffer 4.
+        fn cross_entropy(rows: usize, cols: usize) = CrossEntropy {
             logits: 1,
             labels: 2,
             grad: 3,
             loss: 4,
-            rows,
-            cols,
-        }
-    }
-
-    /// EMBEDDING of the `count` ids in buffer 2 from the f32 table in buffer 1 (`vocab`
-    /// rows of `dim`) into buffer 3.
-    pub(super) fn embedding(count: usize, dim: usize, vocab: usize) -> Kernel {
-        Kernel::Embedding {
+        };
+        /// The sums of the rows of the `rows×cols` buffer 1 into buffer 2.
+        fn sum_rows(rows: usize, cols: usize) = SumRows { x: 1, out: 2 };
+        /// The sums of the columns of the `rows×cols` buffer 1 into buffer 2.
+        fn sum_cols(rows: usize, cols: usize) = SumCols { x: 1, out: 2 };
+        /// EMBEDDING of the `count` ids in buffer 2 from the f32 table in buffer 1 (`vocab`
+        /// rows of `dim`) into buffer 3.
+        fn embedding(count: usize, dim: usize, vocab: usize) = Embedding {
             table: 1,
             ids: 2,
             out: 3,
-            count,
-            dim,
-            vocab,
-        }
-    }
-
-    /// LAYER_NORM of the `rows×cols` buffer 1 with the gains in buffer 2 and the biases in
-    /// buffer 3, into buffer 4.
-    pub(super) fn layer_norm(rows: usize, cols: usize, eps: f32) -> Kernel {
-        Kernel::LayerNorm {
+        };
+        /// LAYER_NORM of the `rows×cols` buffer 1 with the gains in buffer 2 and the biases
+        /// in buffer 3, into buffer 4.
+        fn layer_norm(rows: usize, cols: usize, eps: f32) = LayerNorm {
             x: 1,
             gamma: 2,
             beta: 3,
             out: 4,
-            rows,
-            cols,
-            eps,
-        }
-    }
-
-    /// ATTENTION_DECODE of the query in buffer 1 over the first `len` positions of the
-    /// key and value caches in buffers 2 and 3, into buffer 4.
-    pub(super) fn attention_decode(heads: usize, head_dim: usize, len: usize) -> Kernel {
-        Kernel::AttentionDecode {
+        };
+        /// ATTENTION_DECODE of the query in buffer 1 over the first `len` positions of the
+        /// key and value caches in buffers 2 and 3, into buffer 4.
+        fn attention_decode(heads: usize, head_dim: usize, len: usize) = AttentionDecode {
             q: 1,
             k_cache: 2,
             v_cache: 3,
             out: 4,
-            heads,
-            head_dim,
-            len,
-        }
+        };
+        /// The indices of the row maxima of the `rows×cols` buffer 1 into buffer 2.
+        fn argmax(rows: usize, cols: usize) = Argmax { x: 1, out: 2 };
+        /// QEMBEDDING of the `count` ids in buffer 2 from the table in buffer 1 (`vocab`
+        /// rows of `dim` in `dtype`) into buffer 3.
+        fn qembedding(count: usize, dim: usize, vocab: usize, dtype: DType) = QEmbedding {
+            table: 1,
+            ids: 2,
+            out: 3,
+        };
+        /// RMS_NORM of the `rows×cols` buffer 1 with the gains in buffer 2 into buffer 3.
+        fn rms_norm(rows: usize, cols: usize, eps: f32) = RmsNorm { x: 1, weight: 2, out: 3 };
+        /// SWIGLU of the gate in buffer 1 and the up projection in buffer 2 into buffer 3.
+        fn swiglu(n: usize) = Swiglu { gate: 1, up: 2, out: 3 };
     }
 }
 

@@ -565,6 +565,19 @@ fn encode_is_the_inverse_of_decode() {
 }
 
 #[test]
+fn encode_with_replaces_only_the_buffer_ids() {
+    let kernel = Kernel::Axpy {
+        x: 1,
+        y: 2,
+        n: 3,
+        alpha: 0.5,
+    };
+    let args = kernel.encode_with(&|id| 0x1000 * u64::from(id));
+    assert_eq!(args[..5], [k::AXPY, 0x1000, 0x2000, 3, f(0.5)]);
+    assert_eq!(args[5..], [0; COMMAND_ARGS - 5]);
+}
+
+#[test]
 fn quantized_launches_need_whole_blocks_and_known_formats() {
     // Buffer 10 holds 64 KiB: 100 rows of two Q4_1 blocks (40 bytes) fit.
     let q = |n: u64, kk: u64, dtype: u64| dec(&[k::QMATMUL, 10, 1, 2, n, kk, 1, dtype]);

@@ -16,6 +16,7 @@
 use super::quant::f16_to_f32;
 use super::tests::{backend, close, read, run_all, Rng};
 use super::*;
+use crate::backend::numbered;
 use crate::kernel::{DType, RopeStyle};
 
 /// The bytes of a buffer holding `bytes` (padded to whole f32 words).
@@ -263,15 +264,7 @@ fn qembedding_dequantizes_the_rows_asked_for() {
         let vocab = 11;
         let table = random_rows(&mut rng, dtype, vocab, dim);
         let ids: Vec<u32> = vec![3, 0, 10, 3];
-        let kernel = Kernel::QEmbedding {
-            table: 1,
-            ids: 2,
-            out: 3,
-            count: ids.len(),
-            dim,
-            vocab,
-            dtype,
-        };
+        let kernel = numbered::qembedding(ids.len(), dim, vocab, dtype);
         let id_words: Vec<f32> = ids.iter().map(|&i| f32::from_bits(i)).collect();
         let out = run_all(&[&words(&table), &id_words, &vec![0.0; 4 * dim]], &kernel)[2].clone();
         let row_bytes = dtype.row_bytes(dim as u64).unwrap() as usize;
@@ -289,15 +282,7 @@ fn qembedding_dequantizes_the_rows_asked_for() {
         }
         // An id beyond the vocabulary is the data's fault, found while running.
         let mut b = backend(1, &[&words(&table), &[f32::from_bits(11)], &vec![0.0; dim]]);
-        let bad = Kernel::QEmbedding {
-            table: 1,
-            ids: 2,
-            out: 3,
-            count: 1,
-            dim,
-            vocab,
-            dtype,
-        };
+        let bad = numbered::qembedding(1, dim, vocab, dtype);
         assert!(matches!(b.launch(&bad), Err(BackendError::BadData(_))));
     }
 }
@@ -310,14 +295,7 @@ fn rms_norm_and_swiglu_match() {
     let w = rng.vec(cols, 1.0);
     let out = run_all(
         &[&x, &w, &vec![0.0; rows * cols]],
-        &Kernel::RmsNorm {
-            x: 1,
-            weight: 2,
-            out: 3,
-            rows,
-            cols,
-            eps: 1e-5,
-        },
+        &numbered::rms_norm(rows, cols, 1e-5),
     )[2]
     .clone();
     for r in 0..rows {
@@ -336,16 +314,7 @@ fn rms_norm_and_swiglu_match() {
     }
     let n = 40_000;
     let (g, u) = (rng.vec(n, 12.0), rng.vec(n, 2.0));
-    let out = run_all(
-        &[&g, &u, &vec![0.0; n]],
-        &Kernel::Swiglu {
-            gate: 1,
-            up: 2,
-            out: 3,
-            n,
-        },
-    )[2]
-    .clone();
+    let out = run_all(&[&g, &u, &vec![0.0; n]], &numbered::swiglu(n))[2].clone();
     for i in 0..n {
         let (gv, uv) = (f64::from(g[i]), f64::from(u[i]));
         let want = gv / (1.0 + (-gv).exp()) * uv;

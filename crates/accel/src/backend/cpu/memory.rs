@@ -276,26 +276,31 @@ impl Drop for DeviceBuffer {
 // The only system calls of the module. Each works on a region this module mapped and
 // owns exclusively at that moment.
 
-/// Maps `len` bytes (a multiple of [`GRANULE`]) of private anonymous memory aligned to
-/// [`GRANULE`], backed by huge pages where the kernel allows.
-fn map_region(len: usize) -> Option<usize> {
-    let over = len.checked_add(GRANULE)?;
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing touches
-    // no existing memory.
+/// A fresh mapping of `len` bytes of private anonymous read-write memory, with `flags`
+/// besides, at `addr` (0: where the kernel chooses); `None` if the kernel refuses.
+/// `flags` may not hold `MAP_FIXED`: it never replaces an existing mapping.
+fn map_anonymous(addr: usize, len: usize, flags: libc::c_int) -> Option<usize> {
+    assert_eq!(flags & libc::MAP_FIXED, 0, "MAP_FIXED replaces mappings");
+    // SAFETY: without MAP_FIXED a new anonymous mapping touches no existing memory (the
+    // kernel picks another address, or with MAP_FIXED_NOREPLACE fails).
     let raw = unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
-            over,
+            addr as *mut libc::c_void,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
             -1,
             0,
         )
     };
-    if raw == libc::MAP_FAILED {
-        return None;
-    }
-    let start = raw as usize;
+    (raw != libc::MAP_FAILED).then_some(raw as usize)
+}
+
+/// Maps `len` bytes (a multiple of [`GRANULE`]) of private anonymous memory aligned to
+/// [`GRANULE`], backed by huge pages where the kernel allows.
+fn map_region(len: usize) -> Option<usize> {
+    let over = len.checked_add(GRANULE)?;
+    let start = map_anonymous(0, over, libc::MAP_NORESERVE)?;
     let addr = start.next_multiple_of(GRANULE);
     let head = addr - start;
     let tail = over - head - len;
@@ -461,22 +466,11 @@ mod tests {
     /// Maps `len` bytes at exactly `addr` by a mapping of its own; `false` if the
     /// address is taken (or the kernel does not honour `MAP_FIXED_NOREPLACE`).
     fn map_at(addr: usize, len: usize) -> bool {
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
-        let raw = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
+        let Some(mapped) = map_anonymous(addr, len, libc::MAP_FIXED_NOREPLACE) else {
             return false;
-        }
-        if raw as usize != addr {
-            unmap(raw as usize, len);
+        };
+        if mapped != addr {
+            unmap(mapped, len);
             return false;
         }
         true

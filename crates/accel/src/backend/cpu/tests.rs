@@ -16,8 +16,7 @@
 //! Every comparison fails on a non-finite result.
 
 use super::*;
-use crate::backend::numbered::{attention_decode, cross_entropy, embedding, layer_norm, matmul};
-use crate::backend::square_matmul;
+use crate::backend::{numbered, square_matmul};
 use crate::kernel::{Distribution, MatmulFlags};
 
 pub(super) use crate::backend::Rng;
@@ -133,7 +132,7 @@ fn matmul_matches_reference() {
                 transpose_b: tb,
                 accumulate: acc,
             };
-            let out = run_all(&[&a, &b, &c0], &matmul(m, n, k, flags));
+            let out = run_all(&[&a, &b, &c0], &numbered::matmul(m, n, k, flags));
             let (want, mag) = matmul_ref(&a, &b, m, n, k, ta, tb);
             for i in 0..m * n {
                 let base = if acc { f64::from(c0[i]) } else { 0.0 };
@@ -150,7 +149,10 @@ fn matmul_ignores_garbage_in_c_when_overwriting() {
     let mut rng = Rng(2);
     let (a, b) = (rng.vec(m * k, 1.0), rng.vec(k * n, 1.0));
     let c0 = vec![f32::NAN; m * n];
-    let out = run_all(&[&a, &b, &c0], &matmul(m, n, k, MatmulFlags::default()));
+    let out = run_all(
+        &[&a, &b, &c0],
+        &numbered::matmul(m, n, k, MatmulFlags::default()),
+    );
     let (want, mag) = matmul_ref(&a, &b, m, n, k, false, false);
     for i in 0..m * n {
         close("matmul", i, out[2][i], want[i], 1e-5 * mag[i]);
@@ -231,28 +233,8 @@ fn elementwise_kernels() {
     for n in [1, 7, 1000, 40_000] {
         let (a, b, z) = (rng.vec(n, 3.0), rng.vec(n, 3.0), vec![0.0; n]);
         let exact: [Exact<'_>; 7] = [
-            (
-                Kernel::Add {
-                    a: 1,
-                    b: 2,
-                    out: 3,
-                    n,
-                },
-                vec![&a, &b, &z],
-                2,
-                &|i| a[i] + b[i],
-            ),
-            (
-                Kernel::Mul {
-                    a: 1,
-                    b: 2,
-                    out: 3,
-                    n,
-                },
-                vec![&a, &b, &z],
-                2,
-                &|i| a[i] * b[i],
-            ),
+            (numbered::add(n), vec![&a, &b, &z], 2, &|i| a[i] + b[i]),
+            (numbered::mul(n), vec![&a, &b, &z], 2, &|i| a[i] * b[i]),
             (
                 Kernel::Scale {
                     x: 1,
@@ -288,17 +270,13 @@ fn elementwise_kernels() {
             (Kernel::Relu { x: 1, out: 2, n }, vec![&a, &z], 1, &|i| {
                 a[i].max(0.0)
             }),
-            (
-                Kernel::ReluBackward {
-                    x: 1,
-                    grad_out: 2,
-                    grad_in: 3,
-                    n,
-                },
-                vec![&a, &b, &z],
-                2,
-                &|i| if a[i] > 0.0 { b[i] } else { 0.0 },
-            ),
+            (numbered::relu_backward(n), vec![&a, &b, &z], 2, &|i| {
+                if a[i] > 0.0 {
+                    b[i]
+                } else {
+                    0.0
+                }
+            }),
         ];
         for (kernel, data, written, want) in exact {
             let out = &run_all(&data, &kernel)[written];
@@ -375,15 +353,7 @@ fn gelu_and_gradient() {
         let want = gelu_ref(f64::from(x[i]));
         close("gelu", i, out[1][i], want, 1e-6 * want.abs() + 1e-7 * 1e-7);
     }
-    let out = run_all(
-        &[&x, &g, &vec![0.0; n]],
-        &Kernel::GeluBackward {
-            x: 1,
-            grad_out: 2,
-            grad_in: 3,
-            n,
-        },
-    );
+    let out = run_all(&[&x, &g, &vec![0.0; n]], &numbered::gelu_backward(n));
     for i in 0..n {
         let xi = f64::from(x[i]);
         // Central difference of the f64 reference: accurate to ~1e-9 at this step.
@@ -419,12 +389,7 @@ fn softmax_matches() {
         x[0] = 1000.0; // stability: a huge logit
         let out = run_all(
             &[&x, &vec![0.0; rows * cols]],
-            &Kernel::Softmax {
-                x: 1,
-                out: 2,
-                rows,
-                cols,
-            },
+            &numbered::softmax(rows, cols),
         );
         for r in 0..rows {
             let want = softmax_ref(&x[r * cols..][..cols]);
@@ -448,7 +413,7 @@ fn cross_entropy_matches() {
         let x = rng.vec(rows * cols, 10.0);
         let labels: Vec<u32> = (0..rows).map(|_| rng.below(cols as u32)).collect();
         let labels_f: &[f32] = bytemuck::cast_slice(&labels);
-        let k = cross_entropy(rows, cols);
+        let k = numbered::cross_entropy(rows, cols);
         let out = run_all(&[&x, labels_f, &vec![0.0; rows * cols], &[0.0]], &k);
         let mut loss = 0.0;
         for r in 0..rows {
@@ -478,7 +443,7 @@ fn cross_entropy_rejects_bad_labels() {
         2,
         &[&[0.0; 6], bytemuck::cast_slice(&labels), &[0.0; 6], &[0.0]],
     );
-    let k = cross_entropy(2, 3);
+    let k = numbered::cross_entropy(2, 3);
     assert!(matches!(b.launch(&k), Err(BackendError::BadData(_))));
     let labels = [0u32, u32::MAX];
     b.write(2, 0, bytemuck::cast_slice(&labels));
@@ -492,30 +457,14 @@ fn sums_match() {
     let mut rng = Rng(9);
     for (rows, cols) in [(1, 1), (3, 5), (1000, 37), (700, 300), (5000, 1)] {
         let x = rng.vec(rows * cols, 5.0);
-        let out = run_all(
-            &[&x, &vec![0.0; rows]],
-            &Kernel::SumRows {
-                x: 1,
-                out: 2,
-                rows,
-                cols,
-            },
-        );
+        let out = run_all(&[&x, &vec![0.0; rows]], &numbered::sum_rows(rows, cols));
         for r in 0..rows {
             let row = &x[r * cols..][..cols];
             let want: f64 = row.iter().map(|&v| f64::from(v)).sum();
             let mag: f64 = row.iter().map(|&v| f64::from(v).abs()).sum();
             close("sum_rows", r, out[1][r], want, 1e-6 * mag);
         }
-        let out = run_all(
-            &[&x, &vec![0.0; cols]],
-            &Kernel::SumCols {
-                x: 1,
-                out: 2,
-                rows,
-                cols,
-            },
-        );
+        let out = run_all(&[&x, &vec![0.0; cols]], &numbered::sum_cols(rows, cols));
         for c in 0..cols {
             let want: f64 = (0..rows).map(|r| f64::from(x[r * cols + c])).sum();
             let mag: f64 = (0..rows).map(|r| f64::from(x[r * cols + c]).abs()).sum();
@@ -535,7 +484,7 @@ fn layer_norm_matches() {
             .collect();
         let (g, b) = (rng.vec(cols, 2.0), rng.vec(cols, 1.0));
         let eps = 1e-5f32;
-        let k = layer_norm(rows, cols, eps);
+        let k = numbered::layer_norm(rows, cols, eps);
         let out = run_all(&[&x, &g, &b, &vec![0.0; rows * cols]], &k);
         for r in 0..rows {
             let row: Vec<f64> = x[r * cols..][..cols]
@@ -604,7 +553,7 @@ fn embedding_and_copy() {
     let ids: Vec<u32> = (0..count).map(|_| rng.below(vocab as u32)).collect();
     let out = run_all(
         &[&table, bytemuck::cast_slice(&ids), &vec![0.0; count * dim]],
-        &embedding(count, dim, vocab),
+        &numbered::embedding(count, dim, vocab),
     );
     for (i, &id) in ids.iter().enumerate() {
         assert_eq!(out[2][i * dim..][..dim], table[id as usize * dim..][..dim]);
@@ -617,7 +566,7 @@ fn embedding_and_copy() {
         &[&table, bytemuck::cast_slice(&bad), &vec![0.0; count * dim]],
     );
     assert!(matches!(
-        b.launch(&embedding(count, dim, vocab - 1)),
+        b.launch(&numbered::embedding(count, dim, vocab - 1)),
         Err(BackendError::BadData(_))
     ));
 
@@ -716,7 +665,7 @@ fn golden_outputs() -> Vec<(&'static str, u64)> {
     let one = |k: Kernel, data: &[&[f32]], out: usize| fingerprint(&run_all(data, &k)[out]);
     let n = r * c;
     // Its gradient and its loss, from one run.
-    let ce = run_all(&[&x, labels, &z, &[0.0]], &cross_entropy(r, c));
+    let ce = run_all(&[&x, labels, &z, &[0.0]], &numbered::cross_entropy(r, c));
     let rng_fill = |distribution| {
         let k = Kernel::RngFill {
             out: 1,
@@ -732,7 +681,7 @@ fn golden_outputs() -> Vec<(&'static str, u64)> {
         (
             "matmul",
             one(
-                matmul(
+                numbered::matmul(
                     r,
                     r,
                     c,
@@ -775,58 +724,13 @@ fn golden_outputs() -> Vec<(&'static str, u64)> {
         ("gelu", one(Kernel::Gelu { x: 1, out: 2, n }, &[&x, &z], 1)),
         (
             "gelu_backward",
-            one(
-                Kernel::GeluBackward {
-                    x: 1,
-                    grad_out: 2,
-                    grad_in: 3,
-                    n,
-                },
-                &[&x, &y, &z],
-                2,
-            ),
+            one(numbered::gelu_backward(n), &[&x, &y, &z], 2),
         ),
-        (
-            "softmax",
-            one(
-                Kernel::Softmax {
-                    x: 1,
-                    out: 2,
-                    rows: r,
-                    cols: c,
-                },
-                &[&x, &z],
-                1,
-            ),
-        ),
+        ("softmax", one(numbered::softmax(r, c), &[&x, &z], 1)),
         ("cross_entropy grad", fingerprint(&ce[2])),
         ("cross_entropy loss", fingerprint(&ce[3])),
-        (
-            "sum_rows",
-            one(
-                Kernel::SumRows {
-                    x: 1,
-                    out: 2,
-                    rows: r,
-                    cols: c,
-                },
-                &[&x, &z],
-                1,
-            ),
-        ),
-        (
-            "sum_cols",
-            one(
-                Kernel::SumCols {
-                    x: 1,
-                    out: 2,
-                    rows: r,
-                    cols: c,
-                },
-                &[&x, &z],
-                1,
-            ),
-        ),
+        ("sum_rows", one(numbered::sum_rows(r, c), &[&x, &z], 1)),
+        ("sum_cols", one(numbered::sum_cols(r, c), &[&x, &z], 1)),
         (
             "adam",
             one(
@@ -848,13 +752,13 @@ fn golden_outputs() -> Vec<(&'static str, u64)> {
         ),
         (
             "layer_norm",
-            one(layer_norm(r, c, 1e-5), &[&x, &row, &row, &z], 3),
+            one(numbered::layer_norm(r, c, 1e-5), &[&x, &row, &row, &z], 3),
         ),
         ("rng uniform", rng_fill(Distribution::Uniform)),
         ("rng normal", rng_fill(Distribution::Normal)),
         (
             "attention",
-            one(attention_decode(1, c, r), &[&row, &x, &y, &z], 3),
+            one(numbered::attention_decode(1, c, r), &[&row, &x, &y, &z], 3),
         ),
     ]
 }
@@ -932,7 +836,7 @@ fn attention_decode_matches() {
             rng.vec(cap * heads * hd, 3.0),
             rng.vec(cap * heads * hd, 1.0),
         );
-        let k = attention_decode(heads, hd, len);
+        let k = numbered::attention_decode(heads, hd, len);
         let out = run_all(&[&q, &kc, &vc, &vec![0.0; heads * hd]], &k);
         let want = attention_ref(&q, &kc, &vc, heads, hd, len);
         for i in 0..heads * hd {
@@ -967,29 +871,13 @@ fn argmax_first_maximum_and_nan() {
         2.0,
         3.0,
     ];
-    let out = run_all(
-        &[&x, &[0.0; 4]],
-        &Kernel::Argmax {
-            x: 1,
-            out: 2,
-            rows: 4,
-            cols: 4,
-        },
-    );
+    let out = run_all(&[&x, &[0.0; 4]], &numbered::argmax(4, 4));
     let idx: &[u32] = bytemuck::cast_slice(&out[1]);
     assert_eq!(idx, [1, 0, 1, 0]);
     let mut rng = Rng(14);
     let (rows, cols) = (500, 301);
     let x = rng.vec(rows * cols, 1.0);
-    let out = run_all(
-        &[&x, &vec![0.0; rows]],
-        &Kernel::Argmax {
-            x: 1,
-            out: 2,
-            rows,
-            cols,
-        },
-    );
+    let out = run_all(&[&x, &vec![0.0; rows]], &numbered::argmax(rows, cols));
     let idx: &[u32] = bytemuck::cast_slice(&out[1]);
     for r in 0..rows {
         let row = &x[r * cols..][..cols];

@@ -8,7 +8,7 @@
 use super::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{numbered, DeviceMemory, Rng};
-use crate::kernel::MatmulFlags;
+use crate::kernel::{Distribution, MatmulFlags};
 
 /// Makes a fresh backend of the kind checked.
 pub type MakeBackend<'a> = &'a dyn Fn() -> Box<dyn Backend>;
@@ -220,51 +220,11 @@ fn elementwise(cases: &mut Cases<'_>) {
     let (a, b, o) = (r.f32s(n, 3.0), r.f32s(n, 3.0), vec![0u8; 4 * n]);
     let two = |k| (vec![a.clone(), b.clone(), o.clone()], k);
     for (what, (data, kernel)) in [
-        (
-            "add",
-            two(Kernel::Add {
-                a: 1,
-                b: 2,
-                out: 3,
-                n,
-            }),
-        ),
-        (
-            "mul",
-            two(Kernel::Mul {
-                a: 1,
-                b: 2,
-                out: 3,
-                n,
-            }),
-        ),
-        (
-            "relu_backward",
-            two(Kernel::ReluBackward {
-                x: 1,
-                grad_out: 2,
-                grad_in: 3,
-                n,
-            }),
-        ),
-        (
-            "gelu_backward",
-            two(Kernel::GeluBackward {
-                x: 1,
-                grad_out: 2,
-                grad_in: 3,
-                n,
-            }),
-        ),
-        (
-            "swiglu",
-            two(Kernel::Swiglu {
-                gate: 1,
-                up: 2,
-                out: 3,
-                n,
-            }),
-        ),
+        ("add", two(numbered::add(n))),
+        ("mul", two(numbered::mul(n))),
+        ("relu_backward", two(numbered::relu_backward(n))),
+        ("gelu_backward", two(numbered::gelu_backward(n))),
+        ("swiglu", two(numbered::swiglu(n))),
     ] {
         cases.same_bits(what, data, kernel);
     }
@@ -365,12 +325,7 @@ fn rows(cases: &mut Cases<'_>) {
     cases.same_bits(
         "softmax",
         vec![x.clone(), out.clone()],
-        Kernel::Softmax {
-            x: 1,
-            out: 2,
-            rows,
-            cols,
-        },
+        numbered::softmax(rows, cols),
     );
     cases.same_bits(
         "cross_entropy",
@@ -385,24 +340,14 @@ fn rows(cases: &mut Cases<'_>) {
     cases.same_bits(
         "sum_rows",
         vec![x.clone(), out.clone()],
-        Kernel::SumRows {
-            x: 1,
-            out: 2,
-            rows,
-            cols,
-        },
+        numbered::sum_rows(rows, cols),
     );
     // More rows than one partial sum takes.
     let tall = r.f32s(600 * 7, 1.0);
     cases.same_bits(
         "sum_cols",
         vec![tall, vec![0; 4 * 7]],
-        Kernel::SumCols {
-            x: 1,
-            out: 2,
-            rows: 600,
-            cols: 7,
-        },
+        numbered::sum_cols(600, 7),
     );
     cases.same_bits(
         "layer_norm",
@@ -412,27 +357,11 @@ fn rows(cases: &mut Cases<'_>) {
     cases.same_bits(
         "rms_norm",
         vec![x.clone(), r.f32s(cols, 1.0), out.clone()],
-        Kernel::RmsNorm {
-            x: 1,
-            weight: 2,
-            out: 3,
-            rows,
-            cols,
-            eps: 1e-6,
-        },
+        numbered::rms_norm(rows, cols, 1e-6),
     );
     let mut with_nan = x.clone();
     with_nan[4 * (3 * cols + 5)..][..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    cases.same_bits(
-        "argmax",
-        vec![with_nan, out],
-        Kernel::Argmax {
-            x: 1,
-            out: 2,
-            rows,
-            cols,
-        },
-    );
+    cases.same_bits("argmax", vec![with_nan, out], numbered::argmax(rows, cols));
     for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
         cases.same_bits(
             "rope",
@@ -496,15 +425,7 @@ fn attention_and_lookups(cases: &mut Cases<'_>) {
         cases.same_bits(
             format!("qembedding {}", dtype.name()),
             r.lookups(dtype, vocab, dim, count),
-            Kernel::QEmbedding {
-                table: 1,
-                ids: 2,
-                out: 3,
-                count,
-                dim,
-                vocab,
-                dtype,
-            },
+            numbered::qembedding(count, dim, vocab, dtype),
         );
     }
 }

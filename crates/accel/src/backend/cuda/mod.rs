@@ -24,8 +24,8 @@ pub mod emulator;
 
 use std::sync::Arc;
 
-use super::{Backend, BackendError, BufferId, BufferReader, BufferTable, IndexCheck};
-use crate::kernel::{DType, Distribution, Kernel, RopeStyle};
+use super::{lookup_dtype, Backend, BackendError, BufferId, BufferReader, BufferTable, IndexCheck};
+use crate::kernel::{DType, Kernel, RopeStyle};
 
 /// The CUDA C source of every kernel.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -316,6 +316,10 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             items: items as u64,
         }]
     };
+    // A kernel whose LAUNCH arguments are already in the order of its entry point's
+    // (the work items first after the buffers) passes them on as they are, without the
+    // kernel id, its buffers as addresses.
+    let as_launched = |entry, items| one(entry, &kernel.encode_with(&at)[1..], items);
     let u = |v: usize| v as u64;
     match *kernel {
         Kernel::Matmul {
@@ -354,35 +358,15 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             &[at(x), at(bias), u(rows * cols), u(cols)],
             rows * cols,
         ),
-        Kernel::Add { a, b, out, n } => one("ferry_add", &[at(a), at(b), at(out), u(n)], n),
-        Kernel::Mul { a, b, out, n } => one("ferry_mul", &[at(a), at(b), at(out), u(n)], n),
-        Kernel::Scale { x, n, alpha } => one("ferry_scale", &[at(x), u(n), f32w(alpha)], n),
-        Kernel::Axpy { x, y, n, alpha } => one("ferry_axpy", &[at(x), at(y), u(n), f32w(alpha)], n),
-        Kernel::Relu { x, out, n } => one("ferry_relu", &[at(x), at(out), u(n)], n),
-        Kernel::ReluBackward {
-            x,
-            grad_out,
-            grad_in,
-            n,
-        } => one(
-            "ferry_relu_backward",
-            &[at(x), at(grad_out), at(grad_in), u(n)],
-            n,
-        ),
-        Kernel::Gelu { x, out, n } => one("ferry_gelu", &[at(x), at(out), u(n)], n),
-        Kernel::GeluBackward {
-            x,
-            grad_out,
-            grad_in,
-            n,
-        } => one(
-            "ferry_gelu_backward",
-            &[at(x), at(grad_out), at(grad_in), u(n)],
-            n,
-        ),
-        Kernel::Softmax { x, out, rows, cols } => {
-            one("ferry_softmax", &[at(x), at(out), u(rows), u(cols)], rows)
-        }
+        Kernel::Add { n, .. } => as_launched("ferry_add", n),
+        Kernel::Mul { n, .. } => as_launched("ferry_mul", n),
+        Kernel::Scale { n, .. } => as_launched("ferry_scale", n),
+        Kernel::Axpy { n, .. } => as_launched("ferry_axpy", n),
+        Kernel::Relu { n, .. } => as_launched("ferry_relu", n),
+        Kernel::ReluBackward { n, .. } => as_launched("ferry_relu_backward", n),
+        Kernel::Gelu { n, .. } => as_launched("ferry_gelu", n),
+        Kernel::GeluBackward { n, .. } => as_launched("ferry_gelu_backward", n),
+        Kernel::Softmax { rows, .. } => as_launched("ferry_softmax", rows),
         Kernel::CrossEntropy {
             logits,
             labels,
@@ -402,15 +386,11 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                 items: 1,
             },
         ],
-        Kernel::SumRows { x, out, rows, cols } => {
-            one("ferry_sum_rows", &[at(x), at(out), u(rows), u(cols)], rows)
-        }
+        Kernel::SumRows { rows, .. } => as_launched("ferry_sum_rows", rows),
         Kernel::SumCols { x, out, rows, cols } => {
             one("ferry_sum_cols", &[at(x), at(out), u(cols), u(rows)], cols)
         }
-        Kernel::Sgd { param, grad, n, lr } => {
-            one("ferry_sgd", &[at(param), at(grad), u(n), f32w(lr)], n)
-        }
+        Kernel::Sgd { n, .. } => as_launched("ferry_sgd", n),
         Kernel::Adam {
             param,
             grad,
@@ -450,40 +430,33 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             count,
             dim,
             ..
-        } => one(
-            "ferry_qembedding",
-            &[
-                at(table),
-                at(ids),
-                at(out),
-                u(count * dim),
-                u(dim),
-                u(dim * 4),
-                DType::F32.code(),
-            ],
-            count * dim,
-        ),
-        Kernel::LayerNorm {
-            x,
-            gamma,
-            beta,
+        }
+        | Kernel::QEmbedding {
+            table,
+            ids,
             out,
-            rows,
-            cols,
-            eps,
-        } => one(
-            "ferry_layer_norm",
-            &[
-                at(x),
-                at(gamma),
-                at(beta),
-                at(out),
-                u(rows),
-                u(cols),
-                f32w(eps),
-            ],
-            rows,
-        ),
+            count,
+            dim,
+            ..
+        } => {
+            let dtype = lookup_dtype(kernel);
+            one(
+                "ferry_qembedding",
+                &[
+                    at(table),
+                    at(ids),
+                    at(out),
+                    u(count * dim),
+                    u(dim),
+                    dtype
+                        .row_bytes(dim as u64)
+                        .expect("dim validated by the device"),
+                    dtype.code(),
+                ],
+                count * dim,
+            )
+        }
+        Kernel::LayerNorm { rows, .. } => as_launched("ferry_layer_norm", rows),
         Kernel::Copy {
             src,
             src_offset,
@@ -495,25 +468,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             &[at(src), at(dst), u(n), u(src_offset), u(dst_offset)],
             n,
         ),
-        Kernel::RngFill {
-            out,
-            n,
-            seed,
-            counter,
-            distribution,
-            scale,
-        } => one(
-            "ferry_rng_fill",
-            &[
-                at(out),
-                u(n),
-                seed,
-                counter,
-                u64::from(distribution == Distribution::Normal),
-                f32w(scale),
-            ],
-            n,
-        ),
+        Kernel::RngFill { n, .. } => as_launched("ferry_rng_fill", n),
         Kernel::AttentionDecode {
             q,
             k_cache,
@@ -536,9 +491,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             ],
             heads * head_dim,
         ),
-        Kernel::Argmax { x, out, rows, cols } => {
-            one("ferry_argmax", &[at(x), at(out), u(rows), u(cols)], rows)
-        }
+        Kernel::Argmax { rows, .. } => as_launched("ferry_argmax", rows),
         Kernel::QMatmul {
             w,
             x,
@@ -589,41 +542,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             }
             launches
         }
-        Kernel::QEmbedding {
-            table,
-            ids,
-            out,
-            count,
-            dim,
-            dtype,
-            ..
-        } => one(
-            "ferry_qembedding",
-            &[
-                at(table),
-                at(ids),
-                at(out),
-                u(count * dim),
-                u(dim),
-                dtype
-                    .row_bytes(dim as u64)
-                    .expect("dim validated by the device"),
-                dtype.code(),
-            ],
-            count * dim,
-        ),
-        Kernel::RmsNorm {
-            x,
-            weight,
-            out,
-            rows,
-            cols,
-            eps,
-        } => one(
-            "ferry_rms_norm",
-            &[at(x), at(weight), at(out), u(rows), u(cols), f32w(eps)],
-            rows,
-        ),
+        Kernel::RmsNorm { rows, .. } => as_launched("ferry_rms_norm", rows),
         Kernel::Rope {
             x,
             rows,
@@ -648,9 +567,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                 items,
             )
         }
-        Kernel::Swiglu { gate, up, out, n } => {
-            one("ferry_swiglu", &[at(gate), at(up), at(out), u(n)], n)
-        }
+        Kernel::Swiglu { n, .. } => as_launched("ferry_swiglu", n),
         Kernel::Attention {
             q,
             k_cache,
