@@ -94,7 +94,7 @@ impl ferry_migrate::MigrationTarget for Discard {
     fn write_chunk(
         &self,
         _chunk: ferry_migrate::ChunkKey,
-        _data: &[u8],
+        _write: ferry_migrate::ChunkWrite<'_>,
     ) -> Result<(), ferry_migrate::VmError> {
         Ok(())
     }

@@ -280,6 +280,15 @@ mod tests {
         (ledger, life)
     }
 
+    /// A VM that started and is in its switchover to b:1.
+    fn in_switchover() -> (Ledger, Lifecycle) {
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        life.begin_switchover().unwrap();
+        (ledger, life)
+    }
+
     #[test]
     fn a_migration_runs_through_switchover_and_gives_the_capacity_back() {
         let (ledger, life) = vm();
@@ -298,10 +307,7 @@ mod tests {
 
     #[test]
     fn a_vm_that_cannot_run_again_after_a_failed_switchover_ends_and_gives_the_capacity_back() {
-        let (ledger, life) = vm();
-        life.start().unwrap();
-        life.migrate("b:1").unwrap();
-        life.begin_switchover().unwrap();
+        let (ledger, life) = in_switchover();
         let failed = VmState::Failed {
             error: "cannot resume".into(),
         };
@@ -340,10 +346,7 @@ mod tests {
     #[test]
     fn an_in_doubt_vm_is_not_running_holds_its_capacity_and_resolves_either_way() {
         for resolved_here in [true, false] {
-            let (ledger, life) = vm();
-            life.start().unwrap();
-            life.migrate("b:1").unwrap();
-            life.begin_switchover().unwrap();
+            let (ledger, life) = in_switchover();
             life.lose_confirmation("connection reset").unwrap();
             let state = life.state();
             assert_eq!(state.name(), "in-doubt");
@@ -368,10 +371,7 @@ mod tests {
 
     #[test]
     fn a_vm_that_left_refuses_a_stop_and_says_where_it_went() {
-        let (_ledger, life) = vm();
-        life.start().unwrap();
-        life.migrate("b:1").unwrap();
-        life.begin_switchover().unwrap();
+        let (_ledger, life) = in_switchover();
         drop(life.leave().unwrap());
         let stop = life.stop().unwrap_err();
         assert!(stop.to_string().contains("migrated to b:1"), "{stop}");
@@ -424,10 +424,7 @@ mod tests {
 
     #[test]
     fn only_a_settlement_releases_an_in_doubt_vm_and_only_a_confirmation_one_in_switchover() {
-        let (ledger, life) = vm();
-        life.start().unwrap();
-        life.migrate("b:1").unwrap();
-        life.begin_switchover().unwrap();
+        let (ledger, life) = in_switchover();
         // A settlement of an earlier migration, in doubt no more, finds this one's
         // switchover: it must not release the VM.
         let refused = life.release().unwrap_err();

@@ -10,7 +10,7 @@ use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
 use ferry_accel::device::{Accelerator, DeviceReplay, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
-    CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer,
+    CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkPart, ChunkWrite, DeviceBuffer,
     DeviceDigest, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet, VmContents,
     VmDescription, VmError,
 };
@@ -393,36 +393,19 @@ impl MigrationTarget for VmTarget {
         self.vm.sync_buffers(table)
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
-        self.vm.write_chunk(chunk, data)
-    }
-
-    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
-        self.vm.write_chunk_part(chunk, offset, data)
-    }
-
-    fn write_chunk_with_origin(
-        &self,
-        chunk: ChunkKey,
-        data: &[u8],
-        origin: ChunkOrigin,
-    ) -> Result<(), VmError> {
-        self.vm.write_chunk_with_origin(chunk, data, origin)
-    }
-
-    fn write_chunk_from_file(
-        &self,
-        chunk: ChunkKey,
-        len: u64,
-        origin: ChunkOrigin,
-    ) -> Result<(), VmError> {
-        // This host's copy (the same content: checked by hash at the handshake); a
-        // clone (the same open file), so no lock is held while reading.
-        let file = match self.slots().get(origin.file as usize) {
-            Some(FileSlot::Present(f) | FileSlot::Received(f)) => Some(f.clone()),
-            _ => None,
-        };
-        self.vm.write_chunk_from(chunk, len, origin, file.as_ref())
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        match write {
+            ChunkWrite::LocalFile { len, origin } => {
+                // This host's copy (the same content: checked by hash at the handshake); a
+                // clone (the same open file), so no lock is held while reading.
+                let file = match self.slots().get(origin.file as usize) {
+                    Some(FileSlot::Present(f) | FileSlot::Received(f)) => Some(f.clone()),
+                    _ => None,
+                };
+                self.vm.write_chunk_from(chunk, len, origin, file.as_ref())
+            }
+            write => self.vm.write_chunk(chunk, write),
+        }
     }
 
     fn has_file(&self, file: u32) -> bool {

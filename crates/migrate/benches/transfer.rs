@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    migrate_vm, serve, ChunkKey, DeviceBuffer, MigrationOptions, MigrationTarget, Mode,
+    migrate_vm, serve, ChunkKey, ChunkWrite, DeviceBuffer, MigrationOptions, MigrationTarget, Mode,
     ReceiveReport, Secret, TargetFactory, VmDescription, VmError,
 };
 
@@ -64,7 +64,8 @@ impl MigrationTarget for Sink {
     fn sync_buffers(&self, _: &[DeviceBuffer]) -> Result<(), VmError> {
         Ok(())
     }
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        let data = write.whole(chunk)?;
         let mut buffer = self.0.buffers[chunk.buffer as usize - 1].lock().unwrap();
         buffer[(chunk.index * MAX_CHUNK_BYTES) as usize..][..data.len()].copy_from_slice(data);
         Ok(())

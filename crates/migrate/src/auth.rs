@@ -96,50 +96,6 @@ impl Secret {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
-
-    /// The HMAC over one side's view of the handshake.
-    fn mac(
-        &self,
-        label: &[u8],
-        first: &[u8; 32],
-        second: &[u8; 32],
-        role: &StreamRole,
-    ) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.derive(Purpose::Migration))
-            .expect("HMAC takes any key length");
-        mac.update(label);
-        mac.update(first);
-        mac.update(second);
-        mac.update(&postcard::to_stdvec(role).expect("role encodes"));
-        mac
-    }
-
-    fn proof(
-        &self,
-        label: &[u8],
-        first: &[u8; 32],
-        second: &[u8; 32],
-        role: &StreamRole,
-    ) -> [u8; 32] {
-        self.mac(label, first, second, role)
-            .finalize()
-            .into_bytes()
-            .into()
-    }
-
-    /// Constant-time check of `proof`.
-    fn verify(
-        &self,
-        label: &[u8],
-        first: &[u8; 32],
-        second: &[u8; 32],
-        role: &StreamRole,
-        proof: &[u8; 32],
-    ) -> bool {
-        self.mac(label, first, second, role)
-            .verify_slice(proof)
-            .is_ok()
-    }
 }
 
 fn nonce() -> [u8; 32] {
@@ -148,8 +104,57 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-const LISTENER: &[u8] = b"ferry-migrate-v1 listener";
-const CONNECTOR: &[u8] = b"ferry-migrate-v1 connector";
+/// The side of a handshake that proves it knows the secret.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Listener,
+    Connector,
+}
+
+impl Side {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Self::Listener => b"ferry-migrate-v1 listener",
+            Self::Connector => b"ferry-migrate-v1 connector",
+        }
+    }
+}
+
+/// What the proofs of a handshake cover: both sides' fresh nonces and the role the
+/// connection claims.
+struct Handshake {
+    connector: [u8; 32],
+    listener: [u8; 32],
+    role: StreamRole,
+}
+
+impl Handshake {
+    /// The HMAC with which `side` proves it knows `secret`: over the side's label, the
+    /// other side's nonce (its challenge), its own nonce and the role.
+    fn mac(&self, secret: &Secret, side: Side) -> HmacSha256 {
+        let (challenge, own) = match side {
+            Side::Listener => (&self.connector, &self.listener),
+            Side::Connector => (&self.listener, &self.connector),
+        };
+        let mut mac = HmacSha256::new_from_slice(&secret.derive(Purpose::Migration))
+            .expect("HMAC takes any key length");
+        mac.update(side.label());
+        mac.update(challenge);
+        mac.update(own);
+        mac.update(&postcard::to_stdvec(&self.role).expect("role encodes"));
+        mac
+    }
+
+    /// The proof `side` sends.
+    fn proof(&self, secret: &Secret, side: Side) -> [u8; 32] {
+        self.mac(secret, side).finalize().into_bytes().into()
+    }
+
+    /// Constant-time check of `proof`, the one `side` sent.
+    fn verify(&self, secret: &Secret, side: Side, proof: &[u8; 32]) -> bool {
+        self.mac(secret, side).verify_slice(proof).is_ok()
+    }
+}
 
 /// The connecting side: proves the secret and checks the listener's proof.
 pub fn authenticate_stream_connector<S: Read + Write>(
@@ -189,21 +194,26 @@ fn connector(
         role,
         nonce: ours,
     })?;
-    let theirs = match conn.expect_control("a challenge")? {
+    let handshake = match conn.expect_control("a challenge")? {
         Message::Challenge { nonce, proof } => {
-            if !secret.verify(LISTENER, &ours, &nonce, &role, &proof) {
+            let handshake = Handshake {
+                connector: ours,
+                listener: nonce,
+                role,
+            };
+            if !handshake.verify(secret, Side::Listener, &proof) {
                 return Err(MigrationError::Auth(
                     "the destination does not know the shared secret".into(),
                 ));
             }
-            nonce
+            handshake
         }
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
         Message::Busy { reason } => return Err(MigrationError::Busy(reason)),
         other => return Err(MigrationError::unexpected("a challenge", &other)),
     };
     conn.send(&Message::Proof {
-        proof: secret.proof(CONNECTOR, &theirs, &ours, &role),
+        proof: handshake.proof(secret, Side::Connector),
     })?;
     match conn.expect_control("the authentication result")? {
         Message::AuthOk => Ok(()),
@@ -238,13 +248,17 @@ fn listener(
         }
         other => return Err(MigrationError::unexpected("a hello", &other)),
     };
-    let ours = nonce();
+    let handshake = Handshake {
+        connector: theirs,
+        listener: nonce(),
+        role,
+    };
     conn.send(&Message::Challenge {
-        nonce: ours,
-        proof: secret.proof(LISTENER, &theirs, &ours, &role),
+        nonce: handshake.listener,
+        proof: handshake.proof(secret, Side::Listener),
     })?;
     match conn.expect_control("a proof")? {
-        Message::Proof { proof } if secret.verify(CONNECTOR, &ours, &theirs, &role, &proof) => {
+        Message::Proof { proof } if handshake.verify(secret, Side::Connector, &proof) => {
             conn.send(&Message::AuthOk)?;
             Ok(role)
         }

@@ -44,8 +44,9 @@ pub use send::{
 pub use settle::{settle, Outcomes, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
-    error_chain, Cause, ChunkKey, ChunkOrigin, ChunkPart, DeviceBuffer, FileChunk, FileOffer,
-    FileTransfer, MigrationSource, MigrationTarget, PageSet, VmContents, VmDescription, VmError,
+    error_chain, Cause, ChunkKey, ChunkOrigin, ChunkPart, ChunkWrite, DeviceBuffer, FileChunk,
+    FileOffer, FileTransfer, MigrationSource, MigrationTarget, PageSet, VmContents, VmDescription,
+    VmError,
 };
 
 /// Errors of a migration, on either side.

@@ -21,8 +21,8 @@ use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
 use crate::vm::{
-    error_chain, valid_sha256, ChunkOrigin, DeviceBuffer, FileTransfer, MigrationTarget,
-    VmDescription, VmError, PAGE_SIZE,
+    error_chain, valid_sha256, ChunkOrigin, ChunkWrite, DeviceBuffer, FileTransfer,
+    MigrationTarget, VmDescription, VmError, PAGE_SIZE,
 };
 use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
 use crate::MigrationError;
@@ -550,22 +550,24 @@ pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
             origin,
         } => {
             let data = data.unwrap_or(&ZERO_RUN[..len as usize]);
-            match origin {
+            let write = match origin {
                 Some(origin) => {
                     check_origin(vm, origin, len)?;
-                    target.write_chunk_with_origin(key, data, origin)
+                    ChunkWrite::FilePiece { data, origin }
                 }
-                None => target.write_chunk(key, data),
-            }
-            .map_err(MigrationError::Target)
+                None => ChunkWrite::Whole(data),
+            };
+            target
+                .write_chunk(key, write)
+                .map_err(MigrationError::Target)
         }
         Frame::ChunkPart { key, offset, data } => target
-            .write_chunk_part(key, offset, data)
+            .write_chunk(key, ChunkWrite::Part { offset, data })
             .map_err(MigrationError::Target),
         Frame::FileChunk { key, len, origin } => {
             check_origin(vm, origin, len)?;
             target
-                .write_chunk_from_file(key, len, origin)
+                .write_chunk(key, ChunkWrite::LocalFile { len, origin })
                 .map_err(MigrationError::Target)
         }
         Frame::File { .. } => Err(MigrationError::BrokenSequence(

@@ -869,6 +869,8 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
 
 struct Session<'a> {
     source: &'a dyn MigrationSource,
+    /// What the caller asked for.
+    options: &'a MigrationOptions,
     control: Conn,
     /// Every connection's socket (control first), to shut them all at a deadline.
     sockets: Vec<TcpStream>,
@@ -878,7 +880,6 @@ struct Session<'a> {
     session: u64,
     /// The switchover's deadline, once armed, and whether it fired.
     watchdog: Option<Watchdog>,
-    cancel: CancelToken,
     /// The data connections (only written).
     data: Vec<Conn>,
     /// What each data stream reads into.
@@ -898,8 +899,6 @@ struct Session<'a> {
     base_lost: Option<String>,
     /// What replay did, once tried.
     replay: Option<ReplayReport>,
-    /// The longest any read or write may wait.
-    io_timeout: Duration,
     /// When device commands were last taken, while replaying.
     commands_taken_at: Option<Instant>,
     /// Paces pre-copy, if its rate is limited.
@@ -927,7 +926,7 @@ impl Session<'_> {
     }
 
     fn cancelled(&self) -> Result<(), MigrationError> {
-        if self.cancel.is_cancelled() {
+        if self.options.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled {
                 phase: self.phase.to_string(),
             });
@@ -1000,7 +999,13 @@ impl Session<'_> {
             .pacer
             .as_ref()
             .filter(|_| self.phase != Phase::Switchover);
-        let queue = WorkQueue::new(work, &buffers, &self.cancel, &self.destination_files, pacer);
+        let queue = WorkQueue::new(
+            work,
+            &buffers,
+            &self.options.cancel,
+            &self.destination_files,
+            pacer,
+        );
         queue.activity.start(self.data.len());
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
@@ -1052,9 +1057,12 @@ impl Session<'_> {
         // carried files once it checked them.
         let answer_time =
             work.replay_time + file_check_time(work.files.iter().map(|f| f.len).sum());
-        let acknowledged = with_patience(&self.sockets[0], self.io_timeout, answer_time, || {
-            self.control.expect_control("the round's acknowledgement")
-        })?;
+        let acknowledged = with_patience(
+            &self.sockets[0],
+            self.options.io_timeout,
+            answer_time,
+            || self.control.expect_control("the round's acknowledgement"),
+        )?;
         match acknowledged {
             Message::RoundApplied { round: r } if r == round => {}
             other => {
@@ -1256,6 +1264,7 @@ pub fn migrate_vm(
     let (data, data_sockets): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
     let mut s = Session {
         source,
+        options,
         control,
         sockets: std::iter::once(control_socket)
             .chain(data_sockets)
@@ -1263,7 +1272,6 @@ pub fn migrate_vm(
         phase: Phase::Handshake,
         session,
         watchdog: None,
-        cancel: options.cancel.clone(),
         buffers: data.iter().map(|_| StreamBuffers::default()).collect(),
         ram_pages,
         data,
@@ -1276,7 +1284,6 @@ pub fn migrate_vm(
         replay_agreed: replay_agreed && options.mode == Mode::Live,
         base_lost: None,
         replay: None,
-        io_timeout: options.io_timeout,
         commands_taken_at: None,
         pacer: options.max_rate.map(Pacer::new),
     };
@@ -1285,7 +1292,7 @@ pub fn migrate_vm(
             "the destination accepted the VM without agreeing to replay its device commands".into(),
         ));
     }
-    let outcome = run(&mut s, options, files, progress);
+    let outcome = run(&mut s, files, progress);
     source.set_throttle(0);
     source.stop_tracking();
     if let Some(capture) = source.stop_capture() {
@@ -1410,11 +1417,11 @@ enum ReplayEnd {
 /// with the first round, while the VM runs (in stop-and-copy too: they are read-only).
 fn run(
     s: &mut Session<'_>,
-    options: &MigrationOptions,
     files: Vec<FilePiece>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Switched, Failure> {
     let source = s.source;
+    let options = s.options;
     if options.mode == Transfer::StopAndCopy {
         if !files.is_empty() {
             let mut work = RoundWork {
@@ -1434,15 +1441,15 @@ fn run(
             .send_round(&mut round0(s, Vec::new()), 0)
             .map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
-        return finish(s, options, pause_at, None);
+        return finish(s, pause_at, None);
     }
     source
         .start_tracking()
         .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
     let replay_from = |s: &mut Session<'_>, start, progress: &mut dyn FnMut(&Progress)| {
-        Ok(match replay_rounds(s, options, start, progress)? {
+        Ok(match replay_rounds(s, start, progress)? {
             ReplayEnd::Converged(pages, commands, ran) => LiveEnd::Replay(pages, commands, ran),
-            ReplayEnd::FellBack(work) => precopy_after_replay(s, options, work, progress)?,
+            ReplayEnd::FellBack(work) => precopy_after_replay(s, work, progress)?,
         })
     };
     let replay_now = s.replay_agreed && options.device == DeviceTransfer::Replay;
@@ -1454,11 +1461,11 @@ fn run(
     } else if let Some(why) = too_long {
         // Given way before it began: the device memory goes by pre-copy from the start.
         gave_way(s, why);
-        precopy_after_replay(s, options, round0(s, files), progress)?
+        precopy_after_replay(s, round0(s, files), progress)?
     } else {
         let auto = s.replay_agreed && options.device == DeviceTransfer::Auto;
         let work = round0(s, files);
-        match precopy_rounds(s, options, work, auto, progress)? {
+        match precopy_rounds(s, work, auto, progress)? {
             PrecopyEnd::Converged(pending) => LiveEnd::Precopy(pending),
             PrecopyEnd::ToReplay(pending) => {
                 replay_from(s, ReplayStart::AfterPrecopy(pending), progress)?
@@ -1469,7 +1476,7 @@ fn run(
     let (pause_at, digest) = loop {
         source.set_throttle(0);
         s.cancelled().map_err(before_go(false))?;
-        let pause_at = pause_for_switchover(s, options)?;
+        let pause_at = pause_for_switchover(s)?;
         let digest = match end {
             LiveEnd::Precopy(pending) => {
                 // What the last take found is still unsent: the final round sends it too.
@@ -1497,7 +1504,7 @@ fn run(
                         let ReplayEnd::FellBack(work) = fall_back(s, why, &pages) else {
                             unreachable!("fall_back always falls back")
                         };
-                        end = precopy_after_replay(s, options, work, progress)?;
+                        end = precopy_after_replay(s, work, progress)?;
                         continue;
                     }
                 };
@@ -1534,7 +1541,7 @@ fn run(
         };
         break (pause_at, digest);
     };
-    finish(s, options, pause_at, digest)
+    finish(s, pause_at, digest)
 }
 
 /// Why replay cannot meet the pause target whatever its rounds do, if it cannot: the
@@ -1553,11 +1560,10 @@ fn digest_outlasts_target(digest: Duration, options: &MigrationOptions) -> Optio
 /// Pre-copy from `work` after replay gave way to it (never back to replay).
 fn precopy_after_replay(
     s: &mut Session<'_>,
-    options: &MigrationOptions,
     work: RoundWork,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<LiveEnd, Failure> {
-    match precopy_rounds(s, options, work, false, progress)? {
+    match precopy_rounds(s, work, false, progress)? {
         PrecopyEnd::Converged(pending) | PrecopyEnd::ToReplay(pending) => {
             Ok(LiveEnd::Precopy(pending))
         }
@@ -1604,12 +1610,12 @@ fn round0(s: &Session<'_>, files: Vec<FilePiece>) -> RoundWork {
 /// it hands over to replay instead of being throttled.
 fn precopy_rounds(
     s: &mut Session<'_>,
-    options: &MigrationOptions,
     mut work: RoundWork,
     auto: bool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<PrecopyEnd, Failure> {
     let source = s.source;
+    let options = s.options;
     let mut throttle_step = 0usize;
     let mut best_rate = 0f64;
     let mut extra_rounds = 0u32;
@@ -1712,11 +1718,11 @@ fn precopy_rounds(
 /// behind, or when replay spends half the migration's bounds without converging.
 fn replay_rounds(
     s: &mut Session<'_>,
-    options: &MigrationOptions,
     start: ReplayStart,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ReplayEnd, Failure> {
     let source = s.source;
+    let options = s.options;
     s.replay = Some(ReplayReport::default());
     // Replay may take half of what is left of the bounds; pre-copy, if it gives way,
     // the rest.
@@ -1905,16 +1911,13 @@ fn fall_back(s: &mut Session<'_>, why: String, pages: &PageSet) -> ReplayEnd {
 /// Pauses the VM for the switchover and arms the deadline by which the destination must
 /// be ready: one that is not is abandoned before Go, and the VM resumes here, so the
 /// pause stays bounded whatever the destination does.
-fn pause_for_switchover(
-    s: &mut Session<'_>,
-    options: &MigrationOptions,
-) -> Result<Instant, Failure> {
+fn pause_for_switchover(s: &mut Session<'_>) -> Result<Instant, Failure> {
     let pause_at = s
         .source
         .pause()
         .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
     s.phase = Phase::Switchover;
-    let deadline = pause_at + switchover_deadline(options, s.predicted_pause);
+    let deadline = pause_at + switchover_deadline(s.options, s.predicted_pause);
     let sockets = s
         .sockets
         .iter()
@@ -1933,7 +1936,6 @@ fn pause_for_switchover(
 /// replay), the destination's restore, Go and its confirmation.
 fn finish(
     s: &mut Session<'_>,
-    options: &MigrationOptions,
     pause_at: Instant,
     device: Option<DeviceDigest>,
 ) -> Result<Switched, Failure> {
@@ -1970,7 +1972,7 @@ fn finish(
     s.phase = Phase::Confirmation;
     let session = s.session;
     let in_doubt = |e: MigrationError| {
-        let reason = error_chain(&in_phase(e, Phase::Confirmation, options.io_timeout));
+        let reason = error_chain(&in_phase(e, Phase::Confirmation, s.options.io_timeout));
         Failure::InDoubt(MigrationError::InDoubt { reason, session })
     };
     s.control.send(&Message::Go).map_err(in_doubt)?;

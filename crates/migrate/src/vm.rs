@@ -438,6 +438,59 @@ pub struct ChunkOrigin {
     pub offset: u64,
 }
 
+/// What [`MigrationTarget::write_chunk`] writes into a device chunk.
+#[derive(Debug, Clone, Copy)]
+pub enum ChunkWrite<'a> {
+    /// The whole chunk (zero chunks arrive as zeros).
+    Whole(&'a [u8]),
+    /// `data` at `offset` in the chunk; the rest of the chunk is as sent before (the
+    /// engine checked that the part ends within the chunk).
+    Part {
+        /// First byte of the part in the chunk.
+        offset: u64,
+        /// The part's bytes.
+        data: &'a [u8],
+    },
+    /// The whole chunk, `data`, which is the piece of attached file `origin` (the file is
+    /// on its way here): a destination may keep the origin, so the VM's next migration
+    /// can send where instead of what.
+    FilePiece {
+        /// The chunk's bytes.
+        data: &'a [u8],
+        /// The piece of the file they are.
+        origin: ChunkOrigin,
+    },
+    /// The whole chunk (`len` bytes), read from this host's copy of the attached file
+    /// `origin` names.
+    LocalFile {
+        /// Bytes of the chunk.
+        len: u64,
+        /// The piece of the file to read.
+        origin: ChunkOrigin,
+    },
+}
+
+impl<'a> ChunkWrite<'a> {
+    /// The bytes of the whole chunk `chunk`, for a destination that keeps no origins and
+    /// reads no files: the data of [`Self::Whole`] and [`Self::FilePiece`]; the other
+    /// writes are refused.
+    pub fn whole(self, chunk: ChunkKey) -> Result<&'a [u8], VmError> {
+        let refuse = |why: &str| VmError::WriteChunk {
+            chunk,
+            source: why.into(),
+        };
+        match self {
+            Self::Whole(data) | Self::FilePiece { data, .. } => Ok(data),
+            Self::Part { .. } => Err(refuse(
+                "this destination cannot write parts of device chunks",
+            )),
+            Self::LocalFile { .. } => Err(refuse(
+                "this destination cannot read device chunks from files",
+            )),
+        }
+    }
+}
+
 /// A device chunk that holds a piece of an attached file, as the source sees it now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileChunk {
@@ -572,43 +625,9 @@ pub trait MigrationTarget: Send + Sync {
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError>;
     /// Makes the device buffer table equal to `table` (new buffers start zeroed).
     fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError>;
-    /// Writes a chunk (zero chunks arrive as zeros).
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError>;
-    /// Writes `data` into chunk `chunk` at `offset` (the rest of the chunk is as sent
-    /// before; the engine checked that the part ends within a chunk).
-    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
-        let _ = (offset, data);
-        Err(VmError::WriteChunk {
-            chunk,
-            source: "this destination cannot write parts of device chunks".into(),
-        })
-    }
-    /// Writes chunk `chunk` with `data`, which is the piece of attached file `origin`
-    /// (the file is on its way here): kept, so the VM's next migration can send where
-    /// instead of what. By default the origin is not kept.
-    fn write_chunk_with_origin(
-        &self,
-        chunk: ChunkKey,
-        data: &[u8],
-        origin: ChunkOrigin,
-    ) -> Result<(), VmError> {
-        let _ = origin;
-        self.write_chunk(chunk, data)
-    }
-    /// Writes chunk `chunk` (`len` bytes) from this host's copy of the attached file
-    /// `origin` names.
-    fn write_chunk_from_file(
-        &self,
-        chunk: ChunkKey,
-        len: u64,
-        origin: ChunkOrigin,
-    ) -> Result<(), VmError> {
-        let _ = (len, origin);
-        Err(VmError::WriteChunk {
-            chunk,
-            source: "this destination cannot read device chunks from files".into(),
-        })
-    }
+    /// Writes device chunk `chunk` as `write` says (a destination that writes whole
+    /// chunks only takes their bytes with [`ChunkWrite::whole`]).
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError>;
     /// Whether this host has offered file `file` already, with the same content.
     fn has_file(&self, file: u32) -> bool {
         let _ = file;

@@ -18,9 +18,10 @@ use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
 use ferry_migrate::MAX_HANDSHAKES_PER_PEER;
 use ferry_migrate::{
-    migrate_vm, serve, settle, ChunkKey, DeviceBuffer, DeviceTransfer, FileOffer, FileTransfer,
-    MigrationError, MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode,
-    PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmContents, VmDescription, VmError,
+    migrate_vm, serve, settle, ChunkKey, ChunkWrite, DeviceBuffer, DeviceTransfer, FileOffer,
+    FileTransfer, MigrationError, MigrationOptions, MigrationReport, MigrationSource,
+    MigrationTarget, Mode, PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmContents,
+    VmDescription, VmError,
 };
 use sha2::{Digest, Sha256};
 
@@ -711,7 +712,8 @@ impl MigrationTarget for FakeTarget {
         Ok(())
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        let data = write.whole(chunk)?;
         let failed = |why: String| VmError::WriteChunk {
             chunk,
             source: why.into(),

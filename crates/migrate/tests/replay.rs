@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use ferry_migrate::replay::CaptureLimits;
 use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
 use ferry_migrate::{
-    migrate_vm, spawn_receiver, CaptureReport, ChunkKey, ChunkPart, DeviceBuffer, DeviceDigest,
-    DeviceTransfer, LoggedCommand, MigrationError, MigrationOptions, MigrationReport,
+    migrate_vm, spawn_receiver, CaptureReport, ChunkKey, ChunkPart, ChunkWrite, DeviceBuffer,
+    DeviceDigest, DeviceTransfer, LoggedCommand, MigrationError, MigrationOptions, MigrationReport,
     MigrationSource, MigrationTarget, Outcomes, PageSet, ReceiveReport, Secret, TargetFactory,
     VmContents, VmDescription, VmError,
 };
@@ -576,18 +576,11 @@ impl MigrationTarget for Target {
         Ok(())
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
-        let mut device = self.device.lock().unwrap();
-        let buffer = device
-            .0
-            .get_mut(&chunk.buffer)
-            .ok_or_else(|| VmError::SyncBuffers("no such buffer".into()))?;
-        let start = (chunk.index * MAX_CHUNK_BYTES) as usize;
-        buffer[start..start + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-
-    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        let (offset, data) = match write {
+            ChunkWrite::Part { offset, data } => (offset, data),
+            whole => (0, whole.whole(chunk)?),
+        };
         let mut device = self.device.lock().unwrap();
         let buffer = device
             .0
@@ -973,16 +966,8 @@ fn auto_keeps_precopy_for_a_destination_that_cannot_replay_and_replay_is_refused
         fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
             self.0.sync_buffers(table)
         }
-        fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
-            self.0.write_chunk(chunk, data)
-        }
-        fn write_chunk_part(
-            &self,
-            chunk: ChunkKey,
-            offset: u64,
-            data: &[u8],
-        ) -> Result<(), VmError> {
-            self.0.write_chunk_part(chunk, offset, data)
+        fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+            self.0.write_chunk(chunk, write)
         }
         fn restore(&self, state: &[u8]) -> Result<(), VmError> {
             self.0.restore(state)

@@ -11,8 +11,8 @@ use ferry_accel::device::{AccelStateError, Accelerator, BufferState};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
 use ferry_migrate::{
-    Cause, ChunkKey, ChunkOrigin, DeviceBuffer, FileChunk, FileOffer, MigrationTarget, PageSet,
-    VmContents, VmDescription, VmError,
+    Cause, ChunkKey, ChunkOrigin, ChunkWrite, DeviceBuffer, FileChunk, FileOffer, MigrationTarget,
+    PageSet, VmContents, VmDescription, VmError,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -321,10 +321,13 @@ impl FillingVm {
         let mut data = vec![0u8; len as usize];
         file.read_at(origin.offset, &mut data)
             .map_err(|e| fail(format!("cannot read attached file {}: {e}", origin.file)))?;
-        let from = to_origin(origin, len);
-        self.with_accel(chunk, |accel, id| {
-            accel.write_chunk_from_file(id, &data, from)
-        })
+        self.write_chunk(
+            chunk,
+            ChunkWrite::FilePiece {
+                data: &data,
+                origin,
+            },
+        )
     }
 
     /// Restores the VM from the final state `blob`, with its attached files `files`
@@ -389,37 +392,28 @@ impl MigrationTarget for FillingVm {
         .map_err(VmError::SyncBuffers)
     }
 
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
-        self.with_accel(chunk, |accel, id| accel.write_chunk(id, data))
-    }
-
-    fn write_chunk_part(&self, chunk: ChunkKey, offset: u64, data: &[u8]) -> Result<(), VmError> {
-        self.with_accel(chunk, |accel, id| accel.write_chunk_part(id, offset, data))
-    }
-
-    fn write_chunk_with_origin(
-        &self,
-        chunk: ChunkKey,
-        data: &[u8],
-        origin: ChunkOrigin,
-    ) -> Result<(), VmError> {
-        let from = to_origin(origin, data.len() as u64);
-        self.with_accel(chunk, |accel, id| {
-            accel.write_chunk_from_file(id, data, from)
-        })
-    }
-
-    fn write_chunk_from_file(
-        &self,
-        chunk: ChunkKey,
-        len: u64,
-        origin: ChunkOrigin,
-    ) -> Result<(), VmError> {
-        // The files the VM was made with (a clone: no lock is held while reading).
-        let file = self
-            .with_incoming(|vm| Ok(vm.files().files().get(origin.file as usize).cloned()))
-            .map_err(|source| VmError::WriteChunk { chunk, source })?;
-        self.write_chunk_from(chunk, len, origin, file.as_ref())
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        match write {
+            ChunkWrite::Whole(data) => {
+                self.with_accel(chunk, |accel, id| accel.write_chunk(id, data))
+            }
+            ChunkWrite::Part { offset, data } => {
+                self.with_accel(chunk, |accel, id| accel.write_chunk_part(id, offset, data))
+            }
+            ChunkWrite::FilePiece { data, origin } => {
+                let from = to_origin(origin, data.len() as u64);
+                self.with_accel(chunk, |accel, id| {
+                    accel.write_chunk_from_file(id, data, from)
+                })
+            }
+            ChunkWrite::LocalFile { len, origin } => {
+                // The files the VM was made with (a clone: no lock is held while reading).
+                let file = self
+                    .with_incoming(|vm| Ok(vm.files().files().get(origin.file as usize).cloned()))
+                    .map_err(|source| VmError::WriteChunk { chunk, source })?;
+                self.write_chunk_from(chunk, len, origin, file.as_ref())
+            }
+        }
     }
 
     fn restore(&self, blob: &[u8]) -> Result<(), VmError> {

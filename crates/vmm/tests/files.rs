@@ -2,7 +2,7 @@
 //! through the file port and the accelerator and prints checksums, makes hostile
 //! requests, and a snapshot of a VM with files restores only with the same content.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_vmm::vm::CreateVmError;
@@ -124,11 +124,15 @@ fn files_of_many_gib_are_read_at_any_offset() {
     std::fs::remove_file(&path).unwrap();
 }
 
-/// A running guest with `path` attached as `data`, that runs long enough to be
-/// snapshotted.
-fn running_with_file(path: &std::path::Path) -> Microvm {
+/// A running guest, that runs long enough to be snapshotted, with `data` attached: a
+/// file of 1 MiB written from `seed` in a scratch folder of its own (returned, with the
+/// file's path).
+fn running_with_file(seed: u64) -> (tempfile::TempDir, PathBuf, Microvm) {
+    let scratch = dir();
+    let path = scratch.path().join("data");
+    write(&path, 1 << 20, seed);
     let host = HostOptions {
-        files: AttachedFiles::open(&[("data".into(), path.to_path_buf())]).unwrap(),
+        files: AttachedFiles::open(&[("data".into(), path.clone())]).unwrap(),
         ..HostOptions::quiet()
     };
     let image = ferry_guest_images::find("memtouch").unwrap().elf;
@@ -138,7 +142,7 @@ fn running_with_file(path: &std::path::Path) -> Microvm {
         .collect();
     let mut vm = Microvm::boot(VmConfig::new(64 << 20), image, &args, host).unwrap();
     vm.resume().unwrap();
-    vm
+    (scratch, path, vm)
 }
 
 #[test]
@@ -146,14 +150,10 @@ fn a_snapshot_restores_only_with_the_same_file_content() {
     if !ferry_testdata::kvm("a_snapshot_restores_only_with_the_same_file_content") {
         return;
     }
-    let scratch = dir();
-    let d = scratch.path();
-    let path = d.join("data");
-    write(&path, 1 << 20, 3);
-    let mut vm = running_with_file(&path);
+    let (scratch, path, mut vm) = running_with_file(3);
     std::thread::sleep(Duration::from_millis(100));
     vm.pause().unwrap();
-    let snap = d.join("vm.snap");
+    let snap = scratch.path().join("vm.snap");
     vm.save(&snap).unwrap();
     drop(vm);
 
@@ -190,11 +190,7 @@ fn a_snapshot_is_refused_once_an_attached_file_changed_in_place() {
     if !ferry_testdata::kvm("a_snapshot_is_refused_once_an_attached_file_changed_in_place") {
         return;
     }
-    let scratch = dir();
-    let d = scratch.path();
-    let path = d.join("data");
-    write(&path, 1 << 20, 5);
-    let mut vm = running_with_file(&path);
+    let (scratch, path, mut vm) = running_with_file(5);
     // Rewritten in place, same size, while attached; the mtime moved on as a later write
     // would (a write within the attach's timestamp tick keeps the stamp).
     write(&path, 1 << 20, 6);
@@ -205,7 +201,7 @@ fn a_snapshot_is_refused_once_an_attached_file_changed_in_place() {
         .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
         .unwrap();
     vm.pause().unwrap();
-    let snap = d.join("vm.snap");
+    let snap = scratch.path().join("vm.snap");
     let err = vm.save(&snap).expect_err("refused");
     let chain = ferry_migrate::error_chain(&err);
     assert!(

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::{
-    ChunkKey, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmContents, VmDescription,
-    VmError,
+    ChunkKey, ChunkWrite, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmContents,
+    VmDescription, VmError,
 };
 
 /// A VM of `ram_size` bytes of RAM and `accel_memory` bytes of device memory.
@@ -152,7 +152,8 @@ impl MigrationTarget for MemoryVm {
         *self.buffers.lock().unwrap() = table.to_vec();
         Ok(())
     }
-    fn write_chunk(&self, chunk: ChunkKey, data: &[u8]) -> Result<(), VmError> {
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        let data = write.whole(chunk)?;
         self.chunks.lock().unwrap().insert(chunk, data.to_vec());
         Ok(())
     }
