@@ -635,9 +635,9 @@ mod tests {
         }
         // The pause must find the guest ending, not ended (its vCPU thread gone, which
         // `wait` sees): step it to its end one exit at a time, each step a resume and at
-        // once a pause, which the vCPU thread answers after that one exit. A few tries,
-        // in case a step outran its pause.
-        for _ in 0..5 {
+        // once a pause, which the vCPU thread answers after that one exit. Many tries (a
+        // few ms each), as on a loaded machine a step often outruns its pause.
+        for _ in 0..50 {
             let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1"]);
             let recorded = {
                 // Under the control lock, as the throttle pauses: the watcher waits.
@@ -659,7 +659,7 @@ mod tests {
                 return;
             }
         }
-        panic!("no pause met the guest's end in 5 tries");
+        panic!("no pause met the guest's end in 50 tries");
     }
 
     #[test]
