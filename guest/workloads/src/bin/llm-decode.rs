@@ -205,19 +205,10 @@ fn decode(c: &Config) -> Result<(), AccelError> {
     let mut tok = acc.alloc::<u32>(1, 1)?;
     let mut pos_ids = acc.alloc::<u32>(1, positions)?;
     let mut pos_id = acc.alloc::<u32>(1, 1)?;
-    let mut x = acc.alloc::<f32>(1, d)?;
-    let mut x_next = acc.alloc::<f32>(1, d)?;
-    let mut e_tok = acc.alloc::<f32>(1, d)?;
-    let mut e_pos = acc.alloc::<f32>(1, d)?;
-    let mut ln = acc.alloc::<f32>(1, d)?;
-    let mut q = acc.alloc::<f32>(1, d)?;
-    let mut k = acc.alloc::<f32>(1, d)?;
-    let mut v = acc.alloc::<f32>(1, d)?;
-    let mut att = acc.alloc::<f32>(1, d)?;
-    let mut proj = acc.alloc::<f32>(1, d)?;
-    let mut hidden = acc.alloc::<f32>(1, ffn)?;
-    let mut act = acc.alloc::<f32>(1, ffn)?;
-    let mut logits = acc.alloc::<f32>(1, VOCAB)?;
+    let [mut x, mut x_next, mut e_tok, mut e_pos, mut ln, mut q, mut k, mut v, mut att, mut proj] =
+        rows(&mut acc, d)?;
+    let [mut hidden, mut act] = rows(&mut acc, ffn)?;
+    let [mut logits] = rows(&mut acc, VOCAB)?;
     println!(
         "llm-decode: accelerator memory {:.1} MiB (weights {:.1} MiB, KV cache {:.1} MiB) \
          of {:.1} MiB",
@@ -282,6 +273,17 @@ fn decode(c: &Config) -> Result<(), AccelError> {
     println!("tokens/s={:.1}", rate(c.tokens, now_ns() - start));
     println!("checksum={:016x}", hash.value());
     Ok(())
+}
+
+/// `N` new rows of `width` floats: one token's activations.
+fn rows<const N: usize>(acc: &mut Accel, width: usize) -> Result<[Tensor; N], AccelError> {
+    let mut all = Vec::with_capacity(N);
+    for _ in 0..N {
+        all.push(acc.alloc(1, width)?);
+    }
+    Ok(all
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("exactly N rows")))
 }
 
 /// Tokens per second.

@@ -107,6 +107,22 @@ struct KvCache {
     v: Vec<Tensor>,
 }
 
+impl KvCache {
+    /// Attends `q` (its tokens at positions from `pos`) over layer `l`'s keys and values
+    /// up to them, into `att`.
+    fn attend(
+        &self,
+        acc: &mut Accel,
+        l: usize,
+        q: &Tensor,
+        att: &mut Tensor,
+        heads: (usize, usize),
+        pos: usize,
+    ) {
+        acc.attention(q, &self.k[l], &self.v[l], att, heads, pos);
+    }
+}
+
 /// Activations for up to `batch` tokens at once.
 struct Activations {
     ids: U32Tensor,
@@ -314,14 +330,7 @@ impl Device {
             acc.rope(&mut a.k, c.kv_heads, pos, c.rope_base, c.rope_style);
             acc.copy(&a.k, 0, &mut cache.k[l], pos * kv, n * kv);
             acc.copy(&a.v, 0, &mut cache.v[l], pos * kv, n * kv);
-            acc.attention(
-                &a.q,
-                &cache.k[l],
-                &cache.v[l],
-                &mut a.att,
-                (c.heads, c.kv_heads),
-                pos,
-            );
+            cache.attend(acc, l, &a.q, &mut a.att, (c.heads, c.kv_heads), pos);
             b.add_output_and_ffn(acc, a, c.rms_eps);
         }
         acc.copy(&a.x, (n - 1) * c.dim, &mut a.last, 0, c.dim);
@@ -366,14 +375,8 @@ impl Device {
                 acc.rope(&mut a.one_k, c.kv_heads, pos, c.rope_base, c.rope_style);
                 acc.copy(&a.one_k, 0, &mut cache.k[l], pos * kv, kv);
                 acc.copy(&a.v, r * kv, &mut cache.v[l], pos * kv, kv);
-                acc.attention(
-                    &a.one_q,
-                    &cache.k[l],
-                    &cache.v[l],
-                    &mut a.one_att,
-                    (c.heads, c.kv_heads),
-                    pos,
-                );
+                let heads = (c.heads, c.kv_heads);
+                cache.attend(acc, l, &a.one_q, &mut a.one_att, heads, pos);
                 acc.copy(&a.one_att, 0, &mut a.att, r * c.dim, c.dim);
             }
             b.add_output_and_ffn(acc, a, c.rms_eps);
