@@ -19,6 +19,7 @@
 //! VMM describes in the boot info, a panic handler, and the `mem*` functions that a
 //! freestanding binary needs; [`accel`] is the tensor API of the virtual accelerator,
 //! [`files`] reads the VM's attached files and [`workload`] is the usual shape of a `main`.
+//! A workload starts with `use ferry_sdk::prelude::*;` for what nearly every one uses.
 #![no_std]
 
 extern crate alloc;
@@ -38,3 +39,14 @@ pub mod workload;
 pub use args::{ArgError, Args};
 pub use ferry_abi as abi;
 pub use rt::{exit, EXIT_BAD_BOOT_INFO, EXIT_PANIC, EXIT_USAGE};
+
+/// What nearly every workload uses: `alloc`'s strings, vectors and boxes with their
+/// macros, console output and the arguments, as `std`'s prelude would give them.
+pub mod prelude {
+    pub use crate::{print, println, ArgError, Args};
+    pub use alloc::boxed::Box;
+    pub use alloc::format;
+    pub use alloc::string::{String, ToString};
+    pub use alloc::vec;
+    pub use alloc::vec::Vec;
+}

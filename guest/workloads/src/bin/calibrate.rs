@@ -3,14 +3,12 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
-use alloc::vec;
 use core::hint::black_box;
+use ferry_sdk::prelude::*;
 
 use ferry_sdk::abi::calibration;
 use ferry_sdk::clock::now_ns;
-use ferry_sdk::{println, Args, EXIT_USAGE};
+use ferry_sdk::EXIT_USAGE;
 
 ferry_sdk::entry!(main);
 

@@ -16,7 +16,7 @@ use ferry_sdk::abi::channel::{
     status, ChannelHeader, MessageHeader, CHANNEL_MAGIC, CHANNEL_VERSION, MESSAGE_HEADER_SIZE,
 };
 use ferry_sdk::abi::{port, PAGE_SIZE};
-use ferry_sdk::{println, Args};
+use ferry_sdk::prelude::*;
 
 ferry_sdk::entry!(main);
 

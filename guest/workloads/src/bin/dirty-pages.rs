@@ -11,7 +11,8 @@ extern crate alloc;
 
 use alloc::alloc::{alloc, Layout};
 use ferry_sdk::abi::PAGE_SIZE;
-use ferry_sdk::{print, println, Args, EXIT_USAGE};
+use ferry_sdk::prelude::*;
+use ferry_sdk::EXIT_USAGE;
 
 ferry_sdk::entry!(main);
 

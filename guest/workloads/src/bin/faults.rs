@@ -3,7 +3,8 @@
 #![no_main]
 
 use core::arch::asm;
-use ferry_sdk::{println, Args, EXIT_USAGE};
+use ferry_sdk::prelude::*;
+use ferry_sdk::EXIT_USAGE;
 
 ferry_sdk::entry!(main);
 

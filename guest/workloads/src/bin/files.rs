@@ -12,14 +12,12 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
-use alloc::vec;
 use ferry_sdk::abi::file::{self, FileRequest, FILE_REQUEST_ADDR, MAX_READ};
 use ferry_sdk::abi::port;
 use ferry_sdk::accel::Accel;
 use ferry_sdk::checksum::Fnv1a;
-use ferry_sdk::{files, println, Args};
+use ferry_sdk::files;
+use ferry_sdk::prelude::*;
 
 ferry_sdk::entry!(main);
 
@@ -75,12 +73,8 @@ fn probe(offsets: &str) -> i32 {
             println!("files: error: {e}");
             return 1;
         }
-        let hex = |b: &[u8]| {
-            b.iter()
-                .map(|x| alloc::format!("{x:02x}"))
-                .collect::<alloc::string::String>()
-        };
-        let device: alloc::vec::Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let device: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         println!("probe {offset} {} {}", hex(&port), hex(&device));
     }
     println!("done");
@@ -123,7 +117,7 @@ fn main(args: Args) -> i32 {
                     return 1;
                 }
                 acc.free(t);
-                let bytes: alloc::vec::Vec<u8> = out.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let bytes: Vec<u8> = out.iter().flat_map(|w| w.to_le_bytes()).collect();
                 let mut dh = Fnv1a::new();
                 dh.write(&bytes[..f.size() as usize]);
                 dh.value()

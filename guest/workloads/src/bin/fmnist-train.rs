@@ -10,22 +10,17 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
 #[path = "../fmnist/data.rs"]
 mod data;
 #[path = "../mlp/net.rs"]
 mod net;
 
-use alloc::string::String;
-use alloc::vec;
-use alloc::vec::Vec;
 use data::{CLASSES, IMAGES_HEADER, LABELS_HEADER, PIXELS};
 use ferry_sdk::accel::{Accel, AccelError, Tensor};
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, mix, sqrt, stream};
+use ferry_sdk::prelude::*;
 use ferry_sdk::workload::Failure;
-use ferry_sdk::{println, ArgError, Args};
 use net::{alloc_widths, backward, checksum, forward, update, Activations, Linear};
 
 ferry_sdk::entry!(main);
@@ -109,7 +104,7 @@ impl Config {
                 "linear" => Schedule::Linear,
                 "constant" => Schedule::Constant,
                 other => {
-                    return Err(ArgError::new(alloc::format!(
+                    return Err(ArgError::new(format!(
                         "--schedule: {other:?} is not linear or constant"
                     )))
                 }
@@ -129,7 +124,7 @@ impl Config {
         }
         if let Some(limit) = c.limit {
             if limit < c.batch {
-                return Err(ArgError::new(alloc::format!(
+                return Err(ArgError::new(format!(
                     "--limit: {limit} images do not make one batch of {}",
                     c.batch
                 )));
@@ -162,12 +157,12 @@ fn parse_hidden(list: &str) -> Result<Vec<usize>, ArgError> {
     let mut widths = Vec::new();
     for item in list.split(',') {
         let w: usize = item.trim().parse().map_err(|_| {
-            ArgError::new(alloc::format!(
+            ArgError::new(format!(
                 "--hidden: {item:?} is not a width (give e.g. 256 or 256,128)"
             ))
         })?;
         if w == 0 || w > 16384 {
-            return Err(ArgError::new(alloc::format!(
+            return Err(ArgError::new(format!(
                 "--hidden: width {w} is not 1 to 16384"
             )));
         }
@@ -200,25 +195,25 @@ impl Split {
 
 /// Reads the attached file `name`, decompressed if it is gzipped.
 fn read(name: &str) -> Result<Vec<u8>, Failure> {
-    let file = ferry_sdk::files::open(name).map_err(|e| Failure::Other(alloc::format!("{e}")))?;
+    let file = ferry_sdk::files::open(name).map_err(|e| Failure::Other(format!("{e}")))?;
     let raw = file
         .read_all()
-        .map_err(|e| Failure::Other(alloc::format!("{e}")))?;
+        .map_err(|e| Failure::Other(format!("{e}")))?;
     if !data::is_gzip(&raw) {
         return Ok(raw);
     }
-    data::gunzip(&raw).map_err(|e| Failure::Other(alloc::format!("{name}: {e}")))
+    data::gunzip(&raw).map_err(|e| Failure::Other(format!("{name}: {e}")))
 }
 
 /// Reads and validates the images and labels files of one split.
 fn load(images: &str, labels: &str) -> Result<Split, Failure> {
-    let data_error = |name: &str, e: String| Failure::Other(alloc::format!("{name}: {e}"));
+    let data_error = |name: &str, e: String| Failure::Other(format!("{name}: {e}"));
     let image_bytes = read(images)?;
     let count = data::check_images(&image_bytes).map_err(|e| data_error(images, e))?;
     let label_bytes = read(labels)?;
     let label_count = data::check_labels(&label_bytes).map_err(|e| data_error(labels, e))?;
     if label_count != count {
-        return Err(Failure::Other(alloc::format!(
+        return Err(Failure::Other(format!(
             "{images} has {count} images but {labels} has {label_count} labels"
         )));
     }
@@ -253,7 +248,7 @@ fn run(c: &Config) -> Result<(), Failure> {
     let test_count = test.count;
     let n = c.limit.unwrap_or(train.count).min(train.count);
     if n < c.batch {
-        return Err(Failure::Usage(ArgError::new(alloc::format!(
+        return Err(Failure::Usage(ArgError::new(format!(
             "the training set has {n} images, less than one batch of {}",
             c.batch
         ))));
@@ -261,7 +256,7 @@ fn run(c: &Config) -> Result<(), Failure> {
     let b = c.batch;
     let steps_per_epoch = n / b;
     let hidden = c.hidden.as_slice();
-    let widths: Vec<String> = hidden.iter().map(|w| alloc::format!("{w}")).collect();
+    let widths: Vec<String> = hidden.iter().map(|w| format!("{w}")).collect();
     let widths = widths.join(",");
     println!(
         "fmnist-train: train={n} test={} epochs={} batch={b} steps/epoch={steps_per_epoch} \

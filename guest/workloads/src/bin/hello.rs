@@ -2,7 +2,8 @@
 #![no_std]
 #![no_main]
 
-use ferry_sdk::{println, Args, EXIT_USAGE};
+use ferry_sdk::prelude::*;
+use ferry_sdk::EXIT_USAGE;
 
 ferry_sdk::entry!(main);
 

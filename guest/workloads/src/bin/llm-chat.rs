@@ -9,20 +9,15 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
 #[path = "../llama/model.rs"]
 mod model;
 
-use alloc::format;
-use alloc::string::String;
-use alloc::vec;
-use alloc::vec::Vec;
 use ferry_llm::{Message, Sampler, SamplerConfig, Utf8Stream};
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::files;
-use ferry_sdk::{console, print, println, workload, ArgError, Args};
+use ferry_sdk::prelude::*;
+use ferry_sdk::{console, workload};
 use model::{describe, read_model, Device, Failure};
 
 ferry_sdk::entry!(main);

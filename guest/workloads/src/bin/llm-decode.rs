@@ -7,14 +7,11 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
-use alloc::vec::Vec;
 use ferry_sdk::accel::{Accel, AccelError, Distribution, Tensor, Transpose};
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, mix, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args};
+use ferry_sdk::prelude::*;
 
 ferry_sdk::entry!(main);
 
@@ -92,12 +89,12 @@ impl Config {
         let layers = layers_at(dim) as usize;
         if layers == 0 {
             let least = (fixed_bytes(256) + layer_bytes(256)).div_ceil(1 << 20);
-            return Err(ArgError::new(alloc::format!(
+            return Err(ArgError::new(format!(
                 "--weights-mib: at least {least} (one block of width 256)"
             )));
         }
         if heads == 0 || dim as usize % heads != 0 {
-            return Err(ArgError::new(alloc::format!(
+            return Err(ArgError::new(format!(
                 "--heads: must divide the model width {dim}"
             )));
         }
@@ -171,7 +168,7 @@ fn decode(c: &Config) -> Result<(), AccelError> {
     let pos_emb = init.normal(&mut acc, positions, d, 0.5)?;
     let w_out = init.normal(&mut acc, d, VOCAB, scale_d)?;
     let mut ones = acc.alloc::<f32>(1, d)?;
-    acc.upload(&mut ones, &alloc::vec![1.0f32; d])?;
+    acc.upload(&mut ones, &vec![1.0f32; d])?;
     let gain = |acc: &mut Accel| -> Result<Tensor, AccelError> {
         let mut g = acc.alloc(1, d)?;
         acc.copy(&ones, 0, &mut g, 0, d);

@@ -10,12 +10,7 @@ extern crate alloc;
 #[path = "../llama/model.rs"]
 mod model;
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
-use alloc::format;
-use alloc::string::String;
-use alloc::vec;
-use alloc::vec::Vec;
 use ferry_llm::serve::{
     kind, Event, FinishReason, PromptKind, RefusalCode, Request, StopFilter, NO_TOKEN,
 };
@@ -24,7 +19,7 @@ use ferry_llm::{
 };
 use ferry_sdk::channel::{Channel, Geometry};
 use ferry_sdk::files;
-use ferry_sdk::{println, ArgError, Args};
+use ferry_sdk::prelude::*;
 use model::{describe, read_model, Device, Failure};
 
 ferry_sdk::entry!(main);

@@ -6,12 +6,9 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
-use alloc::vec::Vec;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::mix;
-use ferry_sdk::{println, ArgError, Args};
+use ferry_sdk::prelude::*;
 
 ferry_sdk::entry!(main);
 

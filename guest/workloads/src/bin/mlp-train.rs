@@ -9,17 +9,13 @@
 #![no_std]
 #![no_main]
 
-extern crate alloc;
-
 #[path = "../mlp/net.rs"]
 mod net;
 
-use alloc::vec;
-use alloc::vec::Vec;
 use ferry_sdk::accel::{Accel, AccelError, Distribution, Transpose};
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::math::{mib, sqrt, stream};
-use ferry_sdk::{println, ArgError, Args};
+use ferry_sdk::prelude::*;
 use net::{alloc_widths, backward, checksum, forward, update, Activations, Linear};
 
 ferry_sdk::entry!(main);
@@ -89,7 +85,7 @@ impl Config {
             "sgd" => Optimizer::Sgd,
             "adam" => Optimizer::Adam,
             other => {
-                return Err(ArgError::new(alloc::format!(
+                return Err(ArgError::new(format!(
                     "--optimizer: {other:?} is not sgd or adam"
                 )))
             }
@@ -121,9 +117,7 @@ impl Config {
             ("print-every", c.print_every as usize),
         ] {
             if value == 0 {
-                return Err(ArgError::new(alloc::format!(
-                    "--{name}: must be at least 1"
-                )));
+                return Err(ArgError::new(format!("--{name}: must be at least 1")));
             }
         }
         if c.classes < 2 {

@@ -2,10 +2,7 @@
 //! panicking on any input. Every error is a sentence about the data, for the caller to
 //! prefix with the file's name.
 
-use alloc::boxed::Box;
-use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
+use ferry_sdk::prelude::*;
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
 

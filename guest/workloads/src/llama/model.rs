@@ -2,13 +2,11 @@
 //! one (`llm-chat`, `llm-serve`): the weights go straight from the attached file into
 //! device memory and are only read from then on; each sequence has its KV cache.
 
-use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
 use ferry_llm::{ChatTemplate, Gguf, GgufError, LlamaConfig, LlamaModel, Tokenizer, Weight};
 use ferry_sdk::abi::accel::dtype::DType;
 use ferry_sdk::accel::{Accel, AccelError, Tensor, U32Tensor, Weights};
 use ferry_sdk::files::{self, File};
+use ferry_sdk::prelude::*;
 use ferry_sdk::workload;
 
 /// Most bytes of metadata read before giving up on a file.

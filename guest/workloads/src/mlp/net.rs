@@ -2,10 +2,9 @@
 //! fully connected layers with ReLU between them, trained by backpropagation, every step
 //! queued on the accelerator.
 
-use alloc::vec;
-use alloc::vec::Vec;
 use ferry_sdk::accel::{Accel, AccelError, Adam, Distribution, Tensor, Transpose};
 use ferry_sdk::checksum::Fnv1a;
+use ferry_sdk::prelude::*;
 
 /// One trainable tensor with its gradient and, for Adam, its moments.
 pub struct Param {
