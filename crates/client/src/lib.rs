@@ -97,6 +97,25 @@ pub const FORWARDED: &str = "x-ferry-forwarded";
 
 /// The largest answer read: a whole cluster's view of 40,000 VMs is about 20 MB.
 const MAX_ANSWER_BYTES: u64 = 256 << 20;
+/// The most of an answer's text an error carries: errors are shown and passed on, and
+/// an answer may be as large as [`MAX_ANSWER_BYTES`].
+const MAX_ERROR_TEXT: usize = 4 << 10;
+
+/// `text`, cut to [`MAX_ERROR_TEXT`] bytes (at a character's boundary) if longer.
+fn cut(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+/// Connections to one address a client keeps open for reuse by default (ureq's default).
+const IDLE_CONNECTIONS: usize = 3;
 
 impl ApiClient {
     /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with its bearer token
@@ -108,6 +127,13 @@ impl ApiClient {
 
     /// [`ApiClient::new`] trusting `roots` for an `https://` API.
     pub fn with_roots(base: &str, token: &[u8], roots: &Roots) -> anyhow::Result<Self> {
+        Self::with_pool(base, token, roots, IDLE_CONNECTIONS)
+    }
+
+    /// [`ApiClient::with_roots`] keeping up to `idle` connections to each address open for
+    /// reuse, for a caller with that many requests in flight at once (the gateway's
+    /// relays): with fewer, most requests would open a new connection.
+    pub fn with_pool(base: &str, token: &[u8], roots: &Roots, idle: usize) -> anyhow::Result<Self> {
         let token = std::str::from_utf8(token)
             .context("the token must be text to be sent as a bearer token")?;
         let tls = match roots {
@@ -128,6 +154,9 @@ impl ApiClient {
             // A replica that drops packets is given up quickly for the next address.
             .timeout_connect(Some(Duration::from_secs(3)))
             .tls_config(tls)
+            // ureq keeps 10 in all by default: at least that, over the addresses.
+            .max_idle_connections(idle.max(10))
+            .max_idle_connections_per_host(idle)
             .build()
             .new_agent();
         let bases: Vec<String> = base
@@ -211,17 +240,19 @@ impl ApiClient {
         .into())
     }
 
+    /// The answer as a `T` (read up to `limit` bytes), or its error.
     fn finish<T: DeserializeOwned>(
         &self,
         what: &str,
         response: ureq::http::Response<ureq::Body>,
+        limit: u64,
     ) -> anyhow::Result<T> {
         let mut response = response;
         let status = response.status();
         let text = response
             .body_mut()
             .with_config()
-            .limit(MAX_ANSWER_BYTES)
+            .limit(limit)
             .read_to_string()
             .with_context(|| format!("reading the answer to {what}"))?;
         if !status.is_success() {
@@ -234,12 +265,13 @@ impl ApiClient {
             return Err(ApiError {
                 what: what.to_string(),
                 status: status.as_u16(),
-                code: field("code"),
-                message: field("error").unwrap_or(text),
+                code: field("code").map(cut),
+                message: cut(field("error").unwrap_or(text)),
             }
             .into());
         }
-        serde_json::from_str(&text).with_context(|| format!("unexpected answer to {what}: {text}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("unexpected answer to {what}: {}", cut(text.clone())))
     }
 
     /// `method path` without a body (a GET is a read, sent again elsewhere if need be):
@@ -271,8 +303,15 @@ impl ApiClient {
 
     /// `GET path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.get_within(path, MAX_ANSWER_BYTES)
+    }
+
+    /// `GET path`, whose answer is refused past `limit` bytes: for an answer known to be
+    /// small, read often (a stream's next events), where a broken or hostile server must
+    /// not make each read cost up to the usual limit (256 MiB).
+    pub fn get_within<T: DeserializeOwned>(&self, path: &str, limit: u64) -> anyhow::Result<T> {
         let (what, r) = self.bodiless_request("GET", path)?;
-        self.finish(&what, r)
+        self.finish(&what, r, limit)
     }
 
     /// `GET path` answered with text.
@@ -285,7 +324,7 @@ impl ApiClient {
             .limit(MAX_ANSWER_BYTES)
             .read_to_string()?;
         if !status.is_success() {
-            bail!("{what}: {text} (HTTP {})", status.as_u16());
+            bail!("{what}: {} (HTTP {})", cut(text), status.as_u16());
         }
         Ok(text)
     }
@@ -315,7 +354,7 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<T> {
         let (what, r) = self.post_json_request(path, body)?;
-        self.finish(&what, r)
+        self.finish(&what, r, MAX_ANSWER_BYTES)
     }
 
     /// `POST path` with a JSON body, answered with a stream of lines (server-sent
@@ -329,7 +368,7 @@ impl ApiClient {
         let (what, response) = self.post_json_request(path, body)?;
         if !response.status().is_success() {
             return Err(self
-                .finish::<serde_json::Value>(&what, response)
+                .finish::<serde_json::Value>(&what, response, MAX_ANSWER_BYTES)
                 .expect_err("an error status"));
         }
         Ok(std::io::BufReader::new(response.into_body().into_reader()).lines())
@@ -338,7 +377,7 @@ impl ApiClient {
     /// `DELETE path`.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let (what, r) = self.bodiless_request("DELETE", path)?;
-        self.finish(&what, r)
+        self.finish(&what, r, MAX_ANSWER_BYTES)
     }
 
     /// Passes a request on as it came (a center replica forwarding a write to the
@@ -381,12 +420,63 @@ impl ApiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     /// The reason a request to `base` failed, as an [`Unreachable`].
     fn unreachable(base: &str) -> Unreachable {
         let client = ApiClient::new(base, b"token").unwrap();
         let error = client.get::<serde_json::Value>("/v1/vms").unwrap_err();
         error.downcast::<Unreachable>().expect("an Unreachable")
+    }
+
+    /// A server answering `answers` connections with `status` and `body`; its address.
+    fn answering(answers: usize, status: &'static str, body: String) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(answers) {
+                let mut stream = stream.unwrap();
+                // A GET: its headers fit one read.
+                let _ = stream.read(&mut [0u8; 4096]).unwrap();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        base
+    }
+
+    #[test]
+    fn an_answer_past_the_limit_asked_is_refused() {
+        let body = serde_json::json!({ "text": "x".repeat(2 << 20) }).to_string();
+        let client = ApiClient::new(&answering(2, "200 OK", body), b"token").unwrap();
+        assert!(client
+            .get_within::<serde_json::Value>("/big", 1 << 20)
+            .is_err());
+        // The same answer within the usual limit.
+        let whole: serde_json::Value = client.get("/big").unwrap();
+        assert_eq!(whole["text"].as_str().unwrap().len(), 2 << 20);
+    }
+
+    #[test]
+    fn an_error_carries_a_bounded_part_of_a_long_error_text() {
+        let long = "é".repeat(100 << 10);
+        let body = serde_json::json!({ "error": long, "code": "internal" }).to_string();
+        let client =
+            ApiClient::new(&answering(1, "500 Internal Server Error", body), b"token").unwrap();
+        let error = client.get::<serde_json::Value>("/v1/vms").unwrap_err();
+        let error = error.downcast::<ApiError>().expect("an ApiError");
+        assert_eq!(error.status, 500);
+        assert!(error.message.starts_with("éé"), "{}", error.message);
+        assert!(
+            error.message.len() <= MAX_ERROR_TEXT + 3,
+            "{}",
+            error.message.len()
+        );
     }
 
     #[test]
@@ -402,5 +492,66 @@ mod tests {
         assert!(!dropped.refused, "{dropped}");
         let mixed = unreachable(&format!("http://{closed_addr},http://{silent_addr}"));
         assert!(!mixed.refused, "{mixed}");
+    }
+    /// A keep-alive server answering every request `{}` after `delay`; its address and
+    /// the count of connections it accepted.
+    fn keeping_alive(delay: Duration) -> (String, Arc<AtomicUsize>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let stream = stream.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut stream = stream;
+                    let mut line = String::new();
+                    loop {
+                        // A GET: its head ends at an empty line.
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line != "\r\n" {
+                            continue;
+                        }
+                        std::thread::sleep(delay);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        if stream.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, accepted)
+    }
+
+    #[test]
+    fn a_pooled_client_keeps_a_connection_for_each_request_it_had_in_flight() {
+        for (idle, connections) in [(8, 8), (IDLE_CONNECTIONS, 8 + 8 - IDLE_CONNECTIONS)] {
+            let (base, accepted) = keeping_alive(Duration::from_millis(300));
+            let client = ApiClient::with_pool(&base, b"token", &Roots::Web, idle).unwrap();
+            // Two waves of 8 requests at once: the second finds `idle` connections kept.
+            for _ in 0..2 {
+                let together = std::sync::Barrier::new(8);
+                std::thread::scope(|s| {
+                    for _ in 0..8 {
+                        s.spawn(|| {
+                            together.wait();
+                            client.get::<serde_json::Value>("/").unwrap()
+                        });
+                    }
+                });
+            }
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                connections,
+                "keeping {idle}"
+            );
+        }
     }
 }

@@ -134,8 +134,10 @@ where
     }
 }
 
-/// A JSON request body. One that is not the expected JSON is answered 400 with the
-/// API's error body (`bad request body: ...`) before the handler runs.
+/// A JSON request body. One that is not the expected JSON is answered with the API's
+/// error body (`bad request body: ...`) before the handler runs, with axum's status for
+/// it: 400 (not JSON), 413 `too_large`, 415 (not sent as JSON), 422 (not the fields
+/// expected).
 #[derive(Debug)]
 pub struct Body<T>(pub T);
 
@@ -149,10 +151,21 @@ where
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(body)) => Ok(Body(body)),
-            Err(e) => Err(error(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request body: {e}"),
-            )),
+            Err(e) => {
+                // As `json_errors` codes axum's refusals: a client told 400 would send
+                // a body too large again unchanged.
+                let status = e.status();
+                let code = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                    s if s.is_client_error() => "bad_request",
+                    _ => "internal",
+                };
+                Err(error_with_code(
+                    status,
+                    code,
+                    &format!("bad request body: {e}"),
+                ))
+            }
         }
     }
 }
@@ -201,6 +214,68 @@ pub fn spawn(
 const HEADER_READ_TIME: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// Time a request's body has to arrive, from when it is first waited for: past it the
+/// read fails, so a client that announces a large body and sends a byte a minute cannot
+/// hold a connection for ever.
+const BODY_READ_TIME: Duration = Duration::from_secs(30);
+
+/// A request body that fails once it has taken longer than `time` to arrive.
+struct Deadline {
+    inner: axum::body::Body,
+    time: Duration,
+    /// Set when the body is first waited for.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// A request body took longer than its time to arrive.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+struct BodyReadTimedOut(Duration);
+
+impl hyper::body::Body for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let time = this.time;
+        let timer = (this.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep(time)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyReadTimedOut(time))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `router` with each request's body bounded in time by [`Deadline`].
+fn with_body_deadline(router: Router, time: Duration) -> Router {
+    router.layer(axum::middleware::map_request(
+        move |request: axum::extract::Request| async move {
+            request.map(|inner| {
+                axum::body::Body::new(Deadline {
+                    inner,
+                    time,
+                    timer: None,
+                })
+            })
+        },
+    ))
+}
 
 /// Serves the API on `listener` until `shutdown` completes (then the port closes and
 /// requests in flight finish): over HTTPS with `tls` (the server identity of
@@ -212,24 +287,27 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None => serve_on(listener, router, shutdown, HEADER_READ_TIME).await,
+        None => serve_on(listener, router, shutdown, HEADER_READ_TIME, BODY_READ_TIME).await,
         Some(config) => {
             let listener = TlsListener::new(listener, config)?;
-            serve_on(listener, router, shutdown, HEADER_READ_TIME).await
+            serve_on(listener, router, shutdown, HEADER_READ_TIME, BODY_READ_TIME).await
         }
     }
 }
 
 /// [`serve`] on a listener of either kind: HTTP/1.1, at most [`MAX_CONNECTIONS`]
 /// connections at once, each closed when a request's headers (or the next request) take
-/// longer than `header_time`. (`axum::serve` sets no timer, so hyper applies no header
-/// timeout at all there.)
+/// longer than `header_time`, a request's body failing when it takes longer than
+/// `body_time`. (`axum::serve` sets no timer, so hyper applies no header timeout at all
+/// there; hyper has none for bodies.)
 async fn serve_on<L: axum::serve::Listener>(
     mut listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     header_time: Duration,
+    body_time: Duration,
 ) -> std::io::Result<()> {
+    let router = with_body_deadline(router, body_time);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
@@ -351,6 +429,7 @@ mod tests {
             router,
             std::future::pending(),
             header_time,
+            BODY_READ_TIME,
         ));
         addr
     }
@@ -373,6 +452,7 @@ mod tests {
             router,
             std::future::pending(),
             HEADER_READ_TIME,
+            BODY_READ_TIME,
         ));
         let ask = |request: &str| {
             let mut client = std::net::TcpStream::connect(addr).unwrap();
@@ -423,5 +503,75 @@ mod tests {
         client.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("ok"), "{answer}");
+    }
+
+    #[test]
+    fn a_body_that_comes_too_slowly_is_refused_and_its_connection_closed() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route(
+            "/",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        );
+        runtime.spawn(serve_on(
+            listener,
+            router,
+            std::future::pending(),
+            HEADER_READ_TIME,
+            Duration::from_millis(300),
+        ));
+        // It announces 100 bytes, sends two, and waits.
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+            .unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        let read = slow.read_to_end(&mut answer);
+        assert!(read.is_ok(), "still open after 5 s: {read:?}");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+        // A body that comes whole is read as before.
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+            )
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n3"), "{answer}");
+    }
+
+    #[test]
+    fn a_json_body_refused_keeps_the_status_axum_gives_it() {
+        use tower::ServiceExt;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let router = Router::new().route(
+            "/",
+            axum::routing::post(|Body(v): Body<serde_json::Value>| async move { v.to_string() }),
+        );
+        let ask = |content_type: &str, body: Vec<u8>| {
+            let request = axum::http::Request::post("/")
+                .header("content-type", content_type)
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let answer = runtime.block_on(router.clone().oneshot(request)).unwrap();
+            let status = answer.status().as_u16();
+            let body = runtime
+                .block_on(axum::body::to_bytes(answer.into_body(), 1 << 20))
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (status, v["code"].as_str().unwrap().to_string())
+        };
+        let json = "application/json";
+        let large = format!("\"{}\"", "x".repeat(3 << 20)).into_bytes();
+        assert_eq!(ask(json, large), (413, "too_large".to_string()));
+        assert_eq!(
+            ask("text/plain", b"{}".to_vec()),
+            (415, "bad_request".into())
+        );
+        assert_eq!(ask(json, b"{".to_vec()), (400, "bad_request".into()));
     }
 }

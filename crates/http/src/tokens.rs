@@ -6,6 +6,7 @@
 //! in constant time.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -105,8 +106,41 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)
 
 struct TokenFile {
     path: PathBuf,
-    modified: Option<SystemTime>,
+    /// The file as it was read; `None` while it may still be being written (read again).
+    stamp: Option<FileStamp>,
     tokens: Vec<(Vec<u8>, Access)>,
+}
+
+/// What tells one version of the token file from another: a file rewritten in place
+/// within one tick of its modification time still differs in size or inode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    len: u64,
+    dev: u64,
+    ino: u64,
+}
+
+/// A file modified this recently may be half-written: its reading is not kept as final.
+const SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            modified: meta.modified()?,
+            len: meta.len(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// This stamp, if the file has not changed for [`SETTLE_TIME`].
+    fn settled(self) -> Option<Self> {
+        let age = SystemTime::now().duration_since(self.modified).ok()?;
+        (age >= SETTLE_TIME).then_some(self)
+    }
 }
 
 impl TokenFile {
@@ -115,32 +149,37 @@ impl TokenFile {
             path: path.to_owned(),
             source,
         };
-        let modified = std::fs::metadata(path).map_err(read)?.modified().ok();
+        let stamp = FileStamp::of(path).map_err(read)?;
         let text = std::fs::read_to_string(path).map_err(read)?;
         Ok(Self {
             path: path.to_owned(),
-            modified,
+            stamp: stamp.settled(),
             tokens: parse_token_file(path, &text)?,
         })
     }
 
-    /// Reads the file again if it changed; a file that became unreadable or invalid
-    /// keeps the tokens it had (and says so once).
+    /// Reads the file again if it changed, or may have been half-written when last read;
+    /// a file that became unreadable or invalid keeps the tokens it had (and says so once).
     fn refresh(&mut self) {
-        let modified = std::fs::metadata(&self.path)
-            .ok()
-            .and_then(|m| m.modified().ok());
-        if modified.is_none() || modified == self.modified {
+        let Ok(stamp) = FileStamp::of(&self.path) else {
+            return;
+        };
+        if Some(stamp) == self.stamp {
             return;
         }
         match Self::load(&self.path) {
             Ok(fresh) => {
-                tracing::info!(path = %self.path.display(), tokens = fresh.tokens.len(), "API tokens reloaded");
+                if fresh.tokens != self.tokens {
+                    tracing::info!(path = %self.path.display(), tokens = fresh.tokens.len(), "API tokens reloaded");
+                }
                 *self = fresh;
             }
             Err(e) => {
-                tracing::error!("{e}; keeping the tokens read before");
-                self.modified = modified;
+                // Said once, when this version is final (not while it may be mid-write).
+                self.stamp = stamp.settled();
+                if self.stamp.is_some() {
+                    tracing::error!("{e}; keeping the tokens read before");
+                }
             }
         }
     }
@@ -223,7 +262,14 @@ pub async fn require_token(
             "this token is for the OpenAI API only (/v1/models, /v1/chat/completions, /v1/completions)",
         ),
         (None, _) => {
-            tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
+            // At most one line a second: wrong tokens cost an attacker nothing to send.
+            static LAST_WARNED_S: AtomicU64 = AtomicU64::new(0);
+            let now_s = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if LAST_WARNED_S.swap(now_s, Ordering::Relaxed) != now_s {
+                tracing::warn!(path = %request.uri().path(), "API request with a wrong token refused");
+            }
             unauthorized("wrong API token")
         }
     }
@@ -378,6 +424,39 @@ mod tests {
             Some(Access::ReadOnly)
         );
         assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    #[test]
+    fn a_token_file_rewritten_within_one_tick_of_its_time_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-tick-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        // Each version keeps the modification time given, as a rewrite in place within
+        // one tick of the file system's clock does.
+        let write = |text: &str, at: SystemTime| {
+            std::fs::write(&path, text).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(at).unwrap();
+        };
+        let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        write("first-token-0123456789\n", hour_ago);
+        let tokens = Tokens::new(Vec::new(), Some(&path)).unwrap();
+        assert_eq!(tokens.access(b"first-token-0123456789"), Some(Access::Full));
+        // The same time, another size.
+        write("second-token-0123456789 read-only\n", hour_ago);
+        assert_eq!(
+            tokens.access(b"second-token-0123456789"),
+            Some(Access::ReadOnly)
+        );
+        assert_eq!(tokens.access(b"first-token-0123456789"), None);
+        // Read while fresh, then the same size and time with other content: the fresh
+        // reading was not taken as final.
+        let now = SystemTime::now();
+        write("aaaaa-token-0123456789\n", now);
+        assert_eq!(tokens.access(b"aaaaa-token-0123456789"), Some(Access::Full));
+        write("bbbbb-token-0123456789\n", now);
+        assert_eq!(tokens.access(b"bbbbb-token-0123456789"), Some(Access::Full));
+        assert_eq!(tokens.access(b"aaaaa-token-0123456789"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -377,11 +377,13 @@ impl Channel {
         let mut core = self.core();
         core.ready_for(&message)?;
         let state = &mut core.state;
-        if state.queued.len() >= MAX_QUEUED {
-            return Err(SubmitError::QueueFull);
-        }
+        // Before the queue's bound: a retried submit whose first try was queued (its
+        // answer lost) must learn that it was, full queue or not.
         if state.streams.iter().any(|s| s.id == stream) {
             return Err(SubmitError::StreamExists(stream));
+        }
+        if state.queued.len() >= MAX_QUEUED {
+            return Err(SubmitError::QueueFull);
         }
         if state.streams.len() >= MAX_STREAMS {
             // Room from a stream whose reader has it all, else from the oldest ended one
@@ -1104,9 +1106,11 @@ mod tests {
         channel.signal(3, message(9, "")).unwrap();
         channel.signal(3, message(9, "")).unwrap();
         assert_eq!(channel.save().queued.len(), MAX_QUEUED + 1);
+        // Stream 0's request sent again (its answer lost): known as queued, not refused
+        // as if it had not been.
         assert_eq!(
             channel.submit(0, message(1, "q")),
-            Err(SubmitError::QueueFull)
+            Err(SubmitError::StreamExists(0))
         );
         drop(mem);
         channel.end();
