@@ -53,6 +53,12 @@ impl IntoResponse for CenterError {
             CenterError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_room"),
             CenterError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             CenterError::HostRefused(_) => (StatusCode::SERVICE_UNAVAILABLE, "host_refused"),
+            // As the host answered: not a failure to retry.
+            CenterError::HostRejected { answer, .. } => (
+                StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_REQUEST),
+                answer.code.as_deref().unwrap_or("bad_request"),
+            ),
+            CenterError::Heartbeat(_) => (StatusCode::BAD_REQUEST, "bad_heartbeat"),
             CenterError::Store(StoreError::NotLeader) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "not_leader")
             }
@@ -74,8 +80,9 @@ struct Gates {
     hosts: Arc<Tokens>,
 }
 
-/// Largest write body a follower forwards to the leader.
-const MAX_FORWARDED_BODY: usize = 1 << 20;
+/// Largest request body taken (axum's default, set for every route so that a follower
+/// forwards to the leader what the leader itself would take).
+const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// Writes reach the leader: a follower replica forwards them there, with the caller's
 /// own token, and answers with the leader's answer. Reads are served where they arrive.
@@ -84,7 +91,11 @@ async fn leader_writes(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    if request.method() == axum::http::Method::GET || center.is_leader() {
+    let read = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if read || center.is_leader() {
         return next.run(request).await;
     }
     // Forwarded once already: the replica it went to does not lead (any more).
@@ -114,10 +125,17 @@ async fn leader_writes(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = match axum::body::to_bytes(request.into_body(), MAX_FORWARDED_BODY).await {
-        Ok(body) => body.to_vec(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
-    };
+    // Read as the leader's handlers read it: within the same limit (413 beyond it).
+    let body =
+        match <axum::body::Bytes as axum::extract::FromRequest<()>>::from_request(request, &())
+            .await
+        {
+            Ok(body) => body.to_vec(),
+            Err(e) => {
+                let message = format!("bad request body: {}", e.body_text());
+                return error(e.status(), &message);
+            }
+        };
     let relayed = tokio::task::spawn_blocking(move || {
         center
             .client_of(&leader.url)
@@ -279,8 +297,17 @@ async fn metrics(State(center): State<Arc<Center>>) -> Response {
     }
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
+/// The dashboard, which no other site may frame (clickjacking its buttons) or learn the
+/// address of (its URL may carry the token).
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(DASHBOARD),
+    )
 }
 
 async fn not_found() -> Response {
@@ -357,6 +384,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .merge(serving)
         .merge(hosts)
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(ferry_http::json_errors))
         .with_state(center))
 }
@@ -384,6 +412,81 @@ mod tests {
         }
         let answer = agent.run(request.body(()).unwrap()).unwrap();
         (answer.status().as_u16(), answer.headers().clone())
+    }
+
+    /// `POST path` to `url` with the operator's token and `body`: the status.
+    fn post(url: &str, path: &str, body: &[u8]) -> u16 {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let request = ureq::http::Request::builder()
+            .method("POST")
+            .uri(format!("{url}{path}"))
+            .header("Authorization", "Bearer operator")
+            .header("Content-Type", "application/json")
+            .body(body)
+            .unwrap();
+        agent.run(request).unwrap().status().as_u16()
+    }
+
+    /// Serves `scratch`'s API on `runtime`: its URL, and the server (stopped on drop).
+    fn serve(
+        runtime: &tokio::runtime::Runtime,
+        scratch: &ScratchCenter,
+    ) -> (String, ferry_http::Serving) {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = super::router(scratch.center.clone()).unwrap();
+        let serving = ferry_http::spawn(runtime.handle(), listener, router, None, "center API");
+        (url, serving)
+    }
+
+    #[test]
+    fn a_follower_forwards_what_the_leader_takes_refuses_more_with_413_and_reads_itself() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let leader = ScratchCenter::open("forward-leader");
+        let follower = ScratchCenter::open("forward-follower");
+        let (leader_url, _leader) = serve(&runtime, &leader);
+        let (url, _follower) = serve(&runtime, &follower);
+        let follow = |leader: Option<crate::leader::LeaderInfo>| {
+            *follower.center.role.lock().unwrap() = crate::leader::Role::Follower { leader };
+        };
+        follow(Some(crate::leader::LeaderInfo {
+            name: "leader".into(),
+            url: leader_url.clone(),
+        }));
+        let padded = |bytes: usize| {
+            format!(r#"{{"dry_run": true, "pad": "{}"}}"#, "x".repeat(bytes)).into_bytes()
+        };
+        // Over 1 MiB and within what the leader takes: forwarded, and taken.
+        let body = padded(3 << 19);
+        assert_eq!(post(&leader_url, "/v1/balance", &body), 200);
+        assert_eq!(post(&url, "/v1/balance", &body), 200);
+        // Over it: refused by either, as too large by the follower.
+        let body = padded(3 << 20);
+        assert!((400..500).contains(&post(&leader_url, "/v1/balance", &body)));
+        assert_eq!(post(&url, "/v1/balance", &body), 413);
+        // With no leader known, reads (HEAD as GET) are still served here.
+        follow(None);
+        let auth = ("Authorization", "Bearer operator");
+        assert_eq!(call(&url, "GET", "/v1/hosts", &[auth]).0, 200);
+        assert_eq!(call(&url, "HEAD", "/v1/hosts", &[auth]).0, 200);
+        assert_eq!(post(&url, "/v1/balance", &padded(1)), 503);
+    }
+
+    #[test]
+    fn the_dashboard_may_not_be_framed_or_leak_its_address() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let scratch = ScratchCenter::open("dashboard-headers");
+        let (url, _serving) = serve(&runtime, &scratch);
+        let (status, headers) = call(&url, "GET", "/", &[]);
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-security-policy"], "frame-ancestors 'none'");
+        assert_eq!(headers["x-frame-options"], "DENY");
+        assert_eq!(headers["referrer-policy"], "no-referrer");
     }
 
     #[test]

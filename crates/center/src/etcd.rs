@@ -113,6 +113,8 @@ pub struct RangeOptions {
     pub limit: i64,
     /// Newest keys (by name) first.
     pub descending: bool,
+    /// Keys only, their values left out.
+    pub keys_only: bool,
 }
 
 /// An etcd cluster, by its client endpoints.
@@ -145,6 +147,10 @@ struct RangeRequest<'a> {
     sort_order: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sort_target: Option<&'static str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    keys_only: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    count_only: bool,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -331,19 +337,38 @@ impl Etcd {
         prefix: bool,
         options: RangeOptions,
     ) -> Result<Vec<KeyValue>, EtcdError> {
+        let answer = self.range_call(key, prefix, options, false)?;
+        kvs(&answer, "range")
+    }
+
+    /// How many keys start with `prefix`.
+    pub fn count(&self, prefix: &str) -> Result<i64, EtcdError> {
+        let answer = self.range_call(prefix, true, RangeOptions::default(), true)?;
+        Ok(number(answer.get("count")))
+    }
+
+    /// A range call ([`Etcd::range`]), or one that only counts (`count_only`).
+    fn range_call(
+        &self,
+        key: &str,
+        prefix: bool,
+        options: RangeOptions,
+        count_only: bool,
+    ) -> Result<Value, EtcdError> {
         let request = RangeRequest {
             key: &b64(key.as_bytes()),
             range_end: prefix.then(|| b64(&prefix_end(key.as_bytes()))),
             limit: options.limit,
             sort_order: options.descending.then_some("DESCEND"),
             sort_target: options.descending.then_some("KEY"),
+            keys_only: options.keys_only,
+            count_only,
         };
         let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
             call: "range",
             detail: e.to_string(),
         })?;
-        let answer = self.call("range", "/v3/kv/range", &body, true)?;
-        kvs(&answer, "range")
+        self.call("range", "/v3/kv/range", &body, true)
     }
 
     /// One key, if it exists.

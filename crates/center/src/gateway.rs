@@ -60,6 +60,25 @@ const STREAM_STARTS_AFTER: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Longest one read of a stream waits on the host.
 const READ_WAIT_MS: u64 = 1000;
+/// Most bytes of one answer of a host to a stream read: a stream holds at most 96 KiB
+/// unread (base64 in JSON) and a short record per event, well within it. A broken host
+/// must not make each of a relay's many reads cost up to the client's usual 256 MiB.
+const MAX_CHUNK_ANSWER: u64 = 1 << 20;
+/// Most bytes of text one answer may bring: far more than 4,096 tokens of any text, and
+/// a bound on what a hostile guest can make the gateway hold or a client read.
+const MAX_ANSWER_TEXT: usize = 4 << 20;
+/// Most bytes of a request's body: an encoded request is at most 32 KiB
+/// ([`serve::MAX_REQUEST_BYTES`]), and JSON's escapes take up to six bytes for one.
+pub const MAX_BODY_BYTES: usize = 256 << 10;
+/// Longest a streaming client may take no bytes: one that stops reading must not hold
+/// its relay (one of [`MAX_RELAYS`]) for ever. Dropping its answer cancels the generation.
+const CLIENT_STALL: Duration = Duration::from_secs(60);
+/// Longest a cancel keeps following the VM (a switchover, a host restarting): a cancel
+/// that never reaches the VM's host leaves it generating for nobody.
+#[cfg(not(test))]
+const CANCEL_PATIENCE: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const CANCEL_PATIENCE: Duration = PATIENCE;
 
 /// The gateway's shared state.
 pub struct Gateway {
@@ -545,10 +564,17 @@ impl Center {
         self.serving_host(vm)
     }
 
-    /// Relays one request to VM `vm` and its answer back over `tx`, following the VM
-    /// across migrations. Blocks: runs on its own thread. Cancels the generation if the
-    /// client goes away (`tx` closed).
-    fn relay(&self, vm: &str, stream: u64, payload: Vec<u8>, tx: &mpsc::Sender<Relayed>) {
+    /// Relays one request (of at most `max_tokens` tokens) to VM `vm` and its answer back
+    /// over `tx`, following the VM across migrations. Blocks: runs on its own thread.
+    /// Cancels the generation if the client goes away (`tx` closed).
+    fn relay(
+        &self,
+        vm: &str,
+        stream: u64,
+        payload: Vec<u8>,
+        max_tokens: u32,
+        tx: &mpsc::Sender<Relayed>,
+    ) {
         // Refused here, not by the host's body limit as a 502 that clients retry.
         if payload.len() > serve::MAX_REQUEST_BYTES {
             let e = refusal(
@@ -578,7 +604,7 @@ impl Center {
         };
         let relayed = self
             .submit(vm, &mut host, &message)
-            .and_then(|()| self.read_back(vm, &mut host, stream, tx));
+            .and_then(|()| self.read_back(vm, &mut host, stream, max_tokens, tx));
         if let Err(e) = relayed {
             let _ = tx.blocking_send(Relayed::Failed(e));
         }
@@ -596,9 +622,7 @@ impl Center {
         // Whether an earlier try may have queued it, its answer lost on the way back.
         let mut may_have_arrived = false;
         loop {
-            let client = self
-                .host_client(host)
-                .map_err(|_| unreachable(vm, "no client"))?;
+            let client = self.host_client(host).map_err(|e| unreachable(vm, &e))?;
             let result: anyhow::Result<Value> =
                 client.post(&format!("/v1/vms/{vm}/streams"), message);
             let Err(e) = result else { return Ok(()) };
@@ -609,11 +633,16 @@ impl Center {
                 // generated for nobody and never released.
                 Some("stream_exists") if may_have_arrived => return Ok(()),
                 Some("busy") => {
+                    // An earlier try may be queued all the same (a host that checks its
+                    // queue's bound first): it must not be generated for nobody.
+                    if may_have_arrived {
+                        self.cancel(vm, host, message.stream, "the model's queue is full");
+                    }
                     return Err(OpenAiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limit_exceeded",
                         format!("model '{vm}' has a full queue; try again shortly"),
-                    ))
+                    ));
                 }
                 Some("too_large") => {
                     return Err(refusal(
@@ -626,13 +655,19 @@ impl Center {
                 }
                 // Not an answer: the host may be going down; the inventory may move.
                 None if api_error(&e).is_none() => self.reroute(vm, host, None),
-                _ => return Err(upstream(format!("model '{vm}': {e}"))),
+                // The detail (host addresses, the transport's errors) is for the log.
+                _ => {
+                    tracing::warn!(vm, "the model's host refused a request: {e:#}");
+                    return Err(upstream(format!(
+                        "the host of model '{vm}' refused the request"
+                    )));
+                }
             }
             if started.elapsed() > PATIENCE {
                 if may_have_arrived {
                     self.cancel(vm, host, message.stream, "the model is out of reach");
                 }
-                return Err(unreachable(vm, &format!("{e:#}")));
+                return Err(unreachable(vm, &e));
             }
             std::thread::sleep(retry_pause(started.elapsed()));
         }
@@ -640,14 +675,17 @@ impl Center {
 
     /// Reads stream `stream` of VM `vm` event by event into `tx`, following the VM
     /// across migrations from the next event, until its final event; then forgets the
-    /// stream. A client gone (`tx` closed) cancels the generation.
+    /// stream. A client gone (`tx` closed) cancels the generation, and so does an answer
+    /// past what `max_tokens` tokens can be ([`AnswerBound`]).
     fn read_back(
         &self,
         vm: &str,
         host: &mut HostRecord,
         stream: u64,
+        max_tokens: u32,
         tx: &mpsc::Sender<Relayed>,
     ) -> Result<(), OpenAiError> {
+        let mut bound = AnswerBound::new(max_tokens);
         let mut next = 0usize;
         let mut last_progress = Instant::now();
         // Since when the VM has been out of reach: a queued request's silence is not.
@@ -657,19 +695,25 @@ impl Center {
                 self.cancel(vm, host, stream, "the client went away");
                 return Ok(());
             }
-            let client = self
-                .host_client(host)
-                .map_err(|_| unreachable(vm, "no client"))?;
+            let client = self.host_client(host).map_err(|e| unreachable(vm, &e))?;
             let path = format!("/v1/vms/{vm}/streams/{stream}?from={next}&wait_ms={READ_WAIT_MS}");
-            match client.get::<StreamChunk>(&path) {
+            let asked = Instant::now();
+            match client.get_within::<StreamChunk>(&path, MAX_CHUNK_ANSWER) {
                 Ok(chunk) => {
                     unreachable_since = None;
-                    if !chunk.events.is_empty() {
+                    let empty = chunk.events.is_empty();
+                    if !empty {
                         last_progress = Instant::now();
                     }
                     for e in chunk.events {
                         next += 1;
                         let relayed = relayed(vm, &e.payload);
+                        if let Relayed::Text(text) = &relayed {
+                            if !bound.take(text) {
+                                self.cancel(vm, host, stream, "the model answered past its bound");
+                                return Err(overlong(vm, max_tokens));
+                            }
+                        }
                         let last = !matches!(relayed, Relayed::Text(_));
                         if tx.blocking_send(relayed).is_err() {
                             self.cancel(vm, host, stream, "the client went away");
@@ -691,6 +735,12 @@ impl Center {
                         self.cancel(vm, host, stream, "the model went silent");
                         return Err(stalled(vm));
                     }
+                    // "Nothing yet" at once (the VM paused or resumed, or a broken host):
+                    // asked again at once, such a host would be asked in a tight loop
+                    // until [`SILENCE`].
+                    if empty && asked.elapsed() < Duration::from_millis(READ_WAIT_MS / 2) {
+                        std::thread::sleep(retry_pause(last_progress.elapsed()));
+                    }
                 }
                 Err(e) => {
                     match api_error(&e).and_then(|a| a.code.as_deref()) {
@@ -703,7 +753,7 @@ impl Center {
                     if out_of_reach > PATIENCE {
                         // If the VM comes back, it must not generate for nobody.
                         self.cancel(vm, host, stream, "the model is out of reach");
-                        return Err(unreachable(vm, &format!("{e:#}")));
+                        return Err(unreachable(vm, &e));
                     }
                     std::thread::sleep(retry_pause(out_of_reach));
                 }
@@ -725,19 +775,37 @@ impl Center {
         }
     }
 
-    /// Nobody will read the answer (`why`): stop the generation and forget the stream.
+    /// Nobody will read the answer (`why`): stop the generation and forget the stream,
+    /// following the VM (up to [`CANCEL_PATIENCE`]) if it moved or is moving: its new host
+    /// would generate the answer for nobody.
     fn cancel(&self, vm: &str, host: &HostRecord, stream: u64, why: &str) {
-        if let Ok(client) = self.host_client(host) {
-            let cancel = ChannelMessage {
-                stream,
-                kind: serve::kind::CANCEL,
-                payload: Vec::new(),
-            };
-            let _: anyhow::Result<Value> =
+        let cancel = ChannelMessage {
+            stream,
+            kind: serve::kind::CANCEL,
+            payload: Vec::new(),
+        };
+        let mut host = host.clone();
+        let started = Instant::now();
+        while let Ok(client) = self.host_client(&host) {
+            let sent: anyhow::Result<Value> =
                 client.post(&format!("/v1/vms/{vm}/streams/{stream}/signal"), &cancel);
+            let Err(e) = sent else { break };
+            let code = api_error(&e).and_then(|a| a.code.as_deref());
+            let elsewhere = api_error(&e).is_none()
+                || matches!(code, Some("migrated" | "vm_not_found" | "unavailable"));
+            // Anything else (the stream ended, or is gone): nothing left to stop.
+            if !elsewhere {
+                break;
+            }
+            if started.elapsed() > CANCEL_PATIENCE {
+                tracing::warn!(vm, stream, "a cancel did not reach the model: {e:#}");
+                break;
+            }
+            self.reroute(vm, &mut host, code);
+            std::thread::sleep(retry_pause(started.elapsed()));
         }
         tracing::info!(vm, stream, "generation cancelled: {why}");
-        self.release(vm, host, stream);
+        self.release(vm, &host, stream);
     }
 
     fn release(&self, vm: &str, host: &HostRecord, stream: u64) {
@@ -752,13 +820,66 @@ fn upstream(message: String) -> OpenAiError {
     OpenAiError::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
 }
 
-/// VM `vm` could not be reached for [`PATIENCE`].
-fn unreachable(vm: &str, what: &str) -> OpenAiError {
+/// VM `vm` could not be reached for [`PATIENCE`], last for `why`: logged, not told the
+/// client (it names the cluster's internal addresses).
+fn unreachable(vm: &str, why: &dyn std::fmt::Display) -> OpenAiError {
+    tracing::warn!(vm, "the model could not be reached: {why:#}");
     OpenAiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "model_unavailable",
-        format!("model '{vm}' could not be reached for {PATIENCE:?}: {what}"),
+        format!("model '{vm}' could not be reached for {PATIENCE:?}"),
     )
+}
+
+/// VM `vm` sent more than an answer of `max_tokens` tokens can be.
+fn overlong(vm: &str, max_tokens: u32) -> OpenAiError {
+    upstream(format!(
+        "model '{vm}' sent more than an answer of {max_tokens} tokens"
+    ))
+}
+
+/// The relay ended without the answer's end (it failed).
+fn relay_lost() -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "relay_failed",
+        "the relay ended before the answer did",
+    )
+}
+
+/// How much of an answer the relay takes from a guest: a hostile or broken one could send
+/// text for ever, which a streaming client would wait on and the gateway would hold for
+/// one not streaming.
+struct AnswerBound {
+    /// Text events left.
+    events: u64,
+    /// Bytes of text left.
+    bytes: usize,
+}
+
+impl AnswerBound {
+    /// For an answer of `max_tokens` tokens: twice as many text events (a token's text
+    /// may come empty, the text held back for a stop text comes at the end), and a few.
+    fn new(max_tokens: u32) -> Self {
+        Self {
+            events: 2 * u64::from(max_tokens) + 8,
+            bytes: MAX_ANSWER_TEXT,
+        }
+    }
+
+    /// Counts `text` in; false if the answer goes past its bound with it.
+    fn take(&mut self, text: &str) -> bool {
+        match (
+            self.events.checked_sub(1),
+            self.bytes.checked_sub(text.len()),
+        ) {
+            (Some(events), Some(bytes)) => {
+                (self.events, self.bytes) = (events, bytes);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The wait before the next try, `out_of_reach` into trying: a tenth of that, from
@@ -976,8 +1097,61 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, O
     serde_json::from_value(value).map_err(|e| bad(format!("the body is not a valid request: {e}")))
 }
 
+/// The request's body, refused past [`MAX_BODY_BYTES`] (axum's 2 MiB would let each
+/// request cost far more than it can be).
+async fn read_body(body: Body) -> Result<Bytes, OpenAiError> {
+    use futures_util::StreamExt;
+    let mut data = body.into_data_stream();
+    let mut got = Vec::new();
+    while let Some(piece) = data.next().await {
+        let piece = piece.map_err(|e| {
+            OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_body",
+                format!("the body could not be read: {e}"),
+            )
+        })?;
+        if got.len() + piece.len() > MAX_BODY_BYTES {
+            return Err(OpenAiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            ));
+        }
+        got.extend_from_slice(&piece);
+    }
+    Ok(Bytes::from(got))
+}
+
+/// A relay's permit, taken before a body is parsed: parsed, a body takes many times its
+/// size, so the relays' bound is what bounds the memory of requests in hand.
+fn relay_permit(center: &Center) -> Result<OwnedSemaphorePermit, OpenAiError> {
+    center
+        .gateway
+        .relays
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            OpenAiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!("{MAX_RELAYS} requests are in flight; try again shortly"),
+            )
+        })
+}
+
+/// The body of a request and a relay's permit for it.
+async fn admit(center: &Center, body: Body) -> Result<(Bytes, OwnedSemaphorePermit), OpenAiError> {
+    let body = read_body(body).await?;
+    Ok((body, relay_permit(center)?))
+}
+
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(center): State<Arc<Center>>, body: Bytes) -> Response {
+pub async fn chat_completions(State(center): State<Arc<Center>>, body: Body) -> Response {
+    let (body, permit) = match admit(&center, body).await {
+        Ok(admitted) => admitted,
+        Err(e) => return e.into_response(),
+    };
     let req: ChatRequest = match parse(&body, "messages") {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -997,6 +1171,7 @@ pub async fn chat_completions(State(center): State<Arc<Center>>, body: Bytes) ->
     };
     complete(
         center,
+        permit,
         Endpoint::Chat,
         req.sampling,
         PromptKind::Chat,
@@ -1006,7 +1181,11 @@ pub async fn chat_completions(State(center): State<Arc<Center>>, body: Bytes) ->
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(center): State<Arc<Center>>, body: Bytes) -> Response {
+pub async fn completions(State(center): State<Arc<Center>>, body: Body) -> Response {
+    let (body, permit) = match admit(&center, body).await {
+        Ok(admitted) => admitted,
+        Err(e) => return e.into_response(),
+    };
     let req: CompletionRequest = match parse(&body, "prompt") {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -1018,6 +1197,7 @@ pub async fn completions(State(center): State<Arc<Center>>, body: Bytes) -> Resp
     let messages = vec![(String::new(), prompt)];
     complete(
         center,
+        permit,
         Endpoint::Completion,
         req.sampling,
         PromptKind::Raw,
@@ -1028,6 +1208,7 @@ pub async fn completions(State(center): State<Arc<Center>>, body: Bytes) -> Resp
 
 async fn complete(
     center: Arc<Center>,
+    permit: OwnedSemaphorePermit,
     endpoint: Endpoint,
     sampling: Sampling,
     prompt: PromptKind,
@@ -1042,23 +1223,16 @@ async fn complete(
         Ok(vm) => vm,
         Err(e) => return e.into_response(),
     };
-    let Ok(permit) = center.gateway.relays.clone().try_acquire_owned() else {
-        return OpenAiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
-            format!("{MAX_RELAYS} requests are in flight; try again shortly"),
-        )
-        .into_response();
-    };
     let stream = center.gateway.stream_id();
     let (tx, mut rx) = mpsc::channel(64);
     let payload = request.encode();
+    let max_tokens = request.max_tokens;
     let relay_center = center.clone();
     let spawned = std::thread::Builder::new()
         .name("ferry-relay".into())
         .spawn(move || {
             let _permit: OwnedSemaphorePermit = permit;
-            relay_center.relay(&vm, stream, payload, &tx);
+            relay_center.relay(&vm, stream, payload, max_tokens, &tx);
         });
     if spawned.is_err() {
         return OpenAiError::new(
@@ -1123,12 +1297,20 @@ async fn complete(
         }
         item = rx.recv().await;
     }
-    OpenAiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "relay_failed",
-        "the relay ended before the answer did",
+    relay_lost().into_response()
+}
+
+/// Sends `bytes` into a streamed answer's body; false if the client left, or took no
+/// bytes for [`CLIENT_STALL`] (then the caller returns, and dropping the relay's receiver
+/// stops the generation).
+async fn deliver(
+    out: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
+    bytes: Bytes,
+) -> bool {
+    matches!(
+        tokio::time::timeout(CLIENT_STALL, out.send(Ok(bytes))).await,
+        Ok(Ok(()))
     )
-    .into_response()
 }
 
 /// The answer's JSON shapes.
@@ -1243,11 +1425,13 @@ impl Shape {
                     None => tokio::select! {
                         next = rx.recv() => match next {
                             Some(relayed) => relayed,
-                            None => return,
+                            // The relay failed (it always sends an end otherwise): the
+                            // client must not take the answer cut short for a whole one.
+                            None => Relayed::Failed(relay_lost()),
                         },
                         () = out.closed() => return,
                         () = tokio::time::sleep(KEEPALIVE) => {
-                            if out.send(Ok(Bytes::from_static(b": waiting\n\n"))).await.is_err() {
+                            if !deliver(&out, Bytes::from_static(b": waiting\n\n")).await {
                                 return;
                             }
                             continue;
@@ -1282,7 +1466,7 @@ impl Shape {
                 };
                 // A closed body means the client left: dropping `rx` tells the relay.
                 if let Some(bytes) = bytes {
-                    if out.send(Ok(bytes)).await.is_err() {
+                    if !deliver(&out, bytes).await {
                         return;
                     }
                 }
@@ -1361,6 +1545,264 @@ mod tests {
         }
     }
 
+    /// A host API at the address returned, answering its connections in turn with
+    /// `answers` (status line, JSON body), one a connection; the requests it got (it
+    /// waits up to 10 s for each).
+    fn fake_host(
+        answers: Vec<(&'static str, String)>,
+    ) -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::Write;
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = host.local_addr().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let requests = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in answers {
+                let waiting = Instant::now();
+                let mut stream = loop {
+                    match host.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(_) if waiting.elapsed() < Duration::from_secs(10) => {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(_) => return seen,
+                    }
+                };
+                stream.set_nonblocking(false).unwrap();
+                seen.push(read_request(&mut stream));
+                write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (addr, requests)
+    }
+
+    /// A host's answer to a read: `events` events `event`, the stream still open.
+    fn chunk(event: &Event, events: usize) -> String {
+        let event = ferry_api::StreamEvent {
+            kind: serve::kind::EVENT,
+            payload: event.encode(),
+        };
+        serde_json::to_string(&StreamChunk {
+            from: 0,
+            events: vec![event; events],
+            end: StreamEnd::Open,
+        })
+        .unwrap()
+    }
+
+    /// Reads an answer of at most `max_tokens` tokens from a guest whose host answers
+    /// reads with `reads` (then the cancel and the release): the error, the pieces of
+    /// text relayed, and the requests the host got.
+    fn read_endless(
+        tag: &str,
+        reads: Vec<String>,
+        max_tokens: u32,
+    ) -> (OpenAiError, usize, Vec<String>) {
+        let scratch = crate::tests::ScratchCenter::open(tag);
+        let mut answers: Vec<_> = reads.into_iter().map(|r| ("200 OK", r)).collect();
+        answers.extend([("200 OK", "{}".to_string()), ("200 OK", "{}".to_string())]);
+        let (addr, requests) = fake_host(answers);
+        let mut record = scratch.report("b", addr);
+        let (tx, mut rx) = mpsc::channel(64);
+        let read = scratch
+            .center
+            .read_back("v", &mut record, 9, max_tokens, &tx);
+        let mut texts = 0;
+        while let Ok(Relayed::Text(_)) = rx.try_recv() {
+            texts += 1;
+        }
+        (read.unwrap_err(), texts, requests.join().unwrap())
+    }
+
+    #[test]
+    fn a_guest_sending_tokens_past_its_answer_is_cut_off_and_cancelled() {
+        let token = Event::Token {
+            id: 1,
+            text: "la".into(),
+        };
+        let (e, texts, seen) = read_endless("endless-tokens", vec![chunk(&token, 20)], 2);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{}", e.body());
+        assert_eq!(e.code, "upstream_error");
+        // Twice the tokens asked for, and a few: then nothing more.
+        assert_eq!(texts, 12);
+        assert!(
+            seen[1].starts_with("POST /v1/vms/v/streams/9/signal "),
+            "{seen:?}"
+        );
+        assert!(
+            seen[2].starts_with("DELETE /v1/vms/v/streams/9 "),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_guest_sending_more_text_than_an_answer_holds_is_cut_off() {
+        // Few tokens, each of 600 KiB: the seventh goes past the 4 MiB an answer holds.
+        let token = Event::Token {
+            id: 1,
+            text: "a".repeat(600 << 10),
+        };
+        let reads = vec![chunk(&token, 1); 7];
+        let (e, texts, seen) = read_endless("endless-text", reads, MAX_TOKENS);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{}", e.body());
+        assert_eq!(texts, 6);
+        assert!(
+            seen[7].starts_with("POST /v1/vms/v/streams/9/signal "),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_host_answering_nothing_at_once_is_not_asked_in_a_tight_loop() {
+        let scratch = crate::tests::ScratchCenter::open("instant-empty");
+        let done = Event::Done {
+            reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 0,
+        };
+        let empty = r#"{"from":0,"events":[],"end":"open"}"#.to_string();
+        let mut answers = vec![("200 OK", empty); 50];
+        answers.extend([("200 OK", chunk(&done, 1)), ("200 OK", "{}".into())]);
+        let (addr, requests) = fake_host(answers);
+        let mut record = scratch.report("b", addr);
+        let (tx, mut rx) = mpsc::channel(4);
+        let started = Instant::now();
+        let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
+        assert!(read.is_ok(), "{:?}", read.err().map(|e| e.body()));
+        assert!(matches!(rx.try_recv(), Ok(Relayed::Done { .. })));
+        // The pauses between tries grow with the silence, from 2 ms: 50 instant answers
+        // take most of a second (not a few milliseconds).
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert_eq!(requests.join().unwrap().len(), 52);
+    }
+
+    #[test]
+    fn a_cancel_follows_the_vm_to_where_it_moved() {
+        let scratch = crate::tests::ScratchCenter::open("cancel-moved");
+        let away = VmState::MigratedAway {
+            to: "c.example:7071".into(),
+        };
+        let info = serde_json::to_string(&crate::inventory::tests::vm("v", away)).unwrap();
+        let migrated = r#"{"error":"VM v migrated","code":"migrated"}"#.to_string();
+        let (b, b_requests) = fake_host(vec![("409 Conflict", migrated), ("200 OK", info)]);
+        let (c, c_requests) = fake_host(vec![("200 OK", "{}".into()), ("200 OK", "{}".into())]);
+        let record = scratch.report("b", b);
+        scratch.report("c", c);
+        scratch
+            .center
+            .cancel("v", &record, 9, "the client went away");
+        let seen = c_requests.join().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[0].starts_with("POST /v1/vms/v/streams/9/signal "),
+            "{seen:?}"
+        );
+        assert!(
+            seen[1].starts_with("DELETE /v1/vms/v/streams/9 "),
+            "{seen:?}"
+        );
+        let seen = b_requests.join().unwrap();
+        assert!(seen[1].starts_with("GET /v1/vms/v "), "{seen:?}");
+    }
+
+    #[test]
+    fn a_model_out_of_reach_is_reported_without_its_hosts_address() {
+        let scratch = crate::tests::ScratchCenter::open("out-of-reach");
+        let addr = ferry_testdata::refusing_addr();
+        let mut record = scratch.report("b", addr);
+        let message = ChannelMessage {
+            stream: 9,
+            kind: serve::kind::REQUEST,
+            payload: b"{}".to_vec(),
+        };
+        let e = scratch
+            .center
+            .submit("v", &mut record, &message)
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        let body = e.body().to_string();
+        assert!(!body.contains("127.0.0.1"), "{body}");
+        assert!(!body.contains(&addr.port().to_string()), "{body}");
+    }
+
+    #[test]
+    fn a_body_too_large_and_a_wrong_method_are_refused_in_openais_shape() {
+        let scratch = crate::tests::ScratchCenter::open("serving-refusals");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!(
+            "http://{}/v1/chat/completions",
+            listener.local_addr().unwrap()
+        );
+        let router = crate::api::router(scratch.center.clone()).unwrap();
+        let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "center API");
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let error = |mut answer: ureq::http::Response<ureq::Body>| {
+            let v: Value =
+                serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+            (answer.status().as_u16(), v["error"]["code"].clone())
+        };
+        // Far under axum's 2 MiB, but more than any request can be.
+        let body = " ".repeat(MAX_BODY_BYTES + 1);
+        let answer = agent
+            .post(&url)
+            .header("Authorization", "Bearer operator")
+            .send(&body)
+            .unwrap();
+        assert_eq!(error(answer), (413, json!("request_too_large")));
+        let answer = agent
+            .get(&url)
+            .header("Authorization", "Bearer operator")
+            .call()
+            .unwrap();
+        assert_eq!(error(answer), (405, json!("method_not_allowed")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streaming_client_that_stops_reading_lets_its_relay_go() {
+        let (tx, rx) = mpsc::channel(4);
+        let response = chat_shape().stream(None, rx, false);
+        // The client keeps its connection, and reads nothing.
+        let _unread = response.into_body();
+        let relay = async { while tx.send(Relayed::Text("la".into())).await.is_ok() {} };
+        // The relay's sends fail once the client has taken nothing for a while (it then
+        // cancels the generation), however long the answer.
+        let let_go = tokio::time::timeout(CLIENT_STALL * 10, relay).await;
+        assert!(let_go.is_ok(), "the relay is held for ever");
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_relay_ends_without_its_end_says_so() {
+        let (tx, rx) = mpsc::channel(4);
+        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, false);
+        // The relay's thread ends (a panic) with no final message.
+        drop(tx);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let last = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .rfind(|l| *l != "[DONE]")
+            .unwrap();
+        let last: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(last["error"]["code"], "relay_failed", "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+
     #[test]
     fn a_request_queued_whose_answer_was_lost_is_not_queued_again_nor_failed() {
         use std::io::Write;
@@ -1407,7 +1849,7 @@ mod tests {
         let scratch = crate::tests::ScratchCenter::open("large-request");
         let (tx, mut rx) = mpsc::channel(4);
         let payload = vec![0; serve::MAX_REQUEST_BYTES + 1];
-        scratch.center.relay("v", 9, payload, &tx);
+        scratch.center.relay("v", 9, payload, 16, &tx);
         let Ok(Relayed::Failed(e)) = rx.try_recv() else {
             panic!("not refused");
         };
@@ -1468,7 +1910,7 @@ mod tests {
         });
         let mut record = scratch.report("b", addr);
         let (tx, mut rx) = mpsc::channel(4);
-        let read = scratch.center.read_back("v", &mut record, 9, &tx);
+        let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
         assert!(read.is_ok(), "{:?}", read.err().map(|e| e.body()));
         assert!(matches!(rx.try_recv(), Ok(Relayed::Done { .. })));
         let seen = requests.join().unwrap();

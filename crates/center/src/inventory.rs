@@ -82,6 +82,17 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
+    /// VM `info` on `host`, less its console tail: the center keeps none (a host's own
+    /// API shows it), so records stay small whatever a host reports.
+    pub fn new(host: &str, mut info: VmInfo) -> Self {
+        info.console_tail = String::new();
+        Self {
+            id: info.id.clone(),
+            host: host.to_string(),
+            info,
+        }
+    }
+
     /// Whether it holds its host's resources.
     pub fn is_live(&self) -> bool {
         self.info.state.is_live()
@@ -213,6 +224,214 @@ pub enum BeatOutcome {
         /// The API address of the host that holds it.
         holder: String,
     },
+}
+
+/// Most VMs the center records on one host (a beat may list no more): far more than a
+/// host runs plus the 256 ended ones it lists, and few enough that a host cannot fill
+/// the store with made-up VMs.
+pub const MAX_VMS_PER_HOST: usize = 2_048;
+
+/// Longest address, version or backend name a heartbeat may carry, bytes.
+pub const MAX_HOST_FIELD_BYTES: usize = 256;
+
+/// Most accelerator backends a host may list.
+pub const MAX_BACKENDS: usize = 16;
+
+/// Longest workload (a built-in name, or a guest's path on its host), bytes.
+pub const MAX_WORKLOAD_BYTES: usize = 4_096;
+
+/// Most guest arguments of a VM, and most bytes of them together.
+pub const MAX_ARGS: usize = 256;
+/// See [`MAX_ARGS`].
+pub const MAX_ARGS_BYTES: usize = 8_192;
+
+/// Most attached files of a VM.
+pub const MAX_FILES: usize = 64;
+
+/// Largest report of one VM (as JSON, less its console tail), bytes: an etcd transaction
+/// of a hundred records stays under etcd's default request limit (1.5 MiB).
+pub const MAX_VM_REPORT_BYTES: usize = 12 << 10;
+
+/// Why a heartbeat was refused: a host's report is not trusted (it may be buggy or
+/// compromised), and what it says is bounded before the center keeps it.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    /// The host's name is not one.
+    #[error("'{0}' is not a host name: 1 to 63 letters, digits, '.', '_' and '-'")]
+    HostName(String),
+    /// The API address is not an `http://` or `https://` URL.
+    #[error("the API address '{0}' is not an http:// or https:// URL (scheme, host, port) of at most {MAX_HOST_FIELD_BYTES} bytes")]
+    ApiUrl(String),
+    /// A text field of the host's is too long.
+    #[error("the host's {field} is longer than {MAX_HOST_FIELD_BYTES} bytes")]
+    LongField {
+        /// Which.
+        field: &'static str,
+    },
+    /// Too many backends listed.
+    #[error("{count} accelerator backends listed; at most {MAX_BACKENDS}")]
+    Backends {
+        /// How many.
+        count: usize,
+    },
+    /// Too many VMs listed.
+    #[error("{count} VMs {what}; a host may have at most {MAX_VMS_PER_HOST}")]
+    TooManyVms {
+        /// How many.
+        count: usize,
+        /// Listed, removed, or on record once the beat is taken.
+        what: &'static str,
+    },
+    /// A load is not a finite number in its range.
+    #[error("the host's {field} {value} is not a finite number of at least 0")]
+    HostLoad {
+        /// Which.
+        field: &'static str,
+        /// What was sent.
+        value: f64,
+    },
+    /// A VM's id is not one.
+    #[error("'{0}' is not a VM id: 1 to 255 letters, digits, '.', '_' and '-'")]
+    VmId(String),
+    /// A VM's report is out of bounds.
+    #[error("VM {id}: {problem}")]
+    Vm {
+        /// The VM.
+        id: String,
+        /// What is wrong with its report.
+        problem: String,
+    },
+}
+
+/// At most 64 bytes of `text` (sent by a host) for a message.
+fn shown(text: &str) -> String {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let ellipsis = if end < text.len() { "…" } else { "" };
+    format!("{}{ellipsis}", &text[..end])
+}
+
+/// Whether `url` is an API address the center may call: `http://` or `https://`, a host
+/// and maybe a port, nothing else (no user, path or query; no comma, which would make
+/// it several addresses to the client).
+fn valid_api_url(url: &str) -> bool {
+    if url.len() > MAX_HOST_FIELD_BYTES || url.contains([',', '@']) {
+        return false;
+    }
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return false;
+    };
+    matches!(uri.scheme_str(), Some("http" | "https"))
+        && uri.authority().is_some_and(|a| !a.host().is_empty())
+        && uri
+            .path_and_query()
+            .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+}
+
+/// Checks what a host reports, before any of it is taken.
+pub fn check_heartbeat(beat: &Heartbeat) -> Result<(), HeartbeatError> {
+    let host = &beat.host;
+    if !ferry_api::valid_host_name(&host.name) {
+        return Err(HeartbeatError::HostName(shown(&host.name)));
+    }
+    if !valid_api_url(&beat.api_url) {
+        return Err(HeartbeatError::ApiUrl(shown(&beat.api_url)));
+    }
+    let fields = [
+        ("migration address", &host.migration_addr),
+        ("version", &host.version),
+        ("backend", &host.backend),
+    ];
+    let backends = host.backends.iter().map(|b| ("backends' names", b));
+    if let Some((field, _)) =
+        (fields.into_iter().chain(backends)).find(|(_, text)| text.len() > MAX_HOST_FIELD_BYTES)
+    {
+        return Err(HeartbeatError::LongField { field });
+    }
+    if host.backends.len() > MAX_BACKENDS {
+        return Err(HeartbeatError::Backends {
+            count: host.backends.len(),
+        });
+    }
+    // Infinite or negative loads would make pressures infinite (shown as null, which
+    // typed clients cannot read) or a busy host look idle.
+    for (field, value) in [
+        ("accelerator load", host.accel_load),
+        ("load average", host.load_avg),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(HeartbeatError::HostLoad { field, value });
+        }
+    }
+    let removed = beat.delta.as_ref().map_or(&[][..], |d| &d.removed[..]);
+    for (count, what) in [(beat.vms.len(), "listed"), (removed.len(), "removed")] {
+        if count > MAX_VMS_PER_HOST {
+            return Err(HeartbeatError::TooManyVms { count, what });
+        }
+    }
+    if let Some(id) = removed.iter().find(|id| !ferry_api::valid_vm_id(id)) {
+        return Err(HeartbeatError::VmId(shown(id)));
+    }
+    beat.vms.iter().try_for_each(check_vm_report)
+}
+
+/// Checks one VM's report ([`check_heartbeat`]).
+fn check_vm_report(vm: &VmInfo) -> Result<(), HeartbeatError> {
+    if !ferry_api::valid_vm_id(&vm.id) {
+        return Err(HeartbeatError::VmId(shown(&vm.id)));
+    }
+    let problem = if vm
+        .name
+        .as_deref()
+        .is_some_and(|n| !ferry_api::valid_vm_name(n))
+    {
+        format!(
+            "its name '{}' is not a VM name",
+            shown(vm.name.as_deref().unwrap_or_default())
+        )
+    } else if !(0.0..=1.0).contains(&vm.accel_load) {
+        // NaN is in no range.
+        format!(
+            "its accelerator load {} is not between 0 and 1",
+            vm.accel_load
+        )
+    } else if vm.workload.len() > MAX_WORKLOAD_BYTES {
+        format!("its workload is longer than {MAX_WORKLOAD_BYTES} bytes")
+    } else if vm.args.len() > MAX_ARGS
+        || vm.args.iter().map(String::len).sum::<usize>() > MAX_ARGS_BYTES
+    {
+        format!("more than {MAX_ARGS} arguments or {MAX_ARGS_BYTES} bytes of them")
+    } else if vm.files.len() > MAX_FILES {
+        format!("more than {MAX_FILES} attached files")
+    } else if report_bytes(vm) > MAX_VM_REPORT_BYTES {
+        format!("its report is larger than {MAX_VM_REPORT_BYTES} bytes")
+    } else {
+        return Ok(());
+    };
+    Err(HeartbeatError::Vm {
+        id: vm.id.clone(),
+        problem,
+    })
+}
+
+/// The size of `vm`'s report as JSON, less its console tail (which is not kept).
+fn report_bytes(vm: &VmInfo) -> usize {
+    /// Counts what is written to it.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, vm);
+    (count.0).saturating_sub(serde_json::to_string(&vm.console_tail).map_or(0, |t| t.len()))
 }
 
 /// The whole inventory.
@@ -450,11 +669,7 @@ impl Inventory {
                 .is_none_or(|known| known.host != name || vm_report_changed(&known.info, &info));
             if changed {
                 changes.vms.push(info.id.clone());
-                self.put_vm(VmRecord {
-                    id: info.id.clone(),
-                    host: name.clone(),
-                    info,
-                });
+                self.put_vm(VmRecord::new(&name, info));
             }
         }
         if rewrite {
@@ -466,13 +681,45 @@ impl Inventory {
                 continue;
             }
             self.remove_vm(&id);
-            changes.events.push(Event::now(
-                "vm-gone",
-                format!("VM {id} is no longer on host {name} (stopped there)"),
-            ));
             changes.gone.push(id);
         }
+        // One event per beat, however many went: each is a write to the store.
+        if let Some(event) = gone_event(&name, &changes.gone) {
+            changes.events.push(event);
+        }
         (BeatOutcome::Taken, changes)
+    }
+
+    /// Refuses a beat that would leave more than [`MAX_VMS_PER_HOST`] VMs on record on
+    /// its host (deltas add up where no single beat lists too many).
+    pub fn check_room(&self, beat: &Heartbeat) -> Result<(), HeartbeatError> {
+        let count = self.vms_after(&beat.host.name, beat);
+        if count > MAX_VMS_PER_HOST {
+            return Err(HeartbeatError::TooManyVms {
+                count,
+                what: "on record once this beat is taken",
+            });
+        }
+        Ok(())
+    }
+
+    /// How many VMs host `name` would have on record once `beat` is taken, at most: a
+    /// full beat's list, or those it has with a delta's new ones and without its removed.
+    fn vms_after(&self, name: &str, beat: &Heartbeat) -> usize {
+        let Some(delta) = &beat.delta else {
+            return beat.vms.len();
+        };
+        let held = self.by_host.get(name);
+        let has = |id: &str| held.is_some_and(|ids| ids.contains(id));
+        let new: BTreeSet<&str> = (beat.vms.iter())
+            .map(|vm| vm.id.as_str())
+            .filter(|id| !has(id))
+            .collect();
+        let removed: BTreeSet<&str> = (delta.removed.iter())
+            .map(String::as_str)
+            .filter(|id| has(id))
+            .collect();
+        (held.map_or(0, BTreeSet::len) + new.len()).saturating_sub(removed.len())
     }
 
     /// Whether host `name`'s report of a VM is the one to keep. A VM lives on one host
@@ -603,6 +850,29 @@ impl Inventory {
     }
 }
 
+/// Ids named in one event at most; the rest are counted.
+const EVENT_IDS_SHOWN: usize = 10;
+
+/// The event of VMs `gone` from host `name`, if any went.
+fn gone_event(name: &str, gone: &[String]) -> Option<Event> {
+    let message = match gone {
+        [] => return None,
+        [id] => format!("VM {id} is no longer on host {name} (stopped there)"),
+        _ => {
+            let shown = gone[..gone.len().min(EVENT_IDS_SHOWN)].join(", ");
+            let more = match gone.len().saturating_sub(EVENT_IDS_SHOWN) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            format!(
+                "{} VMs are no longer on host {name} (stopped there): {shown}{more}",
+                gone.len()
+            )
+        }
+    };
+    Some(Event::now("vm-gone", message))
+}
+
 /// Whether a host's capacity or identity changed (its load changes every beat).
 fn capacity_changed(old: &HostInfo, new: &HostInfo) -> bool {
     old.name != new.name
@@ -706,6 +976,27 @@ pub(crate) mod tests {
         assert_eq!(changes.gone, vec!["v".to_string()]);
         assert!(changes.events.iter().any(|e| e.kind == "vm-gone"));
         assert!(inv.vms.is_empty());
+    }
+
+    #[test]
+    fn a_beat_that_drops_many_vms_makes_one_event_naming_ten_and_counting_the_rest() {
+        let mut inv = Inventory::default();
+        let vms = (0..25).map(|i| vm(&format!("v{i:02}"), VmState::Running));
+        inv.apply_heartbeat3(beat("a", vms.collect()), 1);
+        let (_, changes) = inv.apply_heartbeat3(beat("a", vec![]), 2);
+        assert_eq!(changes.gone.len(), 25);
+        let gone: Vec<&Event> = (changes.events.iter())
+            .filter(|e| e.kind == "vm-gone")
+            .collect();
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        let message = &gone[0].message;
+        assert!(
+            message.starts_with("25 VMs are no longer on host a")
+                && message.contains("v00, v01")
+                && message.contains("v09 and 15 more")
+                && !message.contains("v10"),
+            "{message}"
+        );
     }
 
     #[test]

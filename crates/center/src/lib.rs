@@ -58,6 +58,19 @@ pub enum CenterError {
     /// A host's machine refused the connection to its API: no daemon listens there.
     #[error("{0}")]
     HostRefused(String),
+    /// A host refused a request passed on to it for a reason of the request's own (a
+    /// 4xx answer): its status and code are the answer's.
+    #[error("host {host}")]
+    HostRejected {
+        /// The host.
+        host: String,
+        /// Its answer.
+        #[source]
+        answer: ferry_client::ApiError,
+    },
+    /// A heartbeat was refused: what the host reports is out of bounds.
+    #[error("heartbeat refused")]
+    Heartbeat(#[from] inventory::HeartbeatError),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -522,9 +535,11 @@ impl Center {
         }
         let token = self.config.secret.token(ferry_migrate::Purpose::HostApi);
         let roots = ferry_http::cluster_roots(self.config.tls.as_ref());
+        // A bad address is a host's (or a replica's) fault, not the caller's.
         let client = Arc::new(
-            ApiClient::with_roots(url, token.as_bytes(), &roots)
-                .map_err(|e| CenterError::BadRequest(e.to_string()))?,
+            ApiClient::with_pool(url, token.as_bytes(), &roots, gateway::MAX_RELAYS).map_err(
+                |e| CenterError::Unavailable(format!("cannot call the API at '{url}': {e:#}")),
+            )?,
         );
         // Hosts that changed address leave entries: bounded all the same.
         if clients.len() >= MAX_HOST_CLIENTS {
@@ -590,14 +605,10 @@ impl Center {
     /// Takes a host's heartbeat; a delta on a base this center does not hold is refused
     /// (`taken: false`), and the host sends a full beat next.
     pub fn heartbeat(&self, beat: Heartbeat) -> Result<BeatAnswer, CenterError> {
-        if !ferry_api::valid_host_name(&beat.host.name) {
-            return Err(CenterError::BadRequest(format!(
-                "'{}' is not a host name: 1 to 63 letters, digits, '.', '_' and '-'",
-                beat.host.name
-            )));
-        }
+        inventory::check_heartbeat(&beat)?;
         let name = beat.host.name.clone();
         let mut inventory = self.inventory();
+        inventory.check_room(&beat)?;
         let (outcome, changes) = inventory.apply_heartbeat(beat, unix_ms(), self.down_after_ms());
         drop(inventory);
         self.metrics.heartbeat(&outcome);
@@ -988,12 +999,8 @@ impl Center {
         let client = self.order_client(&host)?;
         let vm: VmInfo = client
             .post("/v1/vms", &req.vm)
-            .map_err(|e| CenterError::Unavailable(format!("host {}: {e:#}", host.name)))?;
-        let record = VmRecord {
-            id: vm.id.clone(),
-            host: host.name.clone(),
-            info: vm.clone(),
-        };
+            .map_err(|e| passed_on(&host.name, e))?;
+        let record = VmRecord::new(&host.name, vm.clone());
         self.inventory().put_vm_placed(record.clone());
         // The VM runs: a failed write is not the create's failure (a client told so
         // would create it again). The host's next beat writes its VMs through.
@@ -1071,6 +1078,24 @@ impl Center {
             return Err(e.into());
         }
         Ok(())
+    }
+}
+
+/// A host's failure to answer a request passed on to it: its refusal of the request
+/// itself (a 4xx, bar a refusal of the center's own key) as it gave it, so a client does
+/// not retry what cannot succeed; anything else (unreachable, failed) as unavailable.
+fn passed_on(host: &str, error: anyhow::Error) -> CenterError {
+    match error.downcast::<ferry_client::ApiError>() {
+        Ok(answer)
+            if (400..500).contains(&answer.status) && !matches!(answer.status, 401 | 403) =>
+        {
+            CenterError::HostRejected {
+                host: host.to_string(),
+                answer,
+            }
+        }
+        Ok(answer) => CenterError::Unavailable(format!("host {host}: {answer}")),
+        Err(e) => CenterError::Unavailable(format!("host {host}: {e:#}")),
     }
 }
 
@@ -1232,6 +1257,201 @@ pub(crate) mod tests {
         );
         assert!(ended.summary.contains("a-vm1"), "{}", ended.summary);
         assert!(scratch.center.inventory().creating.is_empty());
+    }
+
+    /// A host API at the address returned that answers one request with `status` and
+    /// JSON `body`.
+    fn answering_once(status: &'static str, body: &'static str) -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = api.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = api.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).unwrap();
+            write!(
+                conn,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        addr
+    }
+
+    fn create_on(center: &Center, host: &str) -> Result<Placed, CenterError> {
+        center.create_vm(&PlaceVm {
+            vm: CreateVm {
+                name: None,
+                workload: "no-such-workload".into(),
+                args: Vec::new(),
+                memory: 256 << 20,
+                accel_memory: 0,
+                attach: Vec::new(),
+                backend: None,
+            },
+            host: Some(host.into()),
+        })
+    }
+
+    #[test]
+    fn a_hosts_refusal_of_a_create_is_passed_on_and_its_failure_is_unavailable() {
+        use axum::response::IntoResponse;
+        let scratch = ScratchCenter::open("create-refused");
+        let refusing = answering_once(
+            "400 Bad Request",
+            r#"{"error":"no workload named no-such-workload","code":"unknown_workload"}"#,
+        );
+        scratch.report("a", refusing);
+        let refused = create_on(&scratch.center, "a").unwrap_err();
+        match &refused {
+            CenterError::HostRejected { host, answer } => {
+                assert_eq!(host, "a");
+                assert_eq!(answer.status, 400);
+                assert_eq!(answer.code.as_deref(), Some("unknown_workload"));
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(refused.into_response().status(), 400);
+        // A host that fails, or whose address cannot be called, is unavailable: the
+        // operator's request was not at fault.
+        let failing = answering_once("500 Internal Server Error", r#"{"error":"boom"}"#);
+        scratch.report("b", failing);
+        let failed = create_on(&scratch.center, "b").unwrap_err();
+        assert!(matches!(failed, CenterError::Unavailable(_)), "{failed}");
+        let bad_address = scratch.center.client_of("127.0.0.1:7070").err().unwrap();
+        assert_eq!(bad_address.into_response().status(), 503);
+    }
+
+    #[test]
+    fn a_heartbeat_out_of_bounds_is_refused_and_changes_nothing() {
+        use axum::response::IntoResponse;
+        use ferry_api::VmState;
+        let scratch = ScratchCenter::open("beat-bounds");
+        let center = &scratch.center;
+        let good =
+            || inventory::tests::beat("a", vec![inventory::tests::vm("v", VmState::Running)]);
+        let vm_with = |change: &dyn Fn(&mut VmInfo)| {
+            let mut beat = good();
+            change(&mut beat.vms[0]);
+            beat
+        };
+        let host_with = |change: &dyn Fn(&mut Heartbeat)| {
+            let mut beat = good();
+            change(&mut beat);
+            beat
+        };
+        let many = |n: usize| (0..n).map(|i| format!("v{i}")).collect::<Vec<_>>();
+        let bad = [
+            host_with(&|b| b.api_url = "ftp://a:7070".into()),
+            host_with(&|b| b.api_url = "a:7070".into()),
+            host_with(&|b| b.api_url = "http://a:7070,http://b:7070".into()),
+            host_with(&|b| b.api_url = "http://a:7070/v1/vms?x=1".into()),
+            host_with(&|b| b.api_url = format!("http://{}.example", "a".repeat(300))),
+            host_with(&|b| b.host.version = "1".repeat(257)),
+            host_with(&|b| b.host.migration_addr = "m".repeat(257)),
+            host_with(&|b| b.host.backends = vec!["cpu".into(); 17]),
+            host_with(&|b| b.host.accel_load = f64::INFINITY),
+            host_with(&|b| b.host.accel_load = -1.0),
+            host_with(&|b| b.host.load_avg = f64::NAN),
+            host_with(&|b| {
+                b.vms = many(inventory::MAX_VMS_PER_HOST + 1)
+                    .iter()
+                    .map(|id| inventory::tests::vm(id, VmState::Running))
+                    .collect()
+            }),
+            host_with(&|b| {
+                b.delta = Some(ferry_api::BeatDelta {
+                    base: 0,
+                    removed: many(inventory::MAX_VMS_PER_HOST + 1),
+                })
+            }),
+            host_with(&|b| {
+                b.delta = Some(ferry_api::BeatDelta {
+                    base: 0,
+                    removed: vec!["../hosts/a".into()],
+                })
+            }),
+            vm_with(&|vm| vm.id = "../hosts/a".into()),
+            vm_with(&|vm| vm.id = String::new()),
+            vm_with(&|vm| vm.name = Some("a b".into())),
+            vm_with(&|vm| vm.accel_load = 1e308),
+            vm_with(&|vm| vm.accel_load = -0.5),
+            vm_with(&|vm| vm.accel_load = f64::NAN),
+            vm_with(&|vm| vm.workload = "w".repeat(4097)),
+            vm_with(&|vm| vm.args = vec![String::new(); 257]),
+            vm_with(&|vm| vm.args = vec!["a".repeat(8193)]),
+            vm_with(&|vm| {
+                vm.files = vec![
+                    ferry_api::FileInfo {
+                        name: "f".into(),
+                        size: 1,
+                        sha256: String::new(),
+                        path: "/f".into(),
+                    };
+                    65
+                ]
+            }),
+            vm_with(&|vm| {
+                vm.state = VmState::Failed {
+                    error: "e".repeat(20_000),
+                }
+            }),
+        ];
+        for beat in bad {
+            let shown = format!("{:.300}", format!("{beat:?}"));
+            let refused = center.heartbeat(beat).expect_err(&shown);
+            assert!(matches!(refused, CenterError::Heartbeat(_)), "{refused}");
+            assert_eq!(refused.into_response().status(), 400, "{shown}");
+        }
+        assert!(center.inventory().hosts.is_empty());
+        assert_eq!(scratch.stored_rows("hosts") + scratch.stored_rows("vms"), 0);
+        // In bounds (an IPv6 address, a trailing slash), it is taken; the console tail a
+        // host should not have sent is not kept.
+        let mut beat = vm_with(&|vm| vm.console_tail = "secret\n".repeat(1000));
+        beat.api_url = "https://[::1]:7070/".into();
+        center.heartbeat(beat).unwrap();
+        assert_eq!(center.inventory().vms()["v"].info.console_tail, "");
+        let stored = center.store().load().unwrap().vms;
+        assert_eq!(stored[0].info.console_tail, "");
+    }
+
+    #[test]
+    fn deltas_cannot_record_more_vms_on_a_host_than_the_cap() {
+        use ferry_api::{BeatSeries, VmState};
+        use inventory::tests::{host_info, vm};
+        use inventory::MAX_VMS_PER_HOST;
+        let scratch = ScratchCenter::open("vms-per-host");
+        let center = &scratch.center;
+        let mut series = BeatSeries::new(5);
+        let mut beat = |vms: &[VmInfo]| {
+            let beat = series.beat("http://a".into(), host_info("a"), vms.to_vec());
+            let answer = center.heartbeat(beat);
+            series.answered(answer.as_ref().ok());
+            answer
+        };
+        let mut vms: Vec<VmInfo> = (0..MAX_VMS_PER_HOST)
+            .map(|i| vm(&format!("v{i}"), VmState::Running))
+            .collect();
+        assert!(beat(&vms).unwrap().taken);
+        // One more, in a delta of one VM.
+        vms.push(vm("one-too-many", VmState::Running));
+        let refused = beat(&vms).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                CenterError::Heartbeat(inventory::HeartbeatError::TooManyVms { count, .. })
+                    if count == MAX_VMS_PER_HOST + 1
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(center.inventory().vms_on("a").count(), MAX_VMS_PER_HOST);
+        assert!(!center.inventory().vms().contains_key("one-too-many"));
+        // One in for one out is taken.
+        vms.remove(0);
+        assert!(beat(&vms).unwrap().taken);
+        assert!(center.inventory().vms().contains_key("one-too-many"));
+        assert_eq!(center.inventory().vms_on("a").count(), MAX_VMS_PER_HOST);
     }
 
     /// A center with host a (its API refusing) in `mode`.

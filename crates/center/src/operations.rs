@@ -321,8 +321,7 @@ impl Center {
         }
         let moved = arrived.map(|info| VmRecord {
             id: vm.to_string(),
-            host: to.to_string(),
-            info,
+            ..VmRecord::new(to, info)
         });
         if let Some(vm) = &moved {
             inventory.put_vm_placed(vm.clone());
@@ -1020,19 +1019,24 @@ impl Center {
 
     /// The balance plan for the cluster now.
     pub fn balance_plan(&self) -> BalancePlan {
-        let inventory = self.inventory();
-        let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
-        let vms: Vec<MovableVm> = open
-            .iter()
-            .flat_map(|h| inventory.live_vms_on(&h.name))
-            .filter(|vm| vm.info.state == VmState::Running)
-            .map(|vm| MovableVm {
-                need: Need::of_vm(&vm.info),
-                load: vm.info.accel_load,
-                host: vm.host,
-                id: vm.id,
-            })
-            .collect();
+        let (open, vms) = {
+            let inventory = self.inventory();
+            let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
+            let vms: Vec<MovableVm> = open
+                .iter()
+                .flat_map(|h| inventory.live_vms_on(&h.name))
+                .filter(|vm| vm.info.state == VmState::Running)
+                .map(|vm| MovableVm {
+                    need: Need::of_vm(&vm.info),
+                    load: vm.info.accel_load,
+                    host: vm.host,
+                    id: vm.id,
+                })
+                .collect();
+            (open, vms)
+        };
+        // Planned on copies, without the lock: on a large cluster planning takes long
+        // enough to hold up every heartbeat.
         balance::plan(&open, &vms, self.config.balance_threshold)
     }
 

@@ -381,7 +381,7 @@ pub struct EtcdStore {
 /// How long a store keeps events.
 const EVENTS_KEPT_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// Most events SQLite keeps (the API lists at most 10,000); etcd's are bounded by age.
+/// Most events a store keeps (the API lists at most 10,000).
 const EVENTS_STORED: i64 = 100_000;
 
 /// Where etcd keeps migrations and operations, each under its id ([`numbered`]).
@@ -510,6 +510,25 @@ impl EtcdStore {
         self.write(ids.iter().map(delete).collect())
     }
 
+    /// Deletes every event but the newest `keep`.
+    pub fn keep_newest_events(&self, keep: usize) -> Result<(), StoreError> {
+        let prefix = self.key("events/");
+        let excess = self.etcd.count(&prefix)? - keep as i64;
+        if excess <= 0 {
+            return Ok(());
+        }
+        // Their keys start with the time: the oldest come first.
+        let oldest = RangeOptions {
+            limit: excess,
+            keys_only: true,
+            ..RangeOptions::default()
+        };
+        let Some(last) = self.etcd.range(&prefix, true, oldest)?.pop() else {
+            return Ok(());
+        };
+        self.write(vec![Op::DeleteRange(prefix, format!("{}\0", last.key))])
+    }
+
     fn list<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
@@ -529,6 +548,7 @@ impl Store for EtcdStore {
         let newest = |limit: usize| RangeOptions {
             limit: limit as i64,
             descending: true,
+            ..RangeOptions::default()
         };
         let mut migrations: Vec<MigrationRecord> =
             self.list("migration", MIGRATIONS, newest(MIGRATIONS_KEPT))?;
@@ -662,15 +682,21 @@ impl Store for EtcdStore {
         let nonce = u64::from_le_bytes(nonce);
         let name = format!("events/{:013}-{nonce:016x}", event.at_ms);
         let mut ops = vec![self.put_op(name, event)];
-        // Now and then, events older than EVENTS_KEPT_MS go: etcd is no archive.
-        if nonce % 256 == 0 {
+        // Now and then, events older than EVENTS_KEPT_MS go, and those beyond the newest
+        // EVENTS_STORED: etcd is no archive.
+        let sweep = nonce % 256 == 0;
+        if sweep {
             let before = event.at_ms.saturating_sub(EVENTS_KEPT_MS);
             ops.push(Op::DeleteRange(
                 self.key("events/"),
                 self.key(&format!("events/{before:013}")),
             ));
         }
-        self.write(ops)
+        self.write(ops)?;
+        if sweep {
+            self.keep_newest_events(EVENTS_STORED as usize)?;
+        }
+        Ok(())
     }
 
     fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
@@ -680,6 +706,7 @@ impl Store for EtcdStore {
             RangeOptions {
                 limit: n as i64,
                 descending: true,
+                ..RangeOptions::default()
             },
         )
     }

@@ -722,3 +722,33 @@ fn the_etcd_store_deletes_forgotten_and_older_migrations() {
     // Ids keep counting on.
     assert_eq!(store.add_migration(&record).unwrap(), 6);
 }
+
+#[test]
+fn the_etcd_store_keeps_only_the_newest_events() {
+    let test = "the_etcd_store_keeps_only_the_newest_events";
+    let Some(scratch) = ScratchEtcd::start(test, "events") else {
+        return;
+    };
+    let store = scratch.store();
+    scratch.take_lead(&store, b"me");
+    let now = ferry_center::inventory::unix_ms();
+    for i in 0..12u64 {
+        let event = ferry_center::inventory::Event {
+            at_ms: now + i,
+            kind: "test".into(),
+            message: format!("event {i}"),
+        };
+        store.add_event(&event).unwrap();
+    }
+    store.keep_newest_events(5).unwrap();
+    let left: Vec<String> = (store.events(100).unwrap().into_iter())
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(
+        left,
+        ["event 11", "event 10", "event 9", "event 8", "event 7"]
+    );
+    // Within the bound, nothing goes.
+    store.keep_newest_events(5).unwrap();
+    assert_eq!(store.events(100).unwrap().len(), 5);
+}

@@ -403,8 +403,8 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
             "context_length_exceeded",
         ),
         (
-            "a body over the 2 MiB limit",
-            " ".repeat((2 << 20) + 64),
+            "a body over the 256 KiB limit",
+            " ".repeat(ferry_center::gateway::MAX_BODY_BYTES + 64),
             413,
             "request_too_large",
         ),
