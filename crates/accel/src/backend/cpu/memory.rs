@@ -15,11 +15,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// New regions are mapped in multiples of a transparent huge page; what a buffer does
 /// not use of one is kept for the next.
+#[cfg(not(miri))]
 const GRANULE: usize = 2 << 20;
+/// Miri interprets every byte a test zeroes or checks: its sizes are 32 times smaller.
+#[cfg(miri)]
+const GRANULE: usize = 64 << 10;
 /// Buffers take whole pages of a region.
 const PAGE: usize = 4 << 10;
 /// Smaller buffers come from the heap, which recycles its memory itself.
-const POOLED_MIN: usize = 128 << 10;
+const POOLED_MIN: usize = GRANULE / 16;
 
 /// Host memory for device buffers, shared by the accelerators of one host.
 ///
@@ -275,115 +279,195 @@ impl Drop for DeviceBuffer {
 
 // The only system calls of the module. Each works on a region this module mapped and
 // owns exclusively at that moment.
+#[cfg(not(miri))]
+mod os {
+    use super::{GRANULE, PAGE};
 
-/// A fresh mapping of `len` bytes of private anonymous read-write memory, with `flags`
-/// besides, at `addr` (0: where the kernel chooses); `None` if the kernel refuses.
-/// `flags` may not hold `MAP_FIXED`: it never replaces an existing mapping.
-fn map_anonymous(addr: usize, len: usize, flags: libc::c_int) -> Option<usize> {
-    assert_eq!(flags & libc::MAP_FIXED, 0, "MAP_FIXED replaces mappings");
-    // SAFETY: without MAP_FIXED a new anonymous mapping touches no existing memory (the
-    // kernel picks another address, or with MAP_FIXED_NOREPLACE fails).
-    let raw = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
-            -1,
-            0,
-        )
-    };
-    (raw != libc::MAP_FAILED).then_some(raw as usize)
-}
+    /// A fresh mapping of `len` bytes of private anonymous read-write memory, with `flags`
+    /// besides, at `addr` (0: where the kernel chooses); `None` if the kernel refuses.
+    /// `flags` may not hold `MAP_FIXED`: it never replaces an existing mapping.
+    pub(super) fn map_anonymous(addr: usize, len: usize, flags: libc::c_int) -> Option<usize> {
+        assert_eq!(flags & libc::MAP_FIXED, 0, "MAP_FIXED replaces mappings");
+        // SAFETY: without MAP_FIXED a new anonymous mapping touches no existing memory (the
+        // kernel picks another address, or with MAP_FIXED_NOREPLACE fails).
+        let raw = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+                -1,
+                0,
+            )
+        };
+        (raw != libc::MAP_FAILED).then_some(raw as usize)
+    }
 
-/// Maps `len` bytes (a multiple of [`GRANULE`]) of private anonymous memory aligned to
-/// [`GRANULE`], backed by huge pages where the kernel allows.
-fn map_region(len: usize) -> Option<usize> {
-    let over = len.checked_add(GRANULE)?;
-    let start = map_anonymous(0, over, libc::MAP_NORESERVE)?;
-    let addr = start.next_multiple_of(GRANULE);
-    let head = addr - start;
-    let tail = over - head - len;
-    // SAFETY: the head and tail lie inside the mapping just made and outside the aligned
-    // region returned; MADV_HUGEPAGE only changes how the region is backed (a failure,
-    // THP off, leaves small pages).
-    unsafe {
-        if head > 0 {
-            libc::munmap(start as *mut libc::c_void, head);
-        }
-        if tail > 0 {
-            libc::munmap((addr + len) as *mut libc::c_void, tail);
-        }
-        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-    }
-    Some(addr)
-}
-
-/// Backs every page of a region now.
-fn populate(addr: usize, len: usize) -> std::io::Result<()> {
-    // SAFETY: the region is mapped and ours; populating writes nothing visible (the pages
-    // read as zero either way).
-    let ok = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-    if ok == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EINVAL) {
-        // Out of memory, say: a clear error rather than an OOM kill while touching.
-        return Err(err);
-    }
-    // Kernels before 5.14 do not know MADV_POPULATE_WRITE: touch each page.
-    for page in (addr..addr + len).step_by(PAGE) {
-        // SAFETY: inside the region; writing zero over zero changes nothing.
-        unsafe { std::ptr::write_volatile(page as *mut u8, 0) };
-    }
-    Ok(())
-}
-
-/// Makes a region read as zero again, keeping what is backed backed: resident pages are
-/// cleared, the rest (never touched, or swapped out) dropped so they fault in as zero.
-fn zero_region(addr: usize, len: usize) {
-    let mut resident = vec![0u8; len / PAGE];
-    // SAFETY: the region is mapped and page-aligned; `resident` has a byte per page.
-    let ok = unsafe { libc::mincore(addr as *mut libc::c_void, len, resident.as_mut_ptr()) };
-    if ok != 0 {
-        // Cannot tell: clear it all.
-        // SAFETY: the region is mapped writable and owned by the caller.
-        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
-        return;
-    }
-    let mut page = 0;
-    while page < resident.len() {
-        let is_resident = resident[page] & 1 == 1;
-        let run = resident[page..]
-            .iter()
-            .take_while(|&&r| (r & 1 == 1) == is_resident)
-            .count();
-        let (start, bytes) = (addr + page * PAGE, run * PAGE);
-        // SAFETY: [start, start + bytes) is inside the region, which is mapped writable
-        // and owned by the caller; MADV_DONTNEED on private anonymous memory makes the
-        // pages read as zero.
+    /// Maps `len` bytes (a multiple of [`GRANULE`]) of private anonymous memory aligned to
+    /// [`GRANULE`], backed by huge pages where the kernel allows.
+    pub(super) fn map_region(len: usize) -> Option<usize> {
+        let over = len.checked_add(GRANULE)?;
+        let start = map_anonymous(0, over, libc::MAP_NORESERVE)?;
+        let addr = start.next_multiple_of(GRANULE);
+        let head = addr - start;
+        let tail = over - head - len;
+        // SAFETY: the head and tail lie inside the mapping just made and outside the aligned
+        // region returned; MADV_HUGEPAGE only changes how the region is backed (a failure,
+        // THP off, leaves small pages).
         unsafe {
-            if is_resident {
-                std::ptr::write_bytes(start as *mut u8, 0, bytes);
-            } else {
-                libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_DONTNEED);
+            if head > 0 {
+                libc::munmap(start as *mut libc::c_void, head);
             }
+            if tail > 0 {
+                libc::munmap((addr + len) as *mut libc::c_void, tail);
+            }
+            libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
-        page += run;
+        Some(addr)
+    }
+
+    /// Backs every page of a region now.
+    pub(super) fn populate(addr: usize, len: usize) -> std::io::Result<()> {
+        // SAFETY: the region is mapped and ours; populating writes nothing visible (the pages
+        // read as zero either way).
+        let ok =
+            unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+        if ok == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            // Out of memory, say: a clear error rather than an OOM kill while touching.
+            return Err(err);
+        }
+        // Kernels before 5.14 do not know MADV_POPULATE_WRITE: touch each page.
+        for page in (addr..addr + len).step_by(PAGE) {
+            // SAFETY: inside the region; writing zero over zero changes nothing.
+            unsafe { std::ptr::write_volatile(page as *mut u8, 0) };
+        }
+        Ok(())
+    }
+
+    /// Makes a region read as zero again, keeping what is backed backed: resident pages are
+    /// cleared, the rest (never touched, or swapped out) dropped so they fault in as zero.
+    pub(super) fn zero_region(addr: usize, len: usize) {
+        let mut resident = vec![0u8; len / PAGE];
+        // SAFETY: the region is mapped and page-aligned; `resident` has a byte per page.
+        let ok = unsafe { libc::mincore(addr as *mut libc::c_void, len, resident.as_mut_ptr()) };
+        if ok != 0 {
+            // Cannot tell: clear it all.
+            // SAFETY: the region is mapped writable and owned by the caller.
+            unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
+            return;
+        }
+        let mut page = 0;
+        while page < resident.len() {
+            let is_resident = resident[page] & 1 == 1;
+            let run = resident[page..]
+                .iter()
+                .take_while(|&&r| (r & 1 == 1) == is_resident)
+                .count();
+            let (start, bytes) = (addr + page * PAGE, run * PAGE);
+            // SAFETY: [start, start + bytes) is inside the region, which is mapped writable
+            // and owned by the caller; MADV_DONTNEED on private anonymous memory makes the
+            // pages read as zero.
+            unsafe {
+                if is_resident {
+                    std::ptr::write_bytes(start as *mut u8, 0, bytes);
+                } else {
+                    libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_DONTNEED);
+                }
+            }
+            page += run;
+        }
+    }
+
+    pub(super) fn unmap(addr: usize, len: usize) {
+        // SAFETY: the region was mapped by this module and nothing refers to it any more.
+        unsafe { libc::munmap(addr as *mut libc::c_void, len) };
     }
 }
 
-fn unmap(addr: usize, len: usize) {
-    // SAFETY: the region was mapped by this module and nothing refers to it any more.
-    unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+// Miri runs no system calls: under it each mapping is one heap allocation, so Miri checks
+// that every buffer's slice lies inside one mapping, that nothing is used once its whole
+// mapping is unmapped, and that every mapping is unmapped in the end:
+// `MIRIFLAGS=-Zmiri-permissive-provenance cargo +nightly miri test -p ferry-accel --lib
+// backend::cpu::memory` (permissive: the pool keeps addresses as integers).
+#[cfg(miri)]
+mod os {
+    use super::GRANULE;
+    use std::alloc::Layout;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Each mapping's base, with its length and the bytes of it still mapped.
+    static MAPPINGS: Mutex<BTreeMap<usize, (usize, usize)>> = Mutex::new(BTreeMap::new());
+
+    /// Only where the "kernel" chooses: Miri cannot place an allocation.
+    #[cfg(test)]
+    pub(super) fn map_anonymous(addr: usize, len: usize, _flags: libc::c_int) -> Option<usize> {
+        if addr != 0 {
+            return None;
+        }
+        allocate(len, std::mem::align_of::<f32>())
+    }
+
+    pub(super) fn map_region(len: usize) -> Option<usize> {
+        allocate(len, GRANULE)
+    }
+
+    fn allocate(len: usize, align: usize) -> Option<usize> {
+        // Beyond what a test maps: refused, as the kernel refuses an address space's worth.
+        if len == 0 || len > 1 << 30 {
+            return None;
+        }
+        let layout = Layout::from_size_align(len, align).ok()?;
+        // SAFETY: the layout has a nonzero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        if raw.is_null() {
+            return None;
+        }
+        let addr = raw.expose_provenance();
+        MAPPINGS.lock().unwrap().insert(addr, (len, len));
+        Some(addr)
+    }
+
+    pub(super) fn populate(_addr: usize, _len: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    pub(super) fn zero_region(addr: usize, len: usize) {
+        // SAFETY: the region is mapped writable and owned by the caller.
+        unsafe { std::ptr::write_bytes(std::ptr::with_exposed_provenance_mut::<u8>(addr), 0, len) };
+    }
+
+    /// Frees a mapping once all of it is unmapped.
+    pub(super) fn unmap(addr: usize, len: usize) {
+        let mut mappings = MAPPINGS.lock().unwrap();
+        let (&base, &mut (whole, ref mut mapped)) = mappings
+            .range_mut(..=addr)
+            .next_back()
+            .filter(|(&base, &mut (whole, _))| addr + len <= base + whole)
+            .expect("unmapping what was not mapped");
+        *mapped -= len;
+        if *mapped == 0 {
+            mappings.remove(&base);
+            let layout = Layout::from_size_align(whole, GRANULE).unwrap();
+            // SAFETY: allocated by `allocate` with this size; every part is unmapped.
+            unsafe { std::alloc::dealloc(std::ptr::with_exposed_provenance_mut(base), layout) };
+        }
+    }
 }
+
+use os::{map_region, populate, unmap, zero_region};
 
 #[cfg(test)]
 mod tests {
+    use super::os::map_anonymous;
     use super::*;
 
-    const MIB: usize = 1 << 20;
+    /// A MiB, scaled with [`GRANULE`] under Miri.
+    const MIB: usize = GRANULE / 2;
 
     fn words(bytes: usize) -> usize {
         bytes / 4
@@ -494,6 +578,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot place two mappings side by side")]
     fn regions_of_separate_mappings_are_not_merged() {
         let memory = DeviceMemory::new(64 * MIB as u64);
         let base = adjacent_mappings();
