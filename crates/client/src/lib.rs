@@ -493,16 +493,19 @@ mod tests {
         let mixed = unreachable(&format!("http://{closed_addr},http://{silent_addr}"));
         assert!(!mixed.refused, "{mixed}");
     }
-    /// A keep-alive server answering every request `{}` after `delay`; its address and
-    /// the count of connections it accepted.
-    fn keeping_alive(delay: Duration) -> (String, Arc<AtomicUsize>) {
+    /// A keep-alive server answering requests `{}` once `together` of them are waiting
+    /// (so that many are in flight at once); its address and the count of connections it
+    /// accepted.
+    fn keeping_alive(together: usize) -> (String, Arc<AtomicUsize>) {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
+        let waiting = Arc::new(std::sync::Barrier::new(together));
         std::thread::spawn(move || {
             for stream in listener.incoming() {
+                let waiting = waiting.clone();
                 let stream = stream.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
@@ -518,7 +521,7 @@ mod tests {
                         if line != "\r\n" {
                             continue;
                         }
-                        std::thread::sleep(delay);
+                        waiting.wait();
                         let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
                         if stream.write_all(answer.as_bytes()).is_err() {
                             return;
@@ -533,17 +536,13 @@ mod tests {
     #[test]
     fn a_pooled_client_keeps_a_connection_for_each_request_it_had_in_flight() {
         for (idle, connections) in [(8, 8), (IDLE_CONNECTIONS, 8 + 8 - IDLE_CONNECTIONS)] {
-            let (base, accepted) = keeping_alive(Duration::from_millis(300));
+            let (base, accepted) = keeping_alive(8);
             let client = ApiClient::with_pool(&base, b"token", &Roots::Web, idle).unwrap();
             // Two waves of 8 requests at once: the second finds `idle` connections kept.
             for _ in 0..2 {
-                let together = std::sync::Barrier::new(8);
                 std::thread::scope(|s| {
                     for _ in 0..8 {
-                        s.spawn(|| {
-                            together.wait();
-                            client.get::<serde_json::Value>("/").unwrap()
-                        });
+                        s.spawn(|| client.get::<serde_json::Value>("/").unwrap());
                     }
                 });
             }

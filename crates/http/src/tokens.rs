@@ -136,10 +136,11 @@ impl FileStamp {
         })
     }
 
-    /// This stamp, if the file has not changed for [`SETTLE_TIME`].
+    /// This stamp, if the file has not changed for [`SETTLE_TIME`] (or carries a time
+    /// ahead of this clock, as a copy from a machine ahead does: it would never settle).
     fn settled(self) -> Option<Self> {
-        let age = SystemTime::now().duration_since(self.modified).ok()?;
-        (age >= SETTLE_TIME).then_some(self)
+        let age = SystemTime::now().duration_since(self.modified);
+        age.map_or(true, |age| age >= SETTLE_TIME).then_some(self)
     }
 }
 
@@ -457,6 +458,13 @@ mod tests {
         write("bbbbb-token-0123456789\n", now);
         assert_eq!(tokens.access(b"bbbbb-token-0123456789"), Some(Access::Full));
         assert_eq!(tokens.access(b"aaaaa-token-0123456789"), None);
+        // A time ahead of this clock is final at once: the same size and time with other
+        // content is not read (it would be read on every request otherwise).
+        let ahead = SystemTime::now() + std::time::Duration::from_secs(3600);
+        write("ccccc-token-0123456789\n", ahead);
+        assert_eq!(tokens.access(b"ccccc-token-0123456789"), Some(Access::Full));
+        write("ddddd-token-0123456789\n", ahead);
+        assert_eq!(tokens.access(b"ddddd-token-0123456789"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
