@@ -419,26 +419,49 @@ mod tests {
 
     use super::*;
 
-    /// Serves a router answering `GET /` with `ok`, with `header_time`; its address.
-    fn served(runtime: &tokio::runtime::Runtime, header_time: Duration) -> SocketAddr {
+    /// Serves `router` with `header_time` and `body_time` to read a request's head and
+    /// body; its address.
+    fn serving(
+        runtime: &tokio::runtime::Runtime,
+        router: Router,
+        (header_time, body_time): (Duration, Duration),
+    ) -> SocketAddr {
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        runtime.spawn(serve_on(
-            listener,
-            router,
-            std::future::pending(),
-            header_time,
-            BODY_READ_TIME,
-        ));
+        let stop = std::future::pending();
+        runtime.spawn(serve_on(listener, router, stop, header_time, body_time));
         addr
+    }
+
+    /// Checks that the server at `addr` answers `request` with 200 and `body`.
+    fn answered(addr: SocketAddr, request: &[u8], body: &str) {
+        let answer = exchange(addr, request);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(&format!("\r\n\r\n{body}")), "{answer}");
+    }
+
+    /// What the server sends on `conn` until it closes it, within 5 s.
+    fn closed_by_server(mut conn: std::net::TcpStream) -> String {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        let read = conn.read_to_end(&mut answer);
+        assert!(read.is_ok(), "still open after 5 s: {read:?}");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// What the server at `addr` answers to `request`, sent on a connection of its own
+    /// (the request must close it).
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.write_all(request).unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        answer
     }
 
     #[test]
     fn refusals_of_a_path_a_query_or_a_method_come_as_json_with_a_code() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
         let router = Router::new()
             .route(
                 "/n/{n}",
@@ -447,18 +470,9 @@ mod tests {
                 ),
             )
             .layer(axum::middleware::from_fn(json_errors));
-        runtime.spawn(serve_on(
-            listener,
-            router,
-            std::future::pending(),
-            HEADER_READ_TIME,
-            BODY_READ_TIME,
-        ));
+        let addr = serving(&runtime, router, (HEADER_READ_TIME, BODY_READ_TIME));
         let ask = |request: &str| {
-            let mut client = std::net::TcpStream::connect(addr).unwrap();
-            client.write_all(request.as_bytes()).unwrap();
-            let mut answer = String::new();
-            client.read_to_string(&mut answer).unwrap();
+            let answer = exchange(addr, request.as_bytes());
             let (head, body) = answer.split_once("\r\n\r\n").unwrap();
             (head.to_string(), body.to_string())
         };
@@ -482,66 +496,46 @@ mod tests {
     #[test]
     fn a_client_that_sends_no_request_is_disconnected() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let addr = served(&runtime, Duration::from_millis(300));
-        // One that says nothing, and one that stops halfway through its headers.
-        let mut silent = std::net::TcpStream::connect(addr).unwrap();
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let addr = serving(
+            &runtime,
+            router,
+            (Duration::from_millis(300), BODY_READ_TIME),
+        );
+        // One that says nothing, and one that stops halfway through its headers: closed
+        // by the server (with nothing but perhaps an error answer).
+        let silent = std::net::TcpStream::connect(addr).unwrap();
+        closed_by_server(silent);
         let mut halfway = std::net::TcpStream::connect(addr).unwrap();
         halfway.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
-        for conn in [&mut silent, &mut halfway] {
-            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut rest = Vec::new();
-            // Closed by the server: the read ends (nothing but perhaps an error answer).
-            let read = conn.read_to_end(&mut rest);
-            assert!(read.is_ok(), "still open after 5 s: {read:?}");
-        }
+        closed_by_server(halfway);
         // A client that asks is answered as before.
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("ok"), "{answer}");
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        answered(addr, request, "ok");
     }
 
     #[test]
     fn a_body_that_comes_too_slowly_is_refused_and_its_connection_closed() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
         let router = Router::new().route(
             "/",
             axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
         );
-        runtime.spawn(serve_on(
-            listener,
+        let addr = serving(
+            &runtime,
             router,
-            std::future::pending(),
-            HEADER_READ_TIME,
-            Duration::from_millis(300),
-        ));
+            (HEADER_READ_TIME, Duration::from_millis(300)),
+        );
         // It announces 100 bytes, sends two, and waits.
         let mut slow = std::net::TcpStream::connect(addr).unwrap();
         slow.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
             .unwrap();
-        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut answer = Vec::new();
-        let read = slow.read_to_end(&mut answer);
-        assert!(read.is_ok(), "still open after 5 s: {read:?}");
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = closed_by_server(slow);
         assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
         // A body that comes whole is read as before.
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        client
-            .write_all(
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
-            )
-            .unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("\r\n\r\n3"), "{answer}");
+        let request =
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc";
+        answered(addr, request, "3");
     }
 
     #[test]
