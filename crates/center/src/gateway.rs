@@ -11,7 +11,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1300,17 +1300,26 @@ async fn complete(
     relay_lost().into_response()
 }
 
+/// A streamed answer's body, as the task writing it holds it.
+struct BodyOut {
+    /// Its chunks.
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    /// Set when the client took no bytes for [`CLIENT_STALL`]: the body then ends in an
+    /// error (hyper aborts the connection), not as a whole answer would.
+    stalled: Arc<AtomicBool>,
+}
+
 /// Sends `bytes` into a streamed answer's body; false if the client left, or took no
 /// bytes for [`CLIENT_STALL`] (then the caller returns, and dropping the relay's receiver
 /// stops the generation).
-async fn deliver(
-    out: &mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
-    bytes: Bytes,
-) -> bool {
-    matches!(
-        tokio::time::timeout(CLIENT_STALL, out.send(Ok(bytes))).await,
-        Ok(Ok(()))
-    )
+async fn deliver(out: &BodyOut, bytes: Bytes) -> bool {
+    match tokio::time::timeout(CLIENT_STALL, out.tx.send(Ok(bytes))).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            out.stalled.store(true, Ordering::Release);
+            false
+        }
+    }
 }
 
 /// The answer's JSON shapes.
@@ -1405,13 +1414,18 @@ impl Shape {
         with_usage: bool,
     ) -> Response {
         let event = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
-        let (out, body) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+        let (tx, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let out = BodyOut {
+            tx,
+            stalled: stalled.clone(),
+        };
         // A chat stream names the speaker once, first, as OpenAI's does: clients that
         // accumulate deltas join repeated strings ("assistantassistant...").
         if self.endpoint == Endpoint::Chat {
             let mut opening = self.chunk(Some(""), None);
             opening["choices"][0]["delta"]["role"] = json!("assistant");
-            let _ = out.try_send(Ok(event(&opening)));
+            let _ = out.tx.try_send(Ok(event(&opening)));
         }
         tokio::spawn(async move {
             let mut item = first;
@@ -1429,7 +1443,7 @@ impl Shape {
                             // client must not take the answer cut short for a whole one.
                             None => Relayed::Failed(relay_lost()),
                         },
-                        () = out.closed() => return,
+                        () = out.tx.closed() => return,
                         () = tokio::time::sleep(KEEPALIVE) => {
                             if !deliver(&out, Bytes::from_static(b": waiting\n\n")).await {
                                 return;
@@ -1475,8 +1489,24 @@ impl Shape {
                 }
             }
         });
-        let stream = futures_util::stream::unfold(body, |mut body| async move {
-            body.recv().await.map(|item| (item, body))
+        let stream = futures_util::stream::unfold(Some(body), move |body| {
+            let stalled = stalled.clone();
+            async move {
+                let mut body = body?;
+                match body.recv().await {
+                    Some(item) => Some((item, Some(body))),
+                    // The writer gave up on a client that took nothing for a while: the
+                    // body fails (hyper aborts the connection) rather than end as whole.
+                    None if stalled.load(Ordering::Acquire) => {
+                        let why = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the client read nothing of the stream for 60 s",
+                        );
+                        Some((Err(why), None))
+                    }
+                    None => None,
+                }
+            }
         });
         let mut response = Response::new(Body::from_stream(stream));
         let headers = response.headers_mut();
@@ -1491,6 +1521,7 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+    use crate::fake_host::{fake_host, Reply};
 
     fn chat_shape() -> Shape {
         Shape {
@@ -1520,66 +1551,18 @@ mod tests {
             .expect("the relay was not told that the client left");
     }
 
-    /// Reads one HTTP request (headers and a `Content-Length` body) off `stream`.
-    fn read_request(stream: &mut std::net::TcpStream) -> String {
-        use std::io::Read;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut buf).unwrap();
-            got.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&got).to_string();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length = text
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap())
-                    })
-                    .unwrap_or(0);
-                if got.len() >= end + 4 + length || n == 0 {
-                    return text;
-                }
-            }
-        }
-    }
-
-    /// A host API at the address returned, answering its connections in turn with
-    /// `answers` (status line, JSON body), one a connection; the requests it got (it
-    /// waits up to 10 s for each).
-    fn fake_host(
-        answers: Vec<(&'static str, String)>,
-    ) -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<String>>) {
-        use std::io::Write;
-        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = host.local_addr().unwrap();
-        host.set_nonblocking(true).unwrap();
-        let requests = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            for (status, body) in answers {
-                let waiting = Instant::now();
-                let mut stream = loop {
-                    match host.accept() {
-                        Ok((stream, _)) => break stream,
-                        Err(_) if waiting.elapsed() < Duration::from_secs(10) => {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        Err(_) => return seen,
-                    }
-                };
-                stream.set_nonblocking(false).unwrap();
-                seen.push(read_request(&mut stream));
-                write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .unwrap();
-            }
-            seen
-        });
-        (addr, requests)
+    /// Checks that the host's requests from `at` on are a cancel of stream 9 (a signal)
+    /// and its release.
+    #[track_caller]
+    fn assert_cancelled(seen: &[String], at: usize) {
+        assert!(
+            seen[at].starts_with("POST /v1/vms/v/streams/9/signal "),
+            "{seen:?}"
+        );
+        assert!(
+            seen[at + 1].starts_with("DELETE /v1/vms/v/streams/9 "),
+            "{seen:?}"
+        );
     }
 
     /// A host's answer to a read: `events` events `event`, the stream still open.
@@ -1631,14 +1614,7 @@ mod tests {
         assert_eq!(e.code, "upstream_error");
         // Twice the tokens asked for, and a few: then nothing more.
         assert_eq!(texts, 12);
-        assert!(
-            seen[1].starts_with("POST /v1/vms/v/streams/9/signal "),
-            "{seen:?}"
-        );
-        assert!(
-            seen[2].starts_with("DELETE /v1/vms/v/streams/9 "),
-            "{seen:?}"
-        );
+        assert_cancelled(&seen, 1);
     }
 
     #[test]
@@ -1700,14 +1676,7 @@ mod tests {
             .cancel("v", &record, 9, "the client went away");
         let seen = c_requests.join().unwrap();
         assert_eq!(seen.len(), 2, "{seen:?}");
-        assert!(
-            seen[0].starts_with("POST /v1/vms/v/streams/9/signal "),
-            "{seen:?}"
-        );
-        assert!(
-            seen[1].starts_with("DELETE /v1/vms/v/streams/9 "),
-            "{seen:?}"
-        );
+        assert_cancelled(&seen, 0);
         let seen = b_requests.join().unwrap();
         assert!(seen[1].starts_with("GET /v1/vms/v "), "{seen:?}");
     }
@@ -1775,12 +1744,17 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let response = chat_shape().stream(None, rx, false);
         // The client keeps its connection, and reads nothing.
-        let _unread = response.into_body();
+        let unread = response.into_body();
         let relay = async { while tx.send(Relayed::Text("la".into())).await.is_ok() {} };
         // The relay's sends fail once the client has taken nothing for a while (it then
         // cancels the generation), however long the answer.
         let let_go = tokio::time::timeout(CLIENT_STALL * 10, relay).await;
         assert!(let_go.is_ok(), "the relay is held for ever");
+        // What was sent is there, and then the body fails: a client must not take the
+        // answer cut off for a whole one (hyper aborts the connection).
+        let read = axum::body::to_bytes(unread, usize::MAX).await;
+        let error = read.expect_err("the body of a stalled stream ends as a whole one");
+        assert!(format!("{error:?}").contains("read nothing"), "{error:?}");
     }
 
     #[tokio::test]
@@ -1805,29 +1779,14 @@ mod tests {
 
     #[test]
     fn a_request_queued_whose_answer_was_lost_is_not_queued_again_nor_failed() {
-        use std::io::Write;
         let scratch = crate::tests::ScratchCenter::open("lost-submit");
         // Host b queues the request but its answer is lost; asked again, it says the
         // stream is there.
-        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = host.local_addr().unwrap();
-        let requests = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            for (n, stream) in host.incoming().take(2).enumerate() {
-                let mut stream = stream.unwrap();
-                seen.push(read_request(&mut stream));
-                if n == 1 {
-                    let body = r#"{"error":"VM v: stream 9 exists","code":"stream_exists"}"#;
-                    write!(
-                        stream,
-                        "HTTP/1.1 409 Conflict\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .unwrap();
-                }
-            }
-            seen
-        });
+        let exists = r#"{"error":"VM v: stream 9 exists","code":"stream_exists"}"#;
+        let (addr, requests) = fake_host(vec![
+            Reply::Nothing,
+            Reply::Json("409 Conflict", exists.into()),
+        ]);
         let mut record = scratch.report("b", addr);
         let message = ChannelMessage {
             stream: 9,
@@ -1859,7 +1818,6 @@ mod tests {
 
     #[test]
     fn a_queued_request_long_silent_rides_out_a_switchover() {
-        use std::io::Write;
         let scratch = crate::tests::ScratchCenter::open("queued-switchover");
         let done = serve::Event::Done {
             reason: FinishReason::Stop,
@@ -1877,37 +1835,19 @@ mod tests {
         .unwrap();
         // Host b: the request waits in the guest's queue longer than the relay's
         // patience, then the VM pauses for a switchover once, then the answer comes.
-        let answers = [
-            (
+        let (addr, requests) = fake_host(vec![
+            Reply::Late(
+                PATIENCE * 2,
                 "200 OK",
                 r#"{"from":0,"events":[],"end":"open"}"#.to_string(),
             ),
-            (
+            Reply::Json(
                 "503 Service Unavailable",
                 r#"{"error":"VM v is pausing","code":"unavailable"}"#.into(),
             ),
-            ("200 OK", finished),
-            ("200 OK", "{}".into()),
-        ];
-        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = host.local_addr().unwrap();
-        let requests = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            for ((status, body), stream) in answers.iter().zip(host.incoming()) {
-                let mut stream = stream.unwrap();
-                seen.push(read_request(&mut stream));
-                if seen.len() == 1 {
-                    std::thread::sleep(PATIENCE * 2);
-                }
-                write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .unwrap();
-            }
-            seen
-        });
+            Reply::Json("200 OK", finished),
+            Reply::Json("200 OK", "{}".into()),
+        ]);
         let mut record = scratch.report("b", addr);
         let (tx, mut rx) = mpsc::channel(4);
         let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);

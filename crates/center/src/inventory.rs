@@ -240,16 +240,21 @@ pub const MAX_BACKENDS: usize = 16;
 /// Longest workload (a built-in name, or a guest's path on its host), bytes.
 pub const MAX_WORKLOAD_BYTES: usize = 4_096;
 
-/// Most guest arguments of a VM, and most bytes of them together.
-pub const MAX_ARGS: usize = 256;
-/// See [`MAX_ARGS`].
-pub const MAX_ARGS_BYTES: usize = 8_192;
+/// Most bytes of a VM's guest arguments, each counted with the NUL that ends it: what a
+/// host's boot-info page holds (a host boots no VM with more).
+pub const MAX_ARGS_BYTES: usize = ferry_abi::ARGS_CAPACITY;
 
-/// Most attached files of a VM.
-pub const MAX_FILES: usize = 64;
+/// Most attached files of a VM: what a host attaches.
+pub const MAX_FILES: usize = ferry_abi::file::MAX_FILES;
+
+/// Longest failure or in-doubt reason of a VM's state the center keeps, bytes (a longer
+/// one is cut).
+pub const MAX_STATE_TEXT_BYTES: usize = 512;
 
 /// Largest report of one VM (as JSON, less its console tail), bytes: an etcd transaction
-/// of a hundred records stays under etcd's default request limit (1.5 MiB).
+/// of a hundred records stays under etcd's default request limit (1.5 MiB). A report
+/// larger (many files with long paths, say) is kept without its files, then without its
+/// arguments, then without its workload, until it fits.
 pub const MAX_VM_REPORT_BYTES: usize = 12 << 10;
 
 /// Why a heartbeat was refused: a host's report is not trusted (it may be buggy or
@@ -304,7 +309,7 @@ pub enum HeartbeatError {
 }
 
 /// At most 64 bytes of `text` (sent by a host) for a message.
-fn shown(text: &str) -> String {
+pub(crate) fn shown(text: &str) -> String {
     let mut end = text.len().min(64);
     while !text.is_char_boundary(end) {
         end -= 1;
@@ -330,8 +335,9 @@ fn valid_api_url(url: &str) -> bool {
             .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
 }
 
-/// Checks what a host reports, before any of it is taken.
-pub fn check_heartbeat(beat: &Heartbeat) -> Result<(), HeartbeatError> {
+/// Checks what a host reports, before any of it is taken; VM reports too large to keep
+/// are trimmed ([`check_vm_report`]).
+pub fn check_heartbeat(beat: &mut Heartbeat) -> Result<(), HeartbeatError> {
     let host = &beat.host;
     if !ferry_api::valid_host_name(&host.name) {
         return Err(HeartbeatError::HostName(shown(&host.name)));
@@ -374,14 +380,29 @@ pub fn check_heartbeat(beat: &Heartbeat) -> Result<(), HeartbeatError> {
     if let Some(id) = removed.iter().find(|id| !ferry_api::valid_vm_id(id)) {
         return Err(HeartbeatError::VmId(shown(id)));
     }
-    beat.vms.iter().try_for_each(check_vm_report)
+    beat.vms.iter_mut().try_for_each(check_vm_report)
 }
 
-/// Checks one VM's report ([`check_heartbeat`]).
-fn check_vm_report(vm: &VmInfo) -> Result<(), HeartbeatError> {
+/// Checks one VM's report (of a beat, a create's answer, a migration's destination):
+/// what is malformed (its id, name, accelerator load or backend, a migration address) is
+/// refused; what is only too large to keep (its workload, arguments or files, beyond what
+/// a host takes, or together beyond [`MAX_VM_REPORT_BYTES`]) is emptied, and a long
+/// reason in its state is cut, so one VM never makes its host's beats fail.
+pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
     if !ferry_api::valid_vm_id(&vm.id) {
         return Err(HeartbeatError::VmId(shown(&vm.id)));
     }
+    let long = |text: &Option<String>| {
+        text.as_ref()
+            .is_some_and(|t| t.len() > MAX_HOST_FIELD_BYTES)
+    };
+    let to = match &vm.state {
+        VmState::Migrating { to }
+        | VmState::Switchover { to }
+        | VmState::InDoubt { to, .. }
+        | VmState::MigratedAway { to } => Some(to.clone()),
+        _ => None,
+    };
     let problem = if vm
         .name
         .as_deref()
@@ -397,23 +418,52 @@ fn check_vm_report(vm: &VmInfo) -> Result<(), HeartbeatError> {
             "its accelerator load {} is not between 0 and 1",
             vm.accel_load
         )
-    } else if vm.workload.len() > MAX_WORKLOAD_BYTES {
-        format!("its workload is longer than {MAX_WORKLOAD_BYTES} bytes")
-    } else if vm.args.len() > MAX_ARGS
-        || vm.args.iter().map(String::len).sum::<usize>() > MAX_ARGS_BYTES
-    {
-        format!("more than {MAX_ARGS} arguments or {MAX_ARGS_BYTES} bytes of them")
-    } else if vm.files.len() > MAX_FILES {
-        format!("more than {MAX_FILES} attached files")
-    } else if report_bytes(vm) > MAX_VM_REPORT_BYTES {
-        format!("its report is larger than {MAX_VM_REPORT_BYTES} bytes")
+    } else if long(&vm.accel_backend) || long(&vm.migrated_from) || long(&to) {
+        format!("its backend, origin or destination is longer than {MAX_HOST_FIELD_BYTES} bytes")
     } else {
-        return Ok(());
+        trim_vm_report(vm);
+        if report_bytes(vm) <= MAX_VM_REPORT_BYTES {
+            return Ok(());
+        }
+        // Not reached: what is left is bounded well below.
+        format!("its report is larger than {MAX_VM_REPORT_BYTES} bytes")
     };
     Err(HeartbeatError::Vm {
         id: vm.id.clone(),
         problem,
     })
+}
+
+/// Empties what of `vm`'s report is too large to keep ([`check_vm_report`]).
+fn trim_vm_report(vm: &mut VmInfo) {
+    if let VmState::InDoubt { reason: text, .. } | VmState::Failed { error: text } = &mut vm.state {
+        if text.len() > MAX_STATE_TEXT_BYTES {
+            let mut end = MAX_STATE_TEXT_BYTES - '…'.len_utf8();
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+    }
+    if vm.workload.len() > MAX_WORKLOAD_BYTES {
+        vm.workload = String::new();
+    }
+    if vm.args.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_ARGS_BYTES {
+        vm.args = Vec::new();
+    }
+    if vm.files.len() > MAX_FILES {
+        vm.files = Vec::new();
+    }
+    if report_bytes(vm) > MAX_VM_REPORT_BYTES {
+        vm.files = Vec::new();
+    }
+    if report_bytes(vm) > MAX_VM_REPORT_BYTES {
+        vm.args = Vec::new();
+    }
+    if report_bytes(vm) > MAX_VM_REPORT_BYTES {
+        vm.workload = String::new();
+    }
 }
 
 /// The size of `vm`'s report as JSON, less its console tail (which is not kept).

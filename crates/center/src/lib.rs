@@ -11,6 +11,8 @@
 pub mod api;
 pub mod balance;
 pub mod etcd;
+#[cfg(test)]
+mod fake_host;
 pub mod gateway;
 pub mod inventory;
 pub mod leader;
@@ -604,11 +606,16 @@ impl Center {
 
     /// Takes a host's heartbeat; a delta on a base this center does not hold is refused
     /// (`taken: false`), and the host sends a full beat next.
-    pub fn heartbeat(&self, beat: Heartbeat) -> Result<BeatAnswer, CenterError> {
-        inventory::check_heartbeat(&beat)?;
+    pub fn heartbeat(&self, mut beat: Heartbeat) -> Result<BeatAnswer, CenterError> {
         let name = beat.host.name.clone();
+        if let Err(e) = inventory::check_heartbeat(&mut beat) {
+            return Err(refused_beat(&beat, e));
+        }
         let mut inventory = self.inventory();
-        inventory.check_room(&beat)?;
+        if let Err(e) = inventory.check_room(&beat) {
+            drop(inventory);
+            return Err(refused_beat(&beat, e));
+        }
         let (outcome, changes) = inventory.apply_heartbeat(beat, unix_ms(), self.down_after_ms());
         drop(inventory);
         self.metrics.heartbeat(&outcome);
@@ -997,9 +1004,16 @@ impl Center {
             host: host.name.clone(),
         };
         let client = self.order_client(&host)?;
-        let vm: VmInfo = client
+        let mut vm: VmInfo = client
             .post("/v1/vms", &req.vm)
             .map_err(|e| passed_on(&host.name, e))?;
+        // Bounded as its beats are: its next beat would be refused too.
+        inventory::check_vm_report(&mut vm).map_err(|e| {
+            CenterError::Unavailable(format!(
+                "host {} answered the create with a report the center cannot keep: {e}",
+                host.name
+            ))
+        })?;
         let record = VmRecord::new(&host.name, vm.clone());
         self.inventory().put_vm_placed(record.clone());
         // The VM runs: a failed write is not the create's failure (a client told so
@@ -1081,11 +1095,34 @@ impl Center {
     }
 }
 
+/// A heartbeat refused for `error`, logged (at most once a second, not once per host per
+/// beat): a host whose beats are refused shows as down, and its operator looks here.
+fn refused_beat(beat: &Heartbeat, error: inventory::HeartbeatError) -> CenterError {
+    static LAST_WARNED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = unix_ms();
+    let last = LAST_WARNED_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1_000 {
+        LAST_WARNED_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            "refused a heartbeat of host '{}' ({}): {error}",
+            inventory::shown(&beat.host.name),
+            inventory::shown(&beat.api_url)
+        );
+    }
+    CenterError::Heartbeat(error)
+}
+
 /// A host's failure to answer a request passed on to it: its refusal of the request
 /// itself (a 4xx, bar a refusal of the center's own key) as it gave it, so a client does
 /// not retry what cannot succeed; anything else (unreachable, failed) as unavailable.
 fn passed_on(host: &str, error: anyhow::Error) -> CenterError {
     match error.downcast::<ferry_client::ApiError>() {
+        // An order of a term older than the host has heard: this replica no longer leads
+        // (the request itself was not at fault).
+        Ok(answer) if answer.code.as_deref() == Some("stale_leader") => {
+            tracing::warn!("host {host} refused an order of this replica's term: {answer}");
+            CenterError::Store(StoreError::NotLeader)
+        }
         Ok(answer)
             if (400..500).contains(&answer.status) && !matches!(answer.status, 401 | 403) =>
         {
@@ -1138,6 +1175,7 @@ impl Drop for Creating<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::fake_host::{fake_host, Reply};
 
     /// A center on a fresh SQLite file (removed on drop of the returned guard).
     pub(crate) struct ScratchCenter {
@@ -1200,26 +1238,11 @@ pub(crate) mod tests {
 
     #[test]
     fn an_evacuation_waits_for_a_vm_being_created_on_its_host_and_does_not_call_it_empty() {
-        use std::io::{Read, Write};
         let scratch = ScratchCenter::open("create-evacuate");
         // Host a answers a create after 1 s (a VM booting).
-        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = api.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let (mut conn, _) = api.accept().unwrap();
-            let mut request = [0u8; 4096];
-            let _ = conn.read(&mut request).unwrap();
-            std::thread::sleep(Duration::from_secs(1));
-            let vm =
-                serde_json::to_string(&inventory::tests::vm("a-vm1", ferry_api::VmState::Running))
-                    .unwrap();
-            write!(
-                conn,
-                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{vm}",
-                vm.len()
-            )
+        let vm = serde_json::to_string(&inventory::tests::vm("a-vm1", ferry_api::VmState::Running))
             .unwrap();
-        });
+        let (addr, _) = fake_host(vec![Reply::Late(Duration::from_secs(1), "201 Created", vm)]);
         scratch.report("a", addr);
         let center = scratch.center.clone();
         let create = std::thread::spawn(move || {
@@ -1262,21 +1285,7 @@ pub(crate) mod tests {
     /// A host API at the address returned that answers one request with `status` and
     /// JSON `body`.
     fn answering_once(status: &'static str, body: &'static str) -> std::net::SocketAddr {
-        use std::io::{Read, Write};
-        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = api.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let (mut conn, _) = api.accept().unwrap();
-            let mut request = [0u8; 4096];
-            let _ = conn.read(&mut request).unwrap();
-            write!(
-                conn,
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-        });
-        addr
+        fake_host(vec![Reply::Json(status, body.into())]).0
     }
 
     fn create_on(center: &Center, host: &str) -> Result<Placed, CenterError> {
@@ -1319,6 +1328,19 @@ pub(crate) mod tests {
         scratch.report("b", failing);
         let failed = create_on(&scratch.center, "b").unwrap_err();
         assert!(matches!(failed, CenterError::Unavailable(_)), "{failed}");
+        // A host that heard of a newer leader refuses the order for this replica's
+        // term, not for the request: this replica does not lead.
+        let fenced = answering_once(
+            "409 Conflict",
+            r#"{"error":"an order of an older leader's term","code":"stale_leader"}"#,
+        );
+        scratch.report("c", fenced);
+        let stale = create_on(&scratch.center, "c").unwrap_err();
+        assert!(
+            matches!(stale, CenterError::Store(StoreError::NotLeader)),
+            "{stale}"
+        );
+        assert_eq!(stale.into_response().status(), 503);
         let bad_address = scratch.center.client_of("127.0.0.1:7070").err().unwrap();
         assert_eq!(bad_address.into_response().status(), 503);
     }
@@ -1378,23 +1400,11 @@ pub(crate) mod tests {
             vm_with(&|vm| vm.accel_load = 1e308),
             vm_with(&|vm| vm.accel_load = -0.5),
             vm_with(&|vm| vm.accel_load = f64::NAN),
-            vm_with(&|vm| vm.workload = "w".repeat(4097)),
-            vm_with(&|vm| vm.args = vec![String::new(); 257]),
-            vm_with(&|vm| vm.args = vec!["a".repeat(8193)]),
+            vm_with(&|vm| vm.accel_backend = Some("b".repeat(257))),
+            vm_with(&|vm| vm.migrated_from = Some("h".repeat(257))),
             vm_with(&|vm| {
-                vm.files = vec![
-                    ferry_api::FileInfo {
-                        name: "f".into(),
-                        size: 1,
-                        sha256: String::new(),
-                        path: "/f".into(),
-                    };
-                    65
-                ]
-            }),
-            vm_with(&|vm| {
-                vm.state = VmState::Failed {
-                    error: "e".repeat(20_000),
+                vm.state = VmState::Migrating {
+                    to: "m".repeat(257),
                 }
             }),
         ];
@@ -1414,6 +1424,96 @@ pub(crate) mod tests {
         assert_eq!(center.inventory().vms()["v"].info.console_tail, "");
         let stored = center.store().load().unwrap().vms;
         assert_eq!(stored[0].info.console_tail, "");
+    }
+
+    /// `n` attached files with paths of `path_bytes` bytes.
+    fn files(n: usize, path_bytes: usize) -> Vec<ferry_api::FileInfo> {
+        (0..n)
+            .map(|i| ferry_api::FileInfo {
+                name: format!("f{i}"),
+                size: 1,
+                sha256: "0".repeat(64),
+                path: format!("/{}", "p".repeat(path_bytes - 1)).into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_vm_too_large_to_keep_is_kept_trimmed_and_its_host_beats_on() {
+        use ferry_api::VmState;
+        use inventory::tests::{beat, vm};
+        let scratch = ScratchCenter::open("beat-trimmed");
+        let center = &scratch.center;
+        let with = |id: &str, change: &dyn Fn(&mut VmInfo)| {
+            let mut vm = vm(id, VmState::Running);
+            change(&mut vm);
+            vm
+        };
+        // What a host boots: 300 short arguments, 63 files with long paths.
+        let short_args = vec!["arg".to_string(); 300];
+        let vms = vec![
+            with("ok", &|_| {}),
+            with("many-args", &|vm| vm.args = short_args.clone()),
+            with("long-args", &|vm| vm.args = vec!["a".repeat(4096)]),
+            with("files", &|vm| {
+                vm.args = vec!["kept".into()];
+                vm.files = files(63, 4096);
+            }),
+            with("too-many-files", &|vm| vm.files = files(64, 8)),
+            with("workload", &|vm| vm.workload = "w".repeat(4097)),
+            with("failed", &|vm| {
+                vm.state = VmState::Failed {
+                    error: "é".repeat(10_000),
+                }
+            }),
+        ];
+        assert!(center.heartbeat(beat("a", vms.clone())).unwrap().taken);
+        let kept = |id: &str| center.inventory().vms()[id].info.clone();
+        assert_eq!(kept("ok").args, vms[0].args);
+        assert_eq!(kept("many-args").args, short_args);
+        assert!(kept("long-args").args.is_empty());
+        let files_vm = kept("files");
+        assert!(files_vm.files.is_empty());
+        assert_eq!(files_vm.args, ["kept"]);
+        assert_eq!(files_vm.workload, "mlp-train");
+        assert!(kept("too-many-files").files.is_empty());
+        assert_eq!(kept("workload").workload, "");
+        match kept("failed").state {
+            VmState::Failed { error } => {
+                assert!(error.len() <= inventory::MAX_STATE_TEXT_BYTES, "{error}");
+                assert!(error.starts_with("éé") && error.ends_with('…'), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(scratch.stored_rows("vms"), vms.len() as i64);
+        // Again, the same: nothing changed, nothing to write.
+        let mut again = beat("a", vms);
+        inventory::check_heartbeat(&mut again).unwrap();
+        let (outcome, changes) = center.inventory().apply_heartbeat(again, unix_ms(), 5_000);
+        assert_eq!(outcome, BeatOutcome::Taken);
+        assert!(changes.vms.is_empty(), "{:?}", changes.vms);
+    }
+
+    #[test]
+    fn a_created_vms_report_is_bounded_as_a_beats_is() {
+        let scratch = ScratchCenter::open("create-trimmed");
+        let mut vm = inventory::tests::vm("a-1", ferry_api::VmState::Running);
+        vm.files = files(63, 4096);
+        let answer: &'static str = String::leak(serde_json::to_string(&vm).unwrap());
+        scratch.report("a", answering_once("200 OK", answer));
+        let placed = create_on(&scratch.center, "a").unwrap();
+        assert!(placed.vm.files.is_empty());
+        assert!(scratch.center.inventory().vms()["a-1"]
+            .info
+            .files
+            .is_empty());
+        // A report not to be kept at all: the create is not recorded.
+        vm.id = "../hosts/b".into();
+        let answer: &'static str = String::leak(serde_json::to_string(&vm).unwrap());
+        scratch.report("b", answering_once("200 OK", answer));
+        let refused = create_on(&scratch.center, "b").unwrap_err();
+        assert!(matches!(refused, CenterError::Unavailable(_)), "{refused}");
+        assert_eq!(scratch.center.inventory().vms().len(), 1);
     }
 
     #[test]

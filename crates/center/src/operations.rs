@@ -13,7 +13,9 @@ use ferry_migrate::MigrationReport;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{self, BalancePlan, MovableVm};
-use crate::inventory::{unix_ms, Event, HostMode, MigrationRecord, Reservation, VmRecord};
+use crate::inventory::{
+    check_vm_report, unix_ms, Event, HostMode, MigrationRecord, Reservation, VmRecord,
+};
 use crate::placement::{self, Need};
 use crate::store::StoreError;
 use crate::{Center, CenterError, ForgottenHost};
@@ -319,9 +321,16 @@ impl Center {
         } else {
             self.metrics().count_finished(&record);
         }
-        let moved = arrived.map(|info| VmRecord {
-            id: vm.to_string(),
-            ..VmRecord::new(to, info)
+        // Bounded as the destination's beats are (what is not kept, its next beat tells).
+        let moved = arrived.and_then(|mut info| match check_vm_report(&mut info) {
+            Ok(()) => Some(VmRecord {
+                id: vm.to_string(),
+                ..VmRecord::new(to, info)
+            }),
+            Err(e) => {
+                tracing::warn!("host {to}'s report of VM {vm}, moved there, is not kept: {e}");
+                None
+            }
         });
         if let Some(vm) = &moved {
             inventory.put_vm_placed(vm.clone());

@@ -384,6 +384,10 @@ const EVENTS_KEPT_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Most events a store keeps (the API lists at most 10,000).
 const EVENTS_STORED: i64 = 100_000;
 
+/// Most events one sweep of etcd deletes for [`EVENTS_STORED`] (their keys are listed,
+/// about 50 bytes each): a backlog goes over later sweeps.
+const EVENTS_SWEPT: usize = 10_000;
+
 /// Where etcd keeps migrations and operations, each under its id ([`numbered`]).
 const MIGRATIONS: &str = "migrations/";
 const OPERATIONS: &str = "operations/";
@@ -510,10 +514,12 @@ impl EtcdStore {
         self.write(ids.iter().map(delete).collect())
     }
 
-    /// Deletes every event but the newest `keep`.
-    pub fn keep_newest_events(&self, keep: usize) -> Result<(), StoreError> {
+    /// Deletes events but the newest `keep`, at most `at_most` of them (the oldest): an
+    /// answer listing a backlog's keys all at once could pass the client's size limit,
+    /// and every sweep would fail. Later sweeps delete the rest.
+    pub fn keep_newest_events(&self, keep: usize, at_most: usize) -> Result<(), StoreError> {
         let prefix = self.key("events/");
-        let excess = self.etcd.count(&prefix)? - keep as i64;
+        let excess = (self.etcd.count(&prefix)? - keep as i64).min(at_most as i64);
         if excess <= 0 {
             return Ok(());
         }
@@ -693,8 +699,11 @@ impl Store for EtcdStore {
             ));
         }
         self.write(ops)?;
+        // The event is written: a failed sweep is the next sweep's to finish.
         if sweep {
-            self.keep_newest_events(EVENTS_STORED as usize)?;
+            if let Err(e) = self.keep_newest_events(EVENTS_STORED as usize, EVENTS_SWEPT) {
+                tracing::warn!("deleting the oldest events beyond the newest {EVENTS_STORED}: {e}");
+            }
         }
         Ok(())
     }

@@ -636,6 +636,13 @@ impl ScratchEtcd {
         EtcdStore::open(&[self.etcd.endpoints()], &self.prefix).unwrap()
     }
 
+    /// A store on the test's keys that leads (its leader key holds `me`).
+    fn leading_store(&self) -> EtcdStore {
+        let store = self.store();
+        self.take_lead(&store, b"me");
+        store
+    }
+
     /// Makes `store` the leader: creates its vacant leader key with `value`, as a
     /// replica that wins the lead does, and fences its writes with that leadership.
     fn take_lead(&self, store: &EtcdStore, value: &[u8]) {
@@ -700,8 +707,7 @@ fn the_etcd_store_deletes_forgotten_and_older_migrations() {
     let Some(scratch) = ScratchEtcd::start(test, "prune") else {
         return;
     };
-    let store = scratch.store();
-    scratch.take_lead(&store, b"me");
+    let store = scratch.leading_store();
     let record = ferry_center::inventory::MigrationRecord::default();
     for id in 1..=5 {
         assert_eq!(store.add_migration(&record).unwrap(), id);
@@ -729,8 +735,7 @@ fn the_etcd_store_keeps_only_the_newest_events() {
     let Some(scratch) = ScratchEtcd::start(test, "events") else {
         return;
     };
-    let store = scratch.store();
-    scratch.take_lead(&store, b"me");
+    let store = scratch.leading_store();
     let now = ferry_center::inventory::unix_ms();
     for i in 0..12u64 {
         let event = ferry_center::inventory::Event {
@@ -740,15 +745,21 @@ fn the_etcd_store_keeps_only_the_newest_events() {
         };
         store.add_event(&event).unwrap();
     }
-    store.keep_newest_events(5).unwrap();
-    let left: Vec<String> = (store.events(100).unwrap().into_iter())
-        .map(|e| e.message)
-        .collect();
+    let left = || -> Vec<String> {
+        (store.events(100).unwrap().into_iter())
+            .map(|e| e.message)
+            .collect()
+    };
+    // A sweep deletes at most so many, the oldest; the next goes on.
+    store.keep_newest_events(5, 4).unwrap();
+    assert_eq!(left().len(), 8);
+    assert_eq!(left().last().map(String::as_str), Some("event 4"));
+    store.keep_newest_events(5, 4).unwrap();
     assert_eq!(
-        left,
+        left(),
         ["event 11", "event 10", "event 9", "event 8", "event 7"]
     );
     // Within the bound, nothing goes.
-    store.keep_newest_events(5).unwrap();
+    store.keep_newest_events(5, 4).unwrap();
     assert_eq!(store.events(100).unwrap().len(), 5);
 }
