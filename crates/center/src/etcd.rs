@@ -115,6 +115,8 @@ pub struct RangeOptions {
     pub descending: bool,
     /// Keys only, their values left out.
     pub keys_only: bool,
+    /// Only how many keys there are (what [`Etcd::count`] asks).
+    pub count_only: bool,
 }
 
 /// An etcd cluster, by its client endpoints.
@@ -337,23 +339,26 @@ impl Etcd {
         prefix: bool,
         options: RangeOptions,
     ) -> Result<Vec<KeyValue>, EtcdError> {
-        let answer = self.range_call(key, prefix, options, false)?;
+        let answer = self.range_call(key, prefix, options)?;
         kvs(&answer, "range")
     }
 
     /// How many keys start with `prefix`.
     pub fn count(&self, prefix: &str) -> Result<i64, EtcdError> {
-        let answer = self.range_call(prefix, true, RangeOptions::default(), true)?;
+        let count_only = RangeOptions {
+            count_only: true,
+            ..RangeOptions::default()
+        };
+        let answer = self.range_call(prefix, true, count_only)?;
         Ok(number(answer.get("count")))
     }
 
-    /// A range call ([`Etcd::range`]), or one that only counts (`count_only`).
+    /// The answer to a range request ([`Etcd::range`], [`Etcd::count`]).
     fn range_call(
         &self,
         key: &str,
         prefix: bool,
         options: RangeOptions,
-        count_only: bool,
     ) -> Result<Value, EtcdError> {
         let request = RangeRequest {
             key: &b64(key.as_bytes()),
@@ -362,7 +367,7 @@ impl Etcd {
             sort_order: options.descending.then_some("DESCEND"),
             sort_target: options.descending.then_some("KEY"),
             keys_only: options.keys_only,
-            count_only,
+            count_only: options.count_only,
         };
         let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
             call: "range",

@@ -1140,35 +1140,33 @@ fn relay_permit(center: &Center) -> Result<OwnedSemaphorePermit, OpenAiError> {
         })
 }
 
-/// The body of a request and a relay's permit for it.
-async fn admit(center: &Center, body: Body) -> Result<(Bytes, OwnedSemaphorePermit), OpenAiError> {
+/// A request's body parsed as `T` (`own`: the field only that endpoint takes), and a
+/// relay's permit for it: taken before the parse, so parses in progress are bounded too.
+async fn admit<T: serde::de::DeserializeOwned>(
+    center: &Center,
+    body: Body,
+    own: &str,
+) -> Result<(T, OwnedSemaphorePermit), OpenAiError> {
     let body = read_body(body).await?;
-    Ok((body, relay_permit(center)?))
+    let permit = relay_permit(center)?;
+    Ok((parse(&body, own)?, permit))
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(center): State<Arc<Center>>, body: Body) -> Response {
-    let (body, permit) = match admit(&center, body).await {
-        Ok(admitted) => admitted,
-        Err(e) => return e.into_response(),
-    };
-    let req: ChatRequest = match parse(&body, "messages") {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+pub async fn chat_completions(
+    State(center): State<Arc<Center>>,
+    body: Body,
+) -> Result<Response, OpenAiError> {
+    let (req, permit): (ChatRequest, _) = admit(&center, body, "messages").await?;
     if req.messages.is_empty() {
-        return OpenAiError::invalid("messages", "messages must not be empty").into_response();
+        return Err(OpenAiError::invalid(
+            "messages",
+            "messages must not be empty",
+        ));
     }
-    let messages = match req
-        .messages
-        .into_iter()
-        .enumerate()
+    let messages = (req.messages.into_iter().enumerate())
         .map(|(i, m)| m.into_turn(i))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(messages) => messages,
-        Err(e) => return e.into_response(),
-    };
+        .collect::<Result<Vec<_>, _>>()?;
     complete(
         center,
         permit,
@@ -1181,20 +1179,12 @@ pub async fn chat_completions(State(center): State<Arc<Center>>, body: Body) -> 
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(center): State<Arc<Center>>, body: Body) -> Response {
-    let (body, permit) = match admit(&center, body).await {
-        Ok(admitted) => admitted,
-        Err(e) => return e.into_response(),
-    };
-    let req: CompletionRequest = match parse(&body, "prompt") {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let prompt = match req.prompt.into_text() {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    let messages = vec![(String::new(), prompt)];
+pub async fn completions(
+    State(center): State<Arc<Center>>,
+    body: Body,
+) -> Result<Response, OpenAiError> {
+    let (req, permit): (CompletionRequest, _) = admit(&center, body, "prompt").await?;
+    let messages = vec![(String::new(), req.prompt.into_text()?)];
     complete(
         center,
         permit,
@@ -1213,16 +1203,10 @@ async fn complete(
     sampling: Sampling,
     prompt: PromptKind,
     messages: Vec<(String, String)>,
-) -> Response {
-    let request = match sampling.request(prompt, messages) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, OpenAiError> {
+    let request = sampling.request(prompt, messages)?;
     let model = sampling.model.clone();
-    let vm = match center.serving_vm(&model) {
-        Ok(vm) => vm,
-        Err(e) => return e.into_response(),
-    };
+    let vm = center.serving_vm(&model)?;
     let stream = center.gateway.stream_id();
     let (tx, mut rx) = mpsc::channel(64);
     let payload = request.encode();
@@ -1235,12 +1219,11 @@ async fn complete(
             relay_center.relay(&vm, stream, payload, max_tokens, &tx);
         });
     if spawned.is_err() {
-        return OpenAiError::new(
+        return Err(OpenAiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "cannot start a relay thread",
-        )
-        .into_response();
+        ));
     }
     let id = match endpoint {
         Endpoint::Chat => format!("chatcmpl-{stream:016x}"),
@@ -1260,25 +1243,24 @@ async fn complete(
     let first = if streaming {
         match tokio::time::timeout(STREAM_STARTS_AFTER, rx.recv()).await {
             Ok(first) => first,
-            Err(_) => return shape.stream(None, rx, usage),
+            Err(_) => return Ok(shape.stream(None, rx, usage)),
         }
     } else {
         rx.recv().await
     };
     let first = match first {
-        Some(Relayed::Failed(e)) => return e.into_response(),
+        Some(Relayed::Failed(e)) => return Err(e),
         Some(first) => first,
         None => {
-            return OpenAiError::new(
+            return Err(OpenAiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "relay_failed",
                 "the relay ended without an answer",
-            )
-            .into_response()
+            ))
         }
     };
     if streaming {
-        return shape.stream(Some(first), rx, usage);
+        return Ok(shape.stream(Some(first), rx, usage));
     }
     let mut text = String::new();
     let mut item = Some(first);
@@ -1290,14 +1272,16 @@ async fn complete(
                 prompt_tokens,
                 completion_tokens,
             } => {
-                return Json(shape.whole(&text, reason, prompt_tokens, completion_tokens))
-                    .into_response()
+                return Ok(
+                    Json(shape.whole(&text, reason, prompt_tokens, completion_tokens))
+                        .into_response(),
+                )
             }
-            Relayed::Failed(e) => return e.into_response(),
+            Relayed::Failed(e) => return Err(e),
         }
         item = rx.recv().await;
     }
-    relay_lost().into_response()
+    Err(relay_lost())
 }
 
 /// A streamed answer's body, as the task writing it holds it.

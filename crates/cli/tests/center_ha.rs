@@ -636,11 +636,13 @@ impl ScratchEtcd {
         EtcdStore::open(&[self.etcd.endpoints()], &self.prefix).unwrap()
     }
 
-    /// A store on the test's keys that leads (its leader key holds `me`).
-    fn leading_store(&self) -> EtcdStore {
-        let store = self.store();
-        self.take_lead(&store, b"me");
-        store
+    /// [`ScratchEtcd::start`], with a store on the test's keys that leads (its leader
+    /// key holds `me`).
+    fn leading(test: &str, name: &str) -> Option<(Self, EtcdStore)> {
+        let scratch = Self::start(test, name)?;
+        let store = scratch.store();
+        scratch.take_lead(&store, b"me");
+        Some((scratch, store))
     }
 
     /// Makes `store` the leader: creates its vacant leader key with `value`, as a
@@ -704,10 +706,9 @@ fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
 #[test]
 fn the_etcd_store_deletes_forgotten_and_older_migrations() {
     let test = "the_etcd_store_deletes_forgotten_and_older_migrations";
-    let Some(scratch) = ScratchEtcd::start(test, "prune") else {
+    let Some((_scratch, store)) = ScratchEtcd::leading(test, "prune") else {
         return;
     };
-    let store = scratch.leading_store();
     let record = ferry_center::inventory::MigrationRecord::default();
     for id in 1..=5 {
         assert_eq!(store.add_migration(&record).unwrap(), id);
@@ -732,10 +733,9 @@ fn the_etcd_store_deletes_forgotten_and_older_migrations() {
 #[test]
 fn the_etcd_store_keeps_only_the_newest_events() {
     let test = "the_etcd_store_keeps_only_the_newest_events";
-    let Some(scratch) = ScratchEtcd::start(test, "events") else {
+    let Some((_scratch, store)) = ScratchEtcd::leading(test, "events") else {
         return;
     };
-    let store = scratch.leading_store();
     let now = ferry_center::inventory::unix_ms();
     for i in 0..12u64 {
         let event = ferry_center::inventory::Event {

@@ -538,34 +538,36 @@ mod tests {
         answered(addr, request, "3");
     }
 
-    #[test]
-    fn a_json_body_refused_keeps_the_status_axum_gives_it() {
+    /// The status and error code `router` answers a `POST /` of `body` as `content_type`.
+    async fn refusal(router: &Router, content_type: &str, body: Vec<u8>) -> (u16, String) {
         use tower::ServiceExt;
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let router = Router::new().route(
-            "/",
-            axum::routing::post(|Body(v): Body<serde_json::Value>| async move { v.to_string() }),
-        );
-        let ask = |content_type: &str, body: Vec<u8>| {
-            let request = axum::http::Request::post("/")
-                .header("content-type", content_type)
-                .body(axum::body::Body::from(body))
-                .unwrap();
-            let answer = runtime.block_on(router.clone().oneshot(request)).unwrap();
-            let status = answer.status().as_u16();
-            let body = runtime
-                .block_on(axum::body::to_bytes(answer.into_body(), 1 << 20))
-                .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            (status, v["code"].as_str().unwrap().to_string())
-        };
+        let request = axum::http::Request::post("/")
+            .header("content-type", content_type)
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        let answer = router.clone().oneshot(request).await.unwrap();
+        let status = answer.status().as_u16();
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (status, v["code"].as_str().unwrap().to_string())
+    }
+
+    #[tokio::test]
+    async fn a_json_body_refused_keeps_the_status_axum_gives_it() {
+        let echo = |Body(v): Body<serde_json::Value>| async move { v.to_string() };
+        let router = Router::new().route("/", axum::routing::post(echo));
         let json = "application/json";
         let large = format!("\"{}\"", "x".repeat(3 << 20)).into_bytes();
-        assert_eq!(ask(json, large), (413, "too_large".to_string()));
+        let too_large = (413, "too_large".to_string());
+        assert_eq!(refusal(&router, json, large).await, too_large);
+        let not_json = (415, "bad_request".to_string());
         assert_eq!(
-            ask("text/plain", b"{}".to_vec()),
-            (415, "bad_request".into())
+            refusal(&router, "text/plain", b"{}".to_vec()).await,
+            not_json
         );
-        assert_eq!(ask(json, b"{".to_vec()), (400, "bad_request".into()));
+        let malformed = (400, "bad_request".to_string());
+        assert_eq!(refusal(&router, json, b"{".to_vec()).await, malformed);
     }
 }
