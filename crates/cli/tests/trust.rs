@@ -258,7 +258,7 @@ fn with_tls_the_apis_speak_https_checked_against_the_cluster_ca() {
     let out = ferry(&["vm", "list", "--host", &plain]);
     assert!(!out.status.success());
     // A VM created and migrated over the HTTPS API and the mutual-TLS migration link.
-    let args = "--steps 400 --print-every 100";
+    let args = "--steps 8000 --print-every 4000";
     let id = a.create("mlp-train", "32M", args);
     let r = report(&a.migrate(&id, &b.migration, &[]));
     assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");

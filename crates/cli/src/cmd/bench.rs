@@ -9,6 +9,8 @@ use ferry_abi::calibration;
 use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 use serde::Serialize;
 
+use crate::cmd::poll_until;
+
 /// `ferry bench`.
 #[derive(Args)]
 #[command(
@@ -453,15 +455,12 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
         VmConfig::new(ram_size),
         ferry_accel::backend::CPU,
     )?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !vm.console_tail().contains("memtouch: seed=") {
-        ensure!(
-            Instant::now() < deadline,
-            "memtouch did not fill its working set: {}",
-            vm.console_tail()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll_until(
+        "memtouch to fill its working set",
+        Duration::from_secs(120),
+        || Ok(vm.console_tail().contains("memtouch: seed=").then_some(())),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}: {}", vm.console_tail()))?;
     vm.pause()?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -594,15 +593,12 @@ fn dirty_take_latency(emit: &mut Emit) -> anyhow::Result<()> {
         "100000",
     ];
     let vm = start("mlp-train", &mlp_args, config, ferry_accel::backend::CPU)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !vm.console_tail().contains("step=1 ") {
-        ensure!(
-            Instant::now() < deadline,
-            "mlp-train did not start training: {}",
-            vm.console_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(
+        "mlp-train to start training",
+        Duration::from_secs(300),
+        || Ok(vm.console_tail().contains("step=1 ").then_some(())),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}: {}", vm.console_tail()))?;
     let device = vm.accel().context("VM has no accelerator")?;
     let started = Instant::now();
     let all = device.all_chunks().len();

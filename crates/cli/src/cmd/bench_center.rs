@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use ferry_api::{BeatAnswer, BeatSeries, FileInfo, HostInfo, VmInfo, VmState};
 use ferry_client::ApiClient;
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::bench::{figure, percentile, Emit};
+use crate::cmd::poll_every;
 
 /// What to run.
 pub struct CenterBench<'a> {
@@ -163,17 +164,18 @@ fn run_one(
 
     let client = ApiClient::new(&url, token.as_bytes())?;
     // Every host joins within a second or two of starting; give it ten.
-    let joined = Instant::now();
-    loop {
-        let hosts: Vec<serde_json::Value> = client.get("/v1/hosts")?;
-        if hosts.len() == n {
-            break;
-        }
-        if joined.elapsed() > Duration::from_secs(10 + n as u64 / 100) {
-            bail!("only {} of {n} simulated hosts joined", hosts.len());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let mut joined = 0;
+    poll_every(
+        &format!("all {n} simulated hosts to join"),
+        Duration::from_secs(10 + n as u64 / 100),
+        Duration::from_millis(500),
+        || {
+            let hosts: Vec<serde_json::Value> = client.get("/v1/hosts")?;
+            joined = hosts.len();
+            Ok((joined == n).then_some(()))
+        },
+    )
+    .with_context(|| format!("{joined} of {n} simulated hosts had joined"))?;
     // Past the first (full) beats.
     std::thread::sleep(Duration::from_secs(3));
 

@@ -13,6 +13,7 @@ use ferry_center::{PlaceVm, Placed};
 use serde::Serialize;
 
 use crate::cmd::loopback::LoopbackCluster;
+use crate::cmd::poll_until;
 
 /// Each VM: a training run that outlasts the measurement.
 const GUEST_ARGS: &str =
@@ -59,17 +60,11 @@ impl LoopbackCluster {
         }
         // Let every VM train for a while first, so each move is of a busy VM.
         for id in &ids {
-            let started = Instant::now();
-            while !self
-                .host("a")
-                .get_text(&format!("/v1/vms/{id}/console"))?
-                .contains("step=100 ")
-            {
-                if started.elapsed() > Duration::from_secs(120) {
-                    bail!("{id} did not start training");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let what = format!("{id} to start training");
+            poll_until(&what, Duration::from_secs(120), || {
+                let console = self.host("a").get_text(&format!("/v1/vms/{id}/console"))?;
+                Ok(console.contains("step=100 ").then_some(()))
+            })?;
         }
         self.wait("the VMs running on a", |v| {
             ids.iter()

@@ -5,7 +5,7 @@
 //! destination.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_api::{Attachment, CreateVm, MigrateRequest};
@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::cmd::bench::{figure, last_value, median, Emit};
 use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
+use crate::cmd::poll_until;
 
 /// Runs of the model per speed figure (the median is reported).
 const RUNS: usize = 3;
@@ -190,16 +191,14 @@ fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> an
     let vm: ferry_api::VmInfo = ca.post("/v1/vms", &request)?;
     let id = vm.id;
     // Migrate once it is generating.
-    let started = Instant::now();
-    while !ca
-        .get_text(&format!("/v1/vms/{id}/console"))?
-        .contains("llm-chat: prompt of")
-    {
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("llm-chat did not start generating within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(
+        "llm-chat to start generating",
+        Duration::from_secs(60),
+        || {
+            let console = ca.get_text(&format!("/v1/vms/{id}/console"))?;
+            Ok(console.contains("llm-chat: prompt of").then_some(()))
+        },
+    )?;
     for (name, files, from, to) in [
         ("llm_migrate_file_sent", "send", ca, pair.b.migration_addr),
         (

@@ -10,7 +10,7 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use ferry_api::{CreateVm, MigrateRequest};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -19,6 +19,7 @@ use serde_json::Value;
 use crate::cmd::bench::median;
 use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::follow;
+use crate::cmd::poll_until;
 use crate::cmd::shaped_link::{self, HostProcess, ShapedLink};
 use ferry_client::ApiClient;
 use ferry_migrate::DeviceTransfer;
@@ -370,13 +371,10 @@ fn measure(
     )?;
     let id = vm.id;
     // Wait for the workload to be under way (the weights or dataset filled).
-    let started = Instant::now();
-    while count_now(ca, &id, key)?.unwrap_or(0) < 2 {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("{name} did not start working within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("{name} to start working");
+    poll_until(&what, Duration::from_secs(120), || {
+        Ok((count_now(ca, &id, key)?.unwrap_or(0) >= 2).then_some(()))
+    })?;
     // Rate before: over a window.
     let window = Duration::from_millis(1500);
     let (t0, c0) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::cmd::bench::{figure, percentile, Emit};
 use crate::cmd::loopback::LoopbackCluster;
+use crate::cmd::poll_until;
 
 /// Tokens each request asks for.
 const MAX_TOKENS: u32 = 48;
@@ -219,25 +220,24 @@ pub fn bench_serve(
         },
     )?;
     let id = placed.vm.id;
-    let started = Instant::now();
-    loop {
-        let models: Value = cluster.center.get("/v1/models")?;
-        let console = cluster
-            .host("a")
-            .get_text(&format!("/v1/vms/{id}/console"))?;
-        if console.contains("llm-serve: ready") && models["data"].to_string().contains(&id) {
-            break;
-        }
-        ensure!(
-            !console.contains("llm-serve: error"),
-            "the serving VM failed: {console}"
-        );
-        ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "the serving VM never got ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        "the serving VM to get ready",
+        Duration::from_secs(120),
+        || {
+            let models: Value = cluster.center.get("/v1/models")?;
+            let console = cluster
+                .host("a")
+                .get_text(&format!("/v1/vms/{id}/console"))?;
+            if console.contains("llm-serve: ready") && models["data"].to_string().contains(&id) {
+                return Ok(Some(()));
+            }
+            ensure!(
+                !console.contains("llm-serve: error"),
+                "the serving VM failed: {console}"
+            );
+            Ok(None)
+        },
+    )?;
 
     let gateway = (cluster.center_url.as_str(), cluster.token.as_str());
     for clients in [1, 4, 8] {

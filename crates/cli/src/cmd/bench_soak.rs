@@ -15,6 +15,7 @@ use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
 use serde_json::Value;
 
 use crate::cmd::bench::{figure, percentile, Emit};
+use crate::cmd::poll_until;
 
 /// One workload that migrates: name, guest arguments, RAM, accelerator memory.
 struct Workload {
@@ -165,34 +166,29 @@ impl Hosts {
                 _ => Err(e),
             };
         }
-        let started = Instant::now();
-        loop {
+        let what = format!("the migration of {id} to end");
+        poll_until(&what, Duration::from_secs(300), || {
             let status: MigrationStatus = api.get(&format!("/v1/vms/{id}/migration"))?;
             match status.state {
-                MigrationState::Running => {}
+                MigrationState::Running => Ok(None),
                 MigrationState::Succeeded => {
                     let report = status.report.context("a success without a report")?;
-                    return Ok(Some(report.downtime_ms));
+                    Ok(Some(Some(report.downtime_ms)))
                 }
-                _ if matches!(self.state(on, id)?, VmState::Exited { .. }) => return Ok(None),
+                _ if matches!(self.state(on, id)?, VmState::Exited { .. }) => Ok(Some(None)),
                 other => bail!(
                     "migration {} of {id} ended {other:?}: {}",
                     ["a -> b", "b -> a"][on],
                     status.error.unwrap_or_default()
                 ),
             }
-            ensure!(
-                started.elapsed() < Duration::from_secs(300),
-                "migration of {id} never ended"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        })
     }
 
     /// Waits for `id` on host `on` to end, and checks its checksum.
     fn finish(&self, on: usize, id: &str, expected: &str) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
+        let what = format!("{id} to end");
+        poll_until(&what, Duration::from_secs(600), || {
             match self.state(on, id)? {
                 VmState::Exited { .. } => {
                     let console = self.api(on).get_text(&format!("/v1/vms/{id}/console"))?;
@@ -201,17 +197,12 @@ impl Hosts {
                         got == expected,
                         "{id} ended with checksum {got}, an unmigrated run with {expected}"
                     );
-                    return Ok(());
+                    Ok(Some(()))
                 }
-                VmState::Running => {}
+                VmState::Running => Ok(None),
                 other => bail!("{id} is {other}"),
             }
-            ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "{id} never ended"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 //! `ferry host maintenance ...`.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -15,6 +15,7 @@ use ferry_client::ApiClient;
 
 use crate::cmd::host::SecretArgs;
 use crate::cmd::migrate::spinner;
+use crate::cmd::poll_every;
 
 /// Default address of the center's API.
 pub const DEFAULT_CENTER: &str = "http://127.0.0.1:7000";
@@ -525,10 +526,10 @@ fn print_plan(plan: &BalancePlan, dry_run: bool) {
 /// last line instead.
 fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<()> {
     let bar = spinner(json);
-    let started = Instant::now();
     let mut printed = std::collections::BTreeSet::new();
-    let (op, migrations) = loop {
-        std::thread::sleep(Duration::from_millis(200));
+    let what = format!("operation {id} to end; see GET /v1/operations/{id}");
+    let limit = Duration::from_secs(3600);
+    let (op, migrations) = poll_every(&what, limit, Duration::from_millis(200), || {
         let op: Operation = client.get(&format!("/v1/operations/{id}"))?;
         let all: Vec<MigrationRecord> = client.get("/v1/migrations")?;
         let mine: Vec<MigrationRecord> = all
@@ -548,13 +549,8 @@ fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<(
             }
         }
         bar.set_message(running.join(" | "));
-        if op.state != OperationState::Running {
-            break (op, mine);
-        }
-        if started.elapsed() > Duration::from_secs(3600) {
-            bail!("operation {id} still running after an hour; see GET /v1/operations/{id}");
-        }
-    };
+        Ok((op.state != OperationState::Running).then_some((op, mine)))
+    })?;
     bar.finish_and_clear();
     if json {
         println!(

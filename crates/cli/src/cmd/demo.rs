@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -17,8 +17,8 @@ use ferry_api::{VmInfo, VmState};
 use serde_json::json;
 
 use crate::cmd::host::LoopbackPair;
-use crate::cmd::last_field;
 use crate::cmd::migrate::{follow, spinner, summary};
+use crate::cmd::{last_field, poll_until};
 use ferry_client::ApiClient;
 
 /// Training steps of the default demo VM (about 9 s on a 2-core machine).
@@ -320,19 +320,15 @@ impl Workload {
 
 /// Waits for VM `id` on `client` to end; returns its console.
 fn wait_end(client: &ApiClient, id: &str, timeout: Duration) -> anyhow::Result<String> {
-    let started = Instant::now();
-    loop {
+    let what = format!("VM {id} to end");
+    poll_until(&what, timeout, || {
         let vm: VmInfo = client.get(&format!("/v1/vms/{id}"))?;
         match &vm.state {
-            VmState::Exited { .. } => return client_console(client, id),
-            state if state.is_running() => {}
+            VmState::Exited { .. } => client_console(client, id).map(Some),
+            state if state.is_running() => Ok(None),
             other => bail!("VM {id} ended: it is {other}"),
         }
-        if started.elapsed() > timeout {
-            bail!("VM {id} still running after {}s", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// VM `id`'s whole console tail (64 KiB).
@@ -375,20 +371,17 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
     // Let it work for a while, then move it.
     let (migrate_at, where_) = workload.migrate_at();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    let what = format!("the VM to reach {where_}");
+    poll_until(&what, Duration::from_secs(120), || {
         if workload.progress(&client_console(ca, &id)?) >= migrate_at {
-            break;
+            return Ok(Some(()));
         }
         let vm: VmInfo = ca.get(&format!("/v1/vms/{id}"))?;
         if vm.state != VmState::Running {
             bail!("the VM is {} before the migration point", vm.state);
         }
-        if Instant::now() > deadline {
-            bail!("the VM did not reach {where_} within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        Ok(None)
+    })?;
     say(format!(
         "{id} reached {where_}: migrating it live to host b ..."
     ));

@@ -1,12 +1,14 @@
 //! A center and hosts a, b, c in this process, on loopback, for the benchmarks that
 //! need a cluster (`evacuate`, `serve`). Dropped, it stops them all.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use ferry_center::{CenterConfig, ClusterView};
 use ferry_client::ApiClient;
 use ferry_migrate::Secret;
+
+use crate::cmd::poll_until;
 
 /// A center and hosts a, b, c in this process, reporting to it.
 pub(crate) struct LoopbackCluster {
@@ -118,16 +120,9 @@ impl LoopbackCluster {
         what: &str,
         check: impl Fn(&ClusterView) -> bool,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
+        poll_until(what, Duration::from_secs(120), || {
             let view: ClusterView = self.center.get("/v1/cluster")?;
-            if check(&view) {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(120) {
-                bail!("timed out waiting for {what}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(check(&view).then_some(()))
+        })
     }
 }

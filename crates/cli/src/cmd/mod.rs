@@ -19,7 +19,41 @@ pub mod shaped_link;
 pub mod tls;
 pub mod vm;
 
+use std::time::{Duration, Instant};
+
 pub use ferry_vmm::devices::console::last_field;
+
+/// Calls `step` every 20 ms until it gives `Some` or an error; fails once `limit` has
+/// passed.
+pub(crate) fn poll_until<T>(
+    what: &str,
+    limit: Duration,
+    step: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    poll_every(what, limit, Duration::from_millis(20), step)
+}
+
+/// [`poll_until`], calling `step` every `every` (a server's answer, not a local check).
+pub(crate) fn poll_every<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut step: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let started = Instant::now();
+    loop {
+        if let Some(done) = step()? {
+            return Ok(done);
+        }
+        if started.elapsed() > limit {
+            anyhow::bail!(
+                "timed out after {} s waiting for {what}",
+                limit.as_secs_f64()
+            );
+        }
+        std::thread::sleep(every);
+    }
+}
 
 /// Waits for Ctrl-C or SIGTERM (what a service manager sends to stop a daemon).
 pub async fn shutdown_signal() {
