@@ -62,6 +62,7 @@ pub fn local_description(kind: &str) -> Option<VmDescription> {
                 },
                 extra: Vec::new(),
                 files: Vec::new(),
+                cpu_features: ferry_migrate::cpu::native_cpu_features(),
             })
         })
         .clone()
@@ -94,6 +95,8 @@ pub struct VmSource {
     files: AttachedFiles,
     /// The accelerator's backend kind ("" without one).
     backend_kind: String,
+    /// The CPU features its CPUID shows the guest.
+    cpu_features: Vec<ferry_migrate::CpuidWord>,
     /// The accelerator's side of a replay (used without the VM's lock: its calls wait
     /// for a command in flight).
     replayer: Option<DeviceReplay>,
@@ -102,11 +105,12 @@ pub struct VmSource {
 impl VmSource {
     /// Adapts `vm`, sent from host `host_name`; `None` if it was released.
     pub fn new(vm: Arc<HostedVm>, host_name: &str) -> Option<Self> {
-        let (files, backend_kind, replayer) = vm.with_vm(|v| {
+        let (files, backend_kind, cpu_features, replayer) = vm.with_vm(|v| {
             (
                 v.files().clone(),
                 v.accel()
                     .map_or_else(String::new, |a| a.backend_kind().to_string()),
+                v.cpu_features().to_vec(),
                 v.accel().map(Accelerator::replayer),
             )
         })?;
@@ -116,6 +120,7 @@ impl VmSource {
             host_name: host_name.to_string(),
             files,
             backend_kind,
+            cpu_features,
             replayer,
         })
     }
@@ -142,6 +147,7 @@ impl VmContents for VmSource {
         let backend_kind = self.backend_kind.clone();
         VmDescription {
             name: self.vm.workload.clone(),
+            cpu_features: self.cpu_features.clone(),
             ram_size: self.vm.config.ram_size,
             vcpus: self.vm.config.vcpus,
             accel_memory: self.vm.config.accel_memory,
@@ -330,8 +336,8 @@ impl VmTarget {
             accel_memory: description.accel_memory,
         };
         let kind = (config.accel_memory > 0).then_some(description.backend_kind.as_str());
-        let incoming =
-            IncomingVm::new(config, kind, host).map_err(|e| VmError::Create(e.into()))?;
+        let incoming = IncomingVm::new(config, kind, &description.cpu_features, host)
+            .map_err(|e| VmError::Create(e.into()))?;
         let files = description
             .files
             .iter()
@@ -526,5 +532,36 @@ impl MigrationTarget for VmTarget {
             .with_incoming(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.replayer()))
             .map(|device| device.digest())
             .map_err(VmError::Replay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_whose_guest_saw_a_cpu_feature_this_host_lacks_is_refused_by_name() {
+        let local = local_description(backend::CPU).expect("the cpu backend");
+        assert!(local.cpu_features.iter().any(|w| w.bits != 0));
+        // A VM that has run only on CPUs like this one is taken.
+        assert_eq!(incompatibility(&local), None);
+        // One whose guest has seen every feature named in the extended leaf (AMD's XOP,
+        // FMA4 and TBM with the others: no current CPU has them all) is not.
+        let extended =
+            ferry_migrate::cpu::cpu_features(
+                |leaf, _, _| {
+                    if leaf == 0x8000_0001 {
+                        u32::MAX
+                    } else {
+                        0
+                    }
+                },
+            );
+        let offered = VmDescription {
+            cpu_features: ferry_migrate::cpu::joined(&local.cpu_features, &extended),
+            ..local
+        };
+        let why = incompatibility(&offered).expect("refused");
+        assert!(why.contains("fma4") && why.contains("lacks"), "{why}");
     }
 }

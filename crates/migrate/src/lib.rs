@@ -6,6 +6,7 @@
 //!
 //! - [`wire`]: the framed, checksummed, validated stream format and its messages.
 //! - [`auth`]: shared-secret challenge–response on every connection.
+//! - [`cpu`]: the CPU features a VM shows its guest, which its destination must have.
 //! - [`tls`]: optional mutual TLS under that authentication (rustls).
 //! - [`send`]: the source side: pre-copy rounds, convergence, throttling, switchover.
 //! - [`pace`]: a ceiling on pre-copy's rate, to move a VM gently.
@@ -19,6 +20,7 @@
 //! switchover; a failure before the destination confirms leaves the VM on the source.
 
 pub mod auth;
+pub mod cpu;
 mod deadline;
 mod gate;
 mod link;
@@ -33,6 +35,7 @@ pub mod vm;
 pub mod wire;
 
 pub use auth::{Purpose, Secret};
+pub use cpu::{CpuidRegister, CpuidWord};
 pub use gate::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER};
 pub use receive::{serve, serve_with_tls, spawn_receiver, ReceiveReport, Receiving, TargetFactory};
 pub use replay::{

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::CpuidWord;
 use crate::replay::{CaptureLimits, CaptureReport, DeviceDigest, LoggedCommand};
 
 /// Guest page size the engine copies in.
@@ -200,11 +201,15 @@ pub struct VmDescription {
     pub extra: Vec<(String, String)>,
     /// The attached files, in the guest's order.
     pub files: Vec<FileOffer>,
+    /// The CPU features the VM's guest has seen: those of every CPU it ran on (a host:
+    /// its own CPU's).
+    pub cpu_features: Vec<CpuidWord>,
 }
 
 impl VmDescription {
     /// Why `self` (the VM offered) cannot run where `local` describes the host's
-    /// capabilities (only backend, kernel version, microkernel and ABI are compared).
+    /// capabilities (only backend, kernel version, microkernel, ABI and CPU features are
+    /// compared).
     pub fn incompatibility(&self, local: &VmDescription) -> Option<String> {
         if self.abi_version != local.abi_version {
             return Some(format!(
@@ -217,6 +222,9 @@ impl VmDescription {
                 "VM state format v{} (this host reads v{})",
                 self.state_version, local.state_version
             ));
+        }
+        if let Some(why) = crate::cpu::refusal(&self.cpu_features, &local.cpu_features) {
+            return Some(why);
         }
         if self.accel_memory == 0 {
             return None;
@@ -729,6 +737,7 @@ mod tests {
             microkernel: "avx2+fma".into(),
             extra: Vec::new(),
             files: Vec::new(),
+            cpu_features: crate::cpu::cpu_features(|_, _, _| 1 << 5),
         };
         let mut offered = VmDescription {
             accel_memory: 1 << 30,
@@ -746,5 +755,11 @@ mod tests {
         offered.backend_kind = "cpu".into();
         offered.microkernel = "sse2".into();
         assert!(offered.incompatibility(&local).unwrap().contains("sse2"));
+        offered.microkernel = local.microkernel.clone();
+        // Leaf 7 EBX bit 16 as well as bit 5: AVX-512 where the host has only AVX2.
+        offered.cpu_features = crate::cpu::cpu_features(|_, _, _| 1 << 5 | 1 << 16);
+        let why = offered.incompatibility(&local).unwrap();
+        assert!(why.contains("avx512f"), "{why}");
+        assert!(!why.contains("avx2"), "{why}");
     }
 }

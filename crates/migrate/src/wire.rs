@@ -21,8 +21,8 @@ use crate::MigrationError;
 /// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
 /// an in-doubt switchover; 4: a migration key derived from the secret; 5: the VM state's
 /// version in the offer; 6: device chunks sent as the file piece they hold; 7: device
-/// command replay.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// command replay; 8: the VM's CPU features in the offer.
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.

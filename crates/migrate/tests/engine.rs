@@ -342,6 +342,7 @@ impl VmContents for FakeSource {
             microkernel: "test".into(),
             extra: vec![("args".into(), "--fake".into())],
             files: self.offers(),
+            cpu_features: Vec::new(),
         }
     }
 

@@ -365,6 +365,7 @@ impl VmContents for Source {
             microkernel: "fake".into(),
             extra: Vec::new(),
             files: Vec::new(),
+            cpu_features: Vec::new(),
         }
     }
 

@@ -206,6 +206,7 @@ impl PausedVm {
             microkernel: String::new(),
             extra: Vec::new(),
             files: file_offers(vm.files().infos()),
+            cpu_features: vm.cpu_features().to_vec(),
         };
         Ok(Self {
             tracker: vm.tracker(),

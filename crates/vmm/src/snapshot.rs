@@ -54,7 +54,7 @@ pub(crate) fn restore(
         accel_memory: saved.accel_memory,
     };
     let kind = (config.accel_memory > 0).then_some(saved.backend_kind.as_str());
-    let vm = FillingVm::new(IncomingVm::new(config, kind, host)?);
+    let vm = FillingVm::new(IncomingVm::new(config, kind, &saved.cpu_features, host)?);
     let stats = reader.load_into(&vm)?;
     let vm = vm.take_vm().expect("restored by a load that succeeded");
     Ok((vm, stats))

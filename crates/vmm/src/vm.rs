@@ -12,6 +12,8 @@ use ferry_abi::{
 };
 use ferry_accel::backend::{self, Backend, DeviceMemory};
 use ferry_accel::device::{AccelState, AccelStateError, Accelerator, BusyClock, DeviceTracker};
+use ferry_migrate::cpu::{joined, native_cpu_features};
+use ferry_migrate::CpuidWord;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -258,15 +260,22 @@ pub struct IncomingVm {
     config: VmConfig,
     accel: Option<Accelerator>,
     host: HostOptions,
+    /// The CPU features its guest has seen before it came here.
+    cpu_seen: Vec<CpuidWord>,
 }
 
 impl IncomingVm {
-    /// RAM and (if `config` has one) an accelerator on backend `backend_kind`, empty.
+    /// RAM and (if `config` has one) an accelerator on backend `backend_kind`, empty,
+    /// for a VM whose guest has seen the CPU features `cpu_seen`.
     pub fn new(
         config: VmConfig,
         backend_kind: Option<&str>,
+        cpu_seen: &[CpuidWord],
         host: HostOptions,
     ) -> Result<Self, CreateVmError> {
+        if let Some(why) = ferry_migrate::cpu::refusal(cpu_seen, &native_cpu_features()) {
+            return Err(CreateVmError::Incompatible(why));
+        }
         let (kvm, vm, memory) = open_vm(&config)?;
         let accel = match (config.accel_memory, backend_kind) {
             (0, None) => None,
@@ -301,6 +310,7 @@ impl IncomingVm {
             config,
             accel,
             host,
+            cpu_seen: cpu_seen.to_vec(),
         })
     }
 
@@ -370,12 +380,15 @@ impl IncomingVm {
             let handle = at_guest_priority(guest_nice, || VcpuHandle::spawn(vcpu, kvm.clone()));
             vcpus.push(handle.map_err(CreateVmError::SpawnVcpu)?);
         }
+        // From here on its guest may see this CPU too.
+        let cpu_features = joined(&self.cpu_seen, &native_cpu_features());
         Ok(Microvm::paused(
             vcpus,
             devices,
             self.vm,
             self.memory,
             self.config,
+            cpu_features,
             guest_nice,
         ))
     }
@@ -390,6 +403,8 @@ pub struct Microvm {
     vm: Arc<VmFd>,
     memory: GuestRam,
     config: VmConfig,
+    /// The CPU features its guest has seen (what its destinations must have).
+    cpu_features: Vec<CpuidWord>,
     /// The nice value its threads run at.
     guest_nice: i32,
     state: RunState,
@@ -578,6 +593,7 @@ impl Microvm {
             vm,
             memory,
             config,
+            native_cpu_features(),
             host.guest_nice,
         ))
     }
@@ -597,6 +613,7 @@ impl Microvm {
         vm: VmFd,
         memory: GuestRam,
         config: VmConfig,
+        cpu_features: Vec<CpuidWord>,
         guest_nice: i32,
     ) -> Self {
         Self {
@@ -605,6 +622,7 @@ impl Microvm {
             vm: Arc::new(vm),
             memory,
             config,
+            cpu_features,
             guest_nice,
             state: RunState::Paused,
             exit: None,
@@ -614,6 +632,11 @@ impl Microvm {
     /// The VM's shape.
     pub fn config(&self) -> VmConfig {
         self.config
+    }
+
+    /// The CPU features its guest has seen: those of every CPU it has run on.
+    pub fn cpu_features(&self) -> &[CpuidWord] {
+        &self.cpu_features
     }
 
     /// Guest RAM (writes through it are tracked as dirty).

@@ -284,13 +284,17 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
         "{err}"
     );
 
-    // A VM state of another version is refused by name before anything is loaded.
-    let mut other = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
-    other.description.state_version += 1;
-    ferry_vmm::snapshot::save_paused(&other, &path).unwrap();
-    let err = Microvm::restore(&path, HostOptions::quiet())
-        .err()
-        .expect("another state version accepted");
+    // A description this host cannot take is refused by name before anything is loaded.
+    let described = |describe: &dyn Fn(&mut ferry_migrate::VmDescription)| {
+        let mut paused = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
+        describe(&mut paused.description);
+        ferry_vmm::snapshot::save_paused(&paused, &path).unwrap();
+        Microvm::restore(&path, HostOptions::quiet())
+            .err()
+            .expect("a description this host cannot take accepted")
+    };
+    // A VM state of another version.
+    let err = described(&|d| d.state_version += 1);
     assert!(
         matches!(err, CreateVmError::Incompatible(ref why) if why.contains("VM state v")),
         "{err}"
@@ -327,6 +331,29 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     assert!(chain.contains("SYSENTER"), "{chain}");
     let chain = forged(&|v| v.sregs.cr3 = 0x20_0000);
     assert!(chain.contains("CR3"), "{chain}");
+    // A VM whose guest has seen every feature of the extended leaf (AMD's XOP, FMA4 and
+    // TBM with the others: no current CPU has them all): its guest could fault on one
+    // here.
+    let extended = ferry_migrate::cpu::cpu_features(
+        |leaf, _, _| {
+            if leaf == 0x8000_0001 {
+                u32::MAX
+            } else {
+                0
+            }
+        },
+    );
+    let err = described(&|d| {
+        assert_eq!(d.cpu_features, vm.cpu_features());
+        d.cpu_features = ferry_migrate::cpu::joined(&d.cpu_features, &extended);
+    });
+    assert!(
+        matches!(err, CreateVmError::Incompatible(ref why) if why.contains("fma4")),
+        "{err}"
+    );
+    // A VM started here has seen this CPU's features, and nothing else.
+    assert!(vm.cpu_features().iter().any(|w| w.bits != 0));
+    assert_eq!(vm.cpu_features(), ferry_migrate::cpu::native_cpu_features());
 
     // The VMM's pages, written over in the file, are the VMM's own again once restored.
     let pml4 = 0x1_0000u64;

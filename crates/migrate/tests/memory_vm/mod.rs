@@ -28,6 +28,7 @@ pub fn description(name: &str, ram_size: u64, accel_memory: u64) -> VmDescriptio
         microkernel: String::new(),
         extra: Vec::new(),
         files: Vec::new(),
+        cpu_features: Vec::new(),
     }
 }
 
