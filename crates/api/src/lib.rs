@@ -370,6 +370,30 @@ pub const MAX_RATE_MIB_S: u64 = 1 << 30;
 /// converged in a thousand rounds will not, and should switch over or give up.
 pub const MAX_ROUNDS: u32 = 1000;
 
+/// The longest pause a migration request may aim for, ms (ten minutes: longer is a
+/// stopped VM, not a live migration; and bounded, so deadlines built on it cannot
+/// overflow).
+pub const MAX_DOWNTIME_MS: u64 = 600_000;
+
+/// Whether `addr` may be a migration destination ([`MigrateRequest::to`]): `HOST:PORT`
+/// with a port from 1, HOST a name, an IPv4 address or a bracketed IPv6 one, in at most
+/// 255 bytes.
+pub fn valid_peer_addr(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        }
+    };
+    addr.len() <= 255 && host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
 /// The most pre-copy seconds a migration request may allow (a day: enough to move the
 /// largest VM at the lowest rate ceiling that makes sense, and bounded, so a mistyped
 /// value cannot keep a VM migrating for ever).

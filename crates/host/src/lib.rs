@@ -21,7 +21,7 @@ pub mod migration;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,6 +149,62 @@ pub struct HostConfig {
     /// The accelerator backend kind of VMs created here (`backend::resolve` gives it);
     /// VMs migrated in keep theirs.
     pub backend: &'static str,
+    /// Which of this host's files a create request may attach.
+    pub attach: AttachPolicy,
+}
+
+/// Which host files a create request may attach to its VM. An API client names host
+/// paths, and a guest can read what is attached: without a bound, any operator's token
+/// could read every file the daemon can (the cluster secret and TLS keys included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachPolicy {
+    /// Any file the daemon can read: an in-process host, whose API only the process that
+    /// started it can use (the demo and the benchmarks).
+    Anywhere,
+    /// Only files under these directories (canonical: symlinks resolved); none if empty.
+    Under(Vec<PathBuf>),
+}
+
+impl AttachPolicy {
+    /// `path` (relative to the daemon's directory) as the canonical path to open, if
+    /// this policy lets a client attach it; otherwise why not. A path outside the
+    /// directories is refused before the file system is asked, so the answer does not
+    /// tell whether it exists there.
+    fn admit(&self, path: &Path) -> Result<PathBuf, String> {
+        let dirs = match self {
+            Self::Anywhere => {
+                return std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Self::Under(dirs) => dirs,
+        };
+        let outside = || {
+            let allowed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            if allowed.is_empty() {
+                "this host attaches no files named by path (start it with --attach-dir DIR)"
+                    .to_string()
+            } else {
+                format!(
+                    "{} is not under a directory this host attaches files from ({})",
+                    path.display(),
+                    allowed.join(", ")
+                )
+            }
+        };
+        let lexical = std::path::absolute(path).map_err(|_| outside())?;
+        let parent_dir = lexical
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+        if parent_dir || !dirs.iter().any(|d| lexical.starts_with(d)) {
+            return Err(outside());
+        }
+        // A symlink inside may point outside.
+        let canonical =
+            std::fs::canonicalize(&lexical).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !dirs.iter().any(|d| canonical.starts_with(d)) {
+            return Err(outside());
+        }
+        Ok(canonical)
+    }
 }
 
 /// Most records of VMs that ended here (exited, failed, migrated away) kept listed.
@@ -238,10 +294,23 @@ pub fn migration_options(req: &MigrateRequest) -> Result<MigrationOptions, HostE
             )))
         }
     };
+    if !ferry_api::valid_peer_addr(&req.to) {
+        return Err(HostError::BadRequest(format!(
+            "to '{}' is not a migration address HOST:PORT",
+            req.to.escape_debug().take(300).collect::<String>()
+        )));
+    }
     if req.downtime_ms == 0 || req.max_rounds == 0 {
         return Err(HostError::BadRequest(
             "downtime_ms and max_rounds must be at least 1".into(),
         ));
+    }
+    if req.downtime_ms > ferry_api::MAX_DOWNTIME_MS {
+        return Err(HostError::BadRequest(format!(
+            "downtime_ms {} is more than {} (ten minutes)",
+            req.downtime_ms,
+            ferry_api::MAX_DOWNTIME_MS
+        )));
     }
     if req.max_rounds > ferry_api::MAX_ROUNDS {
         return Err(HostError::BadRequest(format!(
@@ -596,20 +665,18 @@ impl Host {
             .map_err(|e| HostError::NoRoom(format!("host {}: {e}", self.config.name)))
     }
 
-    /// Opens the files of a create request (absolute paths, so a migration's destination
-    /// can look for the same path).
+    /// Opens the files of a create request, if [`HostConfig::attach`] lets it name them
+    /// (absolute paths, so a migration's destination can look for the same path).
     fn attach(&self, attach: &[Attachment]) -> Result<AttachedFiles, HostError> {
         let specs = attach
             .iter()
             .map(|a| {
-                std::fs::canonicalize(&a.path)
+                self.config
+                    .attach
+                    .admit(&a.path)
                     .map(|path| (a.name.clone(), path))
-                    .map_err(|e| {
-                        HostError::BadRequest(format!(
-                            "cannot attach '{}': {}: {e}",
-                            a.name,
-                            a.path.display()
-                        ))
+                    .map_err(|why| {
+                        HostError::BadRequest(format!("cannot attach '{}': {why}", a.name))
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -980,11 +1047,21 @@ impl Host {
                 } else {
                     vm.release_in_doubt(ticket)
                 };
-                done.map(|()| ticket).map_err(|e| e.to_string())
+                done.map(|()| ticket).map_err(|e| match e {
+                    // Settled, but the VM failed to run: the host's failure, not a
+                    // request to retry.
+                    hosted::SettleError::CannotRun(why) => {
+                        HostError::Failed(format!("VM {id}: {why}"))
+                    }
+                    other => HostError::Conflict(format!("VM {id}: {other}")),
+                })
             }
-            _ => Err(format!("it is {}, not in doubt", vm.state())),
+            _ => Err(HostError::Conflict(format!(
+                "VM {id}: it is {}, not in doubt",
+                vm.state()
+            ))),
         };
-        let ticket = done.map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?;
+        let ticket = done?;
         let line = if resume {
             "resolved by the operator: resumed here"
         } else {
@@ -1185,6 +1262,7 @@ mod tests {
             file_store: std::env::temp_dir().join("ferry-host-unit-test-store"),
             api_tokens: None,
             backend: ferry_accel::backend::CPU,
+            attach: AttachPolicy::Under(Vec::new()),
         })
     }
 
@@ -1216,6 +1294,52 @@ mod tests {
         // A claim given up (its VM did not start) frees the id.
         drop(arriving);
         assert_eq!(host.claim_id(Some("h-vm1")).id(), "h-vm1");
+    }
+
+    #[test]
+    fn a_create_attaches_only_files_under_the_attach_dirs() {
+        let root = ferry_testdata::scratch_dir("attach-policy");
+        let (models, elsewhere) = (root.join("models"), root.join("elsewhere"));
+        for dir in [&models, &elsewhere] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let (model, secret) = (models.join("m.gguf"), elsewhere.join("secret"));
+        std::fs::write(&model, b"weights").unwrap();
+        std::fs::write(&secret, b"the cluster secret").unwrap();
+        let link = models.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let policy = AttachPolicy::Under(vec![std::fs::canonicalize(&models).unwrap()]);
+        assert_eq!(
+            policy.admit(&model).unwrap(),
+            std::fs::canonicalize(&model).unwrap()
+        );
+        // Outside, through `..`, or through a symlink: refused alike, and whether the
+        // file exists is not told.
+        let dotdot = models.join("../elsewhere/secret");
+        let missing = elsewhere.join("no-such-file");
+        for refused in [&secret, &dotdot, &link, &missing] {
+            let why = policy.admit(refused).unwrap_err();
+            assert!(why.contains("is not under a directory"), "{why}");
+        }
+        // A file missing inside is told as such.
+        assert!(policy
+            .admit(&models.join("no-such-file"))
+            .unwrap_err()
+            .contains("No such file"));
+        // By default nothing is attached by path, and the refusal says what to do.
+        let host = test_host();
+        let mut req = memtouch(64 << 20, 0);
+        req.attach = vec![Attachment {
+            name: "model".into(),
+            path: model.clone(),
+        }];
+        match host.create_vm(&req) {
+            Err(HostError::BadRequest(why)) => assert!(why.contains("--attach-dir"), "{why}"),
+            other => panic!("attached without an --attach-dir: {other:?}"),
+        }
+        assert_eq!(host.memory_used(), 0);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -1253,6 +1377,37 @@ mod tests {
             matches!(&error, HostError::BadRequest(m) if m.contains("max_precopy_s")),
             "{error:?}"
         );
+        // A pause target whose deadline would overflow the clock.
+        req.max_precopy_s = 60;
+        req.downtime_ms = u64::MAX;
+        let error = migration_options(&req).unwrap_err();
+        assert!(
+            matches!(&error, HostError::BadRequest(m) if m.contains("downtime_ms")),
+            "{error:?}"
+        );
+        req.downtime_ms = ferry_api::MAX_DOWNTIME_MS;
+        assert!(migration_options(&req).is_ok());
+        // Destinations that are no address (kept in the VM's state and its heartbeats).
+        for to in [
+            "",
+            "host",
+            "host:0",
+            "host:99999",
+            "a b:1",
+            "::1:7071",
+            &"h".repeat(300),
+        ] {
+            req.to = to.to_string();
+            let error = migration_options(&req).unwrap_err();
+            assert!(
+                matches!(&error, HostError::BadRequest(m) if m.contains("not a migration address")),
+                "{to}: {error:?}"
+            );
+        }
+        for to in ["10.0.0.2:7071", "[::1]:7071", "host-b.example:7071"] {
+            req.to = to.into();
+            assert!(migration_options(&req).is_ok(), "{to}");
+        }
     }
 
     #[test]

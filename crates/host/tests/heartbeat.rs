@@ -77,6 +77,7 @@ fn host_with_tokens(
         file_store: store.clone(),
         api_tokens,
         backend: ferry_accel::backend::CPU,
+        attach: ferry_host::AttachPolicy::Under(Vec::new()),
     });
     (host, store)
 }

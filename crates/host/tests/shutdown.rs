@@ -49,6 +49,7 @@ fn one_life(n: usize) -> bool {
         file_store: store.clone(),
         api_tokens: None,
         backend: ferry_accel::backend::CPU,
+        attach: ferry_host::AttachPolicy::Under(Vec::new()),
     });
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -189,6 +189,22 @@ pub fn fashion_mnist(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// The folders a test's host daemons may attach files from (`--attach-dir`): the
+/// model's and the dataset's, those that exist.
+pub fn attach_dirs() -> Vec<PathBuf> {
+    let model = std::env::var_os("FERRY_MODEL")
+        .map(PathBuf::from)
+        .and_then(|m| m.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| repo_root().join("models"));
+    let dataset = std::env::var_os("FERRY_DATASET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(FASHION_MNIST));
+    [model, dataset]
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
 /// The four Fashion-MNIST files as the `fmnist-train` guest names them.
 pub fn fashion_mnist_files(dir: &Path) -> Vec<(String, PathBuf)> {
     [

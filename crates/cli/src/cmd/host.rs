@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ferry_host::{api, heartbeat, Host, HostConfig};
+use ferry_host::{api, heartbeat, AttachPolicy, Host, HostConfig};
 use ferry_migrate::Secret;
 
 /// How commands find the shared secret.
@@ -70,6 +70,7 @@ is never accepted; errors are {\"error\": \"...\", \"code\": \"...\"}):
   POST   /v1/vms                  create and start: {\"workload\": \"mlp-train\", \"args\": [...],
                                   \"memory\": bytes, \"accel_memory\": bytes,
                                   \"attach\": [{\"name\": \"model\", \"path\": \"/m.gguf\"}]}
+                                  (attached paths must lie under an --attach-dir)
   GET    /v1/vms/ID               state, sizes, uptime, console tail
   GET    /v1/vms/ID/console       the console's last 64 KiB, as text
   DELETE /v1/vms/ID               stop the VM (409 while migrating, in doubt, or gone)
@@ -151,6 +152,13 @@ pub struct ServeArgs {
     /// `ferry vm` with the secret) use a key derived from the secret instead.
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
+    /// A directory whose files `vm create --attach` may give VMs (repeat for more; e.g.
+    /// where the models and datasets are). Without one, no file can be attached by path
+    /// through the API: a guest reads what is attached, so any token could otherwise read
+    /// every file this daemon can (the cluster secret included). Files that arrive with
+    /// migrated VMs are checked by their hash instead.
+    #[arg(long = "attach-dir", value_name = "DIR")]
+    pub attach_dirs: Vec<PathBuf>,
     /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
     /// as `sha256-<hash>`; a VM moving back, or another with the same file, finds them
     /// there (default: `/var/tmp/ferry-<name>/files`).
@@ -327,6 +335,8 @@ pub fn start_loopback(
         file_store: scratch.path().join("files"),
         api_tokens: None,
         backend,
+        // Only this process holds the fresh secret its API takes.
+        attach: AttachPolicy::Anywhere,
     };
     let mut daemon = start(runtime, config, "127.0.0.1:0", "127.0.0.1:0")?;
     daemon.scratch = Some(scratch);
@@ -393,6 +403,16 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                 }),
                 api_tokens: serve.api_tokens.clone(),
                 backend: serve.backend.resolve()?,
+                attach: AttachPolicy::Under(
+                    serve
+                        .attach_dirs
+                        .iter()
+                        .map(|dir| {
+                            std::fs::canonicalize(dir)
+                                .with_context(|| format!("--attach-dir {}", dir.display()))
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                ),
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -281,6 +281,11 @@ impl Daemon {
                 .args(["--migration-listen", "127.0.0.1:0", "--accel-threads", "2"])
                 .arg("--file-store")
                 .arg(store.path())
+                .args(
+                    ferry_testdata::attach_dirs()
+                        .iter()
+                        .flat_map(|dir| [std::ffi::OsStr::new("--attach-dir"), dir.as_os_str()]),
+                )
                 .args(extra)
                 .envs(env.iter().copied()),
         );
