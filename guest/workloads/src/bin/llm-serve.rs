@@ -273,6 +273,11 @@ impl Server {
                 greedy |= seq.sampler.is_none();
             }
         }
+        if tokens.is_empty() {
+            // Every sequence of the group was cancelled while an earlier group's tokens
+            // were sent.
+            return Ok(());
+        }
         if let [(token, pos, slot)] = tokens[..] {
             // Alone: the one-token pass, without the copies that decoding together needs.
             self.dev.forward(&[token], pos, slot)?;
