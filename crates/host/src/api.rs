@@ -18,7 +18,7 @@
 //! | `DELETE /v1/vms/{id}/migration` | cancel it, up to the moment the destination is told to run the VM |
 //! | `POST /v1/vms/{id}/resolve` | settle an in-doubt VM by hand: `{"action": "resume" \| "release"}` |
 //! | `POST /v1/vms/{id}/streams` | queue a request on its message channel: `{"stream", "kind", "payload"}` (base64), opening that stream; 503 + `Retry-After` while the guest starts or the VM pauses, 429 when its queue is full, 409 `migrated` once it runs elsewhere |
-//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most; 50 ms while 256 reads wait) for one: `{"from", "events", "end"}`; those before K are let go of (409 for a read from before them) |
+//! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most; 50 ms while 256 reads wait) for one: `{"from", "events", "end"}`; a full token's read lets go of those before K (409 for a read from before them), a read-only token's changes nothing; 400 for a K beyond the next response to come |
 //! | `POST /v1/vms/{id}/streams/{stream}/signal` | a control message (a cancel) for an open stream |
 //! | `DELETE /v1/vms/{id}/streams/{stream}` | forget a stream whose responses were all read |
 //! | `POST /v1/settle/{session}` | whether a VM received here in migration `session` runs here (fencing it if it was not yet told to); the center relays a source's question with it |
@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::header::RETRY_AFTER;
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,9 +35,10 @@ use axum::Router;
 use serde::Deserialize;
 
 use ferry_migrate::Purpose;
+use ferry_vmm::devices::channel::Reading;
 
 use ferry_api::{ChannelMessage, CreateVm, LeaderTerm, MigrateRequest, LEADER_TERM_HEADER};
-use ferry_http::tokens::{bears, require_token, Access, Scope, TokenFileError, Tokens};
+use ferry_http::tokens::{bearer, bears, require_token, Access, Scope, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 
 use crate::{Host, HostError};
@@ -260,7 +261,16 @@ async fn read_stream(
     State(api): State<Api>,
     Path((id, stream)): Path<(String, u64)>,
     Query(q): Query<ReadQuery>,
+    headers: HeaderMap,
 ) -> Response {
+    // Only the stream's reader (the center's gateway, or an operator, with a full
+    // token) lets go of what it read: a read-only token (any GET passes the token check)
+    // could otherwise drop every response before the reader has them.
+    let access = bearer(&headers).and_then(|t| api.tokens.access(t.as_bytes()));
+    let reading = match access {
+        Some(Access::Full) => Reading::Consume,
+        _ => Reading::Peek,
+    };
     let waiting = match api.waiting_reads.clone().try_acquire_owned() {
         Ok(permit) => Some(permit),
         Err(_) if q.wait_ms == 0 => None,
@@ -275,7 +285,7 @@ async fn read_stream(
             Some(_) => std::time::Duration::from_millis(q.wait_ms),
             None => std::time::Duration::ZERO,
         };
-        let read = api.host.channel_read(&id, stream, q.from, wait);
+        let read = api.host.channel_read(&id, stream, q.from, wait, reading);
         drop(waiting);
         read
     })

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ferry_api::{ChannelMessage, StreamChunk, StreamEnd, StreamEvent, VmState};
-use ferry_vmm::devices::channel::{self, Channel, Message, ReadError, SubmitError};
+use ferry_vmm::devices::channel::{self, Channel, Message, ReadError, Reading, SubmitError};
 
 use crate::hosted::HostedVm;
 use crate::{Host, HostError};
@@ -63,13 +63,15 @@ impl Host {
     }
 
     /// The responses of `stream` of VM `id` from index `from` on, waiting up to `wait`
-    /// (at most `MAX_READ_WAIT`) for one. Blocks: call it off the async runtime.
+    /// (at most `MAX_READ_WAIT`) for one; `reading` says whether those before `from` are
+    /// let go of. Blocks: call it off the async runtime.
     pub fn channel_read(
         &self,
         id: &str,
         stream: u64,
         from: usize,
         wait: Duration,
+        reading: Reading,
     ) -> Result<StreamChunk, HostError> {
         let vm = self.get(id)?;
         if let Some(moved) = moved(&vm) {
@@ -77,12 +79,13 @@ impl Host {
         }
         let read = vm
             .channel()
-            .read(stream, from, wait.min(MAX_READ_WAIT))
+            .read_as(stream, from, wait.min(MAX_READ_WAIT), reading)
             .map_err(|e| match e {
                 ReadError::NoSuchStream(s) => moved(&vm).unwrap_or_else(|| {
                     HostError::StreamNotFound(format!("VM {id} has no stream {s}"))
                 }),
                 e @ ReadError::LetGo { .. } => HostError::Conflict(e.to_string()),
+                e @ ReadError::Beyond { .. } => HostError::BadRequest(format!("VM {id}: {e}")),
             })?;
         Ok(StreamChunk {
             from,

@@ -197,12 +197,32 @@ pub enum SubmitError {
     NoSuchStream(u64),
 }
 
+/// What a read of a stream does to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// The stream's own reader: what came before the index read from is let go of.
+    Consume,
+    /// An onlooker (a read-only token): the stream is left as it is, so that its reads
+    /// can never take responses from the reader they are for.
+    Peek,
+}
+
 /// Why a stream could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// No stream with that id (never opened here, or released).
     #[error("no stream {0}")]
     NoSuchStream(u64),
+    /// A read from beyond the next response to come: no reader has seen those.
+    #[error("stream {stream} has had {next} responses; cannot read from {from}")]
+    Beyond {
+        /// Which.
+        stream: u64,
+        /// The index asked for.
+        from: usize,
+        /// The index of the next response to come.
+        next: usize,
+    },
     /// A read from before what an earlier read let go of.
     #[error("stream {stream}'s responses before {first} were read and let go of; cannot read from {from}")]
     LetGo {
@@ -442,10 +462,21 @@ impl Channel {
         Ok(())
     }
 
-    /// The responses of `stream` from index `from` on; waits up to `wait` for one if
-    /// there are none yet and the stream is open (returning early if the VM pauses,
-    /// resumes or migrates away).
+    /// The responses of `stream` from index `from` on, letting go of those before it
+    /// ([`Reading::Consume`]); waits up to `wait` for one if there are none yet and the
+    /// stream is open (returning early if the VM pauses, resumes or migrates away).
     pub fn read(&self, stream: u64, from: usize, wait: Duration) -> Result<StreamRead, ReadError> {
+        self.read_as(stream, from, wait, Reading::Consume)
+    }
+
+    /// [`Self::read`], by a reader that lets go of what it read only if `reading` says so.
+    pub fn read_as(
+        &self,
+        stream: u64,
+        from: usize,
+        wait: Duration,
+        reading: Reading,
+    ) -> Result<StreamRead, ReadError> {
         let deadline = Instant::now() + wait;
         let mut core = self.core();
         let gate_changes = core.gate_changes;
@@ -457,10 +488,23 @@ impl Channel {
                 .iter_mut()
                 .find(|s| s.id == stream)
                 .ok_or(ReadError::NoSuchStream(stream))?;
-            // The reader has what came before `from`: its bytes no longer count against
-            // the stream's bound, so an answer's length is bounded by the reader's pace,
-            // not by what one stream may hold.
-            s.let_go_before(from);
+            let held = s.first.saturating_add(s.events.len());
+            // Only a reader that has seen responses up to `from` lets go of them: one
+            // from beyond the next response would otherwise drop those no one has read.
+            // (`held` only grows while this waits: checked once in effect.)
+            if from > held {
+                return Err(ReadError::Beyond {
+                    stream,
+                    from,
+                    next: held,
+                });
+            }
+            if reading == Reading::Consume {
+                // The reader has what came before `from`: its bytes no longer count
+                // against the stream's bound, so an answer's length is bounded by the
+                // reader's pace, not by what one stream may hold.
+                s.let_go_before(from);
+            }
             if from < s.first {
                 return Err(ReadError::LetGo {
                     stream,
@@ -469,9 +513,9 @@ impl Channel {
                 });
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let held = s.first.saturating_add(s.events.len());
             if held > from || s.end != StreamEnd::Open || left.is_zero() || moved {
-                s.read_whole |= s.end != StreamEnd::Open;
+                // An onlooker's read of the end says nothing of whether the reader has it.
+                s.read_whole |= reading == Reading::Consume && s.end != StreamEnd::Open;
                 return Ok(StreamRead {
                     events: s.events.get(from - s.first..).unwrap_or_default().to_vec(),
                     end: s.end,
@@ -1062,6 +1106,42 @@ mod tests {
             Err(ReadError::LetGo { .. })
         ));
         assert!(channel.save().streams[0].bytes <= 200);
+    }
+
+    #[test]
+    fn an_onlookers_read_and_one_from_beyond_the_end_leave_the_stream_to_its_reader() {
+        let (mem, channel) = guest_with_request(1);
+        respond(&mem, 1, 2, 0, b"one");
+        respond(&mem, 1, 2, flags::FINAL, b"two");
+        channel.kick(&mem, 0);
+        // An onlooker from the next response to come: nothing yet, and nothing let go of.
+        let peeked = channel
+            .read_as(1, 2, Duration::ZERO, Reading::Peek)
+            .unwrap();
+        assert!(peeked.events.is_empty());
+        // From beyond it, by anyone: refused, and the stream is as it was.
+        for reading in [Reading::Peek, Reading::Consume] {
+            assert_eq!(
+                channel.read_as(1, usize::MAX, Duration::ZERO, reading),
+                Err(ReadError::Beyond {
+                    stream: 1,
+                    from: usize::MAX,
+                    next: 2
+                })
+            );
+        }
+        // An onlooker reading the end lets go of nothing, nor marks the stream as read.
+        let peeked = channel
+            .read_as(1, 2, Duration::ZERO, Reading::Peek)
+            .unwrap();
+        assert_eq!(peeked.end, StreamEnd::Final);
+        let saved = channel.save();
+        assert_eq!(
+            (saved.streams[0].first, saved.streams[0].read_whole),
+            (0, false)
+        );
+        let reader = channel.read(1, 0, Duration::ZERO).unwrap();
+        assert_eq!(reader.events, [message(2, "one"), message(2, "two")]);
     }
 
     #[test]
