@@ -7,7 +7,7 @@
 //! - the microVM's control (pause, resume, save, release), which may wait for a kernel
 //!   in flight: only migrations, stops, the throttle and the watcher take it;
 //! - what is read while it runs (console, load: [`VmReadout`]; dirty pages and chunks:
-//!   [`VmTracker`]), read without either lock.
+//!   a [`VmTracker`] lent to a migration as a [`MemoryLoan`]), read without either lock.
 //!
 //! Lock order: control, then lifecycle (briefly); migration, then lifecycle (briefly);
 //! never the other way round, and never control and migration together.
@@ -55,6 +55,34 @@ pub enum SettleError {
     /// Resumed here, it could not run again: it ended as failed.
     #[error("{0}")]
     CannotRun(String),
+}
+
+/// A VM's memory lent to a migration's source ([`HostedVm::lend_memory`]): reads its
+/// RAM and accelerator memory through the tracker, which keeps them mapped after the VM
+/// is released. Dropped, it lets go of the tracker, then gives the VM's capacity back if
+/// the VM's life here ended meanwhile (and no other loan maps the memory).
+pub struct MemoryLoan {
+    /// `None` only while it is dropped.
+    tracker: Option<VmTracker>,
+    vm: Arc<HostedVm>,
+}
+
+impl std::ops::Deref for MemoryLoan {
+    type Target = VmTracker;
+
+    fn deref(&self) -> &VmTracker {
+        self.tracker
+            .as_ref()
+            .expect("a loan has its tracker until dropped")
+    }
+}
+
+impl Drop for MemoryLoan {
+    fn drop(&mut self) {
+        // The mapping goes first: only then is the memory free to promise again.
+        drop(self.tracker.take());
+        drop(self.vm.life.give_back());
+    }
 }
 
 /// Who holds the microVM paused, if anyone.
@@ -167,11 +195,7 @@ impl HostedVm {
             arrived_unix_ms: unix_ms(),
             watcher: Mutex::new(None),
         });
-        let watched = hosted.clone();
-        let watcher = std::thread::Builder::new()
-            .name(format!("watch-{}", hosted.id))
-            .spawn(move || watched.watch());
-        match watcher {
+        match hosted.spawn_watcher() {
             Ok(watcher) => *hosted.watcher.lock().expect("watcher lock") = Some(watcher),
             // A VM that arrived was confirmed to its source, which has released its copy:
             // it runs on unwatched (its end goes unnoticed until it is stopped) rather
@@ -187,6 +211,14 @@ impl HostedVm {
             }
         }
         Ok(hosted)
+    }
+
+    /// Starts the watcher thread.
+    fn spawn_watcher(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let watched = self.clone();
+        std::thread::Builder::new()
+            .name(format!("watch-{}", self.id))
+            .spawn(move || watched.watch())
     }
 
     /// Waits for the watcher thread to end (it does once the VM's life here is over).
@@ -304,9 +336,21 @@ impl HostedVm {
         Ok(m.status.clone())
     }
 
-    /// What a migration tracks of it; `None` once released.
-    pub fn tracker(&self) -> Option<VmTracker> {
-        self.control().tracker.clone()
+    /// Lends its memory to a migration's source: what the migration tracks and reads of
+    /// it, which keeps the memory mapped, and with it the VM's capacity held, until the
+    /// loan is dropped. `None` once released or ended.
+    pub fn lend_memory(self: &Arc<Self>) -> Option<MemoryLoan> {
+        let control = self.control();
+        // Under the control lock, which a release takes to drop the tracker: a VM whose
+        // life ended before this is refused by `lend`, one that ends after it keeps its
+        // reservation for the loan.
+        let tracker = control.tracker.clone()?;
+        self.life.lend().ok()?;
+        drop(control);
+        Some(MemoryLoan {
+            tracker: Some(tracker),
+            vm: self.clone(),
+        })
     }
 
     /// Runs `f` on the microVM under its control lock (it may wait for a pause in
@@ -503,9 +547,15 @@ impl HostedVm {
         drop((vm, tracker));
     }
 
-    /// The guest ended: records how, and releases the VM, then its capacity.
+    /// The guest ended: records how, stops its migration, if any (nothing is left to
+    /// send), and releases the VM, then its capacity (once no migration's source maps
+    /// its memory: see [`MemoryLoan`]).
     fn end(&self, ended: VmState) {
         if let Ok(vacated) = self.life.end(ended) {
+            // The latest migration's token: cancelling one that is over changes nothing.
+            if let Some(m) = self.outgoing().as_ref() {
+                m.cancel.cancel();
+            }
             self.release();
             drop(vacated);
         }
@@ -581,7 +631,9 @@ impl HostedVm {
 mod tests {
     use super::*;
     use crate::capacity::{Amount, Ledger};
+    use crate::migration::VmSource;
     use ferry_api::MigrationState;
+    use ferry_migrate::VmContents;
     use ferry_vmm::HostOptions;
 
     /// A running `memtouch` VM with `args`, and the ledger it holds room in.
@@ -651,15 +703,44 @@ mod tests {
                 }
                 matches!(microvm.run_state(), RunState::Exited(0))
             };
-            // Either way the watcher sees the end.
+            // Either way the watcher sees the end, and has released the VM when it ends.
             assert_eq!(ended(&vm), VmState::Exited { code: 0 });
-            assert_eq!(ledger.held().memory, 0);
             vm.join_watcher();
+            assert_eq!(ledger.held().memory, 0);
             if recorded {
                 return;
             }
         }
         panic!("no pause met the guest's end in 50 tries");
+    }
+
+    #[test]
+    fn a_guest_that_ends_during_its_migration_holds_its_memory_until_the_source_lets_go() {
+        if !ferry_testdata::kvm(
+            "a_guest_that_ends_during_its_migration_holds_its_memory_until_the_source_lets_go",
+        ) {
+            return;
+        }
+        // A guest that ends on its own a moment after its migration began.
+        let (ledger, vm) = hosted(&["--mib", "4", "--passes", "200"]);
+        let cancel = CancelToken::default();
+        vm.begin_migration("b:1", status("b:1"), cancel.clone())
+            .expect("the guest ran long enough to be migrated");
+        let source = VmSource::new(vm.clone(), "h").expect("the VM runs");
+        assert_eq!(ended(&vm), VmState::Exited { code: 0 });
+        // Its watcher, which saw the end, ends once it released the VM.
+        vm.join_watcher();
+        assert!(cancel.is_cancelled(), "the migration of an ended VM stops");
+        // Released, but its memory is still mapped (and read) by the source: the room
+        // is not promised to another VM yet.
+        assert!(vm.with_vm(|_| ()).is_none());
+        let mut page = [0u8; 4096];
+        source.read_ram(0, &mut page).unwrap();
+        assert_eq!(ledger.held().memory, 32 << 20);
+        // Nor is it lent again.
+        assert!(VmSource::new(vm.clone(), "h").is_none());
+        drop(source);
+        assert_eq!(ledger.held().memory, 0);
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //!
 //! A transition that ends the VM's life here hands its reservation back to the caller
 //! ([`Vacated`]), to drop once the VM's memory is freed: until then the host still holds
-//! that memory, and must not promise it to another VM.
+//! that memory, and must not promise it to another VM. The VM's memory may also be lent
+//! to a reader outside the VM (a migration's source, [`Lifecycle::lend`]): while it is,
+//! the reservation stays here, and is handed out when the last reader gives it back.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -53,6 +55,8 @@ pub enum Transition {
     FinishStop,
     /// The guest ended (running or migrating) → exited or failed.
     End,
+    /// Not a move: the VM's memory lent to a reader outside it (see [`Lifecycle::lend`]).
+    Lend,
 }
 
 impl Transition {
@@ -70,6 +74,7 @@ impl Transition {
             Self::Stop => "stop",
             Self::FinishStop => "finish stopping",
             Self::End => "end",
+            Self::Lend => "lend the memory of",
         }
     }
 }
@@ -88,8 +93,11 @@ struct Stage {
     state: VmState,
     /// When its life here ended (the first ended state).
     ended_at: Option<Instant>,
-    /// Held from creation (or a migration's acceptance) until the VM's life here ends.
+    /// Held from creation (or a migration's acceptance) until the VM's life here ends
+    /// and no reader has its memory.
     reservation: Option<Reservation>,
+    /// Readers the VM's memory is lent to: they keep it mapped after the VM is released.
+    lent: usize,
 }
 
 /// The capacity reservation of a VM whose life here just ended: given back when dropped,
@@ -111,6 +119,7 @@ impl Lifecycle {
             state: VmState::Creating,
             ended_at: None,
             reservation: Some(reservation),
+            lent: 0,
         }))
     }
 
@@ -132,7 +141,8 @@ impl Lifecycle {
     }
 
     /// Makes transition `t` to the state `next` gives for the current one, or refuses it
-    /// (`next` returns `None`). Ended states hand the reservation out, to the caller.
+    /// (`next` returns `None`). Ended states hand the reservation out, to the caller,
+    /// unless the memory is lent: then the last reader to give it back gets it.
     fn apply(
         &self,
         t: Transition,
@@ -147,7 +157,11 @@ impl Lifecycle {
         };
         let vacated = if state.has_ended() {
             stage.ended_at.get_or_insert_with(Instant::now);
-            stage.reservation.take()
+            if stage.lent == 0 {
+                stage.reservation.take()
+            } else {
+                None
+            }
         } else {
             None
         };
@@ -155,6 +169,38 @@ impl Lifecycle {
         Ok(Vacated {
             _reservation: vacated,
         })
+    }
+
+    /// Lends the VM's memory to a reader outside it (a migration's source), which gives
+    /// it back with [`Self::give_back`]: until the last reader does, a VM whose life here
+    /// ends keeps its reservation, as its memory is still mapped. Refused once its life
+    /// here has ended (the memory may be freed already).
+    pub fn lend(&self) -> Result<(), TransitionError> {
+        let mut stage = self.stage();
+        if stage.state.has_ended() {
+            return Err(TransitionError {
+                transition: Transition::Lend,
+                state: stage.state.clone(),
+            });
+        }
+        stage.lent += 1;
+        Ok(())
+    }
+
+    /// A reader gives the VM's memory back (it no longer maps it): the reservation of a
+    /// VM whose life here ended meanwhile comes out with the last one, to drop.
+    pub fn give_back(&self) -> Vacated {
+        let mut stage = self.stage();
+        debug_assert!(stage.lent > 0, "memory given back that was not lent");
+        stage.lent = stage.lent.saturating_sub(1);
+        let vacated = if stage.lent == 0 && stage.state.has_ended() {
+            stage.reservation.take()
+        } else {
+            None
+        };
+        Vacated {
+            _reservation: vacated,
+        }
     }
 
     /// Creating → running.
@@ -420,6 +466,36 @@ mod tests {
             drop(vacated);
             assert_eq!(ledger.held().memory, 0, "{how}");
         }
+    }
+
+    #[test]
+    fn a_vm_that_ends_while_its_memory_is_lent_holds_its_capacity_until_the_last_reader_is_done() {
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.migrate("b:1").unwrap();
+        // Two readers (an earlier migration's source may still be letting go).
+        life.lend().unwrap();
+        life.lend().unwrap();
+        drop(life.end(VmState::Exited { code: 0 }).unwrap());
+        assert_eq!(life.state(), VmState::Exited { code: 0 });
+        assert_eq!(
+            ledger.held().memory,
+            64 << 20,
+            "still mapped by its readers"
+        );
+        // An ended VM's memory is lent to nobody else.
+        let refused = life.lend().unwrap_err();
+        assert_eq!(refused.transition, Transition::Lend);
+        drop(life.give_back());
+        assert_eq!(ledger.held().memory, 64 << 20);
+        drop(life.give_back());
+        assert_eq!(ledger.held().memory, 0);
+        // A reader done with a VM that lives on gives nothing back.
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.lend().unwrap();
+        drop(life.give_back());
+        assert_eq!(ledger.held().memory, 64 << 20);
     }
 
     #[test]

@@ -17,11 +17,11 @@ use ferry_migrate::{
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::migration::{device_buffers, file_offers, to_chunk, to_key, FillingVm};
 use ferry_vmm::vm::IncomingVm;
-use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmTracker};
+use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
 use crate::capacity::Reservation;
 use crate::files::{FileStore, IncomingFile};
-use crate::hosted::HostedVm;
+use crate::hosted::{HostedVm, MemoryLoan};
 
 /// Keys of [`VmDescription::extra`].
 pub(crate) const EXTRA_ID: &str = "id";
@@ -87,10 +87,6 @@ pub struct VmSource {
     vm: Arc<HostedVm>,
     /// This host's name, for the destination's records.
     host_name: String,
-    /// Guest RAM, its dirty log and the accelerator's memory, read without the VM's
-    /// control lock: a page or chunk changed meanwhile is dirty again and sent in the
-    /// next round.
-    tracker: VmTracker,
     /// The attached files (read-only: read without the VM's lock).
     files: AttachedFiles,
     /// The accelerator's backend kind ("" without one).
@@ -100,11 +96,18 @@ pub struct VmSource {
     /// The accelerator's side of a replay (used without the VM's lock: its calls wait
     /// for a command in flight).
     replayer: Option<DeviceReplay>,
+    /// Guest RAM, its dirty log and the accelerator's memory, read without the VM's
+    /// control lock: a page or chunk changed meanwhile is dirty again and sent in the
+    /// next round. Lent: a VM that ends meanwhile keeps its capacity held until this is
+    /// dropped. Last, so that it drops after every other hold on the VM's memory.
+    tracker: MemoryLoan,
 }
 
 impl VmSource {
     /// Adapts `vm`, sent from host `host_name`; `None` if it was released.
     pub fn new(vm: Arc<HostedVm>, host_name: &str) -> Option<Self> {
+        // First: a VM that ends from here on keeps its capacity while this is built.
+        let tracker = vm.lend_memory()?;
         let (files, backend_kind, cpu_features, replayer) = vm.with_vm(|v| {
             (
                 v.files().clone(),
@@ -115,7 +118,7 @@ impl VmSource {
             )
         })?;
         Some(Self {
-            tracker: vm.tracker()?,
+            tracker,
             vm,
             host_name: host_name.to_string(),
             files,
