@@ -155,15 +155,53 @@ fn ended_state(exit: VmExit) -> VmState {
     }
 }
 
+/// How a VM came to run on this host: what a failure to watch it does to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Created here: a VM that cannot be watched is not started (nothing is lost).
+    Created,
+    /// Received by a migration, confirmed to its source, which has released its copy:
+    /// this one is the only one, and runs on even unwatched. `from` is the name the
+    /// source gave (checked when received), only shown.
+    Migrated {
+        /// The source host's name, if it gave one.
+        from: Option<String>,
+    },
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the next watcher thread started on this thread fails to start.
+    static FAIL_NEXT_WATCHER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl HostedVm {
+    /// [`Self::launch`] of a VM created here (`migrated_from` `None`) or one that
+    /// arrived from host `migrated_from`. Callers that know a VM arrived say so with
+    /// [`Self::launch`] and [`Origin::Migrated`], as the source may not name itself.
+    pub fn start(
+        id: String,
+        names: (String, Option<String>),
+        args: Vec<String>,
+        vm: Microvm,
+        migrated_from: Option<String>,
+        reservation: Reservation,
+    ) -> Result<Arc<Self>, String> {
+        let origin = match migrated_from {
+            None => Origin::Created,
+            from @ Some(_) => Origin::Migrated { from },
+        };
+        Self::launch(id, names, args, vm, origin, reservation)
+    }
+
     /// Takes `vm` (paused before its first instruction, or received and restored) with
     /// the capacity `reservation` it was made in, runs it, and starts its watcher.
-    pub fn start(
+    pub fn launch(
         id: String,
         (workload, name): (String, Option<String>),
         args: Vec<String>,
         mut vm: Microvm,
-        migrated_from: Option<String>,
+        origin: Origin,
         reservation: Reservation,
     ) -> Result<Arc<Self>, String> {
         let life = Lifecycle::new(reservation);
@@ -178,7 +216,10 @@ impl HostedVm {
             name,
             args,
             config: vm.config(),
-            migrated_from,
+            migrated_from: match &origin {
+                Origin::Created => None,
+                Origin::Migrated { from } => from.clone(),
+            },
             files: vm.files().infos(),
             accel_backend: vm.accel().map(|a| a.backend_kind().to_string()),
             life,
@@ -199,8 +240,9 @@ impl HostedVm {
             Ok(watcher) => *hosted.watcher.lock().expect("watcher lock") = Some(watcher),
             // A VM that arrived was confirmed to its source, which has released its copy:
             // it runs on unwatched (its end goes unnoticed until it is stopped) rather
-            // than being destroyed.
-            Err(e) if hosted.migrated_from.is_some() => tracing::error!(
+            // than being destroyed. Decided on what this host knows, not on the name the
+            // source may give.
+            Err(e) if matches!(origin, Origin::Migrated { .. }) => tracing::error!(
                 vm = %hosted.id,
                 "the VM runs without its watcher thread (its end will not be noticed; \
                  stop it to release it): {e}"
@@ -215,6 +257,10 @@ impl HostedVm {
 
     /// Starts the watcher thread.
     fn spawn_watcher(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        #[cfg(test)]
+        if FAIL_NEXT_WATCHER.replace(false) {
+            return Err(std::io::Error::other("no thread for the test"));
+        }
         let watched = self.clone();
         std::thread::Builder::new()
             .name(format!("watch-{}", self.id))
@@ -638,6 +684,13 @@ mod tests {
 
     /// A running `memtouch` VM with `args`, and the ledger it holds room in.
     fn hosted(args: &[&str]) -> (Ledger, Arc<HostedVm>) {
+        let (ledger, hosted) = launched(args, Origin::Created);
+        (ledger, hosted.unwrap())
+    }
+
+    /// [`HostedVm::launch`] of a `memtouch` VM with `args` come as `origin`, and the
+    /// ledger it holds room in.
+    fn launched(args: &[&str], origin: Origin) -> (Ledger, Result<Arc<HostedVm>, String>) {
         let ledger = Ledger::new(Amount {
             memory: 1 << 30,
             accel: 0,
@@ -647,15 +700,14 @@ mod tests {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let vm = Microvm::boot(config, &image, &args, HostOptions::quiet()).unwrap();
         let reservation = ledger.reserve(Amount::for_vm(config.ram_size, 0)).unwrap();
-        let hosted = HostedVm::start(
+        let hosted = HostedVm::launch(
             "t-vm1".into(),
             ("memtouch".into(), None),
             args,
             vm,
-            None,
+            origin,
             reservation,
-        )
-        .unwrap();
+        );
         (ledger, hosted)
     }
 
@@ -740,6 +792,33 @@ mod tests {
         // Nor is it lent again.
         assert!(VmSource::new(vm.clone(), "h").is_none());
         drop(source);
+        assert_eq!(ledger.held().memory, 0);
+    }
+
+    #[test]
+    fn an_arrived_vm_runs_on_without_its_watcher_whatever_its_source_said_and_a_created_one_does_not(
+    ) {
+        if !ferry_testdata::kvm(
+            "an_arrived_vm_runs_on_without_its_watcher_whatever_its_source_said_and_a_created_one_does_not",
+        ) {
+            return;
+        }
+        let args = ["--mib", "1", "--passes", "1000000"];
+        // Its source did not name itself: it arrived all the same, and is the only copy.
+        FAIL_NEXT_WATCHER.set(true);
+        let (ledger, arrived) = launched(&args, Origin::Migrated { from: None });
+        let arrived = arrived.expect("an arrived VM is kept");
+        assert_eq!(arrived.state(), VmState::Running);
+        assert_eq!(arrived.summary().migrated_from, None);
+        arrived.stop().unwrap();
+        assert_eq!(ledger.held().memory, 0);
+        // One created here is not started unwatched: nothing is lost.
+        FAIL_NEXT_WATCHER.set(true);
+        let (ledger, created) = launched(&args, Origin::Created);
+        let refused = created
+            .err()
+            .expect("a created VM is not started unwatched");
+        assert!(refused.contains("watcher"), "{refused}");
         assert_eq!(ledger.held().memory, 0);
     }
 

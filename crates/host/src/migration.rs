@@ -82,6 +82,23 @@ pub fn incompatibility(vm: &VmDescription) -> Option<String> {
     }
 }
 
+/// `description` as this host keeps it: a source's name ([`EXTRA_FROM`]) that is not a
+/// host name is dropped (the VM is taken without it), as it is stored and shown.
+fn checked(description: &VmDescription) -> VmDescription {
+    let mut description = description.clone();
+    description.extra.retain(|(key, value)| {
+        let keep = key != EXTRA_FROM || ferry_api::valid_host_name(value);
+        if !keep {
+            tracing::warn!(
+                bytes = value.len(),
+                "the source's name for itself is not a host name: dropped"
+            );
+        }
+        keep
+    });
+    description
+}
+
 /// A hosted VM being sent.
 pub struct VmSource {
     vm: Arc<HostedVm>,
@@ -351,7 +368,7 @@ impl VmTarget {
             })
             .collect();
         Ok(Self {
-            description: description.clone(),
+            description: checked(description),
             vm: FillingVm::new(incoming),
             store,
             files: Mutex::new(files),
@@ -541,6 +558,33 @@ impl MigrationTarget for VmTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_name_that_is_not_a_host_name_is_not_kept() {
+        let local = local_description(backend::CPU).expect("the cpu backend");
+        let from = |name: &str| VmDescription {
+            extra: vec![
+                (EXTRA_ID.into(), "a-vm1".into()),
+                (EXTRA_FROM.into(), name.into()),
+            ],
+            ..local.clone()
+        };
+        let kept = checked(&from("host-a.2"));
+        assert_eq!(kept.extra, from("host-a.2").extra);
+        for bad in [
+            "h".repeat(64),
+            "a\nb".into(),
+            "\u{1b}[2J".into(),
+            String::new(),
+        ] {
+            let kept = checked(&from(&bad));
+            assert_eq!(
+                kept.extra,
+                [(EXTRA_ID.to_string(), "a-vm1".to_string())],
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_vm_whose_guest_saw_a_cpu_feature_this_host_lacks_is_refused_by_name() {
