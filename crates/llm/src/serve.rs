@@ -97,9 +97,25 @@ impl RefusalCode {
     const ALL: [RefusalCode; 3] = [Self::ContextLength, Self::InvalidRequest, Self::Internal];
 }
 
-/// [`Event::Token`]'s `id` for text released at the end of an answer (held back until
-/// then in case it began a stop text), which no single token produced.
+/// [`Event::Token`]'s `id` for text no single token produced: released at the end of an
+/// answer (held back until then in case it began a stop text), or the rest of a token's
+/// text too long for one message (see [`Event::split`]).
 pub const NO_TOKEN: u32 = u32::MAX;
+
+/// Bytes of an encoded [`Event::Token`] besides its text: tag, id, text length.
+const TOKEN_OVERHEAD: usize = 1 + 4 + 4;
+/// Bytes of an encoded [`Event::Error`] besides its message: tag, code, message length.
+const ERROR_OVERHEAD: usize = 1 + 1 + 4;
+
+/// The longest prefix of `text` of at most `max` bytes that ends at a character
+/// boundary.
+fn prefix(text: &str, max: usize) -> &str {
+    let mut cut = max.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
 
 /// What the guest says about a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +150,41 @@ impl Event {
     /// Whether this event ends its stream.
     pub fn is_final(&self) -> bool {
         !matches!(self, Event::Token { .. })
+    }
+
+    /// This event as events whose payloads each take at most `max` bytes (a channel
+    /// message's room): a token's text split at character boundaries over several
+    /// [`Event::Token`]s, the later ones with id [`NO_TOKEN`], whose texts the host joins
+    /// as it joins any tokens'; an error's message cut short. A `max` too small for a
+    /// character still gets one per event.
+    pub fn split(&self, max: usize) -> Vec<Event> {
+        match self {
+            Event::Token { id, text } => {
+                let room = max.saturating_sub(TOKEN_OVERHEAD);
+                let mut events = Vec::new();
+                let (mut id, mut rest) = (*id, text.as_str());
+                loop {
+                    let mut piece = prefix(rest, room);
+                    if piece.is_empty() {
+                        piece = rest.chars().next().map_or("", |c| &rest[..c.len_utf8()]);
+                    }
+                    events.push(Event::Token {
+                        id,
+                        text: piece.into(),
+                    });
+                    rest = &rest[piece.len()..];
+                    id = NO_TOKEN;
+                    if rest.is_empty() {
+                        return events;
+                    }
+                }
+            }
+            Event::Error { code, message } => alloc::vec![Event::Error {
+                code: *code,
+                message: prefix(message, max.saturating_sub(ERROR_OVERHEAD)).into(),
+            }],
+            Event::Done { .. } => alloc::vec![self.clone()],
+        }
     }
 }
 
@@ -453,6 +504,58 @@ mod tests {
         assert!(Request::decode(&trailing).is_err());
         assert!(Event::decode(&[9]).is_err());
         assert!(Event::decode(&[0, 1, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn long_texts_are_split_at_characters_into_events_that_fit() {
+        let text = "é".repeat(300) + "𝄞a" + &"€".repeat(200);
+        let token = Event::Token {
+            id: 7,
+            text: text.clone(),
+        };
+        for max in [488, 100, 13, 12, 10, 0] {
+            let events = token.split(max);
+            let mut joined = String::new();
+            for (i, e) in events.iter().enumerate() {
+                let Event::Token { id, text } = e else {
+                    panic!("{e:?}")
+                };
+                assert_eq!(*id, if i == 0 { 7 } else { NO_TOKEN }, "max {max}");
+                assert!(!text.is_empty(), "max {max}: no progress");
+                // One character always goes, even where it does not fit.
+                let one = text.chars().count() == 1;
+                assert!(e.encode().len() <= max || one, "max {max}: {e:?}");
+                if max >= 13 {
+                    assert!(e.encode().len() <= max, "max {max}: {e:?}");
+                }
+                joined.push_str(text);
+            }
+            assert_eq!(joined, text, "max {max}");
+        }
+        assert_eq!(token.split(488).len(), 3);
+        // What fits goes as it is; an empty text too.
+        for text in ["hello", ""] {
+            let e = Event::Token {
+                id: 3,
+                text: text.into(),
+            };
+            assert_eq!(e.split(488), vec![e.clone()]);
+        }
+        let error = Event::Error {
+            code: RefusalCode::Internal,
+            message: "ü".repeat(400),
+        };
+        let [Event::Error { code, message }] = &error.split(488)[..] else {
+            panic!()
+        };
+        assert_eq!(*code, RefusalCode::Internal);
+        assert_eq!(message, &"ü".repeat(241));
+        let done = Event::Done {
+            reason: FinishReason::Stop,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+        };
+        assert_eq!(done.split(488), vec![done.clone()]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod gguf;
 #[path = "../../llm/src/serve.rs"]
 mod serve;
 
-use serve::{kind, Event, FinishReason, PromptKind, Request};
+use serve::{kind, Event, FinishReason, PromptKind, Request, NO_TOKEN};
 
 const CONFIG: VmConfig = VmConfig::new(128 << 20).with_accel(64 << 20);
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -148,8 +148,9 @@ impl Server {
             if !read.events.is_empty() {
                 seen.extend(read.events.iter().map(|m| {
                     assert_eq!(m.kind, kind::EVENT);
-                    Event::decode(&m.payload)
-                        .unwrap_or_else(|e| panic!("stream {stream}: {e}: {:?}", m.payload))
+                    Event::decode(&m.payload).unwrap_or_else(|e| {
+                        panic!("stream {stream}: {e} ({} bytes)", m.payload.len())
+                    })
                 }));
                 return;
             }
@@ -257,4 +258,34 @@ fn cancelling_whole_decode_groups_leaves_the_others_served() {
             );
         }
     }
+}
+
+#[test]
+fn a_token_longer_than_a_response_slot_reaches_the_host_whole() {
+    ferry_testdata::require_kvm!();
+    // 600 bytes of two-byte characters: more than a response slot (512 bytes) holds.
+    let long = "é".repeat(300);
+    let model = model_file("long-token", &long);
+    let mut server = Server::start(&model, &["--slots", "2"]);
+    let stream = server.submit(&raw("hello", 4));
+    let answer = server.answer(stream);
+    let (text, end) = text_and_end(&answer);
+    assert_eq!(text, long.repeat(4));
+    assert_eq!(
+        end,
+        Event::Done {
+            reason: FinishReason::Length,
+            prompt_tokens: 1,
+            completion_tokens: 4
+        }
+    );
+    // Each token in two events: its id, then the rest of its text.
+    let ids: Vec<u32> = (answer.iter())
+        .filter_map(|e| match e {
+            Event::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let id = gguf::tiny_vocab().tokens.len() as u32;
+    assert_eq!(ids, [id, NO_TOKEN].repeat(4));
 }

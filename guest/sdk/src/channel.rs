@@ -6,7 +6,7 @@
 //! loop {
 //!     ch.kick(1000); // waits up to 1 ms for a request
 //!     while let Some(req) = ch.receive() {
-//!         ch.send(req.stream, 16, true, b"answer");
+//!         ch.send(req.stream, 16, true, b"answer")?;
 //!     }
 //! }
 //! ```
@@ -63,6 +63,26 @@ impl fmt::Display for ChannelError {
             }
             ChannelError::OutOfMemory => f.write_str("no memory for the message channel"),
         }
+    }
+}
+
+/// A response longer than a response slot takes ([`Channel::max_response`]): refused
+/// whole, since a payload cut short would not decode on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    /// Bytes of the payload.
+    pub len: usize,
+    /// Most bytes a response takes.
+    pub max: usize,
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "a response of {} bytes does not fit the channel's response slots ({} bytes)",
+            self.len, self.max
+        )
     }
 }
 
@@ -187,16 +207,28 @@ impl Channel {
         (self.geometry.response_slot_size - MESSAGE_HEADER_SIZE) as usize
     }
 
-    /// Writes one response (its payload cut to [`Self::max_response`]); when the ring is
-    /// full, kicks the host until there is room.
-    pub fn send(&mut self, stream: u64, kind: u32, last: bool, payload: &[u8]) {
+    /// Writes one response; when the ring is full, kicks the host until there is room.
+    /// A payload longer than [`Self::max_response`] is refused, not sent.
+    pub fn send(
+        &mut self,
+        stream: u64,
+        kind: u32,
+        last: bool,
+        payload: &[u8],
+    ) -> Result<(), TooLarge> {
+        let len = payload.len();
+        if len > self.max_response() {
+            return Err(TooLarge {
+                len,
+                max: self.max_response(),
+            });
+        }
         let slots = u64::from(self.geometry.response_slots);
         let mut head = self.load(offset_of!(ChannelHeader, response_head));
         while head.saturating_sub(self.load(offset_of!(ChannelHeader, response_tail))) >= slots {
             self.kick(0);
             head = self.load(offset_of!(ChannelHeader, response_head));
         }
-        let len = payload.len().min(self.max_response());
         let m = MessageHeader {
             kind,
             flags: if last { flags::FINAL } else { 0 },
@@ -215,5 +247,6 @@ impl Channel {
             );
         }
         self.store(offset_of!(ChannelHeader, response_head), head + 1);
+        Ok(())
     }
 }

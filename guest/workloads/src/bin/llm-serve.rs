@@ -157,8 +157,15 @@ fn serve(o: &Options) -> Result<(), Failure> {
     }
 }
 
+/// Sends `event`, split into as many events as a long token's text needs: the channel
+/// refuses a payload larger than a response slot.
 fn send(ch: &mut Channel, stream: u64, event: &Event) {
-    ch.send(stream, kind::EVENT, event.is_final(), &event.encode());
+    for e in event.split(ch.max_response()) {
+        if let Err(e) = ch.send(stream, kind::EVENT, e.is_final(), &e.encode()) {
+            // Not with the default geometry: a response slot has room for any character.
+            println!("llm-serve: request {stream}: {e}");
+        }
+    }
 }
 
 fn refuse(ch: &mut Channel, stream: u64, code: RefusalCode, message: String) {
