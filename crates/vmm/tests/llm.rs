@@ -6,6 +6,8 @@
 //!
 //! Needs the model (`scripts/fetch-model`) and, for the reference, python3 with numpy
 //! and regex; without them the tests say SKIPPED loudly, unless FERRY_REQUIRE_MODEL=1.
+//! Another uses ferry-llm's tiny model: arguments too large for any machine are refused
+//! with a message.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +15,10 @@ use std::time::Duration;
 
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig, VmExit};
 use serde_json::Value;
+
+/// ferry-llm's GGUF writer and tiny model.
+#[path = "../../llm/tests/common/mod.rs"]
+mod gguf;
 
 const CONFIG: VmConfig = VmConfig::new(256 << 20).with_accel(256 << 20);
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -33,13 +39,23 @@ fn model(test: &str) -> Option<PathBuf> {
 
 /// Runs `llm-chat` with `model` attached as `model`; returns how it ended and its console.
 fn chat(model: &Path, args: &[&str]) -> (VmExit, String) {
+    run(CONFIG, "llm-chat", Some(model), args)
+}
+
+/// Runs guest `image` in a VM of `config`, with `model` attached as `model`; returns how
+/// it ended and its console.
+fn run(config: VmConfig, image: &str, model: Option<&Path>, args: &[&str]) -> (VmExit, String) {
+    let files: Vec<(String, PathBuf)> = model
+        .map(|m| ("model".into(), m.to_path_buf()))
+        .into_iter()
+        .collect();
     let host = HostOptions {
-        files: AttachedFiles::open(&[("model".into(), model.to_path_buf())]).expect("attach"),
+        files: AttachedFiles::open(&files).expect("attach"),
         ..HostOptions::quiet()
     };
-    let image = ferry_guest_images::find("llm-chat").unwrap().elf;
+    let image = ferry_guest_images::find(image).unwrap().elf;
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut vm = Microvm::boot(CONFIG, image, &args, host).expect("boot");
+    let mut vm = Microvm::boot(config, image, &args, host).expect("boot");
     vm.resume().unwrap();
     let exit = vm
         .wait(Some(TIMEOUT))
@@ -323,4 +339,76 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
     // The host carries on: the real file still answers.
     let (exit, console) = chat(&model, &["--prompt", QUESTION, "--max-tokens", "3"]);
     assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+}
+
+/// The line of `console` that starts with `prefix`.
+fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
+    console
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{console}"))
+}
+
+#[test]
+fn arguments_too_large_for_any_machine_are_refused_with_a_message() {
+    ferry_testdata::require_kvm!();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-llm-huge-")
+        .tempdir()
+        .unwrap();
+    let model = dir.path().join("tiny.gguf");
+    std::fs::write(&model, gguf::tiny_llama().build()).unwrap();
+    let huge = "4611686018427387904"; // 2^62
+    let cases: [(&str, &[&str], i32, &str); 5] = [
+        (
+            "llm-chat",
+            &["--raw", "hello", "--max-tokens", &u64::MAX.to_string()],
+            1,
+            "llm-chat: error: a context of 18446744073709551615 positions (prompt and \
+             --max-tokens) for a prompt of 1 tokens: the model takes at most 128 positions",
+        ),
+        (
+            "llm-chat",
+            &["--raw", "hello", "--context", huge],
+            1,
+            "llm-chat: error: a context of 4611686018427387904 positions (--context)",
+        ),
+        (
+            "llm-serve",
+            &["--batch", huge],
+            2,
+            "llm-serve: error: --slots must be 1 to 64, --context at least 2, --batch 1 to \
+             --context",
+        ),
+        (
+            "mlp-train",
+            &["--hidden", huge],
+            2,
+            "mlp-train: error: --inputs x --hidden: too large",
+        ),
+        (
+            "mlp-train",
+            &[
+                "--inputs",
+                "16777216",
+                "--classes",
+                "1099511627776",
+                "--samples",
+                "1",
+                "--batch",
+                "1",
+            ],
+            2,
+            "mlp-train: error: --inputs x --classes: too large",
+        ),
+    ];
+    for (image, args, code, error) in cases {
+        let (exit, console) = run(CONFIG, image, Some(&model), args);
+        assert!(
+            matches!(exit, VmExit::Exited(c) if c == code),
+            "{image} {args:?}: {exit:?}\n{console}"
+        );
+        let line = line(&console, &format!("{image}: error"));
+        assert!(line.starts_with(error), "{image} {args:?}: {line}");
+    }
 }

@@ -522,22 +522,22 @@ impl Accel {
 
     // ---- buffers and transfers ------------------------------------------------------
 
-    /// Allocates a zero-filled `rows × cols` buffer of `T`.
+    /// Allocates a zero-filled `rows × cols` buffer of `T`; a size too large to count is
+    /// [`AccelError::OutOfMemory`] like any size past the capacity.
     ///
     /// # Panics
-    /// If `rows` or `cols` is zero or the size overflows.
+    /// If `rows` or `cols` is zero.
     #[track_caller]
     pub fn alloc<T: Element>(&mut self, rows: usize, cols: usize) -> Result<Tensor<T>, AccelError> {
-        let bytes = rows
-            .checked_mul(cols)
-            .and_then(|n| n.checked_mul(4))
-            .map(|b| b as u64);
         check(
-            rows > 0 && cols > 0 && bytes.is_some(),
+            rows > 0 && cols > 0,
             "alloc",
             format_args!("bad shape {rows}×{cols}"),
         );
-        let id = self.alloc_bytes(bytes.unwrap_or(0))?;
+        // Saturated, a size past u64 is more than any device holds; one that fits the
+        // capacity has `rows * cols` elements within usize.
+        let bytes = (rows as u64).saturating_mul(cols as u64).saturating_mul(4);
+        let id = self.alloc_bytes(bytes)?;
         Ok(Tensor {
             id,
             rows,
@@ -581,11 +581,11 @@ impl Accel {
     }
 
     /// Allocates zero-filled weights of `rows` rows of `cols` elements in `dtype` (a GGUF
-    /// tensor's shape: `cols` is its first dimension).
+    /// tensor's shape: `cols` is its first dimension); a size too large to count is
+    /// [`AccelError::OutOfMemory`] like any size past the capacity.
     ///
     /// # Panics
-    /// If a dimension is zero, `cols` is not a whole number of `dtype` blocks, or the size
-    /// overflows.
+    /// If a dimension is zero, or `cols` is not a whole number of `dtype` blocks.
     #[track_caller]
     pub fn alloc_weights(
         &mut self,
@@ -593,15 +593,16 @@ impl Accel {
         cols: usize,
         dtype: DType,
     ) -> Result<Weights, AccelError> {
-        let bytes = dtype.bytes(rows as u64, cols as u64);
         check(
-            rows > 0 && cols > 0 && bytes.is_some_and(|b| b <= u64::MAX - 3),
+            rows > 0 && cols > 0 && cols as u64 % dtype.block_elems() == 0,
             "alloc_weights",
             format_args!("bad shape {rows}×{cols} for {}", dtype.name()),
         );
-        let bytes = bytes.unwrap_or(0);
+        // Whole blocks: `None` is an overflow, more than any device holds.
+        let bytes = dtype.bytes(rows as u64, cols as u64).unwrap_or(u64::MAX);
         // Buffers are whole 4-byte words.
-        let id = self.alloc_bytes(bytes.next_multiple_of(4))?;
+        let words = bytes.checked_next_multiple_of(4).unwrap_or(u64::MAX);
+        let id = self.alloc_bytes(words)?;
         Ok(Weights {
             id,
             rows,

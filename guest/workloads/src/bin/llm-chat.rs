@@ -204,11 +204,18 @@ fn run(o: &Options) -> Result<(), Failure> {
         return Err(Failure("the prompt is empty".into()));
     }
     let c = model.config;
-    let context = o.context.unwrap_or(prompt.len() + o.max_tokens);
+    // Saturating: a --max-tokens too large to count is refused below like any too large.
+    let (context, asked) = match o.context {
+        Some(context) => (context, "--context"),
+        None => (
+            prompt.len().saturating_add(o.max_tokens),
+            "prompt and --max-tokens",
+        ),
+    };
     if context > c.context_len || prompt.len() >= context {
         return Err(Failure(format!(
-            "a context of {context} positions for a prompt of {} tokens: the model takes at \
-             most {} positions",
+            "a context of {context} positions ({asked}) for a prompt of {} tokens: the model \
+             takes at most {} positions",
             prompt.len(),
             c.context_len
         )));

@@ -31,8 +31,8 @@ through the VM's message channel; the host's gateway speaks OpenAI's API.
                  requests wait in a queue
   --context N    positions of each sequence's KV cache: prompt plus answer (default 512)
   --batch N      prompt tokens read per step, and sequences decoded in one pass (default
-                 8): larger reads prompts faster, smaller delays the other sequences'
-                 tokens less
+                 8, at most --context): larger reads prompts faster, smaller delays the
+                 other sequences' tokens less
   --file NAME    name of the attached model file (default model)
 Prints `llm-serve: ready` once the model is in device memory, and a line per request.";
 
@@ -55,9 +55,10 @@ fn parse(args: &Args) -> Result<Options, ArgError> {
         context: args.parse_or("context", 512usize)?,
         batch: args.parse_or("batch", 8usize)?,
     };
-    if !(1..=64).contains(&o.slots) || o.context < 2 || o.batch == 0 {
+    // A piece of a prompt is never longer than the context.
+    if !(1..=64).contains(&o.slots) || o.context < 2 || !(1..=o.context).contains(&o.batch) {
         return Err(ArgError::new(
-            "--slots must be 1 to 64, --context at least 2, --batch at least 1",
+            "--slots must be 1 to 64, --context at least 2, --batch 1 to --context",
         ));
     }
     Ok(o)
@@ -123,8 +124,10 @@ fn serve(o: &Options) -> Result<(), Failure> {
     let file = files::open(o.file)?;
     let (model, tokenizer, template) = read_model(&file)?;
     let context = o.context.min(model.config.context_len);
+    // Nor than the model's context, which may be shorter than --context.
+    let batch = o.batch.min(context);
     println!("llm-serve: model '{}': {}", file.name(), describe(&model));
-    let dev = Device::load(&file, &model, context, o.batch, o.slots)?;
+    let dev = Device::load(&file, &model, context, batch, o.slots)?;
     let mut ch =
         Channel::open(Geometry::default()).map_err(|e| Failure(format!("message channel: {e}")))?;
     let mut server = Server {
@@ -134,7 +137,7 @@ fn serve(o: &Options) -> Result<(), Failure> {
             template,
             context,
         },
-        batch: o.batch,
+        batch,
         queue: VecDeque::new(),
         slots: (0..o.slots).map(|_| Slot::Free).collect(),
         logits: vec![0f32; model.config.vocab],

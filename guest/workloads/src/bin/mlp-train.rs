@@ -132,11 +132,21 @@ impl Config {
         if !(c.lr.is_finite() && c.lr > 0.0) {
             return Err(ArgError::new("--lr: must be a positive number"));
         }
-        if c.samples
-            .checked_mul(c.inputs.max(c.classes))
-            .is_none_or(|n| n > 1 << 40)
-        {
-            return Err(ArgError::new("--samples x --inputs: too large"));
+        // Every matrix the run allocates, at most 2^40 elements (4 TiB): more than any
+        // device holds, and a size that cannot overflow where the run computes with it.
+        let hidden = if c.layers > 0 { c.hidden } else { 1 };
+        for (what, rows, cols) in [
+            ("--samples x --inputs", c.samples, c.inputs),
+            ("--samples x --classes", c.samples, c.classes),
+            ("--inputs x --classes", c.inputs, c.classes),
+            ("--inputs x --hidden", c.inputs, hidden),
+            ("--hidden x --hidden", hidden, hidden),
+            ("--hidden x --classes", hidden, c.classes),
+            ("--batch x --hidden", c.batch, hidden),
+        ] {
+            if rows.checked_mul(cols).is_none_or(|n| n > 1 << 40) {
+                return Err(ArgError::new(format!("{what}: too large")));
+            }
         }
         Ok(c)
     }

@@ -205,15 +205,22 @@ fn decode_rows(batch: usize, slots: usize) -> usize {
 }
 
 /// Device bytes the run needs: weights (rounded to words), caches, activations.
+/// Saturating where the caller's numbers come in: a `context` or `batch` too large to
+/// count needs more than any device has. (The model's own sizes are those of tensors in
+/// the file.)
 fn device_bytes(model: &LlamaModel, context: usize, batch: usize, slots: usize) -> u64 {
     let c = &model.config;
     let weights: u64 = model.weights().map(|w| w.size.next_multiple_of(4)).sum();
     let kv = (c.kv_heads * c.head_dim) as u64;
-    let caches = 2 * c.layers as u64 * context as u64 * kv * 4 * slots as u64;
+    let caches = [c.layers as u64, context as u64, kv, 4, slots as u64]
+        .iter()
+        .fold(2u64, |product, &f| product.saturating_mul(f));
     let per_token = (3 * c.dim + 2 * kv as usize + 2 * c.dim + 3 * c.ffn_dim + 1) as u64 * 4;
     let fixed = (4 * c.dim + kv as usize + c.vocab + 1) as u64 * 4;
     let each = decode_rows(batch, slots) as u64 * (c.vocab + 1) as u64 * 4;
-    weights + caches + per_token * batch as u64 + fixed + each
+    (weights + fixed + each)
+        .saturating_add(caches)
+        .saturating_add(per_token.saturating_mul(batch as u64))
 }
 
 impl Device {
