@@ -11,6 +11,7 @@
 //!   source before it was ever told to run elsewhere.
 
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,37 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(2);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Unanswered probes before the kernel gives up on the connection.
 const KEEPALIVE_PROBES: u32 = 3;
+
+/// How long a destination waits for the next frame on a connection before it takes the
+/// source for gone (a source at work on a long round says so every
+/// [`DEFAULT_KEEPALIVE_EVERY`]).
+pub(crate) const DEFAULT_IDLE_LIMIT: Duration = Duration::from_secs(120);
+/// How often a long round tells the destination it is at work (`Message::Keepalive`),
+/// well within [`DEFAULT_IDLE_LIMIT`].
+pub(crate) const DEFAULT_KEEPALIVE_EVERY: Duration = Duration::from_secs(30);
+const _: () = assert!(DEFAULT_KEEPALIVE_EVERY.as_secs() * 3 < DEFAULT_IDLE_LIMIT.as_secs());
+
+/// This process's idle limit and keepalive period, ms ([`shorten_idle_limits`]).
+static IDLE_LIMIT_MS: AtomicU64 = AtomicU64::new(DEFAULT_IDLE_LIMIT.as_millis() as u64);
+static KEEPALIVE_EVERY_MS: AtomicU64 = AtomicU64::new(DEFAULT_KEEPALIVE_EVERY.as_millis() as u64);
+
+/// The destination's idle limit on a connection.
+pub(crate) fn idle_limit() -> Duration {
+    Duration::from_millis(IDLE_LIMIT_MS.load(Ordering::Relaxed))
+}
+
+/// How often a long round says it is at work.
+pub(crate) fn keepalive_every() -> Duration {
+    Duration::from_millis(KEEPALIVE_EVERY_MS.load(Ordering::Relaxed))
+}
+
+/// Sets this process's idle limit and keepalive period, for tests of long rounds that
+/// would otherwise take minutes.
+#[doc(hidden)]
+pub fn shorten_idle_limits(keepalive_every: Duration, idle_limit: Duration) {
+    KEEPALIVE_EVERY_MS.store(keepalive_every.as_millis() as u64, Ordering::Relaxed);
+    IDLE_LIMIT_MS.store(idle_limit.as_millis() as u64, Ordering::Relaxed);
+}
 
 /// Sets keepalive and a user timeout of `limit` (how long sent data may stay
 /// unacknowledged) on a migration connection.

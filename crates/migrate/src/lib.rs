@@ -36,6 +36,7 @@ pub mod wire;
 
 pub use auth::{Purpose, Secret};
 pub use cpu::{CpuidRegister, CpuidWord};
+pub use deadline::shorten_idle_limits;
 pub use gate::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER};
 pub use receive::{serve, serve_with_tls, spawn_receiver, ReceiveReport, Receiving, TargetFactory};
 pub use replay::{

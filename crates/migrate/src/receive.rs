@@ -29,8 +29,6 @@ use crate::MigrationError;
 
 /// How long the destination waits for the data connections, or for a round's data.
 const STREAM_WAIT: Duration = Duration::from_secs(30);
-/// Read timeout on the control connection (the source sends at least once per round).
-pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Beyond [`MAX_ROUND_REPLAY`], how long a round's replay may run here: the source's
 /// default I/O timeout, which it waits on top of its allowance.
 const REPLAY_GRACE: Duration = Duration::from_secs(10);
@@ -281,7 +279,8 @@ fn handle_connection<F: TargetFactory>(
     let mut conn = FrameStream::new(link, false);
     let role = authenticate_stream_listener(&mut conn, secret)?;
     drop(ticket);
-    keep.set_read_timeout(Some(CONTROL_TIMEOUT))
+    // The source sends at least once per round, and says a long round is at work.
+    keep.set_read_timeout(Some(crate::deadline::idle_limit()))
         .map_err(MigrationError::io("setting up a connection"))?;
     match role {
         StreamRole::Control => match conn.expect_control("an offer")? {
@@ -477,6 +476,9 @@ fn apply_stream<T: MigrationTarget>(
             }
         }
         let applied = match frame {
+            // A stream with nothing to carry for a while, still there (counted in the
+            // round's frames like any other).
+            Frame::Control(Message::Keepalive) => Ok(()),
             Frame::File { file, offset, data } => inbound
                 .take_file_piece(file, offset, data.len() as u64)
                 .map_err(MigrationError::BrokenSequence)
@@ -901,6 +903,8 @@ fn control_loop<T: MigrationTarget>(
     let mut round_command_bytes = 0u64;
     loop {
         match conn.expect_control("the next round")? {
+            // The source is at work on a long round; the idle limit starts again.
+            Message::Keepalive => {}
             Message::BeginRound { round, buffers } => {
                 if round != expected_round {
                     return Err(MigrationError::BrokenSequence(format!(

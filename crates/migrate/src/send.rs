@@ -530,7 +530,7 @@ const FILE_CHECK_RATE: f64 = 100e6;
 
 /// How long a destination may take to check `bytes` of attached files: at most
 /// [`MAX_ROUND_REPLAY`], as the destination's data streams wait idle meanwhile, for at
-/// most [`crate::receive::CONTROL_TIMEOUT`].
+/// most the destination's idle limit on a connection.
 fn file_check_time(bytes: u64) -> Duration {
     Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE).min(MAX_ROUND_REPLAY)
 }
@@ -1009,24 +1009,57 @@ impl Session<'_> {
         queue.activity.start(self.data.len());
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;
+        let control = &mut self.control;
+        let keepalive_every = crate::deadline::keepalive_every();
+        let mut keepalive = Ok(());
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
+            let (done, finished) = std::sync::mpsc::channel::<()>();
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
                 .zip(self.buffers.iter_mut())
                 .map(|(conn, buffers)| {
-                    let (writer, queue) = (&mut conn.writer, &queue);
+                    let (writer, queue, done) = (&mut conn.writer, &queue, done.clone());
                     scope.spawn(move || {
-                        let sent = send_share(source, writer, buffers, queue);
+                        let sent = send_share(source, writer, buffers, queue).and_then(|sent| {
+                            // A stream that had nothing to carry for a while says it is
+                            // still there, or the destination would take it for a dead
+                            // one (replay rounds carry a few pages, on one stream).
+                            let idle = writer
+                                .last_frame
+                                .is_none_or(|at| at.elapsed() >= keepalive_every);
+                            if idle {
+                                writer.send(&Message::Keepalive)?;
+                            }
+                            Ok(sent)
+                        });
                         if sent.is_err() {
                             queue.failed.store(true, Ordering::Relaxed);
                         }
+                        let _ = done.send(());
                         sent
                     })
                 })
                 .collect();
+            drop(done);
+            // A long round (a low rate ceiling, a large pause) says it is at work, or the
+            // destination would take the silent control connection for a dead source.
+            let mut running = handles.len();
+            while running > 0 {
+                match finished.recv_timeout(keepalive_every) {
+                    Ok(()) => running -= 1,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = control.send(&Message::Keepalive) {
+                            queue.failed.store(true, Ordering::Relaxed);
+                            keepalive = Err(e);
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
             handles.into_iter().map(|h| joined(h, "sending")).collect()
         });
+        keepalive?;
         let paced = queue.activity.idle();
         if let Some(why) = queue
             .base_lost

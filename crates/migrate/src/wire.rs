@@ -8,6 +8,7 @@
 //! against the VM by the receiver, which knows its size.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -190,6 +191,10 @@ pub enum Message {
         #[serde(deserialize_with = "crate::replay::commands_at_most")]
         commands: Vec<LoggedCommand>,
     },
+    /// The sender is still at work on a long round (pre-copy at a low rate ceiling, or a
+    /// large stop-and-copy): the reader's idle limit starts again. Sent on the control
+    /// stream, and on a data stream that had nothing to carry for a while.
+    Keepalive,
 }
 
 /// One record read off the wire (borrowing the reader's buffer).
@@ -669,6 +674,8 @@ pub struct FrameWriter<W> {
     pub bytes: u64,
     /// Frames written so far.
     pub frames: u64,
+    /// When the last frame was written.
+    pub last_frame: Option<Instant>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -682,6 +689,7 @@ impl<W: Write> FrameWriter<W> {
             packed: Vec::new(),
             bytes: 0,
             frames: 0,
+            last_frame: None,
         }
     }
 
@@ -825,6 +833,7 @@ impl<W: Write> FrameWriter<W> {
     fn count(&mut self, written: Result<usize, MigrationError>) -> Result<(), MigrationError> {
         self.bytes += written? as u64;
         self.frames += 1;
+        self.last_frame = Some(Instant::now());
         Ok(())
     }
 
