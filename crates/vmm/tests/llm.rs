@@ -6,7 +6,8 @@
 //!
 //! Needs the model (`scripts/fetch-model`) and, for the reference, python3 with numpy
 //! and regex; without them the tests say SKIPPED loudly, unless FERRY_REQUIRE_MODEL=1.
-//! Another uses ferry-llm's tiny model: arguments too large for any machine are refused
+//! The others use files made here (ferry-llm's tiny model, a model whose metadata is
+//! too large to read): arguments too large for any machine, and that model, are refused
 //! with a message.
 
 use std::path::{Path, PathBuf};
@@ -411,4 +412,42 @@ fn arguments_too_large_for_any_machine_are_refused_with_a_message() {
         let line = line(&console, &format!("{image}: error"));
         assert!(line.starts_with(error), "{image} {args:?}: {line}");
     }
+}
+
+#[test]
+fn a_model_whose_metadata_is_too_large_to_read_is_refused_with_a_message() {
+    ferry_testdata::require_kvm!();
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-llm-header-")
+        .tempdir()
+        .unwrap();
+    // 2^26 token strings, empty ones (the rest of the file is a hole): 512 MiB of header
+    // in a file of 1 GiB.
+    let mut tokens = 8u32.to_le_bytes().to_vec();
+    tokens.extend_from_slice(&(1u64 << 26).to_le_bytes());
+    let bytes = gguf::Writer::new()
+        .kv("tokenizer.ggml.tokens", gguf::V::Raw(9, tokens))
+        .build();
+    let path = dir.path().join("header.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(1 << 30).unwrap();
+    // Room for the 256 MiB read: the bound is what refuses it.
+    let roomy = VmConfig::new(768 << 20).with_accel(16 << 20);
+    let (exit, console) = run(roomy, "llm-chat", Some(&path), &["--raw", "hello"]);
+    assert!(matches!(exit, VmExit::Exited(1)), "{exit:?}\n{console}");
+    assert_eq!(
+        line(&console, "llm-chat: error"),
+        "llm-chat: error: model file 'model': its metadata takes more than 256 MiB, the most \
+         this guest reads"
+    );
+    // Without the room: the read that does not fit, by its size (not the file's).
+    let (exit, console) = run(CONFIG, "llm-chat", Some(&path), &["--raw", "hello"]);
+    assert!(matches!(exit, VmExit::Exited(1)), "{exit:?}\n{console}");
+    let error = line(&console, "llm-chat: error");
+    assert!(
+        error.ends_with("bytes of 'model' do not fit in guest memory")
+            && !error.contains("1073741824"),
+        "{error}"
+    );
 }

@@ -42,12 +42,12 @@ pub enum FileError {
         /// The status the host wrote.
         status: u32,
     },
-    /// The file does not fit in this guest's memory.
+    /// The bytes asked for do not fit in this guest's memory.
     TooLarge {
         /// The file.
         name: &'static str,
-        /// Its size.
-        size: u64,
+        /// Bytes asked for.
+        len: u64,
     },
 }
 
@@ -76,8 +76,8 @@ impl fmt::Display for FileError {
                 "reading {len} bytes at {offset} of '{name}' failed: {}",
                 file::status::name(*status)
             ),
-            FileError::TooLarge { name, size } => {
-                write!(f, "'{name}' ({size} bytes) does not fit in guest memory")
+            FileError::TooLarge { name, len } => {
+                write!(f, "{len} bytes of '{name}' do not fit in guest memory")
             }
         }
     }
@@ -178,7 +178,7 @@ impl File {
         buf.try_reserve_exact(len)
             .map_err(|_| FileError::TooLarge {
                 name: self.name,
-                size: self.size,
+                len: len as u64,
             })?;
         buf.resize(len, 0);
         self.read_at(offset, &mut buf)?;
@@ -189,7 +189,7 @@ impl File {
     pub fn read_all(&self) -> Result<Vec<u8>, FileError> {
         let len = usize::try_from(self.size).map_err(|_| FileError::TooLarge {
             name: self.name,
-            size: self.size,
+            len: self.size,
         })?;
         self.read_vec(0, len)
     }

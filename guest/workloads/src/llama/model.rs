@@ -45,7 +45,8 @@ pub fn read_model(file: &File) -> Result<(LlamaModel, Tokenizer, Option<ChatTemp
     let bad = |what: &str, e: &dyn core::fmt::Display| {
         Failure(format!("model file '{}': {what}: {e}", file.name()))
     };
-    let mut want = file.size().min(4 << 20);
+    let most = file.size().min(MAX_HEADER);
+    let mut want = most.min(4 << 20);
     loop {
         let prefix = file.read_vec(0, want as usize)?;
         match Gguf::parse(&prefix, file.size()) {
@@ -55,8 +56,17 @@ pub fn read_model(file: &File) -> Result<(LlamaModel, Tokenizer, Option<ChatTemp
                 let template = ChatTemplate::from_gguf(&gguf).ok();
                 return Ok((model, tokenizer, template));
             }
-            Err(GgufError::NeedMore { bytes }) if bytes > want && bytes <= MAX_HEADER => {
-                want = bytes.min(file.size());
+            // The parser's guess may be larger than needed: up to the bound, read it.
+            Err(GgufError::NeedMore { bytes }) if bytes > want && want < most => {
+                want = bytes.min(most);
+            }
+            Err(GgufError::NeedMore { .. }) if want == MAX_HEADER => {
+                return Err(Failure(format!(
+                    "model file '{}': its metadata takes more than {} MiB, the most this \
+                     guest reads",
+                    file.name(),
+                    MAX_HEADER >> 20
+                )));
             }
             Err(e) => return Err(bad("not a usable GGUF file", &e)),
         }
