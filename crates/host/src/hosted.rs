@@ -176,24 +176,6 @@ thread_local! {
 }
 
 impl HostedVm {
-    /// [`Self::launch`] of a VM created here (`migrated_from` `None`) or one that
-    /// arrived from host `migrated_from`. Callers that know a VM arrived say so with
-    /// [`Self::launch`] and [`Origin::Migrated`], as the source may not name itself.
-    pub fn start(
-        id: String,
-        names: (String, Option<String>),
-        args: Vec<String>,
-        vm: Microvm,
-        migrated_from: Option<String>,
-        reservation: Reservation,
-    ) -> Result<Arc<Self>, String> {
-        let origin = match migrated_from {
-            None => Origin::Created,
-            from @ Some(_) => Origin::Migrated { from },
-        };
-        Self::launch(id, names, args, vm, origin, reservation)
-    }
-
     /// Takes `vm` (paused before its first instruction, or received and restored) with
     /// the capacity `reservation` it was made in, runs it, and starts its watcher.
     pub fn launch(

@@ -39,7 +39,7 @@ use ferry_api::{
 };
 use ferry_http::cluster_roots;
 use files::FileStore;
-use hosted::{HostedVm, MigrationTicket};
+use hosted::{HostedVm, MigrationTicket, Origin};
 use migration::{VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
@@ -721,12 +721,12 @@ impl Host {
             }
         })?;
         let claim = self.claim_id(None);
-        let hosted = HostedVm::start(
+        let hosted = HostedVm::launch(
             claim.id().to_string(),
             (req.workload.clone(), req.name.clone()),
             req.args.clone(),
             vm,
-            None,
+            Origin::Created,
             reservation,
         )
         .map_err(HostError::Failed)?;
@@ -1159,12 +1159,12 @@ impl ferry_migrate::TargetFactory for Receiver {
             .extra(EXTRA_NAME)
             .filter(|n| ferry_api::valid_vm_name(n))
             .map(str::to_string);
-        match HostedVm::start(
+        match HostedVm::launch(
             id.clone(),
             (report.vm.name.clone(), name),
             args,
             vm,
-            from,
+            Origin::Migrated { from },
             reservation,
         ) {
             Ok(hosted) => {
@@ -1428,12 +1428,14 @@ mod tests {
         let image = ferry_guest_images::resolve("memtouch").unwrap();
         let args = memtouch(0, 0).args;
         let vm = Microvm::boot(config, &image, &args, host.vm_host_options()).unwrap();
-        let arrived = HostedVm::start(
+        let arrived = HostedVm::launch(
             claim.id().to_string(),
             ("memtouch".into(), None),
             args,
             vm,
-            Some("g".into()),
+            Origin::Migrated {
+                from: Some("g".into()),
+            },
             host.reserve(&config).unwrap(),
         )
         .unwrap();
