@@ -21,7 +21,7 @@ mod gguf;
 #[path = "../../llm/src/serve.rs"]
 mod serve;
 
-use serve::{kind, Event, FinishReason, PromptKind, Request, NO_TOKEN};
+use serve::{kind, Event, FinishReason, PromptKind, RefusalCode, Request, NO_TOKEN};
 
 const CONFIG: VmConfig = VmConfig::new(128 << 20).with_accel(64 << 20);
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -288,4 +288,53 @@ fn a_token_longer_than_a_response_slot_reaches_the_host_whole() {
         .collect();
     let id = gguf::tiny_vocab().tokens.len() as u32;
     assert_eq!(ids, [id, NO_TOKEN].repeat(4));
+}
+
+#[test]
+fn bad_requests_are_refused_one_by_one_while_the_others_are_served() {
+    ferry_testdata::require_kvm!();
+    let model = model_file("refuse", "ab");
+    let mut server = Server::start(&model, &["--slots", "2"]);
+    let good = server.submit(&raw("hello", 200));
+    let sampled = |temperature, top_p| Request {
+        temperature,
+        top_p,
+        ..raw("hello", 4)
+    };
+    let mut two = raw("hello", 4);
+    two.messages.push((String::new(), "world".into()));
+    let bad = [
+        // Out of range even where no sampler would run (greedy).
+        (
+            sampled(-1.0, 1.0),
+            "temperature -1 is not a finite number >= 0",
+        ),
+        (
+            sampled(f32::NAN, 1.0),
+            "temperature NaN is not a finite number >= 0",
+        ),
+        (sampled(0.0, 1.5), "top_p 1.5 is not in [0, 1]"),
+        (sampled(0.7, f32::NAN), "top_p NaN is not in [0, 1]"),
+        (two, "a raw prompt is one text, not 2 messages"),
+    ];
+    for (request, message) in bad {
+        let stream = server.submit(&request);
+        assert_eq!(
+            server.answer(stream),
+            [Event::Error {
+                code: RefusalCode::InvalidRequest,
+                message: message.into()
+            }]
+        );
+    }
+    let (text, end) = text_and_end(&server.answer(good));
+    assert_eq!(text, "ab".repeat(200));
+    assert_eq!(
+        end,
+        Event::Done {
+            reason: FinishReason::Length,
+            prompt_tokens: 1,
+            completion_tokens: 200
+        }
+    );
 }

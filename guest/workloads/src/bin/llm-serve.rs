@@ -226,22 +226,20 @@ impl Server {
                     continue;
                 }
             };
-            let sampler = if request.temperature > 0.0 {
-                let config = SamplerConfig {
-                    temperature: request.temperature,
-                    top_k: 0,
-                    top_p: request.top_p,
-                    seed: request.seed,
-                };
-                match Sampler::new(config) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        refuse(ch, stream, RefusalCode::InvalidRequest, format!("{e}"));
-                        continue;
-                    }
+            let config = SamplerConfig {
+                temperature: request.temperature,
+                top_k: 0,
+                top_p: request.top_p,
+                seed: request.seed,
+            };
+            // Checked whatever the temperature: a request with a value out of range (a
+            // negative or NaN temperature too) is refused, not answered greedily.
+            let sampler = match Sampler::new(config) {
+                Ok(s) => (request.temperature > 0.0).then_some(s),
+                Err(e) => {
+                    refuse(ch, stream, RefusalCode::InvalidRequest, format!("{e}"));
+                    continue;
                 }
-            } else {
-                None
             };
             self.slots[free] = Slot::Serving(Box::new(Sequence {
                 stream,
@@ -449,9 +447,17 @@ impl Text {
         // A raw prompt is the client's own markup; a chat's contents are text only.
         let (rendered, stops) = match r.prompt {
             PromptKind::Raw => {
-                let raw = r.messages.first().map_or("", |(_, c)| c.as_str());
+                let [(_, raw)] = &r.messages[..] else {
+                    return Err((
+                        RefusalCode::InvalidRequest,
+                        format!(
+                            "a raw prompt is one text, not {} messages",
+                            r.messages.len()
+                        ),
+                    ));
+                };
                 let rendered = RenderedPrompt {
-                    text: String::from(raw),
+                    text: raw.clone(),
                     contents: Vec::new(),
                 };
                 (rendered, self.tokenizer.eos().into_iter().collect())
