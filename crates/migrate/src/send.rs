@@ -308,6 +308,16 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
+/// Of a connection's error so far and the next address's, the one to report: a refusal
+/// only if every address refused, as a refusal is taken for proof that no daemon runs
+/// there (see `settle`), which an address that timed out does not give.
+fn kept_error(kept: Option<std::io::Error>, next: std::io::Error) -> std::io::Error {
+    match kept {
+        Some(kept) if kept.kind() != std::io::ErrorKind::ConnectionRefused => kept,
+        _ => next,
+    }
+}
+
 fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
     let err = |source| MigrationError::Connect {
         addr: addr.to_string(),
@@ -323,7 +333,7 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
                 deadline::tune(&stream, timeout).map_err(err)?;
                 return Ok(stream);
             }
-            Err(e) => last = Some(e),
+            Err(e) => last = Some(kept_error(last, e)),
         }
     }
     Err(err(last.unwrap_or_else(|| {
@@ -2031,6 +2041,29 @@ mod tests {
     use super::*;
 
     const GBIT: f64 = 1.25e8;
+
+    #[test]
+    fn a_connection_is_refused_only_if_every_address_refused_it() {
+        use std::io::{Error, ErrorKind::*};
+        let kept = |kinds: &[std::io::ErrorKind]| {
+            kinds
+                .iter()
+                .fold(None, |kept, &kind| {
+                    Some(kept_error(kept, Error::from(kind)))
+                })
+                .map(|e| e.kind())
+        };
+        assert_eq!(
+            kept(&[ConnectionRefused, ConnectionRefused]),
+            Some(ConnectionRefused)
+        );
+        assert_eq!(kept(&[TimedOut, ConnectionRefused]), Some(TimedOut));
+        assert_eq!(kept(&[ConnectionRefused, TimedOut]), Some(TimedOut));
+        assert_eq!(
+            kept(&[HostUnreachable, ConnectionRefused, TimedOut]),
+            Some(HostUnreachable)
+        );
+    }
 
     #[test]
     fn another_round_is_taken_while_it_shrinks_the_pause_and_not_once_it_cannot() {
