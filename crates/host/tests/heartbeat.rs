@@ -2,10 +2,12 @@
 //! beats at its interval, not in a loop, and still stops; told of a new leader's term, it
 //! refuses orders of older leaders.
 
+mod common;
+
 use std::net::TcpListener;
 use std::time::Duration;
 
-use ferry_host::{Host, HostConfig};
+use ferry_host::Host;
 use ferry_migrate::Secret;
 
 /// A center that answers every heartbeat with `answer`; counts the beats.
@@ -66,19 +68,13 @@ fn host_with_tokens(
     api_tokens: Option<std::path::PathBuf>,
 ) -> (std::sync::Arc<Host>, std::path::PathBuf) {
     let store = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
-    let host = Host::new(HostConfig {
-        name: name.into(),
-        secret: Secret::new(SECRET.to_vec()).unwrap(),
-        memory_capacity: 1 << 30,
-        accel_capacity: 0,
-        accel_threads: 1,
-        guest_nice: 0,
-        tls: None,
-        file_store: store.clone(),
+    let host = Host::new(common::config(
+        name,
+        SECRET,
+        store.clone(),
+        (0, 1),
         api_tokens,
-        backend: ferry_accel::backend::CPU,
-        attach: ferry_host::AttachPolicy::Under(Vec::new()),
-    });
+    ));
     (host, store)
 }
 
@@ -128,13 +124,7 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
     const OPERATOR: &str = "operator-token-0123456789abcdef";
     std::fs::write(&tokens, format!("{OPERATOR}\n")).unwrap();
     let (host, store) = host_with_tokens("leader-term", Some(tokens.clone()));
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = ferry_host::api::router(host.clone(), "127.0.0.1:1".into()).unwrap();
-    let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "host API");
+    let (_runtime, _serving, url) = common::serve_api(&host);
     let token = Secret::new(SECRET.to_vec())
         .unwrap()
         .token(ferry_migrate::Purpose::HostApi);

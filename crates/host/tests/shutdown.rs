@@ -2,12 +2,13 @@
 //! threads end and its VMs stop, however many times one is started and stopped. (Alone in
 //! its test binary: it counts the whole process's threads.)
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use ferry_api::{CreateVm, VmState};
-use ferry_host::{Host, HostConfig};
-use ferry_migrate::Secret;
+use ferry_host::Host;
 
 /// This process's threads once those that just ended have left: a thread joined has
 /// ended, but the kernel lists it a moment longer. Counts until two counts 20 ms apart
@@ -38,19 +39,13 @@ fn threads() -> u64 {
 /// returns whether its migration port still took connections afterwards.
 fn one_life(n: usize) -> bool {
     let store = std::env::temp_dir().join(format!("ferry-shutdown-{}-{n}", std::process::id()));
-    let host = Host::new(HostConfig {
-        name: format!("h{n}"),
-        secret: Secret::new(b"shutdown-test-secret-0123456789".to_vec()).unwrap(),
-        memory_capacity: 1 << 30,
-        accel_capacity: 512 << 20,
-        accel_threads: 2,
-        guest_nice: 0,
-        tls: None,
-        file_store: store.clone(),
-        api_tokens: None,
-        backend: ferry_accel::backend::CPU,
-        attach: ferry_host::AttachPolicy::Under(Vec::new()),
-    });
+    let host = Host::new(common::config(
+        &format!("h{n}"),
+        b"shutdown-test-secret-0123456789",
+        store.clone(),
+        (512 << 20, 2),
+        None,
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     host.serve_migrations(listener).unwrap();

@@ -1,11 +1,13 @@
 //! A VM's streams over the host API: only the stream's reader (a full token, as the
 //! center's gateway has) lets go of what it read.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use ferry_api::CreateVm;
 use ferry_client::{ApiClient, ApiError};
-use ferry_host::{Host, HostConfig};
+use ferry_host::Host;
 use ferry_migrate::Secret;
 use serde_json::{json, Value};
 
@@ -29,26 +31,14 @@ fn a_read_only_read_never_takes_a_streams_responses_from_its_reader() {
     std::fs::create_dir_all(&scratch).unwrap();
     let tokens = scratch.join("tokens");
     std::fs::write(&tokens, format!("{READ_ONLY} read-only\n")).unwrap();
-    let host = Host::new(HostConfig {
-        name: "streams".into(),
-        secret: Secret::new(SECRET.to_vec()).unwrap(),
-        memory_capacity: 1 << 30,
-        accel_capacity: 0,
-        accel_threads: 1,
-        guest_nice: 0,
-        tls: None,
-        file_store: scratch.join("store"),
-        api_tokens: Some(tokens),
-        backend: ferry_accel::backend::CPU,
-        attach: ferry_host::AttachPolicy::Under(Vec::new()),
-    });
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let router = ferry_host::api::router(host.clone(), "127.0.0.1:1".into()).unwrap();
-    let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "host API");
+    let host = Host::new(common::config(
+        "streams",
+        SECRET,
+        scratch.join("store"),
+        (0, 1),
+        Some(tokens),
+    ));
+    let (_runtime, _serving, url) = common::serve_api(&host);
     // The gateway's token.
     let key = Secret::new(SECRET.to_vec())
         .unwrap()
