@@ -447,16 +447,40 @@ impl HostedVm {
 
     /// Lets a VM held paused by its migration (or its throttle) run again.
     pub fn resume_from_hold(&self) -> Result<(), VmError> {
+        Self::let_go(&mut self.control()).map(drop)
+    }
+
+    /// Switchover → migrating: lets the VM its migration held paused for the switchover
+    /// run again before the destination was told to run it, the migration going on
+    /// (pre-copy after a replay's tail gave way in the pause): the throttle applies to it
+    /// again, and the next switchover holds it anew. A VM not held for a switchover is
+    /// let go as by [`Self::resume_from_hold`], its state unchanged (a failed migration
+    /// resumes it so, then abandons).
+    pub fn end_switchover(&self) -> Result<(), VmError> {
         let mut control = self.control();
+        if let Hold::Switchover { .. } = Self::let_go(&mut control)? {
+            // Under the control lock (control, then lifecycle): the throttle never finds
+            // the VM free yet still in its switchover.
+            self.life
+                .end_switchover()
+                .map_err(|e| VmError::Resume(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the microVM again if a migration or its throttle holds it paused; returns
+    /// who held it (it stays held if it cannot run again).
+    fn let_go(control: &mut Control) -> Result<Hold, VmError> {
+        let held = control.hold;
         if let (Hold::Throttle { .. } | Hold::Switchover { .. }, Some(vm)) =
-            (control.hold, control.vm.as_mut())
+            (held, control.vm.as_mut())
         {
             if matches!(vm.run_state(), RunState::Paused) {
                 vm.resume().map_err(|e| VmError::Resume(e.into()))?;
             }
         }
         control.hold = Hold::Free;
-        Ok(())
+        Ok(held)
     }
 
     /// The migration ended before the destination was told to run the VM: it runs on
@@ -661,7 +685,7 @@ mod tests {
     use crate::capacity::{Amount, Ledger};
     use crate::migration::VmSource;
     use ferry_api::MigrationState;
-    use ferry_migrate::VmContents;
+    use ferry_migrate::{MigrationSource, VmContents};
     use ferry_vmm::HostOptions;
 
     /// A running `memtouch` VM with `args`, and the ledger it holds room in.
@@ -802,6 +826,59 @@ mod tests {
             .expect("a created VM is not started unwatched");
         assert!(refused.contains("watcher"), "{refused}");
         assert_eq!(ledger.held().memory, 0);
+    }
+
+    /// Whether the throttle holds `vm` paused at some moment within 2 s.
+    fn throttled(vm: &HostedVm) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(vm.control().hold, Hold::Throttle { .. }) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn a_switchover_that_gives_way_before_go_goes_back_to_migrating_throttled_and_pauses_again() {
+        if !ferry_testdata::kvm(
+            "a_switchover_that_gives_way_before_go_goes_back_to_migrating_throttled_and_pauses_again",
+        ) {
+            return;
+        }
+        // As the engine does when a replay's tail cannot be sent in the pause: it resumes
+        // the VM, pre-copies (throttled), then pauses it again for the switchover.
+        let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
+        vm.begin_migration("b:1", status("b:1"), CancelToken::default())
+            .unwrap();
+        let source = VmSource::new(vm.clone(), "h").expect("the VM runs");
+        let migrating = VmState::Migrating { to: "b:1".into() };
+        let running = || vm.with_vm(|v| matches!(v.run_state(), RunState::Running));
+        source.pause().unwrap();
+        assert_eq!(vm.state(), VmState::Switchover { to: "b:1".into() });
+        assert_eq!(running(), Some(false));
+        source.resume().unwrap();
+        assert_eq!(vm.state(), migrating, "resumed before Go: migrating again");
+        assert_eq!(running(), Some(true));
+        // Its pre-copy is throttled again.
+        source.set_throttle(50);
+        assert!(throttled(&vm), "the throttle never paused the VM");
+        // And the next switchover holds it (taking over a throttle's pause).
+        source.pause().expect("a second pause for the switchover");
+        assert_eq!(vm.state(), VmState::Switchover { to: "b:1".into() });
+        assert_eq!(running(), Some(false));
+        // That one fails before Go: resumed (twice, as the engine may), then abandoned.
+        source.resume().unwrap();
+        source.resume().unwrap();
+        assert_eq!(vm.state(), migrating);
+        vm.abandon_migration().unwrap();
+        assert_eq!(vm.state(), VmState::Running);
+        assert_eq!(running(), Some(true));
+        drop(source);
+        vm.stop().unwrap();
+        assert_eq!(ledger.held().memory, 0);
+        vm.join_watcher();
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //!                └──► exited | failed   (the guest ended; also from migrating)
 //! ```
 //!
+//! A switchover also goes back to migrating when the VM is resumed before the
+//! destination was told to run it and its migration goes on (pre-copy after a replay's
+//! tail gave way in the pause): it is throttled again, and its next switchover holds it
+//! anew.
+//!
 //! A transition is one short critical section that checks and changes the state: it
 //! never waits for the guest, the network or a pause, so readers never wait either.
 //!
@@ -38,6 +43,9 @@ pub enum Transition {
     Migrate,
     /// Migrating → switchover (the VM is paused for it).
     BeginSwitchover,
+    /// Switchover → migrating: the VM runs again before the destination was told to run
+    /// it, and its migration goes on (pre-copy after a replay's tail gave way).
+    EndSwitchover,
     /// Migrating or switchover → running: the migration failed or was cancelled before
     /// the destination was told to run the VM.
     Abandon,
@@ -66,6 +74,7 @@ impl Transition {
             Self::Start => "start",
             Self::Migrate => "migrate",
             Self::BeginSwitchover => "switch over",
+            Self::EndSwitchover => "end the switchover of",
             Self::Abandon => "abandon the migration of",
             Self::LoseConfirmation => "mark in doubt",
             Self::Leave => "complete the migration of",
@@ -228,6 +237,16 @@ impl Lifecycle {
         .map(drop)
     }
 
+    /// Switchover → migrating: resumed before Go, the VM goes on being migrated. Only
+    /// from a switchover: a VM in doubt, or no longer migrating, is not moved by it.
+    pub fn end_switchover(&self) -> Result<(), TransitionError> {
+        self.apply(Transition::EndSwitchover, |s| match s {
+            VmState::Switchover { to } => Some(VmState::Migrating { to: to.clone() }),
+            _ => None,
+        })
+        .map(drop)
+    }
+
     /// Migrating or switchover → running (the migration ended before Go).
     pub fn abandon_migration(&self) -> Result<(), TransitionError> {
         self.apply(Transition::Abandon, |s| {
@@ -362,6 +381,30 @@ mod tests {
         assert_eq!(ledger.held().memory, 0);
         // Ended for good: neither resolved nor resumed.
         assert!(life.resume_here().is_err());
+    }
+
+    #[test]
+    fn a_switchover_that_gives_way_before_go_goes_back_to_migrating_and_only_it_does() {
+        let (ledger, life) = in_switchover();
+        life.end_switchover().unwrap();
+        assert_eq!(life.state(), VmState::Migrating { to: "b:1".into() });
+        assert_eq!(ledger.held().memory, 64 << 20);
+        // Still being migrated: the next switchover begins as the first did.
+        assert!(life.stop().is_err());
+        life.begin_switchover().unwrap();
+        assert_eq!(life.state(), VmState::Switchover { to: "b:1".into() });
+        // Refused outside a switchover: migrating, in doubt, running.
+        life.end_switchover().unwrap();
+        let twice = life.end_switchover().unwrap_err();
+        assert_eq!(twice.transition, Transition::EndSwitchover);
+        assert_eq!(twice.state, VmState::Migrating { to: "b:1".into() });
+        life.begin_switchover().unwrap();
+        life.lose_confirmation("timed out").unwrap();
+        assert!(life.end_switchover().is_err());
+        assert_eq!(life.state().name(), "in-doubt");
+        life.resume_here().unwrap();
+        assert!(life.end_switchover().is_err());
+        assert_eq!(life.state(), VmState::Running);
     }
 
     #[test]

@@ -278,7 +278,9 @@ impl MigrationSource for VmSource {
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.vm.resume_from_hold()
+        // Before Go: a switchover that gave way goes back to migrating, so that the
+        // migration's next pause holds it again and its pre-copy throttles it.
+        self.vm.end_switchover()
     }
 
     fn start_capture(

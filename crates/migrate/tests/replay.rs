@@ -188,6 +188,7 @@ struct SourceState {
 struct Source {
     state: Mutex<SourceState>,
     stop: AtomicBool,
+    pauses: AtomicUsize,
     resumes: AtomicUsize,
     /// Base reads wait until the guest ran this many steps past the boundary.
     base_waits_for_steps: u64,
@@ -229,6 +230,7 @@ impl Source {
                 at_pause: None,
             }),
             stop: AtomicBool::new(false),
+            pauses: AtomicUsize::new(0),
             resumes: AtomicUsize::new(0),
             base_waits_for_steps,
             chunk_read_delay: Mutex::default(),
@@ -466,14 +468,24 @@ impl MigrationSource for Source {
     }
 
     fn pause(&self) -> Result<Instant, VmError> {
+        // As strict as a host: a VM held for a switchover is not paused again before it
+        // was resumed.
         let mut s = self.lock();
+        if s.paused {
+            return Err(VmError::Pause("already paused".into()));
+        }
         s.paused = true;
         s.at_pause = Some((s.ram.clone(), s.device.clone(), s.step));
+        self.pauses.fetch_add(1, Ordering::SeqCst);
         Ok(Instant::now())
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.lock().paused = false;
+        let mut s = self.lock();
+        if !s.paused {
+            return Err(VmError::Resume("resumed while running".into()));
+        }
+        s.paused = false;
         self.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -927,7 +939,12 @@ fn a_tail_lost_in_the_pause_gives_way_to_precopy_and_the_vm_still_moves_whole() 
     let why = report.replay.unwrap().fell_back.unwrap();
     assert!(why.contains("overflowed just before the pause"), "{why}");
     // Paused for the tail, then resumed for pre-copy, then paused for good.
-    assert!(source.resumes.load(Ordering::SeqCst) >= 1);
+    assert_eq!(source.pauses.load(Ordering::SeqCst), 2);
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert!(
+        !source.running(),
+        "a migrated VM stays paused at the source"
+    );
 }
 
 #[test]
