@@ -847,6 +847,10 @@ fn relay_lost() -> OpenAiError {
     )
 }
 
+/// The least text of a middle piece of a token split over several events (a channel
+/// slot holds about 480 bytes of text): such pieces are bounded by the answer's bytes.
+const WHOLE_PIECE: usize = 256;
+
 /// How much of an answer the relay takes from a guest: a hostile or broken one could send
 /// text for ever, which a streaming client would wait on and the gateway would hold for
 /// one not streaming.
@@ -867,10 +871,13 @@ impl AnswerBound {
         }
     }
 
-    /// Counts `text` in; false if the answer goes past its bound with it.
+    /// Counts `text` in; false if the answer goes past its bound with it. A text of
+    /// [`WHOLE_PIECE`] bytes or more counts in bytes only: a token's text longer than a
+    /// channel slot comes in pieces (its first and last count as its two events).
     fn take(&mut self, text: &str) -> bool {
+        let events = u64::from(text.len() < WHOLE_PIECE);
         match (
-            self.events.checked_sub(1),
+            self.events.checked_sub(events),
             self.bytes.checked_sub(text.len()),
         ) {
             (Some(events), Some(bytes)) => {
@@ -1599,6 +1606,24 @@ mod tests {
         // Twice the tokens asked for, and a few: then nothing more.
         assert_eq!(texts, 12);
         assert_cancelled(&seen, 1);
+    }
+
+    #[test]
+    fn a_long_tokens_pieces_count_in_bytes_not_in_events() {
+        // A token's text of 9 KiB in 30 pieces of 300 bytes, between short tokens: the
+        // pieces do not use up the events of an answer of 2 tokens (12).
+        let short = Event::Token {
+            id: 1,
+            text: "la".into(),
+        };
+        let piece = Event::Token {
+            id: serve::NO_TOKEN,
+            text: "a".repeat(300),
+        };
+        let reads = vec![chunk(&short, 1), chunk(&piece, 30), chunk(&short, 20)];
+        let (e, texts, _) = read_endless("long-token", reads, 2);
+        assert_eq!(e.code, "upstream_error", "{}", e.body());
+        assert_eq!(texts, 1 + 30 + 11);
     }
 
     #[test]
