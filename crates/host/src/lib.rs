@@ -1359,32 +1359,28 @@ mod tests {
 
     #[test]
     fn pre_copy_bounds_beyond_their_maxima_are_refused() {
+        // `req` refused, naming `field`.
+        let refused = |req: &MigrateRequest, field: &str| {
+            let error = migration_options(req).unwrap_err();
+            assert!(
+                matches!(&error, HostError::BadRequest(m) if m.contains(field)),
+                "{field}: {error:?}"
+            );
+        };
         let mut req = MigrateRequest::to("127.0.0.1:1");
         req.max_rounds = ferry_api::MAX_ROUNDS;
         req.max_precopy_s = ferry_api::MAX_PRECOPY_S;
         let options = migration_options(&req).unwrap();
         assert_eq!(options.max_rounds, ferry_api::MAX_ROUNDS);
         req.max_rounds += 1;
-        let error = migration_options(&req).unwrap_err();
-        assert!(
-            matches!(&error, HostError::BadRequest(m) if m.contains("max_rounds")),
-            "{error:?}"
-        );
+        refused(&req, "max_rounds");
         req.max_rounds = 30;
         req.max_precopy_s = u64::MAX;
-        let error = migration_options(&req).unwrap_err();
-        assert!(
-            matches!(&error, HostError::BadRequest(m) if m.contains("max_precopy_s")),
-            "{error:?}"
-        );
+        refused(&req, "max_precopy_s");
         // A pause target whose deadline would overflow the clock.
         req.max_precopy_s = 60;
         req.downtime_ms = u64::MAX;
-        let error = migration_options(&req).unwrap_err();
-        assert!(
-            matches!(&error, HostError::BadRequest(m) if m.contains("downtime_ms")),
-            "{error:?}"
-        );
+        refused(&req, "downtime_ms");
         req.downtime_ms = ferry_api::MAX_DOWNTIME_MS;
         assert!(migration_options(&req).is_ok());
         // Destinations that are no address (kept in the VM's state and its heartbeats).
@@ -1398,11 +1394,7 @@ mod tests {
             &"h".repeat(300),
         ] {
             req.to = to.to_string();
-            let error = migration_options(&req).unwrap_err();
-            assert!(
-                matches!(&error, HostError::BadRequest(m) if m.contains("not a migration address")),
-                "{to}: {error:?}"
-            );
+            refused(&req, "not a migration address");
         }
         for to in ["10.0.0.2:7071", "[::1]:7071", "host-b.example:7071"] {
             req.to = to.into();
