@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
@@ -209,8 +209,18 @@ impl BufferMap {
     }
 }
 
+/// Takes `lock` even if a thread panicked holding it. Only the device thread can (a
+/// failed GPU copy panics by design, a kernel may have a bug); the device is marked dead
+/// as it goes (see [`device_thread`]) and what these locks guard stays usable: the
+/// control's flags, the buffer table (no backend call runs under its lock), a capture
+/// (failed when the device dies) and the core, whose tail is still before the command
+/// that panicked. A migration thread must not panic on them in turn.
+fn relock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn lock_map(map: &Mutex<BufferMap>) -> MutexGuard<'_, BufferMap> {
-    map.lock().expect("accel buffer map lock")
+    relock(map)
 }
 
 /// What the device thread works on; guarded by one lock, held per command.
@@ -266,7 +276,7 @@ impl Core {
 }
 
 fn lock_capture(capture: &Mutex<Option<Capture>>) -> MutexGuard<'_, Option<Capture>> {
-    capture.lock().expect("accel capture lock")
+    relock(capture)
 }
 
 /// Refuses a saved device state made by another backend or kernel version.
@@ -314,6 +324,9 @@ struct Control {
     pause_requested: bool,
     busy: bool,
     stop: bool,
+    /// The device thread is gone (stopped, or it panicked): nothing will clear `busy` or
+    /// run a job again, so no one may wait for that.
+    dead: bool,
     job: Option<Job>,
 }
 
@@ -877,23 +890,67 @@ impl Core {
 }
 
 fn device_thread(shared: Arc<Shared>) {
+    // Caught here, not left to the backend's thread: whoever waits on the device (a
+    // pause under the VM's control lock, a replay job) must learn that it is gone.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_device(&shared)));
+    if ran.is_err() {
+        tracing::error!("the accelerator's device thread panicked; the device is dead");
+        device_died(&shared);
+    }
+    let job = {
+        let mut control = relock(&shared.control);
+        control.dead = true;
+        control.busy = false;
+        control.job.take()
+    };
+    // Dropping a job drops its sender: its caller's wait ends with an error.
+    drop(job);
+    shared.progress.notify_all();
+}
+
+/// After a panic on the device thread: the command it interrupted may have written part
+/// of its buffers, unmarked, and is not in a capture's log. Every buffer is marked
+/// written (a pre-copy then sends all of device memory as it is) and a capture fails
+/// (its base and log no longer give this memory).
+fn device_died(shared: &Shared) {
+    // Under the core lock, as a capture starts: one started after this finds the device
+    // dead, one started before is failed here.
+    let _boundary = relock(&shared.core);
+    relock(&shared.control).dead = true;
+    {
+        let mut map = lock_map(&shared.tracker.map);
+        let map = &mut *map;
+        for (&id, &bytes) in &map.sizes {
+            map.dirty.mark_all(id, bytes);
+            map.written.mark_all(id, bytes);
+        }
+        map.digests.clear();
+        map.origins.clear();
+    }
+    if let Some(capture) = lock_capture(&shared.capture).as_mut() {
+        capture.fail(CaptureError::DeviceGone);
+    }
+}
+
+/// The device thread's loop, until the device is stopped.
+fn run_device(shared: &Shared) {
     loop {
         {
-            let control = shared.control.lock().expect("accel control lock");
+            let control = relock(&shared.control);
             let mut control = shared
                 .wake
                 .wait_while(control, |c| {
                     !c.stop && c.job.is_none() && (c.pause_requested || !c.doorbell)
                 })
-                .expect("accel control lock");
+                .unwrap_or_else(PoisonError::into_inner);
             if control.stop {
                 return;
             }
             if let Some(job) = control.job.take() {
                 control.busy = true;
                 drop(control);
-                job(&mut shared.core.lock().expect("accel core lock"));
-                shared.control.lock().expect("accel control lock").busy = false;
+                job(&mut relock(&shared.core));
+                relock(&shared.control).busy = false;
                 shared.progress.notify_all();
                 continue;
             }
@@ -902,23 +959,18 @@ fn device_thread(shared: Arc<Shared>) {
         }
         let started = Instant::now();
         loop {
-            if shared
-                .control
-                .lock()
-                .expect("accel control lock")
-                .pause_requested
-            {
+            if relock(&shared.control).pause_requested {
                 break;
             }
             // No wake-up per command: waiters only care about `busy`, notified below.
-            let progressed = shared.core.lock().expect("accel core lock").step();
+            let progressed = relock(&shared.core).step();
             if !progressed {
                 break;
             }
         }
         let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         shared.busy_ns.fetch_add(busy, Ordering::Relaxed);
-        shared.control.lock().expect("accel control lock").busy = false;
+        relock(&shared.control).busy = false;
         shared.progress.notify_all();
     }
 }
@@ -945,10 +997,7 @@ impl Accelerator {
             capture,
         });
         let thread_shared = shared.clone();
-        let thread = shared
-            .core
-            .lock()
-            .expect("accel core lock")
+        let thread = relock(&shared.core)
             .backend
             .spawn_device_loop(Box::new(move || device_thread(thread_shared)))?;
         Ok(Self {
@@ -1015,11 +1064,11 @@ impl Accelerator {
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
-        self.shared.control.lock().expect("accel control lock")
+        relock(&self.shared.control)
     }
 
     fn core(&self) -> MutexGuard<'_, Core> {
-        self.shared.core.lock().expect("accel core lock")
+        relock(&self.shared.core)
     }
 
     fn map(&self) -> MutexGuard<'_, BufferMap> {
@@ -1039,16 +1088,23 @@ impl Accelerator {
     }
 
     /// The guest waits: returns once the device is idle or after `timeout`, whichever
-    /// comes first (bounded, so a vCPU blocked here still answers a pause request).
+    /// comes first (bounded, so a vCPU blocked here still answers a pause request). A
+    /// dead device is idle: nothing it was asked will run.
     pub fn wait_idle(&self, timeout: Duration) {
         let control = self.control();
         let waited = self
             .shared
             .progress
             .wait_timeout_while(control, timeout, |c| {
-                c.busy || (c.doorbell && !c.pause_requested)
+                !c.dead && (c.busy || (c.doorbell && !c.pause_requested))
             });
         drop(waited);
+    }
+
+    /// Whether the device thread is gone (it panicked: a failed GPU copy, a bug): the
+    /// device runs no more commands, and its pause returns at once.
+    pub fn is_dead(&self) -> bool {
+        self.control().dead
     }
 
     /// Asks the device to stop at its next command boundary, without waiting; a waiting
@@ -1057,15 +1113,18 @@ impl Accelerator {
         self.control().pause_requested = true;
     }
 
-    /// Stops the device at a command boundary and waits until it has.
+    /// Stops the device at a command boundary and waits until it has (at once if the
+    /// device is dead: see [`Self::is_dead`]).
     pub fn pause(&self) {
         let mut control = self.control();
         control.pause_requested = true;
         drop(
             self.shared
                 .progress
+                // A dying device thread clears `busy` last, once it has marked what
+                // the command it was in may have written.
                 .wait_while(control, |c| c.busy)
-                .expect("accel control lock"),
+                .unwrap_or_else(PoisonError::into_inner),
         );
     }
 
@@ -1244,34 +1303,44 @@ pub struct DeviceReplay {
     shared: Arc<Shared>,
 }
 
+/// The device thread is gone (see [`Accelerator::is_dead`]): a job given it would never
+/// run.
+struct DeviceGone;
+
 /// Runs `f` on the device thread of `shared` (where the backend runs kernels), even
-/// while the device is paused, and returns what it returns.
+/// while the device is paused, and returns what it returns; [`DeviceGone`] if the
+/// device is dead or stopping, or dies before `f` returns.
 fn on_device<R: Send + 'static>(
     shared: &Shared,
     f: impl FnOnce(&mut Core) -> R + Send + 'static,
-) -> R {
+) -> Result<R, DeviceGone> {
     let (tx, rx) = std::sync::mpsc::channel();
     let job: Job = Box::new(move |core| {
         let _ = tx.send(f(core));
     });
     let mut control = shared
         .progress
-        .wait_while(shared.control.lock().expect("accel control lock"), |c| {
-            c.job.is_some()
+        .wait_while(relock(&shared.control), |c| {
+            c.job.is_some() && !c.dead && !c.stop
         })
-        .expect("accel control lock");
+        .unwrap_or_else(PoisonError::into_inner);
+    if control.dead || control.stop {
+        return Err(DeviceGone);
+    }
     control.job = Some(job);
     drop(control);
     shared.wake.notify_all();
-    rx.recv()
-        .expect("the device thread runs every job it takes")
+    // A job the device thread drops untaken as it ends, or that panics, drops the
+    // sender: then this fails.
+    rx.recv().map_err(|_| DeviceGone)
 }
 
 impl DeviceReplay {
     /// Replays `entries` (a source's log) on this device's memory, on the device thread.
     /// The device must be paused; it stops at the first command that completes otherwise
     /// than it did there, or that would start after `deadline` (a peer's commands may
-    /// not hold the device for ever).
+    /// not hold the device for ever). [`ReplayError::DeviceGone`] if the device thread
+    /// is gone or dies meanwhile.
     pub fn replay(
         &self,
         entries: Vec<LoggedCommand>,
@@ -1289,6 +1358,7 @@ impl DeviceReplay {
             }
             Ok(())
         })
+        .unwrap_or(Err(ReplayError::DeviceGone))
     }
 
     /// Starts a capture at the next command boundary (waiting for the command in flight)
@@ -1302,7 +1372,7 @@ impl DeviceReplay {
         limits: CaptureLimits,
         since: Option<&[ChunkId]>,
     ) -> (Vec<BufferState>, Vec<ChunkId>) {
-        let core = self.shared.core.lock().expect("accel core lock");
+        let core = relock(&self.shared.core);
         let mut map = self.shared.tracker.map();
         let table = map.table();
         let base: Vec<ChunkId> = match since {
@@ -1333,7 +1403,12 @@ impl DeviceReplay {
             listed.push(chunk);
         }
         drop(map);
-        *lock_capture(&core.capture) = Some(Capture::new(limits, chunks, zeros));
+        let mut capture = Capture::new(limits, chunks, zeros);
+        if relock(&self.shared.control).dead {
+            // Its memory may hold part of a command that is in no log.
+            capture.fail(CaptureError::DeviceGone);
+        }
+        *lock_capture(&core.capture) = Some(capture);
         core.capturing.store(true, Ordering::Release);
         (table, listed)
     }
@@ -1382,7 +1457,7 @@ impl DeviceReplay {
 
     /// Ends the capture (at the next command boundary) and says what it cost.
     pub fn stop_capture(&self) -> Option<CaptureReport> {
-        let core = self.shared.core.lock().expect("accel core lock");
+        let core = relock(&self.shared.core);
         core.capturing.store(false, Ordering::Release);
         let capture = lock_capture(&core.capture).take();
         capture.map(|c| c.report())
@@ -1408,7 +1483,7 @@ impl DeviceReplay {
     /// device must be paused. It runs in a switchover's pause, so each buffer is hashed
     /// where it lies (no copy), in parts on every core, and the parts' CRCs combined.
     pub fn digest(&self) -> DeviceDigest {
-        let _boundary = self.shared.core.lock().expect("accel core lock");
+        let _boundary = relock(&self.shared.core);
         let (table, cached) = {
             let map = self.shared.tracker.map();
             (map.table(), map.digests.clone())

@@ -60,6 +60,10 @@ pub enum CaptureError {
     /// read failed): the destination could not write the same part.
     #[error("a file load failed after writing part of its data, which replay cannot repeat")]
     Unreplayable,
+    /// The device thread died (see `Accelerator::is_dead`): device memory may hold part
+    /// of a command that is in no log.
+    #[error("the accelerator's device thread is gone")]
+    DeviceGone,
     /// The log would have exceeded its bound (it is not taken fast enough).
     #[error("the command log would exceed {limit} bytes before being taken")]
     LogFull {
@@ -256,6 +260,10 @@ pub enum ReplayError {
         /// The bytes it carries.
         got: u64,
     },
+    /// The device thread is gone (it panicked, or the device was dropped): nothing can
+    /// run on it.
+    #[error("the accelerator's device thread is gone")]
+    DeviceGone,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The device driven through its ring by a fake guest (plain guest memory, no KVM), so
 //! these run on every machine: command semantics, hostile input, dirty chunks, state.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -8,10 +9,13 @@ use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SI
 use ferry_abi::PAGE_SIZE;
 use ferry_accel::backend::cuda::emulator::Emulator;
 use ferry_accel::backend::cuda::GpuBackend;
-use ferry_accel::backend::{self, Backend, DeviceMemory};
+use ferry_accel::backend::{
+    self, Backend, BackendError, BufferReader, DeviceLoop, DeviceMemory, HostThreads,
+};
 use ferry_accel::device::{Accelerator, ChunkOrigin};
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_accel::files::{no_files, FileSource};
+use ferry_accel::kernel::Kernel;
 use ferry_accel::replay::{LoggedCommand, ReplayError};
 use ferry_accel::ring::GuestRam;
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -971,4 +975,173 @@ fn a_capture_after_precopy_takes_the_pending_and_dirty_chunks_and_reads_unwritte
         .read_base_chunk(chunk(1, 1), &mut out)
         .unwrap());
     g.accel.replayer().stop_capture();
+}
+
+/// Faults a [`Faulty`] backend injects, armed by the test while the device runs.
+#[derive(Clone, Default)]
+struct Faults {
+    /// Every launch panics (as the cuda backend does when a GPU copy fails).
+    panic_launch: Arc<AtomicBool>,
+    /// The next alloc fails (the host's memory ran out).
+    fail_alloc: Arc<AtomicBool>,
+    /// The next CRC of a buffer fails (a GPU copy failed).
+    fail_crc: Arc<AtomicBool>,
+}
+
+/// The cpu backend with [`Faults`]; its device loop runs on a thread of its own (as the
+/// cuda backend's does) or on the cpu backend's pool.
+struct Faulty {
+    inner: Box<dyn Backend>,
+    faults: Faults,
+    own_thread: bool,
+}
+
+impl Faulty {
+    fn boxed(faults: &Faults, own_thread: bool) -> Box<dyn Backend> {
+        Box::new(Self {
+            inner: backend::create(backend::CPU, 1, &DeviceMemory::default()).unwrap(),
+            faults: faults.clone(),
+            own_thread,
+        })
+    }
+}
+
+struct FaultyReader {
+    inner: Arc<dyn BufferReader>,
+    faults: Faults,
+}
+
+impl BufferReader for FaultyReader {
+    fn with_buffer(&self, id: u32, f: &mut dyn FnMut(&[u8])) -> bool {
+        self.inner.with_buffer(id, f)
+    }
+
+    fn read_range(&self, id: u32, range: std::ops::Range<u64>, out: &mut Vec<u8>) -> Option<u64> {
+        self.inner.read_range(id, range, out)
+    }
+
+    fn crc32(&self, id: u32) -> Option<u32> {
+        if self.faults.fail_crc.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.crc32(id)
+    }
+}
+
+impl Backend for Faulty {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn kernel_version(&self) -> u32 {
+        self.inner.kernel_version()
+    }
+
+    fn alloc(&mut self, id: u32, bytes: u64) -> Result<(), BackendError> {
+        if self.faults.fail_alloc.swap(false, Ordering::SeqCst) {
+            return Err(BackendError::Alloc { bytes });
+        }
+        self.inner.alloc(id, bytes)
+    }
+
+    fn free(&mut self, id: u32) {
+        self.inner.free(id);
+    }
+
+    fn write(&mut self, id: u32, offset: u64, data: &[u8]) {
+        self.inner.write(id, offset, data);
+    }
+
+    fn read(&self, id: u32, offset: u64, out: &mut [u8]) {
+        self.inner.read(id, offset, out);
+    }
+
+    fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
+        if self.faults.panic_launch.load(Ordering::SeqCst) {
+            panic!("injected: the GPU failed mid-kernel");
+        }
+        self.inner.launch(kernel)
+    }
+
+    fn reader(&self) -> Arc<dyn BufferReader> {
+        Arc::new(FaultyReader {
+            inner: self.inner.reader(),
+            faults: self.faults.clone(),
+        })
+    }
+
+    fn host_threads(&self) -> HostThreads {
+        self.inner.host_threads()
+    }
+
+    fn spawn_device_loop(&self, run: Box<dyn FnOnce() + Send>) -> std::io::Result<DeviceLoop> {
+        if !self.own_thread {
+            return self.inner.spawn_device_loop(run);
+        }
+        let (done, ended) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let _done = done;
+            run();
+        });
+        Ok(DeviceLoop::new(ended))
+    }
+}
+
+/// Runs `f` on a thread of its own and returns what it returns, or `None` if it has not
+/// returned within `limit` (the thread is left behind: it may never end).
+fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+#[test]
+fn a_device_whose_thread_panicked_lets_its_pause_and_replays_go() {
+    use ferry_accel::replay::{CaptureError, CaptureLimits};
+    for own_thread in [false, true] {
+        let faults = Faults::default();
+        let mut g = FakeGuest::on(Faulty::boxed(&faults, own_thread), no_files());
+        for id in 1..=3 {
+            assert_eq!(g.run(op::ALLOC, &[id, 16]), status::OK);
+        }
+        let replayer = g.accel.replayer();
+        replayer.start_capture(CaptureLimits::default(), None);
+        faults.panic_launch.store(true, Ordering::SeqCst);
+        let launch = g.submit(op::LAUNCH, &[kernel::ADD, 1, 2, 3, 4]);
+        let g = Arc::new(g);
+        // The vCPU's wait ends at once, not at its timeout.
+        let waiting = g.clone();
+        let waited = within(Duration::from_secs(30), move || {
+            let started = Instant::now();
+            waiting.accel.wait_idle(Duration::from_secs(60));
+            started.elapsed()
+        });
+        assert!(waited.is_some_and(|w| w < Duration::from_secs(30)));
+        let pausing = g.clone();
+        assert!(
+            within(Duration::from_secs(30), move || pausing.accel.pause()).is_some(),
+            "pause hangs on a dead device (own thread: {own_thread})"
+        );
+        assert!(g.accel.is_dead());
+        assert!(
+            g.tail() <= launch,
+            "the command that panicked did not complete"
+        );
+        let replaying = g.clone();
+        let replayed = within(Duration::from_secs(30), move || {
+            replaying.accel.replay(Vec::new(), far())
+        });
+        assert_eq!(replayed, Some(Err(ReplayError::DeviceGone)));
+        // A migration learns it from the capture and the digest, without a panic.
+        assert_eq!(replayer.take_log(), Err(CaptureError::DeviceGone));
+        replayer.stop_capture();
+        replayer.start_capture(CaptureLimits::default(), None);
+        assert_eq!(replayer.take_log(), Err(CaptureError::DeviceGone));
+        // Every buffer is to be sent again: the kernel may have written part unmarked.
+        assert_eq!(g.accel.written_chunks().len(), 3);
+        let state = g.accel.save_state();
+        assert_eq!((state.tail, state.buffers.len()), (launch, 3));
+    }
 }
