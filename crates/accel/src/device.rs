@@ -760,6 +760,15 @@ impl Core {
 
     /// After `cmd` ran with `outcome`: logs it, with an upload's data.
     fn log_command(&mut self, cmd: &Command, outcome: u32) {
+        if outcome == status::DEVICE_ERROR {
+            // The host failed it, not its arguments (memory ran out, a file could not be
+            // read, the GPU failed), perhaps after writing part: the destination would
+            // not fail it alike, and the migration falls back to pre-copy instead.
+            if let Some(capture) = lock_capture(&self.capture).as_mut() {
+                capture.fail(CaptureError::Unreplayable { opcode: cmd.opcode });
+            }
+            return;
+        }
         let a = &cmd.args;
         let mut payload = Vec::new();
         if cmd.opcode == op::UPLOAD && outcome == status::OK {
@@ -779,11 +788,6 @@ impl Core {
             }
         }
         if let Some(capture) = lock_capture(&self.capture).as_mut() {
-            if cmd.opcode == op::LOAD_FILE && outcome == status::DEVICE_ERROR {
-                // It may have written part of the load before its read failed.
-                capture.fail(CaptureError::Unreplayable);
-                return;
-            }
             capture.log(LoggedCommand {
                 opcode: cmd.opcode,
                 args: a.to_vec(),

@@ -10,8 +10,11 @@
 //! the kernels are deterministic. [`DeviceDigest`] checks that it does.
 //!
 //! Replay leaves guest RAM alone: downloads and fences write guest RAM, which the
-//! migration copies as RAM. A failed upload or file load wrote nothing and is skipped; a
-//! kernel runs again even if it failed (it may have written part), and must fail again.
+//! migration copies as RAM. A failed upload, file load, alloc or free changed nothing and
+//! is skipped; a kernel runs again even if it failed (it may have written part), and must
+//! fail again. A command the host failed (`DEVICE_ERROR`: memory ran out, a file could
+//! not be read, the GPU failed) is not logged: it fails the capture, since the
+//! destination would not fail it alike.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,11 +37,12 @@ pub fn command_of(entry: &LoggedCommand) -> Command {
 }
 
 /// Whether replaying `entry` touches device memory (downloads and fences write guest RAM
-/// only; a failed upload or file load wrote nothing).
+/// only; a failed upload, file load, alloc or free changed nothing, whatever the status:
+/// the buffer table and contents they leave are checked by the digest).
 pub fn replays(entry: &LoggedCommand) -> bool {
     match entry.opcode {
         op::DOWNLOAD | op::FENCE => false,
-        op::UPLOAD | op::LOAD_FILE => entry.status == status::OK,
+        op::UPLOAD | op::LOAD_FILE | op::ALLOC | op::FREE => entry.status == status::OK,
         _ => true,
     }
 }
@@ -56,10 +60,14 @@ pub enum CaptureError {
         /// The bound.
         limit: u64,
     },
-    /// A command wrote part of what it would have and then failed (a file load whose
-    /// read failed): the destination could not write the same part.
-    #[error("a file load failed after writing part of its data, which replay cannot repeat")]
-    Unreplayable,
+    /// A command failed on the host, not for its arguments (`DEVICE_ERROR`: memory ran
+    /// out, a file could not be read, the GPU failed), perhaps after writing part: the
+    /// destination would not fail it alike.
+    #[error("command (opcode {opcode}) failed on this host's device, which replay cannot repeat")]
+    Unreplayable {
+        /// Its opcode.
+        opcode: u32,
+    },
     /// The device thread died (see `Accelerator::is_dead`): device memory may hold part
     /// of a command that is in no log.
     #[error("the accelerator's device thread is gone")]

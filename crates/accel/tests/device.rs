@@ -1145,3 +1145,40 @@ fn a_device_whose_thread_panicked_lets_its_pause_and_replays_go() {
         assert_eq!((state.tail, state.buffers.len()), (launch, 3));
     }
 }
+
+#[test]
+fn a_command_the_host_failed_fails_the_capture_instead_of_diverging_in_replay() {
+    use ferry_accel::replay::{CaptureError, CaptureLimits};
+    let faults = Faults::default();
+    let mut g = FakeGuest::on(Faulty::boxed(&faults, false), no_files());
+    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+    let replayer = g.accel.replayer();
+    replayer.start_capture(CaptureLimits::default(), None);
+    faults.fail_alloc.store(true, Ordering::SeqCst);
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::DEVICE_ERROR);
+    assert_eq!(
+        replayer.take_log(),
+        Err(CaptureError::Unreplayable { opcode: op::ALLOC })
+    );
+    replayer.stop_capture();
+    assert_eq!(g.run(op::ALLOC, &[2, 16]), status::OK, "the device runs on");
+
+    // A failed alloc or free changed nothing: a log that has one (from a source that
+    // logged them) replays without it, where it would succeed.
+    g.accel.pause();
+    let source = g.accel.digest();
+    let table = g.accel.buffer_table();
+    let dest = destination(&table, &Default::default());
+    let failed = |opcode, args: Vec<u64>, status| LoggedCommand {
+        opcode,
+        args,
+        payload: Vec::new(),
+        status,
+    };
+    let log = vec![
+        failed(op::ALLOC, vec![3, 16], status::DEVICE_ERROR),
+        failed(op::FREE, vec![1], status::BAD_BUFFER),
+    ];
+    assert_eq!(dest.accel.replay(log, far()), Ok(()));
+    assert_eq!(dest.accel.digest(), source);
+}
