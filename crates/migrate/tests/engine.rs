@@ -528,23 +528,13 @@ impl MigrationSource for FakeSource {
 
     fn pause(&self) -> Result<Instant, VmError> {
         let mut s = self.lock();
-        if s.paused {
-            return Err(VmError::Pause("already paused".into()));
-        }
-        s.paused = true;
+        let at = memory_vm::pause_once(&mut s.paused, &self.pauses)?;
         s.at_pause = Some(s.contents());
-        self.pauses.fetch_add(1, Ordering::SeqCst);
-        Ok(Instant::now())
+        Ok(at)
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        let mut s = self.lock();
-        if !s.paused {
-            return Err(VmError::Resume("resumed while running".into()));
-        }
-        s.paused = false;
-        self.resumes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        memory_vm::resume_once(&mut self.lock().paused, &self.resumes)
     }
 }
 

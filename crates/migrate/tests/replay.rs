@@ -3,6 +3,8 @@
 //! step, faster than pre-copy could resend it; one uploads guest data), and the
 //! destination replays what the source logs.
 
+mod memory_vm;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -471,23 +473,13 @@ impl MigrationSource for Source {
         // As strict as a host: a VM held for a switchover is not paused again before it
         // was resumed.
         let mut s = self.lock();
-        if s.paused {
-            return Err(VmError::Pause("already paused".into()));
-        }
-        s.paused = true;
+        let at = memory_vm::pause_once(&mut s.paused, &self.pauses)?;
         s.at_pause = Some((s.ram.clone(), s.device.clone(), s.step));
-        self.pauses.fetch_add(1, Ordering::SeqCst);
-        Ok(Instant::now())
+        Ok(at)
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        let mut s = self.lock();
-        if !s.paused {
-            return Err(VmError::Resume("resumed while running".into()));
-        }
-        s.paused = false;
-        self.resumes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        memory_vm::resume_once(&mut self.lock().paused, &self.resumes)
     }
 
     fn start_capture(

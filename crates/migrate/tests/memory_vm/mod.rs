@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -166,4 +166,23 @@ impl MigrationTarget for MemoryVm {
         self.running.store(true, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// A fake source's pause, as strict as a host's: a VM held (`paused`) is not paused
+/// again before it was resumed. Counts it in `pauses`.
+pub fn pause_once(paused: &mut bool, pauses: &AtomicUsize) -> Result<Instant, VmError> {
+    if std::mem::replace(paused, true) {
+        return Err(VmError::Pause("already paused".into()));
+    }
+    pauses.fetch_add(1, Ordering::SeqCst);
+    Ok(Instant::now())
+}
+
+/// A fake source's resume, refused for a VM that runs. Counts it in `resumes`.
+pub fn resume_once(paused: &mut bool, resumes: &AtomicUsize) -> Result<(), VmError> {
+    if !std::mem::replace(paused, false) {
+        return Err(VmError::Resume("resumed while running".into()));
+    }
+    resumes.fetch_add(1, Ordering::SeqCst);
+    Ok(())
 }
