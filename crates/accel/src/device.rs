@@ -27,7 +27,7 @@ use crate::files::FileSource;
 use crate::kernel::Kernel;
 use crate::replay::{
     command_of, replays, Capture, CaptureError, CaptureLimits, CaptureReport, DeviceDigest,
-    LoggedCommand, ReplayError,
+    DigestError, LoggedCommand, ReplayError,
 };
 use crate::ring::{head_is_sane, GuestRam, Ring};
 
@@ -1232,6 +1232,11 @@ impl Accelerator {
         self.replayer().digest()
     }
 
+    /// See [`DeviceReplay::try_digest`].
+    pub fn try_digest(&self) -> Result<DeviceDigest, DigestError> {
+        self.replayer().try_digest()
+    }
+
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
     pub fn write_chunk(&self, chunk: ChunkId, data: &[u8]) -> Result<(), AccelStateError> {
         self.chunk_bytes(chunk, |r| {
@@ -1486,29 +1491,67 @@ impl DeviceReplay {
     /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
     /// device must be paused. It runs in a switchover's pause, so each buffer is hashed
     /// where it lies (no copy), in parts on every core, and the parts' CRCs combined.
+    /// An error if a buffer cannot be read (a GPU copy failed) or the device is dead:
+    /// nothing stands in for a CRC not computed, which could agree with the other side's.
+    pub fn try_digest(&self) -> Result<DeviceDigest, DigestError> {
+        self.hash(|buffer| Err(DigestError::Unreadable { buffer }))
+    }
+
+    /// [`Self::try_digest`] for a caller without an error path: a failure is logged and
+    /// its buffer (or, for a dead device, the digest) gets a random CRC, so that
+    /// comparing it finds a difference rather than two failures agreeing.
     pub fn digest(&self) -> DeviceDigest {
+        let digest = self.hash(|buffer| {
+            tracing::warn!(buffer, "cannot read an accelerator buffer to digest it");
+            Ok(unmatchable_crc())
+        });
+        digest.unwrap_or_else(|e| {
+            tracing::warn!("cannot digest the accelerator's memory: {e}");
+            DeviceDigest(vec![(0, 0, unmatchable_crc())])
+        })
+    }
+
+    /// The digest, with `unreadable(buffer)` for a buffer whose CRC cannot be computed.
+    fn hash(
+        &self,
+        mut unreadable: impl FnMut(BufferId) -> Result<u32, DigestError>,
+    ) -> Result<DeviceDigest, DigestError> {
         let _boundary = relock(&self.shared.core);
+        if relock(&self.shared.control).dead {
+            return Err(DigestError::DeviceGone);
+        }
         let (table, cached) = {
             let map = self.shared.tracker.map();
             (map.table(), map.digests.clone())
         };
         let reader = &self.shared.tracker.reader;
-        DeviceDigest(
-            table
-                .iter()
-                .map(|b| {
-                    if let Some(&crc) = cached.get(&b.id) {
-                        return (b.id, b.bytes, crc);
-                    }
-                    // Every buffer of the table exists: the core lock is held.
-                    let crc = reader.crc32(b.id).unwrap_or_default();
+        let mut entries = Vec::with_capacity(table.len());
+        for b in &table {
+            if let Some(&crc) = cached.get(&b.id) {
+                entries.push((b.id, b.bytes, crc));
+                continue;
+            }
+            // Every buffer of the table exists: the core lock is held.
+            let crc = match reader.crc32(b.id) {
+                Some(crc) => {
                     // Kept until the buffer is next written (under the core lock, held).
                     self.shared.tracker.map().digests.insert(b.id, crc);
-                    (b.id, b.bytes, crc)
-                })
-                .collect(),
-        )
+                    crc
+                }
+                // Not kept: a failure may pass, and the next digest must read again.
+                None => unreadable(b.id)?,
+            };
+            entries.push((b.id, b.bytes, crc));
+        }
+        Ok(DeviceDigest(entries))
     }
+}
+
+/// A CRC standing for one that could not be computed: random, so that two digests that
+/// both failed do not agree by it (but by a 2^-32 chance).
+fn unmatchable_crc() -> u32 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) as u32
 }
 
 /// Bytes a second [`crate::backend::crc32_on_every_core`] hashes on this machine,

@@ -274,6 +274,20 @@ pub enum ReplayError {
     DeviceGone,
 }
 
+/// Why a digest of device memory could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// The device thread is gone: its memory may hold part of a command.
+    #[error("the accelerator's device thread is gone")]
+    DeviceGone,
+    /// A buffer could not be read to hash it (a GPU copy failed).
+    #[error("device buffer {buffer} could not be read to digest it")]
+    Unreadable {
+        /// The buffer.
+        buffer: u32,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1099,7 +1099,7 @@ fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'st
 
 #[test]
 fn a_device_whose_thread_panicked_lets_its_pause_and_replays_go() {
-    use ferry_accel::replay::{CaptureError, CaptureLimits};
+    use ferry_accel::replay::{CaptureError, CaptureLimits, DigestError};
     for own_thread in [false, true] {
         let faults = Faults::default();
         let mut g = FakeGuest::on(Faulty::boxed(&faults, own_thread), no_files());
@@ -1136,6 +1136,7 @@ fn a_device_whose_thread_panicked_lets_its_pause_and_replays_go() {
         assert_eq!(replayed, Some(Err(ReplayError::DeviceGone)));
         // A migration learns it from the capture and the digest, without a panic.
         assert_eq!(replayer.take_log(), Err(CaptureError::DeviceGone));
+        assert_eq!(g.accel.try_digest(), Err(DigestError::DeviceGone));
         replayer.stop_capture();
         replayer.start_capture(CaptureLimits::default(), None);
         assert_eq!(replayer.take_log(), Err(CaptureError::DeviceGone));
@@ -1181,4 +1182,32 @@ fn a_command_the_host_failed_fails_the_capture_instead_of_diverging_in_replay() 
     ];
     assert_eq!(dest.accel.replay(log, far()), Ok(()));
     assert_eq!(dest.accel.digest(), source);
+}
+
+#[test]
+fn a_digest_that_could_not_read_a_buffer_is_not_kept() {
+    use ferry_accel::replay::DigestError;
+    let faults = Faults::default();
+    let mut g = FakeGuest::on(Faulty::boxed(&faults, false), no_files());
+    assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
+    assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
+    g.accel.pause();
+    let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let truth = (1, 16, crc32fast::hash(&bytes));
+    faults.fail_crc.store(true, Ordering::SeqCst);
+    assert_ne!(g.accel.digest().0, vec![truth], "the failure shows");
+    assert_eq!(g.accel.digest().0, vec![truth], "hashed again, not kept");
+    // Where the caller has an error path, it is one.
+    g.accel.resume();
+    assert_eq!(g.upload(1, &[1.0, 2.0, 3.0, 4.0]), status::OK);
+    g.accel.pause();
+    faults.fail_crc.store(true, Ordering::SeqCst);
+    assert_eq!(
+        g.accel.try_digest(),
+        Err(DigestError::Unreadable { buffer: 1 })
+    );
+    assert_eq!(g.accel.try_digest().map(|d| d.0), Ok(vec![truth]));
 }
