@@ -1425,20 +1425,43 @@ impl DeviceReplay {
     /// Copies base chunk `chunk` into `out` as it was at the capture's boundary; `false`
     /// if it is not in the base or was read already. Each base chunk is read once.
     pub fn read_base_chunk(&self, chunk: ChunkId, out: &mut Vec<u8>) -> Result<bool, CaptureError> {
+        let generation = {
+            let mut guard = lock_capture(&self.shared.capture);
+            let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
+            capture.failure()?;
+            match capture.peek_base_chunk(chunk) {
+                Err(()) => return Ok(false),
+                Ok(Some(data)) => {
+                    *out = data;
+                    return Ok(true);
+                }
+                Ok(None) => capture.generation(),
+            }
+        };
+        // Read live without the capture lock: the read may wait for a kernel that writes
+        // elsewhere in the buffer (the cpu backend locks a whole buffer for a kernel),
+        // and other base reads and the device's next command need the lock meanwhile.
+        // The chunk stays unread, so a command that writes it preserves it first, under
+        // the capture lock, before writing (`Core::preserve_base`, in `Core::step`).
+        let live = self.shared.tracker.read_chunk(chunk, out);
         let mut guard = lock_capture(&self.shared.capture);
-        let capture = guard.as_mut().ok_or(CaptureError::NotCapturing)?;
+        let capture = guard
+            .as_mut()
+            .filter(|c| c.generation() == generation)
+            .ok_or(CaptureError::NotCapturing)?;
         capture.failure()?;
         match capture.take_base_chunk(chunk) {
+            // Read meanwhile by another caller.
             Err(()) => Ok(false),
+            // Preserved meanwhile: the live read may have seen the write that followed.
             Ok(Some(data)) => {
                 *out = data;
                 Ok(true)
             }
-            // Never written since the boundary, and it cannot be while the capture lock
-            // is held: the device preserves a chunk under it before writing. A read that
-            // fails all the same is an error, so the base is known lost at once rather
-            // than at the switchover's digest.
-            Ok(None) => match self.shared.tracker.read_chunk(chunk, out) {
+            // Not preserved until now, so not written before the live read ended: that
+            // is the base. A read that failed all the same is an error, so the base is
+            // known lost at once rather than at the switchover's digest.
+            Ok(None) => match live {
                 Some(_) => Ok(true),
                 None => Err(CaptureError::BaseUnreadable {
                     buffer: chunk.buffer,

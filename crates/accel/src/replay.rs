@@ -17,6 +17,7 @@
 //! destination would not fail it alike.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_abi::accel::{op, status, Command};
 
@@ -92,6 +93,9 @@ pub enum CaptureError {
 /// A running capture: the base chunks not yet read, the preserved ones, and the log.
 #[derive(Debug)]
 pub(crate) struct Capture {
+    /// Tells this capture from one started after it (a base read made without the
+    /// capture lock must land in the capture it began in).
+    generation: u64,
     limits: CaptureLimits,
     /// Base chunks not read yet.
     unread: BTreeSet<ChunkId>,
@@ -114,7 +118,9 @@ impl Capture {
         chunks: impl IntoIterator<Item = ChunkId>,
         zeros: impl IntoIterator<Item = (ChunkId, u64)>,
     ) -> Self {
+        static GENERATIONS: AtomicU64 = AtomicU64::new(0);
         Self {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             limits,
             unread: chunks.into_iter().collect(),
             zeros: zeros.into_iter().collect(),
@@ -193,6 +199,25 @@ impl Capture {
     /// The failure, if the capture failed.
     pub(crate) fn failure(&self) -> Result<(), CaptureError> {
         self.failed.map_or(Ok(()), Err)
+    }
+
+    /// Which capture this is: no other capture of this process has the same.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Base chunk `chunk` if it is had without reading the device (zeros, or its
+    /// preserved copy: read now, as [`Self::take_base_chunk`] reads them); `Ok(None)`
+    /// with the chunk left unread if it is to be read live; `Err` as there.
+    pub(crate) fn peek_base_chunk(&mut self, chunk: ChunkId) -> Result<Option<Vec<u8>>, ()> {
+        if self.zeros.contains_key(&chunk) || self.pool.contains_key(&chunk) {
+            return self.take_base_chunk(chunk);
+        }
+        if self.unread.contains(&chunk) {
+            Ok(None)
+        } else {
+            Err(())
+        }
     }
 
     /// Base chunk `chunk` is read now: its preserved copy if it has one (handed over),

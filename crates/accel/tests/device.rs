@@ -1211,3 +1211,67 @@ fn a_digest_that_could_not_read_a_buffer_is_not_kept() {
     );
     assert_eq!(g.accel.try_digest().map(|d| d.0), Ok(vec![truth]));
 }
+
+#[test]
+fn a_base_chunk_read_waiting_for_a_kernel_does_not_hold_up_other_base_reads() {
+    use ferry_accel::replay::CaptureLimits;
+    let mut g = FakeGuest::new(1);
+    // A matmul as long as `alloc_long_matmul`'s, whose output buffer 3 has a chunk more,
+    // which it does not write (but the cpu backend locks all of buffer 3 while the
+    // kernel runs).
+    let n: u64 = 2048;
+    let out = n * n * 4;
+    for (id, bytes) in [(1, out), (2, out), (3, out + CHUNK_SIZE)] {
+        assert_eq!(g.run(op::ALLOC, &[id, bytes]), status::OK);
+    }
+    g.mem.write_slice(&[7; 64], GuestAddress(DATA)).unwrap();
+    assert_eq!(g.run(op::UPLOAD, &[3, out, DATA, 64]), status::OK);
+    assert_eq!(g.run(op::UPLOAD, &[1, 0, DATA, 64]), status::OK);
+    let (_, base) = g
+        .accel
+        .replayer()
+        .start_capture(CaptureLimits::default(), None);
+    let last = ChunkId::new(3, out / CHUNK_SIZE);
+    assert_eq!(base, vec![ChunkId::new(1, 0), last]);
+    let launch = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    // Then the chunk read live below is overwritten, maybe while it is read: the read
+    // still gives it as it was at the boundary.
+    g.mem
+        .write_slice(&[9; 64], GuestAddress(DATA + 4096))
+        .unwrap();
+    g.submit(op::UPLOAD, &[3, out, DATA + 4096, 64]);
+    std::thread::sleep(Duration::from_millis(20));
+    let g = Arc::new(g);
+    let (reader, read) = (g.clone(), Arc::new(AtomicBool::new(false)));
+    let done = read.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut chunk = Vec::new();
+        assert!(reader
+            .accel
+            .replayer()
+            .read_base_chunk(last, &mut chunk)
+            .unwrap());
+        done.store(true, Ordering::SeqCst);
+        chunk
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.tail() <= launch, "the matmul still runs");
+    let mut chunk = Vec::new();
+    assert!(g
+        .accel
+        .replayer()
+        .read_base_chunk(ChunkId::new(1, 0), &mut chunk)
+        .unwrap());
+    assert!(
+        !read.load(Ordering::SeqCst),
+        "a base read of buffer 1 waited for one of buffer 3, which waits for the kernel"
+    );
+    assert_eq!(&chunk[..64], &[7; 64]);
+    let chunk = waiting.join().unwrap();
+    assert_eq!(&chunk[..64], &[7; 64]);
+    g.wait_tail(launch + 2);
+    let mut now = Vec::new();
+    assert!(g.accel.read_chunk(last, &mut now).is_some());
+    assert_eq!(&now[..64], &[9; 64]);
+    g.accel.replayer().stop_capture();
+}
