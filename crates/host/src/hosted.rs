@@ -729,6 +729,23 @@ mod tests {
         }
     }
 
+    /// A `memtouch` VM with `args` whose migration to `b:1` began with `cancel`, and the
+    /// migration's source of it; `None` (said loudly) without KVM.
+    fn migrating(
+        test: &str,
+        args: &[&str],
+        cancel: CancelToken,
+    ) -> Option<(Ledger, Arc<HostedVm>, VmSource)> {
+        if !ferry_testdata::kvm(test) {
+            return None;
+        }
+        let (ledger, vm) = hosted(args);
+        vm.begin_migration("b:1", status("b:1"), cancel)
+            .expect("the guest ran long enough to be migrated");
+        let source = VmSource::new(vm.clone(), "h").expect("the VM runs");
+        Some((ledger, vm, source))
+    }
+
     /// Waits up to 5 s for `vm`'s life here to end.
     fn ended(vm: &HostedVm) -> VmState {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -774,17 +791,15 @@ mod tests {
 
     #[test]
     fn a_guest_that_ends_during_its_migration_holds_its_memory_until_the_source_lets_go() {
-        if !ferry_testdata::kvm(
-            "a_guest_that_ends_during_its_migration_holds_its_memory_until_the_source_lets_go",
-        ) {
-            return;
-        }
         // A guest that ends on its own a moment after its migration began.
-        let (ledger, vm) = hosted(&["--mib", "4", "--passes", "200"]);
         let cancel = CancelToken::default();
-        vm.begin_migration("b:1", status("b:1"), cancel.clone())
-            .expect("the guest ran long enough to be migrated");
-        let source = VmSource::new(vm.clone(), "h").expect("the VM runs");
+        let Some((ledger, vm, source)) = migrating(
+            "a_guest_that_ends_during_its_migration_holds_its_memory_until_the_source_lets_go",
+            &["--mib", "4", "--passes", "200"],
+            cancel.clone(),
+        ) else {
+            return;
+        };
         assert_eq!(ended(&vm), VmState::Exited { code: 0 });
         // Its watcher, which saw the end, ends once it released the VM.
         vm.join_watcher();
@@ -842,17 +857,15 @@ mod tests {
 
     #[test]
     fn a_switchover_that_gives_way_before_go_goes_back_to_migrating_throttled_and_pauses_again() {
-        if !ferry_testdata::kvm(
-            "a_switchover_that_gives_way_before_go_goes_back_to_migrating_throttled_and_pauses_again",
-        ) {
-            return;
-        }
         // As the engine does when a replay's tail cannot be sent in the pause: it resumes
         // the VM, pre-copies (throttled), then pauses it again for the switchover.
-        let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
-        vm.begin_migration("b:1", status("b:1"), CancelToken::default())
-            .unwrap();
-        let source = VmSource::new(vm.clone(), "h").expect("the VM runs");
+        let Some((ledger, vm, source)) = migrating(
+            "a_switchover_that_gives_way_before_go_goes_back_to_migrating_throttled_and_pauses_again",
+            &["--mib", "1", "--passes", "1000000"],
+            CancelToken::default(),
+        ) else {
+            return;
+        };
         let migrating = VmState::Migrating { to: "b:1".into() };
         let running = || vm.with_vm(|v| matches!(v.run_state(), RunState::Running));
         source.pause().unwrap();
