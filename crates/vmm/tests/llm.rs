@@ -272,10 +272,7 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
     let test = "bad_model_files_are_refused_by_the_guest_with_a_message";
     let Some(model) = model(test) else { return };
     let size = std::fs::metadata(&model).unwrap().len();
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-llm-bad-")
-        .tempdir()
-        .unwrap();
+    let dir = scratch("ferry-llm-bad-");
     let cases: Vec<(&str, PathBuf, &str)> = vec![
         (
             "truncated",
@@ -342,6 +339,11 @@ fn bad_model_files_are_refused_by_the_guest_with_a_message() {
     assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
 }
 
+/// A directory of its own for a test's files, removed when dropped.
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
+}
+
 /// The line of `console` that starts with `prefix`.
 fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
     console
@@ -353,10 +355,7 @@ fn line<'a>(console: &'a str, prefix: &str) -> &'a str {
 #[test]
 fn arguments_too_large_for_any_machine_are_refused_with_a_message() {
     ferry_testdata::require_kvm!();
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-llm-huge-")
-        .tempdir()
-        .unwrap();
+    let dir = scratch("ferry-llm-huge-");
     let model = dir.path().join("tiny.gguf");
     std::fs::write(&model, gguf::tiny_llama().build()).unwrap();
     let huge = "4611686018427387904"; // 2^62
@@ -417,10 +416,7 @@ fn arguments_too_large_for_any_machine_are_refused_with_a_message() {
 #[test]
 fn a_model_whose_metadata_is_too_large_to_read_is_refused_with_a_message() {
     ferry_testdata::require_kvm!();
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-llm-header-")
-        .tempdir()
-        .unwrap();
+    let dir = scratch("ferry-llm-header-");
     // 2^26 token strings, empty ones (the rest of the file is a hole): 512 MiB of header
     // in a file of 1 GiB.
     let mut tokens = 8u32.to_le_bytes().to_vec();
