@@ -1228,13 +1228,8 @@ impl Accelerator {
     }
 
     /// See [`DeviceReplay::digest`].
-    pub fn digest(&self) -> DeviceDigest {
+    pub fn digest(&self) -> Result<DeviceDigest, DigestError> {
         self.replayer().digest()
-    }
-
-    /// See [`DeviceReplay::try_digest`].
-    pub fn try_digest(&self) -> Result<DeviceDigest, DigestError> {
-        self.replayer().try_digest()
     }
 
     /// Writes chunk `chunk` (receiving side of a migration, or a snapshot restore).
@@ -1516,29 +1511,12 @@ impl DeviceReplay {
     /// where it lies (no copy), in parts on every core, and the parts' CRCs combined.
     /// An error if a buffer cannot be read (a GPU copy failed) or the device is dead:
     /// nothing stands in for a CRC not computed, which could agree with the other side's.
-    pub fn try_digest(&self) -> Result<DeviceDigest, DigestError> {
-        self.hash(|buffer| Err(DigestError::Unreadable { buffer }))
+    pub fn digest(&self) -> Result<DeviceDigest, DigestError> {
+        self.hash()
     }
 
-    /// [`Self::try_digest`] for a caller without an error path: a failure is logged and
-    /// its buffer (or, for a dead device, the digest) gets a random CRC, so that
-    /// comparing it finds a difference rather than two failures agreeing.
-    pub fn digest(&self) -> DeviceDigest {
-        let digest = self.hash(|buffer| {
-            tracing::warn!(buffer, "cannot read an accelerator buffer to digest it");
-            Ok(unmatchable_crc())
-        });
-        digest.unwrap_or_else(|e| {
-            tracing::warn!("cannot digest the accelerator's memory: {e}");
-            DeviceDigest(vec![(0, 0, unmatchable_crc())])
-        })
-    }
-
-    /// The digest, with `unreadable(buffer)` for a buffer whose CRC cannot be computed.
-    fn hash(
-        &self,
-        mut unreadable: impl FnMut(BufferId) -> Result<u32, DigestError>,
-    ) -> Result<DeviceDigest, DigestError> {
+    /// The digest (see [`Self::digest`]).
+    fn hash(&self) -> Result<DeviceDigest, DigestError> {
         let _boundary = relock(&self.shared.core);
         if relock(&self.shared.control).dead {
             return Err(DigestError::DeviceGone);
@@ -1562,19 +1540,12 @@ impl DeviceReplay {
                     crc
                 }
                 // Not kept: a failure may pass, and the next digest must read again.
-                None => unreadable(b.id)?,
+                None => return Err(DigestError::Unreadable { buffer: b.id }),
             };
             entries.push((b.id, b.bytes, crc));
         }
         Ok(DeviceDigest(entries))
     }
-}
-
-/// A CRC standing for one that could not be computed: random, so that two digests that
-/// both failed do not agree by it (but by a 2^-32 chance).
-fn unmatchable_crc() -> u32 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) as u32
 }
 
 /// Bytes a second [`crate::backend::crc32_on_every_core`] hashes on this machine,

@@ -309,7 +309,10 @@ impl MigrationSource for VmSource {
     }
 
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
-        Ok(self.replayer().map_err(VmError::Capture)?.digest())
+        self.replayer()
+            .map_err(VmError::Capture)?
+            .digest()
+            .map_err(|e| VmError::Capture(e.into()))
     }
 
     fn device_digest_estimate(&self) -> Duration {
@@ -544,16 +547,18 @@ impl MigrationTarget for VmTarget {
             .replay(commands, deadline)
             .map_err(|e| VmError::Replay(e.into()))?;
         // Digest now what these commands wrote, while the VM still runs on the source:
-        // the switchover's digest then hashes only what the last ones wrote.
-        device.digest();
+        // the switchover's digest then hashes only what the last ones wrote. (A buffer
+        // that cannot be read now is read again then, and fails that digest.)
+        let _ = device.digest();
         Ok(())
     }
 
     fn device_digest(&self) -> Result<DeviceDigest, VmError> {
         self.vm
             .with_incoming(|vm| Ok(vm.accel().ok_or("the VM has no accelerator")?.replayer()))
-            .map(|device| device.digest())
-            .map_err(VmError::Replay)
+            .map_err(VmError::Replay)?
+            .digest()
+            .map_err(|e| VmError::Replay(e.into()))
     }
 }
 
