@@ -1031,14 +1031,13 @@ impl Session<'_> {
                 .map(|(conn, buffers)| {
                     let (writer, queue, done) = (&mut conn.writer, &queue, done.clone());
                     scope.spawn(move || {
+                        let before = writer.frames;
                         let sent = send_share(source, writer, buffers, queue).and_then(|sent| {
-                            // A stream that had nothing to carry for a while says it is
-                            // still there, or the destination would take it for a dead
-                            // one (replay rounds carry a few pages, on one stream).
-                            let idle = writer
-                                .last_frame
-                                .is_none_or(|at| at.elapsed() >= keepalive_every);
-                            if idle {
+                            // A stream with nothing to carry this round says it is still
+                            // there, or after rounds without (replay rounds carry a few
+                            // pages, on one stream) and a destination's replay, it would
+                            // be taken for a dead one.
+                            if writer.frames == before {
                                 writer.send(&Message::Keepalive)?;
                             }
                             Ok(sent)
@@ -1055,10 +1054,14 @@ impl Session<'_> {
             // A long round (a low rate ceiling, a large pause) says it is at work, or the
             // destination would take the silent control connection for a dead source.
             let mut running = handles.len();
+            let mut next_keepalive = Instant::now() + keepalive_every;
             while running > 0 {
-                match finished.recv_timeout(keepalive_every) {
+                match finished
+                    .recv_timeout(next_keepalive.saturating_duration_since(Instant::now()))
+                {
                     Ok(()) => running -= 1,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        next_keepalive = Instant::now() + keepalive_every;
                         if let Err(e) = control.send(&Message::Keepalive) {
                             queue.failed.store(true, Ordering::Relaxed);
                             keepalive = Err(e);
