@@ -95,7 +95,6 @@ const FEATURES: &[Feature] = &[
     feature(7, 0, Ebx, 3, "bmi1"),
     feature(7, 0, Ebx, 5, "avx2"),
     feature(7, 0, Ebx, 8, "bmi2"),
-    feature(7, 0, Ebx, 9, "erms"),
     feature(7, 0, Ebx, 16, "avx512f"),
     feature(7, 0, Ebx, 17, "avx512dq"),
     feature(7, 0, Ebx, 18, "rdseed"),
@@ -118,7 +117,6 @@ const FEATURES: &[Feature] = &[
     feature(7, 0, Ecx, 22, "rdpid"),
     feature(7, 0, Ecx, 27, "movdiri"),
     feature(7, 0, Ecx, 28, "movdir64b"),
-    feature(7, 0, Edx, 4, "fsrm"),
     feature(7, 0, Edx, 8, "avx512_vp2intersect"),
     feature(7, 0, Edx, 14, "serialize"),
     feature(7, 0, Edx, 22, "amx_bf16"),
@@ -139,7 +137,6 @@ const FEATURES: &[Feature] = &[
     feature(0xd, 0, Eax, 18, "amx tiledata state"),
     feature(0xd, 1, Eax, 0, "xsaveopt"),
     feature(0xd, 1, Eax, 1, "xsavec"),
-    feature(0xd, 1, Eax, 3, "xsaves"),
     feature(0x8000_0001, 0, Ecx, 0, "lahf_lm"),
     feature(0x8000_0001, 0, Ecx, 5, "abm"),
     feature(0x8000_0001, 0, Ecx, 6, "sse4a"),
@@ -148,8 +145,6 @@ const FEATURES: &[Feature] = &[
     feature(0x8000_0001, 0, Ecx, 16, "fma4"),
     feature(0x8000_0001, 0, Ecx, 21, "tbm"),
     feature(0x8000_0001, 0, Edx, 11, "syscall"),
-    feature(0x8000_0001, 0, Edx, 20, "nx"),
-    feature(0x8000_0001, 0, Edx, 26, "pdpe1gb"),
     feature(0x8000_0001, 0, Edx, 27, "rdtscp"),
     feature(0x8000_0001, 0, Edx, 29, "lm"),
 ];
@@ -179,6 +174,7 @@ pub fn cpu_features(read: impl Fn(u32, u32, CpuidRegister) -> u32) -> Vec<CpuidW
 }
 
 /// The features of the CPU this runs on, as its `cpuid` instruction answers.
+#[cfg(target_arch = "x86_64")]
 pub fn native_cpu_features() -> Vec<CpuidWord> {
     use std::arch::x86_64::__cpuid_count;
     // A leaf above the CPU's highest answers another leaf's data: read as 0.
@@ -203,19 +199,28 @@ pub fn native_cpu_features() -> Vec<CpuidWord> {
     })
 }
 
+/// No x86 features where there is no x86 `cpuid` (such a host runs no x86 guest).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn native_cpu_features() -> Vec<CpuidWord> {
+    Vec::new()
+}
+
+/// Whether `words` show feature `f`.
+fn shows(words: &[CpuidWord], f: &Feature) -> bool {
+    words.iter().any(|w| {
+        (w.leaf, w.subleaf, w.register) == (f.leaf, f.subleaf, f.register)
+            && w.bits & (1 << f.bit) != 0
+    })
+}
+
 /// `seen` with the features of `more` added: what a guest has seen once it also ran
 /// where `more` describes.
 pub fn joined(seen: &[CpuidWord], more: &[CpuidWord]) -> Vec<CpuidWord> {
-    let has = |f: &Feature| {
-        seen.iter().chain(more).any(|w| {
-            (w.leaf, w.subleaf, w.register) == (f.leaf, f.subleaf, f.register)
-                && w.bits & (1 << f.bit) != 0
-        })
-    };
     cpu_features(|leaf, subleaf, register| {
         FEATURES
             .iter()
-            .filter(|f| (f.leaf, f.subleaf, f.register) == (leaf, subleaf, register) && has(f))
+            .filter(|f| (f.leaf, f.subleaf, f.register) == (leaf, subleaf, register))
+            .filter(|f| shows(seen, f) || shows(more, f))
             .fold(0, |bits, f| bits | 1 << f.bit)
     })
 }
@@ -223,15 +228,9 @@ pub fn joined(seen: &[CpuidWord], more: &[CpuidWord]) -> Vec<CpuidWord> {
 /// The names of the features `offered` shows that `local` lacks, in CPUID order. Other
 /// bits are not compared; an `offered` that names no words lacks nothing.
 pub fn missing_features(offered: &[CpuidWord], local: &[CpuidWord]) -> Vec<&'static str> {
-    let has = |words: &[CpuidWord], f: &Feature| {
-        words.iter().any(|w| {
-            (w.leaf, w.subleaf, w.register) == (f.leaf, f.subleaf, f.register)
-                && w.bits & (1 << f.bit) != 0
-        })
-    };
     FEATURES
         .iter()
-        .filter(|f| has(offered, f) && !has(local, f))
+        .filter(|f| shows(offered, f) && !shows(local, f))
         .map(|f| f.name)
         .collect()
 }
@@ -318,7 +317,7 @@ mod tests {
         });
         assert_eq!(missing_features(&offered, &local), ["avx512f", "avx512bw"]);
         assert!(missing_features(&local, &offered).is_empty());
-        // A VM described without its CPU (an older snapshot's description) lacks nothing.
+        // A peer that describes no CPU features lacks nothing.
         assert!(missing_features(&[], &local).is_empty());
     }
 }
