@@ -161,8 +161,29 @@ pub enum AttachPolicy {
     /// Any file the daemon can read: an in-process host, whose API only the process that
     /// started it can use (the demo and the benchmarks).
     Anywhere,
-    /// Only files under these directories (canonical: symlinks resolved); none if empty.
-    Under(Vec<PathBuf>),
+    /// Only files under these directories; none if empty.
+    Under(Vec<AttachDir>),
+}
+
+/// A directory whose files a create request may attach: as the operator named it (the
+/// paths clients give go through the same links) and with its links resolved (where the
+/// files it holds really are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachDir {
+    /// As named, made absolute.
+    pub given: PathBuf,
+    /// Canonical.
+    pub canonical: PathBuf,
+}
+
+impl AttachDir {
+    /// `dir`, which must exist.
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            given: std::path::absolute(dir)?,
+            canonical: std::fs::canonicalize(dir)?,
+        })
+    }
 }
 
 impl AttachPolicy {
@@ -178,7 +199,7 @@ impl AttachPolicy {
             Self::Under(dirs) => dirs,
         };
         let outside = || {
-            let allowed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            let allowed: Vec<String> = dirs.iter().map(|d| d.given.display().to_string()).collect();
             if allowed.is_empty() {
                 "this host attaches no files named by path (start it with --attach-dir DIR)"
                     .to_string()
@@ -194,13 +215,16 @@ impl AttachPolicy {
         let parent_dir = lexical
             .components()
             .any(|c| c == std::path::Component::ParentDir);
-        if parent_dir || !dirs.iter().any(|d| lexical.starts_with(d)) {
+        let named_inside = dirs
+            .iter()
+            .any(|d| lexical.starts_with(&d.given) || lexical.starts_with(&d.canonical));
+        if parent_dir || !named_inside {
             return Err(outside());
         }
         // A symlink inside may point outside.
         let canonical =
             std::fs::canonicalize(&lexical).map_err(|e| format!("{}: {e}", path.display()))?;
-        if !dirs.iter().any(|d| canonical.starts_with(d)) {
+        if !dirs.iter().any(|d| canonical.starts_with(&d.canonical)) {
             return Err(outside());
         }
         Ok(canonical)
@@ -1306,14 +1330,20 @@ mod tests {
         let (model, secret) = (models.join("m.gguf"), elsewhere.join("secret"));
         std::fs::write(&model, b"weights").unwrap();
         std::fs::write(&secret, b"the cluster secret").unwrap();
-        let link = models.join("link");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&secret, &link).unwrap();
-        let policy = AttachPolicy::Under(vec![std::fs::canonicalize(&models).unwrap()]);
-        assert_eq!(
-            policy.admit(&model).unwrap(),
-            std::fs::canonicalize(&model).unwrap()
-        );
+        let (link, linked_dir) = (models.join("link"), root.join("linked-models"));
+        for (target, link) in [(&secret, &link), (&models, &linked_dir)] {
+            let _ = std::fs::remove_file(link);
+            std::os::unix::fs::symlink(target, link).unwrap();
+        }
+        // The folder named through a link, as an operator may; a client names the file
+        // through the same link, or where it really is.
+        let policy = AttachPolicy::Under(vec![AttachDir::new(&linked_dir).unwrap()]);
+        for named in [&model, &linked_dir.join("m.gguf")] {
+            assert_eq!(
+                policy.admit(named).unwrap(),
+                std::fs::canonicalize(&model).unwrap()
+            );
+        }
         // Outside, through `..`, or through a symlink: refused alike, and whether the
         // file exists is not told.
         let dotdot = models.join("../elsewhere/secret");

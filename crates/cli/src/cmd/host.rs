@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ferry_host::{api, heartbeat, AttachPolicy, Host, HostConfig};
+use ferry_host::{api, heartbeat, AttachDir, AttachPolicy, Host, HostConfig};
 use ferry_migrate::Secret;
 
 /// How commands find the shared secret.
@@ -408,7 +408,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                         .attach_dirs
                         .iter()
                         .map(|dir| {
-                            std::fs::canonicalize(dir)
+                            AttachDir::new(dir)
                                 .with_context(|| format!("--attach-dir {}", dir.display()))
                         })
                         .collect::<anyhow::Result<_>>()?,
