@@ -1512,11 +1512,6 @@ impl DeviceReplay {
     /// An error if a buffer cannot be read (a GPU copy failed) or the device is dead:
     /// nothing stands in for a CRC not computed, which could agree with the other side's.
     pub fn digest(&self) -> Result<DeviceDigest, DigestError> {
-        self.hash()
-    }
-
-    /// The digest (see [`Self::digest`]).
-    fn hash(&self) -> Result<DeviceDigest, DigestError> {
         let _boundary = relock(&self.shared.core);
         if relock(&self.shared.control).dead {
             return Err(DigestError::DeviceGone);
