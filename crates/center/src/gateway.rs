@@ -873,7 +873,8 @@ impl AnswerBound {
 
     /// Counts `text` in; false if the answer goes past its bound with it. A text of
     /// [`WHOLE_PIECE`] bytes or more counts in bytes only: a token's text longer than a
-    /// channel slot comes in pieces (its first and last count as its two events).
+    /// channel slot comes in pieces of a slot's room (only its last, shorter piece can
+    /// count as an event).
     fn take(&mut self, text: &str) -> bool {
         let events = u64::from(text.len() < WHOLE_PIECE);
         match (
