@@ -923,12 +923,23 @@ impl Host {
                 }
             }
             Err(e) => {
-                let error = error_chain(&e);
+                // A guest that ended during its migration cancels it: a failure to name,
+                // not an operator's cancel.
+                let ended = vm.state().has_ended();
+                let error = if ended {
+                    format!(
+                        "the VM ended during its migration ({}): {}",
+                        vm.state(),
+                        error_chain(&e)
+                    )
+                } else {
+                    error_chain(&e)
+                };
                 tracing::warn!(vm = %id, %to, "migration failed: {error}");
                 vm.update_migration(ticket, |s| {
                     s.state = match e {
                         MigrationError::InDoubt { .. } => MigrationState::InDoubt,
-                        MigrationError::Cancelled { .. } => MigrationState::Cancelled,
+                        MigrationError::Cancelled { .. } if !ended => MigrationState::Cancelled,
                         _ => MigrationState::Failed,
                     };
                     s.error = Some(error);
@@ -1370,6 +1381,34 @@ mod tests {
         }
         assert_eq!(host.memory_used(), 0);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_migration_whose_guest_ends_fails_saying_so() {
+        if !ferry_testdata::kvm("a_migration_whose_guest_ends_fails_saying_so") {
+            return;
+        }
+        let host = test_host();
+        // A destination that takes the connection and never answers: the migration waits
+        // in its handshake while the guest ends on its own.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut req = memtouch(64 << 20, 0);
+        req.args = ["--mib", "4", "--passes", "200"].map(String::from).to_vec();
+        let id = host.create_vm(&req).unwrap().id;
+        let to = silent.local_addr().unwrap().to_string();
+        host.start_migration(&id, MigrateRequest::to(&to)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let status = host.migration(&id).unwrap();
+            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.state, MigrationState::Failed, "{status:?}");
+        let error = status.error.unwrap_or_default();
+        assert!(error.contains("ended during its migration"), "{error}");
+        drop(silent);
     }
 
     #[test]
