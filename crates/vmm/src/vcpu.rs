@@ -49,7 +49,6 @@ const SAVED_MSRS: [u32; 12] = [
 /// at ring 3 but while in those stubs, and only the MSRs this VMM saves. A guest at
 /// ring 3 can change none of these, so a state that does was not saved by a VMM.
 fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
-    use crate::arch::layout::FAULT_STUBS_ADDR;
     use crate::arch::tables::{KERNEL_CODE_SELECTOR, USER_CODE_SELECTOR};
     let s = &state.sregs;
     let entry = regs::entry_sregs(*s);
@@ -72,16 +71,27 @@ fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
     if let Some((what, got, want)) = control.iter().find(|(_, got, want)| got != want) {
         return Err(format!("{what} is {got:#x}, not {want:#x}"));
     }
-    if s.ldt.unusable == 0 && s.ldt.selector != 0 {
+    // KVM takes an LDT present and usable as loaded whatever its selector: its call gates
+    // would lead into ring 0.
+    if s.ldt.unusable == 0 && (s.ldt.selector != 0 || s.ldt.present != 0) {
         return Err("an LDT is loaded".into());
     }
-    // Ring 0 runs only the fault stubs (a pause may land in them).
-    let in_stubs = (FAULT_STUBS_ADDR..RING0_STACK_ADDR).contains(&state.regs.rip);
+    // Ring 0 runs only the fault stubs (a pause may land in them): at one of their
+    // instructions, on the ring-0 stack within the frame they build (their pushes could
+    // otherwise write over the code ahead of them).
+    let frame_bottom = RING0_STACK_TOP - (FAULT_FRAME_WORDS * 8) as u64;
+    let in_stubs = crate::arch::tables::fault_stub_instructions().contains(&state.regs.rip)
+        && (frame_bottom..=RING0_STACK_TOP).contains(&state.regs.rsp);
     let code_ok = match (s.cs.selector, s.cs.dpl) {
         (USER_CODE_SELECTOR, 3) => s.ss.dpl == 3,
         (KERNEL_CODE_SELECTOR, 0) => in_stubs && s.ss.dpl == 0,
         _ => false,
     };
+    // System management mode runs its own code at ring 0's privilege.
+    let smi = &state.vcpu_events.smi;
+    if smi.smm != 0 || smi.pending != 0 {
+        return Err("system management mode is entered or pending".into());
+    }
     if !code_ok {
         return Err(format!(
             "code selector {:#x} at privilege {} (stack at {}), rip {:#x}",
@@ -624,7 +634,13 @@ impl VcpuHandle {
     /// Asks the thread to pause, kicking it until it answers. Returns the event that
     /// ended the wait: `Paused`, or `Exited`/`Failed` if the guest ended first.
     pub fn pause(&self) -> Result<VcpuEvent, VcpuStateError> {
-        self.send(VcpuRequest::Pause)?;
+        if self.send(VcpuRequest::Pause).is_err() {
+            // The thread ended on its own (the guest exited a moment ago): its end is
+            // the answer, not lost with it.
+            return std::iter::from_fn(|| self.events.try_recv().ok())
+                .find(|e| matches!(e, VcpuEvent::Exited(_) | VcpuEvent::Failed(_)))
+                .ok_or(VcpuStateError::ThreadGone);
+        }
         loop {
             self.kick();
             match self.events.recv_timeout(Duration::from_millis(1)) {

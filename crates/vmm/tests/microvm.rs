@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry_vmm::vcpu::VcpuRunError;
 use ferry_vmm::vm::CreateVmError;
-use ferry_vmm::{HostOptions, Microvm, VmConfig, VmExit};
+use ferry_vmm::{HostOptions, Microvm, RunState, VmConfig, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
 const CONFIG: VmConfig = VmConfig::new(128 << 20);
@@ -167,6 +167,21 @@ fn pausing_and_resuming_repeatedly_changes_nothing() {
     let exit = vm.wait(Some(TIMEOUT)).expect("guest did not end");
     assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}");
     assert_eq!(checksum(&vm.console_tail()), straight);
+}
+
+#[test]
+fn a_pause_just_after_the_guest_exited_finds_it_exited() {
+    ferry_testdata::require_kvm!();
+    let mut vm = boot("hello", &["--exit-code", "3"]);
+    // Nobody waits: the exit is only in the vCPU thread's last word.
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = vm.pause().expect_err("a pause of a guest that ended");
+    assert!(
+        matches!(vm.run_state(), RunState::Exited(3)),
+        "{:?}, after {refused}",
+        vm.run_state()
+    );
+    assert!(matches!(vm.wait(Some(TIMEOUT)), Some(VmExit::Exited(3))));
 }
 
 /// Polls the console until a line starting with `prefix` appears.
@@ -331,6 +346,38 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     assert!(chain.contains("SYSENTER"), "{chain}");
     let chain = forged(&|v| v.sregs.cr3 = 0x20_0000);
     assert!(chain.contains("CR3"), "{chain}");
+    // Ring 0 anywhere but at a stub's instruction on the stubs' stack: in the page after
+    // the stubs (RAM the snapshot wrote), in the middle of an instruction, or at the
+    // common handler with a stack whose pushes would write over the code ahead.
+    let ring0 = |rip: u64, rsp: u64| {
+        move |v: &mut ferry_vmm::vcpu::VcpuState| {
+            v.sregs.cs.selector = 0x08;
+            v.sregs.cs.dpl = 0;
+            v.sregs.ss.dpl = 0;
+            v.regs.rip = rip;
+            v.regs.rsp = rsp;
+        }
+    };
+    let stubs = ferry_vmm::arch::tables::fault_stub_instructions();
+    let (first, common) = (stubs[0], 0x4000 + 32 * 16);
+    assert!(stubs.contains(&common));
+    for (rip, rsp) in [(0x5000, 0x7f80), (first + 1, 0x7f80), (common, 0x4210)] {
+        let chain = forged(&ring0(rip, rsp));
+        assert!(
+            chain.contains("code selector"),
+            "{rip:#x} {rsp:#x}: {chain}"
+        );
+    }
+    // An LDT loaded with a null selector (KVM takes it as loaded), and system management
+    // mode.
+    let chain = forged(&|v| {
+        v.sregs.ldt.selector = 0;
+        v.sregs.ldt.unusable = 0;
+        v.sregs.ldt.present = 1;
+    });
+    assert!(chain.contains("an LDT is loaded"), "{chain}");
+    let chain = forged(&|v| v.vcpu_events.smi.smm = 1);
+    assert!(chain.contains("system management mode"), "{chain}");
     // A VM whose guest has seen every feature of the extended leaf (AMD's XOP, FMA4 and
     // TBM with the others: no current CPU has them all): its guest could fault on one
     // here.

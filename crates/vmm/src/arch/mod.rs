@@ -23,9 +23,10 @@ pub fn write_system_pages(mem: &GuestRam, ram_size: u64) -> Result<(), GuestMemo
     mem.write_slice(&gdt, GuestAddress(layout::GDT_ADDR))?;
     mem.write_slice(&tables::tss(), GuestAddress(layout::TSS_ADDR))?;
     mem.write_slice(&tables::idt(), GuestAddress(layout::IDT_ADDR))?;
-    mem.write_slice(
-        &tables::fault_stubs(),
-        GuestAddress(layout::FAULT_STUBS_ADDR),
-    )?;
+    // The whole page, so nothing but the stubs is there to run in ring 0 (a snapshot's
+    // RAM is not trusted).
+    let mut stubs = tables::fault_stubs();
+    stubs.resize(ferry_abi::PAGE_SIZE as usize, 0xcc);
+    mem.write_slice(&stubs, GuestAddress(layout::FAULT_STUBS_ADDR))?;
     Ok(())
 }

@@ -87,30 +87,58 @@ fn has_error_code(vector: u64) -> bool {
 
 /// Machine code of the stubs, to be placed at [`FAULT_STUBS_ADDR`].
 pub fn fault_stubs() -> Vec<u8> {
+    assemble_stubs().0
+}
+
+/// Where each instruction of [`fault_stubs`] starts: the only places ring 0 may be
+/// (a saved state whose ring 0 is elsewhere runs code no VMM wrote).
+pub fn fault_stub_instructions() -> Vec<u64> {
+    assemble_stubs()
+        .1
+        .into_iter()
+        .map(|at| FAULT_STUBS_ADDR + at as u64)
+        .collect()
+}
+
+/// The stubs' code, and the offset of each instruction in it.
+fn assemble_stubs() -> (Vec<u8>, Vec<usize>) {
     let mut code = vec![0xcc; (COMMON_HANDLER_ADDR - FAULT_STUBS_ADDR) as usize];
+    let mut starts = Vec::new();
     for vector in 0..EXCEPTION_VECTORS as u64 {
         let start = (vector * STUB_STRIDE) as usize;
         let mut stub = Vec::with_capacity(STUB_STRIDE as usize);
+        let mut emit = |stub: &mut Vec<u8>, bytes: &[u8]| {
+            starts.push(start + stub.len());
+            stub.extend_from_slice(bytes);
+        };
         if !has_error_code(vector) {
-            stub.extend_from_slice(&[0x6a, 0x00]); // push 0
+            emit(&mut stub, &[0x6a, 0x00]); // push 0
         }
-        stub.extend_from_slice(&[0x6a, vector as u8]); // push vector
+        emit(&mut stub, &[0x6a, vector as u8]); // push vector
         let next_ip = FAULT_STUBS_ADDR + start as u64 + stub.len() as u64 + 5;
         let rel = (COMMON_HANDLER_ADDR as i64 - next_ip as i64) as i32;
-        stub.push(0xe9); // jmp rel32 common
-        stub.extend_from_slice(&rel.to_le_bytes());
+        let mut jmp = vec![0xe9]; // jmp rel32 common
+        jmp.extend_from_slice(&rel.to_le_bytes());
+        emit(&mut stub, &jmp);
         code[start..start + stub.len()].copy_from_slice(&stub);
     }
+    let mut emit = |bytes: &[u8]| {
+        starts.push(code.len());
+        code.extend_from_slice(bytes);
+    };
     // common: push rax, rcx, rdx, rbx, rbp, rsi, rdi, r8..r15 (the order FaultFrame reads)
-    code.extend_from_slice(&[0x50, 0x51, 0x52, 0x53, 0x55, 0x56, 0x57]);
+    for r in [0x50, 0x51, 0x52, 0x53, 0x55, 0x56, 0x57] {
+        emit(&[r]);
+    }
     for r in 0x50..=0x57 {
-        code.extend_from_slice(&[0x41, r]);
+        emit(&[0x41, r]);
     }
     let [lo, hi] = port::FAULT.to_le_bytes();
-    code.extend_from_slice(&[0x66, 0xba, lo, hi]); // mov dx, FAULT
-    code.push(0xee); // out dx, al
-    code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b (never resumed)
-    code
+    emit(&[0x66, 0xba, lo, hi]); // mov dx, FAULT
+    emit(&[0xee]); // out dx, al
+    emit(&[0xf4]); // 1: hlt
+    emit(&[0xeb, 0xfd]); // jmp 1b (never resumed)
+    (code, starts)
 }
 
 /// Mnemonic and name of an exception vector.

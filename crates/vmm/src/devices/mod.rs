@@ -4,6 +4,7 @@ pub mod channel;
 pub mod clock;
 pub mod console;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_abi::file::{self, FileRequest, FILE_REQUEST_ADDR, MAX_READ};
@@ -57,6 +58,9 @@ pub struct PortDevices {
     pub files: AttachedFiles,
     /// The message channel ([`port::CHANNEL_SETUP`], [`port::CHANNEL_KICK`]).
     pub channel: Channel,
+    /// Whether a failed read of an attached file was logged as a warning: a guest may
+    /// retry it in a loop, so later ones go to the debug log.
+    file_error_warned: AtomicBool,
 }
 
 /// The value of a 32-bit port write.
@@ -90,6 +94,7 @@ impl PortDevices {
             accel,
             files,
             channel: Channel::new(),
+            file_error_warned: AtomicBool::new(false),
         }
     }
 
@@ -106,6 +111,7 @@ impl PortDevices {
             accel,
             files,
             channel: Channel::restore(&state.channel),
+            file_error_warned: AtomicBool::new(false),
         }
     }
 
@@ -204,7 +210,15 @@ impl PortDevices {
         while done < req.len {
             let n = (req.len - done).min(FILE_PIECE) as usize;
             if let Err(e) = file.read_at(req.offset + done, &mut piece[..n]) {
-                tracing::warn!(file = %file.info().name, "cannot read an attached file: {e}");
+                let name = &file.info().name;
+                if self.file_error_warned.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(file = %name, "cannot read an attached file: {e}");
+                } else {
+                    tracing::warn!(
+                        file = %name,
+                        "cannot read an attached file: {e} (said once; the guest gets an I/O error each time)"
+                    );
+                }
                 return file::status::IO_ERROR;
             }
             // Written through GuestRam: the pages land in the dirty log.
