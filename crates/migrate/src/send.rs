@@ -1023,15 +1023,17 @@ impl Session<'_> {
         let keepalive_every = crate::deadline::keepalive_every();
         let mut keepalive = Ok(());
         let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
-            let (done, finished) = std::sync::mpsc::channel::<()>();
+            // Each thread holds a sender until it ends: the channel closes once all have.
+            let (running, finished) = std::sync::mpsc::channel::<()>();
             let handles: Vec<_> = self
                 .data
                 .iter_mut()
                 .zip(self.buffers.iter_mut())
-                .map(|(conn, buffers)| {
-                    let (writer, queue, done) = (&mut conn.writer, &queue, done.clone());
+                .zip(&frames_before)
+                .map(|((conn, buffers), &before)| {
+                    let (writer, queue, running) = (&mut conn.writer, &queue, running.clone());
                     scope.spawn(move || {
-                        let before = writer.frames;
+                        let _running = running;
                         let sent = send_share(source, writer, buffers, queue).and_then(|sent| {
                             // A stream with nothing to carry this round says it is still
                             // there, or after rounds without (replay rounds carry a few
@@ -1045,29 +1047,21 @@ impl Session<'_> {
                         if sent.is_err() {
                             queue.failed.store(true, Ordering::Relaxed);
                         }
-                        let _ = done.send(());
                         sent
                     })
                 })
                 .collect();
-            drop(done);
+            drop(running);
             // A long round (a low rate ceiling, a large pause) says it is at work, or the
             // destination would take the silent control connection for a dead source.
-            let mut running = handles.len();
             let mut next_keepalive = Instant::now() + keepalive_every;
-            while running > 0 {
-                match finished
-                    .recv_timeout(next_keepalive.saturating_duration_since(Instant::now()))
-                {
-                    Ok(()) => running -= 1,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        next_keepalive = Instant::now() + keepalive_every;
-                        if let Err(e) = control.send(&Message::Keepalive) {
-                            queue.failed.store(true, Ordering::Relaxed);
-                            keepalive = Err(e);
-                        }
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(next_keepalive.saturating_duration_since(Instant::now()))
+            {
+                next_keepalive = Instant::now() + keepalive_every;
+                if let Err(e) = control.send(&Message::Keepalive) {
+                    queue.failed.store(true, Ordering::Relaxed);
+                    keepalive = Err(e);
                 }
             }
             handles.into_iter().map(|h| joined(h, "sending")).collect()

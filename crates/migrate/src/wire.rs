@@ -8,7 +8,6 @@
 //! against the VM by the receiver, which knows its size.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -674,8 +673,6 @@ pub struct FrameWriter<W> {
     pub bytes: u64,
     /// Frames written so far.
     pub frames: u64,
-    /// When the last frame was written.
-    pub last_frame: Option<Instant>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -689,7 +686,6 @@ impl<W: Write> FrameWriter<W> {
             packed: Vec::new(),
             bytes: 0,
             frames: 0,
-            last_frame: None,
         }
     }
 
@@ -833,7 +829,6 @@ impl<W: Write> FrameWriter<W> {
     fn count(&mut self, written: Result<usize, MigrationError>) -> Result<(), MigrationError> {
         self.bytes += written? as u64;
         self.frames += 1;
-        self.last_frame = Some(Instant::now());
         Ok(())
     }
 
