@@ -62,7 +62,7 @@ pub fn local_description(kind: &str) -> Option<VmDescription> {
                 },
                 extra: Vec::new(),
                 files: Vec::new(),
-                cpu_features: ferry_migrate::cpu::native_cpu_features(),
+                cpu_features: ferry_migrate::cpu::native_cpu_features().to_vec(),
             })
         })
         .clone()

@@ -175,7 +175,15 @@ pub fn cpu_features(read: impl Fn(u32, u32, CpuidRegister) -> u32) -> Vec<CpuidW
 
 /// The features of the CPU this runs on, as its `cpuid` instruction answers.
 #[cfg(target_arch = "x86_64")]
-pub fn native_cpu_features() -> Vec<CpuidWord> {
+pub fn native_cpu_features() -> &'static [CpuidWord] {
+    // Read once: under a hypervisor each `cpuid` is an exit.
+    static NATIVE: std::sync::LazyLock<Vec<CpuidWord>> = std::sync::LazyLock::new(read_cpuid);
+    &NATIVE
+}
+
+/// The features this CPU's `cpuid` instruction answers.
+#[cfg(target_arch = "x86_64")]
+fn read_cpuid() -> Vec<CpuidWord> {
     use std::arch::x86_64::__cpuid_count;
     // A leaf above the CPU's highest answers another leaf's data: read as 0.
     let max_basic = __cpuid_count(0, 0).eax;
@@ -201,27 +209,28 @@ pub fn native_cpu_features() -> Vec<CpuidWord> {
 
 /// No x86 features where there is no x86 `cpuid` (such a host runs no x86 guest).
 #[cfg(not(target_arch = "x86_64"))]
-pub fn native_cpu_features() -> Vec<CpuidWord> {
-    Vec::new()
+pub fn native_cpu_features() -> &'static [CpuidWord] {
+    &[]
+}
+
+/// The bits `words` show in register `register` of leaf `leaf`, `subleaf`.
+fn bits(words: &[CpuidWord], leaf: u32, subleaf: u32, register: CpuidRegister) -> u32 {
+    words
+        .iter()
+        .filter(|w| (w.leaf, w.subleaf, w.register) == (leaf, subleaf, register))
+        .fold(0, |bits, w| bits | w.bits)
 }
 
 /// Whether `words` show feature `f`.
 fn shows(words: &[CpuidWord], f: &Feature) -> bool {
-    words.iter().any(|w| {
-        (w.leaf, w.subleaf, w.register) == (f.leaf, f.subleaf, f.register)
-            && w.bits & (1 << f.bit) != 0
-    })
+    bits(words, f.leaf, f.subleaf, f.register) & (1 << f.bit) != 0
 }
 
 /// `seen` with the features of `more` added: what a guest has seen once it also ran
 /// where `more` describes.
 pub fn joined(seen: &[CpuidWord], more: &[CpuidWord]) -> Vec<CpuidWord> {
     cpu_features(|leaf, subleaf, register| {
-        FEATURES
-            .iter()
-            .filter(|f| (f.leaf, f.subleaf, f.register) == (leaf, subleaf, register))
-            .filter(|f| shows(seen, f) || shows(more, f))
-            .fold(0, |bits, f| bits | 1 << f.bit)
+        bits(seen, leaf, subleaf, register) | bits(more, leaf, subleaf, register)
     })
 }
 
@@ -283,7 +292,7 @@ mod tests {
 
     #[test]
     fn this_cpu_has_what_every_x86_64_cpu_has_and_joins_add() {
-        let native = native_cpu_features();
+        let native = native_cpu_features().to_vec();
         let names = |words: &[CpuidWord]| missing_features(words, &[]);
         for baseline in ["sse", "sse2", "lm", "x87 state", "sse state"] {
             assert!(names(&native).contains(&baseline), "{baseline}: {native:?}");

@@ -273,7 +273,7 @@ impl IncomingVm {
         cpu_seen: &[CpuidWord],
         host: HostOptions,
     ) -> Result<Self, CreateVmError> {
-        if let Some(why) = ferry_migrate::cpu::refusal(cpu_seen, &native_cpu_features()) {
+        if let Some(why) = ferry_migrate::cpu::refusal(cpu_seen, native_cpu_features()) {
             return Err(CreateVmError::Incompatible(why));
         }
         let (kvm, vm, memory) = open_vm(&config)?;
@@ -381,7 +381,7 @@ impl IncomingVm {
             vcpus.push(handle.map_err(CreateVmError::SpawnVcpu)?);
         }
         // From here on its guest may see this CPU too.
-        let cpu_features = joined(&self.cpu_seen, &native_cpu_features());
+        let cpu_features = joined(&self.cpu_seen, native_cpu_features());
         Ok(Microvm::paused(
             vcpus,
             devices,
@@ -593,7 +593,7 @@ impl Microvm {
             vm,
             memory,
             config,
-            native_cpu_features(),
+            native_cpu_features().to_vec(),
             host.guest_nice,
         ))
     }
