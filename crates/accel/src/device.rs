@@ -919,18 +919,15 @@ fn device_thread(shared: Arc<Shared>) {
 fn device_died(shared: &Shared) {
     // Under the core lock, as a capture starts: one started after this finds the device
     // dead, one started before is failed here.
-    let _boundary = relock(&shared.core);
+    let core = relock(&shared.core);
     relock(&shared.control).dead = true;
-    {
-        let mut map = lock_map(&shared.tracker.map);
-        let map = &mut *map;
-        for (&id, &bytes) in &map.sizes {
-            map.dirty.mark_all(id, bytes);
-            map.written.mark_all(id, bytes);
-        }
-        map.digests.clear();
-        map.origins.clear();
-    }
+    // The command cut short may have written any of its buffers, unmarked: all are.
+    let whole: Vec<_> = lock_map(&core.map)
+        .sizes
+        .iter()
+        .map(|(&id, &bytes)| (id, 0..bytes))
+        .collect();
+    core.mark(whole);
     if let Some(capture) = lock_capture(&shared.capture).as_mut() {
         capture.fail(CaptureError::DeviceGone);
     }
