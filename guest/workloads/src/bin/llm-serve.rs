@@ -163,11 +163,20 @@ fn serve(o: &Options) -> Result<(), Failure> {
 /// Sends `event`, split into as many events as a long token's text needs: the channel
 /// refuses a payload larger than a response slot.
 fn send(ch: &mut Channel, stream: u64, event: &Event) {
-    for e in event.split(ch.max_response()) {
-        if let Err(e) = ch.send(stream, kind::EVENT, e.is_final(), &e.encode()) {
+    let max = ch.max_response();
+    let mut send_one = |e: &Event, bytes: &[u8]| {
+        if let Err(e) = ch.send(stream, kind::EVENT, e.is_final(), bytes) {
             // Not with the default geometry: a response slot has room for any character.
             println!("llm-serve: request {stream}: {e}");
         }
+    };
+    // Nearly every event fits whole: split (and copy) only the one that does not.
+    let bytes = event.encode();
+    if bytes.len() <= max {
+        return send_one(event, &bytes);
+    }
+    for e in event.split(max) {
+        send_one(&e, &e.encode());
     }
 }
 
