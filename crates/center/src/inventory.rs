@@ -421,8 +421,7 @@ pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
     } else if long(&vm.accel_backend) || long(&vm.migrated_from) || long(&to) {
         format!("its backend, origin or destination is longer than {MAX_HOST_FIELD_BYTES} bytes")
     } else {
-        trim_vm_report(vm);
-        if report_bytes(vm) <= MAX_VM_REPORT_BYTES {
+        if trim_vm_report(vm) {
             return Ok(());
         }
         // Not reached: what is left is bounded well below.
@@ -434,8 +433,9 @@ pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
     })
 }
 
-/// Empties what of `vm`'s report is too large to keep ([`check_vm_report`]).
-fn trim_vm_report(vm: &mut VmInfo) {
+/// Empties what of `vm`'s report is too large to keep ([`check_vm_report`]); whether
+/// what is left fits in [`MAX_VM_REPORT_BYTES`].
+fn trim_vm_report(vm: &mut VmInfo) -> bool {
     if let VmState::InDoubt { reason: text, .. } | VmState::Failed { error: text } = &mut vm.state {
         if text.len() > MAX_STATE_TEXT_BYTES {
             let mut end = MAX_STATE_TEXT_BYTES - '…'.len_utf8();
@@ -455,15 +455,20 @@ fn trim_vm_report(vm: &mut VmInfo) {
     if vm.files.len() > MAX_FILES {
         vm.files = Vec::new();
     }
-    if report_bytes(vm) > MAX_VM_REPORT_BYTES {
-        vm.files = Vec::new();
+    // While the whole is still too large, the files, then the arguments, then the
+    // workload's name go (a report that fits is measured once).
+    let emptied: [fn(&mut VmInfo); 3] = [
+        |vm| vm.files = Vec::new(),
+        |vm| vm.args = Vec::new(),
+        |vm| vm.workload = String::new(),
+    ];
+    for empty in emptied {
+        if report_bytes(vm) <= MAX_VM_REPORT_BYTES {
+            return true;
+        }
+        empty(vm);
     }
-    if report_bytes(vm) > MAX_VM_REPORT_BYTES {
-        vm.args = Vec::new();
-    }
-    if report_bytes(vm) > MAX_VM_REPORT_BYTES {
-        vm.workload = String::new();
-    }
+    report_bytes(vm) <= MAX_VM_REPORT_BYTES
 }
 
 /// The size of `vm`'s report as JSON, less its console tail (which is not kept).
