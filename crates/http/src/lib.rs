@@ -87,15 +87,21 @@ pub async fn json_errors(
         Ok(error) => error,
         Err(other) => return other,
     };
-    let code = match parts.status {
+    let code = refusal_code(parts.status);
+    let answer = error_with_code(parts.status, code, &error_text(&parts, &body));
+    keeping_headers(answer, &parts)
+}
+
+/// The code of axum's own refusal with `status`: a client told 400 would send a body
+/// too large again unchanged.
+fn refusal_code(status: StatusCode) -> &'static str {
+    match status {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         s if s.is_client_error() => "bad_request",
         _ => "internal",
-    };
-    let answer = error_with_code(parts.status, code, &error_text(&parts, &body));
-    keeping_headers(answer, &parts)
+    }
 }
 
 /// An error answer whose code follows from `status` alone.
@@ -152,17 +158,10 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(body)) => Ok(Body(body)),
             Err(e) => {
-                // As `json_errors` codes axum's refusals: a client told 400 would send
-                // a body too large again unchanged.
                 let status = e.status();
-                let code = match status {
-                    StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-                    s if s.is_client_error() => "bad_request",
-                    _ => "internal",
-                };
                 Err(error_with_code(
                     status,
-                    code,
+                    refusal_code(status),
                     &format!("bad request body: {e}"),
                 ))
             }
