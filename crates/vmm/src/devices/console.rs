@@ -1,14 +1,23 @@
 //! The console: bytes the guest writes to `port::CONSOLE`, echoed to a sink (stdout for
 //! `ferry run`) and kept in a bounded tail for daemons and tests.
+//!
+//! The echo is written by a thread of its own, from a bounded queue: a reader that stops
+//! reading (a paused pager) must not block the vCPU, and with it a pause of the VM. On a
+//! terminal the guest's bytes are shown, not obeyed: escape sequences and other control
+//! characters could otherwise rewrite the operator's screen or set its title.
 
 use std::collections::VecDeque;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
 /// Bytes of console output kept in memory.
 pub const CONSOLE_TAIL_CAPACITY: usize = 64 * 1024;
+
+/// Bytes of echo waiting for a slow reader; what comes beyond is dropped (and counted).
+pub const ECHO_QUEUE_CAPACITY: usize = 4 << 20;
 
 /// The value of the last `key=value` word in console text (workloads print their
 /// progress and results that way).
@@ -36,7 +45,7 @@ pub struct ConsoleState {
 
 /// The console device.
 pub struct Console {
-    sink: ConsoleSink,
+    echo: Option<Echo>,
     tail: Arc<Mutex<VecDeque<u8>>>,
 }
 
@@ -56,18 +65,27 @@ impl ConsoleTail {
 impl Console {
     /// A console with an empty tail.
     pub fn new(sink: ConsoleSink) -> Self {
+        let echo = match sink {
+            ConsoleSink::None => None,
+            ConsoleSink::Stdout => {
+                let terminal = std::io::stdout().is_terminal();
+                Some(Echo::start(Box::new(std::io::stdout()), terminal))
+            }
+        };
+        Self::with_echo(echo)
+    }
+
+    fn with_echo(echo: Option<Echo>) -> Self {
         Self {
-            sink,
+            echo,
             tail: Arc::new(Mutex::new(VecDeque::with_capacity(CONSOLE_TAIL_CAPACITY))),
         }
     }
 
     /// Handles guest output.
     pub fn write(&self, bytes: &[u8]) {
-        if let ConsoleSink::Stdout = self.sink {
-            let mut out = std::io::stdout().lock();
-            // The guest must not be stopped by a closed stdout; its output is in the tail.
-            let _ = out.write_all(bytes).and_then(|()| out.flush());
+        if let Some(echo) = &self.echo {
+            echo.queue(bytes);
         }
         let mut tail = self.tail.lock().expect("console lock");
         let keep = bytes.len().min(CONSOLE_TAIL_CAPACITY);
@@ -112,6 +130,164 @@ impl Console {
     }
 }
 
+/// The echo of a console to a writer, by a thread of its own.
+struct Echo {
+    queue: Arc<EchoQueue>,
+    writer: Option<JoinHandle<()>>,
+}
+
+/// Bytes on their way to the echo's writer.
+#[derive(Default)]
+struct EchoQueue {
+    state: Mutex<EchoState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct EchoState {
+    bytes: Vec<u8>,
+    /// Bytes dropped since the writer last took the queue (it was full).
+    dropped: u64,
+    /// The console is gone: the writer ends once the queue is written.
+    closed: bool,
+}
+
+impl Echo {
+    /// Starts the writer thread; `terminal` shows control characters instead of writing
+    /// them (see [`TerminalText`]).
+    fn start(out: Box<dyn Write + Send>, terminal: bool) -> Self {
+        let queue = Arc::new(EchoQueue::default());
+        let writing = queue.clone();
+        let writer = std::thread::Builder::new()
+            .name("console-echo".into())
+            .spawn(move || write_echo(&writing, out, terminal.then(TerminalText::default)))
+            // Without a thread the echo is lost, not the VM: the tail keeps the output.
+            .map_err(|e| tracing::warn!("no console echo: cannot start its thread: {e}"))
+            .ok();
+        Self { queue, writer }
+    }
+
+    /// Queues guest output; drops what does not fit, without waiting for the writer.
+    fn queue(&self, bytes: &[u8]) {
+        if self.writer.is_none() {
+            return;
+        }
+        let mut state = self.queue.lock();
+        let room = ECHO_QUEUE_CAPACITY - state.bytes.len().min(ECHO_QUEUE_CAPACITY);
+        let taken = bytes.len().min(room);
+        state.bytes.extend_from_slice(&bytes[..taken]);
+        state.dropped += (bytes.len() - taken) as u64;
+        drop(state);
+        self.queue.ready.notify_one();
+    }
+}
+
+impl Drop for Echo {
+    /// Writes out what is queued: the guest's last words reach the reader.
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl EchoQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EchoState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The echo's writer thread: writes what is queued until the console is gone or the
+/// reader is (a closed pipe: the output is in the tail).
+fn write_echo(
+    queue: &EchoQueue,
+    mut out: Box<dyn Write + Send>,
+    mut terminal: Option<TerminalText>,
+) {
+    let mut shown = Vec::new();
+    loop {
+        let mut state = queue
+            .ready
+            .wait_while(queue.lock(), |s| {
+                s.bytes.is_empty() && s.dropped == 0 && !s.closed
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        let bytes = std::mem::take(&mut state.bytes);
+        let dropped = std::mem::take(&mut state.dropped);
+        let closed = state.closed;
+        drop(state);
+        let text = match terminal.as_mut() {
+            Some(terminal) => {
+                shown.clear();
+                terminal.show(&bytes, &mut shown);
+                if closed {
+                    terminal.finish(&mut shown);
+                }
+                &shown
+            }
+            None => &bytes,
+        };
+        let mut written = out.write_all(text);
+        if dropped > 0 {
+            written = written.and_then(|()| {
+                writeln!(
+                    out,
+                    "\n[ferry: {dropped} bytes of the guest's console output were dropped here: this output was not read fast enough]"
+                )
+            });
+        }
+        if written.and_then(|()| out.flush()).is_err() || closed {
+            return;
+        }
+    }
+}
+
+/// Guest text made safe for a terminal: control characters other than newline, tab and
+/// carriage return are shown in caret notation (`^[` for escape), C1 controls and invalid
+/// UTF-8 as U+FFFD. A character split between two writes is kept whole.
+#[derive(Default)]
+struct TerminalText {
+    /// The start of a character whose other bytes have not come yet.
+    partial: Vec<u8>,
+}
+
+impl TerminalText {
+    /// Appends `bytes`, as shown, to `out`.
+    fn show(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let mut input = std::mem::take(&mut self.partial);
+        input.extend_from_slice(bytes);
+        let mut chunks = input.utf8_chunks().peekable();
+        while let Some(chunk) = chunks.next() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '\n' | '\t' | '\r' => out.push(c as u8),
+                    '\0'..='\x1f' => out.extend_from_slice(&[b'^', c as u8 + 0x40]),
+                    '\x7f' => out.extend_from_slice(b"^?"),
+                    c if c.is_control() => out.extend_from_slice("\u{FFFD}".as_bytes()),
+                    c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+            let invalid = chunk.invalid();
+            let unfinished = chunks.peek().is_none()
+                && std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none());
+            if unfinished {
+                self.partial = invalid.to_vec();
+            } else if !invalid.is_empty() {
+                out.extend_from_slice("\u{FFFD}".as_bytes());
+            }
+        }
+    }
+
+    /// Appends what is left of a character that never finished.
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if !std::mem::take(&mut self.partial).is_empty() {
+            out.extend_from_slice("\u{FFFD}".as_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +302,99 @@ mod tests {
         assert!(text.ends_with("axyz") && text.starts_with('a'));
         console.write(&vec![b'b'; CONSOLE_TAIL_CAPACITY + 5]);
         assert!(console.tail_text().bytes().all(|b| b == b'b'));
+    }
+
+    fn shown(pieces: &[&[u8]]) -> String {
+        let mut terminal = TerminalText::default();
+        let mut out = Vec::new();
+        for piece in pieces {
+            terminal.show(piece, &mut out);
+        }
+        terminal.finish(&mut out);
+        String::from_utf8(out).expect("shown text is UTF-8")
+    }
+
+    #[test]
+    fn a_terminal_is_shown_control_characters_not_given_them() {
+        // A title change, a clear screen and a C1 CSI (U+009B), among kept text.
+        let guest = "ok\t1\r\n\x1b]0;pwned\x07\x1b[2J\u{9b}31m\x7f \u{e9}\u{1F600}\n";
+        assert_eq!(
+            shown(&[guest.as_bytes()]),
+            "ok\t1\r\n^[]0;pwned^G^[[2J\u{FFFD}31m^? \u{e9}\u{1F600}\n"
+        );
+        // Invalid UTF-8 is replaced, and an unfinished character at the end too.
+        assert_eq!(shown(&[b"a\xffb\xe2\x82"]), "a\u{FFFD}b\u{FFFD}");
+    }
+
+    #[test]
+    fn a_character_split_between_writes_is_shown_whole() {
+        let euro = "\u{20ac}".as_bytes();
+        assert_eq!(shown(&[&euro[..1], &euro[1..2], &euro[2..]]), "\u{20ac}");
+        // The same split, for C1 controls: hidden even when split.
+        let csi = "\u{9b}".as_bytes();
+        assert_eq!(shown(&[&csi[..1], &csi[1..]]), "\u{FFFD}");
+    }
+
+    /// A reader that reads nothing until let go, then everything.
+    struct StalledReader {
+        go: Arc<(Mutex<bool>, Condvar)>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for StalledReader {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (go, cv) = &*self.go;
+            drop(cv.wait_while(go.lock().unwrap(), |go| !*go).unwrap());
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_reader_that_stops_reading_does_not_stop_the_guest() {
+        let go = Arc::new((Mutex::new(false), Condvar::new()));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let reader = StalledReader {
+            go: go.clone(),
+            got: got.clone(),
+        };
+        let console = Console::with_echo(Some(Echo::start(Box::new(reader), false)));
+        // Twice what the queue holds, while nothing is read: every write returns.
+        let line = [b'x'; 4096];
+        let (done, writes_returned) = std::sync::mpsc::channel();
+        let guest = std::thread::spawn(move || {
+            for _ in 0..2 * ECHO_QUEUE_CAPACITY / line.len() {
+                console.write(&line);
+            }
+            console.write(b"last\n");
+            let _ = done.send(());
+            console
+        });
+        let returned = writes_returned.recv_timeout(std::time::Duration::from_secs(30));
+        *go.0.lock().unwrap() = true;
+        go.1.notify_all();
+        assert!(returned.is_ok(), "the guest's writes waited for the reader");
+        // Dropping the console writes out what is queued.
+        drop(guest.join().unwrap());
+        let got = String::from_utf8(got.lock().unwrap().clone()).unwrap();
+        let xs = got.bytes().take_while(|&b| b == b'x').count();
+        // What the writer had taken when it stalled (at most a queue), then a full queue.
+        assert!(
+            (ECHO_QUEUE_CAPACITY..=2 * ECHO_QUEUE_CAPACITY).contains(&xs),
+            "{xs} bytes echoed before the drop"
+        );
+        let dropped = 2 * ECHO_QUEUE_CAPACITY + 5 - xs;
+        assert!(
+            got.ends_with(&format!(
+                "\n[ferry: {dropped} bytes of the guest's console output were dropped here: this output was not read fast enough]\n"
+            )),
+            "{}",
+            &got[xs..]
+        );
     }
 
     #[test]
