@@ -43,11 +43,17 @@ const SAVED_MSRS: [u32; 12] = [
     0xc000_0103, // TSC_AUX
 ];
 
+/// DR7's local and global enables of the four breakpoints.
+const DR7_BREAKPOINTS_ENABLED: u64 = 0xff;
+/// DR7's general-detect bit: a debug exception on any access to the debug registers.
+const DR7_GENERAL_DETECT: u64 = 1 << 13;
+
 /// Checks that a saved vCPU state leaves the VMM's ring 0 as the VMM set it up: the same
 /// control registers, descriptor tables and task register as at entry, no way into
-/// ring 0 other than the VMM's fault stubs (SYSENTER off, as SYSCALL is by EFER), code
-/// at ring 3 but while in those stubs, and only the MSRs this VMM saves. A guest at
-/// ring 3 can change none of these, so a state that does was not saved by a VMM.
+/// ring 0 other than the VMM's fault stubs (SYSENTER off, as SYSCALL is by EFER; no
+/// debug breakpoints), code at ring 3 but while in those stubs, and only the MSRs this
+/// VMM saves. A guest at ring 3 can change none of these, so a state that does was not
+/// saved by a VMM.
 fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
     use crate::arch::tables::{KERNEL_CODE_SELECTOR, USER_CODE_SELECTOR};
     let s = &state.sregs;
@@ -87,6 +93,12 @@ fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
         (KERNEL_CODE_SELECTOR, 0) => in_stubs && s.ss.dpl == 0,
         _ => false,
     };
+    // Only ring 0 writes debug registers: an enabled breakpoint (or the trap on their
+    // access) was not set by a guest, and would stop ring 0 where the file says.
+    let dr7 = state.debug_regs.dr7;
+    if dr7 & (DR7_BREAKPOINTS_ENABLED | DR7_GENERAL_DETECT) != 0 {
+        return Err(format!("debug breakpoints are enabled (DR7 {dr7:#x})"));
+    }
     // System management mode runs its own code at ring 0's privilege.
     let smi = &state.vcpu_events.smi;
     if smi.smm != 0 || smi.pending != 0 {

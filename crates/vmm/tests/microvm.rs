@@ -378,6 +378,15 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     assert!(chain.contains("an LDT is loaded"), "{chain}");
     let chain = forged(&|v| v.vcpu_events.smi.smm = 1);
     assert!(chain.contains("system management mode"), "{chain}");
+    // A breakpoint enabled on ring 0's stubs (global enable of DR0), and the trap on
+    // debug register access.
+    for dr7 in [0x402, 0x2400] {
+        let chain = forged(&|v| {
+            v.debug_regs.db[0] = 0x4000;
+            v.debug_regs.dr7 = dr7;
+        });
+        assert!(chain.contains("debug breakpoints"), "{dr7:#x}: {chain}");
+    }
     // A VM whose guest has seen every feature of the extended leaf (AMD's XOP, FMA4 and
     // TBM with the others: no current CPU has them all): its guest could fault on one
     // here.
