@@ -149,7 +149,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", cmd::error_text(&format!("{e:#}")));
             ExitCode::from(EXIT_FERRY_ERROR)
         }
     }

@@ -340,7 +340,8 @@ fn client_console(client: &ApiClient, id: &str) -> anyhow::Result<String> {
 pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let say = |line: String| {
         if !args.json {
-            println!("{line}");
+            // Lines quote the guest's console (a model's answer).
+            println!("{}", super::guest_text(&line));
         }
     };
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the demo runs VMs on KVM: {e}"))?;

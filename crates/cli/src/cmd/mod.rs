@@ -19,9 +19,23 @@ pub mod shaped_link;
 pub mod tls;
 pub mod vm;
 
+use std::borrow::Cow;
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use ferry_vmm::devices::console::for_terminal;
 pub use ferry_vmm::devices::console::last_field;
+
+/// Text a guest made (its console, a model's answer), as stdout should be given it: on a
+/// terminal its control characters are shown, not obeyed.
+pub(crate) fn guest_text(text: &str) -> Cow<'_, str> {
+    for_terminal(text, std::io::stdout().is_terminal())
+}
+
+/// An error's text as stderr should be given it (it may quote a guest's output).
+pub(crate) fn error_text(text: &str) -> Cow<'_, str> {
+    for_terminal(text, std::io::stderr().is_terminal())
+}
 
 /// Calls `step` every 20 ms until it gives `Some` or an error; fails once `limit` has
 /// passed.

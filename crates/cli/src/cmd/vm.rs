@@ -218,7 +218,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&text)?);
             } else {
-                print!("{text}");
+                print!("{}", super::guest_text(&text));
             }
             return Ok(());
         }
@@ -275,7 +275,10 @@ fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
         }
         (VmCommand::Show { .. }, Answer::One(vm)) => {
             print_vm(vm);
-            println!("--- console (last lines) ---\n{}", vm.console_tail);
+            println!(
+                "--- console (last lines) ---\n{}",
+                super::guest_text(&vm.console_tail)
+            );
         }
         (_, Answer::One(vm)) => print_vm(vm),
         (_, Answer::Many(vms)) => vms.iter().for_each(print_vm),

@@ -244,6 +244,20 @@ fn write_echo(
     }
 }
 
+/// `text` (from a guest) as a terminal should be given it when `terminal`: its control
+/// characters shown, not obeyed (see [`TerminalText`]); as it is otherwise (a pipe, a
+/// file: the bytes are the guest's).
+pub fn for_terminal(text: &str, terminal: bool) -> std::borrow::Cow<'_, str> {
+    if !terminal {
+        return text.into();
+    }
+    let mut shown = Vec::with_capacity(text.len());
+    let mut filter = TerminalText::default();
+    filter.show(text.as_bytes(), &mut shown);
+    filter.finish(&mut shown);
+    String::from_utf8_lossy(&shown).into_owned().into()
+}
+
 /// Guest text made safe for a terminal: control characters other than newline, tab and
 /// carriage return are shown in caret notation (`^[` for escape), C1 controls and invalid
 /// UTF-8 as U+FFFD. A character split between two writes is kept whole.
@@ -324,6 +338,8 @@ mod tests {
         );
         // Invalid UTF-8 is replaced, and an unfinished character at the end too.
         assert_eq!(shown(&[b"a\xffb\xe2\x82"]), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(for_terminal(guest, true), shown(&[guest.as_bytes()]));
+        assert_eq!(for_terminal(guest, false), guest);
     }
 
     #[test]
