@@ -1,9 +1,9 @@
 //! The source side: handshake, pre-copy rounds, convergence with throttling, and the
 //! switchover. Any failure before the destination confirms resumes the VM here.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -67,19 +67,115 @@ fn worth_another_round(dirty_bytes: u64, rate: f64, dirty_rate: f64) -> bool {
 const SWITCHOVER_MARGIN: Duration = Duration::from_secs(1);
 
 /// Cancels a migration from another thread: it stops at its next step, up to the
-/// moment the destination is told to run the VM, and the VM runs on at the source.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+/// moment the destination is told to run the VM, and the VM runs on at the source. A
+/// handshake step waiting on the destination (connecting, authenticating, awaiting its
+/// answer) is woken at once: its socket is shut down.
+#[derive(Clone, Default)]
+pub struct CancelToken(Arc<Cancel>);
+
+/// What a [`CancelToken`]'s clones share.
+#[derive(Default)]
+struct Cancel {
+    cancelled: AtomicBool,
+    /// The sockets handshake steps now wait on. Set and read under this lock with the
+    /// flag, so a socket is either seen cancelled when watched or shut down by `cancel`.
+    waits: Mutex<Waits>,
+    /// Wakes a backoff between connection attempts.
+    woken: Condvar,
+}
+
+/// Watched sockets, each with the number its guard removes it by.
+#[derive(Default)]
+struct Waits {
+    next: u64,
+    sockets: Vec<(u64, TcpStream)>,
+}
+
+impl std::fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
 
 impl CancelToken {
     /// Asks the migration to stop.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        let waits = self.waits();
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        for (_, socket) in &waits.sockets {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        self.0.woken.notify_all();
     }
 
     /// Whether it was asked to stop.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
+        self.0.waits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `Err(Cancelled)` in `phase` once cancelled.
+    fn check(&self, phase: Phase) -> Result<(), MigrationError> {
+        if self.is_cancelled() {
+            return Err(MigrationError::Cancelled {
+                phase: phase.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Shuts `socket` down if cancelled while the guard lives, so a handshake step
+    /// blocked on it wakes; `Err(Cancelled)` if cancelled already.
+    fn watch(&self, socket: &TcpStream) -> Result<Watched<'_>, MigrationError> {
+        let socket = socket
+            .try_clone()
+            .map_err(MigrationError::io("watching for a cancel"))?;
+        let mut waits = self.waits();
+        self.check(Phase::Handshake)?;
+        let id = waits.next;
+        waits.next += 1;
+        waits.sockets.push((id, socket));
+        Ok(Watched { token: self, id })
+    }
+
+    /// Runs handshake step `step`, which blocks on `socket`, so that a cancel wakes it.
+    /// A cancelled step fails as cancelled: its error is the cut socket's, not a reason.
+    fn interruptible<T>(
+        &self,
+        socket: &TcpStream,
+        step: impl FnOnce() -> Result<T, MigrationError>,
+    ) -> Result<T, MigrationError> {
+        let watched = self.watch(socket)?;
+        let outcome = step();
+        drop(watched);
+        self.check(Phase::Handshake)?;
+        outcome
+    }
+
+    /// Sleeps for `time` or until cancelled.
+    fn sleep(&self, time: Duration) {
+        let waits = self.waits();
+        let _ = self
+            .0
+            .woken
+            .wait_timeout_while(waits, time, |_| !self.is_cancelled());
+    }
+}
+
+/// A socket a cancel shuts down, until this is dropped.
+struct Watched<'a> {
+    token: &'a CancelToken,
+    id: u64,
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        self.token.waits().sockets.retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -318,14 +414,22 @@ fn kept_error(kept: Option<std::io::Error>, next: std::io::Error) -> std::io::Er
     }
 }
 
-fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
+/// Connects to `addr`; a cancel cuts a connection attempt short.
+fn connect(
+    addr: &str,
+    timeout: Duration,
+    cancel: &CancelToken,
+) -> Result<TcpStream, MigrationError> {
     let err = |source| MigrationError::Connect {
         addr: addr.to_string(),
         source,
     };
     let mut last = None;
     for sock in addr.to_socket_addrs().map_err(err)? {
-        match TcpStream::connect_timeout(&sock, timeout) {
+        let attempt = connect_one(sock, timeout, cancel)?;
+        // An attempt a cancel cut short failed for that, whatever it says.
+        cancel.check(Phase::Handshake)?;
+        match attempt {
             Ok(stream) => {
                 stream.set_nodelay(true).map_err(err)?;
                 stream.set_read_timeout(Some(timeout)).map_err(err)?;
@@ -341,6 +445,30 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
     })))
 }
 
+/// One connection attempt to `sock`: the outer error ends the migration (cancelled
+/// before the attempt), the inner one is the attempt's. The socket is made first so a
+/// cancel can shut it down while it connects, which ends the connect at once on Linux
+/// (a cancel between `watch` and the connect call is seen only after it, within
+/// `timeout`).
+fn connect_one(
+    sock: SocketAddr,
+    timeout: Duration,
+    cancel: &CancelToken,
+) -> Result<std::io::Result<TcpStream>, MigrationError> {
+    let socket = match socket2::Socket::new(
+        socket2::Domain::for_address(sock),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    ) {
+        Ok(socket) => TcpStream::from(socket),
+        Err(e) => return Ok(Err(e)),
+    };
+    let _watched = cancel.watch(&socket)?;
+    Ok(socket2::SockRef::from(&socket)
+        .connect_timeout(&sock.into(), timeout)
+        .map(|()| socket))
+}
+
 /// One connection to the destination.
 type Conn = FrameStream<Link>;
 
@@ -354,26 +482,27 @@ const TLS_WRITE_BUFFER: usize = 1 << 20;
 const READ_BUFFER: usize = 8 << 10;
 
 /// Opens and authenticates a connection; returns it with a handle on its socket (to shut
-/// it down from another thread).
+/// it down from another thread). `cancel` ends it early, as [`MigrationError::Cancelled`].
 fn open_stream(
     addr: &str,
     secret: &Secret,
     role: StreamRole,
     options: &MigrationOptions,
+    cancel: &CancelToken,
 ) -> Result<(Conn, TcpStream), MigrationError> {
     // A destination with too many connections authenticating at once (a burst of data
     // streams, several migrations to it) says so at once: connect again, backing off.
     let mut wait = Duration::from_millis(10);
     for _ in 0..BUSY_RETRIES {
-        match open_stream_once(addr, secret, role, options) {
+        match open_stream_once(addr, secret, role, options, cancel) {
             Err(MigrationError::Busy(_)) => {
-                std::thread::sleep(wait);
+                cancel.sleep(wait);
                 wait = (wait * 2).min(Duration::from_millis(500));
             }
             other => return other,
         }
     }
-    open_stream_once(addr, secret, role, options)
+    open_stream_once(addr, secret, role, options, cancel)
 }
 
 /// Times a source connects again to a busy destination before it gives up (about 3 s of
@@ -385,8 +514,9 @@ fn open_stream_once(
     secret: &Secret,
     role: StreamRole,
     options: &MigrationOptions,
+    cancel: &CancelToken,
 ) -> Result<(Conn, TcpStream), MigrationError> {
-    let stream = connect(addr, options.io_timeout)?;
+    let stream = connect(addr, options.io_timeout, cancel)?;
     let socket = stream
         .try_clone()
         .map_err(MigrationError::io("opening a stream"))?;
@@ -398,7 +528,7 @@ fn open_stream_once(
         .try_clone()
         .and_then(|watched| Watchdog::arm(Instant::now() + options.io_timeout, vec![watched]))
         .map_err(MigrationError::io("opening a stream"))?;
-    let opened = (|| {
+    let opened = cancel.interruptible(&socket, || {
         let link = match &options.tls {
             None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
                 .map_err(MigrationError::io("opening a stream"))?,
@@ -418,8 +548,8 @@ fn open_stream_once(
             }
         })?;
         Ok(conn)
-    })();
-    if !watchdog.disarm() {
+    });
+    if !watchdog.disarm() && !cancel.is_cancelled() {
         return Err(MigrationError::TimedOut {
             phase: "the handshake".into(),
             what: format!("authenticating with {addr}"),
@@ -429,13 +559,21 @@ fn open_stream_once(
     Ok((opened?, socket))
 }
 
-/// Opens an authenticated control connection to the destination at `addr`.
+/// Opens an authenticated control connection to the destination at `addr` (not
+/// cancellable: settling a migration in doubt must not be cut short by its cancel).
 pub(crate) fn open_control(
     addr: &str,
     secret: &Secret,
     options: &MigrationOptions,
 ) -> Result<Conn, MigrationError> {
-    open_stream(addr, secret, StreamRole::Control, options).map(|(conn, _)| conn)
+    open_stream(
+        addr,
+        secret,
+        StreamRole::Control,
+        options,
+        &CancelToken::default(),
+    )
+    .map(|(conn, _)| conn)
 }
 
 /// A piece of an attached file to send.
@@ -936,12 +1074,7 @@ impl Session<'_> {
     }
 
     fn cancelled(&self) -> Result<(), MigrationError> {
-        if self.options.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled {
-                phase: self.phase.to_string(),
-            });
-        }
-        Ok(())
+        self.options.cancel.check(self.phase)
     }
 
     /// Rounds sent so far.
@@ -1236,26 +1369,31 @@ pub fn migrate_vm(
     // the VM from it, not from the changed file the VM runs with here.
     source.check_files().map_err(MigrationError::Source)?;
     let started = Instant::now();
-    let (mut control, control_socket) = open_stream(addr, secret, StreamRole::Control, options)
-        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
+    // The handshake's waits on the destination (which may take minutes to check large
+    // files) end at once on a cancel; nothing is paused or tracked yet to undo.
+    let cancel = &options.cancel;
+    let (mut control, control_socket) =
+        open_stream(addr, secret, StreamRole::Control, options, cancel)
+            .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     let vm = source.describe();
     let ram_pages = vm.ram_size / PAGE_SIZE;
     let file_sizes: Vec<u64> = vm.files.iter().map(|f| f.size).collect();
-    control
-        .send(&Message::Offer {
-            vm,
-            streams: options.streams,
-            transfer: options.mode,
-            files: options.files,
-            device: options.device,
-        })
-        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     // The destination checks the files it has before it answers.
     let checking = file_check_time(file_sizes.iter().sum());
-    let answer = with_patience(&control_socket, options.io_timeout, checking, || {
-        control.expect_control("the destination's answer")
-    })
-    .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
+    let answer = cancel
+        .interruptible(&control_socket, || {
+            control.send(&Message::Offer {
+                vm,
+                streams: options.streams,
+                transfer: options.mode,
+                files: options.files,
+                device: options.device,
+            })?;
+            with_patience(&control_socket, options.io_timeout, checking, || {
+                control.expect_control("the destination's answer")
+            })
+        })
+        .map_err(|e| in_phase(e, Phase::Handshake, options.io_timeout))?;
     let (session, send_files, replay_agreed) = match answer {
         Message::Accept {
             session,
@@ -1290,7 +1428,8 @@ pub fn migrate_vm(
         let opening: Vec<_> = (0..options.streams)
             .map(|index| {
                 scope.spawn(move || {
-                    open_stream(addr, secret, StreamRole::Data { session, index }, options)
+                    let role = StreamRole::Data { session, index };
+                    open_stream(addr, secret, role, options, cancel)
                 })
             })
             .collect();

@@ -2199,6 +2199,107 @@ fn a_cancelled_migration_stops_before_go_and_the_vm_runs_on() {
     dest.assert_alive();
 }
 
+/// Where a destination leaves a source's handshake waiting.
+#[derive(Debug, Clone, Copy)]
+enum Stall {
+    /// Its listen queue is full: the source's connect hangs.
+    Connect,
+    /// It accepts the control connection and never says a word.
+    Authentication,
+    /// It reads the offer and never answers (as while it hashes large files).
+    Answer,
+    /// It accepts the offer and never authenticates the data streams.
+    DataStreams,
+}
+
+/// A destination that stalls the handshake at `stall` until the source goes; returns its
+/// address and what must live as long as the test (a listener, a thread that ends when
+/// the source has closed its connections).
+fn stalling_destination(stall: Stall) -> (String, Box<dyn std::any::Any>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    if let Stall::Connect = stall {
+        // A backlog of 0 queues one connection; the kernel drops SYNs beyond it.
+        socket2::SockRef::from(&listener).listen(0).unwrap();
+        let filler = TcpStream::connect(&addr).unwrap();
+        return (addr, Box::new((listener, filler)));
+    }
+    let handle = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut watched = s.try_clone().unwrap();
+        // Errors end the stall early (the source cancelled sooner than it): the test's
+        // checks say whether that is wrong.
+        let control = (!matches!(stall, Stall::Authentication)).then(|| {
+            let mut control = FrameStream::new(s, false);
+            if authenticate_stream_listener(&mut control, &secret()).is_ok() {
+                let offer = control.expect_control("offer");
+                if let (Ok(_), Stall::DataStreams) = (offer, stall) {
+                    // The data streams connect (the listen queue takes them) and wait for
+                    // an authentication that never comes.
+                    let _ = control.send(&Message::Accept {
+                        session: 5,
+                        send_files: Vec::new(),
+                        replay: false,
+                    });
+                }
+            }
+            control
+        });
+        // Until the source closes the control connection.
+        let _ = watched.read_to_end(&mut Vec::new());
+        drop((control, listener));
+    });
+    (addr, Box::new(handle))
+}
+
+#[test]
+fn a_cancel_during_the_handshake_ends_its_waits_at_once_and_the_vm_runs_on() {
+    for stall in [
+        Stall::Connect,
+        Stall::Authentication,
+        Stall::Answer,
+        Stall::DataStreams,
+    ] {
+        let (addr, destination) = stalling_destination(stall);
+        let source = FakeSource::new("cancelled-early", 2, 44);
+        // Every wait would last this long without the cancel.
+        let opts = MigrationOptions {
+            io_timeout: Duration::from_secs(30),
+            streams: 2,
+            ..options(Mode::Live)
+        };
+        let cancel = opts.cancel.clone();
+        let started = Instant::now();
+        let migration = {
+            let source = source.clone();
+            std::thread::spawn(move || {
+                let result = migrate_vm(&*source, &addr, &secret(), &opts, &mut |_| {});
+                (result, started.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        cancel.cancel();
+        let (result, took) = migration.join().unwrap();
+        eprintln!("{stall:?}: {took:?}");
+        match result {
+            Err(MigrationError::Cancelled { phase }) => {
+                assert_eq!(phase, "the handshake", "{stall:?}")
+            }
+            other => panic!("{stall:?}: expected Cancelled, got {other:?} after {took:?}"),
+        }
+        assert!(
+            took < Duration::from_secs(3),
+            "{stall:?}: cancelled after {took:?}"
+        );
+        assert_eq!(source.pauses.load(Ordering::SeqCst), 0, "{stall:?}");
+        assert_running_again(&source);
+        if let Ok(handle) = destination.downcast::<JoinHandle<()>>() {
+            handle.join().unwrap();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Convergence.
 // ---------------------------------------------------------------------------------------
