@@ -1169,7 +1169,7 @@ impl ferry_migrate::TargetFactory for Receiver {
         VmTarget::prepare(
             vm,
             self.host.vm_host_options(),
-            FileStore::new(self.host.config.file_store.clone()),
+            FileStore::of_host(&self.host),
             reservation,
         )
     }

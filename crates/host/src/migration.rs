@@ -20,7 +20,7 @@ use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
 use crate::capacity::Reservation;
-use crate::files::{FileStore, IncomingFile};
+use crate::files::{FileStore, IncomingFile, ReceivedFile};
 use crate::hosted::{HostedVm, MemoryLoan};
 
 /// Keys of [`VmDescription::extra`].
@@ -341,6 +341,9 @@ pub struct VmTarget {
     store: FileStore,
     /// By offer index.
     files: Mutex<Vec<FileSlot>>,
+    /// The received files, moved into the store once the VM is adopted; deleted with
+    /// the target if the migration fails.
+    received: Mutex<Vec<ReceivedFile>>,
     /// This host's capacity for the VM, held from the offer's acceptance: given back if
     /// the target is dropped, handed on to the VM once it runs.
     reservation: Mutex<Option<Reservation>>,
@@ -377,6 +380,7 @@ impl VmTarget {
             vm: FillingVm::new(incoming),
             store,
             files: Mutex::new(files),
+            received: Mutex::default(),
             reservation: Mutex::new(Some(reservation)),
         })
     }
@@ -398,10 +402,21 @@ impl VmTarget {
         AttachedFiles::new(files).ok()
     }
 
-    /// The restored VM (after [`MigrationTarget::resume`]) and its reservation.
+    /// The restored VM (after [`MigrationTarget::resume`]) and its reservation; the
+    /// files received with it go into the store.
     pub fn take_vm(&self) -> Option<(Microvm, Reservation)> {
         let vm = self.vm.take_vm()?;
         let reservation = self.reservation.lock().expect("target lock").take()?;
+        let received = std::mem::take(&mut *self.received.lock().expect("target lock"));
+        for file in received {
+            // The VM has the file open: it runs on without it in the store.
+            if let Err(e) = file.keep() {
+                tracing::warn!(
+                    "a received file is not kept: {}",
+                    ferry_migrate::error_chain(&e)
+                );
+            }
+        }
         Some((vm, reservation))
     }
 
@@ -493,11 +508,12 @@ impl MigrationTarget for VmTarget {
             let incoming = Arc::try_unwrap(incoming).map_err(|_| {
                 VmError::FilesReceived(format!("attached file {i} is still being written").into())
             })?;
-            let kept = self
+            let received = self
                 .store
                 .finish(incoming)
                 .map_err(|e| VmError::FilesReceived(e.into()))?;
-            self.slots()[i] = FileSlot::Received(kept);
+            self.slots()[i] = FileSlot::Received(received.file().clone());
+            self.received.lock().expect("target lock").push(received);
         }
         Ok(())
     }
