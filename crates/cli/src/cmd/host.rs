@@ -155,8 +155,10 @@ pub struct ServeArgs {
     /// A directory whose files `vm create --attach` may give VMs (repeat for more; e.g.
     /// where the models and datasets are). Without one, no file can be attached by path
     /// through the API: a guest reads what is attached, so any token could otherwise read
-    /// every file this daemon can (the cluster secret included). Files that arrive with
-    /// migrated VMs are checked by their hash instead.
+    /// every file this daemon can (the cluster secret included). An incoming migration
+    /// looks here too (besides the file store and this host's VMs' files) for a copy of
+    /// a file its VM has, at the source's path: found, it is not sent, once its hash
+    /// matches.
     #[arg(long = "attach-dir", value_name = "DIR")]
     pub attach_dirs: Vec<PathBuf>,
     /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
