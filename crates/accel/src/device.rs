@@ -4,6 +4,9 @@
 //! and completes them in guest memory. Pausing stops the device at a command boundary
 //! (the command in progress finishes), which is what makes its state consistent for a
 //! snapshot or a migration: buffers, ring position, fence value, nothing half done.
+//! Ending it ([`Accelerator::abort`], or dropping it) does not wait for the kernel in
+//! flight where the backend can cut it short: the device of a VM being ended need not
+//! finish minutes of work no one will read.
 //!
 //! Every command is validated before it touches anything (ids, ranges, shapes,
 //! capacity, guest addresses); a bad one completes with an error status and the device
@@ -21,7 +24,9 @@ use ferry_abi::IMAGE_BASE;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::backend::{Backend, BackendError, BufferId, BufferReader, DeviceLoop, HostThreads};
+use crate::backend::{
+    AbortSwitch, Backend, BackendError, BufferId, BufferReader, DeviceLoop, HostThreads,
+};
 use crate::dirty::{chunk_count, ChunkId, DirtyChunks, CHUNK_SIZE};
 use crate::files::FileSource;
 use crate::kernel::Kernel;
@@ -317,16 +322,27 @@ fn check_compatible(state: &AccelState, backend: &dyn Backend) -> Result<(), Acc
 /// backend may run kernels only on the thread it started the device loop on.
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
 
+/// Where the device thread is in its life.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// Running commands, or paused between two.
+    #[default]
+    Live,
+    /// Being ended (dropped, aborted): it leaves at the next command boundary, taking no
+    /// other command or job.
+    Ending,
+    /// The device thread is gone (ended, or it panicked): nothing will clear `busy` or
+    /// run a job again, so no one may wait for that.
+    Gone,
+}
+
 /// Hand-shake between the device thread, the vCPU (doorbell, wait) and the VMM (pause).
 #[derive(Default)]
 struct Control {
     doorbell: bool,
     pause_requested: bool,
     busy: bool,
-    stop: bool,
-    /// The device thread is gone (stopped, or it panicked): nothing will clear `busy` or
-    /// run a job again, so no one may wait for that.
-    dead: bool,
+    life: Life,
     job: Option<Job>,
 }
 
@@ -445,6 +461,9 @@ pub struct Accelerator {
     backend_kind: &'static str,
     /// The host threads its kernels run on (read without waiting for the device).
     host_threads: HostThreads,
+    /// Cuts its backend's kernel in flight short as it is ended, if the backend can
+    /// (taken without the core lock, which that kernel holds).
+    abort_switch: Option<AbortSwitch>,
 }
 
 fn buffer_id(arg: u64) -> Option<BufferId> {
@@ -453,7 +472,10 @@ fn buffer_id(arg: u64) -> Option<BufferId> {
 
 fn backend_status(e: &BackendError) -> u32 {
     match e {
-        BackendError::Alloc { .. } | BackendError::Device(_) => status::DEVICE_ERROR,
+        // Aborted: the host ended the device, whatever the arguments (and no one reads it).
+        BackendError::Alloc { .. } | BackendError::Device(_) | BackendError::Aborted => {
+            status::DEVICE_ERROR
+        }
         BackendError::BadData(_) => status::BAD_ARGUMENT,
     }
 }
@@ -903,7 +925,7 @@ fn device_thread(shared: Arc<Shared>) {
     }
     let job = {
         let mut control = relock(&shared.control);
-        control.dead = true;
+        control.life = Life::Gone;
         control.busy = false;
         control.job.take()
     };
@@ -920,7 +942,7 @@ fn device_died(shared: &Shared) {
     // Under the core lock, as a capture starts: one started after this finds the device
     // dead, one started before is failed here.
     let core = relock(&shared.core);
-    relock(&shared.control).dead = true;
+    relock(&shared.control).life = Life::Gone;
     // The command cut short may have written any of its buffers, unmarked: all are.
     let whole: Vec<_> = lock_map(&core.map)
         .sizes
@@ -941,10 +963,10 @@ fn run_device(shared: &Shared) {
             let mut control = shared
                 .wake
                 .wait_while(control, |c| {
-                    !c.stop && c.job.is_none() && (c.pause_requested || !c.doorbell)
+                    c.life == Life::Live && c.job.is_none() && (c.pause_requested || !c.doorbell)
                 })
                 .unwrap_or_else(PoisonError::into_inner);
-            if control.stop {
+            if control.life != Life::Live {
                 return;
             }
             if let Some(job) = control.job.take() {
@@ -960,9 +982,12 @@ fn run_device(shared: &Shared) {
         }
         let started = Instant::now();
         loop {
-            if relock(&shared.control).pause_requested {
+            // A device being ended runs nothing more: the VM is going away.
+            let control = relock(&shared.control);
+            if control.pause_requested || control.life != Life::Live {
                 break;
             }
+            drop(control);
             // No wake-up per command: waiters only care about `busy`, notified below.
             let progressed = relock(&shared.core).step();
             if !progressed {
@@ -980,6 +1005,7 @@ impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
         let backend_kind = core.backend.kind();
         let host_threads = core.backend.host_threads();
+        let abort_switch = core.backend.abort_switch();
         let tracker = DeviceTracker {
             reader: core.backend.reader(),
             map: core.map.clone(),
@@ -1006,6 +1032,7 @@ impl Accelerator {
             thread: Some(thread),
             backend_kind,
             host_threads,
+            abort_switch,
         })
     }
 
@@ -1097,21 +1124,50 @@ impl Accelerator {
             .shared
             .progress
             .wait_timeout_while(control, timeout, |c| {
-                !c.dead && (c.busy || (c.doorbell && !c.pause_requested))
+                c.life != Life::Gone && (c.busy || (c.doorbell && !c.pause_requested))
             });
         drop(waited);
     }
 
-    /// Whether the device thread is gone (it panicked: a failed GPU copy, a bug): the
-    /// device runs no more commands, and its pause returns at once.
+    /// Whether the device thread is gone (it panicked: a failed GPU copy, a bug; or it was
+    /// ended: [`Self::abort`]): the device runs no more commands, and its pause returns at
+    /// once.
     pub fn is_dead(&self) -> bool {
-        self.control().dead
+        self.control().life == Life::Gone
     }
 
     /// Asks the device to stop at its next command boundary, without waiting; a waiting
     /// vCPU is let go once the command in flight ends. [`Accelerator::pause`] waits.
     pub fn request_pause(&self) {
         self.control().pause_requested = true;
+    }
+
+    /// Ends the device for good, without waiting for the command in flight where the
+    /// backend can cut its kernel short (the cpu backend's, within one parallel task; a
+    /// GPU's runs to its end, as for a pause): that command fails with `DEVICE_ERROR`,
+    /// its writes marked, and the device thread stops; returns once it has.
+    ///
+    /// Only for a device whose VM is being ended (stopped, its guest ended, dropped): the
+    /// command cut short leaves device memory half written, which no VM may run on from,
+    /// and the device runs nothing more. A pause that the VM outlives (a migration, a
+    /// snapshot, a throttle) uses [`Self::pause`], which waits.
+    pub fn abort(&self) {
+        let mut control = self.control();
+        if control.life == Life::Live {
+            control.life = Life::Ending;
+        }
+        // Pulled under the control lock after `Ending`: the command it cuts short is the
+        // last the device thread runs (it takes the lock before the next).
+        if let Some(switch) = &self.abort_switch {
+            switch.pull();
+        }
+        self.shared.wake.notify_all();
+        drop(
+            self.shared
+                .progress
+                .wait_while(control, |c| c.life != Life::Gone)
+                .unwrap_or_else(PoisonError::into_inner),
+        );
     }
 
     /// Stops the device at a command boundary and waits until it has (at once if the
@@ -1322,10 +1378,10 @@ fn on_device<R: Send + 'static>(
     let mut control = shared
         .progress
         .wait_while(relock(&shared.control), |c| {
-            c.job.is_some() && !c.dead && !c.stop
+            c.job.is_some() && c.life == Life::Live
         })
         .unwrap_or_else(PoisonError::into_inner);
-    if control.dead || control.stop {
+    if control.life != Life::Live {
         return Err(DeviceGone);
     }
     control.job = Some(job);
@@ -1405,8 +1461,9 @@ impl DeviceReplay {
         }
         drop(map);
         let mut capture = Capture::new(limits, chunks, zeros);
-        if relock(&self.shared.control).dead {
-            // Its memory may hold part of a command that is in no log.
+        if relock(&self.shared.control).life != Life::Live {
+            // Its memory may hold part of a command that is in no log (one that panicked,
+            // or was cut short as the device is ended).
             capture.fail(CaptureError::DeviceGone);
         }
         *lock_capture(&core.capture) = Some(capture);
@@ -1510,7 +1567,8 @@ impl DeviceReplay {
     /// nothing stands in for a CRC not computed, which could agree with the other side's.
     pub fn digest(&self) -> Result<DeviceDigest, DigestError> {
         let _boundary = relock(&self.shared.core);
-        if relock(&self.shared.control).dead {
+        // Ending too: the command cut short may have written part of its outputs.
+        if relock(&self.shared.control).life != Life::Live {
             return Err(DigestError::DeviceGone);
         }
         let (table, cached) = {
@@ -1567,8 +1625,8 @@ fn chunk_range(bytes: u64, index: u64) -> Option<Range<u64>> {
 
 impl Drop for Accelerator {
     fn drop(&mut self) {
-        self.control().stop = true;
-        self.shared.wake.notify_all();
+        // Its VM is gone or going: a kernel in flight has no one to read it.
+        self.abort();
         if let Some(thread) = self.thread.take() {
             thread.join();
         }

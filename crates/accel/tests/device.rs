@@ -2,7 +2,7 @@
 //! these run on every machine: command semantics, hostile input, dirty chunks, state.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
@@ -1272,4 +1272,104 @@ fn a_base_chunk_read_waiting_for_a_kernel_does_not_hold_up_other_base_reads() {
     assert!(g.accel.read_chunk(last, &mut now).is_some());
     assert_eq!(&now[..64], &[9; 64]);
     g.accel.replayer().stop_capture();
+}
+
+/// Buffers 1 to 3 for [`long_attention`]: queries and output of 7680 heads of 64, and a
+/// cache of 2^17 positions (keys and values both), 34 MiB in all.
+fn alloc_long_attention(g: &mut FakeGuest) {
+    for (id, bytes) in [
+        (1, 7680 * 64 * 4),
+        (2, (1 << 17) * 64 * 4),
+        (3, 7680 * 64 * 4),
+    ] {
+        assert_eq!(g.run(op::ALLOC, &[id, bytes]), status::OK);
+    }
+}
+
+/// An ATTENTION just under `MAX_LAUNCH_WORK`: one query row of 7680 heads over 2^17
+/// positions, 10^9 scores, on [`alloc_long_attention`]'s buffers. On one thread it took
+/// 99 s where this was written (10 M scores/s); each head, a task, takes about 13 ms.
+fn long_attention() -> [u64; 10] {
+    [kernel::ATTENTION, 1, 2, 2, 3, 1, 7680, 1, 64, (1 << 17) - 1]
+}
+
+#[test]
+fn an_abort_ends_the_device_without_waiting_for_a_kernel_of_minutes() {
+    use ferry_accel::replay::{CaptureError, CaptureLimits, DigestError};
+    for how in ["abort", "drop"] {
+        let mut g = FakeGuest::new(1);
+        alloc_long_attention(&mut g);
+        g.accel.start_dirty_tracking();
+        let replayer = g.accel.replayer();
+        replayer.start_capture(CaptureLimits::default(), None);
+        let launch = g.submit(op::LAUNCH, &long_attention());
+        // Queued behind it: never runs, the device being ended.
+        g.submit(op::FENCE, &[7]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(g.tail() <= launch, "the kernel is still running");
+        let g = Arc::new(Mutex::new(Some(g)));
+        let ending = g.clone();
+        let started = Instant::now();
+        let took = within(Duration::from_secs(20), move || {
+            let mut g = ending.lock().unwrap();
+            match how {
+                "abort" => g.as_ref().unwrap().accel.abort(),
+                _ => drop(g.take()),
+            }
+            started.elapsed()
+        });
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(2)),
+            "{how}: the device ended after {took:?} (the kernel alone takes about 99 s)"
+        );
+        eprintln!(
+            "{how}: the device ended {:?} after it was asked to",
+            took.unwrap_or_default()
+        );
+        let Some(g) = g.lock().unwrap().take() else {
+            continue;
+        };
+        assert!(g.accel.is_dead());
+        // The command cut short failed, its output marked written (a migration of the
+        // dead device would send it); the one queued behind it did not run.
+        assert_eq!(g.tail(), launch + 1);
+        assert_eq!(g.status(launch), status::DEVICE_ERROR);
+        let dirty = g.accel.take_dirty_chunks();
+        assert!(dirty.iter().any(|c| c.buffer == 3), "{dirty:?}");
+        assert!(dirty.iter().all(|c| c.buffer == 3), "{dirty:?}");
+        // A migration learns it from the capture and the digest.
+        assert_eq!(
+            replayer.take_log(),
+            Err(CaptureError::Unreplayable { opcode: op::LAUNCH })
+        );
+        assert_eq!(g.accel.digest(), Err(DigestError::DeviceGone));
+        // A pause and a vCPU's wait return at once.
+        g.accel.pause();
+        let waited = Instant::now();
+        g.accel.wait_idle(Duration::from_secs(10));
+        assert!(waited.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_pause_still_waits_for_the_kernel_and_a_backend_that_cannot_abort_finishes_it() {
+    // A pause (a migration's, a snapshot's) waits for the kernel: its result is the VM's.
+    let mut g = FakeGuest::new(1);
+    let n = g.alloc_long_matmul();
+    let launch = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.tail() <= launch, "the matmul is still running");
+    g.accel.pause();
+    assert_eq!(g.tail(), launch + 1);
+    assert_eq!(g.status(launch), status::OK);
+    // A backend without a switch (a GPU's) is ended once its kernel is done.
+    let mut g = FakeGuest::on(Faulty::boxed(&Faults::default(), true), no_files());
+    let n = g.alloc_long_matmul();
+    let launch = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.tail() <= launch, "the matmul is still running");
+    g.accel.abort();
+    assert!(g.accel.is_dead());
+    assert_eq!(g.tail(), launch + 1);
+    assert_eq!(g.status(launch), status::OK);
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{
-    lookup_dtype, read_lock, write_lock, Backend, BackendError, BufferId, BufferReader,
-    BufferTable, DeviceLoop, HostThreads, IndexCheck,
+    lookup_dtype, read_lock, write_lock, AbortSwitch, Backend, BackendError, BufferId,
+    BufferReader, BufferTable, DeviceLoop, HostThreads, IndexCheck,
 };
 use crate::kernel::{DType, Kernel};
 use memory::DeviceBuffer;
@@ -33,10 +33,45 @@ compile_error!(
     "the cpu backend stores device memory in host byte order, which must be little-endian"
 );
 
+/// Where a kernel's parallel tasks run: the kernel threads, and the switch that cuts
+/// the kernel short (each task checks it before it starts, so a kernel of minutes ends
+/// within a task of the pull).
+pub(crate) struct Workers {
+    threads: ThreadPool,
+    abort: AbortSwitch,
+}
+
+impl Workers {
+    /// `threads` (the same bits whatever their number) with a switch of their own.
+    pub fn new(threads: ThreadPool) -> Self {
+        Self {
+            threads,
+            abort: AbortSwitch::default(),
+        }
+    }
+
+    /// Runs `op` on the kernel threads (see [`ThreadPool::install`]).
+    pub fn install<R: Send>(&self, op: impl FnOnce() -> R + Send) -> R {
+        self.threads.install(op)
+    }
+
+    /// `task`, but doing nothing once the switch is pulled: a parallel loop's body.
+    pub fn task<'a, T>(
+        &'a self,
+        task: impl Fn(T) + Sync + Send + 'a,
+    ) -> impl Fn(T) + Sync + Send + 'a {
+        move |t| {
+            if !self.abort.is_pulled() {
+                task(t);
+            }
+        }
+    }
+}
+
 /// Device memory and kernels in host RAM.
 pub struct CpuBackend {
     /// The kernel threads; one of them also runs the device's command loop.
-    pool: Arc<ThreadPool>,
+    pool: Arc<Workers>,
     /// The pool's threads, as they start.
     threads: HostThreads,
     memory: DeviceMemory,
@@ -46,7 +81,7 @@ pub struct CpuBackend {
 impl core::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("CpuBackend")
-            .field("threads", &self.pool.current_num_threads())
+            .field("threads", &self.pool.threads.current_num_threads())
             .field("buffers", &self.buffers.read().len())
             .finish()
     }
@@ -106,7 +141,7 @@ impl CpuBackend {
             .build()
             .expect("cannot start the accelerator's kernel threads");
         CpuBackend {
-            pool: Arc::new(pool),
+            pool: Arc::new(Workers::new(pool)),
             threads: started,
             memory,
             buffers: Arc::default(),
@@ -120,7 +155,7 @@ impl CpuBackend {
         &mut self,
         kernel: &Kernel,
         outputs: [BufferId; N],
-        f: impl FnOnce(&ThreadPool, &Inputs<'_>, [&mut [f32]; N]),
+        f: impl FnOnce(&Workers, &Inputs<'_>, [&mut [f32]; N]),
     ) {
         // Only this thread changes the table, so holding it for reading blocks nobody.
         let table = self.buffers.read();
@@ -201,13 +236,17 @@ impl Backend for CpuBackend {
         self.threads.clone()
     }
 
+    fn abort_switch(&self) -> Option<AbortSwitch> {
+        Some(self.pool.abort.clone())
+    }
+
     /// Runs the device's loop on one of the kernel threads: a kernel's parallel work
     /// then starts on the thread that launches it, which takes part in it, instead of
     /// waking the pool's threads and sleeping until they finish (on few cores the
     /// hand-offs cost as much as small kernels).
     fn spawn_device_loop(&self, run: Box<dyn FnOnce() + Send>) -> std::io::Result<DeviceLoop> {
         let (done, ended) = std::sync::mpsc::channel::<()>();
-        self.pool.spawn(move || {
+        self.pool.threads.spawn(move || {
             let _done = done;
             // A panic in a spawned job would abort the process: keep it to this device.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
@@ -218,6 +257,7 @@ impl Backend for CpuBackend {
     }
 
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
+        self.aborted()?;
         // What only the data can say, checked before anything is written.
         if let Some(check) = IndexCheck::of(kernel) {
             check.check(bytemuck::cast_slice(&read_lock(
@@ -225,11 +265,20 @@ impl Backend for CpuBackend {
             )))?;
         }
         self.run(kernel);
-        Ok(())
+        // Pulled meanwhile, tasks may have been skipped: the outputs are partly written.
+        self.aborted()
     }
 }
 
 impl CpuBackend {
+    /// [`BackendError::Aborted`] once the switch is pulled.
+    fn aborted(&self) -> Result<(), BackendError> {
+        match self.pool.abort.is_pulled() {
+            true => Err(BackendError::Aborted),
+            false => Ok(()),
+        }
+    }
+
     /// Runs `f` on `len` bytes of buffer `id` from byte `offset` (validated by the
     /// device), under the buffer's write lock.
     fn with_bytes_mut<R>(
@@ -588,7 +637,7 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     let a = read_lock(&backend.buffers.expect(1)).to_vec();
     let b = read_lock(&backend.buffers.expect(2)).to_vec();
     let mut c = vec![0.0f32; n * n];
-    let pool = &backend.pool;
+    let pool = &backend.pool.threads;
     let direct_time = best_time(budget, || {
         gemm::direct(pool, threads, &a, &b, &mut c, (n, n, n))
     });

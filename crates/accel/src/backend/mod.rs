@@ -7,6 +7,7 @@ pub mod cuda;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::kernel::{DType, Kernel};
@@ -30,6 +31,30 @@ pub enum BackendError {
     /// The device (a GPU or its driver) failed.
     #[error("device failure: {0}")]
     Device(String),
+    /// The device is being ended ([`AbortSwitch`]): the kernel was cut short, its outputs
+    /// partly written.
+    #[error("kernel abandoned: the device is being ended")]
+    Aborted,
+}
+
+/// Cuts a backend's kernels short, for a device being ended (a VM stopped or dropped),
+/// which need not wait minutes for a result no one will read. Pulled once and for good:
+/// every kernel from then on stops early, so a device that is paused and then run on
+/// must never have it pulled.
+#[derive(Debug, Clone, Default)]
+pub struct AbortSwitch(Arc<AtomicBool>);
+
+impl AbortSwitch {
+    /// Pulls it: kernels in flight stop at their next task, later ones at once.
+    pub fn pull(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it was pulled (a load per parallel task: cheap next to the task).
+    #[inline]
+    pub fn is_pulled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// A kernel's condition on its data that only the data can show (the device validates
@@ -176,6 +201,12 @@ pub trait Backend: Send {
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError>;
     /// A reader of this backend's buffers for other threads.
     fn reader(&self) -> Arc<dyn BufferReader>;
+    /// The switch that cuts its kernels short (see [`AbortSwitch`]), if it has one; by
+    /// default none: its kernels run to their end (a GPU's, which a device being ended
+    /// waits for, as a pause does).
+    fn abort_switch(&self) -> Option<AbortSwitch> {
+        None
+    }
     /// The host threads that run this backend's kernels, for the host to lift while it
     /// waits on them (none by default: a GPU's kernels do not need host threads).
     fn host_threads(&self) -> HostThreads {

@@ -21,6 +21,8 @@
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
+use super::Workers;
+
 /// Largest tile: up to 512 rows share each packed panel of `b` and 1024 columns
 /// (`matrixmultiply`'s `NC`) each packed block of `a`; smaller tiles repack more.
 const MAX_TILE: (usize, usize) = (512, 1024);
@@ -101,12 +103,12 @@ unsafe impl Send for TilePtr {}
 unsafe impl Sync for TilePtr {}
 
 impl Gemm {
-    /// `c = op(a)·op(b)` (or `+=`), on `pool`.
+    /// `c = op(a)·op(b)` (or `+=`), on `pool`; tiles are skipped once its switch is pulled.
     ///
     /// # Panics
     ///
     /// If a buffer is smaller than the shape needs (the device validated it before).
-    pub fn run(&self, pool: &ThreadPool, a: &[f32], b: &[f32], c: &mut [f32]) {
+    pub fn run(&self, pool: &Workers, a: &[f32], b: &[f32], c: &mut [f32]) {
         let Gemm { m, n, k, .. } = *self;
         let (mk, kn, mn) = (m.checked_mul(k), k.checked_mul(n), m.checked_mul(n));
         assert!(
@@ -126,7 +128,8 @@ impl Gemm {
         if tiles == 1 {
             tile(0);
         } else {
-            pool.install(|| (0..tiles).into_par_iter().for_each(tile));
+            // A tile is the smallest piece a kernel cut short skips (see `Workers::task`).
+            pool.install(|| (0..tiles).into_par_iter().for_each(pool.task(tile)));
         }
     }
 

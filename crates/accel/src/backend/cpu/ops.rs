@@ -6,13 +6,16 @@
 //! chunks, the CROSS_ENTROPY mean) combine per-block results in block order. Thread count
 //! and scheduling only decide which thread runs a block. Reductions accumulate in f64;
 //! transcendental functions come from [`ferry_abi::accel::math`].
+//!
+//! Every parallel task goes through [`Workers::task`], which skips it once the device is
+//! being ended: a kernel cut short leaves its outputs partly written, which only a device
+//! being ended allows. Work done alone on the calling thread is small and runs whole.
 
 use rayon::prelude::*;
-use rayon::ThreadPool;
 
 use ferry_abi::accel::math;
 
-use super::quant;
+use super::{quant, Workers};
 use crate::kernel::{DType, Distribution, RopeStyle};
 
 /// Elements per parallel task for elementwise kernels.
@@ -29,7 +32,7 @@ const SUM_COL_BLOCK: usize = 1024;
 
 /// Runs `f(first_element, block)` over fixed blocks of `block` elements of `out`.
 fn blocks<T: Send>(
-    pool: &ThreadPool,
+    pool: &Workers,
     out: &mut [T],
     block: usize,
     f: impl Fn(usize, &mut [T]) + Sync,
@@ -41,19 +44,14 @@ fn blocks<T: Send>(
         pool.install(|| {
             out.par_chunks_mut(block)
                 .enumerate()
-                .for_each(|(i, b)| f(i * block, b))
+                .for_each(pool.task(|(i, b)| f(i * block, b)))
         });
     }
 }
 
 /// Runs `f(row_index, row)` over the rows of width `cols` of `out`, in blocks of rows
 /// of about [`BLOCK`] elements.
-fn rows<T: Send>(
-    pool: &ThreadPool,
-    out: &mut [T],
-    cols: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
+fn rows<T: Send>(pool: &Workers, out: &mut [T], cols: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let per = (BLOCK / cols.max(1)).max(1);
     blocks(pool, out, per * cols, |start, block| {
         for (i, row) in block.chunks_mut(cols).enumerate() {
@@ -63,9 +61,10 @@ fn rows<T: Send>(
 }
 
 /// Runs `head(i, o)` over the `hd`-wide heads of `out`: each a task of its own if
-/// `parallel` (attention's work per head is large and varies), else on this thread.
+/// `parallel` (attention's work per head is large and varies), else on this thread (one
+/// head may still be long: a cache of millions of positions, so each is a task there too).
 fn heads_of(
-    pool: &ThreadPool,
+    pool: &Workers,
     out: &mut [f32],
     hd: usize,
     parallel: bool,
@@ -75,26 +74,28 @@ fn heads_of(
         pool.install(|| {
             out.par_chunks_mut(hd)
                 .enumerate()
-                .for_each(|(i, o)| head(i, o))
+                .for_each(pool.task(|(i, o)| head(i, o)))
         });
     } else {
-        out.chunks_mut(hd).enumerate().for_each(|(i, o)| head(i, o));
+        out.chunks_mut(hd)
+            .enumerate()
+            .for_each(pool.task(|(i, o)| head(i, o)));
     }
 }
 
 /// `out[i] = f(i, out[i])` for the first `n` elements.
-fn map(pool: &ThreadPool, out: &mut [f32], n: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
+fn map(pool: &Workers, out: &mut [f32], n: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
     map_in_blocks(pool, out, n, BLOCK, f);
 }
 
 /// [`map`] for an `f` that computes an exponential: tasks of [`EXP_BLOCK`] elements.
-fn map_exp(pool: &ThreadPool, out: &mut [f32], n: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
+fn map_exp(pool: &Workers, out: &mut [f32], n: usize, f: impl Fn(usize, f32) -> f32 + Sync) {
     map_in_blocks(pool, out, n, EXP_BLOCK, f);
 }
 
 /// [`map`] in tasks of `block` elements.
 fn map_in_blocks(
-    pool: &ThreadPool,
+    pool: &Workers,
     out: &mut [f32],
     n: usize,
     block: usize,
@@ -108,7 +109,7 @@ fn map_in_blocks(
 }
 
 /// In place `x[r][c] += bias[c]`.
-pub fn add_bias(pool: &ThreadPool, x: &mut [f32], bias: &[f32], rows_: usize, cols: usize) {
+pub fn add_bias(pool: &Workers, x: &mut [f32], bias: &[f32], rows_: usize, cols: usize) {
     let bias = &bias[..cols];
     rows(pool, &mut x[..rows_ * cols], cols, |_, row| {
         for (v, b) in row.iter_mut().zip(bias) {
@@ -118,38 +119,32 @@ pub fn add_bias(pool: &ThreadPool, x: &mut [f32], bias: &[f32], rows_: usize, co
 }
 
 /// `out = a + b`.
-pub fn add(pool: &ThreadPool, a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
+pub fn add(pool: &Workers, a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
     map(pool, out, n, |i, _| a[i] + b[i]);
 }
 
 /// `out = a * b`.
-pub fn mul(pool: &ThreadPool, a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
+pub fn mul(pool: &Workers, a: &[f32], b: &[f32], out: &mut [f32], n: usize) {
     map(pool, out, n, |i, _| a[i] * b[i]);
 }
 
 /// In place `x *= alpha`.
-pub fn scale(pool: &ThreadPool, x: &mut [f32], n: usize, alpha: f32) {
+pub fn scale(pool: &Workers, x: &mut [f32], n: usize, alpha: f32) {
     map(pool, x, n, |_, v| v * alpha);
 }
 
 /// In place `y += alpha * x`.
-pub fn axpy(pool: &ThreadPool, x: &[f32], y: &mut [f32], n: usize, alpha: f32) {
+pub fn axpy(pool: &Workers, x: &[f32], y: &mut [f32], n: usize, alpha: f32) {
     map(pool, y, n, |i, v| v + alpha * x[i]);
 }
 
 /// `out = max(x, 0)`; NaN stays NaN.
-pub fn relu(pool: &ThreadPool, x: &[f32], out: &mut [f32], n: usize) {
+pub fn relu(pool: &Workers, x: &[f32], out: &mut [f32], n: usize) {
     map(pool, out, n, |i, _| if x[i] < 0.0 { 0.0 } else { x[i] });
 }
 
 /// `grad_in = grad_out * (x > 0)`.
-pub fn relu_backward(
-    pool: &ThreadPool,
-    x: &[f32],
-    grad_out: &[f32],
-    grad_in: &mut [f32],
-    n: usize,
-) {
+pub fn relu_backward(pool: &Workers, x: &[f32], grad_out: &[f32], grad_in: &mut [f32], n: usize) {
     map(
         pool,
         grad_in,
@@ -186,18 +181,12 @@ pub fn gelu_grad_scalar(x: f32) -> f64 {
 }
 
 /// `out = gelu(x)`.
-pub fn gelu(pool: &ThreadPool, x: &[f32], out: &mut [f32], n: usize) {
+pub fn gelu(pool: &Workers, x: &[f32], out: &mut [f32], n: usize) {
     map_exp(pool, out, n, |i, _| gelu_scalar(x[i]));
 }
 
 /// `grad_in = grad_out * gelu'(x)`.
-pub fn gelu_backward(
-    pool: &ThreadPool,
-    x: &[f32],
-    grad_out: &[f32],
-    grad_in: &mut [f32],
-    n: usize,
-) {
+pub fn gelu_backward(pool: &Workers, x: &[f32], grad_out: &[f32], grad_in: &mut [f32], n: usize) {
     map_exp(pool, grad_in, n, |i, _| {
         (f64::from(grad_out[i]) * gelu_grad_scalar(x[i])) as f32
     });
@@ -223,7 +212,7 @@ fn exps(row: &[f32], exps: &mut Vec<f64>) -> (f64, f64) {
 }
 
 /// Row-wise softmax.
-pub fn softmax(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
+pub fn softmax(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
     rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
         let mut e = Vec::with_capacity(cols);
         let (_, sum) = exps(&x[r * cols..][..cols], &mut e);
@@ -236,7 +225,7 @@ pub fn softmax(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols
 /// Mean cross-entropy into `loss[0]`, `grad = (softmax - onehot) / rows`; the labels are
 /// below `cols` (checked by the backend: [`crate::backend::IndexCheck`]).
 pub fn cross_entropy(
-    pool: &ThreadPool,
+    pool: &Workers,
     logits: &[f32],
     labels: &[u32],
     grad: &mut [f32],
@@ -272,14 +261,14 @@ pub fn cross_entropy(
         let tasks = grad
             .par_chunks_mut(per * cols)
             .zip(row_loss.par_chunks_mut(per));
-        pool.install(|| tasks.enumerate().for_each(work));
+        pool.install(|| tasks.enumerate().for_each(pool.task(work)));
     }
     // The mean, summed in row order.
     loss[0] = (row_loss.iter().sum::<f64>() * inv_rows) as f32;
 }
 
 /// `out[r] = Σ_c x[r][c]`.
-pub fn sum_rows(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
+pub fn sum_rows(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
     let per = (BLOCK / cols).max(1);
     blocks(pool, &mut out[..rows_], per, |start, o| {
         for (i, o) in o.iter_mut().enumerate() {
@@ -291,7 +280,7 @@ pub fn sum_rows(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, col
 
 /// `out[c] = Σ_r x[r][c]`: partial sums over fixed chunks of [`SUM_ROW_CHUNK`] rows, then
 /// added in chunk order.
-pub fn sum_cols(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
+pub fn sum_cols(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
     let chunks = rows_.div_ceil(SUM_ROW_CHUNK);
     let mut partial = vec![0.0f64; chunks * cols];
     let fill = |(ch, p): (usize, &mut [f64])| {
@@ -305,6 +294,7 @@ pub fn sum_cols(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, col
     if rows_ * cols <= BLOCK {
         partial.chunks_mut(cols).enumerate().for_each(fill);
     } else {
+        let fill = pool.task(fill);
         pool.install(|| partial.par_chunks_mut(cols).enumerate().for_each(fill));
     }
     let partial = &partial;
@@ -321,7 +311,7 @@ pub fn sum_cols(pool: &ThreadPool, x: &[f32], out: &mut [f32], rows_: usize, col
 }
 
 /// In place `param -= lr * grad`.
-pub fn sgd(pool: &ThreadPool, param: &mut [f32], grad: &[f32], n: usize, lr: f32) {
+pub fn sgd(pool: &Workers, param: &mut [f32], grad: &[f32], n: usize, lr: f32) {
     map(pool, param, n, |i, p| p - lr * grad[i]);
 }
 
@@ -351,7 +341,7 @@ pub fn adam_bias_corrections(beta1: f32, beta2: f32, step: u64) -> (f64, f64) {
 /// `param -= lr · m̂ / (√v̂ + eps)` with `m̂ = m / (1-β1^t)`, `v̂ = v / (1-β2^t)`; the
 /// arithmetic is f64 with one rounding to f32 per stored value.
 pub fn adam(
-    pool: &ThreadPool,
+    pool: &Workers,
     param: &mut [f32],
     grad: &[f32],
     m: &mut [f32],
@@ -388,14 +378,14 @@ pub fn adam(
             .par_chunks_mut(BLOCK)
             .zip(m.par_chunks_mut(BLOCK))
             .zip(v.par_chunks_mut(BLOCK));
-        pool.install(|| par.enumerate().for_each(work));
+        pool.install(|| par.enumerate().for_each(pool.task(work)));
     }
 }
 
 /// Row-wise layer norm: `(x - mean) / √(var + eps) · gamma + beta`, statistics in f64
 /// (two passes, population variance).
 pub fn layer_norm(
-    pool: &ThreadPool,
+    pool: &Workers,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
@@ -463,7 +453,7 @@ pub fn rng_value(seed: u64, counter: u64, distribution: Distribution, scale: f32
 
 /// Counter-based random fill: element `i` is `rng_value(seed, counter + i)`.
 pub fn rng_fill(
-    pool: &ThreadPool,
+    pool: &Workers,
     out: &mut [f32],
     n: usize,
     seed: u64,
@@ -490,7 +480,7 @@ pub struct AttentionShape {
 /// For each head, `out = softmax(q·Kᵀ/√head_dim)·V` over the first `len` positions of
 /// caches laid out `[positions × heads × head_dim]`.
 pub fn attention_decode(
-    pool: &ThreadPool,
+    pool: &Workers,
     q: &[f32],
     kc: &[f32],
     vc: &[f32],
@@ -547,7 +537,7 @@ pub fn attention_decode(
 }
 
 /// `out[r] = argmax_c x[r][c]`: the first maximum, or the first NaN if the row has one.
-pub fn argmax(pool: &ThreadPool, x: &[f32], out: &mut [u32], rows_: usize, cols: usize) {
+pub fn argmax(pool: &Workers, x: &[f32], out: &mut [u32], rows_: usize, cols: usize) {
     let per = (BLOCK / cols).max(1);
     blocks(pool, &mut out[..rows_], per, |start, o| {
         for (i, o) in o.iter_mut().enumerate() {
@@ -576,7 +566,7 @@ const QMATMUL_TASK_BYTES: usize = 32 << 10;
 /// one row's dot product, computed whole by one task).
 #[allow(clippy::too_many_arguments)]
 pub fn qmatmul(
-    pool: &ThreadPool,
+    pool: &Workers,
     dtype: DType,
     w: &[u8],
     x: &[f32],
@@ -600,6 +590,7 @@ pub fn qmatmul(
         if n <= per {
             task((0, &mut by_row));
         } else {
+            let task = pool.task(task);
             pool.install(|| by_row.par_chunks_mut(per * m).enumerate().for_each(task));
         }
         for (i, row) in by_row.chunks_exact(m).enumerate() {
@@ -622,7 +613,7 @@ pub fn qmatmul(
             out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
                 o.par_chunks_mut(per)
                     .enumerate()
-                    .for_each(|(c, o)| task((r, c, o)));
+                    .for_each(pool.task(|(c, o)| task((r, c, o))));
             })
         });
     }
@@ -632,7 +623,7 @@ pub fn qmatmul(
 /// f32); the ids are rows of the table (checked by the backend:
 /// [`crate::backend::IndexCheck`]).
 pub fn qembedding(
-    pool: &ThreadPool,
+    pool: &Workers,
     dtype: DType,
     table: &[u8],
     ids: &[u32],
@@ -654,7 +645,7 @@ pub fn qembedding(
 
 /// Row-wise `out = x / √(mean(x²) + eps) · weight`, the mean in f64.
 pub fn rms_norm(
-    pool: &ThreadPool,
+    pool: &Workers,
     x: &[f32],
     weight: &[f32],
     out: &mut [f32],
@@ -695,7 +686,7 @@ pub struct RopeShape {
 
 /// In place rotary embedding: pair `i` of a head at position `p` turns by
 /// `p · base^(-2i/head_dim)`, with sine and cosine from [`math`] in f64.
-pub fn rope(pool: &ThreadPool, x: &mut [f32], s: RopeShape) {
+pub fn rope(pool: &Workers, x: &mut [f32], s: RopeShape) {
     let half = s.head_dim / 2;
     let ln_base = math::ln(f64::from(s.base));
     // Turns (angle / 2π) per position of each pair.
@@ -727,7 +718,7 @@ pub fn rope(pool: &ThreadPool, x: &mut [f32], s: RopeShape) {
 }
 
 /// `out = gate / (1 + e^-gate) · up`, in f32 (with [`math::exp_f32`]).
-pub fn swiglu(pool: &ThreadPool, gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
+pub fn swiglu(pool: &Workers, gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
     map_exp(pool, out, n, |i, _| {
         let g = gate[i];
         g / (1.0 + math::exp_f32(-g)) * up[i]
@@ -754,14 +745,7 @@ pub struct GqaShape {
 /// lanes, their exponentials f32 ([`math::exp_f32`]) summed in f64, the weighted sum of
 /// values f32 per element in position order; each (row, head) is computed whole by one
 /// task.
-pub fn attention(
-    pool: &ThreadPool,
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    out: &mut [f32],
-    s: GqaShape,
-) {
+pub fn attention(pool: &Workers, q: &[f32], kc: &[f32], vc: &[f32], out: &mut [f32], s: GqaShape) {
     let hd = s.head_dim;
     let group = s.heads / s.kv_heads;
     let kv_stride = s.kv_heads * hd;

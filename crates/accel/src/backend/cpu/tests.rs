@@ -168,10 +168,12 @@ fn gemm_determinism(m: usize, n: usize, k: usize) {
     let one = ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     gemm::direct(&one, 1, &a, &b, &mut whole, (m, n, k));
     for threads in [1, 2, 4] {
-        let pool = ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = super::Workers::new(
+            ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap(),
+        );
         for (ta, tb) in [(false, false), (true, true)] {
             let g = gemm::Gemm {
                 m,
