@@ -747,6 +747,15 @@ impl Microvm {
         Ok(took)
     }
 
+    /// Ends the accelerator for good without waiting for its command in flight (see
+    /// [`Accelerator::abort`]): only for a VM about to be dropped, whose device work no one
+    /// will read (its pause then waits for no kernel). Dropping the VM does it too.
+    pub fn abort_accel(&self) {
+        if let Some(accel) = &self.devices.accel {
+            accel.abort();
+        }
+    }
+
     /// The Linux ids of the host threads the VM runs on: vCPUs and accelerator kernels.
     fn host_threads(&self) -> Vec<libc::pid_t> {
         let mut tids: Vec<libc::pid_t> = self.vcpus.iter().map(VcpuHandle::tid).collect();
