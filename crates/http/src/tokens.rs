@@ -1,14 +1,15 @@
 //! API bearer tokens: which ones a request may carry, and what each allows. A host (and
 //! the center) takes a fixed token or two (keys derived from the cluster secret, or the
 //! center's operator token) and, optionally, a file of operators' tokens, one per line,
-//! each full, `read-only` or `serving` (the OpenAI API only); the file is read again when
-//! it changes, so tokens can be added and retired without a restart. Tokens are compared
-//! in constant time.
+//! each full, `read-only` or `serving` (the OpenAI API only); the file is read again
+//! within [`TOKEN_FILE_CHECK_EVERY`] of a change, so tokens can be added and retired
+//! without a restart. A thread of its own reads it: a request's token lookup never waits
+//! on the file system, however slow or hung. Tokens are compared in constant time.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::{mpsc, Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::{Method, StatusCode};
@@ -18,6 +19,9 @@ use subtle::ConstantTimeEq;
 
 /// Shortest operator token accepted in a token file.
 pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// How often the token file is looked at (one `stat`) for a change.
+pub const TOKEN_FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What a token allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +68,19 @@ pub enum TokenFileError {
         /// What is wrong.
         why: String,
     },
+    /// The thread that reads the file again when it changes could not be started.
+    #[error("cannot start the thread that watches the token file {path}")]
+    Watch {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// A set of tokens, shared whole: a lookup clones the `Arc` and compares with no lock held.
+type TokenSet = Arc<[(Vec<u8>, Access)]>;
 
 /// The tokens of a token file (`#` starts a comment).
 pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)>, TokenFileError> {
@@ -104,11 +120,12 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)
     Ok(tokens)
 }
 
+/// The token file as its watcher last read it (owned by the watcher thread alone).
 struct TokenFile {
     path: PathBuf,
     /// The file as it was read; `None` while it may still be being written (read again).
     stamp: Option<FileStamp>,
-    tokens: Vec<(Vec<u8>, Access)>,
+    tokens: TokenSet,
 }
 
 /// What tells one version of the token file from another: a file rewritten in place
@@ -122,7 +139,7 @@ struct FileStamp {
 }
 
 /// A file modified this recently may be half-written: its reading is not kept as final.
-const SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const SETTLE_TIME: Duration = Duration::from_secs(2);
 
 impl FileStamp {
     fn of(path: &Path) -> std::io::Result<Self> {
@@ -155,25 +172,26 @@ impl TokenFile {
         Ok(Self {
             path: path.to_owned(),
             stamp: stamp.settled(),
-            tokens: parse_token_file(path, &text)?,
+            tokens: parse_token_file(path, &text)?.into(),
         })
     }
 
-    /// Reads the file again if it changed, or may have been half-written when last read;
-    /// a file that became unreadable or invalid keeps the tokens it had (and says so once).
-    fn refresh(&mut self) {
-        let Ok(stamp) = FileStamp::of(&self.path) else {
-            return;
-        };
+    /// Reads the file again if it changed, or may have been half-written when last read,
+    /// and returns its tokens if they changed; a file that became unreadable or invalid
+    /// keeps the tokens it had (and says so once).
+    fn refresh(&mut self) -> Option<TokenSet> {
+        let stamp = FileStamp::of(&self.path).ok()?;
         if Some(stamp) == self.stamp {
-            return;
+            return None;
         }
         match Self::load(&self.path) {
             Ok(fresh) => {
-                if fresh.tokens != self.tokens {
+                let changed = fresh.tokens != self.tokens;
+                if changed {
                     tracing::info!(path = %self.path.display(), tokens = fresh.tokens.len(), "API tokens reloaded");
                 }
                 *self = fresh;
+                changed.then(|| self.tokens.clone())
             }
             Err(e) => {
                 // Said once, when this version is final (not while it may be mid-write).
@@ -181,39 +199,109 @@ impl TokenFile {
                 if self.stamp.is_some() {
                     tracing::error!("{e}; keeping the tokens read before");
                 }
+                None
+            }
+        }
+    }
+
+    /// Checks the file every `every`, and when asked (an answer is sent when done), and
+    /// publishes its changes to `current`, until the asking side is dropped.
+    fn watch(
+        mut self,
+        current: Arc<RwLock<TokenSet>>,
+        every: Duration,
+        asks: mpsc::Receiver<mpsc::Sender<()>>,
+    ) {
+        loop {
+            let asked = match asks.recv_timeout(every) {
+                Ok(done) => Some(done),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            // Read with no lock held; the write lock is held for the swap alone.
+            if let Some(fresh) = self.refresh() {
+                *current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+            }
+            if let Some(done) = asked {
+                let _ = done.send(());
             }
         }
     }
 }
 
+/// A token file's current tokens, kept so by a watcher thread.
+struct WatchedFile {
+    /// Replaced whole by the watcher; a lookup holds the read guard only to clone it.
+    current: Arc<RwLock<TokenSet>>,
+    /// Held for its drop, which ends the watcher (tests ask through it for a check now).
+    _watcher: mpsc::Sender<mpsc::Sender<()>>,
+}
+
 /// The tokens an API accepts.
 pub struct Tokens {
     fixed: Vec<(Vec<u8>, Access)>,
-    file: Option<Mutex<TokenFile>>,
+    file: Option<WatchedFile>,
 }
 
 impl Tokens {
-    /// `fixed` tokens, and those of the token file at `file`, if any.
+    /// `fixed` tokens, and those of the token file at `file`, if any (read now, and again
+    /// by a thread of its own when it changes).
     pub fn new(fixed: Vec<(Vec<u8>, Access)>, file: Option<&Path>) -> Result<Self, TokenFileError> {
-        Ok(Self {
-            fixed,
-            file: file.map(TokenFile::load).transpose()?.map(Mutex::new),
-        })
+        Self::checking_every(fixed, file, TOKEN_FILE_CHECK_EVERY)
     }
 
-    /// What `given` allows, if it is one of the tokens.
+    /// [`Tokens::new`], the file checked every `every`.
+    fn checking_every(
+        fixed: Vec<(Vec<u8>, Access)>,
+        file: Option<&Path>,
+        every: Duration,
+    ) -> Result<Self, TokenFileError> {
+        let file = match file {
+            None => None,
+            Some(path) => {
+                let read = TokenFile::load(path)?;
+                let current = Arc::new(RwLock::new(read.tokens.clone()));
+                let (asks, asked) = mpsc::channel();
+                let shared = current.clone();
+                std::thread::Builder::new()
+                    .name("ferry-tokens".into())
+                    .spawn(move || read.watch(shared, every, asked))
+                    .map_err(|source| TokenFileError::Watch {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                Some(WatchedFile {
+                    current,
+                    _watcher: asks,
+                })
+            }
+        };
+        Ok(Self { fixed, file })
+    }
+
+    /// What `given` allows, if it is one of the tokens. Never touches the token file.
     pub fn access(&self, given: &[u8]) -> Option<Access> {
         let matches = |(token, _): &&(Vec<u8>, Access)| bool::from(token.as_slice().ct_eq(given));
         if let Some(&(_, access)) = self.fixed.iter().find(matches) {
             return Some(access);
         }
-        let mut file = self
-            .file
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        file.refresh();
-        file.tokens.iter().find(matches).map(|&(_, access)| access)
+        let file = self.file.as_ref()?;
+        let current = file
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        current.iter().find(matches).map(|&(_, access)| access)
+    }
+
+    /// Has the watcher check the token file now, and waits until it has (tests: no wait
+    /// for the timer, and no check between a test's writes).
+    #[cfg(test)]
+    fn check_now(&self) {
+        let (done, checked) = mpsc::channel();
+        let file = self.file.as_ref().expect("a token file");
+        file._watcher.send(done).expect("the watcher runs");
+        checked.recv().expect("the watcher answers");
     }
 }
 
@@ -393,15 +481,19 @@ mod tests {
         assert_eq!(refused.headers()["www-authenticate"], "Bearer");
     }
 
+    /// A watcher's interval that never passes in a test: it checks when asked.
+    const UNPROMPTED: Duration = Duration::from_secs(24 * 3600);
+
     #[test]
     fn a_changed_token_file_is_read_again() {
         let dir = std::env::temp_dir().join(format!("ferry-tokens-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokens");
         std::fs::write(&path, "old-token-0123456789abc\n").unwrap();
-        let tokens = Tokens::new(
+        let tokens = Tokens::checking_every(
             vec![(b"fixed-0123456789abcdef".to_vec(), Access::Full)],
             Some(&path),
+            UNPROMPTED,
         )
         .unwrap();
         assert_eq!(tokens.access(b"fixed-0123456789abcdef"), Some(Access::Full));
@@ -420,6 +512,7 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
+        tokens.check_now();
         assert_eq!(
             tokens.access(b"new-token-0123456789abc"),
             Some(Access::ReadOnly)
@@ -434,14 +527,17 @@ mod tests {
         let path = dir.join("tokens");
         // Each version keeps the modification time given, as a rewrite in place within
         // one tick of the file system's clock does.
+        let tokens = std::cell::OnceCell::new();
         let write = |text: &str, at: SystemTime| {
             std::fs::write(&path, text).unwrap();
             let file = std::fs::File::options().write(true).open(&path).unwrap();
             file.set_modified(at).unwrap();
+            tokens.get().map(Tokens::check_now);
         };
         let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
         write("first-token-0123456789\n", hour_ago);
-        let tokens = Tokens::new(Vec::new(), Some(&path)).unwrap();
+        let tokens = tokens
+            .get_or_init(|| Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED).unwrap());
         assert_eq!(tokens.access(b"first-token-0123456789"), Some(Access::Full));
         // The same time, another size.
         write("second-token-0123456789 read-only\n", hour_ago);
@@ -465,6 +561,68 @@ mod tests {
         assert_eq!(tokens.access(b"ccccc-token-0123456789"), Some(Access::Full));
         write("ddddd-token-0123456789\n", ahead);
         assert_eq!(tokens.access(b"ddddd-token-0123456789"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lookup_does_not_wait_for_a_token_file_that_hangs() {
+        use std::sync::mpsc::channel;
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-hang-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "old-token-0123456789abc\n").unwrap();
+        let tokens = Arc::new(
+            Tokens::checking_every(Vec::new(), Some(&path), Duration::from_millis(5)).unwrap(),
+        );
+        // A named pipe nothing writes to in the file's place: reading it hangs, as on a
+        // file system that stopped answering.
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::fs::rename(&fifo, &path).unwrap();
+        // A lookup (which would read the changed file itself, were lookups to read it).
+        let looked_up = |token: &'static [u8]| {
+            let (sent, got) = channel();
+            let tokens = tokens.clone();
+            std::thread::spawn(move || sent.send(tokens.access(token)));
+            got
+        };
+        let _first = looked_up(b"old-token-0123456789abc");
+        // Whoever reads the pipe is stuck from here until the writer's end closes.
+        let (opened, writer) = channel();
+        let pipe = path.clone();
+        std::thread::spawn(move || {
+            let end = std::fs::File::options().write(true).open(pipe);
+            opened.send(end).unwrap();
+        });
+        let writer = writer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the pipe is read")
+            .unwrap();
+        let answer = looked_up(b"old-token-0123456789abc").recv_timeout(Duration::from_secs(1));
+        // Whatever the answer, the reader is let go before the assertion.
+        std::fs::write(dir.join("next"), "new-token-0123456789abc\n").unwrap();
+        std::fs::rename(dir.join("next"), &path).unwrap();
+        drop(writer);
+        assert_eq!(
+            answer.expect("a lookup answers while the file's read hangs"),
+            Some(Access::Full),
+            "the tokens read before stay"
+        );
+        // The watcher is not stuck for good: the next version is read.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokens.access(b"new-token-0123456789abc").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new token file is read"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
