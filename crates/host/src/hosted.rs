@@ -592,14 +592,15 @@ impl HostedVm {
         let mut vm = control.vm.take();
         let tracker = control.tracker.take();
         control.hold = Hold::Free;
+        drop(control);
+        // Outside the lock (the VM is taken: nothing else reaches it): a backend that
+        // cannot abort waits for its kernel, and freeing gigabytes takes a while.
         if let Some(vm) = vm.as_mut() {
             vm.abort_accel();
             if matches!(vm.run_state(), RunState::Running) {
                 let _ = vm.pause();
             }
         }
-        drop(control);
-        // Dropped outside the lock: freeing gigabytes takes a while.
         drop((vm, tracker));
     }
 

@@ -53,10 +53,11 @@ pub type BufferId = u32;
 pub const ELEM_BYTES: u64 = 4;
 
 /// Most work one launch may ask for, in multiply-adds: a minute or two of one CPU
-/// thread. A device pauses (for a stop, a switchover, a shutdown) only between commands,
-/// and a matrix product or an attention sized from two buffers grows with their product:
-/// unbounded, one launch of a hostile guest would hold its VM for hours. The workloads'
-/// launches stay far below it (a prompt is read in batches).
+/// thread. A device pauses (for a switchover, a snapshot, a throttle) only between
+/// commands, and a matrix product or an attention sized from two buffers grows with their
+/// product: unbounded, one launch of a hostile guest would hold its VM for hours. (A stop
+/// or a shutdown abandons the kernel in flight where the backend can: the cpu one.) The
+/// workloads' launches stay far below it (a prompt is read in batches).
 pub const MAX_LAUNCH_WORK: u64 = 1 << 40;
 
 /// What one attention score costs besides its products, in multiply-adds (its
