@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OpenFlags};
 
 use crate::etcd::{Compare, Etcd, EtcdError, Op, RangeOptions};
 use crate::inventory::{Event, HostRecord, MigrationRecord, VmRecord, MIGRATIONS_KEPT};
@@ -134,7 +134,13 @@ CREATE TABLE IF NOT EXISTS events (
 
 /// The SQLite database of a single center.
 pub struct SqliteStore {
+    /// The connection that writes (and reads, when there is no `reader`).
     db: Mutex<Connection>,
+    /// A read-only connection to the same WAL database, so that reads (the dashboard's
+    /// events, say) never queue behind a write or its checkpoint's fsync on `db`'s lock;
+    /// `None` where the database is not in WAL mode or has no file (`:memory:`: a second
+    /// connection would open another, empty database).
+    reader: Option<Mutex<Connection>>,
     path: String,
 }
 
@@ -170,19 +176,39 @@ impl SqliteStore {
             })?;
         }
         let db = Connection::open(path)?;
-        // WAL: heartbeats write often; readers never wait for them.
-        db.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL: heartbeats write often; readers on a connection of their own never wait
+        // for them. An in-memory database answers `memory` and stays so.
+        let mode: String =
+            db.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.execute_batch(SCHEMA)?;
         db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // The file the writer opened (absolute); none for a temporary or in-memory one.
+        let file = db.path().filter(|file| !file.is_empty());
+        let reader = match file {
+            Some(file) if mode.eq_ignore_ascii_case("wal") => {
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                Some(Mutex::new(Connection::open_with_flags(file, flags)?))
+            }
+            _ => None,
+        };
         Ok(Self {
             db: Mutex::new(db),
+            reader,
             path: path.display().to_string(),
         })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection for reads: the reader's, else the writer's.
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(reader) => reader.lock().unwrap_or_else(|e| e.into_inner()),
+            None => self.db(),
+        }
     }
 
     /// Runs `delete` (one `?1`) for each of `ids`, in one transaction.
@@ -199,7 +225,9 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let db = self.db();
+        let db = self.reader();
+        // One read transaction: the tables as of one moment, not a write between two.
+        let db = db.unchecked_transaction()?;
         let mut loaded = Loaded::default();
         let mut rows = db.prepare("SELECT record FROM hosts ORDER BY name")?;
         for text in rows.query_map([], |r| r.get::<_, String>(0))? {
@@ -338,7 +366,7 @@ impl Store for SqliteStore {
     }
 
     fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut rows =
             db.prepare("SELECT at_ms, kind, message FROM events ORDER BY id DESC LIMIT ?1")?;
         let events = rows
@@ -772,6 +800,48 @@ mod tests {
         let left = store.events(1000).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].at_ms, now);
+    }
+
+    #[test]
+    fn sqlite_reads_do_not_wait_for_a_write_under_way() {
+        let scratch = ferry_testdata::scratch_dir("store-reader");
+        let store = std::sync::Arc::new(SqliteStore::open(&scratch.join("center.db")).unwrap());
+        let event = |message: &str| Event {
+            at_ms: 1,
+            kind: "test".into(),
+            message: message.into(),
+        };
+        store.add_event(&event("written")).unwrap();
+        // A write under way: the writer's connection taken, its transaction open.
+        let mut db = store.db();
+        let tx = db.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO events (at_ms, kind, message) VALUES (2, 'test', 'under way')",
+            [],
+        )
+        .unwrap();
+        let (sent, got) = std::sync::mpsc::channel();
+        let reading = store.clone();
+        std::thread::spawn(move || {
+            let read = reading.load().and_then(|_| reading.events(10));
+            sent.send(read.map(|events| events.into_iter().map(|e| e.message).collect()))
+        });
+        let read: Result<Vec<String>, _> = got
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a read answers while a write is under way");
+        // What was committed, not what is under way.
+        assert_eq!(read.unwrap(), ["written"]);
+        tx.commit().unwrap();
+        drop(db);
+        let messages: Vec<String> = store
+            .events(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(messages, ["under way", "written"]);
+        drop(store);
+        std::fs::remove_dir_all(&scratch).unwrap();
     }
 
     #[test]
