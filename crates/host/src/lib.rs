@@ -454,6 +454,8 @@ struct Background {
 impl Host {
     /// A host with no VMs.
     pub fn new(config: HostConfig) -> Arc<Self> {
+        // Heartbeats list the GPU once it is open; they never wait for its driver.
+        ferry_accel::backend::probe_gpu();
         Arc::new(Self {
             device_memory: DeviceMemory::new(config.accel_capacity),
             ledger: Ledger::new(Amount {
@@ -658,7 +660,7 @@ impl Host {
             migration_addr: migration_addr.to_string(),
             version: env!("CARGO_PKG_VERSION").into(),
             backend: self.config.backend.into(),
-            backends: ferry_accel::backend::available()
+            backends: ferry_accel::backend::available_now()
                 .into_iter()
                 .map(String::from)
                 .collect(),

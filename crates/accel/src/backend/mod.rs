@@ -486,6 +486,10 @@ enum LocalGpu {
     Emulated(Arc<cuda::emulator::Emulator>),
 }
 
+/// This host's GPU once [`cuda`] has opened it (or failed to).
+static CUDA: std::sync::OnceLock<Result<(LocalGpu, &'static str), String>> =
+    std::sync::OnceLock::new();
+
 /// This host's GPU, opened once (compiling the kernels takes about a second), and its
 /// backend kind: `cuda-sm_90-d13` names what the kernels' bits depend on besides their
 /// source (the GPU's architecture, the driver's major version), so migrations between
@@ -495,8 +499,6 @@ enum LocalGpu {
 /// compiler and run on one CPU thread, kind `cuda-emulated`: slow, but it runs whole VMs
 /// on the cuda backend's code where there is no GPU (the tests do).
 fn cuda() -> Result<&'static (LocalGpu, &'static str), String> {
-    static CUDA: std::sync::OnceLock<Result<(LocalGpu, &'static str), String>> =
-        std::sync::OnceLock::new();
     CUDA.get_or_init(|| {
         if std::env::var("FERRY_CUDA_EMULATOR").is_ok_and(|v| v == "1") {
             let dir =
@@ -547,11 +549,33 @@ pub fn by_name(name: &str) -> Result<&'static str, String> {
     }
 }
 
-/// The backend kinds this host can run.
+/// The backend kinds this host can run (opening its GPU, if it has one, the first time).
 pub fn available() -> Vec<&'static str> {
     let mut kinds = vec![CPU];
     kinds.extend(cuda_kind().ok());
     kinds
+}
+
+/// The backend kinds this host is known to run now, without waiting: a GPU is listed once
+/// opened (see [`probe_gpu`]). For answers that must not wait on a driver (heartbeats, the
+/// host's status): opening one takes a second, and a wedged one would never answer.
+pub fn available_now() -> Vec<&'static str> {
+    let mut kinds = vec![CPU];
+    if let Some(Ok((_, kind))) = CUDA.get() {
+        kinds.push(kind);
+    }
+    kinds
+}
+
+/// Opens this host's GPU, if it has one, on a thread of its own, so that
+/// [`available_now`] lists it soon without anyone waiting for the driver.
+pub fn probe_gpu() {
+    let probing = std::thread::Builder::new()
+        .name("gpu-probe".into())
+        .spawn(|| drop(cuda()));
+    if let Err(e) = probing {
+        tracing::warn!("cannot probe for a GPU: {e}");
+    }
 }
 
 /// The backend kind `choice` gives on this host, and in words why (for `auto`).
