@@ -207,7 +207,16 @@ fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
         .unwrap()
         .set_modified(later)
         .unwrap();
-    let _: serde_json::Value = with("bob-token-0123456789abc").get("/v1/host").unwrap();
+    // The file is checked every second, off the requests' path.
+    common::wait_for(
+        "the rewritten token file to be read",
+        Duration::from_secs(10),
+        || {
+            with("bob-token-0123456789abc")
+                .get::<serde_json::Value>("/v1/host")
+                .ok()
+        },
+    );
     assert!(with("alice-token-0123456789")
         .get::<serde_json::Value>("/v1/host")
         .is_err());

@@ -147,9 +147,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub tls: crate::cmd::tls::TlsArgs,
     /// Operators' API tokens, one per line: `TOKEN` (any request) or `TOKEN read-only`
-    /// (GET only: dashboards, scrapers); `#` starts a comment. Read again when the file
-    /// changes, so tokens rotate without a restart. The cluster's own calls (the center,
-    /// `ferry vm` with the secret) use a key derived from the secret instead.
+    /// (GET only: dashboards, scrapers); `#` starts a comment. Read again within a second
+    /// of a change, so tokens rotate without a restart. The cluster's own calls (the
+    /// center, `ferry vm` with the secret) use a key derived from the secret instead.
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
     /// A directory whose files `vm create --attach` may give VMs (repeat for more; e.g.
