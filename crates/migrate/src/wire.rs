@@ -32,6 +32,19 @@ const MAX_PAYLOAD: usize = MAX_CONTROL_BYTES;
 /// Largest frame while a connection authenticates: every handshake message fits, and a
 /// peer that has not proven who it is cannot make us allocate more.
 pub const MAX_HANDSHAKE_FRAME: usize = 4 << 10;
+/// Largest data frame a sender makes: a run of pages or a file piece after its record
+/// (a device chunk, with its origin or offset, is smaller). A destination's data
+/// connections take no larger frames, compressed or not.
+pub const MAX_DATA_FRAME: usize = max(
+    max(
+        RAM_RECORD_BYTES + (MAX_RUN_PAGES * PAGE_SIZE) as usize,
+        FILE_RECORD_BYTES + MAX_FILE_PIECE as usize,
+    ),
+    CHUNK_RECORD_BYTES + 12 + MAX_CHUNK_BYTES as usize,
+);
+/// Largest control frame on a data connection, where the only control message is a
+/// `Keepalive` (one byte).
+pub const MAX_DATA_STREAM_CONTROL: usize = 64;
 
 const MAGIC: [u8; 2] = *b"FY";
 const HEADER_BYTES: usize = 16;
@@ -49,6 +62,14 @@ const CHUNK_WITH_ORIGIN: u32 = 3;
 /// A chunk record's form field for the bytes written of a chunk, after their offset in it.
 const CHUNK_PART: u32 = 4;
 const FILE_RECORD_BYTES: usize = 16;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 
 /// Which connection of a migration this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,7 +334,17 @@ impl<S: Read + Write> FrameStream<S> {
     /// Refuses frames larger than `bytes` (both as sent and uncompressed), up to the
     /// protocol's own limit: [`MAX_HANDSHAKE_FRAME`] while authenticating.
     pub fn limit_frames(&mut self, bytes: usize) {
-        self.decoder.limit = Some(bytes.min(MAX_PAYLOAD));
+        self.limit_frames_by_kind(bytes, bytes);
+    }
+
+    /// Refuses data frames larger than `data` and control frames larger than `control`
+    /// (both as sent and uncompressed), up to the protocol's own limit: a data connection
+    /// takes [`MAX_DATA_FRAME`] and [`MAX_DATA_STREAM_CONTROL`].
+    pub fn limit_frames_by_kind(&mut self, data: usize, control: usize) {
+        self.decoder.limit = Some(Limits {
+            data: data.min(MAX_PAYLOAD),
+            control: control.min(MAX_PAYLOAD),
+        });
     }
 
     /// Takes frames up to the protocol's limit again.
@@ -384,13 +415,20 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Decoding state: the buffers of the last frame, reused, and a limit below the
+/// Decoding state: the buffers of the last frame, reused, and limits below the
 /// protocol's, if any.
 #[derive(Default)]
 struct Decoder {
     wire: Vec<u8>,
     raw: Vec<u8>,
-    limit: Option<usize>,
+    limit: Option<Limits>,
+}
+
+/// Largest payloads a decoder takes, by kind (as sent and uncompressed alike).
+#[derive(Clone, Copy)]
+struct Limits {
+    data: usize,
+    control: usize,
 }
 
 impl Decoder {
@@ -420,14 +458,25 @@ impl Decoder {
             return Err(malformed(format!("unknown frame flags {flags:#x}")));
         }
         let compressed = flags & FLAG_COMPRESSED != 0;
-        let limit = self.limit.unwrap_or(MAX_PAYLOAD);
+        // Senders never compress control messages: one that is would only make a small
+        // frame expand to a large buffer here.
+        if compressed && kind == KIND_CONTROL {
+            return Err(malformed("a compressed control frame"));
+        }
+        let limit = self.limit.map_or(MAX_PAYLOAD, |l| {
+            if kind == KIND_CONTROL {
+                l.control
+            } else {
+                l.data
+            }
+        });
         if wire_len > limit || raw_len > limit || (!compressed && wire_len != raw_len) {
             return Err(malformed(format!(
                 "frame of {wire_len} bytes ({raw_len} uncompressed) exceeds the {limit}-byte limit or is inconsistent"
             )));
         }
-        // The buffers only grow: shrinking them would zero-fill them again for the next
-        // large frame, and small and large frames alternate.
+        // The buffers only grow (up to the limits): shrinking them would zero-fill them
+        // again for the next large frame, and small and large frames alternate.
         let wire = grown(&mut self.wire, wire_len);
         input
             .read_exact(wire)
@@ -708,6 +757,7 @@ impl<W: Write> FrameWriter<W> {
                 "a control message over the size limit".into(),
             ));
         }
+        // Never compressed: readers refuse compressed control frames.
         self.emit(KIND_CONTROL, &bytes, &[], false)?;
         self.flush()
     }
@@ -1056,6 +1106,89 @@ mod tests {
                 Err(MigrationError::Io { .. })
             ));
         }
+    }
+
+    /// A reader with a data connection's limits.
+    fn data_reader(bytes: &[u8]) -> FrameReader<&[u8]> {
+        let mut r = FrameReader::new(bytes, 0);
+        r.decoder.limit = Some(Limits {
+            data: MAX_DATA_FRAME,
+            control: MAX_DATA_STREAM_CONTROL,
+        });
+        r
+    }
+
+    #[test]
+    fn a_data_connection_takes_the_largest_data_frames_and_nothing_larger() {
+        // What senders make, at its largest, plain and compressed: taken.
+        let key = ChunkKey {
+            buffer: 1,
+            index: 2,
+        };
+        let origin = ChunkOrigin { file: 0, offset: 0 };
+        let pages = vec![3u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
+        let piece = vec![4u8; MAX_FILE_PIECE as usize];
+        let chunk = vec![5u8; MAX_CHUNK_BYTES as usize];
+        for compress in [false, true] {
+            let mut w = FrameWriter::new(Vec::new(), compress);
+            w.send_ram(0, MAX_RUN_PAGES, Some(&pages)).unwrap();
+            w.send_file(0, 0, &piece).unwrap();
+            w.send_chunk_with_origin(key, &chunk, origin).unwrap();
+            w.send_chunk_part(key, 0, &chunk).unwrap();
+            w.send(&Message::Keepalive).unwrap();
+            let mut r = data_reader(&w.output);
+            for _ in 0..4 {
+                assert!(!matches!(r.read().unwrap(), Frame::Control(_)));
+            }
+            assert!(matches!(
+                r.read().unwrap(),
+                Frame::Control(Message::Keepalive)
+            ));
+        }
+        // One byte more, plain: refused before its payload is read.
+        let over = one_frame(KIND_RAM, 0, &vec![0; MAX_DATA_FRAME + 1]);
+        let mut r = data_reader(&over);
+        assert!(r.read().unwrap_err().to_string().contains("limit"));
+        assert!(r.decoder.wire.capacity() < MAX_DATA_FRAME);
+        // 16 MiB of zeros in 66 KiB of LZ4: refused before anything expands.
+        let bomb = lz4_flex::block::compress(&vec![0u8; MAX_PAYLOAD]);
+        let mut frame = one_frame(KIND_RAM, FLAG_COMPRESSED, &bomb);
+        frame[8..12].copy_from_slice(&(MAX_PAYLOAD as u32).to_le_bytes());
+        let mut r = data_reader(&frame);
+        assert!(r.read().unwrap_err().to_string().contains("limit"));
+        assert_eq!(r.decoder.raw.capacity(), 0);
+        // A control message other than a keepalive's size.
+        let mut w = FrameWriter::new(Vec::new(), false);
+        w.send(&Message::Abort {
+            reason: "x".repeat(MAX_DATA_STREAM_CONTROL),
+        })
+        .unwrap();
+        assert!(data_reader(&w.output)
+            .read()
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
+    }
+
+    #[test]
+    fn compressed_control_frames_are_refused() {
+        // A control message of 16 MiB in a few KiB, on any connection.
+        let mut w = FrameWriter::new(Vec::new(), false);
+        w.send(&Message::Refuse {
+            reason: "x".repeat(MAX_CONTROL_BYTES - 8),
+        })
+        .unwrap();
+        let raw = &w.output[HEADER_BYTES..];
+        let packed = lz4_flex::block::compress(raw);
+        let mut frame = one_frame(KIND_CONTROL, FLAG_COMPRESSED, &packed);
+        frame[8..12].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        let mut r = FrameReader::new(&frame[..], 0);
+        assert!(r
+            .read()
+            .unwrap_err()
+            .to_string()
+            .contains("compressed control"));
+        assert_eq!(r.decoder.raw.capacity(), 0);
     }
 
     #[test]
