@@ -4,7 +4,9 @@
 //! kind discards what was received.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -24,7 +26,10 @@ use crate::vm::{
     error_chain, valid_sha256, ChunkOrigin, ChunkWrite, DeviceBuffer, FileTransfer,
     MigrationTarget, VmDescription, VmError, PAGE_SIZE,
 };
-use crate::wire::{Frame, FrameStream, Message, StreamRole, MAX_RUN_PAGES};
+use crate::wire::{
+    Frame, FrameStream, Message, StreamRole, MAX_CONTROL_BYTES, MAX_DATA_FRAME,
+    MAX_DATA_STREAM_CONTROL, MAX_HANDSHAKE_FRAME, MAX_RUN_PAGES,
+};
 use crate::MigrationError;
 
 /// How long the destination waits for the data connections, or for a round's data.
@@ -41,6 +46,21 @@ const MAX_RAM: u64 = 1 << 40;
 /// Most bytes of device commands one round may carry (twice the source's default log
 /// bound): what a destination keeps before replaying them.
 pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
+/// Migrations a host receives at once (from its control connection's authentication to
+/// the end): a center runs at most this many at once. One more is refused until one ends.
+pub const MAX_INCOMING_SESSIONS: usize = 16;
+/// Longest name of the VM's workload in an offer (a built-in name, or a path on the
+/// source: `PATH_MAX`).
+pub const MAX_WORKLOAD_NAME: usize = 4095;
+/// Most `extra` entries of an offer (a host sends four).
+pub const MAX_EXTRA_ENTRIES: usize = 16;
+/// Longest key of an offer's `extra` entry.
+pub const MAX_EXTRA_KEY: usize = 64;
+/// Longest value of an offer's `extra` entry: one may hold the guest's arguments as JSON,
+/// a boot-info page's worth, each byte escaped at worst.
+pub const MAX_EXTRA_VALUE: usize = 64 << 10;
+/// Longest backend kind or microkernel name in an offer.
+const MAX_LABEL: usize = 256;
 
 /// The host's side of receiving: make a paused VM for an offer, adopt it when it runs.
 pub trait TargetFactory: Send + Sync + 'static {
@@ -81,6 +101,31 @@ type DataConn = (Conn, TcpStream);
 /// Data connections waiting for their session's control connection.
 type Sessions = Arc<Mutex<HashMap<u64, Sender<(u8, DataConn)>>>>;
 
+/// The places of incoming sessions, at most [`MAX_INCOMING_SESSIONS`] taken at once.
+#[derive(Clone, Default)]
+struct SessionSlots(Arc<AtomicUsize>);
+
+/// A place taken among incoming sessions; dropping it gives it back.
+struct SessionSlot(Arc<AtomicUsize>);
+
+impl SessionSlots {
+    /// A place, if one is free.
+    fn take(&self) -> Option<SessionSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_INCOMING_SESSIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SessionSlot(self.0.clone()))
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Accepts migration connections on `listener` forever, each on its own thread, over
 /// plain TCP.
 pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: Arc<F>) {
@@ -94,8 +139,10 @@ pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: A
 /// and the listener goes on. Until it has authenticated, a connection is one of at most
 /// [`crate::gate::MAX_HANDSHAKES`] (and of its peer address's
 /// [`crate::gate::MAX_HANDSHAKES_PER_PEER`]), has `HANDSHAKE_TIME` to finish, and
-/// may send only handshake-sized frames; one over the limits is closed at once. Every
-/// incoming session's outcome is kept in `outcomes`, to settle in-doubt switchovers.
+/// may send only handshake-sized frames; one over the limits is closed at once. At most
+/// [`MAX_INCOMING_SESSIONS`] migrations are received at once: an offer past that is
+/// refused. Every incoming session's outcome is kept in `outcomes`, to settle in-doubt
+/// switchovers.
 pub fn serve_with_tls<F: TargetFactory>(
     listener: TcpListener,
     secret: Secret,
@@ -165,6 +212,7 @@ fn serve_until<F: TargetFactory>(
     stop: &mpsc::Receiver<()>,
 ) {
     let sessions: Sessions = Arc::default();
+    let slots = SessionSlots::default();
     let gate = Gate::default();
     // The reaper stops when this loop does, and is waited for: a listener stopped leaves
     // no thread behind.
@@ -202,11 +250,12 @@ fn serve_until<F: TargetFactory>(
                 continue;
             }
         };
-        let (secret, tls, factory, sessions, outcomes) = (
+        let (secret, tls, factory, sessions, slots, outcomes) = (
             secret.clone(),
             tls.clone(),
             factory.clone(),
             sessions.clone(),
+            slots.clone(),
             outcomes.clone(),
         );
         let peer = peer_addr.to_string();
@@ -216,6 +265,7 @@ fn serve_until<F: TargetFactory>(
                 let shared = Shared {
                     factory: &*factory,
                     sessions: &sessions,
+                    slots: &slots,
                     outcomes: &outcomes,
                 };
                 if let Err(e) = handle_connection(stream, ticket, &secret, tls.as_ref(), shared) {
@@ -248,7 +298,61 @@ fn tell_busy(stream: &TcpStream, limit: &str) {
 struct Shared<'a, F> {
     factory: &'a F,
     sessions: &'a Sessions,
+    slots: &'a SessionSlots,
     outcomes: &'a Outcomes,
+}
+
+/// Answers a question about migration `session` (see [`crate::settle`]).
+fn settle(mut conn: Conn, outcomes: &Outcomes, session: u64) -> Result<(), MigrationError> {
+    let settlement = outcomes.settle(session);
+    tracing::info!(
+        session,
+        ?settlement,
+        "asked whether a migrated VM runs here"
+    );
+    conn.send(&Message::Settled { settlement })
+}
+
+/// How long an offer refused over [`MAX_INCOMING_SESSIONS`] is read on, to close its
+/// connection without a reset (which could lose the refusal), and how much of it.
+const REFUSED_DRAIN_TIME: Duration = Duration::from_secs(2);
+const REFUSED_DRAIN_BYTES: u64 = MAX_CONTROL_BYTES as u64;
+
+/// An authenticated control connection while [`MAX_INCOMING_SESSIONS`] are received: a
+/// question about a migration is answered (it is small and ends at once); an offer is
+/// refused, read no further than a handshake frame.
+fn serve_over_capacity(
+    mut conn: Conn,
+    socket: &TcpStream,
+    outcomes: &Outcomes,
+) -> Result<(), MigrationError> {
+    conn.limit_frames(MAX_HANDSHAKE_FRAME);
+    match conn.expect_control("an offer") {
+        Ok(Message::Settle { session }) => return settle(conn, outcomes, session),
+        // An offer, or a frame too large to be anything but one.
+        Ok(_) | Err(MigrationError::MalformedFrame(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let reason = format!(
+        "this host is receiving {MAX_INCOMING_SESSIONS} migrations, its limit; try again once one has ended"
+    );
+    let _ = conn.send(&Message::Refuse {
+        reason: reason.clone(),
+    });
+    // The rest of an offer left unread would make the close a reset, and the source
+    // might lose the refusal with it: read on (without keeping it) until it closes.
+    let until = Instant::now() + REFUSED_DRAIN_TIME;
+    let mut rest = socket.take(REFUSED_DRAIN_BYTES);
+    let mut sink = [0u8; 4096];
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero()
+            || socket.set_read_timeout(Some(left)).is_err()
+            || !matches!(rest.read(&mut sink), Ok(1..))
+        {
+            break;
+        }
+    }
+    Err(MigrationError::Refused(reason))
 }
 
 /// One connection: authenticated under `ticket` (given back once it has), then served.
@@ -278,21 +382,26 @@ fn handle_connection<F: TargetFactory>(
     };
     let mut conn = FrameStream::new(link, false);
     let role = authenticate_stream_listener(&mut conn, secret)?;
+    let slot = match role {
+        StreamRole::Control => match shared.slots.take() {
+            Some(slot) => Some(slot),
+            // Still under its ticket, so such connections stay few and brief.
+            None => return serve_over_capacity(conn, &keep, shared.outcomes),
+        },
+        StreamRole::Data { .. } => None,
+    };
     drop(ticket);
     // The source sends at least once per round, and says a long round is at work.
     keep.set_read_timeout(Some(crate::deadline::idle_limit()))
         .map_err(MigrationError::io("setting up a connection"))?;
+    if role == StreamRole::Control {
+        // Control messages up to the protocol's limit, and no data frame beyond what a
+        // sender makes (none is valid here: it is refused once read).
+        conn.limit_frames_by_kind(MAX_DATA_FRAME, MAX_CONTROL_BYTES);
+    }
     match role {
         StreamRole::Control => match conn.expect_control("an offer")? {
-            Message::Settle { session } => {
-                let settlement = shared.outcomes.settle(session);
-                tracing::info!(
-                    session,
-                    ?settlement,
-                    "asked whether a migrated VM runs here"
-                );
-                conn.send(&Message::Settled { settlement })
-            }
+            Message::Settle { session } => settle(conn, shared.outcomes, session),
             Message::Offer {
                 vm,
                 streams,
@@ -301,6 +410,7 @@ fn handle_connection<F: TargetFactory>(
                 ..
             } => {
                 let result = receive_vm(conn, keep, shared, (vm, streams, files, device));
+                drop(slot);
                 if let Err(e) = &result {
                     let e = error_chain(e);
                     tracing::warn!("incoming migration discarded: {e}");
@@ -310,6 +420,9 @@ fn handle_connection<F: TargetFactory>(
             other => Err(MigrationError::unexpected("an offer", &other)),
         },
         StreamRole::Data { session, index } => {
+            // Nothing larger than the sender's data frames, and no control message but a
+            // keepalive: what a peer makes this host hold per stream is bounded.
+            conn.limit_frames_by_kind(MAX_DATA_FRAME, MAX_DATA_STREAM_CONTROL);
             let slot = shared
                 .sessions
                 .lock()
@@ -329,12 +442,15 @@ fn handle_connection<F: TargetFactory>(
     }
 }
 
-#[derive(Default)]
 struct InboundState {
     round_open: bool,
     /// The round open or last open.
     round: u32,
+    /// Frames applied, per stream.
     applied: Vec<u64>,
+    /// Frames taken into the open round and not yet applied: its end waits for them,
+    /// so that one more than announced is counted before the round is judged.
+    in_flight: usize,
     failed: Option<MigrationError>,
     done: bool,
     /// Bytes received of each attached file being sent (by offer index).
@@ -356,9 +472,13 @@ impl Inbound {
     fn new(streams: u8, control_socket: TcpStream, files: Vec<Option<u64>>) -> Self {
         Self {
             state: Mutex::new(InboundState {
+                round_open: false,
+                round: 0,
                 applied: vec![0; usize::from(streams)],
+                in_flight: 0,
+                failed: None,
+                done: false,
                 file_bytes: vec![0; files.len()],
-                ..InboundState::default()
             }),
             changed: Condvar::new(),
             control_socket,
@@ -463,9 +583,10 @@ fn apply_stream<T: MigrationTarget>(
             }
         };
         // Frames belong to the open round; wait for the control stream to open it (and
-        // sync the buffer table) before applying anything.
+        // sync the buffer table) before applying anything. Taken into it in flight, so
+        // that its end waits for the frame and counts it.
         {
-            let s = inbound
+            let mut s = inbound
                 .changed
                 .wait_while(inbound.lock(), |s| {
                     !s.round_open && s.failed.is_none() && !s.done
@@ -474,6 +595,7 @@ fn apply_stream<T: MigrationTarget>(
             if s.failed.is_some() || s.done {
                 return reader.bytes_read;
             }
+            s.in_flight += 1;
         }
         let applied = match frame {
             // A stream with nothing to carry for a while, still there (counted in the
@@ -489,11 +611,13 @@ fn apply_stream<T: MigrationTarget>(
                 }),
             other => apply_data(target, other, vm),
         };
+        let mut s = inbound.lock();
+        s.in_flight -= 1;
         if let Err(e) = applied {
+            drop(s);
             inbound.fail(index, e);
             return reader.bytes_read;
         }
-        let mut s = inbound.lock();
         s.applied[index] += 1;
         drop(s);
         inbound.changed.notify_all();
@@ -595,6 +719,40 @@ pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), Stri
     if vm.ram_size == 0 || !vm.ram_size.is_multiple_of(PAGE_SIZE) || vm.ram_size > MAX_RAM {
         return Err(format!("guest RAM of {} bytes", vm.ram_size));
     }
+    // What this host shows and logs of the VM: short, and without control characters (a
+    // newline or a terminal's escape would forge lines).
+    if !printable(&vm.name, MAX_WORKLOAD_NAME) {
+        return Err(format!(
+            "a workload name of {} bytes, or with control characters (at most {MAX_WORKLOAD_NAME} printable)",
+            vm.name.len()
+        ));
+    }
+    for (what, label) in [
+        ("backend kind", &vm.backend_kind),
+        ("microkernel", &vm.microkernel),
+    ] {
+        if !printable(label, MAX_LABEL) {
+            return Err(format!(
+                "a {what} of {} bytes, or with control characters (at most {MAX_LABEL} printable)",
+                label.len()
+            ));
+        }
+    }
+    if vm.extra.len() > MAX_EXTRA_ENTRIES {
+        return Err(format!(
+            "{} extra entries (at most {MAX_EXTRA_ENTRIES})",
+            vm.extra.len()
+        ));
+    }
+    for (key, value) in &vm.extra {
+        if !printable(key, MAX_EXTRA_KEY) || value.len() > MAX_EXTRA_VALUE {
+            return Err(format!(
+                "an extra entry with a key of {} bytes, or with control characters, or a value of {} bytes (keys of at most {MAX_EXTRA_KEY} printable, values of at most {MAX_EXTRA_VALUE})",
+                key.len(),
+                value.len()
+            ));
+        }
+    }
     // The VM could not take these files: refused now, not after the whole transfer.
     if vm.files.len() > MAX_FILES {
         return Err(format!(
@@ -618,8 +776,21 @@ pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), Stri
                 f.name, f.sha256
             ));
         }
+        // Shown in this host's messages about the file.
+        if !printable(&f.path, MAX_WORKLOAD_NAME) {
+            return Err(format!(
+                "attached file '{}' has a path of {} bytes, or with control characters (at most {MAX_WORKLOAD_NAME} printable)",
+                f.name,
+                f.path.len()
+            ));
+        }
     }
     Ok(())
+}
+
+/// Whether `text` has at most `max` bytes and no control character.
+fn printable(text: &str, max: usize) -> bool {
+    text.len() <= max && !text.chars().any(char::is_control)
 }
 
 /// The offered files the source must send: by `transfer`, the ones this host lacks, all
@@ -819,10 +990,10 @@ fn receive_session<F: TargetFactory>(
     sessions.lock().expect("sessions lock").remove(&session);
     let data = opened?;
     tracing::debug!(ms = ms(started.elapsed()), "data streams collected");
-    let inbound = Inbound::new(streams, control_socket, accepted.file_sizes);
     let (target, vm) = (accepted.target, accepted.vm);
     // Each data connection comes with a handle on its socket, to shut it down.
     let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
+    let inbound = Inbound::new(streams, control_socket, accepted.file_sizes);
     let result = std::thread::scope(|scope| {
         let handles: Vec<_> = readers
             .into_iter()
@@ -888,6 +1059,90 @@ fn receive_session<F: TargetFactory>(
     Ok(())
 }
 
+/// What the allocator spends on an allocation beyond its bytes, at least (glibc: a
+/// header of 8 bytes, sizes rounded to 16).
+const ALLOCATION_OVERHEAD: u64 = 16;
+
+/// Bytes of memory `v`'s buffer takes.
+fn allocated<T>(v: &Vec<T>) -> u64 {
+    match v.capacity() * std::mem::size_of::<T>() {
+        0 => 0,
+        bytes => bytes as u64 + ALLOCATION_OVERHEAD,
+    }
+}
+
+/// The open round's device commands, kept until its data is in, within a bound on the
+/// memory they hold: what is allocated, not what the commands weigh, since decoding a
+/// payload and growing a vector both allocate up to twice what they hold.
+struct RoundCommands {
+    commands: Vec<LoggedCommand>,
+    /// Bytes of the commands' own buffers (payloads, arguments).
+    buffers: u64,
+    limit: u64,
+}
+
+impl RoundCommands {
+    fn new(limit: u64) -> Self {
+        Self {
+            commands: Vec::new(),
+            buffers: 0,
+            limit,
+        }
+    }
+
+    /// Bytes of memory held.
+    #[cfg(test)]
+    fn held(&self) -> u64 {
+        self.buffers + allocated(&self.commands)
+    }
+
+    fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Keeps `batch` after those kept, or returns the bytes it would make them hold, over
+    /// the limit.
+    fn add(&mut self, mut batch: Vec<LoggedCommand>) -> Result<(), u64> {
+        let mut buffers = self.buffers;
+        for command in &mut batch {
+            // Decoded by doubling: trimmed to what they carry.
+            command.payload.shrink_to_fit();
+            command.args.shrink_to_fit();
+            buffers += allocated(&command.payload) + allocated(&command.args);
+        }
+        let size = std::mem::size_of::<LoggedCommand>() as u64;
+        let (len, capacity) = (self.commands.len() + batch.len(), self.commands.capacity());
+        if len > capacity {
+            // Doubled while the limit leaves room for it (few copies), else no more than
+            // needed.
+            let room = self.limit.saturating_sub(buffers + ALLOCATION_OVERHEAD) / size;
+            let doubled = len.max(2 * capacity);
+            let grown = if doubled as u64 <= room { doubled } else { len };
+            if grown as u64 > room {
+                return Err(buffers + (grown as u64) * size + ALLOCATION_OVERHEAD);
+            }
+            self.commands.reserve_exact(grown - self.commands.len());
+        }
+        let held = buffers + allocated(&self.commands);
+        if held > self.limit {
+            return Err(held);
+        }
+        self.commands.extend(batch);
+        self.buffers = buffers;
+        Ok(())
+    }
+
+    /// The commands kept, to replay; none are kept after.
+    fn take(&mut self) -> Vec<LoggedCommand> {
+        self.buffers = 0;
+        std::mem::take(&mut self.commands)
+    }
+}
+
 /// The control conversation after the streams are open; returns the rounds applied.
 fn control_loop<T: MigrationTarget>(
     conn: &mut Conn,
@@ -899,16 +1154,23 @@ fn control_loop<T: MigrationTarget>(
     let mut expected_round = 0u32;
     let mut expected_frames = vec![0u64; usize::from(streams)];
     // The open round's device commands, replayed once its data is in.
-    let mut round_commands: Vec<LoggedCommand> = Vec::new();
-    let mut round_command_bytes = 0u64;
+    let mut round_commands = RoundCommands::new(MAX_ROUND_COMMAND_BYTES);
     loop {
-        match conn.expect_control("the next round")? {
+        let message = conn.expect_control("the next round")?;
+        if matches!(message, Message::Keepalive) {
             // The source is at work on a long round; the idle limit starts again.
-            Message::Keepalive => {}
+            continue;
+        }
+        match message {
             Message::BeginRound { round, buffers } => {
                 if round != expected_round {
                     return Err(MigrationError::BrokenSequence(format!(
                         "round {round} began, expected {expected_round}"
+                    )));
+                }
+                if inbound.lock().round_open {
+                    return Err(MigrationError::BrokenSequence(format!(
+                        "round {round} began again while it was open"
                     )));
                 }
                 match buffers {
@@ -935,6 +1197,11 @@ fn control_loop<T: MigrationTarget>(
                         frames.len()
                     )));
                 }
+                if !inbound.lock().round_open {
+                    return Err(MigrationError::BrokenSequence(format!(
+                        "round {round} ended before it began"
+                    )));
+                }
                 for (total, n) in expected_frames.iter_mut().zip(&frames) {
                     *total = total.checked_add(*n).ok_or_else(|| {
                         MigrationError::BrokenSequence("frame count overflow".into())
@@ -944,7 +1211,8 @@ fn control_loop<T: MigrationTarget>(
                     .changed
                     .wait_timeout_while(inbound.lock(), STREAM_WAIT, |s| {
                         s.failed.is_none()
-                            && s.applied.iter().zip(&expected_frames).any(|(a, e)| a < e)
+                            && (s.in_flight > 0
+                                || s.applied.iter().zip(&expected_frames).any(|(a, e)| a < e))
                     })
                     .expect("inbound lock");
                 let mut s = s;
@@ -978,9 +1246,8 @@ fn control_loop<T: MigrationTarget>(
                     // commands may not hold this host's device for ever.
                     let deadline = replaying + MAX_ROUND_REPLAY + REPLAY_GRACE;
                     target
-                        .replay(std::mem::take(&mut round_commands), deadline)
+                        .replay(round_commands.take(), deadline)
                         .map_err(MigrationError::Target)?;
-                    round_command_bytes = 0;
                     tracing::debug!(
                         commands = n,
                         ms = ms(replaying.elapsed()),
@@ -1005,13 +1272,11 @@ fn control_loop<T: MigrationTarget>(
                 // Kept until the round's data is in, then replayed: reading goes on (a
                 // source blocked writing a replaying destination would time out), and
                 // what is kept is bounded.
-                round_command_bytes += commands.iter().map(LoggedCommand::weight).sum::<u64>();
-                if round_command_bytes > MAX_ROUND_COMMAND_BYTES {
-                    return Err(MigrationError::BrokenSequence(format!(
-                        "more than {MAX_ROUND_COMMAND_BYTES} bytes of device commands in round {expected_round}"
-                    )));
-                }
-                round_commands.extend(commands);
+                round_commands.add(commands).map_err(|held| {
+                    MigrationError::BrokenSequence(format!(
+                        "device commands of round {expected_round} would take {held} bytes here, more than {MAX_ROUND_COMMAND_BYTES}"
+                    ))
+                })?;
             }
             Message::State { blob, device } => {
                 {
@@ -1023,6 +1288,13 @@ fn control_loop<T: MigrationTarget>(
                         return Err(MigrationError::BrokenSequence(
                             "final state sent before the last round was complete".into(),
                         ));
+                    }
+                    // A frame taken into the last round after its end was judged.
+                    if s.applied != expected_frames {
+                        return Err(MigrationError::BrokenSequence(format!(
+                            "round {}: more frames than announced",
+                            expected_round - 1
+                        )));
                     }
                 }
                 match device {
@@ -1074,4 +1346,82 @@ pub(crate) fn sync_buffers<T: MigrationTarget + ?Sized>(
     buffers: &[DeviceBuffer],
 ) -> Result<(), MigrationError> {
     target.sync_buffers(buffers).map_err(MigrationError::Target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{FrameReader, FrameWriter};
+
+    /// Bytes of memory `commands` take, counted from their allocations.
+    fn allocated_by(commands: &RoundCommands) -> u64 {
+        let size = std::mem::size_of::<LoggedCommand>();
+        let buffers: usize = commands
+            .commands
+            .iter()
+            .map(|c| c.payload.capacity() + 8 * c.args.capacity())
+            .sum();
+        (commands.commands.capacity() * size + buffers) as u64
+    }
+
+    /// `commands` as a destination decodes them off the wire.
+    fn decoded(commands: Vec<LoggedCommand>) -> Vec<LoggedCommand> {
+        let mut w = FrameWriter::new(Vec::new(), false);
+        w.send(&Message::Commands { commands }).unwrap();
+        let bytes = w.into_inner();
+        match FrameReader::new(&bytes[..], 0).read() {
+            Ok(Frame::Control(Message::Commands { commands })) => commands,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn upload(bytes: usize) -> LoggedCommand {
+        LoggedCommand {
+            opcode: 3,
+            args: vec![1, 2],
+            payload: vec![9; bytes],
+            status: 0,
+        }
+    }
+
+    #[test]
+    fn a_round_keeps_no_more_command_memory_than_its_bound() {
+        const LIMIT: u64 = 16 << 20;
+        // Payloads just over 1 MiB: decoded by doubling, they take 2 MiB each.
+        let mut kept = RoundCommands::new(LIMIT);
+        let mut taken = 0;
+        while kept.add(decoded(vec![upload((1 << 20) + 1)])).is_ok() {
+            taken += 1;
+            assert!(allocated_by(&kept) <= kept.held());
+            assert!(kept.held() <= LIMIT, "{} bytes held", kept.held());
+        }
+        assert!(
+            taken >= 14,
+            "only {taken} MiB-sized commands kept in 16 MiB"
+        );
+        assert_eq!(kept.take().len(), taken);
+        assert_eq!(kept.held(), 0);
+        // Empty commands in batches: the vector of them grows within the bound too.
+        let mut kept = RoundCommands::new(LIMIT);
+        let batch = 10_000;
+        let mut taken = 0;
+        while kept
+            .add(decoded(vec![
+                LoggedCommand {
+                    opcode: 1,
+                    args: Vec::new(),
+                    payload: Vec::new(),
+                    status: 0,
+                };
+                batch
+            ]))
+            .is_ok()
+        {
+            taken += batch;
+            assert!(allocated_by(&kept) <= kept.held());
+            assert!(kept.held() <= LIMIT, "{} bytes held", kept.held());
+        }
+        let most = LIMIT as usize / std::mem::size_of::<LoggedCommand>();
+        assert!(taken + batch > most, "only {taken} of {most} commands kept");
+    }
 }

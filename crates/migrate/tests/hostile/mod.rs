@@ -1,0 +1,171 @@
+//! A destination on loopback, and a hostile source that speaks the wire protocol by hand:
+//! for the tests of what a destination refuses.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_migrate::auth::authenticate_stream_connector;
+use ferry_migrate::wire::{FrameStream, Message, StreamRole, Transfer};
+use ferry_migrate::{
+    spawn_receiver, ChunkKey, ChunkWrite, DeviceBuffer, DeviceTransfer, FileTransfer,
+    MigrationError, MigrationTarget, Outcomes, ReceiveReport, Receiving, Secret, TargetFactory,
+    VmDescription, VmError,
+};
+
+use crate::memory_vm::MemoryVm;
+
+pub const MIB: u64 = 1 << 20;
+/// How long a test waits for something that should happen (generous: loaded CI hosts).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn secret() -> Secret {
+    Secret::new("correct horse battery staple").unwrap()
+}
+
+/// A VM being received whose RAM writes take `delay` each.
+pub struct SlowVm {
+    pub vm: MemoryVm,
+    pub delay: Duration,
+    pub ram_writes: AtomicUsize,
+}
+
+impl MigrationTarget for SlowVm {
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        std::thread::sleep(self.delay);
+        self.ram_writes.fetch_add(1, Ordering::SeqCst);
+        self.vm.write_ram(gpa, data)
+    }
+    fn sync_buffers(&self, table: &[DeviceBuffer]) -> Result<(), VmError> {
+        self.vm.sync_buffers(table)
+    }
+    fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        self.vm.write_chunk(chunk, write)
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), VmError> {
+        self.vm.restore(state)
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        self.vm.resume()
+    }
+}
+
+pub struct Factory {
+    /// How long each RAM write of the VMs it makes takes.
+    pub ram_delay: Mutex<Duration>,
+    pub prepared: AtomicUsize,
+    adopted: Mutex<Sender<SlowVm>>,
+}
+
+impl TargetFactory for Factory {
+    type Target = SlowVm;
+    fn prepare(&self, vm: &VmDescription) -> Result<SlowVm, VmError> {
+        self.prepared.fetch_add(1, Ordering::SeqCst);
+        Ok(SlowVm {
+            vm: MemoryVm::new(vm.ram_size),
+            delay: *self.ram_delay.lock().unwrap(),
+            ram_writes: AtomicUsize::new(0),
+        })
+    }
+    fn adopt(&self, target: SlowVm, _: ReceiveReport) {
+        let _ = self.adopted.lock().unwrap().send(target);
+    }
+}
+
+/// A destination host listening on loopback until dropped.
+pub struct Destination {
+    pub addr: String,
+    pub factory: Arc<Factory>,
+    adopted: Receiver<SlowVm>,
+    _receiving: Receiving,
+}
+
+impl Destination {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, adopted) = channel();
+        let factory = Arc::new(Factory {
+            ram_delay: Mutex::new(Duration::ZERO),
+            prepared: AtomicUsize::new(0),
+            adopted: Mutex::new(tx),
+        });
+        let receiving = spawn_receiver(
+            listener,
+            secret(),
+            None,
+            factory.clone(),
+            Outcomes::default(),
+        )
+        .unwrap();
+        Self {
+            addr,
+            factory,
+            adopted,
+            _receiving: receiving,
+        }
+    }
+
+    /// Nothing is adopted within a short while.
+    pub fn assert_nothing_adopted(&self) {
+        assert!(
+            self.adopted
+                .recv_timeout(Duration::from_millis(300))
+                .is_err(),
+            "the destination adopted a VM"
+        );
+    }
+
+    /// An authenticated connection as `role`.
+    pub fn connect(&self, role: StreamRole) -> FrameStream<TcpStream> {
+        let s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut c = FrameStream::new(s, false);
+        authenticate_stream_connector(&mut c, &secret(), role).expect("authentication");
+        c
+    }
+
+    /// Offers `vm` over `streams` data streams and opens them once accepted: the control
+    /// connection and the data connections.
+    pub fn session(
+        &self,
+        vm: VmDescription,
+        streams: u8,
+    ) -> (FrameStream<TcpStream>, Vec<FrameStream<TcpStream>>) {
+        let mut c = self.connect(StreamRole::Control);
+        c.send(&offer(vm, streams)).unwrap();
+        let session = match c.expect_control("accept") {
+            Ok(Message::Accept { session, .. }) => session,
+            other => panic!("expected accept, got {other:?}"),
+        };
+        let data = (0..streams)
+            .map(|index| self.connect(StreamRole::Data { session, index }))
+            .collect();
+        (c, data)
+    }
+}
+
+/// An offer to send `vm` live over `streams` data streams.
+pub fn offer(vm: VmDescription, streams: u8) -> Message {
+    Message::Offer {
+        vm,
+        streams,
+        transfer: Transfer::Live,
+        files: FileTransfer::Reuse,
+        device: DeviceTransfer::Precopy,
+    }
+}
+
+/// The reason the destination aborted with, as its next message on `control`.
+pub fn abort_reason(control: &mut FrameStream<TcpStream>) -> String {
+    match control.expect_control("an abort") {
+        Err(MigrationError::PeerAborted(reason)) => reason,
+        other => panic!("expected the destination to abort, got {other:?}"),
+    }
+}

@@ -1,0 +1,329 @@
+//! What a destination refuses from an authenticated source that breaks the protocol:
+//! frames larger than a sender makes, rounds out of order, frames more than announced,
+//! offers with names it would show and could not, more sessions than it takes at once.
+
+mod hostile;
+mod memory_vm;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use ferry_migrate::receive::{
+    MAX_EXTRA_ENTRIES, MAX_EXTRA_VALUE, MAX_INCOMING_SESSIONS, MAX_WORKLOAD_NAME,
+};
+use ferry_migrate::vm::PAGE_SIZE;
+use ferry_migrate::wire::{Message, StreamRole, MAX_DATA_FRAME};
+use ferry_migrate::{MigrationError, Settlement, VmDescription};
+use hostile::{abort_reason, offer, Destination, MIB, PATIENCE};
+
+/// Frame kinds and flags of the wire format (see `wire.rs`).
+const KIND_CONTROL: u8 = 1;
+const KIND_RAM: u8 = 2;
+const FLAG_COMPRESSED: u8 = 1;
+
+/// A frame of `kind` carrying `wire` as sent, `raw_len` bytes once uncompressed.
+fn frame(kind: u8, flags: u8, wire: &[u8], raw_len: usize) -> Vec<u8> {
+    let mut out = b"FY".to_vec();
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(wire.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(raw_len as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(wire).to_le_bytes());
+    out.extend_from_slice(wire);
+    out
+}
+
+/// A VM of 1 MiB of RAM.
+fn small_vm() -> VmDescription {
+    memory_vm::description("hostile", MIB, 0)
+}
+
+fn begin(round: u32) -> Message {
+    Message::BeginRound {
+        round,
+        buffers: Some(Vec::new()),
+    }
+}
+
+#[test]
+fn data_streams_take_no_frame_larger_than_a_sender_makes() {
+    let dest = Destination::start();
+    // A RAM record of 16 MiB of zeros in 66 KiB of LZ4 (invalid once expanded: more
+    // pages than a record holds, but expanded first); one plain byte over the largest
+    // frame; a control message other than a keepalive on a data stream.
+    let mut bomb = vec![0u8; 16 << 20];
+    bomb[8] = 1; // pages
+    let packed = lz4_flex::block::compress(&bomb);
+    let mut abort = Vec::new();
+    {
+        let mut w = ferry_migrate::wire::FrameWriter::new(&mut abort, false);
+        w.send(&Message::Abort {
+            reason: "x".repeat(4096),
+        })
+        .unwrap();
+    }
+    for (what, bytes) in [
+        (
+            "an LZ4 bomb",
+            frame(KIND_RAM, FLAG_COMPRESSED, &packed, bomb.len()),
+        ),
+        (
+            "a frame one byte too large",
+            frame(
+                KIND_RAM,
+                0,
+                &vec![0; MAX_DATA_FRAME + 1],
+                MAX_DATA_FRAME + 1,
+            ),
+        ),
+        ("a large control message", abort),
+    ] {
+        let (mut c, mut data) = dest.session(small_vm(), 1);
+        c.send(&begin(0)).unwrap();
+        let _ = data[0].get_mut().write_all(&bytes);
+        let reason = abort_reason(&mut c);
+        assert!(reason.contains("limit"), "{what}: {reason}");
+    }
+    dest.assert_nothing_adopted();
+}
+
+#[test]
+fn compressed_control_frames_are_refused() {
+    let dest = Destination::start();
+    let (mut c, _data) = dest.session(small_vm(), 1);
+    // Round 0 begun, as a compressed control frame.
+    let mut plain = Vec::new();
+    ferry_migrate::wire::FrameWriter::new(&mut plain, false)
+        .send(&begin(0))
+        .unwrap();
+    let payload = &plain[16..];
+    let packed = lz4_flex::block::compress(payload);
+    c.get_mut()
+        .write_all(&frame(
+            KIND_CONTROL,
+            FLAG_COMPRESSED,
+            &packed,
+            payload.len(),
+        ))
+        .unwrap();
+    let reason = abort_reason(&mut c);
+    assert!(reason.contains("compressed control"), "{reason}");
+}
+
+#[test]
+fn rounds_out_of_order_are_refused() {
+    let dest = Destination::start();
+    // Begun twice (its table synced again while its data is applied).
+    let (mut c, _data) = dest.session(small_vm(), 1);
+    c.send(&begin(0)).unwrap();
+    c.send(&begin(0)).unwrap();
+    let _ = c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![0],
+    });
+    let reason = abort_reason(&mut c);
+    assert!(reason.contains("began again"), "{reason}");
+    // Ended without beginning.
+    let (mut c, _data) = dest.session(small_vm(), 1);
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![0],
+    })
+    .unwrap();
+    let reason = abort_reason(&mut c);
+    assert!(reason.contains("before it began"), "{reason}");
+    // A later round ended without beginning.
+    let (mut c, _data) = dest.session(small_vm(), 1);
+    c.send(&begin(0)).unwrap();
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![0],
+    })
+    .unwrap();
+    assert_eq!(
+        c.expect_control("applied").unwrap(),
+        Message::RoundApplied { round: 0 }
+    );
+    c.send(&Message::EndRound {
+        round: 1,
+        frames: vec![0],
+    })
+    .unwrap();
+    let reason = abort_reason(&mut c);
+    assert!(reason.contains("before it began"), "{reason}");
+    dest.assert_nothing_adopted();
+}
+
+#[test]
+fn a_frame_more_than_announced_is_refused_in_the_last_round() {
+    let dest = Destination::start();
+    // The frame is being applied (slowly) when the round ends announcing none.
+    *dest.factory.ram_delay.lock().unwrap() = Duration::from_millis(500);
+    let (mut c, mut data) = dest.session(small_vm(), 1);
+    c.send(&begin(0)).unwrap();
+    data[0]
+        .writer
+        .send_ram(0, 1, Some(&[0xee; PAGE_SIZE as usize]))
+        .unwrap();
+    data[0].writer.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![0],
+    })
+    .unwrap();
+    // Whether the round's end waits for the frame or not, it is applied by the time the
+    // final state comes.
+    std::thread::sleep(Duration::from_millis(600));
+    let _ = c.send(&Message::State {
+        blob: vec![1],
+        device: None,
+    });
+    // Refused at the round's end, or at the latest when the final state comes.
+    let reason = match c.expect_control("an abort") {
+        Ok(Message::RoundApplied { round: 0 }) => abort_reason(&mut c),
+        Err(MigrationError::PeerAborted(reason)) => reason,
+        other => panic!("expected the destination to abort, got {other:?}"),
+    };
+    assert!(reason.contains("more frames than announced"), "{reason}");
+    dest.assert_nothing_adopted();
+}
+
+#[test]
+fn offers_with_names_this_host_could_not_show_are_refused() {
+    let dest = Destination::start();
+    let with = |change: &dyn Fn(&mut VmDescription)| {
+        let mut vm = small_vm();
+        change(&mut vm);
+        vm
+    };
+    let extra = |key: &str, value: String| (key.to_string(), value);
+    for (vm, why) in [
+        (
+            with(&|vm| vm.name = "a\nforged log line".into()),
+            "workload name",
+        ),
+        (
+            with(&|vm| vm.name = "\x1b[2J\x1b[31mred".into()),
+            "workload name",
+        ),
+        (with(&|vm| vm.name = "\u{9b}31m".into()), "workload name"),
+        (
+            with(&|vm| vm.name = "n".repeat(MAX_WORKLOAD_NAME + 1)),
+            "workload name",
+        ),
+        (
+            with(&|vm| {
+                vm.extra = (0..=MAX_EXTRA_ENTRIES)
+                    .map(|i| extra(&format!("k{i}"), String::new()))
+                    .collect()
+            }),
+            "extra entries",
+        ),
+        (
+            with(&|vm| vm.extra = vec![extra("args", "a".repeat(MAX_EXTRA_VALUE + 1))]),
+            "extra entry",
+        ),
+        (
+            with(&|vm| vm.extra = vec![extra("a\rb", String::new())]),
+            "extra entry",
+        ),
+        (with(&|vm| vm.microkernel = "m".repeat(1000)), "microkernel"),
+    ] {
+        let mut c = dest.connect(StreamRole::Control);
+        c.send(&offer(vm, 1)).unwrap();
+        match c.expect_control("refusal") {
+            Ok(Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("expected a refusal for {why}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        dest.factory
+            .prepared
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    // What a host sends: a workload's path (spaces and all), its id, arguments, name.
+    let vm = with(&|vm| {
+        vm.name = "/opt/guests/my guest é.elf".into();
+        vm.extra = vec![
+            extra("id", "host-a.7".into()),
+            extra("args", serde_json_like_args()),
+            extra("from", "host-a".into()),
+            extra("name", "trainer".into()),
+        ];
+    });
+    let (_c, _data) = dest.session(vm, 1);
+}
+
+/// A guest's arguments as a host sends them: a JSON list filling a boot-info page, every
+/// byte escaped.
+fn serde_json_like_args() -> String {
+    let mut args = String::from("[\"");
+    while args.len() < 6 * 4000 {
+        args.push_str("\\u0001");
+    }
+    args.push_str("\"]");
+    args
+}
+
+#[test]
+fn a_host_receives_a_bounded_number_of_migrations_at_once() {
+    let dest = Destination::start();
+    // Sessions accepted and waiting for their data streams: every place taken.
+    let mut held: Vec<_> = (0..MAX_INCOMING_SESSIONS)
+        .map(|_| {
+            let mut c = dest.connect(StreamRole::Control);
+            c.send(&offer(small_vm(), 1)).unwrap();
+            assert!(matches!(
+                c.expect_control("accept"),
+                Ok(Message::Accept { .. })
+            ));
+            c
+        })
+        .collect();
+    // One more is refused, small or larger than a handshake frame, saying why.
+    let mut large = small_vm();
+    large.extra = vec![("args".into(), "a".repeat(32 << 10))];
+    for vm in [small_vm(), large] {
+        let mut c = dest.connect(StreamRole::Control);
+        c.send(&offer(vm, 1)).unwrap();
+        match c.expect_control("refusal") {
+            Ok(Message::Refuse { reason }) => {
+                assert!(reason.contains("migrations, its limit"), "{reason}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // A question about an earlier migration is still answered.
+    let mut c = dest.connect(StreamRole::Control);
+    c.send(&Message::Settle { session: 7 }).unwrap();
+    assert_eq!(
+        c.expect_control("settled").unwrap(),
+        Message::Settled {
+            settlement: Settlement::NotRunning
+        }
+    );
+    assert_eq!(
+        dest.factory
+            .prepared
+            .load(std::sync::atomic::Ordering::SeqCst),
+        MAX_INCOMING_SESSIONS
+    );
+    // A session that ends gives its place back.
+    drop(held.pop());
+    let since = Instant::now();
+    loop {
+        let mut c = dest.connect(StreamRole::Control);
+        c.send(&offer(small_vm(), 1)).unwrap();
+        match c.expect_control("accept") {
+            Ok(Message::Accept { .. }) => break,
+            Ok(Message::Refuse { .. }) | Err(MigrationError::Io { .. })
+                if since.elapsed() < PATIENCE =>
+            {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            other => panic!("expected accept once a place was free, got {other:?}"),
+        }
+    }
+}
