@@ -4,9 +4,9 @@
 //! kind discards what was received.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -86,7 +86,45 @@ pub struct ReceiveReport {
 }
 
 /// One connection from the source.
-type Conn = FrameStream<Link>;
+type Conn = FrameStream<Counted>;
+
+/// A connection whose bytes read are counted as they come, for another thread to see: a
+/// frame arriving over a slow link is progress before it is whole.
+struct Counted {
+    link: Link,
+    read: Arc<AtomicU64>,
+}
+
+impl Counted {
+    fn new(link: Link) -> Self {
+        Self {
+            link,
+            read: Arc::default(),
+        }
+    }
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.link.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.link.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.link.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.link.flush()
+    }
+}
 
 /// Read buffer of a plain connection. No larger than the data streams' frames (device
 /// chunks of 64 KiB, up to 1 MiB of pages): a read that large bypasses the buffer, so
@@ -380,7 +418,7 @@ fn handle_connection<F: TargetFactory>(
             WRITE_BUFFER,
         ),
     };
-    let mut conn = FrameStream::new(link, false);
+    let mut conn = FrameStream::new(Counted::new(link), false);
     let role = authenticate_stream_listener(&mut conn, secret)?;
     let slot = match role {
         StreamRole::Control => match shared.slots.take() {
@@ -451,6 +489,11 @@ struct InboundState {
     /// Frames taken into the open round and not yet applied: its end waits for them,
     /// so that one more than announced is counted before the round is judged.
     in_flight: usize,
+    /// When a data frame last came into a round or was applied: what a source's
+    /// keepalives cannot stand in for.
+    last_data: Instant,
+    /// Bytes of the keepalive frames read on the data streams.
+    keepalive_bytes: u64,
     failed: Option<MigrationError>,
     done: bool,
     /// Bytes received of each attached file being sent (by offer index).
@@ -466,16 +509,24 @@ struct Inbound {
     /// Size of each offered file that is being sent (`None`: not sent, the destination
     /// has it), by offer index.
     files: Vec<Option<u64>>,
+    /// Bytes read on each data stream so far, partial frames included.
+    received: Vec<Arc<AtomicU64>>,
 }
 
 impl Inbound {
-    fn new(streams: u8, control_socket: TcpStream, files: Vec<Option<u64>>) -> Self {
+    fn new(
+        received: Vec<Arc<AtomicU64>>,
+        control_socket: TcpStream,
+        files: Vec<Option<u64>>,
+    ) -> Self {
         Self {
             state: Mutex::new(InboundState {
                 round_open: false,
                 round: 0,
-                applied: vec![0; usize::from(streams)],
+                applied: vec![0; received.len()],
                 in_flight: 0,
+                last_data: Instant::now(),
+                keepalive_bytes: 0,
                 failed: None,
                 done: false,
                 file_bytes: vec![0; files.len()],
@@ -483,7 +534,20 @@ impl Inbound {
             changed: Condvar::new(),
             control_socket,
             files,
+            received,
         }
+    }
+
+    /// Bytes of data read on the data streams, keepalives aside: partial frames count, so
+    /// a slow link shows its progress. A keepalive read and not yet counted as one counts
+    /// for a moment (a frame's bytes at most per stream).
+    fn data_bytes(&self, s: &InboundState) -> u64 {
+        let read: u64 = self
+            .received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .sum();
+        read.saturating_sub(s.keepalive_bytes)
     }
 
     /// Checks a file piece against the offer and what was sent already, and counts it.
@@ -575,6 +639,7 @@ fn apply_stream<T: MigrationTarget>(
 ) -> u64 {
     let _fail_on_panic = FailOnPanic { index, inbound };
     loop {
+        let before = reader.bytes_read;
         let frame = match reader.read() {
             Ok(f) => f,
             Err(e) => {
@@ -582,6 +647,7 @@ fn apply_stream<T: MigrationTarget>(
                 return reader.bytes_read;
             }
         };
+        let data = !matches!(frame, Frame::Control(Message::Keepalive));
         // Frames belong to the open round; wait for the control stream to open it (and
         // sync the buffer table) before applying anything. Taken into it in flight, so
         // that its end waits for the frame and counts it.
@@ -596,6 +662,9 @@ fn apply_stream<T: MigrationTarget>(
                 return reader.bytes_read;
             }
             s.in_flight += 1;
+            if data {
+                s.last_data = Instant::now();
+            }
         }
         let applied = match frame {
             // A stream with nothing to carry for a while, still there (counted in the
@@ -619,6 +688,11 @@ fn apply_stream<T: MigrationTarget>(
             return reader.bytes_read;
         }
         s.applied[index] += 1;
+        if data {
+            s.last_data = Instant::now();
+        } else {
+            s.keepalive_bytes += reader.bytes_read - before;
+        }
         drop(s);
         inbound.changed.notify_all();
     }
@@ -992,8 +1066,9 @@ fn receive_session<F: TargetFactory>(
     tracing::debug!(ms = ms(started.elapsed()), "data streams collected");
     let (target, vm) = (accepted.target, accepted.vm);
     // Each data connection comes with a handle on its socket, to shut it down.
-    let (readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
-    let inbound = Inbound::new(streams, control_socket, accepted.file_sizes);
+    let (mut readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
+    let received = readers.iter_mut().map(|r| r.get_mut().read.clone());
+    let inbound = Inbound::new(received.collect(), control_socket, accepted.file_sizes);
     let result = std::thread::scope(|scope| {
         let handles: Vec<_> = readers
             .into_iter()
@@ -1155,10 +1230,29 @@ fn control_loop<T: MigrationTarget>(
     let mut expected_frames = vec![0u64; usize::from(streams)];
     // The open round's device commands, replayed once its data is in.
     let mut round_commands = RoundCommands::new(MAX_ROUND_COMMAND_BYTES);
+    // When the source last moved the migration on (not counting keepalives), and the
+    // most data bytes seen then.
+    let mut progress = Instant::now();
+    let mut data_seen = 0;
     loop {
         let message = conn.expect_control("the next round")?;
         if matches!(message, Message::Keepalive) {
-            // The source is at work on a long round; the idle limit starts again.
+            // The source is at work on a long round; the idle limit starts again, unless
+            // all it did for that long was say so (a source at work sends data, if slowly).
+            let s = inbound.lock();
+            let data = inbound.data_bytes(&s);
+            if data > data_seen {
+                (data_seen, progress) = (data, Instant::now());
+            }
+            let since = progress.max(s.last_data).elapsed();
+            let limit = crate::deadline::idle_limit();
+            if s.in_flight == 0 && since > limit {
+                return Err(MigrationError::TimedOut {
+                    phase: format!("round {}", s.round),
+                    what: "receiving keepalives and no data".into(),
+                    limit_ms: limit.as_millis() as u64,
+                });
+            }
             continue;
         }
         match message {
@@ -1338,6 +1432,7 @@ fn control_loop<T: MigrationTarget>(
                 ))
             }
         }
+        progress = Instant::now();
     }
 }
 

@@ -1,0 +1,119 @@
+//! A source that keeps a round open saying it is at work, and sends no data, is given
+//! up on after the idle limit; one that sends data slowly is not. The limits are
+//! shortened for this test binary's process.
+
+mod hostile;
+mod memory_vm;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use ferry_migrate::vm::PAGE_SIZE;
+use ferry_migrate::wire::Message;
+use hostile::{abort_reason, Destination, MIB};
+
+const IDLE_LIMIT: Duration = Duration::from_secs(1);
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(200);
+
+fn begin(round: u32) -> Message {
+    Message::BeginRound {
+        round,
+        buffers: Some(Vec::new()),
+    }
+}
+
+#[test]
+fn keepalives_alone_do_not_hold_a_round_open() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    let (mut c, mut data) = dest.session(memory_vm::description("stalling", MIB, 0), 1);
+    c.send(&begin(0)).unwrap();
+    // Keepalives on both streams (each data one a frame of the round), and nothing else.
+    let started = Instant::now();
+    let sender = {
+        let mut control = c.writer.get_mut().try_clone().unwrap();
+        let mut data = data.remove(0);
+        std::thread::spawn(move || {
+            let mut w = ferry_migrate::wire::FrameWriter::new(&mut control, false);
+            while started.elapsed() < IDLE_LIMIT * 10 {
+                std::thread::sleep(KEEPALIVE_EVERY);
+                if w.send(&Message::Keepalive).is_err() || data.send(&Message::Keepalive).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let reason = abort_reason(&mut c);
+    assert!(reason.contains("keepalives and no data"), "{reason}");
+    assert!(
+        started.elapsed() < IDLE_LIMIT * 5,
+        "given up only after {:?}",
+        started.elapsed()
+    );
+    drop(c);
+    sender.join().unwrap();
+    dest.assert_nothing_adopted();
+}
+
+#[test]
+fn a_round_that_sends_data_slowly_stays_open() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    let (mut c, mut data) = dest.session(memory_vm::description("slow", MIB, 0), 1);
+    c.send(&begin(0)).unwrap();
+    // A page every half idle limit, and keepalives, for three idle limits.
+    let started = Instant::now();
+    let mut pages = 0;
+    let mut next_page = Instant::now();
+    while started.elapsed() < IDLE_LIMIT * 3 {
+        if Instant::now() >= next_page {
+            data[0]
+                .writer
+                .send_ram(pages * PAGE_SIZE, 1, Some(&[7; PAGE_SIZE as usize]))
+                .unwrap();
+            data[0].writer.flush().unwrap();
+            pages += 1;
+            next_page += IDLE_LIMIT / 2;
+        }
+        c.send(&Message::Keepalive).unwrap();
+        std::thread::sleep(KEEPALIVE_EVERY);
+    }
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![pages],
+    })
+    .unwrap();
+    assert_eq!(
+        c.expect_control("applied").unwrap(),
+        Message::RoundApplied { round: 0 }
+    );
+}
+
+#[test]
+fn a_frame_that_takes_several_idle_limits_to_arrive_keeps_its_round() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    let (mut c, mut data) = dest.session(memory_vm::description("slow-link", MIB, 0), 1);
+    c.send(&begin(0)).unwrap();
+    // A frame of a page, a few bytes at a time over three idle limits (a slow link), and
+    // keepalives on the control stream meanwhile.
+    let mut page = Vec::new();
+    ferry_migrate::wire::FrameWriter::new(&mut page, false)
+        .send_ram(0, 1, Some(&[7; PAGE_SIZE as usize]))
+        .unwrap();
+    let pieces = (IDLE_LIMIT * 3).as_millis() / KEEPALIVE_EVERY.as_millis();
+    for piece in page.chunks(page.len().div_ceil(pieces as usize)) {
+        data[0].get_mut().write_all(piece).unwrap();
+        c.send(&Message::Keepalive).unwrap();
+        std::thread::sleep(KEEPALIVE_EVERY);
+    }
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![1],
+    })
+    .unwrap();
+    assert_eq!(
+        c.expect_control("applied").unwrap(),
+        Message::RoundApplied { round: 0 }
+    );
+}
