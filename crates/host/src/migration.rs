@@ -34,38 +34,46 @@ pub(crate) const EXTRA_NAME: &str = "name";
 /// What this host can run a VM on accelerator backend `kind` with: the facts compared at
 /// the handshake. `None` if this host has no such backend.
 pub fn local_description(kind: &str) -> Option<VmDescription> {
-    // Computed once per kind: finding the kernel version builds a backend.
-    static LOCAL: OnceLock<Mutex<HashMap<String, Option<VmDescription>>>> = OnceLock::new();
-    let mut known = LOCAL
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    known
-        .entry(kind.to_string())
-        .or_insert_with(|| {
-            let backend = backend::create(kind, 1, &DeviceMemory::default()).ok()?;
-            Some(VmDescription {
-                name: String::new(),
-                ram_size: 0,
-                vcpus: 1,
-                accel_memory: 0,
-                abi_version: ABI_VERSION,
-                state_version: ferry_vmm::vm::STATE_VERSION,
-                backend_kind: backend.kind().into(),
-                kernel_version: backend.kernel_version(),
-                // The cpu backend's MATMUL bits depend on the CPU's microkernel; a cuda
-                // backend's kind names what its bits depend on.
-                microkernel: if kind == backend::CPU {
-                    gemm_microkernel().into()
-                } else {
-                    String::new()
-                },
-                extra: Vec::new(),
-                files: Vec::new(),
-                cpu_features: ferry_migrate::cpu::native_cpu_features().to_vec(),
-            })
-        })
-        .clone()
+    // Computed once per kind: finding the kernel version builds a backend (a GPU's
+    // context), which no other handshake waits for (it is built outside the lock); a
+    // kind this host lacks is asked about again.
+    static LOCAL: OnceLock<Mutex<HashMap<String, VmDescription>>> = OnceLock::new();
+    let known = || {
+        LOCAL
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    };
+    if let Some(found) = known().get(kind) {
+        return Some(found.clone());
+    }
+    let described = described_here(kind)?;
+    Some(known().entry(kind.to_string()).or_insert(described).clone())
+}
+
+/// What this host can run a VM on backend `kind` with, found by building one.
+fn described_here(kind: &str) -> Option<VmDescription> {
+    let backend = backend::create(kind, 1, &DeviceMemory::default()).ok()?;
+    Some(VmDescription {
+        name: String::new(),
+        ram_size: 0,
+        vcpus: 1,
+        accel_memory: 0,
+        abi_version: ABI_VERSION,
+        state_version: ferry_vmm::vm::STATE_VERSION,
+        backend_kind: backend.kind().into(),
+        kernel_version: backend.kernel_version(),
+        // The cpu backend's MATMUL bits depend on the CPU's microkernel; a cuda
+        // backend's kind names what its bits depend on.
+        microkernel: if kind == backend::CPU {
+            gemm_microkernel().into()
+        } else {
+            String::new()
+        },
+        extra: Vec::new(),
+        files: Vec::new(),
+        cpu_features: ferry_migrate::cpu::native_cpu_features().to_vec(),
+    })
 }
 
 /// Why this host cannot run `vm`, if it cannot.
