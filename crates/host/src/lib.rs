@@ -718,6 +718,12 @@ impl Host {
                 "'{name}' is not a VM name: 1 to 63 letters, digits, '.', '_' and '-'"
             )));
         }
+        let max = ferry_migrate::receive::MAX_WORKLOAD_NAME;
+        if !ferry_migrate::receive::printable(&req.workload, max) {
+            return Err(HostError::BadRequest(format!(
+                "a workload is named by at most {max} bytes and no control characters (a VM's offer carries it when it migrates)"
+            )));
+        }
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
         // Before any room is reserved: an impossible shape is a bad request, not a
@@ -1422,6 +1428,16 @@ mod tests {
             assert!(
                 matches!(error, HostError::BadRequest(_)),
                 "{memory} + {accel}: {error:?}"
+            );
+        }
+        // A workload whose offer no host would take: it could never migrate.
+        for workload in ["hello\x1b[2J".to_string(), "x".repeat(4096)] {
+            let mut req = memtouch(64 << 20, 0);
+            req.workload = workload;
+            let error = host.create_vm(&req).unwrap_err();
+            assert!(
+                matches!(error, HostError::BadRequest(ref why) if why.contains("control characters")),
+                "{error:?}"
             );
         }
         assert_eq!(host.memory_used(), 0);

@@ -862,8 +862,10 @@ pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), Stri
     Ok(())
 }
 
-/// Whether `text` has at most `max` bytes and no control character.
-fn printable(text: &str, max: usize) -> bool {
+/// Whether `text` has at most `max` bytes and no control character: what an offer's
+/// labels must be (a host creating a VM checks its workload the same way, so that every
+/// VM it runs can migrate).
+pub fn printable(text: &str, max: usize) -> bool {
     text.len() <= max && !text.chars().any(char::is_control)
 }
 
