@@ -1303,23 +1303,33 @@ fn control_loop<T: MigrationTarget>(
                         MigrationError::BrokenSequence("frame count overflow".into())
                     })?;
                 }
-                let (s, timeout) = inbound
-                    .changed
-                    .wait_timeout_while(inbound.lock(), STREAM_WAIT, |s| {
-                        s.failed.is_none()
-                            && (s.in_flight > 0
-                                || s.applied.iter().zip(&expected_frames).any(|(a, e)| a < e))
-                    })
-                    .expect("inbound lock");
-                let mut s = s;
+                let pending = |s: &InboundState| {
+                    s.failed.is_none()
+                        && (s.in_flight > 0
+                            || s.applied.iter().zip(&expected_frames).any(|(a, e)| a < e))
+                };
+                // Waits while frames arrive or are applied, however long that takes (up
+                // to the idle limit without one): a file chunk is a few bytes on the wire
+                // and a 64 KiB read of this host's copy of the file, so a large model's
+                // are mostly read after the round's end, at the speed of this disk.
+                let (ended, limit) = (Instant::now(), crate::deadline::idle_limit());
+                let mut s = inbound.lock();
+                while pending(&s) {
+                    let left = limit.saturating_sub(s.last_data.max(ended).elapsed());
+                    if left.is_zero() {
+                        return Err(MigrationError::BrokenSequence(format!(
+                            "round {round}'s frames stopped arriving for {} ms before all of them were applied",
+                            limit.as_millis()
+                        )));
+                    }
+                    s = inbound
+                        .changed
+                        .wait_timeout_while(s, left, |s| pending(s))
+                        .expect("inbound lock")
+                        .0;
+                }
                 if let Some(failed) = s.failed.take() {
                     return Err(failed);
-                }
-                if timeout.timed_out() {
-                    return Err(MigrationError::BrokenSequence(format!(
-                        "round {round}'s data did not arrive within {}s",
-                        STREAM_WAIT.as_secs()
-                    )));
                 }
                 if s.applied != expected_frames {
                     return Err(MigrationError::BrokenSequence(format!(

@@ -861,6 +861,8 @@ pub(crate) struct StreamCounts {
     pub(crate) chunks: u64,
     zero_chunks: u64,
     pub(crate) file_chunks: u64,
+    /// Bytes of those chunks, which the destination reads from its copy of the file.
+    file_chunk_bytes: u64,
     chunk_parts: u64,
 }
 
@@ -981,6 +983,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             .filter(|p| Some(p.buffer_bytes) == queue.buffer_size(key.buffer));
         if let Some(p) = piece.filter(|p| queue.destination_has(p.origin.file)) {
             counts.file_chunks += 1;
+            counts.file_chunk_bytes += p.len;
             writer.send_chunk_origin(key, p.len, p.origin)?;
             // The destination reads these bytes itself: work at that end all the same.
             queue.sent(p.len);
@@ -1217,6 +1220,7 @@ impl Session<'_> {
             total.chunks += c.chunks;
             total.zero_chunks += c.zero_chunks;
             total.file_chunks += c.file_chunks;
+            total.file_chunk_bytes += c.file_chunk_bytes;
             total.chunk_parts += c.chunk_parts;
         }
         let frames = self
@@ -1227,9 +1231,10 @@ impl Session<'_> {
             .collect();
         self.control.send(&Message::EndRound { round, frames })?;
         // The destination acknowledges a round of commands once it replayed them, one that
-        // carried files once it checked them.
-        let answer_time =
-            work.replay_time + file_check_time(work.files.iter().map(|f| f.len).sum());
+        // carried files once it checked them, and one of chunks from files once it read
+        // them from its copy (a few bytes each on the wire: mostly after the round's end).
+        let file_bytes: u64 = work.files.iter().map(|f| f.len).sum();
+        let answer_time = work.replay_time + file_check_time(file_bytes + total.file_chunk_bytes);
         let acknowledged = with_patience(
             &self.sockets[0],
             self.options.io_timeout,

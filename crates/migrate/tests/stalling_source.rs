@@ -1,6 +1,7 @@
 //! A source that keeps a round open saying it is at work, and sends no data, is given
-//! up on after the idle limit; one that sends data slowly is not. The limits are
-//! shortened for this test binary's process.
+//! up on after the idle limit; one that sends data slowly is not, nor a round whose
+//! frames this host takes long to apply. The limits are shortened for this test binary's
+//! process.
 
 mod hostile;
 mod memory_vm;
@@ -116,4 +117,60 @@ fn a_frame_that_takes_several_idle_limits_to_arrive_keeps_its_round() {
         c.expect_control("applied").unwrap(),
         Message::RoundApplied { round: 0 }
     );
+}
+
+#[test]
+fn a_round_whose_frames_take_longer_than_the_idle_limit_to_apply_is_waited_for() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    // Each page takes a fifth of the idle limit to write here (a file chunk read from a
+    // slow disk): the round's frames all arrive at once, and take three idle limits to
+    // apply after its end.
+    *dest.factory.ram_delay.lock().unwrap() = IDLE_LIMIT / 5;
+    let (mut c, mut data) = dest.session(memory_vm::description("slow-disk", MIB, 0), 1);
+    c.send(&begin(0)).unwrap();
+    let pages = 15;
+    for page in 0..pages {
+        data[0]
+            .writer
+            .send_ram(page * PAGE_SIZE, 1, Some(&[7; PAGE_SIZE as usize]))
+            .unwrap();
+    }
+    data[0].writer.flush().unwrap();
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![pages],
+    })
+    .unwrap();
+    assert_eq!(
+        c.expect_control("applied").unwrap(),
+        Message::RoundApplied { round: 0 }
+    );
+}
+
+#[test]
+fn a_round_whose_announced_frames_never_come_is_given_up_on_after_the_idle_limit() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    let (mut c, mut data) = dest.session(memory_vm::description("missing", MIB, 0), 1);
+    c.send(&begin(0)).unwrap();
+    data[0]
+        .writer
+        .send_ram(0, 1, Some(&[7; PAGE_SIZE as usize]))
+        .unwrap();
+    data[0].writer.flush().unwrap();
+    let started = Instant::now();
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![2],
+    })
+    .unwrap();
+    let reason = abort_reason(&mut c);
+    assert!(reason.contains("stopped arriving"), "{reason}");
+    assert!(
+        started.elapsed() < IDLE_LIMIT * 5,
+        "given up only after {:?}",
+        started.elapsed()
+    );
+    dest.assert_nothing_adopted();
 }
