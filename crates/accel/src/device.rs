@@ -318,8 +318,9 @@ fn check_compatible(state: &AccelState, backend: &dyn Backend) -> Result<(), Acc
     Ok(())
 }
 
-/// Work handed to the device thread, run there even while the device is paused: a
-/// backend may run kernels only on the thread it started the device loop on.
+/// Work handed to the device thread, run there between two commands, even while the
+/// device is paused: a backend may run kernels only on the thread it started the device
+/// loop on.
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
 
 /// Where the device thread is in its life.
@@ -982,12 +983,22 @@ fn run_device(shared: &Shared) {
         }
         let started = Instant::now();
         loop {
-            // A device being ended runs nothing more: the VM is going away.
-            let control = relock(&shared.control);
-            if control.pause_requested || control.life != Life::Live {
-                break;
+            let job = {
+                // A device being ended runs nothing more: the VM is going away.
+                let mut control = relock(&shared.control);
+                if control.pause_requested || control.life != Life::Live {
+                    break;
+                }
+                control.job.take()
+            };
+            if let Some(job) = job {
+                // Run between two commands, not once the ring is empty: a guest that
+                // keeps its ring full would hold a capture's start off for ever (the
+                // core lock is not fair: this thread takes it back first).
+                job(&mut relock(&shared.core));
+                shared.progress.notify_all();
+                continue;
             }
-            drop(control);
             // No wake-up per command: waiters only care about `busy`, notified below.
             let progressed = relock(&shared.core).step();
             if !progressed {
@@ -1364,9 +1375,9 @@ pub struct DeviceReplay {
 /// run.
 struct DeviceGone;
 
-/// Runs `f` on the device thread of `shared` (where the backend runs kernels), even
-/// while the device is paused, and returns what it returns; [`DeviceGone`] if the
-/// device is dead or stopping, or dies before `f` returns.
+/// Runs `f` on the device thread of `shared` (where the backend runs kernels), at its
+/// next command boundary, even while the device is paused, and returns what it returns;
+/// [`DeviceGone`] if the device is dead or stopping, or dies before `f` returns.
 fn on_device<R: Send + 'static>(
     shared: &Shared,
     f: impl FnOnce(&mut Core) -> R + Send + 'static,
@@ -1390,6 +1401,62 @@ fn on_device<R: Send + 'static>(
     // A job the device thread drops untaken as it ends, or that panics, drops the
     // sender: then this fails.
     rx.recv().map_err(|_| DeviceGone)
+}
+
+/// Starts a capture on `core`, at a command boundary (see
+/// [`DeviceReplay::start_capture`]); failed at once unless the device is `Live`: its
+/// memory may hold part of a command that is in no log (one that panicked, or was cut
+/// short as the device is ended).
+fn begin_capture(
+    core: &Core,
+    limits: CaptureLimits,
+    since: Option<&[ChunkId]>,
+    life: Life,
+) -> (Vec<BufferState>, Vec<ChunkId>) {
+    let mut map = lock_map(&core.map);
+    let table = map.table();
+    let base: Vec<ChunkId> = match since {
+        None => map.written.marked(),
+        Some(pending) => {
+            let mut chunks = map.dirty.take();
+            chunks.extend_from_slice(pending);
+            chunks.sort_unstable();
+            chunks.dedup();
+            chunks
+        }
+    };
+    let (mut chunks, mut zeros) = (Vec::new(), Vec::new());
+    let mut listed = Vec::new();
+    for chunk in base {
+        let Some(range) = map
+            .sizes
+            .get(&chunk.buffer)
+            .and_then(|&bytes| chunk_range(bytes, chunk.index))
+        else {
+            continue;
+        };
+        if map.written.contains(chunk) {
+            chunks.push(chunk);
+        } else {
+            zeros.push((chunk, range.end - range.start));
+        }
+        listed.push(chunk);
+    }
+    drop(map);
+    let mut capture = Capture::new(limits, chunks, zeros);
+    if life != Life::Live {
+        capture.fail(CaptureError::DeviceGone);
+    }
+    *lock_capture(&core.capture) = Some(capture);
+    core.capturing.store(true, Ordering::Release);
+    (table, listed)
+}
+
+/// Ends `core`'s capture, at a command boundary, and says what it cost.
+fn end_capture(core: &Core) -> Option<CaptureReport> {
+    core.capturing.store(false, Ordering::Release);
+    let capture = lock_capture(&core.capture).take();
+    capture.map(|c| c.report())
 }
 
 impl DeviceReplay {
@@ -1418,57 +1485,30 @@ impl DeviceReplay {
         .unwrap_or(Err(ReplayError::DeviceGone))
     }
 
-    /// Starts a capture at the next command boundary (waiting for the command in flight)
-    /// and returns the base's buffer table and chunks; every command from then on is
-    /// logged, and the device may keep running. The base is device memory as of the
-    /// boundary: with `since` `None`, its written chunks (the others read as zero); with
-    /// `Some(pending)`, the chunks `pending` and those dirty now (taken), of the base's
-    /// buffers, for a destination that has the rest from pre-copy.
+    /// Starts a capture at the next command boundary (waiting for the command in flight,
+    /// not for the guest's ring to empty) and returns the base's buffer table and chunks;
+    /// every command from then on is logged, and the device may keep running. The base
+    /// is device memory as of the boundary: with `since` `None`, its written chunks (the
+    /// others read as zero); with `Some(pending)`, the chunks `pending` and those dirty
+    /// now (taken), of the base's buffers, for a destination that has the rest from
+    /// pre-copy.
     pub fn start_capture(
         &self,
         limits: CaptureLimits,
         since: Option<&[ChunkId]>,
     ) -> (Vec<BufferState>, Vec<ChunkId>) {
-        let core = relock(&self.shared.core);
-        let mut map = self.shared.tracker.map();
-        let table = map.table();
-        let base: Vec<ChunkId> = match since {
-            None => map.written.marked(),
-            Some(pending) => {
-                let mut chunks = map.dirty.take();
-                chunks.extend_from_slice(pending);
-                chunks.sort_unstable();
-                chunks.dedup();
-                chunks
-            }
-        };
-        let (mut chunks, mut zeros) = (Vec::new(), Vec::new());
-        let mut listed = Vec::new();
-        for chunk in base {
-            let Some(range) = map
-                .sizes
-                .get(&chunk.buffer)
-                .and_then(|&bytes| chunk_range(bytes, chunk.index))
-            else {
-                continue;
-            };
-            if map.written.contains(chunk) {
-                chunks.push(chunk);
-            } else {
-                zeros.push((chunk, range.end - range.start));
-            }
-            listed.push(chunk);
-        }
-        drop(map);
-        let mut capture = Capture::new(limits, chunks, zeros);
-        if relock(&self.shared.control).life != Life::Live {
-            // Its memory may hold part of a command that is in no log (one that panicked,
-            // or was cut short as the device is ended).
-            capture.fail(CaptureError::DeviceGone);
-        }
-        *lock_capture(&core.capture) = Some(capture);
-        core.capturing.store(true, Ordering::Release);
-        (table, listed)
+        let since: Option<Arc<[ChunkId]>> = since.map(Arc::from);
+        let at_boundary = since.clone();
+        // On the device thread, between two commands: nothing half done.
+        on_device(&self.shared, move |core| {
+            begin_capture(core, limits, at_boundary.as_deref(), Life::Live)
+        })
+        .unwrap_or_else(|DeviceGone| {
+            // No thread runs commands (past the one an ending device cuts short).
+            let core = relock(&self.shared.core);
+            let life = relock(&self.shared.control).life;
+            begin_capture(&core, limits, since.as_deref(), life)
+        })
     }
 
     /// Copies base chunk `chunk` into `out` as it was at the capture's boundary; `false`
@@ -1536,12 +1576,11 @@ impl DeviceReplay {
         Ok(capture.take_log())
     }
 
-    /// Ends the capture (at the next command boundary) and says what it cost.
+    /// Ends the capture (at the next command boundary, as [`Self::start_capture`] starts
+    /// one) and says what it cost.
     pub fn stop_capture(&self) -> Option<CaptureReport> {
-        let core = relock(&self.shared.core);
-        core.capturing.store(false, Ordering::Release);
-        let capture = lock_capture(&core.capture).take();
-        capture.map(|c| c.report())
+        on_device(&self.shared, |core| end_capture(core))
+            .unwrap_or_else(|DeviceGone| end_capture(&relock(&self.shared.core)))
     }
 
     /// About how long [`digest`](Self::digest) would take now: the bytes of the buffers

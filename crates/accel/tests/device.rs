@@ -1373,3 +1373,127 @@ fn a_pause_still_waits_for_the_kernel_and_a_backend_that_cannot_abort_finishes_i
     assert_eq!(g.tail(), launch + 1);
     assert_eq!(g.status(launch), status::OK);
 }
+
+/// n of the n×n×n MATMULs [`keep_ring_full`] runs: each takes tens of milliseconds on
+/// one thread.
+const FEED_N: u64 = 768;
+
+/// A guest that keeps its ring full of MATMULs writing buffer 3 back to back (buffers 1
+/// to 3, allocated here), on a thread of its own until `stop` is set; the thread
+/// returns the guest and how many it submitted. A hostile guest does this to hold up
+/// whoever waits for the device between two commands.
+fn keep_ring_full(
+    mut g: FakeGuest,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(FakeGuest, u64)> {
+    let n = FEED_N;
+    for id in 1..=3 {
+        assert_eq!(g.run(op::ALLOC, &[id, n * n * 4]), status::OK);
+    }
+    std::thread::spawn(move || {
+        let mut fed = 0;
+        while !stop.load(Ordering::SeqCst) {
+            // Refilled by halves: its doorbells, rare, leave the device's locks alone.
+            if g.head - g.tail() < RING_SLOTS / 2 {
+                while g.head - g.tail() < RING_SLOTS - 1 {
+                    g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+                    fed += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (g, fed)
+    })
+}
+
+/// How long `f` took on a thread of its own, or `None` if it had not returned within
+/// `limit` (see [`within`]).
+fn timed(limit: Duration, f: impl FnOnce() + Send + 'static) -> Option<Duration> {
+    within(limit, move || {
+        let started = Instant::now();
+        f();
+        started.elapsed()
+    })
+}
+
+#[test]
+fn a_capture_starts_and_stops_within_a_command_while_the_guest_keeps_its_ring_full() {
+    use ferry_accel::replay::CaptureLimits;
+    let g = FakeGuest::new(1);
+    let replayer = g.accel.replayer();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = Instant::now();
+    let feeder = keep_ring_full(g, stop.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    // Each start and stop waits for one command; waiting until this thread wins a race
+    // for the core lock against the device thread, several waited for many.
+    let mut took = Vec::new();
+    let mut logged = 0;
+    for _ in 0..5 {
+        let starting = replayer.clone();
+        took.push(timed(Duration::from_secs(10), move || {
+            starting.start_capture(CaptureLimits::default(), None);
+        }));
+        std::thread::sleep(Duration::from_millis(100));
+        logged += replayer.take_log().map_or(0, |log| log.len());
+        let stopping = replayer.clone();
+        took.push(timed(Duration::from_secs(10), move || {
+            stopping.stop_capture();
+        }));
+        if took.iter().any(Option::is_none) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (g, fed) = feeder.join().unwrap();
+    // The three ALLOCs first, then the MATMULs, back to back.
+    let per_command = feeding.elapsed() / (g.tail() - 3).max(1) as u32;
+    let bound = per_command * 4 + Duration::from_millis(100);
+    eprintln!(
+        "capture starts and stops took {took:?} (a command {per_command:?}); {logged} commands logged, {} of {fed} ran",
+        g.tail()
+    );
+    assert!(
+        took.iter().all(|t| t.is_some_and(|t| t < bound)),
+        "capture starts and stops took {took:?}, commands {per_command:?}: one waited for many"
+    );
+    assert!(logged > 0, "the captures logged the guest's commands");
+}
+
+#[test]
+fn a_chunk_read_waits_for_one_kernel_while_the_guest_writes_its_buffer_back_to_back() {
+    let g = FakeGuest::new(1);
+    let tracker = g.accel.tracker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeding = Instant::now();
+    let feeder = keep_ring_full(g, stop.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    // Each read waits for the kernel writing buffer 3 at most (and one more, asked just
+    // as it ended); waiting until this thread wins a race for the buffer's lock against
+    // the device thread, several waited for many.
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let reader = tracker.clone();
+        let read = timed(Duration::from_secs(10), move || {
+            assert!(reader
+                .read_chunk(ChunkId::new(3, 0), &mut Vec::new())
+                .is_some());
+        });
+        took.push(read);
+        if read.is_none() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (g, fed) = feeder.join().unwrap();
+    let per_command = feeding.elapsed() / (g.tail() - 3).max(1) as u32;
+    let bound = per_command * 4 + Duration::from_millis(100);
+    eprintln!(
+        "chunk reads took {took:?} (a command {per_command:?}); {} of {fed} commands ran",
+        g.tail()
+    );
+    assert!(
+        took.iter().all(|t| t.is_some_and(|t| t < bound)),
+        "chunk reads took {took:?}, commands {per_command:?}: one waited for many"
+    );
+}

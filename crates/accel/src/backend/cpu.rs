@@ -14,6 +14,7 @@ mod quant;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ pub struct CpuBackend {
     threads: HostThreads,
     memory: DeviceMemory,
     buffers: Arc<Buffers>,
+    /// Shared with its readers: see [`ReaderTurn`].
+    turn: Arc<ReaderTurn>,
 }
 
 impl core::fmt::Debug for CpuBackend {
@@ -93,12 +96,51 @@ impl core::fmt::Debug for CpuBackend {
 /// device runs.
 type Buffers = BufferTable<RwLock<DeviceBuffer>>;
 
-impl BufferReader for Buffers {
+/// Lets readers on other threads (a migration's pre-copy) in between two writes of
+/// their buffer: std's lock is not fair, and the device thread, writing a buffer kernel
+/// after kernel, would take it back first time after time. Before it write-locks, the
+/// device thread waits until every reader that asked for a buffer by then has it.
+#[derive(Default)]
+struct ReaderTurn {
+    /// Reads asked for, of any buffer.
+    asked: AtomicU64,
+    /// Of those, the reads whose lock was taken.
+    got: AtomicU64,
+}
+
+impl ReaderTurn {
+    /// Read access to `buffer`, counted.
+    fn read<'a>(&self, buffer: &'a RwLock<DeviceBuffer>) -> RwLockReadGuard<'a, DeviceBuffer> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let words = read_lock(buffer);
+        self.got.fetch_add(1, Ordering::SeqCst);
+        words
+    }
+
+    /// Waits until the reads asked for by now have their lock; called by the one
+    /// writer (the backend's `&mut` calls) before it write-locks, holding no buffer's
+    /// write lock, so no read waits for it: a woken reader takes its lock within a
+    /// scheduling delay.
+    fn wait(&self) {
+        let asked = self.asked.load(Ordering::SeqCst);
+        while self.got.load(Ordering::SeqCst) < asked {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The buffers as other threads read them (see [`ReaderTurn`]).
+struct Reader {
+    buffers: Arc<Buffers>,
+    turn: Arc<ReaderTurn>,
+}
+
+impl BufferReader for Reader {
     fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool {
-        let Some(buffer) = self.get(id) else {
+        let Some(buffer) = self.buffers.get(id) else {
             return false;
         };
-        f(bytemuck::cast_slice(&read_lock(&buffer)));
+        f(bytemuck::cast_slice(&self.turn.read(&buffer)));
         true
     }
 }
@@ -145,6 +187,7 @@ impl CpuBackend {
             threads: started,
             memory,
             buffers: Arc::default(),
+            turn: Arc::default(),
         }
     }
 
@@ -159,6 +202,7 @@ impl CpuBackend {
     ) {
         // Only this thread changes the table, so holding it for reading blocks nobody.
         let table = self.buffers.read();
+        self.turn.wait();
         let mut written = outputs.map(|id| {
             write_lock(
                 table
@@ -229,7 +273,10 @@ impl Backend for CpuBackend {
     }
 
     fn reader(&self) -> Arc<dyn BufferReader> {
-        self.buffers.clone()
+        Arc::new(Reader {
+            buffers: self.buffers.clone(),
+            turn: self.turn.clone(),
+        })
     }
 
     fn host_threads(&self) -> HostThreads {
@@ -289,6 +336,7 @@ impl CpuBackend {
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> R {
         let buffer = self.buffers.expect(id);
+        self.turn.wait();
         let mut words = write_lock(&buffer);
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
         let start = usize::try_from(offset).expect("offset validated by the device");
