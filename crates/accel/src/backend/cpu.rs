@@ -14,15 +14,15 @@ mod quant;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{
-    lookup_dtype, read_lock, write_lock, AbortSwitch, Backend, BackendError, BufferId,
-    BufferReader, BufferTable, DeviceLoop, HostThreads, IndexCheck,
+    lookup_dtype, AbortSwitch, Backend, BackendError, BufferId, BufferReader, BufferTable,
+    DeviceLoop, HostThreads, IndexCheck,
 };
 use crate::kernel::{DType, Kernel};
 use memory::DeviceBuffer;
@@ -77,8 +77,6 @@ pub struct CpuBackend {
     threads: HostThreads,
     memory: DeviceMemory,
     buffers: Arc<Buffers>,
-    /// Shared with its readers: see [`ReaderTurn`].
-    turn: Arc<ReaderTurn>,
 }
 
 impl core::fmt::Debug for CpuBackend {
@@ -93,54 +91,17 @@ impl core::fmt::Debug for CpuBackend {
 /// The buffer table: each buffer as f32 words (u32 data shares the storage through
 /// bytemuck casts), with a lock of its own so a reader on another thread (a migration's
 /// pre-copy) waits only for a kernel that writes this buffer, not for whatever the
-/// device runs.
+/// device runs. Its writer (the device thread, kernel after kernel) unlocks it fairly:
+/// a waiting reader gets it next, where an unfair lock would go back to the writer
+/// time after time.
 type Buffers = BufferTable<RwLock<DeviceBuffer>>;
 
-/// Lets readers on other threads (a migration's pre-copy) in between two writes of
-/// their buffer: std's lock is not fair, and the device thread, writing a buffer kernel
-/// after kernel, would take it back first time after time. Before it write-locks, the
-/// device thread waits until every reader that asked for a buffer by then has it.
-#[derive(Default)]
-struct ReaderTurn {
-    /// Reads asked for, of any buffer.
-    asked: AtomicU64,
-    /// Of those, the reads whose lock was taken.
-    got: AtomicU64,
-}
-
-impl ReaderTurn {
-    /// Read access to `buffer`, counted.
-    fn read<'a>(&self, buffer: &'a RwLock<DeviceBuffer>) -> RwLockReadGuard<'a, DeviceBuffer> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        let words = read_lock(buffer);
-        self.got.fetch_add(1, Ordering::SeqCst);
-        words
-    }
-
-    /// Waits until the reads asked for by now have their lock; called by the one
-    /// writer (the backend's `&mut` calls) before it write-locks, holding no buffer's
-    /// write lock, so no read waits for it: a woken reader takes its lock within a
-    /// scheduling delay.
-    fn wait(&self) {
-        let asked = self.asked.load(Ordering::SeqCst);
-        while self.got.load(Ordering::SeqCst) < asked {
-            std::thread::yield_now();
-        }
-    }
-}
-
-/// The buffers as other threads read them (see [`ReaderTurn`]).
-struct Reader {
-    buffers: Arc<Buffers>,
-    turn: Arc<ReaderTurn>,
-}
-
-impl BufferReader for Reader {
+impl BufferReader for Buffers {
     fn with_buffer(&self, id: BufferId, f: &mut dyn FnMut(&[u8])) -> bool {
-        let Some(buffer) = self.buffers.get(id) else {
+        let Some(buffer) = self.get(id) else {
             return false;
         };
-        f(bytemuck::cast_slice(&self.turn.read(&buffer)));
+        f(bytemuck::cast_slice(&buffer.read()));
         true
     }
 }
@@ -187,7 +148,6 @@ impl CpuBackend {
             threads: started,
             memory,
             buffers: Arc::default(),
-            turn: Arc::default(),
         }
     }
 
@@ -202,13 +162,11 @@ impl CpuBackend {
     ) {
         // Only this thread changes the table, so holding it for reading blocks nobody.
         let table = self.buffers.read();
-        self.turn.wait();
         let mut written = outputs.map(|id| {
-            write_lock(
-                table
-                    .get(&id)
-                    .expect("kernel output buffer validated by the device"),
-            )
+            table
+                .get(&id)
+                .expect("kernel output buffer validated by the device")
+                .write()
         });
         let access = kernel.access().expect("kernel validated by the device");
         let inputs = Inputs(
@@ -219,11 +177,12 @@ impl CpuBackend {
                     let buffer = table
                         .get(&id)
                         .expect("kernel input buffer validated by the device");
-                    (id, read_lock(buffer))
+                    (id, buffer.read())
                 })
                 .collect(),
         );
-        f(&self.pool, &inputs, written.each_mut().map(|b| &mut ***b))
+        f(&self.pool, &inputs, written.each_mut().map(|b| &mut ***b));
+        written.into_iter().for_each(RwLockWriteGuard::unlock_fair);
     }
 }
 
@@ -267,16 +226,13 @@ impl Backend for CpuBackend {
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]) {
         let start = usize::try_from(offset).expect("offset validated by the device");
         let buffer = self.buffers.expect(id);
-        let words = read_lock(&buffer);
+        let words = buffer.read();
         let bytes: &[u8] = bytemuck::cast_slice(&words);
         out.copy_from_slice(&bytes[start..][..out.len()]);
     }
 
     fn reader(&self) -> Arc<dyn BufferReader> {
-        Arc::new(Reader {
-            buffers: self.buffers.clone(),
-            turn: self.turn.clone(),
-        })
+        self.buffers.clone()
     }
 
     fn host_threads(&self) -> HostThreads {
@@ -307,9 +263,9 @@ impl Backend for CpuBackend {
         self.aborted()?;
         // What only the data can say, checked before anything is written.
         if let Some(check) = IndexCheck::of(kernel) {
-            check.check(bytemuck::cast_slice(&read_lock(
-                &self.buffers.expect(check.buffer),
-            )))?;
+            check.check(bytemuck::cast_slice(
+                &self.buffers.expect(check.buffer).read(),
+            ))?;
         }
         self.run(kernel);
         // Pulled meanwhile, tasks may have been skipped: the outputs are partly written.
@@ -336,11 +292,12 @@ impl CpuBackend {
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> R {
         let buffer = self.buffers.expect(id);
-        self.turn.wait();
-        let mut words = write_lock(&buffer);
+        let mut words = buffer.write();
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
         let start = usize::try_from(offset).expect("offset validated by the device");
-        f(&mut bytes[start..][..len])
+        let done = f(&mut bytes[start..][..len]);
+        RwLockWriteGuard::unlock_fair(words);
+        done
     }
 
     /// Runs a kernel whose data has passed its [`IndexCheck`].
@@ -682,8 +639,8 @@ pub fn bench_gemm(n: usize, threads: usize) -> (f64, f64) {
     let mm = super::square_matmul(n);
     let backend_time = best_time(budget, || backend.launch(&mm).expect("benchmark matmul"));
 
-    let a = read_lock(&backend.buffers.expect(1)).to_vec();
-    let b = read_lock(&backend.buffers.expect(2)).to_vec();
+    let a = backend.buffers.expect(1).read().to_vec();
+    let b = backend.buffers.expect(2).read().to_vec();
     let mut c = vec![0.0f32; n * n];
     let pool = &backend.pool.threads;
     let direct_time = best_time(budget, || {

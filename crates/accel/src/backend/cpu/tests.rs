@@ -53,7 +53,7 @@ pub(super) fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
 }
 
 pub(super) fn read(b: &CpuBackend, id: BufferId) -> Vec<f32> {
-    read_lock(&b.buffers.expect(id)).to_vec()
+    b.buffers.expect(id).read().to_vec()
 }
 
 pub(super) fn bits(v: &[f32]) -> Vec<u32> {
