@@ -245,26 +245,36 @@ fn write_echo(
 }
 
 /// `text` (from a guest) as a terminal should be given it when `terminal`: its control
-/// characters shown, not obeyed (see [`TerminalText`]); as it is otherwise (a pipe, a
-/// file: the bytes are the guest's).
+/// characters shown, not obeyed (escape as `^[`, a carriage return not ending a line as
+/// `^M`, bidirectional overrides as U+FFFD); as it is otherwise (a pipe, a file: the
+/// bytes are the guest's).
 pub fn for_terminal(text: &str, terminal: bool) -> std::borrow::Cow<'_, str> {
     if !terminal {
         return text.into();
     }
     let mut shown = Vec::with_capacity(text.len());
-    let mut filter = TerminalText::default();
+    let mut filter = TerminalText {
+        show_carriage_returns: true,
+        ..TerminalText::default()
+    };
     filter.show(text.as_bytes(), &mut shown);
     filter.finish(&mut shown);
     String::from_utf8_lossy(&shown).into_owned().into()
 }
 
 /// Guest text made safe for a terminal: control characters other than newline, tab and
-/// carriage return are shown in caret notation (`^[` for escape), C1 controls and invalid
-/// UTF-8 as U+FFFD. A character split between two writes is kept whole.
+/// (in a console's echo) carriage return are shown in caret notation (`^[` for escape);
+/// C1 controls, the bidirectional overrides and isolates (which reorder what a line
+/// shows) and invalid UTF-8 as U+FFFD. A character split between two writes is kept
+/// whole.
 #[derive(Default)]
 struct TerminalText {
     /// The start of a character whose other bytes have not come yet.
     partial: Vec<u8>,
+    /// Whether a carriage return not ending a line is shown (`^M`), not obeyed: in text
+    /// quoted among other lines (an error), where it would write over them; a console's
+    /// echo keeps it, for the guest's progress lines.
+    show_carriage_returns: bool,
 }
 
 impl TerminalText {
@@ -274,11 +284,18 @@ impl TerminalText {
         input.extend_from_slice(bytes);
         let mut chunks = input.utf8_chunks().peekable();
         while let Some(chunk) = chunks.next() {
-            for c in chunk.valid().chars() {
+            let mut chars = chunk.valid().chars().peekable();
+            while let Some(c) = chars.next() {
                 match c {
+                    '\r' if self.show_carriage_returns && chars.peek() != Some(&'\n') => {
+                        out.extend_from_slice(b"^M")
+                    }
                     '\n' | '\t' | '\r' => out.push(c as u8),
                     '\0'..='\x1f' => out.extend_from_slice(&[b'^', c as u8 + 0x40]),
                     '\x7f' => out.extend_from_slice(b"^?"),
+                    '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                        out.extend_from_slice("\u{FFFD}".as_bytes())
+                    }
                     c if c.is_control() => out.extend_from_slice("\u{FFFD}".as_bytes()),
                     c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
                 }
@@ -338,8 +355,18 @@ mod tests {
         );
         // Invalid UTF-8 is replaced, and an unfinished character at the end too.
         assert_eq!(shown(&[b"a\xffb\xe2\x82"]), "a\u{FFFD}b\u{FFFD}");
-        assert_eq!(for_terminal(guest, true), shown(&[guest.as_bytes()]));
         assert_eq!(for_terminal(guest, false), guest);
+        // Quoted text (an error) is not written over by a carriage return, nor reordered
+        // by a right-to-left override; the echo keeps progress lines' returns.
+        let quoted = "50%\rferry: ok\r\n\u{202e}dlrow";
+        assert_eq!(
+            for_terminal(quoted, true),
+            "50%^Mferry: ok\r\n\u{FFFD}dlrow"
+        );
+        assert_eq!(
+            shown(&[quoted.as_bytes()]),
+            "50%\rferry: ok\r\n\u{FFFD}dlrow"
+        );
     }
 
     #[test]
