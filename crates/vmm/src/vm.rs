@@ -752,6 +752,8 @@ impl Microvm {
     /// will read (its pause then waits for no kernel). Dropping the VM does it too.
     pub fn abort_accel(&self) {
         if let Some(accel) = &self.devices.accel {
+            // As a pause does: a guest run at a low priority does not stretch the wait.
+            let _lifted = Lifted::to_callers(self.host_threads(), self.guest_nice);
             accel.abort();
         }
     }
