@@ -134,13 +134,15 @@ CREATE TABLE IF NOT EXISTS events (
 
 /// The SQLite database of a single center.
 pub struct SqliteStore {
-    /// The connection that writes (and reads, when there is no `reader`).
-    db: Mutex<Connection>,
     /// A read-only connection to the same WAL database, so that reads (the dashboard's
     /// events, say) never queue behind a write or its checkpoint's fsync on `db`'s lock;
     /// `None` where the database is not in WAL mode or has no file (`:memory:`: a second
-    /// connection would open another, empty database).
+    /// connection would open another, empty database). Declared first to be closed
+    /// first: the last connection to close checkpoints the WAL and removes its files,
+    /// which a read-only one cannot.
     reader: Option<Mutex<Connection>>,
+    /// The connection that writes (and reads, when there is no `reader`).
+    db: Mutex<Connection>,
     path: String,
 }
 
@@ -841,6 +843,32 @@ mod tests {
             .collect();
         assert_eq!(messages, ["under way", "written"]);
         drop(store);
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+
+    #[test]
+    fn a_closed_sqlite_store_leaves_no_write_ahead_log_behind() {
+        let scratch = ferry_testdata::scratch_dir("store-closed");
+        let path = scratch.join("center.db");
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.reader.is_some(), "a file database gets a reader");
+        store
+            .add_event(&Event {
+                at_ms: 1,
+                kind: "test".into(),
+                message: "written".into(),
+            })
+            .unwrap();
+        assert_eq!(store.events(10).unwrap().len(), 1);
+        drop(store);
+        // The writer closed last, checkpointed the log into the database and removed it.
+        for leftover in ["center.db-wal", "center.db-shm"] {
+            assert!(!scratch.join(leftover).exists(), "{leftover} is left");
+        }
+        assert_eq!(
+            SqliteStore::open(&path).unwrap().events(10).unwrap().len(),
+            1
+        );
         std::fs::remove_dir_all(&scratch).unwrap();
     }
 
