@@ -43,8 +43,9 @@ static ZERO_RUN: [u8; (MAX_RUN_PAGES * PAGE_SIZE) as usize] =
     [0; (MAX_RUN_PAGES * PAGE_SIZE) as usize];
 /// Largest guest RAM accepted in an offer.
 const MAX_RAM: u64 = 1 << 40;
-/// Most bytes of device commands one round may carry (twice the source's default log
-/// bound): what a destination keeps before replaying them.
+/// Most weight ([`LoggedCommand::weight`]) of device commands one round may carry (twice
+/// the source's default log bound): what a destination keeps before replaying them takes
+/// up to half as much memory again ([`COMMAND_MEMORY_RATIO`]).
 pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
 /// Migrations a host receives at once (from its control connection's authentication to
 /// the end): a center runs at most this many at once. One more is refused until one ends.
@@ -1140,6 +1141,13 @@ fn receive_session<F: TargetFactory>(
 /// header of 8 bytes, sizes rounded to 16).
 const ALLOCATION_OVERHEAD: u64 = 16;
 
+/// How much more memory than the source's weight bound a round's commands may take here
+/// (numerator, denominator): a command takes its weight and at most two allocations'
+/// overhead, 32 bytes for the 65 it weighs at least with both (an argument and a byte of
+/// payload: 97 / 65 < 3 / 2), and the vector of them gives back room it kept for more
+/// commands once their buffers need it.
+const COMMAND_MEMORY_RATIO: (u64, u64) = (3, 2);
+
 /// Bytes of memory `v`'s buffer takes.
 fn allocated<T>(v: &Vec<T>) -> u64 {
     match v.capacity() * std::mem::size_of::<T>() {
@@ -1150,20 +1158,25 @@ fn allocated<T>(v: &Vec<T>) -> u64 {
 
 /// The open round's device commands, kept until its data is in, within a bound on the
 /// memory they hold: what is allocated, not what the commands weigh, since decoding a
-/// payload and growing a vector both allocate up to twice what they hold.
+/// payload and growing a vector both allocate up to twice what they hold. The bound is
+/// [`COMMAND_MEMORY_RATIO`] of the weight a source sends in a round at most, so that
+/// every round a source sends fits.
 struct RoundCommands {
     commands: Vec<LoggedCommand>,
     /// Bytes of the commands' own buffers (payloads, arguments).
     buffers: u64,
+    /// The most memory held.
     limit: u64,
 }
 
 impl RoundCommands {
-    fn new(limit: u64) -> Self {
+    /// Commands kept for rounds of at most `weight_limit` of weight.
+    fn new(weight_limit: u64) -> Self {
+        let (num, den) = COMMAND_MEMORY_RATIO;
         Self {
             commands: Vec::new(),
             buffers: 0,
-            limit,
+            limit: weight_limit / den * num,
         }
     }
 
@@ -1193,16 +1206,20 @@ impl RoundCommands {
         }
         let size = std::mem::size_of::<LoggedCommand>() as u64;
         let (len, capacity) = (self.commands.len() + batch.len(), self.commands.capacity());
+        let exact = buffers + len as u64 * size + ALLOCATION_OVERHEAD;
+        if exact > self.limit {
+            return Err(exact);
+        }
         if len > capacity {
             // Doubled while the limit leaves room for it (few copies), else no more than
             // needed.
-            let room = self.limit.saturating_sub(buffers + ALLOCATION_OVERHEAD) / size;
+            let room = (self.limit - buffers - ALLOCATION_OVERHEAD) / size;
             let doubled = len.max(2 * capacity);
             let grown = if doubled as u64 <= room { doubled } else { len };
-            if grown as u64 > room {
-                return Err(buffers + (grown as u64) * size + ALLOCATION_OVERHEAD);
-            }
             self.commands.reserve_exact(grown - self.commands.len());
+        } else if buffers + allocated(&self.commands) > self.limit {
+            // Room the vector kept for more commands, needed for these ones' buffers.
+            self.commands.shrink_to(len);
         }
         let held = buffers + allocated(&self.commands);
         if held > self.limit {
@@ -1378,9 +1395,10 @@ fn control_loop<T: MigrationTarget>(
                 // Kept until the round's data is in, then replayed: reading goes on (a
                 // source blocked writing a replaying destination would time out), and
                 // what is kept is bounded.
+                let limit = round_commands.limit;
                 round_commands.add(commands).map_err(|held| {
                     MigrationError::BrokenSequence(format!(
-                        "device commands of round {expected_round} would take {held} bytes here, more than {MAX_ROUND_COMMAND_BYTES}"
+                        "device commands of round {expected_round} would take {held} bytes of memory here, more than {limit}"
                     ))
                 })?;
             }
@@ -1458,6 +1476,7 @@ pub(crate) fn sync_buffers<T: MigrationTarget + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::COMMAND_BATCH;
     use crate::wire::{FrameReader, FrameWriter};
 
     /// Bytes of memory `commands` take, counted from their allocations.
@@ -1491,11 +1510,76 @@ mod tests {
         }
     }
 
+    /// Keeps `commands` in batches as a source sends them (at most [`COMMAND_BATCH`] of
+    /// weight each), decoded; the error of the first batch refused.
+    fn keep_as_sent(kept: &mut RoundCommands, commands: Vec<LoggedCommand>) -> Result<(), u64> {
+        let (mut batch, mut weight) = (Vec::new(), 0);
+        for command in commands {
+            if !batch.is_empty() && weight + command.weight() > COMMAND_BATCH {
+                kept.add(decoded(std::mem::take(&mut batch)))?;
+                weight = 0;
+            }
+            weight += command.weight();
+            batch.push(command);
+        }
+        kept.add(decoded(batch))
+    }
+
+    #[test]
+    fn a_round_at_the_sources_weight_bound_is_kept_however_its_commands_allocate() {
+        const WEIGHT: u64 = 24 << 20;
+        let command = |args: usize, payload: usize| LoggedCommand {
+            opcode: 5,
+            args: vec![7; args],
+            payload: vec![1; payload],
+            status: 0,
+        };
+        // The most memory per weight: an argument and a byte of payload (two allocations
+        // for 65 bytes of weight), or an argument alone; and empty commands first, enough
+        // to double the vector to 32 MiB of the 36 allowed, then the worst.
+        let round = |parts: &[(LoggedCommand, u64)]| -> Vec<LoggedCommand> {
+            parts
+                .iter()
+                .flat_map(|(c, weight)| vec![c.clone(); (weight / c.weight()) as usize])
+                .collect()
+        };
+        for commands in [
+            round(&[(command(1, 1), WEIGHT)]),
+            round(&[(command(1, 0), WEIGHT)]),
+            round(&[(command(0, 0), 17 << 20), (command(1, 1), 7 << 20)]),
+        ] {
+            let weight: u64 = commands.iter().map(LoggedCommand::weight).sum();
+            assert!(weight <= WEIGHT && weight > WEIGHT - 128);
+            let (n, last) = (commands.len(), commands[commands.len() - 1].clone());
+            let mut kept = RoundCommands::new(WEIGHT);
+            keep_as_sent(&mut kept, commands).unwrap_or_else(|held| {
+                panic!("a round of {n} commands, {weight} bytes of weight, refused at {held} bytes")
+            });
+            assert_eq!(kept.len(), n);
+            assert!(allocated_by(&kept) <= kept.held());
+            assert!(kept.held() <= kept.limit);
+            // Beyond the source's bound, refused once the memory bound is reached.
+            let refused = loop {
+                match kept.add(decoded(vec![last.clone(); 1000])) {
+                    Ok(()) => {
+                        assert!(allocated_by(&kept) <= kept.held());
+                        assert!(kept.held() <= kept.limit, "{} bytes held", kept.held());
+                    }
+                    Err(held) => break held,
+                }
+            };
+            assert!(refused > kept.limit, "refused at {refused} bytes");
+        }
+    }
+
     #[test]
     fn a_round_keeps_no_more_command_memory_than_its_bound() {
-        const LIMIT: u64 = 16 << 20;
+        // Memory for 24 MiB of commands.
+        const WEIGHT: u64 = 16 << 20;
+        const LIMIT: u64 = WEIGHT * 3 / 2;
         // Payloads just over 1 MiB: decoded by doubling, they take 2 MiB each.
-        let mut kept = RoundCommands::new(LIMIT);
+        let mut kept = RoundCommands::new(WEIGHT);
+        assert_eq!(kept.limit, LIMIT);
         let mut taken = 0;
         while kept.add(decoded(vec![upload((1 << 20) + 1)])).is_ok() {
             taken += 1;
@@ -1503,13 +1587,13 @@ mod tests {
             assert!(kept.held() <= LIMIT, "{} bytes held", kept.held());
         }
         assert!(
-            taken >= 14,
-            "only {taken} MiB-sized commands kept in 16 MiB"
+            taken >= 22,
+            "only {taken} MiB-sized commands kept in 24 MiB"
         );
         assert_eq!(kept.take().len(), taken);
         assert_eq!(kept.held(), 0);
         // Empty commands in batches: the vector of them grows within the bound too.
-        let mut kept = RoundCommands::new(LIMIT);
+        let mut kept = RoundCommands::new(WEIGHT);
         let batch = 10_000;
         let mut taken = 0;
         while kept

@@ -116,8 +116,9 @@ pub(crate) fn commands_at_most<'de, D: serde::Deserializer<'de>>(
 }
 
 impl LoggedCommand {
-    /// Bytes of memory it takes (what the log's bounds and the wire's batches count): a
-    /// peer's empty commands cost their size too.
+    /// Bytes of memory it takes, its allocations' overhead aside (what the log's bounds
+    /// and the wire's batches count; a destination allows for that overhead): a peer's
+    /// empty commands cost their size too.
     pub fn weight(&self) -> u64 {
         (std::mem::size_of::<Self>() + self.payload.len() + 8 * self.args.len()) as u64
     }
