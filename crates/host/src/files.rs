@@ -16,8 +16,9 @@
 //! peer cannot make this host tell, by how long it takes, whether any other file exists,
 //! nor make it hash one.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +55,11 @@ pub struct FileStore {
     local: Vec<FileInfo>,
     /// Bytes left free on the store's file system (`None`: [`keep_free`]'s).
     keep_free: Option<u64>,
+    /// In tests, the size of a file system taken to hold only the store's files, in
+    /// place of the real one's free space: the margin is then checked with fixed
+    /// numbers, whatever others write to or delete from the disk meanwhile.
+    #[cfg(test)]
+    disk: Option<u64>,
 }
 
 /// Why files could not be received into the store.
@@ -205,6 +211,8 @@ impl FileStore {
             attach,
             local: Vec::new(),
             keep_free: None,
+            #[cfg(test)]
+            disk: None,
         }
     }
 
@@ -261,28 +269,38 @@ impl FileStore {
         if !valid_sha256(&offer.sha256) {
             return None;
         }
+        self.candidates(offer).find_map(|path| {
+            match AttachedFile::open_expecting(&file_info(offer, path.clone()), &path) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    tracing::debug!(file = %offer.name, "not a copy: {e}");
+                    None
+                }
+            }
+        })
+    }
+
+    /// The files [`Self::find`] hashes for `offer`, in turn (each only if those before
+    /// it were not copies): only regular files of its size (not a FIFO, not a device),
+    /// and each file once, however many paths name it (N VMs here sharing a model list
+    /// it N times, and the store's copy is often one of them: a damaged copy would be
+    /// read whole N + 1 times).
+    fn candidates<'a>(&'a self, offer: &'a FileOffer) -> impl Iterator<Item = PathBuf> + 'a {
         let local = self
             .local
             .iter()
             .filter(|f| f.sha256 == offer.sha256 && f.size == offer.size)
             .map(|f| f.path.clone());
+        let mut seen = HashSet::new();
         std::iter::once(self.stored_path(&offer.sha256))
             .chain(local)
             .chain(std::iter::once_with(|| self.admitted(offer)).flatten())
-            .find_map(|path| {
-                // Only a regular file of the right size is opened (not a FIFO, not a
-                // device).
-                let meta = std::fs::metadata(&path).ok()?;
-                if !meta.is_file() || meta.len() != offer.size {
-                    return None;
-                }
-                match AttachedFile::open_expecting(&file_info(offer, path.clone()), &path) {
-                    Ok(file) => Some(file),
-                    Err(e) => {
-                        tracing::debug!(file = %offer.name, "not a copy: {e}");
-                        None
-                    }
-                }
+            .filter(move |path| {
+                std::fs::metadata(path).is_ok_and(|meta| {
+                    meta.is_file()
+                        && meta.len() == offer.size
+                        && seen.insert((meta.dev(), meta.ino()))
+                })
             })
     }
 
@@ -331,9 +349,24 @@ impl FileStore {
         Ok(files)
     }
 
+    /// Free bytes (for an unprivileged writer) and total bytes of the store's file
+    /// system.
+    fn space(&self) -> std::io::Result<(u64, u64)> {
+        #[cfg(test)]
+        if let Some(total) = self.disk {
+            // The bytes allocated to the store's files are all that is used.
+            let mut used = 0u64;
+            for entry in std::fs::read_dir(&self.dir)? {
+                used = used.saturating_add(entry?.metadata()?.blocks().saturating_mul(512));
+            }
+            return Ok((total.saturating_sub(used), total));
+        }
+        space(&self.dir)
+    }
+
     /// Refuses `needed` more bytes unless the store's margin stays free.
     fn check_room(&self, needed: u64) -> Result<(), ReceiveError> {
-        let (free, total) = space(&self.dir).map_err(|source| ReceiveError::Io {
+        let (free, total) = self.space().map_err(|source| ReceiveError::Io {
             what: "tell the free space of",
             path: self.dir.clone(),
             source,
@@ -649,36 +682,86 @@ mod tests {
 
     #[test]
     fn space_is_allocated_when_files_are_created_and_the_margin_kept() {
-        use std::os::unix::fs::MetadataExt;
         let d = dir("space");
-        std::fs::create_dir_all(d.join("store")).unwrap();
-        // Where the file system cannot allocate ahead, there is nothing to check.
-        let probe = File::create(d.join("probe")).unwrap();
-        if !allocate(&probe, 4096).unwrap() {
-            eprintln!("the temporary folder's file system cannot allocate ahead: skipped");
-            return;
-        }
-        const SIZE: u64 = 128 << 20;
+        const SIZE: u64 = 12 << 20;
         let o = offer("big", b"", Path::new("/nonexistent"));
         let o = FileOffer { size: SIZE, ..o };
-        let (free, _) = space(&d).unwrap();
-        if free < 8 * SIZE {
-            eprintln!("under 1 GiB free in the temporary folder: skipped");
-            return;
-        }
-        // Room for one file and half of another, above the margin (the disk is shared:
-        // what others write or delete meanwhile moves the edge by less than half a file).
-        let store = store_in(&d).keeping_free(free - SIZE * 3 / 2);
+        // A file system of 20 MiB holding only the store's files, of which it leaves
+        // 1 MiB free (1/20): room for one file and half of another. Its free space is
+        // what the store's files leave, not the real disk's, which others change.
+        let mut store = store_in(&d);
+        store.disk = Some(20 << 20);
         let first = store.receive(&[&o]).unwrap();
-        // Taken now, not promised: a sparse file would have no blocks.
-        let meta = std::fs::metadata(&first[0].part.path).unwrap();
-        assert!(meta.blocks() * 512 >= SIZE, "{} blocks", meta.blocks());
+        // Taken now, on the real disk, not promised: a sparse file would have no blocks.
+        // (Where the file system cannot allocate ahead, the store counts the bytes
+        // promised to the file instead, below.)
+        let probe = File::create(d.join("probe")).unwrap();
+        if allocate(&probe, 4096).unwrap() {
+            let meta = std::fs::metadata(&first[0].part.path).unwrap();
+            assert!(meta.blocks() * 512 >= SIZE, "{} blocks", meta.blocks());
+        } else {
+            eprintln!("the temporary folder's file system cannot allocate ahead");
+        }
         // So a second session, which alone would fit, sees the first's file.
         let err = store.receive(&[&o]).unwrap_err();
-        assert!(matches!(err, ReceiveError::NoRoom { .. }), "{err}");
-        assert!(err.to_string().contains("leaves"), "{err}");
+        match &err {
+            ReceiveError::NoRoom {
+                needed, free, keep, ..
+            } => {
+                assert_eq!((*needed, *keep), (SIZE, 1 << 20), "{err}");
+                assert!(*free <= (20 << 20) - SIZE, "{err}");
+            }
+            _ => panic!("{err}"),
+        }
+        assert!(err.to_string().contains("leaves 1 MiB free"), "{err}");
+        // Once the first is gone, its space is free again.
         drop(first);
         assert_eq!(names(store.dir()), Vec::<String>::new());
+        drop(store.receive(&[&o]).unwrap());
+        // A margin of its own.
+        let err = store.keeping_free(9 << 20).receive(&[&o]).unwrap_err();
+        assert!(matches!(err, ReceiveError::NoRoom { .. }), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_named_by_many_paths_is_hashed_once() {
+        let d = dir("paths-many");
+        let store = store_in(&d);
+        let content = b"a model".to_vec();
+        let o = offer("model", &content, Path::new("/elsewhere"));
+        // A damaged copy (the size right, the content not), named by a VM's path, a
+        // link to it, a second name of the same file, and the store's.
+        let model = d.join("model.gguf");
+        std::fs::write(&model, b"a modeL").unwrap();
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&model, &link).unwrap();
+        let hard = d.join("hard");
+        std::fs::hard_link(&model, &hard).unwrap();
+        std::fs::create_dir_all(store.dir()).unwrap();
+        let stored = store.stored_path(&o.sha256);
+        std::fs::hard_link(&model, &stored).unwrap();
+        let listed = |path: &Path| FileInfo {
+            name: "model".into(),
+            size: content.len() as u64,
+            sha256: o.sha256.clone(),
+            path: path.to_path_buf(),
+        };
+        // Three VMs use it by the same path, two by others.
+        let mut files = vec![listed(&model), listed(&model), listed(&model)];
+        files.extend([listed(&link), listed(&hard)]);
+        let knowing = store.clone().knowing(files.clone());
+        assert_eq!(
+            knowing.candidates(&o).collect::<Vec<_>>(),
+            std::slice::from_ref(&stored)
+        );
+        assert!(knowing.find(&o).is_none());
+        // Another file with that content is another copy, looked at too.
+        let other = d.join("other.gguf");
+        std::fs::write(&other, b"a modeL").unwrap();
+        files.push(listed(&other));
+        let knowing = store.knowing(files);
+        assert_eq!(knowing.candidates(&o).collect::<Vec<_>>(), [stored, other]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
