@@ -1,7 +1,7 @@
 //! The device driven through its ring by a fake guest (plain guest memory, no KVM), so
 //! these run on every machine: command semantics, hostile input, dirty chunks, state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,16 @@ fn far() -> Instant {
 
 fn field(offset: usize) -> GuestAddress {
     GuestAddress(RING + offset as u64)
+}
+
+/// The ring's tail in guest memory `mem` (read whole, as another thread writes it): how
+/// many commands the device has completed.
+fn tail_in(mem: &GuestRam) -> u64 {
+    mem.load(
+        field(std::mem::offset_of!(RingHeader, tail)),
+        Ordering::Acquire,
+    )
+    .unwrap()
 }
 
 /// The cuda backend's kernels emulated on the CPU, compiled once per test process.
@@ -104,7 +114,7 @@ impl FakeGuest {
     }
 
     fn tail(&self) -> u64 {
-        self.header(std::mem::offset_of!(RingHeader, tail))
+        tail_in(&self.mem)
     }
 
     fn device_status(&self) -> u32 {
@@ -986,22 +996,56 @@ struct Faults {
     fail_alloc: Arc<AtomicBool>,
     /// The next CRC of a buffer fails (a GPU copy failed).
     fail_crc: Arc<AtomicBool>,
+    /// How many launches the device has begun: a test that acts while a kernel runs
+    /// waits for this, not for time to pass (see [`Faults::wait_launched`]).
+    launched: Arc<AtomicU64>,
 }
 
-/// The cpu backend with [`Faults`]; its device loop runs on a thread of its own (as the
-/// cuda backend's does) or on the cpu backend's pool.
+impl Faults {
+    /// Waits until the device has begun `n` launches (its thread is in the kernel, or
+    /// past it): however loaded the machine, one asked to stop now finds it taken.
+    fn wait_launched(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.launched.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the device has not begun launch {n} in a minute"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The cpu backend (one thread) with [`Faults`]; its device loop runs on a thread of its
+/// own (as the cuda backend's does) or on the cpu backend's pool.
 struct Faulty {
     inner: Box<dyn Backend>,
     faults: Faults,
     own_thread: bool,
+    /// Keeps the cpu backend's abort switch (without it, its kernels run to their end
+    /// when the device is ended, as a GPU's do).
+    abortable: bool,
 }
 
 impl Faulty {
+    /// Without an abort switch, as a GPU's backend.
     fn boxed(faults: &Faults, own_thread: bool) -> Box<dyn Backend> {
         Box::new(Self {
             inner: backend::create(backend::CPU, 1, &DeviceMemory::default()).unwrap(),
             faults: faults.clone(),
             own_thread,
+            abortable: false,
+        })
+    }
+
+    /// The cpu backend as it is (its abort switch, its device loop on its pool), with
+    /// `faults` to count its launches.
+    fn watched(faults: &Faults) -> Box<dyn Backend> {
+        Box::new(Self {
+            inner: backend::create(backend::CPU, 1, &DeviceMemory::default()).unwrap(),
+            faults: faults.clone(),
+            own_thread: false,
+            abortable: true,
         })
     }
 }
@@ -1057,6 +1101,7 @@ impl Backend for Faulty {
     }
 
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
+        self.faults.launched.fetch_add(1, Ordering::SeqCst);
         if self.faults.panic_launch.load(Ordering::SeqCst) {
             panic!("injected: the GPU failed mid-kernel");
         }
@@ -1072,6 +1117,10 @@ impl Backend for Faulty {
 
     fn host_threads(&self) -> HostThreads {
         self.inner.host_threads()
+    }
+
+    fn abort_switch(&self) -> Option<backend::AbortSwitch> {
+        self.inner.abort_switch().filter(|_| self.abortable)
     }
 
     fn spawn_device_loop(&self, run: Box<dyn FnOnce() + Send>) -> std::io::Result<DeviceLoop> {
@@ -1297,7 +1346,8 @@ fn long_attention() -> [u64; 10] {
 fn an_abort_ends_the_device_without_waiting_for_a_kernel_of_minutes() {
     use ferry_accel::replay::{CaptureError, CaptureLimits, DigestError};
     for how in ["abort", "drop"] {
-        let mut g = FakeGuest::new(1);
+        let faults = Faults::default();
+        let mut g = FakeGuest::on(Faulty::watched(&faults), no_files());
         alloc_long_attention(&mut g);
         g.accel.start_dirty_tracking();
         let replayer = g.accel.replayer();
@@ -1305,7 +1355,8 @@ fn an_abort_ends_the_device_without_waiting_for_a_kernel_of_minutes() {
         let launch = g.submit(op::LAUNCH, &long_attention());
         // Queued behind it: never runs, the device being ended.
         g.submit(op::FENCE, &[7]);
-        std::thread::sleep(Duration::from_millis(100));
+        // Ended once its thread is in the kernel (ended before, it would not run it).
+        faults.wait_launched(1);
         assert!(g.tail() <= launch, "the kernel is still running");
         let g = Arc::new(Mutex::new(Some(g)));
         let ending = g.clone();
@@ -1354,19 +1405,22 @@ fn an_abort_ends_the_device_without_waiting_for_a_kernel_of_minutes() {
 #[test]
 fn a_pause_still_waits_for_the_kernel_and_a_backend_that_cannot_abort_finishes_it() {
     // A pause (a migration's, a snapshot's) waits for the kernel: its result is the VM's.
-    let mut g = FakeGuest::new(1);
+    let faults = Faults::default();
+    let mut g = FakeGuest::on(Faulty::watched(&faults), no_files());
     let n = g.alloc_long_matmul();
     let launch = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
-    std::thread::sleep(Duration::from_millis(20));
+    // Paused once its thread is in the kernel (paused before, it would not run it).
+    faults.wait_launched(1);
     assert!(g.tail() <= launch, "the matmul is still running");
     g.accel.pause();
     assert_eq!(g.tail(), launch + 1);
     assert_eq!(g.status(launch), status::OK);
     // A backend without a switch (a GPU's) is ended once its kernel is done.
-    let mut g = FakeGuest::on(Faulty::boxed(&Faults::default(), true), no_files());
+    let faults = Faults::default();
+    let mut g = FakeGuest::on(Faulty::boxed(&faults, true), no_files());
     let n = g.alloc_long_matmul();
     let launch = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
-    std::thread::sleep(Duration::from_millis(20));
+    faults.wait_launched(1);
     assert!(g.tail() <= launch, "the matmul is still running");
     g.accel.abort();
     assert!(g.accel.is_dead());
@@ -1406,56 +1460,78 @@ fn keep_ring_full(
     })
 }
 
-/// How long `f` took on a thread of its own, or `None` if it had not returned within
-/// `limit` (see [`within`]).
-fn timed(limit: Duration, f: impl FnOnce() + Send + 'static) -> Option<Duration> {
-    within(limit, move || {
+/// How many commands the device completed (its ring's tail in `mem`, read before and
+/// after) while `f` ran on a thread of its own, and how long `f` took; `None` if it had
+/// not returned within a minute: a watchdog, so that a test fails instead of hanging
+/// (see [`within`]). A count, unlike a time, does not grow with the machine's load.
+fn completed_during(mem: &GuestRam, f: impl FnOnce() + Send + 'static) -> Option<(u64, Duration)> {
+    let mem = mem.clone();
+    within(Duration::from_secs(60), move || {
+        let before = tail_in(&mem);
         let started = Instant::now();
         f();
-        started.elapsed()
+        let took = started.elapsed();
+        (tail_in(&mem) - before, took)
     })
 }
+
+/// The most commands one wait between two commands sees completed: the one in flight
+/// when it asks, and the next if it asks just as that one ends (after the tail was read).
+const ONE_COMMAND: u64 = 2;
 
 #[test]
 fn a_capture_starts_and_stops_within_a_command_while_the_guest_keeps_its_ring_full() {
     use ferry_accel::replay::CaptureLimits;
     let g = FakeGuest::new(1);
+    let mem = g.mem.clone();
     let replayer = g.accel.replayer();
     let stop = Arc::new(AtomicBool::new(false));
-    let feeding = Instant::now();
     let feeder = keep_ring_full(g, stop.clone());
     std::thread::sleep(Duration::from_millis(100));
     // Each start and stop waits for one command; waiting until this thread wins a race
     // for the core lock against the device thread, several waited for many.
-    let mut took = Vec::new();
+    let mut waits = Vec::new();
     let mut logged = 0;
     for _ in 0..5 {
         let starting = replayer.clone();
-        took.push(timed(Duration::from_secs(10), move || {
+        let started = completed_during(&mem, move || {
             starting.start_capture(CaptureLimits::default(), None);
-        }));
-        std::thread::sleep(Duration::from_millis(100));
+        });
+        waits.push(started);
+        if started.is_none() {
+            break;
+        }
+        // Logged: a command completed after the capture started (it is logged before
+        // its completion is published), however long commands take on this machine.
+        let since = tail_in(&mem);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tail_in(&mem) <= since {
+            assert!(
+                Instant::now() < deadline,
+                "the device ran no command in a minute"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         logged += replayer.take_log().map_or(0, |log| log.len());
         let stopping = replayer.clone();
-        took.push(timed(Duration::from_secs(10), move || {
+        waits.push(completed_during(&mem, move || {
             stopping.stop_capture();
         }));
-        if took.iter().any(Option::is_none) {
+        if waits.iter().any(Option::is_none) {
             break;
         }
     }
     stop.store(true, Ordering::SeqCst);
     let (g, fed) = feeder.join().unwrap();
-    // The three ALLOCs first, then the MATMULs, back to back.
-    let per_command = feeding.elapsed() / (g.tail() - 3).max(1) as u32;
-    let bound = per_command * 4 + Duration::from_millis(300);
     eprintln!(
-        "capture starts and stops took {took:?} (a command {per_command:?}); {logged} commands logged, {} of {fed} ran",
+        "capture starts and stops waited for (commands, time) {waits:?}; {logged} commands logged, {} of {fed} ran",
         g.tail()
     );
     assert!(
-        took.iter().all(|t| t.is_some_and(|t| t < bound)),
-        "capture starts and stops took {took:?}, commands {per_command:?}: one waited for many"
+        waits
+            .iter()
+            .all(|w| w.is_some_and(|(n, _)| n <= ONE_COMMAND)),
+        "capture starts and stops waited for (commands, time) {waits:?}: one waited for many"
     );
     assert!(logged > 0, "the captures logged the guest's commands");
 }
@@ -1463,37 +1539,37 @@ fn a_capture_starts_and_stops_within_a_command_while_the_guest_keeps_its_ring_fu
 #[test]
 fn a_chunk_read_waits_for_one_kernel_while_the_guest_writes_its_buffer_back_to_back() {
     let g = FakeGuest::new(1);
+    let mem = g.mem.clone();
     let tracker = g.accel.tracker();
     let stop = Arc::new(AtomicBool::new(false));
-    let feeding = Instant::now();
     let feeder = keep_ring_full(g, stop.clone());
     std::thread::sleep(Duration::from_millis(100));
     // Each read waits for the kernel writing buffer 3 at most (and one more, asked just
     // as it ended); waiting until this thread wins a race for the buffer's lock against
     // the device thread, several waited for many.
-    let mut took = Vec::new();
+    let mut waits = Vec::new();
     for _ in 0..20 {
         let reader = tracker.clone();
-        let read = timed(Duration::from_secs(10), move || {
+        let read = completed_during(&mem, move || {
             assert!(reader
                 .read_chunk(ChunkId::new(3, 0), &mut Vec::new())
                 .is_some());
         });
-        took.push(read);
+        waits.push(read);
         if read.is_none() {
             break;
         }
     }
     stop.store(true, Ordering::SeqCst);
     let (g, fed) = feeder.join().unwrap();
-    let per_command = feeding.elapsed() / (g.tail() - 3).max(1) as u32;
-    let bound = per_command * 4 + Duration::from_millis(300);
     eprintln!(
-        "chunk reads took {took:?} (a command {per_command:?}); {} of {fed} commands ran",
+        "chunk reads waited for (commands, time) {waits:?}; {} of {fed} commands ran",
         g.tail()
     );
     assert!(
-        took.iter().all(|t| t.is_some_and(|t| t < bound)),
-        "chunk reads took {took:?}, commands {per_command:?}: one waited for many"
+        waits
+            .iter()
+            .all(|w| w.is_some_and(|(n, _)| n <= ONE_COMMAND)),
+        "chunk reads waited for (commands, time) {waits:?}: one waited for many"
     );
 }
