@@ -1479,6 +1479,28 @@ fn completed_during(mem: &GuestRam, f: impl FnOnce() + Send + 'static) -> Option
 /// when it asks, and the next if it asks just as that one ends (after the tail was read).
 const ONE_COMMAND: u64 = 2;
 
+/// Stops the guest's `feeder`, then checks that each of `waits` (the commands that ended
+/// during each of `what`, and how long it took) is at most [`ONE_COMMAND`].
+fn each_waited_one_command(
+    what: &str,
+    waits: &[Option<(u64, Duration)>],
+    stop: &AtomicBool,
+    feeder: std::thread::JoinHandle<(FakeGuest, u64)>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    let (g, fed) = feeder.join().unwrap();
+    eprintln!(
+        "{what} waited for (commands, time) {waits:?}; {} of {fed} commands ran",
+        g.tail()
+    );
+    assert!(
+        waits
+            .iter()
+            .all(|w| w.is_some_and(|(n, _)| n <= ONE_COMMAND)),
+        "{what} waited for (commands, time) {waits:?}: one waited for many"
+    );
+}
+
 #[test]
 fn a_capture_starts_and_stops_within_a_command_while_the_guest_keeps_its_ring_full() {
     use ferry_accel::replay::CaptureLimits;
@@ -1521,18 +1543,7 @@ fn a_capture_starts_and_stops_within_a_command_while_the_guest_keeps_its_ring_fu
             break;
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    let (g, fed) = feeder.join().unwrap();
-    eprintln!(
-        "capture starts and stops waited for (commands, time) {waits:?}; {logged} commands logged, {} of {fed} ran",
-        g.tail()
-    );
-    assert!(
-        waits
-            .iter()
-            .all(|w| w.is_some_and(|(n, _)| n <= ONE_COMMAND)),
-        "capture starts and stops waited for (commands, time) {waits:?}: one waited for many"
-    );
+    each_waited_one_command("capture starts and stops", &waits, &stop, feeder);
     assert!(logged > 0, "the captures logged the guest's commands");
 }
 
@@ -1560,16 +1571,5 @@ fn a_chunk_read_waits_for_one_kernel_while_the_guest_writes_its_buffer_back_to_b
             break;
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    let (g, fed) = feeder.join().unwrap();
-    eprintln!(
-        "chunk reads waited for (commands, time) {waits:?}; {} of {fed} commands ran",
-        g.tail()
-    );
-    assert!(
-        waits
-            .iter()
-            .all(|w| w.is_some_and(|(n, _)| n <= ONE_COMMAND)),
-        "chunk reads waited for (commands, time) {waits:?}: one waited for many"
-    );
+    each_waited_one_command("chunk reads", &waits, &stop, feeder);
 }

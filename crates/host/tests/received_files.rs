@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_api::{Attachment, CreateVm, MigrateRequest, MigrationState, MigrationStatus};
+use ferry_api::{Attachment, MigrateRequest, MigrationState, MigrationStatus};
 use ferry_host::{AttachDir, AttachPolicy, Host};
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::{
@@ -219,20 +219,10 @@ fn a_vm_keeps_its_received_file_and_finds_the_original_when_it_comes_back() {
     // b attaches no files by path: the source's path is not looked at there.
     let (b, b_addr) = start("b", AttachPolicy::Under(Vec::new()));
     let id = a
-        .create_vm(&CreateVm {
-            name: None,
-            workload: "memtouch".into(),
-            args: ["--mib", "4", "--passes", "1000000"]
-                .map(String::from)
-                .to_vec(),
-            memory: 32 << 20,
-            accel_memory: 0,
-            attach: vec![Attachment {
-                name: "model".into(),
-                path: model.clone(),
-            }],
-            backend: None,
-        })
+        .create_vm(&common::long_memtouch(vec![Attachment {
+            name: "model".into(),
+            path: model.clone(),
+        }]))
         .unwrap()
         .id;
 

@@ -7,7 +7,7 @@ mod common;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use ferry_api::{CreateVm, VmState};
+use ferry_api::VmState;
 use ferry_host::Host;
 
 /// This process's threads once those that just ended have left: a thread joined has
@@ -49,19 +49,7 @@ fn one_life(n: usize) -> bool {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     host.serve_migrations(listener).unwrap();
-    let vm = host
-        .create_vm(&CreateVm {
-            name: None,
-            workload: "memtouch".into(),
-            args: ["--mib", "4", "--passes", "1000000"]
-                .map(String::from)
-                .to_vec(),
-            memory: 32 << 20,
-            accel_memory: 0,
-            attach: Vec::new(),
-            backend: None,
-        })
-        .unwrap();
+    let vm = host.create_vm(&common::long_memtouch(Vec::new())).unwrap();
     assert_eq!(vm.state, VmState::Running);
     let running = host.get(&vm.id).unwrap();
     host.shutdown();

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ferry_api::{Attachment, CreateVm};
 use ferry_host::{AttachPolicy, Host, HostConfig};
 use ferry_migrate::Secret;
 
@@ -45,4 +46,20 @@ pub fn serve_api(host: &Arc<Host>) -> (tokio::runtime::Runtime, ferry_http::Serv
     let router = ferry_host::api::router(host.clone(), "127.0.0.1:1".into()).unwrap();
     let serving = ferry_http::spawn(runtime.handle(), listener, router, None, "host API");
     (runtime, serving, url)
+}
+
+/// A memtouch VM of 32 MiB that runs for minutes (4 MiB rewritten a million times), with
+/// the files of `attach`.
+pub fn long_memtouch(attach: Vec<Attachment>) -> CreateVm {
+    CreateVm {
+        name: None,
+        workload: "memtouch".into(),
+        args: ["--mib", "4", "--passes", "1000000"]
+            .map(String::from)
+            .to_vec(),
+        memory: 32 << 20,
+        accel_memory: 0,
+        attach,
+        backend: None,
+    }
 }
