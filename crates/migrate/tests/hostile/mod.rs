@@ -33,10 +33,13 @@ pub struct SlowVm {
     pub vm: MemoryVm,
     pub delay: Duration,
     pub ram_writes: AtomicUsize,
+    /// RAM writes begun, of all the factory's VMs.
+    pub ram_writes_begun: Arc<AtomicUsize>,
 }
 
 impl MigrationTarget for SlowVm {
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.ram_writes_begun.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.delay);
         self.ram_writes.fetch_add(1, Ordering::SeqCst);
         self.vm.write_ram(gpa, data)
@@ -58,6 +61,8 @@ impl MigrationTarget for SlowVm {
 pub struct Factory {
     /// How long each RAM write of the VMs it makes takes.
     pub ram_delay: Mutex<Duration>,
+    /// RAM writes begun in the VMs it made.
+    pub ram_writes_begun: Arc<AtomicUsize>,
     pub prepared: AtomicUsize,
     adopted: Mutex<Sender<SlowVm>>,
 }
@@ -70,6 +75,7 @@ impl TargetFactory for Factory {
             vm: MemoryVm::new(vm.ram_size),
             delay: *self.ram_delay.lock().unwrap(),
             ram_writes: AtomicUsize::new(0),
+            ram_writes_begun: self.ram_writes_begun.clone(),
         })
     }
     fn adopt(&self, target: SlowVm, _: ReceiveReport) {
@@ -92,6 +98,7 @@ impl Destination {
         let (tx, adopted) = channel();
         let factory = Arc::new(Factory {
             ram_delay: Mutex::new(Duration::ZERO),
+            ram_writes_begun: Arc::default(),
             prepared: AtomicUsize::new(0),
             adopted: Mutex::new(tx),
         });
@@ -108,6 +115,15 @@ impl Destination {
             factory,
             adopted,
             _receiving: receiving,
+        }
+    }
+
+    /// Waits until `n` RAM writes have begun in the VMs received.
+    pub fn wait_for_ram_writes(&self, n: usize) {
+        let started = std::time::Instant::now();
+        while self.factory.ram_writes_begun.load(Ordering::SeqCst) < n {
+            assert!(started.elapsed() < PATIENCE, "no RAM write began");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
