@@ -38,6 +38,10 @@ use crate::MigrationError;
 
 /// Format version this engine writes and reads. 4: the migration stream's frames.
 pub const FORMAT_VERSION: u32 = 4;
+/// The migration stream protocol of the frames a snapshot holds: the last version that
+/// changed them, so that snapshots stay readable across versions that do not.
+pub const SNAPSHOT_PROTOCOL: u32 = 8;
+const _: () = assert!(SNAPSHOT_PROTOCOL <= PROTOCOL_VERSION);
 /// The first bytes of a snapshot.
 pub const MAGIC: [u8; 8] = *b"FERRYSNP";
 /// Bytes before the first frame: magic, format version, wire protocol version.
@@ -76,7 +80,7 @@ pub enum SnapshotError {
         found: u32,
     },
     /// Its frames are of another version of the migration stream.
-    #[error("{}: snapshot written with migration stream protocol {found} (this ferry reads protocol {PROTOCOL_VERSION})", path.display())]
+    #[error("{}: snapshot written with migration stream protocol {found} (this ferry reads protocol {SNAPSHOT_PROTOCOL})", path.display())]
     UnsupportedProtocol {
         /// The snapshot file.
         path: PathBuf,
@@ -163,7 +167,7 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&MAGIC)
             .and_then(|()| out.write_all(&FORMAT_VERSION.to_le_bytes()))
-            .and_then(|()| out.write_all(&PROTOCOL_VERSION.to_le_bytes()))
+            .and_then(|()| out.write_all(&SNAPSHOT_PROTOCOL.to_le_bytes()))
             .map_err(MigrationError::io("writing the header"))?;
         let mut writer = FrameWriter::new(out, false);
         writer.send(&Message::Offer {
@@ -262,7 +266,7 @@ impl SnapshotReader {
                 found: version,
             });
         }
-        if protocol != PROTOCOL_VERSION {
+        if protocol != SNAPSHOT_PROTOCOL {
             return Err(SnapshotError::UnsupportedProtocol {
                 path: path.to_owned(),
                 found: protocol,

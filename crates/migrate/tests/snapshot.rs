@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use ferry_migrate::replay::DeviceTransfer;
 use ferry_migrate::snapshot::{
-    save, SnapshotError, SnapshotReader, SnapshotStats, FORMAT_VERSION, MAGIC,
+    save, SnapshotError, SnapshotReader, SnapshotStats, FORMAT_VERSION, MAGIC, SNAPSHOT_PROTOCOL,
 };
 use ferry_migrate::vm::PAGE_SIZE;
-use ferry_migrate::wire::{FrameWriter, Message, Transfer, PROTOCOL_VERSION};
+use ferry_migrate::wire::{FrameWriter, Message, Transfer};
 use ferry_migrate::{error_chain, ChunkKey, FileTransfer, VmContents};
 use memory_vm::{description, MemoryVm, StillVm};
 
@@ -129,7 +129,7 @@ fn a_foreign_file_or_version_is_refused_by_name() {
     std::fs::write(&path, &bad).unwrap();
     assert!(matches!(load(&path), Err(SnapshotError::BadMagic { .. })));
 
-    let mut bad = bytes;
+    let mut bad = bytes.clone();
     bad[8..12].copy_from_slice(&(FORMAT_VERSION - 1).to_le_bytes());
     std::fs::write(&path, &bad).unwrap();
     let err = load(&path).err().unwrap();
@@ -138,6 +138,17 @@ fn a_foreign_file_or_version_is_refused_by_name() {
             .contains(&format!("version {} is not supported", FORMAT_VERSION - 1)),
         "{err}"
     );
+
+    // The frames' protocol, not the live one: a version that changed only what a
+    // destination says reads the snapshots of the one before, and they its.
+    assert_eq!(bytes[12..16], SNAPSHOT_PROTOCOL.to_le_bytes());
+    let mut bad = bytes;
+    bad[12..16].copy_from_slice(&(SNAPSHOT_PROTOCOL - 1).to_le_bytes());
+    std::fs::write(&path, &bad).unwrap();
+    assert!(matches!(
+        load(&path),
+        Err(SnapshotError::UnsupportedProtocol { found, .. }) if found == SNAPSHOT_PROTOCOL - 1
+    ));
 }
 
 #[test]
@@ -182,7 +193,7 @@ fn a_snapshot_that_is_no_regular_file_is_refused_at_once() {
 fn forged(frames: impl FnOnce(&mut FrameWriter<Vec<u8>>)) -> Vec<u8> {
     let mut head = MAGIC.to_vec();
     head.extend(FORMAT_VERSION.to_le_bytes());
-    head.extend(PROTOCOL_VERSION.to_le_bytes());
+    head.extend(SNAPSHOT_PROTOCOL.to_le_bytes());
     let mut writer = FrameWriter::new(head, false);
     writer
         .send(&Message::Offer {
