@@ -483,6 +483,9 @@ fn handle_connection<F: TargetFactory>(
 
 struct InboundState {
     round_open: bool,
+    /// The open round's end came and its frames are waited for: the control thread bounds
+    /// that wait, not the data streams' idle limit.
+    ending: bool,
     /// The round open or last open.
     round: u32,
     /// Frames applied, per stream.
@@ -523,6 +526,7 @@ impl Inbound {
         Self {
             state: Mutex::new(InboundState {
                 round_open: false,
+                ending: false,
                 round: 0,
                 applied: vec![0; received.len()],
                 in_flight: 0,
@@ -549,6 +553,16 @@ impl Inbound {
             .map(|r| r.load(Ordering::Relaxed))
             .sum();
         read.saturating_sub(s.keepalive_bytes)
+    }
+
+    /// Whether a data stream that read nothing for the idle limit waits on: while the
+    /// control thread is in charge (no round open, or the open one ending: it bounds
+    /// those), or another stream moved the session on within the limit.
+    fn waits_on(&self) -> bool {
+        let s = self.lock();
+        s.failed.is_none()
+            && !s.done
+            && (!s.round_open || s.ending || s.last_data.elapsed() < crate::deadline::idle_limit())
     }
 
     /// Checks a file piece against the offer and what was sent already, and counts it.
@@ -639,13 +653,23 @@ fn apply_stream<T: MigrationTarget>(
     inbound: &Inbound,
 ) -> u64 {
     let _fail_on_panic = FailOnPanic { index, inbound };
+    let received = reader.get_mut().read.clone();
     loop {
         let before = reader.bytes_read;
-        let frame = match reader.read() {
-            Ok(f) => f,
-            Err(e) => {
-                inbound.fail(index, e);
-                return reader.bytes_read;
+        let frame = loop {
+            let at = received.load(Ordering::Relaxed);
+            match reader.read() {
+                Ok(f) => break f,
+                // Nothing of a frame read, so reading again loses nothing: this stream
+                // has no more to carry for now, while others do or the round ends.
+                Err(MigrationError::Io { source, .. })
+                    if crate::deadline::is_timeout(&source)
+                        && received.load(Ordering::Relaxed) == at
+                        && inbound.waits_on() => {}
+                Err(e) => {
+                    inbound.fail(index, e);
+                    return reader.bytes_read;
+                }
             }
         };
         let data = !matches!(frame, Frame::Control(Message::Keepalive));
@@ -1328,9 +1352,17 @@ fn control_loop<T: MigrationTarget>(
                 // Waits while frames arrive or are applied, however long that takes (up
                 // to the idle limit without one): a file chunk is a few bytes on the wire
                 // and a 64 KiB read of this host's copy of the file, so a large model's
-                // are mostly read after the round's end, at the speed of this disk.
-                let (ended, limit) = (Instant::now(), crate::deadline::idle_limit());
+                // are mostly read after the round's end, at the speed of this disk. The
+                // source, which waits its I/O timeout for the answer, is told at once and
+                // then every keepalive period that it is still at work.
+                let ended = Instant::now();
+                let (limit, every) = (
+                    crate::deadline::idle_limit(),
+                    crate::deadline::keepalive_every(),
+                );
+                let mut keepalive = ended;
                 let mut s = inbound.lock();
+                s.ending = true;
                 while pending(&s) {
                     let left = limit.saturating_sub(s.last_data.max(ended).elapsed());
                     if left.is_zero() {
@@ -1339,9 +1371,17 @@ fn control_loop<T: MigrationTarget>(
                             limit.as_millis()
                         )));
                     }
+                    let until_keepalive = keepalive.saturating_duration_since(Instant::now());
+                    if until_keepalive.is_zero() {
+                        drop(s);
+                        conn.send(&Message::Keepalive)?;
+                        keepalive = Instant::now() + every;
+                        s = inbound.lock();
+                        continue;
+                    }
                     s = inbound
                         .changed
-                        .wait_timeout_while(s, left, |s| pending(s))
+                        .wait_timeout_while(s, left.min(until_keepalive), |s| pending(s))
                         .expect("inbound lock")
                         .0;
                 }
@@ -1355,7 +1395,7 @@ fn control_loop<T: MigrationTarget>(
                 }
                 // Closed under the lock that saw no frame in flight: no stream takes one
                 // into it after its count was judged.
-                s.round_open = false;
+                (s.round_open, s.ending) = (false, false);
                 drop(s);
                 if round == 0 {
                     // The attached files were all sent with round 0: check they are whole

@@ -676,11 +676,10 @@ fn replay_allowance(ran: Duration) -> Duration {
 /// disk): the source waits that long beyond its I/O timeout for the answer.
 const FILE_CHECK_RATE: f64 = 100e6;
 
-/// How long a destination may take to check `bytes` of attached files: at most
-/// [`MAX_ROUND_REPLAY`], as the destination's data streams wait idle meanwhile, for at
-/// most the destination's idle limit on a connection.
+/// How long a destination may take to check `bytes` of attached files (its data streams
+/// wait for the next round meanwhile, however long).
 fn file_check_time(bytes: u64) -> Duration {
-    Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE).min(MAX_ROUND_REPLAY)
+    Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE)
 }
 
 /// Runs `read` (a wait for the destination's answer on `socket`) with `extra` beyond
@@ -861,8 +860,6 @@ pub(crate) struct StreamCounts {
     pub(crate) chunks: u64,
     zero_chunks: u64,
     pub(crate) file_chunks: u64,
-    /// Bytes of those chunks, which the destination reads from its copy of the file.
-    file_chunk_bytes: u64,
     chunk_parts: u64,
 }
 
@@ -983,7 +980,6 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             .filter(|p| Some(p.buffer_bytes) == queue.buffer_size(key.buffer));
         if let Some(p) = piece.filter(|p| queue.destination_has(p.origin.file)) {
             counts.file_chunks += 1;
-            counts.file_chunk_bytes += p.len;
             writer.send_chunk_origin(key, p.len, p.origin)?;
             // The destination reads these bytes itself: work at that end all the same.
             queue.sent(p.len);
@@ -1220,7 +1216,6 @@ impl Session<'_> {
             total.chunks += c.chunks;
             total.zero_chunks += c.zero_chunks;
             total.file_chunks += c.file_chunks;
-            total.file_chunk_bytes += c.file_chunk_bytes;
             total.chunk_parts += c.chunk_parts;
         }
         let frames = self
@@ -1230,17 +1225,27 @@ impl Session<'_> {
             .map(|(c, before)| c.writer.frames - before)
             .collect();
         self.control.send(&Message::EndRound { round, frames })?;
-        // The destination acknowledges a round of commands once it replayed them, one that
-        // carried files once it checked them, and one of chunks from files once it read
-        // them from its copy (a few bytes each on the wire: mostly after the round's end).
-        let file_bytes: u64 = work.files.iter().map(|f| f.len).sum();
-        let answer_time = work.replay_time + file_check_time(file_bytes + total.file_chunk_bytes);
-        let acknowledged = with_patience(
-            &self.sockets[0],
-            self.options.io_timeout,
-            answer_time,
-            || self.control.expect_control("the round's acknowledgement"),
-        )?;
+        // The destination acknowledges a round of commands once it replayed them, and one
+        // that carried files once it checked them. Before, it applies the round's frames,
+        // which may take long after their last one came (chunks it reads from its copy of a
+        // file: a few bytes each on the wire); meanwhile it says so every keepalive period.
+        let answer_time =
+            work.replay_time + file_check_time(work.files.iter().map(|f| f.len).sum());
+        let mut patience = answer_time;
+        let acknowledged = loop {
+            let answer =
+                with_patience(&self.sockets[0], self.options.io_timeout, patience, || {
+                    self.control.expect_control("the round's acknowledgement")
+                })?;
+            match answer {
+                // The wait may be long: a cancel ends it at the next keepalive.
+                Message::Keepalive => {
+                    self.cancelled()?;
+                    patience = answer_time + crate::deadline::keepalive_every();
+                }
+                answer => break answer,
+            }
+        };
         match acknowledged {
             Message::RoundApplied { round: r } if r == round => {}
             other => {

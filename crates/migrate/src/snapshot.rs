@@ -39,7 +39,8 @@ use crate::MigrationError;
 /// Format version this engine writes and reads. 4: the migration stream's frames.
 pub const FORMAT_VERSION: u32 = 4;
 /// The migration stream protocol of the frames a snapshot holds: the last version that
-/// changed them, so that snapshots stay readable across versions that do not.
+/// changed them (9 changed only what a destination tells its source), so that snapshots
+/// stay readable across versions that do not.
 pub const SNAPSHOT_PROTOCOL: u32 = 8;
 const _: () = assert!(SNAPSHOT_PROTOCOL <= PROTOCOL_VERSION);
 /// The first bytes of a snapshot.

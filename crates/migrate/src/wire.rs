@@ -21,8 +21,9 @@ use crate::MigrationError;
 /// Version of this protocol; peers must speak the same. 2: attached files; 3: settling
 /// an in-doubt switchover; 4: a migration key derived from the secret; 5: the VM state's
 /// version in the offer; 6: device chunks sent as the file piece they hold; 7: device
-/// command replay; 8: the VM's CPU features in the offer, and keepalives in long rounds.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// command replay; 8: the VM's CPU features in the offer, and keepalives in long rounds;
+/// 9: the destination's keepalives while it applies a round after its end.
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Most pages in one RAM record (1 MiB).
 pub const MAX_RUN_PAGES: u64 = 256;
 /// Largest control message.
@@ -213,7 +214,9 @@ pub enum Message {
     },
     /// The sender is still at work on a long round (pre-copy at a low rate ceiling, or a
     /// large stop-and-copy): the reader's idle limit starts again. Sent on the control
-    /// stream, and on a data stream that had nothing to carry in a round.
+    /// stream, and on a data stream that had nothing to carry in a round; by the
+    /// destination, on the control stream, at once and then every keepalive period while
+    /// it applies a round's frames after its end (the source waits that much longer).
     Keepalive,
 }
 

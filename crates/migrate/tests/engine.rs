@@ -1571,9 +1571,21 @@ fn garbage_connections_do_not_disturb_the_listener() {
     drop(stalled);
 }
 
+/// The destination's next control message on `c` after its keepalives (sent while it
+/// applies a round's frames after its end).
+fn answer(c: &mut FrameStream<TcpStream>, what: &str) -> Result<Message, MigrationError> {
+    loop {
+        match c.expect_control(what) {
+            Ok(Message::Keepalive) => {}
+            other => return other,
+        }
+    }
+}
+
 /// Acts as a source through the public wire API: authenticates, offers a VM of
 /// `ram_size` bytes with one data stream, opens it, and runs `round` (which writes
-/// control and data frames). Returns the destination's next control message.
+/// control and data frames). Returns the destination's next control message (after its
+/// keepalives).
 fn hostile_source(
     dest: &Destination,
     ram_size: u64,
@@ -1588,7 +1600,7 @@ fn hostile_source(
     let mut data = authenticated(dest, StreamRole::Data { session, index: 0 });
     round(&mut c.writer, &mut data.writer);
     data.writer.flush()?;
-    c.expect_control("the destination's answer")
+    answer(&mut c, "the destination's answer")
 }
 
 #[test]
@@ -1638,7 +1650,7 @@ fn ram_records_outside_the_vm_are_refused() {
     })
     .unwrap();
     assert_eq!(
-        c.expect_control("applied").unwrap(),
+        answer(&mut c, "applied").unwrap(),
         Message::RoundApplied { round: 0 }
     );
     c.send(&Message::State {
@@ -1776,7 +1788,7 @@ fn chunk_origins_outside_the_offered_files_are_refused() {
                 round: 0,
                 frames: vec![1],
             });
-            match c.expect_control("the destination's answer") {
+            match answer(&mut c, "the destination's answer") {
                 Err(MigrationError::PeerAborted(reason)) => {
                     assert!(reason.contains("chunk origin"), "{reason}")
                 }

@@ -14,7 +14,7 @@ use ferry_migrate::receive::{
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::wire::{Message, StreamRole, MAX_DATA_FRAME};
 use ferry_migrate::{MigrationError, Settlement, VmDescription};
-use hostile::{abort_reason, offer, Destination, MIB, PATIENCE};
+use hostile::{abort_reason, assert_applied, offer, Destination, MIB, PATIENCE};
 
 /// Frame kinds and flags of the wire format (see `wire.rs`).
 const KIND_CONTROL: u8 = 1;
@@ -140,10 +140,7 @@ fn rounds_out_of_order_are_refused() {
         frames: vec![0],
     })
     .unwrap();
-    assert_eq!(
-        c.expect_control("applied").unwrap(),
-        Message::RoundApplied { round: 0 }
-    );
+    assert_applied(&mut c, 0);
     c.send(&Message::EndRound {
         round: 1,
         frames: vec![0],

@@ -1,7 +1,8 @@
 //! A source that keeps a round open saying it is at work, and sends no data, is given
 //! up on after the idle limit; one that sends data slowly is not, nor a round whose
-//! frames this host takes long to apply. The limits are shortened for this test binary's
-//! process.
+//! frames this host takes long to apply (on one stream while another has none left: a
+//! source waits for it, told that the destination is at work). The limits are shortened
+//! for this test binary's process.
 
 mod hostile;
 mod memory_vm;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::wire::Message;
-use hostile::{abort_reason, Destination, MIB};
+use hostile::{abort_reason, assert_applied, Destination, MIB};
 
 const IDLE_LIMIT: Duration = Duration::from_secs(1);
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(200);
@@ -84,10 +85,7 @@ fn a_round_that_sends_data_slowly_stays_open() {
         frames: vec![pages],
     })
     .unwrap();
-    assert_eq!(
-        c.expect_control("applied").unwrap(),
-        Message::RoundApplied { round: 0 }
-    );
+    assert_applied(&mut c, 0);
 }
 
 #[test]
@@ -113,10 +111,7 @@ fn a_frame_that_takes_several_idle_limits_to_arrive_keeps_its_round() {
         frames: vec![1],
     })
     .unwrap();
-    assert_eq!(
-        c.expect_control("applied").unwrap(),
-        Message::RoundApplied { round: 0 }
-    );
+    assert_applied(&mut c, 0);
 }
 
 #[test]
@@ -142,10 +137,82 @@ fn a_round_whose_frames_take_longer_than_the_idle_limit_to_apply_is_waited_for()
         frames: vec![pages],
     })
     .unwrap();
-    assert_eq!(
-        c.expect_control("applied").unwrap(),
-        Message::RoundApplied { round: 0 }
+    let keepalives = assert_applied(&mut c, 0);
+    assert!(
+        keepalives >= 2,
+        "{keepalives} keepalives in three idle limits"
     );
+}
+
+#[test]
+fn a_stream_whose_frames_are_applied_waits_while_another_stream_applies_its_own() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    // Stream 0's frames take three idle limits to apply; stream 1's one frame is applied
+    // at once, and that stream then has nothing to read until the round is over.
+    *dest.factory.ram_delay.lock().unwrap() = IDLE_LIMIT / 5;
+    let (mut c, mut data) = dest.session(memory_vm::description("one-slow-stream", MIB, 0), 2);
+    c.send(&begin(0)).unwrap();
+    let started = Instant::now();
+    let pages = 15;
+    for page in 0..pages {
+        data[0]
+            .writer
+            .send_ram(page * PAGE_SIZE, 1, Some(&[7; PAGE_SIZE as usize]))
+            .unwrap();
+    }
+    data[1]
+        .writer
+        .send_ram(pages * PAGE_SIZE, 1, Some(&[8; PAGE_SIZE as usize]))
+        .unwrap();
+    for stream in &mut data {
+        stream.writer.flush().unwrap();
+    }
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![pages, 1],
+    })
+    .unwrap();
+    assert_applied(&mut c, 0);
+    assert!(
+        started.elapsed() > IDLE_LIMIT * 2,
+        "applied in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_source_waits_for_a_round_applied_long_after_its_end() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let dest = Destination::start();
+    // 32 frames of a page, each written in a fifth of the idle limit on two streams: the
+    // round is applied about three I/O timeouts of the source after its end (the frames
+    // fit in the connections' buffers, so the source sends them all at once).
+    *dest.factory.ram_delay.lock().unwrap() = IDLE_LIMIT / 5;
+    let mut ram = vec![0u8; MIB as usize];
+    for (i, page) in ram.chunks_mut(PAGE_SIZE as usize).enumerate() {
+        if i % 8 == 0 {
+            page.fill(i as u8 | 1);
+        }
+    }
+    let source = memory_vm::StillVm::new(memory_vm::description("long-end", MIB, 0), ram);
+    let options = ferry_migrate::MigrationOptions {
+        streams: 2,
+        io_timeout: IDLE_LIMIT,
+        ..ferry_migrate::MigrationOptions::default()
+    };
+    let report = ferry_migrate::migrate_vm(
+        &source,
+        &dest.addr,
+        &hostile::secret(),
+        &options,
+        &mut |_| {},
+    )
+    .expect("the source waits while the destination applies the round");
+    let round_0 = Duration::from_secs_f64(report.round_log[0].ms / 1e3);
+    assert!(round_0 > IDLE_LIMIT * 2, "round 0 took only {round_0:?}");
+    let target = dest.adopted();
+    assert!(*target.vm.ram.lock().unwrap() == source.ram, "RAM differs");
 }
 
 #[test]

@@ -118,6 +118,13 @@ impl Destination {
         }
     }
 
+    /// The VM adopted next.
+    pub fn adopted(&self) -> SlowVm {
+        self.adopted
+            .recv_timeout(PATIENCE)
+            .expect("the destination adopted no VM")
+    }
+
     /// Waits until `n` RAM writes have begun in the VMs received.
     pub fn wait_for_ram_writes(&self, n: usize) {
         let started = std::time::Instant::now();
@@ -178,10 +185,31 @@ pub fn offer(vm: VmDescription, streams: u8) -> Message {
     }
 }
 
-/// The reason the destination aborted with, as its next message on `control`.
+/// The destination's next message on `control` after its keepalives (it says it is still
+/// at work while a round's frames are applied after its end), and how many came first.
+pub fn answer(control: &mut FrameStream<TcpStream>) -> (Result<Message, MigrationError>, u32) {
+    let mut keepalives = 0;
+    loop {
+        match control.expect_control("an answer") {
+            Ok(Message::Keepalive) => keepalives += 1,
+            other => return (other, keepalives),
+        }
+    }
+}
+
+/// The reason the destination aborted with, as its next message on `control` (after its
+/// keepalives).
 pub fn abort_reason(control: &mut FrameStream<TcpStream>) -> String {
-    match control.expect_control("an abort") {
+    match answer(control).0 {
         Err(MigrationError::PeerAborted(reason)) => reason,
         other => panic!("expected the destination to abort, got {other:?}"),
     }
+}
+
+/// Asserts that the destination's answer on `control` (after its keepalives) is that it
+/// applied `round`; returns how many keepalives came first.
+pub fn assert_applied(control: &mut FrameStream<TcpStream>, round: u32) -> u32 {
+    let (answer, keepalives) = answer(control);
+    assert_eq!(answer.unwrap(), Message::RoundApplied { round });
+    keepalives
 }
