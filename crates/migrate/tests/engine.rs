@@ -2,6 +2,7 @@
 //! sides (no KVM): a [`MigrationSource`] whose "guest" can keep writing RAM and device
 //! memory while it runs, and a [`MigrationTarget`] that records what it receives.
 
+mod hostile;
 mod memory_vm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,13 +16,12 @@ use std::time::{Duration, Instant};
 
 use ferry_migrate::auth::{authenticate_stream_connector, authenticate_stream_listener};
 use ferry_migrate::vm::{MAX_CHUNK_BYTES, PAGE_SIZE};
-use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_RUN_PAGES};
+use ferry_migrate::wire::{FrameStream, FrameWriter, Message, StreamRole, MAX_RUN_PAGES};
 use ferry_migrate::MAX_HANDSHAKES_PER_PEER;
 use ferry_migrate::{
-    migrate_vm, serve, settle, ChunkKey, ChunkWrite, DeviceBuffer, DeviceTransfer, FileOffer,
-    FileTransfer, MigrationError, MigrationOptions, MigrationReport, MigrationSource,
-    MigrationTarget, Mode, PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmContents,
-    VmDescription, VmError,
+    migrate_vm, serve, settle, ChunkKey, ChunkWrite, DeviceBuffer, FileOffer, FileTransfer,
+    MigrationError, MigrationOptions, MigrationReport, MigrationSource, MigrationTarget, Mode,
+    PageSet, ReceiveReport, Secret, Settlement, TargetFactory, VmContents, VmDescription, VmError,
 };
 use sha2::{Digest, Sha256};
 
@@ -1440,18 +1440,7 @@ fn description(ram_size: u64) -> VmDescription {
 /// A hostile peer's offer to send [`description`]`(ram_size)` live over `streams` data
 /// streams.
 fn offer(ram_size: u64, streams: u8) -> Message {
-    offer_of(description(ram_size), streams)
-}
-
-/// An offer to send `vm` live over `streams` data streams.
-fn offer_of(vm: VmDescription, streams: u8) -> Message {
-    Message::Offer {
-        vm,
-        streams,
-        transfer: Transfer::Live,
-        files: FileTransfer::Reuse,
-        device: DeviceTransfer::Precopy,
-    }
+    hostile::offer(description(ram_size), streams)
 }
 
 #[test]
@@ -1735,7 +1724,7 @@ fn offers_of_files_the_vm_could_not_take_are_refused_at_the_handshake() {
         let mut c = authenticated(&dest, StreamRole::Control);
         let mut vm = description(MIB);
         vm.files = files;
-        c.send(&offer_of(vm, 1)).unwrap();
+        c.send(&hostile::offer(vm, 1)).unwrap();
         match c.expect_control("refusal") {
             Ok(Message::Refuse { reason }) => assert!(reason.contains(why), "{reason}"),
             other => panic!("expected a refusal for {why}, got {other:?}"),
@@ -1767,7 +1756,7 @@ fn chunk_origins_outside_the_offered_files_are_refused() {
                 path: "/fake/model".into(),
             }];
             let mut c = authenticated(&dest, StreamRole::Control);
-            c.send(&offer_of(vm, 1)).unwrap();
+            c.send(&hostile::offer(vm, 1)).unwrap();
             let session = match c.expect_control("accept").unwrap() {
                 Message::Accept { session, .. } => session,
                 other => panic!("expected accept, got {other:?}"),

@@ -24,12 +24,35 @@ fn begin(round: u32) -> Message {
     }
 }
 
-#[test]
-fn keepalives_alone_do_not_hold_a_round_open() {
+type Stream = ferry_migrate::wire::FrameStream<std::net::TcpStream>;
+
+/// A destination (with the limits shortened, each RAM write taking `ram_delay`) and a
+/// session with it of a VM `name` over `streams` data streams, its round 0 begun.
+fn round_zero(name: &str, streams: u8, ram_delay: Duration) -> (Destination, Stream, Vec<Stream>) {
     ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
     let dest = Destination::start();
-    let (mut c, mut data) = dest.session(memory_vm::description("stalling", MIB, 0), 1);
+    *dest.factory.ram_delay.lock().unwrap() = ram_delay;
+    let (mut c, data) = dest.session(memory_vm::description(name, MIB, 0), streams);
     c.send(&begin(0)).unwrap();
+    (dest, c, data)
+}
+
+/// Sends page `page` of RAM, filled with `byte`, on `stream` (buffered).
+fn send_page(stream: &mut Stream, page: u64, byte: u8) {
+    stream
+        .writer
+        .send_ram(page * PAGE_SIZE, 1, Some(&[byte; PAGE_SIZE as usize]))
+        .unwrap();
+}
+
+/// Ends round 0, announcing `frames` per stream.
+fn end_round_zero(c: &mut Stream, frames: Vec<u64>) {
+    c.send(&Message::EndRound { round: 0, frames }).unwrap();
+}
+
+#[test]
+fn keepalives_alone_do_not_hold_a_round_open() {
+    let (dest, mut c, mut data) = round_zero("stalling", 1, Duration::ZERO);
     // Keepalives on both streams (each data one a frame of the round), and nothing else.
     let started = Instant::now();
     let sender = {
@@ -59,20 +82,14 @@ fn keepalives_alone_do_not_hold_a_round_open() {
 
 #[test]
 fn a_round_that_sends_data_slowly_stays_open() {
-    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
-    let dest = Destination::start();
-    let (mut c, mut data) = dest.session(memory_vm::description("slow", MIB, 0), 1);
-    c.send(&begin(0)).unwrap();
+    let (_dest, mut c, mut data) = round_zero("slow", 1, Duration::ZERO);
     // A page every half idle limit, and keepalives, for three idle limits.
     let started = Instant::now();
     let mut pages = 0;
     let mut next_page = Instant::now();
     while started.elapsed() < IDLE_LIMIT * 3 {
         if Instant::now() >= next_page {
-            data[0]
-                .writer
-                .send_ram(pages * PAGE_SIZE, 1, Some(&[7; PAGE_SIZE as usize]))
-                .unwrap();
+            send_page(&mut data[0], pages, 7);
             data[0].writer.flush().unwrap();
             pages += 1;
             next_page += IDLE_LIMIT / 2;
@@ -80,20 +97,13 @@ fn a_round_that_sends_data_slowly_stays_open() {
         c.send(&Message::Keepalive).unwrap();
         std::thread::sleep(KEEPALIVE_EVERY);
     }
-    c.send(&Message::EndRound {
-        round: 0,
-        frames: vec![pages],
-    })
-    .unwrap();
+    end_round_zero(&mut c, vec![pages]);
     assert_applied(&mut c, 0);
 }
 
 #[test]
 fn a_frame_that_takes_several_idle_limits_to_arrive_keeps_its_round() {
-    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
-    let dest = Destination::start();
-    let (mut c, mut data) = dest.session(memory_vm::description("slow-link", MIB, 0), 1);
-    c.send(&begin(0)).unwrap();
+    let (_dest, mut c, mut data) = round_zero("slow-link", 1, Duration::ZERO);
     // A frame of a page, a few bytes at a time over three idle limits (a slow link), and
     // keepalives on the control stream meanwhile.
     let mut page = Vec::new();
@@ -106,37 +116,22 @@ fn a_frame_that_takes_several_idle_limits_to_arrive_keeps_its_round() {
         c.send(&Message::Keepalive).unwrap();
         std::thread::sleep(KEEPALIVE_EVERY);
     }
-    c.send(&Message::EndRound {
-        round: 0,
-        frames: vec![1],
-    })
-    .unwrap();
+    end_round_zero(&mut c, vec![1]);
     assert_applied(&mut c, 0);
 }
 
 #[test]
 fn a_round_whose_frames_take_longer_than_the_idle_limit_to_apply_is_waited_for() {
-    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
-    let dest = Destination::start();
     // Each page takes a fifth of the idle limit to write here (a file chunk read from a
     // slow disk): the round's frames all arrive at once, and take three idle limits to
     // apply after its end.
-    *dest.factory.ram_delay.lock().unwrap() = IDLE_LIMIT / 5;
-    let (mut c, mut data) = dest.session(memory_vm::description("slow-disk", MIB, 0), 1);
-    c.send(&begin(0)).unwrap();
+    let (_dest, mut c, mut data) = round_zero("slow-disk", 1, IDLE_LIMIT / 5);
     let pages = 15;
     for page in 0..pages {
-        data[0]
-            .writer
-            .send_ram(page * PAGE_SIZE, 1, Some(&[7; PAGE_SIZE as usize]))
-            .unwrap();
+        send_page(&mut data[0], page, 7);
     }
     data[0].writer.flush().unwrap();
-    c.send(&Message::EndRound {
-        round: 0,
-        frames: vec![pages],
-    })
-    .unwrap();
+    end_round_zero(&mut c, vec![pages]);
     let keepalives = assert_applied(&mut c, 0);
     assert!(
         keepalives >= 2,
@@ -146,33 +141,19 @@ fn a_round_whose_frames_take_longer_than_the_idle_limit_to_apply_is_waited_for()
 
 #[test]
 fn a_stream_whose_frames_are_applied_waits_while_another_stream_applies_its_own() {
-    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
-    let dest = Destination::start();
     // Stream 0's frames take three idle limits to apply; stream 1's one frame is applied
     // at once, and that stream then has nothing to read until the round is over.
-    *dest.factory.ram_delay.lock().unwrap() = IDLE_LIMIT / 5;
-    let (mut c, mut data) = dest.session(memory_vm::description("one-slow-stream", MIB, 0), 2);
-    c.send(&begin(0)).unwrap();
+    let (_dest, mut c, mut data) = round_zero("one-slow-stream", 2, IDLE_LIMIT / 5);
     let started = Instant::now();
     let pages = 15;
     for page in 0..pages {
-        data[0]
-            .writer
-            .send_ram(page * PAGE_SIZE, 1, Some(&[7; PAGE_SIZE as usize]))
-            .unwrap();
+        send_page(&mut data[0], page, 7);
     }
-    data[1]
-        .writer
-        .send_ram(pages * PAGE_SIZE, 1, Some(&[8; PAGE_SIZE as usize]))
-        .unwrap();
+    send_page(&mut data[1], pages, 8);
     for stream in &mut data {
         stream.writer.flush().unwrap();
     }
-    c.send(&Message::EndRound {
-        round: 0,
-        frames: vec![pages, 1],
-    })
-    .unwrap();
+    end_round_zero(&mut c, vec![pages, 1]);
     assert_applied(&mut c, 0);
     assert!(
         started.elapsed() > IDLE_LIMIT * 2,
@@ -217,21 +198,11 @@ fn a_source_waits_for_a_round_applied_long_after_its_end() {
 
 #[test]
 fn a_round_whose_announced_frames_never_come_is_given_up_on_after_the_idle_limit() {
-    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
-    let dest = Destination::start();
-    let (mut c, mut data) = dest.session(memory_vm::description("missing", MIB, 0), 1);
-    c.send(&begin(0)).unwrap();
-    data[0]
-        .writer
-        .send_ram(0, 1, Some(&[7; PAGE_SIZE as usize]))
-        .unwrap();
+    let (dest, mut c, mut data) = round_zero("missing", 1, Duration::ZERO);
+    send_page(&mut data[0], 0, 7);
     data[0].writer.flush().unwrap();
     let started = Instant::now();
-    c.send(&Message::EndRound {
-        round: 0,
-        frames: vec![2],
-    })
-    .unwrap();
+    end_round_zero(&mut c, vec![2]);
     let reason = abort_reason(&mut c);
     assert!(reason.contains("stopped arriving"), "{reason}");
     assert!(
