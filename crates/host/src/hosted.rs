@@ -418,7 +418,15 @@ impl HostedVm {
         self.throttle_pct.store(0, Ordering::SeqCst);
         let mut control = self.control();
         let since = match control.hold {
-            Hold::Throttle { since } | Hold::Switchover { since } => since,
+            Hold::Throttle { since } => {
+                // The throttle's pause took requests; from here the VM's state may
+                // become the destination's, so they are refused, as by a pause.
+                if let Some(vm) = control.vm.as_ref() {
+                    vm.refuse_requests();
+                }
+                since
+            }
+            Hold::Switchover { since } => since,
             Hold::Free => {
                 let Some(vm) = control.vm.as_mut() else {
                     return Err(VmError::Gone("the VM was released".into()));
@@ -643,7 +651,11 @@ impl HostedVm {
             let migrating = matches!(self.state(), VmState::Migrating { .. });
             if let (Hold::Free, Some(vm), true) = (control.hold, control.vm.as_mut(), migrating) {
                 let since = Instant::now();
-                if matches!(vm.run_state(), RunState::Running) && vm.pause().is_ok() {
+                // Requests keep being taken: the VM runs on here after this pause
+                // (a switchover that takes it over refuses them from then on).
+                if matches!(vm.run_state(), RunState::Running)
+                    && vm.pause_accepting_requests().is_ok()
+                {
                     control.hold = Hold::Throttle { since };
                 }
             }

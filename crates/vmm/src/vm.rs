@@ -81,6 +81,15 @@ impl VmConfig {
     }
 }
 
+/// What a paused VM's channel does with requests sent meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requests {
+    /// Refused: the VM's state may become another host's.
+    Refused,
+    /// Queued: the VM runs on here.
+    Queued,
+}
+
 /// What this host gives a VM, which is not part of its state: where its console goes,
 /// how many threads its accelerator backend may use and at what priority its threads run.
 pub struct HostOptions {
@@ -714,6 +723,24 @@ impl Microvm {
     /// whatever instruction they are on. Returns how long that took. If the guest ended
     /// meanwhile, the VM is `Exited`/`Failed` instead.
     pub fn pause(&mut self) -> Result<Duration, VmControlError> {
+        self.pause_with(Requests::Refused)
+    }
+
+    /// Pauses a running VM as [`Self::pause`] does, but its channel goes on queueing
+    /// requests: for a pause after which the VM runs on here (a migration's throttle),
+    /// whose state no other host takes before [`Self::refuse_requests`].
+    pub fn pause_accepting_requests(&mut self) -> Result<Duration, VmControlError> {
+        self.pause_with(Requests::Queued)
+    }
+
+    /// Refuses the requests sent to a VM paused by [`Self::pause_accepting_requests`]
+    /// from now on (until it resumes), as [`Self::pause`] would have: its state may
+    /// become another host's.
+    pub fn refuse_requests(&self) {
+        self.devices.channel.pause();
+    }
+
+    fn pause_with(&mut self, requests: Requests) -> Result<Duration, VmControlError> {
         if !matches!(self.state, RunState::Running) {
             return Err(self.wrong_state("pause", "running"));
         }
@@ -721,7 +748,9 @@ impl Microvm {
         let _lifted = Lifted::to_callers(self.host_threads(), self.guest_nice);
         // From here on the VM's state may become another host's: requests queued later
         // would be lost with this copy, so they are refused (to be sent again).
-        self.devices.channel.pause();
+        if requests == Requests::Refused {
+            self.devices.channel.pause();
+        }
         // The device first stops taking commands, so the one in flight ends while the
         // vCPUs stop (a vCPU waiting on the device is let go as it ends) rather than
         // after them, with maybe another begun meanwhile.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_vmm::devices::channel::{Message, StreamEnd};
+use ferry_vmm::devices::channel::{Message, StreamEnd, SubmitError};
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
 /// ferry-llm's GGUF writer and tiny model.
@@ -337,4 +337,37 @@ fn bad_requests_are_refused_one_by_one_while_the_others_are_served() {
             completion_tokens: 200
         }
     );
+}
+
+#[test]
+fn a_pause_the_vm_runs_on_after_queues_requests_and_one_that_may_move_it_refuses_them() {
+    ferry_testdata::require_kvm!();
+    let model = model_file("paused", "ab");
+    let mut server = Server::start(&model, &["--slots", "2"]);
+    let request = |prompt: &str| Message {
+        kind: kind::REQUEST,
+        payload: raw(prompt, 8).encode(),
+    };
+    // A throttle's pause: a request sent meanwhile is queued, and answered once the VM
+    // runs again.
+    server.vm.pause_accepting_requests().unwrap();
+    let readout = server.vm.readout();
+    let channel = readout.channel();
+    channel.submit(100, request("hello")).unwrap();
+    // A switchover taking that pause over: from then on, requests are refused.
+    server.vm.refuse_requests();
+    assert!(matches!(
+        channel.submit(101, request("hello")),
+        Err(SubmitError::Paused)
+    ));
+    server.vm.resume().unwrap();
+    let (text, _) = text_and_end(&server.answer(100));
+    assert_eq!(text, "ab".repeat(8));
+    // A plain pause (its state may become another host's) refuses them at once.
+    server.vm.pause().unwrap();
+    assert!(matches!(
+        channel.submit(102, request("hello")),
+        Err(SubmitError::Paused)
+    ));
+    server.vm.resume().unwrap();
 }
