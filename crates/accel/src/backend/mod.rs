@@ -551,9 +551,8 @@ pub fn by_name(name: &str) -> Result<&'static str, String> {
 
 /// The backend kinds this host can run (opening its GPU, if it has one, the first time).
 pub fn available() -> Vec<&'static str> {
-    let mut kinds = vec![CPU];
-    kinds.extend(cuda_kind().ok());
-    kinds
+    drop(cuda());
+    available_now()
 }
 
 /// The backend kinds this host is known to run now, without waiting: a GPU is listed once

@@ -206,7 +206,9 @@ fn write_echo(
     mut out: Box<dyn Write + Send>,
     mut terminal: Option<TerminalText>,
 ) {
-    let mut shown = Vec::new();
+    // Swapped with the queue's: both keep their room, so queueing allocates nothing
+    // once output has flowed a while.
+    let (mut bytes, mut shown) = (Vec::new(), Vec::new());
     loop {
         let mut state = queue
             .ready
@@ -214,7 +216,8 @@ fn write_echo(
                 s.bytes.is_empty() && s.dropped == 0 && !s.closed
             })
             .unwrap_or_else(PoisonError::into_inner);
-        let bytes = std::mem::take(&mut state.bytes);
+        bytes.clear();
+        std::mem::swap(&mut bytes, &mut state.bytes);
         let dropped = std::mem::take(&mut state.dropped);
         let closed = state.closed;
         drop(state);
@@ -259,7 +262,9 @@ pub fn for_terminal(text: &str, terminal: bool) -> std::borrow::Cow<'_, str> {
     };
     filter.show(text.as_bytes(), &mut shown);
     filter.finish(&mut shown);
-    String::from_utf8_lossy(&shown).into_owned().into()
+    String::from_utf8(shown)
+        .expect("shown text is whole characters")
+        .into()
 }
 
 /// Guest text made safe for a terminal: control characters other than newline, tab and
@@ -280,8 +285,14 @@ struct TerminalText {
 impl TerminalText {
     /// Appends `bytes`, as shown, to `out`.
     fn show(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        let mut input = std::mem::take(&mut self.partial);
-        input.extend_from_slice(bytes);
+        // Joined with the start of a split character only when there is one.
+        let joined;
+        let input = if self.partial.is_empty() {
+            bytes
+        } else {
+            joined = [std::mem::take(&mut self.partial).as_slice(), bytes].concat();
+            &joined
+        };
         let mut chunks = input.utf8_chunks().peekable();
         while let Some(chunk) = chunks.next() {
             let mut chars = chunk.valid().chars().peekable();
