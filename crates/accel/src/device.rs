@@ -474,9 +474,11 @@ fn buffer_id(arg: u64) -> Option<BufferId> {
 fn backend_status(e: &BackendError) -> u32 {
     match e {
         // Aborted: the host ended the device, whatever the arguments (and no one reads it).
-        BackendError::Alloc { .. } | BackendError::Device(_) | BackendError::Aborted => {
-            status::DEVICE_ERROR
-        }
+        // Out of time: a replay's deadline cut it short (the replay fails: `Core::replay`).
+        BackendError::Alloc { .. }
+        | BackendError::Device(_)
+        | BackendError::Aborted
+        | BackendError::OutOfTime => status::DEVICE_ERROR,
         BackendError::BadData(_) => status::BAD_ARGUMENT,
     }
 }
@@ -704,22 +706,28 @@ impl Core {
                     status::DEVICE_ERROR
                 })
             }
-            op::LAUNCH => {
-                let (kernel, access) = {
-                    let map = lock_map(&self.map);
-                    Kernel::decode(a, |id| map.sizes.get(&id).copied())?
-                };
-                let result = self.backend.launch(&kernel);
-                // Marked even on failure: a kernel rejecting its data may have written part.
-                self.mark(access.writes());
-                result.map_err(|e| backend_status(&e))
-            }
+            op::LAUNCH => self.launch(a)?.map_err(|e| backend_status(&e)),
             op::FENCE => self
                 .ring
                 .publish_fence(&self.mem, a[0])
                 .map_err(|_| status::DEVICE_ERROR),
             _ => Err(status::BAD_OPCODE),
         }
+    }
+
+    /// LAUNCH with arguments `a`: the status of arguments that fail validation, else
+    /// what the backend says of the kernel. What it may have written is marked, even
+    /// when it failed.
+    fn launch(&mut self, a: &[u64]) -> Result<Result<(), BackendError>, u32> {
+        let (kernel, access) = {
+            let map = lock_map(&self.map);
+            Kernel::decode(a, |id| map.sizes.get(&id).copied())?
+        };
+        let result = self.backend.launch(&kernel);
+        // Marked even on failure: a kernel rejecting its data, or cut short, may have
+        // written part.
+        self.mark(access.writes());
+        Ok(result)
     }
 
     /// The device memory `cmd` would write, as far as its arguments are valid (one
@@ -848,9 +856,22 @@ impl Core {
             self.mark([(id, range)]);
             return Ok(());
         }
-        let got = self
-            .execute(&command_of(entry))
-            .map_or_else(|s| s, |()| status::OK);
+        let command = command_of(entry);
+        let got = match entry.opcode {
+            op::LAUNCH => match self.launch(&command.args) {
+                // Not a divergence: this host ran out of the time it gives a peer's
+                // commands. The outputs are partly written (marked), and stay so.
+                Ok(Err(BackendError::OutOfTime)) => {
+                    return Err(ReplayError::DeadlinePassed {
+                        index,
+                        opcode: entry.opcode,
+                    })
+                }
+                Ok(ran) => ran.map_or_else(|e| backend_status(&e), |()| status::OK),
+                Err(invalid) => invalid,
+            },
+            _ => self.execute(&command).map_or_else(|s| s, |()| status::OK),
+        };
         if got == entry.status {
             Ok(())
         } else {
@@ -1154,7 +1175,7 @@ impl Accelerator {
     }
 
     /// Ends the device for good, without waiting for the command in flight where the
-    /// backend can cut its kernel short (the cpu backend's, within one parallel task; a
+    /// backend can cut its kernel short (the cpu backend's, within milliseconds; a
     /// GPU's runs to its end, as for a pause): that command fails with `DEVICE_ERROR`,
     /// its writes marked, and the device thread stops; returns once it has.
     ///
@@ -1463,14 +1484,19 @@ impl DeviceReplay {
     /// Replays `entries` (a source's log) on this device's memory, on the device thread.
     /// The device must be paused; it stops at the first command that completes otherwise
     /// than it did there, or that would start after `deadline` (a peer's commands may
-    /// not hold the device for ever). [`ReplayError::DeviceGone`] if the device thread
-    /// is gone or dies meanwhile.
+    /// not hold the device for ever). A kernel still running at `deadline` is cut short
+    /// where the backend can (the cpu backend's, within milliseconds):
+    /// [`ReplayError::DeadlinePassed`], its outputs partly written and marked, so this
+    /// device's memory is no longer the source's. [`ReplayError::DeviceGone`] if the
+    /// device thread is gone or dies meanwhile.
     pub fn replay(
         &self,
         entries: Vec<LoggedCommand>,
         deadline: Instant,
     ) -> Result<(), ReplayError> {
         on_device(&self.shared, move |core| {
+            // Lifted as this job ends, before the device runs anything of the guest's.
+            let _deadline = core.backend.abort_switch().map(|s| s.until(deadline));
             for (index, entry) in entries.iter().enumerate() {
                 if Instant::now() > deadline {
                     return Err(ReplayError::OutOfTime {

@@ -283,6 +283,17 @@ pub enum ReplayError {
         /// The commands given.
         total: usize,
     },
+    /// The deadline passed while command `index` ran: its kernel was cut short, its
+    /// outputs partly written, so this device's memory is no longer the source's.
+    #[error(
+        "replay ran out of time during command {index} (opcode {opcode}): its kernel was cut short"
+    )]
+    DeadlinePassed {
+        /// Its place in the log.
+        index: usize,
+        /// Its opcode.
+        opcode: u32,
+    },
     /// An upload's logged data does not match its length.
     #[error("replayed upload {index} carries {got} bytes for {expected}")]
     BadPayload {

@@ -99,8 +99,13 @@ impl FakeGuest {
 
     /// A guest of a device on `backend`.
     fn on(backend: Box<dyn Backend>, files: Arc<dyn FileSource>) -> Self {
+        Self::sized(backend, files, CAPACITY)
+    }
+
+    /// A guest of a device on `backend` with `capacity` bytes of device memory.
+    fn sized(backend: Box<dyn Backend>, files: Arc<dyn FileSource>, capacity: u64) -> Self {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-        let accel = Accelerator::boot(mem.clone(), RING, CAPACITY, backend, files).unwrap();
+        let accel = Accelerator::boot(mem.clone(), RING, capacity, backend, files).unwrap();
         accel.resume();
         Self {
             mem,
@@ -1572,4 +1577,120 @@ fn a_chunk_read_waits_for_one_kernel_while_the_guest_writes_its_buffer_back_to_b
         }
     }
     each_waited_one_command("chunk reads", &waits, &stop, feeder);
+}
+
+/// Depth of [`deep_matmul`]: one operand of 4 GiB that the test never writes, so the
+/// kernel reads the host's zero pages and takes no memory.
+const DEEP_K: u64 = 1 << 30;
+
+/// A MATMUL of one row by one column (buffer 1 by itself), [`DEEP_K`] deep, into buffer
+/// 2: one tile, one task. On one thread it took 28 s where this was written.
+fn deep_matmul() -> [u64; 8] {
+    [kernel::MATMUL, 1, 1, 2, 1, 1, DEEP_K, 0]
+}
+
+#[test]
+fn an_abort_ends_a_matmul_of_one_element_billions_deep_within_its_one_tile() {
+    let faults = Faults::default();
+    let mut g = FakeGuest::sized(
+        Faulty::watched(&faults),
+        no_files(),
+        DEEP_K * 4 + CHUNK_SIZE,
+    );
+    assert_eq!(g.run(op::ALLOC, &[1, DEEP_K * 4]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, 4]), status::OK);
+    g.accel.start_dirty_tracking();
+    let launch = g.submit(op::LAUNCH, &deep_matmul());
+    faults.wait_launched(1);
+    // Into its tile: a launch checks the switch before it begins, which would end it
+    // whatever its tiles do.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(g.tail() <= launch, "the kernel is still running");
+    let g = Arc::new(g);
+    let ending = g.clone();
+    let started = Instant::now();
+    let took = within(Duration::from_secs(20), move || {
+        ending.accel.abort();
+        started.elapsed()
+    });
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(2)),
+        "the device ended after {took:?} (the kernel alone takes about 28 s)"
+    );
+    eprintln!(
+        "the device ended {:?} after it was asked to",
+        took.unwrap_or_default()
+    );
+    assert!(g.accel.is_dead());
+    assert_eq!(g.tail(), launch + 1);
+    assert_eq!(g.status(launch), status::DEVICE_ERROR);
+    assert_eq!(g.accel.take_dirty_chunks(), vec![ChunkId::new(2, 0)]);
+}
+
+/// Elements of the operand of [`replayed_matmul`].
+const REPLAYED_K: u64 = 1 << 26;
+
+/// A guest of a one-thread device with buffer 1 of [`REPLAYED_K`] random values and
+/// buffer 2 of one, for [`replayed_matmul`].
+fn replayed_matmul_guest() -> FakeGuest {
+    let backend = backend::create(backend::CPU, 1, &DeviceMemory::default()).unwrap();
+    let mut g = FakeGuest::sized(backend, no_files(), REPLAYED_K * 4 + CHUNK_SIZE);
+    assert_eq!(g.run(op::ALLOC, &[1, REPLAYED_K * 4]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, 4]), status::OK);
+    let fill = backend::uniform_fill(1, REPLAYED_K as usize, 5).encode();
+    assert_eq!(g.run(op::LAUNCH, &fill), status::OK);
+    g
+}
+
+/// Buffer 1 (one row) by itself (one column) into buffer 2: one tile of seconds.
+fn replayed_matmul() -> [u64; 8] {
+    [kernel::MATMUL, 1, 1, 2, 1, 1, REPLAYED_K, 0]
+}
+
+#[test]
+fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_gives_the_same_bits() {
+    let mut source = replayed_matmul_guest();
+    let ran = Instant::now();
+    assert_eq!(source.run(op::LAUNCH, &replayed_matmul()), status::OK);
+    let whole = ran.elapsed();
+    source.accel.pause();
+    let want = source.accel.digest().unwrap();
+
+    let mut dest = replayed_matmul_guest();
+    dest.accel.pause();
+    dest.accel.start_dirty_tracking();
+    let log = vec![LoggedCommand {
+        opcode: op::LAUNCH,
+        args: replayed_matmul().to_vec(),
+        payload: Vec::new(),
+        status: status::OK,
+    }];
+    let started = Instant::now();
+    let cut = dest
+        .accel
+        .replay(log.clone(), started + Duration::from_millis(50));
+    let took = started.elapsed();
+    eprintln!("the kernel took {whole:?} run whole; its replay was cut after {took:?}");
+    assert_eq!(
+        cut,
+        Err(ReplayError::DeadlinePassed {
+            index: 0,
+            opcode: op::LAUNCH
+        })
+    );
+    assert!(
+        took < whole / 4,
+        "cut after {took:?}; run whole, the kernel takes {whole:?}"
+    );
+    // Its output is marked written, as an aborted kernel's is.
+    assert_eq!(dest.accel.take_dirty_chunks(), vec![ChunkId::new(2, 0)]);
+
+    // The deadline went with that replay: the same one with time enough runs the kernel
+    // whole, and gives the source's bits.
+    assert_eq!(dest.accel.replay(log, far()), Ok(()));
+    assert_eq!(dest.accel.digest().unwrap(), want);
+    // The guest's own kernels after it are not cut short either.
+    dest.accel.resume();
+    let short = [kernel::MATMUL, 1, 1, 2, 1, 1, 4096, 0];
+    assert_eq!(dest.run(op::LAUNCH, &short), status::OK);
 }

@@ -13,6 +13,8 @@ mod ops;
 mod quant;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wide_tests;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,8 +37,8 @@ compile_error!(
 );
 
 /// Where a kernel's parallel tasks run: the kernel threads, and the switch that cuts
-/// the kernel short (each task checks it before it starts, so a kernel of minutes ends
-/// within a task of the pull).
+/// the kernel short (each task checks it before it starts, and every [`CHECK_WORK`]
+/// steps within, so a kernel of minutes ends within milliseconds of the pull).
 pub(crate) struct Workers {
     threads: ThreadPool,
     abort: AbortSwitch,
@@ -56,16 +58,79 @@ impl Workers {
         self.threads.install(op)
     }
 
-    /// `task`, but doing nothing once the switch is pulled: a parallel loop's body.
+    /// `task`, but doing nothing once the kernel is to stop: a parallel loop's body.
     pub fn task<'a, T>(
         &'a self,
         task: impl Fn(T) + Sync + Send + 'a,
     ) -> impl Fn(T) + Sync + Send + 'a {
         move |t| {
-            if !self.abort.is_pulled() {
+            if !self.stops() {
                 task(t);
             }
         }
+    }
+
+    /// Whether the kernel running is to stop now (see [`AbortSwitch::stops_kernels`]):
+    /// a task checks between parts of its work, and skips the rest if so.
+    #[inline]
+    pub fn stops(&self) -> bool {
+        self.abort.stops_kernels()
+    }
+
+    /// [`Stopped`] if the kernel is to stop now ([`Self::stops`]).
+    #[inline]
+    pub fn check(&self) -> Result<(), Stopped> {
+        match self.stops() {
+            true => Err(Stopped),
+            false => Ok(()),
+        }
+    }
+}
+
+/// Steps (elements, multiply-adds) of a task between two checks of its kernel's switch:
+/// tens of microseconds of work, next to a load (and in a replay a clock read).
+pub(crate) const CHECK_WORK: usize = 1 << 14;
+
+/// The kernel is to stop (see [`Workers::stops`]): the rest of a task is skipped, its
+/// outputs left partly written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stopped;
+
+/// Counts the work of one task since it last checked its kernel's switch, for loops whose
+/// steps are too small to check each: it checks once they add up to [`CHECK_WORK`].
+pub(crate) struct Ticker<'a> {
+    /// The switch's workers, or none for work that is never cut short (benchmarks).
+    pool: Option<&'a Workers>,
+    since: usize,
+}
+
+impl<'a> Ticker<'a> {
+    /// A ticker of a task of `pool`'s.
+    pub fn new(pool: &'a Workers) -> Self {
+        Self {
+            pool: Some(pool),
+            since: 0,
+        }
+    }
+
+    /// A ticker that never stops its work.
+    pub fn unchecked() -> Ticker<'static> {
+        Ticker {
+            pool: None,
+            since: 0,
+        }
+    }
+
+    /// Counts `work` more steps done; [`Stopped`] if the kernel is to stop, checked once
+    /// the steps since the last check reach [`CHECK_WORK`].
+    #[inline]
+    pub fn done(&mut self, work: usize) -> Result<(), Stopped> {
+        self.since += work;
+        if self.since < CHECK_WORK {
+            return Ok(());
+        }
+        self.since = 0;
+        self.pool.map_or(Ok(()), Workers::check)
     }
 }
 
@@ -260,28 +325,27 @@ impl Backend for CpuBackend {
     }
 
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
-        self.aborted()?;
-        // What only the data can say, checked before anything is written.
+        let abort = &self.pool.abort;
+        abort.check()?;
+        // What only the data can say, checked before anything is written (in parts: a
+        // guest may give billions of ids).
         if let Some(check) = IndexCheck::of(kernel) {
-            check.check(bytemuck::cast_slice(
-                &self.buffers.expect(check.buffer).read(),
-            ))?;
+            let buffer = self.buffers.expect(check.buffer);
+            let words = buffer.read();
+            let ids: &[u32] = bytemuck::cast_slice(&words);
+            for part in ids[..check.count].chunks(CHECK_WORK << 4) {
+                abort.check()?;
+                check.check_part(part)?;
+            }
         }
         self.run(kernel);
-        // Pulled meanwhile, tasks may have been skipped: the outputs are partly written.
-        self.aborted()
+        // Pulled or past its deadline meanwhile, tasks may have been skipped: the outputs
+        // are partly written.
+        self.pool.abort.stopped()
     }
 }
 
 impl CpuBackend {
-    /// [`BackendError::Aborted`] once the switch is pulled.
-    fn aborted(&self) -> Result<(), BackendError> {
-        match self.pool.abort.is_pulled() {
-            true => Err(BackendError::Aborted),
-            false => Ok(()),
-        }
-    }
-
     /// Runs `f` on `len` bytes of buffer `id` from byte `offset` (validated by the
     /// device), under the buffer's write lock.
     fn with_bytes_mut<R>(
@@ -481,8 +545,8 @@ impl CpuBackend {
                 dst,
                 dst_offset,
                 n,
-            } => self.with_outputs(kernel, [dst], |_, inp, [dst]| {
-                ops::copy(inp.f32(src), src_offset, dst, dst_offset, n);
+            } => self.with_outputs(kernel, [dst], |pool, inp, [dst]| {
+                ops::copy(pool, inp.f32(src), src_offset, dst, dst_offset, n);
             }),
             Kernel::RngFill {
                 out,

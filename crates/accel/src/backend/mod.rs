@@ -7,8 +7,9 @@ pub mod cuda;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use crate::kernel::{DType, Kernel};
 pub use cpu::DeviceMemory;
@@ -35,25 +36,167 @@ pub enum BackendError {
     /// partly written.
     #[error("kernel abandoned: the device is being ended")]
     Aborted,
+    /// The deadline set on the backend's [`AbortSwitch`] (a replay's) passed while the
+    /// kernel ran: it was cut short, its outputs partly written.
+    #[error("kernel cut short: its deadline passed")]
+    OutOfTime,
 }
 
-/// Cuts a backend's kernels short, for a device being ended (a VM stopped or dropped),
-/// which need not wait minutes for a result no one will read. Pulled once and for good:
-/// every kernel from then on stops early, so a device that is paused and then run on
-/// must never have it pulled.
+/// Cuts a backend's kernels short: for good, for a device being ended (a VM stopped or
+/// dropped), which need not wait minutes for a result no one will read ([`Self::pull`]);
+/// or once a deadline passes, for a replay that may not hold its device for ever
+/// ([`Self::until`]). Pulled once and for good: every kernel from then on stops early, so
+/// a device that is paused and then run on must never have it pulled.
 #[derive(Debug, Clone, Default)]
-pub struct AbortSwitch(Arc<AtomicBool>);
+pub struct AbortSwitch(Arc<Switch>);
 
-impl AbortSwitch {
-    /// Pulls it: kernels in flight stop at their next task, later ones at once.
-    pub fn pull(&self) {
-        self.0.store(true, Ordering::Relaxed);
+/// An [`AbortSwitch`]'s [`Cut`], in one word that kernel threads load, and the instant
+/// its deadlines count from.
+#[derive(Debug)]
+struct Switch {
+    word: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Switch {
+    fn default() -> Self {
+        Self {
+            word: AtomicU64::new(Cut::Never.word()),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// When an [`AbortSwitch`] cuts kernels short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Never: they run to their end.
+    Never,
+    /// Once this many nanoseconds (at least 1) have passed since the switch's epoch.
+    At(u64),
+    /// Now, until the deadline is lifted: a check saw it pass.
+    Expired,
+    /// Now and for good: pulled.
+    Pulled,
+}
+
+impl Cut {
+    const EXPIRED: u64 = u64::MAX - 1;
+
+    /// The word that holds it: 0, the deadline's nanoseconds, or one of the two greatest.
+    fn word(self) -> u64 {
+        match self {
+            Cut::Never => 0,
+            Cut::At(ns) => ns.clamp(1, Self::EXPIRED - 1),
+            Cut::Expired => Self::EXPIRED,
+            Cut::Pulled => u64::MAX,
+        }
     }
 
-    /// Whether it was pulled (a load per parallel task: cheap next to the task).
-    #[inline]
+    fn of(word: u64) -> Self {
+        match word {
+            0 => Cut::Never,
+            Self::EXPIRED => Cut::Expired,
+            u64::MAX => Cut::Pulled,
+            ns => Cut::At(ns),
+        }
+    }
+}
+
+impl AbortSwitch {
+    /// Pulls it: kernels in flight stop at their next check, later ones at once.
+    pub fn pull(&self) {
+        self.0.word.store(Cut::Pulled.word(), Ordering::Relaxed);
+    }
+
+    /// Whether it was pulled.
     pub fn is_pulled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.cut() == Cut::Pulled
+    }
+
+    fn cut(&self) -> Cut {
+        Cut::of(self.0.word.load(Ordering::Relaxed))
+    }
+
+    /// Whether kernels are to stop now: it was pulled, or its deadline passed. A kernel
+    /// checks before each parallel task and every few thousand steps within one: a load,
+    /// and a clock read while a deadline is set (a replay's kernels only).
+    #[inline]
+    pub fn stops_kernels(&self) -> bool {
+        match self.cut() {
+            Cut::Never => false,
+            Cut::Expired | Cut::Pulled => true,
+            Cut::At(ns) => self.expires(ns),
+        }
+    }
+
+    /// Whether deadline `ns` has passed; if it has, kernels stop from now on until it is
+    /// lifted (unless the switch was pulled or the deadline lifted meanwhile).
+    fn expires(&self, ns: u64) -> bool {
+        let now = u64::try_from(self.0.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if now < ns {
+            return false;
+        }
+        let at = Cut::At(ns).word();
+        let _ = self.0.word.compare_exchange(
+            at,
+            Cut::Expired.word(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        true
+    }
+
+    /// Why kernels stop, if a check found that they do ([`Self::stops_kernels`]): the
+    /// switch was pulled ([`BackendError::Aborted`]) or its deadline passed
+    /// ([`BackendError::OutOfTime`]).
+    pub fn stopped(&self) -> Result<(), BackendError> {
+        match self.cut() {
+            Cut::Pulled => Err(BackendError::Aborted),
+            Cut::Expired => Err(BackendError::OutOfTime),
+            Cut::Never | Cut::At(_) => Ok(()),
+        }
+    }
+
+    /// [`Self::stopped`], after a check ([`Self::stops_kernels`]).
+    pub fn check(&self) -> Result<(), BackendError> {
+        self.stops_kernels();
+        self.stopped()
+    }
+
+    /// Cuts kernels short also once `deadline` passes, until the guard it returns is
+    /// dropped (never later: a deadline must not outlive the commands it bounds, or it
+    /// would cut the guest's own kernels). A pulled switch stays pulled.
+    pub fn until(&self, deadline: Instant) -> Deadline {
+        // Counted from the epoch, plus one: 0 means no deadline.
+        let ns = deadline
+            .saturating_duration_since(self.0.epoch)
+            .as_nanos()
+            .saturating_add(1);
+        let at = Cut::At(u64::try_from(ns).unwrap_or(u64::MAX)).word();
+        self.set_unless_pulled(at);
+        Deadline(self.clone())
+    }
+
+    fn set_unless_pulled(&self, word: u64) {
+        let _ = self
+            .0
+            .word
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                (Cut::of(now) != Cut::Pulled).then_some(word)
+            });
+    }
+}
+
+/// A deadline set on an [`AbortSwitch`] ([`AbortSwitch::until`]), lifted when this is
+/// dropped.
+#[derive(Debug)]
+#[must_use = "the deadline is lifted when this is dropped"]
+pub struct Deadline(AbortSwitch);
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.0.set_unless_pulled(Cut::Never.word());
     }
 }
 
@@ -96,10 +239,12 @@ impl IndexCheck {
 
     /// `values` (at least `count` of them) against the bound.
     fn check(&self, values: &[u32]) -> Result<(), BackendError> {
-        if values[..self.count]
-            .iter()
-            .any(|&v| v as usize >= self.bound)
-        {
+        self.check_part(&values[..self.count])
+    }
+
+    /// Some of the values checked (all of them are the first `count`) against the bound.
+    fn check_part(&self, values: &[u32]) -> Result<(), BackendError> {
+        if values.iter().any(|&v| v as usize >= self.bound) {
             return Err(BackendError::BadData(self.what));
         }
         Ok(())
@@ -203,7 +348,7 @@ pub trait Backend: Send {
     fn reader(&self) -> Arc<dyn BufferReader>;
     /// The switch that cuts its kernels short (see [`AbortSwitch`]), if it has one; by
     /// default none: its kernels run to their end (a GPU's, which a device being ended
-    /// waits for, as a pause does).
+    /// waits for, as a pause does, and a replay past its deadline too).
     fn abort_switch(&self) -> Option<AbortSwitch> {
         None
     }
@@ -609,4 +754,46 @@ pub fn create(
         LocalGpu::Cuda(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
         LocalGpu::Emulated(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_deadline_stops_kernels_once_passed_and_only_until_lifted() {
+        let switch = AbortSwitch::default();
+        assert!(!switch.stops_kernels());
+        let deadline = switch.until(Instant::now() + Duration::from_secs(3600));
+        assert!(!switch.stops_kernels(), "not passed yet");
+        assert!(switch.stopped().is_ok());
+        drop(deadline);
+        let deadline = switch.until(Instant::now());
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(
+            matches!(switch.stopped(), Ok(())),
+            "no check has seen it pass"
+        );
+        assert!(switch.stops_kernels());
+        assert!(matches!(switch.check(), Err(BackendError::OutOfTime)));
+        assert!(!switch.is_pulled());
+        drop(deadline);
+        assert!(!switch.stops_kernels(), "lifted");
+        assert!(switch.check().is_ok());
+    }
+
+    #[test]
+    fn a_pulled_switch_stays_pulled_whatever_deadlines_come_and_go() {
+        let switch = AbortSwitch::default();
+        let deadline = switch.until(Instant::now());
+        switch.pull();
+        assert!(matches!(switch.check(), Err(BackendError::Aborted)));
+        drop(deadline);
+        let deadline = switch.until(Instant::now() + Duration::from_secs(3600));
+        assert!(switch.is_pulled() && switch.stops_kernels());
+        drop(deadline);
+        assert!(matches!(switch.check(), Err(BackendError::Aborted)));
+    }
 }

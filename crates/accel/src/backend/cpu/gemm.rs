@@ -13,6 +13,12 @@
 //! with α = 1 its edge and interior micro-tiles round alike; a test checks tiled results
 //! against one whole call. The grid is fixed by the shape all the same.)
 //!
+//! A tile is computed in segments of its depth, each one `sgemm` call, checking between
+//! two whether the kernel is to stop (one tile of a hostile shape, one row by one column
+//! billions deep, is seconds of work). Each segment starts at a multiple of `KC` and adds
+//! to what the ones before wrote (β = 1): exactly what `matrixmultiply` does from one
+//! depth block to the next within one call, so the bits are those of one call.
+//!
 //! Across hosts, `matrixmultiply` picks its microkernel at run time: every x86-64 CPU
 //! with AVX2 and FMA runs the same FMA kernel and gets the same bits; a CPU without FMA
 //! (or another architecture) runs an unfused kernel whose results differ in the last
@@ -31,6 +37,21 @@ const MIN_TILE: (usize, usize) = (128, 256);
 /// Tiles are shrunk until there are at least this many (or they reach [`MIN_TILE`]), to
 /// keep up to this many threads busy.
 const TARGET_TILES: usize = 16;
+/// `matrixmultiply`'s depth block for f32 (its `S_KC`, a constant of the crate): one call
+/// accumulates each block in registers and adds the blocks to `c` in order. (Were it to
+/// change, the test of kernels cut in parts would show other bits.)
+const KC: usize = 256;
+/// Multiply-adds of a tile between two checks of its kernel's switch (a millisecond or
+/// a few).
+const SEGMENT_WORK: usize = 1 << 24;
+
+/// The depth of the segments of a `rows×cols` tile: a whole number of [`KC`] blocks of
+/// about [`SEGMENT_WORK`] in all (`matrixmultiply` computes whole micro-tiles of 8×8, so
+/// fewer rows or columns cost as much).
+fn segment_depth(rows: usize, cols: usize) -> usize {
+    let step = rows.next_multiple_of(8) * cols.next_multiple_of(8);
+    (SEGMENT_WORK / step).max(1).next_multiple_of(KC)
+}
 
 /// The tile (rows, columns) for an `m×n` result: a function of the shape alone.
 pub fn tile_shape(m: usize, n: usize) -> (usize, usize) {
@@ -124,18 +145,20 @@ impl Gemm {
         let tn = n.div_ceil(size.1);
         let tiles = m.div_ceil(size.0) * tn;
         let c = TilePtr(c.as_mut_ptr());
-        let tile = |t: usize| self.tile(a, b, c, size, (t / tn, t % tn));
+        let tile = |t: usize| self.tile(pool, a, b, c, size, (t / tn, t % tn));
         if tiles == 1 {
             tile(0);
         } else {
-            // A tile is the smallest piece a kernel cut short skips (see `Workers::task`).
+            // Each tile a task (see `Workers::task`), which checks between its segments too.
             pool.install(|| (0..tiles).into_par_iter().for_each(pool.task(tile)));
         }
     }
 
-    /// Computes output tile (`ti`, `tj`) of tiles of `size`.
+    /// Computes output tile (`ti`, `tj`) of tiles of `size`, in segments of its depth;
+    /// stops between two once the kernel is to stop.
     fn tile(
         &self,
+        pool: &Workers,
         a: &[f32],
         b: &[f32],
         c: TilePtr,
@@ -156,32 +179,44 @@ impl Gemm {
         } else {
             (j0, n, 1)
         };
-        let beta = if self.accumulate { 1.0 } else { 0.0 };
-        // SAFETY: `run` checked that `a` holds m·k, `b` k·n and `c` m·n elements, so every
-        // element of the tile's operands (a: rows i0..i0+rows of op(a), b: columns
-        // j0..j0+cols of op(b), all k deep) and of its result (rows i0.., columns j0.. of
-        // the row-major m×n `c`) is in bounds; strides and offsets are below the slice
-        // lengths, which fit in isize. `a` and `b` are only read (they may be the same
-        // slice); `c` is a distinct `&mut` slice borrowed for the whole of `run`, and
-        // tiles are disjoint, so no element is written by two calls or read while written.
-        // With beta = 0 `sgemm` does not read `c`.
-        unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                k,
-                cols,
-                1.0,
-                a.as_ptr().add(a_off),
-                rsa as isize,
-                csa as isize,
-                b.as_ptr().add(b_off),
-                rsb as isize,
-                csb as isize,
-                beta,
-                c.0.add(i0 * n + j0),
-                n as isize,
-                1,
-            );
+        let depth = segment_depth(rows, cols);
+        let mut p0 = 0;
+        loop {
+            let kk = depth.min(k - p0);
+            // The first segment writes `c` as asked (β = 0 replaces it), the others add
+            // to it, as `matrixmultiply`'s own depth blocks do.
+            let beta = if self.accumulate || p0 > 0 { 1.0 } else { 0.0 };
+            // SAFETY: `run` checked that `a` holds m·k, `b` k·n and `c` m·n elements, so
+            // every element of the segment's operands (a: rows i0..i0+rows of op(a),
+            // b: columns j0..j0+cols of op(b), depths p0..p0+kk, all below k) and of its
+            // result (rows i0.., columns j0.. of the row-major m×n `c`) is in bounds;
+            // strides and offsets are below the slice lengths, which fit in isize. `a`
+            // and `b` are only read (they may be the same slice); `c` is a distinct `&mut`
+            // slice borrowed for the whole of `run`, and tiles are disjoint, so no element
+            // is written by two calls at once or read while written. With beta = 0
+            // `sgemm` does not read `c`.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    kk,
+                    cols,
+                    1.0,
+                    a.as_ptr().add(a_off + p0 * csa),
+                    rsa as isize,
+                    csa as isize,
+                    b.as_ptr().add(b_off + p0 * rsb),
+                    rsb as isize,
+                    csb as isize,
+                    beta,
+                    c.0.add(i0 * n + j0),
+                    n as isize,
+                    1,
+                );
+            }
+            p0 += kk;
+            if p0 >= k || pool.stops() {
+                return;
+            }
         }
     }
 }

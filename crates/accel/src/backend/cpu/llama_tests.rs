@@ -20,7 +20,7 @@ use crate::backend::numbered;
 use crate::kernel::{DType, RopeStyle};
 
 /// The bytes of a buffer holding `bytes` (padded to whole f32 words).
-fn words(bytes: &[u8]) -> Vec<f32> {
+pub(super) fn words(bytes: &[u8]) -> Vec<f32> {
     let mut padded = bytes.to_vec();
     padded.resize(bytes.len().div_ceil(4) * 4, 0);
     bytemuck::cast_slice(&padded).to_vec()
@@ -34,7 +34,7 @@ fn scale_f16(rng: &mut Rng) -> [u8; 2] {
 }
 
 /// `rows` random rows of `cols` elements in `dtype`, with sane scales.
-fn random_rows(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+pub(super) fn random_rows(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
     let bytes = dtype.bytes(rows as u64, cols as u64).unwrap() as usize;
     let mut out: Vec<u8> = (0..bytes).map(|_| rng.below(256) as u8).collect();
     let block = dtype.block_bytes() as usize;

@@ -7,15 +7,21 @@
 //! and scheduling only decide which thread runs a block. Reductions accumulate in f64;
 //! transcendental functions come from [`ferry_abi::accel::math`].
 //!
-//! Every parallel task goes through [`Workers::task`], which skips it once the device is
-//! being ended: a kernel cut short leaves its outputs partly written, which only a device
-//! being ended allows. Work done alone on the calling thread is small and runs whole.
+//! Every parallel task goes through [`Workers::task`], which skips it once the kernel is
+//! to stop (the device is being ended, or a replay's deadline passed): a kernel cut short
+//! leaves its outputs partly written, which only a device being ended or a replay that
+//! fails allows. A task whose work grows with a dimension (a row, a head, a dot product
+//! of a hostile width) checks again every [`CHECK_WORK`] steps within ([`in_parts`],
+//! [`Ticker`]), between steps it takes in the same order either way, so the bits are
+//! those of the task run whole. Work done alone on the calling thread checks alike.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
 use ferry_abi::accel::math;
 
-use super::{quant, Workers};
+use super::{quant, Stopped, Ticker, Workers, CHECK_WORK};
 use crate::kernel::{DType, Distribution, RopeStyle};
 
 /// Elements per parallel task for elementwise kernels.
@@ -50,14 +56,65 @@ fn blocks<T: Send>(
 }
 
 /// Runs `f(row_index, row)` over the rows of width `cols` of `out`, in blocks of rows
-/// of about [`BLOCK`] elements.
-fn rows<T: Send>(pool: &Workers, out: &mut [T], cols: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+/// of about [`BLOCK`] elements; a block stops at a row that [`Stopped`].
+fn rows<T: Send>(
+    pool: &Workers,
+    out: &mut [T],
+    cols: usize,
+    f: impl Fn(usize, &mut [T]) -> Result<(), Stopped> + Sync,
+) {
     let per = (BLOCK / cols.max(1)).max(1);
     blocks(pool, out, per * cols, |start, block| {
-        for (i, row) in block.chunks_mut(cols).enumerate() {
-            f(start / cols + i, row);
-        }
+        let _ = block
+            .chunks_mut(cols)
+            .enumerate()
+            .try_for_each(|(i, row)| f(start / cols + i, row));
     });
+}
+
+/// Runs `part` over `0..len` in consecutive ranges of [`CHECK_WORK`] steps, in order;
+/// [`Stopped`] before the next range once the kernel is to stop.
+fn in_parts(pool: &Workers, len: usize, part: impl FnMut(Range<usize>)) -> Result<(), Stopped> {
+    in_parts_of(pool, len, 1, part)
+}
+
+/// [`in_parts`] in ranges of a whole number of `unit`s (but the last).
+fn in_parts_of(
+    pool: &Workers,
+    len: usize,
+    unit: usize,
+    mut part: impl FnMut(Range<usize>),
+) -> Result<(), Stopped> {
+    let step = (CHECK_WORK / unit).max(1) * unit;
+    let mut start = 0;
+    while start < len {
+        // The task checked before it began.
+        if start > 0 {
+            pool.check()?;
+        }
+        let end = len.min(start + step);
+        part(start..end);
+        start = end;
+    }
+    Ok(())
+}
+
+/// `terms(0..len).sum()`, the terms made and added in [`in_parts`]: the first range starts
+/// the sum as `sum` starts it, the others add on to it, so these are that sum's adds, in
+/// its order.
+fn sum_in_parts<I: Iterator<Item = f64>>(
+    pool: &Workers,
+    len: usize,
+    terms: impl Fn(Range<usize>) -> I,
+) -> Result<f64, Stopped> {
+    let mut sum = None;
+    in_parts(pool, len, |r| {
+        sum = Some(match sum {
+            None => terms(r).sum(),
+            Some(s) => terms(r).fold(s, |s, t| s + t),
+        });
+    })?;
+    Ok(sum.unwrap_or_else(|| terms(0..0).sum()))
 }
 
 /// Runs `head(i, o)` over the `hd`-wide heads of `out`: each a task of its own if
@@ -112,9 +169,11 @@ fn map_in_blocks(
 pub fn add_bias(pool: &Workers, x: &mut [f32], bias: &[f32], rows_: usize, cols: usize) {
     let bias = &bias[..cols];
     rows(pool, &mut x[..rows_ * cols], cols, |_, row| {
-        for (v, b) in row.iter_mut().zip(bias) {
-            *v += b;
-        }
+        in_parts(pool, cols, |r| {
+            for (v, b) in row[r.clone()].iter_mut().zip(&bias[r]) {
+                *v += b;
+            }
+        })
     });
 }
 
@@ -193,32 +252,39 @@ pub fn gelu_backward(pool: &Workers, x: &[f32], grad_out: &[f32], grad_in: &mut 
 }
 
 /// The maximum of a row, ignoring NaN (-inf for a row of NaN).
-fn row_max(row: &[f32]) -> f32 {
-    row.iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+fn row_max(pool: &Workers, row: &[f32]) -> Result<f32, Stopped> {
+    let mut max = f32::NEG_INFINITY;
+    in_parts(pool, row.len(), |r| {
+        max = row[r].iter().fold(max, |m, &v| if v > m { v } else { m });
+    })?;
+    Ok(max)
 }
 
 /// `e^(x - max)` for each element into `exps`, and their sum.
-fn exps(row: &[f32], exps: &mut Vec<f64>) -> (f64, f64) {
-    let max = f64::from(row_max(row));
+fn exps(pool: &Workers, row: &[f32], exps: &mut Vec<f64>) -> Result<(f64, f64), Stopped> {
+    let max = f64::from(row_max(pool, row)?);
     exps.clear();
     let mut sum = 0.0;
-    for &v in row {
-        let e = math::exp(f64::from(v) - max);
-        sum += e;
-        exps.push(e);
-    }
-    (max, sum)
+    in_parts(pool, row.len(), |r| {
+        for &v in &row[r] {
+            let e = math::exp(f64::from(v) - max);
+            sum += e;
+            exps.push(e);
+        }
+    })?;
+    Ok((max, sum))
 }
 
 /// Row-wise softmax.
 pub fn softmax(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
     rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
         let mut e = Vec::with_capacity(cols);
-        let (_, sum) = exps(&x[r * cols..][..cols], &mut e);
-        for (o, e) in o.iter_mut().zip(&e) {
-            *o = (e / sum) as f32;
-        }
+        let (_, sum) = exps(pool, &x[r * cols..][..cols], &mut e)?;
+        in_parts(pool, cols, |p| {
+            for (o, e) in o[p.clone()].iter_mut().zip(&e[p]) {
+                *o = (e / sum) as f32;
+            }
+        })
     });
 }
 
@@ -239,18 +305,21 @@ pub fn cross_entropy(
     let grad = &mut grad[..rows_ * cols];
     let work = |(i, (g, l)): (usize, (&mut [f32], &mut [f64]))| {
         let mut e = Vec::with_capacity(cols);
-        for (j, (g, l)) in g.chunks_mut(cols).zip(l).enumerate() {
+        let mut rows = g.chunks_mut(cols).zip(l).enumerate();
+        let _ = rows.try_for_each(|(j, (g, l))| {
             let r = i * per + j;
             let row = &logits[r * cols..][..cols];
-            let (max, sum) = exps(row, &mut e);
+            let (max, sum) = exps(pool, row, &mut e)?;
             let label = labels[r] as usize;
             // -log softmax[label] = max + ln(sum) - x[label].
             *l = max + math::ln(sum) - f64::from(row[label]);
-            for (c, (g, e)) in g.iter_mut().zip(&e).enumerate() {
-                let p = e / sum - if c == label { 1.0 } else { 0.0 };
-                *g = (p * inv_rows) as f32;
-            }
-        }
+            in_parts(pool, cols, |c| {
+                for (c, (g, e)) in c.clone().zip(g[c.clone()].iter_mut().zip(&e[c])) {
+                    let p = e / sum - if c == label { 1.0 } else { 0.0 };
+                    *g = (p * inv_rows) as f32;
+                }
+            })
+        });
     };
     if rows_ <= per {
         grad.chunks_mut(per * cols)
@@ -264,17 +333,20 @@ pub fn cross_entropy(
         pool.install(|| tasks.enumerate().for_each(pool.task(work)));
     }
     // The mean, summed in row order.
-    loss[0] = (row_loss.iter().sum::<f64>() * inv_rows) as f32;
+    if let Ok(sum) = sum_in_parts(pool, rows_, |r| row_loss[r].iter().copied()) {
+        loss[0] = (sum * inv_rows) as f32;
+    }
 }
 
 /// `out[r] = Σ_c x[r][c]`.
 pub fn sum_rows(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
     let per = (BLOCK / cols).max(1);
     blocks(pool, &mut out[..rows_], per, |start, o| {
-        for (i, o) in o.iter_mut().enumerate() {
+        let _ = o.iter_mut().enumerate().try_for_each(|(i, o)| {
             let row = &x[(start + i) * cols..][..cols];
-            *o = row.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
-        }
+            *o = sum_in_parts(pool, cols, |r| row[r].iter().map(|&v| f64::from(v)))? as f32;
+            Ok::<_, Stopped>(())
+        });
     });
 }
 
@@ -285,11 +357,16 @@ pub fn sum_cols(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: 
     let mut partial = vec![0.0f64; chunks * cols];
     let fill = |(ch, p): (usize, &mut [f64])| {
         let first = ch * SUM_ROW_CHUNK;
-        for r in first..rows_.min(first + SUM_ROW_CHUNK) {
-            for (acc, &v) in p.iter_mut().zip(&x[r * cols..][..cols]) {
-                *acc += f64::from(v);
-            }
-        }
+        let mut tick = Ticker::new(pool);
+        let _ = (first..rows_.min(first + SUM_ROW_CHUNK)).try_for_each(|r| {
+            let row = &x[r * cols..][..cols];
+            in_parts(pool, cols, |c| {
+                for (acc, &v) in p[c.clone()].iter_mut().zip(&row[c]) {
+                    *acc += f64::from(v);
+                }
+            })?;
+            tick.done(cols)
+        });
     };
     if rows_ * cols <= BLOCK {
         partial.chunks_mut(cols).enumerate().for_each(fill);
@@ -396,23 +473,35 @@ pub fn layer_norm(
     let (gamma, beta, eps) = (&gamma[..cols], &beta[..cols], f64::from(eps));
     rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
         let row = &x[r * cols..][..cols];
-        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / cols as f64;
-        let var = row
-            .iter()
-            .map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))
-            .sum::<f64>()
-            / cols as f64;
+        let mean =
+            sum_in_parts(pool, cols, |c| row[c].iter().map(|&v| f64::from(v)))? / cols as f64;
+        let squares = |c: Range<usize>| {
+            row[c]
+                .iter()
+                .map(move |&v| (f64::from(v) - mean) * (f64::from(v) - mean))
+        };
+        let var = sum_in_parts(pool, cols, squares)? / cols as f64;
         let inv = 1.0 / (var + eps).sqrt();
-        for (c, o) in o.iter_mut().enumerate() {
-            let norm = (f64::from(row[c]) - mean) * inv;
-            *o = (norm * f64::from(gamma[c]) + f64::from(beta[c])) as f32;
-        }
+        in_parts(pool, cols, |c| {
+            for (c, o) in c.clone().zip(&mut o[c]) {
+                let norm = (f64::from(row[c]) - mean) * inv;
+                *o = (norm * f64::from(gamma[c]) + f64::from(beta[c])) as f32;
+            }
+        })
     });
 }
 
 /// Copies `n` elements.
-pub fn copy(src: &[f32], src_offset: usize, dst: &mut [f32], dst_offset: usize, n: usize) {
-    dst[dst_offset..][..n].copy_from_slice(&src[src_offset..][..n]);
+pub fn copy(
+    pool: &Workers,
+    src: &[f32],
+    src_offset: usize,
+    dst: &mut [f32],
+    dst_offset: usize,
+    n: usize,
+) {
+    let (src, dst) = (&src[src_offset..][..n], &mut dst[dst_offset..][..n]);
+    let _ = in_parts(pool, n, |r| dst[r.clone()].copy_from_slice(&src[r]));
 }
 
 /// The splitmix64 finalizer (a bijection of u64).
@@ -494,45 +583,56 @@ pub fn attention_decode(
     } = s;
     let scale = 1.0 / (hd as f64).sqrt();
     let stride = heads * hd;
-    let head = |h: usize, o: &mut [f32]| {
+    let head = |h: usize, o: &mut [f32]| -> Result<(), Stopped> {
         let q = &q[h * hd..][..hd];
+        let mut tick = Ticker::new(pool);
         let mut scores = Vec::with_capacity(len);
         let mut max = f64::NEG_INFINITY;
         for p in 0..len {
             let k = &kc[p * stride + h * hd..][..hd];
-            let dot: f64 = q
-                .iter()
-                .zip(k)
-                .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                .sum();
-            let s = dot * scale;
+            let products = |r: Range<usize>| {
+                q[r.clone()]
+                    .iter()
+                    .zip(&k[r])
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            };
+            let s = sum_in_parts(pool, hd, products)? * scale;
             if s > max {
                 max = s;
             }
             scores.push(s);
+            tick.done(hd)?;
         }
         let mut sum = 0.0;
         for s in &mut scores {
             *s = math::exp(*s - max);
             sum += *s;
+            tick.done(1)?;
         }
         let mut acc = vec![0.0f64; hd];
         for (p, w) in scores.iter().enumerate() {
             let v = &vc[p * stride + h * hd..][..hd];
-            for (a, &v) in acc.iter_mut().zip(v) {
-                *a += w * f64::from(v);
+            in_parts(pool, hd, |r| {
+                for (a, &v) in acc[r.clone()].iter_mut().zip(&v[r]) {
+                    *a += w * f64::from(v);
+                }
+            })?;
+            tick.done(hd)?;
+        }
+        in_parts(pool, hd, |r| {
+            for (o, a) in o[r.clone()].iter_mut().zip(&acc[r]) {
+                *o = (a / sum) as f32;
             }
-        }
-        for (o, a) in o.iter_mut().zip(&acc) {
-            *o = (a / sum) as f32;
-        }
+        })
     };
     heads_of(
         pool,
         &mut out[..stride],
         hd,
         heads > 1 && len * stride > BLOCK,
-        head,
+        |h, o| {
+            let _ = head(h, o);
+        },
     );
 }
 
@@ -540,20 +640,24 @@ pub fn attention_decode(
 pub fn argmax(pool: &Workers, x: &[f32], out: &mut [u32], rows_: usize, cols: usize) {
     let per = (BLOCK / cols).max(1);
     blocks(pool, &mut out[..rows_], per, |start, o| {
-        for (i, o) in o.iter_mut().enumerate() {
+        let _ = o.iter_mut().enumerate().try_for_each(|(i, o)| {
             let row = &x[(start + i) * cols..][..cols];
             let mut best = 0;
-            for (c, &v) in row.iter().enumerate().skip(1) {
-                if row[best].is_nan() {
-                    break;
+            in_parts(pool, cols, |r| {
+                let from = r.start.max(1);
+                for (c, &v) in (from..r.end).zip(&row[from..r.end]) {
+                    if row[best].is_nan() {
+                        break;
+                    }
+                    if v.is_nan() || v > row[best] {
+                        best = c;
+                    }
                 }
-                if v.is_nan() || v > row[best] {
-                    best = c;
-                }
-            }
+            })?;
             // Decode checked that cols - 1 fits in a u32.
             *o = best as u32;
-        }
+            Ok::<_, Stopped>(())
+        });
     });
 }
 
@@ -579,13 +683,21 @@ pub fn qmatmul(
         .row_bytes(k as u64)
         .expect("k validated by the device") as usize;
     let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
-    let inputs: Vec<_> = x[..m * k].chunks(k).map(quant::prepare).collect();
+    // Prepared on this thread, checking as it goes: a guest may give billions of inputs.
+    let mut tick = Ticker::new(pool);
+    let prepared = x[..m * k]
+        .chunks(k)
+        .map(|x| quant::prepare_checked(x, &mut tick));
+    let Ok(inputs) = prepared.collect::<Result<Vec<_>, _>>() else {
+        return;
+    };
     if m > 1 && quant::unpacks_once(dtype) {
         // Several inputs (a prompt's tokens): each task takes a run of weight rows for
         // all of them, into a buffer by weight row, turned around into `out` after.
         let mut by_row = vec![0.0f32; n * m];
         let task = |(c, o): (usize, &mut [f32])| {
-            quant::dot_inputs(dtype, w, row_bytes, c * per, &inputs, o);
+            let mut tick = Ticker::new(pool);
+            let _ = quant::dot_inputs_checked(dtype, w, row_bytes, c * per, &inputs, o, &mut tick);
         };
         if n <= per {
             task((0, &mut by_row));
@@ -593,15 +705,17 @@ pub fn qmatmul(
             let task = pool.task(task);
             pool.install(|| by_row.par_chunks_mut(per * m).enumerate().for_each(task));
         }
-        for (i, row) in by_row.chunks_exact(m).enumerate() {
+        let _ = by_row.chunks_exact(m).enumerate().try_for_each(|(i, row)| {
             for (r, &v) in row.iter().enumerate() {
                 out[r * n + i] = v;
             }
-        }
+            tick.done(m)
+        });
         return;
     }
     let task = |(r, c, o): (usize, usize, &mut [f32])| {
-        quant::dot_rows(dtype, w, row_bytes, c * per, &inputs[r], o, true);
+        let mut tick = Ticker::new(pool);
+        let _ = quant::dot_rows_checked(dtype, w, row_bytes, c * per, &inputs[r], o, &mut tick);
     };
     let out = &mut out[..m * n];
     if n * m <= per {
@@ -634,12 +748,14 @@ pub fn qembedding(
     let row_bytes = dtype
         .row_bytes(dim as u64)
         .expect("dim validated by the device") as usize;
+    let (unit, unit_bytes) = (dtype.block_elems() as usize, dtype.block_bytes() as usize);
     rows(pool, &mut out[..count * dim], dim, |i, row| {
-        quant::dequant_row(
-            dtype,
-            &table[ids[i] as usize * row_bytes..][..row_bytes],
-            row,
-        );
+        let from = &table[ids[i] as usize * row_bytes..][..row_bytes];
+        // Whole blocks, each dequantized alone.
+        in_parts_of(pool, dim, unit, |r| {
+            let bytes = r.start / unit * unit_bytes..r.end / unit * unit_bytes;
+            quant::dequant_row(dtype, &from[bytes], &mut row[r]);
+        })
     });
 }
 
@@ -655,15 +771,15 @@ pub fn rms_norm(
     let (weight, eps) = (&weight[..cols], f64::from(eps));
     rows(pool, &mut out[..rows_ * cols], cols, |r, o| {
         let row = &x[r * cols..][..cols];
-        let mean = row
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            / cols as f64;
+        let squares = |c: Range<usize>| row[c].iter().map(|&v| f64::from(v) * f64::from(v));
+        let mean = sum_in_parts(pool, cols, squares)? / cols as f64;
         let inv = 1.0 / (mean + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = (f64::from(v) * inv * f64::from(w)) as f32;
-        }
+        in_parts(pool, cols, |c| {
+            let (o, row, weight) = (&mut o[c.clone()], &row[c.clone()], &weight[c]);
+            for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                *o = (f64::from(v) * inv * f64::from(w)) as f32;
+            }
+        })
     });
 }
 
@@ -689,31 +805,43 @@ pub struct RopeShape {
 pub fn rope(pool: &Workers, x: &mut [f32], s: RopeShape) {
     let half = s.head_dim / 2;
     let ln_base = math::ln(f64::from(s.base));
-    // Turns (angle / 2π) per position of each pair.
-    let turns: Vec<f64> = (0..half)
-        .map(|i| {
+    // Turns (angle / 2π) per position of each pair; made on this thread, checking as it
+    // goes (a guest may ask for a head of billions).
+    let mut turns = Vec::with_capacity(half);
+    let made = in_parts(pool, half, |r| {
+        turns.extend(r.map(|i| {
             math::exp(-((2 * i) as f64) / s.head_dim as f64 * ln_base)
                 / (2.0 * core::f64::consts::PI)
-        })
-        .collect();
+        }));
+    });
+    if made.is_err() {
+        return;
+    }
     let width = s.heads * s.head_dim;
     rows(pool, &mut x[..s.rows * width], width, |r, row| {
         let p = (s.pos + r) as f64;
-        let rot: Vec<(f64, f64)> = turns
-            .iter()
-            .map(|&t| (math::cos_2pi(p * t), math::cos_2pi(p * t - 0.25)))
-            .collect();
+        let mut rot = Vec::with_capacity(half);
+        in_parts(pool, half, |i| {
+            let angles = turns[i].iter();
+            rot.extend(angles.map(|&t| (math::cos_2pi(p * t), math::cos_2pi(p * t - 0.25))));
+        })?;
+        let mut tick = Ticker::new(pool);
         for head in row.chunks_exact_mut(s.head_dim) {
-            for (i, &(cos, sin)) in rot.iter().enumerate() {
-                let (a, b) = match s.style {
-                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
-                    RopeStyle::HalfSplit => (i, i + half),
-                };
-                let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
-                head[a] = (x0 * cos - x1 * sin) as f32;
-                head[b] = (x0 * sin + x1 * cos) as f32;
-            }
+            in_parts(pool, half, |pairs| {
+                for (i, &(cos, sin)) in rot[pairs.clone()].iter().enumerate() {
+                    let i = pairs.start + i;
+                    let (a, b) = match s.style {
+                        RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                        RopeStyle::HalfSplit => (i, i + half),
+                    };
+                    let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
+                    head[a] = (x0 * cos - x1 * sin) as f32;
+                    head[b] = (x0 * sin + x1 * cos) as f32;
+                }
+            })?;
+            tick.done(s.head_dim)?;
         }
+        Ok(())
     });
 }
 
@@ -761,7 +889,7 @@ pub fn attention(pool: &Workers, q: &[f32], kc: &[f32], vc: &[f32], out: &mut [f
             len: s.pos + r + 1,
             scale,
         };
-        attend(&one, o, true);
+        let _ = attend_task(pool, &one, o);
     };
     let work = s.rows * s.heads * (s.pos + s.rows) * hd;
     heads_of(
@@ -793,19 +921,46 @@ pub struct AttendedHead<'a> {
 /// [`attention`] of one (row, head) into `o`: with the AVX2 code when `allow_avx2` and
 /// the CPU has it, else the portable code (the same bits: the tests check it).
 pub fn attend(a: &AttendedHead<'_>, o: &mut [f32], allow_avx2: bool) {
+    // An unchecked ticker never stops it.
+    let _ = attend_ticking(a, o, allow_avx2, &mut Ticker::unchecked());
+}
+
+/// Heads wider than this are attended in parts of their width ([`attend_wide`]).
+const WIDE_HEAD: usize = CHECK_WORK;
+
+/// [`attend`] as a task of `pool`'s kernel, which checks its switch as it goes: every
+/// [`CHECK_WORK`] steps of positions, and within each position for a head wider than
+/// [`WIDE_HEAD`] (no model's: a hostile guest's).
+fn attend_task(pool: &Workers, a: &AttendedHead<'_>, o: &mut [f32]) -> Result<(), Stopped> {
+    if a.q.len() > WIDE_HEAD {
+        return attend_wide(pool, a, o);
+    }
+    attend_ticking(a, o, true, &mut Ticker::new(pool))
+}
+
+/// [`attend`], counting its steps on `tick`.
+fn attend_ticking(
+    a: &AttendedHead<'_>,
+    o: &mut [f32],
+    allow_avx2: bool,
+    tick: &mut Ticker<'_>,
+) -> Result<(), Stopped> {
     #[cfg(target_arch = "x86_64")]
     if allow_avx2 && quant::has_avx2() {
         // SAFETY: `has_avx2` said this CPU has AVX2.
-        unsafe { attend_avx2(a, o) };
-        return;
+        return unsafe { attend_avx2(a, o, tick) };
     }
     let _ = allow_avx2;
-    attend_portable(a, o);
+    attend_portable(a, o, tick)
 }
 
 #[inline(always)]
-fn attend_portable(a: &AttendedHead<'_>, o: &mut [f32]) {
-    attend_with(a, o, dot8_each::<TOGETHER>, add_weighted::<TOGETHER>);
+fn attend_portable(
+    a: &AttendedHead<'_>,
+    o: &mut [f32],
+    tick: &mut Ticker<'_>,
+) -> Result<(), Stopped> {
+    attend_with(a, o, tick, dot8_each::<TOGETHER>, add_weighted::<TOGETHER>)
 }
 
 /// [`attend`] with `dots` for the scores of [`TOGETHER`] positions and `add` for their
@@ -815,9 +970,10 @@ fn attend_portable(a: &AttendedHead<'_>, o: &mut [f32]) {
 fn attend_with(
     a: &AttendedHead<'_>,
     o: &mut [f32],
+    tick: &mut Ticker<'_>,
     dots: impl Fn(&[f32], [&[f32]; TOGETHER]) -> [f32; TOGETHER],
     add: impl Fn(&mut [f32], &[f32], [&[f32]; TOGETHER]),
-) {
+) -> Result<(), Stopped> {
     let hd = a.q.len();
     let key = |p: usize| &a.kc[p * a.stride..][..hd];
     let value = |p: usize| &a.vc[p * a.stride..][..hd];
@@ -829,18 +985,12 @@ fn attend_with(
         }
         let d = dots(a.q, std::array::from_fn(|j| key(p + j)));
         scores.extend(d.map(|d| d * a.scale));
+        tick.done(TOGETHER * hd)?;
     }
-    scores.extend((together..a.len).map(|p| dot8(a.q, key(p)) * a.scale));
-    let max = scores
-        .iter()
-        .fold(f32::NEG_INFINITY, |max, &s| if s > max { s } else { max });
-    for score in &mut scores {
-        *score = math::exp_f32(*score - max);
+    for p in together..a.len {
+        scores.push(dot8(a.q, key(p)) * a.scale);
     }
-    let sum = scores.iter().fold(0.0f64, |sum, &s| sum + f64::from(s));
-    for w in &mut scores {
-        *w = (f64::from(*w) / sum) as f32;
-    }
+    weights(&mut scores);
     o.fill(0.0);
     for p in (0..together).step_by(TOGETHER) {
         for ahead in 0..TOGETHER {
@@ -851,10 +1001,62 @@ fn attend_with(
             &scores[p..p + TOGETHER],
             std::array::from_fn(|j| value(p + j)),
         );
+        tick.done(TOGETHER * hd)?;
     }
     for p in together..a.len {
         add_weighted::<1>(o, &scores[p..p + 1], [value(p)]);
     }
+    Ok(())
+}
+
+/// Attention's scores turned into its weights, in place: `e^(s - max)` (f32), divided by
+/// their sum (f64). Positions are at most
+/// [`MAX_POSITIONS`](ferry_abi::accel::kernel::MAX_POSITIONS), so this is milliseconds of
+/// work at most, not checked.
+#[inline(always)]
+fn weights(scores: &mut [f32]) {
+    let max = scores
+        .iter()
+        .fold(f32::NEG_INFINITY, |max, &s| if s > max { s } else { max });
+    for score in scores.iter_mut() {
+        *score = math::exp_f32(*score - max);
+    }
+    let sum = scores.iter().fold(0.0f64, |sum, &s| sum + f64::from(s));
+    for w in scores.iter_mut() {
+        *w = (f64::from(*w) / sum) as f32;
+    }
+}
+
+/// [`attend_portable`] for a head wider than [`WIDE_HEAD`], one position at a time, each
+/// position's dot product and weighted values in parts of the width with checks between:
+/// [`dot8`]'s lanes and [`add_weighted`]'s adds, in their order (a position's operations
+/// are those it has in a group; each element of `o` takes the positions' terms in
+/// order), so the same bits.
+fn attend_wide(pool: &Workers, a: &AttendedHead<'_>, o: &mut [f32]) -> Result<(), Stopped> {
+    let (q, hd) = (a.q, a.q.len());
+    let done = hd / 8 * 8;
+    let mut scores = Vec::with_capacity(a.len);
+    for p in 0..a.len {
+        let key = &a.kc[p * a.stride..][..hd];
+        let mut acc = [0.0f32; 8];
+        in_parts_of(pool, done, 8, |r| {
+            for c in r.step_by(8) {
+                for l in 0..8 {
+                    acc[l] += q[c + l] * key[c + l];
+                }
+            }
+        })?;
+        scores.push(lanes_sum(acc, tail_dot(&q[done..], &key[done..])) * a.scale);
+    }
+    weights(&mut scores);
+    in_parts(pool, hd, |r| o[r].fill(0.0))?;
+    for (p, w) in scores.chunks_exact(1).enumerate() {
+        let value = &a.vc[p * a.stride..][..hd];
+        in_parts(pool, hd, |r| {
+            add_weighted::<1>(&mut o[r.clone()], w, [&value[r]]);
+        })?;
+    }
+    Ok(())
 }
 
 /// Positions whose scores (and weighted values) attention computes at a time.
@@ -880,19 +1082,20 @@ fn prefetch_position(cache: &[f32], at: usize, hd: usize) {
 /// bits, eight lanes to an instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32]) {
+fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32], tick: &mut Ticker<'_>) -> Result<(), Stopped> {
     if !a.q.len().is_multiple_of(8) {
-        return attend_portable(a, o);
+        return attend_portable(a, o, tick);
     }
     attend_with(
         a,
         o,
+        tick,
         // SAFETY: this runs only where the CPU has AVX2; the width is a multiple of
         // eight (checked above) and the keys are sliced to it.
         |q, ks| unsafe { avx2::dots(q, ks) },
         // SAFETY: as above; `o` and the values have the head's width.
         |o, ws, vs| unsafe { avx2::add_weighted(o, ws, vs) },
-    );
+    )
 }
 
 /// `o[i] += w[j] · v[j][i]` for each `j` in order.

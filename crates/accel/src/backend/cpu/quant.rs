@@ -14,7 +14,12 @@
 //! exact, so the result depends only on the data: not on the thread count, and not on
 //! whether the AVX2 code runs. A row's dot product is computed whole by one thread. The
 //! formats' scales are half floats, converted exactly.
+//!
+//! A QMATMUL task checks whether its kernel is to stop as it goes ([`Ticker`]): between
+//! inputs it prepares, between rows, and within rows longer than [`WIDE_ROW`], which it
+//! computes with the portable code in parts (the same bits, as said above).
 
+use super::{Stopped, Ticker};
 use crate::kernel::DType;
 
 /// Lanes of the dot products.
@@ -118,6 +123,12 @@ pub struct Input<'a> {
 
 /// Prepares `x` (a whole number of [`INPUT_BLOCK`]s for the block formats).
 pub fn prepare(x: &[f32]) -> Input<'_> {
+    prepare_checked(x, &mut Ticker::unchecked())
+        .unwrap_or_else(|Stopped| unreachable!("an unchecked ticker never stops"))
+}
+
+/// [`prepare`], counting its steps on `tick`.
+pub fn prepare_checked<'a>(x: &'a [f32], tick: &mut Ticker<'_>) -> Result<Input<'a>, Stopped> {
     let blocks = x.len() / INPUT_BLOCK;
     let mut sums = Vec::with_capacity(blocks);
     let mut q = Vec::with_capacity(blocks * INPUT_BLOCK);
@@ -137,8 +148,9 @@ pub fn prepare(x: &[f32]) -> Input<'_> {
             b.iter()
                 .map(|&v| round_even(v * inv).clamp(-INPUT_MAX, INPUT_MAX) as i16),
         );
+        tick.done(INPUT_BLOCK)?;
     }
-    Input { x, sums, q, d }
+    Ok(Input { x, sums, q, d })
 }
 
 /// The lanes of 16 weights `w(j)` times the 16-bit inputs `q`: lane `l` holds
@@ -191,10 +203,17 @@ fn float_tail(row: &[u8], width: usize, x: &[f32]) -> f32 {
 fn dot_float(row: &[u8], width: usize, inp: &Input<'_>) -> f32 {
     let x = inp.x;
     let mut acc = [0.0; LANES];
-    for (w, x) in row.chunks_exact(width * LANES).zip(x.chunks_exact(LANES)) {
-        group_q(&mut acc, x, |l| float_weight(w, width, l));
-    }
+    float_lanes(&mut acc, row, width, x);
     lane_sum(acc) + float_tail(row, width, x)
+}
+
+/// Adds the products of the whole groups of eight of `row`'s f32 (`width` 4) or f16
+/// (`width` 2) weights and the inputs `x` to the lanes, group after group.
+#[inline(always)]
+fn float_lanes(acc: &mut Lanes, row: &[u8], width: usize, x: &[f32]) {
+    for (w, x) in row.chunks_exact(width * LANES).zip(x.chunks_exact(LANES)) {
+        group_q(acc, x, |l| float_weight(w, width, l));
+    }
 }
 
 /// The 16-bit inputs of block `b`, its scale and lane sums.
@@ -207,47 +226,78 @@ fn block_input<'i>(inp: &'i Input<'_>, b: usize) -> (&'i [i16], f32, &'i Lanes) 
     )
 }
 
-/// The dot product of a row of 32-element blocks of `block_bytes` each with `inp`:
-/// `add(acc, block, inputs)` adds one block's terms to the lanes.
+/// The dot product of the row `row` of a block format with `inp`: `lanes(acc, row,
+/// inp, 0)` adds its terms to the lanes (see [`q8_0_lanes`]).
 #[inline(always)]
 fn dot_blocks(
     row: &[u8],
-    block_bytes: usize,
     inp: &Input<'_>,
-    add: impl Fn(&mut Lanes, &[u8], (&[i16], f32, &Lanes)),
+    lanes: impl Fn(&mut Lanes, &[u8], &Input<'_>, usize),
 ) -> f32 {
     let mut acc = [0.0; LANES];
-    for (i, b) in row.chunks_exact(block_bytes).enumerate() {
-        add(&mut acc, b, block_input(inp, i));
-    }
+    lanes(&mut acc, row, inp, 0);
     lane_sum(acc)
+}
+
+/// Adds the terms of `blocks`, 32-element blocks of `block_bytes` each, to the lanes,
+/// block after block: `add(acc, block, inputs)` adds one block's. The first of them is
+/// block `first` of its row, which says which inputs it takes.
+#[inline(always)]
+fn add_blocks(
+    acc: &mut Lanes,
+    blocks: &[u8],
+    block_bytes: usize,
+    (inp, first): (&Input<'_>, usize),
+    add: impl Fn(&mut Lanes, &[u8], (&[i16], f32, &Lanes)),
+) {
+    for (i, b) in blocks.chunks_exact(block_bytes).enumerate() {
+        add(acc, b, block_input(inp, first + i));
+    }
+}
+
+/// Adds the terms of Q8_0 `blocks`, from block `first` of their row, to the lanes.
+#[inline(always)]
+fn q8_0_lanes(acc: &mut Lanes, blocks: &[u8], inp: &Input<'_>, first: usize) {
+    add_blocks(acc, blocks, 34, (inp, first), |acc, b, (q, dx, _)| {
+        let w = |j: usize| i32::from(b[2 + j] as i8);
+        let f = to_f32(pairs(q, w), pairs(&q[16..], |j| w(16 + j)));
+        add_scaled(acc, half(b, 0) * dx, &f);
+    });
+}
+
+/// Adds the terms of Q4_0 `blocks`, from block `first` of their row, to the lanes.
+#[inline(always)]
+fn q4_0_lanes(acc: &mut Lanes, blocks: &[u8], inp: &Input<'_>, first: usize) {
+    add_blocks(acc, blocks, 18, (inp, first), |acc, b, (q, dx, _)| {
+        let lo = pairs(q, |j| i32::from(b[2 + j] & 0xf) - 8);
+        let hi = pairs(&q[16..], |j| i32::from(b[2 + j] >> 4) - 8);
+        add_scaled(acc, half(b, 0) * dx, &to_f32(lo, hi));
+    });
+}
+
+/// Adds the terms of Q4_1 `blocks`, from block `first` of their row, to the lanes.
+#[inline(always)]
+fn q4_1_lanes(acc: &mut Lanes, blocks: &[u8], inp: &Input<'_>, first: usize) {
+    add_blocks(acc, blocks, 20, (inp, first), |acc, b, (q, dx, t)| {
+        let lo = pairs(q, |j| i32::from(b[4 + j] & 0xf));
+        let hi = pairs(&q[16..], |j| i32::from(b[4 + j] >> 4));
+        add_scaled_offset(acc, half(b, 0) * dx, &to_f32(lo, hi), half(b, 2), t);
+    });
 }
 
 #[inline(always)]
 fn dot_q8_0(row: &[u8], inp: &Input<'_>) -> f32 {
-    dot_blocks(row, 34, inp, |acc, b, (q, dx, _)| {
-        let w = |j: usize| i32::from(b[2 + j] as i8);
-        let f = to_f32(pairs(q, w), pairs(&q[16..], |j| w(16 + j)));
-        add_scaled(acc, half(b, 0) * dx, &f);
-    })
+    dot_blocks(row, inp, q8_0_lanes)
 }
 
 #[inline(always)]
 fn dot_q4_0(row: &[u8], inp: &Input<'_>) -> f32 {
-    dot_blocks(row, 18, inp, |acc, b, (q, dx, _)| {
-        let lo = pairs(q, |j| i32::from(b[2 + j] & 0xf) - 8);
-        let hi = pairs(&q[16..], |j| i32::from(b[2 + j] >> 4) - 8);
-        add_scaled(acc, half(b, 0) * dx, &to_f32(lo, hi));
-    })
+    dot_blocks(row, inp, q4_0_lanes)
 }
 
 #[inline(always)]
 fn dot_q4_1(row: &[u8], inp: &Input<'_>) -> f32 {
-    dot_blocks(row, 20, inp, |acc, b, (q, dx, t)| {
-        let lo = pairs(q, |j| i32::from(b[4 + j] & 0xf));
-        let hi = pairs(&q[16..], |j| i32::from(b[4 + j] >> 4));
-        add_scaled_offset(acc, half(b, 0) * dx, &to_f32(lo, hi), half(b, 2), t);
-    })
+    dot_blocks(row, inp, q4_1_lanes)
 }
 
 /// Scale and minimum `j` (0..8) of a Q4_K super-block's 12 packed bytes (6 bits each).
@@ -265,8 +315,15 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 
 #[inline(always)]
 fn dot_q4k(row: &[u8], inp: &Input<'_>) -> f32 {
-    let mut acc = [0.0; LANES];
-    for (sb, b) in row.chunks_exact(144).enumerate() {
+    dot_blocks(row, inp, q4k_lanes)
+}
+
+/// Adds the terms of Q4_K `blocks` (super-blocks), from super-block `first` of their row,
+/// to the lanes.
+#[inline(always)]
+fn q4k_lanes(acc: &mut Lanes, blocks: &[u8], inp: &Input<'_>, first: usize) {
+    for (sb, b) in blocks.chunks_exact(144).enumerate() {
+        let sb = first + sb;
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
         for j in 0..4 {
@@ -277,11 +334,10 @@ fn dot_q4k(row: &[u8], inp: &Input<'_>) -> f32 {
                 let w = |e: usize| i32::from((bytes[e] >> shift) & 0xf);
                 let f = to_f32(pairs(q, w), pairs(&q[16..], |e| w(16 + e)));
                 let scale = d * f32::from(sc) * dx;
-                add_scaled_offset(&mut acc, scale, &f, -(dmin * f32::from(mn)), t);
+                add_scaled_offset(acc, scale, &f, -(dmin * f32::from(mn)), t);
             }
         }
     }
-    lane_sum(acc)
 }
 
 /// Element `l` (0..32) of quarter `quarter` (0..4) of a Q6_K half super-block, minus 32.
@@ -319,10 +375,16 @@ struct Q6kQuarter<'r, 'i> {
     dx: f32,
 }
 
-/// Calls `f` on each quarter of the Q6_K super-blocks of `row`, in order.
+/// Calls `f` on each quarter of the Q6_K super-blocks `blocks`, in order; the first of
+/// them is super-block `first` of its row.
 #[inline(always)]
-fn q6k_quarters<'r, 'i>(row: &'r [u8], inp: &'i Input<'_>, mut f: impl FnMut(Q6kQuarter<'r, 'i>)) {
-    for (sb, b) in row.chunks_exact(210).enumerate() {
+fn q6k_quarters<'r, 'i>(
+    (blocks, first): (&'r [u8], usize),
+    inp: &'i Input<'_>,
+    mut f: impl FnMut(Q6kQuarter<'r, 'i>),
+) {
+    for (sb, b) in blocks.chunks_exact(210).enumerate() {
+        let sb = first + sb;
         let d = half(b, 208);
         for h in 0..2 {
             let (ql, qh, sc) = q6k_half(b, h);
@@ -344,17 +406,22 @@ fn q6k_quarters<'r, 'i>(row: &'r [u8], inp: &'i Input<'_>, mut f: impl FnMut(Q6k
 
 #[inline(always)]
 fn dot_q6k(row: &[u8], inp: &Input<'_>) -> f32 {
-    let mut acc = [0.0; LANES];
-    q6k_quarters(row, inp, |t| {
+    dot_blocks(row, inp, q6k_lanes)
+}
+
+/// Adds the terms of Q6_K `blocks` (super-blocks), from super-block `first` of their row,
+/// to the lanes.
+#[inline(always)]
+fn q6k_lanes(acc: &mut Lanes, blocks: &[u8], inp: &Input<'_>, first: usize) {
+    q6k_quarters((blocks, first), inp, |t| {
         // Two sub-blocks of 16 elements, each with its own scale.
         for half_q in 0..2 {
             let l0 = 16 * half_q;
             let lanes = pairs(&t.q[l0..], |e| q6k_value(t.ql, t.qh, t.quarter, l0 + e));
             let scale = t.d * f32::from(t.sc[half_q + 2 * t.quarter] as i8) * t.dx;
-            add_scaled(&mut acc, scale, &lanes.map(|v| v as f32));
+            add_scaled(acc, scale, &lanes.map(|v| v as f32));
         }
     });
-    lane_sum(acc)
 }
 
 /// Every format with AVX2 intrinsics: the very operations of the portable code above
@@ -668,7 +735,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let (low4, high2) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(3));
         let bias = _mm256_set1_epi16(32);
-        q6k_quarters(row, inp, |t| {
+        q6k_quarters((row, 0), inp, |t| {
             let high_shift = _mm_cvtsi32_si128(2 * t.quarter as i32);
             for half_q in 0..2 {
                 let l0 = 16 * half_q;
@@ -734,6 +801,76 @@ pub fn dot_rows(
     }
 }
 
+/// Elements of a row beyond which a QMATMUL task computes its dot products in parts,
+/// checking between them ([`dot_rows_checked`]): no model's rows are that long (a
+/// hostile guest's may be billions).
+pub const WIDE_ROW: usize = 1 << 18;
+
+/// [`dot_rows`] (the AVX2 code allowed) in a QMATMUL task, counting its steps on `tick`:
+/// rows longer than [`WIDE_ROW`] one at a time, each in parts ([`dot_wide`]).
+pub fn dot_rows_checked(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    first: usize,
+    inp: &Input<'_>,
+    out: &mut [f32],
+    tick: &mut Ticker<'_>,
+) -> Result<(), Stopped> {
+    let k = inp.x.len();
+    if k <= WIDE_ROW {
+        dot_rows(dtype, w, row_bytes, first, inp, out, true);
+        return tick.done(out.len() * k);
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = dot_wide(dtype, &w[(first + i) * row_bytes..][..row_bytes], inp, tick)?;
+    }
+    Ok(())
+}
+
+/// Adds the terms of a run of a row's whole units (groups of eight f32 or f16, blocks,
+/// super-blocks) to the lanes, from the unit of the row given on.
+type AddLanes = fn(&mut Lanes, &[u8], &Input<'_>, usize);
+
+/// The dot product of `row` with `inp` by the portable code, in parts of about
+/// [`CHECK_WORK`](super::CHECK_WORK) elements counted on `tick`: the lanes go on from one
+/// part to the next, so the bits are those of the whole row's (and of the AVX2 code's).
+fn dot_wide(
+    dtype: DType,
+    row: &[u8],
+    inp: &Input<'_>,
+    tick: &mut Ticker<'_>,
+) -> Result<f32, Stopped> {
+    // The unit a format's lanes take whole: eight f32 or f16, a block, a super-block.
+    let (unit, lanes): (usize, AddLanes) = match dtype {
+        DType::F32 => (LANES, |acc, w, inp, first| {
+            float_lanes(acc, w, 4, &inp.x[LANES * first..])
+        }),
+        DType::F16 => (LANES, |acc, w, inp, first| {
+            float_lanes(acc, w, 2, &inp.x[LANES * first..])
+        }),
+        DType::Q4_0 => (32, q4_0_lanes),
+        DType::Q4_1 => (32, q4_1_lanes),
+        DType::Q8_0 => (32, q8_0_lanes),
+        DType::Q4K => (256, q4k_lanes),
+        DType::Q6K => (256, q6k_lanes),
+    };
+    let unit_bytes = dtype.row_bytes(unit as u64).expect("whole blocks") as usize;
+    let units = inp.x.len() / unit;
+    let per_part = (super::CHECK_WORK / unit).max(1);
+    let mut acc = [0.0; LANES];
+    let parts = row[..units * unit_bytes].chunks(per_part * unit_bytes);
+    for (p, part) in parts.enumerate() {
+        lanes(&mut acc, part, inp, p * per_part);
+        tick.done(per_part * unit)?;
+    }
+    Ok(match dtype {
+        DType::F32 => lane_sum(acc) + float_tail(row, 4, inp.x),
+        DType::F16 => lane_sum(acc) + float_tail(row, 2, inp.x),
+        _ => lane_sum(acc),
+    })
+}
+
 /// Inputs whose dot products with a weight row [`dot_inputs`] computes together.
 pub const INPUT_GROUP: usize = 4;
 
@@ -773,8 +910,25 @@ pub fn dot_inputs(
     inputs: &[Input<'_>],
     out: &mut [f32],
 ) {
+    let mut tick = Ticker::unchecked();
+    dot_inputs_checked(dtype, w, row_bytes, first, inputs, out, &mut tick)
+        .unwrap_or_else(|Stopped| unreachable!("an unchecked ticker never stops"));
+}
+
+/// [`dot_inputs`] in a QMATMUL task, counting its steps on `tick` (rows longer than
+/// [`WIDE_ROW`] one input at a time, each in parts: see [`dot_rows_checked`]).
+pub fn dot_inputs_checked(
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    first: usize,
+    inputs: &[Input<'_>],
+    out: &mut [f32],
+    tick: &mut Ticker<'_>,
+) -> Result<(), Stopped> {
     let m = inputs.len();
-    let grouped = group_dot(dtype);
+    let k = inputs.first().map_or(0, |inp| inp.x.len());
+    let grouped = group_dot(dtype).filter(|_| k <= WIDE_ROW);
     for (i, out) in out.chunks_exact_mut(m).enumerate() {
         let mut rest = (inputs, out);
         if let Some(dot) = grouped {
@@ -784,22 +938,17 @@ pub fn dot_inputs(
             for (g, o) in groups.clone().zip(outs) {
                 // SAFETY: `group_dot` gives one only where this CPU has AVX2 and F16C.
                 o.copy_from_slice(&unsafe { dot(row, [&g[0], &g[1], &g[2], &g[3]]) });
+                tick.done(INPUT_GROUP * k)?;
             }
             let done = m - groups.remainder().len();
             rest = (&inputs[done..], &mut rest.1[done..]);
         }
         for (inp, o) in rest.0.iter().zip(rest.1.iter_mut()) {
-            dot_rows(
-                dtype,
-                w,
-                row_bytes,
-                first + i,
-                inp,
-                core::slice::from_mut(o),
-                true,
-            );
+            let o = core::slice::from_mut(o);
+            dot_rows_checked(dtype, w, row_bytes, first + i, inp, o, tick)?;
         }
     }
+    Ok(())
 }
 
 /// Asks for the cache line at `p` to be brought into the cache, ahead of a read: a hint,

@@ -645,7 +645,7 @@ fn rng_fill_statistics_and_slicing() {
 }
 
 /// FNV-1a over the bits of `v`.
-fn fingerprint(v: &[f32]) -> u64 {
+pub(super) fn fingerprint(v: &[f32]) -> u64 {
     v.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
         x.to_bits()
             .to_le_bytes()
