@@ -5,24 +5,38 @@
 //!
 //! The store (`ferry host serve --file-store DIR`) keeps each file received with a VM
 //! that then ran here as `sha256-<hex>`, so a VM that moves away and back, or a second
-//! VM with the same model, finds it there. Nothing removes those: they are the host's
-//! copy of its VMs' models and datasets, as a GPU host keeps its model cache (and an
-//! operator may put files there too). A file is received as `incoming-*.part`, its
-//! space allocated up front, and enters the store only once its VM is adopted
-//! ([`ReceivedFile::keep`]): a migration that fails, at any point, deletes its files,
-//! and part files a stopped daemon left behind are deleted by the next receive.
+//! VM with the same model, finds it there. It is a cache, as a GPU host keeps its models:
+//! when a receive finds too little room, it evicts the `sha256-<hex>` files that no VM
+//! present here uses (running, paused, migrating away, in doubt, being received: those
+//! of VMs that ended or left are the cache), least recently used first, until the files
+//! fit with the margin; only if they still do not is the VM refused. A file's
+//! modification time is its last use (to the hour): set when it enters the store and
+//! when a VM arriving here finds it there. Each eviction is logged. Nothing else is
+//! evicted: no part file, no file an operator put there under another name, none with a
+//! name elsewhere too (deleting it would free nothing). A file is received as
+//! `incoming-*.part`, its space allocated up front, and enters the store only once its
+//! VM is adopted ([`ReceivedFile::keep`]): a migration that fails, at any point, deletes
+//! its files, and part files a stopped daemon left behind are deleted by the next
+//! receive.
+//!
+//! A VM being received pins its files' content ([`FileStore::pin`]) before it looks for
+//! copies, until it is listed here, where its state pins them. An eviction moves the file
+//! aside (as a locked part file) before it looks at the pins again, and puts it back if a
+//! VM pinned it meanwhile: a file a VM found here is never deleted under it, and one that
+//! is no longer there when a VM looks is simply not a copy.
 //!
 //! A source names paths, but only those this host would attach anyway are looked at: a
 //! peer cannot make this host tell, by how long it takes, whether any other file exists,
 //! nor make it hash one.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use ferry_migrate::vm::valid_sha256;
 use ferry_migrate::FileOffer;
@@ -32,9 +46,16 @@ use ferry_vmm::FileInfo;
 
 use crate::AttachPolicy;
 
-/// How part files are named: `incoming-<random>-<index>.part`.
+/// How part files are named: `incoming-<random>-<index>.part` (and a file being evicted,
+/// for an instant: `incoming-<random>-evicted.part`).
 const PART_PREFIX: &str = "incoming-";
 const PART_SUFFIX: &str = ".part";
+/// How the store names a file it keeps: `sha256-<64 hex>`.
+const STORED_PREFIX: &str = "sha256-";
+/// A store file used again this soon after its last use is not touched: a touch moves
+/// its change time, after which each VM using it hashes it again at its next migration,
+/// and the next to find it hashes it again; eviction's order needs no finer clock.
+const TOUCH_EVERY: Duration = Duration::from_secs(60 * 60);
 /// A part file this old that no process holds locked was left by a daemon that stopped
 /// (its creator locks it at once: the age only covers that instant).
 const ABANDONED_AFTER: Duration = Duration::from_secs(60);
@@ -44,6 +65,26 @@ const KEEP_FREE_MAX: u64 = 1 << 30;
 /// Bytes promised to files of this process created sparse (on file systems that cannot
 /// allocate ahead) and not yet written: free space they will take.
 static SPARSE_PROMISED: AtomicU64 = AtomicU64::new(0);
+
+/// The content VMs being received pin, by store folder and sha256, with how many pins
+/// each: every store of this process on that folder sees them, as it sees its files.
+static RECEIVING: Mutex<BTreeMap<(PathBuf, String), usize>> = Mutex::new(BTreeMap::new());
+
+fn receiving() -> MutexGuard<'static, BTreeMap<(PathBuf, String), usize>> {
+    RECEIVING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The content the VMs present on a host use (running, paused, migrating away, in
+/// doubt), asked at each eviction, as VMs come and go meanwhile; `None` if the host is
+/// gone, and then nothing is evicted.
+#[derive(Clone)]
+struct PresentVms(Arc<dyn Fn() -> Option<HashSet<String>> + Send + Sync>);
+
+impl std::fmt::Debug for PresentVms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresentVms(..)")
+    }
+}
 
 /// The file store of one host, and where else it finds copies.
 #[derive(Debug, Clone)]
@@ -55,6 +96,8 @@ pub struct FileStore {
     local: Vec<FileInfo>,
     /// Bytes left free on the store's file system (`None`: [`keep_free`]'s).
     keep_free: Option<u64>,
+    /// What the host's VMs use, which no eviction deletes.
+    present: PresentVms,
     /// In tests, the size of a file system taken to hold only the store's files, in
     /// place of the real one's free space: the margin is then checked with fixed
     /// numbers, whatever others write to or delete from the disk meanwhile.
@@ -73,8 +116,9 @@ pub enum ReceiveError {
         /// What was offered as its hash.
         sha256: String,
     },
-    /// The files do not fit, leaving the margin free.
-    #[error("the attached files need {} MiB and the file store {} has {} MiB free, of which it leaves {} MiB free", needed.div_ceil(1 << 20), dir.display(), free >> 20, keep >> 20)]
+    /// The files do not fit, leaving the margin free, even with the store's files that
+    /// no VM here uses evicted (as far as that would make room).
+    #[error("the attached files need {} MiB and the file store {} has {} MiB free, of which it leaves {} MiB free; it evicted {} MiB of files no VM here uses, evicting the {} MiB more of them would not make room, and VMs here use {} MiB of its files", needed.div_ceil(1 << 20), dir.display(), free >> 20, keep >> 20, evicted >> 20, unused >> 20, pinned >> 20)]
     NoRoom {
         /// The store's folder.
         dir: PathBuf,
@@ -84,6 +128,12 @@ pub enum ReceiveError {
         free: u64,
         /// Bytes the store leaves free.
         keep: u64,
+        /// Bytes freed by evicting store files no VM here uses, before giving up.
+        evicted: u64,
+        /// Bytes of store files no VM here uses left: too few to make room.
+        unused: u64,
+        /// Bytes of store files VMs here use: never evicted.
+        pinned: u64,
     },
     /// The file system failed.
     #[error("cannot {what} {}", path.display())]
@@ -107,6 +157,30 @@ pub struct KeepError {
     pub stored: PathBuf,
     /// Why it failed.
     pub source: std::io::Error,
+}
+
+/// The pin that keeps a VM's files in the store while the VM is being received
+/// ([`FileStore::pin`]); dropped, it lets them go.
+#[derive(Debug)]
+pub struct ReceivingPin {
+    dir: PathBuf,
+    sha256: Vec<String>,
+}
+
+/// A store file eviction may delete: named by its content, a regular file, its only
+/// name.
+#[derive(Debug)]
+struct StoreFile {
+    path: PathBuf,
+    sha256: String,
+    /// Its length, for the log.
+    size: u64,
+    /// Bytes allocated to it: what deleting it frees.
+    bytes: u64,
+    /// Its last use.
+    modified: SystemTime,
+    /// Device and inode: only the file chosen is deleted, not a copy put there since.
+    id: (u64, u64),
 }
 
 /// A part file of the store: locked while its owner lives, deleted when dropped unless
@@ -211,6 +285,8 @@ impl FileStore {
             attach,
             local: Vec::new(),
             keep_free: None,
+            // No host: no VM uses anything.
+            present: PresentVms(Arc::new(|| Some(HashSet::new()))),
             #[cfg(test)]
             disk: None,
         }
@@ -230,15 +306,30 @@ impl FileStore {
     }
 
     /// `host`'s store, knowing the files of the VMs it lists (running, and those that
-    /// ended or left lately: a VM coming back finds its files where it left them).
-    pub(crate) fn of_host(host: &crate::Host) -> Self {
+    /// ended or left lately: a VM coming back finds its files where it left them), and
+    /// evicting none that its present VMs use.
+    pub(crate) fn of_host(host: &Arc<crate::Host>) -> Self {
         let local = host
             .vms()
             .listed
             .values()
             .flat_map(|vm| vm.files.iter().cloned())
             .collect();
-        Self::new(host.config.file_store.clone(), host.config.attach.clone()).knowing(local)
+        // Weak: a store kept by a migration that outlives its host keeps nothing alive.
+        let weak = Arc::downgrade(host);
+        let present = PresentVms(Arc::new(move || {
+            let host = weak.upgrade()?;
+            let live = host.live_vms();
+            Some(
+                live.iter()
+                    .flat_map(|vm| vm.files.iter().map(|f| f.sha256.clone()))
+                    .collect(),
+            )
+        }));
+        Self {
+            present,
+            ..Self::new(host.config.file_store.clone(), host.config.attach.clone()).knowing(local)
+        }
     }
 
     /// Its folder.
@@ -247,7 +338,36 @@ impl FileStore {
     }
 
     fn stored_path(&self, sha256: &str) -> PathBuf {
-        self.dir.join(format!("sha256-{sha256}"))
+        self.dir.join(format!("{STORED_PREFIX}{sha256}"))
+    }
+
+    /// Keeps the store's copies of `offers`' content from eviction until the pin is
+    /// dropped: a VM being received takes it before it looks for its files, and holds it
+    /// until it is listed here.
+    pub fn pin(&self, offers: &[FileOffer]) -> ReceivingPin {
+        let sha256: Vec<String> = offers.iter().map(|o| o.sha256.clone()).collect();
+        let mut pins = receiving();
+        for sha in &sha256 {
+            *pins.entry((self.dir.clone(), sha.clone())).or_default() += 1;
+        }
+        ReceivingPin {
+            dir: self.dir.clone(),
+            sha256,
+        }
+    }
+
+    /// The content no eviction may delete now, `None` if the host is gone: the files of
+    /// VMs being received, then those of VMs present. In that order: a VM lets go of its
+    /// pin only once it is listed, so one that moves from the first to the second
+    /// meanwhile is seen in either.
+    fn pinned(&self) -> Option<HashSet<String>> {
+        let mut pinned: HashSet<String> = receiving()
+            .keys()
+            .filter(|(dir, _)| *dir == self.dir)
+            .map(|(_, sha)| sha.clone())
+            .collect();
+        pinned.extend((self.present.0)()?);
+        Some(pinned)
     }
 
     /// The source's path for `offer`, if this host attaches files from there (often an
@@ -269,7 +389,7 @@ impl FileStore {
         if !valid_sha256(&offer.sha256) {
             return None;
         }
-        self.candidates(offer).find_map(|path| {
+        let found = self.candidates(offer).find_map(|path| {
             match AttachedFile::open_expecting(&file_info(offer, path.clone()), &path) {
                 Ok(file) => Some(file),
                 Err(e) => {
@@ -277,7 +397,12 @@ impl FileStore {
                     None
                 }
             }
-        })
+        })?;
+        // Checked first: a damaged copy is not made the last to go.
+        if found.info().path == self.stored_path(&offer.sha256) {
+            touch(&found.info().path);
+        }
+        Some(found)
     }
 
     /// The files [`Self::find`] hashes for `offer`, in turn (each only if those before
@@ -329,7 +454,6 @@ impl FileStore {
             .iter()
             .try_fold(0u64, |sum, o| sum.checked_add(o.size))
             .unwrap_or(u64::MAX);
-        self.check_room(needed)?;
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).map_err(|e| ReceiveError::Io {
             what: "name the files of",
@@ -337,6 +461,7 @@ impl FileStore {
             source: std::io::Error::other(e.to_string()),
         })?;
         let tag = u64::from_le_bytes(nonce);
+        self.make_room(needed, tag)?;
         // On an error, those created are dropped: deleted.
         let files = offers
             .iter()
@@ -344,8 +469,9 @@ impl FileStore {
             .map(|(i, offer)| self.create_part(tag, i, offer))
             .collect::<Result<Vec<_>, _>>()?;
         // Again with the space taken: of sessions that passed the first check together,
-        // the last to allocate sees the others' files, and gives up if it ate the margin.
-        self.check_room(0)?;
+        // the last to allocate sees the others' files, and evicts more, or gives up if
+        // it ate the margin.
+        self.make_room(0, tag)?;
         Ok(files)
     }
 
@@ -357,31 +483,158 @@ impl FileStore {
             // The bytes allocated to the store's files are all that is used.
             let mut used = 0u64;
             for entry in std::fs::read_dir(&self.dir)? {
-                used = used.saturating_add(entry?.metadata()?.blocks().saturating_mul(512));
+                let meta = match entry?.metadata() {
+                    Ok(meta) => meta,
+                    // Evicted by another receive meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                used = used.saturating_add(meta.blocks().saturating_mul(512));
             }
             return Ok((total.saturating_sub(used), total));
         }
         space(&self.dir)
     }
 
-    /// Refuses `needed` more bytes unless the store's margin stays free.
-    fn check_room(&self, needed: u64) -> Result<(), ReceiveError> {
+    /// Bytes free (less those promised to sparse files) and bytes the store leaves free.
+    fn room(&self) -> Result<(u64, u64), ReceiveError> {
         let (free, total) = self.space().map_err(|source| ReceiveError::Io {
             what: "tell the free space of",
             path: self.dir.clone(),
             source,
         })?;
         let free = free.saturating_sub(SPARSE_PROMISED.load(Ordering::SeqCst));
-        let keep = self.keep_free.unwrap_or_else(|| keep_free(total));
-        if needed.saturating_add(keep) > free {
-            return Err(ReceiveError::NoRoom {
-                dir: self.dir.clone(),
-                needed,
-                free,
-                keep,
-            });
+        Ok((free, self.keep_free.unwrap_or_else(|| keep_free(total))))
+    }
+
+    /// Makes room for `needed` more bytes with the store's margin left free, evicting
+    /// store files no VM here uses, least recently used first, as far as needed; refuses
+    /// if even that would leave too little (and then evicts none: a VM that cannot fit
+    /// does not empty the cache).
+    fn make_room(&self, needed: u64, tag: u64) -> Result<(), ReceiveError> {
+        let fits = |(free, keep): (u64, u64)| needed.saturating_add(keep) <= free;
+        let mut room = self.room()?;
+        if fits(room) {
+            return Ok(());
         }
-        Ok(())
+        let pinned = self.pinned();
+        let (mut unused, in_use): (Vec<StoreFile>, Vec<StoreFile>) =
+            self.stored_files().into_iter().partition(|file| {
+                pinned
+                    .as_ref()
+                    .is_some_and(|pinned| !pinned.contains(&file.sha256))
+            });
+        let total = |files: &[StoreFile]| {
+            files
+                .iter()
+                .fold(0u64, |sum, f| sum.saturating_add(f.bytes))
+        };
+        let mut evicted = 0u64;
+        if fits((room.0.saturating_add(total(&unused)), room.1)) {
+            unused.sort_by(|a, b| (a.modified, &a.path).cmp(&(b.modified, &b.path)));
+            for file in std::mem::take(&mut unused) {
+                evicted = evicted.saturating_add(self.evict(&file, tag));
+                room = self.room()?;
+                if fits(room) {
+                    return Ok(());
+                }
+            }
+        }
+        Err(ReceiveError::NoRoom {
+            dir: self.dir.clone(),
+            needed,
+            free: room.0,
+            keep: room.1,
+            evicted,
+            unused: total(&unused),
+            pinned: total(&in_use),
+        })
+    }
+
+    /// The store's files that eviction may delete: named `sha256-<hex>` (no part file,
+    /// nothing an operator put there under another name), regular (no link), and with
+    /// no other name (deleting one with another frees nothing).
+    fn stored_files(&self) -> Vec<StoreFile> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let sha256 = name.to_str()?.strip_prefix(STORED_PREFIX)?;
+                if !valid_sha256(sha256) {
+                    return None;
+                }
+                // Not followed: a link is not a file of the store.
+                let meta = entry.metadata().ok()?;
+                if !meta.is_file() || meta.nlink() != 1 {
+                    return None;
+                }
+                Some(StoreFile {
+                    path: entry.path(),
+                    sha256: sha256.to_string(),
+                    size: meta.len(),
+                    bytes: meta.blocks().saturating_mul(512),
+                    modified: meta.modified().ok()?,
+                    id: (meta.dev(), meta.ino()),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes `file` unless a VM pinned its content since it was chosen; the bytes
+    /// freed (none if it is kept, or already gone: another receive evicted it). It is
+    /// moved aside first, locked, as a part file (a sweep leaves it; a daemon that stops
+    /// meanwhile leaves it to the next sweep): a VM that pins the content after it looks
+    /// again here finds no copy, and one that pinned it before gets it back at its place.
+    fn evict(&self, file: &StoreFile, tag: u64) -> u64 {
+        let aside = self
+            .dir
+            .join(format!("{PART_PREFIX}{tag:016x}-evicted{PART_SUFFIX}"));
+        let failed = |what: &str, e: std::io::Error| {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %file.path.display(), "cannot evict from the file store: cannot {what}: {e}");
+            }
+            0
+        };
+        let open = match File::open(&file.path) {
+            Ok(open) => open,
+            Err(e) => return failed("open it", e),
+        };
+        // Another receive holds it: that one evicts it.
+        if try_lock(&open).is_err() {
+            return 0;
+        }
+        let ours = |meta: std::fs::Metadata| (meta.dev(), meta.ino()) == file.id;
+        // A copy kept under the name since it was chosen is not the file chosen.
+        if !open.metadata().is_ok_and(ours) {
+            return 0;
+        }
+        if let Err(e) = std::fs::rename(&file.path, &aside) {
+            return failed("move it aside", e);
+        }
+        let pinned = self
+            .pinned()
+            .is_none_or(|pinned| pinned.contains(&file.sha256));
+        if pinned || !std::fs::symlink_metadata(&aside).is_ok_and(ours) {
+            if let Err(e) = std::fs::rename(&aside, &file.path) {
+                tracing::warn!(file = %file.path.display(), "a file of the file store a VM uses could not be put back: {e}");
+            }
+            return 0;
+        }
+        if let Err(e) = std::fs::remove_file(&aside) {
+            let _ = std::fs::rename(&aside, &file.path);
+            return failed("delete it", e);
+        }
+        let unused_for = file.modified.elapsed().unwrap_or_default();
+        tracing::info!(
+            file = %file.path.display(),
+            size_mib = file.size.div_ceil(1 << 20),
+            unused_for = ?Duration::from_secs(unused_for.as_secs()),
+            "evicted from the file store: no VM here uses it, and a migration needs the room"
+        );
+        file.bytes
     }
 
     /// Part file `i` of the receive `tag`, for `offer`: locked and allocated.
@@ -505,7 +758,41 @@ impl ReceivedFile {
             source,
         })?;
         self.part.kept = true;
+        // Used now: the last to be evicted.
+        if let Err(e) = self.part.file.set_modified(SystemTime::now()) {
+            tracing::debug!(file = %self.file.info().path.display(), "cannot mark a stored file used: {e}");
+        }
         Ok(())
+    }
+}
+
+impl Drop for ReceivingPin {
+    fn drop(&mut self) {
+        let mut pins = receiving();
+        for sha in self.sha256.drain(..) {
+            let key = (self.dir.clone(), sha);
+            if let Some(count) = pins.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    pins.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Marks the store's file at `path` used now, for eviction's order, unless it was
+/// within [`TOUCH_EVERY`]; a file the daemon does not own (an operator's) stays as it is.
+fn touch(path: &Path) {
+    let touched = File::open(path).and_then(|file| {
+        let last = file.metadata()?.modified()?;
+        if last.elapsed().is_ok_and(|since| since < TOUCH_EVERY) {
+            return Ok(());
+        }
+        file.set_modified(SystemTime::now())
+    });
+    if let Err(e) = touched {
+        tracing::debug!(file = %path.display(), "cannot mark a stored file used: {e}");
     }
 }
 
@@ -832,6 +1119,292 @@ mod tests {
         assert!(part.exists());
         drop(incoming);
         assert!(!part.exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Puts content `tag` (`mib` MiB of it) in `store` as its copy, last used `ago` ago;
+    /// its offer.
+    fn stored(store: &FileStore, tag: u8, mib: usize, ago: Duration) -> FileOffer {
+        let content = vec![tag; mib << 20];
+        let o = offer(&format!("f{tag}"), &content, Path::new("/nonexistent"));
+        std::fs::create_dir_all(store.dir()).unwrap();
+        let path = store.stored_path(&o.sha256);
+        std::fs::write(&path, &content).unwrap();
+        set_used(&path, ago);
+        o
+    }
+
+    /// Sets the last use of the file at `path` to `ago` ago.
+    fn set_used(path: &Path, ago: Duration) {
+        let file = File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    /// How long ago the file at `path` was last used.
+    fn used_ago(path: &Path) -> Duration {
+        let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+        modified.elapsed().unwrap_or_default()
+    }
+
+    /// The store's file for `o`.
+    fn name_of(o: &FileOffer) -> String {
+        format!("sha256-{}", o.sha256)
+    }
+
+    /// `names` sorted.
+    fn sorted(mut names: Vec<String>) -> Vec<String> {
+        names.sort();
+        names
+    }
+
+    /// The names in `dir` that are not part files.
+    fn stored_names(dir: &Path) -> Vec<String> {
+        let mut left = names(dir);
+        left.retain(|n| !n.ends_with(PART_SUFFIX));
+        left
+    }
+
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// VMs present on a host, whose files a test changes.
+    fn present_vms(store: &mut FileStore) -> Arc<Mutex<HashSet<String>>> {
+        let present = Arc::new(Mutex::new(HashSet::new()));
+        let asked = present.clone();
+        store.present = PresentVms(Arc::new(move || Some(asked.lock().unwrap().clone())));
+        present
+    }
+
+    #[test]
+    fn a_full_store_evicts_the_files_no_vm_uses_least_recently_used_first() {
+        let d = dir("evict");
+        // 20 MiB, of which 1 MiB is left free; 16 MiB held by four files no VM uses.
+        let mut store = store_in(&d);
+        store.disk = Some(20 << 20);
+        let a = stored(&store, 1, 4, 3 * DAY);
+        let b = stored(&store, 2, 4, DAY);
+        let c = stored(&store, 3, 4, 2 * DAY);
+        let e = stored(&store, 4, 4, 4 * DAY);
+        // 8 MiB more need two to go: the two least recently used.
+        let content = vec![9u8; 8 << 20];
+        let o = offer("new", &content, Path::new("/nonexistent"));
+        let incoming = store.receive(&[&o]).unwrap().pop().unwrap();
+        assert_eq!(
+            stored_names(store.dir()),
+            sorted(vec![name_of(&b), name_of(&c)])
+        );
+        assert!(store.find(&a).is_none() && store.find(&e).is_none());
+        // The file arrives and is kept with the others.
+        incoming.write_at(0, &content).unwrap();
+        store.finish(incoming).unwrap().keep().unwrap();
+        assert_eq!(
+            names(store.dir()),
+            sorted(vec![name_of(&b), name_of(&c), name_of(&o)])
+        );
+        assert_eq!(
+            store.find(&o).unwrap().info().path,
+            store.stored_path(&o.sha256)
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn files_vms_here_use_are_never_evicted_and_the_refusal_says_so() {
+        let d = dir("pinned");
+        let mut store = store_in(&d);
+        store.disk = Some(20 << 20);
+        let present = present_vms(&mut store);
+        // The oldest is a running VM's, the next a VM's being received; the newest is
+        // no VM's.
+        let running = stored(&store, 1, 4, 3 * DAY);
+        let arriving = stored(&store, 2, 4, 2 * DAY);
+        let unused = stored(&store, 3, 4, DAY);
+        present.lock().unwrap().insert(running.sha256.clone());
+        let pin = store.pin(std::slice::from_ref(&arriving));
+        // 10 MiB more: the one no VM uses goes, though it was used last.
+        let o = FileOffer {
+            size: 10 << 20,
+            ..offer("new", b"", Path::new("/nonexistent"))
+        };
+        drop(store.receive(&[&o]).unwrap());
+        assert_eq!(
+            stored_names(store.dir()),
+            sorted(vec![name_of(&running), name_of(&arriving)])
+        );
+        assert!(store.find(&unused).is_none());
+        // 14 MiB more would need theirs: refused, and they stay.
+        let big = FileOffer {
+            size: 14 << 20,
+            ..o.clone()
+        };
+        let err = store.receive(&[&big]).unwrap_err();
+        match &err {
+            ReceiveError::NoRoom {
+                evicted,
+                unused,
+                pinned,
+                ..
+            } => {
+                assert_eq!((*evicted, *unused), (0, 0), "{err}");
+                assert!(*pinned >= 8 << 20, "{err}");
+            }
+            _ => panic!("{err}"),
+        }
+        assert!(
+            err.to_string()
+                .contains("it evicted 0 MiB of files no VM here uses")
+                && err.to_string().contains("VMs here use 8 MiB of its files"),
+            "{err}"
+        );
+        assert_eq!(
+            stored_names(store.dir()),
+            sorted(vec![name_of(&running), name_of(&arriving)])
+        );
+        // Pins are those at the eviction: once the VMs are gone, the older goes.
+        present.lock().unwrap().clear();
+        drop(pin);
+        drop(store.receive(&[&big]).unwrap());
+        assert_eq!(stored_names(store.dir()), [name_of(&arriving)]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_found_or_kept_here_is_touched_and_evicted_after_older_ones() {
+        let d = dir("touch");
+        let mut store = store_in(&d);
+        store.disk = Some(20 << 20);
+        let found = stored(&store, 1, 4, 3 * DAY);
+        let older = stored(&store, 2, 4, 2 * DAY);
+        let newer = stored(&store, 3, 4, DAY);
+        // A VM arriving finds the oldest: it is used now.
+        let path = store.find(&found).unwrap().info().path.clone();
+        assert_eq!(path, store.stored_path(&found.sha256));
+        assert!(used_ago(&path) < Duration::from_secs(60));
+        // Not touched again so soon (each touch makes its users hash it again).
+        set_used(&path, Duration::from_secs(10 * 60));
+        store.find(&found).unwrap();
+        assert!(used_ago(&path) >= Duration::from_secs(10 * 60));
+        // 10 MiB more: the least recently used goes, not the one found.
+        let content = vec![9u8; 10 << 20];
+        let o = offer("new", &content, Path::new("/nonexistent"));
+        let incoming = store.receive(&[&o]).unwrap().pop().unwrap();
+        assert_eq!(
+            stored_names(store.dir()),
+            sorted(vec![name_of(&found), name_of(&newer)])
+        );
+        assert!(store.find(&older).is_none());
+        // A file kept is used now, whenever it was written.
+        incoming.write_at(0, &content).unwrap();
+        let received = store.finish(incoming).unwrap();
+        set_used(&received.part.path, 5 * DAY);
+        received.keep().unwrap();
+        assert!(used_ago(&store.stored_path(&o.sha256)) < Duration::from_secs(60));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_files_named_by_their_content_are_evicted() {
+        let d = dir("names");
+        // 40 MiB, of which 2 MiB is left free.
+        let mut store = store_in(&d);
+        store.disk = Some(40 << 20);
+        let evictable = stored(&store, 1, 4, DAY);
+        // Put there by an operator (old, no VM uses them), or another receive's.
+        let hex = sha(b"other");
+        let others = [
+            "sha256-operator-placed".to_string(),
+            "model.gguf".to_string(),
+            format!("sha256-{}", hex.to_uppercase()),
+            format!("sha256-{hex}.bak"),
+            "incoming-00000000000000aa-0.part".to_string(),
+        ];
+        for name in &others {
+            std::fs::write(store.dir().join(name), vec![7u8; 4 << 20]).unwrap();
+            set_used(&store.dir().join(name), 10 * DAY);
+        }
+        let live_part = File::open(store.dir().join(&others[4])).unwrap();
+        try_lock(&live_part).unwrap();
+        // A store file with another name too, and a link to a file outside.
+        let linked = stored(&store, 2, 4, 10 * DAY);
+        std::fs::hard_link(store.stored_path(&linked.sha256), d.join("linked")).unwrap();
+        std::fs::write(d.join("target"), vec![3u8; 4 << 20]).unwrap();
+        set_used(&d.join("target"), 10 * DAY);
+        std::os::unix::fs::symlink(d.join("target"), store.stored_path(&sha(b"target"))).unwrap();
+        let everything = names(store.dir());
+        // 28 MiB used, 12 free: 16 MiB more would need more than the evictable file.
+        let o = FileOffer {
+            size: 16 << 20,
+            ..offer("new", b"", Path::new("/nonexistent"))
+        };
+        let err = store.receive(&[&o]).unwrap_err();
+        assert!(matches!(err, ReceiveError::NoRoom { .. }), "{err}");
+        assert!(err.to_string().contains("the 4 MiB more"), "{err}");
+        assert_eq!(names(store.dir()), everything);
+        // 13 MiB more: it goes, and only it.
+        let o = FileOffer {
+            size: 13 << 20,
+            ..o
+        };
+        let incoming = store.receive(&[&o]).unwrap();
+        let mut left = everything.clone();
+        left.retain(|n| *n != name_of(&evictable));
+        let mut now = names(store.dir());
+        now.retain(|n| n != incoming[0].part.path.file_name().unwrap().to_str().unwrap());
+        assert_eq!(now, left);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_pinned_after_it_was_chosen_is_put_back() {
+        let d = dir("put-back");
+        let store = store_in(&d);
+        let o = stored(&store, 1, 1, DAY);
+        let chosen = store.stored_files().pop().unwrap();
+        // A VM arriving pins it, then finds it, between the choice and the deletion.
+        let pin = store.pin(std::slice::from_ref(&o));
+        let copy = store.find(&o).unwrap();
+        assert_eq!(store.evict(&chosen, 1), 0);
+        assert_eq!(names(store.dir()), [name_of(&o)]);
+        assert_eq!(copy.info().path, store.stored_path(&o.sha256));
+        // Unpinned, it goes; gone, it is not evicted twice.
+        drop(pin);
+        assert_eq!(store.evict(&chosen, 1), chosen.bytes);
+        assert_eq!(store.evict(&chosen, 1), 0);
+        assert_eq!(names(store.dir()), Vec::<String>::new());
+        assert!(store.find(&o).is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn receives_evicting_at_once_both_get_room() {
+        let d = dir("evict-race");
+        for round in 0..10u8 {
+            let mut store = store_in(&d);
+            store.disk = Some(20 << 20);
+            let _ = std::fs::remove_dir_all(store.dir());
+            // Four files no VM uses, 16 MiB: receives of 7 MiB need one gone each, and
+            // three for both, which may pick the same one.
+            for i in 0..4 {
+                stored(&store, round * 4 + i, 4, DAY * u32::from(i + 1));
+            }
+            let threads: Vec<_> = (0..2u8)
+                .map(|i| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        let o = FileOffer {
+                            size: 7 << 20,
+                            ..offer(&format!("new{i}"), &[i], Path::new("/nonexistent"))
+                        };
+                        store.receive(&[&o])
+                    })
+                })
+                .collect();
+            let received: Vec<_> = threads
+                .into_iter()
+                .map(|t| t.join().unwrap().unwrap())
+                .collect();
+            assert!(stored_names(store.dir()).len() <= 1, "round {round}");
+            drop(received);
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

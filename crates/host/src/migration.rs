@@ -20,7 +20,7 @@ use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
 use crate::capacity::Reservation;
-use crate::files::{FileStore, IncomingFile, ReceivedFile};
+use crate::files::{FileStore, IncomingFile, ReceivedFile, ReceivingPin};
 use crate::hosted::{HostedVm, MemoryLoan};
 
 /// Keys of [`VmDescription::extra`].
@@ -355,6 +355,9 @@ pub struct VmTarget {
     /// This host's capacity for the VM, held from the offer's acceptance: given back if
     /// the target is dropped, handed on to the VM once it runs.
     reservation: Mutex<Option<Reservation>>,
+    /// Keeps the store's copies of its files from eviction until it is listed here (the
+    /// target is dropped after) or its migration fails.
+    _pinned: ReceivingPin,
 }
 
 impl VmTarget {
@@ -374,6 +377,8 @@ impl VmTarget {
         let kind = (config.accel_memory > 0).then_some(description.backend_kind.as_str());
         let incoming = IncomingVm::new(config, kind, &description.cpu_features, host)
             .map_err(|e| VmError::Create(e.into()))?;
+        // Before they are looked for: a copy found is never evicted under the VM.
+        let pinned = store.pin(&description.files);
         let files = description
             .files
             .iter()
@@ -390,6 +395,7 @@ impl VmTarget {
             files: Mutex::new(files),
             received: Mutex::default(),
             reservation: Mutex::new(Some(reservation)),
+            _pinned: pinned,
         })
     }
 

@@ -163,7 +163,8 @@ pub struct ServeArgs {
     pub attach_dirs: Vec<PathBuf>,
     /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
     /// as `sha256-<hash>`; a VM moving back, or another with the same file, finds them
-    /// there (default: `/var/tmp/ferry-<name>/files`).
+    /// there. A cache: when a migration's files do not fit, those no VM here uses are
+    /// evicted, least recently used first (default: `/var/tmp/ferry-<name>/files`).
     #[arg(long, value_name = "DIR")]
     pub file_store: Option<PathBuf>,
     #[command(flatten)]
