@@ -472,6 +472,21 @@ impl MigrationTarget for VmTarget {
         matches!(self.slots().get(file as usize), Some(FileSlot::Present(_)))
     }
 
+    fn read_local_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let failed = |source: Cause| VmError::ReadFile {
+            file,
+            offset,
+            source,
+        };
+        // A clone (the same open file), read with no lock held.
+        let copy = match self.slots().get(file as usize) {
+            Some(FileSlot::Present(f) | FileSlot::Received(f)) => f.clone(),
+            Some(_) => return Err(failed("this host has no checked copy of it yet".into())),
+            None => return Err(failed("no such attached file".into())),
+        };
+        copy.read_at(offset, out).map_err(|e| failed(e.into()))
+    }
+
     fn receive_files(&self, files: &[u32]) -> Result<(), VmError> {
         let offers: Vec<&FileOffer> = files
             .iter()

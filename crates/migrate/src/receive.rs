@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use ferry_abi::file::{valid_name, MAX_FILES};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::auth::{authenticate_stream_listener, Secret};
 use crate::gate::{Gate, Refusal, Ticket, HANDSHAKE_TIME};
@@ -23,8 +24,8 @@ use crate::send::{ms, MAX_STREAMS};
 use crate::settle::Outcomes;
 use crate::tls::TlsConfig;
 use crate::vm::{
-    error_chain, valid_sha256, ChunkOrigin, ChunkWrite, DeviceBuffer, FileTransfer,
-    MigrationTarget, VmDescription, VmError, PAGE_SIZE,
+    error_chain, valid_sha256, ChunkKey, ChunkOrigin, ChunkWrite, DeviceBuffer, FileTransfer,
+    MigrationTarget, VmDescription, VmError, MAX_CHUNK_BYTES, PAGE_SIZE,
 };
 use crate::wire::{
     Frame, FrameStream, Message, StreamRole, MAX_CONTROL_BYTES, MAX_DATA_FRAME,
@@ -515,6 +516,8 @@ struct Inbound {
     files: Vec<Option<u64>>,
     /// Bytes read on each data stream so far, partial frames included.
     received: Vec<Arc<AtomicU64>>,
+    /// The chunk origins of the open round to check at its end.
+    claims: ClaimedOrigins,
 }
 
 impl Inbound {
@@ -522,6 +525,7 @@ impl Inbound {
         received: Vec<Arc<AtomicU64>>,
         control_socket: TcpStream,
         files: Vec<Option<u64>>,
+        claims: ClaimedOrigins,
     ) -> Self {
         Self {
             state: Mutex::new(InboundState {
@@ -540,6 +544,7 @@ impl Inbound {
             control_socket,
             files,
             received,
+            claims,
         }
     }
 
@@ -703,7 +708,7 @@ fn apply_stream<T: MigrationTarget>(
                         .write_file(file, offset, data)
                         .map_err(MigrationError::Target)
                 }),
-            other => apply_data(target, other, vm),
+            other => apply_data(target, other, vm, Some(&inbound.claims)),
         };
         let mut s = inbound.lock();
         s.in_flight -= 1;
@@ -721,6 +726,128 @@ fn apply_stream<T: MigrationTarget>(
         drop(s);
         inbound.changed.notify_all();
     }
+}
+
+/// Chunk origins a source sent with the chunks' bytes (an honest one does for the files
+/// this host is receiving), until the round's end. Kept unchecked, a wrong origin would
+/// have the VM's next migration send where instead of what, and the chunk become the
+/// file's bytes there: the VM's memory would change without a word. So the chunks are
+/// written without them, and an origin is kept only once this host's copy of the file
+/// shows it true ([`keep_true_origins`]).
+pub(crate) struct ClaimedOrigins {
+    claims: Mutex<HashMap<ChunkKey, Claim>>,
+    /// Most claims in a round: one per page of the VM's device memory, and per buffer.
+    most: usize,
+}
+
+/// A chunk's origin as its source claims it, and what the chunk's bytes were.
+struct Claim {
+    origin: ChunkOrigin,
+    len: u64,
+    sha256: [u8; 32],
+}
+
+impl ClaimedOrigins {
+    fn new(vm: &VmDescription) -> Self {
+        let pages = usize::try_from(vm.accel_memory / PAGE_SIZE).unwrap_or(usize::MAX);
+        Self {
+            claims: Mutex::default(),
+            most: pages.saturating_add(ferry_abi::accel::MAX_BUFFERS as usize),
+        }
+    }
+
+    /// Keeps `origin` as the claim of chunk `key`, whose bytes `data` were written.
+    fn claim(&self, key: ChunkKey, origin: ChunkOrigin, data: &[u8]) -> Result<(), MigrationError> {
+        let sha256 = Sha256::digest(data).into();
+        let mut claims = self.lock();
+        if claims.len() >= self.most && !claims.contains_key(&key) {
+            return Err(MigrationError::BrokenSequence(format!(
+                "more than {} device chunks with their origins in one round, more than the VM's device memory holds",
+                self.most
+            )));
+        }
+        let len = data.len() as u64;
+        claims.insert(
+            key,
+            Claim {
+                origin,
+                len,
+                sha256,
+            },
+        );
+        Ok(())
+    }
+
+    /// The claims of the round, none kept after.
+    fn take(&self) -> HashMap<ChunkKey, Claim> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, Claim>> {
+        // Each update is one insert: whole after a panic.
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Records the `claims` of a round that are true, at its end (the files being received
+/// are whole here from round 0's end): a chunk whose bytes are those of the file piece
+/// its origin names, in this host's copy, is written again as that piece, with its
+/// origin. The others keep the bytes received without it: a source that read a chunk's
+/// origin before a write changed the chunk sends the chunk again next round, and one
+/// that claims a false origin loses only the chance to send where next time. Tells the
+/// source every keepalive period that it is still at work (this reads the files).
+fn keep_true_origins<T: MigrationTarget>(
+    conn: &mut Conn,
+    target: &T,
+    claims: HashMap<ChunkKey, Claim>,
+) -> Result<(), MigrationError> {
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let mut claims: Vec<(ChunkKey, Claim)> = claims.into_iter().collect();
+    // In file order: this host's copies are read front to back.
+    claims.sort_unstable_by_key(|(_, c)| (c.origin.file, c.origin.offset));
+    let (checking, every) = (Instant::now(), crate::deadline::keepalive_every());
+    let mut keepalive = checking;
+    let mut piece = vec![0u8; MAX_CHUNK_BYTES as usize];
+    let (mut kept, mut dropped) = (0u64, 0u64);
+    let mut why_dropped = None;
+    for (key, claim) in claims {
+        if Instant::now() >= keepalive {
+            conn.send(&Message::Keepalive)?;
+            keepalive = Instant::now() + every;
+        }
+        let piece = &mut piece[..claim.len as usize];
+        let (file, offset) = (claim.origin.file, claim.origin.offset);
+        let why = match target.read_local_file(file, offset, piece) {
+            Err(e) => Some(error_chain(&e)),
+            Ok(()) if <[u8; 32]>::from(Sha256::digest(&*piece)) != claim.sha256 => Some(format!(
+                "its bytes are not those of attached file {file} at {offset}"
+            )),
+            Ok(()) => None,
+        };
+        if let Some(why) = why {
+            dropped += 1;
+            why_dropped.get_or_insert_with(|| format!("{key}: {why}"));
+            continue;
+        }
+        let write = ChunkWrite::FilePiece {
+            data: piece,
+            origin: claim.origin,
+        };
+        target
+            .write_chunk(key, write)
+            .map_err(MigrationError::Target)?;
+        kept += 1;
+    }
+    tracing::debug!(
+        kept,
+        dropped,
+        first_dropped = why_dropped.as_deref(),
+        ms = ms(checking.elapsed()),
+        "device chunk origins checked"
+    );
+    Ok(())
 }
 
 /// Refuses chunk origin `origin` of `len` bytes unless it lies inside a file `vm` offers:
@@ -748,11 +875,14 @@ fn check_origin(vm: &VmDescription, origin: ChunkOrigin, len: u64) -> Result<(),
 
 /// Applies a frame of RAM or device memory to `target`, checked against the VM `vm`
 /// offered first (its RAM size, its files); anything else (a file piece, a control
-/// message) is out of place.
+/// message) is out of place. A chunk's bytes sent with their origin are written without
+/// it, and the origin is kept in `claims` to check (see [`ClaimedOrigins`]); without
+/// `claims` such a chunk is refused (a snapshot names the file piece instead).
 pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
     target: &T,
     frame: Frame<'_>,
     vm: &VmDescription,
+    claims: Option<&ClaimedOrigins>,
 ) -> Result<(), MigrationError> {
     let ram_size = vm.ram_size;
     match frame {
@@ -775,16 +905,25 @@ pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
             origin,
         } => {
             let data = data.unwrap_or(&ZERO_RUN[..len as usize]);
-            let write = match origin {
+            let claims = match origin {
                 Some(origin) => {
                     check_origin(vm, origin, len)?;
-                    ChunkWrite::FilePiece { data, origin }
+                    let claims = claims.ok_or_else(|| {
+                        MigrationError::BrokenSequence(format!(
+                            "the bytes of {key} with their origin, where a chunk from a file is named, not sent"
+                        ))
+                    })?;
+                    Some((claims, origin))
                 }
-                None => ChunkWrite::Whole(data),
+                None => None,
             };
             target
-                .write_chunk(key, write)
-                .map_err(MigrationError::Target)
+                .write_chunk(key, ChunkWrite::Whole(data))
+                .map_err(MigrationError::Target)?;
+            match claims {
+                Some((claims, origin)) => claims.claim(key, origin, data),
+                None => Ok(()),
+            }
         }
         Frame::ChunkPart { key, offset, data } => target
             .write_chunk(key, ChunkWrite::Part { offset, data })
@@ -1039,25 +1178,56 @@ fn receive_vm<F: TargetFactory>(
     }
     let accepted = Accepted {
         started,
-        target,
+        target: SessionVm {
+            target: Some(target),
+            outcomes,
+            session,
+        },
         vm,
         streams,
         send_files,
         file_sizes,
         replay,
     };
-    let result = receive_session(conn, control_socket, shared, accepted, session);
-    if result.is_err() {
-        outcomes.ended(session, false);
+    receive_session(conn, control_socket, shared, accepted, session)
+}
+
+/// The VM of an incoming session until the host adopts it. Dropped unadopted (the session
+/// failed, or the engine or the target panicked), it drops the VM first, which stops it
+/// for good, and only then records that it never ran here: a source that asks is told
+/// so only once that is true. A VM that resumed is answered for as running (see
+/// [`Outcomes::unadopted`]).
+struct SessionVm<'a, T> {
+    /// The VM; `None` once adopted.
+    target: Option<T>,
+    outcomes: &'a Outcomes,
+    session: u64,
+}
+
+impl<T> SessionVm<'_, T> {
+    fn get(&self) -> &T {
+        self.target.as_ref().expect("the VM is held until adopted")
     }
-    result
+
+    /// The VM, for the host to adopt (it resumed).
+    fn adopt(mut self) -> T {
+        self.target.take().expect("the VM is held until adopted")
+    }
+}
+
+impl<T> Drop for SessionVm<'_, T> {
+    fn drop(&mut self) {
+        // A target dropped stops its VM (see `MigrationTarget`): gone before recorded.
+        drop(self.target.take());
+        self.outcomes.unadopted(self.session);
+    }
 }
 
 /// An offer the destination accepted, with the VM prepared for it.
-struct Accepted<T> {
+struct Accepted<'a, T> {
     /// When the offer arrived.
     started: Instant,
-    target: T,
+    target: SessionVm<'a, T>,
     vm: VmDescription,
     streams: u8,
     /// The offered files the source must send.
@@ -1074,7 +1244,7 @@ fn receive_session<F: TargetFactory>(
     mut conn: Conn,
     control_socket: TcpStream,
     shared: Shared<'_, F>,
-    accepted: Accepted<F::Target>,
+    accepted: Accepted<'_, F::Target>,
     session: u64,
 ) -> Result<(), MigrationError> {
     let (started, streams, replay) = (accepted.started, accepted.streams, accepted.replay);
@@ -1095,19 +1265,29 @@ fn receive_session<F: TargetFactory>(
     // Each data connection comes with a handle on its socket, to shut it down.
     let (mut readers, shutdowns): (Vec<Conn>, Vec<TcpStream>) = data.into_iter().unzip();
     let received = readers.iter_mut().map(|r| r.get_mut().read.clone());
-    let inbound = Inbound::new(received.collect(), control_socket, accepted.file_sizes);
+    let claims = ClaimedOrigins::new(&vm);
+    let inbound = Inbound::new(
+        received.collect(),
+        control_socket,
+        accepted.file_sizes,
+        claims,
+    );
     let result = std::thread::scope(|scope| {
         let handles: Vec<_> = readers
             .into_iter()
             .enumerate()
             .map(|(i, reader)| {
-                let (target, vm, inbound) = (&target, &vm, &inbound);
+                let (target, vm, inbound) = (target.get(), &vm, &inbound);
                 scope.spawn(move || apply_stream(i, reader, target, vm, inbound))
             })
             .collect();
+        let mut stream_threads = StreamsEnd {
+            inbound: &inbound,
+            sockets: shutdowns,
+        };
         let result = control_loop(
             &mut conn,
-            &target,
+            target.get(),
             &inbound,
             (streams, replay),
             (shared.outcomes, session),
@@ -1127,20 +1307,13 @@ fn receive_session<F: TargetFactory>(
                 });
             }
         }
-        inbound.lock().done = true;
-        inbound.changed.notify_all();
-        if result.is_ok() {
-            // The source has sent everything: wake the stream threads blocked in reads.
-            for stream in &shutdowns {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        }
-        // On failure the stream threads return at their next frame, or at the source's
-        // close once it has the Abort. Their sockets then close with data unread, which
-        // resets the connection, so a source blocked writing fails at once. (Shutting the
-        // read side instead would leave the source probing a zero window until the
-        // kernel's FIN timeout.)
-        drop(shutdowns);
+        // Done, the source has sent everything: the stream threads blocked in reads are
+        // woken. On failure they return at their next frame, or at the source's close
+        // once it has the Abort. Their sockets then close with data unread, which resets
+        // the connection, so a source blocked writing fails at once. (Shutting the read
+        // side instead would leave the source probing a zero window until the kernel's
+        // FIN timeout.)
+        stream_threads.end(result.is_ok());
         let data_bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
         result.map(|rounds| (rounds, data_bytes))
     });
@@ -1154,11 +1327,42 @@ fn receive_session<F: TargetFactory>(
     tracing::info!(vm = %report.vm.name, rounds, bytes = report.bytes_received, "VM received and running");
     // Adopted before the source hears it runs here: a client the source then sends
     // here finds the VM listed as running, not an earlier stay's record.
-    shared.factory.adopt(target, report);
+    shared.factory.adopt(target.adopt(), report);
     // The VM runs here now; a lost confirmation leaves it running here and paused at
     // the source, never running on both.
     let _ = conn.send(&Message::Resumed);
     Ok(())
+}
+
+/// A session's data stream threads, to end once the control conversation does: they
+/// return at their next frame, or at once when their sockets are shut down.
+struct StreamsEnd<'a> {
+    inbound: &'a Inbound,
+    /// The data connections' sockets.
+    sockets: Vec<TcpStream>,
+}
+
+impl StreamsEnd<'_> {
+    /// Ends the stream threads, shutting their sockets down if `shut_down`; the handles
+    /// on the sockets are let go either way (they close when their threads return).
+    fn end(&mut self, shut_down: bool) {
+        self.inbound.lock().done = true;
+        self.inbound.changed.notify_all();
+        for socket in self.sockets.drain(..) {
+            if shut_down {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Drop for StreamsEnd<'_> {
+    fn drop(&mut self) {
+        // The control thread panicked (a bug, in the engine or the target): the scope
+        // waits for the stream threads before the VM is dropped, and nothing else would
+        // wake them until the source gave up.
+        self.end(std::thread::panicking());
+    }
 }
 
 /// What the allocator spends on an allocation beyond its bytes, at least (glibc: a
@@ -1181,8 +1385,8 @@ fn allocated<T>(v: &Vec<T>) -> u64 {
 }
 
 /// The open round's device commands, kept until its data is in, within a bound on the
-/// memory they hold: what is allocated, not what the commands weigh, since decoding a
-/// payload and growing a vector both allocate up to twice what they hold. The bound is
+/// memory they hold: what is allocated, not what the commands weigh (each buffer's
+/// overhead, and the room a growing vector of them keeps). The bound is
 /// [`COMMAND_MEMORY_RATIO`] of the weight a source sends in a round at most, so that
 /// every round a source sends fits.
 struct RoundCommands {
@@ -1220,12 +1424,9 @@ impl RoundCommands {
 
     /// Keeps `batch` after those kept, or returns the bytes it would make them hold, over
     /// the limit.
-    fn add(&mut self, mut batch: Vec<LoggedCommand>) -> Result<(), u64> {
+    fn add(&mut self, batch: Vec<LoggedCommand>) -> Result<(), u64> {
         let mut buffers = self.buffers;
-        for command in &mut batch {
-            // Decoded by doubling: trimmed to what they carry.
-            command.payload.shrink_to_fit();
-            command.args.shrink_to_fit();
+        for command in &batch {
             buffers += allocated(&command.payload) + allocated(&command.args);
         }
         let size = std::mem::size_of::<LoggedCommand>() as u64;
@@ -1405,6 +1606,8 @@ fn control_loop<T: MigrationTarget>(
                         .map_err(MigrationError::BrokenSequence)?;
                     target.files_received().map_err(MigrationError::Target)?;
                 }
+                // Before the replay, whose writes must clear the origins kept.
+                keep_true_origins(conn, target, inbound.claims.take())?;
                 if !round_commands.is_empty() {
                     let (n, replaying) = (round_commands.len(), Instant::now());
                     // Bounded: the source waits at most about as long, and a peer's
@@ -1563,6 +1766,73 @@ mod tests {
         kept.add(decoded(batch))
     }
 
+    /// A VM that must not be written: what is refused never reaches it.
+    struct Untouched;
+
+    impl MigrationTarget for Untouched {
+        fn write_ram(&self, _: u64, _: &[u8]) -> Result<(), VmError> {
+            unreachable!("RAM written")
+        }
+        fn sync_buffers(&self, _: &[DeviceBuffer]) -> Result<(), VmError> {
+            unreachable!("buffers synced")
+        }
+        fn write_chunk(&self, chunk: ChunkKey, _: ChunkWrite<'_>) -> Result<(), VmError> {
+            unreachable!("{chunk} written")
+        }
+        fn restore(&self, _: &[u8]) -> Result<(), VmError> {
+            unreachable!("restored")
+        }
+        fn resume(&self) -> Result<(), VmError> {
+            unreachable!("resumed")
+        }
+    }
+
+    #[test]
+    fn a_chunks_bytes_with_their_origin_are_refused_where_origins_are_not_checked() {
+        // A snapshot names the file pieces its chunks hold; it never sends both.
+        let vm = VmDescription {
+            name: "snapshot".into(),
+            ram_size: 1 << 20,
+            vcpus: 1,
+            accel_memory: 1 << 20,
+            abi_version: 1,
+            state_version: 1,
+            backend_kind: "cpu".into(),
+            kernel_version: 1,
+            microkernel: String::new(),
+            extra: Vec::new(),
+            files: vec![crate::vm::FileOffer {
+                name: "model".into(),
+                size: 4096,
+                sha256: "0".repeat(64),
+                path: "/models/model".into(),
+            }],
+            cpu_features: Vec::new(),
+        };
+        let frame = Frame::Chunk {
+            key: ChunkKey {
+                buffer: 1,
+                index: 0,
+            },
+            len: 100,
+            data: Some(&[7; 100]),
+            origin: Some(ChunkOrigin { file: 0, offset: 0 }),
+        };
+        match apply_data(&Untouched, frame, &vm, None) {
+            Err(MigrationError::BrokenSequence(why)) => assert!(why.contains("origin"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_decoded_upload_holds_exactly_its_bytes() {
+        let sent = upload((1 << 20) + 1);
+        let command = decoded(vec![sent.clone()]).remove(0);
+        assert_eq!(command, sent);
+        assert_eq!(command.payload.capacity(), command.payload.len());
+        assert_eq!(command.args.capacity(), command.args.len());
+    }
+
     #[test]
     fn a_round_at_the_sources_weight_bound_is_kept_however_its_commands_allocate() {
         const WEIGHT: u64 = 24 << 20;
@@ -1615,7 +1885,7 @@ mod tests {
         // Memory for 24 MiB of commands.
         const WEIGHT: u64 = 16 << 20;
         const LIMIT: u64 = WEIGHT * 3 / 2;
-        // Payloads just over 1 MiB: decoded by doubling, they take 2 MiB each.
+        // Payloads just over 1 MiB: decoded by doubling, they would take 2 MiB each.
         let mut kept = RoundCommands::new(WEIGHT);
         assert_eq!(kept.limit, LIMIT);
         let mut taken = 0;

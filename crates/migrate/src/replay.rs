@@ -59,6 +59,7 @@ pub struct LoggedCommand {
     #[serde(deserialize_with = "args_at_most")]
     pub args: Vec<u64>,
     /// The guest-RAM bytes it read (an upload's data), else empty.
+    #[serde(with = "payload")]
     pub payload: Vec<u8>,
     /// How it completed on the source.
     pub status: u32,
@@ -102,6 +103,53 @@ where
         }
     }
     d.deserialize_seq(Bounded(max, std::marker::PhantomData))
+}
+
+/// A payload as bytes, not as a sequence of them: encoded in one copy, and decoded into a
+/// vector of exactly its length (a sequence grows by doubling, up to twice the memory,
+/// byte by byte). Postcard writes both the same way (a varint length, then the bytes), so
+/// the wire format is the one a `Vec<u8>` has.
+mod payload {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub(super) fn serialize<S: Serializer>(payload: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(payload)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an upload's bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, mut bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+            bytes.shrink_to_fit();
+            Ok(bytes)
+        }
+
+        // A format without bytes (one that writes them as a list of numbers).
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Not trusting the peer's count beyond a page.
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element()? {
+                bytes.push(byte);
+            }
+            bytes.shrink_to_fit();
+            Ok(bytes)
+        }
+    }
 }
 
 fn args_at_most<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
@@ -248,6 +296,41 @@ pub fn predicted_replay_pause(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`LoggedCommand`] as it was encoded before its payload was bytes: a sequence.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct SeqCommand {
+        opcode: u32,
+        args: Vec<u64>,
+        payload: Vec<u8>,
+        status: u32,
+    }
+
+    #[test]
+    fn a_payload_as_bytes_has_the_wire_format_of_a_sequence() {
+        // Lengths around the varint's steps, and an upload of just over 1 MiB.
+        for len in [0, 1, 127, 128, 16_383, 16_384, (1 << 20) + 1] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let command = LoggedCommand {
+                opcode: 3,
+                args: vec![1, u64::MAX],
+                payload: payload.clone(),
+                status: 2,
+            };
+            let old = SeqCommand {
+                opcode: 3,
+                args: vec![1, u64::MAX],
+                payload,
+                status: 2,
+            };
+            let bytes = postcard::to_stdvec(&command).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&old).unwrap(), "{len} bytes");
+            let decoded: LoggedCommand = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(decoded, command);
+            assert_eq!(decoded.payload.capacity(), len, "{len} bytes");
+            assert_eq!(postcard::from_bytes::<SeqCommand>(&bytes).unwrap(), old);
+        }
+    }
 
     #[test]
     fn rounds_that_keep_growing_fall_behind_and_shrinking_ones_do_not() {

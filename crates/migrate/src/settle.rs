@@ -62,6 +62,23 @@ struct Book {
     closed: bool,
 }
 
+impl Book {
+    /// Records `session`'s end (`outcome`).
+    fn end(&mut self, session: u64, outcome: Outcome) {
+        match self.sessions.insert(session, outcome) {
+            // Ended already, or not begun here: in the queue of ended ones once at most.
+            None | Some(Outcome::Resumed | Outcome::Discarded) => return,
+            Some(Outcome::Receiving | Outcome::Fenced | Outcome::Resuming) => {}
+        }
+        self.ended.push_back(session);
+        while self.ended.len() > REMEMBERED {
+            if let Some(old) = self.ended.pop_front() {
+                self.sessions.remove(&old);
+            }
+        }
+    }
+}
+
 /// A destination's record of its incoming sessions, shared by the listener and whoever
 /// else answers settle questions (the host's API, for a center relaying one).
 #[derive(Clone, Default)]
@@ -126,20 +143,21 @@ impl Outcomes {
 
     /// The session ended: its VM ran (`ran`), or it never will.
     pub(crate) fn ended(&self, session: u64, ran: bool) {
-        let mut book = self.book();
         let outcome = if ran {
             Outcome::Resumed
         } else {
             Outcome::Discarded
         };
-        if book.sessions.insert(session, outcome).is_none() {
-            return;
-        }
-        book.ended.push_back(session);
-        while book.ended.len() > REMEMBERED {
-            if let Some(old) = book.ended.pop_front() {
-                book.sessions.remove(&old);
-            }
+        self.book().end(session, outcome);
+    }
+
+    /// The session's VM was dropped without the host adopting it, so it no longer runs
+    /// here: the session ended without it, unless it had run (a VM that ran is answered
+    /// for as [`Settlement::Running`] for good, as a source may have released its copy).
+    pub(crate) fn unadopted(&self, session: u64) {
+        let mut book = self.book();
+        if book.sessions.get(&session) != Some(&Outcome::Resumed) {
+            book.end(session, Outcome::Discarded);
         }
     }
 
@@ -231,6 +249,28 @@ mod tests {
         outcomes.ended(3, false);
         assert_eq!(outcomes.settle(3), Settlement::NotRunning);
         assert_eq!(outcomes.settle(99), Settlement::NotRunning);
+    }
+
+    #[test]
+    fn a_vm_dropped_unadopted_did_not_run_unless_it_had() {
+        let outcomes = resuming(1);
+        assert_eq!(outcomes.settle(1), Settlement::Undecided);
+        outcomes.unadopted(1);
+        assert_eq!(outcomes.settle(1), Settlement::NotRunning);
+        // Before its Go, and once fenced.
+        assert!(outcomes.receiving(2));
+        outcomes.unadopted(2);
+        assert!(!outcomes.begin_resume(2));
+        assert!(outcomes.receiving(3));
+        assert_eq!(outcomes.settle(3), Settlement::NotRunning);
+        outcomes.unadopted(3);
+        assert_eq!(outcomes.settle(3), Settlement::NotRunning);
+        // One that ran stays answered for as running.
+        let outcomes = resuming(4);
+        outcomes.ended(4, true);
+        outcomes.unadopted(4);
+        assert_eq!(outcomes.settle(4), Settlement::Running);
+        assert_eq!(outcomes.book().ended.len(), 1);
     }
 
     #[test]

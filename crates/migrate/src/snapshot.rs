@@ -353,7 +353,7 @@ impl SnapshotReader {
                 Frame::FileChunk { .. } => stats.file_chunks += 1,
                 _ => {}
             }
-            apply_data(target, frame, &self.vm)?;
+            apply_data(target, frame, &self.vm, None)?;
             frames += 1;
         };
         if sent != [frames] {

@@ -459,9 +459,10 @@ pub enum ChunkWrite<'a> {
         /// The part's bytes.
         data: &'a [u8],
     },
-    /// The whole chunk, `data`, which is the piece of attached file `origin` (the file is
-    /// on its way here): a destination may keep the origin, so the VM's next migration
-    /// can send where instead of what.
+    /// The whole chunk, `data`, which is the piece of attached file `origin` (received
+    /// here with the VM, and read back by the engine to check the source's word): a
+    /// destination may keep the origin, so the VM's next migration can send where
+    /// instead of what.
     FilePiece {
         /// The chunk's bytes.
         data: &'a [u8],
@@ -627,7 +628,10 @@ pub trait MigrationSource: VmContents {
 
 /// The VM being received, created paused by a [`crate::TargetFactory`]. Each call is
 /// already validated against the VM's shape by the engine; implementations check again
-/// what only they can (e.g. a chunk against the buffer table).
+/// what only they can (e.g. a chunk against the buffer table). Dropping a target stops
+/// its VM for good, even one resumed (or part way through [`Self::resume`]): the engine
+/// drops one the host does not adopt (a failed migration, a panic) before it tells a
+/// source that asks that the VM does not run here.
 pub trait MigrationTarget: Send + Sync {
     /// Writes guest RAM.
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), VmError>;
@@ -663,6 +667,18 @@ pub trait MigrationTarget: Send + Sync {
     /// Every byte of the files being received arrived: checks their content.
     fn files_received(&self) -> Result<(), VmError> {
         Ok(())
+    }
+    /// Reads bytes of this host's copy of attached file `file` (one it had, or one
+    /// received, once [`Self::files_received`] checked it), to check the origins a source
+    /// sends with device chunks' bytes. The default: none can be read, and such chunks
+    /// keep their bytes without their origin (the VM's next migration sends the bytes).
+    fn read_local_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let _ = out;
+        Err(VmError::ReadFile {
+            file,
+            offset,
+            source: "this host does not read its copies of attached files for the engine".into(),
+        })
     }
     /// Builds the VM from the final state, still paused.
     fn restore(&self, state: &[u8]) -> Result<(), VmError>;

@@ -622,6 +622,8 @@ struct Faults {
     /// `restore` takes this long (a destination slow or frozen at the switchover).
     restore_delay: Mutex<Duration>,
     fail_resume: AtomicBool,
+    /// `resume` panics (a bug in the VM being received) after starting the VM.
+    panic_on_resume: AtomicBool,
     /// `resume` takes this long (its confirmation may come after the source gave up).
     resume_delay: Mutex<Duration>,
     /// `write_chunk` panics (a bug in the VM being received).
@@ -796,6 +798,10 @@ impl MigrationTarget for FakeTarget {
             return Err(VmError::Resume("injected: the vCPUs do not start".into()));
         }
         self.running.store(true, Ordering::SeqCst);
+        assert!(
+            !self.faults.panic_on_resume.load(Ordering::SeqCst),
+            "injected: resuming panicked"
+        );
         Ok(())
     }
 }
@@ -2060,6 +2066,40 @@ fn a_failing_resume_on_the_destination_keeps_the_source_paused() {
     // A session it never saw is not running there either.
     let unknown = settle(&dest.addr, &secret(), &options(Mode::Live), !session).unwrap();
     assert_eq!(unknown, Settlement::NotRunning);
+}
+
+#[test]
+fn a_panic_resuming_on_the_destination_settles_as_not_running_once_its_vm_is_dropped() {
+    let dest = Destination::start();
+    dest.faults.panic_on_resume.store(true, Ordering::SeqCst);
+    let source = FakeSource::new("resume-panics", 4, 45);
+    // Longer than the test's patience: the destination closes the connection at once,
+    // rather than wait for the source to give up.
+    let opts = MigrationOptions {
+        io_timeout: 2 * PATIENCE,
+        ..options(Mode::Live)
+    };
+    let started = Instant::now();
+    let err = migrate(&source, &dest, &opts).expect_err("resume panicked");
+    let MigrationError::InDoubt { session, .. } = err else {
+        panic!("expected InDoubt, got {err:?}");
+    };
+    assert!(started.elapsed() < PATIENCE);
+    assert!(source.paused());
+    // The answer becomes final, and says the VM does not run there only once the VM the
+    // panic left started is gone.
+    let answer = loop {
+        let answer = settle(&dest.addr, &secret(), &options(Mode::Live), session).unwrap();
+        if answer != Settlement::Undecided || started.elapsed() > PATIENCE {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(answer, Settlement::NotRunning);
+    assert_eq!(dest.faults.released.load(Ordering::SeqCst), 1);
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 0);
+    dest.assert_nothing_adopted();
+    dest.assert_alive();
 }
 
 #[test]

@@ -13,8 +13,11 @@ use ferry_migrate::receive::{
 };
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::wire::{Message, StreamRole, MAX_DATA_FRAME};
-use ferry_migrate::{MigrationError, Settlement, VmDescription};
+use ferry_migrate::{
+    ChunkKey, ChunkOrigin, DeviceBuffer, FileOffer, MigrationError, Settlement, VmDescription,
+};
 use hostile::{abort_reason, assert_applied, offer, Destination, MIB, PATIENCE};
+use sha2::{Digest, Sha256};
 
 /// Frame kinds and flags of the wire format (see `wire.rs`).
 const KIND_CONTROL: u8 = 1;
@@ -312,4 +315,65 @@ fn a_host_receives_a_bounded_number_of_migrations_at_once() {
             other => panic!("expected accept once a place was free, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn a_chunk_origin_sent_with_the_bytes_is_kept_only_if_the_file_received_bears_it_out() {
+    let dest = Destination::start();
+    let content: Vec<u8> = (0..8192u32).map(|i| (i * 31 + 7) as u8).collect();
+    let mut vm = memory_vm::description("hostile", MIB, 3 * 512);
+    vm.files = vec![FileOffer {
+        name: "model".into(),
+        size: content.len() as u64,
+        sha256: Sha256::digest(&content)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        path: "/fake/model".into(),
+    }];
+    // The destination lacks the file: it is sent, and the chunks loaded from it come with
+    // their bytes and their origins. Chunk 2's bytes are not those of its origin.
+    let (mut c, mut data) = dest.session(vm, 1);
+    c.send(&Message::BeginRound {
+        round: 0,
+        buffers: Some((1..=3).map(|id| DeviceBuffer { id, bytes: 512 }).collect()),
+    })
+    .unwrap();
+    let key = |buffer| ChunkKey { buffer, index: 0 };
+    let origin = |offset| ChunkOrigin { file: 0, offset };
+    let forged = vec![0xab; 512];
+    let d = &mut data[0].writer;
+    // Before the file's bytes and after them.
+    d.send_chunk_with_origin(key(1), &content[100..612], origin(100))
+        .unwrap();
+    d.send_chunk_with_origin(key(2), &forged, origin(300))
+        .unwrap();
+    d.send_file(0, 0, &content).unwrap();
+    d.send_chunk_with_origin(key(3), &content[4000..4512], origin(4000))
+        .unwrap();
+    d.flush().unwrap();
+    c.send(&Message::EndRound {
+        round: 0,
+        frames: vec![4],
+    })
+    .unwrap();
+    assert_applied(&mut c, 0);
+    c.send(&Message::State {
+        blob: b"state".to_vec(),
+        device: None,
+    })
+    .unwrap();
+    assert_eq!(hostile::answer(&mut c).0.unwrap(), Message::Ready);
+    c.send(&Message::Go).unwrap();
+    assert_eq!(hostile::answer(&mut c).0.unwrap(), Message::Resumed);
+    let target = dest.adopted();
+    // Every chunk holds the bytes sent; only the true origins are kept, so the VM's next
+    // migration sends chunk 2's bytes, not the file's.
+    let chunks = target.vm.chunks.lock().unwrap();
+    assert_eq!(chunks[&key(1)], content[100..612]);
+    assert_eq!(chunks[&key(2)], forged);
+    assert_eq!(chunks[&key(3)], content[4000..4512]);
+    let origins = target.vm.origins.lock().unwrap();
+    let kept: Vec<_> = origins.iter().map(|(k, o)| (k.buffer, o.offset)).collect();
+    assert_eq!(kept, [(1, 100), (3, 4000)]);
 }

@@ -50,6 +50,15 @@ impl MigrationTarget for SlowVm {
     fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
         self.vm.write_chunk(chunk, write)
     }
+    fn receive_files(&self, files: &[u32]) -> Result<(), VmError> {
+        self.vm.receive_files(files)
+    }
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        self.vm.write_file(file, offset, data)
+    }
+    fn read_local_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
+        self.vm.read_local_file(file, offset, out)
+    }
     fn restore(&self, state: &[u8]) -> Result<(), VmError> {
         self.vm.restore(state)
     }

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::{
-    ChunkKey, ChunkWrite, DeviceBuffer, MigrationSource, MigrationTarget, PageSet, VmContents,
-    VmDescription, VmError,
+    ChunkKey, ChunkOrigin, ChunkWrite, DeviceBuffer, MigrationSource, MigrationTarget, PageSet,
+    VmContents, VmDescription, VmError,
 };
 
 /// A VM of `ram_size` bytes of RAM and `accel_memory` bytes of device memory.
@@ -128,6 +128,10 @@ pub struct MemoryVm {
     pub buffers: Mutex<Vec<DeviceBuffer>>,
     /// The chunks written.
     pub chunks: Mutex<BTreeMap<ChunkKey, Vec<u8>>>,
+    /// The origins kept of the chunks written (pieces of attached files).
+    pub origins: Mutex<BTreeMap<ChunkKey, ChunkOrigin>>,
+    /// The attached files received, by offer index.
+    pub files: Mutex<BTreeMap<u32, Vec<u8>>>,
     /// The state it was restored from, once restored.
     pub state: Mutex<Option<Vec<u8>>>,
     /// Whether it was resumed.
@@ -154,8 +158,48 @@ impl MigrationTarget for MemoryVm {
         Ok(())
     }
     fn write_chunk(&self, chunk: ChunkKey, write: ChunkWrite<'_>) -> Result<(), VmError> {
+        let mut origins = self.origins.lock().unwrap();
+        match write {
+            ChunkWrite::FilePiece { origin, .. } => origins.insert(chunk, origin),
+            _ => origins.remove(&chunk),
+        };
         let data = write.whole(chunk)?;
         self.chunks.lock().unwrap().insert(chunk, data.to_vec());
+        Ok(())
+    }
+    fn receive_files(&self, files: &[u32]) -> Result<(), VmError> {
+        let mut received = self.files.lock().unwrap();
+        for &f in files {
+            received.insert(f, Vec::new());
+        }
+        Ok(())
+    }
+    fn write_file(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), VmError> {
+        let mut files = self.files.lock().unwrap();
+        let Some(f) = files.get_mut(&file) else {
+            return Err(VmError::WriteFile {
+                file,
+                offset,
+                source: "not being received".into(),
+            });
+        };
+        let end = offset as usize + data.len();
+        if f.len() < end {
+            f.resize(end, 0);
+        }
+        f[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn read_local_file(&self, file: u32, offset: u64, out: &mut [u8]) -> Result<(), VmError> {
+        let files = self.files.lock().unwrap();
+        let bytes = files
+            .get(&file)
+            .and_then(|f| f.get(offset as usize..offset as usize + out.len()));
+        out.copy_from_slice(bytes.ok_or_else(|| VmError::ReadFile {
+            file,
+            offset,
+            source: "not here".into(),
+        })?);
         Ok(())
     }
     fn restore(&self, state: &[u8]) -> Result<(), VmError> {
