@@ -290,6 +290,35 @@ fn hostile_commands_fail_with_status_and_change_nothing() {
 }
 
 #[test]
+fn rows_and_heads_wider_than_host_scratch_allows_fail_with_bad_shape() {
+    // Each kernel keeps host scratch of a row's or a head's width while it works, outside
+    // device memory: a guest's width beyond the table's limit is refused, never run.
+    let mut g = FakeGuest::new(2);
+    let (row, head) = (kernel::MAX_ROW as u64, kernel::MAX_HEAD_DIM as u64);
+    for (id, elems) in [(1, row + 2), (2, row + 2), (3, row + 2), (4, head + 2)] {
+        assert_eq!(g.run(op::ALLOC, &[id, 4 * elems]), status::OK);
+    }
+    let ten_thousand = u64::from(10000f32.to_bits());
+    let cases: &[&[u64]] = &[
+        &[kernel::SOFTMAX, 1, 2, 1, row + 1],
+        &[kernel::CROSS_ENTROPY, 1, 2, 3, 4, 1, row + 1],
+        &[kernel::ROPE, 1, 1, 1, 2 * head, 0, ten_thousand, 0],
+        &[kernel::ATTENTION_DECODE, 1, 2, 3, 4, 1, head + 1, 1],
+    ];
+    for (i, args) in cases.iter().enumerate() {
+        let got = g.run(op::LAUNCH, args);
+        assert_eq!(got, status::BAD_SHAPE, "case {i}: {}", status::name(got));
+    }
+    // The widest accepted still run.
+    assert_eq!(
+        g.run(op::LAUNCH, &[kernel::SOFTMAX, 1, 2, 1, row]),
+        status::OK
+    );
+    let rope = [kernel::ROPE, 1, 1, 1, head, 0, ten_thousand, 1];
+    assert_eq!(g.run(op::LAUNCH, &rope), status::OK);
+}
+
+#[test]
 fn lying_ring_indices_are_ignored_until_sane() {
     on_every_backend(1, |g, _| {
         assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);

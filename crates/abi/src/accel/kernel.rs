@@ -28,8 +28,9 @@
 //! 4. the other arguments: flags, enumerations, element formats, f32 scalars (finite,
 //!    bits in the low 32 bits, the high ones zero) ([`status::BAD_ARGUMENT`]);
 //! 5. the kernel's own block: shapes whose element or byte counts overflow, that a
-//!    format cannot hold, that ask for more work than [`MAX_LAUNCH_WORK`] or attend over
-//!    more than [`MAX_POSITIONS`] ([`status::BAD_SHAPE`]), and constraints on scalars
+//!    format cannot hold, that ask for more work than [`MAX_LAUNCH_WORK`], attend over
+//!    more than [`MAX_POSITIONS`], or have rows longer than [`MAX_ROW`] or heads wider
+//!    than [`MAX_HEAD_DIM`] ([`status::BAD_SHAPE`]), and constraints on scalars
 //!    ([`status::BAD_ARGUMENT`]);
 //! 6. every declared range lies inside its buffer ([`status::OUT_OF_BOUNDS`]);
 //! 7. a buffer the kernel writes appears in no other argument ([`status::BAD_ARGUMENT`]);
@@ -68,6 +69,18 @@ const SCORE_WORK: u64 = 1024;
 /// model's): a backend keeps a score per position for each query row and head it works
 /// on at once.
 pub const MAX_POSITIONS: usize = 1 << 22;
+
+/// Most columns of one SOFTMAX or CROSS_ENTROPY row: a backend keeps an f64 per column
+/// for each row it works on at once (32 MiB a thread at most), host memory outside the
+/// device's. 16 times the largest vocabulary (about 2^18), and as long as the longest
+/// context, whose attention scores a row may hold.
+pub const MAX_ROW: usize = MAX_POSITIONS;
+
+/// Widest head of ROPE and ATTENTION_DECODE: a backend keeps tables of a head's width
+/// (16 bytes a pair of elements at most: 8 MiB a thread) for each head it works on at
+/// once, host memory outside the device's. 4096 times the widest head of a real model
+/// (256).
+pub const MAX_HEAD_DIM: usize = 1 << 20;
 
 /// How one argument of a kernel is decoded from its raw `u64` and encoded back.
 pub trait Param {
@@ -780,7 +793,11 @@ kernels! {
         rows: Dim,
         /// Columns.
         cols: Dim,
-    } => |io| { io.elementwise(product(rows, cols)?, &[x], out) }
+    } => |io| {
+        let n = product(rows, cols)?;
+        require_shape(cols <= MAX_ROW)?;
+        io.elementwise(n, &[x], out)
+    }
 
     /// Mean cross-entropy of the row-wise softmax of `logits` against `labels` (u32, one
     /// per row) into `loss[0]`, and `grad = (softmax - onehot) / rows`.
@@ -799,8 +816,8 @@ kernels! {
         cols: Dim,
     } => |io| {
         let r = elems(product(rows, cols)?)?;
-        // Labels are u32: more classes could never be named.
-        require_shape(u32::try_from(cols).is_ok())?;
+        // Labels are u32, so this also lets every class be named.
+        require_shape(cols <= MAX_ROW)?;
         io.read(logits, r.clone())?;
         io.read(labels, elems(rows)?)?;
         io.write(grad, r)?;
@@ -991,7 +1008,7 @@ kernels! {
         len: Dim,
     } => |io| {
         let (row, cache) = (product(heads, head_dim)?, product3(len, heads, head_dim)?);
-        require_shape(len <= MAX_POSITIONS)?;
+        require_shape(len <= MAX_POSITIONS && head_dim <= MAX_HEAD_DIM)?;
         io.read(q, elems(row)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;
@@ -1112,7 +1129,7 @@ kernels! {
         style: RopeStyle,
     } => |io| {
         let n = product3(rows, heads, head_dim)?;
-        require_shape(head_dim % 2 == 0)?;
+        require_shape(head_dim % 2 == 0 && head_dim <= MAX_HEAD_DIM)?;
         require(base > 1.0 && pos.checked_add(rows).is_some())?;
         io.update(x, elems(n)?)
     }

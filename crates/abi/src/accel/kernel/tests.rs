@@ -253,6 +253,38 @@ fn launches_asking_for_hours_of_work_are_refused() {
 }
 
 #[test]
+fn rows_and_heads_wider_than_host_scratch_allows_are_refused() {
+    // Buffers as large as a guest's device could hold: every range fits, the width alone
+    // decides (a backend keeps scratch of the width per row or head in flight).
+    let huge = |args: &[u64]| {
+        let mut full = [0u64; COMMAND_ARGS];
+        full[..args.len()].copy_from_slice(args);
+        Kernel::decode(&full, |_| Some(1 << 40)).map(|(kernel, _)| kernel)
+    };
+    let (row, head) = (MAX_ROW as u64, MAX_HEAD_DIM as u64);
+    assert!(huge(&[k::SOFTMAX, 1, 2, 3, row]).is_ok());
+    assert_eq!(
+        huge(&[k::SOFTMAX, 1, 2, 1, row + 1]),
+        Err(status::BAD_SHAPE)
+    );
+    assert!(huge(&[k::CROSS_ENTROPY, 1, 2, 3, 4, 3, row]).is_ok());
+    assert_eq!(
+        huge(&[k::CROSS_ENTROPY, 1, 2, 3, 4, 1, row + 1]),
+        Err(status::BAD_SHAPE)
+    );
+    let rope = |head_dim: u64| huge(&[k::ROPE, 1, 1, 1, head_dim, 0, f(10000.0), 0]);
+    assert!(rope(head).is_ok());
+    assert_eq!(rope(head + 2), Err(status::BAD_SHAPE));
+    // A head of 2^31: the angle tables alone would be tens of GiB.
+    assert_eq!(rope(1 << 31), Err(status::BAD_SHAPE));
+    assert!(huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 2, head, 3]).is_ok());
+    assert_eq!(
+        huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1, head + 1, 1]),
+        Err(status::BAD_SHAPE)
+    );
+}
+
+#[test]
 fn rejects_out_of_bounds() {
     // 4096-byte buffers hold 1024 elements.
     assert_eq!(

@@ -31,6 +31,14 @@ const BLOCK: usize = 1 << 14;
 /// thread, and a kernel thread idle that long falls asleep and wakes late for the next
 /// kernel (decoding went from about 105 to 125 tokens/s on 2 threads).
 const EXP_BLOCK: usize = 1 << 9;
+/// Rows of CROSS_ENTROPY whose losses are kept (as f64) before they join the mean: the
+/// rows are the guest's to choose, the host memory they take is not. (This and the other
+/// run sizes below are small under test, so that the pinned bits check that runs do not
+/// change them.)
+const LOSS_ROWS: usize = if cfg!(test) { 1 << 4 } else { 1 << 16 };
+/// Most partial sums SUM_COLS keeps at once (8 MiB): a guest's columns are summed a run
+/// of them at a time over every chunk of rows.
+const SUM_PARTIALS: usize = if cfg!(test) { 1 << 8 } else { 1 << 20 };
 /// Rows per partial sum in SUM_COLS.
 const SUM_ROW_CHUNK: usize = 256;
 /// Columns per task when combining SUM_COLS partial sums.
@@ -108,13 +116,24 @@ fn sum_in_parts<I: Iterator<Item = f64>>(
     terms: impl Fn(Range<usize>) -> I,
 ) -> Result<f64, Stopped> {
     let mut sum = None;
+    add_in_parts(pool, &mut sum, len, &terms)?;
+    Ok(sum.unwrap_or_else(|| terms(0..0).sum()))
+}
+
+/// Adds `terms(0..len)` on to `sum` as [`sum_in_parts`] does (`None`: no term yet), so
+/// that sums made a run of terms at a time are the sum of them all, in its order.
+fn add_in_parts<I: Iterator<Item = f64>>(
+    pool: &Workers,
+    sum: &mut Option<f64>,
+    len: usize,
+    terms: impl Fn(Range<usize>) -> I,
+) -> Result<(), Stopped> {
     in_parts(pool, len, |r| {
-        sum = Some(match sum {
+        *sum = Some(match *sum {
             None => terms(r).sum(),
             Some(s) => terms(r).fold(s, |s, t| s + t),
         });
-    })?;
-    Ok(sum.unwrap_or_else(|| terms(0..0).sum()))
+    })
 }
 
 /// Runs `head(i, o)` over the `hd`-wide heads of `out`: each a task of its own if
@@ -299,15 +318,47 @@ pub fn cross_entropy(
     rows_: usize,
     cols: usize,
 ) {
-    let mut row_loss = vec![0.0f64; rows_];
     let inv_rows = 1.0 / rows_ as f64;
+    // Losses for a run of rows at a time, added to the mean in row order after each run:
+    // the same adds as over all rows at once.
+    let run = LOSS_ROWS;
+    let mut row_loss = vec![0.0f64; run.min(rows_)];
+    let mut mean = None;
+    for first in (0..rows_).step_by(run) {
+        let rows_here = run.min(rows_ - first);
+        let grad = &mut grad[first * cols..][..rows_here * cols];
+        let row_loss = &mut row_loss[..rows_here];
+        cross_entropy_rows(pool, logits, labels, grad, row_loss, first, cols, inv_rows);
+        let added = add_in_parts(pool, &mut mean, rows_here, |r| row_loss[r].iter().copied());
+        if added.and_then(|()| pool.check()).is_err() {
+            return;
+        }
+    }
+    if let Some(sum) = mean {
+        loss[0] = (sum * inv_rows) as f32;
+    }
+}
+
+/// [`cross_entropy`]'s gradient and losses of the rows from `first` on (as many as
+/// `row_loss` holds).
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_rows(
+    pool: &Workers,
+    logits: &[f32],
+    labels: &[u32],
+    grad: &mut [f32],
+    row_loss: &mut [f64],
+    first: usize,
+    cols: usize,
+    inv_rows: f64,
+) {
+    let rows_ = row_loss.len();
     let per = (BLOCK / cols).max(1);
-    let grad = &mut grad[..rows_ * cols];
     let work = |(i, (g, l)): (usize, (&mut [f32], &mut [f64]))| {
         let mut e = Vec::with_capacity(cols);
         let mut rows = g.chunks_mut(cols).zip(l).enumerate();
         let _ = rows.try_for_each(|(j, (g, l))| {
-            let r = i * per + j;
+            let r = first + i * per + j;
             let row = &logits[r * cols..][..cols];
             let (max, sum) = exps(pool, row, &mut e)?;
             let label = labels[r] as usize;
@@ -332,10 +383,6 @@ pub fn cross_entropy(
             .zip(row_loss.par_chunks_mut(per));
         pool.install(|| tasks.enumerate().for_each(pool.task(work)));
     }
-    // The mean, summed in row order.
-    if let Ok(sum) = sum_in_parts(pool, rows_, |r| row_loss[r].iter().copied()) {
-        loss[0] = (sum * inv_rows) as f32;
-    }
 }
 
 /// `out[r] = Σ_c x[r][c]`.
@@ -351,36 +398,67 @@ pub fn sum_rows(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: 
 }
 
 /// `out[c] = Σ_r x[r][c]`: partial sums over fixed chunks of [`SUM_ROW_CHUNK`] rows, then
-/// added in chunk order.
+/// added in chunk order; runs of columns at a time, so that at most about
+/// [`SUM_PARTIALS`] partial sums are kept (a column's sum is its own, whatever the run).
 pub fn sum_cols(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
     let chunks = rows_.div_ceil(SUM_ROW_CHUNK);
-    let mut partial = vec![0.0f64; chunks * cols];
+    let run = (SUM_PARTIALS / chunks).clamp(1, cols);
+    let mut partial = vec![0.0f64; chunks * run];
+    for first in (0..cols).step_by(run) {
+        let width = run.min(cols - first);
+        let partial = &mut partial[..chunks * width];
+        partial.fill(0.0);
+        sum_cols_run(
+            pool,
+            x,
+            &mut out[first..][..width],
+            (rows_, cols),
+            first,
+            partial,
+        );
+        if pool.check().is_err() {
+            return;
+        }
+    }
+}
+
+/// [`sum_cols`] of the columns from `first` on (as many as `out` holds), with `partial`
+/// zeroed for a sum per chunk of rows and column.
+fn sum_cols_run(
+    pool: &Workers,
+    x: &[f32],
+    out: &mut [f32],
+    (rows_, cols): (usize, usize),
+    first: usize,
+    partial: &mut [f64],
+) {
+    let (chunks, width) = (rows_.div_ceil(SUM_ROW_CHUNK), out.len());
     let fill = |(ch, p): (usize, &mut [f64])| {
-        let first = ch * SUM_ROW_CHUNK;
+        let first_row = ch * SUM_ROW_CHUNK;
         let mut tick = Ticker::new(pool);
-        let _ = (first..rows_.min(first + SUM_ROW_CHUNK)).try_for_each(|r| {
-            let row = &x[r * cols..][..cols];
-            in_parts(pool, cols, |c| {
+        let _ = (first_row..rows_.min(first_row + SUM_ROW_CHUNK)).try_for_each(|r| {
+            let row = &x[r * cols + first..][..width];
+            in_parts(pool, width, |c| {
                 for (acc, &v) in p[c.clone()].iter_mut().zip(&row[c]) {
                     *acc += f64::from(v);
                 }
             })?;
-            tick.done(cols)
+            tick.done(width)
         });
     };
-    if rows_ * cols <= BLOCK {
-        partial.chunks_mut(cols).enumerate().for_each(fill);
+    if rows_ * width <= BLOCK {
+        partial.chunks_mut(width).enumerate().for_each(fill);
     } else {
         let fill = pool.task(fill);
-        pool.install(|| partial.par_chunks_mut(cols).enumerate().for_each(fill));
+        pool.install(|| partial.par_chunks_mut(width).enumerate().for_each(fill));
     }
-    let partial = &partial;
-    blocks(pool, &mut out[..cols], SUM_COL_BLOCK, |start, o| {
+    let partial = &*partial;
+    blocks(pool, out, SUM_COL_BLOCK, |start, o| {
         for (i, o) in o.iter_mut().enumerate() {
             let c = start + i;
             let mut acc = 0.0f64;
             for ch in 0..chunks {
-                acc += partial[ch * cols + c];
+                acc += partial[ch * width + c];
             }
             *o = acc as f32;
         }
@@ -682,36 +760,81 @@ pub fn qmatmul(
     let row_bytes = dtype
         .row_bytes(k as u64)
         .expect("k validated by the device") as usize;
+    // Inputs a run at a time: prepared, each takes about 3 bytes an element plus its own
+    // (a guest may give billions of rows), and a run's results are out's own rows.
+    let run = (QMATMUL_INPUTS / k.max(QMATMUL_ROW_MIN)).clamp(1, m);
+    for first in (0..m).step_by(run) {
+        let rows = run.min(m - first);
+        let x = &x[first * k..][..rows * k];
+        let out = &mut out[first * n..][..rows * n];
+        if qmatmul_run(pool, dtype, w, x, out, (n, k, rows), row_bytes).is_err() {
+            return;
+        }
+    }
+}
+
+/// Input elements QMATMUL prepares at a time (12 MiB prepared): far more than a prompt's
+/// batch of rows, so weights are still unpacked once for all of it.
+const QMATMUL_INPUTS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
+/// Elements each input row counts for in [`QMATMUL_INPUTS`] at least (its prepared form
+/// has a fixed part).
+const QMATMUL_ROW_MIN: usize = 64;
+/// Most results QMATMUL keeps by weight row before turning them around into `out` (16
+/// MiB): weight rows are taken a run at a time.
+const QMATMUL_BY_ROW: usize = if cfg!(test) { 1 << 8 } else { 1 << 22 };
+
+/// [`qmatmul`] of the `m` rows of `x` into `out`.
+fn qmatmul_run(
+    pool: &Workers,
+    dtype: DType,
+    w: &[u8],
+    x: &[f32],
+    out: &mut [f32],
+    (n, k, m): (usize, usize, usize),
+    row_bytes: usize,
+) -> Result<(), Stopped> {
     let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
     // Prepared on this thread, checking as it goes: a guest may give billions of inputs.
     let mut tick = Ticker::new(pool);
     let prepared = x[..m * k]
         .chunks(k)
         .map(|x| quant::prepare_checked(x, &mut tick));
-    let Ok(inputs) = prepared.collect::<Result<Vec<_>, _>>() else {
-        return;
-    };
+    let inputs = prepared.collect::<Result<Vec<_>, _>>()?;
     if m > 1 && quant::unpacks_once(dtype) {
         // Several inputs (a prompt's tokens): each task takes a run of weight rows for
-        // all of them, into a buffer by weight row, turned around into `out` after.
-        let mut by_row = vec![0.0f32; n * m];
-        let task = |(c, o): (usize, &mut [f32])| {
-            let mut tick = Ticker::new(pool);
-            let _ = quant::dot_inputs_checked(dtype, w, row_bytes, c * per, &inputs, o, &mut tick);
-        };
-        if n <= per {
-            task((0, &mut by_row));
-        } else {
-            let task = pool.task(task);
-            pool.install(|| by_row.par_chunks_mut(per * m).enumerate().for_each(task));
-        }
-        let _ = by_row.chunks_exact(m).enumerate().try_for_each(|(i, row)| {
-            for (r, &v) in row.iter().enumerate() {
-                out[r * n + i] = v;
+        // all of them, into a buffer by weight row, turned around into `out` after; a
+        // run of tasks at a time, so that buffer stays small (with many inputs, tasks of
+        // fewer rows).
+        let per = per.min((QMATMUL_BY_ROW / m).max(1));
+        let tasks = (QMATMUL_BY_ROW / (per * m)).max(1);
+        let mut by_row = vec![0.0f32; (tasks * per).min(n) * m];
+        for first in (0..n).step_by(tasks * per) {
+            let rows = (tasks * per).min(n - first);
+            let by_row = &mut by_row[..rows * m];
+            let task = |(c, o): (usize, &mut [f32])| {
+                let mut tick = Ticker::new(pool);
+                let first = first + c * per;
+                let _ =
+                    quant::dot_inputs_checked(dtype, w, row_bytes, first, &inputs, o, &mut tick);
+            };
+            if rows <= per {
+                task((0, by_row));
+            } else {
+                let task = pool.task(task);
+                pool.install(|| by_row.par_chunks_mut(per * m).enumerate().for_each(task));
             }
-            tick.done(m)
-        });
-        return;
+            pool.check()?;
+            by_row
+                .chunks_exact(m)
+                .enumerate()
+                .try_for_each(|(i, row)| {
+                    for (r, &v) in row.iter().enumerate() {
+                        out[r * n + first + i] = v;
+                    }
+                    tick.done(m)
+                })?;
+        }
+        return Ok(());
     }
     let task = |(r, c, o): (usize, usize, &mut [f32])| {
         let mut tick = Ticker::new(pool);
@@ -731,6 +854,7 @@ pub fn qmatmul(
             })
         });
     }
+    Ok(())
 }
 
 /// `out[i] = table[ids[i]]` dequantized, `dim` wide, from a table in `dtype` (EMBEDDING:
