@@ -9,9 +9,10 @@
 //! when a receive finds too little room, it evicts the `sha256-<hex>` files that no VM
 //! present here uses (running, paused, migrating away, in doubt, being received: those
 //! of VMs that ended or left are the cache), least recently used first, until the files
-//! fit with the margin; only if they still do not is the VM refused. A file's
-//! modification time is its last use (to the hour): set when it enters the store and
-//! when a VM arriving here finds it there. Each eviction is logged. Nothing else is
+//! fit with the margin; only if they still do not is the VM refused. A file's last use
+//! is when a VM arriving here last found it there (remembered by this process), else its
+//! modification time, set when it entered the store. Each eviction is logged. A store
+//! folder belongs to one daemon: another would not see this one's VMs. Nothing else is
 //! evicted: no part file, no file an operator put there under another name, none with a
 //! name elsewhere too (deleting it would free nothing). A file is received as
 //! `incoming-*.part`, its space allocated up front, and enters the store only once its
@@ -52,10 +53,6 @@ const PART_PREFIX: &str = "incoming-";
 const PART_SUFFIX: &str = ".part";
 /// How the store names a file it keeps: `sha256-<64 hex>`.
 const STORED_PREFIX: &str = "sha256-";
-/// A store file used again this soon after its last use is not touched: a touch moves
-/// its change time, after which each VM using it hashes it again at its next migration,
-/// and the next to find it hashes it again; eviction's order needs no finer clock.
-const TOUCH_EVERY: Duration = Duration::from_secs(60 * 60);
 /// A part file this old that no process holds locked was left by a daemon that stopped
 /// (its creator locks it at once: the age only covers that instant).
 const ABANDONED_AFTER: Duration = Duration::from_secs(60);
@@ -72,6 +69,17 @@ static RECEIVING: Mutex<BTreeMap<(PathBuf, String), usize>> = Mutex::new(BTreeMa
 
 fn receiving() -> MutexGuard<'static, BTreeMap<(PathBuf, String), usize>> {
     RECEIVING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// When this process last found each store file's content for an arriving VM, by store
+/// folder and sha256. Kept here, not in the file's times: changing those changes its
+/// change time, which fails a hash of it under way (a VM arriving, or one leaving
+/// checking its files) and makes every user hash it whole again. A restart forgets it:
+/// the modification time (when the file entered the store) is the last use then.
+static LAST_FOUND: Mutex<BTreeMap<(PathBuf, String), SystemTime>> = Mutex::new(BTreeMap::new());
+
+fn last_found() -> MutexGuard<'static, BTreeMap<(PathBuf, String), SystemTime>> {
+    LAST_FOUND.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The content the VMs present on a host use (running, paused, migrating away, in
@@ -177,8 +185,8 @@ struct StoreFile {
     size: u64,
     /// Bytes allocated to it: what deleting it frees.
     bytes: u64,
-    /// Its last use.
-    modified: SystemTime,
+    /// Its last use: when it entered the store, or was last found for a VM here.
+    used: SystemTime,
     /// Device and inode: only the file chosen is deleted, not a copy put there since.
     id: (u64, u64),
 }
@@ -400,7 +408,7 @@ impl FileStore {
         })?;
         // Checked first: a damaged copy is not made the last to go.
         if found.info().path == self.stored_path(&offer.sha256) {
-            touch(&found.info().path);
+            last_found().insert((self.dir.clone(), offer.sha256.clone()), SystemTime::now());
         }
         Some(found)
     }
@@ -531,7 +539,7 @@ impl FileStore {
         };
         let mut evicted = 0u64;
         if fits((room.0.saturating_add(total(&unused)), room.1)) {
-            unused.sort_by(|a, b| (a.modified, &a.path).cmp(&(b.modified, &b.path)));
+            unused.sort_by(|a, b| (a.used, &a.path).cmp(&(b.used, &b.path)));
             for file in std::mem::take(&mut unused) {
                 evicted = evicted.saturating_add(self.evict(&file, tag));
                 room = self.room()?;
@@ -558,6 +566,7 @@ impl FileStore {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
+        let found = last_found().clone();
         entries
             .flatten()
             .filter_map(|entry| {
@@ -571,12 +580,16 @@ impl FileStore {
                 if !meta.is_file() || meta.nlink() != 1 {
                     return None;
                 }
+                let modified = meta.modified().ok()?;
+                let used = found
+                    .get(&(self.dir.clone(), sha256.to_string()))
+                    .map_or(modified, |&at| at.max(modified));
                 Some(StoreFile {
                     path: entry.path(),
                     sha256: sha256.to_string(),
                     size: meta.len(),
                     bytes: meta.blocks().saturating_mul(512),
-                    modified: meta.modified().ok()?,
+                    used,
                     id: (meta.dev(), meta.ino()),
                 })
             })
@@ -618,16 +631,15 @@ impl FileStore {
             .pinned()
             .is_none_or(|pinned| pinned.contains(&file.sha256));
         if pinned || !std::fs::symlink_metadata(&aside).is_ok_and(ours) {
-            if let Err(e) = std::fs::rename(&aside, &file.path) {
-                tracing::warn!(file = %file.path.display(), "a file of the file store a VM uses could not be put back: {e}");
-            }
+            put_back(&aside, &file.path);
             return 0;
         }
         if let Err(e) = std::fs::remove_file(&aside) {
-            let _ = std::fs::rename(&aside, &file.path);
+            put_back(&aside, &file.path);
             return failed("delete it", e);
         }
-        let unused_for = file.modified.elapsed().unwrap_or_default();
+        last_found().remove(&(self.dir.clone(), file.sha256.clone()));
+        let unused_for = file.used.elapsed().unwrap_or_default();
         tracing::info!(
             file = %file.path.display(),
             size_mib = file.size.div_ceil(1 << 20),
@@ -751,6 +763,11 @@ impl ReceivedFile {
     /// Moves the file into the store (its VM runs here now). A copy already there has
     /// the same content; the VMs that use it keep their open file.
     pub fn keep(mut self) -> Result<(), KeepError> {
+        // Used now: the last to be evicted. Marked before it has its name, so no VM
+        // that finds it there sees its times change while it hashes it.
+        if let Err(e) = self.part.file.set_modified(SystemTime::now()) {
+            tracing::debug!(file = %self.part.path.display(), "cannot mark a received file used: {e}");
+        }
         let stored = self.file.info().path.clone();
         std::fs::rename(&self.part.path, &stored).map_err(|source| KeepError {
             part: self.part.path.clone(),
@@ -758,10 +775,6 @@ impl ReceivedFile {
             source,
         })?;
         self.part.kept = true;
-        // Used now: the last to be evicted.
-        if let Err(e) = self.part.file.set_modified(SystemTime::now()) {
-            tracing::debug!(file = %self.file.info().path.display(), "cannot mark a stored file used: {e}");
-        }
         Ok(())
     }
 }
@@ -781,18 +794,25 @@ impl Drop for ReceivingPin {
     }
 }
 
-/// Marks the store's file at `path` used now, for eviction's order, unless it was
-/// within [`TOUCH_EVERY`]; a file the daemon does not own (an operator's) stays as it is.
-fn touch(path: &Path) {
-    let touched = File::open(path).and_then(|file| {
-        let last = file.metadata()?.modified()?;
-        if last.elapsed().is_ok_and(|since| since < TOUCH_EVERY) {
-            return Ok(());
+/// Gives the file moved `aside` its name in the store back, unless a copy took the name
+/// meanwhile (it has the same content: then `aside` is deleted, as a link never replaces
+/// a name).
+fn put_back(aside: &Path, stored: &Path) {
+    let restored = match std::fs::hard_link(aside, stored) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(true),
+        // A file system without links: the name is taken back, whatever has it now.
+        Err(_) => std::fs::rename(aside, stored).map(|()| false),
+    };
+    match restored {
+        Ok(linked) => {
+            if linked {
+                let _ = std::fs::remove_file(aside);
+            }
         }
-        file.set_modified(SystemTime::now())
-    });
-    if let Err(e) = touched {
-        tracing::debug!(file = %path.display(), "cannot mark a stored file used: {e}");
+        Err(e) => {
+            tracing::warn!(file = %stored.display(), "a file of the file store a VM uses could not be put back: {e}");
+        }
     }
 }
 
@@ -1268,21 +1288,24 @@ mod tests {
     }
 
     #[test]
-    fn a_file_found_or_kept_here_is_touched_and_evicted_after_older_ones() {
+    fn a_file_found_or_kept_here_is_evicted_after_older_ones_and_its_times_stay() {
         let d = dir("touch");
         let mut store = store_in(&d);
         store.disk = Some(20 << 20);
         let found = stored(&store, 1, 4, 3 * DAY);
         let older = stored(&store, 2, 4, 2 * DAY);
         let newer = stored(&store, 3, 4, DAY);
+        let path = store.stored_path(&found.sha256);
+        let times = |path: &Path| {
+            let meta = std::fs::metadata(path).unwrap();
+            (meta.modified().unwrap(), meta.ctime(), meta.ctime_nsec())
+        };
+        let before = times(&path);
         // A VM arriving finds the oldest: it is used now.
-        let path = store.find(&found).unwrap().info().path.clone();
-        assert_eq!(path, store.stored_path(&found.sha256));
-        assert!(used_ago(&path) < Duration::from_secs(60));
-        // Not touched again so soon (each touch makes its users hash it again).
-        set_used(&path, Duration::from_secs(10 * 60));
-        store.find(&found).unwrap();
-        assert!(used_ago(&path) >= Duration::from_secs(10 * 60));
+        assert_eq!(store.find(&found).unwrap().info().path, path);
+        // Its times stay: a VM hashing it meanwhile would find it changed, and each of
+        // its users would hash it whole again.
+        assert_eq!(times(&path), before);
         // 10 MiB more: the least recently used goes, not the one found.
         let content = vec![9u8; 10 << 20];
         let o = offer("new", &content, Path::new("/nonexistent"));
