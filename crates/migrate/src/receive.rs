@@ -1218,8 +1218,11 @@ impl<T> SessionVm<'_, T> {
 impl<T> Drop for SessionVm<'_, T> {
     fn drop(&mut self) {
         // A target dropped stops its VM (see `MigrationTarget`): gone before recorded.
-        drop(self.target.take());
-        self.outcomes.unadopted(self.session);
+        // One adopted runs here: its session was recorded as run before.
+        if let Some(target) = self.target.take() {
+            drop(target);
+            self.outcomes.unadopted(self.session);
+        }
     }
 }
 

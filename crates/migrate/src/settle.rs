@@ -65,10 +65,14 @@ struct Book {
 impl Book {
     /// Records `session`'s end (`outcome`).
     fn end(&mut self, session: u64, outcome: Outcome) {
-        match self.sessions.insert(session, outcome) {
-            // Ended already, or not begun here: in the queue of ended ones once at most.
-            None | Some(Outcome::Resumed | Outcome::Discarded) => return,
-            Some(Outcome::Receiving | Outcome::Fenced | Outcome::Resuming) => {}
+        // Not begun here (or forgotten): nothing to record, nor to remember for ever.
+        let Some(was) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        match std::mem::replace(was, outcome) {
+            // Ended already: in the queue of ended ones once at most.
+            Outcome::Resumed | Outcome::Discarded => return,
+            Outcome::Receiving | Outcome::Fenced | Outcome::Resuming => {}
         }
         self.ended.push_back(session);
         while self.ended.len() > REMEMBERED {
@@ -249,6 +253,12 @@ mod tests {
         outcomes.ended(3, false);
         assert_eq!(outcomes.settle(3), Settlement::NotRunning);
         assert_eq!(outcomes.settle(99), Settlement::NotRunning);
+        // An end for a session never begun here records nothing, and keeps nothing.
+        outcomes.ended(100, true);
+        outcomes.unadopted(101);
+        assert_eq!(outcomes.settle(100), Settlement::NotRunning);
+        assert_eq!(outcomes.book().sessions.len(), 1);
+        assert_eq!(outcomes.book().ended.len(), 1);
     }
 
     #[test]
