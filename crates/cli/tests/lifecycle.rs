@@ -543,3 +543,35 @@ fn a_host_sent_sigterm_stops_its_vms_and_exits_cleanly() {
     };
     assert!(status.success(), "not a clean exit: {status:?}");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_file_store_refuses_to_start() {
+    let a = Daemon::start("a");
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["host", "serve", "--name", "b", "--listen", "127.0.0.1:0"])
+        .args(["--migration-listen", "127.0.0.1:0"])
+        .arg("--file-store")
+        .arg(a.store.path())
+        .env("FERRY_SECRET", SECRET)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ferry host serve");
+    // Killed on drop: a daemon that did start would serve until then.
+    let mut second = KillOnDrop(second);
+    let exited = wait_for("the second daemon to exit", Duration::from_secs(30), || {
+        second.0.try_wait().expect("wait for it")
+    });
+    let mut stderr = Vec::new();
+    std::io::Read::read_to_end(second.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!exited.success(), "{}", String::from_utf8_lossy(&stderr));
+    assert_says(&stderr, "is in use by another ferry daemon");
+    // The first still serves, and once it is gone the store is free again.
+    assert!(a.ferry(&["vm", "--host", &a.api, "list"]).status.success());
+    let store = a.store.path().to_path_buf();
+    let mut a = a;
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    assert!(ferry_host::files::FileStore::hold(&store).is_ok());
+}

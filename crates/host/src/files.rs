@@ -12,7 +12,8 @@
 //! fit with the margin; only if they still do not is the VM refused. A file's last use
 //! is when a VM arriving here last found it there (remembered by this process), else its
 //! modification time, set when it entered the store. Each eviction is logged. A store
-//! folder belongs to one daemon: another would not see this one's VMs. Nothing else is
+//! folder belongs to one daemon ([`FileStore::hold`]): another would not see this one's
+//! VMs. Nothing else is
 //! evicted: no part file, no file an operator put there under another name, none with a
 //! name elsewhere too (deleting it would free nothing). A file is received as
 //! `incoming-*.part`, its space allocated up front, and enters the store only once its
@@ -151,6 +152,38 @@ pub enum ReceiveError {
         /// To what.
         path: PathBuf,
         /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// The file a daemon holds locked for as long as it serves its store folder.
+const DAEMON_LOCK: &str = ".ferry-daemon.lock";
+
+/// A daemon's hold on its store folder ([`FileStore::hold`]), let go when dropped.
+#[derive(Debug)]
+pub struct StoreHold {
+    _lock: File,
+}
+
+/// Why a daemon could not take its store folder.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    /// Another daemon serves it: it would not see this one's VMs, and could evict
+    /// their files.
+    #[error("the file store {} is in use by another ferry daemon: give each daemon a --file-store of its own", dir.display())]
+    InUse {
+        /// The store's folder.
+        dir: PathBuf,
+    },
+    /// The file system failed.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
         source: std::io::Error,
     },
 }
@@ -337,6 +370,31 @@ impl FileStore {
         Self {
             present,
             ..Self::new(host.config.file_store.clone(), host.config.attach.clone()).knowing(local)
+        }
+    }
+
+    /// Takes store folder `dir` (creating it) for this daemon, for as long as the hold
+    /// lives; fails if another daemon holds it.
+    pub fn hold(dir: &Path) -> Result<StoreHold, HoldError> {
+        let failed = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| HoldError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(failed("create the file store", dir))?;
+        let path = dir.join(DAEMON_LOCK);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(failed("open", &path))?;
+        match try_lock(&lock) {
+            Ok(()) => Ok(StoreHold { _lock: lock }),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(HoldError::InUse {
+                dir: dir.to_path_buf(),
+            }),
+            Err(e) => Err(failed("lock", &path)(e)),
         }
     }
 

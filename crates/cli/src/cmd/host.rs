@@ -417,6 +417,9 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                         .collect::<anyhow::Result<_>>()?,
                 ),
             };
+            // Held while the daemon serves: a second daemon on it would evict this one's
+            // VMs' files.
+            let _store = ferry_host::files::FileStore::hold(&config.file_store)?;
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let daemon = start(&runtime, config, &serve.listen, &serve.migration_listen)?;
