@@ -109,11 +109,6 @@ impl AbortSwitch {
         self.0.word.store(Cut::Pulled.word(), Ordering::Relaxed);
     }
 
-    /// Whether it was pulled.
-    pub fn is_pulled(&self) -> bool {
-        self.cut() == Cut::Pulled
-    }
-
     fn cut(&self) -> Cut {
         Cut::of(self.0.word.load(Ordering::Relaxed))
     }
@@ -778,7 +773,7 @@ mod tests {
         );
         assert!(switch.stops_kernels());
         assert!(matches!(switch.check(), Err(BackendError::OutOfTime)));
-        assert!(!switch.is_pulled());
+        assert_ne!(switch.cut(), Cut::Pulled);
         drop(deadline);
         assert!(!switch.stops_kernels(), "lifted");
         assert!(switch.check().is_ok());
@@ -792,7 +787,7 @@ mod tests {
         assert!(matches!(switch.check(), Err(BackendError::Aborted)));
         drop(deadline);
         let deadline = switch.until(Instant::now() + Duration::from_secs(3600));
-        assert!(switch.is_pulled() && switch.stops_kernels());
+        assert!(switch.cut() == Cut::Pulled && switch.stops_kernels());
         drop(deadline);
         assert!(matches!(switch.check(), Err(BackendError::Aborted)));
     }
