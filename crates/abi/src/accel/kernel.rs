@@ -1009,6 +1009,10 @@ kernels! {
     } => |io| {
         let (row, cache) = (product(heads, head_dim)?, product3(len, heads, head_dim)?);
         require_shape(len <= MAX_POSITIONS && head_dim <= MAX_HEAD_DIM)?;
+        // As ATTENTION's one query row: buffer sizes alone let a guest with a large
+        // device ask for hours (thousands of heads over millions of positions).
+        let per_score = head_dim as u64 + SCORE_WORK;
+        require_work(&[heads as u64, len as u64, per_score])?;
         io.read(q, elems(row)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;

@@ -253,6 +253,34 @@ fn launches_asking_for_hours_of_work_are_refused() {
 }
 
 #[test]
+fn attention_decode_asking_for_hours_of_work_is_refused() {
+    // Buffers larger than the widest cache asked for: every range fits, the work alone
+    // decides.
+    let huge = |args: &[u64]| {
+        let mut full = [0u64; COMMAND_ARGS];
+        full[..args.len()].copy_from_slice(args);
+        Kernel::decode(&full, |_| Some(1 << 44)).map(|(kernel, _)| kernel)
+    };
+    let decode = |heads: u64| {
+        let (head_dim, len) = (1024, MAX_POSITIONS as u64);
+        huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, heads, head_dim, len])
+    };
+    // 128 heads of 1024 over 2^22 positions, at 1024 + 1024 a score: exactly 2^40.
+    assert_eq!(
+        128 * (MAX_POSITIONS as u64) * (1024 + SCORE_WORK),
+        MAX_LAUNCH_WORK
+    );
+    assert!(decode(128).is_ok());
+    // One more head is past it, though every range fits and no width is too large.
+    assert_eq!(decode(129), Err(status::BAD_SHAPE));
+    // Hundreds of one-wide heads over a long context: about 2^41, in 8 GiB of each cache.
+    assert_eq!(
+        huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1 << 9, 1, 1 << 22]),
+        Err(status::BAD_SHAPE)
+    );
+}
+
+#[test]
 fn rows_and_heads_wider_than_host_scratch_allows_are_refused() {
     // Buffers as large as a guest's device could hold: every range fits, the width alone
     // decides (a backend keeps scratch of the width per row or head in flight).
