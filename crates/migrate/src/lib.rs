@@ -174,6 +174,17 @@ pub enum MigrationError {
         /// The pause target.
         target_ms: u64,
     },
+    /// The destination did not acknowledge a round within the longest its work on it may
+    /// take, though it kept saying it was at work: given up, the VM runs on at the source.
+    #[error("the destination did not apply round {round} within {limit_ms} ms of its end, the most its work on the round allows (it said {keepalives} times that it was at work); the VM keeps running on the source")]
+    RoundApplyDeadline {
+        /// The round.
+        round: u32,
+        /// The ceiling, from the round's end.
+        limit_ms: u64,
+        /// The destination's keepalives meanwhile.
+        keepalives: u64,
+    },
     /// The device memory the destination replayed differs from the source's (a
     /// nondeterministic kernel, a lost command): the VM runs on at the source.
     #[error("the replayed device memory differs from the source's: {0}")]
