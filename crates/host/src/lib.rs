@@ -398,7 +398,15 @@ pub struct Host {
     leader_term: Mutex<Option<LeaderTerm>>,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
+    /// Tests: run at the start of the next [`Host::list_vm`], before its VM is listed
+    /// (to force an eviction, or a panic, there).
+    #[cfg(test)]
+    before_listing: Mutex<Option<BeforeListing>>,
 }
+
+/// Tests: see [`Host::before_listing`].
+#[cfg(test)]
+type BeforeListing = Box<dyn FnOnce(&Host) + Send>;
 
 /// The VMs of a host, and the ids of those being started.
 #[derive(Default)]
@@ -442,6 +450,37 @@ impl Drop for IdClaim<'_> {
     }
 }
 
+/// A VM started here (created, or arrived and resumed), until [`Host::register`] lists
+/// it. Dropped unlisted (a failure or a panic on the way), it is stopped: a VM never runs
+/// here unlisted, where nobody could manage, stop or migrate it.
+struct Unlisted(Option<Arc<HostedVm>>);
+
+impl Unlisted {
+    /// The VM.
+    fn vm(&self) -> &Arc<HostedVm> {
+        self.0.as_ref().expect("held until listed")
+    }
+
+    /// The VM, listed now: no longer stopped when this drops.
+    fn listed(mut self) -> Arc<HostedVm> {
+        self.0.take().expect("held until listed")
+    }
+}
+
+impl Drop for Unlisted {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            // Its watcher thread holds it too: without this it would run on, unreachable.
+            match vm.stop() {
+                Ok(()) => tracing::error!(vm = %vm.id, "a VM that could not be listed was stopped"),
+                Err(e) => {
+                    tracing::error!(vm = %vm.id, "a VM that could not be listed could not be stopped either: {e}")
+                }
+            }
+        }
+    }
+}
+
 /// A host's long-running threads, each stopped by dropping its handle.
 #[derive(Default)]
 struct Background {
@@ -469,6 +508,8 @@ impl Host {
             next_id: Mutex::new(1),
             leader_term: Mutex::new(None),
             background: Mutex::default(),
+            #[cfg(test)]
+            before_listing: Mutex::default(),
         })
     }
 
@@ -561,22 +602,40 @@ impl Host {
         IdClaim { vms: &self.vms, id }
     }
 
-    /// Lists `hosted` (created or arrived) under the id it was started with, `claim`. One
-    /// that comes while the host shuts down is stopped at once: [`Host::shutdown`] may
-    /// have taken its list of VMs to stop already (it closes `outcomes` before taking it,
-    /// and this looks after adding).
-    fn register(&self, mut claim: IdClaim<'_>, hosted: Arc<HostedVm>) {
-        debug_assert_eq!(claim.id(), hosted.id);
-        let replaced = {
+    /// Lists the VM `unlisted` (created or arrived) under the id it was started with,
+    /// `claim` ([`Self::list_vm`] then [`Self::after_listing`]), and returns it.
+    fn register(&self, claim: IdClaim<'_>, unlisted: Unlisted) -> Arc<HostedVm> {
+        let hosted = self.list_vm(claim, unlisted);
+        self.after_listing(&hosted);
+        hosted
+    }
+
+    /// Lists the VM `unlisted` under the id it was started with, `claim`, and returns it;
+    /// a panic before it is listed stops it.
+    fn list_vm(&self, mut claim: IdClaim<'_>, unlisted: Unlisted) -> Arc<HostedVm> {
+        #[cfg(test)]
+        if let Some(hook) = self.before_listing.lock().expect("hook lock").take() {
+            hook(self);
+        }
+        debug_assert_eq!(claim.id(), unlisted.vm().id);
+        let (hosted, replaced) = {
             let mut vms = self.vms();
             let id = std::mem::take(&mut claim.id);
             vms.claimed.remove(&id);
-            vms.listed.insert(id, hosted.clone())
+            let replaced = vms.listed.insert(id, unlisted.vm().clone());
+            (unlisted.listed(), replaced)
         };
         // The claim kept live VMs off this id: an entry replaced is the record of the
         // VM's earlier stay here, dropped outside the lock.
         debug_assert!(replaced.as_ref().is_none_or(|vm| vm.state().has_ended()));
         drop(replaced);
+        hosted
+    }
+
+    /// What follows listing `hosted`. One that comes while the host shuts down is stopped
+    /// at once: [`Host::shutdown`] may have taken its list of VMs to stop already (it
+    /// closes `outcomes` before taking it, and this looks after adding).
+    fn after_listing(&self, hosted: &HostedVm) {
         if self.outcomes.is_closed() && hosted.state().is_running() {
             if let Err(e) = hosted.stop() {
                 tracing::warn!(vm = %hosted.id, "not stopped at shutdown: {e}");
@@ -753,7 +812,7 @@ impl Host {
             }
         })?;
         let claim = self.claim_id(None);
-        let hosted = HostedVm::launch(
+        let started = HostedVm::launch(
             claim.id().to_string(),
             (req.workload.clone(), req.name.clone()),
             req.args.clone(),
@@ -762,8 +821,9 @@ impl Host {
             reservation,
         )
         .map_err(HostError::Failed)?;
-        tracing::info!(id = %hosted.id, workload = %req.workload, "VM started");
-        self.register(claim, hosted.clone());
+        let started = Unlisted(Some(started));
+        tracing::info!(id = %claim.id(), workload = %req.workload, "VM started");
+        let hosted = self.register(claim, started);
         Ok(hosted.info())
     }
 
@@ -1183,9 +1243,55 @@ impl ferry_migrate::TargetFactory for Receiver {
     }
 
     fn adopt(&self, target: VmTarget, report: ferry_migrate::ReceiveReport) {
+        // The VM resumed here, and its source is told so for good (it may release its
+        // copy): from here it is listed, or stopped and reported lost, never left running
+        // unlisted; a panic on the way included, which would otherwise end this thread
+        // with the VM still running under its watcher.
+        let mut arrival = Arrival::Unlisted;
+        let adopted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.host_arrival(&target, &report, &mut arrival)
+        }));
+        let why = match adopted {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(panic) => format!("adopting it panicked: {}", panic_message(&*panic)),
+        };
+        match arrival {
+            Arrival::Unlisted => tracing::error!(
+                vm = %report.vm.name,
+                "a VM that arrived and ran here could not be adopted, and was stopped; its \
+                 source was told it runs here, so it runs nowhere now: {why}"
+            ),
+            Arrival::Listed { id } => tracing::error!(
+                vm = %id,
+                "a VM that arrived is listed and runs here, but its adoption failed after: {why}"
+            ),
+        }
+    }
+}
+
+/// How far adopting an arrived VM got: what its failure or panic left.
+enum Arrival {
+    /// Not listed: the VM was stopped, or never started here.
+    Unlisted,
+    /// Listed under `id`: it runs here, managed as any other.
+    Listed {
+        /// Its id here.
+        id: String,
+    },
+}
+
+impl Receiver {
+    /// Launches the VM `target` received (it resumed) and lists it, saying so in
+    /// `arrival` as soon as it is.
+    fn host_arrival(
+        &self,
+        target: &VmTarget,
+        report: &ferry_migrate::ReceiveReport,
+        arrival: &mut Arrival,
+    ) -> Result<(), String> {
         let Some((vm, reservation)) = target.take_vm() else {
-            tracing::error!("a received VM vanished before it was adopted");
-            return;
+            return Err("the VM vanished before it was adopted".into());
         };
         let args: Vec<String> = target
             .extra(EXTRA_ARGS)
@@ -1202,21 +1308,31 @@ impl ferry_migrate::TargetFactory for Receiver {
             .extra(EXTRA_NAME)
             .filter(|n| ferry_api::valid_vm_name(n))
             .map(str::to_string);
-        match HostedVm::launch(
+        let hosted = HostedVm::launch(
             id.clone(),
             (report.vm.name.clone(), name),
             args,
             vm,
             Origin::Migrated { from },
             reservation,
-        ) {
-            Ok(hosted) => {
-                tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
-                self.host.register(claim, hosted);
-            }
-            Err(e) => tracing::error!(%id, "a received VM could not be adopted: {e}"),
-        }
+        )
+        .map_err(|e| format!("VM {id}: {e}"))?;
+        let hosted = Unlisted(Some(hosted));
+        tracing::info!(%id, rounds = report.rounds, bytes = report.bytes_received, "VM arrived");
+        let hosted = self.host.list_vm(claim, hosted);
+        *arrival = Arrival::Listed { id };
+        self.host.after_listing(&hosted);
+        Ok(())
     }
+}
+
+/// What a panic carried, if it was a message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 #[cfg(test)]
@@ -1294,8 +1410,13 @@ mod tests {
     }
 
     fn test_host() -> Arc<Host> {
-        Host::new(HostConfig {
-            name: "h".into(),
+        Host::new(test_config("h"))
+    }
+
+    /// Host `name`'s configuration: 1 GiB, its file store in the temporary folder.
+    fn test_config(name: &str) -> HostConfig {
+        HostConfig {
+            name: name.into(),
             secret: Secret::new(b"host-unit-test-secret-0123456789".to_vec()).unwrap(),
             memory_capacity: 1 << 30,
             accel_capacity: 256 << 20,
@@ -1306,7 +1427,19 @@ mod tests {
             api_tokens: None,
             backend: ferry_accel::backend::CPU,
             attach: AttachPolicy::Under(Vec::new()),
-        })
+        }
+    }
+
+    /// Waits up to `secs` seconds for `done`; whether it came.
+    fn eventually(secs: u64, done: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while !done() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     fn memtouch(memory: u64, accel_memory: u64) -> CreateVm {
@@ -1518,7 +1651,7 @@ mod tests {
             host.reserve(&config).unwrap(),
         )
         .unwrap();
-        host.register(claim, arrived.clone());
+        host.register(claim, Unlisted(Some(arrived.clone())));
         // Forgetting the stopped VM's record leaves the running one listed.
         host.unlist(&stopped);
         let listed = host.get(&created.id).unwrap();
@@ -1539,5 +1672,39 @@ mod tests {
             let error = migration_options(&req).unwrap_err().to_string();
             assert!(error.contains("max_rate_mib_s"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_vm_whose_adoption_panics_before_it_is_listed_is_stopped_not_left_running() {
+        if !ferry_testdata::kvm("a_vm_whose_adoption_panics_before_it_is_listed_is_stopped") {
+            return;
+        }
+        let a = Host::new(test_config("pa"));
+        let b = Host::new(test_config("pb"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = listener.local_addr().unwrap().to_string();
+        b.serve_migrations(listener).unwrap();
+        let id = a.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
+        // b's adoption panics once the VM resumed there and runs under its watcher.
+        *b.before_listing.lock().unwrap() = Some(Box::new(|_| panic!("adopting fails (test)")));
+        a.start_migration(&id, MigrateRequest::to(&to)).unwrap();
+        // b answers that the VM runs there (it did, and the source may have let go):
+        // the source releases its copy, settling if it must.
+        let left = || a.get(&id).is_ok_and(|vm| !vm.state().is_live());
+        assert!(
+            eventually(60, left),
+            "{:?}",
+            a.get(&id).map(|vm| vm.state())
+        );
+        // Unlisted on b, the VM is stopped there, and gives its memory back; not left
+        // running where nobody can stop it.
+        assert!(b.list().is_empty());
+        assert!(
+            eventually(10, || b.memory_used() == 0),
+            "b holds {} bytes for a VM it does not list",
+            b.memory_used()
+        );
+        a.shutdown();
+        b.shutdown();
     }
 }
