@@ -5,8 +5,9 @@
 //! (the command in progress finishes), which is what makes its state consistent for a
 //! snapshot or a migration: buffers, ring position, fence value, nothing half done.
 //! Ending it ([`Accelerator::abort`], or dropping it) does not wait for the kernel in
-//! flight where the backend can cut it short: the device of a VM being ended need not
-//! finish minutes of work no one will read.
+//! flight where the backend can cut it short, nor for the rest of a copy (an UPLOAD,
+//! DOWNLOAD or LOAD_FILE, cut between two pieces): the device of a VM being ended need
+//! not finish minutes of work no one will read.
 //!
 //! Every command is validated before it touches anything (ids, ranges, shapes,
 //! capacity, guest addresses); a bad one completes with an error status and the device
@@ -36,8 +37,10 @@ use crate::replay::{
 };
 use crate::ring::{head_is_sane, GuestRam, Ring};
 
-/// Largest piece copied between guest RAM and a buffer at once (bounds host memory use
-/// for a guest asking to move gigabytes in one command).
+/// Largest piece copied between guest RAM (or a file, or a replayed upload's data) and a
+/// buffer at once: bounds host memory use for a guest asking to move gigabytes in one
+/// command, and how long such a copy runs before it checks whether it is to stop (about
+/// a second for gigabytes).
 const COPY_PIECE: u64 = 1 << 20;
 
 /// Which way [`Core::transfer`] copies.
@@ -47,6 +50,17 @@ enum Transfer {
     ToDevice,
     /// A buffer into guest memory (DOWNLOAD).
     ToGuest,
+}
+
+/// Why a LOAD_FILE that passed validation did not complete (its range partly written).
+#[derive(Debug, thiserror::Error)]
+enum LoadFailed {
+    /// Reading the file failed.
+    #[error("cannot read the attached file")]
+    Read(#[source] std::io::Error),
+    /// The switch cut it short between two pieces.
+    #[error("the load was cut short")]
+    Cut(#[source] BackendError),
 }
 
 /// Saved state of one buffer (its contents travel separately, chunk by chunk).
@@ -251,6 +265,10 @@ struct Core {
     capture: Arc<Mutex<Option<Capture>>>,
     /// Whether one runs: checked per command without the lock.
     capturing: Arc<AtomicBool>,
+    /// Cuts the command in flight short (see [`AbortSwitch`]): the backend's, which
+    /// its kernels check, or the device's own for a backend without one (a GPU's:
+    /// its copies are cut, its kernels run to their end).
+    switch: AbortSwitch,
 }
 
 impl Core {
@@ -262,7 +280,9 @@ impl Core {
         tail: u64,
         files: Arc<dyn FileSource>,
     ) -> Self {
+        let switch = backend.abort_switch().unwrap_or_default();
         Self {
+            switch,
             backend,
             map: Arc::default(),
             used: 0,
@@ -462,9 +482,10 @@ pub struct Accelerator {
     backend_kind: &'static str,
     /// The host threads its kernels run on (read without waiting for the device).
     host_threads: HostThreads,
-    /// Cuts its backend's kernel in flight short as it is ended, if the backend can
-    /// (taken without the core lock, which that kernel holds).
-    abort_switch: Option<AbortSwitch>,
+    /// Cuts the command in flight short as it is ended: a copy between two pieces, a
+    /// kernel where the backend can (taken without the core lock, which that command
+    /// holds).
+    abort_switch: AbortSwitch,
 }
 
 fn buffer_id(arg: u64) -> Option<BufferId> {
@@ -497,21 +518,29 @@ impl Core {
         Ok((id, offset..end))
     }
 
-    /// UPLOAD or DOWNLOAD: copies `len` bytes between buffer `id` at `offset` and guest
-    /// memory at `gpa`, in pieces of at most [`COPY_PIECE`]; returns the buffer's range.
+    /// The buffer range and guest range of an UPLOAD or a DOWNLOAD with arguments `a`,
+    /// validated: `len` bytes of buffer `a[0]` from `a[1]`, of guest memory from `a[2]`.
+    fn transfer_range(&self, a: &[u64]) -> Result<(BufferId, Range<u64>), u32> {
+        let (id, range) = self.buffer_range(a[0], a[1], a[3])?;
+        self.guest_range(a[2], a[3])?;
+        Ok((id, range))
+    }
+
+    /// UPLOAD or DOWNLOAD of a validated range ([`Self::transfer_range`]): copies buffer
+    /// `id`'s `range` from or to guest memory at `gpa`, in pieces of at most
+    /// [`COPY_PIECE`], checking the switch before each: cut short, `DEVICE_ERROR`, the
+    /// range partly copied.
     fn transfer(
         &mut self,
         way: Transfer,
-        id: u64,
-        offset: u64,
+        id: BufferId,
+        range: Range<u64>,
         gpa: u64,
-        len: u64,
-    ) -> Result<(BufferId, Range<u64>), u32> {
-        let (id, range) = self.buffer_range(id, offset, len)?;
-        self.guest_range(gpa, len)?;
+    ) -> Result<(), u32> {
         let piece = &mut self.scratch;
-        piece.resize(COPY_PIECE.min(len) as usize, 0);
+        piece.resize(COPY_PIECE.min(range.end - range.start) as usize, 0);
         for start in range.clone().step_by(COPY_PIECE as usize) {
+            self.switch.check().map_err(|e| backend_status(&e))?;
             let piece = &mut piece[..(range.end - start).min(COPY_PIECE) as usize];
             let guest = GuestAddress(gpa + (start - range.start));
             match way {
@@ -530,7 +559,24 @@ impl Core {
                 }
             }
         }
-        Ok((id, range))
+        Ok(())
+    }
+
+    /// Writes `data` into buffer `id` from byte `offset` (validated), in pieces of at
+    /// most [`COPY_PIECE`], checking the switch before each: cut short, the switch's
+    /// error, the range partly written.
+    fn write_in_pieces(
+        &mut self,
+        id: BufferId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        for (i, piece) in data.chunks(COPY_PIECE as usize).enumerate() {
+            self.switch.check()?;
+            self.backend
+                .write(id, offset + i as u64 * COPY_PIECE, piece);
+        }
+        Ok(())
     }
 
     /// Checks that a command's `addr..addr + len` is guest RAM it may name
@@ -550,29 +596,36 @@ impl Core {
 
     /// Fills `range` of buffer `id` with attached file `file`'s bytes from `start` on,
     /// which `read(offset, out)` reads, in pieces of at most [`COPY_PIECE`], each straight
-    /// into device memory where the backend allows. Marks what it may have written; once
-    /// all is, the range keeps its origin, so a migration to a host with the file sends
-    /// where, not what.
+    /// into device memory where the backend allows, checking the switch before each.
+    /// Marks what it may have written; once all is, the range keeps its origin, so a
+    /// migration to a host with the file sends where, not what.
     fn load_file(
         &mut self,
         id: BufferId,
         range: Range<u64>,
         (file, start): (u32, u64),
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), LoadFailed> {
         let len = range.end - range.start;
         let mut done = 0;
         let mut result = Ok(());
         while done < len && result.is_ok() {
+            if let Err(cut) = self.switch.check() {
+                result = Err(LoadFailed::Cut(cut));
+                break;
+            }
             let n = (len - done).min(COPY_PIECE);
             let at = start + done;
-            result = self.backend.write_with(
-                id,
-                range.start + done,
-                n as usize,
-                &mut self.scratch,
-                &mut |piece| read(at, piece),
-            );
+            result = self
+                .backend
+                .write_with(
+                    id,
+                    range.start + done,
+                    n as usize,
+                    &mut self.scratch,
+                    &mut |piece| read(at, piece),
+                )
+                .map_err(LoadFailed::Read);
             // A piece that failed may be partly written: marked with the rest.
             done += n;
         }
@@ -682,13 +735,17 @@ impl Core {
                 self.free(id).map(drop).ok_or(status::BAD_BUFFER)
             }
             op::UPLOAD => {
-                let (id, range) = self.transfer(Transfer::ToDevice, a[0], a[1], a[2], a[3])?;
+                let (id, range) = self.transfer_range(a)?;
+                let copied = self.transfer(Transfer::ToDevice, id, range.clone(), a[2]);
+                // Marked even when cut short: the pieces before the cut are written.
                 self.mark([(id, range)]);
-                Ok(())
+                copied
             }
-            op::DOWNLOAD => self
-                .transfer(Transfer::ToGuest, a[0], a[1], a[2], a[3])
-                .map(drop),
+            op::DOWNLOAD => {
+                // Written through GuestRam, cut short or not: the guest dirty log has it.
+                let (id, range) = self.transfer_range(a)?;
+                self.transfer(Transfer::ToGuest, id, range, a[2])
+            }
             op::LOAD_FILE => {
                 let (id, range) = self.buffer_range(a[0], a[1], a[4])?;
                 let file = u32::try_from(a[2]).map_err(|_| status::BAD_FILE)?;
@@ -701,9 +758,12 @@ impl Core {
                 self.load_file(id, range, (file, start), &mut |at, piece| {
                     files.read_file(file, at, piece)
                 })
-                .map_err(|e| {
-                    tracing::warn!(file, "accelerator cannot read an attached file: {e}");
-                    status::DEVICE_ERROR
+                .map_err(|e| match e {
+                    LoadFailed::Read(e) => {
+                        tracing::warn!(file, "accelerator cannot read an attached file: {e}");
+                        status::DEVICE_ERROR
+                    }
+                    LoadFailed::Cut(e) => backend_status(&e),
                 })
             }
             op::LAUNCH => self.launch(a)?.map_err(|e| backend_status(&e)),
@@ -852,26 +912,19 @@ impl Core {
                     got: entry.payload.len() as u64,
                 });
             }
-            self.backend.write(id, range.start, &entry.payload);
+            let written = self.write_in_pieces(id, range.start, &entry.payload);
+            // Marked even when cut short: the pieces before the cut are written.
             self.mark([(id, range)]);
-            return Ok(());
+            return written.map_err(|cut| cut_short(index, entry, cut));
         }
-        let command = command_of(entry);
-        let got = match entry.opcode {
-            op::LAUNCH => match self.launch(&command.args) {
-                // Not a divergence: this host ran out of the time it gives a peer's
-                // commands. The outputs are partly written (marked), and stay so.
-                Ok(Err(BackendError::OutOfTime)) => {
-                    return Err(ReplayError::DeadlinePassed {
-                        index,
-                        opcode: entry.opcode,
-                    })
-                }
-                Ok(ran) => ran.map_or_else(|e| backend_status(&e), |()| status::OK),
-                Err(invalid) => invalid,
-            },
-            _ => self.execute(&command).map_or_else(|s| s, |()| status::OK),
-        };
+        let got = self
+            .execute(&command_of(entry))
+            .map_or_else(|s| s, |()| status::OK);
+        // A command the switch cut short (a kernel, a file load) did not diverge: its
+        // outputs are partly written (marked), and stay so.
+        if let Err(cut) = self.switch.stopped() {
+            return Err(cut_short(index, entry, cut));
+        }
         if got == entry.status {
             Ok(())
         } else {
@@ -934,6 +987,19 @@ impl Core {
         self.tail += 1;
         let _ = self.ring.publish_tail(&self.mem, self.tail);
         true
+    }
+}
+
+/// The replay error of logged command `index`, `entry`, cut short by the switch with
+/// `cut` (see [`AbortSwitch::stopped`]): the device is being ended, or this host ran out
+/// of the time it gives a peer's commands.
+fn cut_short(index: usize, entry: &LoggedCommand, cut: BackendError) -> ReplayError {
+    match cut {
+        BackendError::Aborted => ReplayError::DeviceGone,
+        _ => ReplayError::DeadlinePassed {
+            index,
+            opcode: entry.opcode,
+        },
     }
 }
 
@@ -1037,7 +1103,7 @@ impl Accelerator {
     fn start(core: Core) -> std::io::Result<Self> {
         let backend_kind = core.backend.kind();
         let host_threads = core.backend.host_threads();
-        let abort_switch = core.backend.abort_switch();
+        let abort_switch = core.switch.clone();
         let tracker = DeviceTracker {
             reader: core.backend.reader(),
             map: core.map.clone(),
@@ -1174,10 +1240,11 @@ impl Accelerator {
         self.control().pause_requested = true;
     }
 
-    /// Ends the device for good, without waiting for the command in flight where the
-    /// backend can cut its kernel short (the cpu backend's, within milliseconds; a
-    /// GPU's runs to its end, as for a pause): that command fails with `DEVICE_ERROR`,
-    /// its writes marked, and the device thread stops; returns once it has.
+    /// Ends the device for good, without waiting for the command in flight where it can
+    /// be cut short (a copy, within one piece of it; a kernel of the cpu backend's,
+    /// within milliseconds; a GPU's kernel runs to its end, as for a pause): that
+    /// command fails with `DEVICE_ERROR`, its writes marked, and the device thread stops;
+    /// returns once it has.
     ///
     /// Only for a device whose VM is being ended (stopped, its guest ended, dropped): the
     /// command cut short leaves device memory half written, which no VM may run on from,
@@ -1190,9 +1257,7 @@ impl Accelerator {
         }
         // Pulled under the control lock after `Ending`: the command it cuts short is the
         // last the device thread runs (it takes the lock before the next).
-        if let Some(switch) = &self.abort_switch {
-            switch.pull();
-        }
+        self.abort_switch.pull();
         self.shared.wake.notify_all();
         drop(
             self.shared
@@ -1484,11 +1549,12 @@ impl DeviceReplay {
     /// Replays `entries` (a source's log) on this device's memory, on the device thread.
     /// The device must be paused; it stops at the first command that completes otherwise
     /// than it did there, or that would start after `deadline` (a peer's commands may
-    /// not hold the device for ever). A kernel still running at `deadline` is cut short
-    /// where the backend can (the cpu backend's, within milliseconds):
-    /// [`ReplayError::DeadlinePassed`], its outputs partly written and marked, so this
-    /// device's memory is no longer the source's. [`ReplayError::DeviceGone`] if the
-    /// device thread is gone or dies meanwhile.
+    /// not hold the device for ever). A command still running at `deadline` is cut short
+    /// where it can be (an upload or a file load within one piece of it, a kernel of the
+    /// cpu backend's within milliseconds): [`ReplayError::DeadlinePassed`], its outputs
+    /// partly written and marked, so this device's memory is no longer the source's.
+    /// [`ReplayError::DeviceGone`] if the device thread is gone, dies or is ended
+    /// meanwhile.
     pub fn replay(
         &self,
         entries: Vec<LoggedCommand>,
@@ -1496,7 +1562,7 @@ impl DeviceReplay {
     ) -> Result<(), ReplayError> {
         on_device(&self.shared, move |core| {
             // Lifted as this job ends, before the device runs anything of the guest's.
-            let _deadline = core.backend.abort_switch().map(|s| s.until(deadline));
+            let _deadline = core.switch.until(deadline);
             for (index, entry) in entries.iter().enumerate() {
                 if Instant::now() > deadline {
                     return Err(ReplayError::OutOfTime {

@@ -283,11 +283,10 @@ pub enum ReplayError {
         /// The commands given.
         total: usize,
     },
-    /// The deadline passed while command `index` ran: its kernel was cut short, its
-    /// outputs partly written, so this device's memory is no longer the source's.
-    #[error(
-        "replay ran out of time during command {index} (opcode {opcode}): its kernel was cut short"
-    )]
+    /// The deadline passed while command `index` ran: it (a kernel, a copy) was cut
+    /// short, its outputs partly written, so this device's memory is no longer the
+    /// source's.
+    #[error("replay ran out of time during command {index} (opcode {opcode}): it was cut short")]
     DeadlinePassed {
         /// Its place in the log.
         index: usize,
@@ -304,8 +303,8 @@ pub enum ReplayError {
         /// The bytes it carries.
         got: u64,
     },
-    /// The device thread is gone (it panicked, or the device was dropped): nothing can
-    /// run on it.
+    /// The device thread is gone (it panicked, or the device was dropped or ended, which
+    /// cuts a replayed command short): nothing can run on it.
     #[error("the accelerator's device thread is gone")]
     DeviceGone,
 }

@@ -104,7 +104,18 @@ impl FakeGuest {
 
     /// A guest of a device on `backend` with `capacity` bytes of device memory.
     fn sized(backend: Box<dyn Backend>, files: Arc<dyn FileSource>, capacity: u64) -> Self {
-        let mem = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        Self::with_ram(backend, files, capacity, RAM)
+    }
+
+    /// A guest of `ram` bytes of RAM and a device on `backend` with `capacity` bytes of
+    /// device memory.
+    fn with_ram(
+        backend: Box<dyn Backend>,
+        files: Arc<dyn FileSource>,
+        capacity: u64,
+        ram: u64,
+    ) -> Self {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), ram as usize)]).unwrap();
         let accel = Accelerator::boot(mem.clone(), RING, capacity, backend, files).unwrap();
         accel.resume();
         Self {
@@ -1033,20 +1044,45 @@ struct Faults {
     /// How many launches the device has begun: a test that acts while a kernel runs
     /// waits for this, not for time to pass (see [`Faults::wait_launched`]).
     launched: Arc<AtomicU64>,
+    /// Milliseconds each MiB (or part of one) copied into or out of a buffer takes at
+    /// least: a slow bus, over which a copy of megabytes takes as long as one of
+    /// gigabytes.
+    copy_delay_ms: Arc<AtomicU64>,
+    /// How many copies into or out of a buffer the device has begun.
+    copied: Arc<AtomicU64>,
 }
 
 impl Faults {
     /// Waits until the device has begun `n` launches (its thread is in the kernel, or
     /// past it): however loaded the machine, one asked to stop now finds it taken.
     fn wait_launched(&self, n: u64) {
+        Self::wait_for(&self.launched, n, "launch");
+    }
+
+    /// Waits until the device has begun `n` copies into or out of a buffer (pieces of
+    /// an upload, a download or a file load), as [`Self::wait_launched`].
+    fn wait_copied(&self, n: u64) {
+        Self::wait_for(&self.copied, n, "copy");
+    }
+
+    fn wait_for(count: &AtomicU64, n: u64, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.launched.load(Ordering::SeqCst) < n {
+        while count.load(Ordering::SeqCst) < n {
             assert!(
                 Instant::now() < deadline,
-                "the device has not begun launch {n} in a minute"
+                "the device has not begun {what} {n} in a minute"
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Counts a copy of `bytes` the device begins, and makes it take
+    /// [`Self::copy_delay_ms`] a MiB.
+    fn copy(&self, bytes: usize) {
+        self.copied.fetch_add(1, Ordering::SeqCst);
+        let per_mib = self.copy_delay_ms.load(Ordering::SeqCst);
+        let mib = bytes.div_ceil(1 << 20) as u64;
+        std::thread::sleep(Duration::from_millis(per_mib * mib));
     }
 }
 
@@ -1127,10 +1163,12 @@ impl Backend for Faulty {
     }
 
     fn write(&mut self, id: u32, offset: u64, data: &[u8]) {
+        self.faults.copy(data.len());
         self.inner.write(id, offset, data);
     }
 
     fn read(&self, id: u32, offset: u64, out: &mut [u8]) {
+        self.faults.copy(out.len());
         self.inner.read(id, offset, out);
     }
 
@@ -1722,4 +1760,197 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
     dest.accel.resume();
     let short = [kernel::MATMUL, 1, 1, 2, 1, 1, 4096, 0];
     assert_eq!(dest.run(op::LAUNCH, &short), status::OK);
+}
+
+/// Bytes of the slow copies: 32 MiB.
+const SLOW_COPY: u64 = 32 << 20;
+
+/// Milliseconds a MiB of a slow copy takes: the whole takes at least 1.6 s.
+const SLOW_MIB_MS: u64 = 50;
+
+/// How long a whole slow copy takes at least.
+fn slow_copy_time() -> Duration {
+    Duration::from_millis(SLOW_MIB_MS * (SLOW_COPY >> 20))
+}
+
+/// A guest of a one-thread cpu device whose copies are slow ([`SLOW_MIB_MS`]), with
+/// buffer 1 of [`SLOW_COPY`] bytes and, attached, file 0 of as many, and dirty tracking
+/// on.
+fn slow_copy_guest(faults: &Faults) -> FakeGuest {
+    let file: Vec<u8> = (0..SLOW_COPY).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let files = Arc::new(MemFiles { files: vec![file] });
+    let mut g = FakeGuest::on(Faulty::watched(faults), files);
+    assert_eq!(g.run(op::ALLOC, &[1, SLOW_COPY]), status::OK);
+    g.accel.start_dirty_tracking();
+    faults.copy_delay_ms.store(SLOW_MIB_MS, Ordering::SeqCst);
+    g
+}
+
+/// Every chunk of the first `bytes` bytes of buffer `id`.
+fn chunks_of(id: u32, bytes: u64) -> Vec<ChunkId> {
+    (0..bytes.div_ceil(CHUNK_SIZE))
+        .map(|index| ChunkId::new(id, index))
+        .collect()
+}
+
+#[test]
+fn an_abort_ends_an_upload_a_download_or_a_file_load_between_two_pieces() {
+    for (opcode, args) in [
+        (op::UPLOAD, [1, 0, DATA, SLOW_COPY, 0]),
+        (op::DOWNLOAD, [1, 0, DATA, SLOW_COPY, 0]),
+        (op::LOAD_FILE, [1, 0, 0, 0, SLOW_COPY]),
+    ] {
+        let faults = Faults::default();
+        let mut g = slow_copy_guest(&faults);
+        let copy = g.submit(opcode, &args);
+        // Ended once its thread is in the copy (ended before, it would not run it).
+        faults.wait_copied(1);
+        assert!(g.tail() <= copy, "the copy is still running");
+        let g = Arc::new(g);
+        let ending = g.clone();
+        let started = Instant::now();
+        let took = within(Duration::from_secs(20), move || {
+            ending.accel.abort();
+            started.elapsed()
+        });
+        let whole = slow_copy_time();
+        eprintln!("opcode {opcode}: the device ended {took:?} after it was asked to (the copy alone takes {whole:?})");
+        assert!(
+            took.is_some_and(|t| t < whole / 4),
+            "opcode {opcode}: the device ended after {took:?}; the copy alone takes {whole:?}"
+        );
+        // The rest of the copy was not made.
+        let pieces = faults.copied.load(Ordering::SeqCst);
+        assert!(
+            pieces < SLOW_COPY >> 22,
+            "opcode {opcode}: {pieces} pieces copied"
+        );
+        assert!(g.accel.is_dead());
+        assert_eq!(g.tail(), copy + 1);
+        assert_eq!(g.status(copy), status::DEVICE_ERROR);
+        // What the copy into the buffer may have written is marked, as for a kernel: an
+        // upload's range, a file load's pieces.
+        let written = match opcode {
+            op::UPLOAD => chunks_of(1, SLOW_COPY),
+            op::LOAD_FILE => chunks_of(1, pieces << 20),
+            _ => Vec::new(),
+        };
+        assert!(g.accel.take_dirty_chunks() == written, "opcode {opcode}");
+    }
+}
+
+#[test]
+fn an_abort_ends_an_upload_of_gigabytes_within_a_few_pieces() {
+    // Guest RAM the test never writes: the upload reads the host's zero pages, and the
+    // device's buffer takes memory only as far as the upload gets.
+    const BIG: u64 = 4 << 30;
+    let faults = Faults::default();
+    let mut g = FakeGuest::with_ram(
+        Faulty::watched(&faults),
+        no_files(),
+        BIG + CHUNK_SIZE,
+        DATA + BIG,
+    );
+    assert_eq!(g.run(op::ALLOC, &[1, BIG]), status::OK);
+    let upload = g.submit(op::UPLOAD, &[1, 0, DATA, BIG]);
+    faults.wait_copied(1);
+    let g = Arc::new(g);
+    let ending = g.clone();
+    let (copying, started) = (faults.copied.clone(), Instant::now());
+    let ended = within(Duration::from_secs(60), move || {
+        let before = copying.load(Ordering::SeqCst);
+        ending.accel.abort();
+        (started.elapsed(), copying.load(Ordering::SeqCst) - before)
+    });
+    // A count of pieces, unlike a time, does not grow with the machine's load: uncut,
+    // the upload copies all 4096.
+    let (took, pieces) = ended.expect("the device ended within a minute");
+    eprintln!("the device ended {took:?} after it was asked to, {pieces} MiB pieces later");
+    assert!(pieces <= 2, "{pieces} pieces copied after the abort");
+    assert_eq!(g.status(upload), status::DEVICE_ERROR);
+}
+
+#[test]
+fn a_replayed_upload_still_running_at_the_deadline_is_cut_short_and_an_abort_ends_one() {
+    let payload: Vec<u8> = (0..SLOW_COPY).map(|i| (i / 3) as u8).collect();
+    let log = vec![LoggedCommand {
+        opcode: op::UPLOAD,
+        args: vec![1, 0, DATA, SLOW_COPY],
+        payload,
+        status: status::OK,
+    }];
+    let whole = slow_copy_time();
+    // Past its deadline.
+    let faults = Faults::default();
+    let dest = slow_copy_guest(&faults);
+    dest.accel.pause();
+    let started = Instant::now();
+    let cut = dest
+        .accel
+        .replay(log.clone(), started + Duration::from_millis(100));
+    let took = started.elapsed();
+    eprintln!("the upload takes {whole:?} whole; its replay was cut after {took:?}");
+    assert_eq!(
+        cut,
+        Err(ReplayError::DeadlinePassed {
+            index: 0,
+            opcode: op::UPLOAD
+        })
+    );
+    assert!(
+        took < whole / 2,
+        "cut after {took:?}; whole, it takes {whole:?}"
+    );
+    // Its range is marked written, as a cut kernel's outputs are.
+    assert_eq!(dest.accel.take_dirty_chunks(), chunks_of(1, SLOW_COPY));
+
+    // Ended meanwhile: the replay stops as the device goes.
+    let faults = Faults::default();
+    let dest = Arc::new(slow_copy_guest(&faults));
+    dest.accel.pause();
+    let replaying = dest.clone();
+    let replay = std::thread::spawn(move || {
+        let started = Instant::now();
+        (replaying.accel.replay(log, far()), started.elapsed())
+    });
+    faults.wait_copied(1);
+    dest.accel.abort();
+    let (ended, took) = replay.join().unwrap();
+    eprintln!("the replayed upload ended {took:?} after it began, ended by an abort");
+    assert_eq!(ended, Err(ReplayError::DeviceGone));
+    assert!(
+        took < whole / 2,
+        "ended after {took:?}; whole, it takes {whole:?}"
+    );
+}
+
+#[test]
+fn uploads_downloads_and_replayed_uploads_of_many_pieces_keep_every_byte() {
+    // 2.5 MiB and 12 bytes, at byte 12 of the buffer: pieces that straddle chunks.
+    let (offset, len) = (12u64, (5u64 << 19) + 12);
+    let data: Vec<u8> = (0..len).map(|i| (i * 13 + i / 1021) as u8).collect();
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, 3 << 20]), status::OK);
+    g.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let upload = [1, offset, DATA, len];
+    assert_eq!(g.run(op::UPLOAD, &upload), status::OK);
+    let back = DATA + (4 << 20);
+    assert_eq!(g.run(op::DOWNLOAD, &[1, offset, back, len]), status::OK);
+    let mut got = vec![0u8; len as usize];
+    g.mem.read_slice(&mut got, GuestAddress(back)).unwrap();
+    assert!(got == data, "a download gives back what was uploaded");
+    g.accel.pause();
+    let want = g.accel.digest().unwrap();
+    // Replayed whole, the upload gives the same device memory.
+    let dest = FakeGuest::new(1);
+    dest.accel.pause();
+    dest.accel.sync_buffers(&g.accel.buffer_table()).unwrap();
+    let log = vec![LoggedCommand {
+        opcode: op::UPLOAD,
+        args: upload.to_vec(),
+        payload: data,
+        status: status::OK,
+    }];
+    assert_eq!(dest.accel.replay(log, far()), Ok(()));
+    assert_eq!(dest.accel.digest().unwrap(), want);
 }
