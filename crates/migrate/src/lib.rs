@@ -77,8 +77,9 @@ pub enum MigrationError {
     /// The peer failed authentication, or we did.
     #[error("authentication failed: {0}")]
     Auth(String),
-    /// The destination had too many connections authenticating to take this one (the
-    /// source retries a few times before it reports this).
+    /// The destination is at a limit that passes: too many connections authenticating
+    /// (the source retries a few times before it reports this), or as many migrations
+    /// being received as it takes.
     #[error("the destination is busy: {0}; try again shortly")]
     Busy(String),
     /// The destination refused the VM.
