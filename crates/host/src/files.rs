@@ -7,9 +7,9 @@
 //! that then ran here as `sha256-<hex>`, so a VM that moves away and back, or a second
 //! VM with the same model, finds it there. It is a cache, as a GPU host keeps its models:
 //! when a receive finds too little room, it evicts the `sha256-<hex>` files that no VM
-//! present here uses (running, paused, migrating away, in doubt, being received: those
-//! of VMs that ended or left are the cache), least recently used first, until the files
-//! fit with the margin; only if they still do not is the VM refused. A file's last use
+//! present here uses (running, paused, migrating away, in doubt, being received or
+//! created: those of VMs that ended or left are the cache), least recently used first,
+//! until the files fit with the margin; only if they still do not is the VM refused. A file's last use
 //! is when a VM arriving here last found it there (remembered by this process), else its
 //! modification time, set when it entered the store. Each eviction is logged. A store
 //! folder belongs to one daemon ([`FileStore::hold`]): another would not see this one's
@@ -22,7 +22,9 @@
 //! receive.
 //!
 //! A VM being received pins its files' content ([`FileStore::pin`]) before it looks for
-//! copies, until it is listed here, where its state pins them. An eviction moves the file
+//! copies, and one being created the store files it attaches
+//! ([`FileStore::pin_attached`]) before it opens them, until it is listed here, where its
+//! state pins them. An eviction moves the file
 //! aside (as a locked part file) before it looks at the pins again, and puts it back if a
 //! VM pinned it meanwhile: a file a VM found here is never deleted under it, and one that
 //! is no longer there when a VM looks is simply not a copy.
@@ -201,7 +203,8 @@ pub struct KeepError {
 }
 
 /// The pin that keeps a VM's files in the store while the VM is being received
-/// ([`FileStore::pin`]); dropped, it lets them go.
+/// ([`FileStore::pin`]) or created ([`FileStore::pin_attached`]); dropped, it lets them
+/// go.
 #[derive(Debug)]
 pub struct ReceivingPin {
     dir: PathBuf,
@@ -411,7 +414,27 @@ impl FileStore {
     /// dropped: a VM being received takes it before it looks for its files, and holds it
     /// until it is listed here.
     pub fn pin(&self, offers: &[FileOffer]) -> ReceivingPin {
-        let sha256: Vec<String> = offers.iter().map(|o| o.sha256.clone()).collect();
+        self.pin_content(offers.iter().map(|o| o.sha256.clone()).collect())
+    }
+
+    /// [`Self::pin`] for a VM being created: keeps those of `paths` (canonical, as a
+    /// create request's are admitted) that are this store's files from eviction until
+    /// the pin is dropped. Taken before they are opened, held until the VM is listed.
+    pub(crate) fn pin_attached(&self, paths: &[&Path]) -> ReceivingPin {
+        // A store not made yet holds no file.
+        let Ok(dir) = std::fs::canonicalize(&self.dir) else {
+            return self.pin_content(Vec::new());
+        };
+        let stored = |path: &&Path| {
+            let sha256 = path.file_name()?.to_str()?.strip_prefix(STORED_PREFIX)?;
+            (path.parent() == Some(dir.as_path()) && valid_sha256(sha256))
+                .then(|| sha256.to_string())
+        };
+        self.pin_content(paths.iter().filter_map(stored).collect())
+    }
+
+    /// Pins the store's files of content `sha256` (see [`Self::pin`]).
+    fn pin_content(&self, sha256: Vec<String>) -> ReceivingPin {
         let mut pins = receiving();
         for sha in &sha256 {
             *pins.entry((self.dir.clone(), sha.clone())).or_default() += 1;
@@ -422,8 +445,20 @@ impl FileStore {
         }
     }
 
+    /// Tests: evicts every store file no VM uses, as a receive that needs all the room
+    /// does; the bytes freed.
+    #[cfg(test)]
+    pub(crate) fn evict_unused(&self) -> u64 {
+        let pinned = self.pinned();
+        self.stored_files()
+            .iter()
+            .filter(|f| pinned.as_ref().is_some_and(|p| !p.contains(&f.sha256)))
+            .map(|f| self.evict(f, 0))
+            .sum()
+    }
+
     /// The content no eviction may delete now, `None` if the host is gone: the files of
-    /// VMs being received, then those of VMs present. In that order: a VM lets go of its
+    /// VMs being received or created, then those of VMs present. In that order: a VM lets go of its
     /// pin only once it is listed, so one that moves from the first to the second
     /// meanwhile is seen in either.
     fn pinned(&self) -> Option<HashSet<String>> {
@@ -1486,6 +1521,31 @@ mod tests {
             assert!(stored_names(store.dir()).len() <= 1, "round {round}");
             drop(received);
         }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_create_pins_only_the_store_files_it_attaches() {
+        let d = dir("create-pin");
+        let store = store_in(&d);
+        let attached = stored(&store, 1, 1, DAY);
+        let other = stored(&store, 2, 1, DAY);
+        // The same name outside the store, and a file of the store not named by content,
+        // are not the store's files.
+        let elsewhere = d.join("attach").join(name_of(&other));
+        std::fs::copy(store.stored_path(&other.sha256), &elsewhere).unwrap();
+        let named = store.dir().join("model.bin");
+        std::fs::write(&named, b"not named by content").unwrap();
+        let path = std::fs::canonicalize(store.stored_path(&attached.sha256)).unwrap();
+        let pin = store.pin_attached(&[&path, &elsewhere, &named]);
+        assert_eq!(pin.sha256, std::slice::from_ref(&attached.sha256));
+        assert_eq!(store.evict_unused(), 1 << 20);
+        assert_eq!(
+            stored_names(store.dir()),
+            sorted(vec![name_of(&attached), "model.bin".into()])
+        );
+        drop(pin);
+        assert_eq!(store.evict_unused(), 1 << 20);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

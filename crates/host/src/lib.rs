@@ -38,7 +38,7 @@ use ferry_api::{
     SettleRequest, VmInfo, VmState,
 };
 use ferry_http::cluster_roots;
-use files::FileStore;
+use files::{FileStore, ReceivingPin};
 use hosted::{HostedVm, MigrationTicket, Origin};
 use migration::{VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME};
 
@@ -406,7 +406,7 @@ pub struct Host {
 
 /// Tests: see [`Host::before_listing`].
 #[cfg(test)]
-type BeforeListing = Box<dyn FnOnce(&Host) + Send>;
+type BeforeListing = Box<dyn FnOnce() + Send>;
 
 /// The VMs of a host, and the ids of those being started.
 #[derive(Default)]
@@ -615,7 +615,7 @@ impl Host {
     fn list_vm(&self, mut claim: IdClaim<'_>, unlisted: Unlisted) -> Arc<HostedVm> {
         #[cfg(test)]
         if let Some(hook) = self.before_listing.lock().expect("hook lock").take() {
-            hook(self);
+            hook();
         }
         debug_assert_eq!(claim.id(), unlisted.vm().id);
         let (hosted, replaced) = {
@@ -751,8 +751,10 @@ impl Host {
     }
 
     /// Opens the files of a create request, if [`HostConfig::attach`] lets it name them
-    /// (absolute paths, so a migration's destination can look for the same path).
-    fn attach(&self, attach: &[Attachment]) -> Result<AttachedFiles, HostError> {
+    /// (absolute paths, so a migration's destination can look for the same path); with
+    /// the pin, taken before they are opened, that keeps those in the file store from
+    /// eviction until the VM is listed (then its state pins them).
+    fn attach(&self, attach: &[Attachment]) -> Result<(AttachedFiles, ReceivingPin), HostError> {
         let specs = attach
             .iter()
             .map(|a| {
@@ -765,9 +767,13 @@ impl Host {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        AttachedFiles::open(&specs).map_err(|e| {
+        let paths: Vec<&Path> = specs.iter().map(|(_, path)| path.as_path()).collect();
+        let pin = FileStore::new(self.config.file_store.clone(), self.config.attach.clone())
+            .pin_attached(&paths);
+        let files = AttachedFiles::open(&specs).map_err(|e| {
             HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e)))
-        })
+        })?;
+        Ok((files, pin))
     }
 
     /// Creates and starts a VM.
@@ -794,7 +800,7 @@ impl Host {
             None => self.config.backend,
             Some(name) => ferry_accel::backend::by_name(name).map_err(HostError::BadRequest)?,
         };
-        let files = self.attach(&req.attach)?;
+        let (files, pinned) = self.attach(&req.attach)?;
         let reservation = self.reserve(&config)?;
         let host = HostOptions {
             files,
@@ -824,6 +830,8 @@ impl Host {
         let started = Unlisted(Some(started));
         tracing::info!(id = %claim.id(), workload = %req.workload, "VM started");
         let hosted = self.register(claim, started);
+        // Listed, the VM's state pins its files now.
+        drop(pinned);
         Ok(hosted.info())
     }
 
@@ -1686,7 +1694,7 @@ mod tests {
         b.serve_migrations(listener).unwrap();
         let id = a.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
         // b's adoption panics once the VM resumed there and runs under its watcher.
-        *b.before_listing.lock().unwrap() = Some(Box::new(|_| panic!("adopting fails (test)")));
+        *b.before_listing.lock().unwrap() = Some(Box::new(|| panic!("adopting fails (test)")));
         a.start_migration(&id, MigrateRequest::to(&to)).unwrap();
         // b answers that the VM runs there (it did, and the source may have let go):
         // the source releases its copy, settling if it must.
@@ -1706,5 +1714,55 @@ mod tests {
         );
         a.shutdown();
         b.shutdown();
+    }
+
+    #[test]
+    fn a_store_file_a_vm_being_created_attaches_is_not_evicted_before_it_is_listed() {
+        if !ferry_testdata::kvm("a_store_file_a_vm_being_created_attaches_is_not_evicted") {
+            return;
+        }
+        let store = std::env::temp_dir().join(format!("ferry-create-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&store);
+        std::fs::create_dir_all(&store).unwrap();
+        let content = b"weights attached straight from the store".to_vec();
+        let sha256: String = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&content)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let stored = store.join(format!("sha256-{sha256}"));
+        std::fs::write(&stored, &content).unwrap();
+        let host = Host::new(HostConfig {
+            file_store: store.clone(),
+            attach: AttachPolicy::Under(vec![AttachDir::new(&store).unwrap()]),
+            ..test_config("pin")
+        });
+        // A migration arriving needs all the room while the VM is opened and started but
+        // not yet listed.
+        let evicting = host.clone();
+        let evicted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let freed = evicted.clone();
+        *host.before_listing.lock().unwrap() = Some(Box::new(move || {
+            let bytes = FileStore::of_host(&evicting).evict_unused();
+            freed.store(bytes, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let mut req = memtouch(64 << 20, 0);
+        req.attach = vec![Attachment {
+            name: "model".into(),
+            path: stored.clone(),
+        }];
+        let vm = host.create_vm(&req).unwrap();
+        assert_eq!(evicted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(vm.files[0].path, stored);
+        assert_eq!(std::fs::read(&stored).unwrap(), content);
+        // Listed, its state pins it; stopped, it is the cache's to evict.
+        assert_eq!(FileStore::of_host(&host).evict_unused(), 0);
+        host.stop(&vm.id).unwrap();
+        assert!(FileStore::of_host(&host).evict_unused() > 0);
+        assert!(!stored.exists());
+        host.shutdown();
+        std::fs::remove_dir_all(&store).unwrap();
     }
 }
