@@ -77,8 +77,9 @@ pub enum MigrationError {
     /// The peer failed authentication, or we did.
     #[error("authentication failed: {0}")]
     Auth(String),
-    /// The destination had too many connections authenticating to take this one (the
-    /// source retries a few times before it reports this).
+    /// The destination is at a limit that passes: too many connections authenticating
+    /// (the source retries a few times before it reports this), or as many migrations
+    /// being received as it takes.
     #[error("the destination is busy: {0}; try again shortly")]
     Busy(String),
     /// The destination refused the VM.
@@ -173,6 +174,17 @@ pub enum MigrationError {
         deadline_ms: u64,
         /// The pause target.
         target_ms: u64,
+    },
+    /// The destination did not acknowledge a round within the longest its work on it may
+    /// take, though it kept saying it was at work: given up, the VM runs on at the source.
+    #[error("the destination did not apply round {round} within {limit_ms} ms of its end, the most its work on the round allows (it said {keepalives} times that it was at work); the VM keeps running on the source")]
+    RoundApplyDeadline {
+        /// The round.
+        round: u32,
+        /// The ceiling, from the round's end.
+        limit_ms: u64,
+        /// The destination's keepalives meanwhile.
+        keepalives: u64,
     },
     /// The device memory the destination replayed differs from the source's (a
     /// nondeterministic kernel, a lost command): the VM runs on at the source.

@@ -49,7 +49,8 @@ const MAX_RAM: u64 = 1 << 40;
 /// up to half as much memory again ([`COMMAND_MEMORY_RATIO`]).
 pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
 /// Migrations a host receives at once (from its control connection's authentication to
-/// the end): a center runs at most this many at once. One more is refused until one ends.
+/// the end): a center runs at most this many at once. One more is told this host is busy
+/// until one ends.
 pub const MAX_INCOMING_SESSIONS: usize = 16;
 /// Longest name of the VM's workload in an offer (a built-in name, or a path on the
 /// source: `PATH_MAX`).
@@ -181,7 +182,7 @@ pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: A
 /// [`crate::gate::MAX_HANDSHAKES_PER_PEER`]), has `HANDSHAKE_TIME` to finish, and
 /// may send only handshake-sized frames; one over the limits is closed at once. At most
 /// [`MAX_INCOMING_SESSIONS`] migrations are received at once: an offer past that is
-/// refused. Every incoming session's outcome is kept in `outcomes`, to settle in-doubt
+/// told this host is busy. Every incoming session's outcome is kept in `outcomes`, to settle in-doubt
 /// switchovers.
 pub fn serve_with_tls<F: TargetFactory>(
     listener: TcpListener,
@@ -353,14 +354,15 @@ fn settle(mut conn: Conn, outcomes: &Outcomes, session: u64) -> Result<(), Migra
     conn.send(&Message::Settled { settlement })
 }
 
-/// How long an offer refused over [`MAX_INCOMING_SESSIONS`] is read on, to close its
-/// connection without a reset (which could lose the refusal), and how much of it.
-const REFUSED_DRAIN_TIME: Duration = Duration::from_secs(2);
-const REFUSED_DRAIN_BYTES: u64 = MAX_CONTROL_BYTES as u64;
+/// How long an offer turned away over [`MAX_INCOMING_SESSIONS`] is read on, to close its
+/// connection without a reset (which could lose the answer), and how much of it.
+const BUSY_DRAIN_TIME: Duration = Duration::from_secs(2);
+const BUSY_DRAIN_BYTES: u64 = MAX_CONTROL_BYTES as u64;
 
 /// An authenticated control connection while [`MAX_INCOMING_SESSIONS`] are received: a
 /// question about a migration is answered (it is small and ends at once); an offer is
-/// refused, read no further than a handshake frame.
+/// told this host is busy (it may come again once a migration has ended, unlike one
+/// refused), read no further than a handshake frame.
 fn serve_over_capacity(
     mut conn: Conn,
     socket: &TcpStream,
@@ -374,15 +376,15 @@ fn serve_over_capacity(
         Err(e) => return Err(e),
     }
     let reason = format!(
-        "this host is receiving {MAX_INCOMING_SESSIONS} migrations, its limit; try again once one has ended"
+        "this host is receiving {MAX_INCOMING_SESSIONS} migrations, its limit, until one ends"
     );
-    let _ = conn.send(&Message::Refuse {
+    let _ = conn.send(&Message::Busy {
         reason: reason.clone(),
     });
     // The rest of an offer left unread would make the close a reset, and the source
-    // might lose the refusal with it: read on (without keeping it) until it closes.
-    let until = Instant::now() + REFUSED_DRAIN_TIME;
-    let mut rest = socket.take(REFUSED_DRAIN_BYTES);
+    // might lose the answer with it: read on (without keeping it) until it closes.
+    let until = Instant::now() + BUSY_DRAIN_TIME;
+    let mut rest = socket.take(BUSY_DRAIN_BYTES);
     let mut sink = [0u8; 4096];
     while let Some(left) = until.checked_duration_since(Instant::now()) {
         if left.is_zero()
@@ -392,7 +394,7 @@ fn serve_over_capacity(
             break;
         }
     }
-    Err(MigrationError::Refused(reason))
+    Err(MigrationError::Busy(reason))
 }
 
 /// One connection: authenticated under `ticket` (given back once it has), then served.

@@ -682,6 +682,24 @@ fn file_check_time(bytes: u64) -> Duration {
     Duration::from_secs_f64(bytes as f64 / FILE_CHECK_RATE)
 }
 
+/// The longest one frame of a round may take a destination to apply after the round's
+/// end: the largest frame's bytes at [`FILE_CHECK_RATE`] (a chunk or a run of pages read
+/// from its copy of a file) and a cold disk's seek.
+const FRAME_APPLY_TIME: Duration =
+    Duration::from_millis(MAX_FILE_PIECE * 1000 / FILE_CHECK_RATE as u64 + 10);
+
+/// The longest a source waits for a destination to acknowledge a round after its end,
+/// however often it says it is at work: its I/O timeout, `answer_time` (replaying and
+/// checking files), `frames` each applied at [`FRAME_APPLY_TIME`] (all of them, as if
+/// none were applied before the end), and a keepalive period to say it is done.
+fn answer_limit(io_timeout: Duration, answer_time: Duration, frames: u64) -> Duration {
+    let frames = FRAME_APPLY_TIME.saturating_mul(u32::try_from(frames).unwrap_or(u32::MAX));
+    io_timeout
+        .saturating_add(answer_time)
+        .saturating_add(frames)
+        .saturating_add(crate::deadline::keepalive_every())
+}
+
 /// Runs `read` (a wait for the destination's answer on `socket`) with `extra` beyond
 /// the `io_timeout` it waits otherwise. The answer's error (the destination's reason)
 /// comes before the socket's.
@@ -694,10 +712,22 @@ fn with_patience<T>(
     if extra.is_zero() {
         return read();
     }
-    let patience = |t| socket.set_read_timeout(Some(t));
-    patience(io_timeout + extra).map_err(MigrationError::io("waiting for the destination"))?;
+    read_within(socket, io_timeout, io_timeout + extra, read)
+}
+
+/// Runs `read` (a wait for the destination's answer on `socket`) with `wait` as its
+/// read timeout, then puts back the `io_timeout`. The answer's error (the destination's
+/// reason) comes before the socket's.
+fn read_within<T>(
+    socket: &TcpStream,
+    io_timeout: Duration,
+    wait: Duration,
+    read: impl FnOnce() -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
+    let timeout = |t: Duration| socket.set_read_timeout(Some(t.max(Duration::from_millis(1))));
+    timeout(wait).map_err(MigrationError::io("waiting for the destination"))?;
     let answer = read();
-    let restored = patience(io_timeout);
+    let restored = timeout(io_timeout);
     let answer = answer?;
     restored.map_err(MigrationError::io("waiting for the destination"))?;
     Ok(answer)
@@ -861,6 +891,9 @@ pub(crate) struct StreamCounts {
     zero_chunks: u64,
     pub(crate) file_chunks: u64,
     chunk_parts: u64,
+    /// Chunks sent with their origin: the destination reads each again from its copy
+    /// of the file once the round's frames are in.
+    claimed_chunks: u64,
 }
 
 /// What a data stream reads into before sending, kept across rounds (the final round,
@@ -995,6 +1028,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             // The destination is receiving the file: the bytes, and what they are, so its
             // next migration of the VM can send where.
             counts.chunks += 1;
+            counts.claimed_chunks += 1;
             writer.send_chunk_with_origin(key, data, origin)?;
             queue.sent(data.len() as u64);
         } else {
@@ -1217,33 +1251,57 @@ impl Session<'_> {
             total.zero_chunks += c.zero_chunks;
             total.file_chunks += c.file_chunks;
             total.chunk_parts += c.chunk_parts;
+            total.claimed_chunks += c.claimed_chunks;
         }
-        let frames = self
+        let frames: Vec<u64> = self
             .data
             .iter()
             .zip(frames_before)
             .map(|(c, before)| c.writer.frames - before)
             .collect();
+        let frame_count = frames.iter().sum::<u64>() + total.claimed_chunks;
         self.control.send(&Message::EndRound { round, frames })?;
         // The destination acknowledges a round of commands once it replayed them, and one
         // that carried files once it checked them. Before, it applies the round's frames,
         // which may take long after their last one came (chunks it reads from its copy of a
         // file: a few bytes each on the wire); meanwhile it says so every keepalive period.
+        // A destination that says so for ever is given up on past the longest all of that
+        // may take.
         let answer_time =
             work.replay_time + file_check_time(work.files.iter().map(|f| f.len).sum());
-        let mut patience = answer_time;
+        let limit = answer_limit(self.options.io_timeout, answer_time, frame_count);
+        let ceiling = Instant::now() + limit;
+        let overdue = |keepalives| MigrationError::RoundApplyDeadline {
+            round,
+            limit_ms: limit.as_millis() as u64,
+            keepalives,
+        };
+        let mut patience = self.options.io_timeout + answer_time;
+        let mut keepalives = 0;
         let acknowledged = loop {
-            let answer =
-                with_patience(&self.sockets[0], self.options.io_timeout, patience, || {
-                    self.control.expect_control("the round's acknowledgement")
-                })?;
+            let left = ceiling.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(overdue(keepalives));
+            }
+            let wait = patience.min(left);
+            let answer = read_within(&self.sockets[0], self.options.io_timeout, wait, || {
+                self.control.expect_control("the round's acknowledgement")
+            });
             match answer {
                 // The wait may be long: a cancel ends it at the next keepalive.
-                Message::Keepalive => {
+                Ok(Message::Keepalive) => {
                     self.cancelled()?;
-                    patience = answer_time + crate::deadline::keepalive_every();
+                    keepalives += 1;
+                    patience =
+                        self.options.io_timeout + answer_time + crate::deadline::keepalive_every();
                 }
-                answer => break answer,
+                Ok(answer) => break answer,
+                Err(MigrationError::Io { source, .. })
+                    if wait < patience && deadline::is_timeout(&source) =>
+                {
+                    return Err(overdue(keepalives))
+                }
+                Err(e) => return Err(e),
             }
         };
         match acknowledged {
@@ -1411,6 +1469,9 @@ pub fn migrate_vm(
             replay,
         } => (session, send_files, replay),
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
+        // Receiving as many migrations as it takes: not retried here, as one ends in
+        // minutes, but reported as the passing state it is.
+        Message::Busy { reason } => return Err(MigrationError::Busy(reason)),
         other => return Err(MigrationError::unexpected("accept or refuse", &other)),
     };
     let mut asked: Vec<u32> = send_files.clone();

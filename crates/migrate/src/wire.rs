@@ -200,7 +200,8 @@ pub enum Message {
         settlement: crate::settle::Settlement,
     },
     /// Instead of a challenge: too many connections are authenticating now (from this
-    /// peer, or in all); connect again shortly.
+    /// peer, or in all); or instead of an answer to an offer: the host receives as many
+    /// migrations as it takes. Connect again shortly.
     Busy {
         /// Which limit was reached.
         reason: String,

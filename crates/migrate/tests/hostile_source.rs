@@ -1,6 +1,7 @@
 //! What a destination refuses from an authenticated source that breaks the protocol:
 //! frames larger than a sender makes, rounds out of order, frames more than announced,
-//! offers with names it would show and could not, more sessions than it takes at once.
+//! offers with names it would show and could not; and what it tells one over the sessions
+//! it takes at once.
 
 mod hostile;
 mod memory_vm;
@@ -271,19 +272,38 @@ fn a_host_receives_a_bounded_number_of_migrations_at_once() {
             c
         })
         .collect();
-    // One more is refused, small or larger than a handshake frame, saying why.
+    // One more is told the host is busy (it may come again, unlike one refused), small
+    // or larger than a handshake frame, saying why.
     let mut large = small_vm();
     large.extra = vec![("args".into(), "a".repeat(32 << 10))];
     for vm in [small_vm(), large] {
         let mut c = dest.connect(StreamRole::Control);
         c.send(&offer(vm, 1)).unwrap();
-        match c.expect_control("refusal") {
-            Ok(Message::Refuse { reason }) => {
+        match c.expect_control("busy") {
+            Ok(Message::Busy { reason }) => {
                 assert!(reason.contains("migrations, its limit"), "{reason}")
             }
-            other => panic!("expected a refusal, got {other:?}"),
+            other => panic!("expected busy, got {other:?}"),
         }
     }
+    // A source hears it as such, and its VM runs on.
+    let source = memory_vm::StillVm::new(small_vm(), vec![1; MIB as usize]);
+    let options = ferry_migrate::MigrationOptions::default();
+    let err = ferry_migrate::migrate_vm(
+        &source,
+        &dest.addr,
+        &hostile::secret(),
+        &options,
+        &mut |_| {},
+    )
+    .expect_err("the destination is full");
+    match &err {
+        MigrationError::Busy(reason) => {
+            assert!(reason.contains("migrations, its limit"), "{reason}")
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert!(!source.paused.load(std::sync::atomic::Ordering::SeqCst));
     // A question about an earlier migration is still answered.
     let mut c = dest.connect(StreamRole::Control);
     c.send(&Message::Settle { session: 7 }).unwrap();
@@ -307,7 +327,7 @@ fn a_host_receives_a_bounded_number_of_migrations_at_once() {
         c.send(&offer(small_vm(), 1)).unwrap();
         match c.expect_control("accept") {
             Ok(Message::Accept { .. }) => break,
-            Ok(Message::Refuse { .. }) | Err(MigrationError::Io { .. })
+            Ok(Message::Busy { .. }) | Err(MigrationError::Io { .. })
                 if since.elapsed() < PATIENCE =>
             {
                 std::thread::sleep(Duration::from_millis(50))

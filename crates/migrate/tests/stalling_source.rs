@@ -166,17 +166,18 @@ fn a_stream_whose_frames_are_applied_waits_while_another_stream_applies_its_own(
 fn a_source_waits_for_a_round_applied_long_after_its_end() {
     ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
     let dest = Destination::start();
-    // 32 frames of a page, each written in a fifth of the idle limit on two streams: the
-    // round is applied about three I/O timeouts of the source after its end (the frames
-    // fit in the connections' buffers, so the source sends them all at once).
-    *dest.factory.ram_delay.lock().unwrap() = IDLE_LIMIT / 5;
-    let mut ram = vec![0u8; MIB as usize];
+    // 512 frames of a page, each written in 10 ms on two streams (as slow as a frame read
+    // from a cold disk may be, within what the source allows each): the round is applied
+    // more than two I/O timeouts of the source after its end (the frames fit in the
+    // connections' buffers, so the source sends them all at once).
+    *dest.factory.ram_delay.lock().unwrap() = Duration::from_millis(10);
+    let mut ram = vec![0u8; 8 * MIB as usize];
     for (i, page) in ram.chunks_mut(PAGE_SIZE as usize).enumerate() {
-        if i % 8 == 0 {
+        if i % 4 == 0 {
             page.fill(i as u8 | 1);
         }
     }
-    let source = memory_vm::StillVm::new(memory_vm::description("long-end", MIB, 0), ram);
+    let source = memory_vm::StillVm::new(memory_vm::description("long-end", 8 * MIB, 0), ram);
     let options = ferry_migrate::MigrationOptions {
         streams: 2,
         io_timeout: IDLE_LIMIT,
