@@ -33,7 +33,7 @@ use crate::files::FileSource;
 use crate::kernel::Kernel;
 use crate::replay::{
     command_of, replays, Capture, CaptureError, CaptureLimits, CaptureReport, DeviceDigest,
-    DigestError, LoggedCommand, ReplayError,
+    DigestError, LoggedCommand, ReplayError, TornMemory,
 };
 use crate::ring::{head_is_sane, GuestRam, Ring};
 
@@ -343,18 +343,40 @@ fn check_compatible(state: &AccelState, backend: &dyn Backend) -> Result<(), Acc
 /// loop on.
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
 
-/// Where the device thread is in its life.
+/// Where the device thread is in its life. Only `Live` memory is at a boundary of the
+/// guest's commands: the device runs commands and jobs, digests and captures only then.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Life {
     /// Running commands, or paused between two.
     #[default]
     Live,
+    /// A replay was cut short (see [`TornMemory`]): the thread waits to be ended, taking
+    /// no command or job, and the device is not resumed.
+    Torn(TornMemory),
     /// Being ended (dropped, aborted): it leaves at the next command boundary, taking no
     /// other command or job.
     Ending,
     /// The device thread is gone (ended, or it panicked): nothing will clear `busy` or
     /// run a job again, so no one may wait for that.
     Gone,
+}
+
+impl Life {
+    /// A replay cut short tore its memory: only a live device goes to `Torn` (one ending
+    /// or gone is past running anything).
+    fn tear(&mut self, torn: TornMemory) {
+        if *self == Life::Live {
+            *self = Life::Torn(torn);
+        }
+    }
+
+    /// The device is to be ended: a live or torn device goes to `Ending`, one ending or
+    /// gone stays so.
+    fn end(&mut self) {
+        if matches!(self, Life::Live | Life::Torn(_)) {
+            *self = Life::Ending;
+        }
+    }
 }
 
 /// Hand-shake between the device thread, the vCPU (doorbell, wait) and the VMM (pause).
@@ -1050,8 +1072,11 @@ fn run_device(shared: &Shared) {
             let control = relock(&shared.control);
             let mut control = shared
                 .wake
-                .wait_while(control, |c| {
-                    c.life == Life::Live && c.job.is_none() && (c.pause_requested || !c.doorbell)
+                .wait_while(control, |c| match c.life {
+                    Life::Live => c.job.is_none() && (c.pause_requested || !c.doorbell),
+                    // Runs nothing more, but its thread stays until it is ended.
+                    Life::Torn(_) => true,
+                    Life::Ending | Life::Gone => false,
                 })
                 .unwrap_or_else(PoisonError::into_inner);
             if control.life != Life::Live {
@@ -1215,14 +1240,16 @@ impl Accelerator {
 
     /// The guest waits: returns once the device is idle or after `timeout`, whichever
     /// comes first (bounded, so a vCPU blocked here still answers a pause request). A
-    /// dead device is idle: nothing it was asked will run.
+    /// dead or torn device is idle: nothing it was asked will run.
     pub fn wait_idle(&self, timeout: Duration) {
         let control = self.control();
         let waited = self
             .shared
             .progress
             .wait_timeout_while(control, timeout, |c| {
-                c.life != Life::Gone && (c.busy || (c.doorbell && !c.pause_requested))
+                // A torn device serves no doorbell.
+                let torn = matches!(c.life, Life::Torn(_));
+                c.life != Life::Gone && (c.busy || (c.doorbell && !c.pause_requested && !torn))
             });
         drop(waited);
     }
@@ -1252,9 +1279,7 @@ impl Accelerator {
     /// snapshot, a throttle) uses [`Self::pause`], which waits.
     pub fn abort(&self) {
         let mut control = self.control();
-        if control.life == Life::Live {
-            control.life = Life::Ending;
-        }
+        control.life.end();
         // Pulled under the control lock after `Ending`: the command it cuts short is the
         // last the device thread runs (it takes the lock before the next).
         self.abort_switch.pull();
@@ -1282,13 +1307,26 @@ impl Accelerator {
         );
     }
 
-    /// Lets a paused device run again (and look at the ring for work).
+    /// Lets a paused device run again (and look at the ring for work); one whose memory
+    /// a replay tore stays paused, logged as an error (see [`Self::try_resume`]).
     pub fn resume(&self) {
+        if let Err(torn) = self.try_resume() {
+            tracing::error!("the accelerator stays paused: {torn}");
+        }
+    }
+
+    /// Lets a paused device run again (and look at the ring for work), unless a replay
+    /// cut short tore its memory: no guest may run on that.
+    pub fn try_resume(&self) -> Result<(), TornMemory> {
         let mut control = self.control();
+        if let Life::Torn(torn) = control.life {
+            return Err(torn);
+        }
         control.pause_requested = false;
         control.doorbell = true;
         drop(control);
         self.shared.wake.notify_one();
+        Ok(())
     }
 
     /// The device state, less buffer contents. Pause the device first.
@@ -1489,6 +1527,18 @@ fn on_device<R: Send + 'static>(
     rx.recv().map_err(|_| DeviceGone)
 }
 
+/// Records that a replay cut short tore `shared`'s memory (see [`Life::Torn`]); called
+/// on the device thread, under the core lock. A job queued meanwhile will not run: it
+/// is dropped, and its caller told at once.
+fn tear(shared: &Shared, torn: TornMemory) {
+    let queued = {
+        let mut control = relock(&shared.control);
+        control.life.tear(torn);
+        control.job.take()
+    };
+    drop(queued);
+}
+
 /// Starts a capture on `core`, at a command boundary (see
 /// [`DeviceReplay::start_capture`]); failed at once unless the device is `Live`: its
 /// memory may hold part of a command that is in no log (one that panicked, or was cut
@@ -1530,8 +1580,10 @@ fn begin_capture(
     }
     drop(map);
     let mut capture = Capture::new(limits, chunks, zeros);
-    if life != Life::Live {
-        capture.fail(CaptureError::DeviceGone);
+    match life {
+        Life::Live => {}
+        Life::Torn(torn) => capture.fail(CaptureError::Torn(torn)),
+        Life::Ending | Life::Gone => capture.fail(CaptureError::DeviceGone),
     }
     *lock_capture(&core.capture) = Some(capture);
     core.capturing.store(true, Ordering::Release);
@@ -1552,14 +1604,17 @@ impl DeviceReplay {
     /// not hold the device for ever). A command still running at `deadline` is cut short
     /// where it can be (an upload or a file load within one piece of it, a kernel of the
     /// cpu backend's within milliseconds): [`ReplayError::DeadlinePassed`], its outputs
-    /// partly written and marked, so this device's memory is no longer the source's.
-    /// [`ReplayError::DeviceGone`] if the device thread is gone, dies or is ended
-    /// meanwhile.
+    /// partly written and marked, so this device's memory is no longer the source's: it
+    /// is torn for good ([`TornMemory`]), and later replays ([`ReplayError::Torn`]),
+    /// digests ([`DigestError::Torn`]), captures and resumes
+    /// ([`Accelerator::try_resume`]) of it are refused. [`ReplayError::DeviceGone`] if
+    /// the device thread is gone, dies or is ended meanwhile.
     pub fn replay(
         &self,
         entries: Vec<LoggedCommand>,
         deadline: Instant,
     ) -> Result<(), ReplayError> {
+        let shared = self.shared.clone();
         on_device(&self.shared, move |core| {
             // Lifted as this job ends, before the device runs anything of the guest's.
             let _deadline = core.switch.until(deadline);
@@ -1570,11 +1625,20 @@ impl DeviceReplay {
                         total: entries.len(),
                     });
                 }
-                core.replay(index, entry)?;
+                let replayed = core.replay(index, entry);
+                if let Err(ReplayError::DeadlinePassed { index, opcode }) = replayed {
+                    // Under the core lock still: nothing sees the memory before it is
+                    // known torn.
+                    tear(&shared, TornMemory { index, opcode });
+                }
+                replayed?;
             }
             Ok(())
         })
-        .unwrap_or(Err(ReplayError::DeviceGone))
+        .unwrap_or_else(|DeviceGone| match relock(&self.shared.control).life {
+            Life::Torn(torn) => Err(ReplayError::Torn(torn)),
+            _ => Err(ReplayError::DeviceGone),
+        })
     }
 
     /// Starts a capture at the next command boundary (waiting for the command in flight,
@@ -1698,9 +1762,11 @@ impl DeviceReplay {
     /// nothing stands in for a CRC not computed, which could agree with the other side's.
     pub fn digest(&self) -> Result<DeviceDigest, DigestError> {
         let _boundary = relock(&self.shared.core);
-        // Ending too: the command cut short may have written part of its outputs.
-        if relock(&self.shared.control).life != Life::Live {
-            return Err(DigestError::DeviceGone);
+        match relock(&self.shared.control).life {
+            Life::Live => {}
+            Life::Torn(torn) => return Err(DigestError::Torn(torn)),
+            // Ending too: the command cut short may have written part of its outputs.
+            Life::Ending | Life::Gone => return Err(DigestError::DeviceGone),
         }
         let (table, cached) = {
             let map = self.shared.tracker.map();

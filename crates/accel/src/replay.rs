@@ -48,6 +48,18 @@ pub fn replays(entry: &LoggedCommand) -> bool {
     }
 }
 
+/// A device's memory left partly written by a replayed command cut short at its
+/// deadline ([`ReplayError::DeadlinePassed`]): it is no state the source ever had, so
+/// the device replays, digests and runs nothing more, and is only fit to be discarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("device memory was left partly written by replayed command {index} (opcode {opcode}), cut short at its deadline")]
+pub struct TornMemory {
+    /// The command's place in its log.
+    pub index: usize,
+    /// Its opcode.
+    pub opcode: u32,
+}
+
 /// Why a capture can no longer give a consistent base and log; the migration falls back
 /// to pre-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +85,9 @@ pub enum CaptureError {
     /// of a command that is in no log.
     #[error("the accelerator's device thread is gone")]
     DeviceGone,
+    /// The device's memory is torn by a replay cut short: no base can be read from it.
+    #[error("no capture of a device whose memory a replay left torn")]
+    Torn(#[source] TornMemory),
     /// The log would have exceeded its bound (it is not taken fast enough).
     #[error("the command log would exceed {limit} bytes before being taken")]
     LogFull {
@@ -307,6 +322,10 @@ pub enum ReplayError {
     /// cuts a replayed command short): nothing can run on it.
     #[error("the accelerator's device thread is gone")]
     DeviceGone,
+    /// An earlier replay was cut short on this device: its memory is not the source's,
+    /// and replaying more on it would not make it so.
+    #[error("no replay on a device whose memory an earlier replay left torn")]
+    Torn(#[source] TornMemory),
 }
 
 /// Why a digest of device memory could not be made.
@@ -315,6 +334,10 @@ pub enum DigestError {
     /// The device thread is gone: its memory may hold part of a command.
     #[error("the accelerator's device thread is gone")]
     DeviceGone,
+    /// A replay was cut short on this device: a digest of its memory would be one of no
+    /// state the source ever had.
+    #[error("no digest of a device whose memory a replay left torn")]
+    Torn(#[source] TornMemory),
     /// A buffer could not be read to hash it (a GPU copy failed).
     #[error("device buffer {buffer} could not be read to digest it")]
     Unreadable {

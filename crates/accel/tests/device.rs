@@ -16,7 +16,7 @@ use ferry_accel::device::{Accelerator, ChunkOrigin};
 use ferry_accel::dirty::{ChunkId, CHUNK_SIZE};
 use ferry_accel::files::{no_files, FileSource};
 use ferry_accel::kernel::Kernel;
-use ferry_accel::replay::{LoggedCommand, ReplayError};
+use ferry_accel::replay::{LoggedCommand, ReplayError, TornMemory};
 use ferry_accel::ring::GuestRam;
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -1723,7 +1723,7 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
     source.accel.pause();
     let want = source.accel.digest().unwrap();
 
-    let mut dest = replayed_matmul_guest();
+    let dest = replayed_matmul_guest();
     dest.accel.pause();
     dest.accel.start_dirty_tracking();
     let log = vec![LoggedCommand {
@@ -1751,15 +1751,55 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
     );
     // Its output is marked written, as an aborted kernel's is.
     assert_eq!(dest.accel.take_dirty_chunks(), vec![ChunkId::new(2, 0)]);
+    refuses_torn_memory(
+        &dest,
+        TornMemory {
+            index: 0,
+            opcode: op::LAUNCH,
+        },
+    );
 
-    // The deadline went with that replay: the same one with time enough runs the kernel
-    // whole, and gives the source's bits.
+    // With time enough, a destination runs the kernel whole, and gives the source's bits.
+    let mut dest = replayed_matmul_guest();
+    dest.accel.pause();
     assert_eq!(dest.accel.replay(log, far()), Ok(()));
     assert_eq!(dest.accel.digest().unwrap(), want);
-    // The guest's own kernels after it are not cut short either.
-    dest.accel.resume();
+    // A replay whose deadline passed before its first command runs none, and leaves the
+    // memory as it was (not torn: it is at a boundary of the source's commands). Its
+    // deadline went with it: the guest's own kernels after it are not cut short.
     let short = [kernel::MATMUL, 1, 1, 2, 1, 1, 4096, 0];
+    let late = vec![LoggedCommand {
+        opcode: op::LAUNCH,
+        args: short.to_vec(),
+        payload: Vec::new(),
+        status: status::OK,
+    }];
+    let ran_out = ReplayError::OutOfTime { index: 0, total: 1 };
+    assert_eq!(dest.accel.replay(late, Instant::now()), Err(ran_out));
+    assert_eq!(dest.accel.digest().unwrap(), want);
+    dest.accel.try_resume().unwrap();
     assert_eq!(dest.run(op::LAUNCH, &short), status::OK);
+}
+
+/// Checks that `g`'s device, whose memory a replay left `torn`, refuses whatever would
+/// take that memory for the source's: a digest, more replay, a capture, running the
+/// guest.
+fn refuses_torn_memory(g: &FakeGuest, torn: TornMemory) {
+    use ferry_accel::replay::{CaptureError, CaptureLimits, DigestError};
+    assert_eq!(g.accel.digest(), Err(DigestError::Torn(torn)));
+    assert_eq!(
+        g.accel.replay(Vec::new(), far()),
+        Err(ReplayError::Torn(torn))
+    );
+    let replayer = g.accel.replayer();
+    replayer.start_capture(CaptureLimits::default(), None);
+    assert_eq!(replayer.take_log(), Err(CaptureError::Torn(torn)));
+    replayer.stop_capture();
+    assert_eq!(g.accel.try_resume(), Err(torn));
+    // Not dead: it is ended as any device is.
+    assert!(!g.accel.is_dead());
+    g.accel.abort();
+    assert!(g.accel.is_dead());
 }
 
 /// Bytes of the slow copies: 32 MiB.
@@ -1903,6 +1943,13 @@ fn a_replayed_upload_still_running_at_the_deadline_is_cut_short_and_an_abort_end
     );
     // Its range is marked written, as a cut kernel's outputs are.
     assert_eq!(dest.accel.take_dirty_chunks(), chunks_of(1, SLOW_COPY));
+    refuses_torn_memory(
+        &dest,
+        TornMemory {
+            index: 0,
+            opcode: op::UPLOAD,
+        },
+    );
 
     // Ended meanwhile: the replay stops as the device goes.
     let faults = Faults::default();
@@ -1953,4 +2000,38 @@ fn uploads_downloads_and_replayed_uploads_of_many_pieces_keep_every_byte() {
     }];
     assert_eq!(dest.accel.replay(log, far()), Ok(()));
     assert_eq!(dest.accel.digest().unwrap(), want);
+}
+
+#[test]
+fn a_replay_queued_behind_one_cut_short_is_refused_not_left_waiting() {
+    let faults = Faults::default();
+    let dest = Arc::new(slow_copy_guest(&faults));
+    dest.accel.pause();
+    let log = vec![LoggedCommand {
+        opcode: op::UPLOAD,
+        args: vec![1, 0, DATA, SLOW_COPY],
+        payload: vec![7; SLOW_COPY as usize],
+        status: status::OK,
+    }];
+    let first = dest.clone();
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let cut = std::thread::spawn(move || first.accel.replay(log, deadline));
+    // Queued while the first runs (it waits for the device thread, which is in the copy).
+    faults.wait_copied(1);
+    let second = dest.clone();
+    let queued = within(Duration::from_secs(20), move || {
+        second.accel.replay(Vec::new(), far())
+    });
+    let torn = TornMemory {
+        index: 0,
+        opcode: op::UPLOAD,
+    };
+    assert_eq!(
+        cut.join().unwrap(),
+        Err(ReplayError::DeadlinePassed {
+            index: 0,
+            opcode: op::UPLOAD
+        })
+    );
+    assert_eq!(queued, Some(Err(ReplayError::Torn(torn))));
 }
