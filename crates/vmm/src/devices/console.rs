@@ -2,9 +2,11 @@
 //! `ferry run`) and kept in a bounded tail for daemons and tests.
 //!
 //! The echo is written by a thread of its own, from a bounded queue: a reader that stops
-//! reading (a paused pager) must not block the vCPU, and with it a pause of the VM. On a
-//! terminal the guest's bytes are shown, not obeyed: escape sequences and other control
-//! characters could otherwise rewrite the operator's screen or set its title.
+//! reading (a paused pager) must not block the vCPU, and with it a pause of the VM; nor,
+//! for longer than [`ECHO_DRAIN_WAIT`], the console's end (a terminal stopped by Ctrl-S
+//! would hold it for ever). On a terminal the guest's bytes are shown, not obeyed: escape
+//! sequences and other control characters could otherwise rewrite the operator's screen
+//! or set its title.
 
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
@@ -18,6 +20,11 @@ pub const CONSOLE_TAIL_CAPACITY: usize = 64 * 1024;
 
 /// Bytes of echo waiting for a slow reader; what comes beyond is dropped (and counted).
 pub const ECHO_QUEUE_CAPACITY: usize = 4 << 20;
+
+/// How long a console's end waits for its echo to write out what is queued; a writer
+/// still blocked then (a reader that stopped reading) is left to end on its own, its
+/// queue emptied, writing nothing more.
+pub const ECHO_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The value of the last `key=value` word in console text (workloads print their
 /// progress and results that way).
@@ -140,7 +147,10 @@ struct Echo {
 #[derive(Default)]
 struct EchoQueue {
     state: Mutex<EchoState>,
+    /// Something to write, or the console's end: for the writer.
     ready: Condvar,
+    /// The writer ended: for the console's end.
+    ended: Condvar,
 }
 
 #[derive(Default)]
@@ -148,8 +158,22 @@ struct EchoState {
     bytes: Vec<u8>,
     /// Bytes dropped since the writer last took the queue (it was full).
     dropped: u64,
-    /// The console is gone: the writer ends once the queue is written.
-    closed: bool,
+    phase: EchoPhase,
+}
+
+/// Where an echo is in its life.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum EchoPhase {
+    /// The console is there: what it queues is written.
+    #[default]
+    Open,
+    /// The console is gone: the writer writes what is queued, then ends.
+    Closing,
+    /// The console is gone and waited [`ECHO_DRAIN_WAIT`] for a writer blocked writing:
+    /// the queue is emptied, and the writer ends as soon as its write returns.
+    Abandoned,
+    /// The writer ended: its work done, or its reader gone.
+    Ended,
 }
 
 impl Echo {
@@ -173,6 +197,10 @@ impl Echo {
             return;
         }
         let mut state = self.queue.lock();
+        // Its reader is gone: the output is in the tail.
+        if state.phase == EchoPhase::Ended {
+            return;
+        }
         let room = ECHO_QUEUE_CAPACITY - state.bytes.len().min(ECHO_QUEUE_CAPACITY);
         let taken = bytes.len().min(room);
         state.bytes.extend_from_slice(&bytes[..taken]);
@@ -183,13 +211,38 @@ impl Echo {
 }
 
 impl Drop for Echo {
-    /// Writes out what is queued: the guest's last words reach the reader.
+    /// Writes out what is queued, so the guest's last words reach the reader; waits for
+    /// that at most [`ECHO_DRAIN_WAIT`], then leaves the writer to end on its own.
     fn drop(&mut self) {
-        self.queue.lock().closed = true;
-        self.queue.ready.notify_one();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let mut state = self.queue.lock();
+        if state.phase == EchoPhase::Open {
+            state.phase = EchoPhase::Closing;
         }
+        self.queue.ready.notify_one();
+        let (mut state, _) = self
+            .queue
+            .ended
+            .wait_timeout_while(state, ECHO_DRAIN_WAIT, |s| s.phase != EchoPhase::Ended)
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.phase == EchoPhase::Ended {
+            drop(state);
+            let _ = writer.join();
+            return;
+        }
+        // Blocked in a write (a terminal stopped by Ctrl-S, a pipe nobody reads): what
+        // is queued is let go, so a thread left behind holds no more than its batch.
+        state.phase = EchoPhase::Abandoned;
+        state.bytes = Vec::new();
+        drop(state);
+        tracing::warn!(
+            "the console's echo was not written out within {ECHO_DRAIN_WAIT:?}: its reader \
+             stopped reading; the rest is dropped (the console's tail keeps its end)"
+        );
+        // Detached: it ends once its write returns.
+        drop(writer);
     }
 }
 
@@ -200,8 +253,23 @@ impl EchoQueue {
 }
 
 /// The echo's writer thread: writes what is queued until the console is gone or the
-/// reader is (a closed pipe: the output is in the tail).
-fn write_echo(
+/// reader is (a closed pipe: the output is in the tail); says it ended however it does.
+fn write_echo(queue: &EchoQueue, out: Box<dyn Write + Send>, terminal: Option<TerminalText>) {
+    /// Marks the echo ended when the writer returns, or unwinds.
+    struct Ends<'a>(&'a EchoQueue);
+    impl Drop for Ends<'_> {
+        fn drop(&mut self) {
+            self.0.lock().phase = EchoPhase::Ended;
+            self.0.ended.notify_all();
+        }
+    }
+    let _ends = Ends(queue);
+    write_queued(queue, out, terminal);
+}
+
+/// [`write_echo`]'s work: returns once the console's end is written out, the console
+/// stopped waiting for it, or the reader is gone.
+fn write_queued(
     queue: &EchoQueue,
     mut out: Box<dyn Write + Send>,
     mut terminal: Option<TerminalText>,
@@ -213,13 +281,18 @@ fn write_echo(
         let mut state = queue
             .ready
             .wait_while(queue.lock(), |s| {
-                s.bytes.is_empty() && s.dropped == 0 && !s.closed
+                s.bytes.is_empty() && s.dropped == 0 && s.phase == EchoPhase::Open
             })
             .unwrap_or_else(PoisonError::into_inner);
+        let closed = match state.phase {
+            EchoPhase::Open => false,
+            EchoPhase::Closing => true,
+            // Nobody waits for the rest any more.
+            EchoPhase::Abandoned | EchoPhase::Ended => return,
+        };
         bytes.clear();
         std::mem::swap(&mut bytes, &mut state.bytes);
         let dropped = std::mem::take(&mut state.dropped);
-        let closed = state.closed;
         drop(state);
         let text = match terminal.as_mut() {
             Some(terminal) => {
@@ -333,6 +406,7 @@ impl TerminalText {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn tail_is_bounded_and_keeps_the_newest_bytes() {
@@ -449,6 +523,51 @@ mod tests {
             "{}",
             &got[xs..]
         );
+    }
+
+    #[test]
+    fn a_console_ends_soon_though_its_echo_goes_to_a_pipe_nobody_reads() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let echo = Echo::start(Box::new(writer), false);
+        let queue = echo.queue.clone();
+        let console = Console::with_echo(Some(echo));
+        // More than a pipe holds: the writer blocks, with more queued behind it.
+        let line = [b'x'; 64 << 10];
+        for _ in 0..16 {
+            console.write(&line);
+        }
+        // Dropped on a thread of its own, so that a drop that waits for ever fails this.
+        let (dropped, drop_returned) = std::sync::mpsc::channel();
+        let started = std::time::Instant::now();
+        std::thread::spawn(move || {
+            drop(console);
+            let _ = dropped.send(());
+        });
+        let returned = drop_returned.recv_timeout(ECHO_DRAIN_WAIT + Duration::from_secs(5));
+        assert!(returned.is_ok(), "the console's end waits for its reader");
+        assert!(
+            started.elapsed() >= ECHO_DRAIN_WAIT,
+            "{:?}",
+            started.elapsed()
+        );
+        // What was queued is let go; the writer, left blocked, holds only its batch.
+        {
+            let state = queue.lock();
+            assert_eq!(state.phase, EchoPhase::Abandoned);
+            assert_eq!(state.bytes.capacity(), 0);
+        }
+        // Its reader gone, its write fails and it ends, letting go of the queue.
+        drop(reader);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&queue) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            Arc::strong_count(&queue),
+            1,
+            "the writer thread did not end"
+        );
+        assert_eq!(queue.lock().phase, EchoPhase::Ended);
     }
 
     #[test]
