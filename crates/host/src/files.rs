@@ -23,7 +23,7 @@
 //!
 //! A VM being received pins its files' content ([`FileStore::pin`]) before it looks for
 //! copies, and one being created the store files it attaches
-//! ([`FileStore::pin_attached`]) before it opens them, until it is listed here, where its
+//! (`FileStore::pin_attached`) before it opens them, until it is listed here, where its
 //! state pins them. An eviction moves the file
 //! aside (as a locked part file) before it looks at the pins again, and puts it back if a
 //! VM pinned it meanwhile: a file a VM found here is never deleted under it, and one that
@@ -203,7 +203,7 @@ pub struct KeepError {
 }
 
 /// The pin that keeps a VM's files in the store while the VM is being received
-/// ([`FileStore::pin`]) or created ([`FileStore::pin_attached`]); dropped, it lets them
+/// ([`FileStore::pin`]) or created (`FileStore::pin_attached`); dropped, it lets them
 /// go.
 #[derive(Debug)]
 pub struct ReceivingPin {
