@@ -1307,17 +1307,9 @@ impl Accelerator {
         );
     }
 
-    /// Lets a paused device run again (and look at the ring for work); one whose memory
-    /// a replay tore stays paused, logged as an error (see [`Self::try_resume`]).
-    pub fn resume(&self) {
-        if let Err(torn) = self.try_resume() {
-            tracing::error!("the accelerator stays paused: {torn}");
-        }
-    }
-
     /// Lets a paused device run again (and look at the ring for work), unless a replay
     /// cut short tore its memory: no guest may run on that.
-    pub fn try_resume(&self) -> Result<(), TornMemory> {
+    pub fn resume(&self) -> Result<(), TornMemory> {
         let mut control = self.control();
         if let Life::Torn(torn) = control.life {
             return Err(torn);
@@ -1607,7 +1599,7 @@ impl DeviceReplay {
     /// partly written and marked, so this device's memory is no longer the source's: it
     /// is torn for good ([`TornMemory`]), and later replays ([`ReplayError::Torn`]),
     /// digests ([`DigestError::Torn`]), captures and resumes
-    /// ([`Accelerator::try_resume`]) of it are refused. [`ReplayError::DeviceGone`] if
+    /// ([`Accelerator::resume`]) of it are refused. [`ReplayError::DeviceGone`] if
     /// the device thread is gone, dies or is ended meanwhile.
     pub fn replay(
         &self,

@@ -117,7 +117,7 @@ impl FakeGuest {
     ) -> Self {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), ram as usize)]).unwrap();
         let accel = Accelerator::boot(mem.clone(), RING, capacity, backend, files).unwrap();
-        accel.resume();
+        accel.resume().unwrap();
         Self {
             mem,
             accel,
@@ -485,7 +485,7 @@ fn a_pause_request_stops_the_device_after_the_command_in_flight_and_lets_waiters
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(g.tail(), stopped_at, "a command ran after the pause");
     g.accel.pause();
-    g.accel.resume();
+    g.accel.resume().unwrap();
     g.wait_tail(first + 3);
     assert!((first..first + 3).all(|i| g.status(i) == status::OK));
 }
@@ -512,7 +512,7 @@ fn written_chunks_are_those_any_path_wrote_since_their_buffer_was_created() {
     g.accel
         .write_chunk(chunk(1, 3), &vec![5u8; CHUNK_SIZE as usize])
         .unwrap();
-    g.accel.resume();
+    g.accel.resume().unwrap();
     assert_eq!(
         g.accel.written_chunks(),
         vec![chunk(1, 0), chunk(1, 2), chunk(1, 3)]
@@ -563,7 +563,7 @@ fn paused_device_state_and_chunks_restore_into_a_new_device() {
         all
     };
     drop(std::mem::replace(&mut g.accel, restored));
-    g.accel.resume();
+    g.accel.resume().unwrap();
     g.wait_tail(pending + 1);
     assert_eq!(g.status(pending), status::OK);
     let after = g.download(5, 16);
@@ -964,7 +964,7 @@ fn a_digest_kept_for_a_buffer_is_dropped_when_the_buffer_is_written() {
     let first = g.accel.digest().unwrap();
     assert_eq!(g.accel.replayer().digest_estimate(), Duration::ZERO);
     assert_eq!(g.accel.digest().unwrap(), first, "kept, and the same");
-    g.accel.resume();
+    g.accel.resume().unwrap();
     // A kernel writes buffer 2, then a free and an alloc remake it: each drops what was
     // kept for buffer 2, and only for it.
     assert_eq!(
@@ -981,7 +981,7 @@ fn a_digest_kept_for_a_buffer_is_dropped_when_the_buffer_is_written() {
     let copied = g.accel.digest().unwrap();
     assert_eq!(copied.0[0], first.0[0], "buffer 1 unchanged");
     assert_ne!(copied.0[1], first.0[1], "buffer 2 written by the kernel");
-    g.accel.resume();
+    g.accel.resume().unwrap();
     assert_eq!(g.run(op::FREE, &[2]), status::OK);
     assert_eq!(g.run(op::ALLOC, &[2, 2 * CHUNK_SIZE]), status::OK);
     g.accel.pause();
@@ -1777,7 +1777,7 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
     let ran_out = ReplayError::OutOfTime { index: 0, total: 1 };
     assert_eq!(dest.accel.replay(late, Instant::now()), Err(ran_out));
     assert_eq!(dest.accel.digest().unwrap(), want);
-    dest.accel.try_resume().unwrap();
+    dest.accel.resume().unwrap();
     assert_eq!(dest.run(op::LAUNCH, &short), status::OK);
 }
 
@@ -1795,7 +1795,7 @@ fn refuses_torn_memory(g: &FakeGuest, torn: TornMemory) {
     replayer.start_capture(CaptureLimits::default(), None);
     assert_eq!(replayer.take_log(), Err(CaptureError::Torn(torn)));
     replayer.stop_capture();
-    assert_eq!(g.accel.try_resume(), Err(torn));
+    assert_eq!(g.accel.resume(), Err(torn));
     // Not dead: it is ended as any device is.
     assert!(!g.accel.is_dead());
     g.accel.abort();

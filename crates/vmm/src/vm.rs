@@ -257,6 +257,9 @@ pub enum VmControlError {
     /// Dirty-page tracking failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The accelerator's memory was torn by a replay cut short; no guest may run on it.
+    #[error("the VM cannot run: its accelerator is torn")]
+    AcceleratorTorn(#[source] ferry_accel::replay::TornMemory),
 }
 
 /// A VM being filled before it first runs (the receiving side of a migration, or a
@@ -707,10 +710,11 @@ impl Microvm {
         if !matches!(self.state, RunState::Paused) {
             return Err(self.wrong_state("resume", "paused"));
         }
-        self.devices.clock.start();
+        // The device first: a torn one leaves the whole VM paused, clock included.
         if let Some(accel) = &self.devices.accel {
-            accel.resume();
+            accel.resume().map_err(VmControlError::AcceleratorTorn)?;
         }
+        self.devices.clock.start();
         self.devices.channel.open();
         for vcpu in &self.vcpus {
             vcpu.resume()?;

@@ -115,3 +115,59 @@ fn llm_decode_produces_tokens() {
     assert_eq!(value(&console, "tokens"), "24", "{console}");
     assert_eq!(value(&console, "checksum").len(), 16);
 }
+
+#[test]
+fn a_vm_whose_accelerator_a_replay_tore_stays_paused_and_says_why() {
+    use ferry_abi::accel::{op, status};
+    use ferry_accel::replay::ReplayError;
+    use ferry_migrate::replay::LoggedCommand;
+    use ferry_vmm::vm::VmControlError;
+    use std::time::Instant;
+
+    ferry_testdata::require_kvm!();
+    const BYTES: u64 = 192 << 20;
+    let image = ferry_guest_images::find("mlp-train")
+        .expect("built-in guest")
+        .elf;
+    let mut vm = Microvm::boot(CONFIG, image, &[], HostOptions::quiet()).expect("boot");
+    let accel = vm.accel().expect("an accelerator");
+    let far = Instant::now() + TIMEOUT;
+    let alloc = LoggedCommand {
+        opcode: op::ALLOC,
+        args: vec![900, BYTES],
+        payload: Vec::new(),
+        status: status::OK,
+    };
+    accel
+        .replay(vec![alloc], far)
+        .expect("the allocation replays");
+    // An upload cut at its deadline tears the memory. A deadline passed before the
+    // device starts it tears nothing (`OutOfTime`), so it grows until one lands inside.
+    let mut torn = None;
+    for ms in [1, 2, 4, 8, 16, 32] {
+        let upload = LoggedCommand {
+            opcode: op::UPLOAD,
+            args: vec![900, 0, 0, BYTES],
+            payload: vec![0x5a; BYTES as usize],
+            status: status::OK,
+        };
+        match accel.replay(vec![upload], Instant::now() + Duration::from_millis(ms)) {
+            Err(ReplayError::DeadlinePassed { index, opcode }) => {
+                torn = Some((index, opcode));
+                break;
+            }
+            Err(ReplayError::OutOfTime { .. }) => continue,
+            other => panic!("a {BYTES}-byte upload with {ms} ms to run: {other:?}"),
+        }
+    }
+    assert_eq!(torn, Some((0, op::UPLOAD)), "no replay was cut mid-upload");
+    match vm.resume() {
+        Err(VmControlError::AcceleratorTorn(t)) => assert_eq!((t.index, t.opcode), (0, op::UPLOAD)),
+        other => panic!("a VM on a torn accelerator resumed: {other:?}"),
+    }
+    // Still paused, not half-running: a second try says the same.
+    assert!(matches!(
+        vm.resume(),
+        Err(VmControlError::AcceleratorTorn(_))
+    ));
+}
