@@ -52,6 +52,11 @@ pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
 /// the end): a center runs at most this many at once. One more is told this host is busy
 /// until one ends.
 pub const MAX_INCOMING_SESSIONS: usize = 16;
+/// Incoming migrations that replay device commands at once: each may keep up to
+/// [`MAX_ROUND_COMMAND_BYTES`] × [`COMMAND_MEMORY_RATIO`] of them, far more than a
+/// pre-copy session holds, so a host bounds the sum. An `auto` offer past it is received
+/// by pre-copy; a `replay` one is told this host is busy.
+pub const MAX_REPLAY_SESSIONS: usize = 4;
 /// Longest name of the VM's workload in an offer (a built-in name, or a path on the
 /// source: `PATH_MAX`).
 pub const MAX_WORKLOAD_NAME: usize = 4095;
@@ -142,22 +147,32 @@ type DataConn = (Conn, TcpStream);
 /// Data connections waiting for their session's control connection.
 type Sessions = Arc<Mutex<HashMap<u64, Sender<(u8, DataConn)>>>>;
 
-/// The places of incoming sessions, at most [`MAX_INCOMING_SESSIONS`] taken at once.
-#[derive(Clone, Default)]
-struct SessionSlots(Arc<AtomicUsize>);
+/// The places of incoming sessions (or of those replaying), at most `limit` taken at once.
+#[derive(Clone)]
+struct SessionSlots {
+    taken: Arc<AtomicUsize>,
+    limit: usize,
+}
 
 /// A place taken among incoming sessions; dropping it gives it back.
 struct SessionSlot(Arc<AtomicUsize>);
 
 impl SessionSlots {
+    fn new(limit: usize) -> Self {
+        Self {
+            taken: Arc::default(),
+            limit,
+        }
+    }
+
     /// A place, if one is free.
     fn take(&self) -> Option<SessionSlot> {
-        self.0
+        self.taken
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_INCOMING_SESSIONS).then_some(n + 1)
+                (n < self.limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| SessionSlot(self.0.clone()))
+            .map(|_| SessionSlot(self.taken.clone()))
     }
 }
 
@@ -182,7 +197,8 @@ pub fn serve<F: TargetFactory>(listener: TcpListener, secret: Secret, factory: A
 /// [`crate::gate::MAX_HANDSHAKES_PER_PEER`]), has `HANDSHAKE_TIME` to finish, and
 /// may send only handshake-sized frames; one over the limits is closed at once. At most
 /// [`MAX_INCOMING_SESSIONS`] migrations are received at once: an offer past that is
-/// told this host is busy. Every incoming session's outcome is kept in `outcomes`, to settle in-doubt
+/// told this host is busy; of them, at most [`MAX_REPLAY_SESSIONS`] replay device
+/// commands. Every incoming session's outcome is kept in `outcomes`, to settle in-doubt
 /// switchovers.
 pub fn serve_with_tls<F: TargetFactory>(
     listener: TcpListener,
@@ -253,7 +269,8 @@ fn serve_until<F: TargetFactory>(
     stop: &mpsc::Receiver<()>,
 ) {
     let sessions: Sessions = Arc::default();
-    let slots = SessionSlots::default();
+    let slots = SessionSlots::new(MAX_INCOMING_SESSIONS);
+    let replay_slots = SessionSlots::new(MAX_REPLAY_SESSIONS);
     let gate = Gate::default();
     // The reaper stops when this loop does, and is waited for: a listener stopped leaves
     // no thread behind.
@@ -291,14 +308,14 @@ fn serve_until<F: TargetFactory>(
                 continue;
             }
         };
-        let (secret, tls, factory, sessions, slots, outcomes) = (
+        let (secret, tls, factory, sessions, outcomes) = (
             secret.clone(),
             tls.clone(),
             factory.clone(),
             sessions.clone(),
-            slots.clone(),
             outcomes.clone(),
         );
+        let (slots, replay_slots) = (slots.clone(), replay_slots.clone());
         let peer = peer_addr.to_string();
         let spawned = std::thread::Builder::new()
             .name("migrate-in".into())
@@ -307,6 +324,7 @@ fn serve_until<F: TargetFactory>(
                     factory: &*factory,
                     sessions: &sessions,
                     slots: &slots,
+                    replay_slots: &replay_slots,
                     outcomes: &outcomes,
                 };
                 if let Err(e) = handle_connection(stream, ticket, &secret, tls.as_ref(), shared) {
@@ -340,6 +358,8 @@ struct Shared<'a, F> {
     factory: &'a F,
     sessions: &'a Sessions,
     slots: &'a SessionSlots,
+    /// Of the sessions, those replaying device commands.
+    replay_slots: &'a SessionSlots,
     outcomes: &'a Outcomes,
 }
 
@@ -1156,13 +1176,30 @@ fn receive_vm<F: TargetFactory>(
     if let Err(e) = target.receive_files(&send_files) {
         return Err(refuse(&mut conn, error_chain(&e)));
     }
-    // Replay only with a device to replay on, and a target that can.
-    let replay = device != DeviceTransfer::Precopy && vm.accel_memory > 0 && target.can_replay();
-    if device == DeviceTransfer::Replay && !replay {
+    // Replay only with a device to replay on, a target that can, and a replay place.
+    let can_replay =
+        device != DeviceTransfer::Precopy && vm.accel_memory > 0 && target.can_replay();
+    if device == DeviceTransfer::Replay && !can_replay {
         return Err(refuse(
             &mut conn,
             "this host cannot replay the VM's device commands (ask for --device-transfer precopy or auto)".into(),
         ));
+    }
+    let replay_slot = can_replay.then(|| shared.replay_slots.take()).flatten();
+    if can_replay && replay_slot.is_none() {
+        if device == DeviceTransfer::Replay {
+            // Busy, not refused: it may come again once a replaying migration has ended.
+            let reason = format!(
+                "this host is replaying the device commands of {MAX_REPLAY_SESSIONS} migrations, its limit, until one ends (or ask for --device-transfer auto)"
+            );
+            let _ = conn.send(&Message::Busy {
+                reason: reason.clone(),
+            });
+            return Err(MigrationError::Busy(reason));
+        }
+        tracing::info!(
+            "{MAX_REPLAY_SESSIONS} incoming migrations replay device commands, the limit: this one moves device memory by pre-copy"
+        );
     }
     let mut file_sizes = vec![None; vm.files.len()];
     for &f in &send_files {
@@ -1189,7 +1226,7 @@ fn receive_vm<F: TargetFactory>(
         streams,
         send_files,
         file_sizes,
-        replay,
+        replay: replay_slot,
     };
     receive_session(conn, control_socket, shared, accepted, session)
 }
@@ -1239,8 +1276,8 @@ struct Accepted<'a, T> {
     send_files: Vec<u32>,
     /// Size of each offered file being sent (`None`: not sent), by offer index.
     file_sizes: Vec<Option<u64>>,
-    /// Whether the source may send device commands to replay.
-    replay: bool,
+    /// The session's replay place, if the source may send device commands to replay.
+    replay: Option<SessionSlot>,
 }
 
 /// The rest of [`receive_vm`] once the session exists: the VM runs here and is adopted
@@ -1252,7 +1289,9 @@ fn receive_session<F: TargetFactory>(
     accepted: Accepted<'_, F::Target>,
     session: u64,
 ) -> Result<(), MigrationError> {
-    let (started, streams, replay) = (accepted.started, accepted.streams, accepted.replay);
+    // The replay place is held to the session's end.
+    let (started, streams, replay_slot) = (accepted.started, accepted.streams, accepted.replay);
+    let replay = replay_slot.is_some();
     let sessions = shared.sessions;
     let (tx, rx) = channel();
     sessions.lock().expect("sessions lock").insert(session, tx);

@@ -10,14 +10,18 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use ferry_migrate::receive::{
-    MAX_EXTRA_ENTRIES, MAX_EXTRA_VALUE, MAX_INCOMING_SESSIONS, MAX_WORKLOAD_NAME,
+    MAX_EXTRA_ENTRIES, MAX_EXTRA_VALUE, MAX_INCOMING_SESSIONS, MAX_REPLAY_SESSIONS,
+    MAX_WORKLOAD_NAME,
 };
 use ferry_migrate::vm::PAGE_SIZE;
 use ferry_migrate::wire::{Message, StreamRole, MAX_DATA_FRAME};
 use ferry_migrate::{
-    ChunkKey, ChunkOrigin, DeviceBuffer, FileOffer, MigrationError, Settlement, VmDescription,
+    ChunkKey, ChunkOrigin, DeviceBuffer, DeviceTransfer, FileOffer, MigrationError, Settlement,
+    VmDescription,
 };
-use hostile::{abort_reason, assert_applied, offer, Destination, MIB, PATIENCE};
+use hostile::{
+    abort_reason, assert_applied, offer, offer_moving_device, Destination, MIB, PATIENCE,
+};
 use sha2::{Digest, Sha256};
 
 /// Frame kinds and flags of the wire format (see `wire.rs`).
@@ -333,6 +337,52 @@ fn a_host_receives_a_bounded_number_of_migrations_at_once() {
                 std::thread::sleep(Duration::from_millis(50))
             }
             other => panic!("expected accept once a place was free, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_host_replays_the_device_commands_of_a_bounded_number_of_migrations_at_once() {
+    let dest = Destination::start();
+    let with_device = || memory_vm::description("hostile", MIB, MIB);
+    let ask = |device| {
+        let mut c = dest.connect(StreamRole::Control);
+        c.send(&offer_moving_device(with_device(), 1, device))
+            .unwrap();
+        let answer = c.expect_control("an answer");
+        (c, answer)
+    };
+    // Replaying sessions waiting for their data streams: every replay place taken.
+    let mut held: Vec<_> = (0..MAX_REPLAY_SESSIONS)
+        .map(|_| match ask(DeviceTransfer::Replay) {
+            (c, Ok(Message::Accept { replay: true, .. })) => c,
+            (_, other) => panic!("expected a replay accepted, got {other:?}"),
+        })
+        .collect();
+    // One more asking for replay is told the host is busy, saying why.
+    match ask(DeviceTransfer::Replay) {
+        (_, Ok(Message::Busy { reason })) => assert!(
+            reason.contains("replaying the device commands of"),
+            "{reason}"
+        ),
+        (_, other) => panic!("expected busy, got {other:?}"),
+    }
+    // One leaving the choice to the host is received by pre-copy.
+    let (_precopy, answer) = ask(DeviceTransfer::Auto);
+    assert!(
+        matches!(answer, Ok(Message::Accept { replay: false, .. })),
+        "expected a pre-copy accepted, got {answer:?}"
+    );
+    // A replaying session that ends gives its place back.
+    drop(held.pop());
+    let since = Instant::now();
+    loop {
+        match ask(DeviceTransfer::Replay) {
+            (_, Ok(Message::Accept { replay: true, .. })) => break,
+            (_, Ok(Message::Busy { .. })) if since.elapsed() < PATIENCE => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            (_, other) => panic!("expected a replay accepted once a place was free, got {other:?}"),
         }
     }
 }

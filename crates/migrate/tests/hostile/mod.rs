@@ -65,6 +65,11 @@ impl MigrationTarget for SlowVm {
     fn resume(&self) -> Result<(), VmError> {
         self.vm.resume()
     }
+    /// Agreed to, for the tests of which offers may replay; none of them sends commands
+    /// (a replay here fails as the trait's default does).
+    fn can_replay(&self) -> bool {
+        true
+    }
 }
 
 pub struct Factory {
@@ -185,12 +190,17 @@ impl Destination {
 
 /// An offer to send `vm` live over `streams` data streams.
 pub fn offer(vm: VmDescription, streams: u8) -> Message {
+    offer_moving_device(vm, streams, DeviceTransfer::Precopy)
+}
+
+/// An offer as [`offer`]'s, asking to move device memory by `device`.
+pub fn offer_moving_device(vm: VmDescription, streams: u8, device: DeviceTransfer) -> Message {
     Message::Offer {
         vm,
         streams,
         transfer: Transfer::Live,
         files: FileTransfer::Reuse,
-        device: DeviceTransfer::Precopy,
+        device,
     }
 }
 
