@@ -776,7 +776,9 @@ fn replay_moves_a_device_that_rewrites_itself_every_step_bit_for_bit() {
     let source = Source::start(2);
     std::thread::sleep(Duration::from_millis(20));
     let dest = Destination::start(Replayer::Faithful);
-    let (report, target) = migrate_whole(&source, &dest, &reaching_switchover());
+    // A loaded machine may slow rounds of replay down for a while: this is of what
+    // moves, so the pause target is one it meets however slow.
+    let (report, target) = migrate_whole(&source, &dest, &surely_reaching_switchover());
     assert_eq!(report.device_transfer, "replay", "{:?}", report.replay);
     let replay = report.replay.expect("a replay report");
     assert!(replay.fell_back.is_none());
