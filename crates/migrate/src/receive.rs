@@ -55,7 +55,9 @@ pub const MAX_INCOMING_SESSIONS: usize = 16;
 /// Incoming migrations that replay device commands at once: each may keep up to
 /// [`MAX_ROUND_COMMAND_BYTES`] × [`COMMAND_MEMORY_RATIO`] of them, far more than a
 /// pre-copy session holds, so a host bounds the sum. An `auto` offer past it is received
-/// by pre-copy; a `replay` one is told this host is busy.
+/// by pre-copy; a `replay` one is told this host is busy. An `auto` session holds its
+/// place to its end, replaying or not (the source decides later, and the destination
+/// must have the room by then).
 pub const MAX_REPLAY_SESSIONS: usize = 4;
 /// Longest name of the VM's workload in an offer (a built-in name, or a path on the
 /// source: `PATH_MAX`).
@@ -1165,41 +1167,45 @@ fn receive_vm<F: TargetFactory>(
     if let Err(reason) = validate_offer(&vm, streams) {
         return Err(refuse(&mut conn, format!("invalid offer: {reason}")));
     }
+    // A replay place is taken before the costly work (a VM prepared, files hashed and
+    // room made for them in the store): an offer that must replay and finds none costs
+    // this host nothing more.
+    let wants_replay = device != DeviceTransfer::Precopy && vm.accel_memory > 0;
+    let replay_slot = wants_replay.then(|| shared.replay_slots.take()).flatten();
+    if device == DeviceTransfer::Replay && wants_replay && replay_slot.is_none() {
+        // Busy, not refused: it may come again once a replaying migration has ended.
+        let reason = format!(
+            "this host is replaying the device commands of {MAX_REPLAY_SESSIONS} migrations, its limit, until one ends (or ask for --device-transfer auto)"
+        );
+        let _ = conn.send(&Message::Busy {
+            reason: reason.clone(),
+        });
+        return Err(MigrationError::Busy(reason));
+    }
     let target = match factory.prepare(&vm) {
         Ok(t) => t,
         Err(e) => return Err(refuse(&mut conn, error_chain(&e))),
     };
-    let send_files = match files_to_send(&vm, &target, file_transfer) {
-        Ok(files) => files,
-        Err(reason) => return Err(refuse(&mut conn, reason)),
-    };
-    if let Err(e) = target.receive_files(&send_files) {
-        return Err(refuse(&mut conn, error_chain(&e)));
-    }
     // Replay only with a device to replay on, a target that can, and a replay place.
-    let can_replay =
-        device != DeviceTransfer::Precopy && vm.accel_memory > 0 && target.can_replay();
+    let can_replay = wants_replay && target.can_replay();
     if device == DeviceTransfer::Replay && !can_replay {
         return Err(refuse(
             &mut conn,
             "this host cannot replay the VM's device commands (ask for --device-transfer precopy or auto)".into(),
         ));
     }
-    let replay_slot = can_replay.then(|| shared.replay_slots.take()).flatten();
+    let replay_slot = replay_slot.filter(|_| can_replay);
     if can_replay && replay_slot.is_none() {
-        if device == DeviceTransfer::Replay {
-            // Busy, not refused: it may come again once a replaying migration has ended.
-            let reason = format!(
-                "this host is replaying the device commands of {MAX_REPLAY_SESSIONS} migrations, its limit, until one ends (or ask for --device-transfer auto)"
-            );
-            let _ = conn.send(&Message::Busy {
-                reason: reason.clone(),
-            });
-            return Err(MigrationError::Busy(reason));
-        }
         tracing::info!(
             "{MAX_REPLAY_SESSIONS} incoming migrations replay device commands, the limit: this one moves device memory by pre-copy"
         );
+    }
+    let send_files = match files_to_send(&vm, &target, file_transfer) {
+        Ok(files) => files,
+        Err(reason) => return Err(refuse(&mut conn, reason)),
+    };
+    if let Err(e) = target.receive_files(&send_files) {
+        return Err(refuse(&mut conn, error_chain(&e)));
     }
     let mut file_sizes = vec![None; vm.files.len()];
     for &f in &send_files {

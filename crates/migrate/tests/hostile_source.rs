@@ -359,7 +359,14 @@ fn a_host_replays_the_device_commands_of_a_bounded_number_of_migrations_at_once(
             (_, other) => panic!("expected a replay accepted, got {other:?}"),
         })
         .collect();
-    // One more asking for replay is told the host is busy, saying why.
+    // One more asking for replay is told the host is busy, saying why, before a VM is
+    // prepared for it.
+    let prepared = || {
+        dest.factory
+            .prepared
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = prepared();
     match ask(DeviceTransfer::Replay) {
         (_, Ok(Message::Busy { reason })) => assert!(
             reason.contains("replaying the device commands of"),
@@ -367,6 +374,11 @@ fn a_host_replays_the_device_commands_of_a_bounded_number_of_migrations_at_once(
         ),
         (_, other) => panic!("expected busy, got {other:?}"),
     }
+    assert_eq!(
+        prepared(),
+        before,
+        "a VM was prepared for an offer told busy"
+    );
     // One leaving the choice to the host is received by pre-copy.
     let (_precopy, answer) = ask(DeviceTransfer::Auto);
     assert!(
