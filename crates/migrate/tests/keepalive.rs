@@ -184,7 +184,12 @@ fn a_destination_at_work_on_a_round_for_ever_is_given_up_on_and_the_vm_runs_on()
         limit > IDLE_LIMIT + KEEPALIVE_EVERY && limit < IDLE_LIMIT * 2,
         "{limit:?}"
     );
-    assert!(waited >= limit && waited < limit + IDLE_LIMIT, "{waited:?}");
+    // The ceiling, and the handshake, round 0 and the abort on a loaded machine (before
+    // it, the wait lasted as long as the destination went on: over 20 s).
+    assert!(
+        waited >= limit && waited < limit + 3 * IDLE_LIMIT,
+        "{waited:?}"
+    );
     // Every keepalive was taken for work, until the ceiling.
     assert!(keepalives >= 4, "{keepalives} keepalives");
     assert!(!source.paused.load(Ordering::SeqCst), "the VM is paused");
@@ -219,7 +224,7 @@ fn a_cancel_ends_the_wait_for_a_destination_at_work_at_its_next_keepalive() {
         other => panic!("expected Cancelled, got {other:?}"),
     }
     assert!(
-        ended - cancelled_at < KEEPALIVE_EVERY * 3,
+        ended - cancelled_at < KEEPALIVE_EVERY * 5,
         "ended {:?} after the cancel",
         ended - cancelled_at
     );
