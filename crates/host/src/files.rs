@@ -211,6 +211,13 @@ pub struct ReceivingPin {
     sha256: Vec<String>,
 }
 
+impl ReceivingPin {
+    /// Whether it pins any store file.
+    pub(crate) fn pins_any(&self) -> bool {
+        !self.sha256.is_empty()
+    }
+}
+
 /// A store file eviction may delete: named by its content, a regular file, its only
 /// name.
 #[derive(Debug)]

@@ -30,6 +30,7 @@ use ferry_migrate::{
     error_chain, FileTransfer, MigrationError, MigrationOptions, Mode, Outcomes, Progress, Secret,
     Settlement, VmError,
 };
+use ferry_vmm::files::AttachError;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
 use capacity::{Amount, Ledger, Reservation};
@@ -241,6 +242,10 @@ pub const ENDED_VMS_KEPT_FOR: Duration = Duration::from_secs(3600);
 pub const IN_DOUBT_PATIENCE: Duration = Duration::from_secs(600);
 /// Settle attempts kept in a migration's status.
 const MAX_SETTLEMENT_LINES: usize = 20;
+/// Times a create looks again for a store file it attaches that is missing, and how long
+/// apart: an eviction that finds it pinned puts it back within microseconds.
+const STORE_FILE_RETRIES: u32 = 10;
+const STORE_FILE_RETRY_WAIT: Duration = Duration::from_millis(10);
 
 /// Who answered a settle question, and the answer; or why there is none yet. `direct` is
 /// the destination's own answer; `through_center` asks the center (`None` without one),
@@ -770,7 +775,7 @@ impl Host {
         let paths: Vec<&Path> = specs.iter().map(|(_, path)| path.as_path()).collect();
         let pin = FileStore::new(self.config.file_store.clone(), self.config.attach.clone())
             .pin_attached(&paths);
-        let files = AttachedFiles::open(&specs).map_err(|e| {
+        let files = open_attached(&specs, &pin).map_err(|e| {
             HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e)))
         })?;
         Ok((files, pin))
@@ -1334,6 +1339,30 @@ impl Receiver {
     }
 }
 
+/// Opens the files `specs` names for a VM being created, `pin` keeping those in the file
+/// store. An eviction that moved a store file aside just before the pin puts it back at
+/// once, finding it pinned: a file missing from a create that attaches store files is
+/// looked for again, briefly.
+fn open_attached(
+    specs: &[(String, PathBuf)],
+    pin: &ReceivingPin,
+) -> Result<AttachedFiles, AttachError> {
+    let mut retries = STORE_FILE_RETRIES;
+    loop {
+        match AttachedFiles::open(specs) {
+            Err(AttachError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && pin.pins_any()
+                    && retries > 0 =>
+            {
+                retries -= 1;
+                std::thread::sleep(STORE_FILE_RETRY_WAIT);
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// What a panic carried, if it was a message.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
@@ -1714,6 +1743,50 @@ mod tests {
         );
         a.shutdown();
         b.shutdown();
+    }
+
+    #[test]
+    fn a_store_file_an_eviction_has_just_moved_aside_is_found_once_it_is_put_back() {
+        let store = std::env::temp_dir().join(format!("ferry-attach-aside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&store);
+        std::fs::create_dir_all(&store).unwrap();
+        let content = b"weights an eviction moved aside".to_vec();
+        let sha256: String = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&content)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let stored = store.join(format!("sha256-{sha256}"));
+        let aside = store.join("moved-aside");
+        std::fs::write(&aside, &content).unwrap();
+        let files = FileStore::new(store.clone(), AttachPolicy::Anywhere);
+        let specs = |path: &Path| vec![("model".to_string(), path.to_path_buf())];
+        // Admitted while it was there; aside as the create opens it, and back soon.
+        let pin = files.pin_attached(&[stored.as_path()]);
+        assert!(pin.pins_any());
+        let putting_back = {
+            let (aside, stored) = (aside.clone(), stored.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(STORE_FILE_RETRY_WAIT);
+                std::fs::rename(aside, stored).unwrap();
+            })
+        };
+        let opened = open_attached(&specs(&stored), &pin).expect("the store file, once back");
+        putting_back.join().unwrap();
+        assert_eq!(opened.infos()[0].sha256, sha256);
+        // One gone for good is still refused, as is a file outside the store at once.
+        std::fs::remove_file(&stored).unwrap();
+        let started = std::time::Instant::now();
+        assert!(open_attached(&specs(&stored), &pin).is_err());
+        assert!(started.elapsed() >= STORE_FILE_RETRY_WAIT * STORE_FILE_RETRIES);
+        let elsewhere = store.join("not-in-the-store");
+        let unpinned = files.pin_attached(&[elsewhere.as_path()]);
+        assert!(!unpinned.pins_any());
+        assert!(open_attached(&specs(&elsewhere), &unpinned).is_err());
+        drop((pin, unpinned));
+        std::fs::remove_dir_all(&store).unwrap();
     }
 
     #[test]
