@@ -4,12 +4,13 @@
 //! each full, `read-only` or `serving` (the OpenAI API only); the file is read again
 //! within [`TOKEN_FILE_CHECK_EVERY`] of a change, so tokens can be added and retired
 //! without a restart. A thread of its own reads it: a request's token lookup never waits
-//! on the file system, however slow or hung. Tokens are compared in constant time.
+//! on the file system, however slow or hung (a lookup says once, as a warning, that the
+//! file has not been read for a while). Tokens are compared in constant time.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::State;
 use axum::http::{Method, StatusCode};
@@ -22,6 +23,9 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 
 /// How often the token file is looked at (one `stat`) for a change.
 pub const TOKEN_FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Checks of the token file missed before a lookup warns that its reading is stuck.
+const CHECKS_MISSED_STUCK: u32 = 10;
 
 /// What a token allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,8 +215,10 @@ impl TokenFile {
         current: Arc<RwLock<TokenSet>>,
         every: Duration,
         asks: mpsc::Receiver<mpsc::Sender<()>>,
+        progress: Arc<WatchProgress>,
     ) {
         loop {
+            progress.checked();
             let asked = match asks.recv_timeout(every) {
                 Ok(done) => Some(done),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -229,10 +235,70 @@ impl TokenFile {
     }
 }
 
+/// When the watcher of a token file last went through its loop: a file system that hangs
+/// holds it in a read, unseen but for this.
+struct WatchProgress {
+    path: PathBuf,
+    since: Instant,
+    /// Milliseconds from `since` to the watcher's last pass.
+    passed_ms: AtomicU64,
+    /// How long without a pass is stuck.
+    stuck_after: Duration,
+    /// Whether the stall now going on was reported.
+    reported: AtomicBool,
+}
+
+impl WatchProgress {
+    fn new(path: &Path, every: Duration) -> Self {
+        Self {
+            path: path.to_owned(),
+            since: Instant::now(),
+            passed_ms: AtomicU64::new(0),
+            stuck_after: every * CHECKS_MISSED_STUCK,
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    fn ms_since_start(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The watcher went through its loop.
+    fn checked(&self) {
+        self.passed_ms
+            .store(self.ms_since_start(), Ordering::Relaxed);
+        if self.reported.swap(false, Ordering::Relaxed) {
+            tracing::info!(path = %self.path.display(), "the API token file is read again");
+        }
+    }
+
+    /// How long the watcher has been stuck, if it is.
+    fn stuck_for(&self) -> Option<Duration> {
+        let passed = self.passed_ms.load(Ordering::Relaxed);
+        let idle = Duration::from_millis(self.ms_since_start().saturating_sub(passed));
+        (idle > self.stuck_after).then_some(idle)
+    }
+
+    /// Warns once per stall that the file is not being read.
+    fn report_if_stuck(&self) {
+        if let Some(idle) = self.stuck_for() {
+            if !self.reported.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "the API token file has not been read for {} s (its file system may hang): changes to it are not seen, and the tokens read before stay",
+                    idle.as_secs()
+                );
+            }
+        }
+    }
+}
+
 /// A token file's current tokens, kept so by a watcher thread.
 struct WatchedFile {
     /// Replaced whole by the watcher; a lookup holds the read guard only to clone it.
     current: Arc<RwLock<TokenSet>>,
+    /// The watcher's last pass, for a lookup to notice it stuck.
+    progress: Arc<WatchProgress>,
     /// Held for its drop, which ends the watcher (tests ask through it for a check now).
     _watcher: mpsc::Sender<mpsc::Sender<()>>,
 }
@@ -263,15 +329,18 @@ impl Tokens {
                 let current = Arc::new(RwLock::new(read.tokens.clone()));
                 let (asks, asked) = mpsc::channel();
                 let shared = current.clone();
+                let progress = Arc::new(WatchProgress::new(path, every));
+                let passes = progress.clone();
                 std::thread::Builder::new()
                     .name("ferry-tokens".into())
-                    .spawn(move || read.watch(shared, every, asked))
+                    .spawn(move || read.watch(shared, every, asked, passes))
                     .map_err(|source| TokenFileError::Watch {
                         path: path.to_owned(),
                         source,
                     })?;
                 Some(WatchedFile {
                     current,
+                    progress,
                     _watcher: asks,
                 })
             }
@@ -286,12 +355,23 @@ impl Tokens {
             return Some(access);
         }
         let file = self.file.as_ref()?;
+        file.progress.report_if_stuck();
         let current = file
             .current
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         current.iter().find(matches).map(|&(_, access)| access)
+    }
+
+    /// How long the watcher has been stuck in a read, if it is.
+    #[cfg(test)]
+    fn watcher_stuck_for(&self) -> Option<Duration> {
+        self.file
+            .as_ref()
+            .expect("a token file")
+            .progress
+            .stuck_for()
     }
 
     /// Has the watcher check the token file now, and waits until it has (tests: no wait
@@ -604,6 +684,17 @@ mod tests {
             .expect("the pipe is read")
             .unwrap();
         let answer = looked_up(b"old-token-0123456789abc").recv_timeout(Duration::from_secs(1));
+        // The watcher is seen stuck (and a lookup warns) once ten checks are missed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let stuck = loop {
+            if let Some(stuck) = tokens.watcher_stuck_for() {
+                break Some(stuck);
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         // Whatever the answer, the reader is let go before the assertion.
         std::fs::write(dir.join("next"), "new-token-0123456789abc\n").unwrap();
         std::fs::rename(dir.join("next"), &path).unwrap();
@@ -612,6 +703,10 @@ mod tests {
             answer.expect("a lookup answers while the file's read hangs"),
             Some(Access::Full),
             "the tokens read before stay"
+        );
+        assert!(
+            stuck.is_some_and(|s| s >= Duration::from_millis(50)),
+            "{stuck:?}"
         );
         // The watcher is not stuck for good: the next version is read.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -623,6 +718,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        while tokens.watcher_stuck_for().is_some() {
+            assert!(std::time::Instant::now() < deadline, "the watcher goes on");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
