@@ -78,8 +78,8 @@ pub enum MigrationError {
     #[error("authentication failed: {0}")]
     Auth(String),
     /// The destination is at a limit that passes: too many connections authenticating
-    /// (the source retries a few times before it reports this), or as many migrations
-    /// being received as it takes.
+    /// (the source retries a few times before it reports this), as many migrations
+    /// being received as it takes, or (asked to replay) as many that may replay.
     #[error("the destination is busy: {0}; try again shortly")]
     Busy(String),
     /// The destination refused the VM.

@@ -28,7 +28,7 @@ use crate::vm::{
     MigrationTarget, VmDescription, VmError, MAX_CHUNK_BYTES, PAGE_SIZE,
 };
 use crate::wire::{
-    Frame, FrameStream, Message, StreamRole, MAX_CONTROL_BYTES, MAX_DATA_FRAME,
+    Frame, FrameStream, Message, StreamRole, Transfer, MAX_CONTROL_BYTES, MAX_DATA_FRAME,
     MAX_DATA_STREAM_CONTROL, MAX_HANDSHAKE_FRAME, MAX_RUN_PAGES,
 };
 use crate::MigrationError;
@@ -52,9 +52,9 @@ pub(crate) const MAX_ROUND_COMMAND_BYTES: u64 = 512 << 20;
 /// the end): a center runs at most this many at once. One more is told this host is busy
 /// until one ends.
 pub const MAX_INCOMING_SESSIONS: usize = 16;
-/// Incoming migrations that replay device commands at once: each may keep up to
-/// [`MAX_ROUND_COMMAND_BYTES`] × [`COMMAND_MEMORY_RATIO`] of them, far more than a
-/// pre-copy session holds, so a host bounds the sum. An `auto` offer past it is received
+/// Incoming live migrations that may replay device commands at once: each may keep up to
+/// 768 MiB of them (`MAX_ROUND_COMMAND_BYTES` × `COMMAND_MEMORY_RATIO`), far more than
+/// a pre-copy session holds, so a host bounds the sum. An `auto` offer past it is received
 /// by pre-copy; a `replay` one is told this host is busy. An `auto` session holds its
 /// place to its end, replaying or not (the source decides later, and the destination
 /// must have the room by then).
@@ -469,11 +469,18 @@ fn handle_connection<F: TargetFactory>(
             Message::Offer {
                 vm,
                 streams,
+                transfer,
                 files,
                 device,
-                ..
             } => {
-                let result = receive_vm(conn, keep, shared, (vm, streams, files, device));
+                let offer = Offered {
+                    vm,
+                    streams,
+                    transfer,
+                    files,
+                    device,
+                };
+                let result = receive_vm(conn, keep, shared, offer);
                 drop(slot);
                 if let Err(e) = &result {
                     let e = error_chain(e);
@@ -1152,30 +1159,48 @@ fn collect_streams(
     Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
 }
 
+/// What an offer asks for.
+struct Offered {
+    vm: VmDescription,
+    streams: u8,
+    transfer: Transfer,
+    files: FileTransfer,
+    device: DeviceTransfer,
+}
+
 /// Receives the VM `offer`ed on an authenticated control connection.
 fn receive_vm<F: TargetFactory>(
     mut conn: Conn,
     control_socket: TcpStream,
     shared: Shared<'_, F>,
-    offer: (VmDescription, u8, FileTransfer, DeviceTransfer),
+    offer: Offered,
 ) -> Result<(), MigrationError> {
     let Shared {
         factory, outcomes, ..
     } = shared;
     let started = Instant::now();
-    let (vm, streams, file_transfer, device) = offer;
+    let Offered {
+        vm,
+        streams,
+        transfer,
+        files: file_transfer,
+        device,
+    } = offer;
     if let Err(reason) = validate_offer(&vm, streams) {
         return Err(refuse(&mut conn, format!("invalid offer: {reason}")));
     }
     // A replay place is taken before the costly work (a VM prepared, files hashed and
     // room made for them in the store): an offer that must replay and finds none costs
-    // this host nothing more.
-    let wants_replay = device != DeviceTransfer::Precopy && vm.accel_memory > 0;
+    // this host nothing more. (A host that turns out unable to replay would rather
+    // refuse it, but it can replay whenever the VM has device memory.) Stop-and-copy
+    // never replays: it takes no place.
+    let wants_replay =
+        device != DeviceTransfer::Precopy && vm.accel_memory > 0 && transfer == Transfer::Live;
     let replay_slot = wants_replay.then(|| shared.replay_slots.take()).flatten();
     if device == DeviceTransfer::Replay && wants_replay && replay_slot.is_none() {
         // Busy, not refused: it may come again once a replaying migration has ended.
         let reason = format!(
-            "this host is replaying the device commands of {MAX_REPLAY_SESSIONS} migrations, its limit, until one ends (or ask for --device-transfer auto)"
+            "this host receives {MAX_REPLAY_SESSIONS} migrations that may replay device commands, its limit, until one ends (or ask for --device-transfer auto)"
         );
         let _ = conn.send(&Message::Busy {
             reason: reason.clone(),
@@ -1197,7 +1222,7 @@ fn receive_vm<F: TargetFactory>(
     let replay_slot = replay_slot.filter(|_| can_replay);
     if can_replay && replay_slot.is_none() {
         tracing::info!(
-            "{MAX_REPLAY_SESSIONS} incoming migrations replay device commands, the limit: this one moves device memory by pre-copy"
+            "{MAX_REPLAY_SESSIONS} incoming migrations may replay device commands, the limit: this one moves device memory by pre-copy"
         );
     }
     let send_files = match files_to_send(&vm, &target, file_transfer) {

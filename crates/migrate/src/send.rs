@@ -1469,8 +1469,8 @@ pub fn migrate_vm(
             replay,
         } => (session, send_files, replay),
         Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
-        // Receiving as many migrations as it takes: not retried here, as one ends in
-        // minutes, but reported as the passing state it is.
+        // Receiving as many migrations (or replaying ones) as it takes: not retried
+        // here, as one ends in minutes, but reported as the passing state it is.
         Message::Busy { reason } => return Err(MigrationError::Busy(reason)),
         other => return Err(MigrationError::unexpected("accept or refuse", &other)),
     };

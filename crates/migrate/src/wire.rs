@@ -201,7 +201,8 @@ pub enum Message {
     },
     /// Instead of a challenge: too many connections are authenticating now (from this
     /// peer, or in all); or instead of an answer to an offer: the host receives as many
-    /// migrations as it takes. Connect again shortly.
+    /// migrations as it takes (or, to an offer that must replay, as many that may
+    /// replay). Connect again shortly.
     Busy {
         /// Which limit was reached.
         reason: String,

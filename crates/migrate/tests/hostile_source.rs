@@ -352,6 +352,19 @@ fn a_host_replays_the_device_commands_of_a_bounded_number_of_migrations_at_once(
         let answer = c.expect_control("an answer");
         (c, answer)
     };
+    // A stop-and-copy never replays: it takes no replay place.
+    let mut stop_and_copy = offer_moving_device(with_device(), 1, DeviceTransfer::Auto);
+    if let Message::Offer { transfer, .. } = &mut stop_and_copy {
+        *transfer = ferry_migrate::wire::Transfer::StopAndCopy;
+    }
+    let mut c = dest.connect(StreamRole::Control);
+    c.send(&stop_and_copy).unwrap();
+    let answer = c.expect_control("an answer");
+    assert!(
+        matches!(answer, Ok(Message::Accept { replay: false, .. })),
+        "expected a stop-and-copy accepted, got {answer:?}"
+    );
+    let _stop_and_copy = c;
     // Replaying sessions waiting for their data streams: every replay place taken.
     let mut held: Vec<_> = (0..MAX_REPLAY_SESSIONS)
         .map(|_| match ask(DeviceTransfer::Replay) {
@@ -369,7 +382,7 @@ fn a_host_replays_the_device_commands_of_a_bounded_number_of_migrations_at_once(
     let before = prepared();
     match ask(DeviceTransfer::Replay) {
         (_, Ok(Message::Busy { reason })) => assert!(
-            reason.contains("replaying the device commands of"),
+            reason.contains("migrations that may replay device commands"),
             "{reason}"
         ),
         (_, other) => panic!("expected busy, got {other:?}"),
