@@ -665,7 +665,13 @@ impl HostedVm {
             let mut control = self.control();
             // A switchover that began meanwhile took the pause over: it stays.
             if let (Hold::Throttle { .. }, Some(vm)) = (control.hold, control.vm.as_mut()) {
-                let _ = vm.resume();
+                // A guest that ended in the pause is not `Paused` (its end is noticed
+                // by the watcher); anything else leaves it stopped, and says so.
+                if let Err(e) = vm.resume() {
+                    if matches!(vm.run_state(), RunState::Paused) {
+                        tracing::error!(vm = %self.id, "the VM could not run again after a throttle pause: {e}");
+                    }
+                }
                 control.hold = Hold::Free;
             }
         }

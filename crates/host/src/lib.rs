@@ -1347,7 +1347,15 @@ fn open_attached(
     specs: &[(String, PathBuf)],
     pin: &ReceivingPin,
 ) -> Result<AttachedFiles, AttachError> {
-    let mut retries = STORE_FILE_RETRIES;
+    open_attached_retrying(specs, pin, STORE_FILE_RETRIES)
+}
+
+/// [`open_attached`], looking again at most `retries` times.
+fn open_attached_retrying(
+    specs: &[(String, PathBuf)],
+    pin: &ReceivingPin,
+    mut retries: u32,
+) -> Result<AttachedFiles, AttachError> {
     loop {
         match AttachedFiles::open(specs) {
             Err(AttachError::Read { source, .. })
@@ -1773,7 +1781,9 @@ mod tests {
                 std::fs::rename(aside, stored).unwrap();
             })
         };
-        let opened = open_attached(&specs(&stored), &pin).expect("the store file, once back");
+        // Patient enough for a put-back thread a loaded machine runs late.
+        let opened =
+            open_attached_retrying(&specs(&stored), &pin, 1000).expect("the store file, once back");
         putting_back.join().unwrap();
         assert_eq!(opened.infos()[0].sha256, sha256);
         // One gone for good is still refused, as is a file outside the store at once.
