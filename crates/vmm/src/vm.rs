@@ -705,7 +705,8 @@ impl Microvm {
         }
     }
 
-    /// Runs a paused VM.
+    /// Runs a paused VM; one whose accelerator a replay tore stays paused, whole
+    /// ([`VmControlError::AcceleratorTorn`]).
     pub fn resume(&mut self) -> Result<(), VmControlError> {
         if !matches!(self.state, RunState::Paused) {
             return Err(self.wrong_state("resume", "paused"));
