@@ -934,16 +934,14 @@ impl Drop for Part {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::AttachDir;
 
-    fn sha(bytes: &[u8]) -> String {
+    /// The hex SHA-256 of `bytes`, as a store file is named.
+    pub(crate) fn sha(bytes: &[u8]) -> String {
         use sha2::{Digest, Sha256};
-        Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        ferry_vmm::files::hex(&Sha256::digest(bytes))
     }
 
     fn dir(tag: &str) -> PathBuf {

@@ -1759,13 +1759,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&store);
         std::fs::create_dir_all(&store).unwrap();
         let content = b"weights an eviction moved aside".to_vec();
-        let sha256: String = {
-            use sha2::{Digest, Sha256};
-            Sha256::digest(&content)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        };
+        let sha256 = crate::files::tests::sha(&content);
         let stored = store.join(format!("sha256-{sha256}"));
         let aside = store.join("moved-aside");
         std::fs::write(&aside, &content).unwrap();
@@ -1808,13 +1802,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&store);
         std::fs::create_dir_all(&store).unwrap();
         let content = b"weights attached straight from the store".to_vec();
-        let sha256: String = {
-            use sha2::{Digest, Sha256};
-            Sha256::digest(&content)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        };
+        let sha256 = crate::files::tests::sha(&content);
         let stored = store.join(format!("sha256-{sha256}"));
         std::fs::write(&stored, &content).unwrap();
         let host = Host::new(HostConfig {

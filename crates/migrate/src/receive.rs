@@ -360,7 +360,7 @@ struct Shared<'a, F> {
     factory: &'a F,
     sessions: &'a Sessions,
     slots: &'a SessionSlots,
-    /// Of the sessions, those replaying device commands.
+    /// Of the sessions, the live ones that may replay device commands.
     replay_slots: &'a SessionSlots,
     outcomes: &'a Outcomes,
 }
