@@ -1321,17 +1321,21 @@ impl Accelerator {
         Ok(())
     }
 
-    /// The device state, less buffer contents. Pause the device first.
-    pub fn save_state(&self) -> AccelState {
+    /// The device state, less buffer contents. Pause the device first. A torn device has
+    /// no state worth keeping: its memory is neither the old nor the new.
+    pub fn save_state(&self) -> Result<AccelState, TornMemory> {
+        if let Life::Torn(torn) = self.control().life {
+            return Err(torn);
+        }
         let core = self.core();
-        AccelState {
+        Ok(AccelState {
             backend_kind: core.backend.kind().to_string(),
             kernel_version: core.backend.kernel_version(),
             capacity: core.capacity,
             ring_gpa: core.ring.gpa(),
             tail: core.tail,
             buffers: self.map().table(),
-        }
+        })
     }
 
     /// See [`DeviceTracker::written_chunks`].

@@ -538,7 +538,7 @@ fn paused_device_state_and_chunks_restore_into_a_new_device() {
     g.accel.pause();
     // Submitted while paused: stays in the ring and runs after the restore.
     let pending = g.submit(op::LAUNCH, &[kernel::SCALE, 5, n, f32::to_bits(2.0) as u64]);
-    let state = g.accel.save_state();
+    let state = g.accel.save_state().expect("a live device saves");
     assert_eq!(state.tail, pending, "the pending command was not executed");
 
     let mem2 = g.mem.clone(); // guest RAM moves with the VM
@@ -584,7 +584,7 @@ fn restore_refuses_corrupt_state() {
         let cpu = backend::create("cpu", 1, &DeviceMemory::default()).unwrap();
         Accelerator::restore(g.mem.clone(), state, cpu, no_files())
     };
-    let mut state = g.accel.save_state();
+    let mut state = g.accel.save_state().expect("a live device saves");
     state
         .buffers
         .push(ferry_accel::device::BufferState { id: 0, bytes: 16 });
@@ -594,14 +594,14 @@ fn restore_refuses_corrupt_state() {
         bytes: CAPACITY + 4,
     };
     assert!(restore(&state).is_err());
-    let mut other = g.accel.save_state();
+    let mut other = g.accel.save_state().expect("a live device saves");
     other.backend_kind = "cuda".into();
     let err = restore(&other).err().unwrap();
     assert!(err.to_string().contains("cuda"), "{err}");
     // A ring outside the guest's RAM: at the top of the address space, past its end,
     // over the VMM's system pages.
     for ring_gpa in [u64::MAX - 8, RAM - 16, 0x2000] {
-        let mut bad = g.accel.save_state();
+        let mut bad = g.accel.save_state().expect("a live device saves");
         bad.ring_gpa = ring_gpa;
         let err = restore(&bad).err().expect("a ring outside RAM");
         assert!(err.to_string().contains("ring"), "{err}");
@@ -1276,7 +1276,7 @@ fn a_device_whose_thread_panicked_lets_its_pause_and_replays_go() {
         assert_eq!(replayer.take_log(), Err(CaptureError::DeviceGone));
         // Every buffer is to be sent again: the kernel may have written part unmarked.
         assert_eq!(g.accel.written_chunks().len(), 3);
-        let state = g.accel.save_state();
+        let state = g.accel.save_state().expect("a live device saves");
         assert_eq!((state.tail, state.buffers.len()), (launch, 3));
     }
 }
@@ -1795,8 +1795,8 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
 }
 
 /// Checks that `g`'s device, whose memory a replay left `torn`, refuses whatever would
-/// take that memory for the source's: a digest, more replay, a capture, running the
-/// guest.
+/// take that memory for the source's: a digest, more replay, a capture, a saved state,
+/// running the guest.
 fn refuses_torn_memory(g: &FakeGuest, torn: TornMemory) {
     use ferry_accel::replay::{CaptureError, CaptureLimits, DigestError};
     assert_eq!(g.accel.digest(), Err(DigestError::Torn(torn)));
@@ -1808,6 +1808,7 @@ fn refuses_torn_memory(g: &FakeGuest, torn: TornMemory) {
     replayer.start_capture(CaptureLimits::default(), None);
     assert_eq!(replayer.take_log(), Err(CaptureError::Torn(torn)));
     replayer.stop_capture();
+    assert_eq!(g.accel.save_state(), Err(torn));
     assert_eq!(g.accel.resume(), Err(torn));
     // Not dead: it is ended as any device is.
     assert!(!g.accel.is_dead());

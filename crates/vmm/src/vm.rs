@@ -257,8 +257,9 @@ pub enum VmControlError {
     /// Dirty-page tracking failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// The accelerator's memory was torn by a replay cut short; no guest may run on it.
-    #[error("the VM cannot run: its accelerator is torn")]
+    /// The accelerator's memory was torn by a replay cut short; no guest may run on it,
+    /// and no snapshot or migration may keep it.
+    #[error("the VM cannot run or be saved: its accelerator is torn")]
     AcceleratorTorn(#[source] ferry_accel::replay::TornMemory),
 }
 
@@ -845,7 +846,13 @@ impl Microvm {
             config: self.config,
             vcpus,
             devices: self.devices.save(),
-            accel: self.devices.accel.as_ref().map(Accelerator::save_state),
+            accel: self
+                .devices
+                .accel
+                .as_ref()
+                .map(Accelerator::save_state)
+                .transpose()
+                .map_err(VmControlError::AcceleratorTorn)?,
             files: self.devices.files.infos(),
         })
     }

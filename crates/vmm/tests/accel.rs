@@ -171,4 +171,9 @@ fn a_vm_whose_accelerator_a_replay_tore_stays_paused_and_says_why() {
         vm.resume(),
         Err(VmControlError::AcceleratorTorn(_))
     ));
+    // Nor can its state be kept, by a snapshot or a migration onwards.
+    assert!(matches!(
+        vm.save_state(),
+        Err(VmControlError::AcceleratorTorn(_))
+    ));
 }
