@@ -101,6 +101,23 @@ const MAX_ANSWER_BYTES: u64 = 256 << 20;
 /// an answer may be as large as [`MAX_ANSWER_BYTES`].
 const MAX_ERROR_TEXT: usize = 4 << 10;
 
+/// The error an API answered `what` with, `status` and body `text`: its JSON `error` and
+/// `code` where it is Ferry's error shape, else the text itself.
+fn api_error(what: &str, status: u16, text: String) -> ApiError {
+    let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let field = |name: &str| {
+        answer
+            .as_ref()
+            .and_then(|v| v.get(name)?.as_str().map(str::to_string))
+    };
+    ApiError {
+        what: what.to_string(),
+        status,
+        code: field("code").map(cut),
+        message: cut(field("error").unwrap_or(text)),
+    }
+}
+
 /// `text`, cut to [`MAX_ERROR_TEXT`] bytes (at a character's boundary) if longer.
 fn cut(mut text: String) -> String {
     if text.len() > MAX_ERROR_TEXT {
@@ -213,6 +230,11 @@ impl ApiClient {
                     self.current.store(i, Ordering::Relaxed);
                     return Ok(response);
                 }
+                // Not the network's doing: no address would take it.
+                Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("cannot send {what}: it is not a valid request")));
+                }
                 Err(e) => {
                     let was_refused = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
                     refused &= was_refused;
@@ -256,19 +278,7 @@ impl ApiClient {
             .read_to_string()
             .with_context(|| format!("reading the answer to {what}"))?;
         if !status.is_success() {
-            let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
-            let field = |name: &str| {
-                answer
-                    .as_ref()
-                    .and_then(|v| v.get(name)?.as_str().map(str::to_string))
-            };
-            return Err(ApiError {
-                what: what.to_string(),
-                status: status.as_u16(),
-                code: field("code").map(cut),
-                message: cut(field("error").unwrap_or(text)),
-            }
-            .into());
+            return Err(api_error(what, status.as_u16(), text).into());
         }
         serde_json::from_str(&text)
             .with_context(|| format!("unexpected answer to {what}: {}", cut(text.clone())))
@@ -324,7 +334,7 @@ impl ApiClient {
             .limit(MAX_ANSWER_BYTES)
             .read_to_string()?;
         if !status.is_success() {
-            bail!("{what}: {} (HTTP {})", cut(text), status.as_u16());
+            return Err(api_error(&what, status.as_u16(), text).into());
         }
         Ok(text)
     }
@@ -476,6 +486,29 @@ mod tests {
             error.message.len() <= MAX_ERROR_TEXT + 3,
             "{}",
             error.message.len()
+        );
+    }
+
+    #[test]
+    fn a_text_requests_error_is_the_apis_message_and_code_not_its_json() {
+        let body = serde_json::json!({ "error": "no VM x", "code": "vm_not_found" }).to_string();
+        let client = ApiClient::new(&answering(1, "404 Not Found", body), b"token").unwrap();
+        let error = client.get_text("/v1/vms/x/console").unwrap_err();
+        let error = error.downcast::<ApiError>().expect("an ApiError");
+        assert_eq!(
+            (error.status, error.code.as_deref(), error.message.as_str()),
+            (404, Some("vm_not_found"), "no VM x")
+        );
+    }
+
+    #[test]
+    fn a_request_no_url_can_hold_is_refused_as_such_not_as_unreachable() {
+        let client = ApiClient::new(&answering(0, "200 OK", String::new()), b"token").unwrap();
+        let error = client.get::<serde_json::Value>("/v1/vms/a b").unwrap_err();
+        assert!(error.downcast_ref::<Unreachable>().is_none(), "{error:#}");
+        assert!(
+            error.to_string().contains("not a valid request"),
+            "{error:#}"
         );
     }
 

@@ -19,7 +19,8 @@ use ferry_client::ApiClient;
     ferry migrate a-vm1 --cancel\n\n\
     With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
     bytes_sent, final_bytes, max_throttle_pct, streams, files_sent, files_reused,\n\
-    file_bytes and the per-round log.\n\n\
+    file_bytes, chunks_from_files, device_transfer (precopy, replay, or replay then\n\
+    precopy), replay (what replay sent and cost, and why it gave way) and the per-round log.\n\n\
     A migration can be cancelled (--cancel) until the destination is told to run the VM;\n\
     the VM then runs on at the source. A VM being migrated cannot be stopped: cancel the\n\
     migration first. If the switchover breaks after the destination was told to run the\n\
@@ -27,6 +28,7 @@ use ferry_client::ApiClient;
 )]
 pub struct MigrateArgs {
     /// The VM's id on the source host (--host).
+    #[arg(value_parser = crate::cmd::vm::parse_vm_id)]
     pub vm: String,
     /// The destination's migration address, HOST:PORT (its `--migration-listen`).
     #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel")]

@@ -62,6 +62,17 @@ pub struct VmArgs {
     json: bool,
 }
 
+/// Parses a VM id as the APIs take it (checked here, since it goes into a URL path).
+pub fn parse_vm_id(id: &str) -> Result<String, String> {
+    if ferry_api::valid_vm_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(format!(
+            "'{id}' is not a VM id: ids are 1 to 255 ASCII letters, digits, '.', '_' or '-' (`ferry vm list` shows them)"
+        ))
+    }
+}
+
 #[derive(Subcommand)]
 enum VmCommand {
     /// Create and start a VM on the host, or, with --center, on the host the cluster
@@ -105,11 +116,13 @@ enum VmCommand {
     /// Show one VM, with its console tail.
     Show {
         /// VM id.
+        #[arg(value_parser = parse_vm_id)]
         id: String,
     },
     /// Print a VM's console output (its last 64 KiB).
     Console {
         /// VM id.
+        #[arg(value_parser = parse_vm_id)]
         id: String,
     },
     /// Stop a VM. A VM being migrated is not stopped (cancel the migration first with
@@ -117,6 +130,7 @@ enum VmCommand {
     /// answer says where it runs).
     Stop {
         /// VM id.
+        #[arg(value_parser = parse_vm_id)]
         id: String,
     },
     /// Settle a VM left in doubt by a broken switchover (paused here; the destination
@@ -129,6 +143,7 @@ enum VmCommand {
         (`ferry vm show ID --host ITS_API`) first.")]
     Resolve {
         /// VM id.
+        #[arg(value_parser = parse_vm_id)]
         id: String,
         /// Run it here: the destination does not run it.
         #[arg(long, conflicts_with = "release")]
