@@ -38,11 +38,14 @@ enum Command {
     Restore(RestoreArgs),
     /// List the guest workloads built into this binary.
     Workloads,
-    /// Measure: the microVM (`vm`), the accelerator (`accel`), live migration (`migrate`).
+    /// Measure: the microVM, the accelerator, the GPU, live migration, evacuation, LLM
+    /// speed, soak, serving, the center (`ferry bench --help` says what each prints).
     Bench(cmd::bench::BenchArgs),
-    /// Run the per-host daemon (`ferry host serve`): HTTP/JSON API and migration listener.
+    /// The per-host daemon (`ferry host serve`: HTTP/JSON API and migration listener),
+    /// and a host's maintenance mode and retirement (`maintenance`, `forget`).
     Host(cmd::host::HostArgs),
-    /// Create, list, show and stop VMs on a host daemon.
+    /// Create, list, show, stop and resolve VMs, and read their consoles, on a host
+    /// daemon or through the center.
     Vm(cmd::vm::VmArgs),
     /// Live-migrate a VM from one host daemon to another.
     Migrate(cmd::migrate::MigrateArgs),
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.is::<cmd::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: error: {}", cmd::error_text(&format!("{e:#}")));
             ExitCode::from(EXIT_FERRY_ERROR)

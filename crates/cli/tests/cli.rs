@@ -44,6 +44,16 @@ fn usage_errors_are_clear_without_kvm() {
 
     let out = ferry(&["run", "--help"]);
     assert!(text(&out.stdout).contains("--snapshot-at-ms"));
+
+    // Unknown benchmarks and ids no URL path may hold are usage errors, named as such.
+    let out = ferry(&["bench", "no-such-bench"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "possible values: vm, accel");
+    for args in [&["vm", "show", "a b"][..], &["migrate", "x/../y", "--cancel"]] {
+        let out = ferry(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_says(&out.stderr, "is not a VM id");
+    }
 }
 
 /// `ferry ARGS` with `env` set and FERRY_SECRET and FERRY_API_TOKEN unset.
@@ -140,6 +150,32 @@ fn a_client_command_whose_reader_goes_ends_quietly() {
         "{:?} {err}",
         out.status
     );
+}
+
+#[test]
+fn a_benchmark_whose_reader_goes_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    if !kvm_available("a_benchmark_whose_reader_goes_ends_quietly") {
+        return;
+    }
+    // `bench` runs daemons in its process, so it keeps SIGPIPE ignored: a closed stdout
+    // reaches it as an error on the next line it prints.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["bench", "vm"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As `| head -1` does: read the table's header, then go.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("figure"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
 #[test]

@@ -182,6 +182,15 @@ pub enum VmExit {
     Failed(VcpuRunError),
 }
 
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Exited(code) => write!(f, "exited with code {code}"),
+            VmExit::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
 /// Errors creating a VM (boot or restore).
 #[derive(Debug, thiserror::Error)]
 pub enum CreateVmError {

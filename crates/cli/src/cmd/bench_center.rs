@@ -456,6 +456,6 @@ pub fn simulate_hosts(
             bytes: c(4),
             late: c(5),
         };
-        println!("{}", serde_json::to_string(&counts)?);
+        crate::cmd::print_line(format_args!("{}", serde_json::to_string(&counts)?))?;
     }
 }

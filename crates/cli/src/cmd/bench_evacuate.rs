@@ -120,29 +120,29 @@ pub fn bench_evacuate(json: bool, counts: &[usize], backend: &'static str) -> an
     let capacity = (most as u64) * (VM_RAM + VM_ACCEL);
     let cluster = LoopbackCluster::start(parallel, capacity, 0, backend)?;
     if !json {
-        println!(
+        crate::cmd::print_line(format_args!(
             "evacuating host a (mlp-train VMs, {} MiB RAM + {} MiB accelerator each, {parallel} migrations at once, 3 hosts on loopback)",
             VM_RAM >> 20,
             VM_ACCEL >> 20
-        );
-        println!(
+        ))?;
+        crate::cmd::print_line(format_args!(
             "{:>4} {:>14} {:>10}  pauses (ms)",
             "VMs", "evacuate (ms)", "MiB sent"
-        );
+        ))?;
     }
     for &n in counts {
         let e = cluster.evacuate(n, parallel)?;
         if json {
-            println!("{}", serde_json::to_string(&e)?);
+            crate::cmd::print_line(format_args!("{}", serde_json::to_string(&e)?))?;
         } else {
             let pauses: Vec<String> = e.pauses_ms.iter().map(|p| format!("{p:.1}")).collect();
-            println!(
+            crate::cmd::print_line(format_args!(
                 "{:>4} {:>14.0} {:>10.1}  {}",
                 e.vms,
                 e.evacuate_ms,
                 e.bytes_sent as f64 / (1 << 20) as f64,
                 pauses.join(", ")
-            );
+            ))?;
         }
     }
     Ok(())

@@ -239,15 +239,15 @@ pub fn bench_migrate(
         Some(rate) => Ends::shaped(rate, prefault, backend)?,
     };
     if !json {
-        println!(
+        crate::cmd::print_line(format_args!(
             "each row: medians over {REPEATS} migrations of one VM, back and forth; link: {} \
              (one stream, 1 MiB writes), median of {} samples of {} MiB taken just before \
              and after the row's VM runs; busy link: one sample with the VM running",
             ends.link,
             LINK_SAMPLES_BEFORE + LINK_SAMPLES_AFTER,
             LINK_SAMPLE_BYTES >> 20
-        );
-        println!(
+        ))?;
+        crate::cmd::print_line(format_args!(
             "{:<15} {:>9} {:<14} {:<13} {:>9} {:>9} {:>9} {:>7} {:>9} {:>13} {:>10} {:>11} {:>10}",
             "workload",
             "accel",
@@ -262,7 +262,7 @@ pub fn bench_migrate(
             "link MiB/s",
             "total/link",
             "busy link"
-        );
+        ))?;
     }
     let mut rows: Vec<(&'static str, u64)> = Vec::new();
     let wanted = |name: &str| workloads.iter().any(|w| w == name);
@@ -305,9 +305,9 @@ pub fn bench_migrate(
                 link.extend(ends.samples(LINK_SAMPLES_AFTER)?);
                 let figure = figure(name, accel, mode, &measured, &link);
                 if json {
-                    println!("{}", serde_json::to_string(&figure)?);
+                    crate::cmd::print_line(format_args!("{}", serde_json::to_string(&figure)?))?;
                 } else {
-                    println!(
+                    crate::cmd::print_line(format_args!(
                         "{:<15} {:>5} MiB {:<14} {:<13} {:>9.1} {:>9.0} {:>9.1} {:>7} {:>8}% {:>13.2} {:>10.0} {:>11.2} {:>10.0}",
                         figure.workload,
                         figure.accel_mib,
@@ -322,7 +322,7 @@ pub fn bench_migrate(
                         figure.link_mib_s,
                         figure.total_vs_link_time,
                         figure.busy_link_mib_s
-                    );
+                    ))?;
                 }
             }
         }

@@ -252,10 +252,15 @@ impl Workload {
     }
 
     /// Shows the run: what happened on host a, then on host b, marking the move.
-    fn show(&self, console: &str, moved_at: u64, say: &dyn Fn(String)) {
+    fn show(
+        &self,
+        console: &str,
+        moved_at: u64,
+        say: &dyn Fn(String) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         match self {
             Workload::Mlp { .. } => {
-                say("loss curve (one run, two hosts):".into());
+                say("loss curve (one run, two hosts):".into())?;
                 let curve = losses(console);
                 let every = (curve.len() / 12).max(1);
                 for (i, &(step, loss)) in curve.iter().enumerate() {
@@ -268,7 +273,7 @@ impl Workload {
                         };
                         say(format!(
                             "  step {step:>6}  loss {loss:.6}  (host {host}){mark}"
-                        ));
+                        ))?;
                     }
                 }
             }
@@ -278,15 +283,15 @@ impl Workload {
                     .char_indices()
                     .nth(moved_at as usize)
                     .map_or(text.len(), |(i, _)| i);
-                say("the answer (one run, two hosts):".into());
+                say("the answer (one run, two hosts):".into())?;
                 say(format!(
                     "{}\u{27e8}moved from host a to host b here\u{27e9}{}",
                     &text[..split],
                     &text[split..]
-                ));
+                ))?;
             }
             Workload::Fmnist { .. } => {
-                say("test accuracy per epoch (one run, two hosts):".into());
+                say("test accuracy per epoch (one run, two hosts):".into())?;
                 let moved_epoch = moved_at / FMNIST_STEPS_PER_EPOCH + 1;
                 for line in epochs(console) {
                     let n: u64 = line
@@ -299,10 +304,11 @@ impl Workload {
                         std::cmp::Ordering::Equal => "host a, then b",
                         std::cmp::Ordering::Greater => "host b",
                     };
-                    say(format!("  {line}  ({host})"));
+                    say(format!("  {line}  ({host})"))?;
                 }
             }
         }
+        Ok(())
     }
 
     /// What must be equal between the migrated and the unmigrated runs.
@@ -341,8 +347,9 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let say = |line: String| {
         if !args.json {
             // Lines quote the guest's console (a model's answer).
-            println!("{}", super::guest_text(&line));
+            super::print_line(format_args!("{}", super::guest_text(&line)))?;
         }
+        Ok(())
     };
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the demo runs VMs on KVM: {e}"))?;
     let workload = Workload::from_args(args);
@@ -352,7 +359,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     say(format!(
         "host a: API http://{}, migrations {}\nhost b: API http://{}, migrations {}",
         a.api_addr, a.migration_addr, b.api_addr, b.migration_addr
-    ));
+    ))?;
 
     let vm: VmInfo = ca.post("/v1/vms", &request)?;
     let id = vm.id;
@@ -368,7 +375,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         request.args.join(" "),
         request.memory >> 20,
         request.accel_memory >> 20
-    ));
+    ))?;
 
     // Let it work for a while, then move it.
     let (migrate_at, where_) = workload.migrate_at();
@@ -385,7 +392,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     })?;
     say(format!(
         "{id} reached {where_}: migrating it live to host b ..."
-    ));
+    ))?;
     let bar = spinner(args.json);
     let migrate = MigrateRequest {
         files: args.files.clone(),
@@ -395,18 +402,18 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let report = report?;
     let moved_at = workload.progress(&client_console(ca, &id)?);
-    say(format!("  {}", summary(&report)));
+    say(format!("  {}", summary(&report)))?;
     let on_a: VmInfo = ca.get(&format!("/v1/vms/{id}"))?;
     say(format!(
         "  host a now shows {id} as {}; host b runs it",
         on_a.state.name()
-    ));
+    ))?;
 
     let console = wait_end(cb, &id, Duration::from_secs(300))?;
-    workload.show(&console, moved_at, &say);
+    workload.show(&console, moved_at, &say)?;
     let result = workload.result(&console)?;
 
-    say("reference: the same workload without migration, on host a ...".into());
+    say("reference: the same workload without migration, on host a ...".into())?;
     let reference: VmInfo = ca.post("/v1/vms", &request)?;
     let ref_id = reference.id;
     let ref_console = wait_end(ca, &ref_id, Duration::from_secs(300))?;
@@ -426,7 +433,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         } else {
             "DIFFERENT"
         }
-    ));
+    ))?;
     if args.json {
         let mut out = json!({
             "workload": workload.name(),
@@ -447,7 +454,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 out["test_acc"] = json!(last_field(&console, "test_acc"));
             }
         }
-        println!("{out}");
+        super::print_line(format_args!("{out}"))?;
     }
     if !identical {
         // On stderr too, where a script (or --json's reader) looks for what went wrong.

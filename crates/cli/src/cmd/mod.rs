@@ -32,6 +32,23 @@ pub(crate) fn guest_text(text: &str) -> Cow<'_, str> {
     for_terminal(text, std::io::stdout().is_terminal())
 }
 
+/// Stdout's reader went away (`ferry bench vm | head -3`): the command ends quietly, as
+/// a Unix tool does.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub(crate) struct StdoutClosed;
+
+/// Writes `line` and a newline to stdout. Commands that run daemons in the process keep
+/// SIGPIPE ignored (a client hanging up is an error on its socket), so a closed stdout
+/// is [`StdoutClosed`] here, not `println!`'s panic.
+pub(crate) fn print_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        written => Ok(written?),
+    }
+}
+
 /// An error's text as stderr should be given it (it may quote a guest's output).
 pub(crate) fn error_text(text: &str) -> Cow<'_, str> {
     for_terminal(text, std::io::stderr().is_terminal())

@@ -55,11 +55,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return wait_to_end(vm);
     };
     if let Some(exit) = vm.wait(Some(Duration::from_millis(at_ms))) {
-        let how = match exit {
-            VmExit::Exited(code) => format!("exited with code {code}"),
-            VmExit::Failed(e) => format!("failed: {e}"),
-        };
-        bail!("the guest {how} before the snapshot point ({at_ms} ms); no snapshot was written");
+        bail!("the guest {exit} before the snapshot point ({at_ms} ms); no snapshot was written");
     }
     vm.pause().context("cannot pause the VM for the snapshot")?;
     snapshot_dir(dir)?;
