@@ -329,7 +329,7 @@ pub struct MigrateRequest {
     /// Pause to aim for, ms (default 50).
     #[serde(default = "default_downtime")]
     pub downtime_ms: u64,
-    /// Parallel data connections (default 2).
+    /// Parallel data connections (default 4).
     #[serde(default = "default_streams")]
     pub streams: u8,
     /// LZ4-compress the data.

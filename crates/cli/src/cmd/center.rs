@@ -157,7 +157,9 @@ API (operators send 'Authorization: Bearer <center token>'; errors are
   DELETE /v1/hosts/NAME/maintenance    return it to service
   GET    /v1/vms                       VMs and where they run
   POST   /v1/vms                       create where there is room: {\"workload\", \"args\",
-                                       \"memory\", \"accel_memory\", \"host\" (optional)}
+                                       \"memory\", \"accel_memory\", \"name\", \"attach\",
+                                       \"backend\", \"host\"}: only \"workload\" is
+                                       required (fields as in `ferry host serve --help`)
   GET    /v1/migrations                the last 1,000 migrations the center ordered, with pauses
   GET    /v1/operations/ID             a maintenance or balance operation
   GET    /v1/balance                   the balance plan now
@@ -177,8 +179,10 @@ Example:
   ferry center serve --listen 127.0.0.1:7000 &
   ferry host serve --name a --listen 127.0.0.1:7070 --migration-listen 127.0.0.1:7071 \\
       --center http://127.0.0.1:7000 &
+  ferry host serve --name b --listen 127.0.0.1:7080 --migration-listen 127.0.0.1:7081 \\
+      --center http://127.0.0.1:7000 &
   ferry vm create --center http://127.0.0.1:7000 --accel-memory 256M mlp-train
-  ferry host maintenance enter a
+  ferry host maintenance enter a --center http://127.0.0.1:7000
 
 Replicas: with --etcd URLS every replica shares the state in etcd; one is elected leader
 (it writes and runs operations), the others serve reads and forward writes to it. Give

@@ -69,7 +69,8 @@ is never accepted; errors are {\"error\": \"...\", \"code\": \"...\"}):
   GET    /v1/vms                  every VM
   POST   /v1/vms                  create and start: {\"workload\": \"mlp-train\", \"args\": [...],
                                   \"memory\": bytes, \"accel_memory\": bytes,
-                                  \"attach\": [{\"name\": \"model\", \"path\": \"/m.gguf\"}]}
+                                  \"attach\": [{\"name\": \"model\", \"path\": \"/m.gguf\"}],
+                                  \"name\": \"chat\", \"backend\": \"cpu\"|\"cuda\"}
                                   (attached paths must lie under an --attach-dir)
   GET    /v1/vms/ID               state, sizes, uptime, console tail
   GET    /v1/vms/ID/console       the console's last 64 KiB, as text
@@ -77,7 +78,10 @@ is never accepted; errors are {\"error\": \"...\", \"code\": \"...\"}):
   POST   /v1/vms/ID/migrate       {\"to\": \"HOST:PORT\", \"mode\": \"live\"|\"stop-and-copy\",
                                   \"downtime_ms\": 50, \"streams\": 4, \"compress\": false,
                                   \"throttle\": true, \"allow_longer_pause\": false,
-                                  \"files\": \"reuse\"|\"send\"|\"require\"}
+                                  \"files\": \"reuse\"|\"send\"|\"require\",
+                                  \"device\": \"auto\"|\"precopy\"|\"replay\",
+                                  \"max_rate_mib_s\": N, \"max_rounds\": 30,
+                                  \"max_precopy_s\": 60}
   GET    /v1/vms/ID/migration     state (running, succeeded, failed, cancelled, in-doubt),
                                   progress, then the report or the error (409 if the
                                   VM never migrated from here)
@@ -123,10 +127,11 @@ pub struct ServeArgs {
     /// --accel-capacity), as a GPU's memory does.
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     pub accel_prefault: Option<u64>,
-    /// Join the cluster center at URL (e.g. http://10.0.0.1:7000): send it heartbeats
-    /// with this host's capacity, load and VMs, authenticated by the heartbeat key derived
-    /// from the shared secret.
-    #[arg(long, value_name = "URL")]
+    /// Join the cluster center at URL (e.g. http://10.0.0.1:7000), or at any of a
+    /// replicated center's comma-separated URLs: send it heartbeats with this host's
+    /// capacity, load and VMs, authenticated by the heartbeat key derived from the shared
+    /// secret.
+    #[arg(long, value_name = "URL[,URL...]")]
     pub center: Option<String>,
     /// Time between heartbeats to the center.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
