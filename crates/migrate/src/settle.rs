@@ -23,8 +23,11 @@ use crate::send::{open_control, MigrationOptions};
 use crate::wire::Message;
 use crate::MigrationError;
 
-/// Sessions remembered after they ended, for late questions (far more than a host can
-/// receive while a source still asks: it gives up after minutes).
+/// Sessions of each end remembered after they ended, for late questions (far more than
+/// a host can receive while a source still asks: it gives up after minutes). Failed
+/// sessions, which any authenticated peer can make by the thousand, are counted apart, so
+/// they never push out a session whose VM ran: its source may be asking still, and
+/// "not running" would make it run the VM a second time.
 const REMEMBERED: usize = 1 << 16;
 
 /// Whether a destination runs the VM of a session (the answer to a settle question).
@@ -56,8 +59,10 @@ enum Outcome {
 #[derive(Default)]
 struct Book {
     sessions: HashMap<u64, Outcome>,
-    /// Ended sessions, oldest first (forgotten beyond [`REMEMBERED`]).
-    ended: VecDeque<u64>,
+    /// Sessions whose VM ran, oldest first (forgotten beyond [`REMEMBERED`]).
+    resumed: VecDeque<u64>,
+    /// Sessions that ended without their VM running, oldest first (likewise).
+    discarded: VecDeque<u64>,
     /// The host is shutting down: no session begins, none not yet told to run will.
     closed: bool,
 }
@@ -74,9 +79,13 @@ impl Book {
             Outcome::Resumed | Outcome::Discarded => return,
             Outcome::Receiving | Outcome::Fenced | Outcome::Resuming => {}
         }
-        self.ended.push_back(session);
-        while self.ended.len() > REMEMBERED {
-            if let Some(old) = self.ended.pop_front() {
+        let ended = match outcome {
+            Outcome::Resumed => &mut self.resumed,
+            _ => &mut self.discarded,
+        };
+        ended.push_back(session);
+        while ended.len() > REMEMBERED {
+            if let Some(old) = ended.pop_front() {
                 self.sessions.remove(&old);
             }
         }
@@ -258,7 +267,8 @@ mod tests {
         outcomes.unadopted(101);
         assert_eq!(outcomes.settle(100), Settlement::NotRunning);
         assert_eq!(outcomes.book().sessions.len(), 1);
-        assert_eq!(outcomes.book().ended.len(), 1);
+        let book = outcomes.book();
+        assert_eq!((book.resumed.len(), book.discarded.len()), (0, 1));
     }
 
     #[test]
@@ -280,7 +290,8 @@ mod tests {
         outcomes.ended(4, true);
         outcomes.unadopted(4);
         assert_eq!(outcomes.settle(4), Settlement::Running);
-        assert_eq!(outcomes.book().ended.len(), 1);
+        let book = outcomes.book();
+        assert_eq!((book.resumed.len(), book.discarded.len()), (1, 0));
     }
 
     #[test]
@@ -294,5 +305,18 @@ mod tests {
         assert_eq!(outcomes.book().sessions.len(), REMEMBERED);
         assert_eq!(outcomes.settle(0), Settlement::NotRunning);
         assert_eq!(outcomes.settle(REMEMBERED as u64 + 9), Settlement::Running);
+    }
+
+    #[test]
+    fn failed_sessions_however_many_never_push_out_one_whose_vm_ran() {
+        let outcomes = resuming(u64::MAX);
+        outcomes.ended(u64::MAX, true);
+        // A peer that knows the secret opens and abandons sessions by the thousand.
+        for s in 0..REMEMBERED as u64 + 10 {
+            assert!(outcomes.receiving(s));
+            outcomes.ended(s, false);
+        }
+        assert_eq!(outcomes.settle(u64::MAX), Settlement::Running);
+        assert_eq!(outcomes.book().sessions.len(), REMEMBERED + 1);
     }
 }
