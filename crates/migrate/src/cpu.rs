@@ -149,6 +149,10 @@ const FEATURES: &[Feature] = &[
     feature(0x8000_0001, 0, Edx, 29, "lm"),
 ];
 
+/// The most feature words an offer may carry: far more than [`cpu_features`] makes
+/// (a word per CPUID register that shows a compared feature).
+pub const MAX_CPUID_WORDS: usize = 256;
+
 /// The feature words of a CPUID that `read(leaf, subleaf, register)` answers, keeping only
 /// the bits of the features compared (0 for a leaf it lacks).
 pub fn cpu_features(read: impl Fn(u32, u32, CpuidRegister) -> u32) -> Vec<CpuidWord> {

@@ -56,7 +56,7 @@ pub struct LoggedCommand {
     /// Its opcode.
     pub opcode: u32,
     /// Its arguments (at most a ring command's).
-    #[serde(deserialize_with = "args_at_most")]
+    #[serde(deserialize_with = "crate::wire::at_most::<_, _, { ferry_abi::accel::COMMAND_ARGS }>")]
     pub args: Vec<u64>,
     /// The guest-RAM bytes it read (an upload's data), else empty.
     #[serde(with = "payload")]
@@ -74,36 +74,6 @@ pub(crate) const COMMAND_BATCH: u64 = 4 << 20;
 /// and 14 times that in memory.
 pub(crate) const MAX_MESSAGE_COMMANDS: usize =
     COMMAND_BATCH as usize / std::mem::size_of::<LoggedCommand>();
-
-/// Decodes a sequence of at most `max` elements: a peer's count cannot make the decoder
-/// hold more than the bound, whatever fits in a message.
-fn at_most<'de, D, T>(d: D, max: usize) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct Bounded<T>(usize, std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "a sequence of at most {}", self.0)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.0));
-            while let Some(item) = seq.next_element()? {
-                if out.len() == self.0 {
-                    return Err(serde::de::Error::custom(format_args!(
-                        "more than {} elements",
-                        self.0
-                    )));
-                }
-                out.push(item);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_seq(Bounded(max, std::marker::PhantomData))
-}
 
 /// A payload as bytes, not as a sequence of them: encoded in one copy, and decoded into a
 /// vector of exactly its length (a sequence grows by doubling, up to twice the memory,
@@ -150,17 +120,6 @@ mod payload {
             Ok(bytes)
         }
     }
-}
-
-fn args_at_most<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-    at_most(d, ferry_abi::accel::COMMAND_ARGS)
-}
-
-/// Decodes the commands of one message, at most [`MAX_MESSAGE_COMMANDS`].
-pub(crate) fn commands_at_most<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<LoggedCommand>, D::Error> {
-    at_most(d, MAX_MESSAGE_COMMANDS)
 }
 
 impl LoggedCommand {

@@ -198,11 +198,16 @@ pub struct VmDescription {
     /// Matmul microkernel (results are bit-identical only between equal ones).
     pub microkernel: String,
     /// Anything else the destination needs to start it (e.g. the guest arguments).
+    #[serde(
+        deserialize_with = "crate::wire::at_most::<_, _, { crate::receive::MAX_EXTRA_ENTRIES }>"
+    )]
     pub extra: Vec<(String, String)>,
     /// The attached files, in the guest's order.
+    #[serde(deserialize_with = "crate::wire::at_most::<_, _, { ferry_abi::file::MAX_FILES }>")]
     pub files: Vec<FileOffer>,
     /// The CPU features the VM's guest has seen: those of every CPU it ran on (a host:
     /// its own CPU's).
+    #[serde(deserialize_with = "crate::wire::at_most::<_, _, { crate::cpu::MAX_CPUID_WORDS }>")]
     pub cpu_features: Vec<CpuidWord>,
 }
 

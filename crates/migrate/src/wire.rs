@@ -11,7 +11,11 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::replay::{DeviceDigest, DeviceTransfer, LoggedCommand};
+use ferry_abi::accel::MAX_BUFFERS;
+use ferry_abi::file::MAX_FILES;
+
+use crate::replay::{DeviceDigest, DeviceTransfer, LoggedCommand, MAX_MESSAGE_COMMANDS};
+use crate::send::MAX_STREAMS;
 use crate::vm::{
     ChunkKey, ChunkOrigin, DeviceBuffer, FileTransfer, VmDescription, MAX_CHUNK_BYTES,
     MAX_FILE_PIECE, PAGE_SIZE,
@@ -140,6 +144,7 @@ pub enum Message {
         session: u64,
         /// The attached files (indices into the offer's) the source must send with round
         /// 0; the destination has the others.
+        #[serde(deserialize_with = "at_most::<_, _, MAX_FILES>")]
         send_files: Vec<u32>,
         /// Whether the destination replays device commands (asked for by the offer).
         replay: bool,
@@ -155,6 +160,7 @@ pub enum Message {
         round: u32,
         /// Device buffers now; `None` in a replay round (the replayed commands make the
         /// table).
+        #[serde(deserialize_with = "buffers_at_most")]
         buffers: Option<Vec<DeviceBuffer>>,
     },
     /// A round's data is all sent: this many frames on each data stream.
@@ -162,6 +168,7 @@ pub enum Message {
         /// Round number.
         round: u32,
         /// Frames per stream.
+        #[serde(deserialize_with = "at_most::<_, _, { MAX_STREAMS as usize }>")]
         frames: Vec<u64>,
     },
     /// The destination applied a whole round.
@@ -211,7 +218,7 @@ pub enum Message {
     /// the base is complete). Last, so the other variants keep their wire numbers.
     Commands {
         /// The commands.
-        #[serde(deserialize_with = "crate::replay::commands_at_most")]
+        #[serde(deserialize_with = "at_most::<_, _, MAX_MESSAGE_COMMANDS>")]
         commands: Vec<LoggedCommand>,
     },
     /// The sender is still at work on a long round (pre-copy at a low rate ceiling, or a
@@ -220,6 +227,48 @@ pub enum Message {
     /// destination, on the control stream, at once and then every keepalive period while
     /// it applies a round's frames after its end (the source waits that much longer).
     Keepalive,
+}
+
+/// Decodes a sequence of at most `MAX` elements: a peer's count cannot make the decoder
+/// hold more than the bound, whatever fits in a message (an element that takes a few
+/// bytes on the wire may take tens in memory).
+pub(crate) fn at_most<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T, const MAX: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for Bounded<T, MAX> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a sequence of at most {MAX}")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX));
+            while let Some(item) = seq.next_element()? {
+                if out.len() == MAX {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "more than {MAX} elements"
+                    )));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, MAX>(std::marker::PhantomData))
+}
+
+/// A round's buffer table, at most [`MAX_BUFFERS`] buffers (the same wire format as the
+/// plain `Option<Vec<_>>`: postcard writes a newtype as what it wraps).
+fn buffers_at_most<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<DeviceBuffer>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Table(
+        #[serde(deserialize_with = "at_most::<_, _, { MAX_BUFFERS as usize }>")] Vec<DeviceBuffer>,
+    );
+    Ok(Option::<Table>::deserialize(d)?.map(|t| t.0))
 }
 
 /// One record read off the wire (borrowing the reader's buffer).
@@ -1223,6 +1272,87 @@ mod tests {
         assert!(read_err(&encoded(vec![command(COMMAND_ARGS + 1)])).contains("control"));
         let more = encoded(vec![command(0); MAX_MESSAGE_COMMANDS + 1]);
         assert!(read_err(&more).contains("control"));
+    }
+
+    #[test]
+    fn an_offer_and_a_rounds_lists_decode_no_more_than_their_bounds() {
+        use crate::cpu::MAX_CPUID_WORDS;
+        use crate::receive::MAX_EXTRA_ENTRIES;
+        let encoded = |message: &Message| {
+            let mut w = FrameWriter::new(Vec::new(), false);
+            w.send(message).unwrap();
+            w.output
+        };
+        let decodes = |message: &Message| {
+            let bytes = encoded(message);
+            match FrameReader::new(&bytes[..], 0).read() {
+                Ok(Frame::Control(m)) => assert_eq!(&m, message),
+                other => panic!("{other:?}"),
+            }
+        };
+        let file = crate::vm::FileOffer {
+            name: "f".into(),
+            size: 1,
+            sha256: "0".repeat(64),
+            path: "/f".into(),
+        };
+        let offer = |extra: usize, files: usize, words: usize| Message::Offer {
+            vm: VmDescription {
+                name: String::new(),
+                ram_size: 0,
+                vcpus: 1,
+                accel_memory: 0,
+                abi_version: 0,
+                state_version: 0,
+                backend_kind: String::new(),
+                kernel_version: 0,
+                microkernel: String::new(),
+                // Empty ones: 2 bytes here, 48 decoded.
+                extra: vec![(String::new(), String::new()); extra],
+                files: vec![file.clone(); files],
+                cpu_features: vec![crate::cpu::cpu_features(|_, _, _| 0)[0]; words],
+            },
+            streams: 1,
+            transfer: Transfer::Live,
+            files: FileTransfer::Reuse,
+            device: DeviceTransfer::Auto,
+        };
+        // At the bounds: decoded whole.
+        decodes(&offer(MAX_EXTRA_ENTRIES, MAX_FILES, MAX_CPUID_WORDS));
+        decodes(&Message::EndRound {
+            round: 0,
+            frames: vec![7; usize::from(MAX_STREAMS)],
+        });
+        let table = |n: u64| Message::BeginRound {
+            round: 0,
+            buffers: Some(
+                (0..n)
+                    .map(|id| DeviceBuffer {
+                        id: id as u32,
+                        bytes: 1,
+                    })
+                    .collect(),
+            ),
+        };
+        decodes(&table(MAX_BUFFERS));
+        decodes(&Message::BeginRound {
+            round: 1,
+            buffers: None,
+        });
+        // Past them, however cheap on the wire: refused while decoding, not validated
+        // after the whole list was built.
+        for past in [
+            offer(1 << 20, 0, 0),
+            offer(0, MAX_FILES + 1, 0),
+            offer(0, 0, MAX_CPUID_WORDS + 1),
+            Message::EndRound {
+                round: 0,
+                frames: vec![0; usize::from(MAX_STREAMS) + 1],
+            },
+            table(MAX_BUFFERS + 1),
+        ] {
+            assert!(read_err(&encoded(&past)).contains("control"), "{past:?}");
+        }
     }
 
     #[test]
