@@ -261,6 +261,44 @@ pub fn spawn_receiver<F: TargetFactory>(
     })
 }
 
+/// The accept loop's failures since it last logged one.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+    logged: Option<Instant>,
+}
+
+/// Pause after an accept that failed for want of resources (descriptors, memory): the
+/// connection waits in the backlog, so trying again at once would spin a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Handles an accept that failed with `e`: a connection lost before it was taken is
+/// skipped; anything else (out of descriptors or memory) is logged at most once a second
+/// and waited out for [`ACCEPT_BACKOFF`].
+fn refused_accept(e: &std::io::Error, failures: &mut AcceptFailures) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+    ) {
+        return;
+    }
+    failures.count += 1;
+    if failures
+        .logged
+        .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+    {
+        tracing::warn!(
+            failed = failures.count,
+            "cannot accept migration connections: {e}; trying again every {} ms",
+            ACCEPT_BACKOFF.as_millis()
+        );
+        failures.count = 0;
+        failures.logged = Some(Instant::now());
+    }
+    std::thread::sleep(ACCEPT_BACKOFF);
+}
+
 /// The accept loop, until `stop`'s sender is gone.
 fn serve_until<F: TargetFactory>(
     listener: TcpListener,
@@ -286,11 +324,18 @@ fn serve_until<F: TargetFactory>(
             return;
         }
     };
+    let mut accept_failures = AcceptFailures::default();
     for conn in listener.incoming() {
         if matches!(stop.try_recv(), Err(mpsc::TryRecvError::Disconnected)) {
             break;
         }
-        let Ok(stream) = conn else { continue };
+        let stream = match conn {
+            Ok(stream) => stream,
+            Err(e) => {
+                refused_accept(&e, &mut accept_failures);
+                continue;
+            }
+        };
         let Ok(peer_addr) = stream.peer_addr() else {
             continue;
         };
@@ -1794,6 +1839,26 @@ mod tests {
     use super::*;
     use crate::replay::COMMAND_BATCH;
     use crate::wire::{FrameReader, FrameWriter};
+
+    #[test]
+    fn an_accept_out_of_descriptors_waits_before_trying_again_a_lost_connection_does_not() {
+        let mut failures = AcceptFailures::default();
+        let started = Instant::now();
+        refused_accept(
+            &std::io::Error::from_raw_os_error(libc::EMFILE),
+            &mut failures,
+        );
+        assert!(started.elapsed() >= ACCEPT_BACKOFF);
+        assert!(failures.logged.is_some());
+        let started = Instant::now();
+        let aborted = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
+        refused_accept(&aborted, &mut failures);
+        assert!(
+            started.elapsed() < ACCEPT_BACKOFF,
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     /// Bytes of memory `commands` take, counted from their allocations.
     fn allocated_by(commands: &RoundCommands) -> u64 {
