@@ -509,7 +509,13 @@ fn handle_connection<F: TargetFactory>(
         conn.limit_frames_by_kind(MAX_DATA_FRAME, MAX_CONTROL_BYTES);
     }
     match role {
-        StreamRole::Control => match conn.expect_control("an offer")? {
+        StreamRole::Control => match conn.expect_control("an offer").inspect_err(|e| {
+            // An authenticated source whose offer this host cannot read is told why.
+            if let MigrationError::MalformedFrame(why) = e {
+                let reason = format!("this host cannot read the offer: {why}");
+                let _ = conn.send(&Message::Refuse { reason });
+            }
+        })? {
             Message::Settle { session } => settle(conn, shared.outcomes, session),
             Message::Offer {
                 vm,

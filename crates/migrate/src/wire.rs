@@ -8,6 +8,7 @@
 //! against the VM by the receiver, which knows its size.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -471,11 +472,86 @@ impl<R: Read> FrameReader<R> {
 
 /// Decoding state: the buffers of the last frame, reused, and limits below the
 /// protocol's, if any.
-#[derive(Default)]
 struct Decoder {
     wire: Vec<u8>,
     raw: Vec<u8>,
     limit: Option<Limits>,
+    /// How long a frame's header, and each [`FRAME_BYTES_PER_FRAME_TIME`] of its
+    /// payload, may take to arrive, from its first byte. Each read has its own timeout,
+    /// but a peer that sends a frame a byte at a time, each within that timeout, would
+    /// otherwise hold the connection (and a session, or a switchover waiting for `Go`)
+    /// for ever. Checked as each read returns: a frame is given up on within its
+    /// allowance and one read's timeout. A slow link keeps far more than this rate.
+    frame_time: Duration,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self {
+            wire: Vec::new(),
+            raw: Vec::new(),
+            limit: None,
+            frame_time: crate::deadline::idle_limit(),
+        }
+    }
+}
+
+/// Payload bytes a frame is given one more [`Decoder::frame_time`] for: 1 KiB, so a 4 KiB
+/// page arrives over up to five idle limits (ten minutes by default), and `Go` within one.
+const FRAME_BYTES_PER_FRAME_TIME: usize = 1 << 10;
+
+/// When a frame's first byte arrived, against [`Decoder::frame_time`].
+struct FrameClock {
+    first_byte: Option<Instant>,
+    limit: Duration,
+}
+
+impl FrameClock {
+    /// The header says `payload` bytes follow: they are given their time too.
+    fn allow_payload(&mut self, payload: usize) {
+        let times = 1 + payload / FRAME_BYTES_PER_FRAME_TIME;
+        self.limit = self
+            .limit
+            .saturating_mul(u32::try_from(times).unwrap_or(u32::MAX));
+    }
+
+    /// Some of the frame arrived and more is to come: refused if it has taken too long.
+    fn more_to_come(&mut self) -> Result<(), MigrationError> {
+        let first = *self.first_byte.get_or_insert_with(Instant::now);
+        if first.elapsed() > self.limit {
+            return Err(MigrationError::TimedOut {
+                phase: "a frame".into(),
+                what: "receiving it a few bytes at a time".into(),
+                limit_ms: self.limit.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Fills `buf` from `input`, a frame's payload that `clock` times.
+fn read_payload(
+    input: &mut impl Read,
+    buf: &mut [u8],
+    clock: &mut FrameClock,
+) -> Result<(), MigrationError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(MigrationError::io("reading a frame")(std::io::Error::from(
+                    ErrorKind::UnexpectedEof,
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(MigrationError::io("reading a frame")(e)),
+        }
+        if got < buf.len() {
+            clock.more_to_come()?;
+        }
+    }
+    Ok(())
 }
 
 /// Largest payloads a decoder takes, by kind (as sent and uncompressed alike).
@@ -493,7 +569,11 @@ impl Decoder {
         bytes: &mut u64,
     ) -> Result<Frame<'a>, MigrationError> {
         let mut header = [0u8; HEADER_BYTES];
-        read_header(input, &mut header, *bytes == 0)?;
+        let mut clock = FrameClock {
+            first_byte: None,
+            limit: self.frame_time,
+        };
+        read_header(input, &mut header, *bytes == 0, &mut clock)?;
         if header[..2] != MAGIC {
             return Err(malformed(format!(
                 "bad frame magic {:02x}{:02x} (not a Ferry migration stream, or out of sync)",
@@ -532,9 +612,11 @@ impl Decoder {
         // The buffers only grow (up to the limits): shrinking them would zero-fill them
         // again for the next large frame, and small and large frames alternate.
         let wire = grown(&mut self.wire, wire_len);
-        input
-            .read_exact(wire)
-            .map_err(MigrationError::io("reading a frame"))?;
+        clock.allow_payload(wire_len);
+        if wire_len > 0 {
+            clock.more_to_come()?;
+        }
+        read_payload(input, wire, &mut clock)?;
         *bytes += (HEADER_BYTES + wire_len) as u64;
         // Under a fuzzer the checksum is not checked, so that it reaches what follows.
         if !cfg!(fuzzing) && crc32fast::hash(wire) != crc {
@@ -619,6 +701,7 @@ fn read_header(
     input: &mut impl Read,
     header: &mut [u8; HEADER_BYTES],
     first: bool,
+    clock: &mut FrameClock,
 ) -> Result<(), MigrationError> {
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -627,6 +710,9 @@ fn read_header(
             Ok(n) => got += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(MigrationError::io("reading a frame header")(e)),
+        }
+        if (1..HEADER_BYTES).contains(&got) {
+            clock.more_to_come()?;
         }
     }
     // A TLS record starts with its content type (20 to 23) and major version 3.
@@ -649,7 +735,14 @@ fn parse(kind: u8, p: &[u8]) -> Result<Frame<'_>, MigrationError> {
     match kind {
         KIND_CONTROL => postcard::from_bytes(p)
             .map(Frame::Control)
-            .map_err(|e| malformed(format!("undecodable control message: {e}"))),
+            .map_err(|e| match e {
+                // Postcard drops a decoder's own words (`at_most`'s count, an unknown variant).
+                postcard::Error::SerdeDeCustom => malformed(
+                    "undecodable control message: a value outside the protocol's bounds \
+                 (a list longer than it allows, or an unknown variant)",
+                ),
+                e => malformed(format!("undecodable control message: {e}")),
+            }),
         KIND_RAM => {
             if p.len() < RAM_RECORD_BYTES {
                 return Err(malformed("short RAM record"));
@@ -1353,6 +1446,61 @@ mod tests {
         ] {
             assert!(read_err(&encoded(&past)).contains("control"), "{past:?}");
         }
+    }
+
+    /// Gives `bytes` one at a time, each after `every`, as a peer that trickles a frame
+    /// to stay within every read's timeout does.
+    struct SlowPeer<'a> {
+        bytes: &'a [u8],
+        every: std::time::Duration,
+    }
+
+    impl Read for SlowPeer<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let Some((&first, rest)) = self.bytes.split_first() else {
+                return Ok(0);
+            };
+            std::thread::sleep(self.every);
+            buf[0] = first;
+            self.bytes = rest;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn a_frame_trickled_a_byte_at_a_time_is_given_up_on_at_the_frame_time_limit() {
+        let mut w = FrameWriter::new(Vec::new(), false);
+        w.send(&Message::Abort {
+            reason: "x".repeat(200),
+        })
+        .unwrap();
+        let every = std::time::Duration::from_millis(2);
+        let read = |limit_ms: u64| {
+            let mut r = FrameReader::new(
+                SlowPeer {
+                    bytes: &w.output,
+                    every,
+                },
+                0,
+            );
+            r.decoder.frame_time = std::time::Duration::from_millis(limit_ms);
+            let started = std::time::Instant::now();
+            let got = r
+                .read()
+                .map(|f| matches!(f, Frame::Control(Message::Abort { .. })));
+            (got, started.elapsed())
+        };
+        // Whole within the limit: read.
+        let (got, _) = read(60_000);
+        assert!(got.unwrap());
+        // A frame of about 220 bytes (less than 1 KiB: one frame time), trickled over
+        // about 440 ms: given up on after 100.
+        let (got, took) = read(100);
+        match got {
+            Err(MigrationError::TimedOut { limit_ms: 100, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(took < std::time::Duration::from_millis(300), "{took:?}");
     }
 
     #[test]

@@ -212,7 +212,8 @@ fn offers_with_names_this_host_could_not_show_are_refused() {
                     .map(|i| extra(&format!("k{i}"), String::new()))
                     .collect()
             }),
-            "extra entries",
+            // More than the list may hold: refused as it is decoded.
+            "a list longer than it allows",
         ),
         (
             with(&|vm| vm.extra = vec![extra("args", "a".repeat(MAX_EXTRA_VALUE + 1))]),
