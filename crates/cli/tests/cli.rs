@@ -106,6 +106,24 @@ fn client_commands_say_what_is_missing() {
     assert!(err.contains("/nonexistent/secret"), "{err}");
 }
 
+/// Runs `ferry ARGS` (with an API token) and reads the first line it prints, then goes,
+/// as `| head -1` does: that line, and how ferry ended.
+fn first_line_then_hang_up(args: &[&str]) -> (String, Output) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_API_TOKEN", "t")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    (first, child.wait_with_output().unwrap())
+}
+
 #[test]
 fn a_client_command_whose_reader_goes_ends_quietly() {
     use std::io::{BufRead, BufReader, Write};
@@ -128,20 +146,8 @@ fn a_client_command_whose_reader_goes_ends_quietly() {
         let _ = conn.write_all(head.as_bytes());
         let _ = conn.write_all(body.as_bytes());
     });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["vm", "console", "v", "--host", &url])
-        .env("FERRY_API_TOKEN", "t")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // As `| head -1` does: read a line, then go.
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let (first, out) = first_line_then_hang_up(&["vm", "console", "v", "--host", &url]);
     assert_eq!(first, "console line\n");
-    let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(
@@ -154,25 +160,13 @@ fn a_client_command_whose_reader_goes_ends_quietly() {
 
 #[test]
 fn a_benchmark_whose_reader_goes_ends_quietly() {
-    use std::io::{BufRead, BufReader};
     if !kvm_available("a_benchmark_whose_reader_goes_ends_quietly") {
         return;
     }
     // `bench` runs daemons in its process, so it keeps SIGPIPE ignored: a closed stdout
     // reaches it as an error on the next line it prints.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["bench", "vm"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // As `| head -1` does: read the table's header, then go.
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let (first, out) = first_line_then_hang_up(&["bench", "vm"]);
     assert!(first.starts_with("figure"), "{first}");
-    let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
