@@ -49,7 +49,10 @@ fn usage_errors_are_clear_without_kvm() {
     let out = ferry(&["bench", "no-such-bench"]);
     assert_eq!(out.status.code(), Some(2));
     assert_says(&out.stderr, "possible values: vm, accel");
-    for args in [&["vm", "show", "a b"][..], &["migrate", "x/../y", "--cancel"]] {
+    for args in [
+        &["vm", "show", "a b"][..],
+        &["migrate", "x/../y", "--cancel"],
+    ] {
         let out = ferry(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert_says(&out.stderr, "is not a VM id");
