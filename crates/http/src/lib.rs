@@ -288,7 +288,7 @@ async fn serve(
     match tls {
         None => serve_on(listener, router, shutdown, HEADER_READ_TIME, BODY_READ_TIME).await,
         Some(config) => {
-            let listener = TlsListener::new(listener, config)?;
+            let listener = TlsListener::new(listener, config, MAX_TLS_HANDSHAKES)?;
             serve_on(listener, router, shutdown, HEADER_READ_TIME, BODY_READ_TIME).await
         }
     }
@@ -339,28 +339,39 @@ async fn serve_on<L: axum::serve::Listener>(
     Ok(())
 }
 
-/// TLS handshakes in progress at once (each a small task, bounded in time); more
-/// connections wait in the kernel's backlog. Large enough that idle connections cannot
-/// starve real clients for long.
+/// TLS handshakes in progress at once (each a small task, bounded in time), counting
+/// connections handshaken and waiting for the server to take them; more connections
+/// wait in the kernel's backlog. Large enough that idle connections cannot starve real
+/// clients for long.
 const MAX_TLS_HANDSHAKES: usize = 1024;
 /// Time a connection has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// Pause after an accept that failed for want of resources (descriptors, memory): the
+/// connection waits in the backlog, so trying again at once would spin a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// An HTTPS listener: TCP connections whose TLS handshakes run on their own tasks (at
-/// most [`MAX_TLS_HANDSHAKES`] at once, each bounded in time), so that a slow or silent
-/// client holds up nobody else.
+/// most `handshakes` at once, each bounded in time), so that a slow or silent client
+/// holds up nobody else.
 struct TlsListener {
     ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+    /// Handshakes connections from `listener` with `config`, at most `handshakes` at once
+    /// ([`MAX_TLS_HANDSHAKES`] in production), for [`axum::serve::Listener::accept`].
+    fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        handshakes: usize,
+    ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
-        let (done, ready) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        let (done, ready) = tokio::sync::mpsc::channel(handshakes);
         let acceptor = TlsAcceptor::from(config);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
+        let slots = Arc::new(tokio::sync::Semaphore::new(handshakes));
         tokio::spawn(async move {
+            let mut failures = AcceptFailures::default();
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
@@ -373,8 +384,7 @@ impl TlsListener {
                 let (socket, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        tracing::warn!("accepting an API connection failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        refused_accept(&e, &mut failures).await;
                         continue;
                     }
                 };
@@ -382,8 +392,12 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIME, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => {
-                            drop(slot);
+                            // The slot is kept until the server takes the connection:
+                            // while it takes none (all its connections busy), the
+                            // handshaken ones stay bounded and the rest wait in the
+                            // backlog, instead of tasks and descriptors piling up here.
                             let _ = done.send((stream, peer)).await;
+                            drop(slot);
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "API TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "API TLS handshake timed out"),
@@ -393,6 +407,40 @@ impl TlsListener {
         });
         Ok(Self { ready, local })
     }
+}
+
+/// The accept loop's failures since it last logged one.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+    logged: Option<std::time::Instant>,
+}
+
+/// Handles an accept that failed with `e`: a connection lost before it was taken is
+/// skipped; anything else (out of descriptors or memory) is logged at most once a second
+/// and waited out for [`ACCEPT_BACKOFF`].
+async fn refused_accept(e: &std::io::Error, failures: &mut AcceptFailures) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+    ) {
+        return;
+    }
+    failures.count += 1;
+    if failures
+        .logged
+        .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+    {
+        tracing::warn!(
+            failed = failures.count,
+            "cannot accept API connections: {e}; trying again every {} ms",
+            ACCEPT_BACKOFF.as_millis()
+        );
+        failures.count = 0;
+        failures.logged = Some(std::time::Instant::now());
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -411,6 +459,11 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+/// Test certificates, shared with the migration crate's tests.
+#[cfg(test)]
+#[path = "../../migrate/tests/pki/mod.rs"]
+mod test_pki;
 
 #[cfg(test)]
 mod tests {
@@ -568,5 +621,66 @@ mod tests {
         );
         let malformed = (400, "bad_request".to_string());
         assert_eq!(refusal(&router, json, b"{".to_vec()).await, malformed);
+    }
+
+    #[test]
+    fn handshaken_connections_the_server_does_not_take_are_bounded() {
+        const LIMIT: usize = 2;
+        const CLIENTS: usize = 10;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = test_pki::Ca::new("ferry-http test CA");
+        let host = ca.host();
+        let tls = ferry_migrate::TlsConfig::from_pem(
+            host.cert.as_bytes(),
+            host.key.as_bytes(),
+            ca.cert.as_bytes(),
+        )
+        .unwrap();
+        // Nobody calls accept on it: the server is as busy as it gets.
+        let listener = runtime.block_on(async {
+            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            TlsListener::new(tcp, tls.https_server(), LIMIT).unwrap()
+        });
+        let addr = listener.local;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in tls.ca_certificates() {
+            roots.add(cert.clone()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let streams = runtime.block_on(async {
+            let clients: Vec<_> = (0..CLIENTS)
+                .map(|_| {
+                    let connector = connector.clone();
+                    tokio::spawn(async move {
+                        let tcp = TcpStream::connect(addr).await.unwrap();
+                        let name = ferry_migrate::TLS_SERVER_NAME.try_into().unwrap();
+                        let handshake = connector.connect(name, tcp);
+                        tokio::time::timeout(Duration::from_secs(3), handshake).await
+                    })
+                })
+                .collect();
+            let mut streams = Vec::new();
+            for client in clients {
+                // Kept open until all are counted, so none frees anything on the way.
+                if let Ok(Ok(stream)) = client.await.unwrap() {
+                    streams.push(stream);
+                }
+            }
+            streams
+        });
+        // LIMIT handshaken and queued for the server, LIMIT more waiting with their
+        // slots; the rest stay in the backlog, their handshakes unanswered.
+        assert!(
+            (1..=2 * LIMIT).contains(&streams.len()),
+            "{} of {CLIENTS} handshakes completed, with a limit of {LIMIT}",
+            streams.len()
+        );
+        drop(listener);
     }
 }
