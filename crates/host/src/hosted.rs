@@ -622,6 +622,10 @@ impl HostedVm {
                 m.cancel.cancel();
             }
             self.release();
+            // Its readers learn the VM ended, and requests are refused as for an ended
+            // VM (a channel a migration's hold paused would otherwise say "retry" for
+            // ever).
+            self.readout.channel().end();
             drop(vacated);
         }
     }
@@ -1007,6 +1011,36 @@ mod tests {
             "the stop took {took:?}: it waited for the kernel"
         );
         assert_eq!(vm.state(), VmState::Stopped);
+        assert_eq!(ledger.held().memory, 0);
+        vm.join_watcher();
+    }
+
+    #[test]
+    fn a_vm_that_cannot_run_after_its_migration_ends_its_channel_too() {
+        if !ferry_testdata::kvm("a_vm_that_cannot_run_after_its_migration_ends_its_channel_too") {
+            return;
+        }
+        use ferry_vmm::devices::channel::{Message, SubmitError};
+        let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
+        vm.begin_migration("b:1", status("b:1"), CancelToken::default())
+            .unwrap();
+        vm.hold().unwrap();
+        let request = || {
+            vm.channel().submit(
+                1,
+                Message {
+                    kind: 1,
+                    payload: Vec::new(),
+                },
+            )
+        };
+        assert_eq!(request(), Err(SubmitError::Paused));
+        // Its resume failed (as a torn accelerator's does): it ends as failed.
+        let why = VmError::Resume("the accelerator is torn (test)".into());
+        vm.fail_to_run("its migration failed", &why);
+        assert_eq!(vm.state().name(), "failed");
+        // Clients are told it ended, not to try again shortly, for ever.
+        assert_eq!(request(), Err(SubmitError::Ended));
         assert_eq!(ledger.held().memory, 0);
         vm.join_watcher();
     }
