@@ -506,10 +506,7 @@ impl Center {
     /// The serving VM `model` names: its id, or the name it was given at creation.
     fn serving_vm(&self, model: &str) -> Result<String, OpenAiError> {
         let inventory = self.inventory();
-        let mut serving = inventory
-            .vms()
-            .values()
-            .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD);
+        let mut serving = inventory.vms().values().filter(|v| serves(v));
         if let Some(v) = serving.clone().find(|v| v.id == model) {
             return Ok(v.id.clone());
         }
@@ -724,8 +721,13 @@ impl Center {
                             return Ok(());
                         }
                     }
-                    if chunk.end != StreamEnd::Open {
+                    if chunk.end == StreamEnd::Overflow {
+                        // The guest may still be answering, past what its stream holds.
+                        self.cancel(vm, host, stream, "the model overflowed its stream");
+                    } else if chunk.end != StreamEnd::Open {
                         self.release(vm, host, stream);
+                    }
+                    if chunk.end != StreamEnd::Open {
                         return Err(upstream(format!(
                             "model '{vm}' ended the answer early ({:?})",
                             chunk.end
@@ -808,9 +810,24 @@ impl Center {
         self.release(vm, &host, stream);
     }
 
+    /// Forgets a stream whose answer was read whole or given up on, following the VM
+    /// (up to [`CANCEL_PATIENCE`]) if it moved or is moving: the stream moves with it and
+    /// would hold one of its places there.
     fn release(&self, vm: &str, host: &HostRecord, stream: u64) {
-        if let Ok(client) = self.host_client(host) {
-            let _: anyhow::Result<Value> = client.delete(&format!("/v1/vms/{vm}/streams/{stream}"));
+        let mut host = host.clone();
+        let started = Instant::now();
+        while let Ok(client) = self.host_client(&host) {
+            let released: anyhow::Result<Value> =
+                client.delete(&format!("/v1/vms/{vm}/streams/{stream}"));
+            let Err(e) = released else { return };
+            let code = api_error(&e).and_then(|a| a.code.as_deref());
+            if !matches!(code, Some("migrated" | "unavailable"))
+                || started.elapsed() > CANCEL_PATIENCE
+            {
+                return;
+            }
+            self.reroute(vm, &mut host, code);
+            std::thread::sleep(retry_pause(started.elapsed()));
         }
     }
 }
@@ -942,11 +959,7 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
 /// else its id (either answers requests).
 pub async fn models(State(center): State<Arc<Center>>) -> Response {
     let inventory = center.inventory();
-    let serving: Vec<_> = inventory
-        .vms()
-        .values()
-        .filter(|v| v.is_live() && v.info.workload == SERVING_WORKLOAD)
-        .collect();
+    let serving: Vec<_> = inventory.vms().values().filter(|v| serves(v)).collect();
     let mut named = std::collections::HashMap::<&str, usize>::new();
     for name in serving.iter().filter_map(|v| v.info.name.as_deref()) {
         *named.entry(name).or_default() += 1;
@@ -985,6 +998,14 @@ fn model_not_found(model: &str) -> OpenAiError {
 }
 
 /// OpenAI's model object for serving VM `v`, known as `id`.
+/// Whether `v` is a serving VM that answers requests: a live one, or one its last host
+/// says migrated away (until its destination reports it, for up to a heartbeat; the
+/// relay follows it there).
+fn serves(v: &crate::inventory::VmRecord) -> bool {
+    let answers = v.is_live() || matches!(v.info.state, ferry_api::VmState::MigratedAway { .. });
+    answers && v.info.workload == SERVING_WORKLOAD
+}
+
 fn model_object(id: &str, v: &crate::inventory::VmRecord) -> Value {
     json!({
         "id": id,
@@ -1610,6 +1631,20 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_that_overflowed_on_its_host_is_cancelled_not_only_released() {
+        let token = Event::Token {
+            id: 1,
+            text: "la".into(),
+        };
+        let overflowed = chunk(&token, 1).replace("\"open\"", "\"overflow\"");
+        let (e, texts, seen) = read_endless("overflowed", vec![overflowed], MAX_TOKENS);
+        assert_eq!(e.code, "upstream_error", "{}", e.body());
+        assert_eq!(texts, 1);
+        // The guest may still be answering: it is told to stop.
+        assert_cancelled(&seen, 1);
+    }
+
+    #[test]
     fn a_long_tokens_pieces_count_in_bytes_not_in_events() {
         // A token's text of 9 KiB in 30 pieces of 300 bytes, between short tokens: the
         // pieces do not use up the events of an answer of 2 tokens (12).
@@ -1689,6 +1724,35 @@ mod tests {
         assert_cancelled(&seen, 0);
         let seen = b_requests.join().unwrap();
         assert!(seen[1].starts_with("GET /v1/vms/v "), "{seen:?}");
+    }
+
+    #[test]
+    fn a_model_whose_source_reports_it_moved_before_its_destination_does_is_still_served() {
+        let scratch = crate::tests::ScratchCenter::open("moved-model");
+        let serving = |state: VmState| {
+            let mut vm = crate::inventory::tests::vm("v", state);
+            vm.workload = SERVING_WORKLOAD.into();
+            vm.name = Some("chat".into());
+            vm
+        };
+        let beat = |state: VmState| {
+            let beat = crate::inventory::tests::beat("b", vec![serving(state)]);
+            scratch.center.heartbeat(beat).unwrap();
+        };
+        beat(VmState::Running);
+        assert_eq!(scratch.center.serving_vm("chat").unwrap(), "v");
+        // Host b has let it go; host c has not said it runs it yet.
+        beat(VmState::MigratedAway {
+            to: "c.example:7071".into(),
+        });
+        let state = scratch.center.inventory().vms()["v"].info.state.clone();
+        assert!(matches!(state, VmState::MigratedAway { .. }), "{state:?}");
+        assert_eq!(scratch.center.serving_vm("chat").unwrap(), "v");
+        assert_eq!(scratch.center.serving_vm("v").unwrap(), "v");
+        // Not a VM that ended.
+        beat(VmState::Running);
+        beat(VmState::Stopped);
+        assert!(scratch.center.serving_vm("chat").is_err());
     }
 
     #[test]

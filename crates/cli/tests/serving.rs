@@ -595,6 +595,31 @@ fn hundreds_of_waiting_stream_reads_do_not_starve_the_rest_of_the_host_api() {
         "the host API answered in {answered_in:?} while reads waited"
     );
     assert!((200..=256).contains(&waited), "{waited} reads waited 10 s");
+    // A stream let go of while a read waits on it: the read ends then, not 10 s later.
+    let waiting = {
+        let (api, path) = (
+            api.clone(),
+            format!("/v1/vms/{id}/streams/1000?from=0&wait_ms=10000"),
+        );
+        std::thread::spawn(move || {
+            let read = api.get::<Value>(&path);
+            (read, std::time::Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let _: Value = api.delete(&format!("/v1/vms/{id}/streams/1000")).unwrap();
+    let released = std::time::Instant::now();
+    let (read, ended) = waiting.join().unwrap();
+    let gone = read
+        .unwrap_err()
+        .downcast::<ferry_client::ApiError>()
+        .unwrap();
+    assert_eq!(gone.status, 404, "{gone}");
+    let after = ended.saturating_duration_since(released);
+    assert!(
+        after < Duration::from_secs(3),
+        "the read ended {after:?} after its stream was let go of"
+    );
     let _: Value = api.delete(&format!("/v1/vms/{id}")).unwrap();
 }
 

@@ -106,9 +106,13 @@ impl Host {
         })
     }
 
-    /// Forgets `stream` of VM `id` (its reader has it all).
+    /// Forgets `stream` of VM `id` (its reader has it all). A VM that migrated away
+    /// holds the stream on its destination (the caller is told to release it there), and
+    /// one paused for a switchover may (the caller is told to try again shortly).
     pub fn channel_release(&self, id: &str, stream: u64) -> Result<(), HostError> {
-        self.get(id)?.channel().release(stream);
-        Ok(())
+        let vm = self.get(id)?;
+        vm.channel()
+            .release(stream)
+            .map_err(|e| moved(&vm).unwrap_or_else(|| submit_error(&vm.id, e)))
     }
 }

@@ -117,7 +117,17 @@ struct Stream {
     /// Whether a read returned its last response after it ended: then only a release
     /// lost on the way is missing, and it goes first when room is needed.
     read_whole: bool,
+    /// When room for another stream was first sought while this one had ended unread:
+    /// it is given [`UNREAD_END_GRACE`] from then for its reader to come. This host's
+    /// own clock: not part of the saved state (a destination's grace starts anew).
+    #[serde(skip)]
+    ended_unread_since: Option<Instant>,
 }
+
+/// How long a stream that ended keeps its place, unread, while another stream needs it:
+/// its reader (the center's gateway) may be held up by a slow client for up to a
+/// minute between two reads; past this it is taken for gone.
+pub const UNREAD_END_GRACE: Duration = Duration::from_secs(120);
 
 impl Stream {
     /// Drops the responses before stream index `from`: their reader has them.
@@ -406,12 +416,23 @@ impl Channel {
             return Err(SubmitError::QueueFull);
         }
         if state.streams.len() >= MAX_STREAMS {
-            // Room from a stream whose reader has it all, else from the oldest ended one
-            // (its reader may never come: a stream is not kept for ever).
-            let ended = |s: &Stream| s.end != StreamEnd::Open;
+            // Room from a stream whose reader has it all, else from the oldest one that
+            // ended unread [`UNREAD_END_GRACE`] ago (its reader may never come: a stream
+            // is not kept for ever). One whose reader is about to come keeps its place:
+            // taking it would lose its answer's end.
+            let now = Instant::now();
+            for s in &mut state.streams {
+                if s.end != StreamEnd::Open && !s.read_whole {
+                    s.ended_unread_since.get_or_insert(now);
+                }
+            }
+            let given_up = |s: &Stream| {
+                s.ended_unread_since
+                    .is_some_and(|since| now.duration_since(since) >= UNREAD_END_GRACE)
+            };
             let Some(gone) = (state.streams.iter())
-                .position(|s| ended(s) && s.read_whole)
-                .or_else(|| state.streams.iter().position(ended))
+                .position(|s| s.end != StreamEnd::Open && s.read_whole)
+                .or_else(|| state.streams.iter().position(given_up))
             else {
                 return Err(SubmitError::TooManyStreams);
             };
@@ -425,6 +446,7 @@ impl Channel {
             end: StreamEnd::Open,
             signalled: false,
             read_whole: false,
+            ended_unread_since: None,
         });
         state.queued.push_back(Queued {
             stream,
@@ -445,7 +467,8 @@ impl Channel {
             .state
             .streams
             .iter_mut()
-            .find(|s| s.id == stream && s.end == StreamEnd::Open)
+            // An overflowed stream's guest may still be answering: it can be told to stop.
+            .find(|s| s.id == stream && matches!(s.end, StreamEnd::Open | StreamEnd::Overflow))
         else {
             return Err(SubmitError::NoSuchStream(stream));
         };
@@ -531,9 +554,20 @@ impl Channel {
     }
 
     /// Forgets `stream` (its reader has everything); an open stream's later responses
-    /// are dropped.
-    pub fn release(&self, stream: u64) {
-        self.core().state.streams.retain(|s| s.id != stream);
+    /// are dropped. Refused while the VM is paused (its state may be on its way to
+    /// another host, which would keep the stream) or gone elsewhere.
+    pub fn release(&self, stream: u64) -> Result<(), SubmitError> {
+        let mut core = self.core();
+        match core.gate {
+            Gate::Paused => return Err(SubmitError::Paused),
+            Gate::Detached => return Err(SubmitError::Detached),
+            Gate::Open | Gate::Ended => {}
+        }
+        core.state.streams.retain(|s| s.id != stream);
+        drop(core);
+        // A reader waiting on it learns it is gone now, not at its wait's end.
+        self.shared.changed.notify_all();
+        Ok(())
     }
 
     /// Guest `out` to `CHANNEL_SETUP` of `page`: checks and copies the ring's geometry.
@@ -904,7 +938,11 @@ mod tests {
         assert_eq!(read.end, StreamEnd::Final);
         assert_eq!(read.events, [message(2, "wor"), message(2, "ld")]);
         assert_eq!(channel.read(7, 1, Duration::ZERO).unwrap().events.len(), 1);
-        channel.release(7);
+        // Not while the VM is paused: its state may be going to another host.
+        channel.pause();
+        assert_eq!(channel.release(7), Err(SubmitError::Paused));
+        channel.open();
+        channel.release(7).unwrap();
         assert_eq!(
             channel.read(7, 0, Duration::ZERO),
             Err(ReadError::NoSuchStream(7))
@@ -999,6 +1037,7 @@ mod tests {
             end: StreamEnd::Open,
             signalled: false,
             read_whole: false,
+            ended_unread_since: None,
         });
         (state.request_head, state.request_tail) = (u64::MAX, u64::MAX);
         state.queued.push_back(Queued {
@@ -1062,6 +1101,15 @@ mod tests {
         let read = channel.read(1, 0, Duration::ZERO).unwrap();
         assert_eq!(read.end, StreamEnd::Overflow);
         assert!(read.events.len() * 200 <= MAX_STREAM_BYTES);
+        // The guest would go on answering for nobody: a cancel still reaches it.
+        channel.signal(1, message(3, "")).unwrap();
+        channel.kick(&mem, 0);
+        let got = take_requests(&mem);
+        assert!(
+            got.iter()
+                .any(|(r, _)| r.stream == 1 && r.flags & flags::OPEN == 0),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -1217,6 +1265,7 @@ mod tests {
                 end: StreamEnd::Final,
                 signalled: false,
                 read_whole: false,
+                ended_unread_since: None,
             })
             .collect();
         let full = Channel::restore(&state);
@@ -1226,10 +1275,17 @@ mod tests {
         full.submit(1000, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(kept.contains(&0) && !kept.contains(&10), "{kept:?}");
-        // None read whole: the oldest ended one goes.
+        // None read whole: the ended ones keep their places while their readers may come.
+        assert_eq!(
+            full.submit(1001, message(1, "q")),
+            Err(SubmitError::TooManyStreams)
+        );
+        // Past the grace, the oldest one goes.
+        let long_ago = Instant::now().checked_sub(UNREAD_END_GRACE).unwrap();
+        full.core().state.streams[0].ended_unread_since = Some(long_ago);
         full.submit(1001, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
-        assert!(!kept.contains(&0) && kept.contains(&1000), "{kept:?}");
+        assert!(!kept.contains(&0) && kept.contains(&1001), "{kept:?}");
     }
 
     #[test]
