@@ -104,6 +104,15 @@ pub struct AttachedFile {
 /// times (seconds, nanoseconds).
 type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
 
+/// The most hashes [`hash_cache`] keeps: far more files than a host attaches; past it,
+/// it starts again empty (files are hashed again once).
+const MAX_CACHED_HASHES: usize = 4096;
+
+/// How recent a file's last change may be for its hash to be cached: a file rewritten
+/// within one tick of the file system's clock (up to 2 s on some) keeps its stamp, so a
+/// hash taken then may be of bytes the file no longer holds (git's "racily clean").
+const RACY_CHANGE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The hashes of files hashed in this process, by [`FileStamp`], so a file attached to
 /// many VMs (or checked at each migration) is read once.
 fn hash_cache() -> &'static Mutex<HashMap<FileStamp, String>> {
@@ -145,6 +154,7 @@ fn sha256_of(name: &str, path: &Path, file: &File, meta: &Metadata) -> Result<St
     };
     // Positioned reads of exactly the recorded size: the file's offset is shared by
     // its clones, and bytes appended meanwhile are not the content recorded.
+    let started = std::time::SystemTime::now();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0;
@@ -162,11 +172,33 @@ fn sha256_of(name: &str, path: &Path, file: &File, meta: &Metadata) -> Result<St
         });
     }
     let hash = hex(&hasher.finalize());
-    hash_cache()
-        .lock()
-        .expect("hash cache lock")
-        .insert(key, hash.clone());
+    if !racily_changed(meta, started) {
+        remember_hash(key, hash.clone());
+    }
     Ok(hash)
+}
+
+/// Caches `hash` for files of stamp `key`, within [`MAX_CACHED_HASHES`].
+fn remember_hash(key: FileStamp, hash: String) {
+    let mut cache = hash_cache().lock().expect("hash cache lock");
+    if cache.len() >= MAX_CACHED_HASHES {
+        cache.clear();
+    }
+    cache.insert(key, hash);
+}
+
+/// Whether the file whose metadata is `meta` changed so shortly before `hashing` began
+/// that another change in the same clock tick would not show in its stamp.
+fn racily_changed(meta: &Metadata, hashing: std::time::SystemTime) -> bool {
+    let changed = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::new(
+            u64::try_from(meta.ctime()).unwrap_or(0),
+            u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+        ))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    hashing
+        .duration_since(changed)
+        .map_or(true, |age| age < RACY_CHANGE)
 }
 
 /// Whether `file` (metadata `meta`, at `path`) holds the content `expected` records;
@@ -224,6 +256,13 @@ fn open_regular(name: &str, path: &Path) -> Result<(File, Metadata), AttachError
 }
 
 impl AttachedFile {
+    /// Where the open file is now, as the kernel resolves its descriptor: what was
+    /// opened, whatever the path named when it was checked (a link swapped in between).
+    pub fn opened_path(&self) -> std::io::Result<PathBuf> {
+        use std::os::fd::AsRawFd;
+        std::fs::read_link(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
     /// Opens `path` as the file `name` and takes its hash.
     pub fn open(name: &str, path: &Path) -> Result<Self, AttachError> {
         let (file, meta) = open_regular(name, path)?;
@@ -291,6 +330,19 @@ impl AttachedFile {
     }
 }
 
+/// Checks the names of the files a VM is given: at most [`MAX_FILES`], each unique.
+pub fn check_names(names: &[&str]) -> Result<(), AttachError> {
+    if names.len() > MAX_FILES {
+        return Err(AttachError::TooMany(names.len()));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(AttachError::DuplicateName(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
 /// A VM's attached files, in attach order (an index names a file); cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct AttachedFiles(Arc<[AttachedFile]>);
@@ -298,19 +350,16 @@ pub struct AttachedFiles(Arc<[AttachedFile]>);
 impl AttachedFiles {
     /// The files `files`, checked: at most [`MAX_FILES`], names unique.
     pub fn new(files: Vec<AttachedFile>) -> Result<Self, AttachError> {
-        if files.len() > MAX_FILES {
-            return Err(AttachError::TooMany(files.len()));
-        }
-        for (i, f) in files.iter().enumerate() {
-            if files[..i].iter().any(|o| o.info.name == f.info.name) {
-                return Err(AttachError::DuplicateName(f.info.name.clone()));
-            }
-        }
+        let names: Vec<&str> = files.iter().map(|f| f.info.name.as_str()).collect();
+        check_names(&names)?;
         Ok(Self(files.into()))
     }
 
-    /// Opens each `(name, path)`.
+    /// Opens each `(name, path)`, once their count and names are known to be right (a
+    /// list of thousands would otherwise hold thousands of descriptors first).
     pub fn open(specs: &[(String, PathBuf)]) -> Result<Self, AttachError> {
+        let names: Vec<&str> = specs.iter().map(|(name, _)| name.as_str()).collect();
+        check_names(&names)?;
         let files = specs
             .iter()
             .map(|(name, path)| AttachedFile::open(name, path))
@@ -425,6 +474,29 @@ mod tests {
         ));
         std::fs::write(&path, content).unwrap();
         path
+    }
+
+    #[test]
+    fn a_file_changed_within_a_clock_tick_of_its_hash_is_not_cached_and_the_cache_is_bounded() {
+        let path = temp_file("racy", b"just written");
+        let file = AttachedFile::open("racy", &path).unwrap();
+        let key = stamp_of(&std::fs::metadata(&path).unwrap());
+        // Its stamp would not show a rewrite in the same tick: hashed again next time.
+        assert!(!hash_cache().lock().unwrap().contains_key(&key));
+        assert_eq!(file.info().sha256, hex(&Sha256::digest(b"just written")));
+        // Hashed long enough after its last change, it would be.
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(racily_changed(&meta, std::time::SystemTime::now()));
+        assert!(!racily_changed(
+            &meta,
+            std::time::SystemTime::now() + RACY_CHANGE
+        ));
+        // However many files are hashed, the cache holds at most its bound.
+        for i in 0..=MAX_CACHED_HASHES as u64 {
+            remember_hash((u64::MAX, i, 0, 0, 0, 0, 0), String::new());
+        }
+        assert!(hash_cache().lock().unwrap().len() <= MAX_CACHED_HASHES);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
