@@ -225,10 +225,38 @@ impl AttachPolicy {
         // A symlink inside may point outside.
         let canonical =
             std::fs::canonicalize(&lexical).map_err(|e| format!("{}: {e}", path.display()))?;
-        if !dirs.iter().any(|d| canonical.starts_with(&d.canonical)) {
+        if !self.holds(&canonical) {
             return Err(outside());
         }
         Ok(canonical)
+    }
+
+    /// Whether the file at `real` (a path with its links resolved) may be attached.
+    fn holds(&self, real: &Path) -> bool {
+        match self {
+            Self::Anywhere => true,
+            Self::Under(dirs) => dirs.iter().any(|d| real.starts_with(&d.canonical)),
+        }
+    }
+
+    /// Refuses `files` if one was opened outside the directories: a path [`Self::admit`]
+    /// let through may have been made a link to elsewhere before it was opened. The
+    /// refusal names the path asked for, not what it led to.
+    fn check_opened(
+        &self,
+        files: &AttachedFiles,
+        asked: &[(String, PathBuf)],
+    ) -> Result<(), String> {
+        for (file, (name, path)) in files.files().iter().zip(asked) {
+            let inside = file.opened_path().is_ok_and(|real| self.holds(&real));
+            if !inside {
+                return Err(format!(
+                    "cannot attach '{name}': {} changed while it was opened (it now leads outside the directories this host attaches files from)",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -760,6 +788,11 @@ impl Host {
     /// the pin, taken before they are opened, that keeps those in the file store from
     /// eviction until the VM is listed (then its state pins them).
     fn attach(&self, attach: &[Attachment]) -> Result<(AttachedFiles, ReceivingPin), HostError> {
+        // Before any path is looked at: thousands of entries cost nothing to refuse.
+        let names: Vec<&str> = attach.iter().map(|a| a.name.as_str()).collect();
+        ferry_vmm::files::check_names(&names).map_err(|e| {
+            HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e)))
+        })?;
         let specs = attach
             .iter()
             .map(|a| {
@@ -778,6 +811,10 @@ impl Host {
         let files = open_attached(&specs, &pin).map_err(|e| {
             HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e)))
         })?;
+        self.config
+            .attach
+            .check_opened(&files, &specs)
+            .map_err(HostError::BadRequest)?;
         Ok((files, pin))
     }
 
@@ -813,12 +850,17 @@ impl Host {
             ..self.vm_host_options()
         };
         let vm = Microvm::boot(config, &image, &req.args, host).map_err(|e| {
+            use ferry_vmm::memory::MemoryError;
+            use ferry_vmm::vm::CreateVmError;
             let msg = format!("cannot create the VM: {}", error_chain(&e));
             match e {
-                ferry_vmm::vm::CreateVmError::Memory(_)
-                | ferry_vmm::vm::CreateVmError::AccelMemory(_)
-                | ferry_vmm::vm::CreateVmError::Image(_)
-                | ferry_vmm::vm::CreateVmError::ArgsTooLong => HostError::BadRequest(msg),
+                // The shape was validated above: what is left is this host's lack of
+                // memory, or its fault, not the request's.
+                CreateVmError::Memory(MemoryError::Map { .. }) => HostError::NoRoom(msg),
+                CreateVmError::Memory(MemoryError::InvalidSize { .. })
+                | CreateVmError::AccelMemory(_)
+                | CreateVmError::Image(_)
+                | CreateVmError::ArgsTooLong => HostError::BadRequest(msg),
                 _ => HostError::Failed(msg),
             }
         })?;
@@ -1566,6 +1608,29 @@ mod tests {
             other => panic!("attached without an --attach-dir: {other:?}"),
         }
         assert_eq!(host.memory_used(), 0);
+        // A path made a link to elsewhere after it was admitted: the open file is
+        // checked where it really is, and refused without telling what it led to.
+        let opened = AttachedFiles::open(&[("model".into(), link.clone())]).unwrap();
+        let why = policy
+            .check_opened(&opened, &[("model".into(), link.clone())])
+            .unwrap_err();
+        assert!(why.contains("changed while it was opened"), "{why}");
+        assert!(!why.contains("elsewhere"), "{why}");
+        let opened = AttachedFiles::open(&[("model".into(), model.clone())]).unwrap();
+        policy
+            .check_opened(&opened, &[("model".into(), model.clone())])
+            .unwrap();
+        // Thousands of entries are refused before any is looked for.
+        req.attach = (0..40_000)
+            .map(|_| Attachment {
+                name: "model".into(),
+                path: model.clone(),
+            })
+            .collect();
+        match host.create_vm(&req) {
+            Err(HostError::BadRequest(why)) => assert!(why.contains("40000"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_dir_all(&root).unwrap();
     }
 
