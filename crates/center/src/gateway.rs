@@ -60,6 +60,10 @@ const STREAM_STARTS_AFTER: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Longest one read of a stream waits on the host.
 const READ_WAIT_MS: u64 = 1000;
+/// Longest a relay's read of a stream may take, answer included: its wait and a few
+/// seconds. A host that takes the connection and never answers is asked again (and the
+/// client's departure seen) this often, not once a minute.
+const READ_TIME: Duration = Duration::from_millis(READ_WAIT_MS + 4000);
 /// Most bytes of one answer of a host to a stream read: a stream holds at most 96 KiB
 /// unread (base64 in JSON) and a short record per event, well within it. A broken host
 /// must not make each of a relay's many reads cost up to the client's usual 256 MiB.
@@ -695,7 +699,7 @@ impl Center {
             let client = self.host_client(host).map_err(|e| unreachable(vm, &e))?;
             let path = format!("/v1/vms/{vm}/streams/{stream}?from={next}&wait_ms={READ_WAIT_MS}");
             let asked = Instant::now();
-            match client.get_within::<StreamChunk>(&path, MAX_CHUNK_ANSWER) {
+            match client.get_within_time::<StreamChunk>(&path, MAX_CHUNK_ANSWER, READ_TIME) {
                 Ok(chunk) => {
                     unreachable_since = None;
                     let empty = chunk.events.is_empty();

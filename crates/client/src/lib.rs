@@ -285,16 +285,28 @@ impl ApiClient {
     }
 
     /// `method path` without a body (a GET is a read, sent again elsewhere if need be):
-    /// what it was, for errors, and the answer.
+    /// what it was, for errors, and the answer; within `time` if given, else the
+    /// client's own limit.
     fn bodiless_request(
         &self,
         method: &'static str,
         path: &str,
+        time: Option<Duration>,
     ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
         let what = format!("{method} {path}");
         let response = self.send(&what, method == "GET", |base| {
-            let request = self.request(method, base, path);
-            self.agent.run(request.body(()).map_err(ureq::Error::from)?)
+            let mut request = self
+                .request(method, base, path)
+                .body(())
+                .map_err(ureq::Error::from)?;
+            if let Some(time) = time {
+                request = self
+                    .agent
+                    .configure_request(request)
+                    .timeout_global(Some(time))
+                    .build();
+            }
+            self.agent.run(request)
         })?;
         Ok((what, response))
     }
@@ -320,13 +332,26 @@ impl ApiClient {
     /// small, read often (a stream's next events), where a broken or hostile server must
     /// not make each read cost up to the usual limit (256 MiB).
     pub fn get_within<T: DeserializeOwned>(&self, path: &str, limit: u64) -> anyhow::Result<T> {
-        let (what, r) = self.bodiless_request("GET", path)?;
+        let (what, r) = self.bodiless_request("GET", path, None)?;
+        self.finish(&what, r, limit)
+    }
+
+    /// [`Self::get_within`], answered whole within `time` (a read that waits a known
+    /// while on the server: a server that hangs is given up on soon after, not after
+    /// the client's usual minute).
+    pub fn get_within_time<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        limit: u64,
+        time: Duration,
+    ) -> anyhow::Result<T> {
+        let (what, r) = self.bodiless_request("GET", path, Some(time))?;
         self.finish(&what, r, limit)
     }
 
     /// `GET path` answered with text.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let (what, mut response) = self.bodiless_request("GET", path)?;
+        let (what, mut response) = self.bodiless_request("GET", path, None)?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -386,7 +411,7 @@ impl ApiClient {
 
     /// `DELETE path`.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let (what, r) = self.bodiless_request("DELETE", path)?;
+        let (what, r) = self.bodiless_request("DELETE", path, None)?;
         self.finish(&what, r, MAX_ANSWER_BYTES)
     }
 
@@ -499,6 +524,24 @@ mod tests {
             (error.status, error.code.as_deref(), error.message.as_str()),
             (404, Some("vm_not_found"), "no VM x")
         );
+    }
+
+    #[test]
+    fn a_read_given_a_time_gives_up_on_a_server_that_never_answers_by_then() {
+        // Takes the connection (the backlog does) and says nothing.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let client = ApiClient::new(&base, b"token").unwrap();
+        let started = std::time::Instant::now();
+        let read = client.get_within_time::<serde_json::Value>(
+            "/v1/vms/v/streams/1",
+            1 << 20,
+            Duration::from_millis(300),
+        );
+        assert!(read.is_err());
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        drop(listener);
     }
 
     #[test]
