@@ -206,7 +206,7 @@ pub fn channel(data: &[u8]) {
         // From an index the input picks: reads let go of what came before.
         let _ = ch.read(stream, (value >> 56) as usize % 8, Duration::ZERO);
         if i % 5 == 4 {
-            ch.release(stream);
+            let _ = ch.release(stream);
         }
     }
     let saved = ch.save();
