@@ -156,10 +156,7 @@ async fn leader_writes(
             "leader_unreachable",
             &format!("this replica follows; forwarding to the leader failed: {e}"),
         ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("internal error: {e}"),
-        ),
+        Err(e) => ferry_http::internal_error(&e),
     }
 }
 
@@ -290,10 +287,7 @@ async fn metrics(State(center): State<Arc<Center>>) -> Response {
     let text = tokio::task::spawn_blocking(move || center.metrics_text()).await;
     match text {
         Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("internal error: {e}"),
-        ),
+        Err(e) => ferry_http::internal_error(&e),
     }
 }
 

@@ -308,6 +308,19 @@ pub enum HeartbeatError {
     },
 }
 
+/// Cuts `text` (a host's words on a VM or a migration, kept and stored) to at most
+/// [`MAX_STATE_TEXT_BYTES`], at a character's boundary, marking the cut.
+pub(crate) fn cut_state_text(text: &mut String) {
+    if text.len() > MAX_STATE_TEXT_BYTES {
+        let mut end = MAX_STATE_TEXT_BYTES - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
 /// At most 64 bytes of `text` (sent by a host) for a message.
 pub(crate) fn shown(text: &str) -> String {
     let mut end = text.len().min(64);
@@ -437,14 +450,7 @@ pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
 /// what is left fits in [`MAX_VM_REPORT_BYTES`].
 fn trim_vm_report(vm: &mut VmInfo) -> bool {
     if let VmState::InDoubt { reason: text, .. } | VmState::Failed { error: text } = &mut vm.state {
-        if text.len() > MAX_STATE_TEXT_BYTES {
-            let mut end = MAX_STATE_TEXT_BYTES - '…'.len_utf8();
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-            text.push('…');
-        }
+        cut_state_text(text);
     }
     if vm.workload.len() > MAX_WORKLOAD_BYTES {
         vm.workload = String::new();

@@ -1131,6 +1131,8 @@ fn passed_on(host: &str, error: anyhow::Error) -> CenterError {
                 answer,
             }
         }
+        // No room there now: so the client is told, not to retry the same host.
+        Ok(answer) if answer.status == 507 => CenterError::NoRoom(format!("host {host}: {answer}")),
         Ok(answer) => CenterError::Unavailable(format!("host {host}: {answer}")),
         Err(e) => CenterError::Unavailable(format!("host {host}: {e:#}")),
     }
@@ -1328,6 +1330,14 @@ pub(crate) mod tests {
         scratch.report("b", failing);
         let failed = create_on(&scratch.center, "b").unwrap_err();
         assert!(matches!(failed, CenterError::Unavailable(_)), "{failed}");
+        // One without room now says so: the client is not told to retry the same host.
+        let full = answering_once(
+            "507 Insufficient Storage",
+            r#"{"error":"no room for 1 GiB","code":"no_room"}"#,
+        );
+        scratch.report("d", full);
+        let no_room = create_on(&scratch.center, "d").unwrap_err();
+        assert!(matches!(no_room, CenterError::NoRoom(_)), "{no_room}");
         // A host that heard of a newer leader refuses the order for this replica's
         // term, not for the request: this replica does not lead.
         let fenced = answering_once(

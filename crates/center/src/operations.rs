@@ -388,6 +388,16 @@ impl Center {
         record_id: i64,
     ) -> Result<(Option<MigrationReport>, VmInfo), String> {
         let (source, dest) = self.move_hosts(m)?;
+        // Its mode may have changed since the move was planned (a balance is planned
+        // before its operation begins, and a maintenance may end in between): a host
+        // about to be patched takes no VM. While this operation runs, no other begins.
+        if !dest.mode.accepts_vms() {
+            return Err(format!(
+                "not moved: host {} is {} and takes no VMs",
+                dest.name,
+                dest.mode.name()
+            ));
+        }
         let src = self.order_client(&source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{}", m.vm.id);
         // Checked last thing before the order: a replica deposed since the record was
@@ -431,9 +441,12 @@ impl Center {
                         MigrationState::Failed
                         | MigrationState::Cancelled
                         | MigrationState::InDoubt => {
-                            return Err(status
+                            // The host's words are kept and stored: bounded.
+                            let mut error = status
                                 .error
-                                .unwrap_or_else(|| "the migration failed".into()))
+                                .unwrap_or_else(|| "the migration failed".into());
+                            crate::inventory::cut_state_text(&mut error);
+                            return Err(error);
                         }
                         MigrationState::Running => {
                             if let Some(progress) = status.progress {
@@ -642,6 +655,15 @@ impl Center {
             })
             .collect();
         match (op.kind, op.host.clone()) {
+            (OperationKind::Maintenance, Some(host)) if !self.host_evacuating(&host) => {
+                // Returned to service (or never set evacuating) since: its record's last
+                // write was lost. Evacuating it again would empty a host in use.
+                self.update_operation(op.id, |o| {
+                    o.state = OperationState::Incomplete;
+                    o.finished_ms = Some(unix_ms());
+                    o.summary = format!("not resumed: host {host} is no longer evacuating");
+                });
+            }
             (OperationKind::Maintenance, Some(host)) => {
                 // This replica's view of the host must be first-hand, and its VMs settled
                 // (none still in a move), before planning what is left.
@@ -686,6 +708,14 @@ impl Center {
             // no longer hold. The operation says so.
             _ => self.finish_balance(op.id, term, op.planned.len(), &records),
         }
+    }
+
+    /// Whether `host`'s mode says it is being evacuated.
+    fn host_evacuating(&self, host: &str) -> bool {
+        self.inventory()
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.mode == HostMode::Evacuating)
     }
 
     /// Runs `moves`, at most `parallel` at once; returns each one's record.
@@ -1169,6 +1199,48 @@ mod tests {
             .map(|m| m.id)
             .collect();
         assert_eq!(loaded, kept);
+    }
+
+    #[test]
+    fn no_vm_is_moved_to_a_host_that_went_into_maintenance_after_the_move_was_planned() {
+        let scratch = ScratchCenter::open("moved-to-maintenance");
+        let center = &scratch.center;
+        // Host b is in maintenance. (Neither answers: an order would fail otherwise.)
+        scratch.report("a", ferry_testdata::refusing_addr());
+        scratch.report("b", ferry_testdata::refusing_addr());
+        center.inventory().hosts.get_mut("b").unwrap().mode = HostMode::Maintenance;
+        let m = Move {
+            vm: VmRecord {
+                id: "v".into(),
+                host: "a".into(),
+                info: vm("v", VmState::Running),
+            },
+            to: "b".into(),
+        };
+        let refused = center.follow_migration(&m, 1).unwrap_err();
+        assert!(refused.contains("takes no VMs"), "{refused}");
+    }
+
+    #[test]
+    fn a_maintenance_whose_host_was_returned_to_service_is_not_resumed() {
+        let scratch = ScratchCenter::open("stale-maintenance");
+        let center = &scratch.center;
+        scratch.report("a", ferry_testdata::refusing_addr());
+        // Its end was not recorded (the store refused the write): it reads as running,
+        // while its host is back in service.
+        let op = center
+            .begin_operation(OperationKind::Maintenance, Some("a"), &[])
+            .unwrap();
+        assert_eq!(center.inventory().hosts["a"].mode, HostMode::Active);
+        center.resume_operation(op.clone(), center.term().unwrap());
+        let ended = center.operation(op.id).unwrap();
+        assert_eq!(ended.state, OperationState::Incomplete, "{}", ended.summary);
+        assert!(
+            ended.summary.contains("no longer evacuating"),
+            "{}",
+            ended.summary
+        );
+        assert_eq!(center.inventory().hosts["a"].mode, HostMode::Active);
     }
 
     #[test]

@@ -133,11 +133,18 @@ where
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(value)) => (ok, Json(value)).into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("internal error: {e}"),
-        ),
+        Err(e) => internal_error(&e),
     }
+}
+
+/// The answer to a request whose handler failed (`why`: it panicked): 500, with `why`
+/// logged, not told (a panic's message may name this server's internals).
+pub fn internal_error(why: &dyn std::fmt::Display) -> Response {
+    tracing::error!("an API request's handler failed: {why}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error (the server's log says more)",
+    )
 }
 
 /// A JSON request body. One that is not the expected JSON is answered with the API's
