@@ -1310,6 +1310,9 @@ impl Accelerator {
     /// Lets a paused device run again (and look at the ring for work), unless a replay
     /// cut short tore its memory: no guest may run on that.
     pub fn resume(&self) -> Result<(), TornMemory> {
+        // At a command boundary: a replayed command in progress tears (under the core
+        // lock) before this looks, or after this returned, never in between unseen.
+        let _boundary = self.core();
         let mut control = self.control();
         if let Life::Torn(torn) = control.life {
             return Err(torn);
@@ -1324,10 +1327,11 @@ impl Accelerator {
     /// The device state, less buffer contents. Pause the device first. A torn device has
     /// no state worth keeping: its memory is neither the old nor the new.
     pub fn save_state(&self) -> Result<AccelState, TornMemory> {
+        // The core lock first, as a tear is made under it (see [`Self::resume`]).
+        let core = self.core();
         if let Life::Torn(torn) = self.control().life {
             return Err(torn);
         }
-        let core = self.core();
         Ok(AccelState {
             backend_kind: core.backend.kind().to_string(),
             kernel_version: core.backend.kernel_version(),
