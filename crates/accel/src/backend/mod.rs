@@ -232,11 +232,6 @@ impl IndexCheck {
         }
     }
 
-    /// `values` (at least `count` of them) against the bound.
-    fn check(&self, values: &[u32]) -> Result<(), BackendError> {
-        self.check_part(&values[..self.count])
-    }
-
     /// Some of the values checked (all of them are the first `count`) against the bound.
     fn check_part(&self, values: &[u32]) -> Result<(), BackendError> {
         if values.iter().any(|&v| v as usize >= self.bound) {

@@ -509,6 +509,18 @@ fn bad_data(cases: &mut Cases<'_>) {
     let kernel = numbered::embedding(1, 4, 10);
     let data = vec![r.f32s(40, 1.0), 99u32.to_le_bytes().to_vec(), vec![0; 16]];
     cases.refused("embedding id beyond the vocabulary", data, &kernel, 2);
+    // Ids read back in pieces: one beyond, in the last piece, is found as well.
+    let count = super::CHECK_PIECE + 1;
+    let mut ids = vec![0u8; 4 * count];
+    ids[4 * (count - 1)..].copy_from_slice(&99u32.to_le_bytes());
+    let kernel = numbered::embedding(count, 4, 10);
+    let data = vec![r.f32s(40, 1.0), ids, vec![0; 16 * count]];
+    cases.refused(
+        "embedding id beyond the vocabulary, past a piece",
+        data,
+        &kernel,
+        2,
+    );
 }
 
 #[cfg(test)]

@@ -282,18 +282,33 @@ impl<G: Gpu> GpuBackend<G> {
         Ok(self.gpu().address(&scratch.memory))
     }
 
-    /// The first `count` u32 of buffer `id`, read back to check them.
-    fn read_u32(&self, id: BufferId, count: usize) -> Result<Vec<u32>, BackendError> {
-        let mut bytes = vec![0u8; count * 4];
-        self.gpu()
-            .read(&self.buffers.expect(id).memory, 0, &mut bytes)
-            .map_err(|e| BackendError::Device(e.to_string()))?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .collect())
+    /// Reads back the values `check` bounds and checks them, in pieces of at most
+    /// [`CHECK_PIECE`] values: the host memory it takes is bounded, whatever the buffer.
+    fn check_indices(&self, check: &IndexCheck) -> Result<(), BackendError> {
+        let memory = &self.buffers.expect(check.buffer).memory;
+        let mut bytes = vec![0u8; check.count.min(CHECK_PIECE) * 4];
+        let mut values = Vec::with_capacity(check.count.min(CHECK_PIECE));
+        let mut done = 0;
+        while done < check.count {
+            let n = (check.count - done).min(CHECK_PIECE);
+            self.gpu()
+                .read(memory, done as u64 * 4, &mut bytes[..n * 4])
+                .map_err(|e| BackendError::Device(e.to_string()))?;
+            values.clear();
+            values.extend(
+                bytes[..n * 4]
+                    .chunks_exact(4)
+                    .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+            );
+            check.check_part(&values)?;
+            done += n;
+        }
+        Ok(())
     }
 }
+
+/// Values of an index check read back at once: 4 MiB of host memory.
+const CHECK_PIECE: usize = 1 << 20;
 
 /// Words of a launch's argument.
 fn args(words: &[u64]) -> Args {
@@ -658,7 +673,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         // What only the data can say, checked before anything is written (as the cpu
         // backend does).
         if let Some(check) = IndexCheck::of(kernel) {
-            check.check(&self.read_u32(check.buffer, check.count)?)?;
+            self.check_indices(&check)?;
         }
         let scratch = match scratch_bytes(kernel) {
             0 => 0,
