@@ -231,6 +231,11 @@ pub enum BeatOutcome {
 /// the store with made-up VMs.
 pub const MAX_VMS_PER_HOST: usize = 2_048;
 
+/// Most hosts the center records (a host's first beat past them is refused): far more
+/// than a cluster runs, and few enough that hosts reporting under ever new names cannot
+/// fill the center's memory and store. `ferry host forget` makes room.
+pub const MAX_HOSTS: usize = 10_000;
+
 /// Longest address, version or backend name a heartbeat may carry, bytes.
 pub const MAX_HOST_FIELD_BYTES: usize = 256;
 
@@ -279,6 +284,9 @@ pub enum HeartbeatError {
         /// How many.
         count: usize,
     },
+    /// The center records as many hosts as it may, and this one is new.
+    #[error("the center records {MAX_HOSTS} hosts already; forget those retired (`ferry host forget`) to make room")]
+    TooManyHosts,
     /// Too many VMs listed.
     #[error("{count} VMs {what}; a host may have at most {MAX_VMS_PER_HOST}")]
     TooManyVms {
@@ -754,6 +762,9 @@ impl Inventory {
     /// Refuses a beat that would leave more than [`MAX_VMS_PER_HOST`] VMs on record on
     /// its host (deltas add up where no single beat lists too many).
     pub fn check_room(&self, beat: &Heartbeat) -> Result<(), HeartbeatError> {
+        if self.hosts.len() >= MAX_HOSTS && !self.hosts.contains_key(&beat.host.name) {
+            return Err(HeartbeatError::TooManyHosts);
+        }
         let count = self.vms_after(&beat.host.name, beat);
         if count > MAX_VMS_PER_HOST {
             return Err(HeartbeatError::TooManyVms {
@@ -1005,6 +1016,20 @@ pub(crate) mod tests {
             seq: None,
             delta: None,
         }
+    }
+
+    #[test]
+    fn hosts_past_the_bound_are_refused_and_those_on_record_still_beat() {
+        let mut inv = Inventory::default();
+        for i in 0..MAX_HOSTS {
+            let (outcome, _) = inv.apply_heartbeat3(beat(&format!("h{i}"), vec![]), 1);
+            assert!(matches!(outcome, BeatOutcome::Taken));
+        }
+        assert!(matches!(
+            inv.check_room(&beat("one-more", vec![])),
+            Err(HeartbeatError::TooManyHosts)
+        ));
+        assert!(inv.check_room(&beat("h7", vec![])).is_ok());
     }
 
     #[test]
