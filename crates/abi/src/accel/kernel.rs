@@ -65,14 +65,6 @@ pub const MAX_LAUNCH_WORK: u64 = 1 << 40;
 /// exponential and bookkeeping, measured at about that on the cpu backend).
 const SCORE_WORK: u64 = 1024;
 
-/// The factors of one query row's attention work on the cuda backend, `heads` heads over
-/// `positions` of width `head_dim`: a thread per output element computes its head's
-/// scores again, so the work grows with the head's width squared. Both backends are held
-/// to the larger count, so a launch one accepts the other does too.
-fn gpu_attention_work(heads: u64, positions: u64, head_dim: usize) -> [u64; 4] {
-    [heads, positions, head_dim as u64, head_dim as u64]
-}
-
 /// Most positions one attention attends over (a context of 4 M tokens, beyond any
 /// model's): a backend keeps a score per position for each query row and head it works
 /// on at once.
@@ -1021,7 +1013,6 @@ kernels! {
         // device ask for hours (thousands of heads over millions of positions).
         let per_score = head_dim as u64 + SCORE_WORK;
         require_work(&[heads as u64, len as u64, per_score])?;
-        require_work(&gpu_attention_work(heads as u64, len as u64, head_dim))?;
         io.read(q, elems(row)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;
@@ -1190,8 +1181,6 @@ kernels! {
         require_shape(heads % kv_heads == 0 && positions <= MAX_POSITIONS)?;
         let per_score = head_dim as u64 + SCORE_WORK;
         require_work(&[rows as u64, heads as u64, positions as u64, per_score])?;
-        let per_row = gpu_attention_work(heads as u64, positions as u64, head_dim);
-        require_work(&[rows as u64, per_row[0], per_row[1], per_row[2], per_row[3]])?;
         io.read(q, elems(qn)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;
