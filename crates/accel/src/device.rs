@@ -523,6 +523,7 @@ fn backend_status(e: &BackendError) -> u32 {
         | BackendError::Aborted
         | BackendError::OutOfTime => status::DEVICE_ERROR,
         BackendError::BadData(_) => status::BAD_ARGUMENT,
+        BackendError::TooMuchWork => status::BAD_SHAPE,
     }
 }
 

@@ -29,6 +29,10 @@ pub enum BackendError {
     /// Its outputs may be partly written.
     #[error("kernel rejected its input data: {0}")]
     BadData(&'static str),
+    /// The launch's shape asks this backend for more work than one launch may do
+    /// ([`ferry_abi::accel::kernel::MAX_LAUNCH_WORK`]); nothing was written.
+    #[error("the launch asks this backend for more work than one launch may do")]
+    TooMuchWork,
     /// The device (a GPU or its driver) failed.
     #[error("device failure: {0}")]
     Device(String),

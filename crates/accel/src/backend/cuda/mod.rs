@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use super::{lookup_dtype, Backend, BackendError, BufferId, BufferReader, BufferTable, IndexCheck};
 use crate::kernel::{DType, Kernel, RopeStyle};
+use ferry_abi::accel::kernel::MAX_LAUNCH_WORK;
 
 /// The CUDA C source of every kernel.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -304,6 +305,36 @@ impl<G: Gpu> GpuBackend<G> {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// Refuses a launch whose work here is beyond [`MAX_LAUNCH_WORK`] though the kernel
+/// table's count (the cpu backend's) is within it: this backend's attention computes a
+/// head's scores again in each thread of its output, so its work grows with the head's
+/// width squared, and a GPU kernel cannot be cut short (a pause, a stop, another VM on
+/// the GPU would wait for minutes of very wide heads).
+fn check_gpu_work(kernel: &Kernel) -> Result<(), BackendError> {
+    let work = match *kernel {
+        Kernel::AttentionDecode {
+            heads,
+            head_dim,
+            len,
+            ..
+        } => [1, heads, len, head_dim, head_dim],
+        Kernel::Attention {
+            rows,
+            heads,
+            head_dim,
+            pos,
+            ..
+        } => [rows, heads, pos.saturating_add(rows), head_dim, head_dim],
+        _ => return Ok(()),
+    };
+    let total = (work.iter()).try_fold(1u64, |w, &f| w.checked_mul(f as u64));
+    if total.is_some_and(|w| w <= MAX_LAUNCH_WORK) {
+        Ok(())
+    } else {
+        Err(BackendError::TooMuchWork)
     }
 }
 
@@ -672,6 +703,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
     fn launch(&mut self, kernel: &Kernel) -> Result<(), BackendError> {
         // What only the data can say, checked before anything is written (as the cpu
         // backend does).
+        check_gpu_work(kernel)?;
         if let Some(check) = IndexCheck::of(kernel) {
             self.check_indices(&check)?;
         }
@@ -692,5 +724,45 @@ impl<G: Gpu> Backend for GpuBackend<G> {
                 .map_err(|e| BackendError::Device(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_abi::accel::kernel as k;
+    use ferry_abi::accel::COMMAND_ARGS;
+
+    use super::*;
+
+    /// `args` decoded with every buffer as large as a device could hold.
+    fn kernel(args: &[u64]) -> Kernel {
+        let mut full = [0u64; COMMAND_ARGS];
+        full[..args.len()].copy_from_slice(args);
+        Kernel::decode(&full, |_| Some(1 << 44)).unwrap().0
+    }
+
+    #[test]
+    fn attention_this_backend_would_run_for_minutes_is_refused_here_only() {
+        // 256 heads of 2^20 over 4 positions: within the table's (the cpu backend's)
+        // count, but each of this backend's threads would redo its head's scores.
+        let wide = kernel(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 256, 1 << 20, 4]);
+        assert!(matches!(
+            check_gpu_work(&wide),
+            Err(BackendError::TooMuchWork)
+        ));
+        let rows = kernel(&[k::ATTENTION, 1, 2, 3, 4, 1, 256, 256, 1 << 20, 3]);
+        assert!(matches!(
+            check_gpu_work(&rows),
+            Err(BackendError::TooMuchWork)
+        ));
+        // 4 heads of 1024 over 2^18 positions: exactly the bound.
+        let at_bound = kernel(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 4, 1024, 1 << 18]);
+        assert!(check_gpu_work(&at_bound).is_ok());
+        // Real models' shapes are far inside: SmolLM2's decode over 8 K positions, and
+        // a Llama 3 prompt batch of 32 rows over a 32 K context.
+        let decode = kernel(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 9, 64, 8192]);
+        assert!(check_gpu_work(&decode).is_ok());
+        let prefill = kernel(&[k::ATTENTION, 1, 2, 3, 4, 32, 32, 8, 128, 32 << 10]);
+        assert!(check_gpu_work(&prefill).is_ok());
     }
 }
