@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::inventory::{unix_ms, HostRecord};
+use crate::inventory::{unix_ms, HostRecord, Inventory, VmRecord};
 use crate::Center;
 
 /// The workload whose VMs the gateway serves.
@@ -510,7 +510,8 @@ impl Center {
     /// The serving VM `model` names: its id, or the name it was given at creation.
     fn serving_vm(&self, model: &str) -> Result<String, OpenAiError> {
         let inventory = self.inventory();
-        let mut serving = inventory.vms().values().filter(|v| serves(v));
+        let down_after = self.down_after_ms();
+        let mut serving = (inventory.vms().values()).filter(|v| serves(&inventory, v, down_after));
         if let Some(v) = serving.clone().find(|v| v.id == model) {
             return Ok(v.id.clone());
         }
@@ -721,7 +722,7 @@ impl Center {
                             return Ok(());
                         }
                         if last {
-                            self.release(vm, host, stream);
+                            self.release(vm, host, stream, chunk.end != StreamEnd::Open);
                             return Ok(());
                         }
                     }
@@ -729,7 +730,7 @@ impl Center {
                         // The guest may still be answering, past what its stream holds.
                         self.cancel(vm, host, stream, "the model overflowed its stream");
                     } else if chunk.end != StreamEnd::Open {
-                        self.release(vm, host, stream);
+                        self.release(vm, host, stream, true);
                     }
                     if chunk.end != StreamEnd::Open {
                         return Err(upstream(format!(
@@ -811,13 +812,15 @@ impl Center {
             std::thread::sleep(retry_pause(started.elapsed()));
         }
         tracing::info!(vm, stream, "generation cancelled: {why}");
-        self.release(vm, &host, stream);
+        self.release(vm, &host, stream, false);
     }
 
     /// Forgets a stream whose answer was read whole or given up on, following the VM
     /// (up to [`CANCEL_PATIENCE`]) if it moved or is moving: the stream moves with it and
     /// would hold one of its places there.
-    fn release(&self, vm: &str, host: &HostRecord, stream: u64) {
+    /// A stream `read_whole` (its end read) waits out no pause: its host gives its place
+    /// up first when one is needed, so a relay need not wait for a long switchover.
+    fn release(&self, vm: &str, host: &HostRecord, stream: u64, read_whole: bool) {
         let mut host = host.clone();
         let started = Instant::now();
         while let Ok(client) = self.host_client(&host) {
@@ -825,9 +828,12 @@ impl Center {
                 client.delete(&format!("/v1/vms/{vm}/streams/{stream}"));
             let Err(e) = released else { return };
             let code = api_error(&e).and_then(|a| a.code.as_deref());
-            if !matches!(code, Some("migrated" | "unavailable"))
-                || started.elapsed() > CANCEL_PATIENCE
-            {
+            let follow = match code {
+                Some("migrated") => true,
+                Some("unavailable") => !read_whole,
+                _ => false,
+            };
+            if !follow || started.elapsed() > CANCEL_PATIENCE {
                 return;
             }
             self.reroute(vm, &mut host, code);
@@ -963,7 +969,10 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
 /// else its id (either answers requests).
 pub async fn models(State(center): State<Arc<Center>>) -> Response {
     let inventory = center.inventory();
-    let serving: Vec<_> = inventory.vms().values().filter(|v| serves(v)).collect();
+    let down_after = center.down_after_ms();
+    let serving: Vec<_> = (inventory.vms().values())
+        .filter(|v| serves(&inventory, v, down_after))
+        .collect();
     let mut named = std::collections::HashMap::<&str, usize>::new();
     for name in serving.iter().filter_map(|v| v.info.name.as_deref()) {
         *named.entry(name).or_default() += 1;
@@ -1001,16 +1010,24 @@ fn model_not_found(model: &str) -> OpenAiError {
     )
 }
 
-/// OpenAI's model object for serving VM `v`, known as `id`.
 /// Whether `v` is a serving VM that answers requests: a live one, or one its last host
-/// says migrated away (until its destination reports it, for up to a heartbeat; the
-/// relay follows it there).
-fn serves(v: &crate::inventory::VmRecord) -> bool {
-    let answers = v.is_live() || matches!(v.info.state, ferry_api::VmState::MigratedAway { .. });
+/// says migrated to a host that is up (until that host reports it, within a heartbeat;
+/// the relay follows it there).
+fn serves(inventory: &Inventory, v: &VmRecord, down_after_ms: u64) -> bool {
+    let answers = match &v.info.state {
+        ferry_api::VmState::MigratedAway { to } => {
+            let now = unix_ms();
+            (inventory.hosts.values()).any(|h| {
+                h.info.migration_addr == *to && inventory.is_up(&h.name, now, down_after_ms)
+            })
+        }
+        state => state.is_live(),
+    };
     answers && v.info.workload == SERVING_WORKLOAD
 }
 
-fn model_object(id: &str, v: &crate::inventory::VmRecord) -> Value {
+/// OpenAI's model object for serving VM `v`, known as `id`.
+fn model_object(id: &str, v: &VmRecord) -> Value {
     json!({
         "id": id,
         "object": "model",
@@ -1745,12 +1762,15 @@ mod tests {
         };
         beat(VmState::Running);
         assert_eq!(scratch.center.serving_vm("chat").unwrap(), "v");
-        // Host b has let it go; host c has not said it runs it yet.
+        // Host b has let it go to a host no one has heard of: not served.
         beat(VmState::MigratedAway {
             to: "c.example:7071".into(),
         });
         let state = scratch.center.inventory().vms()["v"].info.state.clone();
         assert!(matches!(state, VmState::MigratedAway { .. }), "{state:?}");
+        assert!(scratch.center.serving_vm("chat").is_err());
+        // Host c is up, and has not said it runs it yet: served (the relay follows it).
+        scratch.report("c", ferry_testdata::refusing_addr());
         assert_eq!(scratch.center.serving_vm("chat").unwrap(), "v");
         assert_eq!(scratch.center.serving_vm("v").unwrap(), "v");
         // Not a VM that ended.

@@ -505,7 +505,7 @@ impl Center {
         self.store.as_ref()
     }
 
-    fn down_after_ms(&self) -> u64 {
+    pub(crate) fn down_after_ms(&self) -> u64 {
         self.config.down_after.as_millis() as u64
     }
 

@@ -655,13 +655,13 @@ impl Center {
             })
             .collect();
         match (op.kind, op.host.clone()) {
-            (OperationKind::Maintenance, Some(host)) if !self.host_evacuating(&host) => {
+            (OperationKind::Maintenance, Some(host)) if self.host_active(&host) => {
                 // Returned to service (or never set evacuating) since: its record's last
                 // write was lost. Evacuating it again would empty a host in use.
                 self.update_operation(op.id, |o| {
                     o.state = OperationState::Incomplete;
                     o.finished_ms = Some(unix_ms());
-                    o.summary = format!("not resumed: host {host} is no longer evacuating");
+                    o.summary = format!("not resumed: host {host} is back in service");
                 });
             }
             (OperationKind::Maintenance, Some(host)) => {
@@ -710,12 +710,14 @@ impl Center {
         }
     }
 
-    /// Whether `host`'s mode says it is being evacuated.
-    fn host_evacuating(&self, host: &str) -> bool {
+    /// Whether `host`'s mode says it is in service (not being evacuated, nor in
+    /// maintenance: an evacuation whose end was written to the host's mode but not to
+    /// its operation is finished again, not dropped).
+    fn host_active(&self, host: &str) -> bool {
         self.inventory()
             .hosts
             .get(host)
-            .is_some_and(|h| h.mode == HostMode::Evacuating)
+            .is_some_and(|h| h.mode == HostMode::Active)
     }
 
     /// Runs `moves`, at most `parallel` at once; returns each one's record.
@@ -1236,7 +1238,7 @@ mod tests {
         let ended = center.operation(op.id).unwrap();
         assert_eq!(ended.state, OperationState::Incomplete, "{}", ended.summary);
         assert!(
-            ended.summary.contains("no longer evacuating"),
+            ended.summary.contains("back in service"),
             "{}",
             ended.summary
         );
