@@ -124,6 +124,28 @@ struct Stream {
     ended_unread_since: Option<Instant>,
 }
 
+/// Drops one of `streams` (all [`MAX_STREAMS`] places taken, at `now`) for a new one:
+/// one whose reader has it all, else the oldest that ended unread [`UNREAD_END_GRACE`]
+/// ago (its reader may never come: a stream is not kept for ever). One whose reader is
+/// about to come keeps its place: taking it would lose its answer's end.
+fn make_room(streams: &mut Vec<Stream>, now: Instant) -> Result<(), SubmitError> {
+    for s in streams.iter_mut() {
+        if s.end != StreamEnd::Open && !s.read_whole {
+            s.ended_unread_since.get_or_insert(now);
+        }
+    }
+    let given_up = |s: &Stream| {
+        s.ended_unread_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= UNREAD_END_GRACE)
+    };
+    let gone = (streams.iter())
+        .position(|s| s.end != StreamEnd::Open && s.read_whole)
+        .or_else(|| streams.iter().position(given_up))
+        .ok_or(SubmitError::TooManyStreams)?;
+    streams.remove(gone);
+    Ok(())
+}
+
 /// How long a stream that ended keeps its place, unread, while another stream needs it:
 /// its reader (the center's gateway) may be held up by a slow client for up to a
 /// minute between two reads; past this it is taken for gone.
@@ -416,27 +438,7 @@ impl Channel {
             return Err(SubmitError::QueueFull);
         }
         if state.streams.len() >= MAX_STREAMS {
-            // Room from a stream whose reader has it all, else from the oldest one that
-            // ended unread [`UNREAD_END_GRACE`] ago (its reader may never come: a stream
-            // is not kept for ever). One whose reader is about to come keeps its place:
-            // taking it would lose its answer's end.
-            let now = Instant::now();
-            for s in &mut state.streams {
-                if s.end != StreamEnd::Open && !s.read_whole {
-                    s.ended_unread_since.get_or_insert(now);
-                }
-            }
-            let given_up = |s: &Stream| {
-                s.ended_unread_since
-                    .is_some_and(|since| now.duration_since(since) >= UNREAD_END_GRACE)
-            };
-            let Some(gone) = (state.streams.iter())
-                .position(|s| s.end != StreamEnd::Open && s.read_whole)
-                .or_else(|| state.streams.iter().position(given_up))
-            else {
-                return Err(SubmitError::TooManyStreams);
-            };
-            state.streams.remove(gone);
+            make_room(&mut state.streams, Instant::now())?;
         }
         state.streams.push(Stream {
             id: stream,
@@ -1281,8 +1283,8 @@ mod tests {
             Err(SubmitError::TooManyStreams)
         );
         // Past the grace, the oldest one goes.
-        let long_ago = Instant::now().checked_sub(UNREAD_END_GRACE).unwrap();
-        full.core().state.streams[0].ended_unread_since = Some(long_ago);
+        let later = Instant::now() + UNREAD_END_GRACE;
+        make_room(&mut full.core().state.streams, later).unwrap();
         full.submit(1001, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(!kept.contains(&0) && kept.contains(&1001), "{kept:?}");
