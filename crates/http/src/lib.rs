@@ -347,9 +347,9 @@ async fn serve_on<L: axum::serve::Listener>(
 }
 
 /// TLS handshakes in progress at once (each a small task, bounded in time), counting
-/// connections handshaken and waiting for the server to take them; more connections
-/// wait in the kernel's backlog. Large enough that idle connections cannot starve real
-/// clients for long.
+/// connections handshaken and waiting for room in the queue to the server (which holds
+/// as many again); more connections wait in the kernel's backlog. Large enough that idle
+/// connections cannot starve real clients for long.
 const MAX_TLS_HANDSHAKES: usize = 1024;
 /// Time a connection has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
@@ -399,10 +399,11 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIME, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => {
-                            // The slot is kept until the server takes the connection:
-                            // while it takes none (all its connections busy), the
-                            // handshaken ones stay bounded and the rest wait in the
-                            // backlog, instead of tasks and descriptors piling up here.
+                            // The slot is kept until the connection is queued for the
+                            // server: while it takes none (all its connections busy),
+                            // the handshaken ones stay bounded (a queue and the slots
+                            // full) and the rest wait in the backlog, instead of tasks
+                            // and descriptors piling up here.
                             let _ = done.send((stream, peer)).await;
                             drop(slot);
                         }

@@ -91,8 +91,10 @@ is never accepted; errors are {\"error\": \"...\", \"code\": \"...\"}):
   POST   /v1/vms/ID/streams       queue a request on the VM's message channel:
                                   {\"stream\": N, \"kind\": K, \"payload\": \"base64\"}
   GET    /v1/vms/ID/streams/N?from=K&wait_ms=W  the stream's responses from index K on
-  POST   /v1/vms/ID/streams/N/signal  a control message (a cancel) for an open stream
-  DELETE /v1/vms/ID/streams/N     forget a stream whose responses were read
+  POST   /v1/vms/ID/streams/N/signal  a control message (a cancel) for an open or
+                                  overflowed stream
+  DELETE /v1/vms/ID/streams/N     forget a stream whose responses were read (503 while
+                                  the VM pauses, 409 once it runs elsewhere)
 
 Example:
   export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
