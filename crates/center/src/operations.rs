@@ -1203,6 +1203,18 @@ mod tests {
         assert_eq!(loaded, kept);
     }
 
+    /// A move of running VM `v` from host a to host b.
+    fn move_v_from_a_to_b() -> Move {
+        Move {
+            vm: VmRecord {
+                id: "v".into(),
+                host: "a".into(),
+                info: vm("v", VmState::Running),
+            },
+            to: "b".into(),
+        }
+    }
+
     #[test]
     fn no_vm_is_moved_to_a_host_that_went_into_maintenance_after_the_move_was_planned() {
         let scratch = ScratchCenter::open("moved-to-maintenance");
@@ -1211,14 +1223,7 @@ mod tests {
         scratch.report("a", ferry_testdata::refusing_addr());
         scratch.report("b", ferry_testdata::refusing_addr());
         center.inventory().hosts.get_mut("b").unwrap().mode = HostMode::Maintenance;
-        let m = Move {
-            vm: VmRecord {
-                id: "v".into(),
-                host: "a".into(),
-                info: vm("v", VmState::Running),
-            },
-            to: "b".into(),
-        };
+        let m = move_v_from_a_to_b();
         let refused = center.follow_migration(&m, 1).unwrap_err();
         assert!(refused.contains("takes no VMs"), "{refused}");
     }
@@ -1249,14 +1254,7 @@ mod tests {
     fn moves_never_made_give_their_room_back() {
         let scratch = ScratchCenter::open("unmade-moves");
         let center = &scratch.center;
-        let m = Move {
-            vm: VmRecord {
-                id: "v".into(),
-                host: "a".into(),
-                info: vm("v", VmState::Running),
-            },
-            to: "b".into(),
-        };
+        let m = move_v_from_a_to_b();
         center.reserve(std::slice::from_ref(&m));
         assert_eq!(center.inventory().reservations.len(), 1);
         // A term this replica does not lead in: no move is made.

@@ -353,9 +353,6 @@ async fn serve_on<L: axum::serve::Listener>(
 const MAX_TLS_HANDSHAKES: usize = 1024;
 /// Time a connection has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
-/// Pause after an accept that failed for want of resources (descriptors, memory): the
-/// connection waits in the backlog, so trying again at once would spin a core.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// An HTTPS listener: TCP connections whose TLS handshakes run on their own tasks (at
 /// most `handshakes` at once, each bounded in time), so that a slow or silent client
@@ -378,7 +375,7 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(config);
         let slots = Arc::new(tokio::sync::Semaphore::new(handshakes));
         tokio::spawn(async move {
-            let mut failures = AcceptFailures::default();
+            let mut failures = ferry_migrate::receive::AcceptFailures::new("API connections");
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
@@ -391,7 +388,9 @@ impl TlsListener {
                 let (socket, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        refused_accept(&e, &mut failures).await;
+                        if let Some(pause) = failures.failed(&e) {
+                            tokio::time::sleep(pause).await;
+                        }
                         continue;
                     }
                 };
@@ -415,40 +414,6 @@ impl TlsListener {
         });
         Ok(Self { ready, local })
     }
-}
-
-/// The accept loop's failures since it last logged one.
-#[derive(Default)]
-struct AcceptFailures {
-    count: u64,
-    logged: Option<std::time::Instant>,
-}
-
-/// Handles an accept that failed with `e`: a connection lost before it was taken is
-/// skipped; anything else (out of descriptors or memory) is logged at most once a second
-/// and waited out for [`ACCEPT_BACKOFF`].
-async fn refused_accept(e: &std::io::Error, failures: &mut AcceptFailures) {
-    use std::io::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
-    ) {
-        return;
-    }
-    failures.count += 1;
-    if failures
-        .logged
-        .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
-    {
-        tracing::warn!(
-            failed = failures.count,
-            "cannot accept API connections: {e}; trying again every {} ms",
-            ACCEPT_BACKOFF.as_millis()
-        );
-        failures.count = 0;
-        failures.logged = Some(std::time::Instant::now());
-    }
-    tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
 impl axum::serve::Listener for TlsListener {
