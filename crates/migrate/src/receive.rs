@@ -12,7 +12,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use ferry_abi::file::{valid_name, MAX_FILES};
+use ferry_abi::file::valid_name;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -1073,12 +1073,8 @@ pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), Stri
             ));
         }
     }
-    if vm.extra.len() > MAX_EXTRA_ENTRIES {
-        return Err(format!(
-            "{} extra entries (at most {MAX_EXTRA_ENTRIES})",
-            vm.extra.len()
-        ));
-    }
+    // The counts of `extra` and `files` were bounded as the offer was decoded
+    // (`wire::at_most`).
     for (key, value) in &vm.extra {
         if !printable(key, MAX_EXTRA_KEY) || value.len() > MAX_EXTRA_VALUE {
             return Err(format!(
@@ -1089,12 +1085,6 @@ pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), Stri
         }
     }
     // The VM could not take these files: refused now, not after the whole transfer.
-    if vm.files.len() > MAX_FILES {
-        return Err(format!(
-            "{} attached files (at most {MAX_FILES})",
-            vm.files.len()
-        ));
-    }
     for (i, f) in vm.files.iter().enumerate() {
         if !valid_name(&f.name) {
             return Err(format!(
