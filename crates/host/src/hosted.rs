@@ -580,7 +580,6 @@ impl HostedVm {
     pub fn stop(&self) -> Result<(), TransitionError> {
         self.life.stop()?;
         self.release();
-        self.readout.channel().end();
         // Released: the room may go back now.
         self.life.finish_stop().map(drop)
     }
@@ -594,7 +593,10 @@ impl HostedVm {
     /// and console tail stay. Returns once they are freed: the VM's capacity reservation
     /// is dropped after this. Its accelerator's kernel in flight is abandoned, not waited
     /// for (minutes, at worst): the VM ends here (stopped, ended, or run elsewhere now,
-    /// which a paused VM's device, at a command boundary, does not notice).
+    /// which a paused VM's device, at a command boundary, does not notice). Its channel
+    /// ends: readers learn so, and requests are refused as for an ended VM (a channel
+    /// that a migration's hold paused would otherwise say "retry" for ever); one detached
+    /// for the VM's destination stays so.
     fn release(&self) {
         let mut control = self.control();
         let mut vm = control.vm.take();
@@ -610,6 +612,7 @@ impl HostedVm {
             }
         }
         drop((vm, tracker));
+        self.readout.channel().end();
     }
 
     /// The guest ended: records how, stops its migration, if any (nothing is left to
@@ -622,10 +625,6 @@ impl HostedVm {
                 m.cancel.cancel();
             }
             self.release();
-            // Its readers learn the VM ended, and requests are refused as for an ended
-            // VM (a channel a migration's hold paused would otherwise say "retry" for
-            // ever).
-            self.readout.channel().end();
             drop(vacated);
         }
     }
