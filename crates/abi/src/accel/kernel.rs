@@ -484,8 +484,14 @@ fn require(ok: bool) -> Result<(), u32> {
 /// Fails with [`status::BAD_SHAPE`] when `factors` multiply to more than
 /// [`MAX_LAUNCH_WORK`].
 fn require_work(factors: &[u64]) -> Result<(), u32> {
+    require_shape(within_launch_work(factors))
+}
+
+/// Whether work of the product of `factors` (multiply-adds, or their equal) is within
+/// [`MAX_LAUNCH_WORK`]: the table's count, and a backend's own where it does more.
+pub fn within_launch_work(factors: &[u64]) -> bool {
     let work = factors.iter().try_fold(1u64, |w, &f| w.checked_mul(f));
-    require_shape(work.is_some_and(|w| w <= MAX_LAUNCH_WORK))
+    work.is_some_and(|w| w <= MAX_LAUNCH_WORK)
 }
 
 /// Fails with [`status::BAD_SHAPE`] unless `ok`.

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use super::{lookup_dtype, Backend, BackendError, BufferId, BufferReader, BufferTable, IndexCheck};
 use crate::kernel::{DType, Kernel, RopeStyle};
-use ferry_abi::accel::kernel::MAX_LAUNCH_WORK;
+use ferry_abi::accel::kernel::within_launch_work;
 
 /// The CUDA C source of every kernel.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -308,7 +308,7 @@ impl<G: Gpu> GpuBackend<G> {
     }
 }
 
-/// Refuses a launch whose work here is beyond [`MAX_LAUNCH_WORK`] though the kernel
+/// Refuses a launch whose work here is beyond one launch's bound though the kernel
 /// table's count (the cpu backend's) is within it: this backend's attention computes a
 /// head's scores again in each thread of its output, so its work grows with the head's
 /// width squared, and a GPU kernel cannot be cut short (a pause, a stop, another VM on
@@ -320,18 +320,17 @@ fn check_gpu_work(kernel: &Kernel) -> Result<(), BackendError> {
             head_dim,
             len,
             ..
-        } => [1, heads, len, head_dim, head_dim],
+        } => [1, heads, len, head_dim, head_dim].map(|f| f as u64),
         Kernel::Attention {
             rows,
             heads,
             head_dim,
             pos,
             ..
-        } => [rows, heads, pos.saturating_add(rows), head_dim, head_dim],
+        } => [rows, heads, pos.saturating_add(rows), head_dim, head_dim].map(|f| f as u64),
         _ => return Ok(()),
     };
-    let total = (work.iter()).try_fold(1u64, |w, &f| w.checked_mul(f as u64));
-    if total.is_some_and(|w| w <= MAX_LAUNCH_WORK) {
+    if within_launch_work(&work) {
         Ok(())
     } else {
         Err(BackendError::TooMuchWork)
