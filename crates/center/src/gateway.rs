@@ -817,9 +817,9 @@ impl Center {
 
     /// Forgets a stream whose answer was read whole or given up on, following the VM
     /// (up to [`CANCEL_PATIENCE`]) if it moved or is moving: the stream moves with it and
-    /// would hold one of its places there.
-    /// A stream `read_whole` (its end read) waits out no pause: its host gives its place
-    /// up first when one is needed, so a relay need not wait for a long switchover.
+    /// would hold one of its places there. One `read_whole` (its end read) waits out no
+    /// pause: its host gives its place up first when one is needed, so a relay need not
+    /// wait for a long switchover.
     fn release(&self, vm: &str, host: &HostRecord, stream: u64, read_whole: bool) {
         let mut host = host.clone();
         let started = Instant::now();

@@ -151,20 +151,14 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
 
 /// `ferry workloads`.
 pub fn list_workloads() -> anyhow::Result<ExitCode> {
-    use std::io::Write;
     let all = ferry_guest_images::all();
     let width = all.iter().map(|i| i.name.len()).max().unwrap_or(0);
-    let mut out = std::io::stdout().lock();
     for image in all {
         let kind = if image.test_only { " (test guest)" } else { "" };
-        let line = writeln!(out, "{:<width$} {}{kind}", image.name, image.summary);
-        // A reader that has seen enough (`ferry workloads | head`) is not an error.
-        if let Err(e) = line {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                break;
-            }
-            return Err(e.into());
-        }
+        super::print_line(format_args!(
+            "{:<width$} {}{kind}",
+            image.name, image.summary
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }
