@@ -497,9 +497,10 @@ pub struct BeatAnswer {
     /// restarted, another replica took the base, a beat was lost) is refused, and the
     /// host sends a full beat next.
     pub taken: bool,
-    /// VMs of a taken beat whose report the center did not keep (another host's report
-    /// of the VM stands) while they are in a move or in doubt: the host reports them
-    /// again, so the center has them should the other report go.
+    /// Live VMs of a taken beat whose report the center did not keep (another host's
+    /// report of the VM stands: it is in a move, or the center awaits the other host's
+    /// word that it moved here): the host reports them again, so the center has them
+    /// should the other report go.
     #[serde(default)]
     pub skipped: Vec<String>,
     /// The leader's term, when the answering replica leads a replicated center: the

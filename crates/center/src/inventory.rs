@@ -199,7 +199,8 @@ pub struct Changes {
     pub vms: Vec<String>,
     /// VMs no longer anywhere.
     pub gone: Vec<String>,
-    /// Reports not kept, of VMs in a move or in doubt (the host sends them again).
+    /// Reports of live VMs not kept, as another host holds them (the host sends them
+    /// again).
     pub skipped: Vec<String>,
     /// Events to record.
     pub events: Vec<Event>,
@@ -721,13 +722,8 @@ impl Inventory {
             }
         };
         for info in beat.vms {
-            if !self.claims(&name, &info) {
-                if matches!(
-                    info.state,
-                    VmState::Migrating { .. }
-                        | VmState::Switchover { .. }
-                        | VmState::InDoubt { .. }
-                ) {
+            if !self.claims(&name, &info, now, down_after_ms) {
+                if info.state.is_live() {
                     changes.skipped.push(info.id);
                 }
                 continue;
@@ -796,21 +792,37 @@ impl Inventory {
 
     /// Whether host `name`'s report of a VM is the one to keep. A VM lives on one host
     /// at a time; the others report it as migrated away (or, briefly, still migrating).
-    fn claims(&self, name: &str, info: &VmInfo) -> bool {
+    ///
+    /// A host takes over a VM another host holds live only with evidence it is not its
+    /// own word: the holder's report of a move to it, or the holder being down. Without
+    /// it, a buggy host (every host holds the cluster key) could take any VM's record,
+    /// and the gateway would send its clients there. A real destination waits one beat
+    /// at most: its report is skipped and sent again, and the source's next beat says
+    /// where the VM went.
+    fn claims(&self, name: &str, info: &VmInfo, now: u64, down_after_ms: u64) -> bool {
         let Some(known) = self.vms.get(&info.id) else {
             return !matches!(info.state, VmState::MigratedAway { .. });
         };
         if known.host == name {
             return true;
         }
-        let known_runs_elsewhere = known.info.state == VmState::Running;
-        match info.state {
-            VmState::MigratedAway { .. } => false,
-            VmState::Migrating { .. } | VmState::Switchover { .. } | VmState::InDoubt { .. } => {
-                !known_runs_elsewhere
-            }
-            _ => info.state.is_live() || !known.is_live(),
+        if matches!(info.state, VmState::MigratedAway { .. }) {
+            return false;
         }
+        if !known.is_live() {
+            return true;
+        }
+        let holder_moves_it_here = match &known.info.state {
+            VmState::Migrating { to }
+            | VmState::Switchover { to }
+            | VmState::InDoubt { to, .. } => self
+                .hosts
+                .get(name)
+                .is_some_and(|h| &h.info.migration_addr == to),
+            _ => false,
+        };
+        let holder_gone = !self.is_up(&known.host, now, down_after_ms);
+        info.state.is_live() && (holder_moves_it_here || holder_gone)
     }
 
     /// Records that down hosts went down (once per outage) and returns those events.
@@ -966,7 +978,7 @@ pub(crate) mod tests {
     pub(crate) fn host_info(name: &str) -> HostInfo {
         HostInfo {
             name: name.into(),
-            migration_addr: "127.0.0.1:1".into(),
+            migration_addr: format!("{name}:7000"),
             version: "0".into(),
             backend: "cpu".into(),
             backends: vec!["cpu".into()],
@@ -1035,20 +1047,42 @@ pub(crate) mod tests {
     #[test]
     fn a_moved_vm_belongs_to_its_destination_whatever_order_heartbeats_come_in() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1);
+        inv.apply_heartbeat3(beat("b", vec![]), 1);
+        inv.apply_heartbeat3(
+            beat(
+                "a",
+                vec![vm(
+                    "v",
+                    VmState::Migrating {
+                        to: "b:7000".into(),
+                    },
+                )],
+            ),
+            1,
+        );
         assert_eq!(inv.vms["v"].host, "a");
         // The destination reports it first, then the source, still finishing.
         inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 2);
         assert_eq!(inv.vms["v"].host, "b");
         inv.apply_heartbeat3(
-            beat("a", vec![vm("v", VmState::Migrating { to: "b".into() })]),
+            beat(
+                "a",
+                vec![vm(
+                    "v",
+                    VmState::Switchover {
+                        to: "b:7000".into(),
+                    },
+                )],
+            ),
             3,
         );
         assert_eq!(
             inv.vms["v"].host, "b",
             "a lagging source must not reclaim it"
         );
-        let away = VmState::MigratedAway { to: "b".into() };
+        let away = VmState::MigratedAway {
+            to: "b:7000".into(),
+        };
         inv.apply_heartbeat3(beat("a", vec![vm("v", away)]), 4);
         assert_eq!(inv.vms["v"].host, "b");
         assert!(inv.vms["v"].is_live());
@@ -1219,7 +1253,11 @@ pub(crate) mod tests {
     #[test]
     fn a_vm_moving_between_hosts_is_indexed_under_its_new_host_only() {
         let mut inv = Inventory::default();
-        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1);
+        inv.apply_heartbeat3(beat("b", vec![]), 1);
+        let moving = VmState::Migrating {
+            to: "b:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", moving)]), 1);
         inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 2);
         assert_eq!(inv.vms_on("a").count(), 0);
         assert_eq!(inv.vms_on("b").count(), 1);
@@ -1249,6 +1287,69 @@ pub(crate) mod tests {
         // Once the holder has been silent past the limit, the name is free again.
         let (outcome, _) = inv.apply_heartbeat3(impostor, 7_000);
         assert_eq!(outcome, BeatOutcome::Taken);
+    }
+
+    #[test]
+    fn a_host_takes_another_live_hosts_vm_only_with_evidence_of_a_move_to_it() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat3(beat("c", vec![]), 1_000);
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1_000);
+        // b's word alone: a holds v live and is up, so b's report is skipped.
+        let (_, changes) = inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 1_500);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "a");
+        // a moving v to another host (c) is no evidence for b either.
+        let to_c = VmState::Migrating {
+            to: "c:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", to_c)]), 2_000);
+        let (_, changes) = inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 2_000);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "a");
+        // a in doubt about a move to b: b's report is the one kept.
+        let doubt = VmState::InDoubt {
+            to: "b:7000".into(),
+            reason: "link cut".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", doubt)]), 3_000);
+        let (_, changes) = inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 3_000);
+        assert!(changes.skipped.is_empty());
+        assert_eq!(inv.vms()["v"].host, "b");
+        // c's word against b, up: skipped; once b is silent past the limit, taken.
+        let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", VmState::Running)]), 4_000);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "b");
+        let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", VmState::Running)]), 9_000);
+        assert!(changes.skipped.is_empty());
+        assert_eq!(inv.vms()["v"].host, "c");
+    }
+
+    #[test]
+    fn a_destination_skipped_before_its_sources_beat_is_taken_after_it() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1_000);
+        // A move shorter than a beat: b reports v before a has said it moved.
+        let mut series = ferry_api::BeatSeries::new(5);
+        let first = series.beat("http://b".into(), host_info("b"), vec![]);
+        assert_eq!(inv.apply_heartbeat3(first, 1_000).0, BeatOutcome::Taken);
+        series.answered(Some(&ferry_api::BeatAnswer::taken()));
+        let running = vec![vm("v", VmState::Running)];
+        let report = series.beat("http://b".into(), host_info("b"), running.clone());
+        let (_, changes) = inv.apply_heartbeat3(report, 1_200);
+        assert_eq!(inv.vms()["v"].host, "a");
+        series.answered(Some(&ferry_api::BeatAnswer {
+            skipped: changes.skipped,
+            ..ferry_api::BeatAnswer::taken()
+        }));
+        let away = VmState::MigratedAway {
+            to: "b:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", away)]), 1_500);
+        // b's next delta carries v again, though nothing about it changed.
+        let again = series.beat("http://b".into(), host_info("b"), running);
+        assert!(again.delta.is_some() && again.vms.len() == 1);
+        inv.apply_heartbeat3(again, 2_000);
+        assert_eq!(inv.vms()["v"].host, "b");
     }
 
     #[test]
