@@ -156,8 +156,26 @@ pub struct VmInfo {
     /// Its attached files (name, size, SHA-256, path on this host).
     #[serde(default)]
     pub files: Vec<FileInfo>,
+    /// The key it was created with ([`CreateVm::idempotency_key`]), on the host that
+    /// created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
     /// The console's last lines.
     pub console_tail: String,
+}
+
+impl VmInfo {
+    /// Whether this VM is what `req` asks for (its workload, name, arguments, sizes and
+    /// files' names): a create sent again with the same key must ask for the same VM.
+    pub fn answers_create(&self, req: &CreateVm) -> bool {
+        self.workload == req.workload
+            && self.name == req.name
+            && self.args == req.args
+            && self.memory == req.memory
+            && self.accel_memory == req.accel_memory
+            && self.files.len() == req.attach.len()
+            && (self.files.iter().zip(&req.attach)).all(|(file, asked)| file.name == asked.name)
+    }
 }
 
 /// An attached file: enough to find it again and to know it is the same content (what a
@@ -295,6 +313,35 @@ pub struct CreateVm {
     /// exact kind (`cuda-sm_90-d13`); default: the host's (`ferry host serve --backend`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// A key the client makes up for this create (1 to 63 letters, digits, `.`, `_`,
+    /// `-`), so it can send the create again when the answer was lost: a host or center
+    /// that created a VM with this key answers with that VM instead of making another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// A fresh idempotency key for a create ([`CreateVm::idempotency_key`]), made by
+/// `maker` (`center`, `cli`): unique to this process's keys, and unlikely to be any
+/// other process's.
+pub fn fresh_idempotency_key(maker: &str) -> String {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut random = [0u8; 8];
+    // Without randomness, the time and the count still keep this process's keys apart.
+    let _ = getrandom::fill(&mut random);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{maker}-{ms}-{n}-{:016x}", u64::from_le_bytes(random))
+}
+
+/// What is wrong with an idempotency key ([`CreateVm::idempotency_key`]), if anything.
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if valid_vm_name(key) {
+        Ok(())
+    } else {
+        Err("an idempotency key is 1 to 63 letters, digits, '.', '_' and '-'".to_string())
+    }
 }
 
 /// Whether a host whose backends are `backends` runs the backend `wanted` names (`cuda`:
@@ -831,6 +878,7 @@ mod tests {
             migrated_from: None,
             files: Vec::new(),
             console_tail: String::new(),
+            idempotency_key: None,
         }
     }
 
@@ -860,6 +908,73 @@ mod tests {
         assert_eq!(delta.base, 1);
         assert_eq!(delta.removed, vec!["v".to_string()]);
         assert_eq!(beat.seq.map(|s| s.seq), Some(3));
+    }
+
+    #[test]
+    fn fresh_idempotency_keys_are_keys_and_differ() {
+        let (a, b) = (
+            fresh_idempotency_key("center"),
+            fresh_idempotency_key("center"),
+        );
+        assert_ne!(a, b);
+        for key in [&a, &b] {
+            assert!(check_idempotency_key(key).is_ok(), "{key}");
+        }
+        assert!(check_idempotency_key("").is_err());
+        assert!(check_idempotency_key("a/b").is_err());
+        assert!(check_idempotency_key(&"k".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn a_vm_answers_only_the_create_that_asks_for_it() {
+        let create = CreateVm {
+            workload: "llm-serve".into(),
+            name: Some("chat".into()),
+            args: vec!["--slots".into(), "4".into()],
+            memory: 256 << 20,
+            accel_memory: 1 << 30,
+            attach: vec![Attachment {
+                name: "model".into(),
+                path: "/models/m.gguf".into(),
+            }],
+            backend: None,
+            idempotency_key: Some("k".into()),
+        };
+        let made = VmInfo {
+            id: "h-vm1".into(),
+            workload: create.workload.clone(),
+            name: create.name.clone(),
+            args: create.args.clone(),
+            state: VmState::Running,
+            memory: create.memory,
+            accel_memory: create.accel_memory,
+            accel_backend: Some("cpu".into()),
+            accel_load: 0.0,
+            uptime_ms: 0,
+            since_unix_ms: 0,
+            migrated_from: None,
+            files: vec![FileInfo {
+                name: "model".into(),
+                size: 1,
+                sha256: String::new(),
+                path: "/store/sha256-x".into(),
+            }],
+            idempotency_key: Some("k".into()),
+            console_tail: String::new(),
+        };
+        assert!(made.answers_create(&create));
+        let changes: [fn(&mut CreateVm); 5] = [
+            |c| c.workload = "mlp-train".into(),
+            |c| c.name = None,
+            |c| c.args.clear(),
+            |c| c.accel_memory = 0,
+            |c| c.attach[0].name = "weights".into(),
+        ];
+        for change in changes {
+            let mut other = create.clone();
+            change(&mut other);
+            assert!(!made.answers_create(&other), "{other:?}");
+        }
     }
 
     #[test]

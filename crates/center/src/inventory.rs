@@ -434,6 +434,8 @@ pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
             "its name '{}' is not a VM name",
             shown(vm.name.as_deref().unwrap_or_default())
         )
+    } else if (vm.idempotency_key.as_deref()).is_some_and(|k| !ferry_api::valid_vm_name(k)) {
+        "its idempotency key is not one (1 to 63 letters, digits, '.', '_' and '-')".to_string()
     } else if !(0.0..=1.0).contains(&vm.accel_load) {
         // NaN is in no range.
         format!(
@@ -533,6 +535,46 @@ pub struct Inventory {
     pub creating: BTreeMap<String, usize>,
     /// Hosts whose going down has been recorded as an event.
     pub down_noted: BTreeSet<String>,
+    /// The host each recent create's idempotency key was sent to.
+    pub create_keys: CreateKeys,
+}
+
+/// The most idempotency keys [`CreateKeys`] remembers: far more creates than a client
+/// sends again within the minutes a retry takes.
+pub const CREATE_KEYS_KEPT: usize = 4096;
+
+/// The host each of the last [`CREATE_KEYS_KEPT`] creates' idempotency keys was sent
+/// to: a create sent again goes to the same host, which knows whether it made the VM,
+/// even before the host's beat reports it (with its key).
+#[derive(Debug, Default)]
+pub struct CreateKeys {
+    hosts: BTreeMap<String, String>,
+    /// Keys, oldest first.
+    order: VecDeque<String>,
+}
+
+impl CreateKeys {
+    /// The host a create with `key` was sent to, if remembered.
+    pub fn host(&self, key: &str) -> Option<&str> {
+        self.hosts.get(key).map(String::as_str)
+    }
+
+    /// Remembers that a create with `key` goes to `host`, forgetting the oldest key
+    /// past the bound.
+    pub fn remember(&mut self, key: &str, host: &str) {
+        if self
+            .hosts
+            .insert(key.to_string(), host.to_string())
+            .is_none()
+        {
+            self.order.push_back(key.to_string());
+        }
+        while self.order.len() > CREATE_KEYS_KEPT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.hosts.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Inventory {
@@ -556,6 +598,11 @@ impl Inventory {
     /// Every VM, by id.
     pub fn vms(&self) -> &BTreeMap<String, VmRecord> {
         &self.vms
+    }
+
+    /// The VM created with idempotency key `key`, if on record.
+    pub fn vm_created_with(&self, key: &str) -> Option<&VmRecord> {
+        (self.vms.values()).find(|vm| vm.info.idempotency_key.as_deref() == Some(key))
     }
 
     /// Records `vm` where it runs now.
@@ -1011,6 +1058,7 @@ pub(crate) mod tests {
             migrated_from: None,
             files: Vec::new(),
             console_tail: String::new(),
+            idempotency_key: None,
         }
     }
 

@@ -970,43 +970,73 @@ impl Center {
 
     /// Creates a VM on the host with the most free accelerator memory (or the one
     /// asked for), and records it.
+    ///
+    /// Every create goes to its host with an idempotency key (the client's, or one made
+    /// here), so an answer lost on the way is asked for again safely. A client's create
+    /// sent again with its key is answered with the VM the first one made: found on
+    /// record, or asked of the host the first went to.
     pub fn create_vm(&self, req: &PlaceVm) -> Result<Placed, CenterError> {
         self.store().writable()?;
-        let need = Need::of(req.vm.memory, req.vm.accel_memory).on(req.vm.backend.as_deref());
+        let mut create = req.vm.clone();
+        let key = match create.idempotency_key.clone() {
+            Some(key) => {
+                ferry_api::check_idempotency_key(&key).map_err(CenterError::BadRequest)?;
+                key
+            }
+            None => ferry_api::fresh_idempotency_key("center"),
+        };
+        create.idempotency_key = Some(key.clone());
+        let need = Need::of(create.memory, create.accel_memory).on(create.backend.as_deref());
         let host = {
             let mut inventory = self.inventory();
+            if let Some(vm) = inventory.vm_created_with(&key) {
+                if !vm.info.answers_create(&create) {
+                    return Err(CenterError::Conflict(format!(
+                        "idempotency key {key} created VM {}, which is not the VM this create asks for",
+                        vm.id
+                    )));
+                }
+                return Ok(Placed {
+                    host: vm.host.clone(),
+                    vm: vm.info.clone(),
+                });
+            }
             let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
-            let candidates = match &req.host {
-                None => open,
-                Some(name) => match open.into_iter().find(|h| &h.name == name) {
-                    Some(h) => vec![h],
-                    None if inventory.hosts.contains_key(name) => {
-                        return Err(CenterError::Unavailable(format!(
-                            "host {name} is down or in maintenance; it takes no new VMs"
-                        )))
-                    }
-                    None => {
-                        return Err(CenterError::NotFound(format!(
-                            "no host named '{name}' has joined"
-                        )))
-                    }
-                },
-            };
-            let name = placement::choose(&candidates, &need)
-                .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
-                .name
-                .clone();
-            *inventory.creating.entry(name.clone()).or_default() += 1;
-            inventory.hosts[&name].clone()
+            // Sent again: to the host the first went to, which may have made the VM
+            // (its room is taken then, by this very VM: no placement).
+            if let Some(first) = inventory.create_keys.host(&key).map(str::to_string) {
+                if req.host.as_ref().is_some_and(|asked| *asked != first) {
+                    return Err(CenterError::Conflict(format!(
+                        "a create with idempotency key {key} went to host {first}, not {}",
+                        req.host.as_deref().unwrap_or_default()
+                    )));
+                }
+                if !open.iter().any(|h| h.name == first) {
+                    return Err(CenterError::Unavailable(format!(
+                        "a create with idempotency key {key} went to host {first}, which is down or in maintenance now; send it again once the host is back"
+                    )));
+                }
+                *inventory.creating.entry(first.clone()).or_default() += 1;
+                inventory.hosts[&first].clone()
+            } else {
+                Self::place(&mut inventory, open, req.host.as_deref(), &need, &key)?
+            }
         };
         let _creating = Creating {
             center: self,
             host: host.name.clone(),
         };
         let client = self.order_client(&host)?;
-        let mut vm: VmInfo = client
-            .post("/v1/vms", &req.vm)
-            .map_err(|e| passed_on(&host.name, e))?;
+        // Once more if the answer may have been lost: the key makes it safe, and the
+        // host then answers with the VM it made, if it did.
+        let mut vm: VmInfo = match client.post("/v1/vms", &create) {
+            Err(e) if ferry_client::unanswered(&e) => {
+                tracing::warn!(host = %host.name, %key, "asking again for a create whose answer was lost: {e:#}");
+                client.post("/v1/vms", &create)
+            }
+            answered => answered,
+        }
+        .map_err(|e| passed_on(&host.name, e))?;
         // Bounded as its beats are: its next beat would be refused too.
         inventory::check_vm_report(&mut vm).map_err(|e| {
             CenterError::Unavailable(format!(
@@ -1035,6 +1065,40 @@ impl Center {
             host: host.name,
             vm,
         })
+    }
+
+    /// Chooses the host for a new VM that needs `need` among the `open` ones (or takes
+    /// the one `asked` for), and counts the VM as being created there under `key`.
+    fn place(
+        inventory: &mut Inventory,
+        open: Vec<inventory::HostLoad>,
+        asked: Option<&str>,
+        need: &Need,
+        key: &str,
+    ) -> Result<HostRecord, CenterError> {
+        let candidates = match asked {
+            None => open,
+            Some(name) => match open.into_iter().find(|h| h.name == name) {
+                Some(h) => vec![h],
+                None if inventory.hosts.contains_key(name) => {
+                    return Err(CenterError::Unavailable(format!(
+                        "host {name} is down or in maintenance; it takes no new VMs"
+                    )))
+                }
+                None => {
+                    return Err(CenterError::NotFound(format!(
+                        "no host named '{name}' has joined"
+                    )))
+                }
+            },
+        };
+        let name = placement::choose(&candidates, need)
+            .map_err(|why| CenterError::NoRoom(format!("cannot place the VM: {why}")))?
+            .name
+            .clone();
+        *inventory.creating.entry(name.clone()).or_default() += 1;
+        inventory.create_keys.remember(key, &name);
+        Ok(inventory.hosts[&name].clone())
     }
 
     /// Waits (up to [`CREATE_PATIENCE`]) for the VMs being created on `host` to be
@@ -1257,6 +1321,7 @@ pub(crate) mod tests {
                     accel_memory: 0,
                     attach: Vec::new(),
                     backend: None,
+                    idempotency_key: None,
                 },
                 host: None,
             })
@@ -1284,6 +1349,99 @@ pub(crate) mod tests {
         assert!(scratch.center.inventory().creating.is_empty());
     }
 
+    /// A create of a `mlp-train` VM of 256 MiB with idempotency key `key`.
+    fn keyed_create(key: &str) -> PlaceVm {
+        PlaceVm {
+            vm: CreateVm {
+                name: None,
+                workload: "mlp-train".into(),
+                args: Vec::new(),
+                memory: 256 << 20,
+                accel_memory: 0,
+                attach: Vec::new(),
+                backend: None,
+                idempotency_key: Some(key.into()),
+            },
+            host: None,
+        }
+    }
+
+    /// What a host answers a [`keyed_create`] with: VM `id`, made with `key`.
+    fn made_with(id: &str, key: &str) -> String {
+        let mut vm = inventory::tests::vm(id, ferry_api::VmState::Running);
+        (vm.accel_memory, vm.idempotency_key) = (0, Some(key.into()));
+        serde_json::to_string(&vm).unwrap()
+    }
+
+    #[test]
+    fn a_create_whose_answer_was_lost_is_asked_again_with_its_key_and_made_once() {
+        let scratch = ScratchCenter::open("create-lost");
+        let (addr, requests) = fake_host(vec![
+            Reply::Nothing,
+            Reply::Json("201 Created", made_with("a-vm1", "job-7")),
+        ]);
+        scratch.report("a", addr);
+        let placed = scratch.center.create_vm(&keyed_create("job-7")).unwrap();
+        assert_eq!(
+            (placed.host.as_str(), placed.vm.id.as_str()),
+            ("a", "a-vm1")
+        );
+        let requests = requests.join().unwrap();
+        assert_eq!(requests.len(), 2, "asked once more");
+        assert!(
+            (requests.iter()).all(|r| r.contains(r#""idempotency_key":"job-7""#)),
+            "{requests:?}"
+        );
+        // The client's own answer lost, it sends the create again: the VM on record
+        // answers it, and no host is asked (none would answer now).
+        let again = scratch.center.create_vm(&keyed_create("job-7")).unwrap();
+        assert_eq!((again.host.as_str(), again.vm.id.as_str()), ("a", "a-vm1"));
+        // The key of another VM is refused, not taken for a new one.
+        let mut other = keyed_create("job-7");
+        other.vm.memory = 512 << 20;
+        let refused = scratch.center.create_vm(&other).unwrap_err();
+        assert!(matches!(refused, CenterError::Conflict(_)), "{refused}");
+        assert!(scratch.center.inventory().creating.is_empty());
+    }
+
+    #[test]
+    fn a_create_sent_again_before_its_vm_is_on_record_goes_to_the_host_the_first_went_to() {
+        let scratch = ScratchCenter::open("create-again");
+        // Host a gets the create, and both answers are lost.
+        let (a, to_a) = fake_host(vec![
+            Reply::Nothing,
+            Reply::Nothing,
+            Reply::Json("201 Created", made_with("a-vm1", "job-8")),
+        ]);
+        scratch.report("a", a);
+        let lost = scratch
+            .center
+            .create_vm(&keyed_create("job-8"))
+            .unwrap_err();
+        assert!(matches!(lost, CenterError::Unavailable(_)), "{lost}");
+        // A host with far more room joins; the client sends the create again.
+        let (b, to_b) = fake_host(Vec::<Reply>::new());
+        let mut roomy = inventory::tests::beat("b", Vec::new());
+        roomy.api_url = format!("http://{b}");
+        roomy.host.accel_capacity *= 100;
+        roomy.host.memory_capacity *= 100;
+        scratch.center.heartbeat(roomy).unwrap();
+        let place = scratch.center.inventory().open_hosts(unix_ms(), 60_000);
+        let need = Need::of(256 << 20, 0);
+        assert_eq!(
+            placement::choose(&place, &need).unwrap().name,
+            "b",
+            "b is the place of a new VM"
+        );
+        let placed = scratch.center.create_vm(&keyed_create("job-8")).unwrap();
+        assert_eq!(
+            (placed.host.as_str(), placed.vm.id.as_str()),
+            ("a", "a-vm1")
+        );
+        assert_eq!(to_a.join().unwrap().len(), 3);
+        assert!(to_b.join().unwrap().is_empty());
+    }
+
     /// A host API at the address returned that answers one request with `status` and
     /// JSON `body`.
     fn answering_once(status: &'static str, body: &'static str) -> std::net::SocketAddr {
@@ -1300,6 +1458,7 @@ pub(crate) mod tests {
                 accel_memory: 0,
                 attach: Vec::new(),
                 backend: None,
+                idempotency_key: None,
             },
             host: Some(host.into()),
         })

@@ -198,6 +198,7 @@ mod tests {
             migrated_from: None,
             files: Vec::new(),
             console_tail: String::new(),
+            idempotency_key: None,
         };
         let cuda = Need::of_vm(&vm(Some("cuda-sm_90-d13")));
         assert_eq!(choose(&hosts, &cuda).unwrap().name, "g");

@@ -193,6 +193,21 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
     // Nothing new lands on a host in maintenance, chosen or asked for.
     let placed = c.json(&["vm", "create", "hello", "--json", "--memory", "64M"]);
     assert_ne!(placed["host"], "a", "{placed}");
+    // Run again with its key (a script retrying after a lost answer), a create makes no
+    // second VM.
+    let keyed = [
+        "vm",
+        "create",
+        "hello",
+        "--json",
+        "--memory",
+        "64M",
+        "--idempotency-key",
+        "retried-1",
+    ];
+    let (first, again) = (c.json(&keyed), c.json(&keyed));
+    assert_eq!(first["vm"]["id"], again["vm"]["id"], "{first} {again}");
+    assert_ne!(first["vm"]["id"], placed["vm"]["id"]);
     let refused = c.ferry(&["vm", "create", "hello", "--on", "a"]);
     assert!(!refused.status.success());
     common::assert_says(&refused.stderr, "maintenance");

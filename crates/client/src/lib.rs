@@ -38,6 +38,12 @@ pub struct Unreachable {
     pub refused: bool,
 }
 
+/// Whether `e` is a request's that got no answer but may have arrived (a timeout, a
+/// connection cut): sent again, a request that is safe to repeat may find it done.
+pub fn unanswered(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unreachable>().is_some_and(|u| !u.refused)
+}
+
 /// One API, at one address or several (center replicas), with its bearer token.
 pub struct ApiClient {
     /// Its addresses: a request that cannot reach one tries the next.

@@ -120,6 +120,8 @@ pub struct HostedVm {
     pub config: VmConfig,
     /// Host it came from.
     pub migrated_from: Option<String>,
+    /// The key it was created with here, if any.
+    pub idempotency_key: Option<String>,
     /// Its attached files.
     pub files: Vec<FileInfo>,
     /// Its accelerator's backend kind, if it has an accelerator.
@@ -160,7 +162,10 @@ fn ended_state(exit: VmExit) -> VmState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// Created here: a VM that cannot be watched is not started (nothing is lost).
-    Created,
+    Created {
+        /// The key the create came with ([`ferry_api::CreateVm::idempotency_key`]).
+        idempotency_key: Option<String>,
+    },
     /// Received by a migration, confirmed to its source, which has released its copy:
     /// this one is the only one, and runs on even unwatched. `from` is the name the
     /// source gave (checked when received), only shown.
@@ -200,8 +205,12 @@ impl HostedVm {
             args,
             config: vm.config(),
             migrated_from: match &origin {
-                Origin::Created => None,
+                Origin::Created { .. } => None,
                 Origin::Migrated { from } => from.clone(),
+            },
+            idempotency_key: match &origin {
+                Origin::Created { idempotency_key } => idempotency_key.clone(),
+                Origin::Migrated { .. } => None,
             },
             files: vm.files().infos(),
             accel_backend: vm.accel().map(|a| a.backend_kind().to_string()),
@@ -310,6 +319,7 @@ impl HostedVm {
             since_unix_ms: self.arrived_unix_ms,
             migrated_from: self.migrated_from.clone(),
             files: self.files.clone(),
+            idempotency_key: self.idempotency_key.clone(),
             console_tail: String::new(),
         }
     }
@@ -716,7 +726,12 @@ mod tests {
 
     /// A running `memtouch` VM with `args`, and the ledger it holds room in.
     fn hosted(args: &[&str]) -> (Ledger, Arc<HostedVm>) {
-        let (ledger, hosted) = launched(args, Origin::Created);
+        let (ledger, hosted) = launched(
+            args,
+            Origin::Created {
+                idempotency_key: None,
+            },
+        );
         (ledger, hosted.unwrap())
     }
 
@@ -861,7 +876,12 @@ mod tests {
         assert_eq!(ledger.held().memory, 0);
         // One created here is not started unwatched: nothing is lost.
         FAIL_NEXT_WATCHER.set(true);
-        let (ledger, created) = launched(&args, Origin::Created);
+        let (ledger, created) = launched(
+            &args,
+            Origin::Created {
+                idempotency_key: None,
+            },
+        );
         let refused = created
             .err()
             .expect("a created VM is not started unwatched");
@@ -990,7 +1010,9 @@ mod tests {
             ("mlp-train".into(), None),
             args,
             microvm,
-            Origin::Created,
+            Origin::Created {
+                idempotency_key: None,
+            },
             reservation,
         )
         .unwrap();

@@ -456,6 +456,8 @@ struct Vms {
     listed: BTreeMap<String, Arc<HostedVm>>,
     /// Ids of VMs being started, not yet listed: given to no other VM.
     claimed: BTreeSet<String>,
+    /// Idempotency keys of the creates under way ([`KeyClaim`]).
+    creating_keys: BTreeSet<String>,
 }
 
 impl Vms {
@@ -489,6 +491,28 @@ impl Drop for IdClaim<'_> {
             vms.claimed.remove(&self.id);
         }
     }
+}
+
+/// A create's idempotency key, claimed until the create has ended (its VM listed, or
+/// not made): a second create with the key meanwhile is refused, not run alongside.
+struct KeyClaim<'a> {
+    vms: &'a Mutex<Vms>,
+    key: String,
+}
+
+impl Drop for KeyClaim<'_> {
+    fn drop(&mut self) {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.creating_keys.remove(&self.key);
+    }
+}
+
+/// What a create's idempotency key finds.
+enum KeyedCreate<'a> {
+    /// No VM here was created with it: the create goes on, holding the key.
+    New(KeyClaim<'a>),
+    /// This VM was.
+    Made(Arc<HostedVm>),
 }
 
 /// A VM started here (created, or arrived and resumed), until [`Host::register`] lists
@@ -627,6 +651,25 @@ impl Host {
 
     /// Claims an id for a VM about to start: `wanted` (the id a migrated VM had) if it
     /// is free, else a fresh one; checked and claimed in one critical section.
+    /// Claims idempotency key `key` for a create, or finds the VM created with it.
+    fn claim_key(&self, key: &str) -> Result<KeyedCreate<'_>, HostError> {
+        let mut vms = self.vms();
+        if vms.creating_keys.contains(key) {
+            return Err(HostError::Conflict(format!(
+                "a create with idempotency key {key} is under way here; send it again once it has ended"
+            )));
+        }
+        let made = (vms.listed.values()).find(|vm| vm.idempotency_key.as_deref() == Some(key));
+        if let Some(vm) = made {
+            return Ok(KeyedCreate::Made(vm.clone()));
+        }
+        vms.creating_keys.insert(key.to_string());
+        Ok(KeyedCreate::New(KeyClaim {
+            vms: &self.vms,
+            key: key.to_string(),
+        }))
+    }
+
     fn claim_id(&self, wanted: Option<&str>) -> IdClaim<'_> {
         let mut vms = self.vms();
         let id = match wanted {
@@ -840,6 +883,26 @@ impl Host {
             )));
         }
         let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
+        // Held to the end: the VM is listed with its key before another create can look.
+        let _key = match req.idempotency_key.as_deref() {
+            None => None,
+            Some(key) => {
+                ferry_api::check_idempotency_key(key).map_err(HostError::BadRequest)?;
+                match self.claim_key(key)? {
+                    KeyedCreate::New(claim) => Some(claim),
+                    KeyedCreate::Made(vm) => {
+                        let info = vm.info();
+                        if !info.answers_create(req) {
+                            return Err(HostError::Conflict(format!(
+                                "idempotency key {key} created VM {}, which is not the VM this create asks for",
+                                info.id
+                            )));
+                        }
+                        return Ok(info);
+                    }
+                }
+            }
+        };
         let config = VmConfig::new(req.memory).with_accel(req.accel_memory);
         // Before any room is reserved: an impossible shape is a bad request, not a
         // lack of room.
@@ -878,7 +941,9 @@ impl Host {
             (req.workload.clone(), req.name.clone()),
             req.args.clone(),
             vm,
-            Origin::Created,
+            Origin::Created {
+                idempotency_key: req.idempotency_key.clone(),
+            },
             reservation,
         )
         .map_err(HostError::Failed)?;
@@ -1548,6 +1613,7 @@ mod tests {
             accel_memory,
             attach: Vec::new(),
             backend: None,
+            idempotency_key: None,
         }
     }
 
@@ -1864,6 +1930,50 @@ mod tests {
         assert!(open_attached(&specs(&elsewhere), &unpinned).is_err());
         drop((pin, unpinned));
         std::fs::remove_dir_all(&store).unwrap();
+    }
+
+    #[test]
+    fn a_create_sent_again_with_its_key_answers_with_the_vm_the_first_made() {
+        if !ferry_testdata::kvm("a_create_sent_again_with_its_key_answers_with_the_vm") {
+            return;
+        }
+        let host = test_host();
+        let mut req = memtouch(64 << 20, 0);
+        req.idempotency_key = Some("job-1".into());
+        // A second create with the key while the first is under way is refused.
+        let during = host.clone();
+        let concurrent = req.clone();
+        let refused = Arc::new(Mutex::new(None));
+        let seen = refused.clone();
+        *host.before_listing.lock().unwrap() = Some(Box::new(move || {
+            *seen.lock().unwrap() = Some(during.create_vm(&concurrent));
+        }));
+        let first = host.create_vm(&req).unwrap();
+        match refused.lock().unwrap().take() {
+            Some(Err(HostError::Conflict(why))) => assert!(why.contains("under way"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(first.idempotency_key.as_deref(), Some("job-1"));
+        // Sent again (its answer lost), it answers with the same VM, and makes none.
+        let again = host.create_vm(&req).unwrap();
+        assert_eq!(again.id, first.id);
+        assert_eq!(host.list().len(), 1);
+        // The key asking for another VM is refused; another key makes another VM.
+        let mut other = req.clone();
+        other.memory = 128 << 20;
+        match host.create_vm(&other) {
+            Err(HostError::Conflict(why)) => assert!(why.contains(&first.id), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        other.idempotency_key = Some("job-2".into());
+        assert_ne!(host.create_vm(&other).unwrap().id, first.id);
+        // A key that is no key is a bad request.
+        req.idempotency_key = Some("no spaces".into());
+        assert!(matches!(
+            host.create_vm(&req),
+            Err(HostError::BadRequest(_))
+        ));
+        host.shutdown();
     }
 
     #[test]

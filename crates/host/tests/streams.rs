@@ -55,6 +55,7 @@ fn a_read_only_read_never_takes_a_streams_responses_from_its_reader() {
             accel_memory: 0,
             attach: Vec::new(),
             backend: None,
+            idempotency_key: None,
         })
         .unwrap();
     let id = vm.id;

@@ -361,6 +361,7 @@ impl SimHost {
                     .into_iter()
                     .collect(),
                 console_tail: String::new(),
+                idempotency_key: None,
             })
             .collect();
         Self {

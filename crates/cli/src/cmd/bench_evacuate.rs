@@ -52,6 +52,7 @@ impl LoopbackCluster {
                         accel_memory: VM_ACCEL,
                         attach: Vec::new(),
                         backend: None,
+                        idempotency_key: None,
                     },
                     host: Some("a".into()),
                 },

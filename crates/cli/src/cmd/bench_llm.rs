@@ -187,6 +187,7 @@ fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> an
             path: model.clone(),
         }],
         backend: None,
+        idempotency_key: None,
     };
     let vm: ferry_api::VmInfo = ca.post("/v1/vms", &request)?;
     let id = vm.id;

@@ -367,6 +367,7 @@ fn measure(
             accel_memory: accel,
             attach: Vec::new(),
             backend: None,
+            idempotency_key: None,
         },
     )?;
     let id = vm.id;

@@ -215,6 +215,7 @@ pub fn bench_serve(
                     path: model.clone(),
                 }],
                 backend: None,
+                idempotency_key: None,
             },
             host: Some("a".into()),
         },

@@ -146,6 +146,7 @@ impl Hosts {
                 accel_memory: w.accel,
                 attach: Vec::new(),
                 backend: None,
+                idempotency_key: None,
             },
         )?;
         Ok(vm.id)

@@ -223,6 +223,7 @@ impl Workload {
             accel_memory,
             attach,
             backend: None,
+            idempotency_key: None,
         })
     }
 

@@ -73,44 +73,54 @@ pub fn parse_vm_id(id: &str) -> Result<String, String> {
     }
 }
 
+/// `ferry vm create`'s arguments.
+#[derive(Args)]
+struct CreateArgs {
+    /// Let the cluster center at URL place the VM (instead of --host).
+    #[arg(long, value_name = "URL", env = "FERRY_CENTER")]
+    center: Option<String>,
+    /// With --center: put it on this host rather than let the center choose.
+    #[arg(long, value_name = "HOST", requires = "center")]
+    on: Option<String>,
+    #[command(flatten)]
+    token: crate::cmd::center::TokenArgs,
+    /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host.
+    workload: String,
+    /// A name for the VM; clients of the center's OpenAI API name a serving VM by it
+    /// (or by its id) as `model`.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Guest RAM.
+    #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
+    memory: u64,
+    /// Accelerator memory (none by default).
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_size)]
+    accel_memory: u64,
+    /// Attach a read-only file on the host, found by the guest as NAME (repeatable):
+    /// `--attach model=/models/SmolLM2-135M-Instruct.Q4_1.gguf`. It moves with the VM.
+    #[arg(long, value_name = "NAME=PATH", value_parser = crate::attach::parse_attach)]
+    attach: Vec<(String, std::path::PathBuf)>,
+    /// Its accelerator's backend: `cpu`, `cuda` (a GPU, whatever its kind) or an exact
+    /// kind such as `cuda-sm_90-d13` (default: the host's `--backend`). With --center,
+    /// only hosts that run it are chosen.
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<String>,
+    /// A key for this create (1 to 63 letters, digits, '.', '_', '-'; default: a fresh
+    /// one). A create whose answer is lost is sent again with it, and the host or
+    /// center answers with the VM the first made instead of making another; a script
+    /// that runs `ferry vm create` again after a failure passes the same key.
+    #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
+    idempotency_key: Option<String>,
+    /// Guest arguments (after `--`).
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum VmCommand {
     /// Create and start a VM on the host, or, with --center, on the host the cluster
     /// center chooses (the one with the most free accelerator memory that fits it).
-    Create {
-        /// Let the cluster center at URL place the VM (instead of --host).
-        #[arg(long, value_name = "URL", env = "FERRY_CENTER")]
-        center: Option<String>,
-        /// With --center: put it on this host rather than let the center choose.
-        #[arg(long, value_name = "HOST", requires = "center")]
-        on: Option<String>,
-        #[command(flatten)]
-        token: crate::cmd::center::TokenArgs,
-        /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host.
-        workload: String,
-        /// A name for the VM; clients of the center's OpenAI API name a serving VM by it
-        /// (or by its id) as `model`.
-        #[arg(long, value_name = "NAME")]
-        name: Option<String>,
-        /// Guest RAM.
-        #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
-        memory: u64,
-        /// Accelerator memory (none by default).
-        #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_size)]
-        accel_memory: u64,
-        /// Attach a read-only file on the host, found by the guest as NAME (repeatable):
-        /// `--attach model=/models/SmolLM2-135M-Instruct.Q4_1.gguf`. It moves with the VM.
-        #[arg(long, value_name = "NAME=PATH", value_parser = crate::attach::parse_attach)]
-        attach: Vec<(String, std::path::PathBuf)>,
-        /// Its accelerator's backend: `cpu`, `cuda` (a GPU, whatever its kind) or an exact
-        /// kind such as `cuda-sm_90-d13` (default: the host's `--backend`). With --center,
-        /// only hosts that run it are chosen.
-        #[arg(long, value_name = "BACKEND")]
-        backend: Option<String>,
-        /// Guest arguments (after `--`).
-        #[arg(last = true)]
-        args: Vec<String>,
-    },
+    Create(Box<CreateArgs>),
     /// List the host's VMs.
     List,
     /// Show one VM, with its console tail.
@@ -166,6 +176,34 @@ fn print_vm(vm: &VmInfo) {
     );
 }
 
+/// How many times a create whose answer was lost is sent again.
+const CREATE_RETRIES: usize = 2;
+
+/// `POST /v1/vms` of `create` (which carries an idempotency key), sent again up to
+/// [`CREATE_RETRIES`] times while its answer is lost on the way: the key makes the API
+/// answer a repeat with the VM the first made.
+fn send_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    client: &ApiClient,
+    create: &B,
+) -> anyhow::Result<T> {
+    let mut tries = 0;
+    loop {
+        match client.post("/v1/vms", create) {
+            Err(e) if tries < CREATE_RETRIES && ferry_client::unanswered(&e) => {
+                tries += 1;
+                eprintln!("ferry: the create's answer was lost ({e:#}); sending it again with the same idempotency key");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            answered => return answered,
+        }
+    }
+}
+
+/// Checks `--idempotency-key`.
+fn parse_idempotency_key(key: &str) -> Result<String, String> {
+    ferry_api::check_idempotency_key(key).map(|()| key.to_string())
+}
+
 /// What a host answered to a `ferry vm` command.
 enum Answer {
     /// One VM (create, show, stop).
@@ -179,18 +217,20 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
     // Made only when needed: creating through the center needs no host secret.
     let host = || args.host.client();
     let out = match &args.command {
-        VmCommand::Create {
-            center,
-            on,
-            token,
-            workload,
-            name,
-            memory,
-            accel_memory,
-            attach,
-            backend,
-            args: guest_args,
-        } => {
+        VmCommand::Create(create) => {
+            let CreateArgs {
+                center,
+                on,
+                token,
+                workload,
+                name,
+                memory,
+                accel_memory,
+                attach,
+                backend,
+                idempotency_key,
+                args: guest_args,
+            } = create.as_ref();
             let vm = ferry_api::CreateVm {
                 workload: workload.clone(),
                 name: name.clone(),
@@ -205,14 +245,19 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                     })
                     .collect(),
                 backend: backend.clone(),
+                idempotency_key: Some(
+                    (idempotency_key.clone())
+                        .unwrap_or_else(|| ferry_api::fresh_idempotency_key("cli")),
+                ),
             };
             let Some(center) = center else {
-                return finish(args, Answer::One(Box::new(host()?.post("/v1/vms", &vm)?)));
+                let created = send_create(&host()?, &vm)?;
+                return finish(args, Answer::One(Box::new(created)));
             };
             let roots = args.host.roots.roots()?;
             let client = ApiClient::with_roots(center, &token.token()?, &roots)?;
-            let placed: ferry_center::Placed = client.post(
-                "/v1/vms",
+            let placed: ferry_center::Placed = send_create(
+                &client,
                 &ferry_center::PlaceVm {
                     vm,
                     host: on.clone(),

@@ -61,5 +61,6 @@ pub fn long_memtouch(attach: Vec<Attachment>) -> CreateVm {
         accel_memory: 0,
         attach,
         backend: None,
+        idempotency_key: None,
     }
 }
