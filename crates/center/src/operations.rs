@@ -24,6 +24,36 @@ use crate::{Center, CenterError, ForgottenHost};
 const POLL: Duration = Duration::from_millis(100);
 /// How long the source may be unreachable before the center gives up following it.
 const LOST_CONTACT: Duration = Duration::from_secs(15);
+/// How often a VM left in doubt by its move is looked at until its source settles it.
+const SETTLE_POLL: Duration = Duration::from_secs(1);
+/// How long the center follows a VM left in doubt: past the ten minutes a source keeps
+/// asking its destination before it leaves the VM to `ferry vm resolve`.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(11 * 60);
+
+/// Why a move the center ordered did not end with the VM verified on its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MoveFailure {
+    /// The VM stays on its source, where it runs as before.
+    Stayed(String),
+    /// Where the VM runs is not known (its confirmation was lost and not yet settled, or
+    /// the source could not be reached): the operator looks.
+    Unsettled(String),
+}
+
+impl MoveFailure {
+    /// What went wrong.
+    pub(crate) fn text(&self) -> &str {
+        match self {
+            Self::Stayed(why) | Self::Unsettled(why) => why,
+        }
+    }
+}
+
+impl From<String> for MoveFailure {
+    fn from(why: String) -> Self {
+        Self::Stayed(why)
+    }
+}
 
 /// A long action of the center (maintenance, balancing), followed by polling.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,7 +316,7 @@ impl Center {
         to: &str,
         id: i64,
         reason: &str,
-        outcome: Result<(Option<MigrationReport>, VmInfo), String>,
+        outcome: Result<(Option<MigrationReport>, VmInfo), MoveFailure>,
         started_here: bool,
     ) -> MigrationRecord {
         let mut inventory = self.inventory();
@@ -309,9 +339,12 @@ impl Center {
                 }
                 Some(arrived)
             }
-            Err(why) => {
-                entry.state = MigrationState::Failed;
-                entry.error = Some(why);
+            Err(failure) => {
+                entry.state = match failure {
+                    MoveFailure::Stayed(_) => MigrationState::Failed,
+                    MoveFailure::Unsettled(_) => MigrationState::InDoubt,
+                };
+                entry.error = Some(failure.text().to_string());
                 None
             }
         };
@@ -342,11 +375,13 @@ impl Center {
                 record.vm,
                 record.from,
                 record.to,
-                pause.map_or("unknown (followed by a new leader)".into(), |p| format!(
-                    "{p:.1} ms"
-                )),
+                pause.map_or("unknown".into(), |p| format!("{p:.1} ms")),
                 record.bytes_sent >> 20,
                 record.rounds
+            ),
+            (Some(error), _) if record.state == MigrationState::InDoubt => format!(
+                "VM {} may or may not have moved {} -> {} ({reason}): {error}",
+                record.vm, record.from, record.to,
             ),
             (Some(error), _) => format!(
                 "VM {} could not move {} -> {} ({reason}); it keeps running on {}: {error}",
@@ -386,7 +421,7 @@ impl Center {
         &self,
         m: &Move,
         record_id: i64,
-    ) -> Result<(Option<MigrationReport>, VmInfo), String> {
+    ) -> Result<(Option<MigrationReport>, VmInfo), MoveFailure> {
         let (source, dest) = self.move_hosts(m)?;
         // Its mode may have changed since the move was planned (a balance is planned
         // before its operation begins, and a maintenance may end in between): a host
@@ -396,7 +431,8 @@ impl Center {
                 "not moved: host {} is {} and takes no VMs",
                 dest.name,
                 dest.mode.name()
-            ));
+            )
+            .into());
         }
         let src = self.order_client(&source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{}", m.vm.id);
@@ -411,19 +447,17 @@ impl Center {
         )
         .map_err(|e| format!("host {} did not start the migration: {e:#}", source.name))?;
         let report = self.poll_migration(&source, &m.vm.id, record_id)?;
-        Ok((
-            Some(report),
-            self.verify_arrival(&dest, &source.name, &m.vm.id)?,
-        ))
+        Ok((report, self.verify_arrival(&dest, &source.name, &m.vm.id)?))
     }
 
-    /// Polls the source's migration of `vm` until it ends.
+    /// Polls the source's migration of `vm` until it ends, and a migration left in doubt
+    /// until it is settled: its report, if the source has one (a settled one has none).
     fn poll_migration(
         &self,
         source: &crate::HostRecord,
         vm: &str,
         record_id: i64,
-    ) -> Result<MigrationReport, String> {
+    ) -> Result<Option<MigrationReport>, MoveFailure> {
         let src = self.host_client(source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{vm}/migration");
         let mut last_contact = Instant::now();
@@ -434,8 +468,9 @@ impl Center {
                     last_contact = Instant::now();
                     match status.state {
                         MigrationState::Succeeded => {
-                            return status.report.ok_or_else(|| {
+                            return status.report.map(Some).ok_or_else(|| {
                                 format!("host {} reported success without a report", source.name)
+                                    .into()
                             })
                         }
                         MigrationState::Failed
@@ -446,7 +481,10 @@ impl Center {
                                 .error
                                 .unwrap_or_else(|| "the migration failed".into());
                             crate::inventory::cut_state_text(&mut error);
-                            return Err(error);
+                            if status.state == MigrationState::InDoubt {
+                                return self.follow_settlement(source, vm, error).map(|()| None);
+                            }
+                            return Err(error.into());
                         }
                         MigrationState::Running => {
                             if let Some(progress) = status.progress {
@@ -458,36 +496,87 @@ impl Center {
                     }
                 }
                 Err(e) if last_contact.elapsed() > LOST_CONTACT => {
-                    return Err(format!(
-                    "lost contact with host {} during the migration ({e:#}); check the VM there",
-                    source.name
-                ))
+                    return Err(MoveFailure::Unsettled(format!(
+                        "lost contact with host {} during the migration ({e:#}); check where the VM runs",
+                        source.name
+                    )))
                 }
                 Err(_) => {}
             }
         }
     }
 
-    /// The destination has the VM, running (or already finished cleanly).
+    /// Follows VM `vm`, left in doubt on `source` by its move (the destination was told
+    /// to run it, and the confirmation was lost: `why`), until the source settles it:
+    /// released there, it moved; resumed, it stayed.
+    fn follow_settlement(
+        &self,
+        source: &crate::HostRecord,
+        vm: &str,
+        why: String,
+    ) -> Result<(), MoveFailure> {
+        let src = self.host_client(source).map_err(|e| e.to_string())?;
+        let path = format!("/v1/vms/{vm}");
+        let (since, mut last_contact) = (Instant::now(), Instant::now());
+        loop {
+            match src.get::<VmInfo>(&path) {
+                Ok(info) => {
+                    last_contact = Instant::now();
+                    match info.state {
+                        VmState::InDoubt { .. } => {}
+                        VmState::MigratedAway { .. } => return Ok(()),
+                        other => {
+                            return Err(MoveFailure::Stayed(format!(
+                                "{why}; settled: {} on host {}",
+                                other.name(),
+                                source.name
+                            )))
+                        }
+                    }
+                }
+                Err(e) if last_contact.elapsed() > LOST_CONTACT => {
+                    return Err(MoveFailure::Unsettled(format!(
+                        "{why}; then contact with host {} was lost ({e:#}): check where the VM runs",
+                        source.name
+                    )))
+                }
+                Err(_) => {}
+            }
+            if since.elapsed() > SETTLE_PATIENCE {
+                return Err(MoveFailure::Unsettled(format!(
+                    "{why}; still in doubt after {} s: it stays paused on host {} until settled (`ferry vm resolve {vm}`)",
+                    since.elapsed().as_secs(),
+                    source.name
+                )));
+            }
+            std::thread::sleep(SETTLE_POLL);
+        }
+    }
+
+    /// The destination has the VM, running (or already finished cleanly). Asked once
+    /// the source let the VM go: where it is otherwise is for the operator to find out.
     fn verify_arrival(
         &self,
         dest: &crate::HostRecord,
         source: &str,
         vm: &str,
-    ) -> Result<VmInfo, String> {
-        let dst = self.host_client(dest).map_err(|e| e.to_string())?;
+    ) -> Result<VmInfo, MoveFailure> {
+        let unsettled = MoveFailure::Unsettled;
+        let dst = self
+            .host_client(dest)
+            .map_err(|e| unsettled(e.to_string()))?;
         let arrived: VmInfo = dst.get(&format!("/v1/vms/{vm}")).map_err(|e| {
-            format!(
-                "host {source} reported success, but host {} does not show the VM: {e:#}",
+            unsettled(format!(
+                "host {source} let the VM go, but host {} does not show it: {e:#}",
                 dest.name
-            )
+            ))
         })?;
         match &arrived.state {
             VmState::Running | VmState::Exited { code: 0 } => Ok(arrived),
-            other => Err(format!(
+            other => Err(unsettled(format!(
                 "the VM arrived on host {} but is {other:?} there",
                 dest.name
-            )),
+            ))),
         }
     }
 
@@ -510,12 +599,14 @@ impl Center {
                     &record.to,
                     record.id,
                     &record.reason,
-                    Err("the VM is no longer known to the cluster".into()),
+                    Err("the VM is no longer known to the cluster"
+                        .to_string()
+                        .into()),
                     false,
                 );
             }
         };
-        let outcome = (|| {
+        let outcome = (|| -> Result<_, MoveFailure> {
             let (source, dest) = self.move_hosts(&m)?;
             let src = self.host_client(&source).map_err(|e| e.to_string())?;
             // Only the source's "no such VM" (404) or "no migration of it" (409
@@ -531,10 +622,10 @@ impl Center {
                         }) =>
                     {
                         if since.elapsed() > LOST_CONTACT {
-                            return Err(format!(
-                                "lost contact with host {} while settling the previous leader's migration ({e:#}); check the VM there",
+                            return Err(MoveFailure::Unsettled(format!(
+                                "lost contact with host {} while settling the previous leader's migration ({e:#}); check where the VM runs",
                                 source.name
-                            ));
+                            )));
                         }
                         std::thread::sleep(POLL);
                     }
@@ -544,10 +635,12 @@ impl Center {
             match asked {
                 Ok(status) if status.state == MigrationState::Running => {
                     let report = self.poll_migration(&source, &record.vm, record.id)?;
-                    Ok((
-                        Some(report),
-                        self.verify_arrival(&dest, &source.name, &record.vm)?,
-                    ))
+                    Ok((report, self.verify_arrival(&dest, &source.name, &record.vm)?))
+                }
+                Ok(status) if status.state == MigrationState::InDoubt => {
+                    let why = status.error.unwrap_or_else(|| "in doubt".into());
+                    self.follow_settlement(&source, &record.vm, why)?;
+                    Ok((None, self.verify_arrival(&dest, &source.name, &record.vm)?))
                 }
                 Ok(status) if status.state == MigrationState::Succeeded => Ok((
                     status.report,
@@ -555,15 +648,18 @@ impl Center {
                 )),
                 Ok(status) => Err(status
                     .error
-                    .unwrap_or_else(|| format!("the migration ended {:?}", status.state))),
+                    .unwrap_or_else(|| format!("the migration ended {:?}", status.state))
+                    .into()),
                 // No migration there: it moved (the VM runs on the destination) or the
                 // order never arrived.
                 Err(asked) => match self.verify_arrival(&dest, &source.name, &record.vm) {
                     Ok(arrived) => Ok((None, arrived)),
                     Err(there) => Err(format!(
-                        "not started: the leader that recorded it stopped before the source took the order; the VM stayed on {} (source: {asked:#}; destination: {there})",
-                        source.name
-                    )),
+                        "not started: the leader that recorded it stopped before the source took the order; the VM stayed on {} (source: {asked:#}; destination: {})",
+                        source.name,
+                        there.text()
+                    )
+                    .into()),
                 },
             }
         })();
@@ -1225,7 +1321,107 @@ mod tests {
         center.inventory().hosts.get_mut("b").unwrap().mode = HostMode::Maintenance;
         let m = move_v_from_a_to_b();
         let refused = center.follow_migration(&m, 1).unwrap_err();
-        assert!(refused.contains("takes no VMs"), "{refused}");
+        assert!(
+            matches!(&refused, MoveFailure::Stayed(why) if why.contains("takes no VMs")),
+            "{refused:?}"
+        );
+    }
+
+    /// A source's status of its migration of `v` to b, in `state`.
+    fn status(state: MigrationState) -> String {
+        serde_json::to_string(&MigrationStatus {
+            vm: "v".into(),
+            to: "b.example:7071".into(),
+            state,
+            progress: None,
+            report: None,
+            error: Some("the destination's confirmation was lost".into()),
+            settlement: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    /// A host's report of `v` in `state`.
+    fn v_in(state: VmState) -> String {
+        serde_json::to_string(&vm("v", state)).unwrap()
+    }
+
+    #[test]
+    fn a_move_left_in_doubt_is_followed_until_its_source_settles_where_the_vm_runs() {
+        use crate::fake_host::{fake_host, Reply};
+        let doubt = VmState::InDoubt {
+            to: "b.example:7071".into(),
+            reason: "link cut".into(),
+        };
+        let ordered = || Reply::Json("200 OK", status(MigrationState::Running));
+        let in_doubt = || Reply::Json("200 OK", status(MigrationState::InDoubt));
+        // Released on a: it moved, and runs on b.
+        let scratch = ScratchCenter::open("in-doubt-moved");
+        let (a, _) = fake_host(vec![
+            ordered(),
+            in_doubt(),
+            Reply::Json("200 OK", v_in(doubt.clone())),
+            Reply::Json(
+                "200 OK",
+                v_in(VmState::MigratedAway {
+                    to: "b.example:7071".into(),
+                }),
+            ),
+        ]);
+        let (b, _) = fake_host(vec![Reply::Json("200 OK", v_in(VmState::Running))]);
+        scratch.report("a", a);
+        scratch.report("b", b);
+        let (report, arrived) = scratch
+            .center
+            .follow_migration(&move_v_from_a_to_b(), 1)
+            .unwrap();
+        assert!(report.is_none());
+        assert_eq!(arrived.state, VmState::Running);
+        // Resumed on a: it stayed, and says so.
+        let scratch = ScratchCenter::open("in-doubt-stayed");
+        let (a, _) = fake_host(vec![
+            ordered(),
+            in_doubt(),
+            Reply::Json("200 OK", v_in(doubt)),
+            Reply::Json("200 OK", v_in(VmState::Running)),
+        ]);
+        scratch.report("a", a);
+        scratch.report("b", ferry_testdata::refusing_addr());
+        let stayed = scratch
+            .center
+            .follow_migration(&move_v_from_a_to_b(), 1)
+            .unwrap_err();
+        assert!(
+            matches!(&stayed, MoveFailure::Stayed(why) if why.contains("running on host a")),
+            "{stayed:?}"
+        );
+    }
+
+    #[test]
+    fn a_move_whose_source_is_lost_is_recorded_as_unsettled_not_as_staying() {
+        let scratch = ScratchCenter::open("move-unsettled");
+        let center = &scratch.center;
+        scratch.report("a", ferry_testdata::refusing_addr());
+        scratch.report("b", ferry_testdata::refusing_addr());
+        let mut record = MigrationRecord {
+            vm: "v".into(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: "test".into(),
+            state: MigrationState::Running,
+            ..MigrationRecord::default()
+        };
+        center.record_migration(&mut record).unwrap();
+        let lost = MoveFailure::Unsettled("lost contact with host a".into());
+        let ended = center.conclude_migration("v", "b", record.id, "test", Err(lost), false);
+        assert_eq!(ended.state, MigrationState::InDoubt);
+        let events = center.events(1).unwrap();
+        assert!(
+            events[0].message.contains("may or may not have moved")
+                && !events[0].message.contains("keeps running"),
+            "{}",
+            events[0].message
+        );
     }
 
     #[test]
