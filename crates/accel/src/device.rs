@@ -154,6 +154,9 @@ struct BufferMap {
     /// destination digests after each round, so the switchover's digest hashes only what
     /// the last commands wrote.
     digests: BTreeMap<BufferId, u32>,
+    /// Writes recorded ([`Core::mark`]) since the device began, wrapping: a replayed
+    /// command that failed and changed it wrote part of its outputs.
+    writes: u64,
 }
 
 /// Where a chunk's content came from: its `len` bytes are attached file `file`'s from
@@ -176,6 +179,7 @@ impl Default for BufferMap {
             written: DirtyChunks::started(),
             origins: BTreeMap::new(),
             digests: BTreeMap::new(),
+            writes: 0,
         }
     }
 }
@@ -666,6 +670,7 @@ impl Core {
     /// at the next take, and the chunk is sent again).
     fn mark(&self, writes: impl IntoIterator<Item = (BufferId, Range<u64>)>) {
         let mut map = lock_map(&self.map);
+        map.writes = map.writes.wrapping_add(1);
         for (id, range) in writes {
             map.digests.remove(&id);
             if let Some(&bytes) = map.sizes.get(&id) {
@@ -940,6 +945,7 @@ impl Core {
             self.mark([(id, range)]);
             return written.map_err(|cut| cut_short(index, entry, cut));
         }
+        let writes_before = lock_map(&self.map).writes;
         let got = self
             .execute(&command_of(entry))
             .map_or_else(|s| s, |()| status::OK);
@@ -950,6 +956,13 @@ impl Core {
         }
         if got == entry.status {
             Ok(())
+        } else if got != status::OK && lock_map(&self.map).writes != writes_before {
+            Err(ReplayError::FailedMidway {
+                index,
+                opcode: entry.opcode,
+                expected: entry.status,
+                got,
+            })
         } else {
             Err(diverged(got))
         }
@@ -1627,7 +1640,11 @@ impl DeviceReplay {
                     });
                 }
                 let replayed = core.replay(index, entry);
-                if let Err(ReplayError::DeadlinePassed { index, opcode }) = replayed {
+                if let Err(
+                    ReplayError::DeadlinePassed { index, opcode }
+                    | ReplayError::FailedMidway { index, opcode, .. },
+                ) = replayed
+                {
                     // Under the core lock still: nothing sees the memory before it is
                     // known torn.
                     tear(&shared, TornMemory { index, opcode });

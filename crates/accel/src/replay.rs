@@ -49,10 +49,11 @@ pub fn replays(entry: &LoggedCommand) -> bool {
 }
 
 /// A device's memory left partly written by a replayed command cut short at its
-/// deadline ([`ReplayError::DeadlinePassed`]): it is no state the source ever had, so
+/// deadline ([`ReplayError::DeadlinePassed`]), or failed here midway where the source's
+/// completed ([`ReplayError::FailedMidway`]): it is no state the source ever had, so
 /// the device replays, digests and runs nothing more, and is only fit to be discarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("device memory was left partly written by replayed command {index} (opcode {opcode}), cut short at its deadline")]
+#[error("device memory was left partly written by replayed command {index} (opcode {opcode}), cut short or failed midway")]
 pub struct TornMemory {
     /// The command's place in its log.
     pub index: usize,
@@ -281,6 +282,20 @@ pub enum ReplayError {
     /// A command completed differently here than on the source.
     #[error("replayed command {index} (opcode {opcode}) completed with status {got}, the source's with {expected}")]
     Diverged {
+        /// Its place in the log.
+        index: usize,
+        /// Its opcode.
+        opcode: u32,
+        /// The source's status.
+        expected: u32,
+        /// This device's.
+        got: u32,
+    },
+    /// A command failed here after writing part of its outputs (a file load whose read
+    /// failed midway), where the source's completed otherwise: this device's memory is
+    /// no longer the source's ([`TornMemory`]).
+    #[error("replayed command {index} (opcode {opcode}) failed here midway with status {got}, its outputs partly written; the source's completed with {expected}")]
+    FailedMidway {
         /// Its place in the log.
         index: usize,
         /// Its opcode.

@@ -611,7 +611,8 @@ fn restore_refuses_corrupt_state() {
     assert!(g.accel.write_chunk(chunk, &[0; 4]).is_err());
 }
 
-/// Attached files held in memory; file 1 cannot be read.
+/// Attached files held in memory; file 1 cannot be read, and file 2 only in its first
+/// MiB.
 struct MemFiles {
     files: Vec<Vec<u8>>,
 }
@@ -624,7 +625,7 @@ impl FileSource for MemFiles {
     fn read_file(&self, file: u32, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
         let f = &self.files[file as usize];
         let end = offset as usize + out.len();
-        if file == 1 {
+        if file == 1 || (file == 2 && end > 1 << 20) {
             // A file truncated behind the host's back.
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
         }
@@ -1814,6 +1815,39 @@ fn refuses_torn_memory(g: &FakeGuest, torn: TornMemory) {
     assert!(!g.accel.is_dead());
     g.accel.abort();
     assert!(g.accel.is_dead());
+}
+
+#[test]
+fn a_replayed_file_load_that_fails_midway_here_leaves_the_device_torn() {
+    let files = MemFiles {
+        files: vec![Vec::new(), Vec::new(), vec![5; 3 << 20]],
+    };
+    let mut dest = FakeGuest::with_files(2, Arc::new(files));
+    assert_eq!(dest.run(op::ALLOC, &[1, 2 << 20]), status::OK);
+    dest.accel.pause();
+    // The source loaded 2 MiB of file 2; here its first MiB loads, then the read fails.
+    let log = vec![LoggedCommand {
+        opcode: op::LOAD_FILE,
+        args: vec![1, 0, 2, 0, 2 << 20],
+        payload: Vec::new(),
+        status: status::OK,
+    }];
+    assert_eq!(
+        dest.accel.replay(log, far()),
+        Err(ReplayError::FailedMidway {
+            index: 0,
+            opcode: op::LOAD_FILE,
+            expected: status::OK,
+            got: status::DEVICE_ERROR,
+        })
+    );
+    refuses_torn_memory(
+        &dest,
+        TornMemory {
+            index: 0,
+            opcode: op::LOAD_FILE,
+        },
+    );
 }
 
 /// Bytes of the slow copies: 32 MiB.
