@@ -84,9 +84,16 @@ const CANCEL_PATIENCE: Duration = Duration::from_secs(5);
 #[cfg(test)]
 const CANCEL_PATIENCE: Duration = PATIENCE;
 
+/// Most KiB of request bodies in hand at once, read and not yet parsed: as many as the
+/// relays' largest bodies (64 MiB). Without it, every connection the server takes
+/// could hold a body of [`MAX_BODY_BYTES`] (4,096 of them, 1 GiB).
+pub const MAX_BODY_KIB_IN_HAND: usize = MAX_RELAYS * (MAX_BODY_BYTES >> 10);
+
 /// The gateway's shared state.
 pub struct Gateway {
     relays: Arc<Semaphore>,
+    /// KiB of bodies in hand ([`MAX_BODY_KIB_IN_HAND`]).
+    bodies: Arc<Semaphore>,
     streams: RandomState,
     counter: AtomicU64,
 }
@@ -95,6 +102,7 @@ impl Default for Gateway {
     fn default() -> Self {
         Self {
             relays: Arc::new(Semaphore::new(MAX_RELAYS)),
+            bodies: Arc::new(Semaphore::new(MAX_BODY_KIB_IN_HAND)),
             streams: RandomState::new(),
             counter: AtomicU64::new(0),
         }
@@ -1148,11 +1156,17 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, O
 }
 
 /// The request's body, refused past [`MAX_BODY_BYTES`] (axum's 2 MiB would let each
-/// request cost far more than it can be).
-async fn read_body(body: Body) -> Result<Bytes, OpenAiError> {
+/// request cost far more than it can be), with its share of the bodies in hand
+/// ([`MAX_BODY_KIB_IN_HAND`]), taken as its bytes arrive: when they are all taken, the
+/// request is refused (503, `Retry-After`) rather than read.
+async fn read_body(
+    bodies: &Arc<Semaphore>,
+    body: Body,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), OpenAiError> {
     use futures_util::StreamExt;
     let mut data = body.into_data_stream();
     let mut got = Vec::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(piece) = data.next().await {
         let piece = piece.map_err(|e| {
             OpenAiError::new(
@@ -1168,9 +1182,28 @@ async fn read_body(body: Body) -> Result<Bytes, OpenAiError> {
                 format!("the body is larger than {MAX_BODY_BYTES} bytes"),
             ));
         }
+        // KiB started, held: what the body takes once this piece is in.
+        let need = (got.len() + piece.len()).div_ceil(1 << 10);
+        let more = need - held.as_ref().map_or(0, |p| p.num_permits());
+        if more > 0 {
+            let taken = u32::try_from(more)
+                .ok()
+                .and_then(|n| bodies.clone().try_acquire_many_owned(n).ok())
+                .ok_or_else(|| {
+                    OpenAiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_busy",
+                        "too many request bodies are being read; try again shortly",
+                    )
+                })?;
+            match &mut held {
+                Some(permit) => permit.merge(taken),
+                None => held = Some(taken),
+            }
+        }
         got.extend_from_slice(&piece);
     }
-    Ok(Bytes::from(got))
+    Ok((Bytes::from(got), held))
 }
 
 /// A relay's permit, taken before a body is parsed: parsed, a body takes many times its
@@ -1197,7 +1230,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
     body: Body,
     own: &str,
 ) -> Result<(T, OwnedSemaphorePermit), OpenAiError> {
-    let body = read_body(body).await?;
+    let (body, _in_hand) = read_body(&center.gateway.bodies, body).await?;
     let permit = relay_permit(center)?;
     Ok((parse(&body, own)?, permit))
 }
@@ -1797,6 +1830,33 @@ mod tests {
         let body = e.body().to_string();
         assert!(!body.contains("127.0.0.1"), "{body}");
         assert!(!body.contains(&addr.port().to_string()), "{body}");
+    }
+
+    #[tokio::test]
+    async fn bodies_in_hand_are_bounded_in_bytes_and_held_until_let_go() {
+        // A budget of 3 KiB: a body of 2.5 KiB takes 3, a second finds none.
+        let bodies = Arc::new(Semaphore::new(3));
+        let (got, held) = read_body(&bodies, Body::from(vec![b' '; 2560]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (got.len(), held.as_ref().map(|p| p.num_permits())),
+            (2560, Some(3))
+        );
+        let refused = read_body(&bodies, Body::from(vec![b' '; 10]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(refused.into_response().headers().contains_key(RETRY_AFTER));
+        // Let go (parsed), its KiB are free again; a body read in pieces takes them as
+        // they come.
+        drop(held);
+        let pieces = futures_util::stream::iter(
+            [vec![b' '; 1000], vec![b' '; 1000], vec![b' '; 1000]].map(Ok::<_, std::io::Error>),
+        );
+        let (got, held) = read_body(&bodies, Body::from_stream(pieces)).await.unwrap();
+        assert_eq!((got.len(), held.map(|p| p.num_permits())), (3000, Some(3)));
+        assert_eq!(bodies.available_permits(), 3);
     }
 
     #[test]
