@@ -273,7 +273,8 @@ impl Center {
 
     /// Live-migrates `m.vm` to `m.to` through the source host's API, follows it, and
     /// checks the VM runs on the destination. Returns the migration's record.
-    fn move_vm(&self, m: &Move, reason: &str, op: u64) -> MigrationRecord {
+    /// Ordered only while this replica leads in `term`, the one the move was planned in.
+    fn move_vm(&self, m: &Move, reason: &str, op: u64, term: u64) -> MigrationRecord {
         let mut record = MigrationRecord {
             vm: m.vm.id.clone(),
             from: m.vm.host.clone(),
@@ -293,7 +294,7 @@ impl Center {
         }
         self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
-        let outcome = self.follow_migration(m, record.id);
+        let outcome = self.follow_migration(m, record.id, term);
         self.conclude_migration(&m.vm.id, &m.to, record.id, reason, outcome, true)
     }
 
@@ -421,6 +422,7 @@ impl Center {
         &self,
         m: &Move,
         record_id: i64,
+        term: u64,
     ) -> Result<(Option<MigrationReport>, VmInfo), MoveFailure> {
         let (source, dest) = self.move_hosts(m)?;
         // Its mode may have changed since the move was planned (a balance is planned
@@ -436,11 +438,18 @@ impl Center {
         }
         let src = self.order_client(&source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{}", m.vm.id);
-        // Checked last thing before the order: a replica deposed since the record was
-        // written orders nothing.
+        // Checked last thing before the order, after its client took the term it
+        // carries: a replica deposed since the record was written orders nothing, nor
+        // one that leads again, in a later term (that term's leader resumes the moves).
         self.store()
             .writable()
             .map_err(|e| format!("not ordered: {e}"))?;
+        if !self.leads_in(term) {
+            return Err(format!(
+                "not ordered: this replica no longer leads in term {term}, the one the move was planned in"
+            )
+            .into());
+        }
         src.post::<_, MigrationStatus>(
             &format!("{path}/migrate"),
             &serde_json::json!({ "to": dest.info.migration_addr }),
@@ -831,7 +840,7 @@ impl Center {
                     if !self.leads_in(term) {
                         break;
                     }
-                    let record = self.move_vm(m, reason, op);
+                    let record = self.move_vm(m, reason, op, term);
                     records.lock().expect("records lock").push(record);
                 });
             }
@@ -1320,7 +1329,9 @@ mod tests {
         scratch.report("b", ferry_testdata::refusing_addr());
         center.inventory().hosts.get_mut("b").unwrap().mode = HostMode::Maintenance;
         let m = move_v_from_a_to_b();
-        let refused = center.follow_migration(&m, 1).unwrap_err();
+        let refused = center
+            .follow_migration(&m, 1, center.term().unwrap())
+            .unwrap_err();
         assert!(
             matches!(&refused, MoveFailure::Stayed(why) if why.contains("takes no VMs")),
             "{refused:?}"
@@ -1373,7 +1384,7 @@ mod tests {
         scratch.report("b", b);
         let (report, arrived) = scratch
             .center
-            .follow_migration(&move_v_from_a_to_b(), 1)
+            .follow_migration(&move_v_from_a_to_b(), 1, scratch.center.term().unwrap())
             .unwrap();
         assert!(report.is_none());
         assert_eq!(arrived.state, VmState::Running);
@@ -1389,7 +1400,7 @@ mod tests {
         scratch.report("b", ferry_testdata::refusing_addr());
         let stayed = scratch
             .center
-            .follow_migration(&move_v_from_a_to_b(), 1)
+            .follow_migration(&move_v_from_a_to_b(), 1, scratch.center.term().unwrap())
             .unwrap_err();
         assert!(
             matches!(&stayed, MoveFailure::Stayed(why) if why.contains("running on host a")),
@@ -1421,6 +1432,24 @@ mod tests {
                 && !events[0].message.contains("keeps running"),
             "{}",
             events[0].message
+        );
+    }
+
+    #[test]
+    fn a_move_planned_in_an_earlier_term_of_this_replica_is_not_ordered() {
+        let scratch = ScratchCenter::open("move-old-term");
+        let center = &scratch.center;
+        // (Neither host answers: an order sent would fail as not started.)
+        scratch.report("a", ferry_testdata::refusing_addr());
+        scratch.report("b", ferry_testdata::refusing_addr());
+        // This replica lost the lead and leads again: a worker of the earlier term.
+        let earlier = center.term().unwrap() - 1;
+        let refused = center
+            .follow_migration(&move_v_from_a_to_b(), 1, earlier)
+            .unwrap_err();
+        assert!(
+            matches!(&refused, MoveFailure::Stayed(why) if why.contains("no longer leads")),
+            "{refused:?}"
         );
     }
 
