@@ -649,8 +649,6 @@ impl Host {
         drop(background.migrations);
     }
 
-    /// Claims an id for a VM about to start: `wanted` (the id a migrated VM had) if it
-    /// is free, else a fresh one; checked and claimed in one critical section.
     /// Claims idempotency key `key` for a create, or finds the VM created with it.
     fn claim_key(&self, key: &str) -> Result<KeyedCreate<'_>, HostError> {
         let mut vms = self.vms();
@@ -670,6 +668,8 @@ impl Host {
         }))
     }
 
+    /// Claims an id for a VM about to start: `wanted` (the id a migrated VM had) if it
+    /// is free, else a fresh one; checked and claimed in one critical section.
     fn claim_id(&self, wanted: Option<&str>) -> IdClaim<'_> {
         let mut vms = self.vms();
         let id = match wanted {
