@@ -553,6 +553,9 @@ struct Background {
     migrations: Option<ferry_migrate::Receiving>,
     /// The heartbeat threads, one per center replica: dropping a sender stops its thread.
     heartbeats: Vec<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    /// The threads of migrations out of this host (and of settling those left in
+    /// doubt), the finished ones let go as new ones start.
+    outgoing: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Host {
@@ -626,6 +629,18 @@ impl Host {
             let _ = vm.cancel_migration();
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Cancelled, and settling no in-doubt VM once the host closed, they end soon;
+        // joined before the VMs are stopped, none resumes an in-doubt VM after.
+        for thread in background.outgoing {
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("a migration thread had not ended at shutdown");
+            }
+        }
         for vm in &vms {
             while matches!(
                 vm.state(),
@@ -1072,14 +1087,21 @@ impl Host {
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{id}"))
             .spawn(move || host.migrate(&migrating, ticket, &req.to, &options));
-        if let Err(e) = spawned {
-            let error = format!("cannot start the migration thread: {e}");
-            vm.update_migration(ticket, |s| {
-                s.state = MigrationState::Failed;
-                s.error = Some(error.clone());
-            });
-            let _ = vm.abandon_migration();
-            return Err(HostError::Failed(error));
+        match spawned {
+            Ok(thread) => {
+                let mut background = self.background.lock().expect("background lock");
+                background.outgoing.retain(|t| !t.is_finished());
+                background.outgoing.push(thread);
+            }
+            Err(e) => {
+                let error = format!("cannot start the migration thread: {e}");
+                vm.update_migration(ticket, |s| {
+                    s.state = MigrationState::Failed;
+                    s.error = Some(error.clone());
+                });
+                let _ = vm.abandon_migration();
+                return Err(HostError::Failed(error));
+            }
         }
         Ok(status)
     }
@@ -1192,6 +1214,12 @@ impl Host {
             {
                 return;
             }
+            // The host is shutting down: the VM is left in doubt, paused, and ends with
+            // the host; resumed after the shutdown, it would run unlisted.
+            if self.outcomes.is_closed() {
+                note("the host is shutting down: left in doubt".to_string());
+                return;
+            }
             let asked = settlement(
                 ferry_migrate::settle(to, &self.config.secret, options, session),
                 || self.settle_through_center(to, session),
@@ -1235,7 +1263,11 @@ impl Host {
                 ));
                 return;
             }
-            std::thread::sleep(wait);
+            // In steps, so a shutdown is seen within one.
+            let asked_again = std::time::Instant::now() + wait;
+            while std::time::Instant::now() < asked_again && !self.outcomes.is_closed() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
     }
@@ -1935,6 +1967,61 @@ mod tests {
         assert!(open_attached(&specs(&elsewhere), &unpinned).is_err());
         drop((pin, unpinned));
         std::fs::remove_dir_all(&store).unwrap();
+    }
+
+    #[test]
+    fn a_host_shutting_down_stops_settling_an_in_doubt_vm_and_resumes_it_nowhere() {
+        if !ferry_testdata::kvm("a_host_shutting_down_stops_settling_an_in_doubt_vm") {
+            return;
+        }
+        // A destination that takes each settle question and hangs up: never an answer.
+        let destination = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = destination.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for taken in destination.incoming() {
+                drop(taken);
+            }
+        });
+        let host = test_host();
+        let vm = host
+            .get(&host.create_vm(&memtouch(64 << 20, 0)).unwrap().id)
+            .unwrap();
+        let status = MigrationStatus {
+            vm: vm.id.clone(),
+            to: to.clone(),
+            state: MigrationState::InDoubt,
+            progress: None,
+            report: None,
+            error: None,
+            settlement: Vec::new(),
+        };
+        let ticket = vm.begin_migration(&to, status, Default::default()).unwrap();
+        vm.hold().unwrap();
+        vm.lose_confirmation("the confirmation was lost (test)")
+            .unwrap();
+        let (settling, in_doubt) = (host.clone(), vm.clone());
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let options = MigrationOptions::default();
+            settling.settle(&in_doubt, ticket, &to, 1, &options);
+            let _ = done.send(());
+        });
+        assert!(eventually(10, || vm
+            .migration()
+            .is_some_and(|m| !m.settlement.is_empty())));
+        host.shutdown();
+        assert!(
+            ended.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "still settling after the shutdown"
+        );
+        assert_eq!(vm.state().name(), "in-doubt", "resumed after the shutdown");
+        let settlement = vm.migration().unwrap().settlement;
+        assert!(
+            settlement
+                .last()
+                .is_some_and(|l| l.contains("shutting down")),
+            "{settlement:?}"
+        );
     }
 
     #[test]

@@ -35,8 +35,9 @@ fn threads() -> u64 {
         .unwrap()
 }
 
-/// Starts a host with a migration listener and one running VM, then shuts it down;
-/// returns whether its migration port still took connections afterwards.
+/// Starts a host with a migration listener and one running VM, being migrated to a
+/// destination that never answers, then shuts it down; returns whether its migration
+/// port still took connections afterwards.
 fn one_life(n: usize) -> bool {
     let store = std::env::temp_dir().join(format!("ferry-shutdown-{}-{n}", std::process::id()));
     let host = Host::new(common::config(
@@ -52,7 +53,12 @@ fn one_life(n: usize) -> bool {
     let vm = host.create_vm(&common::long_memtouch(Vec::new())).unwrap();
     assert_eq!(vm.state, VmState::Running);
     let running = host.get(&vm.id).unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = silent.local_addr().unwrap().to_string();
+    let request = serde_json::from_value(serde_json::json!({ "to": to })).unwrap();
+    host.start_migration(&vm.id, request).unwrap();
     host.shutdown();
+    drop(silent);
     assert!(running.state().has_ended(), "{:?}", running.state());
     let _ = std::fs::remove_dir_all(&store);
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
