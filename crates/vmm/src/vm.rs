@@ -390,6 +390,7 @@ impl IncomingVm {
         let devices = Arc::new(PortDevices::restore(
             self.host.console,
             &state.devices,
+            state.vcpus.len(),
             self.accel,
             self.host.files,
         ));

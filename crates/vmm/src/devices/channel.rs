@@ -352,9 +352,22 @@ impl Channel {
         }
         // The guest's tail can never pass the host's head.
         state.request_tail = state.request_tail.min(state.request_head);
-        // A stream's byte count is what its responses hold, not what the state says.
+        // A stream holds what it could have taken from the guest: responses of a slot at
+        // most, within its bounds; past them it overflowed, as it would have here. Its
+        // byte count is what its responses hold, not what the state says. (Kept whole, a
+        // stream could make the channel too large for the VM's next migration.)
         for stream in &mut state.streams {
-            stream.events.truncate(MAX_STREAM_EVENTS);
+            let mut bytes = 0usize;
+            let fits = stream.events.iter().take(MAX_STREAM_EVENTS).position(|m| {
+                bytes = bytes.saturating_add(m.payload.len());
+                m.payload.len() > ferry_abi::channel::MAX_SLOT_SIZE as usize
+                    || bytes > MAX_STREAM_BYTES
+            });
+            let kept = fits.unwrap_or(stream.events.len().min(MAX_STREAM_EVENTS));
+            if kept < stream.events.len() {
+                stream.events.truncate(kept);
+                stream.end = StreamEnd::Overflow;
+            }
             stream.bytes = stream
                 .events
                 .iter()
@@ -1047,6 +1060,27 @@ mod tests {
             opens: true,
             message: message(1, "late"),
         });
+        // A stream holding more than it could have taken: cut where it overflowed.
+        let big = |n: usize| message(16, &"y".repeat(n));
+        for (events, kept) in [
+            (vec![big(1000), big(40 << 10), big(10)], 1),
+            (vec![big(30 << 10); 4], 3),
+        ] {
+            state.streams.push(Stream {
+                id: 4,
+                first: 0,
+                events,
+                bytes: 0,
+                end: StreamEnd::Final,
+                signalled: false,
+                read_whole: false,
+                ended_unread_since: None,
+            });
+            let cut = Channel::restore(&state).save().streams.pop().unwrap();
+            assert_eq!((cut.events.len(), cut.end), (kept, StreamEnd::Overflow));
+            assert!(cut.bytes <= MAX_STREAM_BYTES);
+            state.streams.pop();
+        }
         let restored = Channel::restore(&state);
         assert_eq!(restored.save().streams.last().unwrap().bytes, 3);
         let read = restored.read(3, usize::MAX, Duration::ZERO).unwrap();

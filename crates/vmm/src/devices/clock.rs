@@ -34,19 +34,20 @@ pub struct GuestClock {
 impl GuestClock {
     /// A stopped clock at 0 for `vcpus` vCPUs.
     pub fn new(vcpus: usize) -> Self {
-        Self::restore(&ClockState {
-            now_ns: 0,
-            latched_high: vec![0; vcpus],
-        })
+        Self::restore(&ClockState::default(), vcpus)
     }
 
-    /// A stopped clock continuing from a saved state.
-    pub fn restore(state: &ClockState) -> Self {
+    /// A stopped clock continuing from a saved state, for `vcpus` vCPUs: a latch each,
+    /// whatever the state holds (it came from a file or the network); one it lacks holds
+    /// the saved time's high half, as a read at the save would have latched.
+    pub fn restore(state: &ClockState, vcpus: usize) -> Self {
+        let mut latched_high = state.latched_high.clone();
+        latched_high.resize(vcpus, (state.now_ns >> 32) as u32);
         Self {
             inner: Mutex::new(ClockInner {
                 base_ns: state.now_ns,
                 running_since: None,
-                latched_high: state.latched_high.clone(),
+                latched_high,
             }),
         }
     }
@@ -119,7 +120,7 @@ mod tests {
         assert!(t >= 2_000_000);
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert_eq!(clock.now_ns(), t);
-        let restored = GuestClock::restore(&clock.save());
+        let restored = GuestClock::restore(&clock.save(), 1);
         assert_eq!(restored.now_ns(), t);
         restored.start();
         assert!(restored.now_ns() >= t);
@@ -127,12 +128,26 @@ mod tests {
 
     #[test]
     fn latch_returns_consistent_halves() {
-        let clock = GuestClock::restore(&ClockState {
+        let saved = ClockState {
             now_ns: 0x1_0000_0005,
             latched_high: vec![0],
-        });
+        };
+        let clock = GuestClock::restore(&saved, 1);
         assert_eq!(clock.read_low(0), 5);
         assert_eq!(clock.read_high(0), 1);
         assert_eq!(clock.read_high(7), 0, "unknown vCPU reads 0, never panics");
+        // A state with latches for fewer vCPUs, or more, than the VM has.
+        for latched_high in [Vec::new(), vec![1; 64]] {
+            let clock = GuestClock::restore(
+                &ClockState {
+                    latched_high,
+                    ..saved.clone()
+                },
+                2,
+            );
+            assert_eq!(clock.save().latched_high.len(), 2);
+            assert_eq!(clock.read_low(1), 5);
+            assert_eq!(clock.read_high(1), 1);
+        }
     }
 }

@@ -98,16 +98,17 @@ impl PortDevices {
         }
     }
 
-    /// Devices continuing from a saved state.
+    /// Devices continuing from a saved state, of a VM of `vcpus` vCPUs.
     pub fn restore(
         sink: ConsoleSink,
         state: &DeviceStates,
+        vcpus: usize,
         accel: Option<Accelerator>,
         files: AttachedFiles,
     ) -> Self {
         Self {
             console: Console::restore(sink, &state.console),
-            clock: GuestClock::restore(&state.clock),
+            clock: GuestClock::restore(&state.clock, vcpus),
             accel,
             files,
             channel: Channel::restore(&state.channel),
