@@ -221,13 +221,20 @@ impl RenderedPrompt {
     }
 }
 
+/// The most `<|im_start|>system` markers [`default_system`] looks at: a real template has
+/// one or two, and each look may read the whole template (a model file's template,
+/// repeating the marker, would otherwise take time quadratic in its length).
+const MAX_SYSTEM_MARKERS: usize = 8;
+
 /// The default system message of a ChatML template: the text between
 /// `<|im_start|>system` + newline and `<|im_end|>` when it is all inside one string
-/// literal of the template (not a `message['content']` expression).
+/// literal of the template (not a `message['content']` expression), among its first
+/// [`MAX_SYSTEM_MARKERS`] markers.
 fn default_system(template: &str) -> Option<String> {
     const START: &str = "<|im_start|>system";
     let mut from = 0;
-    while let Some(found) = template.get(from..).and_then(|t| t.find(START)) {
+    for _ in 0..MAX_SYSTEM_MARKERS {
+        let found = template.get(from..)?.find(START)?;
         let at = from + found;
         from = at + START.len();
         // The literal's opening quote: the nearest quote before the marker.
@@ -327,6 +334,31 @@ mod tests {
             t,
             ChatTemplate::ChatMl {
                 default_system: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_template_repeating_the_system_marker_is_read_in_time_linear_in_its_length() {
+        // Each marker's literal runs to the last quote: read whole for every marker, the
+        // 2 MB template would take about 10^11 steps.
+        let marker = "<|im_start|>system\\n";
+        let hostile = alloc::format!("\"{}\"<|im_end|>", marker.repeat(100_000));
+        assert_eq!(
+            ChatTemplate::recognise(&hostile).unwrap(),
+            ChatTemplate::ChatMl {
+                default_system: None
+            }
+        );
+        // A default system message after a few markers that are not one is still found.
+        let late = alloc::format!(
+            "{}{{{{ '<|im_start|>system\\nBe kind.<|im_end|>' }}}}",
+            "{{ '<|im_start|>system' + messages[0]['content'] }} ".repeat(3)
+        );
+        assert_eq!(
+            ChatTemplate::recognise(&late).unwrap(),
+            ChatTemplate::ChatMl {
+                default_system: Some("Be kind.".into())
             }
         );
     }
