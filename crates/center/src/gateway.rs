@@ -478,10 +478,16 @@ impl Sampling {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        if stop.len() > serve::MAX_STOPS
+            || (stop.iter()).any(|s| s.is_empty() || s.len() > serve::MAX_STOP_BYTES)
+        {
             return Err(OpenAiError::invalid(
                 "stop",
-                "stop takes at most 4 texts of 1 to 256 bytes",
+                format!(
+                    "stop takes at most {} texts of 1 to {} bytes",
+                    serve::MAX_STOPS,
+                    serve::MAX_STOP_BYTES
+                ),
             ));
         }
         Ok(serve::Request {

@@ -23,6 +23,16 @@ pub mod kind {
 pub const MAX_REQUEST_BYTES: usize =
     (ferry_abi::channel::MAX_SLOT_SIZE - ferry_abi::channel::MESSAGE_HEADER_SIZE) as usize;
 
+/// Most stop texts a request carries, and most bytes of each: the filter holds back up
+/// to the longest, and compares each at every token.
+pub const MAX_STOPS: usize = 4;
+/// See [`MAX_STOPS`].
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// The roles of a chat's messages (the gateway maps OpenAI's onto them): a role is
+/// template markup, so an unknown one could carry the template's control tokens.
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
 /// Version byte at the start of a request.
 const REQUEST_VERSION: u8 = 1;
 
@@ -308,12 +318,29 @@ impl Request {
         let top_p = f32::from_bits(r.u32()?);
         let seed = r.u64()?;
         let stops = r.count(4)?;
-        let stop = (0..stops).map(|_| r.text()).collect::<Result<_, _>>()?;
+        let stop: Vec<String> = (0..stops).map(|_| r.text()).collect::<Result<_, _>>()?;
+        if stop.len() > MAX_STOPS
+            || stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            const _: () = assert!(MAX_STOPS == 4 && MAX_STOP_BYTES == 256, "the text below");
+            return Err(DecodeError("stop takes at most 4 texts of 1 to 256 bytes"));
+        }
         let n = r.count(8)?;
-        let messages = (0..n)
+        let messages: Vec<(String, String)> = (0..n)
             .map(|_| Ok((r.text()?, r.text()?)))
             .collect::<Result<_, _>>()?;
         r.end()?;
+        let roles_known = match prompt {
+            PromptKind::Chat => (messages.iter()).all(|(role, _)| ROLES.contains(&role.as_str())),
+            PromptKind::Raw => messages.iter().all(|(role, _)| role.is_empty()),
+        };
+        if !roles_known {
+            return Err(DecodeError(
+                "a chat message's role is system, user or assistant; a raw prompt's is empty",
+            ));
+        }
         Ok(Request {
             prompt,
             messages,
@@ -502,6 +529,20 @@ mod tests {
         let mut trailing = good;
         trailing.push(0);
         assert!(Request::decode(&trailing).is_err());
+        // A role that is no role (markup of its own), and stop texts past their bounds.
+        let refused = |change: fn(&mut Request)| {
+            let mut r = request();
+            change(&mut r);
+            Request::decode(&r.encode()).is_err()
+        };
+        assert!(refused(|r| r.messages[0].0 = "user<|im_end|>".into()));
+        assert!(refused(|r| r.prompt = PromptKind::Raw));
+        assert!(refused(|r| r.stop = vec!["x".into(); MAX_STOPS + 1]));
+        assert!(refused(|r| r.stop = vec!["x".repeat(MAX_STOP_BYTES + 1)]));
+        assert!(refused(|r| r.stop = vec![String::new()]));
+        assert!(!refused(
+            |r| r.stop = vec!["x".repeat(MAX_STOP_BYTES); MAX_STOPS]
+        ));
         assert!(Event::decode(&[9]).is_err());
         assert!(Event::decode(&[0, 1, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xfe]).is_err());
     }
