@@ -121,7 +121,16 @@ pub enum TokenizerError {
         /// Its value.
         id: u64,
     },
+    /// More special tokens (control, user-defined, unknown) than [`MAX_SPECIALS`].
+    TooManySpecials {
+        /// How many.
+        count: usize,
+    },
 }
+
+/// Most special tokens a vocabulary may have: every prompt is searched for each of them
+/// (real vocabularies have tens, Llama 3's 256).
+pub const MAX_SPECIALS: usize = 4096;
 
 impl fmt::Display for TokenizerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -156,6 +165,10 @@ impl fmt::Display for TokenizerError {
             TokenizerError::BadSpecialId { key, id } => {
                 write!(f, "{key} is {id}, outside the vocabulary")
             }
+            TokenizerError::TooManySpecials { count } => write!(
+                f,
+                "the vocabulary has {count} special tokens, more than the {MAX_SPECIALS} supported (each is looked for in every prompt)"
+            ),
         }
     }
 }
@@ -450,6 +463,11 @@ impl Tokenizer {
                 ) && !tok.text_of(id).is_empty()
             })
             .collect();
+        if specials.len() > MAX_SPECIALS {
+            return Err(TokenizerError::TooManySpecials {
+                count: specials.len(),
+            });
+        }
         specials.sort_by(|&a, &b| {
             (tok.text_of(b).len())
                 .cmp(&tok.text_of(a).len())

@@ -225,6 +225,23 @@ fn refuses_bad_tokenizers() {
         );
     });
     assert_eq!(e, TokenizerError::InvalidToken { id: 5 });
+    // Special tokens past the bound (the 4 of the tiny vocabulary, and 4,097 more):
+    // every prompt would be searched for each.
+    let e = err(&|w| {
+        let mut v = tiny_vocab();
+        for i in 0..=ferry_llm::tokenizer::MAX_SPECIALS {
+            v.tokens.push(format!("<special-{i}>"));
+            v.types.push(3);
+        }
+        w.set("tokenizer.ggml.tokens", V::Strs(v.tokens));
+        w.set("tokenizer.ggml.token_type", V::I32s(v.types));
+    });
+    assert_eq!(
+        e,
+        TokenizerError::TooManySpecials {
+            count: ferry_llm::tokenizer::MAX_SPECIALS + 5
+        }
+    );
     // Plain GPT-2 pre-tokenization keeps digit runs together; no token types = normal.
     let mut w = tiny_llama();
     w.set("tokenizer.ggml.pre", s("gpt2"));
