@@ -559,6 +559,13 @@ impl CreateKeys {
         self.hosts.get(key).map(String::as_str)
     }
 
+    /// Forgets `key`: its create made no VM, and may go to any host next time.
+    pub fn forget(&mut self, key: &str) {
+        if self.hosts.remove(key).is_some() {
+            self.order.retain(|k| k != key);
+        }
+    }
+
     /// Remembers that a create with `key` goes to `host`, forgetting the oldest key
     /// past the bound.
     pub fn remember(&mut self, key: &str, host: &str) {

@@ -1029,14 +1029,36 @@ impl Center {
         let client = self.order_client(&host)?;
         // Once more if the answer may have been lost: the key makes it safe, and the
         // host then answers with the VM it made, if it did.
-        let mut vm: VmInfo = match client.post("/v1/vms", &create) {
+        let answered = match client.post("/v1/vms", &create) {
             Err(e) if ferry_client::unanswered(&e) => {
                 tracing::warn!(host = %host.name, %key, "asking again for a create whose answer was lost: {e:#}");
                 client.post("/v1/vms", &create)
             }
             answered => answered,
+        };
+        let mut vm: VmInfo = match answered {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A refusal made no VM: sent again, the create may go to another host. A
+                // lost answer, a create still under way there (503) or a VM made with
+                // the key (409) keeps the key to this host.
+                let kept = ferry_client::unanswered(&e)
+                    || e.downcast_ref::<ferry_client::ApiError>()
+                        .is_some_and(|a| matches!(a.status, 409 | 503));
+                if !kept {
+                    self.inventory().create_keys.forget(&key);
+                }
+                return Err(passed_on(&host.name, e));
+            }
+        };
+        // Made here and moved on since (a create sent again): its record where it runs
+        // now is the destination's, not this report.
+        if matches!(vm.state, ferry_api::VmState::MigratedAway { .. }) {
+            return Ok(Placed {
+                host: host.name,
+                vm,
+            });
         }
-        .map_err(|e| passed_on(&host.name, e))?;
         // Bounded as its beats are: its next beat would be refused too.
         inventory::check_vm_report(&mut vm).map_err(|e| {
             CenterError::Unavailable(format!(
@@ -1203,8 +1225,8 @@ fn passed_on(host: &str, error: anyhow::Error) -> CenterError {
 }
 
 /// Longest an evacuation waits for the VMs being created on its host (a create's request
-/// to the host times out after 60 s).
-const CREATE_PATIENCE: Duration = Duration::from_secs(75);
+/// to the host times out after 60 s, and one whose answer was lost is sent once more).
+const CREATE_PATIENCE: Duration = Duration::from_secs(135);
 
 /// A claim on a host's maintenance mode ([`Center::claim_mode_change`]).
 struct ModeChange<'a> {
@@ -1440,6 +1462,32 @@ pub(crate) mod tests {
         );
         assert_eq!(to_a.join().unwrap().len(), 3);
         assert!(to_b.join().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_create_a_host_refused_is_placed_anew_when_sent_again_with_its_key() {
+        let scratch = ScratchCenter::open("create-refused-again");
+        let full = r#"{"error":"no room for the VM","code":"no_room"}"#;
+        let (a, _) = fake_host(vec![Reply::Json("507 Insufficient Storage", full.into())]);
+        scratch.report("a", a);
+        let refused = scratch
+            .center
+            .create_vm(&keyed_create("job-10"))
+            .unwrap_err();
+        assert!(matches!(refused, CenterError::NoRoom(_)), "{refused}");
+        // Host b joins; a, still full, would be asked again if the key held it there.
+        let (b, to_b) = fake_host(vec![Reply::Json(
+            "201 Created",
+            made_with("b-vm1", "job-10"),
+        )]);
+        scratch.report("b", b);
+        scratch.silence("a");
+        let placed = scratch.center.create_vm(&keyed_create("job-10")).unwrap();
+        assert_eq!(
+            (placed.host.as_str(), placed.vm.id.as_str()),
+            ("b", "b-vm1")
+        );
+        assert_eq!(to_b.join().unwrap().len(), 1);
     }
 
     /// A host API at the address returned that answers one request with `status` and

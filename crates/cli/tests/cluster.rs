@@ -183,6 +183,12 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
     assert_eq!(vm(&status, &other)["host"], "b", "untouched VM stays");
     for (id, want) in ids.iter().zip(&expected) {
         let now_on = vm(&status, id)["host"].as_str().unwrap().to_string();
+        // The key `ferry vm create` made moved with it: a create sent again finds it.
+        let key = cluster.daemon(&now_on).show(id)["idempotency_key"].clone();
+        assert!(
+            key.as_str().is_some_and(|k| k.starts_with("cli-")),
+            "{id} on {now_on}: {key}"
+        );
         assert_eq!(
             &cluster.daemon(&now_on).checksum_at_exit(id),
             want,

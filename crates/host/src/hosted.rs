@@ -172,6 +172,9 @@ pub enum Origin {
     Migrated {
         /// The source host's name, if it gave one.
         from: Option<String>,
+        /// The key it was created with, as the source gave it (checked when received):
+        /// a create sent again finds the VM where it runs now.
+        idempotency_key: Option<String>,
     },
 }
 
@@ -206,11 +209,13 @@ impl HostedVm {
             config: vm.config(),
             migrated_from: match &origin {
                 Origin::Created { .. } => None,
-                Origin::Migrated { from } => from.clone(),
+                Origin::Migrated { from, .. } => from.clone(),
             },
             idempotency_key: match &origin {
-                Origin::Created { idempotency_key } => idempotency_key.clone(),
-                Origin::Migrated { .. } => None,
+                Origin::Created { idempotency_key }
+                | Origin::Migrated {
+                    idempotency_key, ..
+                } => idempotency_key.clone(),
             },
             files: vm.files().infos(),
             accel_backend: vm.accel().map(|a| a.backend_kind().to_string()),
@@ -868,7 +873,13 @@ mod tests {
         let args = ["--mib", "1", "--passes", "1000000"];
         // Its source did not name itself: it arrived all the same, and is the only copy.
         FAIL_NEXT_WATCHER.set(true);
-        let (ledger, arrived) = launched(&args, Origin::Migrated { from: None });
+        let (ledger, arrived) = launched(
+            &args,
+            Origin::Migrated {
+                from: None,
+                idempotency_key: None,
+            },
+        );
         let arrived = arrived.expect("an arrived VM is kept");
         assert_eq!(arrived.state(), VmState::Running);
         assert_eq!(arrived.summary().migrated_from, None);

@@ -41,7 +41,9 @@ use ferry_api::{
 use ferry_http::cluster_roots;
 use files::{FileStore, ReceivingPin};
 use hosted::{HostedVm, MigrationTicket, Origin};
-use migration::{VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_NAME};
+use migration::{
+    VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_IDEMPOTENCY_KEY, EXTRA_NAME,
+};
 
 /// Errors of host operations, each with the HTTP status the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -668,8 +670,8 @@ impl Host {
     fn claim_key(&self, key: &str) -> Result<KeyedCreate<'_>, HostError> {
         let mut vms = self.vms();
         if vms.creating_keys.contains(key) {
-            return Err(HostError::Conflict(format!(
-                "a create with idempotency key {key} is under way here; send it again once it has ended"
+            return Err(HostError::Unavailable(format!(
+                "a create with idempotency key {key} is under way here; send it again shortly"
             )));
         }
         let made = (vms.listed.values()).find(|vm| vm.idempotency_key.as_deref() == Some(key));
@@ -1069,6 +1071,12 @@ impl Host {
     ) -> Result<MigrationStatus, HostError> {
         let mut options = migration_options(&req)?;
         options.tls = self.config.tls.clone();
+        // Its thread would start after the shutdown took the list of those to join.
+        if self.outcomes.is_closed() {
+            return Err(HostError::Unavailable(
+                "the host is shutting down: it starts no migration".into(),
+            ));
+        }
         let vm = self.get(id)?;
         let status = MigrationStatus {
             vm: id.to_string(),
@@ -1090,6 +1098,16 @@ impl Host {
         match spawned {
             Ok(thread) => {
                 let mut background = self.background.lock().expect("background lock");
+                // Closed before the shutdown takes the threads to join: seen open here,
+                // under the lock, this one is among them; seen closed, it may not be.
+                if self.outcomes.is_closed() {
+                    drop(background);
+                    let _ = vm.cancel_migration();
+                    let _ = thread.join();
+                    return Err(HostError::Unavailable(
+                        "the host is shutting down: it starts no migration".into(),
+                    ));
+                }
                 background.outgoing.retain(|t| !t.is_finished());
                 background.outgoing.push(thread);
             }
@@ -1229,6 +1247,14 @@ impl Host {
                 Ok((who, Settlement::Running)) => {
                     note(format!("{after}: {who} runs the VM: released here"));
                     vm.release_in_doubt(ticket).map_err(|e| e.to_string())
+                }
+                // The answer may have taken a while (through the center): a host that
+                // began shutting down meanwhile resumes nothing.
+                Ok((_, Settlement::NotRunning)) if self.outcomes.is_closed() => {
+                    note(format!(
+                        "{after}: the destination does not run the VM, but the host is shutting down: left in doubt"
+                    ));
+                    return;
                 }
                 Ok((who, Settlement::NotRunning)) => {
                     note(format!(
@@ -1473,12 +1499,19 @@ impl Receiver {
             .extra(EXTRA_NAME)
             .filter(|n| ferry_api::valid_vm_name(n))
             .map(str::to_string);
+        let idempotency_key = target
+            .extra(EXTRA_IDEMPOTENCY_KEY)
+            .filter(|k| ferry_api::check_idempotency_key(k).is_ok())
+            .map(str::to_string);
         let hosted = HostedVm::launch(
             id.clone(),
             (report.vm.name.clone(), name),
             args,
             vm,
-            Origin::Migrated { from },
+            Origin::Migrated {
+                from,
+                idempotency_key,
+            },
             reservation,
         )
         .map_err(|e| format!("VM {id}: {e}"))?;
@@ -1868,6 +1901,7 @@ mod tests {
             vm,
             Origin::Migrated {
                 from: Some("g".into()),
+                idempotency_key: None,
             },
             host.reserve(&config).unwrap(),
         )
@@ -2056,7 +2090,7 @@ mod tests {
         }));
         let first = host.create_vm(&req).unwrap();
         match refused.lock().unwrap().take() {
-            Some(Err(HostError::Conflict(why))) => assert!(why.contains("under way"), "{why}"),
+            Some(Err(HostError::Unavailable(why))) => assert!(why.contains("under way"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(first.idempotency_key.as_deref(), Some("job-1"));

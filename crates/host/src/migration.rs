@@ -30,6 +30,8 @@ pub(crate) const EXTRA_ARGS: &str = "args";
 pub(crate) const EXTRA_FROM: &str = "from";
 /// The name given at creation (absent if none).
 pub(crate) const EXTRA_NAME: &str = "name";
+/// The key it was created with (absent if none).
+pub(crate) const EXTRA_IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// What this host can run a VM on accelerator backend `kind` with: the facts compared at
 /// the handshake. `None` if this host has no such backend.
@@ -190,6 +192,7 @@ impl VmContents for VmSource {
             ]
             .into_iter()
             .chain(self.vm.name.clone().map(|n| (EXTRA_NAME.into(), n)))
+            .chain((self.vm.idempotency_key.clone()).map(|k| (EXTRA_IDEMPOTENCY_KEY.into(), k)))
             .collect(),
             files: file_offers(self.files.infos()),
             ..local

@@ -176,12 +176,14 @@ fn print_vm(vm: &VmInfo) {
     );
 }
 
-/// How many times a create whose answer was lost is sent again.
-const CREATE_RETRIES: usize = 2;
+/// How many times a create whose answer was lost, or that found its first try still
+/// under way, is sent again (after 1, 2, 4 and 8 s).
+const CREATE_RETRIES: u32 = 4;
 
 /// `POST /v1/vms` of `create` (which carries an idempotency key), sent again up to
-/// [`CREATE_RETRIES`] times while its answer is lost on the way: the key makes the API
-/// answer a repeat with the VM the first made.
+/// [`CREATE_RETRIES`] times while its answer is lost on the way or the API answers 503
+/// (the first try is still under way, or the host is briefly unavailable): the key makes
+/// the API answer a repeat with the VM the first made.
 fn send_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     client: &ApiClient,
     create: &B,
@@ -189,14 +191,21 @@ fn send_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     let mut tries = 0;
     loop {
         match client.post("/v1/vms", create) {
-            Err(e) if tries < CREATE_RETRIES && ferry_client::unanswered(&e) => {
+            Err(e) if tries < CREATE_RETRIES && worth_sending_again(&e) => {
+                eprintln!("ferry: {e:#}; sending the create again with the same idempotency key");
+                std::thread::sleep(std::time::Duration::from_secs(1 << tries));
                 tries += 1;
-                eprintln!("ferry: the create's answer was lost ({e:#}); sending it again with the same idempotency key");
-                std::thread::sleep(std::time::Duration::from_secs(1));
             }
             answered => return answered,
         }
     }
+}
+
+/// Whether a create that failed with `e` may find its VM made, or be made, if sent again.
+fn worth_sending_again(e: &anyhow::Error) -> bool {
+    ferry_client::unanswered(e)
+        || e.downcast_ref::<ferry_client::ApiError>()
+            .is_some_and(|a| a.status == 503)
 }
 
 /// Checks `--idempotency-key`.
