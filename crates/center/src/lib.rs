@@ -1490,6 +1490,53 @@ pub(crate) mod tests {
         assert_eq!(to_b.join().unwrap().len(), 1);
     }
 
+    #[test]
+    fn a_repeated_create_answered_with_a_vm_that_moved_on_does_not_record_it_there() {
+        let scratch = ScratchCenter::open("create-moved-on");
+        // b runs v, made on a with key job-11 (a's answer to the first create was lost).
+        let mut on_b = inventory::tests::vm("v", ferry_api::VmState::Running);
+        on_b.idempotency_key = Some("job-11".into());
+        let (b, _) = fake_host(Vec::<Reply>::new());
+        scratch.report("b", b);
+        scratch.center.inventory().put_vm(VmRecord::new("b", on_b));
+        scratch
+            .center
+            .inventory()
+            .put_vm_placed(VmRecord::new("b", {
+                let mut live = inventory::tests::vm("w", ferry_api::VmState::Running);
+                live.idempotency_key = None;
+                live
+            }));
+        let mut away = inventory::tests::vm(
+            "x",
+            ferry_api::VmState::MigratedAway {
+                to: "b.example:7071".into(),
+            },
+        );
+        (away.accel_memory, away.idempotency_key) = (0, Some("job-12".into()));
+        let (a, _) = fake_host(vec![Reply::Json(
+            "201 Created",
+            serde_json::to_string(&away).unwrap(),
+        )]);
+        scratch.report("a", a);
+        scratch
+            .center
+            .inventory()
+            .create_keys
+            .remember("job-12", "a");
+        let placed = scratch.center.create_vm(&keyed_create("job-12")).unwrap();
+        assert_eq!(placed.vm.state.name(), "migrated-away");
+        assert!(
+            !scratch.center.inventory().vms().contains_key("x"),
+            "a's record of a VM it no longer runs is not kept"
+        );
+        // One on record is answered from the record, wherever it runs now.
+        let mut again = keyed_create("job-11");
+        again.vm.accel_memory = 512 << 20;
+        let found = scratch.center.create_vm(&again).unwrap();
+        assert_eq!((found.host.as_str(), found.vm.id.as_str()), ("b", "v"));
+    }
+
     /// A host API at the address returned that answers one request with `status` and
     /// JSON `body`.
     fn answering_once(status: &'static str, body: &'static str) -> std::net::SocketAddr {
