@@ -1499,14 +1499,6 @@ pub(crate) mod tests {
         let (b, _) = fake_host(Vec::<Reply>::new());
         scratch.report("b", b);
         scratch.center.inventory().put_vm(VmRecord::new("b", on_b));
-        scratch
-            .center
-            .inventory()
-            .put_vm_placed(VmRecord::new("b", {
-                let mut live = inventory::tests::vm("w", ferry_api::VmState::Running);
-                live.idempotency_key = None;
-                live
-            }));
         let mut away = inventory::tests::vm(
             "x",
             ferry_api::VmState::MigratedAway {
