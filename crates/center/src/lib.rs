@@ -1333,21 +1333,7 @@ pub(crate) mod tests {
         let (addr, _) = fake_host(vec![Reply::Late(Duration::from_secs(1), "201 Created", vm)]);
         scratch.report("a", addr);
         let center = scratch.center.clone();
-        let create = std::thread::spawn(move || {
-            center.create_vm(&PlaceVm {
-                vm: CreateVm {
-                    name: None,
-                    workload: "mlp-train".into(),
-                    args: Vec::new(),
-                    memory: 256 << 20,
-                    accel_memory: 0,
-                    attach: Vec::new(),
-                    backend: None,
-                    idempotency_key: None,
-                },
-                host: None,
-            })
-        });
+        let create = std::thread::spawn(move || center.create_vm(&keyed_create("evacuate-1")));
         // The create has picked host a and waits for it.
         while scratch.center.inventory().creating.is_empty() {
             std::thread::sleep(Duration::from_millis(5));

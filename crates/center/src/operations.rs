@@ -1308,6 +1308,15 @@ mod tests {
         assert_eq!(loaded, kept);
     }
 
+    /// A center named after `tag` that hosts a and b report to, neither answering at the
+    /// address it gives.
+    fn hosts_a_and_b_answering_nothing(tag: &str) -> ScratchCenter {
+        let scratch = ScratchCenter::open(tag);
+        scratch.report("a", ferry_testdata::refusing_addr());
+        scratch.report("b", ferry_testdata::refusing_addr());
+        scratch
+    }
+
     /// A move of running VM `v` from host a to host b.
     fn move_v_from_a_to_b() -> Move {
         Move {
@@ -1322,11 +1331,9 @@ mod tests {
 
     #[test]
     fn no_vm_is_moved_to_a_host_that_went_into_maintenance_after_the_move_was_planned() {
-        let scratch = ScratchCenter::open("moved-to-maintenance");
-        let center = &scratch.center;
         // Host b is in maintenance. (Neither answers: an order would fail otherwise.)
-        scratch.report("a", ferry_testdata::refusing_addr());
-        scratch.report("b", ferry_testdata::refusing_addr());
+        let scratch = hosts_a_and_b_answering_nothing("moved-to-maintenance");
+        let center = &scratch.center;
         center.inventory().hosts.get_mut("b").unwrap().mode = HostMode::Maintenance;
         let m = move_v_from_a_to_b();
         let refused = center
@@ -1410,10 +1417,8 @@ mod tests {
 
     #[test]
     fn a_move_whose_source_is_lost_is_recorded_as_unsettled_not_as_staying() {
-        let scratch = ScratchCenter::open("move-unsettled");
+        let scratch = hosts_a_and_b_answering_nothing("move-unsettled");
         let center = &scratch.center;
-        scratch.report("a", ferry_testdata::refusing_addr());
-        scratch.report("b", ferry_testdata::refusing_addr());
         let mut record = MigrationRecord {
             vm: "v".into(),
             from: "a".into(),
@@ -1437,11 +1442,9 @@ mod tests {
 
     #[test]
     fn a_move_planned_in_an_earlier_term_of_this_replica_is_not_ordered() {
-        let scratch = ScratchCenter::open("move-old-term");
-        let center = &scratch.center;
         // (Neither host answers: an order sent would fail as not started.)
-        scratch.report("a", ferry_testdata::refusing_addr());
-        scratch.report("b", ferry_testdata::refusing_addr());
+        let scratch = hosts_a_and_b_answering_nothing("move-old-term");
+        let center = &scratch.center;
         // This replica lost the lead and leads again: a worker of the earlier term.
         let earlier = center.term().unwrap() - 1;
         let refused = center
