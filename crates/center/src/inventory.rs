@@ -514,6 +514,9 @@ pub struct Inventory {
     /// VMs by id (changed through [`Inventory::put_vm`] and [`Inventory::remove_vm`],
     /// which keep `by_host` in step).
     vms: BTreeMap<String, VmRecord>,
+    /// The id of the VM each idempotency key on record made (kept in step as `by_host`),
+    /// so a create sent again costs a lookup, not a pass over every VM.
+    by_key: BTreeMap<String, String>,
     /// The ids of each host's VMs, so a beat costs its own VMs, not the cluster's.
     by_host: BTreeMap<String, BTreeSet<String>>,
     /// Each host's last beat taken, which its next delta must build on.
@@ -609,7 +612,7 @@ impl Inventory {
 
     /// The VM created with idempotency key `key`, if on record.
     pub fn vm_created_with(&self, key: &str) -> Option<&VmRecord> {
-        (self.vms.values()).find(|vm| vm.info.idempotency_key.as_deref() == Some(key))
+        self.vms.get(self.by_key.get(key)?)
     }
 
     /// Records `vm` where it runs now.
@@ -625,7 +628,12 @@ impl Inventory {
             .entry(vm.host.clone())
             .or_default()
             .insert(vm.id.clone());
-        self.vms.insert(vm.id.clone(), vm);
+        if let Some(key) = &vm.info.idempotency_key {
+            self.by_key.insert(key.clone(), vm.id.clone());
+        }
+        if let Some(old) = self.vms.insert(vm.id.clone(), vm) {
+            self.unkey(&old);
+        }
     }
 
     /// Puts a VM the center learned of itself (it created or moved it there), not from
@@ -637,9 +645,24 @@ impl Inventory {
         self.put_vm(vm);
     }
 
+    /// Drops `gone`'s key from [`Inventory::by_key`], unless it names a VM on record
+    /// (`gone` replaced by its new record, or another VM reported with that key).
+    fn unkey(&mut self, gone: &VmRecord) {
+        let Some(key) = &gone.info.idempotency_key else {
+            return;
+        };
+        let still_made = (self.by_key.get(key))
+            .and_then(|id| self.vms.get(id))
+            .is_some_and(|vm| vm.info.idempotency_key.as_ref() == Some(key));
+        if !still_made {
+            self.by_key.remove(key);
+        }
+    }
+
     /// Forgets VM `id`.
     pub fn remove_vm(&mut self, id: &str) -> Option<VmRecord> {
         let vm = self.vms.remove(id)?;
+        self.unkey(&vm);
         if let Some(ids) = self.by_host.get_mut(&vm.host) {
             ids.remove(id);
         }
@@ -652,6 +675,9 @@ impl Inventory {
         let vms: Vec<VmRecord> = (self.by_host.remove(name).into_iter().flatten())
             .filter_map(|id| self.vms.remove(&id))
             .collect();
+        for vm in &vms {
+            self.unkey(vm);
+        }
         self.beat_bases.remove(name);
         self.host_written_ms.remove(name);
         self.heard.remove(name);
@@ -1405,6 +1431,35 @@ pub(crate) mod tests {
         assert!(again.delta.is_some() && again.vms.len() == 1);
         inv.apply_heartbeat3(again, 2_000);
         assert_eq!(inv.vms()["v"].host, "b");
+    }
+
+    #[test]
+    fn the_vm_a_key_made_is_found_wherever_its_record_goes_and_forgotten_with_it() {
+        let keyed = |id: &str, key: Option<&str>| {
+            let mut info = vm(id, VmState::Running);
+            info.idempotency_key = key.map(String::from);
+            info
+        };
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat3(beat("a", vec![keyed("v", Some("k1")), keyed("w", None)]), 1);
+        assert_eq!(inv.vm_created_with("k1").map(|v| v.id.as_str()), Some("v"));
+        assert!(inv.vm_created_with("k2").is_none());
+        // Moved (its key with it): found on its new host.
+        inv.put_vm_placed(VmRecord::new("b", keyed("v", Some("k1"))));
+        assert_eq!(
+            inv.vm_created_with("k1").map(|v| v.host.as_str()),
+            Some("b")
+        );
+        // A record of it without the key (from a host that predates keys) drops it.
+        inv.put_vm(VmRecord::new("b", keyed("v", None)));
+        assert!(inv.vm_created_with("k1").is_none());
+        // Gone, or its host forgotten: gone with it.
+        inv.put_vm(VmRecord::new("b", keyed("v", Some("k1"))));
+        inv.remove_vm("v");
+        assert!(inv.vm_created_with("k1").is_none());
+        inv.put_vm(VmRecord::new("a", keyed("x", Some("k3"))));
+        inv.remove_host("a");
+        assert!(inv.vm_created_with("k3").is_none());
     }
 
     #[test]
