@@ -514,9 +514,11 @@ pub struct Inventory {
     /// VMs by id (changed through [`Inventory::put_vm`] and [`Inventory::remove_vm`],
     /// which keep `by_host` in step).
     vms: BTreeMap<String, VmRecord>,
-    /// The id of the VM each idempotency key on record made (kept in step as `by_host`),
-    /// so a create sent again costs a lookup, not a pass over every VM.
-    by_key: BTreeMap<String, String>,
+    /// The ids of the VMs on record with each idempotency key (kept in step as
+    /// `by_host`), so a create sent again costs a lookup, not a pass over every VM. One
+    /// VM as a rule; more while a moved VM has two records (a destination gave it another
+    /// id), or if hosts report one key twice.
+    by_key: BTreeMap<String, BTreeSet<String>>,
     /// The ids of each host's VMs, so a beat costs its own VMs, not the cluster's.
     by_host: BTreeMap<String, BTreeSet<String>>,
     /// Each host's last beat taken, which its next delta must build on.
@@ -610,9 +612,15 @@ impl Inventory {
         &self.vms
     }
 
-    /// The VM created with idempotency key `key`, if on record.
+    /// The VM created with idempotency key `key`, if on record: a live record first.
     pub fn vm_created_with(&self, key: &str) -> Option<&VmRecord> {
-        self.vms.get(self.by_key.get(key)?)
+        let mut records = self
+            .by_key
+            .get(key)?
+            .iter()
+            .filter_map(|id| self.vms.get(id));
+        let first = records.clone().next();
+        records.find(|vm| vm.is_live()).or(first)
     }
 
     /// Records `vm` where it runs now.
@@ -628,12 +636,16 @@ impl Inventory {
             .entry(vm.host.clone())
             .or_default()
             .insert(vm.id.clone());
+        if let Some(old) = self.vms.get(&vm.id) {
+            if old.info.idempotency_key != vm.info.idempotency_key {
+                let old = old.clone();
+                self.unkey(&old);
+            }
+        }
         if let Some(key) = &vm.info.idempotency_key {
-            self.by_key.insert(key.clone(), vm.id.clone());
+            (self.by_key.entry(key.clone()).or_default()).insert(vm.id.clone());
         }
-        if let Some(old) = self.vms.insert(vm.id.clone(), vm) {
-            self.unkey(&old);
-        }
+        self.vms.insert(vm.id.clone(), vm);
     }
 
     /// Puts a VM the center learned of itself (it created or moved it there), not from
@@ -645,17 +657,17 @@ impl Inventory {
         self.put_vm(vm);
     }
 
-    /// Drops `gone`'s key from [`Inventory::by_key`], unless it names a VM on record
-    /// (`gone` replaced by its new record, or another VM reported with that key).
+    /// Drops record `gone` (removed, or replaced by one with another key) from
+    /// [`Inventory::by_key`].
     fn unkey(&mut self, gone: &VmRecord) {
         let Some(key) = &gone.info.idempotency_key else {
             return;
         };
-        let still_made = (self.by_key.get(key))
-            .and_then(|id| self.vms.get(id))
-            .is_some_and(|vm| vm.info.idempotency_key.as_ref() == Some(key));
-        if !still_made {
-            self.by_key.remove(key);
+        if let Some(ids) = self.by_key.get_mut(key) {
+            ids.remove(&gone.id);
+            if ids.is_empty() {
+                self.by_key.remove(key);
+            }
         }
     }
 
@@ -1460,6 +1472,23 @@ pub(crate) mod tests {
         inv.put_vm(VmRecord::new("a", keyed("x", Some("k3"))));
         inv.remove_host("a");
         assert!(inv.vm_created_with("k3").is_none());
+        // Two records with one key (a VM given another id where it moved to): the live
+        // one is found, and the other's going loses neither.
+        let mut left = keyed("old", Some("k4"));
+        left.state = VmState::MigratedAway {
+            to: "c:7000".into(),
+        };
+        inv.put_vm(VmRecord::new("c", keyed("new", Some("k4"))));
+        inv.put_vm(VmRecord::new("b", left));
+        assert_eq!(
+            inv.vm_created_with("k4").map(|v| v.id.as_str()),
+            Some("new")
+        );
+        inv.remove_vm("old");
+        assert_eq!(
+            inv.vm_created_with("k4").map(|v| v.id.as_str()),
+            Some("new")
+        );
     }
 
     #[test]

@@ -1029,34 +1029,44 @@ impl Center {
         let client = self.order_client(&host)?;
         // Once more if the answer may have been lost: the key makes it safe, and the
         // host then answers with the VM it made, if it did.
-        let answered = match client.post("/v1/vms", &create) {
+        let (answered, asked_again) = match client.post("/v1/vms", &create) {
             Err(e) if ferry_client::unanswered(&e) => {
                 tracing::warn!(host = %host.name, %key, "asking again for a create whose answer was lost: {e:#}");
-                client.post("/v1/vms", &create)
+                (client.post("/v1/vms", &create), true)
             }
-            answered => answered,
+            answered => (answered, false),
         };
         let mut vm: VmInfo = match answered {
             Ok(vm) => vm,
             Err(e) => {
-                // A refusal made no VM: sent again, the create may go to another host. A
-                // lost answer, a create still under way there (503) or a VM made with
-                // the key (409) keeps the key to this host.
-                let kept = ferry_client::unanswered(&e)
-                    || e.downcast_ref::<ferry_client::ApiError>()
-                        .is_some_and(|a| matches!(a.status, 409 | 503));
-                if !kept {
+                // Only the host's refusal of the only try says no VM was made: sent
+                // again, the create may go to another host. Anything else (an answer
+                // lost or unreadable, a create still under way there (503), a VM made
+                // with the key (409)) keeps the key to this host.
+                let refused = !asked_again
+                    && e.downcast_ref::<ferry_client::ApiError>()
+                        .is_some_and(|a| !matches!(a.status, 409 | 503));
+                if refused {
                     self.inventory().create_keys.forget(&key);
                 }
                 return Err(passed_on(&host.name, e));
             }
         };
-        // Made here and moved on since (a create sent again): its record where it runs
-        // now is the destination's, not this report.
+        // Made here and moved on since (a create sent again): where it runs now is the
+        // destination's record, if the center has it, never this report.
         if matches!(vm.state, ferry_api::VmState::MigratedAway { .. }) {
-            return Ok(Placed {
-                host: host.name,
-                vm,
+            let now = (self.inventory().vms().get(&vm.id))
+                .filter(|r| r.host != host.name)
+                .cloned();
+            return Ok(match now {
+                Some(record) => Placed {
+                    host: record.host,
+                    vm: record.info,
+                },
+                None => Placed {
+                    host: host.name,
+                    vm,
+                },
             });
         }
         // Bounded as its beats are: its next beat would be refused too.
@@ -1474,6 +1484,18 @@ pub(crate) mod tests {
             ("b", "b-vm1")
         );
         assert_eq!(to_b.join().unwrap().len(), 1);
+        // An answer that could not be read may have made a VM: the key stays with c.
+        let (c, _) = fake_host(vec![Reply::Json("201 Created", "{not json".into())]);
+        scratch.report("c", c);
+        scratch.silence("b");
+        scratch
+            .center
+            .create_vm(&keyed_create("job-13"))
+            .unwrap_err();
+        assert_eq!(
+            scratch.center.inventory().create_keys.host("job-13"),
+            Some("c")
+        );
     }
 
     #[test]
@@ -1492,10 +1514,11 @@ pub(crate) mod tests {
             },
         );
         (away.accel_memory, away.idempotency_key) = (0, Some("job-12".into()));
-        let (a, _) = fake_host(vec![Reply::Json(
-            "201 Created",
-            serde_json::to_string(&away).unwrap(),
-        )]);
+        let answer = serde_json::to_string(&away).unwrap();
+        let (a, _) = fake_host(vec![
+            Reply::Json("201 Created", answer.clone()),
+            Reply::Json("201 Created", answer),
+        ]);
         scratch.report("a", a);
         scratch
             .center
@@ -1508,6 +1531,16 @@ pub(crate) mod tests {
             !scratch.center.inventory().vms().contains_key("x"),
             "a's record of a VM it no longer runs is not kept"
         );
+        // Once b's report of x is on record (without the key: b predates keys), the
+        // answer is where x runs.
+        let on_b = inventory::tests::vm("x", ferry_api::VmState::Running);
+        scratch.center.inventory().put_vm(VmRecord::new("b", on_b));
+        let placed = scratch.center.create_vm(&keyed_create("job-12")).unwrap();
+        assert_eq!(
+            (placed.host.as_str(), placed.vm.state.name()),
+            ("b", "running")
+        );
+        assert_eq!(scratch.center.inventory().vms()["x"].host, "b");
         // One on record is answered from the record, wherever it runs now.
         let mut again = keyed_create("job-11");
         again.vm.accel_memory = 512 << 20;
