@@ -84,6 +84,17 @@ impl VmState {
         !self.is_live()
     }
 
+    /// The migration address of the host it is moving, or moved, to.
+    pub fn destination(&self) -> Option<&str> {
+        match self {
+            Self::Migrating { to }
+            | Self::Switchover { to }
+            | Self::InDoubt { to, .. }
+            | Self::MigratedAway { to } => Some(to),
+            _ => None,
+        }
+    }
+
     /// The state's name, as the API's `state` field spells it.
     pub fn name(&self) -> &'static str {
         match self {

@@ -418,13 +418,7 @@ pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
         text.as_ref()
             .is_some_and(|t| t.len() > MAX_HOST_FIELD_BYTES)
     };
-    let to = match &vm.state {
-        VmState::Migrating { to }
-        | VmState::Switchover { to }
-        | VmState::InDoubt { to, .. }
-        | VmState::MigratedAway { to } => Some(to.clone()),
-        _ => None,
-    };
+    let to = vm.state.destination().map(str::to_string);
     let problem = if vm
         .name
         .as_deref()
@@ -434,8 +428,10 @@ pub fn check_vm_report(vm: &mut VmInfo) -> Result<(), HeartbeatError> {
             "its name '{}' is not a VM name",
             shown(vm.name.as_deref().unwrap_or_default())
         )
-    } else if (vm.idempotency_key.as_deref()).is_some_and(|k| !ferry_api::valid_vm_name(k)) {
-        "its idempotency key is not one (1 to 63 letters, digits, '.', '_' and '-')".to_string()
+    } else if let Some(Err(why)) =
+        (vm.idempotency_key.as_deref()).map(ferry_api::check_idempotency_key)
+    {
+        format!("its idempotency key is not one: {why}")
     } else if !(0.0..=1.0).contains(&vm.accel_load) {
         // NaN is in no range.
         format!(
@@ -904,15 +900,12 @@ impl Inventory {
         if !known.is_live() {
             return true;
         }
-        let holder_moves_it_here = match &known.info.state {
-            VmState::Migrating { to }
-            | VmState::Switchover { to }
-            | VmState::InDoubt { to, .. } => self
-                .hosts
+        // Live there, it is migrating, in switchover or in doubt if it has a destination.
+        let holder_moves_it_here = (known.info.state.destination()).is_some_and(|to| {
+            self.hosts
                 .get(name)
-                .is_some_and(|h| &h.info.migration_addr == to),
-            _ => false,
-        };
+                .is_some_and(|h| h.info.migration_addr == to)
+        });
         let holder_gone = !self.is_up(&known.host, now, down_after_ms);
         info.state.is_live() && (holder_moves_it_here || holder_gone)
     }

@@ -1005,10 +1005,9 @@ impl Center {
             // Sent again: to the host the first went to, which may have made the VM
             // (its room is taken then, by this very VM: no placement).
             if let Some(first) = inventory.create_keys.host(&key).map(str::to_string) {
-                if req.host.as_ref().is_some_and(|asked| *asked != first) {
+                if let Some(asked) = req.host.as_ref().filter(|asked| **asked != first) {
                     return Err(CenterError::Conflict(format!(
-                        "a create with idempotency key {key} went to host {first}, not {}",
-                        req.host.as_deref().unwrap_or_default()
+                        "a create with idempotency key {key} went to host {first}, not {asked}"
                     )));
                 }
                 if !open.iter().any(|h| h.name == first) {

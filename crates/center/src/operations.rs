@@ -642,14 +642,12 @@ impl Center {
                 }
             };
             match asked {
-                Ok(status) if status.state == MigrationState::Running => {
+                // Running, or in doubt (followed until settled), as one this leader ordered.
+                Ok(status)
+                    if matches!(status.state, MigrationState::Running | MigrationState::InDoubt) =>
+                {
                     let report = self.poll_migration(&source, &record.vm, record.id)?;
                     Ok((report, self.verify_arrival(&dest, &source.name, &record.vm)?))
-                }
-                Ok(status) if status.state == MigrationState::InDoubt => {
-                    let why = status.error.unwrap_or_else(|| "in doubt".into());
-                    self.follow_settlement(&source, &record.vm, why)?;
-                    Ok((None, self.verify_arrival(&dest, &source.name, &record.vm)?))
                 }
                 Ok(status) if status.state == MigrationState::Succeeded => Ok((
                     status.report,
