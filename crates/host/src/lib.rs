@@ -107,6 +107,11 @@ impl HostError {
     }
 }
 
+/// A migration refused because the host is shutting down.
+fn shutting_down() -> HostError {
+    HostError::Unavailable("the host is shutting down: it starts no migration".into())
+}
+
 /// The next id `NAME-vmN` from `*next` that is not `taken`. Ids stay unique across hosts
 /// (VMs keep theirs when they move); the count starts again with the process, and a VM
 /// created before a restart may have come back with its id, so taken ones are skipped.
@@ -1073,9 +1078,7 @@ impl Host {
         options.tls = self.config.tls.clone();
         // Its thread would start after the shutdown took the list of those to join.
         if self.outcomes.is_closed() {
-            return Err(HostError::Unavailable(
-                "the host is shutting down: it starts no migration".into(),
-            ));
+            return Err(shutting_down());
         }
         let vm = self.get(id)?;
         let status = MigrationStatus {
@@ -1104,9 +1107,7 @@ impl Host {
                     drop(background);
                     let _ = vm.cancel_migration();
                     let _ = thread.join();
-                    return Err(HostError::Unavailable(
-                        "the host is shutting down: it starts no migration".into(),
-                    ));
+                    return Err(shutting_down());
                 }
                 background.outgoing.retain(|t| !t.is_finished());
                 background.outgoing.push(thread);

@@ -358,12 +358,12 @@ impl Channel {
         // stream could make the channel too large for the VM's next migration.)
         for stream in &mut state.streams {
             let mut bytes = 0usize;
-            let fits = stream.events.iter().take(MAX_STREAM_EVENTS).position(|m| {
+            let first_too_many = stream.events.iter().take(MAX_STREAM_EVENTS).position(|m| {
                 bytes = bytes.saturating_add(m.payload.len());
                 m.payload.len() > ferry_abi::channel::MAX_SLOT_SIZE as usize
                     || bytes > MAX_STREAM_BYTES
             });
-            let kept = fits.unwrap_or(stream.events.len().min(MAX_STREAM_EVENTS));
+            let kept = first_too_many.unwrap_or(stream.events.len().min(MAX_STREAM_EVENTS));
             if kept < stream.events.len() {
                 stream.events.truncate(kept);
                 stream.end = StreamEnd::Overflow;
