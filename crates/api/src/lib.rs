@@ -528,6 +528,11 @@ pub struct Heartbeat {
     /// Set when `vms` holds only the changes since beat `delta.base` of the same series.
     #[serde(default)]
     pub delta: Option<BeatDelta>,
+    /// Idempotency keys of the creates under way on the host (their VMs not listed yet),
+    /// in every beat: a center that took the lead meanwhile sends such a create, sent
+    /// again, to this host rather than placing it anew.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub creating: Vec<String>,
 }
 
 /// Where a beat stands in its host's series of beats.
@@ -708,6 +713,7 @@ impl BeatSeries {
                 seq: self.seq,
             }),
             delta,
+            creating: Vec::new(),
         }
     }
 

@@ -307,6 +307,9 @@ pub enum HeartbeatError {
     /// A VM's id is not one.
     #[error("'{0}' is not a VM id: 1 to 255 letters, digits, '.', '_' and '-'")]
     VmId(String),
+    /// A key of a create under way is not an idempotency key.
+    #[error("'{0}' (a create under way) is not an idempotency key: 1 to 63 letters, digits, '.', '_' and '-'")]
+    CreatingKey(String),
     /// A VM's report is out of bounds.
     #[error("VM {id}: {problem}")]
     Vm {
@@ -401,6 +404,16 @@ pub fn check_heartbeat(beat: &mut Heartbeat) -> Result<(), HeartbeatError> {
     }
     if let Some(id) = removed.iter().find(|id| !ferry_api::valid_vm_id(id)) {
         return Err(HeartbeatError::VmId(shown(id)));
+    }
+    if beat.creating.len() > MAX_VMS_PER_HOST {
+        return Err(HeartbeatError::TooManyVms {
+            count: beat.creating.len(),
+            what: "being created",
+        });
+    }
+    let not_a_key = |key: &&String| ferry_api::check_idempotency_key(key).is_err();
+    if let Some(key) = beat.creating.iter().find(not_a_key) {
+        return Err(HeartbeatError::CreatingKey(shown(key)));
     }
     beat.vms.iter_mut().try_for_each(check_vm_report)
 }
@@ -521,7 +534,8 @@ pub struct Inventory {
     beat_bases: BTreeMap<String, BeatSeq>,
     /// When each host's record was last written through.
     host_written_ms: BTreeMap<String, u64>,
-    /// Hosts this process has taken a beat from (what it knows of their VMs is first-hand).
+    /// Hosts this process has taken a beat from since it last took the lead (what it
+    /// knows of their VMs is first-hand).
     heard: BTreeSet<String>,
     /// Hosts whose last write-through failed: their record and every VM are written
     /// again with their next beat.
@@ -598,9 +612,24 @@ impl Inventory {
         self.rewrite.insert(host.to_string());
     }
 
-    /// Whether this process has taken a beat from `host`.
+    /// Whether this process has taken a beat from `host` since it last took the lead.
     pub fn beat_taken_from(&self, host: &str) -> bool {
         self.heard.contains(host)
+    }
+
+    /// This process takes the lead: what it heard from hosts before (when it last led)
+    /// is not first-hand any more, as another leader may have acted since.
+    pub fn begin_lead(&mut self) {
+        self.heard.clear();
+    }
+
+    /// The hosts up at `now` that this process has taken no beat from since it took the
+    /// lead: what they made (a create of an earlier leader) it does not know yet.
+    pub fn unheard_hosts(&self, now: u64, down_after_ms: u64) -> Vec<&str> {
+        (self.hosts.keys())
+            .filter(|name| self.is_up(name, now, down_after_ms) && !self.heard.contains(*name))
+            .map(String::as_str)
+            .collect()
     }
 
     /// Every VM, by id.
@@ -790,6 +819,13 @@ impl Inventory {
             self.host_written_ms.insert(name.clone(), now);
         }
         self.heard.insert(name.clone());
+        // A create under way there (maybe an earlier leader's) is sent there again. The
+        // first host named keeps a key: a host's word never takes another's create.
+        for key in &beat.creating {
+            if self.create_keys.host(key).is_none() && self.vm_created_with(key).is_none() {
+                self.create_keys.remember(key, &name);
+            }
+        }
         if self.down_noted.remove(&name) {
             changes
                 .events
@@ -1113,6 +1149,7 @@ pub(crate) mod tests {
             vms,
             seq: None,
             delta: None,
+            creating: Vec::new(),
         }
     }
 

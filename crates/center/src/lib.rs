@@ -305,7 +305,9 @@ impl Center {
     /// of since, migrations, operations) over what heartbeats told this replica, then
     /// resumes the operations that were running.
     pub(crate) fn lead(self: &Arc<Self>) -> Result<(), CenterError> {
-        self.adopt(self.store.load()?);
+        let loaded = self.store.load()?;
+        self.inventory().begin_lead();
+        self.adopt(loaded);
         // This process's first lead is its start (a single center's is at open).
         let first = self.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         *self.role.lock().expect("role lock") = leader::Role::Leader;
@@ -1018,6 +1020,16 @@ impl Center {
                 *inventory.creating.entry(first.clone()).or_default() += 1;
                 inventory.hosts[&first].clone()
             } else {
+                // A client's key may be a create an earlier leader sent: the host it went
+                // to says so in its first beat to this leader (the VM, or the create under
+                // way), and until every live host has, it waits.
+                let unheard = inventory.unheard_hosts(unix_ms(), self.down_after_ms());
+                if req.vm.idempotency_key.is_some() && !unheard.is_empty() {
+                    return Err(CenterError::Unavailable(format!(
+                        "this center took the lead moments ago and has not heard from host(s) {} yet, which may hold what a create with idempotency key {key} made; send it again in a few seconds",
+                        unheard.join(", ")
+                    )));
+                }
                 Self::place(&mut inventory, open, req.host.as_deref(), &need, &key)?
             }
         };
@@ -1494,6 +1506,81 @@ pub(crate) mod tests {
         assert_eq!(
             scratch.center.inventory().create_keys.host("job-13"),
             Some("c")
+        );
+    }
+
+    #[test]
+    fn a_new_lead_holds_keyed_creates_until_live_hosts_beat_and_follows_creates_under_way() {
+        let scratch = ScratchCenter::open("create-new-lead");
+        let (a, to_a) = fake_host(vec![Reply::Json(
+            "201 Created",
+            made_with("a-vm1", "job-20"),
+        )]);
+        scratch.report("a", a);
+        let (b, to_b) = fake_host(vec![Reply::Json(
+            "400 Bad Request",
+            r#"{"error":"no workload named no-such-workload","code":"unknown_workload"}"#.into(),
+        )]);
+        scratch.report("b", b);
+        // This process takes the lead again; meanwhile another leader sent a create with
+        // key job-20 to a, which is making the VM.
+        scratch.center.inventory().begin_lead();
+        let held = scratch
+            .center
+            .create_vm(&keyed_create("job-20"))
+            .unwrap_err();
+        assert!(
+            matches!(&held, CenterError::Unavailable(why) if why.contains("host(s) a, b")),
+            "{held}"
+        );
+        // A create without a client's key is no earlier leader's: it is sent at once.
+        let sent = create_on(&scratch.center, "b").unwrap_err();
+        assert!(matches!(sent, CenterError::HostRejected { .. }), "{sent}");
+        // a's beat names the create under way: the create sent again goes there, though
+        // b has not beaten yet. b's beat naming the key too does not take it from a.
+        let beat_with = |host: &str, api: std::net::SocketAddr, creating: &[&str]| {
+            let mut beat = inventory::tests::beat(host, Vec::new());
+            beat.api_url = format!("http://{api}");
+            beat.host.migration_addr = format!("{host}.example:7071");
+            beat.creating = creating.iter().map(|k| k.to_string()).collect();
+            beat
+        };
+        scratch
+            .center
+            .heartbeat(beat_with("a", a, &["job-20"]))
+            .unwrap();
+        scratch
+            .center
+            .heartbeat(beat_with("b", b, &["job-20"]))
+            .unwrap();
+        assert_eq!(
+            scratch.center.inventory().create_keys.host("job-20"),
+            Some("a")
+        );
+        let placed = scratch.center.create_vm(&keyed_create("job-20")).unwrap();
+        assert_eq!(
+            (placed.host.as_str(), placed.vm.id.as_str()),
+            ("a", "a-vm1")
+        );
+        assert_eq!(to_a.join().unwrap().len(), 1);
+        assert_eq!(
+            to_b.join().unwrap().len(),
+            1,
+            "only the create without a key"
+        );
+        assert!(scratch
+            .center
+            .inventory()
+            .unheard_hosts(unix_ms(), 60_000)
+            .is_empty());
+        // A key that is no key, named as a create under way, refuses the beat.
+        let refused = scratch
+            .center
+            .heartbeat(beat_with("a", a, &["no spaces"]))
+            .unwrap_err();
+        assert!(
+            matches!(&refused, CenterError::Heartbeat(inventory::HeartbeatError::CreatingKey(k)) if k == "no spaces"),
+            "{refused}"
         );
     }
 

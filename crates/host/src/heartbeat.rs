@@ -79,11 +79,10 @@ fn beat_to(
             // every beat must not be answered in a tight loop.
             let mut resent = false;
             loop {
-                let beat = series.beat(
-                    link.api_url.clone(),
-                    host.info(&link.migration_addr),
-                    host.summaries(),
-                );
+                let (vms, creating) = host.beat_report();
+                let mut beat =
+                    series.beat(link.api_url.clone(), host.info(&link.migration_addr), vms);
+                beat.creating = creating;
                 let sent = client.post::<_, BeatAnswer>("/v1/heartbeat", &beat);
                 series.answered(sent.as_ref().ok());
                 if let Ok(BeatAnswer {

@@ -984,19 +984,27 @@ impl Host {
 
     /// Every VM this host knows (including ended and migrated ones, for a while).
     pub fn list(&self) -> Vec<VmInfo> {
-        self.each_vm(HostedVm::info)
+        self.each_vm(HostedVm::info).0
     }
 
-    /// [`Host::list`] without the console tails (what heartbeats carry).
-    pub fn summaries(&self) -> Vec<VmInfo> {
+    /// What a heartbeat carries: [`Host::list`] without the console tails, and the
+    /// idempotency keys of the creates under way. Both are taken in one look at the VM
+    /// map, so a create's key is in one or the other (its VM is listed before its key is
+    /// let go of).
+    pub fn beat_report(&self) -> (Vec<VmInfo>, Vec<String>) {
         self.each_vm(HostedVm::summary)
     }
 
-    /// `show` of every VM listed, read outside the VM map's lock.
-    fn each_vm(&self, show: impl Fn(&HostedVm) -> VmInfo) -> Vec<VmInfo> {
+    /// `show` of every VM listed, read outside the VM map's lock, and the keys of the
+    /// creates under way then.
+    fn each_vm(&self, show: impl Fn(&HostedVm) -> VmInfo) -> (Vec<VmInfo>, Vec<String>) {
         self.forget_old_ended_vms();
-        let vms: Vec<_> = self.vms().listed.values().cloned().collect();
-        vms.iter().map(|vm| show(vm)).collect()
+        let (vms, creating): (Vec<_>, Vec<_>) = {
+            let vms = self.vms();
+            let creating = vms.creating_keys.iter().cloned().collect();
+            (vms.listed.values().cloned().collect(), creating)
+        };
+        (vms.iter().map(|vm| show(vm)).collect(), creating)
     }
 
     /// Drops the records of VMs that ended more than [`ENDED_VMS_KEPT_FOR`] ago, and of
@@ -2085,9 +2093,11 @@ mod tests {
         let during = host.clone();
         let concurrent = req.clone();
         let refused = Arc::new(Mutex::new(None));
-        let seen = refused.clone();
+        let (seen, beat_during) = (refused.clone(), Arc::new(Mutex::new(None)));
+        let beat_seen = beat_during.clone();
         *host.before_listing.lock().unwrap() = Some(Box::new(move || {
             *seen.lock().unwrap() = Some(during.create_vm(&concurrent));
+            *beat_seen.lock().unwrap() = Some(during.beat_report());
         }));
         let first = host.create_vm(&req).unwrap();
         match refused.lock().unwrap().take() {
@@ -2095,6 +2105,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(first.idempotency_key.as_deref(), Some("job-1"));
+        // A beat meanwhile names the create under way (a new leader sends it here again);
+        // one after lists its VM, with the key, and the create no more.
+        let (listed, creating) = beat_during.lock().unwrap().take().unwrap();
+        assert!(listed.is_empty());
+        assert_eq!(creating, ["job-1"]);
+        let (listed, creating) = host.beat_report();
+        assert_eq!(listed[0].idempotency_key.as_deref(), Some("job-1"));
+        assert!(creating.is_empty());
         // Sent again (its answer lost), it answers with the same VM, and makes none.
         let again = host.create_vm(&req).unwrap();
         assert_eq!(again.id, first.id);
