@@ -337,8 +337,12 @@ fn lying_ring_indices_are_ignored_until_sane() {
         // Far ahead: the device must not execute stale slots.
         g.set_head(tail + RING_SLOTS + 1);
         g.accel.doorbell();
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(g.device_status(), device_status::RING_INVALID);
+        // The device thread's answer, however long it takes to be scheduled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.device_status() != device_status::RING_INVALID {
+            assert!(Instant::now() < deadline, "the lying head never flagged");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(g.tail(), tail, "nothing executed");
         // Behind the tail.
         g.set_head(tail - 1);
@@ -1348,7 +1352,8 @@ fn a_digest_that_could_not_read_a_buffer_is_not_kept() {
 #[test]
 fn a_base_chunk_read_waiting_for_a_kernel_does_not_hold_up_other_base_reads() {
     use ferry_accel::replay::CaptureLimits;
-    let mut g = FakeGuest::new(1);
+    let faults = Faults::default();
+    let mut g = FakeGuest::on(Faulty::watched(&faults), no_files());
     // A matmul as long as `alloc_long_matmul`'s, whose output buffer 3 has a chunk more,
     // which it does not write (but the cpu backend locks all of buffer 3 while the
     // kernel runs).
@@ -1373,6 +1378,9 @@ fn a_base_chunk_read_waiting_for_a_kernel_does_not_hold_up_other_base_reads() {
         .write_slice(&[9; 64], GuestAddress(DATA + 4096))
         .unwrap();
     g.submit(op::UPLOAD, &[3, out, DATA + 4096, 64]);
+    // In the kernel (which then takes buffer 3's lock), whatever the load: a time alone
+    // could pass before the device thread ran, and the read below would not wait.
+    faults.wait_launched(1);
     std::thread::sleep(Duration::from_millis(20));
     let g = Arc::new(g);
     let (reader, read) = (g.clone(), Arc::new(AtomicBool::new(false)));

@@ -18,7 +18,7 @@ const TOKEN: &str = "operator-token-0123456789";
 /// A host silent for 1.5 s is down (hosts beat every 200 ms).
 const DOWN_AFTER_MS: &str = "1500";
 /// A training run long enough to still be running when it is moved.
-const MLP: &str = "--steps 400 --print-every 20";
+const MLP: &str = "--steps 1200 --print-every 20";
 /// A training run that outlasts any test.
 const MLP_LONG: &str = "--steps 1000000 --print-every 1000";
 

@@ -792,9 +792,10 @@ mod tests {
         Some((ledger, vm, source))
     }
 
-    /// Waits up to 5 s for `vm`'s life here to end.
+    /// Waits up to 60 s for `vm`'s life here to end (a guest that finishes its work,
+    /// beside other tests on two cores, may take several).
     fn ended(vm: &HostedVm) -> VmState {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !vm.state().has_ended() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }

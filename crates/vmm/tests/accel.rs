@@ -77,9 +77,15 @@ fn mlp_train_learns() {
 fn snapshot_mid_training_restores_to_the_same_checksum() {
     ferry_testdata::require_kvm!();
     let straight = value(&finish(boot("mlp-train", &MLP, 2)), "checksum").to_string();
-    for (i, ms) in [30u64, 120].into_iter().enumerate() {
+    // Past the first step (the device holds the dataset and weights) and mid-run: points
+    // the guest says it reached, as a time could find it not started yet under load.
+    for (i, at) in ["step=1 ", "step=150 "].into_iter().enumerate() {
         let mut vm = boot("mlp-train", &MLP, 2);
-        std::thread::sleep(Duration::from_millis(ms));
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !vm.console_tail().contains(at) {
+            assert!(std::time::Instant::now() < deadline, "never printed {at:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         vm.pause().expect("still training at the snapshot point");
         assert!(
             !vm.console_tail().contains("checksum="),
@@ -102,7 +108,7 @@ fn snapshot_mid_training_restores_to_the_same_checksum() {
         assert_eq!(
             value(&finish(restored), "checksum"),
             straight,
-            "snapshot at {ms} ms"
+            "snapshot after {at:?}"
         );
         std::fs::remove_file(path).unwrap();
     }
