@@ -534,9 +534,15 @@ pub struct Inventory {
     beat_bases: BTreeMap<String, BeatSeq>,
     /// When each host's record was last written through.
     host_written_ms: BTreeMap<String, u64>,
-    /// Hosts this process has taken a beat from since it last took the lead (what it
-    /// knows of their VMs is first-hand).
+    /// Hosts this process has taken a beat from (what it knows of their VMs is first-hand).
     heard: BTreeSet<String>,
+    /// Beats taken from each host since this process last took the lead (counted up to
+    /// `beats_to_hear`).
+    beats_in_lead: BTreeMap<String, u8>,
+    /// Beats a host is heard in, this lead ([`Inventory::begin_lead`]).
+    beats_to_hear: u8,
+    /// When this process last took the lead, ms since the epoch.
+    led_since_ms: u64,
     /// Hosts whose last write-through failed: their record and every VM are written
     /// again with their next beat.
     rewrite: BTreeSet<String>,
@@ -553,6 +559,13 @@ pub struct Inventory {
     /// The host each recent create's idempotency key was sent to.
     pub create_keys: CreateKeys,
 }
+
+/// Beats a new leader of replicas takes from a host before it knows what the host made on
+/// an earlier leader's orders: the first may have been sent before the host learnt of the
+/// new leader, which its answer teaches (after that the host refuses the old one's
+/// orders), so only the second surely lists every create the old leader ordered there. A
+/// single center's earlier process is gone, and ordered nothing after the first.
+pub const BEATS_TO_HEAR_A_HOST: u8 = 2;
 
 /// The most idempotency keys [`CreateKeys`] remembers: far more creates than a client
 /// sends again within the minutes a retry takes.
@@ -612,22 +625,31 @@ impl Inventory {
         self.rewrite.insert(host.to_string());
     }
 
-    /// Whether this process has taken a beat from `host` since it last took the lead.
+    /// Whether this process has taken a beat from `host`.
     pub fn beat_taken_from(&self, host: &str) -> bool {
         self.heard.contains(host)
     }
 
-    /// This process takes the lead: what it heard from hosts before (when it last led)
-    /// is not first-hand any more, as another leader may have acted since.
-    pub fn begin_lead(&mut self) {
-        self.heard.clear();
+    /// This process takes the lead at `now`: what hosts made on an earlier leader's
+    /// orders it knows only from their beats to come, `beats_to_hear` of each
+    /// ([`Inventory::unheard_hosts`]).
+    pub fn begin_lead(&mut self, now: u64, beats_to_hear: u8) {
+        self.beats_in_lead.clear();
+        self.beats_to_hear = beats_to_hear;
+        self.led_since_ms = now;
     }
 
-    /// The hosts up at `now` that this process has taken no beat from since it took the
-    /// lead: what they made (a create of an earlier leader) it does not know yet.
+    /// The hosts that may hold what an earlier leader's create made, unknown here: those
+    /// not heard the beats [`Inventory::begin_lead`] asked for since this process took
+    /// the lead. Each host known counts until a live one has had time to beat (its record
+    /// may be an old one, from the store), and then those up.
     pub fn unheard_hosts(&self, now: u64, down_after_ms: u64) -> Vec<&str> {
+        let settling = now < self.led_since_ms.saturating_add(down_after_ms);
         (self.hosts.keys())
-            .filter(|name| self.is_up(name, now, down_after_ms) && !self.heard.contains(*name))
+            .filter(|name| {
+                self.beats_in_lead.get(*name).copied().unwrap_or(0) < self.beats_to_hear
+                    && (settling || self.is_up(name, now, down_after_ms))
+            })
             .map(String::as_str)
             .collect()
     }
@@ -819,6 +841,8 @@ impl Inventory {
             self.host_written_ms.insert(name.clone(), now);
         }
         self.heard.insert(name.clone());
+        let beats = self.beats_in_lead.entry(name.clone()).or_default();
+        *beats = beats.saturating_add(1).min(self.beats_to_hear);
         // A create under way there (maybe an earlier leader's) is sent there again. The
         // first host named keeps a key: a host's word never takes another's create.
         for key in &beat.creating {

@@ -252,6 +252,9 @@ pub struct Center {
     /// The store's generation a follower last refreshed at.
     refreshed_at: Mutex<Option<i64>>,
     operations: Mutex<BTreeMap<u64, Operation>>,
+    /// Operations whose record the store does not hold as they are (a write failed or
+    /// was overtaken), to write again; taken after `operations` where both are held.
+    unwritten_operations: Mutex<BTreeSet<u64>>,
     metrics: metrics::Metrics,
     /// The monitor thread and, on etcd, the election's: each stopped by dropping its
     /// sender ([`Center::shutdown`]).
@@ -287,6 +290,7 @@ impl Center {
             lead_until: Mutex::default(),
             refreshed_at: Mutex::default(),
             operations: Mutex::default(),
+            unwritten_operations: Mutex::default(),
             metrics: metrics::Metrics::default(),
             monitor: Mutex::default(),
             gateway: gateway::Gateway::default(),
@@ -305,9 +309,12 @@ impl Center {
     /// of since, migrations, operations) over what heartbeats told this replica, then
     /// resumes the operations that were running.
     pub(crate) fn lead(self: &Arc<Self>) -> Result<(), CenterError> {
-        let loaded = self.store.load()?;
-        self.inventory().begin_lead();
-        self.adopt(loaded);
+        let beats_to_hear = match self.store.as_etcd() {
+            Some(_) => inventory::BEATS_TO_HEAR_A_HOST,
+            None => 1,
+        };
+        self.inventory().begin_lead(unix_ms(), beats_to_hear);
+        self.adopt(self.store.load()?);
         // This process's first lead is its start (a single center's is at open).
         let first = self.term.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         *self.role.lock().expect("role lock") = leader::Role::Leader;
@@ -427,6 +434,11 @@ impl Center {
             .collect();
         let _ = operations::keep_newest(&mut operations);
         *self.operations.lock().expect("operations lock") = operations;
+        // What is in memory now is what the store holds.
+        self.unwritten_operations
+            .lock()
+            .expect("unwritten lock")
+            .clear();
     }
 
     /// Where the state is kept, in words.
@@ -711,8 +723,10 @@ impl Center {
         Ok(())
     }
 
-    /// Notes hosts that went down; run periodically by [`Self::start_monitor`].
+    /// Notes hosts that went down, and writes again the operations whose write failed;
+    /// run periodically by [`Self::start_monitor`].
     pub fn check_hosts(&self) -> Result<(), CenterError> {
+        self.rewrite_operations();
         let events = self
             .inventory()
             .note_down_hosts(unix_ms(), self.down_after_ms());
@@ -1021,13 +1035,19 @@ impl Center {
                 inventory.hosts[&first].clone()
             } else {
                 // A client's key may be a create an earlier leader sent: the host it went
-                // to says so in its first beat to this leader (the VM, or the create under
-                // way), and until every live host has, it waits.
-                let unheard = inventory.unheard_hosts(unix_ms(), self.down_after_ms());
-                if req.vm.idempotency_key.is_some() && !unheard.is_empty() {
+                // to says so in its beats to this leader (the VM, or the create under
+                // way), and until every host that may have has, it waits.
+                let unheard = match req.vm.idempotency_key {
+                    Some(_) => inventory.unheard_hosts(unix_ms(), self.down_after_ms()),
+                    None => Vec::new(),
+                };
+                if let Some(first) = unheard.first() {
+                    let others = match unheard.len() - 1 {
+                        0 => String::new(),
+                        n => format!(" and {n} more"),
+                    };
                     return Err(CenterError::Unavailable(format!(
-                        "this center took the lead moments ago and has not heard from host(s) {} yet, which may hold what a create with idempotency key {key} made; send it again in a few seconds",
-                        unheard.join(", ")
+                        "this center took the lead moments ago and has yet to hear from host {first}{others}, which may hold what a create with idempotency key {key} made; send it again in a few seconds"
                     )));
                 }
                 Self::place(&mut inventory, open, req.host.as_deref(), &need, &key)?
@@ -1327,6 +1347,12 @@ pub(crate) mod tests {
                 .unwrap()
         }
 
+        /// Runs `sql` on the store's database, from another connection.
+        pub(crate) fn sql(&self, sql: &str) {
+            let db = rusqlite::Connection::open(&self.store).unwrap();
+            db.execute_batch(sql).unwrap();
+        }
+
         /// Host `name` reports, its API at `api`, its migration address
         /// `NAME.example:7071`; its record.
         pub(crate) fn report(&self, name: &str, api: std::net::SocketAddr) -> HostRecord {
@@ -1524,13 +1550,13 @@ pub(crate) mod tests {
         scratch.report("b", b);
         // This process takes the lead again; meanwhile another leader sent a create with
         // key job-20 to a, which is making the VM.
-        scratch.center.inventory().begin_lead();
+        scratch.center.inventory().begin_lead(unix_ms(), 1);
         let held = scratch
             .center
             .create_vm(&keyed_create("job-20"))
             .unwrap_err();
         assert!(
-            matches!(&held, CenterError::Unavailable(why) if why.contains("host(s) a, b")),
+            matches!(&held, CenterError::Unavailable(why) if why.contains("host a and 1 more")),
             "{held}"
         );
         // A create without a client's key is no earlier leader's: it is sent at once.
@@ -1573,6 +1599,28 @@ pub(crate) mod tests {
             .inventory()
             .unheard_hosts(unix_ms(), 60_000)
             .is_empty());
+        // A leader of replicas hears a host in its second beat (the first may predate
+        // the host's learning of it); once a live host had time to beat, one down is not
+        // waited for.
+        scratch.center.inventory().begin_lead(unix_ms(), 2);
+        scratch.center.heartbeat(beat_with("a", a, &[])).unwrap();
+        let unheard = |now| {
+            let inventory = scratch.center.inventory();
+            let unheard: Vec<String> = (inventory.unheard_hosts(now, 60_000).iter())
+                .map(|h| h.to_string())
+                .collect();
+            unheard
+        };
+        assert_eq!(unheard(unix_ms()), ["a", "b"]);
+        scratch.center.heartbeat(beat_with("a", a, &[])).unwrap();
+        assert_eq!(unheard(unix_ms()), ["b"]);
+        scratch.silence("b");
+        assert_eq!(
+            unheard(unix_ms()),
+            ["b"],
+            "b may be live with an old record"
+        );
+        assert!(unheard(unix_ms() + 61_000).is_empty(), "b is down");
         // A key that is no key, named as a create under way, refuses the beat.
         let refused = scratch
             .center

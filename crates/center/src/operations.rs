@@ -56,7 +56,7 @@ impl From<String> for MoveFailure {
 }
 
 /// A long action of the center (maintenance, balancing), followed by polling.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Operation {
     /// Id.
     pub id: u64,
@@ -173,8 +173,49 @@ impl Center {
             f(op);
             op.clone()
         };
-        if let Err(e) = self.store().put_operation(&op) {
-            tracing::error!("recording operation {id}: {e}");
+        self.write_operation(op);
+    }
+
+    /// Writes `op` through. One whose write failed, or that changed while it was written
+    /// (a newer copy's write may have landed first), is written again by the monitor
+    /// ([`Self::rewrite_operations`]): else the store could say running, for followers and
+    /// the next leader, an operation that ended.
+    fn write_operation(&self, op: Operation) {
+        let written = match self.store().put_operation(&op) {
+            Ok(()) => true,
+            // No longer the leader: the next one resumes the operation from its record.
+            Err(StoreError::NotLeader) => return,
+            Err(e) => {
+                tracing::error!("recording operation {}: {e}; it is written again", op.id);
+                false
+            }
+        };
+        let ops = self.operations.lock().expect("operations lock");
+        let mut unwritten = self.unwritten_operations.lock().expect("unwritten lock");
+        if written && ops.get(&op.id) == Some(&op) {
+            unwritten.remove(&op.id);
+        } else if ops.contains_key(&op.id) {
+            unwritten.insert(op.id);
+        }
+    }
+
+    /// Writes again, as they are now, the operations whose last write failed or was
+    /// overtaken; run periodically by the monitor while this replica leads.
+    pub(crate) fn rewrite_operations(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        let ids = std::mem::take(&mut *self.unwritten_operations.lock().expect("unwritten lock"));
+        for id in ids {
+            let op = self
+                .operations
+                .lock()
+                .expect("operations lock")
+                .get(&id)
+                .cloned();
+            if let Some(op) = op {
+                self.write_operation(op);
+            }
         }
     }
 
@@ -1255,6 +1296,33 @@ mod tests {
         assert_eq!(ops.keys().next_back(), Some(&(OPERATIONS_KEPT as u64 + 5)));
         // The store keeps the same ones, not every operation ever run.
         assert_eq!(scratch.stored_rows("operations"), OPERATIONS_KEPT as i64);
+    }
+
+    #[test]
+    fn an_operations_record_whose_write_failed_is_written_again() {
+        let scratch = ScratchCenter::open("operation-rewritten");
+        let center = &scratch.center;
+        let op = center
+            .begin_operation(OperationKind::Balance, None, &[])
+            .unwrap();
+        let stored = || {
+            let loaded = center.store().load().unwrap();
+            let stored = loaded.operations.into_iter().find(|o| o.id == op.id);
+            stored.unwrap().state
+        };
+        // The store fails the write of the operation's end (a passing failure).
+        scratch.sql(
+            "CREATE TRIGGER down BEFORE UPDATE ON operations \
+             BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;",
+        );
+        center.update_operation(op.id, |o| o.state = OperationState::Done);
+        assert_eq!(stored(), OperationState::Running);
+        center.check_hosts().unwrap();
+        assert_eq!(stored(), OperationState::Running, "still failing");
+        scratch.sql("DROP TRIGGER down;");
+        center.check_hosts().unwrap();
+        assert_eq!(stored(), OperationState::Done, "written again");
+        assert!(center.unwritten_operations.lock().unwrap().is_empty());
     }
 
     #[test]
