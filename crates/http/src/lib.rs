@@ -224,6 +224,26 @@ const MAX_CONNECTIONS: usize = 4096;
 /// read fails, so a client that announces a large body and sends a byte a minute cannot
 /// hold a connection for ever.
 const BODY_READ_TIME: Duration = Duration::from_secs(30);
+/// Time a write of an answer may wait for the client to take more of it: past it the
+/// connection is closed, so a client that asks (pipelining requests, say) and never
+/// reads cannot hold a connection, and the answers buffered for it, for ever.
+const WRITE_TIME: Duration = Duration::from_secs(30);
+
+/// How long a client may take on a connection: to send a request's head (or the next
+/// one's), its body, and to take each piece of an answer.
+#[derive(Debug, Clone, Copy)]
+struct ClientTimes {
+    header: Duration,
+    body: Duration,
+    write: Duration,
+}
+
+/// The times every API connection is served with.
+const CLIENT_TIMES: ClientTimes = ClientTimes {
+    header: HEADER_READ_TIME,
+    body: BODY_READ_TIME,
+    write: WRITE_TIME,
+};
 
 /// A request body that fails once it has taken longer than `time` to arrive.
 struct Deadline {
@@ -293,27 +313,27 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     match tls {
-        None => serve_on(listener, router, shutdown, HEADER_READ_TIME, BODY_READ_TIME).await,
+        None => serve_on(listener, router, shutdown, CLIENT_TIMES).await,
         Some(config) => {
             let listener = TlsListener::new(listener, config, MAX_TLS_HANDSHAKES)?;
-            serve_on(listener, router, shutdown, HEADER_READ_TIME, BODY_READ_TIME).await
+            serve_on(listener, router, shutdown, CLIENT_TIMES).await
         }
     }
 }
 
 /// [`serve`] on a listener of either kind: HTTP/1.1, at most [`MAX_CONNECTIONS`]
 /// connections at once, each closed when a request's headers (or the next request) take
-/// longer than `header_time`, a request's body failing when it takes longer than
-/// `body_time`. (`axum::serve` sets no timer, so hyper applies no header timeout at all
-/// there; hyper has none for bodies.)
+/// longer than `times.header` or a write of an answer waits longer than `times.write`, a
+/// request's body failing when it takes longer than `times.body`. (`axum::serve` sets no
+/// timer, so hyper applies no header timeout at all there; hyper has none for bodies or
+/// writes.)
 async fn serve_on<L: axum::serve::Listener>(
     mut listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    header_time: Duration,
-    body_time: Duration,
+    times: ClientTimes,
 ) -> std::io::Result<()> {
-    let router = with_body_deadline(router, body_time);
+    let router = with_body_deadline(router, times.body);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
@@ -328,10 +348,12 @@ async fn serve_on<L: axum::serve::Listener>(
             () = &mut shutdown => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut io = tokio_io_timeout::TimeoutStream::new(io);
+        io.set_write_timeout(Some(times.write));
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_time)
-            .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            .header_read_timeout(times.header)
+            .serve_connection(hyper_util::rt::TokioIo::new(Box::pin(io)), service);
         let connection = connections.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -444,17 +466,16 @@ mod tests {
 
     use super::*;
 
-    /// Serves `router` with `header_time` and `body_time` to read a request's head and
-    /// body; its address.
+    /// Serves `router` with `times`; its address.
     fn serving(
         runtime: &tokio::runtime::Runtime,
         router: Router,
-        (header_time, body_time): (Duration, Duration),
+        times: ClientTimes,
     ) -> SocketAddr {
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = std::future::pending();
-        runtime.spawn(serve_on(listener, router, stop, header_time, body_time));
+        runtime.spawn(serve_on(listener, router, stop, times));
         addr
     }
 
@@ -495,7 +516,7 @@ mod tests {
                 ),
             )
             .layer(axum::middleware::from_fn(json_errors));
-        let addr = serving(&runtime, router, (HEADER_READ_TIME, BODY_READ_TIME));
+        let addr = serving(&runtime, router, CLIENT_TIMES);
         let ask = |request: &str| {
             let answer = exchange(addr, request.as_bytes());
             let (head, body) = answer.split_once("\r\n\r\n").unwrap();
@@ -525,7 +546,10 @@ mod tests {
         let addr = serving(
             &runtime,
             router,
-            (Duration::from_millis(300), BODY_READ_TIME),
+            ClientTimes {
+                header: Duration::from_millis(300),
+                ..CLIENT_TIMES
+            },
         );
         // One that says nothing, and one that stops halfway through its headers: closed
         // by the server (with nothing but perhaps an error answer).
@@ -549,7 +573,10 @@ mod tests {
         let addr = serving(
             &runtime,
             router,
-            (HEADER_READ_TIME, Duration::from_millis(300)),
+            ClientTimes {
+                body: Duration::from_millis(300),
+                ..CLIENT_TIMES
+            },
         );
         // It announces 100 bytes, sends two, and waits.
         let mut slow = std::net::TcpStream::connect(addr).unwrap();
@@ -561,6 +588,49 @@ mod tests {
         let request =
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc";
         answered(addr, request, "3");
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_answers_is_disconnected() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        // More than the kernel's buffers on both ends hold.
+        const ANSWER: usize = 32 << 20;
+        let router = Router::new().route("/", axum::routing::get(|| async { vec![b'a'; ANSWER] }));
+        let addr = serving(
+            &runtime,
+            router,
+            ClientTimes {
+                write: Duration::from_millis(300),
+                ..CLIENT_TIMES
+            },
+        );
+        // It asks, twice, and reads nothing for a while: the server's write waits, and
+        // the connection is closed.
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = 0;
+        let mut buf = vec![0; 1 << 20];
+        let end = loop {
+            match idle.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(
+            !matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "still open after {got} bytes"
+        );
+        assert!(got < ANSWER, "{got} bytes: the answer came whole");
+        // A client that reads is answered whole.
+        let answer = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(answer.len() > ANSWER, "{}", answer.len());
     }
 
     /// The status and error code `router` answers a `POST /` of `body` as `content_type`.
