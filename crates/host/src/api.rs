@@ -142,12 +142,12 @@ async fn show_vm(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 async fn console(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    let text = tokio::task::spawn_blocking(move || api.host.get(&id).map(|vm| vm.console()))
-        .await
-        .expect("API task panicked");
-    match text {
-        Ok(text) => text.into_response(),
-        Err(e) => e.into_response(),
+    // Text, not JSON, on success: `answer` would quote it. A failed handler is answered
+    // as by `answer` (a JSON 500), never by a panic of this task.
+    match tokio::task::spawn_blocking(move || api.host.get(&id).map(|vm| vm.console())).await {
+        Ok(Ok(text)) => text.into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ferry_http::internal_error(&e),
     }
 }
 

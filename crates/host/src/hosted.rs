@@ -11,7 +11,8 @@
 //!   a [`VmTracker`] lent to a migration as a [`MemoryLoan`]), read without either lock.
 //!
 //! Lock order: control, then lifecycle (briefly); migration, then lifecycle (briefly);
-//! never the other way round, and never control and migration together.
+//! control, then migration, only for an in-doubt VM's resumption (briefly, see
+//! [`HostedVm::resume_here`]); never the other way round (no migration, then control).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,8 +94,8 @@ enum Hold {
     Free,
     /// The migration throttle, for part of its duty cycle, since then.
     Throttle { since: Instant },
-    /// A migration's switchover (or an in-doubt outcome), since the VM stopped.
-    Switchover { since: Instant },
+    /// A migration's switchover (or an in-doubt outcome).
+    Switchover,
 }
 
 /// The microVM and who holds it paused.
@@ -146,6 +147,43 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Lines of the console a VM's [`HostedVm::info`] shows, at most.
+const TAIL_LINES: usize = 40;
+/// Bytes of the console a VM's [`HostedVm::info`] shows, at most: a guest that prints
+/// long lines, or junk with no line breaks, must not make every listing of the host's
+/// VMs (up to 64 KiB of console each, control characters six times that in JSON) grow
+/// with it. The whole console is `GET /v1/vms/{id}/console`.
+const TAIL_BYTES: usize = 4096;
+
+/// The end of `console` that [`HostedVm::info`] shows: its last [`TAIL_LINES`] lines,
+/// and of them no more than the last [`TAIL_BYTES`], from the first line that begins in
+/// them (or, where none does, from the first whole character).
+fn console_tail(console: &str) -> &str {
+    let lines = console
+        .char_indices()
+        .rev()
+        .filter(|&(_, c)| c == '\n')
+        .nth(TAIL_LINES)
+        .map_or(0, |(i, _)| i + 1);
+    let tail = &console[lines..];
+    if tail.len() <= TAIL_BYTES {
+        return tail;
+    }
+    let mut start = tail.len() - TAIL_BYTES;
+    while !tail.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &tail[start..];
+    if tail.as_bytes()[start - 1] == b'\n' {
+        return cut;
+    }
+    // A line cut in two is left out if a whole one follows it.
+    match cut.find('\n') {
+        Some(i) if i + 1 < cut.len() => &cut[i + 1..],
+        _ => cut,
+    }
 }
 
 /// The state a guest's end puts a VM in.
@@ -287,17 +325,11 @@ impl HostedVm {
         self.life.ended_at()
     }
 
-    /// What the API shows (never waits for the guest).
+    /// What the API shows (never waits for the guest), with the console's last lines
+    /// ([`console_tail`]: bounded, as every VM's is listed).
     pub fn info(&self) -> VmInfo {
-        let console_tail = self.console();
-        let tail_start = console_tail
-            .char_indices()
-            .rev()
-            .filter(|&(_, c)| c == '\n')
-            .nth(40)
-            .map_or(0, |(i, _)| i + 1);
         VmInfo {
-            console_tail: console_tail[tail_start..].to_string(),
+            console_tail: console_tail(&self.console()).to_string(),
             ..self.summary()
         }
     }
@@ -441,7 +473,18 @@ impl HostedVm {
                 }
                 since
             }
-            Hold::Switchover { since } => since,
+            // Held for a switchover, yet this one just began: a hold left over (an
+            // in-doubt VM resumed here is let go under the control lock with its
+            // transition, so none should be). Taken over, the VM could be let go by
+            // whoever held it, and this switchover's copy made of a running VM: refused,
+            // the switchover undone; the migration then fails, and its abandon lets the
+            // VM go.
+            Hold::Switchover => {
+                let _ = self.life.end_switchover();
+                return Err(VmError::Pause(
+                    "the VM is held paused for another switchover".into(),
+                ));
+            }
             Hold::Free => {
                 let Some(vm) = control.vm.as_mut() else {
                     return Err(VmError::Gone("the VM was released".into()));
@@ -465,7 +508,7 @@ impl HostedVm {
                 since
             }
         };
-        control.hold = Hold::Switchover { since };
+        control.hold = Hold::Switchover;
         Ok(since)
     }
 
@@ -482,7 +525,7 @@ impl HostedVm {
     /// resumes it so, then abandons).
     pub fn end_switchover(&self) -> Result<(), VmError> {
         let mut control = self.control();
-        if let Hold::Switchover { .. } = Self::let_go(&mut control)? {
+        if let Hold::Switchover = Self::let_go(&mut control)? {
             // Under the control lock (control, then lifecycle): the throttle never finds
             // the VM free yet still in its switchover.
             self.life
@@ -496,9 +539,7 @@ impl HostedVm {
     /// who held it (it stays held if it cannot run again).
     fn let_go(control: &mut Control) -> Result<Hold, VmError> {
         let held = control.hold;
-        if let (Hold::Throttle { .. } | Hold::Switchover { .. }, Some(vm)) =
-            (held, control.vm.as_mut())
-        {
+        if let (Hold::Throttle { .. } | Hold::Switchover, Some(vm)) = (held, control.vm.as_mut()) {
             if matches!(vm.run_state(), RunState::Paused) {
                 vm.resume().map_err(|e| VmError::Resume(e.into()))?;
             }
@@ -563,10 +604,18 @@ impl HostedVm {
     /// VM. The transition comes first, so that of two settlements racing (the host's own
     /// and an operator's), only the one that won runs the VM here. One that cannot run
     /// again ends as failed.
+    ///
+    /// The transition and the VM's letting go are made under the control lock, together:
+    /// a migration that begins once the VM is running again (which it may as soon as the
+    /// state says so) holds it only after it was let go, and pauses it itself.
     pub fn resume_here(&self, ticket: MigrationTicket) -> Result<(), SettleError> {
-        self.settle(ticket, Lifecycle::resume_here)?;
-        self.resume_from_hold()
-            .map_err(|e| SettleError::CannotRun(self.fail_to_run("it was resumed here", &e)))
+        let resumed = {
+            let mut control = self.control();
+            self.settle(ticket, Lifecycle::resume_here)?;
+            Self::let_go(&mut control).map(drop)
+        };
+        // Outside the control lock, which the VM's release takes.
+        resumed.map_err(|e| SettleError::CannotRun(self.fail_to_run("it was resumed here", &e)))
     }
 
     /// Makes the settling transition `t` if `ticket` is still the VM's latest migration,
@@ -1113,6 +1162,123 @@ mod tests {
         assert_eq!(vm.state().name(), "in-doubt");
         vm.resume_here(second).unwrap();
         assert_eq!(vm.state(), VmState::Running);
+        vm.stop().unwrap();
+        assert_eq!(ledger.held().memory, 0);
+        vm.join_watcher();
+    }
+    #[test]
+    fn the_console_tail_shown_is_bounded_in_bytes_too() {
+        // A guest that prints junk without line breaks: no line cut helps.
+        let junk = "\x01".repeat(64 << 10);
+        let tail = console_tail(&junk);
+        assert_eq!(tail.len(), TAIL_BYTES);
+        assert!(junk.ends_with(tail));
+        // What a listing carries of it, escaped: bounded too.
+        let escaped = serde_json::to_string(tail).unwrap();
+        assert!(escaped.len() <= 6 * TAIL_BYTES + 2, "{}", escaped.len());
+        // Cut at a character's boundary, whatever the characters.
+        for odd in ["", "x", "xy"] {
+            let wide = format!("{odd}{}", "\u{e9}\u{20ac}\u{1f600}".repeat(8 << 10));
+            let tail = console_tail(&wide);
+            assert!(tail.len() <= TAIL_BYTES && tail.len() > TAIL_BYTES - 4);
+            assert!(wide.ends_with(tail));
+        }
+        // Junk and then lines: from the first whole line in the bound.
+        let ended = format!("{junk}\nchecksum=abc\n");
+        assert_eq!(console_tail(&ended), "checksum=abc\n");
+        let long_lines: String = (0..40)
+            .map(|i| format!("{i:03}{}\n", "-".repeat(196)))
+            .collect();
+        let from_20 = long_lines.find("020").unwrap();
+        assert_eq!(console_tail(&long_lines), &long_lines[from_20..]);
+        // A cut that falls at a line's start keeps that line.
+        let exact: String = (0..64)
+            .map(|i| format!("{i:03}{}\n", "-".repeat(124)))
+            .collect();
+        assert!(console_tail(&exact).starts_with("032"));
+        // The last 40 lines of short ones, as before; a short console whole.
+        let lines: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let tail = console_tail(&lines);
+        assert_eq!(tail.lines().count(), 40);
+        assert!(tail.starts_with("line 60\n") && tail.ends_with("line 99\n"));
+        assert_eq!(console_tail("hello\nwor"), "hello\nwor");
+        assert_eq!(console_tail(""), "");
+    }
+
+    /// Whether `vm`'s microVM is running (`Some(false)`: paused, or ended).
+    fn running(vm: &HostedVm) -> Option<bool> {
+        vm.with_vm(|v| matches!(v.run_state(), RunState::Running))
+    }
+
+    #[test]
+    fn a_vm_resumed_from_doubt_runs_again_before_another_migration_can_hold_it() {
+        if !ferry_testdata::kvm(
+            "a_vm_resumed_from_doubt_runs_again_before_another_migration_can_hold_it",
+        ) {
+            return;
+        }
+        let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
+        let first = vm
+            .begin_migration("b:1", status("b:1"), CancelToken::default())
+            .unwrap();
+        vm.hold().unwrap();
+        vm.lose_confirmation("timed out").unwrap();
+        // The settlement finds the control lock taken (as by a kernel in flight): it
+        // does not say the VM runs before it was let go, so no migration begins, and
+        // none can take the switchover's pause over to copy a VM about to run.
+        let control = vm.control();
+        let settling = {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.resume_here(first))
+        };
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < deadline {
+            assert_eq!(vm.state().name(), "in-doubt");
+            let refused = vm
+                .begin_migration("c:1", status("c:1"), CancelToken::default())
+                .unwrap_err();
+            assert_eq!(refused.transition, crate::lifecycle::Transition::Migrate);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(control);
+        settling.join().unwrap().unwrap();
+        assert_eq!(vm.state(), VmState::Running);
+        assert_eq!(running(&vm), Some(true));
+        // The next migration's switchover pauses the VM itself.
+        vm.begin_migration("c:1", status("c:1"), CancelToken::default())
+            .unwrap();
+        vm.hold().unwrap();
+        assert_eq!(running(&vm), Some(false));
+        vm.abandon_migration().unwrap();
+        assert_eq!(running(&vm), Some(true));
+        vm.stop().unwrap();
+        assert_eq!(ledger.held().memory, 0);
+        vm.join_watcher();
+    }
+
+    #[test]
+    fn a_switchover_never_takes_over_a_hold_left_by_another() {
+        if !ferry_testdata::kvm("a_switchover_never_takes_over_a_hold_left_by_another") {
+            return;
+        }
+        let (ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
+        vm.begin_migration("b:1", status("b:1"), CancelToken::default())
+            .unwrap();
+        vm.hold().unwrap();
+        vm.lose_confirmation("timed out").unwrap();
+        // Running again by its state, its in-doubt pause not yet let go (as a
+        // settlement that let go after its transition once left it): a migration begins.
+        vm.life.resume_here().unwrap();
+        vm.begin_migration("c:1", status("c:1"), CancelToken::default())
+            .unwrap();
+        let refused = vm.hold().unwrap_err();
+        assert!(matches!(refused, VmError::Pause(_)), "{refused}");
+        assert_eq!(vm.state(), VmState::Migrating { to: "c:1".into() });
+        // The migration fails: its abandon lets the VM go, paused for nobody no more.
+        vm.abandon_migration().unwrap();
+        assert_eq!(vm.state(), VmState::Running);
+        assert_eq!(running(&vm), Some(true));
+        assert!(matches!(vm.control().hold, Hold::Free));
         vm.stop().unwrap();
         assert_eq!(ledger.held().memory, 0);
         vm.join_watcher();
