@@ -54,19 +54,31 @@ pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String
     }
     let path = std::path::Path::new(workload);
     if workload.contains('/') || path.exists() {
-        return read_image(path)
-            .map(std::borrow::Cow::Owned)
-            .map_err(|e| format!("cannot read guest image {workload}: {e}"));
+        return read_file(path);
     }
+    Err(not_found(workload))
+}
+
+/// The guest ELF in the file at `path`, read as [`resolve`] reads a path: a regular file
+/// of at most [`MAX_IMAGE_BYTES`].
+pub fn read_file(path: &std::path::Path) -> Result<std::borrow::Cow<'static, [u8]>, String> {
+    read_image(path)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| format!("cannot read guest image {}: {e}", path.display()))
+}
+
+/// Why `workload` names no guest: no built-in one has the name (the error names those
+/// there are).
+pub fn not_found(workload: &str) -> String {
     let names: Vec<&str> = ALL
         .iter()
         .filter(|i| !i.test_only)
         .map(|i| i.name)
         .collect();
-    Err(format!(
+    format!(
         "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
         names.join(", ")
-    ))
+    )
 }
 
 /// The regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]: opened without

@@ -671,6 +671,25 @@ impl Host {
         drop(background.migrations);
     }
 
+    /// The ELF of `workload`: a built-in guest's, or a client's file, read only where
+    /// this host attaches files from (a path elsewhere, or a name not built in, is refused
+    /// before the file system is asked: its answers would tell what files exist there).
+    fn guest_image(&self, workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, HostError> {
+        let confined = matches!(self.config.attach, AttachPolicy::Under(_));
+        if !confined || ferry_guest_images::find(workload).is_some() {
+            return ferry_guest_images::resolve(workload).map_err(HostError::BadRequest);
+        }
+        if !workload.contains('/') {
+            return Err(HostError::BadRequest(ferry_guest_images::not_found(
+                workload,
+            )));
+        }
+        let path = (self.config.attach)
+            .admit(std::path::Path::new(workload))
+            .map_err(|e| HostError::BadRequest(format!("guest image {workload}: {e}")))?;
+        ferry_guest_images::read_file(&path).map_err(HostError::BadRequest)
+    }
+
     /// Claims idempotency key `key` for a create, or finds the VM created with it.
     fn claim_key(&self, key: &str) -> Result<KeyedCreate<'_>, HostError> {
         let mut vms = self.vms();
@@ -909,7 +928,7 @@ impl Host {
                 "a workload is named by at most {max} bytes and no control characters (a VM's offer carries it when it migrates)"
             )));
         }
-        let image = ferry_guest_images::resolve(&req.workload).map_err(HostError::BadRequest)?;
+        let image = self.guest_image(&req.workload)?;
         // Held to the end: the VM is listed with its key before another create can look.
         let _key = match req.idempotency_key.as_deref() {
             None => None,
@@ -2079,6 +2098,51 @@ mod tests {
         assert!(panicked.is_err() && host.vms.is_poisoned());
         assert!(host.list().is_empty());
         assert!(matches!(host.stop("h-vm9"), Err(HostError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_guest_image_path_is_read_only_where_files_are_attached() {
+        let dir = std::env::temp_dir().join(format!("ferry-image-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let host = Host::new(HostConfig {
+            attach: AttachPolicy::Under(vec![AttachDir::new(&dir).unwrap()]),
+            ..test_config("images")
+        });
+        let refusal = |workload: &str| {
+            let mut req = memtouch(64 << 20, 0);
+            req.workload = workload.into();
+            match host.create_vm(&req) {
+                Err(HostError::BadRequest(why)) => why,
+                other => panic!("{workload}: {other:?}"),
+            }
+        };
+        // Outside the directory, a file there and one not there are refused alike: the
+        // answer tells nothing of what is there.
+        let exists = std::env::current_exe().unwrap();
+        let exists = exists.to_str().unwrap();
+        for path in [exists, "/no/such/image"] {
+            let why = refusal(path);
+            assert_eq!(
+                why.replace(path, "PATH"),
+                refusal("/no/such/image").replace("/no/such/image", "PATH")
+            );
+            assert!(why.contains("not under a directory"), "{why}");
+        }
+        // A bare name not built in is not looked for in the daemon's folder.
+        let here = "Cargo.toml";
+        assert!(std::path::Path::new(here).exists());
+        assert!(
+            refusal(here).starts_with("no workload named"),
+            "{}",
+            refusal(here)
+        );
+        // Inside, the file is read (and this one is no guest).
+        let inside = dir.join("not-an-elf");
+        std::fs::write(&inside, b"text").unwrap();
+        let why = refusal(inside.to_str().unwrap());
+        assert!(!why.contains("not under a directory"), "{why}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        host.shutdown();
     }
 
     #[test]
