@@ -14,6 +14,9 @@ pub(crate) enum Reply {
     Late(Duration, &'static str, String),
     /// Not at all: it reads the request and closes (an answer lost on the way).
     Nothing,
+    /// As [`Reply::Json`], once the request is in and this has run (a client leaving
+    /// while its request is under way).
+    After(Box<dyn FnOnce() + Send>, &'static str, String),
 }
 
 impl From<(&'static str, String)> for Reply {
@@ -52,6 +55,10 @@ pub(crate) fn fake_host<R: Into<Reply> + Send + 'static>(
                     (status, body)
                 }
                 Reply::Nothing => continue,
+                Reply::After(then, status, body) => {
+                    then();
+                    (status, body)
+                }
             };
             write!(
                 stream,

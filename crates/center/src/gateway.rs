@@ -68,6 +68,21 @@ const READ_TIME: Duration = Duration::from_millis(READ_WAIT_MS + 4000);
 /// unread (base64 in JSON) and a short record per event, well within it. A broken host
 /// must not make each of a relay's many reads cost up to the client's usual 256 MiB.
 const MAX_CHUNK_ANSWER: u64 = 1 << 20;
+/// Longest a relay's call to a host other than a read (a submit, a cancel, a release,
+/// asking where the VM went) may take, answer included: a host that takes the
+/// connection and never answers must not hold a relay (or a stream mid-migration) for
+/// the client's usual minute each time.
+#[cfg(not(test))]
+const HOST_CALL_TIME: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const HOST_CALL_TIME: Duration = Duration::from_secs(1);
+/// Most bytes of a host's answer to a submit, a cancel or a release (a short record, or
+/// an error): a broken host must not make each cost up to the client's usual 256 MiB.
+const MAX_CALL_ANSWER: u64 = 64 << 10;
+/// Most bytes of a host's answer about a VM (its `VmInfo`): its console tail (up to
+/// 64 KiB, control characters six times that in JSON), up to 63 files' paths and 4 KiB
+/// of arguments fit well within it.
+const MAX_VM_ANSWER: u64 = 1 << 20;
 /// Most bytes of text one answer may bring: far more than 4,096 tokens of any text, and
 /// a bound on what a hostile guest can make the gateway hold or a client read.
 const MAX_ANSWER_TEXT: usize = 4 << 20;
@@ -562,7 +577,11 @@ impl Center {
         if let Ok(info) = self
             .host_client(from)
             .ok()?
-            .get::<ferry_api::VmInfo>(&format!("/v1/vms/{vm}"))
+            .get_within_time::<ferry_api::VmInfo>(
+                &format!("/v1/vms/{vm}"),
+                MAX_VM_ANSWER,
+                HOST_CALL_TIME,
+            )
         {
             if let VmState::MigratedAway { to } = info.state {
                 let inventory = self.inventory();
@@ -619,7 +638,7 @@ impl Center {
             payload,
         };
         let relayed = self
-            .submit(vm, &mut host, &message)
+            .submit(vm, &mut host, &message, tx)
             .and_then(|()| self.read_back(vm, &mut host, stream, max_tokens, tx));
         if let Err(e) = relayed {
             let _ = tx.blocking_send(Relayed::Failed(e));
@@ -627,20 +646,33 @@ impl Center {
     }
 
     /// Queues `message` on VM `vm`'s channel, at `host` or wherever it has moved; waits
-    /// out a start or a switchover (up to [`PATIENCE`]).
+    /// out a start or a switchover (up to [`PATIENCE`]). A client gone (`tx` closed)
+    /// ends it, the request cancelled if a try may have queued it.
     fn submit(
         &self,
         vm: &str,
         host: &mut HostRecord,
         message: &ChannelMessage,
+        tx: &mpsc::Sender<Relayed>,
     ) -> Result<(), OpenAiError> {
         let started = Instant::now();
         // Whether an earlier try may have queued it, its answer lost on the way back.
         let mut may_have_arrived = false;
         loop {
+            if tx.is_closed() {
+                if may_have_arrived {
+                    self.cancel(vm, host, message.stream, "the client went away");
+                }
+                // Nobody reads it.
+                return Err(relay_lost());
+            }
             let client = self.host_client(host).map_err(|e| unreachable(vm, &e))?;
-            let result: anyhow::Result<Value> =
-                client.post(&format!("/v1/vms/{vm}/streams"), message);
+            let result: anyhow::Result<Value> = client.post_within_time(
+                &format!("/v1/vms/{vm}/streams"),
+                message,
+                MAX_CALL_ANSWER,
+                HOST_CALL_TIME,
+            );
             let Err(e) = result else { return Ok(()) };
             may_have_arrived |= api_error(&e).is_none();
             match api_error(&e).and_then(|a| a.code.as_deref()) {
@@ -808,8 +840,12 @@ impl Center {
         let mut host = host.clone();
         let started = Instant::now();
         while let Ok(client) = self.host_client(&host) {
-            let sent: anyhow::Result<Value> =
-                client.post(&format!("/v1/vms/{vm}/streams/{stream}/signal"), &cancel);
+            let sent: anyhow::Result<Value> = client.post_within_time(
+                &format!("/v1/vms/{vm}/streams/{stream}/signal"),
+                &cancel,
+                MAX_CALL_ANSWER,
+                HOST_CALL_TIME,
+            );
             let Err(e) = sent else { break };
             let code = api_error(&e).and_then(|a| a.code.as_deref());
             let elsewhere = api_error(&e).is_none()
@@ -838,8 +874,11 @@ impl Center {
         let mut host = host.clone();
         let started = Instant::now();
         while let Ok(client) = self.host_client(&host) {
-            let released: anyhow::Result<Value> =
-                client.delete(&format!("/v1/vms/{vm}/streams/{stream}"));
+            let released: anyhow::Result<Value> = client.delete_within_time(
+                &format!("/v1/vms/{vm}/streams/{stream}"),
+                MAX_CALL_ANSWER,
+                HOST_CALL_TIME,
+            );
             let Err(e) = released else { return };
             let code = api_error(&e).and_then(|a| a.code.as_deref());
             let follow = match code {
@@ -1828,9 +1867,10 @@ mod tests {
             kind: serve::kind::REQUEST,
             payload: b"{}".to_vec(),
         };
+        let (tx, _rx) = mpsc::channel(4);
         let e = scratch
             .center
-            .submit("v", &mut record, &message)
+            .submit("v", &mut record, &message, &tx)
             .unwrap_err();
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         let body = e.body().to_string();
@@ -1957,7 +1997,8 @@ mod tests {
             kind: serve::kind::REQUEST,
             payload: b"{}".to_vec(),
         };
-        let submitted = scratch.center.submit("v", &mut record, &message);
+        let (tx, _rx) = mpsc::channel(4);
+        let submitted = scratch.center.submit("v", &mut record, &message, &tx);
         assert!(submitted.is_ok(), "{:?}", submitted.err().map(|e| e.body()));
         let seen = requests.join().unwrap();
         assert!(
@@ -1965,6 +2006,84 @@ mod tests {
                 .all(|r| r.starts_with("POST /v1/vms/v/streams ")),
             "{seen:?}"
         );
+    }
+
+    /// A request for VM `v` on stream 9.
+    fn request_9() -> ChannelMessage {
+        ChannelMessage {
+            stream: 9,
+            kind: serve::kind::REQUEST,
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_request_whose_client_left_while_it_was_being_queued_is_given_up_and_cancelled() {
+        let scratch = crate::tests::ScratchCenter::open("left-submit");
+        // Host b may have queued it (its answer is lost), then pauses the VM: the relay
+        // would try again until its patience ran out.
+        let unavailable = r#"{"error":"VM v is pausing","code":"unavailable"}"#;
+        let (tx, rx) = mpsc::channel(4);
+        // The client leaves during the second try.
+        let (addr, requests) = fake_host(vec![
+            Reply::Nothing,
+            Reply::After(
+                Box::new(move || drop(rx)),
+                "503 Service Unavailable",
+                unavailable.into(),
+            ),
+            Reply::Json("200 OK", "{}".into()),
+            Reply::Json("200 OK", "{}".into()),
+        ]);
+        let mut record = scratch.report("b", addr);
+        let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
+        assert!(submitted.is_err());
+        let seen = requests.join().unwrap();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(
+            seen[..2]
+                .iter()
+                .all(|r| r.starts_with("POST /v1/vms/v/streams ")),
+            "{seen:?}"
+        );
+        assert_cancelled(&seen, 2);
+    }
+
+    #[test]
+    fn a_request_whose_client_left_before_it_was_queued_is_sent_to_no_host() {
+        let scratch = crate::tests::ScratchCenter::open("left-before-submit");
+        // A host that would take the request (its backlog takes the connection).
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut record = scratch.report("b", host.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel(4);
+        drop(rx);
+        let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
+        assert!(submitted.is_err());
+        host.set_nonblocking(true).unwrap();
+        let connected = host.accept();
+        assert!(connected.is_err(), "the host was asked: {connected:?}");
+    }
+
+    #[test]
+    fn a_host_that_takes_requests_and_never_answers_holds_a_relay_only_a_few_call_times() {
+        let scratch = crate::tests::ScratchCenter::open("hanging-host");
+        // Takes the connections (the backlog does) and says nothing.
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut record = scratch.report("b", host.local_addr().unwrap());
+        let (tx, _rx) = mpsc::channel(4);
+        let started = Instant::now();
+        let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
+        let e = submitted.expect_err("a host answering nothing queued it");
+        assert_eq!(e.code, "model_unavailable", "{}", e.body());
+        // A submit, its cancel and its release, each given up after [`HOST_CALL_TIME`]:
+        // not after the client's usual minute each.
+        let took = started.elapsed();
+        assert!(took >= HOST_CALL_TIME * 3, "{took:?}");
+        assert!(
+            took < HOST_CALL_TIME * 3 + PATIENCE + Duration::from_secs(5),
+            "{took:?}"
+        );
+        drop(host);
     }
 
     #[test]

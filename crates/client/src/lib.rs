@@ -370,19 +370,28 @@ impl ApiClient {
         Ok(text)
     }
 
-    /// `POST path` with a JSON body (never sent twice): what it was, and the answer.
+    /// `POST path` with a JSON body (never sent twice): what it was, and the answer;
+    /// within `time` if given, else the client's own limit.
     fn post_json_request<B: Serialize>(
         &self,
         path: &str,
         body: &B,
+        time: Option<Duration>,
     ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
         let what = format!("POST {path}");
         let json = serde_json::to_vec(body).with_context(|| format!("encoding {what}"))?;
         let response = self.send(&what, false, |base| {
-            let request = (self.request("POST", base, path))
+            let mut request = (self.request("POST", base, path))
                 .header("Content-Type", "application/json; charset=utf-8")
                 .body(json.as_slice())
                 .map_err(ureq::Error::from)?;
+            if let Some(time) = time {
+                request = self
+                    .agent
+                    .configure_request(request)
+                    .timeout_global(Some(time))
+                    .build();
+            }
             self.agent.run(request)
         })?;
         Ok((what, response))
@@ -394,8 +403,21 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let (what, r) = self.post_json_request(path, body)?;
+        let (what, r) = self.post_json_request(path, body, None)?;
         self.finish(&what, r, MAX_ANSWER_BYTES)
+    }
+
+    /// [`Self::post`], whose answer is refused past `limit` bytes, answered whole within
+    /// `time` (as [`Self::get_within_time`]).
+    pub fn post_within_time<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        limit: u64,
+        time: Duration,
+    ) -> anyhow::Result<T> {
+        let (what, r) = self.post_json_request(path, body, Some(time))?;
+        self.finish(&what, r, limit)
     }
 
     /// `POST path` with a JSON body, answered with a stream of lines (server-sent
@@ -406,7 +428,7 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
         use std::io::BufRead;
-        let (what, response) = self.post_json_request(path, body)?;
+        let (what, response) = self.post_json_request(path, body, None)?;
         if !response.status().is_success() {
             return Err(self
                 .finish::<serde_json::Value>(&what, response, MAX_ANSWER_BYTES)
@@ -419,6 +441,18 @@ impl ApiClient {
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let (what, r) = self.bodiless_request("DELETE", path, None)?;
         self.finish(&what, r, MAX_ANSWER_BYTES)
+    }
+
+    /// [`Self::delete`], whose answer is refused past `limit` bytes, answered whole
+    /// within `time` (as [`Self::get_within_time`]).
+    pub fn delete_within_time<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        limit: u64,
+        time: Duration,
+    ) -> anyhow::Result<T> {
+        let (what, r) = self.bodiless_request("DELETE", path, Some(time))?;
+        self.finish(&what, r, limit)
     }
 
     /// Passes a request on as it came (a center replica forwarding a write to the
@@ -548,6 +582,47 @@ mod tests {
         let took = started.elapsed();
         assert!(took < Duration::from_secs(5), "{took:?}");
         drop(listener);
+    }
+
+    #[test]
+    fn a_write_given_a_time_gives_up_on_a_server_that_never_answers_by_then() {
+        // Takes the connections (the backlog does) and says nothing.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let client = ApiClient::new(&base, b"token").unwrap();
+        let time = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let body = serde_json::json!({ "stream": 1 });
+        let post = client.post_within_time::<_, serde_json::Value>(
+            "/v1/vms/v/streams",
+            &body,
+            1 << 16,
+            time,
+        );
+        let post = post.unwrap_err();
+        // Not a refusal: it may have arrived.
+        assert!(post.downcast_ref::<ApiError>().is_none(), "{post:#}");
+        let delete =
+            client.delete_within_time::<serde_json::Value>("/v1/vms/v/streams/1", 1 << 16, time);
+        assert!(delete.is_err());
+        // Two tries of 300 ms, not of the client's usual minute.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        drop(listener);
+    }
+
+    #[test]
+    fn a_write_given_a_limit_refuses_an_answer_past_it() {
+        let body = serde_json::json!({ "text": "x".repeat(100 << 10) }).to_string();
+        let client = ApiClient::new(&answering(3, "200 OK", body), b"token").unwrap();
+        let time = Duration::from_secs(5);
+        let post = client.post_within_time::<_, serde_json::Value>("/big", &1, 64 << 10, time);
+        assert!(post.is_err());
+        let delete = client.delete_within_time::<serde_json::Value>("/big", 64 << 10, time);
+        assert!(delete.is_err());
+        // The same answer within a larger limit.
+        let whole: serde_json::Value = client.post_within_time("/big", &1, 1 << 20, time).unwrap();
+        assert_eq!(whole["text"].as_str().unwrap().len(), 100 << 10);
     }
 
     #[test]
