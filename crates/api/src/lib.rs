@@ -171,7 +171,8 @@ pub struct VmInfo {
     /// created it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
-    /// The console's last lines.
+    /// The console's last lines: at most 40, and 4 KiB (the whole console is
+    /// `GET /v1/vms/{id}/console`).
     pub console_tail: String,
 }
 
