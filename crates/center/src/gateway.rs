@@ -2049,12 +2049,18 @@ mod tests {
         assert_cancelled(&seen, 2);
     }
 
+    /// Host b, whose API takes connections (its backlog does) and says nothing: its
+    /// listener and its record.
+    fn silent_host_b(scratch: &crate::tests::ScratchCenter) -> (std::net::TcpListener, HostRecord) {
+        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let record = scratch.report("b", host.local_addr().unwrap());
+        (host, record)
+    }
+
     #[test]
     fn a_request_whose_client_left_before_it_was_queued_is_sent_to_no_host() {
         let scratch = crate::tests::ScratchCenter::open("left-before-submit");
-        // A host that would take the request (its backlog takes the connection).
-        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut record = scratch.report("b", host.local_addr().unwrap());
+        let (host, mut record) = silent_host_b(&scratch);
         let (tx, rx) = mpsc::channel(4);
         drop(rx);
         let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
@@ -2067,9 +2073,7 @@ mod tests {
     #[test]
     fn a_host_that_takes_requests_and_never_answers_holds_a_relay_only_a_few_call_times() {
         let scratch = crate::tests::ScratchCenter::open("hanging-host");
-        // Takes the connections (the backlog does) and says nothing.
-        let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut record = scratch.report("b", host.local_addr().unwrap());
+        let (host, mut record) = silent_host_b(&scratch);
         let (tx, _rx) = mpsc::channel(4);
         let started = Instant::now();
         let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);

@@ -326,7 +326,7 @@ impl HostedVm {
     }
 
     /// What the API shows (never waits for the guest), with the console's last lines
-    /// ([`console_tail`]: bounded, as every VM's is listed).
+    /// (bounded in lines and bytes, as every VM's is listed).
     pub fn info(&self) -> VmInfo {
         VmInfo {
             console_tail: console_tail(&self.console()).to_string(),
