@@ -226,8 +226,9 @@ const MAX_CONNECTIONS: usize = 4096;
 const BODY_READ_TIME: Duration = Duration::from_secs(30);
 /// Time a write of an answer may wait for the client to take more of it: past it the
 /// connection is closed, so a client that asks (pipelining requests, say) and never
-/// reads cannot hold a connection, and the answers buffered for it, for ever.
-const WRITE_TIME: Duration = Duration::from_secs(30);
+/// reads cannot hold a connection, and the answers buffered for it, for ever. As long as
+/// the gateway gives a streaming client that stops reading.
+const WRITE_TIME: Duration = Duration::from_secs(60);
 
 /// How long a client may take on a connection: to send a request's head (or the next
 /// one's), its body, and to take each piece of an answer.

@@ -159,9 +159,10 @@ pub struct ServeArgs {
     /// center, `ferry vm` with the secret) use a key derived from the secret instead.
     #[arg(long, value_name = "FILE")]
     pub api_tokens: Option<PathBuf>,
-    /// A directory whose files `vm create --attach` may give VMs (repeat for more; e.g.
-    /// where the models and datasets are). Without one, no file can be attached by path
-    /// through the API: a guest reads what is attached, so any token could otherwise read
+    /// A directory whose files `vm create --attach` may give VMs, and whose guest ELFs
+    /// `vm create PATH` may run (repeat for more; e.g. where the models and datasets
+    /// are). Without one, no file can be attached, and no guest run, by path through the
+    /// API: a guest reads what is attached, so any token could otherwise read
     /// every file this daemon can (the cluster secret included). An incoming migration
     /// looks here too (besides the file store and this host's VMs' files) for a copy of
     /// a file its VM has, at the source's path: found, it is not sent, once its hash

@@ -84,7 +84,8 @@ struct CreateArgs {
     on: Option<String>,
     #[command(flatten)]
     token: crate::cmd::center::TokenArgs,
-    /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host.
+    /// Built-in workload (see `ferry workloads`) or a guest ELF path on the host, under
+    /// one of its `--attach-dir` folders.
     workload: String,
     /// A name for the VM; clients of the center's OpenAI API name a serving VM by it
     /// (or by its id) as `model`.
