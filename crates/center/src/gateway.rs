@@ -800,7 +800,22 @@ impl Center {
                         Some("stream_not_found") => {
                             return Err(upstream(format!("model '{vm}' lost the answer's stream")))
                         }
-                        code => self.reroute(vm, host, code),
+                        // Not an answer, or the VM moving, starting or pausing: it may
+                        // answer shortly, here or where it went.
+                        code @ (None
+                        | Some("migrated" | "vm_not_found" | "unavailable" | "busy")) => {
+                            self.reroute(vm, host, code)
+                        }
+                        // A refusal that asking again will not change (the VM failed, a
+                        // read the host cannot serve): the client hears at once, not after
+                        // the patience. The detail is for the log.
+                        Some(_) => {
+                            tracing::warn!(vm, stream, "the model's host refused a read: {e:#}");
+                            self.cancel(vm, host, stream, "its host refused a read");
+                            return Err(upstream(format!(
+                                "the host of model '{vm}' refused to read the answer"
+                            )));
+                        }
                     }
                     let out_of_reach = unreachable_since.get_or_insert_with(Instant::now).elapsed();
                     if out_of_reach > PATIENCE {
@@ -1776,6 +1791,25 @@ mod tests {
             seen[7].starts_with("POST /v1/vms/v/streams/9/signal "),
             "{seen:?}"
         );
+    }
+
+    #[test]
+    fn a_read_refused_for_good_fails_at_once_not_after_the_patience() {
+        let failed = r#"{"error":"VM v failed: the guest exited","code":"vm_failed"}"#;
+        let reads = vec![("500 Internal Server Error", failed.to_string()); 3];
+        let scratch = crate::tests::ScratchCenter::open("read-refused");
+        let (addr, requests) = fake_host(reads);
+        let mut record = scratch.report("b", addr);
+        let (tx, _rx) = mpsc::channel(4);
+        let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
+        let e = read.unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{}", e.body());
+        assert_eq!(e.code, "upstream_error");
+        let seen = requests.join().unwrap();
+        // One read, then the generation told to stop and the stream let go: not one read
+        // after another until the patience ran out.
+        assert!(seen[0].starts_with("GET /v1/vms/v/streams/9?"), "{seen:?}");
+        assert_cancelled(&seen, 1);
     }
 
     #[test]
