@@ -62,7 +62,7 @@ pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String
 /// The guest ELF in the file at `path`, read as [`resolve`] reads a path: a regular file
 /// of at most [`MAX_IMAGE_BYTES`].
 pub fn read_file(path: &std::path::Path) -> Result<std::borrow::Cow<'static, [u8]>, String> {
-    read_image(path)
+    read_checked(path, |_| Ok(()))
         .map(std::borrow::Cow::Owned)
         .map_err(|e| format!("cannot read guest image {}: {e}", path.display()))
 }
@@ -81,16 +81,22 @@ pub fn not_found(workload: &str) -> String {
     )
 }
 
-/// The regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]: opened without
-/// blocking (a FIFO would wait for a writer) and checked on the open file, and the read
-/// stops there whatever the file grew to since.
-fn read_image(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+/// The guest ELF in the regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]:
+/// opened without blocking (a FIFO would wait for a writer) and checked on the open file,
+/// and the read stops there whatever the file grew to since. `check` passes the open file
+/// first: a caller that confines paths asks where it was opened, since a link swapped in
+/// after the path was checked leads elsewhere.
+pub fn read_checked(
+    path: &std::path::Path,
+    check: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind, Read};
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
+    check(&file)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));

@@ -197,8 +197,9 @@ impl AttachDir {
 impl AttachPolicy {
     /// `path` (relative to the daemon's directory) as the canonical path to open, if
     /// this policy lets a client attach it; otherwise why not. A path outside the
-    /// directories is refused before the file system is asked, so the answer does not
-    /// tell whether it exists there.
+    /// directories is refused before the file system is asked, and one inside that names
+    /// no file, or leads outside through a link, gets that same refusal: the answer does
+    /// not tell whether a file exists outside.
     fn admit(&self, path: &Path) -> Result<PathBuf, String> {
         let dirs = match self {
             Self::Anywhere => {
@@ -213,7 +214,7 @@ impl AttachPolicy {
                     .to_string()
             } else {
                 format!(
-                    "{} is not under a directory this host attaches files from ({})",
+                    "{} names no file under the directories this host attaches files from ({})",
                     path.display(),
                     allowed.join(", ")
                 )
@@ -229,13 +230,11 @@ impl AttachPolicy {
         if parent_dir || !named_inside {
             return Err(outside());
         }
-        // A symlink inside may point outside.
-        let canonical =
-            std::fs::canonicalize(&lexical).map_err(|e| format!("{}: {e}", path.display()))?;
-        if !self.holds(&canonical) {
-            return Err(outside());
+        // A symlink inside may point outside, to a file there or to none: alike.
+        match std::fs::canonicalize(&lexical) {
+            Ok(canonical) if self.holds(&canonical) => Ok(canonical),
+            _ => Err(outside()),
         }
-        Ok(canonical)
     }
 
     /// Whether the file at `real` (a path with its links resolved) may be attached.
@@ -687,7 +686,30 @@ impl Host {
         let path = (self.config.attach)
             .admit(std::path::Path::new(workload))
             .map_err(|e| HostError::BadRequest(format!("guest image {workload}: {e}")))?;
-        ferry_guest_images::read_file(&path).map_err(HostError::BadRequest)
+        self.read_confined_image(workload, &path)
+    }
+
+    /// The guest ELF at `path` (which [`AttachPolicy::admit`] let through as `workload`),
+    /// if the file opened there is still under the attach directories: a link swapped in
+    /// since is refused, the error naming the path asked for, not what it led to.
+    fn read_confined_image(
+        &self,
+        workload: &str,
+        path: &Path,
+    ) -> Result<std::borrow::Cow<'static, [u8]>, HostError> {
+        let image = ferry_guest_images::read_checked(path, |file| {
+            let real = ferry_vmm::files::opened_path(file)?;
+            if self.config.attach.holds(&real) {
+                return Ok(());
+            }
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "it changed while it was opened (it now leads outside the directories this host attaches files from)",
+            ))
+        });
+        image
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| HostError::BadRequest(format!("cannot read guest image {workload}: {e}")))
     }
 
     /// Claims idempotency key `key` for a create, or finds the VM created with it.
@@ -1742,7 +1764,13 @@ mod tests {
         std::fs::write(&model, b"weights").unwrap();
         std::fs::write(&secret, b"the cluster secret").unwrap();
         let (link, linked_dir) = (models.join("link"), root.join("linked-models"));
-        for (target, link) in [(&secret, &link), (&models, &linked_dir)] {
+        let dangling = models.join("dangling");
+        let links = [
+            (&secret, &link),
+            (&models, &linked_dir),
+            (&elsewhere.join("no-such-file"), &dangling),
+        ];
+        for (target, link) in links {
             let _ = std::fs::remove_file(link);
             std::os::unix::fs::symlink(target, link).unwrap();
         }
@@ -1755,19 +1783,30 @@ mod tests {
                 std::fs::canonicalize(&model).unwrap()
             );
         }
-        // Outside, through `..`, or through a symlink: refused alike, and whether the
-        // file exists is not told.
+        // Outside, through `..`, through a symlink to a file outside or to none, or
+        // missing inside: refused alike, so whether a file exists outside is not told.
         let dotdot = models.join("../elsewhere/secret");
         let missing = elsewhere.join("no-such-file");
-        for refused in [&secret, &dotdot, &link, &missing] {
+        let missing_inside = models.join("no-such-file");
+        let refusals: Vec<String> = [
+            &secret,
+            &dotdot,
+            &link,
+            &missing,
+            &dangling,
+            &missing_inside,
+        ]
+        .into_iter()
+        .map(|refused| {
             let why = policy.admit(refused).unwrap_err();
-            assert!(why.contains("is not under a directory"), "{why}");
-        }
-        // A file missing inside is told as such.
-        assert!(policy
-            .admit(&models.join("no-such-file"))
-            .unwrap_err()
-            .contains("No such file"));
+            why.replace(refused.to_str().unwrap(), "PATH")
+        })
+        .collect();
+        assert!(
+            refusals[0].contains("names no file under the directories"),
+            "{refusals:?}"
+        );
+        assert!(refusals.iter().all(|r| *r == refusals[0]), "{refusals:?}");
         // By default nothing is attached by path, and the refusal says what to do.
         let host = test_host();
         let mut req = memtouch(64 << 20, 0);
@@ -2126,7 +2165,7 @@ mod tests {
                 why.replace(path, "PATH"),
                 refusal("/no/such/image").replace("/no/such/image", "PATH")
             );
-            assert!(why.contains("not under a directory"), "{why}");
+            assert!(why.contains("names no file under the directories"), "{why}");
         }
         // A bare name not built in is not looked for in the daemon's folder.
         let here = "Cargo.toml";
@@ -2140,7 +2179,19 @@ mod tests {
         let inside = dir.join("not-an-elf");
         std::fs::write(&inside, b"text").unwrap();
         let why = refusal(inside.to_str().unwrap());
-        assert!(!why.contains("not under a directory"), "{why}");
+        assert!(!why.contains("names no file under"), "{why}");
+        assert!(why.contains("truncated"), "{why}");
+        // A path admitted, then made a link to elsewhere before it was opened: the open
+        // file is checked where it really is, and refused without telling what it led to.
+        let swapped = dir.join("swapped");
+        let _ = std::fs::remove_file(&swapped);
+        std::os::unix::fs::symlink(exists, &swapped).unwrap();
+        let why = match host.read_confined_image("swapped", &swapped) {
+            Err(HostError::BadRequest(why)) => why,
+            other => panic!("read through a swapped link: {:?}", other.map(|i| i.len())),
+        };
+        assert!(why.contains("changed while it was opened"), "{why}");
+        assert!(!why.contains(exists), "{why}");
         std::fs::remove_dir_all(&dir).unwrap();
         host.shutdown();
     }

@@ -255,12 +255,18 @@ fn open_regular(name: &str, path: &Path) -> Result<(File, Metadata), AttachError
     Ok((file, meta))
 }
 
+/// Where the open `file` is now, as the kernel resolves its descriptor: what was opened,
+/// whatever its path named when it was checked (a link swapped in between).
+pub fn opened_path(file: &File) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 impl AttachedFile {
     /// Where the open file is now, as the kernel resolves its descriptor: what was
     /// opened, whatever the path named when it was checked (a link swapped in between).
     pub fn opened_path(&self) -> std::io::Result<PathBuf> {
-        use std::os::fd::AsRawFd;
-        std::fs::read_link(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        opened_path(&self.file)
     }
 
     /// Opens `path` as the file `name` and takes its hash.
