@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 /// File name of the model `scripts/fetch-model` fetches.
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -25,12 +26,36 @@ pub fn repo_root() -> PathBuf {
 
 /// A directory of this test process for `label`'s files, under the system's temporary
 /// directory (created if missing; tests running at once may share it, so each names its
-/// own files).
+/// own files). It is removed when the process exits, unless `FERRY_KEEP_SCRATCH=1`: a
+/// center test alone leaves 15 MB of databases.
 pub fn scratch_dir(label: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-{label}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let mut made = SCRATCH_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+    if made.is_empty() && std::env::var("FERRY_KEEP_SCRATCH").map_or(true, |v| v != "1") {
+        // SAFETY: registers a plain function, which takes no argument.
+        unsafe { libc::atexit(remove_scratch_dirs) };
+    }
+    if !made.contains(&dir) {
+        made.push(dir.clone());
+    }
     dir
+}
+
+/// The directories [`scratch_dir`] made in this process.
+static SCRATCH_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the directories [`scratch_dir`] made, as the process exits (the test harness
+/// returns from `main`, or calls `exit` when a test failed).
+extern "C" fn remove_scratch_dirs() {
+    // A thread still making one holds the lock: those are left rather than waited for.
+    let Ok(made) = SCRATCH_DIRS.try_lock() else {
+        return;
+    };
+    for dir in made.iter() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A local address where nothing listens, so a connection is refused (a port that was
@@ -232,6 +257,43 @@ mod tests {
     fn a_test_on_a_host_without_kvm() {
         require_kvm!(no_kvm);
         panic!("ran on without KVM");
+    }
+
+    /// Run as a child by the test below (with `FERRY_SCRATCH_CHILD` set): makes a scratch
+    /// directory with a file in it and prints its path.
+    #[test]
+    fn scratch_child() {
+        if std::env::var_os("FERRY_SCRATCH_CHILD").is_none() {
+            return;
+        }
+        let dir = super::scratch_dir("scratch-child");
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        println!("SCRATCH={}", dir.display());
+    }
+
+    #[test]
+    fn scratch_dirs_are_removed_when_the_process_exits() {
+        let run = |keep: &str| {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "tests::scratch_child", "--nocapture"])
+                .env("FERRY_SCRATCH_CHILD", "1")
+                .env("FERRY_KEEP_SCRATCH", keep)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let out = String::from_utf8(out.stdout).unwrap();
+            let dir = out
+                .lines()
+                .find_map(|l| l.strip_prefix("SCRATCH="))
+                .unwrap_or_else(|| panic!("the child printed no directory: {out}"));
+            std::path::PathBuf::from(dir)
+        };
+        let dir = run("0");
+        assert!(!dir.exists(), "{} is left", dir.display());
+        // Kept on request, to look into after a failure.
+        let dir = run("1");
+        assert!(dir.join("f").exists(), "{} was removed", dir.display());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
