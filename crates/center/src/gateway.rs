@@ -143,11 +143,18 @@ pub struct OpenAiError {
     param: Option<&'static str>,
 }
 
+/// Longest message an error carries: messages quote what the client sent (a model name,
+/// a field), which may be megabytes, and an answer longer than [`openai_errors`] reads
+/// would lose its code there.
+const MAX_MESSAGE_BYTES: usize = 1 << 10;
+
 impl OpenAiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        crate::inventory::cut_text(&mut message, MAX_MESSAGE_BYTES);
         Self {
             status,
-            message: message.into(),
+            message,
             code,
             param: None,
         }
@@ -1940,7 +1947,7 @@ mod tests {
     }
 
     #[test]
-    fn a_body_too_large_and_a_wrong_method_are_refused_in_openais_shape() {
+    fn a_body_too_large_a_wrong_method_and_a_huge_model_name_are_refused_in_openais_shape() {
         let scratch = crate::tests::ScratchCenter::open("serving-refusals");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let listener = runtime
@@ -1975,6 +1982,23 @@ mod tests {
             .call()
             .unwrap();
         assert_eq!(error(answer), (405, json!("method_not_allowed")));
+        // A model's name of 100 KB, quoted in the refusal: cut short, so the answer keeps
+        // its code (one longer than the error rewriting reads came as "not_found").
+        let model = "m".repeat(100 << 10);
+        let request = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let mut answer = agent
+            .post(&url)
+            .header("Authorization", "Bearer operator")
+            .send_json(&request)
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 404);
+        let v: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], json!("model_not_found"), "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.len() <= MAX_MESSAGE_BYTES && message.ends_with('…'),
+            "{message}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

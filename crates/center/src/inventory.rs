@@ -323,8 +323,14 @@ pub enum HeartbeatError {
 /// Cuts `text` (a host's words on a VM or a migration, kept and stored) to at most
 /// [`MAX_STATE_TEXT_BYTES`], at a character's boundary, marking the cut.
 pub(crate) fn cut_state_text(text: &mut String) {
-    if text.len() > MAX_STATE_TEXT_BYTES {
-        let mut end = MAX_STATE_TEXT_BYTES - '…'.len_utf8();
+    cut_text(text, MAX_STATE_TEXT_BYTES);
+}
+
+/// Cuts `text` to at most `max` bytes (at least 3), at a character's boundary, marking
+/// the cut.
+pub(crate) fn cut_text(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max - '…'.len_utf8();
         while !text.is_char_boundary(end) {
             end -= 1;
         }
