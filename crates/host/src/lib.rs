@@ -207,20 +207,7 @@ impl AttachPolicy {
             }
             Self::Under(dirs) => dirs,
         };
-        let outside = || {
-            let allowed: Vec<String> = dirs.iter().map(|d| d.given.display().to_string()).collect();
-            if allowed.is_empty() {
-                "this host attaches no files named by path (start it with --attach-dir DIR)"
-                    .to_string()
-            } else {
-                format!(
-                    "{} names no file under the directories this host attaches files from ({})",
-                    path.display(),
-                    allowed.join(", ")
-                )
-            }
-        };
-        let lexical = std::path::absolute(path).map_err(|_| outside())?;
+        let lexical = std::path::absolute(path).map_err(|_| self.refusal(path))?;
         let parent_dir = lexical
             .components()
             .any(|c| c == std::path::Component::ParentDir);
@@ -228,13 +215,33 @@ impl AttachPolicy {
             .iter()
             .any(|d| lexical.starts_with(&d.given) || lexical.starts_with(&d.canonical));
         if parent_dir || !named_inside {
-            return Err(outside());
+            return Err(self.refusal(path));
         }
         // A symlink inside may point outside, to a file there or to none: alike.
         match std::fs::canonicalize(&lexical) {
             Ok(canonical) if self.holds(&canonical) => Ok(canonical),
-            _ => Err(outside()),
+            _ => Err(self.refusal(path)),
         }
+    }
+
+    /// The one refusal of `path` as a client named it, whether it is outside the
+    /// directories, names no file inside, leads outside through a link, or could not be
+    /// opened where it led: it tells nothing of what is outside.
+    fn refusal(&self, path: &Path) -> String {
+        let dirs = match self {
+            Self::Anywhere => &Vec::new(),
+            Self::Under(dirs) => dirs,
+        };
+        if dirs.is_empty() {
+            return "this host attaches no files named by path (start it with --attach-dir DIR)"
+                .to_string();
+        }
+        let allowed: Vec<String> = dirs.iter().map(|d| d.given.display().to_string()).collect();
+        format!(
+            "{} names no file under the directories this host attaches files from ({})",
+            path.display(),
+            allowed.join(", ")
+        )
     }
 
     /// Whether the file at `real` (a path with its links resolved) may be attached.
@@ -245,32 +252,36 @@ impl AttachPolicy {
         }
     }
 
-    /// Refuses `files` if one was opened outside the directories: a path [`Self::admit`]
-    /// let through may have been made a link to elsewhere before it was opened. The
-    /// refusal names the path asked for, not what it led to.
-    fn check_opened(
-        &self,
-        files: &AttachedFiles,
-        asked: &[(String, PathBuf)],
-    ) -> Result<(), String> {
+    /// Refuses the open `file`, before any of it is read, if it lies outside the
+    /// directories: a path [`Self::admit`] let through may have been made a link to
+    /// elsewhere before it was opened.
+    fn check_open(&self, file: &std::fs::File) -> std::io::Result<()> {
         if let Self::Anywhere = self {
             return Ok(());
         }
-        for (file, (name, path)) in files.files().iter().zip(asked) {
-            let real = file.opened_path().map_err(|e| {
-                format!(
-                    "cannot attach '{name}': cannot tell where {} was opened (/proc/self/fd): {e}",
-                    path.display()
-                )
-            })?;
-            if !self.holds(&real) {
-                return Err(format!(
-                    "cannot attach '{name}': {} changed while it was opened (it now leads outside the directories this host attaches files from)",
-                    path.display()
-                ));
-            }
+        if self.holds(&ferry_vmm::files::opened_path(file)?) {
+            return Ok(());
         }
-        Ok(())
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "opened outside the directories files are attached from",
+        ))
+    }
+
+    /// The refusal of a create whose files `attach` named failed to open with `e`.
+    /// Confined, a file that could not be opened, or was opened outside, is refused as a
+    /// path outside is: the answer tells nothing of what is there.
+    fn open_refusal(&self, e: AttachError, attach: &[Attachment]) -> HostError {
+        match e {
+            AttachError::Read { name, .. } | AttachError::NotAFile { name, .. }
+                if matches!(self, Self::Under(_)) =>
+            {
+                let asked = attach.iter().find(|a| a.name == name).map(|a| &a.path);
+                let why = self.refusal(asked.map_or(Path::new(""), PathBuf::as_path));
+                HostError::BadRequest(format!("cannot attach '{name}': {why}"))
+            }
+            e => HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e))),
+        }
     }
 }
 
@@ -690,26 +701,31 @@ impl Host {
     }
 
     /// The guest ELF at `path` (which [`AttachPolicy::admit`] let through as `workload`),
-    /// if the file opened there is still under the attach directories: a link swapped in
-    /// since is refused, the error naming the path asked for, not what it led to.
+    /// if the file opened there is still under the attach directories. One that cannot be
+    /// opened, or that a link swapped in since led outside, gets the refusal of a path
+    /// outside: whether it opened would tell whether a file exists there.
     fn read_confined_image(
         &self,
         workload: &str,
         path: &Path,
     ) -> Result<std::borrow::Cow<'static, [u8]>, HostError> {
+        let policy = &self.config.attach;
+        let inside = std::cell::Cell::new(false);
         let image = ferry_guest_images::read_checked(path, |file| {
-            let real = ferry_vmm::files::opened_path(file)?;
-            if self.config.attach.holds(&real) {
-                return Ok(());
-            }
-            Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                "it changed while it was opened (it now leads outside the directories this host attaches files from)",
-            ))
+            policy.check_open(file)?;
+            inside.set(true);
+            Ok(())
         });
-        image
-            .map(std::borrow::Cow::Owned)
-            .map_err(|e| HostError::BadRequest(format!("cannot read guest image {workload}: {e}")))
+        image.map(std::borrow::Cow::Owned).map_err(|e| {
+            HostError::BadRequest(if inside.get() {
+                format!("cannot read guest image {workload}: {e}")
+            } else {
+                format!(
+                    "guest image {workload}: {}",
+                    policy.refusal(Path::new(workload))
+                )
+            })
+        })
     }
 
     /// Claims idempotency key `key` for a create, or finds the VM created with it.
@@ -927,13 +943,9 @@ impl Host {
         let paths: Vec<&Path> = specs.iter().map(|(_, path)| path.as_path()).collect();
         let pin = FileStore::new(self.config.file_store.clone(), self.config.attach.clone())
             .pin_attached(&paths);
-        let files = open_attached(&specs, &pin).map_err(|e| {
-            HostError::BadRequest(format!("cannot attach the files: {}", error_chain(&e)))
-        })?;
-        self.config
-            .attach
-            .check_opened(&files, &specs)
-            .map_err(HostError::BadRequest)?;
+        let policy = &self.config.attach;
+        let files = open_attached(&specs, &pin, &|file| policy.check_open(file))
+            .map_err(|e| policy.open_refusal(e, attach))?;
         Ok((files, pin))
     }
 
@@ -1581,18 +1593,20 @@ impl Receiver {
 fn open_attached(
     specs: &[(String, PathBuf)],
     pin: &ReceivingPin,
+    check: &ferry_vmm::files::OpenCheck<'_>,
 ) -> Result<AttachedFiles, AttachError> {
-    open_attached_retrying(specs, pin, STORE_FILE_RETRIES)
+    open_attached_retrying(specs, pin, check, STORE_FILE_RETRIES)
 }
 
 /// [`open_attached`], looking again at most `retries` times.
 fn open_attached_retrying(
     specs: &[(String, PathBuf)],
     pin: &ReceivingPin,
+    check: &ferry_vmm::files::OpenCheck<'_>,
     mut retries: u32,
 ) -> Result<AttachedFiles, AttachError> {
     loop {
-        match AttachedFiles::open(specs) {
+        match AttachedFiles::open_checked(specs, check) {
             Err(AttachError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound
                     && pin.pins_any()
@@ -1819,18 +1833,25 @@ mod tests {
             other => panic!("attached without an --attach-dir: {other:?}"),
         }
         assert_eq!(host.memory_used(), 0);
-        // A path made a link to elsewhere after it was admitted: the open file is
-        // checked where it really is, and refused without telling what it led to.
-        let opened = AttachedFiles::open(&[("model".into(), link.clone())]).unwrap();
-        let why = policy
-            .check_opened(&opened, &[("model".into(), link.clone())])
-            .unwrap_err();
-        assert!(why.contains("changed while it was opened"), "{why}");
-        assert!(!why.contains("elsewhere"), "{why}");
-        let opened = AttachedFiles::open(&[("model".into(), model.clone())]).unwrap();
-        policy
-            .check_opened(&opened, &[("model".into(), model.clone())])
-            .unwrap();
+        // A path made a link to elsewhere, or to nothing, after it was admitted: the
+        // open file is checked where it really is before any of it is read, and either
+        // is refused as a path outside is, telling nothing of what it led to.
+        let asked = vec![Attachment {
+            name: "model".into(),
+            path: models.join("m.gguf"),
+        }];
+        let check: &ferry_vmm::files::OpenCheck<'_> = &|file| policy.check_open(file);
+        let opened_outside = AttachedFiles::open_checked(&[("model".into(), link.clone())], check);
+        let opened_nothing =
+            AttachedFiles::open_checked(&[("model".into(), dangling.clone())], check);
+        let outside = format!("cannot attach 'model': {}", policy.refusal(&asked[0].path));
+        for opened in [opened_outside, opened_nothing] {
+            match policy.open_refusal(opened.map(|_| ()).unwrap_err(), &asked) {
+                HostError::BadRequest(why) => assert_eq!(why, outside),
+                other => panic!("{other:?}"),
+            }
+        }
+        AttachedFiles::open_checked(&[("model".into(), model.clone())], check).unwrap();
         // Thousands of entries are refused before any is looked for.
         req.attach = (0..40_000)
             .map(|_| Attachment {
@@ -2053,19 +2074,19 @@ mod tests {
             })
         };
         // Patient enough for a put-back thread a loaded machine runs late.
-        let opened =
-            open_attached_retrying(&specs(&stored), &pin, 1000).expect("the store file, once back");
+        let opened = open_attached_retrying(&specs(&stored), &pin, &|_| Ok(()), 1000)
+            .expect("the store file, once back");
         putting_back.join().unwrap();
         assert_eq!(opened.infos()[0].sha256, sha256);
         // One gone for good is still refused, as is a file outside the store at once.
         std::fs::remove_file(&stored).unwrap();
         let started = std::time::Instant::now();
-        assert!(open_attached(&specs(&stored), &pin).is_err());
+        assert!(open_attached(&specs(&stored), &pin, &|_| Ok(())).is_err());
         assert!(started.elapsed() >= STORE_FILE_RETRY_WAIT * STORE_FILE_RETRIES);
         let elsewhere = store.join("not-in-the-store");
         let unpinned = files.pin_attached(&[elsewhere.as_path()]);
         assert!(!unpinned.pins_any());
-        assert!(open_attached(&specs(&elsewhere), &unpinned).is_err());
+        assert!(open_attached(&specs(&elsewhere), &unpinned, &|_| Ok(())).is_err());
         drop((pin, unpinned));
         std::fs::remove_dir_all(&store).unwrap();
     }
@@ -2182,7 +2203,8 @@ mod tests {
         assert!(!why.contains("names no file under"), "{why}");
         assert!(why.contains("truncated"), "{why}");
         // A path admitted, then made a link to elsewhere before it was opened: the open
-        // file is checked where it really is, and refused without telling what it led to.
+        // file is checked where it really is, and refused as a path outside is, telling
+        // nothing of what it led to.
         let swapped = dir.join("swapped");
         let _ = std::fs::remove_file(&swapped);
         std::os::unix::fs::symlink(exists, &swapped).unwrap();
@@ -2190,7 +2212,7 @@ mod tests {
             Err(HostError::BadRequest(why)) => why,
             other => panic!("read through a swapped link: {:?}", other.map(|i| i.len())),
         };
-        assert!(why.contains("changed while it was opened"), "{why}");
+        assert!(why.contains("names no file under the directories"), "{why}");
         assert!(!why.contains(exists), "{why}");
         std::fs::remove_dir_all(&dir).unwrap();
         host.shutdown();

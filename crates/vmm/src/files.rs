@@ -255,6 +255,9 @@ fn open_regular(name: &str, path: &Path) -> Result<(File, Metadata), AttachError
     Ok((file, meta))
 }
 
+/// A check of a file just opened, before it is read: an error refuses it.
+pub type OpenCheck<'a> = dyn Fn(&File) -> std::io::Result<()> + 'a;
+
 /// Where the open `file` is now, as the kernel resolves its descriptor: what was opened,
 /// whatever its path named when it was checked (a link swapped in between).
 pub fn opened_path(file: &File) -> std::io::Result<PathBuf> {
@@ -271,7 +274,22 @@ impl AttachedFile {
 
     /// Opens `path` as the file `name` and takes its hash.
     pub fn open(name: &str, path: &Path) -> Result<Self, AttachError> {
+        Self::open_checked(name, path, &|_| Ok(()))
+    }
+
+    /// [`Self::open`], once `check` has passed the open file, before any of it is read
+    /// (a caller that confines paths asks where it was opened: [`opened_path`]).
+    pub fn open_checked(
+        name: &str,
+        path: &Path,
+        check: &OpenCheck<'_>,
+    ) -> Result<Self, AttachError> {
         let (file, meta) = open_regular(name, path)?;
+        check(&file).map_err(|source| AttachError::Read {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::hashed(name, path, file, &meta)
     }
 
@@ -364,11 +382,20 @@ impl AttachedFiles {
     /// Opens each `(name, path)`, once their count and names are known to be right (a
     /// list of thousands would otherwise hold thousands of descriptors first).
     pub fn open(specs: &[(String, PathBuf)]) -> Result<Self, AttachError> {
+        Self::open_checked(specs, &|_| Ok(()))
+    }
+
+    /// [`Self::open`], each file passing `check` before it is read
+    /// ([`AttachedFile::open_checked`]).
+    pub fn open_checked(
+        specs: &[(String, PathBuf)],
+        check: &OpenCheck<'_>,
+    ) -> Result<Self, AttachError> {
         let names: Vec<&str> = specs.iter().map(|(name, _)| name.as_str()).collect();
         check_names(&names)?;
         let files = specs
             .iter()
-            .map(|(name, path)| AttachedFile::open(name, path))
+            .map(|(name, path)| AttachedFile::open_checked(name, path, check))
             .collect::<Result<Vec<_>, _>>()?;
         Self::new(files)
     }
@@ -378,6 +405,9 @@ impl AttachedFiles {
     /// host file: a refusal says nothing of what is there (not whether it exists, nor
     /// its size or hash), so it cannot be used to learn a file's hash and then attach it.
     pub fn reopen(infos: &[FileInfo]) -> Result<Self, AttachError> {
+        // Before any is opened, as [`Self::open`] does: a state may list thousands.
+        let names: Vec<&str> = infos.iter().map(|info| info.name.as_str()).collect();
+        check_names(&names)?;
         let files = infos
             .iter()
             .map(|info| {
@@ -548,6 +578,10 @@ mod tests {
         }
         let gone = AttachedFiles::reopen(&infos).unwrap_err().to_string();
         assert!(said.iter().all(|s| *s == gone), "{said:?} {gone}");
+        // A state listing a thousand files is refused before any is looked for.
+        let many = vec![infos[0].clone(); 1000];
+        let err = AttachedFiles::reopen(&many).unwrap_err();
+        assert!(matches!(err, AttachError::TooMany(1000)), "{err}");
         // The same file given explicitly is checked with the details an operator needs.
         std::fs::write(&path, b"HELLO, attached world").unwrap();
         let err = AttachedFile::open_expecting(&infos[0], &path).unwrap_err();
