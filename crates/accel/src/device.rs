@@ -259,6 +259,9 @@ struct Core {
     /// Whether a bad ring was logged as a warning: once a device, since a guest flipping
     /// its indices could otherwise fill the host's log.
     ring_invalid_warned: bool,
+    /// Whether a LOAD_FILE that could not read its file was logged as a warning: once a
+    /// device, since a guest repeating it could otherwise fill the host's log.
+    file_error_warned: bool,
     mem: GuestRam,
     /// The VM's attached files, for LOAD_FILE.
     files: Arc<dyn FileSource>,
@@ -295,6 +298,7 @@ impl Core {
             tail,
             ring_invalid: false,
             ring_invalid_warned: false,
+            file_error_warned: false,
             mem,
             files,
             scratch: Vec::new(),
@@ -788,7 +792,14 @@ impl Core {
                 })
                 .map_err(|e| match e {
                     LoadFailed::Read(e) => {
-                        tracing::warn!(file, "accelerator cannot read an attached file: {e}");
+                        if std::mem::replace(&mut self.file_error_warned, true) {
+                            tracing::debug!(file, "accelerator cannot read an attached file: {e}");
+                        } else {
+                            tracing::warn!(
+                                file,
+                                "accelerator cannot read an attached file: {e} (said once; the command's status tells each time)"
+                            );
+                        }
                         status::DEVICE_ERROR
                     }
                     LoadFailed::Cut(e) => backend_status(&e),
