@@ -813,9 +813,10 @@ impl Center {
                         | Some("migrated" | "vm_not_found" | "unavailable" | "busy")) => {
                             self.reroute(vm, host, code)
                         }
-                        // A refusal that asking again will not change (the VM failed, a
-                        // read the host cannot serve): the client hears at once, not after
-                        // the patience. The detail is for the log.
+                        // A refusal that asking again will not change (a read from before
+                        // what the host let go, or beyond what it has; its handler failing):
+                        // the client hears at once, not after the patience. The detail is
+                        // for the log.
                         Some(_) => {
                             tracing::warn!(vm, stream, "the model's host refused a read: {e:#}");
                             self.cancel(vm, host, stream, "its host refused a read");
@@ -1802,8 +1803,8 @@ mod tests {
 
     #[test]
     fn a_read_refused_for_good_fails_at_once_not_after_the_patience() {
-        let failed = r#"{"error":"VM v failed: the guest exited","code":"vm_failed"}"#;
-        let reads = vec![("500 Internal Server Error", failed.to_string()); 3];
+        let beyond = r#"{"error":"stream 9 has no response 7 yet","code":"bad_request"}"#;
+        let reads = vec![("400 Bad Request", beyond.to_string()); 3];
         let scratch = crate::tests::ScratchCenter::open("read-refused");
         let (addr, requests) = fake_host(reads);
         let mut record = scratch.report("b", addr);

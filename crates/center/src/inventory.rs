@@ -329,6 +329,7 @@ pub(crate) fn cut_state_text(text: &mut String) {
 /// Cuts `text` to at most `max` bytes (at least 3), at a character's boundary, marking
 /// the cut.
 pub(crate) fn cut_text(text: &mut String, max: usize) {
+    debug_assert!(max >= '…'.len_utf8(), "no room for the mark of a cut");
     if text.len() > max {
         let mut end = max - '…'.len_utf8();
         while !text.is_char_boundary(end) {
