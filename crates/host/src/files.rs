@@ -212,9 +212,13 @@ pub struct ReceivingPin {
 }
 
 impl ReceivingPin {
-    /// Whether it pins any store file.
-    pub(crate) fn pins_any(&self) -> bool {
-        !self.sha256.is_empty()
+    /// Whether `path` names a store file it pins.
+    pub(crate) fn pins(&self, path: &Path) -> bool {
+        let stored = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix(STORED_PREFIX));
+        let in_store = || path.parent() == std::fs::canonicalize(&self.dir).ok().as_deref();
+        stored.is_some_and(|sha| self.sha256.iter().any(|s| s == sha)) && in_store()
     }
 }
 
@@ -497,8 +501,17 @@ impl FileStore {
         if !valid_sha256(&offer.sha256) {
             return None;
         }
+        // The source's path, admitted before it was opened, is checked where it was: a
+        // link swapped in since would make this host hash a file outside.
+        let admitted = self.admitted(offer);
         let found = self.candidates(offer).find_map(|path| {
-            match AttachedFile::open_expecting(&file_info(offer, path.clone()), &path) {
+            let info = file_info(offer, path.clone());
+            let opened = if admitted.as_ref() == Some(&path) {
+                AttachedFile::open_expecting_checked(&info, &path, &|f| self.attach.check_open(f))
+            } else {
+                AttachedFile::open_expecting(&info, &path)
+            };
+            match opened {
                 Ok(file) => Some(file),
                 Err(e) => {
                     tracing::debug!(file = %offer.name, "not a copy: {e}");

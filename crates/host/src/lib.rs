@@ -270,13 +270,15 @@ impl AttachPolicy {
 
     /// The refusal of a create whose files `attach` named failed to open with `e`.
     /// Confined, a file that could not be opened, or was opened outside, is refused as a
-    /// path outside is: the answer tells nothing of what is there.
+    /// path outside is: the answer tells nothing of what is there (the log has why).
+    /// Past that check, the file is inside, and its errors are told.
     fn open_refusal(&self, e: AttachError, attach: &[Attachment]) -> HostError {
         match e {
-            AttachError::Read { name, .. } | AttachError::NotAFile { name, .. }
+            AttachError::Open { ref name, .. } | AttachError::Refused { ref name, .. }
                 if matches!(self, Self::Under(_)) =>
             {
-                let asked = attach.iter().find(|a| a.name == name).map(|a| &a.path);
+                tracing::info!("a create's file refused: {}", error_chain(&e));
+                let asked = attach.iter().find(|a| a.name == *name).map(|a| &a.path);
                 let why = self.refusal(asked.map_or(Path::new(""), PathBuf::as_path));
                 HostError::BadRequest(format!("cannot attach '{name}': {why}"))
             }
@@ -1607,9 +1609,11 @@ fn open_attached_retrying(
 ) -> Result<AttachedFiles, AttachError> {
     loop {
         match AttachedFiles::open_checked(specs, check) {
-            Err(AttachError::Read { source, .. })
+            // Only a pinned store file's: retrying any other would take time that tells
+            // whether a file it led to exists.
+            Err(AttachError::Open { source, path, .. })
                 if source.kind() == std::io::ErrorKind::NotFound
-                    && pin.pins_any()
+                    && pin.pins(&path)
                     && retries > 0 =>
             {
                 retries -= 1;
@@ -1852,6 +1856,12 @@ mod tests {
             }
         }
         AttachedFiles::open_checked(&[("model".into(), model.clone())], check).unwrap();
+        // Past the check the file is inside, and what is wrong with it is told.
+        let inside_dir = AttachedFiles::open_checked(&[("model".into(), models.clone())], check);
+        match policy.open_refusal(inside_dir.map(|_| ()).unwrap_err(), &asked) {
+            HostError::BadRequest(why) => assert!(why.contains("not a regular file"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         // Thousands of entries are refused before any is looked for.
         req.attach = (0..40_000)
             .map(|_| Attachment {
@@ -2065,7 +2075,7 @@ mod tests {
         let specs = |path: &Path| vec![("model".to_string(), path.to_path_buf())];
         // Admitted while it was there; aside as the create opens it, and back soon.
         let pin = files.pin_attached(&[stored.as_path()]);
-        assert!(pin.pins_any());
+        assert!(pin.pins(&stored));
         let putting_back = {
             let (aside, stored) = (aside.clone(), stored.clone());
             std::thread::spawn(move || {
@@ -2085,8 +2095,14 @@ mod tests {
         assert!(started.elapsed() >= STORE_FILE_RETRY_WAIT * STORE_FILE_RETRIES);
         let elsewhere = store.join("not-in-the-store");
         let unpinned = files.pin_attached(&[elsewhere.as_path()]);
-        assert!(!unpinned.pins_any());
+        assert!(!unpinned.pins(&elsewhere));
         assert!(open_attached(&specs(&elsewhere), &unpinned, &|_| Ok(())).is_err());
+        // Nor is another missing file looked for again because a store file is pinned:
+        // the time taken would tell that it is missing.
+        assert!(!pin.pins(&elsewhere));
+        let started = std::time::Instant::now();
+        assert!(open_attached(&specs(&elsewhere), &pin, &|_| Ok(())).is_err());
+        assert!(started.elapsed() < STORE_FILE_RETRY_WAIT * STORE_FILE_RETRIES);
         drop((pin, unpinned));
         std::fs::remove_dir_all(&store).unwrap();
     }

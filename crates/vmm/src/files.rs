@@ -37,7 +37,29 @@ pub enum AttachError {
     /// More than [`MAX_FILES`] files.
     #[error("{0} attached files: at most {MAX_FILES} are allowed")]
     TooMany(usize),
-    /// The file cannot be opened or read.
+    /// The file cannot be opened.
+    #[error("cannot open attached file '{name}' at {}", path.display())]
+    Open {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, once open, failed its opener's check (where it was opened).
+    #[error("attached file '{name}' at {} is refused where it was opened", path.display())]
+    Refused {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file cannot be read.
     #[error("cannot read attached file '{name}' at {}", path.display())]
     Read {
         /// Its name.
@@ -227,30 +249,37 @@ fn check_content(
     Ok(())
 }
 
-/// Opens `path` for file `name` if it is a regular file, and its metadata. It is opened
-/// without blocking (a FIFO waits for a writer, a terminal could become the daemon's),
-/// and checked on the open file, so a path swapped after a check gains nothing.
-fn open_regular(name: &str, path: &Path) -> Result<(File, Metadata), AttachError> {
+/// Opens `path` for file `name` if it is a regular file that passes `check`, and its
+/// metadata. It is opened without blocking (a FIFO waits for a writer, a terminal could
+/// become the daemon's), and checked on the open file, so a path swapped after a check
+/// gains nothing.
+fn open_regular(
+    name: &str,
+    path: &Path,
+    check: &OpenCheck<'_>,
+) -> Result<(File, Metadata), AttachError> {
     use std::os::unix::fs::OpenOptionsExt;
     if !valid_name(name) {
         return Err(AttachError::InvalidName(name.to_string()));
     }
-    let read_err = |source| AttachError::Read {
-        name: name.to_string(),
-        path: path.to_path_buf(),
-        source,
-    };
+    let (name, path) = (name.to_string(), path.to_path_buf());
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
+        .open(&path);
+    let file = match file {
+        Ok(file) => file,
+        Err(source) => return Err(AttachError::Open { name, path, source }),
+    };
+    if let Err(source) = check(&file) {
+        return Err(AttachError::Refused { name, path, source });
+    }
+    let meta = match file.metadata() {
+        Ok(meta) => meta,
+        Err(source) => return Err(AttachError::Read { name, path, source }),
+    };
     if !meta.is_file() {
-        return Err(AttachError::NotAFile {
-            name: name.to_string(),
-            path: path.to_path_buf(),
-        });
+        return Err(AttachError::NotAFile { name, path });
     }
     Ok((file, meta))
 }
@@ -284,19 +313,24 @@ impl AttachedFile {
         path: &Path,
         check: &OpenCheck<'_>,
     ) -> Result<Self, AttachError> {
-        let (file, meta) = open_regular(name, path)?;
-        check(&file).map_err(|source| AttachError::Read {
-            name: name.to_string(),
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (file, meta) = open_regular(name, path, check)?;
         Self::hashed(name, path, file, &meta)
     }
 
     /// Opens the file `expected` describes at `path`, refusing other content (a file of
     /// another size before reading it).
     pub fn open_expecting(expected: &FileInfo, path: &Path) -> Result<Self, AttachError> {
-        let (file, meta) = open_regular(&expected.name, path)?;
+        Self::open_expecting_checked(expected, path, &|_| Ok(()))
+    }
+
+    /// [`Self::open_expecting`], once `check` has passed the open file, before any of it
+    /// is read (see [`Self::open_checked`]).
+    pub fn open_expecting_checked(
+        expected: &FileInfo,
+        path: &Path,
+        check: &OpenCheck<'_>,
+    ) -> Result<Self, AttachError> {
+        let (file, meta) = open_regular(&expected.name, path, check)?;
         check_content(expected, path, &file, &meta)?;
         Ok(Self {
             info: FileInfo {
@@ -620,7 +654,7 @@ mod tests {
     #[test]
     fn a_file_that_grows_or_shrinks_while_hashed_is_refused() {
         let path = temp_file("grows", b"0123456789");
-        let (file, meta) = open_regular("grows", &path).unwrap();
+        let (file, meta) = open_regular("grows", &path, &|_| Ok(())).unwrap();
         // The size and stamp as attach saw them, then bytes appended before the read.
         std::fs::OpenOptions::new()
             .append(true)
@@ -633,7 +667,7 @@ mod tests {
             "{err}"
         );
         // Shorter than the size recorded: a read error, not the hash of fewer bytes.
-        let (file, meta) = open_regular("grows", &path).unwrap();
+        let (file, meta) = open_regular("grows", &path, &|_| Ok(())).unwrap();
         std::fs::write(&path, b"short").unwrap();
         let err = sha256_of("grows", &path, &file, &meta).unwrap_err();
         assert!(matches!(err, AttachError::Read { .. }), "{err}");
