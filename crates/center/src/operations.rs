@@ -491,13 +491,94 @@ impl Center {
             )
             .into());
         }
-        src.post::<_, MigrationStatus>(
+        let ordered = src.post::<_, MigrationStatus>(
             &format!("{path}/migrate"),
             &serde_json::json!({ "to": dest.info.migration_addr }),
-        )
-        .map_err(|e| format!("host {} did not start the migration: {e:#}", source.name))?;
+        );
+        match ordered {
+            Ok(_) => {}
+            // Sent, and no answer came back: the source may have taken the order, and
+            // the VM may be moving. The source says which.
+            Err(e) if ferry_client::unanswered(&e) => {
+                tracing::warn!(vm = %m.vm.id, "host {} did not answer a migrate order: {e:#}", source.name);
+                let lost = "the source did not answer the order, and did not take it";
+                return self.follow_order_in_doubt(&source, &dest, &m.vm.id, record_id, lost);
+            }
+            Err(e) => {
+                return Err(
+                    format!("host {} did not start the migration: {e:#}", source.name).into(),
+                )
+            }
+        }
         let report = self.poll_migration(&source, &m.vm.id, record_id)?;
         Ok((report, self.verify_arrival(&dest, &source.name, &m.vm.id)?))
+    }
+
+    /// Follows a migration of `vm` from `source` to `dest` that may or may not have been
+    /// ordered (a previous leader recorded it, or the order's answer was lost): the source
+    /// is asked until it answers. One it has is followed to its end; none means the VM
+    /// moved (it runs on the destination) or the source never took the order (which
+    /// `not_started` says how).
+    fn follow_order_in_doubt(
+        &self,
+        source: &crate::HostRecord,
+        dest: &crate::HostRecord,
+        vm: &str,
+        record_id: i64,
+        not_started: &str,
+    ) -> Result<(Option<MigrationReport>, VmInfo), MoveFailure> {
+        let src = self.host_client(source).map_err(|e| e.to_string())?;
+        // Only the source's "no such VM" (404) or "no migration of it" (409
+        // `wrong_state`) means none: an unreachable source is asked again, as a running
+        // migration is polled.
+        let path = format!("/v1/vms/{vm}/migration");
+        let since = Instant::now();
+        let asked = loop {
+            match src.get::<MigrationStatus>(&path) {
+                Err(e)
+                    if e.downcast_ref::<ferry_client::ApiError>().is_none_or(|a| {
+                        a.status != 404 && a.code.as_deref() != Some("wrong_state")
+                    }) =>
+                {
+                    if since.elapsed() > LOST_CONTACT {
+                        return Err(MoveFailure::Unsettled(format!(
+                            "lost contact with host {} while finding out whether it took a migrate order ({e:#}); check where the VM runs",
+                            source.name
+                        )));
+                    }
+                    std::thread::sleep(POLL);
+                }
+                other => break other,
+            }
+        };
+        match asked {
+            // Running, or in doubt (followed until settled), as one just ordered.
+            Ok(status)
+                if matches!(status.state, MigrationState::Running | MigrationState::InDoubt) =>
+            {
+                let report = self.poll_migration(source, vm, record_id)?;
+                Ok((report, self.verify_arrival(dest, &source.name, vm)?))
+            }
+            Ok(status) if status.state == MigrationState::Succeeded => Ok((
+                status.report,
+                self.verify_arrival(dest, &source.name, vm)?,
+            )),
+            Ok(status) => Err(status
+                .error
+                .unwrap_or_else(|| format!("the migration ended {:?}", status.state))
+                .into()),
+            // No migration there: it moved (the VM runs on the destination) or the order
+            // never arrived.
+            Err(asked) => match self.verify_arrival(dest, &source.name, vm) {
+                Ok(arrived) => Ok((None, arrived)),
+                Err(there) => Err(format!(
+                    "not started: {not_started}; the VM stayed on {} (source: {asked:#}; destination: {})",
+                    source.name,
+                    there.text()
+                )
+                .into()),
+            },
+        }
     }
 
     /// Polls the source's migration of `vm` until it ends, and a migration left in doubt
@@ -635,7 +716,10 @@ impl Center {
     /// otherwise the VM runs on the destination (it moved) or it does not (the order
     /// never reached the source, or the move failed).
     fn settle_recorded_migration(&self, record: &MigrationRecord) -> MigrationRecord {
-        let m = match self.inventory().vms().get(&record.vm).cloned() {
+        // Its own statement: a guard in the `match` would be held through the arms, and
+        // concluding takes the inventory lock again (the center hung for good).
+        let known = self.inventory().vms().get(&record.vm).cloned();
+        let m = match known {
             Some(mut vm) => {
                 vm.host = record.from.clone();
                 Move {
@@ -656,60 +740,13 @@ impl Center {
                 );
             }
         };
+        // Room on the destination while it is followed, as for a move ordered here (a new
+        // leader starts with none held): concluding gives it back.
+        self.reserve(std::slice::from_ref(&m));
         let outcome = (|| -> Result<_, MoveFailure> {
             let (source, dest) = self.move_hosts(&m)?;
-            let src = self.host_client(&source).map_err(|e| e.to_string())?;
-            // Only the source's "no such VM" (404) or "no migration of it" (409
-            // `wrong_state`) means none: an unreachable source is asked again, as a
-            // running migration is polled.
-            let path = format!("/v1/vms/{}/migration", record.vm);
-            let since = Instant::now();
-            let asked = loop {
-                match src.get::<MigrationStatus>(&path) {
-                    Err(e)
-                        if e.downcast_ref::<ferry_client::ApiError>().is_none_or(|a| {
-                            a.status != 404 && a.code.as_deref() != Some("wrong_state")
-                        }) =>
-                    {
-                        if since.elapsed() > LOST_CONTACT {
-                            return Err(MoveFailure::Unsettled(format!(
-                                "lost contact with host {} while settling the previous leader's migration ({e:#}); check where the VM runs",
-                                source.name
-                            )));
-                        }
-                        std::thread::sleep(POLL);
-                    }
-                    other => break other,
-                }
-            };
-            match asked {
-                // Running, or in doubt (followed until settled), as one this leader ordered.
-                Ok(status)
-                    if matches!(status.state, MigrationState::Running | MigrationState::InDoubt) =>
-                {
-                    let report = self.poll_migration(&source, &record.vm, record.id)?;
-                    Ok((report, self.verify_arrival(&dest, &source.name, &record.vm)?))
-                }
-                Ok(status) if status.state == MigrationState::Succeeded => Ok((
-                    status.report,
-                    self.verify_arrival(&dest, &source.name, &record.vm)?,
-                )),
-                Ok(status) => Err(status
-                    .error
-                    .unwrap_or_else(|| format!("the migration ended {:?}", status.state))
-                    .into()),
-                // No migration there: it moved (the VM runs on the destination) or the
-                // order never arrived.
-                Err(asked) => match self.verify_arrival(&dest, &source.name, &record.vm) {
-                    Ok(arrived) => Ok((None, arrived)),
-                    Err(there) => Err(format!(
-                        "not started: the leader that recorded it stopped before the source took the order; the VM stayed on {} (source: {asked:#}; destination: {})",
-                        source.name,
-                        there.text()
-                    )
-                    .into()),
-                },
-            }
+            let recorded = "the leader that recorded it stopped before the source took the order";
+            self.follow_order_in_doubt(&source, &dest, &record.vm, record.id, recorded)
         })();
         self.conclude_migration(
             &record.vm,
@@ -1504,6 +1541,99 @@ mod tests {
             "{}",
             events[0].message
         );
+    }
+
+    #[test]
+    fn a_migrate_order_whose_answer_was_lost_is_followed_as_the_source_says() {
+        use crate::fake_host::{fake_host, Reply};
+        // The order arrived and the VM moved; only the answer was lost.
+        let scratch = ScratchCenter::open("order-answer-lost-moved");
+        let (a, _) = fake_host(vec![
+            Reply::Nothing,
+            Reply::Json("200 OK", status(MigrationState::Succeeded)),
+        ]);
+        let (b, _) = fake_host(vec![Reply::Json("200 OK", v_in(VmState::Running))]);
+        scratch.report("a", a);
+        scratch.report("b", b);
+        let center = &scratch.center;
+        let (_, arrived) = center
+            .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
+            .unwrap();
+        assert_eq!(arrived.state, VmState::Running);
+        // The order never took: the source has no migration of it, and b no VM.
+        let scratch = ScratchCenter::open("order-answer-lost-stayed");
+        let none = r#"{"error":"VM v is not migrating","code":"wrong_state"}"#;
+        let missing = r#"{"error":"no VM v","code":"vm_not_found"}"#;
+        let (a, _) = fake_host(vec![
+            Reply::Nothing,
+            Reply::Json("409 Conflict", none.to_string()),
+        ]);
+        let (b, _) = fake_host(vec![Reply::Json("404 Not Found", missing.to_string())]);
+        scratch.report("a", a);
+        scratch.report("b", b);
+        let center = &scratch.center;
+        let stayed = center
+            .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(&stayed, MoveFailure::Stayed(why) if why.contains("did not answer the order")),
+            "{stayed:?}"
+        );
+    }
+
+    #[test]
+    fn a_recorded_move_being_settled_holds_room_on_its_destination() {
+        use crate::fake_host::{fake_host, Reply};
+        let scratch = ScratchCenter::open("settle-holds-room");
+        let late = Duration::from_millis(500);
+        let moved = status(MigrationState::Succeeded);
+        let (a, _) = fake_host(vec![Reply::Late(late, "200 OK", moved)]);
+        let (b, _) = fake_host(vec![Reply::Json("200 OK", v_in(VmState::Running))]);
+        scratch.report("b", b);
+        let mut beat = crate::inventory::tests::beat("a", vec![vm("v", VmState::Running)]);
+        beat.api_url = format!("http://{a}");
+        scratch.center.heartbeat(beat).unwrap();
+        let mut record = MigrationRecord {
+            vm: "v".into(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: "test".into(),
+            state: MigrationState::Running,
+            ..MigrationRecord::default()
+        };
+        scratch.center.record_migration(&mut record).unwrap();
+        let center = scratch.center.clone();
+        let settling = std::thread::spawn(move || center.settle_recorded_migration(&record));
+        std::thread::sleep(late / 2);
+        let held: Vec<_> = (scratch.center.inventory().reservations.iter())
+            .map(|r| (r.vm.clone(), r.host.clone()))
+            .collect();
+        assert_eq!(held, [("v".to_string(), "b".to_string())]);
+        let ended = settling.join().unwrap();
+        assert_eq!(ended.state, MigrationState::Succeeded, "{ended:?}");
+        assert!(scratch.center.inventory().reservations.is_empty());
+    }
+
+    #[test]
+    fn a_recorded_move_of_a_vm_no_longer_known_is_concluded_without_hanging() {
+        let scratch = hosts_a_and_b_answering_nothing("move-of-a-ghost");
+        let center = scratch.center.clone();
+        let mut record = MigrationRecord {
+            vm: "ghost".into(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: "test".into(),
+            state: MigrationState::Running,
+            ..MigrationRecord::default()
+        };
+        center.record_migration(&mut record).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(center.settle_recorded_migration(&record)));
+        let ended = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("settling a move of a VM no longer known hung");
+        assert_eq!(ended.state, MigrationState::Failed, "{ended:?}");
+        assert!(scratch.center.inventory().vms().get("ghost").is_none());
     }
 
     #[test]
