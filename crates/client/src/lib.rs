@@ -111,30 +111,26 @@ const MAX_ERROR_TEXT: usize = 4 << 10;
 /// `code` where it is Ferry's error shape, else the text itself.
 fn api_error(what: &str, status: u16, text: String) -> ApiError {
     let answer = serde_json::from_str::<serde_json::Value>(&text).ok();
-    let field = |name: &str| {
-        answer
-            .as_ref()
-            .and_then(|v| v.get(name)?.as_str().map(str::to_string))
-    };
+    let field = |name: &str| answer.as_ref().and_then(|v| v.get(name)?.as_str().map(cut));
     ApiError {
         what: what.to_string(),
         status,
-        code: field("code").map(cut),
-        message: cut(field("error").unwrap_or(text)),
+        code: field("code"),
+        message: field("error").unwrap_or_else(|| cut(&text)),
     }
 }
 
-/// `text`, cut to [`MAX_ERROR_TEXT`] bytes (at a character's boundary) if longer.
-fn cut(mut text: String) -> String {
-    if text.len() > MAX_ERROR_TEXT {
-        let mut end = MAX_ERROR_TEXT;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
+/// `text`, cut to [`MAX_ERROR_TEXT`] bytes (at a character's boundary) if longer: a
+/// prefix copied, never the whole.
+fn cut(text: &str) -> String {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text.to_string();
     }
-    text
+    let mut end = MAX_ERROR_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }
 
 /// Connections to one address a client keeps open for reuse by default (ureq's default).
@@ -287,7 +283,7 @@ impl ApiClient {
             return Err(api_error(what, status.as_u16(), text).into());
         }
         serde_json::from_str(&text)
-            .with_context(|| format!("unexpected answer to {what}: {}", cut(text.clone())))
+            .with_context(|| format!("unexpected answer to {what}: {}", cut(&text)))
     }
 
     /// `method path` without a body (a GET is a read, sent again elsewhere if need be):

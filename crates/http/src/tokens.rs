@@ -184,7 +184,19 @@ impl TokenFile {
     /// and returns its tokens if they changed; a file that became unreadable or invalid
     /// keeps the tokens it had (and says so once).
     fn refresh(&mut self) -> Option<TokenSet> {
-        let stamp = FileStamp::of(&self.path).ok()?;
+        let stamp = match FileStamp::of(&self.path) {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                // Said once, until it is back: deleting the file revokes nothing.
+                if self.stamp.take().is_some() {
+                    tracing::error!(
+                        path = %self.path.display(),
+                        "cannot read the API token file: {e}; keeping the tokens read before"
+                    );
+                }
+                return None;
+            }
+        };
         if Some(stamp) == self.stamp {
             return None;
         }
