@@ -1628,7 +1628,9 @@ mod tests {
         };
         center.record_migration(&mut record).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(center.settle_recorded_migration(&record)));
+        std::thread::spawn(move || {
+            let _ = tx.send(center.settle_recorded_migration(&record));
+        });
         let ended = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("settling a move of a VM no longer known hung");
