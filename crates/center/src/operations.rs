@@ -1420,6 +1420,30 @@ mod tests {
         scratch
     }
 
+    /// A running move of VM `vm` from a to b, recorded by `center` (as a previous
+    /// leader would have).
+    fn running_move_recorded(center: &Center, vm: &str) -> MigrationRecord {
+        let mut record = MigrationRecord {
+            vm: vm.into(),
+            from: "a".into(),
+            to: "b".into(),
+            reason: "test".into(),
+            state: MigrationState::Running,
+            ..MigrationRecord::default()
+        };
+        center.record_migration(&mut record).unwrap();
+        record
+    }
+
+    /// Checks that a move failed with the VM staying where it was, saying `why`.
+    #[track_caller]
+    fn assert_stayed(failure: &MoveFailure, why: &str) {
+        assert!(
+            matches!(failure, MoveFailure::Stayed(said) if said.contains(why)),
+            "{failure:?}"
+        );
+    }
+
     /// A move of running VM `v` from host a to host b.
     fn move_v_from_a_to_b() -> Move {
         Move {
@@ -1442,10 +1466,7 @@ mod tests {
         let refused = center
             .follow_migration(&m, 1, center.term().unwrap())
             .unwrap_err();
-        assert!(
-            matches!(&refused, MoveFailure::Stayed(why) if why.contains("takes no VMs")),
-            "{refused:?}"
-        );
+        assert_stayed(&refused, "takes no VMs");
     }
 
     /// A source's status of its migration of `v` to b, in `state`.
@@ -1512,25 +1533,14 @@ mod tests {
             .center
             .follow_migration(&move_v_from_a_to_b(), 1, scratch.center.term().unwrap())
             .unwrap_err();
-        assert!(
-            matches!(&stayed, MoveFailure::Stayed(why) if why.contains("running on host a")),
-            "{stayed:?}"
-        );
+        assert_stayed(&stayed, "running on host a");
     }
 
     #[test]
     fn a_move_whose_source_is_lost_is_recorded_as_unsettled_not_as_staying() {
         let scratch = hosts_a_and_b_answering_nothing("move-unsettled");
         let center = &scratch.center;
-        let mut record = MigrationRecord {
-            vm: "v".into(),
-            from: "a".into(),
-            to: "b".into(),
-            reason: "test".into(),
-            state: MigrationState::Running,
-            ..MigrationRecord::default()
-        };
-        center.record_migration(&mut record).unwrap();
+        let record = running_move_recorded(center, "v");
         let lost = MoveFailure::Unsettled("lost contact with host a".into());
         let ended = center.conclude_migration("v", "b", record.id, "test", Err(lost), false);
         assert_eq!(ended.state, MigrationState::InDoubt);
@@ -1575,10 +1585,7 @@ mod tests {
         let stayed = center
             .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
             .unwrap_err();
-        assert!(
-            matches!(&stayed, MoveFailure::Stayed(why) if why.contains("did not answer the order")),
-            "{stayed:?}"
-        );
+        assert_stayed(&stayed, "did not answer the order");
     }
 
     #[test]
@@ -1593,15 +1600,7 @@ mod tests {
         let mut beat = crate::inventory::tests::beat("a", vec![vm("v", VmState::Running)]);
         beat.api_url = format!("http://{a}");
         scratch.center.heartbeat(beat).unwrap();
-        let mut record = MigrationRecord {
-            vm: "v".into(),
-            from: "a".into(),
-            to: "b".into(),
-            reason: "test".into(),
-            state: MigrationState::Running,
-            ..MigrationRecord::default()
-        };
-        scratch.center.record_migration(&mut record).unwrap();
+        let record = running_move_recorded(&scratch.center, "v");
         let center = scratch.center.clone();
         let settling = std::thread::spawn(move || center.settle_recorded_migration(&record));
         std::thread::sleep(late / 2);
@@ -1618,15 +1617,7 @@ mod tests {
     fn a_recorded_move_of_a_vm_no_longer_known_is_concluded_without_hanging() {
         let scratch = hosts_a_and_b_answering_nothing("move-of-a-ghost");
         let center = scratch.center.clone();
-        let mut record = MigrationRecord {
-            vm: "ghost".into(),
-            from: "a".into(),
-            to: "b".into(),
-            reason: "test".into(),
-            state: MigrationState::Running,
-            ..MigrationRecord::default()
-        };
-        center.record_migration(&mut record).unwrap();
+        let record = running_move_recorded(&center, "ghost");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(center.settle_recorded_migration(&record));
@@ -1648,10 +1639,7 @@ mod tests {
         let refused = center
             .follow_migration(&move_v_from_a_to_b(), 1, earlier)
             .unwrap_err();
-        assert!(
-            matches!(&refused, MoveFailure::Stayed(why) if why.contains("no longer leads")),
-            "{refused:?}"
-        );
+        assert_stayed(&refused, "no longer leads");
     }
 
     #[test]
