@@ -702,6 +702,14 @@ impl Center {
                 dest.name
             ))
         })?;
+        // A path names a VM by id or by name: another VM named as this one's id is not it.
+        if arrived.id != vm {
+            return Err(unsettled(format!(
+                "host {} answered for VM {vm} with another VM, {}",
+                dest.name,
+                crate::inventory::shown(&arrived.id)
+            )));
+        }
         match &arrived.state {
             VmState::Running | VmState::Exited { code: 0 } => Ok(arrived),
             other => Err(unsettled(format!(
@@ -1586,6 +1594,20 @@ mod tests {
             .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
             .unwrap_err();
         assert_stayed(&stayed, "did not answer the order");
+    }
+
+    #[test]
+    fn another_vm_answered_for_the_one_moved_is_not_taken_for_it() {
+        use crate::fake_host::{fake_host, Reply};
+        let scratch = ScratchCenter::open("arrival-of-another");
+        let other = serde_json::to_string(&vm("w", VmState::Running)).unwrap();
+        let (b, _) = fake_host(vec![Reply::Json("200 OK", other)]);
+        let dest = scratch.report("b", b);
+        let refused = scratch.center.verify_arrival(&dest, "a", "v").unwrap_err();
+        assert!(
+            matches!(&refused, MoveFailure::Unsettled(why) if why.contains("another VM, w")),
+            "{refused:?}"
+        );
     }
 
     #[test]
