@@ -220,9 +220,10 @@ pub fn spawn(
 const HEADER_READ_TIME: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
-/// Most bytes a connection's read buffer holds, so most of a request's head: Ferry's are
-/// far smaller, and hyper's own bound (about 400 KiB) let connections that never finish
-/// a head hold 1.6 GiB before any token was checked.
+/// Most bytes of a request's head: Ferry's are far smaller, and hyper's own bound (its
+/// read buffer's, about 400 KiB) let connections that never finish a head hold 1.6 GiB
+/// before any token was checked. (Bounding the read buffer itself instead made hyper
+/// reset connections under a thousand concurrent requests.)
 const MAX_HEAD_BYTES: usize = 32 << 10;
 /// Time a request's body has to arrive, from when it is first waited for: past it the
 /// read fails, so a client that announces a large body and sends a byte a minute cannot
@@ -358,7 +359,7 @@ async fn serve_on<L: axum::serve::Listener>(
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(times.header)
-            .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES)
             .serve_connection(hyper_util::rt::TokioIo::new(Box::pin(io)), service);
         let connection = connections.watch(connection);
         tokio::spawn(async move {
