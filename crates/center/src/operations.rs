@@ -29,6 +29,14 @@ const SETTLE_POLL: Duration = Duration::from_secs(1);
 /// How long the center follows a VM left in doubt: past the ten minutes a source keeps
 /// asking its destination before it leaves the VM to `ferry vm resolve`.
 const SETTLE_PATIENCE: Duration = Duration::from_secs(11 * 60);
+/// How long a source that shows no migration of a move whose order may have reached it is
+/// asked again before the move is taken as never started: the order may still be taking
+/// effect there.
+const ORDER_GRACE: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(3)
+};
 
 /// Why a move the center ordered did not end with the VM verified on its destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -532,14 +540,17 @@ impl Center {
         // `wrong_state`) means none: an unreachable source is asked again, as a running
         // migration is polled.
         let path = format!("/v1/vms/{vm}/migration");
+        // A migration of this move: to its destination (the source tells the VM's last
+        // migration, which may be an earlier one, to elsewhere).
+        let this_move = |s: &MigrationStatus| s.to == dest.info.migration_addr;
         let since = Instant::now();
         let asked = loop {
-            match src.get::<MigrationStatus>(&path) {
-                Err(e)
-                    if e.downcast_ref::<ferry_client::ApiError>().is_none_or(|a| {
-                        a.status != 404 && a.code.as_deref() != Some("wrong_state")
-                    }) =>
-                {
+            let answer = src.get::<MigrationStatus>(&path);
+            if let Err(e) = &answer {
+                let none = e
+                    .downcast_ref::<ferry_client::ApiError>()
+                    .is_some_and(|a| a.status == 404 || a.code.as_deref() == Some("wrong_state"));
+                if !none {
                     if since.elapsed() > LOST_CONTACT {
                         return Err(MoveFailure::Unsettled(format!(
                             "lost contact with host {} while finding out whether it took a migrate order ({e:#}); check where the VM runs",
@@ -547,9 +558,24 @@ impl Center {
                         )));
                     }
                     std::thread::sleep(POLL);
+                    continue;
                 }
-                other => break other,
             }
+            // None yet, or an earlier one's: an order just sent may still be taking
+            // effect on the source, so it is asked again for a moment.
+            let under_way = matches!(&answer, Ok(s) if this_move(s)
+                && !matches!(s.state, MigrationState::Failed | MigrationState::Cancelled));
+            if !under_way && since.elapsed() < ORDER_GRACE {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            break match answer {
+                Ok(s) if !this_move(&s) => Err(anyhow::anyhow!(
+                    "its last migration of the VM was to {}",
+                    crate::inventory::shown(&s.to)
+                )),
+                other => other,
+            };
         };
         match asked {
             // Running, or in doubt (followed until settled), as one just ordered.
@@ -702,12 +728,12 @@ impl Center {
                 dest.name
             ))
         })?;
-        // A path names a VM by id or by name: another VM named as this one's id is not it.
-        if arrived.id != vm {
+        // The VM that came from `source`: one there that did not is another (a VM made
+        // there while this one was away may hold its id, and the arrival another).
+        if arrived.id != vm || arrived.migrated_from.as_deref() != Some(source) {
             return Err(unsettled(format!(
-                "host {} answered for VM {vm} with another VM, {}",
-                dest.name,
-                crate::inventory::shown(&arrived.id)
+                "host {} shows a VM {vm} that did not come from host {source}",
+                dest.name
             )));
         }
         match &arrived.state {
@@ -1491,9 +1517,11 @@ mod tests {
         .unwrap()
     }
 
-    /// A host's report of `v` in `state`.
+    /// A host's report of `v` in `state` (as having come from a, where that matters).
     fn v_in(state: VmState) -> String {
-        serde_json::to_string(&vm("v", state)).unwrap()
+        let mut v = vm("v", state);
+        v.migrated_from = Some("a".into());
+        serde_json::to_string(&v).unwrap()
     }
 
     #[test]
@@ -1578,14 +1606,14 @@ mod tests {
             .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
             .unwrap();
         assert_eq!(arrived.state, VmState::Running);
-        // The order never took: the source has no migration of it, and b no VM.
+        // The order never took: the source shows only an earlier migration, to another
+        // host (asked again for a moment), and b has no VM v.
         let scratch = ScratchCenter::open("order-answer-lost-stayed");
-        let none = r#"{"error":"VM v is not migrating","code":"wrong_state"}"#;
+        let earlier = status(MigrationState::Succeeded).replace("b.example", "c.example");
         let missing = r#"{"error":"no VM v","code":"vm_not_found"}"#;
-        let (a, _) = fake_host(vec![
-            Reply::Nothing,
-            Reply::Json("409 Conflict", none.to_string()),
-        ]);
+        let mut answers = vec![Reply::Nothing];
+        answers.extend((0..10).map(|_| Reply::Json("200 OK", earlier.clone())));
+        let (a, _) = fake_host(answers);
         let (b, _) = fake_host(vec![Reply::Json("404 Not Found", missing.to_string())]);
         scratch.report("a", a);
         scratch.report("b", b);
@@ -1600,14 +1628,20 @@ mod tests {
     fn another_vm_answered_for_the_one_moved_is_not_taken_for_it() {
         use crate::fake_host::{fake_host, Reply};
         let scratch = ScratchCenter::open("arrival-of-another");
-        let other = serde_json::to_string(&vm("w", VmState::Running)).unwrap();
-        let (b, _) = fake_host(vec![Reply::Json("200 OK", other)]);
+        // A VM v made on b while v was away (the arrival got another id there).
+        let made_there = serde_json::to_string(&vm("v", VmState::Running)).unwrap();
+        let (b, _) = fake_host(vec![
+            Reply::Json("200 OK", made_there),
+            Reply::Json("200 OK", v_in(VmState::Running)),
+        ]);
         let dest = scratch.report("b", b);
         let refused = scratch.center.verify_arrival(&dest, "a", "v").unwrap_err();
         assert!(
-            matches!(&refused, MoveFailure::Unsettled(why) if why.contains("another VM, w")),
+            matches!(&refused, MoveFailure::Unsettled(why) if why.contains("did not come from host a")),
             "{refused:?}"
         );
+        // The one that came from a is its arrival.
+        scratch.center.verify_arrival(&dest, "a", "v").unwrap();
     }
 
     #[test]

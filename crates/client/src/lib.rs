@@ -36,12 +36,15 @@ pub struct Unreachable {
     /// Every address refused the connection: its host answered, and nothing listens
     /// there (as opposed to a timeout, a name that did not resolve, or a lost answer).
     pub refused: bool,
+    /// No address got the request: each failed before it was sent (refused, a name that
+    /// did not resolve, no connection made in time).
+    pub unsent: bool,
 }
 
 /// Whether `e` is a request's that got no answer but may have arrived (a timeout, a
 /// connection cut): sent again, a request that is safe to repeat may find it done.
 pub fn unanswered(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<Unreachable>().is_some_and(|u| !u.refused)
+    e.downcast_ref::<Unreachable>().is_some_and(|u| !u.unsent)
 }
 
 /// One API, at one address or several (center replicas), with its bearer token.
@@ -224,7 +227,7 @@ impl ApiClient {
         use std::sync::atomic::Ordering;
         let first = self.current.load(Ordering::Relaxed);
         let mut failures = Vec::new();
-        let mut refused = true;
+        let (mut refused, mut all_unsent) = (true, true);
         for k in 0..self.bases.len() {
             let i = (first + k) % self.bases.len();
             match send(&self.bases[i]) {
@@ -247,6 +250,7 @@ impl ApiClient {
                                 | ureq::Error::HostNotFound
                                 | ureq::Error::Timeout(ureq::Timeout::Connect)
                         );
+                    all_unsent &= unsent;
                     failures.push(format!("{}: {e}", self.bases[i]));
                     if !(unsent || idempotent) {
                         break;
@@ -260,6 +264,7 @@ impl ApiClient {
             what: what.to_string(),
             failures,
             refused,
+            unsent: all_unsent,
         }
         .into())
     }
@@ -633,13 +638,13 @@ mod tests {
         let silent_addr = ferry_testdata::dropping_addr(2);
 
         let refused = unreachable(&format!("http://{closed_addr}"));
-        assert!(refused.refused, "{refused}");
+        assert!(refused.refused && refused.unsent, "{refused}");
         assert!(refused.to_string().contains("cannot reach the API"));
 
         let dropped = unreachable(&format!("http://{silent_addr}"));
-        assert!(!dropped.refused, "{dropped}");
+        assert!(!dropped.refused && !dropped.unsent, "{dropped}");
         let mixed = unreachable(&format!("http://{closed_addr},http://{silent_addr}"));
-        assert!(!mixed.refused, "{mixed}");
+        assert!(!mixed.refused && !mixed.unsent, "{mixed}");
     }
     /// A keep-alive server answering requests `{}` once `together` of them are waiting
     /// (so that many are in flight at once); its address and the count of connections it

@@ -130,6 +130,8 @@ struct TokenFile {
     /// The file as it was read; `None` while it may still be being written (read again).
     stamp: Option<FileStamp>,
     tokens: TokenSet,
+    /// Whether the file being gone was said (once, until it is back).
+    missing_said: bool,
 }
 
 /// What tells one version of the token file from another: a file rewritten in place
@@ -177,6 +179,7 @@ impl TokenFile {
             path: path.to_owned(),
             stamp: stamp.settled(),
             tokens: parse_token_file(path, &text)?.into(),
+            missing_said: false,
         })
     }
 
@@ -185,10 +188,15 @@ impl TokenFile {
     /// keeps the tokens it had (and says so once).
     fn refresh(&mut self) -> Option<TokenSet> {
         let stamp = match FileStamp::of(&self.path) {
-            Ok(stamp) => stamp,
+            Ok(stamp) => {
+                self.missing_said = false;
+                stamp
+            }
             Err(e) => {
-                // Said once, until it is back: deleting the file revokes nothing.
-                if self.stamp.take().is_some() {
+                // Said once, until it is back: deleting the file revokes nothing. (Read
+                // again when it is back, whatever its stamp.)
+                self.stamp = None;
+                if !std::mem::replace(&mut self.missing_said, true) {
                     tracing::error!(
                         path = %self.path.display(),
                         "cannot read the API token file: {e}; keeping the tokens read before"
