@@ -335,13 +335,22 @@ fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
 
     // Every answer has ended, so the KV caches hold nothing a migration must send (4
     // slots × 30 layers × keys and values: 240 caches, each written in at least one
-    // chunk by an answer): what is left is the activations.
-    let idle = report(&s.a.migrate(&s.vm, &s.b.migration, &[]));
-    let chunks = idle["round_log"][0]["chunks"].as_u64().unwrap();
-    assert!(
-        chunks < 60,
-        "{chunks} device chunks sent by an idle server: {idle}"
-    );
+    // chunk by an answer): what is left is the activations. The guest empties an ended
+    // answer's cache just after sending its end, which a client may read first: a move
+    // begun at once can still find the caches, so it is made again, up to 4 times.
+    let mut idle = Value::Null;
+    for i in 0..4 {
+        let (from, to) = if i % 2 == 0 {
+            (&s.a, &s.b)
+        } else {
+            (&s.b, &s.a)
+        };
+        idle = report(&from.migrate(&s.vm, &to.migration, &[]));
+        if idle["round_log"][0]["chunks"].as_u64().unwrap() < 60 {
+            return;
+        }
+    }
+    panic!("every move of the idle server sent 60 device chunks or more: {idle}");
 }
 
 #[test]
