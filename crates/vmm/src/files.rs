@@ -295,12 +295,6 @@ pub fn opened_path(file: &File) -> std::io::Result<PathBuf> {
 }
 
 impl AttachedFile {
-    /// Where the open file is now, as the kernel resolves its descriptor: what was
-    /// opened, whatever the path named when it was checked (a link swapped in between).
-    pub fn opened_path(&self) -> std::io::Result<PathBuf> {
-        opened_path(&self.file)
-    }
-
     /// Opens `path` as the file `name` and takes its hash.
     pub fn open(name: &str, path: &Path) -> Result<Self, AttachError> {
         Self::open_checked(name, path, &|_| Ok(()))
