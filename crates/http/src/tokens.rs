@@ -5,7 +5,8 @@
 //! within [`TOKEN_FILE_CHECK_EVERY`] of a change, so tokens can be added and retired
 //! without a restart. A thread of its own reads it: a request's token lookup never waits
 //! on the file system, however slow or hung (a lookup says once, as a warning, that the
-//! file has not been read for a while). Tokens are compared in constant time.
+//! file has not been read for a while). Tokens are compared in constant time, lengths
+//! included (as digests).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Shortest operator token accepted in a token file.
@@ -370,7 +372,7 @@ impl Tokens {
 
     /// What `given` allows, if it is one of the tokens. Never touches the token file.
     pub fn access(&self, given: &[u8]) -> Option<Access> {
-        let matches = |(token, _): &&(Vec<u8>, Access)| bool::from(token.as_slice().ct_eq(given));
+        let matches = |(token, _): &&(Vec<u8>, Access)| same_token(token, given);
         if let Some(&(_, access)) = self.fixed.iter().find(matches) {
             return Some(access);
         }
@@ -420,7 +422,14 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// Whether a request's bearer token is `token` (compared in constant time).
 pub fn bears(headers: &axum::http::HeaderMap, token: &[u8]) -> bool {
-    bearer(headers).is_some_and(|given| bool::from(given.as_bytes().ct_eq(token)))
+    bearer(headers).is_some_and(|given| same_token(given.as_bytes(), token))
+}
+
+/// Whether `a` and `b` are the same token, compared as SHA-256 digests in constant time:
+/// the time taken shows neither where they differ nor how long the real one is (a plain
+/// comparison of byte strings ends at once when the lengths differ).
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    bool::from(Sha256::digest(a).ct_eq(&Sha256::digest(b)))
 }
 
 /// Middleware (state: the tokens, and the part of the API the router serves) that runs
