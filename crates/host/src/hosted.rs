@@ -15,7 +15,7 @@
 //! [`HostedVm::resume_here`]); never the other way round (no migration, then control).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit, VmReadout, VmTracker};
@@ -23,6 +23,7 @@ use ferry_vmm::{FileInfo, Microvm, RunState, VmConfig, VmExit, VmReadout, VmTrac
 use crate::capacity::Reservation;
 use crate::lifecycle::{Lifecycle, TransitionError, Vacated};
 use crate::MigrationStatus;
+use ferry_api::MigrationState;
 use ferry_api::{VmInfo, VmState};
 use ferry_migrate::{error_chain, CancelToken, VmError};
 
@@ -105,6 +106,33 @@ struct Control {
     hold: Hold,
     /// What migrations track while it runs (it keeps the RAM alive: dropped with it).
     tracker: Option<VmTracker>,
+    /// The throttle's resumes refused in a row (said once, not every cycle).
+    throttle_resumes_refused: u32,
+    /// Tests: resumes to refuse, as a torn accelerator's VM refuses them.
+    #[cfg(test)]
+    resumes_to_fail: u32,
+}
+
+impl Control {
+    /// Runs the microVM again if it is paused; one that cannot run stays paused.
+    fn resume_paused(&mut self) -> Result<(), ferry_vmm::vm::VmControlError> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(());
+        };
+        if !matches!(vm.run_state(), RunState::Paused) {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.resumes_to_fail > 0 {
+            self.resumes_to_fail -= 1;
+            return Err(ferry_vmm::vm::VmControlError::WrongState {
+                op: "resume",
+                state: "refusing (a test)".into(),
+                needs: "to run",
+            });
+        }
+        vm.resume()
+    }
 }
 
 /// A VM run by this host.
@@ -234,11 +262,15 @@ impl HostedVm {
         reservation: Reservation,
     ) -> Result<Arc<Self>, String> {
         let life = Lifecycle::new(reservation);
-        if matches!(vm.run_state(), RunState::Paused) {
-            vm.resume()
-                .map_err(|e| format!("cannot start the VM: {e}"))?;
+        let started = match vm.run_state() {
+            RunState::Paused => vm.resume().map_err(|e| format!("cannot start the VM: {e}")),
+            _ => Ok(()),
+        };
+        if let Err(e) = started.and_then(|()| life.start().map_err(|e| e.to_string())) {
+            // Its memory goes before its room (parameters are dropped last to first).
+            drop(vm);
+            return Err(e);
         }
-        life.start().map_err(|e| e.to_string())?;
         let hosted = Arc::new(Self {
             id,
             workload,
@@ -263,6 +295,9 @@ impl HostedVm {
                 tracker: Some(vm.tracker()),
                 vm: Some(vm),
                 hold: Hold::Free,
+                throttle_resumes_refused: 0,
+                #[cfg(test)]
+                resumes_to_fail: 0,
             }),
             throttle_pct: AtomicU8::new(0),
             accel_load: AtomicU64::new(0),
@@ -283,7 +318,8 @@ impl HostedVm {
                  stop it to release it): {e}"
             ),
             Err(e) => {
-                // The VM is released with `hosted` when it is dropped.
+                // Released now, before its room goes with `hosted`.
+                hosted.release();
                 return Err(format!("cannot start the VM's watcher thread: {e}"));
             }
         }
@@ -312,7 +348,10 @@ impl HostedVm {
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().expect("vm control lock")
+        // Whole after a panic (each field is set in one assignment): a migration thread
+        // that panicked holding it leaves the VM to be settled, not every later call to
+        // panic too.
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The state now (never waits for the guest).
@@ -372,7 +411,9 @@ impl HostedVm {
     }
 
     fn outgoing(&self) -> MutexGuard<'_, Option<Outgoing>> {
-        self.migration.lock().expect("migration lock")
+        self.migration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Its migration out of this host (running or last).
@@ -495,10 +536,11 @@ impl HostedVm {
                     Ok(took) => tracing::debug!(ms = took.as_secs_f64() * 1e3, "the VM stopped"),
                     Err(e) => {
                         // The guest ended as it was paused: the migration fails and the
-                        // VM ends here.
+                        // VM ends here. Otherwise the migration's own abandon moves it
+                        // back to running: until then it is this migration's switchover,
+                        // and no other migration may begin and be undone by that abandon.
                         let exit = vm.wait(Some(Duration::ZERO));
                         drop(control);
-                        let _ = self.life.abandon_migration();
                         if let Some(exit) = exit {
                             self.end(ended_state(exit));
                         }
@@ -539,10 +581,10 @@ impl HostedVm {
     /// who held it (it stays held if it cannot run again).
     fn let_go(control: &mut Control) -> Result<Hold, VmError> {
         let held = control.hold;
-        if let (Hold::Throttle { .. } | Hold::Switchover, Some(vm)) = (held, control.vm.as_mut()) {
-            if matches!(vm.run_state(), RunState::Paused) {
-                vm.resume().map_err(|e| VmError::Resume(e.into()))?;
-            }
+        if let Hold::Throttle { .. } | Hold::Switchover = held {
+            control
+                .resume_paused()
+                .map_err(|e| VmError::Resume(e.into()))?;
         }
         control.hold = Hold::Free;
         Ok(held)
@@ -572,6 +614,37 @@ impl HostedVm {
             error: error.clone(),
         });
         error
+    }
+
+    /// Its migration `ticket`'s thread panicked (`why`): a VM still in that migration runs
+    /// on here if the destination cannot have been told to run it yet (migrating), and is
+    /// left in doubt if it may have been (switchover), for `ferry vm resolve`; the
+    /// migration's status says so. Anything else (ended, gone, a later migration's) stays.
+    pub fn migration_panicked(&self, ticket: MigrationTicket, why: &str) {
+        let error = format!("the migration panicked: {why}");
+        tracing::error!(vm = %self.id, "{error}");
+        // Under the migration lock, which a migration's start holds: the state read is
+        // this migration's.
+        let mut outgoing = self.outgoing();
+        let Some(m) = outgoing.as_mut().filter(|m| m.ticket == ticket) else {
+            return;
+        };
+        let state = self.state();
+        let (status, in_doubt) = match state {
+            VmState::Migrating { .. } => (MigrationState::Failed, false),
+            VmState::Switchover { .. } => (MigrationState::InDoubt, true),
+            _ => return,
+        };
+        m.status.state = status;
+        m.status.error = Some(error.clone());
+        drop(outgoing);
+        let outcome = match in_doubt {
+            true => self.lose_confirmation(&error).map_err(|e| e.to_string()),
+            false => self.abandon_migration(),
+        };
+        if let Err(e) = outcome {
+            tracing::error!(vm = %self.id, "after its migration panicked: {e}");
+        }
     }
 
     /// Switchover → in-doubt: the VM stays paused here until resolved.
@@ -620,10 +693,10 @@ impl HostedVm {
 
     /// Makes the settling transition `t` if `ticket` is still the VM's latest migration,
     /// in one critical section with that check (a migration's start takes the same lock).
-    fn settle<R>(
-        &self,
+    fn settle<'a, R>(
+        &'a self,
         ticket: MigrationTicket,
-        t: impl FnOnce(&Lifecycle) -> Result<R, TransitionError>,
+        t: impl FnOnce(&'a Lifecycle) -> Result<R, TransitionError>,
     ) -> Result<R, SettleError> {
         let outgoing = self.outgoing();
         if outgoing.as_ref().map(|m| m.ticket) != Some(ticket) {
@@ -633,7 +706,7 @@ impl HostedVm {
     }
 
     /// Releases a VM that runs on its destination now.
-    fn release_left(&self, vacated: Vacated) {
+    fn release_left(&self, vacated: Vacated<'_>) {
         // Readers and senders go to the destination now; it has the channel's contents.
         self.readout.channel().detach();
         self.release();
@@ -731,15 +804,24 @@ impl HostedVm {
         {
             let mut control = self.control();
             // A switchover that began meanwhile took the pause over: it stays.
-            if let (Hold::Throttle { .. }, Some(vm)) = (control.hold, control.vm.as_mut()) {
+            if let Hold::Throttle { .. } = control.hold {
                 // A guest that ended in the pause is not `Paused` (its end is noticed
-                // by the watcher); anything else leaves it stopped, and says so.
-                if let Err(e) = vm.resume() {
-                    if matches!(vm.run_state(), RunState::Paused) {
-                        tracing::error!(vm = %self.id, "the VM could not run again after a throttle pause: {e}");
+                // by the watcher). One that cannot run again stays held by the
+                // throttle, not left paused as if free: the next cycle tries again, a
+                // switchover takes the pause over, and a failed migration's abandon
+                // ends it as failed if it still cannot run.
+                match control.resume_paused() {
+                    Ok(()) => {
+                        control.hold = Hold::Free;
+                        control.throttle_resumes_refused = 0;
+                    }
+                    Err(e) => {
+                        control.throttle_resumes_refused += 1;
+                        if control.throttle_resumes_refused == 1 {
+                            tracing::error!(vm = %self.id, "the VM could not run again after a throttle pause (tried again each cycle): {e}");
+                        }
                     }
                 }
-                control.hold = Hold::Free;
             }
         }
         std::thread::sleep(THROTTLE_PERIOD - held_for);
@@ -774,7 +856,6 @@ mod tests {
     use super::*;
     use crate::capacity::{Amount, Ledger};
     use crate::migration::VmSource;
-    use ferry_api::MigrationState;
     use ferry_migrate::{MigrationSource, VmContents};
     use ferry_vmm::HostOptions;
 
@@ -960,6 +1041,120 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         false
+    }
+
+    /// Waits up to 5 s for `done(vm)`.
+    fn soon(vm: &HostedVm, done: impl Fn(&HostedVm) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(vm) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    #[test]
+    fn a_vm_that_cannot_run_after_a_throttle_pause_stays_held_until_it_runs_or_fails() {
+        let Some((ledger, vm, source)) = migrating(
+            "a_vm_that_cannot_run_after_a_throttle_pause_stays_held_until_it_runs_or_fails",
+            &["--mib", "1", "--passes", "1000000"],
+            CancelToken::default(),
+        ) else {
+            return;
+        };
+        // One resume refused: the next cycle's runs it, and the throttle lets it go.
+        vm.control().resumes_to_fail = 1;
+        vm.set_throttle(50);
+        assert!(soon(&vm, |vm| vm.control().resumes_to_fail == 0));
+        let runs_free = |vm: &HostedVm| {
+            let mut control = vm.control();
+            let running = matches!(
+                control.vm.as_mut().map(|v| v.run_state()),
+                Some(RunState::Running)
+            );
+            running && matches!(control.hold, Hold::Free)
+        };
+        assert!(soon(&vm, runs_free), "left paused, as if nobody held it");
+        // Every resume refused: still held when its migration fails, it ends as failed
+        // (not listed running while paused for good), and its room goes back.
+        vm.control().resumes_to_fail = u32::MAX;
+        vm.set_throttle(50);
+        assert!(soon(&vm, |vm| vm.control().resumes_to_fail < u32::MAX));
+        let error = vm.abandon_migration().unwrap_err();
+        assert!(error.contains("cannot run again"), "{error}");
+        assert!(
+            matches!(vm.state(), VmState::Failed { .. }),
+            "{}",
+            vm.state()
+        );
+        drop(source);
+        vm.join_watcher();
+        assert_eq!(ledger.held().memory, 0);
+    }
+
+    #[test]
+    fn a_migration_whose_thread_panicked_runs_the_vm_on_before_its_switchover_and_leaves_it_in_doubt_after(
+    ) {
+        if !ferry_testdata::kvm(
+            "a_migration_whose_thread_panicked_runs_the_vm_on_before_its_switchover_and_leaves_it_in_doubt_after",
+        ) {
+            return;
+        }
+        let (_ledger, vm) = hosted(&["--mib", "1", "--passes", "1000000"]);
+        let first = vm
+            .begin_migration("b:1", status("b:1"), CancelToken::default())
+            .unwrap();
+        vm.migration_panicked(first, "boom");
+        assert_eq!(vm.state(), VmState::Running);
+        let failed = vm.migration().unwrap();
+        assert_eq!(failed.state, MigrationState::Failed);
+        assert!(failed.error.unwrap().contains("panicked: boom"));
+        // In its switchover, Go may have been sent: in doubt, not resumed.
+        let second = vm
+            .begin_migration("c:1", status("c:1"), CancelToken::default())
+            .unwrap();
+        vm.hold().unwrap();
+        // The first's late word changes nothing of the second's.
+        vm.migration_panicked(first, "late");
+        assert_eq!(vm.state(), VmState::Switchover { to: "c:1".into() });
+        vm.migration_panicked(second, "boom");
+        assert!(
+            matches!(vm.state(), VmState::InDoubt { .. }),
+            "{}",
+            vm.state()
+        );
+        assert_eq!(vm.migration().unwrap().state, MigrationState::InDoubt);
+        assert_eq!(
+            vm.with_vm(|v| matches!(v.run_state(), RunState::Paused)),
+            Some(true)
+        );
+        vm.resume_here(second).unwrap();
+        vm.stop().unwrap();
+    }
+
+    #[test]
+    fn a_switchover_whose_pause_fails_stays_its_migrations_until_that_one_abandons() {
+        let Some((_ledger, vm, _source)) = migrating(
+            "a_switchover_whose_pause_fails_stays_its_migrations_until_that_one_abandons",
+            &["--mib", "1", "--passes", "1000000"],
+            CancelToken::default(),
+        ) else {
+            return;
+        };
+        // Paused by another hand: the switchover's own pause fails.
+        vm.control().vm.as_mut().unwrap().pause().unwrap();
+        assert!(vm.hold().is_err());
+        // Not running again before this migration's abandon, so no other migration
+        // begins that the abandon would undo.
+        assert_eq!(vm.state(), VmState::Switchover { to: "b:1".into() });
+        let refused = vm.begin_migration("c:1", status("c:1"), CancelToken::default());
+        assert!(refused.is_err());
+        vm.abandon_migration().unwrap();
+        assert_eq!(vm.state(), VmState::Running);
+        vm.control().vm.as_mut().unwrap().resume().unwrap();
+        vm.stop().unwrap();
     }
 
     #[test]

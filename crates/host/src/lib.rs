@@ -1160,7 +1160,14 @@ impl Host {
         let migrating = vm.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{id}"))
-            .spawn(move || host.migrate(&migrating, ticket, &req.to, &options));
+            .spawn(move || {
+                // A panic would leave the VM in its migration for good (stop and
+                // migrate refused, the throttle on): it is settled as the state allows.
+                let run = || host.migrate(&migrating, ticket, &req.to, &options);
+                if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    migrating.migration_panicked(ticket, panic_message(&*panic));
+                }
+            });
         match spawned {
             Ok(thread) => {
                 let mut background = self.background.lock().expect("background lock");

@@ -25,7 +25,8 @@
 //! ([`Vacated`]), to drop once the VM's memory is freed: until then the host still holds
 //! that memory, and must not promise it to another VM. The VM's memory may also be lent
 //! to a reader outside the VM (a migration's source, [`Lifecycle::lend`]): while it is,
-//! the reservation stays here, and is handed out when the last reader gives it back.
+//! the reservation stays here, and is handed out when the last reader gives it back, the
+//! owner counting as one until it drops what its transition handed it.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -110,12 +111,32 @@ struct Stage {
 }
 
 /// The capacity reservation of a VM whose life here just ended: given back when dropped,
-/// which its owner does once the VM's memory is freed (freeing GiBs takes a while).
+/// which its owner does once the VM's memory is freed (freeing GiBs takes a while). When
+/// the memory was lent as the life ended, the owner's is one more share of it instead,
+/// given back when dropped: the last of the owner and the readers hands the room out.
 #[must_use = "drop it once the VM's memory is freed"]
-#[derive(Debug)]
-pub struct Vacated {
+pub struct Vacated<'a> {
     /// Kept only to be dropped.
     _reservation: Option<Reservation>,
+    /// The owner's share of lent memory, given back when dropped.
+    share: Option<&'a Lifecycle>,
+}
+
+impl Drop for Vacated<'_> {
+    fn drop(&mut self) {
+        if let Some(life) = self.share.take() {
+            drop(life.give_back());
+        }
+    }
+}
+
+impl std::fmt::Debug for Vacated<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vacated")
+            .field("reservation", &self._reservation)
+            .field("share", &self.share.is_some())
+            .finish()
+    }
 }
 
 /// A VM's state machine.
@@ -156,7 +177,7 @@ impl Lifecycle {
         &self,
         t: Transition,
         next: impl FnOnce(&VmState) -> Option<VmState>,
-    ) -> Result<Vacated, TransitionError> {
+    ) -> Result<Vacated<'_>, TransitionError> {
         let mut stage = self.stage();
         let Some(state) = next(&stage.state) else {
             return Err(TransitionError {
@@ -164,19 +185,23 @@ impl Lifecycle {
                 state: stage.state.clone(),
             });
         };
-        let vacated = if state.has_ended() {
+        let (vacated, share) = if state.has_ended() {
             stage.ended_at.get_or_insert_with(Instant::now);
             if stage.lent == 0 {
-                stage.reservation.take()
+                (stage.reservation.take(), None)
             } else {
-                None
+                // The owner still frees the VM's own mapping: a reader done before it
+                // must not hand the room out meanwhile.
+                stage.lent += 1;
+                (None, Some(self))
             }
         } else {
-            None
+            (None, None)
         };
         stage.state = state;
         Ok(Vacated {
             _reservation: vacated,
+            share,
         })
     }
 
@@ -198,7 +223,7 @@ impl Lifecycle {
 
     /// A reader gives the VM's memory back (it no longer maps it): the reservation of a
     /// VM whose life here ended meanwhile comes out with the last one, to drop.
-    pub fn give_back(&self) -> Vacated {
+    pub fn give_back(&self) -> Vacated<'_> {
         let mut stage = self.stage();
         debug_assert!(stage.lent > 0, "memory given back that was not lent");
         stage.lent = stage.lent.saturating_sub(1);
@@ -209,6 +234,7 @@ impl Lifecycle {
         };
         Vacated {
             _reservation: vacated,
+            share: None,
         }
     }
 
@@ -270,7 +296,7 @@ impl Lifecycle {
 
     /// Switchover → migrated-away: the destination confirmed it runs the VM. Not from
     /// in-doubt: only a settlement of that migration ([`Self::release`]) moves it on.
-    pub fn leave(&self) -> Result<Vacated, TransitionError> {
+    pub fn leave(&self) -> Result<Vacated<'_>, TransitionError> {
         self.apply(Transition::Leave, |s| match s {
             VmState::Switchover { to } => Some(VmState::MigratedAway { to: to.clone() }),
             _ => None,
@@ -279,7 +305,7 @@ impl Lifecycle {
 
     /// In-doubt → migrated-away: settled that the destination runs the VM. Not from a
     /// switchover, which may be a later migration's that is still undecided.
-    pub fn release(&self) -> Result<Vacated, TransitionError> {
+    pub fn release(&self) -> Result<Vacated<'_>, TransitionError> {
         self.apply(Transition::Release, |s| match s {
             VmState::InDoubt { to, .. } => Some(VmState::MigratedAway { to: to.clone() }),
             _ => None,
@@ -304,7 +330,7 @@ impl Lifecycle {
     }
 
     /// Stopping → stopped.
-    pub fn finish_stop(&self) -> Result<Vacated, TransitionError> {
+    pub fn finish_stop(&self) -> Result<Vacated<'_>, TransitionError> {
         self.apply(Transition::FinishStop, |s| {
             matches!(s, VmState::Stopping).then_some(VmState::Stopped)
         })
@@ -313,7 +339,7 @@ impl Lifecycle {
     /// The guest ended as `ended` (exited or failed): from running or migrating (whose
     /// migration then fails), from creating (a VM that could not start), or from the
     /// switchover (a VM paused for it that could not run again after it failed).
-    pub fn end(&self, ended: VmState) -> Result<Vacated, TransitionError> {
+    pub fn end(&self, ended: VmState) -> Result<Vacated<'_>, TransitionError> {
         debug_assert!(matches!(
             ended,
             VmState::Exited { .. } | VmState::Failed { .. }
@@ -483,7 +509,7 @@ mod tests {
     #[test]
     fn a_vm_whose_life_ends_holds_its_capacity_until_its_memory_is_freed() {
         // Leaving, ending and stopping: the caller frees the memory, then the room.
-        type End = fn(&Lifecycle) -> Result<Vacated, TransitionError>;
+        type End = fn(&Lifecycle) -> Result<Vacated<'_>, TransitionError>;
         let ends: [(&str, End); 3] = [
             ("leave", |life| {
                 life.migrate("b:1")?;
@@ -532,6 +558,16 @@ mod tests {
         drop(life.give_back());
         assert_eq!(ledger.held().memory, 64 << 20);
         drop(life.give_back());
+        assert_eq!(ledger.held().memory, 0);
+        // The owner, still freeing the VM's own mapping when the last reader is done,
+        // holds the room until it is.
+        let (ledger, life) = vm();
+        life.start().unwrap();
+        life.lend().unwrap();
+        let vacated = life.end(VmState::Exited { code: 0 }).unwrap();
+        drop(life.give_back());
+        assert_eq!(ledger.held().memory, 64 << 20, "the owner still frees it");
+        drop(vacated);
         assert_eq!(ledger.held().memory, 0);
         // A reader done with a VM that lives on gives nothing back.
         let (ledger, life) = vm();
