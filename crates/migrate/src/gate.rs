@@ -20,6 +20,8 @@ pub const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
 const REAP_EVERY: Duration = Duration::from_millis(100);
 /// A peer's refusals are logged at most this often (with how many there were).
 const LOG_REFUSALS_EVERY: Duration = Duration::from_secs(5);
+/// Peers whose refusals are counted each on its own; beyond them, together.
+const MAX_REFUSED_PEERS: usize = 4 * MAX_HANDSHAKES;
 
 /// One connection authenticating: when its time is up, and its socket.
 struct Pending {
@@ -34,8 +36,13 @@ struct State {
     per_peer: HashMap<IpAddr, usize>,
     next: u64,
     /// Per peer: refusals since the last log line about it, and when that was.
-    refused: HashMap<IpAddr, (u64, Instant)>,
+    refused: HashMap<IpAddr, RefusalLog>,
+    /// The same for the peers beyond [`MAX_REFUSED_PEERS`] at once, together.
+    refused_others: RefusalLog,
 }
+
+/// Refusals not logged yet, and when the last line was (`None`: never).
+type RefusalLog = (u64, Option<Instant>);
 
 /// The admission of unauthenticated connections to a listener.
 #[derive(Clone, Default)]
@@ -97,28 +104,36 @@ impl Gate {
     }
 
     /// Whether a refusal of `peer` should be logged now; returns how many refusals the
-    /// line covers.
+    /// line covers (for a peer beyond the [`MAX_REFUSED_PEERS`] counted on their own,
+    /// those of all such peers). Peers cost no memory past that bound, however many
+    /// addresses refused connections come from.
     pub(crate) fn log_refusal(&self, peer: IpAddr) -> Option<u64> {
         let peer = peer_key(peer);
         let mut s = self.state();
         let now = Instant::now();
-        let (count, last) = s
-            .refused
-            .entry(peer)
-            .or_insert((0, now - LOG_REFUSALS_EVERY));
+        let recent = |last: &Option<Instant>| {
+            last.is_some_and(|t| now.duration_since(t) < LOG_REFUSALS_EVERY)
+        };
+        let State {
+            refused,
+            refused_others,
+            ..
+        } = &mut *s;
+        if refused.len() >= MAX_REFUSED_PEERS && !refused.contains_key(&peer) {
+            // Peers not logged for a while are forgotten (with at most a line's worth
+            // of refusals unsaid).
+            refused.retain(|_, (_, last)| recent(last));
+        }
+        let (count, last) = match refused.len() < MAX_REFUSED_PEERS {
+            true => refused.entry(peer).or_insert((0, None)),
+            false => refused.get_mut(&peer).unwrap_or(refused_others),
+        };
         *count += 1;
-        if now.duration_since(*last) < LOG_REFUSALS_EVERY {
+        if recent(last) {
             return None;
         }
-        let n = *count;
-        *count = 0;
-        *last = now;
-        if s.refused.len() > 4 * MAX_HANDSHAKES {
-            // Bounded: forget peers not refused for a while.
-            s.refused
-                .retain(|_, (c, t)| *c > 0 || now.duration_since(*t) < LOG_REFUSALS_EVERY);
-        }
-        Some(n)
+        *last = Some(now);
+        Some(std::mem::take(count))
     }
 
     /// Shuts every connection past its time (its thread then fails and gives its ticket
@@ -259,5 +274,24 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(gate.log_refusal(peer), None);
         }
+    }
+
+    #[test]
+    fn refusals_from_ever_new_peers_cost_bounded_memory_and_are_still_logged() {
+        let gate = Gate::default();
+        let tracked = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
+        assert_eq!(gate.log_refusal(tracked), Some(1));
+        // Twice each from 10,000 /64s, as fast as they come.
+        let mut logged = 0;
+        for i in 0..10_000u16 {
+            let p = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, i, 0, 0, 0, 0, 1));
+            logged += gate.log_refusal(p).unwrap_or(0);
+            logged += gate.log_refusal(p).unwrap_or(0);
+        }
+        assert!(gate.0.lock().unwrap().refused.len() <= MAX_REFUSED_PEERS);
+        // Each tracked peer's first refusal was logged, and the others' together once.
+        assert!(logged >= MAX_REFUSED_PEERS as u64, "{logged}");
+        // A peer counted on its own still is.
+        assert_eq!(gate.log_refusal(tracked), None);
     }
 }
