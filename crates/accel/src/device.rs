@@ -255,7 +255,10 @@ struct Core {
     capacity: u64,
     ring: Ring,
     tail: u64,
-    ring_invalid: bool,
+    /// Whether the device status in guest RAM says the ring is invalid, as this device
+    /// last wrote it; `None` until it first does (guest RAM restored or received with
+    /// the VM may say either), so its first look at the ring says which.
+    ring_invalid: Option<bool>,
     /// Whether a bad ring was logged as a warning: once a device, since a guest flipping
     /// its indices could otherwise fill the host's log.
     ring_invalid_warned: bool,
@@ -296,7 +299,7 @@ impl Core {
             capacity,
             ring,
             tail,
-            ring_invalid: false,
+            ring_invalid: None,
             ring_invalid_warned: false,
             file_error_warned: false,
             mem,
@@ -986,8 +989,8 @@ impl Core {
             return false;
         };
         let sane = head_is_sane(head, self.tail);
-        if sane == self.ring_invalid {
-            self.ring_invalid = !sane;
+        if self.ring_invalid != Some(!sane) {
+            self.ring_invalid = Some(!sane);
             let code = if sane {
                 device_status::OK
             } else {
@@ -1420,7 +1423,7 @@ impl Accelerator {
         }
         core.ring = ring_in(&core.mem, state.ring_gpa)?;
         core.tail = state.tail;
-        core.ring_invalid = false;
+        core.ring_invalid = None;
         Ok(())
     }
 

@@ -358,6 +358,49 @@ fn lying_ring_indices_are_ignored_until_sane() {
 }
 
 #[test]
+fn a_ring_left_invalid_across_a_restore_is_said_sane_once_it_is() {
+    let mut g = FakeGuest::new(1);
+    let flag_invalid = |g: &mut FakeGuest| {
+        let tail = g.tail();
+        g.set_head(tail + RING_SLOTS + 1);
+        g.accel.doorbell();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.device_status() != device_status::RING_INVALID {
+            assert!(Instant::now() < deadline, "the lying head never flagged");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        g.accel.pause();
+        tail
+    };
+    let sane_again = |g: &mut FakeGuest, tail: u64, id: u64| {
+        g.head = tail;
+        g.set_head(tail);
+        assert_eq!(g.run(op::ALLOC, &[id, 16]), status::OK);
+        // The status in guest RAM moved with it: the new device must set it right.
+        assert_eq!(g.device_status(), device_status::OK);
+    };
+    // Restored into a new device (a migration's destination, a snapshot).
+    let tail = flag_invalid(&mut g);
+    let state = g.accel.save_state().expect("a live device saves");
+    let restored = Accelerator::restore(
+        g.mem.clone(),
+        &state,
+        backend::create("cpu", 1, &DeviceMemory::default()).unwrap(),
+        no_files(),
+    )
+    .unwrap();
+    drop(std::mem::replace(&mut g.accel, restored));
+    g.accel.resume().unwrap();
+    sane_again(&mut g, tail, 1);
+    // The final state applied to a device that received the buffers.
+    let tail = flag_invalid(&mut g);
+    let state = g.accel.save_state().expect("a live device saves");
+    g.accel.apply_state(&state).unwrap();
+    g.accel.resume().unwrap();
+    sane_again(&mut g, tail, 2);
+}
+
+#[test]
 fn random_command_words_never_hurt_the_host() {
     on_every_backend(2, |g, _| {
         let mut x = 0x1234_5678_9abc_def0u64;
