@@ -27,6 +27,11 @@ pub const MAX_DIMS: usize = 4;
 const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 /// Fewest bytes a tensor info can take (empty name, one dimension).
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+/// Most tensors a file may have (the largest models have a few thousand): each takes
+/// more memory parsed than in the file.
+pub const MAX_TENSORS: u64 = 1 << 16;
+/// Most metadata entries a file may have (models have tens; a vocabulary is one).
+pub const MAX_METADATA: u64 = 1 << 16;
 /// Smallest read [`GgufError::NeedMore`] suggests.
 const MIN_READ: u64 = 64 * 1024;
 
@@ -524,6 +529,16 @@ pub enum GgufError {
         /// The file's size.
         file_size: u64,
     },
+    /// More tensors or metadata entries than this parser takes ([`MAX_TENSORS`],
+    /// [`MAX_METADATA`]), whatever the file's size.
+    OverLimit {
+        /// What is counted.
+        what: &'static str,
+        /// The count given.
+        count: u64,
+        /// The most taken.
+        limit: u64,
+    },
     /// More tensors or metadata entries (or array elements) than the file can hold.
     TooMany {
         /// What is counted.
@@ -644,6 +659,10 @@ impl fmt::Display for GgufError {
                 f,
                 "truncated GGUF file: {what} would end at byte {end}, the file has {file_size}"
             ),
+            GgufError::OverLimit { what, count, limit } => write!(
+                f,
+                "GGUF claims {count} {what}, more than the {limit} this reader takes"
+            ),
             GgufError::TooMany { what, count, room } => write!(
                 f,
                 "GGUF claims {count} {what}, more than the {room} bytes left in the file can hold"
@@ -737,6 +756,14 @@ impl<'a> Gguf<'a> {
         }
         let tensor_count = r.u64("tensor count")?;
         let kv_count = r.u64("metadata count")?;
+        for (count, limit, what) in [
+            (kv_count, MAX_METADATA, "metadata entries"),
+            (tensor_count, MAX_TENSORS, "tensors"),
+        ] {
+            if count > limit {
+                return Err(GgufError::OverLimit { what, count, limit });
+            }
+        }
         r.check_count(kv_count, MIN_KV_BYTES, "metadata entries")?;
         r.check_count(tensor_count, MIN_TENSOR_INFO_BYTES, "tensors")?;
 

@@ -85,7 +85,7 @@ pub enum TokenizerError {
         /// Its value.
         pre: String,
     },
-    /// An empty vocabulary, or one with more than `u32::MAX` tokens.
+    /// An empty vocabulary, or one of more than [`MAX_VOCAB`] tokens.
     BadVocabularySize {
         /// Its size.
         tokens: usize,
@@ -147,7 +147,7 @@ impl fmt::Display for TokenizerError {
                 "pre-tokenizer {pre:?} is not supported (\"smollm\", \"gpt2\" and \"default\" are)"
             ),
             TokenizerError::BadVocabularySize { tokens } => {
-                write!(f, "vocabulary of {tokens} tokens (1 to 2^32-1 are allowed)")
+                write!(f, "vocabulary of {tokens} tokens (1 to {MAX_VOCAB} are allowed)")
             }
             TokenizerError::InvalidToken { id } => write!(f, "token {id} is not valid UTF-8"),
             TokenizerError::TokenTypeCount { tokens, types } => write!(
@@ -265,6 +265,11 @@ pub fn char_to_byte(c: char) -> Option<u8> {
 /// Byte-level decoding of a token string: each character of the alphabet becomes its
 /// byte; a character outside it (not in a well-formed vocabulary) is kept as UTF-8.
 /// Metadata `key`, which must be an array of strings.
+/// Most tokens a vocabulary may have: the largest models' have a quarter of this; each
+/// token takes tens of bytes of the guest's memory, so a file claiming millions of empty
+/// ones is refused rather than run out of it.
+pub const MAX_VOCAB: usize = 1 << 20;
+
 fn strings<'a>(gguf: &Gguf<'a>, key: &'static str) -> Result<StrArray<'a>, TokenizerError> {
     gguf.get_str_array(key).ok_or(TokenizerError::Missing {
         key,
@@ -323,7 +328,7 @@ impl Tokenizer {
         };
         let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
         let n = tokens.len();
-        if n == 0 || u32::try_from(n).map_or(true, |n| n == NONE) {
+        if n == 0 || n > MAX_VOCAB {
             return Err(TokenizerError::BadVocabularySize { tokens: n });
         }
         let types: Vec<TokenType> = match gguf.get("tokenizer.ggml.token_type") {

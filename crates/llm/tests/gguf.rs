@@ -147,14 +147,30 @@ fn refuses_bad_headers() {
             assert!(err.to_string().contains("big-endian"), "{err}");
         }
     }
-    // Huge counts are refused before anything is allocated for them.
-    for (at, what) in [(8, "tensors"), (16, "metadata entries")] {
+    // Huge counts are refused before anything is allocated for them: past what the file
+    // can hold, and past what the parser takes in a file that could hold them (parsed,
+    // each takes several times its bytes).
+    for (at, what, limit) in [
+        (8, "tensors", ferry_llm::gguf::MAX_TENSORS),
+        (16, "metadata entries", ferry_llm::gguf::MAX_METADATA),
+    ] {
         let mut bad = good.clone();
-        bad[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        bad[at..at + 8].copy_from_slice(&(limit - 1).to_le_bytes());
         match parse(&bad).unwrap_err() {
-            GgufError::TooMany { what: w, count, .. } => assert_eq!((w, count), (what, u64::MAX)),
+            GgufError::TooMany { what: w, count, .. } => assert_eq!((w, count), (what, limit - 1)),
             e => panic!("{e}"),
         }
+        bad[at..at + 8].copy_from_slice(&(limit + 1).to_le_bytes());
+        let err = Gguf::parse(&bad, 1 << 40).unwrap_err();
+        assert_eq!(
+            err,
+            GgufError::OverLimit {
+                what,
+                count: limit + 1,
+                limit
+            }
+        );
+        assert!(err.to_string().contains("this reader takes"), "{err}");
     }
     // A key length past the end of the file.
     let mut bad = good.clone();
