@@ -126,6 +126,11 @@ pub enum TokenizerError {
         /// How many.
         count: usize,
     },
+    /// More merge rules than [`MAX_MERGES`].
+    TooManyMerges {
+        /// How many.
+        count: usize,
+    },
 }
 
 /// Most special tokens a vocabulary may have: every prompt is searched for each of them
@@ -168,6 +173,10 @@ impl fmt::Display for TokenizerError {
             TokenizerError::TooManySpecials { count } => write!(
                 f,
                 "the vocabulary has {count} special tokens, more than the {MAX_SPECIALS} supported (each is looked for in every prompt)"
+            ),
+            TokenizerError::TooManyMerges { count } => write!(
+                f,
+                "{count} merge rules (at most {MAX_MERGES} are allowed)"
             ),
         }
     }
@@ -262,14 +271,15 @@ pub fn char_to_byte(c: char) -> Option<u8> {
         .copied()
 }
 
-/// Byte-level decoding of a token string: each character of the alphabet becomes its
-/// byte; a character outside it (not in a well-formed vocabulary) is kept as UTF-8.
-/// Metadata `key`, which must be an array of strings.
 /// Most tokens a vocabulary may have: the largest models' have a quarter of this; each
 /// token takes tens of bytes of the guest's memory, so a file claiming millions of empty
 /// ones is refused rather than run out of it.
 pub const MAX_VOCAB: usize = 1 << 20;
 
+/// Most merge rules a tokenizer may have (Llama 3's has 280,000), for the same reason.
+pub const MAX_MERGES: usize = 1 << 21;
+
+/// Metadata `key`, which must be an array of strings.
 fn strings<'a>(gguf: &Gguf<'a>, key: &'static str) -> Result<StrArray<'a>, TokenizerError> {
     gguf.get_str_array(key).ok_or(TokenizerError::Missing {
         key,
@@ -277,6 +287,8 @@ fn strings<'a>(gguf: &Gguf<'a>, key: &'static str) -> Result<StrArray<'a>, Token
     })
 }
 
+/// Byte-level decoding of a token string: each character of the alphabet becomes its
+/// byte; a character outside it (not in a well-formed vocabulary) is kept as UTF-8.
 fn decode_byte_level(s: &str, out: &mut Vec<u8>) {
     for c in s.chars() {
         match char_to_byte(c) {
@@ -423,6 +435,11 @@ impl Tokenizer {
         }
 
         let merges = strings(gguf, "tokenizer.ggml.merges")?;
+        if merges.len() > MAX_MERGES {
+            return Err(TokenizerError::TooManyMerges {
+                count: merges.len(),
+            });
+        }
         let mut joined = Vec::new();
         let mut rules = Vec::new();
         for (index, m) in merges.iter().enumerate() {

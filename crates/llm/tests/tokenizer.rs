@@ -176,6 +176,9 @@ fn refuses_bad_tokenizers() {
     let e = err(&|w| w.set("tokenizer.ggml.tokens", V::Strs(vec![String::new(); huge])));
     assert_eq!(e, TokenizerError::BadVocabularySize { tokens: huge });
     assert!(e.to_string().contains("1 to 1048576"), "{e}");
+    let huge = ferry_llm::tokenizer::MAX_MERGES + 1;
+    let e = err(&|w| w.set("tokenizer.ggml.merges", V::Strs(vec!["a b".into(); huge])));
+    assert_eq!(e, TokenizerError::TooManyMerges { count: huge });
     let e = err(&|w| w.set("tokenizer.ggml.token_type", V::I32s(vec![1; 3])));
     assert!(matches!(e, TokenizerError::TokenTypeCount { types: 3, .. }));
     let e = err(&|w| {
