@@ -587,6 +587,7 @@ impl HostedVm {
                 .map_err(|e| VmError::Resume(e.into()))?;
         }
         control.hold = Hold::Free;
+        control.throttle_resumes_refused = 0;
         Ok(held)
     }
 
@@ -617,27 +618,30 @@ impl HostedVm {
     }
 
     /// Its migration `ticket`'s thread panicked (`why`): a VM still in that migration runs
-    /// on here if the destination cannot have been told to run it yet (migrating), and is
-    /// left in doubt if it may have been (switchover), for `ferry vm resolve`; the
-    /// migration's status says so. Anything else (ended, gone, a later migration's) stays.
+    /// on here if the destination cannot have been told to run it yet (migrating, or a
+    /// switchover that does not hold it paused: Go is sent only while one does), and is
+    /// left in doubt if it may have been, for `ferry vm resolve`; the migration's status
+    /// says so. Anything else (ended, gone, a later migration's) stays.
     pub fn migration_panicked(&self, ticket: MigrationTicket, why: &str) {
         let error = format!("the migration panicked: {why}");
         tracing::error!(vm = %self.id, "{error}");
-        // Under the migration lock, which a migration's start holds: the state read is
-        // this migration's.
+        // The control lock, then the migration lock, which a migration's start holds:
+        // the hold and the state read are this migration's.
+        let control = self.control();
+        let held = matches!(control.hold, Hold::Switchover);
         let mut outgoing = self.outgoing();
         let Some(m) = outgoing.as_mut().filter(|m| m.ticket == ticket) else {
             return;
         };
-        let state = self.state();
-        let (status, in_doubt) = match state {
+        let (status, in_doubt) = match self.state() {
             VmState::Migrating { .. } => (MigrationState::Failed, false),
+            VmState::Switchover { .. } if !held => (MigrationState::Failed, false),
             VmState::Switchover { .. } => (MigrationState::InDoubt, true),
             _ => return,
         };
         m.status.state = status;
         m.status.error = Some(error.clone());
-        drop(outgoing);
+        drop((outgoing, control));
         let outcome = match in_doubt {
             true => self.lose_confirmation(&error).map_err(|e| e.to_string()),
             false => self.abandon_migration(),
@@ -788,7 +792,10 @@ impl HostedVm {
         let held_for = THROTTLE_PERIOD * u32::from(pct) / 100;
         {
             let mut control = self.control();
-            let migrating = matches!(self.state(), VmState::Migrating { .. });
+            // Read again under the lock, which an abandon's letting go takes after it set
+            // the throttle to 0: a pause after that would have nobody to end it.
+            let migrating = matches!(self.state(), VmState::Migrating { .. })
+                && self.throttle_pct.load(Ordering::SeqCst) > 0;
             if let (Hold::Free, Some(vm), true) = (control.hold, control.vm.as_mut(), migrating) {
                 let since = Instant::now();
                 // Requests keep being taken: the VM runs on here after this pause
@@ -816,7 +823,8 @@ impl HostedVm {
                         control.throttle_resumes_refused = 0;
                     }
                     Err(e) => {
-                        control.throttle_resumes_refused += 1;
+                        control.throttle_resumes_refused =
+                            control.throttle_resumes_refused.saturating_add(1);
                         if control.throttle_resumes_refused == 1 {
                             tracing::error!(vm = %self.id, "the VM could not run again after a throttle pause (tried again each cycle): {e}");
                         }
@@ -1131,6 +1139,16 @@ mod tests {
             Some(true)
         );
         vm.resume_here(second).unwrap();
+        // A switchover that never held it (its pause failed): Go was never sent.
+        let third = vm
+            .begin_migration("d:1", status("d:1"), CancelToken::default())
+            .unwrap();
+        vm.control().vm.as_mut().unwrap().pause().unwrap();
+        assert!(vm.hold().is_err());
+        vm.migration_panicked(third, "boom");
+        assert_eq!(vm.state(), VmState::Running);
+        assert_eq!(vm.migration().unwrap().state, MigrationState::Failed);
+        vm.control().vm.as_mut().unwrap().resume().unwrap();
         vm.stop().unwrap();
     }
 
