@@ -64,6 +64,8 @@ pub struct KeyValue {
     pub create_revision: i64,
     /// The revision that last changed it.
     pub mod_revision: i64,
+    /// The lease it is attached to (0: none).
+    pub lease: i64,
 }
 
 /// A condition of a transaction.
@@ -136,6 +138,8 @@ struct RawKv {
     create_revision: Option<String>,
     #[serde(default)]
     mod_revision: Option<String>,
+    #[serde(default)]
+    lease: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -202,6 +206,7 @@ impl KeyValue {
             value,
             create_revision: revision(raw.create_revision),
             mod_revision: revision(raw.mod_revision),
+            lease: revision(raw.lease),
         })
     }
 }

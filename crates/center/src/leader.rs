@@ -141,10 +141,11 @@ impl Center {
             }
         };
         let holder = outcome.read.first();
-        // An earlier attempt whose answer was lost may have made the key ours.
-        let ours = holder.is_some_and(|kv| {
-            serde_json::from_slice::<LeaderInfo>(&kv.value).is_ok_and(|l| l == me)
-        });
+        // An earlier attempt whose answer was lost may have made the key ours: it is
+        // ours only under this lease. Another replica may go by the same name and URL
+        // (both left to default to a listen address like 0.0.0.0:7000), and a key put
+        // under a lease this replica no longer renews ends with that lease.
+        let ours = holder.is_some_and(|kv| kv.lease == lease);
         if outcome.succeeded || ours {
             let Some(kv) = holder else { return };
             store.set_fence(Some(Fence {

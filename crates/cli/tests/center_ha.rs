@@ -7,6 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, reference, wait_for, Daemon};
@@ -128,9 +129,14 @@ struct Replica {
 
 impl Replica {
     fn start(name: &str, etcd: &str, prefix: &str) -> Self {
+        Self::start_on("127.0.0.1:0", name, etcd, prefix)
+    }
+
+    /// [`Replica::start`], listening on `listen`.
+    fn start_on(listen: &str, name: &str, etcd: &str, prefix: &str) -> Self {
         let (child, line) = common::serve(
             Command::new(env!("CARGO_BIN_EXE_ferry"))
-                .args(["center", "serve", "--listen", "127.0.0.1:0", "--name", name])
+                .args(["center", "serve", "--listen", listen, "--name", name])
                 .args(["--etcd", etcd, "--etcd-prefix", prefix])
                 .args(["--down-after-ms", DOWN_AFTER_MS])
                 .env("FERRY_CENTER_TOKEN", TOKEN),
@@ -671,6 +677,51 @@ impl ScratchEtcd {
             cluster: outcome.cluster,
         }));
     }
+}
+
+#[test]
+fn a_replica_that_finds_its_name_on_a_leader_key_it_does_not_hold_does_not_lead() {
+    let test = "a_replica_that_finds_its_name_on_a_leader_key_it_does_not_hold_does_not_lead";
+    let Some(scratch) = ScratchEtcd::start(test, "twin") else {
+        return;
+    };
+    let (etcd, prefix) = (&scratch.etcd, scratch.prefix.clone());
+    // Another replica going by the same name and URL (both left to their defaults, say)
+    // leads, under its own lease, kept alive.
+    let listen = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let twin = serde_json::json!({ "name": "c1", "url": format!("http://{listen}") });
+    let lease = etcd.grant_lease(Duration::from_secs(4)).unwrap();
+    let put = Op::Put {
+        key: format!("{prefix}leader"),
+        value: serde_json::to_vec(&twin).unwrap(),
+        lease: Some(lease),
+    };
+    etcd.txn(&[], &[put], &[]).unwrap();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let endpoints = etcd.endpoints();
+    let renewer = std::thread::spawn(move || {
+        let etcd = Etcd::new(&[endpoints], Duration::from_secs(2)).unwrap();
+        while stopped.recv_timeout(Duration::from_millis(500)) == Err(RecvTimeoutError::Timeout) {
+            let _ = etcd.keep_alive(lease);
+        }
+    });
+    let replica = Replica::start_on(&listen, "c1", &etcd.endpoints(), &prefix);
+    // A leader records that it leads at once; several campaigns later, nothing.
+    let events = || {
+        etcd.range(&format!("{prefix}events/"), true, Default::default())
+            .unwrap()
+            .len()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(events(), 0, "it led on a key another replica holds");
+    // The twin's lease ends: the replica takes the lead (and records so).
+    drop(stop);
+    renewer.join().unwrap();
+    etcd.revoke_lease(lease).unwrap();
+    wait_for("the replica to lead", Duration::from_secs(20), || {
+        (events() > 0).then_some(())
+    });
+    drop(replica);
 }
 
 #[test]
