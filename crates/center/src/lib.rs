@@ -1056,6 +1056,7 @@ impl Center {
         let _creating = Creating {
             center: self,
             host: host.name.clone(),
+            key: key.clone(),
         };
         let client = self.order_client(&host)?;
         // Once more if the answer may have been lost: the key makes it safe, and the
@@ -1160,6 +1161,14 @@ impl Center {
             .name
             .clone();
         *inventory.creating.entry(name.clone()).or_default() += 1;
+        // Its room is held until the create ends (then the VM's own report counts it):
+        // creates placed meanwhile see it taken.
+        inventory.reservations.push(inventory::Reservation {
+            host: name.clone(),
+            vm: Creating::label(key),
+            accel: need.accel,
+            memory: need.memory,
+        });
         inventory.create_keys.remember(key, &name);
         Ok(inventory.hosts[&name].clone())
     }
@@ -1287,11 +1296,22 @@ impl Drop for ModeChange<'_> {
 struct Creating<'a> {
     center: &'a Center,
     host: String,
+    /// Its idempotency key.
+    key: String,
+}
+
+impl Creating<'_> {
+    /// What the room held for the create with idempotency key `key` is held for.
+    fn label(key: &str) -> String {
+        format!("(a VM being created with key {key})")
+    }
 }
 
 impl Drop for Creating<'_> {
     fn drop(&mut self) {
         let mut inventory = self.center.inventory();
+        let label = Self::label(&self.key);
+        (inventory.reservations).retain(|r| !(r.host == self.host && r.vm == label));
         if let Some(n) = inventory.creating.get_mut(&self.host) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -1402,6 +1422,28 @@ pub(crate) mod tests {
         );
         assert!(ended.summary.contains("a-vm1"), "{}", ended.summary);
         assert!(scratch.center.inventory().creating.is_empty());
+    }
+
+    #[test]
+    fn a_vm_being_created_holds_its_room_until_its_create_ends() {
+        let scratch = ScratchCenter::open("create-room");
+        let vm = made_with("a-vm1", "room-1");
+        let (addr, _) = fake_host(vec![Reply::Late(Duration::from_secs(1), "201 Created", vm)]);
+        scratch.report("a", addr);
+        let free = |center: &Center| {
+            let inventory = center.inventory();
+            inventory.load(&inventory.hosts["a"]).memory_free
+        };
+        let before = free(&scratch.center);
+        let center = scratch.center.clone();
+        let create = std::thread::spawn(move || center.create_vm(&keyed_create("room-1")));
+        while scratch.center.inventory().creating.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Another create placed now sees the room taken.
+        assert_eq!(free(&scratch.center), before - (256 << 20));
+        create.join().unwrap().unwrap();
+        assert!(scratch.center.inventory().reservations.is_empty());
     }
 
     /// A create of a `mlp-train` VM of 256 MiB with idempotency key `key`.

@@ -605,11 +605,14 @@ impl Store for EtcdStore {
     }
 
     fn forget_host(&self, name: &str, vms: &[String]) -> Result<(), StoreError> {
-        let mut ops = vec![Op::Delete(self.key(&format!("hosts/{name}")))];
-        ops.extend(
-            vms.iter()
-                .map(|id| Op::Delete(self.key(&format!("vms/{id}")))),
-        );
+        // The VMs first, the host last: more than one transaction's worth goes in
+        // several, and one that fails part way leaves the host on record with some of its
+        // VMs, to forget again, never VMs on record whose host is gone.
+        let mut ops: Vec<Op> = vms
+            .iter()
+            .map(|id| Op::Delete(self.key(&format!("vms/{id}"))))
+            .collect();
+        ops.push(Op::Delete(self.key(&format!("hosts/{name}"))));
         // Followers drop the host from their views at their next refresh.
         ops.push(self.bump());
         self.write(ops)
