@@ -69,10 +69,10 @@ pub struct RunArgs {
     /// A built-in workload name (see `ferry workloads`) or the path of a guest ELF.
     pub workload: String,
     /// Guest RAM: a multiple of 2 MiB, 16M to 64G.
-    #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_size)]
+    #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_ram)]
     pub memory: u64,
     /// Give the VM a virtual accelerator with this much device memory (e.g. 256M, 4G).
-    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_accel_memory)]
     pub accel_memory: Option<u64>,
     /// Host threads for the accelerator's cpu backend (default: all cores). Results are
     /// bit-identical whatever the count.

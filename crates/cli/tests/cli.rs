@@ -27,9 +27,44 @@ fn usage_errors_are_clear_without_kvm() {
         "{err}"
     );
 
+    // Sizes the VMM cannot take are usage errors, found before any file is hashed.
     let out = ferry(&["run", "hello", "--memory", "3M"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "multiple of 2 MiB");
+    for args in [
+        &["run", "hello", "--memory", "0"][..],
+        &["run", "hello", "--memory", "256BB"],
+        &["run", "hello", "--accel-memory", "1000"],
+    ] {
+        assert_eq!(ferry(args).status.code(), Some(2), "{args:?}");
+    }
+
+    // A snapshot folder that cannot be made is refused before the VM runs, not at the
+    // snapshot point, which would end the VM for nothing.
+    let out = ferry(&[
+        "run",
+        "hello",
+        "--snapshot-at-ms",
+        "60000",
+        "--snapshot-dir",
+        "/proc/ferry-no-such-folder",
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert_says(&out.stderr, "must be a multiple of 2 MiB");
+    assert_says(&out.stderr, "cannot create /proc/ferry-no-such-folder");
+    assert!(out.stdout.is_empty(), "the VM ran: {}", text(&out.stdout));
+
+    // A host name is checked before it goes into a URL (it could have named another
+    // resource: 'a/maintenance', 'a?with_vms=true#').
+    for args in [
+        &["host", "forget", "a/maintenance"][..],
+        &["host", "forget", "a?with_vms=true#"],
+        &["host", "maintenance", "enter", "a/b"],
+        &["host", "maintenance", "exit", "../a"],
+    ] {
+        let out = ferry(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_says(&out.stderr, "is not a host name");
+    }
 
     let out = ferry(&["run", "hello", "--snapshot-at-ms", "5"]);
     assert_eq!(

@@ -100,6 +100,9 @@ pub enum SnapshotError {
     /// The VM being saved could not be read.
     #[error("cannot read the VM to save it")]
     Save(#[source] VmError),
+    /// The VM's description is one a load refuses: saved, the VM could not come back.
+    #[error("cannot save the VM: {0}, which a restore would refuse")]
+    Unloadable(String),
     /// The VM being loaded could not take the snapshot's contents or state.
     #[error("{}: cannot load the snapshot into the VM", path.display())]
     Load {
@@ -146,6 +149,9 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
     // The snapshot names file pieces by the recorded hash: refuse a file changed since.
     vm.check_files().map_err(SnapshotError::Save)?;
     let description = vm.describe();
+    // Checked as a load checks it, before the caller stops the VM for a snapshot that
+    // could never be restored.
+    validate_offer(&description, 1).map_err(SnapshotError::Unloadable)?;
     let state = vm.save_state().map_err(SnapshotError::Save)?;
     let mut buffers = vm.device_buffers();
     buffers.sort_unstable_by_key(|b| b.id);
@@ -205,6 +211,12 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         file.sync_all()
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(MigrationError::io("finishing the snapshot"))?;
+        // The rename is durable only once the folder is synced: a snapshot said to be
+        // saved must still be there after a power loss.
+        if let Err(e) = sync_folder_of(path) {
+            let _ = std::fs::remove_file(path);
+            return Err(MigrationError::io("syncing the snapshot's folder")(e));
+        }
         Ok(SnapshotStats {
             ram_bytes: description.ram_size,
             pages_stored: counts.pages,
@@ -219,6 +231,15 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         let _ = std::fs::remove_file(&tmp);
         file_error(path, e)
     })
+}
+
+/// Syncs the folder holding `path` (its entries: a file created or renamed there).
+fn sync_folder_of(path: &Path) -> io::Result<()> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(folder)?.sync_all()
 }
 
 /// A snapshot being loaded: the VM's description first, for the caller to make a target

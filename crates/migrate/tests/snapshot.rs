@@ -171,6 +171,23 @@ fn a_save_follows_no_planted_link_and_only_its_owner_reads_the_snapshot() {
 }
 
 #[test]
+fn a_vm_whose_description_a_load_would_refuse_is_not_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.snap");
+    let mut vm = still();
+    vm.description.files.push(ferry_migrate::FileOffer {
+        name: "model".into(),
+        size: 1,
+        sha256: "ab".repeat(32),
+        path: "/models/a\tb.gguf".into(),
+    });
+    let error = save(&vm, &path).unwrap_err();
+    assert!(matches!(error, SnapshotError::Unloadable(_)), "{error}");
+    assert!(error.to_string().contains("control characters"), "{error}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn a_snapshot_that_is_no_regular_file_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("vm.snap");

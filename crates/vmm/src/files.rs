@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ferry_abi::file::{valid_name, FileEntry, FileTable, MAX_FILES, NAME_BYTES};
 use ferry_accel::files::FileSource;
+use ferry_migrate::receive::{printable, MAX_WORKLOAD_NAME};
 use sha2::{Digest, Sha256};
 
 /// What a VM's state records of an attached file (enough to find it again and to know it
@@ -69,6 +70,16 @@ pub enum AttachError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The path could not travel with the VM: a migration's offer and a snapshot carry
+    /// it, and a destination refuses one longer than [`MAX_WORKLOAD_NAME`] bytes or with
+    /// control characters.
+    #[error("attached file '{name}': its path {path:?} is longer than {MAX_WORKLOAD_NAME} bytes or has control characters, so the VM could not migrate or be restored; give it another path (a link)")]
+    UnshowablePath {
+        /// Its name.
+        name: String,
+        /// Its path.
+        path: PathBuf,
     },
     /// The path is not a regular file.
     #[error("attached file '{name}': {} is not a regular file", path.display())]
@@ -263,6 +274,10 @@ fn open_regular(
         return Err(AttachError::InvalidName(name.to_string()));
     }
     let (name, path) = (name.to_string(), path.to_path_buf());
+    // As the VM's offer will carry it (see `file_offers`).
+    if !printable(&path.display().to_string(), MAX_WORKLOAD_NAME) {
+        return Err(AttachError::UnshowablePath { name, path });
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -679,6 +694,13 @@ mod tests {
             AttachedFile::open("dir", &std::env::temp_dir()),
             Err(AttachError::NotAFile { .. })
         ));
+        // A path no migration or snapshot could carry (a destination refuses it).
+        let tabbed = temp_file("tab\tbed", b"x");
+        assert!(matches!(
+            AttachedFile::open("tabbed", &tabbed),
+            Err(AttachError::UnshowablePath { .. })
+        ));
+        std::fs::remove_file(&tabbed).unwrap();
         // A FIFO is refused at once, not waited on for a writer.
         let fifo = temp_file("fifo", b"");
         std::fs::remove_file(&fifo).unwrap();

@@ -593,11 +593,13 @@ enum MaintenanceCommand {
     /// it is).
     Enter {
         /// Host name.
+        #[arg(value_parser = crate::cmd::host::parse_host_name)]
         host: String,
     },
     /// Return HOST to service.
     Exit {
         /// Host name.
+        #[arg(value_parser = crate::cmd::host::parse_host_name)]
         host: String,
     },
 }
@@ -606,6 +608,7 @@ enum MaintenanceCommand {
 #[derive(Args)]
 pub struct ForgetArgs {
     /// Host name.
+    #[arg(value_parser = crate::cmd::host::parse_host_name)]
     host: String,
     /// Forget the VMs recorded on the host too (only if they no longer run there).
     #[arg(long)]

@@ -222,8 +222,10 @@ impl Drop for Daemon {
     }
 }
 
-/// `--name`: the characters of a VM name, as the host's name prefixes its VMs' ids.
-fn parse_host_name(value: &str) -> Result<String, String> {
+/// A host's name (`--name`, and the hosts the center's commands name): the characters of
+/// a VM name, as the host's name prefixes its VMs' ids (and names it in the center's
+/// URLs).
+pub(crate) fn parse_host_name(value: &str) -> Result<String, String> {
     if ferry_api::valid_host_name(value) {
         Ok(value.to_string())
     } else {

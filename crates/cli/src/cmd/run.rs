@@ -43,6 +43,11 @@ fn wait_to_end(mut vm: Microvm) -> anyhow::Result<ExitCode> {
 
 /// `ferry run`.
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    // Before the VM runs: a folder found unusable only at the snapshot point would end a
+    // VM that ran for nothing.
+    if let (Some(_), Some(dir)) = (args.snapshot_at_ms, &args.snapshot_dir) {
+        snapshot_dir(dir)?;
+    }
     let image = resolve_image(&args.workload)?;
     let config = VmConfig::new(args.memory).with_accel(args.accel_memory.unwrap_or(0));
     let mut host = host_options(args.accel_threads);
@@ -58,17 +63,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         bail!("the guest {exit} before the snapshot point ({at_ms} ms); no snapshot was written");
     }
     vm.pause().context("cannot pause the VM for the snapshot")?;
-    snapshot_dir(dir)?;
     let path = dir.join(SNAPSHOT_FILE);
     let started = Instant::now();
-    let stats = match vm.save(&path) {
+    // The folder again (it was checked before the VM ran, and may have gone since).
+    let saved = snapshot_dir(dir).and_then(|()| vm.save(&path).map_err(anyhow::Error::new));
+    let stats = match saved {
         Ok(stats) => stats,
         Err(e) => {
             // Nothing is lost: the VM runs on to its end, and the run fails after it.
             eprintln!(
-                "ferry: cannot save the snapshot to {}: {:#}; the VM continues without it",
+                "ferry: cannot save the snapshot to {}: {e:#}; the VM continues without it",
                 path.display(),
-                anyhow::Error::new(e)
             );
             vm.resume()
                 .context("cannot resume the VM after the failed snapshot")?;

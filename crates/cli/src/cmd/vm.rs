@@ -92,10 +92,10 @@ struct CreateArgs {
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
     /// Guest RAM.
-    #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
+    #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_ram)]
     memory: u64,
     /// Accelerator memory (none by default).
-    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_accel_memory)]
     accel_memory: u64,
     /// Attach a read-only file on the host, found by the guest as NAME (repeatable):
     /// `--attach model=/models/SmolLM2-135M-Instruct.Q4_1.gguf`. It moves with the VM.
