@@ -220,6 +220,38 @@ pub fn spawn(
 const HEADER_READ_TIME: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// Connections the kernel holds for an API listener until they are accepted (capped by
+/// `net.core.somaxconn`). Tokio's default, 1024, overflowed under a thousand clients
+/// connecting at once on a busy machine: their handshakes were dropped, retried, and
+/// after a minute reset.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener for an API on `listen` (`HOST:PORT`; the first of its addresses that
+/// binds), with a backlog of [`LISTEN_BACKLOG`].
+pub async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted daemon takes its port back at once.
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{listen} names no address"),
+        )
+    }))
+}
 /// Most bytes of a request's head: Ferry's are far smaller, and hyper's own bound (its
 /// read buffer's, about 400 KiB) let connections that never finish a head hold 1.6 GiB
 /// before any token was checked. (Bounding the read buffer itself instead made hyper
@@ -472,6 +504,46 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+
+    #[test]
+    fn an_api_listener_holds_more_waiting_connections_than_tokios_default_backlog() {
+        // More than tokio's 1024 connect at once, none accepted yet (a busy daemon).
+        const CLIENTS: usize = 1200;
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(
+            somaxconn > CLIENTS,
+            "net.core.somaxconn is {somaxconn}: the kernel caps every backlog below {CLIENTS}"
+        );
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit with a valid rlimit pointer only read or write it.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        assert!(limit.rlim_cur as usize > CLIENTS + 100, "{limit:?}");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for i in 0..CLIENTS {
+            // A full backlog drops the handshake: the connect times out.
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(c) => held.push(c),
+                Err(e) => panic!("connection {i} of {CLIENTS} not held: {e}"),
+            }
+        }
+        drop(listener);
+    }
 
     /// Serves `router` with `times`; its address.
     fn serving(

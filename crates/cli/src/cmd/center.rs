@@ -275,7 +275,7 @@ pub fn start(
     listen: &str,
 ) -> anyhow::Result<RunningCenter> {
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(listen))
+        .block_on(ferry_http::bind(listen))
         .with_context(|| format!("cannot listen for the center's API on {listen}"))?;
     let addr = listener.local_addr()?;
     if config.name.is_empty() {

@@ -300,7 +300,7 @@ pub fn start(
         .with_context(|| format!("cannot listen for migrations on {migration_listen}"))?;
     let migration_addr = migration.local_addr()?;
     let api_listener = runtime
-        .block_on(tokio::net::TcpListener::bind(listen))
+        .block_on(ferry_http::bind(listen))
         .with_context(|| format!("cannot listen for the API on {listen}"))?;
     let api_addr = api_listener.local_addr()?;
     let host = Host::new(config);
