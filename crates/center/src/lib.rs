@@ -1032,7 +1032,8 @@ impl Center {
                     )));
                 }
                 *inventory.creating.entry(first.clone()).or_default() += 1;
-                inventory.hosts[&first].clone()
+                // No room held: the first create holds it (or its VM takes it).
+                (inventory.hosts[&first].clone(), None)
             } else {
                 // A client's key may be a create an earlier leader sent: the host it went
                 // to says so in its beats to this leader (the VM, or the create under
@@ -1050,13 +1051,16 @@ impl Center {
                         "this center took the lead moments ago and has yet to hear from host {first}{others}, which may hold what a create with idempotency key {key} made; send it again in a few seconds"
                     )));
                 }
-                Self::place(&mut inventory, open, req.host.as_deref(), &need, &key)?
+                let (host, held) =
+                    Self::place(&mut inventory, open, req.host.as_deref(), &need, &key)?;
+                (host, Some(held))
             }
         };
-        let _creating = Creating {
+        let (host, held) = host;
+        let creating = Creating {
             center: self,
             host: host.name.clone(),
-            key: key.clone(),
+            held,
         };
         let client = self.order_client(&host)?;
         // Once more if the answer may have been lost: the key makes it safe, and the
@@ -1109,7 +1113,13 @@ impl Center {
             ))
         })?;
         let record = VmRecord::new(&host.name, vm.clone());
-        self.inventory().put_vm_placed(record.clone());
+        {
+            // The VM counts now, its room held no more: in one step, so that nothing
+            // placed meanwhile sees the room taken twice.
+            let mut inventory = self.inventory();
+            inventory.put_vm_placed(record.clone());
+            creating.release_room(&mut inventory);
+        }
         // The VM runs: a failed write is not the create's failure (a client told so
         // would create it again). The host's next beat writes its VMs through.
         let recorded = self.store().put_vms(&[&record], &[]).and_then(|()| {
@@ -1132,14 +1142,15 @@ impl Center {
     }
 
     /// Chooses the host for a new VM that needs `need` among the `open` ones (or takes
-    /// the one `asked` for), and counts the VM as being created there under `key`.
+    /// the one `asked` for), and counts the VM as being created there under `key`,
+    /// holding its room there; returns the host and what the room is held for.
     fn place(
         inventory: &mut Inventory,
         open: Vec<inventory::HostLoad>,
         asked: Option<&str>,
         need: &Need,
         key: &str,
-    ) -> Result<HostRecord, CenterError> {
+    ) -> Result<(HostRecord, String), CenterError> {
         let candidates = match asked {
             None => open,
             Some(name) => match open.into_iter().find(|h| h.name == name) {
@@ -1161,16 +1172,17 @@ impl Center {
             .name
             .clone();
         *inventory.creating.entry(name.clone()).or_default() += 1;
-        // Its room is held until the create ends (then the VM's own report counts it):
-        // creates placed meanwhile see it taken.
+        // Its room is held until its VM counts (or the create fails): creates placed
+        // meanwhile see it taken.
+        let held = Creating::label(key);
         inventory.reservations.push(inventory::Reservation {
             host: name.clone(),
-            vm: Creating::label(key),
+            vm: held.clone(),
             accel: need.accel,
             memory: need.memory,
         });
         inventory.create_keys.remember(key, &name);
-        Ok(inventory.hosts[&name].clone())
+        Ok((inventory.hosts[&name].clone(), held))
     }
 
     /// Waits (up to [`CREATE_PATIENCE`]) for the VMs being created on `host` to be
@@ -1296,22 +1308,32 @@ impl Drop for ModeChange<'_> {
 struct Creating<'a> {
     center: &'a Center,
     host: String,
-    /// Its idempotency key.
-    key: String,
+    /// What the room this create holds is held for, if it holds some (one sent again
+    /// does not: the first holds it).
+    held: Option<String>,
 }
 
 impl Creating<'_> {
-    /// What the room held for the create with idempotency key `key` is held for.
+    /// What the room of a create with idempotency key `key` is held for: no VM id (it
+    /// has a space), and this create's own (a key may be sent twice at once).
     fn label(key: &str) -> String {
-        format!("(a VM being created with key {key})")
+        static PLACED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PLACED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("(a VM being created with key {key}, #{n})")
+    }
+
+    /// Gives back the room this create holds, if it still does.
+    fn release_room(&self, inventory: &mut Inventory) {
+        if let Some(held) = &self.held {
+            (inventory.reservations).retain(|r| !(r.host == self.host && r.vm == *held));
+        }
     }
 }
 
 impl Drop for Creating<'_> {
     fn drop(&mut self) {
         let mut inventory = self.center.inventory();
-        let label = Self::label(&self.key);
-        (inventory.reservations).retain(|r| !(r.host == self.host && r.vm == label));
+        self.release_room(&mut inventory);
         if let Some(n) = inventory.creating.get_mut(&self.host) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -1437,7 +1459,12 @@ pub(crate) mod tests {
         let before = free(&scratch.center);
         let center = scratch.center.clone();
         let create = std::thread::spawn(move || center.create_vm(&keyed_create("room-1")));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while scratch.center.inventory().creating.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the create never began"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         // Another create placed now sees the room taken.
