@@ -233,13 +233,18 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
     })
 }
 
-/// Syncs the folder holding `path` (its entries: a file created or renamed there).
+/// Syncs the folder holding `path` (its entries: a file created or renamed there). A
+/// file system that cannot sync a folder (some network and shared-folder ones say
+/// EINVAL) has nothing better to offer: that is not a failure.
 fn sync_folder_of(path: &Path) -> io::Result<()> {
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(folder)?.sync_all()
+    match File::open(folder)?.sync_all() {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) => Ok(()),
+        other => other,
+    }
 }
 
 /// A snapshot being loaded: the VM's description first, for the caller to make a target
