@@ -329,20 +329,25 @@ fn rows_and_heads_wider_than_host_scratch_allows_fail_with_bad_shape() {
     assert_eq!(g.run(op::LAUNCH, &rope), status::OK);
 }
 
+/// Sets the ring's `head` far ahead of its tail (the device must not execute stale
+/// slots) and waits for the device to flag the ring invalid, however long its thread
+/// takes to be scheduled.
+fn lie_far_ahead(g: &mut FakeGuest) {
+    g.set_head(g.tail() + RING_SLOTS + 1);
+    g.accel.doorbell();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.device_status() != device_status::RING_INVALID {
+        assert!(Instant::now() < deadline, "the lying head never flagged");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn lying_ring_indices_are_ignored_until_sane() {
     on_every_backend(1, |g, _| {
         assert_eq!(g.run(op::ALLOC, &[1, 16]), status::OK);
         let tail = g.tail();
-        // Far ahead: the device must not execute stale slots.
-        g.set_head(tail + RING_SLOTS + 1);
-        g.accel.doorbell();
-        // The device thread's answer, however long it takes to be scheduled.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while g.device_status() != device_status::RING_INVALID {
-            assert!(Instant::now() < deadline, "the lying head never flagged");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        lie_far_ahead(g);
         assert_eq!(g.tail(), tail, "nothing executed");
         // Behind the tail.
         g.set_head(tail - 1);
@@ -362,13 +367,7 @@ fn a_ring_left_invalid_across_a_restore_is_said_sane_once_it_is() {
     let mut g = FakeGuest::new(1);
     let flag_invalid = |g: &mut FakeGuest| {
         let tail = g.tail();
-        g.set_head(tail + RING_SLOTS + 1);
-        g.accel.doorbell();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while g.device_status() != device_status::RING_INVALID {
-            assert!(Instant::now() < deadline, "the lying head never flagged");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        lie_far_ahead(g);
         g.accel.pause();
         tail
     };

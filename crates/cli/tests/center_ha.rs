@@ -690,7 +690,8 @@ fn a_replica_that_finds_its_name_on_a_leader_key_it_does_not_hold_does_not_lead(
     // leads, under its own lease, kept alive.
     let listen = format!("127.0.0.1:{}", free_ports(1)[0]);
     let twin = serde_json::json!({ "name": "c1", "url": format!("http://{listen}") });
-    let lease = etcd.grant_lease(Duration::from_secs(4)).unwrap();
+    // Long, so that no stall of this loaded machine lets it end before it is revoked.
+    let lease = etcd.grant_lease(Duration::from_secs(30)).unwrap();
     let put = Op::Put {
         key: format!("{prefix}leader"),
         value: serde_json::to_vec(&twin).unwrap(),

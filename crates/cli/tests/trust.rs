@@ -20,21 +20,6 @@ fn attacker(to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(socket.into())
 }
 
-/// Lets this process open as many files as its hard limit allows.
-fn raise_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit with a valid rlimit pointer only read or write it.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    limit.rlim_cur
-}
-
 /// Sets its flag when dropped.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
@@ -47,7 +32,7 @@ impl Drop for StopOnDrop<'_> {
 #[test]
 fn floods_of_unauthenticated_connections_cost_the_host_almost_nothing() {
     ferry_testdata::require_kvm!(kvm_available);
-    let files = raise_file_limit();
+    let files = ferry_testdata::raise_file_limit();
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let target: SocketAddr = b.migration.parse().unwrap();
     let pid = b.child.id();

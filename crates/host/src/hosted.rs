@@ -11,8 +11,10 @@
 //!   a [`VmTracker`] lent to a migration as a [`MemoryLoan`]), read without either lock.
 //!
 //! Lock order: control, then lifecycle (briefly); migration, then lifecycle (briefly);
-//! control, then migration, only for an in-doubt VM's resumption (briefly, see
-//! [`HostedVm::resume_here`]); never the other way round (no migration, then control).
+//! control, then migration, only for an in-doubt VM's resumption and after a migration
+//! thread's panic (briefly, see [`HostedVm::resume_here`] and
+//! [`HostedVm::migration_panicked`]); never the other way round (no migration, then
+//! control).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -243,6 +243,21 @@ pub fn fashion_mnist_files(dir: &Path) -> Vec<(String, PathBuf)> {
     .collect()
 }
 
+/// Lets this process open as many files as its hard limit allows; returns that number.
+pub fn raise_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid rlimit pointer only read or write it.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    limit.rlim_cur
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
