@@ -227,7 +227,7 @@ const MAX_CONNECTIONS: usize = 4096;
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// A listener for an API on `listen` (`HOST:PORT`; the first of its addresses that
-/// binds), with a backlog of [`LISTEN_BACKLOG`].
+/// binds), with a backlog of 4096 connections (see `LISTEN_BACKLOG`).
 pub async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
     for addr in tokio::net::lookup_host(listen).await? {
