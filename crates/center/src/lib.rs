@@ -1003,7 +1003,7 @@ impl Center {
         };
         create.idempotency_key = Some(key.clone());
         let need = Need::of(create.memory, create.accel_memory).on(create.backend.as_deref());
-        let host = {
+        let (host, held) = {
             let mut inventory = self.inventory();
             if let Some(vm) = inventory.vm_created_with(&key) {
                 if !vm.info.answers_create(&create) {
@@ -1056,7 +1056,6 @@ impl Center {
                 (host, Some(held))
             }
         };
-        let (host, held) = host;
         let creating = Creating {
             center: self,
             host: host.name.clone(),

@@ -108,8 +108,9 @@ struct Control {
     hold: Hold,
     /// What migrations track while it runs (it keeps the RAM alive: dropped with it).
     tracker: Option<VmTracker>,
-    /// The throttle's resumes refused in a row (said once, not every cycle).
-    throttle_resumes_refused: u32,
+    /// Whether the throttle's resume was refused since the VM last ran again (said once,
+    /// not every cycle).
+    throttle_resume_refused: bool,
     /// Tests: resumes to refuse, as a torn accelerator's VM refuses them.
     #[cfg(test)]
     resumes_to_fail: u32,
@@ -297,7 +298,7 @@ impl HostedVm {
                 tracker: Some(vm.tracker()),
                 vm: Some(vm),
                 hold: Hold::Free,
-                throttle_resumes_refused: 0,
+                throttle_resume_refused: false,
                 #[cfg(test)]
                 resumes_to_fail: 0,
             }),
@@ -589,7 +590,7 @@ impl HostedVm {
                 .map_err(|e| VmError::Resume(e.into()))?;
         }
         control.hold = Hold::Free;
-        control.throttle_resumes_refused = 0;
+        control.throttle_resume_refused = false;
         Ok(held)
     }
 
@@ -822,12 +823,10 @@ impl HostedVm {
                 match control.resume_paused() {
                     Ok(()) => {
                         control.hold = Hold::Free;
-                        control.throttle_resumes_refused = 0;
+                        control.throttle_resume_refused = false;
                     }
                     Err(e) => {
-                        control.throttle_resumes_refused =
-                            control.throttle_resumes_refused.saturating_add(1);
-                        if control.throttle_resumes_refused == 1 {
+                        if !std::mem::replace(&mut control.throttle_resume_refused, true) {
                             tracing::error!(vm = %self.id, "the VM could not run again after a throttle pause (tried again each cycle): {e}");
                         }
                     }

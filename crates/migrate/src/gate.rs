@@ -124,9 +124,10 @@ impl Gate {
             // of refusals unsaid).
             refused.retain(|_, (_, last)| recent(last));
         }
-        let (count, last) = match refused.len() < MAX_REFUSED_PEERS {
-            true => refused.entry(peer).or_insert((0, None)),
-            false => refused.get_mut(&peer).unwrap_or(refused_others),
+        let (count, last) = if refused.len() < MAX_REFUSED_PEERS {
+            refused.entry(peer).or_insert((0, None))
+        } else {
+            refused.get_mut(&peer).unwrap_or(refused_others)
         };
         *count += 1;
         if recent(last) {
