@@ -28,6 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::receive::{apply_data, sync_buffers, validate_offer};
 use crate::replay::DeviceTransfer;
@@ -155,21 +156,10 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
     let state = vm.save_state().map_err(SnapshotError::Save)?;
     let mut buffers = vm.device_buffers();
     buffers.sort_unstable_by_key(|b| b.id);
-    let tmp = path.with_extension("snap.partial");
-    let io_error = |source| SnapshotError::Io {
+    let (tmp, file) = create_temporary(path).map_err(|source| SnapshotError::Io {
         path: path.to_owned(),
         source,
-    };
-    // Made anew, readable by its owner only (it holds the guest's memory): a file or
-    // link planted at the temporary's name is removed (a link, not what it points to),
-    // and one planted again before the create makes it fail rather than be followed.
-    let _ = std::fs::remove_file(&tmp);
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_error)?;
+    })?;
     let write = || -> Result<SnapshotStats, MigrationError> {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&MAGIC)
@@ -231,6 +221,29 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         let _ = std::fs::remove_file(&tmp);
         file_error(path, e)
     })
+}
+
+/// Creates the temporary a save of `path` writes, beside it, with a name no other save
+/// uses (its process and a count), so saves of one path at once do not remove or rename
+/// each other's. Made anew, readable by its owner only (it holds the guest's memory): a
+/// file or link found at the name is never opened or followed, the next name is tried.
+fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {
+    static SAVES: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut tries = 0;
+    loop {
+        let save = SAVES.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.{}.{save}.partial", std::process::id()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 64 => tries += 1,
+            opened => return opened.map(|file| (tmp, file)),
+        }
+    }
 }
 
 /// Syncs the folder holding `path` (its entries: a file created or renamed there). A
