@@ -8,6 +8,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -69,12 +70,11 @@ impl ShapedLink {
             );
         }
         let bits = rate_bits(rate)?;
-        let pid = std::process::id();
-        let link = Self {
-            ns: format!("ferry-bench-{pid}"),
-            veth_a: format!("fba{}", pid % 1_000_000_000),
-        };
-        let veth_b = format!("fbb{}", pid % 1_000_000_000);
+        for stale in remove_stale(Path::new(NETNS_DIR)) {
+            eprintln!("removed the shaped link {stale}, left by a bench that was stopped");
+        }
+        let link = Self::of_process(std::process::id());
+        let veth_b = link.veth_a.replacen("fba", "fbb", 1);
         run("ip", &["netns", "add", &link.ns])?;
         run(
             "ip",
@@ -116,8 +116,16 @@ impl ShapedLink {
         Ok(link)
     }
 
+    /// The names the link of bench process `pid` has.
+    fn of_process(pid: u32) -> Self {
+        Self {
+            ns: format!("{NS_PREFIX}{pid}"),
+            veth_a: format!("fba{}", pid % 1_000_000_000),
+        }
+    }
+
     /// `program` to run inside the namespace.
-    pub fn command_inside(&self, program: &std::path::Path) -> Command {
+    pub fn command_inside(&self, program: &Path) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.ns]).arg(program);
         command
@@ -183,6 +191,33 @@ pub fn tcp_throughput(
         "the link lost data ({got} of {bytes} bytes)"
     );
     Ok(got as f64 / secs)
+}
+
+/// Where `ip netns` keeps its namespaces.
+const NETNS_DIR: &str = "/var/run/netns";
+
+/// A bench's namespace is this and its process id.
+const NS_PREFIX: &str = "ferry-bench-";
+
+/// Removes the links (in `netns_dir`) of bench processes that no longer run: one stopped
+/// by a signal never dropped its link, whose addresses would clash with the next one's.
+/// Returns the namespaces removed.
+fn remove_stale(netns_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(netns_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let pid: u32 = name.strip_prefix(NS_PREFIX)?.parse().ok()?;
+            if pid == 0 || Path::new(&format!("/proc/{pid}")).exists() {
+                return None;
+            }
+            drop(ShapedLink::of_process(pid));
+            Some(name)
+        })
+        .collect()
 }
 
 impl Drop for ShapedLink {
@@ -257,5 +292,31 @@ mod tests {
         assert!(rate_bits("10gbps").is_err());
         assert!(rate_bits("fast").is_err());
         assert!(rate_bits("0gbit").is_err());
+    }
+
+    #[test]
+    fn a_link_left_by_a_stopped_bench_is_removed_and_a_running_ones_is_kept() {
+        // SAFETY: geteuid only reads this process's credentials.
+        if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
+            eprintln!(
+                "*** SKIPPED a_link_left_by_a_stopped_bench_is_removed: needs root and ip ***"
+            );
+            return;
+        }
+        // A process that has ended, whose id is not reused while the test runs.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = ShapedLink::of_process(dead);
+        let alive = ShapedLink::of_process(std::process::id());
+        for link in [&stale, &alive] {
+            run("ip", &["netns", "add", &link.ns]).unwrap();
+        }
+        let removed = remove_stale(Path::new(NETNS_DIR));
+        let left = |link: &ShapedLink| Path::new(NETNS_DIR).join(&link.ns).exists();
+        assert!(!left(&stale), "{removed:?}");
+        assert!(removed.contains(&stale.ns), "{removed:?}");
+        assert!(left(&alive), "a running bench's link is kept");
+        drop(alive);
     }
 }
