@@ -319,6 +319,10 @@ impl std::fmt::Display for FaultReport {
 }
 
 /// What one `KVM_RUN` exit asks of the run loop.
+/// Most exits a pause handles to complete the access the guest was in (pieces of one
+/// string access): beyond, the state is saved mid-access.
+const MAX_FINISHING_EXITS: usize = 64;
+
 enum Step {
     Continue,
     Exit(i32),
@@ -525,6 +529,32 @@ impl Vcpu {
     /// Runs the guest until the next exit and handles it. `Ok(Some(code))` when the
     /// guest asked to exit.
     fn run_once(&mut self) -> Result<Option<i32>, VcpuRunError> {
+        self.enter().map(|(exit, _)| exit)
+    }
+
+    /// Completes the port access the last exit handed to this thread, without running
+    /// further guest instructions (`immediate_exit`): KVM finishes an access (steps
+    /// past an OUT, puts an IN's value in its register) only when next entered, and its
+    /// pending part is in no state userspace can save, so a state saved before would
+    /// have the guest write the port again or lose what it read. A string access may
+    /// exit again for its next piece; those are handled, a bounded number of them.
+    fn finish_exit(&mut self) -> Result<Option<i32>, VcpuRunError> {
+        for _ in 0..MAX_FINISHING_EXITS {
+            self.fd.set_kvm_immediate_exit(1);
+            let entered = self.enter();
+            self.fd.set_kvm_immediate_exit(0);
+            match entered? {
+                (None, false) => continue,
+                (exit, _) => return Ok(exit),
+            }
+        }
+        Ok(None)
+    }
+
+    /// One `KVM_RUN` and its exit handled: the guest's exit code if it asked to exit,
+    /// and whether the run was interrupted before any exit.
+    fn enter(&mut self) -> Result<(Option<i32>, bool), VcpuRunError> {
+        let mut interrupted = false;
         let step = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 match self.devices.io_out(&self.memory, port, data) {
@@ -541,12 +571,15 @@ impl Vcpu {
             Ok(VcpuExit::Shutdown) => Step::Shutdown,
             Ok(other) => Step::Unexpected(format!("{other:?}")),
             // A kick (pause request) or a spurious wake-up: go check the requests.
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                interrupted = true;
+                Step::Continue
+            }
             Err(e) => return Err(VcpuRunError::Run(e)),
         };
         match step {
-            Step::Continue => Ok(None),
-            Step::Exit(code) => Ok(Some(code)),
+            Step::Continue => Ok((None, interrupted)),
+            Step::Exit(code) => Ok((Some(code), interrupted)),
             Step::Fault => Err(self.fault_error()),
             Step::Shutdown => Err(VcpuRunError::TripleFault(Box::new(self.register_dump()?))),
             Step::Unexpected(what) => Err(VcpuRunError::UnexpectedExit(what)),
@@ -708,8 +741,13 @@ impl VcpuHandle {
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         let _ = self.requests.send(VcpuRequest::Stop);
-        self.kick();
         if let Some(thread) = self.thread.take() {
+            // Kicked until it ends, as a pause is: a kick that lands between the thread's
+            // look at its requests and its entry into the guest is spent on neither.
+            while !thread.is_finished() {
+                let _ = thread.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let _ = thread.join();
         }
     }
@@ -738,10 +776,21 @@ fn vcpu_thread(
         let reply = match request {
             None => None,
             Some(VcpuRequest::Stop) => return,
-            Some(VcpuRequest::Pause) => {
+            Some(VcpuRequest::Pause) if running => {
                 running = false;
-                Some(VcpuEvent::Paused)
+                match vcpu.finish_exit() {
+                    Ok(None) => Some(VcpuEvent::Paused),
+                    Ok(Some(code)) => {
+                        let _ = events.send(VcpuEvent::Exited(code));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = events.send(VcpuEvent::Failed(e));
+                        return;
+                    }
+                }
             }
+            Some(VcpuRequest::Pause) => Some(VcpuEvent::Paused),
             // Nobody waits for a resume: no reply.
             Some(VcpuRequest::Resume) => {
                 running = true;

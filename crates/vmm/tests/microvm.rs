@@ -442,3 +442,29 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     );
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn a_paused_vcpu_has_finished_the_port_write_it_exited_on() {
+    ferry_testdata::require_kvm!();
+    // It kicks its channel for ever: most pauses land while the host handles an `out`.
+    let mut vm = boot("channel-abuse", &[]);
+    wait_for_line(&vm, "channel-abuse: set up");
+    let mut at_an_out = 0;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(3));
+        vm.pause().unwrap();
+        let state = vm.save_state().unwrap();
+        let rip = state.vcpus[0].regs.rip;
+        let mut opcode = [0u8; 1];
+        vm.memory()
+            .read_slice(&mut opcode, GuestAddress(rip))
+            .unwrap();
+        // OUT imm8/DX, of a byte or more: KVM steps past it only when it is run again,
+        // so a state saved before that would have the destination write the port twice.
+        if matches!(opcode[0], 0xe6 | 0xe7 | 0xee | 0xef) {
+            at_an_out += 1;
+        }
+        vm.resume().unwrap();
+    }
+    assert_eq!(at_an_out, 0, "states saved pointing at an unfinished out");
+}
