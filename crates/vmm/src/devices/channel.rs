@@ -279,8 +279,9 @@ pub struct StreamRead {
 struct Core {
     state: ChannelState,
     gate: Gate,
-    /// The last status written to the header.
-    status: u32,
+    /// The last status written to the header; `None` after a restore, whose header
+    /// (in the migrated RAM) may hold any status the source last wrote.
+    status: Option<u32>,
     /// Counts gate moves, so a waiting reader returns at a pause or a detach.
     gate_changes: u64,
 }
@@ -378,7 +379,7 @@ impl Channel {
                 core: Mutex::new(Core {
                     state,
                     gate: Gate::Paused,
-                    status: status::OK,
+                    status: None,
                     gate_changes: 0,
                 }),
                 changed: Condvar::new(),
@@ -620,7 +621,7 @@ impl Channel {
         // Into the header only where the guest's own memory begins: never into the VMM's
         // page tables and descriptor tables below it, which ring 3 must not reach.
         if addr >= IMAGE_BASE {
-            core.status = code;
+            core.status = Some(code);
             let at = GuestAddress(addr + core::mem::offset_of!(ChannelHeader, status) as u64);
             // Written through GuestRam: the page lands in the dirty log.
             let _ = mem.write_obj(code, at);
@@ -662,8 +663,8 @@ impl Channel {
                 .0;
         }
         core.deliver_requests(mem, &ring);
-        if code != status::OK || core.status != code {
-            core.status = code;
+        if code != status::OK || core.status != Some(code) {
+            core.status = Some(code);
             let _ = mem.write_obj(
                 code,
                 field(&ring, core::mem::offset_of!(ChannelHeader, status)),
@@ -1007,6 +1008,22 @@ mod tests {
         moved.kick(&mem, 0);
         let read = moved.read(0, 0, Duration::ZERO).unwrap();
         assert_eq!(read.events, [message(2, "before"), message(2, "after")]);
+    }
+
+    #[test]
+    fn a_restored_channel_clears_the_error_its_source_last_wrote() {
+        let (mem, channel) = guest_with_request(1);
+        respond(&mem, 1, 2, 0, b"x");
+        let h = read_header(&mem);
+        let slot = REGION + h.response_slot(h.response_head - 1);
+        mem.write_obj(u32::MAX, GuestAddress(slot + 16)).unwrap();
+        assert_refused(&mem, &channel, status::BAD_MESSAGE);
+        channel.pause();
+        // The destination: the same RAM (migrated, the error in its header).
+        let moved = Channel::restore(&channel.save());
+        moved.open();
+        moved.kick(&mem, 0);
+        assert_eq!(read_header(&mem).status, status::OK);
     }
 
     #[test]
