@@ -46,6 +46,9 @@ struct Outgoing {
     ticket: MigrationTicket,
     status: MigrationStatus,
     cancel: CancelToken,
+    /// The engine's session with the destination, once the switchover is in doubt:
+    /// what a settle question names.
+    session: Option<u64>,
 }
 
 /// Why the settlement of an in-doubt VM was not carried out.
@@ -436,6 +439,22 @@ impl HostedVm {
         }
     }
 
+    /// Records the engine's session of migration `ticket`, whose switchover is in doubt
+    /// (before the VM is said to be in doubt, so whoever settles it can ask about it).
+    pub fn note_in_doubt_session(&self, ticket: MigrationTicket, session: u64) {
+        if let Some(m) = self.outgoing().as_mut().filter(|m| m.ticket == ticket) {
+            m.session = Some(session);
+        }
+    }
+
+    /// The destination of migration `ticket` and its session, to ask whether it runs
+    /// the VM: `None` if no session was recorded, or a later migration began.
+    pub fn in_doubt_question(&self, ticket: MigrationTicket) -> Option<(String, u64)> {
+        let outgoing = self.outgoing();
+        let m = outgoing.as_ref().filter(|m| m.ticket == ticket)?;
+        Some((m.status.to.clone(), m.session?))
+    }
+
     /// Asks its migration to stop before the destination is told to run the VM.
     pub fn cancel_migration(&self) -> Result<MigrationStatus, String> {
         // The state is read under the migration lock, which a migration's start holds
@@ -496,6 +515,7 @@ impl HostedVm {
             ticket,
             status,
             cancel,
+            session: None,
         });
         Ok(ticket)
     }

@@ -302,6 +302,34 @@ const MAX_SETTLEMENT_LINES: usize = 20;
 const STORE_FILE_RETRIES: u32 = 10;
 const STORE_FILE_RETRY_WAIT: Duration = Duration::from_millis(10);
 
+/// What an operator's settlement of an in-doubt VM (`resume` it here, or release it)
+/// rests on, given the answer to the settle question asked first (`None`: no session
+/// to ask about); or why the answer refuses it.
+fn manual_settlement(
+    resume: bool,
+    asked: Option<Result<(&'static str, Settlement), String>>,
+) -> Result<String, String> {
+    match asked {
+        None => Ok("the destination could not be asked: no session recorded".into()),
+        Some(Err(e)) => Ok(format!(
+            "the destination did not answer ({e}): on the operator's word"
+        )),
+        Some(Ok((who, Settlement::Undecided))) => Err(format!(
+            "{who} is resuming the VM right now: settle it again in a moment"
+        )),
+        Some(Ok((who, Settlement::Running))) if resume => Err(format!(
+            "{who} runs the VM: resumed here it would run twice; release it instead"
+        )),
+        Some(Ok((who, Settlement::NotRunning))) if !resume => Err(format!(
+            "{who} does not run the VM, and now never will: released here it would be lost; resume it instead"
+        )),
+        Some(Ok((who, Settlement::Running))) => Ok(format!("{who} runs the VM")),
+        Some(Ok((who, Settlement::NotRunning))) => {
+            Ok(format!("{who} does not run the VM, and now never will"))
+        }
+    }
+}
+
 /// Who answered a settle question, and the answer; or why there is none yet. `direct` is
 /// the destination's own answer; `through_center` asks the center (`None` without one),
 /// which relays the question to the destination's API.
@@ -1257,7 +1285,8 @@ impl Host {
                     s.error = Some(error);
                 });
                 let outcome = match &e {
-                    MigrationError::InDoubt { reason, .. } => {
+                    MigrationError::InDoubt { reason, session } => {
+                        vm.note_in_doubt_session(ticket, *session);
                         vm.lose_confirmation(reason).map_err(|e| e.to_string())
                     }
                     _ => vm.abandon_migration(),
@@ -1402,38 +1431,53 @@ impl Host {
 
     /// Settles an in-doubt VM by hand: `resume` runs it here (the operator knows the
     /// destination does not run it), otherwise it is released here (it runs there).
+    /// The destination (or the center) is asked first, as the host's own settling asks:
+    /// the question fences a destination not yet told to run the VM, and an answer that
+    /// contradicts the operator refuses the settlement (resumed here, a VM the
+    /// destination runs would run twice; released, one it does not run would be lost).
+    /// Only when nobody answers is the operator's word taken alone.
     pub fn resolve(&self, id: &str, resume: bool) -> Result<MigrationStatus, HostError> {
         let vm = self.get(id)?;
         // The operator settles the migration the VM is in doubt about: its latest.
-        let done = match vm.migration_ticket() {
-            Some(ticket) if matches!(vm.state(), VmState::InDoubt { .. }) => {
-                let done = if resume {
-                    vm.resume_here(ticket)
-                } else {
-                    vm.release_in_doubt(ticket)
-                };
-                done.map(|()| ticket).map_err(|e| match e {
-                    // Settled, but the VM failed to run: the host's failure, not a
-                    // request to retry.
-                    hosted::SettleError::CannotRun(why) => {
-                        HostError::Failed(format!("VM {id}: {why}"))
-                    }
-                    other => HostError::Conflict(format!("VM {id}: {other}")),
-                })
+        let ticket = match vm.migration_ticket() {
+            Some(ticket) if matches!(vm.state(), VmState::InDoubt { .. }) => ticket,
+            _ => {
+                return Err(HostError::Conflict(format!(
+                    "VM {id}: it is {}, not in doubt",
+                    vm.state()
+                )))
             }
-            _ => Err(HostError::Conflict(format!(
-                "VM {id}: it is {}, not in doubt",
-                vm.state()
-            ))),
         };
-        let ticket = done?;
-        let line = if resume {
-            "resolved by the operator: resumed here"
+        let asked = vm.in_doubt_question(ticket).map(|(to, session)| {
+            let options = MigrationOptions {
+                tls: self.config.tls.clone(),
+                ..MigrationOptions::default()
+            };
+            settlement(
+                ferry_migrate::settle(&to, &self.config.secret, &options, session),
+                || self.settle_through_center(&to, session),
+            )
+        });
+        let found = manual_settlement(resume, asked)
+            .map_err(|why| HostError::Conflict(format!("VM {id}: {why}")))?;
+        let done = if resume {
+            vm.resume_here(ticket)
         } else {
-            "resolved by the operator: released here (it runs on the destination)"
+            vm.release_in_doubt(ticket)
+        };
+        done.map_err(|e| match e {
+            // Settled, but the VM failed to run: the host's failure, not a request to
+            // retry.
+            hosted::SettleError::CannotRun(why) => HostError::Failed(format!("VM {id}: {why}")),
+            other => HostError::Conflict(format!("VM {id}: {other}")),
+        })?;
+        let line = if resume {
+            format!("resolved by the operator: resumed here ({found})")
+        } else {
+            format!("resolved by the operator: released here, it runs on the destination ({found})")
         };
         tracing::warn!(%id, "{line}");
-        vm.update_migration(ticket, |s| s.settlement.push(line.into()));
+        vm.update_migration(ticket, |s| s.settlement.push(line));
         self.migration(id)
     }
 
@@ -2167,6 +2211,70 @@ mod tests {
                 .is_some_and(|l| l.contains("shutting down")),
             "{settlement:?}"
         );
+    }
+
+    #[test]
+    fn an_operators_settlement_is_refused_when_the_destination_answers_otherwise() {
+        let running = Some(Ok(("the destination", Settlement::Running)));
+        let not_running = Some(Ok(("the destination", Settlement::NotRunning)));
+        let undecided = Some(Ok(("the destination", Settlement::Undecided)));
+        let silent = Some(Err("connection timed out".to_string()));
+        assert!(manual_settlement(true, running.clone())
+            .unwrap_err()
+            .contains("run twice"));
+        assert!(manual_settlement(false, running).is_ok());
+        assert!(manual_settlement(false, not_running.clone())
+            .unwrap_err()
+            .contains("would be lost"));
+        assert!(manual_settlement(true, not_running).is_ok());
+        for resume in [true, false] {
+            assert!(manual_settlement(resume, undecided.clone()).is_err());
+            let word = manual_settlement(resume, silent.clone()).unwrap();
+            assert!(word.contains("operator's word"), "{word}");
+        }
+    }
+
+    #[test]
+    fn resolving_an_in_doubt_vm_by_hand_asks_its_destination_first() {
+        if !ferry_testdata::kvm("resolving_an_in_doubt_vm_by_hand_asks_its_destination_first") {
+            return;
+        }
+        // A destination (same secret) that never received the session: it does not run
+        // the VM.
+        let destination = Host::new(test_config("d"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = listener.local_addr().unwrap().to_string();
+        destination.serve_migrations(listener).unwrap();
+        let host = test_host();
+        let vm = host
+            .get(&host.create_vm(&memtouch(64 << 20, 0)).unwrap().id)
+            .unwrap();
+        let status = MigrationStatus {
+            vm: vm.id.clone(),
+            to: to.clone(),
+            state: MigrationState::InDoubt,
+            progress: None,
+            report: None,
+            error: None,
+            settlement: Vec::new(),
+        };
+        let ticket = vm.begin_migration(&to, status, Default::default()).unwrap();
+        vm.hold().unwrap();
+        vm.note_in_doubt_session(ticket, 7);
+        vm.lose_confirmation("the confirmation was lost (test)")
+            .unwrap();
+        // Released, it would run nowhere.
+        match host.resolve(&vm.id, false) {
+            Err(HostError::Conflict(why)) => assert!(why.contains("would be lost"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(vm.state().name(), "in-doubt");
+        let resolved = host.resolve(&vm.id, true).unwrap();
+        assert_eq!(vm.state().name(), "running");
+        let line = resolved.settlement.last().unwrap();
+        assert!(line.contains("does not run the VM"), "{line}");
+        host.shutdown();
+        destination.shutdown();
     }
 
     #[test]

@@ -150,7 +150,9 @@ enum VmCommand {
     #[command(after_help = "Examples:\n  ferry vm resolve a-vm1\n  \
         ferry vm resolve a-vm1 --release   # it runs on the destination: drop the copy here\n  \
         ferry vm resolve a-vm1 --resume    # the destination does not run it: run it here\n\n\
-        Resuming a VM that does run on the destination runs it twice: check the destination\n\
+        The host asks the destination (or the center) first and refuses a settlement its\n\
+        answer contradicts. Only when nobody answers does it act on the flag alone; then\n\
+        resuming a VM that does run on the destination runs it twice: check the destination\n\
         (`ferry vm show ID --host ITS_API`) first.")]
     Resolve {
         /// VM id.
