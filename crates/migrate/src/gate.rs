@@ -78,15 +78,15 @@ impl Gate {
         if s.pending.len() >= MAX_HANDSHAKES {
             return Err(Refusal::Host);
         }
-        let of_peer = s.per_peer.entry(peer).or_insert(0);
-        if *of_peer >= MAX_HANDSHAKES_PER_PEER {
+        if s.per_peer.get(&peer).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_PEER {
             return Err(Refusal::Peer);
         }
-        // Without a handle to shut it, the deadline could not be kept: refuse.
+        // Without a handle to shut it, the deadline could not be kept: refuse (counting
+        // nothing for the peer, whose entry no ticket would remove).
         let Ok(handle) = socket.try_clone() else {
             return Err(Refusal::Host);
         };
-        *of_peer += 1;
+        *s.per_peer.entry(peer).or_insert(0) += 1;
         let id = s.next;
         s.next += 1;
         s.pending.insert(

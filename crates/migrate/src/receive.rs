@@ -667,6 +667,19 @@ impl Inbound {
             && (!s.round_open || s.ending || s.last_data.elapsed() < crate::deadline::idle_limit())
     }
 
+    /// Opens round `round`. Its data streams' idle limit counts from now, not from the
+    /// last round's data: the control thread may have spent long since (applying and
+    /// replaying that round, reading this one's commands), and a stream that timed out
+    /// before this round's first frame would fail a migration that moves.
+    fn open_round(&self, round: u32) {
+        let mut s = self.lock();
+        s.round_open = true;
+        s.round = round;
+        s.last_data = Instant::now();
+        drop(s);
+        self.changed.notify_all();
+    }
+
     /// Checks a file piece against the offer and what was sent already, and counts it.
     fn take_file_piece(&self, file: u32, offset: u64, len: u64) -> Result<(), String> {
         let size = self
@@ -1653,11 +1666,7 @@ fn control_loop<T: MigrationTarget>(
                         )))
                     }
                 }
-                let mut s = inbound.lock();
-                s.round_open = true;
-                s.round = round;
-                drop(s);
-                inbound.changed.notify_all();
+                inbound.open_round(round);
             }
             Message::EndRound { round, frames } => {
                 if round != expected_round || frames.len() != usize::from(streams) {
@@ -1770,7 +1779,9 @@ fn control_loop<T: MigrationTarget>(
                 }
                 // Kept until the round's data is in, then replayed: reading goes on (a
                 // source blocked writing a replaying destination would time out), and
-                // what is kept is bounded.
+                // what is kept is bounded. The commands are the round's data so far: the
+                // data streams, which wait for them, wait on.
+                inbound.lock().last_data = Instant::now();
                 let limit = round_commands.limit;
                 round_commands.add(commands).map_err(|held| {
                     MigrationError::BrokenSequence(format!(
@@ -1862,6 +1873,38 @@ mod tests {
         assert_eq!(failures.count, 1);
         let aborted = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
         assert_eq!(failures.failed(&aborted), None);
+    }
+
+    #[test]
+    fn a_round_opened_after_a_long_wait_gives_its_data_streams_the_whole_idle_limit() {
+        let (control, _peer) = crate::tcp_pair();
+        let vm = VmDescription {
+            name: "idle".into(),
+            ram_size: 1 << 20,
+            vcpus: 1,
+            accel_memory: 0,
+            abi_version: 1,
+            state_version: 1,
+            backend_kind: "cpu".into(),
+            kernel_version: 1,
+            microkernel: String::new(),
+            extra: Vec::new(),
+            files: Vec::new(),
+            cpu_features: Vec::new(),
+        };
+        let inbound = Inbound::new(Vec::new(), control, Vec::new(), ClaimedOrigins::new(&vm));
+        let limit = crate::deadline::idle_limit();
+        // The last round's data came longer than the idle limit ago (its replay, the
+        // next round's commands): a machine up that long only.
+        let Some(long_ago) = Instant::now().checked_sub(limit + Duration::from_secs(1)) else {
+            return;
+        };
+        inbound.lock().last_data = long_ago;
+        inbound.open_round(1);
+        assert!(
+            inbound.waits_on(),
+            "a stream timed out before the round's first frame"
+        );
     }
 
     /// Bytes of memory `commands` take, counted from their allocations.

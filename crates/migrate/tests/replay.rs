@@ -945,8 +945,10 @@ fn a_tail_lost_in_the_pause_gives_way_to_precopy_and_the_vm_still_moves_whole() 
 fn a_destination_that_falls_behind_gives_way_to_precopy() {
     let _serial = serial();
     let source = Source::start(0);
-    // 3 ms per command while the source runs one every 0.7 ms or so.
-    let dest = Destination::start(Replayer::Slow(Duration::from_millis(3)));
+    // 8 ms per command while the source runs one every 0.7 ms or so, and every 3.7 ms
+    // at the most throttle replay takes (30%): with 3 ms a throttled source let the
+    // destination keep up now and then, and replay moved the VM.
+    let dest = Destination::start(Replayer::Slow(Duration::from_millis(8)));
     let mut options = options(DeviceTransfer::Replay);
     options.allow_longer_pause = true;
     // Rounds of replay longer than the I/O timeout are waited for (the source allows
