@@ -180,15 +180,14 @@ impl ChatTemplate {
         }
     }
 
-    /// Token ids that end generation: the end-of-turn tokens that `tokenizer` has, its
-    /// end-of-turn and end-of-sequence tokens; sorted, without duplicates.
+    /// Token ids that end generation: the end-of-turn tokens that `tokenizer` has, and
+    /// its [`Tokenizer::end_of_generation`]; sorted, without duplicates.
     pub fn stop_tokens(&self, tokenizer: &Tokenizer) -> Vec<u32> {
         let mut ids: Vec<u32> = self
             .end_of_turn_texts()
             .iter()
             .filter_map(|t| tokenizer.token_id(t))
-            .chain(tokenizer.eot())
-            .chain(tokenizer.eos())
+            .chain(tokenizer.end_of_generation())
             .collect();
         ids.sort_unstable();
         ids.dedup();

@@ -194,6 +194,34 @@ struct Merge {
 /// No token.
 const NONE: u32 = u32::MAX;
 
+/// Texts of the chat templates' markup tokens other than those that end a turn (the
+/// templates of [`crate::chat`], and the common others').
+const CHAT_MARKUP_TEXTS: [&str; 9] = [
+    "<|im_start|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|begin_of_text|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<start_of_turn>",
+    "<s>",
+];
+
+/// Texts of the control tokens that end a turn or a text in the common vocabularies
+/// (ChatML, Llama 2 and 3, Zephyr, Gemma, Phi), the list llama.cpp ends generation on.
+const END_OF_GENERATION_TEXTS: [&str; 9] = [
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<EOT>",
+];
+
 /// A byte-level BPE tokenizer built from a GGUF file; owns its tables.
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
@@ -343,7 +371,7 @@ impl Tokenizer {
         if n == 0 || n > MAX_VOCAB {
             return Err(TokenizerError::BadVocabularySize { tokens: n });
         }
-        let types: Vec<TokenType> = match gguf.get("tokenizer.ggml.token_type") {
+        let mut types: Vec<TokenType> = match gguf.get("tokenizer.ggml.token_type") {
             None => alloc::vec![TokenType::Normal; n],
             Some(v) => {
                 let ints = v
@@ -371,6 +399,21 @@ impl Tokenizer {
                     .collect::<Result<_, _>>()?
             }
         };
+
+        // Chat markup typed user-defined (older conversions did) is control, as
+        // llama.cpp retypes it: user-defined tokens are parsed out of any text, so a
+        // message's content could otherwise write the template's turns, and the markup
+        // a model writes would be printed.
+        for (ty, t) in types.iter_mut().zip(tokens.iter()) {
+            if *ty == TokenType::UserDefined
+                && CHAT_MARKUP_TEXTS
+                    .iter()
+                    .chain(&END_OF_GENERATION_TEXTS)
+                    .any(|m| m.as_bytes() == t)
+            {
+                *ty = TokenType::Control;
+            }
+        }
 
         let mut text = Vec::new();
         let mut text_at = Vec::with_capacity(n + 1);
@@ -547,6 +590,24 @@ impl Tokenizer {
         self.eot
     }
 
+    /// Tokens that end generation whatever the prompt: the end-of-sequence and
+    /// end-of-turn tokens, and the control tokens that end a turn or a text in the
+    /// common vocabularies (as llama.cpp ends on them: a model may write
+    /// `<|endoftext|>` where its metadata names `<|im_end|>`, and a raw prompt of chat
+    /// markup ends its turns with the template's token). Sorted, without duplicates.
+    pub fn end_of_generation(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = END_OF_GENERATION_TEXTS
+            .iter()
+            .filter_map(|t| self.token_id(t))
+            .filter(|&id| self.is_control(id))
+            .chain(self.eot)
+            .chain(self.eos)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// Unknown token (`tokenizer.ggml.unknown_token_id`).
     pub fn unk(&self) -> Option<u32> {
         self.unk
@@ -563,9 +624,18 @@ impl Tokenizer {
         self.types.get(id as usize).copied()
     }
 
-    /// True for control tokens (which a chat front end does not print).
+    /// True for control tokens.
     pub fn is_control(&self, id: u32) -> bool {
         self.token_type(id) == Some(TokenType::Control)
+    }
+
+    /// Whether an answer shows token `id`'s text: not for control and unknown tokens
+    /// (markup, and `<unk>`), as llama.cpp prints them only when asked for specials.
+    pub fn is_shown(&self, id: u32) -> bool {
+        !matches!(
+            self.token_type(id),
+            Some(TokenType::Control | TokenType::Unknown)
+        )
     }
 
     fn text_of(&self, id: u32) -> &[u8] {

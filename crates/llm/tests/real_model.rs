@@ -144,7 +144,9 @@ fn real_model_tokenizer_and_chat() {
     };
     let prompt = chat.render(&[msg], true);
     assert_eq!(prompt, PROMPT);
-    assert_eq!(chat.stop_tokens(&tok), [2]);
+    // <|im_end|> ends a turn; <|endoftext|> (a control token too) ends a text.
+    assert_eq!(chat.stop_tokens(&tok), [0, 2]);
+    assert_eq!(tok.end_of_generation(), [0, 2]);
 
     let t0 = Instant::now();
     let ids = tok.encode(&prompt, true);

@@ -171,7 +171,14 @@ fn run(o: &Options) -> Result<(), Failure> {
     let file = files::open(o.file)?;
     let (model, tokenizer, template) = read_model(&file)?;
     let (text, stops) = match &o.prompt {
-        Prompt::Raw(raw) => (String::from(*raw), tokenizer.eos().into_iter().collect()),
+        // What ends a chat's turn ends a raw prompt's too (as llm-serve has it).
+        Prompt::Raw(raw) => (
+            String::from(*raw),
+            match &template {
+                Some(template) => template.stop_tokens(&tokenizer),
+                None => tokenizer.end_of_generation(),
+            },
+        ),
         Prompt::Chat { system, user } => {
             let template = template.ok_or_else(|| {
                 Failure(format!(
@@ -283,7 +290,7 @@ fn run(o: &Options) -> Result<(), Failure> {
         if stops.contains(&token) {
             break "end of turn";
         }
-        if !tokenizer.is_control(token) {
+        if tokenizer.is_shown(token) {
             piece.clear();
             utf8.push(tokenizer.decode_token(token), &mut piece);
             print!("{piece}");
@@ -319,7 +326,7 @@ fn run(o: &Options) -> Result<(), Failure> {
         let answer: Vec<u32> = generated
             .iter()
             .copied()
-            .filter(|&t| !tokenizer.is_control(t))
+            .filter(|&t| tokenizer.is_shown(t))
             .collect();
         println!("answer={:?}", tokenizer.decode(&answer));
     }

@@ -392,7 +392,7 @@ impl Server {
             return Slot::Ended;
         }
         let mut piece = String::new();
-        if !self.text.tokenizer.is_control(token) {
+        if self.text.tokenizer.is_shown(token) {
             seq.utf8
                 .push(self.text.tokenizer.decode_token(token), &mut piece);
         }
@@ -469,7 +469,13 @@ impl Text {
                     text: raw.clone(),
                     contents: Vec::new(),
                 };
-                (rendered, self.tokenizer.eos().into_iter().collect())
+                // What ends a chat's turn ends a raw prompt's too: the client may
+                // write the template's markup itself.
+                let stops = match &self.template {
+                    Some(template) => template.stop_tokens(&self.tokenizer),
+                    None => self.tokenizer.end_of_generation(),
+                };
+                (rendered, stops)
             }
             PromptKind::Chat => {
                 let Some(template) = &self.template else {
