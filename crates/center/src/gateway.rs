@@ -1149,7 +1149,8 @@ const UNIMPLEMENTED: &[(&str, AsksForNothing)] = &[
     ("frequency_penalty", is_zero),
     ("presence_penalty", is_zero),
     ("top_logprobs", is_zero),
-    ("logprobs", is_zero_or_false),
+    // 0 asks the completions API for the sampled token's log probability.
+    ("logprobs", |v| v.is_null() || v.as_bool() == Some(false)),
     ("echo", is_zero_or_false),
     ("logit_bias", is_empty),
     ("tools", is_empty),
@@ -2309,6 +2310,14 @@ mod tests {
             assert_eq!(err.param, Some(field), "{field}");
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
         }
+        let err = parse::<CompletionRequest>(
+            &Bytes::from(r#"{"model": "m", "prompt": "a", "logprobs": 0}"#),
+            "prompt",
+        )
+        .unwrap_err();
+        assert_eq!(err.param, Some("logprobs"));
+        let chat = r#"{"model": "m", "messages": [], "logprobs": false}"#;
+        assert!(parse::<ChatRequest>(&Bytes::from(chat), "messages").is_ok());
         let err = parse::<ChatRequest>(
             &Bytes::from(r#"{"model": "m", "messages": [], "frequency_penalty_x": 0}"#),
             "messages",
