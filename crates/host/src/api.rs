@@ -50,13 +50,18 @@ struct Api {
     tokens: Arc<Tokens>,
     /// Stream reads that may wait: each holds one of the runtime's blocking threads.
     waiting_reads: Arc<tokio::sync::Semaphore>,
+    /// Reads of read-only tokens that may wait, apart: a dashboard's peeks never take
+    /// the places of the reader (the gateway) a client's tokens wait on.
+    waiting_peeks: Arc<tokio::sync::Semaphore>,
 }
 
-/// Stream reads waiting at once, well under the runtime's 512 blocking threads, so that
-/// long polls never starve the rest of the API. A read beyond them is answered after a
-/// short wait without holding a thread.
+/// Stream reads of full tokens waiting at once, with [`MAX_WAITING_PEEKS`] well under the
+/// runtime's 512 blocking threads, so that long polls never starve the rest of the API.
+/// A read beyond them is answered after a short wait without holding a thread.
 const MAX_WAITING_READS: usize = 256;
-/// How long a read beyond [`MAX_WAITING_READS`] waits before it looks once.
+/// Stream reads of read-only tokens waiting at once.
+const MAX_WAITING_PEEKS: usize = 64;
+/// How long a read beyond its waiting places waits before it looks once.
 const BUSY_READ_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl IntoResponse for HostError {
@@ -267,11 +272,11 @@ async fn read_stream(
     // token) lets go of what it read: a read-only token (any GET passes the token check)
     // could otherwise drop every response before the reader has them.
     let access = bearer(&headers).and_then(|t| api.tokens.access(t.as_bytes()));
-    let reading = match access {
-        Some(Access::Full) => Reading::Consume,
-        _ => Reading::Peek,
+    let (reading, places) = match access {
+        Some(Access::Full) => (Reading::Consume, &api.waiting_reads),
+        _ => (Reading::Peek, &api.waiting_peeks),
     };
-    let waiting = match api.waiting_reads.clone().try_acquire_owned() {
+    let waiting = match places.clone().try_acquire_owned() {
         Ok(permit) => Some(permit),
         Err(_) if q.wait_ms == 0 => None,
         Err(_) => {
@@ -324,6 +329,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         migration_addr,
         tokens: Arc::new(tokens),
         waiting_reads: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_READS)),
+        waiting_peeks: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_PEEKS)),
     };
     Ok(Router::new()
         .route("/v1/host", get(host_info))
