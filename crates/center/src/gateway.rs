@@ -1038,6 +1038,9 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
         RefusalCode::Internal => {
             OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", message)
         }
+        RefusalCode::Busy => {
+            OpenAiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", message)
+        }
     }
 }
 

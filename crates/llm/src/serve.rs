@@ -100,11 +100,18 @@ pub enum RefusalCode {
     InvalidRequest = 1,
     /// The device failed.
     Internal = 2,
+    /// The server holds as many requests as it queues: try again shortly.
+    Busy = 3,
 }
 
 impl RefusalCode {
     /// Every code, at the index of its byte.
-    const ALL: [RefusalCode; 3] = [Self::ContextLength, Self::InvalidRequest, Self::Internal];
+    const ALL: [RefusalCode; 4] = [
+        Self::ContextLength,
+        Self::InvalidRequest,
+        Self::Internal,
+        Self::Busy,
+    ];
 }
 
 /// [`Event::Token`]'s `id` for text no single token produced: released at the end of an

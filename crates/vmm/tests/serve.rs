@@ -291,6 +291,48 @@ fn a_token_longer_than_a_response_slot_reaches_the_host_whole() {
 }
 
 #[test]
+fn requests_let_go_of_unanswered_fill_a_bounded_queue_and_then_are_refused_as_busy() {
+    ferry_testdata::require_kvm!();
+    let model = model_file("busy", "ab");
+    let mut server = Server::start(&model, &["--slots", "1"]);
+    // The one slot is busy for a while.
+    let long = server.submit(&raw("hello", 500));
+    server.wait_for(long, 1);
+    // Each stream let go of at once: the host forgets it, the guest keeps its request.
+    for _ in 0..64 {
+        let left = server.submit(&raw("hello", 500));
+        server.vm.readout().channel().release(left).unwrap();
+    }
+    let refused = server.submit(&raw("hello", 4));
+    assert_eq!(
+        server.answer(refused),
+        [Event::Error {
+            code: RefusalCode::Busy,
+            message: "64 requests are waiting already".into()
+        }]
+    );
+    // A stream opened by anything but a request is answered, not held open for ever.
+    let stream = server.next;
+    server.next += 1;
+    let odd = Message {
+        kind: 99,
+        payload: Vec::new(),
+    };
+    server.vm.readout().channel().submit(stream, odd).unwrap();
+    assert!(matches!(
+        &server.answer(stream)[..],
+        [Event::Error {
+            code: RefusalCode::InvalidRequest,
+            ..
+        }]
+    ));
+    assert!(
+        server.vm.wait(Some(Duration::ZERO)).is_none(),
+        "the guest runs on"
+    );
+}
+
+#[test]
 fn bad_requests_are_refused_one_by_one_while_the_others_are_served() {
     ferry_testdata::require_kvm!();
     let model = model_file("refuse", "ab");

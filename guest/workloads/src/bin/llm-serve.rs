@@ -24,11 +24,15 @@ use model::{describe, read_model, Device, Failure};
 
 ferry_sdk::entry!(main);
 
+/// Most requests waiting for a slot: as many streams as the host keeps open. More are
+/// refused as busy.
+const MAX_QUEUED: usize = 64;
+
 const HELP: &str = "\
 llm-serve: serves a GGUF language model (attached as 'model') to the host's clients
 through the VM's message channel; the host's gateway speaks OpenAI's API.
   --slots N      sequences generated at once, each with its KV cache (default 4); more
-                 requests wait in a queue
+                 requests wait in a queue (at most 64; beyond, they are refused as busy)
   --context N    positions of each sequence's KV cache: prompt plus answer (default 512)
   --batch N      prompt tokens read per step, and sequences decoded in one pass (default
                  8, at most --context): larger reads prompts faster, smaller delays the
@@ -188,10 +192,25 @@ impl Server {
     /// A message from the host.
     fn take(&mut self, ch: &mut Channel, m: ferry_sdk::channel::Request) {
         match m.kind {
+            // Bounded: the host keeps at most 64 streams open, but a stream it
+            // lets go of while open leaves its request here (the guest is not told).
+            kind::REQUEST if m.opens && self.queue.len() >= MAX_QUEUED => refuse(
+                ch,
+                m.stream,
+                RefusalCode::Busy,
+                format!("{MAX_QUEUED} requests are waiting already"),
+            ),
             kind::REQUEST if m.opens => match Request::decode(&m.payload) {
                 Ok(r) => self.queue.push_back((m.stream, r)),
                 Err(e) => refuse(ch, m.stream, RefusalCode::InvalidRequest, format!("{e}")),
             },
+            // Anything else that opens a stream would hold it open for ever, unanswered.
+            other if m.opens => refuse(
+                ch,
+                m.stream,
+                RefusalCode::InvalidRequest,
+                format!("a stream opened by a message of kind {other}, not a request"),
+            ),
             kind::CANCEL => {
                 if let Some(i) = self.queue.iter().position(|(s, _)| *s == m.stream) {
                     self.queue.remove(i);
