@@ -335,3 +335,26 @@ fn a_failing_kvm_ioctl_reaches_the_operator_with_its_errno() {
         "the ioctl and its errno are lost: {err}"
     );
 }
+
+#[test]
+fn a_host_bound_to_every_address_must_say_where_the_center_reaches_it() {
+    let store = tempfile::tempdir().unwrap();
+    let store = store.path().to_str().unwrap();
+    let out = ferry_with(
+        &[("FERRY_SECRET", "cli-test-secret-0123456789abcdef")],
+        &[
+            "host",
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--migration-listen",
+            "127.0.0.1:0",
+            "--center",
+            "http://127.0.0.1:1",
+            "--file-store",
+            store,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(&out.stderr, "give --advertise IP_OR_NAME");
+}

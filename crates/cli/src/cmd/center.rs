@@ -221,7 +221,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// Where the other replicas reach this one's API, to forward writes to it while it
-    /// leads (default: http(s)://the listen address).
+    /// leads (default: http(s)://the listen address; needed with --etcd when listening on
+    /// 0.0.0.0).
     #[arg(long, value_name = "URL")]
     pub advertise: Option<String>,
     /// A host whose heartbeats stop for this long is marked down.
@@ -282,6 +283,13 @@ pub fn start(
         config.name = addr.to_string();
     }
     if config.advertise_url.is_empty() {
+        // Replicas forward writes to the leader at the URL it advertises: one bound to
+        // every interface would be each follower itself.
+        if addr.ip().is_unspecified() && matches!(config.store, StoreConfig::Etcd { .. }) {
+            bail!(
+                "the center listens on {addr} (every address), which the other replicas cannot be told to reach it at: give --advertise URL"
+            );
+        }
         let scheme = if config.tls.is_some() {
             "https"
         } else {

@@ -139,8 +139,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub heartbeat_ms: u64,
     /// Address the center and other hosts reach this host at, without a port (the ports
-    /// are --listen's and --migration-listen's; default: the --listen address's IP; set it
-    /// when listening on 0.0.0.0).
+    /// are --listen's and --migration-listen's; default: the --listen address's IP; needed
+    /// with --center when listening on 0.0.0.0).
     #[arg(long, value_name = "IP_OR_NAME", value_parser = parse_advertise)]
     pub advertise: Option<String>,
     /// Accelerator threads per VM (default: all cores).
@@ -275,6 +275,18 @@ impl Daemon {
         advertise: Option<&str>,
         interval: std::time::Duration,
     ) -> anyhow::Result<()> {
+        // An address bound to every interface is nowhere the center or another host
+        // could reach: told to them, each would dial itself.
+        if advertise.is_none() {
+            if let Some(any) = [self.api_addr, self.migration_addr]
+                .into_iter()
+                .find(|a| a.ip().is_unspecified())
+            {
+                anyhow::bail!(
+                    "the host listens on {any} (every address), which the center cannot be told to reach it at: give --advertise IP_OR_NAME, the address the center and the other hosts reach this one at"
+                );
+            }
+        }
         let at = |addr: std::net::SocketAddr| match advertise {
             Some(host) => format!("{host}:{}", addr.port()),
             None => addr.to_string(),
