@@ -539,6 +539,9 @@ pub struct Inventory {
     by_host: BTreeMap<String, BTreeSet<String>>,
     /// Each host's last beat taken, which its next delta must build on.
     beat_bases: BTreeMap<String, BeatSeq>,
+    /// Hosts the center placed a VM on since their last beat arrived: that beat may have
+    /// been made before the placement, and is refused whatever its kind.
+    placed_on: BTreeSet<String>,
     /// When each host's record was last written through.
     host_written_ms: BTreeMap<String, u64>,
     /// Hosts this process has taken a beat from (what it knows of their VMs is first-hand).
@@ -705,9 +708,12 @@ impl Inventory {
     /// Puts a VM the center learned of itself (it created or moved it there), not from
     /// its host's beats. The host's beats may never list it (it can be stopped there
     /// before the next beat), so no delta of theirs could say it went: the host's next
-    /// delta is refused, and its full beat follows at once and is compared whole.
+    /// beat is refused, and its full beat follows at once and is compared whole. Refused
+    /// whatever its kind: a full beat made before the placement (on its way meanwhile)
+    /// lacks the VM, and compared whole would take it for gone.
     pub fn put_vm_placed(&mut self, vm: VmRecord) {
         self.beat_bases.remove(&vm.host);
+        self.placed_on.insert(vm.host.clone());
         self.put_vm(vm);
     }
 
@@ -745,6 +751,7 @@ impl Inventory {
             self.unkey(vm);
         }
         self.beat_bases.remove(name);
+        self.placed_on.remove(name);
         self.host_written_ms.remove(name);
         self.heard.remove(name);
         self.rewrite.remove(name);
@@ -792,6 +799,9 @@ impl Inventory {
                 let holder = holder.api_url.clone();
                 return (BeatOutcome::NameTaken { holder }, changes);
             }
+        }
+        if self.placed_on.remove(&name) {
+            return (BeatOutcome::NeedFull, changes);
         }
         let base = self.beat_bases.get(&name);
         if let Some(delta) = &beat.delta {
@@ -1402,6 +1412,38 @@ pub(crate) mod tests {
         assert_eq!(outcome, BeatOutcome::Taken);
         assert_eq!(changes.gone, vec!["v".to_string()]);
         assert!(inv.vms().get("v").is_none());
+    }
+
+    #[test]
+    fn a_full_beat_made_before_a_placement_does_not_drop_the_vm_placed() {
+        let mut inv = Inventory::default();
+        let mut series = ferry_api::BeatSeries::new(9);
+        let full = series.beat("http://b".into(), host_info("b"), vec![]);
+        assert_eq!(inv.apply_heartbeat3(full, 1).0, BeatOutcome::Taken);
+        series.answered(Some(&ferry_api::BeatAnswer::need_full()));
+        // A full beat, made before v's move to b concludes, arrives after it.
+        let in_flight = series.beat("http://b".into(), host_info("b"), vec![]);
+        assert!(in_flight.delta.is_none());
+        inv.put_vm_placed(VmRecord {
+            id: "v".into(),
+            host: "b".into(),
+            info: vm("v", VmState::Running),
+        });
+        let (outcome, changes) = inv.apply_heartbeat3(in_flight, 2);
+        assert_eq!(outcome, BeatOutcome::NeedFull);
+        assert!(changes.gone.is_empty());
+        assert!(inv.vms().contains_key("v"));
+        // The next full beat, made since, lists it.
+        series.answered(Some(&ferry_api::BeatAnswer::need_full()));
+        let full = series.beat(
+            "http://b".into(),
+            host_info("b"),
+            vec![vm("v", VmState::Running)],
+        );
+        let (outcome, changes) = inv.apply_heartbeat3(full, 3);
+        assert_eq!(outcome, BeatOutcome::Taken);
+        assert!(changes.gone.is_empty());
+        assert!(inv.vms().contains_key("v"));
     }
 
     #[test]

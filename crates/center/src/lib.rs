@@ -1667,6 +1667,10 @@ pub(crate) mod tests {
             .inventory()
             .unheard_hosts(unix_ms(), 60_000)
             .is_empty());
+        // a's beat after the placement on it is refused (made before it, it may not
+        // list the VM placed).
+        let after = scratch.center.heartbeat(beat_with("a", a, &[])).unwrap();
+        assert!(!after.taken);
         // A leader of replicas hears a host in its second beat (the first may predate
         // the host's learning of it); once a live host had time to beat, one down is not
         // waited for.
