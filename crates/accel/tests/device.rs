@@ -315,6 +315,8 @@ fn rows_and_heads_wider_than_host_scratch_allows_fail_with_bad_shape() {
         &[kernel::CROSS_ENTROPY, 1, 2, 3, 4, 1, row + 1],
         &[kernel::ROPE, 1, 1, 1, 2 * head, 0, ten_thousand, 0],
         &[kernel::ATTENTION_DECODE, 1, 2, 3, 4, 1, head + 1, 1],
+        // f32 weights: one row of row + 1 inputs.
+        &[kernel::QMATMUL, 1, 2, 3, 1, row + 1, 1, 0],
     ];
     for (i, args) in cases.iter().enumerate() {
         let got = g.run(op::LAUNCH, args);

@@ -70,9 +70,9 @@ const SCORE_WORK: u64 = 1024;
 /// on at once.
 pub const MAX_POSITIONS: usize = 1 << 22;
 
-/// Most columns of one SOFTMAX or CROSS_ENTROPY row: a backend keeps an f64 per column
-/// for each row it works on at once (32 MiB a thread at most), host memory outside the
-/// device's. 16 times the largest vocabulary (about 2^18), and as long as the longest
+/// Most columns of one SOFTMAX or CROSS_ENTROPY row, and inputs of a QMATMUL: a backend
+/// keeps an f64 per column for each row it works on at once (32 MiB a thread at most),
+/// or a QMATMUL row prepared (about 3 bytes an input), host memory outside the device's. 16 times the largest vocabulary (about 2^18), and as long as the longest
 /// context, whose attention scores a row may hold.
 pub const MAX_ROW: usize = MAX_POSITIONS;
 
@@ -1067,6 +1067,8 @@ kernels! {
         dtype: DType,
     } => |io| {
         let (mk, mn) = (product(m, k)?, product(m, n)?);
+        // A backend prepares rows of `x` (16-bit integers and scales) in host scratch.
+        require_shape(k <= MAX_ROW)?;
         require_work(&[m as u64, n as u64, k as u64])?;
         io.read(w, blocks(dtype, n, k)?)?;
         io.read(x, elems(mk)?)?;
