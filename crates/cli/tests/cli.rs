@@ -358,3 +358,37 @@ fn a_host_bound_to_every_address_must_say_where_the_center_reaches_it() {
     assert_eq!(out.status.code(), Some(1));
     assert_says(&out.stderr, "give --advertise IP_OR_NAME");
 }
+
+#[test]
+fn a_typed_host_and_a_center_from_the_environment_are_not_both_taken() {
+    let out = ferry_with(
+        &[
+            ("FERRY_CENTER", "http://127.0.0.1:1"),
+            ("FERRY_API_TOKEN", "center-token-0123456789"),
+        ],
+        &["vm", "create", "--host", "http://127.0.0.1:1", "hello"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(&out.stderr, "both --host and a center");
+    // Words after `--` are the guest's: a guest's --host is no flag of ferry's.
+    let out = ferry_with(
+        &[
+            ("FERRY_CENTER", "http://127.0.0.1:1"),
+            ("FERRY_API_TOKEN", "center-token-0123456789"),
+        ],
+        &["vm", "create", "hello", "--", "--host=x"],
+    );
+    assert!(
+        !text(&out.stderr).contains("both --host"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bench_migrate_refuses_a_run_with_no_row_before_starting_hosts() {
+    ferry_testdata::require_kvm!(kvm_available);
+    let out = ferry(&["bench", "migrate", "--workloads", "mlp-train-large"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(&out.stderr, "runs only across a shaped link (--link RATE)");
+}

@@ -214,5 +214,13 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
             gbs(writes)
         ),
     ))?;
+    // The figures are out; kernels that disagree still fail the run, as a script reads
+    // it by its exit code.
+    ensure!(
+        failed.is_empty(),
+        "{} of {} kernel cases differ from the cpu backend",
+        failed.len(),
+        cases.len()
+    );
     Ok(())
 }

@@ -221,6 +221,12 @@ pub fn bench_migrate(
     backend: &'static str,
 ) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
+    // Checked before the hosts start: a run with no row would measure nothing.
+    let rows_asked = workloads.iter().any(|w| w != "mlp-train-large") || link.is_some();
+    anyhow::ensure!(
+        rows_asked,
+        "mlp-train-large runs only across a shaped link (--link RATE): with --workloads mlp-train-large alone there is nothing to measure"
+    );
     let largest = sizes
         .iter()
         .copied()

@@ -224,6 +224,16 @@ enum Answer {
     Many(Vec<VmInfo>),
 }
 
+/// Whether `flag` was typed on this process's command line (before any `--`, after which
+/// the words are a guest's), as `--flag VALUE` or `--flag=VALUE`: clap tells a value
+/// from the environment apart from a typed one only through its matches.
+fn typed_flag(flag: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
+}
+
 /// `ferry vm ...`.
 pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
     // Made only when needed: creating through the center needs no host secret.
@@ -266,6 +276,12 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                 let created = send_create(&host()?, &vm)?;
                 return finish(args, Answer::One(Box::new(created)));
             };
+            // A center from FERRY_CENTER must not quietly overrule a --host typed here.
+            if typed_flag("--host") {
+                anyhow::bail!(
+                    "both --host and a center (--center or FERRY_CENTER) say where to create the VM: give one (with a center, --on HOST picks the host)"
+                );
+            }
             let roots = args.host.roots.roots()?;
             let client = ApiClient::with_roots(center, &token.token()?, &roots)?;
             let placed: ferry_center::Placed = send_create(
