@@ -592,10 +592,16 @@ impl Center {
         {
             if let VmState::MigratedAway { to } = info.state {
                 let inventory = self.inventory();
-                if let Some(h) = inventory
-                    .hosts
-                    .values()
-                    .find(|h| h.info.migration_addr == to)
+                let (now, down_after) = (unix_ms(), self.down_after_ms());
+                // A record left behind (a host renamed, a machine replaced) may share the
+                // address: the host up has it now.
+                let mut matching = (inventory.hosts.values())
+                    .filter(|h| h.info.migration_addr == to)
+                    .peekable();
+                let first = matching.peek().copied();
+                if let Some(h) = matching
+                    .find(|h| inventory.is_up(&h.name, now, down_after))
+                    .or(first)
                 {
                     return Some(h.clone());
                 }
@@ -1869,6 +1875,25 @@ mod tests {
         assert_cancelled(&seen, 0);
         let seen = b_requests.join().unwrap();
         assert!(seen[1].starts_with("GET /v1/vms/v "), "{seen:?}");
+    }
+
+    #[test]
+    fn a_relay_follows_a_moved_vm_to_the_host_up_at_its_address_not_a_record_left_behind() {
+        let scratch = crate::tests::ScratchCenter::open("follow-up");
+        // A record left by a machine replaced since: the same address, down.
+        let mut old = crate::inventory::tests::beat("a-old", Vec::new());
+        old.host.migration_addr = "b.example:7071".into();
+        scratch.center.heartbeat(old).unwrap();
+        scratch.silence("a-old");
+        scratch.report("b", ferry_testdata::refusing_addr());
+        let away = VmState::MigratedAway {
+            to: "b.example:7071".into(),
+        };
+        let info = serde_json::to_string(&crate::inventory::tests::vm("v", away)).unwrap();
+        let (s, _) = fake_host(vec![("200 OK", info)]);
+        let source = scratch.report("s", s);
+        let followed = scratch.center.follow("v", &source).unwrap();
+        assert_eq!(followed.name, "b");
     }
 
     #[test]
