@@ -2,7 +2,7 @@
 //! `ferry host maintenance ...`.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -533,17 +533,46 @@ fn print_plan(plan: &BalancePlan, dry_run: bool) {
     }
 }
 
+/// How long a followed operation may go unanswered (a center restarting, replicas
+/// electing a leader) before the command stops following it.
+const LOST_CONTACT: Duration = Duration::from_secs(60);
+
+/// Whether an error asking the center is one a restart or an election makes, and passes:
+/// no answer at all, or 503 (no leader yet).
+fn passing(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ferry_client::Unreachable>().is_some()
+        || e.downcast_ref::<ferry_client::ApiError>()
+            .is_some_and(|e| e.status == 503)
+}
+
 /// Follows operation `id` to its end, printing each migration as it ends; fails if the
 /// operation ends incomplete. `json`: print the operation and its migrations as the
 /// last line instead.
 fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<()> {
     let bar = spinner(json);
     let mut printed = std::collections::BTreeSet::new();
-    let what = format!("operation {id} to end; see GET /v1/operations/{id}");
+    let what =
+        format!("operation {id} to end; it may still be running (GET /v1/operations/{id} tells)");
     let limit = Duration::from_secs(3600);
+    let mut last_contact = Instant::now();
     let (op, migrations) = poll_every(&what, limit, Duration::from_millis(200), || {
-        let op: Operation = client.get(&format!("/v1/operations/{id}"))?;
-        let all: Vec<MigrationRecord> = client.get("/v1/migrations")?;
+        let asked = client
+            .get::<Operation>(&format!("/v1/operations/{id}"))
+            .and_then(|op| Ok((op, client.get::<Vec<MigrationRecord>>("/v1/migrations")?)));
+        let (op, all) = match asked {
+            Ok(answer) => answer,
+            // A center restarting, or replicas electing a leader, carries the operation
+            // on: an answer missed for a while is no end of it.
+            Err(e) if passing(&e) && last_contact.elapsed() < LOST_CONTACT => {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "lost track of operation {id}; it may still be running (GET /v1/operations/{id} tells)"
+                )))
+            }
+        };
+        last_contact = Instant::now();
         let mine: Vec<MigrationRecord> = all
             .into_iter()
             .filter(|m| op.migrations.contains(&m.id))
