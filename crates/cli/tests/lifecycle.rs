@@ -575,3 +575,36 @@ fn a_second_daemon_on_the_same_file_store_refuses_to_start() {
     let _ = a.child.wait();
     assert!(ferry_host::files::FileStore::hold(&store).is_ok());
 }
+
+#[test]
+fn ctrl_c_on_a_followed_migration_cancels_it_and_the_vm_runs_on_here() {
+    ferry_testdata::require_kvm!();
+    let (a, b) = (Daemon::start("a"), Daemon::start("b"));
+    // Waits for ever for a flag: it runs until stopped. Paced to 1 MiB/s, its move
+    // takes a minute.
+    let id = a.create("dirty-pages", "0", "");
+    let migrate = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", &id, "--to", &b.migration, "--max-rate", "1"])
+        .args(["--host", &a.api])
+        .env("FERRY_SECRET", SECRET)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ferry migrate");
+    let mut migrate = KillOnDrop(migrate);
+    wait_for("the migration to start", Duration::from_secs(30), || {
+        (a.show(&id)["state"] == "migrating").then_some(())
+    });
+    // SAFETY: kill only sends a signal to the child.
+    unsafe { libc::kill(migrate.0.id() as i32, libc::SIGINT) };
+    let exited = wait_for("ferry migrate to end", Duration::from_secs(60), || {
+        migrate.0.try_wait().expect("wait for it")
+    });
+    let mut stderr = Vec::new();
+    std::io::Read::read_to_end(migrate.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(exited.code(), Some(1), "{}", text(&stderr));
+    assert_says(&stderr, "cancelling the migration");
+    assert_says(&stderr, "cancelled");
+    assert_eq!(a.show(&id)["state"], "running");
+}

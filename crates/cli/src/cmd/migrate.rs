@@ -1,5 +1,6 @@
 //! `ferry migrate`: move a VM to another host, with progress and a summary.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -140,12 +141,46 @@ pub fn follow(
 /// migration itself goes on, or fails, on its own).
 const LOST_CONTACT: Duration = Duration::from_secs(30);
 
+/// Set by Ctrl-C while a migration is followed ([`cancel_on_interrupt`]).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Has the first Ctrl-C cancel the migration being followed (the command then waits for
+/// it to end: the VM runs on here) rather than kill the command and leave the migration
+/// running unseen; a second one kills the command as usual.
+fn cancel_on_interrupt() {
+    // SAFETY: the handler only stores to an atomic; SA_RESETHAND puts the default back
+    // once it has run.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+    }
+}
+
 /// Follows the migration of `vm` until it ends, however long it takes (the engine ends a
-/// migration that stops making progress); returns its last status.
+/// migration that stops making progress); returns its last status. After a Ctrl-C (see
+/// [`cancel_on_interrupt`]) it asks for the migration's cancel, once, and follows on.
 fn wait(client: &ApiClient, vm: &str, bar: &ProgressBar) -> anyhow::Result<MigrationStatus> {
     let mut last_contact = Instant::now();
+    let mut cancelled = false;
     loop {
         std::thread::sleep(Duration::from_millis(50));
+        if !cancelled && INTERRUPTED.load(Ordering::SeqCst) {
+            cancelled = true;
+            bar.suspend(|| {
+                eprintln!(
+                    "ferry: cancelling the migration of {vm} (Ctrl-C again to stop following it)"
+                )
+            });
+            // Too late to cancel (or already ended) is what the end will say.
+            let _ = client.delete::<MigrationStatus>(&format!("/v1/vms/{vm}/migration"));
+        }
         let status: MigrationStatus = match client.get(&format!("/v1/vms/{vm}/migration")) {
             Ok(status) => status,
             Err(e) if e.downcast_ref::<ferry_client::Unreachable>().is_some()
@@ -257,6 +292,7 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
             MigrationState::Running => unreachable!("wait returns once it has ended"),
         };
     }
+    cancel_on_interrupt();
     let result = follow(&client, &args.vm, &args.request(), &bar);
     bar.finish_and_clear();
     let report = result?;
