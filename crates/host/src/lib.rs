@@ -2158,6 +2158,28 @@ mod tests {
         std::fs::remove_dir_all(&store).unwrap();
     }
 
+    /// A memtouch VM on `host` whose migration `session` to `to` is in doubt.
+    fn in_doubt_vm(host: &Arc<Host>, to: &str, session: u64) -> (Arc<HostedVm>, MigrationTicket) {
+        let vm = host
+            .get(&host.create_vm(&memtouch(64 << 20, 0)).unwrap().id)
+            .unwrap();
+        let status = MigrationStatus {
+            vm: vm.id.clone(),
+            to: to.into(),
+            state: MigrationState::InDoubt,
+            progress: None,
+            report: None,
+            error: None,
+            settlement: Vec::new(),
+        };
+        let ticket = vm.begin_migration(to, status, Default::default()).unwrap();
+        vm.hold().unwrap();
+        vm.note_in_doubt_session(ticket, session);
+        vm.lose_confirmation("the confirmation was lost (test)")
+            .unwrap();
+        (vm, ticket)
+    }
+
     #[test]
     fn a_host_shutting_down_stops_settling_an_in_doubt_vm_and_resumes_it_nowhere() {
         if !ferry_testdata::kvm("a_host_shutting_down_stops_settling_an_in_doubt_vm") {
@@ -2172,22 +2194,7 @@ mod tests {
             }
         });
         let host = test_host();
-        let vm = host
-            .get(&host.create_vm(&memtouch(64 << 20, 0)).unwrap().id)
-            .unwrap();
-        let status = MigrationStatus {
-            vm: vm.id.clone(),
-            to: to.clone(),
-            state: MigrationState::InDoubt,
-            progress: None,
-            report: None,
-            error: None,
-            settlement: Vec::new(),
-        };
-        let ticket = vm.begin_migration(&to, status, Default::default()).unwrap();
-        vm.hold().unwrap();
-        vm.lose_confirmation("the confirmation was lost (test)")
-            .unwrap();
+        let (vm, ticket) = in_doubt_vm(&host, &to, 1);
         let (settling, in_doubt) = (host.clone(), vm.clone());
         let (done, ended) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -2246,23 +2253,7 @@ mod tests {
         let to = listener.local_addr().unwrap().to_string();
         destination.serve_migrations(listener).unwrap();
         let host = test_host();
-        let vm = host
-            .get(&host.create_vm(&memtouch(64 << 20, 0)).unwrap().id)
-            .unwrap();
-        let status = MigrationStatus {
-            vm: vm.id.clone(),
-            to: to.clone(),
-            state: MigrationState::InDoubt,
-            progress: None,
-            report: None,
-            error: None,
-            settlement: Vec::new(),
-        };
-        let ticket = vm.begin_migration(&to, status, Default::default()).unwrap();
-        vm.hold().unwrap();
-        vm.note_in_doubt_session(ticket, 7);
-        vm.lose_confirmation("the confirmation was lost (test)")
-            .unwrap();
+        let (vm, _) = in_doubt_vm(&host, &to, 7);
         // Released, it would run nowhere.
         match host.resolve(&vm.id, false) {
             Err(HostError::Conflict(why)) => assert!(why.contains("would be lost"), "{why}"),

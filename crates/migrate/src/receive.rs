@@ -1875,23 +1875,32 @@ mod tests {
         assert_eq!(failures.failed(&aborted), None);
     }
 
-    #[test]
-    fn a_round_opened_after_a_long_wait_gives_its_data_streams_the_whole_idle_limit() {
-        let (control, _peer) = crate::tcp_pair();
-        let vm = VmDescription {
-            name: "idle".into(),
+    /// A VM of 1 MiB of RAM, `accel_memory` and `files`.
+    fn description(
+        name: &str,
+        accel_memory: u64,
+        files: Vec<crate::vm::FileOffer>,
+    ) -> VmDescription {
+        VmDescription {
+            name: name.into(),
             ram_size: 1 << 20,
             vcpus: 1,
-            accel_memory: 0,
+            accel_memory,
             abi_version: 1,
             state_version: 1,
             backend_kind: "cpu".into(),
             kernel_version: 1,
             microkernel: String::new(),
             extra: Vec::new(),
-            files: Vec::new(),
+            files,
             cpu_features: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_round_opened_after_a_long_wait_gives_its_data_streams_the_whole_idle_limit() {
+        let (control, _peer) = crate::tcp_pair();
+        let vm = description("idle", 0, Vec::new());
         let inbound = Inbound::new(Vec::new(), control, Vec::new(), ClaimedOrigins::new(&vm));
         let limit = crate::deadline::idle_limit();
         // The last round's data came longer than the idle limit ago (its replay, the
@@ -1977,25 +1986,16 @@ mod tests {
     #[test]
     fn a_chunks_bytes_with_their_origin_are_refused_where_origins_are_not_checked() {
         // A snapshot names the file pieces its chunks hold; it never sends both.
-        let vm = VmDescription {
-            name: "snapshot".into(),
-            ram_size: 1 << 20,
-            vcpus: 1,
-            accel_memory: 1 << 20,
-            abi_version: 1,
-            state_version: 1,
-            backend_kind: "cpu".into(),
-            kernel_version: 1,
-            microkernel: String::new(),
-            extra: Vec::new(),
-            files: vec![crate::vm::FileOffer {
+        let vm = description(
+            "snapshot",
+            1 << 20,
+            vec![crate::vm::FileOffer {
                 name: "model".into(),
                 size: 4096,
                 sha256: "0".repeat(64),
                 path: "/models/model".into(),
             }],
-            cpu_features: Vec::new(),
-        };
+        );
         let frame = Frame::Chunk {
             key: ChunkKey {
                 buffer: 1,

@@ -778,17 +778,10 @@ fn vcpu_thread(
             Some(VcpuRequest::Stop) => return,
             Some(VcpuRequest::Pause) if running => {
                 running = false;
-                match vcpu.finish_exit() {
-                    Ok(None) => Some(VcpuEvent::Paused),
-                    Ok(Some(code)) => {
-                        let _ = events.send(VcpuEvent::Exited(code));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = events.send(VcpuEvent::Failed(e));
-                        return;
-                    }
+                if sent_end(&events, vcpu.finish_exit()) {
+                    return;
                 }
+                Some(VcpuEvent::Paused)
             }
             Some(VcpuRequest::Pause) => Some(VcpuEvent::Paused),
             // Nobody waits for a resume: no reply.
@@ -809,16 +802,19 @@ fn vcpu_thread(
         if !running {
             continue;
         }
-        match vcpu.run_once() {
-            Ok(None) => {}
-            Ok(Some(code)) => {
-                let _ = events.send(VcpuEvent::Exited(code));
-                return;
-            }
-            Err(e) => {
-                let _ = events.send(VcpuEvent::Failed(e));
-                return;
-            }
+        if sent_end(&events, vcpu.run_once()) {
+            return;
         }
     }
+}
+
+/// Sends the guest's end if `ran` (a run's outcome) is one; whether it was.
+fn sent_end(events: &Sender<VcpuEvent>, ran: Result<Option<i32>, VcpuRunError>) -> bool {
+    let end = match ran {
+        Ok(None) => return false,
+        Ok(Some(code)) => VcpuEvent::Exited(code),
+        Err(e) => VcpuEvent::Failed(e),
+    };
+    let _ = events.send(end);
+    true
 }
