@@ -656,11 +656,10 @@ fn every_fault_leaves_the_vm_on_exactly_one_host() {
 fn a_failed_snapshot_save_leaves_the_vm_running_to_its_end() {
     ferry_testdata::require_kvm!(kvm_available);
     let dir = ferry_testdata::scratch_dir("failed-save");
-    // A folder where the save's temporary file must go: the save cannot create it (a
-    // link planted there would be removed, not followed).
-    let partial = dir.join("vm.snap.partial");
-    let _ = std::fs::remove_file(&partial);
-    std::fs::create_dir_all(&partial).unwrap();
+    // A folder where the snapshot must go: the save's temporary cannot be renamed there.
+    let _ = std::fs::remove_dir_all(&dir);
+    let in_the_way = dir.join("vm.snap");
+    std::fs::create_dir_all(&in_the_way).unwrap();
     let out = ferry(&[
         "run",
         "mlp-train",
@@ -687,6 +686,8 @@ fn a_failed_snapshot_save_leaves_the_vm_running_to_its_end() {
         checksum(&text(&out.stdout)),
         reference("mlp-train", "64M", "32M", ARGS)
     );
-    assert!(!dir.join("vm.snap").exists());
+    assert!(in_the_way.is_dir());
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "a temporary was left: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
