@@ -163,9 +163,16 @@ pub struct CaptureReport {
 }
 
 /// A digest of device memory: every buffer's id, size and CRC-32 of its contents. It
-/// catches divergence (a nondeterministic kernel, a lost command), not tampering.
+/// catches divergence (a nondeterministic kernel, a lost command), not tampering. At most
+/// one entry per buffer a device can hold, refused while decoding past that (an entry of
+/// 3 bytes on the wire takes 16 in memory).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceDigest(pub Vec<(u32, u64, u32)>);
+pub struct DeviceDigest(
+    #[serde(
+        deserialize_with = "crate::wire::at_most::<_, _, { ferry_abi::accel::MAX_BUFFERS as usize }>"
+    )]
+    pub Vec<(u32, u64, u32)>,
+);
 
 impl DeviceDigest {
     /// The first difference from `other` (this side's), in words; `None` if equal.

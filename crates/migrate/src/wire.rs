@@ -1368,7 +1368,7 @@ mod tests {
     }
 
     #[test]
-    fn an_offer_and_a_rounds_lists_decode_no_more_than_their_bounds() {
+    fn an_offer_a_rounds_lists_and_a_device_digest_decode_no_more_than_their_bounds() {
         use crate::cpu::MAX_CPUID_WORDS;
         use crate::receive::MAX_EXTRA_ENTRIES;
         let encoded = |message: &Message| {
@@ -1428,6 +1428,11 @@ mod tests {
             ),
         };
         decodes(&table(MAX_BUFFERS));
+        let digest = |n: u64| Message::State {
+            blob: Vec::new(),
+            device: Some(crate::replay::DeviceDigest(vec![(0, 0, 0); n as usize])),
+        };
+        decodes(&digest(MAX_BUFFERS));
         decodes(&Message::BeginRound {
             round: 1,
             buffers: None,
@@ -1443,6 +1448,7 @@ mod tests {
                 frames: vec![0; usize::from(MAX_STREAMS) + 1],
             },
             table(MAX_BUFFERS + 1),
+            digest(MAX_BUFFERS + 1),
         ] {
             assert!(read_err(&encoded(&past)).contains("control"), "{past:?}");
         }
