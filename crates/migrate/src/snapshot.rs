@@ -202,11 +202,11 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(MigrationError::io("finishing the snapshot"))?;
         // The rename is durable only once the folder is synced: a snapshot said to be
-        // saved must still be there after a power loss.
-        if let Err(e) = sync_folder_of(path) {
-            let _ = std::fs::remove_file(path);
-            return Err(MigrationError::io("syncing the snapshot's folder")(e));
-        }
+        // saved must still be there after a power loss. One that is whole but maybe not
+        // durable is kept (it replaced any earlier one): removing it would lose both.
+        sync_folder_of(path).map_err(MigrationError::io(
+            "syncing the snapshot's folder (the snapshot is written whole, but may not survive a power loss)",
+        ))?;
         Ok(SnapshotStats {
             ram_bytes: description.ram_size,
             pages_stored: counts.pages,
@@ -227,7 +227,7 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
 /// uses (its process and a count), so saves of one path at once do not remove or rename
 /// each other's. Made anew, readable by its owner only (it holds the guest's memory): a
 /// file or link found at the name is never opened or followed, the next name is tried.
-fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {
+pub(crate) fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {
     static SAVES: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let mut tries = 0;
@@ -249,7 +249,7 @@ fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {
 /// Syncs the folder holding `path` (its entries: a file created or renamed there). A
 /// file system that cannot sync a folder (some network and shared-folder ones say
 /// EINVAL) has nothing better to offer: that is not a failure.
-fn sync_folder_of(path: &Path) -> io::Result<()> {
+pub(crate) fn sync_folder_of(path: &Path) -> io::Result<()> {
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
