@@ -107,6 +107,21 @@ impl HostError {
     }
 }
 
+/// Why a host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostStartError {
+    /// Its file store's folder could not be made.
+    #[error("cannot create the file store {}", .0.display())]
+    FileStore(PathBuf, #[source] std::io::Error),
+    /// The record of the migrations it received could not be read.
+    #[error(transparent)]
+    Record(#[from] ferry_migrate::RecordError),
+}
+
+/// The file, in a host's file store, listing the migrations whose VM ran here (see
+/// [`Outcomes::recorded`]).
+pub const RESUMED_MIGRATIONS: &str = "resumed-migrations";
+
 /// A migration refused because the host is shutting down.
 fn shutting_down() -> HostError {
     HostError::Unavailable("the host is shutting down: it starts no migration".into())
@@ -606,18 +621,22 @@ struct Background {
 }
 
 impl Host {
-    /// A host with no VMs.
-    pub fn new(config: HostConfig) -> Arc<Self> {
+    /// A host with no VMs, which knows the migrations received by its earlier runs on
+    /// the same file store (their sources may ask whether their VM ran here).
+    pub fn new(config: HostConfig) -> Result<Arc<Self>, HostStartError> {
+        std::fs::create_dir_all(&config.file_store)
+            .map_err(|e| HostStartError::FileStore(config.file_store.clone(), e))?;
+        let outcomes = Outcomes::recorded(&config.file_store.join(RESUMED_MIGRATIONS))?;
         // Heartbeats list the GPU once it is open; they never wait for its driver.
         ferry_accel::backend::probe_gpu();
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             device_memory: DeviceMemory::new(config.accel_capacity),
             ledger: Ledger::new(Amount {
                 memory: config.memory_capacity,
                 accel: config.accel_capacity,
             }),
             config,
-            outcomes: Outcomes::default(),
+            outcomes,
             center: Mutex::default(),
             vms: Mutex::default(),
             next_id: Mutex::new(1),
@@ -625,7 +644,7 @@ impl Host {
             background: Mutex::default(),
             #[cfg(test)]
             before_listing: Mutex::default(),
-        })
+        }))
     }
 
     /// Takes an order of center leader term `term`: refused if a newer leader of the same
@@ -1237,15 +1256,17 @@ impl Host {
             tracing::debug!(vm = %id, round = p.round, phase = p.phase, "migration progress");
             vm.update_migration(ticket, |s| s.progress = Some(p.clone()));
         };
-        let result = match VmSource::new(vm.clone(), &self.config.name) {
-            Some(source) => ferry_migrate::migrate_vm(
+        let recorded = self.outcomes.sync().map_err(MigrationError::Unrecorded);
+        let result = match recorded.map(|()| VmSource::new(vm.clone(), &self.config.name)) {
+            Err(e) => Err(e),
+            Ok(Some(source)) => ferry_migrate::migrate_vm(
                 &source,
                 to,
                 &self.config.secret,
                 options,
                 &mut on_progress,
             ),
-            None => Err(MigrationError::Source(VmError::Gone(format!(
+            Ok(None) => Err(MigrationError::Source(VmError::Gone(format!(
                 "VM {id} ended before its migration began"
             )))),
         };
@@ -1759,7 +1780,7 @@ mod tests {
     }
 
     fn test_host() -> Arc<Host> {
-        Host::new(test_config("h"))
+        Host::new(test_config("h")).unwrap()
     }
 
     /// Host `name`'s configuration: 1 GiB, its file store in the temporary folder.
@@ -2083,8 +2104,8 @@ mod tests {
         if !ferry_testdata::kvm("a_vm_whose_adoption_panics_before_it_is_listed_is_stopped") {
             return;
         }
-        let a = Host::new(test_config("pa"));
-        let b = Host::new(test_config("pb"));
+        let a = Host::new(test_config("pa")).unwrap();
+        let b = Host::new(test_config("pb")).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let to = listener.local_addr().unwrap().to_string();
         b.serve_migrations(listener).unwrap();
@@ -2110,6 +2131,27 @@ mod tests {
         );
         a.shutdown();
         b.shutdown();
+    }
+
+    #[test]
+    fn a_restarted_host_answers_for_the_migrations_its_earlier_run_received() {
+        let store = std::env::temp_dir().join(format!("ferry-resumed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&store);
+        let config = HostConfig {
+            file_store: store.clone(),
+            ..test_config("restarted")
+        };
+        let first = Host::new(config.clone()).unwrap();
+        assert_eq!(first.settle_incoming(42), Settlement::NotRunning);
+        first.shutdown();
+        drop(first);
+        // As its run would have appended it when the VM of session 42 resumed here.
+        std::fs::write(store.join(RESUMED_MIGRATIONS), 42u64.to_le_bytes()).unwrap();
+        let restarted = Host::new(config).unwrap();
+        assert_eq!(restarted.settle_incoming(42), Settlement::Running);
+        assert_eq!(restarted.settle_incoming(43), Settlement::NotRunning);
+        restarted.shutdown();
+        let _ = std::fs::remove_dir_all(&store);
     }
 
     #[test]
@@ -2248,7 +2290,7 @@ mod tests {
         }
         // A destination (same secret) that never received the session: it does not run
         // the VM.
-        let destination = Host::new(test_config("d"));
+        let destination = Host::new(test_config("d")).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let to = listener.local_addr().unwrap().to_string();
         destination.serve_migrations(listener).unwrap();
@@ -2289,7 +2331,8 @@ mod tests {
         let host = Host::new(HostConfig {
             attach: AttachPolicy::Under(vec![AttachDir::new(&dir).unwrap()]),
             ..test_config("images")
-        });
+        })
+        .unwrap();
         let refusal = |workload: &str| {
             let mut req = memtouch(64 << 20, 0);
             req.workload = workload.into();
@@ -2410,7 +2453,8 @@ mod tests {
             file_store: store.clone(),
             attach: AttachPolicy::Under(vec![AttachDir::new(&store).unwrap()]),
             ..test_config("pin")
-        });
+        })
+        .unwrap();
         // A migration arriving needs all the room while the VM is opened and started but
         // not yet listed.
         let evicting = host.clone();

@@ -74,7 +74,8 @@ fn host_with_tokens(
         store.clone(),
         (0, 1),
         api_tokens,
-    ));
+    ))
+    .unwrap();
     (host, store)
 }
 

@@ -46,7 +46,8 @@ fn one_life(n: usize) -> bool {
         store.clone(),
         (512 << 20, 2),
         None,
-    ));
+    ))
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     host.serve_migrations(listener).unwrap();

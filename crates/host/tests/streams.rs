@@ -37,7 +37,8 @@ fn a_read_only_read_never_takes_a_streams_responses_from_its_reader() {
         scratch.join("store"),
         (0, 1),
         Some(tokens),
-    ));
+    ))
+    .unwrap();
     let (_runtime, _serving, url) = common::serve_api(&host);
     // The gateway's token.
     let key = Secret::new(SECRET.to_vec())

@@ -45,7 +45,7 @@ pub use replay::{
 pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,
 };
-pub use settle::{settle, Outcomes, Settlement};
+pub use settle::{settle, Outcomes, RecordError, Settlement};
 pub use tls::{TlsConfig, TLS_SERVER_NAME};
 pub use vm::{
     error_chain, Cause, ChunkKey, ChunkOrigin, ChunkPart, ChunkWrite, DeviceBuffer, FileChunk,
@@ -190,6 +190,11 @@ pub enum MigrationError {
     /// nondeterministic kernel, a lost command): the VM runs on at the source.
     #[error("the replayed device memory differs from the source's: {0}")]
     DeviceDiverged(String),
+    /// The record of the migrations this host received could not be made durable: a VM
+    /// that came here may not leave (a restart that forgot it came would let its earlier
+    /// source run it again).
+    #[error("this host's record of the migrations it received is not durable; the VM keeps running here")]
+    Unrecorded(#[source] settle::RecordError),
     /// Cancelled before the destination was told to run the VM.
     #[error("cancelled during {phase}; the VM keeps running on the source")]
     Cancelled {

@@ -10,10 +10,17 @@
 //! - [`Settlement::NotRunning`]: it does not and never will: the source resumes its copy;
 //! - [`Settlement::Undecided`]: it is resuming right now: ask again shortly.
 //!
-//! A destination that restarted knows no session: its VMs ended with its process, so
-//! the answer is `NotRunning`.
+//! A destination that restarted remembers the sessions whose VM ran there, from a record
+//! it appends to ([`Outcomes::recorded`]): it may have moved such a VM on to a third host
+//! before the restart, so "not running" would make the source run it a second time. Any
+//! other session it does not know: that VM ended with its process (or never ran), so the
+//! answer is `NotRunning`.
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -68,15 +75,15 @@ struct Book {
 }
 
 impl Book {
-    /// Records `session`'s end (`outcome`).
-    fn end(&mut self, session: u64, outcome: Outcome) {
+    /// Records `session`'s end (`outcome`): `true` if it was not ended before.
+    fn end(&mut self, session: u64, outcome: Outcome) -> bool {
         // Not begun here (or forgotten): nothing to record, nor to remember for ever.
         let Some(was) = self.sessions.get_mut(&session) else {
-            return;
+            return false;
         };
         match std::mem::replace(was, outcome) {
             // Ended already: in the queue of ended ones once at most.
-            Outcome::Resumed | Outcome::Discarded => return,
+            Outcome::Resumed | Outcome::Discarded => return false,
             Outcome::Receiving | Outcome::Fenced | Outcome::Resuming => {}
         }
         let ended = match outcome {
@@ -89,18 +96,149 @@ impl Book {
                 self.sessions.remove(&old);
             }
         }
+        true
+    }
+}
+
+/// Why the record of sessions whose VM ran here could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what} the record of migrations received, {}", path.display())]
+pub struct RecordError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// The file that lists the sessions whose VM ran here, oldest first: 8 bytes (little
+/// endian) each, appended as each VM resumes.
+struct ResumedRecord {
+    path: PathBuf,
+    /// Opened to append: each record is one write, whole or (after a crash) torn at the
+    /// end, where it is cut off at the next open.
+    file: File,
+    /// An append failed: the record misses a session whose VM ran here.
+    incomplete: AtomicBool,
+}
+
+impl ResumedRecord {
+    /// Opens (or creates) the record at `path` and reads the [`REMEMBERED`] newest
+    /// sessions it lists, oldest first; rewrites it with only those when it holds more,
+    /// so that it does not grow for ever.
+    fn open(path: &Path) -> Result<(Self, Vec<u64>), RecordError> {
+        let failed = |what| {
+            let path = path.to_path_buf();
+            move |source| RecordError { what, path, source }
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(failed("open"))?;
+        let len = file.metadata().map_err(failed("read"))?.len();
+        let listed = len / 8;
+        let kept = listed.min(REMEMBERED as u64);
+        file.seek(SeekFrom::Start((listed - kept) * 8))
+            .map_err(failed("read"))?;
+        let mut bytes = vec![0u8; (kept * 8) as usize];
+        file.read_exact(&mut bytes).map_err(failed("read"))?;
+        let sessions: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        if kept < listed {
+            // Rewritten whole, then put in its place: a crash leaves one or the other.
+            let (tmp, mut compact) =
+                crate::snapshot::create_temporary(path).map_err(failed("rewrite"))?;
+            let rewritten = compact
+                .write_all(&bytes)
+                .and_then(|()| compact.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .and_then(|()| crate::snapshot::sync_folder_of(path));
+            if let Err(e) = rewritten {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(failed("rewrite")(e));
+            }
+            return Self::open(path);
+        }
+        if len % 8 != 0 {
+            // A record torn by a crash: the VM it names never got as far as its source
+            // hearing it ran (the append comes before that), so it is not needed.
+            file.set_len(listed * 8).map_err(failed("repair"))?;
+        }
+        let record = Self {
+            path: path.to_path_buf(),
+            file,
+            incomplete: AtomicBool::new(false),
+        };
+        Ok((record, sessions))
+    }
+
+    fn append(&self, session: u64) -> Result<(), RecordError> {
+        (&self.file)
+            .write_all(&session.to_le_bytes())
+            .map_err(|source| RecordError {
+                what: "append to",
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
 /// A destination's record of its incoming sessions, shared by the listener and whoever
 /// else answers settle questions (the host's API, for a center relaying one).
 #[derive(Clone, Default)]
-pub struct Outcomes(Arc<Mutex<Book>>);
+pub struct Outcomes {
+    book: Arc<Mutex<Book>>,
+    /// Where the sessions whose VM ran are kept across restarts; none: in memory only.
+    record: Option<Arc<ResumedRecord>>,
+}
 
 impl Outcomes {
+    /// Outcomes that keep the sessions whose VM ran here in the file at `path` (created
+    /// if missing), and know those it lists already: a host's, across its restarts.
+    pub fn recorded(path: &Path) -> Result<Self, RecordError> {
+        let (record, sessions) = ResumedRecord::open(path)?;
+        let outcomes = Self {
+            book: Arc::default(),
+            record: Some(Arc::new(record)),
+        };
+        {
+            let mut book = outcomes.book();
+            for session in sessions {
+                if book.sessions.insert(session, Outcome::Resumed).is_none() {
+                    book.resumed.push_back(session);
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Makes the record of the sessions whose VM ran here durable: before a VM leaves
+    /// this host, the record that it ran here must survive a power loss (a restart
+    /// that forgot it would let its earlier source run it again).
+    pub fn sync(&self) -> Result<(), RecordError> {
+        let Some(record) = &self.record else {
+            return Ok(());
+        };
+        let synced = if record.incomplete.load(Ordering::Relaxed) {
+            Err(std::io::Error::other(
+                "an earlier append failed (see the log), so it misses a VM that ran here",
+            ))
+        } else {
+            record.file.sync_data()
+        };
+        synced.map_err(|source| RecordError {
+            what: "sync",
+            path: record.path.clone(),
+            source,
+        })
+    }
+
     fn book(&self) -> MutexGuard<'_, Book> {
         // Each update is one insert: whole after a panic.
-        self.0
+        self.book
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -161,7 +299,15 @@ impl Outcomes {
         } else {
             Outcome::Discarded
         };
-        self.book().end(session, outcome);
+        let newly = self.book().end(session, outcome);
+        if let (true, true, Some(record)) = (ran, newly, &self.record) {
+            // Not fatal to the VM, which runs here now; but no VM may leave this host
+            // while the record misses one that ran here ([`Self::sync`] fails).
+            if let Err(e) = record.append(session) {
+                tracing::error!("{}", crate::error_chain(&e));
+                record.incomplete.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The session's VM was dropped without the host adopting it, so it no longer runs
@@ -305,6 +451,60 @@ mod tests {
         assert_eq!(outcomes.book().sessions.len(), REMEMBERED);
         assert_eq!(outcomes.settle(0), Settlement::NotRunning);
         assert_eq!(outcomes.settle(REMEMBERED as u64 + 9), Settlement::Running);
+    }
+
+    #[test]
+    fn a_restarted_destination_still_answers_running_for_the_vms_that_ran_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resumed");
+        let outcomes = Outcomes::recorded(&path).unwrap();
+        for (session, ran) in [(7, true), (8, false), (9, true)] {
+            assert!(outcomes.receiving(session));
+            assert!(outcomes.begin_resume(session));
+            outcomes.ended(session, ran);
+        }
+        // Ended twice, recorded once.
+        outcomes.ended(7, true);
+        outcomes.sync().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16);
+        drop(outcomes);
+        // A crash tore the next append.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[1, 2, 3]).unwrap();
+        drop(file);
+        let restarted = Outcomes::recorded(&path).unwrap();
+        assert_eq!(restarted.settle(7), Settlement::Running);
+        assert_eq!(restarted.settle(9), Settlement::Running);
+        assert_eq!(restarted.settle(8), Settlement::NotRunning);
+        // Appends go on whole after the torn one was cut off.
+        assert!(restarted.receiving(10));
+        assert!(restarted.begin_resume(10));
+        restarted.ended(10, true);
+        drop(restarted);
+        let again = Outcomes::recorded(&path).unwrap();
+        for s in [7, 9, 10] {
+            assert_eq!(again.settle(s), Settlement::Running, "session {s}");
+        }
+        assert_eq!(again.book().resumed.len(), 3);
+    }
+
+    #[test]
+    fn a_record_longer_than_what_is_remembered_is_rewritten_with_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resumed");
+        let listed = REMEMBERED as u64 + 5;
+        let bytes: Vec<u8> = (0..listed).flat_map(|s| s.to_le_bytes()).collect();
+        std::fs::write(&path, bytes).unwrap();
+        let outcomes = Outcomes::recorded(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            REMEMBERED as u64 * 8
+        );
+        assert_eq!(outcomes.settle(4), Settlement::NotRunning);
+        assert_eq!(outcomes.settle(5), Settlement::Running);
+        assert_eq!(outcomes.settle(listed - 1), Settlement::Running);
+        let temporaries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(temporaries, 1, "only the record is left");
     }
 
     #[test]

@@ -172,7 +172,10 @@ pub struct ServeArgs {
     /// Where attached files (models, datasets) that arrive with migrated VMs are kept,
     /// as `sha256-<hash>`; a VM moving back, or another with the same file, finds them
     /// there. A cache: when a migration's files do not fit, those no VM here uses are
-    /// evicted, least recently used first (default: `/var/tmp/ferry-<name>/files`).
+    /// evicted, least recently used first (default: `/var/tmp/ferry-<name>/files`). It
+    /// also keeps the record of the migrations whose VM ran here (`resumed-migrations`),
+    /// which a restarted daemon answers from when a source asks whether its VM ran here:
+    /// keep it across restarts.
     #[arg(long, value_name = "DIR")]
     pub file_store: Option<PathBuf>,
     #[command(flatten)]
@@ -315,7 +318,7 @@ pub fn start(
         .block_on(ferry_http::bind(listen))
         .with_context(|| format!("cannot listen for the API on {listen}"))?;
     let api_addr = api_listener.local_addr()?;
-    let host = Host::new(config);
+    let host = Host::new(config)?;
     host.serve_migrations(migration)
         .context("cannot start the migration listener")?;
     let router = api::router(host.clone(), migration_addr.to_string())?;
