@@ -6,6 +6,7 @@
 //! - [`capacity`]: the memory this host has promised to VMs, reserved before use.
 //! - [`hosted`]: one VM: its lifecycle, its microVM's control, its watcher and throttle.
 //! - [`files`]: where attached files of VMs migrated here come from (the file store).
+//! - [`ids`]: VM ids, never given twice, not even after a restart.
 //! - [`migration`]: the microVM adapted to the migration engine's traits.
 //! - [`api`]: the HTTP/JSON API over [`Host`].
 //! - [`heartbeat`]: reports to the cluster center (`ferry host serve --center URL`).
@@ -16,6 +17,7 @@ mod channel;
 pub mod files;
 pub mod heartbeat;
 pub mod hosted;
+mod ids;
 pub mod lifecycle;
 pub mod migration;
 
@@ -116,28 +118,20 @@ pub enum HostStartError {
     /// The record of the migrations it received could not be read.
     #[error(transparent)]
     Record(#[from] ferry_migrate::RecordError),
+    /// The record of the VM ids it gave could not be read, or the next ids reserved.
+    #[error(transparent)]
+    Ids(#[from] ids::IdRecordError),
 }
 
 /// The file, in a host's file store, listing the migrations whose VM ran here (see
 /// [`Outcomes::recorded`]).
 pub const RESUMED_MIGRATIONS: &str = "resumed-migrations";
 
+pub use ids::{IdRecordError, VM_IDS};
+
 /// A migration refused because the host is shutting down.
 fn shutting_down() -> HostError {
     HostError::Unavailable("the host is shutting down: it starts no migration".into())
-}
-
-/// The next id `NAME-vmN` from `*next` that is not `taken`. Ids stay unique across hosts
-/// (VMs keep theirs when they move); the count starts again with the process, and a VM
-/// created before a restart may have come back with its id, so taken ones are skipped.
-fn fresh_id(name: &str, next: &mut u64, taken: impl Fn(&str) -> bool) -> String {
-    loop {
-        let id = format!("{name}-vm{next}");
-        *next += 1;
-        if !taken(&id) {
-            return id;
-        }
-    }
 }
 
 /// Whether a VM id a migration's source sent can be kept here: it names the VM in URL
@@ -494,8 +488,8 @@ pub struct Host {
     /// destination this host cannot reach.
     center: Mutex<Option<String>>,
     vms: Mutex<Vms>,
-    /// The number of the next id `NAME-vmN`; taken under the `vms` lock.
-    next_id: Mutex<u64>,
+    /// The ids of VMs created (or arrived with an id in use); taken under the `vms` lock.
+    ids: ids::VmIds,
     /// The newest center leader's term this host has heard of: orders of older terms are
     /// refused. Not kept across restarts; the next heartbeat brings it back.
     leader_term: Mutex<Option<LeaderTerm>>,
@@ -627,6 +621,7 @@ impl Host {
         std::fs::create_dir_all(&config.file_store)
             .map_err(|e| HostStartError::FileStore(config.file_store.clone(), e))?;
         let outcomes = Outcomes::recorded(&config.file_store.join(RESUMED_MIGRATIONS))?;
+        let ids = ids::VmIds::open(&config.file_store)?;
         // Heartbeats list the GPU once it is open; they never wait for its driver.
         ferry_accel::backend::probe_gpu();
         Ok(Arc::new(Self {
@@ -639,7 +634,7 @@ impl Host {
             outcomes,
             center: Mutex::default(),
             vms: Mutex::default(),
-            next_id: Mutex::new(1),
+            ids,
             leader_term: Mutex::new(None),
             background: Mutex::default(),
             #[cfg(test)]
@@ -802,13 +797,10 @@ impl Host {
         let mut vms = self.vms();
         let id = match wanted {
             Some(id) if vms.free(id) => id.to_string(),
-            _ => {
-                let mut next = self.next_id.lock().expect("id lock");
-                // Not even an ended VM's: a fresh id names no record.
-                fresh_id(&self.config.name, &mut next, |id| {
-                    vms.listed.contains_key(id) || vms.claimed.contains(id)
-                })
-            }
+            // Not even an ended VM's: a fresh id names no record.
+            _ => self.ids.fresh(&self.config.name, |id| {
+                vms.listed.contains_key(id) || vms.claimed.contains(id)
+            }),
         };
         vms.claimed.insert(id.clone());
         IdClaim { vms: &self.vms, id }
@@ -1064,6 +1056,10 @@ impl Host {
                 _ => HostError::Failed(msg),
             }
         })?;
+        // Outside the list's lock: it may write the record of ids.
+        self.ids
+            .reserve_ahead()
+            .map_err(|e| HostError::Failed(error_chain(&e)))?;
         let claim = self.claim_id(None);
         let started = HostedVm::launch(
             claim.id().to_string(),
@@ -1757,16 +1753,6 @@ mod tests {
     }
 
     #[test]
-    fn a_new_id_skips_those_vms_that_came_back_after_a_restart_have() {
-        let mut next = 1;
-        let back = ["b-vm1", "b-vm3"];
-        let taken = |id: &str| back.contains(&id);
-        assert_eq!(fresh_id("b", &mut next, taken), "b-vm2");
-        assert_eq!(fresh_id("b", &mut next, taken), "b-vm4");
-        assert_eq!(next, 5);
-    }
-
-    #[test]
     fn a_received_vm_keeps_its_id_only_if_the_id_is_safe_to_use() {
         assert!(usable_id("a-vm3"));
         assert!(usable_id("host.example_1-vm12"));
@@ -1793,7 +1779,12 @@ mod tests {
             accel_threads: 1,
             guest_nice: 0,
             tls: None,
-            file_store: std::env::temp_dir().join("ferry-host-unit-test-store"),
+            // Its own: the store keeps the host's record of VM ids, and of migrations.
+            file_store: {
+                static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ferry_testdata::scratch_dir("host-unit").join(format!("{name}-{n}"))
+            },
             api_tokens: None,
             backend: ferry_accel::backend::CPU,
             attach: AttachPolicy::Under(Vec::new()),
@@ -1829,8 +1820,8 @@ mod tests {
 
     #[test]
     fn an_id_claimed_for_a_vm_being_started_goes_to_no_other_vm() {
-        // Restarted, the host counts from 1 again: `h-vm1`, created before the restart,
-        // migrates back while an operator creates a VM.
+        // `h-vm1`, given by an earlier host of this name (one whose file store was
+        // wiped), arrives while an operator creates a VM.
         let host = test_host();
         let arriving = host.claim_id(Some("h-vm1"));
         assert_eq!(arriving.id(), "h-vm1");

@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod cpu;
 mod deadline;
+pub mod durable;
 mod gate;
 mod link;
 pub mod pace;

@@ -148,18 +148,7 @@ impl ResumedRecord {
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
             .collect();
         if kept < listed {
-            // Rewritten whole, then put in its place: a crash leaves one or the other.
-            let (tmp, mut compact) =
-                crate::snapshot::create_temporary(path).map_err(failed("rewrite"))?;
-            let rewritten = compact
-                .write_all(&bytes)
-                .and_then(|()| compact.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .and_then(|()| crate::snapshot::sync_folder_of(path));
-            if let Err(e) = rewritten {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(failed("rewrite")(e));
-            }
+            crate::durable::replace(path, &bytes).map_err(failed("rewrite"))?;
             return Self::open(path);
         }
         if len % 8 != 0 {

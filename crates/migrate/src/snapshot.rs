@@ -28,8 +28,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::durable::{create_temporary, sync_folder_of};
 use crate::receive::{apply_data, sync_buffers, validate_offer};
 use crate::replay::DeviceTransfer;
 use crate::send::{send_share, CancelToken, RoundWork, StreamBuffers, WorkQueue};
@@ -221,43 +221,6 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
         let _ = std::fs::remove_file(&tmp);
         file_error(path, e)
     })
-}
-
-/// Creates the temporary a save of `path` writes, beside it, with a name no other save
-/// uses (its process and a count), so saves of one path at once do not remove or rename
-/// each other's. Made anew, readable by its owner only (it holds the guest's memory): a
-/// file or link found at the name is never opened or followed, the next name is tried.
-pub(crate) fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {
-    static SAVES: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let mut tries = 0;
-    loop {
-        let save = SAVES.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_file_name(format!(".{name}.{}.{save}.partial", std::process::id()));
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-        {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 64 => tries += 1,
-            opened => return opened.map(|file| (tmp, file)),
-        }
-    }
-}
-
-/// Syncs the folder holding `path` (its entries: a file created or renamed there). A
-/// file system that cannot sync a folder (some network and shared-folder ones say
-/// EINVAL) has nothing better to offer: that is not a failure.
-pub(crate) fn sync_folder_of(path: &Path) -> io::Result<()> {
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match File::open(folder)?.sync_all() {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) => Ok(()),
-        other => other,
-    }
 }
 
 /// A snapshot being loaded: the VM's description first, for the caller to make a target
