@@ -491,30 +491,41 @@ fn open_stream(
     cancel: &CancelToken,
 ) -> Result<(Conn, TcpStream), MigrationError> {
     // A destination with too many connections authenticating at once (a burst of data
-    // streams, several migrations to it) says so at once: connect again, backing off.
+    // streams, several migrations to it) says so at once, or with TLS closes the
+    // connection unheard: connect again, backing off.
     let mut wait = Duration::from_millis(10);
-    for _ in 0..BUSY_RETRIES {
-        match open_stream_once(addr, secret, role, options, cancel) {
-            Err(MigrationError::Busy(_)) => {
-                cancel.sleep(wait);
-                wait = (wait * 2).min(Duration::from_millis(500));
+    for tries in 1.. {
+        let mut unheard = false;
+        let opened = open_stream_once(addr, secret, role, options, cancel, &mut unheard);
+        match opened {
+            Err(MigrationError::Busy(_)) if tries <= BUSY_RETRIES => {}
+            Err(_) if unheard && tries <= BUSY_RETRIES => {}
+            Err(MigrationError::Auth(why)) if unheard => {
+                return Err(MigrationError::Auth(format!(
+                    "{why}; or it is at its limit of connections authenticating at once (tried {tries} times)"
+                )))
             }
             other => return other,
         }
+        cancel.sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(500));
     }
-    open_stream_once(addr, secret, role, options, cancel)
+    unreachable!("the tries end in a return")
 }
 
 /// Times a source connects again to a busy destination before it gives up (about 3 s of
 /// waiting in all).
 const BUSY_RETRIES: usize = 10;
 
+/// One try of [`open_stream`]; `unheard` says whether a TLS destination closed the
+/// connection before answering a word (see [`tls::HandshakeFailure::unheard`]).
 fn open_stream_once(
     addr: &str,
     secret: &Secret,
     role: StreamRole,
     options: &MigrationOptions,
     cancel: &CancelToken,
+    unheard: &mut bool,
 ) -> Result<(Conn, TcpStream), MigrationError> {
     let stream = connect(addr, options.io_timeout, cancel)?;
     let socket = stream
@@ -533,8 +544,9 @@ fn open_stream_once(
             None => Link::plain(stream, READ_BUFFER, WRITE_BUFFER)
                 .map_err(MigrationError::io("opening a stream"))?,
             Some(tls) => Link::tls(
-                tls.connect(stream).map_err(|why| {
-                    MigrationError::Auth(format!("TLS handshake with {addr} failed: {why}"))
+                tls.connect(stream).map_err(|failure| {
+                    *unheard = failure.unheard;
+                    MigrationError::Auth(format!("TLS handshake with {addr} failed: {failure}"))
                 })?,
                 TLS_WRITE_BUFFER,
             ),

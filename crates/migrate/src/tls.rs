@@ -210,16 +210,18 @@ impl TlsConfig {
 
     /// The connecting side's handshake on `socket`: the listener must present a
     /// certificate for [`TLS_SERVER_NAME`] signed by our CA, and gets ours.
-    pub(crate) fn connect(&self, socket: TcpStream) -> Result<TlsStream, String> {
+    pub(crate) fn connect(&self, socket: TcpStream) -> Result<TlsStream, HandshakeFailure> {
         let name = ServerName::try_from(TLS_SERVER_NAME).expect("a valid DNS name");
-        let conn = ClientConnection::new(self.client.clone(), name).map_err(|e| e.to_string())?;
+        let conn = ClientConnection::new(self.client.clone(), name)
+            .map_err(|e| HandshakeFailure::said(e.to_string()))?;
         handshake(Connection::Client(conn), socket)
     }
 
     /// The listening side's handshake on `socket`: the peer must present a certificate
     /// signed by our CA.
-    pub(crate) fn accept(&self, socket: TcpStream) -> Result<TlsStream, String> {
-        let conn = ServerConnection::new(self.server.clone()).map_err(|e| e.to_string())?;
+    pub(crate) fn accept(&self, socket: TcpStream) -> Result<TlsStream, HandshakeFailure> {
+        let conn = ServerConnection::new(self.server.clone())
+            .map_err(|e| HandshakeFailure::said(e.to_string()))?;
         handshake(Connection::Server(conn), socket)
     }
 }
@@ -296,10 +298,38 @@ impl Write for TlsStream {
 
 /// Completes the handshake of `conn` on `socket` (under the socket's timeouts), or says
 /// why it failed.
-fn handshake(mut conn: Connection, mut socket: TcpStream) -> Result<TlsStream, String> {
+/// A failed TLS handshake.
+#[derive(Debug)]
+pub(crate) struct HandshakeFailure {
+    /// Why, for a person.
+    pub(crate) why: String,
+    /// The peer closed the connection before it sent a byte: it may not speak TLS, or
+    /// may be a listener at its limit of connections authenticating at once (it closes
+    /// those unread, without a word: it cannot send a TLS peer a plain refusal).
+    pub(crate) unheard: bool,
+}
+
+impl HandshakeFailure {
+    fn said(why: String) -> Self {
+        Self {
+            why,
+            unheard: false,
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+fn handshake(mut conn: Connection, mut socket: TcpStream) -> Result<TlsStream, HandshakeFailure> {
+    let mut heard = 0;
     let mut run = || -> io::Result<()> {
         while conn.is_handshaking() {
             let (read, written) = conn.complete_io(&mut socket)?;
+            heard += read;
             if read == 0 && written == 0 && conn.is_handshaking() {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -312,7 +342,17 @@ fn handshake(mut conn: Connection, mut socket: TcpStream) -> Result<TlsStream, S
     };
     if let Err(e) = run() {
         linger(&socket);
-        return Err(describe(&e));
+        let closed = matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+        );
+        return Err(HandshakeFailure {
+            why: describe(&e),
+            unheard: closed && heard == 0,
+        });
     }
     Ok(match conn {
         Connection::Client(c) => TlsStream::Client(StreamOwned::new(c, socket)),

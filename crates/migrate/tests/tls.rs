@@ -169,6 +169,35 @@ fn refused_peers_fail_clearly_and_the_listener_keeps_serving() {
 }
 
 #[test]
+fn a_tls_destination_at_its_limit_of_handshakes_is_tried_again_not_taken_for_a_refusal() {
+    let ca = Ca::new("Ferry test CA");
+    let (addr, rx) = destination(Some(config(&ca.host(), &ca.cert)));
+    // Connections that never begin their handshake fill this address's share: the
+    // destination closes the next ones unheard (it cannot tell a TLS peer in plain).
+    let fill = || -> Vec<std::net::TcpStream> {
+        let idle = (0..ferry_migrate::MAX_HANDSHAKES_PER_PEER)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        idle
+    };
+    let tls = || options(Some(config(&ca.host(), &ca.cert)));
+    let idle = fill();
+    let why = auth_error(migrate(&addr, &tls()));
+    assert!(why.contains("limit of connections"), "{why}");
+    drop(idle);
+    // A burst that passes while the source backs off costs a short wait, not the
+    // migration.
+    let idle = fill();
+    let freed = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(idle);
+    });
+    migrate_and_check(&addr, &rx, tls());
+    freed.join().unwrap();
+}
+
+#[test]
 fn tls_to_a_plain_destination_fails_clearly() {
     let ca = Ca::new("Ferry test CA");
     let (addr, rx) = destination(None);
