@@ -490,9 +490,10 @@ pub struct Host {
     vms: Mutex<Vms>,
     /// The ids of VMs created (or arrived with an id in use); taken under the `vms` lock.
     ids: ids::VmIds,
-    /// The newest center leader's term this host has heard of: orders of older terms are
+    /// The newest center leader's term this host has heard of, and the etcd clusters the
+    /// center's store has left: orders of older terms, and of those clusters, are
     /// refused. Not kept across restarts; the next heartbeat brings it back.
-    leader_term: Mutex<Option<LeaderTerm>>,
+    leader_term: Mutex<LeaderTerms>,
     /// Its threads that run until [`Host::shutdown`].
     background: Mutex<Background>,
     /// Tests: run at the start of the next [`Host::list_vm`], before its VM is listed
@@ -602,6 +603,20 @@ impl Drop for Unlisted {
     }
 }
 
+/// The center leader terms a host has heard of.
+#[derive(Default)]
+struct LeaderTerms {
+    /// The newest.
+    newest: Option<LeaderTerm>,
+    /// The etcd clusters the center's store has left, oldest first (at most
+    /// [`MAX_RETIRED_CLUSTERS`]).
+    retired: Vec<u64>,
+}
+
+/// Most retired etcd clusters a host remembers: a store moves a handful of times in a
+/// host's life, at most.
+const MAX_RETIRED_CLUSTERS: usize = 16;
+
 /// A host's long-running threads, each stopped by dropping its handle.
 #[derive(Default)]
 struct Background {
@@ -635,7 +650,7 @@ impl Host {
             center: Mutex::default(),
             vms: Mutex::default(),
             ids,
-            leader_term: Mutex::new(None),
+            leader_term: Mutex::default(),
             background: Mutex::default(),
             #[cfg(test)]
             before_listing: Mutex::default(),
@@ -645,10 +660,17 @@ impl Host {
     /// Takes an order of center leader term `term`: refused if a newer leader of the same
     /// etcd cluster has been heard from (that leader was deposed), else remembered as the
     /// newest. A term of another etcd cluster replaces the one known: the center's store
-    /// moved to a new etcd cluster, whose revisions count from 1 again.
+    /// moved to a new etcd cluster, whose revisions count from 1 again. The cluster left
+    /// is retired: a leader still on it (two centers, each on its own cluster) is refused
+    /// for good, not followed in turn with the new one.
     pub fn follow_leader_term(&self, term: LeaderTerm) -> Result<(), HostError> {
-        let mut newest = self.leader_term.lock().unwrap_or_else(|e| e.into_inner());
-        match *newest {
+        let mut terms = self.leader_term.lock().unwrap_or_else(|e| e.into_inner());
+        if terms.retired.contains(&term.cluster) {
+            return Err(HostError::StaleLeader(format!(
+                "refused: this order comes from the center leader of term {term}, on an etcd cluster the center's store has left (its leaders since are on another); the sender no longer leads"
+            )));
+        }
+        match terms.newest {
             Some(known) if known.cluster == term.cluster && term.revision < known.revision => {
                 Err(HostError::StaleLeader(format!(
                     "refused: this order comes from the center leader of term {term}, but the leader of term {known} has since spoken to this host; the sender no longer leads"
@@ -657,11 +679,15 @@ impl Host {
             Some(known) if known.cluster == term.cluster && term.revision == known.revision => {
                 Ok(())
             }
-            _ => {
-                if newest.is_some_and(|known| known.cluster != term.cluster) {
-                    tracing::warn!("center leader of term {term} now: another etcd cluster than before");
+            known => {
+                if let Some(left) = known.filter(|known| known.cluster != term.cluster) {
+                    tracing::warn!("center leader of term {term} now: another etcd cluster than before; leaders of the earlier one ({left}) are refused from now on");
+                    if terms.retired.len() == MAX_RETIRED_CLUSTERS {
+                        terms.retired.remove(0);
+                    }
+                    terms.retired.push(left.cluster);
                 }
-                *newest = Some(term);
+                terms.newest = Some(term);
                 Ok(())
             }
         }

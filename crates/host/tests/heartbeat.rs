@@ -175,6 +175,10 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
     // A new etcd cluster counts its revisions from 1 again: its leader is followed.
     assert_eq!(order(&client, &term(0xd, 2)), passed);
     assert_eq!(order(&client, &term(0xd, 1)), fenced);
+    // A leader still on the cluster the store left is refused, however new its term,
+    // and does not make the new cluster's leader refused in turn.
+    assert_eq!(order(&client, &term(0xc, 1000)), fenced);
+    assert_eq!(order(&client, &term(0xd, 2)), passed);
     // A heartbeat's answer brings a newer leader's term before it orders anything.
     let (center, _) = fake_center(r#"{"taken":true,"leader_term":{"cluster":13,"revision":50}}"#);
     beat_to(&host, center, Duration::from_millis(100));
