@@ -105,6 +105,9 @@ fn shift(hosts: &mut [HostLoad], vm: &MovableVm, from: usize, to: usize) {
 pub fn plan(hosts: &[HostLoad], vms: &[MovableVm], threshold: f64) -> BalancePlan {
     let mut sim: Vec<HostLoad> = hosts.to_vec();
     sim.sort_by(|a, b| a.name.cmp(&b.name));
+    // The room each move may count on: the moves run at once, so a VM leaving a host
+    // frees nothing another move into it could use (its migration may not be over).
+    let mut room = sim.clone();
     let before: Vec<f64> = sim.iter().map(pressure).collect();
     let spread_before = spread(&sim);
     let mut placed: Vec<MovableVm> = vms.to_vec();
@@ -129,7 +132,7 @@ pub fn plan(hosts: &[HostLoad], vms: &[MovableVm], threshold: f64) -> BalancePla
                 continue;
             }
             for to in 0..sim.len() {
-                if to == busiest || !fits(&sim[to], &vm.need) {
+                if to == busiest || !fits(&room[to], &vm.need) {
                     continue;
                 }
                 let mut trial = sim.clone();
@@ -144,6 +147,7 @@ pub fn plan(hosts: &[HostLoad], vms: &[MovableVm], threshold: f64) -> BalancePla
             Some((after, i, to)) if after < now - 1e-9 => {
                 let vm = placed[i].clone();
                 shift(&mut sim, &vm, busiest, to);
+                take(&mut room[to], &vm.need);
                 moves.push(PlannedMove {
                     vm: vm.id.clone(),
                     from: vm.host.clone(),
@@ -280,6 +284,30 @@ mod tests {
         );
         assert!(plan.moves.is_empty(), "{plan:#?}");
         assert!(plan.summary.contains("no move"), "{}", plan.summary);
+    }
+
+    #[test]
+    fn no_move_counts_on_room_another_move_frees() {
+        // a1 leaving a would make room there for b1; but the moves run at once, and a
+        // would refuse b1 while a1 is still there.
+        let vms = [
+            vm("a1", "a", 500, 0.0),
+            vm("a2", "a", 450, 0.0),
+            vm("b1", "b", 200, 0.0),
+            vm("b2", "b", 500, 0.0),
+        ];
+        let plan = plan_for(&["a", "b", "c"], &vms);
+        assert!(!plan.moves.is_empty(), "{plan:#?}");
+        let free = |name: &str| {
+            let on: Vec<&MovableVm> = vms.iter().filter(|v| v.host == name).collect();
+            host(name, &on).accel_free
+        };
+        for to in ["a", "b", "c"] {
+            let arriving: u64 = (plan.moves.iter().filter(|m| m.to == to))
+                .map(|m| m.accel_memory)
+                .sum();
+            assert!(arriving <= free(to), "{to}: {plan:#?}");
+        }
     }
 
     #[test]
