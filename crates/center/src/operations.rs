@@ -505,9 +505,11 @@ impl Center {
         );
         match ordered {
             Ok(_) => {}
-            // Sent, and no answer came back: the source may have taken the order, and
-            // the VM may be moving. The source says which.
-            Err(e) if ferry_client::unanswered(&e) => {
+            // Sent, and no answer came back (or one cut short, or that makes no sense: a
+            // success may have come with it): the source may have taken the order, and
+            // the VM may be moving. The source says which. Only its refusal, or an order
+            // never sent, is a move that did not start.
+            Err(e) if may_have_taken(&e) => {
                 tracing::warn!(vm = %m.vm.id, "host {} did not answer a migrate order: {e:#}", source.name);
                 let lost = "the source did not answer the order, and did not take it";
                 return self.follow_order_in_doubt(&source, &dest, &m.vm.id, record_id, lost);
@@ -1344,6 +1346,16 @@ impl Center {
     }
 }
 
+/// Whether a host may have taken an order that failed with `e`: anything but its API's
+/// refusal (an error answer, read whole) or a request that never left.
+fn may_have_taken(e: &anyhow::Error) -> bool {
+    let refused = e.downcast_ref::<ferry_client::ApiError>().is_some();
+    let unsent = e
+        .downcast_ref::<ferry_client::Unreachable>()
+        .is_some_and(|u| u.unsent);
+    !refused && !unsent
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1622,6 +1634,26 @@ mod tests {
             .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
             .unwrap_err();
         assert_stayed(&stayed, "did not answer the order");
+    }
+
+    #[test]
+    fn a_migrate_order_answered_with_a_body_that_makes_no_sense_is_followed_not_given_up() {
+        use crate::fake_host::{fake_host, Reply};
+        // The source took the order (its answer garbled on the way) and the VM moved: the
+        // room held on b must not be given back while the VM arrives there.
+        let scratch = ScratchCenter::open("order-answer-garbled");
+        let (a, _) = fake_host(vec![
+            Reply::Json("202 Accepted", "{\"vm\": ".into()),
+            Reply::Json("200 OK", status(MigrationState::Succeeded)),
+        ]);
+        let (b, _) = fake_host(vec![Reply::Json("200 OK", v_in(VmState::Running))]);
+        scratch.report("a", a);
+        scratch.report("b", b);
+        let center = &scratch.center;
+        let (_, arrived) = center
+            .follow_migration(&move_v_from_a_to_b(), 1, center.term().unwrap())
+            .unwrap();
+        assert_eq!(arrived.state, VmState::Running);
     }
 
     #[test]
