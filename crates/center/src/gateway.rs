@@ -37,6 +37,10 @@ pub const SERVING_WORKLOAD: &str = "llm-serve";
 pub const MAX_RELAYS: usize = 256;
 /// Most tokens one request may ask for.
 pub const MAX_TOKENS: u32 = 4096;
+
+/// Tokens a completion (not a chat) generates when its request sets no `max_tokens`:
+/// OpenAI's default for that endpoint.
+const COMPLETION_MAX_TOKENS: u32 = 16;
 /// Longest a relay keeps trying to reach the VM (a start, a switchover, a lost host).
 #[cfg(not(test))]
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -464,17 +468,22 @@ impl Sampling {
     /// The guest's request, or what is wrong with the fields.
     fn request(
         &self,
+        endpoint: Endpoint,
         prompt: PromptKind,
         messages: Vec<(String, String)>,
     ) -> Result<serve::Request, OpenAiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(OpenAiError::invalid("n", "only n = 1 is supported"));
         }
-        // Unset, as with OpenAI: as many as the context leaves (the guest stops there).
+        // Unset, as with OpenAI: for a chat, as many as the context leaves (the guest
+        // stops there); for a completion, 16.
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
-            .unwrap_or(MAX_TOKENS);
+            .unwrap_or(match endpoint {
+                Endpoint::Chat => MAX_TOKENS,
+                Endpoint::Completion => COMPLETION_MAX_TOKENS,
+            });
         if !(1..=MAX_TOKENS).contains(&max_tokens) {
             return Err(OpenAiError::invalid(
                 "max_tokens",
@@ -1365,7 +1374,7 @@ async fn complete(
     prompt: PromptKind,
     messages: Vec<(String, String)>,
 ) -> Result<Response, OpenAiError> {
-    let request = sampling.request(prompt, messages)?;
+    let request = sampling.request(endpoint, prompt, messages)?;
     let model = sampling.model.clone();
     let vm = center.serving_vm(&model)?;
     let stream = center.gateway.stream_id();
@@ -2290,16 +2299,29 @@ mod tests {
     }
 
     #[test]
-    fn top_p_0_and_negative_seeds_are_taken_as_openai_takes_them() {
+    fn top_p_0_negative_seeds_and_no_max_tokens_are_taken_as_openai_takes_them() {
         let request = |extra: Value| {
             let mut body = json!({"model": "m", "prompt": "Once"});
             for (k, v) in extra.as_object().unwrap() {
                 body[k] = v.clone();
             }
             let req: CompletionRequest = parse(&Bytes::from(body.to_string()), "prompt")?;
-            req.sampling.request(PromptKind::Raw, Vec::new())
+            req.sampling
+                .request(Endpoint::Completion, PromptKind::Raw, Vec::new())
         };
         assert_eq!(request(json!({"top_p": 0})).unwrap().top_p, 0.0);
+        // As OpenAI's: 16 tokens unless asked for more (a chat: what the context leaves).
+        assert_eq!(request(json!({})).unwrap().max_tokens, 16);
+        assert_eq!(request(json!({"max_tokens": 100})).unwrap().max_tokens, 100);
+        let chat: ChatRequest = parse(
+            &Bytes::from(json!({"model": "m", "messages": []}).to_string()),
+            "messages",
+        )
+        .unwrap();
+        let chat = chat
+            .sampling
+            .request(Endpoint::Chat, PromptKind::Chat, Vec::new());
+        assert_eq!(chat.unwrap().max_tokens, MAX_TOKENS);
         let seed = |s: Value| request(json!({ "seed": s })).unwrap().seed;
         assert_eq!(seed(json!(-1)), u64::MAX);
         assert_eq!(seed(json!(7)), 7);
