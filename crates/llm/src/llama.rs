@@ -398,6 +398,14 @@ impl LlamaConfig {
             });
         }
         let rope_base = m.positive("rope.freq_base", Some(10000.0))?;
+        // The ROPE kernel refuses a base of 1 or less (no rotation, or one that grows
+        // with the dimension): refused here by name, not at the first forward pass.
+        if rope_base <= 1.0 {
+            return Err(bad(
+                m.key("rope.freq_base"),
+                format!("{rope_base} is not above 1"),
+            ));
+        }
         let rms_eps = m.positive("attention.layer_norm_rms_epsilon", None)?;
         match gguf.get(&m.key("rope.scaling.type")) {
             None => {}

@@ -143,6 +143,13 @@ fn refuses_bad_configurations() {
         matches!(&e, LlamaError::Unsupported { what } if what.contains("llama.rope.dimension_count 2")),
         "{e}"
     );
+    for base in [1.0, 0.5] {
+        let e = err(|w| w.set("llama.rope.freq_base", V::F32(base)));
+        assert!(
+            matches!(&e, LlamaError::BadValue { key, .. } if key == "llama.rope.freq_base"),
+            "{e}"
+        );
+    }
     let e = err(|w| w.set("llama.attention.layer_norm_rms_epsilon", V::F32(f32::NAN)));
     assert!(matches!(e, LlamaError::BadValue { .. }), "{e}");
     let e = err(|w| w.remove("llama.attention.layer_norm_rms_epsilon"));
