@@ -131,8 +131,8 @@ pub fn plan(hosts: &[HostLoad], vms: &[MovableVm], threshold: f64) -> BalancePla
             if vm.host != sim[busiest].name || moves.iter().any(|m: &PlannedMove| m.vm == vm.id) {
                 continue;
             }
-            for to in 0..sim.len() {
-                if to == busiest || !fits(&room[to], &vm.need) {
+            for (to, room) in room.iter().enumerate() {
+                if to == busiest || !fits(room, &vm.need) {
                     continue;
                 }
                 let mut trial = sim.clone();
