@@ -1827,10 +1827,13 @@ fn control_loop<T: MigrationTarget>(
                     other => return Err(MigrationError::unexpected("go", &other)),
                 }
                 if !outcomes.begin_resume(session) {
-                    return Err(MigrationError::BrokenSequence(
+                    // Fenced by a settle question, or by this host's shutdown.
+                    let why = if outcomes.is_closed() {
+                        "this host is shutting down: it runs no VM arriving now"
+                    } else {
                         "the source settled this migration as not run here before its Go arrived"
-                            .into(),
-                    ));
+                    };
+                    return Err(MigrationError::BrokenSequence(why.into()));
                 }
                 let resuming = Instant::now();
                 target.resume().map_err(MigrationError::Target)?;
