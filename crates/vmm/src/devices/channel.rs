@@ -833,6 +833,73 @@ mod tests {
     use super::*;
     use crate::memory::create_guest_ram;
 
+    /// The saved devices (port devices and accelerator) with every field and collection
+    /// filled, and the state version, as a migration or a snapshot encodes them.
+    const SAVED_DEVICES: &str =
+        "030163020103010405060708090a0b010c010d0171010e0f01100165010101011101016212131415011617";
+
+    #[test]
+    fn the_saved_devices_keep_their_shape_unless_the_state_version_changes() {
+        use crate::devices::{ClockState, ConsoleState, DeviceStates};
+        let devices = DeviceStates {
+            console: ConsoleState {
+                tail: b"c".to_vec(),
+            },
+            clock: ClockState {
+                now_ns: 2,
+                latched_high: vec![3],
+            },
+            channel: ChannelState {
+                ring: Some(Ring {
+                    addr: 4,
+                    request_slots: 5,
+                    request_slot_size: 6,
+                    response_slots: 7,
+                    response_slot_size: 8,
+                }),
+                request_head: 9,
+                request_tail: 10,
+                response_tail: 11,
+                queued: [Queued {
+                    stream: 12,
+                    opens: true,
+                    message: message(13, "q"),
+                }]
+                .into(),
+                streams: vec![Stream {
+                    id: 14,
+                    first: 15,
+                    events: vec![message(16, "e")],
+                    bytes: 1,
+                    end: StreamEnd::Final,
+                    signalled: true,
+                    read_whole: true,
+                    ended_unread_since: None,
+                }],
+                dropped: 17,
+            },
+        };
+        let accel = ferry_accel::device::AccelState {
+            backend_kind: "b".into(),
+            kernel_version: 18,
+            capacity: 19,
+            ring_gpa: 20,
+            tail: 21,
+            buffers: vec![ferry_accel::device::BufferState { id: 22, bytes: 23 }],
+        };
+        let version = crate::vm::STATE_VERSION;
+        let bytes = postcard::to_stdvec(&(version, &devices, Some(&accel))).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // A field added, removed or retyped changes the bytes: another ferry would
+        // fail to decode this one's state at a migration's end, or a snapshot's load.
+        // Raise STATE_VERSION (vm.rs) so that the handshake refuses it by name, then
+        // put the new bytes here.
+        assert_eq!(
+            hex, SAVED_DEVICES,
+            "the saved devices' shape changed: raise STATE_VERSION"
+        );
+    }
+
     const REGION: u64 = 0x20_0000;
 
     /// A guest that took request "a" on stream `stream`.
