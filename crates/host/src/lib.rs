@@ -6,7 +6,7 @@
 //! - [`capacity`]: the memory this host has promised to VMs, reserved before use.
 //! - [`hosted`]: one VM: its lifecycle, its microVM's control, its watcher and throttle.
 //! - [`files`]: where attached files of VMs migrated here come from (the file store).
-//! - [`ids`]: VM ids, never given twice, not even after a restart.
+//! - `ids`: VM ids, never given twice, not even after a restart.
 //! - [`migration`]: the microVM adapted to the migration engine's traits.
 //! - [`api`]: the HTTP/JSON API over [`Host`].
 //! - [`heartbeat`]: reports to the cluster center (`ferry host serve --center URL`).
