@@ -1461,23 +1461,23 @@ fn a_base_chunk_read_waiting_for_a_kernel_does_not_hold_up_other_base_reads() {
     g.accel.replayer().stop_capture();
 }
 
-/// Buffers 1 to 3 for [`long_attention`]: queries and output of 7680 heads of 64, and a
-/// cache of 2^17 positions (keys and values both), 34 MiB in all.
+/// Buffers 1 to 3 for [`long_attention`]: queries and output of 2040 heads of 64, and a
+/// cache of 2^17 positions (keys and values both), 33 MiB in all.
 fn alloc_long_attention(g: &mut FakeGuest) {
     for (id, bytes) in [
-        (1, 7680 * 64 * 4),
+        (1, 2040 * 64 * 4),
         (2, (1 << 17) * 64 * 4),
-        (3, 7680 * 64 * 4),
+        (3, 2040 * 64 * 4),
     ] {
         assert_eq!(g.run(op::ALLOC, &[id, bytes]), status::OK);
     }
 }
 
-/// An ATTENTION just under `MAX_LAUNCH_WORK`: one query row of 7680 heads over 2^17
-/// positions, 10^9 scores, on [`alloc_long_attention`]'s buffers. On one thread it took
-/// 99 s where this was written (10 M scores/s); each head, a task, takes about 13 ms.
+/// An ATTENTION just under `MAX_LAUNCH_WORK` (64² a score): one query row of 2040 heads
+/// over 2^17 positions, 2.7·10^8 scores, on [`alloc_long_attention`]'s buffers. On one
+/// thread it takes about 26 s (10 M scores/s); each head, a task, about 13 ms.
 fn long_attention() -> [u64; 10] {
-    [kernel::ATTENTION, 1, 2, 2, 3, 1, 7680, 1, 64, (1 << 17) - 1]
+    [kernel::ATTENTION, 1, 2, 2, 3, 1, 2040, 1, 64, (1 << 17) - 1]
 }
 
 #[test]
@@ -1509,7 +1509,7 @@ fn an_abort_ends_the_device_without_waiting_for_a_kernel_of_minutes() {
         });
         assert!(
             took.is_some_and(|t| t < Duration::from_secs(2)),
-            "{how}: the device ended after {took:?} (the kernel alone takes about 99 s)"
+            "{how}: the device ended after {took:?} (the kernel alone takes about 26 s)"
         );
         eprintln!(
             "{how}: the device ended {:?} after it was asked to",

@@ -65,6 +65,22 @@ pub const MAX_LAUNCH_WORK: u64 = 1 << 40;
 /// exponential and bookkeeping, measured at about that on the cpu backend).
 const SCORE_WORK: u64 = 1024;
 
+/// What one attention score of heads `head_dim` wide costs on the backend that does the
+/// most for it: the cpu backend's products and [`SCORE_WORK`], or the cuda backend's,
+/// which computes a head's scores again in each thread of its output (the width
+/// squared). One count for all: a launch one backend takes, every backend takes, so a
+/// VM that migrates to another kind of host is refused nothing it ran before.
+fn score_work(head_dim: u64) -> u64 {
+    (head_dim + SCORE_WORK).max(head_dim.saturating_mul(head_dim))
+}
+
+/// Whether an attention of `rows` query rows of `heads` heads `head_dim` wide over
+/// `positions` cached positions is within [`MAX_LAUNCH_WORK`] on every backend: a guest
+/// reads a long prompt in pieces this bound takes.
+pub fn attention_within_work(rows: u64, heads: u64, positions: u64, head_dim: u64) -> bool {
+    within_launch_work(&[rows, heads, positions, score_work(head_dim)])
+}
+
 /// Most positions one attention attends over (a context of 4 M tokens, beyond any
 /// model's): a backend keeps a score per position for each query row and head it works
 /// on at once.
@@ -1017,8 +1033,7 @@ kernels! {
         require_shape(len <= MAX_POSITIONS && head_dim <= MAX_HEAD_DIM)?;
         // As ATTENTION's one query row: buffer sizes alone let a guest with a large
         // device ask for hours (thousands of heads over millions of positions).
-        let per_score = head_dim as u64 + SCORE_WORK;
-        require_work(&[heads as u64, len as u64, per_score])?;
+        require_shape(attention_within_work(1, heads as u64, len as u64, head_dim as u64))?;
         io.read(q, elems(row)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;
@@ -1187,8 +1202,12 @@ kernels! {
         let positions = pos.checked_add(rows).ok_or(status::BAD_SHAPE)?;
         let cache = product3(positions, kv_heads, head_dim)?;
         require_shape(heads % kv_heads == 0 && positions <= MAX_POSITIONS)?;
-        let per_score = head_dim as u64 + SCORE_WORK;
-        require_work(&[rows as u64, heads as u64, positions as u64, per_score])?;
+        require_shape(attention_within_work(
+            rows as u64,
+            heads as u64,
+            positions as u64,
+            head_dim as u64,
+        ))?;
         io.read(q, elems(qn)?)?;
         io.read(k_cache, elems(cache)?)?;
         io.read(v_cache, elems(cache)?)?;

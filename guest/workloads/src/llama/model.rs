@@ -4,6 +4,7 @@
 
 use ferry_llm::{ChatTemplate, Gguf, GgufError, LlamaConfig, LlamaModel, Tokenizer, Weight};
 use ferry_sdk::abi::accel::dtype::DType;
+use ferry_sdk::abi::accel::kernel::attention_within_work;
 use ferry_sdk::accel::{Accel, AccelError, Tensor, U32Tensor, Weights};
 use ferry_sdk::files::{self, File};
 use ferry_sdk::prelude::*;
@@ -256,6 +257,13 @@ impl Device {
             )));
         }
         let c = model.config;
+        // Each position's query attends once: the last one's alone must be one launch.
+        if !attention_within_work(1, c.heads as u64, context as u64, c.head_dim as u64) {
+            return Err(Failure(format!(
+                "a context of {context} positions is more attention than one accelerator                  launch may do for this model ({} heads of {}): lower --context",
+                c.heads, c.head_dim
+            )));
+        }
         let kv = c.kv_heads * c.head_dim;
         let embedding = load_weights(&mut acc, file, &model.token_embd)?;
         let output_norm = load_vector(&mut acc, file, &model.output_norm)?;
@@ -328,8 +336,39 @@ impl Device {
     }
 
     /// Runs `tokens` (at positions `pos..` of sequence `slot`) through the model and
-    /// queues the logits of the last one (in `act.logits`).
+    /// queues the logits of the last one (in `act.logits`). Tokens more than one
+    /// attention launch takes (a long prompt, a large `--batch`) go in parts, each over
+    /// the cache the parts before it filled: the same logits, row for row.
     pub fn forward(&mut self, tokens: &[u32], pos: usize, slot: usize) -> Result<(), AccelError> {
+        let mut done = 0;
+        while done < tokens.len() {
+            let n = self.rows_within_work(pos + done, tokens.len() - done);
+            self.forward_part(&tokens[done..done + n], pos + done, slot)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// How many of `left` tokens from position `pos` one attention launch takes (at least
+    /// one: [`Self::load`] checked that one at the context's end is within the bound).
+    fn rows_within_work(&self, pos: usize, left: usize) -> usize {
+        let c = self.config;
+        let fits = |rows: usize| {
+            attention_within_work(
+                rows as u64,
+                c.heads as u64,
+                (pos + rows) as u64,
+                c.head_dim as u64,
+            )
+        };
+        let mut rows = left;
+        while rows > 1 && !fits(rows) {
+            rows = rows.div_ceil(2);
+        }
+        rows
+    }
+
+    fn forward_part(&mut self, tokens: &[u32], pos: usize, slot: usize) -> Result<(), AccelError> {
         let c = self.config;
         let n = tokens.len();
         let a = &mut self.act;

@@ -261,18 +261,20 @@ fn attention_decode_asking_for_hours_of_work_is_refused() {
         full[..args.len()].copy_from_slice(args);
         Kernel::decode(&full, |_| Some(1 << 44)).map(|(kernel, _)| kernel)
     };
-    let decode = |heads: u64| {
-        let (head_dim, len) = (1024, MAX_POSITIONS as u64);
+    let decode = |heads: u64, head_dim: u64| {
+        let len = MAX_POSITIONS as u64;
         huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, heads, head_dim, len])
     };
-    // 128 heads of 1024 over 2^22 positions, at 1024 + 1024 a score: exactly 2^40.
-    assert_eq!(
-        128 * (MAX_POSITIONS as u64) * (1024 + SCORE_WORK),
-        MAX_LAUNCH_WORK
-    );
-    assert!(decode(128).is_ok());
+    // 64 heads of 64 over 2^22 positions, at 64² a score (the most a backend does for
+    // a head that wide): exactly 2^40.
+    assert_eq!(64 * (MAX_POSITIONS as u64) * 64 * 64, MAX_LAUNCH_WORK);
+    assert!(decode(64, 64).is_ok());
     // One more head is past it, though every range fits and no width is too large.
-    assert_eq!(decode(129), Err(status::BAD_SHAPE));
+    assert_eq!(decode(65, 64), Err(status::BAD_SHAPE));
+    // Narrow heads cost 16 + 1024 a score, not 16².
+    assert_eq!(SCORE_WORK, 1024);
+    assert!(decode(252, 16).is_ok());
+    assert_eq!(decode(253, 16), Err(status::BAD_SHAPE));
     // Hundreds of one-wide heads over a long context: about 2^41, in 8 GiB of each cache.
     assert_eq!(
         huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1 << 9, 1, 1 << 22]),
@@ -305,7 +307,8 @@ fn rows_and_heads_wider_than_host_scratch_allows_are_refused() {
     assert_eq!(rope(head + 2), Err(status::BAD_SHAPE));
     // A head of 2^31: the angle tables alone would be tens of GiB.
     assert_eq!(rope(1 << 31), Err(status::BAD_SHAPE));
-    assert!(huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 2, head, 3]).is_ok());
+    // (One head over one position: a head this wide is at the work bound already.)
+    assert!(huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1, head, 1]).is_ok());
     assert_eq!(
         huge(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 1, head + 1, 1]),
         Err(status::BAD_SHAPE)

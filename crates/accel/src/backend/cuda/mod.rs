@@ -308,11 +308,13 @@ impl<G: Gpu> GpuBackend<G> {
     }
 }
 
-/// Refuses a launch whose work here is beyond one launch's bound though the kernel
-/// table's count (the cpu backend's) is within it: this backend's attention computes a
-/// head's scores again in each thread of its output, so its work grows with the head's
-/// width squared, and a GPU kernel cannot be cut short (a pause, a stop, another VM on
-/// the GPU would wait for minutes of very wide heads).
+/// Refuses a launch whose work here is beyond one launch's bound: this backend's
+/// attention computes a head's scores again in each thread of its output, so its work
+/// grows with the head's width squared, and a GPU kernel cannot be cut short (a pause, a
+/// stop, another VM on the GPU would wait for minutes of very wide heads). The kernel
+/// table counts that much for every backend already
+/// ([`ferry_abi::accel::kernel::attention_within_work`], so that a VM moving between
+/// kinds of host is refused nothing new); this keeps the bound here should it not.
 fn check_gpu_work(kernel: &Kernel) -> Result<(), BackendError> {
     let work = match *kernel {
         Kernel::AttentionDecode {
