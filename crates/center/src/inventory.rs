@@ -1008,7 +1008,7 @@ impl Inventory {
                     if vms.is_empty() {
                         "none".to_string()
                     } else {
-                        vms.join(", ")
+                        some_ids(&vms)
                     }
                 );
                 self.down_noted.insert(host);
@@ -1104,19 +1104,27 @@ fn gone_event(name: &str, gone: &[String]) -> Option<Event> {
     let message = match gone {
         [] => return None,
         [id] => format!("VM {id} is no longer on host {name} (stopped there)"),
-        _ => {
-            let shown = gone[..gone.len().min(EVENT_IDS_SHOWN)].join(", ");
-            let more = match gone.len().saturating_sub(EVENT_IDS_SHOWN) {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
-            format!(
-                "{} VMs are no longer on host {name} (stopped there): {shown}{more}",
-                gone.len()
-            )
-        }
+        _ => format!(
+            "{} VMs are no longer on host {name} (stopped there): {}",
+            gone.len(),
+            some_ids(gone)
+        ),
     };
     Some(Event::now("vm-gone", message))
+}
+
+/// The first [`EVENT_IDS_SHOWN`] of `ids`, and how many more: an event stays short
+/// however many VMs a host reports.
+fn some_ids<S: AsRef<str>>(ids: &[S]) -> String {
+    let shown: Vec<&str> = ids
+        .iter()
+        .take(EVENT_IDS_SHOWN)
+        .map(|id| id.as_ref())
+        .collect();
+    match ids.len().saturating_sub(EVENT_IDS_SHOWN) {
+        0 => shown.join(", "),
+        n => format!("{} and {n} more", shown.join(", ")),
+    }
 }
 
 /// Whether a host's capacity or identity changed (its load changes every beat).
@@ -1296,6 +1304,21 @@ pub(crate) mod tests {
         assert!(inv.vms.contains_key("v"), "VMs of a down host are kept");
         let (_, back) = inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 3100);
         assert!(back.events.iter().any(|e| e.kind == "host-up"));
+        // A host of many VMs with long ids: its event names a few, as a gone event does.
+        let long = |i: usize| format!("{i:03}{}", "x".repeat(250));
+        let many = (0..2048).map(|i| vm(&long(i), VmState::Running)).collect();
+        inv.apply_heartbeat3(beat("b", many), 4000);
+        let events = inv.note_down_hosts(5500, 1000);
+        let b_down = events.iter().find(|e| e.message.starts_with("host b "));
+        let message = &b_down.expect("b is down").message;
+        assert!(
+            message.len() < 4096
+                && message.contains(&long(9))
+                && message.ends_with(" and 2038 more"),
+            "{} bytes: {}",
+            message.len(),
+            message.chars().take(200).collect::<String>()
+        );
     }
 
     #[test]
