@@ -649,6 +649,14 @@ impl Inventory {
         self.led_since_ms = now;
     }
 
+    /// Counts a beat of host `name` as heard in this lead: one whose answer gave the host
+    /// this leader's term (the center of one store: any beat taken), so that the beats
+    /// after it list every create an earlier leader ordered there.
+    pub fn count_beat_in_lead(&mut self, name: &str) {
+        let beats = self.beats_in_lead.entry(name.to_string()).or_default();
+        *beats = beats.saturating_add(1).min(self.beats_to_hear);
+    }
+
     /// The hosts that may hold what an earlier leader's create made, unknown here: those
     /// not heard the beats [`Inventory::begin_lead`] asked for since this process took
     /// the lead. Each host known counts until a live one has had time to beat (its record
@@ -858,8 +866,6 @@ impl Inventory {
             self.host_written_ms.insert(name.clone(), now);
         }
         self.heard.insert(name.clone());
-        let beats = self.beats_in_lead.entry(name.clone()).or_default();
-        *beats = beats.saturating_add(1).min(self.beats_to_hear);
         // A create under way there (maybe an earlier leader's) is sent there again. The
         // first host named keeps a key: a host's word never takes another's create.
         for key in &beat.creating {

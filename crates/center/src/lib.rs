@@ -633,9 +633,18 @@ impl Center {
         let (outcome, changes) = inventory.apply_heartbeat(beat, unix_ms(), self.down_after_ms());
         drop(inventory);
         self.metrics.heartbeat(&outcome);
+        // The answer gives the host this leader's term, which fences an earlier leader's
+        // orders there: only a beat so answered counts as heard in this lead (not one
+        // taken while this replica loads the store, before it leads).
+        let leader_term = self.cluster_term();
         match outcome {
             BeatOutcome::Taken => {}
-            BeatOutcome::NeedFull => return Ok(BeatAnswer::need_full()),
+            BeatOutcome::NeedFull => {
+                return Ok(BeatAnswer {
+                    leader_term,
+                    ..BeatAnswer::need_full()
+                })
+            }
             BeatOutcome::NameTaken { holder } => {
                 tracing::warn!(
                     "refused a heartbeat as host {name}: a live host at {holder} holds that name"
@@ -645,7 +654,10 @@ impl Center {
                 )));
             }
         }
-        let inventory = self.inventory();
+        let mut inventory = self.inventory();
+        if leader_term.is_some() || self.store.as_etcd().is_none() {
+            inventory.count_beat_in_lead(&name);
+        }
         // Forgotten meanwhile (`ferry host forget`), it has no record to write.
         let host = (changes.host)
             .then(|| inventory.hosts.get(&name).cloned())
@@ -679,7 +691,7 @@ impl Center {
         Ok(BeatAnswer {
             taken: true,
             skipped: changes.skipped,
-            leader_term: self.cluster_term(),
+            leader_term,
         })
     }
 
