@@ -756,6 +756,33 @@ fn a_write_fenced_by_a_replaced_leadership_changes_nothing() {
 }
 
 #[test]
+fn the_center_benchmark_leaves_nothing_in_the_etcd_it_used() {
+    let test = "the_center_benchmark_leaves_nothing_in_the_etcd_it_used";
+    let Some(scratch) = ScratchEtcd::start(test, "bench") else {
+        return;
+    };
+    let out = common::ferry(&[
+        "bench",
+        "center",
+        "--hosts",
+        "2",
+        "--vms-per-host",
+        "2",
+        "--seconds",
+        "1",
+        "--etcd",
+        &scratch.etcd.endpoints(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The run wrote its hosts and VMs under its prefix, and deleted them at its end.
+    assert_eq!(scratch.etcd.count("/ferry-bench-").unwrap(), 0);
+}
+
+#[test]
 fn the_etcd_store_deletes_forgotten_and_older_migrations() {
     let test = "the_etcd_store_deletes_forgotten_and_older_migrations";
     let Some((_scratch, store)) = ScratchEtcd::leading(test, "prune") else {

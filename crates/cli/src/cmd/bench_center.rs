@@ -44,6 +44,32 @@ impl Drop for Killed {
 /// A database file (and its WAL) removed when dropped.
 struct RemovedOnDrop(std::path::PathBuf);
 
+/// The keys a run wrote under its etcd prefix (hosts, VMs, events: tens of thousands),
+/// deleted once it ends: an operator's etcd keeps nothing of a benchmark.
+struct EtcdPrefixRemoved {
+    urls: String,
+    /// Ends with '/'.
+    prefix: String,
+}
+
+impl Drop for EtcdPrefixRemoved {
+    fn drop(&mut self) {
+        use ferry_center::etcd::{Etcd, Op};
+        // Every key from the prefix to just past it ('0' follows '/').
+        let end = format!("{}0", self.prefix.trim_end_matches('/'));
+        let removed = Etcd::new(std::slice::from_ref(&self.urls), Duration::from_secs(10))
+            .and_then(|etcd| {
+                etcd.txn_repeatable(&[], &[Op::DeleteRange(self.prefix.clone(), end)], &[])
+            });
+        if let Err(e) = removed {
+            eprintln!(
+                "ferry: cannot delete the benchmark's keys under {} in etcd: {e}",
+                self.prefix
+            );
+        }
+    }
+}
+
 impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
         for suffix in ["", "-wal", "-shm"] {
@@ -110,11 +136,16 @@ fn run_one(
         .env("FERRY_CENTER_TOKEN", &token)
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
+    // Dropped after the center (declared before it): its keys go once it has stopped.
+    let mut _etcd_removed = None;
     if let Some(urls) = bench.etcd {
         // Each run starts from an empty cluster under its own prefix.
-        center
-            .args(["--etcd", urls, "--etcd-prefix"])
-            .arg(format!("/ferry-bench-{}-{n}/", std::process::id()));
+        let prefix = format!("/ferry-bench-{}-{n}/", std::process::id());
+        center.args(["--etcd", urls, "--etcd-prefix"]).arg(&prefix);
+        _etcd_removed = Some(EtcdPrefixRemoved {
+            urls: urls.to_string(),
+            prefix,
+        });
     } else {
         center.arg("--db").arg(&db);
     }
