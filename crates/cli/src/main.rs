@@ -89,7 +89,7 @@ pub struct RunArgs {
     /// Attach a read-only file the guest finds by NAME (repeatable), e.g.
     /// `--attach model=./SmolLM2-135M-Instruct.Q4_1.gguf`. Snapshots record its path and
     /// SHA-256; a restore refuses a file that changed.
-    #[arg(long, value_name = "NAME=PATH", value_parser = attach::parse_attach)]
+    #[arg(long, value_name = "NAME=PATH", value_parser = attach::parse_local_attach)]
     pub attach: Vec<(String, PathBuf)>,
     /// Arguments passed to the guest (after `--`).
     #[arg(last = true, value_name = "GUEST_ARGS")]
@@ -105,7 +105,7 @@ pub struct RestoreArgs {
     /// were attached), e.g. `--attach model=/data/model.gguf`. Default: the paths the
     /// snapshot recorded. Each must have the content the snapshot recorded (SHA-256),
     /// since device memory that held a piece of a file is read from it again.
-    #[arg(long, value_name = "NAME=PATH", value_parser = attach::parse_attach)]
+    #[arg(long, value_name = "NAME=PATH", value_parser = attach::parse_local_attach)]
     pub attach: Vec<(String, PathBuf)>,
     /// Host threads for the accelerator's cpu backend (default: all cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]

@@ -94,7 +94,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         stats.ram_bytes >> 20,
         stats.file_bytes as f64 / f64::from(1 << 20),
         started.elapsed().as_millis(),
-        dir.display()
+        std::path::absolute(dir).as_deref().unwrap_or(dir).display()
     );
     Ok(ExitCode::SUCCESS)
 }
