@@ -39,6 +39,16 @@ fn usage_errors_are_clear_without_kvm() {
         assert_eq!(ferry(args).status.code(), Some(2), "{args:?}");
     }
 
+    // No simulated hosts is no center benchmark (its simulator would spin, idle).
+    let out = ferry(&["bench", "center", "--hosts", "100,0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "1..=10000");
+
+    // A model demo's answer too short to move in its middle is refused before any VM.
+    let out = ferry(&["demo", "--model", "m.gguf", "--max-tokens", "8"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "32..");
+
     // A snapshot folder that cannot be made is refused before the VM runs, not at the
     // snapshot point, which would end the VM for nothing.
     let out = ferry(&[
@@ -194,6 +204,41 @@ fn a_client_command_whose_reader_goes_ends_quietly() {
         "{:?} {err}",
         out.status
     );
+}
+
+#[test]
+fn a_create_left_in_doubt_names_the_key_to_send_it_again_with() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // A host API that answers every create "still under way" (its first try may be
+    // making the VM), as after a lost answer.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let (mut line, mut length) = (String::new(), 0usize);
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                line.clear();
+            }
+            let _ = reader.read_exact(&mut vec![0; length]);
+            let body = r#"{"error":"a create with this key is under way","code":"unavailable"}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let out = ferry_with(
+        &[("FERRY_API_TOKEN", "t")],
+        &["vm", "create", "hello", "--host", &url],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(&out.stderr, "send it again with --idempotency-key cli-");
 }
 
 #[test]

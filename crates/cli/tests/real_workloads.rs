@@ -236,8 +236,9 @@ fn the_model_demo_moves_an_answer_and_finds_it_identical() {
     assert_eq!(result["workload"], "llm-chat", "{result}");
     assert_eq!(result["identical"], true, "{result}");
     assert_eq!(result["report"]["files_sent"], 1, "{result}");
+    // 40% of 64 tokens of about four characters: 102.
     assert!(
-        result["migrated_at_chars"].as_u64().unwrap() >= 120,
+        result["migrated_at_chars"].as_u64().unwrap() >= 102,
         "{result}"
     );
 }

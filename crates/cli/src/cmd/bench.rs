@@ -98,7 +98,8 @@ pub struct BenchArgs {
         long,
         value_name = "NS",
         value_delimiter = ',',
-        default_value = "100,500,1000,2500"
+        default_value = "100,500,1000,2500",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000)
     )]
     pub hosts: Vec<usize>,
     /// VMs per simulated host for `center`.

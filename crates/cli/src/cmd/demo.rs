@@ -59,8 +59,10 @@ pub struct DemoArgs {
     /// The question for --model.
     #[arg(long, default_value = PROMPT, requires = "model")]
     pub prompt: String,
-    /// Most tokens of the answer, for --model.
-    #[arg(long, value_name = "N", default_value_t = 160, requires = "model")]
+    /// Most tokens of the answer, for --model: at least 32, as the VM moves in the
+    /// middle of its answer (at 120 characters, or 40% of a shorter answer's tokens).
+    #[arg(long, value_name = "N", default_value_t = 160, requires = "model",
+          value_parser = clap::value_parser!(u32).range(32..))]
     pub max_tokens: u32,
     /// Fashion-MNIST's folder (the four gzipped IDX files of Debian's
     /// dataset-fashion-mnist): the VM trains on it and moves to host b mid-epoch.
@@ -242,7 +244,12 @@ impl Workload {
                 let at = (*steps as f64 * MIGRATE_AT) as u64;
                 (at, format!("step {at}"))
             }
-            Workload::Chat { .. } => (120, "a few sentences into its answer".into()),
+            // A few sentences in, or less of a short answer asked for (about four
+            // characters a token).
+            Workload::Chat { max_tokens, .. } => {
+                let at = (f64::from(*max_tokens) * 4.0 * MIGRATE_AT).clamp(1.0, 120.0) as u64;
+                (at, format!("{at} characters into its answer"))
+            }
             Workload::Fmnist { epochs, .. } => {
                 let at = (f64::from(*epochs) * FMNIST_STEPS_PER_EPOCH as f64 * MIGRATE_AT) as u64;
                 let at = at.next_multiple_of(100);
@@ -382,12 +389,23 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let (migrate_at, where_) = workload.migrate_at();
     let what = format!("the VM to reach {where_}");
     poll_until(&what, Duration::from_secs(120), || {
-        if workload.progress(&client_console(ca, &id)?) >= migrate_at {
+        let progress = workload.progress(&client_console(ca, &id)?);
+        if progress >= migrate_at {
             return Ok(Some(()));
         }
         let vm: VmInfo = ca.get(&format!("/v1/vms/{id}"))?;
         if vm.state != VmState::Running {
-            bail!("the VM is {} before the migration point", vm.state);
+            let hint = match workload {
+                Workload::Chat { .. } => format!(
+                    ": the answer ended after {progress} characters; ask for a longer one \
+                     (a --prompt that needs one, or a larger --max-tokens)"
+                ),
+                _ => String::new(),
+            };
+            bail!(
+                "the VM is {} before the migration point ({where_}){hint}",
+                vm.state
+            );
         }
         Ok(None)
     })?;

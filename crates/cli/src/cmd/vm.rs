@@ -190,6 +190,7 @@ const CREATE_RETRIES: u32 = 4;
 fn send_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     client: &ApiClient,
     create: &B,
+    key: &str,
 ) -> anyhow::Result<T> {
     let mut tries = 0;
     loop {
@@ -198,6 +199,13 @@ fn send_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
                 eprintln!("ferry: {e:#}; sending the create again with the same idempotency key");
                 std::thread::sleep(std::time::Duration::from_secs(1 << tries));
                 tries += 1;
+            }
+            // The VM may have been made (or be under way): the same command without the
+            // key would make a second one.
+            Err(e) if worth_sending_again(&e) => {
+                return Err(e.context(format!(
+                    "the create may have been made: send it again with --idempotency-key {key} to get its VM, not a second one"
+                )))
             }
             answered => return answered,
         }
@@ -272,8 +280,9 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                         .unwrap_or_else(|| ferry_api::fresh_idempotency_key("cli")),
                 ),
             };
+            let key = vm.idempotency_key.clone().unwrap_or_default();
             let Some(center) = center else {
-                let created = send_create(&host()?, &vm)?;
+                let created = send_create(&host()?, &vm, &key)?;
                 return finish(args, Answer::One(Box::new(created)));
             };
             // A center from FERRY_CENTER must not quietly overrule a --host typed here.
@@ -290,6 +299,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                     vm,
                     host: on.clone(),
                 },
+                &key,
             )?;
             if args.json {
                 println!("{}", serde_json::to_string(&placed)?);
