@@ -255,6 +255,9 @@ pub struct Center {
     /// Operations whose record the store does not hold as they are (a write failed or
     /// was overtaken), to write again; taken after `operations` where both are held.
     unwritten_operations: Mutex<BTreeSet<u64>>,
+    /// Migrations whose end the store missed (its write failed), to write again: a
+    /// later leader would take one for a move still under way, and settle it anew.
+    unwritten_migrations: Mutex<BTreeSet<i64>>,
     metrics: metrics::Metrics,
     /// The monitor thread and, on etcd, the election's: each stopped by dropping its
     /// sender ([`Center::shutdown`]).
@@ -291,6 +294,7 @@ impl Center {
             refreshed_at: Mutex::default(),
             operations: Mutex::default(),
             unwritten_operations: Mutex::default(),
+            unwritten_migrations: Mutex::default(),
             metrics: metrics::Metrics::default(),
             monitor: Mutex::default(),
             gateway: gateway::Gateway::default(),
@@ -436,6 +440,10 @@ impl Center {
         *self.operations.lock().expect("operations lock") = operations;
         // What is in memory now is what the store holds.
         self.unwritten_operations
+            .lock()
+            .expect("unwritten lock")
+            .clear();
+        self.unwritten_migrations
             .lock()
             .expect("unwritten lock")
             .clear();
@@ -735,10 +743,11 @@ impl Center {
         Ok(())
     }
 
-    /// Notes hosts that went down, and writes again the operations whose write failed;
-    /// run periodically by [`Self::start_monitor`].
+    /// Notes hosts that went down, and writes again the operations and migrations whose
+    /// write failed; run periodically by [`Self::start_monitor`].
     pub fn check_hosts(&self) -> Result<(), CenterError> {
         self.rewrite_operations();
+        self.rewrite_migrations();
         let events = self
             .inventory()
             .note_down_hosts(unix_ms(), self.down_after_ms());

@@ -227,6 +227,29 @@ impl Center {
         }
     }
 
+    /// Writes again, as they are now, the migrations whose end the store missed; run
+    /// periodically by the monitor while this replica leads.
+    pub(crate) fn rewrite_migrations(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        let ids = std::mem::take(&mut *self.unwritten_migrations.lock().expect("unwritten lock"));
+        for id in ids {
+            let record = (self.inventory().migrations.iter())
+                .find(|m| m.id == id)
+                .cloned();
+            // Forgotten since (too old to keep): nothing to write.
+            let Some(record) = record else { continue };
+            match self.store().put_migration(&record) {
+                Ok(()) | Err(StoreError::NotLeader) => {}
+                Err(e) => {
+                    tracing::debug!("recording migration {id} again: {e}");
+                    (self.unwritten_migrations.lock().expect("unwritten lock")).insert(id);
+                }
+            }
+        }
+    }
+
     /// Whether a maintenance operation of `host` runs now. A host's mode can say
     /// `Evacuating` after its operation ended, if the mode's last write failed: the
     /// operation, not the mode, decides, so such a host can be put back in service.
@@ -439,12 +462,19 @@ impl Center {
             ),
         };
         let store = self.store();
-        let written = store.put_migration(&record).and_then(|()| match &moved {
-            Some(vm) => store.put_vms(&[vm], &[]),
-            None => Ok(()),
-        });
-        if let Err(e) = written {
-            tracing::error!("recording migration {}: {e}", record.id);
+        if let Err(e) = store.put_migration(&record) {
+            tracing::error!(
+                "recording migration {}: {e}; it is written again",
+                record.id
+            );
+            (self.unwritten_migrations.lock().expect("unwritten lock")).insert(record.id);
+        }
+        if let Some(vm) = &moved {
+            if let Err(e) = store.put_vms(&[vm], &[]) {
+                tracing::error!("recording VM {} moved to {to}: {e}", vm.id);
+                // Its host's next beat writes it.
+                self.inventory().rewrite_next_beat(to);
+            }
         }
         if let Err(e) = self.record(&[Event::now("migration", message)]) {
             tracing::error!("recording an event: {e}");
@@ -1406,6 +1436,32 @@ mod tests {
         center.check_hosts().unwrap();
         assert_eq!(stored(), OperationState::Done, "written again");
         assert!(center.unwritten_operations.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_migration_whose_end_could_not_be_written_is_written_again() {
+        let scratch = hosts_a_and_b_answering_nothing("migration-rewritten");
+        let center = &scratch.center;
+        let record = running_move_recorded(center, "v");
+        let stored = || {
+            let loaded = center.store().load().unwrap();
+            let stored = loaded.migrations.into_iter().find(|m| m.id == record.id);
+            stored.unwrap().state
+        };
+        scratch.sql(
+            "CREATE TRIGGER down BEFORE UPDATE ON migrations \
+             BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;",
+        );
+        let stayed = MoveFailure::Stayed("refused".into());
+        let ended = center.conclude_migration("v", "b", record.id, "test", Err(stayed), false);
+        assert_eq!(ended.state, MigrationState::Failed);
+        assert_eq!(stored(), MigrationState::Running);
+        center.check_hosts().unwrap();
+        assert_eq!(stored(), MigrationState::Running, "still failing");
+        scratch.sql("DROP TRIGGER down;");
+        center.check_hosts().unwrap();
+        assert_eq!(stored(), MigrationState::Failed, "written again");
+        assert!(center.unwritten_migrations.lock().unwrap().is_empty());
     }
 
     #[test]
