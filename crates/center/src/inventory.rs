@@ -549,6 +549,9 @@ pub struct Inventory {
     /// Beats taken from each host since this process last took the lead (counted up to
     /// `beats_to_hear`).
     beats_in_lead: BTreeMap<String, u8>,
+    /// Per host, VMs gone whose records the store may still hold
+    /// ([`Inventory::delete_with_next_beat`]).
+    unwritten_gone: BTreeMap<String, BTreeSet<String>>,
     /// Beats a host is heard in, this lead ([`Inventory::begin_lead`]).
     beats_to_hear: u8,
     /// When this process last took the lead, ms since the epoch.
@@ -633,6 +636,20 @@ impl Inventory {
     /// Writes `host`'s record and VMs through again with its next beat.
     pub fn rewrite_next_beat(&mut self, host: &str) {
         self.rewrite.insert(host.to_string());
+    }
+
+    /// VMs `ids` of `host` are gone, but the store may still hold them (their delete
+    /// failed, or this replica did not write when they went): the host's next beat
+    /// deletes them. At most [`MAX_VMS_PER_HOST`] a host: past that, a later lead finds
+    /// them again.
+    pub fn delete_with_next_beat(&mut self, host: &str, ids: impl IntoIterator<Item = String>) {
+        let unwritten = self.unwritten_gone.entry(host.to_string()).or_default();
+        for id in ids {
+            if unwritten.len() >= MAX_VMS_PER_HOST {
+                break;
+            }
+            unwritten.insert(id);
+        }
     }
 
     /// Whether this process has taken a beat from `host`.
@@ -922,6 +939,13 @@ impl Inventory {
         // One event per beat, however many went: each is a write to the store.
         if let Some(event) = gone_event(&name, &changes.gone) {
             changes.events.push(event);
+        }
+        // Deletes the store missed, written with this beat's (told of once already).
+        if let Some(unwritten) = self.unwritten_gone.remove(&name) {
+            let still_gone = unwritten
+                .into_iter()
+                .filter(|id| !self.vms.contains_key(id));
+            changes.gone.extend(still_gone);
         }
         (BeatOutcome::Taken, changes)
     }

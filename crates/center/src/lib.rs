@@ -371,9 +371,16 @@ impl Center {
             }
         }
         for vm in &loaded.vms {
-            let heard =
-                inventory.vms().get(&vm.id).is_some() || inventory.beat_taken_from(&vm.host);
-            if !heard {
+            let known = inventory.vms().get(&vm.id).is_some();
+            if known {
+                continue;
+            }
+            if inventory.beat_taken_from(&vm.host) {
+                // Its host beat here since and does not list it: it went while no
+                // replica wrote (or its delete failed). Deleted with the host's next
+                // beat, lest every later replica load it as a VM still there.
+                inventory.delete_with_next_beat(&vm.host, [vm.id.clone()]);
+            } else {
                 inventory.put_vm(vm.clone());
             }
         }
@@ -681,7 +688,10 @@ impl Center {
         // current, and a next leader hears every host itself.
         if self.is_leader() && (host.is_some() || !vms.is_empty() || !changes.gone.is_empty()) {
             if let Err(e) = self.write_beat(host.as_ref(), &vms, &changes.gone) {
-                self.inventory().rewrite_next_beat(&name);
+                let mut inventory = self.inventory();
+                inventory.rewrite_next_beat(&name);
+                inventory.delete_with_next_beat(&name, changes.gone.iter().cloned());
+                drop(inventory);
                 // One line per 10 s, not one per host per second.
                 static LAST_WARNED_MS: std::sync::atomic::AtomicU64 =
                     std::sync::atomic::AtomicU64::new(0);
@@ -2054,6 +2064,42 @@ pub(crate) mod tests {
         assert!(beat(&vms).unwrap().taken);
         assert!(center.inventory().vms().contains_key("one-too-many"));
         assert_eq!(center.inventory().vms_on("a").count(), MAX_VMS_PER_HOST);
+    }
+
+    #[test]
+    fn a_vm_whose_delete_the_store_missed_is_deleted_with_a_later_beat() {
+        use ferry_api::{BeatSeries, VmState};
+        use inventory::tests::{host_info, vm};
+        let scratch = ScratchCenter::open("unwritten-gone");
+        let center = &scratch.center;
+        let mut series = BeatSeries::new(6);
+        let mut beat = |vms: &[VmInfo]| {
+            let beat = series.beat("http://a".into(), host_info("a"), vms.to_vec());
+            let answer = center.heartbeat(beat).unwrap();
+            series.answered(Some(&answer));
+            answer
+        };
+        assert!(beat(&[vm("v", VmState::Running), vm("w", VmState::Running)]).taken);
+        assert_eq!(scratch.stored_rows("vms"), 2);
+        // v goes while the store refuses deletes.
+        scratch.sql(
+            "CREATE TRIGGER down BEFORE DELETE ON vms \
+             BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;",
+        );
+        assert!(beat(&[vm("w", VmState::Running)]).taken);
+        assert_eq!(scratch.stored_rows("vms"), 2);
+        scratch.sql("DROP TRIGGER down;");
+        assert!(beat(&[vm("w", VmState::Running)]).taken);
+        assert_eq!(scratch.stored_rows("vms"), 1, "v deleted with a later beat");
+        // A record the store holds of a VM its host, heard since, no longer lists (it
+        // went while no replica wrote): deleted with the host's next beat after a load.
+        let stale = VmRecord::new("a", vm("stale", VmState::Running));
+        center.store().put_vms(&[&stale], &[]).unwrap();
+        let loaded = center.store().load().unwrap();
+        center.merge_loaded_hosts_and_vms(&mut center.inventory(), &loaded);
+        assert!(!center.inventory().vms().contains_key("stale"));
+        assert!(beat(&[vm("w", VmState::Running)]).taken);
+        assert_eq!(scratch.stored_rows("vms"), 1, "the stale record deleted");
     }
 
     /// A center with host a (its API refusing) in `mode`.
