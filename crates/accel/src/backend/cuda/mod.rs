@@ -743,19 +743,20 @@ mod tests {
     }
 
     #[test]
-    fn attention_this_backend_would_run_for_minutes_is_refused_here_only() {
-        // 256 heads of 2^20 over 4 positions: within the table's (the cpu backend's)
-        // count, but each of this backend's threads would redo its head's scores.
-        let wide = kernel(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 256, 1 << 20, 4]);
-        assert!(matches!(
-            check_gpu_work(&wide),
-            Err(BackendError::TooMuchWork)
-        ));
-        let rows = kernel(&[k::ATTENTION, 1, 2, 3, 4, 1, 256, 256, 1 << 20, 3]);
-        assert!(matches!(
-            check_gpu_work(&rows),
-            Err(BackendError::TooMuchWork)
-        ));
+    fn attention_this_backend_would_run_for_minutes_is_refused_for_every_backend() {
+        // 256 heads of 2^20 over 4 positions: each of this backend's threads would redo
+        // its head's scores. The table counts that, for the cpu backend too (a VM moving
+        // between kinds of host is refused nothing new).
+        let refused = |args: &[u64]| {
+            let mut full = [0u64; COMMAND_ARGS];
+            full[..args.len()].copy_from_slice(args);
+            Kernel::decode(&full, |_| Some(1 << 44)).err()
+        };
+        let bad_shape = Some(ferry_abi::accel::status::BAD_SHAPE);
+        let wide = [k::ATTENTION_DECODE, 1, 2, 3, 4, 256, 1 << 20, 4];
+        assert_eq!(refused(&wide), bad_shape);
+        let rows = [k::ATTENTION, 1, 2, 3, 4, 1, 256, 256, 1 << 20, 3];
+        assert_eq!(refused(&rows), bad_shape);
         // 4 heads of 1024 over 2^18 positions: exactly the bound.
         let at_bound = kernel(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 4, 1024, 1 << 18]);
         assert!(check_gpu_work(&at_bound).is_ok());
