@@ -1621,8 +1621,21 @@ fn begin_capture(
 /// Ends `core`'s capture, at a command boundary, and says what it cost.
 fn end_capture(core: &Core) -> Option<CaptureReport> {
     core.capturing.store(false, Ordering::Release);
-    let capture = lock_capture(&core.capture).take();
-    capture.map(|c| c.report())
+    let capture = lock_capture(&core.capture).take()?;
+    if capture.failure().is_err() {
+        // Replay gives way to pre-copy, which sends what is written or dirty: a base
+        // chunk of zeros never read is neither (it left the dirty set at the boundary),
+        // yet the destination may hold what an earlier buffer of its id had there.
+        let mut map = lock_map(&core.map);
+        for chunk in capture.zeros_unread() {
+            if let Some(&bytes) = map.sizes.get(&chunk.buffer) {
+                if let Some(range) = chunk_range(bytes, chunk.index) {
+                    map.dirty.mark(chunk.buffer, bytes, range);
+                }
+            }
+        }
+    }
+    Some(capture.report())
 }
 
 impl DeviceReplay {

@@ -212,6 +212,12 @@ impl Capture {
         self.log_bytes = 0;
     }
 
+    /// Base chunks that read as zeros and were not read yet: a failed capture never gives
+    /// them, and what had them written last may be an earlier buffer of the same id.
+    pub(crate) fn zeros_unread(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.zeros.keys().copied()
+    }
+
     /// The failure, if the capture failed.
     pub(crate) fn failure(&self) -> Result<(), CaptureError> {
         self.failed.map_or(Ok(()), Err)

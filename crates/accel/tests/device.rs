@@ -1081,6 +1081,44 @@ fn a_capture_after_precopy_takes_the_pending_and_dirty_chunks_and_reads_unwritte
     g.accel.replayer().stop_capture();
 }
 
+#[test]
+fn a_failed_capture_gives_back_the_zero_chunks_it_never_read_as_dirty() {
+    use ferry_accel::replay::CaptureLimits;
+    let chunk = ChunkId::new;
+    let mut g = FakeGuest::new(1);
+    assert_eq!(g.run(op::ALLOC, &[1, 2 * CHUNK_SIZE]), status::OK);
+    assert_eq!(g.upload(1, &values(16, 3)), status::OK);
+    g.accel.start_dirty_tracking();
+    // Pre-copy sent buffer 1 (its written chunk 0 reaches the destination)...
+    g.accel.take_dirty_chunks();
+    // ... which the guest frees and makes again with the same id and size, unwritten:
+    // zeros here, the old bytes there.
+    assert_eq!(g.run(op::FREE, &[1]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[1, 2 * CHUNK_SIZE]), status::OK);
+    // Replay starts after pre-copy; its log fills with the first command.
+    let limits = CaptureLimits {
+        log_bytes: 1,
+        ..CaptureLimits::default()
+    };
+    let (_, base) = g.accel.replayer().start_capture(limits, Some(&[]));
+    assert_eq!(base, vec![chunk(1, 0), chunk(1, 1)]);
+    assert_eq!(g.run(op::ALLOC, &[2, CHUNK_SIZE]), status::OK);
+    let mut out = Vec::new();
+    assert!(g
+        .accel
+        .replayer()
+        .read_base_chunk(chunk(1, 0), &mut out)
+        .is_err());
+    g.accel.replayer().stop_capture();
+    // Pre-copy takes over: it must send both zero chunks, or the destination keeps the
+    // earlier buffer's bytes in them.
+    let mut again = g.accel.written_chunks();
+    again.extend(g.accel.take_dirty_chunks());
+    for c in [chunk(1, 0), chunk(1, 1)] {
+        assert!(again.contains(&c), "{c:?} is not sent again: {again:?}");
+    }
+}
+
 /// Faults a [`Faulty`] backend injects, armed by the test while the device runs.
 #[derive(Clone, Default)]
 struct Faults {
