@@ -872,7 +872,8 @@ impl Core {
         let Some(capture) = capture.as_mut() else {
             return;
         };
-        for (id, range) in writes {
+        // An empty range (a zero-length upload) writes no chunk.
+        for (id, range) in writes.into_iter().filter(|(_, r)| !r.is_empty()) {
             let Some(&bytes) = lock_map(&self.map).sizes.get(&id) else {
                 continue;
             };
