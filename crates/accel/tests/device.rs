@@ -693,6 +693,47 @@ impl FakeGuest {
     }
 }
 
+/// A file on storage that takes `delay` for each read.
+struct SlowFile {
+    delay: Duration,
+}
+
+impl FileSource for SlowFile {
+    fn file_len(&self, _file: u32) -> Option<u64> {
+        Some(1 << 20)
+    }
+
+    fn read_file(&self, _file: u32, _offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        out.fill(5);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_slow_file_load_does_not_hold_up_readers_of_its_buffer() {
+    let delay = Duration::from_secs(2);
+    let mut g = FakeGuest::with_files(2, Arc::new(SlowFile { delay }));
+    assert_eq!(g.run(op::ALLOC, &[1, 2 * CHUNK_SIZE]), status::OK);
+    g.accel.start_dirty_tracking();
+    let load = g.submit(op::LOAD_FILE, &[1, 0, 0, 0, CHUNK_SIZE]);
+    // The read has begun; a migration reads the buffer's other chunk meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let tracker = g.accel.tracker();
+    let started = Instant::now();
+    let mut chunk = Vec::new();
+    tracker.read_chunk(ChunkId::new(1, 1), &mut chunk).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "a chunk read waited {waited:?} for a file read"
+    );
+    g.wait_tail(load + 1);
+    let mut loaded = Vec::new();
+    g.accel.read_chunk(ChunkId::new(1, 0), &mut loaded).unwrap();
+    assert!(loaded.iter().all(|&b| b == 5));
+}
+
 #[test]
 fn load_file_copies_attached_files_into_buffers_and_refuses_bad_ranges() {
     let data: Vec<u8> = (0..3 << 20)

@@ -277,17 +277,6 @@ impl Backend for CpuBackend {
         self.with_bytes_mut(id, offset, data.len(), |bytes| bytes.copy_from_slice(data));
     }
 
-    fn write_with(
-        &mut self,
-        id: BufferId,
-        offset: u64,
-        len: usize,
-        _scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        self.with_bytes_mut(id, offset, len, fill)
-    }
-
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]) {
         let start = usize::try_from(offset).expect("offset validated by the device");
         let buffer = self.buffers.expect(id);

@@ -318,9 +318,9 @@ pub trait Backend: Send {
     /// Copies `data` into buffer `id` at byte `offset`.
     fn write(&mut self, id: BufferId, offset: u64, data: &[u8]);
     /// Writes `len` bytes into buffer `id` at byte `offset`, as `fill` makes them (a
-    /// file's bytes, read): by default made in `scratch`, then copied; a backend whose
-    /// memory the host addresses has them made in place, one copy fewer. After an error
-    /// the bytes may be partly written.
+    /// file's bytes, read): made in `scratch`, then copied, so that no lock on the
+    /// buffer is held while a file is read (a migration reading the buffer would wait
+    /// for the disk). After an error the bytes may be partly written.
     fn write_with(
         &mut self,
         id: BufferId,
