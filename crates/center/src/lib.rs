@@ -1425,6 +1425,19 @@ pub(crate) mod tests {
             db.execute_batch(sql).unwrap();
         }
 
+        /// The store fails each `write` (`UPDATE ON operations`, `DELETE ON vms`) until
+        /// [`Self::heal`]: a disk gone for a while.
+        pub(crate) fn fail_writes(&self, write: &str) {
+            self.sql(&format!(
+                "CREATE TRIGGER down BEFORE {write} BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;"
+            ));
+        }
+
+        /// Ends [`Self::fail_writes`].
+        pub(crate) fn heal(&self) {
+            self.sql("DROP TRIGGER down;");
+        }
+
         /// Host `name` reports, its API at `api`, its migration address
         /// `NAME.example:7071`; its record.
         pub(crate) fn report(&self, name: &str, api: std::net::SocketAddr) -> HostRecord {
@@ -2082,13 +2095,10 @@ pub(crate) mod tests {
         assert!(beat(&[vm("v", VmState::Running), vm("w", VmState::Running)]).taken);
         assert_eq!(scratch.stored_rows("vms"), 2);
         // v goes while the store refuses deletes.
-        scratch.sql(
-            "CREATE TRIGGER down BEFORE DELETE ON vms \
-             BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;",
-        );
+        scratch.fail_writes("DELETE ON vms");
         assert!(beat(&[vm("w", VmState::Running)]).taken);
         assert_eq!(scratch.stored_rows("vms"), 2);
-        scratch.sql("DROP TRIGGER down;");
+        scratch.heal();
         assert!(beat(&[vm("w", VmState::Running)]).taken);
         assert_eq!(scratch.stored_rows("vms"), 1, "v deleted with a later beat");
         // A record the store holds of a VM its host, heard since, no longer lists (it

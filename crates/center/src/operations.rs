@@ -1424,15 +1424,12 @@ mod tests {
             stored.unwrap().state
         };
         // The store fails the write of the operation's end (a passing failure).
-        scratch.sql(
-            "CREATE TRIGGER down BEFORE UPDATE ON operations \
-             BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;",
-        );
+        scratch.fail_writes("UPDATE ON operations");
         center.update_operation(op.id, |o| o.state = OperationState::Done);
         assert_eq!(stored(), OperationState::Running);
         center.check_hosts().unwrap();
         assert_eq!(stored(), OperationState::Running, "still failing");
-        scratch.sql("DROP TRIGGER down;");
+        scratch.heal();
         center.check_hosts().unwrap();
         assert_eq!(stored(), OperationState::Done, "written again");
         assert!(center.unwritten_operations.lock().unwrap().is_empty());
@@ -1448,17 +1445,14 @@ mod tests {
             let stored = loaded.migrations.into_iter().find(|m| m.id == record.id);
             stored.unwrap().state
         };
-        scratch.sql(
-            "CREATE TRIGGER down BEFORE UPDATE ON migrations \
-             BEGIN SELECT RAISE(ABORT, 'the disk is away'); END;",
-        );
+        scratch.fail_writes("UPDATE ON migrations");
         let stayed = MoveFailure::Stayed("refused".into());
         let ended = center.conclude_migration("v", "b", record.id, "test", Err(stayed), false);
         assert_eq!(ended.state, MigrationState::Failed);
         assert_eq!(stored(), MigrationState::Running);
         center.check_hosts().unwrap();
         assert_eq!(stored(), MigrationState::Running, "still failing");
-        scratch.sql("DROP TRIGGER down;");
+        scratch.heal();
         center.check_hosts().unwrap();
         assert_eq!(stored(), MigrationState::Failed, "written again");
         assert!(center.unwritten_migrations.lock().unwrap().is_empty());
