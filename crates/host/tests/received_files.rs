@@ -41,8 +41,11 @@ fn names(dir: &Path) -> Vec<String> {
         .map(|entries| {
             entries
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
-                // The host's record of the migrations it received, not a received file.
-                .filter(|name| name != ferry_host::RESUMED_MIGRATIONS)
+                // The host's records (of the migrations it received, of the VM ids it
+                // gave), not received files.
+                .filter(|name| {
+                    ![ferry_host::RESUMED_MIGRATIONS, ferry_host::VM_IDS].contains(&name.as_str())
+                })
                 .collect()
         })
         .unwrap_or_default();
