@@ -20,7 +20,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -117,8 +116,10 @@ struct ResumedRecord {
     /// Opened to append: each record is one write, whole or (after a crash) torn at the
     /// end, where it is cut off at the next open.
     file: File,
-    /// An append failed: the record misses a session whose VM ran here.
-    incomplete: AtomicBool,
+    /// Sessions whose append failed (or came after one that failed), written by the
+    /// next [`Outcomes::sync`]; held while the file is written, so that a repair and an
+    /// append do not interleave.
+    unwritten: Mutex<Vec<u64>>,
 }
 
 impl ResumedRecord {
@@ -159,19 +160,58 @@ impl ResumedRecord {
         let record = Self {
             path: path.to_path_buf(),
             file,
-            incomplete: AtomicBool::new(false),
+            unwritten: Mutex::default(),
         };
         Ok((record, sessions))
     }
 
-    fn append(&self, session: u64) -> Result<(), RecordError> {
-        (&self.file)
-            .write_all(&session.to_le_bytes())
-            .map_err(|source| RecordError {
+    fn unwritten(&self) -> MutexGuard<'_, Vec<u64>> {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends `session`; after a failed append, it waits with that one for
+    /// [`Self::sync`], which puts the file back on its 8-byte grid first.
+    fn append(&self, session: u64) {
+        let mut unwritten = self.unwritten();
+        if unwritten.is_empty() {
+            let Err(source) = (&self.file).write_all(&session.to_le_bytes()) else {
+                return;
+            };
+            let e = RecordError {
                 what: "append to",
                 path: self.path.clone(),
                 source,
-            })
+            };
+            // Not fatal to the VM, which runs here now; but no VM leaves this host until
+            // the record holds it ([`Outcomes::sync`] writes it first).
+            tracing::error!("{}", crate::error_chain(&e));
+        }
+        if unwritten.len() < REMEMBERED {
+            unwritten.push(session);
+        }
+    }
+
+    /// Writes the sessions whose append failed (a partly written one cut off first),
+    /// then syncs the file.
+    fn sync(&self) -> Result<(), RecordError> {
+        let failed = |what| {
+            let path = self.path.clone();
+            move |source| RecordError { what, path, source }
+        };
+        let mut unwritten = self.unwritten();
+        if !unwritten.is_empty() {
+            let len = self.file.metadata().map_err(failed("repair"))?.len();
+            self.file.set_len(len / 8 * 8).map_err(failed("repair"))?;
+            let bytes: Vec<u8> = unwritten.iter().flat_map(|s| s.to_le_bytes()).collect();
+            (&self.file)
+                .write_all(&bytes)
+                .map_err(failed("append to"))?;
+            unwritten.clear();
+        }
+        drop(unwritten);
+        self.file.sync_data().map_err(failed("sync"))
     }
 }
 
@@ -208,21 +248,10 @@ impl Outcomes {
     /// this host, the record that it ran here must survive a power loss (a restart
     /// that forgot it would let its earlier source run it again).
     pub fn sync(&self) -> Result<(), RecordError> {
-        let Some(record) = &self.record else {
-            return Ok(());
-        };
-        let synced = if record.incomplete.load(Ordering::Relaxed) {
-            Err(std::io::Error::other(
-                "an earlier append failed (see the log), so it misses a VM that ran here",
-            ))
-        } else {
-            record.file.sync_data()
-        };
-        synced.map_err(|source| RecordError {
-            what: "sync",
-            path: record.path.clone(),
-            source,
-        })
+        match &self.record {
+            Some(record) => record.sync(),
+            None => Ok(()),
+        }
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -290,12 +319,7 @@ impl Outcomes {
         };
         let newly = self.book().end(session, outcome);
         if let (true, true, Some(record)) = (ran, newly, &self.record) {
-            // Not fatal to the VM, which runs here now; but no VM may leave this host
-            // while the record misses one that ran here ([`Self::sync`] fails).
-            if let Err(e) = record.append(session) {
-                tracing::error!("{}", crate::error_chain(&e));
-                record.incomplete.store(true, Ordering::Relaxed);
-            }
+            record.append(session);
         }
     }
 
@@ -475,6 +499,28 @@ mod tests {
             assert_eq!(again.settle(s), Settlement::Running, "session {s}");
         }
         assert_eq!(again.book().resumed.len(), 3);
+    }
+
+    #[test]
+    fn a_session_whose_append_failed_is_written_by_the_next_sync_on_the_grid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resumed");
+        let outcomes = Outcomes::recorded(&path).unwrap();
+        let record = outcomes.record.as_ref().unwrap();
+        record.append(1);
+        // An append of session 2 failed after 3 of its bytes (a disk full, say): it
+        // waits for the sync, and so does the next one.
+        (&record.file).write_all(&[2, 0, 0]).unwrap();
+        record.unwritten().push(2);
+        record.append(3);
+        assert_eq!(record.unwritten().len(), 2);
+        outcomes.sync().unwrap();
+        assert!(record.unwritten().is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 24);
+        let restarted = Outcomes::recorded(&path).unwrap();
+        for s in [1, 2, 3] {
+            assert_eq!(restarted.settle(s), Settlement::Running, "session {s}");
+        }
     }
 
     #[test]
