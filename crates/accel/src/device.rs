@@ -629,8 +629,9 @@ impl Core {
     }
 
     /// Fills `range` of buffer `id` with attached file `file`'s bytes from `start` on,
-    /// which `read(offset, out)` reads, in pieces of at most [`COPY_PIECE`], each straight
-    /// into device memory where the backend allows, checking the switch before each.
+    /// which `read(offset, out)` reads, in pieces of at most [`COPY_PIECE`], each read
+    /// into scratch and then copied (no buffer lock is held while a file is read),
+    /// checking the switch before each.
     /// Marks what it may have written; once all is, the range keeps its origin, so a
     /// migration to a host with the file sends where, not what.
     fn load_file(
@@ -660,7 +661,8 @@ impl Core {
                     &mut |piece| read(at, piece),
                 )
                 .map_err(LoadFailed::Read);
-            // A piece that failed may be partly written: marked with the rest.
+            // Marked with the rest, whether its read failed or not (a backend may write
+            // part of a piece whose fill failed).
             done += n;
         }
         self.mark([(id, range.start..range.start + done)]);

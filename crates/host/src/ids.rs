@@ -89,10 +89,16 @@ impl VmIds {
     /// Reserves the next block once half of the reserved ids are given: called before
     /// an id is taken, outside other locks (it may write the file).
     pub(crate) fn reserve_ahead(&self) -> Result<(), IdRecordError> {
+        let room = |c: &Counter| c.next.saturating_add(BLOCK / 2) <= c.reserved;
+        // Nearly every create: room left, and no wait behind another's write.
+        if room(&self.counter()) {
+            return Ok(());
+        }
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let reserved = {
             let counter = self.counter();
-            if counter.next.saturating_add(BLOCK / 2) <= counter.reserved {
+            // Reserved by another create meanwhile.
+            if room(&counter) {
                 return Ok(());
             }
             counter.reserved.saturating_add(BLOCK)

@@ -296,8 +296,6 @@ impl Write for TlsStream {
     }
 }
 
-/// Completes the handshake of `conn` on `socket` (under the socket's timeouts), or says
-/// why it failed.
 /// A failed TLS handshake.
 #[derive(Debug)]
 pub(crate) struct HandshakeFailure {
@@ -324,6 +322,8 @@ impl std::fmt::Display for HandshakeFailure {
     }
 }
 
+/// Completes the handshake of `conn` on `socket` (under the socket's timeouts), or says
+/// why it failed.
 fn handshake(mut conn: Connection, mut socket: TcpStream) -> Result<TlsStream, HandshakeFailure> {
     let mut heard = 0;
     let mut run = || -> io::Result<()> {
@@ -349,9 +349,12 @@ fn handshake(mut conn: Connection, mut socket: TcpStream) -> Result<TlsStream, H
                 | io::ErrorKind::ConnectionAborted
                 | io::ErrorKind::BrokenPipe
         );
+        // Bytes a last call read before it failed are in no count: the peer's version
+        // known means it answered.
+        let answered = heard > 0 || conn.protocol_version().is_some();
         return Err(HandshakeFailure {
             why: describe(&e),
-            unheard: closed && heard == 0,
+            unheard: closed && !answered,
         });
     }
     Ok(match conn {

@@ -260,7 +260,8 @@ impl Device {
         // Each position's query attends once: the last one's alone must be one launch.
         if !attention_within_work(1, c.heads as u64, context as u64, c.head_dim as u64) {
             return Err(Failure(format!(
-                "a context of {context} positions is more attention than one accelerator                  launch may do for this model ({} heads of {}): lower --context",
+                "a context of {context} positions is more attention than one accelerator launch \
+                 may do for this model ({} heads of {}): lower --context",
                 c.heads, c.head_dim
             )));
         }
