@@ -650,19 +650,12 @@ impl Core {
                 break;
             }
             let n = (len - done).min(COPY_PIECE);
-            let at = start + done;
-            result = self
-                .backend
-                .write_with(
-                    id,
-                    range.start + done,
-                    n as usize,
-                    &mut self.scratch,
-                    &mut |piece| read(at, piece),
-                )
-                .map_err(LoadFailed::Read);
-            // Marked with the rest, whether its read failed or not (a backend may write
-            // part of a piece whose fill failed).
+            let piece = &mut self.scratch;
+            piece.resize(n as usize, 0);
+            result = read(start + done, piece).map_err(LoadFailed::Read);
+            if result.is_ok() {
+                self.backend.write(id, range.start + done, piece);
+            }
             done += n;
         }
         self.mark([(id, range.start..range.start + done)]);

@@ -317,23 +317,6 @@ pub trait Backend: Send {
     fn free(&mut self, id: BufferId);
     /// Copies `data` into buffer `id` at byte `offset`.
     fn write(&mut self, id: BufferId, offset: u64, data: &[u8]);
-    /// Writes `len` bytes into buffer `id` at byte `offset`, as `fill` makes them (a
-    /// file's bytes, read): made in `scratch`, then copied, so that no lock on the
-    /// buffer is held while a file is read (a migration reading the buffer would wait
-    /// for the disk). After an error the bytes may be partly written.
-    fn write_with(
-        &mut self,
-        id: BufferId,
-        offset: u64,
-        len: usize,
-        scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        scratch.resize(len, 0);
-        fill(&mut scratch[..len])?;
-        self.write(id, offset, &scratch[..len]);
-        Ok(())
-    }
     /// Copies buffer `id` bytes from `offset` into `out`.
     fn read(&self, id: BufferId, offset: u64, out: &mut [u8]);
     /// Runs a validated kernel.
