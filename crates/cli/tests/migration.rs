@@ -349,15 +349,33 @@ fn wrong_secret_is_refused_by_the_api_and_by_the_migration_listener() {
         serde_json::from_slice(&list(&x, "not-the-secret-0123456789").stdout).unwrap();
     let id = created["id"].as_str().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", id, "--to", &a.migration, "--host", &x.api])
+        .args([
+            "migrate",
+            id,
+            "--to",
+            &a.migration,
+            "--host",
+            &x.api,
+            "--json",
+        ])
         .env("FERRY_SECRET", "not-the-secret-0123456789")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
         err.contains("authentication failed") || err.contains("refused"),
         "{err}"
+    );
+    // With --json, a script reads how it ended on stdout.
+    let stdout = text(&out.stdout);
+    let status: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout:?}"));
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["vm"], id, "{status}");
+    assert!(
+        status["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{status}"
     );
     assert!(a.vm(&["list"]).as_array().unwrap().is_empty());
 }

@@ -21,7 +21,9 @@ use ferry_client::ApiClient;
     With --json the last line is one JSON object: mode, downtime_ms, total_ms, rounds,\n\
     bytes_sent, final_bytes, max_throttle_pct, streams, files_sent, files_reused,\n\
     file_bytes, chunks_from_files, device_transfer (precopy, replay, or replay then\n\
-    precopy), replay (what replay sent and cost, and why it gave way) and the per-round log.\n\n\
+    precopy), replay (what replay sent and cost, and why it gave way) and the per-round log;\n\
+    for a migration that failed, was cancelled or is in doubt, its status instead (vm, to,\n\
+    state, error, settlement), and the command exits 1.\n\n\
     A migration can be cancelled (--cancel) until the destination is told to run the VM;\n\
     the VM then runs on at the source. A VM being migrated cannot be stopped: cancel the\n\
     migration first. If the switchover breaks after the destination was told to run the\n\
@@ -121,8 +123,23 @@ pub fn follow(
     request: &MigrateRequest,
     bar: &ProgressBar,
 ) -> anyhow::Result<MigrationReport> {
+    report_of(run_to_end(client, vm, request, bar)?)
+}
+
+/// Starts a migration through `client` and follows it to the end; returns its last status.
+fn run_to_end(
+    client: &ApiClient,
+    vm: &str,
+    request: &MigrateRequest,
+    bar: &ProgressBar,
+) -> anyhow::Result<MigrationStatus> {
     let _: MigrationStatus = client.post(&format!("/v1/vms/{vm}/migrate"), request)?;
-    let status = wait(client, vm, bar)?;
+    wait(client, vm, bar)
+}
+
+/// The report of an ended migration, or why it has none.
+fn report_of(status: MigrationStatus) -> anyhow::Result<MigrationReport> {
+    let vm = &status.vm;
     let error = status.error.as_deref().unwrap_or("unknown error");
     match status.state {
         MigrationState::Succeeded => status
@@ -293,9 +310,14 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         };
     }
     cancel_on_interrupt();
-    let result = follow(&client, &args.vm, &args.request(), &bar);
+    let status = run_to_end(&client, &args.vm, &args.request(), &bar);
     bar.finish_and_clear();
-    let report = result?;
+    let status = status?;
+    if args.json && status.state != MigrationState::Succeeded {
+        // A script reads how it ended (state, error, settlement) where it reads a report.
+        println!("{}", serde_json::to_string(&status)?);
+    }
+    let report = report_of(status)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
