@@ -1,12 +1,10 @@
 //! The microVM as the migration engine sees it: [`VmSource`] adapts a running
 //! [`HostedVm`], [`VmTarget`] a VM being received.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_abi::ABI_VERSION;
-use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
+use ferry_accel::backend;
 use ferry_accel::device::{Accelerator, DeviceReplay, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
@@ -16,6 +14,7 @@ use ferry_migrate::{
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::migration::{device_buffers, file_offers, to_chunk, to_key, FillingVm};
+pub use ferry_vmm::migration::{incompatibility, local_description};
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
@@ -32,65 +31,6 @@ pub(crate) const EXTRA_FROM: &str = "from";
 pub(crate) const EXTRA_NAME: &str = "name";
 /// The key it was created with (absent if none).
 pub(crate) const EXTRA_IDEMPOTENCY_KEY: &str = "idempotency-key";
-
-/// What this host can run a VM on accelerator backend `kind` with: the facts compared at
-/// the handshake. `None` if this host has no such backend.
-pub fn local_description(kind: &str) -> Option<VmDescription> {
-    // Computed once per kind: finding the kernel version builds a backend (a GPU's
-    // context), which no other handshake waits for (it is built outside the lock); a
-    // kind this host lacks is asked about again.
-    static LOCAL: OnceLock<Mutex<HashMap<String, VmDescription>>> = OnceLock::new();
-    let known = || {
-        LOCAL
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    };
-    if let Some(found) = known().get(kind) {
-        return Some(found.clone());
-    }
-    let described = described_here(kind)?;
-    Some(known().entry(kind.to_string()).or_insert(described).clone())
-}
-
-/// What this host can run a VM on backend `kind` with, found by building one.
-fn described_here(kind: &str) -> Option<VmDescription> {
-    let backend = backend::create(kind, 1, &DeviceMemory::default()).ok()?;
-    Some(VmDescription {
-        name: String::new(),
-        ram_size: 0,
-        vcpus: 1,
-        accel_memory: 0,
-        abi_version: ABI_VERSION,
-        state_version: ferry_vmm::vm::STATE_VERSION,
-        backend_kind: backend.kind().into(),
-        kernel_version: backend.kernel_version(),
-        // The cpu backend's MATMUL bits depend on the CPU's microkernel; a cuda
-        // backend's kind names what its bits depend on.
-        microkernel: if kind == backend::CPU {
-            gemm_microkernel().into()
-        } else {
-            String::new()
-        },
-        extra: Vec::new(),
-        files: Vec::new(),
-        cpu_features: ferry_migrate::cpu::native_cpu_features().to_vec(),
-    })
-}
-
-/// Why this host cannot run `vm`, if it cannot.
-pub fn incompatibility(vm: &VmDescription) -> Option<String> {
-    let kind = if vm.accel_memory > 0 {
-        vm.backend_kind.as_str()
-    } else {
-        backend::CPU
-    };
-    match backend::by_name(kind).map(local_description) {
-        Ok(Some(local)) => vm.incompatibility(&local),
-        Ok(None) => Some(format!("accelerator backend '{kind}' does not start here")),
-        Err(why) => Some(why),
-    }
-}
 
 /// `description` as this host keeps it: a source's name ([`EXTRA_FROM`]) that is not a
 /// host name is dropped (the VM is taken without it), as it is stored and shown.

@@ -247,9 +247,14 @@ impl VmDescription {
             ));
         }
         if self.microkernel != local.microkernel {
+            // A snapshot written before ferry recorded it names none.
+            let theirs = match self.microkernel.as_str() {
+                "" => "unrecorded",
+                named => named,
+            };
             return Some(format!(
-                "matmul microkernel {} (this host uses {}): results would not be bit-identical",
-                self.microkernel, local.microkernel
+                "matmul microkernel {theirs} (this host uses {}): results would not be bit-identical",
+                local.microkernel
             ));
         }
         None

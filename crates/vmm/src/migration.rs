@@ -3,10 +3,12 @@
 //! filling an [`IncomingVm`] ([`FillingVm`]), and a paused VM as a source
 //! ([`PausedVm`]).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ferry_abi::ABI_VERSION;
+use ferry_accel::backend::{self, cpu::gemm_microkernel, DeviceMemory};
 use ferry_accel::device::{AccelStateError, Accelerator, BufferState};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::vm::MAX_CHUNK_BYTES;
@@ -91,6 +93,65 @@ pub fn file_infos(offers: &[FileOffer]) -> Vec<FileInfo> {
 }
 
 /// What [`VmContents`] reads of a VM, through its tracker (without the VM's lock).
+/// What this host can run a VM on accelerator backend `kind` with: the facts compared at
+/// the handshake. `None` if this host has no such backend.
+pub fn local_description(kind: &str) -> Option<VmDescription> {
+    // Computed once per kind: finding the kernel version builds a backend (a GPU's
+    // context), which no other handshake waits for (it is built outside the lock); a
+    // kind this host lacks is asked about again.
+    static LOCAL: OnceLock<Mutex<HashMap<String, VmDescription>>> = OnceLock::new();
+    let known = || {
+        LOCAL
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    };
+    if let Some(found) = known().get(kind) {
+        return Some(found.clone());
+    }
+    let described = described_here(kind)?;
+    Some(known().entry(kind.to_string()).or_insert(described).clone())
+}
+
+/// What this host can run a VM on backend `kind` with, found by building one.
+fn described_here(kind: &str) -> Option<VmDescription> {
+    let backend = backend::create(kind, 1, &DeviceMemory::default()).ok()?;
+    Some(VmDescription {
+        name: String::new(),
+        ram_size: 0,
+        vcpus: 1,
+        accel_memory: 0,
+        abi_version: ABI_VERSION,
+        state_version: STATE_VERSION,
+        backend_kind: backend.kind().into(),
+        kernel_version: backend.kernel_version(),
+        // The cpu backend's MATMUL bits depend on the CPU's microkernel; a cuda
+        // backend's kind names what its bits depend on.
+        microkernel: if kind == backend::CPU {
+            gemm_microkernel().into()
+        } else {
+            String::new()
+        },
+        extra: Vec::new(),
+        files: Vec::new(),
+        cpu_features: ferry_migrate::cpu::native_cpu_features().to_vec(),
+    })
+}
+
+/// Why this host cannot run `vm`, if it cannot.
+pub fn incompatibility(vm: &VmDescription) -> Option<String> {
+    let kind = if vm.accel_memory > 0 {
+        vm.backend_kind.as_str()
+    } else {
+        backend::CPU
+    };
+    match backend::by_name(kind).map(local_description) {
+        Ok(Some(local)) => vm.incompatibility(&local),
+        Ok(None) => Some(format!("accelerator backend '{kind}' does not start here")),
+        Err(why) => Some(why),
+    }
+}
+
 impl VmTracker {
     /// The device buffer table now.
     pub fn device_buffers(&self) -> Vec<DeviceBuffer> {
@@ -203,7 +264,10 @@ impl PausedVm {
             state_version: STATE_VERSION,
             backend_kind: accel.map_or_else(String::new, |a| a.backend_kind.clone()),
             kernel_version: accel.map_or(0, |a| a.kernel_version),
-            microkernel: String::new(),
+            // What the VM's MATMUL bits depend on here, as a migration's source says.
+            microkernel: accel
+                .and_then(|a| local_description(&a.backend_kind))
+                .map_or_else(String::new, |local| local.microkernel),
             extra: Vec::new(),
             files: file_offers(vm.files().infos()),
             cpu_features: vm.cpu_features().to_vec(),

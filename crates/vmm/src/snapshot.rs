@@ -4,12 +4,11 @@
 
 use std::path::Path;
 
-use ferry_abi::ABI_VERSION;
 use ferry_migrate::snapshot::SnapshotReader;
 pub use ferry_migrate::snapshot::{SnapshotError, SnapshotStats, FORMAT_VERSION};
 
-use crate::migration::{file_infos, FillingVm, PausedVm};
-use crate::vm::{CreateVmError, IncomingVm, Microvm, VmConfig, VmControlError, STATE_VERSION};
+use crate::migration::{file_infos, incompatibility, FillingVm, PausedVm};
+use crate::vm::{CreateVmError, IncomingVm, Microvm, VmConfig, VmControlError};
 use crate::{AttachedFiles, HostOptions};
 
 /// File name of the snapshot inside a snapshot directory.
@@ -32,13 +31,11 @@ pub(crate) fn restore(
 ) -> Result<(Microvm, SnapshotStats), CreateVmError> {
     let reader = SnapshotReader::open(path)?;
     let saved = reader.vm();
-    // Versions first, as a migration's handshake compares them: a mismatch is refused by
-    // name before anything is loaded, not found undecodable at the end.
-    if saved.abi_version != ABI_VERSION || saved.state_version != STATE_VERSION {
-        return Err(CreateVmError::Incompatible(format!(
-            "guest ABI v{} and VM state v{} (this ferry runs ABI v{ABI_VERSION}, state v{STATE_VERSION})",
-            saved.abi_version, saved.state_version
-        )));
+    // Compared as a migration's handshake compares them (versions, CPU features, and what
+    // the device's results depend on): a mismatch is refused by name before anything is
+    // loaded, not found undecodable at the end, or run on to other results.
+    if let Some(why) = incompatibility(saved) {
+        return Err(CreateVmError::Incompatible(why));
     }
     let files = file_infos(&saved.files);
     if host.files.files().is_empty() && !files.is_empty() {

@@ -183,3 +183,45 @@ fn a_vm_whose_accelerator_a_replay_tore_stays_paused_and_says_why() {
         Err(VmControlError::AcceleratorTorn(_))
     ));
 }
+
+#[test]
+fn a_snapshot_is_restored_only_where_the_device_gives_the_same_bits() {
+    use ferry_vmm::vm::CreateVmError;
+    ferry_testdata::require_kvm!();
+    let image = ferry_guest_images::find("mlp-train")
+        .expect("built-in guest")
+        .elf;
+    // Booted paused: its device exists before the guest runs.
+    let vm = Microvm::boot(CONFIG, image, &[], HostOptions::quiet()).expect("boot");
+    let paused = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
+    // The cpu backend's MATMUL bits depend on the microkernel: the snapshot names it.
+    assert_eq!(
+        paused.description.microkernel,
+        ferry_accel::backend::cpu::gemm_microkernel()
+    );
+    let path = ferry_testdata::scratch_dir("accel-test").join("described.snap");
+    let restored = |describe: &dyn Fn(&mut ferry_migrate::VmDescription)| {
+        let mut paused = ferry_vmm::migration::PausedVm::new(&vm).unwrap();
+        describe(&mut paused.description);
+        ferry_vmm::snapshot::save_paused(&paused, &path).unwrap();
+        Microvm::restore(&path, HostOptions::quiet()).map(|_| ())
+    };
+    restored(&|_| ()).expect("a snapshot of this host's device restores here");
+    // Saved where the microkernel differs (another CPU), or before ferry recorded it: the
+    // results would drift from an unmoved run, so it is refused by name.
+    for (microkernel, named) in [("x86_64-other", "x86_64-other"), ("", "unrecorded")] {
+        let err = restored(&|d| d.microkernel = microkernel.into()).expect_err("restored");
+        assert!(
+            matches!(err, CreateVmError::Incompatible(ref why)
+                if why.contains(&format!("matmul microkernel {named} "))),
+            "{err}"
+        );
+    }
+    // Another kernel library: refused before anything is loaded, not at the end.
+    let err = restored(&|d| d.kernel_version += 1).expect_err("restored");
+    assert!(
+        matches!(err, CreateVmError::Incompatible(ref why) if why.contains("kernel library")),
+        "{err}"
+    );
+    std::fs::remove_file(path).unwrap();
+}

@@ -319,7 +319,7 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
     // A VM state of another version.
     let err = described(&|d| d.state_version += 1);
     assert!(
-        matches!(err, CreateVmError::Incompatible(ref why) if why.contains("VM state v")),
+        matches!(err, CreateVmError::Incompatible(ref why) if why.contains("VM state format v")),
         "{err}"
     );
 

@@ -838,9 +838,17 @@ mod tests {
     const SAVED_DEVICES: &str =
         "030163020103010405060708090a0b010c010d0171010e0f01100165010101011101016212131415011617";
 
+    /// The length and SHA-256 of the encoding of a whole saved VM state (with the devices
+    /// above), and the state version.
+    const SAVED_STATE: (usize, &str) = (
+        5268,
+        "55e320cc7e60066b935ce93c8d47f29f9440a32c5c411af7d9793eaf737082bb",
+    );
+
     #[test]
-    fn the_saved_devices_keep_their_shape_unless_the_state_version_changes() {
+    fn the_saved_state_keeps_its_shape_unless_the_state_version_changes() {
         use crate::devices::{ClockState, ConsoleState, DeviceStates};
+        use sha2::Digest;
         let devices = DeviceStates {
             console: ConsoleState {
                 tail: b"c".to_vec(),
@@ -897,6 +905,43 @@ mod tests {
         assert_eq!(
             hex, SAVED_DEVICES,
             "the saved devices' shape changed: raise STATE_VERSION"
+        );
+        // The rest of the state too: the VM's shape, its vCPU (KVM's structures, as the
+        // kvm-bindings crate serializes them) and its files (an API type), pinned by the
+        // digest of their encoding, KVM's structures being kilobytes.
+        let state = crate::vm::MicrovmState {
+            abi_version: 24,
+            config: crate::vm::VmConfig {
+                ram_size: 25,
+                vcpus: 26,
+                accel_memory: 27,
+            },
+            vcpus: vec![crate::vcpu::VcpuState {
+                cpuid: vec![Default::default()],
+                mp_state: Default::default(),
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                debug_regs: Default::default(),
+                msrs: vec![Default::default()],
+                vcpu_events: Default::default(),
+            }],
+            devices,
+            accel: Some(accel),
+            files: vec![crate::files::FileInfo {
+                name: "f".into(),
+                size: 28,
+                sha256: "s".into(),
+                path: "p".into(),
+            }],
+        };
+        let bytes = postcard::to_stdvec(&(version, &state)).unwrap();
+        let digest = crate::files::hex(&sha2::Sha256::digest(&bytes));
+        assert_eq!(
+            (bytes.len(), digest.as_str()),
+            SAVED_STATE,
+            "the saved VM state's shape changed: raise STATE_VERSION"
         );
     }
 
