@@ -82,13 +82,25 @@ impl VmIds {
             }),
             writing: Mutex::default(),
         };
-        ids.reserve_ahead()?;
+        ids.try_reserve_ahead()?;
         Ok(ids)
     }
 
     /// Reserves the next block once half of the reserved ids are given: called before
-    /// an id is taken, outside other locks (it may write the file).
-    pub(crate) fn reserve_ahead(&self) -> Result<(), IdRecordError> {
+    /// an id is taken, outside other locks (it may write the file). A write that fails
+    /// (a full disk) is logged, not the create's failure: past the reserved ids,
+    /// [`Self::fresh`] gives ids no later run gives.
+    pub(crate) fn reserve_ahead(&self) {
+        if let Err(e) = self.try_reserve_ahead() {
+            tracing::warn!(
+                "{}; VM ids get a random tail until it is written",
+                ferry_migrate::error_chain(&e)
+            );
+        }
+    }
+
+    /// [`Self::reserve_ahead`], or why the record could not be written.
+    fn try_reserve_ahead(&self) -> Result<(), IdRecordError> {
         let room = |c: &Counter| c.next.saturating_add(BLOCK / 2) <= c.reserved;
         // Nearly every create: room left, and no wait behind another's write.
         if room(&self.counter()) {
@@ -122,7 +134,8 @@ impl VmIds {
         let mut counter = self.counter();
         loop {
             let n = counter.next;
-            counter.next += 1;
+            // A record's count is bounded far below the end ([`MAX_COUNT`]).
+            counter.next = n.saturating_add(1);
             let id = if n < counter.reserved {
                 format!("{name}-vm{n}")
             } else {
@@ -142,13 +155,18 @@ impl VmIds {
     }
 }
 
-/// The count a record holds: a positive decimal number and a newline.
+/// The largest count a record may hold: more ids than any host gives, yet far enough
+/// from `u64::MAX` that counting on from it never wraps to ids given before.
+const MAX_COUNT: u64 = 1 << 62;
+
+/// The count a record holds: a positive decimal number (at most [`MAX_COUNT`]) and a
+/// newline.
 fn parse_count(bytes: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(bytes).ok()?;
     text.trim_end_matches('\n')
         .parse::<u64>()
         .ok()
-        .filter(|&n| n >= 1)
+        .filter(|&n| (1..=MAX_COUNT).contains(&n))
 }
 
 #[cfg(test)]
@@ -168,10 +186,10 @@ mod tests {
         assert_eq!(second.fresh("a", free), format!("a-vm{}", 1 + BLOCK));
         // Half a block given: the next block is reserved before it runs out.
         for _ in 0..BLOCK / 2 {
-            second.reserve_ahead().unwrap();
+            second.reserve_ahead();
             second.fresh("a", free);
         }
-        second.reserve_ahead().unwrap();
+        second.reserve_ahead();
         drop(second);
         let third = VmIds::open(&store).unwrap();
         assert_eq!(third.fresh("a", free), format!("a-vm{}", 1 + 3 * BLOCK));
@@ -201,10 +219,36 @@ mod tests {
     fn a_record_that_holds_no_count_is_refused_not_counted_from_one() {
         let store = ferry_testdata::scratch_dir("vm-ids").join("garbage");
         std::fs::create_dir_all(&store).unwrap();
-        for garbage in [&b"x\n"[..], b"0\n", b"", b"-5\n", b"\xff"] {
+        let near_the_end = format!("{}\n", u64::MAX - 3);
+        for garbage in [
+            &b"x\n"[..],
+            b"0\n",
+            b"",
+            b"-5\n",
+            b"\xff",
+            near_the_end.as_bytes(),
+        ] {
             std::fs::write(store.join(VM_IDS), garbage).unwrap();
             let err = VmIds::open(&store).err().expect("refused");
             assert!(matches!(err, IdRecordError::NotACount { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn a_reservation_that_cannot_be_written_leaves_ids_to_give() {
+        let store = ferry_testdata::scratch_dir("vm-ids").join("unwritable");
+        std::fs::create_dir_all(&store).unwrap();
+        let ids = VmIds::open(&store).unwrap();
+        // The record can no longer be replaced (a folder, with a file, where it was).
+        let record = store.join(VM_IDS);
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir_all(record.join("in-the-way")).unwrap();
+        ids.counter().next = BLOCK;
+        ids.reserve_ahead();
+        let free = |_: &str| false;
+        assert_eq!(ids.fresh("c", free), format!("c-vm{BLOCK}"));
+        assert!(ids
+            .fresh("c", free)
+            .starts_with(&format!("c-vm{}-", BLOCK + 1)));
     }
 }

@@ -383,6 +383,18 @@ fn settlement(
     }
 }
 
+/// Joins `thread` (`what`) if it ends before `deadline`; else leaves it, saying so.
+fn join_before(thread: std::thread::JoinHandle<()>, deadline: std::time::Instant, what: &str) {
+    while !thread.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::warn!("{what} had not ended at shutdown");
+    }
+}
+
 /// Default nice value of a host's VM threads: under contention the daemon's own work
 /// (API, heartbeats, migrations) gets about ten times their share of a core, so busy
 /// guests cannot starve it; VMs keep equal shares among themselves.
@@ -702,9 +714,18 @@ impl Host {
     pub fn shutdown(&self) {
         self.outcomes.close();
         let background = std::mem::take(&mut *self.background.lock().expect("background lock"));
-        for (stop, thread) in background.heartbeats {
-            drop(stop);
-            let _ = thread.join();
+        // All told at once, then waited for together: each may be in a post to a center
+        // that does not answer (for up to a minute), which must not delay the others,
+        // nor the VMs' stop, one after another.
+        let beating: Vec<_> = (background.heartbeats.into_iter())
+            .map(|(stop, thread)| {
+                drop(stop);
+                thread
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for thread in beating {
+            join_before(thread, deadline, "a heartbeat thread");
         }
         // A VM being resumed here is adopted, and stopped below or by `register`.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -719,14 +740,7 @@ impl Host {
         // Cancelled, and settling no in-doubt VM once the host closed, they end soon;
         // joined before the VMs are stopped, none resumes an in-doubt VM after.
         for thread in background.outgoing {
-            while !thread.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
-                tracing::warn!("a migration thread had not ended at shutdown");
-            }
+            join_before(thread, deadline, "a migration thread");
         }
         for vm in &vms {
             while matches!(
@@ -1083,9 +1097,7 @@ impl Host {
             }
         })?;
         // Outside the list's lock: it may write the record of ids.
-        self.ids
-            .reserve_ahead()
-            .map_err(|e| HostError::Failed(error_chain(&e)))?;
+        self.ids.reserve_ahead();
         let claim = self.claim_id(None);
         let started = HostedVm::launch(
             claim.id().to_string(),

@@ -119,6 +119,38 @@ fn a_center_refusing_every_heartbeat_gets_one_a_beat_interval_and_the_host_still
 }
 
 #[test]
+fn centers_that_never_answer_delay_the_host_s_stop_by_seconds_not_a_minute_each() {
+    let (host, store) = host("silent-centers");
+    // Two replicas that take the connection and the beat, and never answer: each
+    // heartbeat thread waits in its post (a minute, the client's limit).
+    let silent: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let urls: Vec<String> = (silent.iter())
+        .map(|l| format!("http://{}", l.local_addr().unwrap()))
+        .collect();
+    beat_to(&host, urls.join(","), Duration::from_millis(200));
+    // Both posts are under way.
+    std::thread::sleep(Duration::from_millis(500));
+    let (done, stopped) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        host.shutdown();
+        done.send(()).unwrap();
+    });
+    stopped
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the host did not stop within 30 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+#[test]
 fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
     use ferry_api::{LeaderTerm, LEADER_TERM_HEADER};
     let tokens = std::env::temp_dir().join(format!("ferry-term-tokens-{}", std::process::id()));
