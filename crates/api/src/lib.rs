@@ -508,6 +508,10 @@ pub struct SettleRequest {
     pub migration_addr: String,
     /// The migration's session.
     pub session: u64,
+    /// The VM in doubt: the center, if the destination cannot answer, may know it runs
+    /// on a third host (moved on from the destination).
+    #[serde(default)]
+    pub vm: Option<String>,
 }
 
 /// One heartbeat: in full (every VM), or as the changes since a beat the center took

@@ -622,15 +622,46 @@ impl Center {
                 }
             }
         };
-        self.host_client(&host)?
-            .post(&format!("/v1/settle/{}", req.session), &())
-            .map_err(|e| {
-                let why = format!("host {} did not answer: {e:#}", host.name);
-                match e.downcast_ref::<ferry_client::Unreachable>() {
-                    Some(u) if u.refused => CenterError::HostRefused(why),
-                    _ => CenterError::Unavailable(why),
-                }
-            })
+        let asked = self.host_client(&host).and_then(|client| {
+            client
+                .post(&format!("/v1/settle/{}", req.session), &())
+                .map_err(|e| {
+                    let why = format!("host {} did not answer: {e:#}", host.name);
+                    match e.downcast_ref::<ferry_client::Unreachable>() {
+                        Some(u) if u.refused => CenterError::HostRefused(why),
+                        _ => CenterError::Unavailable(why),
+                    }
+                })
+        });
+        match asked {
+            Err(e) if self.runs_on_a_third_host(req) => {
+                tracing::info!(
+                    vm = req.vm.as_deref().unwrap_or_default(),
+                    "the destination did not answer a settle question ({e}); the VM runs on another host"
+                );
+                Ok(ferry_migrate::Settlement::Running)
+            }
+            asked => asked,
+        }
+    }
+
+    /// Whether the VM of settle question `req` runs, as its host last reported, on a host
+    /// up now that is not the destination asked about (nor the asking source, which
+    /// reports it in doubt): it moved on from the destination, which cannot answer (a
+    /// restarting daemon refuses), and resumed at the source it would run twice.
+    fn runs_on_a_third_host(&self, req: &ferry_api::SettleRequest) -> bool {
+        let Some(id) = req.vm.as_deref().filter(|id| ferry_api::valid_vm_id(id)) else {
+            return false;
+        };
+        let inventory = self.inventory();
+        let Some(record) = inventory.vms().get(id) else {
+            return false;
+        };
+        let elsewhere = (inventory.hosts.get(&record.host))
+            .is_some_and(|h| h.info.migration_addr != req.migration_addr);
+        elsewhere
+            && record.info.state.is_running()
+            && inventory.is_up(&record.host, unix_ms(), self.down_after_ms())
     }
 
     /// Takes a host's heartbeat; a delta on a base this center does not hold is refused
@@ -2173,7 +2204,7 @@ pub(crate) mod tests {
         use ferry_api::VmState;
         let scratch = ScratchCenter::open("forget");
         let center = &scratch.center;
-        let vms = vec![inventory::tests::vm("a-vm1", VmState::Running)];
+        let vms = vec![inventory::tests::vm("a-vm1", ferry_api::VmState::Running)];
         center.heartbeat(inventory::tests::beat("a", vms)).unwrap();
         assert_eq!(scratch.stored_rows("hosts"), 1);
         assert_eq!(scratch.stored_rows("vms"), 1);
@@ -2224,6 +2255,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_vm_that_moved_on_from_a_destination_that_cannot_answer_is_settled_as_running() {
+        let scratch = ScratchCenter::open("settle-moved-on");
+        // Host b, the destination, refuses (its daemon restarting); it had moved v on to
+        // c, which runs it. Host a, the source, reports v in doubt about its move to b.
+        scratch.report("b", ferry_testdata::refusing_addr());
+        let mut beat = inventory::tests::beat(
+            "c",
+            vec![inventory::tests::vm("a-vm1", ferry_api::VmState::Running)],
+        );
+        beat.host.migration_addr = "c.example:7071".into();
+        scratch.center.heartbeat(beat).unwrap();
+        let question = |vm: Option<&str>| ferry_api::SettleRequest {
+            migration_addr: "b.example:7071".into(),
+            session: 7,
+            vm: vm.map(String::from),
+        };
+        let answer = scratch.center.settle(&question(Some("a-vm1"))).unwrap();
+        assert_eq!(answer, ferry_migrate::Settlement::Running);
+        // Without the VM named, or for a VM not running elsewhere, b's silence is all
+        // the center knows.
+        for vm in [None, Some("a-vm2"), Some("../x")] {
+            let answer = scratch.center.settle(&question(vm)).unwrap_err();
+            assert!(
+                matches!(answer, CenterError::HostRefused(_)),
+                "{vm:?}: {answer}"
+            );
+        }
+        // Nor once c is down: it may no longer run it.
+        scratch.silence("c");
+        let answer = scratch.center.settle(&question(Some("a-vm1"))).unwrap_err();
+        assert!(matches!(answer, CenterError::HostRefused(_)), "{answer}");
+    }
+
+    #[test]
     fn a_settle_question_says_whether_the_destinations_machine_refused_the_center() {
         let scratch = ScratchCenter::open("settle");
         // Host b's API: a port nothing listens on; host c's takes and drops.
@@ -2234,6 +2299,7 @@ pub(crate) mod tests {
             let question = ferry_api::SettleRequest {
                 migration_addr: format!("{host}.example:7071"),
                 session: 7,
+                vm: None,
             };
             let answer = scratch.center.settle(&question).unwrap_err();
             assert_eq!(
@@ -2264,6 +2330,7 @@ pub(crate) mod tests {
         let question = ferry_api::SettleRequest {
             migration_addr: "b.example:7071".into(),
             session: 7,
+            vm: None,
         };
         let answer = scratch.center.settle(&question).unwrap_err();
         assert!(matches!(answer, CenterError::Unavailable(_)), "{answer}");

@@ -344,9 +344,12 @@ fn manual_settlement(
 /// which relays the question to the destination's API.
 ///
 /// A refused connection proves only that the destination's daemon is gone (its VMs ended
-/// with its process; a restarted one knows no session) if nothing forged it: a firewall
-/// REJECT or a forged RST during a partition looks the same, and resuming here then runs
-/// the VM twice. So with a center, the destination's API must refuse the center too.
+/// with its process) if nothing forged it: a firewall REJECT or a forged RST during a
+/// partition looks the same, and resuming here then runs the VM twice. So with a center,
+/// the destination's API must refuse the center too; and the center answers `Running`
+/// itself for a VM another host reports running (the destination moved it on before its
+/// daemon went). Without a center, a VM moved on from a destination that is down runs
+/// twice: a cluster that moves VMs on from a VM's destination reports to a center.
 fn settlement(
     direct: Result<Settlement, MigrationError>,
     through_center: impl FnOnce() -> Option<anyhow::Result<Settlement>>,
@@ -1395,7 +1398,7 @@ impl Host {
             }
             let asked = settlement(
                 ferry_migrate::settle(to, &self.config.secret, options, session),
-                || self.settle_through_center(to, session),
+                || self.settle_through_center(to, session, &vm.id),
             );
             let after = format!("{:.1} s", started.elapsed().as_secs_f64());
             let done = match asked {
@@ -1453,9 +1456,14 @@ impl Host {
         }
     }
 
-    /// Asks the center (if this host reports to one) to settle `session` with the
-    /// destination whose migration address is `to`.
-    fn settle_through_center(&self, to: &str, session: u64) -> Option<anyhow::Result<Settlement>> {
+    /// Asks the center (if this host reports to one) to settle `session` (of VM `vm`)
+    /// with the destination whose migration address is `to`.
+    fn settle_through_center(
+        &self,
+        to: &str,
+        session: u64,
+        vm: &str,
+    ) -> Option<anyhow::Result<Settlement>> {
         let center = self.center.lock().expect("center lock").clone()?;
         let token = self.config.secret.token(ferry_migrate::Purpose::Heartbeat);
         let roots = cluster_roots(self.config.tls.as_ref());
@@ -1466,6 +1474,7 @@ impl Host {
                 &SettleRequest {
                     migration_addr: to.to_string(),
                     session,
+                    vm: Some(vm.to_string()),
                 },
             )
         });
@@ -1510,7 +1519,7 @@ impl Host {
             };
             settlement(
                 ferry_migrate::settle(&to, &self.config.secret, &options, session),
-                || self.settle_through_center(&to, session),
+                || self.settle_through_center(&to, session, id),
             )
         });
         let found = manual_settlement(resume, asked)
@@ -1580,6 +1589,18 @@ impl ferry_migrate::TargetFactory for Receiver {
             return Err(VmError::Incompatible(format!(
                 "host {} cannot run this VM: {why}",
                 self.host.config.name
+            )));
+        }
+        // Its source is this host, where it runs (a destination given as this host's own
+        // address): taken, it would run here twice, the copy under a new id.
+        let name = &self.host.config.name;
+        let id = migration::extra(vm, EXTRA_ID);
+        if migration::extra(vm, EXTRA_FROM) == Some(name)
+            && id.is_some_and(|id| self.host.get(id).is_ok_and(|v| v.state().is_live()))
+        {
+            return Err(VmError::Incompatible(format!(
+                "VM {} runs on host {name} already: a VM migrates to another host",
+                id.unwrap_or_default()
             )));
         }
         let config = VmConfig {
@@ -1975,6 +1996,40 @@ mod tests {
             other => panic!("{other:?}"),
         }
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_vm_sent_to_its_own_host_is_refused_and_runs_on_as_it_was() {
+        if !ferry_testdata::kvm("a_vm_sent_to_its_own_host_is_refused_and_runs_on_as_it_was") {
+            return;
+        }
+        let host = test_host();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let own = listener.local_addr().unwrap().to_string();
+        host.serve_migrations(listener).unwrap();
+        let id = host.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
+        host.start_migration(&id, MigrateRequest::to(&own)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let status = host.migration(&id).unwrap();
+            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.state, MigrationState::Failed, "{status:?}");
+        let error = status.error.unwrap_or_default();
+        assert!(error.contains("runs on host"), "{error}");
+        // One VM, under its id, running.
+        let listed: Vec<VmInfo> = host.list();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].id, id);
+        assert!(
+            eventually(10, || host.get(&id).unwrap().state().is_running()),
+            "{:?}",
+            host.get(&id).unwrap().state()
+        );
+        host.shutdown();
     }
 
     #[test]

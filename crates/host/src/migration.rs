@@ -32,6 +32,13 @@ pub(crate) const EXTRA_NAME: &str = "name";
 /// The key it was created with (absent if none).
 pub(crate) const EXTRA_IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// The [`VmDescription::extra`] value of `key` in `description`.
+pub(crate) fn extra<'a>(description: &'a VmDescription, key: &str) -> Option<&'a str> {
+    (description.extra.iter())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
 /// `description` as this host keeps it: a source's name ([`EXTRA_FROM`]) that is not a
 /// host name is dropped (the VM is taken without it), as it is stored and shown.
 fn checked(description: &VmDescription) -> VmDescription {
@@ -379,11 +386,7 @@ impl VmTarget {
 
     /// An [`VmDescription::extra`] value.
     pub fn extra(&self, key: &str) -> Option<&str> {
-        self.description
-            .extra
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        extra(&self.description, key)
     }
 }
 
