@@ -560,6 +560,20 @@ impl Core {
         Ok((id, range))
     }
 
+    /// The buffer range, file and file offset of a LOAD_FILE with arguments `a`,
+    /// validated: `len` (`a[4]`) bytes of buffer `a[0]` from `a[1]`, of attached file
+    /// `a[2]` from `a[3]`, at most [`MAX_READ`] and within the file.
+    fn load_file_range(&self, a: &[u64]) -> Result<(BufferId, Range<u64>, u32, u64), u32> {
+        let (id, range) = self.buffer_range(a[0], a[1], a[4])?;
+        let file = u32::try_from(a[2]).map_err(|_| status::BAD_FILE)?;
+        let file_len = self.files.file_len(file).ok_or(status::BAD_FILE)?;
+        let (start, len) = (a[3], a[4]);
+        if len > MAX_READ || start.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(status::BAD_FILE);
+        }
+        Ok((id, range, file, start))
+    }
+
     /// UPLOAD or DOWNLOAD of a validated range ([`Self::transfer_range`]): copies buffer
     /// `id`'s `range` from or to guest memory at `gpa`, in pieces of at most
     /// [`COPY_PIECE`], checking the switch before each: cut short, `DEVICE_ERROR`, the
@@ -777,13 +791,7 @@ impl Core {
                 self.transfer(Transfer::ToGuest, id, range, a[2])
             }
             op::LOAD_FILE => {
-                let (id, range) = self.buffer_range(a[0], a[1], a[4])?;
-                let file = u32::try_from(a[2]).map_err(|_| status::BAD_FILE)?;
-                let file_len = self.files.file_len(file).ok_or(status::BAD_FILE)?;
-                let (start, len) = (a[3], a[4]);
-                if len > MAX_READ || start.checked_add(len).is_none_or(|end| end > file_len) {
-                    return Err(status::BAD_FILE);
-                }
+                let (id, range, file, start) = self.load_file_range(a)?;
                 let files = Arc::clone(&self.files);
                 self.load_file(id, range, (file, start), &mut |at, piece| {
                     files.read_file(file, at, piece)
@@ -828,7 +836,8 @@ impl Core {
     }
 
     /// The device memory `cmd` would write, as far as its arguments are valid (one
-    /// that fails validation writes nothing).
+    /// that fails validation writes nothing). Validated as [`Self::execute`] does, with
+    /// the same helpers: a command it fails preserves no base chunk in a capture.
     fn write_set(&self, cmd: &Command) -> Vec<(BufferId, Range<u64>)> {
         let a = &cmd.args;
         match cmd.opcode {
@@ -836,13 +845,10 @@ impl Core {
                 .and_then(|id| Some((id, 0..*lock_map(&self.map).sizes.get(&id)?)))
                 .into_iter()
                 .collect(),
-            op::UPLOAD => self
-                .buffer_range(a[0], a[1], a[3])
-                .ok()
-                .into_iter()
-                .collect(),
+            op::UPLOAD => self.transfer_range(a).ok().into_iter().collect(),
             op::LOAD_FILE => self
-                .buffer_range(a[0], a[1], a[4])
+                .load_file_range(a)
+                .map(|(id, range, ..)| (id, range))
                 .ok()
                 .into_iter()
                 .collect(),

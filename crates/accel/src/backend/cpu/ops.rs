@@ -36,8 +36,8 @@ const EXP_BLOCK: usize = 1 << 9;
 /// run sizes below are small under test, so that the pinned bits check that runs do not
 /// change them.)
 const LOSS_ROWS: usize = if cfg!(test) { 1 << 4 } else { 1 << 16 };
-/// Most partial sums SUM_COLS keeps at once (8 MiB): a guest's columns are summed a run
-/// of them at a time over every chunk of rows.
+/// Most f64 sums SUM_COLS keeps at once (8 MiB): a guest's columns are summed a run of
+/// them at a time, over a window of chunks of rows at a time ([`SumColsPlan`]).
 const SUM_PARTIALS: usize = if cfg!(test) { 1 << 8 } else { 1 << 20 };
 /// Rows per partial sum in SUM_COLS.
 const SUM_ROW_CHUNK: usize = 256;
@@ -397,44 +397,84 @@ pub fn sum_rows(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: 
     });
 }
 
-/// `out[c] = Σ_r x[r][c]`: partial sums over fixed chunks of [`SUM_ROW_CHUNK`] rows, then
-/// added in chunk order; runs of columns at a time, so that at most about
-/// [`SUM_PARTIALS`] partial sums are kept (a column's sum is its own, whatever the run).
+/// How [`sum_cols`] splits a `rows×cols` sum so that it keeps at most [`SUM_PARTIALS`]
+/// f64 sums (partial sums and running sums together), whatever the shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SumColsPlan {
+    /// Chunks of [`SUM_ROW_CHUNK`] rows.
+    chunks: usize,
+    /// Columns summed at once.
+    run: usize,
+    /// Chunks of rows whose partial sums are kept at once.
+    window: usize,
+}
+
+impl SumColsPlan {
+    /// The plan for a `rows_×cols` sum.
+    fn new(rows_: usize, cols: usize) -> Self {
+        let chunks = rows_.div_ceil(SUM_ROW_CHUNK).max(1);
+        // A column takes a running sum and a partial sum per chunk of the window: as
+        // many columns as fit with every chunk in one window, else one column over
+        // windows of as many chunks as fit.
+        let run = (SUM_PARTIALS / (chunks + 1)).clamp(1, cols.max(1));
+        let window = (SUM_PARTIALS / run).saturating_sub(1).clamp(1, chunks);
+        Self {
+            chunks,
+            run,
+            window,
+        }
+    }
+
+    /// The f64 sums it keeps at once: a running sum and a partial sum per chunk of the
+    /// window, for each column of the run.
+    fn sums_kept(&self) -> usize {
+        self.run * (self.window + 1)
+    }
+}
+
+/// `out[c] = Σ_r x[r][c]`: partial sums over fixed chunks of [`SUM_ROW_CHUNK`] rows, added
+/// in chunk order to a running f64 sum per column. Runs of columns at a time, over
+/// windows of chunks at a time ([`SumColsPlan`]), so that at most [`SUM_PARTIALS`] sums
+/// are kept: a column's sum is its own whatever the run, and gets the same additions in
+/// the same order whatever the window.
 pub fn sum_cols(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: usize) {
-    let chunks = rows_.div_ceil(SUM_ROW_CHUNK);
-    let run = (SUM_PARTIALS / chunks).clamp(1, cols);
-    let mut partial = vec![0.0f64; chunks * run];
-    for first in (0..cols).step_by(run) {
-        let width = run.min(cols - first);
-        let partial = &mut partial[..chunks * width];
-        partial.fill(0.0);
-        sum_cols_run(
-            pool,
-            x,
-            &mut out[first..][..width],
-            (rows_, cols),
-            first,
-            partial,
-        );
-        if pool.check().is_err() {
-            return;
+    let plan = SumColsPlan::new(rows_, cols);
+    let mut kept = vec![0.0f64; plan.sums_kept()];
+    let (sums, partial) = kept.split_at_mut(plan.run);
+    for first in (0..cols).step_by(plan.run) {
+        let width = plan.run.min(cols - first);
+        let sums = &mut sums[..width];
+        sums.fill(0.0);
+        for from in (0..plan.chunks).step_by(plan.window) {
+            let chunks = from..plan.chunks.min(from + plan.window);
+            let partial = &mut partial[..chunks.len() * width];
+            partial.fill(0.0);
+            sum_cols_window(pool, x, (rows_, cols), first, chunks, partial, sums);
+            if pool.check().is_err() {
+                return;
+            }
+        }
+        for (o, &sum) in out[first..][..width].iter_mut().zip(&*sums) {
+            *o = sum as f32;
         }
     }
 }
 
-/// [`sum_cols`] of the columns from `first` on (as many as `out` holds), with `partial`
-/// zeroed for a sum per chunk of rows and column.
-fn sum_cols_run(
+/// [`sum_cols`] of the columns from `first` on (as many as `sums` holds) over the row
+/// chunks `chunks`: their partial sums in `partial` (zeroed, a row of them per chunk),
+/// then added to `sums` in chunk order.
+fn sum_cols_window(
     pool: &Workers,
     x: &[f32],
-    out: &mut [f32],
     (rows_, cols): (usize, usize),
     first: usize,
+    chunks: Range<usize>,
     partial: &mut [f64],
+    sums: &mut [f64],
 ) {
-    let (chunks, width) = (rows_.div_ceil(SUM_ROW_CHUNK), out.len());
-    let fill = |(ch, p): (usize, &mut [f64])| {
-        let first_row = ch * SUM_ROW_CHUNK;
+    let width = sums.len();
+    let fill = |(i, p): (usize, &mut [f64])| {
+        let first_row = (chunks.start + i) * SUM_ROW_CHUNK;
         let mut tick = Ticker::new(pool);
         let _ = (first_row..rows_.min(first_row + SUM_ROW_CHUNK)).try_for_each(|r| {
             let row = &x[r * cols + first..][..width];
@@ -446,21 +486,20 @@ fn sum_cols_run(
             tick.done(width)
         });
     };
-    if rows_ * width <= BLOCK {
+    let window_rows = rows_.min(chunks.end * SUM_ROW_CHUNK) - chunks.start * SUM_ROW_CHUNK;
+    if window_rows * width <= BLOCK {
         partial.chunks_mut(width).enumerate().for_each(fill);
     } else {
         let fill = pool.task(fill);
         pool.install(|| partial.par_chunks_mut(width).enumerate().for_each(fill));
     }
     let partial = &*partial;
-    blocks(pool, out, SUM_COL_BLOCK, |start, o| {
-        for (i, o) in o.iter_mut().enumerate() {
+    blocks(pool, sums, SUM_COL_BLOCK, |start, s| {
+        for (i, sum) in s.iter_mut().enumerate() {
             let c = start + i;
-            let mut acc = 0.0f64;
-            for ch in 0..chunks {
-                acc += partial[ch * width + c];
+            for ch in 0..chunks.len() {
+                *sum += partial[ch * width + c];
             }
-            *o = acc as f32;
         }
     });
 }
@@ -1320,6 +1359,88 @@ mod avx2 {
                     acc = _mm256_add_ps(acc, _mm256_mul_ps(*w, _mm256_loadu_ps(v.as_ptr().add(c))));
                 }
                 _mm256_storeu_ps(o.as_mut_ptr().add(c), acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::ThreadPoolBuilder;
+
+    use super::*;
+
+    fn workers(threads: usize) -> Workers {
+        Workers::new(
+            ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    /// Each column summed alone: a partial sum per chunk of rows, added in chunk order.
+    fn sum_cols_reference(x: &[f32], rows_: usize, cols: usize) -> Vec<f32> {
+        (0..cols)
+            .map(|c| {
+                let mut sum = 0.0f64;
+                for first_row in (0..rows_).step_by(SUM_ROW_CHUNK) {
+                    let mut partial = 0.0f64;
+                    for r in first_row..rows_.min(first_row + SUM_ROW_CHUNK) {
+                        partial += f64::from(x[r * cols + c]);
+                    }
+                    sum += partial;
+                }
+                sum as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sum_cols_keeps_at_most_sum_partials_sums_whatever_the_shape() {
+        for (rows_, cols) in [
+            (256 * 1024, 1),
+            (256 * 1024, 7),
+            (1, 1),
+            (1, 1 << 20),
+            (257, 20_000),
+            (SUM_ROW_CHUNK * SUM_PARTIALS, 3),
+        ] {
+            let plan = SumColsPlan::new(rows_, cols);
+            assert!(
+                plan.sums_kept() <= SUM_PARTIALS,
+                "{rows_}×{cols}: {plan:?} keeps {} sums",
+                plan.sums_kept()
+            );
+            assert!(plan.run >= 1 && plan.run <= cols && plan.window >= 1);
+        }
+    }
+
+    #[test]
+    fn windowed_sum_cols_has_the_bits_of_one_sum_per_column_in_chunk_order() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        // 601 chunks of rows over windows (of 255 under test), then runs of columns
+        // each in one window.
+        let several = (SUM_ROW_CHUNK * 600 + 17, 3);
+        let plan = SumColsPlan::new(several.0, several.1);
+        assert!(plan.window < plan.chunks, "{plan:?}");
+        for (rows_, cols) in [several, (700, 300), (5000, 1)] {
+            let x: Vec<f32> = (0..rows_ * cols)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    // Of many magnitudes, so that the order of additions shows.
+                    let value = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    value * 2f32.powi((state % 32) as i32 - 16)
+                })
+                .collect();
+            let want = sum_cols_reference(&x, rows_, cols);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for threads in [1, 3] {
+                let mut out = vec![0.0f32; cols];
+                sum_cols(&workers(threads), &x, &mut out, rows_, cols);
+                assert_eq!(bits(&out), bits(&want), "{rows_}×{cols}, {threads} threads");
             }
         }
     }
