@@ -115,32 +115,36 @@ struct Stream {
     /// Control messages the host sent after the opening request (one is enough: cancel).
     signalled: bool,
     /// Whether a read returned its last response after it ended: then only a release
-    /// lost on the way is missing, and it goes first when room is needed.
+    /// lost on the way is missing (or that read's answer, lost: read again), and it goes
+    /// first when room is needed, [`READ_WHOLE_GRACE`] after that read.
     read_whole: bool,
-    /// When room for another stream was first sought while this one had ended unread:
-    /// it is given [`UNREAD_END_GRACE`] from then for its reader to come. This host's
+    /// When this ended stream's grace began: the read that returned its end, or, for one
+    /// unread (or restored), when room for another stream was first sought since; its
+    /// place is kept [`READ_WHOLE_GRACE`] or [`UNREAD_END_GRACE`] from then. This host's
     /// own clock: not part of the saved state (a destination's grace starts anew).
     #[serde(skip)]
-    ended_unread_since: Option<Instant>,
+    grace_since: Option<Instant>,
 }
 
 /// Drops one of `streams` (all [`MAX_STREAMS`] places taken, at `now`) for a new one:
-/// one whose reader has it all, else the oldest that ended unread [`UNREAD_END_GRACE`]
-/// ago (its reader may never come: a stream is not kept for ever). One whose reader is
-/// about to come keeps its place: taking it would lose its answer's end.
+/// the oldest whose reader has had it all for [`READ_WHOLE_GRACE`], else the oldest that
+/// ended unread [`UNREAD_END_GRACE`] ago (its reader may never come: a stream is not
+/// kept for ever). One whose reader may be about to come, or to read its end again (the
+/// answer to its read lost), keeps its place: taking it would lose its answer's end.
 fn make_room(streams: &mut Vec<Stream>, now: Instant) -> Result<(), SubmitError> {
     for s in streams.iter_mut() {
-        if s.end != StreamEnd::Open && !s.read_whole {
-            s.ended_unread_since.get_or_insert(now);
+        if s.end != StreamEnd::Open {
+            s.grace_since.get_or_insert(now);
         }
     }
-    let given_up = |s: &Stream| {
-        s.ended_unread_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= UNREAD_END_GRACE)
+    let past = |s: &Stream, grace| {
+        s.end != StreamEnd::Open
+            && s.grace_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= grace)
     };
     let gone = (streams.iter())
-        .position(|s| s.end != StreamEnd::Open && s.read_whole)
-        .or_else(|| streams.iter().position(given_up))
+        .position(|s| s.read_whole && past(s, READ_WHOLE_GRACE))
+        .or_else(|| streams.iter().position(|s| past(s, UNREAD_END_GRACE)))
         .ok_or(SubmitError::TooManyStreams)?;
     streams.remove(gone);
     Ok(())
@@ -150,6 +154,10 @@ fn make_room(streams: &mut Vec<Stream>, now: Instant) -> Result<(), SubmitError>
 /// its reader (the center's gateway) may be held up by a slow client for up to a
 /// minute between two reads; past this it is taken for gone.
 pub const UNREAD_END_GRACE: Duration = Duration::from_secs(120);
+
+/// How long a stream whose end was read keeps its place: the reader whose answer was
+/// lost reads again within its read's time limit (seconds), here or where the VM went.
+pub const READ_WHOLE_GRACE: Duration = Duration::from_secs(15);
 
 impl Stream {
     /// Drops the responses before stream index `from`: their reader has them.
@@ -462,7 +470,7 @@ impl Channel {
             end: StreamEnd::Open,
             signalled: false,
             read_whole: false,
-            ended_unread_since: None,
+            grace_since: None,
         });
         state.queued.push_back(Queued {
             stream,
@@ -554,7 +562,10 @@ impl Channel {
             let left = deadline.saturating_duration_since(Instant::now());
             if held > from || s.end != StreamEnd::Open || left.is_zero() || moved {
                 // An onlooker's read of the end says nothing of whether the reader has it.
-                s.read_whole |= reading == Reading::Consume && s.end != StreamEnd::Open;
+                if reading == Reading::Consume && s.end != StreamEnd::Open {
+                    s.read_whole = true;
+                    s.grace_since = Some(Instant::now());
+                }
                 return Ok(StreamRead {
                     events: s.events.get(from - s.first..).unwrap_or_default().to_vec(),
                     end: s.end,
@@ -882,7 +893,7 @@ mod tests {
                     end: StreamEnd::Final,
                     signalled: true,
                     read_whole: true,
-                    ended_unread_since: None,
+                    grace_since: None,
                 }],
                 dropped: 17,
             },
@@ -1181,7 +1192,7 @@ mod tests {
             end: StreamEnd::Open,
             signalled: false,
             read_whole: false,
-            ended_unread_since: None,
+            grace_since: None,
         });
         (state.request_head, state.request_tail) = (u64::MAX, u64::MAX);
         state.queued.push_back(Queued {
@@ -1203,7 +1214,7 @@ mod tests {
                 end: StreamEnd::Final,
                 signalled: false,
                 read_whole: false,
-                ended_unread_since: None,
+                grace_since: None,
             });
             let cut = Channel::restore(&state).save().streams.pop().unwrap();
             assert_eq!((cut.events.len(), cut.end), (kept, StreamEnd::Overflow));
@@ -1430,13 +1441,26 @@ mod tests {
                 end: StreamEnd::Final,
                 signalled: false,
                 read_whole: false,
-                ended_unread_since: None,
+                grace_since: None,
             })
             .collect();
         let full = Channel::restore(&state);
         full.open();
         let read = full.read(10, 0, Duration::ZERO).unwrap();
         assert_eq!(read.end, StreamEnd::Final);
+        // Its reader may not have that answer (lost on the way): it keeps its place a
+        // while, and reads it again.
+        assert_eq!(
+            full.submit(1000, message(1, "q")),
+            Err(SubmitError::TooManyStreams)
+        );
+        assert_eq!(full.read(10, 0, Duration::ZERO).unwrap(), read);
+        // Then it goes first.
+        make_room(
+            &mut full.core().state.streams,
+            Instant::now() + READ_WHOLE_GRACE,
+        )
+        .unwrap();
         full.submit(1000, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(kept.contains(&0) && !kept.contains(&10), "{kept:?}");
