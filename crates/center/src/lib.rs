@@ -1217,9 +1217,17 @@ impl Center {
             Some(name) => match open.into_iter().find(|h| h.name == name) {
                 Some(h) => vec![h],
                 None if inventory.hosts.contains_key(name) => {
-                    return Err(CenterError::Unavailable(format!(
-                        "host {name} is down or in maintenance; it takes no new VMs"
-                    )))
+                    let mode = &inventory.hosts[name].mode;
+                    let why = if mode.accepts_vms() {
+                        "down (no heartbeat lately)".to_string()
+                    } else {
+                        format!("in {} mode", mode.name())
+                    };
+                    // A conflict with the host's state, not a moment's unavailability:
+                    // nothing was made, and sent again at once it still would not be.
+                    return Err(CenterError::Conflict(format!(
+                        "host {name} is {why} and takes no new VMs: ask for another host, or none"
+                    )));
                 }
                 None => {
                     return Err(CenterError::NotFound(format!(
@@ -2204,7 +2212,7 @@ pub(crate) mod tests {
         use ferry_api::VmState;
         let scratch = ScratchCenter::open("forget");
         let center = &scratch.center;
-        let vms = vec![inventory::tests::vm("a-vm1", ferry_api::VmState::Running)];
+        let vms = vec![inventory::tests::vm("a-vm1", VmState::Running)];
         center.heartbeat(inventory::tests::beat("a", vms)).unwrap();
         assert_eq!(scratch.stored_rows("hosts"), 1);
         assert_eq!(scratch.stored_rows("vms"), 1);

@@ -216,7 +216,16 @@ fn maintenance_moves_both_vms_off_and_they_finish_as_if_never_moved() {
     assert_ne!(first["vm"]["id"], placed["vm"]["id"]);
     let refused = c.ferry(&["vm", "create", "hello", "--on", "a"]);
     assert!(!refused.status.success());
-    common::assert_says(&refused.stderr, "maintenance");
+    common::assert_says(
+        &refused.stderr,
+        "is in maintenance mode and takes no new VMs",
+    );
+    // Refused outright: not sent again, nor said to be maybe made.
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !said.contains("sending the create again") && !said.contains("may have been made"),
+        "{said}"
+    );
 
     let scrape = || {
         ureq::get(format!("{}/metrics", c.url))
