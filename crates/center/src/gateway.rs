@@ -244,8 +244,10 @@ pub fn cors() -> tower_http::cors::CorsLayer {
     tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::Any)
         .allow_methods([Method::GET, Method::POST])
-        // Any header: OpenAI's JavaScript SDK sends its own (`x-stainless-*`).
-        .allow_headers(tower_http::cors::Any)
+        // Any header, named back as asked: OpenAI's JavaScript SDK sends its own
+        // (`x-stainless-*`), and a wildcard (`*`) never covers `Authorization` (the Fetch
+        // standard), so a page could not send its bearer token.
+        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
         .max_age(std::time::Duration::from_secs(3600))
 }
 
@@ -552,7 +554,8 @@ fn api_error(e: &anyhow::Error) -> Option<&ApiError> {
 }
 
 impl Center {
-    /// The serving VM `model` names: its id, or the name it was given at creation.
+    /// The serving VM `model` names: its id, or the name it was given at creation (an id
+    /// comes first: a VM named as another's id is found by its own id).
     fn serving_vm(&self, model: &str) -> Result<String, OpenAiError> {
         let inventory = self.inventory();
         let down_after = self.down_after_ms();
@@ -568,8 +571,10 @@ impl Center {
         match named.as_slice() {
             [id] => Ok(id.to_string()),
             [] => Err(model_not_found(model)),
+            // A 400, not a 409: OpenAI's clients retry a 409, and asking again changes
+            // nothing.
             ids => Err(OpenAiError::new(
-                StatusCode::CONFLICT,
+                StatusCode::BAD_REQUEST,
                 "model_ambiguous",
                 format!(
                     "{} serving VMs are named '{model}' ({}): name one by its id",
@@ -578,6 +583,31 @@ impl Center {
                 ),
             )),
         }
+    }
+
+    /// The serving VMs as models: each under its name where that names it alone, else
+    /// under its id (either answers requests). A name that is another serving VM's id
+    /// does not name it alone: that id answers for the other VM
+    /// ([`Center::serving_vm`]), and the list would show one model twice.
+    fn models_listed(&self) -> Vec<Value> {
+        let inventory = self.inventory();
+        let down_after = self.down_after_ms();
+        let serving: Vec<_> = (inventory.vms().values())
+            .filter(|v| serves(&inventory, v, down_after))
+            .collect();
+        let mut named = std::collections::HashMap::<&str, usize>::new();
+        for name in serving.iter().filter_map(|v| v.info.name.as_deref()) {
+            *named.entry(name).or_default() += 1;
+        }
+        let ids: std::collections::HashSet<&str> = serving.iter().map(|v| v.id.as_str()).collect();
+        serving
+            .iter()
+            .map(|v| {
+                let name =
+                    (v.info.name.as_deref()).filter(|name| named[name] == 1 && !ids.contains(name));
+                model_object(name.unwrap_or(&v.id), v)
+            })
+            .collect()
     }
 
     /// The host that runs VM `vm` now, as the center last heard.
@@ -1059,25 +1089,9 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
     }
 }
 
-/// `GET /v1/models`: the serving VMs, one model each: its name where that names it alone,
-/// else its id (either answers requests).
+/// `GET /v1/models`: the serving VMs, one model each, under a name that answers for it.
 pub async fn models(State(center): State<Arc<Center>>) -> Response {
-    let inventory = center.inventory();
-    let down_after = center.down_after_ms();
-    let serving: Vec<_> = (inventory.vms().values())
-        .filter(|v| serves(&inventory, v, down_after))
-        .collect();
-    let mut named = std::collections::HashMap::<&str, usize>::new();
-    for name in serving.iter().filter_map(|v| v.info.name.as_deref()) {
-        *named.entry(name).or_default() += 1;
-    }
-    let data: Vec<Value> = serving
-        .iter()
-        .map(|v| {
-            let name = v.info.name.as_deref().filter(|name| named[name] == 1);
-            model_object(name.unwrap_or(&v.id), v)
-        })
-        .collect();
+    let data = center.models_listed();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -1935,6 +1949,60 @@ mod tests {
         beat(VmState::Running);
         beat(VmState::Stopped);
         assert!(scratch.center.serving_vm("chat").is_err());
+    }
+
+    /// A serving VM `id` named `name`, running.
+    fn serving_vm_named(id: &str, name: Option<&str>) -> ferry_api::VmInfo {
+        let mut vm = crate::inventory::tests::vm(id, VmState::Running);
+        vm.workload = SERVING_WORKLOAD.into();
+        vm.name = name.map(str::to_string);
+        vm
+    }
+
+    #[test]
+    fn a_model_name_two_vms_share_is_a_bad_request_not_a_conflict_clients_retry() {
+        let scratch = crate::tests::ScratchCenter::open("ambiguous-model");
+        let vms = vec![
+            serving_vm_named("h-vm1", Some("chat")),
+            serving_vm_named("h-vm2", Some("chat")),
+        ];
+        let beat = crate::inventory::tests::beat("h", vms);
+        scratch.center.heartbeat(beat).unwrap();
+        let e = scratch.center.serving_vm("chat").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let body = e.body();
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["code"], "model_ambiguous", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("name one by its id"), "{message}");
+        // Each is still served by its id.
+        assert_eq!(scratch.center.serving_vm("h-vm2").unwrap(), "h-vm2");
+    }
+
+    #[test]
+    fn a_vm_named_as_another_vms_id_is_listed_under_its_own_id_and_served_there() {
+        let scratch = crate::tests::ScratchCenter::open("name-is-an-id");
+        let vms = vec![
+            serving_vm_named("h-vm1", None),
+            serving_vm_named("h-vm2", Some("h-vm1")),
+        ];
+        let beat = crate::inventory::tests::beat("h", vms);
+        scratch.center.heartbeat(beat).unwrap();
+        let listed: Vec<(String, String)> = (scratch.center.models_listed().iter())
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().into(),
+                    m["vm"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let mut ids: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 2, "one model listed twice: {listed:?}");
+        for (model, vm) in &listed {
+            assert_eq!(&scratch.center.serving_vm(model).unwrap(), vm, "{listed:?}");
+        }
     }
 
     #[test]

@@ -48,6 +48,18 @@ type HostGauge = Family<HostLabel, Gauge<f64, AtomicU64>>;
 /// What a per-host gauge shows of a host.
 type HostReading = fn(&HostView) -> f64;
 
+/// One migration counted in `ferry_migrations_in_progress`, until dropped: each count
+/// ends exactly once, however the migration's follower ends, so the gauge neither
+/// drifts up nor goes below zero.
+#[must_use = "the migration counts as in progress only while this is held"]
+pub struct MigrationInProgress(Gauge);
+
+impl Drop for MigrationInProgress {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The center's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -177,15 +189,11 @@ impl Metrics {
             .inc();
     }
 
-    /// A migration began.
-    pub fn migration_started(&self) {
+    /// A migration is being followed (ordered here, or inherited from an earlier leader):
+    /// it counts as in progress until the guard returned is dropped.
+    pub fn migration_started(&self) -> MigrationInProgress {
         self.in_progress.inc();
-    }
-
-    /// A migration that [`Metrics::migration_started`] counted ended as `record` says.
-    pub fn migration_ended(&self, record: &MigrationRecord) {
-        self.in_progress.dec();
-        self.count_finished(record);
+        MigrationInProgress(self.in_progress.clone())
     }
 
     /// Counts a finished migration (one ended now, or one loaded from the store, which
@@ -269,11 +277,13 @@ mod tests {
             ..MigrationRecord::default()
         };
         metrics.count_finished(&done(3.0));
-        metrics.migration_started();
-        metrics.migration_ended(&done(40.0));
-        metrics.migration_started();
-        metrics.migration_ended(&failed);
-        metrics.migration_started();
+        let ended = metrics.migration_started();
+        metrics.count_finished(&done(40.0));
+        drop(ended);
+        let ended = metrics.migration_started();
+        metrics.count_finished(&failed);
+        drop(ended);
+        let _running = metrics.migration_started();
         let text = metrics.render(&[], &BTreeMap::new());
         for line in [
             "ferry_migrations_total{result=\"succeeded\"} 2",

@@ -12,9 +12,9 @@ use ferry_api::{MigrationState, MigrationStatus};
 use ferry_migrate::MigrationReport;
 use serde::{Deserialize, Serialize};
 
-use crate::balance::{self, BalancePlan, MovableVm};
+use crate::balance::{self, BalancePlan, MovableVm, PlannedMove};
 use crate::inventory::{
-    check_vm_report, unix_ms, Event, HostMode, MigrationRecord, Reservation, VmRecord,
+    check_vm_report, unix_ms, Event, HostMode, Inventory, MigrationRecord, Reservation, VmRecord,
 };
 use crate::placement::{self, Need};
 use crate::store::StoreError;
@@ -364,10 +364,10 @@ impl Center {
             record.error = Some(e.to_string());
             return record;
         }
-        self.metrics().migration_started();
+        let _in_progress = self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id, term);
-        self.conclude_migration(&m.vm.id, &m.to, record.id, reason, outcome, true)
+        self.conclude_migration(&m.vm.id, &m.to, record.id, reason, outcome)
     }
 
     /// Records a new migration, in the store first (so a next leader finds it) and then
@@ -390,7 +390,6 @@ impl Center {
         id: i64,
         reason: &str,
         outcome: Result<(Option<MigrationReport>, VmInfo), MoveFailure>,
-        started_here: bool,
     ) -> MigrationRecord {
         let mut inventory = self.inventory();
         inventory
@@ -422,11 +421,7 @@ impl Center {
             }
         };
         let record = entry.clone();
-        if started_here {
-            self.metrics().migration_ended(&record);
-        } else {
-            self.metrics().count_finished(&record);
-        }
+        self.metrics().count_finished(&record);
         // Bounded as the destination's beats are (what is not kept, its next beat tells).
         let moved = arrived.and_then(|mut info| match check_vm_report(&mut info) {
             Ok(()) => Some(VmRecord {
@@ -802,26 +797,20 @@ impl Center {
                     Err("the VM is no longer known to the cluster"
                         .to_string()
                         .into()),
-                    false,
                 );
             }
         };
-        // Room on the destination while it is followed, as for a move ordered here (a new
-        // leader starts with none held): concluding gives it back.
+        // Room on the destination while it is followed, and counted as in progress, as a
+        // move ordered here (a new leader starts with none held): concluding gives the
+        // room back, and the count ends when the move is concluded.
+        let _in_progress = self.metrics().migration_started();
         self.reserve(std::slice::from_ref(&m));
         let outcome = (|| -> Result<_, MoveFailure> {
             let (source, dest) = self.move_hosts(&m)?;
             let recorded = "the leader that recorded it stopped before the source took the order";
             self.follow_order_in_doubt(&source, &dest, &record.vm, record.id, recorded)
         })();
-        self.conclude_migration(
-            &record.vm,
-            &record.to,
-            record.id,
-            &record.reason,
-            outcome,
-            false,
-        )
+        self.conclude_migration(&record.vm, &record.to, record.id, &record.reason, outcome)
     }
 
     /// Resumes, as the new leader, the operations and migrations that were running.
@@ -927,6 +916,11 @@ impl Center {
                         break;
                     }
                     std::thread::sleep(POLL);
+                }
+                // The lead may have changed during that wait: the leader of a later term
+                // resumes the operation, and plans (and holds room) for it itself.
+                if !self.leads_in(term) {
+                    return;
                 }
                 let moves = match self.plan_evacuation(&host) {
                     Ok(moves) => moves,
@@ -1137,6 +1131,12 @@ impl Center {
         if !self.creations_ended(host) {
             problems.push("VMs were still being created on the host".into());
         }
+        // Asked again after that wait (minutes, at worst): the lead may have been lost
+        // meanwhile, even won again in a later term, whose leader resumed the evacuation
+        // and is still at it. Only that one ends it.
+        if !self.leads_in(term) {
+            return;
+        }
         let left: Vec<String> = self
             .inventory()
             .live_vms_on(host)
@@ -1232,10 +1232,12 @@ impl Center {
         }
         if mode != HostMode::Active {
             self.set_mode(host, HostMode::Active)?;
-            self.record(&[Event::now(
-                "maintenance",
-                format!("host {host} is back in service"),
-            )])?;
+            // The host is back in service once its mode is written: an event lost now
+            // must not tell the operator it is not.
+            let back = Event::now("maintenance", format!("host {host} is back in service"));
+            if let Err(e) = self.record(&[back]) {
+                tracing::warn!("recording an event: {e}");
+            }
         }
         self.host(host)
     }
@@ -1338,18 +1340,7 @@ impl Center {
             });
         }
         self.store().writable()?;
-        let moves: Vec<Move> = {
-            let inventory = self.inventory();
-            plan.moves
-                .iter()
-                .filter_map(|m| {
-                    inventory.vms().get(&m.vm).map(|vm| Move {
-                        vm: vm.clone(),
-                        to: m.to.clone(),
-                    })
-                })
-                .collect()
-        };
+        let moves = moves_still_planned(&self.inventory(), &plan.moves);
         let term = self.term().ok_or(StoreError::NotLeader)?;
         let op = self.begin_operation(OperationKind::Balance, None, &moves)?;
         self.reserve(&moves);
@@ -1374,6 +1365,36 @@ impl Center {
             operation: Some(op),
         })
     }
+}
+
+/// The moves of `planned` whose VMs are still where the plan found them, running. The
+/// plan is made without the inventory's lock: a VM that moved meanwhile (to the plan's
+/// destination, or elsewhere), or stopped, is left where it is, else its new host would
+/// be told to move it to itself, or a host the plan never weighed would lose it.
+fn moves_still_planned(inventory: &Inventory, planned: &[PlannedMove]) -> Vec<Move> {
+    planned
+        .iter()
+        .filter_map(|m| {
+            let vm = inventory.vms().get(&m.vm)?;
+            let as_planned =
+                vm.host == m.from && vm.host != m.to && vm.info.state == VmState::Running;
+            if !as_planned {
+                tracing::info!(
+                    "VM {} is not moved {} -> {}: it is {} on host {} now",
+                    m.vm,
+                    m.from,
+                    m.to,
+                    vm.info.state.name(),
+                    vm.host
+                );
+                return None;
+            }
+            Some(Move {
+                vm: vm.clone(),
+                to: m.to.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Whether a host may have taken an order that failed with `e`: anything but its API's
@@ -1447,7 +1468,7 @@ mod tests {
         };
         scratch.fail_writes("UPDATE ON migrations");
         let stayed = MoveFailure::Stayed("refused".into());
-        let ended = center.conclude_migration("v", "b", record.id, "test", Err(stayed), false);
+        let ended = center.conclude_migration("v", "b", record.id, "test", Err(stayed));
         assert_eq!(ended.state, MigrationState::Failed);
         assert_eq!(stored(), MigrationState::Running);
         center.check_hosts().unwrap();
@@ -1640,7 +1661,7 @@ mod tests {
         let center = &scratch.center;
         let record = running_move_recorded(center, "v");
         let lost = MoveFailure::Unsettled("lost contact with host a".into());
-        let ended = center.conclude_migration("v", "b", record.id, "test", Err(lost), false);
+        let ended = center.conclude_migration("v", "b", record.id, "test", Err(lost));
         assert_eq!(ended.state, MigrationState::InDoubt);
         let events = center.events(1).unwrap();
         assert!(
@@ -1730,9 +1751,18 @@ mod tests {
             .map(|r| (r.vm.clone(), r.host.clone()))
             .collect();
         assert_eq!(held, [("v".to_string(), "b".to_string())]);
+        // Followed, it is a migration in progress, as one ordered here.
+        let text = scratch.center.metrics_text();
+        assert!(text.contains("ferry_migrations_in_progress 1\n"), "{text}");
         let ended = settling.join().unwrap();
         assert_eq!(ended.state, MigrationState::Succeeded, "{ended:?}");
         assert!(scratch.center.inventory().reservations.is_empty());
+        let text = scratch.center.metrics_text();
+        assert!(text.contains("ferry_migrations_in_progress 0\n"), "{text}");
+        assert!(
+            text.contains("ferry_migrations_total{result=\"succeeded\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1783,6 +1813,117 @@ mod tests {
             "{}",
             ended.summary
         );
+        assert_eq!(center.inventory().hosts["a"].mode, HostMode::Active);
+    }
+
+    #[test]
+    fn an_evacuation_ended_after_its_replica_lost_and_won_the_lead_again_is_left_to_the_new_term() {
+        let scratch = ScratchCenter::open("evacuation-old-term");
+        let center = &scratch.center;
+        // VM v is still being made on a (the next term's resumption waits for it), and a
+        // create placed there before the evacuation has not ended.
+        let beat = |state| {
+            let beat = crate::inventory::tests::beat("a", vec![vm("v", state)]);
+            center.heartbeat(beat).unwrap();
+        };
+        beat(VmState::Creating);
+        let op = center
+            .begin_operation(OperationKind::Maintenance, Some("a"), &[])
+            .unwrap();
+        center.set_mode("a", HostMode::Evacuating).unwrap();
+        center.inventory().creating.insert("a".into(), 1);
+        let first = center.term().unwrap();
+        let ending = std::thread::spawn({
+            let center = center.clone();
+            move || center.finish_evacuation("a", &[], op.id, first, None)
+        });
+        // (Time for it to pass its first check of the lead and wait for the create; had
+        // it not, it would end nothing either way.)
+        std::thread::sleep(Duration::from_millis(200));
+        // The lead is lost and won again: the next term resumes the evacuation.
+        center.lead().unwrap();
+        assert_ne!(center.term(), Some(first));
+        center.inventory().creating.clear();
+        ending.join().unwrap();
+        let now = center.operation(op.id).unwrap();
+        assert_eq!(now.state, OperationState::Running, "{}", now.summary);
+        assert_eq!(center.inventory().hosts["a"].mode, HostMode::Evacuating);
+        // The next term's resumption ends it (v has nowhere to go).
+        beat(VmState::Running);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ended = loop {
+            let now = center.operation(op.id).unwrap();
+            if now.state != OperationState::Running {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "the next term never ended it");
+            std::thread::sleep(POLL);
+        };
+        assert!(ended.summary.contains("nowhere to go"), "{}", ended.summary);
+    }
+
+    #[test]
+    fn an_evacuation_resumed_in_a_term_since_lost_plans_nothing_and_holds_no_room() {
+        let scratch = ScratchCenter::open("resume-old-term");
+        let center = &scratch.center;
+        scratch.report("b", ferry_testdata::refusing_addr());
+        let beat = crate::inventory::tests::beat("a", vec![vm("v", VmState::Running)]);
+        center.heartbeat(beat).unwrap();
+        let op = center
+            .begin_operation(OperationKind::Maintenance, Some("a"), &[])
+            .unwrap();
+        center.set_mode("a", HostMode::Evacuating).unwrap();
+        // A term this replica does not lead in (it lost the lead while it waited to
+        // hear the host).
+        center.resume_operation(op.clone(), u64::MAX);
+        let now = center.operation(op.id).unwrap();
+        assert!(now.planned.is_empty(), "{:?}", now.planned);
+        assert_eq!(now.state, OperationState::Running);
+        assert!(center.inventory().reservations.is_empty());
+    }
+
+    #[test]
+    fn a_balance_move_of_a_vm_that_moved_or_stopped_since_it_was_planned_is_not_made() {
+        let scratch = ScratchCenter::open("balance-stale-plan");
+        let center = &scratch.center;
+        let beat = |host: &str, vms| {
+            let beat = crate::inventory::tests::beat(host, vms);
+            center.heartbeat(beat).unwrap();
+        };
+        // Planned from a to b; v landed on b meanwhile, w on c, x stopped; y is as
+        // planned.
+        beat(
+            "a",
+            vec![vm("x", VmState::Stopped), vm("y", VmState::Running)],
+        );
+        beat("b", vec![vm("v", VmState::Running)]);
+        beat("c", vec![vm("w", VmState::Running)]);
+        let planned: Vec<PlannedMove> = ["v", "w", "x", "y"]
+            .iter()
+            .map(|id| PlannedMove {
+                vm: id.to_string(),
+                from: "a".into(),
+                to: "b".into(),
+                accel_memory: 0,
+                load: 0.5,
+            })
+            .collect();
+        let moves = moves_still_planned(&center.inventory(), &planned);
+        let made: Vec<(&str, &str, &str)> = (moves.iter())
+            .map(|m| (m.vm.id.as_str(), m.vm.host.as_str(), m.to.as_str()))
+            .collect();
+        assert_eq!(made, [("y", "a", "b")]);
+    }
+
+    #[test]
+    fn leaving_maintenance_whose_event_could_not_be_written_still_answers_the_host() {
+        let scratch = ScratchCenter::open("exit-maintenance-event");
+        let center = &scratch.center;
+        scratch.report("a", ferry_testdata::refusing_addr());
+        center.set_mode("a", HostMode::Maintenance).unwrap();
+        scratch.fail_writes("INSERT ON events");
+        let view = center.exit_maintenance("a").unwrap();
+        assert_eq!(view.mode, HostMode::Active.name());
         assert_eq!(center.inventory().hosts["a"].mode, HostMode::Active);
     }
 
