@@ -2,7 +2,9 @@
 //! of connections per host and per peer address (an IPv6 /64), each with a few seconds to
 //! authenticate (TLS included) and frames of a few KiB meanwhile. A connection over the
 //! limits is closed at once, with a log line naming the peer; one that takes too long is
-//! shut by a single reaper thread.
+//! shut by a single reaper thread. Refusals, and connections that fail before they
+//! authenticate, are logged at most every few seconds per peer, with a count: anyone can
+//! cause them as fast as connections open.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -18,10 +20,11 @@ pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
 pub const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
 /// How often the reaper looks for connections past their time.
 const REAP_EVERY: Duration = Duration::from_millis(100);
-/// A peer's refusals are logged at most this often (with how many there were).
+/// A peer's refusals (and, apart, its failures before authenticating) are logged at most
+/// this often (with how many there were).
 const LOG_REFUSALS_EVERY: Duration = Duration::from_secs(5);
-/// Peers whose refusals are counted each on its own; beyond them, together.
-const MAX_REFUSED_PEERS: usize = 4 * MAX_HANDSHAKES;
+/// Peers whose refusals (or failures) are counted each on its own; beyond them, together.
+const MAX_LOGGED_PEERS: usize = 4 * MAX_HANDSHAKES;
 
 /// One connection authenticating: when its time is up, and its socket.
 struct Pending {
@@ -35,14 +38,22 @@ struct State {
     pending: HashMap<u64, Pending>,
     per_peer: HashMap<IpAddr, usize>,
     next: u64,
-    /// Per peer: refusals since the last log line about it, and when that was.
-    refused: HashMap<IpAddr, RefusalLog>,
-    /// The same for the peers beyond [`MAX_REFUSED_PEERS`] at once, together.
-    refused_others: RefusalLog,
+    /// Connections refused.
+    refused: PeerLog,
+    /// Connections admitted that failed before they authenticated.
+    failed: PeerLog,
 }
 
-/// Refusals not logged yet, and when the last line was (`None`: never).
-type RefusalLog = (u64, Option<Instant>);
+/// Per peer: events since the last log line about it, and when that was.
+#[derive(Default)]
+struct PeerLog {
+    peers: HashMap<IpAddr, Unlogged>,
+    /// The same for the peers beyond [`MAX_LOGGED_PEERS`] at once, together.
+    others: Unlogged,
+}
+
+/// Events not logged yet, and when the last line was (`None`: never).
+type Unlogged = (u64, Option<Instant>);
 
 /// The admission of unauthenticated connections to a listener.
 #[derive(Clone, Default)]
@@ -104,37 +115,17 @@ impl Gate {
     }
 
     /// Whether a refusal of `peer` should be logged now; returns how many refusals the
-    /// line covers (for a peer beyond the [`MAX_REFUSED_PEERS`] counted on their own,
+    /// line covers (for a peer beyond the [`MAX_LOGGED_PEERS`] counted on their own,
     /// those of all such peers). Peers cost no memory past that bound, however many
     /// addresses refused connections come from.
     pub(crate) fn log_refusal(&self, peer: IpAddr) -> Option<u64> {
-        let peer = peer_key(peer);
-        let mut s = self.state();
-        let now = Instant::now();
-        let recent = |last: &Option<Instant>| {
-            last.is_some_and(|t| now.duration_since(t) < LOG_REFUSALS_EVERY)
-        };
-        let State {
-            refused,
-            refused_others,
-            ..
-        } = &mut *s;
-        if refused.len() >= MAX_REFUSED_PEERS && !refused.contains_key(&peer) {
-            // Peers not logged for a while are forgotten (with at most a line's worth
-            // of refusals unsaid).
-            refused.retain(|_, (_, last)| recent(last));
-        }
-        let (count, last) = if refused.len() < MAX_REFUSED_PEERS {
-            refused.entry(peer).or_insert((0, None))
-        } else {
-            refused.get_mut(&peer).unwrap_or(refused_others)
-        };
-        *count += 1;
-        if recent(last) {
-            return None;
-        }
-        *last = Some(now);
-        Some(std::mem::take(count))
+        self.state().refused.note(peer_key(peer))
+    }
+
+    /// Whether a connection from `peer` that failed before it authenticated should be
+    /// logged now, as [`Gate::log_refusal`] (counted apart from refusals).
+    pub(crate) fn log_failure(&self, peer: IpAddr) -> Option<u64> {
+        self.state().failed.note(peer_key(peer))
     }
 
     /// Shuts every connection past its time (its thread then fails and gives its ticket
@@ -166,6 +157,34 @@ impl Gate {
     #[cfg(test)]
     fn pending(&self) -> usize {
         self.state().pending.len()
+    }
+}
+
+impl PeerLog {
+    /// Counts an event of `peer`; returns how many events a line logged now covers, if
+    /// one is due (see [`Gate::log_refusal`]).
+    fn note(&mut self, peer: IpAddr) -> Option<u64> {
+        let now = Instant::now();
+        let recent = |last: &Option<Instant>| {
+            last.is_some_and(|t| now.duration_since(t) < LOG_REFUSALS_EVERY)
+        };
+        let Self { peers, others } = self;
+        if peers.len() >= MAX_LOGGED_PEERS && !peers.contains_key(&peer) {
+            // Peers not logged for a while are forgotten (with at most a line's worth
+            // of events unsaid).
+            peers.retain(|_, (_, last)| recent(last));
+        }
+        let (count, last) = if peers.len() < MAX_LOGGED_PEERS {
+            peers.entry(peer).or_insert((0, None))
+        } else {
+            peers.get_mut(&peer).unwrap_or(others)
+        };
+        *count += 1;
+        if recent(last) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(count))
     }
 }
 
@@ -278,6 +297,19 @@ mod tests {
     }
 
     #[test]
+    fn failures_before_authenticating_are_logged_apart_from_refusals() {
+        let gate = Gate::default();
+        let peer = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
+        // A line about the peer's refusals does not hide its first failure.
+        assert_eq!(gate.log_refusal(peer), Some(1));
+        assert_eq!(gate.log_failure(peer), Some(1));
+        for _ in 0..100 {
+            assert_eq!(gate.log_failure(peer), None);
+        }
+        assert_eq!(gate.log_refusal(peer), None);
+    }
+
+    #[test]
     fn refusals_from_ever_new_peers_cost_bounded_memory_and_are_still_logged() {
         let gate = Gate::default();
         let tracked = IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9));
@@ -289,9 +321,9 @@ mod tests {
             logged += gate.log_refusal(p).unwrap_or(0);
             logged += gate.log_refusal(p).unwrap_or(0);
         }
-        assert!(gate.0.lock().unwrap().refused.len() <= MAX_REFUSED_PEERS);
+        assert!(gate.0.lock().unwrap().refused.peers.len() <= MAX_LOGGED_PEERS);
         // Each tracked peer's first refusal was logged, and the others' together once.
-        assert!(logged >= MAX_REFUSED_PEERS as u64, "{logged}");
+        assert!(logged >= MAX_LOGGED_PEERS as u64, "{logged}");
         // A peer counted on its own still is.
         assert_eq!(gate.log_refusal(tracked), None);
     }

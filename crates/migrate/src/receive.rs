@@ -28,8 +28,8 @@ use crate::vm::{
     MigrationTarget, VmDescription, VmError, MAX_CHUNK_BYTES, PAGE_SIZE,
 };
 use crate::wire::{
-    Frame, FrameStream, Message, StreamRole, Transfer, MAX_CONTROL_BYTES, MAX_DATA_FRAME,
-    MAX_DATA_STREAM_CONTROL, MAX_HANDSHAKE_FRAME, MAX_RUN_PAGES,
+    bounded_reason, Frame, FrameStream, Message, StreamRole, Transfer, MAX_CONTROL_BYTES,
+    MAX_DATA_FRAME, MAX_DATA_STREAM_CONTROL, MAX_HANDSHAKE_FRAME, MAX_RUN_PAGES,
 };
 use crate::MigrationError;
 
@@ -377,7 +377,7 @@ fn serve_until<F: TargetFactory>(
             sessions.clone(),
             outcomes.clone(),
         );
-        let (slots, replay_slots) = (slots.clone(), replay_slots.clone());
+        let (slots, replay_slots, gate) = (slots.clone(), replay_slots.clone(), gate.clone());
         let peer = peer_addr.to_string();
         let spawned = std::thread::Builder::new()
             .name("migrate-in".into())
@@ -389,9 +389,20 @@ fn serve_until<F: TargetFactory>(
                     replay_slots: &replay_slots,
                     outcomes: &outcomes,
                 };
-                if let Err(e) = handle_connection(stream, ticket, &secret, tls.as_ref(), shared) {
-                    let e = error_chain(&e);
-                    tracing::warn!(%peer, "incoming migration connection failed: {e}");
+                match handle_connection(stream, ticket, &secret, tls.as_ref(), shared) {
+                    Ok(()) => {}
+                    Err(ConnectionError::Authenticated(e)) => {
+                        let e = error_chain(&e);
+                        tracing::warn!(%peer, "incoming migration connection failed: {e}");
+                    }
+                    // Anyone can cause these as fast as connections open: logged as
+                    // refusals are.
+                    Err(ConnectionError::Unauthenticated(e)) => {
+                        if let Some(n) = gate.log_failure(peer_addr.ip()) {
+                            let e = error_chain(&e);
+                            tracing::warn!(%peer, failed = n, "incoming migration connections failed before authenticating, the last: {e}");
+                        }
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -479,6 +490,14 @@ fn serve_over_capacity(
     Err(MigrationError::Busy(reason))
 }
 
+/// How an incoming connection failed.
+enum ConnectionError {
+    /// Before the peer proved it knows the secret.
+    Unauthenticated(MigrationError),
+    /// After.
+    Authenticated(MigrationError),
+}
+
 /// One connection: authenticated under `ticket` (given back once it has), then served.
 fn handle_connection<F: TargetFactory>(
     stream: TcpStream,
@@ -486,7 +505,19 @@ fn handle_connection<F: TargetFactory>(
     secret: &Secret,
     tls: Option<&TlsConfig>,
     shared: Shared<'_, F>,
-) -> Result<(), MigrationError> {
+) -> Result<(), ConnectionError> {
+    let (conn, keep, role) =
+        authenticate_peer(stream, secret, tls).map_err(ConnectionError::Unauthenticated)?;
+    serve_authenticated(conn, keep, role, ticket, shared).map_err(ConnectionError::Authenticated)
+}
+
+/// Sets up an incoming connection and authenticates its peer: the connection, a handle
+/// on its socket, and the role it claims.
+fn authenticate_peer(
+    stream: TcpStream,
+    secret: &Secret,
+    tls: Option<&TlsConfig>,
+) -> Result<(Conn, TcpStream, StreamRole), MigrationError> {
     stream
         .set_nodelay(true)
         .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_TIME)))
@@ -506,6 +537,18 @@ fn handle_connection<F: TargetFactory>(
     };
     let mut conn = FrameStream::new(Counted::new(link), false);
     let role = authenticate_stream_listener(&mut conn, secret)?;
+    Ok((conn, keep, role))
+}
+
+/// Serves an authenticated connection claiming `role`; `ticket` is given back once it
+/// has a session's place (or is a data connection).
+fn serve_authenticated<F: TargetFactory>(
+    mut conn: Conn,
+    keep: TcpStream,
+    role: StreamRole,
+    ticket: Ticket,
+    shared: Shared<'_, F>,
+) -> Result<(), MigrationError> {
     let slot = match role {
         StreamRole::Control => match shared.slots.take() {
             Some(slot) => Some(slot),
@@ -527,7 +570,7 @@ fn handle_connection<F: TargetFactory>(
         StreamRole::Control => match conn.expect_control("an offer").inspect_err(|e| {
             // An authenticated source whose offer this host cannot read is told why.
             if let MigrationError::MalformedFrame(why) = e {
-                let reason = format!("this host cannot read the offer: {why}");
+                let reason = bounded_reason(format!("this host cannot read the offer: {why}"));
                 let _ = conn.send(&Message::Refuse { reason });
             }
         })? {
@@ -1053,7 +1096,7 @@ pub(crate) fn apply_data<T: MigrationTarget + ?Sized>(
 
 fn refuse(conn: &mut Conn, reason: String) -> MigrationError {
     let _ = conn.send(&Message::Refuse {
-        reason: reason.clone(),
+        reason: bounded_reason(reason.clone()),
     });
     MigrationError::Refused(reason)
 }
@@ -1447,7 +1490,7 @@ fn receive_session<F: TargetFactory>(
                 MigrationError::PeerAborted(_) | MigrationError::Io { .. }
             ) {
                 let _ = conn.send(&Message::Abort {
-                    reason: error_chain(e),
+                    reason: bounded_reason(error_chain(e)),
                 });
             }
         }

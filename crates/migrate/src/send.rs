@@ -22,7 +22,8 @@ use crate::vm::{
     VmContents, MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
 };
 use crate::wire::{
-    FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_CONTROL_BYTES, MAX_RUN_PAGES,
+    FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_ANSWER_FRAME, MAX_CONTROL_BYTES,
+    MAX_RUN_PAGES,
 };
 use crate::MigrationError;
 
@@ -559,6 +560,11 @@ fn open_stream_once(
                 e
             }
         })?;
+        // Only answers come back, each small and sent at once: one trickled in is given
+        // up on within two I/O timeouts of its first byte (one per KiB begun), not a
+        // frame time per KiB of the protocol's largest frame (days).
+        conn.limit_frames(MAX_ANSWER_FRAME);
+        conn.time_frames(options.io_timeout);
         Ok(conn)
     });
     if !watchdog.disarm() && !cancel.is_cancelled() {
@@ -1849,13 +1855,15 @@ fn replayable_tail(source: &dyn MigrationSource) -> Result<Vec<LoggedCommand>, S
 /// the VM running again (it fails if the deadline passed already, and the VM resumes
 /// then as after any failure before Go).
 fn resume_for_precopy(s: &mut Session<'_>) -> Result<(), Failure> {
-    if let Some(dog) = s.watchdog.take() {
+    if let Some(dog) = &s.watchdog {
+        // A watchdog that fired stays: the failure is reported as the deadline it is.
         if !dog.disarm() {
             return Err(before_go(true)(MigrationError::BrokenSequence(
                 "the switchover deadline passed".into(),
             )));
         }
     }
+    s.watchdog = None;
     s.phase = Phase::Round(s.rounds());
     s.source
         .resume()

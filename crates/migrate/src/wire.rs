@@ -51,6 +51,22 @@ pub const MAX_DATA_FRAME: usize = max(
 /// Largest control frame on a data connection, where the only control message is a
 /// `Keepalive` (one byte).
 pub const MAX_DATA_STREAM_CONTROL: usize = 64;
+/// Longest reason a destination gives a source (refusing, busy or aborting); a longer
+/// one is cut ([`bounded_reason`]). The error chains it gives fit with room to spare.
+pub const MAX_REASON_BYTES: usize = 1 << 10;
+/// Most bytes postcard writes for one integer (a u64's varint), or for a length.
+const MAX_VARINT: usize = 10;
+/// Largest control frame a source takes from an authenticated destination, whose answers
+/// are small: a reason of [`MAX_REASON_BYTES`] (`Refuse`, `Busy`, `Abort`), or an
+/// `Accept` naming every attached file; the others are a few bytes. A destination that
+/// announced a larger frame and sent it a byte at a time could otherwise hold the source
+/// (and its VM, throttled or paused) for a frame time per KiB: days.
+pub const MAX_ANSWER_FRAME: usize = max(
+    // The variant, the reason's length, its bytes.
+    MAX_VARINT + MAX_VARINT + MAX_REASON_BYTES,
+    // The variant, the session, the count of files, each file, whether it replays.
+    MAX_VARINT + MAX_VARINT + MAX_VARINT + MAX_FILES * MAX_VARINT + 1,
+);
 
 const MAGIC: [u8; 2] = *b"FY";
 const HEADER_BYTES: usize = 16;
@@ -230,6 +246,21 @@ pub enum Message {
     Keepalive,
 }
 
+/// `reason` cut to at most [`MAX_REASON_BYTES`] (at a character boundary, marked with an
+/// ellipsis), as a destination sends it: a source takes no larger answer.
+pub(crate) fn bounded_reason(mut reason: String) -> String {
+    const CUT: &str = "...";
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - CUT.len();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str(CUT);
+    }
+    reason
+}
+
 /// Decodes a sequence of at most `MAX` elements: a peer's count cannot make the decoder
 /// hold more than the bound, whatever fits in a message (an element that takes a few
 /// bytes on the wire may take tens in memory).
@@ -405,6 +436,12 @@ impl<S: Read + Write> FrameStream<S> {
     /// Takes frames up to the protocol's limit again.
     pub fn unlimit_frames(&mut self) {
         self.decoder.limit = None;
+    }
+
+    /// Gives a frame's header, and each KiB of its payload, `time` to arrive from the
+    /// frame's first byte (by default the destination's idle limit).
+    pub fn time_frames(&mut self, time: Duration) {
+        self.decoder.frame_time = time;
     }
 
     /// The connection.
@@ -1452,6 +1489,60 @@ mod tests {
         ] {
             assert!(read_err(&encoded(&past)).contains("control"), "{past:?}");
         }
+    }
+
+    #[test]
+    fn every_answer_of_a_destination_fits_the_frames_a_source_takes() {
+        // Cut at a character boundary: two-byte characters, longer than a frame.
+        let long = "\u{e9}".repeat(MAX_CONTROL_BYTES / 2);
+        let reason = bounded_reason(long.clone());
+        assert!(reason.len() <= MAX_REASON_BYTES && reason.ends_with("..."));
+        assert!(long.starts_with(reason.trim_end_matches('.')));
+        assert_eq!(bounded_reason("short".into()), "short");
+        let taken = |message: &Message| {
+            let mut w = FrameWriter::new(Vec::new(), false);
+            w.send(message).unwrap();
+            let mut r = FrameReader::new(&w.output[..], 0);
+            r.decoder.limit = Some(Limits {
+                data: MAX_ANSWER_FRAME,
+                control: MAX_ANSWER_FRAME,
+            });
+            r.read().map(|f| match f {
+                Frame::Control(m) => m,
+                other => panic!("{other:?}"),
+            })
+        };
+        // Each answer at its largest.
+        for answer in [
+            Message::Accept {
+                session: u64::MAX,
+                send_files: vec![u32::MAX; MAX_FILES],
+                replay: true,
+            },
+            Message::Refuse {
+                reason: reason.clone(),
+            },
+            Message::Busy {
+                reason: reason.clone(),
+            },
+            Message::Abort {
+                reason: reason.clone(),
+            },
+            Message::RoundApplied { round: u32::MAX },
+            Message::Keepalive,
+            Message::Ready,
+            Message::Resumed,
+            Message::Settled {
+                settlement: crate::settle::Settlement::Undecided,
+            },
+        ] {
+            assert_eq!(taken(&answer).unwrap(), answer);
+        }
+        // A larger frame is refused before its payload is read.
+        let over = Message::Refuse {
+            reason: "x".repeat(MAX_ANSWER_FRAME),
+        };
+        assert!(taken(&over).unwrap_err().to_string().contains("limit"));
     }
 
     /// Gives `bytes` one at a time, each after `every`, as a peer that trickles a frame

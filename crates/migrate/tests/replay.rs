@@ -201,6 +201,8 @@ struct Source {
     digest_time: Mutex<Duration>,
     /// The capture overflows once the VM is paused (the tail outgrew the log).
     overflow_in_pause: AtomicBool,
+    /// Taking the commands in the pause (the tail) takes this long.
+    tail_time: Mutex<Duration>,
 }
 
 impl Source {
@@ -238,6 +240,7 @@ impl Source {
             chunk_read_delay: Mutex::default(),
             digest_time: Mutex::default(),
             overflow_in_pause: AtomicBool::new(false),
+            tail_time: Mutex::default(),
         });
         let guest = source.clone();
         std::thread::spawn(move || {
@@ -508,6 +511,9 @@ impl MigrationSource for Source {
     }
 
     fn take_commands(&self) -> Result<Vec<LoggedCommand>, VmError> {
+        if self.lock().paused {
+            std::thread::sleep(*self.tail_time.lock().unwrap());
+        }
         let mut s = self.lock();
         let paused = s.paused;
         let c = s.capture.as_mut().ok_or_else(|| capture_error("none"))?;
@@ -939,6 +945,32 @@ fn a_tail_lost_in_the_pause_gives_way_to_precopy_and_the_vm_still_moves_whole() 
         !source.running(),
         "a migrated VM stays paused at the source"
     );
+}
+
+#[test]
+fn a_tail_lost_past_the_switchover_deadline_fails_as_the_deadline_and_the_vm_runs_on() {
+    let _serial = serial();
+    let source = Source::start(0);
+    source.overflow_in_pause.store(true, Ordering::SeqCst);
+    // Past the pause target (2 s) and its margin (1 s), with room for a late watchdog.
+    *source.tail_time.lock().unwrap() = Duration::from_millis(4000);
+    let dest = Destination::start(Replayer::Faithful);
+    let err = migrate(&source, &dest.addr, &surely_reaching_switchover())
+        .expect_err("the deadline passed before the VM could resume for pre-copy");
+    assert!(
+        matches!(
+            err,
+            MigrationError::SwitchoverDeadline {
+                deadline_ms: 3000,
+                target_ms: 2000
+            }
+        ),
+        "{}",
+        ferry_migrate::error_chain(&err)
+    );
+    assert!(source.running(), "the VM runs on at the source");
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert!(dest.nothing_adopted());
 }
 
 #[test]
