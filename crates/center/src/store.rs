@@ -4,6 +4,8 @@
 //! embedded default for a single center; [`EtcdStore`] is shared by center replicas,
 //! and every write it makes is fenced by the writer's leadership.
 
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -82,6 +84,23 @@ pub enum StoreError {
         /// Why.
         error: std::io::Error,
     },
+    /// Another center serves the database: both would lead, each hearing only its own
+    /// hosts' beats, and record the other's hosts as down.
+    #[error("the center database {path} is in use by another ferry center: stop that one, or give this one a --db of its own")]
+    InUse {
+        /// The database.
+        path: String,
+    },
+    /// The database's lock file could not be opened or locked.
+    #[error("cannot {what} the center database's lock file {lock}: {error}")]
+    Lock {
+        /// What was being done.
+        what: &'static str,
+        /// The lock file.
+        lock: String,
+        /// Why.
+        error: std::io::Error,
+    },
     /// A stored record could not be read back.
     #[error("center database: a stored {what} is unreadable: {error}")]
     Corrupt {
@@ -143,6 +162,10 @@ pub struct SqliteStore {
     reader: Option<Mutex<Connection>>,
     /// The connection that writes (and reads, when there is no `reader`).
     db: Mutex<Connection>,
+    /// The locked `<database>.lock` that keeps other centers out for the store's life;
+    /// `None` in memory. Declared after the connections to be let go after them: a
+    /// center started next opens a database the last one has finished with.
+    _lock: Option<File>,
     path: String,
 }
 
@@ -157,6 +180,48 @@ pub struct Loaded {
     pub migrations: Vec<MigrationRecord>,
     /// Operations, oldest first.
     pub operations: Vec<Operation>,
+}
+
+/// Locks `<file>.lock` (the database `file`, named `path` by the user) for one center,
+/// or fails if another center holds it. The lock file stays when the lock goes: removing
+/// it could let two centers lock two files of that name.
+fn hold(file: &Path, path: &Path) -> Result<File, StoreError> {
+    let mut lock = file.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = Path::new(&lock);
+    let failed = |what| {
+        move |error| StoreError::Lock {
+            what,
+            lock: lock.display().to_string(),
+            error,
+        }
+    };
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock)
+        .map_err(failed("open"))?;
+    match try_lock(&held) {
+        Ok(()) => Ok(held),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(StoreError::InUse {
+            path: path.display().to_string(),
+        }),
+        Err(e) => Err(failed("lock")(e)),
+    }
+}
+
+/// Takes `file`'s exclusive lock, or fails at once if another open file holds it (a
+/// host's file store is held the same way).
+fn try_lock(file: &File) -> std::io::Result<()> {
+    // (`File::try_lock` came in Rust 1.89, after this workspace's 1.88.)
+    // SAFETY: the descriptor is `file`'s; flock touches no memory of ours.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, text: &str) -> Result<T, StoreError> {
@@ -178,6 +243,14 @@ impl SqliteStore {
             })?;
         }
         let db = Connection::open(path)?;
+        // Taken before the first write. The file SQLite opened (absolute, whatever the
+        // spelling of `path`); `Some("")`: in memory, where no other center can reach;
+        // `None`: a name it gives back in no UTF-8, so `path` itself.
+        let lock = match db.path() {
+            Some("") => None,
+            Some(file) => Some(hold(Path::new(file), path)?),
+            None => Some(hold(path, path)?),
+        };
         // WAL: heartbeats write often; readers on a connection of their own never wait
         // for them. An in-memory database answers `memory` and stays so.
         let mode: String =
@@ -197,6 +270,7 @@ impl SqliteStore {
         Ok(Self {
             db: Mutex::new(db),
             reader,
+            _lock: lock,
             path: path.display().to_string(),
         })
     }
@@ -872,6 +946,40 @@ mod tests {
             SqliteStore::open(&path).unwrap().events(10).unwrap().len(),
             1
         );
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+
+    #[test]
+    fn a_second_sqlite_store_on_one_database_is_refused_until_the_first_is_gone() {
+        let scratch = ferry_testdata::scratch_dir("store-in-use");
+        let path = scratch.join("center.db");
+        let first = SqliteStore::open(&path).unwrap();
+        // Another center, or this one twice: both would lead and mark each other's hosts
+        // down.
+        let second = SqliteStore::open(&path).err().expect("a second center");
+        let message = second.to_string();
+        assert!(
+            matches!(&second, StoreError::InUse { path: named } if *named == path.display().to_string()),
+            "{second:?}"
+        );
+        assert!(
+            message.contains("in use by another ferry center"),
+            "{message}"
+        );
+        // Another spelling of the same file is the same database.
+        let spelled = scratch.join(".").join("center.db");
+        assert!(
+            matches!(SqliteStore::open(&spelled), Err(StoreError::InUse { .. })),
+            "{} opened beside {}",
+            spelled.display(),
+            path.display()
+        );
+        drop(first);
+        let reopened = SqliteStore::open(&path).unwrap();
+        // In memory, nothing is shared and nothing locked.
+        let _memory = SqliteStore::open(Path::new(":memory:")).unwrap();
+        SqliteStore::open(Path::new(":memory:")).unwrap();
+        drop(reopened);
         std::fs::remove_dir_all(&scratch).unwrap();
     }
 
