@@ -45,7 +45,8 @@ enum Command {
     /// and a host's maintenance mode and retirement (`maintenance`, `forget`).
     Host(cmd::host::HostArgs),
     /// Create, list, show, stop and resolve VMs, and read their consoles, on a host
-    /// daemon or through the center.
+    /// daemon (--host); only `create` can go through the cluster center instead
+    /// (--center), and `ferry center status` lists the cluster's VMs.
     Vm(cmd::vm::VmArgs),
     /// Live-migrate a VM from one host daemon to another.
     Migrate(cmd::migrate::MigrateArgs),
@@ -154,6 +155,9 @@ fn main() -> ExitCode {
         Err(e) if e.is::<cmd::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: error: {}", cmd::error_text(&format!("{e:#}")));
+            if let Some(hint) = cmd::hint(&e) {
+                eprintln!("ferry: hint: {hint}");
+            }
             ExitCode::from(EXIT_FERRY_ERROR)
         }
     }

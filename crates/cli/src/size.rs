@@ -12,6 +12,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             std::num::IntErrorKind::PosOverflow => format!("'{text}' is too large"),
             _ => format!("'{text}' is not a size (try 256M or 1G)"),
         })?;
+    // Otherwise '1.5G' would read as 1 with the unknown unit '.5G'.
+    if unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "'{text}': a size is a whole number (no decimals): use a smaller unit, e.g. 1536M for 1.5G"
+        ));
+    }
     let unit = unit.trim().to_ascii_uppercase();
     let prefix = unit
         .strip_suffix("IB")
@@ -73,6 +79,10 @@ mod tests {
         // A unit once, not repeated.
         for bad in ["256BB", "1IBIB", "256MBB", "4KBIB", "3IB"] {
             assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        for decimal in ["1.5G", "0,5M", "2.G"] {
+            let error = parse_size(decimal).unwrap_err();
+            assert!(error.contains("no decimals"), "{decimal}: {error}");
         }
         let huge = parse_size("123456789012345678901234").unwrap_err();
         assert!(huge.contains("too large"), "{huge}");

@@ -38,6 +38,28 @@ fn usage_errors_are_clear_without_kvm() {
     ] {
         assert_eq!(ferry(args).status.code(), Some(2), "{args:?}");
     }
+    let out = ferry(&["run", "hello", "--memory", "1.5G"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "no decimals");
+
+    // What a host would refuse is a usage error here, before any host is asked.
+    for (args, says) in [
+        (&["--streams", "0"][..], "1..=16"),
+        (&["--streams", "17"], "1..=16"),
+        (&["--downtime-ms", "0"], "1..=600000"),
+        (&["--downtime-ms", "600001"], "1..=600000"),
+        (&["--max-rounds", "0"], "1..=1000"),
+    ] {
+        let out = ferry(&[&["migrate", "v", "--to", "127.0.0.1:1"], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_says(&out.stderr, says);
+    }
+    let out = ferry(&["migrate", "v", "--to", "127.0.0.1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "is not a migration address HOST:PORT");
+    let out = ferry(&["vm", "create", "hello", "--name", "a b"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "is not a VM name");
 
     // No simulated hosts is no center benchmark (its simulator would spin, idle).
     let out = ferry(&["bench", "center", "--hosts", "100,0"]);
@@ -126,6 +148,17 @@ fn client_commands_say_what_is_missing() {
     let err = text(&out.stderr);
     assert!(
         err.contains("needs its scheme: http://127.0.0.1:7070"),
+        "{err}"
+    );
+    // Another scheme is not mended by prefixing one.
+    let out = ferry_with(
+        &[("FERRY_API_TOKEN", "t")],
+        &["vm", "list", "--host", "ftp://x"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("only http:// and https:// are supported") && !err.contains("http://ftp"),
         "{err}"
     );
     // No credentials at all: every way to give them is named.
@@ -428,6 +461,127 @@ fn a_typed_host_and_a_center_from_the_environment_are_not_both_taken() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// The URL of an API that answers every request with `status` (its line, e.g. `401
+/// Unauthorized`) and the JSON `body`.
+fn api_answering(status: &'static str, body: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let (mut line, mut length) = (String::new(), 0usize);
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                line.clear();
+            }
+            let _ = reader.read_exact(&mut vec![0; length]);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn a_refused_token_names_what_to_check() {
+    let url = api_answering("401 Unauthorized", r#"{"error":"wrong API token"}"#);
+    let out = ferry_with(&[("FERRY_API_TOKEN", "t")], &["vm", "list", "--host", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    // The API's own words, then where to look.
+    assert!(err.contains("wrong API token (HTTP 401)"), "{err}");
+    for check in ["hint:", "FERRY_SECRET", "another kind of server"] {
+        assert!(err.contains(check), "{check}: {err}");
+    }
+    // Other errors have none.
+    let url = api_answering("404 Not Found", r#"{"error":"no VM with id v"}"#);
+    let out = ferry_with(
+        &[("FERRY_API_TOKEN", "t")],
+        &["vm", "show", "v", "--host", &url],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !text(&out.stderr).contains("hint:"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_host_refuses_one_address_for_its_api_and_its_migrations() {
+    let store = tempfile::tempdir().unwrap();
+    // Held, so that without the check the daemon fails at once rather than serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = ferry_with(
+        &[("FERRY_SECRET", "cli-test-secret-0123456789abcdef")],
+        &[
+            "host",
+            "serve",
+            "--listen",
+            &addr,
+            "--migration-listen",
+            &addr,
+            "--file-store",
+            store.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_says(&out.stderr, "need different addresses");
+}
+
+/// `ferry ARGS --help`'s text, its lines joined (clap wraps it to the terminal).
+fn help(args: &[&str]) -> String {
+    let out = ferry(&[args, &["--help"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{args:?}");
+    text(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn vm_help_says_what_goes_through_the_center_and_what_a_stop_forgets() {
+    // Only a create takes --center.
+    let vm = help(&["vm"]);
+    assert!(
+        vm.contains("only `create` can go through the cluster center"),
+        "{vm}"
+    );
+    assert!(!help(&["vm", "list"]).contains("--center"));
+    assert!(help(&["vm", "create"]).contains("--center"));
+    // A stop drops the VM's record and console (the host's `stop` unlists it).
+    let stop = help(&["vm", "stop"]);
+    assert!(
+        stop.contains("forget it: its record and console go"),
+        "{stop}"
+    );
+}
+
+#[test]
+fn a_migration_sent_to_an_api_names_the_migration_address() {
+    ferry_testdata::require_kvm!(kvm_available);
+    let host = common::Daemon::start("a");
+    let id = host.create("memtouch", "0", "--passes 100000");
+    let api_port = host.api.trim_start_matches("http://");
+    let out = host.ferry(&["migrate", &id, "--to", api_port, "--host", &host.api]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("answered in HTTP") && err.contains("--migration-listen"),
+        "{err}"
+    );
+    let stopped = host.ferry(&["vm", "stop", &id, "--host", &host.api]);
+    assert!(stopped.status.success(), "{}", text(&stopped.stderr));
 }
 
 #[test]

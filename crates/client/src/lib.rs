@@ -189,10 +189,16 @@ impl ApiClient {
         if bases.is_empty() {
             bail!("no API address given");
         }
-        if let Some(bare) =
+        if let Some(other) =
             (bases.iter()).find(|b| !b.starts_with("http://") && !b.starts_with("https://"))
         {
-            bail!("the API address '{bare}' needs its scheme: http://{bare} or https://{bare}");
+            // Prefixing a scheme only mends an address that has none (not `ftp://x`).
+            if let Some((scheme, _)) = other.split_once("://") {
+                bail!(
+                    "the API address '{other}' has the scheme '{scheme}': only http:// and https:// are supported"
+                );
+            }
+            bail!("the API address '{other}' needs its scheme: http://{other} or https://{other}");
         }
         Ok(Self {
             bases,

@@ -611,6 +611,14 @@ impl Decoder {
             limit: self.frame_time,
         };
         read_header(input, &mut header, *bytes == 0, &mut clock)?;
+        if header[..2] == *b"HT" {
+            // An HTTP server's answer ("HTTP/1.1 400 ..."): the usual mistake is a host's
+            // API address given where its migration address was meant.
+            return Err(malformed(
+                "bad frame magic 4854: the peer answered in HTTP; a migration goes to the \
+                 destination's migration address (its --migration-listen), not its API",
+            ));
+        }
         if header[..2] != MAGIC {
             return Err(malformed(format!(
                 "bad frame magic {:02x}{:02x} (not a Ferry migration stream, or out of sync)",
@@ -1215,6 +1223,9 @@ mod tests {
     #[test]
     fn hostile_frames_are_refused_with_a_reason() {
         assert!(read_err(b"GET / HTTP/1.1\r\n\r\n").contains("magic"));
+        // An API's answer names the address that was meant.
+        let http = read_err(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        assert!(http.contains("--migration-listen"), "{http}");
         let mut huge = one_frame(KIND_CONTROL, 0, b"");
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());

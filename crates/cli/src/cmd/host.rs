@@ -304,6 +304,34 @@ impl Daemon {
     }
 }
 
+/// Why the API address `listen` and the migration address `migration_listen` cannot both
+/// be bound, if they name the same port on an address both would take: the second bind
+/// would fail with "Address already in use", which names neither flag. Port 0 (any free
+/// port) and names that do not resolve are left to the binds.
+fn same_port(listen: &str, migration_listen: &str) -> Option<String> {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let resolve = |addr: &str| -> Vec<SocketAddr> {
+        addr.to_socket_addrs()
+            .map(Iterator::collect)
+            .unwrap_or_default()
+    };
+    let migration = resolve(migration_listen);
+    // An unspecified address (0.0.0.0, [::]) takes the port on every address of its family.
+    let overlap = |a: &SocketAddr, b: &SocketAddr| {
+        a.ip() == b.ip()
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+    };
+    let clash = resolve(listen).iter().any(|api| {
+        api.port() != 0 && (migration.iter()).any(|m| m.port() == api.port() && overlap(api, m))
+    });
+    clash.then(|| {
+        format!(
+            "--listen {listen} and --migration-listen {migration_listen} take the same port: \
+             the API and the migration listener need different addresses"
+        )
+    })
+}
+
 /// Starts a daemon's listeners on `runtime` (the API) and a thread (migrations).
 pub fn start(
     runtime: &tokio::runtime::Runtime,
@@ -415,6 +443,11 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
         HostCommand::Maintenance(m) => crate::cmd::center::maintenance(m),
         HostCommand::Forget(f) => crate::cmd::center::forget(f),
         HostCommand::Serve(serve) => {
+            if let Some(why) = same_port(&serve.listen, &serve.migration_listen) {
+                // A usage error (exit 2, as clap's), found before anything is read or bound.
+                clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, format!("{why}\n"))
+                    .exit();
+            }
             let memory_capacity = serve.memory_capacity.unwrap_or_else(default_capacity);
             let config = HostConfig {
                 name: serve.name.clone(),
@@ -486,7 +519,30 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_advertise, parse_host_name};
+    use super::{parse_advertise, parse_host_name, same_port};
+
+    #[test]
+    fn the_api_and_the_migration_listener_cannot_take_the_same_port() {
+        for (api, migration) in [
+            ("127.0.0.1:7070", "127.0.0.1:7070"),
+            ("0.0.0.0:7070", "127.0.0.1:7070"),
+            ("127.0.0.1:7070", "0.0.0.0:7070"),
+            ("[::1]:7070", "[::]:7070"),
+        ] {
+            let why = same_port(api, migration).expect("a clash");
+            assert!(why.contains("need different addresses"), "{why}");
+        }
+        // Port 0 is a free port each; other ports, or another family's address, are free.
+        for (api, migration) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:7070", "127.0.0.1:7071"),
+            ("127.0.0.1:7070", "127.0.0.2:7070"),
+            ("127.0.0.1:7070", "[::1]:7070"),
+            ("no port", "no port"),
+        ] {
+            assert_eq!(same_port(api, migration), None, "{api} {migration}");
+        }
+    }
 
     #[test]
     fn a_host_name_takes_the_characters_of_a_vm_id() {

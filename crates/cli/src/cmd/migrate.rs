@@ -34,7 +34,7 @@ pub struct MigrateArgs {
     #[arg(value_parser = crate::cmd::vm::parse_vm_id)]
     pub vm: String,
     /// The destination's migration address, HOST:PORT (its `--migration-listen`).
-    #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel")]
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel", value_parser = parse_peer_addr)]
     pub to: Option<String>,
     /// Cancel the VM's migration instead, and wait until it has stopped.
     #[arg(long, conflicts_with = "to")]
@@ -43,14 +43,16 @@ pub struct MigrateArgs {
     /// everything, resume on the destination.
     #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
     pub mode: String,
-    /// The pause target: pre-copy switches over once the predicted pause is within it
-    /// (after a few more rounds while each shrinks it further). The pause itself may
-    /// run longer; only a switchover not done within the target plus 1 s is abandoned
-    /// (the VM then runs on at the source).
-    #[arg(long, value_name = "MS", default_value_t = 50)]
+    /// The pause target (1 ms to ten minutes): pre-copy switches over once the predicted
+    /// pause is within it (after a few more rounds while each shrinks it further). The
+    /// pause itself may run longer; only a switchover not done within the target plus
+    /// 1 s is abandoned (the VM then runs on at the source).
+    #[arg(long, value_name = "MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=ferry_api::MAX_DOWNTIME_MS))]
     pub downtime_ms: u64,
-    /// Parallel TCP data streams.
-    #[arg(long, value_name = "N", default_value_t = ferry_migrate::DEFAULT_STREAMS)]
+    /// Parallel TCP data streams (1 to 16).
+    #[arg(long, value_name = "N", default_value_t = ferry_migrate::DEFAULT_STREAMS,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(ferry_migrate::send::MAX_STREAMS)))]
     pub streams: u8,
     /// LZ4-compress the data on the wire.
     #[arg(long)]
@@ -90,6 +92,17 @@ pub struct MigrateArgs {
     pub json: bool,
     #[command(flatten)]
     pub host: HostAddr,
+}
+
+/// Checks `--to` as the host does, so that a mistyped one is a usage error.
+fn parse_peer_addr(addr: &str) -> Result<String, String> {
+    if ferry_api::valid_peer_addr(addr) {
+        Ok(addr.to_string())
+    } else {
+        Err(format!(
+            "'{addr}' is not a migration address HOST:PORT (the destination's --migration-listen)"
+        ))
+    }
 }
 
 impl MigrateArgs {

@@ -54,6 +54,18 @@ pub(crate) fn error_text(text: &str) -> Cow<'_, str> {
     for_terminal(text, std::io::stderr().is_terminal())
 }
 
+/// What to check after an error whose message alone does not say where to look, if `e`
+/// is one: an API's 401 says only that the token was wrong, not which of the ways to
+/// give one, nor that the address may be another kind of server.
+pub(crate) fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let refused = e.downcast_ref::<ferry_client::ApiError>()?;
+    (refused.status == 401).then_some(
+        "the token (or the secret, --secret-file or FERRY_SECRET, from which a host's API \
+         key is derived) is not one this API takes, or the address is another kind of \
+         server (a host's API where the center's was meant, or the other way round)",
+    )
+}
+
 /// Calls `step` every 20 ms until it gives `Some` or an error; fails once `limit` has
 /// passed.
 pub(crate) fn poll_until<T>(

@@ -73,6 +73,17 @@ pub fn parse_vm_id(id: &str) -> Result<String, String> {
     }
 }
 
+/// Checks `--name` as the host and the center do, so that a bad one is a usage error.
+fn parse_vm_name(name: &str) -> Result<String, String> {
+    if ferry_api::valid_vm_name(name) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "'{name}' is not a VM name: 1 to 63 letters, digits, '.', '_' and '-'"
+        ))
+    }
+}
+
 /// `ferry vm create`'s arguments.
 #[derive(Args)]
 struct CreateArgs {
@@ -89,7 +100,7 @@ struct CreateArgs {
     workload: String,
     /// A name for the VM; clients of the center's OpenAI API name a serving VM by it
     /// (or by its id) as `model`.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
     name: Option<String>,
     /// Guest RAM.
     #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_ram)]
@@ -136,9 +147,10 @@ enum VmCommand {
         #[arg(value_parser = parse_vm_id)]
         id: String,
     },
-    /// Stop a VM. A VM being migrated is not stopped (cancel the migration first with
-    /// `ferry migrate ID --cancel`), nor one in doubt, nor one that migrated away (the
-    /// answer says where it runs).
+    /// Stop a VM and forget it: its record and console go (read `ferry vm console ID`
+    /// first to keep its output); an ended VM's record is forgotten. A VM being migrated
+    /// is not stopped (cancel the migration first with `ferry migrate ID --cancel`), nor
+    /// one in doubt, nor one that migrated away (the answer says where it runs).
     Stop {
         /// VM id.
         #[arg(value_parser = parse_vm_id)]
