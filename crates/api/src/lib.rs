@@ -512,6 +512,10 @@ pub struct SettleRequest {
     /// on a third host (moved on from the destination).
     #[serde(default)]
     pub vm: Option<String>,
+    /// The asking source's host name: its own record of the VM (from a beat before the
+    /// doubt) is no evidence of a third host.
+    #[serde(default)]
+    pub from: Option<String>,
 }
 
 /// One heartbeat: in full (every VM), or as the changes since a beat the center took

@@ -646,19 +646,21 @@ impl Center {
     }
 
     /// Whether the VM of settle question `req` runs, as its host last reported, on a host
-    /// up now that is not the destination asked about (nor the asking source, which
-    /// reports it in doubt): it moved on from the destination, which cannot answer (a
-    /// restarting daemon refuses), and resumed at the source it would run twice.
+    /// up now that is neither the destination asked about nor the asking source (whose
+    /// last beat may predate the doubt, and say running): it moved on from the
+    /// destination, which cannot answer (a restarting daemon refuses), and resumed at the
+    /// source it would run twice.
     fn runs_on_a_third_host(&self, req: &ferry_api::SettleRequest) -> bool {
-        let Some(id) = req.vm.as_deref().filter(|id| ferry_api::valid_vm_id(id)) else {
+        let (Some(id), Some(from)) = (req.vm.as_deref(), req.from.as_deref()) else {
             return false;
         };
         let inventory = self.inventory();
         let Some(record) = inventory.vms().get(id) else {
             return false;
         };
-        let elsewhere = (inventory.hosts.get(&record.host))
-            .is_some_and(|h| h.info.migration_addr != req.migration_addr);
+        let elsewhere = record.host != from
+            && (inventory.hosts.get(&record.host))
+                .is_some_and(|h| h.info.migration_addr != req.migration_addr);
         elsewhere
             && record.info.state.is_running()
             && inventory.is_up(&record.host, unix_ms(), self.down_after_ms())
@@ -2278,9 +2280,27 @@ pub(crate) mod tests {
             migration_addr: "b.example:7071".into(),
             session: 7,
             vm: vm.map(String::from),
+            from: Some("a".into()),
         };
         let answer = scratch.center.settle(&question(Some("a-vm1"))).unwrap();
         assert_eq!(answer, ferry_migrate::Settlement::Running);
+        // Asked by c, which holds the record, the record is no evidence of a third host.
+        let from_c = ferry_api::SettleRequest {
+            from: Some("c".into()),
+            ..question(Some("a-vm1"))
+        };
+        let answer = scratch.center.settle(&from_c).unwrap_err();
+        assert!(matches!(answer, CenterError::HostRefused(_)), "{answer}");
+        // The source's own last beat, from before the doubt, says its VM a-vm2 migrates:
+        // b's silence is all the center knows of it.
+        let migrating = ferry_api::VmState::Migrating {
+            to: "b.example:7071".into(),
+        };
+        let mut beat = inventory::tests::beat("a", vec![inventory::tests::vm("a-vm2", migrating)]);
+        beat.host.migration_addr = "a.example:7071".into();
+        scratch.center.heartbeat(beat).unwrap();
+        let answer = scratch.center.settle(&question(Some("a-vm2"))).unwrap_err();
+        assert!(matches!(answer, CenterError::HostRefused(_)), "{answer}");
         // Without the VM named, or for a VM not running elsewhere, b's silence is all
         // the center knows.
         for vm in [None, Some("a-vm2"), Some("../x")] {
@@ -2308,6 +2328,7 @@ pub(crate) mod tests {
                 migration_addr: format!("{host}.example:7071"),
                 session: 7,
                 vm: None,
+                from: None,
             };
             let answer = scratch.center.settle(&question).unwrap_err();
             assert_eq!(
@@ -2339,6 +2360,7 @@ pub(crate) mod tests {
             migration_addr: "b.example:7071".into(),
             session: 7,
             vm: None,
+            from: None,
         };
         let answer = scratch.center.settle(&question).unwrap_err();
         assert!(matches!(answer, CenterError::Unavailable(_)), "{answer}");

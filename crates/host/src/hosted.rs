@@ -947,7 +947,7 @@ mod tests {
         let (ledger, vm) = hosted(args);
         vm.begin_migration("b:1", status("b:1"), cancel)
             .expect("the guest ran long enough to be migrated");
-        let source = VmSource::new(vm.clone(), "h").expect("the VM runs");
+        let source = VmSource::new(vm.clone(), "h", "test").expect("the VM runs");
         Some((ledger, vm, source))
     }
 
@@ -1017,7 +1017,7 @@ mod tests {
         source.read_ram(0, &mut page).unwrap();
         assert_eq!(ledger.held().memory, 32 << 20);
         // Nor is it lent again.
-        assert!(VmSource::new(vm.clone(), "h").is_none());
+        assert!(VmSource::new(vm.clone(), "h", "test").is_none());
         drop(source);
         assert_eq!(ledger.held().memory, 0);
     }

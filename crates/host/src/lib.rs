@@ -44,7 +44,8 @@ use ferry_http::cluster_roots;
 use files::{FileStore, ReceivingPin};
 use hosted::{HostedVm, MigrationTicket, Origin};
 use migration::{
-    VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_ID, EXTRA_IDEMPOTENCY_KEY, EXTRA_NAME,
+    VmSource, VmTarget, EXTRA_ARGS, EXTRA_FROM, EXTRA_FROM_INSTANCE, EXTRA_ID,
+    EXTRA_IDEMPOTENCY_KEY, EXTRA_NAME,
 };
 
 /// Errors of host operations, each with the HTTP status the API answers with.
@@ -505,6 +506,9 @@ pub struct Host {
     vms: Mutex<Vms>,
     /// The ids of VMs created (or arrived with an id in use); taken under the `vms` lock.
     ids: ids::VmIds,
+    /// This daemon's random token, sent with the VMs it migrates: a VM sent to the host it
+    /// runs on (its own address given as the destination) is known by it and refused.
+    instance: String,
     /// The newest center leader's term this host has heard of, and the etcd clusters the
     /// center's store has left: orders of older terms, and of those clusters, are
     /// refused. Not kept across restarts; the next heartbeat brings it back.
@@ -665,6 +669,11 @@ impl Host {
             center: Mutex::default(),
             vms: Mutex::default(),
             ids,
+            instance: {
+                let mut token = [0u8; 16];
+                getrandom::fill(&mut token).expect("the OS random source");
+                ferry_vmm::files::hex(&token)
+            },
             leader_term: Mutex::default(),
             background: Mutex::default(),
             #[cfg(test)]
@@ -1294,19 +1303,20 @@ impl Host {
             vm.update_migration(ticket, |s| s.progress = Some(p.clone()));
         };
         let recorded = self.outcomes.sync().map_err(MigrationError::Unrecorded);
-        let result = match recorded.map(|()| VmSource::new(vm.clone(), &self.config.name)) {
-            Err(e) => Err(e),
-            Ok(Some(source)) => ferry_migrate::migrate_vm(
-                &source,
-                to,
-                &self.config.secret,
-                options,
-                &mut on_progress,
-            ),
-            Ok(None) => Err(MigrationError::Source(VmError::Gone(format!(
-                "VM {id} ended before its migration began"
-            )))),
-        };
+        let result =
+            match recorded.map(|()| VmSource::new(vm.clone(), &self.config.name, &self.instance)) {
+                Err(e) => Err(e),
+                Ok(Some(source)) => ferry_migrate::migrate_vm(
+                    &source,
+                    to,
+                    &self.config.secret,
+                    options,
+                    &mut on_progress,
+                ),
+                Ok(None) => Err(MigrationError::Source(VmError::Gone(format!(
+                    "VM {id} ended before its migration began"
+                )))),
+            };
         match result {
             // The status is final before the VM's transition: once the VM runs here again
             // (free for another migration), whoever looks sees how this one ended.
@@ -1475,6 +1485,7 @@ impl Host {
                     migration_addr: to.to_string(),
                     session,
                     vm: Some(vm.to_string()),
+                    from: Some(self.config.name.clone()),
                 },
             )
         });
@@ -1591,16 +1602,13 @@ impl ferry_migrate::TargetFactory for Receiver {
                 self.host.config.name
             )));
         }
-        // Its source is this host, where it runs (a destination given as this host's own
-        // address): taken, it would run here twice, the copy under a new id.
-        let name = &self.host.config.name;
-        let id = migration::extra(vm, EXTRA_ID);
-        if migration::extra(vm, EXTRA_FROM) == Some(name)
-            && id.is_some_and(|id| self.host.get(id).is_ok_and(|v| v.state().is_live()))
-        {
+        // Its source is this daemon (a destination given as this host's own address):
+        // taken, it would run here twice, the copy under a new id.
+        if migration::extra(vm, EXTRA_FROM_INSTANCE) == Some(&self.host.instance) {
             return Err(VmError::Incompatible(format!(
-                "VM {} runs on host {name} already: a VM migrates to another host",
-                id.unwrap_or_default()
+                "VM {} runs on host {} already: a VM migrates to another host",
+                migration::extra(vm, EXTRA_ID).unwrap_or_default(),
+                self.host.config.name
             )));
         }
         let config = VmConfig {
@@ -2030,6 +2038,36 @@ mod tests {
             host.get(&id).unwrap().state()
         );
         host.shutdown();
+    }
+
+    #[test]
+    fn hosts_that_share_a_name_migrate_between_them_and_the_arrival_gets_a_new_id() {
+        if !ferry_testdata::kvm("hosts_that_share_a_name_migrate_between_them") {
+            return;
+        }
+        // Two hosts named h without a center (nothing refuses the name): each has h-vm1.
+        let (a, b) = (test_host(), test_host());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = listener.local_addr().unwrap().to_string();
+        b.serve_migrations(listener).unwrap();
+        let id = a.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
+        let theirs = b.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
+        assert_eq!(id, theirs);
+        a.start_migration(&id, MigrateRequest::to(&to)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let status = a.migration(&id).unwrap();
+            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.state, MigrationState::Succeeded, "{status:?}");
+        let there: Vec<String> = b.list().into_iter().map(|vm| vm.id).collect();
+        assert_eq!(there.len(), 2, "{there:?}");
+        assert!(there.contains(&id), "{there:?}");
+        a.shutdown();
+        b.shutdown();
     }
 
     #[test]

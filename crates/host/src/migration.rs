@@ -27,6 +27,9 @@ pub(crate) const EXTRA_ID: &str = "id";
 pub(crate) const EXTRA_ARGS: &str = "args";
 /// The source host's name.
 pub(crate) const EXTRA_FROM: &str = "from";
+/// The source daemon's instance ([`crate::Host`]'s random token): a host knows a VM sent
+/// to itself by it (names need not be unique without a center).
+pub(crate) const EXTRA_FROM_INSTANCE: &str = "from-instance";
 /// The name given at creation (absent if none).
 pub(crate) const EXTRA_NAME: &str = "name";
 /// The key it was created with (absent if none).
@@ -61,6 +64,7 @@ pub struct VmSource {
     vm: Arc<HostedVm>,
     /// This host's name, for the destination's records.
     host_name: String,
+    instance: String,
     /// The attached files (read-only: read without the VM's lock).
     files: AttachedFiles,
     /// The accelerator's backend kind ("" without one).
@@ -78,8 +82,9 @@ pub struct VmSource {
 }
 
 impl VmSource {
-    /// Adapts `vm`, sent from host `host_name`; `None` if it was released.
-    pub fn new(vm: Arc<HostedVm>, host_name: &str) -> Option<Self> {
+    /// Adapts `vm`, sent from host `host_name` (daemon instance `instance`); `None` if
+    /// it was released.
+    pub fn new(vm: Arc<HostedVm>, host_name: &str, instance: &str) -> Option<Self> {
         // First: a VM that ends from here on keeps its capacity while this is built.
         let tracker = vm.lend_memory()?;
         let (files, backend_kind, cpu_features, replayer) = vm.with_vm(|v| {
@@ -95,6 +100,7 @@ impl VmSource {
             tracker,
             vm,
             host_name: host_name.to_string(),
+            instance: instance.to_string(),
             files,
             backend_kind,
             cpu_features,
@@ -136,6 +142,7 @@ impl VmContents for VmSource {
                     serde_json::to_string(&self.vm.args).unwrap_or_default(),
                 ),
                 (EXTRA_FROM.into(), self.host_name.clone()),
+                (EXTRA_FROM_INSTANCE.into(), self.instance.clone()),
             ]
             .into_iter()
             .chain(self.vm.name.clone().map(|n| (EXTRA_NAME.into(), n)))
