@@ -1140,44 +1140,35 @@ fn a_zero_length_upload_preserves_no_base_chunk() {
 }
 
 #[test]
-fn an_upload_from_a_guest_range_it_may_not_name_preserves_no_base_chunk() {
+fn a_command_that_fails_its_checks_preserves_no_base_chunk() {
     use ferry_accel::replay::CaptureLimits;
-    let mut g = FakeGuest::new(1);
-    assert_eq!(g.run(op::ALLOC, &[1, CHUNK_SIZE]), status::OK);
-    assert_eq!(g.upload(1, &values(16, 3)), status::OK);
-    g.accel.start_dirty_tracking();
-    g.accel
-        .replayer()
-        .start_capture(CaptureLimits::default(), None);
-    // The VMM's system pages: it fails before writing, so the chunk need not be kept
-    // (the side pool would fill with one such command per chunk it names).
-    assert_eq!(
-        g.run(op::UPLOAD, &[1, 0, 0x1000, CHUNK_SIZE]),
-        status::BAD_GUEST_RANGE
-    );
-    let report = g.accel.replayer().stop_capture().unwrap();
-    assert_eq!(report.chunks_preserved, 0);
-    assert_eq!(report.commands_logged, 1);
-}
-
-#[test]
-fn a_load_of_a_file_that_is_not_attached_preserves_no_base_chunk() {
-    use ferry_accel::replay::CaptureLimits;
-    let mut g = FakeGuest::new(1);
-    assert_eq!(g.run(op::ALLOC, &[1, CHUNK_SIZE]), status::OK);
-    assert_eq!(g.upload(1, &values(16, 3)), status::OK);
-    g.accel.start_dirty_tracking();
-    g.accel
-        .replayer()
-        .start_capture(CaptureLimits::default(), None);
-    // No file 99: it fails before writing, so the chunk need not be kept.
-    assert_eq!(
-        g.run(op::LOAD_FILE, &[1, 0, 99, 0, CHUNK_SIZE]),
-        status::BAD_FILE
-    );
-    let report = g.accel.replayer().stop_capture().unwrap();
-    assert_eq!(report.chunks_preserved, 0);
-    assert_eq!(report.commands_logged, 1);
+    // Each fails before writing, so the chunk it names need not be kept (the side pool
+    // would fill with one such command per chunk): an upload from the VMM's system
+    // pages, and a load of a file that is not attached.
+    for (opcode, args, refused) in [
+        (
+            op::UPLOAD,
+            vec![1, 0, 0x1000, CHUNK_SIZE],
+            status::BAD_GUEST_RANGE,
+        ),
+        (
+            op::LOAD_FILE,
+            vec![1, 0, 99, 0, CHUNK_SIZE],
+            status::BAD_FILE,
+        ),
+    ] {
+        let mut g = FakeGuest::new(1);
+        assert_eq!(g.run(op::ALLOC, &[1, CHUNK_SIZE]), status::OK);
+        assert_eq!(g.upload(1, &values(16, 3)), status::OK);
+        g.accel.start_dirty_tracking();
+        g.accel
+            .replayer()
+            .start_capture(CaptureLimits::default(), None);
+        assert_eq!(g.run(opcode, &args), refused, "opcode {opcode}");
+        let report = g.accel.replayer().stop_capture().unwrap();
+        assert_eq!(report.chunks_preserved, 0, "opcode {opcode}");
+        assert_eq!(report.commands_logged, 1, "opcode {opcode}");
+    }
 }
 
 #[test]

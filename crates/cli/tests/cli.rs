@@ -241,31 +241,12 @@ fn a_client_command_whose_reader_goes_ends_quietly() {
 
 #[test]
 fn a_create_left_in_doubt_names_the_key_to_send_it_again_with() {
-    use std::io::{BufRead, BufReader, Read, Write};
     // A host API that answers every create "still under way" (its first try may be
     // making the VM), as after a lost answer.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let (mut line, mut length) = (String::new(), 0usize);
-            while reader.read_line(&mut line).unwrap_or(0) > 2 {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-                line.clear();
-            }
-            let _ = reader.read_exact(&mut vec![0; length]);
-            let body = r#"{"error":"a create with this key is under way","code":"unavailable"}"#;
-            let _ = write!(
-                conn,
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
+    let url = api_answering(
+        "503 Service Unavailable",
+        r#"{"error":"a create with this key is under way","code":"unavailable"}"#,
+    );
     let out = ferry_with(
         &[("FERRY_API_TOKEN", "t")],
         &["vm", "create", "hello", "--host", &url],

@@ -1870,6 +1870,19 @@ mod tests {
         true
     }
 
+    /// The status of VM `id`'s migration out of `host` once it has ended (or after a
+    /// minute).
+    fn migration_ended(host: &Host, id: &str) -> MigrationStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = host.migration(id).unwrap();
+            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn memtouch(memory: u64, accel_memory: u64) -> CreateVm {
         CreateVm {
             name: None,
@@ -2017,14 +2030,7 @@ mod tests {
         host.serve_migrations(listener).unwrap();
         let id = host.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
         host.start_migration(&id, MigrateRequest::to(&own)).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            let status = host.migration(&id).unwrap();
-            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
-                break status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = migration_ended(&host, &id);
         assert_eq!(status.state, MigrationState::Failed, "{status:?}");
         let error = status.error.unwrap_or_default();
         assert!(error.contains("runs on host"), "{error}");
@@ -2054,14 +2060,7 @@ mod tests {
         let theirs = b.create_vm(&memtouch(64 << 20, 0)).unwrap().id;
         assert_eq!(id, theirs);
         a.start_migration(&id, MigrateRequest::to(&to)).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            let status = a.migration(&id).unwrap();
-            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
-                break status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = migration_ended(&a, &id);
         assert_eq!(status.state, MigrationState::Succeeded, "{status:?}");
         let there: Vec<String> = b.list().into_iter().map(|vm| vm.id).collect();
         assert_eq!(there.len(), 2, "{there:?}");
@@ -2084,14 +2083,7 @@ mod tests {
         let id = host.create_vm(&req).unwrap().id;
         let to = silent.local_addr().unwrap().to_string();
         host.start_migration(&id, MigrateRequest::to(&to)).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            let status = host.migration(&id).unwrap();
-            if status.state != MigrationState::Running || std::time::Instant::now() > deadline {
-                break status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = migration_ended(&host, &id);
         assert_eq!(status.state, MigrationState::Failed, "{status:?}");
         let error = status.error.unwrap_or_default();
         assert!(error.contains("ended during its migration"), "{error}");
