@@ -52,7 +52,7 @@ pub const MAX_DATA_FRAME: usize = max(
 /// `Keepalive` (one byte).
 pub const MAX_DATA_STREAM_CONTROL: usize = 64;
 /// Longest reason a destination gives a source (refusing, busy or aborting); a longer
-/// one is cut ([`bounded_reason`]). The error chains it gives fit with room to spare.
+/// one is cut at a character boundary, by the destination. The error chains it gives fit with room to spare.
 pub const MAX_REASON_BYTES: usize = 1 << 10;
 /// Most bytes postcard writes for one integer (a u64's varint), or for a length.
 const MAX_VARINT: usize = 10;
