@@ -34,6 +34,22 @@ pub const MAX_TENSORS: u64 = 1 << 16;
 pub const MAX_METADATA: u64 = 1 << 16;
 /// Smallest read [`GgufError::NeedMore`] suggests.
 const MIN_READ: u64 = 64 * 1024;
+/// Most characters of a key, tensor name or string value that an error quotes
+/// (llama.cpp's tensor names are shorter; a crafted file's can be megabytes).
+pub const SHOWN_CHARS: usize = 64;
+
+/// `text` as an error quotes it: its first [`SHOWN_CHARS`] characters, then `…` if it
+/// goes on, so that no message grows with the file.
+pub fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => {
+            let mut s = String::from(&text[..cut]);
+            s.push('…');
+            s
+        }
+        None => text.into(),
+    }
+}
 
 /// A metadata value's type, with its GGUF code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -291,6 +307,31 @@ impl<'a> Value<'a> {
     }
 }
 
+/// The value as a message quotes it: a number as itself, a string clipped to
+/// [`SHOWN_CHARS`] characters, an array as its length and type (never its elements).
+impl fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Value::U8(v) => write!(f, "{v}"),
+            Value::I8(v) => write!(f, "{v}"),
+            Value::U16(v) => write!(f, "{v}"),
+            Value::I16(v) => write!(f, "{v}"),
+            Value::U32(v) => write!(f, "{v}"),
+            Value::I32(v) => write!(f, "{v}"),
+            Value::F32(v) => write!(f, "{v}"),
+            Value::Bool(v) => write!(f, "{v}"),
+            Value::U64(v) => write!(f, "{v}"),
+            Value::I64(v) => write!(f, "{v}"),
+            Value::F64(v) => write!(f, "{v}"),
+            Value::Str(b) => match core::str::from_utf8(b) {
+                Ok(s) => write!(f, "{:?}", shown(s)),
+                Err(_) => write!(f, "a string of {} bytes that is not UTF-8", b.len()),
+            },
+            Value::Array(a) => write!(f, "an array of {} {:?}", a.len(), a.elem_type()),
+        }
+    }
+}
+
 /// An array value: its element type, length and the bytes of its elements.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Array<'a> {
@@ -501,7 +542,8 @@ impl TensorInfo<'_> {
     }
 }
 
-/// Why a GGUF file was refused.
+/// Why a GGUF file was refused. The keys and tensor names it holds are [`shown`]: a
+/// crafted file's megabyte name makes no megabyte message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GgufError {
     /// The header goes on past the prefix given: read at least `bytes` leading bytes of
@@ -772,14 +814,14 @@ impl<'a> Gguf<'a> {
             let key = r.text("metadata key")?;
             let code = r.u32("metadata value type")?;
             let ty = ValueType::from_code(code).ok_or_else(|| GgufError::UnknownValueType {
-                key: key.into(),
+                key: shown(key),
                 code,
             })?;
             let value = r.value(ty, key)?;
             kvs.push((key, value));
         }
         let by_key = sorted_indices(kvs.len(), |i| key_of(&kvs, i))
-            .map_err(|key| GgufError::DuplicateKey { key: key.into() })?;
+            .map_err(|key| GgufError::DuplicateKey { key: shown(key) })?;
         let mut gguf = Gguf {
             version,
             kvs,
@@ -811,7 +853,7 @@ impl<'a> Gguf<'a> {
             let n_dims = r.u32("tensor dimension count")?;
             if n_dims == 0 || n_dims as usize > MAX_DIMS {
                 return Err(GgufError::BadDims {
-                    tensor: name.into(),
+                    tensor: shown(name),
                     n_dims,
                 });
             }
@@ -828,13 +870,13 @@ impl<'a> Gguf<'a> {
             });
             if elements.is_none() {
                 return Err(GgufError::BadShape {
-                    tensor: name.into(),
+                    tensor: shown(name),
                     dims: dims.into(),
                 });
             }
             let dtype =
                 DType::from_code(u64::from(code)).ok_or_else(|| GgufError::UnsupportedType {
-                    tensor: name.into(),
+                    tensor: shown(name),
                     code,
                 })?;
             let rows = ne[1] * ne[2] * ne[3]; // no overflow: the full product fits
@@ -842,21 +884,21 @@ impl<'a> Gguf<'a> {
                 Some(size) => size,
                 None if ne[0] % dtype.block_elems() != 0 => {
                     return Err(GgufError::PartialBlock {
-                        tensor: name.into(),
+                        tensor: shown(name),
                         cols: ne[0],
                         block: dtype.block_elems(),
                     })
                 }
                 None => {
                     return Err(GgufError::BadShape {
-                        tensor: name.into(),
+                        tensor: shown(name),
                         dims: dims.into(),
                     })
                 }
             };
             if offset % gguf.alignment != 0 {
                 return Err(GgufError::MisalignedOffset {
-                    tensor: name.into(),
+                    tensor: shown(name),
                     offset,
                     alignment: gguf.alignment,
                 });
@@ -881,7 +923,7 @@ impl<'a> Gguf<'a> {
                 })?;
         for t in &mut tensors {
             let past_end = |offset| GgufError::DataPastEnd {
-                tensor: t.name.into(),
+                tensor: shown(t.name),
                 offset,
                 size: t.size,
                 file_size,
@@ -897,7 +939,7 @@ impl<'a> Gguf<'a> {
         let by_name =
             sorted_indices(tensors.len(), |i| name_of(&tensors, i)).map_err(|tensor| {
                 GgufError::DuplicateTensor {
-                    tensor: tensor.into(),
+                    tensor: shown(tensor),
                 }
             })?;
         let mut by_offset: Vec<&TensorInfo<'_>> = tensors.iter().collect();
@@ -906,8 +948,8 @@ impl<'a> Gguf<'a> {
             // Ends fit a u64: checked above.
             if w[0].offset + w[0].size > w[1].offset {
                 return Err(GgufError::Overlap {
-                    first: w[0].name.into(),
-                    second: w[1].name.into(),
+                    first: shown(w[0].name),
+                    second: shown(w[1].name),
                 });
             }
         }
@@ -1152,13 +1194,13 @@ impl<'a> Reader<'a> {
                 let code = self.u32(A)?;
                 let elem =
                     ValueType::from_code(code).ok_or_else(|| GgufError::UnknownValueType {
-                        key: key.into(),
+                        key: shown(key),
                         code,
                     })?;
                 let count = self.u64(A)?;
                 let start = self.pos;
                 match elem {
-                    ValueType::Array => return Err(GgufError::NestedArray { key: key.into() }),
+                    ValueType::Array => return Err(GgufError::NestedArray { key: shown(key) }),
                     ValueType::Str => {
                         self.check_count(count, 8, "array strings")?;
                         for _ in 0..count {
@@ -1183,5 +1225,109 @@ impl<'a> Reader<'a> {
                 })
             }
         })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use alloc::format;
+    use alloc::vec;
+
+    /// A GGUF v3 header: `kvs` (key, type code, value bytes), then `tensors` (name, the
+    /// bytes after it).
+    pub(crate) fn file(kvs: &[(&str, u32, &[u8])], tensors: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::from(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        let text = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        for (key, code, value) in kvs {
+            text(&mut out, key);
+            out.extend_from_slice(&code.to_le_bytes());
+            out.extend_from_slice(value);
+        }
+        for (name, rest) in tensors {
+            text(&mut out, name);
+            out.extend_from_slice(rest);
+        }
+        out
+    }
+
+    /// The bytes of a string value.
+    pub(crate) fn string(s: &str) -> Vec<u8> {
+        [&(s.len() as u64).to_le_bytes()[..], s.as_bytes()].concat()
+    }
+
+    /// The message of the error parsing `bytes` gives.
+    fn message(bytes: &[u8]) -> String {
+        match Gguf::parse(bytes, bytes.len() as u64) {
+            Ok(_) => panic!("a bad file parsed"),
+            Err(e) => format!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_megabyte_tensor_name_makes_a_short_message() {
+        let name: String = core::iter::repeat_n('\u{1}', 1 << 20).collect();
+        let bytes = file(&[], &[(&name, &0u32.to_le_bytes())]);
+        let m = message(&bytes);
+        assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
+        assert!(m.starts_with("tensor \"\\u{1}"), "{m}");
+        assert!(
+            m.ends_with("…\" has 0 dimensions (1 to 4 are allowed)"),
+            "{m}"
+        );
+        // Two such names in one message (overlapping data).
+        let one_dim = [
+            &1u32.to_le_bytes()[..],
+            &32u64.to_le_bytes(),
+            &0u32.to_le_bytes(),
+        ];
+        let tensor = [&one_dim.concat()[..], &0u64.to_le_bytes()].concat();
+        let other: String = core::iter::repeat_n('\u{1}', (1 << 20) + 1).collect();
+        let mut bytes = file(&[], &[(&name, &tensor), (&other, &tensor)]);
+        bytes.resize(bytes.len() + 4096, 0);
+        let m = message(&bytes);
+        assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
+        assert!(m.contains(" overlap"), "{m}");
+    }
+
+    #[test]
+    fn a_megabyte_key_makes_a_short_message() {
+        let key: String = core::iter::repeat_n('\u{1}', 1 << 20).collect();
+        for bytes in [
+            file(&[(&key, 99, &[])], &[]),
+            file(&[(&key, 9, &[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])], &[]),
+            file(&[(&key, 0, &[1]), (&key, 0, &[2])], &[]),
+        ] {
+            let m = message(&bytes);
+            assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
+            assert!(m.contains("…\""), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_value_shows_its_type_and_length_not_its_bytes() {
+        let long = vec![1u8; 1 << 20];
+        let long = Value::Str(&long);
+        let m = format!("{long}");
+        assert!(m.len() < 1024 && m.ends_with("…\""), "{m}");
+        assert_eq!(format!("{}", Value::Str(b"linear")), "\"linear\"");
+        assert_eq!(
+            format!("{}", Value::Str(&[0xff, 0xfe])),
+            "a string of 2 bytes that is not UTF-8"
+        );
+        let data = vec![0u8; 4 << 20];
+        let array = Value::Array(Array {
+            elem: ValueType::U32,
+            len: 1 << 20,
+            data: &data,
+        });
+        assert_eq!(format!("{array}"), "an array of 1048576 U32");
+        assert_eq!(format!("{}", Value::U32(64)), "64");
     }
 }

@@ -21,7 +21,7 @@ use ferry_abi::accel::dtype::DType;
 /// match). The accelerator's ROPE kernel takes the same value.
 pub use ferry_abi::accel::kernel::RopeStyle;
 
-use crate::gguf::{Gguf, TensorInfo, Value, MAX_DIMS};
+use crate::gguf::{shown, Gguf, TensorInfo, Value, MAX_DIMS};
 
 /// The hyper-parameters of a llama-family model.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -341,7 +341,7 @@ impl LlamaConfig {
             Some("llama") => "llama",
             other => {
                 return Err(LlamaError::UnsupportedArchitecture {
-                    arch: other.map(String::from),
+                    arch: other.map(shown),
                 })
             }
         };
@@ -376,7 +376,7 @@ impl LlamaConfig {
             if let Some(v) = gguf.get(&m.key(k)) {
                 if v.as_u64() != Some(head_dim as u64) {
                     return Err(LlamaError::Unsupported {
-                        what: format!("{} {v:?} differs from dim/heads = {head_dim}", m.key(k)),
+                        what: format!("{} {v} differs from dim/heads = {head_dim}", m.key(k)),
                     });
                 }
             }
@@ -412,7 +412,7 @@ impl LlamaConfig {
             Some(v) if v.as_str() == Some("none") => {}
             Some(v) => {
                 return Err(LlamaError::Unsupported {
-                    what: format!("{} {:?} (rope scaling)", m.key("rope.scaling.type"), v),
+                    what: format!("{} {v} (rope scaling)", m.key("rope.scaling.type")),
                 })
             }
         }
@@ -567,7 +567,7 @@ impl LlamaModel {
             .find(|t| !expected_tensor(t.name, c.layers))
         {
             return Err(LlamaError::UnexpectedTensor {
-                tensor: t.name.into(),
+                tensor: shown(t.name),
             });
         }
         Ok(LlamaModel {
@@ -595,5 +595,73 @@ impl LlamaModel {
     /// Bytes of all weights.
     pub fn weight_bytes(&self) -> u64 {
         self.weights().map(|w| w.size).fold(0, u64::saturating_add)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::tests::{file, string};
+
+    /// The message of the error [`LlamaConfig::from_gguf`] gives for a llama header with
+    /// `extra` metadata (key, type code, value bytes) after its required keys.
+    fn config_error(extra: &[(&str, u32, &[u8])]) -> String {
+        let arch = string("llama");
+        let (u32_code, f32_code, str_code) = (4, 6, 8);
+        let mut kvs: Vec<(&str, u32, &[u8])> = Vec::new();
+        let (one, eight, eps) = (
+            1u32.to_le_bytes(),
+            8u32.to_le_bytes(),
+            1e-5f32.to_le_bytes(),
+        );
+        kvs.push(("general.architecture", str_code, &arch));
+        kvs.push(("llama.block_count", u32_code, &one));
+        kvs.push(("llama.embedding_length", u32_code, &eight));
+        kvs.push(("llama.feed_forward_length", u32_code, &eight));
+        kvs.push(("llama.attention.head_count", u32_code, &one));
+        kvs.push(("llama.context_length", u32_code, &eight));
+        kvs.push(("llama.attention.layer_norm_rms_epsilon", f32_code, &eps));
+        kvs.extend_from_slice(extra);
+        let bytes = file(&kvs, &[]);
+        let gguf = Gguf::parse(&bytes, bytes.len() as u64).expect("a valid header");
+        match LlamaConfig::from_gguf(&gguf) {
+            Ok(_) => panic!("a bad configuration was taken"),
+            Err(e) => format!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_megabyte_value_makes_a_short_message() {
+        let long: String = core::iter::repeat_n('\u{1}', 1 << 20).collect();
+        let long = string(&long);
+        for key in ["llama.attention.key_length", "llama.rope.scaling.type"] {
+            let m = config_error(&[(key, 8, &long)]);
+            assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
+            assert!(
+                m.starts_with(&format!("unsupported: {key} \"\\u{{1}}")),
+                "{m}"
+            );
+            assert!(m.contains("…\""), "{m}");
+        }
+        // An array is its length and type.
+        let array = [&8u32.to_le_bytes()[..], &1u64.to_le_bytes(), &string("x")].concat();
+        let m = config_error(&[("llama.rope.scaling.type", 9, &array)]);
+        assert_eq!(
+            m,
+            "unsupported: llama.rope.scaling.type an array of 1 Str (rope scaling)"
+        );
+    }
+
+    #[test]
+    fn a_megabyte_architecture_makes_a_short_message() {
+        let long: String = core::iter::repeat_n('\u{1}', 1 << 20).collect();
+        let bytes = file(&[("general.architecture", 8, &string(&long))], &[]);
+        let gguf = Gguf::parse(&bytes, bytes.len() as u64).expect("a valid header");
+        let m = format!("{}", LlamaConfig::from_gguf(&gguf).unwrap_err());
+        assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
+        assert!(
+            m.ends_with("…\" is not supported (only \"llama\" is)"),
+            "{m}"
+        );
     }
 }

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 use core::cmp::Reverse;
 use core::fmt;
 
-use crate::gguf::{Gguf, StrArray};
+use crate::gguf::{shown, Gguf, StrArray};
 use crate::unicode::{is_letter, is_number, is_space};
 
 /// What kind of token an id is (`tokenizer.ggml.token_type`).
@@ -349,7 +349,7 @@ impl Tokenizer {
             })?;
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel {
-                model: model.into(),
+                model: shown(model),
             });
         }
         let pre = match gguf.get("tokenizer.ggml.pre") {
@@ -357,7 +357,7 @@ impl Tokenizer {
             Some(v) => match v.as_str() {
                 Some("gpt2" | "default") => PreTokenizer::Gpt2,
                 Some("smollm") => PreTokenizer::SmolLm,
-                Some(other) => return Err(TokenizerError::UnsupportedPre { pre: other.into() }),
+                Some(other) => return Err(TokenizerError::UnsupportedPre { pre: shown(other) }),
                 None => {
                     return Err(TokenizerError::Missing {
                         key: "tokenizer.ggml.pre",
@@ -1067,6 +1067,26 @@ impl Utf8Stream {
 mod tests {
     use super::*;
     use alloc::vec;
+
+    #[test]
+    fn a_megabyte_model_or_pre_tokenizer_name_makes_a_short_message() {
+        use crate::gguf::tests::{file, string};
+        let long: String = core::iter::repeat_n('\u{1}', 1 << 20).collect();
+        let (long, gpt2) = (string(&long), string("gpt2"));
+        for kvs in [
+            vec![("tokenizer.ggml.model", 8, &long[..])],
+            vec![
+                ("tokenizer.ggml.model", 8, &gpt2[..]),
+                ("tokenizer.ggml.pre", 8, &long[..]),
+            ],
+        ] {
+            let bytes = file(&kvs, &[]);
+            let gguf = Gguf::parse(&bytes, bytes.len() as u64).expect("a valid header");
+            let m = alloc::format!("{}", Tokenizer::from_gguf(&gguf).unwrap_err());
+            assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
+            assert!(m.contains("…\" is not supported"), "{m}");
+        }
+    }
 
     fn split(pre: PreTokenizer, s: &str) -> Vec<&str> {
         let mut v = Vec::new();

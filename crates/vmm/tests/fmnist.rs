@@ -238,6 +238,148 @@ fn fmnist_train_refuses_corrupt_files_naming_the_problem() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// CRC-32 (IEEE), as a gzip trailer holds it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let table: Vec<u32> = (0..256u32)
+        .map(|i| {
+            (0..8).fold(i, |c, _| {
+                if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                }
+            })
+        })
+        .collect();
+    !bytes.iter().fold(!0u32, |c, &b| {
+        table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
+    })
+}
+
+/// A gzip member around the deflate stream `deflate` of `data`, whose trailer says
+/// `isize` bytes.
+fn gzip_member(deflate: &[u8], data: &[u8], isize: u32) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+    out.extend_from_slice(deflate);
+    out.extend_from_slice(&crc32(data).to_le_bytes());
+    out.extend_from_slice(&isize.to_le_bytes());
+    out
+}
+
+/// `data` as deflate stored blocks (no compression).
+fn deflate_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let blocks: Vec<&[u8]> = data.chunks(0xffff).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        out.push(u8::from(i + 1 == blocks.len()));
+        let len = block.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    out
+}
+
+/// Deflate of `header` (a stored block) then `zeros` zero bytes (one fixed-Huffman
+/// block of 258-byte copies at distance 1): about 1000:1 on the zeros.
+fn deflate_header_and_zeros(header: &[u8], zeros: usize) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(!(header.len() as u16)).to_le_bytes());
+    out.extend_from_slice(header);
+    let (mut acc, mut bits) = (0u64, 0);
+    let mut put = |out: &mut Vec<u8>, value: u64, n: u32| {
+        acc |= value << bits;
+        bits += n;
+        while bits >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            bits -= 8;
+        }
+    };
+    // Huffman codes go most significant bit first.
+    let code = |c: u64, n: u32| (0..n).fold(0, |r, i| r | ((c >> i) & 1) << (n - 1 - i));
+    put(&mut out, 0b011, 3); // final, fixed Huffman
+    let literal_zero = code(0x30, 8);
+    put(&mut out, literal_zero, 8);
+    let mut left = zeros - 1;
+    while left >= 258 {
+        put(&mut out, code(0xc5, 8), 8); // length 258 (symbol 285)
+        put(&mut out, 0, 5); // distance 1
+        left -= 258;
+    }
+    for _ in 0..left {
+        put(&mut out, literal_zero, 8);
+    }
+    put(&mut out, 0, 7); // end of block
+    put(&mut out, 0, 7); // flush
+    out
+}
+
+/// A gzip member of no bytes (20 bytes in all).
+fn empty_gzip_member() -> Vec<u8> {
+    gzip_member(&[0x03, 0x00], &[], 0)
+}
+
+#[test]
+fn many_empty_gzip_members_before_a_large_one_decode_at_once() {
+    if !ferry_testdata::kvm("many_empty_gzip_members_before_a_large_one_decode_at_once") {
+        return;
+    }
+    let tmp = ferry_testdata::scratch_dir("fmnist-gz-members");
+    // 128,000 blank images (96 MiB) after 100,000 empty members: sizing every member by
+    // the last one's length zero-filled 96 MiB a member, 9 TB before the first check.
+    let count = 128_000u32;
+    let mut idx = Vec::new();
+    for word in [0x0803, count, 28, 28] {
+        idx.extend_from_slice(&u32::to_be_bytes(word));
+    }
+    let zeros = count as usize * 784;
+    let deflate = deflate_header_and_zeros(&idx, zeros);
+    idx.resize(idx.len() + zeros, 0);
+    let mut file = empty_gzip_member().repeat(100_000);
+    file.extend_from_slice(&gzip_member(&deflate, &idx, idx.len() as u32));
+    let images = tmp.join("images.gz");
+    std::fs::write(&images, &file).unwrap();
+    // One label short: the guest gets past the images only if they decoded whole.
+    let labels = tmp.join("labels");
+    let few = vec![0u8; count as usize - 1];
+    std::fs::write(&labels, label_file(0x0801, count - 1, &few)).unwrap();
+    let files = [("train-images", images), ("train-labels", labels)];
+    let (exit, console) = run(&files, &["--epochs", "1"], 1);
+    assert!(matches!(exit, VmExit::Exited(1)), "{exit:?}\n{console}");
+    let line = format!(
+        "fmnist-train: error: train-images has {count} images but train-labels has {} labels",
+        count - 1
+    );
+    assert!(console.contains(&line), "no '{line}' in:\n{console}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn a_gzip_length_beyond_the_guest_memory_is_a_length_mismatch() {
+    if !ferry_testdata::kvm("a_gzip_length_beyond_the_guest_memory_is_a_length_mismatch") {
+        return;
+    }
+    let tmp = ferry_testdata::scratch_dir("fmnist-gz-isize");
+    // 400 KB stored: the input could inflate to 400 MiB, more than the guest has, and
+    // the trailer claims 4 GiB. Sizing the output by that claim failed as "raise
+    // --memory"; the data itself needs no more than it is.
+    let data: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
+    let path = tmp.join("images.gz");
+    std::fs::write(
+        &path,
+        gzip_member(&deflate_stored(&data), &data, u32::MAX - 15),
+    )
+    .unwrap();
+    let (exit, console) = run(&[("train-images", path)], &["--epochs", "1"], 1);
+    assert!(matches!(exit, VmExit::Exited(1)), "{exit:?}\n{console}");
+    let line = "fmnist-train: error: train-images: gzip length mismatch (400000 bytes \
+                decompressed, trailer says 4294967280 mod 2^32)";
+    assert!(console.contains(line), "no '{line}' in:\n{console}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 #[test]
 fn a_snapshot_mid_epoch_restores_to_the_same_checksum() {
     let Some(dir) = dataset("a_snapshot_mid_epoch_restores_to_the_same_checksum") else {

@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 #[path = "../fmnist/data.rs"]
 mod data;
 #[path = "../mlp/net.rs"]

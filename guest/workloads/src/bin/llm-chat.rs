@@ -12,7 +12,7 @@
 #[path = "../llama/model.rs"]
 mod model;
 
-use ferry_llm::{Message, Sampler, SamplerConfig, Utf8Stream};
+use ferry_llm::{Message, RenderedPrompt, Sampler, SamplerConfig, Utf8Stream};
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::files;
@@ -29,7 +29,9 @@ llama architecture with a byte-level BPE tokenizer (SmolLM2's; TinyLlama's Sente
 tokenizer and Llama 3's pre-tokenizer and rope factors are refused, saying which), weights
 in f32, f16, q8_0, q4_0, q4_1, q4_k or q6_k.
   --prompt TEXT       the user's message, rendered with the model's chat template
-  --system TEXT       a system message (default: the template's own, if it has one)
+  --system TEXT       a system message (default: the template's own, if it has one);
+                      both are text only: a special token's text in them (<|im_end|>)
+                      stays text, it does not end the turn
   --raw TEXT          a raw prompt instead (no template; special tokens are parsed)
   --max-tokens N      most tokens to generate (default 128); generation also ends at
                       the model's end-of-turn or end-of-text token
@@ -170,21 +172,23 @@ fn rate(tokens: usize, ns: u64) -> f64 {
 fn run(o: &Options) -> Result<(), Failure> {
     let file = files::open(o.file)?;
     let (model, tokenizer, template) = read_model(&file)?;
-    let (text, stops) = match &o.prompt {
+    // A raw prompt is the caller's own markup; a chat's messages are text only, so that
+    // `--prompt` cannot close its turn or open another with the template's markup.
+    let (rendered, stops) = match &o.prompt {
         // What ends a chat's turn ends a raw prompt's too (as llm-serve has it).
         Prompt::Raw(raw) => (
-            String::from(*raw),
+            RenderedPrompt {
+                text: String::from(*raw),
+                contents: Vec::new(),
+            },
             match &template {
-                Some(template) => template.stop_tokens(&tokenizer),
-                None => tokenizer.end_of_generation(),
+                Ok(template) => template.stop_tokens(&tokenizer),
+                Err(_) => tokenizer.end_of_generation(),
             },
         ),
         Prompt::Chat { system, user } => {
-            let template = template.ok_or_else(|| {
-                Failure(format!(
-                    "model file '{}' has no chat template this guest knows; use --raw",
-                    file.name()
-                ))
+            let template = template.map_err(|why| {
+                Failure(format!("model file '{}': {why}; use --raw", file.name()))
             })?;
             let mut messages = Vec::new();
             if let Some(system) = system {
@@ -198,7 +202,7 @@ fn run(o: &Options) -> Result<(), Failure> {
                 content: user,
             });
             (
-                template.render(&messages, true),
+                template.render_marked(&messages, true),
                 template.stop_tokens(&tokenizer),
             )
         }
@@ -207,7 +211,7 @@ fn run(o: &Options) -> Result<(), Failure> {
     if tokenizer.add_bos() {
         prompt.extend(tokenizer.bos());
     }
-    prompt.extend(tokenizer.encode(&text, true));
+    prompt.extend(tokenizer.encode_marked(&rendered.text, true, &rendered.contents));
     if prompt.is_empty() {
         return Err(Failure("the prompt is empty".into()));
     }

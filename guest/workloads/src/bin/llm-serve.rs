@@ -15,7 +15,7 @@ use ferry_llm::serve::{
     kind, Event, FinishReason, PromptKind, RefusalCode, Request, StopFilter, NO_TOKEN,
 };
 use ferry_llm::{
-    ChatTemplate, Message, RenderedPrompt, Sampler, SamplerConfig, Tokenizer, Utf8Stream,
+    ChatError, ChatTemplate, Message, RenderedPrompt, Sampler, SamplerConfig, Tokenizer, Utf8Stream,
 };
 use ferry_sdk::channel::{Channel, Geometry};
 use ferry_sdk::files;
@@ -71,7 +71,8 @@ fn parse(args: &Args) -> Result<Options, ArgError> {
 /// The model's text side.
 struct Text {
     tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
+    /// The chat template, or why chat requests are refused.
+    template: Result<ChatTemplate, ChatError>,
     context: usize,
 }
 
@@ -491,17 +492,20 @@ impl Text {
                 // What ends a chat's turn ends a raw prompt's too: the client may
                 // write the template's markup itself.
                 let stops = match &self.template {
-                    Some(template) => template.stop_tokens(&self.tokenizer),
-                    None => self.tokenizer.end_of_generation(),
+                    Ok(template) => template.stop_tokens(&self.tokenizer),
+                    Err(_) => self.tokenizer.end_of_generation(),
                 };
                 (rendered, stops)
             }
             PromptKind::Chat => {
-                let Some(template) = &self.template else {
-                    return Err((
-                        RefusalCode::InvalidRequest,
-                        "this model has no chat template; use the completions endpoint".into(),
-                    ));
+                let template = match &self.template {
+                    Ok(template) => template,
+                    Err(why) => {
+                        return Err((
+                            RefusalCode::InvalidRequest,
+                            format!("{why}; use the completions endpoint"),
+                        ))
+                    }
                 };
                 let messages: Vec<Message> = r
                     .messages

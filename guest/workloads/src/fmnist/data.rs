@@ -2,6 +2,7 @@
 //! panicking on any input. Every error is a sentence about the data, for the caller to
 //! prefix with the file's name.
 
+use alloc::collections::TryReserveError;
 use ferry_sdk::prelude::*;
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
@@ -24,6 +25,8 @@ pub const LABELS_HEADER: usize = 8;
 
 /// The largest decompressed file accepted (Fashion-MNIST's largest is 45 MiB).
 const MAX_INFLATED: usize = 1 << 30;
+/// The least room the output is given or grown by.
+const MIN_ROOM: usize = 64 << 10;
 
 /// True if `bytes` start with the gzip magic 1f 8b.
 pub fn is_gzip(bytes: &[u8]) -> bool {
@@ -33,12 +36,26 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
 /// Decompresses a gzip file: one or more members, each checked against its CRC-32 and
 /// length; nothing may follow the last member.
 pub fn gunzip(data: &[u8]) -> Result<Vec<u8>, String> {
-    // The last member's ISIZE (length mod 2^32) sizes the output, usually exactly.
+    // The last member's ISIZE (length mod 2^32) is the whole output's length in a
+    // single-member file, the usual one: it sizes the output once, up front (one more
+    // byte lets the inflater end without asking for room). It is only a hint: bounded by
+    // what the input can inflate to (deflate expands at most 1032:1), and when it cannot
+    // be had (a lying ISIZE, a small guest) the output grows as it needs instead.
     let hint = match data.len() {
         n if n >= 18 => le32(&data[n - 4..]) as usize,
         _ => 0,
     };
+    let first = hint
+        .saturating_add(1)
+        .min(data.len().saturating_mul(1032))
+        .clamp(MIN_ROOM, MAX_INFLATED);
     let mut out = Vec::new();
+    if grow(&mut out, first).is_err() {
+        more_room(&mut out, 0)?;
+    }
+    // `out` keeps its room between members (zeroed once, written over), so that
+    // members never pay again for room the ones before them made.
+    let mut len = 0;
     let mut pos = 0;
     while pos < data.len() {
         if pos > 0 && !is_gzip(&data[pos..]) {
@@ -47,13 +64,16 @@ pub fn gunzip(data: &[u8]) -> Result<Vec<u8>, String> {
                 data.len() - pos
             ));
         }
-        pos = member(data, pos, &mut out, hint)?;
+        pos = member(data, pos, &mut out, &mut len)?;
     }
+    out.truncate(len);
     Ok(out)
 }
 
-/// Decodes the gzip member at `start` onto `out`; returns where the next one starts.
-fn member(data: &[u8], start: usize, out: &mut Vec<u8>, hint: usize) -> Result<usize, String> {
+/// Decodes the gzip member at `start` into `out` from byte `len` on, growing `out` when
+/// it needs room and moving `len` past the member's bytes; returns where the next member
+/// starts.
+fn member(data: &[u8], start: usize, out: &mut Vec<u8>, len: &mut usize) -> Result<usize, String> {
     const FHCRC: u8 = 2;
     const FEXTRA: u8 = 4;
     const FNAME: u8 = 8;
@@ -99,35 +119,35 @@ fn member(data: &[u8], start: usize, out: &mut Vec<u8>, hint: usize) -> Result<u
         return Err(truncated_header());
     }
 
-    // Inflate into `out` from its current end, growing it when the stream needs more.
-    let base = out.len();
+    // Inflate into `out[base..]`, growing it when the stream needs more room: the member
+    // starts a stream of its own, which cannot refer back to the members before it.
+    let base = *len;
     let mut out_pos = base;
-    // Deflate expands at most 1032:1, which bounds a corrupt ISIZE.
-    let first = hint
-        .saturating_add(1)
-        .min((data.len() - pos).saturating_mul(1032))
-        .max(4096)
-        .min(MAX_INFLATED.saturating_sub(base));
-    grow(out, base + first)?;
+    if out.len() == base {
+        more_room(out, base)?;
+    }
     let mut inflater = Box::<DecompressorOxide>::default();
     let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
     loop {
-        let (status, consumed, produced) =
-            decompress(&mut inflater, &data[pos..], out, out_pos, flags);
+        let (status, consumed, produced) = decompress(
+            &mut inflater,
+            &data[pos..],
+            &mut out[base..],
+            out_pos - base,
+            flags,
+        );
         pos += consumed;
         out_pos += produced;
         match status {
             TINFLStatus::Done => break,
             TINFLStatus::HasMoreOutput => {
                 if out.len() >= MAX_INFLATED {
-                    out.truncate(out_pos);
                     return Err(format!(
                         "decompresses to more than {} MiB",
                         MAX_INFLATED >> 20
                     ));
                 }
-                let len = out.len().saturating_mul(2).min(MAX_INFLATED);
-                grow(out, len)?;
+                more_room(out, out_pos)?;
             }
             TINFLStatus::FailedCannotMakeProgress | TINFLStatus::NeedsMoreInput => {
                 return Err(format!(
@@ -144,11 +164,11 @@ fn member(data: &[u8], start: usize, out: &mut Vec<u8>, hint: usize) -> Result<u
             }
         }
     }
-    out.truncate(out_pos);
+    *len = out_pos;
     let trailer = data.get(pos..pos + 8).ok_or_else(|| {
         format!("truncated gzip data: the trailer (CRC-32 and length) is missing at byte {pos}")
     })?;
-    let inflated = &out[base..];
+    let inflated = &out[base..out_pos];
     let crc = crc32(inflated);
     if crc != le32(&trailer[..4]) {
         return Err(format!(
@@ -166,15 +186,28 @@ fn member(data: &[u8], start: usize, out: &mut Vec<u8>, hint: usize) -> Result<u
     Ok(pos + 8)
 }
 
-/// Extends `v` with zeros to `len` bytes, failing (not aborting) when memory runs out.
-fn grow(v: &mut Vec<u8>, len: usize) -> Result<(), String> {
+/// Grows the full output `out` (of which `used` bytes are written): to twice its size
+/// if memory allows, else by as little as still helps; fails only when the output has
+/// outgrown this guest's memory.
+fn more_room(out: &mut Vec<u8>, used: usize) -> Result<(), String> {
+    let now = out.len();
+    let doubled = now.saturating_mul(2).clamp(MIN_ROOM, MAX_INFLATED);
+    let least = now
+        .saturating_add((now / 16).max(MIN_ROOM))
+        .min(MAX_INFLATED);
+    if grow(out, doubled).is_ok() || grow(out, least).is_ok() {
+        return Ok(());
+    }
+    Err(format!(
+        "decompressing runs out of guest memory after {} MiB of output (raise --memory)",
+        used >> 20
+    ))
+}
+
+/// Extends `v` with zeros to `len` bytes; `Err` (not an abort) when memory runs out.
+fn grow(v: &mut Vec<u8>, len: usize) -> Result<(), TryReserveError> {
     if len > v.len() {
-        v.try_reserve_exact(len - v.len()).map_err(|_| {
-            format!(
-                "decompressing needs {} MiB more than this guest has free (raise --memory)",
-                (len - v.len()) >> 20
-            )
-        })?;
+        v.try_reserve_exact(len - v.len())?;
         v.resize(len, 0);
     }
     Ok(())

@@ -2,7 +2,9 @@
 //! one (`llm-chat`, `llm-serve`): the weights go straight from the attached file into
 //! device memory and are only read from then on; each sequence has its KV cache.
 
-use ferry_llm::{ChatTemplate, Gguf, GgufError, LlamaConfig, LlamaModel, Tokenizer, Weight};
+use ferry_llm::{
+    ChatError, ChatTemplate, Gguf, GgufError, LlamaConfig, LlamaModel, Tokenizer, Weight,
+};
 use ferry_sdk::abi::accel::dtype::DType;
 use ferry_sdk::abi::accel::kernel::attention_within_work;
 use ferry_sdk::accel::{Accel, AccelError, Tensor, U32Tensor, Weights};
@@ -40,9 +42,12 @@ impl From<Failure> for workload::Failure {
     }
 }
 
-/// The model file's description (metadata, tensors, tokenizer, chat template), read
-/// from its header: more of it is read until the parser has all it needs.
-pub fn read_model(file: &File) -> Result<(LlamaModel, Tokenizer, Option<ChatTemplate>), Failure> {
+/// The model file's description (metadata, tensors, tokenizer, chat template or why it
+/// has none usable), read from its header: more of it is read until the parser has all
+/// it needs.
+pub fn read_model(
+    file: &File,
+) -> Result<(LlamaModel, Tokenizer, Result<ChatTemplate, ChatError>), Failure> {
     let bad = |what: &str, e: &dyn core::fmt::Display| {
         Failure(format!("model file '{}': {what}: {e}", file.name()))
     };
@@ -54,7 +59,9 @@ pub fn read_model(file: &File) -> Result<(LlamaModel, Tokenizer, Option<ChatTemp
             Ok(gguf) => {
                 let model = LlamaModel::from_gguf(&gguf).map_err(|e| bad("model", &e))?;
                 let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| bad("tokenizer", &e))?;
-                let template = ChatTemplate::from_gguf(&gguf).ok();
+                // Kept with why, for the chat requests it refuses: a model may have no
+                // template or one of a family we do not render.
+                let template = ChatTemplate::from_gguf(&gguf);
                 return Ok((model, tokenizer, template));
             }
             // The parser's guess may be larger than needed: up to the bound, read it.
