@@ -300,8 +300,12 @@ pub struct HostInfo {
     pub vms_in_doubt: usize,
 }
 
-/// A request to create a VM.
+/// A request to create a VM. A field it does not know is refused, not ignored: a
+/// misspelled `idempotency_key` would otherwise create a second VM when sent again. (A
+/// field added later must be optional and left out when unset, so that hosts that do not
+/// know it yet still take the creates of a center that does.)
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// Built-in workload name, or a path to a guest ELF on the host.
     pub workload: String,
@@ -377,8 +381,10 @@ fn default_memory() -> u64 {
     256 << 20
 }
 
-/// A request to migrate a VM.
+/// A request to migrate a VM. A field it does not know is refused, not ignored: a
+/// misspelled `max_rate_mib_s` would otherwise migrate at full speed.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// The destination's migration address (`HOST:PORT`).
     pub to: String,
@@ -856,6 +862,43 @@ fn vm_name_byte(b: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_and_migrate_requests_refuse_fields_they_do_not_know() {
+        let create = r#"{"workload": "hello", "idempotency-key": "k1"}"#;
+        let e = serde_json::from_str::<CreateVm>(create).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `idempotency-key`"),
+            "{e}"
+        );
+        let migrate = r#"{"to": "b:7070", "max_rate": 100}"#;
+        let e = serde_json::from_str::<MigrateRequest>(migrate).unwrap_err();
+        assert!(e.to_string().contains("unknown field `max_rate`"), "{e}");
+        // What clients and the center send, every field set, is taken back.
+        let create = CreateVm {
+            workload: "hello".into(),
+            name: Some("chat".into()),
+            args: vec!["--steps".into(), "3".into()],
+            memory: 16 << 20,
+            accel_memory: 1 << 20,
+            attach: vec![Attachment {
+                name: "model".into(),
+                path: "/models/m.gguf".into(),
+            }],
+            backend: Some("cpu".into()),
+            idempotency_key: Some("k1".into()),
+        };
+        let back: CreateVm =
+            serde_json::from_value(serde_json::to_value(&create).unwrap()).unwrap();
+        assert_eq!(back.idempotency_key.as_deref(), Some("k1"));
+        let migrate = MigrateRequest {
+            max_rate_mib_s: Some(100),
+            ..MigrateRequest::to("b:7070")
+        };
+        let back: MigrateRequest =
+            serde_json::from_value(serde_json::to_value(&migrate).unwrap()).unwrap();
+        assert_eq!(back.max_rate_mib_s, Some(100));
+    }
 
     #[test]
     fn migration_state_names_are_their_json() {

@@ -1,6 +1,7 @@
 //! The center's HTTP/JSON API, dashboard and metrics. Operators send
 //! `Authorization: Bearer <center token>`; hosts send the cluster's shared secret with
-//! their heartbeats. Errors are `{"error": "..."}` with a status that says what kind.
+//! their heartbeats. Errors are `{"error": "..."}` with a status that says what kind; an
+//! operator's request body with a field it does not know is refused (422), not ignored.
 //!
 //! | method and path | does |
 //! |---|---|
@@ -19,24 +20,25 @@
 //! | `GET /v1/models` | OpenAI's API: the serving (`llm-serve`) VMs, each a model named by its name (where that names it alone) or its VM id |
 //! | `GET /v1/models/{model}` | OpenAI's API: one of them, by name or id |
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI's API: an answer from that VM (`stream: true` for server-sent events), routed to the host that runs it now, following it across migrations |
-//! | `POST /v1/heartbeat` | hosts only (shared secret) |
+//! | `POST /v1/heartbeat` | hosts only (shared secret); a body of up to 34 MiB (a full beat of many VMs), where the rest take 2 MiB |
 //! | `POST /v1/settle` | hosts only: relays a settle question about an in-doubt switchover to the destination's API |
 //!
 //! The OpenAI endpoints answer CORS requests from any origin; the rest of the API none.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use ferry_api::Heartbeat;
+use ferry_api::{CreateVm, Heartbeat};
 use ferry_http::tokens::{require_token, Access, Scope, TokenFileError, Tokens};
 use ferry_http::{answer, error, error_with_code, Body};
 use serde::Deserialize;
 
+use crate::inventory::{MAX_VMS_PER_HOST, MAX_VM_REPORT_BYTES};
 use crate::store::StoreError;
 use crate::{gateway, Center, CenterError, PlaceVm};
 
@@ -81,8 +83,23 @@ struct Gates {
 }
 
 /// Largest request body taken (axum's default, set for every route so that a follower
-/// forwards to the leader what the leader itself would take).
+/// forwards to the leader what the leader itself would take), but heartbeats.
 const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// Room for one VM's report in a heartbeat beyond what the center keeps of it (the rest
+/// of its fields; the center trims a larger report itself, and the room is shared: a
+/// few larger reports fit beside the many smaller ones).
+const VM_REPORT_SLACK_BYTES: usize = 4 << 10;
+
+/// Largest heartbeat taken (34 MiB): a full beat of as many VMs as a host may have, each
+/// with room for what the center keeps of its report, and the host's own part (its
+/// fields, the keys of its creates, a delta's removed VMs) within [`MAX_BODY_BYTES`]. A
+/// host whose VMs attach many files must not have every full beat refused (the center
+/// trims each VM's report, so one VM never makes its host's beats fail); only hosts,
+/// with the heartbeat key, may send this much: the key is checked before the body is
+/// read.
+const MAX_HEARTBEAT_BYTES: usize =
+    MAX_VMS_PER_HOST * (MAX_VM_REPORT_BYTES + VM_REPORT_SLACK_BYTES) + MAX_BODY_BYTES;
 
 /// Writes reach the leader: a follower replica forwards them there, with the caller's
 /// own token, and answers with the leader's answer. Reads are served where they arrive.
@@ -236,7 +253,33 @@ async fn vms(State(center): State<Arc<Center>>) -> Response {
     answer(StatusCode::OK, move || Ok::<_, CenterError>(center.vms())).await
 }
 
-async fn create_vm(State(center): State<Arc<Center>>, Body(req): Body<PlaceVm>) -> Response {
+/// `POST /v1/vms`'s body: a [`PlaceVm`] that refuses fields it does not know (a
+/// misspelled `idempotency_key` would otherwise be dropped). Serde cannot deny unknown
+/// fields through `PlaceVm`'s `flatten`: the center's own field is taken out, and the
+/// rest read as a [`CreateVm`], which denies them.
+struct CreateBody(PlaceVm);
+
+impl<'de> Deserialize<'de> for CreateBody {
+    fn deserialize<D: serde::Deserializer<'de>>(from: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = serde_json::Map::<String, serde_json::Value>::deserialize(from)?;
+        let host = match fields.remove("host") {
+            Some(host) => Option::<String>::deserialize(host)
+                .map_err(|e| D::Error::custom(format_args!("host: {e}")))?,
+            None => None,
+        };
+        let vm =
+            CreateVm::deserialize(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
+        // Every field of PlaceVm named: one added there fails to build here until it is
+        // taken out above.
+        Ok(Self(PlaceVm { vm, host }))
+    }
+}
+
+async fn create_vm(
+    State(center): State<Arc<Center>>,
+    Body(CreateBody(req)): Body<CreateBody>,
+) -> Response {
     answer(StatusCode::CREATED, move || center.create_vm(&req)).await
 }
 
@@ -258,8 +301,10 @@ async fn balance_plan(State(center): State<Arc<Center>>) -> Response {
     .await
 }
 
-/// Body of `POST /v1/balance`.
+/// Body of `POST /v1/balance`. A field it does not know is refused: a misspelled
+/// `dry_run` would otherwise carry the plan out.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BalanceRequest {
     #[serde(default)]
     dry_run: bool,
@@ -365,8 +410,13 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         ))
         .route_layer(middleware::from_fn(gateway::openai_errors))
         .layer(gateway::cors());
+    // The heartbeat's own limit is set inside the key check (which reads no body), and
+    // replaces the router's for that route alone.
     let hosts = Router::new()
-        .route("/v1/heartbeat", post(heartbeat))
+        .route(
+            "/v1/heartbeat",
+            post(heartbeat).layer(DefaultBodyLimit::max(MAX_HEARTBEAT_BYTES)),
+        )
         .route("/v1/settle", post(settle))
         .route_layer(middleware::from_fn_with_state(
             (gates.hosts, Scope::Operators),
@@ -378,7 +428,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .merge(serving)
         .merge(hosts)
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(ferry_http::json_errors))
         .with_state(center))
 }
@@ -431,6 +481,32 @@ mod tests {
             .as_u16()
     }
 
+    /// The status and body text `center`'s API answers a `POST path` of `body` with,
+    /// with `Bearer token` if any, asked in-process.
+    fn post_body_in_process(
+        runtime: &tokio::runtime::Runtime,
+        center: &ScratchCenter,
+        path: &str,
+        token: Option<&str>,
+        body: axum::body::Body,
+    ) -> (u16, String) {
+        use tower::ServiceExt;
+        let mut request =
+            axum::http::Request::post(path).header("Content-Type", "application/json");
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let router = super::router(center.center.clone()).unwrap();
+        runtime.block_on(async {
+            let answer = router.oneshot(request.body(body).unwrap()).await.unwrap();
+            let status = answer.status().as_u16();
+            let text = axum::body::to_bytes(answer.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&text).into_owned())
+        })
+    }
+
     /// `POST path` to `url` with the operator's token and `body`: the status.
     fn post(url: &str, path: &str, body: &[u8]) -> u16 {
         let agent = ureq::Agent::config_builder()
@@ -475,9 +551,8 @@ mod tests {
             name: "leader".into(),
             url: leader_url.clone(),
         }));
-        let padded = |bytes: usize| {
-            format!(r#"{{"dry_run": true, "pad": "{}"}}"#, "x".repeat(bytes)).into_bytes()
-        };
+        let padded =
+            |bytes: usize| format!(r#"{{"dry_run": true}}{}"#, " ".repeat(bytes)).into_bytes();
         // Over 1 MiB and within what the leader takes: forwarded, and taken.
         let body = padded(3 << 19);
         assert_eq!(post(&leader_url, "/v1/balance", &body), 200);
@@ -497,6 +572,125 @@ mod tests {
         assert_eq!(call(&url, "GET", "/v1/hosts", &[auth]).0, 200);
         assert_eq!(call(&url, "HEAD", "/v1/hosts", &[auth]).0, 200);
         assert_eq!(post(&url, "/v1/balance", &padded(1)), 503);
+    }
+
+    #[test]
+    fn a_full_beat_of_many_vms_with_many_files_is_taken_and_only_hosts_may_send_one() {
+        use crate::inventory::tests::{beat, vm};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let scratch = ScratchCenter::open("large-beat");
+        let key = (scratch.center.config().secret).token(ferry_migrate::Purpose::Heartbeat);
+        // 120 VMs, each attaching as many files as a host attaches, with long paths: the
+        // center keeps their reports without the files, and takes the beat.
+        let files: Vec<ferry_api::FileInfo> = (0..crate::inventory::MAX_FILES)
+            .map(|i| ferry_api::FileInfo {
+                name: format!("shard-{i}"),
+                size: 1 << 30,
+                sha256: "0".repeat(64),
+                path: format!("/models/{i:03}/{}", "p".repeat(188)).into(),
+            })
+            .collect();
+        let vms = (0..120)
+            .map(|i| ferry_api::VmInfo {
+                files: files.clone(),
+                ..vm(&format!("a-vm{i}"), ferry_api::VmState::Running)
+            })
+            .collect();
+        let full = serde_json::to_vec(&beat("a", vms)).unwrap();
+        assert!(full.len() > super::MAX_BODY_BYTES, "{}", full.len());
+        let status = post_body_in_process(
+            &runtime,
+            &scratch,
+            "/v1/heartbeat",
+            Some(&key),
+            full.clone().into(),
+        );
+        assert_eq!(status.0, 200, "{}", status.1);
+        assert_eq!(scratch.center.inventory().vms_on("a").count(), 120);
+        // Without the heartbeat key (none, or the operator's), refused before any of the
+        // body is read.
+        for token in [None, Some("operator")] {
+            let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = read.clone();
+            let chunks = futures_util::stream::iter((0..64).map(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, std::io::Error>(vec![b' '; 1 << 20])
+            }));
+            let body = axum::body::Body::from_stream(chunks);
+            let (status, _) =
+                post_body_in_process(&runtime, &scratch, "/v1/heartbeat", token, body);
+            assert_eq!(status, 401, "{token:?}");
+            assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), 0);
+        }
+        // The heartbeat's limit is its own: a host's larger beat is refused, and so is
+        // as large a body to its other endpoint.
+        let too_large = vec![b' '; super::MAX_HEARTBEAT_BYTES + 1];
+        let status = post_body_in_process(
+            &runtime,
+            &scratch,
+            "/v1/heartbeat",
+            Some(&key),
+            too_large.into(),
+        );
+        assert_eq!(status.0, 413);
+        let status =
+            post_body_in_process(&runtime, &scratch, "/v1/settle", Some(&key), full.into());
+        assert_eq!(status.0, 413);
+    }
+
+    #[test]
+    fn operators_misspelled_fields_are_refused_by_name() {
+        use crate::fake_host::{fake_host, Reply};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let scratch = ScratchCenter::open("misspelled-fields");
+        let send = |path: &str, body: &str| {
+            let body = axum::body::Body::from(body.to_string());
+            post_body_in_process(&runtime, &scratch, path, Some("operator"), body)
+        };
+        let refused = |(status, text): (u16, String), field: &str| {
+            assert_eq!(status, 422, "{text}");
+            let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(answer["code"], "bad_request", "{text}");
+            let message = answer["error"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(&format!("unknown field `{field}`")),
+                "{text}"
+            );
+        };
+        // A dry run asked for in the wrong case does not carry the plan out.
+        refused(send("/v1/balance", r#"{"dryRun": true}"#), "dryRun");
+        assert_eq!(send("/v1/balance", r#"{"dry_run": true}"#).0, 200);
+        // A create's misspelled key is not dropped; nor is a misspelling taken for the
+        // center's own field.
+        let mut made = crate::inventory::tests::vm("a-vm1", ferry_api::VmState::Running);
+        (made.accel_memory, made.idempotency_key) = (0, Some("job-1".into()));
+        let made = serde_json::to_string(&made).unwrap();
+        let (addr, requests) = fake_host(vec![Reply::Json("201 Created", made)]);
+        scratch.report("a", addr);
+        let create = r#"{"workload": "mlp-train", "memory": 268435456, "host": "a", "#;
+        refused(
+            send(
+                "/v1/vms",
+                &format!(r#"{create} "idempotency-key": "job-1"}}"#),
+            ),
+            "idempotency-key",
+        );
+        refused(
+            send("/v1/vms", &format!(r#"{create} "hosts": "a"}}"#)),
+            "hosts",
+        );
+        let (status, text) = send(
+            "/v1/vms",
+            &format!(r#"{create} "idempotency_key": "job-1"}}"#),
+        );
+        assert_eq!(status, 201, "{text}");
+        // The host got one create, which its own type (which denies fields it does not
+        // know) takes, key and all.
+        let requests = requests.join().unwrap();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        let sent = requests[0].split("\r\n\r\n").nth(1).unwrap();
+        let sent: ferry_api::CreateVm = serde_json::from_str(sent).unwrap();
+        assert_eq!(sent.idempotency_key.as_deref(), Some("job-1"));
     }
 
     #[test]

@@ -179,8 +179,9 @@ async fn cancel_migration(State(api): State<Api>, Path(id): Path<String>) -> Res
     answer(StatusCode::ACCEPTED, move || api.host.cancel_migration(&id)).await
 }
 
-/// `POST /v1/vms/{id}/resolve`.
+/// `POST /v1/vms/{id}/resolve`. A field it does not know is refused, not ignored.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Resolve {
     /// "resume" (it does not run on the destination) or "release" (it does).
     action: String,
@@ -361,4 +362,82 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         .fallback(not_found)
         .layer(middleware::from_fn(ferry_http::json_errors))
         .with_state(api))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_with_fields_the_host_does_not_know_are_refused_by_name() {
+        let host = Host::new(crate::HostConfig {
+            name: "h".into(),
+            secret: ferry_migrate::Secret::new(b"host-api-test-secret-0123456789a".to_vec())
+                .unwrap(),
+            memory_capacity: 1 << 30,
+            accel_capacity: 256 << 20,
+            accel_threads: 1,
+            guest_nice: 0,
+            tls: None,
+            file_store: ferry_testdata::scratch_dir("host-api").join("misspelled"),
+            api_tokens: None,
+            backend: ferry_accel::backend::CPU,
+            attach: crate::AttachPolicy::Under(Vec::new()),
+        })
+        .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = router(host.clone(), "127.0.0.1:1".into()).unwrap();
+        let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "host API");
+        let key = host.config().secret.token(Purpose::HostApi);
+        let client = ferry_client::ApiClient::new(&url, key.as_bytes()).unwrap();
+        // Every answer here is a refusal: the status, code and message.
+        let refusal = |path: &str, body: serde_json::Value| {
+            let e = client
+                .post::<_, serde_json::Value>(path, &body)
+                .unwrap_err();
+            let e = e.downcast::<ferry_client::ApiError>().unwrap();
+            (e.status, e.code.unwrap_or_default(), e.message)
+        };
+        let misspelled = |path: &str, body: serde_json::Value, field: &str| {
+            let (status, code, message) = refusal(path, body);
+            assert_eq!((status, code.as_str()), (422, "bad_request"), "{message}");
+            assert!(
+                message.contains(&format!("unknown field `{field}`")),
+                "{message}"
+            );
+        };
+        use serde_json::json;
+        misspelled(
+            "/v1/vms",
+            json!({"workload": "hello", "idempotency-key": "job-1"}),
+            "idempotency-key",
+        );
+        misspelled(
+            "/v1/vms/h-vm1/migrate",
+            json!({"to": "b.example:7070", "max_rate": 100}),
+            "max_rate",
+        );
+        misspelled(
+            "/v1/vms/h-vm1/resolve",
+            json!({"action": "release", "force": true}),
+            "force",
+        );
+        // Spelled right, each is read and reaches the host (which refuses them for what
+        // they ask).
+        let (status, _, message) = refusal(
+            "/v1/vms",
+            json!({"workload": "hello", "name": "not a name", "idempotency_key": "job-1"}),
+        );
+        assert_eq!(status, 400, "{message}");
+        assert!(message.contains("is not a VM name"), "{message}");
+        let migrate = json!({"to": "b.example:7070", "max_rate_mib_s": 100});
+        assert_eq!(refusal("/v1/vms/h-vm1/migrate", migrate).0, 404);
+        let resolve = json!({"action": "release"});
+        assert_eq!(refusal("/v1/vms/h-vm1/resolve", resolve).0, 404);
+        host.shutdown();
+    }
 }

@@ -88,6 +88,16 @@ pub enum TokenFileError {
 /// A set of tokens, shared whole: a lookup clones the `Arc` and compares with no lock held.
 type TokenSet = Arc<[(Vec<u8>, Access)]>;
 
+/// Why a token is refused whose characters are not all [`is_header_token`]'s.
+pub const NOT_A_HEADER_TOKEN: &str =
+    "a token may hold only ASCII letters, digits and punctuation: an Authorization header carries no other (it could never be sent)";
+
+/// Whether `token` can be sent in an `Authorization` header and read back: visible ASCII
+/// only (a request's header is read as such, and bytes beyond ASCII are not).
+pub fn is_header_token(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The tokens of a token file (`#` starts a comment).
 pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)>, TokenFileError> {
     let mut tokens = Vec::new();
@@ -120,6 +130,9 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)
             return Err(bad(format!(
                 "a token must be at least {MIN_TOKEN_BYTES} characters"
             )));
+        }
+        if !is_header_token(token) {
+            return Err(bad(NOT_A_HEADER_TOKEN.to_string()));
         }
         tokens.push((token.as_bytes().to_vec(), access));
     }
@@ -177,10 +190,20 @@ impl TokenFile {
         };
         let stamp = FileStamp::of(path).map_err(read)?;
         let text = std::fs::read_to_string(path).map_err(read)?;
+        // Changed while read: not final either.
+        let unchanged = FileStamp::of(path).is_ok_and(|after| after == stamp);
+        let stamp = stamp.settled().filter(|_| unchanged);
+        // A file still being written may end in a line cut short (`TOKEN` of `TOKEN
+        // read-only` is a full token): until it settles, a last line without its newline
+        // is left out, so that a cut only leaves lines out.
+        let complete = match stamp {
+            Some(_) => &text[..],
+            None => &text[..text.rfind('\n').map_or(0, |end| end + 1)],
+        };
         Ok(Self {
             path: path.to_owned(),
-            stamp: stamp.settled(),
-            tokens: parse_token_file(path, &text)?.into(),
+            stamp,
+            tokens: parse_token_file(path, complete)?.into(),
             missing_said: false,
         })
     }
@@ -447,6 +470,12 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     let Some(given) = bearer(request.headers()) else {
+        let sent = request.headers().get(axum::http::header::AUTHORIZATION);
+        if sent.is_some_and(|value| value.to_str().is_err()) {
+            return unauthorized(
+                "the Authorization header holds characters beyond visible ASCII, which no API token has",
+            );
+        }
         return unauthorized("missing 'Authorization: Bearer <token>' header");
     };
     let reads = matches!(*request.method(), Method::GET | Method::HEAD);
@@ -511,6 +540,7 @@ mod tests {
             ("short\n", "at least 16"),
             ("alice-0123456789abcdef admin\n", "'admin'"),
             ("alice-0123456789abcdef read-only x\n", "unexpected 'x'"),
+            ("schlüssel-0123456789abcdef\n", "only ASCII"),
         ] {
             let e = parse_token_file(path, text).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("line 1"), "{e}");
@@ -592,6 +622,21 @@ mod tests {
         let refused = app.clone().oneshot(request(None)).await.unwrap();
         assert_eq!(refused.status(), 401);
         assert_eq!(refused.headers()["www-authenticate"], "Bearer");
+        // A token beyond ASCII is none (no token file takes one): said so, not called
+        // missing.
+        let mut beyond = request(None);
+        let value = "Bearer schlüssel-0123456789abcdef".as_bytes();
+        beyond.headers_mut().insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_bytes(value).unwrap(),
+        );
+        let refused = app.clone().oneshot(beyond).await.unwrap();
+        assert_eq!(refused.status(), 401);
+        let body = axum::body::to_bytes(refused.into_body(), 64 << 10)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("beyond visible ASCII"), "{body}");
     }
 
     /// A watcher's interval that never passes in a test: it checks when asked.
@@ -674,6 +719,43 @@ mod tests {
         assert_eq!(tokens.access(b"ccccc-token-0123456789"), Some(Access::Full));
         write("ddddd-token-0123456789\n", ahead);
         assert_eq!(tokens.access(b"ddddd-token-0123456789"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_token_file_read_while_being_written_gives_no_token_more_than_it_says() {
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        let write = |text: &str, at: SystemTime| {
+            std::fs::write(&path, text).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(at).unwrap();
+        };
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        write("old-token-0123456789abc\n", hour_ago);
+        let tokens = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED).unwrap();
+        // Rewritten in place, read between its writes: the read-only token's line is
+        // cut before its access. Its complete lines apply at once.
+        write(
+            "alice-0123456789abcdef\ngrafana-0123456789abcd",
+            SystemTime::now(),
+        );
+        tokens.check_now();
+        assert_eq!(tokens.access(b"alice-0123456789abcdef"), Some(Access::Full));
+        assert_eq!(tokens.access(b"grafana-0123456789abcd"), None);
+        assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        // A file without a last newline is taken whole once it has settled.
+        let text = "alice-0123456789abcdef\ngrafana-0123456789abcd read-only";
+        write(text, SystemTime::now());
+        tokens.check_now();
+        assert_eq!(tokens.access(b"grafana-0123456789abcd"), None);
+        write(text, hour_ago);
+        tokens.check_now();
+        assert_eq!(
+            tokens.access(b"grafana-0123456789abcd"),
+            Some(Access::ReadOnly)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

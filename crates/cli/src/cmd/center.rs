@@ -90,6 +90,16 @@ impl TokenArgs {
         if token.len() < 16 {
             bail!("the center token must be at least 16 characters");
         }
+        if !ferry_http::tokens::is_header_token(token) {
+            let from = match &self.token_file {
+                Some(path) => path.display().to_string(),
+                None => "FERRY_CENTER_TOKEN".to_string(),
+            };
+            bail!(
+                "the center token of {from}: {}",
+                ferry_http::tokens::NOT_A_HEADER_TOKEN
+            );
+        }
         Ok(token.as_bytes().to_vec())
     }
 }
@@ -709,5 +719,31 @@ pub fn maintenance(args: &MaintenanceArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_center_token_that_no_header_can_carry_is_refused() {
+        let dir = ferry_testdata::scratch_dir("center-token");
+        let path = dir.join("token");
+        let from = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            TokenArgs {
+                token_file: Some(path.clone()),
+            }
+            .token()
+        };
+        assert_eq!(
+            from("operator-0123456789abcdef\n").unwrap(),
+            b"operator-0123456789abcdef"
+        );
+        let e = from("schlüssel-0123456789abcdef\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only ASCII") && e.contains("token"), "{e}");
     }
 }
