@@ -775,7 +775,7 @@ impl Core {
             .iter_mut()
             .find(|s| s.id == m.stream && s.end == StreamEnd::Open)
         else {
-            self.state.dropped += 1;
+            self.state.dropped = self.state.dropped.saturating_add(1);
             return;
         };
         if stream.bytes.saturating_add(payload.len()) > MAX_STREAM_BYTES
