@@ -2,13 +2,10 @@
 //! these run on every machine: command semantics, hostile input, dirty chunks, state.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
-use ferry_abi::PAGE_SIZE;
-use ferry_accel::backend::cuda::emulator::Emulator;
-use ferry_accel::backend::cuda::GpuBackend;
+use ferry_abi::accel::{device_status, kernel, op, status, RingHeader, RING_SLOTS};
 use ferry_accel::backend::{
     self, Backend, BackendError, BufferReader, DeviceLoop, DeviceMemory, HostThreads,
 };
@@ -18,207 +15,10 @@ use ferry_accel::files::{no_files, FileSource};
 use ferry_accel::kernel::Kernel;
 use ferry_accel::replay::{LoggedCommand, ReplayError, TornMemory};
 use ferry_accel::ring::GuestRam;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
-const RAM: u64 = 64 << 20;
-const RING: u64 = ferry_abi::IMAGE_BASE;
-/// Guest scratch area for upload/download data.
-const DATA: u64 = 0x20_0000;
-const CAPACITY: u64 = 64 << 20;
-
-/// A guest that submits commands the way the SDK does.
-struct FakeGuest {
-    mem: GuestRam,
-    accel: Accelerator,
-    head: u64,
-}
-
-/// A replay deadline no test reaches.
-fn far() -> Instant {
-    Instant::now() + Duration::from_secs(3600)
-}
-
-fn field(offset: usize) -> GuestAddress {
-    GuestAddress(RING + offset as u64)
-}
-
-/// The ring's tail in guest memory `mem` (read whole, as another thread writes it): how
-/// many commands the device has completed.
-fn tail_in(mem: &GuestRam) -> u64 {
-    mem.load(
-        field(std::mem::offset_of!(RingHeader, tail)),
-        Ordering::Acquire,
-    )
-    .unwrap()
-}
-
-/// The cuda backend's kernels emulated on the CPU, compiled once per test process.
-fn emulated() -> Box<dyn Backend> {
-    static EMULATOR: OnceLock<Arc<Emulator>> = OnceLock::new();
-    let emulator = EMULATOR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("scratch folder");
-        Arc::new(Emulator::build(dir.path()).unwrap_or_else(|e| panic!("{e}")))
-    });
-    Box::new(GpuBackend::new(emulator.clone(), "cuda-emulated"))
-}
-
-/// Every backend the hostile-guest tests run on: the cpu backend with `threads`
-/// threads, the cuda backend's kernels emulated on the CPU, and the cuda backend on a
-/// GPU where this host has one (`tests/cuda.rs` says loudly when it has none).
-fn backends(threads: usize) -> Vec<Box<dyn Backend>> {
-    let mut all = vec![
-        backend::create(backend::CPU, threads, &DeviceMemory::default()).unwrap(),
-        emulated(),
-    ];
-    if backend::cuda_kind().is_ok() {
-        all.extend(backend::create("cuda", threads, &DeviceMemory::default()));
-    }
-    all
-}
-
-/// Runs `check` on a fresh guest of a device on each of [`backends`], with the
-/// backend's kind.
-fn on_every_backend(threads: usize, check: impl Fn(&mut FakeGuest, &str)) {
-    for backend in backends(threads) {
-        let kind = backend.kind();
-        check(&mut FakeGuest::on(backend, no_files()), kind);
-    }
-}
-
-impl FakeGuest {
-    fn new(threads: usize) -> Self {
-        Self::with_files(threads, no_files())
-    }
-
-    fn with_files(threads: usize, files: Arc<dyn FileSource>) -> Self {
-        Self::on(
-            backend::create(backend::CPU, threads, &DeviceMemory::default()).unwrap(),
-            files,
-        )
-    }
-
-    /// A guest of a device on `backend`.
-    fn on(backend: Box<dyn Backend>, files: Arc<dyn FileSource>) -> Self {
-        Self::sized(backend, files, CAPACITY)
-    }
-
-    /// A guest of a device on `backend` with `capacity` bytes of device memory.
-    fn sized(backend: Box<dyn Backend>, files: Arc<dyn FileSource>, capacity: u64) -> Self {
-        Self::with_ram(backend, files, capacity, RAM)
-    }
-
-    /// A guest of `ram` bytes of RAM and a device on `backend` with `capacity` bytes of
-    /// device memory.
-    fn with_ram(
-        backend: Box<dyn Backend>,
-        files: Arc<dyn FileSource>,
-        capacity: u64,
-        ram: u64,
-    ) -> Self {
-        let mem = GuestRam::from_ranges(&[(GuestAddress(0), ram as usize)]).unwrap();
-        let accel = Accelerator::boot(mem.clone(), RING, capacity, backend, files).unwrap();
-        accel.resume().unwrap();
-        Self {
-            mem,
-            accel,
-            head: 0,
-        }
-    }
-
-    fn header(&self, offset: usize) -> u64 {
-        self.mem.read_obj(field(offset)).unwrap()
-    }
-
-    fn tail(&self) -> u64 {
-        tail_in(&self.mem)
-    }
-
-    fn device_status(&self) -> u32 {
-        self.mem
-            .read_obj(field(std::mem::offset_of!(RingHeader, device_status)))
-            .unwrap()
-    }
-
-    fn slot(index: u64) -> GuestAddress {
-        GuestAddress(RING + PAGE_SIZE + (index % RING_SLOTS) * COMMAND_SIZE)
-    }
-
-    /// Submits without waiting; returns the command's index.
-    fn submit(&mut self, opcode: u32, args: &[u64]) -> u64 {
-        let index = self.head;
-        let mut bytes = vec![0u8; COMMAND_SIZE as usize];
-        bytes[..4].copy_from_slice(&opcode.to_le_bytes());
-        for (i, a) in args.iter().enumerate() {
-            bytes[8 + 8 * i..16 + 8 * i].copy_from_slice(&a.to_le_bytes());
-        }
-        self.mem.write_slice(&bytes, Self::slot(index)).unwrap();
-        self.head += 1;
-        self.set_head(self.head);
-        self.accel.doorbell();
-        index
-    }
-
-    fn set_head(&self, head: u64) {
-        self.mem
-            .write_obj(head, field(std::mem::offset_of!(RingHeader, head)))
-            .unwrap();
-    }
-
-    fn wait_tail(&self, tail: u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.tail() < tail {
-            assert!(
-                Instant::now() < deadline,
-                "device stuck at tail {} < {tail}",
-                self.tail()
-            );
-            self.accel.wait_idle(Duration::from_millis(1));
-        }
-    }
-
-    fn status(&self, index: u64) -> u32 {
-        self.mem
-            .read_obj(Self::slot(index).unchecked_add(4))
-            .unwrap()
-    }
-
-    /// Submits, waits for completion, returns the status.
-    fn run(&mut self, opcode: u32, args: &[u64]) -> u32 {
-        let index = self.submit(opcode, args);
-        self.wait_tail(index + 1);
-        self.status(index)
-    }
-
-    /// Allocates buffers 1 to 3 for an n×n×n MATMUL that takes hundreds of milliseconds
-    /// (long enough to look around while it runs; the crate is optimized in every
-    /// profile); returns n.
-    fn alloc_long_matmul(&mut self) -> u64 {
-        let n: u64 = 2048;
-        for id in 1..=3 {
-            assert_eq!(self.run(op::ALLOC, &[id, n * n * 4]), status::OK);
-        }
-        n
-    }
-
-    fn upload(&mut self, id: u64, values: &[f32]) -> u32 {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
-        self.run(op::UPLOAD, &[id, 0, DATA, bytes.len() as u64])
-    }
-
-    fn download(&mut self, id: u64, n: usize) -> Vec<f32> {
-        assert_eq!(
-            self.run(op::DOWNLOAD, &[id, 0, DATA, 4 * n as u64]),
-            status::OK
-        );
-        let mut bytes = vec![0u8; 4 * n];
-        self.mem.read_slice(&mut bytes, GuestAddress(DATA)).unwrap();
-        bytes
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
-}
+mod common;
+use common::*;
 
 #[test]
 fn alloc_upload_launch_download_and_fence() {
@@ -404,13 +204,8 @@ fn a_ring_left_invalid_across_a_restore_is_said_sane_once_it_is() {
 #[test]
 fn random_command_words_never_hurt_the_host() {
     on_every_backend(2, |g, _| {
-        let mut x = 0x1234_5678_9abc_def0u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = Rng(0x1234_5678_9abc_def0);
+        let mut next = || rng.next();
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut sent = 0;
         while Instant::now() < deadline && sent < 20_000 {
