@@ -109,6 +109,9 @@ const MAX_ANSWER_BYTES: u64 = 256 << 20;
 /// The most of an answer's text an error carries: errors are shown and passed on, and
 /// an answer may be as large as [`MAX_ANSWER_BYTES`].
 const MAX_ERROR_TEXT: usize = 4 << 10;
+/// The longest line of a streamed answer ([`ApiClient::post_lines`]): an event is a
+/// small JSON chunk, and a server that never ends its line must not fill the memory.
+const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// The error an API answered `what` with, `status` and body `text`: its JSON `error` and
 /// `code` where it is Ferry's error shape, else the text itself.
@@ -138,6 +141,98 @@ fn cut(text: &str) -> String {
 
 /// Connections to one address a client keeps open for reuse by default (ureq's default).
 const IDLE_CONNECTIONS: usize = 3;
+
+/// An API's answer to a request: what the request was (`GET /v1/vms`) and the address
+/// that answered, for errors.
+struct Answer {
+    what: String,
+    server: String,
+    response: ureq::http::Response<ureq::Body>,
+}
+
+impl Answer {
+    /// The answer's text (read up to `limit` bytes) if its status is a success, else
+    /// its error: an [`ApiError`] (a redirect's, unread, says where to).
+    fn text(mut self, limit: u64) -> anyhow::Result<String> {
+        let (what, server) = (&self.what, &self.server);
+        let status = self.response.status();
+        if status.is_redirection() {
+            let to = match self.response.headers().get("location") {
+                Some(to) => cut(&String::from_utf8_lossy(to.as_bytes())),
+                None => "nowhere".to_string(),
+            };
+            return Err(ApiError {
+                what: what.clone(),
+                status: status.as_u16(),
+                code: None,
+                message: format!(
+                    "{server} redirected it to {to}, not followed: Ferry's APIs never redirect"
+                ),
+            }
+            .into());
+        }
+        let text = (self.response.body_mut().with_config())
+            .limit(limit)
+            .read_to_string()
+            .with_context(|| format!("reading the answer to {what} from {server}"))?;
+        if !status.is_success() {
+            return Err(api_error(what, status.as_u16(), text).into());
+        }
+        Ok(text)
+    }
+}
+
+/// The lines of a streamed answer, as [`std::io::BufRead::lines`] gives them, but each
+/// refused past [`MAX_LINE_BYTES`], and none after an error (a read that failed once,
+/// a timeout, would fail each time).
+struct Lines<R> {
+    reader: R,
+    /// Whose lines (`the answer to POST /v1/chat/completions from http://...`).
+    what: String,
+    ended: bool,
+}
+
+impl<R: std::io::BufRead> Iterator for Lines<R> {
+    type Item = std::io::Result<String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::{BufRead, Read};
+        if self.ended {
+            return None;
+        }
+        let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+        // A line of the limit and its "\r\n" fit; a byte more is refused unread.
+        let most = MAX_LINE_BYTES as u64 + 2;
+        let mut line = Vec::new();
+        let read = (&mut self.reader).take(most).read_until(b'\n', &mut line);
+        let line = match read {
+            Ok(0) => None,
+            Ok(n) => {
+                let whole = line.last() == Some(&b'\n');
+                if whole {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                if line.len() > MAX_LINE_BYTES || (!whole && n as u64 == most) {
+                    Some(Err(invalid(format!(
+                        "a line of {} is longer than {MAX_LINE_BYTES} bytes",
+                        self.what
+                    ))))
+                } else {
+                    Some(
+                        String::from_utf8(line)
+                            .map_err(|_| invalid(format!("a line of {} is not UTF-8", self.what))),
+                    )
+                }
+            }
+            Err(e) => Some(Err(e)),
+        };
+        self.ended = !matches!(line, Some(Ok(_)));
+        line
+    }
+}
 
 impl ApiClient {
     /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with its bearer token
@@ -172,6 +267,10 @@ impl ApiClient {
         };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Ferry's APIs never redirect. Followed, a redirect turns a write into a GET
+            // elsewhere (without the token) whose answer is taken for the write's, and
+            // one to an address that refuses makes a write that arrived look unsent.
+            .max_redirects(0)
             .timeout_global(Some(Duration::from_secs(60)))
             // A replica that drops packets is given up quickly for the next address.
             .timeout_connect(Some(Duration::from_secs(3)))
@@ -223,13 +322,14 @@ impl ApiClient {
 
     /// Sends a request built by `send` from a base address: the one that answered last
     /// first, then the others. A request that may have arrived is not sent twice unless
-    /// it is a read (`idempotent`): only a failure to connect moves a write on.
+    /// it is a read (`idempotent`): only a failure to connect moves a write on. The
+    /// answer, with the address that gave it.
     fn send(
         &self,
         what: &str,
         idempotent: bool,
         send: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+    ) -> anyhow::Result<Answer> {
         use std::sync::atomic::Ordering;
         let first = self.current.load(Ordering::Relaxed);
         let mut failures = Vec::new();
@@ -239,7 +339,11 @@ impl ApiClient {
             match send(&self.bases[i]) {
                 Ok(response) => {
                     self.current.store(i, Ordering::Relaxed);
-                    return Ok(response);
+                    return Ok(Answer {
+                        what: what.to_string(),
+                        server: self.bases[i].clone(),
+                        response,
+                    });
                 }
                 // Not the network's doing: no address would take it.
                 Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
@@ -276,45 +380,29 @@ impl ApiClient {
     }
 
     /// The answer as a `T` (read up to `limit` bytes), or its error.
-    fn finish<T: DeserializeOwned>(
-        &self,
-        what: &str,
-        response: ureq::http::Response<ureq::Body>,
-        limit: u64,
-    ) -> anyhow::Result<T> {
-        let mut response = response;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(limit)
-            .read_to_string()
-            .with_context(|| format!("reading the answer to {what}"))?;
-        if !status.is_success() {
-            return Err(api_error(what, status.as_u16(), text).into());
-        }
+    fn finish<T: DeserializeOwned>(&self, answer: Answer, limit: u64) -> anyhow::Result<T> {
+        let (what, server) = (answer.what.clone(), answer.server.clone());
+        let text = answer.text(limit)?;
         serde_json::from_str(&text)
-            .with_context(|| format!("unexpected answer to {what}: {}", cut(&text)))
+            .with_context(|| format!("unexpected answer to {what} from {server}: {}", cut(&text)))
     }
 
-    /// `method path` without a body (a GET is a read, sent again elsewhere if need be):
-    /// what it was, for errors, and the answer; within `time` if given, else the
-    /// client's own limit.
+    /// `method path` without a body (a GET is a read, sent again elsewhere if need be),
+    /// within `time` if given, else the client's own limit.
     fn bodiless_request(
         &self,
         method: &'static str,
         path: &str,
         time: Option<Duration>,
-    ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
+    ) -> anyhow::Result<Answer> {
         let what = format!("{method} {path}");
-        let response = self.send(&what, method == "GET", |base| {
+        self.send(&what, method == "GET", |base| {
             let request = self
                 .request(method, base, path)
                 .body(())
                 .map_err(ureq::Error::from)?;
             self.run_within(request, time)
-        })?;
-        Ok((what, response))
+        })
     }
 
     /// Runs `request`, given up on unless answered whole within `time` (if any).
@@ -365,8 +453,8 @@ impl ApiClient {
         limit: u64,
         time: Option<Duration>,
     ) -> anyhow::Result<T> {
-        let (what, r) = self.bodiless_request(method, path, time)?;
-        self.finish(&what, r, limit)
+        let answer = self.bodiless_request(method, path, time)?;
+        self.finish(answer, limit)
     }
 
     /// [`Self::get_within`], answered whole within `time` (a read that waits a known
@@ -383,37 +471,27 @@ impl ApiClient {
 
     /// `GET path` answered with text.
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let (what, mut response) = self.bodiless_request("GET", path, None)?;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER_BYTES)
-            .read_to_string()?;
-        if !status.is_success() {
-            return Err(api_error(&what, status.as_u16(), text).into());
-        }
-        Ok(text)
+        self.bodiless_request("GET", path, None)?
+            .text(MAX_ANSWER_BYTES)
     }
 
-    /// `POST path` with a JSON body (never sent twice): what it was, and the answer;
-    /// within `time` if given, else the client's own limit.
+    /// `POST path` with a JSON body (never sent twice), within `time` if given, else the
+    /// client's own limit.
     fn post_json_request<B: Serialize>(
         &self,
         path: &str,
         body: &B,
         time: Option<Duration>,
-    ) -> anyhow::Result<(String, ureq::http::Response<ureq::Body>)> {
+    ) -> anyhow::Result<Answer> {
         let what = format!("POST {path}");
         let json = serde_json::to_vec(body).with_context(|| format!("encoding {what}"))?;
-        let response = self.send(&what, false, |base| {
+        self.send(&what, false, |base| {
             let request = (self.request("POST", base, path))
                 .header("Content-Type", "application/json; charset=utf-8")
                 .body(json.as_slice())
                 .map_err(ureq::Error::from)?;
             self.run_within(request, time)
-        })?;
-        Ok((what, response))
+        })
     }
 
     /// `POST path` with a JSON body.
@@ -422,8 +500,8 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let (what, r) = self.post_json_request(path, body, None)?;
-        self.finish(&what, r, MAX_ANSWER_BYTES)
+        let answer = self.post_json_request(path, body, None)?;
+        self.finish(answer, MAX_ANSWER_BYTES)
     }
 
     /// [`Self::post`], whose answer is refused past `limit` bytes, answered whole within
@@ -435,25 +513,29 @@ impl ApiClient {
         limit: u64,
         time: Duration,
     ) -> anyhow::Result<T> {
-        let (what, r) = self.post_json_request(path, body, Some(time))?;
-        self.finish(&what, r, limit)
+        let answer = self.post_json_request(path, body, Some(time))?;
+        self.finish(answer, limit)
     }
 
     /// `POST path` with a JSON body, answered with a stream of lines (server-sent
-    /// events): the lines as they arrive. An error status is an [`ApiError`].
+    /// events): the lines as they arrive, each refused past 1 MiB (which ends the
+    /// stream). An error status is an [`ApiError`].
     pub fn post_lines<B: Serialize>(
         &self,
         path: &str,
         body: &B,
     ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
-        use std::io::BufRead;
-        let (what, response) = self.post_json_request(path, body, None)?;
-        if !response.status().is_success() {
-            return Err(self
-                .finish::<serde_json::Value>(&what, response, MAX_ANSWER_BYTES)
-                .expect_err("an error status"));
+        let answer = self.post_json_request(path, body, None)?;
+        if !answer.response.status().is_success() {
+            return Err(answer.text(MAX_ANSWER_BYTES).expect_err("an error status"));
         }
-        Ok(std::io::BufReader::new(response.into_body().into_reader()).lines())
+        let what = format!("the answer to {} from {}", answer.what, answer.server);
+        let reader = std::io::BufReader::new(answer.response.into_body().into_reader());
+        Ok(Lines {
+            reader,
+            what,
+            ended: false,
+        })
     }
 
     /// `DELETE path`.
@@ -483,7 +565,11 @@ impl ApiClient {
         body: Vec<u8>,
     ) -> anyhow::Result<(u16, String, Vec<u8>)> {
         let what = format!("{method} {path}");
-        let mut response = self.send(&what, method == "GET", |base| {
+        let Answer {
+            server,
+            mut response,
+            ..
+        } = self.send(&what, method == "GET", |base| {
             let request = ureq::http::Request::builder()
                 .method(method)
                 .uri(format!("{base}{path}"))
@@ -504,7 +590,8 @@ impl ApiClient {
             .body_mut()
             .with_config()
             .limit(MAX_ANSWER_BYTES)
-            .read_to_vec()?;
+            .read_to_vec()
+            .with_context(|| format!("reading the answer to {what} from {server}"))?;
         Ok((response.status().as_u16(), content_type, body))
     }
 }
@@ -540,6 +627,124 @@ mod tests {
             }
         });
         base
+    }
+
+    /// A server answering one connection each with the raw HTTP `answers`, in turn, once
+    /// it read the request whole (closed with some of it unread, the connection would be
+    /// reset, and the answer lost); its address.
+    fn answering_raw(answers: Vec<String>) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for (stream, answer) in listener.incoming().zip(answers) {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap();
+                        }
+                    }
+                    line.clear();
+                }
+                reader.read_exact(&mut vec![0u8; length]).unwrap();
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        base
+    }
+
+    #[test]
+    fn a_redirect_is_not_followed_and_its_error_says_so() {
+        let redirect = |to: &str| {
+            format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        };
+        let listing = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"vms\": []}";
+        // Followed, a create would become a GET of the list, without the token, and that
+        // answer be taken for the create's.
+        let base = answering_raw(vec![redirect("/v1/vms"), listing.to_string()]);
+        let client = ApiClient::new(&base, b"token").unwrap();
+        let error =
+            (client.post::<_, serde_json::Value>("/v1/vms", &serde_json::json!({}))).unwrap_err();
+        let error = error.downcast::<ApiError>().expect("an ApiError");
+        assert_eq!(error.status, 302, "{error}");
+        assert!(
+            error.message.contains("redirect") && error.message.contains("/v1/vms"),
+            "{error}"
+        );
+        // A write redirected to an address that refuses it had arrived: it is not sent to
+        // the next address.
+        let refusing = ferry_testdata::refusing_addr();
+        let first = answering_raw(vec![redirect(&format!("http://{refusing}/v1/vms"))]);
+        let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let bases = format!("{first},http://{}", next.local_addr().unwrap());
+        let client = ApiClient::new(&bases, b"token").unwrap();
+        let error =
+            (client.post::<_, serde_json::Value>("/v1/vms", &serde_json::json!({}))).unwrap_err();
+        assert!(error.downcast_ref::<ApiError>().is_some(), "{error:#}");
+        next.set_nonblocking(true).unwrap();
+        assert!(next.accept().is_err(), "the write was sent again");
+    }
+
+    #[test]
+    fn a_streamed_line_past_the_limit_ends_the_stream_with_an_error() {
+        let long = format!("data: {}", "x".repeat(MAX_LINE_BYTES * 2));
+        let body = format!("data: a\n{long}\ndata: b\n");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let client = ApiClient::new(&answering_raw(vec![answer]), b"token").unwrap();
+        let mut lines = client.post_lines("/v1/chat/completions", &1).unwrap();
+        assert_eq!(lines.next().unwrap().unwrap(), "data: a");
+        let error = match lines.next().unwrap() {
+            Ok(line) => panic!("a line of {} bytes", line.len()),
+            Err(e) => e,
+        };
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+        assert!(error.to_string().contains("longer than"), "{error}");
+        // Ended: nothing of the rest is taken for lines.
+        assert!(lines.next().is_none());
+    }
+
+    #[test]
+    fn a_broken_answer_names_the_request_and_the_server() {
+        let html = "<html>bad gateway</html>";
+        let not_json = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}",
+            html.len()
+        );
+        // Cut short: 100 bytes promised, 5 sent.
+        let cut_short = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\nconnection: close\r\n\r\nhello";
+        let base = answering_raw(vec![not_json, cut_short.to_string(), cut_short.to_string()]);
+        let client = ApiClient::new(&base, b"token").unwrap();
+        let error = format!(
+            "{:#}",
+            client.get::<serde_json::Value>("/v1/vms").unwrap_err()
+        );
+        assert!(
+            error.contains("GET /v1/vms") && error.contains(&base),
+            "{error}"
+        );
+        assert!(error.contains(html), "{error}");
+        let error = format!("{:#}", client.get_text("/metrics").unwrap_err());
+        assert!(
+            error.contains("GET /metrics") && error.contains(&base),
+            "{error}"
+        );
+        let error = format!(
+            "{:#}",
+            client
+                .relay("GET", "/v1/vms", "Bearer t", Vec::new())
+                .unwrap_err()
+        );
+        assert!(
+            error.contains("GET /v1/vms") && error.contains(&base),
+            "{error}"
+        );
     }
 
     #[test]
