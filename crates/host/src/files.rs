@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime};
 
 use ferry_migrate::vm::valid_sha256;
 use ferry_migrate::FileOffer;
-use ferry_vmm::files::AttachedFile;
+use ferry_vmm::files::{AttachError, AttachedFile};
 use ferry_vmm::migration::file_info;
 use ferry_vmm::FileInfo;
 
@@ -331,6 +331,42 @@ fn try_lock(file: &File) -> std::io::Result<()> {
     }
 }
 
+/// Opens the store's entry `path` for reading (and locking) as it is: a link there is not
+/// followed, and a FIFO put in a file's place since it was listed is opened without
+/// waiting for a writer that never comes.
+fn open_entry(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
+/// Refuses the open `file` unless it is the file `other` has open.
+fn same_file(file: &File, other: &File) -> std::io::Result<()> {
+    let (a, b) = (file.metadata()?, other.metadata()?);
+    if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "it is not the file written: something replaced it",
+    ))
+}
+
+/// Refuses the open `file` unless `path` names it itself: a regular file, not a link
+/// to one.
+fn named_by(file: &File, path: &Path) -> std::io::Result<()> {
+    let (named, opened) = (std::fs::symlink_metadata(path)?, file.metadata()?);
+    if named.is_file() && (named.dev(), named.ino()) == (opened.dev(), opened.ino()) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "a link, not a file of the store",
+    ))
+}
+
 impl FileStore {
     /// The store in `dir` (created when a file first arrives); a source's path is looked
     /// at only where `attach` would let a create request attach it.
@@ -390,17 +426,21 @@ impl FileStore {
     /// Takes store folder `dir` (creating it) for this daemon, for as long as the hold
     /// lives; fails if another daemon holds it.
     pub fn hold(dir: &Path) -> Result<StoreHold, HoldError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let failed = |what, path: &Path| {
             let path = path.to_path_buf();
             move |source| HoldError::Io { what, path, source }
         };
         std::fs::create_dir_all(dir).map_err(failed("create the file store", dir))?;
         let path = dir.join(DAEMON_LOCK);
+        // A link there is not followed: the daemon (often root) would create a file
+        // wherever it leads, in a folder others may write to (the default is in /var/tmp).
         let lock = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
             .open(&path)
             .map_err(failed("open", &path))?;
         match try_lock(&lock) {
@@ -504,10 +544,15 @@ impl FileStore {
         // The source's path, admitted before it was opened, is checked where it was: a
         // link swapped in since would make this host hash a file outside.
         let admitted = self.admitted(offer);
+        let stored = self.stored_path(&offer.sha256);
         let found = self.candidates(offer).find_map(|path| {
             let info = file_info(offer, path.clone());
             let opened = if admitted.as_ref() == Some(&path) {
                 AttachedFile::open_expecting_checked(&info, &path, &|f| self.attach.check_open(f))
+            } else if path == stored {
+                // Likewise, the store's name must still be the file itself, not a link
+                // swapped in since, to a file anywhere.
+                AttachedFile::open_expecting_checked(&info, &path, &|f| named_by(f, &path))
             } else {
                 AttachedFile::open_expecting(&info, &path)
             };
@@ -520,7 +565,7 @@ impl FileStore {
             }
         })?;
         // Checked first: a damaged copy is not made the last to go.
-        if found.info().path == self.stored_path(&offer.sha256) {
+        if found.info().path == stored {
             last_found().insert((self.dir.clone(), offer.sha256.clone()), SystemTime::now());
         }
         Some(found)
@@ -530,7 +575,9 @@ impl FileStore {
     /// it were not copies): only regular files of its size (not a FIFO, not a device),
     /// and each file once, however many paths name it (N VMs here sharing a model list
     /// it N times, and the store's copy is often one of them: a damaged copy would be
-    /// read whole N + 1 times).
+    /// read whole N + 1 times). The store's name is not followed: a link there is not a
+    /// file of the store, and would make this host look outside the folders it attaches
+    /// files from.
     fn candidates<'a>(&'a self, offer: &'a FileOffer) -> impl Iterator<Item = PathBuf> + 'a {
         let local = self
             .local
@@ -538,11 +585,17 @@ impl FileStore {
             .filter(|f| f.sha256 == offer.sha256 && f.size == offer.size)
             .map(|f| f.path.clone());
         let mut seen = HashSet::new();
-        std::iter::once(self.stored_path(&offer.sha256))
+        let stored = self.stored_path(&offer.sha256);
+        std::iter::once(stored.clone())
             .chain(local)
             .chain(std::iter::once_with(|| self.admitted(offer)).flatten())
             .filter(move |path| {
-                std::fs::metadata(path).is_ok_and(|meta| {
+                let meta = if *path == stored {
+                    std::fs::symlink_metadata(path)
+                } else {
+                    std::fs::metadata(path)
+                };
+                meta.is_ok_and(|meta| {
                     meta.is_file()
                         && meta.len() == offer.size
                         && seen.insert((meta.dev(), meta.ino()))
@@ -724,7 +777,7 @@ impl FileStore {
             }
             0
         };
-        let open = match File::open(&file.path) {
+        let open = match open_entry(&file.path) {
             Ok(open) => open,
             Err(e) => return failed("open it", e),
         };
@@ -732,7 +785,8 @@ impl FileStore {
         if try_lock(&open).is_err() {
             return 0;
         }
-        let ours = |meta: std::fs::Metadata| (meta.dev(), meta.ino()) == file.id;
+        // A regular file: a FIFO put there since may have been given the freed inode.
+        let ours = |meta: std::fs::Metadata| meta.is_file() && (meta.dev(), meta.ino()) == file.id;
         // A copy kept under the name since it was chosen is not the file chosen.
         if !open.metadata().is_ok_and(ours) {
             return 0;
@@ -830,7 +884,7 @@ impl FileStore {
                 continue;
             }
             let path = entry.path();
-            let Ok(file) = File::open(&path) else {
+            let Ok(file) = open_entry(&path) else {
                 continue;
             };
             // Deleted while locked: no owner can appear meanwhile.
@@ -847,9 +901,21 @@ impl FileStore {
         let IncomingFile { info, mut part } = incoming;
         // Written whole, or deleted below: no longer space to come.
         part.settle();
-        // On an error `part` is dropped, which deletes the file.
-        let file = AttachedFile::open_expecting(&info, &part.path)
-            .map_err(|e| format!("attached file '{}' arrived damaged: {e}", info.name))?;
+        // On an error `part` is dropped, which deletes the file. The file checked (and
+        // then kept) must be the one written: a part file replaced meanwhile, by a link
+        // or another file with the right content, is not.
+        let file =
+            AttachedFile::open_expecting_checked(&info, &part.path, &|f| same_file(f, &part.file))
+                .map_err(|e| match e {
+                    AttachError::Changed { .. } => {
+                        format!("attached file '{}' arrived damaged: {e}", info.name)
+                    }
+                    e => format!(
+                        "cannot check the received attached file '{}': {}",
+                        info.name,
+                        ferry_migrate::error_chain(&e)
+                    ),
+                })?;
         Ok(ReceivedFile {
             file: file.moved_to(self.stored_path(&info.sha256)),
             part,
@@ -1505,6 +1571,58 @@ pub(crate) mod tests {
         assert_eq!(store.evict(&chosen, 1), 0);
         assert_eq!(names(store.dir()), Vec::<String>::new());
         assert!(store.find(&o).is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_fifo_or_a_link_after_it_was_chosen_is_left_at_once() {
+        let d = dir("swapped");
+        let store = store_in(&d);
+        let o = stored(&store, 2, 1, DAY);
+        let chosen = store.stored_files().pop().unwrap();
+        let path = store.stored_path(&o.sha256);
+        // Another process puts a FIFO at its name (opened for reading, it would wait for
+        // a writer for ever), then a link to a file elsewhere.
+        let outside = d.join("outside");
+        std::fs::write(&outside, b"not the store's").unwrap();
+        let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        let swaps: [&dyn Fn(); 2] = [
+            &|| {
+                std::fs::remove_file(&path).unwrap();
+                // It may be given the deleted file's inode: an inode is not enough to
+                // tell it from the file chosen.
+                // SAFETY: `fifo` is a NUL-terminated path; mkfifo reads only it.
+                assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+            },
+            &|| {
+                std::fs::remove_file(&path).unwrap();
+                std::os::unix::fs::symlink(&outside, &path).unwrap();
+            },
+        ];
+        for swap in swaps {
+            swap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let evicting = store.clone();
+            let file = StoreFile {
+                path: chosen.path.clone(),
+                sha256: chosen.sha256.clone(),
+                ..chosen
+            };
+            std::thread::spawn(move || tx.send(evicting.evict(&file, 3)).unwrap());
+            let freed = rx.recv_timeout(Duration::from_secs(5));
+            if freed.is_err() {
+                // Lets the stuck eviction go before failing.
+                use std::os::unix::fs::OpenOptionsExt;
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path);
+                panic!("the eviction hung on what replaced the file");
+            }
+            assert_eq!(freed.unwrap(), 0);
+            assert!(std::fs::symlink_metadata(&path).is_ok(), "left in place");
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"not the store's");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
