@@ -279,7 +279,10 @@ struct ChatMessage {
 
 /// A message's content: one text or a list of parts.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a message's content must be a text or a list of parts"
+)]
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -356,7 +359,7 @@ impl ChatMessage {
 
 /// `stop`: one text or a list.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "stop must be a text or a list of texts")]
 enum Stop {
     One(String),
     Many(Vec<String>),
@@ -437,9 +440,13 @@ impl<'de> Deserialize<'de> for Seed {
     }
 }
 
-/// A completion's prompt: a text, or a list of them (one here).
+/// A completion's prompt: a text, or a list of them (one here). Tokens' ids are
+/// refused.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "prompt must be a text or a list of texts (not of tokens' ids)"
+)]
 enum Prompt {
     One(String),
     Many(Vec<String>),
@@ -487,9 +494,14 @@ impl Sampling {
                 Endpoint::Completion => COMPLETION_MAX_TOKENS,
             });
         if !(1..=MAX_TOKENS).contains(&max_tokens) {
+            // Named as the client named it.
+            let field = match self.max_completion_tokens {
+                Some(_) => "max_completion_tokens",
+                None => "max_tokens",
+            };
             return Err(OpenAiError::invalid(
-                "max_tokens",
-                format!("max_tokens must be between 1 and {MAX_TOKENS}, not {max_tokens}"),
+                field,
+                format!("{field} must be between 1 and {MAX_TOKENS}, not {max_tokens}"),
             ));
         }
         let temperature = self.temperature.unwrap_or(1.0);
@@ -801,13 +813,30 @@ impl Center {
             match client.get_within_time::<StreamChunk>(&path, MAX_CHUNK_ANSWER, READ_TIME) {
                 Ok(chunk) => {
                     unreachable_since = None;
+                    // Events from elsewhere than asked (a broken host) would reach the
+                    // client twice, or leave a gap: not the answer.
+                    if chunk.from != next {
+                        self.cancel(vm, host, stream, "its host answered a read out of place");
+                        return Err(upstream(format!(
+                            "the host of model '{vm}' answered a read from event {next} with events from {}",
+                            chunk.from
+                        )));
+                    }
                     let empty = chunk.events.is_empty();
                     if !empty {
                         last_progress = Instant::now();
                     }
                     for e in chunk.events {
                         next += 1;
-                        let relayed = relayed(vm, &e.payload);
+                        let relayed = match relayed(vm, &e) {
+                            Ok(relayed) => relayed,
+                            // A broken guest may go on answering: it is told to stop, not
+                            // only forgotten.
+                            Err(garbage) => {
+                                self.cancel(vm, host, stream, "the model answered garbage");
+                                return Err(garbage);
+                            }
+                        };
                         if let Relayed::Text(text) = &relayed {
                             if !bound.take(text) {
                                 self.cancel(vm, host, stream, "the model answered past its bound");
@@ -1054,9 +1083,16 @@ fn stalled(vm: &str) -> OpenAiError {
     )
 }
 
-/// What one event of VM `vm`'s stream means for the client.
-fn relayed(vm: &str, payload: &[u8]) -> Relayed {
-    match Event::decode(payload) {
+/// What one event of VM `vm`'s stream means for the client, or the error for one that
+/// means nothing (garbage).
+fn relayed(vm: &str, event: &ferry_api::StreamEvent) -> Result<Relayed, OpenAiError> {
+    if event.kind != serve::kind::EVENT {
+        return Err(upstream(format!(
+            "model '{vm}' answered a message of kind {}, not an event",
+            event.kind
+        )));
+    }
+    Ok(match Event::decode(&event.payload) {
         Ok(Event::Token { text, .. }) => Relayed::Text(text),
         Ok(Event::Done {
             reason,
@@ -1068,8 +1104,8 @@ fn relayed(vm: &str, payload: &[u8]) -> Relayed {
             completion_tokens,
         },
         Ok(Event::Error { code, message }) => Relayed::Failed(refusal(code, message)),
-        Err(e) => Relayed::Failed(upstream(format!("model '{vm}' answered garbage: {e}"))),
-    }
+        Err(e) => return Err(upstream(format!("model '{vm}' answered garbage: {e}"))),
+    })
 }
 
 fn refusal(code: RefusalCode, message: String) -> OpenAiError {
@@ -1224,7 +1260,10 @@ fn random_seed() -> u64 {
 }
 
 /// The body as a `T`, refusing fields other than `own` and [`SAMPLING_FIELDS`].
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, OpenAiError> {
+fn parse<T: serde::de::DeserializeOwned>(
+    body: &Bytes,
+    own: &'static str,
+) -> Result<T, OpenAiError> {
     let bad = |message: String| {
         OpenAiError::new(StatusCode::BAD_REQUEST, "invalid_request_body", message)
     };
@@ -1253,7 +1292,34 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, own: &str) -> Result<T, O
             None => return Err(bad(format!("unknown field '{field}'"))),
         }
     }
-    serde_json::from_value(value).map_err(|e| bad(format!("the body is not a valid request: {e}")))
+    let e = match T::deserialize(&value) {
+        Ok(request) => return Ok(request),
+        Err(e) => e.to_string(),
+    };
+    // serde names no field in a wrong value's error ("invalid value: integer `-1`,
+    // expected u32"): the field is the first that fails alone, beside the least the other
+    // required fields can be. There are few (unknown fields were refused above), each
+    // tried on the error's path only.
+    let alone = |field: Option<(&String, &Value)>| {
+        let mut least = serde_json::Map::new();
+        least.insert("model".into(), json!(""));
+        least.insert(own.into(), json!([]));
+        least.extend(field.map(|(k, v)| (k.clone(), v.clone())));
+        T::deserialize(&Value::Object(least)).is_ok()
+    };
+    let culprit = (alone(None))
+        .then(|| fields.iter().find(|field| !alone(Some(*field))))
+        .flatten();
+    let param = culprit.and_then(|(field, _)| {
+        (SAMPLING_FIELDS.iter().copied().chain([own])).find(|known| known == field)
+    });
+    Err(match param {
+        Some(field) => OpenAiError {
+            param: Some(field),
+            ..bad(format!("'{field}' is not valid: {e}"))
+        },
+        None => bad(format!("the body is not a valid request: {e}")),
+    })
 }
 
 /// The request's body, refused past [`MAX_BODY_BYTES`] (axum's 2 MiB would let each
@@ -1329,7 +1395,7 @@ fn relay_permit(center: &Center) -> Result<OwnedSemaphorePermit, OpenAiError> {
 async fn admit<T: serde::de::DeserializeOwned>(
     center: &Center,
     body: Body,
-    own: &str,
+    own: &'static str,
 ) -> Result<(T, OwnedSemaphorePermit), OpenAiError> {
     let (body, _in_hand) = read_body(&center.gateway.bodies, body).await?;
     let permit = relay_permit(center)?;
@@ -1733,14 +1799,21 @@ mod tests {
         );
     }
 
-    /// A host's answer to a read: `events` events `event`, the stream still open.
+    /// A host's answer to a read from event 0: `events` events `event`, the stream still
+    /// open.
     fn chunk(event: &Event, events: usize) -> String {
+        chunk_from(0, event, events)
+    }
+
+    /// A host's answer to a read from event `from`: `events` events `event`, the stream
+    /// still open.
+    fn chunk_from(from: usize, event: &Event, events: usize) -> String {
         let event = ferry_api::StreamEvent {
             kind: serve::kind::EVENT,
             payload: event.encode(),
         };
         serde_json::to_string(&StreamChunk {
-            from: 0,
+            from,
             events: vec![event; events],
             end: StreamEnd::Open,
         })
@@ -1800,6 +1873,68 @@ mod tests {
     }
 
     #[test]
+    fn a_host_answering_a_read_with_events_from_elsewhere_is_not_relayed_twice() {
+        let token = Event::Token {
+            id: 1,
+            text: "la".into(),
+        };
+        // The second read asks from event 3 and gets events from 0 again.
+        let reads = vec![chunk(&token, 3), chunk(&token, 3)];
+        let (e, texts, seen) = read_endless("read-out-of-place", reads, 16);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{}", e.body());
+        assert!(e.message.contains("from event 3"), "{}", e.message);
+        // Each token once: the repeated ones are not relayed.
+        assert_eq!(texts, 3);
+        assert_cancelled(&seen, 2);
+    }
+
+    #[test]
+    fn a_guest_answering_garbage_is_told_to_stop_not_only_forgotten() {
+        let garbage = |kind: u32, payload: Vec<u8>| {
+            let events = vec![ferry_api::StreamEvent { kind, payload }];
+            let chunk = StreamChunk {
+                from: 0,
+                events,
+                end: StreamEnd::Open,
+            };
+            serde_json::to_string(&chunk).unwrap()
+        };
+        let token = Event::Token {
+            id: 1,
+            text: "la".into(),
+        };
+        for (tag, read) in [
+            (
+                "garbage-event",
+                garbage(serve::kind::EVENT, vec![0xff, 1, 2]),
+            ),
+            (
+                "garbage-kind",
+                garbage(serve::kind::REQUEST, token.encode()),
+            ),
+        ] {
+            let scratch = crate::tests::ScratchCenter::open(tag);
+            let answers = [read, "{}".into(), "{}".into()].map(|a| ("200 OK", a));
+            let (addr, requests) = fake_host(answers.to_vec());
+            let mut record = scratch.report("b", addr);
+            let (tx, mut rx) = mpsc::channel(4);
+            let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
+            // The client hears of it (here, or through the relay's error) and nothing else.
+            let e = match read {
+                Err(e) => e,
+                Ok(()) => match rx.try_recv() {
+                    Ok(Relayed::Failed(e)) => e,
+                    other => panic!("{tag}: {other:?}"),
+                },
+            };
+            assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{tag}: {}", e.body());
+            assert!(rx.try_recv().is_err(), "{tag}");
+            drop(tx);
+            assert_cancelled(&requests.join().unwrap(), 1);
+        }
+    }
+
+    #[test]
     fn a_long_tokens_pieces_count_in_bytes_not_in_events() {
         // A token's text of 9 KiB in 30 pieces of 300 bytes, between short tokens: the
         // pieces do not use up the events of an answer of 2 tokens (12).
@@ -1811,7 +1946,11 @@ mod tests {
             id: serve::NO_TOKEN,
             text: "a".repeat(300),
         };
-        let reads = vec![chunk(&short, 1), chunk(&piece, 30), chunk(&short, 20)];
+        let reads = vec![
+            chunk(&short, 1),
+            chunk_from(1, &piece, 30),
+            chunk_from(31, &short, 20),
+        ];
         let (e, texts, _) = read_endless("long-token", reads, 2);
         assert_eq!(e.code, "upstream_error", "{}", e.body());
         assert_eq!(texts, 1 + 30 + 11);
@@ -1824,7 +1963,7 @@ mod tests {
             id: 1,
             text: "a".repeat(600 << 10),
         };
-        let reads = vec![chunk(&token, 1); 7];
+        let reads = (0..7).map(|from| chunk_from(from, &token, 1)).collect();
         let (e, texts, seen) = read_endless("endless-text", reads, MAX_TOKENS);
         assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{}", e.body());
         assert_eq!(texts, 6);
@@ -2381,6 +2520,13 @@ mod tests {
         // As OpenAI's: 16 tokens unless asked for more (a chat: what the context leaves).
         assert_eq!(request(json!({})).unwrap().max_tokens, 16);
         assert_eq!(request(json!({"max_tokens": 100})).unwrap().max_tokens, 100);
+        for field in ["max_tokens", "max_completion_tokens"] {
+            for value in [0, MAX_TOKENS + 1] {
+                let err = request(json!({ field: value })).unwrap_err();
+                assert_eq!(err.param, Some(field), "{}", err.message);
+                assert!(err.message.starts_with(field), "{}", err.message);
+            }
+        }
         let chat: ChatRequest = parse(
             &Bytes::from(json!({"model": "m", "messages": []}).to_string()),
             "messages",
@@ -2442,6 +2588,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.message.contains("unknown field"), "{}", err.message);
+        // A value of the wrong shape is named for what it is, not for a type of the code.
+        for (body, field, says) in [
+            (
+                json!({"model": "m", "prompt": [1, 2]}),
+                "prompt",
+                "prompt must be",
+            ),
+            (
+                json!({"model": "m", "prompt": "a", "stop": 3}),
+                "stop",
+                "stop must be",
+            ),
+        ] {
+            let err =
+                parse::<CompletionRequest>(&Bytes::from(body.to_string()), "prompt").unwrap_err();
+            assert!(err.message.contains(says), "{}", err.message);
+            assert_eq!(err.param, Some(field), "{}", err.message);
+            assert!(!err.message.contains("untagged"), "{}", err.message);
+        }
+        let content = json!({"model": "m", "messages": [{"role": "user", "content": 5}]});
+        let err = parse::<ChatRequest>(&Bytes::from(content.to_string()), "messages").unwrap_err();
+        assert!(err.message.contains("content must be"), "{}", err.message);
+        // A wrong value is named by its field (serde's own error names none).
+        for (field, value) in [
+            ("max_tokens", json!(-1)),
+            ("max_tokens", json!(1u64 << 40)),
+            ("temperature", json!("hot")),
+            ("n", json!(1.5)),
+            ("stream", json!("yes")),
+            ("stream_options", json!({"include_usage": true, "extra": 1})),
+            ("messages", json!("hi")),
+            ("model", json!(7)),
+        ] {
+            let mut body = json!({"model": "m", "messages": [], "top_p": 1});
+            body[field] = value;
+            let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
+            assert_eq!(err.param, Some(field), "{}", err.message);
+            assert!(err.message.contains(field), "{}", err.message);
+        }
         let two = Prompt::Many(vec!["a".into(), "b".into()]);
         assert_eq!(two.into_text().unwrap_err().param, Some("prompt"));
     }
