@@ -177,6 +177,15 @@ pub enum HoldError {
         /// The store's folder.
         dir: PathBuf,
     },
+    /// Another user could change what it holds: the store's copies are run by VMs
+    /// without a check that another user put them there.
+    #[error("the file store {} is not safe to use: {why}; give --file-store a folder of the daemon's own user that no one else may write to", dir.display())]
+    NotPrivate {
+        /// The folder refused (the store's, or the one holding it).
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The file system failed.
     #[error("cannot {what} {}", path.display())]
     Io {
@@ -342,6 +351,67 @@ fn open_entry(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Refuses store folder `dir` unless only this daemon's user can change what it holds:
+/// `dir` is a folder (not a link) of that user that no one else may write to, in a
+/// folder of that user's or root's that no one else may write to, or only to add their
+/// own entries (sticky, as /tmp and /var/tmp are). A folder another user made first at
+/// the default path (in /var/tmp) would let them put the files VMs run on.
+fn private_folder(dir: &Path) -> Result<(), HoldError> {
+    let failed = |source| HoldError::Io {
+        what: "look at",
+        path: dir.to_path_buf(),
+        source,
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let user = unsafe { libc::geteuid() };
+    let refused = |dir: &Path, why: String| HoldError::NotPrivate {
+        dir: dir.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(failed)?;
+    if !meta.is_dir() {
+        return Err(refused(dir, "it is not a folder (a link?)".into()));
+    }
+    if meta.uid() != user {
+        return Err(refused(
+            dir,
+            format!(
+                "it belongs to user {}, not to this daemon's ({user})",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refused(
+            dir,
+            format!("others may write to it (mode {:o})", meta.mode() & 0o7777),
+        ));
+    }
+    let parent = std::fs::canonicalize(dir)
+        .map_err(failed)?
+        .parent()
+        .map(Path::to_path_buf);
+    if let Some(parent) = parent {
+        let meta = std::fs::metadata(&parent).map_err(failed)?;
+        if meta.uid() != user && meta.uid() != 0 {
+            return Err(refused(
+                &parent,
+                format!("the folder holding it belongs to user {}", meta.uid()),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(refused(
+                &parent,
+                format!(
+                    "others may rename or replace what the folder holding it holds (mode {:o})",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses the open `file` unless it is the file `other` has open.
 fn same_file(file: &File, other: &File) -> std::io::Result<()> {
     let (a, b) = (file.metadata()?, other.metadata()?);
@@ -431,7 +501,11 @@ impl FileStore {
             let path = path.to_path_buf();
             move |source| HoldError::Io { what, path, source }
         };
-        std::fs::create_dir_all(dir).map_err(failed("create the file store", dir))?;
+        use std::os::unix::fs::DirBuilderExt;
+        (std::fs::DirBuilder::new().recursive(true).mode(0o700))
+            .create(dir)
+            .map_err(failed("create the file store", dir))?;
+        private_folder(dir)?;
         let path = dir.join(DAEMON_LOCK);
         // A link there is not followed: the daemon (often root) would create a file
         // wherever it leads, in a folder others may write to (the default is in /var/tmp).
@@ -1571,6 +1645,46 @@ pub(crate) mod tests {
         assert_eq!(store.evict(&chosen, 1), 0);
         assert_eq!(names(store.dir()), Vec::<String>::new());
         assert!(store.find(&o).is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_store_folder_others_could_change_is_refused() {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        let d = dir("private");
+        let not_private = |store: &Path| match FileStore::hold(store) {
+            Err(e @ HoldError::NotPrivate { .. }) => e.to_string(),
+            other => panic!("{store:?} taken: {:?}", other.map(|_| ())),
+        };
+        // Made here: for this user alone.
+        let made = d.join("made").join("files");
+        drop(FileStore::hold(&made).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&made), mode(made.parent().unwrap())), (0o700, 0o700));
+        // One others may write to, or in a folder others may rename it in.
+        let open = d.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(not_private(&open).contains("others may write to it (mode 777)"));
+        let inside = open.join("files");
+        std::fs::create_dir(&inside).unwrap();
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(not_private(&inside).contains("the folder holding it holds (mode 777)"));
+        // In a sticky folder (as /var/tmp), taken.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(FileStore::hold(&inside).unwrap());
+        // A link to a folder of the user's.
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&made, &link).unwrap();
+        assert!(not_private(&link).contains("not a folder"));
+        // Made first by another user (only root can make one here).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = d.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            chown(&theirs, Some(65534), Some(65534)).unwrap();
+            assert!(not_private(&theirs).contains("belongs to user 65534"));
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 
