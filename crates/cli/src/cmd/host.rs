@@ -175,7 +175,8 @@ pub struct ServeArgs {
     /// evicted, least recently used first (default: `/var/tmp/ferry-<name>/files`). It
     /// also keeps the record of the migrations whose VM ran here (`resumed-migrations`),
     /// which a restarted daemon answers from when a source asks whether its VM ran here:
-    /// keep it across restarts.
+    /// keep it across restarts. It must be the daemon user's alone (made 0700; one that
+    /// others may write to is refused).
     #[arg(long, value_name = "DIR")]
     pub file_store: Option<PathBuf>,
     #[command(flatten)]
