@@ -349,7 +349,11 @@ async fn dashboard() -> impl IntoResponse {
     )
 }
 
-async fn not_found() -> Response {
+async fn not_found(uri: axum::http::Uri) -> Response {
+    // An OpenAI client asking for what the gateway does not serve reads OpenAI's shape.
+    if let Some(answer) = gateway::unserved(uri.path()) {
+        return answer;
+    }
     error(
         StatusCode::NOT_FOUND,
         "no such endpoint (see `ferry center serve --help` for the API)",

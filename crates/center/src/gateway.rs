@@ -236,6 +236,47 @@ pub async fn openai_errors(
     ferry_http::keeping_headers(answer, &parts)
 }
 
+/// The first path segments under `/v1/` of OpenAI's API that the gateway does not serve.
+const UNSERVED_OPENAI_APIS: [&str; 16] = [
+    "assistants",
+    "audio",
+    "batches",
+    "chatkit",
+    "containers",
+    "conversations",
+    "embeddings",
+    "evals",
+    "files",
+    "fine_tuning",
+    "images",
+    "moderations",
+    "realtime",
+    "responses",
+    "threads",
+    "vector_stores",
+];
+
+/// The answer to `path` (one no route takes) if it is one of OpenAI's endpoints: a 404 in
+/// OpenAI's shape that names what the gateway serves instead, for an OpenAI client.
+pub fn unserved(path: &str) -> Option<Response> {
+    let rest = path.strip_prefix("/v1/")?;
+    let first = rest.split('/').next().unwrap_or_default();
+    let known =
+        UNSERVED_OPENAI_APIS.contains(&first) || matches!(first, "models" | "chat" | "completions");
+    known.then(|| {
+        let mut shown = path.to_string();
+        crate::inventory::cut_text(&mut shown, 64);
+        OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "{shown} is not served here: Ferry's gateway serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+            ),
+        )
+        .into_response()
+    })
+}
+
 /// CORS for the OpenAI API: browser applications call it directly, as they call
 /// OpenAI's. Any origin, and no credentials but the bearer token, which a page has only
 /// if its user gave it.
@@ -2193,7 +2234,8 @@ mod tests {
     }
 
     #[test]
-    fn a_body_too_large_a_wrong_method_and_a_huge_model_name_are_refused_in_openais_shape() {
+    fn a_body_too_large_a_wrong_method_an_unserved_endpoint_and_a_huge_model_name_are_refused_in_openais_shape(
+    ) {
         let scratch = crate::tests::ScratchCenter::open("serving-refusals");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let listener = runtime
@@ -2228,6 +2270,27 @@ mod tests {
             .call()
             .unwrap();
         assert_eq!(error(answer), (405, json!("method_not_allowed")));
+        // One of OpenAI's endpoints the gateway does not serve: its shape, naming what
+        // is served; any other unknown path keeps the operators' API's shape.
+        let base = url.trim_end_matches("/v1/chat/completions");
+        let mut answer = agent
+            .post(format!("{base}/v1/embeddings"))
+            .header("Authorization", "Bearer operator")
+            .send_json(json!({"model": "m", "input": "hi"}))
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 404);
+        let v: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], json!("not_found"), "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("/v1/embeddings is not served here"),
+            "{message}"
+        );
+        assert!(message.contains("POST /v1/chat/completions"), "{message}");
+        let mut answer = agent.get(format!("{base}/v1/nothing")).call().unwrap();
+        assert_eq!(answer.status().as_u16(), 404);
+        let v: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        assert!(v["error"].is_string(), "{v}");
         // A model's name of 100 KB, quoted in the refusal: cut short, so the answer keeps
         // its code (one longer than the error rewriting reads came as "not_found").
         let model = "m".repeat(100 << 10);
