@@ -90,6 +90,11 @@ const MAX_VM_ANSWER: u64 = 1 << 20;
 /// Most bytes of text one answer may bring: far more than 4,096 tokens of any text, and
 /// a bound on what a hostile guest can make the gateway hold or a client read.
 const MAX_ANSWER_TEXT: usize = 4 << 20;
+/// Most bytes of text an answer may bring per token it may have: tokenizers' longest
+/// tokens are tens of bytes, so an answer that averages more is a guest's garbage. It
+/// bounds what the gateway holds for short answers not streamed ([`MAX_RELAYS`] of them
+/// at [`MAX_ANSWER_TEXT`] would be a GiB).
+const MAX_TEXT_PER_TOKEN: usize = 1 << 10;
 /// Most bytes of a request's body: an encoded request is at most 32 KiB
 /// ([`serve::MAX_REQUEST_BYTES`]), and JSON's escapes take up to six bytes for one.
 pub const MAX_BODY_BYTES: usize = 256 << 10;
@@ -1081,11 +1086,15 @@ struct AnswerBound {
 
 impl AnswerBound {
     /// For an answer of `max_tokens` tokens: twice as many text events (a token's text
-    /// may come empty, the text held back for a stop text comes at the end), and a few.
+    /// may come empty, the text held back for a stop text comes at the end), and a few;
+    /// [`MAX_TEXT_PER_TOKEN`] bytes a token (and a few), at most [`MAX_ANSWER_TEXT`].
     fn new(max_tokens: u32) -> Self {
+        let tokens = usize::try_from(max_tokens).unwrap_or(usize::MAX);
         Self {
             events: 2 * u64::from(max_tokens) + 8,
-            bytes: MAX_ANSWER_TEXT,
+            bytes: (tokens.saturating_add(8))
+                .saturating_mul(MAX_TEXT_PER_TOKEN)
+                .min(MAX_ANSWER_TEXT),
         }
     }
 
@@ -2012,6 +2021,21 @@ mod tests {
             seen[7].starts_with("POST /v1/vms/v/streams/9/signal "),
             "{seen:?}"
         );
+    }
+
+    #[test]
+    fn a_short_answer_is_held_to_its_tokens_worth_of_text() {
+        // 16 tokens (and 8 more) of 1 KiB: 8 texts of 3,000 bytes fit, a ninth does not;
+        // without the per-token bound it would take up to 4 MiB.
+        let mut bound = AnswerBound::new(16);
+        let text = "a".repeat(3000);
+        assert!((0..8).all(|_| bound.take(&text)));
+        assert!(!bound.take(&text));
+        // Many tokens keep the whole answer's bound.
+        let mut bound = AnswerBound::new(MAX_TOKENS);
+        let piece = "a".repeat(1 << 20);
+        assert!((0..4).all(|_| bound.take(&piece)));
+        assert!(!bound.take("a"));
     }
 
     #[test]
