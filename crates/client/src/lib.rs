@@ -519,13 +519,15 @@ impl ApiClient {
 
     /// `POST path` with a JSON body, answered with a stream of lines (server-sent
     /// events): the lines as they arrive, each refused past 1 MiB (which ends the
-    /// stream). An error status is an [`ApiError`].
+    /// stream), the stream cut off `time` after it was asked for (a long answer must not
+    /// be cut by the client's usual minute). An error status is an [`ApiError`].
     pub fn post_lines<B: Serialize>(
         &self,
         path: &str,
         body: &B,
+        time: Duration,
     ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
-        let answer = self.post_json_request(path, body, None)?;
+        let answer = self.post_json_request(path, body, Some(time))?;
         if !answer.response.status().is_success() {
             return Err(answer.text(MAX_ANSWER_BYTES).expect_err("an error status"));
         }
@@ -690,6 +692,48 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_is_read_for_the_time_given_not_the_clients_usual_limit() {
+        // Five lines 150 ms apart, on one connection each time.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Read, Write};
+            for stream in listener.incoming().take(2) {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut line, mut length) = (String::new(), 0);
+                while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap();
+                    }
+                    line.clear();
+                }
+                reader.read_exact(&mut vec![0u8; length]).unwrap();
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 40\r\nconnection: close\r\n\r\n";
+                let _ = stream.write_all(head.as_bytes());
+                for k in 0..5 {
+                    std::thread::sleep(Duration::from_millis(150));
+                    if stream.write_all(format!("data: {k}\n").as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let client = ApiClient::new(&base, b"token").unwrap();
+        let read = |time| -> Vec<std::io::Result<String>> {
+            let lines = client.post_lines("/v1/completions", &1, time).unwrap();
+            lines.collect()
+        };
+        // Given 5 s, every line; given 400 ms, two or so and then an error.
+        let whole = read(Duration::from_secs(5));
+        assert_eq!(whole.len(), 5, "{whole:?}");
+        assert!(whole.iter().all(|line| line.is_ok()), "{whole:?}");
+        let cut = read(Duration::from_millis(400));
+        assert!(cut.len() < 5, "{cut:?}");
+        assert!(cut.last().unwrap().is_err(), "{cut:?}");
+    }
+
+    #[test]
     fn a_streamed_line_past_the_limit_ends_the_stream_with_an_error() {
         let long = format!("data: {}", "x".repeat(MAX_LINE_BYTES * 2));
         let body = format!("data: a\n{long}\ndata: b\n");
@@ -698,7 +742,8 @@ mod tests {
             body.len()
         );
         let client = ApiClient::new(&answering_raw(vec![answer]), b"token").unwrap();
-        let mut lines = client.post_lines("/v1/chat/completions", &1).unwrap();
+        let mut lines =
+            (client.post_lines("/v1/chat/completions", &1, Duration::from_secs(5))).unwrap();
         assert_eq!(lines.next().unwrap().unwrap(), "data: a");
         let error = match lines.next().unwrap() {
             Ok(line) => panic!("a line of {} bytes", line.len()),

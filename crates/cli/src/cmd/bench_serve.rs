@@ -42,6 +42,10 @@ const VM_ACCEL: u64 = 1 << 30;
 /// ends the copy leaves the guest a core (two stop it for most of the pre-copy).
 const STREAMS: u8 = 1;
 
+/// Longest one streamed answer may take: hundreds of tokens at 8 clients on a slow
+/// machine take more than the client's usual minute.
+const ANSWER_TIME: Duration = Duration::from_secs(600);
+
 /// One streamed answer as the client saw it.
 struct Answer {
     sent: Instant,
@@ -54,7 +58,7 @@ struct Answer {
 /// text have arrived; `Err` for any failure (a failed request).
 fn stream_chat(gateway: &ApiClient, body: &Value, flowing: &AtomicUsize) -> anyhow::Result<Answer> {
     let sent = Instant::now();
-    let lines = gateway.post_lines("/v1/chat/completions", body)?;
+    let lines = gateway.post_lines("/v1/chat/completions", body, ANSWER_TIME)?;
     let mut pieces = Vec::new();
     let mut completion_tokens = 0;
     let mut done = false;
