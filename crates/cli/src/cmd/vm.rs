@@ -194,20 +194,38 @@ fn print_vm(vm: &VmInfo) {
 /// How many times a create whose answer was lost, or that found its first try still
 /// under way, is sent again (after 1, 2, 4 and 8 s).
 const CREATE_RETRIES: u32 = 4;
+/// After how long a create is not sent again: an API that takes requests and answers
+/// none costs a minute a try, and five tries were five minutes of silence.
+const CREATE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// `POST /v1/vms` of `create` (which carries an idempotency key), sent again up to
-/// [`CREATE_RETRIES`] times while its answer is lost on the way or the API answers 503
-/// (the first try is still under way, or the host is briefly unavailable): the key makes
-/// the API answer a repeat with the VM the first made.
+/// [`CREATE_RETRIES`] times, within [`CREATE_PATIENCE`], while its answer is lost on the
+/// way or the API answers 503 (the first try is still under way, or the host is briefly
+/// unavailable): the key makes the API answer a repeat with the VM the first made.
 fn send_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     client: &ApiClient,
     create: &B,
     key: &str,
 ) -> anyhow::Result<T> {
+    send_create_within(client, create, key, CREATE_PATIENCE)
+}
+
+/// [`send_create`], not sending again once `patience` has passed since the first try.
+fn send_create_within<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    client: &ApiClient,
+    create: &B,
+    key: &str,
+    patience: std::time::Duration,
+) -> anyhow::Result<T> {
+    let started = std::time::Instant::now();
     let mut tries = 0;
     loop {
         match client.post("/v1/vms", create) {
-            Err(e) if tries < CREATE_RETRIES && worth_sending_again(&e) => {
+            Err(e)
+                if tries < CREATE_RETRIES
+                    && started.elapsed() < patience
+                    && worth_sending_again(&e) =>
+            {
                 eprintln!("ferry: {e:#}; sending the create again with the same idempotency key");
                 std::thread::sleep(std::time::Duration::from_secs(1 << tries));
                 tries += 1;
@@ -394,4 +412,43 @@ fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
         (_, Answer::Many(vms)) => vms.iter().for_each(print_vm),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API at which every request arrives and its connection is then cut; it counts
+    /// them.
+    fn cutting_api() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let _ = stream.read(&mut [0u8; 4096]);
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        (base, seen)
+    }
+
+    #[test]
+    fn a_create_whose_answers_are_lost_is_not_sent_again_past_its_patience() {
+        let (base, seen) = cutting_api();
+        let client = ApiClient::new(&base, b"token").unwrap();
+        let e = send_create_within::<_, serde_json::Value>(
+            &client,
+            &1,
+            "k",
+            std::time::Duration::from_millis(500),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--idempotency-key k"), "{e:#}");
+        // The first try, and one more a second later: not the four more of 15 s.
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 }
