@@ -387,6 +387,22 @@ fn settlement(
     }
 }
 
+/// What a failed outgoing migration's status says of `e`: that the VM ended meanwhile
+/// (`ended_as`, its final state), or that the host's shutdown (`closing`) cancelled it,
+/// since its VMs stop with it (not "the VM keeps running on the source").
+fn migration_failure(e: &MigrationError, ended_as: Option<&VmState>, closing: bool) -> String {
+    match (e, ended_as) {
+        (_, Some(state)) => format!(
+            "the VM ended during its migration ({state}): {}",
+            error_chain(e)
+        ),
+        (MigrationError::Cancelled { phase }, None) if closing => format!(
+            "cancelled during {phase}: the source's host is shutting down, and the VM stops with it"
+        ),
+        (_, None) => error_chain(e),
+    }
+}
+
 /// Joins `thread` (`what`) if it ends before `deadline`; else leaves it, saying so.
 fn join_before(thread: std::thread::JoinHandle<()>, deadline: std::time::Instant, what: &str) {
     while !thread.is_finished() && std::time::Instant::now() < deadline {
@@ -1334,15 +1350,8 @@ impl Host {
                 // A guest that ended during its migration cancels it: a failure to name,
                 // not an operator's cancel.
                 let ended = vm.state().has_ended();
-                let error = if ended {
-                    format!(
-                        "the VM ended during its migration ({}): {}",
-                        vm.state(),
-                        error_chain(&e)
-                    )
-                } else {
-                    error_chain(&e)
-                };
+                let ended_as = ended.then(|| vm.state());
+                let error = migration_failure(&e, ended_as.as_ref(), self.outcomes.is_closed());
                 tracing::warn!(vm = %id, %to, "migration failed: {error}");
                 vm.update_migration(ticket, |s| {
                     s.state = match e {
@@ -2373,6 +2382,27 @@ mod tests {
                 .last()
                 .is_some_and(|l| l.contains("shutting down")),
             "{settlement:?}"
+        );
+    }
+
+    #[test]
+    fn a_migration_cancelled_by_the_shutdown_does_not_say_the_vm_keeps_running() {
+        let cancelled = || MigrationError::Cancelled {
+            phase: "round 2".into(),
+        };
+        let by_operator = migration_failure(&cancelled(), None, false);
+        assert!(
+            by_operator.contains("keeps running on the source"),
+            "{by_operator}"
+        );
+        let by_shutdown = migration_failure(&cancelled(), None, true);
+        assert!(!by_shutdown.contains("keeps running"), "{by_shutdown}");
+        assert!(by_shutdown.contains("shutting down"), "{by_shutdown}");
+        let exited = VmState::Exited { code: 0 };
+        let ended = migration_failure(&cancelled(), Some(&exited), true);
+        assert!(
+            ended.starts_with("the VM ended during its migration"),
+            "{ended}"
         );
     }
 
