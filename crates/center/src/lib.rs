@@ -252,9 +252,9 @@ pub struct Center {
     /// The store's generation a follower last refreshed at.
     refreshed_at: Mutex<Option<i64>>,
     operations: Mutex<BTreeMap<u64, Operation>>,
-    /// Operations whose record the store does not hold as they are (a write failed or
-    /// was overtaken), to write again; taken after `operations` where both are held.
-    unwritten_operations: Mutex<BTreeSet<u64>>,
+    /// Operations being written and those whose record the store does not hold as they
+    /// are; taken after `operations` where both are held.
+    operation_writes: Mutex<operations::OperationWrites>,
     /// Migrations whose end the store missed (its write failed), to write again: a
     /// later leader would take one for a move still under way, and settle it anew.
     unwritten_migrations: Mutex<BTreeSet<i64>>,
@@ -293,7 +293,7 @@ impl Center {
             lead_until: Mutex::default(),
             refreshed_at: Mutex::default(),
             operations: Mutex::default(),
-            unwritten_operations: Mutex::default(),
+            operation_writes: Mutex::default(),
             unwritten_migrations: Mutex::default(),
             metrics: metrics::Metrics::default(),
             monitor: Mutex::default(),
@@ -446,9 +446,8 @@ impl Center {
         let _ = operations::keep_newest(&mut operations);
         *self.operations.lock().expect("operations lock") = operations;
         // What is in memory now is what the store holds.
-        self.unwritten_operations
-            .lock()
-            .expect("unwritten lock")
+        (self.operation_writes.lock().expect("writes lock"))
+            .unwritten
             .clear();
         self.unwritten_migrations
             .lock()
@@ -1458,6 +1457,11 @@ pub(crate) mod tests {
             let db = rusqlite::Connection::open(&self.store).unwrap();
             db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
                 .unwrap()
+        }
+
+        /// The store's database file.
+        pub(crate) fn store_path(&self) -> &std::path::Path {
+            &self.store
         }
 
         /// Runs `sql` on the store's database, from another connection.

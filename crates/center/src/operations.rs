@@ -2,6 +2,7 @@
 //! APIs (each one verified on the destination), host maintenance (evacuation) and
 //! balancing. One operation runs at a time, so two plans never count on the same room.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -184,36 +185,59 @@ impl Center {
         self.write_operation(op);
     }
 
-    /// Writes `op` through. One whose write failed, or that changed while it was written
-    /// (a newer copy's write may have landed first), is written again by the monitor
-    /// ([`Self::rewrite_operations`]): else the store could say running, for followers and
-    /// the next leader, an operation that ended.
-    fn write_operation(&self, op: Operation) {
-        let written = match self.store().put_operation(&op) {
-            Ok(()) => true,
-            // No longer the leader: the next one resumes the operation from its record.
-            Err(StoreError::NotLeader) => return,
-            Err(e) => {
-                tracing::error!("recording operation {}: {e}; it is written again", op.id);
-                false
+    /// Writes `op` through. An operation has one writer at a time: two writes of one
+    /// record can land in either order, and the store would keep the older. A write made
+    /// while another is in flight is left to that writer, which writes the record again
+    /// as long as it changed meanwhile. One whose write failed is written again by the
+    /// monitor ([`Self::rewrite_operations`]): else the store could say running, for
+    /// followers and the next leader, an operation that ended.
+    fn write_operation(&self, mut op: Operation) {
+        if !(self.operation_writes.lock().expect("writes lock"))
+            .writing
+            .insert(op.id)
+        {
+            return;
+        }
+        loop {
+            let written = match self.store().put_operation(&op) {
+                Ok(()) => Ok(()),
+                // No longer the leader: the next one resumes the operation from its record.
+                Err(StoreError::NotLeader) => Err(false),
+                Err(e) => {
+                    tracing::error!("recording operation {}: {e}; it is written again", op.id);
+                    Err(true)
+                }
+            };
+            // The writer lets go under the operations' lock: an update after this check
+            // finds no writer, and writes itself.
+            let ops = self.operations.lock().expect("operations lock");
+            let mut writes = self.operation_writes.lock().expect("writes lock");
+            match (written, ops.get(&op.id)) {
+                (Ok(()), Some(now)) if *now != op => {
+                    op = now.clone();
+                    continue;
+                }
+                (Ok(()), _) => {
+                    writes.unwritten.remove(&op.id);
+                }
+                (Err(true), Some(_)) => {
+                    writes.unwritten.insert(op.id);
+                }
+                (Err(_), _) => {}
             }
-        };
-        let ops = self.operations.lock().expect("operations lock");
-        let mut unwritten = self.unwritten_operations.lock().expect("unwritten lock");
-        if written && ops.get(&op.id) == Some(&op) {
-            unwritten.remove(&op.id);
-        } else if ops.contains_key(&op.id) {
-            unwritten.insert(op.id);
+            writes.writing.remove(&op.id);
+            return;
         }
     }
 
-    /// Writes again, as they are now, the operations whose last write failed or was
-    /// overtaken; run periodically by the monitor while this replica leads.
+    /// Writes again, as they are now, the operations whose last write failed; run
+    /// periodically by the monitor while this replica leads.
     pub(crate) fn rewrite_operations(&self) {
         if !self.is_leader() {
             return;
         }
-        let ids = std::mem::take(&mut *self.unwritten_operations.lock().expect("unwritten lock"));
+        let ids =
+            std::mem::take(&mut (self.operation_writes.lock().expect("writes lock")).unwritten);
         for id in ids {
             let op = self
                 .operations
@@ -1397,6 +1421,15 @@ fn moves_still_planned(inventory: &Inventory, planned: &[PlannedMove]) -> Vec<Mo
         .collect()
 }
 
+/// The writes of operations' records under way, and those to make again.
+#[derive(Debug, Default)]
+pub(crate) struct OperationWrites {
+    /// Operations a thread is writing now: their one writer.
+    pub(crate) writing: BTreeSet<u64>,
+    /// Operations whose record the store does not hold as they are (a write failed).
+    pub(crate) unwritten: BTreeSet<u64>,
+}
+
 /// Whether a host may have taken an order that failed with `e`: anything but its API's
 /// refusal (an error answer, read whole) or a request that never left.
 fn may_have_taken(e: &anyhow::Error) -> bool {
@@ -1453,7 +1486,52 @@ mod tests {
         scratch.heal();
         center.check_hosts().unwrap();
         assert_eq!(stored(), OperationState::Done, "written again");
-        assert!(center.unwritten_operations.lock().unwrap().is_empty());
+        assert!(center.operation_writes.lock().unwrap().unwritten.is_empty());
+    }
+
+    #[test]
+    fn an_operation_has_one_writer_which_writes_its_latest_state() {
+        let scratch = ScratchCenter::open("operation-one-writer");
+        let center = scratch.center.clone();
+        let op = center
+            .begin_operation(OperationKind::Balance, None, &[])
+            .unwrap();
+        // Another connection holds the database's write lock: the first update's write
+        // waits on it (up to the store's busy timeout of seconds).
+        let db = rusqlite::Connection::open(scratch.store_path()).unwrap();
+        db.execute_batch("BEGIN IMMEDIATE;").unwrap();
+        let first = {
+            let center = center.clone();
+            std::thread::spawn(move || {
+                center.update_operation(op.id, |o| o.problems.push("first".into()));
+            })
+        };
+        let writing = || (center.operation_writes.lock().unwrap().writing).contains(&op.id);
+        let waited = Instant::now();
+        while !writing() && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(writing(), "the first update never wrote");
+        std::thread::sleep(Duration::from_millis(50));
+        // A second update meanwhile leaves its write to the first's writer: it does not
+        // race it (the older could land last), nor wait on the store.
+        let started = Instant::now();
+        center.update_operation(op.id, |o| o.state = OperationState::Done);
+        assert!(started.elapsed() < Duration::from_secs(1), "it waited");
+        db.execute_batch("COMMIT;").unwrap();
+        first.join().unwrap();
+        let loaded = center.store().load().unwrap();
+        let stored = loaded
+            .operations
+            .into_iter()
+            .find(|o| o.id == op.id)
+            .unwrap();
+        assert_eq!(
+            (stored.state, stored.problems),
+            (OperationState::Done, vec!["first".to_string()])
+        );
+        let writes = center.operation_writes.lock().unwrap();
+        assert!(writes.writing.is_empty() && writes.unwritten.is_empty());
     }
 
     #[test]
