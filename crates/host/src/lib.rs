@@ -367,7 +367,10 @@ fn settlement(
             Settlement::NotRunning,
         )),
         None => Err(error_chain(&direct)),
-        Some(Ok(answer)) => Ok(("the center, relaying for the destination", answer)),
+        Some(Ok(answer)) => Ok((
+            "the center (asking the destination, or from where the cluster reports the VM)",
+            answer,
+        )),
         Some(Err(relayed)) => {
             let code = relayed
                 .downcast_ref::<ferry_client::ApiError>()
@@ -1808,7 +1811,10 @@ mod tests {
         let (who, answer) = settlement(Err(refused()), || Some(Ok(Running))).unwrap();
         assert_eq!(
             (who, answer),
-            ("the center, relaying for the destination", Running)
+            (
+                "the center (asking the destination, or from where the cluster reports the VM)",
+                Running
+            )
         );
         // The center cannot reach the destination either: no answer yet, ask again.
         let unanswered = settlement(Err(refused()), || Some(Err(center_error("unavailable"))));
