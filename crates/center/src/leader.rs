@@ -81,11 +81,13 @@ impl Center {
                 }
             }
             if stop.recv_timeout(TICK) != Err(RecvTimeoutError::Timeout) {
-                // Hand the lead over at once rather than after the lease.
+                // Stop leading here first, then hand the lead over at once rather than
+                // after the lease: the next leader may win the moment it is revoked.
+                store.set_fence(None);
+                *self.role.lock().expect("role lock") = Role::Follower { leader: None };
                 if let Some(lease) = campaign.lease {
                     let _ = store.etcd().revoke_lease(lease);
                 }
-                store.set_fence(None);
                 return;
             }
         }
@@ -174,10 +176,23 @@ impl Center {
             return;
         };
         let asked = Instant::now();
+        let lapsed_at = campaign.renewed + LEASE_TTL - LEAD_MARGIN;
         match store.etcd().keep_alive(lease) {
             Ok(true) => {
                 campaign.renewed = asked;
                 self.lead_until(asked + LEASE_TTL - LEAD_MARGIN);
+                // A renewal that came back after the lead ran out by this clock: the
+                // operations of this term may have seen it end and stopped, each leaving
+                // the rest to a next term's leader. Leading on in this term, no one would
+                // resume them; a new term (a new campaign) does.
+                if Instant::now() >= lapsed_at {
+                    self.step_down(
+                        store,
+                        campaign,
+                        "its lead ran out before its lease was renewed",
+                    );
+                    return;
+                }
             }
             Ok(false) => self.step_down(store, campaign, "its lease expired"),
             // Unsure whether the lease lives: step down before it could have ended.
@@ -195,10 +210,121 @@ impl Center {
     fn step_down(&self, store: &EtcdStore, campaign: &mut Campaign, why: &str) {
         tracing::warn!("center {} is no longer the leader: {why}", self.config.name);
         store.set_fence(None);
+        // Following before the lease goes: a next leader may win the moment it does, and
+        // a revoke can wait seconds on a struggling etcd.
+        *self.role.lock().expect("role lock") = Role::Follower { leader: None };
         // The key goes now rather than at the lease's end (if etcd is reachable).
         if let Some(lease) = campaign.lease.take() {
             let _ = store.etcd().revoke_lease(lease);
         }
-        *self.role.lock().expect("role lock") = Role::Follower { leader: None };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_etcd::TestEtcd;
+    use crate::{CenterConfig, StoreConfig};
+
+    /// A replica on `etcd`, under `prefix`, that has not campaigned yet.
+    fn replica(etcd: &TestEtcd, prefix: &str) -> Arc<Center> {
+        Center::open(CenterConfig {
+            store: StoreConfig::Etcd {
+                endpoints: vec![etcd.endpoint.clone()],
+                prefix: prefix.into(),
+            },
+            name: "c1".into(),
+            advertise_url: "http://127.0.0.1:1".into(),
+            token: b"operator".to_vec(),
+            api_tokens: None,
+            secret: ferry_migrate::Secret::new(b"center-test-secret-0123456789abc".to_vec())
+                .unwrap(),
+            tls: None,
+            down_after: Duration::from_secs(60),
+            parallel: 1,
+            balance_threshold: 0.5,
+            balance_every: None,
+        })
+        .unwrap()
+    }
+
+    /// `center` campaigns once, wins, and returns its campaign.
+    fn win(center: &Arc<Center>) -> Campaign {
+        let mut campaign = Campaign {
+            lease: None,
+            renewed: Instant::now(),
+        };
+        center.campaign(center.store.as_etcd().unwrap(), &mut campaign);
+        assert!(center.is_leader(), "a lone replica wins");
+        campaign
+    }
+
+    #[test]
+    fn a_lead_that_ran_out_before_its_renewal_came_back_ends_its_term() {
+        let test = "a_lead_that_ran_out_before_its_renewal_came_back_ends_its_term";
+        let Some(etcd) = TestEtcd::start(test) else {
+            return;
+        };
+        let center = replica(&etcd, "/lapse/");
+        let store = center.store.as_etcd().unwrap();
+        let mut campaign = win(&center);
+        let term = center.term().unwrap();
+        // The last renewal was asked for a lease's length ago (etcd was slow to answer,
+        // or the store slow to load at the win): the lead ran out by this replica's
+        // clock, and its operations of this term stopped. The lease itself lives.
+        campaign.renewed = Instant::now().checked_sub(LEASE_TTL).unwrap();
+        center.lead_until(campaign.renewed + LEASE_TTL - LEAD_MARGIN);
+        assert_eq!(center.term(), None);
+        center.renew(store, &mut campaign);
+        assert_ne!(
+            center.term(),
+            Some(term),
+            "it leads on in a term whose operations stopped, and no one resumes them"
+        );
+        // It campaigns again, and leads in a new term (whose lead resumes them).
+        center.campaign(store, &mut campaign);
+        assert!(center.term().is_some_and(|t| t > term));
+    }
+
+    #[test]
+    fn a_replica_follows_before_its_lease_goes() {
+        let test = "a_replica_follows_before_its_lease_goes";
+        let Some(etcd) = TestEtcd::start(test) else {
+            return;
+        };
+        let center = replica(&etcd, "/handover/");
+        center.start_monitor().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !center.is_leader() {
+            assert!(Instant::now() < deadline, "a lone replica leads");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Stopped (the replica shuts down): its lease is revoked and another replica may
+        // lead at once; this one leads no more.
+        center.shutdown();
+        assert!(!center.is_leader(), "it still leads after handing over");
+        assert!(center.term().is_none());
+
+        // Stepping down on a struggling etcd (stopped here: the revoke waits for its
+        // timeout), it follows at once, not once the revoke gives up.
+        let center = replica(&etcd, "/stepdown/");
+        let store = center.store.as_etcd().unwrap();
+        let mut campaign = win(&center);
+        // SAFETY: signals the test's own etcd child, which is continued below.
+        assert_eq!(unsafe { libc::kill(etcd.pid(), libc::SIGSTOP) }, 0);
+        let led_while_revoking = std::thread::scope(|scope| {
+            let stepping = scope.spawn(|| center.step_down(store, &mut campaign, "a test"));
+            std::thread::sleep(Duration::from_millis(500));
+            let leads = center.is_leader();
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::kill(etcd.pid(), libc::SIGCONT) }, 0);
+            stepping.join().unwrap();
+            leads
+        });
+        assert!(
+            !led_while_revoking,
+            "it led on while its lease was being revoked"
+        );
+        assert!(!center.is_leader());
     }
 }

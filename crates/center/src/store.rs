@@ -109,6 +109,17 @@ pub enum StoreError {
         /// Why.
         error: serde_json::Error,
     },
+    /// The database was written by a newer Ferry (its schema version is past this one's):
+    /// this one would drop what it cannot read from every record it rewrites.
+    #[error("the center database {path} has schema version {found}, newer than this ferry's {supported}: run a newer ferry center on it")]
+    NewerSchema {
+        /// The database.
+        path: String,
+        /// Its schema version.
+        found: i64,
+        /// The newest this build reads.
+        supported: i64,
+    },
     /// etcd failed or refused (without a quorum it refuses every write).
     #[error("the cluster store (etcd) failed")]
     Etcd(#[from] EtcdError),
@@ -251,6 +262,15 @@ impl SqliteStore {
             Some(file) => Some(hold(Path::new(file), path)?),
             None => Some(hold(path, path)?),
         };
+        // Before anything is written: `user_version` is set to this build's below.
+        let found: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.display().to_string(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
         // WAL: heartbeats write often; readers on a connection of their own never wait
         // for them. An in-memory database answers `memory` and stays so.
         let mode: String =
@@ -502,6 +522,23 @@ fn numbered(dir: &str, id: impl std::fmt::Display) -> String {
     format!("{dir}{id:020}")
 }
 
+/// The last id the migration counter gave, as stored: a value that is no such id (not
+/// a number, negative, or the last i64) is an error, not a count restarted at 1, whose
+/// records would overwrite older ones and sort below those a next leader loads.
+fn counted(value: &[u8]) -> Result<i64, StoreError> {
+    let corrupt = |error| StoreError::Corrupt {
+        what: "migration counter",
+        error,
+    };
+    let last: i64 = serde_json::from_slice(value).map_err(corrupt)?;
+    if !(0..i64::MAX).contains(&last) {
+        return Err(corrupt(serde::de::Error::custom(format!(
+            "{last} is no migration id"
+        ))));
+    }
+    Ok(last)
+}
+
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
@@ -639,6 +676,31 @@ impl EtcdStore {
         self.write(vec![Op::DeleteRange(prefix, format!("{}\0", last.key))])
     }
 
+    /// Migration records, each with the id its key says, as SQLite's are with their row
+    /// id: the oldest loaded is where pruning starts, and an id written inside a record
+    /// (corrupt, or hostile) would otherwise delete every record below it.
+    fn migrations(&self, options: RangeOptions) -> Result<Vec<MigrationRecord>, StoreError> {
+        let dir = self.key(MIGRATIONS);
+        (self.etcd.range(&dir, true, options)?.into_iter())
+            .map(|kv| {
+                let mut record: MigrationRecord =
+                    decode("migration", &String::from_utf8_lossy(&kv.value))?;
+                let id = (kv.key.strip_prefix(&dir))
+                    .and_then(|id| id.parse::<i64>().ok())
+                    .filter(|&id| id > 0 && self.key(&numbered(MIGRATIONS, id)) == kv.key)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: "migration",
+                        error: serde::de::Error::custom(format!(
+                            "its key {} is not that of a migration id",
+                            kv.key
+                        )),
+                    })?;
+                record.id = id;
+                Ok(record)
+            })
+            .collect()
+    }
+
     fn list<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
@@ -660,8 +722,7 @@ impl Store for EtcdStore {
             descending: true,
             ..RangeOptions::default()
         };
-        let mut migrations: Vec<MigrationRecord> =
-            self.list("migration", MIGRATIONS, newest(MIGRATIONS_KEPT))?;
+        let mut migrations = self.migrations(newest(MIGRATIONS_KEPT))?;
         migrations.reverse();
         let mut operations: Vec<Operation> =
             self.list("operation", OPERATIONS, newest(OPERATIONS_KEPT))?;
@@ -711,12 +772,7 @@ impl Store for EtcdStore {
         for _ in 0..16 {
             let current = self.etcd.get(&counter)?;
             let (last, revision) = match &current {
-                Some(kv) => (
-                    String::from_utf8_lossy(&kv.value)
-                        .parse::<i64>()
-                        .unwrap_or(0),
-                    kv.mod_revision,
-                ),
+                Some(kv) => (counted(&kv.value)?, kv.mod_revision),
                 None => (0, 0),
             };
             let id = last + 1;
@@ -816,6 +872,10 @@ impl Store for EtcdStore {
     }
 
     fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
+        // A limit of 0 is none to etcd: every stored event, where none were asked for.
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         self.list(
             "event",
             "events/",
@@ -984,6 +1044,141 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_refuses_a_database_of_a_newer_schema_and_leaves_it_as_it_was() {
+        let scratch = ferry_testdata::scratch_dir("store-newer");
+        let path = scratch.join("center.db");
+        let _ = std::fs::remove_file(&path);
+        let newer = Connection::open(&path).unwrap();
+        newer
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(newer);
+        let error = SqliteStore::open(&path).err().expect("a newer database");
+        assert!(
+            matches!(error, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("run a newer ferry center"),
+            "{error}"
+        );
+        // Not marked as this build's, which the newer one would then misread.
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION + 1);
+        // This build's own, and older ones, open.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 1)
+            .unwrap();
+        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteStore::open(&path).unwrap());
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_migration_counter_in_etcd_is_an_error_not_a_restart_or_a_panic() {
+        let test = "a_corrupt_migration_counter_in_etcd_is_an_error_not_a_restart_or_a_panic";
+        let Some(etcd) = test_etcd::TestEtcd::start(test) else {
+            return;
+        };
+        let store = etcd.leading_store("/counter/");
+        let record = MigrationRecord::default();
+        assert_eq!(store.add_migration(&record).unwrap(), 1);
+        assert_eq!(store.add_migration(&record).unwrap(), 2);
+        let counter = store.key("counters/migrations");
+        for corrupt in ["two", "", "-5", "9223372036854775807", "1e3"] {
+            store.etcd().put(&counter, corrupt.as_bytes()).unwrap();
+            let error = store
+                .add_migration(&record)
+                .err()
+                .unwrap_or_else(|| panic!("a migration recorded under the counter {corrupt:?}"));
+            assert!(
+                matches!(
+                    error,
+                    StoreError::Corrupt {
+                        what: "migration counter",
+                        ..
+                    }
+                ),
+                "{corrupt:?}: {error:?}"
+            );
+        }
+        // Nothing was written over the records there are.
+        let ids: Vec<i64> = (store.load().unwrap().migrations.iter())
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, [1, 2]);
+        store.etcd().put(&counter, b"7").unwrap();
+        assert_eq!(store.add_migration(&record).unwrap(), 8);
+    }
+
+    #[test]
+    fn etcd_loads_each_migration_with_the_id_of_its_key() {
+        let test = "etcd_loads_each_migration_with_the_id_of_its_key";
+        let Some(etcd) = test_etcd::TestEtcd::start(test) else {
+            return;
+        };
+        let store = etcd.leading_store("/migration-ids/");
+        let record = MigrationRecord::default();
+        for id in 1..=3 {
+            assert_eq!(store.add_migration(&record).unwrap(), id);
+        }
+        // The oldest record says it is a much later one: loaded as such, the center
+        // would prune every record below that id, the running ones among them.
+        let lying = MigrationRecord {
+            id: 1_000_000,
+            ..record.clone()
+        };
+        let first = store.key(&numbered(MIGRATIONS, 1));
+        store.etcd().put(&first, encode(&lying).as_bytes()).unwrap();
+        let ids = || -> Vec<i64> {
+            (store.load().unwrap().migrations.iter())
+                .map(|m| m.id)
+                .collect()
+        };
+        assert_eq!(ids(), [1, 2, 3]);
+        // A key that names no id is an error, not a record of some id.
+        let stray = store.key(&format!("{MIGRATIONS}12"));
+        store
+            .etcd()
+            .put(&stray, encode(&record).as_bytes())
+            .unwrap();
+        let error = store.load().err().expect("a stray migration key");
+        assert!(
+            matches!(
+                error,
+                StoreError::Corrupt {
+                    what: "migration",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn asked_for_no_events_etcd_answers_none_as_sqlite_does() {
+        let test = "asked_for_no_events_etcd_answers_none_as_sqlite_does";
+        let Some(etcd) = test_etcd::TestEtcd::start(test) else {
+            return;
+        };
+        let sqlite = SqliteStore::open(Path::new(":memory:")).unwrap();
+        let etcd = etcd.leading_store("/no-events/");
+        for store in [&sqlite as &dyn Store, &etcd] {
+            for i in 0..3 {
+                store
+                    .add_event(&Event::now("test", format!("event {i}")))
+                    .unwrap();
+            }
+            assert_eq!(store.events(2).unwrap().len(), 2, "{}", store.describe());
+            assert!(store.events(0).unwrap().is_empty(), "{}", store.describe());
+        }
+    }
+
+    #[test]
     fn sqlite_creates_the_missing_folders_of_its_file() {
         let scratch = ferry_testdata::scratch_dir("store-folder");
         let path = scratch.join("var/lib/ferry/center.db");
@@ -1004,5 +1199,104 @@ mod tests {
         );
         assert_eq!(error.matches(&folder).count(), 1, "{error}");
         std::fs::remove_dir_all(&scratch).unwrap();
+    }
+}
+
+/// A one-member etcd on loopback for tests of the etcd store and of leadership.
+#[cfg(test)]
+pub(crate) mod test_etcd {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use crate::etcd::{Compare, Etcd, Op};
+
+    use super::{EtcdStore, Fence};
+
+    /// The member, killed (and its data removed) on drop.
+    pub(crate) struct TestEtcd {
+        child: Child,
+        dir: std::path::PathBuf,
+        /// Its client URL.
+        pub(crate) endpoint: String,
+    }
+
+    impl TestEtcd {
+        /// Starts one for `test`; none (said so) where etcd is not installed, a failure
+        /// then under `FERRY_REQUIRE_ETCD=1`.
+        pub(crate) fn start(test: &str) -> Option<Self> {
+            let binary = ferry_testdata::etcd(test)?;
+            let dir = ferry_testdata::scratch_dir("etcd").join(test);
+            let _ = std::fs::remove_dir_all(&dir);
+            let ports: Vec<std::net::TcpListener> = (0..2)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+                .collect();
+            let [client, peer] = [0, 1]
+                .map(|i| format!("http://127.0.0.1:{}", ports[i].local_addr().unwrap().port()));
+            drop(ports);
+            let child = Command::new(binary)
+                .args(["--name", "e0", "--data-dir"])
+                .arg(dir.join("data"))
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("e0={peer}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start etcd");
+            let etcd = Self {
+                child,
+                dir,
+                endpoint: client,
+            };
+            let client =
+                Etcd::new(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(2)).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while client.put("/probe", b"1").is_err() {
+                assert!(Instant::now() < deadline, "etcd did not start");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(etcd)
+        }
+
+        /// Its process id.
+        pub(crate) fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+
+        /// A store under `prefix` that leads: its leader key made as a winning replica
+        /// makes it (no lease), and its writes fenced by it.
+        pub(crate) fn leading_store(&self, prefix: &str) -> EtcdStore {
+            let store = EtcdStore::open(std::slice::from_ref(&self.endpoint), prefix).unwrap();
+            let key = store.key("leader");
+            let put = Op::Put {
+                key: key.clone(),
+                value: b"me".to_vec(),
+                lease: None,
+            };
+            let won = (store.etcd())
+                .txn(
+                    &[Compare::CreateRevision(key.clone(), 0)],
+                    &[put, Op::Get(key.clone())],
+                    &[],
+                )
+                .unwrap();
+            assert!(won.succeeded);
+            store.set_fence(Some(Fence {
+                key,
+                create_revision: won.read[0].create_revision,
+                cluster: won.cluster,
+            }));
+            store
+        }
+    }
+
+    impl Drop for TestEtcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
