@@ -287,6 +287,40 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_whose_lead_ran_out_orders_no_host_though_its_fence_is_there() {
+        let test = "a_replica_whose_lead_ran_out_orders_no_host_though_its_fence_is_there";
+        let Some(etcd) = TestEtcd::start(test) else {
+            return;
+        };
+        let center = replica(&etcd, "/orders/");
+        let campaign = win(&center);
+        let beat = crate::inventory::tests::beat("h", Vec::new());
+        let host = crate::inventory::HostRecord {
+            name: "h".into(),
+            api_url: beat.api_url,
+            info: beat.host,
+            mode: crate::inventory::HostMode::Active,
+            last_heartbeat_ms: 0,
+            joined_ms: 0,
+        };
+        assert!(center.order_client(&host).is_ok(), "the leader orders");
+        // Its renewal is late (etcd slow): by its own clock it leads no more, and another
+        // replica may win once the lease ends, though its fence has not been cleared yet.
+        center.lead_until(campaign.renewed);
+        assert!(center.store.as_etcd().unwrap().term().is_some());
+        let refused = center.order_client(&host).err();
+        assert!(
+            matches!(
+                refused,
+                Some(crate::CenterError::Store(
+                    crate::store::StoreError::NotLeader
+                ))
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn a_replica_follows_before_its_lease_goes() {
         let test = "a_replica_follows_before_its_lease_goes";
         let Some(etcd) = TestEtcd::start(test) else {

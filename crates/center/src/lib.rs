@@ -489,13 +489,14 @@ impl Center {
 
     /// A client for orders to `host`. A replica of a replicated center orders only while
     /// it holds the leadership, and its orders carry that leadership's term: a replica
-    /// stepping down (its fence already gone, its role not yet changed) orders nothing.
+    /// stepping down (its fence already gone, its role not yet changed), or whose lead ran
+    /// out before its renewal came (its fence still there), orders nothing.
     fn order_client(&self, host: &HostRecord) -> Result<ApiClient, CenterError> {
         let client = self.host_client(host)?;
-        let Some(store) = self.store().as_etcd() else {
+        if self.store().as_etcd().is_none() {
             return Ok(client.as_ref().clone());
-        };
-        let term = store.term().ok_or(StoreError::NotLeader)?;
+        }
+        let term = self.cluster_term().ok_or(StoreError::NotLeader)?;
         Ok(client.with_header(ferry_api::LEADER_TERM_HEADER, term.header_value()))
     }
 
