@@ -61,6 +61,14 @@ fn usage_errors_are_clear_without_kvm() {
     assert_eq!(out.status.code(), Some(2));
     assert_says(&out.stderr, "is not a VM name");
 
+    // A center's balance threshold out of range is a usage error, as any bad flag.
+    for threshold in ["11", "-1", "NaN"] {
+        let flag = format!("--balance-threshold={threshold}");
+        let out = ferry(&["center", "serve", &flag]);
+        assert_eq!(out.status.code(), Some(2), "{threshold}");
+        assert_says(&out.stderr, "between 0 and 10");
+    }
+
     // No simulated hosts is no center benchmark (its simulator would spin, idle).
     let out = ferry(&["bench", "center", "--hosts", "100,0"]);
     assert_eq!(out.status.code(), Some(2));
@@ -185,6 +193,76 @@ fn client_commands_say_what_is_missing() {
     );
     let err = text(&out.stderr);
     assert!(err.contains("/nonexistent/secret"), "{err}");
+}
+
+#[test]
+fn a_credential_given_but_unusable_is_named_not_called_missing() {
+    let refused = "http://127.0.0.1:1";
+    // A secret too short is the variable's or the file's fault, not a lack of credentials.
+    let out = ferry_with(
+        &[("FERRY_SECRET", "short")],
+        &["vm", "list", "--host", refused],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("FERRY_SECRET: the shared secret must be at least 16 bytes")
+            && !err.contains("no credentials"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("secret");
+    std::fs::write(&short, "short\n").unwrap();
+    let out = ferry_with(
+        &[],
+        &[
+            "vm",
+            "list",
+            "--host",
+            refused,
+            "--secret-file",
+            short.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(
+        &out.stderr,
+        &format!("the secret file {}: the shared secret", short.display()),
+    );
+    // An operator's token that would be sent as none, or that no header can carry, is
+    // refused before any API is asked (it was "cannot reach the API", or a 401 for a
+    // token that was never sent).
+    let empty = dir.path().join("token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = ferry_with(
+        &[],
+        &[
+            "vm",
+            "list",
+            "--host",
+            refused,
+            "--api-token-file",
+            empty.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(
+        &out.stderr,
+        &format!("the API token file {} is empty", empty.display()),
+    );
+    for token in ["two words", "schlüssel"] {
+        let out = ferry_with(
+            &[("FERRY_API_TOKEN", token)],
+            &["vm", "list", "--host", refused],
+        );
+        assert_eq!(out.status.code(), Some(1), "{token}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("FERRY_API_TOKEN: a token may hold only ASCII")
+                && !err.contains("cannot reach"),
+            "{token}: {err}"
+        );
+    }
 }
 
 /// Runs `ferry ARGS` (with an API token) and reads the first line it prints, then goes,
@@ -419,6 +497,34 @@ fn a_host_bound_to_every_address_must_say_where_the_center_reaches_it() {
 }
 
 #[test]
+fn a_center_address_the_host_cannot_use_names_its_flag() {
+    let store = tempfile::tempdir().unwrap();
+    let out = ferry_with(
+        &[("FERRY_SECRET", "cli-test-secret-0123456789abcdef")],
+        &[
+            "host",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--migration-listen",
+            "127.0.0.1:0",
+            "--center",
+            "127.0.0.1:1",
+            "--file-store",
+            store.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    // Not "cannot start the heartbeat thread": no thread failed, the address did.
+    assert!(
+        err.contains("cannot report to the center (--center 127.0.0.1:1)")
+            && err.contains("needs its scheme"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_typed_host_and_a_center_from_the_environment_are_not_both_taken() {
     let out = ferry_with(
         &[
@@ -483,8 +589,21 @@ fn a_refused_token_names_what_to_check() {
     for check in ["hint:", "FERRY_SECRET", "another kind of server"] {
         assert!(err.contains(check), "{check}: {err}");
     }
-    // Other errors have none.
-    let url = api_answering("404 Not Found", r#"{"error":"no VM with id v"}"#);
+    // The center's token is named where a center refuses it.
+    let out = ferry_with(
+        &[("FERRY_CENTER_TOKEN", "center-token-0123456789")],
+        &["center", "status", "--center", &url],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    for check in ["hint:", "--token-file", "FERRY_CENTER_TOKEN"] {
+        assert!(err.contains(check), "{check}: {err}");
+    }
+    // Other errors of Ferry's APIs have none.
+    let url = api_answering(
+        "404 Not Found",
+        r#"{"error":"no VM with id v","code":"vm_not_found"}"#,
+    );
     let out = ferry_with(
         &[("FERRY_API_TOKEN", "t")],
         &["vm", "show", "v", "--host", &url],
@@ -495,6 +614,37 @@ fn a_refused_token_names_what_to_check() {
         "{}",
         text(&out.stderr)
     );
+    // Another server's answer, with no error of Ferry's ("GET /v1/vms:  (HTTP 404)"),
+    // names the address to check.
+    let url = api_answering("404 Not Found", "");
+    let out = ferry_with(&[("FERRY_API_TOKEN", "t")], &["vm", "list", "--host", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("hint: the answer is not a Ferry API's") && err.contains("--host"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_cancel_that_came_too_late_still_prints_how_it_ended_as_json() {
+    // A host whose VM's migration is in doubt (the switchover broke): the cancel is too
+    // late, and a script reading --json finds the status where it reads one.
+    let url = api_answering(
+        "200 OK",
+        r#"{"vm":"v","to":"127.0.0.1:1","state":"in-doubt","progress":null,"report":null,"error":"the connection broke after the go","settlement":["asked 127.0.0.1:1: no answer"]}"#,
+    );
+    let out = ferry_with(
+        &[("FERRY_API_TOKEN", "t")],
+        &["migrate", "v", "--cancel", "--json", "--host", &url],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(&out.stderr, "too late");
+    let stdout = text(&out.stdout);
+    let status: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stdout:?}"));
+    assert_eq!(status["state"], "in-doubt", "{status}");
+    assert_eq!(status["settlement"][0], "asked 127.0.0.1:1: no answer");
 }
 
 #[test]
@@ -518,6 +668,52 @@ fn a_host_refuses_one_address_for_its_api_and_its_migrations() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert_says(&out.stderr, "need different addresses");
+}
+
+#[test]
+fn a_host_refuses_capacities_it_could_not_use() {
+    let store = tempfile::tempdir().unwrap();
+    // Held, so that without the check the daemon fails at once rather than serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = ferry_with(
+        &[("FERRY_SECRET", "cli-test-secret-0123456789abcdef")],
+        &[
+            "host",
+            "serve",
+            "--listen",
+            &addr,
+            "--migration-listen",
+            "127.0.0.1:0",
+            "--memory-capacity",
+            "1G",
+            "--accel-capacity",
+            "2G",
+            "--file-store",
+            store.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_says(
+        &out.stderr,
+        "--accel-capacity (2048 MiB) is more than --memory-capacity (1024 MiB)",
+    );
+    // No accelerator threads is no usable count either (it quietly ran one per VM).
+    let out = ferry_with(
+        &[("FERRY_SECRET", "cli-test-secret-0123456789abcdef")],
+        &[
+            "host",
+            "serve",
+            "--listen",
+            &addr,
+            "--accel-threads",
+            "0",
+            "--file-store",
+            store.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_says(&out.stderr, "'--accel-threads <N>'");
 }
 
 /// `ferry ARGS --help`'s text, its lines joined (clap wraps it to the terminal).

@@ -73,6 +73,7 @@ impl Secret {
         let text = std::fs::read(path)
             .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
         Self::new(text.trim_ascii().to_vec())
+            .map_err(|e| format!("the secret file {}: {e}", path.display()))
     }
 
     /// A fresh random secret, hex encoded (for `ferry host serve` without one).

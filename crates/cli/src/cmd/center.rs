@@ -243,7 +243,7 @@ pub struct ServeArgs {
     pub parallel: u64,
     /// Pressure spread (0 to 10) above which the cluster counts as imbalanced; a host's
     /// pressure is a fraction of its capacity (1: full; its load may go beyond).
-    #[arg(long, value_name = "X", default_value_t = 0.2)]
+    #[arg(long, value_name = "X", default_value_t = 0.2, value_parser = parse_balance_threshold)]
     pub balance_threshold: f64,
     /// Also balance on its own every this many seconds.
     #[arg(long, value_name = "S")]
@@ -259,6 +259,18 @@ pub struct ServeArgs {
     pub token: TokenArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+}
+
+/// Checks `--balance-threshold` when it is parsed, so that one out of range is a usage
+/// error (exit 2) like any other bad flag.
+fn parse_balance_threshold(text: &str) -> Result<f64, String> {
+    let x: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if !(0.0..=10.0).contains(&x) {
+        return Err(format!("'{text}': the threshold must be between 0 and 10"));
+    }
+    Ok(x)
 }
 
 /// A running center: where it listens. Dropping it stops its API (the port closes) and
@@ -333,9 +345,6 @@ pub fn start(
 pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
     match &args.command {
         CenterCommand::Serve(serve) => {
-            if !(0.0..=10.0).contains(&serve.balance_threshold) {
-                bail!("--balance-threshold must be between 0 and 10");
-            }
             let store = match &serve.etcd {
                 Some(urls) => StoreConfig::Etcd {
                     endpoints: vec![urls.clone()],

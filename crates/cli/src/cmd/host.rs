@@ -20,12 +20,17 @@ pub struct SecretArgs {
 impl SecretArgs {
     /// The secret from --secret-file or FERRY_SECRET.
     pub fn secret(&self) -> anyhow::Result<Secret> {
+        // Errors name where the secret came from: a short one may have come from either.
         if let Some(path) = &self.secret_file {
             return Secret::from_file(path).map_err(anyhow::Error::msg);
         }
-        match std::env::var("FERRY_SECRET") {
-            Ok(s) => Secret::new(s.trim().as_bytes().to_vec()).map_err(anyhow::Error::msg),
-            Err(_) => anyhow::bail!(
+        match std::env::var_os("FERRY_SECRET") {
+            Some(s) => {
+                use std::os::unix::ffi::OsStrExt;
+                Secret::new(s.as_bytes().trim_ascii().to_vec())
+                    .map_err(|e| anyhow::anyhow!("FERRY_SECRET: {e}"))
+            }
+            None => anyhow::bail!(
                 "no shared secret: pass --secret-file FILE or set FERRY_SECRET to the cluster's secret (for a new cluster, make one: export FERRY_SECRET={})",
                 Secret::generate_hex()
             ),
@@ -143,8 +148,8 @@ pub struct ServeArgs {
     /// with --center when listening on 0.0.0.0).
     #[arg(long, value_name = "IP_OR_NAME", value_parser = parse_advertise)]
     pub advertise: Option<String>,
-    /// Accelerator threads per VM (default: all cores).
-    #[arg(long, value_name = "N")]
+    /// Accelerator threads per VM, 1 or more (default: all cores).
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub accel_threads: Option<usize>,
     /// Nice value (0-19) of the VMs' threads: vCPUs and accelerators run below the
     /// daemon's own threads (API, heartbeats, migrations), so busy guests cannot starve a
@@ -301,7 +306,8 @@ impl Daemon {
             migration_addr: at(self.migration_addr),
             interval,
         };
-        heartbeat::start(self.host.clone(), link).context("cannot start the heartbeat thread")
+        heartbeat::start(self.host.clone(), link)
+            .with_context(|| format!("cannot report to the center (--center {center_url})"))
     }
 }
 
@@ -450,6 +456,25 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
                     .exit();
             }
             let memory_capacity = serve.memory_capacity.unwrap_or_else(default_capacity);
+            // Accelerator memory is VM memory too: more of it than of VM memory could never
+            // be handed out, yet heartbeats and the center's balancing would count on it.
+            if let Some(accel) = serve.accel_capacity.filter(|&a| a > memory_capacity) {
+                let memory = match serve.memory_capacity {
+                    Some(_) => format!("--memory-capacity ({} MiB)", memory_capacity >> 20),
+                    None => format!(
+                        "the VM memory this host may hand out ({} MiB, 3/4 of its memory; raise it with --memory-capacity)",
+                        memory_capacity >> 20
+                    ),
+                };
+                clap::Error::raw(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--accel-capacity ({} MiB) is more than {memory}: accelerator memory is given out within it\n",
+                        accel >> 20
+                    ),
+                )
+                .exit();
+            }
             let config = HostConfig {
                 name: serve.name.clone(),
                 secret: serve.secret.secret()?,

@@ -302,11 +302,13 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
         let status = status?;
         let error = status.error.as_deref().unwrap_or("unknown error");
+        if args.json {
+            // How it ended, too late for the cancel included: a script reads it here.
+            println!("{}", serde_json::to_string(&status)?);
+        }
         return match status.state {
             MigrationState::Cancelled | MigrationState::Failed => {
-                if args.json {
-                    println!("{}", serde_json::to_string(&status)?);
-                } else {
+                if !args.json {
                     println!("migration of {}: {error}", args.vm);
                 }
                 Ok(())

@@ -56,13 +56,25 @@ pub(crate) fn error_text(text: &str) -> Cow<'_, str> {
 
 /// What to check after an error whose message alone does not say where to look, if `e`
 /// is one: an API's 401 says only that the token was wrong, not which of the ways to
-/// give one, nor that the address may be another kind of server.
+/// give one (a host's or the center's), nor that the address may be another kind of
+/// server; an answer without Ferry's error code may say nothing at all (`GET /v1/vms:
+/// (HTTP 404)` from a web server).
 pub(crate) fn hint(e: &anyhow::Error) -> Option<&'static str> {
     let refused = e.downcast_ref::<ferry_client::ApiError>()?;
-    (refused.status == 401).then_some(
-        "the token (or the secret, --secret-file or FERRY_SECRET, from which a host's API \
-         key is derived) is not one this API takes, or the address is another kind of \
-         server (a host's API where the center's was meant, or the other way round)",
+    if refused.status == 401 {
+        return Some(
+            "the token is not one this API takes (a host's: --api-token-file or \
+             FERRY_API_TOKEN, else the key derived from the secret, --secret-file or \
+             FERRY_SECRET; the center's: --token-file or FERRY_CENTER_TOKEN), or the \
+             address is another kind of server (a host's API where the center's was meant, \
+             or the other way round)",
+        );
+    }
+    // Ferry's APIs answer every error with a code; the OpenAI routes' errors are JSON too.
+    let foreign = refused.code.is_none() && !refused.message.trim_start().starts_with('{');
+    foreign.then_some(
+        "the answer is not a Ferry API's (it has no Ferry error code): check the address \
+         (--host: a host's --listen; --center: the center's --listen)",
     )
 }
 

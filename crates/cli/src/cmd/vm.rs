@@ -34,20 +34,37 @@ impl HostAddr {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
         let token = match (&self.api_token_file, &self.secret.secret_file, from_env) {
-            (Some(path), _, _) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the API token file {}", path.display()))?
-                .trim()
-                .to_string(),
-            (None, None, Some(token)) => token,
-            (None, Some(_), _) => self.secret.secret()?.token(Purpose::HostApi),
-            (None, None, None) => self
+            (Some(path), _, _) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read the API token file {}", path.display())
+                })?;
+                operator_token(&text, &format!("the API token file {}", path.display()))?
+            }
+            (None, None, Some(token)) => operator_token(&token, "FERRY_API_TOKEN")?,
+            // A secret that was given but is wrong is that, not a lack of credentials.
+            (None, None, None) if std::env::var_os("FERRY_SECRET").is_none() => self
                 .secret
                 .secret()
                 .context("no credentials for the host API: give an operator's token (--api-token-file FILE or FERRY_API_TOKEN) or the cluster's secret")?
                 .token(Purpose::HostApi),
+            (None, _, _) => self.secret.secret()?.token(Purpose::HostApi),
         };
         ApiClient::with_roots(&self.url, token.as_bytes(), &self.roots.roots()?)
     }
+}
+
+/// An operator's token as `from` (a file, a variable) gives it, checked here: an empty
+/// one would be sent as no token at all, and one no header can carry would fail as if
+/// the API could not be reached.
+fn operator_token(text: &str, from: &str) -> anyhow::Result<String> {
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("{from} is empty: it should hold an API token from the host's --api-tokens");
+    }
+    if !ferry_http::tokens::is_header_token(token) {
+        anyhow::bail!("{from}: {}", ferry_http::tokens::NOT_A_HEADER_TOKEN);
+    }
+    Ok(token.to_string())
 }
 
 /// `ferry vm`.
