@@ -643,6 +643,8 @@ struct InboundState {
     done: bool,
     /// Bytes received of each attached file being sent (by offer index).
     file_bytes: Vec<u64>,
+    /// Which data streams' threads have returned (their connections closed).
+    returned: Vec<bool>,
 }
 
 struct Inbound {
@@ -679,6 +681,7 @@ impl Inbound {
                 failed: None,
                 done: false,
                 file_bytes: vec![0; files.len()],
+                returned: vec![false; received.len()],
             }),
             changed: Condvar::new(),
             control_socket,
@@ -1465,7 +1468,13 @@ fn receive_session<F: TargetFactory>(
             .enumerate()
             .map(|(i, reader)| {
                 let (target, vm, inbound) = (target.get(), &vm, &inbound);
-                scope.spawn(move || apply_stream(i, reader, target, vm, inbound))
+                scope.spawn(move || {
+                    let read = apply_stream(i, reader, target, vm, inbound);
+                    // Its connection is closed: a failed session lets go of its socket.
+                    inbound.lock().returned[i] = true;
+                    inbound.changed.notify_all();
+                    read
+                })
             })
             .collect();
         let mut stream_threads = StreamsEnd {
@@ -1499,7 +1508,7 @@ fn receive_session<F: TargetFactory>(
         // once it has the Abort. Their sockets then close with data unread, which resets
         // the connection, so a source blocked writing fails at once. (Shutting the read
         // side instead would leave the source probing a zero window until the kernel's
-        // FIN timeout.)
+        // FIN timeout.) Those still reading after a grace are shut down (see `end`).
         stream_threads.end(result.is_ok());
         let data_bytes: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
         result.map(|rounds| (rounds, data_bytes))
@@ -1529,16 +1538,44 @@ struct StreamsEnd<'a> {
     sockets: Vec<TcpStream>,
 }
 
+/// How long the stream threads of a failed session are given to return on their own (at
+/// their next frame, or at the source's close once it has the Abort: moments for a source
+/// that sends or hears) before the sockets of those still reading are shut down.
+const STREAMS_END_GRACE: Duration = Duration::from_secs(2);
+
 impl StreamsEnd<'_> {
-    /// Ends the stream threads, shutting their sockets down if `shut_down`; the handles
-    /// on the sockets are let go either way (they close when their threads return).
+    /// Ends the stream threads, shutting their sockets down at once if `shut_down`. Else
+    /// each handle is let go as its thread returns (so the socket closes, resetting a
+    /// source blocked writing), and the sockets of threads still reading after
+    /// [`STREAMS_END_GRACE`] are shut down: a source that keeps its data connections open,
+    /// idle or trickling a frame, would otherwise hold the discarded VM (its memory, its
+    /// files, the session's place) for an idle limit, or an idle limit per KiB of a frame.
     fn end(&mut self, shut_down: bool) {
         self.inbound.lock().done = true;
         self.inbound.changed.notify_all();
-        for socket in self.sockets.drain(..) {
-            if shut_down {
+        if shut_down {
+            for socket in self.sockets.drain(..) {
                 let _ = socket.shutdown(Shutdown::Both);
             }
+            return;
+        }
+        let mut open: Vec<(usize, TcpStream)> = self.sockets.drain(..).enumerate().collect();
+        let deadline = Instant::now() + STREAMS_END_GRACE;
+        loop {
+            let returned = self.inbound.lock().returned.clone();
+            open.retain(|(i, _)| !returned[*i]);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if open.is_empty() || left.is_zero() {
+                break;
+            }
+            let s = self.inbound.lock();
+            let _ = self
+                .inbound
+                .changed
+                .wait_timeout_while(s, left, |s| s.returned == returned);
+        }
+        for (_, socket) in open {
+            let _ = socket.shutdown(Shutdown::Both);
         }
     }
 }
