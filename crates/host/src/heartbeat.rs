@@ -11,6 +11,14 @@ use ferry_api::{BeatAnswer, BeatSeries};
 
 use crate::Host;
 
+/// The largest answer to a heartbeat read: a center's answer is a few fields and the
+/// IDs of this host's VMs it skipped (tens of thousands fit). The client's usual limit
+/// (256 MiB) let a broken center, or whatever answers at its address, make the host
+/// read and hold that much on every beat.
+const MAX_BEAT_ANSWER_BYTES: u64 = 4 << 20;
+/// Time a heartbeat's answer has to come whole: the client's usual minute.
+const BEAT_ANSWER_TIME: Duration = Duration::from_secs(60);
+
 /// Where and how often a host reports to its center.
 #[derive(Debug, Clone)]
 pub struct CenterLink {
@@ -83,7 +91,12 @@ fn beat_to(
                 let mut beat =
                     series.beat(link.api_url.clone(), host.info(&link.migration_addr), vms);
                 beat.creating = creating;
-                let sent = client.post::<_, BeatAnswer>("/v1/heartbeat", &beat);
+                let sent = client.post_within_time::<_, BeatAnswer>(
+                    "/v1/heartbeat",
+                    &beat,
+                    MAX_BEAT_ANSWER_BYTES,
+                    BEAT_ANSWER_TIME,
+                );
                 series.answered(sent.as_ref().ok());
                 if let Ok(BeatAnswer {
                     leader_term: Some(term),
@@ -116,4 +129,86 @@ fn beat_to(
             }
         })?;
     Ok((stop, thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_enormous_answer_to_a_heartbeat_is_not_read_whole() {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let host = Host::new(crate::HostConfig {
+            name: "h".into(),
+            secret: ferry_migrate::Secret::new(b"heartbeat-test-secret-0123456789".to_vec())
+                .unwrap(),
+            memory_capacity: 1 << 30,
+            accel_capacity: 256 << 20,
+            accel_threads: 1,
+            guest_nice: 0,
+            tls: None,
+            file_store: ferry_testdata::scratch_dir("heartbeat-enormous").join("store"),
+            api_tokens: None,
+            backend: ferry_accel::backend::CPU,
+            attach: crate::AttachPolicy::Under(Vec::new()),
+        })
+        .unwrap();
+        // A "center" that answers a beat with a valid answer padded to far more than
+        // the kernel's buffers hold, and says whether the host took all of it.
+        const ANSWER: usize = 64 << 20;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (told, taken) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let Ok((conn, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let mut answer = br#"{"taken":true}"#.to_vec();
+            answer.resize(ANSWER, b' ');
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {ANSWER}\r\n\r\n"
+            );
+            let mut conn = conn;
+            let whole = conn
+                .write_all(head.as_bytes())
+                .and_then(|()| conn.write_all(&answer))
+                .and_then(|()| conn.flush());
+            // Whole: the host read it to the end (the kernel holds far less).
+            let _ = told.send(whole.is_ok());
+        });
+        start(
+            host.clone(),
+            CenterLink {
+                center_url: url,
+                api_url: "http://127.0.0.1:1".into(),
+                migration_addr: "127.0.0.1:1".into(),
+                interval: Duration::from_secs(3600),
+            },
+        )
+        .unwrap();
+        let whole = taken.recv_timeout(Duration::from_secs(60));
+        host.shutdown();
+        assert_eq!(
+            whole,
+            Ok(false),
+            "the host read a {ANSWER}-byte heartbeat answer to its end"
+        );
+    }
 }

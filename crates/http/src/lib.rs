@@ -218,8 +218,29 @@ pub fn spawn(
 /// nothing cannot pile up connections. Longer than clients keep idle connections
 /// (ureq 15 s, httpx 5 s), so none reuses one as it is being closed.
 const HEADER_READ_TIME: Duration = Duration::from_secs(30);
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections served at once; more wait in the kernel's backlog. Fewer where the
+/// process may open too few files ([`within_open_files`]).
 const MAX_CONNECTIONS: usize = 4096;
+
+/// `max`, or less where this process may open so few files (`files`, its soft limit:
+/// 1024 is systemd's default) that `max` descriptors held by clients before any token is
+/// checked would leave none for VMs, migrations and files: at most `files / divisor`,
+/// and at least one.
+fn within_open_files(max: usize, divisor: u64, files: Option<u64>) -> usize {
+    let share = files.map_or(usize::MAX, |files| {
+        usize::try_from(files / divisor).unwrap_or(usize::MAX)
+    });
+    max.min(share).max(1)
+}
+
+/// This process's soft limit of open files (`None`: unlimited, or not known).
+fn open_files_limit() -> Option<u64> {
+    const NAME: &str = "Max open files";
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with(NAME))?;
+    line[NAME.len()..].split_whitespace().next()?.parse().ok()
+}
+
 /// Connections the kernel holds for an API listener until they are accepted (capped by
 /// `net.core.somaxconn`). Tokio's default, 1024, overflowed under a thousand clients
 /// connecting at once on a busy machine: their handshakes were dropped, retried, and
@@ -353,7 +374,10 @@ async fn serve(
     match tls {
         None => serve_on(listener, router, shutdown, CLIENT_TIMES).await,
         Some(config) => {
-            let listener = TlsListener::new(listener, config, MAX_TLS_HANDSHAKES)?;
+            // With the connections queued for the server (as many again) and those
+            // served, at most half the files this process may open.
+            let handshakes = within_open_files(MAX_TLS_HANDSHAKES, 8, open_files_limit());
+            let listener = TlsListener::new(listener, config, handshakes)?;
             serve_on(listener, router, shutdown, CLIENT_TIMES).await
         }
     }
@@ -373,7 +397,8 @@ async fn serve_on<L: axum::serve::Listener>(
 ) -> std::io::Result<()> {
     let router = with_body_deadline(router, times.body);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let most = within_open_files(MAX_CONNECTIONS, 4, open_files_limit());
+    let slots = Arc::new(tokio::sync::Semaphore::new(most));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -578,6 +603,36 @@ mod tests {
         let mut answer = String::new();
         client.read_to_string(&mut answer).unwrap();
         answer
+    }
+
+    #[test]
+    fn connections_held_before_a_token_is_checked_leave_most_descriptors_free() {
+        // systemd's default soft limit: plain connections and TLS handshakes (and those
+        // queued after them) hold at most half of it.
+        let files = Some(1024);
+        let served = within_open_files(MAX_CONNECTIONS, 4, files);
+        let handshaking = within_open_files(MAX_TLS_HANDSHAKES, 8, files);
+        assert_eq!((served, handshaking), (256, 128));
+        // A generous limit, or none, keeps the usual bounds; a tiny one leaves one.
+        assert_eq!(
+            within_open_files(MAX_CONNECTIONS, 4, Some(1 << 20)),
+            MAX_CONNECTIONS
+        );
+        assert_eq!(within_open_files(MAX_CONNECTIONS, 4, None), MAX_CONNECTIONS);
+        assert_eq!(within_open_files(MAX_TLS_HANDSHAKES, 8, Some(3)), 1);
+        // The limit read is this process's (a shell started from it inherits it; a test
+        // running beside this one may raise it meanwhile).
+        let before = open_files_limit();
+        let shell = std::process::Command::new("sh")
+            .args(["-c", "ulimit -n"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&shell.stdout).trim().parse().ok();
+        let after = open_files_limit();
+        assert!(
+            said == before || said == after,
+            "{said:?}, {before:?}, {after:?}"
+        );
     }
 
     #[test]

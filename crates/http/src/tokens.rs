@@ -23,6 +23,10 @@ use subtle::ConstantTimeEq;
 /// Shortest operator token accepted in a token file.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
+/// Largest token file read (tens of thousands of tokens): a file named by mistake (a
+/// log, `/dev/zero`) is refused, not read into memory whole.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 1 << 20;
+
 /// How often the token file is looked at (one `stat`) for a change.
 pub const TOKEN_FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -98,11 +102,28 @@ pub fn is_header_token(token: &str) -> bool {
     token.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// The tokens of a token file (`#` starts a comment).
+/// `line` without its comment: from a `#` that starts it or follows a blank.
+fn without_comment(line: &str) -> &str {
+    let mut before = ' ';
+    for (i, c) in line.char_indices() {
+        if c == '#' && before.is_whitespace() {
+            return &line[..i];
+        }
+        before = c;
+    }
+    line
+}
+
+/// The tokens of a token file (`#` at a line's start or after a blank starts a comment).
+/// A `#` inside a token is refused rather than taken as a comment (which left the part
+/// before it a valid, weaker token), and so is a token listed twice with different access
+/// (only the first would count).
 pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)>, TokenFileError> {
-    let mut tokens = Vec::new();
+    let mut tokens: Vec<(Vec<u8>, Access)> = Vec::new();
+    // Each token's place in `tokens` and its line, for a later line that lists it again.
+    let mut seen: std::collections::HashMap<&str, (usize, usize)> = Default::default();
     for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        let line = without_comment(line).trim();
         if line.is_empty() {
             continue;
         }
@@ -134,7 +155,23 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)
         if !is_header_token(token) {
             return Err(bad(NOT_A_HEADER_TOKEN.to_string()));
         }
-        tokens.push((token.as_bytes().to_vec(), access));
+        if token.contains('#') {
+            return Err(bad(
+                "a token cannot hold '#' (a comment needs a blank before its '#')".to_string(),
+            ));
+        }
+        match seen.get(token) {
+            Some(&(at, line)) if tokens[at].1 != access => {
+                return Err(bad(format!(
+                    "this token is on line {line} already, with other access"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(token, (tokens.len(), i + 1));
+                tokens.push((token.as_bytes().to_vec(), access));
+            }
+        }
     }
     Ok(tokens)
 }
@@ -182,6 +219,22 @@ impl FileStamp {
     }
 }
 
+/// The text of the file at `path`, refused past `most` bytes.
+fn read_at_most(path: &Path, most: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(most.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > most {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it is larger than {} KiB", most >> 10),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 impl TokenFile {
     fn load(path: &Path) -> Result<Self, TokenFileError> {
         let read = |source| TokenFileError::Read {
@@ -189,7 +242,7 @@ impl TokenFile {
             source,
         };
         let stamp = FileStamp::of(path).map_err(read)?;
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        let text = read_at_most(path, MAX_TOKEN_FILE_BYTES).map_err(read)?;
         // Changed while read: not final either.
         let unchanged = FileStamp::of(path).is_ok_and(|after| after == stamp);
         let stamp = stamp.settled().filter(|_| unchanged);
@@ -547,6 +600,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_token_file_never_grants_part_of_a_token_or_the_first_of_two_accesses() {
+        let path = Path::new("tokens");
+        // A '#' inside a token: not a comment that leaves its first 16 characters a
+        // full token.
+        let e = parse_token_file(path, "0123456789abcdef#ghijklmnop\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("'#'"), "{e}");
+        // A comment after a blank, or at a line's start, is one.
+        let tokens = parse_token_file(
+            path,
+            "#alice-0123456789abcdef\nbob-0123456789abcdef #x\ncarol-0123456789abcd read-only\t# y\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tokens,
+            vec![
+                (b"bob-0123456789abcdef".to_vec(), Access::Full),
+                (b"carol-0123456789abcd".to_vec(), Access::ReadOnly),
+            ]
+        );
+        // Made read-only by a line added below, the token stays full were the first line
+        // to count: refused, naming both lines.
+        let text =
+            "grafana-0123456789abcd\nalice-0123456789abcdef\ngrafana-0123456789abcd read-only\n";
+        let e = parse_token_file(path, text).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("line 1"), "{e}");
+        assert!(!e.contains("grafana"), "the token is not told: {e}");
+        // The same token twice with the same access is harmless, and listed once.
+        let text = "alice-0123456789abcdef\nalice-0123456789abcdef\n";
+        assert_eq!(parse_token_file(path, text).unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn a_serving_token_opens_the_openai_api_only_and_a_read_only_one_only_reads() {
         use axum::routing::get;
@@ -637,6 +724,33 @@ mod tests {
             .unwrap();
         let body = String::from_utf8_lossy(&body);
         assert!(body.contains("beyond visible ASCII"), "{body}");
+    }
+
+    #[test]
+    fn a_token_file_past_its_bound_is_refused_unread() {
+        let dir = ferry_testdata::scratch_dir("tokens-large");
+        let path = dir.join("tokens");
+        let mut text = "alice-0123456789abcdef\n".to_string();
+        while text.len() as u64 <= MAX_TOKEN_FILE_BYTES {
+            text.push_str("# a comment, as in a log named by mistake\n");
+        }
+        std::fs::write(&path, &text).unwrap();
+        let refused = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED);
+        let e = refused
+            .err()
+            .expect("a token file past its bound is refused");
+        assert!(e.to_string().contains("token file"), "{e}");
+        let why = std::error::Error::source(&e).map(ToString::to_string);
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("larger than")),
+            "{why:?}"
+        );
+        // Within it, read.
+        text.truncate(text.len() / 2);
+        std::fs::write(&path, &text).unwrap();
+        let tokens = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED).unwrap();
+        assert_eq!(tokens.access(b"alice-0123456789abcdef"), Some(Access::Full));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A watcher's interval that never passes in a test: it checks when asked.
