@@ -122,6 +122,24 @@ fn end_quietly_on_closed_pipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
+/// Lets this process open as many files as its hard limit allows, as Go's runtime does:
+/// the soft limit (1024 under systemd) would leave a daemon's API few connections (it
+/// serves at most a quarter of it) and its VMs, migrations and files few descriptors.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the rlimit they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -138,6 +156,8 @@ fn main() -> ExitCode {
     };
     if client {
         end_quietly_on_closed_pipe();
+    } else {
+        raise_open_files_limit();
     }
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(&args),

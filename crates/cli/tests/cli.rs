@@ -768,3 +768,34 @@ fn bench_migrate_refuses_a_run_with_no_row_before_starting_hosts() {
     assert_eq!(out.status.code(), Some(1));
     assert_says(&out.stderr, "runs only across a shaped link (--link RATE)");
 }
+
+#[test]
+fn a_serving_process_raises_its_open_files_limit_to_the_hard_one() {
+    use std::io::{BufRead, BufReader};
+    // Started with a soft limit of 256 (systemd's default is 1024), below the hard one.
+    let dir = common::empty_dir("raised-files-limit");
+    let mut child = common::KillOnDrop(
+        Command::new("sh")
+            .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_ferry"))
+            .args(["center", "serve", "--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.join("center.db"))
+            .env("FERRY_CENTER_TOKEN", "operator-token-0123456789")
+            .env("FERRY_SECRET", common::SECRET)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut started = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut started)
+        .unwrap();
+    assert!(started.contains("ferry center"), "{started:?}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let line = (limits.lines())
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    assert_eq!(numbers[0], numbers[1], "soft limit not raised: {line}");
+}
