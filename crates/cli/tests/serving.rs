@@ -480,6 +480,40 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
     assert!(generated < 400, "the generation stopped early: {line}");
     // And the server still answers.
     assert_eq!(s.chat(&s.request(1, 8)).0, 200);
+
+    // A prompt longer than the context is refused at once while every slot is busy: the
+    // guest checks a request as it arrives, not when a slot frees (then the gateway had
+    // begun the stream, and its client got a 200 with the error inside, much later).
+    let busy: Vec<_> = (0..4)
+        .map(|seed| {
+            let mut body = s.request(10 + seed, 400);
+            body["stream"] = json!(true);
+            let r = Serving::agent()
+                .post(format!("{}{path}", s.center.url))
+                .header("Authorization", &format!("Bearer {TOKEN}"))
+                .send(body.to_string())
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let mut reader = BufReader::new(r.into_body().into_reader());
+            // Its first token: its slot is taken.
+            let mut line = String::new();
+            while !(line.starts_with("data: {") && line.contains("\"content\"")) {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+            }
+            reader
+        })
+        .collect();
+    let mut too_long = serde_json::from_str::<Value>(&with(
+        "messages",
+        json!([{"role": "user", "content": long}]),
+    ))
+    .unwrap();
+    too_long["stream"] = json!(true);
+    let (got, _, v) = s.post_raw(path, TOKEN, &too_long.to_string());
+    assert_eq!(got, 400, "refused only once a slot freed: {v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    drop(busy);
 }
 
 /// Host a, its API, and a `channel-abuse` VM on it whose channel is set up.

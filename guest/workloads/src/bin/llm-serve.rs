@@ -118,7 +118,8 @@ struct Server {
     dev: Device,
     text: Text,
     batch: usize,
-    queue: VecDeque<(u64, Request)>,
+    /// Requests checked and tokenized when they arrived, waiting for a slot.
+    queue: VecDeque<Box<Sequence>>,
     slots: Vec<Slot>,
     /// The logits of the last sequence whose token is drawn by a sampler.
     logits: Vec<f32>,
@@ -160,7 +161,7 @@ fn serve(o: &Options) -> Result<(), Failure> {
         }
         // Cancels just taken.
         server.empty_ended()?;
-        server.start_queued(&mut ch);
+        server.start_queued();
         server.step(&mut ch)?;
     }
 }
@@ -201,8 +202,14 @@ impl Server {
                 RefusalCode::Busy,
                 format!("{MAX_QUEUED} requests are waiting already"),
             ),
+            // Checked as it arrives, not when a slot frees: a request that cannot be
+            // served is refused at once, not after the answers ahead of it (minutes, when
+            // the gateway has already begun a streaming answer), nor holds a place.
             kind::REQUEST if m.opens => match Request::decode(&m.payload) {
-                Ok(r) => self.queue.push_back((m.stream, r)),
+                Ok(r) => match self.text.sequence(m.stream, &r) {
+                    Ok(seq) => self.queue.push_back(seq),
+                    Err((code, message)) => refuse(ch, m.stream, code, message),
+                },
                 Err(e) => refuse(ch, m.stream, RefusalCode::InvalidRequest, format!("{e}")),
             },
             // Anything else that opens a stream would hold it open for ever, unanswered.
@@ -213,7 +220,7 @@ impl Server {
                 format!("a stream opened by a message of kind {other}, not a request"),
             ),
             kind::CANCEL => {
-                if let Some(i) = self.queue.iter().position(|(s, _)| *s == m.stream) {
+                if let Some(i) = self.queue.iter().position(|s| s.stream == m.stream) {
                     self.queue.remove(i);
                     send(ch, m.stream, &done(FinishReason::Cancelled, 0, 0));
                 }
@@ -243,45 +250,12 @@ impl Server {
     }
 
     /// Starts queued requests in free slots (their prompts are read by [`Self::step`]).
-    fn start_queued(&mut self, ch: &mut Channel) {
+    fn start_queued(&mut self) {
         while let Some(free) = self.slots.iter().position(|s| matches!(s, Slot::Free)) {
-            let Some((stream, request)) = self.queue.pop_front() else {
+            let Some(seq) = self.queue.pop_front() else {
                 return;
             };
-            let (prompt, stops) = match self.text.prompt(&request) {
-                Ok(p) => p,
-                Err((code, message)) => {
-                    refuse(ch, stream, code, message);
-                    continue;
-                }
-            };
-            let config = SamplerConfig {
-                temperature: request.temperature,
-                top_k: 0,
-                top_p: request.top_p,
-                seed: request.seed,
-            };
-            // Checked whatever the temperature: a request with a value out of range (a
-            // negative or NaN temperature too) is refused, not answered greedily.
-            let sampler = match Sampler::new(config) {
-                Ok(s) => (request.temperature > 0.0).then_some(s),
-                Err(e) => {
-                    refuse(ch, stream, RefusalCode::InvalidRequest, format!("{e}"));
-                    continue;
-                }
-            };
-            self.slots[free] = Slot::Serving(Box::new(Sequence {
-                stream,
-                pos: 0,
-                last: 0,
-                generated: 0,
-                max_tokens: (request.max_tokens as usize).min(self.text.context - prompt.len()),
-                sampler,
-                stops,
-                utf8: Utf8Stream::new(),
-                filter: StopFilter::new(&request.stop),
-                prompt,
-            }));
+            self.slots[free] = Slot::Serving(seq);
         }
     }
 
@@ -471,6 +445,35 @@ fn done(reason: FinishReason, prompt: usize, completion: usize) -> Event {
 }
 
 impl Text {
+    /// The sequence that answers request `r` of `stream`, or why it cannot be served.
+    fn sequence(&self, stream: u64, r: &Request) -> Result<Box<Sequence>, (RefusalCode, String)> {
+        let (prompt, stops) = self.prompt(r)?;
+        let config = SamplerConfig {
+            temperature: r.temperature,
+            top_k: 0,
+            top_p: r.top_p,
+            seed: r.seed,
+        };
+        // Checked whatever the temperature: a request with a value out of range (a
+        // negative or NaN temperature too) is refused, not answered greedily.
+        let sampler = match Sampler::new(config) {
+            Ok(s) => (r.temperature > 0.0).then_some(s),
+            Err(e) => return Err((RefusalCode::InvalidRequest, format!("{e}"))),
+        };
+        Ok(Box::new(Sequence {
+            stream,
+            pos: 0,
+            last: 0,
+            generated: 0,
+            max_tokens: (r.max_tokens as usize).min(self.context - prompt.len()),
+            sampler,
+            stops,
+            utf8: Utf8Stream::new(),
+            filter: StopFilter::new(&r.stop),
+            prompt,
+        }))
+    }
+
     /// The request's prompt tokens and stop tokens, or why it cannot be served.
     fn prompt(&self, r: &Request) -> Result<(Vec<u32>, Vec<u32>), (RefusalCode, String)> {
         // A raw prompt is the client's own markup; a chat's contents are text only.
