@@ -202,11 +202,13 @@ pub fn save(vm: &dyn VmContents, path: &Path) -> Result<SnapshotStats, SnapshotE
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(MigrationError::io("finishing the snapshot"))?;
         // The rename is durable only once the folder is synced: a snapshot said to be
-        // saved must still be there after a power loss. One that is whole but maybe not
-        // durable is kept (it replaced any earlier one): removing it would lose both.
-        sync_folder_of(path).map_err(MigrationError::io(
-            "syncing the snapshot's folder (the snapshot is written whole, but may not survive a power loss)",
-        ))?;
+        // saved must still be there after a power loss. One that may not be is removed:
+        // told the save failed, the caller runs the VM on, which a snapshot left behind
+        // would fork (restored, it would run twice).
+        if let Err(e) = sync_folder_of(path) {
+            let _ = std::fs::remove_file(path);
+            return Err(MigrationError::io("syncing the snapshot's folder")(e));
+        }
         Ok(SnapshotStats {
             ram_bytes: description.ram_size,
             pages_stored: counts.pages,

@@ -119,6 +119,21 @@ fn snapshot_dir(dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    // Others who may write the folder may rename the snapshot's temporary too: this save
+    // would rename theirs into place, report it saved and end the VM. The sticky bit
+    // keeps them off this user's files; a group-writable folder of the user's own group
+    // (a user private group) is theirs alone.
+    // SAFETY: getegid takes no arguments and cannot fail.
+    let group = unsafe { libc::getegid() };
+    let mode = meta.mode();
+    let shared = mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != group);
+    if shared && mode & 0o1000 == 0 {
+        bail!(
+            "{} may be written by other users (mode {:o}): choose another --snapshot-dir, or take their write access away (chmod go-w)",
+            dir.display(),
+            mode & 0o7777
+        );
+    }
     Ok(())
 }
 
@@ -166,4 +181,38 @@ pub fn list_workloads() -> anyhow::Result<ExitCode> {
         ))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_snapshot_folder_others_may_write_is_refused() {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("snap");
+        let chmod = |mode| {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        snapshot_dir(&dir).unwrap();
+        // The user's own group may write it; anyone may, if the sticky bit keeps them off
+        // this user's files.
+        for mode in [0o700, 0o770, 0o1777] {
+            chmod(mode);
+            snapshot_dir(&dir).unwrap_or_else(|e| panic!("{mode:o}: {e:#}"));
+        }
+        chmod(0o777);
+        let err = format!("{:#}", snapshot_dir(&dir).unwrap_err());
+        assert!(err.contains("other users (mode 777)"), "{err}");
+        // A group of others' may write it.
+        // SAFETY: getegid takes no arguments and cannot fail.
+        let other = unsafe { libc::getegid() } + 1;
+        if std::os::unix::fs::chown(&dir, None, Some(other)).is_ok() {
+            chmod(0o770);
+            let err = format!("{:#}", snapshot_dir(&dir).unwrap_err());
+            assert!(err.contains("other users (mode 770)"), "{err}");
+        }
+    }
 }
