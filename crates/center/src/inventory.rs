@@ -586,24 +586,70 @@ pub const CREATE_KEYS_KEPT: usize = 4096;
 
 /// The host each of the last [`CREATE_KEYS_KEPT`] creates' idempotency keys was sent
 /// to: a create sent again goes to the same host, which knows whether it made the VM,
-/// even before the host's beat reports it (with its key).
+/// even before the host's beat reports it (with its key). Beside them, the keys each
+/// host's last beat lists as creates under way there (maybe an earlier leader's), kept
+/// apart: a host may list any keys, and its list must not push out the creates this
+/// center sent, or another host's.
 #[derive(Debug, Default)]
 pub struct CreateKeys {
     hosts: BTreeMap<String, String>,
     /// Keys, oldest first.
     order: VecDeque<String>,
+    /// Keys hosts list as under way, and the first host that listed each.
+    listed: BTreeMap<String, String>,
+    /// The keys of `listed` each host holds: those its last beat listed.
+    listed_by: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl CreateKeys {
-    /// The host a create with `key` was sent to, if remembered.
+    /// The host a create with `key` was sent to, if remembered, or else the host that
+    /// lists it as under way.
     pub fn host(&self, key: &str) -> Option<&str> {
-        self.hosts.get(key).map(String::as_str)
+        (self.hosts.get(key))
+            .or_else(|| self.listed.get(key))
+            .map(String::as_str)
     }
 
     /// Forgets `key`: its create made no VM, and may go to any host next time.
     pub fn forget(&mut self, key: &str) {
         if self.hosts.remove(key).is_some() {
             self.order.retain(|k| k != key);
+        }
+        if let Some(host) = self.listed.remove(key) {
+            if let Some(keys) = self.listed_by.get_mut(&host) {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Takes the creates `host` lists as under way now (its beat lists every one, so
+    /// those it no longer lists made their VM or failed): a key not held yet is taken
+    /// to `host`; the first host that lists a key keeps it while it lists it, so a
+    /// host's word never takes another's create. At most what one beat lists per host.
+    pub fn list<'a>(&mut self, host: &str, keys: impl IntoIterator<Item = &'a str>) {
+        let now: BTreeSet<&str> = keys.into_iter().collect();
+        let Self {
+            hosts,
+            listed,
+            listed_by,
+            ..
+        } = self;
+        let held = listed_by.entry(host.to_string()).or_default();
+        held.retain(|key| {
+            let still = now.contains(key.as_str());
+            if !still {
+                listed.remove(key);
+            }
+            still
+        });
+        for key in now {
+            if !hosts.contains_key(key) && !listed.contains_key(key) {
+                listed.insert(key.to_string(), host.to_string());
+                held.insert(key.to_string());
+            }
+        }
+        if held.is_empty() {
+            listed_by.remove(host);
         }
     }
 
@@ -781,6 +827,7 @@ impl Inventory {
         self.heard.remove(name);
         self.rewrite.remove(name);
         self.down_noted.remove(name);
+        self.create_keys.list(name, []);
         Some((host, vms))
     }
 
@@ -885,11 +932,11 @@ impl Inventory {
         self.heard.insert(name.clone());
         // A create under way there (maybe an earlier leader's) is sent there again. The
         // first host named keeps a key: a host's word never takes another's create.
-        for key in &beat.creating {
-            if self.create_keys.host(key).is_none() && self.vm_created_with(key).is_none() {
-                self.create_keys.remember(key, &name);
-            }
-        }
+        let under_way: Vec<&str> = (beat.creating.iter())
+            .map(String::as_str)
+            .filter(|key| self.vm_created_with(key).is_none())
+            .collect();
+        self.create_keys.list(&name, under_way);
         if self.down_noted.remove(&name) {
             changes
                 .events
@@ -911,7 +958,12 @@ impl Inventory {
         };
         for info in beat.vms {
             if !self.claims(&name, &info, now, down_after_ms) {
-                if info.state.is_live() {
+                // A destination's report that it moved the VM on, come before its
+                // source's that the move there ended, is sent again until then too.
+                let moved_on_here = matches!(info.state, VmState::MigratedAway { .. })
+                    && (self.vms.get(&info.id))
+                        .is_some_and(|known| self.moved_to(known, &name, now, down_after_ms));
+                if info.state.is_live() || moved_on_here {
                     changes.skipped.push(info.id);
                 }
                 continue;
@@ -993,28 +1045,59 @@ impl Inventory {
     /// it, a buggy host (every host holds the cluster key) could take any VM's record,
     /// and the gateway would send its clients there. A real destination waits one beat
     /// at most: its report is skipped and sent again, and the source's next beat says
-    /// where the VM went.
+    /// where the VM went. A VM its holder reports moved away is likewise taken only by
+    /// the host it went to (or by any once no host up has that address).
     fn claims(&self, name: &str, info: &VmInfo, now: u64, down_after_ms: u64) -> bool {
+        let away = matches!(info.state, VmState::MigratedAway { .. });
         let Some(known) = self.vms.get(&info.id) else {
-            return !matches!(info.state, VmState::MigratedAway { .. });
+            return !away;
         };
         if known.host == name {
             return true;
         }
-        if matches!(info.state, VmState::MigratedAway { .. }) {
+        // Its holder migrating it here, in switchover or in doubt about a move here, or
+        // done moving it here.
+        let holder_moves_it_here = self.moved_to(known, name, now, down_after_ms);
+        if !known.is_live() {
+            return match &known.info.state {
+                // Moved away: the destination's (which may have moved it on since), or,
+                // with no host up at the address it went to, anyone's live report.
+                VmState::MigratedAway { to } => {
+                    holder_moves_it_here
+                        || (info.state.is_live() && !self.any_up_at(to, now, down_after_ms))
+                }
+                // Ended there (exited, failed): any host's report but of a move away.
+                _ => !away,
+            };
+        }
+        if away {
             return false;
         }
-        if !known.is_live() {
-            return true;
-        }
-        // Live there, it is migrating, in switchover or in doubt if it has a destination.
-        let holder_moves_it_here = (known.info.state.destination()).is_some_and(|to| {
-            self.hosts
-                .get(name)
-                .is_some_and(|h| h.info.migration_addr == to)
-        });
         let holder_gone = !self.is_up(&known.host, now, down_after_ms);
         info.state.is_live() && (holder_moves_it_here || holder_gone)
+    }
+
+    /// Whether `known`'s state names host `name` as where it goes or went: by `name`'s
+    /// migration address, which no other host up has (every host holds the cluster key,
+    /// so one may report another's address, and must not pass for its moves' destination
+    /// by it).
+    fn moved_to(&self, known: &VmRecord, name: &str, now: u64, down_after_ms: u64) -> bool {
+        let Some(to) = known.info.state.destination() else {
+            return false;
+        };
+        // The claimer's own address first: the pass over every host is for a match only.
+        (self.hosts.get(name)).is_some_and(|h| h.info.migration_addr == to)
+            && !(self.hosts.values()).any(|h| {
+                h.name != name
+                    && h.info.migration_addr == to
+                    && self.is_up(&h.name, now, down_after_ms)
+            })
+    }
+
+    /// Whether a host up at `now` has migration address `addr`.
+    fn any_up_at(&self, addr: &str, now: u64, down_after_ms: u64) -> bool {
+        (self.hosts.values())
+            .any(|h| h.info.migration_addr == addr && self.is_up(&h.name, now, down_after_ms))
     }
 
     /// Records that down hosts went down (once per outage) and returns those events.
@@ -1571,6 +1654,126 @@ pub(crate) mod tests {
         let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", VmState::Running)]), 9_000);
         assert!(changes.skipped.is_empty());
         assert_eq!(inv.vms()["v"].host, "c");
+    }
+
+    #[test]
+    fn a_host_reporting_another_hosts_migration_address_takes_none_of_its_moves() {
+        let mut inv = Inventory::default();
+        inv.apply_heartbeat3(beat("c", vec![]), 1_000);
+        let to_c = VmState::Migrating {
+            to: "c:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", to_c)]), 1_000);
+        // b says it has c's migration address, and that it runs v.
+        let mut copy = beat("b", vec![vm("v", VmState::Running)]);
+        copy.host.migration_addr = "c:7000".into();
+        let (outcome, changes) = inv.apply_heartbeat3(copy, 1_500);
+        assert_eq!(outcome, BeatOutcome::Taken);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "a");
+        // While both are up, the address names neither: c waits too.
+        let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", VmState::Running)]), 2_000);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "a");
+        // Once b is silent past the limit, c is the host at the address.
+        inv.apply_heartbeat3(
+            beat(
+                "a",
+                vec![vm(
+                    "v",
+                    VmState::Switchover {
+                        to: "c:7000".into(),
+                    },
+                )],
+            ),
+            7_000,
+        );
+        let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", VmState::Running)]), 7_000);
+        assert!(changes.skipped.is_empty());
+        assert_eq!(inv.vms()["v"].host, "c");
+    }
+
+    #[test]
+    fn a_vm_moved_away_is_taken_by_the_host_it_went_to_and_no_other() {
+        let mut inv = Inventory::default();
+        for host in ["b", "c", "d"] {
+            inv.apply_heartbeat3(beat(host, vec![]), 1_000);
+        }
+        inv.apply_heartbeat3(beat("a", vec![vm("v", VmState::Running)]), 1_000);
+        let to_c = VmState::Migrating {
+            to: "c:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", to_c)]), 1_100);
+        // c moves v on to d before a has said its move to c ended: c's word that v went
+        // on is kept for later (sent again), and so is d's report.
+        let on_to_d = VmState::MigratedAway {
+            to: "d:7000".into(),
+        };
+        let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", on_to_d.clone())]), 1_200);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        let (_, changes) = inv.apply_heartbeat3(beat("d", vec![vm("v", VmState::Running)]), 1_200);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        let away = VmState::MigratedAway {
+            to: "c:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("v", away)]), 1_300);
+        // a moved v to c: b's word that it runs v is not taken.
+        let (_, changes) = inv.apply_heartbeat3(beat("b", vec![vm("v", VmState::Running)]), 1_400);
+        assert_eq!(changes.skipped, vec!["v".to_string()]);
+        assert_eq!(inv.vms()["v"].host, "a");
+        // c's, then d's, sent again, are.
+        let (_, changes) = inv.apply_heartbeat3(beat("c", vec![vm("v", on_to_d)]), 1_500);
+        assert!(changes.skipped.is_empty());
+        assert_eq!(inv.vms()["v"].host, "c");
+        let (_, changes) = inv.apply_heartbeat3(beat("d", vec![vm("v", VmState::Running)]), 1_500);
+        assert!(changes.skipped.is_empty());
+        assert_eq!(inv.vms()["v"].host, "d");
+        // A VM moved to an address no host up has is any host's that reports it live.
+        let gone_to = VmState::MigratedAway {
+            to: "x:7000".into(),
+        };
+        inv.apply_heartbeat3(beat("a", vec![vm("w", VmState::Running)]), 1_600);
+        inv.apply_heartbeat3(beat("a", vec![vm("w", gone_to)]), 1_700);
+        let (_, changes) = inv.apply_heartbeat3(beat("b", vec![vm("w", VmState::Running)]), 1_800);
+        assert!(changes.skipped.is_empty());
+        assert_eq!(inv.vms()["w"].host, "b");
+    }
+
+    #[test]
+    fn the_creates_a_host_lists_push_out_neither_the_centers_nor_another_hosts() {
+        let mut inv = Inventory::default();
+        inv.create_keys.remember("sent-1", "a");
+        let mut listing = beat("a", vec![]);
+        listing.creating = vec!["listed-1".into()];
+        inv.apply_heartbeat3(listing.clone(), 1);
+        // b lists ever new keys, more than the center remembers.
+        for round in 0..3 {
+            let mut junk = beat("b", vec![]);
+            junk.creating = (0..MAX_VMS_PER_HOST)
+                .map(|i| format!("junk-{round}-{i}"))
+                .collect();
+            inv.apply_heartbeat3(junk, 2 + round as u64);
+        }
+        assert_eq!(inv.create_keys.host("sent-1"), Some("a"));
+        assert_eq!(inv.create_keys.host("listed-1"), Some("a"));
+        assert_eq!(inv.create_keys.host("junk-2-7"), Some("b"));
+        assert!(
+            inv.create_keys.host("junk-0-7").is_none(),
+            "no longer listed"
+        );
+        // b listing a's key does not take it; once a no longer lists it (its create
+        // failed there), it is b's only with b's next beat.
+        let mut copy = beat("b", vec![]);
+        copy.creating = vec!["listed-1".into()];
+        inv.apply_heartbeat3(copy.clone(), 10);
+        assert_eq!(inv.create_keys.host("listed-1"), Some("a"));
+        inv.apply_heartbeat3(beat("a", vec![]), 11);
+        assert!(inv.create_keys.host("listed-1").is_none());
+        inv.apply_heartbeat3(copy, 12);
+        assert_eq!(inv.create_keys.host("listed-1"), Some("b"));
+        // A forgotten host's listing goes with it.
+        inv.remove_host("b");
+        assert!(inv.create_keys.host("listed-1").is_none());
     }
 
     #[test]
