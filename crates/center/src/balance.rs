@@ -2,8 +2,11 @@
 //! memory use (used ÷ capacity) and its accelerator load (busy devices ÷ the devices it
 //! runs at full speed at once). When the spread between the most and least pressured
 //! hosts exceeds the threshold, the planner repeatedly takes the busiest host and picks
-//! the one move of one of its VMs to a host with room that shrinks the spread most; it
-//! stops when the spread is within the threshold or no move shrinks it.
+//! the one move of one of its VMs to a host with room that shrinks the spread most (the
+//! next busiest host's, if none of the busiest's helps). A move that leaves the spread as
+//! it is but relieves a busiest host, evening the pressures out (smaller sum of squares),
+//! counts too, else two equally busiest hosts would never be relieved. It stops when the
+//! spread is within the threshold or no move does either.
 
 use serde::{Deserialize, Serialize};
 
@@ -81,14 +84,24 @@ pub fn pressure(host: &HostLoad) -> f64 {
 }
 
 fn spread(hosts: &[HostLoad]) -> f64 {
-    let p = hosts.iter().map(pressure);
-    let max = p.clone().fold(f64::MIN, f64::max);
-    let min = p.fold(f64::MAX, f64::min);
-    if hosts.is_empty() {
+    spread_of(&hosts.iter().map(pressure).collect::<Vec<_>>())
+}
+
+/// The spread of `pressures` (0 for none).
+fn spread_of(pressures: &[f64]) -> f64 {
+    let max = pressures.iter().copied().fold(f64::MIN, f64::max);
+    let min = pressures.iter().copied().fold(f64::MAX, f64::min);
+    if pressures.is_empty() {
         0.0
     } else {
         max - min
     }
+}
+
+/// The sum of squared `pressures`: smaller when they are more even, so a move that leaves
+/// the spread as it is (another host as busy remains) still counts as progress.
+fn unevenness(pressures: &[f64]) -> f64 {
+    pressures.iter().map(|p| p * p).sum()
 }
 
 fn shift(hosts: &mut [HostLoad], vm: &MovableVm, from: usize, to: usize) {
@@ -99,6 +112,22 @@ fn shift(hosts: &mut [HostLoad], vm: &MovableVm, from: usize, to: usize) {
     src.accel_load = (src.accel_load - vm.load).max(0.0);
     take(&mut hosts[to], &vm.need);
     hosts[to].accel_load += vm.load;
+}
+
+/// The pressures of `sim`'s hosts were `vm` moved from host `from` to host `to`.
+fn pressures_after(
+    sim: &[HostLoad],
+    pressures: &[f64],
+    vm: &MovableVm,
+    from: usize,
+    to: usize,
+) -> Vec<f64> {
+    let mut pair = [sim[from].clone(), sim[to].clone()];
+    shift(&mut pair, vm, 0, 1);
+    let mut after = pressures.to_vec();
+    after[from] = pressure(&pair[0]);
+    after[to] = pressure(&pair[1]);
+    after
 }
 
 /// Plans moves among `hosts` (open hosts only) for `vms` (running VMs on them).
@@ -115,56 +144,64 @@ pub fn plan(hosts: &[HostLoad], vms: &[MovableVm], threshold: f64) -> BalancePla
     let mut stop_reason = String::new();
     // Each VM moves at most once, so the loop ends.
     for _ in 0..vms.len() {
-        let now = spread(&sim);
+        let pressures: Vec<f64> = sim.iter().map(pressure).collect();
+        let now = spread_of(&pressures);
         if now <= threshold {
             break;
         }
-        let busiest = (0..sim.len())
-            .max_by(|&a, &b| {
-                pressure(&sim[a])
-                    .total_cmp(&pressure(&sim[b]))
-                    .then(b.cmp(&a))
-            })
-            .expect("spread > 0 needs hosts");
-        let mut best: Option<(f64, usize, usize)> = None;
-        for (i, vm) in placed.iter().enumerate() {
-            if vm.host != sim[busiest].name || moves.iter().any(|m: &PlannedMove| m.vm == vm.id) {
-                continue;
-            }
-            for (to, room) in room.iter().enumerate() {
-                if to == busiest || !fits(room, &vm.need) {
+        let now_uneven = unevenness(&pressures);
+        // The busiest host first; the next only if no move off it helps (its VMs may be
+        // unable to move, or move only to swap the imbalance).
+        let mut by_pressure: Vec<usize> = (0..sim.len()).collect();
+        by_pressure.sort_by(|&a, &b| pressures[b].total_cmp(&pressures[a]).then(a.cmp(&b)));
+        let top = by_pressure.first().map_or(0.0, |&h| pressures[h]);
+        // (spread, unevenness) after, source, VM, destination. Each move made lowers the
+        // pair (spread first), so successive plans never cycle.
+        let mut best: Option<(f64, f64, usize, usize, usize)> = None;
+        for &from in &by_pressure {
+            for (i, vm) in placed.iter().enumerate() {
+                if vm.host != sim[from].name || moves.iter().any(|m: &PlannedMove| m.vm == vm.id) {
                     continue;
                 }
-                let mut trial = sim.clone();
-                shift(&mut trial, vm, busiest, to);
-                let after = spread(&trial);
-                if best.is_none_or(|(b, _, _)| after < b - 1e-9) {
-                    best = Some((after, i, to));
+                for (to, room) in room.iter().enumerate() {
+                    if to == from || !fits(room, &vm.need) {
+                        continue;
+                    }
+                    let trial = pressures_after(&sim, &pressures, vm, from, to);
+                    let (after, uneven) = (spread_of(&trial), unevenness(&trial));
+                    // Evening out without a smaller spread only relieves a busiest host:
+                    // shuffling load among the hosts in between is churn.
+                    let evens = pressures[from] >= top && uneven < now_uneven - 1e-9;
+                    let progress = after < now - 1e-9 || (after <= now && evens);
+                    let better = best.is_none_or(|(b, b_uneven, ..)| {
+                        after < b - 1e-9 || (after <= b && uneven < b_uneven - 1e-9)
+                    });
+                    if progress && better {
+                        best = Some((after, uneven, from, i, to));
+                    }
                 }
             }
-        }
-        match best {
-            Some((after, i, to)) if after < now - 1e-9 => {
-                let vm = placed[i].clone();
-                shift(&mut sim, &vm, busiest, to);
-                take(&mut room[to], &vm.need);
-                moves.push(PlannedMove {
-                    vm: vm.id.clone(),
-                    from: vm.host.clone(),
-                    to: sim[to].name.clone(),
-                    accel_memory: vm.need.accel,
-                    load: vm.load,
-                });
-                placed[i].host = sim[to].name.clone();
-            }
-            _ => {
-                stop_reason = format!(
-                    "no move of a VM off {} with room elsewhere reduces the spread further",
-                    sim[busiest].name
-                );
+            if best.is_some() {
                 break;
             }
         }
+        let Some((_, _, from, i, to)) = best else {
+            stop_reason = "no move of a VM to a host with room reduces the spread or evens \
+                the pressures out further"
+                .to_string();
+            break;
+        };
+        let vm = placed[i].clone();
+        shift(&mut sim, &vm, from, to);
+        take(&mut room[to], &vm.need);
+        moves.push(PlannedMove {
+            vm: vm.id.clone(),
+            from: vm.host.clone(),
+            to: sim[to].name.clone(),
+            accel_memory: vm.need.accel,
+            load: vm.load,
+        });
+        placed[i].host = sim[to].name.clone();
     }
     let spread_after = spread(&sim);
     let summary = if spread_before <= threshold {
@@ -307,6 +344,79 @@ mod tests {
                 .map(|m| m.accel_memory)
                 .sum();
             assert!(arriving <= free(to), "{to}: {plan:#?}");
+        }
+    }
+
+    #[test]
+    fn two_equally_busy_hosts_are_both_relieved() {
+        // Moving one VM off a leaves the spread as it is (b is as busy, d as idle): the
+        // plan must not stop there, with two hosts idle and two full.
+        let plan = plan_for(
+            &["a", "b", "c", "d"],
+            &[
+                vm("a1", "a", 100, 0.5),
+                vm("a2", "a", 100, 0.5),
+                vm("b1", "b", 100, 0.5),
+                vm("b2", "b", 100, 0.5),
+            ],
+        );
+        assert_eq!(plan.moves.len(), 2, "{plan:#?}");
+        let froms: Vec<&str> = plan.moves.iter().map(|m| m.from.as_str()).collect();
+        let tos: Vec<&str> = plan.moves.iter().map(|m| m.to.as_str()).collect();
+        assert_eq!((froms, tos), (vec!["a", "b"], vec!["c", "d"]), "{plan:#?}");
+        assert!(plan.spread_after < 0.01, "{plan:#?}");
+    }
+
+    #[test]
+    fn a_host_as_busy_as_one_that_cannot_be_relieved_still_is() {
+        // a's one VM would only swap the imbalance; b, as busy, can hand one VM to c.
+        let plan = plan_for(
+            &["a", "b", "c"],
+            &[
+                vm("big", "a", 100, 1.0),
+                vm("b1", "b", 100, 0.5),
+                vm("b2", "b", 100, 0.5),
+            ],
+        );
+        assert_eq!(plan.moves.len(), 1, "{plan:#?}");
+        assert_eq!(
+            (plan.moves[0].from.as_str(), plan.moves[0].to.as_str()),
+            ("b", "c"),
+            "{plan:#?}"
+        );
+        assert!(plan.spread_after < 0.51, "{plan:#?}");
+    }
+
+    #[test]
+    fn load_is_not_shuffled_among_the_hosts_in_between() {
+        // a (busiest) cannot be relieved and e (idle) has no room: no move changes the
+        // spread, and evening out b and c would be a migration for nothing.
+        let vms = [
+            vm("big", "a", 100, 1.0),
+            vm("b1", "b", 100, 0.5),
+            vm("b2", "b", 100, 0.25),
+            vm("c1", "c", 100, 0.25),
+        ];
+        let hosts: Vec<HostLoad> = ["a", "b", "c", "e"]
+            .iter()
+            .map(|name| {
+                let on: Vec<&MovableVm> = vms.iter().filter(|v| v.host == *name).collect();
+                let mut h = host(name, &on);
+                if *name == "e" {
+                    h.memory_free = 0;
+                }
+                h
+            })
+            .collect();
+        let plan = plan(&hosts, &vms, 0.2);
+        assert!(plan.moves.is_empty(), "{plan:#?}");
+    }
+
+    #[test]
+    fn no_hosts_no_moves_whatever_the_threshold() {
+        for threshold in [0.0, -1.0, f64::NAN] {
+            let plan = plan(&[], &[vm("v", "gone", 1, 0.5)], threshold);
+            assert!(plan.moves.is_empty() && plan.hosts.is_empty(), "{plan:#?}");
         }
     }
 
