@@ -224,28 +224,15 @@ impl Center {
 mod tests {
     use super::*;
     use crate::store::test_etcd::TestEtcd;
-    use crate::{CenterConfig, StoreConfig};
+    use crate::StoreConfig;
 
     /// A replica on `etcd`, under `prefix`, that has not campaigned yet.
     fn replica(etcd: &TestEtcd, prefix: &str) -> Arc<Center> {
-        Center::open(CenterConfig {
-            store: StoreConfig::Etcd {
-                endpoints: vec![etcd.endpoint.clone()],
-                prefix: prefix.into(),
-            },
-            name: "c1".into(),
-            advertise_url: "http://127.0.0.1:1".into(),
-            token: b"operator".to_vec(),
-            api_tokens: None,
-            secret: ferry_migrate::Secret::new(b"center-test-secret-0123456789abc".to_vec())
-                .unwrap(),
-            tls: None,
-            down_after: Duration::from_secs(60),
-            parallel: 1,
-            balance_threshold: 0.5,
-            balance_every: None,
-        })
-        .unwrap()
+        let store = StoreConfig::Etcd {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: prefix.into(),
+        };
+        Center::open(crate::tests::test_config(store)).unwrap()
     }
 
     /// `center` campaigns once, wins, and returns its campaign.

@@ -1425,25 +1425,30 @@ pub(crate) mod tests {
         store: PathBuf,
     }
 
+    /// Center c's configuration on `store`: the operator token `operator`, hosts down
+    /// after a minute, no balancing of its own.
+    pub(crate) fn test_config(store: StoreConfig) -> CenterConfig {
+        CenterConfig {
+            store,
+            name: "c".into(),
+            advertise_url: "http://127.0.0.1:1".into(),
+            token: b"operator".to_vec(),
+            api_tokens: None,
+            secret: ferry_migrate::Secret::new(b"center-test-secret-0123456789abc".to_vec())
+                .unwrap(),
+            tls: None,
+            down_after: Duration::from_secs(60),
+            parallel: 1,
+            balance_threshold: 0.5,
+            balance_every: None,
+        }
+    }
+
     impl ScratchCenter {
         pub(crate) fn open(tag: &str) -> Self {
             let store = ferry_testdata::scratch_dir("center").join(format!("{tag}.db"));
             let _ = std::fs::remove_file(&store);
-            let center = Center::open(CenterConfig {
-                store: StoreConfig::Sqlite(store.clone()),
-                name: "c".into(),
-                advertise_url: "http://127.0.0.1:1".into(),
-                token: b"operator".to_vec(),
-                api_tokens: None,
-                secret: ferry_migrate::Secret::new(b"center-test-secret-0123456789abc".to_vec())
-                    .unwrap(),
-                tls: None,
-                down_after: Duration::from_secs(60),
-                parallel: 1,
-                balance_threshold: 0.5,
-                balance_every: None,
-            })
-            .unwrap();
+            let center = Center::open(test_config(StoreConfig::Sqlite(store.clone()))).unwrap();
             Self { center, store }
         }
 

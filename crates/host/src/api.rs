@@ -370,21 +370,7 @@ mod tests {
 
     #[test]
     fn orders_with_fields_the_host_does_not_know_are_refused_by_name() {
-        let host = Host::new(crate::HostConfig {
-            name: "h".into(),
-            secret: ferry_migrate::Secret::new(b"host-api-test-secret-0123456789a".to_vec())
-                .unwrap(),
-            memory_capacity: 1 << 30,
-            accel_capacity: 256 << 20,
-            accel_threads: 1,
-            guest_nice: 0,
-            tls: None,
-            file_store: ferry_testdata::scratch_dir("host-api").join("misspelled"),
-            api_tokens: None,
-            backend: ferry_accel::backend::CPU,
-            attach: crate::AttachPolicy::Under(Vec::new()),
-        })
-        .unwrap();
+        let host = crate::tests::test_host();
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

@@ -138,21 +138,7 @@ mod tests {
     #[test]
     fn an_enormous_answer_to_a_heartbeat_is_not_read_whole() {
         use std::io::{BufRead, BufReader, Read, Write};
-        let host = Host::new(crate::HostConfig {
-            name: "h".into(),
-            secret: ferry_migrate::Secret::new(b"heartbeat-test-secret-0123456789".to_vec())
-                .unwrap(),
-            memory_capacity: 1 << 30,
-            accel_capacity: 256 << 20,
-            accel_threads: 1,
-            guest_nice: 0,
-            tls: None,
-            file_store: ferry_testdata::scratch_dir("heartbeat-enormous").join("store"),
-            api_tokens: None,
-            backend: ferry_accel::backend::CPU,
-            attach: crate::AttachPolicy::Under(Vec::new()),
-        })
-        .unwrap();
+        let host = crate::tests::test_host();
         // A "center" that answers a beat with a valid answer padded to far more than
         // the kernel's buffers hold, and says whether the host took all of it.
         const ANSWER: usize = 64 << 20;

@@ -1781,7 +1781,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn refused() -> MigrationError {
@@ -1847,7 +1847,8 @@ mod tests {
         }
     }
 
-    fn test_host() -> Arc<Host> {
+    /// Host h, on [`test_config`].
+    pub(crate) fn test_host() -> Arc<Host> {
         Host::new(test_config("h")).unwrap()
     }
 
