@@ -356,15 +356,7 @@ impl Center {
 
     /// Holds room on each move's destination until the move ends.
     fn reserve(&self, moves: &[Move]) {
-        let mut inventory = self.inventory();
-        for m in moves {
-            inventory.reservations.push(Reservation {
-                host: m.to.clone(),
-                vm: m.vm.id.clone(),
-                accel: m.vm.info.accel_memory,
-                memory: Need::of_vm(&m.vm.info).memory,
-            });
-        }
+        hold_room(&mut self.inventory(), moves);
     }
 
     /// Live-migrates `m.vm` to `m.to` through the source host's API, follows it, and
@@ -960,7 +952,6 @@ impl Center {
                             .map(|m| (m.vm.id.clone(), m.vm.host.clone(), m.to.clone())),
                     );
                 });
-                self.reserve(&moves);
                 records.extend(self.run_moves(
                     &moves,
                     &format!("maintenance of {host}"),
@@ -1027,7 +1018,7 @@ impl Center {
 
     /// A place for each of `host`'s live VMs on other hosts with room, or why not.
     fn plan_evacuation(&self, host: &str) -> Result<Vec<Move>, CenterError> {
-        let inventory = self.inventory();
+        let mut inventory = self.inventory();
         let vms = inventory.live_vms_on(host);
         if let Some(busy) = vms.iter().find(|vm| vm.info.state != VmState::Running) {
             return Err(CenterError::Conflict(format!(
@@ -1062,6 +1053,9 @@ impl Center {
                 homeless.join("; ")
             )));
         }
+        // Held under the lock the plan was made under: a create placed after it sees the
+        // room taken, and cannot overbook a destination the moves count on.
+        hold_room(&mut inventory, &moves);
         Ok(moves)
     }
 
@@ -1078,9 +1072,13 @@ impl Center {
             )));
         }
         let moves = self.plan_evacuation(host)?;
-        let term = self.term().ok_or(StoreError::NotLeader)?;
-        let op = self.begin_operation(OperationKind::Maintenance, Some(host), &moves)?;
-        self.reserve(&moves);
+        // The plan holds its room: given back if the operation does not begin.
+        let begun =
+            (self.term().ok_or(CenterError::from(StoreError::NotLeader))).and_then(|term| {
+                let op = self.begin_operation(OperationKind::Maintenance, Some(host), &moves)?;
+                Ok((term, op))
+            });
+        let (term, op) = begun.inspect_err(|_| self.release_room(&moves))?;
         if let Err(e) = self.set_mode(host, HostMode::Evacuating) {
             return Err(self.abandon(&op, &moves, e));
         }
@@ -1391,6 +1389,18 @@ impl Center {
     }
 }
 
+/// Holds room in `inventory` on each move's destination until the move ends.
+fn hold_room(inventory: &mut Inventory, moves: &[Move]) {
+    for m in moves {
+        inventory.reservations.push(Reservation {
+            host: m.to.clone(),
+            vm: m.vm.id.clone(),
+            accel: m.vm.info.accel_memory,
+            memory: Need::of_vm(&m.vm.info).memory,
+        });
+    }
+}
+
 /// The moves of `planned` whose VMs are still where the plan found them, running. The
 /// plan is made without the inventory's lock: a VM that moved meanwhile (to the plan's
 /// destination, or elsewhere), or stopped, is left where it is, else its new host would
@@ -1613,6 +1623,28 @@ mod tests {
         scratch.report("a", ferry_testdata::refusing_addr());
         scratch.report("b", ferry_testdata::refusing_addr());
         scratch
+    }
+
+    #[test]
+    fn an_evacuation_holds_its_room_as_it_plans() {
+        let scratch = hosts_a_and_b_answering_nothing("evacuation-room");
+        let center = &scratch.center;
+        let mut on_a = crate::inventory::tests::beat("a", vec![vm("v", VmState::Running)]);
+        on_a.api_url = center.inventory().hosts["a"].api_url.clone();
+        on_a.host.migration_addr = "a.example:7071".into();
+        center.heartbeat(on_a).unwrap();
+        let free = || {
+            let inventory = center.inventory();
+            inventory.load(&inventory.hosts["b"]).accel_free
+        };
+        let before = free();
+        // Held by the time the plan is in hand, under the lock it was made under: a
+        // create placed before the operation began would otherwise take the same room.
+        let moves = center.plan_evacuation("a").unwrap();
+        assert_eq!(moves.len(), 1);
+        assert_eq!(free(), before - (512 << 20));
+        center.release_room(&moves);
+        assert_eq!(free(), before);
     }
 
     /// A running move of VM `vm` from a to b, recorded by `center` (as a previous
