@@ -1362,10 +1362,23 @@ impl Center {
             });
         }
         self.store().writable()?;
-        let moves = moves_still_planned(&self.inventory(), &plan.moves);
-        let term = self.term().ok_or(StoreError::NotLeader)?;
-        let op = self.begin_operation(OperationKind::Balance, None, &moves)?;
-        self.reserve(&moves);
+        // Checked and held under one lock: a create placed after it sees the room taken.
+        let moves = {
+            let mut inventory = self.inventory();
+            let moves =
+                moves_still_planned(&inventory, &plan.moves, unix_ms(), self.down_after_ms());
+            hold_room(&mut inventory, &moves);
+            moves
+        };
+        // The moves hold their room: given back if the operation does not begin.
+        let begun =
+            (self.term().ok_or(CenterError::from(StoreError::NotLeader))).and_then(|term| {
+                Ok((
+                    term,
+                    self.begin_operation(OperationKind::Balance, None, &moves)?,
+                ))
+            });
+        let (term, op) = begun.inspect_err(|_| self.release_room(&moves))?;
         if let Err(e) = self.record(&[Event::now("balance", plan.summary.clone())]) {
             tracing::warn!("recording an event: {e}");
         }
@@ -1401,11 +1414,20 @@ fn hold_room(inventory: &mut Inventory, moves: &[Move]) {
     }
 }
 
-/// The moves of `planned` whose VMs are still where the plan found them, running. The
-/// plan is made without the inventory's lock: a VM that moved meanwhile (to the plan's
-/// destination, or elsewhere), or stopped, is left where it is, else its new host would
-/// be told to move it to itself, or a host the plan never weighed would lose it.
-fn moves_still_planned(inventory: &Inventory, planned: &[PlannedMove]) -> Vec<Move> {
+/// The moves of `planned` whose VMs are still where the plan found them, running, to a
+/// destination still open with room for them (counting the moves before them) at `now`.
+/// The plan is made without the inventory's lock: a VM that moved meanwhile (to the
+/// plan's destination, or elsewhere), or stopped, is left where it is, else its new host
+/// would be told to move it to itself, or a host the plan never weighed would lose it;
+/// and a destination a create filled meanwhile, or that went down or into maintenance,
+/// would refuse the move.
+fn moves_still_planned(
+    inventory: &Inventory,
+    planned: &[PlannedMove],
+    now: u64,
+    down_after_ms: u64,
+) -> Vec<Move> {
+    let mut open = inventory.open_hosts(now, down_after_ms);
     planned
         .iter()
         .filter_map(|m| {
@@ -1423,6 +1445,20 @@ fn moves_still_planned(inventory: &Inventory, planned: &[PlannedMove]) -> Vec<Mo
                 );
                 return None;
             }
+            let need = Need::of_vm(&vm.info);
+            let Some(room) = (open.iter_mut())
+                .find(|h| h.name == m.to)
+                .filter(|h| placement::fits(h, &need))
+            else {
+                tracing::info!(
+                    "VM {} is not moved {} -> {}: the destination is no longer open with room for it",
+                    m.vm,
+                    m.from,
+                    m.to
+                );
+                return None;
+            };
+            placement::take(room, &need);
             Some(Move {
                 vm: vm.clone(),
                 to: m.to.clone(),
@@ -2018,11 +2054,21 @@ mod tests {
                 load: 0.5,
             })
             .collect();
-        let moves = moves_still_planned(&center.inventory(), &planned);
-        let made: Vec<(&str, &str, &str)> = (moves.iter())
-            .map(|m| (m.vm.id.as_str(), m.vm.host.as_str(), m.to.as_str()))
-            .collect();
-        assert_eq!(made, [("y", "a", "b")]);
+        let still = || {
+            let moves = moves_still_planned(&center.inventory(), &planned, unix_ms(), 60_000);
+            (moves.iter())
+                .map(|m| (m.vm.id.clone(), m.vm.host.clone(), m.to.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(still(), [("y".into(), "a".into(), "b".into())]);
+        // A create took b's room since: y stays too.
+        center.inventory().reservations.push(Reservation {
+            host: "b".into(),
+            vm: "created".into(),
+            accel: 3 << 29,
+            memory: 3 << 29,
+        });
+        assert_eq!(still(), []);
     }
 
     #[test]
