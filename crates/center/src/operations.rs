@@ -354,6 +354,19 @@ impl Center {
             .retain(|r| !moves.iter().any(|m| r.vm == m.vm.id && r.host == m.to));
     }
 
+    /// Begins an operation of `kind` (of `host`) for `moves`, whose room is held: the term
+    /// it leads in and the operation; or, given their room back, why it cannot begin.
+    fn begin_holding(
+        &self,
+        kind: OperationKind,
+        host: Option<&str>,
+        moves: &[Move],
+    ) -> Result<(u64, Operation), CenterError> {
+        let begun = (self.term().ok_or(CenterError::from(StoreError::NotLeader)))
+            .and_then(|term| Ok((term, self.begin_operation(kind, host, moves)?)));
+        begun.inspect_err(|_| self.release_room(moves))
+    }
+
     /// Holds room on each move's destination until the move ends.
     fn reserve(&self, moves: &[Move]) {
         hold_room(&mut self.inventory(), moves);
@@ -1072,13 +1085,7 @@ impl Center {
             )));
         }
         let moves = self.plan_evacuation(host)?;
-        // The plan holds its room: given back if the operation does not begin.
-        let begun =
-            (self.term().ok_or(CenterError::from(StoreError::NotLeader))).and_then(|term| {
-                let op = self.begin_operation(OperationKind::Maintenance, Some(host), &moves)?;
-                Ok((term, op))
-            });
-        let (term, op) = begun.inspect_err(|_| self.release_room(&moves))?;
+        let (term, op) = self.begin_holding(OperationKind::Maintenance, Some(host), &moves)?;
         if let Err(e) = self.set_mode(host, HostMode::Evacuating) {
             return Err(self.abandon(&op, &moves, e));
         }
@@ -1370,15 +1377,7 @@ impl Center {
             hold_room(&mut inventory, &moves);
             moves
         };
-        // The moves hold their room: given back if the operation does not begin.
-        let begun =
-            (self.term().ok_or(CenterError::from(StoreError::NotLeader))).and_then(|term| {
-                Ok((
-                    term,
-                    self.begin_operation(OperationKind::Balance, None, &moves)?,
-                ))
-            });
-        let (term, op) = begun.inspect_err(|_| self.release_room(&moves))?;
+        let (term, op) = self.begin_holding(OperationKind::Balance, None, &moves)?;
         if let Err(e) = self.record(&[Event::now("balance", plan.summary.clone())]) {
             tracing::warn!("recording an event: {e}");
         }
