@@ -463,14 +463,19 @@ mod tests {
         assert_eq!(shown(&[&csi[..1], &csi[1..]]), "\u{FFFD}");
     }
 
-    /// A reader that reads nothing until let go, then everything.
+    /// A reader that reads nothing until let go, then everything; says when a write
+    /// first reaches it.
     struct StalledReader {
         go: Arc<(Mutex<bool>, Condvar)>,
         got: Arc<Mutex<Vec<u8>>>,
+        reached: Option<std::sync::mpsc::Sender<()>>,
     }
 
     impl Write for StalledReader {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(reached) = self.reached.take() {
+                let _ = reached.send(());
+            }
             let (go, cv) = &*self.go;
             drop(cv.wait_while(go.lock().unwrap(), |go| !*go).unwrap());
             self.got.lock().unwrap().extend_from_slice(buf);
@@ -486,42 +491,53 @@ mod tests {
     fn a_reader_that_stops_reading_does_not_stop_the_guest() {
         let go = Arc::new((Mutex::new(false), Condvar::new()));
         let got = Arc::new(Mutex::new(Vec::new()));
+        let (reached, writer_stalled) = std::sync::mpsc::channel();
         let reader = StalledReader {
             go: go.clone(),
             got: got.clone(),
+            reached: Some(reached),
         };
         let console = Console::with_echo(Some(Echo::start(Box::new(reader), false)));
-        // Twice what the queue holds, while nothing is read: every write returns.
         let line = [b'x'; 4096];
         let (done, writes_returned) = std::sync::mpsc::channel();
         let guest = std::thread::spawn(move || {
+            // One line, taken by the writer, which then stalls in the reader; so the
+            // writer holds exactly that line whatever the scheduling.
+            console.write(&line);
+            let stalled = writer_stalled.recv_timeout(std::time::Duration::from_secs(30));
+            // Then twice what the queue holds, while nothing is read: every write returns.
             for _ in 0..2 * ECHO_QUEUE_CAPACITY / line.len() {
                 console.write(&line);
             }
             console.write(b"last\n");
             let _ = done.send(());
-            console
+            (console, stalled)
         });
         let returned = writes_returned.recv_timeout(std::time::Duration::from_secs(30));
         *go.0.lock().unwrap() = true;
         go.1.notify_all();
         assert!(returned.is_ok(), "the guest's writes waited for the reader");
         // Dropping the console writes out what is queued.
-        drop(guest.join().unwrap());
+        let (console, stalled) = guest.join().unwrap();
+        assert!(
+            stalled.is_ok(),
+            "the echo's writer never wrote the first line"
+        );
+        drop(console);
         let got = String::from_utf8(got.lock().unwrap().clone()).unwrap();
         let xs = got.bytes().take_while(|&b| b == b'x').count();
-        // What the writer had taken when it stalled (at most a queue), then a full queue.
-        assert!(
-            (ECHO_QUEUE_CAPACITY..=2 * ECHO_QUEUE_CAPACITY).contains(&xs),
-            "{xs} bytes echoed before the drop"
+        // The line the writer held when it stalled, then a full queue; the rest dropped.
+        assert_eq!(
+            xs,
+            line.len() + ECHO_QUEUE_CAPACITY,
+            "bytes echoed before the drop"
         );
-        let dropped = 2 * ECHO_QUEUE_CAPACITY + 5 - xs;
-        assert!(
-            got.ends_with(&format!(
+        let dropped = ECHO_QUEUE_CAPACITY + b"last\n".len();
+        assert_eq!(
+            &got[xs..],
+            format!(
                 "\n[ferry: {dropped} bytes of the guest's console output were dropped here: this output was not read fast enough]\n"
-            )),
-            "{}",
-            &got[xs..]
+            ),
         );
     }
 
