@@ -4,6 +4,8 @@
 // independently, so running them in sequence gives what the GPU's threads give.
 // (kernels.cu declares the integer types before including it.)
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KERNEL extern "C" void
@@ -23,6 +25,16 @@ DEV double bits_f64(u64 b) { return reinterpret_bits<double>(b); }
 DEV u64 f64_bits(double v) { return reinterpret_bits<u64>(v); }
 DEV float bits_f32(u32 b) { return reinterpret_bits<float>(b); }
 DEV u32 f32_bits(float v) { return reinterpret_bits<u32>(v); }
+// A GPU faults on a misaligned address, and its context is lost; the host does not, so
+// the emulator stops here instead of giving a result the GPU would never give.
+DEV u64 aligned_address(u64 address, u64 align) {
+    if (address % align != 0) {
+        fprintf(stderr, "ferry emulated GPU: address %#llx is not aligned to %llu bytes "
+                "(a GPU would fault: CUDA_ERROR_MISALIGNED_ADDRESS)\n", address, align);
+        abort();
+    }
+    return address;
+}
 
 struct Args;
 

@@ -36,14 +36,17 @@ DEV double bits_f64(u64 b) { return __longlong_as_double((i64)b); }
 DEV u64 f64_bits(double v) { return (u64)__double_as_longlong(v); }
 DEV float bits_f32(u32 b) { return __uint_as_float(b); }
 DEV u32 f32_bits(float v) { return __float_as_uint(v); }
+// A misaligned address faults on the GPU itself (CUDA_ERROR_MISALIGNED_ADDRESS).
+DEV u64 aligned_address(u64 address, u64) { return address; }
 #endif
 
 struct Args {
     u64 w[16];
 };
 
-// Arguments as the host packs them.
-#define PTR(T, i) ((T *)a.w[i])
+// Arguments as the host packs them. A buffer's address must suit its element type: the
+// GPU faults on a misaligned one, and the emulator stops the process with the address.
+#define PTR(T, i) ((T *)aligned_address(a.w[i], alignof(T)))
 #define F32(i) bits_f32((u32)a.w[i])
 #define F64(i) bits_f64(a.w[i])
 #define ITEM(n)                   \

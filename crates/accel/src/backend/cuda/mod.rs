@@ -229,12 +229,23 @@ impl<G: Gpu> std::fmt::Debug for GpuBackend<G> {
 }
 
 /// Bytes QMATMUL's prepared inputs take for `m` rows of `k`: 16-bit inputs, then a scale
-/// and eight lane sums per block of 32.
+/// and eight lane sums per block of 32. Each region is rounded up to [`SCRATCH_ALIGN`], so
+/// the f32 regions after it are aligned whatever `m·k` is (a GPU faults on a misaligned
+/// address: an odd count of f32 inputs put the lanes that follow at an odd address).
 fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
     let elems = (m * k) as u64;
     let blocks = elems / 32;
-    (2 * elems, 4 * blocks, 32 * blocks)
+    let aligned = |bytes: u64| bytes.next_multiple_of(SCRATCH_ALIGN);
+    (
+        aligned(2 * elems),
+        aligned(4 * blocks),
+        aligned(32 * blocks),
+    )
 }
+
+/// Alignment of each region of scratch memory (its start is the allocation's, aligned
+/// for every element type).
+const SCRATCH_ALIGN: u64 = 16;
 
 /// Outputs from which MATMUL computes 4×4 tiles per thread.
 pub const TILED_MATMUL_OUTPUTS: usize = 1 << 16;
