@@ -1705,10 +1705,10 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
         payload: Vec::new(),
         status: status::OK,
     }];
+    // A deadline an eighth into the kernel, whatever the backend's speed (an H200 runs it
+    // in 0.2 s, a CPU in seconds).
     let started = Instant::now();
-    let cut = dest
-        .accel
-        .replay(log.clone(), started + Duration::from_millis(50));
+    let cut = dest.accel.replay(log.clone(), started + whole / 8);
     let took = started.elapsed();
     eprintln!("the kernel took {whole:?} run whole; its replay was cut after {took:?}");
     assert_eq!(
@@ -1719,7 +1719,7 @@ fn a_replayed_kernel_still_running_at_the_deadline_is_cut_short_and_in_time_give
         })
     );
     assert!(
-        took < whole / 4,
+        took < whole / 2,
         "cut after {took:?}; run whole, the kernel takes {whole:?}"
     );
     // Its output is marked written, as an aborted kernel's is.

@@ -473,8 +473,13 @@ fn matmul(cases: &mut Cases<'_>) {
     for (name, (m, n, k), flags) in [
         // Tiled (4×4 per thread) from TILED_MATMUL_OUTPUTS outputs on, with ragged edges.
         ("matmul in tiles", (259, 257, 40), MatmulFlags::default()),
+        // Few outputs: the depth in slices (ragged: 300 in 9 slices of 34).
         ("matmul", (13, 17, 300), MatmulFlags::default()),
         ("matmul transposed, accumulating", (13, 17, 300), transposed),
+        // A decode step's matrix-vector product: one row, 64 slices of 32.
+        ("matmul of one row", (1, 96, 2048), MatmulFlags::default()),
+        // Too shallow to slice: one thread per output.
+        ("matmul, shallow", (13, 17, 40), transposed),
     ] {
         let data = vec![r.f32s(m * k, 1.0), r.f32s(k * n, 1.0), r.f32s(m * n, 1.0)];
         let kernel = numbered::matmul(m, n, k, flags);

@@ -576,6 +576,38 @@ KERNEL ferry_matmul_tiled(const Args a) {
         }
 }
 
+// matmul_split: a, b, partials | items (splits·m·n), m, n, k, transpose_a, transpose_b,
+// depth per split. For products with few outputs and a long depth (a decode step's
+// matrix-vector products): each thread accumulates one output over one slice of the depth,
+// in depth order, into its partial; matmul_split_sum adds an output's partials in slice
+// order. The slices depend only on the shape, so the bits do too.
+KERNEL ferry_matmul_split(const Args a) {
+    ITEM(a.w[3]);
+    u64 m = a.w[4], n = a.w[5], k = a.w[6], depth = a.w[9];
+    u64 outputs = m * n, split = item / outputs, o = item % outputs;
+    u64 i = o / n, j = o % n;
+    const float *A = PTR(const float, 0), *B = PTR(const float, 1);
+    u64 from = split * depth, to = from + depth < k ? from + depth : k;
+    float acc = 0.0f;
+    for (u64 kk = from; kk < to; kk++) {
+        float av = a.w[7] ? A[kk * m + i] : A[i * k + kk];
+        float bv = a.w[8] ? B[j * k + kk] : B[kk * n + j];
+        acc += av * bv;
+    }
+    PTR(float, 2)[item] = acc;
+}
+
+// matmul_split_sum: partials, c | items (m·n), splits, accumulate
+KERNEL ferry_matmul_split_sum(const Args a) {
+    ITEM(a.w[2]);
+    u64 splits = a.w[3];
+    const float *partials = PTR(const float, 0);
+    float acc = 0.0f;
+    for (u64 s = 0; s < splits; s++) acc += partials[s * a.w[2] + item];
+    float *c = PTR(float, 1) + item;
+    *c = a.w[4] ? *c + acc : acc;
+}
+
 // ---- GGML block formats (quant.rs) ----------------------------------------------------------
 
 DEV float f16_to_f32(u16 h) {

@@ -32,8 +32,9 @@ use ferry_abi::accel::kernel::within_launch_work;
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
 
 /// Version of `kernels.cu`'s arithmetic: hosts replay each other's commands only when
-/// it is equal (with the GPU architecture and driver, in [`Gpu::description`]).
-pub const KERNEL_VERSION: u32 = 1;
+/// it is equal (with the GPU architecture and driver, in [`Gpu::description`]). 2: MATMUL
+/// with few outputs slices its depth.
+pub const KERNEL_VERSION: u32 = 2;
 
 /// The names of `kernels.cu`'s entry points, in the order [`plan`] may use them.
 pub const ENTRY_POINTS: &[&str] = &[
@@ -64,6 +65,8 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_attention",
     "ferry_matmul",
     "ferry_matmul_tiled",
+    "ferry_matmul_split",
+    "ferry_matmul_split_sum",
     "ferry_qprepare",
     "ferry_qmatmul",
     "ferry_qmatmul_lanes",
@@ -250,6 +253,28 @@ const SCRATCH_ALIGN: u64 = 16;
 /// Outputs from which MATMUL computes 4×4 tiles per thread.
 pub const TILED_MATMUL_OUTPUTS: usize = 1 << 16;
 
+/// Threads a MATMUL with few outputs is spread over, slicing its depth (about what keeps an
+/// H200's memory busy; fixed, so the slices, and so the bits, depend on the shape alone).
+const SPLIT_MATMUL_THREADS: usize = 1 << 17;
+
+/// The shortest slice of depth a MATMUL thread is given.
+const SPLIT_MATMUL_MIN_DEPTH: usize = 32;
+
+/// How MATMUL of `m×k` by `k×n` slices its depth, as (slices, depth per slice), when its
+/// outputs alone are too few threads to fill a GPU: a decode step's matrix-vector products
+/// have a few thousand outputs, each thousands deep.
+fn matmul_splits(m: usize, n: usize, k: usize) -> Option<(usize, usize)> {
+    let outputs = m * n;
+    if outputs == 0 || outputs >= TILED_MATMUL_OUTPUTS {
+        return None;
+    }
+    let wanted = (SPLIT_MATMUL_THREADS / outputs).min(k / SPLIT_MATMUL_MIN_DEPTH);
+    let depth = k.div_ceil(wanted.max(1));
+    // No empty slice at the end.
+    let splits = k.div_ceil(depth);
+    (splits > 1).then_some((splits, depth))
+}
+
 /// Most bytes of lane partials a QMATMUL keeps (eight f32 per output): up to this, each
 /// lane of each output is a thread of its own.
 const MAX_LANES_BYTES: u64 = 64 << 20;
@@ -389,13 +414,35 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             k,
             flags,
         } => {
+            let flags = [flags.transpose_a, flags.transpose_b, flags.accumulate].map(u64::from);
+            if let Some((splits, depth)) = matmul_splits(m, n, k) {
+                let partials = (splits * m * n) as u64;
+                return vec![
+                    Launch {
+                        entry: "ferry_matmul_split",
+                        args: args(
+                            &[
+                                &[at(a), at(b), scratch, partials, u(m), u(n), u(k)],
+                                &flags[..2],
+                                &[u(depth)],
+                            ]
+                            .concat(),
+                        ),
+                        items: partials,
+                    },
+                    Launch {
+                        entry: "ferry_matmul_split_sum",
+                        args: args(&[scratch, at(c), u(m * n), u(splits), flags[2]]),
+                        items: u(m * n),
+                    },
+                ];
+            }
             // 4×4 tiles once there are enough of them to fill a GPU (same bits either way).
             let (entry, items) = if m * n >= TILED_MATMUL_OUTPUTS {
                 ("ferry_matmul_tiled", m.div_ceil(4) * n.div_ceil(4))
             } else {
                 ("ferry_matmul", m * n)
             };
-            let flags = [flags.transpose_a, flags.transpose_b, flags.accumulate].map(u64::from);
             one(
                 entry,
                 &[
@@ -666,6 +713,9 @@ pub fn scratch_bytes(kernel: &Kernel) -> u64 {
             q + d + sums + lanes_bytes(m, n).unwrap_or(0)
         }
         Kernel::CrossEntropy { rows, .. } => 8 * rows as u64,
+        Kernel::Matmul { m, n, k, .. } => {
+            matmul_splits(m, n, k).map_or(0, |(splits, _)| 4 * (splits * m * n) as u64)
+        }
         _ => 0,
     }
 }
