@@ -7,11 +7,13 @@
 #                                    runs everything and writes the results to OUT
 #                                    (default $OUT, else gpu-check/out)
 #
-# With the device tool: build here, then run
-#   run(command="scripts/gpu-check.sh run", carry=["gpu-check"], timeout_s=540)
-# and read the files it leaves under $OUT: machine.txt, cuda-tests.txt, device-tests.txt,
-# bench-gpu.json, and with /dev/kvm bench-accel-{cpu,cuda}.json and bench-migrate.json;
-# summary.txt says what ran, what passed and what was skipped.
+# With the device tool (which brings back at most 8 files): build here, then run
+#   run(command="GPU_CHECK_PACK=$OUT/gpu-check.tgz scripts/gpu-check.sh run /tmp/gpu-check",
+#       carry=["gpu-check"], timeout_s=560)
+# and unpack gpu-check.tgz (packed again after every step, so a run cut short keeps what
+# it did): machine.txt, cuda-tests.txt, device-tests.txt, bench-gpu.json, and with
+# /dev/kvm bench-accel-{cpu,cuda}.json and bench-migrate-*.json; summary.txt says what
+# ran, what passed and what was skipped. The steps' limits add up to about 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,14 +54,16 @@ run() {
         timeout "$limit" "$@" >"$out/$file" 2>"$out/$file.stderr"
         local rc=$?
         say "$name: exit $rc after $((SECONDS - started)) s (output: $file)"
+        pack
     }
+    pack() { [ -z "${GPU_CHECK_PACK:-}" ] || tar czf "$GPU_CHECK_PACK" -C "$out" .; }
     [ -x gpu-check/ferry ] || { echo "gpu-check: run 'scripts/gpu-check.sh build' first (and carry gpu-check/)" >&2; exit 2; }
     { date -u; uname -a; nvidia-smi 2>&1; ls -l /dev/kvm 2>&1; nproc; free -g; } >"$out/machine.txt"
     # The CUDA toolkit's NVRTC and cuBLAS, and the driver, are loaded at run time by the
     # names libnvrtc.so, libcublas.so, libcuda.so.1 (or .so.12): a toolkit that ships only
     # versioned files (libnvrtc.so.13) gets unversioned links in a folder of our own.
-    local links="$out/lib"
-    mkdir -p "$links"
+    local links
+    links=$(mktemp -d)
     for lib in nvrtc cublas cublasLt; do
         local found
         found=$( { ls /usr/local/cuda/lib64/lib$lib.so* /usr/local/cuda/targets/x86_64-linux/lib/lib$lib.so* \
@@ -76,19 +80,27 @@ run() {
     # A test that cannot find the GPU or NVRTC fails here instead of skipping.
     export FERRY_REQUIRE_GPU=1 FERRY_REQUIRE_NVRTC=1
     say "== gpu-check on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-    step "kernels compiled by NVRTC and compared with the cpu backend on the GPU" 120 cuda-tests.txt \
+    step "kernels compiled by NVRTC and compared with the cpu backend on the GPU" 45 cuda-tests.txt \
         gpu-check/cuda-tests --test-threads=1 --nocapture
-    step "device tests (hostile guests, dirty tracking, replay) on every backend" 120 device-tests.txt \
+    step "device tests (hostile guests, dirty tracking, replay) on every backend" 45 device-tests.txt \
         gpu-check/device-tests --test-threads=2
-    step "bench gpu (GEMM vs cuBLAS, chunk reads busy vs idle, writes)" 120 bench-gpu.json \
+    step "bench gpu (GEMM vs cuBLAS, chunk reads busy vs idle, writes)" 75 bench-gpu.json \
         gpu-check/ferry bench gpu --json
     if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
-        step "bench accel on the cpu backend" 90 bench-accel-cpu.json gpu-check/ferry bench accel --json
-        step "bench accel on the cuda backend" 90 bench-accel-cuda.json \
+        step "bench accel on the cpu backend" 40 bench-accel-cpu.json gpu-check/ferry bench accel --json
+        step "bench accel on the cuda backend" 40 bench-accel-cuda.json \
             gpu-check/ferry bench accel --backend cuda --json
-        step "bench migrate on the cuda backend (live vs stop-and-copy)" 150 bench-migrate.json \
-            gpu-check/ferry bench migrate --backend cuda --accel-sizes 1G,8G,32G \
-            --workloads llm-decode,mlp-train --json
+        # Live vs stop-and-copy; fewer migrations per figure as device memory grows, so
+        # that 32 GiB (about 20 GiB of it written) fits the run.
+        step "bench migrate on the cuda backend at 1 GiB" 90 bench-migrate-1g.json \
+            gpu-check/ferry bench migrate --backend cuda --accel-sizes 1G \
+            --workloads llm-decode,mlp-train --repeats 3 --json
+        step "bench migrate on the cuda backend at 8 GiB" 80 bench-migrate-8g.json \
+            gpu-check/ferry bench migrate --backend cuda --accel-sizes 8G \
+            --workloads llm-decode,mlp-train --repeats 1 --json
+        step "bench migrate on the cuda backend at 32 GiB" 80 bench-migrate-32g.json \
+            gpu-check/ferry bench migrate --backend cuda --accel-sizes 32G \
+            --workloads llm-decode --repeats 1 --json
     else
         say "SKIPPED the VM-level benches (mlp-train, llm-decode, migration at 1/8/32 GiB): /dev/kvm is not usable here"
     fi

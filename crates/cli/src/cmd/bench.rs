@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Accelerator memory sizes for `migrate`.
     #[arg(long, value_name = "SIZES", value_delimiter = ',', default_value = "256M,1G,4G", value_parser = crate::size::parse_size)]
     pub accel_sizes: Vec<u64>,
+    /// `migrate`: migrations of each VM per figure, back and forth (their medians are
+    /// reported).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
+    pub repeats: usize,
     /// VM counts for `evacuate`.
     #[arg(
         long,
@@ -161,6 +165,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             &args.accel_sizes,
             args.link.as_deref(),
             &args.workloads,
+            args.repeats,
             args.backend.resolve()?,
         ),
         "evacuate" => crate::cmd::bench_evacuate::bench_evacuate(

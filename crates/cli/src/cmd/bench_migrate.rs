@@ -27,8 +27,6 @@ use ferry_migrate::DeviceTransfer;
 /// Device memory of the large training row (`--link` only).
 const LARGE_TRAINING_ACCEL: u64 = 512 << 20;
 
-/// Migrations measured per figure (back and forth between the two hosts).
-const REPEATS: usize = 5;
 /// Samples of the loopback's rate taken before each figure's VM starts, and after it is
 /// gone (with no VM running).
 const LINK_SAMPLES_BEFORE: usize = 2;
@@ -36,7 +34,7 @@ const LINK_SAMPLES_AFTER: usize = 1;
 /// Bytes per link sample.
 const LINK_SAMPLE_BYTES: u64 = 1 << 30;
 
-/// One kind of migration measured: medians over [`REPEATS`] migrations (each field on
+/// One kind of migration measured: medians over `--repeats` migrations (each field on
 /// its own), and every migration's total and pause.
 #[derive(Debug, Serialize)]
 struct MigrationFigure {
@@ -218,6 +216,7 @@ pub fn bench_migrate(
     sizes: &[u64],
     link: Option<&str>,
     workloads: &[String],
+    repeats: usize,
     backend: &'static str,
 ) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
@@ -246,7 +245,7 @@ pub fn bench_migrate(
     };
     if !json {
         crate::cmd::print_line(format_args!(
-            "each row: medians over {REPEATS} migrations of one VM, back and forth; link: {} \
+            "each row: medians over {repeats} migrations of one VM, back and forth; link: {} \
              (one stream, 1 MiB writes), median of {} samples of {} MiB taken just before \
              and after the row's VM runs; busy link: one sample with the VM running",
             ends.link,
@@ -301,13 +300,14 @@ pub fn bench_migrate(
             };
             for &(mode, device) in modes {
                 let mut link = ends.samples(LINK_SAMPLES_BEFORE)?;
-                let measured = measure(&ends, name, accel, (mode, device)).with_context(|| {
-                    format!(
-                        "{name} with {} MiB, {mode} ({})",
-                        accel >> 20,
-                        device.name()
-                    )
-                })?;
+                let measured =
+                    measure(&ends, name, accel, (mode, device), repeats).with_context(|| {
+                        format!(
+                            "{name} with {} MiB, {mode} ({})",
+                            accel >> 20,
+                            device.name()
+                        )
+                    })?;
                 link.extend(ends.samples(LINK_SAMPLES_AFTER)?);
                 let figure = figure(name, accel, mode, &measured, &link);
                 if json {
@@ -354,12 +354,13 @@ fn device_column(asked: DeviceTransfer, each: &[String]) -> String {
 }
 
 /// Starts the workload on host a, measures its rate and the link's beside it, migrates
-/// it [`REPEATS`] times (`mode`, moving device memory as `device` says) and deletes it.
+/// it `repeats` times (`mode`, moving device memory as `device` says) and deletes it.
 fn measure(
     ends: &Ends,
     name: &'static str,
     accel: u64,
     (mode, device): (&str, DeviceTransfer),
+    repeats: usize,
 ) -> anyhow::Result<Measured> {
     let (ca, cb) = (&ends.client_a, &ends.client_b);
     let (args, key) = workload(name, accel);
@@ -389,8 +390,8 @@ fn measure(
     let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
     let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
     let busy_link = (ends.probe)(LINK_SAMPLE_BYTES)?;
-    let mut runs = Vec::with_capacity(REPEATS);
-    for i in 0..REPEATS {
+    let mut runs = Vec::with_capacity(repeats);
+    for i in 0..repeats {
         let (from, to, to_addr) = if i % 2 == 0 {
             (ca, cb, &ends.addr_b)
         } else {
@@ -410,7 +411,7 @@ fn measure(
         let c2 = count_now(from, &id, key)?.unwrap_or(0);
         let t2 = Instant::now();
         let report = follow(from, &id, &request, &ProgressBar::hidden())
-            .with_context(|| format!("migration {} of {REPEATS}", i + 1))?;
+            .with_context(|| format!("migration {} of {repeats}", i + 1))?;
         let t3 = Instant::now();
         let c3 = count_now(to, &id, key)?.unwrap_or(c2);
         runs.push(Run {
@@ -421,7 +422,7 @@ fn measure(
     }
     // Stopped where it runs now; the other host keeps a record that it migrated away
     // (which cannot be stopped there).
-    let last = if REPEATS % 2 == 1 { cb } else { ca };
+    let last = if repeats % 2 == 1 { cb } else { ca };
     let _: Value = last.delete(&format!("/v1/vms/{id}"))?;
     Ok(Measured {
         runs,
