@@ -9,11 +9,11 @@
 #
 # With the device tool (which brings back at most 8 files): build here, then run
 #   run(command="GPU_CHECK_PACK=$OUT/gpu-check.tgz scripts/gpu-check.sh run /tmp/gpu-check",
-#       carry=["gpu-check"], timeout_s=560)
+#       carry=["gpu-check"], timeout_s=590)
 # and unpack gpu-check.tgz (packed again after every step, so a run cut short keeps what
 # it did): machine.txt, cuda-tests.txt, device-tests.txt, bench-gpu.json, and with
 # /dev/kvm bench-accel-{cpu,cuda}.json and bench-migrate-*.json; summary.txt says what
-# ran, what passed and what was skipped. The steps' limits add up to about 8 minutes.
+# ran, what passed and what was skipped. The steps' limits add up to under 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,15 +90,23 @@ run() {
         step "bench accel on the cpu backend" 40 bench-accel-cpu.json gpu-check/ferry bench accel --json
         step "bench accel on the cuda backend" 40 bench-accel-cuda.json \
             gpu-check/ferry bench accel --backend cuda --json
+        # A decoding VM's migration with the driver's launch window and without it: the
+        # window keeps its flood of small kernels from holding up the migration's copies.
+        step "bench migrate at 256 MiB, launch window ${FERRY_CUDA_LAUNCH_WINDOW:-default}" 50 \
+            bench-migrate-window.json gpu-check/ferry bench migrate --backend cuda \
+            --accel-sizes 256M --workloads llm-decode --repeats 1 --json
+        step "bench migrate at 256 MiB, launch window unbounded" 50 bench-migrate-unbounded.json \
+            env FERRY_CUDA_LAUNCH_WINDOW=0 gpu-check/ferry bench migrate --backend cuda \
+            --accel-sizes 256M --workloads llm-decode --repeats 1 --json
         # Live vs stop-and-copy; fewer migrations per figure as device memory grows, so
         # that 32 GiB (about 20 GiB of it written) fits the run.
         step "bench migrate on the cuda backend at 1 GiB" 90 bench-migrate-1g.json \
             gpu-check/ferry bench migrate --backend cuda --accel-sizes 1G \
             --workloads llm-decode,mlp-train --repeats 3 --json
-        step "bench migrate on the cuda backend at 8 GiB" 80 bench-migrate-8g.json \
+        step "bench migrate on the cuda backend at 8 GiB" 70 bench-migrate-8g.json \
             gpu-check/ferry bench migrate --backend cuda --accel-sizes 8G \
             --workloads llm-decode,mlp-train --repeats 1 --json
-        step "bench migrate on the cuda backend at 32 GiB" 80 bench-migrate-32g.json \
+        step "bench migrate on the cuda backend at 32 GiB" 70 bench-migrate-32g.json \
             gpu-check/ferry bench migrate --backend cuda --accel-sizes 32G \
             --workloads llm-decode --repeats 1 --json
     else

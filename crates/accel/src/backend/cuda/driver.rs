@@ -7,10 +7,15 @@
 //! Every call binds the context to its thread first (a buffer may be freed on any
 //! thread: CUDA needs the context there).
 //!
-//! Nothing here has run on a GPU yet (the machines this was written on have none):
-//! `scripts/gpu-check.sh` runs the device tests and benches on one.
+//! At most [`LAUNCH_WINDOW`] launches wait on the GPU at once: a guest launching small
+//! kernels faster than the GPU runs them would otherwise fill the driver's queue, and a
+//! migration's copies then waited behind it (on an H200, llm-decode's chunk reads and the
+//! destination's writes crawled at 5 MiB/s, stuck inside the copy calls).
+//!
+//! `scripts/gpu-check.sh` runs the device tests and benches on a GPU (first run on an
+//! H200, driver 580, in December 2026).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -30,6 +35,10 @@ const BLOCK: u32 = 256;
 /// through one, so the DMA engine copies at full speed and the caller's memory need not
 /// be pinned; larger ones go directly.
 const STAGING: usize = 1 << 20;
+/// Launches queued on the GPU before the next waits for the oldest to end: deep enough to
+/// keep the GPU fed, shallow enough that a copy never queues behind seconds of kernels.
+/// `FERRY_CUDA_LAUNCH_WINDOW` sets another (0: unbounded), to measure the difference.
+pub const LAUNCH_WINDOW: usize = 32;
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
     move |e| GpuError::Driver {
@@ -89,7 +98,7 @@ pub struct CudaMemory {
     slice: CudaSlice<u8>,
     address: u64,
     /// Recorded after the last launch or copy that wrote it.
-    written: Mutex<Option<CudaEvent>>,
+    written: Mutex<Option<Arc<CudaEvent>>>,
 }
 
 impl Drop for CudaMemory {
@@ -112,6 +121,10 @@ pub struct CudaGpu {
     description: String,
     /// Pinned staging buffers not in use (one per concurrent copy at most).
     staging: Mutex<Vec<PinnedHostSlice<u8>>>,
+    /// Events recorded after the launches that may still be queued, oldest first.
+    queued: Mutex<VecDeque<Arc<CudaEvent>>>,
+    /// Most launches queued at once (0: unbounded).
+    launch_window: usize,
 }
 
 impl CudaGpu {
@@ -120,6 +133,10 @@ impl CudaGpu {
         if !driver_present() {
             return Err(GpuError::NoDriver);
         }
+        let launch_window = match std::env::var("FERRY_CUDA_LAUNCH_WINDOW") {
+            Ok(set) => set.parse().map_err(|_| GpuError::LaunchWindow(set))?,
+            Err(_) => LAUNCH_WINDOW,
+        };
         let count = CudaContext::device_count().map_err(|e| GpuError::NoDevice(e.to_string()))?;
         if count < 1 {
             return Err(GpuError::NoDevice("the driver reports no device".into()));
@@ -168,6 +185,8 @@ impl CudaGpu {
             _module: module,
             functions,
             staging: Mutex::default(),
+            queued: Mutex::default(),
+            launch_window,
         })
     }
 
@@ -237,13 +256,38 @@ impl CudaGpu {
         }
     }
 
-    fn mark_written(&self, memory: &CudaMemory) -> Result<(), GpuError> {
-        let event = self
-            .compute
+    /// An event recorded on the compute stream after what is queued there now.
+    fn record(&self) -> Result<Arc<CudaEvent>, GpuError> {
+        self.compute
             .record_event(None)
-            .map_err(driver("event record"))?;
-        *memory.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
-        Ok(())
+            .map(Arc::new)
+            .map_err(driver("event record"))
+    }
+
+    /// Marks `memory` written by what `event` follows.
+    fn mark_written(memory: &CudaMemory, event: &Arc<CudaEvent>) {
+        *memory.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(event.clone());
+    }
+
+    /// Counts the launch `event` follows as queued; once more than the window are, waits
+    /// (without the lock) for the launches beyond it to end.
+    fn keep_window(&self, event: Arc<CudaEvent>) -> Result<(), GpuError> {
+        if self.launch_window == 0 {
+            return Ok(());
+        }
+        let mut oldest = None;
+        {
+            let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            queued.push_back(event);
+            while queued.len() > self.launch_window {
+                // One stream runs in order: the newest of those ended means all did.
+                oldest = queued.pop_front();
+            }
+        }
+        match oldest {
+            Some(event) => event.synchronize().map_err(driver("launch")),
+            None => Ok(()),
+        }
     }
 }
 
@@ -319,13 +363,12 @@ impl Gpu for CudaGpu {
             let (address, _guard) = slice.device_ptr(&self.compute);
             address
         };
-        let memory = CudaMemory {
+        // Its zeroing is queued on the compute stream: a read waits for that.
+        Ok(CudaMemory {
             slice,
             address,
-            written: Mutex::new(None),
-        };
-        self.mark_written(&memory)?;
-        Ok(memory)
+            written: Mutex::new(Some(self.record()?)),
+        })
     }
 
     fn address(&self, memory: &CudaMemory) -> u64 {
@@ -352,7 +395,8 @@ impl Gpu for CudaGpu {
                 .map_err(driver("write"))?;
             self.compute.synchronize().map_err(driver("write"))?;
         }
-        self.mark_written(memory)
+        Self::mark_written(memory, &self.record()?);
+        Ok(())
     }
 
     fn read(&self, memory: &CudaMemory, offset: u64, out: &mut [u8]) -> Result<(), GpuError> {
@@ -415,9 +459,11 @@ impl Gpu for CudaGpu {
         // SAFETY: the device validated every buffer range the kernel touches (its
         // access set), and `plan` passes those buffers' addresses and sizes.
         unsafe { builder.launch(config) }.map_err(driver("launch"))?;
+        // One event for every buffer the launch writes, and for the window.
+        let event = self.record()?;
         for memory in writes {
-            self.mark_written(memory)?;
+            Self::mark_written(memory, &event);
         }
-        Ok(())
+        self.keep_window(event)
     }
 }

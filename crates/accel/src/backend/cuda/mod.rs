@@ -106,6 +106,9 @@ pub enum GpuError {
     /// `kernels.cu` did not compile.
     #[error("the CUDA kernels did not compile: {0}")]
     Compile(String),
+    /// `FERRY_CUDA_LAUNCH_WINDOW` is not a count.
+    #[error("FERRY_CUDA_LAUNCH_WINDOW={0:?} is not a count of launches (0: unbounded)")]
+    LaunchWindow(String),
     /// A driver call failed.
     #[error("CUDA {what} failed: {message}")]
     Driver {
