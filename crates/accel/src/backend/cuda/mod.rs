@@ -268,7 +268,7 @@ const SPLIT_MATMUL_MIN_DEPTH: usize = 32;
 /// have a few thousand outputs, each thousands deep.
 fn matmul_splits(m: usize, n: usize, k: usize) -> Option<(usize, usize)> {
     let outputs = m * n;
-    if outputs == 0 || outputs >= TILED_MATMUL_OUTPUTS {
+    if outputs == 0 || outputs >= TILED_MATMUL_OUTPUTS || k < 2 * SPLIT_MATMUL_MIN_DEPTH {
         return None;
     }
     let wanted = (SPLIT_MATMUL_THREADS / outputs).min(k / SPLIT_MATMUL_MIN_DEPTH);
@@ -830,5 +830,25 @@ mod tests {
         assert!(check_gpu_work(&decode).is_ok());
         let prefill = kernel(&[k::ATTENTION, 1, 2, 3, 4, 32, 32, 8, 128, 32 << 10]);
         assert!(check_gpu_work(&prefill).is_ok());
+    }
+
+    #[test]
+    fn matmul_slices_its_depth_only_when_its_outputs_are_few_and_every_slice_has_work() {
+        // A decode step: 2048 outputs, 2048 deep, in 64 slices of 32.
+        assert_eq!(matmul_splits(1, 2048, 2048), Some((64, 32)));
+        // Ragged: 300 deep in 9 slices of 34, the last of 28.
+        assert_eq!(matmul_splits(13, 17, 300), Some((9, 34)));
+        // Too shallow, no depth at all, or outputs enough to fill a GPU: not sliced.
+        for (m, n, k) in [(13, 17, 63), (1, 96, 0), (0, 96, 4096), (256, 256, 4096)] {
+            assert_eq!(matmul_splits(m, n, k), None, "{m}x{n}x{k}");
+        }
+        for (m, n, k) in [(1, 1, 1 << 30), (1, 7, 1000), (3, 5000, 77), (255, 256, 1 << 20)] {
+            let (splits, depth) = matmul_splits(m, n, k).expect("sliced");
+            // Every slice has work, and together they cover the depth once.
+            assert!(depth >= SPLIT_MATMUL_MIN_DEPTH && (splits - 1) * depth < k);
+            assert!(splits * depth >= k);
+            // Partials (the scratch) stay within the threads' bound.
+            assert!(splits * m * n <= SPLIT_MATMUL_THREADS + m * n, "{m}x{n}x{k}");
+        }
     }
 }
