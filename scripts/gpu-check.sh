@@ -84,8 +84,11 @@ run() {
         gpu-check/cuda-tests --test-threads=1 --nocapture
     step "device tests (hostile guests, dirty tracking, replay) on every backend" 45 device-tests.txt \
         gpu-check/device-tests --test-threads=2
-    step "bench gpu (GEMM vs cuBLAS, chunk reads busy vs idle, writes)" 75 bench-gpu.json \
+    step "bench gpu (GEMM vs cuBLAS, chunk reads busy vs idle, writes)" 60 bench-gpu.json \
         gpu-check/ferry bench gpu --json
+    # The same with no launch window: what a flood of small kernels does to reads then.
+    step "bench gpu, launch window unbounded" 40 bench-gpu-unbounded.json \
+        env FERRY_CUDA_LAUNCH_WINDOW=0 gpu-check/ferry bench gpu --json
     if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
         step "bench accel on the cpu backend" 40 bench-accel-cpu.json gpu-check/ferry bench accel --json
         step "bench accel on the cuda backend" 40 bench-accel-cuda.json \
@@ -100,13 +103,13 @@ run() {
             --accel-sizes 256M --workloads llm-decode --repeats 1 --json
         # Live vs stop-and-copy; fewer migrations per figure as device memory grows, so
         # that 32 GiB (about 20 GiB of it written) fits the run.
-        step "bench migrate on the cuda backend at 1 GiB" 90 bench-migrate-1g.json \
+        step "bench migrate on the cuda backend at 1 GiB" 80 bench-migrate-1g.json \
             gpu-check/ferry bench migrate --backend cuda --accel-sizes 1G \
             --workloads llm-decode,mlp-train --repeats 3 --json
-        step "bench migrate on the cuda backend at 8 GiB" 70 bench-migrate-8g.json \
+        step "bench migrate on the cuda backend at 8 GiB" 60 bench-migrate-8g.json \
             gpu-check/ferry bench migrate --backend cuda --accel-sizes 8G \
             --workloads llm-decode,mlp-train --repeats 1 --json
-        step "bench migrate on the cuda backend at 32 GiB" 70 bench-migrate-32g.json \
+        step "bench migrate on the cuda backend at 32 GiB" 60 bench-migrate-32g.json \
             gpu-check/ferry bench migrate --backend cuda --accel-sizes 32G \
             --workloads llm-decode --repeats 1 --json
     else

@@ -1,7 +1,8 @@
 //! `ferry bench gpu`: the cuda backend at device level, no VM (so it runs on a GPU host
 //! without KVM): every kernel against the cpu backend, MATMUL's speed against cuBLAS
-//! called directly, and a migration's chunk reads while kernels keep the GPU busy against
-//! the same reads on an idle GPU and one plain copy of the buffer.
+//! called directly, and a migration's chunk reads while kernels keep the GPU busy (long
+//! ones, and a flood of small ones) against the same reads on an idle GPU and one plain
+//! copy of the buffer.
 //!
 //! With `FERRY_CUDA_EMULATOR=1` it runs on the emulated kernels (small sizes, no cuBLAS):
 //! that checks the benchmark, not a GPU.
@@ -66,6 +67,45 @@ fn read_chunks(reader: &dyn BufferReader, id: u32, bytes: u64) -> anyhow::Result
         start = end;
     }
     Ok(bytes as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Reads every chunk of buffer `id` 1 (`bytes` long) through `reader` while a second
+/// backend on the same GPU launches `n×n×n` MATMULs until they end, waiting for each when
+/// `wait_each`; bytes/s, and the MATMULs launched.
+fn reads_while_launching(
+    reader: &dyn BufferReader,
+    bytes: u64,
+    n: usize,
+    wait_each: bool,
+) -> anyhow::Result<(f64, u64)> {
+    let done = AtomicBool::new(false);
+    let mut kernels = 0u64;
+    let rate = std::thread::scope(|scope| -> anyhow::Result<f64> {
+        let reads = scope.spawn(|| {
+            let rate = read_chunks(reader, 1, bytes);
+            done.store(true, Ordering::Relaxed);
+            rate
+        });
+        let mut launcher = cuda_backend()?;
+        for id in 1..=3 {
+            launcher.alloc(id, (n * n * 4) as u64)?;
+        }
+        fill(launcher.as_mut(), 1, n * n, 6)?;
+        fill(launcher.as_mut(), 2, n * n, 7)?;
+        while !done.load(Ordering::Relaxed) {
+            launcher.launch(&backend::square_matmul(n))?;
+            if wait_each {
+                sync(launcher.as_ref(), 3);
+            }
+            kernels += 1;
+        }
+        // What is still queued ends before the launcher's buffers go.
+        sync(launcher.as_ref(), 3);
+        reads
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?
+    })?;
+    Ok((rate, kernels))
 }
 
 /// `ferry bench gpu`.
@@ -143,31 +183,12 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
     b.read(1, 0, &mut whole);
     let plain = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9);
     drop(whole);
-    let busy_bytes = (busy_n * busy_n * 4) as u64;
-    let done = AtomicBool::new(false);
-    let mut kernels = 0u64;
-    let busy = std::thread::scope(|scope| -> anyhow::Result<f64> {
-        let reads = scope.spawn(|| {
-            let rate = read_chunks(reader.as_ref(), 1, bytes);
-            done.store(true, Ordering::Relaxed);
-            rate
-        });
-        // A second backend on the same GPU launches them (buffers of its own).
-        let mut launcher = cuda_backend()?;
-        for id in 1..=3 {
-            launcher.alloc(id, busy_bytes)?;
-        }
-        fill(launcher.as_mut(), 1, busy_n * busy_n, 6)?;
-        fill(launcher.as_mut(), 2, busy_n * busy_n, 7)?;
-        while !done.load(Ordering::Relaxed) {
-            launcher.launch(&backend::square_matmul(busy_n))?;
-            sync(launcher.as_ref(), 3);
-            kernels += 1;
-        }
-        reads
-            .join()
-            .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?
-    })?;
+    // Long kernels, each waited for, as a training step's.
+    let (busy, kernels) = reads_while_launching(reader.as_ref(), bytes, busy_n, true)?;
+    // Small kernels launched without waiting, as a decode step's hundreds: they fill the
+    // GPU's queue unless the driver bounds it (FERRY_CUDA_LAUNCH_WINDOW).
+    let flood_n = if emulated { 8 } else { 64 };
+    let (flood, small) = reads_while_launching(reader.as_ref(), bytes, flood_n, false)?;
     let gbs = |v: f64| v / 1e9;
     emit(figure(
         "gpu_chunk_reads_idle",
@@ -188,6 +209,19 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
         format!(
             "{:.1} GB/s while {kernels} MATMULs of {busy_n}^3 ran on the GPU (idle {:.1} GB/s)",
             gbs(busy),
+            gbs(idle)
+        ),
+    ))?;
+
+    emit(figure(
+        "gpu_chunk_reads_flooded",
+        flood / idle,
+        "x idle",
+        format!(
+            "{:.3} GB/s while {small} MATMULs of {flood_n}^3 were launched without waiting \
+             (launch window {}; idle {:.1} GB/s)",
+            gbs(flood),
+            std::env::var("FERRY_CUDA_LAUNCH_WINDOW").unwrap_or_else(|_| "default".into()),
             gbs(idle)
         ),
     ))?;

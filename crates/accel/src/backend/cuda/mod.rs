@@ -842,13 +842,21 @@ mod tests {
         for (m, n, k) in [(13, 17, 63), (1, 96, 0), (0, 96, 4096), (256, 256, 4096)] {
             assert_eq!(matmul_splits(m, n, k), None, "{m}x{n}x{k}");
         }
-        for (m, n, k) in [(1, 1, 1 << 30), (1, 7, 1000), (3, 5000, 77), (255, 256, 1 << 20)] {
+        for (m, n, k) in [
+            (1, 1, 1 << 30),
+            (1, 7, 1000),
+            (3, 5000, 77),
+            (255, 256, 1 << 20),
+        ] {
             let (splits, depth) = matmul_splits(m, n, k).expect("sliced");
             // Every slice has work, and together they cover the depth once.
             assert!(depth >= SPLIT_MATMUL_MIN_DEPTH && (splits - 1) * depth < k);
             assert!(splits * depth >= k);
             // Partials (the scratch) stay within the threads' bound.
-            assert!(splits * m * n <= SPLIT_MATMUL_THREADS + m * n, "{m}x{n}x{k}");
+            assert!(
+                splits * m * n <= SPLIT_MATMUL_THREADS + m * n,
+                "{m}x{n}x{k}"
+            );
         }
     }
 }
