@@ -2,7 +2,8 @@
 //! without KVM): every kernel against the cpu backend, MATMUL's speed against cuBLAS
 //! called directly, and a migration's chunk reads while kernels keep the GPU busy (long
 //! ones, and a flood of small ones) against the same reads on an idle GPU and one plain
-//! copy of the buffer.
+//! copy of the buffer; and where a decode step's time goes (one llm-decode layer's kernels
+//! against the cpu backend, and a launch's own cost).
 //!
 //! With `FERRY_CUDA_EMULATOR=1` it runs on the emulated kernels (small sizes, no cuBLAS):
 //! that checks the benchmark, not a GPU.
@@ -13,6 +14,7 @@ use std::time::Instant;
 use anyhow::ensure;
 use ferry_accel::backend::{self, Backend, BufferReader, DeviceMemory};
 use ferry_accel::dirty::CHUNK_SIZE;
+use ferry_accel::kernel::{Kernel, MatmulFlags};
 
 use crate::cmd::bench::{figure, Emit};
 
@@ -67,6 +69,158 @@ fn read_chunks(reader: &dyn BufferReader, id: u32, bytes: u64) -> anyhow::Result
         start = end;
     }
     Ok(bytes as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Microseconds per launch of `kernel` on `b`, launched `reps` times back to back (as a
+/// guest's decode step launches them) then waited for once; its buffers `1..` hold
+/// `sizes` f32 each (made, filled, and freed here).
+fn micros_per_launch(
+    b: &mut dyn Backend,
+    kernel: &Kernel,
+    sizes: &[usize],
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let ids = 1..=sizes.len() as u32;
+    for (id, &n) in ids.clone().zip(sizes) {
+        b.alloc(id, (n * 4) as u64)?;
+        fill(b, id, n, u64::from(id))?;
+    }
+    let last = sizes.len() as u32;
+    b.launch(kernel)?;
+    sync(b, last);
+    let started = Instant::now();
+    for _ in 0..reps {
+        b.launch(kernel)?;
+    }
+    sync(b, last);
+    let micros = started.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    for id in ids {
+        b.free(id);
+    }
+    Ok(micros)
+}
+
+/// The kernels of one llm-decode layer at model width `d` (heads of 64, `len` positions
+/// cached), each with the f32 counts of its buffers and how often a layer runs it.
+fn decode_layer(d: usize, len: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
+    let matmul = |n: usize, k: usize| Kernel::Matmul {
+        a: 1,
+        b: 2,
+        c: 3,
+        m: 1,
+        n,
+        k,
+        flags: MatmulFlags::default(),
+    };
+    let heads = d / 64;
+    vec![
+        ("matmul_d_d", matmul(d, d), vec![d, d * d, d], 4),
+        (
+            "matmul_d_4d",
+            matmul(4 * d, d),
+            vec![d, 4 * d * d, 4 * d],
+            1,
+        ),
+        (
+            "matmul_4d_d",
+            matmul(d, 4 * d),
+            vec![4 * d, 4 * d * d, d],
+            1,
+        ),
+        (
+            "attention_decode",
+            Kernel::AttentionDecode {
+                q: 1,
+                k_cache: 2,
+                v_cache: 3,
+                out: 4,
+                heads,
+                head_dim: 64,
+                len,
+            },
+            vec![d, len * d, len * d, d],
+            1,
+        ),
+        (
+            "layer_norm",
+            Kernel::LayerNorm {
+                x: 1,
+                gamma: 2,
+                beta: 3,
+                out: 4,
+                rows: 1,
+                cols: d,
+                eps: 1e-5,
+            },
+            vec![d, d, d, d],
+            2,
+        ),
+        (
+            "add",
+            Kernel::Add {
+                a: 1,
+                b: 2,
+                out: 3,
+                n: d,
+            },
+            vec![d, d, d],
+            2,
+        ),
+    ]
+}
+
+/// One llm-decode layer's kernels on the GPU against the cpu backend: where a decode
+/// step's time goes.
+fn decode_profile(gpu: &mut dyn Backend, emit: &mut Emit, emulated: bool) -> anyhow::Result<()> {
+    let (d, len, reps) = if emulated {
+        (64, 16, 4)
+    } else {
+        (512, 128, 200)
+    };
+    let mut cpu = backend::create(
+        backend::CPU,
+        ferry_vmm::vm::default_accel_threads(),
+        &DeviceMemory::default(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let (mut gpu_layer, mut cpu_layer) = (0.0, 0.0);
+    let mut each = Vec::new();
+    for (name, kernel, sizes, per_layer) in decode_layer(d, len) {
+        let on_gpu = micros_per_launch(gpu, &kernel, &sizes, reps)?;
+        let on_cpu = micros_per_launch(cpu.as_mut(), &kernel, &sizes, reps)?;
+        gpu_layer += on_gpu * per_layer as f64;
+        cpu_layer += on_cpu * per_layer as f64;
+        each.push(format!(
+            "{name} {on_gpu:.1} us (cpu {on_cpu:.1}) x{per_layer}"
+        ));
+    }
+    emit(figure(
+        "gpu_decode_layer",
+        cpu_layer / gpu_layer,
+        "x cpu",
+        format!(
+            "one llm-decode layer (width {d}, {len} positions cached), kernels launched back \
+             to back: {gpu_layer:.0} us on the GPU, {cpu_layer:.0} us on the cpu backend; {}",
+            each.join(", ")
+        ),
+    ))?;
+    // A launch's own cost: the smallest kernel there is.
+    let tiny = Kernel::Add {
+        a: 1,
+        b: 2,
+        out: 3,
+        n: 1,
+    };
+    let launch = micros_per_launch(gpu, &tiny, &[1, 1, 1], reps * 10)?;
+    emit(figure(
+        "gpu_launch",
+        launch,
+        "us",
+        format!(
+            "per ADD of one element, {} launched back to back",
+            reps * 10
+        ),
+    ))
 }
 
 /// Reads every chunk of buffer `id` 1 (`bytes` long) through `reader` while a second
@@ -169,6 +323,8 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
             format!("{n}^3 f32 MATMUL through the {kind} backend {ours:.0} GFLOP/s; {vs}"),
         ))?;
     }
+
+    decode_profile(b.as_mut(), emit, emulated)?;
 
     // A migration's chunk reads: idle, while MATMULs keep the GPU busy, and one plain copy.
     let bytes: u64 = if emulated { 64 << 20 } else { 1 << 30 };
