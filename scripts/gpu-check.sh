@@ -115,6 +115,7 @@ run() {
     else
         say "SKIPPED the VM-level benches (mlp-train, llm-decode, migration at 1/8/32 GiB): /dev/kvm is not usable here"
     fi
+    rm -rf "$links"
     say "== done; results in $out"
 }
 
