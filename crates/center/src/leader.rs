@@ -52,7 +52,7 @@ pub struct LeaderInfo {
 struct Campaign {
     lease: Option<i64>,
     /// Leading since the lease was last renewed at this instant.
-    renewed: Instant,
+    renewed: BootInstant,
 }
 
 impl Center {
@@ -65,7 +65,7 @@ impl Center {
         };
         let mut campaign = Campaign {
             lease: None,
-            renewed: Instant::now(),
+            renewed: BootInstant::now(),
         };
         let mut refreshed = Instant::now();
         loop {
@@ -104,7 +104,7 @@ impl Center {
             None => match store.etcd().grant_lease(LEASE_TTL) {
                 Ok(lease) => {
                     campaign.lease = Some(lease);
-                    campaign.renewed = Instant::now();
+                    campaign.renewed = BootInstant::now();
                     lease
                 }
                 Err(e) => {
@@ -114,7 +114,7 @@ impl Center {
             },
         };
         // Keep the lease alive while waiting, so a win is not lost to its expiry.
-        let asked = Instant::now();
+        let asked = BootInstant::now();
         match store.etcd().keep_alive(lease) {
             Ok(true) => campaign.renewed = asked,
             Ok(false) | Err(_) => {
@@ -175,7 +175,7 @@ impl Center {
             self.step_down(store, campaign, "it holds no lease");
             return;
         };
-        let asked = Instant::now();
+        let asked = BootInstant::now();
         let lapsed_at = campaign.renewed + LEASE_TTL - LEAD_MARGIN;
         match store.etcd().keep_alive(lease) {
             Ok(true) => {
@@ -185,7 +185,7 @@ impl Center {
                 // operations of this term may have seen it end and stopped, each leaving
                 // the rest to a next term's leader. Leading on in this term, no one would
                 // resume them; a new term (a new campaign) does.
-                if Instant::now() >= lapsed_at {
+                if BootInstant::now() >= lapsed_at {
                     self.step_down(
                         store,
                         campaign,
@@ -220,6 +220,47 @@ impl Center {
     }
 }
 
+/// An instant of the boot clock (`CLOCK_BOOTTIME`), which counts the time the machine
+/// was suspended, as etcd's lease clock on another machine does: a replica that slept
+/// past its lease (a suspended VM, a laptop lid) wakes knowing its lead ran out.
+/// [`Instant`] stops during a suspend on Linux, and would have it lead on at waking
+/// while another replica leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct BootInstant(Duration);
+
+impl BootInstant {
+    /// Now.
+    pub(crate) fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes one timespec; CLOCK_BOOTTIME exists on every Linux since 2.6.39.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        assert_eq!(rc, 0, "CLOCK_BOOTTIME: {}", std::io::Error::last_os_error());
+        Self(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    /// Time since this instant (zero for one in the future).
+    pub(crate) fn elapsed(self) -> Duration {
+        Self::now().0.saturating_sub(self.0)
+    }
+}
+
+impl std::ops::Add<Duration> for BootInstant {
+    type Output = Self;
+    fn add(self, d: Duration) -> Self {
+        Self(self.0 + d)
+    }
+}
+
+impl std::ops::Sub<Duration> for BootInstant {
+    type Output = Self;
+    fn sub(self, d: Duration) -> Self {
+        Self(self.0.saturating_sub(d))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,11 +276,31 @@ mod tests {
         Center::open(crate::tests::test_config(store)).unwrap()
     }
 
+    #[test]
+    fn the_boot_clock_advances_with_time_and_adds_as_instants_do() {
+        let before = BootInstant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let after = BootInstant::now();
+        assert!(after > before);
+        assert!(before.elapsed() >= Duration::from_millis(20));
+        assert!(before + Duration::from_millis(20) <= after);
+        assert!(after - Duration::from_millis(20) >= before);
+        // A lead's end in the future has not come; one in the past has.
+        assert!(BootInstant::now() < after + LEASE_TTL);
+        assert!(BootInstant::now() >= after - LEASE_TTL);
+        assert_eq!((after + LEASE_TTL).elapsed(), Duration::ZERO);
+        // Never before the boot.
+        assert_eq!(
+            after - Duration::from_secs(u32::MAX.into()),
+            BootInstant(Duration::ZERO)
+        );
+    }
+
     /// `center` campaigns once, wins, and returns its campaign.
     fn win(center: &Arc<Center>) -> Campaign {
         let mut campaign = Campaign {
             lease: None,
-            renewed: Instant::now(),
+            renewed: BootInstant::now(),
         };
         center.campaign(center.store.as_etcd().unwrap(), &mut campaign);
         assert!(center.is_leader(), "a lone replica wins");
@@ -259,7 +320,7 @@ mod tests {
         // The last renewal was asked for a lease's length ago (etcd was slow to answer,
         // or the store slow to load at the win): the lead ran out by this replica's
         // clock, and its operations of this term stopped. The lease itself lives.
-        campaign.renewed = Instant::now().checked_sub(LEASE_TTL).unwrap();
+        campaign.renewed = BootInstant::now() - LEASE_TTL;
         center.lead_until(campaign.renewed + LEASE_TTL - LEAD_MARGIN);
         assert_eq!(center.term(), None);
         center.renew(store, &mut campaign);

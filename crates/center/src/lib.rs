@@ -248,7 +248,7 @@ pub struct Center {
     term: std::sync::atomic::AtomicU64,
     /// When this replica's lead ends unless the lease is renewed before (none on SQLite:
     /// a single center leads for ever).
-    lead_until: Mutex<Option<std::time::Instant>>,
+    lead_until: Mutex<Option<leader::BootInstant>>,
     /// The store's generation a follower last refreshed at.
     refreshed_at: Mutex<Option<i64>>,
     operations: Mutex<BTreeMap<u64, Operation>>,
@@ -467,7 +467,7 @@ impl Center {
             .lead_until
             .lock()
             .expect("lead lock")
-            .is_none_or(|until| std::time::Instant::now() < until);
+            .is_none_or(|until| leader::BootInstant::now() < until);
         in_time && matches!(*self.role.lock().expect("role lock"), leader::Role::Leader)
     }
 
@@ -506,7 +506,7 @@ impl Center {
     }
 
     /// Renewed: this replica leads until `until` at the latest.
-    pub(crate) fn lead_until(&self, until: std::time::Instant) {
+    pub(crate) fn lead_until(&self, until: leader::BootInstant) {
         *self.lead_until.lock().expect("lead lock") = Some(until);
     }
 
