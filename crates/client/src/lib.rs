@@ -41,6 +41,22 @@ pub struct Unreachable {
     pub unsent: bool,
 }
 
+/// Whether `e` is TLS finding the server's first bytes are not TLS: an `https://`
+/// address of a server that speaks plain HTTP.
+fn plain_text_answer(e: &ureq::Error) -> bool {
+    let ureq::Error::Io(io) = e else {
+        return false;
+    };
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+            )
+        })
+}
+
 /// Whether `e` is a request's that got no answer but may have arrived (a timeout, a
 /// connection cut): sent again, a request that is safe to repeat may find it done.
 pub fn unanswered(e: &anyhow::Error) -> bool {
@@ -361,7 +377,12 @@ impl ApiClient {
                                 | ureq::Error::Timeout(ureq::Timeout::Connect)
                         );
                     all_unsent &= unsent;
-                    failures.push(format!("{}: {e}", self.bases[i]));
+                    let hint = if plain_text_answer(&e) {
+                        " (it answered in plain text, not TLS: is it an http:// address?)"
+                    } else {
+                        ""
+                    };
+                    failures.push(format!("{}: {e}{hint}", self.bases[i]));
                     if !(unsent || idempotent) {
                         break;
                     }
@@ -609,6 +630,22 @@ mod tests {
         let client = ApiClient::new(base, b"token").unwrap();
         let error = client.get::<serde_json::Value>("/v1/vms").unwrap_err();
         error.downcast::<Unreachable>().expect("an Unreachable")
+    }
+
+    #[test]
+    fn an_https_address_of_a_plain_http_server_is_named_as_such() {
+        let base = answering(1, "400 Bad Request", String::new()).replace("http://", "https://");
+        let failure = unreachable(&base).failures.join("; ");
+        assert!(
+            failure.contains("it answered in plain text, not TLS: is it an http:// address?"),
+            "{failure}"
+        );
+        // A server that is not there gets no such hint.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = format!("https://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let failure = unreachable(&gone).failures.join("; ");
+        assert!(!failure.contains("plain text"), "{failure}");
     }
 
     /// A server answering `answers` connections with `status` and `body`; its address.
