@@ -553,21 +553,13 @@ fn a_typed_host_and_a_center_from_the_environment_are_not_both_taken() {
 /// The URL of an API that answers every request with `status` (its line, e.g. `401
 /// Unauthorized`) and the JSON `body`.
 fn api_answering(status: &'static str, body: &'static str) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let (mut line, mut length) = (String::new(), 0usize);
-            while reader.read_line(&mut line).unwrap_or(0) > 2 {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-                line.clear();
-            }
-            let _ = reader.read_exact(&mut vec![0; length]);
+            let _ = ferry_testdata::read_http_request(&mut BufReader::new(&conn));
             let _ = write!(
                 conn,
                 "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

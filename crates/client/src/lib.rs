@@ -672,24 +672,14 @@ mod tests {
     /// it read the request whole (closed with some of it unread, the connection would be
     /// reset, and the answer lost); its address.
     fn answering_raw(answers: Vec<String>) -> String {
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::{BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
             for (stream, answer) in listener.incoming().zip(answers) {
                 let mut stream = stream.unwrap();
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut length = 0;
-                let mut line = String::new();
-                while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
-                    if let Some((name, value)) = line.split_once(':') {
-                        if name.eq_ignore_ascii_case("content-length") {
-                            length = value.trim().parse().unwrap();
-                        }
-                    }
-                    line.clear();
-                }
-                reader.read_exact(&mut vec![0u8; length]).unwrap();
+                ferry_testdata::read_http_request(&mut BufReader::new(&stream))
+                    .expect("a whole request");
                 let _ = stream.write_all(answer.as_bytes());
             }
         });

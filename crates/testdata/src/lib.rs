@@ -58,6 +58,30 @@ extern "C" fn remove_scratch_dirs() {
     }
 }
 
+/// Reads one HTTP/1.1 request from `reader`: its body (of its `content-length`), once its
+/// head and body are read whole; `None` when the connection ends (or fails) first. For the
+/// tests' small stand-in servers.
+pub fn read_http_request(reader: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
 /// A local address where nothing listens, so a connection is refused (a port that was
 /// free a moment ago).
 pub fn refusing_addr() -> std::net::SocketAddr {
