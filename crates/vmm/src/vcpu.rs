@@ -229,6 +229,9 @@ pub enum VcpuRunError {
     /// Registers could not be read to build a report.
     #[error("cannot read vCPU registers for the fault report")]
     Registers(#[source] VcpuStateError),
+    /// The VMM's own vCPU thread panicked (a bug in the VMM, not the guest's doing).
+    #[error("the VMM's vCPU thread panicked: {0}")]
+    Panicked(String),
 }
 
 /// The registers of a stopped vCPU, for error reports.
@@ -647,7 +650,8 @@ impl VcpuHandle {
             .spawn(move || {
                 // SAFETY: gettid has no preconditions and touches no memory.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
-                vcpu_thread(vcpu, &kvm, request_rx, event_tx)
+                let ends = event_tx.clone();
+                reporting_panics(&ends, || vcpu_thread(vcpu, &kvm, request_rx, event_tx));
             })?;
         let tid = tid_rx
             .recv()
@@ -809,6 +813,20 @@ fn vcpu_thread(
 }
 
 /// Sends the guest's end if `ran` (a run's outcome) is one; whether it was.
+/// Runs a vCPU thread's `body`, reporting a panic in it as the guest's failure: without
+/// the report a pause waiting on the thread learnt only that it was gone, and the VM was
+/// left "running" with its other vCPUs paused.
+fn reporting_panics(events: &Sender<VcpuEvent>, body: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let _ = events.send(VcpuEvent::Failed(VcpuRunError::Panicked(message)));
+    }
+}
+
 fn sent_end(events: &Sender<VcpuEvent>, ran: Result<Option<i32>, VcpuRunError>) -> bool {
     let end = match ran {
         Ok(None) => return false,
@@ -817,4 +835,28 @@ fn sent_end(events: &Sender<VcpuEvent>, ran: Result<Option<i32>, VcpuRunError>) 
     };
     let _ = events.send(end);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_on_a_vcpu_thread_is_reported_as_the_guests_failure() {
+        let (events, ended) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            reporting_panics(&events, || panic!("a port handler's bug"));
+        });
+        thread.join().expect("the panic was caught");
+        match ended.try_recv() {
+            Ok(VcpuEvent::Failed(VcpuRunError::Panicked(message))) => {
+                assert_eq!(message, "a port handler's bug");
+            }
+            other => panic!("not a failure: {other:?}"),
+        }
+        // A thread that ends as it should reports nothing more.
+        let (events, ended) = mpsc::channel();
+        reporting_panics(&events, || {});
+        assert!(ended.try_recv().is_err());
+    }
 }
