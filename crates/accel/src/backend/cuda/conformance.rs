@@ -611,6 +611,65 @@ mod tests {
     }
 
     #[test]
+    fn split_and_fused_attention_give_the_same_bits() {
+        let gpu = emulator();
+        let mut r = Rng(11);
+        let (heads, kv_heads, hd) = (6, 2, 20);
+        let (rows, pos, len) = (4, 9, 23);
+        let cache = (pos + rows).max(len) * heads * hd;
+        let kernels = [
+            numbered::attention_decode(heads, hd, len),
+            Kernel::Attention {
+                q: 1,
+                k_cache: 2,
+                v_cache: 3,
+                out: 4,
+                rows,
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos,
+            },
+        ];
+        let inputs = [
+            r.f32s(rows * heads * hd, 1.0),
+            r.f32s(cache, 1.0),
+            r.f32s(cache, 1.0),
+            vec![0; 4 * rows * heads * hd],
+        ];
+        for kernel in kernels {
+            let room = score_room(&kernel).expect("scores kept");
+            let mut outputs = Vec::new();
+            // Kept whole, kept for 3 rows at a time (in uneven parts), and fused.
+            let parts = ScoreRoom { rows: 3, ..room };
+            for kept in [Some(room), Some(parts), None] {
+                let memory: Vec<_> = inputs
+                    .iter()
+                    .map(|d| {
+                        let mem = gpu.alloc(d.len() as u64).unwrap();
+                        gpu.write(&mem, 0, d).unwrap();
+                        mem
+                    })
+                    .collect();
+                let scratch = gpu.alloc(2 * room.region).unwrap();
+                let at = |id: BufferId| gpu.address(&memory[id as usize - 1]);
+                let kept = kept.map(|room| (gpu.address(&scratch), room));
+                let launches = attention_plan(&kernel, at, kept);
+                assert!(!launches.is_empty());
+                for launch in &launches {
+                    gpu.launch(launch, &[]).unwrap();
+                }
+                let mut out = vec![0u8; inputs[3].len()];
+                gpu.read(&memory[3], 0, &mut out).unwrap();
+                outputs.push(out);
+            }
+            assert_ne!(outputs[0], inputs[3], "{kernel:?} wrote nothing");
+            assert_eq!(outputs[0], outputs[1], "{kernel:?}: kept in parts differs");
+            assert_eq!(outputs[0], outputs[2], "{kernel:?}: split and fused differ");
+        }
+    }
+
+    #[test]
     fn every_kernel_has_a_plan_and_every_entry_point_is_listed() {
         // `plan` covers every Kernel (the match is exhaustive); the entry points it may
         // name are exactly those kernels.cu defines.

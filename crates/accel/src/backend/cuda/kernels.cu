@@ -4,8 +4,9 @@
 //
 // Every output element, row or dot product is computed by one thread, entirely, in a fixed
 // sequential order (a MATMUL thread computes a 4×4 tile of them; a QMATMUL output's eight
-// lanes are eight threads, their sum a ninth): no shared memory, no atomics, no warp
-// reductions. The bits then depend only on the data, never on the grid, the GPU's
+// lanes are eight threads, their sum a ninth; attention's scores and their exponentials
+// are threads of their own, kept in scratch memory for the threads of its output): no
+// shared memory, no atomics, no warp reductions. The bits then depend only on the data, never on the grid, the GPU's
 // scheduling or the thread count.
 // Multiplies and adds are never fused (`--fmad=false` here, `-ffp-contract=off` when
 // emulated), and division and square root are IEEE-rounded (NVRTC's defaults), so every
@@ -484,6 +485,54 @@ KERNEL ferry_attention_decode(const Args a) {
     PTR(float, 3)[item] = (float)(acc / sum);
 }
 
+// The split attentions below give the bits of the fused ones above (each score, exponential
+// and sum is the same expression, taken in the same order), with each score computed once,
+// by a thread of its own, instead of again in every thread of its head's output: the fused
+// kernels remain for heads whose scores would take too much scratch memory.
+
+// attention_decode_scores: q, k_cache, scores | items (heads·len), heads, head_dim, len
+// One thread per (head, position): its scaled score, in f64.
+KERNEL ferry_attention_decode_scores(const Args a) {
+    ITEM(a.w[3]);
+    u64 heads = a.w[4], hd = a.w[5], len = a.w[6];
+    u64 h = item / len, p = item % len;
+    const float *q = PTR(const float, 0) + h * hd;
+    const float *k = PTR(const float, 1) + p * heads * hd + h * hd;
+    double scale = 1.0 / sqrt((double)hd);
+    double dot = -0.0;
+    for (u64 e = 0; e < hd; e++) dot += (double)q[e] * (double)k[e];
+    PTR(double, 2)[item] = dot * scale;
+}
+
+// attention_decode_exps: scores, exps | items (heads·len), len
+// One thread per (head, position): exp(score - the head's largest score), which it finds.
+KERNEL ferry_attention_decode_exps(const Args a) {
+    ITEM(a.w[2]);
+    u64 len = a.w[3];
+    const double *s = PTR(const double, 0) + item / len * len;
+    double max = bits_f64(0xfff0000000000000ULL);
+    for (u64 p = 0; p < len; p++)
+        if (s[p] > max) max = s[p];
+    PTR(double, 1)[item] = exp_f64(s[item % len] - max);
+}
+
+// attention_decode_values: exps, v_cache, out | items (heads·head_dim), heads, head_dim, len
+// One thread per output element: the sum of its head's exponentials and of its column of
+// values weighted by them, in position order.
+KERNEL ferry_attention_decode_values(const Args a) {
+    ITEM(a.w[3]);
+    u64 heads = a.w[4], hd = a.w[5], len = a.w[6];
+    u64 h = item / hd, d = item % hd;
+    const double *w = PTR(const double, 0) + h * len;
+    const float *vc = PTR(const float, 1);
+    double sum = 0.0, acc = 0.0;
+    for (u64 p = 0; p < len; p++) {
+        sum += w[p];
+        acc += w[p] * (double)vc[p * heads * hd + h * hd + d];
+    }
+    PTR(float, 2)[item] = (float)(acc / sum);
+}
+
 // a · b in eight f32 lanes, summed in a fixed order, the tail last (ops.rs's dot8).
 DEV float dot8(const float *a, const float *b, u64 n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -526,6 +575,59 @@ KERNEL ferry_attention(const Args a) {
         acc += w * vc[p * kv_stride + kvh * hd + d];
     }
     PTR(float, 3)[item] = acc;
+}
+
+// attention_scores: q, k_cache, scores | items (rows·heads·span), heads, kv_heads,
+//   head_dim, pos, span (pos + rows: the longest row's length)
+// One thread per (row, head, position) within the row's causal length: its scaled score.
+KERNEL ferry_attention_scores(const Args a) {
+    ITEM(a.w[3]);
+    u64 heads = a.w[4], kv_heads = a.w[5], hd = a.w[6], pos = a.w[7], span = a.w[8];
+    u64 i = item / span, p = item % span;
+    if (p > pos + i / heads) return;
+    u64 kvh = i % heads / (heads / kv_heads);
+    const float *q = PTR(const float, 0) + i * hd;
+    const float *k = PTR(const float, 1) + p * kv_heads * hd + kvh * hd;
+    float scale = (float)(1.0 / sqrt((double)hd));
+    PTR(float, 2)[item] = dot8(q, k, hd) * scale;
+}
+
+// attention_exps: scores, exps | items (rows·heads·span), heads, pos, span
+// One thread per (row, head, position) within the row's causal length: exp(score - the
+// largest of its row's scores), which it finds.
+KERNEL ferry_attention_exps(const Args a) {
+    ITEM(a.w[2]);
+    u64 heads = a.w[3], pos = a.w[4], span = a.w[5];
+    u64 i = item / span, p = item % span;
+    u64 len = pos + i / heads + 1;
+    if (p >= len) return;
+    const float *s = PTR(const float, 0) + i * span;
+    float max = bits_f32(0xff800000u);
+    for (u64 j = 0; j < len; j++) max = s[j] > max ? s[j] : max;
+    PTR(float, 1)[item] = exp_f32(s[p] - max);
+}
+
+// attention_values: exps, v_cache, out | items (rows·heads·head_dim), heads, kv_heads,
+//   head_dim, pos, span
+// One thread per output element: the sum of its row's exponentials, then its column of
+// values weighted by each over that sum, in position order.
+KERNEL ferry_attention_values(const Args a) {
+    ITEM(a.w[3]);
+    u64 heads = a.w[4], kv_heads = a.w[5], hd = a.w[6], pos = a.w[7], span = a.w[8];
+    u64 i = item / hd, d = item % hd;
+    u64 len = pos + i / heads + 1;
+    u64 kvh = i % heads / (heads / kv_heads);
+    u64 kv_stride = kv_heads * hd;
+    const float *e = PTR(const float, 0) + i * span;
+    const float *vc = PTR(const float, 1);
+    double sum = 0.0;
+    for (u64 p = 0; p < len; p++) sum += (double)e[p];
+    float acc = 0.0f;
+    for (u64 p = 0; p < len; p++) {
+        float w = (float)((double)e[p] / sum);
+        acc += w * vc[p * kv_stride + kvh * hd + d];
+    }
+    PTR(float, 2)[item] = acc;
 }
 
 // ---- MATMUL ----------------------------------------------------------------------------

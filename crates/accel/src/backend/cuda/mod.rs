@@ -62,7 +62,13 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_argmax",
     "ferry_rope",
     "ferry_attention_decode",
+    "ferry_attention_decode_scores",
+    "ferry_attention_decode_exps",
+    "ferry_attention_decode_values",
     "ferry_attention",
+    "ferry_attention_scores",
+    "ferry_attention_exps",
+    "ferry_attention_values",
     "ferry_matmul",
     "ferry_matmul_tiled",
     "ferry_matmul_split",
@@ -278,6 +284,41 @@ fn matmul_splits(m: usize, n: usize, k: usize) -> Option<(usize, usize)> {
     (splits > 1).then_some((splits, depth))
 }
 
+/// Most bytes of scores (and as many of their exponentials) an attention keeps, so that
+/// each is computed once: past it, each thread of the output computes its head's again.
+const MAX_ATTENTION_SCRATCH: u64 = 64 << 20;
+
+/// Where attention keeps its scores: for how many of its rows at once, and the bytes of
+/// each of its two regions of scratch memory (the scores, then their exponentials).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ScoreRoom {
+    rows: usize,
+    region: u64,
+}
+
+/// The room `kernel`'s scores take if they are kept ([`MAX_ATTENTION_SCRATCH`] at most):
+/// `heads·len` f64 for ATTENTION_DECODE, and for ATTENTION `heads·(pos + rows)` f32 for
+/// each of as many rows as fit (rows shorter than the last leave the rest of theirs
+/// unused; a batch of more rows runs in parts).
+fn score_room(kernel: &Kernel) -> Option<ScoreRoom> {
+    let aligned = |bytes: u64| bytes.next_multiple_of(SCRATCH_ALIGN);
+    let (rows, region) = match *kernel {
+        Kernel::AttentionDecode { heads, len, .. } => {
+            (1, aligned(8 * (heads as u64).checked_mul(len as u64)?))
+        }
+        Kernel::Attention {
+            rows, heads, pos, ..
+        } => {
+            let row = 4 * (heads as u64).checked_mul((pos as u64).checked_add(rows as u64)?)?;
+            let fit = (MAX_ATTENTION_SCRATCH / 2 - SCRATCH_ALIGN) / row.max(1);
+            let at_once = rows.min(usize::try_from(fit).unwrap_or(usize::MAX));
+            (at_once, aligned(row * at_once as u64))
+        }
+        _ => return None,
+    };
+    (rows > 0 && 2 * region <= MAX_ATTENTION_SCRATCH).then_some(ScoreRoom { rows, region })
+}
+
 /// Most bytes of lane partials a QMATMUL keeps (eight f32 per output): up to this, each
 /// lane of each output is a thread of its own.
 const MAX_LANES_BYTES: u64 = 64 << 20;
@@ -347,8 +388,9 @@ impl<G: Gpu> GpuBackend<G> {
     }
 }
 
-/// Refuses a launch whose work here is beyond one launch's bound: this backend's
-/// attention computes a head's scores again in each thread of its output, so its work
+/// Refuses a launch whose work here is beyond one launch's bound: this backend's fused
+/// attention (the one it falls back on when scores would take too much scratch memory,
+/// [`score_room`]) computes a head's scores again in each thread of its output, so its work
 /// grows with the head's width squared, and a GPU kernel cannot be cut short (a pause, a
 /// stop, another VM on the GPU would wait for minutes of very wide heads). The kernel
 /// table counts that much for every backend already
@@ -577,28 +619,9 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             n,
         ),
         Kernel::RngFill { n, .. } => as_launched("ferry_rng_fill", n),
-        Kernel::AttentionDecode {
-            q,
-            k_cache,
-            v_cache,
-            out,
-            heads,
-            head_dim,
-            len,
-        } => one(
-            "ferry_attention_decode",
-            &[
-                at(q),
-                at(k_cache),
-                at(v_cache),
-                at(out),
-                u(heads * head_dim),
-                u(heads),
-                u(head_dim),
-                u(len),
-            ],
-            heads * head_dim,
-        ),
+        Kernel::AttentionDecode { .. } | Kernel::Attention { .. } => {
+            attention_plan(kernel, at, score_room(kernel).map(|room| (scratch, room)))
+        }
         Kernel::Argmax { rows, .. } => as_launched("ferry_argmax", rows),
         Kernel::QMatmul {
             w,
@@ -676,6 +699,63 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             )
         }
         Kernel::Swiglu { n, .. } => as_launched("ferry_swiglu", n),
+    }
+}
+
+/// The launches of an ATTENTION or ATTENTION_DECODE `kernel`: its scores, their
+/// exponentials and its output apart, the first two kept at the scratch address given
+/// (with its [`score_room`]), or with `None` the fused kernel, whose output threads each
+/// compute their head's scores again. Both give the same bits.
+fn attention_plan(
+    kernel: &Kernel,
+    at: impl Fn(BufferId) -> u64,
+    kept: Option<(u64, ScoreRoom)>,
+) -> Vec<Launch> {
+    let u = |v: usize| v as u64;
+    let launch = |entry, words: &[u64], items: usize| Launch {
+        entry,
+        args: args(words),
+        items: u(items),
+    };
+    match *kernel {
+        Kernel::AttentionDecode {
+            q,
+            k_cache,
+            v_cache,
+            out,
+            heads,
+            head_dim,
+            len,
+        } => {
+            let (scores, outputs) = (heads * len, heads * head_dim);
+            let shape = [u(heads), u(head_dim), u(len)];
+            let Some((scratch, room)) = kept else {
+                let buffers = [at(q), at(k_cache), at(v_cache), at(out), u(outputs)];
+                return vec![launch(
+                    "ferry_attention_decode",
+                    &[&buffers[..], &shape].concat(),
+                    outputs,
+                )];
+            };
+            let exps = scratch + room.region;
+            vec![
+                launch(
+                    "ferry_attention_decode_scores",
+                    &[&[at(q), at(k_cache), scratch, u(scores)], &shape[..]].concat(),
+                    scores,
+                ),
+                launch(
+                    "ferry_attention_decode_exps",
+                    &[scratch, exps, u(scores), u(len)],
+                    scores,
+                ),
+                launch(
+                    "ferry_attention_decode_values",
+                    &[&[exps, at(v_cache), at(out), u(outputs)], &shape[..]].concat(),
+                    outputs,
+                ),
+            ]
+        }
         Kernel::Attention {
             q,
             k_cache,
@@ -687,23 +767,50 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             head_dim,
             pos,
         } => {
-            let items = rows * heads * head_dim;
-            one(
-                "ferry_attention",
-                &[
-                    at(q),
-                    at(k_cache),
-                    at(v_cache),
-                    at(out),
-                    u(items),
-                    u(heads),
-                    u(kv_heads),
-                    u(head_dim),
-                    u(pos),
-                ],
-                items,
-            )
+            let Some((scratch, room)) = kept else {
+                let outputs = rows * heads * head_dim;
+                let words = [at(q), at(k_cache), at(v_cache), at(out), u(outputs)];
+                let shape = [u(heads), u(kv_heads), u(head_dim), u(pos)];
+                return vec![launch(
+                    "ferry_attention",
+                    &[&words[..], &shape].concat(),
+                    outputs,
+                )];
+            };
+            let exps = scratch + room.region;
+            // Row `r` of a part from row `first` is row `first + r` of the whole, its
+            // queries and outputs that far on, its length (`pos + first + r + 1`) the same.
+            (0..rows)
+                .step_by(room.rows)
+                .flat_map(|first| {
+                    let n = room.rows.min(rows - first);
+                    let skip = 4 * u(first * heads * head_dim);
+                    let (q, out) = (at(q) + skip, at(out) + skip);
+                    let pos = pos + first;
+                    let span = pos + n;
+                    let (scores, outputs) = (n * heads * span, n * heads * head_dim);
+                    let shape = [u(heads), u(kv_heads), u(head_dim), u(pos), u(span)];
+                    [
+                        launch(
+                            "ferry_attention_scores",
+                            &[&[q, at(k_cache), scratch, u(scores)], &shape[..]].concat(),
+                            scores,
+                        ),
+                        launch(
+                            "ferry_attention_exps",
+                            &[scratch, exps, u(scores), u(heads), u(pos), u(span)],
+                            scores,
+                        ),
+                        launch(
+                            "ferry_attention_values",
+                            &[&[exps, at(v_cache), out, u(outputs)], &shape[..]].concat(),
+                            outputs,
+                        ),
+                    ]
+                })
+                .collect()
         }
+        _ => unreachable!("not an attention: {kernel:?}"),
     }
 }
 
@@ -718,6 +825,9 @@ pub fn scratch_bytes(kernel: &Kernel) -> u64 {
         Kernel::CrossEntropy { rows, .. } => 8 * rows as u64,
         Kernel::Matmul { m, n, k, .. } => {
             matmul_splits(m, n, k).map_or(0, |(splits, _)| 4 * (splits * m * n) as u64)
+        }
+        Kernel::AttentionDecode { .. } | Kernel::Attention { .. } => {
+            score_room(kernel).map_or(0, |room| 2 * room.region)
         }
         _ => 0,
     }
@@ -830,6 +940,32 @@ mod tests {
         assert!(check_gpu_work(&decode).is_ok());
         let prefill = kernel(&[k::ATTENTION, 1, 2, 3, 4, 32, 32, 8, 128, 32 << 10]);
         assert!(check_gpu_work(&prefill).is_ok());
+        // Both keep their scores (once each) in scratch memory: 2 × 9 × 8192 f64; and
+        // 7 rows of 32 × (32 K + 32) f32 at a time (2 × 29.4 MB), in 5 parts.
+        let room = score_room(&decode).expect("kept");
+        assert_eq!(scratch_bytes(&decode), 2 * 9 * 8192 * 8);
+        assert_eq!(room.rows, 1);
+        assert_eq!(plan(&decode, |_| 0, 0).len(), 3);
+        let room = score_room(&prefill).expect("kept");
+        assert_eq!(room.rows, 7);
+        assert_eq!(room.region, 7 * 32 * ((32 << 10) + 32) * 4);
+        assert!(scratch_bytes(&prefill) <= MAX_ATTENTION_SCRATCH);
+        let parts = plan(&prefill, |_| 0, 0);
+        assert_eq!(parts.len(), 5 * 3);
+        // The last part: rows 28..32, its queries 28 rows on, its scores as long as row 31.
+        let last = &parts[12];
+        assert_eq!(last.entry, "ferry_attention_scores");
+        assert_eq!(last.args.0[0], 4 * 28 * 32 * 128);
+        assert_eq!(last.args.0[7..9], [(32 << 10) + 28, (32 << 10) + 32]);
+        assert_eq!(last.items, 4 * 32 * ((32 << 10) + 32));
+        // Heads whose scores cannot fit, even one row at a time, run fused, without scratch.
+        let wide = kernel(&[k::ATTENTION_DECODE, 1, 2, 3, 4, 64, 64, 1 << 17]);
+        assert!(check_gpu_work(&wide).is_ok());
+        assert_eq!(score_room(&wide), None);
+        assert_eq!(scratch_bytes(&wide), 0);
+        let fused = plan(&wide, |_| 0, 0);
+        assert_eq!(fused.len(), 1);
+        assert_eq!(fused[0].entry, "ferry_attention_decode");
     }
 
     #[test]
