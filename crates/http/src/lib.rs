@@ -222,6 +222,126 @@ const HEADER_READ_TIME: Duration = Duration::from_secs(30);
 /// process may open too few files ([`within_open_files`]).
 const MAX_CONNECTIONS: usize = 4096;
 
+/// The share of the connections (and of the TLS handshakes) one client address may hold
+/// at once: a quarter, so that one client, before any token of its is checked, cannot take
+/// them all. An address is an IPv4 address or an IPv6 /64 (what one machine is given).
+/// Loopback is exempt: the machine's own processes (the benches' and tests' many clients
+/// among them) are not told apart by address.
+const SHARE_PER_ADDRESS: usize = 4;
+
+/// The connections open from each client address, each address at most `limit`.
+struct PeerCounts {
+    limit: usize,
+    exempt_loopback: bool,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A connection counted against its client address until it is dropped.
+struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    address: std::net::IpAddr,
+}
+
+impl PeerCounts {
+    /// Counts for a server of `most` connections: each address a [`SHARE_PER_ADDRESS`] of
+    /// them (at least one), loopback exempt.
+    fn new(most: usize) -> Arc<Self> {
+        Self::with_limit((most / SHARE_PER_ADDRESS).max(1), true)
+    }
+
+    fn with_limit(limit: usize, exempt_loopback: bool) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            exempt_loopback,
+            open: Default::default(),
+        })
+    }
+
+    /// Counts a connection from `peer`: `Err` if its address holds its limit already,
+    /// `Ok(None)` if it is not counted (loopback).
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Option<PeerSlot>, ()> {
+        let address = client_address(peer.ip());
+        if self.exempt_loopback && address.is_loopback() {
+            return Ok(None);
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(address).or_default();
+        if *count >= self.limit {
+            return Err(());
+        }
+        *count += 1;
+        Ok(Some(PeerSlot {
+            counts: self.clone(),
+            address,
+        }))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = (self.counts.open.lock()).unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The client address `ip` counts against: itself for IPv4 (an IPv4-mapped IPv6 address
+/// as the IPv4 one) and IPv6 loopback, its /64 for other IPv6.
+fn client_address(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None if v6.is_loopback() => v6.into(),
+            None => std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into(),
+        },
+        v4 => v4,
+    }
+}
+
+/// What a connection past its address's share is told before it is closed: 429 with
+/// `Retry-After` and [`error_with_code`]'s body, as the APIs' own refusals of a busy client.
+fn too_many_from_address() -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": "too many connections from this address at once: close some and try again",
+        "code": "busy",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Tells `io` it holds too many connections, takes what it sends meanwhile (64 KiB, a
+/// second at most: closed with a request unread, the connection would be reset and the
+/// answer lost) and closes it.
+async fn refuse_connection<Io>(mut io: Io)
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(&too_many_from_address()).await?;
+        io.shutdown().await?;
+        let mut unread = [0u8; 4096];
+        let mut taken = 0;
+        while taken < 64 << 10 {
+            match io.read(&mut unread).await? {
+                0 => break,
+                n => taken += n,
+            }
+        }
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
 /// `max`, or less where this process may open so few files (`files`, its soft limit:
 /// 1024 is systemd's default) that `max` descriptors held by clients before any token is
 /// checked would leave none for VMs, migrations and files: at most `files / divisor`,
@@ -377,7 +497,8 @@ async fn serve(
             // With the connections queued for the server (as many again) and those
             // served, at most half the files this process may open.
             let handshakes = within_open_files(MAX_TLS_HANDSHAKES, 8, open_files_limit());
-            let listener = TlsListener::new(listener, config, handshakes)?;
+            let peers = PeerCounts::new(handshakes);
+            let listener = TlsListener::new(listener, config, handshakes, peers)?;
             serve_on(listener, router, shutdown, CLIENT_TIMES).await
         }
     }
@@ -389,15 +510,34 @@ async fn serve(
 /// request's body failing when it takes longer than `times.body`. (`axum::serve` sets no
 /// timer, so hyper applies no header timeout at all there; hyper has none for bodies or
 /// writes.)
-async fn serve_on<L: axum::serve::Listener>(
-    mut listener: L,
+async fn serve_on<L: axum::serve::Listener<Addr = SocketAddr>>(
+    listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     times: ClientTimes,
 ) -> std::io::Result<()> {
+    let most = within_open_files(MAX_CONNECTIONS, 4, open_files_limit());
+    serve_within(
+        listener,
+        router,
+        shutdown,
+        times,
+        (most, PeerCounts::new(most)),
+    )
+    .await
+}
+
+/// [`serve_on`] with at most `most` connections at once, each client address's counted
+/// by `peers`.
+async fn serve_within<L: axum::serve::Listener<Addr = SocketAddr>>(
+    mut listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    times: ClientTimes,
+    (most, peers): (usize, Arc<PeerCounts>),
+) -> std::io::Result<()> {
     let router = with_body_deadline(router, times.body);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
-    let most = within_open_files(MAX_CONNECTIONS, 4, open_files_limit());
     let slots = Arc::new(tokio::sync::Semaphore::new(most));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -406,9 +546,17 @@ async fn serve_on<L: axum::serve::Listener>(
             () = &mut shutdown => break,
         };
         let Ok(slot) = slot else { break };
-        let (io, _peer) = tokio::select! {
+        let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
+        };
+        let Ok(counted) = peers.admit(peer) else {
+            tracing::debug!(%peer, "an API connection refused: its address holds its share");
+            tokio::spawn(async move {
+                refuse_connection(io).await;
+                drop(slot);
+            });
+            continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let mut io = tokio_io_timeout::TimeoutStream::new(io);
@@ -423,7 +571,7 @@ async fn serve_on<L: axum::serve::Listener>(
             if let Err(e) = connection.await {
                 tracing::debug!("an API connection ended: {e}");
             }
-            drop(slot);
+            drop((slot, counted));
         });
     }
     // The port closes; requests in flight finish.
@@ -450,11 +598,13 @@ struct TlsListener {
 
 impl TlsListener {
     /// Handshakes connections from `listener` with `config`, at most `handshakes` at once
-    /// ([`MAX_TLS_HANDSHAKES`] in production), for [`axum::serve::Listener::accept`].
+    /// ([`MAX_TLS_HANDSHAKES`] in production), each client address's counted by `peers`,
+    /// for [`axum::serve::Listener::accept`].
     fn new(
         listener: TcpListener,
         config: Arc<rustls::ServerConfig>,
         handshakes: usize,
+        peers: Arc<PeerCounts>,
     ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (done, ready) = tokio::sync::mpsc::channel(handshakes);
@@ -480,8 +630,15 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Past its address's share of the handshakes, closed unheard (a handshake
+                // refused is what a client sees of a busy listener).
+                let Ok(counted) = peers.admit(peer) else {
+                    tracing::debug!(%peer, "an API TLS connection refused: its address holds its share");
+                    continue;
+                };
                 let (acceptor, done) = (acceptor.clone(), done.clone());
                 tokio::spawn(async move {
+                    let _counted = counted;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIME, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => {
                             // The slot is kept until the connection is queued for the
@@ -670,6 +827,76 @@ mod tests {
     }
 
     #[test]
+    fn one_client_address_holds_only_its_share_of_the_connections() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let serve = |exempt_loopback: bool| {
+            let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let peers = PeerCounts::with_limit(2, exempt_loopback);
+            let stop = std::future::pending();
+            let served = serve_within(listener, router.clone(), stop, CLIENT_TIMES, (8, peers));
+            runtime.spawn(served);
+            addr
+        };
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let addr = serve(false);
+        // Two connections that say nothing hold this address's share.
+        let held: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // The served count them as they are accepted: a third is refused once both are.
+        let refused = (0..50).find_map(|_| {
+            let answer = exchange(addr, request);
+            if answer.starts_with("HTTP/1.1 429") {
+                return Some(answer);
+            }
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            std::thread::sleep(Duration::from_millis(20));
+            None
+        });
+        let refused = refused.expect("a third connection refused");
+        assert!(refused.contains("retry-after: 1"), "{refused}");
+        let body = refused.split("\r\n\r\n").nth(1).unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["code"], "busy", "{body}");
+        // One closed frees its place.
+        drop(held);
+        let served = (0..50).any(|_| {
+            let answer = exchange(addr, request);
+            std::thread::sleep(Duration::from_millis(20));
+            answer.starts_with("HTTP/1.1 200")
+        });
+        assert!(served, "the share was not given back");
+        // Loopback exempt (as every server is), the same is served.
+        let addr = serve(true);
+        let _held: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        answered(addr, request, "ok");
+    }
+
+    #[test]
+    fn a_client_address_is_its_ipv4_address_or_its_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(client_address(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_address(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            client_address(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(
+            client_address(ip("2001:db8:1:3::1")),
+            client_address(ip("2001:db8:1:2::1"))
+        );
+        // Loopback, in either family, stays loopback (and exempt).
+        assert_eq!(client_address(ip("::1")), ip("::1"));
+        assert!(client_address(ip("::1")).is_loopback());
+        assert!(client_address(ip("::ffff:127.0.0.1")).is_loopback());
+    }
+
+    #[test]
     fn a_request_head_past_its_bound_is_refused_at_once() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
@@ -832,11 +1059,8 @@ mod tests {
         assert_eq!(refusal(&router, json, b"{".to_vec()).await, malformed);
     }
 
-    #[test]
-    fn handshaken_connections_the_server_does_not_take_are_bounded() {
-        const LIMIT: usize = 2;
-        const CLIENTS: usize = 10;
-        let runtime = tokio::runtime::Runtime::new().unwrap();
+    /// A server's TLS configuration and a client's connector that trusts it.
+    fn tls_pair() -> (ferry_migrate::TlsConfig, tokio_rustls::TlsConnector) {
         let ca = test_pki::Ca::new("ferry-http test CA");
         let host = ca.host();
         let tls = ferry_migrate::TlsConfig::from_pem(
@@ -845,12 +1069,6 @@ mod tests {
             ca.cert.as_bytes(),
         )
         .unwrap();
-        // Nobody calls accept on it: the server is as busy as it gets.
-        let listener = runtime.block_on(async {
-            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            TlsListener::new(tcp, tls.https_server(), LIMIT).unwrap()
-        });
-        let addr = listener.local;
         let mut roots = rustls::RootCertStore::empty();
         for cert in tls.ca_certificates() {
             roots.add(cert.clone()).unwrap();
@@ -861,7 +1079,68 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        (tls, tokio_rustls::TlsConnector::from(Arc::new(client)))
+    }
+
+    /// Whether a TLS handshake with `addr` completes within 3 s.
+    async fn handshakes(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> bool {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ferry_migrate::TLS_SERVER_NAME.try_into().unwrap();
+        let handshake = connector.connect(name, tcp);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), handshake).await,
+            Ok(Ok(_))
+        )
+    }
+
+    #[test]
+    fn one_client_address_holds_only_its_share_of_the_tls_handshakes() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (tls, connector) = tls_pair();
+        for exempt_loopback in [false, true] {
+            let (listener, addr) = runtime.block_on(async {
+                let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = tcp.local_addr().unwrap();
+                let peers = PeerCounts::with_limit(1, exempt_loopback);
+                let listener = TlsListener::new(tcp, tls.https_server(), 8, peers).unwrap();
+                (listener, addr)
+            });
+            // A connection that never says hello holds this address's one handshake.
+            let silent = std::net::TcpStream::connect(addr).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let done = runtime.block_on(handshakes(&connector, addr));
+            assert_eq!(done, exempt_loopback, "exempt: {exempt_loopback}");
+            drop((silent, listener));
+        }
+        // With the silent one gone, the address's handshake is free again.
+        let (listener, addr) = runtime.block_on(async {
+            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = tcp.local_addr().unwrap();
+            let peers = PeerCounts::with_limit(1, false);
+            (
+                TlsListener::new(tcp, tls.https_server(), 8, peers).unwrap(),
+                addr,
+            )
+        });
+        drop(std::net::TcpStream::connect(addr).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(runtime.block_on(handshakes(&connector, addr)));
+        drop(listener);
+    }
+
+    #[test]
+    fn handshaken_connections_the_server_does_not_take_are_bounded() {
+        const LIMIT: usize = 2;
+        const CLIENTS: usize = 10;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (tls, connector) = tls_pair();
+        // Nobody calls accept on it: the server is as busy as it gets.
+        let listener = runtime.block_on(async {
+            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let peers = PeerCounts::new(LIMIT);
+            TlsListener::new(tcp, tls.https_server(), LIMIT, peers).unwrap()
+        });
+        let addr = listener.local;
         let streams = runtime.block_on(async {
             let clients: Vec<_> = (0..CLIENTS)
                 .map(|_| {
