@@ -551,6 +551,20 @@ mod numbered {
             v_cache: 3,
             out: 4,
         };
+        /// ATTENTION of the `rows` queries in buffer 1 (at positions `pos`...) over the
+        /// key and value caches in buffers 2 and 3, into buffer 4.
+        fn attention(
+            rows: usize,
+            heads: usize,
+            kv_heads: usize,
+            head_dim: usize,
+            pos: usize
+        ) = Attention {
+            q: 1,
+            k_cache: 2,
+            v_cache: 3,
+            out: 4,
+        };
         /// The indices of the row maxima of the `rows×cols` buffer 1 into buffer 2.
         fn argmax(rows: usize, cols: usize) = Argmax { x: 1, out: 2 };
         /// QEMBEDDING of the `count` ids in buffer 2 from the table in buffer 1 (`vocab`

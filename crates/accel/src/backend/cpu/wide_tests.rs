@@ -157,17 +157,7 @@ fn wide_outputs() -> Vec<(String, u64)> {
         let q = rng.vec(rows * heads * head_dim, 1.0);
         let kc = rng.vec((pos + rows) * kv_heads * head_dim, 1.0);
         let vc = rng.vec((pos + rows) * kv_heads * head_dim, 1.0);
-        let attention = Kernel::Attention {
-            q: 1,
-            k_cache: 2,
-            v_cache: 3,
-            out: 4,
-            rows,
-            heads,
-            kv_heads,
-            head_dim,
-            pos,
-        };
+        let attention = numbered::attention(rows, heads, kv_heads, head_dim, pos);
         pin(
             format!("attention {rows}x{heads}/{kv_heads}x{head_dim} at {pos}"),
             &[&q, &kc, &vc, &vec![f32::NAN; rows * heads * head_dim]],

@@ -402,17 +402,7 @@ fn attention_and_lookups(cases: &mut Cases<'_>) {
             r.f32s(cache, 1.0),
             vec![0; 4 * rows * heads * hd],
         ],
-        Kernel::Attention {
-            q: 1,
-            k_cache: 2,
-            v_cache: 3,
-            out: 4,
-            rows,
-            heads,
-            kv_heads,
-            head_dim: hd,
-            pos,
-        },
+        numbered::attention(rows, heads, kv_heads, hd, pos),
     );
     let (vocab, dim, count) = (50, 12, 9);
     cases.same_bits(
@@ -563,6 +553,16 @@ mod tests {
         assert!(cases.len() >= 40, "{} cases", cases.len());
     }
 
+    /// Device memory holding each of `inputs`.
+    fn uploaded(gpu: &Emulator, inputs: &[Vec<u8>]) -> Vec<<Emulator as Gpu>::Memory> {
+        let upload = |data: &Vec<u8>| {
+            let memory = gpu.alloc(data.len() as u64).unwrap();
+            gpu.write(&memory, 0, data).unwrap();
+            memory
+        };
+        inputs.iter().map(upload).collect()
+    }
+
     #[test]
     fn tiled_and_untiled_matmul_give_the_same_bits() {
         let gpu = emulator();
@@ -574,14 +574,7 @@ mod tests {
             ("ferry_matmul", m * n),
             ("ferry_matmul_tiled", m.div_ceil(4) * n.div_ceil(4)),
         ] {
-            let memory: Vec<_> = inputs
-                .iter()
-                .map(|d| {
-                    let mem = gpu.alloc(d.len() as u64).unwrap();
-                    gpu.write(&mem, 0, d).unwrap();
-                    mem
-                })
-                .collect();
+            let memory = uploaded(&gpu, &inputs);
             let at = |i: usize| gpu.address(&memory[i]);
             // Both transposed and accumulating: every index path of the kernels.
             let words = [
@@ -619,17 +612,7 @@ mod tests {
         let cache = (pos + rows).max(len) * heads * hd;
         let kernels = [
             numbered::attention_decode(heads, hd, len),
-            Kernel::Attention {
-                q: 1,
-                k_cache: 2,
-                v_cache: 3,
-                out: 4,
-                rows,
-                heads,
-                kv_heads,
-                head_dim: hd,
-                pos,
-            },
+            numbered::attention(rows, heads, kv_heads, hd, pos),
         ];
         let inputs = [
             r.f32s(rows * heads * hd, 1.0),
@@ -643,14 +626,7 @@ mod tests {
             // Kept whole, kept for 3 rows at a time (in uneven parts), and fused.
             let parts = ScoreRoom { rows: 3, ..room };
             for kept in [Some(room), Some(parts), None] {
-                let memory: Vec<_> = inputs
-                    .iter()
-                    .map(|d| {
-                        let mem = gpu.alloc(d.len() as u64).unwrap();
-                        gpu.write(&mem, 0, d).unwrap();
-                        mem
-                    })
-                    .collect();
+                let memory = uploaded(&gpu, &inputs);
                 let scratch = gpu.alloc(2 * room.region).unwrap();
                 let at = |id: BufferId| gpu.address(&memory[id as usize - 1]);
                 let kept = kept.map(|room| (gpu.address(&scratch), room));
