@@ -362,6 +362,24 @@ fn rows(cases: &mut Cases<'_>) {
     let mut with_nan = x.clone();
     with_nan[4 * (3 * cols + 5)..][..4].copy_from_slice(&f32::NAN.to_le_bytes());
     cases.same_bits("argmax", vec![with_nan, out], numbered::argmax(rows, cols));
+    // Rows wide enough to be scanned in chunks (of 256), the last one short: a plain row,
+    // its maximum again in a later chunk (the first wins), a NaN in a later chunk, NaNs in
+    // two, a row all equal.
+    let wide = 1000;
+    let mut x: Vec<f32> = (0..5 * wide).map(|i| ((i * 7919) % 1013) as f32).collect();
+    let row = |r: usize| r * wide;
+    x[row(1) + 100] = 5000.0;
+    x[row(1) + 700] = 5000.0;
+    x[row(2) + 900] = f32::NAN;
+    x[row(3) + 300] = f32::NAN;
+    x[row(3) + 800] = f32::NAN;
+    x[row(4)..row(5)].fill(-0.0);
+    let bytes = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    cases.same_bits(
+        "argmax, wide rows",
+        vec![bytes, vec![0; 4 * 5]],
+        numbered::argmax(5, wide),
+    );
     for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
         cases.same_bits(
             "rope",

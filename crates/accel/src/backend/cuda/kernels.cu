@@ -432,6 +432,41 @@ KERNEL ferry_argmax(const Args a) {
     PTR(u32, 1)[item] = (u32)best;
 }
 
+// argmax_chunks: x, bests (u32) | items (rows·chunks), cols, chunk, chunks
+// ferry_argmax's rule within each chunk of `chunk` columns of a row: its first maximum, or
+// its first NaN.
+KERNEL ferry_argmax_chunks(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[3], chunk = a.w[4], chunks = a.w[5];
+    u64 first = item % chunks * chunk;
+    u64 end = first + chunk < cols ? first + chunk : cols;
+    const float *row = PTR(const float, 0) + item / chunks * cols;
+    u64 best = first;
+    for (u64 c = first + 1; c < end; c++) {
+        if (row[best] != row[best]) break;
+        if (row[c] != row[c] || row[c] > row[best]) best = c;
+    }
+    PTR(u32, 1)[item] = (u32)best;
+}
+
+// argmax_pick: x, bests, out (u32) | rows, cols, chunks
+// The same rule over the chunks' picks, in order: the row's first maximum (a later chunk's
+// equal one is not greater) or its first NaN (the first chunk with one picks it, and ends
+// the walk), as ferry_argmax finds in one pass.
+KERNEL ferry_argmax_pick(const Args a) {
+    ITEM(a.w[3]);
+    u64 cols = a.w[4], chunks = a.w[5];
+    const float *row = PTR(const float, 0) + item * cols;
+    const u32 *bests = PTR(const u32, 1) + item * chunks;
+    u64 best = bests[0];
+    for (u64 k = 1; k < chunks; k++) {
+        if (row[best] != row[best]) break;
+        u64 c = bests[k];
+        if (row[c] != row[c] || row[c] > row[best]) best = c;
+    }
+    PTR(u32, 2)[item] = (u32)best;
+}
+
 // rope: x | items (rows·heads·half), heads, head_dim, pos, base, style (0 adjacent, 1 half)
 KERNEL ferry_rope(const Args a) {
     ITEM(a.w[1]);

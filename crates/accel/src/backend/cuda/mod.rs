@@ -60,6 +60,8 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_layer_norm",
     "ferry_rms_norm",
     "ferry_argmax",
+    "ferry_argmax_chunks",
+    "ferry_argmax_pick",
     "ferry_rope",
     "ferry_attention_decode",
     "ferry_attention_decode_scores",
@@ -317,6 +319,16 @@ fn score_room(kernel: &Kernel) -> Option<ScoreRoom> {
         _ => return None,
     };
     (rows > 0 && 2 * region <= MAX_ATTENTION_SCRATCH).then_some(ScoreRoom { rows, region })
+}
+
+/// Columns each thread of a wide ARGMAX scans for its chunk's pick.
+const ARGMAX_CHUNK: usize = 256;
+
+/// The chunks a row of `cols` is scanned in (a thread each, their picks then taken in
+/// order by a thread per row), when it is wide enough to need them: a vocabulary's 49,152
+/// logits were one thread's 49,152 steps in every decode step.
+fn argmax_chunks(cols: usize) -> Option<usize> {
+    (cols >= 2 * ARGMAX_CHUNK).then(|| cols.div_ceil(ARGMAX_CHUNK))
 }
 
 /// Most bytes of lane partials a QMATMUL keeps (eight f32 per output): up to this, each
@@ -622,7 +634,25 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
         Kernel::AttentionDecode { .. } | Kernel::Attention { .. } => {
             attention_plan(kernel, at, score_room(kernel).map(|room| (scratch, room)))
         }
-        Kernel::Argmax { rows, .. } => as_launched("ferry_argmax", rows),
+        Kernel::Argmax { x, out, rows, cols } => match argmax_chunks(cols) {
+            None => as_launched("ferry_argmax", rows),
+            Some(chunks) => {
+                let picks = rows * chunks;
+                let chunk = u(ARGMAX_CHUNK);
+                vec![
+                    Launch {
+                        entry: "ferry_argmax_chunks",
+                        args: args(&[at(x), scratch, u(picks), u(cols), chunk, u(chunks)]),
+                        items: u(picks),
+                    },
+                    Launch {
+                        entry: "ferry_argmax_pick",
+                        args: args(&[at(x), scratch, at(out), u(rows), u(cols), u(chunks)]),
+                        items: u(rows),
+                    },
+                ]
+            }
+        },
         Kernel::QMatmul {
             w,
             x,
@@ -829,6 +859,9 @@ pub fn scratch_bytes(kernel: &Kernel) -> u64 {
         Kernel::AttentionDecode { .. } | Kernel::Attention { .. } => {
             score_room(kernel).map_or(0, |room| 2 * room.region)
         }
+        Kernel::Argmax { rows, cols, .. } => {
+            argmax_chunks(cols).map_or(0, |chunks| 4 * (rows * chunks) as u64)
+        }
         _ => 0,
     }
 }
@@ -966,6 +999,23 @@ mod tests {
         let fused = plan(&wide, |_| 0, 0);
         assert_eq!(fused.len(), 1);
         assert_eq!(fused[0].entry, "ferry_attention_decode");
+    }
+
+    #[test]
+    fn argmax_of_a_vocabulary_is_scanned_in_chunks_of_its_row() {
+        // SmolLM2's 49,152 logits: 192 chunks, their picks kept in scratch.
+        let vocab = kernel(&[k::ARGMAX, 1, 2, 1, 49_152]);
+        assert_eq!(scratch_bytes(&vocab), 4 * 192);
+        let launches = plan(&vocab, |_| 0, 0);
+        let entries: Vec<_> = launches.iter().map(|l| (l.entry, l.items)).collect();
+        assert_eq!(
+            entries,
+            [("ferry_argmax_chunks", 192), ("ferry_argmax_pick", 1)]
+        );
+        // A row of a few chunks is one thread's.
+        let narrow = kernel(&[k::ARGMAX, 1, 2, 64, 511]);
+        assert_eq!(scratch_bytes(&narrow), 0);
+        assert_eq!(plan(&narrow, |_| 0, 0).len(), 1);
     }
 
     #[test]
