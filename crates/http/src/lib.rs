@@ -224,10 +224,21 @@ const MAX_CONNECTIONS: usize = 4096;
 
 /// The share of the connections (and of the TLS handshakes) one client address may hold
 /// at once: a quarter, so that one client, before any token of its is checked, cannot take
-/// them all. An address is an IPv4 address or an IPv6 /64 (what one machine is given).
-/// Loopback is exempt: the machine's own processes (the benches' and tests' many clients
-/// among them) are not told apart by address.
+/// them all; but at least [`MIN_PER_ADDRESS`] (all, where there are fewer). An address is
+/// a whole IPv4 or IPv6 address (a client with many addresses is not held back by this;
+/// grouping IPv6 by /64 would lump a data centre's hosts together). Loopback is exempt:
+/// the machine's own processes (the benches' and tests' many clients among them) are not
+/// told apart by address.
 const SHARE_PER_ADDRESS: usize = 4;
+
+/// The fewest connections one client address is left: a center's gateway keeps up to 256
+/// streams relayed to a host, on connections of their own, and calls it besides.
+const MIN_PER_ADDRESS: usize = 512;
+
+/// Connections refused for their address's share that are being told so at once; past
+/// it, one is closed unanswered (an address past its share cannot hold many slots of the
+/// server's with refusals).
+const MAX_REFUSING: usize = 64;
 
 /// The connections open from each client address, each address at most `limit`.
 struct PeerCounts {
@@ -244,9 +255,9 @@ struct PeerSlot {
 
 impl PeerCounts {
     /// Counts for a server of `most` connections: each address a [`SHARE_PER_ADDRESS`] of
-    /// them (at least one), loopback exempt.
+    /// them, at least [`MIN_PER_ADDRESS`] (at most all), loopback exempt.
     fn new(most: usize) -> Arc<Self> {
-        Self::with_limit((most / SHARE_PER_ADDRESS).max(1), true)
+        Self::with_limit(per_address(most), true)
     }
 
     fn with_limit(limit: usize, exempt_loopback: bool) -> Arc<Self> {
@@ -289,15 +300,18 @@ impl Drop for PeerSlot {
     }
 }
 
-/// The client address `ip` counts against: itself for IPv4 (an IPv4-mapped IPv6 address
-/// as the IPv4 one) and IPv6 loopback, its /64 for other IPv6.
+/// The connections one address may hold of a server's `most` (see [`SHARE_PER_ADDRESS`]).
+fn per_address(most: usize) -> usize {
+    (most / SHARE_PER_ADDRESS)
+        .max(MIN_PER_ADDRESS.min(most))
+        .max(1)
+}
+
+/// The client address `ip` counts against: itself, an IPv4-mapped IPv6 address as the
+/// IPv4 one (a dual-stack listener's IPv4 clients).
 fn client_address(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.into(),
-            None if v6.is_loopback() => v6.into(),
-            None => std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into(),
-        },
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, Into::into),
         v4 => v4,
     }
 }
@@ -307,7 +321,7 @@ fn client_address(ip: std::net::IpAddr) -> std::net::IpAddr {
 fn too_many_from_address() -> Vec<u8> {
     let body = serde_json::json!({
         "error": "too many connections from this address at once: close some and try again",
-        "code": "busy",
+        "code": "too_many_connections",
     })
     .to_string();
     format!(
@@ -539,6 +553,7 @@ async fn serve_within<L: axum::serve::Listener<Addr = SocketAddr>>(
     let router = with_body_deadline(router, times.body);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(most));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -552,10 +567,15 @@ async fn serve_within<L: axum::serve::Listener<Addr = SocketAddr>>(
         };
         let Ok(counted) = peers.admit(peer) else {
             tracing::debug!(%peer, "an API connection refused: its address holds its share");
-            tokio::spawn(async move {
-                refuse_connection(io).await;
-                drop(slot);
-            });
+            // Told on a slot of the refusals' own, not the server's (else the address
+            // would hold those with refusals); past those, closed unanswered.
+            drop(slot);
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse_connection(io).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
@@ -859,7 +879,7 @@ mod tests {
         assert!(refused.contains("retry-after: 1"), "{refused}");
         let body = refused.split("\r\n\r\n").nth(1).unwrap();
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(body["code"], "busy", "{body}");
+        assert_eq!(body["code"], "too_many_connections", "{body}");
         // One closed frees its place.
         drop(held);
         let served = (0..50).any(|_| {
@@ -878,22 +898,25 @@ mod tests {
     }
 
     #[test]
-    fn a_client_address_is_its_ipv4_address_or_its_ipv6_slash_64() {
+    fn a_client_address_is_its_own_and_holds_a_quarter_but_never_fewer_than_a_gateway_needs() {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         assert_eq!(client_address(ip("192.0.2.7")), ip("192.0.2.7"));
+        // A dual-stack listener's IPv4 client counts as its IPv4 address.
         assert_eq!(client_address(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(
-            client_address(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
-            ip("2001:db8:1:2::")
-        );
+        // Two hosts of one IPv6 network are two clients.
         assert_ne!(
-            client_address(ip("2001:db8:1:3::1")),
-            client_address(ip("2001:db8:1:2::1"))
+            client_address(ip("2001:db8:1:2::1")),
+            client_address(ip("2001:db8:1:2::2"))
         );
         // Loopback, in either family, stays loopback (and exempt).
-        assert_eq!(client_address(ip("::1")), ip("::1"));
         assert!(client_address(ip("::1")).is_loopback());
         assert!(client_address(ip("::ffff:127.0.0.1")).is_loopback());
+        // A quarter of 4,096; a center's 256 relays and more where a quarter is fewer;
+        // all of a server that has fewer.
+        assert_eq!(per_address(MAX_CONNECTIONS), 1024);
+        assert_eq!(per_address(1024), 512);
+        assert_eq!(per_address(256), 256);
+        assert_eq!(per_address(1), 1);
     }
 
     #[test]

@@ -812,7 +812,6 @@ fn vcpu_thread(
     }
 }
 
-/// Sends the guest's end if `ran` (a run's outcome) is one; whether it was.
 /// Runs a vCPU thread's `body`, reporting a panic in it as the guest's failure: without
 /// the report a pause waiting on the thread learnt only that it was gone, and the VM was
 /// left "running" with its other vCPUs paused.
@@ -827,6 +826,7 @@ fn reporting_panics(events: &Sender<VcpuEvent>, body: impl FnOnce()) {
     }
 }
 
+/// Sends the guest's end if `ran` (a run's outcome) is one; whether it was.
 fn sent_end(events: &Sender<VcpuEvent>, ran: Result<Option<i32>, VcpuRunError>) -> bool {
     let end = match ran {
         Ok(None) => return false,
