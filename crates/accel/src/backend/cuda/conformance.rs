@@ -645,7 +645,7 @@ mod tests {
             let parts = ScoreRoom { rows: 3, ..room };
             for kept in [Some(room), Some(parts), None] {
                 let memory = uploaded(&gpu, &inputs);
-                let scratch = gpu.alloc(2 * room.region).unwrap();
+                let scratch = gpu.alloc(room.bytes()).unwrap();
                 let at = |id: BufferId| gpu.address(&memory[id as usize - 1]);
                 let kept = kept.map(|room| (gpu.address(&scratch), room));
                 let launches = attention_plan(&kernel, at, kept);

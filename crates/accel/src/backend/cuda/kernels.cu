@@ -4,10 +4,10 @@
 //
 // Every output element, row or dot product is computed by one thread, entirely, in a fixed
 // sequential order (a MATMUL thread computes a 4×4 tile of them; a QMATMUL output's eight
-// lanes are eight threads, their sum a ninth; attention's scores and their exponentials
-// are threads of their own, kept in scratch memory for the threads of its output): no
-// shared memory, no atomics, no warp reductions. The bits then depend only on the data, never on the grid, the GPU's
-// scheduling or the thread count.
+// lanes are eight threads, their sum a ninth; attention's scores, each head's largest and
+// the exponentials are threads of their own, kept in scratch memory for its output's):
+// no shared memory, no atomics, no warp reductions. The bits then depend only on the
+// data, never on the grid, the GPU's scheduling or the thread count.
 // Multiplies and adds are never fused (`--fmad=false` here, `-ffp-contract=off` when
 // emulated), and division and square root are IEEE-rounded (NVRTC's defaults), so every
 // kernel but MATMUL follows the cpu backend's arithmetic step by step and gives its bits:
@@ -539,16 +539,24 @@ KERNEL ferry_attention_decode_scores(const Args a) {
     PTR(double, 2)[item] = dot * scale;
 }
 
-// attention_decode_exps: scores, exps | items (heads·len), len
-// One thread per (head, position): exp(score - the head's largest score), which it finds.
-KERNEL ferry_attention_decode_exps(const Args a) {
+// attention_decode_max: scores, maxes | items (heads), len
+// One thread per head: its largest score, in position order.
+KERNEL ferry_attention_decode_max(const Args a) {
     ITEM(a.w[2]);
     u64 len = a.w[3];
-    const double *s = PTR(const double, 0) + item / len * len;
+    const double *s = PTR(const double, 0) + item * len;
     double max = bits_f64(0xfff0000000000000ULL);
     for (u64 p = 0; p < len; p++)
         if (s[p] > max) max = s[p];
-    PTR(double, 1)[item] = exp_f64(s[item % len] - max);
+    PTR(double, 1)[item] = max;
+}
+
+// attention_decode_exps: scores, maxes, exps | items (heads·len), len
+// One thread per (head, position): exp(score - the head's largest score).
+KERNEL ferry_attention_decode_exps(const Args a) {
+    ITEM(a.w[3]);
+    u64 len = a.w[4];
+    PTR(double, 2)[item] = exp_f64(PTR(const double, 0)[item] - PTR(const double, 1)[item / len]);
 }
 
 // attention_decode_values: exps, v_cache, out | items (heads·head_dim), heads, head_dim, len
@@ -627,19 +635,27 @@ KERNEL ferry_attention_scores(const Args a) {
     PTR(float, 2)[item] = dot8(q, k, hd) * scale;
 }
 
-// attention_exps: scores, exps | items (rows·heads·span), heads, pos, span
-// One thread per (row, head, position) within the row's causal length: exp(score - the
-// largest of its row's scores), which it finds.
-KERNEL ferry_attention_exps(const Args a) {
+// attention_max: scores, maxes | items (rows·heads), heads, pos, span
+// One thread per (row, head): the largest of its row's scores, in position order.
+KERNEL ferry_attention_max(const Args a) {
     ITEM(a.w[2]);
     u64 heads = a.w[3], pos = a.w[4], span = a.w[5];
-    u64 i = item / span, p = item % span;
-    u64 len = pos + i / heads + 1;
-    if (p >= len) return;
-    const float *s = PTR(const float, 0) + i * span;
+    u64 len = pos + item / heads + 1;
+    const float *s = PTR(const float, 0) + item * span;
     float max = bits_f32(0xff800000u);
-    for (u64 j = 0; j < len; j++) max = s[j] > max ? s[j] : max;
-    PTR(float, 1)[item] = exp_f32(s[p] - max);
+    for (u64 p = 0; p < len; p++) max = s[p] > max ? s[p] : max;
+    PTR(float, 1)[item] = max;
+}
+
+// attention_exps: scores, maxes, exps | items (rows·heads·span), heads, pos, span
+// One thread per (row, head, position) within the row's causal length: exp(score - the
+// largest of its row's scores).
+KERNEL ferry_attention_exps(const Args a) {
+    ITEM(a.w[3]);
+    u64 heads = a.w[4], pos = a.w[5], span = a.w[6];
+    u64 i = item / span, p = item % span;
+    if (p > pos + i / heads) return;
+    PTR(float, 2)[item] = exp_f32(PTR(const float, 0)[item] - PTR(const float, 1)[i]);
 }
 
 // attention_values: exps, v_cache, out | items (rows·heads·head_dim), heads, kv_heads,

@@ -65,10 +65,12 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_rope",
     "ferry_attention_decode",
     "ferry_attention_decode_scores",
+    "ferry_attention_decode_max",
     "ferry_attention_decode_exps",
     "ferry_attention_decode_values",
     "ferry_attention",
     "ferry_attention_scores",
+    "ferry_attention_max",
     "ferry_attention_exps",
     "ferry_attention_values",
     "ferry_matmul",
@@ -291,34 +293,55 @@ fn matmul_splits(m: usize, n: usize, k: usize) -> Option<(usize, usize)> {
 const MAX_ATTENTION_SCRATCH: u64 = 64 << 20;
 
 /// Where attention keeps its scores: for how many of its rows at once, and the bytes of
-/// each of its two regions of scratch memory (the scores, then their exponentials).
+/// each of its two regions of scratch memory (the scores, then their exponentials), which
+/// the largest score of each (row, head) follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ScoreRoom {
     rows: usize,
     region: u64,
+    maxes: u64,
+}
+
+impl ScoreRoom {
+    /// Bytes of scratch memory it takes.
+    fn bytes(&self) -> u64 {
+        2 * self.region + self.maxes
+    }
 }
 
 /// The room `kernel`'s scores take if they are kept ([`MAX_ATTENTION_SCRATCH`] at most):
 /// `heads·len` f64 for ATTENTION_DECODE, and for ATTENTION `heads·(pos + rows)` f32 for
 /// each of as many rows as fit (rows shorter than the last leave the rest of theirs
-/// unused; a batch of more rows runs in parts).
+/// unused; a batch of more rows runs in parts); and a largest score (as f64) for each of
+/// their heads.
 fn score_room(kernel: &Kernel) -> Option<ScoreRoom> {
     let aligned = |bytes: u64| bytes.next_multiple_of(SCRATCH_ALIGN);
-    let (rows, region) = match *kernel {
-        Kernel::AttentionDecode { heads, len, .. } => {
-            (1, aligned(8 * (heads as u64).checked_mul(len as u64)?))
-        }
+    let (heads, rows, region) = match *kernel {
+        Kernel::AttentionDecode { heads, len, .. } => (
+            heads,
+            1,
+            aligned(8 * (heads as u64).checked_mul(len as u64)?),
+        ),
         Kernel::Attention {
             rows, heads, pos, ..
         } => {
-            let row = 4 * (heads as u64).checked_mul((pos as u64).checked_add(rows as u64)?)?;
-            let fit = (MAX_ATTENTION_SCRATCH / 2 - SCRATCH_ALIGN) / row.max(1);
+            let span = (pos as u64).checked_add(rows as u64)?;
+            // A row's scores and exponentials, its heads' maxima, and each region's
+            // alignment.
+            let row = 8 * (heads as u64).checked_mul(span)? + 8 * heads as u64;
+            let fit = (MAX_ATTENTION_SCRATCH - 3 * SCRATCH_ALIGN) / row.max(1);
             let at_once = rows.min(usize::try_from(fit).unwrap_or(usize::MAX));
-            (at_once, aligned(row * at_once as u64))
+            (heads, at_once, aligned(4 * (heads * at_once) as u64 * span))
         }
         _ => return None,
     };
-    (rows > 0 && 2 * region <= MAX_ATTENTION_SCRATCH).then_some(ScoreRoom { rows, region })
+    let maxes = aligned(8 * (heads as u64).checked_mul(rows as u64)?);
+    let room = ScoreRoom {
+        rows,
+        region,
+        maxes,
+    };
+    (rows > 0 && room.bytes() <= MAX_ATTENTION_SCRATCH).then_some(room)
 }
 
 /// Columns each thread of a wide ARGMAX scans for its chunk's pick.
@@ -361,10 +384,13 @@ impl<G: Gpu> GpuBackend<G> {
         self.gpu().address(&self.buffers.expect(id).memory)
     }
 
-    /// The scratch memory's address, grown to at least `bytes`.
+    /// The scratch memory's address, grown to at least `bytes` (to a power of two: a
+    /// decode step's attention wants a little more than the last, and an allocation
+    /// each step would cost more than its kernels).
     fn scratch(&mut self, bytes: u64) -> Result<u64, BackendError> {
         if self.scratch.as_ref().is_none_or(|s| s.bytes < bytes) {
             self.scratch = None;
+            let bytes = bytes.checked_next_power_of_two().unwrap_or(bytes);
             let memory = self
                 .gpu()
                 .alloc(bytes)
@@ -732,8 +758,8 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
     }
 }
 
-/// The launches of an ATTENTION or ATTENTION_DECODE `kernel`: its scores, their
-/// exponentials and its output apart, the first two kept at the scratch address given
+/// The launches of an ATTENTION or ATTENTION_DECODE `kernel`: its scores, each head's
+/// largest, their exponentials and its output apart, the first two kept at the scratch address given
 /// (with its [`score_room`]), or with `None` the fused kernel, whose output threads each
 /// compute their head's scores again. Both give the same bits.
 fn attention_plan(
@@ -767,7 +793,7 @@ fn attention_plan(
                     outputs,
                 )];
             };
-            let exps = scratch + room.region;
+            let (exps, maxes) = (scratch + room.region, scratch + 2 * room.region);
             vec![
                 launch(
                     "ferry_attention_decode_scores",
@@ -775,8 +801,13 @@ fn attention_plan(
                     scores,
                 ),
                 launch(
+                    "ferry_attention_decode_max",
+                    &[scratch, maxes, u(heads), u(len)],
+                    heads,
+                ),
+                launch(
                     "ferry_attention_decode_exps",
-                    &[scratch, exps, u(scores), u(len)],
+                    &[scratch, maxes, exps, u(scores), u(len)],
                     scores,
                 ),
                 launch(
@@ -807,7 +838,7 @@ fn attention_plan(
                     outputs,
                 )];
             };
-            let exps = scratch + room.region;
+            let (exps, maxes) = (scratch + room.region, scratch + 2 * room.region);
             // Row `r` of a part from row `first` is row `first + r` of the whole, its
             // queries and outputs that far on, its length (`pos + first + r + 1`) the same.
             (0..rows)
@@ -827,8 +858,13 @@ fn attention_plan(
                             scores,
                         ),
                         launch(
+                            "ferry_attention_max",
+                            &[scratch, maxes, u(n * heads), u(heads), u(pos), u(span)],
+                            n * heads,
+                        ),
+                        launch(
                             "ferry_attention_exps",
-                            &[scratch, exps, u(scores), u(heads), u(pos), u(span)],
+                            &[scratch, maxes, exps, u(scores), u(heads), u(pos), u(span)],
                             scores,
                         ),
                         launch(
@@ -857,7 +893,7 @@ pub fn scratch_bytes(kernel: &Kernel) -> u64 {
             matmul_splits(m, n, k).map_or(0, |(splits, _)| 4 * (splits * m * n) as u64)
         }
         Kernel::AttentionDecode { .. } | Kernel::Attention { .. } => {
-            score_room(kernel).map_or(0, |room| 2 * room.region)
+            score_room(kernel).map_or(0, |room| room.bytes())
         }
         Kernel::Argmax { rows, cols, .. } => {
             argmax_chunks(cols).map_or(0, |chunks| 4 * (rows * chunks) as u64)
@@ -973,20 +1009,22 @@ mod tests {
         assert!(check_gpu_work(&decode).is_ok());
         let prefill = kernel(&[k::ATTENTION, 1, 2, 3, 4, 32, 32, 8, 128, 32 << 10]);
         assert!(check_gpu_work(&prefill).is_ok());
-        // Both keep their scores (once each) in scratch memory: 2 × 9 × 8192 f64; and
-        // 7 rows of 32 × (32 K + 32) f32 at a time (2 × 29.4 MB), in 5 parts.
+        // Both keep their scores (once each) in scratch memory: 2 × 9 × 8192 f64 and 9
+        // maxima (16 bytes aligned); and 7 rows of 32 × (32 K + 32) f32 at a time (2 ×
+        // 29.4 MB), in 5 parts.
         let room = score_room(&decode).expect("kept");
-        assert_eq!(scratch_bytes(&decode), 2 * 9 * 8192 * 8);
+        assert_eq!(scratch_bytes(&decode), 2 * 9 * 8192 * 8 + 80);
         assert_eq!(room.rows, 1);
-        assert_eq!(plan(&decode, |_| 0, 0).len(), 3);
+        assert_eq!(plan(&decode, |_| 0, 0).len(), 4);
         let room = score_room(&prefill).expect("kept");
         assert_eq!(room.rows, 7);
         assert_eq!(room.region, 7 * 32 * ((32 << 10) + 32) * 4);
         assert!(scratch_bytes(&prefill) <= MAX_ATTENTION_SCRATCH);
+        assert_eq!(room.maxes, 7 * 32 * 8);
         let parts = plan(&prefill, |_| 0, 0);
-        assert_eq!(parts.len(), 5 * 3);
+        assert_eq!(parts.len(), 5 * 4);
         // The last part: rows 28..32, its queries 28 rows on, its scores as long as row 31.
-        let last = &parts[12];
+        let last = &parts[16];
         assert_eq!(last.entry, "ferry_attention_scores");
         assert_eq!(last.args.0[0], 4 * 28 * 32 * 128);
         assert_eq!(last.args.0[7..9], [(32 << 10) + 28, (32 << 10) + 32]);
