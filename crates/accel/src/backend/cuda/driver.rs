@@ -40,6 +40,9 @@ const STAGING: usize = 1 << 20;
 /// `FERRY_CUDA_LAUNCH_WINDOW` sets another (0: unbounded), to measure the difference.
 pub const LAUNCH_WINDOW: usize = 32;
 
+/// How often a launch waiting for room in the window looks again.
+const WINDOW_POLL: std::time::Duration = std::time::Duration::from_micros(20);
+
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuError {
     move |e| GpuError::Driver {
         what,
@@ -105,8 +108,20 @@ impl Drop for CudaMemory {
     fn drop(&mut self) {
         // The slice is freed after this, maybe on a thread that never used CUDA: the
         // free needs the context current there (cudarc does not bind it for a free).
-        let _ = self.slice.context().bind_to_thread();
+        let _ = bind_context(self.slice.context());
     }
+}
+
+/// Makes `context` current on this thread. cudarc first hands back an error an earlier
+/// free (on any thread) left behind, without binding: that error is logged, not taken for
+/// this call's (a real fault of the context fails the call itself again), and the bind
+/// tried once more; else the free that follows a failed bind fails too, and leaves an
+/// error for some other VM's next call.
+fn bind_context(context: &CudaContext) -> Result<(), cudarc::driver::DriverError> {
+    context.bind_to_thread().or_else(|earlier| {
+        tracing::warn!("a CUDA error left by an earlier asynchronous call: {earlier}");
+        context.bind_to_thread()
+    })
 }
 
 /// GPU 0 of this host, with `kernels.cu` loaded.
@@ -215,16 +230,21 @@ impl CudaGpu {
                 .map_err(driver("pinned allocation"))?,
         };
         let result = copy(&mut pinned);
-        self.staging
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pinned);
+        match result {
+            Ok(_) => (self.staging.lock())
+                .unwrap_or_else(|e| e.into_inner())
+                .push(pinned),
+            // A copy that failed may not have waited for its DMA, which may still be
+            // writing the buffer or reading it: neither reused nor freed (a megabyte
+            // lost, on a GPU that is failing).
+            Err(_) => std::mem::forget(pinned),
+        }
         result
     }
 
     /// Makes the context current on this thread (a call from any thread may come).
     fn bind(&self, what: &'static str) -> Result<(), GpuError> {
-        self.context.bind_to_thread().map_err(driver(what))
+        bind_context(&self.context).map_err(driver(what))
     }
 
     /// `len` bytes of `memory` from `offset`, with the context current on this thread,
@@ -284,10 +304,15 @@ impl CudaGpu {
                 oldest = queued.pop_front();
             }
         }
-        match oldest {
-            Some(event) => event.synchronize().map_err(driver("launch")),
-            None => Ok(()),
+        // Polled with short sleeps, not synchronized on: a synchronize spins a core for
+        // as long as the launches ahead run, and the window's others keep the GPU busy
+        // while this thread sleeps.
+        if let Some(event) = oldest {
+            while !event.try_is_complete().map_err(driver("launch"))? {
+                std::thread::sleep(WINDOW_POLL);
+            }
         }
+        Ok(())
     }
 }
 
@@ -403,9 +428,16 @@ impl Gpu for CudaGpu {
         let view = self.bound_view("read", memory, offset, out.len())?;
         let copies = self.copy_stream()?;
         let copied = (|| {
-            // After the last writer of this buffer only, not after unrelated kernels.
-            if let Some(event) = &*memory.written.lock().unwrap_or_else(|e| e.into_inner()) {
-                copies.wait(event).map_err(driver("read"))?;
+            // After the last writer of this buffer only, not after unrelated kernels;
+            // waited for without the buffer's lock, which a launch marking it needs (the
+            // wait may block while the driver's queue is full).
+            let written = memory
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(event) = written {
+                copies.wait(&event).map_err(driver("read"))?;
             }
             let (src, _guard) = view.device_ptr(&copies);
             let stream = copies.cu_stream();
@@ -459,8 +491,12 @@ impl Gpu for CudaGpu {
         // SAFETY: the device validated every buffer range the kernel touches (its
         // access set), and `plan` passes those buffers' addresses and sizes.
         unsafe { builder.launch(config) }.map_err(driver("launch"))?;
-        // One event for every buffer the launch writes, and for the window.
-        let event = self.record()?;
+        // One event for every buffer the launch writes, and for the window. Without one
+        // the kernel would be queued unmarked, and a read of what it writes not wait for
+        // it: it is waited for here instead.
+        let event = self.record().inspect_err(|_| {
+            let _ = self.compute.synchronize();
+        })?;
         for memory in writes {
             Self::mark_written(memory, &event);
         }
