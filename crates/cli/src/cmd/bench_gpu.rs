@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::ensure;
 use ferry_accel::backend::{self, Backend, BufferReader, DeviceMemory};
 use ferry_accel::dirty::CHUNK_SIZE;
-use ferry_accel::kernel::{Kernel, MatmulFlags};
+use ferry_accel::kernel::{DType, Kernel, MatmulFlags, RopeStyle};
 
 use crate::cmd::bench::{figure, Emit};
 
@@ -184,8 +184,161 @@ fn decode_layer(d: usize, len: usize) -> Vec<(&'static str, Kernel, Vec<usize>, 
     ]
 }
 
-/// One llm-decode layer's kernels on the GPU against the cpu backend: where a decode
-/// step's time goes.
+/// The kernels of one SmolLM2-135M layer's decode step at position `pos` (width 576, 9
+/// query and 3 KV heads of 64, feed-forward 1536, Q4_1 weights), as [`decode_layer`]'s.
+fn llama_layer(pos: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
+    let (d, heads, kv_heads, hd, ff) = (576, 9, 3, 64, 1536);
+    let q4 = |n: usize, k: usize| {
+        let dtype = DType::Q4_1;
+        let kernel = Kernel::QMatmul {
+            w: 1,
+            x: 2,
+            out: 3,
+            n,
+            k,
+            m: 1,
+            dtype,
+        };
+        (kernel, vec![quantized_f32s(dtype, n, k), k, n])
+    };
+    let ((q_o, q_o_sizes), (kv, kv_sizes)) = (q4(d, d), q4(kv_heads * hd, d));
+    let ((up, up_sizes), (down, down_sizes)) = (q4(ff, d), q4(d, ff));
+    let cache = (pos + 1) * kv_heads * hd;
+    vec![
+        (
+            "rms_norm",
+            Kernel::RmsNorm {
+                x: 1,
+                weight: 2,
+                out: 3,
+                rows: 1,
+                cols: d,
+                eps: 1e-5,
+            },
+            vec![d, d, d],
+            2,
+        ),
+        ("qmatmul_q_o", q_o, q_o_sizes, 2),
+        ("qmatmul_k_v", kv, kv_sizes, 2),
+        ("qmatmul_gate_up", up, up_sizes, 2),
+        ("qmatmul_down", down, down_sizes, 1),
+        (
+            "rope",
+            Kernel::Rope {
+                x: 1,
+                rows: 1,
+                heads,
+                head_dim: hd,
+                pos,
+                base: 10_000.0,
+                style: RopeStyle::HalfSplit,
+            },
+            vec![heads * hd],
+            2,
+        ),
+        (
+            "attention",
+            Kernel::Attention {
+                q: 1,
+                k_cache: 2,
+                v_cache: 3,
+                out: 4,
+                rows: 1,
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos,
+            },
+            vec![heads * hd, cache, cache, heads * hd],
+            1,
+        ),
+        (
+            "swiglu",
+            Kernel::Swiglu {
+                gate: 1,
+                up: 2,
+                out: 3,
+                n: ff,
+            },
+            vec![ff, ff, ff],
+            1,
+        ),
+        (
+            "add",
+            Kernel::Add {
+                a: 1,
+                b: 2,
+                out: 3,
+                n: d,
+            },
+            vec![d, d, d],
+            2,
+        ),
+    ]
+}
+
+/// What a decode step of SmolLM2 runs once after its layers: the output projection (the
+/// tied embedding, Q8_0, `vocab` rows of 576) and the ARGMAX of its logits.
+fn llama_head(vocab: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
+    let (d, dtype) = (576, DType::Q8_0);
+    vec![
+        (
+            "qmatmul_output",
+            Kernel::QMatmul {
+                w: 1,
+                x: 2,
+                out: 3,
+                n: vocab,
+                k: d,
+                m: 1,
+                dtype,
+            },
+            vec![quantized_f32s(dtype, vocab, d), d, vocab],
+            1,
+        ),
+        (
+            "argmax",
+            Kernel::Argmax {
+                x: 1,
+                out: 2,
+                rows: 1,
+                cols: vocab,
+            },
+            vec![vocab, 1],
+            1,
+        ),
+    ]
+}
+
+/// The f32 words that hold `n` rows of `k` elements in `dtype`.
+fn quantized_f32s(dtype: DType, n: usize, k: usize) -> usize {
+    let bytes = dtype.row_bytes(k as u64).expect("a whole number of blocks") * n as u64;
+    bytes.div_ceil(4) as usize
+}
+
+/// `kernels`, each launched `reps` times back to back on `gpu` and on `cpu`: the
+/// microseconds of one pass of them (each as often as it runs) on each, and each
+/// kernel's.
+fn profile(
+    gpu: &mut dyn Backend,
+    cpu: &mut dyn Backend,
+    kernels: Vec<(&'static str, Kernel, Vec<usize>, usize)>,
+    reps: usize,
+) -> anyhow::Result<(f64, f64, String)> {
+    let (mut on_gpu, mut on_cpu) = (0.0, 0.0);
+    let mut each = Vec::new();
+    for (name, kernel, sizes, times) in kernels {
+        let gpu_us = micros_per_launch(gpu, &kernel, &sizes, reps)?;
+        let cpu_us = micros_per_launch(cpu, &kernel, &sizes, reps)?;
+        on_gpu += gpu_us * times as f64;
+        on_cpu += cpu_us * times as f64;
+        each.push(format!("{name} {gpu_us:.1} us (cpu {cpu_us:.1}) x{times}"));
+    }
+    Ok((on_gpu, on_cpu, each.join(", ")))
+}
+
+/// One llm-decode layer's kernels, and one SmolLM2 decode step's, on the GPU against the
+/// cpu backend: where a decode step's time goes.
 fn decode_profile(gpu: &mut dyn Backend, emit: &mut Emit, emulated: bool) -> anyhow::Result<()> {
     // llm-decode's width with 16 or 128 MiB of weights (4 heads of 64).
     let (d, len, reps) = if emulated {
@@ -199,25 +352,35 @@ fn decode_profile(gpu: &mut dyn Backend, emit: &mut Emit, emulated: bool) -> any
         &DeviceMemory::default(),
     )
     .map_err(anyhow::Error::msg)?;
-    let (mut gpu_layer, mut cpu_layer) = (0.0, 0.0);
-    let mut each = Vec::new();
-    for (name, kernel, sizes, per_layer) in decode_layer(d, len) {
-        let on_gpu = micros_per_launch(gpu, &kernel, &sizes, reps)?;
-        let on_cpu = micros_per_launch(cpu.as_mut(), &kernel, &sizes, reps)?;
-        gpu_layer += on_gpu * per_layer as f64;
-        cpu_layer += on_cpu * per_layer as f64;
-        each.push(format!(
-            "{name} {on_gpu:.1} us (cpu {on_cpu:.1}) x{per_layer}"
-        ));
-    }
+    let (gpu_layer, cpu_layer, each) = profile(gpu, cpu.as_mut(), decode_layer(d, len), reps)?;
     emit(figure(
         "gpu_decode_layer",
         cpu_layer / gpu_layer,
         "x cpu",
         format!(
             "one llm-decode layer (width {d}, {len} positions cached), kernels launched back \
-             to back: {gpu_layer:.0} us on the GPU, {cpu_layer:.0} us on the cpu backend; {}",
-            each.join(", ")
+             to back: {gpu_layer:.0} us on the GPU, {cpu_layer:.0} us on the cpu backend; {each}"
+        ),
+    ))?;
+    // SmolLM2 (llm-chat, llm-serve) 300 tokens into a conversation: its 30 layers, then
+    // the output head over its 49,152-token vocabulary (smaller emulated).
+    let (pos, vocab, reps) = if emulated {
+        (16, 1024, 1)
+    } else {
+        (300, 49_152, 50)
+    };
+    let (gpu_layer, cpu_layer, layer) = profile(gpu, cpu.as_mut(), llama_layer(pos), reps)?;
+    let (gpu_head, cpu_head, head) = profile(gpu, cpu.as_mut(), llama_head(vocab), reps)?;
+    let (gpu_step, cpu_step) = (30.0 * gpu_layer + gpu_head, 30.0 * cpu_layer + cpu_head);
+    emit(figure(
+        "gpu_llama_step",
+        cpu_step / gpu_step,
+        "x cpu",
+        format!(
+            "a SmolLM2-135M decode step's kernels at position {pos} (30 layers of: {layer}; \
+             then {head}, over {vocab} tokens), launched back to back: {gpu_step:.0} us on \
+             the GPU ({:.0} tokens/s at most), {cpu_step:.0} us on the cpu backend",
+            1e6 / gpu_step
         ),
     ))?;
     // The smallest kernel there is: what a launch costs the host, or the GPU's time per
