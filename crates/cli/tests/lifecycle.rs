@@ -545,6 +545,44 @@ fn a_host_sent_sigterm_stops_its_vms_and_exits_cleanly() {
 }
 
 #[test]
+fn a_daemon_receiving_migrations_beyond_loopback_without_tls_says_so() {
+    use std::io::BufRead;
+    let store = tempfile::tempdir().unwrap();
+    let daemon = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["host", "serve", "--name", "w", "--listen", "127.0.0.1:0"])
+        .args(["--migration-listen", "0.0.0.0:0"])
+        .arg("--file-store")
+        .arg(store.path())
+        .env("FERRY_SECRET", SECRET)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ferry host serve");
+    let mut daemon = KillOnDrop(daemon);
+    // Its one line on stdout comes after the warnings.
+    let stdout = daemon.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the daemon started");
+    assert!(line.contains("migrations on 0.0.0.0:"), "{line}");
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    let mut stderr = Vec::new();
+    std::io::Read::read_to_end(daemon.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_says(&stderr, "migrations are received on 0.0.0.0:");
+    assert_says(&stderr, "without TLS");
+    // Its API is on loopback: no word of tokens in clear.
+    assert!(!String::from_utf8_lossy(&stderr).contains("plain HTTP"));
+}
+
+#[test]
 fn a_second_daemon_on_the_same_file_store_refuses_to_start() {
     let a = Daemon::start("a");
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))

@@ -203,6 +203,21 @@ pub fn warn_plain_http(addr: std::net::SocketAddr, what: &str) {
     }
 }
 
+/// Says loudly that migrations received beyond loopback without TLS cross the network
+/// as they are: the handshake proves both hosts hold the cluster secret, but what follows
+/// (a VM's memory, its device's) is neither encrypted nor protected from being altered.
+pub fn warn_plain_migrations(addr: std::net::SocketAddr) {
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "ferry: WARNING: migrations are received on {addr} without TLS: the hosts prove \
+             to each other that they hold the cluster secret, but the VMs' memory then \
+             crosses the network unencrypted, and whoever sits on the path can read or alter \
+             it. Give --tls-cert, --tls-key and --tls-ca (mutual TLS), or keep migrations \
+             on a network only the hosts reach."
+        );
+    }
+}
+
 /// Three quarters of the host's memory.
 fn default_capacity() -> u64 {
     use procfs::Current;
@@ -526,6 +541,7 @@ pub fn host(args: &HostArgs) -> anyhow::Result<()> {
             }
             if daemon.scheme() == "http" {
                 warn_plain_http(daemon.api_addr, "the host's API");
+                warn_plain_migrations(daemon.migration_addr);
             }
             // One line: scripts read the addresses from it.
             println!(
