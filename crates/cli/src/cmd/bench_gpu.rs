@@ -105,9 +105,24 @@ fn micros_per_launch(
     Ok(micros)
 }
 
+/// A kernel profiled: its name, itself, the f32 counts of its buffers, and how often a
+/// pass runs it.
+type Profiled = (&'static str, Kernel, Vec<usize>, usize);
+
+/// A layer's two residual ADDs of width `d`.
+fn residual_add(d: usize) -> Profiled {
+    let add = Kernel::Add {
+        a: 1,
+        b: 2,
+        out: 3,
+        n: d,
+    };
+    ("add", add, vec![d, d, d], 2)
+}
+
 /// The kernels of one llm-decode layer at model width `d` (heads of 64, `len` positions
 /// cached), each with the f32 counts of its buffers and how often a layer runs it.
-fn decode_layer(d: usize, len: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
+fn decode_layer(d: usize, len: usize) -> Vec<Profiled> {
     let matmul = |n: usize, k: usize| Kernel::Matmul {
         a: 1,
         b: 2,
@@ -170,23 +185,13 @@ fn decode_layer(d: usize, len: usize) -> Vec<(&'static str, Kernel, Vec<usize>, 
             vec![d, d, d, d],
             2,
         ),
-        (
-            "add",
-            Kernel::Add {
-                a: 1,
-                b: 2,
-                out: 3,
-                n: d,
-            },
-            vec![d, d, d],
-            2,
-        ),
+        residual_add(d),
     ]
 }
 
 /// The kernels of one SmolLM2-135M layer's decode step at position `pos` (width 576, 9
 /// query and 3 KV heads of 64, feed-forward 1536, Q4_1 weights), as [`decode_layer`]'s.
-fn llama_layer(pos: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
+fn llama_layer(pos: usize) -> Vec<Profiled> {
     let (d, heads, kv_heads, hd, ff) = (576, 9, 3, 64, 1536);
     let q4 = |n: usize, k: usize| {
         let dtype = DType::Q4_1;
@@ -263,23 +268,13 @@ fn llama_layer(pos: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
             vec![ff, ff, ff],
             1,
         ),
-        (
-            "add",
-            Kernel::Add {
-                a: 1,
-                b: 2,
-                out: 3,
-                n: d,
-            },
-            vec![d, d, d],
-            2,
-        ),
+        residual_add(d),
     ]
 }
 
 /// What a decode step of SmolLM2 runs once after its layers: the output projection (the
 /// tied embedding, Q8_0, `vocab` rows of 576) and the ARGMAX of its logits.
-fn llama_head(vocab: usize) -> Vec<(&'static str, Kernel, Vec<usize>, usize)> {
+fn llama_head(vocab: usize) -> Vec<Profiled> {
     let (d, dtype) = (576, DType::Q8_0);
     vec![
         (
@@ -322,7 +317,7 @@ fn quantized_f32s(dtype: DType, n: usize, k: usize) -> usize {
 fn profile(
     gpu: &mut dyn Backend,
     cpu: &mut dyn Backend,
-    kernels: Vec<(&'static str, Kernel, Vec<usize>, usize)>,
+    kernels: Vec<Profiled>,
     reps: usize,
 ) -> anyhow::Result<(f64, f64, String)> {
     let (mut on_gpu, mut on_cpu) = (0.0, 0.0);
