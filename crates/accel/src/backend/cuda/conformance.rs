@@ -359,6 +359,25 @@ fn rows(cases: &mut Cases<'_>) {
         vec![x.clone(), r.f32s(cols, 1.0), out.clone()],
         numbered::rms_norm(rows, cols, 1e-6),
     );
+    // Rows enough for a thread each to normalize its own (fewer take two steps).
+    let many = 70;
+    let tall = r.f32s(many * cols, 4.0);
+    let tall_out = vec![0u8; 4 * many * cols];
+    cases.same_bits(
+        "layer_norm, many rows",
+        vec![
+            tall.clone(),
+            r.f32s(cols, 1.0),
+            r.f32s(cols, 1.0),
+            tall_out.clone(),
+        ],
+        numbered::layer_norm(many, cols, 1e-5),
+    );
+    cases.same_bits(
+        "rms_norm, many rows",
+        vec![tall, r.f32s(cols, 1.0), tall_out],
+        numbered::rms_norm(many, cols, 1e-6),
+    );
     let mut with_nan = x.clone();
     with_nan[4 * (3 * cols + 5)..][..4].copy_from_slice(&f32::NAN.to_le_bytes());
     cases.same_bits("argmax", vec![with_nan, out], numbered::argmax(rows, cols));

@@ -419,6 +419,56 @@ KERNEL ferry_rms_norm(const Args a) {
     for (u64 c = 0; c < cols; c++) o[c] = (float)((double)row[c] * inv * (double)w[c]);
 }
 
+// The norms of few rows (a decode step's one), in two steps with the same bits: a thread
+// per row for its statistics (in f64, kept in scratch), then a thread per element.
+
+// layer_norm_stats: x, stats (f64: mean, 1/sqrt(var + eps) per row) | rows, cols, eps
+KERNEL ferry_layer_norm_stats(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[3];
+    const float *row = PTR(const float, 0) + item * cols;
+    double eps = (double)F32(4);
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c];
+    double mean = sum / (double)cols;
+    double sq = -0.0;
+    for (u64 c = 0; c < cols; c++) sq += ((double)row[c] - mean) * ((double)row[c] - mean);
+    double var = sq / (double)cols;
+    PTR(double, 1)[2 * item] = mean;
+    PTR(double, 1)[2 * item + 1] = 1.0 / sqrt(var + eps);
+}
+
+// layer_norm_apply: x, gamma, beta, stats, out | items (rows·cols), cols
+KERNEL ferry_layer_norm_apply(const Args a) {
+    ITEM(a.w[5]);
+    u64 cols = a.w[6];
+    u64 r = item / cols, c = item % cols;
+    const double *stats = PTR(const double, 3) + 2 * r;
+    double norm = ((double)PTR(const float, 0)[item] - stats[0]) * stats[1];
+    PTR(float, 4)[item] =
+        (float)(norm * (double)PTR(const float, 1)[c] + (double)PTR(const float, 2)[c]);
+}
+
+// rms_norm_inv: x, invs (f64: 1/sqrt(mean square + eps) per row) | rows, cols, eps
+KERNEL ferry_rms_norm_inv(const Args a) {
+    ITEM(a.w[2]);
+    u64 cols = a.w[3];
+    const float *row = PTR(const float, 0) + item * cols;
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c] * (double)row[c];
+    double mean = sum / (double)cols;
+    PTR(double, 1)[item] = 1.0 / sqrt(mean + (double)F32(4));
+}
+
+// rms_norm_apply: x, weight, invs, out | items (rows·cols), cols
+KERNEL ferry_rms_norm_apply(const Args a) {
+    ITEM(a.w[4]);
+    u64 cols = a.w[5];
+    u64 r = item / cols, c = item % cols;
+    PTR(float, 3)[item] = (float)((double)PTR(const float, 0)[item] * PTR(const double, 2)[r] *
+                                  (double)PTR(const float, 1)[c]);
+}
+
 // argmax: x, out (u32) | rows, cols: the first maximum, or the first NaN
 KERNEL ferry_argmax(const Args a) {
     ITEM(a.w[2]);

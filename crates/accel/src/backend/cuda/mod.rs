@@ -58,7 +58,11 @@ pub const ENTRY_POINTS: &[&str] = &[
     "ferry_sum_rows",
     "ferry_sum_cols",
     "ferry_layer_norm",
+    "ferry_layer_norm_stats",
+    "ferry_layer_norm_apply",
     "ferry_rms_norm",
+    "ferry_rms_norm_inv",
+    "ferry_rms_norm_apply",
     "ferry_argmax",
     "ferry_argmax_chunks",
     "ferry_argmax_pick",
@@ -342,6 +346,16 @@ fn score_room(kernel: &Kernel) -> Option<ScoreRoom> {
         maxes,
     };
     (rows > 0 && room.bytes() <= MAX_ATTENTION_SCRATCH).then_some(room)
+}
+
+/// Rows below which a norm computes each row's statistics in a thread, then each element
+/// in a thread of its own: one thread per row, which normalizes its columns too, leaves a
+/// GPU all but idle for a decode step's single row.
+const NORM_APART_ROWS: usize = 64;
+
+/// Whether a norm of `rows` rows runs in two steps (see [`NORM_APART_ROWS`]).
+fn norm_apart(rows: usize) -> bool {
+    rows < NORM_APART_ROWS
 }
 
 /// Columns each thread of a wide ARGMAX scans for its chunk's pick.
@@ -644,6 +658,34 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                 count * dim,
             )
         }
+        Kernel::LayerNorm {
+            x,
+            gamma,
+            beta,
+            out,
+            rows,
+            cols,
+            eps,
+        } if norm_apart(rows) => vec![
+            Launch {
+                entry: "ferry_layer_norm_stats",
+                args: args(&[at(x), scratch, u(rows), u(cols), f32w(eps)]),
+                items: u(rows),
+            },
+            Launch {
+                entry: "ferry_layer_norm_apply",
+                args: args(&[
+                    at(x),
+                    at(gamma),
+                    at(beta),
+                    scratch,
+                    at(out),
+                    u(rows * cols),
+                    u(cols),
+                ]),
+                items: u(rows * cols),
+            },
+        ],
         Kernel::LayerNorm { rows, .. } => as_launched("ferry_layer_norm", rows),
         Kernel::Copy {
             src,
@@ -729,6 +771,25 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             }
             launches
         }
+        Kernel::RmsNorm {
+            x,
+            weight,
+            out,
+            rows,
+            cols,
+            eps,
+        } if norm_apart(rows) => vec![
+            Launch {
+                entry: "ferry_rms_norm_inv",
+                args: args(&[at(x), scratch, u(rows), u(cols), f32w(eps)]),
+                items: u(rows),
+            },
+            Launch {
+                entry: "ferry_rms_norm_apply",
+                args: args(&[at(x), at(weight), scratch, at(out), u(rows * cols), u(cols)]),
+                items: u(rows * cols),
+            },
+        ],
         Kernel::RmsNorm { rows, .. } => as_launched("ferry_rms_norm", rows),
         Kernel::Rope {
             x,
@@ -898,6 +959,9 @@ pub fn scratch_bytes(kernel: &Kernel) -> u64 {
         Kernel::Argmax { rows, cols, .. } => {
             argmax_chunks(cols).map_or(0, |chunks| 4 * (rows * chunks) as u64)
         }
+        // Each row's mean and scale; its scale.
+        Kernel::LayerNorm { rows, .. } if norm_apart(rows) => 16 * rows as u64,
+        Kernel::RmsNorm { rows, .. } if norm_apart(rows) => 8 * rows as u64,
         _ => 0,
     }
 }
@@ -1037,6 +1101,27 @@ mod tests {
         let fused = plan(&wide, |_| 0, 0);
         assert_eq!(fused.len(), 1);
         assert_eq!(fused[0].entry, "ferry_attention_decode");
+    }
+
+    #[test]
+    fn a_norm_of_few_rows_normalizes_each_element_in_a_thread_of_its_own() {
+        let eps = u64::from(1e-5f32.to_bits());
+        // A decode step's one row of 576: its scale, then 576 threads.
+        let rms = kernel(&[k::RMS_NORM, 1, 2, 3, 1, 576, eps]);
+        assert_eq!(scratch_bytes(&rms), 8);
+        let launches = plan(&rms, |_| 0, 0);
+        let entries: Vec<_> = launches.iter().map(|l| (l.entry, l.items)).collect();
+        assert_eq!(
+            entries,
+            [("ferry_rms_norm_inv", 1), ("ferry_rms_norm_apply", 576)]
+        );
+        let layer = kernel(&[k::LAYER_NORM, 1, 2, 3, 4, 2, 256, eps]);
+        assert_eq!(scratch_bytes(&layer), 2 * 16);
+        assert_eq!(plan(&layer, |_| 0, 0)[1].items, 512);
+        // A training batch's rows are threads enough.
+        let batch = kernel(&[k::RMS_NORM, 1, 2, 3, 64, 576, eps]);
+        assert_eq!(scratch_bytes(&batch), 0);
+        assert_eq!(plan(&batch, |_| 0, 0).len(), 1);
     }
 
     #[test]
