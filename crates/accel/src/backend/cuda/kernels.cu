@@ -384,6 +384,26 @@ KERNEL ferry_sum_cols(const Args a) {
     PTR(float, 1)[item] = (float)acc;
 }
 
+// A row's mean and 1/sqrt(variance + eps), in f64 (layer_norm's statistics).
+DEV void layer_norm_stats(const float *row, u64 cols, double eps, double *mean, double *inv) {
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c];
+    double m = sum / (double)cols;
+    double sq = -0.0;
+    for (u64 c = 0; c < cols; c++) sq += ((double)row[c] - m) * ((double)row[c] - m);
+    double var = sq / (double)cols;
+    *mean = m;
+    *inv = 1.0 / sqrt(var + eps);
+}
+
+// A row's 1/sqrt(mean square + eps), in f64 (rms_norm's scale).
+DEV double rms_norm_scale(const float *row, u64 cols, double eps) {
+    double sum = -0.0;
+    for (u64 c = 0; c < cols; c++) sum += (double)row[c] * (double)row[c];
+    double mean = sum / (double)cols;
+    return 1.0 / sqrt(mean + eps);
+}
+
 // layer_norm: x, gamma, beta, out | rows, cols, eps
 KERNEL ferry_layer_norm(const Args a) {
     ITEM(a.w[4]);
@@ -391,14 +411,8 @@ KERNEL ferry_layer_norm(const Args a) {
     const float *row = PTR(const float, 0) + item * cols;
     const float *gamma = PTR(const float, 1), *beta = PTR(const float, 2);
     float *o = PTR(float, 3) + item * cols;
-    double eps = (double)F32(6);
-    double sum = -0.0;
-    for (u64 c = 0; c < cols; c++) sum += (double)row[c];
-    double mean = sum / (double)cols;
-    double sq = -0.0;
-    for (u64 c = 0; c < cols; c++) sq += ((double)row[c] - mean) * ((double)row[c] - mean);
-    double var = sq / (double)cols;
-    double inv = 1.0 / sqrt(var + eps);
+    double mean, inv;
+    layer_norm_stats(row, cols, (double)F32(6), &mean, &inv);
     for (u64 c = 0; c < cols; c++) {
         double norm = ((double)row[c] - mean) * inv;
         o[c] = (float)(norm * (double)gamma[c] + (double)beta[c]);
@@ -412,10 +426,7 @@ KERNEL ferry_rms_norm(const Args a) {
     const float *row = PTR(const float, 0) + item * cols;
     const float *w = PTR(const float, 1);
     float *o = PTR(float, 2) + item * cols;
-    double sum = -0.0;
-    for (u64 c = 0; c < cols; c++) sum += (double)row[c] * (double)row[c];
-    double mean = sum / (double)cols;
-    double inv = 1.0 / sqrt(mean + (double)F32(5));
+    double inv = rms_norm_scale(row, cols, (double)F32(5));
     for (u64 c = 0; c < cols; c++) o[c] = (float)((double)row[c] * inv * (double)w[c]);
 }
 
@@ -426,16 +437,9 @@ KERNEL ferry_rms_norm(const Args a) {
 KERNEL ferry_layer_norm_stats(const Args a) {
     ITEM(a.w[2]);
     u64 cols = a.w[3];
-    const float *row = PTR(const float, 0) + item * cols;
-    double eps = (double)F32(4);
-    double sum = -0.0;
-    for (u64 c = 0; c < cols; c++) sum += (double)row[c];
-    double mean = sum / (double)cols;
-    double sq = -0.0;
-    for (u64 c = 0; c < cols; c++) sq += ((double)row[c] - mean) * ((double)row[c] - mean);
-    double var = sq / (double)cols;
-    PTR(double, 1)[2 * item] = mean;
-    PTR(double, 1)[2 * item + 1] = 1.0 / sqrt(var + eps);
+    double *stats = PTR(double, 1) + 2 * item;
+    layer_norm_stats(PTR(const float, 0) + item * cols, cols, (double)F32(4), &stats[0],
+                     &stats[1]);
 }
 
 // layer_norm_apply: x, gamma, beta, stats, out | items (rows·cols), cols
@@ -453,11 +457,7 @@ KERNEL ferry_layer_norm_apply(const Args a) {
 KERNEL ferry_rms_norm_inv(const Args a) {
     ITEM(a.w[2]);
     u64 cols = a.w[3];
-    const float *row = PTR(const float, 0) + item * cols;
-    double sum = -0.0;
-    for (u64 c = 0; c < cols; c++) sum += (double)row[c] * (double)row[c];
-    double mean = sum / (double)cols;
-    PTR(double, 1)[item] = 1.0 / sqrt(mean + (double)F32(4));
+    PTR(double, 1)[item] = rms_norm_scale(PTR(const float, 0) + item * cols, cols, (double)F32(4));
 }
 
 // rms_norm_apply: x, weight, invs, out | items (rows·cols), cols

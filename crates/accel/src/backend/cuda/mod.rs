@@ -489,13 +489,12 @@ fn f32w(v: f32) -> u64 {
 /// The launches that run `kernel`, given each buffer's address, and (for QMATMUL and
 /// CROSS_ENTROPY) the address of scratch memory of [`scratch_bytes`].
 pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<Launch> {
-    let one = |entry, words: &[u64], items: usize| {
-        vec![Launch {
-            entry,
-            args: args(words),
-            items: items as u64,
-        }]
+    let step = |entry, words: &[u64], items: usize| Launch {
+        entry,
+        args: args(words),
+        items: items as u64,
     };
+    let one = |entry, words: &[u64], items: usize| vec![step(entry, words, items)];
     // A kernel whose LAUNCH arguments are already in the order of its entry point's
     // (the work items first after the buffers) passes them on as they are, without the
     // kernel id, its buffers as addresses.
@@ -666,26 +665,22 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             rows,
             cols,
             eps,
-        } if norm_apart(rows) => vec![
-            Launch {
-                entry: "ferry_layer_norm_stats",
-                args: args(&[at(x), scratch, u(rows), u(cols), f32w(eps)]),
-                items: u(rows),
-            },
-            Launch {
-                entry: "ferry_layer_norm_apply",
-                args: args(&[
-                    at(x),
-                    at(gamma),
-                    at(beta),
-                    scratch,
-                    at(out),
-                    u(rows * cols),
-                    u(cols),
-                ]),
-                items: u(rows * cols),
-            },
-        ],
+        } if norm_apart(rows) => {
+            let stats = [at(x), scratch, u(rows), u(cols), f32w(eps)];
+            let apply = [
+                at(x),
+                at(gamma),
+                at(beta),
+                scratch,
+                at(out),
+                u(rows * cols),
+                u(cols),
+            ];
+            vec![
+                step("ferry_layer_norm_stats", &stats, rows),
+                step("ferry_layer_norm_apply", &apply, rows * cols),
+            ]
+        }
         Kernel::LayerNorm { rows, .. } => as_launched("ferry_layer_norm", rows),
         Kernel::Copy {
             src,
@@ -706,18 +701,18 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             None => as_launched("ferry_argmax", rows),
             Some(chunks) => {
                 let picks = rows * chunks;
-                let chunk = u(ARGMAX_CHUNK);
+                let scan = [
+                    at(x),
+                    scratch,
+                    u(picks),
+                    u(cols),
+                    u(ARGMAX_CHUNK),
+                    u(chunks),
+                ];
+                let pick = [at(x), scratch, at(out), u(rows), u(cols), u(chunks)];
                 vec![
-                    Launch {
-                        entry: "ferry_argmax_chunks",
-                        args: args(&[at(x), scratch, u(picks), u(cols), chunk, u(chunks)]),
-                        items: u(picks),
-                    },
-                    Launch {
-                        entry: "ferry_argmax_pick",
-                        args: args(&[at(x), scratch, at(out), u(rows), u(cols), u(chunks)]),
-                        items: u(rows),
-                    },
+                    step("ferry_argmax_chunks", &scan, picks),
+                    step("ferry_argmax_pick", &pick, rows),
                 ]
             }
         },
@@ -778,18 +773,14 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             rows,
             cols,
             eps,
-        } if norm_apart(rows) => vec![
-            Launch {
-                entry: "ferry_rms_norm_inv",
-                args: args(&[at(x), scratch, u(rows), u(cols), f32w(eps)]),
-                items: u(rows),
-            },
-            Launch {
-                entry: "ferry_rms_norm_apply",
-                args: args(&[at(x), at(weight), scratch, at(out), u(rows * cols), u(cols)]),
-                items: u(rows * cols),
-            },
-        ],
+        } if norm_apart(rows) => {
+            let scale = [at(x), scratch, u(rows), u(cols), f32w(eps)];
+            let apply = [at(x), at(weight), scratch, at(out), u(rows * cols), u(cols)];
+            vec![
+                step("ferry_rms_norm_inv", &scale, rows),
+                step("ferry_rms_norm_apply", &apply, rows * cols),
+            ]
+        }
         Kernel::RmsNorm { rows, .. } => as_launched("ferry_rms_norm", rows),
         Kernel::Rope {
             x,
