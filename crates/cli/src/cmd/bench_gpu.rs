@@ -193,21 +193,7 @@ fn decode_layer(d: usize, len: usize) -> Vec<Profiled> {
 /// query and 3 KV heads of 64, feed-forward 1536, Q4_1 weights), as [`decode_layer`]'s.
 fn llama_layer(pos: usize) -> Vec<Profiled> {
     let (d, heads, kv_heads, hd, ff) = (576, 9, 3, 64, 1536);
-    let q4 = |n: usize, k: usize| {
-        let dtype = DType::Q4_1;
-        let kernel = Kernel::QMatmul {
-            w: 1,
-            x: 2,
-            out: 3,
-            n,
-            k,
-            m: 1,
-            dtype,
-        };
-        (kernel, vec![quantized_f32s(dtype, n, k), k, n])
-    };
-    let ((q_o, q_o_sizes), (kv, kv_sizes)) = (q4(d, d), q4(kv_heads * hd, d));
-    let ((up, up_sizes), (down, down_sizes)) = (q4(ff, d), q4(d, ff));
+    let q4 = |name, n, k, times| qmatmul(name, DType::Q4_1, n, k, times);
     let cache = (pos + 1) * kv_heads * hd;
     vec![
         (
@@ -223,10 +209,10 @@ fn llama_layer(pos: usize) -> Vec<Profiled> {
             vec![d, d, d],
             2,
         ),
-        ("qmatmul_q_o", q_o, q_o_sizes, 2),
-        ("qmatmul_k_v", kv, kv_sizes, 2),
-        ("qmatmul_gate_up", up, up_sizes, 2),
-        ("qmatmul_down", down, down_sizes, 1),
+        q4("qmatmul_q_o", d, d, 2),
+        q4("qmatmul_k_v", kv_heads * hd, d, 2),
+        q4("qmatmul_gate_up", ff, d, 2),
+        q4("qmatmul_down", d, ff, 1),
         (
             "rope",
             Kernel::Rope {
@@ -275,22 +261,8 @@ fn llama_layer(pos: usize) -> Vec<Profiled> {
 /// What a decode step of SmolLM2 runs once after its layers: the output projection (the
 /// tied embedding, Q8_0, `vocab` rows of 576) and the ARGMAX of its logits.
 fn llama_head(vocab: usize) -> Vec<Profiled> {
-    let (d, dtype) = (576, DType::Q8_0);
     vec![
-        (
-            "qmatmul_output",
-            Kernel::QMatmul {
-                w: 1,
-                x: 2,
-                out: 3,
-                n: vocab,
-                k: d,
-                m: 1,
-                dtype,
-            },
-            vec![quantized_f32s(dtype, vocab, d), d, vocab],
-            1,
-        ),
+        qmatmul("qmatmul_output", DType::Q8_0, vocab, 576, 1),
         (
             "argmax",
             Kernel::Argmax {
@@ -303,6 +275,20 @@ fn llama_head(vocab: usize) -> Vec<Profiled> {
             1,
         ),
     ]
+}
+
+/// QMATMUL of one input row by `n` rows of `k` weights in `dtype`, run `times` a pass.
+fn qmatmul(name: &'static str, dtype: DType, n: usize, k: usize, times: usize) -> Profiled {
+    let kernel = Kernel::QMatmul {
+        w: 1,
+        x: 2,
+        out: 3,
+        n,
+        k,
+        m: 1,
+        dtype,
+    };
+    (name, kernel, vec![quantized_f32s(dtype, n, k), k, n], times)
 }
 
 /// The f32 words that hold `n` rows of `k` elements in `dtype`.

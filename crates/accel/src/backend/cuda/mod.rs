@@ -482,6 +482,15 @@ fn args(words: &[u64]) -> Args {
     a
 }
 
+/// A launch of `entry` over `items` work items with the argument `words`.
+fn launch(entry: &'static str, words: &[u64], items: usize) -> Launch {
+    Launch {
+        entry,
+        args: args(words),
+        items: items as u64,
+    }
+}
+
 fn f32w(v: f32) -> u64 {
     u64::from(v.to_bits())
 }
@@ -489,12 +498,7 @@ fn f32w(v: f32) -> u64 {
 /// The launches that run `kernel`, given each buffer's address, and (for QMATMUL and
 /// CROSS_ENTROPY) the address of scratch memory of [`scratch_bytes`].
 pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<Launch> {
-    let step = |entry, words: &[u64], items: usize| Launch {
-        entry,
-        args: args(words),
-        items: items as u64,
-    };
-    let one = |entry, words: &[u64], items: usize| vec![step(entry, words, items)];
+    let one = |entry, words: &[u64], items: usize| vec![launch(entry, words, items)];
     // A kernel whose LAUNCH arguments are already in the order of its entry point's
     // (the work items first after the buffers) passes them on as they are, without the
     // kernel id, its buffers as addresses.
@@ -677,8 +681,8 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                 u(cols),
             ];
             vec![
-                step("ferry_layer_norm_stats", &stats, rows),
-                step("ferry_layer_norm_apply", &apply, rows * cols),
+                launch("ferry_layer_norm_stats", &stats, rows),
+                launch("ferry_layer_norm_apply", &apply, rows * cols),
             ]
         }
         Kernel::LayerNorm { rows, .. } => as_launched("ferry_layer_norm", rows),
@@ -711,8 +715,8 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                 ];
                 let pick = [at(x), scratch, at(out), u(rows), u(cols), u(chunks)];
                 vec![
-                    step("ferry_argmax_chunks", &scan, picks),
-                    step("ferry_argmax_pick", &pick, rows),
+                    launch("ferry_argmax_chunks", &scan, picks),
+                    launch("ferry_argmax_pick", &pick, rows),
                 ]
             }
         },
@@ -777,8 +781,8 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             let scale = [at(x), scratch, u(rows), u(cols), f32w(eps)];
             let apply = [at(x), at(weight), scratch, at(out), u(rows * cols), u(cols)];
             vec![
-                step("ferry_rms_norm_inv", &scale, rows),
-                step("ferry_rms_norm_apply", &apply, rows * cols),
+                launch("ferry_rms_norm_inv", &scale, rows),
+                launch("ferry_rms_norm_apply", &apply, rows * cols),
             ]
         }
         Kernel::RmsNorm { rows, .. } => as_launched("ferry_rms_norm", rows),
@@ -820,11 +824,6 @@ fn attention_plan(
     kept: Option<(u64, ScoreRoom)>,
 ) -> Vec<Launch> {
     let u = |v: usize| v as u64;
-    let launch = |entry, words: &[u64], items: usize| Launch {
-        entry,
-        args: args(words),
-        items: u(items),
-    };
     match *kernel {
         Kernel::AttentionDecode {
             q,
