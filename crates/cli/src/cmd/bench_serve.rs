@@ -152,14 +152,29 @@ fn load(
     })
 }
 
-/// Migrates `id` from `from` to the host at `to`; returns (started, ended, pause ms,
-/// MiB sent, chunks sent as file pieces).
+/// One migration as the bench saw it.
+struct Move {
+    started: Instant,
+    /// When the bench saw it succeed (polled every 5 ms).
+    ended: Instant,
+    /// The pause: from the source's pause to the resume on the destination.
+    switchover: (Instant, Instant),
+    pause_ms: f64,
+    mib_sent: f64,
+    chunks_from_files: u64,
+}
+
+/// Slack around a switchover's pause, for the few milliseconds between the bench's
+/// start of the migration and the migration's own clock (the request's round trip).
+const SWITCHOVER_SLACK: Duration = Duration::from_millis(2);
+
+/// Migrates `id` from `from` to the host at `to`.
 fn migrate(
     from: &ApiClient,
     id: &str,
     to: &str,
     max_rate_mib_s: Option<u64>,
-) -> anyhow::Result<(Instant, Instant, f64, f64, u64)> {
+) -> anyhow::Result<Move> {
     let started = Instant::now();
     let request = MigrateRequest {
         streams: STREAMS,
@@ -173,13 +188,23 @@ fn migrate(
             MigrationState::Running => std::thread::sleep(Duration::from_millis(5)),
             MigrationState::Succeeded => {
                 let report = status.report.context("a success without a report")?;
-                return Ok((
+                // The report's total ends at the destination's confirmation, just
+                // after it resumed; the pause ends there too.
+                let confirmed = started + Duration::from_secs_f64(report.total_ms / 1e3);
+                let paused = confirmed
+                    .checked_sub(Duration::from_secs_f64(report.downtime_ms / 1e3))
+                    .unwrap_or(started);
+                return Ok(Move {
                     started,
-                    Instant::now(),
-                    report.downtime_ms,
-                    report.bytes_sent as f64 / f64::from(1 << 20),
-                    report.chunks_from_files,
-                ));
+                    ended: Instant::now(),
+                    switchover: (
+                        paused.checked_sub(SWITCHOVER_SLACK).unwrap_or(paused),
+                        confirmed + SWITCHOVER_SLACK,
+                    ),
+                    pause_ms: report.downtime_ms,
+                    mib_sent: report.bytes_sent as f64 / f64::from(1 << 20),
+                    chunks_from_files: report.chunks_from_files,
+                });
             }
             other => bail!(
                 "migration of {id} ended {other:?}: {}",
@@ -322,7 +347,7 @@ pub fn bench_serve(
     };
     let migrating = AtomicBool::new(true);
     let flowing = AtomicUsize::new(0);
-    let (windows, (answers, failures)) = std::thread::scope(|scope| {
+    let (moved, (answers, failures)) = std::thread::scope(|scope| {
         let clients = scope.spawn(|| {
             load(
                 gateway,
@@ -332,7 +357,7 @@ pub fn bench_serve(
                 (&|| migrating.load(Ordering::Relaxed), &flowing),
             )
         });
-        let mut windows = Vec::new();
+        let mut moved = Vec::new();
         // Every client's prompt read and its answer flowing, so the moves land in the
         // middle of answers, not on the longer rounds that read prompts.
         let began = Instant::now();
@@ -343,7 +368,7 @@ pub fn bench_serve(
         }
         for i in 0..MIGRATIONS {
             let (from, to) = if i % 2 == 0 { ("a", &b) } else { ("b", &a) };
-            windows.push(migrate(
+            moved.push(migrate(
                 cluster.host(from),
                 &id,
                 &to.migration_addr,
@@ -352,24 +377,33 @@ pub fn bench_serve(
             std::thread::sleep(Duration::from_millis(400));
         }
         migrating.store(false, Ordering::Relaxed);
-        (windows, clients.join().expect("clients"))
+        (moved, clients.join().expect("clients"))
     });
-    let windows: Vec<(Instant, Instant, f64, f64, u64)> =
-        windows.into_iter().collect::<Result<_, _>>()?;
-    let during = |t0: Instant, t1: Instant| windows.iter().any(|w| t0 < w.1 && t1 > w.0);
+    let moves: Vec<Move> = moved.into_iter().collect::<Result<_, _>>()?;
+    let overlaps = |(t0, t1): (Instant, Instant), (a, b): (Instant, Instant)| t0 < b && t1 > a;
     // Gaps inside a migration, and the same streams' gaps outside one (the steady state
-    // of the same run).
+    // of the same run). Of those inside, the ones around a switchover (the step the
+    // source began and the destination ended) and the ones of the pre-copy before it,
+    // when the copy shares the cores with the VM.
     let (mut in_migration, mut outside) = (Vec::new(), Vec::new());
+    let (mut at_switchover, mut in_precopy) = (Vec::new(), Vec::new());
     for a in &answers {
         for w in a.pieces.windows(2) {
-            if during(w[0], w[1]) {
-                in_migration.push(ms(w[1] - w[0]));
+            let gap = (w[0], w[1]);
+            let gap_ms = ms(w[1] - w[0]);
+            if !moves.iter().any(|m| overlaps(gap, (m.started, m.ended))) {
+                outside.push(gap_ms);
+                continue;
+            }
+            in_migration.push(gap_ms);
+            if moves.iter().any(|m| overlaps(gap, m.switchover)) {
+                at_switchover.push(gap_ms);
             } else {
-                outside.push(ms(w[1] - w[0]));
+                in_precopy.push(gap_ms);
             }
         }
     }
-    let mut pauses: Vec<f64> = windows.iter().map(|w| w.2).collect();
+    let mut pauses: Vec<f64> = moves.iter().map(|m| m.pause_ms).collect();
     let longest = in_migration.iter().copied().fold(0.0, f64::max);
     let steady_p50 = percentile(&mut outside, 0.5);
     let steady_p99 = percentile(&mut outside, 0.99);
@@ -407,6 +441,31 @@ pub fn bench_serve(
             steady_p50 + pause_max + 10.0
         ),
     ))?;
+    let (precopy_p50, switchover_p50) = (
+        percentile(&mut in_precopy, 0.5),
+        percentile(&mut at_switchover, 0.5),
+    );
+    emit(figure(
+        "serve_precopy_gap_max",
+        percentile(&mut in_precopy, 1.0),
+        "ms",
+        format!(
+            "{} gaps during the pre-copy rounds (the copy shares the cores with the VM): \
+             p50 {precopy_p50:.1} ms, against {steady_p50:.1} ms outside",
+            in_precopy.len()
+        ),
+    ))?;
+    emit(figure(
+        "serve_switchover_gap_max",
+        percentile(&mut at_switchover, 1.0),
+        "ms",
+        format!(
+            "{} gaps around a switchover (a step begun on the source, ended on the \
+             destination): p50 {switchover_p50:.1} ms, against {steady_p50:.1} ms outside \
+             and pauses of at most {pause_max:.1} ms",
+            at_switchover.len()
+        ),
+    ))?;
     emit(figure(
         "serve_pause_max",
         pause_max,
@@ -414,9 +473,12 @@ pub fn bench_serve(
         format!(
             "pauses {pauses:.1?}, whole migrations {:.0?} ms, {:.0?} MiB sent each, {} device \
              chunks sent as the model file's pieces",
-            windows.iter().map(|w| ms(w.1 - w.0)).collect::<Vec<_>>(),
-            windows.iter().map(|w| w.3).collect::<Vec<_>>(),
-            windows.iter().map(|w| w.4).sum::<u64>()
+            moves
+                .iter()
+                .map(|m| ms(m.ended - m.started))
+                .collect::<Vec<_>>(),
+            moves.iter().map(|m| m.mib_sent).collect::<Vec<_>>(),
+            moves.iter().map(|m| m.chunks_from_files).sum::<u64>()
         ),
     ))?;
     emit(figure(
