@@ -736,7 +736,10 @@ impl HostedVm {
     fn release_left(&self, vacated: Vacated<'_>) {
         // Readers and senders go to the destination now; it has the channel's contents.
         self.readout.channel().detach();
-        self.release();
+        // Below the VMs: freeing (and zeroing) its memory is not urgent, and it would take
+        // the cores from this host's VMs (and, where both ends share them, from this VM's
+        // first steps on its destination).
+        ferry_vmm::at_background_priority(|| self.release());
         drop(vacated);
     }
 

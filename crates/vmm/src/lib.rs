@@ -11,7 +11,8 @@
 //! - [`devices`]: console, clock, exit and file-read ports, and the message channel.
 //! - [`files`]: attached read-only files (models, datasets).
 //! - [`migration`]: the microVM as the migration engine's source and target.
-//! - `priority`: the VM threads' priority below the host's, lifted while it waits on them.
+//! - `priority`: the VM threads' priority below the host's, lifted while it waits on them;
+//!   background work below both.
 //! - [`snapshot`]: a paused VM saved to a file and restored, by the migration engine.
 //! - [`arch`]: x86-64 memory map, page tables, GDT/TSS/IDT, entry registers.
 
@@ -29,6 +30,7 @@ pub mod vm;
 pub use devices::console::ConsoleSink;
 pub use files::{AttachedFiles, FileInfo};
 pub use memory::PageSet;
+pub use priority::{at_background_priority, BACKGROUND_NICE};
 pub use vm::{
     HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit, VmReadout, VmTracker,
 };

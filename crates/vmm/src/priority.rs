@@ -1,10 +1,14 @@
 //! The priority of a VM's host threads. A host runs them below its own (its
 //! `guest_nice`), so that busy guests cannot starve its API and migrations. When it must
 //! wait on them (a pause waits for the kernel in flight), it lifts them to its own
-//! priority meanwhile: otherwise whatever else runs would stretch the pause.
+//! priority meanwhile: otherwise whatever else runs would stretch the pause. Work that
+//! no VM and no client waits for (freeing a VM that left) runs below them all.
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Mutex, Once, PoisonError};
+
+/// The nice value of work that nothing waits for: the lowest there is.
+pub const BACKGROUND_NICE: i32 = 19;
 
 /// The calling thread's nice value.
 fn own_nice() -> i32 {
@@ -43,6 +47,38 @@ pub(crate) fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send
         builder
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Runs `f` at [`BACKGROUND_NICE`] on a short-lived thread, and returns what it returns:
+/// it then takes only the time the VMs leave, and a step of a VM that just arrived from
+/// this host is not slowed by the freeing of the one that left. Where no thread can be
+/// started, `f` runs here, at the caller's priority.
+pub fn at_background_priority<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    // Shared with the thread, so that `f` is still here if the thread never starts.
+    let job = Mutex::new(Some(f));
+    let take = || {
+        job.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .expect("the job runs once")
+    };
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new().spawn_scoped(scope, || {
+            if let Err(error) = set_nice(0, BACKGROUND_NICE) {
+                tracing::debug!(%error, "background work runs at the host's priority");
+            }
+            take()()
+        });
+        match spawned {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot start a background thread: the work runs here");
+                take()()
+            }
+        }
     })
 }
 
@@ -119,6 +155,16 @@ mod tests {
         assert_eq!((builder, started), (nice, nice));
         assert_eq!(own_nice(), before, "the caller's priority is unchanged");
         assert_eq!(at_guest_priority(0, own_nice), before, "0: run in place");
+    }
+
+    #[test]
+    fn background_work_runs_at_the_lowest_priority_and_the_caller_keeps_its_own() {
+        let before = own_nice();
+        let (nice, result) = at_background_priority(|| (own_nice(), 6 * 7));
+        assert_eq!((nice, result), (BACKGROUND_NICE, 42));
+        assert_eq!(own_nice(), before, "the caller's priority is unchanged");
+        let panicked = std::panic::catch_unwind(|| at_background_priority(|| panic!("boom")));
+        assert!(panicked.is_err(), "a panic reaches the caller");
     }
 
     #[test]
