@@ -1,6 +1,6 @@
 //! Running a GGUF language model, the parts that need no accelerator: the GGUF file
 //! format ([`gguf`]), the llama architecture and its tensor table ([`llama`]), the
-//! GPT-2-style byte-level BPE tokenizer ([`tokenizer`]), chat templates ([`chat`]) and a
+//! byte-level BPE and SentencePiece tokenizers ([`tokenizer`]), chat templates ([`chat`]) and a
 //! seeded sampler ([`sample`]).
 //!
 //! `no_std` with `alloc`: the same code runs inside bare-metal guests and on the host.
@@ -29,4 +29,6 @@ pub use chat::{ChatError, ChatTemplate, Message, RenderedPrompt};
 pub use gguf::{Gguf, GgufError, TensorInfo, Value, ValueType};
 pub use llama::{Layer, LlamaConfig, LlamaError, LlamaModel, RopeStyle, Weight};
 pub use sample::{Sampler, SamplerConfig, SamplerError};
-pub use tokenizer::{PreTokenizer, TokenType, Tokenizer, TokenizerError, Utf8Stream};
+pub use tokenizer::{
+    PreTokenizer, TokenType, Tokenizer, TokenizerError, TokenizerModel, Utf8Stream,
+};

@@ -1,10 +1,20 @@
-//! GPT-2-style byte-level BPE, as llama.cpp implements it for GGUF files whose
-//! `tokenizer.ggml.model` is `"gpt2"`.
+//! The tokenizers of GGUF files, as llama.cpp implements them: GPT-2-style byte-level
+//! BPE (`tokenizer.ggml.model` `"gpt2"`: SmolLM2, Llama 3) and SentencePiece BPE
+//! (`"llama"`: TinyLlama, Llama 2).
 //!
-//! Token strings are spelled in GPT-2's byte-to-unicode alphabet (each byte of the
-//! UTF-8 text is one printable character: `Ġ` is a space). Encoding splits off special
-//! tokens, pre-tokenizes the rest with the regex of `tokenizer.ggml.pre` (a hand-written
-//! scanner here, no regex engine), and merges each piece's bytes by merge rank.
+//! Byte-level BPE token strings are spelled in GPT-2's byte-to-unicode alphabet (each
+//! byte of the UTF-8 text is one printable character: `Ġ` is a space). Encoding splits
+//! off special tokens, pre-tokenizes the rest with the regex of `tokenizer.ggml.pre` (a
+//! hand-written scanner here, no regex engine), and merges each piece's bytes by merge
+//! rank.
+//!
+//! SentencePiece token strings are UTF-8 with `▁` for a space, and bytes as `<0xHH>`
+//! tokens. Encoding splits off special tokens, writes each space of the rest as `▁` (and
+//! one before a text that starts the prompt or follows a special token, when
+//! `tokenizer.ggml.add_space_prefix`, the default), and merges its characters, the pair
+//! whose token scores highest first (`tokenizer.ggml.scores`); a character no token
+//! covers becomes its bytes' tokens. Control, unknown and byte tokens are never the
+//! result of a merge, so text cannot spell them (the sentencepiece library does the same).
 //!
 //! Pre-tokenizers: `"smollm"` (each `\p{N}` is its own piece, then the GPT-2 pattern) and
 //! `"gpt2"`/`"default"`/absent (the GPT-2 pattern
@@ -56,6 +66,19 @@ impl TokenType {
     }
 }
 
+/// How a vocabulary's tokens are made from text (`tokenizer.ggml.model`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerModel {
+    /// `"gpt2"`: byte-level BPE of pre-tokenized pieces, by merge rank.
+    BytePairs(PreTokenizer),
+    /// `"llama"`: SentencePiece BPE of the whole text, by token score.
+    SentencePiece {
+        /// Whether a `▁` goes before a text that starts the prompt or follows a special
+        /// token (`tokenizer.ggml.add_space_prefix`, default true).
+        add_space_prefix: bool,
+    },
+}
+
 /// The pre-tokenizer regex family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
@@ -75,7 +98,7 @@ pub enum TokenizerError {
         /// The type it should have.
         expected: &'static str,
     },
-    /// `tokenizer.ggml.model` is not `"gpt2"`.
+    /// `tokenizer.ggml.model` is neither `"gpt2"` nor `"llama"`.
     UnsupportedModel {
         /// Its value.
         model: String,
@@ -131,6 +154,13 @@ pub enum TokenizerError {
         /// How many.
         count: usize,
     },
+    /// `tokenizer.ggml.scores` does not have one number per token.
+    ScoreCount {
+        /// Tokens.
+        tokens: usize,
+        /// Scores.
+        scores: usize,
+    },
 }
 
 /// Most special tokens a vocabulary may have: every prompt is searched for each of them
@@ -145,7 +175,7 @@ impl fmt::Display for TokenizerError {
             }
             TokenizerError::UnsupportedModel { model } => write!(
                 f,
-                "tokenizer model {model:?} is not supported (only \"gpt2\" byte-level BPE is)"
+                "tokenizer model {model:?} is not supported (\"gpt2\" byte-level BPE and \"llama\" SentencePiece are)"
             ),
             TokenizerError::UnsupportedPre { pre } => write!(
                 f,
@@ -177,6 +207,10 @@ impl fmt::Display for TokenizerError {
             TokenizerError::TooManyMerges { count } => write!(
                 f,
                 "{count} merge rules (at most {MAX_MERGES} are allowed)"
+            ),
+            TokenizerError::ScoreCount { tokens, scores } => write!(
+                f,
+                "tokenizer.ggml.scores has {scores} numbers for {tokens} tokens"
             ),
         }
     }
@@ -222,7 +256,7 @@ const END_OF_GENERATION_TEXTS: [&str; 9] = [
     "<EOT>",
 ];
 
-/// A byte-level BPE tokenizer built from a GGUF file; owns its tables.
+/// A tokenizer built from a GGUF file (byte-level BPE or SentencePiece); owns its tables.
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     /// Token strings back to back, as in the file; token `i` is `text[text_at[i]..text_at[i+1]]`.
@@ -234,13 +268,15 @@ pub struct Tokenizer {
     types: Vec<TokenType>,
     /// Ids by text; for a string given twice the last id wins (as in llama.cpp).
     by_text: TextIndex,
-    /// Sorted by `(left, right)`.
+    /// Sorted by `(left, right)` (byte-level BPE).
     merges: Vec<Merge>,
+    /// Each token's score (SentencePiece; empty for byte-level BPE).
+    scores: Vec<f32>,
     /// The token of each single byte, or `NONE`.
     byte_token: [u32; 256],
     /// Special tokens matched in text: longest text first, then lowest id.
     specials: Vec<u32>,
-    pre: PreTokenizer,
+    model: TokenizerModel,
     bos: Option<u32>,
     eos: Option<u32>,
     eot: Option<u32>,
@@ -329,6 +365,18 @@ fn decode_byte_level(s: &str, out: &mut Vec<u8>) {
     }
 }
 
+/// SentencePiece decoding of a token string: `▁` is a space.
+fn decode_spaces(s: &str, out: &mut Vec<u8>) {
+    for c in s.chars() {
+        let mut buf = [0; 4];
+        let c = if c == SPACE_MARK { ' ' } else { c };
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    }
+}
+
+/// How SentencePiece spells a space.
+const SPACE_MARK: char = '\u{2581}';
+
 /// The byte of a `<0xHH>` token.
 fn hex_byte_token(s: &str) -> Option<u8> {
     let hex = s.strip_prefix("<0x")?.strip_suffix('>')?;
@@ -336,6 +384,77 @@ fn hex_byte_token(s: &str) -> Option<u8> {
         return None;
     }
     u8::from_str_radix(hex, 16).ok()
+}
+
+/// The merge rules of `tokenizer.ggml.merges` whose parts and result are tokens
+/// (`find` gives a text's id), sorted by `(left, right)`, the lowest rank of a pair kept.
+fn merge_rules(
+    gguf: &Gguf<'_>,
+    find: &dyn Fn(&[u8]) -> Option<u32>,
+) -> Result<Vec<Merge>, TokenizerError> {
+    let merges = strings(gguf, "tokenizer.ggml.merges")?;
+
+    if merges.len() > MAX_MERGES {
+        return Err(TokenizerError::TooManyMerges {
+            count: merges.len(),
+        });
+    }
+    let mut joined = Vec::new();
+    let mut rules = Vec::new();
+    for (index, m) in merges.iter().enumerate() {
+        // Split at the first space after the first byte, like llama.cpp.
+        let parts = m.iter().skip(1).position(|&b| b == b' ').and_then(|sp| {
+            let l = m.get(..sp + 1)?;
+            let r = m.get(sp + 2..)?;
+            core::str::from_utf8(l).ok()?;
+            core::str::from_utf8(r).ok()?;
+            Some((l, r))
+        });
+        let Some((l, r)) = parts else {
+            return Err(TokenizerError::BadMerge { index });
+        };
+        joined.clear();
+        joined.extend_from_slice(l);
+        joined.extend_from_slice(r);
+        // A merge whose parts or result are not tokens can never apply to token ids.
+        let (Some(left), Some(right), Some(result)) = (find(l), find(r), find(&joined)) else {
+            continue;
+        };
+        let Ok(rank) = u32::try_from(index) else {
+            break;
+        };
+        rules.push(Merge {
+            left,
+            right,
+            rank,
+            result,
+        });
+    }
+    // For a pair given twice, the first (lowest) rank wins.
+    rules.sort_unstable_by_key(|m| (m.left, m.right, m.rank));
+    rules.dedup_by_key(|m| (m.left, m.right));
+    Ok(rules)
+}
+
+/// `tokenizer.ggml.scores`: one number per token of the `n`.
+fn scores(gguf: &Gguf<'_>, n: usize) -> Result<Vec<f32>, TokenizerError> {
+    let missing = TokenizerError::Missing {
+        key: "tokenizer.ggml.scores",
+        expected: "an array of numbers",
+    };
+    let array = gguf
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.as_array())
+        .ok_or(missing.clone())?;
+    if array.len() != n {
+        return Err(TokenizerError::ScoreCount {
+            tokens: n,
+            scores: array.len(),
+        });
+    }
+    (0..n)
+        .map(|i| array.f32_at(i).ok_or(missing.clone()))
+        .collect()
 }
 
 impl Tokenizer {
@@ -347,25 +466,41 @@ impl Tokenizer {
                 key: "tokenizer.ggml.model",
                 expected: "a string",
             })?;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel {
-                model: shown(model),
-            });
-        }
-        let pre = match gguf.get("tokenizer.ggml.pre") {
-            None => PreTokenizer::Gpt2,
-            Some(v) => match v.as_str() {
-                Some("gpt2" | "default") => PreTokenizer::Gpt2,
-                Some("smollm") => PreTokenizer::SmolLm,
-                Some(other) => return Err(TokenizerError::UnsupportedPre { pre: shown(other) }),
-                None => {
-                    return Err(TokenizerError::Missing {
-                        key: "tokenizer.ggml.pre",
-                        expected: "a string",
-                    })
-                }
+        let model = match model {
+            "gpt2" => TokenizerModel::BytePairs(match gguf.get("tokenizer.ggml.pre") {
+                None => PreTokenizer::Gpt2,
+                Some(v) => match v.as_str() {
+                    Some("gpt2" | "default") => PreTokenizer::Gpt2,
+                    Some("smollm") => PreTokenizer::SmolLm,
+                    Some(other) => {
+                        return Err(TokenizerError::UnsupportedPre { pre: shown(other) })
+                    }
+                    None => {
+                        return Err(TokenizerError::Missing {
+                            key: "tokenizer.ggml.pre",
+                            expected: "a string",
+                        })
+                    }
+                },
+            }),
+            "llama" => TokenizerModel::SentencePiece {
+                add_space_prefix: match gguf.get("tokenizer.ggml.add_space_prefix") {
+                    None => true,
+                    Some(_) => gguf.get_bool("tokenizer.ggml.add_space_prefix").ok_or(
+                        TokenizerError::Missing {
+                            key: "tokenizer.ggml.add_space_prefix",
+                            expected: "a boolean",
+                        },
+                    )?,
+                },
             },
+            other => {
+                return Err(TokenizerError::UnsupportedModel {
+                    model: shown(other),
+                })
+            }
         };
+        let spm = matches!(model, TokenizerModel::SentencePiece { .. });
         let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
         let n = tokens.len();
         if n == 0 || n > MAX_VOCAB {
@@ -432,8 +567,10 @@ impl Tokenizer {
                 }
                 TokenType::Byte => match hex_byte_token(s) {
                     Some(b) => bytes.push(b),
+                    None if spm => decode_spaces(s, &mut bytes),
                     None => decode_byte_level(s, &mut bytes),
                 },
+                _ if spm => decode_spaces(s, &mut bytes),
                 _ => decode_byte_level(s, &mut bytes),
             }
             bytes_at.push(bytes.len());
@@ -453,9 +590,10 @@ impl Tokenizer {
             types,
             by_text: TextIndex::default(),
             merges: Vec::new(),
+            scores: Vec::new(),
             byte_token: [NONE; 256],
             specials: Vec::new(),
-            pre,
+            model,
             bos: None,
             eos: None,
             eot: None,
@@ -472,54 +610,26 @@ impl Tokenizer {
         let find = |text: &[u8]| index.find(text, str_of);
 
         for b in 0..=255u8 {
-            let mut buf = [0; 4];
-            let s = byte_to_char(b).encode_utf8(&mut buf);
-            tok.byte_token[b as usize] = find(s.as_bytes()).unwrap_or(NONE);
+            tok.byte_token[b as usize] = if spm {
+                find(alloc::format!("<0x{b:02X}>").as_bytes()).unwrap_or(NONE)
+            } else {
+                let mut buf = [0; 4];
+                find(byte_to_char(b).encode_utf8(&mut buf).as_bytes()).unwrap_or(NONE)
+            };
         }
 
-        let merges = strings(gguf, "tokenizer.ggml.merges")?;
-        if merges.len() > MAX_MERGES {
-            return Err(TokenizerError::TooManyMerges {
-                count: merges.len(),
-            });
-        }
-        let mut joined = Vec::new();
-        let mut rules = Vec::new();
-        for (index, m) in merges.iter().enumerate() {
-            // Split at the first space after the first byte, like llama.cpp.
-            let parts = m.iter().skip(1).position(|&b| b == b' ').and_then(|sp| {
-                let l = m.get(..sp + 1)?;
-                let r = m.get(sp + 2..)?;
-                core::str::from_utf8(l).ok()?;
-                core::str::from_utf8(r).ok()?;
-                Some((l, r))
-            });
-            let Some((l, r)) = parts else {
-                return Err(TokenizerError::BadMerge { index });
-            };
-            joined.clear();
-            joined.extend_from_slice(l);
-            joined.extend_from_slice(r);
-            // A merge whose parts or result are not tokens can never apply to token ids.
-            let (Some(left), Some(right), Some(result)) = (find(l), find(r), find(&joined)) else {
-                continue;
-            };
-            let Ok(rank) = u32::try_from(index) else {
-                break;
-            };
-            rules.push(Merge {
-                left,
-                right,
-                rank,
-                result,
-            });
+        if spm {
+            tok.scores = scores(gguf, n)?;
+        } else {
+            tok.merges = merge_rules(gguf, &find)?;
         }
         tok.by_text = index;
-        // For a pair given twice, the first (lowest) rank wins.
-        rules.sort_unstable_by_key(|m| (m.left, m.right, m.rank));
-        rules.dedup_by_key(|m| (m.left, m.right));
-        tok.merges = rules;
+        tok.finish(gguf, n)
+    }
 
+    /// The rest of [`Self::from_gguf`]: the special tokens.
+    fn finish(mut self, gguf: &Gguf<'_>, n: usize) -> Result<Tokenizer, TokenizerError> {
+        let tok = &mut self;
         let mut specials: Vec<u32> = (0..n as u32)
             .filter(|&id| {
                 matches!(
@@ -557,7 +667,19 @@ impl Tokenizer {
         tok.eos = special("tokenizer.ggml.eos_token_id")?;
         tok.eot = special("tokenizer.ggml.eot_token_id")?;
         tok.unk = special("tokenizer.ggml.unknown_token_id")?;
-        Ok(tok)
+        // SentencePiece spells what no piece covers with byte tokens, else the unknown
+        // token: without either, text would be dropped unsaid.
+        if matches!(tok.model, TokenizerModel::SentencePiece { .. })
+            && tok.unk.is_none()
+            && tok.byte_token.contains(&NONE)
+        {
+            return Err(TokenizerError::Missing {
+                key: "tokenizer.ggml.unknown_token_id",
+                expected:
+                    "a token id (a SentencePiece vocabulary without all 256 byte tokens needs one)",
+            });
+        }
+        Ok(self)
     }
 
     /// Number of tokens in the vocabulary.
@@ -570,9 +692,17 @@ impl Tokenizer {
         self.types.is_empty()
     }
 
-    /// The pre-tokenizer in use.
-    pub fn pre_tokenizer(&self) -> PreTokenizer {
-        self.pre
+    /// How its tokens are made from text.
+    pub fn model(&self) -> TokenizerModel {
+        self.model
+    }
+
+    /// The pre-tokenizer in use (byte-level BPE only).
+    pub fn pre_tokenizer(&self) -> Option<PreTokenizer> {
+        match self.model {
+            TokenizerModel::BytePairs(pre) => Some(pre),
+            TokenizerModel::SentencePiece { .. } => None,
+        }
     }
 
     /// Beginning-of-sequence token (`tokenizer.ggml.bos_token_id`).
@@ -693,7 +823,8 @@ impl Tokenizer {
     ///
     /// As in llama.cpp, user-defined tokens are always matched in the text, and control
     /// and unknown tokens (e.g. `<|im_start|>`) only when `parse_special`; where special
-    /// tokens overlap, the longer one wins. The rest is pre-tokenized and BPE-merged.
+    /// tokens overlap, the longer one wins. The rest is pre-tokenized and BPE-merged, or
+    /// (SentencePiece) merged by score.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
         self.encode_marked(text, parse_special, &[])
     }
@@ -758,23 +889,129 @@ impl Tokenizer {
         let mut words = Vec::new();
         let mut heap = BinaryHeap::new();
         let mut syms = Vec::new();
+        // SentencePiece: a text that starts the prompt or follows a special token is
+        // prefixed with a space.
+        let mut after_special = true;
         for (start, end, id) in frags {
             if let Some(id) = id {
                 out.push(id);
+                after_special = true;
                 continue;
             }
-            let Some(s) = text.get(start..end) else {
+            let Some(s) = text.get(start..end).filter(|s| !s.is_empty()) else {
                 continue;
             };
-            words.clear();
-            pre_tokenize(self.pre, s, &mut words);
-            for &(a, b) in &words {
-                if let Some(w) = s.get(a..b) {
-                    self.bpe(w.as_bytes(), &mut out, &mut heap, &mut syms);
+            match self.model {
+                TokenizerModel::BytePairs(pre) => {
+                    words.clear();
+                    pre_tokenize(pre, s, &mut words);
+                    for &(a, b) in &words {
+                        if let Some(w) = s.get(a..b) {
+                            self.bpe(w.as_bytes(), &mut out, &mut heap, &mut syms);
+                        }
+                    }
+                }
+                TokenizerModel::SentencePiece { add_space_prefix } => {
+                    self.sentence_piece(s, add_space_prefix && after_special, &mut out);
                 }
             }
+            after_special = false;
         }
         out
+    }
+
+    /// The token a SentencePiece merge may make of `text`: never a control, unknown or
+    /// byte token, which text must not spell.
+    fn piece_token(&self, text: &[u8]) -> Option<u32> {
+        self.id_of_bytes(text).filter(|&id| {
+            !matches!(
+                self.token_type(id),
+                Some(TokenType::Control | TokenType::Unknown | TokenType::Byte)
+            )
+        })
+    }
+
+    /// SentencePiece BPE of `text` (a space before it if `prefix`), appending the ids to
+    /// `out`: spaces become `▁`, each character is a symbol, and the adjacent pair whose
+    /// joined text is the token of highest score merges first (the leftmost among
+    /// equals), until none is a token. A symbol that is no token becomes the tokens of
+    /// its bytes (`<0xHH>`), or the unknown token for a byte without one.
+    fn sentence_piece(&self, text: &str, prefix: bool, out: &mut Vec<u32>) {
+        let mut escaped = String::with_capacity(text.len() + 3);
+        if prefix {
+            escaped.push(SPACE_MARK);
+        }
+        escaped.extend(text.chars().map(|c| if c == ' ' { SPACE_MARK } else { c }));
+        let bytes = escaped.as_bytes();
+        // Symbols: byte ranges of `escaped` in a linked list; a merged one is emptied.
+        let mut syms: Vec<Piece> = Vec::new();
+        for (i, (at, c)) in escaped.char_indices().enumerate() {
+            syms.push(Piece {
+                start: at,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: None,
+            });
+            if let Some(p) = i.checked_sub(1).and_then(|p| syms.get_mut(p)) {
+                p.next = Some(i);
+            }
+        }
+        // Highest score first; among equal scores the leftmost pair.
+        let mut heap: BinaryHeap<(Score, Reverse<usize>, usize, usize)> = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<_>, syms: &[Piece], left: Option<usize>| {
+            let Some(l) = left.and_then(|l| syms.get(l).map(|p| (l, p))) else {
+                return;
+            };
+            let Some(r) = l.1.next.and_then(|r| syms.get(r)) else {
+                return;
+            };
+            let size = l.1.len + r.len;
+            let Some(joined) = bytes.get(l.1.start..l.1.start + size) else {
+                return;
+            };
+            if let Some(id) = self.piece_token(joined) {
+                let score = self.scores.get(id as usize).copied().unwrap_or(0.0);
+                heap.push((Score(score), Reverse(l.0), l.1.next.unwrap_or(0), size));
+            }
+        };
+        for i in 0..syms.len() {
+            push(&mut heap, &syms, Some(i));
+        }
+        while let Some((_, Reverse(left), right, size)) = heap.pop() {
+            let (Some(l), Some(r)) = (syms.get(left).copied(), syms.get(right).copied()) else {
+                continue;
+            };
+            // Stale: one side has merged since.
+            if l.len == 0 || r.len == 0 || l.next != Some(right) || l.len + r.len != size {
+                continue;
+            }
+            if let Some(s) = syms.get_mut(left) {
+                s.len = size;
+                s.next = r.next;
+            }
+            if let Some(s) = syms.get_mut(right) {
+                s.len = 0;
+            }
+            if let Some(s) = r.next.and_then(|n| syms.get_mut(n)) {
+                s.prev = Some(left);
+            }
+            push(&mut heap, &syms, l.prev);
+            push(&mut heap, &syms, Some(left));
+        }
+        let mut at = if syms.is_empty() { None } else { Some(0) };
+        while let Some(i) = at {
+            let Some(p) = syms.get(i) else { break };
+            let piece = bytes.get(p.start..p.start + p.len).unwrap_or(&[]);
+            match self.piece_token(piece) {
+                Some(id) => out.push(id),
+                None => out.extend(piece.iter().filter_map(|&b| {
+                    Some(self.byte_token[b as usize])
+                        .filter(|&id| id != NONE)
+                        .or(self.unk)
+                })),
+            }
+            at = p.next;
+        }
     }
 
     /// The merge rule for the pair `(left, right)`.
@@ -894,6 +1131,51 @@ impl TextIndex {
             .binary_search_by(|&id| text_of(id).cmp(text))
             .ok()?;
         self.sorted.get(at).copied()
+    }
+}
+
+/// A symbol during SentencePiece BPE: a byte range of the text in a doubly linked list;
+/// empty once merged into the symbol before it.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+/// A token score, ordered totally (a file's NaN sorts too, the same way every time);
+/// -0 and 0 are equal, as the sentencepiece library and llama.cpp compare them.
+#[derive(Clone, Copy, Debug)]
+struct Score(f32);
+
+impl Score {
+    fn key(self) -> f32 {
+        if self.0 == 0.0 {
+            0.0
+        } else {
+            self.0
+        }
+    }
+}
+
+impl PartialEq for Score {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Score {}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Score {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.key().total_cmp(&other.key())
     }
 }
 

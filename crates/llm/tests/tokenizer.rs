@@ -29,7 +29,7 @@ fn encodes_with_merges_and_specials() {
         (Some(1), Some(2), None, None)
     );
     assert!(!tok.add_bos());
-    assert_eq!(tok.pre_tokenizer(), PreTokenizer::SmolLm);
+    assert_eq!(tok.pre_tokenizer(), Some(PreTokenizer::SmolLm));
     assert_eq!(tok.token_type(1), Some(TokenType::Control));
     assert_eq!(tok.token_type(3), Some(TokenType::UserDefined));
     assert!(tok.is_control(2) && !tok.is_control(3) && !tok.is_control(100));
@@ -188,12 +188,29 @@ fn refuses_bad_tokenizers() {
         f(&mut w);
         tokenizer(&w).unwrap_err()
     };
-    let e = err(&|w| w.set("tokenizer.ggml.model", s("llama")));
+    let e = err(&|w| w.set("tokenizer.ggml.model", s("bert")));
     assert_eq!(
         e,
         TokenizerError::UnsupportedModel {
-            model: "llama".into()
+            model: "bert".into()
         }
+    );
+    // SentencePiece needs a score per token.
+    let e = err(&|w| w.set("tokenizer.ggml.model", s("llama")));
+    assert_eq!(
+        e,
+        TokenizerError::Missing {
+            key: "tokenizer.ggml.scores",
+            expected: "an array of numbers"
+        }
+    );
+    let e = err(&|w| {
+        w.set("tokenizer.ggml.model", s("llama"));
+        w.set("tokenizer.ggml.scores", V::F32s(vec![0.0; 3]));
+    });
+    assert!(
+        matches!(e, TokenizerError::ScoreCount { scores: 3, .. }),
+        "{e:?}"
     );
     let e = err(&|w| w.set("tokenizer.ggml.pre", s("llama-bpe")));
     assert_eq!(
@@ -295,7 +312,7 @@ fn refuses_bad_tokenizers() {
     w.set("tokenizer.ggml.pre", s("gpt2"));
     w.remove("tokenizer.ggml.token_type");
     let tok = tokenizer(&w).unwrap();
-    assert_eq!(tok.pre_tokenizer(), PreTokenizer::Gpt2);
+    assert_eq!(tok.pre_tokenizer(), Some(PreTokenizer::Gpt2));
     assert_eq!(tok.encode("<|im_end|>", true).len(), "<|im_end|>".len());
 }
 

@@ -1,5 +1,5 @@
 //! A GGUF language model (the llama architecture with a byte-level BPE tokenizer, as
-//! SmolLM2's) answering a prompt on the virtual accelerator. The model is a file attached to the VM; its
+//! SmolLM2's, or a SentencePiece one, as TinyLlama's) answering a prompt on the virtual accelerator. The model is a file attached to the VM; its
 //! weights go straight from the file into device memory and are only read from then on,
 //! and the KV cache grows in device memory one position per token (the common case of
 //! inference for live migration).
@@ -25,8 +25,8 @@ ferry_sdk::entry!(main);
 const HELP: &str = "\
 llm-chat: answers a prompt with a GGUF language model on the virtual accelerator.
 The model is a file attached to the VM (ferry run --attach model=FILE.gguf ...): the
-llama architecture with a byte-level BPE tokenizer (SmolLM2's; TinyLlama's SentencePiece
-tokenizer and Llama 3's pre-tokenizer and rope factors are refused, saying which), weights
+llama architecture with a byte-level BPE tokenizer (SmolLM2's) or a SentencePiece one
+(TinyLlama's; Llama 3's pre-tokenizer and rope factors are refused, saying which), weights
 in f32, f16, q8_0, q4_0, q4_1, q4_k or q6_k.
   --prompt TEXT       the user's message, rendered with the model's chat template
   --system TEXT       a system message (default: the template's own, if it has one);

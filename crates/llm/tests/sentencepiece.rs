@@ -1,0 +1,188 @@
+//! The SentencePiece tokenizer (`tokenizer.ggml.model` "llama": TinyLlama, Llama 2)
+//! against the sentencepiece library itself: `tests/data/spm_bpe.json` holds a small BPE
+//! vocabulary it trained and the ids it gives a set of texts
+//! (`tools/reference/spm_fixture.py` writes it).
+
+mod common;
+
+use common::*;
+use ferry_llm::gguf::Gguf;
+use ferry_llm::{TokenType, Tokenizer, TokenizerModel};
+use serde_json::Value;
+
+/// The fixture: the GGUF tokenizer metadata of its vocabulary, and its cases.
+fn fixture(add_space_prefix: Option<bool>) -> (Writer, Vec<(String, Vec<u32>)>) {
+    let json: Value = serde_json::from_str(include_str!("data/spm_bpe.json")).expect("JSON");
+    let pieces = json["pieces"].as_array().expect("pieces");
+    let text = |p: &Value| p["piece"].as_str().expect("piece").to_string();
+    let mut w = Writer::new()
+        .kv("general.architecture", s("llama"))
+        .kv("tokenizer.ggml.model", s("llama"))
+        .kv(
+            "tokenizer.ggml.tokens",
+            V::Strs(pieces.iter().map(text).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.scores",
+            V::F32s(
+                pieces
+                    .iter()
+                    .map(|p| p["score"].as_f64().unwrap() as f32)
+                    .collect(),
+            ),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            V::I32s(
+                pieces
+                    .iter()
+                    .map(|p| p["type"].as_i64().unwrap() as i32)
+                    .collect(),
+            ),
+        )
+        .kv("tokenizer.ggml.unknown_token_id", V::U32(0))
+        .kv("tokenizer.ggml.bos_token_id", V::U32(1))
+        .kv("tokenizer.ggml.eos_token_id", V::U32(2))
+        .kv("tokenizer.ggml.add_bos_token", V::Bool(true));
+    if let Some(prefix) = add_space_prefix {
+        w.set("tokenizer.ggml.add_space_prefix", V::Bool(prefix));
+    }
+    let cases = json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            let ids = c["ids"].as_array().unwrap();
+            (
+                c["text"].as_str().unwrap().to_string(),
+                ids.iter().map(|i| i.as_u64().unwrap() as u32).collect(),
+            )
+        })
+        .collect();
+    (w, cases)
+}
+
+fn tokenizer(w: &Writer) -> Tokenizer {
+    let bytes = w.build();
+    let g = Gguf::parse(&bytes, bytes.len() as u64).expect("valid GGUF");
+    Tokenizer::from_gguf(&g).expect("a SentencePiece tokenizer")
+}
+
+#[test]
+fn encodes_as_the_sentencepiece_library_does() {
+    let (w, cases) = fixture(None);
+    let tok = tokenizer(&w);
+    assert_eq!(
+        tok.model(),
+        TokenizerModel::SentencePiece {
+            add_space_prefix: true
+        }
+    );
+    assert_eq!(tok.pre_tokenizer(), None);
+    assert_eq!(
+        (tok.unk(), tok.bos(), tok.eos()),
+        (Some(0), Some(1), Some(2))
+    );
+    assert!(tok.add_bos());
+    assert!(cases.len() >= 20);
+    let mut bytes_fell_back = false;
+    for (text, want) in &cases {
+        let got = tok.encode(text, false);
+        assert_eq!(&got, want, "{text:?}");
+        bytes_fell_back |= got
+            .iter()
+            .any(|&id| tok.token_type(id) == Some(TokenType::Byte));
+        // Decoding gives the text back, after the space the prefix put before it; a `▁`
+        // of the text itself comes back a space, as SentencePiece spells spaces so.
+        assert_eq!(
+            tok.decode(&got),
+            format!(" {}", text.replace('\u{2581}', " ")),
+            "{text:?}"
+        );
+    }
+    assert!(bytes_fell_back, "some case falls back to byte tokens");
+}
+
+#[test]
+fn a_special_token_is_matched_only_when_asked_and_text_after_it_gets_a_space() {
+    let (w, _) = fixture(None);
+    let tok = tokenizer(&w);
+    let alone = tok.encode("Hello", false);
+    // Parsed: </s> is its own token, and "Hello" after it is prefixed as at the start.
+    let parsed = tok.encode("</s>Hello", true);
+    assert_eq!(parsed[0], 2);
+    assert_eq!(&parsed[1..], &alone[..]);
+    // Not parsed: the characters are text, and no merge makes them the control token.
+    let plain = tok.encode("</s>Hello", false);
+    assert!(
+        !plain.contains(&2) && !plain.contains(&1) && !plain.contains(&0),
+        "{plain:?}"
+    );
+    assert_eq!(tok.decode(&plain), " </s>Hello");
+    // Nothing to encode, nothing encoded (no lone prefix).
+    assert_eq!(tok.encode("", false), Vec::<u32>::new());
+}
+
+#[test]
+fn without_the_space_prefix_only_the_spaces_of_the_text_are_marked() {
+    let (w, cases) = fixture(Some(false));
+    let tok = tokenizer(&w);
+    let (with_prefix, _) = fixture(None);
+    let prefixed = tokenizer(&with_prefix);
+    for (text, _) in &cases {
+        let got = tok.encode(text, false);
+        assert_eq!(tok.decode(&got), text.replace('\u{2581}', " "), "{text:?}");
+        // A text that begins with a space encodes as the prefixed tokenizer encodes it
+        // without that space.
+        if let Some(rest) = text.strip_prefix(' ').filter(|r| !r.is_empty()) {
+            assert_eq!(got, prefixed.encode(rest, false), "{text:?}");
+        }
+    }
+}
+
+#[test]
+fn no_merge_spells_a_control_or_byte_token_and_ties_of_zero_scores_go_leftmost() {
+    // "<s" is a piece, so "<s" + ">" would make "<s>" (control) and "<0x" + "41>" the
+    // byte token of 'A', were those allowed as merges.
+    let tokens = [
+        "<unk>", "<s>", "</s>", "<0x41>", "<", "s", ">", "<s", "\u{2581}", "0", "x", "4", "1",
+        "<0", "<0x", "41", "41>", "ab", "bc", "a", "b", "c",
+    ];
+    let types = [
+        2, 3, 3, 6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    ];
+    // "ab" and "bc" score -0 and 0: equal, so "abc" merges its leftmost pair first.
+    let scores = [
+        0.0, 0.0, 0.0, 0.0, -9.0, -9.0, -9.0, -1.0, -9.0, -9.0, -9.0, -9.0, -9.0, -2.0, -3.0, -4.0,
+        -5.0, -0.0, 0.0, -9.0, -9.0, -9.0,
+    ];
+    let w = Writer::new()
+        .kv("tokenizer.ggml.model", s("llama"))
+        .kv("tokenizer.ggml.add_space_prefix", V::Bool(false))
+        .kv(
+            "tokenizer.ggml.tokens",
+            V::Strs(tokens.iter().map(|t| t.to_string()).collect()),
+        )
+        .kv("tokenizer.ggml.token_type", V::I32s(types.to_vec()))
+        .kv("tokenizer.ggml.scores", V::F32s(scores.to_vec()))
+        .kv("tokenizer.ggml.unknown_token_id", V::U32(0));
+    let tok = tokenizer(&w);
+    let id = |t: &str| tokens.iter().position(|x| *x == t).unwrap() as u32;
+    assert_eq!(tok.encode("<s>", false), [id("<s"), id(">")]);
+    assert_eq!(tok.encode("<0x41>", false), [id("<0x"), id("41>")]);
+    assert_eq!(tok.encode("abc", false), [id("ab"), id("c")]);
+    // A character without a piece or a byte token is the unknown token, one per byte.
+    assert_eq!(tok.encode("d", false), [0]);
+    assert_eq!(tok.encode("A", false), [id("<0x41>")]);
+    // Without the unknown token (and most byte tokens), such text would be dropped:
+    // the vocabulary is refused.
+    let mut w = w;
+    w.remove("tokenizer.ggml.unknown_token_id");
+    let bytes = w.build();
+    let g = Gguf::parse(&bytes, bytes.len() as u64).unwrap();
+    let e = Tokenizer::from_gguf(&g).unwrap_err();
+    assert!(
+        e.to_string().contains("tokenizer.ggml.unknown_token_id"),
+        "{e}"
+    );
+}
