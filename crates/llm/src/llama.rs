@@ -23,6 +23,9 @@ pub use ferry_abi::accel::kernel::RopeStyle;
 
 use crate::gguf::{shown, Gguf, TensorInfo, Value, MAX_DIMS};
 
+/// The tensor of rope frequency factors (Llama 3.1 and later), not supported yet.
+const ROPE_FACTORS: &str = "rope_freqs.weight";
+
 /// The hyper-parameters of a llama-family model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LlamaConfig {
@@ -422,6 +425,15 @@ impl LlamaConfig {
                     what: format!("{} {factor} (rope scaling)", m.key("rope.scaling.factor")),
                 });
             }
+        }
+        // Llama 3.1 and later scale rope's frequencies by this tensor: run without it,
+        // the model would answer, wrongly.
+        if gguf.tensor(ROPE_FACTORS).is_some() {
+            return Err(LlamaError::Unsupported {
+                what: format!(
+                    "tensor {ROPE_FACTORS} (rope frequency factors, as Llama 3.1 and later have)"
+                ),
+            });
         }
         let vocab = match gguf.get_str_array("tokenizer.ggml.tokens") {
             Some(tokens) => tokens.len(),

@@ -16,8 +16,8 @@
 //! covers becomes its bytes' tokens. Control, unknown and byte tokens are never the
 //! result of a merge, so text cannot spell them (the sentencepiece library does the same).
 //!
-//! Pre-tokenizers: `"smollm"` (each `\p{N}` is its own piece, then the GPT-2 pattern) and
-//! `"gpt2"`/`"default"`/absent (the GPT-2 pattern
+//! Pre-tokenizers: `"smollm"` (each `\p{N}` is its own piece, then the GPT-2 pattern),
+//! `"llama-bpe"` (Llama 3's pattern) and `"gpt2"`/`"default"`/absent (the GPT-2 pattern
 //! `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`). Any other
 //! value is refused ([`TokenizerError::UnsupportedPre`]) rather than tokenized with a
 //! pattern the model was not trained with.
@@ -86,6 +86,9 @@ pub enum PreTokenizer {
     Gpt2,
     /// Every `\p{N}` alone, then the GPT-2 pattern (`"smollm"`).
     SmolLm,
+    /// Llama 3's pattern (`"llama-bpe"`): contractions, letters after at most one other
+    /// character, numbers in threes, punctuation with the newlines after it, then spaces.
+    Llama3,
 }
 
 /// Why a tokenizer could not be built from a GGUF file.
@@ -179,7 +182,7 @@ impl fmt::Display for TokenizerError {
             ),
             TokenizerError::UnsupportedPre { pre } => write!(
                 f,
-                "pre-tokenizer {pre:?} is not supported (\"smollm\", \"gpt2\" and \"default\" are)"
+                "pre-tokenizer {pre:?} is not supported (\"smollm\", \"llama-bpe\", \"gpt2\" and \"default\" are)"
             ),
             TokenizerError::BadVocabularySize { tokens } => {
                 write!(f, "vocabulary of {tokens} tokens (1 to {MAX_VOCAB} are allowed)")
@@ -472,6 +475,7 @@ impl Tokenizer {
                 Some(v) => match v.as_str() {
                     Some("gpt2" | "default") => PreTokenizer::Gpt2,
                     Some("smollm") => PreTokenizer::SmolLm,
+                    Some("llama-bpe") => PreTokenizer::Llama3,
                     Some(other) => {
                         return Err(TokenizerError::UnsupportedPre { pre: shown(other) })
                     }
@@ -1192,6 +1196,7 @@ struct Sym {
 pub(crate) fn pre_tokenize(pre: PreTokenizer, s: &str, out: &mut Vec<(usize, usize)>) {
     match pre {
         PreTokenizer::Gpt2 => gpt2_split(s, 0, out),
+        PreTokenizer::Llama3 => llama3_split(s, out),
         PreTokenizer::SmolLm => {
             // `\p{N}`: each number character is a piece, and so is each run between.
             let mut run = 0;
@@ -1271,6 +1276,82 @@ fn gpt2_split(s: &str, base: usize, out: &mut Vec<(usize, usize)>) {
             }
         };
         out.push((base + start, base + end));
+        i = end;
+    }
+}
+
+/// Llama 3's pattern over `s`, with regex semantics (at each position the first
+/// alternative that matches, greedily, backtracking as a regex engine would):
+///
+/// ```text
+/// (?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+
+/// |\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+/// ```
+fn llama3_split(s: &str, out: &mut Vec<(usize, usize)>) {
+    let at = |i: usize| s.get(i..).and_then(|r| r.chars().next());
+    let is_other = |c: char| !(is_space(c) || is_letter(c) || is_number(c));
+    let is_newline = |c: char| c == '\r' || c == '\n';
+    // Consumes up to `most` characters satisfying `f` from byte `j`, returning the end.
+    let run = |mut j: usize, most: usize, f: &dyn Fn(char) -> bool| {
+        let mut n = 0;
+        while let Some(c) = at(j).filter(|&c| n < most && f(c)) {
+            j += c.len_utf8();
+            n += 1;
+        }
+        j
+    };
+    let mut i = 0;
+    while let Some(c) = at(i) {
+        let next = at(i + c.len_utf8());
+        let end = 'm: {
+            if c == '\'' {
+                let rest = s.get(i + 1..).unwrap_or("").as_bytes();
+                for suffix in ["s", "t", "re", "ve", "m", "ll", "d"] {
+                    if rest
+                        .get(..suffix.len())
+                        .is_some_and(|r| r.eq_ignore_ascii_case(suffix.as_bytes()))
+                    {
+                        break 'm i + 1 + suffix.len();
+                    }
+                }
+            }
+            // `[^\r\n\p{L}\p{N}]?\p{L}+`
+            if is_letter(c) {
+                break 'm run(i, usize::MAX, &is_letter);
+            }
+            if !is_newline(c) && !is_number(c) && next.is_some_and(is_letter) {
+                break 'm run(i + c.len_utf8(), usize::MAX, &is_letter);
+            }
+            // `\p{N}{1,3}`
+            if is_number(c) {
+                break 'm run(i, 3, &is_number);
+            }
+            // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
+            let others = if c == ' ' && next.is_some_and(is_other) {
+                Some(i + 1)
+            } else {
+                is_other(c).then_some(i)
+            };
+            if let Some(j) = others {
+                let j = run(j, usize::MAX, &is_other);
+                break 'm run(j, usize::MAX, &is_newline);
+            }
+            // Whitespace from here on. `\s*[\r\n]+`: through the run's last newline.
+            let end = run(i, usize::MAX, &is_space);
+            let run_text = s.get(i..end).unwrap_or("");
+            if let Some(last) = run_text.rfind(is_newline) {
+                break 'm i + last + 1;
+            }
+            // `\s+(?!\S)` leaves the last space before a non-space to the next piece
+            // (if the run has more than one); otherwise `\s+`.
+            match (at(end), run_text.chars().next_back()) {
+                (Some(_), Some(last)) if end - last.len_utf8() > i => end - last.len_utf8(),
+                // Not whitespace after all (cannot happen: every class is covered).
+                _ if end == i => i + c.len_utf8(),
+                _ => end,
+            }
+        };
+        out.push((i, end));
         i = end;
     }
 }
@@ -1367,6 +1448,24 @@ mod tests {
             let m = alloc::format!("{}", Tokenizer::from_gguf(&gguf).unwrap_err());
             assert!(m.len() < 1024, "{} bytes: {}", m.len(), &m[..200]);
             assert!(m.contains("…\" is not supported"), "{m}");
+        }
+    }
+
+    #[test]
+    fn llama3_splits_as_the_regex_module_does() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/data/llama3_pre.json")).unwrap();
+        let cases = json["cases"].as_array().unwrap();
+        assert!(cases.len() > 600);
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<&str> = case["pieces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap())
+                .collect();
+            assert_eq!(split(PreTokenizer::Llama3, text), want, "{text:?}");
         }
     }
 

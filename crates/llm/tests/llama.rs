@@ -253,10 +253,9 @@ fn refuses_bad_tensor_tables() {
             offset: None,
         })
     });
-    assert_eq!(
-        e,
-        LlamaError::UnexpectedTensor {
-            tensor: "rope_freqs.weight".into()
-        }
+    // Llama 3.1's rope frequency factors: refused by name, not run without them.
+    assert!(
+        matches!(&e, LlamaError::Unsupported { what } if what.contains("rope_freqs.weight")),
+        "{e}"
     );
 }

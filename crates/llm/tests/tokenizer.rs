@@ -212,14 +212,14 @@ fn refuses_bad_tokenizers() {
         matches!(e, TokenizerError::ScoreCount { scores: 3, .. }),
         "{e:?}"
     );
-    let e = err(&|w| w.set("tokenizer.ggml.pre", s("llama-bpe")));
+    let e = err(&|w| w.set("tokenizer.ggml.pre", s("qwen2")));
     assert_eq!(
         e,
         TokenizerError::UnsupportedPre {
-            pre: "llama-bpe".into()
+            pre: "qwen2".into()
         }
     );
-    assert!(e.to_string().contains("llama-bpe"));
+    assert!(e.to_string().contains("qwen2"));
     let e = err(&|w| w.remove("tokenizer.ggml.tokens"));
     assert!(matches!(
         e,
@@ -314,6 +314,13 @@ fn refuses_bad_tokenizers() {
     let tok = tokenizer(&w).unwrap();
     assert_eq!(tok.pre_tokenizer(), Some(PreTokenizer::Gpt2));
     assert_eq!(tok.encode("<|im_end|>", true).len(), "<|im_end|>".len());
+    // Llama 3's pattern (its splits are checked against a regex engine in the crate's
+    // own tests).
+    w.set("tokenizer.ggml.pre", s("llama-bpe"));
+    let llama3 = tokenizer(&w).unwrap();
+    assert_eq!(llama3.pre_tokenizer(), Some(PreTokenizer::Llama3));
+    let text = "hello (world)\n\n12345 it's";
+    assert_eq!(llama3.decode(&llama3.encode(text, false)), text);
 }
 
 #[test]
