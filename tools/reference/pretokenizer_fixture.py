@@ -8,8 +8,8 @@ regex engine.
     tools/reference/pretokenizer_fixture.py    # rewrites the fixture
 
 The texts: hand-picked ones, then random strings (a fixed seed) over characters of every
-class the pattern tells apart. No U+001C-U+001F: Python's \\s has them, the Unicode
-White_Space property that llama.cpp's tables use does not.
+class the pattern tells apart. No U+001C-U+001F: Python's `re` counts them as \\s, the
+Unicode White_Space property that llama.cpp's tables use does not (nor does `regex`).
 """
 import json
 import os
@@ -50,6 +50,8 @@ ALPHABET = [
     "a", "b", "Z", "é", "ж", "日", "ǅ",  # letters (Ll, Lu, Lo, Lt)
     "1", "7", "٣", "½", "Ⅻ",  # numbers (Nd, No, Nl)
     " ", " ", " ", "\t", "\n", "\r", "\u3000", "\u00a0", "\u2003",  # whitespace
+    "\x0b", "\x0c", "\x85", "\u2028", "\u2029",  # more whitespace
+    "\u0301", "\u200b",  # a combining mark, a zero-width space (neither \s nor L nor N)
     "'", "s", "t", "r", "e", "v", "m", "l", "d", "S", "L", "E",  # contractions
     ".", ",", "(", "!", "-", "_", "😀", "—",  # others
 ]

@@ -574,6 +574,8 @@ impl Tokenizer {
                     None if spm => decode_spaces(s, &mut bytes),
                     None => decode_byte_level(s, &mut bytes),
                 },
+                // An unused SentencePiece slot says nothing, as in llama.cpp.
+                TokenType::Unused if spm => {}
                 _ if spm => decode_spaces(s, &mut bytes),
                 _ => decode_byte_level(s, &mut bytes),
             }
@@ -602,9 +604,15 @@ impl Tokenizer {
             eos: None,
             eot: None,
             unk: None,
+            // Without the key, llama.cpp starts SentencePiece and Llama 3 prompts with
+            // BOS, and SmolLM2's kind without.
             add_bos: gguf
                 .get_bool("tokenizer.ggml.add_bos_token")
-                .unwrap_or(false),
+                .unwrap_or(matches!(
+                    model,
+                    TokenizerModel::SentencePiece { .. }
+                        | TokenizerModel::BytePairs(PreTokenizer::Llama3)
+                )),
         };
 
         // Lookup by text; while building, over the strings borrowed from the file.
@@ -671,17 +679,13 @@ impl Tokenizer {
         tok.eos = special("tokenizer.ggml.eos_token_id")?;
         tok.eot = special("tokenizer.ggml.eot_token_id")?;
         tok.unk = special("tokenizer.ggml.unknown_token_id")?;
-        // SentencePiece spells what no piece covers with byte tokens, else the unknown
-        // token: without either, text would be dropped unsaid.
-        if matches!(tok.model, TokenizerModel::SentencePiece { .. })
-            && tok.unk.is_none()
-            && tok.byte_token.contains(&NONE)
-        {
-            return Err(TokenizerError::Missing {
-                key: "tokenizer.ggml.unknown_token_id",
-                expected:
-                    "a token id (a SentencePiece vocabulary without all 256 byte tokens needs one)",
-            });
+        if matches!(tok.model, TokenizerModel::SentencePiece { .. }) {
+            // llama.cpp's defaults for a SentencePiece vocabulary that names none; with
+            // an unknown token, what neither a piece nor a byte token covers is said.
+            let default = |id: u32| (n > id as usize).then_some(id);
+            tok.bos = tok.bos.or(default(1));
+            tok.eos = tok.eos.or(default(2));
+            tok.unk = tok.unk.or(default(0));
         }
         Ok(self)
     }
@@ -893,6 +897,7 @@ impl Tokenizer {
         let mut words = Vec::new();
         let mut heap = BinaryHeap::new();
         let mut syms = Vec::new();
+        let mut spelled = String::new();
         // SentencePiece: a text that starts the prompt or follows a special token is
         // prefixed with a space.
         let mut after_special = true;
@@ -910,9 +915,19 @@ impl Tokenizer {
                     words.clear();
                     pre_tokenize(pre, s, &mut words);
                     for &(a, b) in &words {
-                        if let Some(w) = s.get(a..b) {
-                            self.bpe(w.as_bytes(), &mut out, &mut heap, &mut syms);
+                        let Some(w) = s.get(a..b) else { continue };
+                        // Llama 3's vocabulary has whole words that no chain of its
+                        // merges reaches: a piece that is a token is that token (as
+                        // llama.cpp's `ignore_merges`).
+                        if pre == PreTokenizer::Llama3 {
+                            spelled.clear();
+                            spelled.extend(w.bytes().map(byte_to_char));
+                            if let Some(id) = self.piece_token(spelled.as_bytes()) {
+                                out.push(id);
+                                continue;
+                            }
                         }
+                        self.bpe(w.as_bytes(), &mut out, &mut heap, &mut syms);
                     }
                 }
                 TokenizerModel::SentencePiece { add_space_prefix } => {
@@ -924,8 +939,8 @@ impl Tokenizer {
         out
     }
 
-    /// The token a SentencePiece merge may make of `text`: never a control, unknown or
-    /// byte token, which text must not spell.
+    /// The token a SentencePiece merge (or a whole Llama 3 piece) may make of `text`:
+    /// never a control, unknown or byte token, which text must not spell.
     fn piece_token(&self, text: &[u8]) -> Option<u32> {
         self.id_of_bytes(text).filter(|&id| {
             !matches!(

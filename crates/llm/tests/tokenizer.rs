@@ -314,13 +314,34 @@ fn refuses_bad_tokenizers() {
     let tok = tokenizer(&w).unwrap();
     assert_eq!(tok.pre_tokenizer(), Some(PreTokenizer::Gpt2));
     assert_eq!(tok.encode("<|im_end|>", true).len(), "<|im_end|>".len());
-    // Llama 3's pattern (its splits are checked against a regex engine in the crate's
-    // own tests).
+}
+
+#[test]
+fn llama3_takes_a_whole_piece_that_is_a_token_and_starts_with_bos() {
+    // "xyz" is a token that no merge reaches; "<|im_start|>" a control token whose
+    // text the pieces of plain text must never become.
+    let mut v = tiny_vocab();
+    v.tokens.push("xyz".into());
+    v.types.push(1);
+    let mut w = tiny_llama();
+    w.set("tokenizer.ggml.tokens", V::Strs(v.tokens.clone()));
+    w.set("tokenizer.ggml.token_type", V::I32s(v.types));
+    let gpt2 = tokenizer(&w).unwrap();
     w.set("tokenizer.ggml.pre", s("llama-bpe"));
     let llama3 = tokenizer(&w).unwrap();
     assert_eq!(llama3.pre_tokenizer(), Some(PreTokenizer::Llama3));
-    let text = "hello (world)\n\n12345 it's";
-    assert_eq!(llama3.decode(&llama3.encode(text, false)), text);
+    let xyz = id(&llama3, "xyz");
+    assert_eq!(llama3.encode("xyz", false), [xyz]);
+    assert_eq!(
+        gpt2.encode("xyz", false),
+        [id(&gpt2, "x"), id(&gpt2, "y"), id(&gpt2, "z")],
+        "GPT-2's pre-tokenizer merges, and nothing merges to xyz"
+    );
+    // Pieces still merge when they are no token: " the" is one by merges.
+    assert_eq!(llama3.encode("xyz the", false), [xyz, id(&llama3, " the")]);
+    // Without add_bos_token, a Llama 3 prompt starts with BOS (as in llama.cpp), and
+    // SmolLM2's kind does not.
+    assert!(llama3.add_bos() && !gpt2.add_bos());
 }
 
 #[test]
