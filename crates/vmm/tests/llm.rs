@@ -556,3 +556,86 @@ fn chat_requests_say_why_the_model_has_no_usable_template() {
         );
     }
 }
+
+#[test]
+fn a_sentencepiece_model_chats_through_the_guest_as_the_library_tokenizes() {
+    ferry_testdata::require_kvm!();
+    // The tiny model with the vocabulary the sentencepiece library trained (ferry-llm's
+    // fixture) and a Zephyr template, as TinyLlama's files have.
+    let json: Value =
+        serde_json::from_str(include_str!("../../llm/tests/data/spm_bpe.json")).unwrap();
+    let pieces = json["pieces"].as_array().unwrap();
+    let mut w = gguf::tiny_llama();
+    w.set("tokenizer.ggml.model", gguf::s("llama"));
+    w.remove("tokenizer.ggml.pre");
+    w.remove("tokenizer.ggml.merges");
+    w.set(
+        "tokenizer.ggml.tokens",
+        gguf::V::Strs(
+            pieces
+                .iter()
+                .map(|p| p["piece"].as_str().unwrap().into())
+                .collect(),
+        ),
+    );
+    w.set(
+        "tokenizer.ggml.scores",
+        gguf::V::F32s(
+            pieces
+                .iter()
+                .map(|p| p["score"].as_f64().unwrap() as f32)
+                .collect(),
+        ),
+    );
+    w.set(
+        "tokenizer.ggml.token_type",
+        gguf::V::I32s(
+            pieces
+                .iter()
+                .map(|p| p["type"].as_i64().unwrap() as i32)
+                .collect(),
+        ),
+    );
+    w.set(
+        "tokenizer.chat_template",
+        gguf::s("{% for message in messages %}{{ '<|user|>\n' + message['content'] + '</s>' }}{% endfor %}{{ '<|assistant|>\n' }}"),
+    );
+    for t in &mut w.tensors {
+        if t.name == "token_embd.weight" {
+            t.dims[1] = pieces.len() as u64;
+        }
+    }
+    let dir = scratch("ferry-llm-spm-");
+    let model = dir.path().join("tiny-spm.gguf");
+    std::fs::write(&model, w.build()).unwrap();
+
+    let args = ["--prompt", QUESTION, "--max-tokens", "1", "--print-tokens"];
+    let (exit, console) = chat(&model, &args);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    let ids = ids(&console, "prompt_ids=");
+    let (bos, eos) = (1, 2); // the fixture's <s> and </s>
+    assert_eq!(
+        ids.first(),
+        Some(&bos),
+        "a SentencePiece prompt starts with BOS: {ids:?}"
+    );
+    assert_eq!(ids.iter().filter(|&&i| i == eos).count(), 1, "{ids:?}");
+    // The question as the library encodes it ("▁What▁is…", its first id the lone "▁"),
+    // then the template's </s>: here the question follows "<|user|>\n", so no "▁" starts
+    // it, and the rest must be the library's ids.
+    let case = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["text"] == QUESTION)
+        .expect("the question is a fixture case");
+    let mut want: Vec<u64> = case["ids"].as_array().unwrap()[1..]
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    want.push(eos);
+    assert!(
+        ids.windows(want.len()).any(|w| w == want),
+        "{want:?} in {ids:?}"
+    );
+}
