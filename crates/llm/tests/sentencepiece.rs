@@ -8,57 +8,19 @@ mod common;
 use common::*;
 use ferry_llm::gguf::Gguf;
 use ferry_llm::{TokenType, Tokenizer, TokenizerModel};
-use serde_json::Value;
 
 /// The fixture: the GGUF tokenizer metadata of its vocabulary, and its cases.
 fn fixture(add_space_prefix: Option<bool>) -> (Writer, Vec<(String, Vec<u32>)>) {
-    let json: Value = serde_json::from_str(include_str!("data/spm_bpe.json")).expect("JSON");
-    let pieces = json["pieces"].as_array().expect("pieces");
-    let text = |p: &Value| p["piece"].as_str().expect("piece").to_string();
     let mut w = Writer::new()
         .kv("general.architecture", s("llama"))
-        .kv("tokenizer.ggml.model", s("llama"))
-        .kv(
-            "tokenizer.ggml.tokens",
-            V::Strs(pieces.iter().map(text).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.scores",
-            V::F32s(
-                pieces
-                    .iter()
-                    .map(|p| p["score"].as_f64().unwrap() as f32)
-                    .collect(),
-            ),
-        )
-        .kv(
-            "tokenizer.ggml.token_type",
-            V::I32s(
-                pieces
-                    .iter()
-                    .map(|p| p["type"].as_i64().unwrap() as i32)
-                    .collect(),
-            ),
-        )
         .kv("tokenizer.ggml.unknown_token_id", V::U32(0))
         .kv("tokenizer.ggml.bos_token_id", V::U32(1))
         .kv("tokenizer.ggml.eos_token_id", V::U32(2))
         .kv("tokenizer.ggml.add_bos_token", V::Bool(true));
+    let cases = set_spm_vocabulary(&mut w);
     if let Some(prefix) = add_space_prefix {
         w.set("tokenizer.ggml.add_space_prefix", V::Bool(prefix));
     }
-    let cases = json["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| {
-            let ids = c["ids"].as_array().unwrap();
-            (
-                c["text"].as_str().unwrap().to_string(),
-                ids.iter().map(|i| i.as_u64().unwrap() as u32).collect(),
-            )
-        })
-        .collect();
     (w, cases)
 }
 

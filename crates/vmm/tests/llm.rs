@@ -562,47 +562,25 @@ fn a_sentencepiece_model_chats_through_the_guest_as_the_library_tokenizes() {
     ferry_testdata::require_kvm!();
     // The tiny model with the vocabulary the sentencepiece library trained (ferry-llm's
     // fixture) and a Zephyr template, as TinyLlama's files have.
-    let json: Value =
-        serde_json::from_str(include_str!("../../llm/tests/data/spm_bpe.json")).unwrap();
-    let pieces = json["pieces"].as_array().unwrap();
     let mut w = gguf::tiny_llama();
-    w.set("tokenizer.ggml.model", gguf::s("llama"));
-    w.remove("tokenizer.ggml.pre");
-    w.remove("tokenizer.ggml.merges");
-    w.set(
-        "tokenizer.ggml.tokens",
-        gguf::V::Strs(
-            pieces
-                .iter()
-                .map(|p| p["piece"].as_str().unwrap().into())
-                .collect(),
-        ),
-    );
-    w.set(
-        "tokenizer.ggml.scores",
-        gguf::V::F32s(
-            pieces
-                .iter()
-                .map(|p| p["score"].as_f64().unwrap() as f32)
-                .collect(),
-        ),
-    );
-    w.set(
-        "tokenizer.ggml.token_type",
-        gguf::V::I32s(
-            pieces
-                .iter()
-                .map(|p| p["type"].as_i64().unwrap() as i32)
-                .collect(),
-        ),
-    );
+    let cases = gguf::set_spm_vocabulary(&mut w);
+    let vocabulary = match &w
+        .kvs
+        .iter()
+        .find(|kv| kv.0 == "tokenizer.ggml.tokens")
+        .unwrap()
+        .1
+    {
+        gguf::V::Strs(tokens) => tokens.len() as u64,
+        _ => unreachable!("tokens are strings"),
+    };
     w.set(
         "tokenizer.chat_template",
         gguf::s("{% for message in messages %}{{ '<|user|>\n' + message['content'] + '</s>' }}{% endfor %}{{ '<|assistant|>\n' }}"),
     );
     for t in &mut w.tensors {
         if t.name == "token_embd.weight" {
-            t.dims[1] = pieces.len() as u64;
+            t.dims[1] = vocabulary;
         }
     }
     let dir = scratch("ferry-llm-spm-");
@@ -623,16 +601,11 @@ fn a_sentencepiece_model_chats_through_the_guest_as_the_library_tokenizes() {
     // The question as the library encodes it ("▁What▁is…", its first id the lone "▁"),
     // then the template's </s>: here the question follows "<|user|>\n", so no "▁" starts
     // it, and the rest must be the library's ids.
-    let case = json["cases"]
-        .as_array()
-        .unwrap()
+    let (_, library) = cases
         .iter()
-        .find(|c| c["text"] == QUESTION)
+        .find(|(text, _)| text == QUESTION)
         .expect("the question is a fixture case");
-    let mut want: Vec<u64> = case["ids"].as_array().unwrap()[1..]
-        .iter()
-        .map(|i| i.as_u64().unwrap())
-        .collect();
+    let mut want: Vec<u64> = library[1..].iter().map(|&i| u64::from(i)).collect();
     want.push(eos);
     assert!(
         ids.windows(want.len()).any(|w| w == want),

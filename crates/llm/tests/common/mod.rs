@@ -1,5 +1,6 @@
 //! Test helpers: a tiny GGUF writer, a tiny llama model with a byte-level vocabulary,
-//! and the location of the real model file.
+//! the SentencePiece vocabulary the sentencepiece library trained, and the location of
+//! the real model file.
 
 #![allow(dead_code)]
 
@@ -355,4 +356,34 @@ pub fn tiny_llama() -> Writer {
 /// Where the real model file is, if present (see `ferry_testdata::smollm2`).
 pub fn real_model(test: &str) -> Option<PathBuf> {
     ferry_testdata::smollm2(test)
+}
+
+/// Sets on `w` the tokenizer of `tests/data/spm_bpe.json` (a SentencePiece vocabulary
+/// the sentencepiece library trained, written by `tools/reference/spm_fixture.py`: its
+/// tokens, scores and types, `tokenizer.ggml.model` "llama"); returns the fixture's cases,
+/// each text with the ids the library gives it.
+pub fn set_spm_vocabulary(w: &mut Writer) -> Vec<(String, Vec<u32>)> {
+    let json: serde_json::Value =
+        serde_json::from_str(include_str!("../data/spm_bpe.json")).expect("JSON");
+    let pieces = json["pieces"].as_array().expect("pieces");
+    let field = |key: &'static str| pieces.iter().map(move |p| &p[key]);
+    w.set("tokenizer.ggml.model", s("llama"));
+    w.remove("tokenizer.ggml.pre");
+    w.remove("tokenizer.ggml.merges");
+    let tokens = field("piece").map(|t| t.as_str().expect("piece").into());
+    w.set("tokenizer.ggml.tokens", V::Strs(tokens.collect()));
+    let scores = field("score").map(|v| v.as_f64().expect("score") as f32);
+    w.set("tokenizer.ggml.scores", V::F32s(scores.collect()));
+    let types = field("type").map(|v| v.as_i64().expect("type") as i32);
+    w.set("tokenizer.ggml.token_type", V::I32s(types.collect()));
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            let ids = c["ids"].as_array().expect("ids");
+            let ids = ids.iter().map(|i| i.as_u64().expect("id") as u32);
+            (c["text"].as_str().expect("text").into(), ids.collect())
+        })
+        .collect()
 }
