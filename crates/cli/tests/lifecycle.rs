@@ -544,19 +544,27 @@ fn a_host_sent_sigterm_stops_its_vms_and_exits_cleanly() {
     assert!(status.success(), "not a clean exit: {status:?}");
 }
 
+/// `ferry host serve` named `name`, its API on loopback, receiving migrations on
+/// `migrations`, with the file store `store`; its stderr piped, for the test to read.
+fn host_serve(name: &str, migrations: &str, store: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command
+        .args(["host", "serve", "--name", name, "--listen", "127.0.0.1:0"])
+        .args(["--migration-listen", migrations])
+        .arg("--file-store")
+        .arg(store)
+        .env("FERRY_SECRET", SECRET)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
 #[test]
 fn a_daemon_receiving_migrations_beyond_loopback_without_tls_says_so() {
     use std::io::BufRead;
     let store = tempfile::tempdir().unwrap();
-    let daemon = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["host", "serve", "--name", "w", "--listen", "127.0.0.1:0"])
-        .args(["--migration-listen", "0.0.0.0:0"])
-        .arg("--file-store")
-        .arg(store.path())
-        .env("FERRY_SECRET", SECRET)
-        .stdin(std::process::Stdio::null())
+    let daemon = host_serve("w", "0.0.0.0:0", store.path())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run ferry host serve");
     let mut daemon = KillOnDrop(daemon);
@@ -585,15 +593,8 @@ fn a_daemon_receiving_migrations_beyond_loopback_without_tls_says_so() {
 #[test]
 fn a_second_daemon_on_the_same_file_store_refuses_to_start() {
     let a = Daemon::start("a");
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["host", "serve", "--name", "b", "--listen", "127.0.0.1:0"])
-        .args(["--migration-listen", "127.0.0.1:0"])
-        .arg("--file-store")
-        .arg(a.store.path())
-        .env("FERRY_SECRET", SECRET)
-        .stdin(std::process::Stdio::null())
+    let second = host_serve("b", "127.0.0.1:0", a.store.path())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run ferry host serve");
     // Killed on drop: a daemon that did start would serve until then.

@@ -963,38 +963,32 @@ impl Tokenizer {
         escaped.extend(text.chars().map(|c| if c == ' ' { SPACE_MARK } else { c }));
         let bytes = escaped.as_bytes();
         // Symbols: byte ranges of `escaped` in a linked list; a merged one is emptied.
-        let mut syms: Vec<Piece> = Vec::new();
-        for (i, (at, c)) in escaped.char_indices().enumerate() {
-            syms.push(Piece {
+        let mut syms: Vec<Piece> = escaped
+            .char_indices()
+            .enumerate()
+            .map(|(i, (at, c))| Piece {
                 start: at,
                 len: c.len_utf8(),
                 prev: i.checked_sub(1),
-                next: None,
-            });
-            if let Some(p) = i.checked_sub(1).and_then(|p| syms.get_mut(p)) {
-                p.next = Some(i);
-            }
-        }
+                next: (at + c.len_utf8() < bytes.len()).then_some(i + 1),
+            })
+            .collect();
         // Highest score first; among equal scores the leftmost pair.
         let mut heap: BinaryHeap<(Score, Reverse<usize>, usize, usize)> = BinaryHeap::new();
-        let push = |heap: &mut BinaryHeap<_>, syms: &[Piece], left: Option<usize>| {
-            let Some(l) = left.and_then(|l| syms.get(l).map(|p| (l, p))) else {
+        let push = |heap: &mut BinaryHeap<_>, syms: &[Piece], left: usize| {
+            let Some(l) = syms.get(left) else { return };
+            let Some((right, r)) = l.next.and_then(|r| Some((r, syms.get(r)?))) else {
                 return;
             };
-            let Some(r) = l.1.next.and_then(|r| syms.get(r)) else {
-                return;
-            };
-            let size = l.1.len + r.len;
-            let Some(joined) = bytes.get(l.1.start..l.1.start + size) else {
-                return;
-            };
-            if let Some(id) = self.piece_token(joined) {
+            let size = l.len + r.len;
+            let joined = bytes.get(l.start..l.start + size);
+            if let Some(id) = joined.and_then(|t| self.piece_token(t)) {
                 let score = self.scores.get(id as usize).copied().unwrap_or(0.0);
-                heap.push((Score(score), Reverse(l.0), l.1.next.unwrap_or(0), size));
+                heap.push((Score(score), Reverse(left), right, size));
             }
         };
         for i in 0..syms.len() {
-            push(&mut heap, &syms, Some(i));
+            push(&mut heap, &syms, i);
         }
         while let Some((_, Reverse(left), right, size)) = heap.pop() {
             let (Some(l), Some(r)) = (syms.get(left).copied(), syms.get(right).copied()) else {
@@ -1014,8 +1008,10 @@ impl Tokenizer {
             if let Some(s) = r.next.and_then(|n| syms.get_mut(n)) {
                 s.prev = Some(left);
             }
-            push(&mut heap, &syms, l.prev);
-            push(&mut heap, &syms, Some(left));
+            if let Some(p) = l.prev {
+                push(&mut heap, &syms, p);
+            }
+            push(&mut heap, &syms, left);
         }
         let mut at = if syms.is_empty() { None } else { Some(0) };
         while let Some(i) = at {
