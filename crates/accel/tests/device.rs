@@ -113,7 +113,7 @@ fn rows_and_heads_wider_than_host_scratch_allows_fail_with_bad_shape() {
     let cases: &[&[u64]] = &[
         &[kernel::SOFTMAX, 1, 2, 1, row + 1],
         &[kernel::CROSS_ENTROPY, 1, 2, 3, 4, 1, row + 1],
-        &[kernel::ROPE, 1, 1, 1, 2 * head, 0, ten_thousand, 0],
+        &[kernel::ROPE, 1, 2, 1, 1, 2 * head, 0, ten_thousand, 0],
         &[kernel::ATTENTION_DECODE, 1, 2, 3, 4, 1, head + 1, 1],
         // f32 weights: one row of row + 1 inputs.
         &[kernel::QMATMUL, 1, 2, 3, 1, row + 1, 1, 0],
@@ -127,7 +127,7 @@ fn rows_and_heads_wider_than_host_scratch_allows_fail_with_bad_shape() {
         g.run(op::LAUNCH, &[kernel::SOFTMAX, 1, 2, 1, row]),
         status::OK
     );
-    let rope = [kernel::ROPE, 1, 1, 1, head, 0, ten_thousand, 1];
+    let rope = [kernel::ROPE, 1, 2, 1, 1, head, 0, ten_thousand, 1];
     assert_eq!(g.run(op::LAUNCH, &rope), status::OK);
 }
 

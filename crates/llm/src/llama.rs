@@ -7,8 +7,10 @@
 //! `token_embd`), and per layer `blk.N.` `attn_norm` `[dim]`,
 //! `attn_q` `[dim, dim]`, `attn_k` and `attn_v` `[dim, kv_heads·head_dim]`, `attn_output`
 //! `[dim, dim]`, `ffn_norm` `[dim]`, `ffn_gate` and `ffn_up` `[dim, ffn_dim]`, `ffn_down`
-//! `[ffn_dim, dim]` (`.weight` each). Any other tensor is refused, as is metadata asking
-//! for features the llama layout lacks (rope scaling, a head size other than dim/heads).
+//! `[ffn_dim, dim]` (`.weight` each), and optionally `rope_freqs.weight` `[head_dim / 2]`
+//! (f32, Llama 3.1 and later: a divisor of each rope pair's frequency). Any other tensor
+//! is refused, as is metadata asking for features the llama layout lacks (rope scaling,
+//! a head size other than dim/heads).
 
 use alloc::format;
 use alloc::string::String;
@@ -23,7 +25,7 @@ pub use ferry_abi::accel::kernel::RopeStyle;
 
 use crate::gguf::{shown, Gguf, TensorInfo, Value, MAX_DIMS};
 
-/// The tensor of rope frequency factors (Llama 3.1 and later), not supported yet.
+/// The tensor of rope frequency factors (Llama 3.1 and later).
 const ROPE_FACTORS: &str = "rope_freqs.weight";
 
 /// The hyper-parameters of a llama-family model.
@@ -163,6 +165,9 @@ pub struct LlamaModel {
     pub output: Option<Weight>,
     /// The transformer blocks.
     pub layers: Vec<Layer>,
+    /// `rope_freqs.weight`: `[head_dim / 2]`, f32, the divisors of the rope pairs'
+    /// frequencies (Llama 3.1 and later); `None`: rope as in the original, all 1.
+    pub rope_factors: Option<Weight>,
 }
 
 /// Why a GGUF file is not a llama model we can run.
@@ -229,6 +234,13 @@ pub enum LlamaError {
         /// Its rows.
         rows: u64,
     },
+    /// A tensor whose values cannot be what it stands for.
+    BadTensorData {
+        /// Its name.
+        tensor: String,
+        /// What is wrong, with the value.
+        why: String,
+    },
 }
 
 impl fmt::Display for LlamaError {
@@ -276,6 +288,7 @@ impl fmt::Display for LlamaError {
                 f,
                 "vocabulary of {vocab} tokens is larger than the {rows} rows of {tensor:?}"
             ),
+            LlamaError::BadTensorData { tensor, why } => write!(f, "tensor {tensor:?}: {why}"),
         }
     }
 }
@@ -426,15 +439,6 @@ impl LlamaConfig {
                 });
             }
         }
-        // Llama 3.1 and later scale rope's frequencies by this tensor: run without it,
-        // the model would answer, wrongly.
-        if gguf.tensor(ROPE_FACTORS).is_some() {
-            return Err(LlamaError::Unsupported {
-                what: format!(
-                    "tensor {ROPE_FACTORS} (rope frequency factors, as Llama 3.1 and later have)"
-                ),
-            });
-        }
         let vocab = match gguf.get_str_array("tokenizer.ggml.tokens") {
             Some(tokens) => tokens.len(),
             None => match gguf.get(&m.key("vocab_size")) {
@@ -517,7 +521,7 @@ fn vocab_matrix(gguf: &Gguf<'_>, name: &str, dim: u64, vocab: u64) -> Result<Wei
 fn expected_tensor(name: &str, layers: usize) -> bool {
     if matches!(
         name,
-        "token_embd.weight" | "output_norm.weight" | "output.weight"
+        "token_embd.weight" | "output_norm.weight" | "output.weight" | ROPE_FACTORS
     ) {
         return true;
     }
@@ -573,6 +577,13 @@ impl LlamaModel {
                 ffn_down: t("ffn_down", &[ffn, dim], None)?,
             });
         }
+        let rope_factors = match gguf.tensor(ROPE_FACTORS) {
+            None => None,
+            Some(_) => {
+                let pairs = (c.rope_dim / 2) as u64;
+                Some(tensor(gguf, ROPE_FACTORS, &[pairs], Some(DType::F32))?)
+            }
+        };
         if let Some(t) = gguf
             .tensors()
             .iter()
@@ -588,7 +599,40 @@ impl LlamaModel {
             output_norm,
             output,
             layers,
+            rope_factors,
         })
+    }
+
+    /// The rope frequency factors, half a head of them: read from `data`, the bytes of
+    /// [`Self::rope_factors`] (little-endian f32), each checked to be a positive finite
+    /// number; all 1 for a model without them (`data` is then not read).
+    pub fn rope_factor_values(&self, data: &[u8]) -> Result<Vec<f32>, LlamaError> {
+        let pairs = self.config.rope_dim / 2;
+        if self.rope_factors.is_none() {
+            return Ok(alloc::vec![1.0; pairs]);
+        }
+        let bad = |why: String| LlamaError::BadTensorData {
+            tensor: ROPE_FACTORS.into(),
+            why,
+        };
+        if data.len() != pairs * 4 {
+            return Err(bad(format!(
+                "{} bytes of data, expected {}",
+                data.len(),
+                pairs * 4
+            )));
+        }
+        let values: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        match values.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+            Some(i) => Err(bad(format!(
+                "factor {i} is {}, not a positive finite number",
+                values[i]
+            ))),
+            None => Ok(values),
+        }
     }
 
     /// The output projection: `output.weight`, or `token_embd.weight` when tied.
@@ -596,12 +640,14 @@ impl LlamaModel {
         self.output.unwrap_or(self.token_embd)
     }
 
-    /// Every weight tensor: embedding, each layer's, final norm, output if not tied.
+    /// Every weight tensor: embedding, each layer's, final norm, output if not tied,
+    /// rope factors if any.
     pub fn weights(&self) -> impl Iterator<Item = Weight> + '_ {
         core::iter::once(self.token_embd)
             .chain(self.layers.iter().flat_map(|l| l.weights()))
             .chain(core::iter::once(self.output_norm))
             .chain(self.output)
+            .chain(self.rope_factors)
     }
 
     /// Bytes of all weights.

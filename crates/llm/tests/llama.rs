@@ -245,17 +245,87 @@ fn refuses_bad_tensor_tables() {
     );
     let e = err(|w| w.set("llama.block_count", V::U32(1)));
     assert!(matches!(&e, LlamaError::UnexpectedTensor { tensor } if tensor.starts_with("blk.1.")));
-    let e = err(|w| {
-        w.tensors.push(T {
-            name: "rope_freqs.weight".into(),
-            dims: vec![2],
-            code: 0,
-            offset: None,
-        })
-    });
-    // Llama 3.1's rope frequency factors: refused by name, not run without them.
+}
+
+#[test]
+fn rope_frequency_factors_are_read_and_checked() {
+    // Llama 3.1's `rope_freqs.weight`: f32, one factor per pair of a head (4 wide here).
+    let plain = model(&tiny_llama()).unwrap();
+    assert_eq!(plain.rope_factors, None);
+    assert_eq!(plain.rope_factor_values(&[]).unwrap(), [1.0, 1.0]);
+    let with = |dims: &[u64], code: u32| {
+        let w = tiny_llama().tensor("rope_freqs.weight", dims, code);
+        let bytes = w.build();
+        let g = Gguf::parse(&bytes, bytes.len() as u64).unwrap();
+        let t = g.tensor("rope_freqs.weight").map(|t| (t.offset, t.size));
+        (LlamaModel::from_gguf(&g), t)
+    };
+    let (m, t) = with(&[2], 0);
+    let m = m.unwrap();
+    let f = m.rope_factors.expect("the factors");
+    assert_eq!((f.offset, f.size, f.dtype), (t.unwrap().0, 8, DType::F32));
+    assert_eq!(m.weights().count(), plain.weights().count() + 1);
+    assert_eq!(m.weight_bytes(), plain.weight_bytes() + 8);
+    let e = with(&[4], 0).0.unwrap_err();
     assert!(
-        matches!(&e, LlamaError::Unsupported { what } if what.contains("rope_freqs.weight")),
+        matches!(&e, LlamaError::Shape { tensor, expected, .. }
+            if tensor == "rope_freqs.weight" && *expected == [2]),
         "{e}"
     );
+    let e = with(&[2], 1).0.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            LlamaError::Type {
+                found: DType::F16,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Added to a whole file (as the guest tests add it to SmolLM2): every other tensor
+    // keeps its data, the factors are where the table says.
+    let plain_file = tiny_llama().build();
+    let factors = llama31_rope_factors(4, 100_000.0, 256.0);
+    let file = with_tensor(&plain_file, "rope_freqs.weight", &[2], 0, &factors);
+    let (g0, g) = (
+        Gguf::parse(&plain_file, plain_file.len() as u64).unwrap(),
+        Gguf::parse(&file, file.len() as u64).unwrap(),
+    );
+    let m = LlamaModel::from_gguf(&g).unwrap();
+    let at = |g: &Gguf<'_>, bytes: &[u8], offset: u64, size: u64| {
+        assert!(offset >= g.data_offset());
+        bytes[offset as usize..][..size as usize].to_vec()
+    };
+    for (w0, w) in plain.weights().zip(m.weights()) {
+        assert_eq!(
+            at(&g0, &plain_file, w0.offset, w0.size),
+            at(&g, &file, w.offset, w.size)
+        );
+    }
+    let f = m.rope_factors.unwrap();
+    assert_eq!(at(&g, &file, f.offset, f.size), factors);
+    // The fast pair turns as before, the slow one 8 times slower.
+    assert_eq!(m.rope_factor_values(&factors).unwrap(), [1.0, 8.0]);
+
+    // The values: each a positive finite divisor, exactly as many as pairs.
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    assert_eq!(
+        m.rope_factor_values(&bytes(&[1.0, 8.0])).unwrap(),
+        [1.0, 8.0]
+    );
+    for (values, says) in [
+        (&[1.0, 0.0][..], "factor 1 is 0,"),
+        (&[-2.0, 1.0], "factor 0 is -2,"),
+        (&[f32::NAN, 1.0], "factor 0 is NaN,"),
+        (&[1.0, f32::INFINITY], "factor 1 is inf,"),
+        (&[1.0], "4 bytes of data, expected 8"),
+    ] {
+        let e = m.rope_factor_values(&bytes(values)).unwrap_err();
+        assert!(
+            matches!(&e, LlamaError::BadTensorData { tensor, .. } if tensor == "rope_freqs.weight"),
+            "{e}"
+        );
+        assert!(e.to_string().contains(says), "{e}");
+    }
 }

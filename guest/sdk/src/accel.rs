@@ -1303,16 +1303,33 @@ impl Accel {
     }
 
     /// In place rotary embedding of `x`: one row per token (row `r` at position
-    /// `pos + r`), `heads` heads per row.
+    /// `pos + r`), `heads` heads per row, each pair's frequency divided by its element of
+    /// `factors` (half a head: ones for plain rope).
     #[track_caller]
-    pub fn rope(&mut self, x: &mut Tensor, heads: usize, pos: usize, base: f32, style: RopeStyle) {
+    pub fn rope(
+        &mut self,
+        x: &mut Tensor,
+        factors: &Tensor,
+        heads: usize,
+        pos: usize,
+        base: f32,
+        style: RopeStyle,
+    ) {
         check(
-            heads > 0 && x.cols % heads == 0 && (x.cols / heads) % 2 == 0,
+            heads > 0
+                && x.cols % heads == 0
+                && (x.cols / heads) % 2 == 0
+                && factors.len() == x.cols / heads / 2,
             "rope",
-            format_args!("x {} with {heads} heads", shape(x)),
+            format_args!(
+                "x {} with {heads} heads, factors {}",
+                shape(x),
+                shape(factors)
+            ),
         );
         self.launch(Kernel::Rope {
             x: x.id,
+            factors: factors.id,
             rows: x.rows,
             heads,
             head_dim: x.cols / heads,

@@ -1138,10 +1138,14 @@ kernels! {
 
     /// In place rotary position embedding of `x` (`rows × heads × head_dim`), row `r` at
     /// position `pos + r`: each pair of a head (chosen by `style`) at pair index `i` is
-    /// rotated by `(pos + r) · base^(-2i/head_dim)`. `head_dim` even, `base > 1`.
+    /// rotated by `(pos + r) · base^(-2i/head_dim) / factors[i]`. `head_dim` even,
+    /// `base > 1`.
     ROPE = 26, "rope", Rope {
         /// Queries or keys, updated in place.
         x: Buffer,
+        /// `head_dim / 2` f32 divisors of the pairs' frequencies: ones for plain rope,
+        /// a GGUF's `rope_freqs.weight` for Llama 3.1 and later.
+        factors: Buffer,
         /// Rows (consecutive positions).
         rows: Dim,
         /// Heads per row.
@@ -1158,7 +1162,8 @@ kernels! {
         let n = product3(rows, heads, head_dim)?;
         require_shape(head_dim % 2 == 0 && head_dim <= MAX_HEAD_DIM)?;
         require(base > 1.0 && pos.checked_add(rows).is_some())?;
-        io.update(x, elems(n)?)
+        io.update(x, elems(n)?)?;
+        io.read(factors, elems(head_dim / 2)?)
     }
 
     /// `out = silu(gate) · up` elementwise, `silu(g) = g / (1 + e^-g)` (the llama MLP).

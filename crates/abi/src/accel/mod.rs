@@ -39,8 +39,9 @@
 
 pub mod dtype;
 
-/// Version of the accelerator protocol, in [`RingHeader::version`].
-pub const ACCEL_ABI_VERSION: u32 = 1;
+/// Version of the accelerator protocol, in [`RingHeader::version`]. 2: ROPE takes a
+/// buffer of frequency factors after `x`.
+pub const ACCEL_ABI_VERSION: u32 = 2;
 /// [`RingHeader::magic`]: "FRNG".
 pub const RING_MAGIC: u32 = u32::from_le_bytes(*b"FRNG");
 /// Command slots in the ring.

@@ -256,8 +256,9 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    /// 2: ROPE divides each pair's frequency by a factor.
     fn kernel_version(&self) -> u32 {
-        1
+        2
     }
 
     fn alloc(&mut self, id: BufferId, bytes: u64) -> Result<(), BackendError> {
@@ -589,6 +590,7 @@ impl CpuBackend {
             }),
             Kernel::Rope {
                 x,
+                factors,
                 rows,
                 heads,
                 head_dim,
@@ -604,8 +606,8 @@ impl CpuBackend {
                     base,
                     style,
                 };
-                self.with_outputs(kernel, [x], |pool, _, [x]| {
-                    ops::rope(pool, x, shape);
+                self.with_outputs(kernel, [x], |pool, inp, [x]| {
+                    ops::rope(pool, x, inp.f32(factors), shape);
                 })
             }
             Kernel::Swiglu { gate, up, out, n } => {

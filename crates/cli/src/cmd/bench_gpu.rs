@@ -215,8 +215,10 @@ fn llama_layer(pos: usize) -> Vec<Profiled> {
         q4("qmatmul_down", d, ff, 1),
         (
             "rope",
+            // x last: the timing waits for the last buffer's writer.
             Kernel::Rope {
-                x: 1,
+                x: 2,
+                factors: 1,
                 rows: 1,
                 heads,
                 head_dim: hd,
@@ -224,7 +226,7 @@ fn llama_layer(pos: usize) -> Vec<Profiled> {
                 base: 10_000.0,
                 style: RopeStyle::HalfSplit,
             },
-            vec![heads * hd],
+            vec![hd / 2, heads * hd],
             2,
         ),
         (

@@ -238,6 +238,54 @@ impl Writer {
     }
 }
 
+/// `file` (a whole GGUF file) with one more tensor, `name` of `dims` in type `code`
+/// holding `data`, placed after all the others: the header grows by its info, the data
+/// section moves with it (to the file's alignment) and every other offset, relative to
+/// that section, stays right.
+pub fn with_tensor(file: &[u8], name: &str, dims: &[u64], code: u32, data: &[u8]) -> Vec<u8> {
+    let g = ferry_llm::gguf::Gguf::parse(file, file.len() as u64).expect("a valid GGUF file");
+    let (header, old_data) = (g.header_len() as usize, &file[g.data_offset() as usize..]);
+    let align = g.alignment() as usize;
+    let at = old_data.len().next_multiple_of(align);
+    let mut out = file[..header].to_vec();
+    let tensors = u64::from_le_bytes(out[8..16].try_into().unwrap());
+    out[8..16].copy_from_slice(&(tensors + 1).to_le_bytes());
+    put_str(&mut out, name);
+    out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out.extend_from_slice(&code.to_le_bytes());
+    out.extend_from_slice(&(at as u64).to_le_bytes());
+    out.resize(out.len().next_multiple_of(align), 0);
+    out.extend_from_slice(old_data);
+    out.resize(out.len() + at - old_data.len(), 0);
+    out.extend_from_slice(data);
+    out
+}
+
+/// Llama 3.1's rope frequency factors (its converter's formula: `factor` for pairs whose
+/// wavelength exceeds `context / low`, 1 below `context / high`, a blend between) for
+/// heads of `head_dim` and rope base `base`, as little-endian f32.
+pub fn llama31_rope_factors(head_dim: usize, base: f64, context: f64) -> Vec<u8> {
+    let (factor, low, high) = (8.0, 1.0, 4.0);
+    (0..head_dim / 2)
+        .map(|i| {
+            let wavelength =
+                2.0 * std::f64::consts::PI * base.powf(2.0 * i as f64 / head_dim as f64);
+            if wavelength < context / high {
+                1.0
+            } else if wavelength > context / low {
+                factor
+            } else {
+                let smooth = (context / wavelength - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .flat_map(|f| (f as f32).to_le_bytes())
+        .collect()
+}
+
 /// GPT-2's printable stand-in for each byte.
 pub fn byte_char(b: u8) -> char {
     let printable = |x: u8| matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);

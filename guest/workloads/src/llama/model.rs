@@ -194,6 +194,8 @@ pub struct Device {
     output_norm: Tensor,
     /// The output projection; `None`: tied to the token embedding.
     output: Option<Weights>,
+    /// Divisors of the rope pairs' frequencies (the file's, else ones).
+    rope_factors: Tensor,
     blocks: Vec<Block>,
     caches: Vec<KvCache>,
     act: Activations,
@@ -216,6 +218,21 @@ fn load_vector(acc: &mut Accel, file: &File, w: &Weight) -> Result<Tensor, Accel
     Ok(t)
 }
 
+/// The model's rope frequency factors (ones without `rope_freqs.weight`), checked, into
+/// device memory.
+fn load_rope_factors(acc: &mut Accel, file: &File, model: &LlamaModel) -> Result<Tensor, Failure> {
+    let data = match &model.rope_factors {
+        Some(w) => file.read_vec(w.offset, w.size as usize)?,
+        None => Vec::new(),
+    };
+    let factors = model
+        .rope_factor_values(&data)
+        .map_err(|e| Failure(format!("model file '{}': model: {e}", file.name())))?;
+    let mut t = acc.alloc(1, factors.len())?;
+    acc.upload(&mut t, &factors)?;
+    Ok(t)
+}
+
 /// Tokens [`Device::decode`] takes at once: one per sequence, as many as the activations
 /// hold.
 fn decode_rows(batch: usize, slots: usize) -> usize {
@@ -234,7 +251,7 @@ fn device_bytes(model: &LlamaModel, context: usize, batch: usize, slots: usize) 
         .iter()
         .fold(2u64, |product, &f| product.saturating_mul(f));
     let per_token = (3 * c.dim + 2 * kv as usize + 2 * c.dim + 3 * c.ffn_dim + 1) as u64 * 4;
-    let fixed = (4 * c.dim + kv as usize + c.vocab + 1) as u64 * 4;
+    let fixed = (4 * c.dim + kv as usize + c.vocab + 1 + c.rope_dim / 2) as u64 * 4;
     let each = decode_rows(batch, slots) as u64 * (c.vocab + 1) as u64 * 4;
     (weights + fixed + each)
         .saturating_add(caches)
@@ -279,6 +296,7 @@ impl Device {
             Some(w) => Some(load_weights(&mut acc, file, w)?),
             None => None,
         };
+        let rope_factors = load_rope_factors(&mut acc, file, model)?;
         let mut blocks = Vec::with_capacity(c.layers);
         for l in &model.layers {
             blocks.push(Block {
@@ -336,6 +354,7 @@ impl Device {
             embedding,
             output_norm,
             output,
+            rope_factors,
             blocks,
             caches,
             act,
@@ -388,8 +407,9 @@ impl Device {
         let cache = &mut self.caches[slot];
         for (l, b) in self.blocks.iter().enumerate() {
             b.project_qkv(acc, a, c.rms_eps);
-            acc.rope(&mut a.q, c.heads, pos, c.rope_base, c.rope_style);
-            acc.rope(&mut a.k, c.kv_heads, pos, c.rope_base, c.rope_style);
+            let f = &self.rope_factors;
+            acc.rope(&mut a.q, f, c.heads, pos, c.rope_base, c.rope_style);
+            acc.rope(&mut a.k, f, c.kv_heads, pos, c.rope_base, c.rope_style);
             acc.copy(&a.k, 0, &mut cache.k[l], pos * kv, n * kv);
             acc.copy(&a.v, 0, &mut cache.v[l], pos * kv, n * kv);
             cache.attend(acc, l, &a.q, &mut a.att, (c.heads, c.kv_heads), pos);
@@ -433,8 +453,9 @@ impl Device {
                 let cache = &mut self.caches[slot];
                 acc.copy(&a.q, r * c.dim, &mut a.one_q, 0, c.dim);
                 acc.copy(&a.k, r * kv, &mut a.one_k, 0, kv);
-                acc.rope(&mut a.one_q, c.heads, pos, c.rope_base, c.rope_style);
-                acc.rope(&mut a.one_k, c.kv_heads, pos, c.rope_base, c.rope_style);
+                let f = &self.rope_factors;
+                acc.rope(&mut a.one_q, f, c.heads, pos, c.rope_base, c.rope_style);
+                acc.rope(&mut a.one_k, f, c.kv_heads, pos, c.rope_base, c.rope_style);
                 acc.copy(&a.one_k, 0, &mut cache.k[l], pos * kv, kv);
                 acc.copy(&a.v, r * kv, &mut cache.v[l], pos * kv, kv);
                 let heads = (c.heads, c.kv_heads);

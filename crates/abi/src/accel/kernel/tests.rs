@@ -302,7 +302,7 @@ fn rows_and_heads_wider_than_host_scratch_allows_are_refused() {
         huge(&[k::CROSS_ENTROPY, 1, 2, 3, 4, 1, row + 1]),
         Err(status::BAD_SHAPE)
     );
-    let rope = |head_dim: u64| huge(&[k::ROPE, 1, 1, 1, head_dim, 0, f(10000.0), 0]);
+    let rope = |head_dim: u64| huge(&[k::ROPE, 1, 2, 1, 1, head_dim, 0, f(10000.0), 0]);
     assert!(rope(head).is_ok());
     assert_eq!(rope(head + 2), Err(status::BAD_SHAPE));
     // A head of 2^31: the angle tables alone would be tens of GiB.
@@ -574,6 +574,7 @@ fn encode_is_the_inverse_of_decode() {
         },
         Kernel::Rope {
             x: 1,
+            factors: 2,
             rows: 2,
             heads: 4,
             head_dim: 64,
@@ -681,32 +682,27 @@ fn quantized_launches_need_whole_blocks_and_known_formats() {
 
 #[test]
 fn llama_operator_launches_are_checked() {
-    // RoPE: odd head width, base <= 1, position overflow.
-    assert!(dec(&[k::ROPE, 1, 2, 4, 64, 0, f(1e4), 0]).is_ok());
+    // RoPE: odd head width, base <= 1, position overflow; factors (buffer 2) short of
+    // head_dim / 2 elements, or the buffer rotated.
+    let rope = |x: u64, factors: u64, rows: u64, head_dim: u64, pos: u64, base: f32| {
+        dec(&[k::ROPE, x, factors, rows, 4, head_dim, pos, f(base), 0])
+    };
+    assert!(rope(1, 2, 2, 64, 0, 1e4).is_ok());
+    assert_eq!(rope(1, 2, 2, 63, 0, 1e4), Err(status::BAD_SHAPE));
+    assert_eq!(rope(1, 2, 2, 64, 0, 1.0), Err(status::BAD_ARGUMENT));
     assert_eq!(
-        dec(&[k::ROPE, 1, 2, 4, 63, 0, f(1e4), 0]),
-        Err(status::BAD_SHAPE)
-    );
-    assert_eq!(
-        dec(&[k::ROPE, 1, 2, 4, 64, 0, f(1.0), 0]),
+        dec(&[k::ROPE, 1, 2, 2, 4, 64, 0, f(1e4), 2]),
         Err(status::BAD_ARGUMENT)
     );
-    assert_eq!(
-        dec(&[k::ROPE, 1, 2, 4, 64, 0, f(1e4), 2]),
-        Err(status::BAD_ARGUMENT)
-    );
-    assert_eq!(
-        dec(&[k::ROPE, 1, 2, 4, 64, u64::MAX, f(1e4), 0]),
-        Err(status::BAD_ARGUMENT)
-    );
-    assert_eq!(
-        dec(&[k::ROPE, 1, 5, 4, 64, 0, f(1e4), 0]),
-        Err(status::OUT_OF_BOUNDS)
-    );
-    assert_eq!(
-        writes(&dec(&[k::ROPE, 1, 2, 4, 64, 0, f(1e4), 1]).unwrap()),
-        vec![(1, 0..2048)]
-    );
+    assert_eq!(rope(1, 2, 2, 64, u64::MAX, 1e4), Err(status::BAD_ARGUMENT));
+    assert_eq!(rope(1, 2, 5, 64, 0, 1e4), Err(status::OUT_OF_BOUNDS));
+    // Buffer 9 holds one f32: factors for a head of 2, not of 4.
+    assert!(rope(1, 9, 1, 2, 0, 1e4).is_ok());
+    assert_eq!(rope(1, 9, 1, 4, 0, 1e4), Err(status::OUT_OF_BOUNDS));
+    assert_eq!(rope(1, 1, 2, 64, 0, 1e4), Err(status::BAD_ARGUMENT));
+    let half_split = dec(&[k::ROPE, 1, 2, 2, 4, 64, 0, f(1e4), 1]).unwrap();
+    assert_eq!(writes(&half_split), vec![(1, 0..2048)]);
+    assert_eq!(reads(&half_split), vec![1, 2]);
     // Attention: heads not a multiple of the KV heads; cache too short for pos + rows.
     let att = |rows: u64, heads: u64, kv: u64, pos: u64| {
         dec(&[k::ATTENTION, 1, 10, 10, 2, rows, heads, kv, 32, pos])

@@ -327,31 +327,40 @@ fn rope_rotates_the_pairs_of_each_style() {
     let mut rng = Rng(4);
     let (rows, heads, hd, pos, base) = (3, 4, 64, 4093, 100_000.0f32);
     let x = rng.vec(rows * heads * hd, 2.0);
-    for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
-        let kernel = Kernel::Rope {
-            x: 1,
-            rows,
-            heads,
-            head_dim: hd,
-            pos,
-            base,
-            style,
-        };
-        let out = run_all(&[&x], &kernel)[0].clone();
-        for r in 0..rows {
-            for head in 0..heads {
-                let at = (r * heads + head) * hd;
-                for i in 0..hd / 2 {
-                    let (a, b) = match style {
-                        RopeStyle::Adjacent => (at + 2 * i, at + 2 * i + 1),
-                        RopeStyle::HalfSplit => (at + i, at + i + hd / 2),
-                    };
-                    let theta =
-                        (pos + r) as f64 * f64::from(base).powf(-((2 * i) as f64) / hd as f64);
-                    let (x0, x1) = (f64::from(x[a]), f64::from(x[b]));
-                    let tol = 1e-6 * (x0.abs() + x1.abs());
-                    close("rope", a, out[a], x0 * theta.cos() - x1 * theta.sin(), tol);
-                    close("rope", b, out[b], x0 * theta.sin() + x1 * theta.cos(), tol);
+    let ones = vec![1.0; hd / 2];
+    // Llama 3.1's shape of factors: 1 for the fast pairs, up to 8 for the slow ones.
+    let llama31: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 + 7.0 * (i * i) as f32 / 961.0)
+        .collect();
+    for factors in [&ones, &llama31] {
+        for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
+            let kernel = Kernel::Rope {
+                x: 1,
+                factors: 2,
+                rows,
+                heads,
+                head_dim: hd,
+                pos,
+                base,
+                style,
+            };
+            let out = run_all(&[&x, factors], &kernel)[0].clone();
+            for r in 0..rows {
+                for head in 0..heads {
+                    let at = (r * heads + head) * hd;
+                    for (i, &factor) in factors.iter().enumerate() {
+                        let (a, b) = match style {
+                            RopeStyle::Adjacent => (at + 2 * i, at + 2 * i + 1),
+                            RopeStyle::HalfSplit => (at + i, at + i + hd / 2),
+                        };
+                        let theta = (pos + r) as f64
+                            * f64::from(base).powf(-((2 * i) as f64) / hd as f64)
+                            / f64::from(factor);
+                        let (x0, x1) = (f64::from(x[a]), f64::from(x[b]));
+                        let tol = 1e-6 * (x0.abs() + x1.abs());
+                        close("rope", a, out[a], x0 * theta.cos() - x1 * theta.sin(), tol);
+                        close("rope", b, out[b], x0 * theta.sin() + x1 * theta.cos(), tol);
+                    }
                 }
             }
         }

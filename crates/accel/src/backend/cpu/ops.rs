@@ -964,17 +964,18 @@ pub struct RopeShape {
 }
 
 /// In place rotary embedding: pair `i` of a head at position `p` turns by
-/// `p · base^(-2i/head_dim)`, with sine and cosine from [`math`] in f64.
-pub fn rope(pool: &Workers, x: &mut [f32], s: RopeShape) {
+/// `p · base^(-2i/head_dim) / factors[i]`, with sine and cosine from [`math`] in f64.
+pub fn rope(pool: &Workers, x: &mut [f32], factors: &[f32], s: RopeShape) {
     let half = s.head_dim / 2;
     let ln_base = math::ln(f64::from(s.base));
     // Turns (angle / 2π) per position of each pair; made on this thread, checking as it
-    // goes (a guest may ask for a head of billions).
+    // goes (a guest may ask for a head of billions). A factor of 1 divides exactly.
     let mut turns = Vec::with_capacity(half);
     let made = in_parts(pool, half, |r| {
         turns.extend(r.map(|i| {
             math::exp(-((2 * i) as f64) / s.head_dim as f64 * ln_base)
                 / (2.0 * core::f64::consts::PI)
+                / f64::from(factors[i])
         }));
     });
     if made.is_err() {

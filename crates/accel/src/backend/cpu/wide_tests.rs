@@ -29,8 +29,11 @@ fn u32s(values: &[u32]) -> Vec<f32> {
 fn wide_outputs() -> Vec<(String, u64)> {
     let mut rng = Rng(2024);
     let mut got = Vec::new();
-    let mut pin = |name: String, data: &[&[f32]], kernel: Kernel| {
-        got.push((name, all_buffers(&run_all(data, &kernel))));
+    // The fingerprint of the first `kept` buffers a kernel left (or of them all).
+    const ALL: usize = usize::MAX;
+    let mut pin = |kept: usize, name: String, data: &[&[f32]], kernel: Kernel| {
+        let out = run_all(data, &kernel);
+        got.push((name, all_buffers(&out[..kept.min(out.len())])));
     };
     // One tile of one element and many segments; several segments of a small tile; and
     // several tiles of two segments each.
@@ -50,6 +53,7 @@ fn wide_outputs() -> Vec<(String, u64)> {
         };
         let matmul = numbered::matmul(m, n, k, flags);
         pin(
+            ALL,
             format!("matmul {m}x{n}x{k} flags {bits}"),
             &[&a, &b, &c],
             matmul,
@@ -65,31 +69,41 @@ fn wide_outputs() -> Vec<(String, u64)> {
         rows: 2,
         cols: W,
     };
-    pin("add_bias".into(), &[x2, &gain], add_bias);
+    pin(ALL, "add_bias".into(), &[x2, &gain], add_bias);
     pin(
+        ALL,
         "softmax".into(),
         &[x2, &z[..2 * W]],
         numbered::softmax(2, W),
     );
     let labels = u32s(&[5, W as u32 - 3]);
     pin(
+        ALL,
         "cross_entropy".into(),
         &[x2, &labels, &z[..2 * W], &[0.0]],
         numbered::cross_entropy(2, W),
     );
-    pin("sum_rows".into(), &[x2, &z[..2]], numbered::sum_rows(2, W));
+    pin(
+        ALL,
+        "sum_rows".into(),
+        &[x2, &z[..2]],
+        numbered::sum_rows(2, W),
+    );
     let tall = rng.vec(257 * 20_000, 1.0);
     pin(
+        ALL,
         "sum_cols".into(),
         &[&tall, &z[..20_000]],
         numbered::sum_cols(257, 20_000),
     );
     pin(
+        ALL,
         "layer_norm".into(),
         &[x2, &gain, &bias, &z[..2 * W]],
         numbered::layer_norm(2, W, 1e-5),
     );
     pin(
+        ALL,
         "rms_norm".into(),
         &[x2, &gain, &z[..2 * W]],
         numbered::rms_norm(2, W, 1e-5),
@@ -97,9 +111,15 @@ fn wide_outputs() -> Vec<(String, u64)> {
     let mut maxima = x.clone();
     maxima[W + 30_000] = f32::NAN;
     maxima[2 * W + 35_000] = 100.0;
-    pin("argmax".into(), &[&maxima, &z[..3]], numbered::argmax(3, W));
+    pin(
+        ALL,
+        "argmax".into(),
+        &[&maxima, &z[..3]],
+        numbered::argmax(3, W),
+    );
     let ids = u32s(&[2, 0]);
     pin(
+        ALL,
         "embedding".into(),
         &[&x, &ids, &z[..2 * W]],
         numbered::embedding(2, W, 3),
@@ -110,6 +130,7 @@ fn wide_outputs() -> Vec<(String, u64)> {
         let ids = u32s(&[1, 0]);
         let out = vec![f32::NAN; 2 * dim];
         pin(
+            ALL,
             format!("qembedding {}", dtype.name()),
             &[&table, &ids, &out],
             numbered::qembedding(2, dim, 2, dtype),
@@ -123,11 +144,12 @@ fn wide_outputs() -> Vec<(String, u64)> {
         dst_offset: 3,
         n: 300_000,
     };
-    pin("copy".into(), &[&src, &dst], copy);
+    pin(ALL, "copy".into(), &[&src, &dst], copy);
     for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
         for (rows, heads, head_dim) in [(2, 1, W), (1, 3000, 16)] {
             let rope = Kernel::Rope {
                 x: 1,
+                factors: 2,
                 rows,
                 heads,
                 head_dim,
@@ -136,11 +158,11 @@ fn wide_outputs() -> Vec<(String, u64)> {
                 style,
             };
             let x = rng.vec(rows * heads * head_dim, 1.0);
-            pin(
-                format!("rope {rows}x{heads}x{head_dim} {style:?}"),
-                &[&x],
-                rope,
-            );
+            // Factors of 1 give the bits of plain rope (pinned before there were
+            // factors): the fingerprint is of `x` alone.
+            let ones = vec![1.0; head_dim / 2];
+            let name = format!("rope {rows}x{heads}x{head_dim} {style:?}");
+            pin(1, name, &[&x, &ones], rope);
         }
     }
     for (heads, head_dim, len) in [(1, W, 3), (2, 64, 20_000)] {
@@ -148,6 +170,7 @@ fn wide_outputs() -> Vec<(String, u64)> {
         let kc = rng.vec(len * heads * head_dim, 1.0);
         let vc = rng.vec(len * heads * head_dim, 1.0);
         pin(
+            ALL,
             format!("attention_decode {heads}x{head_dim} over {len}"),
             &[&q, &kc, &vc, &vec![f32::NAN; heads * head_dim]],
             numbered::attention_decode(heads, head_dim, len),
@@ -159,6 +182,7 @@ fn wide_outputs() -> Vec<(String, u64)> {
         let vc = rng.vec((pos + rows) * kv_heads * head_dim, 1.0);
         let attention = numbered::attention(rows, heads, kv_heads, head_dim, pos);
         pin(
+            ALL,
             format!("attention {rows}x{heads}/{kv_heads}x{head_dim} at {pos}"),
             &[&q, &kc, &vc, &vec![f32::NAN; rows * heads * head_dim]],
             attention,
@@ -180,6 +204,7 @@ fn wide_outputs() -> Vec<(String, u64)> {
                 dtype,
             };
             pin(
+                ALL,
                 format!("qmatmul {} {n}x{k} by {m}", dtype.name()),
                 &[&w, &x, &vec![f32::NAN; m * n]],
                 qmatmul,

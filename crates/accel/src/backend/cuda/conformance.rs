@@ -399,20 +399,32 @@ fn rows(cases: &mut Cases<'_>) {
         vec![bytes, vec![0; 4 * 5]],
         numbered::argmax(5, wide),
     );
-    for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
-        cases.same_bits(
-            "rope",
-            vec![r.f32s(5 * 3 * 64, 2.0)],
-            Kernel::Rope {
-                x: 1,
-                rows: 5,
-                heads: 3,
-                head_dim: 64,
-                pos: 1000,
-                base: 10000.0,
-                style,
-            },
-        );
+    // Plain rope (factors of 1) and Llama 3.1's kind: 1 for the fast pairs, up to 8.
+    let ones: Vec<u8> = [1.0f32; 32]
+        .into_iter()
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    let llama31: Vec<u8> = (0..32)
+        .map(|i| 1.0 + 7.0 * (i * i) as f32 / 961.0)
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    for (name, factors) in [("rope", ones), ("rope, factors", llama31)] {
+        for style in [RopeStyle::Adjacent, RopeStyle::HalfSplit] {
+            cases.same_bits(
+                name,
+                vec![r.f32s(5 * 3 * 64, 2.0), factors.clone()],
+                Kernel::Rope {
+                    x: 1,
+                    factors: 2,
+                    rows: 5,
+                    heads: 3,
+                    head_dim: 64,
+                    pos: 1000,
+                    base: 10000.0,
+                    style,
+                },
+            );
+        }
     }
 }
 

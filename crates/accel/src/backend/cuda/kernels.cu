@@ -517,21 +517,22 @@ KERNEL ferry_argmax_pick(const Args a) {
     PTR(u32, 2)[item] = (u32)best;
 }
 
-// rope: x | items (rows·heads·half), heads, head_dim, pos, base, style (0 adjacent, 1 half)
+// rope: x, factors | items (rows·heads·half), heads, head_dim, pos, base,
+// style (0 adjacent, 1 half)
 KERNEL ferry_rope(const Args a) {
-    ITEM(a.w[1]);
-    u64 heads = a.w[2], head_dim = a.w[3], pos = a.w[4];
+    ITEM(a.w[2]);
+    u64 heads = a.w[3], head_dim = a.w[4], pos = a.w[5];
     u64 half = head_dim / 2;
     u64 i = item % half, head = item / half;
     u64 r = head / heads;
-    double ln_base = ln_f64((double)F32(5));
+    double ln_base = ln_f64((double)F32(6));
     double turns = exp_f64(-((double)(2 * i)) / (double)head_dim * ln_base) /
-                   (2.0 * 3.141592653589793);
+                   (2.0 * 3.141592653589793) / (double)PTR(const float, 1)[i];
     double p = (double)(pos + r);
     double cos = cos_2pi(p * turns), sin = cos_2pi(p * turns - 0.25);
     float *h = PTR(float, 0) + head * head_dim;
-    u64 ia = a.w[6] == 0 ? 2 * i : i;
-    u64 ib = a.w[6] == 0 ? 2 * i + 1 : i + half;
+    u64 ia = a.w[7] == 0 ? 2 * i : i;
+    u64 ib = a.w[7] == 0 ? 2 * i + 1 : i + half;
     double x0 = (double)h[ia], x1 = (double)h[ib];
     h[ia] = (float)(x0 * cos - x1 * sin);
     h[ib] = (float)(x0 * sin + x1 * cos);

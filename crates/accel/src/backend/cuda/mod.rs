@@ -33,8 +33,8 @@ pub const KERNELS_CU: &str = include_str!("kernels.cu");
 
 /// Version of `kernels.cu`'s arithmetic: hosts replay each other's commands only when
 /// it is equal (with the GPU architecture and driver, in [`Gpu::description`]). 2: MATMUL
-/// with few outputs slices its depth.
-pub const KERNEL_VERSION: u32 = 2;
+/// with few outputs slices its depth. 3: ROPE divides each pair's frequency by a factor.
+pub const KERNEL_VERSION: u32 = 3;
 
 /// The names of `kernels.cu`'s entry points, in the order [`plan`] may use them.
 pub const ENTRY_POINTS: &[&str] = &[
@@ -788,6 +788,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
         Kernel::RmsNorm { rows, .. } => as_launched("ferry_rms_norm", rows),
         Kernel::Rope {
             x,
+            factors,
             rows,
             heads,
             head_dim,
@@ -800,6 +801,7 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
                 "ferry_rope",
                 &[
                     at(x),
+                    at(factors),
                     u(items),
                     u(heads),
                     u(head_dim),
