@@ -473,9 +473,16 @@ class LlamaModel:
             L["wdown_t"] = np.ascontiguousarray(L.pop("ffn_down").T)
             self.layers.append(L)
         self.output_t = np.ascontiguousarray(self.output.T)
-        # rope frequencies: theta_i = pos * base^(-2i/rope_dim)
+        # rope frequencies: theta_i = pos * base^(-2i/rope_dim) / factor_i, the factors
+        # from rope_freqs.weight (Llama 3.1 and later; llama.cpp's freq_factors), else 1
         i = np.arange(self.rope_dim // 2, dtype=np.float64)
         self.inv_freq = self.rope_base ** (-2.0 * i / self.rope_dim)
+        if "rope_freqs.weight" in gg.tensors:
+            factors = np.asarray(gg.tensor("rope_freqs.weight"), dtype=np.float64).reshape(-1)
+            if factors.shape != self.inv_freq.shape:
+                raise ValueError(f"rope_freqs.weight has {factors.size} factors, "
+                                 f"expected {self.inv_freq.size}")
+            self.inv_freq = self.inv_freq / factors
         self.reset()
 
     def reset(self):

@@ -127,32 +127,27 @@ fn reference(test: &str, model: &Path, generate: usize, top: usize) -> Option<Va
     }
 }
 
-#[test]
-fn smollm2_answers_as_the_numpy_reference_does() {
-    let test = "smollm2_answers_as_the_numpy_reference_does";
-    let Some(model) = model(test) else { return };
-    let Some(reference) = reference(test, &model, 12, 8) else {
-        return;
-    };
-    let (exit, console) = chat(
-        &model,
-        &[
-            "--prompt",
-            QUESTION,
-            "--max-tokens",
-            "12",
-            "--print-tokens",
-            "--print-logits",
-            "8",
-        ],
-    );
-    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
-    // The known answer (llama.cpp gives the same).
-    assert!(
-        console.contains("answer=\"The capital of France is Paris.\""),
-        "{console}"
-    );
-    // The same prompt tokens (tokenizer and chat template) and answer tokens.
+/// The reference's steps: each one's largest logits, as (id, value).
+fn reference_steps(reference: &Value) -> Vec<Vec<(u64, f64)>> {
+    reference["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| {
+            step["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Checks a guest's console (`--print-tokens --print-logits N`) against the reference's
+/// answer to the same question: the same prompt and answer tokens, and at each step the
+/// same winner and the logits within [`LOGIT_TOLERANCE`]. Returns the largest difference.
+fn check_against_reference(console: &str, reference: &Value) -> f64 {
     let as_ids = |v: &Value| -> Vec<u64> {
         v.as_array()
             .unwrap()
@@ -161,40 +156,104 @@ fn smollm2_answers_as_the_numpy_reference_does() {
             .collect()
     };
     assert_eq!(
-        ids(&console, "prompt_ids="),
+        ids(console, "prompt_ids="),
         as_ids(&reference["prompt_tokens"])
     );
     assert_eq!(
-        ids(&console, "generated_ids="),
+        ids(console, "generated_ids="),
         as_ids(&reference["generated"])
     );
-    // Each step's largest logits, within the bound, with the same winner.
-    let ours = logit_steps(&console);
-    let theirs = reference["steps"].as_array().unwrap();
+    let ours = logit_steps(console);
+    let theirs = reference_steps(reference);
     assert_eq!(ours.len(), theirs.len(), "steps");
     let mut worst = 0.0f64;
-    for (step, (ours, theirs)) in ours.iter().zip(theirs).enumerate() {
-        let theirs: Vec<(u64, f64)> = theirs["top"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-            .collect();
+    for (step, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
         assert_eq!(ours[0].0, theirs[0].0, "step {step}: argmax");
-        for (id, want) in &theirs {
-            // A token of the reference's top list is in ours unless it is the last and
-            // a near tie; compare those present.
-            if let Some((_, got)) = ours.iter().find(|(i, _)| i == id) {
-                let err = (got - want).abs();
-                worst = worst.max(err);
-                assert!(
-                    err <= LOGIT_TOLERANCE,
-                    "step {step}, token {id}: {got} vs reference {want}"
-                );
-            }
-        }
+        let largest = largest_difference(ours, theirs);
+        assert!(
+            largest <= LOGIT_TOLERANCE,
+            "step {step}: logits {ours:?} vs reference {theirs:?}"
+        );
+        worst = worst.max(largest);
     }
+    worst
+}
+
+/// The largest difference between the logits two lists give the same token (a token of
+/// `theirs` missing from `ours` is the last of a near tie, and not compared).
+fn largest_difference(ours: &[(u64, f64)], theirs: &[(u64, f64)]) -> f64 {
+    theirs
+        .iter()
+        .filter_map(|(id, want)| {
+            ours.iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, got)| (got - want).abs())
+        })
+        .fold(0.0, f64::max)
+}
+
+/// `llm-chat`'s arguments to answer [`QUESTION`] in up to 12 tokens, with the ids and each
+/// step's 8 largest logits, as [`reference`] is asked.
+const ANSWER_WITH_LOGITS: &[&str] = &[
+    "--prompt",
+    QUESTION,
+    "--max-tokens",
+    "12",
+    "--print-tokens",
+    "--print-logits",
+    "8",
+];
+
+#[test]
+fn smollm2_answers_as_the_numpy_reference_does() {
+    let test = "smollm2_answers_as_the_numpy_reference_does";
+    let Some(model) = model(test) else { return };
+    let Some(reference) = reference(test, &model, 12, 8) else {
+        return;
+    };
+    let (exit, console) = chat(&model, ANSWER_WITH_LOGITS);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    // The known answer (llama.cpp gives the same).
+    assert!(
+        console.contains("answer=\"The capital of France is Paris.\""),
+        "{console}"
+    );
+    let worst = check_against_reference(&console, &reference);
     eprintln!("largest logit difference from the float64 reference: {worst:.2e}");
+}
+
+#[test]
+fn rope_frequency_factors_turn_the_pairs_as_the_numpy_reference_does() {
+    let test = "rope_frequency_factors_turn_the_pairs_as_the_numpy_reference_does";
+    let Some(model) = model(test) else { return };
+    let Some(plain) = reference(test, &model, 12, 8) else {
+        return;
+    };
+    // SmolLM2 with the factors Llama 3.1's formula gives for an original context of 256
+    // positions (Llama 3.1's own is 8192, which would barely move a short prompt): all but
+    // the 7 fastest of its 32 pairs turn up to 8 times slower.
+    let dir = scratch("ferry-llm-rope-");
+    let scaled = dir.path().join("smollm2-rope-factors.gguf");
+    let factors = gguf::llama31_rope_factors(64, 100_000.0, 256.0);
+    let file = std::fs::read(&model).unwrap();
+    let file = gguf::with_tensor(&file, "rope_freqs.weight", &[32], 0, &factors);
+    std::fs::write(&scaled, file).unwrap();
+    let reference = reference(test, &scaled, 12, 8).unwrap();
+
+    let (exit, console) = chat(&scaled, ANSWER_WITH_LOGITS);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+    let worst = check_against_reference(&console, &reference);
+    // The factors are not lost on the way: the first step's logits are far from those
+    // of the model without them.
+    let moved = largest_difference(&logit_steps(&console)[0], &reference_steps(&plain)[0]);
+    assert!(
+        moved > 20.0 * LOGIT_TOLERANCE,
+        "the factors moved the first logits by only {moved}"
+    );
+    eprintln!(
+        "largest logit difference from the float64 reference: {worst:.2e}; the factors \
+         moved the first step's by {moved:.2}"
+    );
 }
 
 #[test]
