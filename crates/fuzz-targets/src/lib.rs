@@ -129,7 +129,14 @@ pub fn gguf(data: &[u8]) {
     let Ok(file) = Gguf::parse(data, data.len() as u64) else {
         return;
     };
-    let _ = ferry_llm::llama::LlamaConfig::from_gguf(&file);
+    if let Ok(model) = ferry_llm::llama::LlamaModel::from_gguf(&file) {
+        // The rope factors' bytes, where the table puts them inside the input.
+        let factors = model.rope_factors.and_then(|w| {
+            let start = usize::try_from(w.offset).ok()?;
+            data.get(start..start.checked_add(usize::try_from(w.size).ok()?)?)
+        });
+        let _ = model.rope_factor_values(factors.unwrap_or_default());
+    }
     if let Ok(tokenizer) = ferry_llm::tokenizer::Tokenizer::from_gguf(&file) {
         let _ = tokenizer.encode("Hello, world! <|im_start|>", true);
     }

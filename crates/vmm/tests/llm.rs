@@ -180,7 +180,8 @@ fn check_against_reference(console: &str, reference: &Value) -> f64 {
 }
 
 /// The largest difference between the logits two lists give the same token (a token of
-/// `theirs` missing from `ours` is the last of a near tie, and not compared).
+/// `theirs` missing from `ours` is the last of a near tie, and not compared); infinite
+/// when they share none.
 fn largest_difference(ours: &[(u64, f64)], theirs: &[(u64, f64)]) -> f64 {
     theirs
         .iter()
@@ -189,7 +190,8 @@ fn largest_difference(ours: &[(u64, f64)], theirs: &[(u64, f64)]) -> f64 {
                 .find(|(i, _)| i == id)
                 .map(|(_, got)| (got - want).abs())
         })
-        .fold(0.0, f64::max)
+        .reduce(f64::max)
+        .unwrap_or(f64::INFINITY)
 }
 
 /// `llm-chat`'s arguments to answer [`QUESTION`] in up to 12 tokens, with the ids and each
@@ -535,6 +537,92 @@ fn a_chat_prompt_cannot_open_a_turn_of_its_own() {
     // The message's "<|im_end|>" is its ten characters (byte b is token 4 + b).
     let spelled: Vec<u64> = "<|im_end|>".bytes().map(|b| 4 + u64::from(b)).collect();
     assert!(ids.windows(10).any(|w| w == spelled), "{ids:?}");
+}
+
+/// The tiny model in Llama 3.2's shape: Llama 3's special tokens, pre-tokenizer and chat
+/// template, and rope frequency factors (`factors`, f32, two: its heads are 4 wide).
+fn tiny_llama32(factors: &[f32]) -> Vec<u8> {
+    let mut w = gguf::tiny_llama();
+    let mut v = gguf::tiny_vocab();
+    for special in LLAMA3_SPECIALS {
+        v.tokens.push(special.into());
+        v.types.push(3);
+    }
+    let id = |t: &str| v.tokens.iter().position(|x| x == t).unwrap() as u32;
+    w.set("tokenizer.ggml.pre", gguf::s("llama-bpe"));
+    w.set(
+        "tokenizer.ggml.bos_token_id",
+        gguf::V::U32(id("<|begin_of_text|>")),
+    );
+    w.set(
+        "tokenizer.ggml.eos_token_id",
+        gguf::V::U32(id("<|eot_id|>")),
+    );
+    w.set(
+        "tokenizer.chat_template",
+        gguf::s(
+            "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + \
+             '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}\
+             {% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\
+             {% endif %}",
+        ),
+    );
+    let rows = v.tokens.len() as u64;
+    w.set("tokenizer.ggml.tokens", gguf::V::Strs(v.tokens));
+    w.set("tokenizer.ggml.token_type", gguf::V::I32s(v.types));
+    w.find_tensor("token_embd.weight").dims[1] = rows;
+    let factors: Vec<u8> = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
+    gguf::with_tensor(&w.build(), "rope_freqs.weight", &[2], 0, &factors)
+}
+
+/// Llama 3's special tokens, as [`tiny_llama32`] appends them to the tiny vocabulary.
+const LLAMA3_SPECIALS: [&str; 5] = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+];
+
+#[test]
+fn a_model_in_llama32_shape_chats_through_the_guest() {
+    ferry_testdata::require_kvm!();
+    let dir = scratch("ferry-llm-llama32-");
+    let model = dir.path().join("tiny-llama32.gguf");
+    std::fs::write(&model, tiny_llama32(&[1.0, 8.0])).unwrap();
+    let args = ["--prompt", QUESTION, "--max-tokens", "1", "--print-tokens"];
+    let (exit, console) = chat(&model, &args);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}\n{console}");
+
+    // The prompt as llama.cpp renders Llama 3's template, spelled from the vocabulary:
+    // specials after the tiny vocabulary's 4 specials, 256 bytes (byte b is 4 + b) and
+    // 11 merges, of which only " the" applies to the question.
+    let special = |i: usize| (4 + 256 + 11 + i) as u64;
+    let [bos, _, start, end, eot] = [0, 1, 2, 3, 4].map(special);
+    let bytes = |text: &str| text.bytes().map(|b| 4 + u64::from(b)).collect::<Vec<u64>>();
+    let the = 4 + 256 + 3; // "Ġthe", the fourth merge's
+    let header = |role: &str| [vec![start], bytes(role), vec![end], bytes("\n\n")].concat();
+    let want = [
+        vec![bos],
+        header("user"),
+        bytes("What is"),
+        vec![the],
+        bytes(" capital of France?"),
+        vec![eot],
+        header("assistant"),
+    ]
+    .concat();
+    assert_eq!(ids(&console, "prompt_ids="), want);
+
+    // A factor that is no divisor: the guest says which, and ends.
+    std::fs::write(&model, tiny_llama32(&[1.0, 0.0])).unwrap();
+    let (exit, console) = chat(&model, &args);
+    assert!(matches!(exit, VmExit::Exited(1)), "{exit:?}\n{console}");
+    assert_eq!(
+        line(&console, "llm-chat: error"),
+        "llm-chat: error: model file 'model': model: tensor \"rope_freqs.weight\": factor 1 \
+         is 0, not a positive finite number"
+    );
 }
 
 /// The events `llm-serve`, serving `model`, answers a one-message chat request with.

@@ -1139,7 +1139,8 @@ kernels! {
     /// In place rotary position embedding of `x` (`rows × heads × head_dim`), row `r` at
     /// position `pos + r`: each pair of a head (chosen by `style`) at pair index `i` is
     /// rotated by `(pos + r) · base^(-2i/head_dim) / factors[i]`. `head_dim` even,
-    /// `base > 1`.
+    /// `base > 1`. Factors are data, not checked: one that is not a positive finite
+    /// number gives what IEEE arithmetic gives (NaN, or no rotation), never an error.
     ROPE = 26, "rope", Rope {
         /// Queries or keys, updated in place.
         x: Buffer,

@@ -26,8 +26,8 @@ const HELP: &str = "\
 llm-chat: answers a prompt with a GGUF language model on the virtual accelerator.
 The model is a file attached to the VM (ferry run --attach model=FILE.gguf ...): the
 llama architecture with a byte-level BPE tokenizer (SmolLM2's, Llama 3's) or a
-SentencePiece one (TinyLlama's; rope frequency factors, as Llama 3.1 and later have, are
-refused, saying so), weights in f32, f16, q8_0, q4_0, q4_1, q4_k or q6_k.
+SentencePiece one (TinyLlama's), rope frequency factors if it has them (Llama 3.1 and
+later), weights in f32, f16, q8_0, q4_0, q4_1, q4_k or q6_k.
   --prompt TEXT       the user's message, rendered with the model's chat template
   --system TEXT       a system message (default: the template's own, if it has one);
                       both are text only: a special token's text in them (<|im_end|>)

@@ -251,7 +251,13 @@ fn device_bytes(model: &LlamaModel, context: usize, batch: usize, slots: usize) 
         .iter()
         .fold(2u64, |product, &f| product.saturating_mul(f));
     let per_token = (3 * c.dim + 2 * kv as usize + 2 * c.dim + 3 * c.ffn_dim + 1) as u64 * 4;
-    let fixed = (4 * c.dim + kv as usize + c.vocab + 1 + c.rope_dim / 2) as u64 * 4;
+    // Rope factors of ones when the file has none (else they are a weight).
+    let ones = if model.rope_factors.is_none() {
+        c.rope_dim / 2
+    } else {
+        0
+    };
+    let fixed = (4 * c.dim + kv as usize + c.vocab + 1 + ones) as u64 * 4;
     let each = decode_rows(batch, slots) as u64 * (c.vocab + 1) as u64 * 4;
     (weights + fixed + each)
         .saturating_add(caches)

@@ -163,6 +163,13 @@ fn wide_outputs() -> Vec<(String, u64)> {
             let ones = vec![1.0; head_dim / 2];
             let name = format!("rope {rows}x{heads}x{head_dim} {style:?}");
             pin(1, name, &[&x, &ones], rope);
+            // Llama 3.1's shape of factors, 1 to 8.
+            let last = (head_dim / 2 - 1) as f32;
+            let factors: Vec<f32> = (0..head_dim / 2)
+                .map(|i| 1.0 + 7.0 * (i as f32 / last).powi(2))
+                .collect();
+            let name = format!("rope {rows}x{heads}x{head_dim} {style:?}, factors");
+            pin(ALL, name, &[&x, &factors], rope);
         }
     }
     for (heads, head_dim, len) in [(1, W, 3), (2, 64, 20_000)] {
@@ -244,9 +251,14 @@ fn kernels_cut_in_parts_keep_their_bits() {
         ("qembedding q6_k", 0xab3ce498bde47a3c),
         ("copy", 0x56fbadfe14ceb5c3),
         ("rope 2x1x40000 Adjacent", 0x8541adc846e6d6cb),
+        // Kernel version 2's, with factors.
+        ("rope 2x1x40000 Adjacent, factors", 0x9dd27801c76db666),
         ("rope 1x3000x16 Adjacent", 0xef2e24421f03e185),
+        ("rope 1x3000x16 Adjacent, factors", 0x92d467353502ae3d),
         ("rope 2x1x40000 HalfSplit", 0x2e2e0bc7c29df2b4),
+        ("rope 2x1x40000 HalfSplit, factors", 0x4867b9541871a4da),
         ("rope 1x3000x16 HalfSplit", 0x7def613cdc134880),
+        ("rope 1x3000x16 HalfSplit, factors", 0x23374189ec0cf8e4),
         ("attention_decode 1x40000 over 3", 0x18df1fb456be6d9b),
         ("attention_decode 2x64 over 20000", 0x4aa14c21baac7d99),
         ("attention 1x2/1x40000 at 4", 0x539fff37b139dc78),
