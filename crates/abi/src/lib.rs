@@ -40,8 +40,9 @@ pub mod channel;
 pub mod file;
 
 /// Version of this contract; the VMM writes it into [`BootInfo::abi_version`].
-/// 2: attached files ([`mod@file`]). 3: the message channel ([`channel`]).
-pub const ABI_VERSION: u32 = 3;
+/// 2: attached files ([`mod@file`]). 3: the message channel ([`channel`]). 4: the
+/// accelerator's ROPE takes frequency factors ([`accel::ACCEL_ABI_VERSION`] 2).
+pub const ABI_VERSION: u32 = 4;
 
 /// Size of a guest page, and the granularity of guest RAM dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;

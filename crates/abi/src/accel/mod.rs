@@ -40,7 +40,8 @@
 pub mod dtype;
 
 /// Version of the accelerator protocol, in [`RingHeader::version`]. 2: ROPE takes a
-/// buffer of frequency factors after `x`.
+/// buffer of frequency factors after `x`. A change here bumps [`crate::ABI_VERSION`]
+/// too: snapshots and migrations compare that one (a guest's ring outlives a move).
 pub const ACCEL_ABI_VERSION: u32 = 2;
 /// [`RingHeader::magic`]: "FRNG".
 pub const RING_MAGIC: u32 = u32::from_le_bytes(*b"FRNG");
