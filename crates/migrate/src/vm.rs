@@ -770,6 +770,13 @@ mod tests {
             ..local.clone()
         };
         assert_eq!(offered.incompatibility(&local), None);
+        // A guest of another contract (an accelerator ring of another layout among them).
+        offered.abi_version = 4;
+        assert_eq!(
+            offered.incompatibility(&local).as_deref(),
+            Some("guest ABI version 4 (this host runs 3)")
+        );
+        offered.abi_version = 3;
         offered.state_version = 2;
         assert!(offered
             .incompatibility(&local)

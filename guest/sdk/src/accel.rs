@@ -353,10 +353,10 @@ pub fn kernel_name(id: u64) -> &'static str {
 }
 
 /// Commands written before [`Accel::flush`] publishes them: one doorbell (a VM exit,
-/// microseconds) per batch rather than per command. 64, not 16: a SmolLM2 token's 430
-/// commands then ring 7 times, not 27, and its vCPU leaves the kernel threads more of
-/// two cores (3–18% more tokens/s, alternated runs); the device waits at most for the
-/// guest to write 64 commands, a few microseconds.
+/// microseconds) per batch rather than per command. 64, not 16: a SmolLM2 token's ~520
+/// commands then ring about 11 times, not 35, and its vCPU leaves the kernel threads more
+/// of two cores (2–19% more tokens/s in 4 alternated pairs of runs); the device waits at
+/// most for the guest to write 64 commands, a few microseconds.
 pub const SUBMIT_BATCH: u64 = 64;
 
 /// Set by the first [`Accel::open`]: the ring has a single producer.
