@@ -41,7 +41,8 @@ pub mod file;
 
 /// Version of this contract; the VMM writes it into [`BootInfo::abi_version`].
 /// 2: attached files ([`mod@file`]). 3: the message channel ([`channel`]). 4: the
-/// accelerator's ROPE takes frequency factors ([`accel::ACCEL_ABI_VERSION`] 2).
+/// accelerator's ROPE takes frequency factors ([`accel::ACCEL_ABI_VERSION`] 2), and the
+/// channel tells the guest of a stream let go of while open ([`channel::flags::RELEASED`]).
 pub const ABI_VERSION: u32 = 4;
 
 /// Size of a guest page, and the granularity of guest RAM dirty tracking.

@@ -20,7 +20,7 @@
 //! | `POST /v1/vms/{id}/streams` | queue a request on its message channel: `{"stream", "kind", "payload"}` (base64), opening that stream; 503 + `Retry-After` while the guest starts or the VM pauses, 429 when its queue is full, 409 `migrated` once it runs elsewhere |
 //! | `GET /v1/vms/{id}/streams/{stream}?from=K&wait_ms=W` | the stream's responses from index K on, waiting up to W ms (10 s at most; 50 ms while 256 reads wait) for one: `{"from", "events", "end"}`; a full token's read lets go of those before K (409 for a read from before them), a read-only token's changes nothing; 400 for a K beyond the next response to come |
 //! | `POST /v1/vms/{id}/streams/{stream}/signal` | a control message (a cancel) for an open stream, or one that overflowed (its guest may still be answering) |
-//! | `DELETE /v1/vms/{id}/streams/{stream}` | forget a stream whose responses were all read (or that is given up on); 503 + `Retry-After` while the VM pauses (its state may be moving), 409 `migrated` once it runs elsewhere |
+//! | `DELETE /v1/vms/{id}/streams/{stream}` | forget a stream whose responses were all read (or that is given up on: if it was open and not cancelled, its guest is told, and stops); 503 + `Retry-After` while the VM pauses (its state may be moving), 409 `migrated` once it runs elsewhere |
 //! | `POST /v1/settle/{session}` | whether a VM received here in migration `session` runs here (fencing it if it was not yet told to); the center relays a source's question with it |
 
 use std::sync::Arc;

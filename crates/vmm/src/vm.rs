@@ -141,7 +141,8 @@ pub fn default_accel_threads() -> usize {
 /// types inside it (migrations compare it at the handshake).
 /// 2: the message channel in [`DeviceStates`].
 /// 3: a channel stream keeps only what its reader has not let go of.
-pub const STATE_VERSION: u32 = 3;
+/// 4: a queued channel request is an opening, a control message or a release notice.
+pub const STATE_VERSION: u32 = 4;
 
 /// A whole paused VM, less its RAM: what a snapshot (and later a migration) carries.
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,8 +1,8 @@
 //! `llm-serve` in a real VM, driven through its message channel with ferry-llm's tiny
 //! test model (weights set so that it answers one chosen token after every token): a
-//! cancel never takes the other requests down, a token's text longer than a response
-//! slot reaches the host whole, and bad requests are refused one by one while the
-//! server carries on.
+//! cancel never takes the other requests down, a stream the host lets go of while open
+//! stops its work, a token's text longer than a response slot reaches the host whole,
+//! and bad requests are refused one by one while the server carries on.
 
 extern crate alloc;
 
@@ -291,26 +291,52 @@ fn a_token_longer_than_a_response_slot_reaches_the_host_whole() {
 }
 
 #[test]
-fn requests_let_go_of_unanswered_fill_a_bounded_queue_and_then_are_refused_as_busy() {
+fn streams_let_go_of_while_open_stop_their_work_and_leave_no_request_behind() {
     ferry_testdata::require_kvm!();
-    let model = model_file("busy", "ab");
-    let mut server = Server::start(&model, &["--slots", "1"]);
-    // The one slot is busy for a while.
-    let long = server.submit(&raw("hello", 500));
-    server.wait_for(long, 1);
-    // Each stream let go of at once: the host forgets it, the guest keeps its request.
+    let model = model_file("released", "ab");
+    let mut server = Server::start(&model, &["--slots", "1", "--context", "1024"]);
+    // The one slot busy with a long answer.
+    let long = server.submit(&raw("hello", 1000));
+    server.wait_for(long, 10);
+    // Streams let go of at once: the host forgets each and tells the guest, which drops
+    // its request. Before it was told, 64 of them filled the guest's queue for good and
+    // every later request was refused as busy.
     for _ in 0..64 {
         let left = server.submit(&raw("hello", 500));
         server.vm.readout().channel().release(left).unwrap();
     }
-    let refused = server.submit(&raw("hello", 4));
+    let next = server.submit(&raw("hello", 4));
+    // The long answer let go of mid-way: the guest stops it and serves the next.
+    server.vm.readout().channel().release(long).unwrap();
+    let (text, end) = text_and_end(&server.answer(next));
+    assert_eq!(text, "ab".repeat(4));
     assert_eq!(
-        server.answer(refused),
-        [Event::Error {
-            code: RefusalCode::Busy,
-            message: "64 requests are waiting already".into()
-        }]
+        end,
+        Event::Done {
+            reason: FinishReason::Length,
+            prompt_tokens: 1,
+            completion_tokens: 4
+        }
     );
+    let console = server.vm.console_tail();
+    let stopped = console
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "llm-serve: request {long} ended (cancelled): 1 prompt tokens, "
+            ))
+        })
+        .unwrap_or_else(|| panic!("the long answer did not stop:\n{console}"));
+    let generated: u32 = stopped.split(' ').next().unwrap().parse().unwrap();
+    assert!((10..1000).contains(&generated), "{stopped}");
+    // Only those two were served: the released requests never were.
+    assert!(
+        console.contains(&format!(
+            "request {next} ended (length): 1 prompt tokens, 4 generated (2 served)"
+        )),
+        "{console}"
+    );
+
     // A stream opened by anything but a request is answered, not held open for ever.
     let stream = server.next;
     server.next += 1;

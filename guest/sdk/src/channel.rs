@@ -95,6 +95,9 @@ pub struct Request {
     pub stream: u64,
     /// Whether it opens the stream.
     pub opens: bool,
+    /// Whether it is the host's notice that nobody reads the stream any more
+    /// ([`flags::RELEASED`]): its responses are dropped, its work may stop.
+    pub released: bool,
     /// Its payload.
     pub payload: Vec<u8>,
 }
@@ -198,6 +201,7 @@ impl Channel {
             kind: m.kind,
             stream: m.stream,
             opens: m.flags & flags::OPEN != 0,
+            released: m.flags & flags::RELEASED != 0,
             payload,
         })
     }

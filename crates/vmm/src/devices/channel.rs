@@ -98,8 +98,29 @@ impl Ring {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Queued {
     stream: u64,
-    opens: bool,
+    delivery: Delivery,
     message: Message,
+}
+
+/// What a queued request is to its stream, as the flags it is delivered with say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Delivery {
+    /// It opens the stream ([`flags::OPEN`]).
+    Opens,
+    /// A control message for the open stream (a cancel).
+    Signal,
+    /// The host let go of the open stream ([`flags::RELEASED`]).
+    Released,
+}
+
+impl Delivery {
+    fn flags(self) -> u32 {
+        match self {
+            Delivery::Opens => flags::OPEN,
+            Delivery::Signal => 0,
+            Delivery::Released => flags::RELEASED,
+        }
+    }
 }
 
 /// One stream's responses not yet let go of.
@@ -474,7 +495,7 @@ impl Channel {
         });
         state.queued.push_back(Queued {
             stream,
-            opens: true,
+            delivery: Delivery::Opens,
             message,
         });
         drop(core);
@@ -500,7 +521,7 @@ impl Channel {
             s.signalled = true;
             core.state.queued.push_back(Queued {
                 stream,
-                opens: false,
+                delivery: Delivery::Signal,
                 message,
             });
         }
@@ -580,9 +601,11 @@ impl Channel {
         }
     }
 
-    /// Forgets `stream` (its reader has everything); an open stream's later responses
-    /// are dropped. Refused while the VM is paused (its state may be on its way to
-    /// another host, which would keep the stream) or gone elsewhere.
+    /// Forgets `stream` (its reader has everything, or gave up); an open stream's later
+    /// responses are dropped, and its guest is told ([`flags::RELEASED`]) unless a
+    /// control message (a cancel) went to it already. Refused while the VM is paused
+    /// (its state may be on its way to another host, which would keep the stream) or
+    /// gone elsewhere.
     pub fn release(&self, stream: u64) -> Result<(), SubmitError> {
         let mut core = self.core();
         match core.gate {
@@ -590,7 +613,24 @@ impl Channel {
             Gate::Detached => return Err(SubmitError::Detached),
             Gate::Open | Gate::Ended => {}
         }
-        core.state.streams.retain(|s| s.id != stream);
+        let Some(at) = core.state.streams.iter().position(|s| s.id == stream) else {
+            return Ok(());
+        };
+        let gone = core.state.streams.remove(at);
+        // An overflowed stream's guest may still be answering too. The notice takes the
+        // place the stream's control message would have: one per stream, so the queue
+        // stays within its queued requests and one message per stream.
+        let answering = matches!(gone.end, StreamEnd::Open | StreamEnd::Overflow);
+        if answering && !gone.signalled && core.gate == Gate::Open {
+            core.state.queued.push_back(Queued {
+                stream,
+                delivery: Delivery::Released,
+                message: Message {
+                    kind: 0,
+                    payload: Vec::new(),
+                },
+            });
+        }
         drop(core);
         // A reader waiting on it learns it is gone now, not at its wait's end.
         self.shared.changed.notify_all();
@@ -814,7 +854,7 @@ impl Core {
             let slot = ring.addr + header.request_slot(self.state.request_head);
             let m = MessageHeader {
                 kind: q.message.kind,
-                flags: if q.opens { flags::OPEN } else { 0 },
+                flags: q.delivery.flags(),
                 stream: q.stream,
                 len: q.message.payload.len() as u32,
                 reserved: 0,
@@ -847,13 +887,13 @@ mod tests {
     /// The saved devices (port devices and accelerator) with every field and collection
     /// filled, and the state version, as a migration or a snapshot encodes them.
     const SAVED_DEVICES: &str =
-        "030163020103010405060708090a0b010c010d0171010e0f01100165010101011101016212131415011617";
+        "040163020103010405060708090a0b010c000d0171010e0f01100165010101011101016212131415011617";
 
     /// The length and SHA-256 of the encoding of a whole saved VM state (with the devices
     /// above), and the state version.
     const SAVED_STATE: (usize, &str) = (
         5268,
-        "55e320cc7e60066b935ce93c8d47f29f9440a32c5c411af7d9793eaf737082bb",
+        "db3643d5f526fc4e27d4f8139d66b75d862c6cf8d2d2f108f406acf496070fc5",
     );
 
     #[test]
@@ -881,7 +921,7 @@ mod tests {
                 response_tail: 11,
                 queued: [Queued {
                     stream: 12,
-                    opens: true,
+                    delivery: Delivery::Opens,
                     message: message(13, "q"),
                 }]
                 .into(),
@@ -1089,6 +1129,61 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_let_go_of_while_open_is_announced_to_its_guest_once() {
+        let (mem, channel) = guest();
+        let flags_of = |got: &[(MessageHeader, Vec<u8>)]| -> Vec<(u64, u32, u32, usize)> {
+            got.iter()
+                .map(|(m, p)| (m.stream, m.flags, m.kind, p.len()))
+                .collect()
+        };
+        for stream in 1..=4 {
+            channel.submit(stream, message(1, "q")).unwrap();
+        }
+        channel.kick(&mem, 0);
+        assert_eq!(take_requests(&mem).len(), 4);
+        // 1 ends before it is let go of; 2 is cancelled first (the cancel says it all);
+        // 3 overflows (its guest may still be answering); 4 is let go of while open.
+        respond(&mem, 1, 2, flags::FINAL, b"done");
+        respond(&mem, 3, 2, 0, &[0; 200]);
+        channel.kick(&mem, 0);
+        channel.signal(2, message(9, "")).unwrap();
+        let big = vec![0u8; 200];
+        for _ in 0..MAX_STREAM_BYTES / 200 + 1 {
+            respond(&mem, 3, 2, 0, &big);
+            channel.kick(&mem, 0);
+        }
+        assert_eq!(
+            channel
+                .read_as(3, 0, Duration::ZERO, Reading::Peek)
+                .unwrap()
+                .end,
+            StreamEnd::Overflow
+        );
+        for stream in 1..=4 {
+            channel.release(stream).unwrap();
+            // Again, as a release whose answer was lost is: nothing more is sent.
+            channel.release(stream).unwrap();
+        }
+        channel.kick(&mem, 0);
+        assert_eq!(
+            flags_of(&take_requests(&mem)),
+            [
+                (2, 0, 9, 0),
+                (3, flags::RELEASED, 0, 0),
+                (4, flags::RELEASED, 0, 0)
+            ]
+        );
+        // Once the VM has ended, nobody is told.
+        channel.submit(5, message(1, "q")).unwrap();
+        channel.kick(&mem, 0);
+        assert_eq!(take_requests(&mem).len(), 1);
+        channel.end();
+        channel.release(5).unwrap();
+        channel.kick(&mem, 0);
+        assert!(take_requests(&mem).is_empty());
+    }
+
+    #[test]
     fn a_full_ring_keeps_requests_queued_in_order() {
         let (mem, channel) = guest();
         for i in 0..6 {
@@ -1172,7 +1267,7 @@ mod tests {
         for (stream, text) in [(7, "x".repeat(4096)), (8, "ok".to_string())] {
             state.queued.push_back(Queued {
                 stream,
-                opens: true,
+                delivery: Delivery::Opens,
                 message: message(1, &text),
             });
         }
@@ -1197,7 +1292,7 @@ mod tests {
         (state.request_head, state.request_tail) = (u64::MAX, u64::MAX);
         state.queued.push_back(Queued {
             stream: 9,
-            opens: true,
+            delivery: Delivery::Opens,
             message: message(1, "late"),
         });
         // A stream holding more than it could have taken: cut where it overflowed.

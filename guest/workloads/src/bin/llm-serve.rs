@@ -194,8 +194,8 @@ impl Server {
     /// A message from the host.
     fn take(&mut self, ch: &mut Channel, m: ferry_sdk::channel::Request) {
         match m.kind {
-            // Bounded: the host keeps at most 64 streams open, but a stream it
-            // lets go of while open leaves its request here (the guest is not told).
+            // Bounded, though the host keeps at most 64 streams open and tells of one
+            // it lets go of (below): the host is not trusted to.
             kind::REQUEST if m.opens && self.queue.len() >= MAX_QUEUED => refuse(
                 ch,
                 m.stream,
@@ -219,22 +219,28 @@ impl Server {
                 RefusalCode::InvalidRequest,
                 format!("a stream opened by a message of kind {other}, not a request"),
             ),
-            kind::CANCEL => {
-                if let Some(i) = self.queue.iter().position(|s| s.stream == m.stream) {
-                    self.queue.remove(i);
-                    send(ch, m.stream, &done(FinishReason::Cancelled, 0, 0));
-                }
-                let active = self
-                    .slots
-                    .iter_mut()
-                    .find(|slot| matches!(slot, Slot::Serving(s) if s.stream == m.stream));
-                if let Some(slot) = active {
-                    if let Slot::Serving(seq) = core::mem::replace(slot, Slot::Ended) {
-                        self.finish(ch, *seq, FinishReason::Cancelled);
-                    }
-                }
-            }
+            // Nobody reads the answer any more: as a cancel (its last event is dropped).
+            _ if m.released => self.cancel(ch, m.stream),
+            kind::CANCEL => self.cancel(ch, m.stream),
             _ => {}
+        }
+    }
+
+    /// Stops answering `stream`: a request waiting is dropped, a sequence being served
+    /// ends; either's last event says it was cancelled.
+    fn cancel(&mut self, ch: &mut Channel, stream: u64) {
+        if let Some(i) = self.queue.iter().position(|s| s.stream == stream) {
+            self.queue.remove(i);
+            send(ch, stream, &done(FinishReason::Cancelled, 0, 0));
+        }
+        let active = self
+            .slots
+            .iter_mut()
+            .find(|slot| matches!(slot, Slot::Serving(s) if s.stream == stream));
+        if let Some(slot) = active {
+            if let Slot::Serving(seq) = core::mem::replace(slot, Slot::Ended) {
+                self.finish(ch, *seq, FinishReason::Cancelled);
+            }
         }
     }
 
