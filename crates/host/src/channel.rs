@@ -106,7 +106,8 @@ impl Host {
         })
     }
 
-    /// Forgets `stream` of VM `id` (its reader has it all). A VM that migrated away
+    /// Forgets `stream` of VM `id` (its reader has it all, or gave up: an open stream's
+    /// guest is told, unless a cancel went to it). A VM that migrated away
     /// holds the stream on its destination (the caller is told to release it there), and
     /// one paused for a switchover may (the caller is told to try again shortly).
     pub fn channel_release(&self, id: &str, stream: u64) -> Result<(), HostError> {

@@ -1,6 +1,7 @@
 //! The messages a language-model server guest (`llm-serve`) exchanges with the host over
 //! the VM's message channel ([`ferry_abi::channel`]): one [`Request`] opens a stream, a
-//! cancel may follow, and the guest answers with [`Event`]s, the last one final.
+//! cancel (or the host's notice that it let go of the stream, which `llm-serve` takes
+//! as one) may follow, and the guest answers with [`Event`]s, the last one final.
 //!
 //! A compact little-endian binary encoding (the guest has no JSON); decoding checks every
 //! length, so a hostile host or guest gets an error, never a panic.

@@ -6,7 +6,9 @@
 //! loop {
 //!     ch.kick(1000); // waits up to 1 ms for a request
 //!     while let Some(req) = ch.receive() {
-//!         ch.send(req.stream, 16, true, b"answer")?;
+//!         if req.opens {
+//!             ch.send(req.stream, 16, true, b"answer")?;
+//!         }
 //!     }
 //! }
 //! ```

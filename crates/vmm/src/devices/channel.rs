@@ -38,7 +38,8 @@ const MAX_PER_KICK: u64 = 64;
 
 // The saved channel fits in a migration's control message (16 MiB): a saved response
 // takes its payload and at most 8 bytes more (two varints); the queue holds the queued
-// requests and a signal per stream, each at most a slot.
+// requests and one control message (a cancel, or a release notice) per stream, each at
+// most a slot.
 const _: () = assert!(
     MAX_STREAMS * (MAX_STREAM_BYTES + 8 * MAX_STREAM_EVENTS)
         + (MAX_QUEUED + MAX_STREAMS) * ferry_abi::channel::MAX_SLOT_SIZE as usize
@@ -617,11 +618,25 @@ impl Channel {
             return Ok(());
         };
         let gone = core.state.streams.remove(at);
+        let state = &mut core.state;
+        // Its opening not delivered yet: the guest never hears of the stream at all. (Only
+        // from that opening on: a notice for an earlier stream of the same id stays.)
+        let opening = (state.queued.iter())
+            .rposition(|q| q.stream == stream && q.delivery == Delivery::Opens);
+        if let Some(opening) = opening {
+            let mut at = 0;
+            state.queued.retain(|q| {
+                at += 1;
+                at <= opening || q.stream != stream
+            });
+        }
+        let undelivered = opening.is_some();
         // An overflowed stream's guest may still be answering too. The notice takes the
         // place the stream's control message would have: one per stream, so the queue
-        // stays within its queued requests and one message per stream.
+        // stays within its queued requests and one message per stream. (Any control
+        // message stands for it: the workload's, a cancel, already says what to do.)
         let answering = matches!(gone.end, StreamEnd::Open | StreamEnd::Overflow);
-        if answering && !gone.signalled && core.gate == Gate::Open {
+        if answering && !undelivered && !gone.signalled && core.gate == Gate::Open {
             core.state.queued.push_back(Queued {
                 stream,
                 delivery: Delivery::Released,
@@ -1164,6 +1179,10 @@ mod tests {
             // Again, as a release whose answer was lost is: nothing more is sent.
             channel.release(stream).unwrap();
         }
+        // Id 4 used again, let go of before that opening was delivered: the first stream
+        // 4's notice stays, the second stream is never heard of.
+        channel.submit(4, message(1, "again")).unwrap();
+        channel.release(4).unwrap();
         channel.kick(&mem, 0);
         assert_eq!(
             flags_of(&take_requests(&mem)),
@@ -1521,6 +1540,34 @@ mod tests {
             channel.submit(1000, message(1, "q")),
             Err(SubmitError::Ended)
         );
+    }
+
+    #[test]
+    fn streams_let_go_of_keep_the_queue_within_its_bound() {
+        let (mem, channel) = guest();
+        // Four openings delivered (the ring's slots; the guest takes none), then the
+        // queue filled.
+        for i in 0..4 {
+            channel.submit(i, message(1, "q")).unwrap();
+        }
+        channel.kick(&mem, 0);
+        for i in 4..4 + MAX_QUEUED as u64 {
+            channel.submit(i, message(1, "q")).unwrap();
+        }
+        let full = Err(SubmitError::QueueFull);
+        assert_eq!(channel.submit(999, message(1, "q")), full);
+        // An opening still queued leaves with its stream: nothing to announce. The
+        // delivered ones are announced, within the queue's room for one per stream.
+        channel.signal(5, message(9, "")).unwrap();
+        for i in [5, 0, 1, 2, 3] {
+            channel.release(i).unwrap();
+        }
+        let queued = channel.save().queued;
+        assert!(queued.iter().all(|q| q.stream != 5));
+        let notices = queued.iter().filter(|q| q.delivery == Delivery::Released);
+        assert_eq!(notices.count(), 4);
+        assert_eq!(queued.len(), MAX_QUEUED - 1 + 4);
+        assert_eq!(channel.submit(999, message(1, "q")), full);
     }
 
     #[test]
