@@ -618,25 +618,22 @@ impl Channel {
             return Ok(());
         };
         let gone = core.state.streams.remove(at);
-        let state = &mut core.state;
+        let queued = &mut core.state.queued;
         // Its opening not delivered yet: the guest never hears of the stream at all. (Only
         // from that opening on: a notice for an earlier stream of the same id stays.)
-        let opening = (state.queued.iter())
-            .rposition(|q| q.stream == stream && q.delivery == Delivery::Opens);
+        let opening =
+            (queued.iter()).rposition(|q| q.stream == stream && q.delivery == Delivery::Opens);
         if let Some(opening) = opening {
-            let mut at = 0;
-            state.queued.retain(|q| {
-                at += 1;
-                at <= opening || q.stream != stream
-            });
+            let mut from_opening = queued.split_off(opening);
+            from_opening.retain(|q| q.stream != stream);
+            queued.append(&mut from_opening);
         }
-        let undelivered = opening.is_some();
         // An overflowed stream's guest may still be answering too. The notice takes the
         // place the stream's control message would have: one per stream, so the queue
         // stays within its queued requests and one message per stream. (Any control
         // message stands for it: the workload's, a cancel, already says what to do.)
         let answering = matches!(gone.end, StreamEnd::Open | StreamEnd::Overflow);
-        if answering && !undelivered && !gone.signalled && core.gate == Gate::Open {
+        if answering && opening.is_none() && !gone.signalled && core.gate == Gate::Open {
             core.state.queued.push_back(Queued {
                 stream,
                 delivery: Delivery::Released,

@@ -1,8 +1,9 @@
 //! A GGUF language model (the llama architecture with a byte-level BPE tokenizer, as
-//! SmolLM2's, or a SentencePiece one, as TinyLlama's) answering a prompt on the virtual accelerator. The model is a file attached to the VM; its
-//! weights go straight from the file into device memory and are only read from then on,
-//! and the KV cache grows in device memory one position per token (the common case of
-//! inference for live migration).
+//! SmolLM2's, or a SentencePiece one, as TinyLlama's) answering a prompt on the virtual
+//! accelerator. The model is a file attached to the VM; its weights go straight from the
+//! file into device memory and are only read from then on, and the KV cache grows in
+//! device memory one position per token (the common case of inference for live
+//! migration).
 //!
 //! Nothing depends on the clock: the same model, prompt and sampling arguments give the
 //! same tokens and the same checksum, migrated or not, whatever the host's thread count.
