@@ -89,33 +89,25 @@ pub fn exp_lanes<const N: usize>(xs: [f64; N]) -> [f64; N] {
 /// work.
 #[inline]
 pub fn exp_f32(x: f32) -> f32 {
+    let (low, high) = EXP_F32_RANGE;
     if x.is_nan() {
         return x;
     }
-    if x > 88.72 {
+    if x > high {
         return f32::INFINITY;
     }
-    if x < -103.98 {
+    if x < low {
         return 0.0;
     }
-    // ln 2 split so that k·LN2_HI is exact for |k| < 2^8 (9 significant bits).
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
+    let (ln2_hi, ln2_lo) = EXP_F32_LN2;
     let t = x * core::f32::consts::LOG2_E + 0.5;
     let ti = t as i32;
     let k = if ti as f32 > t { ti - 1 } else { ti };
     let kf = k as f32;
-    let r = (x - kf * LN2_HI) - kf * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let r = (x - kf * ln2_hi) - kf * ln2_lo;
+    let [first, rest @ ..] = EXP_F32_SERIES;
+    let mut p = first;
+    for c in rest {
         p = p * r + c;
     }
     // 2^k in two steps, so that neither factor leaves the normal range.
@@ -123,6 +115,22 @@ pub fn exp_f32(x: f32) -> f32 {
     let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
     p * pow2(k1) * pow2(k2)
 }
+
+/// [`exp_f32`] is infinity above the second and 0 below the first (NaN stays NaN).
+pub const EXP_F32_RANGE: (f32, f32) = (-103.98, 88.72);
+/// ln 2 split for [`exp_f32`], so that `k·hi` is exact for |k| < 2^8 (9 significant bits).
+pub const EXP_F32_LN2: (f32, f32) = (0.693_359_4, -2.121_944_4e-4);
+/// [`exp_f32`]'s Taylor coefficients `1/7!` down to `1/0!`, in Horner order.
+pub const EXP_F32_SERIES: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 /// `1 / d!` for `d` in `0..=18`.
 const INV_FACT: [f64; 19] = {

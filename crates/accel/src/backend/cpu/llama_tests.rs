@@ -521,6 +521,28 @@ fn avx2_and_portable_attention_give_the_same_bits() {
 }
 
 #[test]
+fn avx2_and_portable_swiglu_give_the_same_bits() {
+    if lacks_avx2("avx2_and_portable_swiglu_give_the_same_bits") {
+        return;
+    }
+    let mut rng = Rng(15);
+    // Gates from tiny to beyond the exponential's range (each sign), NaN and the
+    // infinities; 1,003 elements, so a tail after the groups of eight.
+    let mut gate = rng.vec(1003, 4.0);
+    for (i, g) in gate.iter_mut().enumerate().step_by(7) {
+        *g *= [1e-30, 1e-3, 30.0, 300.0][i % 4];
+    }
+    gate[..5].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 104.5]);
+    let up = rng.vec(1003, 2.0);
+    let run = |avx2| {
+        let mut out = vec![f32::NAN; gate.len()];
+        ops::swiglu_part(&gate, &up, &mut out, avx2);
+        super::tests::bits(&out)
+    };
+    assert_eq!(run(true), run(false));
+}
+
+#[test]
 fn dot_products_with_several_inputs_give_each_inputs_bits() {
     // Q4_0, Q4_1, Q8_0 and Q4_K unpack each weight row once for a group of inputs where
     // the CPU has AVX2;

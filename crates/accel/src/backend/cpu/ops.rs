@@ -1011,10 +1011,31 @@ pub fn rope(pool: &Workers, x: &mut [f32], factors: &[f32], s: RopeShape) {
 
 /// `out = gate / (1 + e^-gate) · up`, in f32 (with [`math::exp_f32`]).
 pub fn swiglu(pool: &Workers, gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
-    map_exp(pool, out, n, |i, _| {
-        let g = gate[i];
-        g / (1.0 + math::exp_f32(-g)) * up[i]
+    let avx2 = quant::has_avx2();
+    blocks(pool, &mut out[..n], EXP_BLOCK, |start, out| {
+        let (gate, up) = (&gate[start..][..out.len()], &up[start..][..out.len()]);
+        swiglu_part(gate, up, out, avx2);
     });
+}
+
+/// [`swiglu`] of one part: with the AVX2 code when `allow_avx2` and the CPU has it, else
+/// the portable code (the same bits: the tests check it).
+pub fn swiglu_part(gate: &[f32], up: &[f32], out: &mut [f32], allow_avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if allow_avx2 && quant::has_avx2() {
+        // SAFETY: `has_avx2` said this CPU has AVX2.
+        return unsafe { avx2::swiglu(gate, up, out) };
+    }
+    let _ = allow_avx2;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu_times(g, u);
+    }
+}
+
+/// `g / (1 + e^-g) · u`, one element of [`swiglu`].
+#[inline(always)]
+fn silu_times(g: f32, u: f32) -> f32 {
+    g / (1.0 + math::exp_f32(-g)) * u
 }
 
 /// The shape of an ATTENTION launch.
@@ -1124,11 +1145,18 @@ fn attend_portable(
     o: &mut [f32],
     tick: &mut Ticker<'_>,
 ) -> Result<(), Stopped> {
-    attend_with(a, o, tick, dot8_each::<TOGETHER>, add_weighted::<TOGETHER>)
+    attend_with(
+        a,
+        o,
+        tick,
+        dot8_each::<TOGETHER>,
+        add_weighted::<TOGETHER>,
+        exps_less,
+    )
 }
 
-/// [`attend`] with `dots` for the scores of [`TOGETHER`] positions and `add` for their
-/// weighted values: positions go together so that their independent chains of adds
+/// [`attend`] with `dots` for the scores of [`TOGETHER`] positions, `add` for their
+/// weighted values and `exps` for [`exps_less`]: positions go together so that their independent chains of adds
 /// overlap, while each position's operations, and so its bits, are those it has alone.
 #[inline(always)]
 fn attend_with(
@@ -1137,6 +1165,7 @@ fn attend_with(
     tick: &mut Ticker<'_>,
     dots: impl Fn(&[f32], [&[f32]; TOGETHER]) -> [f32; TOGETHER],
     add: impl Fn(&mut [f32], &[f32], [&[f32]; TOGETHER]),
+    exps: impl Fn(&mut [f32], f32),
 ) -> Result<(), Stopped> {
     let hd = a.q.len();
     let key = |p: usize| &a.kc[p * a.stride..][..hd];
@@ -1154,7 +1183,7 @@ fn attend_with(
     for p in together..a.len {
         scores.push(dot8(a.q, key(p)) * a.scale);
     }
-    weights(&mut scores);
+    weights(&mut scores, exps);
     o.fill(0.0);
     for p in (0..together).step_by(TOGETHER) {
         for ahead in 0..TOGETHER {
@@ -1178,16 +1207,22 @@ fn attend_with(
 /// [`MAX_POSITIONS`](ferry_abi::accel::kernel::MAX_POSITIONS), so this is milliseconds of
 /// work at most, not checked.
 #[inline(always)]
-fn weights(scores: &mut [f32]) {
+fn weights(scores: &mut [f32], exps: impl Fn(&mut [f32], f32)) {
     let max = scores
         .iter()
         .fold(f32::NEG_INFINITY, |max, &s| if s > max { s } else { max });
-    for score in scores.iter_mut() {
-        *score = math::exp_f32(*score - max);
-    }
+    exps(scores, max);
     let sum = scores.iter().fold(0.0f64, |sum, &s| sum + f64::from(s));
     for w in scores.iter_mut() {
         *w = (f64::from(*w) / sum) as f32;
+    }
+}
+
+/// `v[i] = e^(v[i] - max)` ([`math::exp_f32`]) for each element.
+#[inline(always)]
+fn exps_less(v: &mut [f32], max: f32) {
+    for v in v {
+        *v = math::exp_f32(*v - max);
     }
 }
 
@@ -1212,7 +1247,7 @@ fn attend_wide(pool: &Workers, a: &AttendedHead<'_>, o: &mut [f32]) -> Result<()
         })?;
         scores.push(lanes_sum(acc, tail_dot(&q[done..], &key[done..])) * a.scale);
     }
-    weights(&mut scores);
+    weights(&mut scores, exps_less);
     in_parts(pool, hd, |r| o[r].fill(0.0))?;
     for (p, w) in scores.chunks_exact(1).enumerate() {
         let value = &a.vc[p * a.stride..][..hd];
@@ -1241,7 +1276,8 @@ fn prefetch_position(cache: &[f32], at: usize, hd: usize) {
     }
 }
 
-/// [`attend_portable`] with AVX2 for the dot products and the weighted sums: the same
+/// [`attend_portable`] with AVX2 for the dot products, the exponentials and the weighted
+/// sums: the same
 /// operations in the same order (Rust never fuses a multiply and an add), so the same
 /// bits, eight lanes to an instruction.
 #[cfg(target_arch = "x86_64")]
@@ -1259,6 +1295,8 @@ fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32], tick: &mut Ticker<'_>) -> Re
         |q, ks| unsafe { avx2::dots(q, ks) },
         // SAFETY: as above; `o` and the values have the head's width.
         |o, ws, vs| unsafe { avx2::add_weighted(o, ws, vs) },
+        // SAFETY: this runs only where the CPU has AVX2.
+        |v, max| unsafe { avx2::exps_less(v, max) },
     )
 }
 
@@ -1312,12 +1350,103 @@ fn tail_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Attention's dot products and weighted sums in AVX2 registers.
+/// Attention's dot products, exponentials and weighted sums, and SwiGLU, in AVX2
+/// registers.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use core::arch::x86_64::*;
 
+    use ferry_abi::accel::math::{EXP_F32_LN2, EXP_F32_RANGE, EXP_F32_SERIES};
+
     use super::TOGETHER;
+
+    /// [`super::math::exp_f32`] of eight lanes: its very steps lane by lane (IEEE multiplies and
+    /// adds, never fused; the truncating conversion; the integer halving of `k`), with
+    /// its special cases (NaN, out of range) chosen after, so the same bits.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn exp8(x: __m256) -> __m256 {
+        let splat = _mm256_set1_ps;
+        let (low, high) = EXP_F32_RANGE;
+        let (ln2_hi, ln2_lo) = EXP_F32_LN2;
+        let t = _mm256_add_ps(
+            _mm256_mul_ps(x, splat(core::f32::consts::LOG2_E)),
+            splat(0.5),
+        );
+        let ti = _mm256_cvttps_epi32(t);
+        // k = ti - 1 where ti > t (a compare's true is all ones: -1).
+        let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_cvtepi32_ps(ti), t));
+        let k = _mm256_add_epi32(ti, above);
+        let kf = _mm256_cvtepi32_ps(k);
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(kf, splat(ln2_hi))),
+            _mm256_mul_ps(kf, splat(ln2_lo)),
+        );
+        let [first, rest @ ..] = EXP_F32_SERIES;
+        let mut p = splat(first);
+        for c in rest {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), splat(c));
+        }
+        // k / 2 rounds toward zero: add the sign bit before the arithmetic shift.
+        let k1 = _mm256_srai_epi32::<1>(_mm256_add_epi32(k, _mm256_srli_epi32::<31>(k)));
+        let k2 = _mm256_sub_epi32(k, k1);
+        let pow2 = |k: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                k,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        let e = _mm256_mul_ps(_mm256_mul_ps(p, pow2(k1)), pow2(k2));
+        let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, splat(low));
+        let e = _mm256_andnot_ps(below, e);
+        let e = _mm256_blendv_ps(
+            e,
+            splat(f32::INFINITY),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(x, splat(high)),
+        );
+        _mm256_blendv_ps(e, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+    }
+
+    /// [`super::exps_less`], eight elements at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn exps_less(v: &mut [f32], max: f32) {
+        let mut eights = v.chunks_exact_mut(8);
+        for e in &mut eights {
+            // SAFETY: `e` is eight f32; the loads and stores have no alignment requirement.
+            unsafe {
+                let x = _mm256_sub_ps(_mm256_loadu_ps(e.as_ptr()), _mm256_set1_ps(max));
+                _mm256_storeu_ps(e.as_mut_ptr(), exp8(x));
+            }
+        }
+        super::exps_less(eights.into_remainder(), max);
+    }
+
+    /// [`super::swiglu_part`], eight elements at a time: `g / (1 + e^-g) · u` with the
+    /// negation a flip of the sign bit, as Rust's is.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `gate` and `up` are at least as long as `out`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let (gate, up) = (&gate[..out.len()], &up[..out.len()]);
+        let done = out.len() / 8 * 8;
+        for i in (0..done).step_by(8) {
+            // SAFETY: `i + 8 <= done`, within all three slices.
+            unsafe {
+                let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+                let e = exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0)));
+                let s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+                let o = _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), o);
+            }
+        }
+        for ((o, &g), &u) in out[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
+            *o = super::silu_times(g, u);
+        }
+    }
 
     /// [`super::dot8_each`] for a width that is a multiple of eight.
     ///
@@ -1414,6 +1543,54 @@ mod tests {
                 plan.sums_kept()
             );
             assert!(plan.run >= 1 && plan.run <= cols && plan.window >= 1);
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn eight_lane_exponential_has_the_bits_of_the_scalar_one() {
+        if !quant::has_avx2() {
+            eprintln!("*** SKIPPED eight_lane_exponential_has_the_bits_of_the_scalar_one: no AVX2 here ***");
+            return;
+        }
+        // Every 997th bit pattern (both signs, every exponent: NaNs, infinities,
+        // subnormals), the neighbours of the range's ends, and the special values.
+        let mut xs: Vec<f32> = (0..=u32::MAX).step_by(997).map(f32::from_bits).collect();
+        let (low, high) = math::EXP_F32_RANGE;
+        for edge in [low, high, 0.0] {
+            xs.extend((-64..=64).map(|d| f32::from_bits(edge.to_bits().wrapping_add_signed(d))));
+        }
+        xs.extend([
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN,
+            f32::MAX,
+            f32::NAN,
+        ]);
+        // Where `x·log2 e + 0.5` is near an integer, so the floor's correction shows.
+        for n in -150..130 {
+            let x = (n as f32 - 0.5) / core::f32::consts::LOG2_E;
+            xs.extend((-4..=4).map(|d| f32::from_bits(x.to_bits().wrapping_add_signed(d))));
+        }
+        for eight in xs.chunks(8) {
+            let mut lanes = [1.0f32; 8];
+            lanes[..eight.len()].copy_from_slice(eight);
+            let mut got = [0.0f32; 8];
+            // SAFETY: `has_avx2` said this CPU has AVX2; both arrays hold eight f32.
+            unsafe {
+                let x = core::arch::x86_64::_mm256_loadu_ps(lanes.as_ptr());
+                core::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), avx2::exp8(x));
+            }
+            for (x, got) in lanes.iter().zip(got) {
+                let want = math::exp_f32(*x);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "e^{x:e} ({:#x})",
+                    x.to_bits()
+                );
+            }
         }
     }
 
