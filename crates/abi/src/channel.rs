@@ -29,9 +29,10 @@
 //! carries [`flags::FINAL`]. Responses to a stream that is not open are dropped. What a
 //! message's `kind` and payload mean is the business of the two ends (for a language
 //! model server: `ferry_llm::serve`). When the host lets go of a stream still open (its
-//! reader gave up) without having passed on a control message for it, it delivers a
-//! request of kind 0 without payload carrying [`flags::RELEASED`]: nobody reads that
-//! stream's responses any more, so the guest may stop working on it.
+//! reader gave up), or of one that overflowed (whose guest may still be answering, when
+//! its place goes to a new stream), without having passed on a control message for it,
+//! it delivers a request of kind 0 without payload carrying [`flags::RELEASED`]: nobody
+//! reads that stream's responses any more, so the guest may stop working on it.
 
 /// [`ChannelHeader::magic`]: "FCHN".
 pub const CHANNEL_MAGIC: u32 = u32::from_le_bytes(*b"FCHN");

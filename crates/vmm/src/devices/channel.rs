@@ -114,6 +114,20 @@ enum Delivery {
     Released,
 }
 
+impl Queued {
+    /// The notice that the host let go of `stream` (kind 0, empty).
+    fn released(stream: u64) -> Self {
+        Self {
+            stream,
+            delivery: Delivery::Released,
+            message: Message {
+                kind: 0,
+                payload: Vec::new(),
+            },
+        }
+    }
+}
+
 impl Delivery {
     fn flags(self) -> u32 {
         match self {
@@ -148,12 +162,12 @@ struct Stream {
     grace_since: Option<Instant>,
 }
 
-/// Drops one of `streams` (all [`MAX_STREAMS`] places taken, at `now`) for a new one:
-/// the oldest whose reader has had it all for [`READ_WHOLE_GRACE`], else the oldest that
-/// ended unread [`UNREAD_END_GRACE`] ago (its reader may never come: a stream is not
-/// kept for ever). One whose reader may be about to come, or to read its end again (the
-/// answer to its read lost), keeps its place: taking it would lose its answer's end.
-fn make_room(streams: &mut Vec<Stream>, now: Instant) -> Result<(), SubmitError> {
+/// Which of `streams` (all [`MAX_STREAMS`] places taken, at `now`) gives up its place for
+/// a new one: the oldest whose reader has had it all for [`READ_WHOLE_GRACE`], else the
+/// oldest that ended unread [`UNREAD_END_GRACE`] ago (its reader may never come: a stream
+/// is not kept for ever). One whose reader may be about to come, or to read its end again
+/// (the answer to its read lost), keeps its place: taking it would lose its answer's end.
+fn place_to_take(streams: &mut [Stream], now: Instant) -> Result<usize, SubmitError> {
     for s in streams.iter_mut() {
         if s.end != StreamEnd::Open {
             s.grace_since.get_or_insert(now);
@@ -164,12 +178,10 @@ fn make_room(streams: &mut Vec<Stream>, now: Instant) -> Result<(), SubmitError>
             && s.grace_since
                 .is_some_and(|since| now.saturating_duration_since(since) >= grace)
     };
-    let gone = (streams.iter())
+    (streams.iter())
         .position(|s| s.read_whole && past(s, READ_WHOLE_GRACE))
         .or_else(|| streams.iter().position(|s| past(s, UNREAD_END_GRACE)))
-        .ok_or(SubmitError::TooManyStreams)?;
-    streams.remove(gone);
-    Ok(())
+        .ok_or(SubmitError::TooManyStreams)
 }
 
 /// How long a stream that ended keeps its place, unread, while another stream needs it:
@@ -182,6 +194,14 @@ pub const UNREAD_END_GRACE: Duration = Duration::from_secs(120);
 pub const READ_WHOLE_GRACE: Duration = Duration::from_secs(15);
 
 impl Stream {
+    /// Whether its guest is to be told ([`flags::RELEASED`]) when the host lets go of it
+    /// now: it may still be answering (open, or overflowed), and no control message (a
+    /// cancel) went to it. (Any control message stands for the notice: the workload's, a
+    /// cancel, already says what to do.)
+    fn owed_notice(&self) -> bool {
+        matches!(self.end, StreamEnd::Open | StreamEnd::Overflow) && !self.signalled
+    }
+
     /// Drops the responses before stream index `from`: their reader has them.
     fn let_go_before(&mut self, from: usize) {
         let n = from.saturating_sub(self.first).min(self.events.len());
@@ -205,6 +225,26 @@ pub struct ChannelState {
     streams: Vec<Stream>,
     /// Responses the guest sent to streams that were not open.
     dropped: u64,
+}
+
+impl ChannelState {
+    /// Drops the stream that gives up its place for a new one at `now`
+    /// ([`place_to_take`]). An overflowed one's guest may still be answering: it is told,
+    /// as by a release, and the notice counts against the queue's bound with the opening
+    /// to come, so the queue keeps its bound of queued requests and one message per
+    /// stream.
+    fn make_room(&mut self, now: Instant) -> Result<(), SubmitError> {
+        let at = place_to_take(&mut self.streams, now)?;
+        let notice = self.streams[at].owed_notice();
+        if notice && self.queued.len() + 1 >= MAX_QUEUED {
+            return Err(SubmitError::QueueFull);
+        }
+        let gone = self.streams.remove(at);
+        if notice {
+            self.queued.push_back(Queued::released(gone.id));
+        }
+        Ok(())
+    }
 }
 
 /// Whether the host may queue requests now.
@@ -482,7 +522,7 @@ impl Channel {
             return Err(SubmitError::QueueFull);
         }
         if state.streams.len() >= MAX_STREAMS {
-            make_room(&mut state.streams, Instant::now())?;
+            state.make_room(Instant::now())?;
         }
         state.streams.push(Stream {
             id: stream,
@@ -628,20 +668,11 @@ impl Channel {
             from_opening.retain(|q| q.stream != stream);
             queued.append(&mut from_opening);
         }
-        // An overflowed stream's guest may still be answering too. The notice takes the
-        // place the stream's control message would have: one per stream, so the queue
-        // stays within its queued requests and one message per stream. (Any control
-        // message stands for it: the workload's, a cancel, already says what to do.)
-        let answering = matches!(gone.end, StreamEnd::Open | StreamEnd::Overflow);
-        if answering && opening.is_none() && !gone.signalled && core.gate == Gate::Open {
-            core.state.queued.push_back(Queued {
-                stream,
-                delivery: Delivery::Released,
-                message: Message {
-                    kind: 0,
-                    payload: Vec::new(),
-                },
-            });
+        // The notice takes the place the stream's control message would have: one per
+        // stream, so the queue stays within its queued requests and one message per
+        // stream.
+        if gone.owed_notice() && opening.is_none() && core.gate == Gate::Open {
+            core.state.queued.push_back(Queued::released(stream));
         }
         drop(core);
         // A reader waiting on it learns it is gone now, not at its wait's end.
@@ -1595,11 +1626,9 @@ mod tests {
         );
         assert_eq!(full.read(10, 0, Duration::ZERO).unwrap(), read);
         // Then it goes first.
-        make_room(
-            &mut full.core().state.streams,
-            Instant::now() + READ_WHOLE_GRACE,
-        )
-        .unwrap();
+        (full.core().state)
+            .make_room(Instant::now() + READ_WHOLE_GRACE)
+            .unwrap();
         full.submit(1000, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(kept.contains(&0) && !kept.contains(&10), "{kept:?}");
@@ -1609,11 +1638,81 @@ mod tests {
             Err(SubmitError::TooManyStreams)
         );
         // Past the grace, the oldest one goes.
-        let later = Instant::now() + UNREAD_END_GRACE;
-        make_room(&mut full.core().state.streams, later).unwrap();
+        (full.core().state)
+            .make_room(Instant::now() + UNREAD_END_GRACE)
+            .unwrap();
         full.submit(1001, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(!kept.contains(&0) && kept.contains(&1001), "{kept:?}");
+    }
+
+    #[test]
+    fn an_overflowed_stream_giving_up_its_place_is_announced_to_its_guest() {
+        let (_mem, channel) = guest();
+        // Every place taken by a stream whose reader read its end: stream 0 overflowed
+        // (its guest may still be answering), stream 1 overflowed and was cancelled, the
+        // others final.
+        let mut state = channel.save();
+        state.streams = (0..MAX_STREAMS as u64)
+            .map(|id| Stream {
+                id,
+                first: 0,
+                events: vec![message(16, "answer")],
+                bytes: 6,
+                end: match id {
+                    0 | 1 => StreamEnd::Overflow,
+                    _ => StreamEnd::Final,
+                },
+                signalled: id == 1,
+                read_whole: false,
+                grace_since: None,
+            })
+            .collect();
+        let full = Channel::restore(&state);
+        full.open();
+        for id in 0..MAX_STREAMS as u64 {
+            assert_ne!(
+                full.read(id, 0, Duration::ZERO).unwrap().end,
+                StreamEnd::Open
+            );
+        }
+        let later = Instant::now() + READ_WHOLE_GRACE;
+        // Stream 0 goes first, announced; stream 1's guest had its cancel; stream 2's
+        // had finished.
+        for (gone, told) in [(0, true), (1, false), (2, false)] {
+            let before = full.save().queued.len();
+            full.core().state.make_room(later).unwrap();
+            let state = full.save();
+            assert!(state.streams.iter().all(|s| s.id != gone), "{gone} left");
+            let notices: Vec<_> = (state.queued.iter())
+                .filter(|q| q.delivery == Delivery::Released)
+                .map(|q| q.stream)
+                .collect();
+            assert_eq!(notices, [0], "after {gone}");
+            assert_eq!(
+                state.queued.len(),
+                before + usize::from(told),
+                "after {gone}"
+            );
+        }
+        // The notice counts against the queue's bound: with room for the opening but
+        // not for it too, the new stream is refused and the overflowed one stays.
+        let mut state = full.save();
+        state.streams[0].end = StreamEnd::Overflow;
+        state.streams[0].signalled = false;
+        let kept = state.streams[0].id;
+        state.queued = (0..MAX_QUEUED as u64 - 1)
+            .map(|i| Queued::released(10_000 + i))
+            .collect();
+        let nearly_full = Channel::restore(&state);
+        nearly_full.open();
+        nearly_full.read(kept, 0, Duration::ZERO).unwrap();
+        let later = Instant::now() + READ_WHOLE_GRACE;
+        assert_eq!(
+            nearly_full.core().state.make_room(later),
+            Err(SubmitError::QueueFull)
+        );
+        assert!(nearly_full.save().streams.iter().any(|s| s.id == kept));
     }
 
     #[test]
