@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ferry_api::{ChannelMessage, StreamChunk, StreamEnd, VmState};
 use ferry_client::ApiError;
+use ferry_http::TOO_MANY_CONNECTIONS;
 use ferry_llm::serve::{self, Event, FinishReason, PromptKind, RefusalCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -811,6 +812,9 @@ impl Center {
                 code @ Some("migrated" | "vm_not_found" | "unavailable") => {
                     self.reroute(vm, host, code);
                 }
+                // The host held this center's share of its connections: refused before
+                // the request was read, so asked again shortly.
+                Some(TOO_MANY_CONNECTIONS) => {}
                 // Not an answer: the host may be going down; the inventory may move.
                 None if api_error(&e).is_none() => self.reroute(vm, host, None),
                 // The detail (host addresses, the transport's errors) is for the log.
@@ -933,6 +937,9 @@ impl Center {
                         | Some("migrated" | "vm_not_found" | "unavailable" | "busy")) => {
                             self.reroute(vm, host, code)
                         }
+                        // This center's share of the host's connections taken: asked
+                        // again shortly.
+                        Some(TOO_MANY_CONNECTIONS) => {}
                         // A refusal that asking again will not change (a read from before
                         // what the host let go, or beyond what it has; its handler failing):
                         // the client hears at once, not after the patience. The detail is
@@ -991,10 +998,13 @@ impl Center {
             );
             let Err(e) = sent else { break };
             let code = api_error(&e).and_then(|a| a.code.as_deref());
-            let elsewhere = api_error(&e).is_none()
-                || matches!(code, Some("migrated" | "vm_not_found" | "unavailable"));
+            let again = api_error(&e).is_none()
+                || matches!(
+                    code,
+                    Some("migrated" | "vm_not_found" | "unavailable" | TOO_MANY_CONNECTIONS)
+                );
             // Anything else (the stream ended, or is gone): nothing left to stop.
-            if !elsewhere {
+            if !again {
                 break;
             }
             if started.elapsed() > CANCEL_PATIENCE {
@@ -1025,7 +1035,7 @@ impl Center {
             let Err(e) = released else { return };
             let code = api_error(&e).and_then(|a| a.code.as_deref());
             let follow = match code {
-                Some("migrated") => true,
+                Some("migrated" | TOO_MANY_CONNECTIONS) => true,
                 Some("unavailable") => !read_whole,
                 _ => false,
             };
@@ -2055,6 +2065,52 @@ mod tests {
         // after another until the patience ran out.
         assert!(seen[0].starts_with("GET /v1/vms/v/streams/9?"), "{seen:?}");
         assert_cancelled(&seen, 1);
+    }
+
+    #[test]
+    fn a_host_refusing_the_centers_connections_for_a_moment_is_asked_again() {
+        let scratch = crate::tests::ScratchCenter::open("too-many-connections");
+        let refused = json!({"error": "too many connections", "code": TOO_MANY_CONNECTIONS});
+        let refused = ("429 Too Many Requests", refused.to_string());
+        let done = Event::Done {
+            reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 0,
+        };
+        // The submit refused once, then queued; the read refused once, then answered;
+        // the release refused once, then done.
+        let (addr, requests) = fake_host(vec![
+            refused.clone(),
+            ("200 OK", "{}".to_string()),
+            refused.clone(),
+            ("200 OK", chunk(&done, 1)),
+            refused,
+            ("200 OK", "{}".to_string()),
+        ]);
+        let mut record = scratch.report("b", addr);
+        let (tx, mut rx) = mpsc::channel(4);
+        let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
+        assert!(submitted.is_ok(), "{:?}", submitted.err().map(|e| e.body()));
+        let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
+        assert!(read.is_ok(), "{:?}", read.err().map(|e| e.body()));
+        assert!(matches!(rx.try_recv(), Ok(Relayed::Done { .. })));
+        let seen = requests.join().unwrap();
+        let asked: Vec<_> = seen
+            .iter()
+            .map(|r| r.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(
+            asked,
+            [
+                "POST /v1/vms/v/streams",
+                "POST /v1/vms/v/streams",
+                "GET /v1/vms/v/streams/9?from=0&wait_ms=1000",
+                "GET /v1/vms/v/streams/9?from=0&wait_ms=1000",
+                "DELETE /v1/vms/v/streams/9",
+                "DELETE /v1/vms/v/streams/9",
+            ],
+            "{seen:?}"
+        );
     }
 
     #[test]

@@ -316,12 +316,16 @@ fn client_address(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// The `code` of the refusal of a connection past its address's share: nothing on it
+/// was read, so a client may make its call again shortly.
+pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+
 /// What a connection past its address's share is told before it is closed: 429 with
 /// `Retry-After` and [`error_with_code`]'s body, as the APIs' own refusals of a busy client.
 fn too_many_from_address() -> Vec<u8> {
     let body = serde_json::json!({
         "error": "too many connections from this address at once: close some and try again",
-        "code": "too_many_connections",
+        "code": TOO_MANY_CONNECTIONS,
     })
     .to_string();
     format!(
