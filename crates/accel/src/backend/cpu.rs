@@ -53,6 +53,11 @@ impl Workers {
         }
     }
 
+    /// How many kernel threads there are.
+    pub fn threads(&self) -> usize {
+        self.threads.current_num_threads()
+    }
+
     /// Runs `op` on the kernel threads (see [`ThreadPool::install`]).
     pub fn install<R: Send>(&self, op: impl FnOnce() -> R + Send) -> R {
         self.threads.install(op)
