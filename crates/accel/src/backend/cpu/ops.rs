@@ -778,13 +778,16 @@ pub fn argmax(pool: &Workers, x: &[f32], out: &mut [u32], rows_: usize, cols: us
     });
 }
 
-/// Weight bytes one QMATMUL task reads at least: enough to outweigh the cost of a task.
+/// Weight bytes a QMATMUL task reads between two checks of its kernel's switch (and, with
+/// several inputs, at most, so that a batch of tasks spreads over every thread): enough
+/// to outweigh the cost of a task.
 const QMATMUL_TASK_BYTES: usize = 32 << 10;
-/// QMATMUL tasks per kernel thread, at most: each task's rows are one run of weights,
-/// and each run starts cold (its first lines wait on memory, and the prefetchers learn
-/// the stream anew). SmolLM2's products of a decoded token on two threads took 3.85 ms
-/// in 32 KiB tasks, 3.65 in two per thread and 3.6 in one (three runs each, alternated);
-/// two, so that a thread held up is helped.
+/// Tasks per kernel thread, at most, that a QMATMUL taking one input at a time makes of
+/// its weights: each task's rows are one run of weights, and each run starts cold (its
+/// first lines wait on memory, and the prefetchers learn the stream anew). SmolLM2's
+/// products of a decoded token on two threads took 3.85 ms in 32 KiB tasks, 3.65 in two
+/// per thread and 3.6 in one (three runs each, alternated); two, so that a thread held up
+/// is helped.
 const QMATMUL_TASKS_PER_THREAD: usize = 2;
 
 /// `out[m×n] = x[m×k]·Wᵀ` for `w` holding `n` rows of `k` elements in `dtype` (see
@@ -837,10 +840,7 @@ fn qmatmul_run(
     (n, k, m): (usize, usize, usize),
     row_bytes: usize,
 ) -> Result<(), Stopped> {
-    let tasks = pool.threads() * QMATMUL_TASKS_PER_THREAD;
-    let per = (QMATMUL_TASK_BYTES / row_bytes.max(1))
-        .max(n.div_ceil(tasks))
-        .max(1);
+    let per = (QMATMUL_TASK_BYTES / row_bytes.max(1)).max(1);
     // Prepared on this thread, checking as it goes: a guest may give billions of inputs.
     let mut tick = Ticker::new(pool);
     let prepared = x[..m * k]
@@ -883,9 +883,18 @@ fn qmatmul_run(
         }
         return Ok(());
     }
+    // One input at a time: each task takes a run of rows, `per` rows (a check of the
+    // switch) at a time.
+    let run = per.max(n.div_ceil(pool.threads() * QMATMUL_TASKS_PER_THREAD));
     let task = |(r, c, o): (usize, usize, &mut [f32])| {
         let mut tick = Ticker::new(pool);
-        let _ = quant::dot_rows_checked(dtype, w, row_bytes, c * per, &inputs[r], o, &mut tick);
+        for (j, part) in o.chunks_mut(per).enumerate() {
+            let (first, input) = (c * run + j * per, &inputs[r]);
+            if quant::dot_rows_checked(dtype, w, row_bytes, first, input, part, &mut tick).is_err()
+            {
+                return;
+            }
+        }
     };
     let out = &mut out[..m * n];
     if n * m <= per {
@@ -895,7 +904,7 @@ fn qmatmul_run(
     } else {
         pool.install(|| {
             out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-                o.par_chunks_mut(per)
+                o.par_chunks_mut(run)
                     .enumerate()
                     .for_each(pool.task(|(c, o)| task((r, c, o))));
             })
