@@ -809,12 +809,11 @@ impl Center {
                         format!("the request is too large for model '{vm}'"),
                     ))
                 }
-                code @ Some("migrated" | "vm_not_found" | "unavailable") => {
+                // (The host holding this center's share of its connections refused
+                // before the request was read.)
+                code @ Some("migrated" | "vm_not_found" | "unavailable" | TOO_MANY_CONNECTIONS) => {
                     self.reroute(vm, host, code);
                 }
-                // The host held this center's share of its connections: refused before
-                // the request was read, so asked again shortly.
-                Some(TOO_MANY_CONNECTIONS) => {}
                 // Not an answer: the host may be going down; the inventory may move.
                 None if api_error(&e).is_none() => self.reroute(vm, host, None),
                 // The detail (host addresses, the transport's errors) is for the log.
@@ -933,13 +932,12 @@ impl Center {
                         }
                         // Not an answer, or the VM moving, starting or pausing: it may
                         // answer shortly, here or where it went.
+                        // (Or this center's share of the host's connections taken.)
                         code @ (None
-                        | Some("migrated" | "vm_not_found" | "unavailable" | "busy")) => {
-                            self.reroute(vm, host, code)
-                        }
-                        // This center's share of the host's connections taken: asked
-                        // again shortly.
-                        Some(TOO_MANY_CONNECTIONS) => {}
+                        | Some(
+                            "migrated" | "vm_not_found" | "unavailable" | "busy"
+                            | TOO_MANY_CONNECTIONS,
+                        )) => self.reroute(vm, host, code),
                         // A refusal that asking again will not change (a read from before
                         // what the host let go, or beyond what it has; its handler failing):
                         // the client hears at once, not after the patience. The detail is
@@ -965,12 +963,12 @@ impl Center {
     }
 
     /// Where to try next after `host` answered `code` (`None`: it did not answer): where
-    /// it says the VM went, itself while the VM pauses or starts there, or where the
-    /// inventory last saw the VM.
+    /// it says the VM went, itself while the VM pauses or starts there or while it holds
+    /// this center's share of its connections, or where the inventory last saw the VM.
     fn reroute(&self, vm: &str, host: &mut HostRecord, code: Option<&str>) {
         let next = match code {
             Some("migrated" | "vm_not_found") => self.follow(vm, host),
-            Some("unavailable") => None,
+            Some("unavailable" | TOO_MANY_CONNECTIONS) => None,
             _ => self.serving_host(vm),
         };
         if let Some(next) = next {
@@ -2111,6 +2109,38 @@ mod tests {
             ],
             "{seen:?}"
         );
+    }
+
+    #[test]
+    fn a_cancel_refused_for_a_moment_is_asked_again_of_the_same_host() {
+        let scratch = crate::tests::ScratchCenter::open("cancel-too-many");
+        let refused = json!({"error": "too many connections", "code": TOO_MANY_CONNECTIONS});
+        let (b, b_requests) = fake_host(vec![
+            ("429 Too Many Requests", refused.to_string()),
+            ("200 OK", "{}".to_string()),
+            ("200 OK", "{}".to_string()),
+        ]);
+        let record = scratch.report("b", b);
+        // The inventory has v on host c (a heartbeat ahead of what the relay saw): the
+        // refusal is b's, about its connections, not a sign that v is elsewhere.
+        let c = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let running = crate::inventory::tests::vm("v", VmState::Running);
+        let mut beat = crate::inventory::tests::beat("c", vec![running]);
+        beat.api_url = format!("http://{}", c.local_addr().unwrap());
+        beat.host.migration_addr = "c.example:7071".into();
+        scratch.center.heartbeat(beat).unwrap();
+        scratch
+            .center
+            .cancel("v", &record, 9, "the client went away");
+        let seen = b_requests.join().unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen[0].starts_with("POST /v1/vms/v/streams/9/signal "),
+            "{seen:?}"
+        );
+        assert_cancelled(&seen, 1);
+        c.set_nonblocking(true).unwrap();
+        assert!(c.accept().is_err(), "host c was asked");
     }
 
     #[test]
