@@ -28,9 +28,9 @@
 //! stream named by its `stream`; responses to it form that stream's events until one
 //! carries [`flags::FINAL`]. Responses to a stream that is not open are dropped. What a
 //! message's `kind` and payload mean is the business of the two ends (for a language
-//! model server: `ferry_llm::serve`). When the host lets go of a stream still open (its
-//! reader gave up), or of one that overflowed (whose guest may still be answering, when
-//! its place goes to a new stream), without having passed on a control message for it,
+//! model server: `ferry_llm::serve`). When the host lets go of a stream whose guest may
+//! still be answering (one still open, or one that overflowed: its reader gave up, or
+//! its place went to a new stream) without having passed on a control message for it,
 //! it delivers a request of kind 0 without payload carrying [`flags::RELEASED`]: nobody
 //! reads that stream's responses any more, so the guest may stop working on it.
 
@@ -107,8 +107,9 @@ pub mod flags {
     pub const OPEN: u32 = 1;
     /// The last response of its stream.
     pub const FINAL: u32 = 2;
-    /// The host's notice that it let go of this stream while it was open: its later
-    /// responses are dropped (kind 0, no payload; not a client's message).
+    /// The host's notice that it let go of this stream while its guest may still be
+    /// answering (open, or overflowed): its later responses are dropped (kind 0, no
+    /// payload; not a client's message).
     pub const RELEASED: u32 = 4;
 }
 

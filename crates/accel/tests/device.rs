@@ -1619,6 +1619,7 @@ fn a_chunk_read_waits_for_one_kernel_while_the_guest_writes_its_buffer_back_to_b
             if read.is_none_or(|(n, _)| n <= ONE_COMMAND) {
                 break;
             }
+            eprintln!("a chunk read waited for (commands, time) {read:?}: measured again");
         }
         waits.push(read);
         if read.is_none() {

@@ -1173,8 +1173,9 @@ fn attend_portable(
 }
 
 /// [`attend`] with `dots` for the scores of [`TOGETHER`] positions, `add` for their
-/// weighted values and `exps` for [`exps_less`]: positions go together so that their independent chains of adds
-/// overlap, while each position's operations, and so its bits, are those it has alone.
+/// weighted values and `exps` for [`exps_less`]: positions go together so that their
+/// independent chains of adds overlap, while each position's operations, and so its bits,
+/// are those it has alone.
 #[inline(always)]
 fn attend_with(
     a: &AttendedHead<'_>,
@@ -1294,9 +1295,8 @@ fn prefetch_position(cache: &[f32], at: usize, hd: usize) {
 }
 
 /// [`attend_portable`] with AVX2 for the dot products, the exponentials and the weighted
-/// sums: the same
-/// operations in the same order (Rust never fuses a multiply and an add), so the same
-/// bits, eight lanes to an instruction.
+/// sums: the same operations in the same order (Rust never fuses a multiply and an add),
+/// so the same bits, eight lanes to an instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32], tick: &mut Ticker<'_>) -> Result<(), Stopped> {
@@ -1567,7 +1567,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn eight_lane_exponential_has_the_bits_of_the_scalar_one() {
         if !quant::has_avx2() {
-            eprintln!("*** SKIPPED eight_lane_exponential_has_the_bits_of_the_scalar_one: no AVX2 here ***");
+            let name = "eight_lane_exponential_has_the_bits_of_the_scalar_one";
+            eprintln!("*** SKIPPED {name}: no AVX2 here ***");
             return;
         }
         // Every 997th bit pattern (both signs, every exponent: NaNs, infinities,
