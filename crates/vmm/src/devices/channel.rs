@@ -1598,8 +1598,9 @@ mod tests {
         assert_eq!(channel.submit(999, message(1, "q")), full);
     }
 
-    #[test]
-    fn room_for_a_stream_is_made_from_one_read_whole_before_one_unread() {
+    /// A running channel with every place taken by a stream of one answer, ended as
+    /// `end` says of its id (and cancelled if it says so).
+    fn every_place_taken(end: impl Fn(u64) -> (StreamEnd, bool)) -> Channel {
         let (_mem, channel) = guest();
         let mut state = channel.save();
         state.streams = (0..MAX_STREAMS as u64)
@@ -1608,14 +1609,20 @@ mod tests {
                 first: 0,
                 events: vec![message(16, "answer")],
                 bytes: 6,
-                end: StreamEnd::Final,
-                signalled: false,
+                end: end(id).0,
+                signalled: end(id).1,
                 read_whole: false,
                 grace_since: None,
             })
             .collect();
         let full = Channel::restore(&state);
         full.open();
+        full
+    }
+
+    #[test]
+    fn room_for_a_stream_is_made_from_one_read_whole_before_one_unread() {
+        let full = every_place_taken(|_| (StreamEnd::Final, false));
         let read = full.read(10, 0, Duration::ZERO).unwrap();
         assert_eq!(read.end, StreamEnd::Final);
         // Its reader may not have that answer (lost on the way): it keeps its place a
@@ -1648,28 +1655,13 @@ mod tests {
 
     #[test]
     fn an_overflowed_stream_giving_up_its_place_is_announced_to_its_guest() {
-        let (_mem, channel) = guest();
         // Every place taken by a stream whose reader read its end: stream 0 overflowed
         // (its guest may still be answering), stream 1 overflowed and was cancelled, the
         // others final.
-        let mut state = channel.save();
-        state.streams = (0..MAX_STREAMS as u64)
-            .map(|id| Stream {
-                id,
-                first: 0,
-                events: vec![message(16, "answer")],
-                bytes: 6,
-                end: match id {
-                    0 | 1 => StreamEnd::Overflow,
-                    _ => StreamEnd::Final,
-                },
-                signalled: id == 1,
-                read_whole: false,
-                grace_since: None,
-            })
-            .collect();
-        let full = Channel::restore(&state);
-        full.open();
+        let full = every_place_taken(|id| match id {
+            0 | 1 => (StreamEnd::Overflow, id == 1),
+            _ => (StreamEnd::Final, false),
+        });
         for id in 0..MAX_STREAMS as u64 {
             assert_ne!(
                 full.read(id, 0, Duration::ZERO).unwrap().end,
