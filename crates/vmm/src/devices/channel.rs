@@ -162,12 +162,17 @@ struct Stream {
     grace_since: Option<Instant>,
 }
 
-/// Which of `streams` (all [`MAX_STREAMS`] places taken, at `now`) gives up its place for
-/// a new one: the oldest whose reader has had it all for [`READ_WHOLE_GRACE`], else the
-/// oldest that ended unread [`UNREAD_END_GRACE`] ago (its reader may never come: a stream
-/// is not kept for ever). One whose reader may be about to come, or to read its end again
-/// (the answer to its read lost), keeps its place: taking it would lose its answer's end.
-fn place_to_take(streams: &mut [Stream], now: Instant) -> Result<usize, SubmitError> {
+/// Which of `streams` (all [`MAX_STREAMS`] places taken, at `now`) that `may_go` lets go
+/// gives up its place for a new one: the oldest whose reader has had it all for
+/// [`READ_WHOLE_GRACE`], else the oldest that ended unread [`UNREAD_END_GRACE`] ago (its
+/// reader may never come: a stream is not kept for ever). One whose reader may be about
+/// to come, or to read its end again (the answer to its read lost), keeps its place:
+/// taking it would lose its answer's end.
+fn place_to_take(
+    streams: &mut [Stream],
+    now: Instant,
+    may_go: impl Fn(&Stream) -> bool,
+) -> Result<usize, SubmitError> {
     for s in streams.iter_mut() {
         if s.end != StreamEnd::Open {
             s.grace_since.get_or_insert(now);
@@ -177,6 +182,7 @@ fn place_to_take(streams: &mut [Stream], now: Instant) -> Result<usize, SubmitEr
         s.end != StreamEnd::Open
             && s.grace_since
                 .is_some_and(|since| now.saturating_duration_since(since) >= grace)
+            && may_go(s)
     };
     (streams.iter())
         .position(|s| s.read_whole && past(s, READ_WHOLE_GRACE))
@@ -232,13 +238,21 @@ impl ChannelState {
     /// ([`place_to_take`]). An overflowed one's guest may still be answering: it is told,
     /// as by a release, and the notice counts against the queue's bound with the opening
     /// to come, so the queue keeps its bound of queued requests and one message per
-    /// stream.
+    /// stream. Without room for a notice, one that needs none goes (the queue is full only
+    /// if no such one may).
     fn make_room(&mut self, now: Instant) -> Result<(), SubmitError> {
-        let at = place_to_take(&mut self.streams, now)?;
+        let room_for_notice = self.queued.len() + 1 < MAX_QUEUED;
+        let taken = place_to_take(&mut self.streams, now, |s| {
+            room_for_notice || !s.owed_notice()
+        });
+        let at = match taken {
+            Ok(at) => at,
+            Err(_) if place_to_take(&mut self.streams, now, |_| true).is_ok() => {
+                return Err(SubmitError::QueueFull)
+            }
+            Err(e) => return Err(e),
+        };
         let notice = self.streams[at].owed_notice();
-        if notice && self.queued.len() + 1 >= MAX_QUEUED {
-            return Err(SubmitError::QueueFull);
-        }
         let gone = self.streams.remove(at);
         if notice {
             self.queued.push_back(Queued::released(gone.id));
@@ -1687,25 +1701,48 @@ mod tests {
                 "after {gone}"
             );
         }
-        // The notice counts against the queue's bound: with room for the opening but
-        // not for it too, the new stream is refused and the overflowed one stays; with
-        // room for both, it goes.
+        // The notice counts against the queue's bound: with room for the opening and
+        // it, the overflowed stream goes first; with room for the opening only, a final
+        // one goes instead, and if every one is overflowed, the new stream is refused.
         let mut state = full.save();
-        state.streams[0].end = StreamEnd::Overflow;
-        state.streams[0].signalled = false;
-        let kept = state.streams[0].id;
-        for (queued, room) in [(MAX_QUEUED - 1, false), (MAX_QUEUED - 2, true)] {
+        let first = state.streams[0].id;
+        for (queued, all_overflowed, gone) in [
+            (MAX_QUEUED - 2, false, Some(first)),
+            (MAX_QUEUED - 1, false, Some(state.streams[1].id)),
+            (MAX_QUEUED - 1, true, None),
+        ] {
+            for (i, s) in state.streams.iter_mut().enumerate() {
+                if i == 0 || all_overflowed {
+                    (s.end, s.signalled) = (StreamEnd::Overflow, false);
+                }
+            }
             state.queued = (0..queued as u64)
                 .map(|i| Queued::released(10_000 + i))
                 .collect();
             let nearly_full = Channel::restore(&state);
             nearly_full.open();
-            nearly_full.read(kept, 0, Duration::ZERO).unwrap();
+            for s in &state.streams {
+                nearly_full.read(s.id, 0, Duration::ZERO).unwrap();
+            }
             let later = Instant::now() + READ_WHOLE_GRACE;
             let made = nearly_full.core().state.make_room(later);
-            assert_eq!(made.is_ok(), room, "{queued} queued: {made:?}");
-            let stays = nearly_full.save().streams.iter().any(|s| s.id == kept);
-            assert_eq!(stays, !room, "{queued} queued");
+            let after = nearly_full.save();
+            let left: Vec<u64> = (state.streams.iter())
+                .map(|s| s.id)
+                .filter(|id| after.streams.iter().all(|s| s.id != *id))
+                .collect();
+            let told = after.queued.len() - queued;
+            match gone {
+                Some(gone) => {
+                    assert_eq!(made, Ok(()), "{queued} queued");
+                    assert_eq!(left, [gone], "{queued} queued");
+                    assert_eq!(told, usize::from(gone == first), "{queued} queued");
+                }
+                None => {
+                    assert_eq!(made, Err(SubmitError::QueueFull));
+                    assert!(left.is_empty() && told == 0, "{left:?}, {told}");
+                }
+            }
         }
     }
 
