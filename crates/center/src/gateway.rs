@@ -786,7 +786,7 @@ impl Center {
             );
             let Err(e) = result else { return Ok(()) };
             may_have_arrived |= api_error(&e).is_none();
-            match api_error(&e).and_then(|a| a.code.as_deref()) {
+            match refusal_code(&e) {
                 // The stream's ids are this gateway's: it is the earlier try's, queued
                 // (and moved with the VM if it migrated since). Left alone, it would be
                 // generated for nobody and never released.
@@ -830,7 +830,7 @@ impl Center {
                 }
                 return Err(unreachable(vm, &e));
             }
-            std::thread::sleep(retry_pause(started.elapsed()));
+            std::thread::sleep(retry_pause(started.elapsed(), refusal_code(&e)));
         }
     }
 
@@ -922,11 +922,11 @@ impl Center {
                     // asked again at once, such a host would be asked in a tight loop
                     // until [`SILENCE`].
                     if empty && asked.elapsed() < Duration::from_millis(READ_WAIT_MS / 2) {
-                        std::thread::sleep(retry_pause(last_progress.elapsed()));
+                        std::thread::sleep(retry_pause(last_progress.elapsed(), None));
                     }
                 }
                 Err(e) => {
-                    match api_error(&e).and_then(|a| a.code.as_deref()) {
+                    match refusal_code(&e) {
                         Some("stream_not_found") => {
                             return Err(upstream(format!("model '{vm}' lost the answer's stream")))
                         }
@@ -956,7 +956,7 @@ impl Center {
                         self.cancel(vm, host, stream, "the model is out of reach");
                         return Err(unreachable(vm, &e));
                     }
-                    std::thread::sleep(retry_pause(out_of_reach));
+                    std::thread::sleep(retry_pause(out_of_reach, refusal_code(&e)));
                 }
             }
         }
@@ -995,7 +995,7 @@ impl Center {
                 HOST_CALL_TIME,
             );
             let Err(e) = sent else { break };
-            let code = api_error(&e).and_then(|a| a.code.as_deref());
+            let code = refusal_code(&e);
             let again = api_error(&e).is_none()
                 || matches!(
                     code,
@@ -1010,7 +1010,7 @@ impl Center {
                 break;
             }
             self.reroute(vm, &mut host, code);
-            std::thread::sleep(retry_pause(started.elapsed()));
+            std::thread::sleep(retry_pause(started.elapsed(), code));
         }
         tracing::info!(vm, stream, "generation cancelled: {why}");
         self.release(vm, &host, stream, false);
@@ -1031,7 +1031,7 @@ impl Center {
                 HOST_CALL_TIME,
             );
             let Err(e) = released else { return };
-            let code = api_error(&e).and_then(|a| a.code.as_deref());
+            let code = refusal_code(&e);
             let follow = match code {
                 Some("migrated" | TOO_MANY_CONNECTIONS) => true,
                 Some("unavailable") => !read_whole,
@@ -1041,7 +1041,7 @@ impl Center {
                 return;
             }
             self.reroute(vm, &mut host, code);
-            std::thread::sleep(retry_pause(started.elapsed()));
+            std::thread::sleep(retry_pause(started.elapsed(), code));
         }
     }
 }
@@ -1125,11 +1125,20 @@ impl AnswerBound {
     }
 }
 
-/// The wait before the next try, `out_of_reach` into trying: a tenth of that, from
-/// [`RETRY_PAUSE`] (a switchover's pause is over within a try or two) to
-/// [`RETRY_PAUSE_MAX`] (a start or a host down is not).
-fn retry_pause(out_of_reach: Duration) -> Duration {
-    (out_of_reach / 10).clamp(RETRY_PAUSE, RETRY_PAUSE_MAX)
+/// The wait before the next try, `out_of_reach` into trying, after an answer of `code`: a
+/// tenth of that, from [`RETRY_PAUSE`] (a switchover's pause is over within a try or two)
+/// to [`RETRY_PAUSE_MAX`] (a start or a host down is not); the longest at once for a host
+/// with no room for this center's connections, which a quick try would only find full.
+fn retry_pause(out_of_reach: Duration, code: Option<&str>) -> Duration {
+    match code {
+        Some(TOO_MANY_CONNECTIONS) => RETRY_PAUSE_MAX,
+        _ => (out_of_reach / 10).clamp(RETRY_PAUSE, RETRY_PAUSE_MAX),
+    }
+}
+
+/// The `code` of a host's refusal `e`, if it is one.
+fn refusal_code(e: &anyhow::Error) -> Option<&str> {
+    api_error(e).and_then(|a| a.code.as_deref())
 }
 
 /// VM `vm` answered nothing for [`SILENCE`].
@@ -2087,11 +2096,15 @@ mod tests {
         ]);
         let mut record = scratch.report("b", addr);
         let (tx, mut rx) = mpsc::channel(4);
+        let started = Instant::now();
         let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
         assert!(submitted.is_ok(), "{:?}", submitted.err().map(|e| e.body()));
         let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
         assert!(read.is_ok(), "{:?}", read.err().map(|e| e.body()));
         assert!(matches!(rx.try_recv(), Ok(Relayed::Done { .. })));
+        // Each asked again after the longest pause: a quick try would find it full.
+        let took = started.elapsed();
+        assert!(took >= RETRY_PAUSE_MAX * 3, "{took:?}");
         let seen = requests.join().unwrap();
         let asked: Vec<_> = seen
             .iter()
