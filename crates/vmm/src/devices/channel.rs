@@ -291,8 +291,9 @@ pub enum SubmitError {
     /// The VM runs on another host now.
     #[error("the VM runs on another host now")]
     Detached,
-    /// [`MAX_QUEUED`] requests are waiting already.
-    #[error("{MAX_QUEUED} requests are queued for the guest already")]
+    /// The guest's queue has no room: [`MAX_QUEUED`] messages wait, or one fewer and only
+    /// a stream its guest is to be told of could give up its place.
+    #[error("the guest's queue has no room ({MAX_QUEUED} messages at most)")]
     QueueFull,
     /// [`MAX_STREAMS`] streams are open.
     #[error("{MAX_STREAMS} streams are open already")]

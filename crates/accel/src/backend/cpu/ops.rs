@@ -778,9 +778,9 @@ pub fn argmax(pool: &Workers, x: &[f32], out: &mut [u32], rows_: usize, cols: us
     });
 }
 
-/// Weight bytes a QMATMUL task reads between two checks of its kernel's switch (and, with
-/// several inputs, at most, so that a batch of tasks spreads over every thread): enough
-/// to outweigh the cost of a task.
+/// Weight bytes a QMATMUL task reads between two checks of its kernel's switch, about (a
+/// row at least, and [`Ticker`]'s work at least), and with several inputs at most, so
+/// that a batch of tasks spreads over every thread: enough to outweigh a task's cost.
 const QMATMUL_TASK_BYTES: usize = 32 << 10;
 /// Tasks per kernel thread, at most, that a QMATMUL taking one input at a time makes of
 /// its weights: each task's rows are one run of weights, and each run starts cold (its
