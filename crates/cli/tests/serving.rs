@@ -335,9 +335,12 @@ fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
 
     // Every answer has ended, so the KV caches hold nothing a migration must send (4
     // slots × 30 layers × keys and values: 240 caches, each written in at least one
-    // chunk by an answer): what is left is the activations. The guest empties an ended
-    // answer's cache just after sending its end, which a client may read first: a move
-    // begun at once can still find the caches, so it is made again, up to 4 times.
+    // chunk by an answer, 60 a slot): what is left is the rest of the device's memory
+    // not sent as the model file's pieces (the activations and the like), which took 34
+    // to 60 chunks in four runs. So fewer than 90: one slot's caches left over, with
+    // the fewest of the rest, would be 94. The guest empties an ended answer's cache
+    // just after sending its end, which a client may read first: a move begun at once
+    // can still find the caches, so it is made again, up to 4 times.
     let mut idle = Value::Null;
     for i in 0..4 {
         let (from, to) = if i % 2 == 0 {
@@ -346,11 +349,13 @@ fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
             (&s.b, &s.a)
         };
         idle = report(&from.migrate(&s.vm, &to.migration, &[]));
-        if idle["round_log"][0]["chunks"].as_u64().unwrap() < 60 {
+        let chunks = idle["round_log"][0]["chunks"].as_u64().unwrap();
+        eprintln!("idle move {i} sent {chunks} device chunks in its first round");
+        if chunks < 90 {
             return;
         }
     }
-    panic!("every move of the idle server sent 60 device chunks or more: {idle}");
+    panic!("every move of the idle server sent 90 device chunks or more: {idle}");
 }
 
 #[test]
