@@ -336,9 +336,9 @@ fn concurrent_clients_lose_nothing_while_the_vm_moves_back_and_forth() {
     // Every answer has ended, so the KV caches hold nothing a migration must send (4
     // slots × 30 layers × keys and values: 240 caches, each written in at least one
     // chunk by an answer, 60 a slot): what is left is the rest of the device's memory
-    // not sent as the model file's pieces (the activations and the like), which took 34
-    // to 60 chunks in four runs. So fewer than 90: one slot's caches left over, with
-    // the fewest of the rest, would be 94. The guest empties an ended answer's cache
+    // not sent as the model file's pieces (the activations and the like), which took 34,
+    // 52 and 60 chunks in three runs. So fewer than 90: one slot's caches left over,
+    // with the fewest of the rest, would be 94. The guest empties an ended answer's cache
     // just after sending its end, which a client may read first: a move begun at once
     // can still find the caches, so it is made again, up to 4 times.
     let mut idle = Value::Null;
