@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{
@@ -755,6 +756,31 @@ pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, code: QdotCode) -> f64
     (rows * cols * inputs.len()) as f64 / time.as_secs_f64().max(1e-9) / 1e9
 }
 
+/// A benchmark's f32 values starting on a cache line, as a device buffer's (whole pages)
+/// do: how its loads split across lines is then theirs.
+struct OnACacheLine {
+    storage: Vec<f32>,
+    skip: usize,
+    len: usize,
+}
+
+impl OnACacheLine {
+    /// `len` values, value `i` being `value(i)`.
+    fn new(len: usize, value: impl Fn(usize) -> f32) -> Self {
+        let mut storage = vec![0.0f32; len + 16];
+        let skip = storage.as_ptr().align_offset(64);
+        for (i, e) in storage[skip..][..len].iter_mut().enumerate() {
+            *e = value(i);
+        }
+        Self { storage, skip, len }
+    }
+
+    /// The values.
+    fn values(&self) -> &[f32] {
+        &self.storage[self.skip..][..self.len]
+    }
+}
+
 /// Measures ATTENTION of one query row (a decoded token) over `len` positions, `heads`
 /// query heads sharing `kv_heads` KV heads of `head_dim`, on one thread: million
 /// (position, head) pairs a second, best of several runs; the AVX2 code if `avx2`, else
@@ -764,7 +790,11 @@ pub fn bench_attention(shape: (usize, usize, usize), len: usize, avx2: bool) -> 
     let kv = len * kv_heads * head_dim;
     let value = |i: usize, m: usize| (i * m % 97) as f32 * 0.01 - 0.48;
     let q: Vec<f32> = (0..heads * head_dim).map(|i| value(i, 31)).collect();
-    let (kc, vc): (Vec<f32>, Vec<f32>) = (0..kv).map(|i| (value(i, 37), value(i, 41))).unzip();
+    let (kc, vc) = (
+        OnACacheLine::new(kv, |i| value(i, 37)),
+        OnACacheLine::new(kv, |i| value(i, 41)),
+    );
+    let (kc, vc) = (kc.values(), vc.values());
     let mut out = vec![0.0f32; heads * head_dim];
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     let time = best_time(Duration::from_millis(300), || {
@@ -782,6 +812,65 @@ pub fn bench_attention(shape: (usize, usize, usize), len: usize, avx2: bool) -> 
         }
     });
     (len * heads) as f64 / time.as_secs_f64().max(1e-9) / 1e6
+}
+
+/// Measures ATTENTION as a decoded token runs it: one query row over `len` positions, on
+/// `threads` kernel threads, over the caches of `layers` layers in turn with a layer's
+/// weights (3 MiB, read between two ATTENTIONs, not timed) in between, so each layer's
+/// keys and values come from memory, not the cache, as they do between two tokens.
+/// Million (position, head) pairs a second, over about 300 ms.
+pub fn bench_attention_decode(
+    shape: (usize, usize, usize),
+    len: usize,
+    threads: usize,
+    layers: usize,
+) -> f64 {
+    let (heads, kv_heads, head_dim) = shape;
+    let pool = Workers::new(
+        ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("benchmark threads"),
+    );
+    let kv = len * kv_heads * head_dim;
+    let value = |i: usize, m: usize| (i * m % 97) as f32 * 0.01 - 0.48;
+    let q: Vec<f32> = (0..heads * head_dim).map(|i| value(i, 31)).collect();
+    let caches: Vec<_> = (0..layers.max(1))
+        .map(|l| {
+            let cache = |m: usize| OnACacheLine::new(kv, |i| value(i + l, m));
+            (cache(37), cache(41))
+        })
+        .collect();
+    let weights = vec![1u8; 3 << 20];
+    let mut out = vec![0.0f32; heads * head_dim];
+    let gqa = ops::GqaShape {
+        rows: 1,
+        heads,
+        kv_heads,
+        head_dim,
+        pos: len - 1,
+    };
+    // On a kernel thread, the weights read by every thread, as a device runs its kernels:
+    // the threads are busy between two ATTENTIONs, not asleep.
+    let (timed, calls) = pool.install(|| {
+        let (mut timed, mut calls) = (Duration::ZERO, 0usize);
+        let start = Instant::now();
+        while calls < 3 * caches.len() || start.elapsed() < Duration::from_millis(300) {
+            for (kc, vc) in &caches {
+                let sum: u64 = weights
+                    .par_chunks(64 << 10)
+                    .map(|c| c.iter().step_by(64).map(|&b| u64::from(b)).sum::<u64>())
+                    .sum();
+                std::hint::black_box(sum);
+                let t = Instant::now();
+                ops::attention(&pool, &q, kc.values(), vc.values(), &mut out, gqa);
+                timed += t.elapsed();
+                calls += 1;
+            }
+        }
+        (timed, calls)
+    });
+    (calls * len * heads) as f64 / timed.as_secs_f64().max(1e-9) / 1e6
 }
 
 /// The dot product code [`bench_qdot`] measures.

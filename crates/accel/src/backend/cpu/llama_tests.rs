@@ -497,12 +497,30 @@ fn avx2_and_portable_attention_give_the_same_bits() {
         return;
     }
     let mut rng = Rng(14);
-    // A head width with a tail after its groups of eight, and a long context.
-    for (hd, len) in [(64, 300), (20, 7)] {
+    // A long context; a head width with a tail after its groups of eight; widths of one
+    // group of eight, of a group more than the 64 elements the AVX2 code keeps in
+    // registers, and of twice 64; contexts of one position, of one whole group of eight
+    // positions and of part groups.
+    let shapes = [
+        (64, 300),
+        (20, 7),
+        (8, 10),
+        (72, 42),
+        (128, 18),
+        (64, 9),
+        (64, 2),
+    ];
+    for (hd, len) in shapes {
         let stride = 3 * hd;
         let q = rng.vec(hd, 2.0);
-        let kc = rng.vec(len * stride, 2.0);
-        let vc = rng.vec(len * stride, 1.0);
+        let mut kc = rng.vec(len * stride, 2.0);
+        let mut vc = rng.vec(len * stride, 1.0);
+        if len > 9 {
+            // A score far above the others (its weight near one, theirs near zero) and a
+            // NaN value must give the same bits too.
+            kc[stride + hd + 3] = 1e38;
+            vc[5 * stride + hd + 1] = f32::NAN;
+        }
         let head = ops::AttendedHead {
             q: &q,
             kc: &kc[hd..],

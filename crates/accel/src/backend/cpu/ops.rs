@@ -1296,26 +1296,84 @@ fn prefetch_position(cache: &[f32], at: usize, hd: usize) {
 
 /// [`attend_portable`] with AVX2 for the dot products, the exponentials and the weighted
 /// sums: the same operations in the same order (Rust never fuses a multiply and an add),
-/// so the same bits, eight lanes to an instruction.
+/// so the same bits, eight lanes to an instruction. Eight positions' scores are summed
+/// across their lanes in registers, and the output is kept in registers, [`OUT_LANES`]
+/// of it at a time, across eight positions' values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn attend_avx2(a: &AttendedHead<'_>, o: &mut [f32], tick: &mut Ticker<'_>) -> Result<(), Stopped> {
-    if !a.q.len().is_multiple_of(8) {
+fn attend_avx2<'c>(
+    a: &AttendedHead<'c>,
+    o: &mut [f32],
+    tick: &mut Ticker<'_>,
+) -> Result<(), Stopped> {
+    let hd = a.q.len();
+    if !hd.is_multiple_of(8) {
         return attend_portable(a, o, tick);
     }
-    attend_with(
-        a,
-        o,
-        tick,
-        // SAFETY: this runs only where the CPU has AVX2; the width is a multiple of
-        // eight (checked above) and the keys are sliced to it.
-        |q, ks| unsafe { avx2::dots(q, ks) },
-        // SAFETY: as above; `o` and the values have the head's width.
-        |o, ws, vs| unsafe { avx2::add_weighted(o, ws, vs) },
-        // SAFETY: this runs only where the CPU has AVX2.
-        |v, max| unsafe { avx2::exps_less(v, max) },
-    )
+    // Position `p` and the `n - 1` after it, from its first element: `(n - 1) stride + hd`.
+    let positions = |cache: &'c [f32], p: usize, n: usize| -> &'c [f32] {
+        &cache[p * a.stride..][..(n - 1) * a.stride + hd]
+    };
+    let eights = a.len / 8 * 8;
+    // What `dot8` adds after its lanes: the sum of no elements.
+    let tail = tail_dot(&[], &[]);
+    let mut scores = vec![0.0f32; a.len];
+    for p in (0..eights).step_by(8) {
+        for ahead in AVX2_AHEAD..AVX2_AHEAD + 8 {
+            prefetch_position(a.kc, (p + ahead) * a.stride, hd);
+        }
+        let keys = positions(a.kc, p, 8);
+        // SAFETY: this runs only where the CPU has AVX2; the width is a multiple of eight,
+        // `keys` holds eight keys `stride` apart and `scores[p..]` eight scores.
+        unsafe { avx2::scores8(a.q, keys, a.stride, tail, a.scale, &mut scores[p..p + 8]) };
+        tick.done(8 * hd)?;
+    }
+    for (p, score) in scores.iter_mut().enumerate().skip(eights) {
+        *score = dot8(a.q, &a.kc[p * a.stride..][..hd]) * a.scale;
+    }
+    // SAFETY: this runs only where the CPU has AVX2.
+    weights(&mut scores, |v, max| unsafe { avx2::exps_less(v, max) });
+    o.fill(0.0);
+    for (c, part) in o.chunks_mut(OUT_LANES).enumerate() {
+        let from = c * OUT_LANES;
+        for (p, ws) in scores.chunks(8).enumerate() {
+            let p = p * 8;
+            for ahead in AVX2_AHEAD..AVX2_AHEAD + 8 {
+                prefetch_position(a.vc, (p + ahead) * a.stride + from, part.len());
+            }
+            let values = &positions(a.vc, p, ws.len())[from..];
+            // SAFETY: this runs only where the CPU has AVX2; `part` is a multiple of eight
+            // long (as the width is), and `values` holds the `ws.len()` positions' values
+            // from `from`, `stride` apart, each at least as long.
+            unsafe {
+                if part.len() == OUT_LANES {
+                    avx2::add_weighted_in_registers::<{ OUT_LANES / 8 }>(part, ws, values, a.stride)
+                } else {
+                    // A width that is not a multiple of OUT_LANES (no model's): eight
+                    // elements at a time.
+                    for e in (0..part.len()).step_by(8) {
+                        avx2::add_weighted_in_registers::<1>(
+                            &mut part[e..],
+                            ws,
+                            &values[e..],
+                            a.stride,
+                        )
+                    }
+                }
+            };
+            tick.done(ws.len() * part.len())?;
+        }
+    }
+    Ok(())
 }
+
+/// Output elements [`attend_avx2`] keeps in registers while it adds the weighted values.
+const OUT_LANES: usize = 64;
+
+/// How many positions ahead [`attend_avx2`] prefetches a group of eight keys (or values):
+/// two groups, which `cargo bench --bench attention` found best with the caches cold
+/// (8: about 90 M pairs/s at 200 positions, 16: about 115, 32: no better).
+const AVX2_AHEAD: usize = 16;
 
 /// `o[i] += w[j] · v[j][i]` for each `j` in order.
 #[inline(always)]
@@ -1374,8 +1432,6 @@ mod avx2 {
     use core::arch::x86_64::*;
 
     use ferry_abi::accel::math::{EXP_F32_LN2, EXP_F32_RANGE, EXP_F32_SERIES};
-
-    use super::TOGETHER;
 
     /// [`super::math::exp_f32`] of eight lanes: its very steps lane by lane (IEEE multiplies and
     /// adds, never fused; the truncating conversion; the integer halving of `k`), with
@@ -1465,48 +1521,102 @@ mod avx2 {
         }
     }
 
-    /// [`super::dot8_each`] for a width that is a multiple of eight.
+    /// The scores of eight positions: for each, [`super::dot8`] of `q` with its key (its
+    /// lanes summed in registers in `lanes_sum`'s order, `tail` added), times `scale`.
     ///
     /// # Safety
-    /// The CPU has AVX2; `q.len()` is a multiple of 8 and every key at least as long.
+    /// The CPU has AVX2; `q.len()` is a multiple of 8, `keys` holds eight keys as long,
+    /// `stride` apart, and `out` holds eight.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dots(q: &[f32], ks: [&[f32]; TOGETHER]) -> [f32; TOGETHER] {
-        let ks = ks.map(|k| &k[..q.len()]);
-        let mut acc = [_mm256_setzero_ps(); TOGETHER];
+    pub unsafe fn scores8(
+        q: &[f32],
+        keys: &[f32],
+        stride: usize,
+        tail: f32,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // Checked once here, so the loads below need no check each.
+        let keys = &keys[..7 * stride + q.len()];
+        let out = &mut out[..8];
+        let at = |j: usize, c: usize| keys.as_ptr().wrapping_add(j * stride + c);
+        let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..q.len()).step_by(8) {
-            // SAFETY: `c + 8 <= q.len()`.
-            let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(c)) };
-            for (acc, k) in acc.iter_mut().zip(&ks) {
-                // SAFETY: each key is as long as `q`.
-                let kv = unsafe { _mm256_loadu_ps(k.as_ptr().add(c)) };
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qv, kv));
+            // SAFETY: `c + 8 <= q.len()`, and key `j`'s elements `c..c + 8` are in `keys`.
+            unsafe {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(qv, _mm256_loadu_ps(at(j, c))));
+                }
             }
         }
-        acc.map(|acc| {
-            let mut lanes = [0.0f32; 8];
-            // SAFETY: `lanes` holds eight f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-            super::lanes_sum(lanes, super::tail_dot(&[], &[]))
-        })
+        // Lanes l and l + 4 of each: two positions' halves side by side, added.
+        let halves = |a, b| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            )
+        };
+        let [a, b, c, d, e, f, g, h] = acc;
+        let (ab, cd, ef, gh) = (halves(a, b), halves(c, d), halves(e, f), halves(g, h));
+        // Then (0 + 2) and (1 + 3) of each half: [a, a, c, c | b, b, d, d].
+        let quarters = |x, y| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
+                _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
+            )
+        };
+        let (abcd, efgh) = (quarters(ab, cd), quarters(ef, gh));
+        // Then the two: [a, c, e, g | b, d, f, h].
+        let sums = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b10_00_10_00>(abcd, efgh),
+            _mm256_shuffle_ps::<0b11_01_11_01>(abcd, efgh),
+        );
+        let sums = _mm256_add_ps(sums, _mm256_set1_ps(tail));
+        let scores = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
+        let ordered = _mm256_permutevar8x32_ps(scores, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `out` holds eight f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), ordered) };
     }
 
-    /// [`super::add_weighted`] for a width that is a multiple of eight.
+    /// [`super::add_weighted`] of the positions whose weights are `w` into `8 N` elements
+    /// of the output, held in `N` registers across them.
     ///
     /// # Safety
-    /// The CPU has AVX2; `o.len()` is a multiple of 8 and every value at least as long.
+    /// The CPU has AVX2; `o` holds `8 N` elements, and `values` the `w.len()` positions'
+    /// values, `stride` apart, each of `8 N` elements at least.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn add_weighted(o: &mut [f32], w: &[f32], vs: [&[f32]; TOGETHER]) {
-        let vs = vs.map(|v| &v[..o.len()]);
-        let ws: [__m256; TOGETHER] = core::array::from_fn(|j| _mm256_set1_ps(w[j]));
-        for c in (0..o.len()).step_by(8) {
-            // SAFETY: `c + 8 <= o.len()`, and each value is that long.
-            unsafe {
-                let mut acc = _mm256_loadu_ps(o.as_ptr().add(c));
-                for (w, v) in ws.iter().zip(&vs) {
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(*w, _mm256_loadu_ps(v.as_ptr().add(c))));
-                }
-                _mm256_storeu_ps(o.as_mut_ptr().add(c), acc);
+    pub unsafe fn add_weighted_in_registers<const N: usize>(
+        o: &mut [f32],
+        w: &[f32],
+        values: &[f32],
+        stride: usize,
+    ) {
+        let o = &mut o[..8 * N];
+        let Some(last) = w.len().checked_sub(1) else {
+            return;
+        };
+        // Checked once here, so the loads below need no check each.
+        let values = &values[..last * stride + 8 * N];
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: `8 r + 8 <= o.len()`.
+            *acc = unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * r)) };
+        }
+        for (j, &w) in w.iter().enumerate() {
+            let w = _mm256_set1_ps(w);
+            let v = values.as_ptr().wrapping_add(j * stride);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: position `j`'s elements `8 r..8 r + 8` are in `values`.
+                let v = unsafe { _mm256_loadu_ps(v.add(8 * r)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, v));
             }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: `8 r + 8 <= o.len()`.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * r), *acc) };
         }
     }
 }
