@@ -2,11 +2,12 @@
 //! SmolLM2-135M's shape (9 query heads over 3 KV heads of 64) and several context lengths:
 //! one head at a time on one thread with the caches warm, the AVX2 code against the
 //! portable code (the same bits; the tests check that); then the whole kernel on the
-//! machine's cores over 30 layers' caches, cold as they are between two tokens.
+//! machine's cores over 30 layers' caches, gone from the cores' caches as they are
+//! between two tokens.
 //!
 //! `cargo bench -p ferry-accel --bench attention [-- LEN...]` (default 64 256 1024).
 
-use ferry_accel::backend::cpu::{bench_attention, bench_attention_decode};
+use ferry_accel::backend::cpu::{bench_attention, bench_attention_cold};
 
 fn main() {
     let mut lens: Vec<usize> = std::env::args()
@@ -32,10 +33,10 @@ fn main() {
         );
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("\nthe whole kernel on {threads} threads, 30 layers' caches, cold");
+    println!("\nthe whole kernel on {threads} threads, 30 layers' caches in turn (cold in the cores' caches)");
     println!("{:>6} {:>18}", "len", "M/s");
     for &len in &lens {
-        let decode = bench_attention_decode(shape, len, threads, 30);
+        let decode = bench_attention_cold(shape, len, threads, 30);
         println!("{len:>6} {decode:>18.2}");
     }
 }

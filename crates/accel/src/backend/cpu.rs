@@ -815,11 +815,14 @@ pub fn bench_attention(shape: (usize, usize, usize), len: usize, avx2: bool) -> 
 }
 
 /// Measures ATTENTION as a decoded token runs it: one query row over `len` positions, on
-/// `threads` kernel threads, over the caches of `layers` layers in turn with a layer's
-/// weights (3 MiB, read between two ATTENTIONs, not timed) in between, so each layer's
-/// keys and values come from memory, not the cache, as they do between two tokens.
-/// Million (position, head) pairs a second, over about 300 ms.
-pub fn bench_attention_decode(
+/// `threads` kernel threads (one head a task: with 9 heads, 9 at most busy), over the
+/// caches of `layers` layers in turn with a layer's weights (3 MiB, read between two
+/// ATTENTIONs, not timed) in between, so each layer's keys and values have left the
+/// cores' own caches when they are read again, as between two tokens (and a last-level
+/// cache smaller than all the layers' caches and weights: at 30 layers of SmolLM2's
+/// shape, 46 KB a position plus 90 MiB). Million (position, head) pairs a second, over
+/// about 300 ms.
+pub fn bench_attention_cold(
     shape: (usize, usize, usize),
     len: usize,
     threads: usize,

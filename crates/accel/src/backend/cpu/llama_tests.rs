@@ -500,26 +500,38 @@ fn avx2_and_portable_attention_give_the_same_bits() {
     // A long context; a head width with a tail after its groups of eight; widths of one
     // group of eight, of a group more than the 64 elements the AVX2 code keeps in
     // registers, and of twice 64; contexts of one position, of one whole group of eight
-    // positions and of part groups.
+    // positions and of part groups. Then, on contexts of several groups: a score far
+    // above the others, one far below (a weight of zero) and a NaN value; and a NaN key
+    // (every weight NaN).
+    const NONE: u8 = 0;
+    const FAR: u8 = 1;
+    const NAN_KEY: u8 = 2;
     let shapes = [
-        (64, 300),
-        (20, 7),
-        (8, 10),
-        (72, 42),
-        (128, 18),
-        (64, 9),
-        (64, 2),
+        (64, 300, NONE),
+        (20, 7, NONE),
+        (8, 10, NONE),
+        (72, 42, NONE),
+        (128, 18, NONE),
+        (64, 9, NONE),
+        (64, 2, NONE),
+        (64, 41, FAR),
+        (64, 17, NAN_KEY),
     ];
-    for (hd, len) in shapes {
+    for (hd, len, outliers) in shapes {
         let stride = 3 * hd;
         let q = rng.vec(hd, 2.0);
         let mut kc = rng.vec(len * stride, 2.0);
         let mut vc = rng.vec(len * stride, 1.0);
-        if len > 9 {
-            // A score far above the others (its weight near one, theirs near zero) and a
-            // NaN value must give the same bits too.
-            kc[stride + hd + 3] = 1e38;
-            vc[5 * stride + hd + 1] = f32::NAN;
+        // The head's cache starts at element `hd`; position `p`'s key at `p · stride`.
+        let at = |p: usize, i: usize| hd + p * stride + i;
+        match outliers {
+            FAR => {
+                kc[at(3, 3)] = q[3].signum() * 30.0;
+                kc[at(20, 3)] = -q[3].signum() * 3e7;
+                vc[at(11, 1)] = f32::NAN;
+            }
+            NAN_KEY => kc[at(5, 2)] = f32::NAN,
+            _ => {}
         }
         let head = ops::AttendedHead {
             q: &q,

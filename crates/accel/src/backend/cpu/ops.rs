@@ -1279,9 +1279,9 @@ fn attend_wide(pool: &Workers, a: &AttendedHead<'_>, o: &mut [f32]) -> Result<()
 /// Positions whose scores (and weighted values) attention computes at a time.
 const TOGETHER: usize = 4;
 
-/// How many positions ahead attention prefetches keys and values: a KV head's positions
-/// are `stride` apart, a pattern the hardware's prefetchers do not follow, so each one's
-/// lines were waited for.
+/// How many positions ahead the portable attention prefetches keys and values: a KV
+/// head's positions are `stride` apart, a pattern the hardware's prefetchers do not
+/// follow, so each one's lines were waited for. (The AVX2 code: [`AVX2_AHEAD`].)
 const POSITIONS_AHEAD: usize = 4;
 
 /// Prefetches the `hd` f32 of a key or value at `cache[at..]`, if it is there.
@@ -1370,9 +1370,10 @@ fn attend_avx2<'c>(
 /// Output elements [`attend_avx2`] keeps in registers while it adds the weighted values.
 const OUT_LANES: usize = 64;
 
-/// How many positions ahead [`attend_avx2`] prefetches a group of eight keys (or values):
-/// two groups, which `cargo bench --bench attention` found best with the caches cold
-/// (8: about 90 M pairs/s at 200 positions, 16: about 115, 32: no better).
+/// How many positions ahead of a group of eight [`attend_avx2`] prefetches the keys (or
+/// values) of another eight: two groups, which `cargo bench --bench attention` found
+/// best with the caches cold (8: about 90 M pairs/s at 200 positions, 16: about 115, 32:
+/// no better).
 const AVX2_AHEAD: usize = 16;
 
 /// `o[i] += w[j] · v[j][i]` for each `j` in order.
@@ -1537,8 +1538,9 @@ mod avx2 {
         scale: f32,
         out: &mut [f32],
     ) {
-        // Checked once here, so the loads below need no check each.
-        let keys = &keys[..7 * stride + q.len()];
+        // Checked once here, so the loads below need no check each (saturating: a stride
+        // too large to count fails the check rather than wrapping past it).
+        let keys = &keys[..stride.saturating_mul(7).saturating_add(q.len())];
         let out = &mut out[..8];
         let at = |j: usize, c: usize| keys.as_ptr().wrapping_add(j * stride + c);
         let mut acc = [_mm256_setzero_ps(); 8];
@@ -1598,8 +1600,9 @@ mod avx2 {
         let Some(last) = w.len().checked_sub(1) else {
             return;
         };
-        // Checked once here, so the loads below need no check each.
-        let values = &values[..last * stride + 8 * N];
+        // Checked once here, so the loads below need no check each (saturating, as in
+        // `scores8`).
+        let values = &values[..last.saturating_mul(stride).saturating_add(8 * N)];
         let mut acc = [_mm256_setzero_ps(); N];
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: `8 r + 8 <= o.len()`.
