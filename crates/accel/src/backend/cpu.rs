@@ -43,6 +43,10 @@ compile_error!(
 pub(crate) struct Workers {
     threads: ThreadPool,
     abort: AbortSwitch,
+    /// Tests: checks of the switch left before it pulls itself, so that a test stops a
+    /// kernel at a point of its work rather than of the clock.
+    #[cfg(test)]
+    checks_left: std::sync::atomic::AtomicU64,
 }
 
 impl Workers {
@@ -51,7 +55,16 @@ impl Workers {
         Self {
             threads,
             abort: AbortSwitch::default(),
+            #[cfg(test)]
+            checks_left: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Tests: the switch pulls itself at the `n`th check from now (`n` at least 1).
+    #[cfg(test)]
+    pub fn pull_at_check(&self, n: u64) {
+        self.checks_left
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many kernel threads there are.
@@ -80,6 +93,16 @@ impl Workers {
     /// a task checks between parts of its work, and skips the rest if so.
     #[inline]
     pub fn stops(&self) -> bool {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let left = self
+                .checks_left
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+            if left == Ok(1) {
+                self.abort.pull();
+            }
+        }
         self.abort.stops_kernels()
     }
 

@@ -1639,6 +1639,42 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_matrix_vector_product_stops_within_a_check_of_work_per_thread_once_pulled() {
+        // Rows of 256 Q8_0 elements (272 bytes), each byte 1: small finite weights. The
+        // product splits them into a run of rows per task, two tasks a thread; each run
+        // must check the switch every 32 KiB of weights (120 rows), not once at its end
+        // (thousands of rows: a decoded token's output projection, 2^20 rows of a hostile
+        // guest's, would run on for a quarter of a second after an abort).
+        let (n, k) = (1 << 15, 256);
+        let row_bytes = DType::Q8_0.row_bytes(k as u64).unwrap() as usize;
+        let per = QMATMUL_TASK_BYTES / row_bytes;
+        let w = vec![1u8; n * row_bytes];
+        let x = vec![1.0f32; k];
+        for threads in [1, 2, 3] {
+            for pulled_at in [1, 4, 9] {
+                let pool = workers(threads);
+                pool.pull_at_check(pulled_at);
+                let mut out = vec![f32::NAN; n];
+                qmatmul(&pool, DType::Q8_0, &w, &x, &mut out, n, k, 1);
+                let done = out.iter().filter(|v| !v.is_nan()).count();
+                // Before each check, one thread's `per` rows at most; after the pull,
+                // each thread ends the rows it was at.
+                let most = (pulled_at as usize + threads) * per;
+                assert!(
+                    done <= most,
+                    "{threads} threads, pulled at check {pulled_at}: {done} rows done, \
+                     at most {most} expected"
+                );
+            }
+        }
+        // Not pulled, every row is done.
+        let pool = workers(2);
+        let mut out = vec![f32::NAN; n];
+        qmatmul(&pool, DType::Q8_0, &w, &x, &mut out, n, k, 1);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+
     /// Each column summed alone: a partial sum per chunk of rows, added in chunk order.
     fn sum_cols_reference(x: &[f32], rows_: usize, cols: usize) -> Vec<f32> {
         (0..cols)
