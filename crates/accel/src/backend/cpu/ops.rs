@@ -1644,8 +1644,8 @@ mod tests {
         // Rows of 256 Q8_0 elements (272 bytes), each byte 1: small finite weights. The
         // product splits them into a run of rows per task, two tasks a thread; each run
         // must check the switch every 32 KiB of weights (120 rows), not once at its end
-        // (thousands of rows: a decoded token's output projection, 2^20 rows of a hostile
-        // guest's, would run on for a quarter of a second after an abort).
+        // (thousands of rows: a hostile guest's product of 2^20 rows went on for a
+        // quarter of a second after an abort that way).
         let (n, k) = (1 << 15, 256);
         let row_bytes = DType::Q8_0.row_bytes(k as u64).unwrap() as usize;
         let per = QMATMUL_TASK_BYTES / row_bytes;
@@ -1658,14 +1658,21 @@ mod tests {
                 let mut out = vec![f32::NAN; n];
                 qmatmul(&pool, DType::Q8_0, &w, &x, &mut out, n, k, 1);
                 let done = out.iter().filter(|v| !v.is_nan()).count();
-                // Before each check, one thread's `per` rows at most; after the pull,
-                // each thread ends the rows it was at.
-                let most = (pulled_at as usize + threads) * per;
-                assert!(
-                    done <= most,
-                    "{threads} threads, pulled at check {pulled_at}: {done} rows done, \
-                     at most {most} expected"
-                );
+                // Each part of `per` rows follows a check that passed (its task's first,
+                // or the one after its part before): `pulled_at - 1` of them. One thread
+                // does exactly that many parts; with more, a thread that has not yet seen
+                // the pull may do one more.
+                let passed = pulled_at as usize - 1;
+                if threads == 1 {
+                    assert_eq!(done, passed * per, "pulled at check {pulled_at}");
+                } else {
+                    let most = (passed + threads) * per;
+                    assert!(
+                        done <= most,
+                        "{threads} threads, pulled at check {pulled_at}: {done} rows done, \
+                         at most {most} expected"
+                    );
+                }
             }
         }
         // Not pulled, every row is done.
