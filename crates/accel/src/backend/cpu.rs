@@ -807,6 +807,22 @@ impl OnACacheLine {
     }
 }
 
+/// The attention benchmarks' values: small, varied, none of them subnormal.
+fn attention_value(i: usize, m: usize) -> f32 {
+    (i * m % 97) as f32 * 0.01 - 0.48
+}
+
+/// The attention benchmarks' query row of `n` elements.
+fn attention_query(n: usize) -> Vec<f32> {
+    (0..n).map(|i| attention_value(i, 31)).collect()
+}
+
+/// The attention benchmarks' key and value caches of `n` elements for layer `layer`.
+fn attention_caches(n: usize, layer: usize) -> (OnACacheLine, OnACacheLine) {
+    let cache = |m: usize| OnACacheLine::new(n, |i| attention_value(i + layer, m));
+    (cache(37), cache(41))
+}
+
 /// Measures ATTENTION of one query row (a decoded token) over `len` positions, `heads`
 /// query heads sharing `kv_heads` KV heads of `head_dim`, on one thread: million
 /// (position, head) pairs a second, best of several runs; the AVX2 code if `avx2`, else
@@ -814,12 +830,8 @@ impl OnACacheLine {
 pub fn bench_attention(shape: (usize, usize, usize), len: usize, avx2: bool) -> f64 {
     let (heads, kv_heads, head_dim) = shape;
     let kv = len * kv_heads * head_dim;
-    let value = |i: usize, m: usize| (i * m % 97) as f32 * 0.01 - 0.48;
-    let q: Vec<f32> = (0..heads * head_dim).map(|i| value(i, 31)).collect();
-    let (kc, vc) = (
-        OnACacheLine::new(kv, |i| value(i, 37)),
-        OnACacheLine::new(kv, |i| value(i, 41)),
-    );
+    let q = attention_query(heads * head_dim);
+    let (kc, vc) = attention_caches(kv, 0);
     let (kc, vc) = (kc.values(), vc.values());
     let mut out = vec![0.0f32; heads * head_dim];
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
@@ -862,13 +874,9 @@ pub fn bench_attention_cold(
             .expect("benchmark threads"),
     );
     let kv = len * kv_heads * head_dim;
-    let value = |i: usize, m: usize| (i * m % 97) as f32 * 0.01 - 0.48;
-    let q: Vec<f32> = (0..heads * head_dim).map(|i| value(i, 31)).collect();
+    let q = attention_query(heads * head_dim);
     let caches: Vec<_> = (0..layers.max(1))
-        .map(|l| {
-            let cache = |m: usize| OnACacheLine::new(kv, |i| value(i + l, m));
-            (cache(37), cache(41))
-        })
+        .map(|l| attention_caches(kv, l))
         .collect();
     let weights = vec![1u8; 3 << 20];
     let mut out = vec![0.0f32; heads * head_dim];

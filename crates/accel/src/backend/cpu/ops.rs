@@ -1349,8 +1349,8 @@ fn attend_avx2<'c>(
                 if part.len() == OUT_LANES {
                     avx2::add_weighted_in_registers::<{ OUT_LANES / 8 }>(part, ws, values, a.stride)
                 } else {
-                    // A width that is not a multiple of OUT_LANES (no model's): eight
-                    // elements at a time.
+                    // The rest of a width that is not a multiple of OUT_LANES (the llama
+                    // models' heads are 64 or 128 wide): eight elements at a time.
                     for e in (0..part.len()).step_by(8) {
                         avx2::add_weighted_in_registers::<1>(
                             &mut part[e..],
