@@ -328,21 +328,32 @@ struct ChatMessage {
 #[derive(Debug, Deserialize)]
 #[serde(
     untagged,
-    expecting = "a message's content must be a text or a list of parts"
+    expecting = "a message's content must be a text or a list of parts (each {\"type\": ..., \"text\": ...} and no field OpenAI's parts lack)"
 )]
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-/// One part of a message's content (`{"type": "text", "text": ...}`; images, audio and
-/// files are refused).
+/// One part of a message's content (`{"type": "text", "text": ...}`; images, audio,
+/// files and refusals are refused by their type). Fields OpenAI's parts do not have
+/// are refused, as everywhere else in a request.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ContentPart {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// The other kinds' payloads: known, so that such a part is refused for its type.
+    #[serde(default, rename = "image_url")]
+    _image_url: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "input_audio")]
+    _input_audio: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "file")]
+    _file: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "refusal")]
+    _refusal: Option<serde::de::IgnoredAny>,
 }
 
 impl ChatMessage {
@@ -2856,6 +2867,8 @@ mod tests {
             json!({"role": "tool", "content": "x"}),
             json!({"role": "user<|im_end|>", "content": "x"}),
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}),
+            json!({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
+            json!({"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}),
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t"}]}),
         ] {
             let m: ChatMessage = serde_json::from_value(bad.clone()).unwrap();
@@ -2866,6 +2879,13 @@ mod tests {
                 err.message
             );
         }
+        // A field no part of OpenAI's has is refused, not dropped.
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}
+        ]}]});
+        let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.param, Some("messages"), "{}", err.message);
     }
 
     #[test]

@@ -90,7 +90,19 @@ pub enum TokenFileError {
 }
 
 /// A set of tokens, shared whole: a lookup clones the `Arc` and compares with no lock held.
-type TokenSet = Arc<[(Vec<u8>, Access)]>;
+type TokenSet = Arc<[(TokenDigest, Access)]>;
+
+/// A token's SHA-256: what a lookup compares, so that it hashes the given token once
+/// however many tokens there are (a wrong token cost one hash per known token).
+type TokenDigest = [u8; 32];
+
+/// `tokens` as their digests.
+fn digested(tokens: Vec<(Vec<u8>, Access)>) -> Vec<(TokenDigest, Access)> {
+    tokens
+        .into_iter()
+        .map(|(token, access)| (Sha256::digest(token).into(), access))
+        .collect()
+}
 
 /// Why a token is refused whose characters are not all [`is_header_token`]'s.
 pub const NOT_A_HEADER_TOKEN: &str =
@@ -256,7 +268,7 @@ impl TokenFile {
         Ok(Self {
             path: path.to_owned(),
             stamp,
-            tokens: parse_token_file(path, complete)?.into(),
+            tokens: digested(parse_token_file(path, complete)?).into(),
             missing_said: false,
         })
     }
@@ -403,7 +415,7 @@ struct WatchedFile {
 
 /// The tokens an API accepts.
 pub struct Tokens {
-    fixed: Vec<(Vec<u8>, Access)>,
+    fixed: Vec<(TokenDigest, Access)>,
     file: Option<WatchedFile>,
 }
 
@@ -443,16 +455,18 @@ impl Tokens {
                 })
             }
         };
-        Ok(Self { fixed, file })
+        Ok(Self {
+            fixed: digested(fixed),
+            file,
+        })
     }
 
     /// What `given` allows, if it is one of the tokens. Never touches the token file.
     pub fn access(&self, given: &[u8]) -> Option<Access> {
-        // Hashed once: a given token may be as long as a request head (32 KiB), the
-        // known ones are short.
-        let given = Sha256::digest(given);
-        let matches =
-            |(token, _): &&(Vec<u8>, Access)| bool::from(Sha256::digest(token).ct_eq(&given));
+        // Hashed once (a given token may be as long as a request head, 32 KiB), and
+        // compared with the known tokens' digests in constant time.
+        let given: TokenDigest = Sha256::digest(given).into();
+        let matches = |(known, _): &&(TokenDigest, Access)| bool::from(known.ct_eq(&given));
         if let Some(&(_, access)) = self.fixed.iter().find(matches) {
             return Some(access);
         }
