@@ -382,17 +382,24 @@ impl FillingVm {
             )));
         }
         // Read before the VM's and the device's locks are taken: a disk read (of a slow or
-        // network file system) must not hold up the other streams' writes.
-        let mut data = vec![0u8; len as usize];
-        file.read_at(origin.offset, &mut data)
-            .map_err(|e| fail(format!("cannot read attached file {}: {e}", origin.file)))?;
-        self.write_chunk(
-            chunk,
-            ChunkWrite::FilePiece {
-                data: &data,
-                origin,
-            },
-        )
+        // network file system) must not hold up the other streams' writes. Into a buffer
+        // this thread keeps: a fresh one per chunk cost a zeroing and, on a receiving
+        // thread's first chunks, page faults, thousands of times for a model.
+        thread_local! {
+            static PIECE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PIECE.with_borrow_mut(|piece| {
+            piece.resize(len as usize, 0);
+            file.read_at(origin.offset, piece)
+                .map_err(|e| fail(format!("cannot read attached file {}: {e}", origin.file)))?;
+            self.write_chunk(
+                chunk,
+                ChunkWrite::FilePiece {
+                    data: piece,
+                    origin,
+                },
+            )
+        })
     }
 
     /// Restores the VM from the final state `blob`, with its attached files `files`
