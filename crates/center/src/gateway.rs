@@ -345,15 +345,30 @@ struct ContentPart {
     kind: String,
     #[serde(default)]
     text: Option<String>,
-    /// The other kinds' payloads: known, so that such a part is refused for its type.
-    #[serde(default, rename = "image_url")]
-    _image_url: Option<serde::de::IgnoredAny>,
-    #[serde(default, rename = "input_audio")]
-    _input_audio: Option<serde::de::IgnoredAny>,
-    #[serde(default, rename = "file")]
-    _file: Option<serde::de::IgnoredAny>,
-    #[serde(default, rename = "refusal")]
-    _refusal: Option<serde::de::IgnoredAny>,
+    /// The other kinds' payloads: known, so that such a part is refused for its type
+    /// (and a text part carrying one, rather than the payload dropped).
+    #[serde(default)]
+    image_url: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    input_audio: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    file: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    refusal: Option<serde::de::IgnoredAny>,
+}
+
+impl ContentPart {
+    /// The first payload of another kind of part this part carries, by its field's name.
+    fn other_payload(&self) -> Option<&'static str> {
+        [
+            ("image_url", self.image_url.is_some()),
+            ("input_audio", self.input_audio.is_some()),
+            ("file", self.file.is_some()),
+            ("refusal", self.refusal.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(field, present)| present.then_some(field))
+    }
 }
 
 impl ChatMessage {
@@ -396,6 +411,14 @@ impl ChatMessage {
             Some(Content::Parts(parts)) => {
                 let mut text = String::new();
                 for part in parts {
+                    if let ("text", Some(field)) = (part.kind.as_str(), part.other_payload()) {
+                        return Err(OpenAiError::invalid(
+                            "messages",
+                            format!(
+                                "messages[{i}].content: a 'text' part carrying '{field}' is not supported (text only)"
+                            ),
+                        ));
+                    }
                     match (part.kind.as_str(), part.text) {
                         ("text", Some(t)) => text.push_str(&t),
                         (kind, _) => {
@@ -2863,18 +2886,41 @@ mod tests {
                 ("assistant".into(), String::new()),
             ]
         );
-        for bad in [
-            json!({"role": "tool", "content": "x"}),
-            json!({"role": "user<|im_end|>", "content": "x"}),
-            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}),
-            json!({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
-            json!({"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}),
-            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t"}]}),
+        for (bad, says) in [
+            (json!({"role": "tool", "content": "x"}), "role 'tool'"),
+            (
+                json!({"role": "user<|im_end|>", "content": "x"}),
+                "role 'user<|im_end|>'",
+            ),
+            (
+                json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}),
+                "a 'image_url' part",
+            ),
+            (
+                json!({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
+                "a 'input_audio' part",
+            ),
+            (
+                json!({"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}),
+                "a 'file' part",
+            ),
+            (
+                json!({"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}),
+                "a 'refusal' part",
+            ),
+            (
+                json!({"role": "user", "content": [{"type": "text", "text": "a", "image_url": {}}]}),
+                "a 'text' part carrying 'image_url'",
+            ),
+            (
+                json!({"role": "assistant", "content": null, "tool_calls": [{"id": "t"}]}),
+                "tool_calls",
+            ),
         ] {
             let m: ChatMessage = serde_json::from_value(bad.clone()).unwrap();
             let err = m.into_turn(3).unwrap_err();
             assert!(
-                err.message.contains("messages[3]"),
+                err.message.contains("messages[3]") && err.message.contains(says),
                 "{bad}: {}",
                 err.message
             );
