@@ -703,8 +703,7 @@ mod avx2 {
     ) -> [f32; INPUT_GROUP] {
         let mut acc = [_mm256_setzero_ps(); INPUT_GROUP];
         let blocks = row.len() / block_bytes;
-        let [a, b, c, d] = inps;
-        let inputs = [a, b, c, d].map(|inp| RowInputs::new(inp, blocks));
+        let inputs = inps.map(|inp| RowInputs::new(inp, blocks));
         for (i, b) in row.chunks_exact(block_bytes).enumerate() {
             let (w0, w1, d, m) = unpack(b);
             for (a, inp) in acc.iter_mut().zip(&inputs) {
