@@ -1047,7 +1047,7 @@ impl Inventory {
     /// at most: its report is skipped and sent again, and the source's next beat says
     /// where the VM went. A VM its holder reports moved away is likewise taken only by
     /// the host it went to (or by any once no host up has that address).
-    fn claims(&self, name: &str, info: &VmInfo, now: u64, down_after_ms: u64) -> bool {
+    pub(crate) fn claims(&self, name: &str, info: &VmInfo, now: u64, down_after_ms: u64) -> bool {
         let away = matches!(info.state, VmState::MigratedAway { .. });
         let Some(known) = self.vms.get(&info.id) else {
             return !away;

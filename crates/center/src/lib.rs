@@ -1176,10 +1176,24 @@ impl Center {
             ))
         })?;
         let record = VmRecord::new(&host.name, vm.clone());
+        let (now, down_after) = (unix_ms(), self.down_after_ms());
         {
             // The VM counts now, its room held no more: in one step, so that nothing
             // placed meanwhile sees the room taken twice.
             let mut inventory = self.inventory();
+            // The answer is the host's word alone (every host holds the cluster key): one
+            // with the id of a VM another host runs takes that VM's record no more than a
+            // beat of it would (the gateway, and a maintenance emptying the other host,
+            // would then look for the VM on the wrong one).
+            if let Some(other) = (inventory.vms().get(&vm.id))
+                .filter(|_| !inventory.claims(&host.name, &vm, now, down_after))
+                .map(|known| known.host.clone())
+            {
+                return Err(CenterError::Unavailable(format!(
+                    "host {} answered the create with VM {}, which host {other} runs: not recorded",
+                    host.name, vm.id
+                )));
+            }
             inventory.put_vm_placed(record.clone());
             creating.release_room(&mut inventory);
         }
@@ -1847,6 +1861,40 @@ pub(crate) mod tests {
         again.vm.accel_memory = 512 << 20;
         let found = scratch.center.create_vm(&again).unwrap();
         assert_eq!((found.host.as_str(), found.vm.id.as_str()), ("b", "v"));
+    }
+
+    #[test]
+    fn a_create_answered_with_the_id_of_a_vm_another_host_runs_does_not_take_its_record() {
+        let scratch = ScratchCenter::open("create-foreign-id");
+        // b runs v.
+        let (b, _) = fake_host(Vec::<Reply>::new());
+        scratch.report("b", b);
+        let on_b = inventory::tests::vm("v", ferry_api::VmState::Running);
+        scratch.center.inventory().put_vm(VmRecord::new("b", on_b));
+        // a answers a create with a VM of v's id (a machine reinstalled under its name,
+        // its counter of ids lost, say), then with one of its own.
+        let (a, _) = fake_host(vec![
+            Reply::Json("201 Created", made_with("v", "job-31")),
+            Reply::Json("201 Created", made_with("a-vm1", "job-32")),
+        ]);
+        scratch.report("a", a);
+        let on_a = |key: &str| {
+            let mut create = keyed_create(key);
+            create.host = Some("a".into());
+            scratch.center.create_vm(&create)
+        };
+        let err = on_a("job-31").unwrap_err();
+        assert!(
+            matches!(&err, CenterError::Unavailable(e) if e.contains("which host b runs")),
+            "{err}"
+        );
+        {
+            let inventory = scratch.center.inventory();
+            assert_eq!(inventory.vms()["v"].host, "b", "v stays where it runs");
+            assert!(inventory.reservations.is_empty(), "no room left held");
+        }
+        assert_eq!(on_a("job-32").unwrap().host, "a");
+        assert_eq!(scratch.center.inventory().vms()["a-vm1"].host, "a");
     }
 
     /// A host API at the address returned that answers one request with `status` and
