@@ -313,8 +313,16 @@ impl Center {
                     .unwrap_or_default()
             )));
         }
+        let last = ops.keys().next_back().copied().unwrap_or(0);
+        let id = (last.checked_add(1))
+            .filter(|&id| id < crate::store::OPERATION_IDS_END)
+            .ok_or_else(|| {
+                CenterError::Unavailable(format!(
+                    "operation ids are used up (the last is {last}): forget old operations first"
+                ))
+            })?;
         let op = Operation {
-            id: ops.keys().next_back().map_or(1, |id| id + 1),
+            id,
             kind,
             host: host.map(str::to_string),
             state: OperationState::Running,

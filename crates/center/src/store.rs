@@ -346,10 +346,16 @@ impl Store for SqliteStore {
             loaded.migrations.push(record);
         }
         let mut rows = db.prepare(
-            "SELECT record FROM (SELECT id, record FROM operations ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            "SELECT id, record FROM (SELECT id, record FROM operations ORDER BY id DESC LIMIT ?1) ORDER BY id",
         )?;
-        for text in rows.query_map(params![OPERATIONS_KEPT as i64], |r| r.get::<_, String>(0))? {
-            loaded.operations.push(decode("operation", &text?)?);
+        let newest = params![OPERATIONS_KEPT as i64];
+        for row in rows.query_map(newest, |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })? {
+            let (id, text) = row?;
+            let mut op: Operation = decode("operation", &text)?;
+            op.id = operation_id(u64::try_from(id).ok(), &format!("row id {id}"))?;
+            loaded.operations.push(op);
         }
         Ok(loaded)
     }
@@ -520,6 +526,23 @@ const OPERATIONS: &str = "operations/";
 /// ids' (the newest load first, and a range below an id is the older ones).
 fn numbered(dir: &str, id: impl std::fmt::Display) -> String {
     format!("{dir}{id:020}")
+}
+
+/// Operation ids end below this: they are stored as SQLite's signed integers and as
+/// 20-digit keys.
+pub const OPERATION_IDS_END: u64 = i64::MAX as u64;
+
+/// An operation's id as where it is stored says (its row's id, its key's number), if
+/// that is one: the id in its record is not trusted. A record another center wrote
+/// (corrupt, or hostile) could otherwise name the last id (the next would overflow) or
+/// another record's (loaded over it).
+fn operation_id(stored: Option<u64>, at: &str) -> Result<u64, StoreError> {
+    stored
+        .filter(|id| (1..OPERATION_IDS_END).contains(id))
+        .ok_or_else(|| StoreError::Corrupt {
+            what: "operation",
+            error: serde::de::Error::custom(format!("{at} is not that of an operation id")),
+        })
 }
 
 /// The last id the migration counter gave, as stored: a value that is no such id (not
@@ -701,6 +724,21 @@ impl EtcdStore {
             .collect()
     }
 
+    /// The operations `options` picks, each with the id of its key.
+    fn operations(&self, options: RangeOptions) -> Result<Vec<Operation>, StoreError> {
+        let dir = self.key(OPERATIONS);
+        (self.etcd.range(&dir, true, options)?.into_iter())
+            .map(|kv| {
+                let mut op: Operation = decode("operation", &String::from_utf8_lossy(&kv.value))?;
+                let id = (kv.key.strip_prefix(&dir))
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .filter(|&id| self.key(&numbered(OPERATIONS, id)) == kv.key);
+                op.id = operation_id(id, &format!("key {}", kv.key))?;
+                Ok(op)
+            })
+            .collect()
+    }
+
     fn list<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
@@ -724,8 +762,7 @@ impl Store for EtcdStore {
         };
         let mut migrations = self.migrations(newest(MIGRATIONS_KEPT))?;
         migrations.reverse();
-        let mut operations: Vec<Operation> =
-            self.list("operation", OPERATIONS, newest(OPERATIONS_KEPT))?;
+        let mut operations = self.operations(newest(OPERATIONS_KEPT))?;
         operations.reverse();
         Ok(Loaded {
             hosts: self.list("host", "hosts/", RangeOptions::default())?,
@@ -1156,6 +1193,94 @@ mod tests {
                 }
             ),
             "{error:?}"
+        );
+    }
+
+    /// Operation `id`, finished, with a summary saying `says`.
+    fn operation(id: u64, says: &str) -> Operation {
+        Operation {
+            id,
+            kind: crate::operations::OperationKind::Balance,
+            host: None,
+            state: crate::operations::OperationState::Done,
+            started_ms: 1,
+            finished_ms: Some(2),
+            planned: Vec::new(),
+            migrations: Vec::new(),
+            problems: Vec::new(),
+            summary: says.into(),
+        }
+    }
+
+    /// Writes operations 1 and 2 into `store`, then `rewrite(2, record)` puts a record
+    /// claiming the last id where operation 2 is: loaded, each has the id of where it is
+    /// stored; then `stray(record)` stores one where no id is, which is an error.
+    fn operations_load_with_the_ids_of_where_they_are(
+        store: &dyn Store,
+        rewrite: impl Fn(u64, &Operation),
+        stray: impl Fn(&Operation),
+    ) {
+        store.put_operation(&operation(1, "first")).unwrap();
+        store.put_operation(&operation(2, "second")).unwrap();
+        // A record naming the last id: a center counting on from it would overflow.
+        rewrite(2, &operation(u64::MAX, "lying"));
+        let loaded = store.load().unwrap().operations;
+        let ids: Vec<(u64, &str)> = (loaded.iter())
+            .map(|o| (o.id, o.summary.as_str()))
+            .collect();
+        assert_eq!(ids, [(1, "first"), (2, "lying")]);
+        stray(&operation(3, "stray"));
+        let error = store.load().err().expect("a stray operation");
+        assert!(
+            matches!(
+                error,
+                StoreError::Corrupt {
+                    what: "operation",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn sqlite_loads_each_operation_with_the_id_of_its_row() {
+        let store = SqliteStore::open(Path::new(":memory:")).unwrap();
+        let write = |id: i64, op: &Operation| {
+            store
+                .db()
+                .execute(
+                    "INSERT INTO operations (id, record) VALUES (?1, ?2)
+                     ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+                    params![id, encode(op)],
+                )
+                .unwrap();
+        };
+        operations_load_with_the_ids_of_where_they_are(
+            &store,
+            |id, op| write(id as i64, op),
+            // Row ids past the operation ids (as a u64 id stored as an i64 would be).
+            |op| write(-1, op),
+        );
+    }
+
+    #[test]
+    fn etcd_loads_each_operation_with_the_id_of_its_key() {
+        let test = "etcd_loads_each_operation_with_the_id_of_its_key";
+        let Some(etcd) = test_etcd::TestEtcd::start(test) else {
+            return;
+        };
+        let store = etcd.leading_store("/operation-ids/");
+        let put = |key: String, op: &Operation| {
+            store
+                .etcd()
+                .put(&store.key(&key), encode(op).as_bytes())
+                .unwrap();
+        };
+        operations_load_with_the_ids_of_where_they_are(
+            &store,
+            |id, op| put(numbered(OPERATIONS, id), op),
+            |op| put(format!("{OPERATIONS}12"), op),
         );
     }
 
