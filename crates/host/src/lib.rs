@@ -738,7 +738,9 @@ impl Host {
 
     /// Stops this host: its heartbeats, the migrations out of it (cancelled) and its VMs,
     /// then its migration listener (the port closes), and waits for their threads, so
-    /// that an in-process host leaves nothing running. Migrations arriving are refused,
+    /// that an in-process host leaves nothing running, but for a VM in doubt (or still
+    /// migrating after 10 s): that one stays paused, with its threads and memory, until
+    /// the process ends, since it may run on the other host. Migrations arriving are refused,
     /// and those not yet told to run their VM are fenced; the port answers settle
     /// questions until the VMs have stopped, so a source in doubt never resumes a VM that
     /// still runs here.
@@ -1219,9 +1221,16 @@ impl Host {
                 )))
             }
             state if state.has_ended() => {}
-            _ => vm
-                .stop()
-                .map_err(|e| HostError::Conflict(format!("VM {id}: {e}")))?,
+            _ => {
+                if let Err(e) = vm.stop() {
+                    // Ended on its own between the look and the stop (its guest exited as
+                    // the stop came): forgotten as an ended VM is, not refused.
+                    let state = vm.state();
+                    if !state.has_ended() || matches!(state, VmState::MigratedAway { .. }) {
+                        return Err(HostError::Conflict(format!("VM {id}: {e}")));
+                    }
+                }
+            }
         }
         self.unlist(&vm);
         tracing::info!(%id, "VM stopped");
