@@ -1190,8 +1190,9 @@ impl Center {
                 .map(|known| known.host.clone())
             {
                 return Err(CenterError::Unavailable(format!(
-                    "host {} answered the create with VM {}, which host {other} runs: not recorded",
-                    host.name, vm.id
+                    "host {} answered the create with VM {}, which host {other} runs: not recorded \
+                     (stop the one on host {} if it made one)",
+                    host.name, vm.id, host.name
                 )));
             }
             inventory.put_vm_placed(record.clone());

@@ -93,7 +93,7 @@ pub enum TokenFileError {
 type TokenSet = Arc<[(TokenDigest, Access)]>;
 
 /// A token's SHA-256: what a lookup compares, so that it hashes the given token once
-/// however many tokens there are (a wrong token cost one hash per known token).
+/// however many tokens there are (an unauthenticated client's cost per request).
 type TokenDigest = [u8; 32];
 
 /// `tokens` as their digests.

@@ -383,8 +383,8 @@ impl FillingVm {
         }
         // Read before the VM's and the device's locks are taken: a disk read (of a slow or
         // network file system) must not hold up the other streams' writes. Into a buffer
-        // this thread keeps: a fresh one per chunk cost a zeroing and, on a receiving
-        // thread's first chunks, page faults, thousands of times for a model.
+        // this thread keeps: a fresh one per chunk costs an allocation and a zeroing,
+        // thousands of times for a model, on cores the source VM may share.
         thread_local! {
             static PIECE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }

@@ -498,7 +498,7 @@ mod avx2 {
 
     /// One input's blocks for a row of a known number of blocks, each slice exactly that
     /// long: a block's reads then need no bounds checks of their own (the loop index is
-    /// below the count), where three a block and input took as many instructions as the
+    /// below the count). Three checks a block and input took as many instructions as the
     /// products of four inputs.
     struct RowInputs<'i> {
         q: &'i [[i16; INPUT_BLOCK]],
