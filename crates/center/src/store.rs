@@ -703,38 +703,57 @@ impl EtcdStore {
     /// id: the oldest loaded is where pruning starts, and an id written inside a record
     /// (corrupt, or hostile) would otherwise delete every record below it.
     fn migrations(&self, options: RangeOptions) -> Result<Vec<MigrationRecord>, StoreError> {
-        let dir = self.key(MIGRATIONS);
-        (self.etcd.range(&dir, true, options)?.into_iter())
-            .map(|kv| {
-                let mut record: MigrationRecord =
-                    decode("migration", &String::from_utf8_lossy(&kv.value))?;
-                let id = (kv.key.strip_prefix(&dir))
-                    .and_then(|id| id.parse::<i64>().ok())
-                    .filter(|&id| id > 0 && self.key(&numbered(MIGRATIONS, id)) == kv.key)
+        self.numbered_records(
+            "migration",
+            MIGRATIONS,
+            options,
+            |record: &mut MigrationRecord, id, key| {
+                record.id = id
+                    .and_then(|id| i64::try_from(id).ok())
+                    .filter(|&id| id > 0)
                     .ok_or_else(|| StoreError::Corrupt {
                         what: "migration",
                         error: serde::de::Error::custom(format!(
-                            "its key {} is not that of a migration id",
-                            kv.key
+                            "its key {key} is not that of a migration id"
                         )),
                     })?;
-                record.id = id;
-                Ok(record)
-            })
-            .collect()
+                Ok(())
+            },
+        )
     }
 
     /// The operations `options` picks, each with the id of its key.
     fn operations(&self, options: RangeOptions) -> Result<Vec<Operation>, StoreError> {
-        let dir = self.key(OPERATIONS);
-        (self.etcd.range(&dir, true, options)?.into_iter())
+        self.numbered_records(
+            "operation",
+            OPERATIONS,
+            options,
+            |op: &mut Operation, id, key| {
+                op.id = operation_id(id, &format!("key {key}"))?;
+                Ok(())
+            },
+        )
+    }
+
+    /// The records under `dir` (keys made by [`numbered`]) that `options` picks, each
+    /// given by `with_id` the number its key names (`None` for a key that names none):
+    /// the id inside a record is not trusted.
+    fn numbered_records<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        dir: &str,
+        options: RangeOptions,
+        with_id: impl Fn(&mut T, Option<u64>, &str) -> Result<(), StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let prefix = self.key(dir);
+        (self.etcd.range(&prefix, true, options)?.into_iter())
             .map(|kv| {
-                let mut op: Operation = decode("operation", &String::from_utf8_lossy(&kv.value))?;
-                let id = (kv.key.strip_prefix(&dir))
+                let mut record: T = decode(what, &String::from_utf8_lossy(&kv.value))?;
+                let id = (kv.key.strip_prefix(&prefix))
                     .and_then(|id| id.parse::<u64>().ok())
-                    .filter(|&id| self.key(&numbered(OPERATIONS, id)) == kv.key);
-                op.id = operation_id(id, &format!("key {}", kv.key))?;
-                Ok(op)
+                    .filter(|&id| self.key(&numbered(dir, id)) == kv.key);
+                with_id(&mut record, id, &kv.key)?;
+                Ok(record)
             })
             .collect()
     }

@@ -1156,34 +1156,14 @@ fn attend_ticking(
     attend_portable(a, o, tick)
 }
 
+/// [`attend`] without AVX2: the scores of [`TOGETHER`] positions and their weighted
+/// values at a time, so that their independent chains of adds overlap, while each
+/// position's operations, and so its bits, are those it has alone.
 #[inline(always)]
 fn attend_portable(
     a: &AttendedHead<'_>,
     o: &mut [f32],
     tick: &mut Ticker<'_>,
-) -> Result<(), Stopped> {
-    attend_with(
-        a,
-        o,
-        tick,
-        dot8_each::<TOGETHER>,
-        add_weighted::<TOGETHER>,
-        exps_less,
-    )
-}
-
-/// [`attend`] with `dots` for the scores of [`TOGETHER`] positions, `add` for their
-/// weighted values and `exps` for [`exps_less`]: positions go together so that their
-/// independent chains of adds overlap, while each position's operations, and so its bits,
-/// are those it has alone.
-#[inline(always)]
-fn attend_with(
-    a: &AttendedHead<'_>,
-    o: &mut [f32],
-    tick: &mut Ticker<'_>,
-    dots: impl Fn(&[f32], [&[f32]; TOGETHER]) -> [f32; TOGETHER],
-    add: impl Fn(&mut [f32], &[f32], [&[f32]; TOGETHER]),
-    exps: impl Fn(&mut [f32], f32),
 ) -> Result<(), Stopped> {
     let hd = a.q.len();
     let key = |p: usize| &a.kc[p * a.stride..][..hd];
@@ -1194,20 +1174,20 @@ fn attend_with(
         for ahead in 0..TOGETHER {
             prefetch_position(a.kc, (p + POSITIONS_AHEAD + ahead) * a.stride, hd);
         }
-        let d = dots(a.q, std::array::from_fn(|j| key(p + j)));
+        let d = dot8_each::<TOGETHER>(a.q, std::array::from_fn(|j| key(p + j)));
         scores.extend(d.map(|d| d * a.scale));
         tick.done(TOGETHER * hd)?;
     }
     for p in together..a.len {
         scores.push(dot8(a.q, key(p)) * a.scale);
     }
-    weights(&mut scores, exps);
+    weights(&mut scores, exps_less);
     o.fill(0.0);
     for p in (0..together).step_by(TOGETHER) {
         for ahead in 0..TOGETHER {
             prefetch_position(a.vc, (p + POSITIONS_AHEAD + ahead) * a.stride, hd);
         }
-        add(
+        add_weighted::<TOGETHER>(
             o,
             &scores[p..p + TOGETHER],
             std::array::from_fn(|j| value(p + j)),
