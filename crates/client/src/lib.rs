@@ -125,6 +125,9 @@ const MAX_ANSWER_BYTES: u64 = 256 << 20;
 /// The most of an answer's text an error carries: errors are shown and passed on, and
 /// an answer may be as large as [`MAX_ANSWER_BYTES`].
 const MAX_ERROR_TEXT: usize = 4 << 10;
+/// The most of an error answer's body read: its JSON error, or the start of its text
+/// (an error carries [`MAX_ERROR_TEXT`] of either).
+const MAX_ERROR_BODY: u64 = 1 << 20;
 /// The longest line of a streamed answer ([`ApiClient::post_lines`]): an event is a
 /// small JSON chunk, and a server that never ends its line must not fill the memory.
 const MAX_LINE_BYTES: usize = 1 << 20;
@@ -187,13 +190,20 @@ impl Answer {
             }
             .into());
         }
+        if !status.is_success() {
+            // An error's body is read only as far as an error carries it, and a body that
+            // cannot be read whole still leaves the status: callers act on that (a 503 is
+            // worth sending again), and a server may not make each error cost `limit`.
+            let mut body = Vec::new();
+            let reader = self.response.body_mut().with_config().limit(MAX_ERROR_BODY);
+            let _ = std::io::Read::read_to_end(&mut reader.reader(), &mut body);
+            let text = String::from_utf8_lossy(&body).into_owned();
+            return Err(api_error(what, status.as_u16(), text).into());
+        }
         let text = (self.response.body_mut().with_config())
             .limit(limit)
             .read_to_string()
             .with_context(|| format!("reading the answer to {what} from {server}"))?;
-        if !status.is_success() {
-            return Err(api_error(what, status.as_u16(), text).into());
-        }
         Ok(text)
     }
 }
@@ -859,6 +869,24 @@ mod tests {
             "{}",
             error.message.len()
         );
+    }
+
+    #[test]
+    fn an_error_keeps_its_status_whatever_its_bodys_length() {
+        // Longer than the limit a call asks for, and than any error's body is read: the
+        // status still comes back (a 503 is worth sending again), from the start of the
+        // text, and the rest is left unread.
+        let body = "x".repeat(2 * MAX_ERROR_BODY as usize);
+        let base = answering(2, "503 Service Unavailable", body);
+        let client = ApiClient::new(&base, b"token").unwrap();
+        for error in [
+            client.get_within::<serde_json::Value>("/v1/vms", 1 << 10),
+            client.get::<serde_json::Value>("/v1/vms"),
+        ] {
+            let error = error.unwrap_err().downcast::<ApiError>().expect("an ApiError");
+            assert_eq!(error.status, 503, "{error}");
+            assert!(error.message.starts_with("xxx"), "{}", error.message);
+        }
     }
 
     #[test]
