@@ -883,7 +883,10 @@ mod tests {
             client.get_within::<serde_json::Value>("/v1/vms", 1 << 10),
             client.get::<serde_json::Value>("/v1/vms"),
         ] {
-            let error = error.unwrap_err().downcast::<ApiError>().expect("an ApiError");
+            let error = error
+                .unwrap_err()
+                .downcast::<ApiError>()
+                .expect("an ApiError");
             assert_eq!(error.status, 503, "{error}");
             assert!(error.message.starts_with("xxx"), "{}", error.message);
         }

@@ -80,11 +80,12 @@ pub struct BenchArgs {
         long,
         value_name = "NS",
         value_delimiter = ',',
-        default_value = "1,2,4"
+        default_value = "1,2,4",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16)
     )]
     pub vms: Vec<usize>,
     /// Migrations of each VM for `soak`.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub migrations: usize,
     /// The GGUF model for `llm` and `serve` (default: what scripts/fetch-model fetches).
     #[arg(
@@ -110,7 +111,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "M", default_value_t = 16)]
     pub vms_per_host: usize,
     /// Seconds measured per run of `center`.
-    #[arg(long, value_name = "S", default_value_t = 15)]
+    #[arg(long, value_name = "S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub seconds: u64,
     /// `center`: the simulated hosts send every VM in every beat (the protocol before
     /// delta beats), for comparison.
@@ -253,6 +254,10 @@ fn header(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_vm(args: &BenchArgs) -> anyhow::Result<()> {
+    // Its VMs measure the VMM (start, pause, snapshot), never the accelerator.
+    if args.backend.backend != crate::cmd::backend::Backend::Cpu {
+        bail!("`bench vm` measures the VMM, not the accelerator: --backend does not apply");
+    }
     begin(args)?;
     let mut emit = |figure: Figure| print(&figure, args.json);
     guest_speed(&mut emit)?;
@@ -460,10 +465,7 @@ fn pause_latency(emit: &mut Emit) -> anyhow::Result<()> {
         micros.push(vm.pause()?.as_secs_f64() * 1e6);
         vm.resume()?;
     }
-    let p99 = {
-        micros.sort_by(f64::total_cmp);
-        micros[micros.len() * 99 / 100]
-    };
+    let p99 = percentile(&mut micros, 0.99);
     let max = micros[micros.len() - 1];
     emit(figure(
         "pause_latency_median",
@@ -495,9 +497,13 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("{e}: {}", vm.console_tail()))?;
     vm.pause()?;
-    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(ferry_vmm::snapshot::SNAPSHOT_FILE);
+    // A folder of its own (0700, removed on drop whatever fails): a fixed name in the
+    // shared temporary folder could be another user's.
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-bench-")
+        .tempdir()
+        .context("cannot make a folder for the snapshot")?;
+    let path = dir.path().join(ferry_vmm::snapshot::SNAPSHOT_FILE);
     let started = Instant::now();
     let saved = vm.save(&path)?;
     let save_s = started.elapsed().as_secs_f64();
@@ -509,7 +515,7 @@ fn snapshot_throughput(ram_size: u64, emit: &mut Emit) -> anyhow::Result<()> {
     restored.resume()?;
     let still_running = restored.wait(Some(Duration::from_millis(100))).is_none();
     drop(restored);
-    std::fs::remove_dir_all(&dir)?;
+    drop(dir);
     ensure!(still_running, "the restored VM stopped");
 
     let stored_mib = saved.file_bytes as f64 / f64::from(1 << 20);
@@ -609,10 +615,10 @@ fn bench_accel(args: &BenchArgs) -> anyhow::Result<()> {
             format!("llm-decode {}", llm_args.join(" ")),
         ))?;
     }
-    dirty_take_latency(&mut emit)
+    dirty_take_latency(backend, &mut emit)
 }
 
-fn dirty_take_latency(emit: &mut Emit) -> anyhow::Result<()> {
+fn dirty_take_latency(backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     // 4 GiB of dataset (4 Mi samples x 256 inputs x 4 bytes) plus the model.
     let config = VmConfig::new(256 << 20).with_accel(4608 << 20);
     let mlp_args = [
@@ -625,7 +631,7 @@ fn dirty_take_latency(emit: &mut Emit) -> anyhow::Result<()> {
         "--print-every",
         "100000",
     ];
-    let vm = start("mlp-train", &mlp_args, config, ferry_accel::backend::CPU)?;
+    let vm = start("mlp-train", &mlp_args, config, backend)?;
     poll_until(
         "mlp-train to start training",
         Duration::from_secs(300),

@@ -3,8 +3,9 @@
 //! each N: the center's CPU (share of one core), the heartbeats it took per second, its
 //! memory, and the latency of the cluster API while the beats come in.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use ferry_client::ApiClient;
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::bench::{figure, percentile, Emit};
+use crate::cmd::child::Killed;
 use crate::cmd::poll_every;
 
 /// What to run.
@@ -30,19 +32,6 @@ pub struct CenterBench<'a> {
     /// etcd endpoints for the center's store (none: SQLite).
     pub etcd: Option<&'a str>,
 }
-
-/// A process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A database file (and its WAL) removed when dropped.
-struct RemovedOnDrop(std::path::PathBuf);
 
 /// The keys a run wrote under its etcd prefix (hosts, VMs, events: tens of thousands),
 /// deleted once it ends: an operator's etcd keeps nothing of a benchmark.
@@ -66,16 +55,6 @@ impl Drop for EtcdPrefixRemoved {
                 "ferry: cannot delete the benchmark's keys under {} in etcd: {e}",
                 self.prefix
             );
-        }
-    }
-}
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -124,8 +103,13 @@ fn run_one(
     protocol: &str,
     emit: &mut Emit,
 ) -> anyhow::Result<()> {
-    let db = std::env::temp_dir().join(format!("ferry-bench-center-{}-{n}.db", std::process::id()));
-    let _removed = RemovedOnDrop(db.clone());
+    // A folder of its own (0700, removed on drop, after the center: declared before it).
+    let scratch = tempfile::Builder::new()
+        .prefix("ferry-bench-center-")
+        .tempdir()
+        .context("cannot make a folder for the center's database")?;
+    let db = scratch.path().join("center.db");
+    let log = scratch.path().join("center.log");
     let secret = ferry_migrate::Secret::generate_hex();
     let token = ferry_migrate::Secret::generate_hex();
     let exe = std::env::current_exe()?;
@@ -134,8 +118,8 @@ fn run_one(
         .args(["center", "serve", "--listen", "127.0.0.1:0"])
         .env("FERRY_SECRET", &secret)
         .env("FERRY_CENTER_TOKEN", &token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        // Its log (a line a host joining) to a file, shown where it fails to start.
+        .stderr(File::create(&log).context("cannot make the center's log")?);
     // Dropped after the center (declared before it): its keys go once it has stopped.
     let mut _etcd_removed = None;
     if let Some(urls) = bench.etcd {
@@ -149,13 +133,13 @@ fn run_one(
     } else {
         center.arg("--db").arg(&db);
     }
-    let mut center = Killed(
-        center
-            .spawn()
-            .context("cannot start `ferry center serve`")?,
-    );
-    let mut line = String::new();
-    BufReader::new(center.0.stdout.take().context("center stdout")?).read_line(&mut line)?;
+    let mut center = Killed::spawn(&mut center, "`ferry center serve`")?;
+    let line = center.first_line("the center").map_err(|e| {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!("{e:#}; its log ends:\n{}", tail.join("\n"))
+    })?;
     let addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("http://"))
@@ -164,7 +148,7 @@ fn run_one(
     let url = format!("http://{addr}");
     let pid = center.0.id();
 
-    let mut sim = Killed(
+    let mut sim = Killed::spawn(
         Command::new(&exe)
             .args(["bench", "center-sim", "--center", &url])
             .args(["--hosts", &n.to_string()])
@@ -175,11 +159,9 @@ fn run_one(
                 &[][..]
             })
             .env("FERRY_SECRET", &secret)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start the host simulator")?,
-    );
+            .stderr(Stdio::inherit()),
+        "the host simulator",
+    )?;
     let latest = Arc::new(std::sync::Mutex::new(SimCounts::default()));
     let reader = {
         let latest = latest.clone();

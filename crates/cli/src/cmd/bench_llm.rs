@@ -1,5 +1,5 @@
-//! `ferry bench llm`: a GGUF language model on the cpu backend, against the bound the
-//! host's memory bandwidth sets (generating a token reads every weight once, so no
+//! `ferry bench llm`: a GGUF language model on the accelerator; on the cpu backend,
+//! against the bound the host's memory bandwidth sets (generating a token reads every weight once, so no
 //! implementation can beat bandwidth ÷ weight bytes per token), both measured in one
 //! run; and the cost of moving the VM with its model file sent or found on the
 //! destination.
@@ -89,6 +89,7 @@ fn chat(model: &Path, backend: &'static str, args: &[&str]) -> anyhow::Result<St
 pub fn bench_llm(model_path: &Path, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     let model = describe(model_path)?;
     let threads = ferry_vmm::vm::default_accel_threads();
+    let on_cpu = backend == ferry_accel::backend::CPU;
     let prompt = PROMPT_SENTENCE.repeat(10);
     let args = ["--raw", prompt.as_str(), "--max-tokens", GENERATE];
     let per_token = bytes_per_token(&model) as f64;
@@ -103,9 +104,11 @@ pub fn bench_llm(model_path: &Path, backend: &'static str, emit: &mut Emit) -> a
         prompt_rates.push(last_value(&console, "prompt_tokens_s")?);
         let gen = last_value(&console, "tokens_s")?;
         gen_rates.push(gen);
-        let bandwidth = ferry_accel::backend::cpu::bench_memory_read(threads);
-        bandwidths.push(bandwidth);
-        ratios.push(gen / (bandwidth / per_token));
+        if on_cpu {
+            let bandwidth = ferry_accel::backend::cpu::bench_memory_read(threads);
+            bandwidths.push(bandwidth);
+            ratios.push(gen / (bandwidth / per_token));
+        }
         prompt_tokens = console
             .lines()
             .find_map(|l| l.strip_prefix("llm-chat: prompt of "))
@@ -122,7 +125,7 @@ pub fn bench_llm(model_path: &Path, backend: &'static str, emit: &mut Emit) -> a
         "llm_prompt_tokens_s",
         median(&mut prompt_rates),
         "tokens/s",
-        format!("{name}: a {prompt_tokens:.0}-token prompt in batches of 32, median of {RUNS}, cpu backend on {threads} threads"),
+        format!("{name}: a {prompt_tokens:.0}-token prompt in batches of 32, median of {RUNS}, {backend} backend{}", if on_cpu { format!(" on {threads} threads") } else { String::new() }),
     ))?;
     emit(figure(
         "llm_generate_tokens_s",
@@ -144,6 +147,10 @@ pub fn bench_llm(model_path: &Path, backend: &'static str, emit: &mut Emit) -> a
             }
         ),
     ))?;
+    if !on_cpu {
+        // The host's memory bounds the cpu backend only; a GPU reads its own.
+        return migrate_with_file(model_path, backend, emit);
+    }
     let bandwidth = median(&mut bandwidths);
     emit(figure(
         "llm_host_memory_read",

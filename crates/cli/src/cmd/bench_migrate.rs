@@ -10,7 +10,7 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use ferry_api::{CreateVm, MigrateRequest};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -385,9 +385,19 @@ fn measure(
     })?;
     // Rate before: over a window.
     let window = Duration::from_millis(1500);
-    let (t0, c0) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
+    // Counted from the workload's own lines: one gone from the console's tail (or a
+    // counter that went back) would make a rate of nothing.
+    let counted = || {
+        count_now(ca, &id, key)?
+            .with_context(|| format!("{name} printed no `{key}` count in its console's tail"))
+    };
+    let (t0, c0) = (Instant::now(), counted()?);
     std::thread::sleep(window);
-    let (t1, c1) = (Instant::now(), count_now(ca, &id, key)?.unwrap_or(0));
+    let (t1, c1) = (Instant::now(), counted()?);
+    ensure!(
+        c1 >= c0,
+        "{name}'s `{key}` count went back from {c0} to {c1}"
+    );
     let before = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
     let busy_link = (ends.probe)(LINK_SAMPLE_BYTES)?;
     let mut runs = Vec::with_capacity(repeats);

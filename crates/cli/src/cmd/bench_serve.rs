@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::cmd::bench::{figure, percentile, Emit};
 use crate::cmd::loopback::LoopbackCluster;
-use crate::cmd::poll_until;
+use crate::cmd::{poll_every, poll_until};
 
 /// Tokens each request asks for.
 const MAX_TOKENS: u32 = 48;
@@ -182,37 +182,42 @@ fn migrate(
         ..MigrateRequest::to(to)
     };
     let _: MigrationStatus = from.post(&format!("/v1/vms/{id}/migrate"), &request)?;
-    loop {
+    // Asked often: the switchover's window is taken from when the end is seen.
+    let what = format!("the migration of {id} to end");
+    let status = poll_every(&what, MIGRATION_WITHIN, Duration::from_millis(5), || {
         let status: MigrationStatus = from.get(&format!("/v1/vms/{id}/migration"))?;
-        match status.state {
-            MigrationState::Running => std::thread::sleep(Duration::from_millis(5)),
-            MigrationState::Succeeded => {
-                let report = status.report.context("a success without a report")?;
-                // The report's total ends at the destination's confirmation, just
-                // after it resumed; the pause ends there too.
-                let confirmed = started + Duration::from_secs_f64(report.total_ms / 1e3);
-                let paused = confirmed
-                    .checked_sub(Duration::from_secs_f64(report.downtime_ms / 1e3))
-                    .unwrap_or(started);
-                return Ok(Move {
-                    started,
-                    ended: Instant::now(),
-                    switchover: (
-                        paused.checked_sub(SWITCHOVER_SLACK).unwrap_or(paused),
-                        confirmed + SWITCHOVER_SLACK,
-                    ),
-                    pause_ms: report.downtime_ms,
-                    mib_sent: report.bytes_sent as f64 / f64::from(1 << 20),
-                    chunks_from_files: report.chunks_from_files,
-                });
-            }
-            other => bail!(
-                "migration of {id} ended {other:?}: {}",
-                status.error.unwrap_or_default()
-            ),
+        Ok((status.state != MigrationState::Running).then_some(status))
+    })?;
+    match status.state {
+        MigrationState::Succeeded => {
+            let report = status.report.context("a success without a report")?;
+            // The report's total ends at the destination's confirmation, just
+            // after it resumed; the pause ends there too.
+            let confirmed = started + Duration::from_secs_f64(report.total_ms / 1e3);
+            let paused = confirmed
+                .checked_sub(Duration::from_secs_f64(report.downtime_ms / 1e3))
+                .unwrap_or(started);
+            Ok(Move {
+                started,
+                ended: Instant::now(),
+                switchover: (
+                    paused.checked_sub(SWITCHOVER_SLACK).unwrap_or(paused),
+                    confirmed + SWITCHOVER_SLACK,
+                ),
+                pause_ms: report.downtime_ms,
+                mib_sent: report.bytes_sent as f64 / f64::from(1 << 20),
+                chunks_from_files: report.chunks_from_files,
+            })
         }
+        other => bail!(
+            "migration of {id} ended {other:?}: {}",
+            status.error.unwrap_or_default()
+        ),
     }
 }
+
+/// The longest a migration of the served VM may take: seconds at most, even throttled.
+const MIGRATION_WITHIN: Duration = Duration::from_secs(300);
 
 /// `ferry bench serve`, its migrations at most `max_rate` MiB/s if given.
 pub fn bench_serve(
@@ -368,12 +373,13 @@ pub fn bench_serve(
         }
         for i in 0..MIGRATIONS {
             let (from, to) = if i % 2 == 0 { ("a", &b) } else { ("b", &a) };
-            moved.push(migrate(
-                cluster.host(from),
-                &id,
-                &to.migration_addr,
-                max_rate,
-            ));
+            let this = migrate(cluster.host(from), &id, &to.migration_addr, max_rate);
+            // After a failed one the VM is not where the next would start from.
+            let failed = this.is_err();
+            moved.push(this.with_context(|| format!("migration {} of {MIGRATIONS}", i + 1)));
+            if failed {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(400));
         }
         migrating.store(false, Ordering::Relaxed);
@@ -404,7 +410,7 @@ pub fn bench_serve(
         }
     }
     let mut pauses: Vec<f64> = moves.iter().map(|m| m.pause_ms).collect();
-    let longest = in_migration.iter().copied().fold(0.0, f64::max);
+    let longest = percentile(&mut in_migration.clone(), 1.0);
     let steady_p50 = percentile(&mut outside, 0.5);
     let steady_p99 = percentile(&mut outside, 0.99);
     let steady_max = percentile(&mut outside, 1.0);

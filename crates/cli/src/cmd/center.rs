@@ -246,7 +246,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "X", default_value_t = 0.2, value_parser = parse_balance_threshold)]
     pub balance_threshold: f64,
     /// Also balance on its own every this many seconds.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
     pub balance_every_s: Option<u64>,
     /// More operators' tokens, one per line: `TOKEN`, `TOKEN read-only` (enough for the
     /// dashboard and /metrics) or `TOKEN serving` (the OpenAI API only, for applications

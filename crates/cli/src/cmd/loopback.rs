@@ -17,7 +17,7 @@ pub(crate) struct LoopbackCluster {
     /// The center, stopped when this is dropped.
     _center: crate::cmd::center::RunningCenter,
     _runtime: tokio::runtime::Runtime,
-    _db: DbFile,
+    _db: tempfile::TempDir,
     /// The center's API, with the operator token.
     pub center: ApiClient,
     /// Its URL.
@@ -29,16 +29,6 @@ pub(crate) struct LoopbackCluster {
 }
 
 /// The center's database, removed on drop.
-struct DbFile(std::path::PathBuf);
-
-impl Drop for DbFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
 impl LoopbackCluster {
     /// Starts the center (`parallel` migrations at once) and three hosts with
     /// `host_capacity` bytes of accelerator memory each, `prefault` bytes of it backed
@@ -53,13 +43,16 @@ impl LoopbackCluster {
         let token = Secret::generate_hex();
         let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-        let db = DbFile(
-            std::env::temp_dir().join(format!("ferry-bench-evacuate-{}.db", std::process::id())),
-        );
+        // A folder of its own (made 0700, removed with the database in it on drop):
+        // a fixed name in the shared temporary folder could be another user's.
+        let db = tempfile::Builder::new()
+            .prefix("ferry-bench-evacuate-")
+            .tempdir()
+            .context("cannot make a folder for the center's database")?;
         let center = crate::cmd::center::start(
             &runtime,
             CenterConfig {
-                store: ferry_center::StoreConfig::Sqlite(db.0.clone()),
+                store: ferry_center::StoreConfig::Sqlite(db.path().join("center.db")),
                 name: String::new(),
                 advertise_url: String::new(),
                 token: token.as_bytes().to_vec(),

@@ -10,6 +10,7 @@ pub mod bench_migrate;
 pub mod bench_serve;
 pub mod bench_soak;
 pub mod center;
+pub mod child;
 pub mod demo;
 pub mod host;
 pub mod loopback;

@@ -5,14 +5,16 @@
 //! and the raw TCP rate through the same link is measured beside each figure. Needs
 //! root; everything is removed when the link is dropped.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
+
+use crate::cmd::child::Killed;
 
 /// Host a's address, outside the namespace.
 pub const ADDR_A: &str = "10.213.0.1";
@@ -230,7 +232,7 @@ impl Drop for ShapedLink {
 
 /// A `ferry host serve` child process, killed on drop, and where it listens.
 pub struct HostProcess {
-    child: Child,
+    _child: Killed,
     /// Its API (`http://IP:PORT`).
     pub api: String,
     /// Its migration address.
@@ -241,14 +243,9 @@ impl HostProcess {
     /// Starts `command` (a `ferry host serve ...`) with the cluster `secret`, and reads
     /// where it listens from its first line.
     pub fn start(mut command: Command, secret: &str) -> anyhow::Result<Self> {
-        let mut child = command
-            .env("FERRY_SECRET", secret)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start `ferry host serve`")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("host stdout")?).read_line(&mut line)?;
+        let command = command.env("FERRY_SECRET", secret).stderr(Stdio::inherit());
+        let mut child = Killed::spawn(command, "`ferry host serve`")?;
+        let line = child.first_line("the host")?;
         // "ferry host a: API on http://IP:P, migrations on IP:Q ..."
         let api = line
             .split("API on ")
@@ -262,22 +259,12 @@ impl HostProcess {
             .map(str::to_string);
         match (api, migration_addr) {
             (Some(api), Some(migration_addr)) => Ok(Self {
-                child,
+                _child: child,
                 api,
                 migration_addr,
             }),
-            _ => {
-                let _ = child.kill();
-                bail!("the host did not say where it listens: {line:?}")
-            }
+            _ => bail!("the host did not say where it listens: {line:?}"),
         }
-    }
-}
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
