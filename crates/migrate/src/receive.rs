@@ -1698,6 +1698,12 @@ fn control_loop<T: MigrationTarget>(
     let mut expected_frames = vec![0u64; usize::from(streams)];
     // The open round's device commands, replayed once its data is in.
     let mut round_commands = RoundCommands::new(MAX_ROUND_COMMAND_BYTES);
+    // Whether the open round began without a buffer table (its commands make it).
+    let mut round_replays = false;
+    // Whether the device memory here was last made by replayed commands: the final state
+    // must then bring the source's digest, or a replay that went astray would go unseen.
+    // A later round with its table and no commands (pre-copy taking over) resends it.
+    let mut device_replayed = false;
     // When the source last moved the migration on (not counting keepalives), and the
     // most data bytes seen then.
     let mut progress = Instant::now();
@@ -1735,6 +1741,7 @@ fn control_loop<T: MigrationTarget>(
                         "round {round} began again while it was open"
                     )));
                 }
+                round_replays = buffers.is_none();
                 match buffers {
                     Some(buffers) => sync_buffers(target, &buffers)?,
                     // The base came with round 0: later rounds may leave the table to
@@ -1828,6 +1835,7 @@ fn control_loop<T: MigrationTarget>(
                 }
                 // Before the replay, whose writes must clear the origins kept.
                 keep_true_origins(conn, target, inbound.claims.take())?;
+                device_replayed = round_replays || !round_commands.is_empty();
                 if !round_commands.is_empty() {
                     let (n, replaying) = (round_commands.len(), Instant::now());
                     // Bounded: the source waits at most about as long, and a peer's
@@ -1895,6 +1903,11 @@ fn control_loop<T: MigrationTarget>(
                         if let Some(why) = source.difference(&here) {
                             return Err(MigrationError::DeviceDiverged(why));
                         }
+                    }
+                    None if device_replayed => {
+                        return Err(MigrationError::BrokenSequence(
+                            "the final state came without the digest of the device memory the replayed commands made here".into(),
+                        ))
                     }
                     None => {}
                 }

@@ -473,3 +473,53 @@ fn a_chunk_origin_sent_with_the_bytes_is_kept_only_if_the_file_received_bears_it
     let kept: Vec<_> = origins.iter().map(|(k, o)| (k.buffer, o.offset)).collect();
     assert_eq!(kept, [(1, 100), (3, 4000)]);
 }
+
+#[test]
+fn a_final_state_after_replayed_rounds_must_bring_the_device_digest() {
+    let dest = Destination::start();
+    let vm = || memory_vm::description("hostile", MIB, 512);
+    let table = || Some(vec![DeviceBuffer { id: 1, bytes: 512 }]);
+    let key = ChunkKey {
+        buffer: 1,
+        index: 0,
+    };
+    // The base, then a round the replayed commands make; `resent`: then a round that
+    // sends the device memory again with its table (pre-copy taking over).
+    let run = |resent: bool| {
+        let (mut c, mut data) = dest.session_moving_device(vm(), 1, DeviceTransfer::Replay);
+        let mut round = |round: u32, buffers: Option<Vec<DeviceBuffer>>| {
+            c.send(&Message::BeginRound { round, buffers }).unwrap();
+            let chunks = u64::from(round != 1);
+            if chunks == 1 {
+                let bytes = [round as u8; 512];
+                data[0].writer.send_chunk(key, 512, Some(&bytes)).unwrap();
+                data[0].writer.flush().unwrap();
+            }
+            c.send(&Message::EndRound {
+                round,
+                frames: vec![chunks],
+            })
+            .unwrap();
+            assert_applied(&mut c, round);
+        };
+        round(0, table());
+        round(1, None);
+        if resent {
+            round(2, table());
+        }
+        c.send(&Message::State {
+            blob: b"state".to_vec(),
+            device: None,
+        })
+        .unwrap();
+        // The data streams too: one closed would fail the session on its own.
+        (c, data)
+    };
+    // Without the digest, a replay gone astray would run unseen: refused.
+    let reason = abort_reason(&mut run(false).0);
+    assert!(reason.contains("without the digest"), "{reason}");
+    dest.assert_nothing_adopted();
+    // Sent again whole, the device memory needs none.
+    let (mut c, _data) = run(true);
+    assert_eq!(hostile::answer(&mut c).0.unwrap(), Message::Ready);
+}

@@ -175,8 +175,18 @@ impl Destination {
         vm: VmDescription,
         streams: u8,
     ) -> (FrameStream<TcpStream>, Vec<FrameStream<TcpStream>>) {
+        self.session_moving_device(vm, streams, DeviceTransfer::Precopy)
+    }
+
+    /// [`Self::session`], asking to move device memory by `device`.
+    pub fn session_moving_device(
+        &self,
+        vm: VmDescription,
+        streams: u8,
+        device: DeviceTransfer,
+    ) -> (FrameStream<TcpStream>, Vec<FrameStream<TcpStream>>) {
         let mut c = self.connect(StreamRole::Control);
-        c.send(&offer(vm, streams)).unwrap();
+        c.send(&offer_moving_device(vm, streams, device)).unwrap();
         let session = match c.expect_control("accept") {
             Ok(Message::Accept { session, .. }) => session,
             other => panic!("expected accept, got {other:?}"),
