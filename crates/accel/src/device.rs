@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use ferry_abi::accel::{device_status, op, status, Command, MAX_BUFFERS};
 use ferry_abi::file::MAX_READ;
 use ferry_abi::IMAGE_BASE;
+use ferry_migrate::wire::at_most;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -88,6 +89,7 @@ pub struct AccelState {
     /// after restore.
     pub tail: u64,
     /// Allocated buffers.
+    #[serde(deserialize_with = "at_most::<_, _, { MAX_BUFFERS as usize }>")]
     pub buffers: Vec<BufferState>,
 }
 

@@ -263,8 +263,9 @@ pub(crate) fn bounded_reason(mut reason: String) -> String {
 
 /// Decodes a sequence of at most `MAX` elements: a peer's count cannot make the decoder
 /// hold more than the bound, whatever fits in a message (an element that takes a few
-/// bytes on the wire may take tens in memory).
-pub(crate) fn at_most<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
+/// bytes on the wire may take tens in memory). For `#[serde(deserialize_with)]` on the
+/// sequences of every state a peer or a file gives.
+pub fn at_most<'de, D, T, const MAX: usize>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

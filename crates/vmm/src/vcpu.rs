@@ -11,6 +11,7 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_migrate::wire::at_most;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -132,6 +133,7 @@ const KVM_XSAVE_SIZE: i32 = 4096;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// CPUID the vCPU was created with (restored first: it shapes XSAVE and MSRs).
+    #[serde(deserialize_with = "at_most::<_, _, KVM_MAX_CPUID_ENTRIES>")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Multiprocessing state.
     pub mp_state: kvm_mp_state,
@@ -146,6 +148,7 @@ pub struct VcpuState {
     /// Debug registers.
     pub debug_regs: kvm_debugregs,
     /// The MSRs of `SAVED_MSRS` this host supports.
+    #[serde(deserialize_with = "at_most::<_, _, { SAVED_MSRS.len() }>")]
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions and interrupt shadow (restored last).
     pub vcpu_events: kvm_vcpu_events,

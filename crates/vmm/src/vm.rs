@@ -13,6 +13,7 @@ use ferry_abi::{
 use ferry_accel::backend::{self, Backend, DeviceMemory};
 use ferry_accel::device::{AccelState, AccelStateError, Accelerator, BusyClock, DeviceTracker};
 use ferry_migrate::cpu::{joined, native_cpu_features};
+use ferry_migrate::wire::at_most;
 use ferry_migrate::CpuidWord;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -151,13 +152,15 @@ pub struct MicrovmState {
     pub abi_version: u32,
     /// VM shape.
     pub config: VmConfig,
-    /// One state per vCPU.
+    /// One state per vCPU (the config counts them in a `u8`).
+    #[serde(deserialize_with = "at_most::<_, _, { u8::MAX as usize }>")]
     pub vcpus: Vec<VcpuState>,
     /// Port devices.
     pub devices: DeviceStates,
     /// The accelerator, if the VM has one (buffer contents travel separately).
     pub accel: Option<AccelState>,
     /// The attached files (their contents are the host's to provide).
+    #[serde(deserialize_with = "at_most::<_, _, { ferry_abi::file::MAX_FILES }>")]
     pub files: Vec<FileInfo>,
 }
 

@@ -16,6 +16,7 @@ use ferry_abi::channel::{
     MESSAGE_HEADER_SIZE,
 };
 use ferry_abi::{IMAGE_BASE, PAGE_SIZE};
+use ferry_migrate::wire::at_most;
 use serde::{Deserialize, Serialize};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -144,6 +145,7 @@ struct Stream {
     id: u64,
     /// The stream's index of `events[0]`: those before it were read and let go of.
     first: usize,
+    #[serde(deserialize_with = "at_most::<_, _, MAX_STREAM_EVENTS>")]
     events: Vec<Message>,
     /// Payload bytes of `events`.
     bytes: usize,
@@ -226,11 +228,18 @@ pub struct ChannelState {
     request_head: u64,
     request_tail: u64,
     response_tail: u64,
+    #[serde(deserialize_with = "queued_at_most")]
     queued: VecDeque<Queued>,
     /// Oldest first.
+    #[serde(deserialize_with = "at_most::<_, _, MAX_STREAMS>")]
     streams: Vec<Stream>,
     /// Responses the guest sent to streams that were not open.
     dropped: u64,
+}
+
+/// A saved queue, of at most the requests and notices it can hold ([`at_most`]).
+fn queued_at_most<'de, D: serde::Deserializer<'de>>(d: D) -> Result<VecDeque<Queued>, D::Error> {
+    at_most::<_, _, { MAX_QUEUED + MAX_STREAMS }>(d).map(VecDeque::from)
 }
 
 impl ChannelState {
@@ -1385,6 +1394,44 @@ mod tests {
         restored.open();
         restored.kick(&mem, 0);
         assert_eq!(restored.save().queued.len(), 1, "kept, not delivered");
+    }
+
+    #[test]
+    fn a_saved_state_decodes_only_within_the_channels_bounds() {
+        // Empty messages take a few bytes saved and tens in memory: a state of a message
+        // more than a bound allows is refused as it is read, not cut after.
+        let stream = |events: usize| Stream {
+            id: 1,
+            first: 0,
+            events: vec![message(0, ""); events],
+            bytes: 0,
+            end: StreamEnd::Open,
+            signalled: false,
+            read_whole: false,
+            grace_since: None,
+        };
+        let queued = |n: usize| {
+            let one = Queued {
+                stream: 1,
+                delivery: Delivery::Signal,
+                message: message(0, ""),
+            };
+            vec![one; n].into()
+        };
+        let state = |streams: usize, events: usize, queue: usize| ChannelState {
+            streams: (0..streams).map(|_| stream(events)).collect(),
+            queued: queued(queue),
+            ..ChannelState::default()
+        };
+        let decodes = |s: ChannelState| {
+            postcard::from_bytes::<ChannelState>(&postcard::to_allocvec(&s).unwrap()).is_ok()
+        };
+        let most = MAX_QUEUED + MAX_STREAMS;
+        assert!(decodes(state(MAX_STREAMS, 1, most)));
+        assert!(decodes(state(1, MAX_STREAM_EVENTS, 0)));
+        assert!(!decodes(state(MAX_STREAMS + 1, 1, 0)));
+        assert!(!decodes(state(1, MAX_STREAM_EVENTS + 1, 0)));
+        assert!(!decodes(state(0, 0, most + 1)));
     }
 
     #[test]

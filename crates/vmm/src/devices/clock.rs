@@ -7,6 +7,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use ferry_migrate::wire::at_most;
 use serde::{Deserialize, Serialize};
 
 /// Saved clock state.
@@ -15,6 +16,7 @@ pub struct ClockState {
     /// Guest time at the save, in ns.
     pub now_ns: u64,
     /// High half latched by each vCPU's last `CLOCK_LO` read.
+    #[serde(deserialize_with = "at_most::<_, _, { u8::MAX as usize }>")]
     pub latched_high: Vec<u32>,
 }
 
