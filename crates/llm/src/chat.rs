@@ -80,11 +80,29 @@ impl ChatTemplate {
     /// The template of the model's `tokenizer.chat_template`.
     pub fn from_gguf(gguf: &Gguf<'_>) -> Result<ChatTemplate, ChatError> {
         let template = gguf.get_str(TEMPLATE_KEY).ok_or(ChatError::NoTemplate)?;
-        ChatTemplate::recognise(template)
+        let eos = (gguf.get_u32("tokenizer.ggml.eos_token_id"))
+            .and_then(|id| {
+                gguf.get("tokenizer.ggml.tokens")?
+                    .as_array()?
+                    .strings()?
+                    .get(id as usize)
+            })
+            .and_then(|text| core::str::from_utf8(text).ok());
+        ChatTemplate::recognise_with_eos(template, eos)
     }
 
     /// The family of the Jinja template text `template`.
     pub fn recognise(template: &str) -> Result<ChatTemplate, ChatError> {
+        ChatTemplate::recognise_with_eos(template, None)
+    }
+
+    /// [`ChatTemplate::recognise`], for a model whose end-of-sequence token is `eos`: a
+    /// Zephyr template may end its messages with `eos_token` (TinyLlama's does) rather
+    /// than write the marker itself.
+    pub fn recognise_with_eos(
+        template: &str,
+        eos: Option<&str>,
+    ) -> Result<ChatTemplate, ChatError> {
         if template.contains("<|im_start|>") {
             return Ok(ChatTemplate::ChatMl {
                 default_system: default_system(template),
@@ -101,6 +119,17 @@ impl ChatTemplate {
                 return Ok(ChatTemplate::Zephyr {
                     end: "<|endoftext|>",
                 });
+            }
+            if template.contains("eos_token") {
+                match eos {
+                    Some("</s>") => return Ok(ChatTemplate::Zephyr { end: "</s>" }),
+                    Some("<|endoftext|>") => {
+                        return Ok(ChatTemplate::Zephyr {
+                            end: "<|endoftext|>",
+                        })
+                    }
+                    _ => {}
+                }
             }
         }
         Err(ChatError::UnknownTemplate {
@@ -375,6 +404,18 @@ mod tests {
         );
         let t = ChatTemplate::recognise("<|user|> <|assistant|> </s>").unwrap();
         assert_eq!(t.render(&m, true), "<|user|>\n Hi </s>\n<|assistant|>\n");
+        // TinyLlama's ends each message with the model's end-of-sequence token.
+        let tiny = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% endfor %}";
+        assert_eq!(
+            ChatTemplate::recognise_with_eos(tiny, Some("</s>")).unwrap(),
+            t
+        );
+        for eos in [None, Some("<eos>")] {
+            assert!(matches!(
+                ChatTemplate::recognise_with_eos(tiny, eos),
+                Err(ChatError::UnknownTemplate { .. })
+            ));
+        }
         assert!(matches!(
             ChatTemplate::recognise("[INST] {{ x }} [/INST]"),
             Err(ChatError::UnknownTemplate { .. })

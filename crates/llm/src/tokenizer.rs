@@ -82,7 +82,8 @@ pub enum TokenizerModel {
 /// The pre-tokenizer regex family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
-    /// The GPT-2 pattern (`tokenizer.ggml.pre` `"gpt2"`, `"default"` or absent).
+    /// The GPT-2 pattern (`tokenizer.ggml.pre` `"gpt-2"`, `"gpt2"`, `"default"` or
+    /// absent).
     Gpt2,
     /// Every `\p{N}` alone, then the GPT-2 pattern (`"smollm"`).
     SmolLm,
@@ -473,7 +474,10 @@ impl Tokenizer {
             "gpt2" => TokenizerModel::BytePairs(match gguf.get("tokenizer.ggml.pre") {
                 None => PreTokenizer::Gpt2,
                 Some(v) => match v.as_str() {
-                    Some("gpt2" | "default") => PreTokenizer::Gpt2,
+                    // llama.cpp writes "gpt-2"; "default" (and none) is its default
+                    // pattern, which splits runs of punctuation and digits in threes
+                    // before GPT-2's: taken here as GPT-2's alone (see the README).
+                    Some("gpt-2" | "gpt2" | "default") => PreTokenizer::Gpt2,
                     Some("smollm") => PreTokenizer::SmolLm,
                     Some("llama-bpe") => PreTokenizer::Llama3,
                     Some(other) => {

@@ -314,6 +314,12 @@ fn refuses_bad_tokenizers() {
     let tok = tokenizer(&w).unwrap();
     assert_eq!(tok.pre_tokenizer(), Some(PreTokenizer::Gpt2));
     assert_eq!(tok.encode("<|im_end|>", true).len(), "<|im_end|>".len());
+    // llama.cpp's name for it.
+    w.set("tokenizer.ggml.pre", s("gpt-2"));
+    assert_eq!(
+        tokenizer(&w).unwrap().pre_tokenizer(),
+        Some(PreTokenizer::Gpt2)
+    );
 }
 
 #[test]
