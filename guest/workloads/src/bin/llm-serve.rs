@@ -230,8 +230,9 @@ impl Server {
     /// ends; either's last event says it was cancelled.
     fn cancel(&mut self, ch: &mut Channel, stream: u64) {
         if let Some(i) = self.queue.iter().position(|s| s.stream == stream) {
-            self.queue.remove(i);
-            send(ch, stream, &done(FinishReason::Cancelled, 0, 0));
+            // Its prompt was read (and counts in the usage), if not yet run.
+            let prompt = self.queue.remove(i).map_or(0, |seq| seq.prompt.len());
+            send(ch, stream, &done(FinishReason::Cancelled, prompt, 0));
         }
         let active = self
             .slots
