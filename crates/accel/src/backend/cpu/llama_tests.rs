@@ -602,6 +602,43 @@ fn dot_products_with_several_inputs_give_each_inputs_bits() {
 }
 
 #[test]
+fn avx2_and_portable_inputs_give_the_same_bits() {
+    if lacks_avx2("avx2_and_portable_inputs_give_the_same_bits") {
+        return;
+    }
+    let mut rng = Rng(29);
+    let specials = [
+        -0.0,
+        0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-45,
+        -1e-45,
+        f32::MAX,
+        32766.5,
+        0.5,
+        -2.5,
+    ];
+    let mut x = rng.vec(64 * 32, 3.0);
+    // Blocks all of one value, of signed zeros (their sums' signs), of a subnormal
+    // largest magnitude (an infinite inverse), and with NaN and infinities among others.
+    for (i, &v) in specials.iter().enumerate() {
+        x[32 * i..32 * (i + 1)].fill(v);
+        x[32 * (20 + i) + i] = v;
+    }
+    x[32 * 40..32 * 41]
+        .iter_mut()
+        .step_by(2)
+        .for_each(|v| *v = -0.0);
+    let prepared = |avx2| {
+        let input = super::quant::prepare_with(&x, &mut super::Ticker::unchecked(), avx2);
+        super::quant::input_bits(&input.expect("unchecked"))
+    };
+    assert_eq!(prepared(true), prepared(false));
+}
+
+#[test]
 fn inputs_round_to_the_nearest_even_integer() {
     // The rounding the 16-bit inputs use, against Rust's own, on ties, near ties, signs
     // and the range's ends.

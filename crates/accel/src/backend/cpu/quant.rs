@@ -92,6 +92,18 @@ pub fn input_q<'i>(inp: &'i Input<'_>) -> &'i [i16] {
     &inp.q
 }
 
+/// The bits of everything a prepared row holds (for tests): its lane sums, 16-bit
+/// inputs and scales.
+#[cfg(test)]
+pub fn input_bits(inp: &Input<'_>) -> (Vec<u32>, Vec<i16>, Vec<u32>) {
+    let sums = inp.sums.iter().flatten().map(|v| v.to_bits()).collect();
+    (
+        sums,
+        inp.q.clone(),
+        inp.d.iter().map(|v| v.to_bits()).collect(),
+    )
+}
+
 /// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (and NaN for
 /// NaN): adding and subtracting 1.5·2^23 leaves no fraction bits, and the default IEEE
 /// rounding mode rounds to even. (`f32::round_ties_even` calls libm's `rintf` where the
@@ -129,28 +141,56 @@ pub fn prepare(x: &[f32]) -> Input<'_> {
 
 /// [`prepare`], counting its steps on `tick`.
 pub fn prepare_checked<'a>(x: &'a [f32], tick: &mut Ticker<'_>) -> Result<Input<'a>, Stopped> {
+    prepare_with(x, tick, has_avx2())
+}
+
+/// [`prepare_checked`], by the AVX2 code if `avx2` (the same bits: tests compare them).
+pub(super) fn prepare_with<'a>(
+    x: &'a [f32],
+    tick: &mut Ticker<'_>,
+    avx2: bool,
+) -> Result<Input<'a>, Stopped> {
     let blocks = x.len() / INPUT_BLOCK;
     let mut sums = Vec::with_capacity(blocks);
-    let mut q = Vec::with_capacity(blocks * INPUT_BLOCK);
+    let mut q = vec![0i16; blocks * INPUT_BLOCK];
     let mut d = Vec::with_capacity(blocks);
-    for b in x.chunks_exact(INPUT_BLOCK) {
-        let mut t = [0.0; LANES];
-        for g in 0..4 {
-            for l in 0..LANES {
-                t[l] += b[8 * g + l];
-            }
-        }
+    let (q_blocks, _) = q.as_chunks_mut::<INPUT_BLOCK>();
+    let (x_blocks, _) = x.as_chunks::<INPUT_BLOCK>();
+    for (b, q) in x_blocks.iter().zip(q_blocks) {
+        #[cfg(target_arch = "x86_64")]
+        let (t, scale) = if avx2 {
+            // SAFETY: the caller checked that this CPU has AVX2 and F16C.
+            unsafe { avx2::prepare_block(b, q) }
+        } else {
+            prepare_block(b, q)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (t, scale) = {
+            let _ = avx2;
+            prepare_block(b, q)
+        };
         sums.push(t);
-        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let inv = if amax > 0.0 { INPUT_MAX / amax } else { 0.0 };
-        d.push(amax / INPUT_MAX);
-        q.extend(
-            b.iter()
-                .map(|&v| round_even(v * inv).clamp(-INPUT_MAX, INPUT_MAX) as i16),
-        );
+        d.push(scale);
         tick.done(INPUT_BLOCK)?;
     }
     Ok(Input { x, sums, q, d })
+}
+
+/// One block of [`prepare`]: its lane sums and scale, its 16-bit inputs into `q`.
+#[inline(always)]
+fn prepare_block(b: &[f32; INPUT_BLOCK], q: &mut [i16; INPUT_BLOCK]) -> (Lanes, f32) {
+    let mut t = [0.0; LANES];
+    for g in 0..4 {
+        for l in 0..LANES {
+            t[l] += b[8 * g + l];
+        }
+    }
+    let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let inv = if amax > 0.0 { INPUT_MAX / amax } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(b) {
+        *q = round_even(v * inv).clamp(-INPUT_MAX, INPUT_MAX) as i16;
+    }
+    (t, amax / INPUT_MAX)
 }
 
 /// The lanes of 16 weights `w(j)` times the 16-bit inputs `q`: lane `l` holds
@@ -459,6 +499,53 @@ mod avx2 {
     fn half(b: &[u8], at: usize) -> __m256 {
         let h = u16::from_le_bytes([b[at], b[at + 1]]);
         _mm256_cvtph_ps(_mm_set1_epi16(h as i16))
+    }
+
+    /// [`super::prepare_block`] by the same operations, eight lanes at a time: sums from
+    /// zero (so a sum of negative zeros is a positive one, as there), the largest
+    /// magnitude (a maximum, exact in any order; NaN passed over, as `f32::max` does),
+    /// and NaN rounded to 0 (as `as i16` makes it).
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn prepare_block(b: &[f32; INPUT_BLOCK], q: &mut [i16; INPUT_BLOCK]) -> (Lanes, f32) {
+        let (b, _) = b.as_chunks::<8>();
+        let v = [0, 1, 2, 3].map(|g| lanes_in(&b[g]));
+        let mut t = _mm256_setzero_ps();
+        for v in v {
+            t = _mm256_add_ps(t, v);
+        }
+        let magnitude = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
+        let mut amax = _mm256_setzero_ps();
+        for v in v {
+            // The second operand where either is NaN: the maximum so far.
+            amax = _mm256_max_ps(_mm256_and_ps(v, magnitude), amax);
+        }
+        let amax = lanes_out(amax).into_iter().fold(0.0f32, f32::max);
+        let inv = if amax > 0.0 {
+            super::INPUT_MAX / amax
+        } else {
+            0.0
+        };
+        let (inv, magic) = (_mm256_set1_ps(inv), _mm256_set1_ps(12_582_912.0));
+        let (lo, hi) = (
+            _mm256_set1_ps(-super::INPUT_MAX),
+            _mm256_set1_ps(super::INPUT_MAX),
+        );
+        let ints = v.map(|v| {
+            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), magic), magic);
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+            _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+        });
+        // Packed in 128-bit halves (a0-3 b0-3 a4-7 b4-7), then put in order.
+        let pack = |a, b| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+        let (first, second) = (pack(ints[0], ints[1]), pack(ints[2], ints[3]));
+        let (q0, q1) = q.split_at_mut(16);
+        // SAFETY: each half of `q` is sixteen writable i16; the stores have no alignment
+        // requirement.
+        unsafe {
+            _mm256_storeu_si256(q0.as_mut_ptr().cast(), first);
+            _mm256_storeu_si256(q1.as_mut_ptr().cast(), second);
+        }
+        (lanes_out(t), amax / super::INPUT_MAX)
     }
 
     /// Sixteen bytes `b[at..at + 16]`.
