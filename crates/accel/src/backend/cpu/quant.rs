@@ -478,8 +478,7 @@ mod avx2 {
     use core::arch::x86_64::*;
 
     use super::{
-        float_tail, lane_sum, prefetch, q4k_scale_min, q6k_quarters, Input, Lanes, INPUT_BLOCK,
-        INPUT_GROUP,
+        float_tail, prefetch, q4k_scale_min, q6k_quarters, Input, Lanes, INPUT_BLOCK, INPUT_GROUP,
     };
 
     /// How far past the block being read the weights are prefetched: a task's rows are
@@ -546,6 +545,17 @@ mod avx2 {
             _mm256_storeu_si256(q1.as_mut_ptr().cast(), second);
         }
         (lanes_out(t), amax / super::INPUT_MAX)
+    }
+
+    /// [`super::lane_sum`] of the eight lanes, in registers: the same additions in the same
+    /// order (`(l0 + l4) + (l2 + l6)`, then `(l1 + l5) + (l3 + l7)`, then their sum),
+    /// without the trip through memory that took 6% of a product's time.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn lane_total(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
     }
 
     /// Sixteen bytes `b[at..at + 16]`.
@@ -694,7 +704,7 @@ mod avx2 {
             let xs: &Lanes = xs.try_into().expect("eight inputs");
             acc = _mm256_add_ps(acc, _mm256_mul_ps(load(w), lanes_in(xs)));
         }
-        lane_sum(lanes_out(acc)) + float_tail(row, width, x)
+        lane_total(acc) + float_tail(row, width, x)
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -727,7 +737,7 @@ mod avx2 {
             prefetch(b.as_ptr().wrapping_add(WEIGHTS_AHEAD));
             acc = add(acc, b, inputs.block(i));
         }
-        lane_sum(lanes_out(acc))
+        lane_total(acc)
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -774,7 +784,7 @@ mod avx2 {
             let (d, m) = half_pair(b);
             acc = scaled_offset(acc, times(d, dx), block(w0, w1, q), m, t);
         }
-        lane_sum(lanes_out(acc))
+        lane_total(acc)
     }
 
     /// A row of a 32-element block format with [`INPUT_GROUP`] inputs: `unpack` gives
@@ -804,7 +814,7 @@ mod avx2 {
                 };
             }
         }
-        acc.map(|a| lane_sum(lanes_out(a)))
+        acc.map(|a| lane_total(a))
     }
 
     /// [`dot_q4_1`] of one row with [`INPUT_GROUP`] inputs (see [`group`]).
@@ -882,7 +892,7 @@ mod avx2 {
                 }
             }
         }
-        acc.map(|a| lane_sum(lanes_out(a)))
+        acc.map(|a| lane_total(a))
     }
 
     /// Q6_K: each sub-block of 16 weights is rebuilt from its four low bits (`ql`, the
@@ -917,7 +927,7 @@ mod avx2 {
                 }
             },
         );
-        lane_sum(lanes_out(acc))
+        lane_total(acc)
     }
 }
 
