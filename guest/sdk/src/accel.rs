@@ -53,6 +53,7 @@ use crate::abi::file::MAX_READ;
 use crate::abi::{port, PAGE_SIZE};
 use crate::files::File;
 use crate::rt;
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -96,6 +97,15 @@ pub struct Tensor<T: Element = f32> {
 
 /// A device buffer of `u32` (token ids, labels, argmax results).
 pub type U32Tensor = Tensor<u32>;
+
+/// A download queued by [`Accel::download_later`]: the memory the device writes into,
+/// until [`Accel::collect`] hands it over. Dropped uncollected, the memory is leaked,
+/// never freed, as the device may still write into it.
+pub struct Pending<T: Element> {
+    /// The FENCE after the download.
+    fence: u64,
+    data: core::mem::ManuallyDrop<Box<[T]>>,
+}
 
 /// Device weights in a block format: `rows` rows of `cols` elements in `dtype`, as a GGUF
 /// file stores a weight matrix (`cols` is the tensor's first dimension).
@@ -726,6 +736,31 @@ impl Accel {
             out.as_mut_ptr() as u64,
             out.len(),
         )
+    }
+
+    /// Queues a DOWNLOAD of `t` behind the work queued so far, into memory the returned
+    /// [`Pending`] owns, and a FENCE after it: the work queued next runs meanwhile, and
+    /// [`Accel::collect`] waits for the download alone (the device runs commands in order).
+    #[track_caller]
+    pub fn download_later<T: Element>(&mut self, t: &Tensor<T>) -> Pending<T> {
+        let mut data = alloc::vec![T::default(); t.len()].into_boxed_slice();
+        if !data.is_empty() {
+            let (addr, bytes) = (data.as_mut_ptr() as u64, data.len() as u64 * 4);
+            self.submit(op::DOWNLOAD, &[u64::from(t.id), 0, addr, bytes]);
+        }
+        let fence = self.fence();
+        Pending {
+            fence,
+            data: core::mem::ManuallyDrop::new(data),
+        }
+    }
+
+    /// The values of a [`Accel::download_later`], once the device has written them;
+    /// the first device error so far.
+    pub fn collect<T: Element>(&mut self, mut pending: Pending<T>) -> Result<Box<[T]>, AccelError> {
+        self.wait_fence(pending.fence)?;
+        // SAFETY: taken once, from a `Pending` consumed here: nothing uses it after.
+        Ok(unsafe { core::mem::ManuallyDrop::take(&mut pending.data) })
     }
 
     /// Submits an UPLOAD or DOWNLOAD of `len` elements and waits for it: the guest

@@ -14,6 +14,7 @@
 mod model;
 
 use ferry_llm::{Message, RenderedPrompt, Sampler, SamplerConfig, Utf8Stream};
+use ferry_sdk::accel::Pending;
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
 use ferry_sdk::files;
@@ -162,6 +163,14 @@ fn print_top(step: usize, pos: usize, logits: &[f32], k: usize) {
     println!("logits step={step} pos={pos} top={}", top.join(","));
 }
 
+/// Queues the pass of the token the last argmax left on the device, at `pos` (then one
+/// further), and the argmax after it.
+fn queue_next(dev: &mut Device, pos: &mut usize) -> Pending<u32> {
+    dev.forward_queued(*pos, 0);
+    *pos += 1;
+    dev.argmax_queued()
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -275,7 +284,14 @@ fn run(o: &Options) -> Result<(), Failure> {
             dev.argmax()?
         })
     };
-    let mut token = next(&mut dev, &mut sampler, &mut logits, 0, pos - 1)?;
+    // Greedy without the logits: each token's argmax stays on the device and the next
+    // pass is queued before the guest looks at it (the device never waits for it).
+    let pipelined = logits.is_empty();
+    let mut pending = pipelined.then(|| dev.argmax_queued());
+    let mut token = match pending.take() {
+        Some(p) => dev.collect(p)?,
+        None => next(&mut dev, &mut sampler, &mut logits, 0, pos - 1)?,
+    };
     let prompt_ns = now_ns() - started;
     println!(
         "llm-chat: prompt of {} tokens in {:.0} ms ({:.1} tokens/s)",
@@ -285,6 +301,10 @@ fn run(o: &Options) -> Result<(), Failure> {
     );
 
     let started = now_ns();
+    if pipelined && max_tokens > 1 {
+        // The prompt's token is known: its pass is queued before it is printed.
+        pending = Some(queue_next(&mut dev, &mut pos));
+    }
     let mut generated = Vec::new();
     let mut utf8 = Utf8Stream::new();
     let mut piece = String::new();
@@ -303,6 +323,15 @@ fn run(o: &Options) -> Result<(), Failure> {
         }
         if generated.len() == max_tokens {
             break "token limit";
+        }
+        if let Some(p) = pending.take() {
+            token = dev.collect(p)?;
+            // The pass after it, unless the limit ends the answer first (one after a
+            // token that ends it is run for nothing, and never seen).
+            if generated.len() + 1 < max_tokens {
+                pending = Some(queue_next(&mut dev, &mut pos));
+            }
+            continue;
         }
         dev.forward(&[token], pos, 0)?;
         pos += 1;

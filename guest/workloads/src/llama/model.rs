@@ -7,7 +7,7 @@ use ferry_llm::{
 };
 use ferry_sdk::abi::accel::dtype::DType;
 use ferry_sdk::abi::accel::kernel::attention_within_work;
-use ferry_sdk::accel::{Accel, AccelError, Tensor, U32Tensor, Weights};
+use ferry_sdk::accel::{Accel, AccelError, Pending, Tensor, U32Tensor, Weights};
 use ferry_sdk::files::{self, File};
 use ferry_sdk::prelude::*;
 use ferry_sdk::workload;
@@ -402,12 +402,42 @@ impl Device {
     }
 
     fn forward_part(&mut self, tokens: &[u32], pos: usize, slot: usize) -> Result<(), AccelError> {
+        self.act.set_rows(tokens.len());
+        self.acc.upload(&mut self.act.ids, tokens)?;
+        self.forward_ids(tokens.len(), pos, slot);
+        Ok(())
+    }
+
+    /// The most likely next token of the last forward pass (the first on ties), left in
+    /// the device's token ids for [`Self::forward_queued`], and a download of it queued:
+    /// the pass after it can be queued before the guest looks at it.
+    #[allow(dead_code)] // llm-serve looks at each token before the next pass.
+    pub fn argmax_queued(&mut self) -> Pending<u32> {
+        let a = &mut self.act;
+        a.ids.set_rows(1);
+        self.acc.argmax(&a.logits, &mut a.ids);
+        self.acc.download_later(&a.ids)
+    }
+
+    /// [`Self::forward`] of the token the last [`Self::argmax_queued`] left on the
+    /// device, at position `pos` of sequence `slot`: queued, not waited for.
+    #[allow(dead_code)] // llm-serve looks at each token before the next pass.
+    pub fn forward_queued(&mut self, pos: usize, slot: usize) {
+        self.act.set_rows(1);
+        self.forward_ids(1, pos, slot);
+    }
+
+    /// The token to collect of an [`Self::argmax_queued`].
+    #[allow(dead_code)] // llm-serve looks at each token before the next pass.
+    pub fn collect(&mut self, pending: Pending<u32>) -> Result<u32, AccelError> {
+        Ok(self.acc.collect(pending)?[0])
+    }
+
+    /// [`Self::forward`] of the `n` tokens in the device's token ids.
+    fn forward_ids(&mut self, n: usize, pos: usize, slot: usize) {
         let c = self.config;
-        let n = tokens.len();
         let a = &mut self.act;
         let acc = &mut self.acc;
-        a.set_rows(n);
-        acc.upload(&mut a.ids, tokens)?;
         acc.qembedding(&self.embedding, &a.ids, &mut a.x);
         let kv = c.kv_heads * c.head_dim;
         let cache = &mut self.caches[slot];
@@ -428,7 +458,6 @@ impl Device {
         // The whole pass starts now, not when its result is asked for: the caller may
         // have other work meanwhile.
         acc.flush();
-        Ok(())
     }
 
     /// Tokens [`Self::decode`] takes at once.
