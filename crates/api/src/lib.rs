@@ -356,7 +356,7 @@ pub fn check_idempotency_key(key: &str) -> Result<(), String> {
     if valid_vm_name(key) {
         Ok(())
     } else {
-        Err("an idempotency key is 1 to 63 letters, digits, '.', '_' and '-'".to_string())
+        Err(format!("an idempotency key is {NAME_RULE}"))
     }
 }
 
@@ -836,10 +836,14 @@ mod base64_bytes {
     }
 }
 
-/// Whether `name` may name a VM ([`CreateVm::name`]): 1 to 63 ASCII letters, digits,
-/// `.`, `_` and `-`.
+/// What a VM's or host's name (and an idempotency key) may be, for messages.
+pub const NAME_RULE: &str = "1 to 63 ASCII letters, digits, '.', '_' and '-', not all dots";
+/// What a VM's id may be, for messages.
+pub const ID_RULE: &str = "1 to 255 ASCII letters, digits, '.', '_' and '-', not all dots";
+
+/// Whether `name` may name a VM ([`CreateVm::name`]): [`NAME_RULE`].
 pub fn valid_vm_name(name: &str) -> bool {
-    (1..64).contains(&name.len()) && name.bytes().all(vm_name_byte)
+    (1..64).contains(&name.len()) && path_segment(name)
 }
 
 /// Whether `name` may name a host: as a VM name, since a host's name prefixes the ids of
@@ -849,14 +853,18 @@ pub fn valid_host_name(name: &str) -> bool {
 }
 
 /// Whether `id` may be a VM's id (a host keeps the id of a VM migrated to it only if
-/// it is): 1 to 255 of the characters of a VM name, which need no escaping in a URL path.
+/// it is): [`ID_RULE`].
 pub fn valid_vm_id(id: &str) -> bool {
-    (1..=255).contains(&id.len()) && id.bytes().all(vm_name_byte)
+    (1..=255).contains(&id.len()) && path_segment(id)
 }
 
-/// Whether `b` may be part of a VM's name or id.
-fn vm_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+/// Whether `text` stands as itself in a URL path: letters, digits, `.`, `_` and `-`
+/// need no escaping, and one not all dots is no `.` or `..` segment, which clients and
+/// browsers resolve away (`/v1/hosts/./maintenance` is `/v1/hosts/maintenance`).
+fn path_segment(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !text.bytes().all(|b| b == b'.')
 }
 
 #[cfg(test)]
@@ -977,6 +985,40 @@ mod tests {
         assert_eq!(delta.base, 1);
         assert_eq!(delta.removed, vec!["v".to_string()]);
         assert_eq!(beat.seq.map(|s| s.seq), Some(3));
+    }
+
+    #[test]
+    fn names_and_ids_stand_as_themselves_in_url_paths() {
+        for good in [
+            "a",
+            "vm-1",
+            "a.b",
+            "host_7",
+            ".hidden",
+            "x..y",
+            &"v".repeat(63),
+        ] {
+            assert!(
+                valid_vm_name(good) && valid_host_name(good) && valid_vm_id(good),
+                "{good}"
+            );
+        }
+        // Dot segments resolve away; the rest needs escaping or is too long.
+        for bad in [
+            ".",
+            "..",
+            "...",
+            "",
+            "a/b",
+            "a b",
+            "é",
+            "a%2e",
+            &"v".repeat(64),
+        ] {
+            assert!(!valid_vm_name(bad) && !valid_host_name(bad), "{bad}");
+        }
+        assert!(valid_vm_id(&"v".repeat(255)) && !valid_vm_id(&"v".repeat(256)));
+        assert!(!valid_vm_id("..") && !valid_vm_id("."));
     }
 
     #[test]

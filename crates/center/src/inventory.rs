@@ -268,7 +268,7 @@ pub const MAX_VM_REPORT_BYTES: usize = 12 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
     /// The host's name is not one.
-    #[error("'{0}' is not a host name: 1 to 63 letters, digits, '.', '_' and '-'")]
+    #[error("'{0}' is not a host name: {rule}", rule = ferry_api::NAME_RULE)]
     HostName(String),
     /// The API address is not an `http://` or `https://` URL.
     #[error("the API address '{0}' is not an http:// or https:// URL (scheme, host, port) of at most {MAX_HOST_FIELD_BYTES} bytes")]
@@ -305,10 +305,10 @@ pub enum HeartbeatError {
         value: f64,
     },
     /// A VM's id is not one.
-    #[error("'{0}' is not a VM id: 1 to 255 letters, digits, '.', '_' and '-'")]
+    #[error("'{0}' is not a VM id: {rule}", rule = ferry_api::ID_RULE)]
     VmId(String),
     /// A key of a create under way is not an idempotency key.
-    #[error("'{0}' (a create under way) is not an idempotency key: 1 to 63 letters, digits, '.', '_' and '-'")]
+    #[error("'{0}' (a create under way) is not an idempotency key: {rule}", rule = ferry_api::NAME_RULE)]
     CreatingKey(String),
     /// A VM's report is out of bounds.
     #[error("VM {id}: {problem}")]

@@ -1067,7 +1067,8 @@ impl Host {
     pub fn create_vm(&self, req: &CreateVm) -> Result<VmInfo, HostError> {
         if let Some(name) = req.name.as_deref().filter(|n| !ferry_api::valid_vm_name(n)) {
             return Err(HostError::BadRequest(format!(
-                "'{name}' is not a VM name: 1 to 63 letters, digits, '.', '_' and '-'"
+                "'{name}' is not a VM name: {}",
+                ferry_api::NAME_RULE
             )));
         }
         let max = ferry_migrate::receive::MAX_WORKLOAD_NAME;

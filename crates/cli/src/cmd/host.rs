@@ -254,7 +254,8 @@ pub(crate) fn parse_host_name(value: &str) -> Result<String, String> {
         Ok(value.to_string())
     } else {
         Err(format!(
-            "'{value}' is not a host name: 1 to 63 letters, digits, '.', '_' and '-'"
+            "'{value}' is not a host name: {}",
+            ferry_api::NAME_RULE
         ))
     }
 }

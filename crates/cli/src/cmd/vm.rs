@@ -85,7 +85,8 @@ pub fn parse_vm_id(id: &str) -> Result<String, String> {
         Ok(id.to_string())
     } else {
         Err(format!(
-            "'{id}' is not a VM id: ids are 1 to 255 ASCII letters, digits, '.', '_' or '-' (`ferry vm list` shows them)"
+            "'{id}' is not a VM id: ids are {} (`ferry vm list` shows them)",
+            ferry_api::ID_RULE
         ))
     }
 }
@@ -96,7 +97,8 @@ fn parse_vm_name(name: &str) -> Result<String, String> {
         Ok(name.to_string())
     } else {
         Err(format!(
-            "'{name}' is not a VM name: 1 to 63 letters, digits, '.', '_' and '-'"
+            "'{name}' is not a VM name: {}",
+            ferry_api::NAME_RULE
         ))
     }
 }
