@@ -337,16 +337,43 @@ async fn metrics(State(center): State<Arc<Center>>) -> Response {
 }
 
 /// The dashboard, which no other site may frame (clickjacking its buttons) or learn the
-/// address of (its URL may carry the token).
+/// address of (its URL may carry the token), and which runs its own script only.
 async fn dashboard() -> impl IntoResponse {
     (
         [
-            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+            (header::CONTENT_SECURITY_POLICY, dashboard_policy()),
             (header::X_FRAME_OPTIONS, "DENY"),
             (header::REFERRER_POLICY, "no-referrer"),
         ],
         Html(DASHBOARD),
     )
+}
+
+/// The dashboard's Content-Security-Policy: its inline script and style (by their
+/// hashes) and calls to this origin, nothing else. It renders every value as text, and
+/// this keeps the operator's token from any script a slip there would let in.
+fn dashboard_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let hash = |tag: &str| {
+            let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+            let start = DASHBOARD
+                .find(&open)
+                .expect("the dashboard's inline element")
+                + open.len();
+            let end = start + DASHBOARD[start..].find(&close).expect("its end");
+            let digest = sha2::Sha256::digest(&DASHBOARD.as_bytes()[start..end]);
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        };
+        format!(
+            "default-src 'none'; script-src 'sha256-{}'; style-src 'sha256-{}'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            hash("script"),
+            hash("style")
+        )
+    })
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
@@ -434,6 +461,7 @@ pub fn router(center: Arc<Center>) -> Result<Router, TokenFileError> {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(ferry_http::json_errors))
+        .layer(middleware::from_fn(ferry_http::no_sniffing))
         .with_state(center))
 }
 
@@ -698,15 +726,43 @@ mod tests {
     }
 
     #[test]
-    fn the_dashboard_may_not_be_framed_or_leak_its_address() {
+    fn the_dashboard_runs_its_own_script_only_and_may_not_be_framed_or_leak_its_address() {
+        use super::DASHBOARD;
+        use base64::Engine;
+        use sha2::Digest;
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let scratch = ScratchCenter::open("dashboard-headers");
         let (url, _serving) = serve(&runtime, &scratch);
         let (status, headers) = call(&url, "GET", "/", &[]);
         assert_eq!(status, 200);
-        assert_eq!(headers["content-security-policy"], "frame-ancestors 'none'");
+        let policy = headers["content-security-policy"].to_str().unwrap();
+        for part in [
+            "default-src 'none'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(policy.contains(part), "{policy}");
+        }
+        // Its own script by its hash, no other.
+        let script = DASHBOARD
+            .split("<script>")
+            .nth(1)
+            .unwrap()
+            .split("</script>")
+            .next();
+        let digest = sha2::Sha256::digest(script.unwrap().as_bytes());
+        let hash = base64::engine::general_purpose::STANDARD.encode(digest);
+        assert!(
+            policy.contains(&format!("script-src 'sha256-{hash}';")),
+            "{policy}"
+        );
         assert_eq!(headers["x-frame-options"], "DENY");
         assert_eq!(headers["referrer-policy"], "no-referrer");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        // Every answer says its type is meant.
+        let (status, headers) = call(&url, "GET", "/v1/nothing", &[]);
+        assert_eq!(status, 404);
+        assert_eq!(headers["x-content-type-options"], "nosniff");
     }
 
     #[test]

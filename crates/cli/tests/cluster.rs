@@ -611,6 +611,10 @@ fn the_dashboard_shows_the_cluster_and_its_buttons_work_in_headless_chromium() {
     });
     assert!(hosts.contains("active"), "{hosts}");
     assert!(hosts.contains("backends: cpu"), "{hosts}");
+    // Under the page's policy (its own script and style only), the script runs and the
+    // bars get their widths.
+    let width = browser.eval("document.querySelector('#hosts .bar span').style.width");
+    assert!(width.as_str().is_some_and(|w| w.ends_with('%')), "{width}");
     let row = format!("#vms tr[data-vm=\"{id}\"]");
     let vm_row = browser.wait_text(&row, "the VM on b", |t| t.contains("running"));
     assert!(

@@ -361,6 +361,7 @@ pub fn router(host: Arc<Host>, migration_addr: String) -> Result<Router, TokenFi
         ))
         .fallback(not_found)
         .layer(middleware::from_fn(ferry_http::json_errors))
+        .layer(middleware::from_fn(ferry_http::no_sniffing))
         .with_state(api))
 }
 

@@ -92,6 +92,20 @@ pub async fn json_errors(
     keeping_headers(answer, &parts)
 }
 
+/// Says `X-Content-Type-Options: nosniff` on every answer: a browser takes an answer for
+/// the type it says, never for HTML it guessed (a JSON error quoting a host's text).
+pub async fn no_sniffing(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
 /// The code of axum's own refusal with `status`: a client told 400 would send a body
 /// too large again unchanged.
 fn refusal_code(status: StatusCode) -> &'static str {
