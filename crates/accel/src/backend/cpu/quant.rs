@@ -110,9 +110,11 @@ pub fn input_bits(inp: &Input<'_>) -> (Vec<u32>, Vec<i16>, Vec<u32>) {
 /// target lacks SSE4.1: a call per element.)
 #[inline(always)]
 fn round_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
+    (v + ROUNDING) - ROUNDING
 }
+
+/// 1.5·2^23, which [`round_even`] adds and subtracts.
+const ROUNDING: f32 = 12_582_912.0;
 
 /// An input row ready for the dot products: as it is (for f32 and f16 weights), and for
 /// the block formats in 16-bit integers with one f32 scale per [`INPUT_BLOCK`] elements
@@ -524,12 +526,13 @@ mod avx2 {
         } else {
             0.0
         };
-        let (inv, magic) = (_mm256_set1_ps(inv), _mm256_set1_ps(12_582_912.0));
+        let (inv, magic) = (_mm256_set1_ps(inv), _mm256_set1_ps(super::ROUNDING));
         let (lo, hi) = (
             _mm256_set1_ps(-super::INPUT_MAX),
             _mm256_set1_ps(super::INPUT_MAX),
         );
         let ints = v.map(|v| {
+            // `round_even(v · inv)`, NaN made 0, clamped.
             let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), magic), magic);
             let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
             _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
