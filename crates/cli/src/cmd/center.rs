@@ -82,7 +82,7 @@ impl TokenArgs {
             None => std::env::var("FERRY_CENTER_TOKEN").map_err(|_| {
                 anyhow::anyhow!(
                     "no center token: pass --token-file FILE or set FERRY_CENTER_TOKEN to the token the center was started with (for a new center, make one: export FERRY_CENTER_TOKEN={})",
-                    ferry_migrate::Secret::generate_hex()
+                    crate::cmd::MAKE_SECRET
                 )
             })?,
         };

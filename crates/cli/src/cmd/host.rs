@@ -32,7 +32,7 @@ impl SecretArgs {
             }
             None => anyhow::bail!(
                 "no shared secret: pass --secret-file FILE or set FERRY_SECRET to the cluster's secret (for a new cluster, make one: export FERRY_SECRET={})",
-                Secret::generate_hex()
+                crate::cmd::MAKE_SECRET
             ),
         }
     }

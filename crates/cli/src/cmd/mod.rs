@@ -79,6 +79,10 @@ pub(crate) fn hint(e: &anyhow::Error) -> Option<&'static str> {
     )
 }
 
+/// The shell that makes a fresh secret or token, for the hints of errors that lack one:
+/// the hint shows how, never a secret itself (an error's text ends up in logs).
+pub(crate) const MAKE_SECRET: &str = "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')";
+
 /// Calls `step` every 20 ms until it gives `Some` or an error; fails once `limit` has
 /// passed.
 pub(crate) fn poll_until<T>(
