@@ -16,6 +16,7 @@ use ferry_client::ApiClient;
 use crate::cmd::host::SecretArgs;
 use crate::cmd::migrate::spinner;
 use crate::cmd::poll_every;
+use crate::cmd::say;
 
 /// Default address of the center's API.
 pub const DEFAULT_CENTER: &str = "http://127.0.0.1:7000";
@@ -376,9 +377,10 @@ pub fn center(args: &CenterArgs) -> anyhow::Result<()> {
             if scheme == "http" {
                 crate::cmd::host::warn_plain_http(running.addr, "the center's API and dashboard");
             }
-            println!(
+            say!(
                 "ferry center: API and dashboard on {scheme}://{} ({})",
-                running.addr, running.store
+                running.addr,
+                running.store
             );
             runtime.block_on(super::shutdown_signal());
             Ok(())
@@ -422,21 +424,30 @@ fn mib(bytes: u64) -> u64 {
 fn print_status(view: &ClusterView) {
     if let Some(leader) = &view.leader {
         if leader.name != view.replica {
-            println!(
+            say!(
                 "(answered by replica {}; the leader is {} at {})",
-                view.replica, leader.name, leader.url
+                view.replica,
+                leader.name,
+                leader.url
             );
         }
     }
     if let Some(why) = &view.store_error {
-        println!("!!! the store cannot be read: {why}");
+        say!("!!! the store cannot be read: {why}");
     }
-    println!(
+    say!(
         "{:<10} {:<5} {:<22} {:>5} {:>16} {:>16} {:>6} {:>5}",
-        "HOST", "UP", "MODE", "VMS", "ACCEL MiB", "MEMORY MiB", "LOAD", "PRES"
+        "HOST",
+        "UP",
+        "MODE",
+        "VMS",
+        "ACCEL MiB",
+        "MEMORY MiB",
+        "LOAD",
+        "PRES"
     );
     for h in &view.hosts {
-        println!(
+        say!(
             "{:<10} {:<5} {:<22} {:>5} {:>16} {:>16} {:>6.2} {:>4.0}%",
             h.name,
             h.status,
@@ -452,16 +463,21 @@ fn print_status(view: &ClusterView) {
             h.pressure * 100.0
         );
         if let Some(reason) = &h.mode_reason {
-            println!("           not ready: {reason}");
+            say!("           not ready: {reason}");
         }
     }
     println!();
-    println!(
+    say!(
         "{:<14} {:<12} {:<10} {:<14} {:>10} {:>6}",
-        "VM", "WORKLOAD", "HOST", "STATE", "ACCEL MiB", "LOAD"
+        "VM",
+        "WORKLOAD",
+        "HOST",
+        "STATE",
+        "ACCEL MiB",
+        "LOAD"
     );
     for vm in &view.vms {
-        println!(
+        say!(
             "{:<14} {:<12} {:<10} {:<14} {:>10} {:>6.2}",
             vm.id,
             vm.workload,
@@ -472,7 +488,7 @@ fn print_status(view: &ClusterView) {
         );
     }
     if view.vms.len() < view.vms_total {
-        println!(
+        say!(
             "({} of {} VMs shown: those not simply running first; GET /v1/vms lists them all)",
             view.vms.len(),
             view.vms_total
@@ -481,7 +497,7 @@ fn print_status(view: &ClusterView) {
     if !view.migrations.is_empty() {
         println!();
         for m in view.migrations.iter().take(10) {
-            println!("{}", migration_line(m));
+            say!("{}", migration_line(m));
         }
     }
 }
@@ -528,9 +544,9 @@ fn migration_line(m: &MigrationRecord) -> String {
 }
 
 fn print_plan(plan: &BalancePlan, dry_run: bool) {
-    println!("{}", plan.summary);
+    say!("{}", plan.summary);
     for h in &plan.hosts {
-        println!(
+        say!(
             "  {:<10} pressure {:>4.0}% -> {:>4.0}%",
             h.host,
             h.before * 100.0,
@@ -538,7 +554,7 @@ fn print_plan(plan: &BalancePlan, dry_run: bool) {
         );
     }
     for m in &plan.moves {
-        println!(
+        say!(
             "  move {} {} -> {} ({} MiB accelerator memory, load {:.2})",
             m.vm,
             m.from,
@@ -548,7 +564,7 @@ fn print_plan(plan: &BalancePlan, dry_run: bool) {
         );
     }
     if dry_run && !plan.moves.is_empty() {
-        println!("dry run: nothing was moved");
+        say!("dry run: nothing was moved");
     }
 }
 
@@ -605,22 +621,22 @@ fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<(
             if printed.insert(m.id) && !json {
                 // On stdout, terminal or not (the bar's own println writes to a terminal
                 // only, and on stderr).
-                bar.suspend(|| println!("{}", migration_line(m)));
+                bar.suspend(|| say!("{}", migration_line(m)));
             }
         }
-        bar.set_message(running.join(" | "));
+        bar.set_message(super::error_text(&running.join(" | ")).into_owned());
         Ok((op.state != OperationState::Running).then_some((op, mine)))
     })?;
     bar.finish_and_clear();
     if json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({ "operation": op, "migrations": migrations })
         );
     } else {
-        println!("{}", op.summary);
+        say!("{}", op.summary);
         for p in &op.problems {
-            println!("  problem: {p}");
+            say!("  problem: {p}");
         }
     }
     if op.state != OperationState::Done {
@@ -685,7 +701,7 @@ pub fn forget(args: &ForgetArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&forgotten)?);
     } else {
-        println!(
+        say!(
             "host {host} forgotten, with {} VM record(s){}",
             forgotten.vms.len(),
             if forgotten.vms.is_empty() {
@@ -708,12 +724,12 @@ pub fn maintenance(args: &MaintenanceArgs) -> anyhow::Result<()> {
                 &serde_json::json!({}),
             )?;
             if !args.json {
-                println!(
+                say!(
                     "host {host} entering maintenance: {} VM(s) to move",
                     op.planned.len()
                 );
                 for (vm, from, to) in &op.planned {
-                    println!("  {vm}: {from} -> {to}");
+                    say!("  {vm}: {from} -> {to}");
                 }
             }
             follow_operation(&client, op.id, args.json)
@@ -724,7 +740,7 @@ pub fn maintenance(args: &MaintenanceArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&view)?);
             } else {
-                println!("host {host} is back in service ({})", view.mode);
+                say!("host {host} is back in service ({})", view.mode);
             }
             Ok(())
         }

@@ -9,6 +9,7 @@ use ferry_api::{MigrateRequest, MigrationState, MigrationStatus};
 use ferry_migrate::MigrationReport;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::cmd::say;
 use crate::cmd::vm::HostAddr;
 use ferry_client::ApiClient;
 
@@ -228,7 +229,7 @@ fn wait(client: &ApiClient, vm: &str, bar: &ProgressBar) -> anyhow::Result<Migra
         if let Some(p) = &status.progress {
             bar.set_message(format!(
                 "{} round {} | sent {:.0} MiB | link {:.0} MiB/s | dirty {:.0} MiB/s | predicted pause {:.1} ms | throttle {}%",
-                p.phase,
+                super::error_text(&p.phase),
                 p.round,
                 mib(p.bytes_sent),
                 p.rate_mib_s,
@@ -309,7 +310,7 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         return match status.state {
             MigrationState::Cancelled | MigrationState::Failed => {
                 if !args.json {
-                    println!("migration of {}: {error}", args.vm);
+                    say!("migration of {}: {error}", args.vm);
                 }
                 Ok(())
             }
@@ -337,7 +338,7 @@ pub fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         let to = args.to.as_deref().unwrap_or_default();
-        println!("{} -> {to}: {}", args.vm, summary(&report));
+        say!("{} -> {to}: {}", args.vm, summary(&report));
     }
     Ok(())
 }

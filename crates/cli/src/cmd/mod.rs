@@ -33,6 +33,16 @@ pub(crate) fn guest_text(text: &str) -> Cow<'_, str> {
     for_terminal(text, std::io::stdout().is_terminal())
 }
 
+/// `println!` of a line quoting what a server said (names, reasons, errors): on a
+/// terminal its control characters are shown, not obeyed, as a guest's are
+/// ([`guest_text`]): a hostile host or center cannot drive the operator's terminal.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::cmd::guest_text(&format!($($arg)*)))
+    };
+}
+pub(crate) use say;
+
 /// Stdout's reader went away (`ferry bench vm | head -3`): the command ends quietly, as
 /// a Unix tool does.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@ use ferry_api::{MigrationStatus, VmInfo};
 use ferry_migrate::Purpose;
 
 use crate::cmd::host::SecretArgs;
+use crate::cmd::say;
 use ferry_client::{ApiClient, DEFAULT_HOST};
 
 /// Which daemon to talk to, and with which credential.
@@ -199,7 +200,7 @@ enum VmCommand {
 }
 
 fn print_vm(vm: &VmInfo) {
-    println!(
+    say!(
         "{:<14} {:<12} {:<14} ram {:>6} MiB  accel {:>6} MiB  up {:>8.1} s",
         vm.id,
         vm.workload,
@@ -245,7 +246,8 @@ fn send_create_within<B: serde::Serialize, T: serde::de::DeserializeOwned>(
                     && started.elapsed() < patience
                     && worth_sending_again(&e) =>
             {
-                eprintln!("ferry: {e:#}; sending the create again with the same idempotency key");
+                let e = super::error_text(&format!("{e:#}")).into_owned();
+                eprintln!("ferry: {e}; sending the create again with the same idempotency key");
                 std::thread::sleep(std::time::Duration::from_secs(1 << tries));
                 tries += 1;
             }
@@ -354,7 +356,7 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&placed)?);
             } else {
                 print_vm(&placed.vm);
-                println!("placed on host {}", placed.host);
+                say!("placed on host {}", placed.host);
             }
             return Ok(());
         }
@@ -392,10 +394,10 @@ pub fn vm(args: &VmArgs) -> anyhow::Result<()> {
             let vm: VmInfo = client.get(&format!("/v1/vms/{id}"))?;
             print_vm(&vm);
             if let Some(error) = &status.error {
-                println!("migration: {error}");
+                say!("migration: {error}");
             }
             for line in &status.settlement {
-                println!("  {line}");
+                say!("  {line}");
             }
             return Ok(());
         }
@@ -410,19 +412,19 @@ fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
             Answer::One(vm) => serde_json::to_string(vm)?,
             Answer::Many(vms) => serde_json::to_string(vms)?,
         };
-        println!("{text}");
+        say!("{text}");
         return Ok(());
     }
     match (&args.command, &out) {
         (VmCommand::List, Answer::Many(vms)) => {
             if vms.is_empty() {
-                println!("no VMs");
+                say!("no VMs");
             }
             vms.iter().for_each(print_vm);
         }
         (VmCommand::Show { .. }, Answer::One(vm)) => {
             print_vm(vm);
-            println!(
+            say!(
                 "--- console (last lines) ---\n{}",
                 super::guest_text(&vm.console_tail)
             );
