@@ -128,7 +128,8 @@ enum CenterCommand {
     Status {
         #[command(flatten)]
         center: CenterAddr,
-        /// Print the whole cluster view as JSON.
+        /// Print the cluster view as JSON: hosts, migrations, operations, and the first
+        /// 1,000 VMs (`vms_total` counts them all; `ferry vm list` lists them).
         #[arg(long)]
         json: bool,
     },
