@@ -178,9 +178,9 @@ pub fn bench_llm(model_path: &Path, backend: &'static str, emit: &mut Emit) -> a
     migrate_with_file(model_path, backend, emit)
 }
 
-/// Moves an answering llm-chat VM from a to b with its file sent (b has no copy of
-/// it... but it could find one at the same path, so `send` forces it), then back with
-/// the file found on a: what the file costs a migration.
+/// Moves an answering llm-chat VM from a to b (b's memory backed by it), back with its
+/// file sent (a has a copy of it at the same path, so `send` forces it), then to b again
+/// with the file found there: what the file costs a migration.
 fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(model)?;
     let size = std::fs::metadata(&model)?.len();
@@ -220,13 +220,17 @@ fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> an
             Ok(console.contains("llm-chat: prompt of").then_some(()))
         },
     )?;
+    // The first move to b also backs b's memory (the kernel zeroes each page first
+    // touched: most of that move's time on this machine); the two compared after it land
+    // on hosts whose memory is backed, as a GPU's is.
     for (name, files, from, to) in [
-        ("llm_migrate_file_sent", "send", ca, pair.b.migration_addr),
+        ("llm_migrate_to_a_fresh_host", "reuse", ca, pair.b.migration_addr),
+        ("llm_migrate_file_sent", "send", cb, pair.a.migration_addr),
         (
             "llm_migrate_file_reused",
             "reuse",
-            cb,
-            pair.a.migration_addr,
+            ca,
+            pair.b.migration_addr,
         ),
     ] {
         std::thread::sleep(Duration::from_millis(300));
@@ -249,6 +253,6 @@ fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> an
             ),
         ))?;
     }
-    let _: Value = ca.delete(&format!("/v1/vms/{id}"))?;
+    let _: Value = cb.delete(&format!("/v1/vms/{id}"))?;
     Ok(())
 }
