@@ -224,7 +224,12 @@ fn migrate_with_file(model: &Path, backend: &'static str, emit: &mut Emit) -> an
     // touched: most of that move's time on this machine); the two compared after it land
     // on hosts whose memory is backed, as a GPU's is.
     for (name, files, from, to) in [
-        ("llm_migrate_to_a_fresh_host", "reuse", ca, pair.b.migration_addr),
+        (
+            "llm_migrate_to_a_fresh_host",
+            "reuse",
+            ca,
+            pair.b.migration_addr,
+        ),
         ("llm_migrate_file_sent", "send", cb, pair.a.migration_addr),
         (
             "llm_migrate_file_reused",
