@@ -74,6 +74,8 @@ pub struct Sampler {
     /// Scratch: candidates, each its logit's place in the order (inverted, so the most
     /// likely sorts first) above its token id.
     cand: Vec<u64>,
+    /// Scratch of [`sort_keys`].
+    sorted: Vec<u64>,
     probs: Vec<f64>,
 }
 
@@ -90,6 +92,7 @@ impl Sampler {
             config,
             step: 0,
             cand: Vec::new(),
+            sorted: Vec::new(),
             probs: Vec::new(),
         })
     }
@@ -137,7 +140,7 @@ impl Sampler {
             cand.select_nth_unstable(k - 1);
             cand.truncate(k);
         }
-        cand.sort_unstable();
+        sort_keys(cand, &mut self.sorted);
         let id = |key: u64| key as u32;
 
         let t = f64::from(self.config.temperature);
@@ -164,7 +167,12 @@ impl Sampler {
             }
         }
         let kept = probs.get(..keep).unwrap_or(probs);
-        let mass: f64 = kept.iter().sum();
+        // All of them: their sum, in the same order, is the total.
+        let mass: f64 = if keep == probs.len() {
+            total
+        } else {
+            kept.iter().sum()
+        };
         self.step = self.step.wrapping_add(1);
         let r = mix(self.config.seed.wrapping_add(self.step.wrapping_mul(GAMMA)));
         let u = (r >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
@@ -179,6 +187,43 @@ impl Sampler {
         // Rounding left the target at the very end: the last kept candidate.
         cand.get(keep.saturating_sub(1))
             .map_or(best, |&key| id(key))
+    }
+}
+
+/// Sorts `keys` ascending, as `sort_unstable` does (they differ, so there is one order):
+/// a byte at a time from the least significant, each pass stable, skipping a byte all
+/// keys share. A few linear passes, where comparisons took half of a draw over a
+/// vocabulary of 49,152.
+fn sort_keys(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+    let n = keys.len();
+    if n <= 256 {
+        keys.sort_unstable();
+        return;
+    }
+    let mut counts = [[0usize; 256]; 8];
+    for &k in keys.iter() {
+        for (byte, count) in counts.iter_mut().enumerate() {
+            count[(k >> (8 * byte)) as usize & 0xff] += 1;
+        }
+    }
+    scratch.clear();
+    scratch.resize(n, 0);
+    for (byte, count) in counts.iter().enumerate() {
+        if count.contains(&n) {
+            continue;
+        }
+        let mut next = [0usize; 256];
+        let mut start = 0;
+        for (next, &c) in next.iter_mut().zip(count) {
+            *next = start;
+            start += c;
+        }
+        for &k in keys.iter() {
+            let digit = (k >> (8 * byte)) as usize & 0xff;
+            scratch[next[digit]] = k;
+            next[digit] += 1;
+        }
+        core::mem::swap(keys, scratch);
     }
 }
 
@@ -212,6 +257,32 @@ fn argmax(logits: &[f32]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_sort_as_sort_unstable_sorts_them() {
+        let mut z = 99u64;
+        let mut next = || {
+            z = z.wrapping_add(GAMMA);
+            mix(z)
+        };
+        let (mut keys, mut scratch) = (Vec::new(), Vec::new());
+        for n in [0, 1, 2, 255, 256, 257, 1000, 49_152] {
+            // Logits of few distinct values above ids, as the sampler makes them; then
+            // keys differing in every byte.
+            for spread in [3u64, u64::MAX] {
+                let mut want: Vec<u64> = (0..n as u64)
+                    .map(|id| (next() % spread) << 32 | id)
+                    .collect();
+                if spread == u64::MAX {
+                    want.iter_mut().for_each(|k| *k = next());
+                }
+                keys.clone_from(&want);
+                want.sort_unstable();
+                sort_keys(&mut keys, &mut scratch);
+                assert_eq!(keys, want, "{n} keys, spread {spread}");
+            }
+        }
+    }
 
     #[test]
     fn mix_is_splitmix64() {
