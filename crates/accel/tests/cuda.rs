@@ -47,7 +47,7 @@ fn every_kernel_agrees_with_the_cpu_backend_on_a_gpu() {
     };
     eprintln!("{test}: on {}", gpu.description());
     let gpu = std::sync::Arc::new(gpu);
-    let make = || Box::new(GpuBackend::new(gpu.clone(), "cuda")) as Box<dyn Backend>;
+    let make = || Ok(Box::new(GpuBackend::new(gpu.clone(), "cuda")) as Box<dyn Backend>);
     let cases = conformance::run(&make);
     let failed: Vec<String> = cases
         .iter()

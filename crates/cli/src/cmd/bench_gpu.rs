@@ -433,7 +433,7 @@ pub fn bench_gpu(emit: &mut Emit) -> anyhow::Result<()> {
     let emulated = kind == "cuda-emulated";
     eprintln!("ferry bench gpu: on {kind}");
 
-    let make = || cuda_backend().expect("made once already");
+    let make = || cuda_backend().map_err(|e| format!("{e:#}"));
     let cases = ferry_accel::backend::cuda::conformance::run(&make);
     let failed: Vec<String> = cases
         .iter()
