@@ -22,7 +22,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ferry_api::{ChannelMessage, StreamChunk, StreamEnd, VmState};
-use ferry_client::ApiError;
+use ferry_client::ClientError;
 use ferry_http::TOO_MANY_CONNECTIONS;
 use ferry_llm::serve::{self, Event, FinishReason, PromptKind, RefusalCode};
 use serde::Deserialize;
@@ -642,10 +642,6 @@ enum Relayed {
     Failed(OpenAiError),
 }
 
-fn api_error(e: &anyhow::Error) -> Option<&ApiError> {
-    e.downcast_ref::<ApiError>()
-}
-
 impl Center {
     /// The serving VM `model` names: its id, or the name it was given at creation (an id
     /// comes first: a VM named as another's id is found by its own id).
@@ -812,15 +808,15 @@ impl Center {
                 return Err(relay_lost());
             }
             let client = self.host_client(host).map_err(|e| unreachable(vm, &e))?;
-            let result: anyhow::Result<Value> = client.post_within_time(
+            let result: Result<Value, ClientError> = client.post_within_time(
                 &format!("/v1/vms/{vm}/streams"),
                 message,
                 MAX_CALL_ANSWER,
                 HOST_CALL_TIME,
             );
             let Err(e) = result else { return Ok(()) };
-            may_have_arrived |= api_error(&e).is_none();
-            match refusal_code(&e) {
+            may_have_arrived |= e.api().is_none();
+            match e.code() {
                 // The stream's ids are this gateway's: it is the earlier try's, queued
                 // (and moved with the VM if it migrated since). Left alone, it would be
                 // generated for nobody and never released.
@@ -849,7 +845,7 @@ impl Center {
                     self.reroute(vm, host, code);
                 }
                 // Not an answer: the host may be going down; the inventory may move.
-                None if api_error(&e).is_none() => self.reroute(vm, host, None),
+                None if e.api().is_none() => self.reroute(vm, host, None),
                 // The detail (host addresses, the transport's errors) is for the log.
                 _ => {
                     tracing::warn!(vm, "the model's host refused a request: {e:#}");
@@ -864,7 +860,7 @@ impl Center {
                 }
                 return Err(unreachable(vm, &e));
             }
-            std::thread::sleep(retry_pause(started.elapsed(), refusal_code(&e)));
+            std::thread::sleep(retry_pause(started.elapsed(), e.code()));
         }
     }
 
@@ -960,7 +956,7 @@ impl Center {
                     }
                 }
                 Err(e) => {
-                    match refusal_code(&e) {
+                    match e.code() {
                         Some("stream_not_found") => {
                             return Err(upstream(format!("model '{vm}' lost the answer's stream")))
                         }
@@ -990,7 +986,7 @@ impl Center {
                         self.cancel(vm, host, stream, "the model is out of reach");
                         return Err(unreachable(vm, &e));
                     }
-                    std::thread::sleep(retry_pause(out_of_reach, refusal_code(&e)));
+                    std::thread::sleep(retry_pause(out_of_reach, e.code()));
                 }
             }
         }
@@ -1022,15 +1018,15 @@ impl Center {
         let mut host = host.clone();
         let started = Instant::now();
         while let Ok(client) = self.host_client(&host) {
-            let sent: anyhow::Result<Value> = client.post_within_time(
+            let sent: Result<Value, ClientError> = client.post_within_time(
                 &format!("/v1/vms/{vm}/streams/{stream}/signal"),
                 &cancel,
                 MAX_CALL_ANSWER,
                 HOST_CALL_TIME,
             );
             let Err(e) = sent else { break };
-            let code = refusal_code(&e);
-            let again = api_error(&e).is_none()
+            let code = e.code();
+            let again = e.api().is_none()
                 || matches!(
                     code,
                     Some("migrated" | "vm_not_found" | "unavailable" | TOO_MANY_CONNECTIONS)
@@ -1059,13 +1055,13 @@ impl Center {
         let mut host = host.clone();
         let started = Instant::now();
         while let Ok(client) = self.host_client(&host) {
-            let released: anyhow::Result<Value> = client.delete_within_time(
+            let released: Result<Value, ClientError> = client.delete_within_time(
                 &format!("/v1/vms/{vm}/streams/{stream}"),
                 MAX_CALL_ANSWER,
                 HOST_CALL_TIME,
             );
             let Err(e) = released else { return };
-            let code = refusal_code(&e);
+            let code = e.code();
             let follow = match code {
                 Some("migrated" | TOO_MANY_CONNECTIONS) => true,
                 Some("unavailable") => !read_whole,
@@ -1168,11 +1164,6 @@ fn retry_pause(out_of_reach: Duration, code: Option<&str>) -> Duration {
         Some(TOO_MANY_CONNECTIONS) => RETRY_PAUSE_MAX,
         _ => (out_of_reach / 10).clamp(RETRY_PAUSE, RETRY_PAUSE_MAX),
     }
-}
-
-/// The `code` of a host's refusal `e`, if it is one.
-fn refusal_code(e: &anyhow::Error) -> Option<&str> {
-    api_error(e).and_then(|a| a.code.as_deref())
 }
 
 /// VM `vm` answered nothing for [`SILENCE`].

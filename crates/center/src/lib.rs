@@ -62,12 +62,11 @@ pub enum CenterError {
     HostRefused(String),
     /// A host refused a request passed on to it for a reason of the request's own (a
     /// 4xx answer): its status and code are the answer's.
-    #[error("host {host}")]
+    #[error("host {host}: {}: {} (HTTP {})", answer.what, answer.message, answer.status)]
     HostRejected {
         /// The host.
         host: String,
         /// Its answer.
-        #[source]
         answer: ferry_client::ApiError,
     },
     /// A heartbeat was refused: what the host reports is out of bounds.
@@ -627,7 +626,7 @@ impl Center {
                 .post(&format!("/v1/settle/{}", req.session), &())
                 .map_err(|e| {
                     let why = format!("host {} did not answer: {e:#}", host.name);
-                    match e.downcast_ref::<ferry_client::Unreachable>() {
+                    match e.unreachable() {
                         Some(u) if u.refused => CenterError::HostRefused(why),
                         _ => CenterError::Unavailable(why),
                     }
@@ -1129,7 +1128,7 @@ impl Center {
         // Once more if the answer may have been lost: the key makes it safe, and the
         // host then answers with the VM it made, if it did.
         let (answered, asked_again) = match client.post("/v1/vms", &create) {
-            Err(e) if ferry_client::unanswered(&e) => {
+            Err(e) if e.unanswered() => {
                 tracing::warn!(host = %host.name, %key, "asking again for a create whose answer was lost: {e:#}");
                 (client.post("/v1/vms", &create), true)
             }
@@ -1142,9 +1141,8 @@ impl Center {
                 // again, the create may go to another host. Anything else (an answer
                 // lost or unreadable, a create still under way there (503), a VM made
                 // with the key (409)) keeps the key to this host.
-                let refused = !asked_again
-                    && e.downcast_ref::<ferry_client::ApiError>()
-                        .is_some_and(|a| !matches!(a.status, 409 | 503));
+                let refused =
+                    !asked_again && e.api().is_some_and(|a| !matches!(a.status, 409 | 503));
                 if refused {
                     self.inventory().create_keys.forget(&key);
                 }
@@ -1349,15 +1347,19 @@ fn refused_beat(beat: &Heartbeat, error: inventory::HeartbeatError) -> CenterErr
 /// A host's failure to answer a request passed on to it: its refusal of the request
 /// itself (a 4xx, bar a refusal of the center's own key) as it gave it, so a client does
 /// not retry what cannot succeed; anything else (unreachable, failed) as unavailable.
-fn passed_on(host: &str, error: anyhow::Error) -> CenterError {
-    match error.downcast::<ferry_client::ApiError>() {
+fn passed_on(host: &str, error: ferry_client::ClientError) -> CenterError {
+    use ferry_client::ClientError;
+    match error {
         // An order of a term older than the host has heard: this replica no longer leads
         // (the request itself was not at fault).
-        Ok(answer) if answer.code.as_deref() == Some("stale_leader") => {
-            tracing::warn!("host {host} refused an order of this replica's term: {answer}");
+        ClientError::Api(answer) if answer.code.as_deref() == Some("stale_leader") => {
+            tracing::warn!(
+                "host {host} refused an order of this replica's term: {}",
+                answer.message
+            );
             CenterError::Store(StoreError::NotLeader)
         }
-        Ok(answer)
+        ClientError::Api(answer)
             if (400..500).contains(&answer.status) && !matches!(answer.status, 401 | 403) =>
         {
             CenterError::HostRejected {
@@ -1366,9 +1368,10 @@ fn passed_on(host: &str, error: anyhow::Error) -> CenterError {
             }
         }
         // No room there now: so the client is told, not to retry the same host.
-        Ok(answer) if answer.status == 507 => CenterError::NoRoom(format!("host {host}: {answer}")),
-        Ok(answer) => CenterError::Unavailable(format!("host {host}: {answer}")),
-        Err(e) => CenterError::Unavailable(format!("host {host}: {e:#}")),
+        e @ ClientError::Api(ferry_client::ApiError { status: 507, .. }) => {
+            CenterError::NoRoom(format!("host {host}: {e}"))
+        }
+        e => CenterError::Unavailable(format!("host {host}: {}", ferry_migrate::error_chain(&e))),
     }
 }
 

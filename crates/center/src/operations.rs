@@ -612,7 +612,7 @@ impl Center {
             let answer = src.get::<MigrationStatus>(&path);
             if let Err(e) = &answer {
                 let none = e
-                    .downcast_ref::<ferry_client::ApiError>()
+                    .api()
                     .is_some_and(|a| a.status == 404 || a.code.as_deref() == Some("wrong_state"));
                 if !none {
                     if since.elapsed() > LOST_CONTACT {
@@ -638,7 +638,7 @@ impl Center {
                     "its last migration of the VM was to {}",
                     crate::inventory::shown(&s.to)
                 )),
-                other => other,
+                other => other.map_err(anyhow::Error::from),
             };
         };
         match asked {
@@ -1485,11 +1485,9 @@ pub(crate) struct OperationWrites {
 
 /// Whether a host may have taken an order that failed with `e`: anything but its API's
 /// refusal (an error answer, read whole) or a request that never left.
-fn may_have_taken(e: &anyhow::Error) -> bool {
-    let refused = e.downcast_ref::<ferry_client::ApiError>().is_some();
-    let unsent = e
-        .downcast_ref::<ferry_client::Unreachable>()
-        .is_some_and(|u| u.unsent);
+fn may_have_taken(e: &ferry_client::ClientError) -> bool {
+    let refused = e.api().is_some();
+    let unsent = e.unreachable().is_some_and(|u| u.unsent);
     !refused && !unsent
 }
 

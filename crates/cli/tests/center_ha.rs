@@ -565,8 +565,7 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
                 &serde_json::json!({ "to": "127.0.0.1:1" }),
             );
         let e = sent.expect_err("there is no such VM");
-        e.downcast_ref::<ferry_client::ApiError>()
-            .map(|e| e.code.clone().unwrap_or_default())
+        e.api().map(|e| e.code.clone().unwrap_or_default())
     };
     wait_for(
         "host a to refuse the stale leader's order",

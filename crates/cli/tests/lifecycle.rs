@@ -49,10 +49,10 @@ impl Host {
     }
 
     fn migrate(&self, id: &str, to: &Host, downtime_ms: u64) -> anyhow::Result<Value> {
-        self.api.post(
+        Ok(self.api.post(
             &format!("/v1/vms/{id}/migrate"),
             &json!({ "to": to.daemon.migration, "downtime_ms": downtime_ms }),
-        )
+        )?)
     }
 
     /// Waits for the migration of `id` from here to end; returns its status.

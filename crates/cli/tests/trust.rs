@@ -155,12 +155,7 @@ fn api_tokens_have_one_purpose_each_and_read_only_ones_only_read() {
         .post::<_, serde_json::Value>("/v1/vms", &create)
         .unwrap_err();
     assert!(format!("{refused:#}").contains("HTTP 403"), "{refused:#}");
-    let code = |e: &anyhow::Error| {
-        e.downcast_ref::<ferry_client::ApiError>()
-            .unwrap()
-            .code
-            .clone()
-    };
+    let code = |e: &ferry_client::ClientError| e.code().map(str::to_string);
     assert_eq!(code(&refused).as_deref(), Some("forbidden"));
     let missing = ro
         .get::<serde_json::Value>("/v1/vms/no-such-vm")

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -11,8 +10,10 @@ use serde::Serialize;
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:7070";
 
 /// An error answer from an API: scripts match on `code`, stable across releases.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{what}: {message} (HTTP {status})")]
+///
+/// It reaches callers inside a [`ClientError`] (and is no error type of its own, so that
+/// a caller cannot look for it in an `anyhow::Error` where only the `ClientError` is).
+#[derive(Debug, Clone)]
 pub struct ApiError {
     /// The request (`GET /v1/vms`).
     pub what: String,
@@ -25,9 +26,9 @@ pub struct ApiError {
     pub message: String,
 }
 
-/// No address of an API could be reached: the request was not answered.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("cannot reach the API ({what}): {}", failures.join("; "))]
+/// No address of an API could be reached: the request was not answered (inside a
+/// [`ClientError`], as [`ApiError`]).
+#[derive(Debug, Clone)]
 pub struct Unreachable {
     /// The request (`GET /v1/vms`).
     pub what: String,
@@ -39,6 +40,140 @@ pub struct Unreachable {
     /// No address got the request: each failed before it was sent (refused, a name that
     /// did not resolve, no connection made in time).
     pub unsent: bool,
+}
+
+/// Why a request to an API failed. `{:#}` shows its sources too, as anyhow's errors do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The API answered with an error status.
+    Api(ApiError),
+    /// No address of the API answered.
+    Unreachable(Unreachable),
+    /// The request could not be made: no address would take it.
+    Invalid {
+        /// The request (`GET /v1/vms`).
+        what: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// Its JSON body could not be encoded.
+    Encode {
+        /// The request.
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The answer could not be read whole (cut off, too long, too slow).
+    Read {
+        /// The request.
+        what: String,
+        /// The address that answered.
+        server: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// The answer is not the JSON expected.
+    Decode {
+        /// The request.
+        what: String,
+        /// The address that answered.
+        server: String,
+        /// The start of the answer.
+        text: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Api(e) => write!(f, "{}: {} (HTTP {})", e.what, e.message, e.status)?,
+            Self::Unreachable(e) => write!(
+                f,
+                "cannot reach the API ({}): {}",
+                e.what,
+                e.failures.join("; ")
+            )?,
+            Self::Invalid { what, .. } => {
+                write!(f, "cannot send {what}: it is not a valid request")?
+            }
+            Self::Encode { what, .. } => write!(f, "encoding {what}")?,
+            Self::Read { what, server, .. } => {
+                write!(f, "reading the answer to {what} from {server}")?
+            }
+            Self::Decode {
+                what, server, text, ..
+            } => write!(f, "unexpected answer to {what} from {server}: {text}")?,
+        }
+        if f.alternate() {
+            let mut next = std::error::Error::source(self);
+            while let Some(cause) = next {
+                write!(f, ": {cause}")?;
+                next = cause.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ClientError {
+    /// The API's error answer, if it gave one.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            Self::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The API's error code (`vm_not_found`, ...), if it answered one.
+    pub fn code(&self) -> Option<&str> {
+        self.api().and_then(|e| e.code.as_deref())
+    }
+
+    /// Why no address answered, if none did.
+    pub fn unreachable(&self) -> Option<&Unreachable> {
+        match self {
+            Self::Unreachable(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether the request got no answer but may have arrived (a timeout, a connection
+    /// cut): sent again, a request that is safe to repeat may find it done.
+    pub fn unanswered(&self) -> bool {
+        self.unreachable().is_some_and(|u| !u.unsent)
+    }
+
+    /// The client error `e` carries (through its context), if it is one.
+    pub fn of(e: &anyhow::Error) -> Option<&Self> {
+        e.downcast_ref()
+    }
+}
+
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The token is not UTF-8.
+    #[error("the token must be text to be sent as a bearer token")]
+    TokenNotText,
+    /// No address at all.
+    #[error("no API address given")]
+    NoAddress,
+    /// An address of another scheme than http:// and https://.
+    #[error("the API address '{address}' has the scheme '{scheme}': only http:// and https:// are supported")]
+    Scheme {
+        /// The address.
+        address: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// An address without a scheme.
+    #[error("the API address '{0}' needs its scheme: http://{0} or https://{0}")]
+    NoScheme(String),
+    /// A CA file without a certificate.
+    #[error("no PEM certificate in the CA file")]
+    NoCertificate,
 }
 
 /// Whether `e` is TLS finding the server's first bytes are not TLS: an `https://`
@@ -55,12 +190,6 @@ fn plain_text_answer(e: &ureq::Error) -> bool {
                 rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
             )
         })
-}
-
-/// Whether `e` is a request's that got no answer but may have arrived (a timeout, a
-/// connection cut): sent again, a request that is safe to repeat may find it done.
-pub fn unanswered(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<Unreachable>().is_some_and(|u| !u.unsent)
 }
 
 /// One API, at one address or several (center replicas), with its bearer token.
@@ -88,7 +217,7 @@ pub enum Roots {
 
 impl Roots {
     /// The CA certificates of a PEM file (`--tls-ca`).
-    pub fn from_pem(pem: &[u8]) -> anyhow::Result<Self> {
+    pub fn from_pem(pem: &[u8]) -> Result<Self, ConfigError> {
         let certs: Vec<Vec<u8>> = ureq::tls::parse_pem(pem)
             .filter_map(|item| match item {
                 Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.der().to_vec()),
@@ -96,7 +225,7 @@ impl Roots {
             })
             .collect();
         if certs.is_empty() {
-            bail!("no PEM certificate in the CA file");
+            return Err(ConfigError::NoCertificate);
         }
         Ok(Self::Cluster(certs))
     }
@@ -172,7 +301,7 @@ struct Answer {
 impl Answer {
     /// The answer's text (read up to `limit` bytes) if its status is a success, else
     /// its error: an [`ApiError`] (a redirect's, unread, says where to).
-    fn text(mut self, limit: u64) -> anyhow::Result<String> {
+    fn text(mut self, limit: u64) -> Result<String, ClientError> {
         let (what, server) = (&self.what, &self.server);
         let status = self.response.status();
         if status.is_redirection() {
@@ -180,15 +309,14 @@ impl Answer {
                 Some(to) => cut(&String::from_utf8_lossy(to.as_bytes())),
                 None => "nowhere".to_string(),
             };
-            return Err(ApiError {
+            return Err(ClientError::Api(ApiError {
                 what: what.clone(),
                 status: status.as_u16(),
                 code: None,
                 message: format!(
                     "{server} redirected it to {to}, not followed: Ferry's APIs never redirect"
                 ),
-            }
-            .into());
+            }));
         }
         if !status.is_success() {
             // An error's body is read only as far as an error carries it, and a body that
@@ -198,13 +326,16 @@ impl Answer {
             let reader = self.response.body_mut().with_config().limit(MAX_ERROR_BODY);
             let _ = std::io::Read::read_to_end(&mut reader.reader(), &mut body);
             let text = String::from_utf8_lossy(&body).into_owned();
-            return Err(api_error(what, status.as_u16(), text).into());
+            return Err(ClientError::Api(api_error(what, status.as_u16(), text)));
         }
-        let text = (self.response.body_mut().with_config())
+        (self.response.body_mut().with_config())
             .limit(limit)
             .read_to_string()
-            .with_context(|| format!("reading the answer to {what} from {server}"))?;
-        Ok(text)
+            .map_err(|source| ClientError::Read {
+                what: what.clone(),
+                server: server.clone(),
+                source,
+            })
     }
 }
 
@@ -264,21 +395,25 @@ impl ApiClient {
     /// A client of the API at `base` (e.g. `http://127.0.0.1:7070`) with its bearer token
     /// (a host-API key or an operator's token for hosts, the operator token for the
     /// center), trusting the web's roots for `https://`.
-    pub fn new(base: &str, token: &[u8]) -> anyhow::Result<Self> {
+    pub fn new(base: &str, token: &[u8]) -> Result<Self, ConfigError> {
         Self::with_roots(base, token, &Roots::Web)
     }
 
     /// [`ApiClient::new`] trusting `roots` for an `https://` API.
-    pub fn with_roots(base: &str, token: &[u8], roots: &Roots) -> anyhow::Result<Self> {
+    pub fn with_roots(base: &str, token: &[u8], roots: &Roots) -> Result<Self, ConfigError> {
         Self::with_pool(base, token, roots, IDLE_CONNECTIONS)
     }
 
     /// [`ApiClient::with_roots`] keeping up to `idle` connections to each address open for
     /// reuse, for a caller with that many requests in flight at once (the gateway's
     /// relays): with fewer, most requests would open a new connection.
-    pub fn with_pool(base: &str, token: &[u8], roots: &Roots, idle: usize) -> anyhow::Result<Self> {
-        let token = std::str::from_utf8(token)
-            .context("the token must be text to be sent as a bearer token")?;
+    pub fn with_pool(
+        base: &str,
+        token: &[u8],
+        roots: &Roots,
+        idle: usize,
+    ) -> Result<Self, ConfigError> {
+        let token = std::str::from_utf8(token).map_err(|_| ConfigError::TokenNotText)?;
         let tls = match roots {
             Roots::Web => ureq::tls::TlsConfig::builder().build(),
             Roots::Cluster(certs) => {
@@ -312,18 +447,19 @@ impl ApiClient {
             .filter(|b| !b.is_empty())
             .collect();
         if bases.is_empty() {
-            bail!("no API address given");
+            return Err(ConfigError::NoAddress);
         }
         if let Some(other) =
             (bases.iter()).find(|b| !b.starts_with("http://") && !b.starts_with("https://"))
         {
             // Prefixing a scheme only mends an address that has none (not `ftp://x`).
             if let Some((scheme, _)) = other.split_once("://") {
-                bail!(
-                    "the API address '{other}' has the scheme '{scheme}': only http:// and https:// are supported"
-                );
+                return Err(ConfigError::Scheme {
+                    address: other.clone(),
+                    scheme: scheme.to_string(),
+                });
             }
-            bail!("the API address '{other}' needs its scheme: http://{other} or https://{other}");
+            return Err(ConfigError::NoScheme(other.clone()));
         }
         Ok(Self {
             bases,
@@ -355,7 +491,7 @@ impl ApiClient {
         what: &str,
         idempotent: bool,
         send: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> anyhow::Result<Answer> {
+    ) -> Result<Answer, ClientError> {
         use std::sync::atomic::Ordering;
         let first = self.current.load(Ordering::Relaxed);
         let mut failures = Vec::new();
@@ -372,9 +508,11 @@ impl ApiClient {
                     });
                 }
                 // Not the network's doing: no address would take it.
-                Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("cannot send {what}: it is not a valid request")));
+                Err(source @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
+                    return Err(ClientError::Invalid {
+                        what: what.to_string(),
+                        source,
+                    });
                 }
                 Err(e) => {
                     let was_refused = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
@@ -401,21 +539,24 @@ impl ApiClient {
         }
         // A write not sent on to the remaining addresses leaves them untried.
         refused &= failures.len() == self.bases.len();
-        Err(Unreachable {
+        Err(ClientError::Unreachable(Unreachable {
             what: what.to_string(),
             failures,
             refused,
             unsent: all_unsent,
-        }
-        .into())
+        }))
     }
 
     /// The answer as a `T` (read up to `limit` bytes), or its error.
-    fn finish<T: DeserializeOwned>(&self, answer: Answer, limit: u64) -> anyhow::Result<T> {
+    fn finish<T: DeserializeOwned>(&self, answer: Answer, limit: u64) -> Result<T, ClientError> {
         let (what, server) = (answer.what.clone(), answer.server.clone());
         let text = answer.text(limit)?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("unexpected answer to {what} from {server}: {}", cut(&text)))
+        serde_json::from_str(&text).map_err(|source| ClientError::Decode {
+            what,
+            server,
+            text: cut(&text),
+            source,
+        })
     }
 
     /// `method path` without a body (a GET is a read, sent again elsewhere if need be),
@@ -425,7 +566,7 @@ impl ApiClient {
         method: &'static str,
         path: &str,
         time: Option<Duration>,
-    ) -> anyhow::Result<Answer> {
+    ) -> Result<Answer, ClientError> {
         let what = format!("{method} {path}");
         self.send(&what, method == "GET", |base| {
             let request = self
@@ -464,14 +605,18 @@ impl ApiClient {
     }
 
     /// `GET path`.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.get_within(path, MAX_ANSWER_BYTES)
     }
 
     /// `GET path`, whose answer is refused past `limit` bytes: for an answer known to be
     /// small, read often (a stream's next events), where a broken or hostile server must
     /// not make each read cost up to the usual limit (256 MiB).
-    pub fn get_within<T: DeserializeOwned>(&self, path: &str, limit: u64) -> anyhow::Result<T> {
+    pub fn get_within<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        limit: u64,
+    ) -> Result<T, ClientError> {
         self.bodiless("GET", path, limit, None)
     }
 
@@ -483,7 +628,7 @@ impl ApiClient {
         path: &str,
         limit: u64,
         time: Option<Duration>,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, ClientError> {
         let answer = self.bodiless_request(method, path, time)?;
         self.finish(answer, limit)
     }
@@ -496,12 +641,12 @@ impl ApiClient {
         path: &str,
         limit: u64,
         time: Duration,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, ClientError> {
         self.bodiless("GET", path, limit, Some(time))
     }
 
     /// `GET path` answered with text.
-    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         self.bodiless_request("GET", path, None)?
             .text(MAX_ANSWER_BYTES)
     }
@@ -513,9 +658,12 @@ impl ApiClient {
         path: &str,
         body: &B,
         time: Option<Duration>,
-    ) -> anyhow::Result<Answer> {
+    ) -> Result<Answer, ClientError> {
         let what = format!("POST {path}");
-        let json = serde_json::to_vec(body).with_context(|| format!("encoding {what}"))?;
+        let json = serde_json::to_vec(body).map_err(|source| ClientError::Encode {
+            what: what.clone(),
+            source,
+        })?;
         self.send(&what, false, |base| {
             let request = (self.request("POST", base, path))
                 .header("Content-Type", "application/json; charset=utf-8")
@@ -530,7 +678,7 @@ impl ApiClient {
         &self,
         path: &str,
         body: &B,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, ClientError> {
         let answer = self.post_json_request(path, body, None)?;
         self.finish(answer, MAX_ANSWER_BYTES)
     }
@@ -543,7 +691,7 @@ impl ApiClient {
         body: &B,
         limit: u64,
         time: Duration,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, ClientError> {
         let answer = self.post_json_request(path, body, Some(time))?;
         self.finish(answer, limit)
     }
@@ -551,13 +699,13 @@ impl ApiClient {
     /// `POST path` with a JSON body, answered with a stream of lines (server-sent
     /// events): the lines as they arrive, each refused past 1 MiB (which ends the
     /// stream), the stream cut off `time` after it was asked for (a long answer must not
-    /// be cut by the client's usual minute). An error status is an [`ApiError`].
+    /// be cut by the client's usual minute). An error status is a [`ClientError::Api`].
     pub fn post_lines<B: Serialize>(
         &self,
         path: &str,
         body: &B,
         time: Duration,
-    ) -> anyhow::Result<impl Iterator<Item = std::io::Result<String>>> {
+    ) -> Result<impl Iterator<Item = std::io::Result<String>>, ClientError> {
         let answer = self.post_json_request(path, body, Some(time))?;
         if !answer.response.status().is_success() {
             return Err(answer.text(MAX_ANSWER_BYTES).expect_err("an error status"));
@@ -572,7 +720,7 @@ impl ApiClient {
     }
 
     /// `DELETE path`.
-    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.bodiless("DELETE", path, MAX_ANSWER_BYTES, None)
     }
 
@@ -583,7 +731,7 @@ impl ApiClient {
         path: &str,
         limit: u64,
         time: Duration,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T, ClientError> {
         self.bodiless("DELETE", path, limit, Some(time))
     }
 
@@ -596,7 +744,7 @@ impl ApiClient {
         path: &str,
         authorization: &str,
         body: Vec<u8>,
-    ) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    ) -> Result<(u16, String, Vec<u8>), ClientError> {
         let what = format!("{method} {path}");
         let Answer {
             server,
@@ -624,7 +772,11 @@ impl ApiClient {
             .with_config()
             .limit(MAX_ANSWER_BYTES)
             .read_to_vec()
-            .with_context(|| format!("reading the answer to {what} from {server}"))?;
+            .map_err(|source| ClientError::Read {
+                what: what.clone(),
+                server,
+                source,
+            })?;
         Ok((response.status().as_u16(), content_type, body))
     }
 }
@@ -639,7 +791,7 @@ mod tests {
     fn unreachable(base: &str) -> Unreachable {
         let client = ApiClient::new(base, b"token").unwrap();
         let error = client.get::<serde_json::Value>("/v1/vms").unwrap_err();
-        error.downcast::<Unreachable>().expect("an Unreachable")
+        error.unreachable().cloned().expect("an Unreachable")
     }
 
     #[test]
@@ -721,11 +873,11 @@ mod tests {
         let client = ApiClient::new(&base, b"token").unwrap();
         let error =
             (client.post::<_, serde_json::Value>("/v1/vms", &serde_json::json!({}))).unwrap_err();
-        let error = error.downcast::<ApiError>().expect("an ApiError");
-        assert_eq!(error.status, 302, "{error}");
+        let error = error.api().cloned().expect("an ApiError");
+        assert_eq!(error.status, 302, "{error:?}");
         assert!(
             error.message.contains("redirect") && error.message.contains("/v1/vms"),
-            "{error}"
+            "{error:?}"
         );
         // A write redirected to an address that refuses it had arrived: it is not sent to
         // the next address.
@@ -736,7 +888,7 @@ mod tests {
         let client = ApiClient::new(&bases, b"token").unwrap();
         let error =
             (client.post::<_, serde_json::Value>("/v1/vms", &serde_json::json!({}))).unwrap_err();
-        assert!(error.downcast_ref::<ApiError>().is_some(), "{error:#}");
+        assert!(error.api().is_some(), "{error:#}");
         next.set_nonblocking(true).unwrap();
         assert!(next.accept().is_err(), "the write was sent again");
     }
@@ -799,8 +951,8 @@ mod tests {
             Ok(line) => panic!("a line of {} bytes", line.len()),
             Err(e) => e,
         };
-        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
-        assert!(error.to_string().contains("longer than"), "{error}");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error:?}");
+        assert!(error.to_string().contains("longer than"), "{error:?}");
         // Ended: nothing of the rest is taken for lines.
         assert!(lines.next().is_none());
     }
@@ -822,13 +974,21 @@ mod tests {
         );
         assert!(
             error.contains("GET /v1/vms") && error.contains(&base),
-            "{error}"
+            "{error:?}"
         );
-        assert!(error.contains(html), "{error}");
-        let error = format!("{:#}", client.get_text("/metrics").unwrap_err());
+        assert!(error.contains(html), "{error:?}");
+        // `{:#}` adds the cause: serde's, then the transport's.
+        assert!(error.contains("expected value"), "{error:?}");
+        let short = client.get_text("/metrics").unwrap_err();
+        let (error, plain) = (format!("{short:#}"), short.to_string());
         assert!(
             error.contains("GET /metrics") && error.contains(&base),
-            "{error}"
+            "{error:?}"
+        );
+        assert!(matches!(short, ClientError::Read { .. }), "{short:?}");
+        assert!(
+            error.len() > plain.len() && error.starts_with(&plain),
+            "{error:?}"
         );
         let error = format!(
             "{:#}",
@@ -838,7 +998,7 @@ mod tests {
         );
         assert!(
             error.contains("GET /v1/vms") && error.contains(&base),
-            "{error}"
+            "{error:?}"
         );
     }
 
@@ -861,7 +1021,7 @@ mod tests {
         let client =
             ApiClient::new(&answering(1, "500 Internal Server Error", body), b"token").unwrap();
         let error = client.get::<serde_json::Value>("/v1/vms").unwrap_err();
-        let error = error.downcast::<ApiError>().expect("an ApiError");
+        let error = error.api().cloned().expect("an ApiError");
         assert_eq!(error.status, 500);
         assert!(error.message.starts_with("éé"), "{}", error.message);
         assert!(
@@ -883,11 +1043,8 @@ mod tests {
             client.get_within::<serde_json::Value>("/v1/vms", 1 << 10),
             client.get::<serde_json::Value>("/v1/vms"),
         ] {
-            let error = error
-                .unwrap_err()
-                .downcast::<ApiError>()
-                .expect("an ApiError");
-            assert_eq!(error.status, 503, "{error}");
+            let error = error.unwrap_err().api().cloned().expect("an ApiError");
+            assert_eq!(error.status, 503, "{error:?}");
             assert!(error.message.starts_with("xxx"), "{}", error.message);
         }
     }
@@ -897,7 +1054,7 @@ mod tests {
         let body = serde_json::json!({ "error": "no VM x", "code": "vm_not_found" }).to_string();
         let client = ApiClient::new(&answering(1, "404 Not Found", body), b"token").unwrap();
         let error = client.get_text("/v1/vms/x/console").unwrap_err();
-        let error = error.downcast::<ApiError>().expect("an ApiError");
+        let error = error.api().cloned().expect("an ApiError");
         assert_eq!(
             (error.status, error.code.as_deref(), error.message.as_str()),
             (404, Some("vm_not_found"), "no VM x")
@@ -924,7 +1081,7 @@ mod tests {
         );
         let post = post.unwrap_err();
         // Not a refusal: it may have arrived.
-        assert!(post.downcast_ref::<ApiError>().is_none(), "{post:#}");
+        assert!(post.api().is_none(), "{post:#}");
         let delete =
             client.delete_within_time::<serde_json::Value>("/v1/vms/v/streams/1", 1 << 16, time);
         assert!(delete.is_err());
@@ -952,7 +1109,7 @@ mod tests {
     fn a_request_no_url_can_hold_is_refused_as_such_not_as_unreachable() {
         let client = ApiClient::new(&answering(0, "200 OK", String::new()), b"token").unwrap();
         let error = client.get::<serde_json::Value>("/v1/vms/a b").unwrap_err();
-        assert!(error.downcast_ref::<Unreachable>().is_none(), "{error:#}");
+        assert!(error.unreachable().is_none(), "{error:#}");
         assert!(
             error.to_string().contains("not a valid request"),
             "{error:#}"
@@ -965,13 +1122,14 @@ mod tests {
         let silent_addr = ferry_testdata::dropping_addr(2);
 
         let refused = unreachable(&format!("http://{closed_addr}"));
-        assert!(refused.refused && refused.unsent, "{refused}");
-        assert!(refused.to_string().contains("cannot reach the API"));
+        assert!(refused.refused && refused.unsent, "{refused:?}");
+        let said = ClientError::Unreachable(refused).to_string();
+        assert!(said.contains("cannot reach the API"), "{said}");
 
         let dropped = unreachable(&format!("http://{silent_addr}"));
-        assert!(!dropped.refused && !dropped.unsent, "{dropped}");
+        assert!(!dropped.refused && !dropped.unsent, "{dropped:?}");
         let mixed = unreachable(&format!("http://{closed_addr},http://{silent_addr}"));
-        assert!(!mixed.refused && !mixed.unsent, "{mixed}");
+        assert!(!mixed.refused && !mixed.unsent, "{mixed:?}");
     }
     /// A keep-alive server answering requests `{}` once `together` of them are waiting
     /// (so that many are in flight at once); its address and the count of connections it

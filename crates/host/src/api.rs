@@ -386,7 +386,7 @@ mod tests {
             let e = client
                 .post::<_, serde_json::Value>(path, &body)
                 .unwrap_err();
-            let e = e.downcast::<ferry_client::ApiError>().unwrap();
+            let e = e.api().cloned().unwrap();
             (e.status, e.code.unwrap_or_default(), e.message)
         };
         let misspelled = |path: &str, body: serde_json::Value, field: &str| {

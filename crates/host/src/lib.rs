@@ -372,9 +372,7 @@ fn settlement(
             answer,
         )),
         Some(Err(relayed)) => {
-            let code = relayed
-                .downcast_ref::<ferry_client::ApiError>()
-                .and_then(|e| e.code.as_deref());
+            let code = ferry_client::ClientError::of(&relayed).and_then(|e| e.code());
             if refused && code == Some("host_refused") {
                 Ok((
                     "the destination's host, to this host and to the center (no daemon listens)",
@@ -1500,8 +1498,8 @@ impl Host {
         let token = self.config.secret.token(ferry_migrate::Purpose::Heartbeat);
         let roots = cluster_roots(self.config.tls.as_ref());
         let client = ferry_client::ApiClient::with_roots(&center, token.as_bytes(), &roots);
-        let asked = client.and_then(|client| {
-            client.post(
+        let asked = client.map_err(anyhow::Error::from).and_then(|client| {
+            Ok(client.post(
                 "/v1/settle",
                 &SettleRequest {
                     migration_addr: to.to_string(),
@@ -1509,7 +1507,7 @@ impl Host {
                     vm: Some(vm.to_string()),
                     from: Some(self.config.name.clone()),
                 },
-            )
+            )?)
         });
         Some(asked)
     }
@@ -1802,12 +1800,12 @@ pub(crate) mod tests {
     }
 
     fn center_error(code: &str) -> anyhow::Error {
-        ferry_client::ApiError {
+        ferry_client::ClientError::Api(ferry_client::ApiError {
             what: "POST /v1/settle".into(),
             status: 503,
             code: Some(code.into()),
             message: "host b did not answer".into(),
-        }
+        })
         .into()
     }
 

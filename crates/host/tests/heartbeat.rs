@@ -155,9 +155,7 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
                 &serde_json::json!({ "to": "127.0.0.1:1" }),
             );
         let e = sent.expect_err("no such VM");
-        let e = e
-            .downcast_ref::<ferry_client::ApiError>()
-            .expect("an API error");
+        let e = e.api().expect("an API error");
         (e.status, e.code.clone().unwrap_or_default())
     };
     let passed = (404, "vm_not_found".to_string());
@@ -171,14 +169,7 @@ fn orders_of_a_leader_older_than_one_heard_of_are_refused() {
         "/v1/vms/none/migrate",
         &serde_json::json!({ "to": "127.0.0.1:1" }),
     );
-    assert_eq!(
-        plain
-            .unwrap_err()
-            .downcast_ref::<ferry_client::ApiError>()
-            .unwrap()
-            .status,
-        404
-    );
+    assert_eq!(plain.unwrap_err().api().unwrap().status, 404);
     let read = client.with_header(LEADER_TERM_HEADER, term(0xc, 1));
     assert!(read.get::<serde_json::Value>("/v1/vms").is_ok());
     // Neither a stranger nor an operator can move the term on.

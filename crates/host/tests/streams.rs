@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ferry_api::CreateVm;
-use ferry_client::{ApiClient, ApiError};
+use ferry_client::{ApiClient, ClientError};
 use ferry_host::Host;
 use ferry_migrate::Secret;
 use serde_json::{json, Value};
@@ -15,11 +15,8 @@ const SECRET: &[u8] = b"streams-test-secret-0123456789ab";
 const READ_ONLY: &str = "dashboard-0123456789abcdef";
 
 /// The status of a refused request.
-fn status(refused: anyhow::Error) -> u16 {
-    refused
-        .downcast_ref::<ApiError>()
-        .expect("an API error")
-        .status
+fn status(refused: ClientError) -> u16 {
+    refused.api().expect("an API error").status
 }
 
 #[test]

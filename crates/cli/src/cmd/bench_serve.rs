@@ -344,7 +344,7 @@ pub fn bench_serve(
     }
 
     // Streaming while the VM moves back and forth.
-    let info = |name: &str| -> anyhow::Result<HostInfo> { cluster.host(name).get("/v1/host") };
+    let info = |name: &str| -> anyhow::Result<HostInfo> { Ok(cluster.host(name).get("/v1/host")?) };
     let (a, b) = (info("a")?, info("b")?);
     let migrating_tokens = match max_rate {
         Some(_) => PACED_MIGRATING_TOKENS,

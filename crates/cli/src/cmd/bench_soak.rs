@@ -164,7 +164,7 @@ impl Hosts {
         if let Err(e) = api.post::<_, MigrationStatus>(&format!("/v1/vms/{id}/migrate"), &request) {
             return match self.state(on, id)? {
                 VmState::Exited { .. } => Ok(None),
-                _ => Err(e),
+                _ => Err(e.into()),
             };
         }
         let what = format!("the migration of {id} to end");

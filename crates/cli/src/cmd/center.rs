@@ -36,7 +36,11 @@ pub struct CenterAddr {
 impl CenterAddr {
     /// A client for it.
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::with_roots(&self.url, &self.token.token()?, &self.roots.roots()?)
+        Ok(ApiClient::with_roots(
+            &self.url,
+            &self.token.token()?,
+            &self.roots.roots()?,
+        )?)
     }
 }
 
@@ -575,10 +579,8 @@ const LOST_CONTACT: Duration = Duration::from_secs(60);
 
 /// Whether an error asking the center is one a restart or an election makes, and passes:
 /// no answer at all, or 503 (no leader yet).
-fn passing(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<ferry_client::Unreachable>().is_some()
-        || e.downcast_ref::<ferry_client::ApiError>()
-            .is_some_and(|e| e.status == 503)
+fn passing(e: &ferry_client::ClientError) -> bool {
+    e.unreachable().is_some() || e.api().is_some_and(|e| e.status == 503)
 }
 
 /// Follows operation `id` to its end, printing each migration as it ends; fails if the
@@ -603,7 +605,7 @@ fn follow_operation(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<(
                 return Ok(None)
             }
             Err(e) => {
-                return Err(e.context(format!(
+                return Err(anyhow::Error::new(e).context(format!(
                     "lost track of operation {id}; it may still be running (GET /v1/operations/{id} tells)"
                 )))
             }

@@ -347,7 +347,7 @@ fn wait_end(client: &ApiClient, id: &str, timeout: Duration) -> anyhow::Result<S
 
 /// VM `id`'s whole console tail (64 KiB).
 fn client_console(client: &ApiClient, id: &str) -> anyhow::Result<String> {
-    client.get_text(&format!("/v1/vms/{id}/console"))
+    Ok(client.get_text(&format!("/v1/vms/{id}/console"))?)
 }
 
 /// `ferry demo`.

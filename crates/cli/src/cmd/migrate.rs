@@ -214,13 +214,13 @@ fn wait(client: &ApiClient, vm: &str, bar: &ProgressBar) -> anyhow::Result<Migra
         }
         let status: MigrationStatus = match client.get(&format!("/v1/vms/{vm}/migration")) {
             Ok(status) => status,
-            Err(e) if e.downcast_ref::<ferry_client::Unreachable>().is_some()
+            Err(e) if e.unreachable().is_some()
                 && last_contact.elapsed() < LOST_CONTACT =>
             {
                 continue
             }
             Err(e) => {
-                return Err(e.context(format!(
+                return Err(anyhow::Error::new(e).context(format!(
                     "lost track of the migration of {vm}; it may still be running: `ferry vm show {vm}` tells"
                 )))
             }

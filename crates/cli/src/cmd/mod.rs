@@ -71,7 +71,7 @@ pub(crate) fn error_text(text: &str) -> Cow<'_, str> {
 /// server; an answer without Ferry's error code may say nothing at all (`GET /v1/vms:
 /// (HTTP 404)` from a web server).
 pub(crate) fn hint(e: &anyhow::Error) -> Option<&'static str> {
-    let refused = e.downcast_ref::<ferry_client::ApiError>()?;
+    let refused = ferry_client::ClientError::of(e)?.api()?;
     if refused.status == 401 {
         return Some(
             "the token is not one this API takes (a host's: --api-token-file or \

@@ -50,7 +50,11 @@ impl HostAddr {
                 .token(Purpose::HostApi),
             (None, _, _) => self.secret.secret()?.token(Purpose::HostApi),
         };
-        ApiClient::with_roots(&self.url, token.as_bytes(), &self.roots.roots()?)
+        Ok(ApiClient::with_roots(
+            &self.url,
+            token.as_bytes(),
+            &self.roots.roots()?,
+        )?)
     }
 }
 
@@ -254,20 +258,18 @@ fn send_create_within<B: serde::Serialize, T: serde::de::DeserializeOwned>(
             // The VM may have been made (or be under way): the same command without the
             // key would make a second one.
             Err(e) if worth_sending_again(&e) => {
-                return Err(e.context(format!(
+                return Err(anyhow::Error::new(e).context(format!(
                     "the create may have been made: send it again with --idempotency-key {key} to get its VM, not a second one"
                 )))
             }
-            answered => return answered,
+            answered => return Ok(answered?),
         }
     }
 }
 
 /// Whether a create that failed with `e` may find its VM made, or be made, if sent again.
-fn worth_sending_again(e: &anyhow::Error) -> bool {
-    ferry_client::unanswered(e)
-        || e.downcast_ref::<ferry_client::ApiError>()
-            .is_some_and(|a| a.status == 503)
+fn worth_sending_again(e: &ferry_client::ClientError) -> bool {
+    e.unanswered() || e.api().is_some_and(|a| a.status == 503)
 }
 
 /// Checks `--idempotency-key`.
