@@ -1053,6 +1053,8 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
             send_whole_chunk(writer, queue, &mut counts, key, data)?;
         }
     }
+    // A file piece is read into the page buffer.
+    const _: () = assert!(MAX_FILE_PIECE <= MAX_RUN_PAGES * PAGE_SIZE);
     while let Some(piece) = queue.next_piece() {
         let bytes = &mut page_buffer[..piece.len as usize];
         source
@@ -1607,6 +1609,9 @@ pub fn migrate_vm(
                 },
                 _ => in_phase(error, s.phase, options.io_timeout),
             };
+            // Before Go the destination cannot run the VM: it runs here again first, not
+            // after a silent destination's reason was waited for.
+            let resumed = if paused { source.resume() } else { Ok(()) };
             // A destination that fails mid-round cuts the data streams and says why on
             // the control stream: report its reason rather than the cut.
             if matches!(error, MigrationError::Io { .. }) {
@@ -1619,14 +1624,10 @@ pub fn migrate_vm(
             let _ = s.control.send(&Message::Abort {
                 reason: error_chain(&error),
             });
-            if paused {
-                source
-                    .resume()
-                    .map_err(|resume| MigrationError::ResumeAfterFailure {
-                        failed: error_chain(&error),
-                        resume,
-                    })?;
-            }
+            resumed.map_err(|resume| MigrationError::ResumeAfterFailure {
+                failed: error_chain(&error),
+                resume,
+            })?;
             Err(error)
         }
     }
@@ -1919,9 +1920,9 @@ fn precopy_rounds(
         s.predicted_pause = predicted;
         let out_of_bounds =
             s.rounds() >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
+        // Another round goes at the ceiling, if there is one; the pause would not.
+        let round_rate = options.max_rate.map_or(rate, |max| rate.min(max as f64));
         if predicted <= options.downtime_target {
-            // Another round goes at the ceiling, if there is one; the pause would not.
-            let round_rate = options.max_rate.map_or(rate, |max| rate.min(max as f64));
             if out_of_bounds
                 || extra_rounds >= MAX_EXTRA_ROUNDS
                 || !worth_another_round(dirty_bytes, round_rate, dirty_rate)
@@ -1935,8 +1936,8 @@ fn precopy_rounds(
             );
             continue;
         }
-        // Dirtying at more than half the link rate will not converge quickly.
-        let too_fast = dirty_rate > rate * 0.5;
+        // Dirtying at more than half the rate rounds move at will not converge quickly.
+        let too_fast = dirty_rate > round_rate * 0.5;
         // Mostly device memory: replay it rather than slow the VM down.
         let device_bytes = part_bytes(&pending.chunks);
         let replayable = || match digest_outlasts_target(s.source.device_digest_estimate(), options)
