@@ -446,10 +446,11 @@ fn a_long_guest_kernel_never_stalls_the_api() {
         worst.as_secs_f64() * 1e3,
         report["downtime_ms"].as_f64().unwrap()
     );
-    // A call held behind a kernel would wait its second or more; 250 ms leaves room for
+    // A call held behind a kernel would wait out what is left of it: of hundreds of
+    // calls, some would land early in kernels of a second or two. 600 ms leaves room for
     // the scheduling noise of tests sharing two cores (one call once took over 100 ms).
     assert!(
-        worst < Duration::from_millis(250),
+        worst < Duration::from_millis(600),
         "an API call took {worst:?} while the guest's kernels ran"
     );
 }

@@ -391,6 +391,14 @@ fn demo_migrates_and_reports_identical_checksums_as_json() {
     let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(last["identical"], true, "{last}");
     assert_eq!(last["checksum"], last["reference_checksum"]);
+    // And an unmigrated run of its own, not the demo's comparison alone.
+    let unmigrated = reference(
+        "mlp-train",
+        "256M",
+        "256M",
+        "--steps 200 --hidden 512 --batch 128 --inputs 128 --samples 8192 --print-every 6",
+    );
+    assert_eq!(last["checksum"], unmigrated.as_str(), "{last}");
     assert!(last["downtime_ms"].as_f64().unwrap() > 0.0, "{last}");
     assert!(last["rounds"].as_u64().unwrap() >= 2, "{last}");
     assert!(last["bytes_sent"].as_u64().unwrap() > 1 << 20, "{last}");

@@ -736,11 +736,13 @@ mod tests {
         let files = ferry_testdata::raise_file_limit();
         if somaxconn <= CLIENTS || files as usize <= CLIENTS + 100 {
             // The machine's limits, not Ferry's: said loudly, as a test that cannot run.
-            eprintln!(
-                "*** SKIPPED an_api_listener_holds_more_waiting_connections_than_tokios_default_backlog: \
-                 net.core.somaxconn is {somaxconn} and {files} files may be open; it needs more than \
-                 {CLIENTS} and {} ***",
-                CLIENTS + 100
+            ferry_testdata::cannot_run_here(
+                "an_api_listener_holds_more_waiting_connections_than_tokios_default_backlog",
+                &format!(
+                    "net.core.somaxconn is {somaxconn} and {files} files may be open; it needs \
+                     more than {CLIENTS} and {}",
+                    CLIENTS + 100
+                ),
             );
             return;
         }

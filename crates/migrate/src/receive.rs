@@ -2002,6 +2002,10 @@ mod tests {
         // The last round's data came longer than the idle limit ago (its replay, the
         // next round's commands): a machine up that long only.
         let Some(long_ago) = Instant::now().checked_sub(limit + Duration::from_secs(1)) else {
+            ferry_testdata::cannot_run_here(
+                "a_round_opened_after_a_long_wait_gives_its_data_streams_the_whole_idle_limit",
+                "the machine has not been up for the idle limit",
+            );
             return;
         };
         inbound.lock().last_data = long_ago;

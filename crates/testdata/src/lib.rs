@@ -111,6 +111,13 @@ fn missing(test: &str, why: &str, require_var: &str) {
     let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
 }
 
+/// Reports loudly that `test` cannot run on this machine because of `why` (its CPU, its
+/// kernel's limits, root): straight to stderr, which the test harness does not capture
+/// as it captures `eprintln!`, so a passing test's skip is seen.
+pub fn cannot_run_here(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
+}
+
 /// Returns from the enclosing test (a function returning `()`) when KVM is not usable
 /// here, after `check` (default [`kvm`]) reported it under the test's own name.
 #[macro_export]

@@ -127,6 +127,41 @@ fn reference(test: &str, model: &Path, generate: usize, top: usize) -> Option<Va
     }
 }
 
+#[test]
+fn the_references_reader_and_dequantizers_agree_with_the_gguf_package() {
+    // The reference is the tests' yardstick: its GGUF reader, dequantizers and tokenizer
+    // are checked against llama.cpp's own Python package (`--self-test`).
+    let test = "the_references_reader_and_dequantizers_agree_with_the_gguf_package";
+    let Some(model) = ferry_testdata::smollm2(test) else {
+        return;
+    };
+    let script = ferry_testdata::repo_root().join("tools/reference/llama_ref.py");
+    let out = match Command::new("python3")
+        .arg(&script)
+        .arg(&model)
+        .arg("--self-test")
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => return ferry_testdata::missing_tool(test, &format!("no python3 ({e})")),
+    };
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if !out.status.success() && stderr.contains("No module named") {
+        return ferry_testdata::missing_tool(
+            test,
+            "python3 lacks numpy, regex or gguf (pip install numpy regex gguf==0.17.1)",
+        );
+    }
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("BAD") && stdout.contains("dequantizers vs gguf"),
+        "{stdout}"
+    );
+}
+
 /// The reference's steps: each one's largest logits, as (id, value).
 fn reference_steps(reference: &Value) -> Vec<Vec<(u64, f64)>> {
     reference["steps"]

@@ -309,8 +309,9 @@ mod tests {
     fn a_link_left_by_a_stopped_bench_is_removed_and_a_running_ones_is_kept() {
         // SAFETY: geteuid only reads this process's credentials.
         if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
-            eprintln!(
-                "*** SKIPPED a_link_left_by_a_stopped_bench_is_removed: needs root and ip ***"
+            ferry_testdata::cannot_run_here(
+                "a_link_left_by_a_stopped_bench_is_removed_and_a_running_ones_is_kept",
+                "needs root and ip",
             );
             return;
         }

@@ -461,8 +461,7 @@ fn lacks_avx2(name: &str) -> bool {
     if super::quant::has_avx2() {
         return false;
     }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "*** SKIPPED {name}: no AVX2 here ***");
+    ferry_testdata::cannot_run_here(name, "no AVX2 here");
     true
 }
 

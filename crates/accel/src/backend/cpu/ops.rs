@@ -1704,7 +1704,7 @@ mod tests {
     fn eight_lane_exponential_has_the_bits_of_the_scalar_one() {
         if !quant::has_avx2() {
             let name = "eight_lane_exponential_has_the_bits_of_the_scalar_one";
-            eprintln!("*** SKIPPED {name}: no AVX2 here ***");
+            ferry_testdata::cannot_run_here(name, "no AVX2 here");
             return;
         }
         // Every 997th bit pattern (both signs, every exponent: NaNs, infinities,

@@ -219,7 +219,6 @@ fn gemm_is_bit_identical_across_threads() {
 }
 
 #[test]
-#[cfg(not(debug_assertions))]
 fn gemm_is_bit_identical_across_threads_512() {
     gemm_determinism(512, 512, 512);
     gemm_determinism(333, 1031, 771);
