@@ -200,7 +200,8 @@ impl DeviceDigest {
 /// What a replay migration did, in the report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ReplayReport {
-    /// Bytes of the base (device chunks sent with round 0 of the replay).
+    /// Bytes of the round that sent the base: its device chunks, and the guest RAM and
+    /// files too where replay began the migration.
     pub base_bytes: u64,
     /// Commands sent for replay, the tail included.
     pub commands: u64,

@@ -296,7 +296,8 @@ pub struct Progress {
     pub bytes_sent: u64,
     /// Bytes the last round sent.
     pub round_bytes: u64,
-    /// Link rate of the last round, MiB/s.
+    /// The link's rate, MiB/s: the best any round of this migration reached (small rounds
+    /// are dominated by their round trip).
     pub rate_mib_s: f64,
     /// Rate at which the VM dirtied memory during the last round, MiB/s.
     pub dirty_mib_s: f64,
@@ -2220,9 +2221,12 @@ fn finish(
         bytes = blob.len(),
         "state saved"
     );
+    let before_state = s.control.writer.bytes;
     s.control
         .send(&Message::State { blob, device })
         .map_err(before_go(true))?;
+    // The VM's state goes in the pause too.
+    let final_bytes = final_bytes + (s.control.writer.bytes - before_state);
     match s
         .control
         .expect_control("the destination's restore")
