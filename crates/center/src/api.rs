@@ -156,9 +156,9 @@ async fn leader_writes(
     let relayed = tokio::task::spawn_blocking(move || {
         center
             .client_of(&leader.url)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| e.to_string())?
             .relay(&method, &path, &authorization, body)
-            .map_err(|e| anyhow::anyhow!("leader {} ({}): {e:#}", leader.name, leader.url))
+            .map_err(|e| format!("leader {} ({}): {e:#}", leader.name, leader.url))
     })
     .await;
     match relayed {

@@ -634,11 +634,11 @@ impl Center {
                 continue;
             }
             break match answer {
-                Ok(s) if !this_move(&s) => Err(anyhow::anyhow!(
+                Ok(s) if !this_move(&s) => Err(format!(
                     "its last migration of the VM was to {}",
                     crate::inventory::shown(&s.to)
                 )),
-                other => other.map_err(anyhow::Error::from),
+                other => other.map_err(|e| format!("{e:#}")),
             };
         };
         match asked {
@@ -662,7 +662,7 @@ impl Center {
             Err(asked) => match self.verify_arrival(dest, &source.name, vm) {
                 Ok(arrived) => Ok((None, arrived)),
                 Err(there) => Err(format!(
-                    "not started: {not_started}; the VM stayed on {} (source: {asked:#}; destination: {})",
+                    "not started: {not_started}; the VM stayed on {} (source: {asked}; destination: {})",
                     source.name,
                     there.text()
                 )

@@ -340,6 +340,17 @@ fn manual_settlement(
     }
 }
 
+/// Why a settle question through the center got no answer.
+#[derive(Debug, thiserror::Error)]
+enum CenterAskError {
+    /// The center's address cannot be called.
+    #[error("the center's address")]
+    Address(#[from] ferry_client::ConfigError),
+    /// The center did not answer, or refused.
+    #[error(transparent)]
+    Asked(#[from] ferry_client::ClientError),
+}
+
 /// Who answered a settle question, and the answer; or why there is none yet. `direct` is
 /// the destination's own answer; `through_center` asks the center (`None` without one),
 /// which relays the question to the destination's API.
@@ -353,7 +364,7 @@ fn manual_settlement(
 /// twice: a cluster that moves VMs on from a VM's destination reports to a center.
 fn settlement(
     direct: Result<Settlement, MigrationError>,
-    through_center: impl FnOnce() -> Option<anyhow::Result<Settlement>>,
+    through_center: impl FnOnce() -> Option<Result<Settlement, CenterAskError>>,
 ) -> Result<(&'static str, Settlement), String> {
     let direct = match direct {
         Ok(answer) => return Ok(("the destination", answer)),
@@ -372,7 +383,10 @@ fn settlement(
             answer,
         )),
         Some(Err(relayed)) => {
-            let code = ferry_client::ClientError::of(&relayed).and_then(|e| e.code());
+            let code = match &relayed {
+                CenterAskError::Asked(e) => e.code(),
+                CenterAskError::Address(_) => None,
+            };
             if refused && code == Some("host_refused") {
                 Ok((
                     "the destination's host, to this host and to the center (no daemon listens)",
@@ -380,8 +394,9 @@ fn settlement(
                 ))
             } else {
                 Err(format!(
-                    "{}; through the center: {relayed:#}",
-                    error_chain(&direct)
+                    "{}; through the center: {}",
+                    error_chain(&direct),
+                    error_chain(&relayed)
                 ))
             }
         }
@@ -1493,12 +1508,12 @@ impl Host {
         to: &str,
         session: u64,
         vm: &str,
-    ) -> Option<anyhow::Result<Settlement>> {
+    ) -> Option<Result<Settlement, CenterAskError>> {
         let center = self.center.lock().expect("center lock").clone()?;
         let token = self.config.secret.token(ferry_migrate::Purpose::Heartbeat);
         let roots = cluster_roots(self.config.tls.as_ref());
         let client = ferry_client::ApiClient::with_roots(&center, token.as_bytes(), &roots);
-        let asked = client.map_err(anyhow::Error::from).and_then(|client| {
+        let asked = client.map_err(CenterAskError::from).and_then(|client| {
             Ok(client.post(
                 "/v1/settle",
                 &SettleRequest {
@@ -1799,7 +1814,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn center_error(code: &str) -> anyhow::Error {
+    fn center_error(code: &str) -> CenterAskError {
         ferry_client::ClientError::Api(ferry_client::ApiError {
             what: "POST /v1/settle".into(),
             status: 503,
