@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes crates/llm/src/unicode_tables.rs: the Unicode general categories the
-pre-tokenizers ask about (L and N), as sorted inclusive code-point ranges.
+pre-tokenizers ask about (L, N and P), as sorted inclusive code-point ranges.
 
     pip install unicodedata2==15.1.0   # the Unicode version the tables name
     python3 tools/gen_unicode.py > crates/llm/src/unicode_tables.rs
@@ -12,6 +12,7 @@ import unicodedata2 as ud
 TABLES = [
     ("LETTER", "L", "Lu, Ll, Lt, Lm, Lo"),
     ("NUMBER", "N", "Nd, Nl, No"),
+    ("PUNCTUATION", "P", "Pc, Pd, Ps, Pe, Pi, Pf, Po"),
 ]
 
 

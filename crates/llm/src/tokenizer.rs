@@ -17,10 +17,12 @@
 //! result of a merge, so text cannot spell them (the sentencepiece library does the same).
 //!
 //! Pre-tokenizers: `"smollm"` (each `\p{N}` is its own piece, then the GPT-2 pattern),
-//! `"llama-bpe"` (Llama 3's pattern) and `"gpt2"`/`"default"`/absent (the GPT-2 pattern
-//! `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`). Any other
-//! value is refused ([`TokenizerError::UnsupportedPre`]) rather than tokenized with a
-//! pattern the model was not trained with.
+//! `"llama-bpe"` (Llama 3's pattern), `"gpt2"`/`"gpt-2"` (the GPT-2 pattern
+//! `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`) and
+//! `"default"`/absent (llama.cpp's default: runs of punctuation, then the GPT-2 pattern,
+//! then numbers, then ASCII digits in threes, each splitting the pieces of the one
+//! before). Any other value is refused ([`TokenizerError::UnsupportedPre`]) rather than
+//! tokenized with a pattern the model was not trained with.
 
 use alloc::collections::BinaryHeap;
 use alloc::string::String;
@@ -29,7 +31,7 @@ use core::cmp::Reverse;
 use core::fmt;
 
 use crate::gguf::{shown, Gguf, StrArray};
-use crate::unicode::{is_letter, is_number, is_space};
+use crate::unicode::{is_letter, is_number, is_punctuation, is_space};
 
 /// What kind of token an id is (`tokenizer.ggml.token_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -82,9 +84,12 @@ pub enum TokenizerModel {
 /// The pre-tokenizer regex family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
-    /// The GPT-2 pattern (`tokenizer.ggml.pre` `"gpt-2"`, `"gpt2"`, `"default"` or
-    /// absent).
+    /// The GPT-2 pattern (`tokenizer.ggml.pre` `"gpt-2"` or `"gpt2"`).
     Gpt2,
+    /// llama.cpp's default (`"default"`, or no `tokenizer.ggml.pre`): runs of
+    /// punctuation (`\p{P}` and `$+<=>^~|`), then the GPT-2 pattern, then runs of
+    /// numbers, then ASCII digits in threes, each splitting the pieces of the one before.
+    Default,
     /// Every `\p{N}` alone, then the GPT-2 pattern (`"smollm"`).
     SmolLm,
     /// Llama 3's pattern (`"llama-bpe"`): contractions, letters after at most one other
@@ -472,12 +477,12 @@ impl Tokenizer {
             })?;
         let model = match model {
             "gpt2" => TokenizerModel::BytePairs(match gguf.get("tokenizer.ggml.pre") {
-                None => PreTokenizer::Gpt2,
+                // As llama.cpp takes a file without one.
+                None => PreTokenizer::Default,
                 Some(v) => match v.as_str() {
-                    // llama.cpp writes "gpt-2"; "default" (and none) is its default
-                    // pattern, which splits runs of punctuation and digits in threes
-                    // before GPT-2's: taken here as GPT-2's alone (see the README).
-                    Some("gpt-2" | "gpt2" | "default") => PreTokenizer::Gpt2,
+                    // llama.cpp writes "gpt-2".
+                    Some("gpt-2" | "gpt2") => PreTokenizer::Gpt2,
+                    Some("default") => PreTokenizer::Default,
                     Some("smollm") => PreTokenizer::SmolLm,
                     Some("llama-bpe") => PreTokenizer::Llama3,
                     Some(other) => {
@@ -1212,6 +1217,34 @@ pub(crate) fn pre_tokenize(pre: PreTokenizer, s: &str, out: &mut Vec<(usize, usi
     match pre {
         PreTokenizer::Gpt2 => gpt2_split(s, 0, out),
         PreTokenizer::Llama3 => llama3_split(s, out),
+        PreTokenizer::Default => {
+            // Each of llama.cpp's patterns splits every piece of the one before, the text
+            // between its matches kept as pieces too.
+            let mut punctuation = Vec::new();
+            split_runs(
+                s,
+                0,
+                &|c| is_punctuation(c) || "$+<=>^~|".contains(c),
+                &mut punctuation,
+            );
+            let mut gpt2 = Vec::new();
+            for &(a, b) in &punctuation {
+                if let Some(piece) = s.get(a..b) {
+                    gpt2_split(piece, a, &mut gpt2);
+                }
+            }
+            let mut numbers = Vec::new();
+            for &(a, b) in &gpt2 {
+                if let Some(piece) = s.get(a..b) {
+                    split_runs(piece, a, &is_number, &mut numbers);
+                }
+            }
+            for &(a, b) in &numbers {
+                if let Some(piece) = s.get(a..b) {
+                    split_digit_threes(piece, a, out);
+                }
+            }
+        }
         PreTokenizer::SmolLm => {
             // `\p{N}`: each number character is a piece, and so is each run between.
             let mut run = 0;
@@ -1228,6 +1261,51 @@ pub(crate) fn pre_tokenize(pre: PreTokenizer, s: &str, out: &mut Vec<(usize, usi
                 gpt2_split(piece, run, out);
             }
         }
+    }
+}
+
+/// `[class]+` over `s` as llama.cpp splits with it (pieces pushed offset by `base`): the
+/// runs of characters in the class, and the runs between them.
+fn split_runs(s: &str, base: usize, class: &dyn Fn(char) -> bool, out: &mut Vec<(usize, usize)>) {
+    let mut start = 0;
+    let mut inside = None;
+    for (i, c) in s.char_indices() {
+        let now = class(c);
+        if inside.is_some_and(|was| was != now) {
+            out.push((base + start, base + i));
+            start = i;
+        }
+        inside = Some(now);
+    }
+    if start < s.len() {
+        out.push((base + start, base + s.len()));
+    }
+}
+
+/// `[0-9][0-9][0-9]` over `s` as llama.cpp splits with it (pieces pushed offset by
+/// `base`): each three ASCII digits from the left, and the text between.
+fn split_digit_threes(s: &str, base: usize, out: &mut Vec<(usize, usize)>) {
+    let bytes = s.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    // Byte by byte: a digit is one byte, and no byte of a longer character is a digit,
+    // so every cut is at a character's boundary.
+    while i < bytes.len() {
+        let three = bytes
+            .get(i..i + 3)
+            .is_some_and(|t| t.iter().all(u8::is_ascii_digit));
+        if !three {
+            i += 1;
+            continue;
+        }
+        if i > start {
+            out.push((base + start, base + i));
+        }
+        out.push((base + i, base + i + 3));
+        i += 3;
+        start = i;
+    }
+    if start < bytes.len() {
+        out.push((base + start, base + bytes.len()));
     }
 }
 
@@ -1481,6 +1559,24 @@ mod tests {
                 .map(|p| p.as_str().unwrap())
                 .collect();
             assert_eq!(split(PreTokenizer::Llama3, text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_splits_as_llama_cpps_patterns_do_with_the_regex_module() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/data/default_pre.json")).unwrap();
+        let cases = json["cases"].as_array().unwrap();
+        assert!(cases.len() > 600);
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<&str> = case["pieces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap())
+                .collect();
+            assert_eq!(split(PreTokenizer::Default, text), want, "{text:?}");
         }
     }
 

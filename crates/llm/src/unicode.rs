@@ -1,6 +1,6 @@
-//! The character classes of the pre-tokenizer regexes: `\p{L}`, `\p{N}` and `\s`.
+//! The character classes of the pre-tokenizer regexes: `\p{L}`, `\p{N}`, `\p{P}` and `\s`.
 
-use crate::unicode_tables::{LETTER, NUMBER};
+use crate::unicode_tables::{LETTER, NUMBER, PUNCTUATION};
 
 fn in_ranges(ranges: &[(u32, u32)], c: char) -> bool {
     let c = c as u32;
@@ -23,6 +23,15 @@ pub(crate) fn is_number(c: char) -> bool {
         return c.is_ascii_digit();
     }
     in_ranges(NUMBER, c)
+}
+
+/// `\p{P}`: general category P (Pc, Pd, Ps, Pe, Pi, Pf, Po).
+pub(crate) fn is_punctuation(c: char) -> bool {
+    if c.is_ascii() {
+        // ASCII punctuation but the symbols (`$+<=>^`|~`: Sc, Sm, Sk).
+        return c.is_ascii_punctuation() && !"$+<=>^`|~".contains(c);
+    }
+    in_ranges(PUNCTUATION, c)
 }
 
 /// `\s`: the Unicode `White_Space` property (what llama.cpp's tables use).
