@@ -1544,10 +1544,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn llama3_splits_as_the_regex_module_does() {
-        let json: serde_json::Value =
-            serde_json::from_str(include_str!("../tests/data/llama3_pre.json")).unwrap();
+    /// Checks `pre` on every case of a fixture of `tools/reference/pretokenizer_fixture.py`.
+    fn splits_as_the_fixture(pre: PreTokenizer, fixture: &str) {
+        let json: serde_json::Value = serde_json::from_str(fixture).unwrap();
         let cases = json["cases"].as_array().unwrap();
         assert!(cases.len() > 600);
         for case in cases {
@@ -1558,26 +1557,20 @@ mod tests {
                 .iter()
                 .map(|p| p.as_str().unwrap())
                 .collect();
-            assert_eq!(split(PreTokenizer::Llama3, text), want, "{text:?}");
+            assert_eq!(split(pre, text), want, "{text:?}");
         }
     }
 
     #[test]
+    fn llama3_splits_as_the_regex_module_does() {
+        let fixture = include_str!("../tests/data/llama3_pre.json");
+        splits_as_the_fixture(PreTokenizer::Llama3, fixture);
+    }
+
+    #[test]
     fn the_default_splits_as_llama_cpps_patterns_do_with_the_regex_module() {
-        let json: serde_json::Value =
-            serde_json::from_str(include_str!("../tests/data/default_pre.json")).unwrap();
-        let cases = json["cases"].as_array().unwrap();
-        assert!(cases.len() > 600);
-        for case in cases {
-            let text = case["text"].as_str().unwrap();
-            let want: Vec<&str> = case["pieces"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_str().unwrap())
-                .collect();
-            assert_eq!(split(PreTokenizer::Default, text), want, "{text:?}");
-        }
+        let fixture = include_str!("../tests/data/default_pre.json");
+        splits_as_the_fixture(PreTokenizer::Default, fixture);
     }
 
     fn split(pre: PreTokenizer, s: &str) -> Vec<&str> {
