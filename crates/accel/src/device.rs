@@ -595,9 +595,15 @@ impl Core {
             let guest = GuestAddress(gpa + (start - range.start));
             match way {
                 Transfer::ToDevice => {
-                    self.mem
-                        .read_slice(piece, guest)
-                        .map_err(|_| status::BAD_GUEST_RANGE)?;
+                    // The whole range was checked to be guest RAM: a piece that cannot be
+                    // read after others were written is the device's failure, not a
+                    // refused command the replay log may skip.
+                    let failed = if start == range.start {
+                        status::BAD_GUEST_RANGE
+                    } else {
+                        status::DEVICE_ERROR
+                    };
+                    self.mem.read_slice(piece, guest).map_err(|_| failed)?;
                     self.backend.write(id, start, piece);
                 }
                 Transfer::ToGuest => {
