@@ -872,31 +872,63 @@ impl Core {
 
     /// Before `cmd` runs: preserves each base chunk it writes that has not been read
     /// yet, as it is now.
+    ///
+    /// The chunks are listed under the capture's lock, read outside it, and kept under
+    /// it again: a read may wait for the kernels in flight (on a GPU), and meanwhile the
+    /// migration reads base chunks and the log under that lock. Nothing writes them in
+    /// between (this thread runs the commands, and `cmd` has not run); one the migration
+    /// read meanwhile is not kept.
     fn preserve_base(&mut self, cmd: &Command) {
         let writes = self.write_set(cmd);
         if writes.is_empty() {
             return;
         }
+        let mut wanted = Vec::new();
+        {
+            let mut capture = lock_capture(&self.capture);
+            let Some(capture) = capture.as_mut() else {
+                return;
+            };
+            // An empty range (a zero-length upload) writes no chunk.
+            for (id, range) in writes.into_iter().filter(|(_, r)| !r.is_empty()) {
+                let Some(&bytes) = lock_map(&self.map).sizes.get(&id) else {
+                    continue;
+                };
+                let last = range.end.saturating_sub(1) / CHUNK_SIZE;
+                for index in range.start / CHUNK_SIZE..=last {
+                    let chunk = ChunkId { buffer: id, index };
+                    let Some(span) = chunk_range(bytes, index) else {
+                        break;
+                    };
+                    if capture.needs_preserving(&chunk) {
+                        wanted.push((chunk, span));
+                    }
+                }
+            }
+            // Refused before anything is read: a command may write far more than the pool.
+            let bytes = wanted.iter().map(|(_, span)| span.end - span.start).sum();
+            if !capture.makes_room_for(bytes) {
+                return;
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let read: Vec<(ChunkId, Vec<u8>)> = wanted
+            .into_iter()
+            .map(|(chunk, span)| {
+                let mut data = vec![0u8; (span.end - span.start) as usize];
+                self.backend.read(chunk.buffer, span.start, &mut data);
+                (chunk, data)
+            })
+            .collect();
         let mut capture = lock_capture(&self.capture);
         let Some(capture) = capture.as_mut() else {
             return;
         };
-        // An empty range (a zero-length upload) writes no chunk.
-        for (id, range) in writes.into_iter().filter(|(_, r)| !r.is_empty()) {
-            let Some(&bytes) = lock_map(&self.map).sizes.get(&id) else {
-                continue;
-            };
-            let last = range.end.saturating_sub(1) / CHUNK_SIZE;
-            for index in range.start / CHUNK_SIZE..=last {
-                let chunk = ChunkId { buffer: id, index };
-                let Some(span) = chunk_range(bytes, index) else {
-                    break;
-                };
-                if capture.needs_preserving(&chunk) {
-                    let mut data = vec![0u8; (span.end - span.start) as usize];
-                    self.backend.read(id, span.start, &mut data);
-                    capture.preserve(chunk, data);
-                }
+        for (chunk, data) in read {
+            if capture.needs_preserving(&chunk) {
+                capture.preserve(chunk, data);
             }
         }
     }

@@ -154,6 +154,17 @@ impl Capture {
         self.failed.is_none() && self.unread.contains(chunk) && !self.pool.contains_key(chunk)
     }
 
+    /// Whether the pool has room for `bytes` more; if not, the capture fails as full.
+    pub(crate) fn makes_room_for(&mut self, bytes: u64) -> bool {
+        if self.pool_bytes.saturating_add(bytes) > self.limits.pool_bytes {
+            self.fail(CaptureError::PoolFull {
+                limit: self.limits.pool_bytes,
+            });
+            return false;
+        }
+        true
+    }
+
     /// Keeps `data`, chunk `chunk` as it is before its first write.
     pub(crate) fn preserve(&mut self, chunk: ChunkId, data: Vec<u8>) {
         let len = data.len() as u64;
