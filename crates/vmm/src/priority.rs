@@ -28,25 +28,18 @@ fn set_nice(tid: libc::pid_t, nice: i32) -> std::io::Result<()> {
 
 /// Runs `f` on a short-lived thread at nice value `nice`. A Linux thread starts at its
 /// creator's nice value, so every thread `f` starts (vCPUs, an accelerator's device and
-/// compute threads) runs at `nice` for its whole life, whoever creates the VM.
+/// compute threads) runs at `nice` for its whole life, whoever creates the VM. Where the
+/// value cannot be set, or no thread can be started, they run at the host's.
 pub(crate) fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send) -> T {
     if nice == 0 {
         return f();
     }
-    std::thread::scope(|scope| {
-        let builder = scope.spawn(|| {
-            if let Err(error) = set_nice(0, nice) {
-                tracing::warn!(
-                    nice,
-                    %error,
-                    "cannot lower the VM's thread priority; its threads run at the host's"
-                );
-            }
-            f()
-        });
-        builder
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    on_thread_at(nice, f, |error| {
+        tracing::warn!(
+            nice,
+            %error,
+            "cannot lower the VM's thread priority; its threads run at the host's"
+        );
     })
 }
 
@@ -55,6 +48,19 @@ pub(crate) fn at_guest_priority<T: Send>(nice: i32, f: impl FnOnce() -> T + Send
 /// this host is not slowed by the freeing of the one that left. Where no thread can be
 /// started, `f` runs here, at the caller's priority.
 pub fn at_background_priority<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    on_thread_at(BACKGROUND_NICE, f, |error| {
+        tracing::debug!(%error, "background work runs at the host's priority");
+    })
+}
+
+/// Runs `f` on a short-lived thread whose nice value is set to `nice` first (`failed`
+/// says why it could not be); where no thread can be started (out of threads or
+/// memory), `f` runs here, at the caller's priority, rather than fail.
+fn on_thread_at<T: Send>(
+    nice: i32,
+    f: impl FnOnce() -> T + Send,
+    failed: impl FnOnce(std::io::Error) + Send,
+) -> T {
     // Shared with the thread, so that `f` is still here if the thread never starts.
     let job = Mutex::new(Some(f));
     let take = || {
@@ -65,8 +71,8 @@ pub fn at_background_priority<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     };
     std::thread::scope(|scope| {
         let spawned = std::thread::Builder::new().spawn_scoped(scope, || {
-            if let Err(error) = set_nice(0, BACKGROUND_NICE) {
-                tracing::debug!(%error, "background work runs at the host's priority");
+            if let Err(error) = set_nice(0, nice) {
+                failed(error);
             }
             take()()
         });
@@ -75,7 +81,7 @@ pub fn at_background_priority<T: Send>(f: impl FnOnce() -> T + Send) -> T {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
             Err(error) => {
-                tracing::warn!(%error, "cannot start a background thread: the work runs here");
+                tracing::warn!(%error, nice, "cannot start a thread at a lower priority: the work runs here");
                 take()()
             }
         }
