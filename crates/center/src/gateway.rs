@@ -620,6 +620,7 @@ impl Sampling {
             prompt,
             messages,
             max_tokens,
+            max_tokens_asked: self.max_completion_tokens.or(self.max_tokens).is_some(),
             temperature,
             top_p,
             // Unseeded requests differ, as with OpenAI; the seed travels with the request,
@@ -1186,6 +1187,14 @@ fn relayed(vm: &str, event: &ferry_api::StreamEvent) -> Result<Relayed, OpenAiEr
     }
     Ok(match Event::decode(&event.payload) {
         Ok(Event::Token { text, .. }) => Relayed::Text(text),
+        // This relay cancels only for a client gone: an answer cut short otherwise (a
+        // cancel by another hand) is not a complete one.
+        Ok(Event::Done {
+            reason: FinishReason::Cancelled,
+            ..
+        }) => Relayed::Failed(upstream(format!(
+            "model '{vm}' cancelled the answer before its end"
+        ))),
         Ok(Event::Done {
             reason,
             prompt_tokens,
@@ -1668,6 +1677,7 @@ fn usage(prompt: u32, completion: u32) -> Value {
 fn finish_name(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
+        // (A cancelled answer is relayed as an error, never finished.)
         FinishReason::Stop | FinishReason::Cancelled => "stop",
     }
 }
@@ -2097,6 +2107,40 @@ mod tests {
         // after another until the patience ran out.
         assert!(seen[0].starts_with("GET /v1/vms/v/streams/9?"), "{seen:?}");
         assert_cancelled(&seen, 1);
+    }
+
+    #[test]
+    fn an_answer_cancelled_by_another_hand_reaches_the_client_as_an_error() {
+        let scratch = crate::tests::ScratchCenter::open("cancelled-answer");
+        let token = Event::Token {
+            id: 1,
+            text: "la".into(),
+        };
+        let cancelled = Event::Done {
+            reason: FinishReason::Cancelled,
+            prompt_tokens: 3,
+            completion_tokens: 1,
+        };
+        let (addr, requests) = fake_host(vec![
+            ("200 OK", chunk(&token, 1)),
+            ("200 OK", chunk_from(1, &cancelled, 1)),
+            ("200 OK", "{}".to_string()),
+        ]);
+        let mut record = scratch.report("b", addr);
+        let (tx, mut rx) = mpsc::channel(4);
+        let read = scratch.center.read_back("v", &mut record, 9, 16, &tx);
+        assert!(read.is_ok(), "{:?}", read.err().map(|e| e.body()));
+        assert!(matches!(rx.try_recv(), Ok(Relayed::Text(_))));
+        // Not a finished answer ("stop", 200): cut short, the client is told so.
+        match rx.try_recv() {
+            Ok(Relayed::Failed(e)) => assert_eq!(e.code, "upstream_error", "{}", e.body()),
+            _ => panic!("a cancelled answer was not relayed as an error"),
+        }
+        let seen = requests.join().unwrap();
+        assert!(
+            seen[2].starts_with("DELETE /v1/vms/v/streams/9"),
+            "{seen:?}"
+        );
     }
 
     #[test]
