@@ -417,6 +417,12 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
             "context_length_exceeded",
         ),
         (
+            "max_tokens past what the context leaves",
+            with("max_tokens", json!(500)),
+            400,
+            "context_length_exceeded",
+        ),
+        (
             "a body over the 256 KiB limit",
             " ".repeat(ferry_center::gateway::MAX_BODY_BYTES + 64),
             413,

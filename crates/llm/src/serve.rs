@@ -35,7 +35,7 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 /// Version byte at the start of a request.
-const REQUEST_VERSION: u8 = 1;
+const REQUEST_VERSION: u8 = 2;
 
 /// What the request's messages are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,9 @@ pub struct Request {
     pub messages: Vec<(String, String)>,
     /// Most tokens to generate.
     pub max_tokens: u32,
+    /// Whether the client set `max_tokens`: a prompt that leaves fewer positions in the
+    /// context is then refused, as OpenAI refuses it; a default is cut to what it leaves.
+    pub max_tokens_asked: bool,
     /// Sampling temperature (0: greedy).
     pub temperature: f32,
     /// Nucleus sampling mass (1: all).
@@ -295,6 +298,7 @@ impl Request {
             PromptKind::Raw => 1,
         });
         w.u32(self.max_tokens);
+        w.u8(u8::from(self.max_tokens_asked));
         w.u32(self.temperature.to_bits());
         w.u32(self.top_p.to_bits());
         w.u64(self.seed);
@@ -322,6 +326,11 @@ impl Request {
             _ => return Err(DecodeError("unknown prompt kind")),
         };
         let max_tokens = r.u32()?;
+        let max_tokens_asked = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError("max_tokens_asked is 0 or 1")),
+        };
         let temperature = f32::from_bits(r.u32()?);
         let top_p = f32::from_bits(r.u32()?);
         let seed = r.u64()?;
@@ -353,6 +362,7 @@ impl Request {
             prompt,
             messages,
             max_tokens,
+            max_tokens_asked,
             temperature,
             top_p,
             seed,
@@ -479,6 +489,7 @@ mod tests {
             prompt: PromptKind::Chat,
             messages: vec![("user".into(), "What is 2+2?".into())],
             max_tokens: 32,
+            max_tokens_asked: true,
             temperature: 0.7,
             top_p: 0.9,
             seed: 42,

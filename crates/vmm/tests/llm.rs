@@ -674,6 +674,7 @@ fn serve_chat(model: &Path) -> Vec<serve::Event> {
         prompt: serve::PromptKind::Chat,
         messages: vec![("user".into(), "hello".into())],
         max_tokens: 4,
+        max_tokens_asked: true,
         temperature: 0.0,
         top_p: 1.0,
         seed: 1,

@@ -191,6 +191,7 @@ fn raw(prompt: &str, max_tokens: u32) -> Request {
         prompt: PromptKind::Raw,
         messages: vec![(String::new(), prompt.into())],
         max_tokens,
+        max_tokens_asked: true,
         temperature: 0.0,
         top_p: 1.0,
         seed: 1,

@@ -559,6 +559,18 @@ impl Text {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        if r.max_tokens_asked && prompt.len() + r.max_tokens as usize > self.context {
+            return Err((
+                RefusalCode::ContextLength,
+                format!(
+                    "the prompt has {} tokens and max_tokens asks for {}; this server's \
+                     context is {} positions (prompt and answer)",
+                    prompt.len(),
+                    r.max_tokens,
+                    self.context
+                ),
+            ));
+        }
         Ok((prompt, stops))
     }
 }
