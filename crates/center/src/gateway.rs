@@ -565,6 +565,12 @@ impl Sampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(OpenAiError::invalid("n", "only n = 1 is supported"));
         }
+        if self.stream_options.is_some() && self.stream != Some(true) {
+            return Err(OpenAiError::invalid(
+                "stream_options",
+                "stream_options is only allowed when stream is true",
+            ));
+        }
         // Unset, as with OpenAI: for a chat, as many as the context leaves (the guest
         // stops there); for a completion, 16.
         let max_tokens = self
@@ -1220,9 +1226,12 @@ fn refusal(code: RefusalCode, message: String) -> OpenAiError {
         RefusalCode::Internal => {
             OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", message)
         }
-        RefusalCode::Busy => {
-            OpenAiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_busy", message)
-        }
+        // A full queue, as the host's own (429, `Retry-After`).
+        RefusalCode::Busy => OpenAiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            message,
+        ),
     }
 }
 
@@ -1741,6 +1750,21 @@ impl Shape {
         })
     }
 
+    /// [`Self::chunk`] in a stream that ends with a usage chunk: every other chunk says
+    /// `"usage": null`, as OpenAI's do.
+    fn streamed_chunk(
+        &self,
+        text: Option<&str>,
+        finish: Option<FinishReason>,
+        with_usage: bool,
+    ) -> Value {
+        let mut chunk = self.chunk(text, finish);
+        if with_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
     /// Server-sent events: a chunk per piece of text, the finish, then `[DONE]`. An
     /// error after the 200 goes as an `error` object, then `[DONE]`.
     fn stream(
@@ -1759,7 +1783,7 @@ impl Shape {
         // A chat stream names the speaker once, first, as OpenAI's does: clients that
         // accumulate deltas join repeated strings ("assistantassistant...").
         if self.endpoint == Endpoint::Chat {
-            let mut opening = self.chunk(Some(""), None);
+            let mut opening = self.streamed_chunk(Some(""), None, with_usage);
             opening["choices"][0]["delta"]["role"] = json!("assistant");
             let _ = out.tx.try_send(Ok(event(&opening)));
         }
@@ -1790,13 +1814,17 @@ impl Shape {
                 };
                 let (bytes, last) = match relayed {
                     Relayed::Text(t) if t.is_empty() => (None, false),
-                    Relayed::Text(t) => (Some(event(&self.chunk(Some(&t), None))), false),
+                    Relayed::Text(t) => {
+                        let chunk = self.streamed_chunk(Some(&t), None, with_usage);
+                        (Some(event(&chunk)), false)
+                    }
                     Relayed::Done {
                         reason,
                         prompt_tokens,
                         completion_tokens,
                     } => {
-                        let mut b = format!("data: {}\n\n", self.chunk(None, Some(reason)));
+                        let last = self.streamed_chunk(None, Some(reason), with_usage);
+                        let mut b = format!("data: {last}\n\n");
                         if with_usage {
                             let mut u = self.chunk(None, None);
                             u["choices"] = json!([]);
@@ -2772,6 +2800,38 @@ mod tests {
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     }
 
+    #[tokio::test]
+    async fn a_stream_with_usage_ends_with_it_and_says_null_on_every_other_chunk() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Relayed::Done {
+            reason: FinishReason::Length,
+            prompt_tokens: 3,
+            completion_tokens: 1,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, true);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let chunks: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|l| *l != "[DONE]")
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let (usage, others) = chunks.split_last().unwrap();
+        assert_eq!(usage["usage"]["total_tokens"], 4, "{text}");
+        assert_eq!(usage["choices"], json!([]), "{text}");
+        assert_eq!(others.len(), 3, "{text}");
+        for chunk in others {
+            assert_eq!(chunk.get("usage"), Some(&Value::Null), "{text}");
+        }
+        assert_eq!(others[2]["choices"][0]["finish_reason"], "length", "{text}");
+    }
+
     #[test]
     fn top_p_0_negative_seeds_and_no_max_tokens_are_taken_as_openai_takes_them() {
         let request = |extra: Value| {
@@ -2787,6 +2847,18 @@ mod tests {
         // As OpenAI's: 16 tokens unless asked for more (a chat: what the context leaves).
         assert_eq!(request(json!({})).unwrap().max_tokens, 16);
         assert_eq!(request(json!({"max_tokens": 100})).unwrap().max_tokens, 100);
+        // Only a max_tokens the client set is refused past what the context leaves.
+        assert!(!request(json!({})).unwrap().max_tokens_asked);
+        assert!(
+            request(json!({"max_completion_tokens": 9}))
+                .unwrap()
+                .max_tokens_asked
+        );
+        let options = json!({"stream_options": {"include_usage": true}});
+        let err = request(options).unwrap_err();
+        assert_eq!(err.param, Some("stream_options"), "{}", err.message);
+        let streamed = json!({"stream": true, "stream_options": {"include_usage": true}});
+        assert!(request(streamed).is_ok());
         for field in ["max_tokens", "max_completion_tokens"] {
             for value in [0, MAX_TOKENS + 1] {
                 let err = request(json!({ field: value })).unwrap_err();
