@@ -1094,6 +1094,10 @@ impl Center {
         }
         let moves = self.plan_evacuation(host)?;
         let (term, op) = self.begin_holding(OperationKind::Maintenance, Some(host), &moves)?;
+        // What the host goes back to if the evacuation cannot start (one in maintenance
+        // after an incomplete one stays closed).
+        let before =
+            (self.inventory().hosts.get(host)).map_or(HostMode::Active, |h| h.mode.clone());
         if let Err(e) = self.set_mode(host, HostMode::Evacuating) {
             return Err(self.abandon(&op, &moves, e));
         }
@@ -1118,7 +1122,7 @@ impl Center {
                 }
             });
         if let Err(e) = spawned {
-            let _ = self.set_mode(host, HostMode::Active);
+            let _ = self.set_mode(host, before);
             let e = CenterError::Conflict(format!("cannot start the evacuation: {e}"));
             return Err(self.abandon(&op, &moves, e));
         }
