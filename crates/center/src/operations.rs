@@ -25,6 +25,10 @@ use crate::{Center, CenterError, ForgottenHost};
 const POLL: Duration = Duration::from_millis(100);
 /// How long the source may be unreachable before the center gives up following it.
 const LOST_CONTACT: Duration = Duration::from_secs(15);
+/// Longest a move's migration is followed while its source says it runs: far past any
+/// migration's own bounds (its pre-copy gives up within minutes), so only a host that
+/// says so for ever is given up on, and the operations behind it run.
+const MIGRATION_PATIENCE: Duration = Duration::from_secs(3600);
 /// How often a VM left in doubt by its move is looked at until its source settles it.
 const SETTLE_POLL: Duration = Duration::from_secs(1);
 /// How long the center follows a VM left in doubt: past the ten minutes a source keeps
@@ -582,7 +586,7 @@ impl Center {
                 )
             }
         }
-        let report = self.poll_migration(&source, &m.vm.id, record_id)?;
+        let report = self.poll_migration(&source, &dest, &m.vm.id, record_id)?;
         Ok((report, self.verify_arrival(&dest, &source.name, &m.vm.id)?))
     }
 
@@ -646,7 +650,7 @@ impl Center {
             Ok(status)
                 if matches!(status.state, MigrationState::Running | MigrationState::InDoubt) =>
             {
-                let report = self.poll_migration(source, vm, record_id)?;
+                let report = self.poll_migration(source, dest, vm, record_id)?;
                 Ok((report, self.verify_arrival(dest, &source.name, vm)?))
             }
             Ok(status) if status.state == MigrationState::Succeeded => Ok((
@@ -676,15 +680,35 @@ impl Center {
     fn poll_migration(
         &self,
         source: &crate::HostRecord,
+        dest: &crate::HostRecord,
         vm: &str,
         record_id: i64,
     ) -> Result<Option<MigrationReport>, MoveFailure> {
         let src = self.host_client(source).map_err(|e| e.to_string())?;
         let path = format!("/v1/vms/{vm}/migration");
-        let mut last_contact = Instant::now();
+        let started = Instant::now();
+        let mut last_contact = started;
         loop {
             std::thread::sleep(POLL);
             match src.get::<MigrationStatus>(&path) {
+                // Another migration's status (a host that lost this one): not its end.
+                Ok(status) if status.to != dest.info.migration_addr => {
+                    return Err(MoveFailure::Unsettled(format!(
+                        "host {} reports a migration of the VM to {}, not this move's; check where the VM runs",
+                        source.name,
+                        crate::inventory::shown(&status.to)
+                    )))
+                }
+                Ok(status)
+                    if status.state == MigrationState::Running
+                        && started.elapsed() > MIGRATION_PATIENCE =>
+                {
+                    return Err(MoveFailure::Unsettled(format!(
+                        "host {} still reports the migration running after {} s; it may still end: check where the VM runs",
+                        source.name,
+                        MIGRATION_PATIENCE.as_secs()
+                    )))
+                }
                 Ok(status) => {
                     last_contact = Instant::now();
                     match status.state {
@@ -1760,6 +1784,30 @@ mod tests {
         let mut v = vm("v", state);
         v.migrated_from = Some("a".into());
         serde_json::to_string(&v).unwrap()
+    }
+
+    #[test]
+    fn a_source_reporting_another_migration_of_the_vm_is_not_followed_as_this_move() {
+        use crate::fake_host::{fake_host, Reply};
+        let scratch = ScratchCenter::open("another-migration");
+        let mut elsewhere: MigrationStatus =
+            serde_json::from_str(&status(MigrationState::Running)).unwrap();
+        elsewhere.to = "c.example:7071".into();
+        let elsewhere = serde_json::to_string(&elsewhere).unwrap();
+        let (a, _) = fake_host(vec![
+            Reply::Json("200 OK", status(MigrationState::Running)),
+            Reply::Json("200 OK", elsewhere),
+        ]);
+        scratch.report("a", a);
+        scratch.report("b", ferry_testdata::refusing_addr());
+        let lost = scratch
+            .center
+            .follow_migration(&move_v_from_a_to_b(), 1, scratch.center.term().unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(&lost, MoveFailure::Unsettled(said) if said.contains("c.example:7071, not this move's")),
+            "{lost:?}"
+        );
     }
 
     #[test]
