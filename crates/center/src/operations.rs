@@ -25,6 +25,10 @@ use crate::{Center, CenterError, ForgottenHost};
 const POLL: Duration = Duration::from_millis(100);
 /// How long the source may be unreachable before the center gives up following it.
 const LOST_CONTACT: Duration = Duration::from_secs(15);
+/// How long a VM that moved is left out of balance plans: its load, sampled over a
+/// second, moved with it, and a bursty one would otherwise go back and forth between
+/// hosts, a balance after another.
+pub const SETTLING_AFTER_A_MOVE: Duration = Duration::from_secs(600);
 /// Longest a move's migration is followed while its source says it runs: far past any
 /// migration's own bounds (its pre-copy gives up within minutes), so only a host that
 /// says so for ever is given up on, and the operations behind it run.
@@ -1372,15 +1376,30 @@ impl Center {
         })
     }
 
-    /// The balance plan for the cluster now.
+    /// The balance plan for the cluster now. A VM that moved in the last
+    /// [`SETTLING_AFTER_A_MOVE`] stays where it is.
     pub fn balance_plan(&self) -> BalancePlan {
-        let (open, vms) = {
+        let now = unix_ms();
+        let (open, vms, settling) = {
             let inventory = self.inventory();
-            let open = inventory.open_hosts(unix_ms(), self.down_after_ms());
-            let vms: Vec<MovableVm> = open
+            let open = inventory.open_hosts(now, self.down_after_ms());
+            let settling: BTreeSet<&str> = (inventory.migrations.iter())
+                .filter(|m| m.state == MigrationState::Succeeded)
+                .filter(|m| {
+                    m.finished_ms.is_some_and(|at| {
+                        now.saturating_sub(at) < SETTLING_AFTER_A_MOVE.as_millis() as u64
+                    })
+                })
+                .map(|m| m.vm.as_str())
+                .collect();
+            let running = open
                 .iter()
                 .flat_map(|h| inventory.live_vms_on(&h.name))
-                .filter(|vm| vm.info.state == VmState::Running)
+                .filter(|vm| vm.info.state == VmState::Running);
+            let (held, movable): (Vec<_>, Vec<_>) =
+                running.partition(|vm| settling.contains(vm.id.as_str()));
+            let vms: Vec<MovableVm> = movable
+                .into_iter()
                 .map(|vm| MovableVm {
                     need: Need::of_vm(&vm.info),
                     load: vm.info.accel_load,
@@ -1388,11 +1407,18 @@ impl Center {
                     id: vm.id,
                 })
                 .collect();
-            (open, vms)
+            (open, vms, held.len())
         };
         // Planned on copies, without the lock: on a large cluster planning takes long
         // enough to hold up every heartbeat.
-        balance::plan(&open, &vms, self.config.balance_threshold)
+        let mut plan = balance::plan(&open, &vms, self.config.balance_threshold);
+        if settling > 0 {
+            plan.summary.push_str(&format!(
+                " ({settling} VM(s) that moved in the last {} minutes stay where they are)",
+                SETTLING_AFTER_A_MOVE.as_secs() / 60
+            ));
+        }
+        plan
     }
 
     /// Plans and, unless `dry_run`, carries out the plan in the background.
@@ -2083,6 +2109,52 @@ mod tests {
         assert!(now.planned.is_empty(), "{:?}", now.planned);
         assert_eq!(now.state, OperationState::Running);
         assert!(center.inventory().reservations.is_empty());
+    }
+
+    #[test]
+    fn a_vm_that_moved_lately_is_left_out_of_balance_plans() {
+        let scratch = ScratchCenter::open("balance-settling");
+        let center = &scratch.center;
+        let beat = |host: &str, vms| {
+            let beat = crate::inventory::tests::beat(host, vms);
+            center.heartbeat(beat).unwrap();
+        };
+        let ids = ["v", "w", "x"];
+        beat("a", ids.map(|id| vm(id, VmState::Running)).to_vec());
+        beat("b", Vec::new());
+        let moved = |plan: &BalancePlan| -> Vec<String> {
+            plan.moves.iter().map(|m| m.vm.clone()).collect()
+        };
+        let planned = moved(&center.balance_plan());
+        assert!(
+            !planned.is_empty(),
+            "a busy host and an idle one: no move planned"
+        );
+        // Every one of them just arrived on a (from b, say): none moves again yet.
+        for id in ids {
+            let mut record = MigrationRecord {
+                vm: id.into(),
+                from: "b".into(),
+                to: "a".into(),
+                reason: "balance".into(),
+                state: MigrationState::Succeeded,
+                finished_ms: Some(unix_ms()),
+                ..MigrationRecord::default()
+            };
+            center.record_migration(&mut record).unwrap();
+        }
+        let plan = center.balance_plan();
+        assert_eq!(moved(&plan), Vec::<String>::new(), "{}", plan.summary);
+        assert!(
+            plan.summary.contains("3 VM(s) that moved"),
+            "{}",
+            plan.summary
+        );
+        // Long ago, they may move again.
+        for m in center.inventory().migrations.iter_mut() {
+            m.finished_ms = Some(unix_ms() - 2 * SETTLING_AFTER_A_MOVE.as_millis() as u64);
+        }
+        assert_eq!(moved(&center.balance_plan()), planned);
     }
 
     #[test]
