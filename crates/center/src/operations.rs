@@ -1062,6 +1062,14 @@ impl Center {
                 "host {name} is down: its VMs cannot be moved live until it is back"
             )));
         }
+        // Its VMs as the store last had them (a center that just started) may not be
+        // what runs there: the plan, and the check that the host is empty after it,
+        // would miss the others.
+        if !inventory.beat_taken_from(name) {
+            return Err(CenterError::Unavailable(format!(
+                "host {name} has not reported to this center since it started; try again after its next heartbeat"
+            )));
+        }
         Ok(())
     }
 
@@ -2109,6 +2117,29 @@ mod tests {
         assert!(now.planned.is_empty(), "{:?}", now.planned);
         assert_eq!(now.state, OperationState::Running);
         assert!(center.inventory().reservations.is_empty());
+    }
+
+    #[test]
+    fn maintenance_waits_for_a_beat_to_this_center_not_the_stores_last_view() {
+        let scratch = ScratchCenter::open("maintenance-unheard");
+        let api = ferry_testdata::refusing_addr();
+        scratch.report("a", api);
+        // Host a as a center that just started knows it from the store: up a moment
+        // ago, its VMs as they were then, not one beat heard.
+        {
+            let mut inventory = scratch.center.inventory();
+            let (host, vms) = inventory.remove_host("a").unwrap();
+            inventory.restore_host(host, vms);
+        }
+        let refused = scratch.center.enter_maintenance("a").unwrap_err();
+        assert!(
+            matches!(&refused, CenterError::Unavailable(why) if why.contains("has not reported")),
+            "{refused}"
+        );
+        // Its next beat makes the host's word the center's.
+        scratch.report("a", api);
+        let entered = scratch.center.enter_maintenance("a");
+        assert!(entered.is_ok(), "{:?}", entered.err());
     }
 
     #[test]
