@@ -307,6 +307,8 @@ struct ChatMessage {
     /// message that called tools.
     #[serde(default)]
     content: Option<Content>,
+    /// The speaker's name: accepted (clients send it) and not shown to the model, whose
+    /// chat templates have no place for it.
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
