@@ -884,6 +884,8 @@ impl Core {
             return;
         }
         let mut wanted = Vec::new();
+        // A command's write ranges may share a chunk: listed once.
+        let mut listed = std::collections::BTreeSet::new();
         {
             let mut capture = lock_capture(&self.capture);
             let Some(capture) = capture.as_mut() else {
@@ -900,7 +902,7 @@ impl Core {
                     let Some(span) = chunk_range(bytes, index) else {
                         break;
                     };
-                    if capture.needs_preserving(&chunk) {
+                    if capture.needs_preserving(&chunk) && listed.insert(chunk) {
                         wanted.push((chunk, span));
                     }
                 }
