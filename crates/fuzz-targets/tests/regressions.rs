@@ -6,20 +6,26 @@ use std::path::Path;
 #[test]
 fn kept_fuzz_inputs_run_through_their_targets_without_a_panic() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
-    let mut ran = 0;
     for (name, target) in ferry_fuzz_targets::TARGETS {
-        let Ok(dir) = std::fs::read_dir(root.join(name)) else {
-            continue;
-        };
-        for entry in dir {
+        // Every target keeps some: a folder renamed or emptied would pass unseen.
+        let dir = root.join(name);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+            panic!("no kept inputs of target {name} at {}: {e}", dir.display())
+        });
+        let mut ran = 0;
+        for entry in entries {
             let path = entry.unwrap().path();
             let data = std::fs::read(&path).unwrap();
             eprintln!("{name}: {}", path.display());
             target(&data);
             ran += 1;
         }
+        assert!(
+            ran > 0,
+            "no kept inputs of target {name} in {}",
+            dir.display()
+        );
     }
-    assert!(ran > 0, "no inputs under {}", root.display());
 }
 
 #[test]
