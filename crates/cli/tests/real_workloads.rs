@@ -181,8 +181,10 @@ fn training_on_fashion_mnist_moves_mid_epoch_and_back_by_replay_with_the_unmigra
         .into_iter()
         .map(|(name, path)| format!("{name}={}", path.display()))
         .collect();
-    // 187 steps an epoch.
-    let args = ["--limit", "12000", "--epochs", "2", "--log-every", "25"];
+    // 375 steps an epoch: moved at step 50 and back at 100, it must not end during a move
+    // on a machine busy with the other tests (with 187 it once ran 324 steps during the
+    // first move's pre-copy and ended there).
+    let args = ["--limit", "24000", "--epochs", "2", "--log-every", "25"];
     let expected = run_console(["fmnist-train", "512M", "256M"], &files, &args);
     let (a, b) = (Daemon::start("a"), Daemon::start("b"));
     let id = a.create_with(["fmnist-train", "512M", "256M"], &files, &args);
