@@ -2562,22 +2562,29 @@ mod tests {
         assert!(format!("{error:?}").contains("read nothing"), "{error:?}");
     }
 
-    #[tokio::test]
-    async fn a_stream_whose_relay_ends_without_its_end_says_so() {
-        let (tx, rx) = mpsc::channel(4);
-        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, false);
-        // The relay's thread ends (a panic) with no final message.
-        drop(tx);
+    /// The whole body of a chat stream that starts with "hi" and goes on with what `rx`
+    /// brings (`with_usage`: a usage chunk asked for), and its chunks but `[DONE]`.
+    async fn streamed(rx: mpsc::Receiver<Relayed>, with_usage: bool) -> (String, Vec<Value>) {
+        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, with_usage);
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .unwrap();
-        let text = std::str::from_utf8(&bytes).unwrap();
-        let last = text
-            .lines()
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let chunks = (text.lines())
             .filter_map(|l| l.strip_prefix("data: "))
-            .rfind(|l| *l != "[DONE]")
-            .unwrap();
-        let last: Value = serde_json::from_str(last).unwrap();
+            .filter(|l| *l != "[DONE]")
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (text, chunks)
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_relay_ends_without_its_end_says_so() {
+        let (tx, rx) = mpsc::channel(4);
+        // The relay's thread ends (a panic) with no final message.
+        drop(tx);
+        let (text, chunks) = streamed(rx, false).await;
+        let last = chunks.last().unwrap();
         assert_eq!(last["error"]["code"], "relay_failed", "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     }
@@ -2781,16 +2788,9 @@ mod tests {
         .await
         .unwrap();
         drop(tx);
-        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, false);
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let text = std::str::from_utf8(&bytes).unwrap();
-        let deltas: Vec<Value> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|l| *l != "[DONE]")
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["choices"][0]["delta"].clone())
+        let (text, chunks) = streamed(rx, false).await;
+        let deltas: Vec<Value> = (chunks.iter())
+            .map(|c| c["choices"][0]["delta"].clone())
             .collect();
         assert_eq!(
             deltas[0],
@@ -2813,17 +2813,7 @@ mod tests {
         .await
         .unwrap();
         drop(tx);
-        let response = chat_shape().stream(Some(Relayed::Text("hi".into())), rx, true);
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let text = std::str::from_utf8(&bytes).unwrap();
-        let chunks: Vec<Value> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|l| *l != "[DONE]")
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let (text, chunks) = streamed(rx, true).await;
         let (usage, others) = chunks.split_last().unwrap();
         assert_eq!(usage["usage"]["total_tokens"], 4, "{text}");
         assert_eq!(usage["choices"], json!([]), "{text}");

@@ -2119,6 +2119,12 @@ mod tests {
         assert!(center.inventory().reservations.is_empty());
     }
 
+    /// Host `host` beats to `center`, reporting `vms`.
+    fn beat_with(center: &Center, host: &str, vms: Vec<VmInfo>) {
+        let beat = crate::inventory::tests::beat(host, vms);
+        center.heartbeat(beat).unwrap();
+    }
+
     #[test]
     fn maintenance_waits_for_a_beat_to_this_center_not_the_stores_last_view() {
         let scratch = ScratchCenter::open("maintenance-unheard");
@@ -2146,10 +2152,7 @@ mod tests {
     fn a_vm_that_moved_lately_is_left_out_of_balance_plans() {
         let scratch = ScratchCenter::open("balance-settling");
         let center = &scratch.center;
-        let beat = |host: &str, vms| {
-            let beat = crate::inventory::tests::beat(host, vms);
-            center.heartbeat(beat).unwrap();
-        };
+        let beat = |host: &str, vms| beat_with(center, host, vms);
         let ids = ["v", "w", "x"];
         beat("a", ids.map(|id| vm(id, VmState::Running)).to_vec());
         beat("b", Vec::new());
@@ -2192,10 +2195,7 @@ mod tests {
     fn a_balance_move_of_a_vm_that_moved_or_stopped_since_it_was_planned_is_not_made() {
         let scratch = ScratchCenter::open("balance-stale-plan");
         let center = &scratch.center;
-        let beat = |host: &str, vms| {
-            let beat = crate::inventory::tests::beat(host, vms);
-            center.heartbeat(beat).unwrap();
-        };
+        let beat = |host: &str, vms| beat_with(center, host, vms);
         // Planned from a to b; v landed on b meanwhile, w on c, x stopped; y is as
         // planned.
         beat(
