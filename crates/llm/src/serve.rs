@@ -543,8 +543,13 @@ mod tests {
             assert!(Request::decode(&good[..cut]).is_err(), "cut at {cut}");
         }
         let mut huge = good.clone();
-        huge[22..26].copy_from_slice(&u32::MAX.to_le_bytes()); // the stop count
+        huge[23..27].copy_from_slice(&u32::MAX.to_le_bytes()); // the stop count
         assert!(Request::decode(&huge).is_err());
+        // Whether max_tokens was asked for is a byte of 0 or 1.
+        let mut asked = good.clone();
+        assert_eq!(asked[6], 1);
+        asked[6] = 2;
+        assert!(Request::decode(&asked).is_err());
         let mut trailing = good;
         trailing.push(0);
         assert!(Request::decode(&trailing).is_err());
