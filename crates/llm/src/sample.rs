@@ -136,11 +136,12 @@ impl Sampler {
                 .map(|(i, &l)| u64::from(!total_order(l)) << 32 | i as u64),
         );
         let k = self.config.top_k;
-        if k > 0 && k < cand.len() {
+        let selected = k > 0 && k < cand.len();
+        if selected {
             cand.select_nth_unstable(k - 1);
             cand.truncate(k);
         }
-        sort_keys(cand, &mut self.sorted);
+        sort_keys(cand, &mut self.sorted, !selected);
         let id = |key: u64| key as u32;
 
         let t = f64::from(self.config.temperature);
@@ -148,9 +149,11 @@ impl Sampler {
         let probs = &mut self.probs;
         probs.clear();
         let weight = |key: u64| (f64::from(logits[id(key) as usize]) - top) / t;
-        let fours = cand.chunks_exact(4);
-        let rest = fours.remainder();
-        probs.extend(fours.flat_map(|k| exp_lanes([k[0], k[1], k[2], k[3]].map(weight))));
+        let eights = cand.chunks_exact(8);
+        let rest = eights.remainder();
+        probs.extend(
+            eights.flat_map(|k| exp_lanes(core::array::from_fn::<_, 8, _>(|i| weight(k[i])))),
+        );
         probs.extend(rest.iter().map(|&key| exp(weight(key))));
         let total: f64 = probs.iter().sum();
         // Nucleus: the shortest prefix whose probability reaches top_p.
@@ -193,35 +196,51 @@ impl Sampler {
 /// Sorts `keys` ascending, as `sort_unstable` does (they differ, so there is one order):
 /// a byte at a time from the least significant, each pass stable, skipping a byte all
 /// keys share. A few linear passes, where comparisons took half of a draw over a
-/// vocabulary of 49,152.
-fn sort_keys(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+/// vocabulary of 49,152. Keys already ascending in their low 32 bits (the candidates in
+/// token order, before any top-k selection) need only the passes of the high 32 bits:
+/// each pass is stable, so keys with equal high bits keep that order.
+fn sort_keys(keys: &mut Vec<u64>, scratch: &mut Vec<u64>, low_ascending: bool) {
     let n = keys.len();
     if n <= 256 {
         keys.sort_unstable();
         return;
     }
+    let first = if low_ascending { 4 } else { 0 };
     let mut counts = [[0usize; 256]; 8];
     for &k in keys.iter() {
-        for (byte, count) in counts.iter_mut().enumerate() {
+        for (byte, count) in counts.iter_mut().enumerate().skip(first) {
             count[(k >> (8 * byte)) as usize & 0xff] += 1;
         }
     }
     scratch.clear();
     scratch.resize(n, 0);
-    for (byte, count) in counts.iter().enumerate() {
+    for (byte, count) in counts.iter().enumerate().skip(first) {
         if count.contains(&n) {
             continue;
         }
-        let mut next = [0usize; 256];
+        // Each bucket filled from both ends: the first half of the keys forwards from its
+        // start, the second half backwards from its end. Two chains of counter updates
+        // instead of one, which a run of keys with the same digit made wait on each other.
+        let (mut front, mut back) = ([0usize; 256], [0usize; 256]);
         let mut start = 0;
-        for (next, &c) in next.iter_mut().zip(count) {
-            *next = start;
+        for ((front, back), &c) in front.iter_mut().zip(&mut back).zip(count) {
+            *front = start;
             start += c;
+            *back = start;
         }
-        for &k in keys.iter() {
-            let digit = (k >> (8 * byte)) as usize & 0xff;
-            scratch[next[digit]] = k;
-            next[digit] += 1;
+        let digit = |k: u64| (k >> (8 * byte)) as usize & 0xff;
+        let (first_half, second_half) = keys.split_at(n / 2);
+        for (&a, &b) in first_half.iter().zip(second_half.iter().rev()) {
+            let (da, db) = (digit(a), digit(b));
+            scratch[front[da]] = a;
+            front[da] += 1;
+            back[db] -= 1;
+            scratch[back[db]] = b;
+        }
+        if n % 2 == 1 {
+            // The middle key, between the halves: the one place left in its bucket.
+            let m = keys[n / 2];
+            scratch[front[digit(m)]] = m;
         }
         core::mem::swap(keys, scratch);
     }
@@ -267,9 +286,15 @@ mod tests {
         };
         let (mut keys, mut scratch) = (Vec::new(), Vec::new());
         for n in [0, 1, 2, 255, 256, 257, 1000, 49_152] {
-            // Logits of few distinct values above ids, as the sampler makes them; then
-            // keys differing in every byte.
-            for spread in [3u64, u64::MAX] {
+            // Logits of few distinct values (many ties) or of any value above ascending
+            // ids, as the sampler makes them, sorted by their high bytes alone or by all;
+            // then keys differing in every byte, by all.
+            for (spread, low_ascending) in [
+                (3u64, true),
+                (3, false),
+                (u64::from(u32::MAX), true),
+                (u64::MAX, false),
+            ] {
                 let mut want: Vec<u64> = (0..n as u64)
                     .map(|id| (next() % spread) << 32 | id)
                     .collect();
@@ -278,8 +303,8 @@ mod tests {
                 }
                 keys.clone_from(&want);
                 want.sort_unstable();
-                sort_keys(&mut keys, &mut scratch);
-                assert_eq!(keys, want, "{n} keys, spread {spread}");
+                sort_keys(&mut keys, &mut scratch, low_ascending);
+                assert_eq!(keys, want, "{n} keys, spread {spread}, {low_ascending}");
             }
         }
     }

@@ -131,3 +131,100 @@ fn validates_the_config() {
     }
     assert!(Sampler::new(cfg(0.0, 0, 1.0, 0)).is_ok());
 }
+
+/// One draw of the sampler as its documentation defines it, written plainly (a sort by
+/// comparisons, one `exp` at a time): the sampler's faster code must give its tokens.
+fn reference_draw(c: SamplerConfig, draw: u64, logits: &[f32]) -> u32 {
+    let mut best = None::<(usize, f32)>;
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_nan() && best.is_none_or(|(_, m)| l > m) {
+            best = Some((i, l));
+        }
+    }
+    let Some((best, max)) = best.map(|(i, m)| (i as u32, m)) else {
+        return 0;
+    };
+    if c.temperature <= 0.0 || !max.is_finite() {
+        return best;
+    }
+    let mut cand: Vec<(u32, f32)> = (0..logits.len() as u32)
+        .map(|i| (i, logits[i as usize]))
+        .filter(|(_, l)| !l.is_nan())
+        .collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if c.top_k > 0 {
+        cand.truncate(c.top_k);
+    }
+    let t = f64::from(c.temperature);
+    let probs: Vec<f64> = cand
+        .iter()
+        .map(|&(_, l)| ferry_abi::accel::math::exp((f64::from(l) - f64::from(max)) / t))
+        .collect();
+    let mut keep = probs.len();
+    if c.top_p < 1.0 {
+        let target = f64::from(c.top_p) * probs.iter().sum::<f64>();
+        let mut acc = 0.0;
+        keep = 1 + probs
+            .iter()
+            .position(|p| {
+                acc += p;
+                acc >= target
+            })
+            .unwrap_or(probs.len() - 1);
+    }
+    let mass: f64 = probs[..keep].iter().sum();
+    // splitmix64 of seed + draw·γ.
+    let mut z = c
+        .seed
+        .wrapping_add(draw.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let u = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+    let target = u * mass;
+    let mut acc = 0.0;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        acc += p;
+        if target < acc {
+            return cand[i].0;
+        }
+    }
+    cand[keep - 1].0
+}
+
+#[test]
+fn draws_are_those_of_the_plain_definition() {
+    let wide = logits(49_152, 5);
+    // Few distinct values: ties everywhere, broken by token id.
+    let ties: Vec<f32> = logits(49_152, 6).iter().map(|l| l.round()).collect();
+    let mut odd = logits(1_001, 7);
+    odd[3] = f32::NAN;
+    odd[10] = f32::NEG_INFINITY;
+    odd[500] = -0.0;
+    odd[501] = 0.0;
+    let small = logits(257, 8);
+    let mut draws = 0;
+    for (name, l) in [
+        ("wide", &wide),
+        ("ties", &ties),
+        ("odd", &odd),
+        ("small", &small),
+    ] {
+        for (temperature, top_k, top_p) in [
+            (0.8, 0, 1.0),
+            (0.8, 0, 0.95),
+            (1.5, 40, 0.9),
+            (0.3, 300, 1.0),
+            (1.0, 5_000, 0.5),
+            (2.0, 0, 0.0),
+        ] {
+            let c = cfg(temperature, top_k, top_p, 77);
+            let mut s = Sampler::new(c).unwrap();
+            for draw in 1..=10 {
+                let want = reference_draw(c, draw, l);
+                assert_eq!(s.sample(l), want, "{name}, {c:?}, draw {draw}");
+                draws += 1;
+            }
+        }
+    }
+    assert_eq!(draws, 4 * 6 * 10);
+}
