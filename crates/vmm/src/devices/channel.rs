@@ -261,13 +261,30 @@ impl ChannelState {
             }
             Err(e) => return Err(e),
         };
-        let notice = self.streams[at].owed_notice();
         let gone = self.streams.remove(at);
-        if notice {
+        // A guest may end a stream before it takes the stream's opening: that opening
+        // would reach it later for a stream the host has forgotten.
+        let undelivered = unqueue_undelivered(&mut self.queued, gone.id);
+        if gone.owed_notice() && !undelivered {
             self.queued.push_back(Queued::released(gone.id));
         }
         Ok(())
     }
+}
+
+/// Takes `stream`'s opening out of `queued` if the guest has not been given it yet, with
+/// whatever was queued for that stream after it (the guest never hears of the stream);
+/// whether there was one. Only from that opening on: a notice for an earlier stream of
+/// the same id stays.
+fn unqueue_undelivered(queued: &mut VecDeque<Queued>, stream: u64) -> bool {
+    let opening =
+        (queued.iter()).rposition(|q| q.stream == stream && q.delivery == Delivery::Opens);
+    if let Some(opening) = opening {
+        let mut from_opening = queued.split_off(opening);
+        from_opening.retain(|q| q.stream != stream);
+        queued.append(&mut from_opening);
+    }
+    opening.is_some()
 }
 
 /// Whether the host may queue requests now.
@@ -682,20 +699,11 @@ impl Channel {
             return Ok(());
         };
         let gone = core.state.streams.remove(at);
-        let queued = &mut core.state.queued;
-        // Its opening not delivered yet: the guest never hears of the stream at all. (Only
-        // from that opening on: a notice for an earlier stream of the same id stays.)
-        let opening =
-            (queued.iter()).rposition(|q| q.stream == stream && q.delivery == Delivery::Opens);
-        if let Some(opening) = opening {
-            let mut from_opening = queued.split_off(opening);
-            from_opening.retain(|q| q.stream != stream);
-            queued.append(&mut from_opening);
-        }
+        let undelivered = unqueue_undelivered(&mut core.state.queued, stream);
         // The notice takes the place the stream's control message would have: one per
         // stream, so the queue stays within its queued requests and one message per
         // stream.
-        if gone.owed_notice() && opening.is_none() && core.gate == Gate::Open {
+        if gone.owed_notice() && !undelivered && core.gate == Gate::Open {
             core.state.queued.push_back(Queued::released(stream));
         }
         drop(core);
@@ -1713,6 +1721,31 @@ mod tests {
         full.submit(1001, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(!kept.contains(&0) && kept.contains(&1001), "{kept:?}");
+    }
+
+    #[test]
+    fn a_stream_giving_up_its_place_takes_its_undelivered_opening_with_it() {
+        // Stream 0 ended (its guest answered it whole) before the guest took its opening.
+        let mut state = every_place_taken(|_| (StreamEnd::Final, false)).save();
+        state.queued.push_back(Queued {
+            stream: 0,
+            delivery: Delivery::Opens,
+            message: message(1, "q"),
+        });
+        let full = Channel::restore(&state);
+        full.open();
+        // Its grace starts at the first stream wanting a place.
+        assert_eq!(
+            full.submit(1000, message(1, "q")),
+            Err(SubmitError::TooManyStreams)
+        );
+        (full.core().state)
+            .make_room(Instant::now() + UNREAD_END_GRACE)
+            .unwrap();
+        let after = full.save();
+        assert!(after.streams.iter().all(|s| s.id != 0));
+        // Delivered later, the opening would start an answer nobody can read.
+        assert!(after.queued.is_empty(), "{:?}", after.queued);
     }
 
     #[test]
