@@ -137,6 +137,10 @@ impl ResumedRecord {
             .create(true)
             .open(path)
             .map_err(failed("open"))?;
+        // Created here perhaps: its entry in the folder must outlast a power cut as much
+        // as the sessions synced into it (a record gone after one answers "never ran"
+        // for a VM that did, and its source resumes it too).
+        crate::durable::sync_folder_of(path).map_err(failed("sync the folder of"))?;
         let len = file.metadata().map_err(failed("read"))?.len();
         let listed = len / 8;
         let kept = listed.min(REMEMBERED as u64);
