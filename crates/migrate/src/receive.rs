@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -219,26 +219,30 @@ pub fn serve_with_tls<F: TargetFactory>(
 pub struct Receiving {
     /// Dropped to stop the listener.
     stop: Option<mpsc::Sender<()>>,
-    /// Where it listens (connected to once to wake its `accept`).
-    addr: SocketAddr,
+    /// The listening socket, shut down to wake its `accept`.
+    listener: TcpListener,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Receiving {
     fn drop(&mut self) {
         drop(self.stop.take());
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
+        if let Err(e) = wake_accept(&self.listener) {
+            // Without it the thread waits for a peer to connect: not joined, not hung.
+            tracing::warn!("cannot wake the migration listener to stop it: {e}");
+            return;
         }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
+}
+
+/// Wakes a thread blocked in `listener`'s accept without a connection (which a firewall,
+/// a loopback without the address's family or a full backlog may stop): a listening
+/// socket shut down fails that accept, and every later one, at once.
+fn wake_accept(listener: &TcpListener) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).shutdown(Shutdown::Both)
 }
 
 /// [`serve_with_tls`] on a thread of its own, until the [`Receiving`] returned is dropped.
@@ -249,14 +253,14 @@ pub fn spawn_receiver<F: TargetFactory>(
     factory: Arc<F>,
     outcomes: Outcomes,
 ) -> std::io::Result<Receiving> {
-    let addr = listener.local_addr()?;
+    let shared = listener.try_clone()?;
     let (stop, stopped) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("migrate-listener".into())
         .spawn(move || serve_until(listener, secret, tls, factory, outcomes, &stopped))?;
     Ok(Receiving {
         stop: Some(stop),
-        addr,
+        listener: shared,
         thread: Some(thread),
     })
 }
@@ -1957,6 +1961,22 @@ mod tests {
     use super::*;
     use crate::replay::COMMAND_BATCH;
     use crate::wire::{FrameReader, FrameWriter};
+
+    #[test]
+    fn a_blocked_accept_is_woken_without_a_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let waker = listener.try_clone().unwrap();
+        let (accepted, result) = mpsc::channel();
+        std::thread::spawn(move || accepted.send(listener.accept().map(|_| ())));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            result.try_recv().is_err(),
+            "accept returned with nobody connecting"
+        );
+        wake_accept(&waker).unwrap();
+        let woken = result.recv_timeout(Duration::from_secs(5));
+        assert!(matches!(woken, Ok(Err(_))), "{woken:?}");
+    }
 
     #[test]
     fn an_accept_out_of_descriptors_waits_before_trying_again_a_lost_connection_does_not() {
