@@ -32,6 +32,7 @@ use ferry_migrate::{
     error_chain, FileTransfer, MigrationError, MigrationOptions, Mode, Outcomes, Progress, Secret,
     Settlement, VmError,
 };
+use ferry_vmm::devices::channel::UNREAD_END_GRACE;
 use ferry_vmm::files::AttachError;
 use ferry_vmm::{AttachedFiles, HostOptions, Microvm, VmConfig};
 
@@ -1192,10 +1193,11 @@ impl Host {
 
     /// Drops the records of VMs that ended more than [`ENDED_VMS_KEPT_FOR`] ago, and of
     /// all but the [`ENDED_VMS_KEPT`] that ended last: a long-running host lists a
-    /// bounded number of them.
+    /// bounded number of them. Those kept let go of their channels' answers once their
+    /// readers have had [`UNREAD_END_GRACE`] to take them (each may hold megabytes).
     fn forget_old_ended_vms(&self) {
         let now = std::time::Instant::now();
-        let forgotten: Vec<Arc<HostedVm>> = {
+        let (forgotten, quiet): (Vec<Arc<HostedVm>>, Vec<Arc<HostedVm>>) = {
             let vms = &mut self.vms().listed;
             let mut ended: Vec<(std::time::Instant, String)> = vms
                 .iter()
@@ -1203,15 +1205,24 @@ impl Host {
                 .collect();
             ended.sort_unstable();
             let excess = ended.len().saturating_sub(ENDED_VMS_KEPT);
-            ended
-                .iter()
-                .enumerate()
-                .filter(|(i, (at, _))| *i < excess || now.duration_since(*at) > ENDED_VMS_KEPT_FOR)
+            let (old, kept): (Vec<_>, Vec<_>) =
+                ended.iter().enumerate().partition(|(i, (at, _))| {
+                    *i < excess || now.duration_since(*at) > ENDED_VMS_KEPT_FOR
+                });
+            let quiet = (kept.iter())
+                .filter(|(_, (at, _))| now.duration_since(*at) >= UNREAD_END_GRACE)
+                .filter_map(|(_, (_, id))| vms.get(id).cloned())
+                .collect();
+            let forgotten = (old.iter())
                 .filter_map(|(_, (_, id))| vms.remove(id))
-                .collect()
+                .collect();
+            (forgotten, quiet)
         };
-        // Dropped outside the lock (a record may hold the last console buffer).
+        // Outside the lock (a record may hold the last console buffer).
         drop(forgotten);
+        for vm in quiet {
+            vm.channel().forget_after_end();
+        }
     }
 
     /// One VM.

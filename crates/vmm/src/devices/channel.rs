@@ -549,6 +549,21 @@ impl Channel {
         self.set_gate(Gate::Detached);
     }
 
+    /// Drops what the streams of a VM that ended still hold, and the requests it never
+    /// took, once their readers have had [`UNREAD_END_GRACE`] to come: a record of an
+    /// ended VM is kept listed for long, and its guest may have filled every stream
+    /// before it ended. Nothing while the VM runs (or may run again).
+    pub fn forget_after_end(&self) {
+        let mut core = self.core();
+        if core.gate != Gate::Ended {
+            return;
+        }
+        core.state.streams.clear();
+        core.state.queued.clear();
+        drop(core);
+        self.shared.changed.notify_all();
+    }
+
     /// Queues a request that opens stream `stream`.
     pub fn submit(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
         let mut core = self.core();
@@ -1721,6 +1736,32 @@ mod tests {
         full.submit(1001, message(1, "q")).unwrap();
         let kept: Vec<u64> = full.save().streams.iter().map(|s| s.id).collect();
         assert!(!kept.contains(&0) && kept.contains(&1001), "{kept:?}");
+    }
+
+    #[test]
+    fn an_ended_vms_streams_are_dropped_only_after_it_ended() {
+        let (mem, channel) = guest_with_request(5);
+        channel.submit(6, message(1, "b")).unwrap();
+        // While the VM runs (or is paused, perhaps to move), nothing goes.
+        channel.forget_after_end();
+        channel.pause();
+        channel.forget_after_end();
+        let kept = channel.save();
+        assert_eq!((kept.streams.len(), kept.queued.len()), (2, 1));
+        channel.open();
+        channel.kick(&mem, 0);
+        channel.end();
+        assert_eq!(
+            channel.read(5, 0, Duration::ZERO).unwrap().end,
+            StreamEnd::VmEnded
+        );
+        channel.forget_after_end();
+        let state = channel.save();
+        assert!(state.streams.is_empty() && state.queued.is_empty());
+        assert_eq!(
+            channel.read(5, 0, Duration::ZERO),
+            Err(ReadError::NoSuchStream(5))
+        );
     }
 
     #[test]
