@@ -78,6 +78,10 @@ fn usage_errors_are_clear_without_kvm() {
     let out = ferry(&["demo", "--model", "m.gguf", "--max-tokens", "8"]);
     assert_eq!(out.status.code(), Some(2));
     assert_says(&out.stderr, "32..");
+    // Likewise a training demo that would end before its move.
+    let out = ferry(&["demo", "--steps", "3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "100..");
 
     // A snapshot folder that cannot be made is refused before the VM runs, not at the
     // snapshot point, which would end the VM for nothing.
@@ -357,6 +361,20 @@ fn guest_exit_code_and_faults_reach_the_shell() {
     let out = ferry(&["run", "faults", "--", "invalid-opcode"]);
     assert_eq!(out.status.code(), Some(125));
     assert_says(&out.stderr, "#UD invalid opcode (vector 6");
+}
+
+#[test]
+fn a_demo_whose_guest_refuses_its_model_says_why() {
+    ferry_testdata::require_kvm!(kvm_available);
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("notes.gguf");
+    std::fs::write(&model, "not a model at all\n".repeat(100)).unwrap();
+    let out = ferry(&["demo", "--model", model.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    // The guest's own words, not advice to ask for a longer answer.
+    assert!(err.contains("not a GGUF file"), "{err}");
+    assert!(!err.contains("longer one"), "{err}");
 }
 
 #[test]

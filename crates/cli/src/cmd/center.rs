@@ -133,7 +133,8 @@ enum CenterCommand {
         #[command(flatten)]
         center: CenterAddr,
         /// Print the cluster view as JSON: hosts, migrations, operations, and the first
-        /// 1,000 VMs (`vms_total` counts them all; `ferry vm list` lists them).
+        /// 1,000 VMs (`vms_total` counts them all; `ferry vm list --host URL` lists a
+        /// host's own).
         #[arg(long)]
         json: bool,
     },

@@ -49,8 +49,9 @@ pub struct DemoArgs {
     pub json: bool,
     #[command(flatten)]
     pub backend: crate::cmd::backend::BackendArgs,
-    /// Training steps of the default (MLP) demo.
-    #[arg(long, default_value_t = STEPS)]
+    /// Training steps of the default (MLP) demo: at least 100, as the VM moves after 40%
+    /// of them and must still be training while it moves.
+    #[arg(long, default_value_t = STEPS, value_parser = clap::value_parser!(u64).range(100..))]
     pub steps: u64,
     /// A GGUF language model (llama family): the VM answers --prompt with it and moves
     /// to host b in the middle of its answer.
@@ -376,11 +377,13 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|f| format!(" --attach {}={}", f.name, f.path.display()))
         .collect();
+    // Quoted as a shell would need them, so the line can be copied (a prompt has spaces).
+    let args_shown = shlex::try_join(request.args.iter().map(String::as_str))
+        .unwrap_or_else(|_| request.args.join(" "));
     say(format!(
-        "started {id} on host a: {}{} -- {} ({} MiB RAM, {} MiB accelerator memory)",
+        "started {id} on host a: {}{} -- {args_shown} ({} MiB RAM, {} MiB accelerator memory)",
         request.workload,
         files.concat(),
-        request.args.join(" "),
         request.memory >> 20,
         request.accel_memory >> 20
     ))?;
@@ -395,15 +398,23 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
         let vm: VmInfo = ca.get(&format!("/v1/vms/{id}"))?;
         if vm.state != VmState::Running {
-            let hint = match workload {
-                Workload::Chat { .. } => format!(
+            let why = match (&vm.state, &workload) {
+                (VmState::Exited { code: 0 }, Workload::Chat { .. }) => format!(
                     ": the answer ended after {progress} characters; ask for a longer one \
                      (a --prompt that needs one, or a larger --max-tokens)"
                 ),
-                _ => String::new(),
+                (VmState::Exited { code: 0 }, _) => ": it finished first".into(),
+                // The guest said why (a file it cannot use, say): its last lines.
+                _ => {
+                    let console = client_console(ca, &id).unwrap_or_default();
+                    let lines: Vec<&str> =
+                        console.lines().filter(|l| !l.trim().is_empty()).collect();
+                    let last = lines[lines.len().saturating_sub(3)..].join("\n  ");
+                    format!("; its console ends:\n  {last}")
+                }
             };
             bail!(
-                "the VM is {} before the migration point ({where_}){hint}",
+                "the VM {} before the migration point ({where_}){why}",
                 vm.state
             );
         }
