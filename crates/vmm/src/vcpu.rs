@@ -74,6 +74,8 @@ fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
             s.tr.selector.into(),
             entry.tr.selector.into(),
         ),
+        // It bounds the I/O permission bitmap read from the TSS page.
+        ("TR limit", s.tr.limit.into(), entry.tr.limit.into()),
     ];
     if let Some((what, got, want)) = control.iter().find(|(_, got, want)| got != want) {
         return Err(format!("{what} is {got:#x}, not {want:#x}"));
@@ -94,6 +96,17 @@ fn owned_state_is_ours(state: &VcpuState) -> Result<(), String> {
         (KERNEL_CODE_SELECTOR, 0) => in_stubs && s.ss.dpl == 0,
         _ => false,
     };
+    // KVM loads a code segment's hidden part as given, not from the GDT, whose code
+    // segments are both 64-bit: one in compatibility mode (L clear) adds its base to every
+    // fetch, so the stubs' addresses would run code from anywhere in guest RAM at ring 0.
+    const CODE_TYPE: u8 = 0x8;
+    let cs = &s.cs;
+    if cs.l != 1 || cs.db != 0 || cs.s != 1 || cs.present != 1 || cs.type_ & CODE_TYPE == 0 {
+        return Err(format!(
+            "the code segment is not a present 64-bit one (L {}, D {}, S {}, P {}, type {:#x})",
+            cs.l, cs.db, cs.s, cs.present, cs.type_
+        ));
+    }
     // Only ring 0 writes debug registers: an enabled breakpoint (or the trap on their
     // access) was not set by a guest, and would stop ring 0 where the file says.
     let dr7 = state.debug_regs.dr7;

@@ -376,6 +376,21 @@ fn corrupted_snapshots_of_a_real_vm_are_refused() {
             "{rip:#x} {rsp:#x}: {chain}"
         );
     }
+    // The stubs' first instruction, but in a compatibility-mode code segment whose base
+    // would move every fetch into RAM the snapshot wrote; and a 64-bit one at ring 3
+    // turned into compatibility mode.
+    let chain = forged(&|v| {
+        ring0(first, 0x7f80)(v);
+        v.sregs.cs.l = 0;
+        v.sregs.cs.db = 1;
+        v.sregs.cs.base = 0x10_0000 - 0x4000;
+    });
+    assert!(chain.contains("not a present 64-bit one"), "{chain}");
+    let chain = forged(&|v| v.sregs.cs.l = 0);
+    assert!(chain.contains("not a present 64-bit one"), "{chain}");
+    // A task register whose limit reaches past the TSS (its I/O bitmap read beyond).
+    let chain = forged(&|v| v.sregs.tr.limit = 0xffff);
+    assert!(chain.contains("TR limit"), "{chain}");
     // An LDT loaded with a null selector (KVM takes it as loaded), and system management
     // mode.
     let chain = forged(&|v| {
