@@ -394,7 +394,7 @@ impl IncomingVm {
         let devices = Arc::new(PortDevices::restore(
             self.host.console,
             &state.devices,
-            state.vcpus.len(),
+            (state.vcpus.len(), &self.memory),
             self.accel,
             self.host.files,
         ));

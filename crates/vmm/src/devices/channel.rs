@@ -434,7 +434,7 @@ fn field(ring: &Ring, offset: usize) -> GuestAddress {
 
 impl Default for Channel {
     fn default() -> Self {
-        Self::restore(&ChannelState::default())
+        Self::with_state(ChannelState::default())
     }
 }
 
@@ -444,21 +444,21 @@ impl Channel {
         Self::default()
     }
 
-    /// A channel continuing from a saved state (of a paused VM). The state came from a
-    /// file or the network: what does not fit the limits is cut.
-    pub fn restore(state: &ChannelState) -> Self {
+    /// A channel continuing from a saved state (of a paused VM whose RAM is `mem`). The
+    /// state came from a file or the network: what does not fit the limits is cut.
+    pub fn restore(state: &ChannelState, mem: &GuestRam) -> Self {
         let mut state = state.clone();
         state.queued.truncate(MAX_QUEUED + MAX_STREAMS);
         let excess = state.streams.len().saturating_sub(MAX_STREAMS);
         state.streams.drain(..excess);
-        // A ring of impossible geometry, over the VMM's system pages, or running off the
-        // end of the address space is dropped (the guest finds its channel gone).
+        // A ring the guest's setup would have refused (of impossible geometry, over the
+        // VMM's system pages, not on a page, not all in RAM) is dropped: the guest finds
+        // its channel gone, rather than one that looks set up and delivers nothing.
         if state.ring.is_some_and(|r| {
-            r.header()
-                .region_size()
-                .and_then(|size| r.addr.checked_add(size))
-                .is_none()
-                || r.addr < IMAGE_BASE
+            let in_ram = r.header().region_size().is_some_and(|size| {
+                usize::try_from(size).is_ok_and(|len| mem.check_range(GuestAddress(r.addr), len))
+            });
+            !in_ram || r.addr < IMAGE_BASE || r.addr % PAGE_SIZE != 0
         }) {
             state.ring = None;
         }
@@ -485,6 +485,11 @@ impl Channel {
                 .iter()
                 .fold(0usize, |sum, m| sum.saturating_add(m.payload.len()));
         }
+        Self::with_state(state)
+    }
+
+    /// A paused VM's channel holding `state` (checked).
+    fn with_state(state: ChannelState) -> Self {
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
@@ -1309,7 +1314,7 @@ mod tests {
         );
         let state = channel.save();
         // The destination: the same RAM (migrated), the restored channel.
-        let moved = Channel::restore(&state);
+        let moved = Channel::restore(&state, &mem);
         moved.open();
         moved.kick(&mem, 0);
         let rest: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
@@ -1332,7 +1337,7 @@ mod tests {
         assert_refused(&mem, &channel, status::BAD_MESSAGE);
         channel.pause();
         // The destination: the same RAM (migrated, the error in its header).
-        let moved = Channel::restore(&channel.save());
+        let moved = Channel::restore(&channel.save(), &mem);
         moved.open();
         moved.kick(&mem, 0);
         assert_eq!(read_header(&mem).status, status::OK);
@@ -1347,14 +1352,26 @@ mod tests {
         // The guest's tail past the host's head.
         let mut state = saved.clone();
         state.request_tail = state.request_head + 5;
-        let restored = Channel::restore(&state).save();
+        let restored = Channel::restore(&state, &mem).save();
         assert_eq!(restored.request_tail, restored.request_head);
-        // A ring over the VMM's system pages, or running off the address space.
-        for addr in [0x1000, u64::MAX - 100] {
+        // A ring over the VMM's system pages, running off the address space or the end of
+        // RAM, past it, or not on a page.
+        let ram_end = mem.last_addr().0 + 1;
+        for addr in [
+            0x1000,
+            u64::MAX - 100,
+            ram_end - PAGE_SIZE,
+            ram_end,
+            REGION + 8,
+        ] {
             let mut state = saved.clone();
             state.ring.as_mut().unwrap().addr = addr;
-            assert!(Channel::restore(&state).save().ring.is_none(), "{addr:#x}");
+            assert!(
+                Channel::restore(&state, &mem).save().ring.is_none(),
+                "{addr:#x}"
+            );
         }
+        assert!(Channel::restore(&saved, &mem).save().ring.is_some());
         // A queued request larger than the guest's slots is dropped, never written past
         // its slot; the one after it is delivered.
         let mut state = saved.clone();
@@ -1365,7 +1382,7 @@ mod tests {
                 message: message(1, &text),
             });
         }
-        let moved = Channel::restore(&state);
+        let moved = Channel::restore(&state, &mem);
         moved.open();
         moved.kick(&mem, 0);
         let got: Vec<u64> = take_requests(&mem).iter().map(|m| m.0.stream).collect();
@@ -1405,12 +1422,12 @@ mod tests {
                 read_whole: false,
                 grace_since: None,
             });
-            let cut = Channel::restore(&state).save().streams.pop().unwrap();
+            let cut = Channel::restore(&state, &mem).save().streams.pop().unwrap();
             assert_eq!((cut.events.len(), cut.end), (kept, StreamEnd::Overflow));
             assert!(cut.bytes <= MAX_STREAM_BYTES);
             state.streams.pop();
         }
-        let restored = Channel::restore(&state);
+        let restored = Channel::restore(&state, &mem);
         assert_eq!(restored.save().streams.last().unwrap().bytes, 3);
         let read = restored.read(3, usize::MAX, Duration::ZERO).unwrap();
         assert!(read.events.is_empty());
@@ -1686,7 +1703,7 @@ mod tests {
     /// A running channel with every place taken by a stream of one answer, ended as
     /// `end` says of its id (and cancelled if it says so).
     fn every_place_taken(end: impl Fn(u64) -> (StreamEnd, bool)) -> Channel {
-        let (_mem, channel) = guest();
+        let (mem, channel) = guest();
         let mut state = channel.save();
         state.streams = (0..MAX_STREAMS as u64)
             .map(|id| Stream {
@@ -1700,7 +1717,7 @@ mod tests {
                 grace_since: None,
             })
             .collect();
-        let full = Channel::restore(&state);
+        let full = Channel::restore(&state, &mem);
         full.open();
         full
     }
@@ -1773,7 +1790,7 @@ mod tests {
             delivery: Delivery::Opens,
             message: message(1, "q"),
         });
-        let full = Channel::restore(&state);
+        let full = Channel::restore(&state, &guest().0);
         full.open();
         // Its grace starts at the first stream wanting a place.
         assert_eq!(
@@ -1841,7 +1858,7 @@ mod tests {
             state.queued = (0..queued as u64)
                 .map(|i| Queued::released(10_000 + i))
                 .collect();
-            let nearly_full = Channel::restore(&state);
+            let nearly_full = Channel::restore(&state, &guest().0);
             nearly_full.open();
             for s in &state.streams {
                 nearly_full.read(s.id, 0, Duration::ZERO).unwrap();

@@ -98,11 +98,11 @@ impl PortDevices {
         }
     }
 
-    /// Devices continuing from a saved state, of a VM of `vcpus` vCPUs.
+    /// Devices continuing from a saved state, of a VM of `vcpus` vCPUs and RAM `mem`.
     pub fn restore(
         sink: ConsoleSink,
         state: &DeviceStates,
-        vcpus: usize,
+        (vcpus, mem): (usize, &GuestRam),
         accel: Option<Accelerator>,
         files: AttachedFiles,
     ) -> Self {
@@ -111,7 +111,7 @@ impl PortDevices {
             clock: GuestClock::restore(&state.clock, vcpus),
             accel,
             files,
-            channel: Channel::restore(&state.channel),
+            channel: Channel::restore(&state.channel, mem),
             file_error_warned: AtomicBool::new(false),
         }
     }
