@@ -261,14 +261,17 @@ fn check_content(
 }
 
 /// Opens `path` for file `name` if it is a regular file that passes `check`, and its
-/// metadata. It is opened without blocking (a FIFO waits for a writer, a terminal could
-/// become the daemon's), and checked on the open file, so a path swapped after a check
-/// gains nothing.
+/// metadata. What the path names is looked at first without opening it (`O_PATH`):
+/// opening some devices acts (a watchdog starts, a tape rewinds on close), and a
+/// snapshot may name any path. The regular file found is then opened through that same
+/// descriptor, without blocking and never as the daemon's terminal, and checked on the
+/// open file, so a path swapped after a check gains nothing.
 fn open_regular(
     name: &str,
     path: &Path,
     check: &OpenCheck<'_>,
 ) -> Result<(File, Metadata), AttachError> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     if !valid_name(name) {
         return Err(AttachError::InvalidName(name.to_string()));
@@ -278,24 +281,35 @@ fn open_regular(
     if !printable(&path.display().to_string(), MAX_WORKLOAD_NAME) {
         return Err(AttachError::UnshowablePath { name, path });
     }
+    let found = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(&path);
+    let found = match found {
+        Ok(found) => found,
+        Err(source) => return Err(AttachError::Open { name, path, source }),
+    };
+    if let Err(source) = check(&found) {
+        return Err(AttachError::Refused { name, path, source });
+    }
+    match found.metadata() {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Err(AttachError::NotAFile { name, path }),
+        Err(source) => return Err(AttachError::Read { name, path, source }),
+    }
+    // The very file looked at, whatever its path names by now.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&path);
+        .open(format!("/proc/self/fd/{}", found.as_raw_fd()));
     let file = match file {
         Ok(file) => file,
         Err(source) => return Err(AttachError::Open { name, path, source }),
     };
-    if let Err(source) = check(&file) {
-        return Err(AttachError::Refused { name, path, source });
-    }
     let meta = match file.metadata() {
         Ok(meta) => meta,
         Err(source) => return Err(AttachError::Read { name, path, source }),
     };
-    if !meta.is_file() {
-        return Err(AttachError::NotAFile { name, path });
-    }
     Ok((file, meta))
 }
 
@@ -701,16 +715,29 @@ mod tests {
             Err(AttachError::UnshowablePath { .. })
         ));
         std::fs::remove_file(&tabbed).unwrap();
-        // A FIFO is refused at once, not waited on for a writer.
+        // A FIFO is refused at once, not waited on for a writer, and without being opened:
+        // opening some devices acts (a watchdog starts), and a snapshot may name any path.
         let fifo = temp_file("fifo", b"");
         std::fs::remove_file(&fifo).unwrap();
         let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: `c_path` is a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // SAFETY: plain system calls on a descriptor of our own and a NUL-terminated path.
+        let watch = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(watch >= 0);
+        // SAFETY: as above.
+        let added = unsafe { libc::inotify_add_watch(watch, c_path.as_ptr(), libc::IN_OPEN) };
+        assert!(added >= 0);
         assert!(matches!(
             AttachedFile::open("fifo", &fifo),
             Err(AttachError::NotAFile { .. })
         ));
+        let mut events = [0u8; 256];
+        // SAFETY: reads into a buffer of ours, of its length; the descriptor is ours.
+        let read = unsafe { libc::read(watch, events.as_mut_ptr().cast(), events.len()) };
+        // SAFETY: closes the descriptor made above, used no more.
+        unsafe { libc::close(watch) };
+        assert_eq!(read, -1, "the FIFO was opened");
         std::fs::remove_file(&fifo).unwrap();
         let two = vec![
             AttachedFile::open("same", &path).unwrap(),
