@@ -123,7 +123,7 @@ impl std::fmt::Display for VmState {
                 f,
                 "in doubt after its switchover to {to} ({reason}); resolve it with `ferry vm resolve`"
             ),
-            Self::MigratedAway { to } => write!(f, "migrated to {to}, and runs there"),
+            Self::MigratedAway { to } => write!(f, "migrated to the host migrating at {to}"),
             Self::Stopping => write!(f, "stopping"),
             Self::Stopped => write!(f, "stopped"),
             Self::Exited { code } => write!(f, "exited with code {code}"),

@@ -30,7 +30,7 @@ fn submit_error(id: &str, e: SubmitError) -> HostError {
 fn moved(vm: &HostedVm) -> Option<HostError> {
     match vm.state() {
         VmState::MigratedAway { to } => Some(HostError::Moved(format!(
-            "VM {} migrated to {to} and runs there",
+            "VM {} migrated to the host migrating at {to}",
             vm.id
         ))),
         _ => None,

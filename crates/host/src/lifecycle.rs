@@ -489,7 +489,7 @@ mod tests {
         let (_ledger, life) = in_switchover();
         drop(life.leave().unwrap());
         let stop = life.stop().unwrap_err();
-        assert!(stop.to_string().contains("migrated to b:1"), "{stop}");
+        assert!(stop.to_string().contains("migrating at b:1"), "{stop}");
         assert!(life.end(VmState::Exited { code: 0 }).is_err());
     }
 

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ferry_api::{MigrationStatus, VmInfo};
+use ferry_api::{MigrationStatus, VmInfo, VmState};
 use ferry_migrate::Purpose;
 
 use crate::cmd::host::SecretArgs;
@@ -426,6 +426,13 @@ fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
         }
         (VmCommand::Show { .. }, Answer::One(vm)) => {
             print_vm(vm);
+            // Where it went, why it failed, what to do when in doubt: more than its name.
+            if !matches!(
+                vm.state,
+                VmState::Creating | VmState::Running | VmState::Stopping | VmState::Stopped
+            ) {
+                say!("state: {}", vm.state);
+            }
             say!(
                 "--- console (last lines) ---\n{}",
                 super::guest_text(&vm.console_tail)
