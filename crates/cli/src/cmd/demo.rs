@@ -40,9 +40,11 @@ Examples:
   ferry demo --model my-llama.gguf --prompt 'Tell me about ships.' --files send
   ferry demo --dataset /usr/share/datasets/fashion-mnist   # apt install dataset-fashion-mnist
 
-With --json the last line is one JSON object: workload, downtime_ms, total_ms, rounds,
-bytes_sent, identical, checksum, reference_checksum, report (and migrated_at_step,
-migrated_at_chars or test_acc by workload).")]
+With --json the only line on stdout is one JSON object: workload, downtime_ms, total_ms,
+rounds, bytes_sent, identical, checksum, reference_checksum, report (and
+migrated_at_step, migrated_at_chars or test_acc by workload). Exit 0 when identical, 1
+when not (the object says \"identical\": false) or when the demo failed before comparing
+(no object; the error is on stderr).")]
 pub struct DemoArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
