@@ -72,12 +72,14 @@ pub struct RunArgs {
     /// Guest RAM: a multiple of 2 MiB, 16M to 64G.
     #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_ram)]
     pub memory: u64,
-    /// Give the VM a virtual accelerator with this much device memory (e.g. 256M, 4G).
+    /// Give the VM a virtual accelerator with this much device memory (e.g. 256M, 4G):
+    /// whole 4 KiB pages, at most 64 GiB. Without it the VM has no accelerator.
     #[arg(long, value_name = "SIZE", value_parser = size::parse_accel_memory)]
     pub accel_memory: Option<u64>,
     /// Host threads for the accelerator's cpu backend (default: all cores). Results are
     /// bit-identical whatever the count.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..),
+          requires = "accel_memory")]
     pub accel_threads: Option<u16>,
     #[command(flatten)]
     pub backend: cmd::backend::BackendArgs,

@@ -82,6 +82,10 @@ fn usage_errors_are_clear_without_kvm() {
     let out = ferry(&["demo", "--steps", "3"]);
     assert_eq!(out.status.code(), Some(2));
     assert_says(&out.stderr, "100..");
+    // Kernel threads for a VM without an accelerator were ignored without a word.
+    let out = ferry(&["run", "hello", "--accel-threads", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_says(&out.stderr, "--accel-memory");
 
     // A snapshot folder that cannot be made is refused before the VM runs, not at the
     // snapshot point, which would end the VM for nothing.

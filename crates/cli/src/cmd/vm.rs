@@ -126,10 +126,11 @@ struct CreateArgs {
     /// (or by its id) as `model`.
     #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
     name: Option<String>,
-    /// Guest RAM.
+    /// Guest RAM: a multiple of 2 MiB, 16M to 64G.
     #[arg(short, long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_ram)]
     memory: u64,
-    /// Accelerator memory (none by default).
+    /// Accelerator memory: whole 4 KiB pages, at most 64 GiB; 0 (the default) gives the
+    /// VM no accelerator.
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::size::parse_accel_memory)]
     accel_memory: u64,
     /// Attach a read-only file on the host, found by the guest as NAME (repeatable):
