@@ -82,6 +82,11 @@ fn usage_errors_are_clear_without_kvm() {
     let out = ferry(&["demo", "--steps", "3"]);
     assert_eq!(out.status.code(), Some(2));
     assert_says(&out.stderr, "100..");
+    // A folder without a snapshot is named as such, not as a file that could not be read.
+    let empty = tempfile::tempdir().unwrap();
+    let out = ferry(&["restore", empty.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_says(&out.stderr, "is not a snapshot folder: it has no vm.snap");
     // Kernel threads for a VM without an accelerator were ignored without a word.
     let out = ferry(&["run", "hello", "--accel-threads", "2"]);
     assert_eq!(out.status.code(), Some(2));

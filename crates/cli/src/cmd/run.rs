@@ -149,6 +149,13 @@ fn snapshot_path(arg: &Path) -> PathBuf {
 /// `ferry restore`.
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let path = snapshot_path(&args.dir);
+    if args.dir.is_dir() && !path.exists() {
+        anyhow::bail!(
+            "{} is not a snapshot folder: it has no {} (ferry run --snapshot-at-ms MS --snapshot-dir DIR writes one)",
+            args.dir.display(),
+            ferry_vmm::snapshot::SNAPSHOT_FILE
+        );
+    }
     let started = Instant::now();
     let mut host = host_options(args.accel_threads);
     host.files = AttachedFiles::open(&args.attach).context("cannot attach the files")?;
