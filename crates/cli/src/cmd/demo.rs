@@ -20,6 +20,7 @@ use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::{follow, spinner, summary};
 use crate::cmd::{last_field, poll_until};
 use ferry_client::ApiClient;
+use indicatif::ProgressBar;
 
 /// Training steps of the default demo VM (about 9 s on a 2-core machine).
 const STEPS: u64 = 3000;
@@ -240,6 +241,19 @@ impl Workload {
         }
     }
 
+    /// How far the run is, in words.
+    fn progress_text(&self, console: &str) -> String {
+        let done = self.progress(console);
+        match self {
+            Workload::Mlp { steps } => format!("step {done} of {steps}"),
+            Workload::Chat { .. } => format!("{done} characters of its answer"),
+            Workload::Fmnist { epochs, .. } => format!(
+                "step {done} of {}",
+                u64::from(*epochs) * FMNIST_STEPS_PER_EPOCH
+            ),
+        }
+    }
+
     /// Where to move the VM, in the units of [`Self::progress`], and what that is.
     fn migrate_at(&self) -> (u64, String) {
         match self {
@@ -335,14 +349,26 @@ impl Workload {
     }
 }
 
-/// Waits for VM `id` on `client` to end; returns its console.
-fn wait_end(client: &ApiClient, id: &str, timeout: Duration) -> anyhow::Result<String> {
+/// Waits for VM `id` on `client` to end, showing on `bar` how far its `workload` is;
+/// returns its console.
+fn wait_end(
+    client: &ApiClient,
+    id: &str,
+    (workload, bar): (&Workload, &ProgressBar),
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let what = format!("VM {id} to end");
     poll_until(&what, timeout, || {
         let vm: VmInfo = client.get(&format!("/v1/vms/{id}"))?;
         match &vm.state {
             VmState::Exited { .. } => client_console(client, id).map(Some),
-            state if state.is_running() => Ok(None),
+            state if state.is_running() => {
+                if !bar.is_hidden() {
+                    let console = client_console(client, id)?;
+                    bar.set_message(format!("{id}: {}", workload.progress_text(&console)));
+                }
+                Ok(None)
+            }
             other => bail!("VM {id} ended: it is {other}"),
         }
     })
@@ -441,14 +467,20 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         on_a.state.name()
     ))?;
 
-    let console = wait_end(cb, &id, Duration::from_secs(300))?;
+    let bar = spinner(args.json);
+    let console = wait_end(cb, &id, (&workload, &bar), Duration::from_secs(300));
+    bar.finish_and_clear();
+    let console = console?;
     workload.show(&console, moved_at, &say)?;
     let result = workload.result(&console)?;
 
     say("reference: the same workload without migration, on host a ...".into())?;
     let reference: VmInfo = ca.post("/v1/vms", &request)?;
     let ref_id = reference.id;
-    let ref_console = wait_end(ca, &ref_id, Duration::from_secs(300))?;
+    let bar = spinner(args.json);
+    let ref_console = wait_end(ca, &ref_id, (&workload, &bar), Duration::from_secs(300));
+    bar.finish_and_clear();
+    let ref_console = ref_console?;
     let ref_result = workload.result(&ref_console)?;
     let checksum = last_field(&console, "checksum").unwrap_or_default();
     let ref_checksum = last_field(&ref_console, "checksum").unwrap_or_default();
