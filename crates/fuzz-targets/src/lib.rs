@@ -217,7 +217,7 @@ pub fn channel(data: &[u8]) {
         }
     }
     let saved = ch.save();
-    let restored = Channel::restore(&saved);
+    let restored = Channel::restore(&saved, &mem);
     restored.open();
     restored.kick(&mem, 0);
 }
