@@ -1242,8 +1242,9 @@ impl Host {
         match vm.state() {
             VmState::MigratedAway { to } => {
                 return Err(HostError::Conflict(format!(
-                "VM {id} migrated to the host migrating at {to}; stop it through that host's API"
-            )))
+                    "VM {id} migrated to the host migrating at {to}; \
+                     stop it through that host's API"
+                )))
             }
             state if state.has_ended() => {}
             _ => {
