@@ -80,61 +80,62 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        // Help texts without their final period: the registry adds one.
         let mut registry = Registry::default();
         let migrations = Family::<ResultLabel, Counter>::default();
         registry.register(
             "ferry_migrations",
-            "Migrations the center ordered, by result.",
+            "Migrations the center ordered, by result",
             migrations.clone(),
         );
         let in_progress = Gauge::default();
         registry.register(
             "ferry_migrations_in_progress",
-            "Migrations running now.",
+            "Migrations running now",
             in_progress.clone(),
         );
         let pauses = Histogram::new(PAUSE_BUCKETS_S);
         registry.register(
             "ferry_migration_pause_seconds",
-            "Pause of each successful migration (source pause to destination resume).",
+            "Pause of each successful migration (source pause to destination resume)",
             pauses.clone(),
         );
         let bytes = Counter::default();
         registry.register(
             "ferry_migration_bytes",
-            "Bytes sent by finished migrations.",
+            "Bytes sent by finished migrations",
             bytes.clone(),
         );
         let host_up = Family::<HostModeLabel, Gauge>::default();
         registry.register(
             "ferry_host_up",
-            "Whether the host's heartbeats arrive (1) or not (0).",
+            "Whether the host's heartbeats arrive (1) or not (0)",
             host_up.clone(),
         );
         let readings: [(&str, &str, HostReading); 5] = [
             (
                 "ferry_host_accel_memory_bytes",
-                "Accelerator memory the host may hand out.",
+                "Accelerator memory the host may hand out",
                 |h| h.info.accel_capacity as f64,
             ),
             (
                 "ferry_host_accel_memory_used_bytes",
-                "Accelerator memory held by its VMs.",
+                "Accelerator memory held by its VMs",
                 |h| h.info.accel_used as f64,
             ),
             (
                 "ferry_host_accel_load",
-                "Busy accelerators' worth of work on the host.",
+                "Busy accelerators' worth of work on the host",
                 |h| h.info.accel_load,
             ),
             (
                 "ferry_host_memory_used_bytes",
-                "VM memory (RAM + accelerator) held by its VMs.",
+                "VM memory (RAM + accelerator) held by its VMs",
                 |h| h.info.memory_used as f64,
             ),
             (
                 "ferry_host_pressure",
-                "Balancing pressure (0 idle, 1 full).",
+                "Balancing pressure (0 idle, 1 full)",
                 |h| h.pressure,
             ),
         ];
@@ -149,13 +150,13 @@ impl Default for Metrics {
         let vms = Family::<StateLabel, Gauge>::default();
         registry.register(
             "ferry_vms",
-            "VMs known to the center, by state.",
+            "VMs known to the center, by state",
             vms.clone(),
         );
         let heartbeats = Family::<ResultLabel, Counter>::default();
         registry.register(
             "ferry_heartbeats",
-            "Heartbeats taken from hosts (`taken`), or refused as deltas on a base this center does not hold (`need-full`).",
+            "Heartbeats taken from hosts (`taken`), or refused as deltas on a base this center does not hold (`need-full`)",
             heartbeats.clone(),
         );
         Self {
@@ -294,8 +295,15 @@ mod tests {
             "ferry_migration_pause_seconds_bucket{le=\"0.05\"} 2",
             "ferry_migration_pause_seconds_count 2",
             "ferry_migration_bytes_total 2000",
+            "# HELP ferry_migrations_in_progress Migrations running now.\n",
         ] {
             assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
+        // Each help text ends in one period (the registry adds it).
+        let helps = text.lines().filter(|l| l.starts_with("# HELP"));
+        assert!(helps.clone().count() >= 4, "{text}");
+        for help in helps {
+            assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
         }
     }
 }

@@ -1385,18 +1385,22 @@ impl Center {
     }
 
     /// The balance plan for the cluster now. A VM that moved in the last
-    /// [`SETTLING_AFTER_A_MOVE`] stays where it is.
+    /// [`SETTLING_AFTER_A_MOVE`] stays where it is: moved by the center, or by an
+    /// operator's `ferry migrate` (its host says where it came from, and since when).
     pub fn balance_plan(&self) -> BalancePlan {
         let now = unix_ms();
+        let settle_ms = SETTLING_AFTER_A_MOVE.as_millis() as u64;
+        let arrived_lately = |info: &VmInfo| {
+            info.migrated_from.is_some() && now.saturating_sub(info.since_unix_ms) < settle_ms
+        };
         let (open, vms, settling) = {
             let inventory = self.inventory();
             let open = inventory.open_hosts(now, self.down_after_ms());
             let settling: BTreeSet<&str> = (inventory.migrations.iter())
                 .filter(|m| m.state == MigrationState::Succeeded)
                 .filter(|m| {
-                    m.finished_ms.is_some_and(|at| {
-                        now.saturating_sub(at) < SETTLING_AFTER_A_MOVE.as_millis() as u64
-                    })
+                    m.finished_ms
+                        .is_some_and(|at| now.saturating_sub(at) < settle_ms)
                 })
                 .map(|m| m.vm.as_str())
                 .collect();
@@ -1404,8 +1408,8 @@ impl Center {
                 .iter()
                 .flat_map(|h| inventory.live_vms_on(&h.name))
                 .filter(|vm| vm.info.state == VmState::Running);
-            let (held, movable): (Vec<_>, Vec<_>) =
-                running.partition(|vm| settling.contains(vm.id.as_str()));
+            let (held, movable): (Vec<_>, Vec<_>) = running
+                .partition(|vm| settling.contains(vm.id.as_str()) || arrived_lately(&vm.info));
             let vms: Vec<MovableVm> = movable
                 .into_iter()
                 .map(|vm| MovableVm {
@@ -2188,6 +2192,24 @@ mod tests {
         for m in center.inventory().migrations.iter_mut() {
             m.finished_ms = Some(unix_ms() - 2 * SETTLING_AFTER_A_MOVE.as_millis() as u64);
         }
+        assert_eq!(moved(&center.balance_plan()), planned);
+        // Moved by an operator (`ferry migrate`, no record here): their host says they
+        // came from b a moment ago, and they stay too; long ago, they may move.
+        let arrived = |since_unix_ms| {
+            ids.map(|id| VmInfo {
+                migrated_from: Some("b".into()),
+                since_unix_ms,
+                ..vm(id, VmState::Running)
+            })
+            .to_vec()
+        };
+        beat("a", arrived(unix_ms()));
+        let plan = center.balance_plan();
+        assert_eq!(moved(&plan), Vec::<String>::new(), "{}", plan.summary);
+        beat(
+            "a",
+            arrived(unix_ms() - 2 * SETTLING_AFTER_A_MOVE.as_millis() as u64),
+        );
         assert_eq!(moved(&center.balance_plan()), planned);
     }
 

@@ -105,7 +105,7 @@ Example:
   export FERRY_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
   ferry host serve --listen 127.0.0.1:7070 --migration-listen 127.0.0.1:7071 &
   ferry host serve --name b --listen 127.0.0.1:7080 --migration-listen 127.0.0.1:7081 &
-  ferry vm create --accel-memory 256M mlp-train -- --steps 20000
+  ferry vm create --accel-memory 256M mlp-train -- --steps 1000000
   ferry migrate a-vm1 --to 127.0.0.1:7081";
 
 /// `ferry host serve`.
