@@ -123,7 +123,12 @@ async fn leader_writes(
             "the replica this was forwarded to does not lead; try again",
         );
     }
-    let Some(leader) = center.leader().filter(|l| l.name != center.config().name) else {
+    // Not to itself, known by its URL: replicas may share a name (left to default to a
+    // listen address like 0.0.0.0:7000, each advertising its own URL).
+    let Some(leader) = center
+        .leader()
+        .filter(|l| l.url != center.config().advertise_url)
+    else {
         return error_with_code(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_leader",
@@ -589,6 +594,23 @@ mod tests {
         let body = padded(3 << 19);
         assert_eq!(post(&leader_url, "/v1/balance", &body), 200);
         assert_eq!(post(&url, "/v1/balance", &body), 200);
+        // A leader going by this replica's own name (both left to their default) is
+        // another replica all the same: its URL says so.
+        follow(Some(crate::leader::LeaderInfo {
+            name: follower.center.config().name.clone(),
+            url: leader_url.clone(),
+        }));
+        assert_eq!(post(&url, "/v1/balance", &padded(1)), 200);
+        // One at this replica's own URL is itself (a stale view): not forwarded to.
+        follow(Some(crate::leader::LeaderInfo {
+            name: "leader".into(),
+            url: follower.center.config().advertise_url.clone(),
+        }));
+        assert_eq!(post(&url, "/v1/balance", &padded(1)), 503);
+        follow(Some(crate::leader::LeaderInfo {
+            name: "leader".into(),
+            url: leader_url.clone(),
+        }));
         // Over it: refused by either, as too large.
         assert_eq!(
             post_in_process(&runtime, &leader, "/v1/balance", 3 << 20),
