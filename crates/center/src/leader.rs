@@ -179,12 +179,12 @@ impl Center {
         let lapsed_at = campaign.renewed + LEASE_TTL - LEAD_MARGIN;
         match store.etcd().keep_alive(lease) {
             Ok(true) => {
-                campaign.renewed = asked;
-                self.lead_until(asked + LEASE_TTL - LEAD_MARGIN);
                 // A renewal that came back after the lead ran out by this clock: the
                 // operations of this term may have seen it end and stopped, each leaving
                 // the rest to a next term's leader. Leading on in this term, no one would
-                // resume them; a new term (a new campaign) does.
+                // resume them; a new term (a new campaign) does. Checked before the lead
+                // is extended: extended first, the term lived again for a moment, in
+                // which a stopped operation could still write itself off as incomplete.
                 if BootInstant::now() >= lapsed_at {
                     self.step_down(
                         store,
@@ -193,6 +193,8 @@ impl Center {
                     );
                     return;
                 }
+                campaign.renewed = asked;
+                self.lead_until(asked + LEASE_TTL - LEAD_MARGIN);
             }
             Ok(false) => self.step_down(store, campaign, "its lease expired"),
             // Unsure whether the lease lives: step down before it could have ended.
