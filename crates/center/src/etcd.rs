@@ -157,6 +157,9 @@ struct RangeRequest<'a> {
     keys_only: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     count_only: bool,
+    /// As of this revision (0: the newest).
+    #[serde(skip_serializing_if = "is_zero")]
+    revision: i64,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -348,6 +351,45 @@ impl Etcd {
         kvs(&answer, "range")
     }
 
+    /// Every key that starts with `prefix`, in key order, `page` keys a request (at least
+    /// 1), each after the first as of the first's revision: one view of them, however
+    /// many there are, in answers that each stay within what a call reads.
+    pub fn range_all(&self, prefix: &str, page: i64) -> Result<Vec<KeyValue>, EtcdError> {
+        let end = b64(&prefix_end(prefix.as_bytes()));
+        let (mut from, mut revision) = (prefix.to_string(), 0);
+        let mut all = Vec::new();
+        loop {
+            let request = RangeRequest {
+                key: &b64(from.as_bytes()),
+                range_end: Some(end.clone()),
+                limit: page.max(1),
+                sort_order: None,
+                sort_target: None,
+                keys_only: false,
+                count_only: false,
+                revision,
+            };
+            let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
+                call: "range",
+                detail: e.to_string(),
+            })?;
+            let answer = self.call("range", "/v3/kv/range", &body, true)?;
+            if revision == 0 {
+                revision = number(answer["header"].get("revision"));
+            }
+            let more = answer.get("more").and_then(Value::as_bool) == Some(true);
+            let kvs = kvs(&answer, "range")?;
+            let Some(last) = kvs.last() else { break };
+            // The next page starts just past this one's last key.
+            from = format!("{}\0", last.key);
+            all.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
     /// How many keys start with `prefix`.
     pub fn count(&self, prefix: &str) -> Result<i64, EtcdError> {
         let count_only = RangeOptions {
@@ -373,6 +415,7 @@ impl Etcd {
             sort_target: options.descending.then_some("KEY"),
             keys_only: options.keys_only,
             count_only: options.count_only,
+            revision: 0,
         };
         let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
             call: "range",

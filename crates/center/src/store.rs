@@ -564,6 +564,10 @@ fn counted(value: &[u8]) -> Result<i64, StoreError> {
 
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
+/// Records read a request when the store is loaded: a VM's record holds at most its
+/// host's 12 KiB report (16 KiB in the gateway's base64), so a page stays near 16 MiB,
+/// within the 64 MiB a call reads, however large the cluster.
+const LOAD_PAGE: i64 = 1000;
 
 impl EtcdStore {
     /// A store in the etcd cluster at `endpoints`, under `prefix` (e.g. `/ferry/`).
@@ -770,6 +774,20 @@ impl EtcdStore {
             .map(|kv| decode(what, &String::from_utf8_lossy(&kv.value)))
             .collect()
     }
+
+    /// Every record under `dir` ([`Etcd::range_all`]: however many hosts or VMs there
+    /// are, no answer outgrows what a call reads).
+    fn list_all<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        dir: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        self.etcd
+            .range_all(&self.key(dir), LOAD_PAGE)?
+            .into_iter()
+            .map(|kv| decode(what, &String::from_utf8_lossy(&kv.value)))
+            .collect()
+    }
 }
 
 impl Store for EtcdStore {
@@ -784,8 +802,8 @@ impl Store for EtcdStore {
         let mut operations = self.operations(newest(OPERATIONS_KEPT))?;
         operations.reverse();
         Ok(Loaded {
-            hosts: self.list("host", "hosts/", RangeOptions::default())?,
-            vms: self.list("VM", "vms/", RangeOptions::default())?,
+            hosts: self.list_all("host", "hosts/")?,
+            vms: self.list_all("VM", "vms/")?,
             migrations,
             operations,
         })
@@ -1169,6 +1187,30 @@ mod tests {
         assert_eq!(ids, [1, 2]);
         store.etcd().put(&counter, b"7").unwrap();
         assert_eq!(store.add_migration(&record).unwrap(), 8);
+    }
+
+    #[test]
+    fn etcd_reads_every_key_under_a_prefix_a_page_at_a_time() {
+        let test = "etcd_reads_every_key_under_a_prefix_a_page_at_a_time";
+        let Some(etcd) = test_etcd::TestEtcd::start(test) else {
+            return;
+        };
+        let store = etcd.leading_store("/paged/");
+        let (etcd, dir) = (store.etcd(), store.key("vms/"));
+        let keys: Vec<String> = (0..250).map(|i| format!("{dir}{i:04}")).collect();
+        for key in &keys {
+            etcd.put(key, key.as_bytes()).unwrap();
+        }
+        // Keys just outside the prefix, either side, are not read.
+        etcd.put(&store.key("vms"), b"before").unwrap();
+        etcd.put(&store.key("vms0"), b"after").unwrap();
+        for page in [7, 250, 1000, 0] {
+            let read = etcd.range_all(&dir, page).unwrap();
+            let got: Vec<&str> = read.iter().map(|kv| kv.key.as_str()).collect();
+            assert_eq!(got, keys, "pages of {page}");
+            assert!(read.iter().all(|kv| kv.value == kv.key.as_bytes()));
+        }
+        assert!(etcd.range_all(&store.key("none/"), 7).unwrap().is_empty());
     }
 
     #[test]
