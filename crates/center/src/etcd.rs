@@ -127,6 +127,10 @@ pub struct Etcd {
     /// The endpoint that answered last: tried first.
     current: AtomicUsize,
     agent: ureq::Agent,
+    /// Tests: the answers of this many next transactions are lost on the way back, after
+    /// etcd applied them.
+    #[cfg(test)]
+    pub(crate) lose_txn_answers: AtomicUsize,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +259,8 @@ impl Etcd {
         Ok(Self {
             endpoints,
             current: AtomicUsize::new(0),
+            #[cfg(test)]
+            lose_txn_answers: AtomicUsize::new(0),
             agent,
         })
     }
@@ -497,6 +503,16 @@ impl Etcd {
         };
         let body = json!({ "compare": compare, "success": ops(then), "failure": ops(otherwise) });
         let answer = self.call("txn", "/v3/kv/txn", &body, repeatable)?;
+        #[cfg(test)]
+        if (self.lose_txn_answers)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(EtcdError::Ambiguous {
+                call: "txn",
+                detail: "the answer was lost (a test's)".into(),
+            });
+        }
         let succeeded = answer
             .get("succeeded")
             .and_then(Value::as_bool)

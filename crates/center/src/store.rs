@@ -775,6 +775,16 @@ impl EtcdStore {
             .collect()
     }
 
+    /// Whether migration `id` was recorded: the counter at it and the record there.
+    fn migration_recorded(&self, counter: &str, id: i64) -> Result<bool, StoreError> {
+        let counted_to = match self.etcd.get(counter)? {
+            Some(kv) => counted(&kv.value)?,
+            None => 0,
+        };
+        let record = self.key(&numbered(MIGRATIONS, id));
+        Ok(counted_to == id && self.etcd.get(&record)?.is_some())
+    }
+
     /// Every record under `dir` ([`Etcd::range_all`]: however many hosts or VMs there
     /// are, no answer outgrows what a call reads).
     fn list_all<T: serde::de::DeserializeOwned>(
@@ -868,7 +878,20 @@ impl Store for EtcdStore {
                 self.put_op(numbered(MIGRATIONS, id), &record),
                 self.bump(),
             ];
-            let outcome = self.etcd.txn(&when, &then, &[Op::Get(fence.key.clone())])?;
+            let outcome = match self.etcd.txn(&when, &then, &[Op::Get(fence.key.clone())]) {
+                Ok(outcome) => outcome,
+                // Its answer lost, or refused in a way etcd may still have applied (a
+                // timeout, a leader change): taken if the counter and the record say so
+                // (only this leader writes them, behind its fence). Failed with the record
+                // written, the move would never be ordered, and the record would show it
+                // running for as long as this leader lives.
+                Err(e) => {
+                    return match self.migration_recorded(&counter, id) {
+                        Ok(true) => Ok(id),
+                        _ => Err(e.into()),
+                    }
+                }
+            };
             if outcome.succeeded {
                 return Ok(id);
             }
@@ -1211,6 +1234,26 @@ mod tests {
             assert!(read.iter().all(|kv| kv.value == kv.key.as_bytes()));
         }
         assert!(etcd.range_all(&store.key("none/"), 7).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_migration_recorded_whose_answer_was_lost_is_taken_as_recorded() {
+        let test = "a_migration_recorded_whose_answer_was_lost_is_taken_as_recorded";
+        let Some(etcd) = test_etcd::TestEtcd::start(test) else {
+            return;
+        };
+        let store = etcd.leading_store("/lost-answer/");
+        let record = MigrationRecord::default();
+        assert_eq!(store.add_migration(&record).unwrap(), 1);
+        // Applied, its answer lost: the id it took, not an error that leaves a record
+        // of a move never ordered.
+        (store.etcd().lose_txn_answers).store(1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(store.add_migration(&record).unwrap(), 2);
+        assert_eq!(store.add_migration(&record).unwrap(), 3);
+        let ids: Vec<i64> = (store.load().unwrap().migrations.iter())
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
     }
 
     #[test]
