@@ -361,16 +361,46 @@ impl Etcd {
     /// 1), each after the first as of the first's revision: one view of them, however
     /// many there are, in answers that each stay within what a call reads.
     pub fn range_all(&self, prefix: &str, page: i64) -> Result<Vec<KeyValue>, EtcdError> {
-        let end = b64(&prefix_end(prefix.as_bytes()));
-        let (mut from, mut revision) = (prefix.to_string(), 0);
+        self.range_pages(prefix, false, 0, page)
+    }
+
+    /// The `most` last keys (by name) that start with `prefix`, the last first, read as
+    /// [`Etcd::range_all`] reads.
+    pub fn range_newest(
+        &self,
+        prefix: &str,
+        most: usize,
+        page: i64,
+    ) -> Result<Vec<KeyValue>, EtcdError> {
+        self.range_pages(prefix, true, most, page)
+    }
+
+    /// [`Etcd::range_all`] (`descending`: from the last key back), at most `most` keys
+    /// (0: all).
+    fn range_pages(
+        &self,
+        prefix: &str,
+        descending: bool,
+        most: usize,
+        page: i64,
+    ) -> Result<Vec<KeyValue>, EtcdError> {
+        // Ascending, each page starts just past the last one's last key; descending, it
+        // ends just before it (a range's end is not in it).
+        let (mut from, mut end) = (prefix.to_string(), prefix_end(prefix.as_bytes()));
+        let mut revision = 0;
         let mut all = Vec::new();
         loop {
+            let left = if most == 0 {
+                i64::MAX
+            } else {
+                (most - all.len()) as i64
+            };
             let request = RangeRequest {
                 key: &b64(from.as_bytes()),
-                range_end: Some(end.clone()),
-                limit: page.max(1),
-                sort_order: None,
-                sort_target: None,
+                range_end: Some(b64(&end)),
+                limit: page.max(1).min(left),
+                sort_order: descending.then_some("DESCEND"),
+                sort_target: descending.then_some("KEY"),
                 keys_only: false,
                 count_only: false,
                 revision,
@@ -386,10 +416,13 @@ impl Etcd {
             let more = answer.get("more").and_then(Value::as_bool) == Some(true);
             let kvs = kvs(&answer, "range")?;
             let Some(last) = kvs.last() else { break };
-            // The next page starts just past this one's last key.
-            from = format!("{}\0", last.key);
+            if descending {
+                end = last.key.as_bytes().to_vec();
+            } else {
+                from = format!("{}\0", last.key);
+            }
             all.extend(kvs);
-            if !more {
+            if !more || (most != 0 && all.len() >= most) {
                 break;
             }
         }

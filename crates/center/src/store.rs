@@ -564,9 +564,10 @@ fn counted(value: &[u8]) -> Result<i64, StoreError> {
 
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
-/// Records read a request when the store is loaded: a VM's record holds at most its
-/// host's 12 KiB report (16 KiB in the gateway's base64), so a page stays near 16 MiB,
-/// within the 64 MiB a call reads, however large the cluster.
+/// Records read a request when the store is loaded (hosts, VMs, the newest migrations
+/// and operations): a VM's record holds at most its host's 12 KiB report (16 KiB in the
+/// gateway's base64), so a page of them stays near 16 MiB, within the 64 MiB a call
+/// reads, however large the cluster.
 const LOAD_PAGE: i64 = 1000;
 
 impl EtcdStore {
@@ -706,11 +707,11 @@ impl EtcdStore {
     /// Migration records, each with the id its key says, as SQLite's are with their row
     /// id: the oldest loaded is where pruning starts, and an id written inside a record
     /// (corrupt, or hostile) would otherwise delete every record below it.
-    fn migrations(&self, options: RangeOptions) -> Result<Vec<MigrationRecord>, StoreError> {
+    fn migrations(&self, newest: usize) -> Result<Vec<MigrationRecord>, StoreError> {
         self.numbered_records(
             "migration",
             MIGRATIONS,
-            options,
+            newest,
             |record: &mut MigrationRecord, id, key| {
                 record.id = id
                     .and_then(|id| i64::try_from(id).ok())
@@ -726,12 +727,12 @@ impl EtcdStore {
         )
     }
 
-    /// The operations `options` picks, each with the id of its key.
-    fn operations(&self, options: RangeOptions) -> Result<Vec<Operation>, StoreError> {
+    /// The `newest` operations, the newest first, each with the id of its key.
+    fn operations(&self, newest: usize) -> Result<Vec<Operation>, StoreError> {
         self.numbered_records(
             "operation",
             OPERATIONS,
-            options,
+            newest,
             |op: &mut Operation, id, key| {
                 op.id = operation_id(id, &format!("key {key}"))?;
                 Ok(())
@@ -739,27 +740,30 @@ impl EtcdStore {
         )
     }
 
-    /// The records under `dir` (keys made by [`numbered`]) that `options` picks, each
-    /// given by `with_id` the number its key names (`None` for a key that names none):
-    /// the id inside a record is not trusted.
+    /// The `newest` records under `dir` (keys made by [`numbered`]), the newest first, a
+    /// page at a time ([`Etcd::range_newest`]), each given by `with_id` the number its key
+    /// names (`None` for a key that names none): the id inside a record is not trusted.
     fn numbered_records<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         dir: &str,
-        options: RangeOptions,
+        newest: usize,
         with_id: impl Fn(&mut T, Option<u64>, &str) -> Result<(), StoreError>,
     ) -> Result<Vec<T>, StoreError> {
         let prefix = self.key(dir);
-        (self.etcd.range(&prefix, true, options)?.into_iter())
-            .map(|kv| {
-                let mut record: T = decode(what, &String::from_utf8_lossy(&kv.value))?;
-                let id = (kv.key.strip_prefix(&prefix))
-                    .and_then(|id| id.parse::<u64>().ok())
-                    .filter(|&id| self.key(&numbered(dir, id)) == kv.key);
-                with_id(&mut record, id, &kv.key)?;
-                Ok(record)
-            })
-            .collect()
+        (self
+            .etcd
+            .range_newest(&prefix, newest, LOAD_PAGE)?
+            .into_iter())
+        .map(|kv| {
+            let mut record: T = decode(what, &String::from_utf8_lossy(&kv.value))?;
+            let id = (kv.key.strip_prefix(&prefix))
+                .and_then(|id| id.parse::<u64>().ok())
+                .filter(|&id| self.key(&numbered(dir, id)) == kv.key);
+            with_id(&mut record, id, &kv.key)?;
+            Ok(record)
+        })
+        .collect()
     }
 
     fn list<T: serde::de::DeserializeOwned>(
@@ -802,14 +806,9 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn load(&self) -> Result<Loaded, StoreError> {
-        let newest = |limit: usize| RangeOptions {
-            limit: limit as i64,
-            descending: true,
-            ..RangeOptions::default()
-        };
-        let mut migrations = self.migrations(newest(MIGRATIONS_KEPT))?;
+        let mut migrations = self.migrations(MIGRATIONS_KEPT)?;
         migrations.reverse();
-        let mut operations = self.operations(newest(OPERATIONS_KEPT))?;
+        let mut operations = self.operations(OPERATIONS_KEPT)?;
         operations.reverse();
         Ok(Loaded {
             hosts: self.list_all("host", "hosts/")?,
@@ -1234,6 +1233,13 @@ mod tests {
             assert!(read.iter().all(|kv| kv.value == kv.key.as_bytes()));
         }
         assert!(etcd.range_all(&store.key("none/"), 7).unwrap().is_empty());
+        // The newest first, as many as asked for (0: all), a page at a time.
+        let newest_first: Vec<&String> = keys.iter().rev().collect();
+        for (most, page, want) in [(10, 3, 10), (0, 7, 250), (300, 1000, 250), (250, 250, 250)] {
+            let read = etcd.range_newest(&dir, most, page).unwrap();
+            let got: Vec<&String> = read.iter().map(|kv| &kv.key).collect();
+            assert_eq!(got, newest_first[..want], "{most} in pages of {page}");
+        }
     }
 
     #[test]
