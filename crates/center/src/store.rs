@@ -564,11 +564,14 @@ fn counted(value: &[u8]) -> Result<i64, StoreError> {
 
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
-/// Records read a request when the store is loaded (hosts, VMs, the newest migrations
-/// and operations): a VM's record holds at most its host's 12 KiB report (16 KiB in the
-/// gateway's base64), so a page of them stays near 16 MiB, within the 64 MiB a call
-/// reads, however large the cluster.
+/// Records read a request when the store is loaded (hosts, VMs, the newest migrations):
+/// a VM's record holds at most its host's 12 KiB report (16 KiB in the gateway's
+/// base64), so a page of them stays near 16 MiB, within the 64 MiB a call reads, however
+/// large the cluster.
 const LOAD_PAGE: i64 = 1000;
+/// Operations read a request: an evacuation's record lists a move for each VM of its
+/// host (2,048 at most, a few hundred KiB), so fewer a page.
+const OPERATIONS_PAGE: i64 = 64;
 
 impl EtcdStore {
     /// A store in the etcd cluster at `endpoints`, under `prefix` (e.g. `/ferry/`).
@@ -711,7 +714,7 @@ impl EtcdStore {
         self.numbered_records(
             "migration",
             MIGRATIONS,
-            newest,
+            (newest, LOAD_PAGE),
             |record: &mut MigrationRecord, id, key| {
                 record.id = id
                     .and_then(|id| i64::try_from(id).ok())
@@ -732,7 +735,7 @@ impl EtcdStore {
         self.numbered_records(
             "operation",
             OPERATIONS,
-            newest,
+            (newest, OPERATIONS_PAGE),
             |op: &mut Operation, id, key| {
                 op.id = operation_id(id, &format!("key {key}"))?;
                 Ok(())
@@ -740,30 +743,27 @@ impl EtcdStore {
         )
     }
 
-    /// The `newest` records under `dir` (keys made by [`numbered`]), the newest first, a
-    /// page at a time ([`Etcd::range_newest`]), each given by `with_id` the number its key
+    /// The `newest` records under `dir` (keys made by [`numbered`]), the newest first,
+    /// `page` a request ([`Etcd::range_newest`]), each given by `with_id` the number its key
     /// names (`None` for a key that names none): the id inside a record is not trusted.
     fn numbered_records<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         dir: &str,
-        newest: usize,
+        (newest, page): (usize, i64),
         with_id: impl Fn(&mut T, Option<u64>, &str) -> Result<(), StoreError>,
     ) -> Result<Vec<T>, StoreError> {
         let prefix = self.key(dir);
-        (self
-            .etcd
-            .range_newest(&prefix, newest, LOAD_PAGE)?
-            .into_iter())
-        .map(|kv| {
-            let mut record: T = decode(what, &String::from_utf8_lossy(&kv.value))?;
-            let id = (kv.key.strip_prefix(&prefix))
-                .and_then(|id| id.parse::<u64>().ok())
-                .filter(|&id| self.key(&numbered(dir, id)) == kv.key);
-            with_id(&mut record, id, &kv.key)?;
-            Ok(record)
-        })
-        .collect()
+        (self.etcd.range_newest(&prefix, newest, page)?.into_iter())
+            .map(|kv| {
+                let mut record: T = decode(what, &String::from_utf8_lossy(&kv.value))?;
+                let id = (kv.key.strip_prefix(&prefix))
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .filter(|&id| self.key(&numbered(dir, id)) == kv.key);
+                with_id(&mut record, id, &kv.key)?;
+                Ok(record)
+            })
+            .collect()
     }
 
     fn list<T: serde::de::DeserializeOwned>(
