@@ -405,11 +405,7 @@ impl Etcd {
                 count_only: false,
                 revision,
             };
-            let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
-                call: "range",
-                detail: e.to_string(),
-            })?;
-            let answer = self.call("range", "/v3/kv/range", &body, true)?;
+            let answer = self.send_range(&request)?;
             if revision == 0 {
                 revision = number(answer["header"].get("revision"));
             }
@@ -456,7 +452,12 @@ impl Etcd {
             count_only: options.count_only,
             revision: 0,
         };
-        let body = serde_json::to_value(&request).map_err(|e| EtcdError::Malformed {
+        self.send_range(&request)
+    }
+
+    /// The answer to `request` (a range request is always safe to send again).
+    fn send_range(&self, request: &RangeRequest<'_>) -> Result<Value, EtcdError> {
+        let body = serde_json::to_value(request).map_err(|e| EtcdError::Malformed {
             call: "range",
             detail: e.to_string(),
         })?;
