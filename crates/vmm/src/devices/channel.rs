@@ -428,6 +428,11 @@ struct MessageBytes(MessageHeader);
 // byte pattern is a valid value.
 unsafe impl ByteValued for MessageBytes {}
 
+/// Whether the `size` bytes at `addr` are all guest RAM (where a ring may lie).
+fn in_ram(mem: &GuestRam, addr: u64, size: u64) -> bool {
+    usize::try_from(size).is_ok_and(|len| mem.check_range(GuestAddress(addr), len))
+}
+
 fn field(ring: &Ring, offset: usize) -> GuestAddress {
     GuestAddress(ring.addr + offset as u64)
 }
@@ -455,9 +460,7 @@ impl Channel {
         // VMM's system pages, not on a page, not all in RAM) is dropped: the guest finds
         // its channel gone, rather than one that looks set up and delivers nothing.
         if state.ring.is_some_and(|r| {
-            let in_ram = r.header().region_size().is_some_and(|size| {
-                usize::try_from(size).is_ok_and(|len| mem.check_range(GuestAddress(r.addr), len))
-            });
+            let in_ram = (r.header().region_size()).is_some_and(|size| in_ram(mem, r.addr, size));
             !in_ram || r.addr < IMAGE_BASE || r.addr % PAGE_SIZE != 0
         }) {
             state.ring = None;
@@ -747,9 +750,7 @@ impl Channel {
         } else if header.magic != CHANNEL_MAGIC || header.version != CHANNEL_VERSION {
             status::BAD_VERSION
         } else if let Some(size) = header.region_size() {
-            let in_ram =
-                usize::try_from(size).is_ok_and(|len| mem.check_range(GuestAddress(addr), len));
-            if !in_ram {
+            if !in_ram(mem, addr, size) {
                 status::BAD_GUEST_RANGE
             } else {
                 core.state.ring = Some(Ring {
