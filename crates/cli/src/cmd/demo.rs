@@ -20,7 +20,6 @@ use crate::cmd::host::LoopbackPair;
 use crate::cmd::migrate::{follow, spinner, summary};
 use crate::cmd::{last_field, poll_until};
 use ferry_client::ApiClient;
-use indicatif::ProgressBar;
 
 /// Training steps of the default demo VM (about 9 s on a 2-core machine).
 const STEPS: u64 = 3000;
@@ -349,16 +348,17 @@ impl Workload {
     }
 }
 
-/// Waits for VM `id` on `client` to end, showing on `bar` how far its `workload` is;
-/// returns its console.
+/// Waits for VM `id` on `client` to end, showing on a spinner (unless `quiet`) how far
+/// its `workload` is; returns its console.
 fn wait_end(
     client: &ApiClient,
     id: &str,
-    (workload, bar): (&Workload, &ProgressBar),
+    (workload, quiet): (&Workload, bool),
     timeout: Duration,
 ) -> anyhow::Result<String> {
     let what = format!("VM {id} to end");
-    poll_until(&what, timeout, || {
+    let bar = spinner(quiet);
+    let ended = poll_until(&what, timeout, || {
         let vm: VmInfo = client.get(&format!("/v1/vms/{id}"))?;
         match &vm.state {
             VmState::Exited { .. } => client_console(client, id).map(Some),
@@ -371,7 +371,9 @@ fn wait_end(
             }
             other => bail!("VM {id} ended: it is {other}"),
         }
-    })
+    });
+    bar.finish_and_clear();
+    ended
 }
 
 /// VM `id`'s whole console tail (64 KiB).
@@ -467,20 +469,19 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         on_a.state.name()
     ))?;
 
-    let bar = spinner(args.json);
-    let console = wait_end(cb, &id, (&workload, &bar), Duration::from_secs(300));
-    bar.finish_and_clear();
-    let console = console?;
+    let console = wait_end(cb, &id, (&workload, args.json), Duration::from_secs(300))?;
     workload.show(&console, moved_at, &say)?;
     let result = workload.result(&console)?;
 
     say("reference: the same workload without migration, on host a ...".into())?;
     let reference: VmInfo = ca.post("/v1/vms", &request)?;
     let ref_id = reference.id;
-    let bar = spinner(args.json);
-    let ref_console = wait_end(ca, &ref_id, (&workload, &bar), Duration::from_secs(300));
-    bar.finish_and_clear();
-    let ref_console = ref_console?;
+    let ref_console = wait_end(
+        ca,
+        &ref_id,
+        (&workload, args.json),
+        Duration::from_secs(300),
+    )?;
     let ref_result = workload.result(&ref_console)?;
     let checksum = last_field(&console, "checksum").unwrap_or_default();
     let ref_checksum = last_field(&ref_console, "checksum").unwrap_or_default();
