@@ -216,6 +216,37 @@ fn print_vm(vm: &VmInfo) {
     );
 }
 
+/// The lines of `ferry vm list`: a header row, then a VM a row.
+fn vm_table(vms: &[VmInfo]) -> Vec<String> {
+    let row = |cells: [&str; 7]| {
+        format!(
+            "{:<14} {:<12} {:<12} {:<14} {:>10} {:>10} {:>10}",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6]
+        )
+    };
+    let mut lines = vec![row([
+        "VM",
+        "NAME",
+        "WORKLOAD",
+        "STATE",
+        "MEMORY MiB",
+        "ACCEL MiB",
+        "UP s",
+    ])];
+    lines.extend(vms.iter().map(|vm| {
+        row([
+            &vm.id,
+            vm.name.as_deref().unwrap_or("-"),
+            &vm.workload,
+            vm.state.name(),
+            &(vm.memory >> 20).to_string(),
+            &(vm.accel_memory >> 20).to_string(),
+            &format!("{:.1}", vm.uptime_ms as f64 / 1e3),
+        ])
+    }));
+    lines
+}
+
 /// How many times a create whose answer was lost, or that found its first try still
 /// under way, is sent again (after 1, 2, 4 and 8 s).
 const CREATE_RETRIES: u32 = 4;
@@ -422,8 +453,9 @@ fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
         (VmCommand::List, Answer::Many(vms)) => {
             if vms.is_empty() {
                 say!("no VMs");
+            } else {
+                vm_table(vms).iter().for_each(|line| say!("{line}"));
             }
-            vms.iter().for_each(print_vm);
         }
         (VmCommand::Show { .. }, Answer::One(vm)) => {
             print_vm(vm);
@@ -448,6 +480,36 @@ fn finish(args: &VmArgs, out: Answer) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_list_puts_each_value_under_its_header() {
+        let vm: VmInfo = serde_json::from_value(serde_json::json!({
+            "id": "vm-1a2b3c4d", "workload": "llm-serve", "name": "chat", "args": [],
+            "state": "running", "memory": 256u64 << 20, "accel_memory": 1u64 << 30,
+            "uptime_ms": 61_300, "since_unix_ms": 0, "migrated_from": null,
+            "console_tail": ""
+        }))
+        .unwrap();
+        let lines = vm_table(&[vm]);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for (column, value) in [
+            ("VM", "vm-1a2b3c4d"),
+            ("NAME", "chat"),
+            ("WORKLOAD", "llm-serve"),
+            ("STATE", "running"),
+        ] {
+            assert_eq!(lines[0].find(column), lines[1].find(value), "{lines:?}");
+        }
+        // Numbers are right-aligned: each ends where its header does.
+        for (column, value) in [
+            ("MEMORY MiB", "256"),
+            ("ACCEL MiB", "1024"),
+            ("UP s", "61.3"),
+        ] {
+            let end = |line: &str, word: &str| line.find(word).map(|at| at + word.len());
+            assert_eq!(end(&lines[0], column), end(&lines[1], value), "{lines:?}");
+        }
+    }
 
     /// An API at which every request arrives and its connection is then cut; it counts
     /// them.
