@@ -352,7 +352,7 @@ pub fn bench_serve(
     };
     let migrating = AtomicBool::new(true);
     let flowing = AtomicUsize::new(0);
-    let (moved, (answers, failures)) = std::thread::scope(|scope| {
+    let (moved, flowing_at, (answers, failures)) = std::thread::scope(|scope| {
         let clients = scope.spawn(|| {
             load(
                 gateway,
@@ -371,6 +371,7 @@ pub fn bench_serve(
         {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let flowing_at = Instant::now();
         for i in 0..MIGRATIONS {
             let (from, to) = if i % 2 == 0 { ("a", &b) } else { ("b", &a) };
             let this = migrate(cluster.host(from), &id, &to.migration_addr, max_rate);
@@ -383,14 +384,17 @@ pub fn bench_serve(
             std::thread::sleep(Duration::from_millis(400));
         }
         migrating.store(false, Ordering::Relaxed);
-        (moved, clients.join().expect("clients"))
+        (moved, flowing_at, clients.join().expect("clients"))
     });
     let moves: Vec<Move> = moved.into_iter().collect::<Result<_, _>>()?;
     let overlaps = |(t0, t1): (Instant, Instant), (a, b): (Instant, Instant)| t0 < b && t1 > a;
     // Gaps inside a migration, and the same streams' gaps outside one (the steady state
-    // of the same run). Of those inside, the ones around a switchover (the step the
-    // source began and the destination ended) and the ones of the pre-copy before it,
-    // when the copy shares the cores with the VM.
+    // of the same run): those between the first move and the last, when every client's
+    // answer flows; not the start's rounds, which read prompts, nor the end's, with fewer
+    // clients left. Of those inside, the ones around a switchover (the step the source
+    // began and the destination ended) and the ones of the pre-copy before it, when the
+    // copy shares the cores with the VM.
+    let last_end = moves.last().map_or(flowing_at, |m| m.ended);
     let (mut in_migration, mut outside) = (Vec::new(), Vec::new());
     let (mut at_switchover, mut in_precopy) = (Vec::new(), Vec::new());
     for a in &answers {
@@ -398,7 +402,9 @@ pub fn bench_serve(
             let gap = (w[0], w[1]);
             let gap_ms = ms(w[1] - w[0]);
             if !moves.iter().any(|m| overlaps(gap, (m.started, m.ended))) {
-                outside.push(gap_ms);
+                if gap.0 >= flowing_at && gap.1 <= last_end {
+                    outside.push(gap_ms);
+                }
                 continue;
             }
             in_migration.push(gap_ms);
@@ -416,7 +422,7 @@ pub fn bench_serve(
     let steady_max = percentile(&mut outside, 1.0);
     let pause_max = percentile(&mut pauses, 1.0);
     let detail = format!(
-        "{MIGRATING_CLIENTS} clients, {MIGRATIONS} migrations{}, {} gaps in a migration, {} outside, {} requests",
+        "{MIGRATING_CLIENTS} clients, {MIGRATIONS} migrations{}, {} gaps in a migration, {} outside (between them, every answer flowing), {} requests",
         max_rate.map_or(String::new(), |r| format!(" at most {r} MiB/s")),
         in_migration.len(),
         outside.len(),
