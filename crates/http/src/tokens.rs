@@ -126,66 +126,92 @@ fn without_comment(line: &str) -> &str {
     line
 }
 
-/// The tokens of a token file (`#` at a line's start or after a blank starts a comment).
-/// A `#` inside a token is refused rather than taken as a comment (which left the part
-/// before it a valid, weaker token), and so is a token listed twice with different access
-/// (only the first would count).
+/// The tokens of a token file (`#` at a line's start or after a blank starts a comment),
+/// or its first line in error. A `#` inside a token is refused rather than taken as a
+/// comment (which left the part before it a valid, weaker token), and so is a token listed
+/// twice with different access (only the first would count).
 pub fn parse_token_file(path: &Path, text: &str) -> Result<Vec<(Vec<u8>, Access)>, TokenFileError> {
-    let mut tokens: Vec<(Vec<u8>, Access)> = Vec::new();
-    // Each token's place in `tokens` and its line, for a later line that lists it again.
-    let mut seen: std::collections::HashMap<&str, (usize, usize)> = Default::default();
+    let (tokens, mut errors) = parse_token_lines(path, text);
+    match errors.is_empty() {
+        true => Ok(tokens),
+        false => Err(errors.swap_remove(0)),
+    }
+}
+
+/// The tokens of a token file's valid lines, and its lines in error. A token that a line
+/// in error names (its first word) is left out wholly, wherever else it is listed: an
+/// edit that retires a token and gets another line wrong still retires it, and a line
+/// whose meaning is unclear grants nothing.
+fn parse_token_lines(path: &Path, text: &str) -> (Vec<(Vec<u8>, Access)>, Vec<TokenFileError>) {
+    let mut tokens: Vec<(&str, Access)> = Vec::new();
+    let mut errors = Vec::new();
+    let mut disputed = std::collections::HashSet::new();
+    // Each token's access and line, for a later line that lists it again.
+    let mut seen: std::collections::HashMap<&str, (Access, usize)> = Default::default();
     for (i, line) in text.lines().enumerate() {
         let line = without_comment(line).trim();
         if line.is_empty() {
             continue;
         }
-        let bad = |why: String| TokenFileError::Line {
-            path: path.to_owned(),
-            line: i + 1,
-            why,
-        };
         let mut words = line.split_whitespace();
         let token = words.next().unwrap_or_default();
-        let access = match words.next() {
-            None => Access::Full,
-            Some("read-only") => Access::ReadOnly,
-            Some("serving") => Access::Serving,
-            Some(other) => {
-                return Err(bad(format!(
-                    "'{other}' is neither 'read-only' nor 'serving'"
-                )))
+        match token_line(token, words, &seen) {
+            Ok(access) => {
+                if let std::collections::hash_map::Entry::Vacant(first) = seen.entry(token) {
+                    first.insert((access, i + 1));
+                    tokens.push((token, access));
+                }
             }
-        };
-        if let Some(extra) = words.next() {
-            return Err(bad(format!("unexpected '{extra}'")));
-        }
-        if token.len() < MIN_TOKEN_BYTES {
-            return Err(bad(format!(
-                "a token must be at least {MIN_TOKEN_BYTES} characters"
-            )));
-        }
-        if !is_header_token(token) {
-            return Err(bad(NOT_A_HEADER_TOKEN.to_string()));
-        }
-        if token.contains('#') {
-            return Err(bad(
-                "a token cannot hold '#' (a comment needs a blank before its '#')".to_string(),
-            ));
-        }
-        match seen.get(token) {
-            Some(&(at, line)) if tokens[at].1 != access => {
-                return Err(bad(format!(
-                    "this token is on line {line} already, with other access"
-                )))
-            }
-            Some(_) => {}
-            None => {
-                seen.insert(token, (tokens.len(), i + 1));
-                tokens.push((token.as_bytes().to_vec(), access));
+            Err(why) => {
+                disputed.insert(token);
+                errors.push(TokenFileError::Line {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    why,
+                });
             }
         }
     }
-    Ok(tokens)
+    let tokens = (tokens.into_iter())
+        .filter(|(token, _)| !disputed.contains(token))
+        .map(|(token, access)| (token.as_bytes().to_vec(), access))
+        .collect();
+    (tokens, errors)
+}
+
+/// The access a line of `token` and its other `words` gives, or why it is in error
+/// (`seen`: the tokens of the lines before, with their access and line).
+fn token_line<'t>(
+    token: &str,
+    mut words: impl Iterator<Item = &'t str>,
+    seen: &std::collections::HashMap<&str, (Access, usize)>,
+) -> Result<Access, String> {
+    let access = match words.next() {
+        None => Access::Full,
+        Some("read-only") => Access::ReadOnly,
+        Some("serving") => Access::Serving,
+        Some(other) => return Err(format!("'{other}' is neither 'read-only' nor 'serving'")),
+    };
+    if let Some(extra) = words.next() {
+        return Err(format!("unexpected '{extra}'"));
+    }
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "a token must be at least {MIN_TOKEN_BYTES} characters"
+        ));
+    }
+    if !is_header_token(token) {
+        return Err(NOT_A_HEADER_TOKEN.to_string());
+    }
+    if token.contains('#') {
+        return Err("a token cannot hold '#' (a comment needs a blank before its '#')".to_string());
+    }
+    match seen.get(token) {
+        Some(&(before, line)) if before != access => Err(format!(
+            "this token is on line {line} already, with other access"
+        )),
+        _ => Ok(access),
+    }
 }
 
 /// The token file as its watcher last read it (owned by the watcher thread alone).
@@ -194,8 +220,8 @@ struct TokenFile {
     /// The file as it was read; `None` while it may still be being written (read again).
     stamp: Option<FileStamp>,
     tokens: TokenSet,
-    /// Whether the file being gone was said (once, until it is back).
-    missing_said: bool,
+    /// Since when the file has been gone or unreadable, if it is.
+    missing_since: Option<Instant>,
 }
 
 /// What tells one version of the token file from another: a file rewritten in place
@@ -231,30 +257,24 @@ impl FileStamp {
     }
 }
 
-/// The text of the file at `path`, refused past `most` bytes.
-fn read_at_most(path: &Path, most: u64) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(most.saturating_add(1))
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > most {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("it is larger than {} KiB", most >> 10),
-        ));
-    }
+/// The text of the token file at `path`: a regular file of at most
+/// [`MAX_TOKEN_FILE_BYTES`] (what the CLI reads its token from, too).
+pub fn read_token_text(path: &Path) -> std::io::Result<String> {
+    #[cfg(test)]
+    hang::wait(path);
+    let bytes = ferry_migrate::auth::read_credential_file(path, MAX_TOKEN_FILE_BYTES)?;
     String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 impl TokenFile {
-    fn load(path: &Path) -> Result<Self, TokenFileError> {
+    /// The file's tokens, and its lines in error (whose tokens it leaves out).
+    fn load(path: &Path) -> Result<(Self, Vec<TokenFileError>), TokenFileError> {
         let read = |source| TokenFileError::Read {
             path: path.to_owned(),
             source,
         };
         let stamp = FileStamp::of(path).map_err(read)?;
-        let text = read_at_most(path, MAX_TOKEN_FILE_BYTES).map_err(read)?;
+        let text = read_token_text(path).map_err(read)?;
         // Changed while read: not final either.
         let unchanged = FileStamp::of(path).is_ok_and(|after| after == stamp);
         let stamp = stamp.settled().filter(|_| unchanged);
@@ -265,41 +285,42 @@ impl TokenFile {
             Some(_) => &text[..],
             None => &text[..text.rfind('\n').map_or(0, |end| end + 1)],
         };
-        Ok(Self {
+        let (tokens, errors) = parse_token_lines(path, complete);
+        let file = Self {
             path: path.to_owned(),
             stamp,
-            tokens: digested(parse_token_file(path, complete)?).into(),
-            missing_said: false,
-        })
+            tokens: digested(tokens).into(),
+            missing_since: None,
+        };
+        Ok((file, errors))
     }
 
     /// Reads the file again if it changed, or may have been half-written when last read,
-    /// and returns its tokens if they changed; a file that became unreadable or invalid
-    /// keeps the tokens it had (and says so once).
+    /// and returns its tokens if they changed. Its lines in error grant nothing (said
+    /// once its version is final); a file gone or unreadable for [`SETTLE_TIME`] grants
+    /// nothing until it is back: a token retired by an edit that went wrong, or by
+    /// deleting the file, is not left working.
     fn refresh(&mut self) -> Option<TokenSet> {
         let stamp = match FileStamp::of(&self.path) {
-            Ok(stamp) => {
-                self.missing_said = false;
-                stamp
-            }
-            Err(e) => {
-                // Said once, until it is back: deleting the file revokes nothing. (Read
-                // again when it is back, whatever its stamp.)
-                self.stamp = None;
-                if !std::mem::replace(&mut self.missing_said, true) {
-                    tracing::error!(
-                        path = %self.path.display(),
-                        "cannot read the API token file: {e}; keeping the tokens read before"
-                    );
-                }
-                return None;
+            Ok(stamp) => stamp,
+            Err(source) => {
+                let e = TokenFileError::Read {
+                    path: self.path.clone(),
+                    source,
+                };
+                return self.unreadable(None, &e);
             }
         };
         if Some(stamp) == self.stamp {
             return None;
         }
         match Self::load(&self.path) {
-            Ok(fresh) => {
+            Ok((fresh, errors)) => {
+                if fresh.stamp.is_some() {
+                    for e in errors {
+                        tracing::error!("{e}; that line grants nothing");
+                    }
+                }
                 let changed = fresh.tokens != self.tokens;
                 if changed {
                     tracing::info!(path = %self.path.display(), tokens = fresh.tokens.len(), "API tokens reloaded");
@@ -307,15 +328,27 @@ impl TokenFile {
                 *self = fresh;
                 changed.then(|| self.tokens.clone())
             }
-            Err(e) => {
-                // Said once, when this version is final (not while it may be mid-write).
-                self.stamp = stamp.settled();
-                if self.stamp.is_some() {
-                    tracing::error!("{e}; keeping the tokens read before");
-                }
-                None
-            }
+            Err(e) => self.unreadable(stamp.settled(), &e),
         }
+    }
+
+    /// The file is gone or cannot be read (`why`), as of `stamp` (`None`: it is gone, or
+    /// may still be being written). Its tokens stay for [`SETTLE_TIME`] (an editor may
+    /// move it away while it writes the next version), or until this version of it is
+    /// final; then they are refused, once, until it can be read again.
+    fn unreadable(&mut self, stamp: Option<FileStamp>, why: &TokenFileError) -> Option<TokenSet> {
+        // Kept when final, so that a version that cannot be read is not read every check.
+        self.stamp = stamp;
+        let since = *self.missing_since.get_or_insert_with(Instant::now);
+        if (stamp.is_none() && since.elapsed() < SETTLE_TIME) || self.tokens.is_empty() {
+            return None;
+        }
+        tracing::error!(
+            "{}; its tokens are refused until it can be read",
+            ferry_migrate::vm::error_chain(why)
+        );
+        self.tokens = Arc::from([]);
+        Some(self.tokens.clone())
     }
 
     /// Checks the file every `every`, and when asked (an answer is sent when done), and
@@ -435,7 +468,10 @@ impl Tokens {
         let file = match file {
             None => None,
             Some(path) => {
-                let read = TokenFile::load(path)?;
+                let (read, mut errors) = TokenFile::load(path)?;
+                if !errors.is_empty() {
+                    return Err(errors.swap_remove(0));
+                }
                 let current = Arc::new(RwLock::new(read.tokens.clone()));
                 let (asks, asked) = mpsc::channel();
                 let shared = current.clone();
@@ -581,6 +617,44 @@ fn unauthorized(why: &str) -> Response {
         axum::http::HeaderValue::from_static("Bearer"),
     );
     response
+}
+
+/// Reads of the token files a test holds hang until it lets them go: a file system that
+/// stopped answering (a pipe cannot stand in: it is refused unread).
+#[cfg(test)]
+mod hang {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Condvar, Mutex};
+
+    /// The files held, and how many reads of each hang now.
+    static HELD: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+    static LET_GO: Condvar = Condvar::new();
+
+    pub fn hold(path: &Path) {
+        HELD.lock().unwrap().push((path.to_owned(), 0));
+    }
+
+    pub fn let_go(path: &Path) {
+        HELD.lock().unwrap().retain(|(held, _)| held != path);
+        LET_GO.notify_all();
+    }
+
+    pub fn is_hanging(path: &Path) -> bool {
+        let held = HELD.lock().unwrap();
+        held.iter().any(|(held, reads)| held == path && *reads > 0)
+    }
+
+    /// Hangs while `path` is held.
+    pub fn wait(path: &Path) {
+        let mut held = HELD.lock().unwrap();
+        let Some(at) = held.iter().position(|(held, _)| held == path) else {
+            return;
+        };
+        held[at].1 += 1;
+        while held.iter().any(|(held, _)| held == path) {
+            held = LET_GO.wait(held).unwrap();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -806,6 +880,106 @@ mod tests {
         assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
+    /// `text` written to `path` as a version of the file an hour old (final at once).
+    fn write_settled(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_edit_with_a_line_in_error_still_retires_tokens_and_the_line_grants_nothing() {
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        write_settled(&path, "leaked-token-0123456789\nkept-token-0123456789ab\n");
+        let tokens = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED).unwrap();
+        assert_eq!(
+            tokens.access(b"leaked-token-0123456789"),
+            Some(Access::Full)
+        );
+        // The leaked token retired, a token added, and lines in error: a short token, a
+        // misspelt access, a token listed twice with other access.
+        write_settled(
+            &path,
+            "kept-token-0123456789ab\nadded-token-0123456789\nshort\n\
+             grafana-0123456789abcd read-onyl\ntwice-token-0123456789\n\
+             twice-token-0123456789 read-only\n",
+        );
+        tokens.check_now();
+        assert_eq!(tokens.access(b"leaked-token-0123456789"), None);
+        assert_eq!(
+            tokens.access(b"kept-token-0123456789ab"),
+            Some(Access::Full)
+        );
+        assert_eq!(tokens.access(b"added-token-0123456789"), Some(Access::Full));
+        assert_eq!(tokens.access(b"grafana-0123456789abcd"), None);
+        assert_eq!(tokens.access(b"twice-token-0123456789"), None);
+        // At start-up, such a file is refused whole.
+        let e = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("line 3"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_token_file_gone_for_good_grants_nothing_until_it_is_back() {
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        write_settled(&path, "old-token-0123456789abc\n");
+        let tokens = Tokens::checking_every(
+            vec![(b"fixed-0123456789abcdef".to_vec(), Access::Full)],
+            Some(&path),
+            UNPROMPTED,
+        )
+        .unwrap();
+        // Moved away, as an editor may while it writes the next version: kept a while.
+        std::fs::remove_file(&path).unwrap();
+        tokens.check_now();
+        assert_eq!(
+            tokens.access(b"old-token-0123456789abc"),
+            Some(Access::Full)
+        );
+        std::thread::sleep(SETTLE_TIME);
+        tokens.check_now();
+        assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        assert_eq!(tokens.access(b"fixed-0123456789abcdef"), Some(Access::Full));
+        // Back, with another token.
+        write_settled(&path, "new-token-0123456789abc\n");
+        tokens.check_now();
+        assert_eq!(
+            tokens.access(b"new-token-0123456789abc"),
+            Some(Access::Full)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pipe_named_as_the_token_file_is_refused_not_waited_on() {
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-pipe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("tokens");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (sent, got) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let made = Tokens::new(Vec::new(), Some(&path)).map(|_| ());
+            sent.send(made.map_err(|e| ferry_migrate::vm::error_chain(&e)))
+        });
+        let made = got.recv_timeout(Duration::from_secs(5));
+        let e = made.expect("answered at once").expect_err("refused");
+        assert!(e.contains("not a regular file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_token_file_rewritten_within_one_tick_of_its_time_is_read_again() {
         let dir = std::env::temp_dir().join(format!("ferry-tokens-tick-{}", std::process::id()));
@@ -898,15 +1072,10 @@ mod tests {
         let tokens = Arc::new(
             Tokens::checking_every(Vec::new(), Some(&path), Duration::from_millis(5)).unwrap(),
         );
-        // A named pipe nothing writes to in the file's place: reading it hangs, as on a
-        // file system that stopped answering.
-        let fifo = dir.join("fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        std::fs::rename(&fifo, &path).unwrap();
+        // The next version, whose read hangs, as on a file system that stopped answering.
+        hang::hold(&path);
+        std::fs::write(dir.join("next"), "new-token-0123456789abc\n").unwrap();
+        std::fs::rename(dir.join("next"), &path).unwrap();
         // A lookup (which would read the changed file itself, were lookups to read it).
         let looked_up = |token: &'static [u8]| {
             let (sent, got) = channel();
@@ -914,21 +1083,13 @@ mod tests {
             std::thread::spawn(move || sent.send(tokens.access(token)));
             got
         };
-        let _first = looked_up(b"old-token-0123456789abc");
-        // Whoever reads the pipe is stuck from here until the writer's end closes.
-        let (opened, writer) = channel();
-        let pipe = path.clone();
-        std::thread::spawn(move || {
-            let end = std::fs::File::options().write(true).open(pipe);
-            opened.send(end).unwrap();
-        });
-        let writer = writer
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the pipe is read")
-            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !hang::is_hanging(&path) {
+            assert!(std::time::Instant::now() < deadline, "the file is read");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let answer = looked_up(b"old-token-0123456789abc").recv_timeout(Duration::from_secs(1));
         // The watcher is seen stuck (and a lookup warns) once ten checks are missed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let stuck = loop {
             if let Some(stuck) = tokens.watcher_stuck_for() {
                 break Some(stuck);
@@ -939,9 +1100,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         };
         // Whatever the answer, the reader is let go before the assertion.
-        std::fs::write(dir.join("next"), "new-token-0123456789abc\n").unwrap();
-        std::fs::rename(dir.join("next"), &path).unwrap();
-        drop(writer);
+        hang::let_go(&path);
         assert_eq!(
             answer.expect("a lookup answers while the file's read hangs"),
             Some(Access::Full),

@@ -70,7 +70,7 @@ impl Secret {
 
     /// A secret read from a file (surrounding whitespace ignored).
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read(path)
+        let text = read_credential_file(path, MAX_SECRET_FILE_BYTES)
             .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
         Self::new(text.trim_ascii().to_vec())
             .map_err(|e| format!("the secret file {}: {e}", path.display()))
@@ -97,6 +97,36 @@ impl Secret {
             .map(|b| format!("{b:02x}"))
             .collect()
     }
+}
+
+/// Largest secret file read: a file named by mistake (a log, `/dev/zero`) is refused.
+const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
+/// The bytes of a credential file (a secret, a token file) of at most `most` bytes. It
+/// must be a regular file: one named by mistake that is not (a FIFO nobody writes, a
+/// terminal) is refused, not waited on, and nothing past `most` is read.
+pub fn read_credential_file(path: &Path, most: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "it is not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(most.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > most {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("it is larger than {} KiB", most >> 10),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn nonce() -> [u8; 32] {
