@@ -258,11 +258,11 @@ impl FileStamp {
 }
 
 /// The text of the token file at `path`: a regular file of at most
-/// [`MAX_TOKEN_FILE_BYTES`] (what the CLI reads its token from, too).
-pub fn read_token_text(path: &Path) -> std::io::Result<String> {
+/// [`MAX_TOKEN_FILE_BYTES`].
+fn read_token_text(path: &Path) -> std::io::Result<String> {
     #[cfg(test)]
     hang::wait(path);
-    let bytes = ferry_migrate::auth::read_credential_file(path, MAX_TOKEN_FILE_BYTES)?;
+    let bytes = ferry_migrate::auth::read_regular_credential_file(path, MAX_TOKEN_FILE_BYTES)?;
     String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 

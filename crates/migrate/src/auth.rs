@@ -102,27 +102,37 @@ impl Secret {
 /// Largest secret file read: a file named by mistake (a log, `/dev/zero`) is refused.
 const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
 
-/// The bytes of a credential file (a secret, a token file) of at most `most` bytes. It
-/// must be a regular file: one named by mistake that is not (a FIFO nobody writes, a
-/// terminal) is refused, not waited on, and nothing past `most` is read.
+/// The bytes of a credential file (a secret, a token) of at most `most` bytes; a pipe
+/// (what `--secret-file <(pass show ferry)` names) is read too.
 pub fn read_credential_file(path: &Path, most: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind};
+    read_at_most(std::fs::File::open(path)?, most)
+}
+
+/// [`read_credential_file`] of a file that must be a regular one (a token file read
+/// again whenever it changes): one named by mistake that is not (a FIFO nobody writes, a
+/// terminal) is refused, not waited on.
+pub fn read_regular_credential_file(path: &Path, most: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
     if !file.metadata()?.is_file() {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
             "it is not a regular file",
         ));
     }
+    read_at_most(file, most)
+}
+
+/// Everything `file` holds, refused past `most` bytes (nothing more is read).
+fn read_at_most(file: std::fs::File, most: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.take(most.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > most {
-        return Err(Error::new(
-            ErrorKind::InvalidData,
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
             format!("it is larger than {} KiB", most >> 10),
         ));
     }
@@ -309,6 +319,35 @@ fn listener(
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_secret_file_is_read_up_to_a_bound_and_may_be_a_pipe() {
+        let e = Secret::from_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("larger than 64 KiB"), "{e}");
+        // A pipe, as a shell's process substitution gives.
+        let dir = std::env::temp_dir().join(format!("ferry-secret-pipe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("secret");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "0123456789abcdef0123\n").unwrap())
+        };
+        let secret = Secret::from_file(&fifo).unwrap();
+        writer.join().unwrap();
+        assert_eq!(
+            secret.derive(Purpose::HostApi),
+            Secret::new("0123456789abcdef0123")
+                .unwrap()
+                .derive(Purpose::HostApi)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn run(
         listener_secret: &str,

@@ -82,7 +82,7 @@ impl TokenArgs {
     /// The token from --token-file or FERRY_CENTER_TOKEN.
     pub fn token(&self) -> anyhow::Result<Vec<u8>> {
         let text = match &self.token_file {
-            Some(path) => ferry_http::tokens::read_token_text(path)
+            Some(path) => super::read_token_file(path)
                 .with_context(|| format!("cannot read the token file {}", path.display()))?,
             None => std::env::var("FERRY_CENTER_TOKEN").map_err(|_| {
                 anyhow::anyhow!(

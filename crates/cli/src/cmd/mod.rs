@@ -93,6 +93,14 @@ pub(crate) fn hint(e: &anyhow::Error) -> Option<&'static str> {
 /// the hint shows how, never a secret itself (an error's text ends up in logs).
 pub(crate) const MAKE_SECRET: &str = "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')";
 
+/// The text of a token file the CLI is given, up to the bound of the daemons' token
+/// files; a pipe (`--token-file <(pass show ferry)`) is read too.
+pub(crate) fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
+    let bytes =
+        ferry_migrate::auth::read_credential_file(path, ferry_http::tokens::MAX_TOKEN_FILE_BYTES)?;
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// Calls `step` every 20 ms until it gives `Some` or an error; fails once `limit` has
 /// passed.
 pub(crate) fn poll_until<T>(

@@ -36,7 +36,7 @@ impl HostAddr {
             .filter(|t| !t.is_empty());
         let token = match (&self.api_token_file, &self.secret.secret_file, from_env) {
             (Some(path), _, _) => {
-                let text = ferry_http::tokens::read_token_text(path).with_context(|| {
+                let text = super::read_token_file(path).with_context(|| {
                     format!("cannot read the API token file {}", path.display())
                 })?;
                 operator_token(&text, &format!("the API token file {}", path.display()))?
