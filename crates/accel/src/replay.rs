@@ -214,8 +214,10 @@ impl Capture {
         true
     }
 
+    /// Ends the capture as failed; the first failure stays its cause (a command failing
+    /// after the pool overflowed is not why replay was given up).
     pub(crate) fn fail(&mut self, error: CaptureError) {
-        self.failed = Some(error);
+        self.failed.get_or_insert(error);
         // Nothing more is needed of a failed capture: free what it holds.
         self.pool.clear();
         self.pool_bytes = 0;
@@ -406,6 +408,9 @@ mod tests {
         capture.preserve(chunk(1, 1), vec![0; 8]);
         assert_eq!(capture.failure(), Err(CaptureError::PoolFull { limit: 8 }));
         assert!(!capture.needs_preserving(&chunk(1, 1)));
+        // A command failing later is not why replay was given up.
+        capture.fail(CaptureError::Unreplayable { opcode: 3 });
+        assert_eq!(capture.failure(), Err(CaptureError::PoolFull { limit: 8 }));
     }
 
     #[test]
