@@ -163,6 +163,11 @@ pub enum TokenizerError {
         /// How many.
         count: usize,
     },
+    /// The token texts (copied, then decoded) do not fit in memory.
+    TooLarge {
+        /// Bytes of token text.
+        bytes: usize,
+    },
     /// `tokenizer.ggml.scores` does not have one number per token.
     ScoreCount {
         /// Tokens.
@@ -216,6 +221,10 @@ impl fmt::Display for TokenizerError {
             TokenizerError::TooManyMerges { count } => write!(
                 f,
                 "{count} merge rules (at most {MAX_MERGES} are allowed)"
+            ),
+            TokenizerError::TooLarge { bytes } => write!(
+                f,
+                "the vocabulary's tokens hold {bytes} bytes of text: memory has no room for the tokenizer's two copies of it"
             ),
             TokenizerError::ScoreCount { tokens, scores } => write!(
                 f,
@@ -563,9 +572,15 @@ impl Tokenizer {
             }
         }
 
-        let mut text = Vec::new();
+        // Sized up front, and given up if memory is short: a crafted file's tokens can
+        // hold as much text as the header read into memory, and this copies it twice
+        // (decoded, a token's text is never longer).
+        let total = tokens.iter().map(|t| t.len()).sum::<usize>();
+        let (mut text, mut bytes) = (Vec::new(), Vec::new());
+        if text.try_reserve_exact(total).is_err() || bytes.try_reserve_exact(total).is_err() {
+            return Err(TokenizerError::TooLarge { bytes: total });
+        }
         let mut text_at = Vec::with_capacity(n + 1);
-        let mut bytes = Vec::new();
         let mut bytes_at = Vec::with_capacity(n + 1);
         text_at.push(0);
         bytes_at.push(0);

@@ -552,6 +552,32 @@ fn a_model_whose_metadata_is_too_large_to_read_is_refused_with_a_message() {
 }
 
 #[test]
+fn a_vocabulary_too_large_for_guest_memory_is_refused_with_a_message() {
+    ferry_testdata::require_kvm!();
+    let dir = scratch("ferry-llm-vocab-");
+    let mut w = gguf::tiny_llama();
+    let mut v = gguf::tiny_vocab();
+    // A token of 100 MiB (the embedding has rows to spare): the header fits the guest's
+    // read, but not with the tokenizer's copies of its text.
+    v.tokens.push("a".repeat(100 << 20));
+    v.types.push(1);
+    w.set("tokenizer.ggml.tokens", gguf::V::Strs(v.tokens));
+    w.set("tokenizer.ggml.token_type", gguf::V::I32s(v.types));
+    let path = dir.path().join("vocab.gguf");
+    std::fs::write(&path, w.build()).unwrap();
+    let (exit, console) = run(CONFIG, "llm-chat", Some(&path), &["--raw", "hello"]);
+    assert!(matches!(exit, VmExit::Exited(1)), "{exit:?}\n{console}");
+    let error = line(&console, "llm-chat: error");
+    assert!(
+        error.ends_with(
+            "tokenizer: the vocabulary's tokens hold 104858096 bytes of text: memory has no \
+             room for the tokenizer's two copies of it"
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_chat_prompt_cannot_open_a_turn_of_its_own() {
     ferry_testdata::require_kvm!();
     let dir = scratch("ferry-llm-turns-");
