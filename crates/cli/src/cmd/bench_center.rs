@@ -252,7 +252,8 @@ fn run_one(
         "center_cpu_with_api",
         100.0 * cpu_api,
         "% of a core",
-        "heartbeats and an operator calling the API below 5 times a second".into(),
+        "heartbeats and an operator calling the API about 10 times a second (a call, then 100 ms)"
+            .into(),
     ))?;
     emit(figure(
         "center_heartbeats_taken",
@@ -284,11 +285,15 @@ fn run_one(
     ];
     for ((name, path), mut samples) in names.into_iter().zip(&paths).zip(latencies) {
         let p50 = percentile(&mut samples, 0.5);
-        let p99 = percentile(&mut samples, 0.99);
+        // Under a hundred calls, the 99th percentile is the slowest call: said so.
+        let (tail, unit) = match samples.len() {
+            100.. => (percentile(&mut samples, 0.99), "ms p99"),
+            _ => (percentile(&mut samples, 1.0), "ms max"),
+        };
         emit(figure(
             name,
-            p99,
-            "ms p99",
+            tail,
+            unit,
             format!("GET {path}: p50 {p50:.1} ms over {} calls", samples.len()),
         ))?;
     }
