@@ -38,6 +38,10 @@ const LINK_SAMPLE_BYTES: u64 = 1 << 30;
 /// its own), and every migration's total and pause.
 #[derive(Debug, Serialize)]
 struct MigrationFigure {
+    /// The link the two hosts migrate over ("raw loopback TCP", or shaped to a rate).
+    link: String,
+    /// Migrations each median is taken over.
+    repeats: usize,
     workload: &'static str,
     accel_mib: u64,
     mode: String,
@@ -53,11 +57,11 @@ struct MigrationFigure {
     /// Workload progress rate during the migrations (their windows together: one is
     /// often shorter than a step or token) ÷ before them.
     throughput_during_vs_before: f64,
-    /// Raw loopback throughput for this figure: median of its samples, MiB/s.
+    /// Raw throughput of the link for this figure: median of its samples, MiB/s.
     link_mib_s: f64,
     /// Those samples, MiB/s, in order (before the VM, then after).
     link_samples_mib_s: Vec<f64>,
-    /// Total time ÷ (bytes sent ÷ raw loopback throughput), median over the migrations.
+    /// Total time ÷ (bytes sent ÷ the link's raw throughput), median over the migrations.
     total_vs_link_time: f64,
     /// Raw loopback throughput with the VM running (its workload competes with both
     /// ends of a migration for the same cores), one sample before the migrations, MiB/s.
@@ -309,7 +313,7 @@ pub fn bench_migrate(
                         )
                     })?;
                 link.extend(ends.samples(LINK_SAMPLES_AFTER)?);
-                let figure = figure(name, accel, mode, &measured, &link);
+                let figure = figure(&ends.link, name, accel, mode, &measured, &link);
                 if json {
                     crate::cmd::print_line(format_args!("{}", serde_json::to_string(&figure)?))?;
                 } else {
@@ -444,6 +448,7 @@ fn measure(
 /// The figure for what was `measured` of `name` with `accel` bytes of device memory,
 /// given the link's samples around it (bytes/s).
 fn figure(
+    link_name: &str,
     name: &'static str,
     accel: u64,
     mode: &str,
@@ -456,6 +461,8 @@ fn figure(
     let link_time = |r: &Run| r.report.bytes_sent as f64 / raw * 1e3;
     let mib_s = |bytes_s: f64| bytes_s / (1 << 20) as f64;
     MigrationFigure {
+        link: link_name.to_string(),
+        repeats: runs.len(),
         workload: name,
         accel_mib: accel >> 20,
         mode: mode.to_string(),
