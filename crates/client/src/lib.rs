@@ -192,6 +192,27 @@ fn plain_text_answer(e: &ureq::Error) -> bool {
         })
 }
 
+/// Whether `e` is a TLS handshake that failed before any of the request was sent: the
+/// server's certificate refused, or its first bytes not TLS. (A TLS error later, an
+/// alert or a bad record, may come after the request went out.)
+fn handshake_failed(e: &ureq::Error) -> bool {
+    let ureq::Error::Io(io) = e else {
+        return false;
+    };
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+                    | rustls::Error::PeerIncompatible(_)
+            )
+        })
+        || plain_text_answer(e)
+}
+
 /// One API, at one address or several (center replicas), with its bearer token.
 pub struct ApiClient {
     /// Its addresses: a request that cannot reach one tries the next.
@@ -518,6 +539,7 @@ impl ApiClient {
                     let was_refused = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
                     refused &= was_refused;
                     let unsent = was_refused
+                        || handshake_failed(&e)
                         || matches!(
                             e,
                             ureq::Error::ConnectionFailed
@@ -812,6 +834,19 @@ mod tests {
             failure.contains("it answered in plain text, not TLS: is it an http:// address?"),
             "{failure}"
         );
+        // No request went out: a write moves on to the next address.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain = format!("https://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut stream, _) = listener.accept().unwrap();
+            let _ = stream.read(&mut [0u8; 4096]);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n");
+        });
+        let next = answering(1, "200 OK", "{}".into());
+        let client = ApiClient::new(&format!("{plain},{next}"), b"token").unwrap();
+        let answer: serde_json::Value = client.post("/v1/x", &serde_json::json!({})).unwrap();
+        assert_eq!(answer, serde_json::json!({}));
         // A server that is not there gets no such hint.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let gone = format!("https://{}", listener.local_addr().unwrap());
