@@ -92,7 +92,7 @@ pub enum StoreConfig {
 }
 
 /// How the center runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CenterConfig {
     /// Where its state is kept.
     pub store: StoreConfig,
@@ -120,6 +120,39 @@ pub struct CenterConfig {
     pub balance_threshold: f64,
     /// Balance automatically this often (none: only on request).
     pub balance_every: Option<Duration>,
+}
+
+/// Every field but the operator token, which a log of the config must not show.
+impl std::fmt::Debug for CenterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Taken apart whole: a field added later is not left out unseen.
+        let CenterConfig {
+            store,
+            name,
+            advertise_url,
+            token: _,
+            api_tokens,
+            secret,
+            tls,
+            down_after,
+            parallel,
+            balance_threshold,
+            balance_every,
+        } = self;
+        f.debug_struct("CenterConfig")
+            .field("store", store)
+            .field("name", name)
+            .field("advertise_url", advertise_url)
+            .field("token", &format_args!(".."))
+            .field("api_tokens", api_tokens)
+            .field("secret", secret)
+            .field("tls", tls)
+            .field("down_after", down_after)
+            .field("parallel", parallel)
+            .field("balance_threshold", balance_threshold)
+            .field("balance_every", balance_every)
+            .finish()
+    }
 }
 
 /// A request to create a VM through the center.
@@ -1460,6 +1493,23 @@ pub(crate) mod tests {
             balance_threshold: 0.5,
             balance_every: None,
         }
+    }
+
+    #[test]
+    fn a_logged_config_shows_neither_the_token_nor_the_secret() {
+        let mut config = test_config(StoreConfig::Sqlite("/nonexistent".into()));
+        config.token = b"operator-token-0123456789".to_vec();
+        let shown = format!("{config:?}");
+        let as_bytes = format!("{:?}", config.token);
+        assert!(
+            !shown.contains("operator-token") && !shown.contains(&as_bytes[1..20]),
+            "{shown}"
+        );
+        assert!(!shown.contains("center-test-secret"), "{shown}");
+        assert!(
+            shown.contains("advertise_url: \"http://127.0.0.1:1\""),
+            "{shown}"
+        );
     }
 
     impl ScratchCenter {
