@@ -45,6 +45,35 @@ impl Purpose {
     }
 }
 
+/// Why a secret was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Shorter than [`MIN_SECRET_BYTES`].
+    #[error("the shared secret must be at least {MIN_SECRET_BYTES} bytes (got {got})")]
+    TooShort {
+        /// Its length.
+        got: usize,
+    },
+    /// Its file could not be read.
+    #[error("cannot read the secret file {}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its file holds one too short.
+    #[error("the secret file {}", path.display())]
+    InFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<SecretError>,
+    },
+}
+
 /// The secret shared by the hosts of one cluster.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
@@ -57,23 +86,26 @@ impl std::fmt::Debug for Secret {
 
 impl Secret {
     /// A secret from its bytes; at least [`MIN_SECRET_BYTES`].
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, String> {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, SecretError> {
         let bytes = bytes.into();
         if bytes.len() < MIN_SECRET_BYTES {
-            return Err(format!(
-                "the shared secret must be at least {MIN_SECRET_BYTES} bytes (got {})",
-                bytes.len()
-            ));
+            return Err(SecretError::TooShort { got: bytes.len() });
         }
         Ok(Self(bytes))
     }
 
     /// A secret read from a file (surrounding whitespace ignored).
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = read_credential_file(path, MAX_SECRET_FILE_BYTES)
-            .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
-        Self::new(text.trim_ascii().to_vec())
-            .map_err(|e| format!("the secret file {}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, SecretError> {
+        let text = read_credential_file(path, MAX_SECRET_FILE_BYTES).map_err(|source| {
+            SecretError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        Self::new(text.trim_ascii().to_vec()).map_err(|e| SecretError::InFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// A fresh random secret, hex encoded (for `ferry host serve` without one).
@@ -322,8 +354,11 @@ mod tests {
 
     #[test]
     fn a_secret_file_is_read_up_to_a_bound_and_may_be_a_pipe() {
-        let e = Secret::from_file(Path::new("/dev/zero")).unwrap_err();
-        assert!(e.contains("larger than 64 KiB"), "{e}");
+        let e = crate::vm::error_chain(&Secret::from_file(Path::new("/dev/zero")).unwrap_err());
+        assert_eq!(
+            e,
+            "cannot read the secret file /dev/zero: it is larger than 64 KiB"
+        );
         // A pipe, as a shell's process substitution gives.
         let dir = std::env::temp_dir().join(format!("ferry-secret-pipe-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -35,7 +35,7 @@ pub mod tls;
 pub mod vm;
 pub mod wire;
 
-pub use auth::{Purpose, Secret};
+pub use auth::{Purpose, Secret, SecretError};
 pub use cpu::{CpuidRegister, CpuidWord};
 pub use deadline::shorten_idle_limits;
 pub use gate::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER};

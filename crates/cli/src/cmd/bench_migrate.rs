@@ -194,9 +194,8 @@ impl Ends {
         let mut b = link.command_inside(&exe);
         serve(&mut b, "b", shaped_link::ADDR_B);
         let b = HostProcess::start(b, &secret)?;
-        let token = ferry_migrate::Secret::new(secret.into_bytes())
-            .map_err(anyhow::Error::msg)?
-            .token(ferry_migrate::Purpose::HostApi);
+        let token =
+            ferry_migrate::Secret::new(secret.into_bytes())?.token(ferry_migrate::Purpose::HostApi);
         let client = |api: &str| ApiClient::new(api, token.as_bytes());
         let link = std::sync::Arc::new(link);
         let probing = link.clone();

@@ -101,7 +101,7 @@ struct Hosts {
 impl Hosts {
     fn start(backend: &'static str) -> anyhow::Result<Self> {
         let text = Secret::generate_hex();
-        let secret = Secret::new(text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+        let secret = Secret::new(text.as_bytes().to_vec())?;
         // Idle blocking threads (the API's) end within half a second, so that the
         // counts before and after see only what the daemons keep.
         let runtime = tokio::runtime::Builder::new_multi_thread()

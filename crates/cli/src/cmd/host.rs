@@ -22,13 +22,12 @@ impl SecretArgs {
     pub fn secret(&self) -> anyhow::Result<Secret> {
         // Errors name where the secret came from: a short one may have come from either.
         if let Some(path) = &self.secret_file {
-            return Secret::from_file(path).map_err(anyhow::Error::msg);
+            return Ok(Secret::from_file(path)?);
         }
         match std::env::var_os("FERRY_SECRET") {
             Some(s) => {
                 use std::os::unix::ffi::OsStrExt;
-                Secret::new(s.as_bytes().trim_ascii().to_vec())
-                    .map_err(|e| anyhow::anyhow!("FERRY_SECRET: {e}"))
+                Secret::new(s.as_bytes().trim_ascii().to_vec()).context("FERRY_SECRET")
             }
             None => anyhow::bail!(
                 "no shared secret: pass --secret-file FILE or set FERRY_SECRET to the cluster's secret (for a new cluster, make one: export FERRY_SECRET={})",
@@ -442,7 +441,7 @@ impl LoopbackPair {
     /// new VMs accelerator backend `backend`.
     pub fn start(memory_capacity: u64, backend: &'static str) -> anyhow::Result<Self> {
         let secret_text = Secret::generate_hex();
-        let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+        let secret = Secret::new(secret_text.as_bytes().to_vec())?;
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
         let a = start_loopback(&runtime, "a", &secret, memory_capacity, backend)?;
         let b = start_loopback(&runtime, "b", &secret, memory_capacity, backend)?;

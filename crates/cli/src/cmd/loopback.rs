@@ -41,7 +41,7 @@ impl LoopbackCluster {
     ) -> anyhow::Result<Self> {
         let secret_text = Secret::generate_hex();
         let token = Secret::generate_hex();
-        let secret = Secret::new(secret_text.as_bytes().to_vec()).map_err(anyhow::Error::msg)?;
+        let secret = Secret::new(secret_text.as_bytes().to_vec())?;
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
         // A folder of its own (made 0700, removed with the database in it on drop):
         // a fixed name in the shared temporary folder could be another user's.
