@@ -958,6 +958,36 @@ mod tests {
     }
 
     #[test]
+    fn a_token_file_every_user_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-tokens-o+w-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        write_settled(&path, "old-token-0123456789abc\n");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED)
+            .err()
+            .expect("refused");
+        let said = ferry_migrate::vm::error_chain(&e);
+        assert!(
+            said.ends_with("every user may write it (and so add a token): chmod o-w it"),
+            "{said}"
+        );
+        // Made so later (and then rewritten, so read again): its tokens are refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tokens = Tokens::checking_every(Vec::new(), Some(&path), UNPROMPTED).unwrap();
+        assert_eq!(
+            tokens.access(b"old-token-0123456789abc"),
+            Some(Access::Full)
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_settled(&path, "old-token-0123456789abc\n");
+        tokens.check_now();
+        assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_pipe_named_as_the_token_file_is_refused_not_waited_on() {
         let dir = std::env::temp_dir().join(format!("ferry-tokens-pipe-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -142,17 +142,26 @@ pub fn read_credential_file(path: &Path, most: u64) -> std::io::Result<Vec<u8>> 
 
 /// [`read_credential_file`] of a file that must be a regular one (a token file read
 /// again whenever it changes): one named by mistake that is not (a FIFO nobody writes, a
-/// terminal) is refused, not waited on.
+/// terminal) is refused, not waited on; and so is one that every user may write, who
+/// could add a credential of their own.
 pub fn read_regular_credential_file(path: &Path, most: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
             "it is not a regular file",
+        ));
+    }
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            "every user may write it (and so add a token): chmod o-w it",
         ));
     }
     read_at_most(file, most)
