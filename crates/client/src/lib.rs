@@ -179,38 +179,35 @@ pub enum ConfigError {
 /// Whether `e` is TLS finding the server's first bytes are not TLS: an `https://`
 /// address of a server that speaks plain HTTP.
 fn plain_text_answer(e: &ureq::Error) -> bool {
+    tls_error(e).is_some_and(|tls| {
+        matches!(
+            tls,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+        )
+    })
+}
+
+/// The TLS error `e` is, if it is one.
+fn tls_error(e: &ureq::Error) -> Option<&rustls::Error> {
     let ureq::Error::Io(io) = e else {
-        return false;
+        return None;
     };
-    io.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .is_some_and(|tls| {
-            matches!(
-                tls,
-                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
-            )
-        })
+    io.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// Whether `e` is a TLS handshake that failed before any of the request was sent: the
 /// server's certificate refused, or its first bytes not TLS. (A TLS error later, an
 /// alert or a bad record, may come after the request went out.)
 fn handshake_failed(e: &ureq::Error) -> bool {
-    let ureq::Error::Io(io) = e else {
-        return false;
-    };
-    io.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .is_some_and(|tls| {
-            matches!(
-                tls,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::UnsupportedNameType
-                    | rustls::Error::PeerIncompatible(_)
-            )
-        })
-        || plain_text_answer(e)
+    tls_error(e).is_some_and(|tls| {
+        matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType
+                | rustls::Error::PeerIncompatible(_)
+        )
+    }) || plain_text_answer(e)
 }
 
 /// One API, at one address or several (center replicas), with its bearer token.
