@@ -1699,14 +1699,12 @@ pub(crate) mod tests {
         // a writer for ever), then a link to a file elsewhere.
         let outside = d.join("outside");
         std::fs::write(&outside, b"not the store's").unwrap();
-        let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
         let swaps: [&dyn Fn(); 2] = [
             &|| {
                 std::fs::remove_file(&path).unwrap();
                 // It may be given the deleted file's inode: an inode is not enough to
                 // tell it from the file chosen.
-                // SAFETY: `fifo` is a NUL-terminated path; mkfifo reads only it.
-                assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+                ferry_testdata::make_fifo(&path);
             },
             &|| {
                 std::fs::remove_file(&path).unwrap();

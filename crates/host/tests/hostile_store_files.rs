@@ -158,9 +158,7 @@ fn damaged_store_files_are_not_copies_and_a_receive_replaces_them() {
     std::fs::create_dir(&path).unwrap();
     assert!(store.find(&o).is_none());
     std::fs::remove_dir(&path).unwrap();
-    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: `fifo` is a NUL-terminated path; mkfifo reads only it.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    ferry_testdata::make_fifo(&path);
     assert!(store.find(&o).is_none());
     // Received, the file takes the name from the FIFO.
     receive_and_keep(&store, &o, &content);

@@ -993,11 +993,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("tokens");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        ferry_testdata::make_fifo(&fifo);
         let (sent, got) = std::sync::mpsc::channel();
         let path = fifo.clone();
         std::thread::spawn(move || {

@@ -215,11 +215,7 @@ fn a_vm_whose_description_a_load_would_refuse_is_not_saved() {
 fn a_snapshot_that_is_no_regular_file_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("vm.snap");
-    let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    ferry_testdata::make_fifo(&fifo);
     // A FIFO with no writer: opening it to read would wait for one for ever.
     let error = SnapshotReader::open(&fifo).err().expect("refused");
     assert!(

@@ -24,6 +24,21 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Makes a FIFO at `path` (mode 0600): what a test names where a regular file is wanted,
+/// since opening it to read waits for a writer.
+pub fn make_fifo(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .unwrap_or_else(|_| panic!("{} holds a NUL", path.display()));
+    // SAFETY: `c_path` is a NUL-terminated path; mkfifo reads only it.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        panic!(
+            "cannot make a FIFO at {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// A directory of this test process for `label`'s files, under the system's temporary
 /// directory (created if missing; tests running at once may share it, so each names its
 /// own files). It is removed when the process exits, unless `FERRY_KEEP_SCRATCH=1`: a

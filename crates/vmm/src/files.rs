@@ -719,9 +719,8 @@ mod tests {
         // opening some devices acts (a watchdog starts), and a snapshot may name any path.
         let fifo = temp_file("fifo", b"");
         std::fs::remove_file(&fifo).unwrap();
+        ferry_testdata::make_fifo(&fifo);
         let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: `c_path` is a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
         // SAFETY: plain system calls on a descriptor of our own and a NUL-terminated path.
         let watch = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         assert!(watch >= 0);
