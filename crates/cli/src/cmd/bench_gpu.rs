@@ -396,14 +396,21 @@ fn reads_while_launching(
     n: usize,
     wait_each: bool,
 ) -> anyhow::Result<(f64, u64)> {
-    let done = AtomicBool::new(false);
+    let (busy, done) = (AtomicBool::new(false), AtomicBool::new(false));
     let mut kernels = 0u64;
     let rate = std::thread::scope(|scope| -> anyhow::Result<f64> {
         let reads = scope.spawn(|| {
+            // Timed from the first MATMUL queued: the launcher's set-up (a backend, its
+            // buffers filled) keeps no GPU busy.
+            while !busy.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             let rate = read_chunks(reader, 1, bytes);
             done.store(true, Ordering::Relaxed);
             rate
         });
+        // Set however the launcher ends, so that the reads never wait for it in vain.
+        let _busy = SetOnDrop(&busy);
         let mut launcher = cuda_backend()?;
         for id in 1..=3 {
             launcher.alloc(id, (n * n * 4) as u64)?;
@@ -412,6 +419,7 @@ fn reads_while_launching(
         fill(launcher.as_mut(), 2, n * n, 7)?;
         while !done.load(Ordering::Relaxed) {
             launcher.launch(&backend::square_matmul(n))?;
+            busy.store(true, Ordering::Release);
             if wait_each {
                 sync(launcher.as_ref(), 3);
             }
@@ -424,6 +432,15 @@ fn reads_while_launching(
             .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?
     })?;
     Ok((rate, kernels))
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// `ferry bench gpu`.
