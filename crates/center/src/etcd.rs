@@ -53,6 +53,10 @@ pub enum EtcdError {
     },
 }
 
+/// Most bytes of keys and values a range read in pages holds: far past any cluster's
+/// records, but a bound on what a broken or hostile server can make the center hold.
+const MAX_RANGE_BYTES: usize = 4 << 30;
+
 /// One key and its value.
 #[derive(Debug, Clone)]
 pub struct KeyValue {
@@ -376,7 +380,7 @@ impl Etcd {
     }
 
     /// [`Etcd::range_all`] (`descending`: from the last key back), at most `most` keys
-    /// (0: all).
+    /// (0: all, up to [`MAX_RANGE_BYTES`]).
     fn range_pages(
         &self,
         prefix: &str,
@@ -388,7 +392,7 @@ impl Etcd {
         // ends just before it (a range's end is not in it).
         let (mut from, mut end) = (prefix.to_string(), prefix_end(prefix.as_bytes()));
         let mut revision = 0;
-        let mut all = Vec::new();
+        let (mut all, mut bytes) = (Vec::new(), 0usize);
         loop {
             let left = if most == 0 {
                 i64::MAX
@@ -412,10 +416,36 @@ impl Etcd {
             let more = answer.get("more").and_then(Value::as_bool) == Some(true);
             let kvs = kvs(&answer, "range")?;
             let Some(last) = kvs.last() else { break };
-            if descending {
-                end = last.key.as_bytes().to_vec();
+            // Each page is asked for past the last: one that is not (a broken or hostile
+            // server) would be asked again for ever.
+            let (past, advanced) = if descending {
+                (last.key.as_bytes().to_vec(), last.key.as_bytes() < &end[..])
             } else {
-                from = format!("{}\0", last.key);
+                (format!("{}\0", last.key).into_bytes(), last.key >= from)
+            };
+            if !advanced {
+                return Err(EtcdError::Malformed {
+                    call: "range",
+                    detail: format!("a page of {prefix} ending at a key before the one asked from"),
+                });
+            }
+            if descending {
+                end = past;
+            } else {
+                from = String::from_utf8(past).expect("a key and a NUL");
+            }
+            bytes += kvs
+                .iter()
+                .map(|kv| kv.key.len() + kv.value.len())
+                .sum::<usize>();
+            if bytes > MAX_RANGE_BYTES {
+                return Err(EtcdError::Malformed {
+                    call: "range",
+                    detail: format!(
+                        "the keys under {prefix} hold more than {} GiB",
+                        MAX_RANGE_BYTES >> 30
+                    ),
+                });
             }
             all.extend(kvs);
             if !more || (most != 0 && all.len() >= most) {
@@ -629,6 +659,47 @@ mod tests {
         assert_eq!(prefix_end(b"/ferry/vms/"), b"/ferry/vms0".to_vec());
         assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
         assert_eq!(prefix_end(&[0xff]), vec![0]);
+    }
+
+    #[test]
+    fn a_server_answering_every_page_alike_is_refused_not_read_for_ever() {
+        use std::io::{BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // Every range answered with the same page, and "more" to come.
+        let page = json!({
+            "header": { "revision": "5" },
+            "kvs": [{ "key": b64(b"/p/a"), "value": b64(b"x"), "create_revision": "1", "mod_revision": "1" }],
+            "more": true,
+            "count": "2",
+        })
+        .to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(1000) {
+                let mut stream = stream.unwrap();
+                if ferry_testdata::read_http_request(&mut BufReader::new(&stream)).is_none() {
+                    continue;
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+            }
+        });
+        let (sent, got) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let etcd = Etcd::new(&[url], Duration::from_secs(5)).unwrap();
+            sent.send(etcd.range_all("/p/", 1).map(|kvs| kvs.len()))
+        });
+        let read = got
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an answer");
+        let e = read.expect_err("refused").to_string();
+        assert!(
+            e.contains("a page of /p/ ending at a key before the one asked from"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -691,7 +691,10 @@ impl EtcdStore {
     /// and every sweep would fail. Later sweeps delete the rest.
     pub fn keep_newest_events(&self, keep: usize, at_most: usize) -> Result<(), StoreError> {
         let prefix = self.key("events/");
-        let excess = (self.etcd.count(&prefix)? - keep as i64).min(at_most as i64);
+        // Saturating: the count is the server's word.
+        let excess = (self.etcd.count(&prefix)?)
+            .saturating_sub(keep as i64)
+            .min(at_most as i64);
         if excess <= 0 {
             return Ok(());
         }
