@@ -308,7 +308,7 @@ impl TokenFile {
                     path: self.path.clone(),
                     source,
                 };
-                return self.unreadable(None, &e);
+                return self.unreadable(false, &e);
             }
         };
         if Some(stamp) == self.stamp {
@@ -328,19 +328,19 @@ impl TokenFile {
                 *self = fresh;
                 changed.then(|| self.tokens.clone())
             }
-            Err(e) => self.unreadable(stamp.settled(), &e),
+            Err(e) => self.unreadable(stamp.settled().is_some(), &e),
         }
     }
 
-    /// The file is gone or cannot be read (`why`), as of `stamp` (`None`: it is gone, or
-    /// may still be being written). Its tokens stay for [`SETTLE_TIME`] (an editor may
-    /// move it away while it writes the next version), or until this version of it is
-    /// final; then they are refused, once, until it can be read again.
-    fn unreadable(&mut self, stamp: Option<FileStamp>, why: &TokenFileError) -> Option<TokenSet> {
-        // Kept when final, so that a version that cannot be read is not read every check.
-        self.stamp = stamp;
+    /// The file is gone or cannot be read (`why`; `settled`: a version of it that has
+    /// not changed for [`SETTLE_TIME`] cannot). Its tokens stay for that time (an editor
+    /// may move the file away while it writes the next version, or be writing it), then
+    /// they are refused, once, until it can be read again: it is tried at every check (a
+    /// `chmod` that makes it readable again changes no stamp).
+    fn unreadable(&mut self, settled: bool, why: &TokenFileError) -> Option<TokenSet> {
+        self.stamp = None;
         let since = *self.missing_since.get_or_insert_with(Instant::now);
-        if (stamp.is_none() && since.elapsed() < SETTLE_TIME) || self.tokens.is_empty() {
+        if (!settled && since.elapsed() < SETTLE_TIME) || self.tokens.is_empty() {
             return None;
         }
         tracing::error!(
@@ -984,6 +984,13 @@ mod tests {
         write_settled(&path, "old-token-0123456789abc\n");
         tokens.check_now();
         assert_eq!(tokens.access(b"old-token-0123456789abc"), None);
+        // Mended by a chmod alone, which changes no stamp: it is read again.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        tokens.check_now();
+        assert_eq!(
+            tokens.access(b"old-token-0123456789abc"),
+            Some(Access::Full)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
