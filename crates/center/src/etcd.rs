@@ -418,10 +418,10 @@ impl Etcd {
             let Some(last) = kvs.last() else { break };
             // Each page is asked for past the last: one that is not (a broken or hostile
             // server) would be asked again for ever.
-            let (past, advanced) = if descending {
-                (last.key.as_bytes().to_vec(), last.key.as_bytes() < &end[..])
+            let advanced = if descending {
+                last.key.as_bytes() < &end[..]
             } else {
-                (format!("{}\0", last.key).into_bytes(), last.key >= from)
+                last.key >= from
             };
             if !advanced {
                 return Err(EtcdError::Malformed {
@@ -430,9 +430,9 @@ impl Etcd {
                 });
             }
             if descending {
-                end = past;
+                end = last.key.as_bytes().to_vec();
             } else {
-                from = String::from_utf8(past).expect("a key and a NUL");
+                from = format!("{}\0", last.key);
             }
             bytes += kvs
                 .iter()
