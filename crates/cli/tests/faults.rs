@@ -486,7 +486,14 @@ fn running_on(daemons: &[(&str, &Daemon, bool)], id: &str) -> Vec<String> {
         .filter(|(_, _, alive)| *alive)
         .filter_map(|(name, d, _)| {
             let api = host_api(d);
-            let vms: Vec<Value> = api.get("/v1/vms").unwrap();
+            // A daemon that should be up and does not answer: say whether it still runs
+            // (a reset connection once came from one thought alive).
+            let vms: Vec<Value> = api.get("/v1/vms").unwrap_or_else(|e| {
+                let pid = d.child.id();
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_else(|_| "gone".into());
+                panic!("daemon {name} (pid {pid}, /proc stat: {stat}) did not list its VMs: {e:#}")
+            });
             vms.iter()
                 .find(|vm| vm["id"] == id && (vm["state"] == "running" || vm["state"] == "exited"))
                 .map(|_| name.to_string())
