@@ -663,9 +663,6 @@ mod tests {
 
     #[test]
     fn a_server_answering_every_page_alike_is_refused_not_read_for_ever() {
-        use std::io::{BufReader, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         // Every range answered with the same page, and "more" to come.
         let page = json!({
             "header": { "revision": "5" },
@@ -674,28 +671,9 @@ mod tests {
             "count": "2",
         })
         .to_string();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().take(1000) {
-                let mut stream = stream.unwrap();
-                if ferry_testdata::read_http_request(&mut BufReader::new(&stream)).is_none() {
-                    continue;
-                }
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
-                    page.len()
-                );
-            }
-        });
-        let (sent, got) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let etcd = Etcd::new(&[url], Duration::from_secs(5)).unwrap();
-            sent.send(etcd.range_all("/p/", 1).map(|kvs| kvs.len()))
-        });
-        let read = got
-            .recv_timeout(Duration::from_secs(10))
-            .expect("an answer");
-        let e = read.expect_err("refused").to_string();
+        let (addr, _) = crate::fake_host::fake_host(vec![("200 OK", page); 3]);
+        let etcd = Etcd::new(&[format!("http://{addr}")], Duration::from_secs(5)).unwrap();
+        let e = etcd.range_all("/p/", 1).expect_err("refused").to_string();
         assert!(
             e.contains("a page of /p/ ending at a key before the one asked from"),
             "{e}"
