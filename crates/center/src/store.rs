@@ -775,11 +775,7 @@ impl EtcdStore {
         dir: &str,
         options: RangeOptions,
     ) -> Result<Vec<T>, StoreError> {
-        self.etcd
-            .range(&self.key(dir), true, options)?
-            .into_iter()
-            .map(|kv| decode(what, &String::from_utf8_lossy(&kv.value)))
-            .collect()
+        decode_all(what, self.etcd.range(&self.key(dir), true, options)?)
     }
 
     /// Whether migration `id` was recorded: the counter at it and the record there.
@@ -799,12 +795,18 @@ impl EtcdStore {
         what: &'static str,
         dir: &str,
     ) -> Result<Vec<T>, StoreError> {
-        self.etcd
-            .range_all(&self.key(dir), LOAD_PAGE)?
-            .into_iter()
-            .map(|kv| decode(what, &String::from_utf8_lossy(&kv.value)))
-            .collect()
+        decode_all(what, self.etcd.range_all(&self.key(dir), LOAD_PAGE)?)
     }
+}
+
+/// The records `kvs` hold (`what` names them in errors).
+fn decode_all<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    kvs: Vec<crate::etcd::KeyValue>,
+) -> Result<Vec<T>, StoreError> {
+    (kvs.iter())
+        .map(|kv| decode(what, &String::from_utf8_lossy(&kv.value)))
+        .collect()
 }
 
 impl Store for EtcdStore {
