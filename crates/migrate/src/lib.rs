@@ -47,7 +47,7 @@ pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,
 };
 pub use settle::{settle, Outcomes, RecordError, Settlement};
-pub use tls::{TlsConfig, TLS_SERVER_NAME};
+pub use tls::{TlsConfig, TlsConfigError, TLS_SERVER_NAME};
 pub use vm::{
     error_chain, Cause, ChunkKey, ChunkOrigin, ChunkPart, ChunkWrite, DeviceBuffer, FileChunk,
     FileOffer, FileTransfer, MigrationSource, MigrationTarget, PageSet, VmContents, VmDescription,

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{Resumption, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
@@ -69,6 +68,101 @@ struct Pem<'a> {
     origin: String,
 }
 
+/// Why [`TlsConfig::from_pem_files`] (or [`TlsConfig::from_pem`]) refused a host's TLS
+/// identity. Each names the input at fault ("the TLS certificate /etc/ferry/a.crt").
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// A file could not be read.
+    #[error("cannot read {origin}")]
+    Read {
+        /// The input, and its path.
+        origin: String,
+        /// The error reading it.
+        #[source]
+        source: io::Error,
+    },
+    /// An input is not well-formed PEM.
+    #[error("{origin} is not well-formed PEM")]
+    Pem {
+        /// The input.
+        origin: String,
+        /// What is wrong with it.
+        #[source]
+        source: pem::Error,
+    },
+    /// An input meant to hold certificates holds none.
+    #[error("{origin} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate {
+        /// The input.
+        origin: String,
+    },
+    /// The key input holds no private key.
+    #[error("{origin} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    NoPrivateKey {
+        /// The input.
+        origin: String,
+    },
+    /// A certificate of the CA input cannot be trusted as a CA.
+    #[error("{origin} is not a usable CA certificate")]
+    Ca {
+        /// The input.
+        origin: String,
+        /// Why not.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// No verifier of peers could be made of the CA input.
+    #[error("{origin} cannot verify peers")]
+    Verifier {
+        /// The CA input.
+        origin: String,
+        /// Why not.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// The host's certificate would not pass its peers' checks, as a server or as a
+    /// client.
+    #[error(
+        "{cert} is not usable by a Ferry host as a TLS {role} (it must be signed by a CA in \
+         {ca}, carry the DNS subject alternative name '{TLS_SERVER_NAME}', be valid now, and \
+         allow both serverAuth and clientAuth)"
+    )]
+    Unusable {
+        /// The certificate input.
+        cert: String,
+        /// The CA input.
+        ca: String,
+        /// "server" or "client".
+        role: &'static str,
+        /// The check that failed.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// The private key is not the certificate's.
+    #[error("{key} is not the key of {cert}")]
+    KeyMismatch {
+        /// The key input.
+        key: String,
+        /// The certificate input.
+        cert: String,
+        /// The mismatch, as rustls saw it.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// The private key cannot be used (an unsupported algorithm, say).
+    #[error("{origin} cannot be used")]
+    Key {
+        /// The key input.
+        origin: String,
+        /// Why not.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// TLS 1.3 with the crypto provider is not available (a build without them).
+    #[error("TLS 1.3 is not available")]
+    Protocol(#[source] Box<rustls::Error>),
+}
+
 impl TlsConfig {
     /// Loads this host's certificate chain (`cert`: PEM, the host certificate first, then
     /// any intermediates), its private key (`key`: PEM, PKCS#8, PKCS#1 or SEC1) and the CA
@@ -79,34 +173,41 @@ impl TlsConfig {
     /// (`ferry-host`), be valid now, allow use as both TLS server and client, and chain to
     /// a CA in `ca`, as the peers will check: this is verified here, so a mistake shows
     /// when the host starts rather than at its first migration.
-    pub fn from_pem_files(cert: &Path, key: &Path, ca: &Path) -> Result<Self, String> {
-        let read = |path: &Path, what: &str| {
-            std::fs::read(path)
-                .map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
+    pub fn from_pem_files(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsConfigError> {
+        let (cert_origin, key_origin, ca_origin) = (
+            format!("the TLS certificate {}", cert.display()),
+            format!("the TLS private key {}", key.display()),
+            format!("the TLS CA certificate {}", ca.display()),
+        );
+        let read = |path: &Path, origin: &String| {
+            std::fs::read(path).map_err(|source| TlsConfigError::Read {
+                origin: origin.clone(),
+                source,
+            })
         };
         let (cert_pem, key_pem, ca_pem) = (
-            read(cert, "certificate")?,
-            read(key, "private key")?,
-            read(ca, "CA certificate")?,
+            read(cert, &cert_origin)?,
+            read(key, &key_origin)?,
+            read(ca, &ca_origin)?,
         );
         Self::build(
             Pem {
                 bytes: &cert_pem,
-                origin: format!("the TLS certificate {}", cert.display()),
+                origin: cert_origin,
             },
             Pem {
                 bytes: &key_pem,
-                origin: format!("the TLS private key {}", key.display()),
+                origin: key_origin,
             },
             Pem {
                 bytes: &ca_pem,
-                origin: format!("the TLS CA certificate {}", ca.display()),
+                origin: ca_origin,
             },
         )
     }
 
     /// [`TlsConfig::from_pem_files`] with the PEM texts themselves.
-    pub fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Self, String> {
+    pub fn from_pem(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<Self, TlsConfigError> {
         Self::build(
             Pem {
                 bytes: cert,
@@ -123,48 +224,67 @@ impl TlsConfig {
         )
     }
 
-    fn build(cert: Pem<'_>, key: Pem<'_>, ca: Pem<'_>) -> Result<Self, String> {
+    fn build(cert: Pem<'_>, key: Pem<'_>, ca: Pem<'_>) -> Result<Self, TlsConfigError> {
         let chain = certificates(&cert)?;
         let private_key = PrivateKeyDer::from_pem_slice(key.bytes).map_err(|e| match e {
-            pem::Error::NoItemsFound => format!(
-                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-                key.origin
-            ),
-            e => format!("{}: {e}", key.origin),
+            pem::Error::NoItemsFound => TlsConfigError::NoPrivateKey {
+                origin: key.origin.clone(),
+            },
+            source => TlsConfigError::Pem {
+                origin: key.origin.clone(),
+                source,
+            },
         })?;
         let mut roots = RootCertStore::empty();
         let ca_certs = certificates(&ca)?;
         for ca_cert in &ca_certs {
             roots
                 .add(ca_cert.clone())
-                .map_err(|e| format!("{} is not a usable CA certificate: {e}", ca.origin))?;
+                .map_err(|source| TlsConfigError::Ca {
+                    origin: ca.origin.clone(),
+                    source: Box::new(source),
+                })?;
         }
         let roots = Arc::new(roots);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let versions = &[&rustls::version::TLS13];
 
+        let verifier_error = |source| TlsConfigError::Verifier {
+            origin: ca.origin.clone(),
+            source,
+        };
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
-                .map_err(|e| format!("{}: {e}", ca.origin))?;
-        check_own_certificate(&chain, &roots, &client_verifier, &provider).map_err(|why| {
-            format!(
-                "{} is not usable by a Ferry host: {why} (it must be signed by a CA in {}, \
-                 carry the DNS subject alternative name '{TLS_SERVER_NAME}', be valid now, \
-                 and allow both serverAuth and clientAuth)",
-                cert.origin, ca.origin
-            )
-        })?;
-        let key_error = |e: rustls::Error| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                format!("{} is not the key of {} ({e})", key.origin, cert.origin)
-            }
-            e => format!("{}: {e}", key.origin),
+                .map_err(verifier_error)?;
+        let server_verifier =
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(verifier_error)?;
+        check_own_certificate(&chain, &*server_verifier, &*client_verifier).map_err(
+            |(role, source)| TlsConfigError::Unusable {
+                cert: cert.origin.clone(),
+                ca: ca.origin.clone(),
+                role,
+                source: Box::new(source),
+            },
+        )?;
+        let key_error = |source: rustls::Error| match source {
+            rustls::Error::InconsistentKeys(_) => TlsConfigError::KeyMismatch {
+                key: key.origin.clone(),
+                cert: cert.origin.clone(),
+                source: Box::new(source),
+            },
+            source => TlsConfigError::Key {
+                origin: key.origin.clone(),
+                source: Box::new(source),
+            },
         };
+        let protocol_error = |source| TlsConfigError::Protocol(Box::new(source));
 
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
-            .map_err(|e| e.to_string())?
+            .map_err(protocol_error)?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain.clone(), private_key.clone_key())
             .map_err(key_error)?;
@@ -173,7 +293,7 @@ impl TlsConfig {
 
         let mut https = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
-            .map_err(|e| e.to_string())?
+            .map_err(protocol_error)?
             .with_no_client_auth()
             .with_single_cert(chain.clone(), private_key.clone_key())
             .map_err(key_error)?;
@@ -181,7 +301,7 @@ impl TlsConfig {
 
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
-            .map_err(|e| e.to_string())?
+            .map_err(protocol_error)?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, private_key)
             .map_err(key_error)?;
@@ -226,40 +346,37 @@ impl TlsConfig {
     }
 }
 
-fn certificates(pem: &Pem<'_>) -> Result<Vec<CertificateDer<'static>>, String> {
+fn certificates(pem: &Pem<'_>) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let certs = CertificateDer::pem_slice_iter(pem.bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", pem.origin))?;
+        .map_err(|source| TlsConfigError::Pem {
+            origin: pem.origin.clone(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            pem.origin
-        ));
+        return Err(TlsConfigError::NoCertificate {
+            origin: pem.origin.clone(),
+        });
     }
     Ok(certs)
 }
 
 /// Checks our own certificate as the peers will: as a server for [`TLS_SERVER_NAME`], and
-/// as a client.
+/// as a client; a failure names the role it failed in.
 fn check_own_certificate(
     chain: &[CertificateDer<'static>],
-    roots: &Arc<RootCertStore>,
-    client_verifier: &Arc<dyn ClientCertVerifier>,
-    provider: &Arc<CryptoProvider>,
-) -> Result<(), String> {
+    server_verifier: &dyn ServerCertVerifier,
+    client_verifier: &dyn ClientCertVerifier,
+) -> Result<(), (&'static str, rustls::Error)> {
     let (end_entity, intermediates) = chain.split_first().expect("at least one certificate");
     let now = UnixTime::now();
-    let server_verifier =
-        WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| e.to_string())?;
     let name = ServerName::try_from(TLS_SERVER_NAME).expect("a valid DNS name");
     server_verifier
         .verify_server_cert(end_entity, intermediates, &name, &[], now)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ("server", e))?;
     client_verifier
         .verify_client_cert(end_entity, intermediates, now)
-        .map_err(|e| format!("as a client certificate: {e}"))?;
+        .map_err(|e| ("client", e))?;
     Ok(())
 }
 
@@ -658,8 +775,16 @@ mod tests {
     }
 
     fn config_error(id: &Identity, ca: &str) -> String {
-        TlsConfig::from_pem(id.cert.as_bytes(), id.key.as_bytes(), ca.as_bytes())
-            .expect_err("a bad configuration")
+        load_error(TlsConfig::from_pem(
+            id.cert.as_bytes(),
+            id.key.as_bytes(),
+            ca.as_bytes(),
+        ))
+    }
+
+    /// The whole message of a refused configuration.
+    fn load_error(loaded: Result<TlsConfig, TlsConfigError>) -> String {
+        crate::error_chain(&loaded.expect_err("a bad configuration"))
     }
 
     #[test]
@@ -675,7 +800,7 @@ mod tests {
         // A server-only certificate cannot serve as a client one.
         let server_only = ca.issue(&["ferry-host"], vec![ExtendedKeyUsagePurpose::ServerAuth]);
         let why = config_error(&server_only, &ca.cert);
-        assert!(why.contains("client"), "{why}");
+        assert!(why.contains("as a TLS client"), "{why}");
         // Without an extended key usage it can serve as both.
         config(&ca.issue(&["ferry-host"], Vec::new()), &ca.cert);
         // A key that is not the certificate's.
@@ -687,14 +812,34 @@ mod tests {
         assert!(why.contains("is not the key of"), "{why}");
         // Empty or missing files.
         let host = ca.host();
-        let why = TlsConfig::from_pem(b"", host.key.as_bytes(), ca.cert.as_bytes()).unwrap_err();
+        let why = load_error(TlsConfig::from_pem(
+            b"",
+            host.key.as_bytes(),
+            ca.cert.as_bytes(),
+        ));
         assert!(why.contains("no PEM certificate"), "{why}");
-        let why = TlsConfig::from_pem(host.cert.as_bytes(), b"", ca.cert.as_bytes()).unwrap_err();
+        let why = load_error(TlsConfig::from_pem(
+            host.cert.as_bytes(),
+            b"",
+            ca.cert.as_bytes(),
+        ));
         assert!(why.contains("no PEM private key"), "{why}");
-        let why = TlsConfig::from_pem(host.cert.as_bytes(), host.key.as_bytes(), b"").unwrap_err();
+        let why = load_error(TlsConfig::from_pem(
+            host.cert.as_bytes(),
+            host.key.as_bytes(),
+            b"",
+        ));
         assert!(why.contains("CA certificate"), "{why}");
         let missing = Path::new("/nonexistent/ferry.crt");
-        let why = TlsConfig::from_pem_files(missing, missing, missing).unwrap_err();
-        assert!(why.contains("/nonexistent/ferry.crt"), "{why}");
+        let loaded = TlsConfig::from_pem_files(missing, missing, missing);
+        assert!(
+            matches!(&loaded, Err(TlsConfigError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound),
+            "{loaded:?}"
+        );
+        let why = load_error(loaded);
+        assert!(
+            why.starts_with("cannot read the TLS certificate /nonexistent/ferry.crt: "),
+            "{why}"
+        );
     }
 }

@@ -27,8 +27,7 @@ impl TlsArgs {
     pub fn config(&self) -> anyhow::Result<Option<ferry_migrate::TlsConfig>> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Ok(Some(
-                ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)
-                    .map_err(anyhow::Error::msg)?,
+                ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)?,
             )),
             _ => Ok(None),
         }
