@@ -1120,7 +1120,8 @@ impl Host {
         })?;
         let backend = match req.backend.as_deref() {
             None => self.config.backend,
-            Some(name) => ferry_accel::backend::by_name(name).map_err(HostError::BadRequest)?,
+            Some(name) => ferry_accel::backend::by_name(name)
+                .map_err(|e| HostError::BadRequest(error_chain(&e)))?,
         };
         let (files, pinned) = self.attach(&req.attach)?;
         let reservation = self.reserve(&config)?;

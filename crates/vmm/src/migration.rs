@@ -148,7 +148,7 @@ pub fn incompatibility(vm: &VmDescription) -> Option<String> {
     match backend::by_name(kind).map(local_description) {
         Ok(Some(local)) => vm.incompatibility(&local),
         Ok(None) => Some(format!("accelerator backend '{kind}' does not start here")),
-        Err(why) => Some(why),
+        Err(why) => Some(ferry_migrate::error_chain(&why)),
     }
 }
 

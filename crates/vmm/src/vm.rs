@@ -240,6 +240,9 @@ pub enum CreateVmError {
     /// The snapshot's state does not describe a VM this VMM can build.
     #[error("snapshot is incompatible: {0}")]
     Incompatible(String),
+    /// This host has not the accelerator backend the VM needs.
+    #[error(transparent)]
+    Backend(#[from] backend::BackendUnavailable),
     /// The attached files could not be opened, or are not the VM's.
     #[error("attached files")]
     Files(#[source] AttachError),
@@ -458,8 +461,11 @@ fn accel_disagrees() -> CreateVmError {
 
 /// A backend of `kind` on this host, or the error naming what it has.
 fn create_backend(kind: &str, host: &HostOptions) -> Result<Box<dyn Backend>, CreateVmError> {
-    backend::create(kind, host.accel_threads, &host.device_memory)
-        .map_err(CreateVmError::Incompatible)
+    Ok(backend::create(
+        kind,
+        host.accel_threads,
+        &host.device_memory,
+    )?)
 }
 
 fn open_vm(config: &VmConfig) -> Result<(Arc<Kvm>, VmFd, GuestRam), CreateVmError> {

@@ -622,8 +622,35 @@ enum LocalGpu {
     Emulated(Arc<cuda::emulator::Emulator>),
 }
 
+/// Why this host has no cuda backend ([`cuda_kind`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NoGpu {
+    /// No GPU, driver or compiler, or the GPU failed to open.
+    #[error(transparent)]
+    Gpu(#[from] cuda::GpuError),
+    /// `FERRY_CUDA_EMULATOR=1`, and the emulated GPU could not be built.
+    #[error("cannot build the emulated GPU (FERRY_CUDA_EMULATOR=1)")]
+    Emulator(#[from] cuda::emulator::EmulatorError),
+}
+
+/// A backend asked for by name that this host does not have ([`by_name`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "accelerator backend '{name}' is not available here (this host has: {})",
+    available.join(", ")
+)]
+pub struct BackendUnavailable {
+    /// The name asked for.
+    pub name: String,
+    /// The kinds this host has.
+    pub available: Vec<&'static str>,
+    /// Why it has no GPU, where that is the backend asked for.
+    #[source]
+    pub no_gpu: Option<&'static NoGpu>,
+}
+
 /// This host's GPU once [`cuda`] has opened it (or failed to).
-static CUDA: std::sync::OnceLock<Result<(LocalGpu, &'static str), String>> =
+static CUDA: std::sync::OnceLock<Result<(LocalGpu, &'static str), NoGpu>> =
     std::sync::OnceLock::new();
 
 /// This host's GPU, opened once (compiling the kernels takes about a second), and its
@@ -634,27 +661,31 @@ static CUDA: std::sync::OnceLock<Result<(LocalGpu, &'static str), String>> =
 /// With `FERRY_CUDA_EMULATOR=1` the "GPU" is `kernels.cu` compiled by the host's C++
 /// compiler and run on one CPU thread, kind `cuda-emulated`: slow, but it runs whole VMs
 /// on the cuda backend's code where there is no GPU (the tests do).
-fn cuda() -> Result<&'static (LocalGpu, &'static str), String> {
+fn cuda() -> Result<&'static (LocalGpu, &'static str), &'static NoGpu> {
     CUDA.get_or_init(|| {
         if std::env::var("FERRY_CUDA_EMULATOR").is_ok_and(|v| v == "1") {
             let dir =
                 std::env::temp_dir().join(format!("ferry-cuda-emulator-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&dir).map_err(|source| {
+                cuda::emulator::EmulatorError::Write {
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
             let built = cuda::emulator::Emulator::build(&dir);
             // Loaded, the library no longer needs its files.
             let _ = std::fs::remove_dir_all(&dir);
             return Ok((LocalGpu::Emulated(Arc::new(built?)), "cuda-emulated"));
         }
-        let gpu = cuda::driver::CudaGpu::open().map_err(|e| e.to_string())?;
+        let gpu = cuda::driver::CudaGpu::open()?;
         let kind: &'static str = format!("cuda-{}", gpu.determinism_key()).leak();
         Ok((LocalGpu::Cuda(Arc::new(gpu)), kind))
     })
     .as_ref()
-    .map_err(Clone::clone)
 }
 
 /// The cuda backend's kind on this host, or why there is none.
-pub fn cuda_kind() -> Result<&'static str, String> {
+pub fn cuda_kind() -> Result<&'static str, &'static NoGpu> {
     cuda().map(|(_, kind)| *kind)
 }
 
@@ -669,25 +700,23 @@ pub fn cuda_gpu() -> Option<Arc<cuda::driver::CudaGpu>> {
 
 /// The kind of backend `name` (`cpu`, `cuda`, or an exact kind) on this host, or why this
 /// host has none.
-pub fn by_name(name: &str) -> Result<&'static str, String> {
+pub fn by_name(name: &str) -> Result<&'static str, BackendUnavailable> {
     if name == CPU {
         return Ok(CPU);
     }
     match cuda_kind() {
         Ok(kind) if name == "cuda" || name == kind => Ok(kind),
-        found => Err(format!(
-            "accelerator backend '{name}' is not available here (this host has: {}){}",
-            available().join(", "),
-            found
-                .err()
-                .map_or_else(String::new, |why| format!(": {why}"))
-        )),
+        found => Err(BackendUnavailable {
+            name: name.to_string(),
+            available: available(),
+            no_gpu: found.err(),
+        }),
     }
 }
 
 /// The backend kinds this host can run (opening its GPU, if it has one, the first time).
 pub fn available() -> Vec<&'static str> {
-    drop(cuda());
+    let _ = cuda();
     available_now()
 }
 
@@ -707,20 +736,22 @@ pub fn available_now() -> Vec<&'static str> {
 pub fn probe_gpu() {
     let probing = std::thread::Builder::new()
         .name("gpu-probe".into())
-        .spawn(|| drop(cuda()));
+        .spawn(|| {
+            let _ = cuda();
+        });
     if let Err(e) = probing {
         tracing::warn!("cannot probe for a GPU: {e}");
     }
 }
 
 /// The backend kind `choice` gives on this host, and in words why (for `auto`).
-pub fn resolve(choice: BackendChoice) -> Result<(&'static str, String), String> {
+pub fn resolve(choice: BackendChoice) -> Result<(&'static str, String), BackendUnavailable> {
     match choice {
         BackendChoice::Cpu => Ok((CPU, "asked for".into())),
         BackendChoice::Cuda => by_name("cuda").map(|kind| (kind, "asked for".into())),
         BackendChoice::Auto => Ok(match cuda_kind() {
             Ok(kind) => (kind, "auto: this host has a GPU".into()),
-            Err(why) => (CPU, format!("auto: {why}")),
+            Err(why) => (CPU, format!("auto: {}", ferry_migrate::error_chain(why))),
         }),
     }
 }
@@ -732,7 +763,7 @@ pub fn create(
     kind: &str,
     threads: usize,
     memory: &DeviceMemory,
-) -> Result<Box<dyn Backend>, String> {
+) -> Result<Box<dyn Backend>, BackendUnavailable> {
     let kind = by_name(kind)?;
     if kind == CPU {
         return Ok(Box::new(cpu::CpuBackend::new(
@@ -740,7 +771,11 @@ pub fn create(
             memory.clone(),
         )));
     }
-    let (gpu, local) = cuda()?;
+    let (gpu, local) = cuda().map_err(|no_gpu| BackendUnavailable {
+        name: kind.to_string(),
+        available: available(),
+        no_gpu: Some(no_gpu),
+    })?;
     Ok(match gpu {
         LocalGpu::Cuda(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
         LocalGpu::Emulated(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),

@@ -43,7 +43,7 @@ impl BackendArgs {
             Backend::Cuda => BackendChoice::Cuda,
             Backend::Auto => BackendChoice::Auto,
         };
-        let (kind, why) = backend::resolve(choice).map_err(anyhow::Error::msg)?;
+        let (kind, why) = backend::resolve(choice)?;
         if self.backend != Backend::Cpu {
             eprintln!("ferry: accelerator backend {kind} ({why})");
         }

@@ -20,7 +20,7 @@ use crate::cmd::bench::{figure, Emit};
 
 /// The cuda backend of this host, or the reason there is none.
 fn cuda_backend() -> anyhow::Result<Box<dyn Backend>> {
-    backend::create("cuda", 1, &DeviceMemory::default()).map_err(anyhow::Error::msg)
+    Ok(backend::create("cuda", 1, &DeviceMemory::default())?)
 }
 
 /// Fills buffer `id` (`n` f32) with uniform values.
@@ -333,8 +333,7 @@ fn decode_profile(gpu: &mut dyn Backend, emit: &mut Emit, emulated: bool) -> any
         backend::CPU,
         ferry_vmm::vm::default_accel_threads(),
         &DeviceMemory::default(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     let (gpu_layer, cpu_layer, each) = profile(gpu, cpu.as_mut(), decode_layer(d, len), reps)?;
     emit(figure(
         "gpu_decode_layer",

@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{Args, Gpu, GpuError, Launch, ENTRY_POINTS, KERNELS_CU};
@@ -26,6 +27,44 @@ impl HostMemory {
 /// copies wait for them (kernels write memory through raw addresses).
 static RUNNING: Mutex<()> = Mutex::new(());
 
+/// Why the emulated GPU could not be built ([`Emulator::build`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    /// A source file could not be written.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The error writing it.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The C++ compiler (`$CXX`, else `c++`) could not be run.
+    #[error("cannot run the C++ compiler {compiler}")]
+    RunCompiler {
+        /// The compiler's command.
+        compiler: String,
+        /// The error running it.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `kernels.cu` did not compile as C++.
+    #[error("kernels.cu does not compile as C++:\n{stderr}")]
+    Compile {
+        /// What the compiler said.
+        stderr: String,
+    },
+    /// The compiled library could not be loaded.
+    #[error("cannot load the emulated kernels {}", path.display())]
+    Load {
+        /// The library.
+        path: PathBuf,
+    },
+    /// An entry point is missing from the library.
+    #[error("no symbol {0} in the emulated kernels")]
+    NoSymbol(&'static str),
+}
+
 /// `kernels.cu` on the CPU.
 #[derive(Clone)]
 pub struct Emulator {
@@ -41,11 +80,14 @@ unsafe impl Sync for Emulator {}
 
 impl Emulator {
     /// Compiles `kernels.cu` into `dir` and loads it.
-    pub fn build(dir: &Path) -> Result<Self, String> {
+    pub fn build(dir: &Path) -> Result<Self, EmulatorError> {
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|source| EmulatorError::Write { path, source })
+        };
+        write("kernels.cpp", KERNELS_CU)?;
+        write("emulated.h", include_str!("emulated.h"))?;
         let source = dir.join("kernels.cpp");
-        std::fs::write(&source, KERNELS_CU).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("emulated.h"), include_str!("emulated.h"))
-            .map_err(|e| e.to_string())?;
         let library = dir.join("kernels.so");
         let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let out = std::process::Command::new(&compiler)
@@ -59,25 +101,30 @@ impl Emulator {
             .arg(&library)
             .arg(&source)
             .output()
-            .map_err(|e| format!("cannot run the C++ compiler {compiler}: {e}"))?;
+            .map_err(|source| EmulatorError::RunCompiler {
+                compiler: compiler.clone(),
+                source,
+            })?;
         if !out.status.success() {
-            return Err(format!(
-                "kernels.cu does not compile as C++:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(EmulatorError::Compile {
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
         }
-        let path = CString::new(library.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+        let load_failed = || EmulatorError::Load {
+            path: library.clone(),
+        };
+        let path = CString::new(library.as_os_str().as_bytes()).map_err(|_| load_failed())?;
         // SAFETY: loads a library we just built; its initializers are the compiler's.
         let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if handle.is_null() {
-            return Err("cannot load the emulated kernels".into());
+            return Err(load_failed());
         }
-        let symbol = |name: &str| -> Result<*mut libc::c_void, String> {
-            let c = CString::new(name).map_err(|e| e.to_string())?;
+        let symbol = |name: &'static str| -> Result<*mut libc::c_void, EmulatorError> {
+            let c = CString::new(name).map_err(|_| EmulatorError::NoSymbol(name))?;
             // SAFETY: `handle` is a loaded library; `c` a NUL-terminated name.
             let s = unsafe { libc::dlsym(handle, c.as_ptr()) };
             if s.is_null() {
-                Err(format!("no symbol {name} in the emulated kernels"))
+                Err(EmulatorError::NoSymbol(name))
             } else {
                 Ok(s)
             }
