@@ -62,8 +62,65 @@ fn mib(bytes: u64) -> u64 {
     bytes >> 20
 }
 
+/// Why no host can take a VM ([`choose`]): what was needed and what the hosts have.
+#[derive(Debug, thiserror::Error)]
+pub enum NoRoom {
+    /// There is no host to choose from.
+    #[error("no host is up and in service")]
+    NoHost,
+    /// No host runs the VM's accelerator backend.
+    #[error(
+        "no host in service runs the VM's accelerator backend {backend} (hosts: {})",
+        backends_of(hosts)
+    )]
+    NoBackend {
+        /// The backend the VM runs on.
+        backend: Arc<str>,
+        /// The hosts there were.
+        hosts: Vec<HostLoad>,
+    },
+    /// No host has the room.
+    #[error(
+        "no host has {} MiB of accelerator memory and {} MiB of VM memory free (free: {})",
+        mib(need.accel),
+        mib(need.memory),
+        room_of(hosts)
+    )]
+    Full {
+        /// What the VM needs.
+        need: Need,
+        /// The hosts there were.
+        hosts: Vec<HostLoad>,
+    },
+}
+
+/// Each host's name and backends, for a person.
+fn backends_of(hosts: &[HostLoad]) -> String {
+    hosts
+        .iter()
+        .map(|h| format!("{} {}", h.name, h.backends.join("+")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Each host's name and free room, for a person.
+fn room_of(hosts: &[HostLoad]) -> String {
+    hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {} MiB accel / {} MiB memory",
+                h.name,
+                mib(h.accel_free),
+                mib(h.memory_free)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The host for a VM needing `need`, among `hosts`; or why none fits.
-pub fn choose<'h>(hosts: &'h [HostLoad], need: &Need) -> Result<&'h HostLoad, String> {
+pub fn choose<'h>(hosts: &'h [HostLoad], need: &Need) -> Result<&'h HostLoad, NoRoom> {
     hosts
         .iter()
         .filter(|h| fits(h, need))
@@ -76,43 +133,26 @@ pub fn choose<'h>(hosts: &'h [HostLoad], need: &Need) -> Result<&'h HostLoad, St
         .ok_or_else(|| no_room(hosts, need))
 }
 
-/// Why no host fits: what was needed and what each host has free.
-fn no_room(hosts: &[HostLoad], need: &Need) -> String {
+/// Why no host fits `need`.
+fn no_room(hosts: &[HostLoad], need: &Need) -> NoRoom {
     if hosts.is_empty() {
-        return "no host is up and in service".into();
+        return NoRoom::NoHost;
     }
-    if let Some(backend) = need.backend.as_deref() {
+    if let Some(backend) = &need.backend {
         if !hosts
             .iter()
             .any(|h| ferry_api::runs_backend(&h.backends, backend))
         {
-            return format!(
-                "no host in service runs the VM's accelerator backend {backend} (hosts: {})",
-                hosts
-                    .iter()
-                    .map(|h| format!("{} {}", h.name, h.backends.join("+")))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            return NoRoom::NoBackend {
+                backend: backend.clone(),
+                hosts: hosts.to_vec(),
+            };
         }
     }
-    let free: Vec<String> = hosts
-        .iter()
-        .map(|h| {
-            format!(
-                "{} {} MiB accel / {} MiB memory",
-                h.name,
-                mib(h.accel_free),
-                mib(h.memory_free)
-            )
-        })
-        .collect();
-    format!(
-        "no host has {} MiB of accelerator memory and {} MiB of VM memory free (free: {})",
-        mib(need.accel),
-        mib(need.memory),
-        free.join(", ")
-    )
+    NoRoom::Full {
+        need: need.clone(),
+        hosts: hosts.to_vec(),
+    }
 }
 
 /// Takes `need` off `host`'s free room (a placement made in a plan).
@@ -167,15 +207,16 @@ mod tests {
     fn no_room_says_what_was_needed_and_what_is_free() {
         let hosts = [host("a", 100, 8000), host("b", 200, 8000)];
         let why = choose(&hosts, &Need::of(256 << 20, 1 << 30)).unwrap_err();
+        assert!(matches!(why, NoRoom::Full { .. }), "{why:?}");
+        let why = why.to_string();
         assert!(why.contains("1024 MiB of accelerator memory"), "{why}");
         assert!(
             why.contains("a 100 MiB accel") && why.contains("b 200 MiB"),
             "{why}"
         );
-        assert_eq!(
-            choose(&[], &Need::of(0, 0)).unwrap_err(),
-            "no host is up and in service"
-        );
+        let why = choose(&[], &Need::of(0, 0)).unwrap_err();
+        assert!(matches!(why, NoRoom::NoHost), "{why:?}");
+        assert_eq!(why.to_string(), "no host is up and in service");
     }
 
     #[test]
@@ -209,6 +250,8 @@ mod tests {
         );
         assert_eq!(choose(&hosts, &Need::of_vm(&vm(None))).unwrap().name, "a");
         let why = choose(&hosts[..1], &cuda).unwrap_err();
+        assert!(matches!(why, NoRoom::NoBackend { .. }), "{why:?}");
+        let why = why.to_string();
         assert!(
             why.contains("backend cuda-sm_90-d13") && why.contains("a cpu"),
             "{why}"

@@ -199,6 +199,40 @@ pub enum HoldError {
     },
 }
 
+/// Why a received file was not taken ([`FileStore::finish`]); it is deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError {
+    /// Its content is not the one offered.
+    #[error("attached file '{name}' arrived damaged")]
+    Damaged {
+        /// The file's name in the VM.
+        name: String,
+        /// How it differs.
+        #[source]
+        source: Box<AttachError>,
+    },
+    /// It could not be checked.
+    #[error("cannot check the received attached file '{name}'")]
+    Check {
+        /// The file's name in the VM.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<AttachError>,
+    },
+}
+
+/// Received bytes could not be written to a file's part file ([`IncomingFile::write_at`]).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {}", part.display())]
+pub struct PartWriteError {
+    /// The part file.
+    pub part: PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Why a received file could not be put in the store.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot move {} into the file store as {}", part.display(), stored.display())]
@@ -971,7 +1005,7 @@ impl FileStore {
     /// The received file `incoming`, if its content is the one offered, opened as an
     /// attached file known by its place in the store, where [`ReceivedFile::keep`] puts
     /// it once its VM is adopted. Otherwise it is deleted.
-    pub fn finish(&self, incoming: IncomingFile) -> Result<ReceivedFile, String> {
+    pub fn finish(&self, incoming: IncomingFile) -> Result<ReceivedFile, FinishError> {
         let IncomingFile { info, mut part } = incoming;
         // Written whole, or deleted below: no longer space to come.
         part.settle();
@@ -980,15 +1014,12 @@ impl FileStore {
         // or another file with the right content, is not.
         let file =
             AttachedFile::open_expecting_checked(&info, &part.path, &|f| same_file(f, &part.file))
-                .map_err(|e| match e {
-                    AttachError::Changed { .. } => {
-                        format!("attached file '{}' arrived damaged: {e}", info.name)
+                .map_err(|e| {
+                    let (name, source) = (info.name.clone(), Box::new(e));
+                    match *source {
+                        AttachError::Changed { .. } => FinishError::Damaged { name, source },
+                        _ => FinishError::Check { name, source },
                     }
-                    e => format!(
-                        "cannot check the received attached file '{}': {}",
-                        info.name,
-                        ferry_migrate::error_chain(&e)
-                    ),
                 })?;
         Ok(ReceivedFile {
             file: file.moved_to(self.stored_path(&info.sha256)),
@@ -999,11 +1030,14 @@ impl FileStore {
 
 impl IncomingFile {
     /// Writes received bytes (the engine checked the range against the offer).
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), PartWriteError> {
         self.part
             .file
             .write_all_at(data, offset)
-            .map_err(|e| format!("cannot write {}: {e}", self.part.path.display()))
+            .map_err(|source| PartWriteError {
+                part: self.part.path.clone(),
+                source,
+            })
     }
 }
 
@@ -1372,7 +1406,12 @@ pub(crate) mod tests {
         incoming.write_at(0, &content[..999]).unwrap(); // the last byte stays zero
         let part = incoming.part.path.clone();
         let err = store.finish(incoming).unwrap_err();
-        assert!(err.contains("arrived damaged"), "{err}");
+        assert!(matches!(err, FinishError::Damaged { .. }), "{err:?}");
+        let err = ferry_migrate::error_chain(&err);
+        assert!(
+            err.starts_with("attached file 'data' arrived damaged: "),
+            "{err}"
+        );
         assert!(!part.exists(), "a damaged file is deleted");
         // A hash that would be a path, and more bytes than any disk has.
         let mut evil = o.clone();

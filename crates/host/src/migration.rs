@@ -462,13 +462,13 @@ impl MigrationTarget for VmTarget {
             _ => None,
         };
         let written = match incoming {
-            Some(incoming) => incoming.write_at(offset, data),
+            Some(incoming) => incoming.write_at(offset, data).map_err(Cause::from),
             None => Err("the file is not being received".into()),
         };
-        written.map_err(|e| VmError::WriteFile {
+        written.map_err(|source| VmError::WriteFile {
             file,
             offset,
-            source: e.into(),
+            source,
         })
     }
 

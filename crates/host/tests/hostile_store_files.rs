@@ -118,7 +118,7 @@ fn a_part_file_replaced_before_its_check_is_refused() {
         } else {
             std::fs::copy(&outside, &part).unwrap();
         }
-        let err = store.finish(incoming).unwrap_err();
+        let err = ferry_migrate::error_chain(&store.finish(incoming).unwrap_err());
         assert!(err.contains("'data'") && err.contains("replaced"), "{err}");
         // Nothing of it is left in the store, and the file elsewhere is untouched.
         assert!(parts(&store).is_empty(), "link {link}");
