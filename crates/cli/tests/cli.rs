@@ -209,6 +209,40 @@ fn client_commands_say_what_is_missing() {
 }
 
 #[test]
+fn a_secret_file_every_user_may_read_is_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+    let list = || {
+        let args = [
+            "vm",
+            "list",
+            "--host",
+            "http://127.0.0.1:1",
+            "--secret-file",
+        ];
+        let path = secret.to_str().unwrap();
+        text(&ferry_with(&[], &[&args[..], &[path]].concat()).stderr)
+    };
+    let chmod = |mode| std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode));
+    chmod(0o644).unwrap();
+    let err = list();
+    assert!(
+        err.contains(&format!(
+            "every user of this machine may read {} (mode 0644)",
+            secret.display()
+        )) && err.contains("chmod o-r"),
+        "{err}"
+    );
+    chmod(0o600).unwrap();
+    let err = list();
+    assert!(!err.contains("every user"), "{err}");
+    // The secret was used either way: the API was asked (and is not there).
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+#[test]
 fn a_credential_given_but_unusable_is_named_not_called_missing() {
     let refused = "http://127.0.0.1:1";
     // A secret too short is the variable's or the file's fault, not a lack of credentials.

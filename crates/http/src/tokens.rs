@@ -472,6 +472,12 @@ impl Tokens {
                 if !errors.is_empty() {
                     return Err(errors.swap_remove(0));
                 }
+                if let Some(mode) = ferry_migrate::auth::readable_by_everyone(path) {
+                    tracing::warn!(
+                        "every user of this machine may read the API token file {} (mode {mode:04o}) and use its tokens: chmod o-r it",
+                        path.display()
+                    );
+                }
                 let current = Arc::new(RwLock::new(read.tokens.clone()));
                 let (asks, asked) = mpsc::channel();
                 let shared = current.clone();

@@ -167,6 +167,16 @@ pub fn read_regular_credential_file(path: &Path, most: u64) -> std::io::Result<V
     read_at_most(file, most)
 }
 
+/// The mode of the credential file at `path` if every user may read it (a regular file
+/// with `o+r`): any of them could then act with what it holds, so the daemons and the
+/// CLI warn. A pipe, a file only its owner or group reads, or a path not there: `None`.
+pub fn readable_by_everyone(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode() & 0o7777;
+    (meta.is_file() && mode & 0o004 != 0).then_some(mode)
+}
+
 /// Everything `file` holds, refused past `most` bytes (nothing more is read).
 fn read_at_most(file: std::fs::File, most: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
@@ -386,6 +396,32 @@ mod tests {
                 .unwrap()
                 .derive(Purpose::HostApi)
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_credential_file_every_user_may_read_is_told_apart() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-secret-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+        let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode));
+        chmod(0o644).unwrap();
+        assert_eq!(readable_by_everyone(&file), Some(0o644));
+        chmod(0o604).unwrap();
+        assert_eq!(readable_by_everyone(&file), Some(0o604));
+        for private in [0o600, 0o640, 0o400] {
+            chmod(private).unwrap();
+            assert_eq!(readable_by_everyone(&file), None, "{private:o}");
+        }
+        // A pipe (process substitution) is nobody else's, and a missing path is no file.
+        let fifo = dir.join("fifo");
+        ferry_testdata::make_fifo(&fifo);
+        std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(readable_by_everyone(&fifo), None);
+        assert_eq!(readable_by_everyone(&dir.join("missing")), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

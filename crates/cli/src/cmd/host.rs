@@ -22,7 +22,9 @@ impl SecretArgs {
     pub fn secret(&self) -> anyhow::Result<Secret> {
         // Errors name where the secret came from: a short one may have come from either.
         if let Some(path) = &self.secret_file {
-            return Ok(Secret::from_file(path)?);
+            let secret = Secret::from_file(path)?;
+            crate::cmd::warn_if_everyone_reads(path, "act as any host of the cluster");
+            return Ok(secret);
         }
         match std::env::var_os("FERRY_SECRET") {
             Some(s) => {

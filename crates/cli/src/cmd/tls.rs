@@ -26,9 +26,11 @@ impl TlsArgs {
     /// The TLS configuration the flags give, or `None` without them.
     pub fn config(&self) -> anyhow::Result<Option<ferry_migrate::TlsConfig>> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(
-                ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)?,
-            )),
+            (Some(cert), Some(key), Some(ca)) => {
+                let config = ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)?;
+                crate::cmd::warn_if_everyone_reads(key, "pose as this daemon");
+                Ok(Some(config))
+            }
             _ => Ok(None),
         }
     }
