@@ -45,10 +45,41 @@ pub fn find(name: &str) -> Option<&'static GuestImage> {
 /// naming a device, a pipe or a model file is refused before it is read.
 pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
+/// Why a workload has no guest image ([`resolve`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// No built-in guest has the name, and it is no path.
+    #[error(
+        "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
+        user_images().join(", ")
+    )]
+    NotFound {
+        /// The name asked for.
+        workload: String,
+    },
+    /// The file named could not be read, or is no regular file of a guest image's size.
+    #[error("cannot read guest image {}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The names of the built-in guests for users (not the tests').
+fn user_images() -> Vec<&'static str> {
+    ALL.iter()
+        .filter(|i| !i.test_only)
+        .map(|i| i.name)
+        .collect()
+}
+
 /// The ELF for `workload`: a built-in name, or a path (anything with a `/` or naming a
 /// file) to a regular file of at most [`MAX_IMAGE_BYTES`]. The error names the built-in
 /// workloads.
-pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String> {
+pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, ImageError> {
     if let Some(image) = find(workload) {
         return Ok(std::borrow::Cow::Borrowed(image.elf));
     }
@@ -61,24 +92,21 @@ pub fn resolve(workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, String
 
 /// The guest ELF in the file at `path`, read as [`resolve`] reads a path: a regular file
 /// of at most [`MAX_IMAGE_BYTES`].
-pub fn read_file(path: &std::path::Path) -> Result<std::borrow::Cow<'static, [u8]>, String> {
+pub fn read_file(path: &std::path::Path) -> Result<std::borrow::Cow<'static, [u8]>, ImageError> {
     read_checked(path, |_| Ok(()))
         .map(std::borrow::Cow::Owned)
-        .map_err(|e| format!("cannot read guest image {}: {e}", path.display()))
+        .map_err(|source| ImageError::Read {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Why `workload` names no guest: no built-in one has the name (the error names those
 /// there are).
-pub fn not_found(workload: &str) -> String {
-    let names: Vec<&str> = ALL
-        .iter()
-        .filter(|i| !i.test_only)
-        .map(|i| i.name)
-        .collect();
-    format!(
-        "no workload named '{workload}' (built in: {}; or give a path to a guest ELF)",
-        names.join(", ")
-    )
+pub fn not_found(workload: &str) -> ImageError {
+    ImageError::NotFound {
+        workload: workload.to_string(),
+    }
 }
 
 /// The guest ELF in the regular file at `path`, if it holds at most [`MAX_IMAGE_BYTES`]:
@@ -159,14 +187,27 @@ mod tests {
     #[test]
     fn only_a_regular_file_of_a_guest_images_size_is_read() {
         let err = resolve("/dev/zero").unwrap_err();
-        assert!(err.contains("not a regular file"), "{err}");
+        let ImageError::Read { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(source.to_string(), "not a regular file");
         let dir = std::env::temp_dir().join(format!("ferry-images-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let large = dir.join("large.elf");
         let file = std::fs::File::create(&large).unwrap();
         file.set_len(MAX_IMAGE_BYTES + 1).unwrap();
         let err = resolve(large.to_str().unwrap()).unwrap_err();
-        assert!(err.contains("larger than 64 MiB"), "{err}");
+        let ImageError::Read { source, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(source.to_string(), "larger than 64 MiB");
+        // A name that is no path names the built-in guests for users, not the tests'.
+        let err = resolve("no-such-guest").unwrap_err().to_string();
+        assert!(
+            err.contains("'no-such-guest'") && err.contains("llm-chat"),
+            "{err}"
+        );
+        assert!(!err.contains("channel-abuse"), "{err}");
         file.set_len(4096).unwrap();
         assert_eq!(resolve(large.to_str().unwrap()).unwrap().len(), 4096);
         let _ = std::fs::remove_dir_all(&dir);

@@ -818,12 +818,13 @@ impl Host {
     fn guest_image(&self, workload: &str) -> Result<std::borrow::Cow<'static, [u8]>, HostError> {
         let confined = matches!(self.config.attach, AttachPolicy::Under(_));
         if !confined || ferry_guest_images::find(workload).is_some() {
-            return ferry_guest_images::resolve(workload).map_err(HostError::BadRequest);
+            return ferry_guest_images::resolve(workload)
+                .map_err(|e| HostError::BadRequest(error_chain(&e)));
         }
         if !workload.contains('/') {
-            return Err(HostError::BadRequest(ferry_guest_images::not_found(
-                workload,
-            )));
+            return Err(HostError::BadRequest(
+                ferry_guest_images::not_found(workload).to_string(),
+            ));
         }
         let path = (self.config.attach)
             .admit(std::path::Path::new(workload))

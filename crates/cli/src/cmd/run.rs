@@ -13,7 +13,7 @@ use crate::{RestoreArgs, RunArgs, EXIT_VM_FAILED};
 
 /// The ELF for `workload`: a built-in name or a path.
 pub fn resolve_image(workload: &str) -> anyhow::Result<Cow<'static, [u8]>> {
-    ferry_guest_images::resolve(workload).map_err(anyhow::Error::msg)
+    Ok(ferry_guest_images::resolve(workload)?)
 }
 
 /// Console on stdout, and the accelerator thread count asked for (else all cores).
