@@ -81,6 +81,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..),
           requires = "accel_memory")]
     pub accel_threads: Option<u16>,
+    /// The accelerator backend (`--backend`).
     #[command(flatten)]
     pub backend: cmd::backend::BackendArgs,
     /// Pause the VM this many ms after it starts, save it to --snapshot-dir, and stop.

@@ -53,6 +53,7 @@ pub enum ClientError {
     Invalid {
         /// The request (`GET /v1/vms`).
         what: String,
+        /// Why it could not be made.
         #[source]
         source: ureq::Error,
     },
@@ -60,6 +61,7 @@ pub enum ClientError {
     Encode {
         /// The request.
         what: String,
+        /// Why its body could not be encoded.
         #[source]
         source: serde_json::Error,
     },
@@ -69,6 +71,7 @@ pub enum ClientError {
         what: String,
         /// The address that answered.
         server: String,
+        /// Why the answer could not be read.
         #[source]
         source: ureq::Error,
     },
@@ -80,6 +83,7 @@ pub enum ClientError {
         server: String,
         /// The start of the answer.
         text: String,
+        /// How the answer differs from what was expected.
         #[source]
         source: serde_json::Error,
     },
