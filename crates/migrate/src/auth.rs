@@ -168,13 +168,20 @@ pub fn read_regular_credential_file(path: &Path, most: u64) -> std::io::Result<V
 }
 
 /// The mode of the credential file at `path` if every user may read it (a regular file
-/// with `o+r`): any of them could then act with what it holds, so the daemons and the
-/// CLI warn. A pipe, a file only its owner or group reads, or a path not there: `None`.
+/// with `o+r`, in folders every user may enter): any of them could then act with what it
+/// holds, so the daemons and the CLI warn. A pipe, a file only its owner or group reads
+/// or reaches (a `0644` file in a `0700` home), or a path not there: `None`.
 pub fn readable_by_everyone(path: &Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).ok()?;
+    let path = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&path).ok()?;
     let mode = meta.permissions().mode() & 0o7777;
-    (meta.is_file() && mode & 0o004 != 0).then_some(mode)
+    if !meta.is_file() || mode & 0o004 == 0 {
+        return None;
+    }
+    let enterable =
+        |dir: &Path| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+    path.ancestors().skip(1).all(enterable).then_some(mode)
 }
 
 /// Everything `file` holds, refused past `most` bytes (nothing more is read).
@@ -416,6 +423,13 @@ mod tests {
             chmod(private).unwrap();
             assert_eq!(readable_by_everyone(&file), None, "{private:o}");
         }
+        // In a folder only its owner may enter, nobody else reaches it.
+        chmod(0o644).unwrap();
+        let folder = |mode| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode));
+        folder(0o700).unwrap();
+        assert_eq!(readable_by_everyone(&file), None);
+        folder(0o755).unwrap();
+        assert_eq!(readable_by_everyone(&file), Some(0o644));
         // A pipe (process substitution) is nobody else's, and a missing path is no file.
         let fifo = dir.join("fifo");
         ferry_testdata::make_fifo(&fifo);

@@ -829,7 +829,10 @@ mod tests {
             host.key.as_bytes(),
             b"",
         ));
-        assert!(why.contains("CA certificate"), "{why}");
+        assert_eq!(
+            why,
+            "the TLS CA certificate holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        );
         let missing = Path::new("/nonexistent/ferry.crt");
         let loaded = TlsConfig::from_pem_files(missing, missing, missing);
         assert!(

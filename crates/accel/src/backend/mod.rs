@@ -644,7 +644,7 @@ pub struct BackendUnavailable {
     pub name: String,
     /// The kinds this host has.
     pub available: Vec<&'static str>,
-    /// Why it has no GPU, where that is the backend asked for.
+    /// Why it has no GPU, where a cuda backend was asked for.
     #[source]
     pub no_gpu: Option<&'static NoGpu>,
 }
@@ -667,7 +667,7 @@ fn cuda() -> Result<&'static (LocalGpu, &'static str), &'static NoGpu> {
             let dir =
                 std::env::temp_dir().join(format!("ferry-cuda-emulator-{}", std::process::id()));
             std::fs::create_dir_all(&dir).map_err(|source| {
-                cuda::emulator::EmulatorError::Write {
+                cuda::emulator::EmulatorError::CreateDir {
                     path: dir.clone(),
                     source,
                 }
@@ -709,7 +709,11 @@ pub fn by_name(name: &str) -> Result<&'static str, BackendUnavailable> {
         found => Err(BackendUnavailable {
             name: name.to_string(),
             available: available(),
-            no_gpu: found.err(),
+            // A name that is no cuda kind (a typo, another vendor's) is not for want of
+            // a GPU.
+            no_gpu: found
+                .err()
+                .filter(|_| name == "cuda" || name.starts_with("cuda-")),
         }),
     }
 }

@@ -54,7 +54,10 @@ pub fn emulated() -> Box<dyn Backend> {
     static EMULATOR: OnceLock<Arc<Emulator>> = OnceLock::new();
     let emulator = EMULATOR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("scratch folder");
-        Arc::new(Emulator::build(dir.path()).unwrap_or_else(|e| panic!("{e}")))
+        Arc::new(
+            Emulator::build(dir.path())
+                .unwrap_or_else(|e| panic!("{}", ferry_migrate::error_chain(&e))),
+        )
     });
     Box::new(GpuBackend::new(emulator.clone(), "cuda-emulated"))
 }

@@ -107,9 +107,9 @@ pub(crate) fn warn_if_everyone_reads(path: &std::path::Path, act: &str) {
 /// The text of a token file the CLI is given, up to the bound of the daemons' token
 /// files; a pipe (`--token-file <(pass show ferry)`) is read too.
 pub(crate) fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
-    warn_if_everyone_reads(path, "use its token");
     let bytes =
         ferry_migrate::auth::read_credential_file(path, ferry_http::tokens::MAX_TOKEN_FILE_BYTES)?;
+    warn_if_everyone_reads(path, "use its token");
     String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 

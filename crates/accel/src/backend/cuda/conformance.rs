@@ -585,7 +585,8 @@ mod tests {
                     .tempdir()
                     .expect("scratch folder");
                 // Loaded, the library no longer needs its file.
-                Emulator::build(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+                Emulator::build(dir.path())
+                    .unwrap_or_else(|e| panic!("{}", ferry_migrate::error_chain(&e)))
             })
             .clone()
     }

@@ -30,6 +30,15 @@ static RUNNING: Mutex<()> = Mutex::new(());
 /// Why the emulated GPU could not be built ([`Emulator::build`]).
 #[derive(Debug, thiserror::Error)]
 pub enum EmulatorError {
+    /// The folder for its sources and library could not be made.
+    #[error("cannot create {}", path.display())]
+    CreateDir {
+        /// The folder.
+        path: PathBuf,
+        /// The error making it.
+        #[source]
+        source: std::io::Error,
+    },
     /// A source file could not be written.
     #[error("cannot write {}", path.display())]
     Write {
