@@ -14,6 +14,7 @@
 # it did): machine.txt, cuda-tests.txt, device-tests.txt, bench-gpu.json, and with
 # /dev/kvm bench-accel-{cpu,cuda}.json and bench-migrate-*.json; summary.txt says what
 # ran, what passed and what was skipped. The steps' limits add up to under 10 minutes.
+# `run` exits 1 if any step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ build() {
     echo "== building the ferry binary and the accelerator's test binaries (release)"
     cargo build --release --locked --bin ferry
     local tests
-    tests=$(cargo test --release --locked -p ferry-accel --no-run --message-format=json 2>/dev/null \
+    tests=$(cargo test --release --locked -p ferry-accel --no-run --message-format=json \
         | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -46,6 +47,7 @@ run() {
     mkdir -p "$out"
     local summary="$out/summary.txt"
     : >"$summary"
+    local failed=0
     say() { echo "$*" | tee -a "$summary"; }
     # A step: its name, the seconds it may take, the file of its output, the command.
     step() {
@@ -54,9 +56,20 @@ run() {
         timeout "$limit" "$@" >"$out/$file" 2>"$out/$file.stderr"
         local rc=$?
         say "$name: exit $rc after $((SECONDS - started)) s (output: $file)"
+        [ "$rc" = 0 ] || failed=$((failed + 1))
         pack
     }
-    pack() { [ -z "${GPU_CHECK_PACK:-}" ] || tar czf "$GPU_CHECK_PACK" -C "$out" .; }
+    # Packed beside the pack and renamed over it: a run killed while packing keeps the
+    # last whole pack (and a pack inside OUT is not packed into itself).
+    pack() {
+        [ -n "${GPU_CHECK_PACK:-}" ] || return 0
+        local name
+        name=$(basename "$GPU_CHECK_PACK")
+        # Status 1: a file changed while read (the folder, when the pack is inside it).
+        tar czf "$GPU_CHECK_PACK.part" --warning=no-file-changed \
+            --exclude="./$name" --exclude="./$name.part" -C "$out" .
+        [ $? -le 1 ] && mv "$GPU_CHECK_PACK.part" "$GPU_CHECK_PACK"
+    }
     [ -x gpu-check/ferry ] || { echo "gpu-check: run 'scripts/gpu-check.sh build' first (and carry gpu-check/)" >&2; exit 2; }
     { date -u; uname -a; nvidia-smi 2>&1; ls -l /dev/kvm 2>&1; nproc; free -g; } >"$out/machine.txt"
     # The CUDA toolkit's NVRTC and cuBLAS, and the driver, are loaded at run time by the
@@ -79,6 +92,9 @@ run() {
     ls -l "$links" >>"$out/machine.txt" 2>&1
     # A test that cannot find the GPU or NVRTC fails here instead of skipping.
     export FERRY_REQUIRE_GPU=1 FERRY_REQUIRE_NVRTC=1
+    if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+        export FERRY_REQUIRE_KVM=1
+    fi
     say "== gpu-check on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
     step "kernels compiled by NVRTC and compared with the cpu backend on the GPU" 45 cuda-tests.txt \
         gpu-check/cuda-tests --test-threads=1 --nocapture
@@ -116,7 +132,9 @@ run() {
         say "SKIPPED the VM-level benches (mlp-train, llm-decode, migration at 1/8/32 GiB): /dev/kvm is not usable here"
     fi
     rm -rf "$links"
-    say "== done; results in $out"
+    say "== done; results in $out; $failed step(s) failed"
+    pack
+    [ "$failed" = 0 ]
 }
 
 case "${1:-}" in

@@ -904,4 +904,8 @@ Timing is always printed on stderr.""")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, ValueError) as e:
+        # A missing, empty or malformed model file: one line, not a traceback.
+        sys.exit(f"llama_ref.py: {e}")
