@@ -88,8 +88,12 @@ pub const MAX_POSITIONS: usize = 1 << 22;
 
 /// Most columns of one SOFTMAX or CROSS_ENTROPY row, and inputs of a QMATMUL: a backend
 /// keeps an f64 per column for each row it works on at once (32 MiB a thread at most),
-/// or a QMATMUL row prepared (about 3 bytes an input), host memory outside the device's. 16 times the largest vocabulary (about 2^18), and as long as the longest
-/// context, whose attention scores a row may hold.
+/// or a QMATMUL row prepared (about 3 bytes an input), host memory outside the device's.
+/// Also the longest run one GPU thread sums alone, which no abort can cut short: the
+/// columns of a SUM_ROWS, LAYER_NORM, RMS_NORM or ARGMAX row, the rows of a SUM_COLS
+/// column, and CROSS_ENTROPY's rows (its mean loss). 16 times the largest vocabulary
+/// (about 2^18), and as long as the longest context, whose attention scores a row may
+/// hold.
 pub const MAX_ROW: usize = MAX_POSITIONS;
 
 /// Widest head of ROPE and ATTENTION_DECODE: a backend keeps tables of a head's width
@@ -839,7 +843,7 @@ kernels! {
     } => |io| {
         let r = elems(product(rows, cols)?)?;
         // Labels are u32, so this also lets every class be named.
-        require_shape(cols <= MAX_ROW)?;
+        require_shape(cols <= MAX_ROW && rows <= MAX_ROW)?;
         io.read(logits, r.clone())?;
         io.read(labels, elems(rows)?)?;
         io.write(grad, r)?;
@@ -857,6 +861,7 @@ kernels! {
         /// Columns.
         cols: Dim,
     } => |io| {
+        require_shape(cols <= MAX_ROW)?;
         io.read(x, elems(product(rows, cols)?)?)?;
         io.write(out, elems(rows)?)
     }
@@ -872,6 +877,7 @@ kernels! {
         /// Columns.
         cols: Dim,
     } => |io| {
+        require_shape(rows <= MAX_ROW)?;
         io.read(x, elems(product(rows, cols)?)?)?;
         io.write(out, elems(cols)?)
     }
@@ -965,6 +971,7 @@ kernels! {
     } => |io| {
         let r = elems(product(rows, cols)?)?;
         require(eps > 0.0)?;
+        require_shape(cols <= MAX_ROW)?;
         io.read(x, r.clone())?;
         io.read(gamma, elems(cols)?)?;
         io.read(beta, elems(cols)?)?;
@@ -1052,8 +1059,8 @@ kernels! {
         cols: Dim,
     } => |io| {
         let r = elems(product(rows, cols)?)?;
-        // Indices are u32.
-        require_shape(u32::try_from(cols - 1).is_ok())?;
+        // (Indices are u32: MAX_ROW is far below their bound.)
+        require_shape(cols <= MAX_ROW)?;
         io.read(x, r)?;
         io.write(out, elems(rows)?)
     }
@@ -1131,6 +1138,7 @@ kernels! {
     } => |io| {
         let r = elems(product(rows, cols)?)?;
         require(eps > 0.0)?;
+        require_shape(cols <= MAX_ROW)?;
         io.read(x, r.clone())?;
         io.read(weight, elems(cols)?)?;
         io.write(out, r)

@@ -302,6 +302,36 @@ fn rows_and_heads_wider_than_host_scratch_allows_are_refused() {
         huge(&[k::CROSS_ENTROPY, 1, 2, 3, 4, 1, row + 1]),
         Err(status::BAD_SHAPE)
     );
+    // What one GPU thread sums alone, beyond any abort: a row's columns, a column's rows,
+    // the mean loss over the rows.
+    let eps = f(1e-5);
+    let longest_runs: [(&[u64], &[u64]); 6] = [
+        (
+            &[k::SUM_ROWS, 1, 2, 3, row],
+            &[k::SUM_ROWS, 1, 2, 1, row + 1],
+        ),
+        (
+            &[k::SUM_COLS, 1, 2, row, 3],
+            &[k::SUM_COLS, 1, 2, row + 1, 1],
+        ),
+        (
+            &[k::LAYER_NORM, 1, 2, 3, 4, 3, row, eps],
+            &[k::LAYER_NORM, 1, 2, 3, 4, 1, row + 1, eps],
+        ),
+        (
+            &[k::RMS_NORM, 1, 2, 3, 3, row, eps],
+            &[k::RMS_NORM, 1, 2, 3, 1, row + 1, eps],
+        ),
+        (&[k::ARGMAX, 1, 2, 3, row], &[k::ARGMAX, 1, 2, 1, row + 1]),
+        (
+            &[k::CROSS_ENTROPY, 1, 2, 3, 4, row, 3],
+            &[k::CROSS_ENTROPY, 1, 2, 3, 4, row + 1, 1],
+        ),
+    ];
+    for (widest, wider) in longest_runs {
+        assert!(huge(widest).is_ok(), "{widest:?}");
+        assert_eq!(huge(wider), Err(status::BAD_SHAPE), "{wider:?}");
+    }
     let rope = |head_dim: u64| huge(&[k::ROPE, 1, 2, 1, 1, head_dim, 0, f(10000.0), 0]);
     assert!(rope(head).is_ok());
     assert_eq!(rope(head + 2), Err(status::BAD_SHAPE));
