@@ -266,6 +266,17 @@ impl CpuBackend {
                 .write()
         });
         let access = kernel.access().expect("kernel validated by the device");
+        // The outputs handed over are exactly those the kernel table declares written:
+        // one it only reads would be written with no dirty mark (a migration would miss
+        // it), one it writes but not given here would not be written at all.
+        debug_assert!(
+            outputs
+                .iter()
+                .all(|o| access.writes().any(|(w, _)| w == *o))
+                && access.writes().all(|(w, _)| outputs.contains(&w)),
+            "{}: outputs {outputs:?} are not the buffers its table entry writes",
+            kernel.name()
+        );
         let inputs = Inputs(
             access
                 .reads()
