@@ -398,13 +398,13 @@ impl<G: Gpu> GpuBackend<G> {
         self.gpu().address(&self.buffers.expect(id).memory)
     }
 
-    /// The scratch memory's address, grown to at least `bytes` (to a power of two: a
+    /// The scratch memory's address, grown to at least `bytes` ([`scratch_room`]: a
     /// decode step's attention wants a little more than the last, and an allocation
     /// each step would cost more than its kernels).
     fn scratch(&mut self, bytes: u64) -> Result<u64, BackendError> {
         if self.scratch.as_ref().is_none_or(|s| s.bytes < bytes) {
             self.scratch = None;
-            let bytes = bytes.checked_next_power_of_two().unwrap_or(bytes);
+            let bytes = scratch_room(bytes);
             let memory = self
                 .gpu()
                 .alloc(bytes)
@@ -933,6 +933,21 @@ fn attention_plan(
     }
 }
 
+/// Scratch up to this size grows to a power of two at once.
+const SCRATCH_DOUBLES_UP_TO: u64 = 64 << 20;
+
+/// The scratch memory held for a launch needing `bytes`: the next power of two while
+/// small, beyond [`SCRATCH_DOUBLES_UP_TO`] the next eighth of one. Scratch lies outside
+/// the VM's device memory (a launch's is at most about its inputs' size): a launch just
+/// past a power of two must not hold twice what it needs.
+fn scratch_room(bytes: u64) -> u64 {
+    if bytes <= SCRATCH_DOUBLES_UP_TO {
+        return bytes.next_power_of_two();
+    }
+    let eighth = 1u64 << (63 - bytes.leading_zeros() - 3);
+    bytes.div_ceil(eighth).saturating_mul(eighth)
+}
+
 /// Bytes of scratch memory [`plan`]'s launches of `kernel` use.
 pub fn scratch_bytes(kernel: &Kernel) -> u64 {
     match *kernel {
@@ -1029,6 +1044,25 @@ impl<G: Gpu> Backend for GpuBackend<G> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scratch_grows_by_powers_of_two_then_by_eighths() {
+        use super::{scratch_room, SCRATCH_DOUBLES_UP_TO};
+        assert_eq!(scratch_room(1), 1);
+        assert_eq!(scratch_room(3000), 4096);
+        assert_eq!(scratch_room(SCRATCH_DOUBLES_UP_TO), SCRATCH_DOUBLES_UP_TO);
+        // Just past 1 GiB: the next eighth of a GiB, not 2 GiB.
+        assert_eq!(scratch_room((1 << 30) + 1), (1 << 30) + (1 << 27));
+        assert_eq!(scratch_room(1_076_400_000), 9 << 27);
+        for bytes in [(64 << 20) + 1, 100 << 20, 1 << 33, (1 << 40) - 7] {
+            let room = scratch_room(bytes);
+            assert!(
+                room >= bytes && room - bytes <= bytes / 8,
+                "{bytes}: {room}"
+            );
+        }
+        assert_eq!(scratch_room(u64::MAX), u64::MAX);
+    }
+
     use ferry_abi::accel::kernel as k;
     use ferry_abi::accel::COMMAND_ARGS;
 
