@@ -37,7 +37,8 @@
 //!    in-place kernels declare the buffer once, as updated.
 //!
 //! Data-dependent conditions (an embedding id beyond the vocabulary, a label beyond the
-//! classes) can only be found while running and are the backend's to report.
+//! classes) can only be found while running: the entry declares them too
+//! ([`Access::indices`]), and every backend checks them before it writes anything.
 //!
 //! Buffers are ids; counts are elements; matrices are row major; f32 and u32 elements are
 //! 4 bytes, little endian. Weights in a [`DType`] block format are rows of whole blocks.
@@ -347,11 +348,28 @@ impl BufferAccess {
 /// Most buffers one kernel names.
 pub const MAX_KERNEL_BUFFERS: usize = 6;
 
-/// The buffer ranges a kernel reads and writes, as its table entry declares them.
+/// A condition on a kernel's data that only the data can show: the first `count` u32 of
+/// `buffer` (which the kernel reads) must each be below `bound`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Indices {
+    /// The buffer of u32 indices.
+    pub buffer: BufferId,
+    /// How many, from its start.
+    pub count: usize,
+    /// What each must be below.
+    pub bound: usize,
+    /// What an index past the bound is, for a person ("embedding id beyond the
+    /// vocabulary").
+    pub what: &'static str,
+}
+
+/// The buffer ranges a kernel reads and writes, as its table entry declares them, and
+/// the indices among them that its data must keep in bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {
     entries: [BufferAccess; MAX_KERNEL_BUFFERS],
     len: usize,
+    indices: Option<Indices>,
 }
 
 impl Default for Access {
@@ -365,6 +383,7 @@ impl Default for Access {
         Access {
             entries: [NONE; MAX_KERNEL_BUFFERS],
             len: 0,
+            indices: None,
         }
     }
 }
@@ -395,6 +414,30 @@ impl Access {
     /// Declares that `buffer`'s `bytes` are read and written in place.
     pub fn update(&mut self, buffer: BufferId, bytes: Range<u64>) -> Result<(), u32> {
         self.push(buffer, Mode::Update, bytes)
+    }
+
+    /// Declares that the first `count` u32 of `buffer` (read, so declared with
+    /// [`Self::read`] too) must be below `bound`: `what` names one that is not.
+    fn read_indices(
+        &mut self,
+        buffer: BufferId,
+        count: usize,
+        bound: usize,
+        what: &'static str,
+    ) -> Result<(), u32> {
+        self.read(buffer, elems(count)?)?;
+        self.indices = Some(Indices {
+            buffer,
+            count,
+            bound,
+            what,
+        });
+        Ok(())
+    }
+
+    /// The condition on the kernel's data, if it has one: its indices' bound.
+    pub fn indices(&self) -> Option<Indices> {
+        self.indices
     }
 
     /// Declares `inputs` read and `output` written, `n` elements from the start of each.
@@ -845,7 +888,7 @@ kernels! {
         // Labels are u32, so this also lets every class be named.
         require_shape(cols <= MAX_ROW && rows <= MAX_ROW)?;
         io.read(logits, r.clone())?;
-        io.read(labels, elems(rows)?)?;
+        io.read_indices(labels, rows, cols, "cross-entropy label beyond the classes")?;
         io.write(grad, r)?;
         io.write(loss, elems(1)?)
     }
@@ -948,7 +991,7 @@ kernels! {
     } => |io| {
         let (out_elems, table_elems) = (product(count, dim)?, product(vocab, dim)?);
         io.read(table, elems(table_elems)?)?;
-        io.read(ids, elems(count)?)?;
+        io.read_indices(ids, count, vocab, "embedding id beyond the vocabulary")?;
         io.write(out, elems(out_elems)?)
     }
 
@@ -1117,7 +1160,7 @@ kernels! {
     } => |io| {
         let out_elems = product(count, dim)?;
         io.read(table, blocks(dtype, vocab, dim)?)?;
-        io.read(ids, elems(count)?)?;
+        io.read_indices(ids, count, vocab, "embedding id beyond the vocabulary")?;
         io.write(out, elems(out_elems)?)
     }
 

@@ -24,8 +24,8 @@ use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use super::{
-    lookup_dtype, AbortSwitch, Backend, BackendError, BufferId, BufferReader, BufferTable,
-    DeviceLoop, HostThreads, IndexCheck,
+    check_indices_part, index_check, lookup_dtype, AbortSwitch, Backend, BackendError, BufferId,
+    BufferReader, BufferTable, DeviceLoop, HostThreads,
 };
 use crate::kernel::{DType, Kernel};
 use memory::DeviceBuffer;
@@ -362,13 +362,13 @@ impl Backend for CpuBackend {
         abort.check()?;
         // What only the data can say, checked before anything is written (in parts: a
         // guest may give billions of ids).
-        if let Some(check) = IndexCheck::of(kernel) {
+        if let Some(check) = index_check(kernel) {
             let buffer = self.buffers.expect(check.buffer);
             let words = buffer.read();
             let ids: &[u32] = bytemuck::cast_slice(&words);
             for part in ids[..check.count].chunks(CHECK_WORK << 4) {
                 abort.check()?;
-                check.check_part(part)?;
+                check_indices_part(&check, part)?;
             }
         }
         self.run(kernel);
@@ -397,7 +397,7 @@ impl CpuBackend {
         done
     }
 
-    /// Runs a kernel whose data has passed its [`IndexCheck`].
+    /// Runs a kernel whose data has passed its index check ([`index_check`]).
     fn run(&mut self, kernel: &Kernel) {
         match *kernel {
             Kernel::Matmul {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
-use crate::kernel::{DType, Kernel};
+use crate::kernel::{DType, Indices, Kernel};
 pub use cpu::DeviceMemory;
 
 pub use ferry_abi::accel::kernel::BufferId;
@@ -199,50 +199,22 @@ impl Drop for Deadline {
     }
 }
 
-/// A kernel's condition on its data that only the data can show (the device validates
-/// ids, ranges and shapes): the first `count` u32 of `buffer` must be below `bound`.
+/// `kernel`'s condition on its data that only the data can show (the device validates
+/// ids, ranges and shapes), as its table entry declares it: class labels, embedding ids.
 /// Every backend checks it before writing anything, so all refuse the same data alike.
-struct IndexCheck {
-    buffer: BufferId,
-    count: usize,
-    bound: usize,
-    what: &'static str,
+fn index_check(kernel: &Kernel) -> Option<Indices> {
+    kernel
+        .access()
+        .expect("kernel validated by the device")
+        .indices()
 }
 
-impl IndexCheck {
-    /// The check `kernel` needs, if any (class labels, embedding ids).
-    fn of(kernel: &Kernel) -> Option<Self> {
-        match *kernel {
-            Kernel::CrossEntropy {
-                labels, rows, cols, ..
-            } => Some(Self {
-                buffer: labels,
-                count: rows,
-                bound: cols,
-                what: "cross-entropy label beyond the classes",
-            }),
-            Kernel::Embedding {
-                ids, count, vocab, ..
-            }
-            | Kernel::QEmbedding {
-                ids, count, vocab, ..
-            } => Some(Self {
-                buffer: ids,
-                count,
-                bound: vocab,
-                what: "embedding id beyond the vocabulary",
-            }),
-            _ => None,
-        }
+/// Checks some of the values `check` bounds (all of them are its first `count`).
+fn check_indices_part(check: &Indices, values: &[u32]) -> Result<(), BackendError> {
+    if values.iter().any(|&v| v as usize >= check.bound) {
+        return Err(BackendError::BadData(check.what));
     }
-
-    /// Some of the values checked (all of them are the first `count`) against the bound.
-    fn check_part(&self, values: &[u32]) -> Result<(), BackendError> {
-        if values.iter().any(|&v| v as usize >= self.bound) {
-            return Err(BackendError::BadData(self.what));
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// The format of the table of an EMBEDDING or a QEMBEDDING `kernel`: an EMBEDDING looks

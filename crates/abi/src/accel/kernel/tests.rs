@@ -94,6 +94,19 @@ fn accepts_good_launches() {
     assert_eq!(reads(&att), vec![1, 10]);
     let emb = dec(&[k::EMBEDDING, 10, 1, 2, 8, 16, 1024]).unwrap();
     assert_eq!(writes(&emb), vec![(2, 0..512)]);
+    // The data conditions the entries declare, which every backend checks: embedding
+    // ids below the vocabulary, labels below the classes; none elsewhere.
+    let indices = |kernel: &Kernel| {
+        let i = kernel.access().unwrap().indices()?;
+        Some((i.buffer, i.count, i.bound))
+    };
+    assert_eq!(indices(&emb), Some((1, 8, 1024)));
+    let qemb = dec(&[k::QEMBEDDING, 10, 1, 2, 4, 64, 16, DType::Q4_1.code()]).unwrap();
+    assert_eq!(indices(&qemb), Some((1, 4, 16)));
+    let ce = dec(&[k::CROSS_ENTROPY, 1, 2, 3, 4, 8, 10]).unwrap();
+    assert_eq!(indices(&ce), Some((2, 8, 10)));
+    assert_eq!(reads(&ce), vec![1, 2]);
+    assert_eq!(indices(&att), None);
     let ln = dec(&[k::LAYER_NORM, 1, 2, 3, 4, 8, 128, f(1e-5)]).unwrap();
     assert_eq!(writes(&ln), vec![(4, 0..4096)]);
     assert_eq!(

@@ -308,7 +308,7 @@ pub fn softmax(pool: &Workers, x: &[f32], out: &mut [f32], rows_: usize, cols: u
 }
 
 /// Mean cross-entropy into `loss[0]`, `grad = (softmax - onehot) / rows`; the labels are
-/// below `cols` (checked by the backend: [`crate::backend::IndexCheck`]).
+/// below `cols` (checked by the backend: the kernel table's [`crate::kernel::Indices`]).
 pub fn cross_entropy(
     pool: &Workers,
     logits: &[f32],
@@ -915,7 +915,7 @@ fn qmatmul_run(
 
 /// `out[i] = table[ids[i]]` dequantized, `dim` wide, from a table in `dtype` (EMBEDDING:
 /// f32); the ids are rows of the table (checked by the backend:
-/// [`crate::backend::IndexCheck`]).
+/// the kernel table's [`crate::kernel::Indices`]).
 pub fn qembedding(
     pool: &Workers,
     dtype: DType,

@@ -24,7 +24,11 @@ pub mod emulator;
 
 use std::sync::Arc;
 
-use super::{lookup_dtype, Backend, BackendError, BufferId, BufferReader, BufferTable, IndexCheck};
+use super::{
+    check_indices_part, index_check, lookup_dtype, Backend, BackendError, BufferId, BufferReader,
+    BufferTable,
+};
+use crate::kernel::Indices;
 use crate::kernel::{DType, Kernel, RopeStyle};
 use ferry_abi::accel::kernel::within_launch_work;
 
@@ -417,7 +421,7 @@ impl<G: Gpu> GpuBackend<G> {
 
     /// Reads back the values `check` bounds and checks them, in pieces of at most
     /// [`CHECK_PIECE`] values: the host memory it takes is bounded, whatever the buffer.
-    fn check_indices(&self, check: &IndexCheck) -> Result<(), BackendError> {
+    fn check_indices(&self, check: &Indices) -> Result<(), BackendError> {
         let memory = &self.buffers.expect(check.buffer).memory;
         let mut bytes = vec![0u8; check.count.min(CHECK_PIECE) * 4];
         let mut values = Vec::with_capacity(check.count.min(CHECK_PIECE));
@@ -433,7 +437,7 @@ impl<G: Gpu> GpuBackend<G> {
                     .chunks_exact(4)
                     .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
             );
-            check.check_part(&values)?;
+            check_indices_part(check, &values)?;
             done += n;
         }
         Ok(())
@@ -1019,7 +1023,7 @@ impl<G: Gpu> Backend for GpuBackend<G> {
         // What only the data can say, checked before anything is written (as the cpu
         // backend does).
         check_gpu_work(kernel)?;
-        if let Some(check) = IndexCheck::of(kernel) {
+        if let Some(check) = index_check(kernel) {
             self.check_indices(&check)?;
         }
         let scratch = match scratch_bytes(kernel) {
