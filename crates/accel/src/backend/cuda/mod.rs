@@ -973,7 +973,29 @@ pub fn scratch_bytes(kernel: &Kernel) -> u64 {
         // Each row's mean and scale; its scale.
         Kernel::LayerNorm { rows, .. } if norm_apart(rows) => 16 * rows as u64,
         Kernel::RmsNorm { rows, .. } if norm_apart(rows) => 8 * rows as u64,
-        _ => 0,
+        Kernel::LayerNorm { .. } | Kernel::RmsNorm { .. } => 0,
+        // Named one by one, not `_`: a new kernel is given scratch (or none) by choice,
+        // not handed address 0 by default.
+        Kernel::AddBias { .. }
+        | Kernel::Add { .. }
+        | Kernel::Mul { .. }
+        | Kernel::Scale { .. }
+        | Kernel::Axpy { .. }
+        | Kernel::Relu { .. }
+        | Kernel::ReluBackward { .. }
+        | Kernel::Gelu { .. }
+        | Kernel::GeluBackward { .. }
+        | Kernel::Softmax { .. }
+        | Kernel::SumRows { .. }
+        | Kernel::SumCols { .. }
+        | Kernel::Sgd { .. }
+        | Kernel::Adam { .. }
+        | Kernel::Embedding { .. }
+        | Kernel::Copy { .. }
+        | Kernel::RngFill { .. }
+        | Kernel::QEmbedding { .. }
+        | Kernel::Rope { .. }
+        | Kernel::Swiglu { .. } => 0,
     }
 }
 
