@@ -590,6 +590,15 @@ macro_rules! kernels {
             pub const $CONST: u64 = $id;
         )+
 
+        // A kernel's id and arguments fit one command, or the table does not compile
+        // (`encode` would panic at run time).
+        $(
+            const _: () = assert!(
+                [$(stringify!($field)),+].len() < COMMAND_ARGS,
+                concat!("kernel ", $name, " has more arguments than a command holds")
+            );
+        )+
+
         /// Every kernel's id and name, in id order.
         pub const KERNELS: &[(u64, &str)] = &[$(($id, $name)),+];
 
