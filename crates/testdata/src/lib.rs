@@ -220,13 +220,23 @@ pub fn etcd(test: &str) -> Option<PathBuf> {
     found
 }
 
+/// The size of [`SMOLLM2`] as scripts/fetch-model checks it (with its SHA-256).
+const SMOLLM2_BYTES: u64 = 98_362_432;
+
 /// SmolLM2-135M-Instruct Q4_1: `$FERRY_MODEL`, else `models/` of the repository; `None`
-/// (after saying so) when absent.
+/// (after saying so) when absent. A file of another size (a download cut short, another
+/// model) fails the test with a message: the tests check this model's answers.
 pub fn smollm2(test: &str) -> Option<PathBuf> {
     let path = std::env::var_os("FERRY_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("models").join(SMOLLM2));
-    if path.is_file() {
+    if let Some(meta) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) {
+        assert_eq!(
+            meta.len(),
+            SMOLLM2_BYTES,
+            "{}: not {SMOLLM2} ({SMOLLM2_BYTES} bytes); run scripts/fetch-model",
+            path.display()
+        );
         return Some(path);
     }
     missing(
