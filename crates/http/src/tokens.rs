@@ -266,17 +266,6 @@ fn read_token_text(path: &Path) -> std::io::Result<String> {
     String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Warns when every user of this machine may read the token file at `path` (at
-/// start-up, and for each version of it read since).
-fn warn_if_everyone_reads(path: &Path) {
-    if let Some(mode) = ferry_migrate::auth::readable_by_everyone(path) {
-        tracing::warn!(
-            "every user of this machine may read the API token file {} (mode {mode:04o}) and use its tokens: chmod o-r it",
-            path.display()
-        );
-    }
-}
-
 impl TokenFile {
     /// The file's tokens, and its lines in error (whose tokens it leaves out).
     fn load(path: &Path) -> Result<(Self, Vec<TokenFileError>), TokenFileError> {
@@ -331,7 +320,7 @@ impl TokenFile {
                     for e in errors {
                         tracing::error!("{e}; that line grants nothing");
                     }
-                    warn_if_everyone_reads(&self.path);
+                    ferry_migrate::auth::warn_if_everyone_reads(&self.path, "use its API tokens");
                 }
                 let changed = fresh.tokens != self.tokens;
                 if changed {
@@ -484,7 +473,7 @@ impl Tokens {
                 if !errors.is_empty() {
                     return Err(errors.swap_remove(0));
                 }
-                warn_if_everyone_reads(path);
+                ferry_migrate::auth::warn_if_everyone_reads(path, "use its API tokens");
                 let current = Arc::new(RwLock::new(read.tokens.clone()));
                 let (asks, asked) = mpsc::channel();
                 let shared = current.clone();

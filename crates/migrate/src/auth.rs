@@ -184,6 +184,17 @@ pub fn readable_by_everyone(path: &Path) -> Option<u32> {
     path.ancestors().skip(1).all(enterable).then_some(mode)
 }
 
+/// Logs a warning when every user may read the credential file at `path`
+/// ([`readable_by_everyone`]), with which they could `act` ("use its tokens").
+pub fn warn_if_everyone_reads(path: &Path, act: &str) {
+    if let Some(mode) = readable_by_everyone(path) {
+        tracing::warn!(
+            "every user of this machine may read {} (mode {mode:04o}) and {act}: chmod o-r it",
+            path.display()
+        );
+    }
+}
+
 /// Everything `file` holds, refused past `most` bytes (nothing more is read).
 fn read_at_most(file: std::fs::File, most: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();

@@ -23,7 +23,7 @@ impl SecretArgs {
         // Errors name where the secret came from: a short one may have come from either.
         if let Some(path) = &self.secret_file {
             let secret = Secret::from_file(path)?;
-            crate::cmd::warn_if_everyone_reads(path, "act as any host of the cluster");
+            ferry_migrate::auth::warn_if_everyone_reads(path, "act as any host of the cluster");
             return Ok(secret);
         }
         match std::env::var_os("FERRY_SECRET") {

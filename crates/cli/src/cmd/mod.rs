@@ -93,23 +93,12 @@ pub(crate) fn hint(e: &anyhow::Error) -> Option<&'static str> {
 /// the hint shows how, never a secret itself (an error's text ends up in logs).
 pub(crate) const MAKE_SECRET: &str = "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')";
 
-/// Warns when every user may read the credential file at `path`, with which they could
-/// `act` ("act as a host of the cluster").
-pub(crate) fn warn_if_everyone_reads(path: &std::path::Path, act: &str) {
-    if let Some(mode) = ferry_migrate::auth::readable_by_everyone(path) {
-        tracing::warn!(
-            "every user of this machine may read {} (mode {mode:04o}) and {act}: chmod o-r it",
-            path.display()
-        );
-    }
-}
-
 /// The text of a token file the CLI is given, up to the bound of the daemons' token
 /// files; a pipe (`--token-file <(pass show ferry)`) is read too.
 pub(crate) fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
     let bytes =
         ferry_migrate::auth::read_credential_file(path, ferry_http::tokens::MAX_TOKEN_FILE_BYTES)?;
-    warn_if_everyone_reads(path, "use its token");
+    ferry_migrate::auth::warn_if_everyone_reads(path, "use its token");
     String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 

@@ -28,7 +28,7 @@ impl TlsArgs {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => {
                 let config = ferry_migrate::TlsConfig::from_pem_files(cert, key, ca)?;
-                crate::cmd::warn_if_everyone_reads(key, "pose as this daemon");
+                ferry_migrate::auth::warn_if_everyone_reads(key, "pose as this daemon");
                 Ok(Some(config))
             }
             _ => Ok(None),
