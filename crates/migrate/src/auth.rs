@@ -397,9 +397,7 @@ mod tests {
             "cannot read the secret file /dev/zero: it is larger than 64 KiB"
         );
         // A pipe, as a shell's process substitution gives.
-        let dir = std::env::temp_dir().join(format!("ferry-secret-pipe-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ferry_testdata::scratch_dir("secret-pipe");
         let fifo = dir.join("secret");
         ferry_testdata::make_fifo(&fifo);
         let writer = {
@@ -414,15 +412,12 @@ mod tests {
                 .unwrap()
                 .derive(Purpose::HostApi)
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_credential_file_every_user_may_read_is_told_apart() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("ferry-secret-mode-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ferry_testdata::scratch_dir("secret-mode");
         let file = dir.join("secret");
         std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
         let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode));
@@ -447,7 +442,6 @@ mod tests {
         std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(readable_by_everyone(&fifo), None);
         assert_eq!(readable_by_everyone(&dir.join("missing")), None);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn run(
