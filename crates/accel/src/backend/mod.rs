@@ -747,11 +747,8 @@ pub fn create(
             memory.clone(),
         )));
     }
-    let (gpu, local) = cuda().map_err(|no_gpu| BackendUnavailable {
-        name: kind.to_string(),
-        available: available(),
-        no_gpu: Some(no_gpu),
-    })?;
+    // `by_name` gave a cuda kind only from the GPU it opened (kept once opened).
+    let (gpu, local) = cuda().expect("by_name gave a cuda kind: the GPU is open");
     Ok(match gpu {
         LocalGpu::Cuda(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
         LocalGpu::Emulated(gpu) => Box::new(cuda::GpuBackend::new(gpu.clone(), local)),
