@@ -131,8 +131,8 @@ pub struct ServeArgs {
     pub accel_capacity: Option<u64>,
     /// Accelerator memory to back at start, within --accel-capacity, so the first VMs
     /// created or migrated here do not pay a page fault per page while they fill it.
-    /// Memory freed by VMs stays backed for the next ones either way (up to
-    /// --accel-capacity), as a GPU's memory does.
+    /// Memory freed by VMs stays backed for the next ones either way (with what VMs use,
+    /// within --accel-capacity), as a GPU's memory does.
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     pub accel_prefault: Option<u64>,
     /// Join the cluster center at URL (e.g. http://10.0.0.1:7000), or at any of a

@@ -5,8 +5,10 @@
 //! destination writes gigabytes into fresh buffers, and under nested virtualization that
 //! first touch runs slower than the link, so it, not the network, would set the pace.
 //! [`DeviceMemory`] therefore keeps the memory of freed buffers (zeroed, still backed)
-//! for the next ones, up to a limit, and can back memory ahead of time
-//! ([`DeviceMemory::prefault`]), as a host does with its device's memory.
+//! for the next ones, and can back memory ahead of time ([`DeviceMemory::prefault`]), as a
+//! host does with its device's memory. What it keeps and what buffers use together stay
+//! within a limit, the host's accelerator capacity: kept memory is given back before a new
+//! mapping would pass it, so fragments cannot pile up beyond what a device would have.
 
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
@@ -49,7 +51,10 @@ struct Pool {
     free: BTreeMap<usize, Free>,
     /// Sum of the free lengths.
     kept: usize,
-    /// Most bytes kept; beyond it freed memory is unmapped.
+    /// Bytes of regions lent to live buffers.
+    lent: usize,
+    /// Most bytes kept and lent together: freed memory beyond it is unmapped, and kept
+    /// memory is unmapped before a new mapping would pass it.
     keep_limit: usize,
 }
 
@@ -71,7 +76,8 @@ fn new_mapping_id() -> u64 {
 }
 
 impl DeviceMemory {
-    /// Memory that keeps up to `keep` bytes of freed buffers backed for reuse.
+    /// Memory that keeps freed buffers backed for reuse, as long as what buffers use and
+    /// what is kept stay within `keep` bytes together.
     pub fn new(keep: u64) -> Self {
         let memory = Self::default();
         memory.pool().keep_limit = usize::try_from(keep).unwrap_or(usize::MAX);
@@ -94,9 +100,15 @@ impl DeviceMemory {
             return Err(e);
         }
         let mut pool = self.pool();
-        pool.keep_limit = pool.keep_limit.max(pool.kept + len);
+        pool.keep_limit = pool.keep_limit.max(pool.lent + pool.kept + len);
         pool.insert(addr, len, new_mapping_id());
         Ok(())
+    }
+
+    /// Gives every kept region back to the operating system; returns the bytes released.
+    pub fn release_kept(&self) -> u64 {
+        let released = self.pool().evict(0);
+        unmap_all(&released)
     }
 
     /// Bytes of freed or prefaulted memory held backed and ready.
@@ -112,12 +124,16 @@ impl DeviceMemory {
             return Some(DeviceBuffer(Storage::Heap(boxed)));
         }
         let len = bytes.checked_next_multiple_of(PAGE)?;
-        let reused = self.pool().take(len);
+        let mapped = len.checked_next_multiple_of(GRANULE)?;
+        let reused = self.pool().take(len, mapped);
         let (addr, mapping) = match reused {
-            Some(found) => found,
-            None => {
-                let mapped = len.checked_next_multiple_of(GRANULE)?;
-                let addr = map_region(mapped)?;
+            Ok(found) => found,
+            Err(evicted) => {
+                unmap_all(&evicted);
+                let Some(addr) = map_region(mapped) else {
+                    self.pool().lent -= len;
+                    return None;
+                };
                 let mapping = new_mapping_id();
                 if mapped > len {
                     // Fresh from the kernel: already zero.
@@ -141,12 +157,15 @@ impl DeviceMemory {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps a region of `mapping` for later buffers (zeroing it first if `used`), or
-    /// unmaps it when the keep limit is reached.
+    /// Keeps a region of `mapping` for later buffers (zeroing it first if `used`: a
+    /// buffer's, given back), or unmaps it when the keep limit is reached.
     fn keep(&self, addr: usize, len: usize, mapping: u64, used: bool) {
         let fits = {
-            let pool = self.pool();
-            pool.kept + len <= pool.keep_limit
+            let mut pool = self.pool();
+            if used {
+                pool.lent -= len;
+            }
+            pool.lent + pool.kept + len <= pool.keep_limit
         };
         if !fits {
             unmap(addr, len);
@@ -160,14 +179,21 @@ impl DeviceMemory {
 }
 
 impl Pool {
-    /// The smallest free region of at least `len` bytes, split if larger: its address
-    /// and mapping.
-    fn take(&mut self, len: usize) -> Option<(usize, u64)> {
-        let (&addr, &have) = self
+    /// Lends `len` bytes: the smallest free region that fits, split if larger (its address
+    /// and mapping), or else the kept regions to unmap first so that a new mapping of
+    /// `mapped` bytes stays within the limit.
+    fn take(&mut self, len: usize, mapped: usize) -> Result<(usize, u64), Vec<(usize, usize)>> {
+        self.lent += len;
+        let fitting = self
             .free
             .iter()
             .filter(|&(_, have)| have.len >= len)
-            .min_by_key(|&(_, have)| have.len)?;
+            .min_by_key(|&(_, have)| have.len)
+            .map(|(&addr, &have)| (addr, have));
+        let Some((addr, have)) = fitting else {
+            let room = self.keep_limit.saturating_sub(self.lent - len + mapped);
+            return Err(self.evict(room));
+        };
         self.free.remove(&addr);
         self.kept -= have.len;
         if have.len > len {
@@ -178,7 +204,22 @@ impl Pool {
             self.free.insert(addr + len, rest);
             self.kept += rest.len;
         }
-        Some((addr, have.mapping))
+        Ok((addr, have.mapping))
+    }
+
+    /// Takes kept regions out, largest first, until at most `room` bytes are kept: the
+    /// regions, for the caller to unmap once the lock is released.
+    fn evict(&mut self, room: usize) -> Vec<(usize, usize)> {
+        let mut evicted = Vec::new();
+        while self.kept > room {
+            let Some((&addr, &free)) = self.free.iter().max_by_key(|&(_, free)| free.len) else {
+                break;
+            };
+            self.free.remove(&addr);
+            self.kept -= free.len;
+            evicted.push((addr, free.len));
+        }
+        evicted
     }
 
     /// Returns a region of `mapping`, merged with free neighbours of the same mapping so
@@ -461,6 +502,17 @@ mod os {
 
 use os::{map_region, populate, unmap, zero_region};
 
+/// Unmaps regions taken out of a pool; returns their bytes.
+fn unmap_all(regions: &[(usize, usize)]) -> u64 {
+    regions
+        .iter()
+        .map(|&(addr, len)| {
+            unmap(addr, len);
+            len as u64
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::os::map_anonymous;
@@ -524,6 +576,40 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(memory.kept_bytes(), 4 * MIB as u64);
+    }
+
+    #[test]
+    fn kept_memory_is_given_back_before_a_new_mapping_would_pass_the_limit() {
+        let memory = DeviceMemory::new(8 * MIB as u64);
+        drop(memory.alloc(words(3 * MIB)).unwrap());
+        assert_eq!(
+            memory.kept_bytes(),
+            4 * MIB as u64,
+            "a 4 MiB mapping, kept whole"
+        );
+        // 5 MiB does not fit in what is kept: a 6 MiB mapping beside the 4 kept would pass
+        // the 8 MiB limit, so the kept mapping goes first.
+        let big = memory.alloc(words(5 * MIB)).unwrap();
+        assert_eq!(
+            memory.kept_bytes(),
+            MIB as u64,
+            "only the new mapping's rest is kept"
+        );
+        assert!(big.iter().all(|&w| w == 0.0));
+        // Lent and kept together stay within the limit as buffers come and go.
+        let small = memory.alloc(words(2 * MIB)).unwrap();
+        assert_eq!(
+            memory.kept_bytes(),
+            MIB as u64,
+            "6 mapped + 2 new: the 1 kept stays"
+        );
+        drop(big);
+        drop(small);
+        assert_eq!(memory.kept_bytes(), 8 * MIB as u64);
+        assert_eq!(memory.release_kept(), 8 * MIB as u64);
+        assert_eq!(memory.kept_bytes(), 0, "all given back");
+        let again = memory.alloc(words(MIB)).unwrap();
+        assert!(again.iter().all(|&w| w == 0.0), "and the pool still lends");
     }
 
     #[test]
