@@ -475,7 +475,9 @@ fn a_short_soak_keeps_every_checksum_and_leaks_no_thread_or_file() {
     };
     assert_eq!(value("soak_thread_growth"), 0.0, "{figures:#?}");
     assert_eq!(value("soak_fd_growth"), 0.0, "{figures:#?}");
-    assert!(value("soak_rss_growth") < 64.0, "{figures:#?}");
+    // Measured once the allocators gave back what they keep for reuse: 4-7 MiB here. A
+    // VM's memory left behind (64 MiB of RAM or of device memory) would pass the bound.
+    assert!(value("soak_rss_growth") < 24.0, "{figures:#?}");
     assert!(value("soak_pause_max") < 1050.0, "{figures:#?}");
 }
 

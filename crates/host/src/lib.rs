@@ -973,6 +973,12 @@ impl Host {
         })
     }
 
+    /// Gives the accelerator memory kept for reuse back to the operating system; returns
+    /// the bytes given back.
+    pub fn release_kept_accel_memory(&self) -> u64 {
+        self.device_memory.release_kept()
+    }
+
     /// What a VM here gets from the host: its accelerator threads and device memory.
     fn vm_host_options(&self) -> HostOptions {
         HostOptions {

@@ -3,7 +3,10 @@
 //! each; every VM that ends must end with the checksum of an unmigrated run (a new one
 //! takes its place until the count is reached). Prints the pause distribution, and what
 //! the process (both daemons) held before and after, with no VM running either time:
-//! resident memory, threads and open file descriptors.
+//! resident memory, threads and open file descriptors. Memory is sampled once the
+//! allocators have given back what they keep for reuse (the hosts' device memory pools,
+//! the heap's free pages), which can grow with fragmentation up to their limits: what is
+//! left is what the daemons hold.
 
 use std::time::{Duration, Instant};
 
@@ -90,7 +93,7 @@ fn checksum(console: &str) -> anyhow::Result<String> {
 /// Hosts a and b: their APIs and migration addresses.
 struct Hosts {
     /// The hosts, shut down (VMs stopped, ports closed) when this is dropped.
-    _daemons: Vec<crate::cmd::host::Daemon>,
+    daemons: Vec<crate::cmd::host::Daemon>,
     _runtime: tokio::runtime::Runtime,
     urls: [String; 2],
     /// The cluster's host-API key.
@@ -122,7 +125,7 @@ impl Hosts {
             v.try_into().map_err(|_| anyhow::anyhow!("two hosts"))
         };
         Ok(Self {
-            _daemons: daemons,
+            daemons,
             _runtime: runtime,
             urls: two(urls)?,
             token: secret.token(ferry_migrate::Purpose::HostApi),
@@ -259,9 +262,10 @@ fn warm_up(hosts: &Hosts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Samples what the process holds once it has stopped changing for a second (threads
-/// of ended VMs and idle API threads take a moment to exit).
-fn settled() -> anyhow::Result<Held> {
+/// What the process holds once it has stopped changing for a second (threads of ended
+/// VMs and idle API threads take a moment to exit) and the allocators have given back
+/// what they keep for reuse; with the bytes of device memory the hosts had kept.
+fn settled(hosts: &Hosts) -> anyhow::Result<(Held, u64)> {
     let mut last = held()?;
     let mut steady = Instant::now();
     let started = Instant::now();
@@ -273,7 +277,17 @@ fn settled() -> anyhow::Result<Held> {
         }
         last = now;
     }
-    Ok(last)
+    let kept = hosts
+        .daemons
+        .iter()
+        .map(|d| d.host.release_kept_accel_memory())
+        .sum();
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
+    Ok((held()?, kept))
 }
 
 /// `ferry bench soak`.
@@ -285,7 +299,7 @@ pub fn bench_soak(migrations: usize, backend: &'static str, emit: &mut Emit) -> 
         .collect::<Result<_, _>>()?;
     let hosts = Hosts::start(backend)?;
     warm_up(&hosts)?;
-    let before = settled()?;
+    let (before, kept_before) = settled(&hosts)?;
     let started = Instant::now();
     let soaked: Vec<Soaked> = std::thread::scope(|scope| {
         let runs: Vec<_> = WORKLOADS
@@ -300,7 +314,7 @@ pub fn bench_soak(migrations: usize, backend: &'static str, emit: &mut Emit) -> 
             .map(|r| r.join().unwrap_or_else(|_| bail!("a soak thread panicked")))
             .collect::<Result<_, _>>()
     })?;
-    let after = settled()?;
+    let (after, kept_after) = settled(&hosts)?;
     let mut pauses: Vec<f64> = soaked.iter().flat_map(|s| s.pauses_ms.clone()).collect();
     pauses.sort_by(f64::total_cmp);
     let instances: usize = soaked.iter().map(|s| s.instances).sum();
@@ -333,9 +347,12 @@ pub fn bench_soak(migrations: usize, backend: &'static str, emit: &mut Emit) -> 
         mib(after.rss) - mib(before.rss),
         "MiB",
         format!(
-            "both daemons' resident memory, no VM running: {:.0} MiB before, {:.0} MiB after",
+            "both daemons' resident memory, no VM running: {:.0} MiB before, {:.0} MiB after \
+             (device memory kept for reuse, {:.0} and {:.0} MiB, given back first)",
             mib(before.rss),
-            mib(after.rss)
+            mib(after.rss),
+            mib(kept_before),
+            mib(kept_after)
         ),
     ))?;
     for (name, unit, before, after) in [
