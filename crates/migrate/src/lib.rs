@@ -39,7 +39,9 @@ pub use auth::{Purpose, Secret, SecretError};
 pub use cpu::{CpuidRegister, CpuidWord};
 pub use deadline::shorten_idle_limits;
 pub use gate::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER};
-pub use receive::{serve, serve_with_tls, spawn_receiver, ReceiveReport, Receiving, TargetFactory};
+pub use receive::{
+    serve, serve_with_tls, spawn_receiver, BadOffer, ReceiveReport, Receiving, TargetFactory,
+};
 pub use replay::{
     CaptureLimits, CaptureReport, DeviceDigest, DeviceTransfer, LoggedCommand, ReplayReport,
 };
@@ -101,6 +103,10 @@ pub enum MigrationError {
     /// rounds, streams or files out of order or miscounted.
     #[error("invalid migration stream: {0}")]
     BrokenSequence(String),
+    /// The VM's description offered (or read from a snapshot) has a field no VM here
+    /// could have.
+    #[error("invalid offer: {0}")]
+    InvalidOffer(receive::BadOffer),
     /// This side could not encode what it had to send (a bug, or a message over the
     /// protocol's limits).
     #[error("cannot encode a message: {0}")]

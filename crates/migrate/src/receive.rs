@@ -1108,69 +1108,121 @@ fn refuse(conn: &mut Conn, reason: String) -> MigrationError {
     MigrationError::Refused(reason)
 }
 
-pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), String> {
+/// Why an offered VM description is refused: a field no VM this host runs could have.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadOffer {
+    /// Too few or too many data streams.
+    #[error("{0} data streams (1 to {MAX_STREAMS} allowed)")]
+    Streams(u8),
+    /// Guest RAM that is empty, not whole pages, or beyond the limit.
+    #[error("guest RAM of {0} bytes")]
+    Ram(u64),
+    /// A workload name too long or with control characters.
+    #[error("a workload name of {0} bytes, or with control characters (at most {MAX_WORKLOAD_NAME} printable)")]
+    WorkloadName(usize),
+    /// A backend kind or microkernel label too long or with control characters.
+    #[error("a {what} of {len} bytes, or with control characters (at most {MAX_LABEL} printable)")]
+    Label {
+        /// Which label.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// An extra entry whose key or value is out of bounds.
+    #[error("an extra entry with a key of {key} bytes, or with control characters, or a value of {value} bytes (keys of at most {MAX_EXTRA_KEY} printable, values of at most {MAX_EXTRA_VALUE})")]
+    Extra {
+        /// The key's length in bytes.
+        key: usize,
+        /// The value's length in bytes.
+        value: usize,
+    },
+    /// An attached file's name is not a valid file name.
+    #[error("attached file {index} has an invalid name {name:?}")]
+    FileName {
+        /// The file's place in the offer.
+        index: usize,
+        /// The name offered.
+        name: String,
+    },
+    /// Two attached files have the same name.
+    #[error("two attached files are named '{0}'")]
+    DuplicateFile(String),
+    /// An attached file's sha256 is not 64 lowercase hex digits.
+    #[error("attached file '{name}' has an invalid sha256 {sha256:?} (64 lowercase hex digits)")]
+    FileSha256 {
+        /// The file's name.
+        name: String,
+        /// The digest offered.
+        sha256: String,
+    },
+    /// An attached file's source path is too long or has control characters.
+    #[error("attached file '{name}' has a path of {len} bytes, or with control characters (at most {MAX_WORKLOAD_NAME} printable)")]
+    FilePath {
+        /// The file's name.
+        name: String,
+        /// The path's length in bytes.
+        len: usize,
+    },
+}
+
+/// Checks an offered VM description (and its count of data streams) before anything is
+/// prepared for it; a snapshot's description is checked the same way.
+pub(crate) fn validate_offer(vm: &VmDescription, streams: u8) -> Result<(), BadOffer> {
     if !(1..=MAX_STREAMS).contains(&streams) {
-        return Err(format!(
-            "{streams} data streams (1 to {MAX_STREAMS} allowed)"
-        ));
+        return Err(BadOffer::Streams(streams));
     }
     if vm.ram_size == 0 || !vm.ram_size.is_multiple_of(PAGE_SIZE) || vm.ram_size > MAX_RAM {
-        return Err(format!("guest RAM of {} bytes", vm.ram_size));
+        return Err(BadOffer::Ram(vm.ram_size));
     }
     // What this host shows and logs of the VM: short, and without control characters (a
     // newline or a terminal's escape would forge lines).
     if !printable(&vm.name, MAX_WORKLOAD_NAME) {
-        return Err(format!(
-            "a workload name of {} bytes, or with control characters (at most {MAX_WORKLOAD_NAME} printable)",
-            vm.name.len()
-        ));
+        return Err(BadOffer::WorkloadName(vm.name.len()));
     }
     for (what, label) in [
         ("backend kind", &vm.backend_kind),
         ("microkernel", &vm.microkernel),
     ] {
         if !printable(label, MAX_LABEL) {
-            return Err(format!(
-                "a {what} of {} bytes, or with control characters (at most {MAX_LABEL} printable)",
-                label.len()
-            ));
+            return Err(BadOffer::Label {
+                what,
+                len: label.len(),
+            });
         }
     }
     // The counts of `extra` and `files` were bounded as the offer was decoded
     // (`wire::at_most`).
     for (key, value) in &vm.extra {
         if !printable(key, MAX_EXTRA_KEY) || value.len() > MAX_EXTRA_VALUE {
-            return Err(format!(
-                "an extra entry with a key of {} bytes, or with control characters, or a value of {} bytes (keys of at most {MAX_EXTRA_KEY} printable, values of at most {MAX_EXTRA_VALUE})",
-                key.len(),
-                value.len()
-            ));
+            return Err(BadOffer::Extra {
+                key: key.len(),
+                value: value.len(),
+            });
         }
     }
     // The VM could not take these files: refused now, not after the whole transfer.
-    for (i, f) in vm.files.iter().enumerate() {
+    for (index, f) in vm.files.iter().enumerate() {
         if !valid_name(&f.name) {
-            return Err(format!(
-                "attached file {i} has an invalid name {:?}",
-                f.name
-            ));
+            return Err(BadOffer::FileName {
+                index,
+                name: f.name.clone(),
+            });
         }
-        if vm.files[..i].iter().any(|o| o.name == f.name) {
-            return Err(format!("two attached files are named '{}'", f.name));
+        if vm.files[..index].iter().any(|o| o.name == f.name) {
+            return Err(BadOffer::DuplicateFile(f.name.clone()));
         }
         if !valid_sha256(&f.sha256) {
-            return Err(format!(
-                "attached file '{}' has an invalid sha256 {:?} (64 lowercase hex digits)",
-                f.name, f.sha256
-            ));
+            return Err(BadOffer::FileSha256 {
+                name: f.name.clone(),
+                sha256: f.sha256.clone(),
+            });
         }
         // Shown in this host's messages about the file.
         if !printable(&f.path, MAX_WORKLOAD_NAME) {
-            return Err(format!(
-                "attached file '{}' has a path of {} bytes, or with control characters (at most {MAX_WORKLOAD_NAME} printable)",
-                f.name,
-                f.path.len()
-            ));
+            return Err(BadOffer::FilePath {
+                name: f.name.clone(),
+                len: f.path.len(),
+            });
         }
     }
     Ok(())
@@ -1305,8 +1357,11 @@ fn receive_vm<F: TargetFactory>(
         files: file_transfer,
         device,
     } = offer;
-    if let Err(reason) = validate_offer(&vm, streams) {
-        return Err(refuse(&mut conn, format!("invalid offer: {reason}")));
+    if let Err(bad) = validate_offer(&vm, streams) {
+        return Err(refuse(
+            &mut conn,
+            MigrationError::InvalidOffer(bad).to_string(),
+        ));
     }
     // A replay place is taken before the costly work (a VM prepared, files hashed and
     // room made for them in the store): an offer that must replay and finds none costs

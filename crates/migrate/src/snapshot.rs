@@ -30,7 +30,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::durable::{create_temporary, sync_folder_of};
-use crate::receive::{apply_data, sync_buffers, validate_offer};
+use crate::receive::{apply_data, sync_buffers, validate_offer, BadOffer};
 use crate::replay::DeviceTransfer;
 use crate::send::{send_share, CancelToken, RoundWork, StreamBuffers, WorkQueue};
 use crate::vm::{FileTransfer, MigrationTarget, VmContents, VmDescription, VmError, PAGE_SIZE};
@@ -103,7 +103,7 @@ pub enum SnapshotError {
     Save(#[source] VmError),
     /// The VM's description is one a load refuses: saved, the VM could not come back.
     #[error("cannot save the VM: {0}, which a restore would refuse")]
-    Unloadable(String),
+    Unloadable(BadOffer),
     /// The VM being loaded could not take the snapshot's contents or state.
     #[error("{}: cannot load the snapshot into the VM", path.display())]
     Load {
@@ -291,7 +291,7 @@ impl SnapshotReader {
                 )))
             }
         };
-        validate_offer(&vm, 1).map_err(|why| corrupt(MigrationError::BrokenSequence(why)))?;
+        validate_offer(&vm, 1).map_err(|why| corrupt(MigrationError::InvalidOffer(why)))?;
         Ok(Self {
             path: path.to_owned(),
             frames,

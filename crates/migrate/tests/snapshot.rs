@@ -206,7 +206,13 @@ fn a_vm_whose_description_a_load_would_refuse_is_not_saved() {
         path: "/models/a\tb.gguf".into(),
     });
     let error = save(&vm, &path).unwrap_err();
-    assert!(matches!(error, SnapshotError::Unloadable(_)), "{error}");
+    assert!(
+        matches!(
+            &error,
+            SnapshotError::Unloadable(ferry_migrate::BadOffer::FilePath { name, .. }) if name == "model"
+        ),
+        "{error}"
+    );
     assert!(error.to_string().contains("control characters"), "{error}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
