@@ -15,7 +15,9 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::wire::{FrameStream, Message, StreamRole, MAX_HANDSHAKE_FRAME, PROTOCOL_VERSION};
+use crate::wire::{
+    peer_reason, FrameStream, Message, StreamRole, MAX_HANDSHAKE_FRAME, PROTOCOL_VERSION,
+};
 use crate::MigrationError;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -318,8 +320,8 @@ fn connector(
             }
             handshake
         }
-        Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
-        Message::Busy { reason } => return Err(MigrationError::Busy(reason)),
+        Message::Refuse { reason } => return Err(MigrationError::Refused(peer_reason(&reason))),
+        Message::Busy { reason } => return Err(MigrationError::Busy(peer_reason(&reason))),
         other => return Err(MigrationError::unexpected("a challenge", &other)),
     };
     conn.send(&Message::Proof {

@@ -22,8 +22,8 @@ use crate::vm::{
     VmContents, MAX_CHUNK_BYTES, MAX_FILE_PIECE, PAGE_SIZE,
 };
 use crate::wire::{
-    FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_ANSWER_FRAME, MAX_CONTROL_BYTES,
-    MAX_RUN_PAGES,
+    peer_reason, FrameStream, FrameWriter, Message, StreamRole, Transfer, MAX_ANSWER_FRAME,
+    MAX_CONTROL_BYTES, MAX_RUN_PAGES,
 };
 use crate::MigrationError;
 
@@ -1489,10 +1489,10 @@ pub fn migrate_vm(
             send_files,
             replay,
         } => (session, send_files, replay),
-        Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
+        Message::Refuse { reason } => return Err(MigrationError::Refused(peer_reason(&reason))),
         // Receiving as many migrations (or replaying ones) as it takes: not retried
         // here, as one ends in minutes, but reported as the passing state it is.
-        Message::Busy { reason } => return Err(MigrationError::Busy(reason)),
+        Message::Busy { reason } => return Err(MigrationError::Busy(peer_reason(&reason))),
         other => return Err(MigrationError::unexpected("accept or refuse", &other)),
     };
     let mut asked: Vec<u32> = send_files.clone();

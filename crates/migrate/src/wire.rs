@@ -248,17 +248,79 @@ pub enum Message {
 
 /// `reason` cut to at most [`MAX_REASON_BYTES`] (at a character boundary, marked with an
 /// ellipsis), as a destination sends it: a source takes no larger answer.
-pub(crate) fn bounded_reason(mut reason: String) -> String {
-    const CUT: &str = "...";
-    if reason.len() > MAX_REASON_BYTES {
-        let mut end = MAX_REASON_BYTES - CUT.len();
-        while !reason.is_char_boundary(end) {
+pub(crate) fn bounded_reason(reason: String) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason;
+    }
+    text_start(reason, MAX_REASON_BYTES)
+}
+
+/// A reason the peer gave (refusing, busy, aborting), as this side keeps, shows and logs
+/// it: at most [`MAX_REASON_BYTES`], control characters escaped (a newline or a
+/// terminal's escape would forge log lines). A source's reason may fill a control frame:
+/// megabytes.
+pub(crate) fn peer_reason(reason: &str) -> String {
+    struct Escaped<'a>(&'a str);
+    impl std::fmt::Display for Escaped<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            use std::fmt::Write as _;
+            self.0.chars().try_for_each(|c| {
+                if c.is_control() {
+                    write!(f, "{}", c.escape_default())
+                } else {
+                    f.write_char(c)
+                }
+            })
+        }
+    }
+    text_start(Escaped(reason), MAX_REASON_BYTES)
+}
+
+/// `text` as displayed, cut to at most `most` bytes (at a character boundary, the cut
+/// marked with an ellipsis). Formatting stops at the cut, so a huge value costs no more
+/// than its start.
+pub(crate) fn text_start(text: impl std::fmt::Display, most: usize) -> String {
+    use std::fmt::Write as _;
+    let mut start = TextStart {
+        text: String::new(),
+        most,
+    };
+    if write!(start, "{text}").is_err() {
+        let mut end = most.saturating_sub(CUT.len());
+        while !start.text.is_char_boundary(end) {
             end -= 1;
         }
-        reason.truncate(end);
-        reason.push_str(CUT);
+        start.text.truncate(end);
+        start.text.push_str(CUT);
     }
-    reason
+    start.text
+}
+
+/// What marks a text cut short.
+const CUT: &str = "...";
+
+/// The first `most` bytes of what is written, up to a character boundary; writing more
+/// fails, which stops a formatting.
+struct TextStart {
+    text: String,
+    most: usize,
+}
+
+impl std::fmt::Write for TextStart {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let room = self.most - self.text.len();
+        if s.len() <= room {
+            self.text.push_str(s);
+            return Ok(());
+        }
+        let mut end = room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&s[..end]);
+        self.most = self.text.len();
+        Err(std::fmt::Error)
+    }
 }
 
 /// Decodes a sequence of at most `MAX` elements: a peer's count cannot make the decoder
@@ -1086,7 +1148,9 @@ fn control_of(
     what: &str,
 ) -> Result<Message, MigrationError> {
     match frame? {
-        Frame::Control(Message::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
+        Frame::Control(Message::Abort { reason }) => {
+            Err(MigrationError::PeerAborted(peer_reason(&reason)))
+        }
         Frame::Control(message) => Ok(message),
         _ => Err(MigrationError::UnexpectedMessage {
             expected: what.to_string(),
@@ -1511,6 +1575,25 @@ mod tests {
         assert!(reason.len() <= MAX_REASON_BYTES && reason.ends_with("..."));
         assert!(long.starts_with(reason.trim_end_matches('.')));
         assert_eq!(bounded_reason("short".into()), "short");
+        // What a source may send back is cut the same way, and cannot forge log lines.
+        let shown = peer_reason(&format!("{}\n2026 INFO forged\u{1b}[2J", "x".repeat(10)));
+        assert_eq!(shown, "xxxxxxxxxx\\n2026 INFO forged\\u{1b}[2J");
+        let shown = peer_reason(&"\u{1}".repeat(MAX_CONTROL_BYTES));
+        assert!(
+            shown.len() <= MAX_REASON_BYTES && shown.ends_with("..."),
+            "{shown}"
+        );
+        assert!(shown.starts_with("\\u{1}\\u{1}"));
+        // Formatting stops at the cut: what would write forever ends.
+        struct Endless;
+        impl std::fmt::Display for Endless {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                loop {
+                    f.write_str("ab")?;
+                }
+            }
+        }
+        assert_eq!(text_start(Endless, 7), "abab...");
         let taken = |message: &Message| {
             let mut w = FrameWriter::new(Vec::new(), false);
             w.send(message).unwrap();
