@@ -70,7 +70,8 @@ const SWITCHOVER_MARGIN: Duration = Duration::from_secs(1);
 /// Cancels a migration from another thread: it stops at its next step, up to the
 /// moment the destination is told to run the VM, and the VM runs on at the source. A
 /// handshake step waiting on the destination (connecting, authenticating, awaiting its
-/// answer) is woken at once: its socket is shut down.
+/// answer), or a round's data streams waiting for it to read, are woken at once: their
+/// sockets are shut down.
 #[derive(Clone, Default)]
 pub struct CancelToken(Arc<Cancel>);
 
@@ -130,14 +131,14 @@ impl CancelToken {
         Ok(())
     }
 
-    /// Shuts `socket` down if cancelled while the guard lives, so a handshake step
-    /// blocked on it wakes; `Err(Cancelled)` if cancelled already.
-    fn watch(&self, socket: &TcpStream) -> Result<Watched<'_>, MigrationError> {
+    /// Shuts `socket` down if cancelled while the guard lives, so a step blocked on it
+    /// wakes; `Err(Cancelled)` in `phase` if cancelled already.
+    fn watch(&self, socket: &TcpStream, phase: Phase) -> Result<Watched<'_>, MigrationError> {
         let socket = socket
             .try_clone()
             .map_err(MigrationError::io("watching for a cancel"))?;
         let mut waits = self.waits();
-        self.check(Phase::Handshake)?;
+        self.check(phase)?;
         let id = waits.next;
         waits.next += 1;
         waits.sockets.push((id, socket));
@@ -151,7 +152,7 @@ impl CancelToken {
         socket: &TcpStream,
         step: impl FnOnce() -> Result<T, MigrationError>,
     ) -> Result<T, MigrationError> {
-        let watched = self.watch(socket)?;
+        let watched = self.watch(socket, Phase::Handshake)?;
         let outcome = step();
         drop(watched);
         self.check(Phase::Handshake)?;
@@ -465,7 +466,7 @@ fn connect_one(
         Ok(socket) => TcpStream::from(socket),
         Err(e) => return Ok(Err(e)),
     };
-    let _watched = cancel.watch(&socket)?;
+    let _watched = cancel.watch(&socket, Phase::Handshake)?;
     Ok(socket2::SockRef::from(&socket)
         .connect_timeout(&sock.into(), timeout)
         .map(|()| socket))
@@ -1203,6 +1204,12 @@ impl Session<'_> {
             &self.destination_files,
             pacer,
         );
+        // A destination that reads slowly holds a data stream's write for as long as each
+        // piece it takes comes within the I/O timeout: a cancel shuts the streams, so it
+        // ends the round at once rather than at the next frame.
+        let _watched = (self.sockets[1..].iter())
+            .map(|socket| self.options.cancel.watch(socket, self.phase))
+            .collect::<Result<Vec<_>, _>>()?;
         queue.activity.start(self.data.len());
         let frames_before: Vec<u64> = self.data.iter().map(|c| c.writer.frames).collect();
         let source = self.source;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ferry_migrate::auth::authenticate_stream_listener;
 use ferry_migrate::wire::{FrameStream, FrameWriter, Message};
 use ferry_migrate::{
-    migrate_vm, serve, CancelToken, MigrationError, MigrationOptions, ReceiveReport, Secret,
+    migrate_vm, serve, CancelToken, MigrationError, MigrationOptions, Mode, ReceiveReport, Secret,
     TargetFactory, VmDescription, VmError,
 };
 use memory_vm::{description, MemoryVm, StillVm};
@@ -231,4 +231,94 @@ fn a_cancel_ends_the_wait_for_a_destination_at_work_at_its_next_keepalive() {
     assert!(!source.paused.load(Ordering::SeqCst), "the VM is paused");
     let (reason, _) = dest.join().expect("fake destination");
     assert!(reason.is_some_and(|r| r.contains("cancelled")));
+}
+
+/// A destination that takes the offer and the data streams, then reads no data: the
+/// source's writes block once the sockets' buffers are full, for as long as its I/O
+/// timeout (a destination that read a little now and then would hold them longer).
+fn never_reading() -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        let accept = || {
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(FOR_EVER)).unwrap();
+            let mut c = FrameStream::new(s, false);
+            authenticate_stream_listener(&mut c, &secret()).unwrap();
+            c
+        };
+        let mut control = accept();
+        let Ok(Message::Offer { streams, .. }) = control.expect_control("an offer") else {
+            panic!("expected an offer");
+        };
+        control
+            .send(&Message::Accept {
+                session: 11,
+                send_files: Vec::new(),
+                replay: false,
+            })
+            .unwrap();
+        let data: Vec<_> = (0..streams).map(|_| accept()).collect();
+        // Until the source gives up: its Abort, or its connection closed.
+        while control.expect_control("the source's word").is_ok() {}
+        drop(data);
+    });
+    (addr, handle)
+}
+
+#[test]
+fn a_cancel_ends_a_round_whose_data_the_destination_does_not_read_at_once() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    for mode in [Mode::Live, Mode::StopAndCopy] {
+        let (addr, dest) = never_reading();
+        // 64 MiB of pages that differ: more than the sockets' buffers take.
+        let ram_size = 64 << 20;
+        let mut ram = vec![0u8; ram_size];
+        for (i, page) in ram.chunks_mut(PAGE).enumerate() {
+            page.fill(i as u8 | 1);
+        }
+        let source = StillVm::new(description("unread", ram_size as u64, 0), ram);
+        let cancel = CancelToken::default();
+        // A long I/O timeout: only the cancel ends the round soon.
+        let options = MigrationOptions {
+            mode,
+            streams: 2,
+            io_timeout: FOR_EVER,
+            cancel: cancel.clone(),
+            ..MigrationOptions::default()
+        };
+        let cancelled_at = Arc::new(Mutex::new(None));
+        let canceller = {
+            let cancelled_at = cancelled_at.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(IDLE_LIMIT);
+                *cancelled_at.lock().unwrap() = Some(Instant::now());
+                cancel.cancel();
+            })
+        };
+        let err =
+            migrate_vm(&source, &addr, &secret(), &options, &mut |_| {}).expect_err("cancelled");
+        let ended = Instant::now();
+        canceller.join().unwrap();
+        let cancelled_at = cancelled_at.lock().unwrap().expect("cancelled");
+        let phase = match mode {
+            Mode::Live => "pre-copy round 0",
+            Mode::StopAndCopy => "the switchover",
+        };
+        match &err {
+            MigrationError::Cancelled { phase: said } => assert_eq!(said, phase, "{mode:?}"),
+            other => panic!("{mode:?}: expected Cancelled, got {other:?}"),
+        }
+        // Before, the round's writes waited out the I/O timeout: 20 s.
+        assert!(
+            ended - cancelled_at < KEEPALIVE_EVERY * 5,
+            "{mode:?}: ended {:?} after the cancel",
+            ended - cancelled_at
+        );
+        assert!(
+            !source.paused.load(Ordering::SeqCst),
+            "{mode:?}: the VM is paused"
+        );
+        dest.join().expect("fake destination");
+    }
 }
