@@ -158,6 +158,9 @@ impl Event {
 /// Room held on a host for a VM that is moving there.
 #[derive(Debug, Clone)]
 pub struct Reservation {
+    /// The holding it belongs to, which alone gives it back: one that fails to begin never
+    /// gives back another's room for the same VM and host.
+    pub hold: Hold,
     /// Destination host.
     pub host: String,
     /// VM.
@@ -166,6 +169,24 @@ pub struct Reservation {
     pub accel: u64,
     /// RAM + accelerator bytes.
     pub memory: u64,
+}
+
+/// One holding of room ([`Reservation`]), unique in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold(u64);
+
+impl Hold {
+    /// A holding no other is.
+    pub fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// What a host has free and how loaded it is.
@@ -1462,6 +1483,7 @@ pub(crate) mod tests {
             1,
         );
         inv.reservations.push(Reservation {
+            hold: Hold::new(),
             host: "a".into(),
             vm: "x".into(),
             accel: 256 << 20,

@@ -1293,6 +1293,7 @@ impl Center {
         // meanwhile see it taken.
         let held = Creating::label(key);
         inventory.reservations.push(inventory::Reservation {
+            hold: inventory::Hold::new(),
             host: name.clone(),
             vm: held.clone(),
             accel: need.accel,

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::balance::{self, BalancePlan, MovableVm, PlannedMove};
 use crate::inventory::{
-    check_vm_report, unix_ms, Event, HostMode, Inventory, MigrationRecord, Reservation, VmRecord,
+    check_vm_report, unix_ms, Event, Hold, HostMode, Inventory, MigrationRecord, Reservation,
+    VmRecord,
 };
 use crate::placement::{self, Need};
 use crate::store::StoreError;
@@ -149,11 +150,13 @@ pub(crate) fn keep_newest(ops: &mut std::collections::BTreeMap<u64, Operation>) 
     forgotten
 }
 
-/// A move to make: the VM, where it is and where it goes.
+/// A move to make: the VM, where it is and where it goes; and the holding of its room on
+/// the destination, which only this move gives back.
 #[derive(Debug, Clone)]
 struct Move {
     vm: VmRecord,
     to: String,
+    hold: Hold,
 }
 
 /// What `POST /v1/balance` answers.
@@ -367,7 +370,7 @@ impl Center {
     fn release_room(&self, moves: &[Move]) {
         self.inventory()
             .reservations
-            .retain(|r| !moves.iter().any(|m| r.vm == m.vm.id && r.host == m.to));
+            .retain(|r| !moves.iter().any(|m| r.hold == m.hold));
     }
 
     /// Begins an operation of `kind` (of `host`) for `moves`, whose room is held: the term
@@ -412,7 +415,7 @@ impl Center {
         let _in_progress = self.metrics().migration_started();
         self.update_operation(op, |o| o.migrations.push(record.id));
         let outcome = self.follow_migration(m, record.id, term);
-        self.conclude_migration(&m.vm.id, &m.to, record.id, reason, outcome)
+        self.conclude_migration(&m.vm.id, &m.to, Some(m.hold), record.id, reason, outcome)
     }
 
     /// Records a new migration, in the store first (so a next leader finds it) and then
@@ -427,19 +430,18 @@ impl Center {
     }
 
     /// Records how migration `id` of VM `vm` to host `to` ended, and where the VM runs
-    /// now.
+    /// now; gives back the room it held (`hold`) in the same step.
     fn conclude_migration(
         &self,
         vm: &str,
         to: &str,
+        hold: Option<Hold>,
         id: i64,
         reason: &str,
         outcome: Result<(Option<MigrationReport>, VmInfo), MoveFailure>,
     ) -> MigrationRecord {
         let mut inventory = self.inventory();
-        inventory
-            .reservations
-            .retain(|r| !(r.vm == vm && r.host == to));
+        inventory.reservations.retain(|r| Some(r.hold) != hold);
         let Some(entry) = inventory.migration_mut(id) else {
             return MigrationRecord::default();
         };
@@ -851,12 +853,14 @@ impl Center {
                 Move {
                     vm,
                     to: record.to.clone(),
+                    hold: Hold::new(),
                 }
             }
             None => {
                 return self.conclude_migration(
                     &record.vm,
                     &record.to,
+                    None,
                     record.id,
                     &record.reason,
                     Err("the VM is no longer known to the cluster"
@@ -875,7 +879,15 @@ impl Center {
             let recorded = "the leader that recorded it stopped before the source took the order";
             self.follow_order_in_doubt(&source, &dest, &record.vm, record.id, recorded)
         })();
-        self.conclude_migration(&record.vm, &record.to, record.id, &record.reason, outcome)
+        let hold = Some(m.hold);
+        self.conclude_migration(
+            &record.vm,
+            &record.to,
+            hold,
+            record.id,
+            &record.reason,
+            outcome,
+        )
     }
 
     /// Resumes, as the new leader, the operations and migrations that were running.
@@ -1098,7 +1110,11 @@ impl Center {
                     let to = to.name.clone();
                     let slot = open.iter_mut().find(|h| h.name == to).expect("chosen");
                     placement::take(slot, &need);
-                    moves.push(Move { vm, to });
+                    moves.push(Move {
+                        vm,
+                        to,
+                        hold: Hold::new(),
+                    });
                 }
                 Err(why) => homeless.push(format!("{}: {why}", vm.id)),
             }
@@ -1479,6 +1495,7 @@ impl Center {
 fn hold_room(inventory: &mut Inventory, moves: &[Move]) {
     for m in moves {
         inventory.reservations.push(Reservation {
+            hold: m.hold,
             host: m.to.clone(),
             vm: m.vm.id.clone(),
             accel: m.vm.info.accel_memory,
@@ -1487,8 +1504,9 @@ fn hold_room(inventory: &mut Inventory, moves: &[Move]) {
     }
 }
 
-/// The moves of `planned` whose VMs are still where the plan found them, running, to a
-/// destination still open with room for them (counting the moves before them) at `now`.
+/// The moves of `planned` whose VMs are still where the plan found them, running, with no
+/// move under way, to a destination still open with room for them (counting the moves
+/// before them) at `now`.
 /// The plan is made without the inventory's lock: a VM that moved meanwhile (to the
 /// plan's destination, or elsewhere), or stopped, is left where it is, else its new host
 /// would be told to move it to itself, or a host the plan never weighed would lose it;
@@ -1518,6 +1536,16 @@ fn moves_still_planned(
                 );
                 return None;
             }
+            // Room held for it means a move of it is under way (another balance, say).
+            if inventory.reservations.iter().any(|r| r.vm == m.vm) {
+                tracing::info!(
+                    "VM {} is not moved {} -> {}: a move of it is under way",
+                    m.vm,
+                    m.from,
+                    m.to
+                );
+                return None;
+            }
             let need = Need::of_vm(&vm.info);
             let Some(room) = (open.iter_mut())
                 .find(|h| h.name == m.to)
@@ -1535,6 +1563,7 @@ fn moves_still_planned(
             Some(Move {
                 vm: vm.clone(),
                 to: m.to.clone(),
+                hold: Hold::new(),
             })
         })
         .collect()
@@ -1663,7 +1692,7 @@ mod tests {
         };
         scratch.fail_writes("UPDATE ON migrations");
         let stayed = MoveFailure::Stayed("refused".into());
-        let ended = center.conclude_migration("v", "b", record.id, "test", Err(stayed));
+        let ended = center.conclude_migration("v", "b", None, record.id, "test", Err(stayed));
         assert_eq!(ended.state, MigrationState::Failed);
         assert_eq!(stored(), MigrationState::Running);
         center.check_hosts().unwrap();
@@ -1787,6 +1816,7 @@ mod tests {
                 info: vm("v", VmState::Running),
             },
             to: "b".into(),
+            hold: Hold::new(),
         }
     }
 
@@ -1902,7 +1932,7 @@ mod tests {
         let center = &scratch.center;
         let record = running_move_recorded(center, "v");
         let lost = MoveFailure::Unsettled("lost contact with host a".into());
-        let ended = center.conclude_migration("v", "b", record.id, "test", Err(lost));
+        let ended = center.conclude_migration("v", "b", None, record.id, "test", Err(lost));
         assert_eq!(ended.state, MigrationState::InDoubt);
         let events = center.events(1).unwrap();
         assert!(
@@ -2243,8 +2273,21 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(still(), [("y".into(), "a".into(), "b".into())]);
+        // Another operation holds room for moving y: it stays while that move is under way.
+        let other = Hold::new();
+        center.inventory().reservations.push(Reservation {
+            hold: other,
+            host: "c".into(),
+            vm: "y".into(),
+            accel: 0,
+            memory: 0,
+        });
+        assert_eq!(still(), []);
+        center.inventory().reservations.retain(|r| r.hold != other);
+        assert_eq!(still(), [("y".into(), "a".into(), "b".into())]);
         // A create took b's room since: y stays too.
         center.inventory().reservations.push(Reservation {
+            hold: Hold::new(),
             host: "b".into(),
             vm: "created".into(),
             accel: 3 << 29,
@@ -2263,6 +2306,27 @@ mod tests {
         let view = center.exit_maintenance("a").unwrap();
         assert_eq!(view.mode, HostMode::Active.name());
         assert_eq!(center.inventory().hosts["a"].mode, HostMode::Active);
+    }
+
+    #[test]
+    fn a_holding_that_cannot_begin_gives_back_its_own_room_only() {
+        let scratch = ScratchCenter::open("own-room");
+        let center = &scratch.center;
+        // An operation under way holds room for moving v to b; a second plan (a balance
+        // sent twice) holds room for the same move, then cannot begin.
+        let running = move_v_from_a_to_b();
+        center.reserve(std::slice::from_ref(&running));
+        let again = move_v_from_a_to_b();
+        center.reserve(std::slice::from_ref(&again));
+        center.release_room(std::slice::from_ref(&again));
+        let holds: Vec<Hold> = (center.inventory().reservations.iter())
+            .map(|r| r.hold)
+            .collect();
+        assert_eq!(
+            holds,
+            [running.hold],
+            "the running operation keeps its room"
+        );
     }
 
     #[test]
