@@ -1270,16 +1270,17 @@ fn model_not_found(model: &str) -> OpenAiError {
 /// says migrated to a host that is up (until that host reports it, within a heartbeat;
 /// the relay follows it there).
 fn serves(inventory: &Inventory, v: &VmRecord, down_after_ms: u64) -> bool {
-    let answers = match &v.info.state {
-        ferry_api::VmState::MigratedAway { to } => {
-            let now = unix_ms();
-            (inventory.hosts.values()).any(|h| {
-                h.info.migration_addr == *to && inventory.is_up(&h.name, now, down_after_ms)
-            })
+    // The workload first: the hosts are looked through only for a serving VM that moved.
+    v.info.workload == SERVING_WORKLOAD
+        && match &v.info.state {
+            ferry_api::VmState::MigratedAway { to } => {
+                let now = unix_ms();
+                (inventory.hosts.values()).any(|h| {
+                    h.info.migration_addr == *to && inventory.is_up(&h.name, now, down_after_ms)
+                })
+            }
+            state => state.is_live(),
         }
-        state => state.is_live(),
-    };
-    answers && v.info.workload == SERVING_WORKLOAD
 }
 
 /// OpenAI's model object for serving VM `v`, known as `id`.
