@@ -6,7 +6,7 @@
 
 mod memory_vm;
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -77,6 +77,32 @@ fn a_round_longer_than_the_idle_limit_keeps_its_connections() {
     assert!(*target.ram.lock().unwrap() == source.ram, "RAM differs");
 }
 
+/// A fake destination's side of a source's handshake on `listener`: the control
+/// connection, authenticated, its offer accepted (nothing to replay, no file to send), and
+/// the data streams, authenticated.
+fn accepted(listener: &TcpListener) -> (FrameStream<TcpStream>, Vec<FrameStream<TcpStream>>) {
+    let accept = || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(FOR_EVER)).unwrap();
+        let mut c = FrameStream::new(s, false);
+        authenticate_stream_listener(&mut c, &secret()).unwrap();
+        c
+    };
+    let mut control = accept();
+    let Ok(Message::Offer { streams, .. }) = control.expect_control("an offer") else {
+        panic!("expected an offer");
+    };
+    control
+        .send(&Message::Accept {
+            session: 9,
+            send_files: Vec::new(),
+            replay: false,
+        })
+        .unwrap();
+    let data = (0..streams).map(|_| accept()).collect();
+    (control, data)
+}
+
 /// A destination that accepts a VM, takes round 0's data without applying it, and from
 /// the round's end says it is at work every keepalive period, for ever (up to
 /// [`FOR_EVER`]). Its thread returns the reason the source aborted with, if it did, and
@@ -85,25 +111,8 @@ fn at_work_for_ever() -> (String, JoinHandle<(Option<String>, u64)>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let handle = std::thread::spawn(move || {
-        let accept = || {
-            let (s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(FOR_EVER)).unwrap();
-            let mut c = FrameStream::new(s, false);
-            authenticate_stream_listener(&mut c, &secret()).unwrap();
-            c
-        };
-        let mut control = accept();
-        let Ok(Message::Offer { streams, .. }) = control.expect_control("an offer") else {
-            panic!("expected an offer");
-        };
-        control
-            .send(&Message::Accept {
-                session: 9,
-                send_files: Vec::new(),
-                replay: false,
-            })
-            .unwrap();
-        for mut data in (0..streams).map(|_| accept()) {
+        let (mut control, data) = accepted(&listener);
+        for mut data in data {
             std::thread::spawn(move || while data.read().is_ok() {});
         }
         loop {
@@ -240,25 +249,7 @@ fn never_reading() -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let handle = std::thread::spawn(move || {
-        let accept = || {
-            let (s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(FOR_EVER)).unwrap();
-            let mut c = FrameStream::new(s, false);
-            authenticate_stream_listener(&mut c, &secret()).unwrap();
-            c
-        };
-        let mut control = accept();
-        let Ok(Message::Offer { streams, .. }) = control.expect_control("an offer") else {
-            panic!("expected an offer");
-        };
-        control
-            .send(&Message::Accept {
-                session: 11,
-                send_files: Vec::new(),
-                replay: false,
-            })
-            .unwrap();
-        let data: Vec<_> = (0..streams).map(|_| accept()).collect();
+        let (mut control, data) = accepted(&listener);
         // Until the source gives up: its Abort, or its connection closed.
         while control.expect_control("the source's word").is_ok() {}
         drop(data);
