@@ -208,13 +208,14 @@ fn a_destination_at_work_on_a_round_for_ever_is_given_up_on_and_the_vm_runs_on()
     assert!(sent >= keepalives, "{sent} sent, {keepalives} seen");
 }
 
-#[test]
-fn a_cancel_ends_the_wait_for_a_destination_at_work_at_its_next_keepalive() {
-    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
-    let (addr, dest) = at_work_for_ever();
-    // A long I/O timeout: only the cancel ends the wait soon.
-    let cancel = CancelToken::default();
-    let (source, options) = small_vm("cancelled", FOR_EVER, cancel.clone());
+/// Migrates `source` to `addr`, cancelled by `cancel` an idle limit after it starts: its
+/// error, and how long after the cancel it came.
+fn cancelled_after_idle_limit(
+    source: &StillVm,
+    addr: &str,
+    options: &MigrationOptions,
+    cancel: CancelToken,
+) -> (MigrationError, Duration) {
     let cancelled_at = Arc::new(Mutex::new(None));
     let canceller = {
         let cancelled_at = cancelled_at.clone();
@@ -224,18 +225,28 @@ fn a_cancel_ends_the_wait_for_a_destination_at_work_at_its_next_keepalive() {
             cancel.cancel();
         })
     };
-    let err = migrate_vm(&source, &addr, &secret(), &options, &mut |_| {}).expect_err("cancelled");
+    let err = migrate_vm(source, addr, &secret(), options, &mut |_| {}).expect_err("cancelled");
     let ended = Instant::now();
     canceller.join().unwrap();
     let cancelled_at = cancelled_at.lock().unwrap().expect("cancelled");
+    (err, ended - cancelled_at)
+}
+
+#[test]
+fn a_cancel_ends_the_wait_for_a_destination_at_work_at_its_next_keepalive() {
+    ferry_migrate::shorten_idle_limits(KEEPALIVE_EVERY, IDLE_LIMIT);
+    let (addr, dest) = at_work_for_ever();
+    // A long I/O timeout: only the cancel ends the wait soon.
+    let cancel = CancelToken::default();
+    let (source, options) = small_vm("cancelled", FOR_EVER, cancel.clone());
+    let (err, after) = cancelled_after_idle_limit(&source, &addr, &options, cancel);
     match &err {
         MigrationError::Cancelled { phase } => assert_eq!(phase, "pre-copy round 0"),
         other => panic!("expected Cancelled, got {other:?}"),
     }
     assert!(
-        ended - cancelled_at < KEEPALIVE_EVERY * 5,
-        "ended {:?} after the cancel",
-        ended - cancelled_at
+        after < KEEPALIVE_EVERY * 5,
+        "ended {after:?} after the cancel"
     );
     assert!(!source.paused.load(Ordering::SeqCst), "the VM is paused");
     let (reason, _) = dest.join().expect("fake destination");
@@ -278,20 +289,7 @@ fn a_cancel_ends_a_round_whose_data_the_destination_does_not_read_at_once() {
             cancel: cancel.clone(),
             ..MigrationOptions::default()
         };
-        let cancelled_at = Arc::new(Mutex::new(None));
-        let canceller = {
-            let cancelled_at = cancelled_at.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(IDLE_LIMIT);
-                *cancelled_at.lock().unwrap() = Some(Instant::now());
-                cancel.cancel();
-            })
-        };
-        let err =
-            migrate_vm(&source, &addr, &secret(), &options, &mut |_| {}).expect_err("cancelled");
-        let ended = Instant::now();
-        canceller.join().unwrap();
-        let cancelled_at = cancelled_at.lock().unwrap().expect("cancelled");
+        let (err, after) = cancelled_after_idle_limit(&source, &addr, &options, cancel);
         let phase = match mode {
             Mode::Live => "pre-copy round 0",
             Mode::StopAndCopy => "the switchover",
@@ -302,9 +300,8 @@ fn a_cancel_ends_a_round_whose_data_the_destination_does_not_read_at_once() {
         }
         // Before, the round's writes waited out the I/O timeout: 20 s.
         assert!(
-            ended - cancelled_at < KEEPALIVE_EVERY * 5,
-            "{mode:?}: ended {:?} after the cancel",
-            ended - cancelled_at
+            after < KEEPALIVE_EVERY * 5,
+            "{mode:?}: ended {after:?} after the cancel"
         );
         assert!(
             !source.paused.load(Ordering::SeqCst),
