@@ -487,7 +487,21 @@ fn quantized_products(cases: &mut Cases<'_>) {
         DType::Q8_0,
         (32_800, 32, 64),
     );
-    for (name, dtype, (n, k, m)) in every_format.into_iter().chain([lanes_apart]) {
+    // More inputs than are prepared at once (4 Ki elements in tests): runs of rows, the
+    // last ragged.
+    let in_runs = [
+        (
+            "qmatmul q4_1, inputs in runs".to_string(),
+            DType::Q4_1,
+            (9, 512, 20),
+        ),
+        (
+            "qmatmul f32, inputs in runs".to_string(),
+            DType::F32,
+            (9, 517, 20),
+        ),
+    ];
+    for (name, dtype, (n, k, m)) in every_format.into_iter().chain([lanes_apart]).chain(in_runs) {
         let data = vec![
             r.weights(dtype, n, k),
             r.f32s(m * k, 2.0),

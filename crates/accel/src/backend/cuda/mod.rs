@@ -267,6 +267,16 @@ fn prepared_bytes(m: usize, k: usize) -> (u64, u64, u64) {
     )
 }
 
+/// Input elements QMATMUL prepares at a time (about 13 MiB of scratch), as the cpu
+/// backend does: a guest may give billions of rows, whose prepared form, 3 bytes an
+/// element, would lie outside the VM's device memory.
+const QMATMUL_INPUTS: usize = if cfg!(test) { 1 << 12 } else { 1 << 22 };
+
+/// Input rows QMATMUL prepares and multiplies at a time, of `m` rows of `k`: at least one.
+fn qmatmul_run_rows(m: usize, k: usize) -> usize {
+    (QMATMUL_INPUTS / k.max(1)).clamp(1, m.max(1))
+}
+
 /// Alignment of each region of scratch memory (its start is the allocation's, aligned
 /// for every element type).
 const SCRATCH_ALIGN: u64 = 16;
@@ -733,44 +743,48 @@ pub fn plan(kernel: &Kernel, at: impl Fn(BufferId) -> u64, scratch: u64) -> Vec<
             m,
             dtype,
         } => {
-            let (q_bytes, d_bytes, sums_bytes) = prepared_bytes(m, k);
+            let run = qmatmul_run_rows(m, k);
+            let (q_bytes, d_bytes, sums_bytes) = prepared_bytes(run, k);
             let (q, d, sums) = (scratch, scratch + q_bytes, scratch + q_bytes + d_bytes);
-            let mut launches = Vec::new();
-            if dtype.block_elems() > 1 {
-                let blocks = m * k / 32;
-                launches.push(Launch {
-                    entry: "ferry_qprepare",
-                    args: args(&[at(x), q, d, sums, u(blocks)]),
-                    items: u(blocks),
-                });
-            }
             let shape = [u(n), u(k), dtype.code()];
-            match lanes_bytes(m, n) {
-                Some(_) => {
+            // A thread per lane where a run's lanes fit the scratch: decided for a whole run,
+            // so the same for a ragged last one.
+            let by_lane = lanes_bytes(run, n).is_some();
+            let mut launches = Vec::new();
+            // A run of input rows at a time, each with the scratch to itself: every output
+            // row is its input row's alone, so the results are the same bits.
+            for first in (0..m).step_by(run) {
+                let m = run.min(m - first);
+                let (x, out) = (at(x) + u(4 * first * k), at(out) + u(4 * first * n));
+                if dtype.block_elems() > 1 {
+                    let blocks = m * k / 32;
+                    launches.push(Launch {
+                        entry: "ferry_qprepare",
+                        args: args(&[x, q, d, sums, u(blocks)]),
+                        items: u(blocks),
+                    });
+                }
+                if by_lane {
                     let lanes = scratch + q_bytes + d_bytes + sums_bytes;
                     launches.push(Launch {
                         entry: "ferry_qmatmul_lanes",
                         args: args(
-                            &[&[at(w), at(x), lanes, q, d, sums, u(8 * m * n)], &shape[..]]
-                                .concat(),
+                            &[&[at(w), x, lanes, q, d, sums, u(8 * m * n)], &shape[..]].concat(),
                         ),
                         items: u(8 * m * n),
                     });
                     launches.push(Launch {
                         entry: "ferry_qmatmul_sum",
-                        args: args(
-                            &[&[at(w), at(x), at(out), lanes, u(m * n)], &shape[..]].concat(),
-                        ),
+                        args: args(&[&[at(w), x, out, lanes, u(m * n)], &shape[..]].concat()),
+                        items: u(m * n),
+                    });
+                } else {
+                    launches.push(Launch {
+                        entry: "ferry_qmatmul",
+                        args: args(&[&[at(w), x, out, q, d, sums, u(m * n)], &shape[..]].concat()),
                         items: u(m * n),
                     });
                 }
-                None => launches.push(Launch {
-                    entry: "ferry_qmatmul",
-                    args: args(
-                        &[&[at(w), at(x), at(out), q, d, sums, u(m * n)], &shape[..]].concat(),
-                    ),
-                    items: u(m * n),
-                }),
             }
             launches
         }
@@ -942,8 +956,8 @@ const SCRATCH_DOUBLES_UP_TO: u64 = 64 << 20;
 
 /// The scratch memory held for a launch needing `bytes`: the next power of two while
 /// small, beyond [`SCRATCH_DOUBLES_UP_TO`] the next eighth of one. Scratch lies outside
-/// the VM's device memory (a launch's is at most about its inputs' size): a launch just
-/// past a power of two must not hold twice what it needs.
+/// the VM's device memory (QMATMUL's, the largest, is bounded by its runs of inputs): a
+/// launch just past a power of two must not hold twice what it needs.
 fn scratch_room(bytes: u64) -> u64 {
     if bytes <= SCRATCH_DOUBLES_UP_TO {
         return bytes.next_power_of_two();
@@ -956,9 +970,11 @@ fn scratch_room(bytes: u64) -> u64 {
 pub fn scratch_bytes(kernel: &Kernel) -> u64 {
     match *kernel {
         Kernel::QMatmul { n, k, m, .. } => {
-            // The lanes follow the prepared inputs, whose room is kept for every format.
-            let (q, d, sums) = prepared_bytes(m, k);
-            q + d + sums + lanes_bytes(m, n).unwrap_or(0)
+            // A run of rows' at a time: the lanes follow the prepared inputs, whose room is
+            // kept for every format.
+            let run = qmatmul_run_rows(m, k);
+            let (q, d, sums) = prepared_bytes(run, k);
+            q + d + sums + lanes_bytes(run, n).unwrap_or(0)
         }
         Kernel::CrossEntropy { rows, .. } => 8 * rows as u64,
         Kernel::Matmul { m, n, k, .. } => {
@@ -1087,6 +1103,25 @@ mod tests {
             );
         }
         assert_eq!(scratch_room(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn qmatmul_scratch_is_a_run_of_inputs_whatever_the_rows() {
+        use super::{scratch_bytes, DType, Kernel, QMATMUL_INPUTS};
+        let qmatmul = |m| Kernel::QMatmul {
+            w: 1,
+            x: 2,
+            out: 3,
+            n: 4,
+            k: 1024,
+            m,
+            dtype: DType::Q4_1,
+        };
+        let run = scratch_bytes(&qmatmul(QMATMUL_INPUTS / 1024));
+        // A guest's billion rows take no more than a run's: 3 bytes an input and the lanes.
+        assert_eq!(scratch_bytes(&qmatmul(1 << 30)), run);
+        assert!(run <= 4 * QMATMUL_INPUTS as u64 + 32 * 4 * QMATMUL_INPUTS as u64 / 1024);
+        assert!(scratch_bytes(&qmatmul(1)) < run);
     }
 
     use ferry_abi::accel::kernel as k;
