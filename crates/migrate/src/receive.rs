@@ -847,7 +847,7 @@ fn apply_stream<T: MigrationTarget>(
                 .wait_while(inbound.lock(), |s| {
                     !s.round_open && s.failed.is_none() && !s.done
                 })
-                .expect("inbound lock");
+                .unwrap_or_else(PoisonError::into_inner);
             if s.failed.is_some() || s.done {
                 return reader.bytes_read;
             }
@@ -1869,7 +1869,7 @@ fn control_loop<T: MigrationTarget>(
                     s = inbound
                         .changed
                         .wait_timeout_while(s, left.min(until_keepalive), |s| pending(s))
-                        .expect("inbound lock")
+                        .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
                 if let Some(failed) = s.failed.take() {
