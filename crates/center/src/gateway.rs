@@ -2470,8 +2470,12 @@ mod tests {
         );
         let router = crate::api::router(scratch.center.clone()).unwrap();
         let _serving = ferry_http::spawn(runtime.handle(), listener, router, None, "center API");
+        // A connection of its own per request: refused ones are answered without their
+        // bodies read, and their connection closed once the answer is out, which a pooled
+        // connection's next request could find (a failure once in CI, under load).
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_idle_connections(0)
             .build()
             .new_agent();
         let error = |mut answer: ureq::http::Response<ureq::Body>| {
