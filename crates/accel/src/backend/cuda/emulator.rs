@@ -1,7 +1,8 @@
 //! A [`Gpu`] on the CPU, to check the cuda backend where there is no GPU: `kernels.cu`
 //! compiled by the host's C++ compiler (with `emulated.h`, multiplies and adds never
-//! fused) and loaded with `dlopen`; each launch runs its work items one after another,
-//! on one thread, so it is slow. Memory is host memory; addresses are host pointers.
+//! fused, and any flags in `FERRY_EMULATOR_CXXFLAGS`) and loaded with `dlopen`; each
+//! launch runs its work items one after another, on one thread, so it is slow. Memory is
+//! host memory, an allocation per buffer; addresses are host pointers.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -99,7 +100,11 @@ impl Emulator {
         let source = dir.join("kernels.cpp");
         let library = dir.join("kernels.so");
         let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        // Flags of the caller's (`scripts/emulator-asan` adds AddressSanitizer's) come
+        // first, so the flags the bits depend on, after them, win.
+        let extra = std::env::var("FERRY_EMULATOR_CXXFLAGS").unwrap_or_default();
         let out = std::process::Command::new(&compiler)
+            .args(extra.split_whitespace())
             .args([
                 "-DFERRY_EMULATED",
                 "-O2",

@@ -65,8 +65,18 @@ struct Args {
 
 DEV double pow2(i64 k) { return bits_f64((u64)(k + 1023) << 52); }
 
+// Rust's `v as i64`: toward zero, saturating, NaN to 0, as the cpu backend converts. A
+// GPU's conversion does this itself; in C++ a value out of range is undefined (x86 gives
+// the smallest i64, which made the emulator's rotations differ for hostile factors).
+DEV i64 to_i64(double v) {
+    if (v != v) return 0;
+    if (v >= 9223372036854775808.0) return 0x7fffffffffffffffLL;
+    if (v < -9223372036854775808.0) return -0x7fffffffffffffffLL - 1;
+    return (i64)v;
+}
+
 DEV double floor_exact(double v) {
-    double t = (double)(i64)v;
+    double t = (double)to_i64(v);
     return t > v ? t - 1.0 : t;
 }
 
@@ -164,7 +174,7 @@ DEV double cos_2pi(double u) {
     double s = trig_coef(8, 1);
     for (int k = 7; k >= 0; k--) s = s * p2 + trig_coef(k, 1);
     double sin = s * phi;
-    switch ((i64)q & 3) {
+    switch (to_i64(q) & 3) {
         case 0: return c;
         case 1: return -sin;
         case 2: return -c;
