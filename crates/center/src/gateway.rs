@@ -150,8 +150,12 @@ pub struct OpenAiError {
     status: StatusCode,
     message: String,
     code: &'static str,
-    param: Option<&'static str>,
+    /// The request's field at fault (a client's own, cut to [`MAX_PARAM_BYTES`]).
+    param: Option<String>,
 }
+
+/// Longest field name an error's `param` repeats.
+const MAX_PARAM_BYTES: usize = 256;
 
 /// Longest message an error carries: messages quote what the client sent (a model name,
 /// a field), which may be megabytes, and an answer longer than [`openai_errors`] reads
@@ -171,9 +175,16 @@ impl OpenAiError {
     }
 
     fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_value", message).at(param)
+    }
+
+    /// The error, naming the request's field `param`.
+    fn at(self, param: &str) -> Self {
+        let mut param = param.to_owned();
+        crate::inventory::cut_text(&mut param, MAX_PARAM_BYTES);
         Self {
             param: Some(param),
-            ..Self::new(StatusCode::BAD_REQUEST, "invalid_value", message)
+            ..self
         }
     }
 
@@ -1344,6 +1355,12 @@ const UNIMPLEMENTED: &[(&str, AsksForNothing)] = &[
     ("tool_choice", is_none_or_auto),
     ("function_call", is_none_or_auto),
     ("modalities", |v| v.is_null() || *v == json!(["text"])),
+    ("audio", Value::is_null),
+    ("prediction", is_empty),
+    ("web_search_options", is_empty),
+    // For reasoning models; the null that clients of several models send asks nothing.
+    ("reasoning_effort", Value::is_null),
+    ("verbosity", |v| v.is_null() || v.as_str() == Some("medium")),
 ];
 
 fn is_zero(v: &Value) -> bool {
@@ -1392,17 +1409,15 @@ fn parse<T: serde::de::DeserializeOwned>(
         match UNIMPLEMENTED.iter().find(|(name, _)| name == field) {
             _ if known => {}
             Some((_, asks_for_nothing)) if asks_for_nothing(value) => {}
-            Some((name, _)) => {
-                return Err(OpenAiError {
-                    param: Some(name),
-                    ..OpenAiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "unsupported_parameter",
-                        format!("'{field}' is not supported here (only at its default, {value} asks for it)"),
-                    )
-                })
-            }
-            None => return Err(bad(format!("unknown field '{field}'"))),
+            Some((name, _)) => return Err(OpenAiError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_parameter",
+                format!(
+                    "'{field}' is not supported here (only at its default, {value} asks for it)"
+                ),
+            )
+            .at(name)),
+            None => return Err(bad(format!("unknown field '{field}'")).at(field)),
         }
     }
     let e = match T::deserialize(&value) {
@@ -1427,10 +1442,7 @@ fn parse<T: serde::de::DeserializeOwned>(
         (SAMPLING_FIELDS.iter().copied().chain([own])).find(|known| known == field)
     });
     Err(match param {
-        Some(field) => OpenAiError {
-            param: Some(field),
-            ..bad(format!("'{field}' is not valid: {e}"))
-        },
+        Some(field) => bad(format!("'{field}' is not valid: {e}")).at(field),
         None => bad(format!("the body is not a valid request: {e}")),
     })
 }
@@ -2853,13 +2865,18 @@ mod tests {
         );
         let options = json!({"stream_options": {"include_usage": true}});
         let err = request(options).unwrap_err();
-        assert_eq!(err.param, Some("stream_options"), "{}", err.message);
+        assert_eq!(
+            err.param.as_deref(),
+            Some("stream_options"),
+            "{}",
+            err.message
+        );
         let streamed = json!({"stream": true, "stream_options": {"include_usage": true}});
         assert!(request(streamed).is_ok());
         for field in ["max_tokens", "max_completion_tokens"] {
             for value in [0, MAX_TOKENS + 1] {
                 let err = request(json!({ field: value })).unwrap_err();
-                assert_eq!(err.param, Some(field), "{}", err.message);
+                assert_eq!(err.param.as_deref(), Some(field), "{}", err.message);
                 assert!(err.message.starts_with(field), "{}", err.message);
             }
         }
@@ -2879,7 +2896,7 @@ mod tests {
         assert_ne!(seed(json!(-2)), seed(json!(2)));
         for value in [json!(-0.1), json!(1.5)] {
             let err = request(json!({ "top_p": value })).unwrap_err();
-            assert_eq!(err.param, Some("top_p"), "{value}");
+            assert_eq!(err.param.as_deref(), Some("top_p"), "{value}");
         }
         let err = request(json!({"seed": 1.5})).unwrap_err();
         let message = &err.message;
@@ -2907,7 +2924,7 @@ mod tests {
             let mut body = json!({"model": "m", "messages": []});
             body[field] = value;
             let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
-            assert_eq!(err.param, Some(field), "{field}");
+            assert_eq!(err.param.as_deref(), Some(field), "{field}");
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
         }
         let err = parse::<CompletionRequest>(
@@ -2915,7 +2932,7 @@ mod tests {
             "prompt",
         )
         .unwrap_err();
-        assert_eq!(err.param, Some("logprobs"));
+        assert_eq!(err.param.as_deref(), Some("logprobs"));
         let chat = r#"{"model": "m", "messages": [], "logprobs": false}"#;
         assert!(parse::<ChatRequest>(&Bytes::from(chat), "messages").is_ok());
         let err = parse::<ChatRequest>(
@@ -2924,6 +2941,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.message.contains("unknown field"), "{}", err.message);
+        assert_eq!(err.param.as_deref(), Some("frequency_penalty_x"));
+        let long = "x".repeat(100_000);
+        let body = json!({"model": "m", "messages": [], long.as_str(): 0});
+        let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
+        assert!(err.param.is_some_and(|p| p.len() <= MAX_PARAM_BYTES));
+        // OpenAI's newer fields, as clients that send every field they know send them
+        // (null), ask for nothing; asking for something is refused by name.
+        let nulls = json!({"model": "m", "messages": [], "reasoning_effort": null,
+            "verbosity": null, "audio": null, "prediction": null, "web_search_options": null});
+        assert!(parse::<ChatRequest>(&Bytes::from(nulls.to_string()), "messages").is_ok());
+        for (field, value) in [
+            ("reasoning_effort", json!("high")),
+            ("verbosity", json!("low")),
+            ("audio", json!({"voice": "alloy", "format": "wav"})),
+        ] {
+            let mut body = json!({"model": "m", "messages": []});
+            body[field] = value;
+            let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
+            assert_eq!(err.code, "unsupported_parameter", "{field}");
+            assert_eq!(err.param.as_deref(), Some(field));
+        }
         // A value of the wrong shape is named for what it is, not for a type of the code.
         for (body, field, says) in [
             (
@@ -2940,7 +2978,7 @@ mod tests {
             let err =
                 parse::<CompletionRequest>(&Bytes::from(body.to_string()), "prompt").unwrap_err();
             assert!(err.message.contains(says), "{}", err.message);
-            assert_eq!(err.param, Some(field), "{}", err.message);
+            assert_eq!(err.param.as_deref(), Some(field), "{}", err.message);
             assert!(!err.message.contains("untagged"), "{}", err.message);
         }
         let content = json!({"model": "m", "messages": [{"role": "user", "content": 5}]});
@@ -2960,11 +2998,14 @@ mod tests {
             let mut body = json!({"model": "m", "messages": [], "top_p": 1});
             body[field] = value;
             let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
-            assert_eq!(err.param, Some(field), "{}", err.message);
+            assert_eq!(err.param.as_deref(), Some(field), "{}", err.message);
             assert!(err.message.contains(field), "{}", err.message);
         }
         let two = Prompt::Many(vec!["a".into(), "b".into()]);
-        assert_eq!(two.into_text().unwrap_err().param, Some("prompt"));
+        assert_eq!(
+            two.into_text().unwrap_err().param.as_deref(),
+            Some("prompt")
+        );
     }
 
     #[test]
@@ -3035,7 +3076,7 @@ mod tests {
         ]}]});
         let err = parse::<ChatRequest>(&Bytes::from(body.to_string()), "messages").unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert_eq!(err.param, Some("messages"), "{}", err.message);
+        assert_eq!(err.param.as_deref(), Some("messages"), "{}", err.message);
     }
 
     #[test]
