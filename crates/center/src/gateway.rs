@@ -1409,14 +1409,16 @@ fn parse<T: serde::de::DeserializeOwned>(
         match UNIMPLEMENTED.iter().find(|(name, _)| name == field) {
             _ if known => {}
             Some((_, asks_for_nothing)) if asks_for_nothing(value) => {}
-            Some((name, _)) => return Err(OpenAiError::new(
-                StatusCode::BAD_REQUEST,
-                "unsupported_parameter",
-                format!(
+            Some((name, _)) => {
+                return Err(OpenAiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_parameter",
+                    format!(
                     "'{field}' is not supported here (only at its default, {value} asks for it)"
                 ),
-            )
-            .at(name)),
+                )
+                .at(name))
+            }
             None => return Err(bad(format!("unknown field '{field}'")).at(field)),
         }
     }

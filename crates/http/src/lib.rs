@@ -462,6 +462,8 @@ struct Deadline {
     time: Duration,
     /// Set when the body is first waited for.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Set once the body has been read to its end.
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A request body took longer than its time to arrive.
@@ -480,6 +482,9 @@ impl hyper::body::Body for Deadline {
         use std::task::Poll;
         let this = &mut *self;
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            if frame.is_none() || this.inner.is_end_stream() {
+                this.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             return Poll::Ready(frame);
         }
         let time = this.time;
@@ -499,17 +504,33 @@ impl hyper::body::Body for Deadline {
     }
 }
 
-/// `router` with each request's body bounded in time by [`Deadline`].
+/// `router` with each request's body bounded in time by [`Deadline`], and each answer
+/// given before its request's body was read to the end (a refusal) saying
+/// `Connection: close`. hyper closes such a connection after the answer, as it cannot
+/// tell where the next request would start; a client told nothing kept it for its next
+/// request and found it closed under that one.
 fn with_body_deadline(router: Router, time: Duration) -> Router {
-    router.layer(axum::middleware::map_request(
-        move |request: axum::extract::Request| async move {
-            request.map(|inner| {
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            use hyper::body::Body as _;
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let ended = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+            let request = request.map(|inner| {
                 axum::body::Body::new(Deadline {
                     inner,
                     time,
                     timer: None,
+                    ended: ended.clone(),
                 })
-            })
+            });
+            let mut response = next.run(request).await;
+            if !ended.load(Ordering::Relaxed) {
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            response
         },
     ))
 }
@@ -830,6 +851,62 @@ mod tests {
             said == before || said == after,
             "{said:?}, {before:?}, {after:?}"
         );
+    }
+
+    /// One answer read from `conn` (its head, lowercased, and body), leaving it open.
+    fn one_answer(conn: &mut std::net::TcpStream) -> (String, String) {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            conn.read_exact(&mut byte).expect("an answer's head");
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("a length");
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body).unwrap();
+        (head, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[test]
+    fn an_answer_given_before_its_body_was_read_closes_the_connection_and_says_so() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let router = Router::new()
+            .route(
+                "/refuse",
+                axum::routing::post(|| async { (StatusCode::FORBIDDEN, "no") }),
+            )
+            .route("/echo", axum::routing::post(|body: String| async { body }))
+            .route("/", axum::routing::get(|| async { "ok" }));
+        let addr = serving(&runtime, router, CLIENT_TIMES);
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        // Read bodies and no body keep the connection for the next request.
+        for (request, body) in [
+            (
+                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                "hello",
+            ),
+            ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", "ok"),
+        ] {
+            conn.write_all(request.as_bytes()).unwrap();
+            let (head, answer) = one_answer(&mut conn);
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(!head.contains("connection: close"), "{head}");
+            assert_eq!(answer, body);
+        }
+        // A refusal that left the body unread says the connection closes, and closes it.
+        let refused = "POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        conn.write_all(refused.as_bytes()).unwrap();
+        let (head, _) = one_answer(&mut conn);
+        assert!(head.starts_with("http/1.1 403"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert_eq!(closed_by_server(conn), "");
     }
 
     #[test]
