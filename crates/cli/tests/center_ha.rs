@@ -20,20 +20,32 @@ const DOWN_AFTER_MS: &str = "1500";
 /// A training run that is still running when its host is emptied.
 const MLP: &str = "--steps 20000 --print-every 500";
 
-/// Free loopback ports, found by binding and letting go.
-fn free_ports(n: usize) -> Vec<u16> {
+/// Free ports of loopback address `host`, found by binding and letting go.
+fn free_ports(host: &str, n: usize) -> Vec<u16> {
     let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .map(|_| std::net::TcpListener::bind((host, 0)).unwrap())
         .collect();
     held.iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
 }
 
+/// A loopback address of its own for the cluster `name` (127.0.N.1): its members' ports,
+/// let go of between their choice and etcd's bind (and while a member is down), cannot
+/// be taken meanwhile by the other tests' servers and connections, which use 127.0.0.1.
+fn own_loopback(name: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hash = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut hash);
+    format!("127.0.{}.1", 2 + hash.finish() % 250)
+}
+
 /// A three-member etcd cluster on loopback; members killed on drop.
 struct EtcdCluster {
     binary: PathBuf,
     dir: PathBuf,
+    /// The loopback address its members listen on ([`own_loopback`]).
+    host: String,
     client_ports: Vec<u16>,
     peer_ports: Vec<u16>,
     members: Vec<Option<Child>>,
@@ -42,10 +54,12 @@ struct EtcdCluster {
 impl EtcdCluster {
     fn start(binary: PathBuf, test: &str) -> Self {
         let dir = common::empty_dir(&format!("etcd-{test}"));
-        let ports = free_ports(6);
+        let host = own_loopback(test);
+        let ports = free_ports(&host, 6);
         let mut cluster = Self {
             binary,
             dir,
+            host,
             client_ports: ports[..3].to_vec(),
             peer_ports: ports[3..].to_vec(),
             members: vec![None, None, None],
@@ -63,7 +77,7 @@ impl EtcdCluster {
     fn endpoints(&self) -> String {
         self.client_ports
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("http://{}:{p}", self.host))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -73,10 +87,10 @@ impl EtcdCluster {
             .peer_ports
             .iter()
             .enumerate()
-            .map(|(k, p)| format!("e{k}=http://127.0.0.1:{p}"))
+            .map(|(k, p)| format!("e{k}=http://{}:{p}", self.host))
             .collect();
-        let client = format!("http://127.0.0.1:{}", self.client_ports[i]);
-        let peer = format!("http://127.0.0.1:{}", self.peer_ports[i]);
+        let client = format!("http://{}:{}", self.host, self.client_ports[i]);
+        let peer = format!("http://{}:{}", self.host, self.peer_ports[i]);
         let log = std::fs::File::create(self.dir.join(format!("e{i}.log"))).unwrap();
         let child = Command::new(&self.binary)
             .args(["--name", &format!("e{i}")])
@@ -687,7 +701,7 @@ fn a_replica_that_finds_its_name_on_a_leader_key_it_does_not_hold_does_not_lead(
     let (etcd, prefix) = (&scratch.etcd, scratch.prefix.clone());
     // Another replica going by the same name and URL (both left to their defaults, say)
     // leads, under its own lease, kept alive.
-    let listen = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let listen = format!("127.0.0.1:{}", free_ports("127.0.0.1", 1)[0]);
     let twin = serde_json::json!({ "name": "c1", "url": format!("http://{listen}") });
     // Long, so that no stall of this loaded machine lets it end before it is revoked.
     let lease = etcd.grant_lease(Duration::from_secs(30)).unwrap();

@@ -77,7 +77,14 @@ fn a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind() {
     for n in 1..=5 {
         assert!(!one_life(n), "the migration port still takes connections");
     }
-    let after = threads_settled();
+    // A thread of the last life still winding down on a loaded machine is given time;
+    // one of the first life's that ends meanwhile leaves fewer, which leaks nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut after = threads_settled();
+    while after > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = threads();
+    }
     let names: Vec<String> = std::fs::read_dir("/proc/self/task")
         .unwrap()
         .flatten()
@@ -85,5 +92,5 @@ fn a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind() {
         .map(|n| n.trim().to_string())
         .collect();
     eprintln!("5 hosts started and shut down: threads {before} -> {after}");
-    assert_eq!(after, before, "threads left behind: {names:?}");
+    assert!(after <= before, "threads left behind: {names:?}");
 }

@@ -97,11 +97,15 @@ pub fn read_http_request(reader: &mut impl std::io::BufRead) -> Option<Vec<u8>> 
     Some(body)
 }
 
-/// A local address where nothing listens, so a connection is refused (a port that was
-/// free a moment ago).
+/// A local address where nothing listens, so a connection is refused: port 1 of a
+/// loopback address of its own (127.255.X.Y, another on each call), where no test binds.
+/// (A port of 127.0.0.1 let go of could be taken meanwhile by a test running beside.)
 pub fn refusing_addr() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
-    listener.local_addr().expect("its address")
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let [x, y] = NEXT
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .to_be_bytes();
+    std::net::SocketAddr::from(([127, 255, x, y], 1))
 }
 
 /// A local address whose listener takes `n` connections and drops each unanswered (a
