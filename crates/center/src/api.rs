@@ -834,6 +834,9 @@ mod tests {
         );
         assert_eq!(status, 200);
         assert_eq!(headers["access-control-allow-origin"], "*");
+        // A page may read how long a 429 or 503 asks it to wait.
+        let exposed = headers["access-control-expose-headers"].to_str().unwrap();
+        assert!(exposed.eq_ignore_ascii_case("retry-after"), "{exposed}");
         // The operators' API gives a page nothing: no CORS headers, so it cannot read it.
         let (_, headers) = preflight("/v1/hosts/a/maintenance");
         assert!(!headers.contains_key("access-control-allow-origin"));

@@ -275,19 +275,29 @@ const UNSERVED_OPENAI_APIS: [&str; 16] = [
 
 /// The answer to `path` (one no route takes) if it is one of OpenAI's endpoints: a 404 in
 /// OpenAI's shape that names what the gateway serves instead, for an OpenAI client.
+/// A path of OpenAI's without `/v1` (a client whose base URL lacks it) is answered so too,
+/// saying so.
 pub fn unserved(path: &str) -> Option<Response> {
-    let rest = path.strip_prefix("/v1/")?;
+    let (rest, prefixed) = match path.strip_prefix("/v1/") {
+        Some(rest) => (rest, true),
+        None => (path.strip_prefix('/')?, false),
+    };
     let first = rest.split('/').next().unwrap_or_default();
     let known =
         UNSERVED_OPENAI_APIS.contains(&first) || matches!(first, "models" | "chat" | "completions");
     known.then(|| {
         let mut shown = path.to_string();
         crate::inventory::cut_text(&mut shown, 64);
+        let hint = if prefixed {
+            ""
+        } else {
+            " (a client's base URL ends with /v1)"
+        };
         OpenAiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!(
-                "{shown} is not served here: Ferry's gateway serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions"
+                "{shown} is not served here: Ferry's gateway serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions{hint}"
             ),
         )
         .into_response()
@@ -306,6 +316,8 @@ pub fn cors() -> tower_http::cors::CorsLayer {
         // (`x-stainless-*`), and a wildcard (`*`) never covers `Authorization` (the Fetch
         // standard), so a page could not send its bearer token.
         .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+        // A page's client backs off as a 429 or 503 says (openai-node reads it).
+        .expose_headers([RETRY_AFTER])
         .max_age(std::time::Duration::from_secs(3600))
 }
 
@@ -1893,6 +1905,8 @@ impl Shape {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+        // nginx in front would otherwise hold the stream's events back in its buffer.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         response
     }
 }
@@ -2540,6 +2554,16 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("POST /v1/chat/completions"), "{message}");
+        // A client whose base URL lacks /v1 is told so.
+        let mut answer = agent
+            .post(format!("{base}/chat/completions"))
+            .header("Authorization", "Bearer operator")
+            .send_json(json!({"model": "m", "messages": []}))
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 404);
+        let v: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("base URL ends with /v1"), "{message}");
         let mut answer = agent.get(format!("{base}/v1/nothing")).call().unwrap();
         assert_eq!(answer.status().as_u16(), 404);
         let v: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();

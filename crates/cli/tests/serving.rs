@@ -437,6 +437,11 @@ fn bad_requests_get_openai_errors_and_a_hung_up_client_stops_its_generation() {
             "{what}: {v}"
         );
         assert!(v["error"]["type"].is_string(), "{what}: {v}");
+        if code == "context_length_exceeded" {
+            // In OpenAI's words, which clients' wrappers look for.
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains("maximum context length is"), "{what}: {v}");
+        }
     }
     let (status, _, v) = s.post_raw(path, "wrong-token-0123456789", &base.to_string());
     assert_eq!(status, 401, "{v}");

@@ -540,16 +540,16 @@ impl Tokens {
 }
 
 /// The bearer token of a request's `Authorization` header, if it has one (the scheme's
-/// name is case-insensitive, RFC 9110).
+/// name is case-insensitive and one or more spaces may follow it, RFC 9110).
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
-    value
-        .get(..7)
-        .filter(|s| s.eq_ignore_ascii_case("bearer "))
-        .map(|_| &value[7..])
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// Whether a request's bearer token is `token` (compared in constant time).
@@ -796,6 +796,13 @@ mod tests {
         };
         let lower = app.clone().oneshot(request(Some(format!("bearer {full}"))));
         assert_eq!(lower.await.unwrap().status(), 200);
+        // RFC 9110 lets spaces (one or more) come between the scheme and the token.
+        let spaced = app
+            .clone()
+            .oneshot(request(Some(format!("Bearer   {full}"))));
+        assert_eq!(spaced.await.unwrap().status(), 200);
+        let glued = app.clone().oneshot(request(Some(format!("Bearer{full}"))));
+        assert_eq!(glued.await.unwrap().status(), 401);
         let refused = app.clone().oneshot(request(None)).await.unwrap();
         assert_eq!(refused.status(), 401);
         assert_eq!(refused.headers()["www-authenticate"], "Bearer");

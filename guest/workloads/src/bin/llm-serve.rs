@@ -545,11 +545,14 @@ impl Text {
         if prompt.len() + 1 > self.context {
             return Err((
                 RefusalCode::ContextLength,
+                // OpenAI's words, which clients' wrappers look for to tell a context
+                // overflow (LiteLLM: "maximum context length").
                 format!(
-                    "the prompt has {} tokens; this server's context is {} positions \
-                     (prompt and answer)",
-                    prompt.len(),
-                    self.context
+                    "This model's maximum context length is {} tokens. However, your \
+                     prompt has {} tokens, which leaves no room for an answer. Please \
+                     reduce the length of the messages.",
+                    self.context,
+                    prompt.len()
                 ),
             ));
         }
@@ -563,11 +566,13 @@ impl Text {
             return Err((
                 RefusalCode::ContextLength,
                 format!(
-                    "the prompt has {} tokens and max_tokens asks for {}; this server's \
-                     context is {} positions (prompt and answer)",
+                    "This model's maximum context length is {} tokens. However, you \
+                     requested {} tokens ({} in the messages, {} in the completion). \
+                     Please reduce the length of the messages or completion.",
+                    self.context,
+                    prompt.len() + r.max_tokens as usize,
                     prompt.len(),
-                    r.max_tokens,
-                    self.context
+                    r.max_tokens
                 ),
             ));
         }
