@@ -30,14 +30,14 @@ fn free_ports(host: &str, n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// A loopback address of its own for the cluster `name` (127.0.N.1): its members' ports,
-/// let go of between their choice and etcd's bind (and while a member is down), cannot
-/// be taken meanwhile by the other tests' servers and connections, which use 127.0.0.1.
-fn own_loopback(name: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hash = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut hash);
-    format!("127.0.{}.1", 2 + hash.finish() % 250)
+/// A loopback address of its own for a cluster (127.0.N.1, another for each): its
+/// members' ports, let go of between their choice and etcd's bind (and while a member is
+/// down), cannot be taken meanwhile by the other tests' servers and connections, which
+/// use 127.0.0.1.
+fn own_loopback() -> String {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("127.0.{n}.1")
 }
 
 /// A three-member etcd cluster on loopback; members killed on drop.
@@ -54,7 +54,7 @@ struct EtcdCluster {
 impl EtcdCluster {
     fn start(binary: PathBuf, test: &str) -> Self {
         let dir = common::empty_dir(&format!("etcd-{test}"));
-        let host = own_loopback(test);
+        let host = own_loopback();
         let ports = free_ports(&host, 6);
         let mut cluster = Self {
             binary,

@@ -10,29 +10,17 @@ use std::time::Duration;
 use ferry_api::VmState;
 use ferry_host::Host;
 
-/// This process's threads once those that just ended have left: a thread joined has
-/// ended, but the kernel lists it a moment longer. Counts until two counts 20 ms apart
-/// agree (up to 2 s).
-fn threads_settled() -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    let mut count = threads();
-    loop {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = threads();
-        if now == count || std::time::Instant::now() >= deadline {
-            return now;
-        }
-        count = now;
-    }
-}
-
-fn threads() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
+/// This process's threads: their ids and names.
+fn threads() -> std::collections::BTreeMap<u64, String> {
+    std::fs::read_dir("/proc/self/task")
         .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let id = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((id, name.trim().to_string()))
+        })
+        .collect()
 }
 
 /// Starts a host with a migration listener and one running VM, being migrated to a
@@ -73,24 +61,26 @@ fn a_host_shut_down_leaves_no_thread_no_port_and_no_vm_behind() {
     // The first life starts what lives as long as the process (the accelerator
     // library's probe); the later ones must leave nothing of their own.
     assert!(!one_life(0), "the migration port still takes connections");
-    let before = threads_settled();
+    let before = threads();
     for n in 1..=5 {
         assert!(!one_life(n), "the migration port still takes connections");
     }
-    // A thread of the last life still winding down on a loaded machine is given time;
-    // one of the first life's that ends meanwhile leaves fewer, which leaks nothing.
+    // Every thread the later lives started has ended: given time to wind down on a
+    // loaded machine (and to leave the kernel's list, which shows a joined thread a
+    // moment longer). A thread of the first life's that ends meanwhile changes nothing.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut after = threads_settled();
-    while after > before && std::time::Instant::now() < deadline {
+    let left = loop {
+        let mut left = threads();
+        left.retain(|id, _| !before.contains_key(id));
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            break left;
+        }
         std::thread::sleep(Duration::from_millis(50));
-        after = threads();
-    }
-    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect();
-    eprintln!("5 hosts started and shut down: threads {before} -> {after}");
-    assert!(after <= before, "threads left behind: {names:?}");
+    };
+    eprintln!(
+        "5 hosts started and shut down: {} threads before, {} new left",
+        before.len(),
+        left.len()
+    );
+    assert!(left.is_empty(), "threads left behind: {left:?}");
 }

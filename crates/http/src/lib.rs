@@ -506,10 +506,12 @@ impl hyper::body::Body for Deadline {
 
 /// `router` with each request's body bounded in time by [`Deadline`], and each answer
 /// given before its request's body was read to the end (a refusal) saying
-/// `Connection: close`. hyper closes such a connection after the answer, as it cannot
-/// tell where the next request would start; a client told nothing kept it for its next
-/// request and found it closed under that one.
-fn with_body_deadline(router: Router, time: Duration) -> Router {
+/// `Connection: close`. hyper may close such a connection after the answer (when the rest
+/// of the body has not arrived, it cannot tell where the next request would start); a
+/// client told nothing kept it for its next request and found it closed under that one.
+/// Saying so closes a few connections hyper would have kept (a small body that came with
+/// the head), which costs a refusal's client a new connection, no more.
+fn with_body_rules(router: Router, time: Duration) -> Router {
     router.layer(axum::middleware::from_fn(
         move |request: axum::extract::Request, next: axum::middleware::Next| async move {
             use hyper::body::Body as _;
@@ -589,7 +591,7 @@ async fn serve_within<L: axum::serve::Listener<Addr = SocketAddr>>(
     times: ClientTimes,
     (most, peers): (usize, Arc<PeerCounts>),
 ) -> std::io::Result<()> {
-    let router = with_body_deadline(router, times.body);
+    let router = with_body_rules(router, times.body);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(most));
     let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
