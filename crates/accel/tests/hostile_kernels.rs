@@ -147,8 +147,7 @@ fn first_difference(a: &mut FakeGuest, b: &mut FakeGuest) -> Option<String> {
     let words = (BUFFER / 4) as usize;
     for id in 1..=8u64 {
         let (x, y) = (a.download(id, words), b.download(id, words));
-        let same = |(p, q): (&f32, &f32)| p.to_bits() == q.to_bits();
-        if let Some(at) = x.iter().zip(&y).position(|w| !same(w)) {
+        if let Some(at) = (x.iter().zip(&y)).position(|(p, q)| p.to_bits() != q.to_bits()) {
             let (p, q) = (x[at].to_bits(), y[at].to_bits());
             return Some(format!(
                 "buffer {id}, word {at}: {p:#010x} against {q:#010x}"
