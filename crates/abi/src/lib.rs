@@ -86,8 +86,10 @@ pub mod port {
     pub const FAULT: u16 = 0x0518;
     /// 32-bit `out` (any value): new commands are in the accelerator ring.
     pub const ACCEL_DOORBELL: u16 = 0x0520;
-    /// 32-bit `out` (any value): sleep until the accelerator has completed every submitted
-    /// command or about a millisecond has passed, whichever is first.
+    /// 32-bit `out` of 0: sleep until the accelerator has completed every submitted
+    /// command or about a millisecond has passed, whichever is first; of any other value
+    /// `T`: until then, until the ring's `tail` reaches `T` (its low 32 bits, compared as
+    /// a ring: the tail past a fence, or room for more commands), or for about ten.
     pub const ACCEL_WAIT: u16 = 0x0524;
     /// 32-bit `out` (any value): execute the [`FileRequest`](crate::file::FileRequest) at
     /// [`FILE_REQUEST_ADDR`](crate::file::FILE_REQUEST_ADDR); its status is written before

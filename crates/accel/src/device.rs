@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -411,6 +411,11 @@ struct Shared {
     progress: Condvar,
     /// Nanoseconds the device thread has spent executing commands (its load).
     busy_ns: Arc<AtomicU64>,
+    /// The ring's `tail` (commands completed), as the device thread last left it.
+    tail: AtomicU64,
+    /// The `tail` a waiting guest wants ([`Accelerator::wait`]), or [`NO_WAKE`]: the
+    /// device thread wakes it when it gets there, not only once idle.
+    wake_at: AtomicU64,
     /// The buffers, the buffer table and the dirty chunks, without the core lock (held
     /// for a whole kernel).
     tracker: DeviceTracker,
@@ -1029,6 +1034,10 @@ impl Core {
     /// Executes the next submitted command, if any. `false` when there is nothing to do
     /// (ring empty, or its indices are inconsistent).
     fn step(&mut self) -> bool {
+        // Between the last command's `tail` and this `head`: a guest that publishes a
+        // `head` and then sees that `tail` short of its last one rings no doorbell,
+        // counting on this read to see it (the SDK's `flush`).
+        fence(Ordering::SeqCst);
         let Ok(head) = self.ring.head(&self.mem) else {
             return false;
         };
@@ -1137,6 +1146,38 @@ fn device_died(shared: &Shared) {
     }
 }
 
+/// [`Shared::wake_at`] when no guest waits for a `tail`.
+const NO_WAKE: u64 = u64::MAX;
+
+/// Whether `tail` has reached the 32-bit `target` a guest waits for: the low 32 bits
+/// compared as a ring, so a target up to 2^31 commands behind counts as reached (a
+/// guest's real targets are within a ring of the tail; any other only waits less).
+fn tail_reached(tail: u64, target: u32) -> bool {
+    (tail as u32).wrapping_sub(target) as i32 >= 0
+}
+
+impl Shared {
+    /// Publishes the device thread's `tail`, waking the guest waiting for it (once).
+    fn reached(&self, tail: u64) {
+        // SeqCst against `Accelerator::wait`: it stores `wake_at` and then reads `tail`,
+        // this stores `tail` and then reads `wake_at`; one of the two sees the other.
+        self.tail.store(tail, Ordering::SeqCst);
+        let want = self.wake_at.load(Ordering::SeqCst);
+        if want == NO_WAKE || !tail_reached(tail, want as u32) {
+            return;
+        }
+        if self
+            .wake_at
+            .compare_exchange(want, NO_WAKE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            // Taken, so that the waiter is either asleep or about to test `tail` again.
+            drop(relock(&self.control));
+            self.progress.notify_all();
+        }
+    }
+}
+
 /// The device thread's loop, until the device is stopped.
 fn run_device(shared: &Shared) {
     loop {
@@ -1183,11 +1224,16 @@ fn run_device(shared: &Shared) {
                 shared.progress.notify_all();
                 continue;
             }
-            // No wake-up per command: waiters only care about `busy`, notified below.
-            let progressed = relock(&shared.core).step();
+            // No wake-up per command: waiters care about `busy`, notified below, and
+            // one may want a `tail` (a fence, room in the ring).
+            let (progressed, tail) = {
+                let mut core = relock(&shared.core);
+                (core.step(), core.tail)
+            };
             if !progressed {
                 break;
             }
+            shared.reached(tail);
         }
         let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         shared.busy_ns.fetch_add(busy, Ordering::Relaxed);
@@ -1206,6 +1252,7 @@ impl Accelerator {
             map: core.map.clone(),
         };
         let capture = core.capture.clone();
+        let tail = core.tail;
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             control: Mutex::new(Control {
@@ -1215,6 +1262,8 @@ impl Accelerator {
             wake: Condvar::new(),
             progress: Condvar::new(),
             busy_ns: Arc::default(),
+            tail: AtomicU64::new(tail),
+            wake_at: AtomicU64::new(NO_WAKE),
             tracker,
             capture,
         });
@@ -1314,16 +1363,41 @@ impl Accelerator {
     /// comes first (bounded, so a vCPU blocked here still answers a pause request). A
     /// dead or torn device is idle: nothing it was asked will run.
     pub fn wait_idle(&self, timeout: Duration) {
+        self.wait(None, timeout);
+    }
+
+    /// The guest waits ([`port::ACCEL_WAIT`](ferry_abi::port::ACCEL_WAIT)): returns once
+    /// the ring's `tail` has reached `until` (its low 32 bits, see the port), once the
+    /// device is idle, or after `timeout`, whichever comes first. A guest waiting for one
+    /// fence or for room in its ring then goes on while the device runs what it queued
+    /// after, instead of waiting for all of it or a slice at a time.
+    pub fn wait(&self, until: Option<u32>, timeout: Duration) {
         let control = self.control();
-        let waited = self
-            .shared
-            .progress
-            .wait_timeout_while(control, timeout, |c| {
-                // A torn device serves no doorbell.
-                let torn = matches!(c.life, Life::Torn(_));
-                c.life != Life::Gone && (c.busy || (c.doorbell && !c.pause_requested && !torn))
-            });
+        if let Some(target) = until {
+            self.shared
+                .wake_at
+                .store(u64::from(target), Ordering::SeqCst);
+        }
+        let shared = &self.shared;
+        let waited = shared.progress.wait_timeout_while(control, timeout, |c| {
+            if until.is_some_and(|t| tail_reached(shared.tail.load(Ordering::SeqCst), t)) {
+                return false;
+            }
+            // A torn device serves no doorbell.
+            let torn = matches!(c.life, Life::Torn(_));
+            c.life != Life::Gone && (c.busy || (c.doorbell && !c.pause_requested && !torn))
+        });
         drop(waited);
+        if let Some(target) = until {
+            // Not left for the device thread to find (it would wake nobody); a newer
+            // waiter's own target is left as it is.
+            let _ = shared.wake_at.compare_exchange(
+                u64::from(target),
+                NO_WAKE,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
     }
 
     /// Whether the device thread is gone (it panicked: a failed GPU copy, a bug; or it was
@@ -1467,6 +1541,7 @@ impl Accelerator {
         }
         core.ring = ring_in(&core.mem, state.ring_gpa)?;
         core.tail = state.tail;
+        self.shared.tail.store(state.tail, Ordering::SeqCst);
         core.ring_invalid = None;
         Ok(())
     }

@@ -299,6 +299,70 @@ fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
 }
 
 #[test]
+fn a_wait_for_a_tail_ends_when_the_device_gets_there_not_when_it_is_idle() {
+    let mut g = FakeGuest::new(1);
+    let n = g.alloc_long_matmul();
+    let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    for _ in 0..2 {
+        g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    }
+    // What a guest waiting for a fence after the first does: it goes on once that one
+    // has run, the others still running or queued.
+    let waited = Instant::now();
+    g.accel
+        .wait(Some((first + 1) as u32), Duration::from_secs(60));
+    assert!(
+        waited.elapsed() < Duration::from_secs(50),
+        "the wait ran out"
+    );
+    let tail = g.tail();
+    assert!(
+        tail > first,
+        "let go before the first command ended (tail {tail})"
+    );
+    assert!(
+        tail < first + 3,
+        "let go only once the device was idle (tail {tail})"
+    );
+    // A tail passed already, or as far ahead as a hostile guest likes, ends the wait
+    // at once where the device is idle.
+    g.wait_tail(first + 3);
+    for target in [first + 1, first + 1_000_000, 1 << 31] {
+        let waited = Instant::now();
+        g.accel.wait(Some(target as u32), Duration::from_secs(60));
+        assert!(
+            waited.elapsed() < Duration::from_secs(50),
+            "a wait for tail {target} on an idle device ran out"
+        );
+    }
+}
+
+#[test]
+fn a_busy_device_runs_what_is_published_after_without_a_doorbell() {
+    let mut g = FakeGuest::new(1);
+    let n = g.alloc_long_matmul();
+    let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.tail() <= first, "the matmul is still running");
+    // As the SDK does, seeing `tail` short of its last `head`: the command is written and
+    // published, and no doorbell rung.
+    let index = g.head;
+    let mut bytes = vec![0u8; ferry_abi::accel::COMMAND_SIZE as usize];
+    bytes[..4].copy_from_slice(&op::FENCE.to_le_bytes());
+    bytes[8..16].copy_from_slice(&7u64.to_le_bytes());
+    g.mem.write_slice(&bytes, FakeGuest::slot(index)).unwrap();
+    g.head += 1;
+    g.set_head(g.head);
+    g.wait_tail(index + 1);
+    assert_eq!(g.status(index), status::OK);
+    let fence: u64 = g
+        .mem
+        .read_obj(field(std::mem::offset_of!(RingHeader, completed_fence)))
+        .unwrap();
+    assert_eq!(fence, 7, "the fence published after the doorbell ran");
+}
+
+#[test]
 fn a_pause_request_stops_the_device_after_the_command_in_flight_and_lets_waiters_go() {
     let mut g = FakeGuest::new(1);
     let n = g.alloc_long_matmul();

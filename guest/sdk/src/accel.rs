@@ -22,8 +22,9 @@
 //!   a single `&mut`).
 //! - Kernel methods only *queue* a command and return at once; the device runs the ring
 //!   in order, asynchronously to the guest. Commands are handed to the device (`head`
-//!   advanced, doorbell rung: a VM exit) in batches of [`SUBMIT_BATCH`], and by
-//!   [`Accel::flush`], [`Accel::fence`], [`Accel::sync`] and the transfers.
+//!   advanced, and the doorbell rung, a VM exit, if the device may have run out of work)
+//!   in batches of [`SUBMIT_BATCH`], and by [`Accel::flush`], [`Accel::fence`],
+//!   [`Accel::sync`] and the transfers.
 //! - [`Accel::upload`], [`Accel::download`] and [`Accel::sync`] wait until the device has
 //!   completed everything submitted so far (a guest buffer must stay valid until the
 //!   device has copied it), and then report the first command that failed, if any.
@@ -60,7 +61,7 @@ use alloc::vec::Vec;
 use core::arch::asm;
 use core::fmt::{self, Write as _};
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// An element type a device buffer can hold: `f32` or `u32` (both 4 bytes).
 pub trait Element: Copy + Default + sealed::Sealed {
@@ -362,12 +363,20 @@ pub fn kernel_name(id: u64) -> &'static str {
     kernel::name(id).unwrap_or("unknown kernel")
 }
 
-/// Commands written before [`Accel::flush`] publishes them: one doorbell (a VM exit,
-/// microseconds) per batch rather than per command. 64, not 16: a SmolLM2 token's ~520
-/// commands then ring about 11 times, not 35, and its vCPU leaves the kernel threads more
-/// of two cores (2–19% more tokens/s in 4 alternated pairs of runs); the device waits at
-/// most for the guest to write 64 commands, a few microseconds.
+/// Commands written before [`Accel::flush`] publishes them: the device waits at most for
+/// the guest to write 64, a few microseconds. A busy device is not rung (see `flush`);
+/// when every batch rang, 64 rather than 16 took a SmolLM2 token's doorbells from 35 to
+/// 11 and gave 2–19% more tokens/s.
 pub const SUBMIT_BATCH: u64 = 64;
+
+/// Fences whose place in the ring [`Accel::wait_fence`] remembers, to wait for that
+/// place rather than for the device to be idle.
+const FENCES_KEPT: usize = 16;
+
+/// Commands a guest with a full ring waits to have completed before it writes more: half
+/// the ring, one wait (a VM exit) per 128 commands rather than one each; the device still
+/// has the other half to run meanwhile.
+const ROOM_WANTED: u64 = RING_SLOTS / 2;
 
 /// Set by the first [`Accel::open`]: the ring has a single producer.
 static OPENED: AtomicBool = AtomicBool::new(false);
@@ -391,6 +400,9 @@ pub struct Accel {
     checked: u64,
     /// The last FENCE value submitted.
     fence: u64,
+    /// `ends[v % FENCES_KEPT]`: the `tail` once FENCE `v` has completed, for the last
+    /// [`FENCES_KEPT`] fences.
+    fence_ends: [u64; FENCES_KEPT],
     /// The first failed command seen.
     failure: Option<CommandFailure>,
     /// Freed buffer ids, reused before new ones.
@@ -507,6 +519,7 @@ impl Accel {
             published: submitted,
             checked: tail.load(Ordering::Acquire).min(submitted),
             fence: completed_fence.load(Ordering::Acquire),
+            fence_ends: [0; FENCES_KEPT],
             failure: None,
             free_ids: Vec::new(),
             next_id: 1,
@@ -787,6 +800,7 @@ impl Accel {
     pub fn fence(&mut self) -> u64 {
         self.fence += 1;
         self.submit(op::FENCE, &[self.fence]);
+        self.fence_ends[self.fence as usize % FENCES_KEPT] = self.submitted;
         self.flush();
         self.fence
     }
@@ -794,8 +808,12 @@ impl Accel {
     /// Waits until the device has passed FENCE `value` (and so every command before it);
     /// returns the first device error so far.
     pub fn wait_fence(&mut self, value: u64) -> Result<(), AccelError> {
+        // Where the fence lies in the ring, if it is one of the last few: the VMM then
+        // lets us go as soon as it has run, not once the work queued after it has too.
+        let until = (value <= self.fence && self.fence - value < FENCES_KEPT as u64)
+            .then(|| self.fence_ends[value as usize % FENCES_KEPT]);
         while self.completed_fence.load(Ordering::Acquire) < value {
-            self.wait_once()?;
+            self.wait_once(until)?;
         }
         self.check_completed();
         match self.failure {
@@ -811,15 +829,17 @@ impl Accel {
         self.wait_fence(value)
     }
 
-    /// Sleeps in the VMM until the device is idle or about a millisecond has passed.
-    fn wait_once(&mut self) -> Result<(), AccelError> {
+    /// Sleeps in the VMM until the device is idle, its `tail` has reached `until`, or
+    /// about a millisecond has passed.
+    fn wait_once(&mut self, until: Option<u64>) -> Result<(), AccelError> {
         if self.device_status.load(Ordering::Acquire) != device_status::OK {
             return Err(self.ring_invalid());
         }
         // SAFETY: a 32-bit `out` to the ACCEL_WAIT port; no `nomem`, so the compiler also
         // assumes the device may have written memory meanwhile.
         unsafe {
-            asm!("out dx, eax", in("dx") port::ACCEL_WAIT, in("eax") 0u32,
+            // The low 32 bits: a tail whose are 0 waits for idleness, as none does.
+            asm!("out dx, eax", in("dx") port::ACCEL_WAIT, in("eax") until.unwrap_or(0) as u32,
                  options(nostack, preserves_flags));
         }
         Ok(())
@@ -877,7 +897,8 @@ impl Accel {
             >= RING_SLOTS
         {
             self.flush();
-            if let Err(e) = self.wait_once() {
+            let room = self.submitted - RING_SLOTS + ROOM_WANTED;
+            if let Err(e) = self.wait_once(Some(room)) {
                 panic!("accel: {e}");
             }
         }
@@ -915,7 +936,14 @@ impl Accel {
         // Release: the commands (and any guest data an UPLOAD names) are visible before
         // the new head.
         self.head.store(self.submitted, Ordering::Release);
-        self.published = self.submitted;
+        let before = core::mem::replace(&mut self.published, self.submitted);
+        // A device that has yet to complete what it had reads `head` again after that
+        // (with a fence between its `tail` and that read, as here between our `head` and
+        // `tail`): no doorbell, which is a VM exit, while it is busy.
+        fence(Ordering::SeqCst);
+        if self.tail.load(Ordering::Acquire) < before {
+            return;
+        }
         // SAFETY: a 32-bit `out` to the doorbell port; no `nomem`, so every store before
         // it is made before the device is told to look.
         unsafe {

@@ -14,17 +14,22 @@
 //!    [`RingHeader::tail`]. A slot may be reused once `tail` has passed it.
 //! 3. [`op::FENCE`] writes its value to [`RingHeader::completed_fence`] when every command
 //!    before it has completed. A guest waits with [`port::ACCEL_WAIT`](crate::port::ACCEL_WAIT)
-//!    (the vCPU sleeps in the VMM for at most about a millisecond, or until the device is
-//!    idle) and re-reads the fence.
+//!    (the vCPU sleeps in the VMM until the device is idle, for at most about a
+//!    millisecond; or, given the `tail` it wants (the one past a fence, or room in the
+//!    ring), until `tail` gets there, for at most about ten) and re-reads the fence.
 //!
 //! A command with a bad id, range, shape or argument completes with an error status and
 //! changes nothing; later commands still run. A header whose `head` is behind `tail` or
 //! more than [`RING_SLOTS`] ahead of it sets [`RingHeader::device_status`] to
 //! [`device_status::RING_INVALID`]; the device then ignores the ring until `head` is sane.
 //!
-//! The device re-reads `head` after every command, so one doorbell may cover several
-//! submissions (the SDK batches them); a guest must ring after its last submission, since
-//! an idle device only looks at the ring when rung.
+//! The device re-reads `head` after every command, with a full fence between publishing
+//! one command's `tail` and that read, so one doorbell may cover several submissions; a
+//! guest must ring after its last submission, since an idle device only looks at the ring
+//! when rung. It need not ring where, after storing `head` and a full fence, it reads a
+//! `tail` short of the `head` it had published before: the device has yet to complete
+//! that command, and reads the new `head` after it (the SDK rings only then: a doorbell
+//! is a VM exit, tens of microseconds on nested virtualization).
 //!
 //! Argument rules every kernel applies (violations complete with [`status::BAD_ARGUMENT`]):
 //! an output buffer may not also be an input unless the kernel says "in place"; f32
