@@ -16,6 +16,8 @@ mod tests;
 #[cfg(test)]
 mod wide_tests;
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,12 +39,51 @@ compile_error!(
     "the cpu backend stores device memory in host byte order, which must be little-endian"
 );
 
+/// How long a kernel thread kept warm ([`Workers::keep_warm`]) spins without work before
+/// it lets rayon put it to sleep: longer than the gaps between a decoded token's kernels.
+const WARM_FOR: Duration = Duration::from_micros(500);
+
+thread_local! {
+    /// On a kernel thread spinning in [`wait_for_work`].
+    static WAITING_FOR_WORK: Cell<bool> = const { Cell::new(false) };
+    /// On the thread that launches kernels (the device loop's).
+    static LAUNCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs the pool's work as it comes, spinning between, until none came for [`WARM_FOR`].
+/// Every [`SPINS_PER_YIELD`] looks it lets the OS run another thread on its core, if one
+/// is waiting (a vCPU, another VM's kernels), as rayon's own idle threads do.
+fn wait_for_work() {
+    let mut last = Instant::now();
+    let mut idle: u32 = 0;
+    loop {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => (last, idle) = (Instant::now(), 0),
+            _ if last.elapsed() > WARM_FOR => return,
+            _ => {
+                idle = idle.wrapping_add(1);
+                if idle.is_multiple_of(SPINS_PER_YIELD) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+/// Looks for work between two of [`wait_for_work`]'s yields to the OS: a few
+/// microseconds.
+const SPINS_PER_YIELD: u32 = 64;
+
 /// Where a kernel's parallel tasks run: the kernel threads, and the switch that cuts
 /// the kernel short (each task checks it before it starts, and every [`CHECK_WORK`]
 /// steps within, so a kernel of minutes ends within milliseconds of the pull).
 pub(crate) struct Workers {
     threads: ThreadPool,
     abort: AbortSwitch,
+    /// Kernel threads kept from sleeping between kernels ([`Workers::keep_warm`]).
+    warm: Arc<AtomicUsize>,
     /// Tests: checks of the switch left before it pulls itself, so that a test stops a
     /// kernel at a point of its work rather than of the clock.
     #[cfg(test)]
@@ -55,6 +96,7 @@ impl Workers {
         Self {
             threads,
             abort: AbortSwitch::default(),
+            warm: Arc::default(),
             #[cfg(test)]
             checks_left: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
@@ -66,6 +108,41 @@ impl Workers {
     pub fn pull_at_check(&self, n: u64) {
         self.checks_left
             .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Keeps the other kernel threads from going to sleep between the kernels of a run
+    /// of them: each waits for a kernel's tasks, spinning, until none came for
+    /// [`WARM_FOR`]. Called as a kernel starts, by the thread that launches it.
+    ///
+    /// A rayon thread with nothing to do yields to the OS about 32 times and then
+    /// sleeps; a kernel's tasks then wake it, a futex and a trip through the scheduler
+    /// (tens of microseconds on nested virtualization), while a decoded token's
+    /// kernels are tens of microseconds apart and take about as long.
+    pub fn keep_warm(&self) {
+        let want = self.threads() - 1;
+        let mut warm = self.warm.load(Ordering::Relaxed);
+        while warm < want {
+            match self
+                .warm
+                .compare_exchange(warm, warm + 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    let count = self.warm.clone();
+                    self.threads.spawn(move || {
+                        // Not on a thread that took this job while it waited for a
+                        // kernel's tasks (the launching one, another keeper): it would
+                        // hold that thread here.
+                        if !WAITING_FOR_WORK.replace(true) && !LAUNCHING.get() {
+                            wait_for_work();
+                            WAITING_FOR_WORK.set(false);
+                        }
+                        count.fetch_sub(1, Ordering::Relaxed);
+                    });
+                    warm += 1;
+                }
+                Err(now) => warm = now,
+            }
+        }
     }
 
     /// How many kernel threads there are.
@@ -349,6 +426,7 @@ impl Backend for CpuBackend {
         let (done, ended) = std::sync::mpsc::channel::<()>();
         self.pool.threads.spawn(move || {
             let _done = done;
+            LAUNCHING.set(true);
             // A panic in a spawned job would abort the process: keep it to this device.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
                 tracing::error!("the accelerator's device loop panicked; the device stops");
@@ -371,6 +449,7 @@ impl Backend for CpuBackend {
                 check_indices_part(&check, part)?;
             }
         }
+        self.pool.keep_warm();
         self.run(kernel);
         // Pulled or past its deadline meanwhile, tasks may have been skipped: the outputs
         // are partly written.

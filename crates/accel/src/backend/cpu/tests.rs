@@ -967,3 +967,31 @@ fn freed_buffers_go_back_to_the_device_memory() {
     b.read(2, 0, &mut out);
     assert_eq!(out, [0; 8], "and zeroed");
 }
+
+/// Kernel threads kept warm between kernels are at most all but the launching one, and
+/// go back to sleep once the kernels stop: none is left spinning.
+#[test]
+fn kept_warm_threads_are_bounded_and_let_go_once_kernels_stop() {
+    use std::sync::atomic::Ordering;
+    let pool = super::Workers::new(ThreadPoolBuilder::new().num_threads(4).build().unwrap());
+    pool.install(|| {
+        // On the launching thread, as the device loop's kernels are.
+        super::LAUNCHING.set(true);
+        for round in 0..50u64 {
+            pool.keep_warm();
+            let warm = pool.warm.load(Ordering::Relaxed);
+            assert!(warm <= 3, "{warm} threads kept warm for 3 others");
+            let sum: u64 = (0..4096u64).into_par_iter().map(|i| i ^ round).sum();
+            assert_eq!(sum, (0..4096u64).map(|i| i ^ round).sum::<u64>());
+        }
+        super::LAUNCHING.set(false);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.warm.load(Ordering::Relaxed) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a kept-warm thread still spins 10 s after the last kernel"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
