@@ -188,7 +188,12 @@ pub fn native_cpu_features() -> &'static [CpuidWord] {
 /// The features this CPU's `cpuid` instruction answers.
 #[cfg(target_arch = "x86_64")]
 fn read_cpuid() -> Vec<CpuidWord> {
-    use std::arch::x86_64::__cpuid_count;
+    // A safe function in newer Rust, an unsafe one in the oldest this builds with.
+    #[allow(unused_unsafe)]
+    fn __cpuid_count(leaf: u32, subleaf: u32) -> std::arch::x86_64::CpuidResult {
+        // SAFETY: every x86-64 CPU has `cpuid`, which reads and writes registers only.
+        unsafe { std::arch::x86_64::__cpuid_count(leaf, subleaf) }
+    }
     // A leaf above the CPU's highest answers another leaf's data: read as 0.
     let max_basic = __cpuid_count(0, 0).eax;
     let max_extended = __cpuid_count(0x8000_0000, 0).eax;

@@ -33,6 +33,7 @@ use crate::kernel::{DType, Kernel};
 use memory::DeviceBuffer;
 pub use memory::DeviceMemory;
 pub use ops::adam_bias_corrections;
+pub use quant::has_avx512;
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -852,10 +853,11 @@ pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, code: QdotCode) -> f64
         })
         .collect();
     let inputs: Vec<_> = xs.iter().map(|x| quant::prepare(x)).collect();
-    let (inputs, avx2) = match code {
-        QdotCode::Portable => (&inputs[..1], false),
-        QdotCode::Avx2 => (&inputs[..1], true),
-        QdotCode::Grouped => (&inputs[..], true),
+    let (inputs, simd) = match code {
+        QdotCode::Portable => (&inputs[..1], quant::Simd::Portable),
+        QdotCode::Avx2 => (&inputs[..1], quant::Simd::Avx2),
+        QdotCode::Avx512 => (&inputs[..1], quant::Simd::Avx512),
+        QdotCode::Grouped => (&inputs[..], quant::Simd::best()),
     };
     let mut out = vec![0.0f32; rows * inputs.len()];
     let time = best_time(Duration::from_millis(300), || {
@@ -865,7 +867,7 @@ pub fn bench_qdot(dtype: DType, rows: usize, cols: usize, code: QdotCode) -> f64
             quant::dot_inputs(dtype, &w, row_bytes, 0, inputs, &mut out)
         } else {
             for (input, out) in inputs.iter().zip(out.chunks_exact_mut(rows)) {
-                quant::dot_rows(dtype, &w, row_bytes, 0, input, out, avx2)
+                quant::dot_rows(dtype, &w, row_bytes, 0, input, out, simd)
             }
         }
     });
@@ -1007,6 +1009,9 @@ pub enum QdotCode {
     Portable,
     /// The AVX2 code where the CPU has it, one input.
     Avx2,
+    /// The AVX-512 code where the CPU has it (two rows at a time, for Q4_0, Q4_1 and
+    /// Q8_0), one input.
+    Avx512,
     /// Several inputs (a prompt's tokens, sequences decoded together), each weight row
     /// unpacked once for a group of them where the format allows.
     Grouped,

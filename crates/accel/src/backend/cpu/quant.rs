@@ -934,10 +934,204 @@ mod avx2 {
     }
 }
 
+/// The formats whose weights are 32-element blocks of 4 or 8 bits (Q4_0, Q4_1, Q8_0), two
+/// rows at a time: each row in one half of the 512-bit registers, so one instruction
+/// does for two rows what the [`avx2`] code does for one. Each half sees the very
+/// operations of the [`avx2`] code's lanes, so each row's product has its bits (the
+/// tests compare them). A decoded token's matrix–vector products are bound by their
+/// count of vector instructions (17 a block and row in the [`avx2`] code, about 9 here),
+/// not by memory.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use core::arch::x86_64::*;
+
+    use super::{prefetch, Input, Lanes, INPUT_BLOCK};
+
+    /// As [`super::avx2`]'s: each row's next blocks are prefetched that far ahead.
+    const WEIGHTS_AHEAD: usize = 4096;
+
+    /// Two rows' 16 bytes at `at` of their blocks `a` and `b`, side by side.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn bytes16x2(a: &[u8], b: &[u8], at: usize) -> __m256i {
+        let a: &[u8; 16] = a[at..at + 16].try_into().expect("sixteen bytes");
+        let b: &[u8; 16] = b[at..at + 16].try_into().expect("sixteen bytes");
+        // SAFETY: `a` and `b` are sixteen readable bytes each; the loads have no
+        // alignment requirement.
+        unsafe {
+            let lo = _mm_loadu_si128(a.as_ptr().cast());
+            _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(lo),
+                _mm_loadu_si128(b.as_ptr().cast()),
+            )
+        }
+    }
+
+    /// Sixteen 16-bit inputs `q[at..at + 16]` in both halves.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn inputs16x2(q: &[i16], at: usize) -> __m512i {
+        let q: &[i16; 16] = q[at..at + 16].try_into().expect("sixteen inputs");
+        // SAFETY: `q` is sixteen readable i16; the load has no alignment requirement.
+        _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(q.as_ptr().cast()) })
+    }
+
+    /// The first `N` half floats of two blocks `a` and `b` (a scale, and a minimum for
+    /// Q4_1), converted exactly: `[a0, .., aN-1, b0, .., bN-1]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn halves<const N: usize>(a: &[u8], b: &[u8]) -> __m128 {
+        let word = |b: &[u8]| match N {
+            1 => u64::from(u16::from_le_bytes([b[0], b[1]])),
+            _ => u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        };
+        let both = word(a) | word(b) << (16 * N);
+        _mm_cvtph_ps(_mm_cvtsi64_si128(both as i64))
+    }
+
+    /// Lane `i` of `v` in the eight lanes of the first row and lane `j` in the second's.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn spread(v: __m128, i: i32, j: i32) -> __m512 {
+        let at = _mm512_setr_epi32(i, i, i, i, i, i, i, i, j, j, j, j, j, j, j, j);
+        _mm512_permutexvar_ps(at, _mm512_castps128_ps512(v))
+    }
+
+    /// A row's eight lanes in the low or high half of `v`, summed as
+    /// [`super::lane_sum`] does.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn lane_total(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
+    }
+
+    /// Two rows of `block_bytes`-byte blocks with one input: `unpack` gives both rows'
+    /// weights of a block (elements 0..16 and 16..32, as i16, the first row's in the low
+    /// halves), `MIN` says whether the format has a minimum after its scale.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn pair<const MIN: bool>(
+        rows: [&[u8]; 2],
+        block_bytes: usize,
+        inp: &Input<'_>,
+        unpack: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
+    ) -> [f32; 2] {
+        let blocks = rows[0].len() / block_bytes;
+        let [a, b] = rows.map(|r| &r[..blocks * block_bytes]);
+        let (q, _) = inp.q.as_chunks::<INPUT_BLOCK>();
+        let (q, d, sums): (_, _, &[Lanes]) = (&q[..blocks], &inp.d[..blocks], &inp.sums[..blocks]);
+        let mut acc = _mm512_setzero_ps();
+        for (i, (ba, bb)) in a
+            .chunks_exact(block_bytes)
+            .zip(b.chunks_exact(block_bytes))
+            .enumerate()
+        {
+            prefetch(ba.as_ptr().wrapping_add(WEIGHTS_AHEAD));
+            prefetch(bb.as_ptr().wrapping_add(WEIGHTS_AHEAD));
+            let (w0, w1) = unpack(ba, bb);
+            let lo = _mm512_madd_epi16(w0, inputs16x2(&q[i], 0));
+            let hi = _mm512_madd_epi16(w1, inputs16x2(&q[i], 16));
+            let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+            let dx = _mm_set1_ps(d[i]);
+            acc = if MIN {
+                let h = halves::<2>(ba, bb);
+                let scale = spread(_mm_mul_ps(h, dx), 0, 2);
+                // SAFETY: `sums[i]` is eight readable f32; the load has no alignment
+                // requirement.
+                let t = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(sums[i].as_ptr()) });
+                let o = _mm512_mul_ps(spread(h, 1, 3), t);
+                _mm512_add_ps(acc, _mm512_add_ps(_mm512_mul_ps(scale, f), o))
+            } else {
+                let scale = spread(_mm_mul_ps(halves::<1>(ba, bb), dx), 0, 1);
+                _mm512_add_ps(acc, _mm512_mul_ps(scale, f))
+            };
+        }
+        [
+            lane_total(_mm512_castps512_ps256(acc)),
+            lane_total(_mm512_extractf32x8_ps::<1>(acc)),
+        ]
+    }
+
+    /// The low and high nibbles of two rows' 16 bytes, widened to i16 (see
+    /// [`super::avx2`]'s `nibbles`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn nibbles(bytes: __m256i) -> (__m512i, __m512i) {
+        let wide = _mm512_cvtepu8_epi16(bytes);
+        (
+            _mm512_and_si512(wide, _mm512_set1_epi16(0x0f)),
+            _mm512_srli_epi16::<4>(wide),
+        )
+    }
+
+    /// [`super::avx2::dot_q4_0`] of two rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    pub fn dot_q4_0(rows: [&[u8]; 2], inp: &Input<'_>) -> [f32; 2] {
+        let eight = _mm512_set1_epi16(8);
+        pair::<false>(rows, 18, inp, |a, b| {
+            let (w0, w1) = nibbles(bytes16x2(a, b, 2));
+            (_mm512_sub_epi16(w0, eight), _mm512_sub_epi16(w1, eight))
+        })
+    }
+
+    /// [`super::avx2::dot_q4_1`] of two rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    pub fn dot_q4_1(rows: [&[u8]; 2], inp: &Input<'_>) -> [f32; 2] {
+        pair::<true>(rows, 20, inp, |a, b| nibbles(bytes16x2(a, b, 4)))
+    }
+
+    /// [`super::avx2::dot_q8_0`] of two rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    pub fn dot_q8_0(rows: [&[u8]; 2], inp: &Input<'_>) -> [f32; 2] {
+        pair::<false>(rows, 34, inp, |a, b| {
+            (
+                _mm512_cvtepi8_epi16(bytes16x2(a, b, 2)),
+                _mm512_cvtepi8_epi16(bytes16x2(a, b, 18)),
+            )
+        })
+    }
+}
+
+/// The code the dot products run, each giving the same bits (the tests compare them on
+/// every CPU that runs them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// Portable Rust.
+    Portable,
+    /// AVX2 and F16C, a row at a time.
+    Avx2,
+    /// AVX-512 (F, BW, DQ, VL), two rows at a time for Q4_0, Q4_1 and Q8_0 (the AVX2 code
+    /// for the other formats).
+    Avx512,
+}
+
+impl Simd {
+    /// The fastest this CPU runs.
+    pub fn best() -> Simd {
+        if has_avx512() {
+            Simd::Avx512
+        } else if has_avx2() {
+            Simd::Avx2
+        } else {
+            Simd::Portable
+        }
+    }
+
+    /// Every one this CPU runs.
+    #[cfg(test)]
+    pub fn here() -> Vec<Simd> {
+        [Simd::Portable, Simd::Avx2, Simd::Avx512]
+            .into_iter()
+            .filter(|&code| code <= Simd::best())
+            .collect()
+    }
+}
+
 /// `out[i] = dot(row first + i of w, x)`: rows of `x`'s length in `dtype`, each
-/// `row_bytes` long (the caller checked the sizes), `inp` being [`prepare`]d `x`. With the
-/// AVX2 code when `allow_avx2` and the CPU has it, else the portable code (the tests
-/// check both give the same bits, on every x86-64 CPU).
+/// `row_bytes` long (the caller checked the sizes), `inp` being [`prepare`]d `x`, by the
+/// `code` given where this CPU runs it, else the fastest it runs (the same bits).
 pub fn dot_rows(
     dtype: DType,
     w: &[u8],
@@ -945,33 +1139,52 @@ pub fn dot_rows(
     first: usize,
     inp: &Input<'_>,
     out: &mut [f32],
-    allow_avx2: bool,
+    code: Simd,
 ) {
-    let avx2 = allow_avx2 && has_avx2();
+    let code = code.min(Simd::best());
+    let row = |i: usize| &w[(first + i) * row_bytes..][..row_bytes];
     // Each format's loop calls its dot product directly, so that it inlines.
     macro_rules! rows {
         ($portable:expr, $avx2:ident) => {{
             #[cfg(target_arch = "x86_64")]
-            if avx2 {
+            if code >= Simd::Avx2 {
                 for (i, o) in out.iter_mut().enumerate() {
-                    let row = &w[(first + i) * row_bytes..][..row_bytes];
-                    // SAFETY: `has_avx2` said this CPU has AVX2 and F16C, all these need.
-                    *o = unsafe { avx2::$avx2(row, inp) };
+                    // SAFETY: `Simd::best` said this CPU has AVX2 and F16C, all these need.
+                    *o = unsafe { avx2::$avx2(row(i), inp) };
                 }
                 return;
             }
-            let _ = avx2;
             for (i, o) in out.iter_mut().enumerate() {
-                *o = $portable(&w[(first + i) * row_bytes..][..row_bytes], inp);
+                *o = $portable(row(i), inp);
             }
+        }};
+    }
+    // The formats with AVX-512 code: two rows at a time, the last of an odd count alone.
+    macro_rules! pairs {
+        ($portable:expr, $simd:ident) => {{
+            #[cfg(target_arch = "x86_64")]
+            if code == Simd::Avx512 {
+                let pairs = out.len() / 2;
+                for (j, o) in out[..2 * pairs].chunks_exact_mut(2).enumerate() {
+                    // SAFETY: `Simd::best` said this CPU has AVX-512 F, BW, DQ and VL, AVX2
+                    // and F16C, all these need.
+                    o.copy_from_slice(&unsafe { avx512::$simd([row(2 * j), row(2 * j + 1)], inp) });
+                }
+                if let Some(o) = out.get_mut(2 * pairs) {
+                    // SAFETY: as above.
+                    *o = unsafe { avx2::$simd(row(2 * pairs), inp) };
+                }
+                return;
+            }
+            rows!($portable, $simd)
         }};
     }
     match dtype {
         DType::F32 => rows!(|row, inp| dot_float(row, 4, inp), dot_f32),
         DType::F16 => rows!(|row, inp| dot_float(row, 2, inp), dot_f16),
-        DType::Q4_0 => rows!(dot_q4_0, dot_q4_0),
-        DType::Q4_1 => rows!(dot_q4_1, dot_q4_1),
-        DType::Q8_0 => rows!(dot_q8_0, dot_q8_0),
+        DType::Q4_0 => pairs!(dot_q4_0, dot_q4_0),
+        DType::Q4_1 => pairs!(dot_q4_1, dot_q4_1),
+        DType::Q8_0 => pairs!(dot_q8_0, dot_q8_0),
         DType::Q4K => rows!(dot_q4k, dot_q4k),
         DType::Q6K => rows!(dot_q6k, dot_q6k),
     }
@@ -995,7 +1208,7 @@ pub fn dot_rows_checked(
 ) -> Result<(), Stopped> {
     let k = inp.x.len();
     if k <= WIDE_ROW {
-        dot_rows(dtype, w, row_bytes, first, inp, out, true);
+        dot_rows(dtype, w, row_bytes, first, inp, out, Simd::best());
         return tick.done(out.len() * k);
     }
     for (i, o) in out.iter_mut().enumerate() {
@@ -1138,6 +1351,21 @@ pub fn prefetch(p: *const u8) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Whether this CPU runs the AVX-512 code (AVX-512 F, BW, DQ and VL, with AVX2 and
+/// F16C).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether this CPU runs the [`avx2`] code (AVX2 and F16C).

@@ -317,7 +317,7 @@ fn wide_rows_and_heads_with_a_tail_give_the_bits_of_the_whole_computation() {
             0,
             &quant::prepare(&x),
             &mut whole,
-            true,
+            quant::Simd::best(),
         );
         assert_eq!(bits(out), bits(&whole), "{}", dtype.name());
     }
