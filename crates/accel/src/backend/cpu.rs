@@ -60,14 +60,18 @@ fn wait_for_work() {
     loop {
         match rayon::yield_now() {
             Some(rayon::Yield::Executed) => (last, idle) = (Instant::now(), 0),
-            _ if last.elapsed() > WARM_FOR => return,
             _ => {
                 idle = idle.wrapping_add(1);
-                if idle.is_multiple_of(SPINS_PER_YIELD) {
-                    std::thread::yield_now();
-                } else {
+                if !idle.is_multiple_of(SPINS_PER_YIELD) {
                     std::hint::spin_loop();
+                    continue;
                 }
+                // The clock read here only: on nested virtualization a read took as
+                // long as a look for work.
+                if last.elapsed() > WARM_FOR {
+                    return;
+                }
+                std::thread::yield_now();
             }
         }
     }
