@@ -829,8 +829,8 @@ impl Accel {
         self.wait_fence(value)
     }
 
-    /// Sleeps in the VMM until the device is idle, its `tail` has reached `until`, or
-    /// about a millisecond has passed.
+    /// Sleeps in the VMM until the device is idle or its `tail` has reached `until`, for
+    /// at most about a millisecond (ten with `until`).
     fn wait_once(&mut self, until: Option<u64>) -> Result<(), AccelError> {
         if self.device_status.load(Ordering::Acquire) != device_status::OK {
             return Err(self.ring_invalid());
@@ -884,8 +884,8 @@ impl Accel {
 
     // ---- submission -----------------------------------------------------------------
 
-    /// Writes one command into the next slot (waiting for room if the ring is full),
-    /// publishes it by advancing `head`, and rings the doorbell.
+    /// Writes one command into the next slot (waiting for room if the ring is full), and
+    /// publishes the batch it ends ([`Accel::flush`]).
     ///
     /// # Panics
     /// If the device declares the ring invalid while we wait for room.
@@ -925,8 +925,8 @@ impl Accel {
         }
     }
 
-    /// Publishes the commands written so far (advances `head` over them) and rings the
-    /// doorbell. Queued kernels are published in batches of [`SUBMIT_BATCH`], and
+    /// Publishes the commands written so far (advances `head` over them), ringing the
+    /// doorbell if the device may have run out of work. Queued kernels are published in batches of [`SUBMIT_BATCH`], and
     /// [`Accel::fence`], [`Accel::sync`] and the transfers flush; call this to start the
     /// device on a shorter tail of work before doing something else for a while.
     pub fn flush(&mut self) {

@@ -66,8 +66,8 @@ fn wait_for_work() {
                     std::hint::spin_loop();
                     continue;
                 }
-                // The clock read here only: on nested virtualization a read took as
-                // long as a look for work.
+                // The clock read here, not at each look: on nested virtualization a
+                // read took as long as a look for work.
                 if last.elapsed() > WARM_FOR {
                     return;
                 }
@@ -115,16 +115,23 @@ impl Workers {
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Keeps the other kernel threads from going to sleep between the kernels of a run
-    /// of them: each waits for a kernel's tasks, spinning, until none came for
-    /// [`WARM_FOR`]. Called as a kernel starts, by the thread that launches it.
+    /// Keeps another kernel thread from going to sleep between the kernels of a run of
+    /// them: it waits for a kernel's tasks, spinning, until none came for [`WARM_FOR`].
+    /// Called as a kernel starts, by the thread that launches it, before it splits the
+    /// kernel's work.
     ///
     /// A rayon thread with nothing to do yields to the OS about 32 times and then
     /// sleeps; a kernel's tasks then wake it, a futex and a trip through the scheduler
     /// (tens of microseconds on nested virtualization), while a decoded token's
     /// kernels are tens of microseconds apart and take about as long.
+    ///
+    /// One thread, whatever their number: the job that keeps it is queued before the
+    /// kernel's tasks, so the first thread to look for work takes it, one idle between
+    /// kernels. A second would be taken once the first is busy, maybe by a thread
+    /// waiting for a task it split off, which it would then hold until [`WARM_FOR`]
+    /// passed with no work.
     pub fn keep_warm(&self) {
-        let want = self.threads() - 1;
+        let want = (self.threads() - 1).min(1);
         let mut warm = self.warm.load(Ordering::Relaxed);
         while warm < want {
             match self
@@ -135,9 +142,9 @@ impl Workers {
                     let count = self.warm.clone();
                     self.threads.spawn(move || {
                         // Not on a thread that took this job while it waited for a
-                        // kernel's tasks (the launching one, another keeper): it would
-                        // hold that thread here.
-                        if !WAITING_FOR_WORK.replace(true) && !LAUNCHING.get() {
+                        // kernel's tasks (the launching one, a keeper): it would hold
+                        // that thread here.
+                        if !LAUNCHING.get() && !WAITING_FOR_WORK.replace(true) {
                             wait_for_work();
                             WAITING_FOR_WORK.set(false);
                         }

@@ -1198,7 +1198,7 @@ pub fn dot_rows(
 /// hostile guest's may be billions).
 pub const WIDE_ROW: usize = 1 << 18;
 
-/// [`dot_rows`] (the AVX2 code allowed) in a QMATMUL task, counting its steps on `tick`:
+/// [`dot_rows`] (by the fastest code this CPU runs) in a QMATMUL task, counting its steps on `tick`:
 /// rows longer than [`WIDE_ROW`] one at a time, each in parts ([`dot_wide`]).
 pub fn dot_rows_checked(
     dtype: DType,
