@@ -489,7 +489,7 @@ mod avx2 {
     /// bound). 4 KiB rather than 1: a decoded token's smaller products start cold, and
     /// took 13% less time for it (SmolLM2's gate and up 40 to 35 µs, k and v 8.7 to 7.5);
     /// 8 KiB gained nothing more.
-    const WEIGHTS_AHEAD: usize = 4096;
+    pub(super) const WEIGHTS_AHEAD: usize = 4096;
 
     /// The half float at `b[at..at + 2]` in all eight lanes (F16C converts exactly, as
     /// `f16_to_f32` does). Kept a vector: reduced to one float, the conversion compiles to
@@ -555,7 +555,7 @@ mod avx2 {
     /// without the trip through memory that took 6% of a product's time.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    fn lane_total(v: __m256) -> f32 {
+    pub(super) fn lane_total(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
@@ -945,10 +945,8 @@ mod avx2 {
 mod avx512 {
     use core::arch::x86_64::*;
 
+    use super::avx2::{lane_total, WEIGHTS_AHEAD};
     use super::{prefetch, Input, Lanes, INPUT_BLOCK};
-
-    /// As [`super::avx2`]'s: each row's next blocks are prefetched that far ahead.
-    const WEIGHTS_AHEAD: usize = 4096;
 
     /// Two rows' 16 bytes at `at` of their blocks `a` and `b`, side by side.
     #[inline]
@@ -998,16 +996,6 @@ mod avx512 {
     fn spread(v: __m128, i: i32, j: i32) -> __m512 {
         let at = _mm512_setr_epi32(i, i, i, i, i, i, i, i, j, j, j, j, j, j, j, j);
         _mm512_permutexvar_ps(at, _mm512_castps128_ps512(v))
-    }
-
-    /// A row's eight lanes in the low or high half of `v`, summed as
-    /// [`super::lane_sum`] does.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
-    fn lane_total(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
     }
 
     /// Two rows of `block_bytes`-byte blocks with one input: `unpack` gives both rows'
