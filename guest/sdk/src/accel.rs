@@ -838,7 +838,7 @@ impl Accel {
         // SAFETY: a 32-bit `out` to the ACCEL_WAIT port; no `nomem`, so the compiler also
         // assumes the device may have written memory meanwhile.
         unsafe {
-            // The low 32 bits: a tail whose are 0 waits for idleness, as none does.
+            // The low 32 bits: a tail whose low bits are 0 waits for idleness, as none.
             asm!("out dx, eax", in("dx") port::ACCEL_WAIT, in("eax") until.unwrap_or(0) as u32,
                  options(nostack, preserves_flags));
         }
@@ -926,9 +926,10 @@ impl Accel {
     }
 
     /// Publishes the commands written so far (advances `head` over them), ringing the
-    /// doorbell if the device may have run out of work. Queued kernels are published in batches of [`SUBMIT_BATCH`], and
-    /// [`Accel::fence`], [`Accel::sync`] and the transfers flush; call this to start the
-    /// device on a shorter tail of work before doing something else for a while.
+    /// doorbell if the device may have run out of work. Queued kernels are published in
+    /// batches of [`SUBMIT_BATCH`], and [`Accel::fence`], [`Accel::sync`] and the
+    /// transfers flush; call this to start the device on a shorter tail of work before
+    /// doing something else for a while.
     pub fn flush(&mut self) {
         if self.published == self.submitted {
             return;
