@@ -301,11 +301,7 @@ fn dirty_chunks_and_buffer_table_are_read_without_waiting_for_a_kernel() {
 #[test]
 fn a_wait_for_a_tail_ends_when_the_device_gets_there_not_when_it_is_idle() {
     let mut g = FakeGuest::new(1);
-    let n = g.alloc_long_matmul();
-    let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
-    for _ in 0..2 {
-        g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
-    }
+    let first = g.queue_long_matmuls(3);
     // What a guest waiting for a fence after the first does: it goes on once that one
     // has run, the others still running or queued.
     let waited = Instant::now();
@@ -340,19 +336,11 @@ fn a_wait_for_a_tail_ends_when_the_device_gets_there_not_when_it_is_idle() {
 #[test]
 fn a_busy_device_runs_what_is_published_after_without_a_doorbell() {
     let mut g = FakeGuest::new(1);
-    let n = g.alloc_long_matmul();
-    let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
+    let first = g.queue_long_matmuls(1);
     std::thread::sleep(Duration::from_millis(20));
     assert!(g.tail() <= first, "the matmul is still running");
-    // As the SDK does, seeing `tail` short of its last `head`: the command is written and
-    // published, and no doorbell rung.
-    let index = g.head;
-    let mut bytes = vec![0u8; ferry_abi::accel::COMMAND_SIZE as usize];
-    bytes[..4].copy_from_slice(&op::FENCE.to_le_bytes());
-    bytes[8..16].copy_from_slice(&7u64.to_le_bytes());
-    g.mem.write_slice(&bytes, FakeGuest::slot(index)).unwrap();
-    g.head += 1;
-    g.set_head(g.head);
+    // As the SDK does, seeing `tail` short of its last `head`.
+    let index = g.publish(op::FENCE, &[7]);
     g.wait_tail(index + 1);
     assert_eq!(g.status(index), status::OK);
     let fence: u64 = g
@@ -365,11 +353,7 @@ fn a_busy_device_runs_what_is_published_after_without_a_doorbell() {
 #[test]
 fn a_pause_request_stops_the_device_after_the_command_in_flight_and_lets_waiters_go() {
     let mut g = FakeGuest::new(1);
-    let n = g.alloc_long_matmul();
-    let first = g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
-    for _ in 0..2 {
-        g.submit(op::LAUNCH, &[kernel::MATMUL, 1, 2, 3, n, n, n, 0]);
-    }
+    let first = g.queue_long_matmuls(3);
     std::thread::sleep(Duration::from_millis(20));
     assert!(g.tail() <= first, "the first matmul is still running");
     // What a VM's pause does first: it returns at once, the kernel still running.

@@ -45,8 +45,6 @@ compile_error!(
 const WARM_FOR: Duration = Duration::from_micros(500);
 
 thread_local! {
-    /// On a kernel thread spinning in [`wait_for_work`].
-    static WAITING_FOR_WORK: Cell<bool> = const { Cell::new(false) };
     /// On the thread that launches kernels (the device loop's).
     static LAUNCHING: Cell<bool> = const { Cell::new(false) };
 }
@@ -87,7 +85,7 @@ const SPINS_PER_YIELD: u32 = 64;
 pub(crate) struct Workers {
     threads: ThreadPool,
     abort: AbortSwitch,
-    /// Kernel threads kept from sleeping between kernels ([`Workers::keep_warm`]).
+    /// Keeper jobs queued or running, 0 or 1 ([`Workers::keep_warm`]).
     warm: Arc<AtomicUsize>,
     /// Tests: checks of the switch left before it pulls itself, so that a test stops a
     /// kernel at a point of its work rather than of the clock.
@@ -131,30 +129,25 @@ impl Workers {
     /// waiting for a task it split off, which it would then hold until [`WARM_FOR`]
     /// passed with no work.
     pub fn keep_warm(&self) {
-        let want = (self.threads() - 1).min(1);
-        let mut warm = self.warm.load(Ordering::Relaxed);
-        while warm < want {
-            match self
+        // One keeper at a time: the next is queued once the last has ended.
+        let idle = self.threads() < 2;
+        if idle
+            || self
                 .warm
-                .compare_exchange(warm, warm + 1, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    let count = self.warm.clone();
-                    self.threads.spawn(move || {
-                        // Not on a thread that took this job while it waited for a
-                        // kernel's tasks (the launching one, a keeper): it would hold
-                        // that thread here.
-                        if !LAUNCHING.get() && !WAITING_FOR_WORK.replace(true) {
-                            wait_for_work();
-                            WAITING_FOR_WORK.set(false);
-                        }
-                        count.fetch_sub(1, Ordering::Relaxed);
-                    });
-                    warm += 1;
-                }
-                Err(now) => warm = now,
-            }
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
         }
+        let warm = self.warm.clone();
+        self.threads.spawn(move || {
+            // Not on the launching thread, which took this job while it waited for a
+            // kernel's tasks: it would hold that thread here.
+            if !LAUNCHING.get() {
+                wait_for_work();
+            }
+            warm.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     /// How many kernel threads there are.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use ferry_abi::accel::{op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
+use ferry_abi::accel::{kernel, op, status, RingHeader, COMMAND_SIZE, RING_SLOTS};
 use ferry_abi::PAGE_SIZE;
 use ferry_accel::backend::cuda::emulator::Emulator;
 use ferry_accel::backend::cuda::GpuBackend;
@@ -145,6 +145,14 @@ impl FakeGuest {
 
     /// Submits without waiting; returns the command's index.
     pub fn submit(&mut self, opcode: u32, args: &[u64]) -> u64 {
+        let index = self.publish(opcode, args);
+        self.accel.doorbell();
+        index
+    }
+
+    /// Writes a command and publishes it, ringing no doorbell (as the SDK does while the
+    /// device is busy); returns its index.
+    pub fn publish(&mut self, opcode: u32, args: &[u64]) -> u64 {
         let index = self.head;
         let mut bytes = vec![0u8; COMMAND_SIZE as usize];
         bytes[..4].copy_from_slice(&opcode.to_le_bytes());
@@ -154,7 +162,6 @@ impl FakeGuest {
         self.mem.write_slice(&bytes, Self::slot(index)).unwrap();
         self.head += 1;
         self.set_head(self.head);
-        self.accel.doorbell();
         index
     }
 
@@ -187,6 +194,18 @@ impl FakeGuest {
         let index = self.submit(opcode, args);
         self.wait_tail(index + 1);
         self.status(index)
+    }
+
+    /// Queues `count` MATMULs of [`Self::alloc_long_matmul`]'s buffers (allocated
+    /// first); returns the first one's index.
+    pub fn queue_long_matmuls(&mut self, count: usize) -> u64 {
+        let n = self.alloc_long_matmul();
+        let launch = [kernel::MATMUL, 1, 2, 3, n, n, n, 0];
+        let first = self.submit(op::LAUNCH, &launch);
+        for _ in 1..count {
+            self.submit(op::LAUNCH, &launch);
+        }
+        first
     }
 
     /// Allocates buffers 1 to 3 for an n×n×n MATMUL that takes hundreds of milliseconds

@@ -600,7 +600,7 @@ mod avx2 {
     /// long: a block's reads then need no bounds checks of their own (the loop index is
     /// below the count). Three checks a block and input took as many instructions as the
     /// products of four inputs.
-    struct RowInputs<'i> {
+    pub(super) struct RowInputs<'i> {
         q: &'i [[i16; INPUT_BLOCK]],
         d: &'i [f32],
         sums: &'i [Lanes],
@@ -609,7 +609,7 @@ mod avx2 {
     impl<'i> RowInputs<'i> {
         /// The first `blocks` blocks of `inp`.
         #[inline(always)]
-        fn new(inp: &'i Input<'_>, blocks: usize) -> Self {
+        pub(super) fn new(inp: &'i Input<'_>, blocks: usize) -> Self {
             let (q, _) = inp.q.as_chunks::<INPUT_BLOCK>();
             Self {
                 q: &q[..blocks],
@@ -620,7 +620,7 @@ mod avx2 {
 
         /// Block `i`'s 16-bit inputs, scale and lane sums (`block_input`).
         #[inline(always)]
-        fn block(&self, i: usize) -> (&'i [i16], f32, &'i Lanes) {
+        pub(super) fn block(&self, i: usize) -> (&'i [i16], f32, &'i Lanes) {
             (&self.q[i], self.d[i], &self.sums[i])
         }
     }
@@ -945,8 +945,8 @@ mod avx2 {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::avx2::{lane_total, WEIGHTS_AHEAD};
-    use super::{prefetch, Input, Lanes, INPUT_BLOCK};
+    use super::avx2::{lane_total, RowInputs, WEIGHTS_AHEAD};
+    use super::{prefetch, Input};
 
     /// Two rows' 16 bytes at `at` of their blocks `a` and `b`, side by side.
     #[inline]
@@ -1011,8 +1011,7 @@ mod avx512 {
     ) -> [f32; 2] {
         let blocks = rows[0].len() / block_bytes;
         let [a, b] = rows.map(|r| &r[..blocks * block_bytes]);
-        let (q, _) = inp.q.as_chunks::<INPUT_BLOCK>();
-        let (q, d, sums): (_, _, &[Lanes]) = (&q[..blocks], &inp.d[..blocks], &inp.sums[..blocks]);
+        let inputs = RowInputs::new(inp, blocks);
         let mut acc = _mm512_setzero_ps();
         for (i, (ba, bb)) in a
             .chunks_exact(block_bytes)
@@ -1022,16 +1021,16 @@ mod avx512 {
             prefetch(ba.as_ptr().wrapping_add(WEIGHTS_AHEAD));
             prefetch(bb.as_ptr().wrapping_add(WEIGHTS_AHEAD));
             let (w0, w1) = unpack(ba, bb);
-            let lo = _mm512_madd_epi16(w0, inputs16x2(&q[i], 0));
-            let hi = _mm512_madd_epi16(w1, inputs16x2(&q[i], 16));
+            let (q, dx, t) = inputs.block(i);
+            let lo = _mm512_madd_epi16(w0, inputs16x2(q, 0));
+            let hi = _mm512_madd_epi16(w1, inputs16x2(q, 16));
             let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-            let dx = _mm_set1_ps(d[i]);
+            let dx = _mm_set1_ps(dx);
             acc = if MIN {
                 let h = halves::<2>(ba, bb);
                 let scale = spread(_mm_mul_ps(h, dx), 0, 2);
-                // SAFETY: `sums[i]` is eight readable f32; the load has no alignment
-                // requirement.
-                let t = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(sums[i].as_ptr()) });
+                // SAFETY: `t` is eight readable f32; the load has no alignment requirement.
+                let t = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(t.as_ptr()) });
                 let o = _mm512_mul_ps(spread(h, 1, 3), t);
                 _mm512_add_ps(acc, _mm512_add_ps(_mm512_mul_ps(scale, f), o))
             } else {
