@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -72,6 +72,26 @@ fn wait_for_work() {
                 std::thread::yield_now();
             }
         }
+    }
+}
+
+/// Runs `take` on up to `n` threads: this one and, through joins, others as they come
+/// ([`Workers::share`]).
+fn help(n: usize, take: &(impl Fn() + Sync)) {
+    if n <= 1 {
+        take();
+    } else {
+        rayon::join(take, || help(n - 1, take));
+    }
+}
+
+/// Counts one item of [`Workers::share`] done as it is dropped: after the item's work,
+/// or its panic.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -147,6 +167,56 @@ impl Workers {
                 wait_for_work();
             }
             warm.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Runs `part(i, item)` on each of `items` on the kernel threads: each thread takes
+    /// the next item not yet taken until none is left. The calling thread waits for the
+    /// last one out by spinning, not as rayon waits (yielding to the OS first): a small
+    /// kernel ended about 1.5 µs sooner on nested virtualization. Items are skipped once
+    /// the kernel is to stop, as in [`Self::task`].
+    pub fn share<T: Send>(&self, items: Vec<T>, part: impl Fn(usize, T) + Sync) {
+        let count = items.len();
+        let helpers = self.threads().min(count).saturating_sub(1);
+        if helpers == 0 {
+            items
+                .into_iter()
+                .enumerate()
+                .for_each(self.task(|(i, t)| part(i, t)));
+            return;
+        }
+        let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+        let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let take = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(i) else {
+                return;
+            };
+            let _counted = Counted(&done);
+            if let Some(item) = slot.lock().take() {
+                if !self.stops() {
+                    part(i, item);
+                }
+            }
+        };
+        self.install(|| {
+            rayon::join(
+                || {
+                    take();
+                    // Every item is taken: those of other threads end within one item's
+                    // time (a yield now and then, should the OS have parked one).
+                    let mut spins = 0u32;
+                    while done.load(Ordering::Acquire) < count {
+                        spins = spins.wrapping_add(1);
+                        if spins.is_multiple_of(SPINS_PER_YIELD << 6) {
+                            std::thread::yield_now();
+                        } else {
+                            std::hint::spin_loop();
+                        }
+                    }
+                },
+                || help(helpers, &take),
+            )
         });
     }
 
@@ -256,6 +326,8 @@ pub struct CpuBackend {
     threads: HostThreads,
     memory: DeviceMemory,
     buffers: Arc<Buffers>,
+    /// The rotations of the last one-row ROPE, for the next like it.
+    rope_angles: ops::RopeAngles,
 }
 
 impl core::fmt::Debug for CpuBackend {
@@ -327,6 +399,7 @@ impl CpuBackend {
             threads: started,
             memory,
             buffers: Arc::default(),
+            rope_angles: ops::RopeAngles::default(),
         }
     }
 
@@ -733,9 +806,11 @@ impl CpuBackend {
                     base,
                     style,
                 };
+                let mut kept = std::mem::take(&mut self.rope_angles);
                 self.with_outputs(kernel, [x], |pool, inp, [x]| {
-                    ops::rope(pool, x, inp.f32(factors), shape);
-                })
+                    ops::rope(pool, x, inp.f32(factors), shape, &mut kept);
+                });
+                self.rope_angles = kept;
             }
             Kernel::Swiglu { gate, up, out, n } => {
                 self.with_outputs(kernel, [out], |pool, inp, [out]| {

@@ -150,7 +150,7 @@ impl Gemm {
             tile(0);
         } else {
             // Each tile a task (see `Workers::task`), which checks between its segments too.
-            pool.install(|| (0..tiles).into_par_iter().for_each(pool.task(tile)));
+            pool.share((0..tiles).collect(), |_, t| tile(t));
         }
     }
 

@@ -14,7 +14,7 @@
 //! - ATTENTION: `1e-5 · max|v|` (f32 sums of at most a few hundred positions).
 
 use super::quant::f16_to_f32;
-use super::tests::{backend, close, read, run_all, Rng};
+use super::tests::{backend, bits, close, read, run_all, Rng};
 use super::*;
 use crate::backend::numbered;
 use crate::kernel::{DType, RopeStyle};
@@ -364,6 +364,49 @@ fn rope_rotates_the_pairs_of_each_style() {
                 }
             }
         }
+    }
+}
+
+/// One-row ROPEs on one backend, which keeps the last one's rotations, end as each alone
+/// on a fresh backend: a launch at another position, base, width or with other factors
+/// (the same buffer rewritten) does not reuse the rotations kept.
+#[test]
+fn rope_rotations_kept_between_launches_are_those_asked_for() {
+    let mut rng = Rng(40);
+    let (heads, hd) = (3, 16);
+    let x = rng.vec(heads * hd, 2.0);
+    let ones = vec![1.0f32; hd / 2];
+    let mut other = ones.clone();
+    other[5] = 4.0;
+    let rope = |pos, base, head_dim| Kernel::Rope {
+        x: 1,
+        factors: 2,
+        rows: 1,
+        heads: heads * hd / head_dim,
+        head_dim,
+        pos,
+        base,
+        style: RopeStyle::Adjacent,
+    };
+    let launches = [
+        (rope(7, 10_000.0, hd), &ones),
+        (rope(7, 10_000.0, hd), &ones),
+        (rope(8, 10_000.0, hd), &ones),
+        (rope(8, 10_000.0, hd), &other),
+        (rope(8, 500_000.0, hd), &other),
+        (rope(8, 500_000.0, hd / 2), &other),
+    ];
+    let mut kept = backend(2, &[&x, &ones]);
+    for (i, (kernel, factors)) in launches.iter().enumerate() {
+        kept.write(1, 0, bytemuck::cast_slice(&x));
+        kept.write(2, 0, bytemuck::cast_slice(factors.as_slice()));
+        kept.launch(kernel).unwrap();
+        let alone = run_all(&[&x, factors], kernel);
+        assert_eq!(
+            bits(&read(&kept, 1)),
+            bits(&alone[0]),
+            "launch {i}, {kernel:?}, rotated by the rotations kept from the one before"
+        );
     }
 }
 

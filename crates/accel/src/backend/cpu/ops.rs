@@ -17,8 +17,6 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use ferry_abi::accel::math;
 
 use super::{quant, Stopped, Ticker, Workers, CHECK_WORK};
@@ -55,11 +53,7 @@ fn blocks<T: Send>(
     if out.len() <= block {
         f(0, out);
     } else {
-        pool.install(|| {
-            out.par_chunks_mut(block)
-                .enumerate()
-                .for_each(pool.task(|(i, b)| f(i * block, b)))
-        });
+        pool.share(out.chunks_mut(block).collect(), |i, b| f(i * block, b));
     }
 }
 
@@ -147,11 +141,7 @@ fn heads_of(
     head: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     if parallel {
-        pool.install(|| {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each(pool.task(|(i, o)| head(i, o)))
-        });
+        pool.share(out.chunks_mut(hd).collect(), head);
     } else {
         out.chunks_mut(hd)
             .enumerate()
@@ -378,10 +368,8 @@ fn cross_entropy_rows(
             .enumerate()
             .for_each(work);
     } else {
-        let tasks = grad
-            .par_chunks_mut(per * cols)
-            .zip(row_loss.par_chunks_mut(per));
-        pool.install(|| tasks.enumerate().for_each(pool.task(work)));
+        let tasks = grad.chunks_mut(per * cols).zip(row_loss.chunks_mut(per));
+        pool.share(tasks.collect(), |i, t| work((i, t)));
     }
 }
 
@@ -490,8 +478,7 @@ fn sum_cols_window(
     if window_rows * width <= BLOCK {
         partial.chunks_mut(width).enumerate().for_each(fill);
     } else {
-        let fill = pool.task(fill);
-        pool.install(|| partial.par_chunks_mut(width).enumerate().for_each(fill));
+        pool.share(partial.chunks_mut(width).collect(), |i, p| fill((i, p)));
     }
     let partial = &*partial;
     blocks(pool, sums, SUM_COL_BLOCK, |start, s| {
@@ -568,11 +555,11 @@ pub fn adam(
             .zip(v.chunks_mut(BLOCK));
         chunks.enumerate().for_each(work);
     } else {
-        let par = param
-            .par_chunks_mut(BLOCK)
-            .zip(m.par_chunks_mut(BLOCK))
-            .zip(v.par_chunks_mut(BLOCK));
-        pool.install(|| par.enumerate().for_each(pool.task(work)));
+        let chunks = param
+            .chunks_mut(BLOCK)
+            .zip(m.chunks_mut(BLOCK))
+            .zip(v.chunks_mut(BLOCK));
+        pool.share(chunks.collect(), |i, c| work((i, c)));
     }
 }
 
@@ -759,23 +746,47 @@ pub fn argmax(pool: &Workers, x: &[f32], out: &mut [u32], rows_: usize, cols: us
     blocks(pool, &mut out[..rows_], per, |start, o| {
         let _ = o.iter_mut().enumerate().try_for_each(|(i, o)| {
             let row = &x[(start + i) * cols..][..cols];
-            let mut best = 0;
+            // The largest value and whether there is a NaN, in lanes, then the first place
+            // of the NaN or of that value (the same place as a scan keeping the first
+            // larger one: values equal to the largest are equal to each other, ±0 alike).
+            let (mut top, mut nan) = (f32::NEG_INFINITY, false);
             in_parts(pool, cols, |r| {
-                let from = r.start.max(1);
-                for (c, &v) in (from..r.end).zip(&row[from..r.end]) {
-                    if row[best].is_nan() {
-                        break;
-                    }
-                    if v.is_nan() || v > row[best] {
-                        best = c;
-                    }
+                if !nan {
+                    let (t, n) = max_and_nan(&row[r]);
+                    (top, nan) = (if t > top { t } else { top }, n);
                 }
             })?;
-            // Decode checked that cols - 1 fits in a u32.
-            *o = best as u32;
+            let mut best = None;
+            in_parts(pool, cols, |r| {
+                if best.is_none() {
+                    let at = |v: &f32| if nan { v.is_nan() } else { *v == top };
+                    best = row[r.clone()].iter().position(at).map(|c| r.start + c);
+                }
+            })?;
+            // Decode checked that cols - 1 fits in a u32; a row of -∞ has its first.
+            *o = best.unwrap_or(0) as u32;
             Ok::<_, Stopped>(())
         });
     });
+}
+
+/// The largest of `v` (`-∞` if empty) leaving NaNs aside, and whether it has a NaN: in
+/// independent lanes, which the compiler vectorizes.
+fn max_and_nan(v: &[f32]) -> (f32, bool) {
+    const LANES: usize = 16;
+    let (mut top, mut nan) = ([f32::NEG_INFINITY; LANES], [false; LANES]);
+    let (chunks, rest) = v.as_chunks::<LANES>();
+    for c in chunks {
+        for j in 0..LANES {
+            top[j] = if c[j] > top[j] { c[j] } else { top[j] };
+            nan[j] |= c[j].is_nan();
+        }
+    }
+    let max = top
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    (max, nan.contains(&true) || rest.iter().any(|x| x.is_nan()))
 }
 
 /// Weight bytes a QMATMUL task reads between two checks of its kernel's switch, about (a
@@ -867,8 +878,7 @@ fn qmatmul_run(
             if rows <= per {
                 task((0, by_row));
             } else {
-                let task = pool.task(task);
-                pool.install(|| by_row.par_chunks_mut(per * m).enumerate().for_each(task));
+                pool.share(by_row.chunks_mut(per * m).collect(), |c, o| task((c, o)));
             }
             pool.check()?;
             by_row
@@ -902,13 +912,12 @@ fn qmatmul_run(
             task((r, 0, o));
         }
     } else {
-        pool.install(|| {
-            out.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-                o.par_chunks_mut(run)
-                    .enumerate()
-                    .for_each(pool.task(|(c, o)| task((r, c, o))));
-            })
-        });
+        let parts = out
+            .chunks_mut(n)
+            .enumerate()
+            .flat_map(|(r, o)| o.chunks_mut(run).enumerate().map(move |(c, o)| (r, c, o)))
+            .collect();
+        pool.share(parts, |_, part| task(part));
     }
     Ok(())
 }
@@ -980,50 +989,124 @@ pub struct RopeShape {
     pub style: RopeStyle,
 }
 
+/// The rotations of ROPE's last one-row launch, kept for the next of the same position,
+/// base, head width and factors: a decoded token's queries and keys turn alike, and their
+/// sines and cosines took most of a launch.
+#[derive(Debug, Default)]
+pub struct RopeAngles {
+    /// Head width, base (its bits) and position of the rotations kept; `None`: none.
+    key: Option<(usize, u32, usize)>,
+    /// The factors they were made with (their bits).
+    factors: Vec<u32>,
+    /// `(cos, sin)` of each pair.
+    rot: Vec<(f64, f64)>,
+}
+
+/// Most pairs of a head whose rotations [`RopeAngles`] keeps (a real model's heads have
+/// at most a few hundred; a guest's may have billions).
+const KEPT_PAIRS: usize = 1 << 12;
+
+impl RopeAngles {
+    /// Whether these are the rotations of a one-row `s` with `factors`.
+    fn are_for(&self, s: &RopeShape, factors: &[f32]) -> bool {
+        self.key == Some((s.head_dim, s.base.to_bits(), s.pos))
+            && self
+                .factors
+                .iter()
+                .copied()
+                .eq(factors.iter().map(|f| f.to_bits()))
+    }
+}
+
 /// In place rotary embedding: pair `i` of a head at position `p` turns by
-/// `p · base^(-2i/head_dim) / factors[i]`, with sine and cosine from [`math`] in f64.
-pub fn rope(pool: &Workers, x: &mut [f32], factors: &[f32], s: RopeShape) {
+/// `p · base^(-2i/head_dim) / factors[i]`, with sine and cosine from [`math`] in f64. A
+/// one-row launch's rotations are kept in `kept` for the next like it.
+pub fn rope(pool: &Workers, x: &mut [f32], factors: &[f32], s: RopeShape, kept: &mut RopeAngles) {
     let half = s.head_dim / 2;
+    let factors = &factors[..half];
+    let width = s.heads * s.head_dim;
+    if s.rows == 1 {
+        if !kept.are_for(&s, factors) {
+            kept.key = None;
+            kept.rot = Vec::new();
+            let Ok(turns) = turns(pool, factors, &s) else {
+                return;
+            };
+            let Ok(rot) = rotations(pool, &turns, s.pos as f64) else {
+                return;
+            };
+            kept.rot = rot;
+            if half <= KEPT_PAIRS {
+                kept.key = Some((s.head_dim, s.base.to_bits(), s.pos));
+                kept.factors = factors.iter().map(|f| f.to_bits()).collect();
+            }
+        }
+        let _ = rotate(pool, &mut x[..width], &kept.rot, &s);
+        if kept.key.is_none() {
+            kept.rot = Vec::new();
+        }
+        return;
+    }
+    let Ok(turns) = turns(pool, factors, &s) else {
+        return;
+    };
+    rows(pool, &mut x[..s.rows * width], width, |r, row| {
+        let rot = rotations(pool, &turns, (s.pos + r) as f64)?;
+        rotate(pool, row, &rot, &s)
+    });
+}
+
+/// Turns (angle / 2π) per position of each pair of a head of `s`; made on this thread,
+/// checking as it goes (a guest may ask for a head of billions). A factor of 1 divides
+/// exactly.
+fn turns(pool: &Workers, factors: &[f32], s: &RopeShape) -> Result<Vec<f64>, Stopped> {
     let ln_base = math::ln(f64::from(s.base));
-    // Turns (angle / 2π) per position of each pair; made on this thread, checking as it
-    // goes (a guest may ask for a head of billions). A factor of 1 divides exactly.
-    let mut turns = Vec::with_capacity(half);
-    let made = in_parts(pool, half, |r| {
+    let mut turns = Vec::with_capacity(factors.len());
+    in_parts(pool, factors.len(), |r| {
         turns.extend(r.map(|i| {
             math::exp(-((2 * i) as f64) / s.head_dim as f64 * ln_base)
                 / (2.0 * core::f64::consts::PI)
                 / f64::from(factors[i])
         }));
-    });
-    if made.is_err() {
-        return;
-    }
-    let width = s.heads * s.head_dim;
-    rows(pool, &mut x[..s.rows * width], width, |r, row| {
-        let p = (s.pos + r) as f64;
-        let mut rot = Vec::with_capacity(half);
-        in_parts(pool, half, |i| {
-            let angles = turns[i].iter();
-            rot.extend(angles.map(|&t| (math::cos_2pi(p * t), math::cos_2pi(p * t - 0.25))));
+    })?;
+    Ok(turns)
+}
+
+/// `(cos, sin)` of each pair's angle at position `p`, from its [`turns`].
+fn rotations(pool: &Workers, turns: &[f64], p: f64) -> Result<Vec<(f64, f64)>, Stopped> {
+    let mut rot = Vec::with_capacity(turns.len());
+    in_parts(pool, turns.len(), |i| {
+        let angles = turns[i].iter();
+        rot.extend(angles.map(|&t| (math::cos_2pi(p * t), math::cos_2pi(p * t - 0.25))));
+    })?;
+    Ok(rot)
+}
+
+/// Turns each head of `row` by `rot`.
+fn rotate(
+    pool: &Workers,
+    row: &mut [f32],
+    rot: &[(f64, f64)],
+    s: &RopeShape,
+) -> Result<(), Stopped> {
+    let half = rot.len();
+    let mut tick = Ticker::new(pool);
+    for head in row.chunks_exact_mut(s.head_dim) {
+        in_parts(pool, half, |pairs| {
+            for (i, &(cos, sin)) in rot[pairs.clone()].iter().enumerate() {
+                let i = pairs.start + i;
+                let (a, b) = match s.style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::HalfSplit => (i, i + half),
+                };
+                let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
+                head[a] = (x0 * cos - x1 * sin) as f32;
+                head[b] = (x0 * sin + x1 * cos) as f32;
+            }
         })?;
-        let mut tick = Ticker::new(pool);
-        for head in row.chunks_exact_mut(s.head_dim) {
-            in_parts(pool, half, |pairs| {
-                for (i, &(cos, sin)) in rot[pairs.clone()].iter().enumerate() {
-                    let i = pairs.start + i;
-                    let (a, b) = match s.style {
-                        RopeStyle::Adjacent => (2 * i, 2 * i + 1),
-                        RopeStyle::HalfSplit => (i, i + half),
-                    };
-                    let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
-                    head[a] = (x0 * cos - x1 * sin) as f32;
-                    head[b] = (x0 * sin + x1 * cos) as f32;
-                }
-            })?;
-            tick.done(s.head_dim)?;
-        }
-        Ok(())
-    });
+        tick.done(s.head_dim)?;
+    }
+    Ok(())
 }
 
 /// `out = gate / (1 + e^-gate) · up`, in f32 (with [`math::exp_f32`]).

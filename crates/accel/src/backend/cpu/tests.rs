@@ -875,6 +875,20 @@ fn argmax_first_maximum_and_nan() {
     let out = run_all(&[&x, &[0.0; 4]], &numbered::argmax(4, 4));
     let idx: &[u32] = bytemuck::cast_slice(&out[1]);
     assert_eq!(idx, [1, 0, 1, 0]);
+    // Past the lanes of the vectorized scan: a NaN late in a row of a thousand (before a
+    // larger value), the first of equal maxima (±0 alike), a row of -∞.
+    let cols = 1000;
+    let mut x = vec![-2.0f32; 4 * cols];
+    x[777] = f32::NAN;
+    x[900] = 9.0;
+    x[cols + 400] = -0.0;
+    x[cols + 401] = 0.0;
+    x[cols + 999] = 0.0;
+    x[2 * cols..3 * cols].fill(f32::NEG_INFINITY);
+    x[3 * cols + 999] = 1.0;
+    let out = run_all(&[&x, &[0.0; 4]], &numbered::argmax(4, cols));
+    let idx: &[u32] = bytemuck::cast_slice(&out[1]);
+    assert_eq!(idx, [777, 400, 0, 999]);
     let mut rng = Rng(14);
     let (rows, cols) = (500, 301);
     let x = rng.vec(rows * cols, 1.0);
@@ -993,5 +1007,34 @@ fn kept_warm_threads_are_bounded_and_let_go_once_kernels_stop() {
             "a kept-warm thread still spins 10 s after the last kernel"
         );
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// [`super::Workers::share`] runs each item once, whatever the thread count, and a part
+/// that panics is the caller's panic, not a hang.
+#[test]
+fn shared_items_run_once_each_and_a_panic_reaches_the_caller() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    for threads in [1, 2, 4] {
+        let pool = super::Workers::new(
+            ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap(),
+        );
+        for count in [0, 1, 2, 3, 100] {
+            let runs: Vec<AtomicU32> = (0..count).map(|_| AtomicU32::new(0)).collect();
+            let mut out = vec![0usize; count];
+            pool.share(out.iter_mut().collect(), |i, o| {
+                *o = i * 3;
+                runs[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
+            assert_eq!(out, (0..count).map(|i| i * 3).collect::<Vec<_>>());
+        }
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.share((0..50).collect(), |i, _: usize| assert!(i != 37, "item 37"));
+        }));
+        assert!(panicked.is_err(), "{threads} threads: the panic was lost");
     }
 }
