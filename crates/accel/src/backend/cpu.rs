@@ -1088,8 +1088,8 @@ pub enum QdotCode {
     Portable,
     /// The AVX2 code where the CPU has it, one input.
     Avx2,
-    /// The AVX-512 code where the CPU has it (two rows at a time, for Q4_0, Q4_1 and
-    /// Q8_0), one input.
+    /// The AVX-512 code where the CPU has it (four rows at a time, then two, for Q4_0,
+    /// Q4_1 and Q8_0), one input.
     Avx512,
     /// Several inputs (a prompt's tokens, sequences decoded together), each weight row
     /// unpacked once for a group of them where the format allows.

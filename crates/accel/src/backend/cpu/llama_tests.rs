@@ -519,7 +519,7 @@ fn every_dot_product_code_gives_the_portable_codes_bits() {
     }
     let mut rng = Rng(13);
     for dtype in DType::ALL {
-        // Odd: the AVX-512 code's last row goes alone.
+        // 15 fours, a pair and one: each way the AVX-512 code takes rows.
         let n = 63;
         let (w, k, row_bytes) = dot_matrix(&mut rng, dtype, n);
         // Inputs with zeros and signed zeros, where a differing order of operations

@@ -940,7 +940,9 @@ mod avx2 {
 /// operations of the [`avx2`] code's lanes, so each row's product has its bits (the
 /// tests compare them). A decoded token's matrix–vector products are bound by their
 /// count of vector instructions (17 a block and row in the [`avx2`] code, about 9 here),
-/// not by memory.
+/// not by memory. Four rows go together where there are four (two pairs), sharing a
+/// block's inputs, scale and sums: Q4_1 18.4 to 19.6 GMAC/s on one core (1536 × 1536), and
+/// 125.5 to 130.5 tokens/s in six alternated pairs of `llm-chat` runs.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use core::arch::x86_64::*;
@@ -1044,6 +1046,58 @@ mod avx512 {
         ]
     }
 
+    /// [`pair`] of two pairs of rows at once, `rows[0..2]` and `rows[2..4]`: each pair's
+    /// operations are [`pair`]'s, so its bits, while the block's inputs, its scale and its
+    /// sums are loaded once for the four rows (a tenth of a block's instructions).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn quad<const MIN: bool>(
+        rows: [&[u8]; 4],
+        block_bytes: usize,
+        inp: &Input<'_>,
+        unpack: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
+    ) -> [f32; 4] {
+        let blocks = rows[0].len() / block_bytes;
+        let [a, b, c, d] = rows.map(|r| &r[..blocks * block_bytes]);
+        let inputs = RowInputs::new(inp, blocks);
+        let (mut ab, mut cd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let [a, b, c, d] = [a, b, c, d].map(|r| r.chunks_exact(block_bytes));
+        let quads = a.zip(b).zip(c.zip(d));
+        for (i, ((ba, bb), (bc, bd))) in quads.enumerate() {
+            for r in [ba, bb, bc, bd] {
+                prefetch(r.as_ptr().wrapping_add(WEIGHTS_AHEAD));
+            }
+            let (q, dx, t) = inputs.block(i);
+            let (q0, q1) = (inputs16x2(q, 0), inputs16x2(q, 16));
+            let dx = _mm_set1_ps(dx);
+            // SAFETY: `t` is eight readable f32; the load has no alignment requirement.
+            let t = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(t.as_ptr()) });
+            let step = |acc: __m512, x: &[u8], y: &[u8]| {
+                let (w0, w1) = unpack(x, y);
+                let lo = _mm512_madd_epi16(w0, q0);
+                let hi = _mm512_madd_epi16(w1, q1);
+                let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+                if MIN {
+                    let h = halves::<2>(x, y);
+                    let scale = spread(_mm_mul_ps(h, dx), 0, 2);
+                    let o = _mm512_mul_ps(spread(h, 1, 3), t);
+                    _mm512_add_ps(acc, _mm512_add_ps(_mm512_mul_ps(scale, f), o))
+                } else {
+                    let scale = spread(_mm_mul_ps(halves::<1>(x, y), dx), 0, 1);
+                    _mm512_add_ps(acc, _mm512_mul_ps(scale, f))
+                }
+            };
+            ab = step(ab, ba, bb);
+            cd = step(cd, bc, bd);
+        }
+        [
+            lane_total(_mm512_castps512_ps256(ab)),
+            lane_total(_mm512_extractf32x8_ps::<1>(ab)),
+            lane_total(_mm512_castps512_ps256(cd)),
+            lane_total(_mm512_extractf32x8_ps::<1>(cd)),
+        ]
+    }
+
     /// The low and high nibbles of two rows' 16 bytes, widened to i16 (see
     /// [`super::avx2`]'s `nibbles`).
     #[inline]
@@ -1056,31 +1110,66 @@ mod avx512 {
         )
     }
 
+    /// Two rows' Q4_0 weights of a block (see `pair`'s `unpack`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn q4_0(a: &[u8], b: &[u8]) -> (__m512i, __m512i) {
+        let eight = _mm512_set1_epi16(8);
+        let (w0, w1) = nibbles(bytes16x2(a, b, 2));
+        (_mm512_sub_epi16(w0, eight), _mm512_sub_epi16(w1, eight))
+    }
+
+    /// Two rows' Q4_1 weights of a block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn q4_1(a: &[u8], b: &[u8]) -> (__m512i, __m512i) {
+        nibbles(bytes16x2(a, b, 4))
+    }
+
+    /// Two rows' Q8_0 weights of a block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn q8_0(a: &[u8], b: &[u8]) -> (__m512i, __m512i) {
+        (
+            _mm512_cvtepi8_epi16(bytes16x2(a, b, 2)),
+            _mm512_cvtepi8_epi16(bytes16x2(a, b, 18)),
+        )
+    }
+
     /// [`super::avx2::dot_q4_0`] of two rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
     pub fn dot_q4_0(rows: [&[u8]; 2], inp: &Input<'_>) -> [f32; 2] {
-        let eight = _mm512_set1_epi16(8);
-        pair::<false>(rows, 18, inp, |a, b| {
-            let (w0, w1) = nibbles(bytes16x2(a, b, 2));
-            (_mm512_sub_epi16(w0, eight), _mm512_sub_epi16(w1, eight))
-        })
+        pair::<false>(rows, 18, inp, |a, b| q4_0(a, b))
+    }
+
+    /// [`super::avx2::dot_q4_0`] of four rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    pub fn dot_q4_0_x4(rows: [&[u8]; 4], inp: &Input<'_>) -> [f32; 4] {
+        quad::<false>(rows, 18, inp, |a, b| q4_0(a, b))
     }
 
     /// [`super::avx2::dot_q4_1`] of two rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
     pub fn dot_q4_1(rows: [&[u8]; 2], inp: &Input<'_>) -> [f32; 2] {
-        pair::<true>(rows, 20, inp, |a, b| nibbles(bytes16x2(a, b, 4)))
+        pair::<true>(rows, 20, inp, |a, b| q4_1(a, b))
+    }
+
+    /// [`super::avx2::dot_q4_1`] of four rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    pub fn dot_q4_1_x4(rows: [&[u8]; 4], inp: &Input<'_>) -> [f32; 4] {
+        quad::<true>(rows, 20, inp, |a, b| q4_1(a, b))
     }
 
     /// [`super::avx2::dot_q8_0`] of two rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
     pub fn dot_q8_0(rows: [&[u8]; 2], inp: &Input<'_>) -> [f32; 2] {
-        pair::<false>(rows, 34, inp, |a, b| {
-            (
-                _mm512_cvtepi8_epi16(bytes16x2(a, b, 2)),
-                _mm512_cvtepi8_epi16(bytes16x2(a, b, 18)),
-            )
-        })
+        pair::<false>(rows, 34, inp, |a, b| q8_0(a, b))
+    }
+
+    /// [`super::avx2::dot_q8_0`] of four rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    pub fn dot_q8_0_x4(rows: [&[u8]; 4], inp: &Input<'_>) -> [f32; 4] {
+        quad::<false>(rows, 34, inp, |a, b| q8_0(a, b))
     }
 }
 
@@ -1092,8 +1181,8 @@ pub enum Simd {
     Portable,
     /// AVX2 and F16C, a row at a time.
     Avx2,
-    /// AVX-512 (F, BW, DQ, VL), two rows at a time for Q4_0, Q4_1 and Q8_0 (the AVX2 code
-    /// for the other formats).
+    /// AVX-512 (F, BW, DQ, VL), four rows at a time (then two) for Q4_0, Q4_1 and Q8_0 (the
+    /// AVX2 code for the other formats).
     Avx512,
 }
 
@@ -1149,20 +1238,30 @@ pub fn dot_rows(
             }
         }};
     }
-    // The formats with AVX-512 code: two rows at a time, the last of an odd count alone.
-    macro_rules! pairs {
-        ($portable:expr, $simd:ident) => {{
+    // The formats with AVX-512 code: four rows at a time, then two, the last of an odd
+    // count alone.
+    macro_rules! quads {
+        ($portable:expr, $simd:ident, $simd4:ident) => {{
             #[cfg(target_arch = "x86_64")]
             if code == Simd::Avx512 {
-                let pairs = out.len() / 2;
-                for (j, o) in out[..2 * pairs].chunks_exact_mut(2).enumerate() {
+                let quads = out.len() / 4;
+                for (j, o) in out[..4 * quads].chunks_exact_mut(4).enumerate() {
+                    let r = 4 * j;
+                    let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
                     // SAFETY: `Simd::best` said this CPU has AVX-512 F, BW, DQ and VL, AVX2
                     // and F16C, all these need.
-                    o.copy_from_slice(&unsafe { avx512::$simd([row(2 * j), row(2 * j + 1)], inp) });
+                    o.copy_from_slice(&unsafe { avx512::$simd4(rows, inp) });
                 }
-                if let Some(o) = out.get_mut(2 * pairs) {
+                let r = 4 * quads;
+                let rest = &mut out[r..];
+                if rest.len() >= 2 {
                     // SAFETY: as above.
-                    *o = unsafe { avx2::$simd(row(2 * pairs), inp) };
+                    rest[..2].copy_from_slice(&unsafe { avx512::$simd([row(r), row(r + 1)], inp) });
+                }
+                if rest.len() % 2 == 1 {
+                    let last = rest.len() - 1;
+                    // SAFETY: as above.
+                    rest[last] = unsafe { avx2::$simd(row(r + last), inp) };
                 }
                 return;
             }
@@ -1172,9 +1271,9 @@ pub fn dot_rows(
     match dtype {
         DType::F32 => rows!(|row, inp| dot_float(row, 4, inp), dot_f32),
         DType::F16 => rows!(|row, inp| dot_float(row, 2, inp), dot_f16),
-        DType::Q4_0 => pairs!(dot_q4_0, dot_q4_0),
-        DType::Q4_1 => pairs!(dot_q4_1, dot_q4_1),
-        DType::Q8_0 => pairs!(dot_q8_0, dot_q8_0),
+        DType::Q4_0 => quads!(dot_q4_0, dot_q4_0, dot_q4_0_x4),
+        DType::Q4_1 => quads!(dot_q4_1, dot_q4_1, dot_q4_1_x4),
+        DType::Q8_0 => quads!(dot_q8_0, dot_q8_0, dot_q8_0_x4),
         DType::Q4K => rows!(dot_q4k, dot_q4k),
         DType::Q6K => rows!(dot_q6k, dot_q6k),
     }
