@@ -1000,9 +1000,75 @@ mod avx512 {
         _mm512_permutexvar_ps(at, _mm512_castps128_ps512(v))
     }
 
-    /// Two rows of `block_bytes`-byte blocks with one input: `unpack` gives both rows'
-    /// weights of a block (elements 0..16 and 16..32, as i16, the first row's in the low
-    /// halves), `MIN` says whether the format has a minimum after its scale.
+    /// One block's inputs as the AVX-512 code uses them: the 16-bit inputs (elements 0..16
+    /// and 16..32) in both halves, the scale, and the lane sums in both halves (for
+    /// formats with a minimum, else zero).
+    struct BlockInputs {
+        q: (__m512i, __m512i),
+        dx: __m128,
+        t: __m512,
+    }
+
+    impl BlockInputs {
+        /// Block `i` of `inputs`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+        fn of<const MIN: bool>(inputs: &RowInputs<'_>, i: usize) -> Self {
+            let (q, dx, t) = inputs.block(i);
+            let t = if MIN {
+                // SAFETY: `t` is eight readable f32; the load has no alignment requirement.
+                _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(t.as_ptr()) })
+            } else {
+                _mm512_setzero_ps()
+            };
+            Self {
+                q: (inputs16x2(q, 0), inputs16x2(q, 16)),
+                dx: _mm_set1_ps(dx),
+                t,
+            }
+        }
+    }
+
+    /// `acc` plus one block of two rows, `x` and `y`, whose weights `unpack` gives
+    /// (elements 0..16 and 16..32, as i16, `x`'s in the low halves); `MIN` says whether
+    /// the format has a minimum after its scale. Each half does what the AVX2 code's
+    /// lanes do.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn add_block<const MIN: bool>(
+        acc: __m512,
+        (x, y): (&[u8], &[u8]),
+        input: &BlockInputs,
+        unpack: &impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
+    ) -> __m512 {
+        prefetch(x.as_ptr().wrapping_add(WEIGHTS_AHEAD));
+        prefetch(y.as_ptr().wrapping_add(WEIGHTS_AHEAD));
+        let (w0, w1) = unpack(x, y);
+        let lo = _mm512_madd_epi16(w0, input.q.0);
+        let hi = _mm512_madd_epi16(w1, input.q.1);
+        let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+        if MIN {
+            let h = halves::<2>(x, y);
+            let scale = spread(_mm_mul_ps(h, input.dx), 0, 2);
+            let o = _mm512_mul_ps(spread(h, 1, 3), input.t);
+            _mm512_add_ps(acc, _mm512_add_ps(_mm512_mul_ps(scale, f), o))
+        } else {
+            let scale = spread(_mm_mul_ps(halves::<1>(x, y), input.dx), 0, 1);
+            _mm512_add_ps(acc, _mm512_mul_ps(scale, f))
+        }
+    }
+
+    /// The two rows' totals of an accumulator of [`add_block`]s.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
+    fn totals(acc: __m512) -> [f32; 2] {
+        [
+            lane_total(_mm512_castps512_ps256(acc)),
+            lane_total(_mm512_extractf32x8_ps::<1>(acc)),
+        ]
+    }
+
+    /// Two rows of `block_bytes`-byte blocks with one input (see [`add_block`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
     fn pair<const MIN: bool>(
@@ -1012,43 +1078,19 @@ mod avx512 {
         unpack: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
     ) -> [f32; 2] {
         let blocks = rows[0].len() / block_bytes;
-        let [a, b] = rows.map(|r| &r[..blocks * block_bytes]);
+        let [a, b] = rows.map(|r| r[..blocks * block_bytes].chunks_exact(block_bytes));
         let inputs = RowInputs::new(inp, blocks);
         let mut acc = _mm512_setzero_ps();
-        for (i, (ba, bb)) in a
-            .chunks_exact(block_bytes)
-            .zip(b.chunks_exact(block_bytes))
-            .enumerate()
-        {
-            prefetch(ba.as_ptr().wrapping_add(WEIGHTS_AHEAD));
-            prefetch(bb.as_ptr().wrapping_add(WEIGHTS_AHEAD));
-            let (w0, w1) = unpack(ba, bb);
-            let (q, dx, t) = inputs.block(i);
-            let lo = _mm512_madd_epi16(w0, inputs16x2(q, 0));
-            let hi = _mm512_madd_epi16(w1, inputs16x2(q, 16));
-            let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-            let dx = _mm_set1_ps(dx);
-            acc = if MIN {
-                let h = halves::<2>(ba, bb);
-                let scale = spread(_mm_mul_ps(h, dx), 0, 2);
-                // SAFETY: `t` is eight readable f32; the load has no alignment requirement.
-                let t = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(t.as_ptr()) });
-                let o = _mm512_mul_ps(spread(h, 1, 3), t);
-                _mm512_add_ps(acc, _mm512_add_ps(_mm512_mul_ps(scale, f), o))
-            } else {
-                let scale = spread(_mm_mul_ps(halves::<1>(ba, bb), dx), 0, 1);
-                _mm512_add_ps(acc, _mm512_mul_ps(scale, f))
-            };
+        for (i, block) in a.zip(b).enumerate() {
+            let input = BlockInputs::of::<MIN>(&inputs, i);
+            acc = add_block::<MIN>(acc, block, &input, &unpack);
         }
-        [
-            lane_total(_mm512_castps512_ps256(acc)),
-            lane_total(_mm512_extractf32x8_ps::<1>(acc)),
-        ]
+        totals(acc)
     }
 
-    /// [`pair`] of two pairs of rows at once, `rows[0..2]` and `rows[2..4]`: each pair's
-    /// operations are [`pair`]'s, so its bits, while the block's inputs, its scale and its
-    /// sums are loaded once for the four rows (a tenth of a block's instructions).
+    /// [`pair`] of two pairs of rows at once, `rows[0..2]` and `rows[2..4]`, each pair's
+    /// operations [`pair`]'s (so its bits), a block's inputs, scale and sums loaded once
+    /// for the four rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,f16c")]
     fn quad<const MIN: bool>(
@@ -1058,44 +1100,16 @@ mod avx512 {
         unpack: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
     ) -> [f32; 4] {
         let blocks = rows[0].len() / block_bytes;
-        let [a, b, c, d] = rows.map(|r| &r[..blocks * block_bytes]);
+        let [a, b, c, d] = rows.map(|r| r[..blocks * block_bytes].chunks_exact(block_bytes));
         let inputs = RowInputs::new(inp, blocks);
         let (mut ab, mut cd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let [a, b, c, d] = [a, b, c, d].map(|r| r.chunks_exact(block_bytes));
-        let quads = a.zip(b).zip(c.zip(d));
-        for (i, ((ba, bb), (bc, bd))) in quads.enumerate() {
-            for r in [ba, bb, bc, bd] {
-                prefetch(r.as_ptr().wrapping_add(WEIGHTS_AHEAD));
-            }
-            let (q, dx, t) = inputs.block(i);
-            let (q0, q1) = (inputs16x2(q, 0), inputs16x2(q, 16));
-            let dx = _mm_set1_ps(dx);
-            // SAFETY: `t` is eight readable f32; the load has no alignment requirement.
-            let t = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(t.as_ptr()) });
-            let step = |acc: __m512, x: &[u8], y: &[u8]| {
-                let (w0, w1) = unpack(x, y);
-                let lo = _mm512_madd_epi16(w0, q0);
-                let hi = _mm512_madd_epi16(w1, q1);
-                let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-                if MIN {
-                    let h = halves::<2>(x, y);
-                    let scale = spread(_mm_mul_ps(h, dx), 0, 2);
-                    let o = _mm512_mul_ps(spread(h, 1, 3), t);
-                    _mm512_add_ps(acc, _mm512_add_ps(_mm512_mul_ps(scale, f), o))
-                } else {
-                    let scale = spread(_mm_mul_ps(halves::<1>(x, y), dx), 0, 1);
-                    _mm512_add_ps(acc, _mm512_mul_ps(scale, f))
-                }
-            };
-            ab = step(ab, ba, bb);
-            cd = step(cd, bc, bd);
+        for (i, (first, second)) in a.zip(b).zip(c.zip(d)).enumerate() {
+            let input = BlockInputs::of::<MIN>(&inputs, i);
+            ab = add_block::<MIN>(ab, first, &input, &unpack);
+            cd = add_block::<MIN>(cd, second, &input, &unpack);
         }
-        [
-            lane_total(_mm512_castps512_ps256(ab)),
-            lane_total(_mm512_extractf32x8_ps::<1>(ab)),
-            lane_total(_mm512_castps512_ps256(cd)),
-            lane_total(_mm512_extractf32x8_ps::<1>(cd)),
-        ]
+        let ([r0, r1], [r2, r3]) = (totals(ab), totals(cd));
+        [r0, r1, r2, r3]
     }
 
     /// The low and high nibbles of two rows' 16 bytes, widened to i16 (see

@@ -52,6 +52,16 @@ pub(super) fn backend(threads: usize, data: &[&[f32]]) -> CpuBackend {
     b
 }
 
+/// Kernel threads, `threads` of them.
+fn workers(threads: usize) -> super::Workers {
+    super::Workers::new(
+        ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap(),
+    )
+}
+
 pub(super) fn read(b: &CpuBackend, id: BufferId) -> Vec<f32> {
     b.buffers.expect(id).read().to_vec()
 }
@@ -168,12 +178,7 @@ fn gemm_determinism(m: usize, n: usize, k: usize) {
     let one = ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     gemm::direct(&one, 1, &a, &b, &mut whole, (m, n, k));
     for threads in [1, 2, 4] {
-        let pool = super::Workers::new(
-            ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap(),
-        );
+        let pool = workers(threads);
         for (ta, tb) in [(false, false), (true, true)] {
             let g = gemm::Gemm {
                 m,
@@ -987,7 +992,7 @@ fn freed_buffers_go_back_to_the_device_memory() {
 #[test]
 fn kept_warm_threads_are_bounded_and_let_go_once_kernels_stop() {
     use std::sync::atomic::Ordering;
-    let pool = super::Workers::new(ThreadPoolBuilder::new().num_threads(4).build().unwrap());
+    let pool = workers(4);
     pool.install(|| {
         // On the launching thread, as the device loop's kernels are.
         super::LAUNCHING.set(true);
@@ -1016,12 +1021,7 @@ fn kept_warm_threads_are_bounded_and_let_go_once_kernels_stop() {
 fn shared_items_run_once_each_and_a_panic_reaches_the_caller() {
     use std::sync::atomic::{AtomicU32, Ordering};
     for threads in [1, 2, 4] {
-        let pool = super::Workers::new(
-            ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap(),
-        );
+        let pool = workers(threads);
         for count in [0, 1, 2, 3, 100] {
             let runs: Vec<AtomicU32> = (0..count).map(|_| AtomicU32::new(0)).collect();
             let mut out = vec![0usize; count];
