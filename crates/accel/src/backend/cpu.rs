@@ -76,12 +76,37 @@ fn wait_for_work() {
 }
 
 /// Runs `take` on up to `n` threads: this one and, through joins, others as they come
-/// ([`Workers::share`]).
+/// ([`Workers::share`]); a thread that comes after the last item has nothing to do.
 fn help(n: usize, take: &(impl Fn() + Sync)) {
     if n <= 1 {
         take();
     } else {
         rayon::join(take, || help(n - 1, take));
+    }
+}
+
+/// The items of a [`Workers::share`], taken one at a time.
+struct Queue<I> {
+    items: std::iter::Enumerate<I>,
+    /// Items taken so far.
+    taken: usize,
+    /// No item is taken any more: none is left, or the kernel is to stop.
+    closed: bool,
+}
+
+impl<I: Iterator> Queue<I> {
+    /// The next item and its index, unless none is left or the kernel is to stop.
+    fn next(&mut self, workers: &Workers) -> Option<(usize, I::Item)> {
+        if self.closed || workers.stops() {
+            self.closed = true;
+            return None;
+        }
+        let next = self.items.next();
+        match next {
+            Some(_) => self.taken += 1,
+            None => self.closed = true,
+        }
+        next
     }
 }
 
@@ -173,42 +198,50 @@ impl Workers {
     /// Runs `part(i, item)` on each of `items` on the kernel threads: each thread takes
     /// the next item not yet taken until none is left. The calling thread waits for the
     /// last one out by spinning, not as rayon waits (yielding to the OS first): a small
-    /// kernel ended about 1.5 µs sooner on nested virtualization. Items are skipped once
-    /// the kernel is to stop, as in [`Self::task`].
-    pub fn share<T: Send>(&self, items: Vec<T>, part: impl Fn(usize, T) + Sync) {
-        let count = items.len();
-        let helpers = self.threads().min(count).saturating_sub(1);
+    /// kernel ended about 1.5 µs sooner on nested virtualization. The items are taken
+    /// one at a time from the iterator, so a guest's billions of them cost no memory,
+    /// and none is taken once the kernel is to stop (see [`Self::stops`]).
+    pub fn share<I>(&self, items: I, part: impl Fn(usize, I::Item) + Sync)
+    where
+        I: Iterator + Send,
+        I::Item: Send,
+    {
+        let helpers = self.threads().saturating_sub(1);
+        let mut items = items.enumerate();
         if helpers == 0 {
-            items
-                .into_iter()
-                .enumerate()
-                .for_each(self.task(|(i, t)| part(i, t)));
+            while let Some((i, item)) = items.next().filter(|_| !self.stops()) {
+                part(i, item);
+            }
             return;
         }
-        let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
-        let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let queue = Mutex::new(Queue {
+            items,
+            taken: 0,
+            closed: false,
+        });
+        let done = AtomicUsize::new(0);
         let take = || loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = slots.get(i) else {
+            // Unlocked before the part runs (a guard in a `while let` would be held).
+            let next = queue.lock().next(self);
+            let Some((i, item)) = next else {
                 return;
             };
             let _counted = Counted(&done);
-            if let Some(item) = slot.lock().take() {
-                if !self.stops() {
-                    part(i, item);
-                }
-            }
+            part(i, item);
         };
         self.install(|| {
             rayon::join(
                 || {
                     take();
-                    // Every item is taken: those of other threads end within one item's
-                    // time (a yield now and then, should the OS have parked one).
+                    // Closed: every item is taken, and those of other threads end within
+                    // one item's time. Yielding every few microseconds, as a kept-warm
+                    // thread does: where kernel threads outnumber cores (a replay beside
+                    // the VM it copies), the thread awaited may be waiting for this core.
+                    let taken = queue.lock().taken;
                     let mut spins = 0u32;
-                    while done.load(Ordering::Acquire) < count {
+                    while done.load(Ordering::Acquire) < taken {
                         spins = spins.wrapping_add(1);
-                        if spins.is_multiple_of(SPINS_PER_YIELD << 6) {
+                        if spins.is_multiple_of(SPINS_PER_YIELD) {
                             std::thread::yield_now();
                         } else {
                             std::hint::spin_loop();

@@ -149,8 +149,9 @@ impl Gemm {
         if tiles == 1 {
             tile(0);
         } else {
-            // Each tile a task (see `Workers::task`), which checks between its segments too.
-            pool.share((0..tiles).collect(), |_, t| tile(t));
+            // Each tile an item (see `Workers::share`), which checks between its segments
+            // too.
+            pool.share(0..tiles, |_, t| tile(t));
         }
     }
 

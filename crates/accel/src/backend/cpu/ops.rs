@@ -7,7 +7,7 @@
 //! and scheduling only decide which thread runs a block. Reductions accumulate in f64;
 //! transcendental functions come from [`ferry_abi::accel::math`].
 //!
-//! Every parallel task goes through [`Workers::task`], which skips it once the kernel is
+//! Every parallel task goes through [`Workers::share`], which takes none once the kernel is
 //! to stop (the device is being ended, or a replay's deadline passed): a kernel cut short
 //! leaves its outputs partly written, which only a device being ended or a replay that
 //! fails allows. A task whose work grows with a dimension (a row, a head, a dot product
@@ -53,7 +53,7 @@ fn blocks<T: Send>(
     if out.len() <= block {
         f(0, out);
     } else {
-        pool.share(out.chunks_mut(block).collect(), |i, b| f(i * block, b));
+        pool.share(out.chunks_mut(block), |i, b| f(i * block, b));
     }
 }
 
@@ -141,7 +141,7 @@ fn heads_of(
     head: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     if parallel {
-        pool.share(out.chunks_mut(hd).collect(), head);
+        pool.share(out.chunks_mut(hd), head);
     } else {
         out.chunks_mut(hd)
             .enumerate()
@@ -369,7 +369,7 @@ fn cross_entropy_rows(
             .for_each(work);
     } else {
         let tasks = grad.chunks_mut(per * cols).zip(row_loss.chunks_mut(per));
-        pool.share(tasks.collect(), |i, t| work((i, t)));
+        pool.share(tasks, |i, t| work((i, t)));
     }
 }
 
@@ -478,7 +478,7 @@ fn sum_cols_window(
     if window_rows * width <= BLOCK {
         partial.chunks_mut(width).enumerate().for_each(fill);
     } else {
-        pool.share(partial.chunks_mut(width).collect(), |i, p| fill((i, p)));
+        pool.share(partial.chunks_mut(width), |i, p| fill((i, p)));
     }
     let partial = &*partial;
     blocks(pool, sums, SUM_COL_BLOCK, |start, s| {
@@ -559,7 +559,7 @@ pub fn adam(
             .chunks_mut(BLOCK)
             .zip(m.chunks_mut(BLOCK))
             .zip(v.chunks_mut(BLOCK));
-        pool.share(chunks.collect(), |i, c| work((i, c)));
+        pool.share(chunks, |i, c| work((i, c)));
     }
 }
 
@@ -878,7 +878,7 @@ fn qmatmul_run(
             if rows <= per {
                 task((0, by_row));
             } else {
-                pool.share(by_row.chunks_mut(per * m).collect(), |c, o| task((c, o)));
+                pool.share(by_row.chunks_mut(per * m), |c, o| task((c, o)));
             }
             pool.check()?;
             by_row
@@ -915,8 +915,7 @@ fn qmatmul_run(
         let parts = out
             .chunks_mut(n)
             .enumerate()
-            .flat_map(|(r, o)| o.chunks_mut(run).enumerate().map(move |(c, o)| (r, c, o)))
-            .collect();
+            .flat_map(|(r, o)| o.chunks_mut(run).enumerate().map(move |(c, o)| (r, c, o)));
         pool.share(parts, |_, part| task(part));
     }
     Ok(())

@@ -1015,8 +1015,8 @@ fn kept_warm_threads_are_bounded_and_let_go_once_kernels_stop() {
     }
 }
 
-/// [`super::Workers::share`] runs each item once, whatever the thread count, and a part
-/// that panics is the caller's panic, not a hang.
+/// [`super::Workers::share`] runs each item once, whatever the thread count, its parts at
+/// the same time, and a part that panics is the caller's panic, not a hang.
 #[test]
 fn shared_items_run_once_each_and_a_panic_reaches_the_caller() {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -1025,15 +1025,30 @@ fn shared_items_run_once_each_and_a_panic_reaches_the_caller() {
         for count in [0, 1, 2, 3, 100] {
             let runs: Vec<AtomicU32> = (0..count).map(|_| AtomicU32::new(0)).collect();
             let mut out = vec![0usize; count];
-            pool.share(out.iter_mut().collect(), |i, o| {
+            pool.share(out.iter_mut(), |i, o| {
                 *o = i * 3;
                 runs[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
             assert_eq!(out, (0..count).map(|i| i * 3).collect::<Vec<_>>());
         }
+        // Parts run at the same time: each waits here for the other (a part holding
+        // what the next part's thread needs to take it would leave it waiting alone).
+        let arrived = AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let parts = threads.min(2) as u32;
+        pool.share(0..parts, |_, _| {
+            arrived.fetch_add(1, Ordering::SeqCst);
+            while arrived.load(Ordering::SeqCst) < parts && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+        });
+        assert!(
+            Instant::now() < deadline,
+            "{threads} threads: the parts ran one after the other"
+        );
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            pool.share((0..50).collect(), |i, _: usize| assert!(i != 37, "item 37"));
+            pool.share(0..50, |i, _: usize| assert!(i != 37, "item 37"));
         }));
         assert!(panicked.is_err(), "{threads} threads: the panic was lost");
     }
