@@ -2,7 +2,10 @@
 //! `guest_nice`), so that busy guests cannot starve its API and migrations. When it must
 //! wait on them (a pause waits for the kernel in flight), it lifts them to its own
 //! priority meanwhile: otherwise whatever else runs would stretch the pause. Work that
-//! no VM and no client waits for (freeing a VM that left) runs below them all.
+//! no VM and no client waits for (freeing a VM that left) runs below them all. The vCPUs
+//! of a VM with an accelerator are SCHED_BATCH, so that the device thread waking one
+//! does not give it its core ([`woken_without_preempting`]), and back in the default
+//! class while the host waits on them ([`Preempting`]).
 
 use std::path::Path;
 use std::sync::{Mutex, Once, PoisonError};
@@ -26,23 +29,72 @@ fn set_nice(tid: libc::pid_t, nice: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Schedules the calling thread (a vCPU's) as SCHED_BATCH, at its nice value: woken, it
-/// waits for a free core or the next tick rather than preempting the thread that woke
-/// it. A vCPU sleeps in the accelerator's waits, and the device thread wakes it, three
-/// times a decoded token: on a host whose other cores were busy (the device's other
-/// kernel thread), the vCPU took that thread's core for the 100 to 150 µs the guest then
-/// ran, while the device had the next token's commands queued (SmolLM2 in `llm-chat`:
-/// 121 and 121 against 126 and 131 tokens/s, alternated). Where it cannot be set, the
-/// thread stays as it is.
-pub(crate) fn woken_without_preempting() {
+/// Sets thread `tid`'s scheduling policy, one of the non-real-time ones (at its nice
+/// value).
+fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (0) with a valid sched_param only
-    // changes its scheduling policy; it keeps no pointer.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "a vCPU thread stays in the default scheduling class"
-        );
+    // SAFETY: sched_setscheduler with a valid sched_param only changes one thread's
+    // scheduling policy; it keeps no pointer.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Thread `tid`'s scheduling policy, if it has one (it exists).
+fn policy_of(tid: libc::pid_t) -> Option<libc::c_int> {
+    // SAFETY: sched_getscheduler only reads a thread's policy.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    (policy >= 0).then_some(policy)
+}
+
+/// Whether `tid` is a thread of this process: a thread id outlives its thread as a
+/// number that another process's thread may take.
+fn is_ours(tid: libc::pid_t) -> bool {
+    Path::new(&format!("/proc/self/task/{tid}")).exists()
+}
+
+/// Schedules vCPU thread `tid` of a VM with an accelerator as SCHED_BATCH, at its nice
+/// value: woken, it waits for a free core or the next tick rather than preempting the
+/// thread that woke it. A vCPU sleeps in the accelerator's waits, and the device thread
+/// wakes it, three times a decoded token: on a host whose other cores were busy (the
+/// device's other kernel thread), the vCPU took that thread's core for the 100 to 150 µs
+/// the guest then ran, while the device had the next token's commands queued (a wake-up
+/// took 133 µs of the device thread, 4.5 µs now). Where it cannot be set, the thread
+/// stays as it is. A host waiting on the vCPU puts it back meanwhile ([`Preempting`]).
+pub(crate) fn woken_without_preempting(tid: libc::pid_t) {
+    if let Err(error) = set_policy(tid, libc::SCHED_BATCH) {
+        tracing::debug!(%error, "a vCPU thread stays in the default scheduling class");
+    }
+}
+
+/// vCPU threads of [`woken_without_preempting`] back in the default class while the
+/// host waits on them (a pause kicks each, which must then run at once, not at the next
+/// tick); SCHED_BATCH again when dropped.
+pub(crate) struct Preempting(Vec<libc::pid_t>);
+
+impl Preempting {
+    /// Puts those of `tids` that are SCHED_BATCH threads of this process back in the
+    /// default class.
+    pub(crate) fn vcpus(tids: impl IntoIterator<Item = libc::pid_t>) -> Self {
+        let batch = |&tid: &libc::pid_t| is_ours(tid) && policy_of(tid) == Some(libc::SCHED_BATCH);
+        let tids = tids
+            .into_iter()
+            .filter(batch)
+            .filter(|&tid| set_policy(tid, libc::SCHED_OTHER).is_ok())
+            .collect();
+        Self(tids)
+    }
+}
+
+impl Drop for Preempting {
+    fn drop(&mut self) {
+        for &tid in &self.0 {
+            // A thread that ended meanwhile is gone; one whose id was taken is not ours.
+            if is_ours(tid) {
+                let _ = set_policy(tid, libc::SCHED_BATCH);
+            }
+        }
     }
 }
 
@@ -124,9 +176,8 @@ impl Lifted {
         let mut lifted = Vec::new();
         if ours < guest_nice {
             for tid in tids {
-                // A thread id outlives its thread as a number that another process's
-                // thread may take: lift only threads this process still has.
-                if !Path::new(&format!("/proc/self/task/{tid}")).exists() {
+                // Only threads this process still has.
+                if !is_ours(tid) {
                     continue;
                 }
                 if let Err(error) = set_nice(tid, ours) {
@@ -191,6 +242,40 @@ mod tests {
         assert_eq!(own_nice(), before, "the caller's priority is unchanged");
         let panicked = std::panic::catch_unwind(|| at_background_priority(|| panic!("boom")));
         assert!(panicked.is_err(), "a panic reaches the caller");
+    }
+
+    #[test]
+    fn batch_vcpus_preempt_while_waited_on_and_are_batch_again_after() {
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let other = std::thread::spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            unsafe { libc::gettid() }
+        });
+        let ended = other.join().unwrap();
+        woken_without_preempting(tid);
+        assert_eq!(policy_of(tid), Some(libc::SCHED_BATCH));
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        // A thread of the default class, an ended one and one not ours are left alone.
+        let preempting = Preempting::vcpus([tid, me, ended, libc::pid_t::MAX]);
+        assert_eq!(preempting.0, [tid]);
+        assert_eq!(policy_of(tid), Some(libc::SCHED_OTHER));
+        drop(preempting);
+        assert_eq!(policy_of(tid), Some(libc::SCHED_BATCH));
+        assert_eq!(
+            policy_of(me),
+            Some(libc::SCHED_OTHER),
+            "the caller's class is unchanged"
+        );
+        drop(stop_tx);
+        thread.join().unwrap();
     }
 
     #[test]

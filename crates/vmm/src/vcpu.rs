@@ -664,7 +664,6 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
             .spawn(move || {
-                crate::priority::woken_without_preempting();
                 // SAFETY: gettid has no preconditions and touches no memory.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
                 let ends = event_tx.clone();

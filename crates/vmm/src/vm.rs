@@ -28,7 +28,7 @@ use crate::loader::{load_image, LoadImageError, LoadedImage};
 use crate::memory::{
     self, create_guest_ram, register_ram, DirtyLog, GuestRam, MemoryError, PageSet,
 };
-use crate::priority::{at_guest_priority, Lifted};
+use crate::priority::{self, at_guest_priority, Lifted, Preempting};
 use crate::snapshot::{SnapshotError, SnapshotStats};
 use crate::vcpu::{Vcpu, VcpuEvent, VcpuHandle, VcpuRunError, VcpuState, VcpuStateError};
 
@@ -649,6 +649,11 @@ impl Microvm {
         cpu_features: Vec<CpuidWord>,
         guest_nice: i32,
     ) -> Self {
+        if devices.accel.is_some() {
+            for vcpu in &vcpus {
+                priority::woken_without_preempting(vcpu.tid());
+            }
+        }
         Self {
             vcpus,
             devices,
@@ -772,6 +777,7 @@ impl Microvm {
         }
         let started = Instant::now();
         let _lifted = Lifted::to_callers(self.host_threads(), self.guest_nice);
+        let _preempting = Preempting::vcpus(self.vcpus.iter().map(VcpuHandle::tid));
         // From here on the VM's state may become another host's: requests queued later
         // would be lost with this copy, so they are refused (to be sent again).
         if requests == Requests::Refused {
@@ -809,6 +815,7 @@ impl Microvm {
         if let Some(accel) = &self.devices.accel {
             // As a pause does: a guest run at a low priority does not stretch the wait.
             let _lifted = Lifted::to_callers(self.host_threads(), self.guest_nice);
+            let _preempting = Preempting::vcpus(self.vcpus.iter().map(VcpuHandle::tid));
             accel.abort();
         }
     }
