@@ -28,8 +28,9 @@
 //! guest must ring after its last submission, since an idle device only looks at the ring
 //! when rung. It need not ring where, after storing `head` and a full fence, it reads a
 //! `tail` short of the `head` it had published before, that one sane (see below): the
-//! device has yet to complete that command, and reads the new `head` after it (the SDK rings only then: a doorbell
-//! is a VM exit, tens of microseconds on nested virtualization).
+//! device has yet to complete that command, and reads the new `head` after it (the SDK
+//! rings only then: a doorbell is a VM exit, tens of microseconds on nested
+//! virtualization).
 //!
 //! Argument rules every kernel applies (violations complete with [`status::BAD_ARGUMENT`]):
 //! an output buffer may not also be an input unless the kernel says "in place"; f32

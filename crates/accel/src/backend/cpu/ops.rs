@@ -1026,24 +1026,22 @@ pub fn rope(pool: &Workers, x: &mut [f32], factors: &[f32], s: RopeShape, kept: 
     let width = s.heads * s.head_dim;
     if s.rows == 1 {
         if !kept.are_for(&s, factors) {
-            kept.key = None;
-            kept.rot = Vec::new();
-            let Ok(turns) = turns(pool, factors, &s) else {
+            *kept = RopeAngles::default();
+            let made = turns(pool, factors, &s).and_then(|t| rotations(pool, &t, s.pos as f64));
+            let Ok(rot) = made else {
                 return;
             };
-            let Ok(rot) = rotations(pool, &turns, s.pos as f64) else {
+            if half > KEPT_PAIRS {
+                let _ = rotate(pool, &mut x[..width], &rot, &s);
                 return;
-            };
-            kept.rot = rot;
-            if half <= KEPT_PAIRS {
-                kept.key = Some((s.head_dim, s.base.to_bits(), s.pos));
-                kept.factors = factors.iter().map(|f| f.to_bits()).collect();
             }
+            *kept = RopeAngles {
+                key: Some((s.head_dim, s.base.to_bits(), s.pos)),
+                factors: factors.iter().map(|f| f.to_bits()).collect(),
+                rot,
+            };
         }
         let _ = rotate(pool, &mut x[..width], &kept.rot, &s);
-        if kept.key.is_none() {
-            kept.rot = Vec::new();
-        }
         return;
     }
     let Ok(turns) = turns(pool, factors, &s) else {
