@@ -193,14 +193,17 @@ impl VmContents for VmSource {
 }
 
 impl MigrationSource for VmSource {
-    fn start_tracking(&self) -> Result<(), VmError> {
-        self.tracker
-            .start_dirty_log()
-            .map_err(|e| VmError::StartTracking(e.into()))?;
+    fn start_device_tracking(&self) -> Result<(), VmError> {
         if let Some(accel) = self.accel() {
             accel.start_dirty_tracking();
         }
         Ok(())
+    }
+
+    fn start_ram_tracking(&self) -> Result<(), VmError> {
+        self.tracker
+            .start_dirty_log()
+            .map_err(|e| VmError::StartTracking(e.into()))
     }
 
     fn stop_tracking(&self) {

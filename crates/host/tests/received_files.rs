@@ -97,7 +97,10 @@ impl VmContents for Aborting {
 }
 
 impl MigrationSource for Aborting {
-    fn start_tracking(&self) -> Result<(), VmError> {
+    fn start_device_tracking(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn start_ram_tracking(&self) -> Result<(), VmError> {
         Ok(())
     }
 

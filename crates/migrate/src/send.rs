@@ -628,8 +628,10 @@ pub(crate) struct RoundWork {
     /// round: the time replaying its commands may take.
     replay_time: Duration,
     table: RoundTable,
-    /// Zero pages and chunks are skipped (round 0: the destination starts zeroed).
-    skip_zeros: bool,
+    /// Zero pages are skipped: none was sent before, and the destination starts zeroed.
+    skip_zero_pages: bool,
+    /// Zero chunks are skipped, likewise.
+    skip_zero_chunks: bool,
 }
 
 impl RoundWork {
@@ -642,13 +644,18 @@ impl RoundWork {
         files: Vec<FilePiece>,
     ) -> Self {
         Self {
-            runs: source
-                .populated_pages()
-                .unwrap_or_else(|| PageSet::all(ram_pages))
-                .runs(MAX_RUN_PAGES),
+            runs: populated_pages(source, ram_pages).runs(MAX_RUN_PAGES),
+            skip_zero_pages: true,
+            ..Self::first_device(source, files)
+        }
+    }
+
+    /// [`Self::first`] less RAM: every device chunk that may hold data, and the files.
+    fn first_device<S: VmContents + ?Sized>(source: &S, files: Vec<FilePiece>) -> Self {
+        Self {
             chunks: whole(source.populated_chunks()),
             files,
-            skip_zeros: true,
+            skip_zero_chunks: true,
             ..Self::default()
         }
     }
@@ -670,6 +677,13 @@ impl RoundWork {
             + self.files.iter().map(|p| p.len).sum::<u64>()
             + self.commands.iter().map(LoggedCommand::weight).sum::<u64>()
     }
+}
+
+/// RAM pages of `source` (of `ram_pages`) that may hold data: all if it cannot say.
+fn populated_pages<S: VmContents + ?Sized>(source: &S, ram_pages: u64) -> PageSet {
+    source
+        .populated_pages()
+        .unwrap_or_else(|| PageSet::all(ram_pages))
 }
 
 /// Every byte of `keys`.
@@ -939,7 +953,7 @@ fn send_whole_chunk<W: std::io::Write>(
         counts.chunks += 1;
         writer.send_chunk(key, data.len() as u64, Some(data))?;
         queue.sent(data.len() as u64);
-    } else if !queue.work.skip_zeros {
+    } else if !queue.work.skip_zero_chunks {
         counts.zero_chunks += 1;
         writer.send_chunk(key, data.len() as u64, None)?;
     }
@@ -954,7 +968,7 @@ pub(crate) fn send_share<W: std::io::Write, S: VmContents + ?Sized>(
     buffers: &mut StreamBuffers,
     queue: &WorkQueue<'_>,
 ) -> Result<StreamCounts, MigrationError> {
-    let skip_zeros = queue.work.skip_zeros;
+    let skip_zeros = queue.work.skip_zero_pages;
     let mut counts = StreamCounts::default();
     let page_buffer = &mut buffers.pages;
     page_buffer.resize((MAX_RUN_PAGES * PAGE_SIZE) as usize, 0);
@@ -1406,18 +1420,27 @@ fn take_dirty(
 ) -> Result<Pending, MigrationError> {
     let mut pages: PageSet = source.take_dirty_pages().map_err(MigrationError::Source)?;
     let mut chunks = source.take_dirty_parts();
+    let mut ram_unsent = false;
     if let Some(earlier) = pending {
         pages.union_with(&earlier.pages);
         chunks.extend(earlier.chunks);
+        ram_unsent = earlier.ram_unsent;
     }
     ChunkPart::merge(&mut chunks);
-    Ok(Pending { pages, chunks })
+    Ok(Pending {
+        pages,
+        chunks,
+        ram_unsent,
+    })
 }
 
 /// Dirty state found by a take and not yet sent.
 struct Pending {
     pages: PageSet,
     chunks: Vec<ChunkPart>,
+    /// No page of RAM was sent yet (see [`RamCopy::AfterRound0`]): zero pages are
+    /// skipped.
+    ram_unsent: bool,
 }
 
 impl Pending {
@@ -1425,6 +1448,7 @@ impl Pending {
         RoundWork {
             runs: self.pages.runs(MAX_RUN_PAGES),
             chunks: self.chunks.clone(),
+            skip_zero_pages: self.ram_unsent,
             ..RoundWork::default()
         }
     }
@@ -1721,7 +1745,7 @@ fn run(
         return finish(s, pause_at, None);
     }
     source
-        .start_tracking()
+        .start_device_tracking()
         .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
     let replay_from = |s: &mut Session<'_>, start, progress: &mut dyn FnMut(&Progress)| {
         Ok(match replay_rounds(s, start, progress)? {
@@ -1734,15 +1758,17 @@ fn run(
         .then(|| digest_outlasts_target(source.device_digest_estimate(), options))
         .flatten();
     let mut end = if replay_now && too_long.is_none() {
+        start_ram_tracking(source).map_err(before_go(false))?;
         replay_from(s, ReplayStart::Fresh(files), progress)?
     } else if let Some(why) = too_long {
+        start_ram_tracking(source).map_err(before_go(false))?;
         // Given way before it began: the device memory goes by pre-copy from the start.
         gave_way(s, why);
         precopy_after_replay(s, round0(s, files), progress)?
     } else {
         let auto = s.replay_agreed && options.device == DeviceTransfer::Auto;
-        let work = round0(s, files);
-        match precopy_rounds(s, work, auto, progress)? {
+        let (work, ram) = precopy_round0(s, files).map_err(before_go(false))?;
+        match precopy_rounds(s, work, ram, auto, progress)? {
             PrecopyEnd::Converged(pending) => LiveEnd::Precopy(pending),
             PrecopyEnd::ToReplay(pending) => {
                 replay_from(s, ReplayStart::AfterPrecopy(pending), progress)?
@@ -1840,7 +1866,7 @@ fn precopy_after_replay(
     work: RoundWork,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<LiveEnd, Failure> {
-    match precopy_rounds(s, work, false, progress)? {
+    match precopy_rounds(s, work, RamCopy::Tracked, false, progress)? {
         PrecopyEnd::Converged(pending) | PrecopyEnd::ToReplay(pending) => {
             Ok(LiveEnd::Precopy(pending))
         }
@@ -1884,12 +1910,56 @@ fn round0(s: &Session<'_>, files: Vec<FilePiece>) -> RoundWork {
     RoundWork::first(s.source, s.ram_pages, files)
 }
 
+/// Starts tracking the source's RAM.
+fn start_ram_tracking(source: &dyn MigrationSource) -> Result<(), MigrationError> {
+    source.start_ram_tracking().map_err(MigrationError::Source)
+}
+
+/// When pre-copy first sends the source's RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RamCopy {
+    /// RAM is tracked, and its first copy is in round 0 (or sent already).
+    Tracked,
+    /// After round 0, which sends device memory alone: RAM is tracked from its end.
+    AfterRound0,
+}
+
+/// Pre-copy's round 0 and when RAM goes. A VM with device memory to send sends it
+/// first and its RAM from round 1: tracking RAM costs the guest a fault for each page
+/// it writes after each take (tens of microseconds under shadow paging), and round 0,
+/// which carries all of device memory, is most of a migration. Device tracking runs.
+fn precopy_round0(
+    s: &Session<'_>,
+    files: Vec<FilePiece>,
+) -> Result<(RoundWork, RamCopy), MigrationError> {
+    let device = RoundWork::first_device(s.source, files);
+    if device.chunks.is_empty() && device.files.is_empty() {
+        start_ram_tracking(s.source)?;
+        return Ok((round0(s, Vec::new()), RamCopy::Tracked));
+    }
+    Ok((device, RamCopy::AfterRound0))
+}
+
+/// What a round after round 0 sends when RAM was left out of it: RAM is tracked from
+/// now, and every page that may hold data is sent with what the device dirtied.
+fn first_ram_copy(s: &Session<'_>) -> Result<Pending, MigrationError> {
+    start_ram_tracking(s.source)?;
+    let mut pending = take_dirty(s.source, None)?;
+    // Asked once tracking runs: a page populated after this is in a later take.
+    pending
+        .pages
+        .union_with(&populated_pages(s.source, s.ram_pages));
+    pending.ram_unsent = true;
+    Ok(pending)
+}
+
 /// Pre-copy rounds from `work` until the predicted pause meets the target (throttling
 /// the VM if needed). With `auto`, a device dirtying memory faster than the link resends
 /// it hands over to replay instead of being throttled.
 fn precopy_rounds(
     s: &mut Session<'_>,
     mut work: RoundWork,
+    mut ram: RamCopy,
     auto: bool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<PrecopyEnd, Failure> {
@@ -1903,16 +1973,28 @@ fn precopy_rounds(
         let log = s
             .send_round(&mut work, throttle_pct)
             .map_err(before_go(false))?;
-        let pending = take_dirty(source, None).map_err(before_go(false))?;
+        // RAM's first copy, if it is next: it goes before the pause, and the VM did not
+        // dirty it (it neither sets the dirty rate nor counts against replay).
+        let (pending, first_ram_bytes) = match ram {
+            RamCopy::Tracked => (take_dirty(source, None), 0),
+            RamCopy::AfterRound0 => {
+                ram = RamCopy::Tracked;
+                let pending = first_ram_copy(s);
+                let bytes = pending.as_ref().map_or(0, |p| p.pages.count() * PAGE_SIZE);
+                (pending, bytes)
+            }
+        };
+        let pending = pending.map_err(before_go(false))?;
         tracing::debug!(ms = ms(s.started.elapsed()), "dirty state taken");
         work = pending.to_work();
         let dirty_bytes = work.bytes();
+        let dirtied_bytes = dirty_bytes.saturating_sub(first_ram_bytes);
         let secs = (log.ms / 1e3).max(1e-6);
         // Small rounds are dominated by the round trip, so the link's bandwidth is
         // the best rate seen in any round.
         best_rate = best_rate.max(log.link_rate());
         let rate = best_rate;
-        let dirty_rate = dirty_bytes as f64 / secs;
+        let dirty_rate = dirtied_bytes as f64 / secs;
         // The final round moves what is dirty at the pause at the link's rate.
         let predicted =
             Duration::from_secs_f64(dirty_bytes as f64 / rate.max(1.0)) + SWITCHOVER_OVERHEAD;
@@ -1931,6 +2013,10 @@ fn precopy_rounds(
         // Another round goes at the ceiling, if there is one; the pause would not.
         let round_rate = options.max_rate.map_or(rate, |max| rate.min(max as f64));
         if predicted <= options.downtime_target {
+            if first_ram_bytes > 0 {
+                // Sent in a round of its own, not in the pause: once, so bounded.
+                continue;
+            }
             if out_of_bounds
                 || extra_rounds >= MAX_EXTRA_ROUNDS
                 || !worth_another_round(dirty_bytes, round_rate, dirty_rate)
@@ -1956,7 +2042,11 @@ fn precopy_rounds(
             }
             None => true,
         };
-        if auto && too_fast && device_bytes * 2 > dirty_bytes && throttle_step == 0 && replayable()
+        if auto
+            && too_fast
+            && device_bytes * 2 > dirtied_bytes
+            && throttle_step == 0
+            && replayable()
         {
             tracing::info!(
                 dirty_mib_s = dirty_rate / MIB,
@@ -2013,6 +2103,7 @@ fn replay_rounds(
         ReplayStart::AfterPrecopy(pending) => {
             let work = RoundWork {
                 runs: pending.pages.runs(MAX_RUN_PAGES),
+                skip_zero_pages: pending.ram_unsent,
                 ..RoundWork::default()
             };
             (Some(pending.chunks), work)
@@ -2037,7 +2128,8 @@ fn replay_rounds(
     s.commands_taken_at = Some(Instant::now());
     work.chunks = whole(base);
     work.table = RoundTable::Base(table);
-    work.skip_zeros = fresh;
+    // (Its pages skip zeros as built: round 0's, or RAM not sent yet.)
+    work.skip_zero_chunks = fresh;
     let log = s.send_round(&mut work, 0).map_err(before_go(false))?;
     s.replay
         .get_or_insert_with(ReplayReport::default)

@@ -578,9 +578,11 @@ pub trait VmContents: Sync {
 /// The VM being sent: its contents, and what the engine does to it while it runs
 /// (dirty tracking, throttling, the pause, the device's command capture).
 pub trait MigrationSource: VmContents {
-    /// Starts dirty tracking of RAM and device memory.
-    fn start_tracking(&self) -> Result<(), VmError>;
-    /// Stops dirty tracking.
+    /// Starts dirty tracking of device memory.
+    fn start_device_tracking(&self) -> Result<(), VmError>;
+    /// Starts dirty tracking of RAM: [`Self::take_dirty_pages`] works from here on.
+    fn start_ram_tracking(&self) -> Result<(), VmError>;
+    /// Stops dirty tracking of both.
     fn stop_tracking(&self);
     /// RAM pages written since the last call (or since tracking started), cleared.
     fn take_dirty_pages(&self) -> Result<PageSet, VmError>;

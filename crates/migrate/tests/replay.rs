@@ -178,7 +178,10 @@ struct SourceState {
     device: Device,
     /// Dirty chunks, each with the bytes written if only part of it was.
     dirty_chunks: BTreeMap<ChunkKey, Option<(u32, u32)>>,
+    /// Device writes are tracked.
     tracking: bool,
+    /// RAM writes are tracked.
+    ram_tracking: bool,
     capture: Option<Capture>,
     paused: bool,
     throttle: u8,
@@ -227,6 +230,7 @@ impl Source {
                 device,
                 dirty_chunks: BTreeMap::new(),
                 tracking: false,
+                ram_tracking: false,
                 capture: None,
                 paused: false,
                 throttle: 0,
@@ -348,7 +352,7 @@ impl SourceState {
         let page = 64 + step % (RAM / PAGE - 64);
         let at = (page * PAGE) as usize;
         self.ram[at..at + 8].copy_from_slice(&step.to_le_bytes());
-        if self.tracking {
+        if self.ram_tracking {
             self.dirty_pages.insert(page);
         }
     }
@@ -435,21 +439,33 @@ impl VmContents for Source {
 }
 
 impl MigrationSource for Source {
-    fn start_tracking(&self) -> Result<(), VmError> {
+    fn start_device_tracking(&self) -> Result<(), VmError> {
         let mut s = self.lock();
         s.tracking = true;
-        s.dirty_pages.clear();
         s.dirty_chunks.clear();
         Ok(())
     }
 
+    fn start_ram_tracking(&self) -> Result<(), VmError> {
+        let mut s = self.lock();
+        s.ram_tracking = true;
+        s.dirty_pages.clear();
+        Ok(())
+    }
+
     fn stop_tracking(&self) {
-        self.lock().tracking = false;
+        let mut s = self.lock();
+        s.tracking = false;
+        s.ram_tracking = false;
     }
 
     fn take_dirty_pages(&self) -> Result<PageSet, VmError> {
+        let mut s = self.lock();
+        if !s.ram_tracking {
+            return Err(VmError::DirtyLog("RAM pages taken untracked".into()));
+        }
         let mut set = PageSet::empty(RAM / PAGE);
-        for page in std::mem::take(&mut self.lock().dirty_pages) {
+        for page in std::mem::take(&mut s.dirty_pages) {
             set.insert(page);
         }
         Ok(set)

@@ -98,7 +98,10 @@ impl VmContents for StillVm {
 }
 
 impl MigrationSource for StillVm {
-    fn start_tracking(&self) -> Result<(), VmError> {
+    fn start_device_tracking(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn start_ram_tracking(&self) -> Result<(), VmError> {
         Ok(())
     }
     fn stop_tracking(&self) {}
