@@ -115,12 +115,13 @@ pub fn snapshot(data: &[u8]) {
     let dir = std::env::temp_dir().join(format!("ferry-fuzz-snapshot-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("vm.snap");
-    if std::fs::write(&path, data).is_err() {
-        return;
+    if std::fs::write(&path, data).is_ok() {
+        if let Ok(reader) = SnapshotReader::open(&path) {
+            let _ = reader.load_into(&Discard);
+        }
     }
-    if let Ok(reader) = SnapshotReader::open(&path) {
-        let _ = reader.load_into(&Discard);
-    }
+    // Each test process has its own folder: left behind, they pile up in /tmp.
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A GGUF file's header, and the llama configuration and tokenizer read from it.
