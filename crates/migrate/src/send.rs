@@ -64,8 +64,13 @@ fn worth_another_round(dirty_bytes: u64, rate: f64, dirty_rate: f64) -> bool {
     left < pending * 0.8 && saved_s >= 1e-3
 }
 /// What a live switchover may take beyond its pause target (or beyond twice the
-/// predicted pause, when a longer pause is allowed) before it is abandoned.
+/// predicted pause, when a longer pause is allowed; a stop-and-copy beyond its bytes at
+/// [`STOP_AND_COPY_RATE`]) before it is abandoned.
 const SWITCHOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// The least rate a stop-and-copy's pause is given to send the VM, bytes/s: far below
+/// any link's, so only a destination stalling it on purpose or a broken link runs past.
+const STOP_AND_COPY_RATE: f64 = 16.0 * MIB;
 
 /// Cancels a migration from another thread: it stops at its next step, up to the
 /// moment the destination is told to run the VM, and the VM runs on at the source. A
@@ -1125,7 +1130,9 @@ struct Session<'a> {
 /// How long after the pause a live switchover may take before it is abandoned: the
 /// pause target (or twice the predicted pause, if a longer one is allowed) plus a margin.
 fn switchover_deadline(options: &MigrationOptions, predicted: Duration) -> Duration {
-    let expected = if options.allow_longer_pause {
+    let expected = if options.mode == Transfer::StopAndCopy {
+        predicted
+    } else if options.allow_longer_pause {
         options.downtime_target.max(predicted * 2)
     } else {
         options.downtime_target
@@ -1736,11 +1743,13 @@ fn run(
         let pause_at = source
             .pause()
             .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
-        // The whole transfer happens in this pause: the I/O timeouts bound it.
+        // The whole transfer happens in this pause: a destination that takes it slowly
+        // (each piece within the I/O timeout) must not hold the VM paused for long.
         s.phase = Phase::Switchover;
-        let log = s
-            .send_round(&mut round0(s, Vec::new()), 0)
-            .map_err(before_go(true))?;
+        let mut work = round0(s, Vec::new());
+        s.predicted_pause = Duration::from_secs_f64(work.bytes() as f64 / STOP_AND_COPY_RATE);
+        arm_switchover_deadline(s, pause_at)?;
+        let log = s.send_round(&mut work, 0).map_err(before_go(true))?;
         progress(&s.progress("switchover", &log, 0, 0.0, 0.0, Duration::ZERO, 0));
         return finish(s, pause_at, None);
     }
@@ -2288,6 +2297,14 @@ fn pause_for_switchover(s: &mut Session<'_>) -> Result<Instant, Failure> {
         .pause()
         .map_err(|e| before_go(false)(MigrationError::Source(e)))?;
     s.phase = Phase::Switchover;
+    arm_switchover_deadline(s, pause_at)?;
+    tracing::debug!(ms = ms(s.started.elapsed()), "paused");
+    Ok(pause_at)
+}
+
+/// Arms the deadline, from the pause at `pause_at`, by which the destination must be
+/// ready (see [`switchover_deadline`]).
+fn arm_switchover_deadline(s: &mut Session<'_>, pause_at: Instant) -> Result<(), Failure> {
     let deadline = pause_at + switchover_deadline(s.options, s.predicted_pause);
     let sockets = s
         .sockets
@@ -2299,8 +2316,7 @@ fn pause_for_switchover(s: &mut Session<'_>) -> Result<Instant, Failure> {
         Some(Watchdog::arm(deadline, sockets).map_err(|e| {
             before_go(true)(MigrationError::io("arming the switchover deadline")(e))
         })?);
-    tracing::debug!(ms = ms(s.started.elapsed()), "paused");
-    Ok(pause_at)
+    Ok(())
 }
 
 /// The switchover after the final round: the state (with the device digest after a

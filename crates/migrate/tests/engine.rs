@@ -2221,6 +2221,29 @@ fn a_destination_not_ready_by_the_switchover_deadline_is_abandoned_before_go() {
     dest.assert_nothing_adopted();
 }
 
+#[test]
+fn a_stop_and_copy_whose_destination_is_not_ready_in_time_is_abandoned_before_go() {
+    // The whole copy is in the pause: a destination that takes it slowly, within the
+    // I/O timeout each step, must not hold the VM paused for as long as it likes.
+    let dest = Destination::start();
+    *dest.faults.restore_delay.lock().unwrap() = Duration::from_secs(4);
+    let source = FakeSource::new("slow-restore-sc", 4, 41);
+    let before = source.contents();
+    let started = Instant::now();
+    let err = migrate(&source, &dest, &options(Mode::StopAndCopy)).expect_err("deadline");
+    match &err {
+        // Its bytes (4 MiB of RAM, 1.8 MiB of device memory) at 16 MiB/s, plus 1 s.
+        MigrationError::SwitchoverDeadline { deadline_ms, .. } => {
+            assert!((1300..1400).contains(deadline_ms), "{err}");
+        }
+        other => panic!("expected SwitchoverDeadline, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "{err}");
+    assert_running_again(&source);
+    assert_eq!(source.contents(), before);
+    dest.assert_nothing_adopted();
+}
+
 /// A destination that authenticates every connection and accepts the offer, then never
 /// reads another byte (a frozen process, or a link that silently drops everything).
 fn frozen_destination() -> (String, JoinHandle<()>) {
