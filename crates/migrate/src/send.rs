@@ -68,9 +68,10 @@ fn worth_another_round(dirty_bytes: u64, rate: f64, dirty_rate: f64) -> bool {
 /// [`STOP_AND_COPY_RATE`]) before it is abandoned.
 const SWITCHOVER_MARGIN: Duration = Duration::from_secs(1);
 
-/// The least rate a stop-and-copy's pause is given to send the VM, bytes/s: far below
-/// any link's, so only a destination stalling it on purpose or a broken link runs past.
-const STOP_AND_COPY_RATE: f64 = 16.0 * MIB;
+/// The least rate a stop-and-copy's pause is given to send the VM, bytes/s: below even
+/// a 100 Mbit/s link's, so only a destination stalling it on purpose or a broken link
+/// runs past.
+const STOP_AND_COPY_RATE: f64 = 4.0 * MIB;
 
 /// Cancels a migration from another thread: it stops at its next step, up to the
 /// moment the destination is told to run the VM, and the VM runs on at the source. A
@@ -2021,11 +2022,11 @@ fn precopy_rounds(
             s.rounds() >= options.max_rounds || s.started.elapsed() >= options.max_precopy;
         // Another round goes at the ceiling, if there is one; the pause would not.
         let round_rate = options.max_rate.map_or(rate, |max| rate.min(max as f64));
-        if predicted <= options.downtime_target {
-            if first_ram_bytes > 0 {
-                // Sent in a round of its own, not in the pause: once, so bounded.
-                continue;
-            }
+        // RAM's first copy goes in a round of its own, whatever the prediction and the
+        // bounds: in the pause it would make it as long as RAM takes to send, and a
+        // migration out of bounds would fail without RAM sent once. Once, so bounded.
+        let first_ram_next = first_ram_bytes > 0;
+        if predicted <= options.downtime_target && !first_ram_next {
             if out_of_bounds
                 || extra_rounds >= MAX_EXTRA_ROUNDS
                 || !worth_another_round(dirty_bytes, round_rate, dirty_rate)
@@ -2064,7 +2065,7 @@ fn precopy_rounds(
             );
             return Ok(PrecopyEnd::ToReplay(pending));
         }
-        if out_of_bounds {
+        if out_of_bounds && !first_ram_next {
             if options.allow_longer_pause {
                 return Ok(PrecopyEnd::Converged(pending));
             }
