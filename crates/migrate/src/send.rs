@@ -1128,8 +1128,9 @@ struct Session<'a> {
     pacer: Option<Pacer>,
 }
 
-/// How long after the pause a live switchover may take before it is abandoned: the
-/// pause target (or twice the predicted pause, if a longer one is allowed) plus a margin.
+/// How long after the pause a switchover may take before it is abandoned: the pause
+/// target (or twice the predicted pause, if a longer one is allowed; a stop-and-copy's
+/// predicted pause, its bytes at [`STOP_AND_COPY_RATE`]) plus a margin.
 fn switchover_deadline(options: &MigrationOptions, predicted: Duration) -> Duration {
     let expected = if options.mode == Transfer::StopAndCopy {
         predicted
