@@ -26,6 +26,9 @@ use crate::memory::GuestRam;
 pub const MAX_QUEUED: usize = 32;
 /// Most streams kept at once, open or ended but not yet released.
 pub const MAX_STREAMS: usize = 64;
+/// Most entries the queue holds: the queued requests and one control message (a cancel
+/// or a release notice) per stream. A saved queue holds no more ([`queued_at_most`]).
+const MAX_QUEUE_ENTRIES: usize = MAX_QUEUED + MAX_STREAMS;
 /// Most payload bytes one stream may hold unread (a read from index K lets go of what
 /// came before K); a guest sending more ends the stream as [`StreamEnd::Overflow`].
 pub const MAX_STREAM_BYTES: usize = 96 << 10;
@@ -43,7 +46,7 @@ const MAX_PER_KICK: u64 = 64;
 // most a slot.
 const _: () = assert!(
     MAX_STREAMS * (MAX_STREAM_BYTES + 8 * MAX_STREAM_EVENTS)
-        + (MAX_QUEUED + MAX_STREAMS) * ferry_abi::channel::MAX_SLOT_SIZE as usize
+        + MAX_QUEUE_ENTRIES * ferry_abi::channel::MAX_SLOT_SIZE as usize
         <= 16 << 20
 );
 
@@ -239,7 +242,7 @@ pub struct ChannelState {
 
 /// A saved queue, of at most the requests and notices it can hold ([`at_most`]).
 fn queued_at_most<'de, D: serde::Deserializer<'de>>(d: D) -> Result<VecDeque<Queued>, D::Error> {
-    at_most::<_, _, { MAX_QUEUED + MAX_STREAMS }>(d).map(VecDeque::from)
+    at_most::<_, _, MAX_QUEUE_ENTRIES>(d).map(VecDeque::from)
 }
 
 impl ChannelState {
@@ -266,9 +269,22 @@ impl ChannelState {
         // would reach it later for a stream the host has forgotten.
         let undelivered = unqueue_undelivered(&mut self.queued, gone.id);
         if gone.owed_notice() && !undelivered {
-            self.queued.push_back(Queued::released(gone.id));
+            self.queue_control(Queued::released(gone.id));
         }
         Ok(())
+    }
+
+    /// Queues a control message (a cancel, or a release notice) if the queue has room
+    /// for it ([`MAX_QUEUE_ENTRIES`]); whether it did. The channel's own moves always
+    /// leave room (each stream's one message has its place), but a state restored from
+    /// elsewhere may hold a full queue and owe every stream a notice: queued past the
+    /// bound, the VM's next save would not decode at its next destination.
+    fn queue_control(&mut self, control: Queued) -> bool {
+        let room = self.queued.len() < MAX_QUEUE_ENTRIES;
+        if room {
+            self.queued.push_back(control);
+        }
+        room
     }
 }
 
@@ -453,12 +469,13 @@ impl Channel {
     /// state came from a file or the network: what does not fit the limits is cut.
     pub fn restore(state: &ChannelState, mem: &GuestRam) -> Self {
         let mut state = state.clone();
-        state.queued.truncate(MAX_QUEUED + MAX_STREAMS);
+        state.queued.truncate(MAX_QUEUE_ENTRIES);
         let excess = state.streams.len().saturating_sub(MAX_STREAMS);
         state.streams.drain(..excess);
         // A ring the guest's setup would have refused (of impossible geometry, over the
-        // VMM's system pages, not on a page, not all in RAM) is dropped: the guest finds
-        // its channel gone, rather than one that looks set up and delivers nothing.
+        // VMM's system pages, not on a page, not all in RAM) is dropped: the channel is
+        // as if never set up (kicks do nothing until the guest sets it up again), rather
+        // than reading and writing where no ring may lie.
         if state.ring.is_some_and(|r| {
             let in_ram = (r.header().region_size()).is_some_and(|size| in_ram(mem, r.addr, size));
             !in_ram || r.addr < IMAGE_BASE || r.addr % PAGE_SIZE != 0
@@ -613,22 +630,23 @@ impl Channel {
     pub fn signal(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
         let mut core = self.core();
         core.ready_for(&message)?;
-        let Some(s) = core
-            .state
-            .streams
-            .iter_mut()
+        let state = &mut core.state;
+        let Some(at) = (state.streams.iter())
             // An overflowed stream's guest may still be answering: it can be told to stop.
-            .find(|s| s.id == stream && matches!(s.end, StreamEnd::Open | StreamEnd::Overflow))
+            .position(|s| s.id == stream && matches!(s.end, StreamEnd::Open | StreamEnd::Overflow))
         else {
             return Err(SubmitError::NoSuchStream(stream));
         };
-        if !s.signalled {
-            s.signalled = true;
-            core.state.queued.push_back(Queued {
+        if !state.streams[at].signalled {
+            let signal = Queued {
                 stream,
                 delivery: Delivery::Signal,
                 message,
-            });
+            };
+            if !state.queue_control(signal) {
+                return Err(SubmitError::QueueFull);
+            }
+            state.streams[at].signalled = true;
         }
         drop(core);
         self.shared.changed.notify_all();
@@ -727,7 +745,7 @@ impl Channel {
         // stream, so the queue stays within its queued requests and one message per
         // stream.
         if gone.owed_notice() && !undelivered && core.gate == Gate::Open {
-            core.state.queued.push_back(Queued::released(stream));
+            core.state.queue_control(Queued::released(stream));
         }
         drop(core);
         // A reader waiting on it learns it is gone now, not at its wait's end.
@@ -1467,12 +1485,52 @@ mod tests {
         let decodes = |s: ChannelState| {
             postcard::from_bytes::<ChannelState>(&postcard::to_allocvec(&s).unwrap()).is_ok()
         };
-        let most = MAX_QUEUED + MAX_STREAMS;
+        let most = MAX_QUEUE_ENTRIES;
         assert!(decodes(state(MAX_STREAMS, 1, most)));
         assert!(decodes(state(1, MAX_STREAM_EVENTS, 0)));
         assert!(!decodes(state(MAX_STREAMS + 1, 1, 0)));
         assert!(!decodes(state(1, MAX_STREAM_EVENTS + 1, 0)));
         assert!(!decodes(state(0, 0, most + 1)));
+    }
+
+    #[test]
+    fn a_restored_full_queue_owing_every_stream_a_notice_stays_within_what_a_save_holds() {
+        // A state from elsewhere: every place taken by an open stream the guest is still
+        // to be told of, and the queue full of notices for streams gone before.
+        let (mem, channel) = guest();
+        let mut state = channel.save();
+        state.streams = (0..MAX_STREAMS as u64)
+            .map(|id| Stream {
+                id,
+                first: 0,
+                events: Vec::new(),
+                bytes: 0,
+                end: StreamEnd::Open,
+                signalled: false,
+                read_whole: false,
+                grace_since: None,
+            })
+            .collect();
+        state.queued = (0..MAX_QUEUE_ENTRIES as u64)
+            .map(|i| Queued::released(1000 + i))
+            .collect();
+        let full = Channel::restore(&state, &mem);
+        full.open();
+        // A cancel finds no room, and says so: the stream may be told later.
+        assert_eq!(
+            full.signal(0, message(9, "stop")),
+            Err(SubmitError::QueueFull)
+        );
+        for stream in 0..8 {
+            full.release(stream).unwrap();
+        }
+        let saved = full.save();
+        assert_eq!(saved.queued.len(), MAX_QUEUE_ENTRIES);
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        assert!(
+            postcard::from_bytes::<ChannelState>(&bytes).is_ok(),
+            "its next destination decodes it"
+        );
     }
 
     #[test]
