@@ -102,6 +102,10 @@ pub const MAX_BODY_BYTES: usize = 256 << 10;
 /// Longest a streaming client may take no bytes: one that stops reading must not hold
 /// its relay (one of [`MAX_RELAYS`]) for ever. Dropping its answer cancels the generation.
 const CLIENT_STALL: Duration = Duration::from_secs(60);
+/// Longest a streaming client may keep its answer waiting in all: one that takes a chunk
+/// now and then, each within [`CLIENT_STALL`], must not hold its relay for hours either
+/// (a 4,096-token answer read a chunk a minute). A client that keeps up never waits.
+const CLIENT_BEHIND: Duration = Duration::from_secs(300);
 /// Longest a cancel keeps following the VM (a switchover, a host restarting): a cancel
 /// that never reaches the VM's host leaves it generating for nobody.
 #[cfg(not(test))]
@@ -1679,16 +1683,24 @@ async fn complete(
 struct BodyOut {
     /// Its chunks.
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    /// Set when the client took no bytes for [`CLIENT_STALL`]: the body then ends in an
-    /// error (hyper aborts the connection), not as a whole answer would.
+    /// Set when the client took no bytes for [`CLIENT_STALL`], or kept the answer waiting
+    /// [`CLIENT_BEHIND`] in all: the body then ends in an error (hyper aborts the
+    /// connection), not as a whole answer would.
     stalled: Arc<AtomicBool>,
+    /// How long the answer has waited for the client so far.
+    waited: Duration,
 }
 
-/// Sends `bytes` into a streamed answer's body; false if the client left, or took no
-/// bytes for [`CLIENT_STALL`] (then the caller returns, and dropping the relay's receiver
-/// stops the generation).
-async fn deliver(out: &BodyOut, bytes: Bytes) -> bool {
-    match tokio::time::timeout(CLIENT_STALL, out.tx.send(Ok(bytes))).await {
+/// Sends `bytes` into a streamed answer's body; false if the client left, took no bytes
+/// for [`CLIENT_STALL`], or has kept the answer waiting [`CLIENT_BEHIND`] in all (then
+/// the caller returns, and dropping the relay's receiver stops the generation).
+async fn deliver(out: &mut BodyOut, bytes: Bytes) -> bool {
+    let patience = CLIENT_STALL.min(CLIENT_BEHIND.saturating_sub(out.waited));
+    let asked = tokio::time::Instant::now();
+    // A send with room goes at once, even with no patience left: only waits count.
+    let sent = tokio::time::timeout(patience, out.tx.send(Ok(bytes))).await;
+    out.waited += asked.elapsed();
+    match sent {
         Ok(sent) => sent.is_ok(),
         Err(_) => {
             out.stalled.store(true, Ordering::Release);
@@ -1807,9 +1819,10 @@ impl Shape {
         let event = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
         let (tx, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
         let stalled = Arc::new(AtomicBool::new(false));
-        let out = BodyOut {
+        let mut out = BodyOut {
             tx,
             stalled: stalled.clone(),
+            waited: Duration::ZERO,
         };
         // A chat stream names the speaker once, first, as OpenAI's does: clients that
         // accumulate deltas join repeated strings ("assistantassistant...").
@@ -1836,7 +1849,7 @@ impl Shape {
                         },
                         () = out.tx.closed() => return,
                         () = tokio::time::sleep(KEEPALIVE) => {
-                            if !deliver(&out, Bytes::from_static(b": waiting\n\n")).await {
+                            if !deliver(&mut out, Bytes::from_static(b": waiting\n\n")).await {
                                 return;
                             }
                             continue;
@@ -1875,7 +1888,7 @@ impl Shape {
                 };
                 // A closed body means the client left: dropping `rx` tells the relay.
                 if let Some(bytes) = bytes {
-                    if !deliver(&out, bytes).await {
+                    if !deliver(&mut out, bytes).await {
                         return;
                     }
                 }
@@ -1895,7 +1908,8 @@ impl Shape {
                     None if stalled.load(Ordering::Acquire) => {
                         let why = std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
-                            "the client read nothing of the stream for 60 s",
+                            "the client read nothing of the stream for 60 s, or kept it \
+                             waiting 300 s in all",
                         );
                         Some((Err(why), None))
                     }
@@ -2608,6 +2622,30 @@ mod tests {
         let read = axum::body::to_bytes(unread, usize::MAX).await;
         let error = read.expect_err("the body of a stalled stream ends as a whole one");
         assert!(format!("{error:?}").contains("read nothing"), "{error:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streaming_client_that_reads_a_chunk_a_minute_lets_its_relay_go_in_minutes() {
+        let (tx, rx) = mpsc::channel(4);
+        let response = chat_shape().stream(None, rx, false);
+        // The client takes one chunk every 50 s: never stalled for 60 s, but at that pace
+        // a long answer would hold the relay for days.
+        let mut body = response.into_body().into_data_stream();
+        let reader = tokio::spawn(async move {
+            loop {
+                match body.next().await {
+                    Some(Ok(_)) => tokio::time::sleep(Duration::from_secs(50)).await,
+                    Some(Err(e)) => return Some(e),
+                    None => return None,
+                }
+            }
+        });
+        let relay = async { while tx.send(Relayed::Text("la".into())).await.is_ok() {} };
+        // Not only for ever: within minutes.
+        let let_go = tokio::time::timeout(Duration::from_secs(600), relay).await;
+        assert!(let_go.is_ok(), "the relay is held past ten minutes");
+        let error = reader.await.unwrap().expect("the body ends in an error");
+        assert!(format!("{error:?}").contains("300 s in all"), "{error:?}");
     }
 
     /// The whole body of a chat stream that starts with "hi" and goes on with what `rx`
