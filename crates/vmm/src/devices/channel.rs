@@ -334,8 +334,9 @@ pub enum SubmitError {
     #[error("the VM runs on another host now")]
     Detached,
     /// The guest's queue has no room: [`MAX_QUEUED`] messages wait, or one fewer and only
-    /// a stream its guest is to be told of could give up its place.
-    #[error("the guest's queue has no room ({MAX_QUEUED} messages at most)")]
+    /// a stream its guest is to be told of could give up its place (for a cancel, of a
+    /// state restored from elsewhere: [`MAX_QUEUE_ENTRIES`] wait).
+    #[error("the guest's queue has no room ({MAX_QUEUED} requests at most)")]
     QueueFull,
     /// [`MAX_STREAMS`] streams are open.
     #[error("{MAX_STREAMS} streams are open already")]
@@ -626,7 +627,8 @@ impl Channel {
     }
 
     /// Queues a control message (a cancel) for open stream `stream`: one per stream,
-    /// beyond the queue's bound, so it gets through a full queue.
+    /// beyond the bound of queued requests, so it gets through a queue full of them (only
+    /// a state restored from elsewhere can leave it no room: [`SubmitError::QueueFull`]).
     pub fn signal(&self, stream: u64, message: Message) -> Result<(), SubmitError> {
         let mut core = self.core();
         core.ready_for(&message)?;
@@ -726,7 +728,9 @@ impl Channel {
 
     /// Forgets `stream` (its reader has everything, or gave up); an open stream's later
     /// responses are dropped, and its guest is told ([`flags::RELEASED`]) unless a
-    /// control message (a cancel) went to it already. Refused while the VM is paused
+    /// control message (a cancel) went to it already (or, in a state restored from
+    /// elsewhere, the queue has no room left: see [`ChannelState::queue_control`]).
+    /// Refused while the VM is paused
     /// (its state may be on its way to another host, which would keep the stream) or
     /// gone elsewhere.
     pub fn release(&self, stream: u64) -> Result<(), SubmitError> {
