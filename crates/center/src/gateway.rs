@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -104,7 +104,7 @@ pub const MAX_BODY_BYTES: usize = 256 << 10;
 const CLIENT_STALL: Duration = Duration::from_secs(60);
 /// Longest a streaming client may keep its answer waiting in all: one that takes a chunk
 /// now and then, each within [`CLIENT_STALL`], must not hold its relay for hours either
-/// (a 4,096-token answer read a chunk a minute). A client that keeps up never waits.
+/// (a 4,096-token answer read a chunk every 50 s). A client that keeps up never waits.
 const CLIENT_BEHIND: Duration = Duration::from_secs(300);
 /// Longest a cancel keeps following the VM (a switchover, a host restarting): a cancel
 /// that never reaches the VM's host leaves it generating for nobody.
@@ -118,11 +118,21 @@ const CANCEL_PATIENCE: Duration = PATIENCE;
 /// could hold a body of [`MAX_BODY_BYTES`] (4,096 of them, 1 GiB).
 pub const MAX_BODY_KIB_IN_HAND: usize = MAX_RELAYS * (MAX_BODY_BYTES >> 10);
 
+/// Most KiB of whole (not streamed) answers in hand at once: their text as it comes, then
+/// their JSON until the server has handed it all to the client. A hostile guest's answer
+/// may be [`MAX_ANSWER_TEXT`] of control characters, six bytes each in JSON: without
+/// it, 256 relays of such answers would hold GiBs, and slow readers would hold the
+/// bodies on after their relays end. One such answer fits; a legitimate 4,096-token
+/// answer takes tens of KiB.
+const MAX_ANSWER_KIB_IN_HAND: usize = 64 << 10;
+
 /// The gateway's shared state.
 pub struct Gateway {
     relays: Arc<Semaphore>,
     /// KiB of bodies in hand ([`MAX_BODY_KIB_IN_HAND`]).
     bodies: Arc<Semaphore>,
+    /// KiB of whole answers in hand ([`MAX_ANSWER_KIB_IN_HAND`]).
+    answers: Arc<Semaphore>,
     streams: RandomState,
     counter: AtomicU64,
 }
@@ -132,6 +142,7 @@ impl Default for Gateway {
         Self {
             relays: Arc::new(Semaphore::new(MAX_RELAYS)),
             bodies: Arc::new(Semaphore::new(MAX_BODY_KIB_IN_HAND)),
+            answers: Arc::new(Semaphore::new(MAX_ANSWER_KIB_IN_HAND)),
             streams: RandomState::new(),
             counter: AtomicU64::new(0),
         }
@@ -1494,28 +1505,61 @@ async fn read_body(
                 format!("the body is larger than {MAX_BODY_BYTES} bytes"),
             ));
         }
-        // KiB started, held: what the body takes once this piece is in.
-        let need = (got.len() + piece.len()).div_ceil(1 << 10);
-        let more = need - held.as_ref().map_or(0, |p| p.num_permits());
-        if more > 0 {
-            let taken = u32::try_from(more)
-                .ok()
-                .and_then(|n| bodies.clone().try_acquire_many_owned(n).ok())
-                .ok_or_else(|| {
-                    OpenAiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "server_busy",
-                        "too many request bodies are being read; try again shortly",
-                    )
-                })?;
-            match &mut held {
-                Some(permit) => permit.merge(taken),
-                None => held = Some(taken),
-            }
-        }
+        hold_kib(bodies, &mut held, got.len() + piece.len()).ok_or_else(|| {
+            OpenAiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_busy",
+                "too many request bodies are being read; try again shortly",
+            )
+        })?;
         got.extend_from_slice(&piece);
     }
     Ok((Bytes::from(got), held))
+}
+
+/// Makes `held` a share of `budget` (in KiB) of the KiB that `bytes` bytes start, taking
+/// what it lacks; `None` if the budget has not that much left.
+fn hold_kib(
+    budget: &Arc<Semaphore>,
+    held: &mut Option<OwnedSemaphorePermit>,
+    bytes: usize,
+) -> Option<()> {
+    let more = bytes.div_ceil(1 << 10) - held.as_ref().map_or(0, |p| p.num_permits());
+    if more > 0 {
+        let taken = budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(more).ok()?)
+            .ok()?;
+        match held {
+            Some(permit) => permit.merge(taken),
+            None => *held = Some(taken),
+        }
+    }
+    Some(())
+}
+
+/// A whole answer's JSON body, which keeps `held` (its share of the answers in hand)
+/// until the server has taken all of it, or dropped it with its connection.
+fn held_body(json: Vec<u8>, held: Option<OwnedSemaphorePermit>) -> Response {
+    let length = json.len();
+    let chunks =
+        futures_util::stream::unfold((Some(Bytes::from(json)), held), |(json, held)| async move {
+            json.map(|json| (Ok::<_, std::io::Error>(json), (None, held)))
+        });
+    let mut response = Response::new(Body::from_stream(chunks));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+/// The whole answers in hand are at their bound.
+fn answers_busy() -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_busy",
+        "too many whole answers are waiting for their clients; try again shortly",
+    )
 }
 
 /// A relay's permit, taken before a body is parsed: parsed, a body takes many times its
@@ -1657,20 +1701,26 @@ async fn complete(
     if streaming {
         return Ok(shape.stream(Some(first), rx, usage));
     }
+    let answers = &center.gateway.answers;
+    let mut held = None;
     let mut text = String::new();
     let mut item = Some(first);
     while let Some(relayed) = item {
         match relayed {
-            Relayed::Text(t) => text.push_str(&t),
+            // Refused, `rx` is dropped: the relay cancels the generation.
+            Relayed::Text(t) => {
+                hold_kib(answers, &mut held, text.len() + t.len()).ok_or_else(answers_busy)?;
+                text.push_str(&t);
+            }
             Relayed::Done {
                 reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
-                return Ok(
-                    Json(shape.whole(&text, reason, prompt_tokens, completion_tokens))
-                        .into_response(),
-                )
+                let whole = shape.whole(&text, reason, prompt_tokens, completion_tokens);
+                let json = serde_json::to_vec(&whole).expect("a JSON value serializes");
+                hold_kib(answers, &mut held, text.len() + json.len()).ok_or_else(answers_busy)?;
+                return Ok(held_body(json, held));
             }
             Relayed::Failed(e) => return Err(e),
         }
@@ -2606,6 +2656,28 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn whole_answers_in_hand_are_bounded_and_held_until_their_client_has_them() {
+        let answers = Arc::new(Semaphore::new(3));
+        let mut held = None;
+        assert!(hold_kib(&answers, &mut held, 2000).is_some());
+        assert_eq!(answers.available_permits(), 1, "2 KiB started");
+        assert!(hold_kib(&answers, &mut held, 3000).is_some());
+        assert!(
+            hold_kib(&answers, &mut held, 3073).is_none(),
+            "past the bound"
+        );
+        assert_eq!(answers.available_permits(), 0);
+        let response = held_body(br#"{"a":1}"#.to_vec(), held);
+        assert_eq!(response.headers()[CONTENT_LENGTH], "7");
+        assert_eq!(answers.available_permits(), 0, "held while unread");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], br#"{"a":1}"#);
+        assert_eq!(answers.available_permits(), 3, "let go once read");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_streaming_client_that_stops_reading_lets_its_relay_go() {
         let (tx, rx) = mpsc::channel(4);
@@ -2641,9 +2713,12 @@ mod tests {
             }
         });
         let relay = async { while tx.send(Relayed::Text("la".into())).await.is_ok() {} };
+        let began = tokio::time::Instant::now();
         // Not only for ever: within minutes.
         let let_go = tokio::time::timeout(Duration::from_secs(600), relay).await;
         assert!(let_go.is_ok(), "the relay is held past ten minutes");
+        // By its budget, not a stall (it never stopped reading for 60 s).
+        assert!(began.elapsed() >= CLIENT_BEHIND, "{:?}", began.elapsed());
         let error = reader.await.unwrap().expect("the body ends in an error");
         assert!(format!("{error:?}").contains("300 s in all"), "{error:?}");
     }
