@@ -335,7 +335,7 @@ pub enum SubmitError {
     Detached,
     /// The guest's queue has no room: [`MAX_QUEUED`] messages wait, or one fewer and only
     /// a stream its guest is to be told of could give up its place (for a cancel, of a
-    /// state restored from elsewhere: [`MAX_QUEUE_ENTRIES`] wait).
+    /// state restored from elsewhere: [`MAX_QUEUED`] and one per stream wait).
     #[error("the guest's queue has no room ({MAX_QUEUED} requests at most)")]
     QueueFull,
     /// [`MAX_STREAMS`] streams are open.
@@ -729,7 +729,7 @@ impl Channel {
     /// Forgets `stream` (its reader has everything, or gave up); an open stream's later
     /// responses are dropped, and its guest is told ([`flags::RELEASED`]) unless a
     /// control message (a cancel) went to it already (or, in a state restored from
-    /// elsewhere, the queue has no room left: see [`ChannelState::queue_control`]).
+    /// elsewhere, the queue has no room left for the notice).
     /// Refused while the VM is paused
     /// (its state may be on its way to another host, which would keep the stream) or
     /// gone elsewhere.
