@@ -205,6 +205,20 @@ pub const UNREAD_END_GRACE: Duration = Duration::from_secs(120);
 pub const READ_WHOLE_GRACE: Duration = Duration::from_secs(15);
 
 impl Stream {
+    /// Stream `id`, just opened: nothing answered yet.
+    fn opened(id: u64) -> Self {
+        Self {
+            id,
+            first: 0,
+            events: Vec::new(),
+            bytes: 0,
+            end: StreamEnd::Open,
+            signalled: false,
+            read_whole: false,
+            grace_since: None,
+        }
+    }
+
     /// Whether its guest is to be told ([`flags::RELEASED`]) when the host lets go of it
     /// now: it may still be answering (open, or overflowed), and no control message (a
     /// cancel) went to it. (Any control message stands for the notice: the workload's, a
@@ -606,16 +620,7 @@ impl Channel {
         if state.streams.len() >= MAX_STREAMS {
             state.make_room(Instant::now())?;
         }
-        state.streams.push(Stream {
-            id: stream,
-            first: 0,
-            events: Vec::new(),
-            bytes: 0,
-            end: StreamEnd::Open,
-            signalled: false,
-            read_whole: false,
-            grace_since: None,
-        });
+        state.streams.push(Stream::opened(stream));
         state.queued.push_back(Queued {
             stream,
             delivery: Delivery::Opens,
@@ -1503,18 +1508,7 @@ mod tests {
         // to be told of, and the queue full of notices for streams gone before.
         let (mem, channel) = guest();
         let mut state = channel.save();
-        state.streams = (0..MAX_STREAMS as u64)
-            .map(|id| Stream {
-                id,
-                first: 0,
-                events: Vec::new(),
-                bytes: 0,
-                end: StreamEnd::Open,
-                signalled: false,
-                read_whole: false,
-                grace_since: None,
-            })
-            .collect();
+        state.streams = (0..MAX_STREAMS as u64).map(Stream::opened).collect();
         state.queued = (0..MAX_QUEUE_ENTRIES as u64)
             .map(|i| Queued::released(1000 + i))
             .collect();
