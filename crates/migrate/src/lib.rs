@@ -141,6 +141,16 @@ pub enum MigrationError {
         #[source]
         source: Box<MigrationError>,
     },
+    /// A data stream's thread could not be started (the host is out of threads or
+    /// memory).
+    #[error("cannot start the thread of data stream {index}")]
+    StreamThread {
+        /// The stream's index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A data stream's thread panicked (a bug; the log has it).
     #[error("a data stream's thread panicked {0} (a bug; see the log)")]
     StreamPanicked(String),

@@ -1522,35 +1522,46 @@ fn receive_session<F: TargetFactory>(
         claims,
     );
     let result = std::thread::scope(|scope| {
-        let handles: Vec<_> = readers
-            .into_iter()
-            .enumerate()
-            .map(|(i, reader)| {
-                let (target, vm, inbound) = (target.get(), &vm, &inbound);
-                scope.spawn(move || {
-                    let read = apply_stream(i, reader, target, vm, inbound);
-                    // Its connection is closed: a failed session lets go of its socket.
-                    inbound.lock().returned[i] = true;
-                    inbound.changed.notify_all();
-                    read
-                })
-            })
-            .collect();
+        // Before the threads: one that cannot start fails the session, and those started
+        // must be ended with it, not left reading while the source keeps them open.
         let mut stream_threads = StreamsEnd {
             inbound: &inbound,
             sockets: shutdowns,
         };
-        let result = control_loop(
-            &mut conn,
-            target.get(),
-            &inbound,
-            (streams, replay),
-            (shared.outcomes, session),
-        )
-        .map_err(|e| {
-            // A failed data stream cut the control stream: its reason is the real one.
-            inbound.lock().failed.take().unwrap_or(e)
-        });
+        let mut handles = Vec::with_capacity(readers.len());
+        let mut started = Ok(());
+        for (i, reader) in readers.into_iter().enumerate() {
+            let (target, vm, inbound) = (target.get(), &vm, &inbound);
+            let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
+                let read = apply_stream(i, reader, target, vm, inbound);
+                // Its connection is closed: a failed session lets go of its socket.
+                inbound.lock().returned[i] = true;
+                inbound.changed.notify_all();
+                read
+            });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                // Out of threads or memory: a host's limit, not the source's fault.
+                Err(source) => {
+                    started = Err(MigrationError::StreamThread { index: i, source });
+                    break;
+                }
+            }
+        }
+        let result = started
+            .and_then(|()| {
+                control_loop(
+                    &mut conn,
+                    target.get(),
+                    &inbound,
+                    (streams, replay),
+                    (shared.outcomes, session),
+                )
+            })
+            .map_err(|e| {
+                // A failed data stream cut the control stream: its reason is the real one.
+                inbound.lock().failed.take().unwrap_or(e)
+            });
         if let Err(e) = &result {
             // Tell the source why before anything else, so it stops sending.
             if !matches!(
@@ -1910,7 +1921,9 @@ fn control_loop<T: MigrationTarget>(
                     );
                 }
                 conn.send(&Message::RoundApplied { round })?;
-                expected_round += 1;
+                expected_round = expected_round.checked_add(1).ok_or_else(|| {
+                    MigrationError::BrokenSequence(format!("more than {} rounds", u32::MAX))
+                })?;
             }
             Message::Commands { commands } => {
                 let open = inbound.lock().round_open;
