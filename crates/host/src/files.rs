@@ -51,7 +51,7 @@ use ferry_vmm::FileInfo;
 use crate::AttachPolicy;
 
 /// How part files are named: `incoming-<random>-<index>.part` (and a file being evicted,
-/// for an instant: `incoming-<random>-evicted.part`).
+/// for an instant: `incoming-<random>-evicted-<sha256>.part`).
 const PART_PREFIX: &str = "incoming-";
 const PART_SUFFIX: &str = ".part";
 /// How the store names a file it keeps: `sha256-<64 hex>`.
@@ -649,11 +649,12 @@ impl FileStore {
         if !valid_sha256(&offer.sha256) {
             return None;
         }
-        // The source's path, admitted before it was opened, is checked where it was: a
-        // link swapped in since would make this host hash a file outside.
+        // The source's path, admitted once (admitted twice, a link swapped meanwhile could
+        // make the answers differ and leave it unchecked), is checked where it was
+        // opened: a link swapped in since would make this host hash a file outside.
         let admitted = self.admitted(offer);
         let stored = self.stored_path(&offer.sha256);
-        let found = self.candidates(offer).find_map(|path| {
+        let found = self.candidates(offer, admitted.clone()).find_map(|path| {
             let info = file_info(offer, path.clone());
             let opened = if admitted.as_ref() == Some(&path) {
                 AttachedFile::open_expecting_checked(&info, &path, &|f| self.attach.check_open(f))
@@ -662,6 +663,7 @@ impl FileStore {
                 // swapped in since, to a file anywhere.
                 AttachedFile::open_expecting_checked(&info, &path, &|f| named_by(f, &path))
             } else {
+                // A path this host chose (a VM here uses it).
                 AttachedFile::open_expecting(&info, &path)
             };
             match opened {
@@ -680,13 +682,19 @@ impl FileStore {
     }
 
     /// The files [`Self::find`] hashes for `offer`, in turn (each only if those before
-    /// it were not copies): only regular files of its size (not a FIFO, not a device),
+    /// it were not copies): the store's, those VMs here use or used, and `admitted` (the
+    /// source's path, where this host attaches files from); only regular files of its
+    /// size (not a FIFO, not a device),
     /// and each file once, however many paths name it (N VMs here sharing a model list
     /// it N times, and the store's copy is often one of them: a damaged copy would be
     /// read whole N + 1 times). The store's name is not followed: a link there is not a
     /// file of the store, and would make this host look outside the folders it attaches
     /// files from.
-    fn candidates<'a>(&'a self, offer: &'a FileOffer) -> impl Iterator<Item = PathBuf> + 'a {
+    fn candidates<'a>(
+        &'a self,
+        offer: &'a FileOffer,
+        admitted: Option<PathBuf>,
+    ) -> impl Iterator<Item = PathBuf> + 'a {
         let local = self
             .local
             .iter()
@@ -696,7 +704,7 @@ impl FileStore {
         let stored = self.stored_path(&offer.sha256);
         std::iter::once(stored.clone())
             .chain(local)
-            .chain(std::iter::once_with(|| self.admitted(offer)).flatten())
+            .chain(admitted)
             .filter(move |path| {
                 let meta = if *path == stored {
                     std::fs::symlink_metadata(path)
@@ -876,9 +884,12 @@ impl FileStore {
     /// meanwhile leaves it to the next sweep): a VM that pins the content after it looks
     /// again here finds no copy, and one that pinned it before gets it back at its place.
     fn evict(&self, file: &StoreFile, tag: u64) -> u64 {
-        let aside = self
-            .dir
-            .join(format!("{PART_PREFIX}{tag:016x}-evicted{PART_SUFFIX}"));
+        // A name of its own: a sweep that opened an earlier eviction's aside file, and
+        // locks it once that one is put back, must not find this one under the name.
+        let aside = self.dir.join(format!(
+            "{PART_PREFIX}{tag:016x}-evicted-{}{PART_SUFFIX}",
+            file.sha256
+        ));
         let failed = |what: &str, e: std::io::Error| {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(file = %file.path.display(), "cannot evict from the file store: cannot {what}: {e}");
@@ -995,8 +1006,17 @@ impl FileStore {
             let Ok(file) = open_entry(&path) else {
                 continue;
             };
-            // Deleted while locked: no owner can appear meanwhile.
-            if try_lock(&file).is_ok() && std::fs::remove_file(&path).is_ok() {
+            // Deleted while locked, and still the file the name gives: no owner can
+            // appear meanwhile.
+            let same = |named: std::fs::Metadata, open: std::fs::Metadata| {
+                (named.dev(), named.ino()) == (open.dev(), open.ino())
+            };
+            let still_named = || {
+                std::fs::symlink_metadata(&path)
+                    .and_then(|named| Ok(same(named, file.metadata()?)))
+                    .unwrap_or(false)
+            };
+            if try_lock(&file).is_ok() && still_named() && std::fs::remove_file(&path).is_ok() {
                 tracing::info!(file = %path.display(), "deleted a file left by a migration that never ended");
             }
         }
@@ -1344,7 +1364,9 @@ pub(crate) mod tests {
         files.extend([listed(&link), listed(&hard)]);
         let knowing = store.clone().knowing(files.clone());
         assert_eq!(
-            knowing.candidates(&o).collect::<Vec<_>>(),
+            knowing
+                .candidates(&o, knowing.admitted(&o))
+                .collect::<Vec<_>>(),
             std::slice::from_ref(&stored)
         );
         assert!(knowing.find(&o).is_none());
@@ -1353,7 +1375,12 @@ pub(crate) mod tests {
         std::fs::write(&other, b"a modeL").unwrap();
         files.push(listed(&other));
         let knowing = store.knowing(files);
-        assert_eq!(knowing.candidates(&o).collect::<Vec<_>>(), [stored, other]);
+        assert_eq!(
+            knowing
+                .candidates(&o, knowing.admitted(&o))
+                .collect::<Vec<_>>(),
+            [stored, other]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
