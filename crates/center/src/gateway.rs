@@ -1524,7 +1524,8 @@ fn hold_kib(
     held: &mut Option<OwnedSemaphorePermit>,
     bytes: usize,
 ) -> Option<()> {
-    let more = bytes.div_ceil(1 << 10) - held.as_ref().map_or(0, |p| p.num_permits());
+    let more =
+        (bytes.div_ceil(1 << 10)).saturating_sub(held.as_ref().map_or(0, |p| p.num_permits()));
     if more > 0 {
         let taken = budget
             .clone()
