@@ -186,7 +186,7 @@ pub enum MigrationError {
     /// The switchover ran past its deadline (the pause target plus a margin; for a
     /// stop-and-copy, its bytes at a floor rate plus a margin) before the destination
     /// was told to run the VM: abandoned, the VM resumed on the source.
-    #[error("the switchover ran past its deadline of {deadline_ms} ms (pause target {target_ms} ms, or a stop-and-copy's bytes at 4 MiB/s, plus a margin) before the destination was ready; the VM resumed on the source")]
+    #[error("the switchover ran past its deadline of {deadline_ms} ms (pause target {target_ms} ms, or a stop-and-copy's bytes at {rate} MiB/s, plus a margin) before the destination was ready; the VM resumed on the source", rate = send::STOP_AND_COPY_MIB_S)]
     SwitchoverDeadline {
         /// The deadline, from the pause.
         deadline_ms: u64,

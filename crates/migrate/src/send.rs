@@ -68,10 +68,12 @@ fn worth_another_round(dirty_bytes: u64, rate: f64, dirty_rate: f64) -> bool {
 /// [`STOP_AND_COPY_RATE`]) before it is abandoned.
 const SWITCHOVER_MARGIN: Duration = Duration::from_secs(1);
 
-/// The least rate a stop-and-copy's pause is given to send the VM, bytes/s: below even
-/// a 100 Mbit/s link's, so only a destination stalling it on purpose or a broken link
-/// runs past.
-const STOP_AND_COPY_RATE: f64 = 4.0 * MIB;
+/// The least rate a stop-and-copy's pause is given to send the VM, MiB/s: below even a
+/// 100 Mbit/s link's, so only a destination stalling it on purpose or a broken link runs
+/// past.
+pub(crate) const STOP_AND_COPY_MIB_S: u32 = 4;
+/// [`STOP_AND_COPY_MIB_S`] in bytes/s.
+const STOP_AND_COPY_RATE: f64 = STOP_AND_COPY_MIB_S as f64 * MIB;
 
 /// Cancels a migration from another thread: it stops at its next step, up to the
 /// moment the destination is told to run the VM, and the VM runs on at the source. A
