@@ -836,7 +836,8 @@ impl Center {
 
     /// Queues `message` on VM `vm`'s channel, at `host` or wherever it has moved; waits
     /// out a start or a switchover (up to [`PATIENCE`]). A client gone (`tx` closed)
-    /// ends it, the request cancelled if a try may have queued it.
+    /// ends it. Whatever ends it short, the request is cancelled if a try may have queued
+    /// it: its answer lost on the way back, it would be generated for nobody.
     fn submit(
         &self,
         vm: &str,
@@ -844,18 +845,35 @@ impl Center {
         message: &ChannelMessage,
         tx: &mpsc::Sender<Relayed>,
     ) -> Result<(), OpenAiError> {
-        let started = Instant::now();
-        // Whether an earlier try may have queued it, its answer lost on the way back.
         let mut may_have_arrived = false;
+        self.queue(vm, host, message, tx, &mut may_have_arrived)
+            .map_err(|(error, why)| {
+                if may_have_arrived {
+                    self.cancel(vm, host, message.stream, why);
+                }
+                error
+            })
+    }
+
+    /// [`Self::submit`]'s tries; an error comes with why the request is given up on, and
+    /// `may_have_arrived` says whether a try may have queued it all the same.
+    fn queue(
+        &self,
+        vm: &str,
+        host: &mut HostRecord,
+        message: &ChannelMessage,
+        tx: &mpsc::Sender<Relayed>,
+        may_have_arrived: &mut bool,
+    ) -> Result<(), (OpenAiError, &'static str)> {
+        let started = Instant::now();
         loop {
             if tx.is_closed() {
-                if may_have_arrived {
-                    self.cancel(vm, host, message.stream, "the client went away");
-                }
                 // Nobody reads it.
-                return Err(relay_lost());
+                return Err((relay_lost(), "the client went away"));
             }
-            let client = self.host_client(host).map_err(|e| unreachable(vm, &e))?;
+            let client = self
+                .host_client(host)
+                .map_err(|e| (unreachable(vm, &e), "the model is out of reach"))?;
             let result: Result<Value, ClientError> = client.post_within_time(
                 &format!("/v1/vms/{vm}/streams"),
                 message,
@@ -863,28 +881,31 @@ impl Center {
                 HOST_CALL_TIME,
             );
             let Err(e) = result else { return Ok(()) };
-            may_have_arrived |= e.api().is_none();
+            *may_have_arrived |= e.api().is_none();
             match e.code() {
                 // The stream's ids are this gateway's: it is the earlier try's, queued
                 // (and moved with the VM if it migrated since). Left alone, it would be
                 // generated for nobody and never released.
-                Some("stream_exists") if may_have_arrived => return Ok(()),
+                Some("stream_exists") if *may_have_arrived => return Ok(()),
+                // An earlier try may be queued all the same (a host that checks its
+                // queue's bound first).
                 Some("busy") => {
-                    // An earlier try may be queued all the same (a host that checks its
-                    // queue's bound first): it must not be generated for nobody.
-                    if may_have_arrived {
-                        self.cancel(vm, host, message.stream, "the model's queue is full");
-                    }
-                    return Err(OpenAiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "rate_limit_exceeded",
-                        format!("model '{vm}' has a full queue; try again shortly"),
-                    ));
+                    return Err((
+                        OpenAiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "rate_limit_exceeded",
+                            format!("model '{vm}' has a full queue; try again shortly"),
+                        ),
+                        "the model's queue is full",
+                    ))
                 }
                 Some("too_large") => {
-                    return Err(refusal(
-                        RefusalCode::ContextLength,
-                        format!("the request is too large for model '{vm}'"),
+                    return Err((
+                        refusal(
+                            RefusalCode::ContextLength,
+                            format!("the request is too large for model '{vm}'"),
+                        ),
+                        "the request is too large",
                     ))
                 }
                 // (The host holding this center's share of its connections refused
@@ -897,16 +918,14 @@ impl Center {
                 // The detail (host addresses, the transport's errors) is for the log.
                 _ => {
                     tracing::warn!(vm, "the model's host refused a request: {e:#}");
-                    return Err(upstream(format!(
-                        "the host of model '{vm}' refused the request"
-                    )));
+                    return Err((
+                        upstream(format!("the host of model '{vm}' refused the request")),
+                        "its host refused the request",
+                    ));
                 }
             }
             if started.elapsed() > PATIENCE {
-                if may_have_arrived {
-                    self.cancel(vm, host, message.stream, "the model is out of reach");
-                }
-                return Err(unreachable(vm, &e));
+                return Err((unreachable(vm, &e), "the model is out of reach"));
             }
             std::thread::sleep(retry_pause(started.elapsed(), e.code()));
         }
@@ -2817,6 +2836,43 @@ mod tests {
             "{seen:?}"
         );
         assert_cancelled(&seen, 2);
+    }
+
+    #[test]
+    fn a_request_that_may_be_queued_and_then_is_refused_is_cancelled() {
+        let scratch = crate::tests::ScratchCenter::open("refused-submit");
+        // Host b may have queued it (its answer is lost); asked again, it refuses with an
+        // error the relay does not follow: the first try must not generate for nobody.
+        let refused = r#"{"error":"VM v: no","code":"bad_request"}"#;
+        let (addr, requests) = fake_host(vec![
+            Reply::Nothing,
+            Reply::Json("400 Bad Request", refused.into()),
+            Reply::Json("200 OK", "{}".into()),
+            Reply::Json("200 OK", "{}".into()),
+        ]);
+        let mut record = scratch.report("b", addr);
+        let (tx, _rx) = mpsc::channel(4);
+        let submitted = scratch.center.submit("v", &mut record, &request_9(), &tx);
+        let error = submitted.expect_err("a refused request was taken as queued");
+        assert_eq!(error.body()["error"]["code"], "upstream_error");
+        let seen = requests.join().unwrap();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert_cancelled(&seen, 2);
+    }
+
+    #[test]
+    fn a_request_refused_at_its_first_try_is_not_cancelled() {
+        let scratch = crate::tests::ScratchCenter::open("refused-first");
+        // Refused outright: nothing was queued, and stream 9 (if any) is not this one's.
+        let refused = r#"{"error":"VM v: no","code":"bad_request"}"#;
+        let (addr, requests) = fake_host(vec![Reply::Json("400 Bad Request", refused.into())]);
+        let mut record = scratch.report("b", addr);
+        let (tx, _rx) = mpsc::channel(4);
+        assert!(scratch
+            .center
+            .submit("v", &mut record, &request_9(), &tx)
+            .is_err());
+        assert_eq!(requests.join().unwrap().len(), 1);
     }
 
     /// Host b, whose API takes connections (its backlog does) and says nothing: its
