@@ -174,8 +174,19 @@ impl Ends {
     }
 
     /// Host a outside and host b inside a network namespace, joined by a veth pair
-    /// shaped to `rate`.
-    fn shaped(rate: &str, prefault: u64, backend: &'static str) -> anyhow::Result<Self> {
+    /// shaped to `rate`; each host on its own half of this process's CPUs if `split`.
+    fn shaped(
+        rate: &str,
+        prefault: u64,
+        backend: &'static str,
+        split: bool,
+    ) -> anyhow::Result<Self> {
+        // Checked before the link is made: a machine of one CPU has nothing to split.
+        let cpus = if split {
+            Some(shaped_link::split_cpus(&shaped_link::allowed_cpus()?)?)
+        } else {
+            None
+        };
         let link = ShapedLink::create(rate)?;
         let secret = ferry_migrate::Secret::generate_hex();
         let exe = std::env::current_exe()?;
@@ -190,9 +201,19 @@ impl Ends {
         };
         let mut a = std::process::Command::new(&exe);
         serve(&mut a, "a", shaped_link::ADDR_A);
-        let a = HostProcess::start(a, &secret)?;
         let mut b = link.command_inside(&exe);
         serve(&mut b, "b", shaped_link::ADDR_B);
+        let mut described = format!("raw TCP through a veth pair shaped to {rate} (tc tbf)");
+        if let Some((cpus_a, cpus_b)) = &cpus {
+            shaped_link::run_on(&mut a, cpus_a);
+            shaped_link::run_on(&mut b, cpus_b);
+            described.push_str(&format!(
+                ", host a on CPU {} and host b on CPU {}",
+                shaped_link::cpu_list(cpus_a),
+                shaped_link::cpu_list(cpus_b)
+            ));
+        }
+        let a = HostProcess::start(a, &secret)?;
         let b = HostProcess::start(b, &secret)?;
         let token =
             ferry_migrate::Secret::new(secret.into_bytes())?.token(ferry_migrate::Purpose::HostApi);
@@ -205,7 +226,7 @@ impl Ends {
             addr_a: a.migration_addr.clone(),
             addr_b: b.migration_addr.clone(),
             probe: Box::new(move |bytes| probing.throughput(bytes)),
-            link: format!("raw TCP through a veth pair shaped to {rate} (tc tbf)"),
+            link: described,
             // Hosts first, then the link they run across.
             _held: Box::new((a, b, link)),
         })
@@ -213,7 +234,8 @@ impl Ends {
 }
 
 /// Runs the benchmark, printing each figure: between two hosts on loopback, or across a
-/// link shaped to `link` (e.g. `10gbit`; root only).
+/// link shaped to `link` (e.g. `10gbit`; root only), each host then on its own half of
+/// the CPUs if `split_cpus`.
 pub fn bench_migrate(
     json: bool,
     sizes: &[u64],
@@ -221,6 +243,7 @@ pub fn bench_migrate(
     workloads: &[String],
     repeats: usize,
     backend: &'static str,
+    split_cpus: bool,
 ) -> anyhow::Result<()> {
     ferry_vmm::check_kvm().map_err(|e| anyhow::anyhow!("the benchmark runs VMs on KVM: {e}"))?;
     // Checked before the hosts start: a run with no row would measure nothing.
@@ -244,7 +267,7 @@ pub fn bench_migrate(
     };
     let ends = match link {
         None => Ends::loopback(prefault, backend)?,
-        Some(rate) => Ends::shaped(rate, prefault, backend)?,
+        Some(rate) => Ends::shaped(rate, prefault, backend, split_cpus)?,
     };
     if !json {
         crate::cmd::print_line(format_args!(

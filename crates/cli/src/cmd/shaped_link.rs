@@ -150,6 +150,62 @@ impl ShapedLink {
     }
 }
 
+/// The CPUs this process may run on (its scheduler affinity), in order.
+pub fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Err(std::io::Error::last_os_error()).context("reading this process's CPUs");
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Halves `cpus` into two disjoint, non-empty sets (the first gets the smaller half when
+/// they are odd in number): one per host, as two machines each have their own.
+pub fn split_cpus(cpus: &[usize]) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+    ensure!(
+        cpus.len() >= 2,
+        "splitting CPUs between two hosts needs at least 2, and this process may use {}",
+        cpus.len()
+    );
+    let (a, b) = cpus.split_at(cpus.len() / 2);
+    Ok((a.to_vec(), b.to_vec()))
+}
+
+/// Makes `command`'s process (and every thread and child it starts) run on `cpus` only.
+pub fn run_on(command: &mut Command, cpus: &[usize]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: an all-zero cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus.iter().filter(|&&cpu| cpu < libc::CPU_SETSIZE as usize) {
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: between fork and exec the closure makes one system call, which is
+    // async-signal-safe, on a set it owns; affinity is inherited through exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Writes CPU numbers as `taskset -c` does (`0`, `0,1`, `2,3`).
+pub fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Raw TCP throughput to a listener `listen` makes (on the receiving thread), one stream
 /// of 1 MiB writes for `bytes`, bytes/s.
 pub fn tcp_throughput(
@@ -294,6 +350,34 @@ mod tests {
         // A receiver that cannot listen is said so, not waited for.
         let refused = tcp_throughput(1 << 20, || Err(std::io::ErrorKind::AddrInUse.into()));
         assert!(refused.is_err());
+    }
+
+    #[test]
+    fn cpus_split_into_two_disjoint_halves_and_one_cpu_is_refused() {
+        let (a, b) = split_cpus(&[0, 1]).unwrap();
+        assert_eq!((a, b), (vec![0], vec![1]));
+        let (a, b) = split_cpus(&[0, 2, 4, 5, 7]).unwrap();
+        assert_eq!((a, b), (vec![0, 2], vec![4, 5, 7]));
+        assert!(split_cpus(&[3]).is_err());
+        assert_eq!(cpu_list(&[4, 5, 7]), "4,5,7");
+    }
+
+    #[test]
+    fn a_child_run_on_one_cpu_is_allowed_that_cpu_only() {
+        let cpus = allowed_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        let last = *cpus.last().unwrap();
+        let mut command = Command::new("grep");
+        command.args(["Cpus_allowed_list", "/proc/self/status"]);
+        run_on(&mut command, &[last]);
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let line = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some(last.to_string().as_str()),
+            "{line}"
+        );
     }
 
     #[test]
