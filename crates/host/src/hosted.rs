@@ -826,9 +826,7 @@ impl HostedVm {
                 let since = Instant::now();
                 // Requests keep being taken: the VM runs on here after this pause
                 // (a switchover that takes it over refuses them from then on).
-                if matches!(vm.run_state(), RunState::Running)
-                    && vm.pause_accepting_requests().is_ok()
-                {
+                if matches!(vm.run_state(), RunState::Running) && vm.pause_for_throttle().is_ok() {
                     control.hold = Hold::Throttle { since };
                 }
             }

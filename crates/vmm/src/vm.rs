@@ -82,13 +82,18 @@ impl VmConfig {
     }
 }
 
-/// What a paused VM's channel does with requests sent meanwhile.
+/// What a pause is for, which sets what it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Requests {
-    /// Refused: the VM's state may become another host's.
-    Refused,
-    /// Queued: the VM runs on here.
-    Queued,
+enum PauseKind {
+    /// One the host waits on (a switchover, a snapshot): requests sent meanwhile are
+    /// refused, as the VM's state may become another host's, and the VM's threads are
+    /// lifted to the caller's priority until they stop, so the kernel in flight ends at it.
+    Waited,
+    /// A migration throttle's: the VM runs on here, so requests are queued, and its
+    /// threads keep the guest's priority. The throttle is there to leave the CPU to the
+    /// host's other work (the copy, a destination's replay beside it): lifted, the kernel
+    /// in flight would take that CPU first, and a throttle could not slow the VM.
+    Throttle,
 }
 
 /// What this host gives a VM, which is not part of its state: where its console goes,
@@ -754,33 +759,35 @@ impl Microvm {
     /// whatever instruction they are on. Returns how long that took. If the guest ended
     /// meanwhile, the VM is `Exited`/`Failed` instead.
     pub fn pause(&mut self) -> Result<Duration, VmControlError> {
-        self.pause_with(Requests::Refused)
+        self.pause_with(PauseKind::Waited)
     }
 
-    /// Pauses a running VM as [`Self::pause`] does, but its channel goes on queueing
-    /// requests: for a pause after which the VM runs on here (a migration's throttle),
-    /// whose state no other host takes before [`Self::refuse_requests`].
-    pub fn pause_accepting_requests(&mut self) -> Result<Duration, VmControlError> {
-        self.pause_with(Requests::Queued)
+    /// Pauses a running VM for a migration's throttle: as [`Self::pause`] does, but its
+    /// channel goes on queueing requests (the VM runs on here, and no other host takes
+    /// its state before [`Self::refuse_requests`]), and its threads are not lifted
+    /// (see [`PauseKind::Throttle`]).
+    pub fn pause_for_throttle(&mut self) -> Result<Duration, VmControlError> {
+        self.pause_with(PauseKind::Throttle)
     }
 
-    /// Refuses the requests sent to a VM paused by [`Self::pause_accepting_requests`]
+    /// Refuses the requests sent to a VM paused by [`Self::pause_for_throttle`]
     /// from now on (until it resumes), as [`Self::pause`] would have: its state may
     /// become another host's.
     pub fn refuse_requests(&self) {
         self.devices.channel.pause();
     }
 
-    fn pause_with(&mut self, requests: Requests) -> Result<Duration, VmControlError> {
+    fn pause_with(&mut self, kind: PauseKind) -> Result<Duration, VmControlError> {
         if !matches!(self.state, RunState::Running) {
             return Err(self.wrong_state("pause", "running"));
         }
         let started = Instant::now();
-        let _lifted = Lifted::to_callers(self.host_threads(), self.guest_nice);
+        let _lifted = (kind == PauseKind::Waited)
+            .then(|| Lifted::to_callers(self.host_threads(), self.guest_nice));
         let _preempting = Preempting::vcpus(self.vcpus.iter().map(VcpuHandle::tid));
         // From here on the VM's state may become another host's: requests queued later
         // would be lost with this copy, so they are refused (to be sent again).
-        if requests == Requests::Refused {
+        if kind == PauseKind::Waited {
             self.devices.channel.pause();
         }
         // The device first stops taking commands, so the one in flight ends while the

@@ -419,7 +419,7 @@ fn a_pause_the_vm_runs_on_after_queues_requests_and_one_that_may_move_it_refuses
     };
     // A throttle's pause: a request sent meanwhile is queued, and answered once the VM
     // runs again.
-    server.vm.pause_accepting_requests().unwrap();
+    server.vm.pause_for_throttle().unwrap();
     let readout = server.vm.readout();
     let channel = readout.channel();
     channel.submit(100, request("hello")).unwrap();
