@@ -764,8 +764,8 @@ impl Microvm {
 
     /// Pauses a running VM for a migration's throttle: as [`Self::pause`] does, but its
     /// channel goes on queueing requests (the VM runs on here, and no other host takes
-    /// its state before [`Self::refuse_requests`]), and its threads are not lifted
-    /// (see [`PauseKind::Throttle`]).
+    /// its state before [`Self::refuse_requests`]), and its threads keep the guest's
+    /// priority: the throttle leaves the CPU to the host's other work.
     pub fn pause_for_throttle(&mut self) -> Result<Duration, VmControlError> {
         self.pause_with(PauseKind::Throttle)
     }
