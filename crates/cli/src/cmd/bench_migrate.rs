@@ -71,6 +71,11 @@ struct MigrationFigure {
     total_ms_each: Vec<f64>,
     /// Each migration's pause, in order.
     downtime_ms_each: Vec<f64>,
+    /// Each migration's highest throttle, %, in order.
+    throttle_pct_each: Vec<u8>,
+    /// Why replay gave way to pre-copy in each migration, in order (null where it did
+    /// not, or was not tried).
+    replay_gave_way_each: Vec<Option<String>>,
 }
 
 /// What [`measure`] saw of one VM.
@@ -517,5 +522,10 @@ fn figure(
         busy_link_mib_s: mib_s(measured.busy_link),
         total_ms_each: each(&|r| r.report.total_ms),
         downtime_ms_each: each(&|r| r.report.downtime_ms),
+        throttle_pct_each: runs.iter().map(|r| r.report.max_throttle_pct).collect(),
+        replay_gave_way_each: runs
+            .iter()
+            .map(|r| r.report.replay.as_ref()?.fell_back.clone())
+            .collect(),
     }
 }
