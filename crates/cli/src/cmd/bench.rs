@@ -125,10 +125,11 @@ pub struct BenchArgs {
     /// training VM that dirties device memory faster than that. Needs root.
     #[arg(long, value_name = "RATE")]
     pub link: Option<String>,
-    /// `migrate --link`: run host a on the first half of the CPUs this process may use
-    /// and host b on the other half (scheduler affinity), as two machines each have
-    /// their own, so a destination's work does not take the source's CPU. Each
-    /// workload's speed before a migration is then its speed on its host's half.
+    /// `migrate --link`: run host a on the first half of the cores this process may use
+    /// and host b on the other half (scheduler affinity; a core's hyperthreads stay
+    /// together), as two machines each have their own, so a destination's work does not
+    /// take the source's CPU. Each workload's speed before a migration is then its speed
+    /// on its host's half.
     #[arg(long, requires = "link")]
     pub split_cpus: bool,
     /// `migrate`: the workloads measured (mlp-train-large only across --link).

@@ -188,7 +188,10 @@ impl Ends {
     ) -> anyhow::Result<Self> {
         // Checked before the link is made: a machine of one CPU has nothing to split.
         let cpus = if split {
-            Some(shaped_link::split_cpus(&shaped_link::allowed_cpus()?)?)
+            Some(shaped_link::split_cpus(
+                &shaped_link::allowed_cpus()?,
+                shaped_link::core_of,
+            )?)
         } else {
             None
         };

@@ -165,16 +165,52 @@ pub fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
         .collect())
 }
 
-/// Halves `cpus` into two disjoint, non-empty sets (the first gets the smaller half when
-/// they are odd in number): one per host, as two machines each have their own.
-pub fn split_cpus(cpus: &[usize]) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+/// A core: its package and core ids.
+pub type Core = (u32, u32);
+
+/// A core (if known) and those of the CPUs split that are its threads.
+type CoreThreads = (Option<Core>, Vec<usize>);
+
+/// The core CPU `cpu` is a thread of, as sysfs says.
+pub fn core_of(cpu: usize) -> Option<Core> {
+    let read = |name: &str| {
+        let path = format!("/sys/devices/system/cpu/cpu{cpu}/topology/{name}");
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    };
+    Some((read("physical_package_id")?, read("core_id")?))
+}
+
+/// Halves `cpus` into two disjoint, non-empty sets, whole cores to each (`core_of` says
+/// which core a CPU is a thread of; one it cannot place is a core of its own), the first
+/// set getting the smaller half when the cores are odd in number: one per host, as two
+/// machines each have their own cores. Hyperthreads of one core split between the hosts
+/// would share its units, which two machines do not.
+pub fn split_cpus(
+    cpus: &[usize],
+    core_of: impl Fn(usize) -> Option<Core>,
+) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+    let mut cores: Vec<CoreThreads> = Vec::new();
+    for &cpu in cpus {
+        let core = core_of(cpu);
+        match cores.iter_mut().find(|(c, _)| core.is_some() && *c == core) {
+            Some((_, threads)) => threads.push(cpu),
+            None => cores.push((core, vec![cpu])),
+        }
+    }
     ensure!(
-        cpus.len() >= 2,
-        "splitting CPUs between two hosts needs at least 2, and this process may use {}",
-        cpus.len()
+        cores.len() >= 2,
+        "splitting CPUs between two hosts needs at least 2 cores, and this process may use {} CPUs of {} core",
+        cpus.len(),
+        cores.len()
     );
-    let (a, b) = cpus.split_at(cpus.len() / 2);
-    Ok((a.to_vec(), b.to_vec()))
+    let (a, b) = cores.split_at(cores.len() / 2);
+    let flat = |cores: &[CoreThreads]| {
+        cores
+            .iter()
+            .flat_map(|(_, cpus)| cpus.iter().copied())
+            .collect()
+    };
+    Ok((flat(a), flat(b)))
 }
 
 /// Makes `command`'s process (and every thread and child it starts) run on `cpus` only.
@@ -353,12 +389,25 @@ mod tests {
     }
 
     #[test]
-    fn cpus_split_into_two_disjoint_halves_and_one_cpu_is_refused() {
-        let (a, b) = split_cpus(&[0, 1]).unwrap();
+    fn cpus_split_into_two_halves_of_whole_cores_and_one_core_is_refused() {
+        let own_cores = |cpu: usize| Some((0, cpu as u32));
+        let (a, b) = split_cpus(&[0, 1], own_cores).unwrap();
         assert_eq!((a, b), (vec![0], vec![1]));
-        let (a, b) = split_cpus(&[0, 2, 4, 5, 7]).unwrap();
+        let (a, b) = split_cpus(&[0, 2, 4, 5, 7], own_cores).unwrap();
         assert_eq!((a, b), (vec![0, 2], vec![4, 5, 7]));
-        assert!(split_cpus(&[3]).is_err());
+        // Hyperthreads numbered as Intel does (CPU i and i+2 are one core's): each host
+        // gets whole cores, not one thread of each.
+        let siblings = |cpu: usize| Some((0, (cpu % 2) as u32));
+        let (a, b) = split_cpus(&[0, 1, 2, 3], siblings).unwrap();
+        assert_eq!((a, b), (vec![0, 2], vec![1, 3]));
+        // CPUs sysfs cannot place are cores of their own.
+        let (a, b) = split_cpus(&[5, 6], |_| None).unwrap();
+        assert_eq!((a, b), (vec![5], vec![6]));
+        assert!(split_cpus(&[3], own_cores).is_err());
+        assert!(
+            split_cpus(&[0, 1], |_| Some((0, 0))).is_err(),
+            "one core's threads"
+        );
         assert_eq!(cpu_list(&[4, 5, 7]), "4,5,7");
     }
 
