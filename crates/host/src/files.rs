@@ -684,12 +684,11 @@ impl FileStore {
     /// The files [`Self::find`] hashes for `offer`, in turn (each only if those before
     /// it were not copies): the store's, those VMs here use or used, and `admitted` (the
     /// source's path, where this host attaches files from); only regular files of its
-    /// size (not a FIFO, not a device),
-    /// and each file once, however many paths name it (N VMs here sharing a model list
-    /// it N times, and the store's copy is often one of them: a damaged copy would be
-    /// read whole N + 1 times). The store's name is not followed: a link there is not a
-    /// file of the store, and would make this host look outside the folders it attaches
-    /// files from.
+    /// size (not a FIFO, not a device), and each file once, however many paths name it
+    /// (N VMs here sharing a model list it N times, and the store's copy is often one of
+    /// them: a damaged copy would be read whole N + 1 times). The store's name is not
+    /// followed: a link there is not a file of the store, and would make this host look
+    /// outside the folders it attaches files from.
     fn candidates<'a>(
         &'a self,
         offer: &'a FileOffer,

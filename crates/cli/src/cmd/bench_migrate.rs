@@ -179,14 +179,14 @@ impl Ends {
     }
 
     /// Host a outside and host b inside a network namespace, joined by a veth pair
-    /// shaped to `rate`; each host on its own half of this process's CPUs if `split`.
+    /// shaped to `rate`; each host on its own half of this process's cores if `split`.
     fn shaped(
         rate: &str,
         prefault: u64,
         backend: &'static str,
         split: bool,
     ) -> anyhow::Result<Self> {
-        // Checked before the link is made: a machine of one CPU has nothing to split.
+        // Checked before the link is made: a machine of one core has nothing to split.
         let cpus = if split {
             Some(shaped_link::split_cpus(
                 &shaped_link::allowed_cpus()?,
@@ -243,7 +243,7 @@ impl Ends {
 
 /// Runs the benchmark, printing each figure: between two hosts on loopback, or across a
 /// link shaped to `link` (e.g. `10gbit`; root only), each host then on its own half of
-/// the CPUs if `split_cpus`.
+/// the cores if `split_cpus`.
 pub fn bench_migrate(
     json: bool,
     sizes: &[u64],
