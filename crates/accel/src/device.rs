@@ -1407,8 +1407,9 @@ impl Accelerator {
         self.control().life == Life::Gone
     }
 
-    /// Asks the device to stop at its next command boundary, without waiting; a waiting
-    /// vCPU is let go once the command in flight ends. [`Accelerator::pause`] waits.
+    /// Asks the device to stop at its next command boundary, without waiting (as
+    /// [`Accelerator::pause`] does first, which then waits); a waiting vCPU is let go
+    /// once the command in flight ends.
     pub fn request_pause(&self) {
         self.control().pause_requested = true;
     }

@@ -553,10 +553,13 @@ impl HostedVm {
                 let Some(vm) = control.vm.as_mut() else {
                     return Err(VmError::Gone("the VM was released".into()));
                 };
-                let since = Instant::now();
                 match vm.pause() {
-                    // Mostly the kernel in flight: the device stops between commands.
-                    Ok(took) => tracing::debug!(ms = took.as_secs_f64() * 1e3, "the VM stopped"),
+                    // Mostly the kernel in flight: the device stops between commands, and
+                    // the VM's pause counts from then.
+                    Ok(paused) => {
+                        tracing::debug!(ms = paused.took.as_secs_f64() * 1e3, "the VM stopped");
+                        paused.stopped_at
+                    }
                     Err(e) => {
                         // The guest ended as it was paused: the migration fails and the
                         // VM ends here. Otherwise the migration's own abandon moves it
@@ -570,7 +573,6 @@ impl HostedVm {
                         return Err(VmError::Pause(e.into()));
                     }
                 }
-                since
             }
         };
         control.hold = Hold::Switchover;
@@ -823,11 +825,14 @@ impl HostedVm {
             let migrating = matches!(self.state(), VmState::Migrating { .. })
                 && self.throttle_pct.load(Ordering::SeqCst) > 0;
             if let (Hold::Free, Some(vm), true) = (control.hold, control.vm.as_mut(), migrating) {
-                let since = Instant::now();
                 // Requests keep being taken: the VM runs on here after this pause
                 // (a switchover that takes it over refuses them from then on).
-                if matches!(vm.run_state(), RunState::Running) && vm.pause_for_throttle().is_ok() {
-                    control.hold = Hold::Throttle { since };
+                if matches!(vm.run_state(), RunState::Running) {
+                    if let Ok(paused) = vm.pause_for_throttle() {
+                        control.hold = Hold::Throttle {
+                            since: paused.stopped_at,
+                        };
+                    }
                 }
             }
         }

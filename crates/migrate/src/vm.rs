@@ -599,9 +599,9 @@ pub trait MigrationSource: VmContents {
     /// Slows the VM down to let pre-copy converge: the vCPU and device run only
     /// `100 - percent` % of the time (0 = full speed).
     fn set_throttle(&self, percent: u8);
-    /// Pauses the vCPUs, then the device at a command boundary; returns when the VM
-    /// stopped making progress (the pause's start, from which downtime is measured: a
-    /// pause waits for the device's command in flight, or began earlier, by a throttle).
+    /// Pauses the device at a command boundary, then the vCPUs; returns when the VM
+    /// stopped making progress (the pause's start, from which downtime is measured: once
+    /// the device's command in flight ended, or earlier, by a throttle).
     fn pause(&self) -> Result<Instant, VmError>;
     /// Runs the VM again (a migration that failed before the switchover completed).
     fn resume(&self) -> Result<(), VmError>;

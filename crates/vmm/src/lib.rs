@@ -32,7 +32,7 @@ pub use files::{AttachedFiles, FileInfo};
 pub use memory::PageSet;
 pub use priority::{at_background_priority, BACKGROUND_NICE};
 pub use vm::{
-    HostOptions, Microvm, MicrovmState, RunState, VmConfig, VmExit, VmReadout, VmTracker,
+    HostOptions, Microvm, MicrovmState, Paused, RunState, VmConfig, VmExit, VmReadout, VmTracker,
 };
 
 /// Checks that `/dev/kvm` can be opened; `Err` carries the reason it cannot.

@@ -96,6 +96,16 @@ enum PauseKind {
     Throttle,
 }
 
+/// How a pause went.
+#[derive(Debug, Clone, Copy)]
+pub struct Paused {
+    /// When the VM stopped making progress: its device had ended the command in flight
+    /// (the vCPUs ran beside it), and its vCPUs were then stopped.
+    pub stopped_at: Instant,
+    /// How long the pause took from its call: mostly the device's command in flight.
+    pub took: Duration,
+}
+
 /// What this host gives a VM, which is not part of its state: where its console goes,
 /// how many threads its accelerator backend may use and at what priority its threads run.
 pub struct HostOptions {
@@ -755,10 +765,10 @@ impl Microvm {
         Ok(())
     }
 
-    /// Pauses a running VM: the accelerator at a command boundary, and the vCPUs at
-    /// whatever instruction they are on. Returns how long that took. If the guest ended
-    /// meanwhile, the VM is `Exited`/`Failed` instead.
-    pub fn pause(&mut self) -> Result<Duration, VmControlError> {
+    /// Pauses a running VM: the accelerator at a command boundary, then the vCPUs at
+    /// whatever instruction they are on. If the guest ended meanwhile, the VM is
+    /// `Exited`/`Failed` instead.
+    pub fn pause(&mut self) -> Result<Paused, VmControlError> {
         self.pause_with(PauseKind::Waited)
     }
 
@@ -766,7 +776,7 @@ impl Microvm {
     /// channel goes on queueing requests (the VM runs on here, and no other host takes
     /// its state before [`Self::refuse_requests`]), and its threads keep the guest's
     /// priority: the throttle leaves the CPU to the host's other work.
-    pub fn pause_for_throttle(&mut self) -> Result<Duration, VmControlError> {
+    pub fn pause_for_throttle(&mut self) -> Result<Paused, VmControlError> {
         self.pause_with(PauseKind::Throttle)
     }
 
@@ -777,27 +787,40 @@ impl Microvm {
         self.devices.channel.pause();
     }
 
-    fn pause_with(&mut self, kind: PauseKind) -> Result<Duration, VmControlError> {
+    fn pause_with(&mut self, kind: PauseKind) -> Result<Paused, VmControlError> {
         if !matches!(self.state, RunState::Running) {
             return Err(self.wrong_state("pause", "running"));
         }
         let started = Instant::now();
-        let _lifted = (kind == PauseKind::Waited)
-            .then(|| Lifted::to_callers(self.host_threads(), self.guest_nice));
-        let _preempting = Preempting::vcpus(self.vcpus.iter().map(VcpuHandle::tid));
+        let waited = kind == PauseKind::Waited;
+        // The device first, to its command boundary, while the vCPUs run on: the command
+        // in flight is the VM's progress, so the VM stops only once it ended. A vCPU
+        // waiting for it is let go then; one that queues more waits behind it, as it
+        // would without a pause, and they run at the resume (here or on another host).
+        if let Some(accel) = &self.devices.accel {
+            let _lifted = waited.then(|| Lifted::to_callers(accel.host_threads(), self.guest_nice));
+            accel.pause();
+        }
+        let stopped_at = Instant::now();
         // From here on the VM's state may become another host's: requests queued later
-        // would be lost with this copy, so they are refused (to be sent again).
-        if kind == PauseKind::Waited {
+        // would be lost with this copy, so they are refused (to be sent again). Not
+        // before: a request refused is part of the pause.
+        if waited {
             self.devices.channel.pause();
         }
-        // The device first stops taking commands, so the one in flight ends while the
-        // vCPUs stop (a vCPU waiting on the device is let go as it ends) rather than
-        // after them, with maybe another begun meanwhile.
-        if let Some(accel) = &self.devices.accel {
-            accel.request_pause();
-        }
+        let vcpus = || self.vcpus.iter().map(VcpuHandle::tid);
+        let _lifted = waited.then(|| Lifted::to_callers(vcpus(), self.guest_nice));
+        let _preempting = Preempting::vcpus(vcpus());
+        // A vCPU that cannot be stopped (its thread gone) leaves the VM as it was, running:
+        // its device and channel too.
+        let running_again = || {
+            self.devices.channel.open();
+            if let Some(accel) = &self.devices.accel {
+                let _ = accel.resume();
+            }
+        };
         for vcpu in &self.vcpus {
-            let event = vcpu.pause().inspect_err(|_| self.devices.channel.open())?;
+            let event = vcpu.pause().inspect_err(|_| running_again())?;
             match event {
                 VcpuEvent::Paused => {}
                 event => {
@@ -806,13 +829,12 @@ impl Microvm {
                 }
             }
         }
-        if let Some(accel) = &self.devices.accel {
-            accel.pause();
-        }
-        let took = started.elapsed();
         self.devices.clock.stop();
         self.state = RunState::Paused;
-        Ok(took)
+        Ok(Paused {
+            stopped_at,
+            took: started.elapsed(),
+        })
     }
 
     /// Ends the accelerator for good without waiting for its command in flight (see

@@ -192,6 +192,45 @@ fn a_pause_just_after_the_guest_exited_finds_it_exited() {
     assert!(matches!(vm.wait(Some(TIMEOUT)), Some(VmExit::Exited(3))));
 }
 
+#[test]
+fn a_pause_counts_from_the_end_of_the_devices_command_in_flight() {
+    ferry_testdata::require_kvm!();
+    // Kernels of several milliseconds (on one thread, whatever the machine), so that a
+    // pause finds one in flight.
+    let args = "--steps 1000000 --hidden 2048 --batch 256 --inputs 512 --print-every 1";
+    let args: Vec<String> = args.split(' ').map(str::to_string).collect();
+    let config = CONFIG.with_accel(256 << 20);
+    let host = HostOptions {
+        accel_threads: 1,
+        ..HostOptions::quiet()
+    };
+    let mut vm = Microvm::boot(config, image("mlp-train"), &args, host).expect("boot");
+    vm.resume().unwrap();
+    let started = Instant::now();
+    while !vm.console_tail().contains("step=") {
+        assert!(started.elapsed() < TIMEOUT, "{}", vm.console_tail());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The VM runs while its device ends the command in flight (that is progress), and
+    // stops after: the stop a pause reports (where a migration's downtime starts) is
+    // then a few kicks before it returns, whatever the kernel took.
+    let mut seen = Vec::new();
+    let found = (0..100).any(|_| {
+        let called = Instant::now();
+        let paused = vm.pause().unwrap();
+        vm.resume().unwrap();
+        let draining = paused.stopped_at.duration_since(called);
+        let stopping = paused.took.saturating_sub(draining);
+        seen.push((draining, stopping));
+        std::thread::sleep(Duration::from_millis(3));
+        draining >= Duration::from_millis(5) && stopping < draining
+    });
+    assert!(
+        found,
+        "no pause stopped the VM once a kernel of 5 ms or more had ended: (waited for the device, then stopping) {seen:?}"
+    );
+}
+
 /// Polls the console until a line starting with `prefix` appears.
 fn wait_for_line(vm: &Microvm, prefix: &str) -> String {
     let deadline = Instant::now() + TIMEOUT;

@@ -44,7 +44,7 @@ fn lowest_nice_while<E: std::fmt::Debug>(
     vm: &mut Microvm,
     times: usize,
     enough: i32,
-    pause: fn(&mut Microvm) -> Result<Duration, E>,
+    pause: fn(&mut Microvm) -> Result<ferry_vmm::Paused, E>,
 ) -> i32 {
     let sampling = AtomicBool::new(true);
     let lowest = AtomicI32::new(i32::MAX);

@@ -470,7 +470,7 @@ fn pause_latency(emit: &mut Emit) -> anyhow::Result<()> {
     let mut micros = Vec::new();
     for _ in 0..200 {
         std::thread::sleep(Duration::from_millis(2));
-        micros.push(vm.pause()?.as_secs_f64() * 1e6);
+        micros.push(vm.pause()?.took.as_secs_f64() * 1e6);
         vm.resume()?;
     }
     let p99 = percentile(&mut micros, 0.99);
