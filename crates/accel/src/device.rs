@@ -1920,6 +1920,53 @@ impl DeviceReplay {
         Duration::from_secs_f64(unhashed as f64 / hashing_rate())
     }
 
+    /// Hashes the buffers written since a digest last hashed them while the device runs
+    /// on, until `stop` is set: each on the device thread between two commands, so at
+    /// the guest's priority and in place of its commands. A source's switchover digest
+    /// then hashes only what was written after. Buffers larger than
+    /// [`DIGEST_AHEAD_MAX_BUFFER`] are left to it: hashed whole here, one would hold
+    /// the guest's commands too long. Returns the bytes hashed.
+    pub fn digest_ahead(&self, stop: &Arc<AtomicBool>) -> u64 {
+        let unhashed: Vec<BufferId> = {
+            let map = self.shared.tracker.map();
+            map.table()
+                .iter()
+                .filter(|b| b.bytes <= DIGEST_AHEAD_MAX_BUFFER && !map.digests.contains_key(&b.id))
+                .map(|b| b.id)
+                .collect()
+        };
+        let mut hashed = 0;
+        for id in unhashed {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let (tracker, stop) = (self.shared.tracker.clone(), stop.clone());
+            // At a command boundary: a command that writes the buffer forgets its CRC
+            // under the core lock, which the job holds. A job run after the stop (queued
+            // before it) does nothing: it may be a pause's, or a switchover's digest's.
+            let job = move |_: &mut Core| {
+                if stop.load(Ordering::SeqCst) || tracker.map().digests.contains_key(&id) {
+                    return 0;
+                }
+                // Not kept if unreadable (or freed): the switchover's digest reads again.
+                let Some(crc) = tracker.reader.crc32(id) else {
+                    return 0;
+                };
+                let mut map = tracker.map();
+                let Some(&bytes) = map.sizes.get(&id) else {
+                    return 0;
+                };
+                map.digests.insert(id, crc);
+                bytes
+            };
+            match on_device(&self.shared, job) {
+                Ok(bytes) => hashed += bytes,
+                Err(DeviceGone) => break,
+            }
+        }
+        hashed
+    }
+
     /// A digest of device memory (every buffer's id, size and contents' CRC-32). The
     /// device must be paused. It runs in a switchover's pause, so each buffer is hashed
     /// where it lies (no copy), in parts on every core, and the parts' CRCs combined.
@@ -1959,6 +2006,11 @@ impl DeviceReplay {
         Ok(DeviceDigest(entries))
     }
 }
+
+/// The largest buffer [`DeviceReplay::digest_ahead`] hashes: a job that long (a few
+/// milliseconds on the cpu backend, more where a GPU's buffer is copied out first) holds
+/// the guest's next command.
+pub const DIGEST_AHEAD_MAX_BUFFER: u64 = 64 << 20;
 
 /// Bytes a second [`crate::backend::crc32_on_every_core`] hashes on this machine,
 /// measured once: the best of three hashes of 32 MiB (a few ms each), so a thread

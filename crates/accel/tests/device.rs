@@ -922,6 +922,100 @@ fn a_digest_kept_for_a_buffer_is_dropped_when_the_buffer_is_written() {
 }
 
 #[test]
+fn a_digest_hashed_ahead_while_kernels_run_is_the_one_hashed_afresh_in_the_pause() {
+    // The same commands on two devices; one of them is hashed ahead while they run.
+    let work = |g: &mut FakeGuest, round: u64| {
+        assert_eq!(g.upload(1, &values(1024, round)), status::OK);
+        for (to, from) in [(2, 1), (3, 2), (4, 1)] {
+            assert_eq!(
+                g.run(op::LAUNCH, &[kernel::ADD, from, 1, to, 1024]),
+                status::OK
+            );
+        }
+    };
+    let (mut ahead, mut afresh) = (FakeGuest::new(1), FakeGuest::new(1));
+    for g in [&mut ahead, &mut afresh] {
+        for id in 1..=4 {
+            assert_eq!(g.run(op::ALLOC, &[id, 2 * CHUNK_SIZE]), status::OK);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let hashing = {
+        let (replayer, stop) = (ahead.accel.replayer(), stop.clone());
+        std::thread::spawn(move || {
+            let mut hashed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match replayer.digest_ahead(&stop) {
+                    0 => std::thread::sleep(Duration::from_millis(1)),
+                    bytes => hashed += bytes,
+                }
+            }
+            hashed
+        })
+    };
+    // Compared at each round's end, so a CRC kept for a buffer written after it was
+    // hashed shows at once (a later write would drop it).
+    for round in 0..200 {
+        for g in [&mut ahead, &mut afresh] {
+            work(g, round);
+            g.accel.pause();
+        }
+        assert_eq!(
+            ahead.accel.digest().unwrap(),
+            afresh.accel.digest().unwrap(),
+            "round {round}: a digest kept from hashing ahead went stale"
+        );
+        ahead.accel.resume().unwrap();
+        afresh.accel.resume().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(hashing.join().unwrap() > 0, "nothing was hashed ahead");
+    // Written, then hashed ahead with the device idle: only that buffer is hashed, and
+    // the pause's digest has nothing left to hash.
+    for g in [&mut ahead, &mut afresh] {
+        assert_eq!(g.upload(3, &values(16, 998)), status::OK);
+    }
+    let idle = Arc::new(AtomicBool::new(false));
+    let hashed = ahead.accel.replayer().digest_ahead(&idle);
+    assert_eq!(hashed, 2 * CHUNK_SIZE, "only buffer 3, written since");
+    ahead.accel.pause();
+    assert_eq!(
+        ahead.accel.replayer().digest_estimate(),
+        Duration::ZERO,
+        "every buffer hashed ahead"
+    );
+    ahead.accel.resume().unwrap();
+    // Written after: hashed again in the pause.
+    for g in [&mut ahead, &mut afresh] {
+        assert_eq!(g.upload(2, &values(16, 999)), status::OK);
+        g.accel.pause();
+    }
+    assert!(ahead.accel.replayer().digest_estimate() > Duration::ZERO);
+    assert_eq!(
+        ahead.accel.digest().unwrap(),
+        afresh.accel.digest().unwrap(),
+        "a digest kept from hashing ahead went stale"
+    );
+}
+
+#[test]
+fn a_buffer_too_large_to_hash_between_two_commands_is_left_to_the_pauses_digest() {
+    use ferry_accel::device::DIGEST_AHEAD_MAX_BUFFER;
+    let large = DIGEST_AHEAD_MAX_BUFFER + CHUNK_SIZE;
+    let cpu = backend::create(backend::CPU, 1, &DeviceMemory::default()).unwrap();
+    let mut g = FakeGuest::sized(cpu, no_files(), large + CHUNK_SIZE);
+    assert_eq!(g.run(op::ALLOC, &[1, large]), status::OK);
+    assert_eq!(g.run(op::ALLOC, &[2, CHUNK_SIZE]), status::OK);
+    let hashed = g
+        .accel
+        .replayer()
+        .digest_ahead(&Arc::new(AtomicBool::new(false)));
+    assert_eq!(hashed, CHUNK_SIZE, "only the small buffer");
+    g.accel.pause();
+    assert!(g.accel.replayer().digest_estimate() > Duration::ZERO);
+}
+
+#[test]
 fn a_capture_after_precopy_takes_the_pending_and_dirty_chunks_and_reads_unwritten_ones_as_zero() {
     use ferry_accel::replay::CaptureLimits;
     let chunk = ChunkId::new;

@@ -1,6 +1,7 @@
 //! The microVM as the migration engine sees it: [`VmSource`] adapts a running
 //! [`HostedVm`], [`VmTarget`] a VM being received.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,8 @@ use ferry_accel::device::{Accelerator, DeviceReplay, DeviceTracker};
 use ferry_accel::dirty::ChunkId;
 use ferry_migrate::{
     CaptureLimits, CaptureReport, Cause, ChunkKey, ChunkPart, ChunkWrite, DeviceBuffer,
-    DeviceDigest, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet, VmContents,
-    VmDescription, VmError,
+    DeviceDigest, DigestAhead, FileOffer, LoggedCommand, MigrationSource, MigrationTarget, PageSet,
+    VmContents, VmDescription, VmError,
 };
 use ferry_vmm::files::AttachedFile;
 use ferry_vmm::migration::{device_buffers, file_offers, to_chunk, to_key, FillingVm};
@@ -286,6 +287,22 @@ impl MigrationSource for VmSource {
     fn device_digest_estimate(&self) -> Duration {
         self.replayer()
             .map_or(Duration::ZERO, DeviceReplay::digest_estimate)
+    }
+
+    fn digest_ahead(&self) -> Option<DigestAhead> {
+        let replayer = self.replayer().ok()?.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        // Not joined: a stop waits for no kernel in flight (the hashing runs between
+        // commands), and the thread ends after the buffer it hashes.
+        std::thread::Builder::new()
+            .name("ferry-digest-ahead".into())
+            .spawn(move || {
+                let bytes = replayer.digest_ahead(&stopped);
+                tracing::debug!(bytes, "device memory digested ahead");
+            })
+            .ok()?;
+        Some(DigestAhead::new(stop))
     }
 }
 

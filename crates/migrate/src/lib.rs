@@ -43,7 +43,8 @@ pub use receive::{
     serve, serve_with_tls, spawn_receiver, BadOffer, ReceiveReport, Receiving, TargetFactory,
 };
 pub use replay::{
-    CaptureLimits, CaptureReport, DeviceDigest, DeviceTransfer, LoggedCommand, ReplayReport,
+    CaptureLimits, CaptureReport, DeviceDigest, DeviceTransfer, DigestAhead, LoggedCommand,
+    ReplayReport,
 };
 pub use send::{
     migrate_vm, CancelToken, MigrationOptions, MigrationReport, Mode, Progress, DEFAULT_STREAMS,

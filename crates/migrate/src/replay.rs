@@ -6,6 +6,8 @@
 //! checks the result; a capture that overflows its bounds, or a destination that cannot
 //! keep up, falls back to pre-copy.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -194,6 +196,25 @@ impl DeviceDigest {
                     ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2
                 )
             })
+    }
+}
+
+/// A source hashing its device memory ahead of a replay switchover's digest (see
+/// [`crate::MigrationSource::digest_ahead`]): stopped when dropped, without waiting for
+/// the buffer being hashed.
+#[derive(Debug)]
+pub struct DigestAhead(Arc<AtomicBool>);
+
+impl DigestAhead {
+    /// Hashing that stops once `stop` is set.
+    pub fn new(stop: Arc<AtomicBool>) -> Self {
+        Self(stop)
+    }
+}
+
+impl Drop for DigestAhead {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuidWord;
-use crate::replay::{CaptureLimits, CaptureReport, DeviceDigest, LoggedCommand};
+use crate::replay::{CaptureLimits, CaptureReport, DeviceDigest, DigestAhead, LoggedCommand};
 
 /// Guest page size the engine copies in.
 pub const PAGE_SIZE: u64 = 4096;
@@ -635,6 +635,12 @@ pub trait MigrationSource: VmContents {
     /// switchover's pause, so the pause's prediction counts it.
     fn device_digest_estimate(&self) -> Duration {
         Duration::ZERO
+    }
+    /// Starts hashing, while the VM runs, what [`Self::device_digest`] would hash now,
+    /// until the handle is dropped: the pause's digest then hashes only what is written
+    /// after. `None`: nothing to hash ahead.
+    fn digest_ahead(&self) -> Option<DigestAhead> {
+        None
     }
 }
 
