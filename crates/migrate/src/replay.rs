@@ -265,18 +265,36 @@ pub fn falling_behind(rounds_ms: &[f64]) -> bool {
 /// it.
 pub(crate) const MAX_ROUND_REPLAY: Duration = Duration::from_secs(90);
 
-/// The pause a replay switchover is predicted to take: the destination replays what the
-/// source runs between the last take and the pause (about `last_round` of the source's
-/// time, at the `replay_ratio` the rounds show), while the final RAM goes at `rate` and
-/// the source digests its device memory (`digest`).
+/// How long a switchover's replay of the commands taken now is predicted to take: the
+/// longer of two guesses, as commands differ a hundredfold in cost and each guess alone
+/// has missed. The last round's replay time `last`, times `growth` (its length over the
+/// round's before). And the source's time running the commands taken now (`ran`) at the
+/// last round's speed: its commands ran for `sent_ran` on the source and were replayed in
+/// `last` (a round that replayed one command while the source, unthrottled, ran twenty
+/// shows there). The factors are bounded (4).
+pub fn predicted_tail(
+    last: Duration,
+    growth: f64,
+    ran: Duration,
+    sent_ran: Option<Duration>,
+) -> Duration {
+    let speed = sent_ran.map_or(growth, |sent| {
+        last.as_secs_f64() / sent.as_secs_f64().max(1e-3)
+    });
+    let bounded = |f: f64| f.clamp(0.0, 4.0);
+    last.mul_f64(bounded(growth))
+        .max(ran.mul_f64(bounded(speed)))
+}
+
+/// The pause a replay switchover is predicted to take: the destination replays the tail
+/// (see [`predicted_tail`]) while the final RAM goes at `rate` and the source digests its
+/// device memory (`digest`).
 pub fn predicted_replay_pause(
-    last_round: Duration,
-    replay_ratio: f64,
+    tail: Duration,
     ram_bytes: u64,
     rate: f64,
     digest: Duration,
 ) -> Duration {
-    let tail = last_round.mul_f64(replay_ratio.clamp(0.0, 4.0));
     let ram = Duration::from_secs_f64(ram_bytes as f64 / rate.max(1.0));
     tail.max(ram).max(digest)
 }
@@ -351,16 +369,31 @@ mod tests {
     }
 
     #[test]
+    fn the_predicted_tail_is_the_longer_of_the_rounds_growth_and_the_sources_time() {
+        let ms = Duration::from_millis;
+        // Shrinking rounds, the source's time in step with them: the growth's guess.
+        assert_eq!(predicted_tail(ms(20), 0.5, ms(8), Some(ms(25))), ms(10));
+        // One command of 36 ms replayed in the last round, which the source had run over
+        // 12 ms; over those 36 ms, unthrottled, it ran many more: the source's time.
+        assert_eq!(predicted_tail(ms(36), 1.0, ms(36), Some(ms(12))), ms(108));
+        // Before any round was replayed, the growth alone.
+        assert_eq!(predicted_tail(ms(30), 1.0, ms(90), None), ms(90));
+    }
+
+    #[test]
     fn the_predicted_pause_is_the_longest_of_the_tail_the_ram_and_the_digest() {
         let gbit = 1.25e8;
-        let none = Duration::ZERO;
-        let p = predicted_replay_pause(Duration::from_millis(20), 0.5, 0, gbit, none);
-        assert_eq!(p, Duration::from_millis(10));
-        let p = predicted_replay_pause(Duration::from_millis(1), 1.0, 12_500_000, gbit, none);
-        assert_eq!(p, Duration::from_millis(100));
-        let digest = Duration::from_millis(300);
-        let p = predicted_replay_pause(Duration::from_millis(1), 1.0, 12_500_000, gbit, digest);
-        assert_eq!(p, digest);
+        let (none, ms) = (Duration::ZERO, Duration::from_millis);
+        assert_eq!(predicted_replay_pause(ms(10), 0, gbit, none), ms(10));
+        assert_eq!(
+            predicted_replay_pause(ms(1), 12_500_000, gbit, none),
+            ms(100)
+        );
+        let digest = ms(300);
+        assert_eq!(
+            predicted_replay_pause(ms(1), 12_500_000, gbit, digest),
+            digest
+        );
         assert!("replay".parse::<DeviceTransfer>() == Ok(DeviceTransfer::Replay));
         assert!("copy".parse::<DeviceTransfer>().is_err());
     }

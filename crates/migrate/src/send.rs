@@ -13,8 +13,8 @@ use crate::deadline::{self, Watchdog};
 use crate::link::Link;
 use crate::pace::{Activity, Pacer};
 use crate::replay::{
-    falling_behind, predicted_replay_pause, CaptureLimits, DeviceDigest, DeviceTransfer,
-    LoggedCommand, ReplayReport, COMMAND_BATCH, MAX_ROUND_REPLAY,
+    falling_behind, predicted_replay_pause, predicted_tail, CaptureLimits, DeviceDigest,
+    DeviceTransfer, LoggedCommand, ReplayReport, COMMAND_BATCH, MAX_ROUND_REPLAY,
 };
 use crate::tls::{self, TlsConfig};
 use crate::vm::{
@@ -2152,6 +2152,8 @@ fn replay_rounds(
     let mut rounds_ms: Vec<f64> = Vec::new();
     let mut throttle_step = 0usize;
     let mut extra_rounds = 0u32;
+    // How long the last round's commands ran on the source.
+    let mut sent_ran: Option<Duration> = None;
     loop {
         // Near the switchover, as the destination replays each round.
         let mut digest_ahead = false;
@@ -2197,8 +2199,9 @@ fn replay_rounds(
                 _ => 1.0,
             };
             let ram = pages.count() * PAGE_SIZE;
+            let tail = predicted_tail(last, ratio, ran, sent_ran);
             let predicted =
-                predicted_replay_pause(last, ratio, ram, best_rate, digest) + SWITCHOVER_OVERHEAD;
+                predicted_replay_pause(tail, ram, best_rate, digest) + SWITCHOVER_OVERHEAD;
             s.predicted_pause = predicted;
             let pending_bytes = ram + commands.iter().map(LoggedCommand::weight).sum::<u64>();
             progress(&s.progress(
@@ -2264,6 +2267,7 @@ fn replay_rounds(
         let log = s
             .send_round(&mut work, REPLAY_THROTTLE_STEPS[throttle_step])
             .map_err(before_go(false))?;
+        sent_ran = Some(ran);
         best_rate = best_rate.max(log.link_rate());
         rounds_ms.push(log.busy_ms());
     }
