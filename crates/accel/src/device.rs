@@ -1921,11 +1921,11 @@ impl DeviceReplay {
     }
 
     /// Hashes the buffers written since a digest last hashed them while the device runs
-    /// on, until `stop` is set: each on the device thread between two commands, so at
-    /// the guest's priority and in place of its commands. A source's switchover digest
-    /// then hashes only what was written after. Buffers larger than
-    /// [`DIGEST_AHEAD_MAX_BUFFER`] are left to it: hashed whole here, one would hold
-    /// the guest's commands too long. Returns the bytes hashed.
+    /// on, until `stop` is set: each on the device thread between two of the guest's
+    /// commands (not while the device is paused), so at the guest's priority and in place
+    /// of its commands. A source's switchover digest then hashes only what was written
+    /// after. Buffers larger than [`DIGEST_AHEAD_MAX_BUFFER`] are left to it: hashed
+    /// whole here, one would hold the guest's commands too long. Returns the bytes hashed.
     pub fn digest_ahead(&self, stop: &Arc<AtomicBool>) -> u64 {
         let unhashed: Vec<BufferId> = {
             let map = self.shared.tracker.map();
@@ -1937,31 +1937,48 @@ impl DeviceReplay {
         };
         let mut hashed = 0;
         for id in unhashed {
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            let (tracker, stop) = (self.shared.tracker.clone(), stop.clone());
             // At a command boundary: a command that writes the buffer forgets its CRC
-            // under the core lock, which the job holds. A job run after the stop (queued
-            // before it) does nothing: it may be a pause's, or a switchover's digest's.
-            let job = move |_: &mut Core| {
-                if stop.load(Ordering::SeqCst) || tracker.map().digests.contains_key(&id) {
-                    return 0;
+            // under the core lock, which the job holds. Not while the device is paused
+            // (a throttle's time is the destination's) and not after the stop (a job
+            // queued before it may run in a pause, or before a switchover's digest).
+            let job = |(shared, stop): (Arc<Shared>, Arc<AtomicBool>)| {
+                move |_: &mut Core| {
+                    if stop.load(Ordering::SeqCst) {
+                        return Some(0);
+                    }
+                    if relock(&shared.control).pause_requested {
+                        return None;
+                    }
+                    let tracker = &shared.tracker;
+                    if tracker.map().digests.contains_key(&id) {
+                        return Some(0);
+                    }
+                    // Not kept if unreadable (or freed): the switchover's digest reads
+                    // again.
+                    let Some(crc) = tracker.reader.crc32(id) else {
+                        return Some(0);
+                    };
+                    let mut map = tracker.map();
+                    let Some(&bytes) = map.sizes.get(&id) else {
+                        return Some(0);
+                    };
+                    map.digests.insert(id, crc);
+                    Some(bytes)
                 }
-                // Not kept if unreadable (or freed): the switchover's digest reads again.
-                let Some(crc) = tracker.reader.crc32(id) else {
-                    return 0;
-                };
-                let mut map = tracker.map();
-                let Some(&bytes) = map.sizes.get(&id) else {
-                    return 0;
-                };
-                map.digests.insert(id, crc);
-                bytes
             };
-            match on_device(&self.shared, job) {
-                Ok(bytes) => hashed += bytes,
-                Err(DeviceGone) => break,
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return hashed;
+                }
+                match on_device(&self.shared, job((self.shared.clone(), stop.clone()))) {
+                    Ok(Some(bytes)) => {
+                        hashed += bytes;
+                        break;
+                    }
+                    // Paused: tried again once it may run.
+                    Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+                    Err(DeviceGone) => return hashed,
+                }
             }
         }
         hashed

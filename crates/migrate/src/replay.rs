@@ -371,13 +371,22 @@ mod tests {
     #[test]
     fn the_predicted_tail_is_the_longer_of_the_rounds_growth_and_the_sources_time() {
         let ms = Duration::from_millis;
+        // To the microsecond: the factors are floating point.
+        let near = |got: Duration, want: Duration| {
+            assert!(
+                got.abs_diff(want) < Duration::from_micros(1),
+                "{got:?}, not {want:?}"
+            );
+        };
         // Shrinking rounds, the source's time in step with them: the growth's guess.
-        assert_eq!(predicted_tail(ms(20), 0.5, ms(8), Some(ms(25))), ms(10));
+        near(predicted_tail(ms(20), 0.5, ms(8), Some(ms(25))), ms(10));
         // One command of 36 ms replayed in the last round, which the source had run over
         // 12 ms; over those 36 ms, unthrottled, it ran many more: the source's time.
-        assert_eq!(predicted_tail(ms(36), 1.0, ms(36), Some(ms(12))), ms(108));
-        // Before any round was replayed, the growth alone.
-        assert_eq!(predicted_tail(ms(30), 1.0, ms(90), None), ms(90));
+        near(predicted_tail(ms(36), 1.0, ms(36), Some(ms(12))), ms(108));
+        // Without the last round's time on the source, its growth stands for its speed.
+        near(predicted_tail(ms(30), 1.0, ms(90), None), ms(90));
+        // Each factor is bounded: 40 times as slow counts 4 times.
+        near(predicted_tail(ms(40), 0.5, ms(10), Some(ms(1))), ms(40));
     }
 
     #[test]

@@ -2222,10 +2222,12 @@ fn replay_rounds(
             } else {
                 options.downtime_target
             };
-            // The source hashes its device memory meanwhile, so that the pause's
-            // digest hashes only what the last commands wrote (it competes there with
-            // the tail's replay for the CPU, on a host that shares it).
-            digest_ahead = predicted <= aim * 2;
+            // Near the target, the source hashes its device memory meanwhile, so that
+            // the pause's digest hashes only what the last commands wrote (it competes
+            // there with the tail's replay for the CPU, on a host that shares it). Near
+            // it but for the digest, which hashing ahead shrinks: decided on the rest.
+            let undigested = predicted_replay_pause(tail, ram, best_rate, Duration::ZERO);
+            digest_ahead = undigested + SWITCHOVER_OVERHEAD <= options.downtime_target * 2;
             if predicted <= aim {
                 let shrinking = ratio < 0.8 && log.busy_ms() >= 2.0;
                 if extra_rounds >= MAX_EXTRA_ROUNDS || !shrinking || out_of_bounds {

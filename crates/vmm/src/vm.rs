@@ -811,8 +811,8 @@ impl Microvm {
         let vcpus = || self.vcpus.iter().map(VcpuHandle::tid);
         let _lifted = waited.then(|| Lifted::to_callers(vcpus(), self.guest_nice));
         let _preempting = Preempting::vcpus(vcpus());
-        // A vCPU that cannot be stopped (its thread gone) leaves the VM as it was, running:
-        // its device and channel too.
+        // A vCPU that cannot be stopped (its thread gone) fails the pause: the device and
+        // the channel run again (vCPUs stopped before it stay stopped).
         let running_again = || {
             self.devices.channel.open();
             if let Some(accel) = &self.devices.accel {
