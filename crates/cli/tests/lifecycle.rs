@@ -407,8 +407,9 @@ fn a_long_guest_kernel_never_stalls_the_api() {
     a.daemon.wait_console(&id, "mlp-train: seed");
     // Readers and a migration while kernels run: the switchover waits for the kernel in
     // flight (and a replay's destination replays it in the pause), so the pause target
-    // allows for it, several times over: with the other tests on the same two cores a kernel of a
-    // second or two once took over 9 s. What is checked is the API, not the pause.
+    // allows for it, several times over: with the other tests on the same two cores a
+    // kernel of a second or two once took over 9 s. What is checked is the API, not the
+    // pause.
     let started = Instant::now();
     let mut worst = Duration::ZERO;
     let mut calls = 0;
