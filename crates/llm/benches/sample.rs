@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use ferry_llm::{Sampler, SamplerConfig};
+use ferry_llm::{DrawScratch, Sampler, SamplerConfig};
 
 /// Draws timed per configuration.
 const DRAWS: u32 = 300;
@@ -41,12 +41,13 @@ fn main() {
             seed: 7,
         };
         let mut sampler = Sampler::new(config).expect("a valid configuration");
+        let mut scratch = DrawScratch::default();
         let mut picked = 0u64;
         let start = Instant::now();
         for i in 0..DRAWS as usize {
             // A new step's logits differ a little from the last's.
             logits[i % vocab] += 0.001;
-            picked += u64::from(sampler.sample(&logits));
+            picked += u64::from(sampler.sample(&logits, &mut scratch));
         }
         let ms = start.elapsed().as_secs_f64() * 1e3 / f64::from(DRAWS);
         println!("{temperature:>11} {top_k:>5} {top_p:>5} {ms:>9.3}");

@@ -28,7 +28,7 @@ mod unicode_tables;
 pub use chat::{ChatError, ChatTemplate, Message, RenderedPrompt};
 pub use gguf::{Gguf, GgufError, TensorInfo, Value, ValueType};
 pub use llama::{Layer, LlamaConfig, LlamaError, LlamaModel, RopeStyle, Weight};
-pub use sample::{Sampler, SamplerConfig, SamplerError};
+pub use sample::{DrawScratch, Sampler, SamplerConfig, SamplerError};
 pub use tokenizer::{
     PreTokenizer, TokenType, Tokenizer, TokenizerError, TokenizerModel, Utf8Stream,
 };

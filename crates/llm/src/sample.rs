@@ -66,17 +66,27 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Picks tokens from logits.
+/// Picks tokens from logits. Its whole state is its configuration and draw count: the
+/// memory a draw works in is the caller's ([`DrawScratch`]).
 #[derive(Clone, Debug)]
 pub struct Sampler {
     config: SamplerConfig,
     step: u64,
-    /// Scratch: candidates, each its logit's place in the order (inverted, so the most
-    /// likely sorts first) above its token id.
+}
+
+/// The memory draws work in: two words per token of the vocabulary (768 KiB for
+/// 49,152), rewritten by every draw. Sequences decoded together draw one after another,
+/// so one scratch serves them all, and a step rewrites one draw's pages, not one set per
+/// sequence: in a VM under migration, each page rewritten after a round's dirty log was
+/// taken costs a write fault, and is one more page for the pause to send.
+#[derive(Clone, Debug, Default)]
+pub struct DrawScratch {
+    /// Candidates, each its logit's place in the order (inverted, so the most likely
+    /// sorts first) above its token id.
     cand: Vec<u64>,
-    /// Scratch of [`sort_keys`].
+    /// Scratch of [`sort_keys`], then the candidates' probabilities (unnormalised, as
+    /// bits) in their order.
     sorted: Vec<u64>,
-    probs: Vec<f64>,
 }
 
 impl Sampler {
@@ -88,13 +98,7 @@ impl Sampler {
         if !(0.0..=1.0).contains(&config.top_p) {
             return Err(SamplerError::TopP(config.top_p));
         }
-        Ok(Sampler {
-            config,
-            step: 0,
-            cand: Vec::new(),
-            sorted: Vec::new(),
-            probs: Vec::new(),
-        })
+        Ok(Sampler { config, step: 0 })
     }
 
     /// Its configuration.
@@ -112,9 +116,9 @@ impl Sampler {
         self.step = step;
     }
 
-    /// The next token for `logits` (one per vocabulary entry). NaN logits never win; an
-    /// empty slice gives 0.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The next token for `logits` (one per vocabulary entry), drawn in `scratch`. NaN
+    /// logits never win; an empty slice gives 0.
+    pub fn sample(&mut self, logits: &[f32], scratch: &mut DrawScratch) -> u32 {
         let Some(best) = argmax(logits) else {
             return 0;
         };
@@ -126,7 +130,7 @@ impl Sampler {
         // Most likely first, then lowest id: a total order, so the result does not
         // depend on the sort algorithm. It is one integer per candidate, which sorts
         // about three times faster than (id, logit) pairs compared field by field.
-        let cand = &mut self.cand;
+        let cand = &mut scratch.cand;
         cand.clear();
         cand.extend(
             logits
@@ -141,27 +145,32 @@ impl Sampler {
             cand.select_nth_unstable(k - 1);
             cand.truncate(k);
         }
-        sort_keys(cand, &mut self.sorted, !selected);
+        sort_keys(cand, &mut scratch.sorted, !selected);
+        let cand = &*cand;
         let id = |key: u64| key as u32;
 
         let t = f64::from(self.config.temperature);
         let top = f64::from(max);
-        let probs = &mut self.probs;
-        probs.clear();
         let weight = |key: u64| (f64::from(logits[id(key) as usize]) - top) / t;
+        // The sort is done with its scratch: the probabilities go there, as bits.
+        let probs = &mut scratch.sorted;
+        probs.clear();
         let eights = cand.chunks_exact(8);
         let rest = eights.remainder();
         probs.extend(
-            eights.flat_map(|k| exp_lanes(core::array::from_fn::<_, 8, _>(|i| weight(k[i])))),
+            eights
+                .flat_map(|k| exp_lanes(core::array::from_fn::<_, 8, _>(|i| weight(k[i]))))
+                .chain(rest.iter().map(|&key| exp(weight(key))))
+                .map(f64::to_bits),
         );
-        probs.extend(rest.iter().map(|&key| exp(weight(key))));
-        let total: f64 = probs.iter().sum();
+        let probs = || probs.iter().map(|&p| f64::from_bits(p));
+        let total: f64 = probs().sum();
         // Nucleus: the shortest prefix whose probability reaches top_p.
-        let mut keep = probs.len();
+        let mut keep = cand.len();
         if self.config.top_p < 1.0 {
             let target = f64::from(self.config.top_p) * total;
             let mut acc = 0.0;
-            for (i, p) in probs.iter().enumerate() {
+            for (i, p) in probs().enumerate() {
                 acc += p;
                 if acc >= target {
                     keep = i + 1;
@@ -169,27 +178,25 @@ impl Sampler {
                 }
             }
         }
-        let kept = probs.get(..keep).unwrap_or(probs);
         // All of them: their sum, in the same order, is the total.
-        let mass: f64 = if keep == probs.len() {
+        let mass: f64 = if keep == cand.len() {
             total
         } else {
-            kept.iter().sum()
+            probs().take(keep).sum()
         };
         self.step = self.step.wrapping_add(1);
         let r = mix(self.config.seed.wrapping_add(self.step.wrapping_mul(GAMMA)));
         let u = (r >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         let target = u * mass;
         let mut acc = 0.0;
-        for (i, p) in kept.iter().enumerate() {
+        for (&key, p) in cand[..keep].iter().zip(probs()) {
             acc += p;
             if target < acc {
-                return cand.get(i).map_or(best, |&key| id(key));
+                return id(key);
             }
         }
         // Rounding left the target at the very end: the last kept candidate.
-        cand.get(keep.saturating_sub(1))
-            .map_or(best, |&key| id(key))
+        cand[..keep].last().map_or(best, |&key| id(key))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The sampler: greedy, determinism, top-k/top-p, distribution, validation.
 
-use ferry_llm::{Sampler, SamplerConfig, SamplerError};
+use ferry_llm::{DrawScratch, Sampler, SamplerConfig, SamplerError};
 
 fn cfg(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplerConfig {
     SamplerConfig {
@@ -25,38 +25,47 @@ fn logits(n: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn greedy_takes_the_first_maximum() {
+    let mut scratch = DrawScratch::default();
     let mut s = Sampler::new(SamplerConfig::default()).unwrap();
-    assert_eq!(s.sample(&[0.0, 2.0, 1.0, 2.0]), 1);
-    assert_eq!(s.sample(&[f32::NAN, -5.0, f32::NAN]), 1);
-    assert_eq!(s.sample(&[]), 0);
+    assert_eq!(s.sample(&[0.0, 2.0, 1.0, 2.0], &mut scratch), 1);
+    assert_eq!(s.sample(&[f32::NAN, -5.0, f32::NAN], &mut scratch), 1);
+    assert_eq!(s.sample(&[], &mut scratch), 0);
     assert_eq!(s.step(), 0);
     // Temperature sampling falls back to greedy where a softmax cannot weigh.
     let mut s = Sampler::new(cfg(1.0, 0, 1.0, 1)).unwrap();
-    assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0, f32::INFINITY]), 1);
-    assert_eq!(s.sample(&[f32::NEG_INFINITY; 3]), 0);
-    assert_eq!(s.sample(&[f32::NAN, f32::NAN]), 0);
+    assert_eq!(
+        s.sample(&[0.0, f32::INFINITY, 1.0, f32::INFINITY], &mut scratch),
+        1
+    );
+    assert_eq!(s.sample(&[f32::NEG_INFINITY; 3], &mut scratch), 0);
+    assert_eq!(s.sample(&[f32::NAN, f32::NAN], &mut scratch), 0);
     // top_k 1 and a tiny top_p are greedy too (ties broken by the lower id).
     let l = logits(1000, 7);
-    let best = Sampler::new(SamplerConfig::default()).unwrap().sample(&l);
+    let best = Sampler::new(SamplerConfig::default())
+        .unwrap()
+        .sample(&l, &mut scratch);
     let mut k1 = Sampler::new(cfg(1.5, 1, 1.0, 3)).unwrap();
     let mut tiny = Sampler::new(cfg(1.5, 0, 1e-9, 3)).unwrap();
     // OpenAI's top_p 0: the most likely token alone.
     let mut p0 = Sampler::new(cfg(1.5, 0, 0.0, 3)).unwrap();
     for _ in 0..20 {
-        assert_eq!(k1.sample(&l), best);
-        assert_eq!(tiny.sample(&l), best);
-        assert_eq!(p0.sample(&l), best);
+        assert_eq!(k1.sample(&l, &mut scratch), best);
+        assert_eq!(tiny.sample(&l, &mut scratch), best);
+        assert_eq!(p0.sample(&l, &mut scratch), best);
     }
     let mut tie = Sampler::new(cfg(1.0, 1, 1.0, 9)).unwrap();
-    assert_eq!(tie.sample(&[0.0, 3.0, 1.0, 3.0]), 1);
+    assert_eq!(tie.sample(&[0.0, 3.0, 1.0, 3.0], &mut scratch), 1);
 }
 
 #[test]
 fn same_seed_same_tokens() {
+    let mut scratch = DrawScratch::default();
     let l = logits(49152, 11);
-    let run = |seed| {
+    let mut run = |seed| {
         let mut s = Sampler::new(cfg(0.8, 40, 0.95, seed)).unwrap();
-        (0..50).map(|_| s.sample(&l)).collect::<Vec<_>>()
+        (0..50)
+            .map(|_| s.sample(&l, &mut scratch))
+            .collect::<Vec<_>>()
     };
     let a = run(42);
     assert_eq!(a, run(42));
@@ -64,7 +73,7 @@ fn same_seed_same_tokens() {
     // Resuming from a step gives the same continuation.
     let mut s = Sampler::new(cfg(0.8, 40, 0.95, 42)).unwrap();
     s.set_step(25);
-    let tail: Vec<_> = (0..25).map(|_| s.sample(&l)).collect();
+    let tail: Vec<_> = (0..25).map(|_| s.sample(&l, &mut scratch)).collect();
     assert_eq!(tail, a[25..]);
     // Only the top 40 ever come out.
     let mut order: Vec<u32> = (0..l.len() as u32).collect();
@@ -74,6 +83,7 @@ fn same_seed_same_tokens() {
 
 #[test]
 fn follows_the_softmax() {
+    let mut scratch = DrawScratch::default();
     // Probabilities 1/2, 1/4, 1/8, 1/8 at temperature 1.
     let l = [
         0.0f32,
@@ -85,7 +95,7 @@ fn follows_the_softmax() {
     let n = 40000;
     let mut count = [0usize; 4];
     for _ in 0..n {
-        count[s.sample(&l) as usize] += 1;
+        count[s.sample(&l, &mut scratch) as usize] += 1;
     }
     for (c, p) in count.iter().zip([0.5, 0.25, 0.125, 0.125]) {
         let f = *c as f64 / n as f64;
@@ -95,7 +105,7 @@ fn follows_the_softmax() {
     let mut s = Sampler::new(cfg(1.0, 0, 0.7, 5)).unwrap();
     let mut count = [0usize; 4];
     for _ in 0..30000 {
-        count[s.sample(&l) as usize] += 1;
+        count[s.sample(&l, &mut scratch) as usize] += 1;
     }
     assert_eq!(count[2] + count[3], 0, "{count:?}");
     assert!(
@@ -106,7 +116,7 @@ fn follows_the_softmax() {
     let mut s = Sampler::new(cfg(1000.0, 0, 1.0, 5)).unwrap();
     let mut count = [0usize; 4];
     for _ in 0..20000 {
-        count[s.sample(&l) as usize] += 1;
+        count[s.sample(&l, &mut scratch) as usize] += 1;
     }
     assert!(
         count
@@ -193,6 +203,7 @@ fn reference_draw(c: SamplerConfig, draw: u64, logits: &[f32]) -> u32 {
 
 #[test]
 fn draws_are_those_of_the_plain_definition() {
+    let mut scratch = DrawScratch::default();
     let wide = logits(49_152, 5);
     // Few distinct values: ties everywhere, broken by token id.
     let ties: Vec<f32> = logits(49_152, 6).iter().map(|l| l.round()).collect();
@@ -221,10 +232,49 @@ fn draws_are_those_of_the_plain_definition() {
             let mut s = Sampler::new(c).unwrap();
             for draw in 1..=10 {
                 let want = reference_draw(c, draw, l);
-                assert_eq!(s.sample(l), want, "{name}, {c:?}, draw {draw}");
+                assert_eq!(
+                    s.sample(l, &mut scratch),
+                    want,
+                    "{name}, {c:?}, draw {draw}"
+                );
                 draws += 1;
             }
         }
     }
     assert_eq!(draws, 4 * 6 * 10);
+}
+
+#[test]
+fn samplers_drawing_in_turn_in_one_scratch_draw_what_each_draws_alone() {
+    // As a server's sequences do: each draw leaves the scratch as it ends (sorted, of
+    // another length after a top-k draw), and the next one must not see it.
+    let configs = [
+        cfg(0.8, 0, 1.0, 1),
+        cfg(1.5, 40, 0.9, 2),
+        cfg(0.8, 0, 0.95, 3),
+        cfg(0.3, 300, 1.0, 4),
+    ];
+    let inputs: Vec<Vec<f32>> = (0..8)
+        .map(|i| logits(49_152 - 1_000 * i, 20 + i as u64))
+        .collect();
+    let alone: Vec<Vec<u32>> = configs
+        .iter()
+        .map(|&c| {
+            let mut s = Sampler::new(c).unwrap();
+            (inputs.iter())
+                .map(|l| s.sample(l, &mut DrawScratch::default()))
+                .collect()
+        })
+        .collect();
+    let mut samplers: Vec<Sampler> = configs.iter().map(|&c| Sampler::new(c).unwrap()).collect();
+    let mut shared = DrawScratch::default();
+    let mut in_turn = vec![Vec::new(); configs.len()];
+    for l in &inputs {
+        for (s, drawn) in samplers.iter_mut().zip(&mut in_turn) {
+            drawn.push(s.sample(l, &mut shared));
+        }
+    }
+    assert_eq!(in_turn, alone);
+    // The draws differ between samplers: the comparison could fail.
+    assert!(alone.windows(2).any(|w| w[0] != w[1]));
 }

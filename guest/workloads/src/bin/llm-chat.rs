@@ -13,7 +13,7 @@
 #[path = "../llama/model.rs"]
 mod model;
 
-use ferry_llm::{Message, RenderedPrompt, Sampler, SamplerConfig, Utf8Stream};
+use ferry_llm::{DrawScratch, Message, RenderedPrompt, Sampler, SamplerConfig, Utf8Stream};
 use ferry_sdk::accel::Pending;
 use ferry_sdk::checksum::Fnv1a;
 use ferry_sdk::clock::now_ns;
@@ -270,7 +270,8 @@ fn run(o: &Options) -> Result<(), Failure> {
             0
         }
     ];
-    let next = |dev: &mut Device, sampler: &mut Sampler, logits: &mut Vec<f32>, step, pos| {
+    let mut scratch = DrawScratch::default();
+    let mut next = |dev: &mut Device, sampler: &mut Sampler, logits: &mut Vec<f32>, step, pos| {
         if logits.is_empty() {
             return dev.argmax();
         }
@@ -279,7 +280,7 @@ fn run(o: &Options) -> Result<(), Failure> {
             print_top(step, pos, logits, o.print_logits);
         }
         Ok(if o.sampler.temperature > 0.0 {
-            sampler.sample(logits)
+            sampler.sample(logits, &mut scratch)
         } else {
             dev.argmax()?
         })

@@ -15,7 +15,8 @@ use ferry_llm::serve::{
     kind, Event, FinishReason, PromptKind, RefusalCode, Request, StopFilter, NO_TOKEN,
 };
 use ferry_llm::{
-    ChatError, ChatTemplate, Message, RenderedPrompt, Sampler, SamplerConfig, Tokenizer, Utf8Stream,
+    ChatError, ChatTemplate, DrawScratch, Message, RenderedPrompt, Sampler, SamplerConfig,
+    Tokenizer, Utf8Stream,
 };
 use ferry_sdk::channel::{Channel, Geometry};
 use ferry_sdk::files;
@@ -123,6 +124,8 @@ struct Server {
     slots: Vec<Slot>,
     /// The logits of the last sequence whose token is drawn by a sampler.
     logits: Vec<f32>,
+    /// Where the samplers draw, one after another.
+    scratch: DrawScratch,
     served: u64,
 }
 
@@ -147,6 +150,7 @@ fn serve(o: &Options) -> Result<(), Failure> {
         queue: VecDeque::new(),
         slots: (0..o.slots).map(|_| Slot::Free).collect(),
         logits: vec![0f32; model.config.vocab],
+        scratch: DrawScratch::default(),
         served: 0,
     };
     println!("llm-serve: ready: {} slots of {context} positions", o.slots);
@@ -371,7 +375,9 @@ impl Server {
             Slot::Serving(mut seq) => {
                 let token = match (drawn, &mut seq.sampler) {
                     (Drawn::Token(token), _) => token,
-                    (Drawn::Logits, Some(sampler)) => sampler.sample(&self.logits),
+                    (Drawn::Logits, Some(sampler)) => {
+                        sampler.sample(&self.logits, &mut self.scratch)
+                    }
                     (Drawn::Logits, None) => unreachable!("logits are taken only for a sampler"),
                 };
                 self.emit(ch, *seq, token)
