@@ -948,6 +948,8 @@ impl Center {
         let mut last_progress = Instant::now();
         // Since when the VM has been out of reach: a queued request's silence is not.
         let mut unreachable_since: Option<Instant> = None;
+        // Whether this outage already went to another host at once, without a pause.
+        let mut hopped = false;
         loop {
             if tx.is_closed() {
                 self.cancel(vm, host, stream, "the client went away");
@@ -959,6 +961,7 @@ impl Center {
             match client.get_within_time::<StreamChunk>(&path, MAX_CHUNK_ANSWER, READ_TIME) {
                 Ok(chunk) => {
                     unreachable_since = None;
+                    hopped = false;
                     // Events from elsewhere than asked (a broken host) would reach the
                     // client twice, or leave a gap: not the answer.
                     if chunk.from != next {
@@ -1034,7 +1037,19 @@ impl Center {
                         | Some(
                             "migrated" | "vm_not_found" | "unavailable" | "busy"
                             | TOO_MANY_CONNECTIONS,
-                        )) => self.reroute(vm, host, code),
+                        )) => {
+                            let from = host.name.clone();
+                            self.reroute(vm, host, code);
+                            // The VM's new host, just found: it runs the VM already (its
+                            // old host let go of it once it did), and the answer's next
+                            // token may be waiting there. Asked at once, once an outage:
+                            // two broken hosts naming each other are not asked in a loop.
+                            if host.name != from && !hopped {
+                                hopped = true;
+                                unreachable_since.get_or_insert_with(Instant::now);
+                                continue;
+                            }
+                        }
                         // A refusal that asking again will not change (a read from before
                         // what the host let go, or beyond what it has; its handler failing):
                         // the client hears at once, not after the patience. The detail is

@@ -424,8 +424,6 @@ struct Core {
     /// The last status written to the header; `None` after a restore, whose header
     /// (in the migrated RAM) may hold any status the source last wrote.
     status: Option<u32>,
-    /// Counts gate moves, so a waiting reader returns at a pause or a detach.
-    gate_changes: u64,
 }
 
 struct Shared {
@@ -531,7 +529,6 @@ impl Channel {
                     state,
                     gate: Gate::Paused,
                     status: None,
-                    gate_changes: 0,
                 }),
                 changed: Condvar::new(),
             }),
@@ -552,7 +549,6 @@ impl Channel {
         if !matches!(core.gate, Gate::Ended | Gate::Detached) {
             core.gate = gate;
         }
-        core.gate_changes += 1;
         if gate == Gate::Detached {
             core.state.streams.clear();
             core.state.queued.clear();
@@ -662,7 +658,9 @@ impl Channel {
 
     /// The responses of `stream` from index `from` on, letting go of those before it
     /// ([`Reading::Consume`]); waits up to `wait` for one if there are none yet and the
-    /// stream is open (returning early if the VM pauses, resumes or migrates away).
+    /// stream is open. A pause does not end the wait (the guest answers once it resumes,
+    /// here or on its destination); a move does, with [`ReadError::NoSuchStream`]: the
+    /// streams went with the VM.
     pub fn read(&self, stream: u64, from: usize, wait: Duration) -> Result<StreamRead, ReadError> {
         self.read_as(stream, from, wait, Reading::Consume)
     }
@@ -677,9 +675,7 @@ impl Channel {
     ) -> Result<StreamRead, ReadError> {
         let deadline = Instant::now() + wait;
         let mut core = self.core();
-        let gate_changes = core.gate_changes;
         loop {
-            let moved = core.gate_changes != gate_changes;
             let s = core
                 .state
                 .streams
@@ -711,7 +707,7 @@ impl Channel {
                 });
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if held > from || s.end != StreamEnd::Open || left.is_zero() || moved {
+            if held > from || s.end != StreamEnd::Open || left.is_zero() {
                 // An onlooker's read of the end says nothing of whether the reader has it.
                 if reading == Reading::Consume && s.end != StreamEnd::Open {
                     s.read_whole = true;
@@ -1950,6 +1946,37 @@ mod tests {
         channel.kick(&mem, 0);
         let read = waiting.join().unwrap();
         assert_eq!(read.events, [message(2, "tok")]);
+    }
+
+    #[test]
+    fn a_reader_waits_through_a_pause_and_hears_of_a_move_at_once() {
+        let (mem, channel) = guest_with_request(5);
+        // Paused and run again (a throttle, or a switchover that failed): the reader
+        // gets the response that comes after, not an empty answer at the pause.
+        let waiting = waiting_reader(&channel, 5);
+        channel.pause();
+        channel.open();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "the pause ended the wait");
+        respond(&mem, 5, 2, 0, b"tok");
+        channel.kick(&mem, 0);
+        assert_eq!(waiting.join().unwrap().events, [message(2, "tok")]);
+        // Paused for a switchover, then gone to the destination: the reader waiting for
+        // the next response hears at once that the stream left with the VM.
+        let reader = channel.clone();
+        let waiting = std::thread::spawn(move || reader.read(5, 1, Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(50));
+        channel.pause();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "the pause ended the wait");
+        let left = std::time::Instant::now();
+        channel.detach();
+        let read = waiting.join().unwrap();
+        assert!(matches!(read, Err(ReadError::NoSuchStream(5))), "{read:?}");
+        assert!(
+            left.elapsed() < Duration::from_secs(5),
+            "heard of the move late"
+        );
     }
 
     #[test]
