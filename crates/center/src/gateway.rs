@@ -1018,9 +1018,9 @@ impl Center {
                         self.cancel(vm, host, stream, "the model went silent");
                         return Err(stalled(vm));
                     }
-                    // "Nothing yet" at once (the VM paused or resumed, or a broken host):
-                    // asked again at once, such a host would be asked in a tight loop
-                    // until [`SILENCE`].
+                    // "Nothing yet" at once (a host whose reads do not wait: a broken one,
+                    // or one overloaded with waiting reads): asked again at once, such a
+                    // host would be asked in a tight loop until [`SILENCE`].
                     if empty && asked.elapsed() < Duration::from_millis(READ_WAIT_MS / 2) {
                         std::thread::sleep(retry_pause(last_progress.elapsed(), None));
                     }
