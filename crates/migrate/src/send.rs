@@ -2200,8 +2200,9 @@ fn replay_rounds(
             };
             let ram = pages.count() * PAGE_SIZE;
             let tail = predicted_tail(last, ratio, ran, sent_ran);
-            let predicted =
-                predicted_replay_pause(tail, ram, best_rate, digest) + SWITCHOVER_OVERHEAD;
+            // The pause but for the digest, which hashing ahead shrinks (below).
+            let undigested = predicted_replay_pause(tail, ram, best_rate, Duration::ZERO);
+            let predicted = undigested.max(digest) + SWITCHOVER_OVERHEAD;
             s.predicted_pause = predicted;
             let pending_bytes = ram + commands.iter().map(LoggedCommand::weight).sum::<u64>();
             progress(&s.progress(
@@ -2225,8 +2226,7 @@ fn replay_rounds(
             // Near the target, the source hashes its device memory meanwhile, so that
             // the pause's digest hashes only what the last commands wrote (it competes
             // there with the tail's replay for the CPU, on a host that shares it). Near
-            // it but for the digest, which hashing ahead shrinks: decided on the rest.
-            let undigested = predicted_replay_pause(tail, ram, best_rate, Duration::ZERO);
+            // it but for the digest: decided on the rest.
             digest_ahead = undigested + SWITCHOVER_OVERHEAD <= options.downtime_target * 2;
             if predicted <= aim {
                 let shrinking = ratio < 0.8 && log.busy_ms() >= 2.0;
