@@ -630,7 +630,11 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
     // Its first act awake: a write. It is forwarded to the new leader or refused; the
     // stale replica itself records nothing.
     let (status, body) = stale.call("POST", "/v1/hosts/a/maintenance", None);
-    assert!(matches!(status, 202 | 503), "{status} {body}");
+    assert!(
+        matches!(status, 202 | 503),
+        "{status} {body}; the stale replica's process: {}",
+        process_state(stale.pid())
+    );
     wait_for(
         "the stale replica to follow",
         Duration::from_secs(10),
@@ -645,6 +649,14 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
             "a refused write recorded nothing"
         );
     }
+}
+
+/// Process `pid`'s state line in /proc (running, stopped, a zombie), or "gone": a failure
+/// to reach a replica then says whether its process still runs.
+fn process_state(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    (status.lines().find(|l| l.starts_with("State:")))
+        .map_or_else(|| "gone".into(), |l| l.trim().to_string())
 }
 
 /// Events stored under `prefix` that a maintenance order records ("maintenance",
