@@ -1099,14 +1099,24 @@ impl Center {
         };
         let mut host = host.clone();
         let started = Instant::now();
-        while let Ok(client) = self.host_client(&host) {
+        loop {
+            let client = match self.host_client(&host) {
+                Ok(client) => client,
+                Err(e) => {
+                    tracing::warn!(vm, stream, "a cancel could not be sent ({why}): {e}");
+                    break;
+                }
+            };
             let sent: Result<Value, ClientError> = client.post_within_time(
                 &format!("/v1/vms/{vm}/streams/{stream}/signal"),
                 &cancel,
                 MAX_CALL_ANSWER,
                 HOST_CALL_TIME,
             );
-            let Err(e) = sent else { break };
+            let Err(e) = sent else {
+                tracing::info!(vm, stream, "generation cancelled: {why}");
+                break;
+            };
             let code = e.code();
             let again = e.api().is_none()
                 || matches!(
@@ -1115,16 +1125,20 @@ impl Center {
                 );
             // Anything else (the stream ended, or is gone): nothing left to stop.
             if !again {
+                tracing::debug!(vm, stream, "nothing to cancel ({why}): {e:#}");
                 break;
             }
             if started.elapsed() > CANCEL_PATIENCE {
-                tracing::warn!(vm, stream, "a cancel did not reach the model: {e:#}");
+                tracing::warn!(
+                    vm,
+                    stream,
+                    "a cancel did not reach the model ({why}): {e:#}"
+                );
                 break;
             }
             self.reroute(vm, &mut host, code);
             std::thread::sleep(retry_pause(started.elapsed(), code));
         }
-        tracing::info!(vm, stream, "generation cancelled: {why}");
         self.release(vm, &host, stream, false);
     }
 
