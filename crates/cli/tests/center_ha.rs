@@ -651,12 +651,24 @@ fn a_stale_leader_woken_after_its_lease_ended_writes_nothing_and_follows() {
     }
 }
 
-/// Process `pid`'s state line in /proc (running, stopped, a zombie), or "gone": a failure
-/// to reach a replica then says whether its process still runs.
+/// Process `pid`'s state line in /proc (running, stopped, a zombie: then with how it
+/// ended), or "gone": a failure to reach a replica then says whether its process still
+/// runs, and if not, whether a signal ended it.
 fn process_state(pid: i32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    (status.lines().find(|l| l.starts_with("State:")))
-        .map_or_else(|| "gone".into(), |l| l.trim().to_string())
+    let Some(state) = status.lines().find(|l| l.starts_with("State:")) else {
+        return "gone".into();
+    };
+    // A zombie's wait status is the last field of its stat line (Linux 3.5 and later).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ended = (stat.split_whitespace().last())
+        .and_then(|w| w.parse::<i32>().ok())
+        .filter(|_| state.contains("zombie"))
+        .map(|w| match w & 0x7f {
+            0 => format!(", exited with {}", (w >> 8) & 0xff),
+            signal => format!(", ended by signal {signal}"),
+        });
+    format!("{}{}", state.trim(), ended.unwrap_or_default())
 }
 
 /// Events stored under `prefix` that a maintenance order records ("maintenance",
